@@ -1,0 +1,118 @@
+"""The one error hierarchy of chunkvault.
+
+Every layer raises these (the chunker excepted: it raises plain ValueError /
+TypeError for bad arguments, knowing nothing of the rest).  The CLI turns each
+class into one line on stderr and the class's ``exit_code``; the codes are part
+of the public interface and never change meaning.
+"""
+from __future__ import annotations
+
+
+class ChunkvaultError(Exception):
+    """Base of every error chunkvault raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(ChunkvaultError):
+    """Bad command-line or API arguments."""
+
+    exit_code = 2
+
+
+class PartialBackup(ChunkvaultError):
+    """Backup finished, but some source files could not be read (recorded in the snapshot)."""
+
+    exit_code = 3
+
+
+class RepositoryNotFound(ChunkvaultError):
+    exit_code = 10
+
+
+class RepositoryExists(ChunkvaultError):
+    exit_code = 10
+
+
+class WrongPassword(ChunkvaultError):
+    exit_code = 11
+
+
+class SnapshotNotFound(ChunkvaultError):
+    exit_code = 12
+
+
+class AmbiguousSnapshot(SnapshotNotFound):
+    exit_code = 12
+
+
+class CorruptObject(ChunkvaultError):
+    """An object failed authentication, decoding or hashing; names the object."""
+
+    exit_code = 13
+
+    def __init__(self, object_name: str, reason: str):
+        super().__init__(f"corrupt object {object_name}: {reason}")
+        self.object_name = object_name
+        self.reason = reason
+
+
+class MissingObject(CorruptObject):
+    """An object that something references is not in the repository."""
+
+    def __init__(self, object_name: str, reason: str = "missing"):
+        super().__init__(object_name, reason)
+
+
+class RemoteError(ChunkvaultError):
+    """The storage behind a repository failed."""
+
+    exit_code = 14
+
+
+class RemoteUnavailable(RemoteError):
+    """Transient: connection refused/reset, timeout, 5xx, throttling. Worth retrying."""
+
+
+class ObjectNotFound(RemoteError):
+    """The remote has no object under this key."""
+
+    def __init__(self, key: str):
+        super().__init__(f"object not found: {key}")
+        self.key = key
+
+
+class ObjectExists(RemoteError):
+    """put(..., if_absent=True) found the key already present."""
+
+    def __init__(self, key: str):
+        super().__init__(f"object already exists: {key}")
+        self.key = key
+
+
+class PermissionDenied(RemoteError):
+    """The remote refused the operation (credentials, append-only, read-only token)."""
+
+
+class StorageFull(RemoteError):
+    """No space left on the device or quota exhausted."""
+
+
+class Locked(ChunkvaultError):
+    exit_code = 15
+
+
+class TargetNotEmpty(ChunkvaultError):
+    exit_code = 16
+
+
+class UnsupportedFormat(ChunkvaultError):
+    """Written by a newer chunkvault or not a chunkvault object at all."""
+
+    exit_code = 17
+
+
+class VerificationFailed(ChunkvaultError):
+    """check / verify-restore found problems."""
+
+    exit_code = 18

@@ -1,0 +1,90 @@
+"""The small interface every storage backend implements.
+
+A remote stores opaque, immutable objects under string keys ("data/ab/abcd...").
+It never sees plaintext and knows nothing of chunks, packs or crypto.  Retries,
+parallelism and caching live once, above this interface (``remotes.layer``).
+"""
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterator
+
+from chunkvault.errors import UsageError
+
+# Keys are relative, slash-separated, made of [A-Za-z0-9._-] segments; no "..",
+# no leading slash, no empty segment.  Every remote (and the HTTP server) checks
+# this, so a key can never escape the repository.
+_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+
+
+def validate_key(key: str) -> str:
+    if not isinstance(key, str) or not key or len(key) > 1024:
+        raise UsageError(f"invalid object key: {key!r}")
+    for seg in key.split("/"):
+        if not _KEY_SEGMENT.match(seg):
+            raise UsageError(f"invalid object key: {key!r}")
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """A list prefix: empty, or a key, or a key followed by '/'."""
+    if prefix == "":
+        return prefix
+    validate_key(prefix.rstrip("/"))
+    return prefix
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class Remote(ABC):
+    """Object storage. Implementations must be safe to call from several threads."""
+
+    #: URL with credentials removed, fit for logs and messages.
+    display_url: str = "?"
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Store ``data`` under ``key`` atomically: readers see all of it or nothing.
+
+        With ``if_absent`` an existing object is never replaced: raises ObjectExists.
+        """
+
+    @abstractmethod
+    def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
+        """Return the object's bytes, or ``length`` bytes from ``start``.
+
+        Raises ObjectNotFound.  A range past the end returns what exists (maybe b"").
+        """
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in no particular order."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; deleting a missing object is not an error."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size of the object, or None when absent."""
+
+    def exists(self, key: str) -> bool:
+        return self.stat(key) is not None
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+
+    def __enter__(self) -> "Remote":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.display_url}>"

@@ -1,0 +1,162 @@
+"""Local-disk remote: write to a temp file, fsync, rename, fsync the directory."""
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from typing import Any, Iterator
+from urllib.parse import unquote, urlparse
+
+from chunkvault.errors import (
+    ObjectExists,
+    ObjectNotFound,
+    PermissionDenied,
+    RemoteError,
+    StorageFull,
+    UsageError,
+)
+
+from .base import ObjectInfo, Remote, validate_key, validate_prefix
+
+TEMP_PREFIX = ".tmp-"
+
+
+def _os_error(exc: OSError, what: str) -> RemoteError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"no space left on device while {what}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(f"permission denied while {what}: {exc.strerror}")
+    return RemoteError(f"{what}: {exc.strerror or exc}")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalRemote(Remote):
+    def __init__(self, root: str, *, fsync: bool = True):
+        self.root = os.path.abspath(root)
+        self.display_url = self.root
+        self.fsync = fsync
+        self._known_dirs: set[str] = set()
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> "LocalRemote":
+        if url.startswith("file://"):
+            parsed = urlparse(url)
+            if parsed.netloc not in ("", "localhost"):
+                raise UsageError(f"file URL must name a local path: {url!r}")
+            path = unquote(parsed.path)
+        else:
+            path = url
+        fsync = options.pop("fsync", True)
+        return cls(path, fsync=fsync)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *validate_key(key).split("/"))
+
+    def _ensure_dir(self, d: str) -> None:
+        if d in self._known_dirs:
+            return
+        os.makedirs(d, exist_ok=True)
+        self._known_dirs.add(d)
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        final = self._path(key)
+        d = os.path.dirname(final)
+        tmp = os.path.join(d, TEMP_PREFIX + secrets.token_hex(8))
+        try:
+            self._ensure_dir(d)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if if_absent:
+                try:
+                    os.link(tmp, final)
+                except FileExistsError:
+                    raise ObjectExists(key) from None
+                finally:
+                    os.unlink(tmp)
+            else:
+                os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(d)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise _os_error(exc, f"writing {key}") from None
+
+    def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                if start:
+                    f.seek(start)
+                if length is None:
+                    return f.read()
+                return f.read(length)
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        except IsADirectoryError:
+            raise ObjectNotFound(key) from None
+        except OSError as exc:
+            raise _os_error(exc, f"reading {key}") from None
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        # Walk only the directory the prefix lies in, not the whole repository.
+        head, _, _ = prefix.rpartition("/")
+        base = os.path.join(self.root, *head.split("/")) if head else self.root
+        if not os.path.isdir(base):
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel = os.path.relpath(dirpath, self.root)
+            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            dirnames[:] = [d for d in dirnames if (rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/")]
+            for name in filenames:
+                if name.startswith(TEMP_PREFIX):
+                    continue
+                key = rel + name
+                if key.startswith(prefix):
+                    try:
+                        size = os.stat(os.path.join(dirpath, name)).st_size
+                    except FileNotFoundError:
+                        continue
+                    yield ObjectInfo(key, size)
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _os_error(exc, f"deleting {key}") from None
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            st = os.stat(self._path(key))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _os_error(exc, f"stat {key}") from None
+        return ObjectInfo(key, st.st_size)
+
+    def temp_files(self) -> Iterator[str]:
+        """Leftover temp files of interrupted writes (for cleanup by check/prune)."""
+        for dirpath, _, filenames in os.walk(self.root):
+            for name in filenames:
+                if name.startswith(TEMP_PREFIX):
+                    yield os.path.join(dirpath, name)

@@ -1,0 +1,12 @@
+"""Build the C chunker; all other metadata lives in pyproject.toml."""
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "chunkvault.chunker._fastcdc",
+            sources=["chunker/_fastcdc.c"],
+            extra_compile_args=["-O3", "-std=c99", "-Wall", "-Wextra"],
+        )
+    ]
+)
