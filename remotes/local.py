@@ -46,8 +46,8 @@ class LocalRemote(Remote):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "LocalRemote":
-        if url.startswith("file://"):
-            parsed = urlparse(url)
+        if url[:7].lower() == "file://":
+            parsed = urlparse("file://" + url[7:])
             if parsed.netloc not in ("", "localhost"):
                 raise UsageError(f"file URL must name a local path: {url!r}")
             path = unquote(parsed.path)

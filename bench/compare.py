@@ -1,0 +1,239 @@
+"""chunkvault beside restic and borg on the same data, in one run.
+
+Builds a data set of real files from this machine (system libraries and the
+Python standard library by default), then times for each tool: initial
+backup, a backup with nothing changed, a backup after ~1 % of the files
+changed, a full restore, `check --read-data`, repository size and the peak
+RSS of each operation.  Prints figures and ratios to restic.
+
+    python bench/compare.py [--size-mb 2000] [--work DIR] [--keep]
+
+restic and borg are installed with apt-get when missing.  Compression is on
+for all three (restic: auto, borg: zstd,3, chunkvault: zstd 3).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PASSWORD = "bench-password"
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, stdin: bytes | None = None) -> tuple[float, int]:
+    """(wall seconds, peak RSS in KiB) of one command; fails loudly."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if stdin is not None:
+        proc.stdin.write(stdin)  # type: ignore[union-attr]
+        proc.stdin.close()  # type: ignore[union-attr]
+    err = proc.stderr.read()  # type: ignore[union-attr]
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({code}): {err.decode(errors='replace')[-2000:]}")
+    return elapsed, usage.ru_maxrss
+
+
+def du(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def build_dataset(dest: str, size_mb: int) -> tuple[int, int]:
+    """Copy real files (regular files only) until ``size_mb`` MiB; returns (files, bytes)."""
+    sources = ["/usr/lib", "/usr/share", os.path.dirname(os.__file__), "/usr/bin"]
+    budget = size_mb << 20
+    files = total = 0
+    for src in sources:
+        for dirpath, dirnames, filenames in os.walk(src):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = os.path.join(dirpath, name)
+                if not os.path.isfile(p) or os.path.islink(p):
+                    continue
+                try:
+                    size = os.path.getsize(p)
+                except OSError:
+                    continue
+                if total + size > budget:
+                    continue
+                rel = os.path.relpath(p, "/")
+                out = os.path.join(dest, rel)
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                try:
+                    shutil.copyfile(p, out)
+                except OSError:
+                    continue
+                files += 1
+                total += size
+            if total >= budget * 0.999:
+                return files, total
+    return files, total
+
+
+def change_one_percent(root: str, seed: int = 1) -> int:
+    rnd = random.Random(seed)
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+    chosen = rnd.sample(paths, max(1, len(paths) // 100))
+    for p in chosen:
+        with open(p, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(rnd.randrange(size) if size else 0)
+            f.write(rnd.randbytes(64))
+    return len(chosen)
+
+
+def ensure_tools() -> None:
+    missing = [t for t in ("restic", "borg") if shutil.which(t) is None]
+    if missing:
+        pkgs = {"restic": "restic", "borg": "borgbackup"}
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *[pkgs[m] for m in missing]], check=True)
+
+
+class Tool:
+    name = ""
+
+    def __init__(self, work: str):
+        self.repo = os.path.join(work, f"repo-{self.name}")
+        self.env = {**os.environ}
+
+    def size(self) -> int:
+        return du(self.repo)
+
+
+class Chunkvault(Tool):
+    name = "chunkvault"
+
+    def __init__(self, work: str):
+        super().__init__(work)
+        self.env.update(CHUNKVAULT_PASSWORD=PASSWORD, CHUNKVAULT_REPOSITORY=self.repo)
+        self.cmd = [sys.executable, "-m", "chunkvault.cli"]
+
+    def init(self):
+        return run(self.cmd + ["init", "-q"], self.env)
+
+    def backup(self, data):
+        return run(self.cmd + ["backup", "-q", data], self.env)
+
+    def restore(self, target):
+        return run(self.cmd + ["restore", "-q", "latest", "--target", target], self.env)
+
+    def check(self):
+        return run(self.cmd + ["check", "-q", "--read-data"], self.env)
+
+
+class Restic(Tool):
+    name = "restic"
+
+    def __init__(self, work: str):
+        super().__init__(work)
+        self.env.update(RESTIC_PASSWORD=PASSWORD, RESTIC_REPOSITORY=self.repo,
+                        RESTIC_CACHE_DIR=os.path.join(work, "restic-cache"))
+
+    def init(self):
+        return run(["restic", "init", "-q"], self.env)
+
+    def backup(self, data):
+        return run(["restic", "backup", "-q", data], self.env)
+
+    def restore(self, target):
+        return run(["restic", "restore", "-q", "latest", "--target", target], self.env)
+
+    def check(self):
+        return run(["restic", "check", "-q", "--read-data"], self.env)
+
+
+class Borg(Tool):
+    name = "borg"
+
+    def __init__(self, work: str):
+        super().__init__(work)
+        self.env.update(BORG_PASSPHRASE=PASSWORD, BORG_REPO=self.repo,
+                        BORG_BASE_DIR=os.path.join(work, "borg-base"), BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes")
+        self.n = 0
+
+    def init(self):
+        return run(["borg", "init", "-e", "repokey-blake2"], self.env)
+
+    def backup(self, data):
+        self.n += 1
+        return run(["borg", "create", "--compression", "zstd,3", f"::a{self.n}", data], self.env)
+
+    def restore(self, target):
+        os.makedirs(target, exist_ok=True)
+        start = time.perf_counter()
+        proc = subprocess.run(["borg", "extract", f"{self.repo}::a{self.n}"], env=self.env, cwd=target,
+                              capture_output=True)
+        if proc.returncode:
+            raise SystemExit(proc.stderr.decode())
+        return time.perf_counter() - start, 0
+
+    def check(self):
+        return run(["borg", "check", "--verify-data"], self.env)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=2000)
+    ap.add_argument("--work", default=os.path.join(HERE, ".work", "compare"))
+    ap.add_argument("--tools", default="chunkvault,restic,borg")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args()
+    ensure_tools()
+    work = os.path.abspath(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    data = os.path.join(work, "data")
+    os.makedirs(data)
+    files, total = build_dataset(data, args.size_mb)
+    print(f"data set: {files} files, {total / 2**20:.0f} MiB; {os.cpu_count()} cores")
+    classes = {"chunkvault": Chunkvault, "restic": Restic, "borg": Borg}
+    tools = [classes[t](work) for t in args.tools.split(",")]
+    results: dict[str, dict[str, tuple[float, int]]] = {t.name: {} for t in tools}
+    for t in tools:
+        t.init()
+        results[t.name]["initial backup"] = t.backup(data)
+        results[t.name]["repository size"] = (t.size() / 2**20, 0)
+        results[t.name]["unchanged backup"] = t.backup(data)
+    changed = change_one_percent(data)
+    for t in tools:
+        results[t.name]["1% changed backup"] = t.backup(data)
+    for t in tools:
+        target = os.path.join(work, f"restore-{t.name}")
+        results[t.name]["full restore"] = t.restore(target)
+        shutil.rmtree(target, ignore_errors=True)
+        results[t.name]["check --read-data"] = t.check()
+    print(f"changed {changed} files for the 1% backup")
+    names = [t.name for t in tools]
+    header = f"{'operation':22}" + "".join(f"{n:>14}" for n in names)
+    if "restic" in names:
+        header += f"{'ratio to restic':>18}"
+    print(header)
+    for op in results[names[0]]:
+        unit = "MiB" if op == "repository size" else "s"
+        row = f"{op + ' (' + unit + ')':22}" + "".join(f"{results[n][op][0]:>14.2f}" for n in names)
+        if "restic" in names and "chunkvault" in names:
+            row += f"{results['chunkvault'][op][0] / max(results['restic'][op][0], 1e-9):>18.2f}"
+        print(row)
+    print(f"{'peak RSS (MiB)':22}" + "".join(
+        f"{max(v[1] for k, v in results[n].items() if k != 'repository size') / 1024:>14.0f}" for n in names))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,515 @@
+"""The chunkvault command line: one clear line and a stable exit code per error."""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from . import __version__
+from .errors import ChunkvaultError, PartialBackup, UsageError, VerificationFailed
+from .store.manifest import TYPE_NAMES, Entry
+from .store.snapshot import Snapshot
+
+EXIT_INTERNAL = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2, like every usage error
+        raise UsageError(message)
+
+
+# --- passwords -------------------------------------------------------------------
+
+
+def _read_password_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read password file {path}: {exc.strerror}") from None
+    return data.rstrip(b"\r\n")
+
+
+def get_password(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
+    """From --password-file, CHUNKVAULT_PASSWORD_FILE, CHUNKVAULT_PASSWORD, or a TTY prompt."""
+    path = getattr(args, "password_file", None) or os.environ.get("CHUNKVAULT_PASSWORD_FILE")
+    if path:
+        pw = _read_password_file(path)
+    elif "CHUNKVAULT_PASSWORD" in os.environ:
+        pw = os.environ["CHUNKVAULT_PASSWORD"].encode()
+    elif sys.stdin.isatty():
+        pw = _prompt("repository password: ", confirm)
+    else:
+        raise UsageError("no password: set CHUNKVAULT_PASSWORD or CHUNKVAULT_PASSWORD_FILE, or use --password-file")
+    if not pw:
+        raise UsageError("empty password")
+    return pw
+
+
+def get_new_password(args: argparse.Namespace) -> bytes:
+    path = getattr(args, "new_password_file", None)
+    if path:
+        pw = _read_password_file(path)
+    elif "CHUNKVAULT_NEW_PASSWORD" in os.environ:
+        pw = os.environ["CHUNKVAULT_NEW_PASSWORD"].encode()
+    elif sys.stdin.isatty():
+        pw = _prompt("new password: ", True)
+    else:
+        raise UsageError("no new password: use --new-password-file or CHUNKVAULT_NEW_PASSWORD")
+    if not pw:
+        raise UsageError("empty password")
+    return pw
+
+
+def _prompt(text: str, confirm: bool) -> bytes:
+    pw = getpass.getpass(text).encode()
+    if confirm and getpass.getpass("enter it again: ").encode() != pw:
+        raise UsageError("passwords do not match")
+    return pw
+
+
+def _repo_url(args: argparse.Namespace) -> str:
+    url = args.repo or os.environ.get("CHUNKVAULT_REPOSITORY")
+    if not url:
+        raise UsageError("no repository: use -r/--repo or set CHUNKVAULT_REPOSITORY")
+    return url
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from .repository import Repository
+
+    return Repository.open(_repo_url(args), get_password(args))
+
+
+# --- output helpers ------------------------------------------------------------------
+
+
+def _emit_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=1, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _snapshot_json(s: Snapshot) -> dict[str, Any]:
+    return {"id": s.id, "short_id": s.short_id, "time": s.time, "type": s.kind, "parent": s.parent,
+            "host": s.host, "tags": s.tags, "paths": s.paths, "stdin_name": s.stdin_name,
+            "size": s.stats.get("bytes", 0), "files": s.stats.get("files", 0), "stats": s.stats}
+
+
+def _entry_json(e: Entry) -> dict[str, Any]:
+    return {"path": os.fsdecode(e.path), "type": TYPE_NAMES[e.type], "mode": oct(e.mode), "uid": e.uid,
+            "gid": e.gid, "size": e.size, "mtime": _ns_iso(e.mtime_ns),
+            "target": os.fsdecode(e.target) if e.target else None,
+            "digest": e.digest.hex() if e.digest else None, "chunks": len(e.chunks) // 32}
+
+
+def _ns_iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat()
+
+
+# --- commands --------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .repository import Repository
+
+    chunker = None
+    if args.chunk_avg:
+        avg = args.chunk_avg
+        chunker = {"min_size": avg // 4, "avg_size": avg, "max_size": avg * 8}
+    repo = Repository.init(_repo_url(args), get_password(args, confirm=True), kdf_seconds=args.kdf_time,
+                           chunker=chunker, compression_level=args.compression,
+                           pack_size=args.pack_size, full_every=args.full_every,
+                           max_diff_share=args.max_diff_share)
+    cfg = repo.store.config
+    if args.json:
+        _emit_json({"id": cfg.repo_id, "url": repo.store.remote.display_url, "chunker": cfg.settings.chunker})
+    elif not args.quiet:
+        print(f"created repository {cfg.repo_id} at {repo.store.remote.display_url}")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    progress = _progress_printer(args, "backup")
+    if args.stdin:
+        if args.paths:
+            raise UsageError("--stdin takes no paths")
+        if not args.stdin_name:
+            raise UsageError("--stdin needs --stdin-name NAME")
+        result = repo.backup_stream(sys.stdin.buffer, args.stdin_name, kind=args.type, tags=args.tag,
+                                    host=args.host, delta=not args.no_delta)
+    else:
+        if not args.paths:
+            raise UsageError("nothing to back up: give at least one path (or --stdin)")
+        result = repo.backup(args.paths, kind=args.type, tags=args.tag, host=args.host, excludes=args.exclude,
+                             delta=not args.no_delta, no_delta=args.no_delta_path, progress=progress)
+    snap = result.snapshot
+    st = snap.stats
+    if args.json:
+        _emit_json({**_snapshot_json(snap), "warnings": result.warnings})
+    elif not args.quiet:
+        for w in result.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        print(f"{snap.kind} snapshot {snap.short_id} saved"
+              + (f" (parent {snap.parent[:8]})" if snap.parent else ""))
+        print(f"  files: {st['new_files']} new, {st['changed_files']} changed, {st['unchanged_files']} unchanged, "
+              f"{st['deleted']} removed; {st['files']} files, {st['dirs']} dirs, {_human(st['bytes'])}")
+        print(f"  added: {_human(st['added_raw_bytes'])} of new data, stored as {_human(st['added_stored_bytes'])} "
+              f"({_human(st['delta_stored_bytes'])} as deltas, {_human(st['whole_stored_bytes'])} whole) "
+              f"in {st['duration']:.2f} s")
+    if result.partial:
+        raise PartialBackup(f"snapshot {snap.short_id} saved, but {len(st['unreadable'])} path(s) could not be read")
+    return 0
+
+
+def _progress_printer(args: argparse.Namespace, what: str) -> Callable[[dict], None] | None:
+    if args.quiet or args.json or not sys.stderr.isatty():
+        return None
+
+    def show(counts: dict) -> None:
+        sys.stderr.write(f"\r{what}: {_human(counts.get('read_bytes', 0))} read, "
+                         f"{counts.get('new_files', 0) + counts.get('changed_files', 0)} files stored   ")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    snaps = repo.snapshots()
+    if args.json:
+        _emit_json([_snapshot_json(s) for s in snaps])
+        return 0
+    print(f"{'ID':8}  {'time':19}  {'type':4}  {'parent':8}  {'host':12}  {'size':>10}  {'files':>7}  tags / paths")
+    for s in snaps:
+        t = s.datetime.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{s.short_id:8}  {t:19}  {s.kind:4}  {(s.parent or '')[:8]:8}  {s.host[:12]:12}  "
+              f"{_human(s.stats.get('bytes', 0)):>10}  {s.stats.get('files', 0):>7}  "
+              f"{','.join(s.tags)} {' '.join(s.paths)}")
+    if not args.quiet:
+        print(f"{len(snaps)} snapshots")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    snap = repo.snapshot(args.snapshot, until=args.until)
+    result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude, force=args.force)
+    if args.json:
+        _emit_json({"snapshot": snap.id, "target": os.path.abspath(args.target), "files": result.files,
+                    "dirs": result.dirs, "links": result.links, "bytes": result.bytes, "warnings": result.warnings})
+    elif not args.quiet:
+        for w in result.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        print(f"restored snapshot {snap.short_id} ({snap.time}) to {args.target}: {result.files} files, "
+              f"{result.dirs} dirs, {_human(result.bytes)}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    snap = repo.snapshot(args.snapshot)
+    prefix = os.fsencode(args.path).strip(b"/") if args.path else b""
+    out = []
+    for e in repo.tree(snap):
+        if prefix and not (e.path == prefix or e.path.startswith(prefix + b"/")):
+            continue
+        if args.json:
+            out.append(_entry_json(e))
+        else:
+            name = os.fsdecode(e.path) or "."
+            extra = f" -> {os.fsdecode(e.target)}" if e.target else ""
+            print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {e.size:>12}  {_ns_iso(e.mtime_ns)[:19]}  {name}{extra}")
+    if args.json:
+        _emit_json(out)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    changes = list(repo.diff(args.snap1, args.snap2))
+    if args.json:
+        _emit_json([{"change": c, "path": os.fsdecode((new or old).path),  # type: ignore[union-attr]
+                     "old_size": old.size if old else None, "new_size": new.size if new else None}
+                    for c, old, new in changes])
+        return 0
+    sign = {"added": "+", "removed": "-", "modified": "M"}
+    for c, old, new in changes:
+        e = new or old
+        assert e is not None
+        sizes = f"{old.size if old else ''} -> {new.size if new else ''}"
+        print(f"{sign[c]} {os.fsdecode(e.path) or '.'}  ({sizes})")
+    if not args.quiet:
+        counts = {k: sum(1 for c, _, _ in changes if c == k) for k in sign}
+        print(f"{counts['added']} added, {counts['removed']} removed, {counts['modified']} modified")
+    return 0
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    with repo.open_file(args.snapshot, args.path) as f:
+        out = sys.stdout.buffer
+        while True:
+            block = f.read(1 << 20)
+            if not block:
+                break
+            out.write(block)
+        out.flush()
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    report = repo.check(read_data=args.read_data, subset=args.read_data_subset)
+    if args.json:
+        _emit_json(report.to_dict())
+    elif not args.quiet:
+        for w in report.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        for p in report.problems:
+            print(f"error: {p.object}: {p.problem}")
+            if p.snapshots:
+                print(f"  affects snapshots: {' '.join(s[:8] for s in p.snapshots)}")
+            for f in p.files[:20]:
+                print(f"  affects file {f}")
+        print(f"checked {report.snapshots} snapshots, {report.packs} packs, {report.blobs} blobs"
+              + (f"; read {report.packs_read} packs ({_human(report.bytes_read)}), {report.blobs_read} blobs"
+                 if report.packs_read else "")
+              + (": no problems" if report.ok else f": {len(report.problems)} problem(s)"))
+    if not report.ok:
+        raise VerificationFailed(f"check found {len(report.problems)} problem(s)")
+    return 0
+
+
+RETENTION_FLAGS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
+                   "keep_within", "keep_within_hourly", "keep_within_daily", "keep_within_weekly",
+                   "keep_within_monthly", "keep_within_yearly", "keep_full_within", "keep_diff_within")
+
+
+def _policy(args: argparse.Namespace) -> Any:
+    from .store.retention import load_preset, policy_from_dict
+
+    table: dict[str, Any] = {}
+    if args.preset:
+        if not args.config:
+            raise UsageError("--preset needs --config FILE")
+        import tomllib
+
+        try:
+            with open(args.config, "rb") as f:
+                config = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise UsageError(f"cannot read config {args.config}: {exc}") from None
+        base = load_preset(config, args.preset)
+        table = {k: v for k, v in vars(base).items() if v not in (None, (), frozenset())}
+    for name in RETENTION_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            table[name] = value
+    if args.keep_tag:
+        table["keep_tags"] = args.keep_tag
+    if args.group_by is not None:
+        table["group_by"] = [g for g in args.group_by.split(",") if g]
+    return policy_from_dict(table) if table else None
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    plan = repo.forget(args.snapshots, policy=_policy(args), dry_run=args.dry_run)
+    removed = set(plan.remove)
+    if args.json:
+        _emit_json({"dry_run": args.dry_run,
+                    "decisions": [{"id": d.snapshot_id, "keep": d.keep, "reasons": list(d.reasons)}
+                                  for d in plan.decisions],
+                    "rebased": [{"id": r.diff_id, "merged": r.merge_ids, "new_parent": r.new_parent}
+                                for r in plan.rebases]})
+    elif not args.quiet:
+        for d in plan.decisions:
+            print(f"{'keep  ' if d.keep else 'remove'}  {d.snapshot_id[:8]}  {', '.join(d.reasons)}")
+        for r in plan.rebases:
+            target = f"onto {r.new_parent[:8]}" if r.new_parent else "as a full snapshot"
+            print(f"rebase  {r.diff_id[:8]}  {target}, merging {' '.join(m[:8] for m in r.merge_ids)}")
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(removed)} snapshot(s), {'would rebase' if args.dry_run else 'rebased'} {len(plan.rebases)}")
+    return 0
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    if args.key_cmd == "list":
+        keys = repo.keys()
+        if args.json:
+            _emit_json(keys)
+        else:
+            for k in keys:
+                print(f"{'*' if k['current'] else ' '} {k['id'][:12]}  {k['created'][:19]}  {k['user']}@{k['host']}")
+    elif args.key_cmd == "add":
+        name = repo.add_key(get_new_password(args), kdf_seconds=args.kdf_time)
+        if not args.quiet:
+            print(f"added key {name[:12]}")
+    elif args.key_cmd == "remove":
+        repo.remove_key(args.key_id)
+        if not args.quiet:
+            print(f"removed key {args.key_id}")
+    elif args.key_cmd == "passwd":
+        old = repo.store.key_name
+        name = repo.add_key(get_new_password(args), kdf_seconds=args.kdf_time)
+        repo.store.remote.delete(f"keys/{old}")
+        if not args.quiet:
+            print(f"password changed (key {old[:12]} replaced by {name[:12]})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .remotes import server
+
+    return server.main(args.serve_args)
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("ib")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("-r", "--repo", help="repository URL (or CHUNKVAULT_REPOSITORY)")
+    common.add_argument("--password-file", help="read the password from this file (or CHUNKVAULT_PASSWORD_FILE)")
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    common.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
+
+    p = _Parser(prog="chunkvault", description="Encrypted, deduplicating backups with full and differential snapshots.")
+    p.add_argument("--version", action="version", version=f"chunkvault {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("init", parents=[common], help="create a repository")
+    s.add_argument("--kdf-time", type=float, default=0.5, help="seconds the password derivation should take (default 0.5)")
+    s.add_argument("--chunk-avg", type=_size, help="average chunk size (min = avg/4, max = avg*8)")
+    s.add_argument("--compression", type=int, default=3, help="zstd level, 0 = off (default 3)")
+    s.add_argument("--pack-size", type=_size, default=None, help="target pack size (default 32 MiB)")
+    s.add_argument("--full-every", type=int, default=None, help="--type auto: a full after this many differentials (default 23)")
+    s.add_argument("--max-diff-share", type=float, default=None,
+                   help="--type auto: a full once a chain's differentials added this share of the full's size (default 0.5)")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("backup", parents=[common], help="back up files and directories")
+    s.add_argument("paths", nargs="*")
+    s.add_argument("--type", choices=["auto", "full", "diff"], default="auto")
+    s.add_argument("--tag", action="append", default=[])
+    s.add_argument("--host")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    s.add_argument("--stdin", action="store_true", help="back up standard input")
+    s.add_argument("--stdin-name", help="file name for --stdin")
+    s.add_argument("--no-delta", action="store_true", help="never store changed chunks as deltas")
+    s.add_argument("--no-delta-path", action="append", default=[], metavar="GLOB",
+                   help="paths whose chunks are never stored as deltas")
+    s.set_defaults(func=cmd_backup)
+
+    s = sub.add_parser("snapshots", parents=[common], help="list snapshots")
+    s.set_defaults(func=cmd_snapshots)
+
+    s = sub.add_parser("restore", parents=[common], help="restore a snapshot into a directory")
+    s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest")
+    s.add_argument("--target", "-t", required=True)
+    s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
+    s.add_argument("--include", action="append", default=[], metavar="GLOB")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    s.add_argument("--force", action="store_true", help="restore into a non-empty directory")
+    s.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("ls", parents=[common], help="list a snapshot's entries")
+    s.add_argument("snapshot")
+    s.add_argument("path", nargs="?")
+    s.set_defaults(func=cmd_ls)
+
+    s = sub.add_parser("diff", parents=[common], help="what changed between two snapshots")
+    s.add_argument("snap1")
+    s.add_argument("snap2")
+    s.set_defaults(func=cmd_diff)
+
+    s = sub.add_parser("dump", parents=[common], help="write one file of a snapshot to stdout")
+    s.add_argument("snapshot")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_dump)
+
+    s = sub.add_parser("forget", parents=[common], help="remove snapshots by id or retention policy")
+    s.add_argument("snapshots", nargs="*", help="snapshot ids or prefixes to remove")
+    for name in RETENTION_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        if "within" in name:
+            s.add_argument(flag, metavar="DURATION", help="e.g. 30d, 2w, 1y6m, 12h")
+        else:
+            s.add_argument(flag, type=int, metavar="N")
+    s.add_argument("--keep-tag", action="append", default=[], metavar="TAGS", help="keep snapshots with these tags (a,b)")
+    s.add_argument("--group-by", metavar="host,paths,tags", help="group snapshots before applying rules")
+    s.add_argument("--preset", help="a named retention preset from --config")
+    s.add_argument("--config", help="TOML file with [presets.NAME] tables")
+    s.add_argument("--dry-run", "-n", action="store_true", help="show what would happen; change nothing")
+    s.set_defaults(func=cmd_forget)
+
+    s = sub.add_parser("check", parents=[common], help="verify the repository")
+    s.add_argument("--read-data", action="store_true", help="decrypt, decompress and re-hash every blob")
+    s.add_argument("--read-data-subset", metavar="n/m|P%", help="read only a slice of the packs")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("key", parents=[common], help="manage the passwords of a repository")
+    ks = s.add_subparsers(dest="key_cmd", required=True, parser_class=_Parser)
+    for name in ("list", "add", "remove", "passwd"):
+        k = ks.add_parser(name, parents=[common])
+        if name in ("add", "passwd"):
+            k.add_argument("--new-password-file", help="the new password (or CHUNKVAULT_NEW_PASSWORD)")
+            k.add_argument("--kdf-time", type=float, default=0.5)
+        if name == "remove":
+            k.add_argument("key_id")
+    s.set_defaults(func=cmd_key)
+
+    s = sub.add_parser("serve", help="run the HTTP backup service (default 127.0.0.1:6362)", add_help=False)
+    s.add_argument("serve_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_serve, json=False, quiet=False, debug=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args: argparse.Namespace | None = None
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except ChunkvaultError as exc:
+        print(f"chunkvault: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("chunkvault: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # a bug: still one line, unless --debug
+        if args is not None and getattr(args, "debug", False):
+            raise
+        print(f"chunkvault: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The public Python API: what a backup tool uses instead of the CLI.
+
+    repo = Repository.init("/srv/backups", password="...")
+    snap = repo.backup(["/var/lib/db"], tags=["nightly"])
+    repo.restore("latest", "/tmp/restored")
+"""
+from __future__ import annotations
+
+import io
+import os
+from datetime import datetime
+from typing import Any, BinaryIO, Iterable, Iterator
+
+import blake3
+
+from .errors import UsageError
+from .remotes import Remote, open_remote
+from .remotes.layer import wrap_remote
+from .remotes.local import LocalRemote
+from .store.backup import Backup, BackupOptions, BackupResult, _root_specs
+from .store.check import Checker, CheckReport
+from .store.config import Settings
+from .store.lifecycle import ForgetPlan, apply_forget, plan_forget
+from .store.manifest import T_FILE, T_HARDLINK, Entry, Record, sort_key
+from .store.repository import Repo
+from .store.retention import RetentionPolicy
+from .store.restore import Restorer, RestoreOptions, RestoreResult
+from .store.snapshot import Snapshot, find_snapshot, parse_time
+
+__all__ = ["Repository", "Snapshot", "Entry"]
+
+
+def _password(password: str | bytes) -> bytes:
+    return password.encode() if isinstance(password, str) else password
+
+
+def connect(url: str | Remote, *, cache: bool = True, **options: Any) -> Remote:
+    """Open a remote by URL; off-site remotes get retries and a local metadata cache."""
+    if isinstance(url, Remote):
+        return url
+    remote = open_remote(url, **options)
+    if isinstance(remote, LocalRemote):
+        return remote
+    cache_dir = None
+    if cache:
+        base = os.environ.get("CHUNKVAULT_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "chunkvault")
+        cache_dir = os.path.join(base, blake3.blake3(remote.display_url.encode()).hexdigest()[:24])
+    return wrap_remote(remote, cache_dir=cache_dir)
+
+
+class Repository:
+    """An open chunkvault repository."""
+
+    def __init__(self, repo: Repo):
+        self._repo = repo
+
+    # --- lifecycle --------------------------------------------------------------
+
+    @classmethod
+    def init(cls, url: str | Remote, password: str | bytes, *, kdf_seconds: float = 0.5,
+             chunker: dict[str, int] | None = None, compression_level: int = 3, pack_size: int | None = None,
+             full_every: int | None = None, max_diff_share: float | None = None,
+             chunker_secret: bytes | None = None, **remote_options: Any) -> "Repository":
+        from .chunker import ChunkerParams
+
+        remote = connect(url, **remote_options)
+        settings = Settings(chunker=chunker or ChunkerParams().to_dict(), compression_level=compression_level)
+        if pack_size is not None:
+            settings.pack_size = pack_size
+        if full_every is not None:
+            settings.full_every = full_every
+        if max_diff_share is not None:
+            settings.max_diff_share = max_diff_share
+        return cls(Repo.init(remote, _password(password), settings=settings, kdf_seconds=kdf_seconds,
+                             chunker_secret=chunker_secret))
+
+    @classmethod
+    def open(cls, url: str | Remote, password: str | bytes, **remote_options: Any) -> "Repository":
+        remote = connect(url, **remote_options)
+        return cls(Repo.open(remote, _password(password)))
+
+    def close(self) -> None:
+        self._repo.remote.close()
+
+    def __enter__(self) -> "Repository":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def store(self) -> Repo:
+        """The store-level repository (for tools that need packs, index or keys)."""
+        return self._repo
+
+    # --- backup -----------------------------------------------------------------
+
+    def backup(self, paths: list[str] | str, *, kind: str = "auto", tags: list[str] | None = None,
+               host: str | None = None, excludes: list[str] | None = None, delta: bool = True,
+               no_delta: list[str] | None = None, parent: str | None = None, progress: Any = None) -> BackupResult:
+        """Back up files and directories; one directory is stored as the snapshot's root."""
+        if isinstance(paths, str):
+            paths = [paths]
+        roots, absolute = _root_specs(list(paths))
+        opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, excludes=list(excludes or []),
+                             delta=delta, no_delta=list(no_delta or []), progress=progress,
+                             parent=self.snapshot(parent) if parent else None)
+        return Backup(self._repo, opts).run(roots, absolute)
+
+    def backup_stream(self, fileobj: BinaryIO, name: str, *, kind: str = "auto", tags: list[str] | None = None,
+                      host: str | None = None, delta: bool = True) -> BackupResult:
+        """Store a stream (e.g. a dump on stdin) as the single file ``name``."""
+        opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, delta=delta)
+        return Backup(self._repo, opts).run(None, [name], stream=fileobj, stdin_name=name)
+
+    # --- reading ----------------------------------------------------------------
+
+    def snapshots(self) -> list[Snapshot]:
+        return self._repo.snapshots()
+
+    def snapshot(self, spec: str = "latest", *, until: str | datetime | None = None,
+                 host: str | None = None, paths: list[str] | None = None) -> Snapshot:
+        """An id, unique prefix or ``latest``; with ``until`` the newest at or before that time."""
+        t = parse_time(until) if isinstance(until, str) else until
+        return find_snapshot(self._repo.snapshots(), spec, until=t, host=host, filter_paths=paths)
+
+    def tree(self, snapshot: str | Snapshot = "latest") -> Iterator[Entry]:
+        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+        return (r.entry for r in self._repo.tree(snap) if r.entry is not None)
+
+    def restore(self, snapshot: str | Snapshot, target: str, *, until: str | datetime | None = None,
+                includes: list[str] | None = None, excludes: list[str] | None = None,
+                force: bool = False, progress: Any = None) -> RestoreResult:
+        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until)
+        opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
+                              progress=progress)
+        return Restorer(self._repo, target, opts).run(self._repo.tree(snap))
+
+    def find_entry(self, snapshot: str | Snapshot, path: str | bytes) -> Entry:
+        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+        want = os.fsencode(path).strip(b"/")
+        for rec in self._repo.tree(snap):
+            if rec.path == want:
+                assert rec.entry is not None
+                return rec.entry
+            if sort_key(rec.path) > sort_key(want):
+                break
+        raise UsageError(f"no {os.fsdecode(want)!r} in snapshot {snap.short_id}")
+
+    def open_file(self, snapshot: str | Snapshot, path: str | bytes) -> BinaryIO:
+        """A readable stream of one file's content, fetched chunk by chunk."""
+        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+        e = self.find_entry(snap, path)
+        if e.type == T_HARDLINK:
+            e = self.find_entry(snap, e.target)
+        if e.type != T_FILE:
+            raise UsageError(f"{os.fsdecode(e.path)!r} is not a regular file")
+        return io.BufferedReader(_ChunkStream(self._repo, e.chunk_ids()), buffer_size=1 << 20)
+
+    def diff(self, a: str | Snapshot, b: str | Snapshot) -> Iterator[tuple[str, Entry | None, Entry | None]]:
+        """(change, old, new) for every path that differs: added, removed, modified."""
+        sa = a if isinstance(a, Snapshot) else self.snapshot(a)
+        sb = b if isinstance(b, Snapshot) else self.snapshot(b)
+        return diff_trees(self._repo.tree(sa), self._repo.tree(sb))
+
+    def check(self, *, read_data: bool = False, subset: str | None = None) -> CheckReport:
+        """Verify structure; with ``read_data`` (or a ``subset`` like "1/7" or "10%") every blob too."""
+        return Checker(self._repo, read_data=read_data, subset=subset).run()
+
+    def forget(self, snapshots: Iterable[str] = (), *, policy: RetentionPolicy | None = None,
+               dry_run: bool = False, now: datetime | None = None) -> ForgetPlan:
+        """Remove snapshots (named, or by a retention policy); kept differentials are rebased first."""
+        snaps = self._repo.snapshots()
+        ids = [find_snapshot(snaps, s).id for s in snapshots]
+        if policy is None and not ids:
+            raise UsageError("nothing to forget: name snapshots or give a retention policy")
+        plan = plan_forget(snaps, policy=policy, ids=ids, now=now)
+        if not dry_run:
+            apply_forget(self._repo, snaps, plan)
+        return plan
+
+    # --- keys ----------------------------------------------------------------------
+
+    def add_key(self, password: str | bytes, *, kdf_seconds: float = 0.5) -> str:
+        return self._repo.add_key(_password(password), kdf_seconds=kdf_seconds)
+
+    def remove_key(self, name: str) -> None:
+        self._repo.remove_key(name)
+
+    def keys(self) -> list[dict[str, Any]]:
+        return [{"id": k.name, "created": k.created, "host": k.host, "user": k.user,
+                 "current": k.name == self._repo.key_name} for k in self._repo.list_keys()]
+
+
+class _ChunkStream(io.RawIOBase):
+    def __init__(self, repo: Repo, ids: list[bytes]):
+        self.repo = repo
+        self.ids = ids
+        self.i = 0
+        self.buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self.buf:
+            if self.i >= len(self.ids):
+                return 0
+            self.buf = memoryview(self.repo.read_blob(self.ids[self.i]))
+            self.i += 1
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+
+def diff_trees(old: Iterator[Record], new: Iterator[Record]) -> Iterator[tuple[str, Entry | None, Entry | None]]:
+    """Pure merge of two sorted resolved trees."""
+    a = next(old, None)
+    b = next(new, None)
+    while a is not None or b is not None:
+        if b is None or (a is not None and a.key < b.key):
+            yield "removed", a.entry, None  # type: ignore[union-attr]
+            a = next(old, None)
+        elif a is None or b.key < a.key:
+            yield "added", None, b.entry
+            b = next(new, None)
+        else:
+            ea, eb = a.entry, b.entry
+            assert ea is not None and eb is not None
+            if not ea.same_content(eb):
+                yield "modified", ea, eb
+            a, b = next(old, None), next(new, None)
+
+

@@ -1,0 +1,365 @@
+"""What every remote gets once, above the interface: retries, a metadata cache, a pool.
+
+Backends only sort their failures into the error hierarchy (``RemoteUnavailable``
+means "transient, worth retrying"); everything here works on any ``Remote``.
+Stack them with ``wrap_remote``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import secrets
+import struct
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from chunkvault.errors import ObjectExists, ObjectNotFound, RemoteUnavailable
+
+from .base import ObjectInfo, Remote, validate_key
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Errors worth another attempt.  Remotes map their transport failures to
+#: RemoteUnavailable; bare connection/timeout errors that slip through count too.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RemoteUnavailable, ConnectionError, TimeoutError)
+
+
+def backoff_delay(attempt: int, base_delay: float, max_delay: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max, base * 2**attempt)]."""
+    return rng.uniform(0.0, min(max_delay, base_delay * (2**attempt)))
+
+
+class RetryingRemote(Remote):
+    """Retries transient failures of ``inner`` with exponential backoff and full jitter.
+
+    Only transient errors are retried; ObjectNotFound, ObjectExists, PermissionDenied,
+    StorageFull, UsageError and the like pass straight through.  ``timeout`` bounds
+    the total time one operation may spend (attempts plus waits); each attempt's
+    own duration is bounded by the backend's socket timeouts.  With ``verify_reads``
+    a read shorter than the object is treated as a cut-off transfer and retried
+    (costs one stat per whole-object read, and one per short ranged read).
+    """
+
+    def __init__(
+        self,
+        inner: Remote,
+        *,
+        attempts: int = 8,
+        base_delay: float = 0.2,
+        max_delay: float = 15.0,
+        timeout: float | None = 300.0,
+        verify_reads: bool = True,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        self.inner = inner
+        self.display_url = inner.display_url
+        self.attempts = attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.timeout = timeout
+        self.verify_reads = verify_reads
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._rng_lock = threading.Lock()
+        self._clock = clock
+        self.retries = 0  # transient failures absorbed so far (all threads)
+
+    def _delay(self, attempt: int) -> float:
+        with self._rng_lock:
+            return backoff_delay(attempt, self.base_delay, self.max_delay, self._rng)
+
+    def _run(self, op: str, key: str, fn: Callable[[int], T]) -> T:
+        """Call ``fn(attempt)`` until it succeeds, a permanent error occurs, or we give up."""
+        deadline = None if self.timeout is None else self._clock() + self.timeout
+        last: BaseException | None = None
+        made = 0
+        for attempt in range(self.attempts):
+            made = attempt + 1
+            try:
+                return fn(attempt)
+            except TRANSIENT_ERRORS as exc:
+                last = exc
+            if attempt + 1 == self.attempts:
+                break
+            delay = self._delay(attempt)
+            if deadline is not None and self._clock() + delay > deadline:
+                break
+            with self._rng_lock:
+                self.retries += 1
+            self._sleep(delay)
+        what = f"{op} {key}" if key else op
+        raise RemoteUnavailable(
+            f"{self.display_url} is unavailable: {what} failed {made} time(s), giving up; last error: {last}"
+        ) from last
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        validate_key(key)
+
+        def attempt(n: int) -> None:
+            try:
+                self.inner.put(key, data, if_absent=if_absent)
+            except ObjectExists:
+                # An earlier attempt may have landed before its reply was lost:
+                # finding exactly our bytes there means that attempt succeeded.
+                if n > 0 and self._holds(key, data):
+                    return
+                raise
+
+        self._run("put", key, attempt)
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        try:
+            return self.get(key) == bytes(data)
+        except ObjectNotFound:
+            return False
+
+    def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
+        validate_key(key)
+
+        def attempt(_: int) -> bytes:
+            data = self.inner.get(key, start, length)
+            if self.verify_reads and (length is None or len(data) < length):
+                self._check_complete(key, start or 0, length, data)
+            return data
+
+        return self._run("get", key, attempt)
+
+    def _check_complete(self, key: str, start: int, length: int | None, data: bytes) -> None:
+        info = self.inner.stat(key)
+        if info is None:
+            raise ObjectNotFound(key)
+        want = max(0, info.size - start) if length is None else max(0, min(length, info.size - start))
+        if len(data) != want:
+            raise RemoteUnavailable(f"read of {key} cut short: {len(data)} of {want} bytes")
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # A listing that fails halfway is restarted whole, so it is collected first.
+        return iter(self._run("list", prefix, lambda _: list(self.inner.list(prefix))))
+
+    def delete(self, key: str) -> None:
+        validate_key(key)
+        self._run("delete", key, lambda _: self.inner.delete(key))
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        validate_key(key)
+        return self._run("stat", key, lambda _: self.inner.stat(key))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+_CACHE_MAGIC = b"CVCACHE1"
+_CACHE_HEADER = struct.Struct(">8sQ16s")  # magic, size, blake2b-128 of the content
+_CACHE_TEMP = ".tmp-"
+
+
+class CachingRemote(Remote):
+    """Keeps immutable metadata objects (index, snapshots) on local disk.
+
+    Those keys are content hashes, so a cached entry never goes stale; ``delete``
+    drops it, ``list`` and ``stat`` always ask the inner remote.  Each cache file
+    records the object's size and digest: a truncated or damaged file is
+    discarded and fetched again, never returned.  ``cache_dir`` should be private
+    to one repository.
+    """
+
+    def __init__(self, inner: Remote, cache_dir: str | os.PathLike, *, prefixes: Iterable[str] = ("index/", "snapshots/")):
+        self.inner = inner
+        self.display_url = inner.display_url
+        self.cache_dir = os.path.abspath(os.fspath(cache_dir))
+        self.prefixes = tuple(prefixes)
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.discarded = 0
+
+    def cacheable(self, key: str) -> bool:
+        return key.startswith(self.prefixes)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.cache_dir, *validate_key(key).split("/"))
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+    def _load(self, key: str) -> bytes | None:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        except OSError:
+            return None
+        data = decode_cache_entry(raw)
+        if data is None:
+            self._count("discarded")
+            self._remove(path)
+        return data
+
+    def _store(self, key: str, data: bytes) -> None:
+        """Atomic write (temp + rename); a failing cache never fails the operation."""
+        path = self._path(key)
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, _CACHE_TEMP + secrets.token_hex(8))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(tmp, "xb") as f:
+                f.write(encode_cache_entry(data))
+            os.replace(tmp, path)
+        except OSError:
+            self._remove(tmp)
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        self.inner.put(key, data, if_absent=if_absent)
+        if self.cacheable(key):
+            self._store(key, bytes(data))
+
+    def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
+        if not self.cacheable(validate_key(key)):
+            return self.inner.get(key, start, length)
+        data = self._load(key)
+        if data is None:
+            self._count("misses")
+            data = self.inner.get(key)
+            self._store(key, data)
+        else:
+            self._count("hits")
+        if start is None and length is None:
+            return data
+        lo = start or 0
+        return data[lo : None if length is None else lo + length]
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        if self.cacheable(validate_key(key)):
+            self._remove(self._path(key))
+        self.inner.delete(key)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        return self.inner.stat(key)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def encode_cache_entry(data: bytes) -> bytes:
+    digest = hashlib.blake2b(data, digest_size=16).digest()
+    return _CACHE_HEADER.pack(_CACHE_MAGIC, len(data), digest) + data
+
+
+def decode_cache_entry(raw: bytes) -> bytes | None:
+    """The cached bytes, or None when the entry is truncated, padded or damaged."""
+    if len(raw) < _CACHE_HEADER.size:
+        return None
+    magic, size, digest = _CACHE_HEADER.unpack_from(raw)
+    data = raw[_CACHE_HEADER.size :]
+    if magic != _CACHE_MAGIC or size != len(data):
+        return None
+    if hashlib.blake2b(data, digest_size=16).digest() != digest:
+        return None
+    return data
+
+
+def parallel_map(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    workers: int = 8,
+    max_in_flight: int | None = None,
+) -> Iterator[R]:
+    """``fn`` over ``items`` on ``workers`` threads, results yielded in input order.
+
+    At most ``max_in_flight`` items (default ``2 * workers``) are taken from
+    ``items`` and not yet yielded, so a slow consumer or a slow item bounds memory.
+    The first failure (in time) stops new submissions, waits for running calls,
+    and is raised; items not yet started are dropped.  Closing the iterator early
+    does the same cleanup.  Work starts at the first ``next()``.
+    """
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    limit = max_in_flight or 2 * workers
+    if limit < 1:
+        raise ValueError("max_in_flight must be at least 1")
+    return _parallel_map(fn, iter(items), workers, limit)
+
+
+def _parallel_map(fn: Callable[[T], R], items: Iterator[T], workers: int, limit: int) -> Iterator[R]:
+    changed = threading.Condition()
+    failure: list[BaseException] = []
+
+    def on_done(future: Future) -> None:
+        with changed:
+            if not future.cancelled() and future.exception() is not None and not failure:
+                failure.append(future.exception())
+            changed.notify_all()
+
+    pending: deque[Future] = deque()
+    exhausted = False
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunkvault-transfer")
+    try:
+        while True:
+            while not exhausted and not failure and len(pending) < limit:
+                try:
+                    item = next(items)
+                except StopIteration:
+                    exhausted = True
+                    break
+                future = pool.submit(fn, item)
+                future.add_done_callback(on_done)
+                pending.append(future)
+            if not pending:
+                return
+            head = pending[0]
+            with changed:
+                while not head.done() and not failure:
+                    changed.wait()
+            if failure:
+                break
+            pending.popleft()
+            yield head.result()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+    raise failure[0]
+
+
+def wrap_remote(
+    remote: Remote,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    cache_prefixes: Iterable[str] = ("index/", "snapshots/"),
+    attempts: int = 8,
+    base_delay: float = 0.2,
+    max_delay: float = 15.0,
+    timeout: float | None = 300.0,
+    verify_reads: bool = True,
+) -> Remote:
+    """The stack the store uses: retries around the backend, the cache (if any) on top,
+    so cache misses are retried and cache hits never touch the network."""
+    wrapped: Remote = RetryingRemote(
+        remote, attempts=attempts, base_delay=base_delay, max_delay=max_delay, timeout=timeout, verify_reads=verify_reads
+    )
+    if cache_dir is not None:
+        wrapped = CachingRemote(wrapped, cache_dir, prefixes=cache_prefixes)
+    return wrapped

@@ -1,0 +1,373 @@
+"""S3 (and S3-compatible) remote via boto3.
+
+URL ``s3://bucket[/prefix]``.  Credentials come only from the usual AWS chain
+(environment, shared credentials/config files, profile, instance role), never
+from the URL, so they cannot leak into logs.  The client does almost no retrying
+of its own: the retry layer above every remote (``remotes.layer``) does that, and
+this module only sorts S3's failures into transient and permanent ones.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+from chunkvault.errors import (
+    ObjectExists,
+    ObjectNotFound,
+    PermissionDenied,
+    RemoteError,
+    RemoteUnavailable,
+    RepositoryNotFound,
+    UsageError,
+)
+
+from .base import ObjectInfo, Remote, validate_key, validate_prefix
+
+MiB = 1024 * 1024
+DATA_PREFIX = "data/"
+ADDRESSING_STYLES = ("auto", "path", "virtual")
+STORAGE_CLASSES = frozenset(
+    {
+        "STANDARD",
+        "REDUCED_REDUNDANCY",
+        "STANDARD_IA",
+        "ONEZONE_IA",
+        "INTELLIGENT_TIERING",
+        "GLACIER",
+        "GLACIER_IR",
+        "DEEP_ARCHIVE",
+        "OUTPOSTS",
+        "SNOW",
+        "EXPRESS_ONEZONE",
+    }
+)
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_DENIED = {
+    "AccessDenied",
+    "403",
+    "Forbidden",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+    "AccountProblem",
+}
+_TRANSIENT = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "TooManyRequests",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "ConditionalRequestConflict",  # concurrent conditional writes: retry and see who won
+    "OperationAborted",
+    "BadDigest",
+    "IncompleteBody",
+}
+
+
+def _int_option(name: str, value: Any, minimum: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"S3 option {name} must be an integer, not {value!r}") from None
+    if number < minimum:
+        raise UsageError(f"S3 option {name} must be at least {minimum}, not {number}")
+    return number
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """Split ``s3://bucket/prefix`` into (bucket, prefix); prefix is "" or ends in "/"."""
+    parsed = urlparse(url)
+    if parsed.scheme.lower() != "s3":
+        raise UsageError(f"not an s3:// URL: {url!r}")
+    if "@" in parsed.netloc or parsed.password is not None:
+        # Do not echo the URL: it holds a secret.
+        raise UsageError(
+            "credentials do not belong in an s3:// URL; use the AWS environment, "
+            "a profile or the AWS config files"
+        )
+    if parsed.query or parsed.fragment or parsed.params:
+        raise UsageError(f"s3:// URL takes no query or fragment: {url!r}")
+    bucket = parsed.netloc
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise UsageError(f"invalid S3 bucket name {bucket!r} in {url!r}")
+    prefix = parsed.path.strip("/")
+    if prefix:
+        try:
+            validate_key(prefix)
+        except UsageError:
+            raise UsageError(f"invalid prefix {prefix!r} in {url!r}") from None
+        prefix += "/"
+    return bucket, prefix
+
+
+class S3Remote(Remote):
+    """Objects under ``prefix`` in one S3 bucket; one thread-safe boto3 client per remote."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        addressing_style: str = "auto",
+        data_storage_class: str | None = None,
+        multipart_threshold: int = 64 * MiB,
+        multipart_part_size: int = 16 * MiB,
+        max_pool_connections: int = 16,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        client_attempts: int = 1,
+    ):
+        import boto3
+        import botocore.config
+        import botocore.exceptions
+
+        self.bucket = bucket
+        self.prefix = prefix
+        self.display_url = f"s3://{bucket}/{prefix}"
+        if addressing_style not in ADDRESSING_STYLES:
+            raise UsageError(f"S3 addressing style must be one of {', '.join(ADDRESSING_STYLES)}, not {addressing_style!r}")
+        if data_storage_class is not None:
+            data_storage_class = data_storage_class.upper()
+            if data_storage_class not in STORAGE_CLASSES:
+                raise UsageError(f"unknown S3 storage class {data_storage_class!r}")
+        self.data_storage_class = data_storage_class
+        self.multipart_threshold = _int_option("multipart_threshold", multipart_threshold, 1)
+        self.multipart_part_size = _int_option("multipart_part_size", multipart_part_size, 1)
+        endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        if endpoint_url:
+            ep = urlparse(endpoint_url)
+            if ep.scheme not in ("http", "https") or not ep.hostname:
+                raise UsageError("S3 endpoint must be an http:// or https:// URL")
+            if ep.username or ep.password:
+                raise UsageError("credentials do not belong in the S3 endpoint URL")
+        self.endpoint_url = endpoint_url
+        config = botocore.config.Config(
+            region_name=region,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=_int_option("max_pool_connections", max_pool_connections, 1),
+            retries={"total_max_attempts": _int_option("client_attempts", client_attempts, 1), "mode": "standard"},
+            s3={"addressing_style": addressing_style},
+        )
+        try:
+            session = boto3.session.Session(profile_name=profile)
+            region = region or session.region_name or "us-east-1"
+            self._client = session.client("s3", region_name=region, endpoint_url=endpoint_url, config=config)
+        except botocore.exceptions.ProfileNotFound:
+            raise UsageError(f"AWS profile {profile!r} not found") from None
+        except (ValueError, botocore.exceptions.BotoCoreError) as exc:
+            raise UsageError(f"cannot set up the S3 client for {self.display_url}: {exc}") from None
+        self.region = region
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> "S3Remote":
+        """Options: endpoint_url, region, profile, addressing_style, data_storage_class,
+        multipart_threshold, multipart_part_size, max_pool_connections,
+        connect_timeout, read_timeout, client_attempts."""
+        bucket, prefix = parse_s3_url(url)
+        if "storage_class" in options:
+            options["data_storage_class"] = options.pop("storage_class")
+        known = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise UsageError(f"unknown S3 option(s): {', '.join(unknown)} (known: {', '.join(known)})")
+        return cls(bucket, prefix, **{k: v for k, v in options.items() if v is not None})
+
+    # -- error mapping ------------------------------------------------------
+
+    def _error(self, exc: Exception, op: str, key: str | None, *, if_absent: bool = False, where: str = "") -> RemoteError:
+        """Sort a botocore failure into the chunkvault error hierarchy (one clear line)."""
+        import botocore.exceptions as bce
+
+        where = f"{self.display_url}{key or where}"
+        if isinstance(exc, bce.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            message = err.get("Message") or code or f"HTTP {status}"
+            if if_absent and key is not None and (code == "PreconditionFailed" or status == 412):
+                return ObjectExists(key)
+            if code == "NoSuchBucket":
+                return RepositoryNotFound(f"S3 bucket {self.bucket!r} does not exist ({self.display_url})")
+            if key is not None and (code in _NOT_FOUND or status == 404):
+                return ObjectNotFound(key)
+            if code in _DENIED or status == 403:
+                return PermissionDenied(f"S3 denied {op} {where}: {message}")
+            if code in _TRANSIENT or status >= 500 or status in (408, 429):
+                return RemoteUnavailable(f"S3 {op} {where} failed, try again: {code or status} {message}")
+            if code == "InvalidObjectState":
+                return RemoteError(f"S3 {op} {where}: object is in an archive storage class; restore it first")
+            return RemoteError(f"S3 {op} {where} failed: {code or status}: {message}")
+        if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError, bce.CredentialRetrievalError)):
+            return PermissionDenied(
+                f"no usable AWS credentials for {self.display_url} "
+                "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the AWS config files)"
+            )
+        if isinstance(exc, (bce.ConnectionError, bce.HTTPClientError, bce.ResponseStreamingError, bce.IncompleteReadError)):
+            target = self.endpoint_url or "S3"
+            return RemoteUnavailable(f"cannot reach {target} for {op} {where}: {type(exc).__name__}")
+        if isinstance(exc, bce.ParamValidationError):
+            return UsageError(f"S3 {op} {where}: {exc}")
+        return RemoteError(f"S3 {op} {where} failed: {type(exc).__name__}: {exc}")
+
+    def _call(self, op: str, key: str, fn: Any, *, if_absent: bool = False, **kwargs: Any) -> Any:
+        import botocore.exceptions as bce
+
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except (bce.BotoCoreError, bce.ClientError) as exc:
+            raise self._error(exc, op, key, if_absent=if_absent) from None
+
+    # -- the interface ------------------------------------------------------
+
+    def _storage_class(self, key: str) -> dict[str, str]:
+        if self.data_storage_class and key.startswith(DATA_PREFIX):
+            return {"StorageClass": self.data_storage_class}
+        return {}
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        validate_key(key)
+        body = data if isinstance(data, bytes) else bytes(data)
+        extra = self._storage_class(key)
+        if len(body) > self.multipart_threshold:
+            self._put_multipart(key, body, if_absent, extra)
+            return
+        if if_absent:
+            extra["IfNoneMatch"] = "*"
+        self._call("put", key, self._client.put_object, if_absent=if_absent, Key=self.prefix + key, Body=body, **extra)
+
+    def _put_multipart(self, key: str, body: bytes, if_absent: bool, extra: dict[str, str]) -> None:
+        """Parts uploaded in order; parallelism comes from uploading several objects at once."""
+        full = self.prefix + key
+        if if_absent and self.stat(key) is not None:
+            raise ObjectExists(key)  # cheap early exit; the conditional complete below decides
+        upload = self._call("put", key, self._client.create_multipart_upload, Key=full, **extra)
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            view = memoryview(body)
+            step = self.multipart_part_size
+            for number, offset in enumerate(range(0, len(body), step), start=1):
+                part = self._call(
+                    "put",
+                    key,
+                    self._client.upload_part,
+                    Key=full,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=bytes(view[offset : offset + step]),
+                )
+                parts.append({"ETag": part["ETag"], "PartNumber": number})
+            condition = {"IfNoneMatch": "*"} if if_absent else {}
+            self._call(
+                "put",
+                key,
+                self._client.complete_multipart_upload,
+                if_absent=if_absent,
+                Key=full,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                **condition,
+            )
+        except BaseException:
+            self._abort(full, upload_id)
+            raise
+
+    def _abort(self, full_key: str, upload_id: str) -> None:
+        import botocore.exceptions as bce
+
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
+        except (bce.BotoCoreError, bce.ClientError):
+            pass  # best effort: a lifecycle rule or prune removes stale uploads
+
+    def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
+        validate_key(key)
+        if (start is not None and start < 0) or (length is not None and length < 0):
+            raise UsageError(f"negative byte range for {key}: start={start} length={length}")
+        if length == 0:
+            if self.stat(key) is None:
+                raise ObjectNotFound(key)
+            return b""
+        kwargs: dict[str, Any] = {}
+        if start or length is not None:
+            lo = start or 0
+            kwargs["Range"] = f"bytes={lo}-" if length is None else f"bytes={lo}-{lo + length - 1}"
+        import botocore.exceptions as bce
+
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self.prefix + key, **kwargs)
+        except bce.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""  # the range starts at or past the end of an existing object
+            raise self._error(exc, "get", key) from None
+        except bce.BotoCoreError as exc:
+            raise self._error(exc, "get", key) from None
+        body = response["Body"]
+        try:
+            data = body.read()
+        except (bce.BotoCoreError, OSError) as exc:
+            raise RemoteUnavailable(f"reading {self.display_url}{key} was cut short: {type(exc).__name__}") from None
+        finally:
+            body.close()
+        expected = response.get("ContentLength")
+        if expected is not None and len(data) != expected:
+            raise RemoteUnavailable(f"reading {self.display_url}{key}: got {len(data)} of {expected} bytes")
+        return data
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        import botocore.exceptions as bce
+
+        paginator = self._client.get_paginator("list_objects_v2")
+        skip = len(self.prefix)
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for item in page.get("Contents", ()):
+                    key = item["Key"][skip:]
+                    try:
+                        validate_key(key)
+                    except UsageError:
+                        continue  # not ours (e.g. a console's folder marker)
+                    yield ObjectInfo(key, int(item["Size"]))
+        except (bce.BotoCoreError, bce.ClientError) as exc:
+            raise self._error(exc, "list", None, where=prefix) from None
+
+    def delete(self, key: str) -> None:
+        validate_key(key)
+        self._call("delete", key, self._client.delete_object, Key=self.prefix + key)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        validate_key(key)
+        try:
+            head = self._call("stat", key, self._client.head_object, Key=self.prefix + key)
+        except ObjectNotFound:
+            return None
+        return ObjectInfo(key, int(head["ContentLength"]))
+
+    def storage_class(self, key: str) -> str:
+        """The storage class S3 reports for an object (STANDARD when it reports none)."""
+        validate_key(key)
+        head = self._call("stat", key, self._client.head_object, Key=self.prefix + key)
+        return head.get("StorageClass") or "STANDARD"
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client.close()

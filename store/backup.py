@@ -1,0 +1,434 @@
+"""Backing up a tree or a stream into a snapshot.
+
+The source is walked in manifest order (depth first, names sorted), in
+lockstep with the parent snapshot's resolved tree, so unchanged files are
+recognised by metadata without a lookup table and memory stays bounded.
+Per-byte work (chunking, hashing, compression, sealing) is native and runs in
+a thread pool; Python only routes chunks.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import socket
+import stat
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterator
+
+import blake3
+
+from chunkvault.errors import UsageError
+
+from .blob import KIND_DELTA
+from .manifest import (
+    F_CHANGED_DURING_READ, F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH,
+    T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK,
+    Entry, ManifestStats, Record, delete_record, sort_key,
+)
+from .manifest_io import ManifestWriter
+from .repository import WORKERS, BlobWriter, Repo
+from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, now_iso
+
+O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+@dataclass
+class BackupOptions:
+    kind: str = "auto"  # auto | full | diff
+    tags: list[str] = field(default_factory=list)
+    host: str | None = None
+    parent: Snapshot | None = None  # default: newest snapshot of the same host and paths
+    excludes: list[str] = field(default_factory=list)
+    delta: bool = True
+    no_delta: list[str] = field(default_factory=list)  # globs of paths never stored as deltas
+    delta_margin: float = 0.1
+    progress: Callable[[dict], None] | None = None
+
+
+@dataclass
+class BackupResult:
+    snapshot: Snapshot
+    warnings: list[str]
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.snapshot.stats.get("unreadable"))
+
+
+def _root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:
+    """(manifest prefix, absolute path) per source; one directory backs up as the root itself."""
+    if not paths:
+        raise UsageError("nothing to back up: give at least one path")
+    absolute = [os.path.abspath(p) for p in paths]
+    for p in absolute:
+        if not os.path.lexists(p):
+            raise UsageError(f"source path does not exist: {p}")
+    if len(absolute) == 1 and os.path.isdir(absolute[0]) and not os.path.islink(absolute[0]):
+        return [(b"", os.fsencode(absolute[0]))], absolute
+    roots: dict[bytes, bytes] = {}
+    for p in absolute:
+        name = os.fsencode(os.path.basename(p.rstrip("/")) or "root")
+        if name in roots:
+            raise UsageError(f"two sources share the name {os.fsdecode(name)!r}; back them up separately")
+        roots[name] = os.fsencode(p)
+    return sorted(roots.items()), sorted(absolute)
+
+
+def choose_kind(requested: str, chain: list[Snapshot], full_every: int, max_diff_share: float) -> str:
+    """Full or differential for ``--type``; ``chain`` is the parent's chain (empty when none)."""
+    if requested not in ("auto", "full", "diff"):
+        raise UsageError(f"unknown backup type {requested!r} (auto, full or diff)")
+    if requested == "full" or not chain:
+        return KIND_FULL
+    if requested == "diff":
+        return KIND_DIFF
+    diffs = chain[1:]
+    if len(diffs) >= full_every:
+        return KIND_FULL
+    full_size = max(int(chain[0].stats.get("bytes", 0)), 1)
+    added = sum(int(s.stats.get("added_stored_bytes", 0)) + int(s.stats.get("manifest_bytes", 0)) for s in diffs)
+    return KIND_FULL if added > max_diff_share * full_size else KIND_DIFF
+
+
+class _Walker:
+    """Source entries in manifest order; errors become warnings, never aborts."""
+
+    def __init__(self, excludes: list[str], warnings: list[str]):
+        self.excludes = excludes
+        self.warnings = warnings
+
+    def excluded(self, rel: bytes) -> bool:
+        if not self.excludes:
+            return False
+        s = os.fsdecode(rel)
+        base = s.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatchcase(s, g) or fnmatch.fnmatchcase(base, g) for g in self.excludes)
+
+    def walk(self, roots: list[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes, os.stat_result, bool]]:
+        for rel, path in roots:
+            yield from self._walk(rel, path)
+
+    def _walk(self, rel: bytes, path: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result, bool]]:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self.warnings.append(f"vanished during backup: {os.fsdecode(path)}")
+            return
+        except OSError as exc:
+            self.warnings.append(f"cannot stat {os.fsdecode(path)}: {exc.strerror}")
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            yield rel, path, st, True
+            return
+        try:
+            names = sorted(os.listdir(path))
+            ok = True
+        except OSError as exc:
+            self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {exc.strerror}")
+            names, ok = [], False
+        yield rel, path, st, ok
+        for name in names:
+            child = rel + b"/" + name if rel else name
+            if not self.excluded(child):
+                yield from self._walk(child, os.path.join(path, name))
+
+
+class Backup:
+    def __init__(self, repo: Repo, options: BackupOptions):
+        self.repo = repo
+        self.opt = options
+        self.warnings: list[str] = []
+        self.unreadable: list[str] = []
+        self.writer: BlobWriter | None = None
+        self._pool = ThreadPoolExecutor(WORKERS)
+        self._inflight: deque[Future[None]] = deque()
+        self._slots = threading.Semaphore(2 * WORKERS + 2)
+        self.counts = {"new_files": 0, "changed_files": 0, "unchanged_files": 0, "deleted": 0,
+                       "read_bytes": 0}
+        self._hardlinks: dict[tuple[int, int], bytes] = {}
+        self._uid_ok = os.geteuid() == 0 if hasattr(os, "geteuid") else False
+        self._last_progress = 0.0
+
+    # --- parallel chunk storage ---------------------------------------------------
+
+    def _store_chunk(self, blob_id: bytes, data: bytes, base_id: bytes | None) -> None:
+        base_plain = self.repo.read_blob(base_id, cache=True) if base_id is not None else None
+        blob = self.repo.prepare_blob(blob_id, data, base_id=base_id, base_plain=base_plain,
+                                      delta_margin=self.opt.delta_margin)
+        assert self.writer is not None
+        self.writer.store(blob)
+
+    def _submit(self, blob_id: bytes, data: bytes, base_id: bytes | None) -> None:
+        self._slots.acquire()
+        fut = self._pool.submit(self._store_chunk, blob_id, data, base_id)
+        fut.add_done_callback(lambda _f: self._slots.release())
+        self._inflight.append(fut)
+        while self._inflight and self._inflight[0].done():
+            self._inflight.popleft().result()
+
+    def _drain(self) -> None:
+        while self._inflight:
+            self._inflight.popleft().result()
+
+    # --- file data -----------------------------------------------------------------
+
+    def _delta_bases(self, rel: bytes, prev: Entry | None) -> list[tuple[int, int, bytes]] | None:
+        """(start, end, whole base id) of the parent version's chunks, for delta encoding."""
+        if prev is None or not self.opt.delta or prev.type != T_FILE or not prev.chunks:
+            return None
+        if self.opt.no_delta:
+            s = os.fsdecode(rel)
+            if any(fnmatch.fnmatchcase(s, g) or fnmatch.fnmatchcase(s.rsplit("/", 1)[-1], g) for g in self.opt.no_delta):
+                return None
+        out = []
+        pos = 0
+        index = self.repo.index
+        for cid in prev.chunk_ids():
+            loc = index.get(cid)
+            if loc is None:
+                return None
+            base = cid if loc.flags != KIND_DELTA else self.repo.delta_base(cid)
+            if base is not None:
+                out.append((pos, pos + loc.raw_length, base))
+            pos += loc.raw_length
+        return out
+
+    def _read_stream(self, f: BinaryIO, rel: bytes, prev: Entry | None) -> tuple[bytes, bytes, int]:
+        """(digest, chunk ids, size) of a stream, storing its new chunks."""
+        assert self.writer is not None
+        bases = self._delta_bases(rel, prev)
+        bi = 0
+        hasher = blake3.blake3()
+        ids = bytearray()
+        pos = 0
+        for chunk in self.repo.chunker.chunks(f):
+            n = len(chunk)
+            hasher.update(chunk)
+            bid = self.repo.blob_id(chunk)
+            ids += bid
+            if self.writer.claim(bid):
+                base_id = None
+                if bases:
+                    mid = pos + n // 2
+                    while bi < len(bases) and bases[bi][1] <= mid:
+                        bi += 1
+                    if bi < len(bases) and bases[bi][0] <= mid and bases[bi][2] != bid:
+                        base_id = bases[bi][2]
+                self._submit(bid, chunk, base_id)
+            pos += n
+            self.counts["read_bytes"] += n
+            self._maybe_progress()
+        return hasher.digest(), bytes(ids), pos
+
+    def _file_entry(self, rel: bytes, path: bytes, st: os.stat_result, prev: Entry | None) -> Entry:
+        e = self._base_entry(rel, st, T_FILE)
+        if (prev is not None and prev.type == T_FILE and not prev.flags & (F_UNREADABLE | F_CHANGED_DURING_READ)
+                and prev.size == st.st_size and prev.mtime_ns == st.st_mtime_ns
+                and prev.ctime_ns == st.st_ctime_ns and prev.ino == st.st_ino):
+            e.digest, e.chunks, e.size = prev.digest, prev.chunks, prev.size
+            return e
+        try:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | O_NOATIME)
+            except PermissionError:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            self._unreadable(rel, path, exc)
+            e.flags |= F_UNREADABLE
+            e.size = 0
+            return e
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            try:
+                e.digest, e.chunks, e.size = self._read_stream(f, rel, prev)
+            except OSError as exc:
+                self._unreadable(rel, path, exc)
+                e.flags |= F_UNREADABLE
+                e.digest, e.chunks, e.size = b"", b"", 0
+                return e
+            after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns) \
+                or e.size != st.st_size:
+            e.flags |= F_CHANGED_DURING_READ
+            self.warnings.append(f"changed while being read (stored as read): {os.fsdecode(path)}")
+        return e
+
+    def _unreadable(self, rel: bytes, path: bytes, exc: OSError) -> None:
+        self.unreadable.append(os.fsdecode(rel) or ".")
+        self.warnings.append(f"cannot read {os.fsdecode(path)}: {exc.strerror or exc}")
+
+    def _base_entry(self, rel: bytes, st: os.stat_result, etype: int) -> Entry:
+        return Entry(rel, etype, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+                     0, st.st_ctime_ns, st.st_ino, st.st_dev, 0)
+
+    def _entry(self, rel: bytes, path: bytes, st: os.stat_result, ok: bool, prev: Entry | None) -> Entry | None:
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            e = self._base_entry(rel, st, T_DIR)
+            if not ok:
+                e.flags |= F_UNREADABLE
+                self.unreadable.append(os.fsdecode(rel) or ".")
+            return e
+        if stat.S_ISREG(mode):
+            if st.st_nlink > 1:
+                first = self._hardlinks.setdefault((st.st_dev, st.st_ino), rel)
+                if first != rel:
+                    e = self._base_entry(rel, st, T_HARDLINK)
+                    e.target = first
+                    e.size = st.st_size
+                    return e
+            return self._file_entry(rel, path, st, prev)
+        if stat.S_ISLNK(mode):
+            e = self._base_entry(rel, st, T_SYMLINK)
+            e.target = os.readlink(path)
+            e.size = len(e.target)
+            return e
+        if stat.S_ISFIFO(mode):
+            return self._base_entry(rel, st, T_FIFO)
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            e = self._base_entry(rel, st, T_CHARDEV if stat.S_ISCHR(mode) else T_BLOCKDEV)
+            e.rdev = st.st_rdev
+            return e
+        self.warnings.append(f"skipped socket or unknown file type: {os.fsdecode(path)}")
+        return None
+
+    def _maybe_progress(self) -> None:
+        if self.opt.progress is None:
+            return
+        now = time.monotonic()
+        if now - self._last_progress >= 0.5:
+            self._last_progress = now
+            self.opt.progress(dict(self.counts))
+
+    # --- the walk -------------------------------------------------------------------
+
+    def records(self, source: Iterator[tuple[bytes, bytes, os.stat_result, bool]],
+                parent_tree: Iterator[Record], kind: str, stats: ManifestStats) -> Iterator[Record]:
+        """Manifest records of this backup: every entry (full) or the changes (diff)."""
+        diff = kind == KIND_DIFF
+        p = next(parent_tree, None)
+        cut: bytes | None = None
+        for rel, path, st, ok in source:
+            key = sort_key(rel)
+            while p is not None and p.key < key:
+                self.counts["deleted"] += 1
+                if diff and not (cut is not None and (p.key == cut or p.key.startswith(cut + b"\x00"))):
+                    cut = p.key
+                    yield delete_record(p.path)
+                p = next(parent_tree, None)
+            prev = None
+            if p is not None and p.key == key:
+                prev = p.entry
+                p = next(parent_tree, None)
+            try:
+                e = self._entry(rel, path, st, ok, prev)
+            except FileNotFoundError:
+                self.warnings.append(f"vanished during backup: {os.fsdecode(path)}")
+                e = None
+            if e is None:
+                if prev is not None and diff:
+                    cut = key
+                    yield delete_record(rel)
+                continue
+            rec = Record(OP_ENTRY, rel, e)
+            stats.count(rec)
+            if e.type == T_FILE:
+                if prev is None:
+                    self.counts["new_files"] += 1
+                elif prev == e:
+                    self.counts["unchanged_files"] += 1
+                else:
+                    self.counts["changed_files"] += 1
+            if not diff:
+                yield rec
+            elif prev is None or prev.type != e.type or (e.type != T_DIR and prev != e):
+                cut = key
+                yield Record(OP_FRESH, rel, e)
+            elif prev != e:
+                yield rec
+        while p is not None:
+            self.counts["deleted"] += 1
+            if diff and not (cut is not None and (p.key == cut or p.key.startswith(cut + b"\x00"))):
+                cut = p.key
+                yield delete_record(p.path)
+            p = next(parent_tree, None)
+
+    def run(self, roots: list[tuple[bytes, bytes]] | None, paths: list[str], *,
+            stream: BinaryIO | None = None, stdin_name: str | None = None) -> BackupResult:
+        started = time.monotonic()
+        repo = self.repo
+        host = self.opt.host or socket.gethostname()
+        snapshots = repo.snapshots()
+        parent = self.opt.parent
+        if parent is None:
+            same = [s for s in snapshots if s.host == host and sorted(s.paths) == sorted(paths)
+                    and s.stdin_name == stdin_name]
+            parent = same[-1] if same else None
+        chain = repo.chain_of(parent, snapshots) if parent is not None else []
+        s = repo.config.settings
+        kind = choose_kind(self.opt.kind, chain, s.full_every, s.max_diff_share)
+        if self.opt.kind == "diff" and parent is None:
+            self.warnings.append("no parent snapshot: made a full snapshot")
+        parent_tree = repo.tree(parent, snapshots) if parent is not None else iter(())
+        stats = ManifestStats()
+        self.writer = repo.writer()
+        try:
+            if stream is not None:
+                assert stdin_name is not None
+                stats_iter = self._count(self._stream_source(stream, stdin_name, parent_tree, kind), stats)
+            else:
+                walker = _Walker(self.opt.excludes, self.warnings)
+                stats_iter = self.records(walker.walk(roots or []), parent_tree, kind, stats)
+            mw = ManifestWriter(repo, self.writer)
+            for rec in stats_iter:
+                mw.add(rec)
+            self._drain()
+            manifest_ids = mw.finish()
+            self._drain()
+            self.writer.flush()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self.writer.close()
+        w = self.writer
+        snap = Snapshot(
+            time=now_iso(), kind=kind, parent=parent.id if kind == KIND_DIFF and parent else None, host=host,
+            paths=paths, tags=list(self.opt.tags), manifest=[i.hex() for i in manifest_ids],
+            stdin_name=stdin_name,
+            stats={
+                "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes,
+                **self.counts,
+                "added_blobs": w.new_blobs, "added_raw_bytes": w.new_raw_bytes,
+                "added_stored_bytes": w.stored_bytes - mw.stored_bytes,
+                "delta_blobs": w.delta_blobs, "delta_stored_bytes": w.delta_bytes,
+                "whole_stored_bytes": w.stored_bytes - w.delta_bytes - mw.stored_bytes,
+                "manifest_bytes": mw.stored_bytes, "manifest_records": mw.records,
+                "chain_length": len(chain) + 1 if kind == KIND_DIFF else 1,
+                "unreadable": self.unreadable, "warnings": len(self.warnings),
+                "duration": round(time.monotonic() - started, 3),
+            },
+        )
+        repo.save_snapshot(snap)
+        return BackupResult(snap, self.warnings)
+
+    def _count(self, records: Iterator[Record], stats: ManifestStats) -> Iterator[Record]:
+        for rec in records:
+            if rec.op != OP_DELETE:
+                stats.count(rec)
+            yield rec
+
+    def _stream_source(self, stream: BinaryIO, name: str, parent_tree: Iterator[Record], kind: str) -> Iterator[Record]:
+        rel = os.fsencode(name)
+        if not rel or rel.startswith(b"/") or b"\x00" in rel or any(p in (b"", b".", b"..") for p in rel.split(b"/")):
+            raise UsageError(f"invalid --stdin-name {name!r}")
+        prev = next((r.entry for r in parent_tree if r.path == rel), None)
+        now = time.time_ns()
+        e = Entry(rel, T_FILE, 0o600, os.getuid(), os.getgid(), now, 0, now)
+        e.digest, e.chunks, e.size = self._read_stream(stream, rel, prev)
+        self.counts["new_files" if prev is None else "changed_files"] += 1
+        # A stream snapshot always holds its one entry, changed or not.
+        yield Record(OP_FRESH if kind == KIND_DIFF else OP_ENTRY, rel, e)

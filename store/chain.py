@@ -1,0 +1,89 @@
+"""Resolving snapshot chains: pure functions over sorted record streams.
+
+``apply(full, diff)`` gives the full tree after a differential;
+``compose(d1, d2)`` gives one differential equal to applying d1 then d2 (used
+to rebase a differential when retention removes its parent); ``resolve``
+folds a chain.  Everything streams: memory does not grow with the tree.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+from .manifest import OP_DELETE, OP_ENTRY, OP_FRESH, Record, sort_key
+
+_END = object()
+
+
+def _under(key: bytes, cut: bytes) -> bool:
+    return key == cut or key.startswith(cut + b"\x00")
+
+
+def _merge(lower: Iterable[Record], upper: Iterable[Record], lower_is_full: bool) -> Iterator[Record]:
+    lo_it, up_it = iter(lower), iter(upper)
+    lo = next(lo_it, _END)
+    up = next(up_it, _END)
+    lo_key = sort_key(lo.path) if lo is not _END else b""  # type: ignore[union-attr]
+    up_key = sort_key(up.path) if up is not _END else b""  # type: ignore[union-attr]
+    cut: bytes | None = None  # an upper DELETE/FRESH whose lower subtree is dropped
+    while lo is not _END or up is not _END:
+        if up is _END or (lo is not _END and lo_key < up_key):
+            if cut is not None and _under(lo_key, cut):
+                pass
+            else:
+                cut = None
+                yield lo  # type: ignore[misc]
+            lo = next(lo_it, _END)
+            lo_key = sort_key(lo.path) if lo is not _END else b""  # type: ignore[union-attr]
+            continue
+        rec: Record = up  # type: ignore[assignment]
+        same = lo is not _END and lo_key == up_key
+        if cut is not None and not _under(up_key, cut):
+            cut = None
+        if cut is None and rec.op in (OP_DELETE, OP_FRESH):
+            cut = up_key
+        if lower_is_full:
+            if rec.op != OP_DELETE:
+                yield rec if rec.op == OP_ENTRY else Record(OP_ENTRY, rec.path, rec.entry)
+        elif rec.op == OP_ENTRY and same and lo.op in (OP_DELETE, OP_FRESH):  # type: ignore[union-attr]
+            yield Record(OP_FRESH, rec.path, rec.entry)
+        else:
+            yield rec
+        if same:
+            lo = next(lo_it, _END)
+            lo_key = sort_key(lo.path) if lo is not _END else b""  # type: ignore[union-attr]
+        up = next(up_it, _END)
+        up_key = sort_key(up.path) if up is not _END else b""  # type: ignore[union-attr]
+
+
+def apply(full: Iterable[Record], diff: Iterable[Record]) -> Iterator[Record]:
+    """The full tree after applying ``diff`` to ``full`` (all ENTRY records)."""
+    return _merge(full, diff, True)
+
+
+def compose(first: Iterable[Record], second: Iterable[Record]) -> Iterator[Record]:
+    """One differential equivalent to applying ``first`` then ``second``."""
+    return _merge(first, second, False)
+
+
+def resolve(full: Iterable[Record], diffs: Sequence[Iterable[Record]]) -> Iterator[Record]:
+    """The tree at the end of a chain: a full manifest, then its differentials oldest first."""
+    stream: Iterable[Record] = full
+    for d in diffs:
+        stream = apply(stream, d)
+    return iter(stream)
+
+
+def chain_to_base(snapshot_id: str, parents: dict[str, str | None]) -> list[str]:
+    """Ids from the full base to ``snapshot_id`` (oldest first); raises KeyError/ValueError when broken."""
+    chain = [snapshot_id]
+    seen = {snapshot_id}
+    while True:
+        parent = parents[chain[-1]]
+        if parent is None:
+            return chain[::-1]
+        if parent in seen:
+            raise ValueError(f"snapshot chain of {snapshot_id} has a cycle")
+        if parent not in parents:
+            raise KeyError(parent)
+        seen.add(parent)
+        chain.append(parent)

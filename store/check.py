@@ -1,0 +1,248 @@
+"""Repository verification: structure always, every byte with ``read_data``.
+
+Problems are collected, never raised one at a time: the report names every
+bad object and, for missing or corrupt data, the snapshots and files it
+affects, so an operator knows what a damaged repository still restores.
+"""
+from __future__ import annotations
+
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, UsageError
+
+from .blob import KIND_DELTA, open_blob
+from .config import KeyFile
+from .crypto import content_name
+from .indexfile import IndexData
+from .pack import TRAILER, PackEntry, open_header, parse_trailer, read_pack
+from .repository import Repo, pack_key
+from .snapshot import Snapshot
+
+
+@dataclass
+class Problem:
+    object: str
+    problem: str
+    snapshots: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"object": self.object, "problem": self.problem, "snapshots": self.snapshots, "files": self.files}
+
+
+@dataclass
+class CheckReport:
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    snapshots: int = 0
+    packs: int = 0
+    blobs: int = 0
+    packs_read: int = 0
+    blobs_read: int = 0
+    bytes_read: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "problems": [p.to_dict() for p in self.problems], "warnings": self.warnings,
+                "snapshots": self.snapshots, "packs": self.packs, "blobs": self.blobs,
+                "packs_read": self.packs_read, "blobs_read": self.blobs_read, "bytes_read": self.bytes_read}
+
+
+def parse_subset(spec: str | None) -> Callable[[bytes], bool] | None:
+    """``n/m``: the n-th of m deterministic slices of the packs; ``P%``: a random share."""
+    if spec is None:
+        return None
+    spec = spec.strip()
+    try:
+        if spec.endswith("%"):
+            share = float(spec[:-1]) / 100.0
+            if not 0 < share <= 1:
+                raise ValueError
+            rng = random.Random()
+            return lambda _pack_id: rng.random() < share
+        n, m = (int(x) for x in spec.split("/"))
+        if not 1 <= n <= m:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"bad --read-data-subset {spec!r}: use n/m (1 <= n <= m) or a percentage like 10%") from None
+    return lambda pack_id: int.from_bytes(pack_id[:4], "big") % m == n - 1
+
+
+class Checker:
+    def __init__(self, repo: Repo, *, read_data: bool = False, subset: str | None = None):
+        self.repo = repo
+        self.read_data = read_data or subset is not None
+        self.select = parse_subset(subset)
+        self.report = CheckReport()
+        self.bad_blobs: dict[bytes, Problem] = {}
+        self._lock = threading.Lock()
+
+    def problem(self, obj: str, what: str) -> Problem:
+        p = Problem(obj, what)
+        with self._lock:
+            self.report.problems.append(p)
+        return p
+
+    def run(self) -> CheckReport:
+        repo = self.repo
+        for k in repo.remote.list("keys/"):
+            try:
+                KeyFile.decode(k.key.split("/", 1)[1], repo.remote.get(k.key))
+            except ChunkvaultError as exc:
+                self.problem(k.key, str(exc))
+        indexed = self._load_index()
+        snapshots = self._load_snapshots()
+        self._check_packs(indexed)
+        self._check_references(snapshots)
+        if self.bad_blobs:
+            self._attribute(snapshots)
+        return self.report
+
+    def _load_index(self) -> dict[bytes, list[PackEntry]]:
+        """Every pack the (non-superseded) index objects list, with its entries."""
+        repo = self.repo
+        datas: list[tuple[str, IndexData]] = []
+        for name in repo.index_names():
+            try:
+                datas.append((name, repo.read_index_object(name)))
+            except (CorruptObject, ObjectNotFound) as exc:
+                self.problem(f"index/{name}", str(exc))
+        superseded = {s.hex() for _, d in datas for s in d.supersedes}
+        packs: dict[bytes, list[PackEntry]] = {}
+        for name, d in datas:
+            if name not in superseded:
+                for pid, entries in d.packs.items():
+                    packs.setdefault(pid, []).extend(entries)
+        repo.load_index()
+        self.report.blobs = len(repo.index)
+        for pid, entries in packs.items():
+            for e in entries:
+                if e.kind == KIND_DELTA and e.base_id not in repo.index:
+                    self.bad_blobs.setdefault(e.blob_id, self.problem(
+                        f"blob {e.blob_id.hex()}", f"delta base {e.base_id.hex()} is not in the index"))  # type: ignore[union-attr]
+        return packs
+
+    def _load_snapshots(self) -> list[Snapshot]:
+        snaps = []
+        for name in self.repo.snapshot_names():
+            try:
+                snaps.append(self.repo.load_snapshot(name))
+            except ChunkvaultError as exc:
+                self.problem(f"snapshots/{name}", str(exc))
+        self.report.snapshots = len(snaps)
+        for s in snaps:
+            try:
+                self.repo.chain_of(s, snaps)
+            except ChunkvaultError as exc:
+                self.problem(f"snapshots/{s.id}", f"chain does not resolve: {exc}").snapshots.append(s.id)
+        return snaps
+
+    def _check_packs(self, indexed: dict[bytes, list[PackEntry]]) -> None:
+        repo = self.repo
+        stored = {}
+        for o in repo.remote.list("data/"):
+            name = o.key.rsplit("/", 1)[1]
+            try:
+                stored[bytes.fromhex(name)] = o.size
+            except ValueError:
+                self.report.warnings.append(f"unexpected object {o.key}")
+        self.report.packs = len(stored)
+        for pid in stored.keys() - indexed.keys():
+            self.report.warnings.append(f"{pack_key(pid)} is in no index (left by an interrupted backup; "
+                                        "`repair index` adds it, prune removes it)")
+        todo = []
+        for pid, entries in indexed.items():
+            if pid not in stored:
+                p = self.problem(pack_key(pid), "pack is missing")
+                for e in entries:
+                    self.bad_blobs[e.blob_id] = p
+                continue
+            read_all = self.read_data and (self.select is None or self.select(pid))
+            todo.append((pid, stored[pid], entries, read_all))
+        with ThreadPoolExecutor(4) as pool:
+            for _ in pool.map(lambda t: self._check_pack(*t), todo):
+                pass
+
+    def _check_pack(self, pid: bytes, size: int, entries: list[PackEntry], read_all: bool) -> None:
+        repo = self.repo
+        key = pack_key(pid)
+        try:
+            if read_all:
+                data = repo.remote.get(key)
+                with self._lock:
+                    self.report.packs_read += 1
+                    self.report.bytes_read += len(data)
+                if content_name(data) != pid.hex():
+                    raise CorruptObject(key, "content does not match its name")
+                header = read_pack(repo.sealer, data, key)
+            else:
+                tail = repo.remote.get(key, size - TRAILER.size, TRAILER.size)
+                hlen = parse_trailer(tail, size, key)
+                body = size - TRAILER.size - hlen
+                header = open_header(repo.sealer, repo.remote.get(key, body, hlen), key, body)
+        except ChunkvaultError as exc:
+            p = self.problem(key, str(exc) if not isinstance(exc, CorruptObject) else exc.reason)
+            for e in entries:
+                self.bad_blobs[e.blob_id] = p
+            return
+        if sorted(header) != sorted(entries):
+            self.problem(key, "pack header and index disagree")
+        if read_all:
+            for e in header:
+                try:
+                    plain = repo.read_blob(e.blob_id, verify=True) if e.kind == KIND_DELTA else open_blob(
+                        repo.sealer, e.blob_id, data[e.offset : e.offset + e.length], e.raw_length)
+                    if e.kind != KIND_DELTA and repo.blob_id(plain) != e.blob_id:
+                        raise CorruptObject(f"blob {e.blob_id.hex()}", "content does not hash to its id")
+                    with self._lock:
+                        self.report.blobs_read += 1
+                except ChunkvaultError as exc:
+                    self.bad_blobs[e.blob_id] = self.problem(f"blob {e.blob_id.hex()}", f"in {key}: {exc}")
+
+    def _check_references(self, snapshots: list[Snapshot]) -> None:
+        index = self.repo.index
+        for s in snapshots:
+            missing = [h for h in s.manifest if bytes.fromhex(h) not in index]
+            if missing:
+                p = self.problem(f"snapshots/{s.id}", f"{len(missing)} manifest blob(s) not in the index")
+                p.snapshots.append(s.id)
+                continue
+            try:
+                for rec in self.repo.manifest_records(s):
+                    e = rec.entry
+                    if e is None or not e.chunks:
+                        continue
+                    for cid in e.chunk_ids():
+                        if cid not in index and cid not in self.bad_blobs:
+                            self.bad_blobs[cid] = self.problem(f"blob {cid.hex()}", "not in the index")
+            except ChunkvaultError as exc:
+                self.problem(f"snapshots/{s.id}", f"manifest unreadable: {exc}").snapshots.append(s.id)
+
+    def _attribute(self, snapshots: list[Snapshot]) -> None:
+        """Name the snapshots and files each bad blob affects."""
+        for s in snapshots:
+            try:
+                for h in s.manifest:
+                    p = self.bad_blobs.get(bytes.fromhex(h))
+                    if p is not None and s.id not in p.snapshots:
+                        p.snapshots.append(s.id)
+                for rec in self.repo.tree(s, snapshots):
+                    e = rec.entry
+                    if e is None or not e.chunks:
+                        continue
+                    for cid in e.chunk_ids():
+                        p = self.bad_blobs.get(cid)
+                        if p is not None:
+                            if s.id not in p.snapshots:
+                                p.snapshots.append(s.id)
+                            if len(p.files) < 100:
+                                p.files.append(f"{s.id[:8]}:{rec.path.decode('utf-8', 'backslashreplace')}")
+            except ChunkvaultError:
+                continue

@@ -1,0 +1,115 @@
+"""Key material, the password KDF and the AEAD every object is sealed with.
+
+The repository's secret is 96 random bytes: an encryption key, a key for blob
+ids (keyed BLAKE3) and the chunker's secret.  Keeping the three apart lets a
+second repository share only the chunker secret (so `copy` keeps dedup) without
+sharing the keys that protect data.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+
+import blake3
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+NONCE_SIZE = 12
+TAG_SIZE = 16
+KEY_SIZE = 32
+
+
+class AuthenticationFailed(Exception):
+    """Internal: the AEAD tag did not verify. Callers turn it into a named error."""
+
+
+@dataclass(frozen=True)
+class KeyMaterial:
+    enc_key: bytes
+    id_key: bytes
+    chunker_secret: bytes
+
+    @classmethod
+    def generate(cls) -> "KeyMaterial":
+        return cls(os.urandom(KEY_SIZE), os.urandom(KEY_SIZE), os.urandom(KEY_SIZE))
+
+    def to_bytes(self) -> bytes:
+        return self.enc_key + self.id_key + self.chunker_secret
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "KeyMaterial":
+        if len(raw) != 3 * KEY_SIZE:
+            raise ValueError("key material has the wrong length")
+        return cls(raw[:32], raw[32:64], raw[64:])
+
+    def __repr__(self) -> str:  # never print secrets
+        return "KeyMaterial(<secret>)"
+
+
+class Sealer:
+    """AES-256-GCM with a fresh random 96-bit nonce per message.
+
+    Random nonces keep every object independent (a blob can move between packs
+    unchanged); the usual bound of 2**32 messages per key is far above any
+    repository's object count (see store/FORMAT.md).
+    """
+
+    def __init__(self, key: bytes):
+        self._aead = AESGCM(key)
+
+    def seal(self, plaintext: bytes, ad: bytes) -> bytes:
+        nonce = os.urandom(NONCE_SIZE)
+        return nonce + self._aead.encrypt(nonce, plaintext, ad)
+
+    def open(self, sealed: bytes | memoryview, ad: bytes) -> bytes:
+        if len(sealed) < NONCE_SIZE + TAG_SIZE:
+            raise AuthenticationFailed("too short")
+        sealed = memoryview(sealed)
+        try:
+            return self._aead.decrypt(bytes(sealed[:NONCE_SIZE]), sealed[NONCE_SIZE:], ad)
+        except InvalidTag:
+            raise AuthenticationFailed("authentication tag mismatch") from None
+
+
+class BlobHasher:
+    """Blob ids: BLAKE3 keyed with the repository's id key, so ids reveal nothing."""
+
+    def __init__(self, id_key: bytes):
+        self._key = id_key
+
+    def __call__(self, data: bytes | memoryview) -> bytes:
+        return blake3.blake3(data, key=self._key, max_threads=1).digest()
+
+
+def content_name(data: bytes | memoryview) -> str:
+    """Name of an object stored by content (packs, index files, snapshots): unkeyed BLAKE3 of its bytes."""
+    return blake3.blake3(data).hexdigest()
+
+
+# --- password-based key derivation (scrypt, memory-hard) ---------------------
+
+SCRYPT_R = 8
+SCRYPT_P = 1
+MIN_LOG_N = 10
+MAX_LOG_N = 22
+
+
+def derive_kek(password: bytes, salt: bytes, log_n: int, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
+    if not MIN_LOG_N <= log_n <= MAX_LOG_N:
+        raise ValueError(f"scrypt cost 2**{log_n} out of range")
+    n = 1 << log_n
+    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=256 * r * n + (1 << 20), dklen=KEY_SIZE)
+
+
+def tune_scrypt(target_seconds: float) -> int:
+    """The largest scrypt cost (log2 N) whose derivation takes about ``target_seconds`` here."""
+    log_n = MIN_LOG_N
+    start = time.perf_counter()
+    derive_kek(b"tune", b"0" * 16, log_n)
+    elapsed = max(time.perf_counter() - start, 1e-6)
+    while log_n < MAX_LOG_N and elapsed * 2 <= target_seconds:
+        log_n += 1
+        elapsed *= 2
+    return log_n

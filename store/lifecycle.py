@@ -1,0 +1,95 @@
+"""Forgetting snapshots safely: retention decisions, then rebases, then deletions.
+
+Order matters for crash safety: every kept differential whose parent goes is
+first rewritten (same id) against its nearest kept ancestor, with the removed
+ancestors' changes merged in; only then are snapshots deleted.  Killed at any
+point, every kept snapshot still restores exactly as before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import reduce
+from typing import Iterable, Iterator, NamedTuple
+
+from . import chain
+from .manifest import OP_DELETE, Record
+from .manifest_io import ManifestWriter
+from .repository import Repo
+from .retention import Decision, RebaseStep, RetentionPolicy, rebase_plan, select
+from .snapshot import KIND_DIFF, KIND_FULL, Snapshot
+
+
+class RetentionView(NamedTuple):
+    """A snapshot as retention selection sees it."""
+
+    id: str
+    time: datetime
+    kind: str
+    parent: str | None
+    host: str
+    paths: tuple[str, ...]
+    tags: tuple[str, ...]
+
+
+def view(s: Snapshot) -> RetentionView:
+    return RetentionView(s.id, s.datetime, s.kind, s.parent, s.host, tuple(s.paths), tuple(s.tags))
+
+
+@dataclass
+class ForgetPlan:
+    decisions: list[Decision]
+    remove: list[str]
+    rebases: list[RebaseStep] = field(default_factory=list)
+
+
+def plan_forget(snapshots: list[Snapshot], *, policy: RetentionPolicy | None = None,
+                ids: Iterable[str] = (), now: datetime | None = None) -> ForgetPlan:
+    """What forget would do: by policy, or the explicit ``ids`` (already resolved)."""
+    views = [view(s) for s in snapshots]
+    if policy is not None:
+        decisions = select(views, policy, now or datetime.now(timezone.utc))
+    else:
+        chosen = set(ids)
+        decisions = [Decision(v.id, v.id not in chosen, ("named on the command line",) if v.id in chosen else ())
+                     for v in views]
+    remove = [d.snapshot_id for d in decisions if not d.keep]
+    return ForgetPlan(decisions, remove, rebase_plan(views, remove))
+
+
+def _composed(repo: Repo, by_id: dict[str, Snapshot], step: RebaseStep) -> tuple[str, Iterator[Record]]:
+    merged = [repo.manifest_records(by_id[i]) for i in step.merge_ids]
+    own = repo.manifest_records(by_id[step.diff_id])
+    if step.new_parent is None:
+        # The chain's full goes too: the differential absorbs it and becomes a full.
+        return KIND_FULL, chain.resolve(merged[0], merged[1:] + [own])
+    return KIND_DIFF, reduce(chain.compose, merged + [own])
+
+
+def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep) -> Snapshot:
+    """Rewrite one kept differential against its new parent; returns the rewritten snapshot."""
+    by_id = {s.id: s for s in snapshots}
+    snap = by_id[step.diff_id]
+    kind, records = _composed(repo, by_id, step)
+    with repo.writer() as writer:
+        mw = ManifestWriter(repo, writer)
+        deleted = 0
+        for rec in records:
+            deleted += rec.op == OP_DELETE
+            mw.add(rec)
+        ids = mw.finish()
+        writer.flush()
+    snap.kind = kind
+    snap.parent = step.new_parent
+    snap.manifest = [i.hex() for i in ids]
+    snap.stats = {**snap.stats, "manifest_records": mw.records, "rebased": True,
+                  "manifest_bytes": snap.stats.get("manifest_bytes", 0) + mw.stored_bytes}
+    return repo.save_snapshot(snap, replace=True)
+
+
+def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan) -> list[Snapshot]:
+    """Rebase, then delete. Returns the rebased snapshots."""
+    rebased = [rebase(repo, snapshots, step) for step in plan.rebases]
+    for sid in plan.remove:
+        repo.delete_snapshot(sid)
+    return rebased

@@ -1,0 +1,190 @@
+"""Manifest records: the entries of a snapshot, as a sorted binary stream.
+
+A full manifest holds one ENTRY record per path.  A differential holds only
+changes against its parent: ENTRY (add or update, keep the parent's children),
+FRESH (add or replace, dropping whatever the parent had under this path) and
+DELETE (remove the path and everything under it).  Records are sorted by
+``sort_key(path)`` — the path with "/" mapped to NUL — so a directory's
+subtree is contiguous and follows it, and two manifests merge in one pass.
+The stream is cut into blobs by the chunker, so no manifest has to fit in
+memory (store/FORMAT.md, "Manifest").
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, NamedTuple
+
+from chunkvault.errors import CorruptObject
+
+OP_ENTRY = 0
+OP_FRESH = 1
+OP_DELETE = 2
+
+T_FILE = 0
+T_DIR = 1
+T_SYMLINK = 2
+T_HARDLINK = 3
+T_FIFO = 4
+T_CHARDEV = 5
+T_BLOCKDEV = 6
+TYPE_NAMES = {T_FILE: "file", T_DIR: "dir", T_SYMLINK: "symlink", T_HARDLINK: "hardlink",
+              T_FIFO: "fifo", T_CHARDEV: "chardev", T_BLOCKDEV: "blockdev"}
+
+#: Entry flag: the file could not be read at backup time; it has no data.
+F_UNREADABLE = 1
+#: Entry flag: the file changed while it was read; its data is what was read.
+F_CHANGED_DURING_READ = 2
+
+_FIXED = struct.Struct("<BBIIIqQqQQQ")
+_HEAD = struct.Struct("<BI")
+
+
+def sort_key(path: bytes) -> bytes:
+    return path.replace(b"/", b"\x00")
+
+
+@dataclass(slots=True)
+class Entry:
+    path: bytes
+    type: int
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    ctime_ns: int = 0
+    ino: int = 0
+    dev: int = 0
+    rdev: int = 0
+    target: bytes = b""
+    digest: bytes = b""
+    chunks: bytes = b""  # concatenated 32-byte blob ids
+    flags: int = 0
+
+    def chunk_ids(self) -> list[bytes]:
+        c = self.chunks
+        return [c[i : i + 32] for i in range(0, len(c), 32)]
+
+    def same_content(self, other: "Entry") -> bool:
+        """Equal as a restore would produce them (ignores ctime/inode/device ids)."""
+        return (self.path, self.type, self.mode, self.uid, self.gid, self.mtime_ns, self.size,
+                self.rdev, self.target, self.digest, self.chunks) == (
+                other.path, other.type, other.mode, other.uid, other.gid, other.mtime_ns, other.size,
+                other.rdev, other.target, other.digest, other.chunks)
+
+
+class Record(NamedTuple):
+    op: int
+    path: bytes
+    entry: Entry | None
+
+    @property
+    def key(self) -> bytes:
+        return sort_key(self.path)
+
+
+def entry_record(entry: Entry, op: int = OP_ENTRY) -> Record:
+    return Record(op, entry.path, entry)
+
+
+def delete_record(path: bytes) -> Record:
+    return Record(OP_DELETE, path, None)
+
+
+def encode_record(rec: Record) -> bytes:
+    out = _HEAD.pack(rec.op, len(rec.path)) + rec.path
+    if rec.op == OP_DELETE:
+        return out
+    e = rec.entry
+    assert e is not None
+    return b"".join((
+        out,
+        _FIXED.pack(e.type, e.flags, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.ctime_ns, e.ino, e.dev, e.rdev),
+        struct.pack("<IB", len(e.target), len(e.digest)), e.target, e.digest,
+        struct.pack("<I", len(e.chunks) // 32), e.chunks,
+    ))
+
+
+def decode_records(buf: bytes | memoryview, what: str) -> tuple[list[Record], int]:
+    """Decode every complete record in ``buf``; returns (records, bytes consumed)."""
+    out: list[Record] = []
+    pos = 0
+    n = len(buf)
+    while True:
+        start = pos
+        if pos + _HEAD.size > n:
+            return out, start
+        op, plen = _HEAD.unpack_from(buf, pos)
+        if op > OP_DELETE:
+            raise CorruptObject(what, f"unknown manifest record op {op}")
+        pos += _HEAD.size
+        if pos + plen > n:
+            return out, start
+        path = bytes(buf[pos : pos + plen])
+        pos += plen
+        if op == OP_DELETE:
+            out.append(Record(op, path, None))
+            continue
+        if pos + _FIXED.size + 5 > n:
+            return out, start
+        (etype, flags, mode, uid, gid, mtime, size, ctime, ino, dev, rdev) = _FIXED.unpack_from(buf, pos)
+        pos += _FIXED.size
+        tlen, dlen = struct.unpack_from("<IB", buf, pos)
+        pos += 5
+        if pos + tlen + dlen + 4 > n:
+            return out, start
+        target = bytes(buf[pos : pos + tlen])
+        pos += tlen
+        digest = bytes(buf[pos : pos + dlen])
+        pos += dlen
+        (nchunks,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if pos + 32 * nchunks > n:
+            return out, start
+        chunks = bytes(buf[pos : pos + 32 * nchunks])
+        pos += 32 * nchunks
+        if etype not in TYPE_NAMES:
+            raise CorruptObject(what, f"unknown entry type {etype}")
+        out.append(Record(op, path, Entry(path, etype, mode, uid, gid, mtime, size, ctime, ino, dev, rdev,
+                                          target, digest, chunks, flags)))
+
+
+def iter_records(pieces: Iterable[bytes], what: str) -> Iterator[Record]:
+    """Records from a manifest's byte stream delivered in pieces (blobs)."""
+    pending = b""
+    for piece in pieces:
+        buf = pending + piece if pending else piece
+        records, used = decode_records(buf, what)
+        yield from records
+        pending = bytes(buf[used:])
+    if pending:
+        raise CorruptObject(what, "manifest ends inside a record")
+
+
+@dataclass
+class ManifestStats:
+    """Counts a manifest carries into its snapshot's summary."""
+
+    records: int = 0
+    files: int = 0
+    dirs: int = 0
+    bytes: int = 0
+    deleted: int = 0
+    unreadable: list[bytes] = field(default_factory=list)
+
+    def count(self, rec: Record) -> None:
+        self.records += 1
+        if rec.op == OP_DELETE:
+            self.deleted += 1
+            return
+        e = rec.entry
+        assert e is not None
+        if e.type == T_DIR:
+            self.dirs += 1
+        else:
+            self.files += 1
+            if e.type == T_FILE:
+                self.bytes += e.size
+        if e.flags & F_UNREADABLE:
+            self.unreadable.append(e.path)

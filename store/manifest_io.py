@@ -1,0 +1,56 @@
+"""Writing a manifest's record stream as content-defined blobs.
+
+Cutting the stream with the repository's chunker makes consecutive manifests
+of a slowly changing tree share most of their blobs, and no manifest is ever
+held whole in memory.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .manifest import Record, encode_record
+
+if TYPE_CHECKING:
+    from .repository import BlobWriter, Repo
+
+
+class ManifestWriter:
+    def __init__(self, repo: "Repo", writer: "BlobWriter"):
+        self.repo = repo
+        self.writer = writer
+        self.buf = bytearray()
+        self.ids: list[bytes] = []
+        self.stored_bytes = 0
+        self.records = 0
+        self._flush_at = 2 * repo.chunker_params.max_size
+
+    def add(self, rec: Record) -> None:
+        self.buf += encode_record(rec)
+        self.records += 1
+        if len(self.buf) >= self._flush_at:
+            self._emit(final=False)
+
+    def _store(self, piece: bytes) -> None:
+        bid = self.repo.blob_id(piece)
+        self.ids.append(bid)
+        if self.writer.claim(bid):
+            blob = self.repo.prepare_blob(bid, piece)
+            self.stored_bytes += len(blob.envelope)
+            self.writer.store(blob)
+
+    def _emit(self, final: bool) -> None:
+        cuts = self.repo.chunker.cut_points(self.buf)
+        # The last cut of a non-final buffer is only where the buffer ends: keep that tail.
+        usable = cuts if final else cuts[:-1]
+        start = 0
+        view = memoryview(self.buf)
+        for end in usable:
+            self._store(bytes(view[start:end]))
+            start = end
+        view.release()
+        del self.buf[:start]
+
+    def finish(self) -> list[bytes]:
+        if self.buf:
+            self._emit(final=True)
+        return self.ids

@@ -1,0 +1,528 @@
+"""An open repository: keys, config, the blob index, blob reads and writes, snapshots.
+
+This is the store's I/O hub; the backup, restore and lifecycle modules build
+on it.  It talks to any Remote and never to the file system directly.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterable, Iterator, NamedTuple
+
+from chunkvault.chunker import Chunker, ChunkerParams
+from chunkvault.errors import (
+    CorruptObject,
+    MissingObject,
+    ObjectExists,
+    ObjectNotFound,
+    RepositoryExists,
+    RepositoryNotFound,
+    UsageError,
+    WrongPassword,
+)
+from chunkvault.remotes import Remote
+
+from . import chain
+from .blob import KIND_DELTA, compress, delta_compress, envelope_base, open_blob, seal_blob
+from .blobindex import BlobIndex
+from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config, open_config, peek_config
+from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
+from .indexfile import IndexData, decode_index, encode_index
+from .manifest import Record, iter_records
+from .pack import PackBuilder
+from .snapshot import Snapshot
+
+WORKERS = max(2, os.cpu_count() or 2)
+
+
+def pack_key(pack_id: bytes) -> str:
+    h = pack_id.hex()
+    return f"data/{h[:2]}/{h}"
+
+
+class PreparedBlob(NamedTuple):
+    blob_id: bytes
+    kind: int
+    envelope: bytes
+    raw_length: int
+    base_id: bytes | None
+
+
+class _LRU:
+    """Plaintext blob cache bounded in bytes (delta bases, manifest pieces)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.items: OrderedDict[bytes, bytes] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: bytes) -> bytes | None:
+        with self.lock:
+            v = self.items.get(key)
+            if v is not None:
+                self.items.move_to_end(key)
+            return v
+
+    def put(self, key: bytes, value: bytes) -> None:
+        if len(value) > self.max_bytes:
+            return
+        with self.lock:
+            if key in self.items:
+                return
+            self.items[key] = value
+            self.size += len(value)
+            while self.size > self.max_bytes:
+                _, old = self.items.popitem(last=False)
+                self.size -= len(old)
+
+
+class Repo:
+    def __init__(self, remote: Remote, material: KeyMaterial, config: RepoConfig, key_name: str):
+        self.remote = remote
+        self.material = material
+        self.config = config
+        self.key_name = key_name
+        self.sealer = Sealer(material.enc_key)
+        self.blob_id = BlobHasher(material.id_key)
+        self.chunker_params = ChunkerParams.from_dict(config.settings.chunker)
+        self.chunker = Chunker(material.chunker_secret, self.chunker_params)
+        self._index: BlobIndex | None = None
+        self._index_names: set[str] = set()
+        self.pack_ids: list[bytes | None] = []
+        self._pack_nos: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+        self._cache = _LRU(256 << 20)
+        self._snapshots: dict[str, Snapshot] = {}
+        # delta blob id -> base id: few enough (only deltas) to keep as a dict.
+        self._delta_bases: dict[bytes, bytes] = {}
+
+    # --- creation and opening -------------------------------------------------
+
+    @classmethod
+    def init(cls, remote: Remote, password: bytes, *, settings: Settings | None = None,
+             kdf_seconds: float = 0.5, kdf_log_n: int | None = None,
+             chunker_secret: bytes | None = None) -> "Repo":
+        if not password:
+            raise UsageError("an empty password is not allowed")
+        if remote.stat("config") is not None:
+            raise RepositoryExists(f"a repository already exists at {remote.display_url}")
+        if settings is None:
+            settings = Settings(chunker=ChunkerParams().to_dict())
+        ChunkerParams.from_dict(settings.chunker)  # validates
+        material = KeyMaterial.generate()
+        if chunker_secret is not None:
+            material = KeyMaterial(material.enc_key, material.id_key, chunker_secret)
+        config = new_config(settings)
+        name, data = make_key_file(material, password, config.repo_id, kdf_seconds=kdf_seconds, log_n=kdf_log_n)
+        remote.put(f"keys/{name}", data, if_absent=True)
+        try:
+            remote.put("config", config.encode(Sealer(material.enc_key)), if_absent=True)
+        except ObjectExists:
+            remote.delete(f"keys/{name}")
+            raise RepositoryExists(f"a repository already exists at {remote.display_url}") from None
+        return cls(remote, material, config, name)
+
+    @classmethod
+    def open(cls, remote: Remote, password: bytes) -> "Repo":
+        try:
+            raw_config = remote.get("config")
+        except ObjectNotFound:
+            raise RepositoryNotFound(f"no repository at {remote.display_url}") from None
+        clear = peek_config(raw_config)
+        key_names = sorted(o.key.split("/", 1)[1] for o in remote.list("keys/"))
+        if not key_names:
+            raise CorruptObject("keys", "the repository has no key files")
+        corrupt: CorruptObject | None = None
+        for name in key_names:
+            try:
+                kf = KeyFile.decode(name, remote.get(f"keys/{name}"))
+                material = kf.unwrap(password, clear["id"])
+            except WrongPassword:
+                continue
+            except (CorruptObject, ObjectNotFound) as exc:
+                corrupt = exc if isinstance(exc, CorruptObject) else None
+                continue
+            return cls(remote, material, open_config(raw_config, Sealer(material.enc_key)), name)
+        if corrupt is not None and len(key_names) == 1:
+            raise corrupt
+        raise WrongPassword("wrong password (no key of this repository opens with it)")
+
+    # --- keys -------------------------------------------------------------------
+
+    def list_keys(self) -> list[KeyFile]:
+        out = []
+        for o in self.remote.list("keys/"):
+            name = o.key.split("/", 1)[1]
+            out.append(KeyFile.decode(name, self.remote.get(o.key)))
+        return sorted(out, key=lambda k: (k.created, k.name))
+
+    def add_key(self, password: bytes, *, kdf_seconds: float = 0.5, kdf_log_n: int | None = None) -> str:
+        if not password:
+            raise UsageError("an empty password is not allowed")
+        name, data = make_key_file(self.material, password, self.config.repo_id,
+                                   kdf_seconds=kdf_seconds, log_n=kdf_log_n)
+        self.remote.put(f"keys/{name}", data, if_absent=True)
+        return name
+
+    def remove_key(self, name: str) -> None:
+        keys = [k.name for k in self.list_keys()]
+        matches = [k for k in keys if k.startswith(name)]
+        if len(matches) != 1:
+            raise UsageError(f"no unique key {name!r}")
+        if matches[0] == self.key_name:
+            raise UsageError("refusing to remove the key this repository was opened with (use another password)")
+        self.remote.delete(f"keys/{matches[0]}")
+
+    def save_settings(self, settings: Settings) -> None:
+        """Rewrite the config (the only object ever replaced)."""
+        if settings.chunker != self.config.settings.chunker:
+            raise UsageError("chunker parameters are fixed when a repository is created")
+        self.config.settings = settings
+        self.remote.put("config", self.config.encode(self.sealer))
+
+    # --- the index --------------------------------------------------------------
+
+    @property
+    def index(self) -> BlobIndex:
+        if self._index is None:
+            self.load_index()
+        assert self._index is not None
+        return self._index
+
+    def pack_no(self, pack_id: bytes | None) -> int:
+        with self._lock:
+            if pack_id is not None and pack_id in self._pack_nos:
+                return self._pack_nos[pack_id]
+            self.pack_ids.append(pack_id)
+            n = len(self.pack_ids) - 1
+            if pack_id is not None:
+                self._pack_nos[pack_id] = n
+            return n
+
+    def set_pack_id(self, pack_no: int, pack_id: bytes) -> None:
+        with self._lock:
+            self.pack_ids[pack_no] = pack_id
+            self._pack_nos.setdefault(pack_id, pack_no)
+
+    def read_index_object(self, name: str) -> IndexData:
+        data = self.remote.get(f"index/{name}")
+        if content_name(data) != name:
+            raise CorruptObject(f"index/{name}", "content does not match its name")
+        return decode_index(self.sealer, data, f"index/{name}")
+
+    def index_names(self) -> list[str]:
+        return [o.key.split("/", 1)[1] for o in self.remote.list("index/")]
+
+    def load_index(self) -> None:
+        names = self.index_names()
+        with ThreadPoolExecutor(8) as pool:
+            datas = list(pool.map(self.read_index_object, names))
+        superseded = {s.hex() for d in datas for s in d.supersedes}
+        index = BlobIndex(sum(len(e) for d in datas for e in d.packs.values()))
+        self._index = index
+        self._index_names = set()
+        for name, d in zip(names, datas):
+            if name in superseded:
+                continue
+            self._index_names.add(name)
+            self.add_index_data(d)
+
+    def add_index_data(self, d: IndexData) -> None:
+        index = self.index
+        for pack_id, entries in d.packs.items():
+            no = self.pack_no(pack_id)
+            for e in entries:
+                index.add(e.blob_id, no, e.offset, e.length, e.raw_length, e.kind)
+                if e.base_id is not None:
+                    self._delta_bases[e.blob_id] = e.base_id
+
+    def delta_base(self, blob_id: bytes) -> bytes | None:
+        """The base a delta blob was stored against (None for whole blobs)."""
+        return self._delta_bases.get(blob_id)
+
+    def write_index(self, d: IndexData) -> str:
+        data = encode_index(self.sealer, d)
+        name = content_name(data)
+        try:
+            self.remote.put(f"index/{name}", data, if_absent=True)
+        except ObjectExists:
+            pass
+        self._index_names.add(name)
+        return name
+
+    # --- reading blobs ------------------------------------------------------------
+
+    def read_envelope(self, blob_id: bytes) -> tuple[bytes, int]:
+        loc = self.index.get(blob_id)
+        if loc is None:
+            raise MissingObject(f"blob {blob_id.hex()}", "not in the index")
+        pack_id = self.pack_ids[loc.pack_no]
+        if pack_id is None:
+            raise MissingObject(f"blob {blob_id.hex()}", "its pack is not stored yet")
+        key = pack_key(pack_id)
+        try:
+            env = self.remote.get(key, loc.offset, loc.length)
+        except ObjectNotFound:
+            raise MissingObject(key, f"pack holding blob {blob_id.hex()} is missing") from None
+        if len(env) != loc.length:
+            raise CorruptObject(key, f"truncated: blob {blob_id.hex()} lies past its end")
+        return env, loc.raw_length
+
+    def read_blob(self, blob_id: bytes, *, verify: bool = False, cache: bool = False) -> bytes:
+        """Plaintext of a blob; a delta's base is read (and cached) on the way."""
+        cached = self._cache.get(blob_id)
+        if cached is not None:
+            return cached
+        env, raw_length = self.read_envelope(blob_id)
+        base_id = envelope_base(env)
+        base_plain = None
+        if base_id is not None:
+            try:
+                base_env, base_len = self.read_envelope(base_id)
+            except CorruptObject as exc:
+                raise CorruptObject(f"blob {blob_id.hex()}", f"its delta base {base_id.hex()} is unreadable: {exc.reason}") from None
+            if envelope_base(base_env) is not None:
+                raise CorruptObject(f"blob {blob_id.hex()}", f"delta base {base_id.hex()} is itself a delta")
+            base_plain = self._cache.get(base_id)
+            if base_plain is None:
+                try:
+                    base_plain = open_blob(self.sealer, base_id, base_env, base_len)
+                except CorruptObject as exc:
+                    raise CorruptObject(f"blob {blob_id.hex()}", f"its delta base {base_id.hex()} is corrupt: {exc.reason}") from None
+                self._cache.put(base_id, base_plain)
+        data = open_blob(self.sealer, blob_id, env, raw_length, base_plain)
+        if verify and self.blob_id(data) != blob_id:
+            raise CorruptObject(f"blob {blob_id.hex()}", "content does not hash to its id")
+        if cache:
+            self._cache.put(blob_id, data)
+        return data
+
+    # --- writing blobs --------------------------------------------------------------
+
+    def prepare_blob(self, blob_id: bytes, data: bytes | memoryview, *, base_id: bytes | None = None,
+                     base_plain: bytes | None = None, delta_margin: float = 0.0) -> PreparedBlob:
+        """Compress and seal one blob (thread-safe, releases the GIL in native code)."""
+        level = self.config.settings.compression_level
+        kind, payload = compress(data, level)
+        if base_id is not None and base_plain is not None:
+            d = delta_compress(data, base_plain, max(level, 1))
+            if len(d) + 32 < len(payload) * (1.0 - delta_margin):
+                return PreparedBlob(blob_id, KIND_DELTA, seal_blob(self.sealer, blob_id, KIND_DELTA, d, base_id),
+                                    len(data), base_id)
+        return PreparedBlob(blob_id, kind, seal_blob(self.sealer, blob_id, kind, payload), len(data), None)
+
+    def writer(self) -> "BlobWriter":
+        return BlobWriter(self)
+
+    # --- snapshots --------------------------------------------------------------------
+
+    def load_snapshot(self, name: str) -> Snapshot:
+        snap = self._snapshots.get(name)
+        if snap is not None:
+            return snap
+        try:
+            data = self.remote.get(f"snapshots/{name}")
+        except ObjectNotFound:
+            raise MissingObject(f"snapshots/{name}") from None
+        snap = Snapshot.decode(self.sealer, name, data)
+        self._snapshots[name] = snap
+        return snap
+
+    def snapshot_names(self) -> list[str]:
+        return [o.key.split("/", 1)[1] for o in self.remote.list("snapshots/")]
+
+    def snapshots(self) -> list[Snapshot]:
+        names = self.snapshot_names()
+        with ThreadPoolExecutor(8) as pool:
+            snaps = list(pool.map(self.load_snapshot, names))
+        return sorted(snaps, key=lambda s: (s.time, s.id))
+
+    def save_snapshot(self, snap: Snapshot, *, replace: bool = False) -> Snapshot:
+        """Store a new snapshot (a fresh random id), or rewrite one in place (rebase)."""
+        if not replace:
+            snap.id = os.urandom(32).hex()
+        elif not snap.id:
+            raise ValueError("replacing a snapshot needs its id")
+        self.remote.put(f"snapshots/{snap.id}", snap.encode(self.sealer), if_absent=not replace)
+        self._snapshots[snap.id] = snap
+        return snap
+
+    def delete_snapshot(self, name: str) -> None:
+        self.remote.delete(f"snapshots/{name}")
+        self._snapshots.pop(name, None)
+
+    # --- manifests ----------------------------------------------------------------------
+
+    def manifest_records(self, snap: Snapshot) -> Iterator[Record]:
+        """The records of one snapshot's own manifest (a differential's changes only)."""
+        ids = [bytes.fromhex(h) for h in snap.manifest]
+        return iter_records(self._prefetch(ids), f"manifest of snapshot {snap.id}")
+
+    def _prefetch(self, ids: list[bytes], window: int = 4) -> Iterator[bytes]:
+        """Blobs in order, fetched a few ahead in parallel."""
+        if len(ids) <= 1:
+            yield from (self.read_blob(i) for i in ids)
+            return
+        with ThreadPoolExecutor(min(window, len(ids))) as pool:
+            futures: list[Future[bytes]] = []
+            pos = 0
+            for i in range(len(ids)):
+                while pos < len(ids) and pos < i + window:
+                    futures.append(pool.submit(self.read_blob, ids[pos]))
+                    pos += 1
+                yield futures[i].result()
+                futures[i] = None  # type: ignore[call-overload]
+
+    def chain_of(self, snap: Snapshot, snapshots: Iterable[Snapshot] | None = None) -> list[Snapshot]:
+        """The snapshots from ``snap``'s full base to ``snap``, oldest first."""
+        by_id = {s.id: s for s in (snapshots if snapshots is not None else self.snapshots())}
+        by_id[snap.id] = snap
+        parents = {i: s.parent for i, s in by_id.items()}
+        try:
+            ids = chain.chain_to_base(snap.id, parents)
+        except KeyError as exc:
+            raise MissingObject(f"snapshots/{exc.args[0]}", f"parent in the chain of snapshot {snap.id} is missing") from None
+        except ValueError as exc:
+            raise CorruptObject(f"snapshots/{snap.id}", str(exc)) from None
+        return [by_id[i] for i in ids]
+
+    def tree(self, snap: Snapshot, snapshots: Iterable[Snapshot] | None = None) -> Iterator[Record]:
+        """The complete tree of a snapshot, its chain resolved (ENTRY records, sorted)."""
+        snaps = self.chain_of(snap, snapshots)
+        return chain.resolve(self.manifest_records(snaps[0]), [self.manifest_records(s) for s in snaps[1:]])
+
+
+class BlobWriter:
+    """Collects new blobs into packs, uploads full packs in the background, writes index objects.
+
+    ``claim`` makes deduplication exact while blobs are in flight: only the
+    first caller for an id compresses and stores it.
+    """
+
+    INDEX_EVERY_PACKS = 16
+    INDEX_EVERY_SECONDS = 120.0
+
+    def __init__(self, repo: Repo, upload_workers: int = 2):
+        self.repo = repo
+        self.pack_size = repo.config.settings.pack_size
+        self._lock = threading.Lock()
+        self._pending: set[bytes] = set()
+        self._builder = PackBuilder()
+        self._builder_no: int | None = None
+        self._uploads: ThreadPoolExecutor = ThreadPoolExecutor(upload_workers)
+        self._in_flight: list[Future[None]] = []
+        self._slots = threading.Semaphore(upload_workers + 1)
+        self._unindexed = IndexData()
+        self._last_index = time.monotonic()
+        self.new_blobs = 0
+        self.new_raw_bytes = 0
+        self.stored_bytes = 0
+        self.delta_blobs = 0
+        self.delta_bytes = 0
+        self.index_names: list[str] = []
+        self._error: BaseException | None = None
+
+    def claim(self, blob_id: bytes) -> bool:
+        """True when the caller must store this blob (not in the repository, not in flight)."""
+        with self._lock:
+            if blob_id in self._pending or blob_id in self.repo.index:
+                return False
+            self._pending.add(blob_id)
+            return True
+
+    def add(self, blob_id: bytes, data: bytes | memoryview) -> bool:
+        if not self.claim(blob_id):
+            return False
+        self.store(self.repo.prepare_blob(blob_id, data))
+        return True
+
+    def store(self, blob: PreparedBlob) -> None:
+        if self._error is not None:
+            raise self._error
+        full = None
+        with self._lock:
+            if self._builder_no is None:
+                self._builder_no = self.repo.pack_no(None)
+            offset = len(self._builder)
+            self._builder.add(blob.blob_id, blob.kind, blob.envelope, blob.raw_length, blob.base_id)
+            self.repo.index.add(blob.blob_id, self._builder_no, offset, len(blob.envelope), blob.raw_length, blob.kind)
+            self._pending.discard(blob.blob_id)
+            self.new_blobs += 1
+            self.new_raw_bytes += blob.raw_length
+            self.stored_bytes += len(blob.envelope)
+            if blob.kind == KIND_DELTA:
+                assert blob.base_id is not None
+                self.repo._delta_bases[blob.blob_id] = blob.base_id
+                self.delta_blobs += 1
+                self.delta_bytes += len(blob.envelope)
+            if len(self._builder) >= self.pack_size:
+                full = self._take_builder()
+        if full is not None:
+            self._submit(*full)
+
+    def _take_builder(self) -> tuple[PackBuilder, int]:
+        b, no = self._builder, self._builder_no
+        self._builder, self._builder_no = PackBuilder(), None
+        assert no is not None
+        return b, no
+
+    def _submit(self, builder: PackBuilder, pack_no: int) -> None:
+        self._slots.acquire()  # bounds packs held in memory
+        fut = self._uploads.submit(self._upload, builder, pack_no)
+        with self._lock:
+            self._in_flight = [f for f in self._in_flight if not f.done()] + [fut]
+
+    def _upload(self, builder: PackBuilder, pack_no: int) -> None:
+        try:
+            data = builder.finish(self.repo.sealer)
+            pack_id = bytes.fromhex(content_name(data))
+            try:
+                self.repo.remote.put(pack_key(pack_id), data, if_absent=True)
+            except ObjectExists:
+                pass  # same name, same bytes
+            self.repo.set_pack_id(pack_no, pack_id)
+            with self._lock:
+                self._unindexed.packs[pack_id] = list(builder.entries)
+                due = (len(self._unindexed.packs) >= self.INDEX_EVERY_PACKS
+                       or time.monotonic() - self._last_index > self.INDEX_EVERY_SECONDS)
+                batch = self._take_index() if due else None
+            if batch is not None:
+                self.index_names.append(self.repo.write_index(batch))
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            self._slots.release()
+
+    def _take_index(self) -> IndexData:
+        batch, self._unindexed = self._unindexed, IndexData()
+        self._last_index = time.monotonic()
+        return batch
+
+    def flush(self) -> None:
+        """Upload the partial pack and wait for every upload; write the remaining index."""
+        with self._lock:
+            part = self._take_builder() if self._builder.entries else None
+        if part is not None:
+            self._submit(*part)
+        for f in list(self._in_flight):
+            f.result()
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            batch = self._take_index() if self._unindexed.packs else None
+        if batch is not None:
+            self.index_names.append(self.repo.write_index(batch))
+
+    def close(self) -> None:
+        self._uploads.shutdown(wait=True)
+
+    def __enter__(self) -> "BlobWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,263 @@
+"""Restoring a snapshot's resolved tree into a directory.
+
+Blobs are fetched ahead in parallel (a bounded window across files), written
+with holes where a chunk is all zeros, and every file's digest is checked
+while it is written: a mismatch is an error naming the file.
+"""
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+import shutil
+import stat
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import blake3
+
+from chunkvault.errors import ChunkvaultError, CorruptObject, StorageFull, TargetNotEmpty, UsageError
+
+from .manifest import (
+    F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, Record,
+)
+from .repository import Repo
+
+
+@dataclass
+class RestoreOptions:
+    includes: list[str] = field(default_factory=list)
+    excludes: list[str] = field(default_factory=list)
+    force: bool = False  # restore into a non-empty directory, replacing what is in the way
+    owners: bool | None = None  # restore uid/gid; default: when running as root
+    window_bytes: int = 64 << 20
+    progress: Callable[[dict], None] | None = None
+
+
+@dataclass
+class RestoreResult:
+    files: int = 0
+    dirs: int = 0
+    links: int = 0
+    bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def _matches(path: str, globs: list[str]) -> bool:
+    """A glob matches the path, its base name, or any ancestor (so a directory selects its subtree)."""
+    parts = path.split("/")
+    for i in range(len(parts), 0, -1):
+        prefix = "/".join(parts[:i])
+        for g in globs:
+            if fnmatch.fnmatchcase(prefix, g) or fnmatch.fnmatchcase(parts[i - 1], g):
+                return True
+    return False
+
+
+def selected(path: bytes, includes: list[str], excludes: list[str]) -> bool:
+    s = os.fsdecode(path)
+    if includes and not (path == b"" or _matches(s, includes)):
+        return False
+    return not (excludes and path != b"" and _matches(s, excludes))
+
+
+def safe_relpath(path: bytes) -> bytes:
+    if path == b"":
+        return path
+    parts = path.split(b"/")
+    if path.startswith(b"/") or any(p in (b"", b".", b"..") or b"\x00" in p for p in parts):
+        raise CorruptObject("manifest", f"unsafe path {path!r}")
+    return path
+
+
+class _Prefetcher:
+    """Records in order, and their files' chunks fetched ahead across file boundaries."""
+
+    def __init__(self, repo: Repo, records: Iterator[Record], window_bytes: int, workers: int = 4):
+        self.repo = repo
+        self.records = records
+        self.ahead: deque[Record] = deque()
+        self.ids: deque[bytes] = deque()
+        self.futures: deque[Future[bytes]] = deque()
+        self.window = max(2, window_bytes // max(repo.chunker_params.avg_size, 1))
+        self.pool = ThreadPoolExecutor(workers)
+        self.done = False
+
+    def _pull(self) -> bool:
+        if self.done or len(self.ahead) > 10000:
+            return False
+        rec = next(self.records, None)
+        if rec is None:
+            self.done = True
+            return False
+        self.ahead.append(rec)
+        e = rec.entry
+        if e is not None and e.type == T_FILE:
+            self.ids.extend(e.chunk_ids())
+        return True
+
+    def _fill(self) -> None:
+        while len(self.futures) < self.window:
+            if not self.ids and not self._pull():
+                return
+            if self.ids:
+                self.futures.append(self.pool.submit(self.repo.read_blob, self.ids.popleft()))
+
+    def next_record(self) -> Record | None:
+        if not self.ahead and not self._pull():
+            return None
+        return self.ahead.popleft()
+
+    def next_chunk(self) -> bytes:
+        self._fill()
+        data = self.futures.popleft().result()
+        self._fill()
+        return data
+
+    def close(self) -> None:
+        for f in self.futures:
+            f.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Restorer:
+    def __init__(self, repo: Repo, target: str, options: RestoreOptions):
+        self.repo = repo
+        self.target = os.fsencode(os.path.abspath(target))
+        self.opt = options
+        self.owners = options.owners if options.owners is not None else (os.geteuid() == 0)
+        self.result = RestoreResult()
+        self._dirs: list[tuple[bytes, bytes, Entry]] = []  # open directories: (key prefix, path, entry)
+
+    def check_target(self) -> None:
+        t = self.target
+        if os.path.lexists(t):
+            if not os.path.isdir(t) or os.path.islink(t):
+                raise UsageError(f"restore target is not a directory: {os.fsdecode(t)}")
+            if os.listdir(t) and not self.opt.force:
+                raise TargetNotEmpty(f"restore target {os.fsdecode(t)} is not empty (use --force to restore into it)")
+        else:
+            os.makedirs(t)
+
+    def dest(self, rel: bytes) -> bytes:
+        return os.path.join(self.target, safe_relpath(rel)) if rel else self.target
+
+    def run(self, records: Iterator[Record]) -> RestoreResult:
+        self.check_target()
+        wanted = (r for r in records if selected(r.path, self.opt.includes, self.opt.excludes))
+        pf = _Prefetcher(self.repo, wanted, self.opt.window_bytes)
+        try:
+            while True:
+                rec = pf.next_record()
+                if rec is None:
+                    break
+                assert rec.entry is not None
+                self._close_dirs_until(rec.path)
+                try:
+                    self._restore_entry(rec.entry, pf)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise StorageFull(f"no space left on the restore target while writing {os.fsdecode(rec.path)}") from None
+                    raise ChunkvaultError(f"cannot restore {os.fsdecode(rec.path) or '.'}: {exc.strerror or exc}") from None
+            self._close_dirs_until(None)
+        finally:
+            pf.close()
+        return self.result
+
+    def _close_dirs_until(self, path: bytes | None) -> None:
+        """Apply metadata to directories we have left (after their children are written)."""
+        while self._dirs:
+            prefix, dpath, e = self._dirs[-1]
+            if path is not None and (prefix == b"" or path.startswith(prefix + b"/")):
+                return
+            self._dirs.pop()
+            self._apply_meta(dpath, e)
+
+    def _make_room(self, dst: bytes, is_dir: bool) -> None:
+        if not os.path.lexists(dst):
+            parent = os.path.dirname(dst)
+            if not os.path.isdir(parent):
+                os.makedirs(parent, exist_ok=True)
+            return
+        if is_dir and os.path.isdir(dst) and not os.path.islink(dst):
+            return
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            shutil.rmtree(dst)
+        else:
+            os.unlink(dst)
+
+    def _restore_entry(self, e: Entry, pf: _Prefetcher) -> None:
+        dst = self.dest(e.path)
+        t = e.type
+        self._make_room(dst, t == T_DIR)
+        if t == T_DIR:
+            if not os.path.isdir(dst):
+                os.mkdir(dst, 0o700)
+            self._dirs.append((e.path, dst, e))
+            self.result.dirs += 1
+            return
+        if t == T_FILE:
+            self._write_file(dst, e, pf)
+            self._apply_meta(dst, e)
+            self.result.files += 1
+            self.result.bytes += e.size
+            if e.flags & F_UNREADABLE:
+                self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: restored empty")
+        elif t == T_HARDLINK:
+            src = self.dest(e.target)
+            if os.path.lexists(src):
+                os.link(src, dst)
+                self.result.links += 1
+            else:
+                self.result.warnings.append(f"hard link {os.fsdecode(e.path)}: its target {os.fsdecode(e.target)} was not restored")
+        elif t == T_SYMLINK:
+            os.symlink(e.target, dst)
+            self._apply_meta(dst, e)
+            self.result.links += 1
+        elif t == T_FIFO:
+            os.mkfifo(dst, 0o600)
+            self._apply_meta(dst, e)
+        elif t in (T_CHARDEV, T_BLOCKDEV):
+            if not self.owners:
+                self.result.warnings.append(f"device {os.fsdecode(e.path)} not restored (needs root)")
+                return
+            os.mknod(dst, (stat.S_IFCHR if t == T_CHARDEV else stat.S_IFBLK) | 0o600, e.rdev)
+            self._apply_meta(dst, e)
+
+    def _write_file(self, dst: bytes, e: Entry, pf: _Prefetcher) -> None:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            hasher = blake3.blake3()
+            pos = 0
+            hole = False
+            for _ in range(len(e.chunks) // 32):
+                data = pf.next_chunk()
+                hasher.update(data)
+                n = len(data)
+                if n >= 4096 and data.count(0) == n:
+                    os.lseek(fd, n, os.SEEK_CUR)
+                    hole = True
+                else:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                pos += n
+            if hole or pos != e.size:
+                os.ftruncate(fd, pos)
+        finally:
+            os.close(fd)
+        if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
+            raise CorruptObject(f"file {os.fsdecode(e.path)}", "restored content does not match its digest")
+
+    def _apply_meta(self, dst: bytes, e: Entry) -> None:
+        link = e.type == T_SYMLINK
+        if self.owners:
+            try:
+                os.lchown(dst, e.uid, e.gid)
+            except OSError as exc:
+                self.result.warnings.append(f"cannot set owner of {os.fsdecode(e.path)}: {exc.strerror}")
+        if not link:
+            os.chmod(dst, e.mode)
+        os.utime(dst, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=not link)

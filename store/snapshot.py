@@ -1,0 +1,120 @@
+"""Snapshot objects: the small sealed record that makes a backup exist.
+
+A snapshot is written last, after every blob and index it references is
+stored; it names its manifest's blobs and, for a differential, its parent.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import zstandard
+
+from chunkvault.errors import AmbiguousSnapshot, CorruptObject, SnapshotNotFound
+
+from .crypto import AuthenticationFailed, Sealer
+
+SNAPSHOT_AD = b"chunkvault snapshot v1"
+KIND_FULL = "full"
+KIND_DIFF = "diff"
+
+
+@dataclass
+class Snapshot:
+    time: str  # ISO 8601, UTC, microseconds
+    kind: str
+    parent: str | None
+    host: str
+    paths: list[str]  # absolute source paths (os.fsdecode form) or the stdin name
+    tags: list[str] = field(default_factory=list)
+    manifest: list[str] = field(default_factory=list)  # hex blob ids of the manifest stream
+    stats: dict[str, Any] = field(default_factory=dict)
+    stdin_name: str | None = None
+    id: str = ""  # random, stable for the snapshot's life (a rebase rewrites the object, not the id)
+
+    @property
+    def datetime(self) -> datetime:
+        return datetime.fromisoformat(self.time)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+    @property
+    def kind_full(self) -> bool:
+        return self.kind == KIND_FULL
+
+    def encode(self, sealer: Sealer) -> bytes:
+        """Sealed with the id as associated data: bytes stored under another id do not open."""
+        if not self.id:
+            raise ValueError("a snapshot needs its id before it is encoded")
+        body = asdict(self)
+        body.pop("id")
+        body["version"] = 1
+        plain = json.dumps(body, sort_keys=True, ensure_ascii=True).encode()
+        return sealer.seal(zstandard.ZstdCompressor(level=3).compress(plain), SNAPSHOT_AD + self.id.encode())
+
+    @classmethod
+    def decode(cls, sealer: Sealer, name: str, data: bytes) -> "Snapshot":
+        what = f"snapshot {name}"
+        try:
+            plain = zstandard.ZstdDecompressor().decompress(sealer.open(data, SNAPSHOT_AD + name.encode()),
+                                                            max_output_size=1 << 28)
+            body = json.loads(plain)
+        except AuthenticationFailed:
+            raise CorruptObject(what, "authentication failed") from None
+        except (zstandard.ZstdError, ValueError, UnicodeDecodeError):
+            raise CorruptObject(what, "undecodable") from None
+        if not isinstance(body, dict) or body.pop("version", None) != 1:
+            raise CorruptObject(what, "unsupported snapshot version")
+        try:
+            snap = cls(**body, id=name)
+            snap.datetime  # noqa: B018 - validates the timestamp
+        except (TypeError, ValueError):
+            raise CorruptObject(what, "malformed snapshot") from None
+        if snap.kind not in (KIND_FULL, KIND_DIFF) or (snap.kind == KIND_DIFF) != (snap.parent is not None):
+            raise CorruptObject(what, "inconsistent kind/parent")
+        return snap
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def parse_time(text: str) -> datetime:
+    """ISO 8601; a time without zone is local time, as a user typing it means."""
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise SnapshotNotFound(f"cannot parse time {text!r} (use ISO 8601, e.g. 2026-11-28T14:00)") from None
+    if t.tzinfo is None:
+        t = t.astimezone()
+    return t.astimezone(timezone.utc)
+
+
+def find_snapshot(snapshots: Iterable[Snapshot], spec: str, *, until: datetime | None = None,
+                  filter_paths: list[str] | None = None, host: str | None = None) -> Snapshot:
+    """Resolve an id, unique id prefix or ``latest`` (newest at or before ``until``)."""
+    snaps = list(snapshots)
+    if host is not None:
+        snaps = [s for s in snaps if s.host == host]
+    if filter_paths:
+        wanted = sorted(os.path.abspath(p) if not p.startswith("stdin:") else p for p in filter_paths)
+        snaps = [s for s in snaps if sorted(s.paths) == wanted]
+    if spec in ("latest", ""):
+        candidates = [s for s in snaps if until is None or s.datetime <= until]
+        if not candidates:
+            raise SnapshotNotFound("no snapshot" + (f" at or before {until.isoformat()}" if until else ""))
+        return max(candidates, key=lambda s: (s.time, s.id))
+    matches = [s for s in snaps if s.id.startswith(spec.lower())]
+    if not matches:
+        raise SnapshotNotFound(f"no snapshot {spec!r}")
+    if len(matches) > 1:
+        raise AmbiguousSnapshot(f"snapshot prefix {spec!r} is ambiguous ({len(matches)} matches)")
+    snap = matches[0]
+    if until is not None and snap.datetime > until:
+        raise SnapshotNotFound(f"snapshot {spec} is newer than {until.isoformat()}")
+    return snap

@@ -1,0 +1,52 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def password() -> str:
+    return PASSWORD
+
+
+@pytest.fixture
+def new_repo(tmp_path):
+    """A factory of fresh local repositories with a cheap KDF (tests only)."""
+    from chunkvault import Repository
+
+    made = []
+
+    def make(url: str | None = None, **kwargs):
+        url = url or str(tmp_path / f"repo{len(made)}")
+        kwargs.setdefault("kdf_seconds", 0)
+        repo = Repository.init(url, PASSWORD, **kwargs)
+        made.append(repo)
+        return repo
+
+    yield make
+    for r in made:
+        r.close()
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run the real `chunkvault` command; returns CompletedProcess (text)."""
+
+    def run(*args: str, input: bytes | None = None, env: dict | None = None, password: str | None = PASSWORD,
+            check: bool | int = True):
+        e = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+        if password is not None:
+            e["CHUNKVAULT_PASSWORD"] = password
+        e.update(env or {})
+        proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", *args], input=input, env=e,
+                              capture_output=True, timeout=300)
+        if check is True and proc.returncode != 0:
+            raise AssertionError(f"chunkvault {' '.join(args)} exited {proc.returncode}:\n{proc.stderr.decode()}")
+        if check is not True and check is not False and proc.returncode != check:
+            raise AssertionError(f"expected exit {check}, got {proc.returncode}:\n{proc.stderr.decode()}")
+        return proc
+
+    return run

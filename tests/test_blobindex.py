@@ -1,0 +1,212 @@
+"""The compact blob index against a plain dict model."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from chunkvault.store.blobindex import BlobIndex, BlobLocation
+
+U32 = 0xFFFFFFFF
+
+# A small id universe so adds repeat and lookups hit both present and absent ids.  Half the
+# ids share their first 8 bytes, so the table's prefix matches must be confirmed on the full id.
+SHARED_PREFIX = b"\x42" * 8
+POOL = [os.urandom(32) for _ in range(40)] + [SHARED_PREFIX + os.urandom(24) for _ in range(40)]
+ids_st = st.sampled_from(POOL)
+u32 = st.one_of(st.integers(0, U32), st.sampled_from([0, 1, U32, U32 - 1]))
+flags_st = st.integers(0, 255)
+
+
+class IndexMachine(RuleBasedStateMachine):
+    @initialize(hint=st.sampled_from([0, 1, 5, 100]))
+    def start(self, hint):
+        self.index = BlobIndex(capacity_hint=hint)
+        self.model: dict[bytes, BlobLocation] = {}
+
+    @rule(blob_id=ids_st, pack=st.integers(0, 6), off=u32, ln=u32, raw=u32, fl=flags_st)
+    def add(self, blob_id, pack, off, ln, raw, fl):
+        added = self.index.add(blob_id, pack, off, ln, raw, fl)
+        assert added == (blob_id not in self.model)
+        self.model.setdefault(blob_id, BlobLocation(pack, off, ln, raw, fl))
+
+    @rule(batch=st.lists(st.tuples(ids_st, st.integers(0, 6), u32, u32, u32, flags_st), max_size=30),
+          form=st.sampled_from(["array", "bytes", "list"]), scalar_pack=st.booleans())
+    def add_many(self, batch, form, scalar_pack):
+        ids = [b[0] for b in batch]
+        packs = [b[1] for b in batch]
+        if scalar_pack and batch:
+            packs = packs[0]
+            batch = [(b[0], packs) + b[2:] for b in batch]
+        if form == "array":
+            arg = np.frombuffer(b"".join(ids), dtype=np.uint8).reshape(-1, 32)
+        elif form == "bytes":
+            arg = b"".join(ids)
+        else:
+            arg = ids
+        added = self.index.add_many(arg, packs, np.array([b[2] for b in batch], dtype=np.uint64),
+                                    [b[3] for b in batch], [b[4] for b in batch], [b[5] for b in batch])
+        before = len(self.model)
+        for b in batch:
+            self.model.setdefault(b[0], BlobLocation(*b[1:]))
+        assert added == len(self.model) - before
+
+    @rule(blob_id=ids_st)
+    def lookup(self, blob_id):
+        assert self.index.get(blob_id) == self.model.get(blob_id)
+        assert (blob_id in self.index) == (blob_id in self.model)
+
+    @rule(probe=st.lists(st.one_of(ids_st, st.binary(min_size=32, max_size=32)), max_size=40))
+    def lookup_many(self, probe):
+        got = self.index.contains_many(probe)
+        assert got.dtype == bool and got.tolist() == [p in self.model for p in probe]
+
+    @rule(packs=st.sets(st.integers(0, 7), max_size=3))
+    def remove_packs(self, packs):
+        gone = [k for k, v in self.model.items() if v.pack_no in packs]
+        assert self.index.remove_packs(packs) == len(gone)
+        for k in gone:
+            del self.model[k]
+
+    @precondition(lambda self: len(self.model) > 0)
+    @rule()
+    def iterate(self):
+        assert list(self.index.items()) == list(self.model.items())  # insertion order survives removals
+
+    @invariant()
+    def same_size(self):
+        if hasattr(self, "index"):
+            assert len(self.index) == len(self.model)
+
+
+TestIndexMachine = IndexMachine.TestCase
+TestIndexMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=32, max_size=32), max_size=300),
+       st.integers(1, 64))
+def test_bulk_equals_singles_and_growth(ids, chunk):
+    """add_many in chunks of any size behaves exactly like a loop of add."""
+    one, bulk = BlobIndex(), BlobIndex()
+    for i, b in enumerate(ids):
+        one.add(b, i % 5, i, i * 3, i * 7, i % 256)
+    for a in range(0, len(ids), chunk):
+        part = ids[a:a + chunk]
+        r = range(a, a + len(part))
+        bulk.add_many(part, [i % 5 for i in r], list(r), [i * 3 for i in r], [i * 7 for i in r],
+                      [i % 256 for i in r])
+    assert list(one.items()) == list(bulk.items())
+    assert len(one) == len(set(ids))
+
+
+def test_many_ids_with_one_prefix():
+    ids = [SHARED_PREFIX + i.to_bytes(24, "big") for i in range(3000)]
+    index = BlobIndex()
+    assert index.add_many(ids[:1500], 1, range(1500), 1, 1) == 1500
+    for i in range(1500, 3000):
+        assert index.add(ids[i], 2, i, 1, 1)
+    assert index.contains_many(ids).all()
+    assert all(index.get(b).offset == i for i, b in enumerate(ids))
+    assert not index.contains_many([SHARED_PREFIX + b"\xff" * 24]).any()
+    assert index.remove_packs({1}) == 1500
+    assert index.contains_many(ids).tolist() == [False] * 1500 + [True] * 1500
+
+
+def test_edge_values():
+    index = BlobIndex()
+    top = b"\xff" * 32
+    assert index.add(top, U32, U32, U32, U32, 255)
+    assert index.get(top) == BlobLocation(U32, U32, U32, U32, 255)
+    assert index.add(b"\x00" * 32, 0, 0, 0, 0)
+    assert index.get(b"\x00" * 32) == BlobLocation(0, 0, 0, 0, 0)
+    assert index.add_many(np.full((1, 32), 7, dtype=np.uint8), np.uint64(U32), U32, U32, U32, 255) == 1
+    for bad in ({"pack_no": U32 + 1}, {"offset": -1}, {"length": 2**64}, {"flags": 256}, {"flags": -1}):
+        kw = dict(pack_no=1, offset=1, length=1, raw_length=1, flags=0) | bad
+        with pytest.raises(ValueError):
+            index.add(os.urandom(32), **kw)
+        with pytest.raises(ValueError):
+            index.add_many([os.urandom(32)], kw["pack_no"], [kw["offset"]], [kw["length"]], [kw["raw_length"]],
+                           kw["flags"])
+    with pytest.raises(TypeError):
+        index.add(os.urandom(32), 1.5, 0, 0, 0)
+    with pytest.raises(TypeError):
+        index.add_many([os.urandom(32)], [1.5], [0], [0], [0])
+    with pytest.raises(ValueError, match="2 values for 3 ids"):
+        index.add_many([os.urandom(32)] * 3, [1, 2], 0, 0, 0)
+    assert len(index) == 3
+
+
+@pytest.mark.parametrize("bad", [b"", b"\x00" * 31, b"\x00" * 33, bytearray(16)])
+def test_wrong_length_ids(bad):
+    index = BlobIndex()
+    index.add(b"\x01" * 32, 0, 0, 0, 0)
+    with pytest.raises(ValueError):
+        index.add(bad, 0, 0, 0, 0)
+    with pytest.raises(ValueError):
+        index.get(bad)
+    with pytest.raises(ValueError):
+        bad in index  # noqa: B015
+    with pytest.raises(ValueError):
+        index.contains_many([b"\x01" * 32, bad])
+    if len(bad):
+        with pytest.raises(ValueError):
+            index.add_many(bytes(bad) + b"\x01" * 32, 0, 0, 0, 0)
+    with pytest.raises(ValueError):
+        index.contains_many(np.zeros((2, 31), dtype=np.uint8))
+    with pytest.raises(ValueError):
+        index.contains_many(np.zeros((2, 32), dtype=np.int32))
+    with pytest.raises(TypeError):
+        index.get("ab" * 16)
+    assert bytearray(b"\x01" * 32) in index and memoryview(b"\x01" * 32) in index
+
+
+def test_memory_per_entry_stays_under_64_bytes_while_growing():
+    rng = np.random.default_rng(1)
+    index = BlobIndex()
+    worst = 0.0
+    for _ in range(5000):
+        index.add(rng.bytes(32), 1, 2, 3, 4)
+        if len(index) >= 2048:
+            worst = max(worst, index.memory_bytes() / len(index))
+    sizes = rng.integers(1, 40000, 40)
+    for size in sizes:
+        index.add_many(rng.integers(0, 256, (int(size), 32), dtype=np.uint8), 1, 2, 3, 4)
+        worst = max(worst, index.memory_bytes() / len(index))
+    assert len(index) == 5000 + int(sizes.sum())
+    assert worst <= 64, worst
+    hinted = BlobIndex(capacity_hint=100_000)
+    hinted.add_many(rng.integers(0, 256, (100_000, 32), dtype=np.uint8), 1, 2, 3, 4)
+    assert hinted.memory_bytes() / len(hinted) <= 56
+
+
+def test_items_detects_changes_and_remove_all():
+    index = BlobIndex()
+    index.add_many([os.urandom(32) for _ in range(10)], 3, 0, 0, 0)
+    it = index.items()
+    next(it)
+    index.add(os.urandom(32), 4, 0, 0, 0)
+    with pytest.raises(RuntimeError):
+        next(it)
+    assert index.remove_packs(set()) == 0
+    assert index.remove_packs({3, 4}) == 11
+    assert len(index) == 0 and list(index.items()) == []
+    assert index.add(b"\x05" * 32, 1, 1, 1, 1) and len(index) == 1
+
+
+@pytest.mark.slow
+def test_two_million_entries_bulk_then_lookups():
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, 256, (2_000_000, 32), dtype=np.uint8)
+    index = BlobIndex()
+    assert index.add_many(ids, np.arange(2_000_000) % 1000, np.arange(2_000_000), 5, 6) == 2_000_000
+    assert index.add_many(ids[::3], 0, 0, 0, 0) == 0
+    assert index.contains_many(ids).all()
+    assert not index.contains_many(rng.integers(0, 256, (100_000, 32), dtype=np.uint8)).any()
+    assert index.get(ids[1_234_567].tobytes()) == BlobLocation(567, 1_234_567, 5, 6, 0)
+    assert index.memory_bytes() / len(index) <= 64
+    assert index.remove_packs(set(range(500))) == 1_000_000
+    assert index.contains_many(ids).sum() == 1_000_000

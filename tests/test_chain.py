@@ -1,0 +1,93 @@
+"""Chain resolution against an obviously-correct dict model."""
+from hypothesis import given, settings, strategies as st
+
+from chunkvault.store.chain import apply, chain_to_base, compose, resolve
+from chunkvault.store.manifest import (
+    OP_DELETE, OP_ENTRY, OP_FRESH, T_FILE, Entry, Record, sort_key,
+)
+
+NAMES = [b"a", b"b", b"a.b", b"a-", b"c"]
+paths = st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map(b"/".join)
+
+
+def entry(path: bytes, v: int) -> Entry:
+    return Entry(path, T_FILE, size=v)
+
+
+@st.composite
+def full_trees(draw):
+    ps = draw(st.sets(paths, max_size=12))
+    return {p: draw(st.integers(0, 9)) for p in ps}
+
+
+@st.composite
+def diffs(draw):
+    ps = draw(st.sets(paths, max_size=8))
+    recs = []
+    for p in sorted(ps, key=sort_key):
+        op = draw(st.sampled_from([OP_ENTRY, OP_FRESH, OP_DELETE]))
+        recs.append(Record(op, p, None if op == OP_DELETE else entry(p, draw(st.integers(0, 9)))))
+    return recs
+
+
+def as_records(tree):
+    return [Record(OP_ENTRY, p, entry(p, v)) for p, v in sorted(tree.items(), key=lambda kv: sort_key(kv[0]))]
+
+
+def model_apply(tree, diff):
+    tree = dict(tree)
+    for rec in diff:
+        if rec.op in (OP_DELETE, OP_FRESH):
+            for p in [p for p in tree if p == rec.path or p.startswith(rec.path + b"/")]:
+                del tree[p]
+        if rec.op != OP_DELETE:
+            tree[rec.path] = rec.entry.size
+    return tree
+
+
+def as_tree(records):
+    out = {}
+    keys = []
+    for r in records:
+        assert r.op == OP_ENTRY
+        assert r.path not in out
+        out[r.path] = r.entry.size
+        keys.append(sort_key(r.path))
+    assert keys == sorted(keys)
+    return out
+
+
+@settings(max_examples=400)
+@given(full_trees(), diffs())
+def test_apply_matches_model(tree, diff):
+    assert as_tree(apply(as_records(tree), diff)) == model_apply(tree, diff)
+
+
+@settings(max_examples=400)
+@given(full_trees(), st.lists(diffs(), max_size=5))
+def test_resolve_matches_model(tree, chain):
+    expected = tree
+    for d in chain:
+        expected = model_apply(expected, d)
+    assert as_tree(resolve(as_records(tree), chain)) == expected
+
+
+@settings(max_examples=400)
+@given(full_trees(), diffs(), diffs())
+def test_compose_equals_sequential_apply(tree, d1, d2):
+    composed = list(compose(d1, d2))
+    keys = [sort_key(r.path) for r in composed]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert as_tree(apply(as_records(tree), composed)) == model_apply(model_apply(tree, d1), d2)
+
+
+def test_chain_to_base():
+    parents = {"f": None, "d1": "f", "d2": "d1"}
+    assert chain_to_base("d2", parents) == ["f", "d1", "d2"]
+    assert chain_to_base("f", parents) == ["f"]
+    try:
+        chain_to_base("x", {"x": "gone"})
+    except KeyError as exc:
+        assert exc.args[0] == "gone"
+    else:
+        raise AssertionError("broken chain not detected")

@@ -1,0 +1,83 @@
+"""check finds every kind of damage and names what it affects."""
+import os
+
+import pytest
+
+from chunkvault import Repository
+
+
+@pytest.fixture
+def repo_with_data(tmp_path, new_repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(1_500_000))
+    (src / "b").write_bytes(os.urandom(300_000))
+    repo = new_repo(str(tmp_path / "repo"), pack_size=256 * 1024)
+    s1 = repo.backup([str(src)]).snapshot
+    (src / "c").write_bytes(os.urandom(200_000))
+    s2 = repo.backup([str(src)]).snapshot
+    return tmp_path / "repo", repo, s1, s2
+
+
+def packs(repo_dir):
+    return sorted(p for p in (repo_dir / "data").rglob("*") if p.is_file())
+
+
+def test_clean_repository(repo_with_data):
+    _, repo, _, _ = repo_with_data
+    r = repo.check()
+    assert r.ok and r.snapshots == 2 and r.packs >= 2
+    r = repo.check(read_data=True)
+    assert r.ok and r.blobs_read == r.blobs and r.packs_read == r.packs
+
+
+def test_subsets_cover_everything_once(repo_with_data):
+    _, repo, _, _ = repo_with_data
+    total = sum(repo.check(subset=f"{n}/3").packs_read for n in (1, 2, 3))
+    assert total == repo.check().packs
+
+
+def test_flipped_blob_found_by_read_data_and_attributed(repo_with_data, password):
+    repo_dir, _, s1, s2 = repo_with_data
+    victim = packs(repo_dir)[0]
+    data = bytearray(victim.read_bytes())
+    data[40] ^= 1
+    victim.write_bytes(bytes(data))
+    repo = Repository.open(str(repo_dir), password)
+    assert not any("blob" in p.object for p in repo.check().problems)  # structure alone cannot see it...
+    r = repo.check(read_data=True)
+    assert not r.ok
+    # ...the name check on the pack and the blob itself both flag it
+    named = {p.object for p in r.problems}
+    assert f"data/{victim.parent.name}/{victim.name}" in named or any(o.startswith("blob ") for o in named)
+    affected = {s for p in r.problems for s in p.snapshots}
+    assert affected & {s1.id, s2.id}
+
+
+def test_missing_pack_names_snapshots_and_files(repo_with_data, password):
+    repo_dir, _, s1, s2 = repo_with_data
+    victim = max(packs(repo_dir), key=lambda p: p.stat().st_size)
+    os.remove(victim)
+    r = Repository.open(str(repo_dir), password).check()
+    missing = [p for p in r.problems if p.problem == "pack is missing"]
+    assert len(missing) == 1 and victim.name in missing[0].object
+    assert missing[0].snapshots and missing[0].files
+
+
+def test_missing_parent_snapshot(repo_with_data, password):
+    repo_dir, _, s1, s2 = repo_with_data
+    os.remove(repo_dir / "snapshots" / s1.id)
+    r = Repository.open(str(repo_dir), password).check()
+    assert any(s2.id in p.object and "chain" in p.problem for p in r.problems)
+
+
+def test_cli_check_exit_codes(repo_with_data, cli):
+    repo_dir, _, _, _ = repo_with_data
+    cli("check", "-r", str(repo_dir), "--read-data")
+    os.remove(packs(repo_dir)[0])
+    proc = cli("check", "-r", str(repo_dir), "--json", check=18)
+    import json
+
+    report = json.loads(proc.stdout)
+    assert not report["ok"] and report["problems"]
+    assert cli("check", "-r", str(repo_dir), "--read-data-subset", "4/3", check=2).returncode == 2

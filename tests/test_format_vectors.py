@@ -1,0 +1,69 @@
+"""The test vectors in store/FORMAT.md decode as the document says."""
+import pathlib
+import re
+
+import pytest
+
+from chunkvault.errors import CorruptObject
+from chunkvault.store.blob import KIND_DELTA, KIND_RAW, KIND_ZSTD, envelope_base, open_blob
+from chunkvault.store.crypto import BlobHasher, Sealer, content_name
+from chunkvault.store.indexfile import decode_index
+from chunkvault.store.manifest import OP_DELETE, OP_ENTRY, T_FILE, decode_records
+from chunkvault.store.pack import read_pack
+
+DOC = pathlib.Path(__file__).resolve().parent.parent / "store" / "FORMAT.md"
+
+
+@pytest.fixture(scope="module")
+def v():
+    block = DOC.read_text().split("## Test vectors", 1)[1]
+    return {k: bytes.fromhex(h) for k, h in re.findall(r"^(\w+) = ([0-9a-f]*)$", block, re.M)}
+
+
+def test_blob_ids(v):
+    h = BlobHasher(v["id_key"])
+    for name in ("raw", "base", "delta"):
+        assert h(v[f"{name}_plain"]) == v[f"{name}_id"]
+
+
+def test_envelopes(v):
+    s = Sealer(v["enc_key"])
+    assert v["raw_envelope"][0] == KIND_RAW and v["base_envelope"][0] == KIND_ZSTD
+    assert open_blob(s, v["raw_id"], v["raw_envelope"]) == v["raw_plain"]
+    assert open_blob(s, v["base_id"], v["base_envelope"]) == v["base_plain"]
+    assert envelope_base(v["delta_envelope"]) == v["base_id"]
+    assert open_blob(s, v["delta_id"], v["delta_envelope"], base_plain=v["base_plain"]) == v["delta_plain"]
+    # bound to its id: the same bytes under another id do not open
+    with pytest.raises(CorruptObject):
+        open_blob(s, v["base_id"], v["raw_envelope"])
+    # bound to its base id
+    forged = bytes([KIND_DELTA]) + v["raw_id"] + v["delta_envelope"][33:]
+    with pytest.raises(CorruptObject):
+        open_blob(s, v["delta_id"], forged, base_plain=v["raw_plain"])
+
+
+def test_pack_and_index(v):
+    s = Sealer(v["enc_key"])
+    assert bytes.fromhex(content_name(v["pack"])) == v["pack_id"]
+    entries = read_pack(s, v["pack"], "vector pack")
+    assert [e.blob_id for e in entries] == [v["raw_id"], v["base_id"], v["delta_id"]]
+    assert entries[2].base_id == v["base_id"] and entries[2].kind == KIND_DELTA
+    for e, name in zip(entries, ("raw", "base", "delta")):
+        env = v["pack"][e.offset : e.offset + e.length]
+        assert env == v[f"{name}_envelope"]
+        assert e.raw_length == len(v[f"{name}_plain"])
+    idx = decode_index(s, v["index"], "vector index")
+    assert list(idx.packs) == [v["pack_id"]] and idx.packs[v["pack_id"]] == entries
+    assert idx.supersedes == []
+
+
+def test_manifest_records(v):
+    records, used = decode_records(v["manifest_records"], "vector manifest")
+    assert used == len(v["manifest_records"])
+    (a, b) = records
+    assert a.op == OP_ENTRY and a.path == b"dir/file"
+    e = a.entry
+    assert (e.type, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.ctime_ns, e.ino, e.dev) == (
+        T_FILE, 0o644, 1000, 1000, 1_700_000_000_000_000_000, 4, 1_700_000_000_000_000_001, 42, 7)
+    assert e.digest == b"\x11" * 32 and e.chunk_ids() == [v["raw_id"]]
+    assert b.op == OP_DELETE and b.path == b"gone" and b.entry is None

@@ -1,0 +1,514 @@
+"""The layer above every remote: retries, the metadata cache, the transfer pool."""
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+
+import pytest
+
+from chunkvault.errors import (
+    CorruptObject,
+    ObjectExists,
+    ObjectNotFound,
+    PermissionDenied,
+    RemoteError,
+    RemoteUnavailable,
+    StorageFull,
+    UsageError,
+)
+from chunkvault.remotes.base import ObjectInfo, Remote
+from chunkvault.remotes.layer import (
+    CachingRemote,
+    RetryingRemote,
+    backoff_delay,
+    decode_cache_entry,
+    encode_cache_entry,
+    parallel_map,
+    wrap_remote,
+)
+from chunkvault.remotes.local import LocalRemote
+
+from faults import FaultyRemote
+from remote_contract import check_remote_contract
+
+
+class RecordingSleep:
+    """Stands in for time.sleep: records the delays, waits for nothing."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+def _local(tmp_path, name="repo") -> LocalRemote:
+    return LocalRemote(str(tmp_path / name), fsync=False)
+
+
+def _retrying(inner: Remote, **kw) -> RetryingRemote:
+    kw.setdefault("sleep", RecordingSleep())
+    kw.setdefault("rng", random.Random(7))
+    return RetryingRemote(inner, **kw)
+
+
+def _workload(remote: Remote, seed: int) -> dict:
+    """A deterministic mix of every operation; returns everything it observed."""
+    rng = random.Random(seed)
+    seen: dict = {"get": [], "stat": [], "exists": []}
+    blobs = {f"data/{i % 7:02x}/{rng.randbytes(8).hex()}": rng.randbytes(rng.choice([0, 10, 5000, 70_000])) for i in range(60)}
+    for key, data in blobs.items():
+        remote.put(key, data, if_absent=True)
+    for i in range(10):
+        remote.put(f"snapshots/s{i}", b"snap %d" % i, if_absent=True)
+        remote.put("locks/l", b"lock %d" % i)
+    for key, data in blobs.items():
+        seen["get"].append(remote.get(key))
+        if data:
+            start = rng.randrange(len(data))
+            seen["get"].append(remote.get(key, start, rng.randrange(1, 9000)))
+            seen["get"].append(remote.get(key, start))
+        seen["stat"].append(remote.stat(key))
+    for key in list(blobs)[::3]:
+        remote.delete(key)
+        seen["exists"].append(remote.exists(key))
+    seen["list"] = sorted((i.key, i.size) for i in remote.list(""))
+    seen["list_data"] = sorted((i.key, i.size) for i in remote.list("data/"))
+    return seen
+
+
+# -- retries ---------------------------------------------------------------
+
+
+def test_retry_layer_passes_the_contract(tmp_path):
+    faulty = FaultyRemote(_local(tmp_path), seed=3, error_rate=0.2, truncate_rate=0.1)
+    check_remote_contract(_retrying(faulty, attempts=15), big_size=1 << 20)
+    assert faulty.faults["error"] and faulty.faults["error_after"] and faulty.faults["truncated"]
+
+
+@pytest.mark.parametrize("rate,seed", [(0.1, 1), (0.2, 2), (0.3, 3)])
+def test_retry_survives_transient_faults_with_identical_results(tmp_path, rate, seed):
+    expected = _workload(_local(tmp_path, "clean"), seed)
+    faulty = FaultyRemote(_local(tmp_path, "faulty"), seed=seed, error_rate=rate, truncate_rate=rate / 2)
+    sleep = RecordingSleep()
+    remote = _retrying(faulty, attempts=15, sleep=sleep)
+    assert _workload(remote, seed) == expected
+    injected = faulty.faults["error"] + faulty.faults["error_after"] + faulty.faults["truncated"]
+    assert injected > 20, faulty.faults
+    assert faulty.faults["truncated"] > 0 and faulty.faults["error_after"] > 0
+    assert remote.retries == len(sleep.delays) >= injected - faulty.faults["truncated"]
+
+
+def test_retry_with_faults_from_many_threads(tmp_path):
+    faulty = FaultyRemote(_local(tmp_path), seed=11, error_rate=0.25, truncate_rate=0.1)
+    remote = _retrying(faulty, attempts=20)
+    blobs = {f"data/ab/{i:064x}": os.urandom(i * 37 % 20000) for i in range(120)}
+
+    def roundtrip(item):
+        key, data = item
+        remote.put(key, data, if_absent=True)
+        return remote.get(key) == data and remote.get(key, 3, 100) == data[3:103]
+
+    assert all(parallel_map(roundtrip, blobs.items(), workers=8))
+    assert {i.key: i.size for i in remote.list("data/")} == {k: len(v) for k, v in blobs.items()}
+    assert faulty.faults["error"] > 0
+
+
+def test_permanently_down_gives_one_clear_error_after_bounded_attempts(tmp_path):
+    faulty = FaultyRemote(_local(tmp_path), seed=1, down=True)
+    sleep = RecordingSleep()
+    remote = _retrying(faulty, attempts=6, base_delay=0.5, max_delay=4.0, sleep=sleep)
+    with pytest.raises(RemoteUnavailable) as info:
+        remote.put("data/ab/cafe", b"x")
+    message = str(info.value)
+    assert faulty.display_url in message and "data/ab/cafe" in message and "6 time" in message
+    assert "\n" not in message
+    assert faulty.calls["put"] == 6
+    assert len(sleep.delays) == 5
+    for attempt, delay in enumerate(sleep.delays):
+        assert 0 <= delay <= min(4.0, 0.5 * 2**attempt)
+    # every operation gives up the same way
+    for call in (lambda: remote.get("config"), lambda: remote.stat("config"), lambda: list(remote.list("data/")), lambda: remote.delete("x")):
+        with pytest.raises(RemoteUnavailable, match="giving up"):
+            call()
+    assert faulty.calls["get"] == faulty.calls["stat"] == faulty.calls["list"] == faulty.calls["delete"] == 6
+
+
+def test_timeout_bounds_total_retry_time(tmp_path):
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    faulty = FaultyRemote(_local(tmp_path), seed=1, down=True)
+    remote = RetryingRemote(faulty, attempts=100, base_delay=1.0, max_delay=8.0, timeout=30.0, sleep=sleep, rng=random.Random(1), clock=lambda: now[0])
+    with pytest.raises(RemoteUnavailable):
+        remote.get("config")
+    assert now[0] <= 30.0
+    assert 1 < faulty.calls["get"] < 100
+
+
+def test_remote_going_away_mid_upload(tmp_path):
+    faulty = FaultyRemote(_local(tmp_path), seed=1, fail_after=5)
+    remote = _retrying(faulty, attempts=4)
+    for i in range(5):
+        remote.put(f"data/ab/{i:064x}", b"ok")
+    with pytest.raises(RemoteUnavailable, match="giving up"):
+        remote.put(f"data/ab/{5:064x}", b"lost")
+    faulty.fail_after = None
+    assert sorted(i.key for i in remote.list("")) == [f"data/ab/{i:064x}" for i in range(5)]
+
+
+class RaisingRemote(Remote):
+    """Fails every call with one error and counts the calls."""
+
+    display_url = "test://raising"
+
+    def __init__(self, exc: Exception):
+        self.exc = exc
+        self.calls = 0
+
+    def _fail(self, *args, **kwargs):
+        self.calls += 1
+        raise self.exc
+
+    put = get = delete = stat = _fail
+
+    def list(self, prefix=""):
+        self._fail()
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ObjectNotFound("k"),
+        ObjectExists("k"),
+        PermissionDenied("no"),
+        StorageFull("full"),
+        UsageError("bad"),
+        RemoteError("odd"),
+        CorruptObject("k", "bad"),
+        ValueError("bug"),
+    ],
+)
+def test_permanent_errors_are_not_retried(exc):
+    inner = RaisingRemote(exc)
+    sleep = RecordingSleep()
+    remote = _retrying(inner, attempts=5, sleep=sleep)
+    for call in (lambda: remote.put("k", b"x"), lambda: remote.get("k"), lambda: remote.stat("k"), lambda: list(remote.list())):
+        with pytest.raises(type(exc)):
+            call()
+    assert inner.calls == 4 and sleep.delays == []
+
+
+@pytest.mark.parametrize("exc", [ConnectionResetError("reset"), TimeoutError("slow"), RemoteUnavailable("503")])
+def test_transient_errors_are_retried(exc):
+    inner = RaisingRemote(exc)
+    remote = _retrying(inner, attempts=3)
+    with pytest.raises(RemoteUnavailable, match="test://raising"):
+        remote.get("k")
+    assert inner.calls == 3
+
+
+def test_ambiguous_if_absent_put_that_landed_is_success(tmp_path):
+    faulty = FaultyRemote(_local(tmp_path), seed=1)
+    remote = _retrying(faulty)
+    faulty.inject("put", after=True)  # the write lands, its reply is lost
+    remote.put("snapshots/s1", b"mine", if_absent=True)
+    assert remote.get("snapshots/s1") == b"mine"
+    assert faulty.calls["put"] == 2 and faulty.faults["scripted"] == 1
+
+
+def test_ambiguous_if_absent_put_finding_other_bytes_raises(tmp_path):
+    inner = _local(tmp_path)
+    inner.put("snapshots/s1", b"theirs")
+    faulty = FaultyRemote(inner, seed=1)
+    remote = _retrying(faulty)
+    faulty.inject("put")  # fails before anything is written
+    with pytest.raises(ObjectExists):
+        remote.put("snapshots/s1", b"mine", if_absent=True)
+    assert inner.get("snapshots/s1") == b"theirs"
+
+
+def test_plain_if_absent_conflict_does_not_read_back(tmp_path):
+    inner = _local(tmp_path)
+    inner.put("snapshots/s1", b"mine")
+    faulty = FaultyRemote(inner, seed=1)
+    with pytest.raises(ObjectExists):
+        _retrying(faulty).put("snapshots/s1", b"mine", if_absent=True)
+    assert faulty.calls["get"] == 0  # no earlier attempt, so nothing was ambiguous
+
+
+def test_short_reads_are_retried_but_real_ends_are_not(tmp_path):
+    inner = _local(tmp_path)
+    inner.put("data/ab/x", bytes(range(200)))
+    faulty = FaultyRemote(inner, seed=5, truncate_rate=1.0)
+    remote = _retrying(faulty, attempts=3)
+    with pytest.raises(RemoteUnavailable, match="cut short"):
+        remote.get("data/ab/x")
+    faulty.truncate_rate = 0.0
+    assert remote.get("data/ab/x", 150, 100) == bytes(range(150, 200))
+    assert remote.get("data/ab/x", 300, 10) == b""
+
+
+def test_backoff_delay_grows_and_is_capped():
+    rng = random.Random(0)
+    caps = [min(10.0, 0.1 * 2**a) for a in range(12)]
+    for attempt, cap in enumerate(caps):
+        delays = [backoff_delay(attempt, 0.1, 10.0, rng) for _ in range(200)]
+        assert all(0 <= d <= cap for d in delays)
+        assert max(delays) > cap * 0.8  # full jitter spreads over the whole range
+
+
+# -- cache -----------------------------------------------------------------
+
+
+def _cached(tmp_path, **kw):
+    faulty = FaultyRemote(_local(tmp_path), seed=1)  # counts inner calls, injects nothing
+    return CachingRemote(faulty, tmp_path / "cache", **kw), faulty
+
+
+def test_cache_hit_and_miss(tmp_path):
+    remote, inner = _cached(tmp_path)
+    inner.inner.put("index/i1", b"index bytes")
+    assert remote.get("index/i1") == b"index bytes"
+    assert (remote.misses, remote.hits, inner.calls["get"]) == (1, 0, 1)
+    assert remote.get("index/i1") == b"index bytes"
+    assert remote.get("index/i1", 6, 3) == b"byt"
+    assert remote.get("index/i1", 6) == b"bytes"
+    assert remote.get("index/i1", 100, 3) == b""
+    assert (remote.misses, remote.hits, inner.calls["get"]) == (1, 4, 1)
+
+
+def test_cache_is_write_through_for_metadata_only(tmp_path):
+    remote, inner = _cached(tmp_path)
+    remote.put("snapshots/s1", b"snap")
+    remote.put("data/ab/p1", b"pack")
+    remote.put("config", b"cfg")
+    assert remote.get("snapshots/s1") == b"snap"
+    assert inner.calls["get"] == 0
+    assert remote.get("data/ab/p1") == b"pack" and remote.get("config") == b"cfg"
+    assert remote.get("data/ab/p1", 1, 2) == b"ac"
+    assert inner.calls["get"] == 3
+    assert not (tmp_path / "cache" / "data").exists() and not (tmp_path / "cache" / "config").exists()
+
+
+def test_cache_does_not_keep_refused_if_absent_writes(tmp_path):
+    remote, inner = _cached(tmp_path)
+    inner.inner.put("snapshots/s1", b"first")
+    with pytest.raises(ObjectExists):
+        remote.put("snapshots/s1", b"second", if_absent=True)
+    assert remote.get("snapshots/s1") == b"first"
+
+
+def test_cache_delete_invalidates_and_list_stat_go_inner(tmp_path):
+    remote, inner = _cached(tmp_path)
+    remote.put("index/i1", b"x")
+    remote.put("index/i2", b"yy")
+    remote.delete("index/i1")
+    with pytest.raises(ObjectNotFound):
+        remote.get("index/i1")
+    inner.inner.delete("index/i2")  # removed behind the cache's back
+    assert [i.key for i in remote.list("index/")] == []
+    assert remote.stat("index/i2") is None
+    assert inner.calls["list"] == 1 and inner.calls["stat"] == 1
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw[:-1],  # truncated
+        lambda raw: raw[:10],  # truncated inside the header
+        lambda raw: raw + b"!",  # trailing garbage
+        lambda raw: raw[:-1] + bytes([raw[-1] ^ 1]),  # flipped bit
+        lambda raw: b"",  # empty file
+    ],
+)
+def test_corrupt_cache_entry_is_discarded_and_refetched(tmp_path, damage):
+    remote, inner = _cached(tmp_path)
+    remote.put("index/i1", b"the real index " * 10)
+    path = tmp_path / "cache" / "index" / "i1"
+    path.write_bytes(damage(path.read_bytes()))
+    assert remote.get("index/i1") == b"the real index " * 10
+    assert remote.discarded == 1 and inner.calls["get"] == 1
+    assert decode_cache_entry(path.read_bytes()) == b"the real index " * 10  # repaired
+    assert remote.get("index/i1") == b"the real index " * 10
+    assert inner.calls["get"] == 1
+
+
+def test_cache_entries_are_written_atomically(tmp_path, monkeypatch):
+    remote, inner = _cached(tmp_path)
+
+    def no_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    inner.inner.put("index/i1", b"data")
+    monkeypatch.setattr(os, "replace", no_rename)
+    assert remote.get("index/i1") == b"data"  # the cache failing never fails the read
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "cache" / "index").iterdir()] == []
+    assert remote.get("index/i1") == b"data"
+    assert remote.misses == 2 and remote.hits == 0
+    assert remote.get("index/i1") == b"data" and remote.hits == 1
+
+
+def test_cache_entry_format():
+    for data in (b"", b"x", os.urandom(5000)):
+        assert decode_cache_entry(encode_cache_entry(data)) == data
+    assert decode_cache_entry(b"garbage") is None
+
+
+def test_cache_passes_the_contract(tmp_path):
+    remote = CachingRemote(_local(tmp_path), tmp_path / "cache", prefixes=("index/", "snapshots/", "data/"))
+    check_remote_contract(remote, big_size=1 << 20)
+
+
+def test_wrap_remote_stacks_cache_over_retries(tmp_path):
+    faulty = FaultyRemote(_local(tmp_path), seed=4, error_rate=0.3)
+    remote = wrap_remote(faulty, cache_dir=tmp_path / "cache", base_delay=0.0, attempts=20)
+    assert isinstance(remote, CachingRemote) and isinstance(remote.inner, RetryingRemote)
+    assert remote.display_url == faulty.display_url
+    for i in range(20):
+        remote.put(f"index/{i:064x}", b"i%d" % i, if_absent=True)
+    for i in range(20):
+        assert remote.get(f"index/{i:064x}") == b"i%d" % i
+    assert faulty.faults["error"] > 0 and remote.hits == 20
+    assert isinstance(wrap_remote(faulty), RetryingRemote)
+
+
+# -- transfer pool ---------------------------------------------------------
+
+
+def test_parallel_map_keeps_order():
+    rng = random.Random(1)
+    pauses = [rng.random() / 500 for _ in range(100)]
+
+    def work(i: int) -> int:
+        time.sleep(pauses[i])  # finish out of order
+        return i * i
+
+    assert list(parallel_map(work, range(100), workers=6)) == [i * i for i in range(100)]
+    assert list(parallel_map(work, [], workers=3)) == []
+
+
+def test_parallel_map_bounds_items_in_flight():
+    release = threading.Event()
+    taken = []
+
+    def items():
+        for i in range(50):
+            taken.append(i)
+            yield i
+
+    def work(i: int) -> int:
+        if i == 0:
+            release.wait()
+        return i
+
+    results = parallel_map(work, items(), workers=2, max_in_flight=5)
+    first = []
+    consumer = threading.Thread(target=lambda: first.append(next(results)))
+    consumer.start()
+    deadline = time.monotonic() + 10
+    while len(taken) < 5 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.05)  # give an unbounded pool the chance to take more
+    assert len(taken) == 5  # item 0 blocks; no more than 5 items were pulled
+    release.set()
+    consumer.join()
+    assert first == [0] and list(results) == list(range(1, 50))
+
+
+def test_parallel_map_propagates_first_error_and_stops():
+    started = []
+    active = [0]
+    lock = threading.Lock()
+
+    def work(i: int) -> int:
+        with lock:
+            started.append(i)
+            active[0] += 1
+        try:
+            if i == 7:
+                raise StorageFull("disk full at item 7")
+            time.sleep(0.001)
+            return i
+        finally:
+            with lock:
+                active[0] -= 1
+
+    results = []
+    with pytest.raises(StorageFull, match="item 7"):
+        for r in parallel_map(work, range(1000), workers=4, max_in_flight=8):
+            results.append(r)
+    assert active[0] == 0  # nothing still running once the error is raised
+    assert results == list(range(len(results))) and len(results) <= 7
+    assert len(started) < 30  # the rest was never started
+
+
+def test_parallel_map_error_while_head_is_slow():
+    gate = threading.Event()
+
+    def work(i: int) -> int:
+        if i == 0:
+            gate.wait()
+            return 0
+        if i == 3:
+            gate.set()  # let the head finish only after this failure is on its way
+            raise PermissionDenied("item 3")
+        return i
+
+    with pytest.raises(PermissionDenied, match="item 3"):
+        list(parallel_map(work, range(10), workers=4))
+
+
+def test_parallel_map_early_close_cleans_up():
+    started = []
+
+    def work(i: int) -> int:
+        started.append(i)
+        return i
+
+    gen = parallel_map(work, range(10_000), workers=2, max_in_flight=4)
+    assert next(gen) == 0
+    gen.close()
+    assert len(started) <= 6
+    with pytest.raises(ValueError):
+        parallel_map(work, [1], workers=0)
+
+
+def test_wrapped_objects_behave_like_remotes(tmp_path):
+    remote = wrap_remote(_local(tmp_path), cache_dir=tmp_path / "c")
+    remote.put("index/a", b"1")
+    assert remote.stat("index/a") == ObjectInfo("index/a", 1)
+    with remote:
+        pass
+
+
+# -- the fault injector itself ---------------------------------------------
+
+
+def test_faults_are_deterministic_from_the_seed(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        faulty = FaultyRemote(_local(tmp_path, name), seed=42, error_rate=0.3, truncate_rate=0.2)
+        _workload(_retrying(faulty, attempts=20), seed=9)
+        runs.append((dict(faulty.faults), dict(faulty.calls)))
+    assert runs[0] == runs[1] and runs[0][0]
+    other = FaultyRemote(_local(tmp_path, "c"), seed=43, error_rate=0.3, truncate_rate=0.2)
+    _workload(_retrying(other, attempts=20), seed=9)
+    assert (dict(other.faults), dict(other.calls)) != runs[0]
+
+
+def test_slow_responses_and_fail_ops(tmp_path):
+    sleep = RecordingSleep()
+    faulty = FaultyRemote(_local(tmp_path), seed=1, delay=1.5, sleep=sleep, error_rate=1.0, fail_ops=["stat"])
+    faulty.put("config", b"c")
+    assert faulty.get("config") == b"c"
+    with pytest.raises(RemoteUnavailable):
+        faulty.stat("config")
+    assert sleep.delays == [1.5, 1.5, 1.5] and faulty.faults["delayed"] == 3
+    with pytest.raises(ValueError):
+        FaultyRemote(_local(tmp_path), seed=1, fail_ops=["teleport"])

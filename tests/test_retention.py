@@ -1,0 +1,537 @@
+"""Retention selection and rebase planning against a brute-force model written independently."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+from chunkvault.errors import CorruptObject, MissingObject, SnapshotNotFound, UsageError
+from chunkvault.store.retention import (
+    Decision, Duration, RetentionPolicy, chain_dependencies, load_preset, parse_duration,
+    policy_from_dict, presets_from_dict, rebase_plan, select,
+)
+
+UTC = timezone.utc
+EPOCH = datetime(2021, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Snap:
+    id: str
+    time: datetime
+    kind: str = "full"
+    parent: str | None = None
+    host: str = "h"
+    paths: tuple[str, ...] = ("/db",)
+    tags: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------- brute-force model
+
+
+def model_minus(t: datetime, d) -> datetime:
+    """t - d, months stepped one at a time and the day walked back until it exists."""
+    if isinstance(d, timedelta):
+        return t - d
+    y, m = t.year, t.month
+    for _ in range(d.years * 12 + d.months):
+        y, m = (y - 1, 12) if m == 1 else (y, m - 1)
+    day = t.day
+    while True:
+        try:
+            shifted = t.replace(year=y, month=m, day=day)
+            break
+        except ValueError:
+            day -= 1
+    return shifted - timedelta(hours=24 * d.days + d.hours)
+
+
+def model_bucket(rule, t):
+    return {
+        "hourly": t.strftime("%Y-%m-%d %H"),
+        "daily": t.strftime("%Y-%m-%d"),
+        "weekly": "%d-W%02d" % t.isocalendar()[:2],
+        "monthly": t.strftime("%Y-%m"),
+        "yearly": t.strftime("%Y"),
+    }[rule]
+
+
+def model(snaps, policy, now):
+    """id -> set of rule categories that keep it (empty set: removed)."""
+    why = {s.id: set() for s in snaps}
+    groups = {}
+    for s in snaps:
+        key = tuple(
+            (s.host if g == "host" else tuple(sorted(s.paths)) if g == "paths" else tuple(sorted(set(s.tags))))
+            for g in sorted(policy.group_by))
+        groups.setdefault(key, []).append(s)
+    for members in groups.values():
+        order = sorted(members, key=lambda s: (s.time, s.id))  # oldest first
+        newest_first = order[::-1]
+        not_future = [s.time for s in members if s.time <= now]
+        latest = max(not_future) if not_future else now
+        for ts in policy.keep_tags:
+            for s in members:
+                if (ts and ts.issubset(s.tags)) or (not ts and not s.tags):
+                    why[s.id].add("tag")
+        if policy.keep_within:
+            for s in members:
+                if s.time > model_minus(latest, policy.keep_within):
+                    why[s.id].add("within")
+        if policy.keep_last:
+            n = len(members) if policy.keep_last == -1 else policy.keep_last
+            for s in newest_first[:n]:
+                why[s.id].add("last")
+        for rule in ("hourly", "daily", "weekly", "monthly", "yearly"):
+            n = getattr(policy, f"keep_{rule}")
+            if not n:
+                continue
+            newest_in_bucket = {}
+            for s in order:  # later ones overwrite: ends with the newest of each bucket
+                newest_in_bucket[model_bucket(rule, s.time)] = s
+            ranked = sorted(newest_in_bucket.values(), key=lambda s: (s.time, s.id), reverse=True)
+            for s in (ranked if n == -1 else ranked[:n]):
+                why[s.id].add(rule)
+            buckets_before_oldest = {model_bucket(rule, s.time) for s in order[1:]}
+            if n == -1 or len(buckets_before_oldest) < n:
+                why[order[0].id].add(rule)
+        for rule in ("hourly", "daily", "weekly", "monthly", "yearly"):
+            d = getattr(policy, f"keep_within_{rule}")
+            if not d:
+                continue
+            cut = model_minus(latest, d)
+            inside = [s for s in order if s.time > cut]
+            newest_in_bucket = {}
+            for s in inside:
+                newest_in_bucket[model_bucket(rule, s.time)] = s
+            for s in newest_in_bucket.values():
+                why[s.id].add(f"{rule} within")
+        for kind, d in (("full", policy.keep_full_within), ("diff", policy.keep_diff_within)):
+            if d:
+                for s in members:
+                    if s.kind == kind and s.time > model_minus(now, d):
+                        why[s.id].add(f"{kind} within")
+    return why
+
+
+def category(reason: str) -> str:
+    """Map select()'s reason text to the model's rule categories."""
+    if reason.startswith("tag ") or reason == "untagged":
+        return "tag"
+    if reason.startswith("oldest "):
+        return reason.split()[1]
+    for prefix in ("full within", "diff within"):
+        if reason.startswith(prefix):
+            return prefix
+    words = reason.split()
+    if words[0] == "within":
+        return "within"
+    if len(words) >= 2 and words[1] == "within":
+        return f"{words[0]} within"
+    return words[0]
+
+
+# ----------------------------------------------------------------------------- strategies
+
+SPANS = [timedelta(hours=3), timedelta(days=2), timedelta(days=20), timedelta(days=400), timedelta(days=2000)]
+durations = st.one_of(
+    st.sampled_from([timedelta(hours=1), timedelta(hours=5), timedelta(days=1), timedelta(days=3, hours=2)]),
+    st.builds(Duration, years=st.integers(0, 2), months=st.integers(0, 14), days=st.integers(0, 40),
+              hours=st.integers(0, 30)),
+)
+counts = st.one_of(st.none(), st.integers(-1, 6))
+TAGS = ["prod", "db", "x"]
+
+
+@st.composite
+def histories(draw, min_size=0, max_size=30):
+    span = draw(st.sampled_from(SPANS))
+    grid = draw(st.sampled_from([1, 60, 3600]))  # coarse grids produce equal timestamps
+    n = draw(st.integers(min_size, max_size))
+    secs = int(span.total_seconds()) // grid
+    snaps = []
+    for i in range(n):
+        t = EPOCH + timedelta(seconds=draw(st.integers(0, secs)) * grid)
+        kind = draw(st.sampled_from(["full", "diff"])) if snaps else "full"
+        parent = draw(st.sampled_from([s.id for s in snaps])) if kind == "diff" else None
+        snaps.append(Snap(
+            id=f"{draw(st.integers(0, 2**32)):08x}{i:04x}", time=t, kind=kind, parent=parent,
+            host=draw(st.sampled_from(["a", "b"])),
+            paths=tuple(draw(st.sets(st.sampled_from(["/db", "/etc", "/var"]), min_size=1, max_size=2))),
+            tags=tuple(draw(st.sets(st.sampled_from(TAGS), max_size=2))),
+        ))
+    now = EPOCH + span + draw(st.sampled_from([timedelta(0), timedelta(hours=-2), timedelta(days=9)]))
+    return snaps, now
+
+
+@st.composite
+def policies(draw):
+    kw = {}
+    for name in ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"):
+        kw[name] = draw(counts)
+    for name in ("keep_within", "keep_within_hourly", "keep_within_daily", "keep_within_weekly",
+                 "keep_within_monthly", "keep_within_yearly", "keep_full_within", "keep_diff_within"):
+        kw[name] = draw(st.one_of(st.none(), st.none(), durations))
+    kw["keep_tags"] = tuple(draw(st.lists(st.frozensets(st.sampled_from(TAGS), max_size=2), max_size=2)))
+    kw["group_by"] = draw(st.frozensets(st.sampled_from(["host", "paths", "tags"])))
+    p = RetentionPolicy(**kw)
+    assume(not p.is_empty())
+    return p
+
+
+def kept(decisions):
+    return {d.snapshot_id for d in decisions if d.keep}
+
+
+# ----------------------------------------------------------------------------- selection vs model
+
+
+@settings(max_examples=400, deadline=None)
+@given(histories(), policies())
+def test_select_matches_brute_force_model(history, policy):
+    snaps, now = history
+    decisions = select(snaps, policy, now)
+    assert [d.snapshot_id for d in decisions] == [s.id for s in snaps]
+    expected = model(snaps, policy, now)
+    for d in decisions:
+        assert d.keep == bool(expected[d.snapshot_id]), (d, expected[d.snapshot_id])
+        if d.keep:
+            assert {category(r) for r in d.reasons} == expected[d.snapshot_id]
+        else:
+            assert d.reasons == ("no rule matched",)
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories(), st.integers(1, 8), st.frozensets(st.sampled_from(["host", "paths", "tags"])))
+def test_keep_last_keeps_exactly_the_newest_per_group(history, n, group_by):
+    snaps, now = history
+    decisions = select(snaps, RetentionPolicy(keep_last=n, group_by=group_by), now)
+    groups = {}
+    for s in snaps:
+        key = (s.host if "host" in group_by else "", sorted(s.paths) if "paths" in group_by else "",
+               sorted(s.tags) if "tags" in group_by else "")
+        groups.setdefault(repr(key), []).append(s)
+    want = set()
+    for members in groups.values():
+        members.sort(key=lambda s: (s.time, s.id), reverse=True)
+        assert len(members[:n]) == min(n, len(members))
+        want |= {s.id for s in members[:n]}
+    assert kept(decisions) == want
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories(), policies(), st.data())
+def test_rules_combine_as_a_union(history, policy, data):
+    """Splitting a policy's rules between two policies: the whole keeps the union of what the parts keep."""
+    snaps, now = history
+    parts = [{"group_by": policy.group_by, "keep_tags": ()}, {"group_by": policy.group_by, "keep_tags": ()}]
+    for f in RetentionPolicy.__dataclass_fields__:
+        if f == "group_by":
+            continue
+        if f == "keep_tags":
+            for ts in policy.keep_tags:
+                side = parts[data.draw(st.integers(0, 1))]
+                side["keep_tags"] += (ts,)
+        else:
+            parts[data.draw(st.integers(0, 1))][f] = getattr(policy, f)
+    union = set()
+    for kw in parts:
+        p = RetentionPolicy(**kw)
+        if not p.is_empty():
+            union |= kept(select(snaps, p, now))
+    assert kept(select(snaps, policy, now)) == union
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories(), st.one_of(st.none(), durations), st.one_of(st.none(), durations))
+def test_tiered_rules_keep_fulls_and_diffs_for_their_own_durations(history, full_d, diff_d):
+    assume(full_d or diff_d)
+    snaps, now = history
+    decisions = select(snaps, RetentionPolicy(keep_full_within=full_d, keep_diff_within=diff_d), now)
+    want = {s.id for s in snaps
+            if (s.kind == "full" and full_d and s.time > model_minus(now, full_d))
+            or (s.kind == "diff" and diff_d and s.time > model_minus(now, diff_d))}
+    assert kept(decisions) == want
+
+
+def test_tiered_example_30d_fulls_7d_diffs():
+    now = EPOCH + timedelta(days=60)
+    snaps = []
+    for day in range(60):
+        t = EPOCH + timedelta(days=day)
+        snaps.append(Snap(f"f{day:03d}", t, "full"))
+        snaps.append(Snap(f"d{day:03d}", t + timedelta(hours=12), "diff", parent=f"f{day:03d}"))
+    policy = policy_from_dict({"keep-full-within": "30d", "keep-diff-within": "1w"})
+    decisions = {d.snapshot_id: d for d in select(snaps, policy, now)}
+    assert sorted(k for k, d in decisions.items() if d.keep and k.startswith("f")) == [
+        f"f{d:03d}" for d in range(31, 60)]
+    assert sorted(k for k, d in decisions.items() if d.keep and k.startswith("d")) == [
+        f"d{d:03d}" for d in range(53, 60)]
+    assert decisions["d059"].reasons == ("diff within 7d",)
+    assert decisions["f040"].reasons == ("full within 30d",)
+    assert decisions["f001"] == Decision("f001", False, ("no rule matched",))
+
+
+def test_restic_documentation_example_sundays():
+    snaps = [Snap(f"s{i:02d}", datetime(2019, 9, 1, 11, tzinfo=UTC) + timedelta(weeks=i)) for i in range(12)]
+    decisions = select(snaps, RetentionPolicy(keep_daily=4), datetime(2019, 12, 1, tzinfo=UTC))
+    assert kept(decisions) == {"s08", "s09", "s10", "s11"}
+    by_id = {d.snapshot_id: d for d in decisions}
+    assert by_id["s11"].reasons == ("daily #1",)
+    assert by_id["s08"].reasons == ("daily #4",)
+
+
+def test_oldest_snapshot_kept_while_buckets_remain():
+    snaps = [Snap(f"s{i}", EPOCH + timedelta(hours=6 * i)) for i in range(8)]  # two days, four per day
+    by_id = {d.snapshot_id: d for d in select(snaps, RetentionPolicy(keep_daily=5), EPOCH + timedelta(days=3))}
+    assert kept(by_id.values()) == {"s7", "s3", "s0"}
+    assert by_id["s0"].reasons == ("oldest daily",)
+    by_id = {d.snapshot_id: d for d in select(snaps, RetentionPolicy(keep_daily=2), EPOCH + timedelta(days=3))}
+    assert kept(by_id.values()) == {"s7", "s3"}
+
+
+def test_keep_within_is_relative_to_latest_and_keeps_future_snapshots():
+    now = EPOCH + timedelta(days=100)
+    snaps = [Snap("old", EPOCH), Snap("older", EPOCH - timedelta(days=2)), Snap("older2", EPOCH - timedelta(days=5)),
+             Snap("future", now + timedelta(days=1))]
+    assert kept(select(snaps, RetentionPolicy(keep_within="3d"), now)) == {"old", "older", "future"}
+
+
+def test_tags_and_untagged():
+    snaps = [Snap("a", EPOCH, tags=("prod", "db")), Snap("b", EPOCH + timedelta(hours=1), tags=("prod",)),
+             Snap("c", EPOCH + timedelta(hours=2))]
+    now = EPOCH + timedelta(days=1)
+    by_id = {d.snapshot_id: d for d in select(snaps, RetentionPolicy(keep_tags=(("prod", "db"), ())), now)}
+    assert kept(by_id.values()) == {"a", "c"}
+    assert by_id["a"].reasons == ("tag db,prod",) and by_id["c"].reasons == ("untagged",)
+    p = policy_from_dict({"keep-tags": ["prod"], "group-by": ""})
+    assert kept(select(snaps, p, now)) == {"a", "b"}
+
+
+def test_empty_policy_and_bad_input_are_refused():
+    snaps = [Snap("a", EPOCH)]
+    for p in (RetentionPolicy(), RetentionPolicy(keep_last=0, keep_daily=0, keep_within=timedelta(0))):
+        with pytest.raises(UsageError, match="empty"):
+            select(snaps, p, EPOCH)
+    with pytest.raises(UsageError, match="timezone"):
+        select([Snap("a", datetime(2021, 1, 1))], RetentionPolicy(keep_last=1), EPOCH)
+    with pytest.raises(UsageError, match="twice"):
+        select([Snap("a", EPOCH), Snap("a", EPOCH)], RetentionPolicy(keep_last=1), EPOCH)
+    with pytest.raises(UsageError, match="kind"):
+        select([Snap("a", EPOCH, kind="incremental")], RetentionPolicy(keep_last=1), EPOCH)
+    with pytest.raises(UsageError):
+        RetentionPolicy(keep_last=-2)
+    with pytest.raises(UsageError):
+        RetentionPolicy(keep_daily=True)
+    with pytest.raises(UsageError, match="group"):
+        RetentionPolicy(keep_last=1, group_by={"hostname"})
+    assert select([], RetentionPolicy(keep_last=1), EPOCH) == []
+
+
+def test_weeks_are_iso_weeks_across_new_year():
+    # 2024-12-30 (Monday) .. 2025-01-05 (Sunday) is ISO week 2025-W01; 2024-12-29 is a Sunday of 2024-W52.
+    snaps = [Snap("sun", datetime(2024, 12, 29, 12, tzinfo=UTC)), Snap("tue", datetime(2024, 12, 31, 12, tzinfo=UTC)),
+             Snap("wed", datetime(2025, 1, 1, 12, tzinfo=UTC))]
+    now = datetime(2025, 1, 10, tzinfo=UTC)
+    assert kept(select(snaps, RetentionPolicy(keep_weekly=2), now)) == {"wed", "sun"}
+    assert kept(select(snaps, RetentionPolicy(keep_yearly=2), now)) == {"wed", "tue"}
+
+
+def test_non_utc_times_bucket_in_utc():
+    cet = timezone(timedelta(hours=1))
+    # 00:30 CET on the 2nd is 23:30 UTC on the 1st: same UTC day as the 10:00 UTC snapshot.
+    snaps = [Snap("a", datetime(2021, 1, 1, 10, tzinfo=UTC)), Snap("b", datetime(2021, 1, 2, 0, 30, tzinfo=cet))]
+    assert kept(select(snaps, RetentionPolicy(keep_daily=1), EPOCH + timedelta(days=5))) == {"b"}
+
+
+# ----------------------------------------------------------------------------- durations
+
+
+@given(st.integers(0, 30), st.integers(0, 30), st.integers(0, 10), st.integers(0, 30), st.integers(0, 48))
+def test_parse_duration_units(y, m, w, d, h):
+    parts = [(y, "y"), (m, "m"), (w, "w"), (d, "d"), (h, "h")]
+    text = "".join(f"{n}{u}" for n, u in parts if n)
+    assume(text)
+    got = parse_duration(text)
+    assert got == Duration(years=y, months=m, days=7 * w + d, hours=h)
+    assert parse_duration(str(got)) == got
+
+
+@pytest.mark.parametrize("text", ["", "7", "d", "3x", "1d2y", "1d1d", "-1d", "1.5d", "7d ", "7 d"])
+def test_parse_duration_rejects(text):
+    if text == "7d ":
+        assert parse_duration(text) == Duration(days=7)
+        return
+    with pytest.raises(UsageError):
+        parse_duration(text)
+
+
+def test_calendar_months_clamp_to_month_end():
+    t = datetime(2024, 3, 31, 15, tzinfo=UTC)
+    assert parse_duration("1m").before(t) == datetime(2024, 2, 29, 15, tzinfo=UTC)
+    assert parse_duration("1y1m").before(t) == datetime(2023, 2, 28, 15, tzinfo=UTC)
+    assert parse_duration("2w3d12h").before(t) == datetime(2024, 3, 14, 3, tzinfo=UTC)
+    assert parse_duration("1y").to_timedelta(t) == timedelta(days=366)
+    assert parse_duration("5000y").before(t).year == 1
+
+
+@given(st.datetimes(min_value=datetime(1990, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)),
+       durations)
+def test_duration_before_matches_model(t, d):
+    if isinstance(d, Duration):
+        assert d.before(t) == model_minus(t, d)
+
+
+# ----------------------------------------------------------------------------- presets
+
+CONFIG = """
+[presets.database]
+keep-full-within = "30d"
+keep-diff-within = "7d"
+keep-daily = 14
+keep-monthly = "unlimited"
+group-by = ["host"]
+
+[presets.laptop]
+keep_last = 5
+keep_within = "1y6m"
+keep_tags = ["prod,db", ["pinned"]]
+"""
+
+
+def test_presets_from_toml():
+    config = tomllib.loads(CONFIG)
+    db = load_preset(config, "database")
+    assert db == RetentionPolicy(keep_full_within=Duration(days=30), keep_diff_within=Duration(days=7),
+                                 keep_daily=14, keep_monthly=-1, group_by=frozenset({"host"}))
+    laptop = presets_from_dict(config)["laptop"]
+    assert laptop.keep_within == Duration(years=1, months=6)
+    assert laptop.keep_tags == (frozenset({"prod", "db"}), frozenset({"pinned"}))
+    assert laptop.group_by == frozenset({"host", "paths"})
+    with pytest.raises(UsageError, match="database, laptop"):
+        load_preset(config, "nightly")
+    with pytest.raises(UsageError, match="keep-dialy"):
+        policy_from_dict({"keep-dialy": 3})
+    with pytest.raises(UsageError, match="preset 'bad'"):
+        presets_from_dict({"presets": {"bad": {"keep-within": 7}}})
+    with pytest.raises(UsageError, match="duration"):
+        policy_from_dict({"keep-within": "7 days"})
+    assert "14 daily" in db.describe() and "diffs within 7d" in db.describe()
+
+
+# ----------------------------------------------------------------------------- chains and rebasing
+
+
+@st.composite
+def chains(draw):
+    """A forest of fulls and diffs (parents earlier), per snapshot a random change set, and a removal set."""
+    n = draw(st.integers(1, 25))
+    snaps, changes = [], {}
+    for i in range(n):
+        kind = "full" if i == 0 else draw(st.sampled_from(["full", "diff", "diff", "diff"]))
+        parent = f"s{draw(st.integers(0, i - 1)):02d}" if kind == "diff" else None
+        sid = f"s{i:02d}"
+        snaps.append(Snap(sid, EPOCH + timedelta(hours=i), kind, parent))
+        paths = draw(st.dictionaries(st.sampled_from("abcdef"), st.one_of(st.none(), st.integers(0, 3)), max_size=4))
+        if kind == "full":
+            paths = {p: v for p, v in paths.items() if v is not None}
+        changes[sid] = paths  # value None: deleted in this diff
+    removed = draw(st.sets(st.sampled_from([s.id for s in snaps])))
+    return snaps, changes, removed
+
+
+def restore(sid, parents, kinds, changes):
+    """Brute force: walk to the base, then apply each change set in order."""
+    path = []
+    cur = sid
+    while True:
+        path.append(cur)
+        if kinds[cur] == "full":
+            break
+        cur = parents[cur]
+    tree = {}
+    for s in reversed(path):
+        if kinds[s] == "full":
+            tree = {}
+        for p, v in changes[s].items():
+            if v is None:
+                tree.pop(p, None)
+            else:
+                tree[p] = v
+    return tree
+
+
+@settings(max_examples=300, deadline=None)
+@given(chains())
+def test_rebase_plan_preserves_every_kept_snapshot(case):
+    snaps, changes, removed = case
+    parents = {s.id: s.parent for s in snaps}
+    kinds = {s.id: s.kind for s in snaps}
+    before = {s.id: restore(s.id, parents, kinds, changes) for s in snaps if s.id not in removed}
+
+    plan = rebase_plan(snaps, removed)
+    kept_ids = {s.id for s in snaps} - removed
+    needs = {s.id for s in snaps if s.id in kept_ids and s.kind == "diff" and s.parent in removed}
+    assert sorted(step.diff_id for step in plan) == sorted(needs)
+
+    new_changes = dict(changes)
+    new_parents, new_kinds = dict(parents), dict(kinds)
+    position = {step.diff_id: i for i, step in enumerate(plan)}
+    for step in plan:
+        # model of "removed ancestors up to the nearest kept one", walked directly
+        expect, cur = [], parents[step.diff_id]
+        while cur is not None and cur in removed:
+            expect.append(cur)
+            cur = parents[cur] if kinds[cur] == "diff" else None
+        assert step.merge_ids == expect[::-1]
+        assert step.new_parent == cur
+        if cur is not None:
+            assert cur in kept_ids and position.get(cur, -1) < position[step.diff_id]
+        # apply: compose the merged change sets (oldest first) with the diff's own
+        merged = {}
+        for anc in step.merge_ids + [step.diff_id]:
+            if kinds[anc] == "full":
+                merged = dict(changes[anc])
+                for p in "abcdef":
+                    merged.setdefault(p, None)  # a full replaces the whole tree
+            else:
+                merged.update(changes[anc])
+        new_changes[step.diff_id] = merged
+        new_parents[step.diff_id] = step.new_parent
+        if step.new_parent is None:
+            new_kinds[step.diff_id] = "full"
+            new_changes[step.diff_id] = {p: v for p, v in merged.items() if v is not None}
+
+    survivors = [Snap(s, EPOCH, new_kinds[s], new_parents[s] if new_kinds[s] == "diff" else None)
+                 for s in sorted(kept_ids)]
+    deps = chain_dependencies(survivors)
+    for sid in kept_ids:
+        assert set(deps[sid]) <= kept_ids
+        assert restore(sid, new_parents, new_kinds, new_changes) == before[sid]
+
+
+def test_chain_dependencies_and_broken_chains():
+    snaps = [Snap("f", EPOCH), Snap("d1", EPOCH, "diff", "f"), Snap("d2", EPOCH, "diff", "d1"),
+             Snap("d3", EPOCH, "diff", "f")]
+    assert chain_dependencies(snaps) == {"f": [], "d1": ["f"], "d2": ["f", "d1"], "d3": ["f"]}
+    with pytest.raises(MissingObject, match="nope"):
+        chain_dependencies([Snap("d", EPOCH, "diff", "nope")])
+    with pytest.raises(CorruptObject, match="loops"):
+        chain_dependencies([Snap("a", EPOCH, "diff", "b"), Snap("b", EPOCH, "diff", "a")])
+    with pytest.raises(CorruptObject, match="without a parent"):
+        chain_dependencies([Snap("a", EPOCH, "diff", None)])
+    with pytest.raises(SnapshotNotFound):
+        rebase_plan(snaps, {"zzz"})
+    plan = rebase_plan(snaps, {"f", "d1"})
+    assert plan == [("d3", ["f"], None), ("d2", ["f", "d1"], None)]
+
+
+def test_long_chain_is_not_recursive():
+    snaps = [Snap("s0", EPOCH)] + [Snap(f"s{i}", EPOCH, "diff", f"s{i - 1}") for i in range(1, 2000)]
+    deps = chain_dependencies(snaps)
+    assert len(deps["s1999"]) == 1999 and deps["s1999"][0] == "s0"
+    plan = rebase_plan(snaps, {f"s{i}" for i in range(0, 1999)})
+    assert plan == [("s1999", [f"s{i}" for i in range(1999)], None)]

@@ -1,0 +1,172 @@
+"""A chain of full and differential snapshots restores every point in time exactly."""
+import os
+import shutil
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from chunkvault.errors import AmbiguousSnapshot, SnapshotNotFound
+from treeutil import describe
+
+
+def mutate(root, step):
+    """A different kind of change at each step."""
+    if step == 0:
+        (root / "new.txt").write_bytes(b"added")
+    elif step == 1:
+        (root / "a" / "f1").write_bytes(b"modified content " * 100)
+    elif step == 2:
+        os.remove(root / "a" / "f2")
+    elif step == 3:
+        os.rename(root / "b", root / "b-renamed")
+    elif step == 4:  # file -> dir
+        os.remove(root / "new.txt")
+        (root / "new.txt").mkdir()
+        (root / "new.txt" / "inner").write_bytes(b"inner")
+    elif step == 5:  # dir -> file
+        shutil.rmtree(root / "b-renamed")
+        (root / "b-renamed").write_bytes(b"now a file")
+    elif step == 6:  # file -> symlink
+        os.remove(root / "a" / "f1")
+        os.symlink("../b-renamed", root / "a" / "f1")
+    elif step == 7:  # symlink -> file, and a big append
+        os.remove(root / "a" / "f1")
+        (root / "a" / "f1").write_bytes(os.urandom(300_000))
+        with open(root / "big", "ab") as f:
+            f.write(os.urandom(100_000))
+    elif step == 8:  # metadata only
+        os.chmod(root / "big", 0o600)
+        os.utime(root / "a", ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+    elif step == 9:  # delete a whole subtree
+        shutil.rmtree(root / "a")
+
+
+def initial(root):
+    (root / "a" / "deep" / "er").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a" / "f1").write_bytes(b"one")
+    (root / "a" / "f2").write_bytes(b"two")
+    (root / "a" / "deep" / "er" / "f3").write_bytes(os.urandom(200_000))
+    (root / "b" / "g").write_bytes(b"gee")
+    (root / "big").write_bytes(os.urandom(1_500_000))
+
+
+def test_every_snapshot_and_until_point_restores(tmp_path, new_repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    initial(src)
+    repo = new_repo(full_every=4)
+    expected = []
+    for step in range(11):
+        if step:
+            mutate(src, step - 1)
+        snap = repo.backup([str(src)]).snapshot
+        expected.append((snap, describe(src)))
+        time.sleep(0.002)
+    kinds = [s.kind for s, _ in expected]
+    assert kinds[0] == "full" and "diff" in kinds
+    assert kinds.count("full") >= 2  # full_every=4 started a new chain
+    for i, (snap, tree) in enumerate(expected):
+        out = tmp_path / f"out{i}"
+        repo.restore(snap.id, str(out))
+        assert describe(out) == tree, f"snapshot {i} ({snap.kind})"
+        out2 = tmp_path / f"until{i}"
+        repo.restore("latest", str(out2), until=snap.datetime)
+        assert describe(out2) == tree
+    with pytest.raises(SnapshotNotFound):
+        repo.snapshot("latest", until="2001-01-01T00:00:00+00:00")
+
+
+def test_type_full_and_diff_are_honoured(tmp_path, new_repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    repo = new_repo()
+    s1 = repo.backup([str(src)], kind="diff").snapshot
+    assert s1.kind == "full"  # nothing to be a differential of
+    s2 = repo.backup([str(src)], kind="full").snapshot
+    assert s2.kind == "full" and s2.parent is None
+    s3 = repo.backup([str(src)], kind="diff").snapshot
+    assert s3.kind == "diff" and s3.parent == s2.id
+
+
+def test_auto_makes_a_full_when_differentials_outgrow_the_full(tmp_path, new_repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(100_000))
+    repo = new_repo(max_diff_share=0.5)
+    assert repo.backup([str(src)]).snapshot.kind == "full"
+    (src / "g").write_bytes(os.urandom(80_000))
+    assert repo.backup([str(src)]).snapshot.kind == "diff"
+    (src / "h").write_bytes(os.urandom(80_000))
+    assert repo.backup([str(src)]).snapshot.kind == "full"  # 80k added > 0.5 x 100k full
+
+
+def test_snapshot_prefixes(tmp_path, new_repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo()
+    ids = []
+    for i in range(20):
+        (src / f"f{i}").write_bytes(b"%d" % i)
+        ids.append(repo.backup([str(src)]).snapshot.id)
+    assert repo.snapshot(ids[3][:12]).id == ids[3]
+    firsts = [i[0] for i in ids]
+    dup = next(c for c in firsts if firsts.count(c) > 1)
+    with pytest.raises(AmbiguousSnapshot):
+        repo.snapshot(dup)
+    with pytest.raises(SnapshotNotFound):
+        repo.snapshot("zz")
+
+
+names = st.sampled_from(["a", "b", "c", "a.b", "d-"])
+
+
+@st.composite
+def tree_specs(draw, depth=0):
+    spec = {}
+    for name in draw(st.sets(names, max_size=4)):
+        kind = draw(st.sampled_from(["file", "empty", "dir", "link"] if depth < 2 else ["file", "empty", "link"]))
+        if kind == "dir":
+            spec[name] = draw(tree_specs(depth=depth + 1))
+        elif kind == "link":
+            spec[name] = ("link", draw(names))
+        else:
+            spec[name] = b"" if kind == "empty" else draw(st.binary(min_size=1, max_size=3000))
+    return spec
+
+
+def build(root, spec):
+    for name, v in spec.items():
+        p = root / name
+        if isinstance(v, dict):
+            p.mkdir()
+            build(p, v)
+        elif isinstance(v, tuple):
+            os.symlink(v[1], p)
+        else:
+            p.write_bytes(v)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(tree_specs(), min_size=1, max_size=4))
+def test_random_tree_sequences(tmp_path_factory, specs):
+    from chunkvault import Repository
+
+    base = tmp_path_factory.mktemp("seq")
+    repo = Repository.init(str(base / "repo"), "pw", kdf_seconds=0)
+    src = base / "src"
+    states = []
+    for i, spec in enumerate(specs):
+        if src.exists():
+            shutil.rmtree(src)
+        src.mkdir()
+        build(src, spec)
+        os.utime(src, ns=(10**18 + i, 10**18 + i))
+        snap = repo.backup([str(src)]).snapshot
+        states.append((snap, describe(src)))
+    for i, (snap, tree) in enumerate(states):
+        out = base / f"out{i}"
+        repo.restore(snap.id, str(out))
+        assert describe(out) == tree

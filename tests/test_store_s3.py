@@ -1,0 +1,57 @@
+"""The store over S3 (moto as a real HTTP server): backup, restore, check, two writers at once."""
+import os
+import subprocess
+import sys
+
+from chunkvault import Repository
+from servers_s3 import moto_s3, s3_bucket, s3_bucket_factory  # noqa: F401
+from treeutil import describe
+
+
+def make_tree(root, seed):
+    root.mkdir()
+    rnd = __import__("random").Random(seed)
+    for i in range(5):
+        (root / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(1, 400_000)))
+    (root / "shared").write_bytes(__import__("random").Random(0).randbytes(600_000))
+
+
+def test_backup_restore_check_over_s3(tmp_path, s3_bucket, monkeypatch, password):
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    make_tree(src, 1)
+    repo = Repository.init(s3_bucket.url, password, kdf_seconds=0, pack_size=200_000, **s3_bucket.options)
+    repo.backup([str(src)])
+    (src / "f1").write_bytes(b"changed")
+    repo.backup([str(src)])
+    repo.close()
+    repo = Repository.open(s3_bucket.url, password, **s3_bucket.options)
+    snaps = repo.snapshots()
+    assert [s.kind for s in snaps] == ["full", "diff"]
+    out = tmp_path / "out"
+    repo.restore("latest", str(out))
+    assert describe(out) == describe(src)
+    assert repo.check(read_data=True).ok
+
+
+def test_two_clients_back_up_at_once(tmp_path, s3_bucket, password):
+    env = {**os.environ, **s3_bucket.env, "CHUNKVAULT_PASSWORD": password,
+           "CHUNKVAULT_CACHE_DIR": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, "-m", "chunkvault.cli", "init", "-r", s3_bucket.url, "--kdf-time", "0",
+                    "--pack-size", "100k"], env=env, check=True, capture_output=True)
+    for name in ("a", "b"):
+        make_tree(tmp_path / name, ord(name))
+    procs = [subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "backup", "-r", s3_bucket.url,
+                               str(tmp_path / name), "--host", name], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in ("a", "b")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()
+    repo = Repository.open(s3_bucket.url, password, **s3_bucket.options)
+    snaps = repo.snapshots()
+    assert sorted(s.host for s in snaps) == ["a", "b"]
+    assert repo.check(read_data=True).ok
+    for s in snaps:
+        out = tmp_path / f"out-{s.host}"
+        repo.restore(s.id, str(out))
+        assert describe(out) == describe(tmp_path / s.host)

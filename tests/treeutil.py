@@ -1,0 +1,42 @@
+"""Describe a directory tree completely, to compare a restore with its source."""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+
+def describe(root: str | bytes, *, owners: bool = False, times: bool = True) -> dict[bytes, tuple]:
+    """path -> (kind, mode, [mtime_ns], size, content digest / link target, hardlink group)."""
+    root_b = os.fsencode(root)
+    out: dict[bytes, tuple] = {}
+    inodes: dict[tuple[int, int], bytes] = {}
+    for dirpath, dirnames, filenames in os.walk(root_b):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root_b)
+            st = os.lstat(full)
+            mode = stat.S_IMODE(st.st_mode)
+            link_group = b""
+            if stat.S_ISDIR(st.st_mode):
+                kind, size, what = "dir", 0, b""
+            elif stat.S_ISLNK(st.st_mode):
+                kind, size, what = "symlink", 0, os.readlink(full)
+                mode = 0
+            elif stat.S_ISREG(st.st_mode):
+                kind, size = "file", st.st_size
+                with open(full, "rb") as f:
+                    what = hashlib.sha256(f.read()).digest()
+                if st.st_nlink > 1:
+                    link_group = inodes.setdefault((st.st_dev, st.st_ino), rel)
+            elif stat.S_ISFIFO(st.st_mode):
+                kind, size, what = "fifo", 0, b""
+            else:
+                kind, size, what = "other", 0, b""
+            t = st.st_mtime_ns if times and kind != "symlink" else 0
+            owner = (st.st_uid, st.st_gid) if owners else ()
+            out[rel] = (kind, mode, t, size, what, link_group, owner)
+    st = os.stat(root_b)
+    out[b"."] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns if times else 0)
+    return out
