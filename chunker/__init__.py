@@ -1,205 +1,181 @@
 """Content-defined chunking: bytes in, cut points out. Knows nothing of storage.
 
-A FastCDC-style gear hash with normalized chunking, keyed by a 32-byte
-secret so that chunk boundaries do not fingerprint content.  The C kernel
-(`_fastcdc`) does every per-byte step with the GIL released; `reference`
-is the same algorithm in plain Python, for tests.  The algorithm is
-specified in FORMAT.md beside this file; boundaries are part of the
-repository format and never change silently.
+A FastCDC-style gear hash with normalized chunking, keyed by a 32-byte secret
+so that chunk boundaries do not fingerprint content.  The C kernel
+(``_fastcdc``) does every per-byte step with the GIL released; ``reference``
+is the same algorithm in plain Python, for tests.  The algorithm is specified
+in FORMAT.md beside this file: boundaries are part of the repository format
+and never change silently.
 """
 from __future__ import annotations
 
-import array
-from dataclasses import asdict, dataclass
-from typing import Any, BinaryIO, Iterator
+from array import array
+from typing import Any, BinaryIO, Iterator, Union
 
 import blake3
 
 from . import _fastcdc
+from .params import DEFAULT_PARAMS, ChunkerParams
+from .reference import ReferenceStream, reference_cut_points
 
-__all__ = ["Chunker", "ChunkerParams", "DEFAULT_PARAMS", "UNKEYED_SECRET", "StreamChunker", "gear_table"]
+__all__ = [
+    "Chunker",
+    "ChunkerParams",
+    "DEFAULT_PARAMS",
+    "GEAR_CONTEXT",
+    "Stream",
+    "StreamChunker",
+    "UNKEYED_SECRET",
+    "gear_table",
+    "gear_table_bytes",
+]
 
-#: The secret of the documented "unkeyed" gear table: for test vectors only.
+#: The secret of the documented "unkeyed" gear table: for test vectors only,
+#: never for a repository (its boundaries would be the same for everyone).
 UNKEYED_SECRET = bytes(32)
-GEAR_CONTEXT = b"chunkvault gear table v1"
-MIN_CHUNK = 64
-MAX_CHUNK = 64 << 20
+#: Input of the keyed BLAKE3 XOF that yields the gear table.
+GEAR_CONTEXT = b"chunkvault chunker gear table v1"
 
-
-@dataclass(frozen=True)
-class ChunkerParams:
-    """Chunk sizes in bytes: ``avg_size`` a power of two, ``min_size < avg_size < max_size``."""
-
-    min_size: int = 256 << 10
-    avg_size: int = 1 << 20
-    max_size: int = 8 << 20
-
-    def __post_init__(self) -> None:
-        for name in ("min_size", "avg_size", "max_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-            if not MIN_CHUNK <= v <= MAX_CHUNK:
-                raise ValueError(f"{name}={v} out of range [{MIN_CHUNK}, {MAX_CHUNK}]")
-        if self.avg_size & (self.avg_size - 1):
-            raise ValueError(f"avg_size={self.avg_size} must be a power of two")
-        if not self.min_size < self.avg_size < self.max_size:
-            raise ValueError(f"need min_size < avg_size < max_size, got {self.min_size}, {self.avg_size}, {self.max_size}")
-        if self.min_size > self.normal_size:
-            raise ValueError(f"min_size={self.min_size} must be at most 13/16 of avg_size ({self.normal_size})")
-
-    @property
-    def bits(self) -> int:
-        return self.avg_size.bit_length() - 1
-
-    @property
-    def normal_size(self) -> int:
-        """Where the strict mask gives way to the loose one: 13/16 of avg, so the mean lands near avg."""
-        return self.avg_size - (self.avg_size >> 3) - (self.avg_size >> 4)
-
-    @property
-    def mask_strict(self) -> int:
-        return _top_bits(self.bits + 2)
-
-    @property
-    def mask_loose(self) -> int:
-        return _top_bits(max(self.bits - 2, 1))
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ChunkerParams":
-        try:
-            return cls(int(d["min_size"]), int(d["avg_size"]), int(d["max_size"]))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"bad chunker parameters {d!r}") from exc
-
-
-def _top_bits(n: int) -> int:
-    """A mask of the ``n`` most significant bits of a 64-bit word (they depend on the last 64 bytes)."""
-    return ((1 << n) - 1) << (64 - n)
-
-
-DEFAULT_PARAMS = ChunkerParams()
+Buffer = Union[bytes, bytearray, memoryview, Any]
 
 
 def _check_secret(secret: Any) -> bytes:
-    if not isinstance(secret, (bytes, bytearray, memoryview)):
-        raise TypeError(f"secret must be bytes, not {type(secret).__name__}")
-    secret = bytes(secret)
+    if not isinstance(secret, (bytes, bytearray)):
+        raise TypeError(f"chunker secret must be bytes, not {type(secret).__name__}")
     if len(secret) != 32:
-        raise ValueError(f"secret must be 32 bytes, got {len(secret)}")
-    return secret
+        raise ValueError(f"chunker secret must be 32 bytes, got {len(secret)}")
+    return bytes(secret)
 
 
 def gear_table_bytes(secret: bytes) -> bytes:
-    """2048 bytes: BLAKE3 keyed with the secret, XOF over the context string."""
+    """The 2048-byte table: BLAKE3 keyed with `secret`, XOF output over GEAR_CONTEXT."""
     return blake3.blake3(GEAR_CONTEXT, key=_check_secret(secret)).digest(length=2048)
 
 
 def gear_table(secret: bytes) -> tuple[int, ...]:
+    """The 256 gear values: the table bytes read as little-endian u64."""
     raw = gear_table_bytes(secret)
-    return tuple(int.from_bytes(raw[i : i + 8], "little") for i in range(0, 2048, 8))
+    return tuple(int.from_bytes(raw[i:i + 8], "little") for i in range(0, 2048, 8))
 
 
-def _as_buffer(data: Any) -> memoryview:
+def _u64_array(raw: bytes) -> array:
+    out = array("Q")
+    out.frombytes(raw)
+    return out
+
+
+def _byte_view(data: Any) -> memoryview:
+    """A flat byte view, with the same errors as the C kernel gives."""
     try:
         view = memoryview(data)
     except TypeError:
         raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
     if not view.c_contiguous:
         raise ValueError("data must be a C-contiguous buffer")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    return view.cast("B") if (view.format, view.ndim) != ("B", 1) else view
+
+
+class Stream:
+    """Chunking state of one stream: feed buffers of any size, in order.
+
+    ``feed`` returns the LENGTHS of the chunks that end inside the buffer just
+    fed (the first may have started in earlier buffers); ``finish`` returns the
+    length of the last, partial chunk, if any.  Concatenated, these lengths are
+    exactly the chunks of ``cut_points`` over the whole stream, wherever the
+    buffer boundaries fall.  The state is two integers, so feeding costs no
+    copy and no re-scan.
+    """
+
+    def __init__(self, impl: Any, python: bool):
+        self._impl = impl
+        self._python = python
+
+    @property
+    def pending(self) -> int:
+        """Bytes of the current, unfinished chunk (at most max_size - 1)."""
+        return int(self._impl.pending)
+
+    def feed(self, data: Buffer) -> array:
+        if self._python:
+            return self._impl.feed(_byte_view(data))
+        return _u64_array(self._impl.feed(data))
+
+    def finish(self) -> array:
+        """The last chunk's length (empty if the stream ended on a cut); the stream starts afresh."""
+        if self._python:
+            return self._impl.finish()
+        return _u64_array(self._impl.finish())
+
+
+#: Older name of :class:`Stream`.
+StreamChunker = Stream
 
 
 class Chunker:
-    """Cuts data into content-defined chunks for one secret and one parameter set."""
+    """Cuts data into content-defined chunks for one secret and one parameter set.
+
+    Immutable and thread-safe: threads may share one Chunker (each stream
+    belongs to one thread at a time).
+    """
 
     def __init__(self, secret: bytes, params: ChunkerParams = DEFAULT_PARAMS, *, implementation: str = "c"):
         if not isinstance(params, ChunkerParams):
-            raise TypeError("params must be a ChunkerParams")
+            raise TypeError(f"params must be a ChunkerParams, not {type(params).__name__}")
         if implementation not in ("c", "python"):
-            raise ValueError("implementation must be 'c' or 'python'")
+            raise ValueError(f"implementation must be 'c' or 'python', not {implementation!r}")
+        raw = gear_table_bytes(secret)
         self.params = params
         self.implementation = implementation
-        self._gear = gear_table_bytes(secret)
-        p = params
-        self._args = (p.min_size, p.normal_size, p.max_size, p.mask_strict, p.mask_loose)
-        if implementation == "python":
-            from .reference import ReferenceKernel
+        self._gear = tuple(int.from_bytes(raw[i:i + 8], "little") for i in range(0, 2048, 8))
+        self._cutter = _fastcdc.Cutter(raw, params.min_size, params.max_size, params.normal_size,
+                                       params.mask_s, params.mask_l)
 
-            self._ref = ReferenceKernel(gear_table(secret), *self._args)
+    def cut_points(self, data: Buffer) -> array:
+        """End offsets of every chunk of `data` taken as a complete stream (last == len(data))."""
+        if self.implementation == "python":
+            return reference_cut_points(_byte_view(data), self._gear, self.params)
+        return _u64_array(self._cutter.cut_points(data))
 
-    def _cuts(self, view: memoryview, final: bool) -> array.array:
-        out = array.array("Q")
-        if self.implementation == "c":
-            out.frombytes(_fastcdc.cut_points(self._gear, view, *self._args, final))
-        else:
-            out.extend(self._ref.cut_points(view, final))
-        return out
+    def stream(self) -> Stream:
+        """Fresh incremental state for one stream (see :class:`Stream`)."""
+        if self.implementation == "python":
+            return Stream(ReferenceStream(self._gear, self.params), True)
+        return Stream(self._cutter.stream(), False)
 
-    def cut_points(self, data: Any) -> array.array:
-        """End offsets of every chunk of ``data`` taken as a complete stream."""
-        return self._cuts(_as_buffer(data), True)
+    def chunks(self, fileobj: BinaryIO, bufsize: int = 8 << 20, size_hint: int | None = None) -> Iterator[bytes]:
+        """Each chunk of a binary stream, read in bounded memory (about bufsize + max_size).
 
-    def stream(self) -> "StreamChunker":
-        return StreamChunker(self)
-
-    def chunks(self, fileobj: BinaryIO, bufsize: int = 8 << 20) -> Iterator[bytes]:
-        """Each chunk of a binary stream, read in bounded memory; cuts equal ``cut_points`` of the whole."""
-        size = max(int(bufsize), 2 * self.params.max_size)
-        buf = bytearray(size)
+        Cuts equal ``cut_points`` of the whole stream.  ``size_hint`` (e.g. a
+        file's size) shrinks the read buffer for small files.
+        """
+        if not isinstance(bufsize, int) or isinstance(bufsize, bool) or bufsize <= 0:
+            raise ValueError(f"bufsize must be a positive int, got {bufsize!r}")
+        if size_hint is not None:
+            bufsize = max(1, min(bufsize, int(size_hint) + 1))
+        readinto = getattr(fileobj, "readinto", None)
+        if readinto is None:
+            raise TypeError(f"chunks() needs a binary stream with readinto(), not {type(fileobj).__name__}")
+        stream = self.stream()
+        buf = bytearray(bufsize)
         view = memoryview(buf)
-        filled = 0
-        eof = False
+        carry = bytearray()  # the unfinished chunk's bytes from earlier buffers
         while True:
-            while not eof and filled < size:
-                n = fileobj.readinto(view[filled:])
-                if not n:
-                    eof = True
-                else:
-                    filled += n
-            if filled == 0:
-                return
+            n = readinto(view)
+            if n is None:
+                raise BlockingIOError("chunks() needs a blocking stream: readinto() returned None")
+            if n == 0:
+                break
+            data = view[:n]
             start = 0
-            for end in self._cuts(view[:filled], eof):
-                yield bytes(view[start:end])
+            for length in stream.feed(data):
+                end = start + length - len(carry)
+                if carry:
+                    carry += data[start:end]
+                    yield bytes(carry)
+                    carry = bytearray()
+                else:
+                    yield bytes(data[start:end])
                 start = end
-            if eof:
-                return
-            buf[: filled - start] = view[start:filled]
-            filled -= start
-
-
-class StreamChunker:
-    """Incremental chunking: feed buffers of any size, get the lengths of chunks completed so far."""
-
-    def __init__(self, chunker: Chunker):
-        self._chunker = chunker
-        self._pending = bytearray()
-        self._done = False
-
-    def feed(self, data: Any) -> array.array:
-        """Lengths of the chunks that ``data`` completes (cut decided), in order."""
-        if self._done:
-            raise ValueError("feed() after finish()")
-        self._pending += _as_buffer(data)
-        return self._take(False)
-
-    def finish(self) -> array.array:
-        """Lengths of the remaining chunks (at most one partial) at the end of the stream."""
-        if self._done:
-            raise ValueError("finish() called twice")
-        self._done = True
-        return self._take(True)
-
-    def _take(self, final: bool) -> array.array:
-        cuts = self._chunker._cuts(memoryview(self._pending), final)
-        lengths = array.array("Q")
-        prev = 0
-        for c in cuts:
-            lengths.append(c - prev)
-            prev = c
-        del self._pending[:prev]
-        return lengths
+            carry += data[start:]
+        if stream.finish():
+            yield bytes(carry)

@@ -1,37 +1,77 @@
-"""The chunking algorithm in plain Python: slow, obvious, and the tests' yardstick."""
+"""Pure-Python reference of the cut-point algorithm, written as plainly as FORMAT.md.
+
+Slow (a few MB/s); it exists so the C extension can be checked against an
+independent, obviously-correct statement of the same rules.
+"""
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from array import array
+from typing import Sequence
 
-MASK64 = (1 << 64) - 1
+from .params import GEAR_WINDOW, ChunkerParams
+
+_M64 = (1 << 64) - 1
 
 
-class ReferenceKernel:
-    def __init__(self, gear: Sequence[int], min_size: int, normal: int, max_size: int, mask_s: int, mask_l: int):
-        self.gear = list(gear)
-        self.min, self.normal, self.max = min_size, normal, max_size
-        self.mask_s, self.mask_l = mask_s, mask_l
+class ReferenceStream:
+    """Per-byte state machine: (hash, length of the current chunk)."""
 
-    def find_cut(self, data: memoryview, start: int, final: bool) -> int:
-        """Length of the chunk starting at ``start``, or 0 when it is not decided yet."""
-        n = len(data) - start
-        if n <= self.min:
-            return n if final else 0
-        limit = min(n, self.max)
-        mid = min(self.normal, limit)
-        h = 0
-        gear = self.gear
-        for i in range(self.min, limit):
-            h = ((h << 1) + gear[data[start + i]]) & MASK64
-            if not h & (self.mask_s if i < mid else self.mask_l):
-                return i + 1
-        return limit if (limit == self.max or final) else 0
+    def __init__(self, gear: Sequence[int], params: ChunkerParams):
+        if len(gear) != 256:
+            raise ValueError("gear table must have 256 entries")
+        self._gear = tuple(gear)
+        self._min = params.min_size
+        self._max = params.max_size
+        self._normal = params.normal_size
+        self._mask_s = params.mask_s
+        self._mask_l = params.mask_l
+        self._h = 0
+        self._pos = 0
 
-    def cut_points(self, data: memoryview, final: bool) -> Iterator[int]:
-        pos = 0
-        while pos < len(data):
-            c = self.find_cut(data, pos, final)
-            if c == 0:
-                return
-            pos += c
-            yield pos
+    @property
+    def pending(self) -> int:
+        """Bytes of the chunk not yet completed."""
+        return self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> array:
+        """Lengths of the chunks that end inside `data`."""
+        mv = memoryview(data).cast("B")
+        out = array("Q")
+        gear, lo, hi, normal = self._gear, self._min, self._max, self._normal
+        mask_s, mask_l = self._mask_s, self._mask_l
+        h, pos = self._h, self._pos
+        i, n = 0, len(mv)
+        hash_from = lo - GEAR_WINDOW
+        while i < n:
+            if pos < hash_from:
+                # Bytes before min_size - 64 never reach a tested hash; h stays 0.
+                step = min(hash_from - pos, n - i)
+                pos += step
+                i += step
+                continue
+            h = ((h << 1) + gear[mv[i]]) & _M64
+            pos += 1
+            i += 1
+            if pos == hi or (pos >= lo and h & (mask_s if pos <= normal else mask_l) == 0):
+                out.append(pos)
+                h = pos = 0
+        self._h, self._pos = h, pos
+        return out
+
+    def finish(self) -> array:
+        """The last, partial chunk's length (if any); the stream starts afresh."""
+        out = array("Q", [self._pos] if self._pos else [])
+        self._h = self._pos = 0
+        return out
+
+
+def reference_cut_points(data: bytes | bytearray | memoryview, gear: Sequence[int],
+                         params: ChunkerParams) -> array:
+    """End offsets of all chunks of `data` as one complete stream."""
+    s = ReferenceStream(gear, params)
+    out = array("Q")
+    total = 0
+    for length in list(s.feed(data)) + list(s.finish()):
+        total += length
+        out.append(total)
+    return out

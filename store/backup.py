@@ -197,7 +197,8 @@ class Backup:
             pos += loc.raw_length
         return out
 
-    def _read_stream(self, f: BinaryIO, rel: bytes, prev: Entry | None) -> tuple[bytes, bytes, int]:
+    def _read_stream(self, f: BinaryIO, rel: bytes, prev: Entry | None,
+                     size_hint: int | None = None) -> tuple[bytes, bytes, int]:
         """(digest, chunk ids, size) of a stream, storing its new chunks."""
         assert self.writer is not None
         bases = self._delta_bases(rel, prev)
@@ -205,7 +206,7 @@ class Backup:
         hasher = blake3.blake3()
         ids = bytearray()
         pos = 0
-        for chunk in self.repo.chunker.chunks(f):
+        for chunk in self.repo.chunker.chunks(f, size_hint=size_hint):
             n = len(chunk)
             hasher.update(chunk)
             bid = self.repo.blob_id(chunk)
@@ -245,7 +246,7 @@ class Backup:
             return e
         with os.fdopen(fd, "rb", buffering=0) as f:
             try:
-                e.digest, e.chunks, e.size = self._read_stream(f, rel, prev)
+                e.digest, e.chunks, e.size = self._read_stream(f, rel, prev, st.st_size)
             except OSError as exc:
                 self._unreadable(rel, path, exc)
                 e.flags |= F_UNREADABLE

@@ -206,7 +206,7 @@ class BlobIndex:
                     left[won] = False
                     pending = pending[left]
                 nxt = pos[pending] + 1
-                nxt[nxt == slots] = 0
+                pass
                 pos[pending] = nxt
 
     def _probe(self, blob_id: bytes) -> tuple[int, int]:
@@ -321,7 +321,7 @@ class BlobIndex:
 
     def _add_batch(self, q: np.ndarray, cols: list[np.ndarray], fcol: np.ndarray) -> int:
         new = np.nonzero(self._find_many(q) < 0)[0]
-        pass
+        new = _first_occurrences(q, new)
         k = len(new)
         if not k:
             return 0

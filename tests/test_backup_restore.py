@@ -137,18 +137,36 @@ def test_stream_backup_and_open_file(tmp_path, new_repo):
         repo.open_file(snap2, "nope")
 
 
-def test_unreadable_file_is_recorded_and_backup_goes_on(tmp_path, new_repo):
-    if os.geteuid() == 0:
-        pytest.skip("root reads every file; covered by the CLI test with a directory it cannot list")
+def test_unreadable_file_is_recorded_and_backup_goes_on(tmp_path, new_repo, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()
     (src / "ok").write_bytes(b"ok")
     (src / "secret").write_bytes(b"no")
-    os.chmod(src / "secret", 0)
+    (src / "gone").write_bytes(b"vanishes")
+    real_open = os.open
+
+    def failing_open(path, flags, *args):
+        name = os.path.basename(os.fsdecode(path))
+        if name == "secret":  # root reads every file, so the permission error is simulated
+            raise PermissionError(13, "Permission denied")
+        if name == "gone":
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_open(path, flags, *args)
+
     repo = new_repo()
+    monkeypatch.setattr("chunkvault.store.backup.os.open", failing_open)
     result = repo.backup([str(src)])
+    monkeypatch.undo()
     assert result.partial
-    assert "secret" in result.snapshot.stats["unreadable"]
+    assert result.snapshot.stats["unreadable"] == ["secret"]
+    assert any("vanished" in w for w in result.warnings)
+    names = {e.path for e in repo.tree(result.snapshot)}
+    assert b"ok" in names and b"secret" in names and b"gone" not in names
+    # the next backup reads it again rather than trusting the empty record
+    second = repo.backup([str(src)])
+    assert not second.partial
+    with repo.open_file(second.snapshot, "secret") as f:
+        assert f.read() == b"no"
 
 
 def test_special_and_odd_entries_modes(tmp_path, new_repo):
