@@ -151,7 +151,7 @@ class Chunker:
         if not isinstance(bufsize, int) or isinstance(bufsize, bool) or bufsize <= 0:
             raise ValueError(f"bufsize must be a positive int, got {bufsize!r}")
         if size_hint is not None:
-            bufsize = max(1, min(bufsize, int(size_hint) + 1))
+            bufsize = min(bufsize, max(int(size_hint) + 1, 64 << 10))
         readinto = getattr(fileobj, "readinto", None)
         if readinto is None:
             raise TypeError(f"chunks() needs a binary stream with readinto(), not {type(fileobj).__name__}")

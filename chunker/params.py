@@ -39,9 +39,9 @@ class ChunkerParams:
     simply ``avg_size``).
     """
 
-    min_size: int = 512 << 10
-    avg_size: int = 2 << 20
-    max_size: int = 8 << 20
+    min_size: int = 64 << 10
+    avg_size: int = 256 << 10
+    max_size: int = 2 << 20
 
     def __post_init__(self) -> None:
         for key in _KEYS:

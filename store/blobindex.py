@@ -35,7 +35,7 @@ _M64 = (1 << 64) - 1
 _MAX_LOAD = 0.7  # rebuild the table above this load...
 _TARGET_LOAD = 0.56  # ...to this one (x1.25 slots), keeping table bytes per entry in [5.7, 7.2]
 _MIN_SLOTS = 16
-_BATCH = 1 << 20  # rows per vectorised step: bounds temporary memory on huge inputs
+_BATCH = 1 << 18  # rows per vectorised step: bounds temporary memory on huge inputs
 
 
 class BlobLocation(NamedTuple):
@@ -206,7 +206,7 @@ class BlobIndex:
                     left[won] = False
                     pending = pending[left]
                 nxt = pos[pending] + 1
-                pass
+                nxt[nxt == slots] = 0
                 pos[pending] = nxt
 
     def _probe(self, blob_id: bytes) -> tuple[int, int]:

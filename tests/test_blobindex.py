@@ -210,3 +210,46 @@ def test_two_million_entries_bulk_then_lookups():
     assert index.memory_bytes() / len(index) <= 64
     assert index.remove_packs(set(range(500))) == 1_000_000
     assert index.contains_many(ids).sum() == 1_000_000
+
+
+def test_probes_wrap_around_the_table_end():
+    """Ids whose home is the last slot: their probe sequences run off the end and restart at slot 0."""
+    from chunkvault.store import blobindex
+
+    index = BlobIndex()
+    slots = index._slots
+    rng = np.random.default_rng(3)
+    cand = rng.integers(0, 256, (20000, 32), dtype=np.uint8)
+    last = cand[blobindex._home(cand.view("<u8")[:, 0], slots) == slots - 1][:8]
+    assert len(last) == 8 and 8 < slots * 0.7
+    index.add_many(last[:4], 1, 0, 0, 0)
+    for row in last[4:]:
+        assert index.add(row.tobytes(), 2, 0, 0, 0)
+    assert index._slots == slots  # no rebuild happened: the table really wrapped
+    assert index.contains_many(last).all()
+    assert all(row.tobytes() in index for row in last)
+
+
+def test_small_internal_batches_match_model(monkeypatch):
+    """Batching of the vectorised paths, exercised with tiny batches against a dict model."""
+    from chunkvault.store import blobindex
+
+    monkeypatch.setattr(blobindex, "_BATCH", 7)
+    rng = np.random.default_rng(5)
+    index, model = BlobIndex(), {}
+    universe = rng.integers(0, 256, (400, 32), dtype=np.uint8)
+    for round_no in range(30):
+        pick = rng.integers(0, len(universe), int(rng.integers(1, 60)))
+        batch = universe[pick]
+        pack = round_no % 6  # one pack per round: removals leave whole untouched batches behind
+        added = index.add_many(batch, pack, pick, 1, 2)
+        before = len(model)
+        for i, row in zip(pick.tolist(), batch):
+            model.setdefault(row.tobytes(), BlobLocation(pack, i, 1, 2, 0))
+        assert added == len(model) - before
+        if round_no % 7 == 6:
+            gone = {int(rng.integers(0, 6))}
+            assert index.remove_packs(gone) == sum(v.pack_no in gone for v in model.values())
+            model = {k: v for k, v in model.items() if v.pack_no not in gone}
+        assert list(index.items()) == list(model.items())
+        assert index.contains_many(universe).tolist() == [r.tobytes() in model for r in universe]

@@ -200,8 +200,8 @@ def test_unknown_profile_is_a_usage_error(s3_bucket):
         _open(s3_bucket, profile="no-such-profile")
 
 
-def test_unreachable_endpoint_is_transient():
-    port = free_port()  # nothing listens there
+def test_unreachable_endpoint_is_transient(moto_s3):
+    port = free_port()  # nothing listens there; moto_s3 only supplies the test credentials
     with open_remote("s3://bucket/repo", endpoint_url=f"http://127.0.0.1:{port}", connect_timeout=2) as remote:
         for call in (lambda: remote.get("config"), lambda: remote.put("config", b"c"), lambda: remote.stat("x")):
             with pytest.raises(RemoteUnavailable, match=f"127.0.0.1:{port}"):

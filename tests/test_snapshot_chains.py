@@ -120,31 +120,46 @@ def test_snapshot_prefixes(tmp_path, new_repo):
         repo.snapshot("zz")
 
 
-names = st.sampled_from(["a", "b", "c", "a.b", "d-"])
+names = st.sampled_from(["a", "b", "c", "a.b", "d-", "new\nline", "\udcff\udcfe-not-utf8", "sp ace"])
 
 
 @st.composite
 def tree_specs(draw, depth=0):
     spec = {}
     for name in draw(st.sets(names, max_size=4)):
-        kind = draw(st.sampled_from(["file", "empty", "dir", "link"] if depth < 2 else ["file", "empty", "link"]))
+        kinds = ["file", "empty", "link", "fifo", "sparse", "hardlink"] + (["dir"] if depth < 2 else [])
+        kind = draw(st.sampled_from(kinds))
         if kind == "dir":
             spec[name] = draw(tree_specs(depth=depth + 1))
         elif kind == "link":
             spec[name] = ("link", draw(names))
+        elif kind in ("fifo", "sparse", "hardlink"):
+            spec[name] = (kind, draw(st.integers(1, 3_000_000)))
         else:
             spec[name] = b"" if kind == "empty" else draw(st.binary(min_size=1, max_size=3000))
     return spec
 
 
-def build(root, spec):
+def build(root, spec, top=None):
+    top = top or root
     for name, v in spec.items():
         p = root / name
         if isinstance(v, dict):
             p.mkdir()
-            build(p, v)
-        elif isinstance(v, tuple):
+            build(p, v, top)
+        elif isinstance(v, tuple) and v[0] == "link":
             os.symlink(v[1], p)
+        elif isinstance(v, tuple) and v[0] == "fifo":
+            os.mkfifo(p)
+        elif isinstance(v, tuple) and v[0] == "sparse":
+            with open(p, "wb") as f:
+                f.seek(v[1])
+                f.write(b"x")
+        elif isinstance(v, tuple):
+            anchor = top / ".hardlink-anchor"
+            if not anchor.exists():
+                anchor.write_bytes(b"shared inode %d" % v[1])
+            os.link(anchor, p)
         else:
             p.write_bytes(v)
 
