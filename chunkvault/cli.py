@@ -325,16 +325,45 @@ def _policy(args: argparse.Namespace) -> Any:
     return policy_from_dict(table) if table else None
 
 
+def _share(text: str) -> float:
+    t = text.strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a share: {text!r} (e.g. 5% or 0.05)") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"share out of range: {text!r}")
+    return v
+
+
+def _report_prune(args: argparse.Namespace, plan: Any) -> None:
+    if args.json:
+        _emit_json({"dry_run": args.dry_run, **plan.to_dict()})
+    elif not args.quiet:
+        verb = "would" if args.dry_run else "did"
+        print(f"prune {verb} delete {len(plan.delete)} pack(s) and {len(plan.orphans)} unindexed pack(s), "
+              f"repack {len(plan.repack)} ({_human(plan.repacked_bytes)} moved), keep {len(plan.keep)}; "
+              f"frees {_human(plan.freed_bytes)}; {plan.live_blobs} blobs live, {plan.unused_blobs} unused")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    _report_prune(args, repo.prune(max_unused=args.max_unused, dry_run=args.dry_run, wait=args.wait))
+    return 0
+
+
 def cmd_forget(args: argparse.Namespace) -> int:
     repo = _open(args)
     plan = repo.forget(args.snapshots, policy=_policy(args), dry_run=args.dry_run)
+    pruned = repo.prune(max_unused=args.max_unused, dry_run=args.dry_run, wait=args.wait) if args.prune else None
     removed = set(plan.remove)
     if args.json:
         _emit_json({"dry_run": args.dry_run,
                     "decisions": [{"id": d.snapshot_id, "keep": d.keep, "reasons": list(d.reasons)}
                                   for d in plan.decisions],
                     "rebased": [{"id": r.diff_id, "merged": r.merge_ids, "new_parent": r.new_parent}
-                                for r in plan.rebases]})
+                                for r in plan.rebases],
+                    "prune": pruned.to_dict() if pruned is not None else None})
     elif not args.quiet:
         for d in plan.decisions:
             print(f"{'keep  ' if d.keep else 'remove'}  {d.snapshot_id[:8]}  {', '.join(d.reasons)}")
@@ -343,6 +372,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
             print(f"rebase  {r.diff_id[:8]}  {target}, merging {' '.join(m[:8] for m in r.merge_ids)}")
         verb = "would remove" if args.dry_run else "removed"
         print(f"{verb} {len(removed)} snapshot(s), {'would rebase' if args.dry_run else 'rebased'} {len(plan.rebases)}")
+        if pruned is not None:
+            _report_prune(args, pruned)
     return 0
 
 
@@ -467,7 +498,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", help="a named retention preset from --config")
     s.add_argument("--config", help="TOML file with [presets.NAME] tables")
     s.add_argument("--dry-run", "-n", action="store_true", help="show what would happen; change nothing")
+    s.add_argument("--prune", action="store_true", help="prune afterwards")
+    s.add_argument("--max-unused", type=_share, default=0.05, help="repack packs with more unused than this (default 5%%)")
+    s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for running backups")
     s.set_defaults(func=cmd_forget)
+
+    s = sub.add_parser("prune", parents=[common], help="delete data no snapshot needs, compact packs and index")
+    s.add_argument("--dry-run", "-n", action="store_true", help="report what would be removed and freed")
+    s.add_argument("--max-unused", type=_share, default=0.05, help="repack packs with more unused than this (default 5%%)")
+    s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for running backups")
+    s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("check", parents=[common], help="verify the repository")
     s.add_argument("--read-data", action="store_true", help="decrypt, decompress and re-hash every blob")

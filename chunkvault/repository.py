@@ -22,6 +22,7 @@ from .store.check import Checker, CheckReport
 from .store.config import Settings
 from .store.lifecycle import ForgetPlan, apply_forget, plan_forget
 from .store.manifest import T_FILE, T_HARDLINK, Entry, Record, sort_key
+from .store.prune import PrunePlan, prune
 from .store.repository import Repo
 from .store.retention import RetentionPolicy
 from .store.restore import Restorer, RestoreOptions, RestoreResult
@@ -179,6 +180,10 @@ class Repository:
         if not dry_run:
             apply_forget(self._repo, snaps, plan)
         return plan
+
+    def prune(self, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0) -> PrunePlan:
+        """Delete packs no snapshot needs; repack those more than ``max_unused`` unused."""
+        return prune(self._repo, max_unused=max_unused, dry_run=dry_run, wait=wait)
 
     # --- keys ----------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from .manifest import (
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK,
     Entry, ManifestStats, Record, delete_record, sort_key,
 )
+from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, now_iso
@@ -46,6 +47,7 @@ class BackupOptions:
     delta: bool = True
     no_delta: list[str] = field(default_factory=list)  # globs of paths never stored as deltas
     delta_margin: float = 0.1
+    lock_wait: float = 3600.0  # how long to wait for a running prune
     progress: Callable[[dict], None] | None = None
 
 
@@ -361,6 +363,13 @@ class Backup:
 
     def run(self, roots: list[tuple[bytes, bytes]] | None, paths: list[str], *,
             stream: BinaryIO | None = None, stdin_name: str | None = None) -> BackupResult:
+        with RepoLock(self.repo.remote, SHARED, "backup", wait=self.opt.lock_wait):
+            # Read the index only under the lock: a prune cannot drop what this backup dedups against.
+            self.repo.load_index()
+            return self._run(roots, paths, stream=stream, stdin_name=stdin_name)
+
+    def _run(self, roots: list[tuple[bytes, bytes]] | None, paths: list[str], *,
+             stream: BinaryIO | None, stdin_name: str | None) -> BackupResult:
         started = time.monotonic()
         repo = self.repo
         host = self.opt.host or socket.gethostname()

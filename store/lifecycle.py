@@ -13,6 +13,7 @@ from functools import reduce
 from typing import Iterable, Iterator, NamedTuple
 
 from . import chain
+from .locks import SHARED, RepoLock
 from .manifest import OP_DELETE, Record
 from .manifest_io import ManifestWriter
 from .repository import Repo
@@ -87,9 +88,11 @@ def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep) -> Snapshot:
     return repo.save_snapshot(snap, replace=True)
 
 
-def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan) -> list[Snapshot]:
+def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan, *, lock_wait: float = 3600.0) -> list[Snapshot]:
     """Rebase, then delete. Returns the rebased snapshots."""
-    rebased = [rebase(repo, snapshots, step) for step in plan.rebases]
-    for sid in plan.remove:
-        repo.delete_snapshot(sid)
+    with RepoLock(repo.remote, SHARED, "forget", wait=lock_wait):
+        repo.load_index()
+        rebased = [rebase(repo, snapshots, step) for step in plan.rebases]
+        for sid in plan.remove:
+            repo.delete_snapshot(sid)
     return rebased

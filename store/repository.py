@@ -503,8 +503,8 @@ class BlobWriter:
         self._last_index = time.monotonic()
         return batch
 
-    def flush(self) -> None:
-        """Upload the partial pack and wait for every upload; write the remaining index."""
+    def flush(self, *, write_index: bool = True) -> None:
+        """Upload the partial pack and wait for every upload; write the remaining index (or keep it for ``take_index``)."""
         with self._lock:
             part = self._take_builder() if self._builder.entries else None
         if part is not None:
@@ -513,10 +513,17 @@ class BlobWriter:
             f.result()
         if self._error is not None:
             raise self._error
+        if not write_index:
+            return
         with self._lock:
             batch = self._take_index() if self._unindexed.packs else None
         if batch is not None:
             self.index_names.append(self.repo.write_index(batch))
+
+    def take_index(self) -> IndexData:
+        """The index entries of uploaded packs not yet written to an index object."""
+        with self._lock:
+            return self._take_index()
 
     def close(self) -> None:
         self._uploads.shutdown(wait=True)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -360,11 +360,9 @@ def test_parse_duration_units(y, m, w, d, h):
     assert parse_duration(str(got)) == got
 
 
-@pytest.mark.parametrize("text", ["", "7", "d", "3x", "1d2y", "1d1d", "-1d", "1.5d", "7d ", "7 d"])
+@pytest.mark.parametrize("text", ["", "7", "d", "3x", "1d2y", "1d1d", "-1d", "1.5d", "7 d", "1w1w"])
 def test_parse_duration_rejects(text):
-    if text == "7d ":
-        assert parse_duration(text) == Duration(days=7)
-        return
+    assert parse_duration(" 7D ") == Duration(days=7)
     with pytest.raises(UsageError):
         parse_duration(text)
 

@@ -1,0 +1,188 @@
+"""Prune and compaction: free the space no snapshot needs.
+
+Marks every blob reachable from the snapshots (manifest blobs, chunks, and
+the bases of live deltas), then deletes packs with no live blob, repacks
+packs whose unused share exceeds ``max_unused`` (envelopes move unchanged:
+they are sealed to their blob id, not to a pack), and writes one compact
+index that supersedes all others.  Order makes every interruption safe: new
+packs, then the new index, then deletions — killed at any point, every
+snapshot restores and the next prune finishes the job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chunkvault.errors import CorruptObject
+
+from .blob import KIND_DELTA
+from .indexfile import IndexData
+from .locks import EXCLUSIVE, RepoLock
+from .pack import PackEntry
+from .repository import PreparedBlob, Repo, pack_key
+
+
+@dataclass
+class PackUse:
+    pack_id: bytes
+    entries: list[PackEntry]
+    live: list[PackEntry]
+    size: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.length for e in self.entries)
+
+    @property
+    def live_bytes(self) -> int:
+        return sum(e.length for e in self.live)
+
+
+@dataclass
+class PrunePlan:
+    delete: list[PackUse] = field(default_factory=list)
+    repack: list[PackUse] = field(default_factory=list)
+    keep: list[PackUse] = field(default_factory=list)
+    orphans: list[tuple[str, int]] = field(default_factory=list)  # packs in no index: (key, size)
+    index_names: list[str] = field(default_factory=list)
+    live_blobs: int = 0
+    unused_blobs: int = 0
+
+    @property
+    def freed_bytes(self) -> int:
+        return (sum(p.size for p in self.delete) + sum(p.size - p.live_bytes for p in self.repack)
+                + sum(size for _, size in self.orphans))
+
+    @property
+    def repacked_bytes(self) -> int:
+        return sum(p.live_bytes for p in self.repack)
+
+    def to_dict(self) -> dict:
+        return {"delete_packs": len(self.delete), "repack_packs": len(self.repack), "keep_packs": len(self.keep),
+                "orphan_packs": len(self.orphans), "live_blobs": self.live_blobs,
+                "unused_blobs": self.unused_blobs, "freed_bytes": self.freed_bytes,
+                "repacked_bytes": self.repacked_bytes}
+
+
+def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], used: set[bytes],
+                 max_unused: float) -> PrunePlan:
+    """Pure: which packs to delete, repack or keep, given the used blob ids.
+
+    A blob stored in several packs counts as live in the first that holds it.
+    """
+    plan = PrunePlan()
+    placed: set[bytes] = set()
+    for pid in sorted(packs):
+        entries = packs[pid]
+        live = []
+        for e in entries:
+            if e.blob_id in used and e.blob_id not in placed:
+                placed.add(e.blob_id)
+                live.append(e)
+        plan.live_blobs += len(live)
+        plan.unused_blobs += len(entries) - len(live)
+        use = PackUse(pid, entries, live, sizes.get(pid, 0))
+        if not live:
+            plan.delete.append(use)
+        elif use.total_bytes and (use.total_bytes - use.live_bytes) / use.total_bytes > max_unused:
+            plan.repack.append(use)
+        else:
+            plan.keep.append(use)
+    return plan
+
+
+def used_blobs(repo: Repo) -> set[bytes]:
+    """Every blob a snapshot needs: manifests and chunks of each snapshot's own manifest."""
+    used: set[bytes] = set()
+    for snap in repo.snapshots():
+        used.update(bytes.fromhex(h) for h in snap.manifest)
+        for rec in repo.manifest_records(snap):
+            if rec.entry is not None and rec.entry.chunks:
+                c = rec.entry.chunks
+                used.update(c[i : i + 32] for i in range(0, len(c), 32))
+    return used
+
+
+def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
+    names = repo.index_names()
+    datas = {name: repo.read_index_object(name) for name in names}
+    superseded = {s.hex() for d in datas.values() for s in d.supersedes}
+    packs: dict[bytes, list[PackEntry]] = {}
+    for name, d in datas.items():
+        if name not in superseded:
+            for pid, entries in d.packs.items():
+                packs.setdefault(pid, entries)
+    used = used_blobs(repo)
+    known = {e.blob_id: e for entries in packs.values() for e in entries}
+    missing = [b for b in used if b not in known]
+    if missing:
+        raise CorruptObject(f"blob {missing[0].hex()}",
+                            f"{len(missing)} blob(s) that snapshots need are in no index; run `check` and "
+                            "`repair index` before pruning")
+    for b in list(used):
+        e = known[b]
+        if e.kind == KIND_DELTA and e.base_id is not None:
+            if e.base_id not in known:
+                raise CorruptObject(f"blob {b.hex()}", f"its delta base {e.base_id.hex()} is in no index")
+            used.add(e.base_id)
+    sizes: dict[bytes, int] = {}
+    orphans = []
+    for o in repo.remote.list("data/"):
+        try:
+            pid = bytes.fromhex(o.key.rsplit("/", 1)[1])
+        except ValueError:
+            continue
+        sizes[pid] = o.size
+        if pid not in packs:
+            orphans.append((o.key, o.size))
+    plan = select_packs(packs, sizes, used, max_unused)
+    lost = [p for p in packs if p not in sizes]
+    if lost:
+        raise CorruptObject(pack_key(lost[0]), f"{len(lost)} indexed pack(s) are missing; run `check`")
+    plan.orphans = orphans
+    plan.index_names = names
+    return plan
+
+
+def execute(repo: Repo, plan: PrunePlan) -> None:
+    new_index = IndexData()
+    for use in plan.keep:
+        new_index.packs[use.pack_id] = use.entries
+    if plan.repack:
+        with repo.writer() as writer:
+            writer.INDEX_EVERY_PACKS = 1 << 30
+            writer.INDEX_EVERY_SECONDS = float("inf")
+            for use in plan.repack:
+                data = repo.remote.get(pack_key(use.pack_id))
+                for e in use.live:
+                    env = data[e.offset : e.offset + e.length]
+                    if len(env) != e.length:
+                        raise CorruptObject(pack_key(use.pack_id), "truncated pack")
+                    writer.store(PreparedBlob(e.blob_id, e.kind, env, e.raw_length, e.base_id))
+            writer.flush(write_index=False)
+            new_index.packs.update(writer.take_index().packs)
+    # Every part but the first is written before the one that supersedes the old indexes.
+    parts = _split(new_index, 4096)
+    parts[0].supersedes = [bytes.fromhex(n) for n in plan.index_names]
+    for part in parts[1:] + parts[:1]:
+        repo.write_index(part)
+    for name in plan.index_names:
+        repo.remote.delete(f"index/{name}")
+    for use in plan.delete + plan.repack:
+        repo.remote.delete(pack_key(use.pack_id))
+    for key, _ in plan.orphans:
+        repo.remote.delete(key)
+    repo.load_index()
+
+
+def _split(index: IndexData, packs_per_part: int) -> list[IndexData]:
+    items = list(index.packs.items())
+    parts = [IndexData(dict(items[i : i + packs_per_part])) for i in range(0, len(items), packs_per_part)]
+    return parts or [IndexData()]
+
+
+def prune(repo: Repo, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0) -> PrunePlan:
+    with RepoLock(repo.remote, EXCLUSIVE, "prune", wait=wait):
+        plan = plan_prune(repo, max_unused)
+        if not dry_run:
+            execute(repo, plan)
+    return plan
