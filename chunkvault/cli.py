@@ -121,9 +121,27 @@ def _ns_iso(ns: int) -> str:
 # --- commands --------------------------------------------------------------------------
 
 
+def _open_other(url: str, password_file: str | None, env_var: str, what: str) -> Any:
+    """Open a second repository (copy destination or chunker source) with its own password."""
+    from .repository import Repository
+
+    if password_file:
+        pw = _read_password_file(password_file)
+    elif env_var in os.environ:
+        pw = os.environ[env_var].encode()
+    elif sys.stdin.isatty():
+        pw = _prompt(f"password of the {what} repository: ", False)
+    else:
+        raise UsageError(f"no password for the {what} repository: use --{what}-password-file or {env_var}")
+    return Repository.open(url, pw)
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from .repository import Repository
 
+    source = None
+    if args.copy_chunker_params_from:
+        source = _open_other(args.copy_chunker_params_from, args.from_password_file, "CHUNKVAULT_FROM_PASSWORD", "from")
     chunker = None
     if args.chunk_avg:
         avg = args.chunk_avg
@@ -131,7 +149,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     repo = Repository.init(_repo_url(args), get_password(args, confirm=True), kdf_seconds=args.kdf_time,
                            chunker=chunker, compression_level=args.compression,
                            pack_size=args.pack_size, full_every=args.full_every,
-                           max_diff_share=args.max_diff_share)
+                           max_diff_share=args.max_diff_share, copy_chunker_from=source)
     cfg = repo.store.config
     if args.json:
         _emit_json({"id": cfg.repo_id, "url": repo.store.remote.display_url, "chunker": cfg.settings.chunker})
@@ -377,6 +395,21 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_copy(args: argparse.Namespace) -> int:
+    src = _open(args)
+    dst = _open_other(args.to, args.to_password_file, "CHUNKVAULT_TO_PASSWORD", "to")
+    result = src.copy_to(dst, args.snapshots)
+    if args.json:
+        _emit_json({"copied": [{"source": a, "destination": b} for a, b in result.copied],
+                    "skipped": result.skipped, "blobs_sent": result.blobs_sent, "bytes_sent": result.bytes_sent})
+    elif not args.quiet:
+        for a, b in result.copied:
+            print(f"copied {a[:8]} -> {b[:8]}")
+        print(f"{len(result.copied)} snapshot(s) copied, {len(result.skipped)} already there; "
+              f"{result.blobs_sent} blobs ({_human(result.bytes_sent)}) sent")
+    return 0
+
+
 def cmd_key(args: argparse.Namespace) -> int:
     repo = _open(args)
     if args.key_cmd == "list":
@@ -441,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compression", type=int, default=3, help="zstd level, 0 = off (default 3)")
     s.add_argument("--pack-size", type=_size, default=None, help="target pack size (default 32 MiB)")
     s.add_argument("--full-every", type=int, default=None, help="--type auto: a full after this many differentials (default 23)")
+    s.add_argument("--copy-chunker-params-from", metavar="URL",
+                   help="use another repository's chunker parameters and secret, so copies between them dedup")
+    s.add_argument("--from-password-file", help="password of that repository (or CHUNKVAULT_FROM_PASSWORD)")
     s.add_argument("--max-diff-share", type=float, default=None,
                    help="--type auto: a full once a chain's differentials added this share of the full's size (default 0.5)")
     s.set_defaults(func=cmd_init)
@@ -508,6 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-unused", type=_share, default=0.05, help="repack packs with more unused than this (default 5%%)")
     s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for running backups")
     s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("copy", parents=[common], help="copy snapshots to another repository")
+    s.add_argument("snapshots", nargs="*", help="snapshots to copy (default: all)")
+    s.add_argument("--to", required=True, metavar="URL", help="destination repository")
+    s.add_argument("--to-password-file", help="destination password (or CHUNKVAULT_TO_PASSWORD)")
+    s.set_defaults(func=cmd_copy)
 
     s = sub.add_parser("check", parents=[common], help="verify the repository")
     s.add_argument("--read-data", action="store_true", help="decrypt, decompress and re-hash every blob")

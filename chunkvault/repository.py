@@ -20,6 +20,7 @@ from .remotes.local import LocalRemote
 from .store.backup import Backup, BackupOptions, BackupResult, _root_specs
 from .store.check import Checker, CheckReport
 from .store.config import Settings
+from .store.copy import CopyResult, copy_snapshots
 from .store.lifecycle import ForgetPlan, apply_forget, plan_forget
 from .store.manifest import T_FILE, T_HARDLINK, Entry, Record, sort_key
 from .store.prune import PrunePlan, prune
@@ -62,10 +63,14 @@ class Repository:
     def init(cls, url: str | Remote, password: str | bytes, *, kdf_seconds: float = 0.5,
              chunker: dict[str, int] | None = None, compression_level: int = 3, pack_size: int | None = None,
              full_every: int | None = None, max_diff_share: float | None = None,
-             chunker_secret: bytes | None = None, **remote_options: Any) -> "Repository":
+             chunker_secret: bytes | None = None, copy_chunker_from: "Repository | None" = None,
+             **remote_options: Any) -> "Repository":
         from .chunker import ChunkerParams
 
         remote = connect(url, **remote_options)
+        if copy_chunker_from is not None:
+            chunker = copy_chunker_from._repo.config.settings.chunker
+            chunker_secret = copy_chunker_from._repo.material.chunker_secret
         settings = Settings(chunker=chunker or ChunkerParams().to_dict(), compression_level=compression_level)
         if pack_size is not None:
             settings.pack_size = pack_size
@@ -184,6 +189,12 @@ class Repository:
     def prune(self, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0) -> PrunePlan:
         """Delete packs no snapshot needs; repack those more than ``max_unused`` unused."""
         return prune(self._repo, max_unused=max_unused, dry_run=dry_run, wait=wait)
+
+    def copy_to(self, destination: "Repository", snapshots: Iterable[str] = ()) -> CopyResult:
+        """Copy snapshots (default: all) with their chains; only what the destination lacks is sent."""
+        snaps = self._repo.snapshots()
+        ids = [find_snapshot(snaps, s).id for s in snapshots] or None
+        return copy_snapshots(self._repo, destination._repo, ids)
 
     # --- keys ----------------------------------------------------------------------
 
