@@ -395,6 +395,17 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    snap = repo.aggregate(args.snapshot, retire=args.retire)
+    if args.json:
+        _emit_json(_snapshot_json(snap))
+    elif not args.quiet:
+        print(f"snapshot {snap.short_id} is now a full snapshot"
+              + (" (its former chain retired)" if args.retire else ""))
+    return 0
+
+
 def cmd_copy(args: argparse.Namespace) -> int:
     src = _open(args)
     dst = _open_other(args.to, args.to_password_file, "CHUNKVAULT_TO_PASSWORD", "to")
@@ -544,6 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-unused", type=_share, default=0.05, help="repack packs with more unused than this (default 5%%)")
     s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for running backups")
     s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("aggregate", parents=[common], help="turn a differential into a synthetic full snapshot")
+    s.add_argument("snapshot")
+    s.add_argument("--retire", action="store_true", help="forget the chain it replaces")
+    s.set_defaults(func=cmd_aggregate)
 
     s = sub.add_parser("copy", parents=[common], help="copy snapshots to another repository")
     s.add_argument("snapshots", nargs="*", help="snapshots to copy (default: all)")

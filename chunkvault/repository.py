@@ -21,7 +21,7 @@ from .store.backup import Backup, BackupOptions, BackupResult, _root_specs
 from .store.check import Checker, CheckReport
 from .store.config import Settings
 from .store.copy import CopyResult, copy_snapshots
-from .store.lifecycle import ForgetPlan, apply_forget, plan_forget
+from .store.lifecycle import ForgetPlan, aggregate, apply_forget, plan_forget
 from .store.manifest import T_FILE, T_HARDLINK, Entry, Record, sort_key
 from .store.prune import PrunePlan, prune
 from .store.repository import Repo
@@ -185,6 +185,11 @@ class Repository:
         if not dry_run:
             apply_forget(self._repo, snaps, plan)
         return plan
+
+    def aggregate(self, snapshot: str | Snapshot, *, retire: bool = False) -> Snapshot:
+        """Turn a differential into a synthetic full (same id, same tree); ``retire`` forgets its old chain."""
+        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+        return aggregate(self._repo, snap, retire=retire)[0]
 
     def prune(self, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0) -> PrunePlan:
         """Delete packs no snapshot needs; repack those more than ``max_unused`` unused."""

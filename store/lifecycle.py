@@ -96,3 +96,37 @@ def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan, *, loc
         for sid in plan.remove:
             repo.delete_snapshot(sid)
     return rebased
+
+
+def aggregate(repo: Repo, snap: Snapshot, *, retire: bool = False, lock_wait: float = 3600.0) -> tuple[Snapshot, ForgetPlan | None]:
+    """Make ``snap`` a synthetic full: its resolved tree as a full manifest, under the same id.
+
+    No source is read and no data moves: only a manifest is written.  Snapshots
+    that build on ``snap`` keep restoring as before (its id and tree are
+    unchanged).  With ``retire`` the chain it replaced is forgotten, rebasing
+    any other snapshot that still needed part of it.
+    """
+    snapshots = repo.snapshots()
+    chain_ids = [s.id for s in repo.chain_of(snap, snapshots)[:-1]]
+    if snap.kind != KIND_FULL:
+        with RepoLock(repo.remote, SHARED, "aggregate", wait=lock_wait):
+            repo.load_index()
+            records = repo.tree(snap, snapshots)
+            with repo.writer() as writer:
+                mw = ManifestWriter(repo, writer)
+                for rec in records:
+                    mw.add(rec)
+                ids = mw.finish()
+                writer.flush()
+            snap.kind = KIND_FULL
+            snap.parent = None
+            snap.manifest = [i.hex() for i in ids]
+            snap.stats = {**snap.stats, "manifest_records": mw.records, "aggregated": True, "chain_length": 1,
+                          "manifest_bytes": snap.stats.get("manifest_bytes", 0) + mw.stored_bytes}
+            repo.save_snapshot(snap, replace=True)
+    plan = None
+    if retire and chain_ids:
+        snapshots = repo.snapshots()
+        plan = plan_forget(snapshots, ids=chain_ids)
+        apply_forget(repo, snapshots, plan, lock_wait=lock_wait)
+    return snap, plan

@@ -86,3 +86,33 @@ def test_forget_by_policy_and_restore(tmp_path, new_repo):
 def test_forget_needs_something(new_repo):
     with pytest.raises(UsageError):
         new_repo().forget()
+
+
+def test_aggregate_makes_a_synthetic_full(tmp_path, new_repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo()
+    states = {}
+    for i in range(5):
+        (src / f"f{i}").write_bytes(os.urandom(50_000))
+        if i == 3:
+            os.remove(src / "f1")
+        states[repo.backup([str(src)]).snapshot.id] = describe(src)
+    ids = list(states)
+    data_before = sum(p.stat().st_size for p in (tmp_path / "repo0" / "data").rglob("*") if p.is_file())
+    snap = repo.aggregate(ids[3])
+    assert snap.id == ids[3] and snap.kind == "full" and snap.parent is None
+    data_after = sum(p.stat().st_size for p in (tmp_path / "repo0" / "data").rglob("*") if p.is_file())
+    assert data_after - data_before < 20_000  # a manifest, no data moved
+    for sid, state in states.items():  # every snapshot, including the one built on it, restores as before
+        out = tmp_path / f"agg-{sid[:8]}"
+        repo.restore(sid, str(out))
+        assert describe(out) == state
+    repo.aggregate(ids[4], retire=True)  # its chain is now ids[3] (a full since the aggregation above)
+    assert [s.id for s in repo.snapshots()] == ids[:3] + ids[4:]
+    repo.prune()
+    for sid in ids[:3] + ids[4:]:
+        out = tmp_path / f"retired-{sid[:8]}"
+        repo.restore(sid, str(out))
+        assert describe(out) == states[sid]
+    assert repo.check(read_data=True).ok
