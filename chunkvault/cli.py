@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from . import __version__
-from .errors import ChunkvaultError, PartialBackup, UsageError, VerificationFailed
+from .errors import ChunkvaultError, PartialBackup, TargetNotEmpty, UsageError, VerificationFailed
 from .store.manifest import TYPE_NAMES, Entry
 from .store.snapshot import Snapshot
 
@@ -221,13 +221,37 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     return 0
 
 
+def _confirm_in_place(args: argparse.Namespace) -> bool:
+    """A non-empty target is restored in place only after RESTORE is confirmed."""
+    target = args.target
+    if not (os.path.isdir(target) and os.listdir(target)):
+        return False
+    if args.confirm == "RESTORE":
+        return True
+    if args.confirm is not None:
+        raise UsageError("--confirm takes the word RESTORE")
+    if sys.stdin.isatty() and sys.stderr.isatty():
+        sys.stderr.write(f"{target} is not empty: restoring overwrites it in place. Type RESTORE to continue: ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip() == "RESTORE":
+            return True
+        raise UsageError("restore not confirmed")
+    raise TargetNotEmpty(f"restore target {target} is not empty: to overwrite it in place, add --confirm RESTORE")
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     repo = _open(args)
     snap = repo.snapshot(args.snapshot, until=args.until)
-    result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude, force=args.force)
+    in_place = _confirm_in_place(args)
+    if (args.delta or args.delete) and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
+        raise UsageError("--delta and --delete work in place: add --confirm RESTORE")
+    result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude, force=in_place,
+                          delta=args.delta, delete=args.delete)
     if args.json:
         _emit_json({"snapshot": snap.id, "target": os.path.abspath(args.target), "files": result.files,
-                    "dirs": result.dirs, "links": result.links, "bytes": result.bytes, "warnings": result.warnings})
+                    "dirs": result.dirs, "links": result.links, "bytes": result.bytes,
+                    "unchanged_files": result.unchanged_files, "rewritten_bytes": result.rewritten_bytes,
+                    "deleted": result.deleted, "warnings": result.warnings})
     elif not args.quiet:
         for w in result.warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -514,7 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
     s.add_argument("--include", action="append", default=[], metavar="GLOB")
     s.add_argument("--exclude", action="append", default=[], metavar="GLOB")
-    s.add_argument("--force", action="store_true", help="restore into a non-empty directory")
+    s.add_argument("--confirm", metavar="RESTORE", help="confirm overwriting a non-empty target in place")
+    s.add_argument("--delta", action="store_true",
+                   help="in place: rewrite only files and chunk ranges whose content differs (by digest)")
+    s.add_argument("--delete", action="store_true", help="in place: remove files the snapshot does not have")
     s.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("ls", parents=[common], help="list a snapshot's entries")

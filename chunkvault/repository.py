@@ -137,11 +137,17 @@ class Repository:
 
     def restore(self, snapshot: str | Snapshot, target: str, *, until: str | datetime | None = None,
                 includes: list[str] | None = None, excludes: list[str] | None = None,
-                force: bool = False, progress: Any = None) -> RestoreResult:
+                force: bool = False, delta: bool = False, delete: bool = False,
+                progress: Any = None) -> RestoreResult:
+        """Restore into ``target``: empty, or in place with ``force`` (``delta``: rewrite only what
+        differs, checked by digest; ``delete``: remove what the snapshot does not have)."""
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until)
         opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
-                              progress=progress)
-        return Restorer(self._repo, target, opts).run(self._repo.tree(snap))
+                              delta=delta, delete=delete, progress=progress)
+        restorer = Restorer(self._repo, target, opts)
+        if delete and os.path.isdir(target):
+            restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
+        return restorer.run(self._repo.tree(snap))
 
     def find_entry(self, snapshot: str | Snapshot, path: str | bytes) -> Entry:
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)

@@ -21,7 +21,7 @@ import blake3
 from chunkvault.errors import ChunkvaultError, CorruptObject, StorageFull, TargetNotEmpty, UsageError
 
 from .manifest import (
-    F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, Record,
+    F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, Record, sort_key,
 )
 from .repository import Repo
 
@@ -30,7 +30,9 @@ from .repository import Repo
 class RestoreOptions:
     includes: list[str] = field(default_factory=list)
     excludes: list[str] = field(default_factory=list)
-    force: bool = False  # restore into a non-empty directory, replacing what is in the way
+    force: bool = False  # restore into a non-empty directory (in place), replacing what is in the way
+    delta: bool = False  # in place: rewrite only files, and chunk ranges of files, whose content differs
+    delete: bool = False  # in place: remove what the snapshot does not have
     owners: bool | None = None  # restore uid/gid; default: when running as root
     window_bytes: int = 64 << 20
     progress: Callable[[dict], None] | None = None
@@ -42,6 +44,9 @@ class RestoreResult:
     dirs: int = 0
     links: int = 0
     bytes: int = 0
+    unchanged_files: int = 0  # --delta: files already right
+    rewritten_bytes: int = 0  # --delta: bytes written into existing files
+    deleted: int = 0  # --delete: paths removed
     warnings: list[str] = field(default_factory=list)
 
 
@@ -75,8 +80,10 @@ def safe_relpath(path: bytes) -> bytes:
 class _Prefetcher:
     """Records in order, and their files' chunks fetched ahead across file boundaries."""
 
-    def __init__(self, repo: Repo, records: Iterator[Record], window_bytes: int, workers: int = 4):
+    def __init__(self, repo: Repo, records: Iterator[Record], window_bytes: int, workers: int = 4,
+                 prefetch: bool = True):
         self.repo = repo
+        self.prefetch = prefetch
         self.records = records
         self.ahead: deque[Record] = deque()
         self.ids: deque[bytes] = deque()
@@ -94,7 +101,7 @@ class _Prefetcher:
             return False
         self.ahead.append(rec)
         e = rec.entry
-        if e is not None and e.type == T_FILE:
+        if self.prefetch and e is not None and e.type == T_FILE:
             self.ids.extend(e.chunk_ids())
         return True
 
@@ -147,7 +154,7 @@ class Restorer:
     def run(self, records: Iterator[Record]) -> RestoreResult:
         self.check_target()
         wanted = (r for r in records if selected(r.path, self.opt.includes, self.opt.excludes))
-        pf = _Prefetcher(self.repo, wanted, self.opt.window_bytes)
+        pf = _Prefetcher(self.repo, wanted, self.opt.window_bytes, prefetch=not self.opt.delta)
         try:
             while True:
                 rec = pf.next_record()
@@ -166,6 +173,31 @@ class Restorer:
             pf.close()
         return self.result
 
+    def delete_extra(self, records: Iterator[Record]) -> None:
+        """--delete: remove what lies in the target but not in the snapshot (a second, merged walk)."""
+        from .backup import _Walker
+
+        keys = (r.key for r in records)
+        want = next(keys, None)
+        skip: bytes | None = None
+        doomed: list[bytes] = []
+        for rel, path, _st, _ok in _Walker([], self.result.warnings).walk([(b"", self.target)]):
+            key = sort_key(rel)
+            if rel == b"" or (skip is not None and key.startswith(skip + b"\x00")):
+                continue
+            while want is not None and want < key:
+                want = next(keys, None)
+            if want == key or not selected(rel, self.opt.includes, self.opt.excludes):
+                continue
+            doomed.append(path)
+            skip = key
+        for path in doomed:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        self.result.deleted += len(doomed)
+
     def _close_dirs_until(self, path: bytes | None) -> None:
         """Apply metadata to directories we have left (after their children are written)."""
         while self._dirs:
@@ -175,13 +207,47 @@ class Restorer:
             self._dirs.pop()
             self._apply_meta(dpath, e)
 
-    def _make_room(self, dst: bytes, is_dir: bool) -> None:
+    def _update_file(self, dst: bytes, e: Entry) -> None:
+        """--delta: keep what is already right; rewrite only the chunk ranges that differ."""
+        with open(dst, "rb") as f:
+            hasher = blake3.blake3()
+            while block := f.read(1 << 20):
+                hasher.update(block)
+            size = f.tell()
+        if size == e.size and hasher.digest() == e.digest:
+            self.result.unchanged_files += 1
+            return
+        fd = os.open(dst, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            hasher = blake3.blake3()
+            pos = 0
+            for cid in e.chunk_ids():
+                loc = self.repo.index.get(cid)
+                length = loc.raw_length if loc is not None else 0
+                current = os.pread(fd, length, pos) if length else b""
+                if length and len(current) == length and self.repo.blob_id(current) == cid:
+                    data = current
+                else:
+                    data = self.repo.read_blob(cid)
+                    os.pwrite(fd, data, pos)
+                    self.result.rewritten_bytes += len(data)
+                hasher.update(data)
+                pos += len(data)
+            os.ftruncate(fd, pos)
+        finally:
+            os.close(fd)
+        if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
+            raise CorruptObject(f"file {os.fsdecode(e.path)}", "restored content does not match its digest")
+
+    def _make_room(self, dst: bytes, is_dir: bool, keep_file: bool = False) -> None:
         if not os.path.lexists(dst):
             parent = os.path.dirname(dst)
             if not os.path.isdir(parent):
                 os.makedirs(parent, exist_ok=True)
             return
         if is_dir and os.path.isdir(dst) and not os.path.islink(dst):
+            return
+        if keep_file and os.path.isfile(dst) and not os.path.islink(dst):
             return
         if os.path.isdir(dst) and not os.path.islink(dst):
             shutil.rmtree(dst)
@@ -191,7 +257,7 @@ class Restorer:
     def _restore_entry(self, e: Entry, pf: _Prefetcher) -> None:
         dst = self.dest(e.path)
         t = e.type
-        self._make_room(dst, t == T_DIR)
+        self._make_room(dst, t == T_DIR, keep_file=t == T_FILE and self.opt.delta)
         if t == T_DIR:
             if not os.path.isdir(dst):
                 os.mkdir(dst, 0o700)
@@ -199,7 +265,12 @@ class Restorer:
             self.result.dirs += 1
             return
         if t == T_FILE:
-            self._write_file(dst, e, pf)
+            if self.opt.delta and os.path.isfile(dst) and not os.path.islink(dst):
+                self._update_file(dst, e)
+            elif pf.prefetch:
+                self._write_file(dst, e, (pf.next_chunk() for _ in range(len(e.chunks) // 32)))
+            else:
+                self._write_file(dst, e, (self.repo.read_blob(c) for c in e.chunk_ids()))
             self._apply_meta(dst, e)
             self.result.files += 1
             self.result.bytes += e.size
@@ -226,14 +297,13 @@ class Restorer:
             os.mknod(dst, (stat.S_IFCHR if t == T_CHARDEV else stat.S_IFBLK) | 0o600, e.rdev)
             self._apply_meta(dst, e)
 
-    def _write_file(self, dst: bytes, e: Entry, pf: _Prefetcher) -> None:
+    def _write_file(self, dst: bytes, e: Entry, chunks: Iterator[bytes]) -> None:
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             hasher = blake3.blake3()
             pos = 0
             hole = False
-            for _ in range(len(e.chunks) // 32):
-                data = pf.next_chunk()
+            for data in chunks:
                 hasher.update(data)
                 n = len(data)
                 if n >= 4096 and data.count(0) == n:

@@ -1,0 +1,90 @@
+"""In-place restores: confirmation, --delta rewriting only what differs, --delete, resuming."""
+import json
+import os
+import random
+
+import pytest
+
+from treeutil import describe
+
+
+@pytest.fixture
+def snapshot_of_tree(tmp_path, new_repo):
+    rnd = random.Random(11)
+    src = tmp_path / "live"
+    (src / "base").mkdir(parents=True)
+    for i in range(6):
+        (src / "base" / f"rel{i}").write_bytes(rnd.randbytes(400_000))
+    (src / "small").write_bytes(b"small")
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    return repo, snap, src, describe(src)
+
+
+def damage(src, rnd):
+    with open(src / "base" / "rel2", "r+b") as f:  # a few bytes in one file
+        f.seek(123_456)
+        f.write(b"XXXX")
+    (src / "base" / "rel4").write_bytes(b"truncated")
+    os.remove(src / "small")
+    (src / "extra").write_bytes(b"not in the snapshot")
+
+
+def test_delta_rewrites_only_what_differs(snapshot_of_tree):
+    repo, snap, src, expected = snapshot_of_tree
+    damage(src, random.Random(1))
+    result = repo.restore(snap, str(src), force=True, delta=True)
+    assert result.unchanged_files == 4  # rel0, rel1, rel3, rel5: only read, never written
+    total = sum(os.path.getsize(src / "base" / f"rel{i}") for i in range(6))
+    assert result.rewritten_bytes < 0.4 * total  # the damaged chunk of rel2 and rel4
+    assert (src / "extra").exists()  # kept without --delete
+    os.remove(src / "extra")
+    got = describe(src)
+    assert got.pop(b".")[:2] == expected[b"."][:2]  # removing "extra" just now touched the root's mtime
+    assert got == {k: v for k, v in expected.items() if k != b"."}
+
+
+def test_delete_removes_what_the_snapshot_lacks(snapshot_of_tree):
+    repo, snap, src, expected = snapshot_of_tree
+    damage(src, random.Random(2))
+    (src / "newdir" / "deep").mkdir(parents=True)
+    (src / "newdir" / "deep" / "f").write_bytes(b"x")
+    result = repo.restore(snap, str(src), force=True, delta=True, delete=True)
+    assert result.deleted == 2  # extra, newdir (with its subtree)
+    assert describe(src) == expected
+
+
+def test_interrupted_restore_resumes_with_delta(snapshot_of_tree, tmp_path, monkeypatch):
+    repo, snap, src, expected = snapshot_of_tree
+    target = tmp_path / "target"
+    from chunkvault.store import restore as restore_mod
+
+    calls = {"n": 0}
+    real = restore_mod.Restorer._write_file
+
+    def dying(self, dst, e, chunks):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, dst, e, chunks)
+
+    monkeypatch.setattr(restore_mod.Restorer, "_write_file", dying)
+    with pytest.raises(KeyboardInterrupt):
+        repo.restore(snap, str(target))
+    monkeypatch.undo()
+    result = repo.restore(snap, str(target), force=True, delta=True)
+    assert result.unchanged_files >= 2
+    assert describe(target) == expected
+
+
+def test_cli_in_place_needs_confirmation(snapshot_of_tree, cli, tmp_path):
+    repo, snap, src, expected = snapshot_of_tree
+    damage(src, random.Random(3))
+    r = str(tmp_path / "repo")
+    err = cli("restore", "-r", r, snap.id, "--target", str(src), "--delta", check=16).stderr.decode()
+    assert "--confirm RESTORE" in err
+    assert cli("restore", "-r", r, snap.id, "--target", str(src), "--confirm", "yes", check=2).returncode == 2
+    out = json.loads(cli("restore", "-r", r, snap.id, "--target", str(src), "--confirm", "RESTORE", "--delta",
+                         "--delete", "--json").stdout)
+    assert out["deleted"] == 1 and out["unchanged_files"] >= 4
+    assert describe(src) == expected
