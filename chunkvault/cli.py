@@ -445,6 +445,31 @@ def cmd_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repair(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    if args.what == "index":
+        report = repo.repair_index()
+    else:
+        report = repo.repair_snapshots(dry_run=args.confirm != "REPAIR")
+    if args.json:
+        _emit_json(report.to_dict())
+    elif not args.quiet:
+        for problem in report.unreadable_packs:
+            print(f"warning: {problem}", file=sys.stderr)
+        if args.what == "index":
+            print(f"index rebuilt from {report.packs} pack headers ({report.blobs} blobs)")
+        else:
+            for sid, path in report.dropped:
+                print(f"{'dropped' if report.rewritten else 'would drop'} {sid[:8]}:{path}")
+            if report.rewritten:
+                print(f"rewrote {len(report.rewritten)} snapshot(s)")
+            elif report.dropped:
+                print("nothing changed: add --confirm REPAIR to rewrite these snapshots")
+            else:
+                print("no snapshot references missing data")
+    return 0
+
+
 def cmd_key(args: argparse.Namespace) -> int:
     repo = _open(args)
     if args.key_cmd == "list":
@@ -598,6 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--read-data", action="store_true", help="decrypt, decompress and re-hash every blob")
     s.add_argument("--read-data-subset", metavar="n/m|P%", help="read only a slice of the packs")
     s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("repair", parents=[common], help="rebuild the index, or drop files whose data is gone")
+    s.add_argument("what", choices=["index", "snapshots"])
+    s.add_argument("--confirm", metavar="REPAIR", help="repair snapshots: really rewrite them")
+    s.set_defaults(func=cmd_repair)
 
     s = sub.add_parser("key", parents=[common], help="manage the passwords of a repository")
     ks = s.add_subparsers(dest="key_cmd", required=True, parser_class=_Parser)

@@ -24,6 +24,7 @@ from .store.copy import CopyResult, copy_snapshots
 from .store.lifecycle import ForgetPlan, aggregate, apply_forget, plan_forget
 from .store.manifest import T_FILE, T_HARDLINK, Entry, Record, sort_key
 from .store.prune import PrunePlan, prune
+from .store.repair import RepairReport, repair_index, repair_snapshots
 from .store.repository import Repo
 from .store.retention import RetentionPolicy
 from .store.restore import Restorer, RestoreOptions, RestoreResult
@@ -206,6 +207,14 @@ class Repository:
         snaps = self._repo.snapshots()
         ids = [find_snapshot(snaps, s).id for s in snapshots] or None
         return copy_snapshots(self._repo, destination._repo, ids)
+
+    def repair_index(self) -> RepairReport:
+        """Rebuild the index from the pack headers."""
+        return repair_index(self._repo)
+
+    def repair_snapshots(self, *, dry_run: bool = True) -> RepairReport:
+        """Drop (list, and with ``dry_run=False`` rewrite) files whose data is gone."""
+        return repair_snapshots(self._repo, dry_run=dry_run)
 
     # --- keys ----------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
 """check finds every kind of damage and names what it affects."""
+import json
 import os
 
 import pytest
@@ -81,3 +82,36 @@ def test_cli_check_exit_codes(repo_with_data, cli):
     report = json.loads(proc.stdout)
     assert not report["ok"] and report["problems"]
     assert cli("check", "-r", str(repo_dir), "--read-data-subset", "4/3", check=2).returncode == 2
+
+
+def test_repair_index_from_pack_headers(repo_with_data, password, tmp_path):
+    repo_dir, _, s1, s2 = repo_with_data
+    for p in (repo_dir / "index").iterdir():
+        p.unlink()
+    repo = Repository.open(str(repo_dir), password)
+    assert not repo.check().ok
+    report = repo.repair_index()
+    assert report.packs >= 2 and not report.unreadable_packs
+    assert repo.check(read_data=True).ok
+    repo.restore(s2.id, str(tmp_path / "out"))
+
+
+def test_repair_snapshots_drops_damaged_files_only_when_confirmed(repo_with_data, password, cli, tmp_path):
+    repo_dir, _, s1, s2 = repo_with_data
+    victim = max(packs(repo_dir), key=lambda p: p.stat().st_size)
+    os.remove(victim)
+    dry = json.loads(cli("repair", "-r", str(repo_dir), "snapshots", "--json").stdout)
+    assert dry["dropped"] and not dry["rewritten"]
+    cli("repair", "-r", str(repo_dir), "index")  # the index forgets the lost pack
+    dry = json.loads(cli("repair", "-r", str(repo_dir), "snapshots", "--json").stdout)
+    assert dry["dropped"] and not dry["rewritten"]
+    out = json.loads(cli("repair", "-r", str(repo_dir), "snapshots", "--confirm", "REPAIR", "--json").stdout)
+    assert out["rewritten"]
+    dropped = {(d["snapshot"], d["path"]) for d in out["dropped"]}
+    repo = Repository.open(str(repo_dir), password)
+    assert repo.check().ok
+    for snap in repo.snapshots():
+        target = tmp_path / f"r-{snap.id[:8]}"
+        repo.restore(snap.id, str(target))
+        restored = {p.name for p in target.iterdir()}
+        assert not {p for s, p in dropped if s == snap.id} & restored
