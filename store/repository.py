@@ -232,13 +232,20 @@ class Repo:
             self.add_index_data(d)
 
     def add_index_data(self, d: IndexData) -> None:
-        index = self.index
+        ids, nos, offsets, lengths, raws, kinds = [], [], [], [], [], []
         for pack_id, entries in d.packs.items():
             no = self.pack_no(pack_id)
             for e in entries:
-                index.add(e.blob_id, no, e.offset, e.length, e.raw_length, e.kind)
+                ids.append(e.blob_id)
+                nos.append(no)
+                offsets.append(e.offset)
+                lengths.append(e.length)
+                raws.append(e.raw_length)
+                kinds.append(e.kind)
                 if e.base_id is not None:
                     self._delta_bases[e.blob_id] = e.base_id
+        if ids:
+            self.index.add_many(b"".join(ids), nos, offsets, lengths, raws, kinds)
 
     def delta_base(self, blob_id: bytes) -> bytes | None:
         """The base a delta blob was stored against (None for whole blobs)."""
