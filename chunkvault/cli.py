@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from . import __version__
+from .progress import Progress
 from .errors import ChunkvaultError, PartialBackup, TargetNotEmpty, UsageError, VerificationFailed
 from .store.manifest import TYPE_NAMES, Entry
 from .store.snapshot import Snapshot
@@ -160,7 +161,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     repo = _open(args)
-    progress = _progress_printer(args, "backup")
+    bar = _progress(args, "backup")
+    progress = _backup_progress(bar)
     if args.stdin:
         if args.paths:
             raise UsageError("--stdin takes no paths")
@@ -173,6 +175,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise UsageError("nothing to back up: give at least one path (or --stdin)")
         result = repo.backup(args.paths, kind=args.type, tags=args.tag, host=args.host, excludes=args.exclude,
                              delta=not args.no_delta, no_delta=args.no_delta_path, progress=progress)
+    bar.done()
     snap = result.snapshot
     st = snap.stats
     if args.json:
@@ -192,16 +195,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_printer(args: argparse.Namespace, what: str) -> Callable[[dict], None] | None:
-    if args.quiet or args.json or not sys.stderr.isatty():
+def _progress(args: argparse.Namespace, what: str, total: int | None = None) -> Progress:
+    return Progress(what, total, enabled=False if (args.quiet or args.json) else None)
+
+
+def _backup_progress(bar: Progress) -> Callable[[dict], None] | None:
+    if not bar.enabled:
         return None
-
-    def show(counts: dict) -> None:
-        sys.stderr.write(f"\r{what}: {_human(counts.get('read_bytes', 0))} read, "
-                         f"{counts.get('new_files', 0) + counts.get('changed_files', 0)} files stored   ")
-        sys.stderr.flush()
-
-    return show
+    return lambda counts: bar(counts.get("new_files", 0) + counts.get("changed_files", 0) +
+                              counts.get("unchanged_files", 0), counts.get("read_bytes", 0))
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
@@ -245,8 +247,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     in_place = _confirm_in_place(args)
     if (args.delta or args.delete) and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
         raise UsageError("--delta and --delete work in place: add --confirm RESTORE")
+    bar = _progress(args, "restore", snap.stats.get("bytes"))
     result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude, force=in_place,
-                          delta=args.delta, delete=args.delete)
+                          delta=args.delta, delete=args.delete, progress=bar)
+    bar.done()
     if args.json:
         _emit_json({"snapshot": snap.id, "target": os.path.abspath(args.target), "files": result.files,
                     "dirs": result.dirs, "links": result.links, "bytes": result.bytes,

@@ -35,7 +35,7 @@ class RestoreOptions:
     delete: bool = False  # in place: remove what the snapshot does not have
     owners: bool | None = None  # restore uid/gid; default: when running as root
     window_bytes: int = 64 << 20
-    progress: Callable[[dict], None] | None = None
+    progress: Callable[[int, int], None] | None = None  # (files, bytes) so far
 
 
 @dataclass
@@ -274,6 +274,8 @@ class Restorer:
             self._apply_meta(dst, e)
             self.result.files += 1
             self.result.bytes += e.size
+            if self.opt.progress is not None:
+                self.opt.progress(self.result.files, self.result.bytes)
             if e.flags & F_UNREADABLE:
                 self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: restored empty")
         elif t == T_HARDLINK:
