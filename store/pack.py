@@ -119,9 +119,13 @@ class PackBuilder:
     def __len__(self) -> int:
         return len(self.body)
 
-    def finish(self, sealer: Sealer) -> bytes:
+    def finish(self, sealer: Sealer) -> bytearray:
+        """The pack's bytes; the builder's buffer is extended in place (no second copy of a large pack)."""
         header = seal_header(sealer, self.entries)
-        data = bytes(self.body) + header + TRAILER.pack(len(header), PACK_MAGIC)
+        data = self.body
+        data += header
+        data += TRAILER.pack(len(header), PACK_MAGIC)
         if len(data) > MAX_PACK_SIZE:
             raise ValueError("pack too large")
+        self.body = bytearray()
         return data
