@@ -35,6 +35,8 @@ from .repository import WORKERS, BlobWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, now_iso
 
 O_NOATIME = getattr(os, "O_NOATIME", 0)
+BATCH_BYTES = 1 << 20  # new chunks go to the compression pool in batches of about this size...
+BATCH_CHUNKS = 64  # ...or this many, so a tree of small files does not cost a task per file
 
 
 @dataclass
@@ -149,6 +151,8 @@ class Backup:
         self._pool = ThreadPoolExecutor(WORKERS)
         self._inflight: deque[Future[None]] = deque()
         self._slots = threading.Semaphore(2 * WORKERS + 2)
+        self._batch: list[tuple[bytes, bytes, bytes | None]] = []
+        self._batch_bytes = 0
         self.counts = {"new_files": 0, "changed_files": 0, "unchanged_files": 0, "deleted": 0,
                        "read_bytes": 0}
         self._hardlinks: dict[tuple[int, int], bytes] = {}
@@ -157,22 +161,33 @@ class Backup:
 
     # --- parallel chunk storage ---------------------------------------------------
 
-    def _store_chunk(self, blob_id: bytes, data: bytes, base_id: bytes | None) -> None:
-        base_plain = self.repo.read_blob(base_id, cache=True) if base_id is not None else None
-        blob = self.repo.prepare_blob(blob_id, data, base_id=base_id, base_plain=base_plain,
-                                      delta_margin=self.opt.delta_margin)
+    def _store_chunks(self, batch: list[tuple[bytes, bytes, bytes | None]]) -> None:
         assert self.writer is not None
-        self.writer.store(blob)
+        for blob_id, data, base_id in batch:
+            base_plain = self.repo.read_blob(base_id, cache=True) if base_id is not None else None
+            self.writer.store(self.repo.prepare_blob(blob_id, data, base_id=base_id, base_plain=base_plain,
+                                                     delta_margin=self.opt.delta_margin))
 
     def _submit(self, blob_id: bytes, data: bytes, base_id: bytes | None) -> None:
+        """Queue a new chunk for compression and sealing; small chunks travel in batches."""
+        self._batch.append((blob_id, data, base_id))
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_CHUNKS:
+            self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        if not self._batch:
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
         self._slots.acquire()
-        fut = self._pool.submit(self._store_chunk, blob_id, data, base_id)
+        fut = self._pool.submit(self._store_chunks, batch)
         fut.add_done_callback(lambda _f: self._slots.release())
         self._inflight.append(fut)
         while self._inflight and self._inflight[0].done():
             self._inflight.popleft().result()
 
     def _drain(self) -> None:
+        self._flush_batch()
         while self._inflight:
             self._inflight.popleft().result()
 
@@ -208,7 +223,7 @@ class Backup:
         hasher = blake3.blake3()
         ids = bytearray()
         pos = 0
-        for chunk in self.repo.chunker.chunks(f, size_hint=size_hint):
+        for chunk in self._chunks(f, size_hint):
             n = len(chunk)
             hasher.update(chunk)
             bid = self.repo.blob_id(chunk)
@@ -226,6 +241,22 @@ class Backup:
             self.counts["read_bytes"] += n
             self._maybe_progress()
         return hasher.digest(), bytes(ids), pos
+
+    def _chunks(self, f: BinaryIO, size_hint: int | None) -> Iterator[bytes]:
+        """A small file is one chunk: read it in one call instead of through the chunker's buffers."""
+        if size_hint is not None and size_hint <= self.repo.chunker_params.min_size:
+            data = b""
+            while len(data) <= size_hint:
+                part = f.read(size_hint + 1 - len(data))
+                if not part:
+                    break
+                data += part
+            if len(data) <= size_hint:  # all of it: it did not grow while we looked
+                if data:
+                    yield data
+                return
+            f.seek(0)
+        yield from self.repo.chunker.chunks(f, size_hint=size_hint)
 
     def _file_entry(self, rel: bytes, path: bytes, st: os.stat_result, prev: Entry | None) -> Entry:
         e = self._base_entry(rel, st, T_FILE)
