@@ -78,17 +78,26 @@ def safe_relpath(path: bytes) -> bytes:
 
 
 class _Prefetcher:
-    """Records in order, and their files' chunks fetched ahead across file boundaries."""
+    """Records in order, and their files' chunks fetched ahead across file boundaries.
 
-    def __init__(self, repo: Repo, records: Iterator[Record], window_bytes: int, workers: int = 4,
+    Chunks are fetched in batches (neighbours in a pack coalesced into one
+    ranged read), a few batches in flight at once.
+    """
+
+    BATCH_BLOBS = 64
+
+    def __init__(self, repo: Repo, records: Iterator[Record], window_bytes: int, workers: int = 3,
                  prefetch: bool = True):
         self.repo = repo
         self.prefetch = prefetch
         self.records = records
         self.ahead: deque[Record] = deque()
         self.ids: deque[bytes] = deque()
-        self.futures: deque[Future[bytes]] = deque()
-        self.window = max(2, window_bytes // max(repo.chunker_params.avg_size, 1))
+        self.batches: deque[Future[list[bytes]]] = deque()
+        self.current: deque[bytes] = deque()
+        avg = max(repo.chunker_params.avg_size, 1)
+        self.batch = max(1, min(self.BATCH_BLOBS, (4 << 20) // avg))
+        self.window = max(2, window_bytes // (avg * self.batch))
         self.pool = ThreadPoolExecutor(workers)
         self.done = False
 
@@ -106,11 +115,13 @@ class _Prefetcher:
         return True
 
     def _fill(self) -> None:
-        while len(self.futures) < self.window:
-            if not self.ids and not self._pull():
+        while len(self.batches) < self.window:
+            while len(self.ids) < self.batch and self._pull():
+                pass
+            if not self.ids:
                 return
-            if self.ids:
-                self.futures.append(self.pool.submit(self.repo.read_blob, self.ids.popleft()))
+            take = [self.ids.popleft() for _ in range(min(self.batch, len(self.ids)))]
+            self.batches.append(self.pool.submit(self.repo.read_blobs, take))
 
     def next_record(self) -> Record | None:
         if not self.ahead and not self._pull():
@@ -118,13 +129,14 @@ class _Prefetcher:
         return self.ahead.popleft()
 
     def next_chunk(self) -> bytes:
-        self._fill()
-        data = self.futures.popleft().result()
-        self._fill()
-        return data
+        if not self.current:
+            self._fill()
+            self.current.extend(self.batches.popleft().result())
+            self._fill()
+        return self.current.popleft()
 
     def close(self) -> None:
-        for f in self.futures:
+        for f in self.batches:
             f.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
 

@@ -1,0 +1,70 @@
+"""Store-level reads: the lazily loaded index under concurrency, coalesced multi-blob reads."""
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from chunkvault import Repository
+from chunkvault.errors import CorruptObject, MissingObject
+
+
+@pytest.fixture
+def stored(tmp_path, new_repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i}").write_bytes(os.urandom(3000 + i))
+    (src / "big").write_bytes(os.urandom(3_000_000))
+    repo = new_repo(str(tmp_path / "repo"), pack_size=200_000)
+    snap = repo.backup([str(src)]).snapshot
+    ids = [c for e in repo.tree(snap) for c in e.chunk_ids()]
+    return tmp_path / "repo", ids
+
+
+def test_index_loads_once_and_whole_when_many_threads_ask(stored, password, monkeypatch):
+    repo_dir, ids = stored
+    repo = Repository.open(str(repo_dir), password).store
+    real = repo.read_index_object
+    calls = []
+
+    def slow(name):
+        calls.append(name)
+        time.sleep(0.05)
+        return real(name)
+
+    monkeypatch.setattr(repo, "read_index_object", slow)
+    barrier = threading.Barrier(8)
+
+    def ask(_):
+        barrier.wait()
+        return all(i in repo.index for i in ids)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(ask, range(8)))
+    assert len(calls) == len(set(calls))
+
+
+def test_read_blobs_matches_single_reads(stored, password):
+    repo_dir, ids = stored
+    repo = Repository.open(str(repo_dir), password).store
+    order = ids[::-1] + ids[:5]  # reversed, with repeats
+    assert repo.read_blobs(order) == [repo.read_blob(i) for i in order]
+
+
+def test_read_blobs_names_damage(stored, password):
+    repo_dir, ids = stored
+    repo = Repository.open(str(repo_dir), password).store
+    loc = repo.index.get(ids[3])
+    pack = repo.pack_ids[loc.pack_no].hex()
+    path = repo_dir / "data" / pack[:2] / pack
+    data = bytearray(path.read_bytes())
+    data[loc.offset + 20] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptObject) as info:
+        repo.read_blobs(ids)
+    assert ids[3].hex() in str(info.value)
+    os.remove(path)
+    with pytest.raises(MissingObject):
+        repo.read_blobs(ids)
