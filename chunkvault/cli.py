@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kdf-time", type=float, default=0.5, help="seconds the password derivation should take (default 0.5)")
     s.add_argument("--chunk-avg", type=_size, help="average chunk size (min = avg/4, max = avg*8)")
     s.add_argument("--compression", type=int, default=3, help="zstd level, 0 = off (default 3)")
-    s.add_argument("--pack-size", type=_size, default=None, help="target pack size (default 32 MiB)")
+    s.add_argument("--pack-size", type=_size, default=None, help="target pack size (default 16 MiB)")
     s.add_argument("--full-every", type=int, default=None, help="--type auto: a full after this many differentials (default 23)")
     s.add_argument("--copy-chunker-params-from", metavar="URL",
                    help="use another repository's chunker parameters and secret, so copies between them dedup")

@@ -53,7 +53,7 @@ class Settings:
 
     chunker: dict[str, int]
     compression_level: int = 3
-    pack_size: int = 32 << 20
+    pack_size: int = 16 << 20
     #: ``--type auto``: a new full after this many differentials in a chain ...
     full_every: int = 23
     #: ... or when the chain's differentials add more than this share of the full's stored bytes.
