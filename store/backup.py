@@ -371,19 +371,17 @@ class Backup:
                 continue
             rec = Record(OP_ENTRY, rel, e)
             stats.count(rec)
+            same = prev is not None and prev == e
             if e.type == T_FILE:
-                if prev is None:
-                    self.counts["new_files"] += 1
-                elif prev == e:
-                    self.counts["unchanged_files"] += 1
-                else:
-                    self.counts["changed_files"] += 1
+                self.counts["unchanged_files" if same else "changed_files" if prev is not None else "new_files"] += 1
             if not diff:
                 yield rec
-            elif prev is None or prev.type != e.type or (e.type != T_DIR and prev != e):
+            elif same:
+                continue
+            elif prev is None or prev.type != e.type or e.type != T_DIR:
                 cut = key
                 yield Record(OP_FRESH, rel, e)
-            elif prev != e:
+            else:
                 yield rec
         while p is not None:
             self.counts["deleted"] += 1
