@@ -81,9 +81,16 @@ def _repo_url(args: argparse.Namespace) -> str:
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from .repository import Repository
+    from .errors import ObjectNotFound, RepositoryNotFound
+    from .repository import Repository, connect
+    from .store.config import peek_config
 
-    return Repository.open(_repo_url(args), get_password(args))
+    remote = connect(_repo_url(args))
+    try:  # a missing or newer-format repository is reported before any password is asked
+        peek_config(remote.get("config"))
+    except ObjectNotFound:
+        raise RepositoryNotFound(f"no repository at {remote.display_url}") from None
+    return Repository.open(remote, get_password(args))
 
 
 # --- output helpers ------------------------------------------------------------------
@@ -242,6 +249,10 @@ def _confirm_in_place(args: argparse.Namespace) -> bool:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if args.from_file:
+        from .exportcli import restore_from_file_cli
+
+        return restore_from_file_cli(args)
     repo = _open(args)
     snap = repo.snapshot(args.snapshot, until=args.until)
     in_place = _confirm_in_place(args)
@@ -643,6 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "remove":
             k.add_argument("key_id")
     s.set_defaults(func=cmd_key)
+
+    from . import exportcli
+    from .scheduler import add_commands as add_schedule_commands
+
+    exportcli.add_commands(sub, common)
+    add_schedule_commands(sub, common)
 
     s = sub.add_parser("serve", help="run the HTTP backup service (default 127.0.0.1:6362)", add_help=False)
     s.add_argument("serve_args", nargs=argparse.REMAINDER)

@@ -21,6 +21,7 @@ from .store.backup import Backup, BackupOptions, BackupResult, _root_specs
 from .store.check import Checker, CheckReport
 from .store.config import Settings
 from .store.copy import CopyResult, copy_snapshots
+from .store.export import ExportStats, export as _export, import_backup as _import_backup
 from .store.lifecycle import ForgetPlan, aggregate, apply_forget, plan_forget
 from .store.manifest import T_FILE, T_HARDLINK, Entry, Record, sort_key
 from .store.prune import PrunePlan, prune
@@ -215,6 +216,16 @@ class Repository:
     def repair_snapshots(self, *, dry_run: bool = True) -> RepairReport:
         """Drop (list, and with ``dry_run=False`` rewrite) files whose data is gone."""
         return repair_snapshots(self._repo, dry_run=dry_run)
+
+    def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,
+               overwrite: bool = False) -> ExportStats:
+        """Write one snapshot (its chain resolved) into a self-contained encrypted .backup file."""
+        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+        return _export(self._repo, snap, path, _password(password), kdf_seconds=kdf_seconds, overwrite=overwrite)
+
+    def import_backup(self, path: str, password: str | bytes) -> Snapshot:
+        """Bring a .backup file in as a new full snapshot; chunks already here are not stored again."""
+        return _import_backup(self._repo, path, _password(password))
 
     # --- keys ----------------------------------------------------------------------
 

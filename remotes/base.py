@@ -74,6 +74,13 @@ class Remote(ABC):
     def stat(self, key: str) -> ObjectInfo | None:
         """Size of the object, or None when absent."""
 
+    def cleanup_temp(self, older_than: float = 3600.0) -> int:
+        """Remove unfinished writes (temporary objects) older than ``older_than`` seconds; returns how many.
+
+        Only backends that leave such objects behind (local disk, SFTP) need this.
+        """
+        return 0
+
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
 

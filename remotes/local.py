@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import time
 from typing import Any, Iterator
 from urllib.parse import unquote, urlparse
 
@@ -153,6 +154,20 @@ class LocalRemote(Remote):
         except OSError as exc:
             raise _os_error(exc, f"stat {key}") from None
         return ObjectInfo(key, st.st_size)
+
+    def cleanup_temp(self, older_than: float = 3600.0) -> int:
+        cutoff = time.time() - older_than
+        removed = 0
+        for path in list(self.temp_files()):
+            try:
+                if os.lstat(path).st_mtime < cutoff:
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _os_error(exc, f"removing {path}") from None
+        return removed
 
     def temp_files(self) -> Iterator[str]:
         """Leftover temp files of interrupted writes (for cleanup by check/prune)."""

@@ -203,9 +203,8 @@ class Backup:
                 return None
         out = []
         pos = 0
-        index = self.repo.index
         for cid in prev.chunk_ids():
-            loc = index.get(cid)
+            loc = self.repo.locate(cid)
             if loc is None:
                 return None
             base = cid if loc.flags != KIND_DELTA else self.repo.delta_base(cid)

@@ -120,7 +120,7 @@ class Checker:
             if name not in superseded:
                 for pid, entries in d.packs.items():
                     packs.setdefault(pid, []).extend(entries)
-        repo.load_index()
+        repo.load_index(skip_unreadable=True)
         self.report.blobs = len(repo.index)
         for pid, entries in packs.items():
             for e in entries:

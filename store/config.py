@@ -122,11 +122,12 @@ class KeyFile:
     p: int
     salt: bytes
     wrapped: bytes
+    repo: str = ""  # the repository id, in clear: tells a damaged config from a wrong password
 
     def encode(self) -> bytes:
         return json.dumps({"kdf": "scrypt", "log_n": self.log_n, "r": self.r, "p": self.p,
                            "salt": _b64(self.salt), "created": self.created, "host": self.host,
-                           "user": self.user, "data": _b64(self.wrapped)}, indent=1).encode()
+                           "user": self.user, "repo": self.repo, "data": _b64(self.wrapped)}, indent=1).encode()
 
     @classmethod
     def decode(cls, name: str, data: bytes) -> "KeyFile":
@@ -141,7 +142,7 @@ class KeyFile:
         try:
             return cls(name, str(obj.get("created", "")), str(obj.get("host", "")), str(obj.get("user", "")),
                        int(obj["log_n"]), int(obj["r"]), int(obj["p"]),
-                       _unb64(obj["salt"], what), _unb64(obj["data"], what))
+                       _unb64(obj["salt"], what), _unb64(obj["data"], what), str(obj.get("repo", "")))
         except (KeyError, ValueError, TypeError):
             raise CorruptObject(what, "malformed key file") from None
 
@@ -170,6 +171,6 @@ def make_key_file(material: KeyMaterial, password: bytes, repo_id: str, *, kdf_s
     except Exception:  # no passwd entry in a container: not worth failing for
         user = ""
     kf = KeyFile("", datetime.now(timezone.utc).isoformat(), socket.gethostname(), user, log_n, 8, 1, salt,
-                 Sealer(kek).seal(material.to_bytes(), KEY_AD + repo_id.encode()))
+                 Sealer(kek).seal(material.to_bytes(), KEY_AD + repo_id.encode()), repo_id)
     data = kf.encode()
     return content_name(data)[:32], data

@@ -50,6 +50,8 @@ def decode_index(sealer: Sealer, data: bytes, what: str) -> IndexData:
             raise CorruptObject(what, "unsupported index version")
         (n_super,) = struct.unpack_from("<I", plain, 1)
         pos = 5
+        if pos + 32 * n_super > len(plain):  # counts are checked before anything is allocated for them
+            raise CorruptObject(what, "truncated index")
         supersedes = [plain[pos + 32 * i : pos + 32 * (i + 1)] for i in range(n_super)]
         pos += 32 * n_super
         (n_packs,) = struct.unpack_from("<I", plain, pos)

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from chunkvault.errors import Locked, ObjectNotFound
+from chunkvault.errors import Locked, ObjectNotFound, RemoteError
 from chunkvault.remotes import Remote
 
 REFRESH_EVERY = 60.0
@@ -121,4 +121,8 @@ class RepoLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.release()
+        try:
+            self.release()
+        except RemoteError:
+            # The work is done (or its own error propagates); a lock left behind goes stale by itself.
+            pass

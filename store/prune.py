@@ -21,6 +21,9 @@ from .pack import PackEntry
 from .repository import PreparedBlob, Repo, pack_key
 
 
+TEMP_AGE = 3600.0
+
+
 @dataclass
 class PackUse:
     pack_id: bytes
@@ -171,6 +174,8 @@ def execute(repo: Repo, plan: PrunePlan) -> None:
         repo.remote.delete(pack_key(use.pack_id))
     for key, _ in plan.orphans:
         repo.remote.delete(key)
+    # Unfinished writes of killed processes; the age limit spares any write still in progress.
+    repo.remote.cleanup_temp(TEMP_AGE)
     repo.load_index()
 
 

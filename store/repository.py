@@ -27,7 +27,7 @@ from chunkvault.remotes import Remote
 
 from . import chain
 from .blob import KIND_DELTA, compress, delta_compress, envelope_base, open_blob, seal_blob
-from .blobindex import BlobIndex
+from .blobindex import BlobIndex, BlobLocation
 from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config, open_config, peek_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
 from .indexfile import IndexData, decode_index, encode_index
@@ -138,9 +138,12 @@ class Repo:
         if not key_names:
             raise CorruptObject("keys", "the repository has no key files")
         corrupt: CorruptObject | None = None
+        other_ids = set()
         for name in key_names:
             try:
                 kf = KeyFile.decode(name, remote.get(f"keys/{name}"))
+                if kf.repo and kf.repo != clear["id"]:
+                    other_ids.add(kf.repo)
                 material = kf.unwrap(password, clear["id"])
             except WrongPassword:
                 continue
@@ -150,6 +153,9 @@ class Repo:
             return cls(remote, material, open_config(raw_config, Sealer(material.enc_key)), name)
         if corrupt is not None and len(key_names) == 1:
             raise corrupt
+        if other_ids:
+            raise CorruptObject("config", "its id does not match the key files' (the config is damaged, "
+                                          "or the keys belong to another repository)")
         raise WrongPassword("wrong password (no key of this repository opens with it)")
 
     # --- keys -------------------------------------------------------------------
@@ -196,6 +202,12 @@ class Repo:
         assert self._index is not None
         return self._index
 
+    def locate(self, blob_id: bytes) -> BlobLocation | None:
+        """Where a blob is; safe while a writer adds to the index from another thread."""
+        index = self.index
+        with self._index_lock:
+            return index.get(blob_id)
+
     def pack_no(self, pack_id: bytes | None) -> int:
         with self._lock:
             if pack_id is not None and pack_id in self._pack_nos:
@@ -220,10 +232,22 @@ class Repo:
     def index_names(self) -> list[str]:
         return [o.key.split("/", 1)[1] for o in self.remote.list("index/")]
 
-    def load_index(self) -> None:
+    def load_index(self, *, skip_unreadable: bool = False) -> None:
+        """Read every index object; ``skip_unreadable`` leaves out damaged ones (check reports them)."""
         names = self.index_names()
+
+        def read(name: str) -> IndexData | None:
+            try:
+                return self.read_index_object(name)
+            except (CorruptObject, ObjectNotFound):
+                if skip_unreadable:
+                    return None
+                raise
+
         with ThreadPoolExecutor(8) as pool:
-            datas = list(pool.map(self.read_index_object, names))
+            pairs = [(n, d) for n, d in zip(names, pool.map(read, names)) if d is not None]
+        names = [n for n, _ in pairs]
+        datas = [d for _, d in pairs]
         superseded = {s.hex() for d in datas for s in d.supersedes}
         index = BlobIndex(sum(len(e) for d in datas for e in d.packs.values()))
         live = [name for name in names if name not in superseded]
@@ -266,7 +290,7 @@ class Repo:
     # --- reading blobs ------------------------------------------------------------
 
     def read_envelope(self, blob_id: bytes) -> tuple[bytes, int]:
-        loc = self.index.get(blob_id)
+        loc = self.locate(blob_id)
         if loc is None:
             raise MissingObject(f"blob {blob_id.hex()}", "not in the index")
         pack_id = self.pack_ids[loc.pack_no]
@@ -312,11 +336,10 @@ class Repo:
 
     def read_blobs(self, blob_ids: list[bytes], *, max_gap: int = 64 << 10) -> list[bytes]:
         """Plaintexts of several blobs, in order; neighbours in a pack are read with one ranged get."""
-        index = self.index
         out: list[bytes | None] = [None] * len(blob_ids)
         spans: dict[bytes, list[tuple[int, int, int]]] = {}  # pack id -> (offset, length, position)
         for i, bid in enumerate(blob_ids):
-            loc = index.get(bid)
+            loc = self.locate(bid)
             pack_id = self.pack_ids[loc.pack_no] if loc is not None else None
             if loc is None or pack_id is None or loc.flags == KIND_DELTA or bid in self._cache.items:
                 out[i] = self.read_blob(bid)  # the single-blob path names any problem exactly
@@ -342,7 +365,7 @@ class Repo:
                     bid = blob_ids[pos]
                     if len(env) != length:
                         raise CorruptObject(key, f"truncated: blob {bid.hex()} lies past its end")
-                    loc = index.get(bid)
+                    loc = self.locate(bid)
                     out[pos] = open_blob(self.sealer, bid, env, loc.raw_length if loc else None)
                 j = k
         return out  # type: ignore[return-value]
@@ -474,8 +497,9 @@ class BlobWriter:
 
     def claim(self, blob_id: bytes) -> bool:
         """True when the caller must store this blob (not in the repository, not in flight)."""
-        with self._lock:
-            if blob_id in self._pending or blob_id in self.repo.index:
+        index = self.repo.index
+        with self._lock, self.repo._index_lock:
+            if blob_id in self._pending or blob_id in index:
                 return False
             self._pending.add(blob_id)
             return True
@@ -490,12 +514,13 @@ class BlobWriter:
         if self._error is not None:
             raise self._error
         full = None
-        with self._lock:
+        index = self.repo.index
+        with self._lock, self.repo._index_lock:
             if self._builder_no is None:
                 self._builder_no = self.repo.pack_no(None)
             offset = len(self._builder)
             self._builder.add(blob.blob_id, blob.kind, blob.envelope, blob.raw_length, blob.base_id)
-            self.repo.index.add(blob.blob_id, self._builder_no, offset, len(blob.envelope), blob.raw_length, blob.kind)
+            index.add(blob.blob_id, self._builder_no, offset, len(blob.envelope), blob.raw_length, blob.kind)
             self._pending.discard(blob.blob_id)
             self.new_blobs += 1
             self.new_raw_bytes += blob.raw_length

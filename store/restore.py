@@ -14,16 +14,30 @@ import stat
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import blake3
 
+from chunkvault.chunker import ChunkerParams
 from chunkvault.errors import ChunkvaultError, CorruptObject, StorageFull, TargetNotEmpty, UsageError
 
 from .manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, Record, sort_key,
 )
 from .repository import Repo
+
+
+class BlobSource(Protocol):
+    """Where a restore reads chunks from: a repository, or an export file (store/export.py).
+
+    ``chunker_params`` only sizes the read-ahead batches.
+    """
+
+    chunker_params: ChunkerParams
+
+    def read_blob(self, blob_id: bytes) -> bytes: ...
+
+    def read_blobs(self, blob_ids: list[bytes]) -> list[bytes]: ...
 
 
 @dataclass
@@ -86,7 +100,7 @@ class _Prefetcher:
 
     BATCH_BLOBS = 64
 
-    def __init__(self, repo: Repo, records: Iterator[Record], window_bytes: int, workers: int = 3,
+    def __init__(self, repo: BlobSource, records: Iterator[Record], window_bytes: int, workers: int = 3,
                  prefetch: bool = True):
         self.repo = repo
         self.prefetch = prefetch
@@ -142,7 +156,9 @@ class _Prefetcher:
 
 
 class Restorer:
-    def __init__(self, repo: Repo, target: str, options: RestoreOptions):
+    def __init__(self, repo: Repo | BlobSource, target: str, options: RestoreOptions):
+        if options.delta and not isinstance(repo, Repo):
+            raise UsageError("--delta compares chunks by their repository ids: it needs a repository")
         self.repo = repo
         self.target = os.fsencode(os.path.abspath(target))
         self.opt = options
@@ -221,6 +237,7 @@ class Restorer:
 
     def _update_file(self, dst: bytes, e: Entry) -> None:
         """--delta: keep what is already right; rewrite only the chunk ranges that differ."""
+        assert isinstance(self.repo, Repo)
         with open(dst, "rb") as f:
             hasher = blake3.blake3()
             while block := f.read(1 << 20):
@@ -234,7 +251,7 @@ class Restorer:
             hasher = blake3.blake3()
             pos = 0
             for cid in e.chunk_ids():
-                loc = self.repo.index.get(cid)
+                loc = self.repo.locate(cid)
                 length = loc.raw_length if loc is not None else 0
                 current = os.pread(fd, length, pos) if length else b""
                 if length and len(current) == length and self.repo.blob_id(current) == cid:

@@ -24,8 +24,8 @@ from chunkvault.store.snapshot import Snapshot
 from treeutil import describe
 
 PASSWORD = "crash harness password 7f3a"
-CHUNKER = {"min_size": 16 << 10, "avg_size": 64 << 10, "max_size": 512 << 10}
 PACK_SIZE = "64k"
+COMPRESSION = 19
 State = dict  # describe() of a tree
 
 
@@ -59,17 +59,34 @@ class KillResult:
     stdout: bytes
 
 
-def run_and_kill(argv: list[str], delay: float, env: dict[str, str]) -> KillResult:
-    """Start ``argv``; SIGKILL it after ``delay`` seconds unless it finished first."""
+def run_and_kill(argv: list[str], delay: float, env: dict[str, str], *, watch: str | None = None,
+                 after_changes: int | None = None) -> KillResult:
+    """Start ``argv``; SIGKILL it after ``delay`` seconds unless it finished first.
+
+    With ``watch`` and ``after_changes`` the kill comes instead as soon as that many
+    objects of the repository at ``watch`` were added or removed (locks and temp files
+    aside): a kill that surely lands between two of the command's writes.
+    """
     start = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        out, _ = proc.communicate(timeout=delay)
-        return KillResult(False, delay, proc.returncode, time.monotonic() - start, out)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate()
-        return KillResult(True, delay, proc.returncode, time.monotonic() - start, out)
+    if watch is None or after_changes is None:
+        try:
+            out, _ = proc.communicate(timeout=delay)
+            return KillResult(False, delay, proc.returncode, time.monotonic() - start, out)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            out, _ = proc.communicate()
+            return KillResult(True, delay, proc.returncode, time.monotonic() - start, out)
+    base = {k for k in object_listing(watch) if not k.startswith("locks/")}
+    while proc.poll() is None:
+        now = {k for k in object_listing(watch) if not k.startswith("locks/")}
+        if len(now ^ base) >= after_changes:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.001)
+    out, _ = proc.communicate()
+    killed = proc.returncode == -signal.SIGKILL
+    return KillResult(killed, time.monotonic() - start, proc.returncode, time.monotonic() - start, out)
 
 
 def timed_cli(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
@@ -86,22 +103,36 @@ class KillClock:
         self.rng = rng
         self.startup = startup
         self.duration = max(duration, startup * 1.2)
+        self.changes = 1  # most objects a complete run added or removed so far
+
+    def observe_changes(self, n: int) -> None:
+        self.changes = max(self.changes, n)
+
+    def pick_changes(self) -> int | None:
+        """Every other run is killed after a random number of its writes instead of a delay."""
+        if self.rng.random() < 0.5:
+            return None
+        return self.rng.randint(1, self.changes)
 
     def observe(self, elapsed: float) -> None:
         """A complete run of the same command took ``elapsed``: follow the workload's growth."""
-        self.duration = max(elapsed, 0.85 * self.duration, self.startup * 1.2)
+        self.duration = max(elapsed, 0.95 * self.duration, self.startup * 1.2)
 
     def next(self) -> float:
         if self.rng.random() < 0.25:
             return self.rng.uniform(0.0, self.duration * 1.05)
-        return self.rng.uniform(self.startup * 0.9, self.duration * 1.05)
+        return self.rng.uniform(self.startup * 0.9, self.duration)
 
 
-def measure_startup() -> float:
-    """Seconds until the CLI has imported everything and parsed its arguments."""
-    start = time.monotonic()
-    subprocess.run(cli_argv("--version"), capture_output=True, check=True, env=cli_env())
-    return time.monotonic() - start
+def measure_startup(repo_path: str) -> float:
+    """Seconds until the CLI has imported everything and opened the repository (the
+    shortest of three runs of `snapshots`): before that a kill cannot hit a write."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.monotonic()
+        run_cli("snapshots", "-r", repo_path, "-q")
+        best = min(best, time.monotonic() - start)
+    return best
 
 
 # --- source trees -------------------------------------------------------------------
@@ -182,9 +213,11 @@ def open_repo(path: str, password: str = PASSWORD) -> Repository:
     return Repository.open(path, password)
 
 
-def init_repo(path: str, *, copy_from: str | None = None) -> None:
-    """A repository with small packs and chunks, so a few MB make many objects."""
-    args = ["init", "-r", path, "--pack-size", PACK_SIZE, "--kdf-time", "0", "--chunk-avg", "64k", "-q"]
+def init_repo(path: str, *, copy_from: str | None = None, compression: int = COMPRESSION) -> None:
+    """A repository with small packs and chunks, so a few MB make many objects; a slow zstd
+    level widens the window in which a kill lands while data is being written."""
+    args = ["init", "-r", path, "--pack-size", PACK_SIZE, "--kdf-time", "0", "--chunk-avg", "64k", "-q",
+            "--compression", str(compression)]
     env = None
     if copy_from is not None:
         args += ["--copy-chunker-params-from", copy_from]
@@ -199,7 +232,10 @@ def object_listing(path: str) -> dict[str, int]:
         for n in names:
             if not n.startswith(".tmp-"):
                 full = os.path.join(dirpath, n)
-                out[os.path.relpath(full, path)] = os.path.getsize(full)
+                try:
+                    out[os.path.relpath(full, path)] = os.path.getsize(full)
+                except FileNotFoundError:  # removed while we looked (a lock, a pruned pack)
+                    continue
     return out
 
 
@@ -257,6 +293,7 @@ class Figures:
     checks: int = 0
     check_warnings: int = 0
     temp_leftovers: int = 0
+    late_kills: int = 0  # kills after the run had written an index object (its data is reusable)
     reused_bytes: int = 0  # data a killed run stored that the next run did not send again
     recoveries: int = 0
     seconds: float = 0.0
@@ -264,7 +301,8 @@ class Figures:
 
     def summary(self) -> str:
         return (f"{self.name}: {self.kills} kills survived ({self.effective_kills} mid-write, "
-                f"{self.finished_before_kill} runs finished first), {self.recoveries} recoveries, "
+                f"{self.late_kills} after an index write, {self.finished_before_kill} runs finished first), "
+                f"{self.recoveries} recoveries, "
                 f"{self.snapshots_verified} restores verified byte for byte, {self.checks} checks clean "
                 f"({self.check_warnings} warnings), {self.temp_leftovers} temp files left by kills, "
                 f"{self.reused_bytes} bytes reused after kills, {self.seconds:.1f} s")
@@ -330,7 +368,7 @@ def crash_backup_series(workdir: str, n: int, seed: int, *, full_verify_every: i
     expected: dict[str, State] = {}
     proc, elapsed = timed_cli("backup", "-r", repo_path, src, "--json", env=env)
     expected[json.loads(proc.stdout)["id"]] = tree.state()
-    clock = KillClock(rng, measure_startup(), elapsed)
+    clock = KillClock(rng, measure_startup(repo_path), elapsed)
     for i in range(n):
         tree.mutate()
         state = tree.state()
@@ -338,10 +376,13 @@ def crash_backup_series(workdir: str, n: int, seed: int, *, full_verify_every: i
             index_before = indexed_blobs(repo.store)
         objects_before = object_listing(repo_path)
         snaps_before = snapshot_ids(repo_path)
-        kr = run_and_kill(cli_argv("backup", "-r", repo_path, src, "--json", "-q"), clock.next(), env)
+        kr = run_and_kill(cli_argv("backup", "-r", repo_path, src, "--json", "-q"), clock.next(), env,
+                          watch=repo_path, after_changes=clock.pick_changes())
         fig.runs += 1
         fig.kills += kr.killed
         fig.finished_before_kill += not kr.killed
+        if not kr.killed:
+            clock.observe(kr.elapsed)
         if not kr.killed and kr.returncode != 0:
             raise AssertionError(f"backup run {i} failed with exit {kr.returncode}")
         new_objects = set(object_listing(repo_path)) - set(objects_before) - {
@@ -356,8 +397,11 @@ def crash_backup_series(workdir: str, n: int, seed: int, *, full_verify_every: i
                         only=_to_verify(rng, expected, snapshot_ids(repo_path) - snaps_before, full))
         with open_repo(repo_path) as repo:
             index_after_kill = indexed_blobs(repo.store)
+        fig.late_kills += kr.killed and bool(set(index_after_kill) - set(index_before))
+        listed = set(object_listing(repo_path))
         proc, elapsed = timed_cli("backup", "-r", repo_path, src, "--json", env=env)
         clock.observe(elapsed)
+        clock.observe_changes(len(set(object_listing(repo_path)) - listed))
         out = json.loads(proc.stdout)
         expected[out["id"]] = state
         fig.recoveries += 1
@@ -373,7 +417,8 @@ def crash_backup_series(workdir: str, n: int, seed: int, *, full_verify_every: i
                                  f"bytes; exactly {must_store} were missing from the index")
         if duplicates(index_now):
             raise AssertionError(f"run {i}: {duplicates(index_now)} blob(s) stored twice")
-        fig.reused_bytes += reused
+        if kr.killed:
+            fig.reused_bytes += reused
         verify_restores(repo_path, expected, scratch, fig, only=[out["id"]])
         _log(log, f"backup {i + 1}/{n}: {'killed' if kr.killed else 'finished'} at {kr.delay:.3f} s, "
                   f"{len(new_objects)} new objects, reused {reused} B")
@@ -401,7 +446,7 @@ def crash_prune_series(workdir: str, n: int, seed: int, *, keep: int = 3, full_v
             expected[repo.backup([src]).snapshot.id] = tree.state()
             tree.mutate()
     proc, elapsed = timed_cli("prune", "-r", repo_path, "--max-unused", "0", env=env)
-    clock = KillClock(rng, measure_startup(), elapsed)
+    clock = KillClock(rng, measure_startup(repo_path), elapsed)
     for i in range(n):
         with open_repo(repo_path) as repo:
             expected[repo.backup([src]).snapshot.id] = tree.state()
@@ -414,21 +459,28 @@ def crash_prune_series(workdir: str, n: int, seed: int, *, keep: int = 3, full_v
         for sid in gone:
             expected.pop(sid, None)
         objects_before = object_listing(repo_path)
-        kr = run_and_kill(cli_argv("prune", "-r", repo_path, "--max-unused", "0", "-q"), clock.next(), env)
+        kr = run_and_kill(cli_argv("prune", "-r", repo_path, "--max-unused", "0", "-q"), clock.next(), env,
+                          watch=repo_path, after_changes=clock.pick_changes())
         fig.runs += 1
         fig.kills += kr.killed
         fig.finished_before_kill += not kr.killed
+        if not kr.killed:
+            clock.observe(kr.elapsed)
         if not kr.killed and kr.returncode != 0:
             raise AssertionError(f"prune run {i} failed with exit {kr.returncode}")
         after = object_listing(repo_path)
         changed = {k for k in set(after) ^ set(objects_before) if not k.startswith("locks/")}
         fig.effective_kills += kr.killed and bool(changed)
+        if not kr.killed:
+            clock.observe_changes(len(changed))
         fig.temp_leftovers += len(temp_leftovers(repo_path))
         check_clean(repo_path, fig)
         full = (i + 1) % full_verify_every == 0 or i == n - 1
         verify_restores(repo_path, expected, scratch, fig, only=_to_verify(rng, expected, [], full))
+        listed = set(object_listing(repo_path))
         proc, elapsed = timed_cli("prune", "-r", repo_path, "--max-unused", "0", "--json", env=env)
         clock.observe(elapsed)
+        clock.observe_changes(len(set(object_listing(repo_path)) ^ listed))
         fig.recoveries += 1
         with open_repo(repo_path) as repo:
             rest = repo.prune(dry_run=True, max_unused=0)
@@ -463,7 +515,7 @@ def crash_copy_series(workdir: str, n: int, seed: int, *, full_verify_every: int
     with open_repo(src_repo) as repo:
         by_source[repo.backup([src]).snapshot.id] = tree.state()
     proc, elapsed = timed_cli("copy", "-r", src_repo, "--to", dst_repo, env=env)
-    clock = KillClock(rng, measure_startup(), elapsed)
+    clock = KillClock(rng, measure_startup(src_repo), elapsed)
     for i in range(n):
         with open_repo(src_repo) as repo:
             for _ in range(rng.randrange(1, 3)):
@@ -472,10 +524,13 @@ def crash_copy_series(workdir: str, n: int, seed: int, *, full_verify_every: int
         objects_before = object_listing(dst_repo)
         with open_repo(dst_repo) as repo:
             index_before = indexed_blobs(repo.store)
-        kr = run_and_kill(cli_argv("copy", "-r", src_repo, "--to", dst_repo, "-q"), clock.next(), env)
+        kr = run_and_kill(cli_argv("copy", "-r", src_repo, "--to", dst_repo, "-q"), clock.next(), env,
+                          watch=dst_repo, after_changes=clock.pick_changes())
         fig.runs += 1
         fig.kills += kr.killed
         fig.finished_before_kill += not kr.killed
+        if not kr.killed:
+            clock.observe(kr.elapsed)
         if not kr.killed and kr.returncode != 0:
             raise AssertionError(f"copy run {i} failed with exit {kr.returncode}")
         changed = {k for k in set(object_listing(dst_repo)) - set(objects_before) if not k.startswith("locks/")}
@@ -487,8 +542,11 @@ def crash_copy_series(workdir: str, n: int, seed: int, *, full_verify_every: int
         verify_restores(dst_repo, expected, scratch, fig, only=_to_verify(rng, expected, [], full))
         with open_repo(dst_repo) as repo:
             index_after_kill = indexed_blobs(repo.store)
+        fig.late_kills += kr.killed and bool(set(index_after_kill) - set(index_before))
+        listed = set(object_listing(dst_repo))
         proc, elapsed = timed_cli("copy", "-r", src_repo, "--to", dst_repo, "--json", env=env)
         clock.observe(elapsed)
+        clock.observe_changes(len(set(object_listing(dst_repo)) - listed))
         fig.recoveries += 1
         expected = _copied_states(dst_repo, by_source)
         if len(expected) != len(by_source):
@@ -497,7 +555,8 @@ def crash_copy_series(workdir: str, n: int, seed: int, *, full_verify_every: int
             index_now = indexed_blobs(repo.store)
         if duplicates(index_now):
             raise AssertionError(f"run {i}: {duplicates(index_now)} blob(s) sent twice to the destination")
-        fig.reused_bytes += sum(locs[0][1] for b, locs in index_after_kill.items() if b not in index_before)
+        if kr.killed:
+            fig.reused_bytes += sum(locs[0][1] for b, locs in index_after_kill.items() if b not in index_before)
         _log(log, f"copy {i + 1}/{n}: {'killed' if kr.killed else 'finished'} at {kr.delay:.3f} s, "
                   f"{len(changed)} new objects before the kill")
     check_clean(dst_repo, fig, read_data=True)
@@ -520,3 +579,197 @@ def _copied_states(dst_repo: str, by_source: dict[str, State]) -> dict[str, Stat
             seen.add(origin)
             out[s.id] = by_source[origin]
     return out
+
+
+# --- tampering ------------------------------------------------------------------------------
+
+OBJECT_KINDS = ("config", "key", "pack-data", "pack-header", "index", "snapshot")
+
+
+@dataclass
+class Tampered:
+    """One damaged object and how the repository reacted to it."""
+
+    kind: str
+    key: str
+    how: str
+    outcome: str = ""  # detected | misreported | harmless
+    messages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TamperFigures:
+    made: int = 0
+    detected: int = 0  # an error or check problem naming the damaged object
+    misreported: int = 0  # detected, but under another name (e.g. "wrong password")
+    harmless: int = 0  # not detected, and every restore still exact (unauthenticated cosmetic bytes)
+    wrong_data: int = 0  # must stay 0: a restore that produced other bytes without an error
+    by_kind: dict[str, list[int]] = field(default_factory=dict)  # kind -> [made, detected, misreported, harmless]
+
+    def add(self, t: Tampered) -> None:
+        self.made += 1
+        row = self.by_kind.setdefault(t.kind, [0, 0, 0, 0])
+        row[0] += 1
+        i = {"detected": 1, "misreported": 2, "harmless": 3}[t.outcome]
+        row[i] += 1
+        setattr(self, t.outcome, getattr(self, t.outcome) + 1)
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{k} {r[1]}+{r[2]}/{r[0]}" for k, r in sorted(self.by_kind.items()))
+        return (f"tampering: {self.detected + self.misreported} of {self.made} corruptions detected "
+                f"({self.misreported} under another name), {self.harmless} harmless (restores exact), "
+                f"{self.wrong_data} wrong restores; per kind detected/made: {kinds}")
+
+
+def build_tamper_repo(workdir: str) -> tuple[str, dict[str, State]]:
+    """A small repository with every object type: a full and two differentials (one rebased
+    by a forget), a compacted index plus a newer one, packs with many blobs."""
+    path = os.path.join(workdir, "pristine")
+    src = os.path.join(workdir, "src")
+    init_repo(path, compression=3)
+    tree = SourceTree(src, random.Random(77), target_bytes=1 << 20)
+    states: dict[str, State] = {}
+    with open_repo(path) as repo:
+        for _ in range(3):
+            states[repo.backup([src], kind="auto").snapshot.id] = tree.state()
+            tree.mutate()
+        middle = list(states)[1]
+        repo.forget([middle])  # the third is rebased onto the first
+        states.pop(middle)
+        repo.prune(max_unused=0)
+        states[repo.backup([src]).snapshot.id] = tree.state()
+    return path, states
+
+
+def object_keys(path: str, kind: str) -> list[str]:
+    keys = sorted(object_listing(path))
+    prefix = {"config": "config", "key": "keys/", "pack-data": "data/", "pack-header": "data/",
+              "index": "index/", "snapshot": "snapshots/"}[kind]
+    return [k for k in keys if k.startswith(prefix)]
+
+
+def mutations(path: str, kind: str, rng: random.Random, flips: int) -> Iterable[tuple[str, str, Callable[[bytes], bytes]]]:
+    """(object key, description, bytes -> damaged bytes) for one object kind."""
+    keys = object_keys(path, kind)
+    sizes = {k: os.path.getsize(os.path.join(path, k)) for k in keys}
+
+    def flip(pos: int, bit: int) -> Callable[[bytes], bytes]:
+        def f(b: bytes) -> bytes:
+            out = bytearray(b)
+            out[pos % len(out)] ^= 1 << bit
+            return bytes(out)
+        return f
+
+    def tail_region(key: str) -> tuple[int, int]:
+        """(start, end) of a pack's sealed header and trailer."""
+        with open(os.path.join(path, key), "rb") as f:
+            data = f.read()
+        hlen = int.from_bytes(data[-8:-4], "little")
+        return len(data) - 8 - hlen, len(data)
+
+    for i in range(flips):
+        key = keys[i % len(keys)]
+        if kind == "pack-data":
+            lo, hi = 0, tail_region(key)[0]
+        elif kind == "pack-header":
+            lo, hi = tail_region(key)
+        else:
+            lo, hi = 0, sizes[key]
+        pos, bit = rng.randrange(lo, hi), rng.randrange(8)
+        yield key, f"bit {bit} of byte {pos} flipped", flip(pos, bit)
+    if kind == "pack-header":
+        return
+    key = keys[0]
+    for cut in (0, sizes[key] // 2, sizes[key] - 1):
+        yield key, f"truncated to {cut} bytes", (lambda n: lambda b: b[:n])(cut)
+    others = [k for k in keys if k != key]
+    if others:
+        with open(os.path.join(path, others[-1]), "rb") as f:
+            other = f.read()
+        yield key, f"replaced by the bytes of {others[-1]}", lambda _b: other
+
+
+def identifiers(path: str, key: str) -> set[str]:
+    """Names an error about ``key`` may use: the key's last part, and for a pack its blob ids."""
+    names = {key.rsplit("/", 1)[-1]}
+    if key.startswith("data/"):
+        from chunkvault.store.pack import read_pack
+
+        with open_repo(path) as repo, open(os.path.join(path, key), "rb") as f:
+            names |= {e.blob_id.hex() for e in read_pack(repo.store.sealer, f.read(), key)}
+    return names
+
+
+def probe(path: str, states: dict[str, State], scratch: str) -> list[str]:
+    """Open, check --read-data and restore every snapshot; the errors and problems seen.
+
+    A restore that completes must equal its recorded tree: anything else raises
+    AssertionError (wrong data), whatever the damage was.
+    """
+    from chunkvault.errors import ChunkvaultError
+
+    seen: list[str] = []
+    try:
+        repo = open_repo(path)
+    except ChunkvaultError as exc:
+        return [f"{type(exc).__name__}: {exc}"]
+    with repo:
+        try:
+            report = repo.check(read_data=True)
+            seen += [f"check: {p.object}: {p.problem}" for p in report.problems]
+        except ChunkvaultError as exc:
+            seen.append(f"check raised {type(exc).__name__}: {exc}")
+        for sid, state in states.items():
+            out = os.path.join(scratch, f"probe-{sid[:12]}")
+            try:
+                repo.restore(sid, out)
+                got = describe(out)
+                if got != state:
+                    raise AssertionError(f"WRONG DATA: snapshot {sid} restored differently, no error raised")
+            except ChunkvaultError as exc:
+                seen.append(f"restore {sid[:12]}: {type(exc).__name__}: {exc}")
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+    return seen
+
+
+def tamper_one(pristine: str, states: dict[str, State], workdir: str, kind: str, key: str, how: str,
+               damage: Callable[[bytes], bytes]) -> Tampered:
+    """Damage one object in a fresh copy of ``pristine`` and classify what happened."""
+    work = os.path.join(workdir, "tampered")
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(pristine, work)
+    target = os.path.join(work, key)
+    with open(target, "rb") as f:
+        data = f.read()
+    bad = damage(data)
+    with open(target, "wb") as f:
+        f.write(bad)
+    t = Tampered(kind, key, how)
+    t.messages = probe(work, states, workdir)
+    names = identifiers(pristine, key)
+    if not t.messages:
+        t.outcome = "harmless"
+    elif any(n in m for m in t.messages for n in names) or (key == "config" and any(
+            "UnsupportedFormat" in m or "config" in m for m in t.messages)):
+        t.outcome = "detected"
+    else:
+        t.outcome = "misreported"
+    shutil.rmtree(work, ignore_errors=True)
+    return t
+
+
+def tamper_sweep(workdir: str, seed: int, flips: int = 8,
+                 log: Callable[[str], None] | None = None) -> tuple[TamperFigures, list[Tampered]]:
+    """Every object kind: ``flips`` bit flips, three truncations and a swap, each probed."""
+    pristine, states = build_tamper_repo(workdir)
+    rng = random.Random(seed)
+    fig = TamperFigures()
+    cases = []
+    for kind in OBJECT_KINDS:
+        for key, how, damage in list(mutations(pristine, kind, rng, flips)):
+            t = tamper_one(pristine, states, workdir, kind, key, how, damage)
+            fig.add(t)
+            cases.append(t)
+            _log(log, f"{kind} {key}: {how}: {t.outcome} {t.messages[:1]}")
+    return fig, cases

@@ -1,0 +1,133 @@
+"""The export / import commands, and ``restore --from-file``.
+
+``add_commands`` registers ``export`` and ``import`` and gives ``restore`` its
+``--from-file`` and ``--export-password-file`` options; ``cmd_restore`` hands a
+``--from-file`` restore to ``restore_from_file_cli``, which opens no
+repository.  The export password is separate from any repository password:
+it is what a recipient of the file needs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .errors import UsageError
+
+EXPORT_PASSWORD_ENV = "CHUNKVAULT_EXPORT_PASSWORD"
+
+
+def get_export_password(args: argparse.Namespace, *, confirm: bool) -> bytes:
+    """From --export-password-file, CHUNKVAULT_EXPORT_PASSWORD, or a TTY prompt (twice when exporting)."""
+    from . import cli
+
+    path = getattr(args, "export_password_file", None)
+    if path:
+        pw = cli._read_password_file(path)
+    elif EXPORT_PASSWORD_ENV in os.environ:
+        pw = os.environ[EXPORT_PASSWORD_ENV].encode()
+    elif sys.stdin.isatty():
+        pw = cli._prompt("export password: ", confirm)
+    else:
+        raise UsageError(f"no export password: use --export-password-file or {EXPORT_PASSWORD_ENV}")
+    if not pw:
+        raise UsageError("empty export password")
+    return pw
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import cli
+    from .store.export import export
+
+    repo = cli._open(args)
+    snap = repo.snapshot(args.snapshot, until=args.until)
+    password = get_export_password(args, confirm=True)
+    stats = export(repo.store, snap, args.output, password, kdf_seconds=args.kdf_time, overwrite=args.force)
+    if args.json:
+        cli._emit_json({"snapshot": snap.id, "type": snap.kind, "output": stats.path, "file_id": stats.file_id,
+                        "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes, "records": stats.records,
+                        "blobs": stats.blobs, "blob_bytes": stats.blob_bytes, "file_bytes": stats.file_bytes,
+                        "duration": stats.duration})
+    elif not args.quiet:
+        print(f"exported {snap.kind} snapshot {snap.short_id} ({snap.time}) to {stats.path}: {stats.files} files, "
+              f"{stats.dirs} dirs, {cli._human(stats.bytes)}; {stats.blobs} chunks, "
+              f"file {cli._human(stats.file_bytes)} in {stats.duration:.2f} s")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from . import cli
+    from .store.export import IMPORTED_FROM, import_backup
+
+    repo = cli._open(args)
+    password = get_export_password(args, confirm=False)
+    snap = import_backup(repo.store, args.file, password)
+    st = snap.stats
+    if args.json:
+        cli._emit_json(cli._snapshot_json(snap))
+    elif not args.quiet:
+        print(f"imported {args.file} as full snapshot {snap.short_id} ({snap.time}, exported from "
+              f"{st[IMPORTED_FROM][:8]}): {st['files']} files, {st['dirs']} dirs, {cli._human(st['bytes'])}; "
+              f"added {cli._human(st['added_raw_bytes'])} of new data, stored as "
+              f"{cli._human(st['added_stored_bytes'])}")
+    return 0
+
+
+def restore_from_file_cli(args: argparse.Namespace) -> int:
+    """``restore --from-file FILE``: straight from an export file, no repository opened."""
+    from . import cli
+    from .store.export import restore_from_file
+
+    if args.snapshot not in (None, "", "latest"):
+        raise UsageError("--from-file restores the snapshot in the file: give no SNAPSHOT")
+    if args.until:
+        raise UsageError("--until selects among a repository's snapshots: not with --from-file")
+    if args.delta:
+        raise UsageError("--delta needs a repository: not with --from-file")
+    password = get_export_password(args, confirm=False)
+    in_place = cli._confirm_in_place(args)
+    if args.delete and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
+        raise UsageError("--delete works in place: add --confirm RESTORE")
+    bar = cli._progress(args, "restore")
+    info, result = restore_from_file(args.from_file, password, args.target, includes=args.include,
+                                     excludes=args.exclude, force=in_place, delete=args.delete, progress=bar)
+    bar.done()
+    snap = info.snapshot
+    if args.json:
+        cli._emit_json({"file": os.path.abspath(args.from_file), "snapshot": snap.id, "time": snap.time,
+                        "target": os.path.abspath(args.target), "files": result.files, "dirs": result.dirs,
+                        "links": result.links, "bytes": result.bytes, "deleted": result.deleted,
+                        "warnings": result.warnings})
+    elif not args.quiet:
+        for w in result.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        print(f"restored snapshot {snap.short_id} ({snap.time}) from {args.from_file} to {args.target}: "
+              f"{result.files} files, {result.dirs} dirs, {cli._human(result.bytes)}")
+    return 0
+
+
+def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    """Register ``export`` and ``import``; add ``--from-file`` to an existing ``restore`` parser."""
+    s = subparsers.add_parser("export", parents=[common],
+                              help="write one snapshot (chain resolved) into a self-contained encrypted .backup file")
+    s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest")
+    s.add_argument("-o", "--output", required=True, metavar="FILE.backup")
+    s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
+    s.add_argument("--export-password-file", help=f"the export password (or {EXPORT_PASSWORD_ENV}, or a prompt)")
+    s.add_argument("--kdf-time", type=float, default=0.5,
+                   help="seconds the export password's derivation should take (default 0.5)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    s.set_defaults(func=cmd_export)
+
+    s = subparsers.add_parser("import", parents=[common], help="bring a .backup file in as a full snapshot")
+    s.add_argument("file", metavar="FILE.backup")
+    s.add_argument("--export-password-file", help=f"the export password (or {EXPORT_PASSWORD_ENV}, or a prompt)")
+    s.set_defaults(func=cmd_import)
+
+    restore = subparsers.choices.get("restore")
+    if restore is not None:
+        restore.add_argument("--from-file", metavar="FILE.backup",
+                             help="restore straight from an export file (no repository)")
+        restore.add_argument("--export-password-file",
+                             help=f"with --from-file: the export password (or {EXPORT_PASSWORD_ENV})")

@@ -1,0 +1,598 @@
+"""Scheduled snapshots, the pure part: cadences, policies and what is due when.
+
+Nothing here reads a file, a clock or a repository.  ``decide`` takes a
+source's cadences, the current time and the (time, kind) of that source's
+existing snapshots and says whether a full, a differential or nothing is due;
+the runner in ``chunkvault.scheduler`` does the I/O around it.
+
+A cadence is a cron expression (5 fields: minute hour day-of-month month
+day-of-week, with ``*``, lists, ranges and steps, month and day names, and the
+``@hourly``/``@daily``/``@weekly``/``@monthly``/``@yearly`` aliases), a short
+form (``hourly``, ``daily 02:00``, ``weekly sun 03:30``, ``monthly 04:00``) or an
+interval (``every 15m``, ``every 1h30m``, ``every 2d``).
+
+Cron fields are wall-clock times in the policy's time zone (UTC unless the
+policy names an IANA zone).  A wall-clock time that does not exist because
+the clock jumps forward fires that many minutes after the jump (02:30 on the
+spring-forward day in Europe/Berlin fires at 03:30 CEST); a wall-clock time
+that occurs twice fires once, at its first occurrence.  Intervals are exact
+elapsed time on a grid anchored at 1970-01-01T00:00 UTC, whatever the zone
+(``every 1h`` fires on the hour, ``every 15m`` at :00, :15, :30, :45).
+
+The due rule: a full is due when the most recent full slot at or before now
+has no full snapshot at or after it; otherwise a differential is due when the
+most recent differential slot has no snapshot of either kind at or after it.
+Only the most recent slot counts, so slots missed while the machine was off
+are caught up once, not replayed one by one.
+"""
+from __future__ import annotations
+
+import calendar
+import os
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .errors import UsageError
+from .store.retention import RetentionPolicy, load_preset, policy_from_dict
+
+__all__ = [
+    "Cadence",
+    "Cron",
+    "Due",
+    "Interval",
+    "Policy",
+    "Source",
+    "decide",
+    "next_wakeup",
+    "parse_cadence",
+    "parse_policy",
+    "zone",
+]
+
+UTC = timezone.utc
+KIND_FULL = "full"
+KIND_DIFF = "diff"
+
+# How far prev/next look for a matching day: Feb 29 can be 8 years away (2096 -> 2104).
+_MAX_DAYS = 366 * 29  # the Gregorian weekday calendar repeats within 28 years (outside century gaps)
+
+
+class Cadence(Protocol):
+    """When a job fires: ``prev`` is the latest slot at or before a time, ``next`` the first after it."""
+
+    text: str
+
+    def prev(self, at: datetime) -> datetime | None: ...
+
+    def next(self, after: datetime) -> datetime | None: ...
+
+
+def zone(name: str | None) -> ZoneInfo | timezone:
+    """An IANA zone by name; None or "UTC" is UTC."""
+    if name is None or name.upper() in ("UTC", "Z", "ETC/UTC"):
+        return UTC
+    if not isinstance(name, str) or not name.strip():
+        raise UsageError(f"time zone must be an IANA name like 'Europe/Berlin', got {name!r}")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise UsageError(f"unknown time zone {name!r} (an IANA name like 'Europe/Berlin')") from None
+
+
+def _aware(t: datetime, what: str = "time") -> datetime:
+    if not isinstance(t, datetime) or t.tzinfo is None or t.utcoffset() is None:
+        raise UsageError(f"{what} must be a timezone-aware datetime, got {t!r}")
+    return t.astimezone(UTC)
+
+
+# --------------------------------------------------------------------------- cron
+
+
+_MONTHS = {name.lower(): i for i, name in enumerate(calendar.month_abbr) if name}
+_DAYS = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
+
+# name, low, high, names
+_FIELDS: tuple[tuple[str, int, int, Mapping[str, int]], ...] = (
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day of month", 1, 31, {}),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _DAYS),
+)
+
+_ALIASES = {
+    "@hourly": "0 * * * *",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *",
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+}
+
+
+def _cron_value(text: str, lo: int, hi: int, names: Mapping[str, int], fname: str) -> int:
+    t = text.lower()
+    if t in names:
+        return names[t]
+    if not t.isdigit():
+        raise ValueError(f"{fname}: {text!r} is not a number" + (" or a name" if names else ""))
+    v = int(t)
+    if not lo <= v <= hi:
+        raise ValueError(f"{fname}: {v} is outside {lo}-{hi}")
+    return v
+
+
+def parse_cron_field(text: str, index: int) -> frozenset[int]:
+    """The values one cron field selects (day of week 7 folds onto 0, Sunday)."""
+    fname, lo, hi, names = _FIELDS[index]
+    values: set[int] = set()
+    for item in text.split(","):
+        if not item:
+            raise ValueError(f"{fname}: empty list item in {text!r}")
+        rng, _, step_text = item.partition("/")
+        step = 1
+        if _:
+            if not step_text.isdigit() or int(step_text) < 1:
+                raise ValueError(f"{fname}: step must be a positive number in {item!r}")
+            step = int(step_text)
+        if rng == "*":
+            a, b = lo, hi
+        elif "-" in rng:
+            a_text, b_text = rng.split("-", 1)
+            a = _cron_value(a_text, lo, hi, names, fname)
+            b = _cron_value(b_text, lo, hi, names, fname)
+            if a > b:
+                raise ValueError(f"{fname}: range {rng!r} runs backwards")
+        else:
+            a = _cron_value(rng, lo, hi, names, fname)
+            b = hi if _ else a
+        values.update(range(a, b + 1, step))
+    if index == 4 and 7 in values:
+        values.discard(7)
+        values.add(0)
+    return frozenset(values)
+
+
+@dataclass(frozen=True)
+class Cron:
+    """A 5-field cron expression evaluated on the wall clock of ``tz``."""
+
+    text: str
+    minutes: tuple[int, ...]
+    hours: tuple[int, ...]
+    doms: frozenset[int]
+    months: frozenset[int]
+    dows: frozenset[int]
+    dom_star: bool
+    dow_star: bool
+    tz: Any = UTC
+
+    @classmethod
+    def parse(cls, text: str, tz: Any = UTC) -> "Cron":
+        expr = _ALIASES.get(text.strip().lower(), text)
+        parts = expr.split()
+        if len(parts) != 5:
+            raise ValueError(f"a cron expression has 5 fields (minute hour day month weekday), got {len(parts)}")
+        sets = [parse_cron_field(p, i) for i, p in enumerate(parts)]
+        cron = cls(text.strip(), tuple(sorted(sets[0])), tuple(sorted(sets[1])), sets[2], sets[3], sets[4],
+                   parts[2].startswith("*"), parts[4].startswith("*"), tz)
+        if cron.dow_star and not any(d <= _month_days(m) for m in cron.months for d in cron.doms):
+            raise ValueError("it never fires (no such day in the chosen months)")
+        return cron
+
+    def day_matches(self, d: date) -> bool:
+        """Month and day fields; as in cron, a restricted day-of-month OR day-of-week matches."""
+        if d.month not in self.months:
+            return False
+        dom_ok = d.day in self.doms
+        dow_ok = d.isoweekday() % 7 in self.dows
+        if self.dom_star or self.dow_star:
+            return dom_ok and dow_ok
+        return dom_ok or dow_ok
+
+    def matches(self, wall: datetime) -> bool:
+        """Does this wall-clock minute (naive, or read in its own zone) match every field?"""
+        return wall.minute in self.minutes and wall.hour in self.hours and self.day_matches(wall.date())
+
+    def slots_on(self, d: date) -> list[datetime]:
+        """The instants (UTC, ascending, distinct) this expression fires on local day ``d``."""
+        if not self.day_matches(d):
+            return []
+        out = set()
+        for h in self.hours:
+            for m in self.minutes:
+                try:
+                    out.add(datetime(d.year, d.month, d.day, h, m, tzinfo=self.tz).astimezone(UTC))
+                except OverflowError:  # at the very ends of the datetime range
+                    continue
+        return sorted(out)
+
+    def prev(self, at: datetime) -> datetime | None:
+        at = _aware(at)
+        start = at.astimezone(self.tz).date() + timedelta(days=1)
+        best: datetime | None = None
+        extra = 1  # after the first day with a slot, look at one more: DST shifts can reorder neighbours
+        for i in range(_MAX_DAYS):
+            try:
+                d = start - timedelta(days=i)
+            except OverflowError:
+                break
+            cands = [s for s in self.slots_on(d) if s <= at]
+            if cands:
+                best = max(best, cands[-1]) if best else cands[-1]
+            if best is not None:
+                if extra == 0:
+                    break
+                extra -= 1
+        return best
+
+    def next(self, after: datetime) -> datetime | None:
+        after = _aware(after)
+        start = after.astimezone(self.tz).date() - timedelta(days=1)
+        best: datetime | None = None
+        extra = 1
+        for i in range(_MAX_DAYS):
+            try:
+                d = start + timedelta(days=i)
+            except OverflowError:
+                break
+            cands = [s for s in self.slots_on(d) if s > after]
+            if cands:
+                best = min(best, cands[0]) if best else cands[0]
+            if best is not None:
+                if extra == 0:
+                    break
+                extra -= 1
+        return best
+
+
+def _month_days(month: int) -> int:
+    return 29 if month == 2 else calendar.monthrange(2001, month)[1]
+
+
+# --------------------------------------------------------------------------- intervals
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_INTERVAL_RE = re.compile(r"(\d+)([wdhm])")
+_INTERVAL_UNITS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Every ``seconds`` of elapsed time, on a grid anchored at the Unix epoch."""
+
+    text: str
+    seconds: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Interval":
+        body = text.strip().lower()[len("every"):].replace(" ", "")
+        pos, total, seen = 0, 0, ""
+        for m in _INTERVAL_RE.finditer(body):
+            if m.start() != pos or m.group(2) in seen:
+                break
+            seen += m.group(2)
+            total += int(m.group(1)) * _INTERVAL_UNITS[m.group(2)]
+            pos = m.end()
+        if not body or pos != len(body):
+            raise ValueError("an interval looks like 'every 15m', 'every 1h30m', 'every 2d' (units w, d, h, m = minutes)")
+        if total < 60:
+            raise ValueError("an interval must be at least one minute")
+        return cls(text.strip(), total)
+
+    def prev(self, at: datetime) -> datetime | None:
+        at = _aware(at)
+        n = (at - _EPOCH) // timedelta(seconds=self.seconds)
+        return _EPOCH + timedelta(seconds=n * self.seconds)
+
+    def next(self, after: datetime) -> datetime | None:
+        after = _aware(after)
+        n = (after - _EPOCH) // timedelta(seconds=self.seconds)
+        return _EPOCH + timedelta(seconds=(n + 1) * self.seconds)
+
+
+# --------------------------------------------------------------------------- cadence parsing
+
+_HHMM_RE = re.compile(r"^(\d{1,2}):(\d{2})$")
+_CADENCE_HELP = ("expected a cron expression like '0 2 * * *', 'hourly', 'daily [HH:MM]', "
+                 "'weekly [DAY] [HH:MM]', 'monthly [HH:MM]' or an interval like 'every 15m'")
+
+
+def _hhmm(text: str) -> tuple[int, int]:
+    m = _HHMM_RE.match(text)
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
+        raise ValueError(f"{text!r} is not a time of day HH:MM")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _short_form(words: list[str]) -> str | None:
+    """The cron equivalent of ``hourly`` / ``daily 02:00`` / ``weekly sun 03:00`` / ``monthly``."""
+    head, rest = words[0], words[1:]
+    if head == "hourly" and not rest:
+        return "0 * * * *"
+    if head == "daily" and len(rest) <= 1:
+        h, m = _hhmm(rest[0]) if rest else (0, 0)
+        return f"{m} {h} * * *"
+    if head == "weekly" and len(rest) <= 2:
+        day = "mon"
+        if rest and rest[0][:3] in _DAYS:
+            day = rest.pop(0)[:3]
+        if len(rest) > 1:
+            raise ValueError("weekly takes a day and a time, e.g. 'weekly sun 03:00'")
+        h, m = _hhmm(rest[0]) if rest else (0, 0)
+        return f"{m} {h} * * {_DAYS[day]}"
+    if head == "monthly" and len(rest) <= 1:
+        h, m = _hhmm(rest[0]) if rest else (0, 0)
+        return f"{m} {h} 1 * *"
+    return None
+
+
+def parse_cadence(text: str, tz: Any = UTC) -> Cadence:
+    """A cadence from its policy-file text; UsageError with the accepted forms when it is not one."""
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError(f"invalid schedule {text!r}: {_CADENCE_HELP}")
+    words = text.strip().lower().split()
+    try:
+        if words[0] == "every":
+            return Interval.parse(text)
+        cron_text = _short_form(words)
+        if cron_text is not None:
+            c = Cron.parse(cron_text, tz)
+            return Cron(text.strip(), c.minutes, c.hours, c.doms, c.months, c.dows, c.dom_star, c.dow_star, tz)
+        if len(words) == 5 or words[0][0] in "@*0123456789":
+            if words[0].startswith("@") and words[0] not in _ALIASES:
+                raise ValueError(f"unknown alias {words[0]!r} (use one of {', '.join(_ALIASES)})")
+            return Cron.parse(text, tz)
+    except ValueError as exc:
+        raise UsageError(f"invalid schedule {text!r}: {exc}") from None
+    raise UsageError(f"invalid schedule {text!r}: {_CADENCE_HELP}")
+
+
+# --------------------------------------------------------------------------- due logic
+
+
+@dataclass(frozen=True)
+class Due:
+    """What a source needs now: ``kind`` "full", "diff" or None, for the slot ``slot``."""
+
+    kind: str | None
+    slot: datetime | None
+    reason: str
+
+
+def decide(full: Cadence, diff: Cadence | None, now: datetime,
+           history: Iterable[tuple[datetime, str]]) -> Due:
+    """Apply the due rule (module docstring) to one source's snapshot history."""
+    now = _aware(now, "now")
+    snaps = [(_aware(t, "snapshot time"), k) for t, k in history]
+    full_slot = full.prev(now)
+    last_full = max((t for t, k in snaps if k == KIND_FULL), default=None)
+    if last_full is None:
+        return Due(KIND_FULL, full_slot, "no full snapshot yet")
+    if full_slot is not None and last_full < full_slot:
+        return Due(KIND_FULL, full_slot, f"full slot {_fmt(full_slot)} not served")
+    if diff is not None:
+        diff_slot = diff.prev(now)
+        last_any = max(t for t, _ in snaps)
+        if diff_slot is not None and last_any < diff_slot:
+            return Due(KIND_DIFF, diff_slot, f"differential slot {_fmt(diff_slot)} not served")
+    return Due(None, None, "up to date")
+
+
+def next_wakeup(cadences: Iterable[Cadence], after: datetime) -> datetime | None:
+    """The earliest slot of any cadence strictly after ``after``."""
+    times = [t for c in cadences if (t := c.next(after)) is not None]
+    return min(times) if times else None
+
+
+def _fmt(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class Source:
+    """One thing the policy backs up, with its own cadences, hooks and retention."""
+
+    name: str
+    paths: tuple[str, ...]
+    full: Cadence
+    diff: Cadence | None = None
+    host: str | None = None
+    tags: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    pre: str | tuple[str, ...] | None = None
+    post: str | tuple[str, ...] | None = None
+    retention: RetentionPolicy | None = None
+    hook_timeout: float | None = None
+
+    def cadences(self) -> list[Cadence]:
+        return [self.full] + ([self.diff] if self.diff is not None else [])
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A parsed policy file."""
+
+    sources: tuple[Source, ...]
+    repository: str | None = None
+    password_file: str | None = None
+    timezone: str = "UTC"
+    prune: bool = False
+    max_unused: float = 0.05
+    lock_file: str | None = None
+    base_dir: str = "."
+
+    def source(self, name: str) -> Source:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise UsageError(f"no source {name!r} in the policy (known: {', '.join(s.name for s in self.sources)})")
+
+
+_TOP_KEYS = {"repository", "password_file", "timezone", "full", "diff", "retention", "presets", "prune",
+             "max_unused", "lock_file", "hook_timeout", "source", "tags", "host"}
+_SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "pre", "post", "full", "diff", "retention",
+                "timezone", "hook_timeout"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _norm_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = str(k).replace("-", "_")
+        if key not in allowed:
+            raise UsageError(f"unknown setting {k!r}{where} (known: {', '.join(sorted(a.replace('_', '-') for a in allowed))})")
+        if key in out:
+            raise UsageError(f"setting {k!r}{where} given twice")
+        out[key] = v
+    return out
+
+
+def _str_list(value: Any, what: str, *, required: bool = False) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)
+            or (required and not value)):
+        raise UsageError(f"{what} must be a string or a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+def _hook(value: Any, what: str) -> str | tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise UsageError(f"{what} must be a shell command string or a non-empty argument list, got {value!r}")
+
+
+def _seconds(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise UsageError(f"{what} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _share(value: Any) -> float:
+    try:
+        v = float(value[:-1]) / 100 if isinstance(value, str) and value.endswith("%") else float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"max-unused must be a share like 0.05 or '5%', got {value!r}") from None
+    if not 0 <= v <= 1:
+        raise UsageError(f"max-unused must be between 0 and 1, got {value!r}")
+    return v
+
+
+def _retention(value: Any, config: Mapping[str, Any], what: str) -> RetentionPolicy | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        policy = load_preset(config, value)
+        what = f"preset {value!r}"
+    elif isinstance(value, Mapping):
+        try:
+            policy = policy_from_dict(value)
+        except UsageError as exc:
+            raise UsageError(f"{what}: {exc}") from None
+    else:
+        raise UsageError(f"{what} must be a preset name or a table of keep rules, got {value!r}")
+    if policy.is_empty():
+        raise UsageError(f"{what} sets no keep rule: it would remove every snapshot")
+    return policy
+
+
+def _path(base_dir: str, p: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(p)))
+
+
+def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
+    """Validate a parsed policy file; relative paths are taken from ``base_dir`` (the file's folder)."""
+    top = _norm_keys(config, _TOP_KEYS, "")
+    tz_name = top.get("timezone", "UTC")
+    if not isinstance(tz_name, str):
+        raise UsageError(f"timezone must be a string, got {tz_name!r}")
+    tz = zone(tz_name)
+    repo = top.get("repository")
+    password_file = top.get("password_file")
+    if isinstance(repo, Mapping):
+        r = _norm_keys(repo, {"url", "password_file"}, " in [repository]")
+        if password_file is not None and "password_file" in r:
+            raise UsageError("password-file given both at the top and in [repository]")
+        repo, password_file = r.get("url"), r.get("password_file", password_file)
+    if repo is not None and (not isinstance(repo, str) or not repo):
+        raise UsageError(f"repository must be a URL string, got {repo!r}")
+    if repo is not None and "://" not in repo:
+        repo = _path(base_dir, repo)  # a local repository, like every path here, is relative to the file
+    if password_file is not None:
+        if not isinstance(password_file, str) or not password_file:
+            raise UsageError(f"password-file must be a path, got {password_file!r}")
+        password_file = _path(base_dir, password_file)
+    prune = top.get("prune", False)
+    if not isinstance(prune, bool):
+        raise UsageError(f"prune must be true or false, got {prune!r}")
+    lock_file = top.get("lock_file")
+    if lock_file is not None:
+        if not isinstance(lock_file, str) or not lock_file:
+            raise UsageError(f"lock-file must be a path, got {lock_file!r}")
+        lock_file = _path(base_dir, lock_file)
+
+    raw_sources = top.get("source")
+    if raw_sources is None:
+        raise UsageError("no sources: add at least one [[source]] table with a name and paths")
+    if not isinstance(raw_sources, list) or not all(isinstance(s, Mapping) for s in raw_sources):
+        raise UsageError("source must be an array of tables: write each as [[source]]")
+    if not raw_sources:
+        raise UsageError("no sources: add at least one [[source]] table with a name and paths")
+    sources: list[Source] = []
+    for i, raw in enumerate(raw_sources):
+        name = raw.get("name")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise UsageError(f"source #{i + 1} needs a name (letters, digits, '.', '_', '-'), got {name!r}")
+        where = f" in source {name!r}"
+        s = _norm_keys(raw, _SOURCE_KEYS, where)
+        if any(o.name == name for o in sources):
+            raise UsageError(f"two sources are named {name!r}")
+        try:
+            s_tz = zone(s["timezone"]) if "timezone" in s else tz
+            full_text = s.get("full", top.get("full"))
+            if full_text is None:
+                raise UsageError("no full cadence: set full = \"daily 02:00\" (or a cron expression) here or at the top")
+            full = parse_cadence(full_text, s_tz)
+            diff_text = s.get("diff", top.get("diff"))
+            diff = parse_cadence(diff_text, s_tz) if diff_text is not None else None
+            if "paths" not in s:
+                raise UsageError("no paths: set paths = [\"/var/lib/db\"]")
+            paths = tuple(_path(base_dir, p) for p in _str_list(s["paths"], "paths", required=True))
+            host = s.get("host", top.get("host"))
+            if host is not None and (not isinstance(host, str) or not host):
+                raise UsageError(f"host must be a non-empty string, got {host!r}")
+            tags = _str_list(s.get("tags", top.get("tags", [])), "tags")
+            excludes = _str_list(s.get("excludes", []), "excludes")
+            ret_value = s.get("retention", top.get("retention"))
+            retention = _retention(ret_value, config, "retention")
+            hook_timeout = _seconds(s.get("hook_timeout", top.get("hook_timeout")), "hook-timeout")
+            source = Source(name=name, paths=paths, full=full, diff=diff, host=host, tags=tags,
+                            excludes=excludes, pre=_hook(s.get("pre"), "pre"), post=_hook(s.get("post"), "post"),
+                            retention=retention, hook_timeout=hook_timeout)
+        except UsageError as exc:
+            raise UsageError(f"source {name!r}: {exc}") from None
+        sources.append(source)
+    return Policy(sources=tuple(sources), repository=repo, password_file=password_file, timezone=tz_name,
+                  prune=prune, max_unused=_share(top.get("max_unused", 0.05)), lock_file=lock_file,
+                  base_dir=base_dir)
+
+
+def source_history(snapshots: Sequence[Any], host: str, paths: Sequence[str]) -> list[Any]:
+    """The snapshots that belong to a source: same host and the same set of paths (not stdin backups)."""
+    want = sorted(paths)
+    return [s for s in snapshots
+            if s.host == host and sorted(s.paths) == want and getattr(s, "stdin_name", None) is None]

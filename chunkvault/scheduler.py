@@ -1,0 +1,598 @@
+"""Scheduled snapshots, the I/O part: ``chunkvault run`` and ``chunkvault daemon``.
+
+``Runner.run`` opens the policy's repository, asks ``schedule.decide`` what
+each source needs now, runs the source's pre hook, the backup and the post
+hook, then applies each source's retention to that source's snapshots only
+(same host and paths).  ``Daemon.serve`` repeats that at every slot: it
+computes the next slot and sleeps until then (at most ``max_sleep`` seconds at
+a time, so a clock jump or a suspend is noticed), logs every run, survives a
+failing one and stops after the step in progress on SIGTERM or SIGINT (a
+second signal aborts at once; a snapshot only exists once complete, so
+nothing is left half-written).
+
+The clock, the sleep function and the repository opener are parameters, so
+tests drive days of schedule in seconds.  Overlapping runs of one policy are
+excluded by an advisory lock file (``<policy file>.lock`` unless the policy
+sets ``lock-file``).
+
+Hooks run with ``/bin/sh -c`` (a string) or directly (a list), in the policy
+file's folder, stdin closed, their output logged.  Their environment adds
+CHUNKVAULT_SOURCE, CHUNKVAULT_KIND (full|diff), CHUNKVAULT_SLOT (ISO time) and
+CHUNKVAULT_PATHS (joined by ``os.pathsep``); the post hook also gets
+CHUNKVAULT_RESULT (ok|partial|failed), CHUNKVAULT_SNAPSHOT_ID (empty when no
+snapshot was saved) and CHUNKVAULT_ERROR.  A failing pre hook skips the
+backup and fails the source; the post hook runs whenever the pre hook was
+started, and a failing post hook fails the source (its snapshot stays).
+Retention of a source whose backup failed in this run is skipped, so a
+broken backup never lets age-based rules erode the remaining history.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator, TextIO
+
+from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
+from .schedule import Policy, Source, decide, next_wakeup, parse_policy, source_history
+
+__all__ = ["Daemon", "Runner", "RunReport", "SourceResult", "add_commands", "cmd_daemon", "cmd_run",
+           "load_policy"]
+
+Clock = Callable[[], datetime]
+Sleep = Callable[[float], None]
+
+OK, PARTIAL, FAILED, IDLE, SKIPPED, WOULD_RUN = "ok", "partial", "failed", "idle", "skipped", "would-run"
+HOOK_OUTPUT_LIMIT = 4096
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if t else None
+
+
+def load_policy(path: str) -> Policy:
+    """Read and validate a policy file; every problem is one UsageError line naming the file."""
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except OSError as exc:
+        raise UsageError(f"cannot read policy {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"policy {path} is not valid TOML: {exc}") from None
+    try:
+        return parse_policy(config, os.path.dirname(os.path.abspath(path)))
+    except UsageError as exc:
+        raise UsageError(f"policy {path}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class RetentionResult:
+    removed: list[str]
+    rebased: list[str]
+    kept: int
+    reasons: dict[str, str] = field(default_factory=dict)  # removed id -> why
+
+
+@dataclass
+class SourceResult:
+    """What one source did in one run."""
+
+    name: str
+    status: str  # ok | partial | failed | idle | skipped | would-run
+    kind: str | None = None
+    slot: datetime | None = None
+    reason: str = ""
+    snapshot_id: str | None = None
+    error: str | None = None
+    pre_exit: int | None = None
+    post_exit: int | None = None
+    duration: float = 0.0
+    retention: RetentionResult | None = None
+    retention_error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAILED or self.retention_error is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        ret = self.retention
+        return {"source": self.name, "status": self.status, "kind": self.kind, "slot": _iso(self.slot),
+                "reason": self.reason, "snapshot": self.snapshot_id, "error": self.error,
+                "pre_exit": self.pre_exit, "post_exit": self.post_exit, "duration": round(self.duration, 3),
+                "retention": None if ret is None else {"removed": ret.removed, "rebased": ret.rebased,
+                                                       "kept": ret.kept},
+                "retention_error": self.retention_error}
+
+
+@dataclass
+class RunReport:
+    """One run of a policy: per-source results, prune, and whether a stop request cut it short."""
+
+    started: datetime
+    dry_run: bool
+    sources: list[SourceResult] = field(default_factory=list)
+    prune: dict[str, Any] | None = None
+    prune_error: str | None = None
+    stopped: bool = False
+
+    @property
+    def failed(self) -> list[SourceResult]:
+        return [r for r in self.sources if r.failed]
+
+    @property
+    def partial(self) -> list[SourceResult]:
+        return [r for r in self.sources if r.status == PARTIAL]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.partial and self.prune_error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"started": _iso(self.started), "dry_run": self.dry_run, "ok": self.ok, "stopped": self.stopped,
+                "sources": [r.to_dict() for r in self.sources], "prune": self.prune,
+                "prune_error": self.prune_error}
+
+    def summary(self) -> str:
+        made = [r for r in self.sources if r.status in (OK, PARTIAL)]
+        text = (f"run: {len(made)} backup(s), {len(self.failed)} failed, {len(self.partial)} partial; "
+                f"retention removed {sum(len(r.retention.removed) for r in self.sources if r.retention)}")
+        return text + (" (stopped early)" if self.stopped else "")
+
+    def raise_for_status(self) -> None:
+        """The CLI's verdict: exit 1 when a source failed, 3 when a backup was only partial."""
+        if self.failed or self.prune_error:
+            names = ", ".join(f"{r.name} ({r.error or r.retention_error})" for r in self.failed)
+            if self.prune_error:
+                names = ", ".join(filter(None, [names, f"prune ({self.prune_error})"]))
+            raise ChunkvaultError(f"scheduled run failed: {names}")
+        if self.partial:
+            raise PartialBackup("scheduled run saved partial backups: "
+                                + ", ".join(f"{r.name} ({r.error})" for r in self.partial))
+
+
+# --------------------------------------------------------------------------- hooks and lock
+
+
+def run_hook(command: str | tuple[str, ...], env: dict[str, str], cwd: str, timeout: float | None,
+             log: Callable[[str], None], label: str) -> tuple[int, str | None]:
+    """Run a hook; returns (exit code, error text or None).  Output goes to the log, not a pipe,
+    so a hook that leaves a background process holding its stdout cannot hang the run."""
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = subprocess.Popen(command, shell=isinstance(command, str), cwd=cwd, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        except OSError as exc:
+            return 127, f"{label} hook could not start: {exc.strerror or exc}"
+        try:
+            rc = proc.wait(timeout=timeout)
+            error = None if rc == 0 else f"{label} hook exited {rc}"
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            rc, error = -signal.SIGKILL, f"{label} hook timed out after {timeout:g} s"
+        except BaseException:
+            _kill_group(proc)
+            raise
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    if len(text) > HOOK_OUTPUT_LIMIT:
+        text = "..." + text[-HOOK_OUTPUT_LIMIT:]
+    for line in text.splitlines():
+        log(f"{label}: {line}")
+    return rc, error
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    proc.wait()
+
+
+@contextmanager
+def policy_lock(path: str) -> Iterator[None]:
+    """Exclusive advisory lock for one run of a policy; Locked if another run holds it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UsageError(f"cannot open lock file {path}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise Locked(f"another run of this policy is in progress (lock {path})") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- runner
+
+
+class Runner:
+    """Performs what a policy says is due now (see the module docstring)."""
+
+    def __init__(self, policy: Policy, password: bytes, *, url: str | None = None, clock: Clock = utc_now,
+                 stop: threading.Event | None = None, log: Callable[[str], None] | None = None,
+                 opener: Callable[[str, bytes], Any] | None = None, lock_file: str | None = None):
+        self.policy = policy
+        self.password = password
+        self.url = url or policy.repository
+        if not self.url:
+            raise UsageError("no repository: set repository in the policy, or use -r/--repo")
+        self.clock = clock
+        self.stop = stop or threading.Event()
+        self.log = log or (lambda line: None)
+        if opener is None:
+            from .repository import Repository
+
+            opener = Repository.open
+        self.opener = opener
+        self.lock_file = lock_file or policy.lock_file
+
+    def run(self, *, dry_run: bool = False, only: list[str] | None = None) -> RunReport:
+        sources = [self.policy.source(n) for n in only] if only else list(self.policy.sources)
+        report = RunReport(self.clock(), dry_run)
+        if dry_run or not self.lock_file:
+            self._run(report, sources)
+        else:
+            with policy_lock(self.lock_file):
+                self._run(report, sources)
+        return report
+
+    def _run(self, report: RunReport, sources: list[Source]) -> None:
+        repo = self.opener(self.url, self.password)
+        try:
+            snaps = repo.snapshots()
+            for src in sources:
+                if self.stop.is_set():
+                    report.stopped = True
+                    report.sources.append(SourceResult(src.name, SKIPPED, reason="stopping"))
+                    self.log(f"{src.name}: skipped, stopping")
+                    continue
+                result = self._source(repo, src, snaps, report)
+                report.sources.append(result)
+                if result.status in (OK, PARTIAL):
+                    snaps = repo.snapshots()
+            removed_any = False
+            for src, result in zip(sources, report.sources):
+                if src.retention is None or result.status in (FAILED, SKIPPED):
+                    if src.retention is not None and result.status == FAILED:
+                        self.log(f"{src.name}: retention skipped, the backup failed")
+                    continue
+                if self.stop.is_set():
+                    report.stopped = True
+                    self.log(f"{src.name}: retention skipped, stopping")
+                    continue
+                try:
+                    result.retention = self._retention(repo, src, report.dry_run)
+                except ChunkvaultError as exc:
+                    result.retention_error = f"retention: {exc}"
+                    self.log(f"{src.name}: retention failed: {exc}")
+                    continue
+                removed_any |= bool(result.retention.removed)
+            if self.policy.prune and removed_any and not self.stop.is_set():
+                self._prune(repo, report)
+        finally:
+            close = getattr(repo, "close", None)
+            if close is not None:
+                close()
+
+    def _prefixed(self, name: str) -> Callable[[str], None]:
+        return lambda line: self.log(f"{name}: {line}")
+
+    def _host(self, src: Source) -> str:
+        return src.host or socket.gethostname()
+
+    def _source(self, repo: Any, src: Source, snaps: list[Any], report: RunReport) -> SourceResult:
+        now = report.started
+        history = [(s.datetime, s.kind) for s in source_history(snaps, self._host(src), src.paths)]
+        due = decide(src.full, src.diff, now, history)
+        if due.kind is None:
+            nxt = next_wakeup(src.cadences(), now)
+            self.log(f"{src.name}: nothing due" + (f" (next slot {_iso(nxt)})" if nxt else ""))
+            return SourceResult(src.name, IDLE, reason=due.reason)
+        result = SourceResult(src.name, WOULD_RUN if report.dry_run else FAILED, due.kind, due.slot, due.reason)
+        if report.dry_run:
+            self.log(f"{src.name}: would make a {due.kind} backup ({due.reason})")
+            return result
+        started = time.monotonic()
+        env = dict(os.environ)
+        env.update(CHUNKVAULT_SOURCE=src.name, CHUNKVAULT_KIND=due.kind, CHUNKVAULT_SLOT=_iso(due.slot) or "",
+                   CHUNKVAULT_PATHS=os.pathsep.join(src.paths))
+        env.pop("CHUNKVAULT_PASSWORD", None)  # hooks get no secret
+        pre_ok = True
+        if src.pre is not None:
+            result.pre_exit, error = run_hook(src.pre, env, self.policy.base_dir, src.hook_timeout,
+                                              self._prefixed(src.name), "pre")
+            if error:
+                pre_ok = False
+                result.error = error
+        if pre_ok:
+            self._backup(repo, src, due.kind, result)
+        if src.post is not None:
+            post_env = dict(env, CHUNKVAULT_RESULT=result.status, CHUNKVAULT_SNAPSHOT_ID=result.snapshot_id or "",
+                            CHUNKVAULT_ERROR=result.error or "")
+            result.post_exit, error = run_hook(src.post, post_env, self.policy.base_dir, src.hook_timeout,
+                                               self._prefixed(src.name), "post")
+            if error:
+                result.status = FAILED
+                result.error = "; ".join(filter(None, [result.error, error]))
+        result.duration = time.monotonic() - started
+        self.log(_describe(result))
+        return result
+
+    def _backup(self, repo: Any, src: Source, kind: str, result: SourceResult) -> None:
+        try:
+            res = repo.backup(list(src.paths), kind=kind, tags=list(src.tags), host=self._host(src),
+                              excludes=list(src.excludes))
+        except ChunkvaultError as exc:
+            result.status, result.error = FAILED, str(exc)
+            return
+        except Exception as exc:  # a daemon outlives one broken run; the message names the bug
+            result.status, result.error = FAILED, f"internal error: {type(exc).__name__}: {exc}"
+            return
+        snap = res.snapshot
+        result.snapshot_id = snap.id
+        result.kind = snap.kind
+        for w in res.warnings:
+            self.log(f"{src.name}: warning: {w}")
+        if res.partial:
+            result.status = PARTIAL
+            result.error = f"{len(snap.stats.get('unreadable', []))} path(s) could not be read"
+        else:
+            result.status = OK
+
+    def _retention(self, repo: Any, src: Source, dry_run: bool) -> RetentionResult:
+        from .store.lifecycle import plan_forget
+
+        assert src.retention is not None
+        scoped = source_history(repo.snapshots(), self._host(src), src.paths)
+        if not scoped:
+            return RetentionResult([], [], 0)
+        plan = plan_forget(scoped, policy=src.retention, now=self.clock())
+        reasons = {d.snapshot_id: ", ".join(d.reasons) for d in plan.decisions if not d.keep}
+        out = RetentionResult(list(plan.remove), [r.diff_id for r in plan.rebases],
+                              len(scoped) - len(plan.remove), reasons)
+        if plan.remove and not dry_run:
+            applied = repo.forget(plan.remove)
+            out.rebased = [r.diff_id for r in applied.rebases]
+        verb = "would remove" if dry_run else "removed"
+        if dry_run:
+            for sid in out.removed:
+                self.log(f"{src.name}: would remove {sid[:8]} ({reasons[sid]})")
+        self.log(f"{src.name}: retention {verb} {len(out.removed)} snapshot(s), "
+                 f"{'would rebase' if dry_run else 'rebased'} {len(out.rebased)}, kept {out.kept}")
+        return out
+
+    def _prune(self, repo: Any, report: RunReport) -> None:
+        try:
+            plan = repo.prune(max_unused=self.policy.max_unused)
+        except Locked as exc:
+            self.log(f"prune skipped: {exc}")
+            return
+        except ChunkvaultError as exc:
+            report.prune_error = str(exc)
+            self.log(f"prune failed: {exc}")
+            return
+        report.prune = plan.to_dict()
+        self.log(f"prune: deleted {len(plan.delete)} pack(s), repacked {len(plan.repack)}, "
+                 f"freed {plan.freed_bytes} bytes")
+
+
+def _describe(r: SourceResult) -> str:
+    slot = f"slot {_iso(r.slot)}" if r.slot else r.reason
+    if r.status in (OK, PARTIAL):
+        text = f"{r.name}: {r.kind} snapshot {r.snapshot_id[:8] if r.snapshot_id else '?'} saved ({slot}, {r.duration:.1f} s)"
+        return text + (f"; partial: {r.error}" if r.status == PARTIAL else "")
+    if r.snapshot_id:  # saved, then the post hook failed
+        return f"{r.name}: {r.kind} snapshot {r.snapshot_id[:8]} saved ({slot}) but {r.error}"
+    return f"{r.name}: {r.kind} backup failed ({slot}): {r.error}"
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+class Daemon:
+    """Runs a policy at every slot until ``stop`` is set."""
+
+    def __init__(self, runner: Runner, *, clock: Clock = utc_now, sleep: Sleep | None = None,
+                 log: Callable[[str], None] | None = None, max_sleep: float = 60.0, verbose: bool = True,
+                 on_report: Callable[[RunReport], None] | None = None):
+        self.runner = runner
+        self.clock = clock
+        self.stop = runner.stop
+        self.sleep = sleep or (lambda seconds: self.stop.wait(seconds))
+        self.log = log or (lambda line: None)
+        self.max_sleep = max_sleep
+        self.verbose = verbose
+        self.on_report = on_report
+        self.runs = 0
+
+    def serve(self) -> int:
+        cadences = [c for s in self.runner.policy.sources for c in s.cadences()]
+        self.log(f"daemon started: {len(self.runner.policy.sources)} source(s)")
+        while not self.stop.is_set():
+            started = self.clock()
+            self.runs += 1
+            try:
+                report = self.runner.run()
+                started = report.started
+                if self.on_report is not None:
+                    self.on_report(report)
+                self.log(report.summary())
+            except Locked as exc:
+                self.log(f"run skipped: {exc}")
+            except ChunkvaultError as exc:
+                self.log(f"run failed: {exc}")
+            except Exception as exc:  # survive a bug in one run; the next slot tries again
+                self.log(f"run failed: internal error: {type(exc).__name__}: {exc}")
+            if self.stop.is_set():
+                break
+            wake = next_wakeup(cadences, started)
+            if wake is None:
+                self.log("no slot is ever due again; waiting for a stop signal")
+            elif self.verbose:
+                self.log(f"next run at {_iso(wake)}")
+            while not self.stop.is_set():
+                now = self.clock()
+                if wake is not None and now >= wake:
+                    break
+                left = self.max_sleep if wake is None else (wake - now).total_seconds()
+                self.sleep(max(0.0, min(self.max_sleep, left)))
+        self.log("daemon stopped")
+        return 0
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+class _Log:
+    """Timestamped lines to stderr or a file (line-buffered, so a crash loses nothing)."""
+
+    def __init__(self, path: str | None, clock: Clock, also: TextIO | None = None):
+        self.clock = clock
+        try:
+            self.file: TextIO = open(path, "a", buffering=1, encoding="utf-8") if path else sys.stderr
+        except OSError as exc:
+            raise UsageError(f"cannot open log file {path}: {exc.strerror}") from None
+        self.owned = bool(path)
+        self.also = also
+
+    def __call__(self, line: str) -> None:
+        self.file.write(f"{_iso(self.clock())} {line}\n")
+        self.file.flush()
+        if self.also is not None:
+            self.also.write(line + "\n")
+            self.also.flush()
+
+    def close(self) -> None:
+        if self.owned:
+            self.file.close()
+
+
+def _password(args: argparse.Namespace, policy: Policy) -> bytes:
+    from .cli import _read_password_file, get_password
+
+    if getattr(args, "password_file", None) or not policy.password_file:
+        return get_password(args)
+    pw = _read_password_file(policy.password_file)
+    if not pw:
+        raise UsageError(f"empty password in {policy.password_file}")
+    return pw
+
+
+def _runner(args: argparse.Namespace, stop: threading.Event | None, log: Callable[[str], None]) -> Runner:
+    policy = load_policy(args.config)
+    url = args.repo or policy.repository or os.environ.get("CHUNKVAULT_REPOSITORY")
+    if not url:
+        raise UsageError(f"no repository: set repository in {args.config}, or use -r/--repo")
+    lock = policy.lock_file or os.path.abspath(args.config) + ".lock"
+    return Runner(policy, _password(args, policy), url=url, stop=stop, log=log, lock_file=lock)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``chunkvault run --config FILE``: whatever is due now, then retention."""
+    plain = not (args.json or args.quiet)
+    log = _Log(args.log, utc_now, also=sys.stdout if plain and args.log else None) if args.log else None
+    if log is not None:
+        emit: Callable[[str], None] = log
+    elif plain:
+        emit = print
+    else:
+        emit = lambda line: None  # noqa: E731
+    try:
+        runner = _runner(args, None, emit)
+        report = runner.run(dry_run=args.dry_run, only=args.source or None)
+    finally:
+        if log is not None:
+            log.close()
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=1, sort_keys=True)
+        sys.stdout.write("\n")
+    report.raise_for_status()
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    """``chunkvault daemon --config FILE``: run at every slot until SIGTERM/SIGINT."""
+    stop = threading.Event()
+    log = _Log(args.log, utc_now)
+    signals_seen: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # second signal: abort the step in progress
+        signals_seen.append(signum)
+        stop.set()
+
+    def on_report(report: RunReport) -> None:
+        if args.json:
+            sys.stdout.write(json.dumps(report.to_dict(), sort_keys=True) + "\n")
+            sys.stdout.flush()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        runner = _runner(args, stop, log if not args.quiet else _quiet(log))
+        daemon = Daemon(runner, log=log, verbose=not args.quiet, on_report=on_report)
+        code = daemon.serve()
+        if signals_seen:
+            log(f"stopped by {signal.Signals(signals_seen[0]).name}")
+        return code
+    except KeyboardInterrupt:
+        log("aborted by a second signal")
+        return 130
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        log.close()
+
+
+def _quiet(log: Callable[[str], None]) -> Callable[[str], None]:
+    """Drop the routine lines (nothing due, retention counts) but keep actions and failures."""
+    return lambda line: None if ("nothing due" in line or ": retention " in line) else log(line)
+
+
+def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
+    """Register ``run`` and ``daemon`` on the chunkvault command line."""
+    s = subparsers.add_parser("run", parents=[common_parent],
+                              help="make the backups a policy file says are due now, then apply its retention")
+    s.add_argument("--config", "-c", required=True, metavar="FILE", help="policy file (TOML)")
+    s.add_argument("--dry-run", "-n", action="store_true", help="show what is due and what retention would remove")
+    s.add_argument("--source", action="append", default=[], metavar="NAME", help="only this source (repeatable)")
+    s.add_argument("--log", metavar="FILE", help="also append timestamped lines to this file")
+    s.set_defaults(func=cmd_run)
+
+    s = subparsers.add_parser("daemon", parents=[common_parent],
+                              help="keep running a policy file at its slots until SIGTERM")
+    s.add_argument("--config", "-c", required=True, metavar="FILE", help="policy file (TOML)")
+    s.add_argument("--log", metavar="FILE", help="append the log here instead of stderr")
+    s.set_defaults(func=cmd_daemon)

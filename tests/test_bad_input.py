@@ -1,0 +1,471 @@
+"""Bad input: wrong passwords, newer formats, hostile source trees, leaked secrets, hostile bytes.
+
+Each case has one tested outcome.  Decoders that sit behind the AEAD are fed
+random plaintexts sealed with a real key, so their parsers (not only the tag
+check) see arbitrary bytes.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import stat
+import struct
+import subprocess
+import time
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import crashkit
+from chunkvault import Repository
+from chunkvault.errors import ChunkvaultError, UnsupportedFormat, UsageError, WrongPassword
+from chunkvault.store.blob import KIND_DELTA, KIND_RAW, KIND_ZSTD, open_blob, seal_blob
+from chunkvault.store.config import KeyFile, RepoConfig, Settings, make_key_file, open_config
+from chunkvault.store.crypto import KeyMaterial, Sealer
+from chunkvault.store.indexfile import INDEX_AD, decode_index
+from chunkvault.store.manifest import (
+    F_CHANGED_DURING_READ, F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_BLOCKDEV, T_CHARDEV, T_FIFO, Entry,
+    Record, decode_records, encode_record, iter_records,
+)
+from chunkvault.store.pack import HEADER_AD, open_header
+from chunkvault.store.snapshot import SNAPSHOT_AD, Snapshot
+from treeutil import describe
+
+PASSWORD = crashkit.PASSWORD
+KEY = bytes(range(32))
+SEALER = Sealer(KEY)
+
+
+def only_our_errors(fn, *args):
+    """The call returns or raises chunkvault's own error; anything else fails the test."""
+    try:
+        return fn(*args)
+    except ChunkvaultError:
+        return None
+
+
+@pytest.fixture
+def repo_path(tmp_path):
+    path = str(tmp_path / "repo")
+    crashkit.init_repo(path, compression=3)
+    return path
+
+
+# --- passwords and formats ----------------------------------------------------------------
+
+
+def test_wrong_and_empty_passwords(repo_path):
+    with pytest.raises(WrongPassword):
+        Repository.open(repo_path, PASSWORD + "x")
+    with pytest.raises(WrongPassword):
+        Repository.open(repo_path, "")
+    with pytest.raises(UsageError):
+        Repository.init(repo_path + "2", "", kdf_seconds=0)
+    proc = crashkit.run_cli("snapshots", "-r", repo_path, env=crashkit.cli_env({"CHUNKVAULT_PASSWORD": "nope"}),
+                            ok=(11,))
+    assert len(proc.stderr.decode().strip().splitlines()) == 1 and "wrong password" in proc.stderr.decode()
+    proc = crashkit.run_cli("snapshots", "-r", repo_path, env=crashkit.cli_env({"CHUNKVAULT_PASSWORD": ""}), ok=(2,))
+    assert "empty password" in proc.stderr.decode()
+
+
+def _bump_format(repo_path: str, version: int = 2) -> None:
+    with open(os.path.join(repo_path, "config"), "rb") as f:
+        cfg = json.load(f)
+    cfg["format"] = version
+    with open(os.path.join(repo_path, "config"), "w") as f:
+        json.dump(cfg, f)
+
+
+def test_repository_of_a_newer_format(repo_path):
+    _bump_format(repo_path)
+    with pytest.raises(UnsupportedFormat):
+        Repository.open(repo_path, PASSWORD)
+    with pytest.raises(UnsupportedFormat):  # refused before the password is even tried
+        Repository.open(repo_path, "not the password")
+    proc = crashkit.run_cli("backup", "-r", repo_path, "/etc/hostname", ok=(17,))
+    err = proc.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "newer" in err
+
+
+def test_newer_format_is_reported_before_a_password_is_asked(repo_path):
+    _bump_format(repo_path)
+    env = {k: v for k, v in crashkit.cli_env().items() if k != "CHUNKVAULT_PASSWORD"}
+    crashkit.run_cli("snapshots", "-r", repo_path, env=env, ok=(17,))
+
+
+# --- hostile source trees ------------------------------------------------------------------
+
+
+def test_file_changing_while_read_is_recorded_and_reread_next_time(repo_path, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "steady").write_bytes(b"s" * 10_000)
+    (src / "growing").write_bytes(os.urandom(300_000))
+    real_open = os.open
+
+    def open_then_append(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if os.path.basename(os.fsdecode(path)) == "growing":
+            with open(path, "ab") as f:  # a writer appends while the backup reads
+                f.write(b"appended during the backup")
+        return fd
+
+    with Repository.open(repo_path, PASSWORD) as repo:
+        monkeypatch.setattr("chunkvault.store.backup.os.open", open_then_append)
+        result = repo.backup([str(src)])
+        monkeypatch.undo()
+        assert not result.partial
+        assert any("changed while being read" in w and "growing" in w for w in result.warnings)
+        flags = {e.path: e.flags for e in repo.tree(result.snapshot.id)}
+        assert flags[b"growing"] & F_CHANGED_DURING_READ and not flags[b"steady"]
+        second = repo.backup([str(src)])  # flagged: read again, not trusted by metadata
+        assert not second.warnings
+        assert not {e.path: e.flags for e in repo.tree(second.snapshot.id)}[b"growing"]
+        repo.restore(second.snapshot.id, str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(src)
+
+
+def test_file_vanishing_during_backup_is_a_warning(repo_path, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "here").write_bytes(b"here")
+    real_listdir = os.listdir
+
+    def listdir_with_a_ghost(path):
+        names = real_listdir(path)
+        return names + [b"gone-already"] if os.fsdecode(path) == str(src) else names
+
+    with Repository.open(repo_path, PASSWORD) as repo:
+        monkeypatch.setattr("chunkvault.store.backup.os.listdir", listdir_with_a_ghost)
+        result = repo.backup([str(src)])
+        monkeypatch.undo()
+        assert any("vanished" in w and "gone-already" in w for w in result.warnings)
+        assert not result.partial
+        assert [e.path for e in repo.tree(result.snapshot.id)] == [b"", b"here"]
+
+
+def test_unreadable_file_gives_exit_3_and_restores_empty_with_a_warning(repo_path, tmp_path, monkeypatch, capsys):
+    from chunkvault import cli
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok").write_bytes(b"fine")
+    (src / "locked").write_bytes(b"secret")
+    real_open = os.open
+
+    def refuse(path, flags, *args):
+        if os.path.basename(os.fsdecode(path)) == "locked":  # we run as root: simulate EACCES
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    monkeypatch.setattr("chunkvault.store.backup.os.open", refuse)
+    assert cli.main(["backup", "-r", repo_path, str(src)]) == 3
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "locked" in err and "could not be read" in err
+    with Repository.open(repo_path, PASSWORD) as repo:
+        snap = repo.snapshot("latest")
+        assert snap.stats["unreadable"] == ["locked"]
+        assert {e.path: e.flags for e in repo.tree(snap)}[b"locked"] & F_UNREADABLE
+        result = repo.restore(snap, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "locked").read_bytes() == b""
+    assert any("unreadable at backup time" in w for w in result.warnings)
+    assert (tmp_path / "out" / "ok").read_bytes() == b"fine"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="device nodes need root")
+def test_special_files_fifo_devices_and_sockets(repo_path, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    os.mkfifo(src / "fifo")
+    os.mknod(src / "null-like", stat.S_IFCHR | 0o640, os.makedev(1, 3))
+    os.mknod(src / "block", stat.S_IFBLK | 0o600, os.makedev(7, 200))
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(src / "sock"))
+    try:
+        with Repository.open(repo_path, PASSWORD) as repo:
+            result = repo.backup([str(src)])
+            assert any("socket" in w and "sock" in w for w in result.warnings)
+            types = {e.path: e.type for e in repo.tree(result.snapshot.id)}
+            assert types == {b"": 1, b"fifo": T_FIFO, b"null-like": T_CHARDEV, b"block": T_BLOCKDEV}
+            repo.restore(result.snapshot.id, str(tmp_path / "out"))
+    finally:
+        sock.close()
+    out = tmp_path / "out"
+    assert stat.S_ISFIFO(os.lstat(out / "fifo").st_mode)
+    for name, kind, dev in (("null-like", stat.S_ISCHR, os.makedev(1, 3)), ("block", stat.S_ISBLK, os.makedev(7, 200))):
+        st_ = os.lstat(out / name)
+        assert kind(st_.st_mode) and st_.st_rdev == dev
+        assert stat.S_IMODE(st_.st_mode) == stat.S_IMODE(os.lstat(src / name).st_mode)
+    assert not os.path.lexists(out / "sock")
+
+
+def test_names_with_newlines_and_invalid_utf8_through_the_cli(repo_path, tmp_path):
+    src = os.fsencode(str(tmp_path / "src"))
+    os.makedirs(src + b"/dir\nwith newline/\xff\xfe-sub")
+    odd = src + b"/dir\nwith newline/\xff\xfe-sub/caf\xe9 \x01\x7f.bin"
+    with open(odd, "wb") as f:
+        f.write(b"odd name content")
+    with open(src + b"/-starts-with-dash", "wb") as f:
+        f.write(b"dash")
+    crashkit.run_cli("backup", "-r", repo_path, os.fsdecode(src), "-q")
+    listing = json.loads(crashkit.run_cli("ls", "-r", repo_path, "latest", "--json").stdout)
+    assert sorted(os.fsencode(e["path"]) for e in listing) == sorted(
+        [b"", b"-starts-with-dash", b"dir\nwith newline", b"dir\nwith newline/\xff\xfe-sub",
+         b"dir\nwith newline/\xff\xfe-sub/caf\xe9 \x01\x7f.bin"])
+    dumped = subprocess.run(crashkit.cli_argv("dump", "-r", repo_path, "latest",
+                                              os.fsdecode(b"dir\nwith newline/\xff\xfe-sub/caf\xe9 \x01\x7f.bin")),
+                            env=crashkit.cli_env(), capture_output=True)
+    assert dumped.returncode == 0 and dumped.stdout == b"odd name content"
+    out = tmp_path / "out"
+    crashkit.run_cli("restore", "-r", repo_path, "latest", "--target", str(out), "-q")
+    assert describe(out) == describe(src)
+
+
+def test_stdin_names_that_would_escape_are_refused(repo_path):
+    with Repository.open(repo_path, PASSWORD) as repo:
+        for name in ("../escape", "/abs", "a/../b", "", "a//b", "nul\x00byte"):
+            with pytest.raises(UsageError):
+                import io
+
+                repo.backup_stream(io.BytesIO(b"x"), name)
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+
+def _secrets(repo_path: str) -> list[bytes]:
+    with Repository.open(repo_path, PASSWORD) as repo:
+        m = repo.store.material
+    out = [PASSWORD.encode()]
+    for k in (m.enc_key, m.id_key, m.chunker_secret):
+        out += [k, k.hex().encode(), k.hex().upper().encode(), base64.b64encode(k)]
+    out.append(base64.b64encode(m.to_bytes()))
+    return out
+
+
+def test_keys_and_password_never_appear_in_output_or_errors(repo_path, tmp_path):
+    src = tmp_path / "src"
+    crashkit.SourceTree(str(src), __import__("random").Random(1), target_bytes=300_000)
+    secrets = _secrets(repo_path)
+    outputs = []
+    for args in (["backup", "-r", repo_path, str(src), "--json"], ["backup", "-r", repo_path, str(src)],
+                 ["snapshots", "-r", repo_path, "--json"], ["ls", "-r", repo_path, "latest", "--json"],
+                 ["check", "-r", repo_path, "--read-data", "--json"], ["key", "list", "-r", repo_path, "--json"],
+                 ["restore", "-r", repo_path, "latest", "--target", str(tmp_path / "o"), "--json"],
+                 ["prune", "-r", repo_path, "--json"], ["check", "-r", repo_path, "--debug"]):
+        proc = crashkit.run_cli(*args)
+        outputs.append(proc.stdout + proc.stderr)
+    for pw in ("wrong", PASSWORD[:-1]):
+        proc = crashkit.run_cli("snapshots", "-r", repo_path, env=crashkit.cli_env({"CHUNKVAULT_PASSWORD": pw}),
+                                ok=(11,))
+        outputs.append(proc.stdout + proc.stderr)
+    # an error path: a damaged index makes a corrupt-object error
+    idx = os.path.join(repo_path, "index", sorted(os.listdir(os.path.join(repo_path, "index")))[0])
+    with open(idx, "ab") as f:
+        f.write(b"!")
+    for args in (["restore", "-r", repo_path, "latest", "--target", str(tmp_path / "o2")], ["check", "-r", repo_path]):
+        proc = crashkit.run_cli(*args, ok=(13, 18))
+        outputs.append(proc.stdout + proc.stderr)
+    blob = b"\n".join(outputs)
+    assert b"snapshot" in blob  # the commands really talked
+    for s in secrets:
+        assert s not in blob
+    # nor in the repository itself, in clear
+    for dirpath, _, names in os.walk(repo_path):
+        for n in names:
+            data = open(os.path.join(dirpath, n), "rb").read()
+            assert not any(s in data for s in secrets), n
+    # nor in exception texts and reprs of the in-process objects
+    with Repository.open(repo_path, PASSWORD) as repo:
+        texts = [repr(repo.store.material), repr(repo.store.sealer)]
+    try:
+        Repository.open(repo_path, "wrong")
+    except WrongPassword as exc:
+        texts.append(str(exc) + repr(exc))
+    assert not any(s.decode("latin-1") in t for s in secrets for t in texts)
+
+
+@pytest.mark.parametrize("via", ["env", "file"])
+def test_password_not_in_the_process_title(repo_path, tmp_path, via):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i}").write_bytes(os.urandom(200_000))
+    env = crashkit.cli_env()
+    args = ["backup", "-r", repo_path, str(src), "-q"]
+    if via == "file":
+        pw_file = tmp_path / "pw"
+        pw_file.write_text(PASSWORD + "\n")
+        env.pop("CHUNKVAULT_PASSWORD")
+        args += ["--password-file", str(pw_file)]
+    proc = subprocess.Popen(crashkit.cli_argv(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    titles = []
+    while proc.poll() is None:
+        for p in (f"/proc/{proc.pid}/cmdline", f"/proc/{proc.pid}/comm"):
+            try:
+                titles.append(open(p, "rb").read())
+            except OSError:
+                pass
+        time.sleep(0.005)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert titles and any(b"chunkvault" in t for t in titles)
+    assert not any(PASSWORD.encode() in t for t in titles)
+
+
+def test_no_plaintext_temp_files(repo_path, tmp_path):
+    """During and after a backup and a restore, nothing new appears in TMPDIR, and the
+    repository holds only its objects (and in-flight `.tmp-` objects), all encrypted."""
+    marker = b"PLAINTEXT-MARKER-4c1d" * 50
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(15):
+        (src / f"f{i}").write_bytes(marker + os.urandom(200_000) + marker)
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    env = crashkit.cli_env({"TMPDIR": str(tmpdir), "TEMP": str(tmpdir), "TMP": str(tmpdir)})
+    seen: set[str] = set()
+    for args in (["backup", "-r", repo_path, str(src), "-q"],
+                 ["restore", "-r", repo_path, "latest", "--target", str(tmp_path / "out"), "-q"]):
+        proc = subprocess.Popen(crashkit.cli_argv(*args), env=env, stderr=subprocess.PIPE)
+        while proc.poll() is None:
+            seen |= {os.path.join(d, n) for d, _, ns in os.walk(tmpdir) for n in ns}
+            for d, _, ns in os.walk(repo_path):
+                for n in ns:
+                    seen.add(os.path.join(d, n))
+            time.sleep(0.002)
+        assert proc.wait() == 0, proc.stderr.read().decode()
+    assert not any(p.startswith(str(tmpdir)) for p in seen)
+    allowed = ("config", "keys", "data", "index", "snapshots", "locks")
+    for p in seen:
+        rel = os.path.relpath(p, repo_path)
+        assert rel.split(os.sep)[0] in allowed, rel
+    for d, _, ns in os.walk(repo_path):
+        for n in ns:
+            assert marker[:21] not in open(os.path.join(d, n), "rb").read()
+    assert describe(tmp_path / "out") == describe(src)
+
+
+# --- decoders behind the AEAD, fed random plaintexts -----------------------------------------
+
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_open_config_with_a_real_sealer(settings_json):
+    cfg = RepoConfig("ab" * 16, "now", Settings(chunker={}))
+    sealed = SEALER.seal(settings_json, cfg.ad())
+    doc = json.dumps({"format": 1, "id": cfg.repo_id, "created": "x",
+                      "sealed": base64.b64encode(sealed).decode()}).encode()
+    result = only_our_errors(open_config, doc, SEALER)
+    assert result is None or isinstance(result, RepoConfig)
+
+
+@FAST
+@given(st.dictionaries(st.sampled_from(["chunker", "compression_level", "pack_size", "full_every",
+                                        "max_diff_share", "extra", "bogus"]),
+                       st.one_of(st.integers(), st.text(max_size=5), st.none(), st.just({}))))
+def test_open_config_with_wrong_shaped_settings(body):
+    cfg = RepoConfig("cd" * 16, "now", Settings(chunker={}))
+    sealed = SEALER.seal(json.dumps(body).encode(), cfg.ad())
+    doc = json.dumps({"format": 1, "id": cfg.repo_id, "sealed": base64.b64encode(sealed).decode()}).encode()
+    only_our_errors(open_config, doc, SEALER)
+
+
+@FAST
+@given(st.binary(max_size=400))
+def test_index_parser_on_sealed_random_plaintext(plain):
+    sealed = SEALER.seal(zstandard.ZstdCompressor().compress(plain), INDEX_AD)
+    only_our_errors(decode_index, SEALER, sealed, "index/x")
+
+
+@FAST
+@given(st.integers(0, 4), st.lists(st.tuples(st.integers(0, 3), st.binary(min_size=32, max_size=32),
+                                             st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+                                             st.integers(0, 2**32 - 1)), max_size=5), st.binary(max_size=40))
+def test_pack_header_parser_on_sealed_entries(version, entries, tail):
+    plain = struct.pack("<BI", version, len(entries))
+    for kind, bid, off, length, raw in entries:
+        plain += struct.pack("<B32sIII", kind, bid, off, length, raw) + (bid if kind == KIND_DELTA else b"")
+    plain += tail
+    result = only_our_errors(open_header, SEALER, SEALER.seal(plain, HEADER_AD), "data/x", 1 << 20)
+    for e in result or []:
+        assert e.offset + e.length <= 1 << 20
+
+
+@FAST
+@given(st.one_of(st.binary(max_size=200), st.dictionaries(st.text(max_size=8), st.integers(), max_size=5).map(
+    lambda d: json.dumps({**d, "version": 1}).encode())))
+def test_snapshot_parser_on_sealed_random_plaintext(plain):
+    sid = "ab" * 32
+    sealed = SEALER.seal(zstandard.ZstdCompressor().compress(plain), SNAPSHOT_AD + sid.encode())
+    only_our_errors(Snapshot.decode, SEALER, sid, sealed)
+
+
+@FAST
+@given(st.sampled_from([KIND_RAW, KIND_ZSTD, KIND_DELTA]), st.binary(max_size=300), st.booleans(),
+       st.integers(0, 400))
+def test_blob_decoder_on_sealed_random_payloads(kind, payload, with_base, raw_length):
+    bid = bytes(32)
+    base_id = bytes([1]) * 32 if kind == KIND_DELTA else None
+    env = seal_blob(SEALER, bid, kind, payload, base_id)
+    base = b"base" * 10 if with_base or kind == KIND_DELTA else None  # a delta is always opened with its base
+    result = only_our_errors(open_blob, SEALER, bid, env, raw_length, base)
+    assert result is None or len(result) == raw_length
+
+
+@FAST
+@given(st.binary(max_size=200), st.sampled_from(["", "\x00", "pw"]))
+def test_key_file_unwrap_on_random_wrapped_bytes(wrapped, password):
+    kf = KeyFile("k", "", "", "", 10, 8, 1, bytes(16), wrapped)
+    with pytest.raises(ChunkvaultError):
+        kf.unwrap(password.encode(), "ab" * 16)
+
+
+def test_key_file_with_hostile_kdf_parameters():
+    material = KeyMaterial.generate()
+    name, data = make_key_file(material, b"pw", "ab" * 16, log_n=10)
+    doc = json.loads(data)
+    for field, value in (("log_n", 40), ("log_n", -1), ("r", 0), ("p", 0), ("log_n", "x"), ("salt", "%%")):
+        bad = json.dumps({**doc, field: value}).encode()
+        kf = only_our_errors(KeyFile.decode, "", bad)
+        if kf is not None:
+            only_our_errors(kf.unwrap, b"pw", "ab" * 16)
+
+
+_entries = st.builds(
+    Entry, path=st.binary(min_size=1, max_size=20), type=st.integers(0, 6), mode=st.integers(0, 0o7777),
+    uid=st.integers(0, 2**32 - 1), gid=st.integers(0, 2**32 - 1), mtime_ns=st.integers(-2**63, 2**63 - 1),
+    size=st.integers(0, 2**64 - 1), target=st.binary(max_size=10), digest=st.binary(max_size=32),
+    chunks=st.lists(st.binary(min_size=32, max_size=32), max_size=3).map(b"".join), flags=st.integers(0, 3))
+_records = st.lists(st.one_of(_entries.map(lambda e: Record(OP_ENTRY, e.path, e)),
+                              _entries.map(lambda e: Record(OP_FRESH, e.path, e)),
+                              st.binary(min_size=1, max_size=20).map(lambda p: Record(OP_DELETE, p, None))),
+                    max_size=8)
+
+
+@FAST
+@given(_records, st.lists(st.integers(0, 2000), max_size=6))
+def test_manifest_records_survive_any_split_into_pieces(records, cuts):
+    stream = b"".join(encode_record(r) for r in records)
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    pieces = [stream[a:b] for a, b in zip([0] + points, points + [len(stream)])]
+    assert list(iter_records(pieces, "m")) == records
+
+
+@FAST
+@given(_records, st.integers(1, 400), st.binary(min_size=1, max_size=30))
+def test_manifest_stream_cut_short_or_padded_is_an_error(records, cut, junk):
+    stream = b"".join(encode_record(r) for r in records)
+    if stream:
+        short = stream[: cut % len(stream)] if cut % len(stream) else stream[:-1]
+        out = only_our_errors(lambda: list(iter_records([short], "m")))
+        assert out is None or out == records[: len(out)]
+    only_our_errors(lambda: list(iter_records([stream, junk], "m")))
+    only_our_errors(decode_records, stream + junk, "m")

@@ -1,0 +1,466 @@
+"""Export files: a resolved snapshot in one encrypted file; import it anywhere, restore straight from it.
+
+Damage of any kind (truncation, a flipped bit, sections moved, swapped or
+spliced in from another file) is refused before anything is written.
+"""
+import argparse
+import hashlib
+import os
+import pathlib
+import random
+import re
+import shutil
+import struct
+
+import blake3
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chunkvault import Repository
+from chunkvault.errors import CorruptObject, UnsupportedFormat, UsageError, WrongPassword
+from chunkvault.store.export import (
+    HEADER_SIZE, S_BLOB, S_END, S_META, S_RECORDS, ExportFile, blob_ref, export, import_backup, open_export,
+    restore_from_file,
+)
+from chunkvault.store.manifest import T_DIR, T_FILE
+from chunkvault.store.restore import Restorer, RestoreOptions
+from treeutil import describe
+
+EXPORT_PW = b"export secret"
+DOC = pathlib.Path(__file__).resolve().parent.parent / "store" / "FORMAT.md"
+
+
+def write_tree_v1(src):
+    (src / "db").mkdir(parents=True)
+    (src / "db" / "base.dat").write_bytes(random.Random(1).randbytes(1_500_000))
+    (src / "db" / "copy.dat").write_bytes((src / "db" / "base.dat").read_bytes())  # same chunks: stored once
+    (src / "db" / "gone.txt").write_text("removed later\n")
+    (src / "notes.txt").write_text("version 1\n")
+    (src / "empty").write_bytes(b"")
+    os.symlink("db/base.dat", src / "link")
+
+
+def change_tree_v2(src):
+    (src / "db" / "gone.txt").unlink()
+    (src / "notes.txt").write_text("version 2, longer\n")
+    (src / "db" / "new.bin").write_bytes(random.Random(2).randbytes(300_000))
+    os.link(src / "notes.txt", src / "db" / "notes-link.txt")
+    os.chmod(src / "db", 0o750)
+
+
+@pytest.fixture
+def chain(tmp_path, new_repo):
+    """A repository with a full snapshot and a differential on top; the source as of the differential."""
+    src = tmp_path / "src"
+    write_tree_v1(src)
+    repo = new_repo()
+    repo.backup([str(src)], kind="full")
+    change_tree_v2(src)
+    diff = repo.backup([str(src)], kind="diff").snapshot
+    assert diff.kind == "diff"
+    return repo, diff, src
+
+
+@pytest.fixture
+def exported(tmp_path, chain):
+    repo, diff, src = chain
+    path = tmp_path / "snap.backup"
+    stats = export(repo.store, diff, str(path), EXPORT_PW, kdf_log_n=10)
+    return repo, diff, src, path, stats
+
+
+def other_repo(tmp_path, name="other"):
+    return Repository.init(str(tmp_path / name), "a different password", kdf_seconds=0)
+
+
+def data_files(repo):
+    root = pathlib.Path(repo.store.remote.display_url.removeprefix("file://"))
+    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*")
+                  if p.is_file() and not p.name.startswith(".") and not str(p.relative_to(root)).startswith("locks"))
+
+
+def sections(data: bytes):
+    """(offset, type, total length) of every section, by the framing in store/FORMAT.md."""
+    out, pos = [], HEADER_SIZE
+    while pos < len(data):
+        stype, length = struct.unpack_from("<BI", data, pos)
+        out.append((pos, stype, 5 + length))
+        pos += 5 + length
+    assert pos == len(data)
+    return out
+
+
+# --- round trips ---------------------------------------------------------------------
+
+
+def test_export_of_a_differential_imports_as_a_full_snapshot_elsewhere(tmp_path, exported):
+    repo, diff, src, path, stats = exported
+    assert stats.snapshot_id == diff.id and stats.file_bytes == path.stat().st_size
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    dst = other_repo(tmp_path)
+    snap = import_backup(dst.store, str(path), EXPORT_PW)
+    assert snap.kind == "full" and snap.parent is None
+    assert snap.stats["imported_from"] == diff.id
+    assert (snap.time, snap.host, snap.paths, snap.tags) == (diff.time, diff.host, diff.paths, diff.tags)
+    assert [s.id for s in dst.snapshots()] == [snap.id]
+    out = tmp_path / "out"
+    dst.restore(snap.id, str(out))
+    assert describe(out) == describe(src)
+    # Blob ids were re-derived with the destination's key: none of the source's ids appear.
+    src_ids = {c for e in repo.tree(diff) for c in e.chunk_ids()}
+    dst_ids = {c for e in dst.tree(snap) for c in e.chunk_ids()}
+    assert len(src_ids) == len(dst_ids) and not src_ids & dst_ids
+    assert all(i in dst.store.index for i in dst_ids)
+    assert dst.check(read_data=True).ok
+
+
+def test_each_distinct_chunk_is_written_once(exported):
+    repo, diff, _src, path, stats = exported
+    entries = list(repo.tree(diff))
+    distinct = {c for e in entries for c in e.chunk_ids()}
+    assert stats.blobs == len(distinct)
+    assert stats.blob_bytes == sum(len(repo.store.read_blob(c)) for c in distinct)
+    assert stats.records == len(entries)
+    assert stats.bytes == sum(e.size for e in entries if e.type == T_FILE)
+    counts = {t: 0 for t in (S_META, S_BLOB, S_RECORDS, S_END)}
+    for _, stype, _ in sections(path.read_bytes()):
+        counts[stype] += 1
+    assert counts[S_META] == 1 and counts[S_END] == 1 and counts[S_BLOB] == len(distinct) and counts[S_RECORDS] >= 1
+
+
+def test_importing_twice_adds_no_data(tmp_path, exported):
+    _repo, _diff, src, path, _ = exported
+    dst = other_repo(tmp_path)
+    first = import_backup(dst.store, str(path), EXPORT_PW)
+    assert first.stats["added_blobs"] > 0
+    before = data_files(dst)
+    second = import_backup(dst.store, str(path), EXPORT_PW)
+    after = data_files(dst)
+    assert second.stats["added_blobs"] == 0 and second.stats["added_stored_bytes"] == 0
+    new = sorted(set(after) - set(before))
+    assert [name.split("/")[0] for name, _ in new] == ["snapshots"]  # the snapshot object only
+    assert second.manifest == first.manifest
+    out = tmp_path / "out"
+    dst.restore(second.id, str(out))
+    assert describe(out) == describe(src)
+
+
+def test_import_into_the_source_repository_stores_no_chunk(exported):
+    repo, diff, _src, path, _ = exported
+    snap = import_backup(repo.store, str(path), EXPORT_PW)
+    assert snap.stats["added_blobs"] == 0
+    assert [e.chunks for e in repo.tree(snap)] == [e.chunks for e in repo.tree(diff)]
+
+
+def test_restore_from_file_equals_the_source(tmp_path, exported):
+    _repo, diff, src, path, _ = exported
+    out = tmp_path / "out"
+    info, result = restore_from_file(str(path), EXPORT_PW, str(out))
+    assert describe(out) == describe(src)
+    assert info.snapshot.id == diff.id and info.snapshot.kind == "diff"
+    assert info.metadata["snapshot"]["chain_length"] == 2
+    assert result.files == 5 and result.links == 2
+    assert os.stat(out / "notes.txt").st_ino == os.stat(out / "db" / "notes-link.txt").st_ino
+
+
+def test_restore_from_file_partial_and_in_place(tmp_path, exported):
+    _repo, _diff, src, path, _ = exported
+    out = tmp_path / "out"
+    restore_from_file(str(path), EXPORT_PW, str(out), includes=["db/new.bin"])
+    assert sorted(os.listdir(out)) == ["db"] and os.listdir(out / "db") == ["new.bin"]
+    assert (out / "db" / "new.bin").read_bytes() == (src / "db" / "new.bin").read_bytes()
+    (out / "stray").write_bytes(b"not in the snapshot")
+    restore_from_file(str(path), EXPORT_PW, str(out), force=True, delete=True)
+    assert describe(out) == describe(src)
+
+
+def test_restore_from_file_refuses_delta(tmp_path, exported):
+    path = exported[3]
+    with open_export(str(path), EXPORT_PW) as ef, pytest.raises(UsageError, match="--delta"):
+        Restorer(ef, str(tmp_path / "out"), RestoreOptions(delta=True))
+
+
+def test_export_refuses_to_overwrite_and_leaves_nothing_on_failure(tmp_path, chain):
+    repo, diff, _src = chain
+    path = tmp_path / "x.backup"
+    path.write_bytes(b"keep me")
+    with pytest.raises(UsageError, match="exists"):
+        export(repo.store, diff, str(path), EXPORT_PW, kdf_log_n=10)
+    assert path.read_bytes() == b"keep me"
+    with pytest.raises(UsageError, match="empty"):
+        export(repo.store, diff, str(tmp_path / "y.backup"), b"", kdf_log_n=10)
+    # A pack goes missing: the export fails part way and leaves no file behind.
+    packs = sorted((pathlib.Path(repo.store.remote.display_url.removeprefix("file://")) / "data").rglob("*"))
+    for p in packs:
+        if p.is_file():
+            p.unlink()
+    fresh = Repository.open(repo.store.remote.display_url, "correct horse battery staple")
+    with pytest.raises(CorruptObject):
+        export(fresh.store, fresh.snapshot(diff.id), str(tmp_path / "z.backup"), EXPORT_PW, kdf_log_n=10)
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n in os.listdir(tmp_path) if ".tmp-" not in n)
+    assert not (tmp_path / "z.backup").exists()
+    fresh.close()
+
+
+# --- refusing bad files ------------------------------------------------------------------
+
+
+def assert_refused(path, tmp_path, exc=(CorruptObject, UnsupportedFormat), password=EXPORT_PW):
+    target = tmp_path / "target"
+    with pytest.raises(exc) as info:
+        restore_from_file(str(path), password, str(target))
+    assert not target.exists()
+    return info.value
+
+
+def test_wrong_password(tmp_path, exported):
+    repo, _diff, _src, path, _ = exported
+    assert_refused(path, tmp_path, WrongPassword, password=b"not it")
+    before = data_files(repo)
+    with pytest.raises(WrongPassword):
+        import_backup(repo.store, str(path), b"not it")
+    assert data_files(repo) == before
+
+
+def test_truncation_anywhere_is_refused(tmp_path, exported):
+    path = exported[3]
+    data = path.read_bytes()
+    cuts = {0, 1, 5, 8, 9, 10, 40, 79, 80, 81, 84, 85, len(data) - 1, len(data) - 17}
+    for off, _stype, length in sections(data):
+        cuts |= {off, off + 1, off + 4, off + 5, off + 20, off + length - 1}
+    cuts |= set(random.Random(3).sample(range(len(data)), 40))
+    bad = tmp_path / "cut.backup"
+    for cut in sorted(c for c in cuts if 0 <= c < len(data)):
+        bad.write_bytes(data[:cut])
+        err = assert_refused(bad, tmp_path)
+        if cut == 0:
+            assert isinstance(err, UnsupportedFormat)
+        else:
+            assert isinstance(err, CorruptObject), (cut, err)
+            assert str(bad) in str(err)
+
+
+def test_flipped_bits_anywhere_are_refused(tmp_path, exported):
+    repo, _diff, _src, path, _ = exported
+    data = path.read_bytes()
+    rng = random.Random(4)
+    offsets = set(range(0, HEADER_SIZE + 8)) | set(rng.sample(range(len(data)), 60)) | {len(data) - 1}
+    for off, _stype, length in sections(data):
+        offsets |= {off, off + 1, off + 4, off + 5, off + 17, off + length - 1}
+    bad = tmp_path / "flip.backup"
+    for off in sorted(offsets):
+        flipped = bytearray(data)
+        flipped[off] ^= 1 << rng.randrange(8)
+        bad.write_bytes(flipped)
+        err = assert_refused(bad, tmp_path)
+        if off < 10:  # magic or version: not (this version's) export file
+            assert isinstance(err, UnsupportedFormat), (off, err)
+        else:
+            assert isinstance(err, CorruptObject), (off, err)
+            assert str(bad) in str(err)
+    # Import is refused just the same, and stores nothing.
+    before = data_files(repo)
+    for off in rng.sample(range(HEADER_SIZE, len(data)), 5):
+        flipped = bytearray(data)
+        flipped[off] ^= 0x80
+        bad.write_bytes(flipped)
+        with pytest.raises(CorruptObject):
+            import_backup(repo.store, str(bad), EXPORT_PW)
+    assert data_files(repo) == before
+
+
+def test_error_names_the_section(tmp_path, exported):
+    data = exported[3].read_bytes()
+    blobs = [(off, length) for off, stype, length in sections(data) if stype == S_BLOB]
+    off, length = blobs[2]
+    flipped = bytearray(data)
+    flipped[off + length // 2] ^= 4
+    bad = tmp_path / "bad.backup"
+    bad.write_bytes(flipped)
+    err = assert_refused(bad, tmp_path)
+    assert f"blob section 2 at byte {off}" in str(err)
+
+
+def test_sections_swapped_dropped_duplicated_or_spliced_are_refused(tmp_path, exported, chain):
+    repo, diff, _src, path, _ = exported
+    data = path.read_bytes()
+    secs = sections(data)
+    chunks = [data[:HEADER_SIZE]] + [data[o : o + n] for o, _, n in secs]
+    kinds = [None] + [t for _, t, _ in secs]
+    blob_at = [i for i, t in enumerate(kinds) if t == S_BLOB]
+    rec_at = [i for i, t in enumerate(kinds) if t == S_RECORDS]
+    variants = {}
+
+    def swapped(i, j):
+        c = list(chunks)
+        c[i], c[j] = c[j], c[i]
+        return b"".join(c)
+
+    variants["two blobs swapped"] = swapped(blob_at[0], blob_at[1])
+    variants["blob and records swapped"] = swapped(blob_at[-1], rec_at[0])
+    variants["metadata and a blob swapped"] = swapped(1, blob_at[0])
+    variants["a blob dropped"] = b"".join(c for i, c in enumerate(chunks) if i != blob_at[1])
+    variants["the end dropped"] = b"".join(chunks[:-1])
+    variants["a blob duplicated"] = b"".join(chunks[: blob_at[1] + 1] + chunks[blob_at[1]:])
+    variants["bytes appended"] = data + b"\0"
+    variants["a second file appended"] = data + data[HEADER_SIZE:]
+    # The same snapshot exported again (same password): its sections belong to another file id.
+    other = tmp_path / "again.backup"
+    export(repo.store, diff, str(other), EXPORT_PW, kdf_log_n=10)
+    odata = other.read_bytes()
+    osecs = sections(odata)
+    assert [(t, n) for _, t, n in osecs] == [(t, n) for _, t, n in secs]
+    ob = osecs[blob_at[0] - 1]
+    variants["a blob from another export"] = b"".join(
+        chunks[: blob_at[0]] + [odata[ob[0] : ob[0] + ob[2]]] + chunks[blob_at[0] + 1 :])
+    variants["the other file's header"] = odata[:HEADER_SIZE] + data[HEADER_SIZE:]
+    bad = tmp_path / "bad.backup"
+    for name, content in variants.items():
+        bad.write_bytes(content)
+        err = assert_refused(bad, tmp_path, CorruptObject)
+        assert str(bad) in str(err), name
+
+
+def test_empty_garbage_and_foreign_files_are_refused(tmp_path, exported):
+    path = exported[3]
+    bad = tmp_path / "bad.backup"
+    bad.write_bytes(b"")
+    assert "empty" in str(assert_refused(bad, tmp_path, UnsupportedFormat))
+    bad.write_bytes(random.Random(5).randbytes(5000))
+    assert "not a chunkvault export" in str(assert_refused(bad, tmp_path, UnsupportedFormat))
+    bad.write_bytes(b"CVBACK")
+    assert_refused(bad, tmp_path, CorruptObject)
+    newer = bytearray(path.read_bytes())
+    newer[8:10] = struct.pack("<H", 2)
+    bad.write_bytes(newer)
+    assert "newer" in str(assert_refused(bad, tmp_path, UnsupportedFormat))
+    assert_refused(tmp_path / "missing.backup", tmp_path, UsageError)
+    assert_refused(tmp_path, tmp_path, UsageError)
+
+
+def test_a_file_changed_after_verification_is_caught_while_reading(tmp_path, exported):
+    path = exported[3]
+    data = path.read_bytes()
+    ef = open_export(str(path), EXPORT_PW)
+    try:
+        off, _, length = [s for s in sections(data) if s[1] == S_BLOB][1]
+        with open(path, "r+b") as f:
+            f.seek(off + length - 3)
+            f.write(bytes([data[off + length - 3] ^ 1]))
+        assert ef.read_blob(blob_ref(0))
+        with pytest.raises(CorruptObject, match="blob section 1"):
+            ef.read_blob(blob_ref(1))
+    finally:
+        ef.close()
+
+
+# --- the format, as documented --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vector():
+    block = DOC.read_text().split("## Export file (.backup)", 1)[1]
+    return bytes.fromhex(re.search(r"^export_file = ([0-9a-f]+)$", block, re.M).group(1))
+
+
+def test_vector_decodes_with_the_documented_formulas(vector):
+    """An independent reader built from store/FORMAT.md alone opens the metadata section."""
+    magic, version, flags, file_id, kdf, log_n, r, p, salt, check, header_sum = struct.unpack_from(
+        "<8sHH16sBBBB16s16s16s", vector)
+    assert (magic, version, flags, kdf, log_n, r, p) == (b"CVBACKUP", 1, 0, 1, 10, 8, 1)
+    assert blake3.blake3(vector[:64]).digest()[:16] == header_sum
+    master = hashlib.scrypt(b"vector password", salt=salt, n=1 << log_n, r=r, p=p, dklen=32)
+    assert blake3.blake3(b"chunkvault export v1 password check", key=master).digest()[:16] == check
+    enc_key = blake3.blake3(b"chunkvault export v1 encryption", key=master).digest()
+    stype, length = struct.unpack_from("<BI", vector, 80)
+    sealed = vector[85 : 85 + length]
+    ad = b"chunkvault export v1" + file_id + struct.pack("<BQ", stype, 0)
+    meta = AESGCM(enc_key).decrypt(sealed[:12], sealed[12:], ad)
+    assert stype == S_META and b'"host": "vector"' in meta
+    end_off, end_type, end_len = sections(vector)[-1]
+    end = AESGCM(enc_key).decrypt(vector[end_off + 5 : end_off + 17], vector[end_off + 17 : end_off + end_len],
+                                  b"chunkvault export v1" + file_id + struct.pack("<BQ", S_END, 0))
+    n_sections, blobs, records, digest = struct.unpack("<QQQ32s", end)
+    assert (n_sections, blobs, records) == (3, 1, 2)  # sections before the end one
+    assert digest == blake3.blake3(vector[:end_off]).digest()
+
+
+def test_vector_reads_and_restores(tmp_path, vector):
+    path = tmp_path / "vector.backup"
+    path.write_bytes(vector)
+    content = b"chunkvault export test vector\n"
+    with ExportFile(str(path), b"vector password") as ef:
+        info = ef.verify()
+        assert info.snapshot.id == "ab" * 32 and info.snapshot.parent == "cd" * 32
+        assert (info.snapshot.kind, info.snapshot.host, info.snapshot.paths, info.snapshot.tags) == (
+            "diff", "vector", ["/data"], ["t"])
+        assert (info.blobs, info.records, info.sections) == (1, 2, 4)
+        recs = list(ef.records())
+        assert [(r.path, r.entry.type, r.entry.mode) for r in recs] == [(b"", T_DIR, 0o755), (b"hello.txt", T_FILE, 0o644)]
+        f = recs[1].entry
+        assert f.chunks == blob_ref(0) and f.size == len(content) and f.digest == blake3.blake3(content).digest()
+        assert ef.read_blob(blob_ref(0)) == content
+    with pytest.raises(WrongPassword):
+        ExportFile(str(path), b"vector passwore")
+    out = tmp_path / "out"
+    restore_from_file(str(path), b"vector password", str(out))
+    assert (out / "hello.txt").read_bytes() == content
+    assert os.stat(out / "hello.txt").st_mtime_ns == 1_700_000_000 * 10**9
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_single_change_to_the_vector_is_refused(tmp_path, vector, data):
+    pos = data.draw(st.integers(0, len(vector) - 1))
+    mask = data.draw(st.integers(1, 255))
+    changed = bytearray(vector)
+    changed[pos] ^= mask
+    path = tmp_path / "v.backup"
+    path.write_bytes(changed)
+    with pytest.raises((CorruptObject, UnsupportedFormat)):
+        open_export(str(path), b"vector password").close()
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def _cli_has_export() -> bool:
+    from chunkvault.cli import build_parser
+
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return "export" in sub.choices
+
+
+needs_cli = pytest.mark.skipif(not _cli_has_export(), reason="export commands not registered in chunkvault.cli")
+
+
+@needs_cli
+def test_cli_export_import_restore_from_file(tmp_path, chain, cli):
+    repo, diff, src = chain
+    url = repo.store.remote.display_url
+    env = {"CHUNKVAULT_EXPORT_PASSWORD": "cli export pw"}
+    out_file = tmp_path / "cli.backup"
+    cli("export", diff.id[:8], "-r", url, "-o", str(out_file), "--kdf-time", "0", env=env)
+    cli("export", diff.id[:8], "-r", url, "-o", str(out_file), env=env, check=2)
+    pwfile = tmp_path / "pw"
+    pwfile.write_text("cli export pw\n")
+    target = tmp_path / "restored"
+    cli("restore", "--from-file", str(out_file), "--target", str(target), "--export-password-file", str(pwfile),
+        password=None)
+    assert describe(target) == describe(src)
+    dst = other_repo(tmp_path, "dst")
+    proc = cli("import", str(out_file), "-r", dst.store.remote.display_url, "--json", env=env,
+               password="a different password")
+    assert '"type": "full"' in proc.stdout.decode()
+    bad_target = tmp_path / "never"
+    cli("restore", "--from-file", str(out_file), "--target", str(bad_target), env={"CHUNKVAULT_EXPORT_PASSWORD": "x"},
+        check=11)
+    cut = tmp_path / "cut.backup"
+    cut.write_bytes(out_file.read_bytes()[:-100])
+    proc = cli("restore", "--from-file", str(cut), "--target", str(bad_target), env=env, check=13)
+    assert "cut.backup" in proc.stderr.decode()
+    assert not bad_target.exists()
+    shutil.rmtree(target)

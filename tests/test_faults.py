@@ -1,0 +1,307 @@
+"""Faults: a flaky remote, a remote that goes away, a full disk, and writers racing each other.
+
+Transient and permanent remote failures come from FaultyRemote (tests/faults.py)
+under the real retry layer; full disks from a small tmpfs mounted for the test;
+concurrency from real CLI processes on one repository.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+import crashkit
+from chunkvault import Repository
+from chunkvault.errors import RemoteUnavailable, StorageFull
+from chunkvault.remotes.layer import RetryingRemote
+from chunkvault.remotes.local import LocalRemote
+from faults import FaultyRemote
+from treeutil import describe
+
+PASSWORD = crashkit.PASSWORD
+SMALL = {"min_size": 16 << 10, "avg_size": 64 << 10, "max_size": 512 << 10}
+
+
+def no_sleep(_seconds: float) -> None:
+    """Retries wait for nothing: the faults are injected, not real."""
+
+
+def flaky(path: str, seed: int, **faults) -> tuple[FaultyRemote, RetryingRemote]:
+    faulty = FaultyRemote(LocalRemote(path), seed=seed, **faults)
+    return faulty, RetryingRemote(faulty, attempts=10, sleep=no_sleep, rng=random.Random(seed))
+
+
+def tree_records(repo: Repository, snap_id: str) -> list[tuple]:
+    """A snapshot's resolved tree as comparable tuples (ids included)."""
+    return [(e.path, e.type, e.mode, e.size, e.mtime_ns, e.digest, e.chunks, e.target) for e in repo.tree(snap_id)]
+
+
+# --- transient faults ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_ten_percent_transient_faults_change_nothing(tmp_path, seed):
+    path = str(tmp_path / "repo")
+    faulty, remote = flaky(path, seed, error_rate=0.10, truncate_rate=0.05)
+    tree = crashkit.SourceTree(str(tmp_path / "src"), random.Random(seed), target_bytes=2 << 20)
+    states = {}
+    with Repository.init(remote, PASSWORD, kdf_seconds=0, chunker=SMALL, pack_size=64 << 10) as repo:
+        for _ in range(3):
+            states[repo.backup([tree.root]).snapshot.id] = tree.state()
+            tree.mutate()
+        repo.forget([next(iter(states))])
+        states.pop(next(iter(states)))
+        repo.prune(max_unused=0)
+        faulty_check = repo.check(read_data=True)
+        for sid, state in states.items():
+            out = tmp_path / f"faulty-{sid[:8]}"
+            repo.restore(sid, str(out))
+            assert describe(out) == state
+        faulty_trees = {sid: tree_records(repo, sid) for sid in states}
+    # the same repository read without faults: identical snapshots, trees and check report
+    with Repository.open(path, PASSWORD) as clean:
+        assert {s.id for s in clean.snapshots()} == set(states)
+        assert {sid: tree_records(clean, sid) for sid in states} == faulty_trees
+        clean_check = clean.check(read_data=True)
+    assert faulty_check.ok and clean_check.ok and not clean_check.warnings
+    assert (faulty_check.snapshots, faulty_check.packs, faulty_check.blobs) == (
+        clean_check.snapshots, clean_check.packs, clean_check.blobs)
+    assert crashkit.temp_leftovers(path) == []
+    injected = sum(faulty.faults.values())
+    print(f"seed {seed}: {sum(faulty.calls.values())} calls, {injected} faults injected "
+          f"({dict(faulty.faults)}), {remote.retries} retries, all survived")
+    assert injected >= 30 and faulty.faults["error_after"] > 0 and faulty.faults["truncated"] > 0
+
+
+# --- permanent failure ------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_snapshot(tmp_path):
+    path = str(tmp_path / "repo")
+    src = tmp_path / "src"
+    tree = crashkit.SourceTree(str(src), random.Random(11), target_bytes=1 << 20)
+    with Repository.init(path, PASSWORD, kdf_seconds=0, chunker=SMALL, pack_size=64 << 10) as repo:
+        sid = repo.backup([str(src)]).snapshot.id
+    state = tree.state()
+    tree.mutate()
+    for i in range(6):  # plenty of new data: many packs to upload
+        (src / f"new{i}").write_bytes(os.urandom(150_000))
+    return path, src, {sid: state}
+
+
+def puts_of_a_backup(path: str, src, tmp_path) -> int:
+    """How many uploads the pending backup makes (measured on a copy of the repository)."""
+    twin = str(tmp_path / "twin")
+    shutil.copytree(path, twin)
+    faulty, remote = flaky(twin, 0)
+    Repository.open(remote, PASSWORD).backup([str(src)])
+    shutil.rmtree(twin)
+    return faulty.successful_puts
+
+
+def down_around_snapshot_upload(faulty: FaultyRemote, *, before: bool) -> None:
+    """Take the remote down just before (or just after) the snapshot object is uploaded."""
+    real_put = faulty.inner.put
+
+    def put(key, data, *, if_absent=False):
+        if key.startswith("snapshots/") and before:
+            faulty.down = True
+            raise RemoteUnavailable("link dropped")
+        real_put(key, data, if_absent=if_absent)
+        if key.startswith("snapshots/"):
+            faulty.down = True
+
+    faulty.inner.put = put  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("share", [0.0, 0.05, 0.3, 0.7, "snapshot"])
+def test_remote_gone_for_good_gives_one_clear_error_and_no_snapshot(one_snapshot, tmp_path, share):
+    path, src, states = one_snapshot
+    faulty, remote = flaky(path, 7)
+    repo = Repository.open(remote, PASSWORD)  # opening only reads
+    if share == "snapshot":  # everything stored but the snapshot itself
+        down_around_snapshot_upload(faulty, before=True)
+    else:  # after that share of the backup's uploads, the remote is gone
+        faulty.fail_after = int(share * puts_of_a_backup(path, src, tmp_path))
+    with pytest.raises(RemoteUnavailable) as info:
+        repo.backup([str(src)])
+    assert "unavailable" in str(info.value) and "\n" not in str(info.value)
+    assert faulty.faults["down"] > 0
+    assert crashkit.snapshot_ids(path) == set(states)
+    _still_valid(path, src, states, tmp_path)
+
+
+def test_backup_stored_then_lock_release_fails_is_still_a_success(one_snapshot):
+    path, src, states = one_snapshot
+    faulty, remote = flaky(path, 7)
+    repo = Repository.open(remote, PASSWORD)
+    down_around_snapshot_upload(faulty, before=False)  # every upload lands; only the lock removal fails
+    try:
+        result = repo.backup([str(src)])
+    finally:
+        written = crashkit.snapshot_ids(path) - set(states)
+        assert len(written) == 1  # the snapshot is stored either way
+    assert result.snapshot.id in written
+
+
+def test_remote_going_down_mid_backup(one_snapshot, tmp_path):
+    path, src, states = one_snapshot
+    faulty, remote = flaky(path, 5)
+    repo = Repository.open(remote, PASSWORD)
+    real_get = faulty.inner.get
+
+    def get_then_fail(key, start=None, length=None):
+        data = real_get(key, start, length)
+        if key.startswith("index/"):  # the backup has its lock and index: now the link drops
+            faulty.down = True
+        return data
+
+    faulty.inner.get = get_then_fail  # type: ignore[method-assign]
+    with pytest.raises(RemoteUnavailable):
+        repo.backup([str(src)])
+    assert crashkit.snapshot_ids(path) == set(states)
+    _still_valid(path, src, states, tmp_path)
+
+
+def _still_valid(path: str, src, states: dict, tmp_path) -> None:
+    """check is clean, earlier snapshots restore, and the next backup succeeds."""
+    with Repository.open(path, PASSWORD) as repo:
+        report = repo.check(read_data=True)
+        assert report.ok, report.to_dict()
+        for sid, state in states.items():
+            out = tmp_path / f"after-{sid[:8]}-{time.monotonic_ns()}"
+            repo.restore(sid, str(out))
+            assert describe(out) == state
+        snap = repo.backup([str(src)]).snapshot
+        out = tmp_path / f"next-{time.monotonic_ns()}"
+        repo.restore(snap.id, str(out))
+        assert describe(out) == describe(src)
+
+
+# --- full disks ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_tmpfs(size: str = "8m"):
+    d = tempfile.mkdtemp(prefix="cv-tmpfs-")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d], capture_output=True)
+    if proc.returncode != 0:
+        os.rmdir(d)
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {proc.stderr.decode().strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", d], capture_output=True)
+        os.rmdir(d)
+
+
+@pytest.fixture
+def tmpfs():
+    with small_tmpfs() as d:
+        yield d
+
+
+def test_full_repository_disk(tmpfs, tmp_path):
+    path = os.path.join(tmpfs, "repo")
+    crashkit.init_repo(path, compression=3)
+    src = tmp_path / "src"
+    tree = crashkit.SourceTree(str(src), random.Random(3), target_bytes=1 << 20)
+    with Repository.open(path, PASSWORD) as repo:
+        states = {repo.backup([str(src)]).snapshot.id: tree.state()}
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(12):
+        (big / f"r{i}").write_bytes(os.urandom(1 << 20))
+    proc = crashkit.run_cli("backup", "-r", path, str(big), ok=(14,))
+    err = proc.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "no space" in err, err
+    with Repository.open(path, PASSWORD) as repo:
+        with pytest.raises(StorageFull):
+            repo.backup([str(big)])
+    assert crashkit.snapshot_ids(path) == set(states)
+    with Repository.open(path, PASSWORD) as repo:
+        report = repo.check(read_data=True)
+        assert report.ok, report.to_dict()
+        assert any("in no index" in w for w in report.warnings)  # what the failed backups uploaded
+        # prune frees what the failed backups left, and the repository takes backups again
+        plan = repo.prune()
+        assert plan.orphans
+        tree.mutate()
+        snap = repo.backup([str(src)]).snapshot
+        states[snap.id] = tree.state()
+        assert repo.check(read_data=True).ok
+    crashkit.verify_restores(path, states, str(tmp_path), crashkit.Figures("enospc"))
+
+
+def test_full_restore_target(tmpfs, tmp_path):
+    path = str(tmp_path / "repo")
+    crashkit.init_repo(path, compression=3)
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(12):
+        (big / f"r{i:02d}").write_bytes(os.urandom(1 << 20))
+    with Repository.open(path, PASSWORD) as repo:
+        repo.backup([str(big)])
+    proc = crashkit.run_cli("restore", "-r", path, "latest", "--target", os.path.join(tmpfs, "out"), ok=(14,))
+    err = proc.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "no space" in err and "restore target" in err, err
+    shutil.rmtree(os.path.join(tmpfs, "out"))
+    with Repository.open(path, PASSWORD) as repo:
+        with pytest.raises(StorageFull) as info:
+            repo.restore("latest", os.path.join(tmpfs, "out2"))
+        assert "r0" in str(info.value)  # names the file it was writing
+        assert repo.check(read_data=True).ok
+        repo.restore("latest", str(tmp_path / "fine"))
+    assert describe(tmp_path / "fine") == describe(big)
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+
+def test_two_backups_and_a_prune_at_once(tmp_path):
+    path = str(tmp_path / "repo")
+    crashkit.init_repo(path, compression=3)
+    rng = random.Random(8)
+    trees = [crashkit.SourceTree(str(tmp_path / f"src{i}"), random.Random(20 + i), target_bytes=1 << 20)
+             for i in range(2)]
+    env = crashkit.cli_env()
+    written: dict[str, dict] = {}
+    prune_outcomes = {"finished": 0, "locked": 0}
+    for round_no in range(4):
+        for t in trees:
+            t.mutate()
+        states = [t.state() for t in trees]
+        procs = []
+        order = rng.sample(range(3), 3)
+        for who in order:
+            argv = (crashkit.cli_argv("prune", "-r", path, "--max-unused", "0", "-q") if who == 2
+                    else crashkit.cli_argv("backup", "-r", path, trees[who].root, "--json", "-q"))
+            procs.append((who, subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+            time.sleep(rng.uniform(0, 0.15))
+        for who, p in procs:
+            out, err = p.communicate(timeout=300)
+            if who == 2:
+                assert p.returncode in (0, 15), err.decode()
+                if p.returncode == 15:
+                    assert len(err.decode().strip().splitlines()) == 1 and "locked" in err.decode()
+                prune_outcomes["finished" if p.returncode == 0 else "locked"] += 1
+            else:
+                assert p.returncode == 0, err.decode()
+                written[json.loads(out)["id"]] = states[who]
+        with Repository.open(path, PASSWORD) as repo:  # forget the oldest so prune has work next round
+            snaps = repo.snapshots()
+            if len(snaps) > 4:
+                old = snaps[0].id
+                repo.forget([old])
+                written.pop(old)
+    print(f"concurrency: {len(written)} snapshots kept and verified, prune {prune_outcomes}")
+    crashkit.check_clean(path, crashkit.Figures("concurrency"), read_data=True)
+    crashkit.verify_restores(path, written, str(tmp_path), crashkit.Figures("concurrency"))

@@ -1,0 +1,462 @@
+"""The scheduler against real repositories: simulated days, hooks, the CLI, and a real daemon process."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from chunkvault import Repository
+from chunkvault.errors import ChunkvaultError, Locked, PartialBackup
+from chunkvault.scheduler import (Daemon, Runner, RunReport, SourceResult, add_commands, load_policy,
+                                  policy_lock)
+
+UTC = timezone.utc
+PASSWORD = "scheduled secret"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cli_main(argv: list[str]) -> int:
+    """chunkvault's real main, with run/daemon registered the way build_parser will register them."""
+    from chunkvault import cli
+
+    original = cli.build_parser
+
+    def build() -> argparse.ArgumentParser:
+        parser = original()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if "run" not in sub.choices:
+            common = cli._Parser(add_help=False)
+            common.add_argument("-r", "--repo")
+            common.add_argument("--password-file")
+            common.add_argument("--json", action="store_true")
+            common.add_argument("-q", "--quiet", action="store_true")
+            common.add_argument("--debug", action="store_true")
+            add_commands(sub, common)
+        return parser
+
+    cli.build_parser = build
+    try:
+        return cli.main(argv)
+    finally:
+        cli.build_parser = original
+
+
+class FakeClock:
+    """An injected clock; ``sleep`` advances it and can run a callback (the world changing meanwhile)."""
+
+    def __init__(self, start: datetime, stop: threading.Event | None = None, end: datetime | None = None):
+        self.t = start
+        self.stop = stop
+        self.end = end
+        self.sleeps: list[float] = []
+        self.during_sleep = None
+
+    def __call__(self) -> datetime:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.t += timedelta(seconds=seconds)
+        if self.during_sleep is not None:
+            self.during_sleep(self)
+        if self.end is not None and self.t >= self.end:
+            self.stop.set()
+
+
+def q(s: str) -> str:
+    """A TOML string literal."""
+    return json.dumps(s)
+
+
+def write_policy(path: Path, repo: str, sources: list[dict], *, top: str = "") -> Path:
+    lines = [f"repository = {q(repo)}", top]
+    for s in sources:
+        lines.append("[[source]]")
+        for k, v in s.items():
+            if isinstance(v, list):
+                lines.append(f"{k} = [{', '.join(q(x) for x in v)}]")
+            elif isinstance(v, dict):
+                lines.append(f"{k} = {{ {', '.join(f'{kk} = {q(vv)}' for kk, vv in v.items())} }}")
+            else:
+                lines.append(f"{k} = {q(v)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def repo_url(tmp_path):
+    url = str(tmp_path / "repo")
+    Repository.init(url, PASSWORD, kdf_seconds=0).close()
+    return url
+
+
+@pytest.fixture
+def tree(tmp_path):
+    src = tmp_path / "data"
+    src.mkdir()
+    (src / "base.bin").write_bytes(os.urandom(50_000))
+    (src / "notes.txt").write_text("hello\n")
+    return src
+
+
+@pytest.fixture
+def fake_time(monkeypatch):
+    """Snapshots take their time from the injected clock (the API has no time parameter yet)."""
+    holder: dict[str, FakeClock] = {}
+
+    def install(clock: FakeClock) -> FakeClock:
+        holder["clock"] = clock
+        monkeypatch.setattr("chunkvault.store.backup.now_iso",
+                            lambda: holder["clock"]().isoformat(timespec="microseconds"))
+        return clock
+
+    return install
+
+
+def snapshots(url: str):
+    with Repository.open(url, PASSWORD) as r:
+        return sorted(r.snapshots(), key=lambda s: s.time)
+
+
+def restore_text(url: str, snap_id: str, target: Path, name: str) -> str:
+    with Repository.open(url, PASSWORD) as r:
+        r.restore(snap_id, str(target))
+    return (target / name).read_text()
+
+
+# --------------------------------------------------------------------------- simulated days
+
+
+def test_three_days_daily_fulls_hourly_diffs_with_retention(tmp_path, repo_url, tree, fake_time):
+    start = datetime(2026, 3, 1, 0, 0, tzinfo=UTC)
+    end = datetime(2026, 3, 4, 0, 0, tzinfo=UTC)
+    # The pre hook stands in for a database dump: it records the slot being served in the tree.
+    pre = 'echo "$CHUNKVAULT_SLOT" > slot.txt && echo "$CHUNKVAULT_SLOT $CHUNKVAULT_KIND" >> history.txt'
+    policy_path = write_policy(tmp_path / "policy.toml", repo_url, [
+        {"name": "db", "paths": [str(tree)], "host": "dbhost", "pre": ["sh", "-c", f"cd {q(str(tree))} && {pre}"]},
+    ], top='full = "daily 02:00"\ndiff = "hourly"\n'
+           '[retention]\nkeep-full-within = "2d"\nkeep-diff-within = "1d"\n')
+    policy = load_policy(str(policy_path))
+    stop = threading.Event()
+    clock = fake_time(FakeClock(start, stop, end))
+    log: list[str] = []
+    reports: list[RunReport] = []
+    runner = Runner(policy, PASSWORD.encode(), clock=clock, stop=stop, log=log.append,
+                    lock_file=str(tmp_path / "policy.lock"))
+    daemon = Daemon(runner, clock=clock, sleep=clock.sleep, log=log.append, on_report=reports.append)
+    assert daemon.serve() == 0
+
+    # one run per hour, each exactly at its slot, sleeping in steps of at most a minute
+    assert [r.started for r in reports] == [start + timedelta(hours=h) for h in range(72)]
+    assert max(clock.sleeps) <= 60
+    made = [(r.started, r.sources[0].kind) for r in reports]
+    assert all(r.ok for r in reports)
+    assert [t for t, k in made if k == "full"] == [start, start + timedelta(hours=2), start + timedelta(hours=26),
+                                                  start + timedelta(hours=50)]
+
+    # retention at the last run (Mar 3 23:00): fulls newer than Mar 1 23:00, diffs newer than Mar 2 23:00
+    final = snapshots(repo_url)
+    got = [(s.datetime, s.kind) for s in final]
+    mar = lambda d, h: datetime(2026, 3, d, h, tzinfo=UTC)  # noqa: E731
+    expected = sorted([(mar(2, 2), "full"), (mar(3, 2), "full")]
+                      + [(mar(3, h), "diff") for h in range(24) if h != 2])
+    assert got == expected
+    by_time = {s.datetime: s for s in final}
+    # the kept diffs of Mar 3 00:00 and 01:00 lost their parents (Mar 2 03:00..23:00) and were rebased
+    assert by_time[mar(3, 0)].parent == by_time[mar(2, 2)].id
+    assert by_time[mar(3, 1)].parent == by_time[mar(3, 0)].id
+    assert by_time[mar(3, 3)].parent == by_time[mar(3, 2)].id
+    # ... and still restore exactly what was backed up then
+    history = restore_text(repo_url, by_time[mar(3, 1)].id, tmp_path / "r1", "history.txt").splitlines()
+    assert history[-1] == "2026-03-03T01:00:00Z diff" and len(history) == 50
+    assert restore_text(repo_url, by_time[mar(3, 23)].id, tmp_path / "r2", "history.txt") == (
+        tree / "history.txt").read_text()
+    assert any("retention removed" in line for line in log)
+
+
+def test_daemon_catches_up_once_after_a_suspend_and_survives_failed_runs(tmp_path, tree, fake_time):
+    url = str(tmp_path / "later-repo")  # does not exist yet: the first run fails
+    flag = tmp_path / "ready"
+    policy_path = write_policy(tmp_path / "p.toml", url, [
+        {"name": "db", "paths": [str(tree)], "pre": f"test -e {q(str(flag))} || exit 7"}],
+        top='full = "daily 02:00"\ndiff = "hourly"\n')
+    policy = load_policy(str(policy_path))
+    stop = threading.Event()
+    start = datetime(2026, 3, 1, 3, 10, tzinfo=UTC)
+    clock = fake_time(FakeClock(start, stop))
+    log: list[str] = []
+    reports: list[RunReport] = []
+    world = iter([
+        lambda: Repository.init(url, PASSWORD, kdf_seconds=0).close(),  # before the 04:00 run
+        lambda: flag.touch(),  # before the 05:00 run
+        lambda: setattr(clock, "t", clock.t + timedelta(hours=5, minutes=30)),  # suspended from 05:xx to 11:xx
+        lambda: stop.set(),
+    ])
+    last_hour = [start.hour]
+
+    def during_sleep(c: FakeClock) -> None:
+        if c.t.hour != last_hour[0]:
+            last_hour[0] = c.t.hour
+            next(world)()
+
+    clock.during_sleep = during_sleep
+    runner = Runner(policy, PASSWORD.encode(), clock=clock, stop=stop, log=log.append,
+                    lock_file=str(tmp_path / "p.lock"))
+    assert Daemon(runner, clock=clock, sleep=clock.sleep, log=log.append, on_report=reports.append).serve() == 0
+
+    assert any(line.startswith("run failed:") and "later-repo" in line for line in log)  # no repository yet
+    statuses = [(r.started.strftime("%H:%M"), r.sources[0].status, r.sources[0].kind) for r in reports]
+    assert statuses[0] == ("04:00", "failed", "full")  # pre hook exited 7: still due at the next slot
+    assert statuses[1] == ("05:00", "ok", "full")
+    # the clock jumped from 05:xx to 11:xx: the 06..11 diff slots are served by one backup, once
+    assert statuses[2][1:] == ("ok", "diff") and statuses[2][0].startswith("11:")
+    assert [s.kind for s in snapshots(url)] == ["full", "diff"]
+    assert any("pre hook exited 7" in line for line in log)
+
+
+def test_sleep_is_computed_not_polled(tmp_path, repo_url, tree):
+    """Nothing due for hours: the daemon sleeps towards the next slot in capped steps, without running."""
+    policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                                          top='full = "0 0 1 1 *"\n')))
+    stop = threading.Event()
+    now = datetime.now(UTC)
+    clock = FakeClock(now, stop, now + timedelta(hours=3))
+    runner = Runner(policy, PASSWORD.encode(), clock=clock, stop=stop, lock_file=str(tmp_path / "l"))
+    daemon = Daemon(runner, clock=clock, sleep=clock.sleep, max_sleep=600)
+    assert daemon.serve() == 0
+    assert daemon.runs == 1  # the initial run (a full), then only sleeping
+    assert len(clock.sleeps) == 18 and all(s == 600 for s in clock.sleeps)
+
+
+def test_retention_then_prune_frees_what_the_forgotten_full_held(tmp_path, repo_url, tree, fake_time):
+    policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                                          top='full = "daily 02:00"\ndiff = "hourly"\nprune = true\n'
+                                              'max-unused = "0%"\n[retention]\nkeep-last = 1\n')))
+    clock = fake_time(FakeClock(datetime(2026, 5, 1, 10, 0, tzinfo=UTC)))
+    runner = Runner(policy, PASSWORD.encode(), clock=clock, lock_file=str(tmp_path / "l"))
+    first = runner.run()
+    assert first.sources[0].kind == "full" and first.prune is None  # nothing removed, nothing to prune
+    (tree / "base.bin").write_bytes(os.urandom(50_000))  # the old content is now only in the full
+    clock.t += timedelta(hours=1)
+    second = runner.run()
+    assert second.sources[0].kind == "diff"
+    assert second.sources[0].retention.removed == [first.sources[0].snapshot_id]
+    assert second.prune is not None and second.prune["freed_bytes"] >= 50_000
+    (only,) = snapshots(repo_url)
+    assert only.id == second.sources[0].snapshot_id and only.kind == "full"  # rebased: it absorbed its parent
+    with Repository.open(repo_url, PASSWORD) as r:
+        assert r.check(read_data=True).ok
+        r.restore(only.id, str(tmp_path / "r"))
+    assert (tmp_path / "r" / "base.bin").read_bytes() == (tree / "base.bin").read_bytes()
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def test_pre_hook_failure_skips_the_backup_and_post_hook_sees_it(tmp_path, repo_url, tree):
+    env_out = tmp_path / "post.env"
+    policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "db", "paths": [str(tree)], "pre": "echo dumping; exit 3",
+         "post": f"env | grep ^CHUNKVAULT_ | sort > {q(str(env_out))}"},
+        {"name": "other", "paths": [str(tmp_path / "p.toml")]},
+    ], top='full = "daily 02:00"\n')))
+    log: list[str] = []
+    report = Runner(policy, PASSWORD.encode(), log=log.append, lock_file=str(tmp_path / "l")).run()
+    db, other = report.sources
+    assert (db.status, db.pre_exit, db.snapshot_id, db.error) == ("failed", 3, None, "pre hook exited 3")
+    assert other.status == "ok"
+    assert [s.paths for s in snapshots(repo_url)] == [[str(tmp_path / "p.toml")]]
+    env = dict(line.split("=", 1) for line in env_out.read_text().splitlines())
+    assert env["CHUNKVAULT_RESULT"] == "failed" and env["CHUNKVAULT_SNAPSHOT_ID"] == ""
+    assert env["CHUNKVAULT_ERROR"] == "pre hook exited 3" and env["CHUNKVAULT_KIND"] == "full"
+    assert "db: pre: dumping" in log
+    with pytest.raises(ChunkvaultError) as e:
+        report.raise_for_status()
+    assert e.value.exit_code == 1 and "db (pre hook exited 3)" in str(e.value)
+
+
+def test_post_hook_gets_the_snapshot_and_its_failure_counts(tmp_path, repo_url, tree, monkeypatch):
+    env_out = tmp_path / "post.env"
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "db", "paths": [str(tree)], "pre": "test -z \"$CHUNKVAULT_PASSWORD\"",
+         "post": f"env | grep ^CHUNKVAULT_ > {q(str(env_out))}; exit 4"}],
+        top='full = "daily 02:00"\n')))
+    report = Runner(policy, PASSWORD.encode(), lock_file=str(tmp_path / "l")).run()
+    (snap,) = snapshots(repo_url)
+    env = dict(line.split("=", 1) for line in env_out.read_text().splitlines())
+    assert env["CHUNKVAULT_SNAPSHOT_ID"] == snap.id and env["CHUNKVAULT_RESULT"] == "ok"
+    assert env["CHUNKVAULT_SOURCE"] == "db" and env["CHUNKVAULT_PATHS"] == str(tree)
+    db = report.sources[0]
+    assert env["CHUNKVAULT_SLOT"] == db.slot.strftime("%Y-%m-%dT%H:%M:%SZ") and env["CHUNKVAULT_KIND"] == "full"
+    assert "CHUNKVAULT_PASSWORD" not in env  # the pre hook's test -z passed, too
+    assert (db.pre_exit, db.post_exit, db.status, db.snapshot_id) == (0, 4, "failed", snap.id)
+    with pytest.raises(ChunkvaultError, match="post hook exited 4"):
+        report.raise_for_status()
+
+
+def test_hook_timeout_kills_the_hook(tmp_path, repo_url, tree):
+    policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "db", "paths": [str(tree)], "pre": "sleep 30"}],
+        top='full = "daily 02:00"\nhook-timeout = 0.2\n')))
+    report = Runner(policy, PASSWORD.encode(), lock_file=str(tmp_path / "l")).run()
+    assert report.sources[0].error == "pre hook timed out after 0.2 s"
+    assert snapshots(repo_url) == []
+
+
+def test_exit_codes_of_a_report():
+    now = datetime.now(UTC)
+    RunReport(now, False, [SourceResult("a", "ok"), SourceResult("b", "idle")]).raise_for_status()
+    with pytest.raises(PartialBackup):
+        RunReport(now, False, [SourceResult("a", "partial", error="1 path(s) could not be read")]).raise_for_status()
+    with pytest.raises(ChunkvaultError) as e:
+        RunReport(now, False, [SourceResult("a", "partial"), SourceResult("b", "ok", retention_error="retention: x")]
+                  ).raise_for_status()
+    assert type(e.value) is ChunkvaultError and e.value.exit_code == 1
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_run_command_dry_run_then_run_then_nothing_due(tmp_path, repo_url, tree, monkeypatch, capsys):
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                          top='full = "daily 02:00"\ndiff = "every 1h"\nretention = "short"\n'
+                              '[presets.short]\nkeep-last = 1\n')
+    assert cli_main(["run", "--config", str(policy), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "db: would make a full backup" in out and snapshots(repo_url) == []
+
+    assert cli_main(["run", "--config", str(policy)]) == 0
+    out = capsys.readouterr().out
+    (snap,) = snapshots(repo_url)
+    assert f"db: full snapshot {snap.short_id} saved" in out
+    assert "db: retention removed 0 snapshot(s), rebased 0, kept 1" in out
+
+    assert cli_main(["run", "--config", str(policy), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ok"] and summary["sources"][0]["status"] == "idle"
+    assert summary["sources"][0]["retention"] == {"removed": [], "rebased": [], "kept": 1}
+    assert len(snapshots(repo_url)) == 1
+    assert os.path.exists(str(policy) + ".lock")
+    assert cli_main(["run", "--config", str(policy), "--source", "nope"]) == 2
+    assert "no source 'nope' in the policy (known: db)" in capsys.readouterr().err
+
+
+def test_run_command_failure_exit_code_and_log_file(tmp_path, repo_url, tree, monkeypatch, capsys):
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD + "\n")
+    monkeypatch.delenv("CHUNKVAULT_PASSWORD", raising=False)
+    monkeypatch.delenv("CHUNKVAULT_PASSWORD_FILE", raising=False)
+    policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)], "pre": "exit 9"}],
+                          top='password-file = "pw"\nfull = "daily 02:00"\n')
+    code = cli_main(["run", "--config", str(policy), "--log", str(tmp_path / "run.log"), "--json"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip().splitlines() == ["chunkvault: scheduled run failed: db (pre hook exited 9)"]
+    logged = (tmp_path / "run.log").read_text().splitlines()
+    assert any("db: full backup failed (slot " in line and line.endswith("): pre hook exited 9") for line in logged)
+    assert all(line[:4].isdigit() and "Z " in line for line in logged)  # timestamped
+
+
+def test_overlapping_runs_are_refused(tmp_path, repo_url, tree, monkeypatch, capsys):
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                          top='full = "daily 02:00"\n')
+    with policy_lock(str(policy) + ".lock"):
+        assert cli_main(["run", "--config", str(policy)]) == Locked.exit_code
+        assert "another run of this policy is in progress" in capsys.readouterr().err
+        assert cli_main(["run", "--config", str(policy), "--dry-run"]) == 0  # a dry run changes nothing
+    assert snapshots(repo_url) == []
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ('repository = "/x"\nfull = "daily 02:00"\n[[source]]\nname = "db"\npaths = ["/"]\npre = 5\n',
+     "source 'db': pre must be a shell command"),
+    ('repository = "/x"\nfull = "every day"\n[[source]]\nname = "db"\npaths = ["/"]\n', "invalid schedule 'every day'"),
+    ('repository = "/x"\nfull = "daily"\nretention = "gold"\n[[source]]\nname = "db"\npaths = ["/"]\n',
+     "no retention preset 'gold'"),
+    ('repository = "/x"\nfull = "daily"\n', "no sources"),
+    ('repository = "/x\nfull = 3', "is not valid TOML"),
+])
+def test_bad_policy_file_is_one_clear_line(tmp_path, monkeypatch, capsys, body, fragment):
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    for command in ("run", "daemon"):
+        assert cli_main([command, "--config", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"chunkvault: policy {path}") and fragment in err[0], err
+
+
+def test_missing_policy_file(tmp_path, capsys):
+    assert cli_main(["run", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "cannot read policy" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a real daemon process
+
+DAEMON = ("import sys; sys.path.insert(0, {here!r}); from test_scheduler import cli_main; "
+          "sys.exit(cli_main(sys.argv[1:]))").format(here=HERE)
+
+
+def start_daemon(policy: Path, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    return subprocess.Popen([sys.executable, "-c", DAEMON, "daemon", "--config", str(policy), "--log", str(log)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited {proc.returncode} before {what}: {proc.stderr.read().decode()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {what} within {limit} s")
+        time.sleep(0.05)
+
+
+def test_daemon_process_stops_on_sigterm_while_sleeping(tmp_path, repo_url, tree):
+    log = tmp_path / "daemon.log"
+    policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                          top='full = "0 0 1 1 *"\n')
+    proc = start_daemon(policy, log)
+    wait_for(lambda: log.exists() and "next run at" in log.read_text(), proc, "first run")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    text = log.read_text()
+    assert "daemon stopped" in text and "stopped by SIGTERM" in text
+    assert [s.kind for s in snapshots(repo_url)] == ["full"]
+
+
+def test_daemon_process_finishes_the_current_backup_on_sigterm(tmp_path, repo_url, tree):
+    log = tmp_path / "daemon.log"
+    started, go = tmp_path / "started", tmp_path / "go"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "f").write_text("x")
+    wait_go = f"touch {q(str(started))}; i=0; while [ ! -e {q(str(go))} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"
+    policy = write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "db", "paths": [str(tree)], "pre": wait_go},
+        {"name": "other", "paths": [str(other)]}], top='full = "daily 02:00"\n')
+    proc = start_daemon(policy, log)
+    wait_for(started.exists, proc, "the pre hook")
+    proc.send_signal(signal.SIGTERM)
+    go.touch()
+    assert proc.wait(timeout=60) == 0
+    text = log.read_text()
+    assert "other: skipped, stopping" in text and "daemon stopped" in text
+    (snap,) = snapshots(repo_url)  # db's backup completed, other's never started
+    assert snap.paths == [str(tree)]
+    assert restore_text(repo_url, snap.id, tmp_path / "r", "notes.txt") == "hello\n"
