@@ -14,8 +14,8 @@ from typing import Iterable, Iterator, NamedTuple
 
 from . import chain
 from .locks import SHARED, RepoLock
-from .manifest import OP_DELETE, Record
-from .manifest_io import ManifestWriter
+from .manifest import Record
+from .manifest_io import store_manifest
 from .repository import Repo
 from .retention import Decision, RebaseStep, RetentionPolicy, rebase_plan, select
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot
@@ -72,14 +72,7 @@ def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep) -> Snapshot:
     by_id = {s.id: s for s in snapshots}
     snap = by_id[step.diff_id]
     kind, records = _composed(repo, by_id, step)
-    with repo.writer() as writer:
-        mw = ManifestWriter(repo, writer)
-        deleted = 0
-        for rec in records:
-            deleted += rec.op == OP_DELETE
-            mw.add(rec)
-        ids = mw.finish()
-        writer.flush()
+    ids, mw = store_manifest(repo, records)
     snap.kind = kind
     snap.parent = step.new_parent
     snap.manifest = [i.hex() for i in ids]
@@ -112,12 +105,7 @@ def aggregate(repo: Repo, snap: Snapshot, *, retire: bool = False, lock_wait: fl
         with RepoLock(repo.remote, SHARED, "aggregate", wait=lock_wait):
             repo.load_index()
             records = repo.tree(snap, snapshots)
-            with repo.writer() as writer:
-                mw = ManifestWriter(repo, writer)
-                for rec in records:
-                    mw.add(rec)
-                ids = mw.finish()
-                writer.flush()
+            ids, mw = store_manifest(repo, records)
             snap.kind = KIND_FULL
             snap.parent = None
             snap.manifest = [i.hex() for i in ids]

@@ -6,7 +6,7 @@ held whole in memory.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from .manifest import Record, encode_record
 
@@ -54,3 +54,14 @@ class ManifestWriter:
         if self.buf:
             self._emit(final=True)
         return self.ids
+
+
+def store_manifest(repo: "Repo", records: Iterable[Record]) -> tuple[list[bytes], "ManifestWriter"]:
+    """Write a record stream as manifest blobs, durably: (blob ids, the writer with its counts)."""
+    with repo.writer() as writer:
+        mw = ManifestWriter(repo, writer)
+        for rec in records:
+            mw.add(rec)
+        ids = mw.finish()
+        writer.flush()
+    return ids, mw

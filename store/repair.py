@@ -14,7 +14,7 @@ from chunkvault.errors import ChunkvaultError
 from .indexfile import IndexData
 from .locks import EXCLUSIVE, RepoLock
 from .manifest import Record, delete_record
-from .manifest_io import ManifestWriter
+from .manifest_io import store_manifest
 from .pack import TRAILER, open_header, parse_trailer
 from .repository import Repo
 from .snapshot import KIND_FULL
@@ -91,12 +91,7 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
                 records.append(rec)
             if not damaged or dry_run:
                 continue
-            with repo.writer() as writer:
-                mw = ManifestWriter(repo, writer)
-                for rec in records:
-                    mw.add(rec)
-                ids = mw.finish()
-                writer.flush()
+            ids, mw = store_manifest(repo, records)
             snap.manifest = [i.hex() for i in ids]
             snap.stats = {**snap.stats, "repaired": True, "manifest_records": mw.records}
             repo.save_snapshot(snap, replace=True)
