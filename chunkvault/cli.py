@@ -660,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     exportcli.add_commands(sub, common)
     add_schedule_commands(sub, common)
+    from .verify import add_commands as add_verify_commands
+
+    add_verify_commands(sub, common)
 
     s = sub.add_parser("serve", help="run the HTTP backup service (default 127.0.0.1:6362)", add_help=False)
     s.add_argument("serve_args", nargs=argparse.REMAINDER)

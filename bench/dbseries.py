@@ -1,0 +1,244 @@
+"""Database version series: chunkvault beside restic and borg on successive copies of a live database.
+
+PostgreSQL: a cluster on a free 127.0.0.1 port is filled with
+``pgbench -i -s SCALE``; then ``--versions`` times a ``pg_basebackup -Fp -Xs``
+copy is taken into one fixed path, with ``--interval`` seconds of
+``pgbench -c CLIENTS`` between copies.  SQLite: a database of about
+``--sqlite-mb`` MiB gets random row updates between versions and is copied
+into one fixed path with its online backup API.  Every copy is backed up by
+each tool in the same run; the table gives, per tool and version, the
+seconds the backup took and the MiB it added to the repository, with the
+ratios to restic.  Targets for chunkvault's differential versions: at most
+0.15x restic's added bytes and 0.5x restic's time.
+
+    python bench/dbseries.py [--scale 40] [--versions 4] [--interval 15] [--sqlite-mb 500]
+                             [--only pg|sqlite] [--tools chunkvault,restic,borg] [--work DIR] [--keep]
+
+restic and borg are installed with apt-get when missing; PostgreSQL comes from
+Debian's ``postgresql`` package (or initdb on PATH).  As root, the server runs
+as the ``postgres`` user (or ``nobody``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+from compare import Borg, Chunkvault, Restic, Tool, du, ensure_tools  # noqa: E402
+from servers_pg import PgCluster, find_pg_bindir  # noqa: E402
+
+MiB = 1 << 20
+
+
+@dataclass
+class Step:
+    version: int
+    seconds: float
+    added: int  # bytes the repository grew by
+    note: str = ""
+
+
+@dataclass
+class Series:
+    title: str
+    sizes: list[int] = field(default_factory=list)  # bytes of each version's copy
+    steps: dict[str, list[Step]] = field(default_factory=dict)
+
+
+def tree_bytes(path: str) -> int:
+    return du(path) if os.path.isdir(path) else os.path.getsize(path)
+
+
+def chunkvault_note(tool: Chunkvault) -> str:
+    """How the newest snapshot stored its new data (read after the timed backup)."""
+    out = subprocess.run(tool.cmd + ["snapshots", "--json"], env=tool.env, capture_output=True, check=True).stdout
+    st = max(json.loads(out), key=lambda s: s["time"])["stats"]
+    return (f"{st['delta_blobs']} delta blobs, {st['delta_stored_bytes'] / MiB:.1f} MiB as deltas, "
+            f"{st['whole_stored_bytes'] / MiB:.1f} MiB whole")
+
+
+def back_up(series: Series, tools: list[Tool], path: str, version: int) -> None:
+    series.sizes.append(tree_bytes(path))
+    for t in tools:
+        before = t.size()
+        start = time.perf_counter()
+        t.backup(path)
+        seconds = time.perf_counter() - start
+        note = chunkvault_note(t) if isinstance(t, Chunkvault) else ""
+        series.steps.setdefault(t.name, []).append(Step(version, seconds, t.size() - before, note))
+        print(f"  v{version} {t.name}: {seconds:.2f} s, +{(t.size() - before) / MiB:.1f} MiB {note}", flush=True)
+
+
+def fresh_tools(work: str, names: list[str], tag: str) -> list[Tool]:
+    classes = {"chunkvault": Chunkvault, "restic": Restic, "borg": Borg}
+    base = os.path.join(work, tag)
+    os.makedirs(base, exist_ok=True)
+    tools = [classes[n](base) for n in names]
+    for t in tools:
+        t.init()
+    return tools
+
+
+def pg_series(args: argparse.Namespace, work: str) -> Series:
+    bindir = find_pg_bindir()
+    if bindir is None:
+        raise SystemExit("PostgreSQL not found: apt-get install postgresql")
+    tools = fresh_tools(work, args.tools, "pg")
+    with PgCluster(bindir, settings=()) as pg:
+        pg.init()
+        pg.start()
+        start = time.perf_counter()
+        pg.pgbench("-i", "-q", "-s", str(args.scale))
+        print(f"pgbench -i -s {args.scale}: {time.perf_counter() - start:.0f} s", flush=True)
+        copy = os.path.join(pg.backups, "current")
+        series = Series(f"PostgreSQL ({os.path.basename(os.path.dirname(bindir))}), pgbench -i -s {args.scale}, "
+                        f"{args.interval} s of pgbench -c {args.clients} between pg_basebackup copies")
+        for v in range(1, args.versions + 1):
+            if v > 1:
+                out = pg.pgbench("-c", str(args.clients), "-j", str(args.clients), "-T", str(args.interval), "-n")
+                tps = next((line for line in out.splitlines() if line.startswith("tps")), "").strip()
+                print(f"pgbench {args.interval} s: {tps}", flush=True)
+            shutil.rmtree(copy, ignore_errors=True)
+            pg.basebackup(copy)
+            back_up(series, tools, copy, v)
+    return series
+
+
+_WORDS = [bytes(random.Random(w).choice(b"abcdefghij ") for _ in range(140)) for w in range(4096)]
+
+
+def _payload(rnd: random.Random) -> bytes:
+    """Semi-compressible, like an application's records: some random bytes, some text."""
+    return rnd.randbytes(48) + _WORDS[rnd.randrange(len(_WORDS))][: rnd.randrange(60, 140)]
+
+
+def _row(rnd: random.Random, i: int) -> tuple[int, int, str, bytes]:
+    return (i, rnd.randrange(1 << 31), f"customer-{rnd.randrange(100000):06d}", _payload(rnd))
+
+
+def _db_bytes(path: str) -> int:
+    return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
+
+
+def sqlite_series(args: argparse.Namespace, work: str) -> Series:
+    tools = fresh_tools(work, args.tools, "sqlite")
+    rnd = random.Random(20261128)
+    live = os.path.join(work, "live.db")
+    copies = os.path.join(work, "sqlite-copy")
+    os.makedirs(copies, exist_ok=True)
+    copy = os.path.join(copies, "app.db")
+    db = sqlite3.connect(live)
+    db.execute("pragma journal_mode=wal")
+    db.execute("create table t (id integer primary key, n integer, name text, payload blob)")
+    db.execute("create index t_name on t(name)")
+    rows = 0
+    start = time.perf_counter()
+    while _db_bytes(live) < args.sqlite_mb * MiB:
+        db.executemany("insert into t values (?, ?, ?, ?)", (_row(rnd, rows + i) for i in range(20000)))
+        db.commit()
+        rows += 20000
+        db.execute("pragma wal_checkpoint(truncate)")
+    print(f"sqlite: {rows} rows, {os.path.getsize(live) / MiB:.0f} MiB in {time.perf_counter() - start:.0f} s",
+          flush=True)
+    series = Series(f"SQLite {sqlite3.sqlite_version}, {os.path.getsize(live) / MiB:.0f} MiB, {rows} rows, "
+                    f"{args.sqlite_updates} random row updates between online-backup copies")
+    for v in range(1, args.versions + 1):
+        if v > 1:
+            ids = rnd.sample(range(rows), args.sqlite_updates)
+            db.executemany("update t set n = ?, payload = ? where id = ?",
+                           ((rnd.randrange(1 << 31), _payload(rnd), i) for i in ids))
+            db.commit()
+        if os.path.exists(copy):
+            os.remove(copy)
+        dst = sqlite3.connect(copy)
+        with dst:
+            db.backup(dst)
+        dst.close()
+        back_up(series, tools, copies, v)
+    db.close()
+    return series
+
+
+def report(series: Series, names: list[str]) -> list[str]:
+    """The table, and whether chunkvault's differential versions meet the targets."""
+    lines = [series.title,
+             f"{'version':>7} {'copy MiB':>9} {'tool':>11} {'seconds':>8} {'MiB added':>10} "
+             f"{'s / restic':>11} {'MiB / restic':>13}"]
+    restic = series.steps.get("restic")
+    for i, size in enumerate(series.sizes):
+        for n in names:
+            s = series.steps[n][i]
+            ratios = ""
+            if restic and n != "restic":
+                r = restic[i]
+                ratios = f"{s.seconds / max(r.seconds, 1e-9):>11.2f} {s.added / max(r.added, 1):>13.3f}"
+            lines.append(f"{s.version:>7} {size / MiB:>9.0f} {n:>11} {s.seconds:>8.2f} {s.added / MiB:>10.1f} {ratios}")
+    if restic and "chunkvault" in series.steps and len(series.sizes) > 1:
+        cv = series.steps["chunkvault"][1:]
+        rs = restic[1:]
+        byte_ratio = sum(s.added for s in cv) / max(sum(r.added for r in rs), 1)
+        time_ratio = sum(s.seconds for s in cv) / max(sum(r.seconds for r in rs), 1e-9)
+        worst_bytes = max(s.added / max(r.added, 1) for s, r in zip(cv, rs))
+        worst_time = max(s.seconds / max(r.seconds, 1e-9) for s, r in zip(cv, rs))
+        lines.append(f"chunkvault differential versions: {byte_ratio:.3f}x restic's bytes (worst {worst_bytes:.3f}; "
+                     f"target <= 0.15: {'met' if worst_bytes <= 0.15 else 'NOT met'}), "
+                     f"{time_ratio:.2f}x restic's time (worst {worst_time:.2f}; target <= 0.5: "
+                     f"{'met' if worst_time <= 0.5 else 'NOT met'})")
+        for s in series.steps["chunkvault"]:
+            lines.append(f"  chunkvault v{s.version}: {s.note}")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=int, default=40, help="pgbench scale (default 40, ~640 MiB)")
+    ap.add_argument("--versions", type=int, default=4, help="copies per database (default 4)")
+    ap.add_argument("--interval", type=int, default=15, help="seconds of pgbench between copies (default 15)")
+    ap.add_argument("--clients", type=int, default=2, help="pgbench clients (default 2)")
+    ap.add_argument("--sqlite-mb", type=int, default=500, help="size of the SQLite database (default 500 MiB)")
+    ap.add_argument("--sqlite-updates", type=int, default=20000, help="random row updates between versions")
+    ap.add_argument("--only", choices=["pg", "sqlite"], help="run one series only")
+    ap.add_argument("--tools", default="chunkvault,restic,borg")
+    ap.add_argument("--work", default=os.path.join(HERE, ".work", "dbseries"))
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args()
+    args.tools = args.tools.split(",")
+    if args.versions < 2:
+        ap.error("--versions must be at least 2 (a full and a differential)")
+    unknown = set(args.tools) - {"chunkvault", "restic", "borg"}
+    if unknown:
+        ap.error(f"unknown tools: {', '.join(sorted(unknown))}")
+    ensure_tools()
+    work = os.path.abspath(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    print(f"{os.cpu_count()} cores; " + "; ".join(
+        subprocess.run([t, "version" if t == "restic" else "--version"], capture_output=True, text=True).stdout.strip()
+        for t in ("restic", "borg") if t in args.tools), flush=True)
+    all_series = []
+    try:
+        if args.only in (None, "pg"):
+            all_series.append(pg_series(args, work))
+        if args.only in (None, "sqlite"):
+            all_series.append(sqlite_series(args, work))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    for s in all_series:
+        print()
+        print("\n".join(report(s, args.tools)))
+
+
+if __name__ == "__main__":
+    main()

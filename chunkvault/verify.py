@@ -1,0 +1,565 @@
+"""Restore-verification runs: prove that a snapshot restores, byte for byte, and that what it holds works.
+
+``verify_restore`` restores a snapshot into a fresh scratch directory, then
+walks the restored tree beside the snapshot's manifest and compares every
+entry: type, mode, size, mtime, symlink target, hard links, owner (when run
+as root, as the restore then sets owners) and, for files, a BLAKE3 digest
+computed here from the bytes on disk — independently of the digest check the
+restore does while writing.  It then optionally runs a command (start the
+restored database and query it) with the restored path in
+``CHUNKVAULT_RESTORE_DIR``, and removes the scratch directory.
+
+The comparison is a merge of two streams sorted the same way (the manifest's
+order, and a depth-first walk with names sorted), so memory stays bounded for
+trees of millions of files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+import blake3
+
+from .errors import CorruptObject, SnapshotNotFound, UsageError, VerificationFailed
+from .store.manifest import (
+    F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key,
+)
+from .store.restore import RestoreResult
+from .store.snapshot import Snapshot, parse_time
+
+if TYPE_CHECKING:
+    from .repository import Repository
+
+__all__ = ["Mismatch", "VerifyReport", "verify_restore", "compare_tree", "snapshots_since", "add_commands",
+           "cmd_verify_restore"]
+
+#: How many mismatches a report lists (all are counted); a wholly wrong tree of millions of files must not
+#: turn into a report of millions of lines.
+MAX_LISTED = 1000
+#: How much of the command's combined output a report keeps (its tail).
+OUTPUT_TAIL = 16 << 10
+_READ_BLOCK = 4 << 20
+
+
+@dataclass
+class Mismatch:
+    """One difference between the snapshot's manifest and the restored tree."""
+
+    path: str
+    kind: str  # missing | extra | type | content | size | mode | mtime | owner | target | hardlink | device | unreadable
+    expected: str | None = None
+    actual: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.kind} {self.path or '.'}"
+        if self.expected is not None or self.actual is not None:
+            text += f": expected {self.expected}, restored {self.actual}"
+        return text
+
+
+@dataclass
+class CompareResult:
+    files: int = 0
+    dirs: int = 0
+    links: int = 0
+    other: int = 0
+    bytes: int = 0
+    mismatches: list[Mismatch] = field(default_factory=list)
+    mismatch_count: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CommandResult:
+    command: str
+    exit_code: int | None  # None: killed after the timeout
+    timed_out: bool
+    seconds: float
+    output: str  # the tail of stdout and stderr, interleaved
+
+
+@dataclass
+class VerifyReport:
+    """What one verification run of one snapshot found."""
+
+    snapshot_id: str
+    snapshot_time: str
+    snapshot_kind: str
+    files: int = 0
+    dirs: int = 0
+    links: int = 0
+    bytes: int = 0
+    restore_seconds: float = 0.0
+    compare_seconds: float = 0.0
+    duration: float = 0.0
+    mismatches: list[Mismatch] = field(default_factory=list)
+    mismatch_count: int = 0
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None  # the restore itself failed (corrupt or missing data)
+    command: CommandResult | None = None
+    kept_at: str | None = None  # the scratch directory, when kept
+
+    @property
+    def ok(self) -> bool:
+        return (self.error is None and self.mismatch_count == 0
+                and (self.command is None or self.command.exit_code == 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+# --- comparing (pure) ------------------------------------------------------------------------
+
+
+def _kind_of(mode: int) -> int | None:
+    if stat.S_ISREG(mode):
+        return T_FILE
+    if stat.S_ISDIR(mode):
+        return T_DIR
+    if stat.S_ISLNK(mode):
+        return T_SYMLINK
+    if stat.S_ISFIFO(mode):
+        return T_FIFO
+    if stat.S_ISCHR(mode):
+        return T_CHARDEV
+    if stat.S_ISBLK(mode):
+        return T_BLOCKDEV
+    return None
+
+
+def _type_name(mode: int) -> str:
+    t = _kind_of(mode)
+    return TYPE_NAMES[t] if t is not None else "socket or unknown"
+
+
+def _ns(ns: int) -> str:
+    sec, frac = divmod(ns, 1_000_000_000)
+    return datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}Z"
+
+
+def compare_meta(e: Entry, st: os.stat_result, *, owners: bool) -> list[Mismatch]:
+    """Metadata differences between a manifest entry and what was restored (content aside)."""
+    path = os.fsdecode(e.path)
+    want_type = T_FILE if e.type == T_HARDLINK else e.type
+    got_type = _kind_of(st.st_mode)
+    if got_type != want_type:
+        return [Mismatch(path, "type", TYPE_NAMES[e.type], _type_name(st.st_mode))]
+    out: list[Mismatch] = []
+    if e.type == T_HARDLINK:  # it shares the inode (and so the metadata) of its target, checked there
+        if st.st_size != e.size:
+            out.append(Mismatch(path, "size", str(e.size), str(st.st_size)))
+        return out
+    if e.type == T_FILE and st.st_size != e.size:
+        out.append(Mismatch(path, "size", str(e.size), str(st.st_size)))
+    if e.type != T_SYMLINK and stat.S_IMODE(st.st_mode) != e.mode:
+        out.append(Mismatch(path, "mode", oct(e.mode), oct(stat.S_IMODE(st.st_mode))))
+    if st.st_mtime_ns != e.mtime_ns:
+        out.append(Mismatch(path, "mtime", _ns(e.mtime_ns), _ns(st.st_mtime_ns)))
+    if owners and (st.st_uid, st.st_gid) != (e.uid, e.gid):
+        out.append(Mismatch(path, "owner", f"{e.uid}:{e.gid}", f"{st.st_uid}:{st.st_gid}"))
+    if e.type in (T_CHARDEV, T_BLOCKDEV) and st.st_rdev != e.rdev:
+        out.append(Mismatch(path, "device", hex(e.rdev), hex(st.st_rdev)))
+    return out
+
+
+def merge_by_path(expected: Iterable[Entry], observed: Iterable[tuple[bytes, os.stat_result]]
+                  ) -> Iterator[tuple[Entry | None, tuple[bytes, os.stat_result] | None]]:
+    """Pair manifest entries with restored paths; both streams sorted by ``sort_key``."""
+    exp = iter(expected)
+    obs = iter(observed)
+    e = next(exp, None)
+    o = next(obs, None)
+    while e is not None or o is not None:
+        ek = sort_key(e.path) if e is not None else None
+        ok = sort_key(o[0]) if o is not None else None
+        if ok is None or (ek is not None and ek < ok):
+            yield e, None
+            e = next(exp, None)
+        elif ek is None or ok < ek:
+            yield None, o
+            o = next(obs, None)
+        else:
+            yield e, o
+            e, o = next(exp, None), next(obs, None)
+
+
+def snapshots_since(snapshots: Iterable[Snapshot], since: datetime) -> list[Snapshot]:
+    """Every snapshot taken at or after ``since``, oldest first."""
+    return sorted((s for s in snapshots if s.datetime >= since), key=lambda s: (s.time, s.id))
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """An ISO 8601 time, or a span back from now such as ``7d`` or ``12h``."""
+    from .store.retention import parse_duration
+
+    try:
+        span = parse_duration(text)
+    except UsageError:
+        return parse_time(text)
+    return span.before(now or datetime.now(timezone.utc))
+
+
+# --- comparing (I/O) ---------------------------------------------------------------------------
+
+
+def walk_sorted(root: bytes, errors: list[tuple[bytes, str]]) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(relative path, lstat) of ``root`` and everything under it, in manifest order.
+
+    Depth first, names sorted as bytes: the order ``sort_key`` gives.  Directories that
+    cannot be listed are noted in ``errors``.
+    """
+    st = os.lstat(root)
+    yield b"", st
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    stack: list[tuple[bytes, bytes, Iterator[bytes]]] = []
+
+    def push(path: bytes, rel: bytes) -> None:
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as exc:
+            errors.append((rel, exc.strerror or str(exc)))
+            return
+        stack.append((path, rel, iter(names)))
+
+    push(root, b"")
+    while stack:
+        path, rel, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        child = os.path.join(path, name)
+        child_rel = rel + b"/" + name if rel else name
+        cst = os.lstat(child)
+        yield child_rel, cst
+        if stat.S_ISDIR(cst.st_mode):
+            push(child, child_rel)
+
+
+def file_digest(path: bytes) -> bytes:
+    """BLAKE3 of a file's bytes, read here (not taken from the restore)."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        while True:
+            block = os.read(fd, _READ_BLOCK)
+            if not block:
+                break
+            hasher.update(block)
+    finally:
+        os.close(fd)
+    return hasher.digest()
+
+
+class _Comparer:
+    def __init__(self, root: bytes, owners: bool, max_listed: int):
+        self.root = root
+        self.owners = owners
+        self.max_listed = max_listed
+        self.result = CompareResult()
+        self.inodes: dict[tuple[int, int], bytes] = {}  # files with several links: inode -> first path
+
+    def add(self, m: Mismatch) -> None:
+        self.result.mismatch_count += 1
+        if len(self.result.mismatches) < self.max_listed:
+            self.result.mismatches.append(m)
+
+    def run(self, entries: Iterable[Entry]) -> CompareResult:
+        list_errors: list[tuple[bytes, str]] = []
+        observed = walk_sorted(self.root, list_errors)
+        reported_errors = 0
+        for e, o in merge_by_path(entries, observed):
+            while reported_errors < len(list_errors):
+                rel, why = list_errors[reported_errors]
+                self.add(Mismatch(os.fsdecode(rel), "unreadable", "a listable directory", why))
+                reported_errors += 1
+            if e is None:
+                assert o is not None
+                if o[0] != b"":  # the restore root is compared only if the snapshot has a root entry
+                    self.add(Mismatch(os.fsdecode(o[0]), "extra", None, _type_name(o[1].st_mode)))
+            elif o is None:
+                if e.type in (T_CHARDEV, T_BLOCKDEV) and not self.owners:
+                    self.result.warnings.append(f"device {os.fsdecode(e.path)} not restored (needs root)")
+                else:
+                    self.add(Mismatch(os.fsdecode(e.path), "missing", TYPE_NAMES[e.type], None))
+            else:
+                self.entry(e, o[1])
+        for rel, why in list_errors[reported_errors:]:
+            self.add(Mismatch(os.fsdecode(rel), "unreadable", "a listable directory", why))
+        return self.result
+
+    def entry(self, e: Entry, st: os.stat_result) -> None:
+        r = self.result
+        found = compare_meta(e, st, owners=self.owners)
+        for m in found:
+            self.add(m)
+        if found and found[0].kind == "type":
+            return
+        path = os.path.join(self.root, e.path) if e.path else self.root
+        if e.type == T_DIR:
+            r.dirs += 1
+        elif e.type == T_HARDLINK:
+            r.links += 1
+            self.hardlink(e, st)
+        elif e.type == T_SYMLINK:
+            r.links += 1
+            actual = os.readlink(path)
+            if actual != e.target:
+                self.add(Mismatch(os.fsdecode(e.path), "target", os.fsdecode(e.target), os.fsdecode(actual)))
+        elif e.type == T_FILE:
+            r.files += 1
+            r.bytes += e.size
+            if st.st_nlink > 1:
+                self.separate_file(e, st)
+            self.content(e, path)
+        else:
+            r.other += 1
+
+    def content(self, e: Entry, path: bytes) -> None:
+        if e.flags & F_UNREADABLE:
+            self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: it has no data")
+            return
+        try:
+            got = file_digest(path)
+        except OSError as exc:
+            self.add(Mismatch(os.fsdecode(e.path), "unreadable", "readable", exc.strerror or str(exc)))
+            return
+        if got != e.digest:
+            self.add(Mismatch(os.fsdecode(e.path), "content", e.digest.hex(), got.hex()))
+
+    def separate_file(self, e: Entry, st: os.stat_result) -> None:
+        """A file the snapshot holds on its own must not share its inode with another path."""
+        key = (st.st_dev, st.st_ino)
+        first = self.inodes.setdefault(key, e.path)
+        if first != e.path:
+            self.add(Mismatch(os.fsdecode(e.path), "hardlink", "a separate file", f"a link to {os.fsdecode(first)}"))
+
+    def hardlink(self, e: Entry, st: os.stat_result) -> None:
+        target = os.path.join(self.root, e.target)
+        try:
+            tst = os.lstat(target)
+        except OSError:
+            tst = None
+        if tst is None or not os.path.samestat(st, tst):
+            self.add(Mismatch(os.fsdecode(e.path), "hardlink", f"a link to {os.fsdecode(e.target)}",
+                              "a separate file"))
+            return
+        first = self.inodes.setdefault((st.st_dev, st.st_ino), e.target)
+        if first != e.target:
+            self.add(Mismatch(os.fsdecode(e.path), "hardlink", f"a link to {os.fsdecode(e.target)}",
+                              f"a link to {os.fsdecode(first)}"))
+
+
+def compare_tree(entries: Iterable[Entry], root: str | bytes, *, owners: bool | None = None,
+                 max_listed: int = MAX_LISTED) -> CompareResult:
+    """Compare a restored tree with a snapshot's entries (in manifest order): what differs, is missing or extra."""
+    if owners is None:
+        owners = os.geteuid() == 0
+    return _Comparer(os.fsencode(os.path.abspath(root)), owners, max_listed).run(entries)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _restore(repo: "Repository", snap: Snapshot, target: str) -> RestoreResult:
+    """The restore step of a verification run (one place, so it can be observed or replaced)."""
+    return repo.restore(snap, target)
+
+
+def run_command(command: str, env: dict[str, str], *, timeout: float | None = None) -> CommandResult:
+    """Run ``command`` through the shell in its own process group; the group is killed after ``timeout``.
+
+    Output goes to a temporary file, not a pipe: a command that leaves a daemon
+    behind (``pg_ctl start``) must not keep us waiting for the pipe's end.
+    """
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(command, shell=True, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        timed_out = False
+        try:
+            code: int | None = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            code = None
+        seconds = time.monotonic() - started
+        size = out.seek(0, os.SEEK_END)
+        out.seek(max(0, size - OUTPUT_TAIL))
+        tail = out.read().decode(errors="replace")
+    if code is not None and code < 0:  # killed by a signal: report it the way a shell would
+        code = 128 - code
+    return CommandResult(command, code, timed_out, round(seconds, 3), tail)
+
+
+def _make_scratch(parent: str | None) -> str:
+    """A fresh directory others may traverse but not list.
+
+    The restored tree keeps the snapshot's owners and modes; a database server
+    running as its own user must be able to reach its restored data directory.
+    """
+    if parent is not None and not os.path.isdir(parent):
+        raise UsageError(f"scratch directory does not exist: {parent}")
+    path = tempfile.mkdtemp(prefix="chunkvault-verify-", dir=parent)
+    os.chmod(path, 0o711)
+    return path
+
+
+def remove_tree(path: str) -> None:
+    """Remove a scratch tree, even one whose restored modes forbid us to list or write it."""
+    if os.geteuid() != 0:
+        for dirpath, dirnames, _ in os.walk(path):
+            for d in dirnames:
+                p = os.path.join(dirpath, d)
+                if not os.path.islink(p):
+                    os.chmod(p, 0o700)
+    shutil.rmtree(path)
+
+
+def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, then: str | None = None,
+                   timeout: float | None = None, scratch: str | None = None, keep: bool = False,
+                   owners: bool | None = None, max_listed: int = MAX_LISTED,
+                   env: dict[str, str] | None = None) -> VerifyReport:
+    """Restore ``snapshot`` into a scratch directory, compare it with the manifest, run ``then``.
+
+    ``then`` runs through the shell with ``CHUNKVAULT_RESTORE_DIR``,
+    ``CHUNKVAULT_SNAPSHOT_ID``, ``CHUNKVAULT_SNAPSHOT_TIME`` and
+    ``CHUNKVAULT_SNAPSHOT_KIND`` set (on top of ``env``, default this process's
+    environment), and only when the comparison found nothing wrong.  Corrupt or
+    missing data is reported in ``error``; other failures (an unreachable
+    remote) propagate.  The scratch directory is removed unless ``keep``.
+    """
+    snap = snapshot if isinstance(snapshot, Snapshot) else repo.snapshot(snapshot)
+    if owners is None:
+        owners = os.geteuid() == 0
+    report = VerifyReport(snap.id, snap.time, snap.kind)
+    started = time.monotonic()
+    base = _make_scratch(scratch)
+    target = os.path.join(base, "restore")
+    try:
+        try:
+            _restore(repo, snap, target)
+        except CorruptObject as exc:
+            report.error = f"restore failed: {exc}"
+        report.restore_seconds = round(time.monotonic() - started, 3)
+        if report.error is None:
+            t = time.monotonic()
+            result = compare_tree(repo.tree(snap), target, owners=owners, max_listed=max_listed)
+            report.compare_seconds = round(time.monotonic() - t, 3)
+            report.files, report.dirs, report.links, report.bytes = result.files, result.dirs, result.links, result.bytes
+            report.mismatches, report.mismatch_count = result.mismatches, result.mismatch_count
+            report.warnings = result.warnings
+        if then is not None and report.ok:
+            cmd_env = dict(os.environ if env is None else env)
+            cmd_env.update(CHUNKVAULT_RESTORE_DIR=target, CHUNKVAULT_SNAPSHOT_ID=snap.id,
+                           CHUNKVAULT_SNAPSHOT_TIME=snap.time, CHUNKVAULT_SNAPSHOT_KIND=snap.kind)
+            report.command = run_command(then, cmd_env, timeout=timeout)
+        elif then is not None:
+            report.warnings.append("the command was not run: the restored tree is not what the snapshot holds")
+    finally:
+        if keep:
+            report.kept_at = target
+        elif os.path.lexists(base):
+            remove_tree(base)
+        report.duration = round(time.monotonic() - started, 3)
+    return report
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def _print_report(r: VerifyReport, limit: int = 50) -> None:
+    from .cli import _human
+
+    print(f"snapshot {r.snapshot_id[:8]} ({r.snapshot_time}, {r.snapshot_kind}): {r.files} files, {r.dirs} dirs, "
+          f"{r.links} links, {_human(r.bytes)}; restored in {r.restore_seconds:.2f} s, "
+          f"compared in {r.compare_seconds:.2f} s")
+    for w in r.warnings:
+        print(f"  warning: {w}", file=sys.stderr)
+    if r.error:
+        print(f"  error: {r.error}")
+    for m in r.mismatches[:limit]:
+        print(f"  mismatch: {m}")
+    if r.mismatch_count > min(limit, len(r.mismatches)):
+        print(f"  ... {r.mismatch_count - min(limit, len(r.mismatches))} more (--json lists up to {MAX_LISTED})")
+    c = r.command
+    if c is not None:
+        status = f"killed after the timeout ({c.seconds:.1f} s)" if c.timed_out else f"exited {c.exit_code}"
+        print(f"  command {status} in {c.seconds:.2f} s")
+        if c.exit_code != 0 and c.output:
+            sys.stderr.write("  " + c.output.rstrip("\n").replace("\n", "\n  ") + "\n")
+    if r.kept_at:
+        print(f"  kept at {r.kept_at}")
+    verdict = "OK" if r.ok else "FAILED"
+    print(f"  {verdict} in {r.duration:.2f} s" + (f" ({r.mismatch_count} mismatch(es))" if r.mismatch_count else ""))
+
+
+def cmd_verify_restore(args: argparse.Namespace) -> int:
+    """``chunkvault verify-restore``: exit 0 only if every chosen snapshot verified and its command passed."""
+    from .cli import _emit_json, _open
+
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    if args.all_since is not None and args.snapshot is not None:
+        raise UsageError("give a snapshot or --all-since, not both")
+    if args.scratch is not None and not os.path.isdir(args.scratch):
+        raise UsageError(f"scratch directory does not exist: {args.scratch}")
+    repo = _open(args)
+    if args.all_since is not None:
+        since = parse_since(args.all_since)
+        snaps = snapshots_since(repo.snapshots(), since)
+        if not snaps:
+            raise SnapshotNotFound(f"no snapshot at or after {since.isoformat()}")
+    else:
+        snaps = [repo.snapshot(args.snapshot or "latest")]
+    reports: list[VerifyReport] = []
+    for snap in snaps:
+        r = verify_restore(repo, snap, then=args.then, timeout=args.timeout, scratch=args.scratch, keep=args.keep)
+        reports.append(r)
+        if not args.json and not (args.quiet and r.ok):
+            _print_report(r)
+    failed = [r for r in reports if not r.ok]
+    if args.json:
+        _emit_json({"ok": not failed, "snapshots": [r.to_dict() for r in reports]})
+    elif not args.quiet:
+        print(f"verified {len(reports)} snapshot(s): " + ("all OK" if not failed else f"{len(failed)} failed"))
+    if failed:
+        raise VerificationFailed(f"verify-restore: {len(failed)} of {len(reports)} snapshot(s) failed: "
+                                 + " ".join(r.snapshot_id[:8] for r in failed))
+    return 0
+
+
+def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    """Register ``verify-restore``."""
+    s = subparsers.add_parser(
+        "verify-restore", parents=[common],
+        help="restore snapshots into a scratch directory, compare them with their manifests, run a check")
+    s.add_argument("snapshot", nargs="?", default=None, help="id, unique prefix, or latest (the default)")
+    s.add_argument("--all-since", metavar="TIME",
+                   help="verify every snapshot at or after TIME (ISO 8601, or a span back from now: 7d, 12h), "
+                        "oldest first")
+    s.add_argument("--then", metavar="CMD",
+                   help="shell command run on each restore that matched its manifest (non-zero exit: failed); "
+                        "it gets CHUNKVAULT_RESTORE_DIR, CHUNKVAULT_SNAPSHOT_ID, CHUNKVAULT_SNAPSHOT_TIME, "
+                        "CHUNKVAULT_SNAPSHOT_KIND")
+    s.add_argument("--timeout", type=float, metavar="SECONDS", help="kill CMD (and its children) after this long")
+    s.add_argument("--scratch", metavar="DIR", help="make the scratch directory under DIR (default: the temp dir)")
+    s.add_argument("--keep", action="store_true", help="keep the restored tree (its path is reported)")
+    s.set_defaults(func=cmd_verify_restore)

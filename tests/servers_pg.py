@@ -1,0 +1,287 @@
+"""Real PostgreSQL clusters for tests and benchmarks: initdb, a server on a free 127.0.0.1 port, pg_basebackup.
+
+PostgreSQL refuses to run as root, so when we are root every server binary
+runs as an unprivileged user (``postgres`` if it exists, else ``nobody``) that
+owns the cluster's directories.  The unix socket lives in the cluster's own
+directory; TCP listens on 127.0.0.1 only.
+
+Also a command-line entry point, used as a ``verify-restore --then`` command::
+
+    python servers_pg.py check-restore --bindir DIR --query 'select count(*) from t' --expect 1234
+
+starts a server on ``$CHUNKVAULT_RESTORE_DIR`` (a restored data directory),
+runs the query, stops the server and exits 0 only if the answer is the
+expected one.  Nothing here imports pytest at module level, so the benchmarks
+can use it too.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import pwd
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+NEEDED = ("initdb", "pg_ctl", "postgres", "pg_basebackup", "psql")
+
+
+def _version_key(path: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", path))
+
+
+def find_pg_bindir() -> str | None:
+    """A directory holding the PostgreSQL server binaries (initdb on PATH, else Debian's newest)."""
+    candidates = []
+    initdb = shutil.which("initdb")
+    if initdb:
+        candidates.append(os.path.dirname(os.path.realpath(initdb)))
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True)
+    for d in candidates:
+        if all(os.access(os.path.join(d, t), os.X_OK) for t in NEEDED):
+            return d
+    return None
+
+
+def require_postgres() -> str:
+    """The bin directory, or a skip with the reason; under CI (CI=true) its absence fails the test."""
+    import pytest
+
+    bindir = find_pg_bindir()
+    if bindir is not None:
+        return bindir
+    reason = ("PostgreSQL server binaries not found (initdb, pg_ctl, postgres, pg_basebackup, psql on PATH "
+              "or under /usr/lib/postgresql/*/bin): install the Debian package 'postgresql'")
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+    raise AssertionError("unreachable")
+
+
+def server_user() -> str | None:
+    """Whom the servers run as: None (ourselves) unless we are root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise RuntimeError("running as root, but there is no 'postgres' or 'nobody' user to run PostgreSQL as")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def give_to(path: str, user: str | None, *, recursive: bool = False) -> None:
+    """Make ``user`` the owner of ``path`` (and everything under it)."""
+    if user is None:
+        return
+    pw = pwd.getpwnam(user)
+    paths: Iterator[str] = iter([path])
+    if recursive:
+        paths = (os.path.join(d, n) for d, dirs, files in os.walk(path) for n in [".", *dirs, *files])
+    for p in paths:
+        os.lchown(p, pw.pw_uid, pw.pw_gid)
+
+
+def shared_tempdir(prefix: str, parent: str | None = None) -> str:
+    """A temp directory the server user may traverse (pytest's own tmp dirs are private to us)."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    os.chmod(path, 0o711)
+    return path
+
+
+def run_as(user: str | None, argv: Sequence[str], *, env: dict[str, str] | None = None, check: bool = True,
+           timeout: float | None = 600, capture: bool = True) -> subprocess.CompletedProcess:
+    """Run a program as ``user`` (no shell); failures raise with the program's output."""
+    kwargs = {}
+    if user is not None:
+        pw = pwd.getpwnam(user)
+        kwargs = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+    proc = subprocess.run(list(argv), env=env, capture_output=capture, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, **kwargs)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout or ''}{proc.stderr or ''}")
+    return proc
+
+
+@dataclass
+class PgServer:
+    """A PostgreSQL server on a data directory; ``start``/``stop`` it, query it with ``sql``."""
+
+    bindir: str
+    datadir: str
+    rundir: str  # socket and log; owned by the server user
+    user: str | None
+    port: int = 0
+    settings: tuple[str, ...] = ()  # extra "name=value" server settings
+
+    def tool(self, name: str) -> str:
+        return os.path.join(self.bindir, name)
+
+    @property
+    def logfile(self) -> str:
+        return os.path.join(self.rundir, "server.log")
+
+    def env(self) -> dict[str, str]:
+        env = {"PATH": f"{self.bindir}:/usr/bin:/bin", "HOME": self.rundir, "LC_ALL": "C", "TZ": "UTC",
+               "PGHOST": self.rundir, "PGDATABASE": "postgres"}
+        if self.port:
+            env["PGPORT"] = str(self.port)
+        return env
+
+    def start(self, attempts: int = 3) -> None:
+        """Start on a free port (another one if that port was taken meanwhile) and wait until it accepts."""
+        for attempt in range(attempts):
+            self.port = free_port()
+            opts = ["-p", str(self.port), "-k", self.rundir, "-c", "listen_addresses=127.0.0.1"]
+            for s in self.settings:
+                opts += ["-c", s]
+            proc = run_as(self.user, [self.tool("pg_ctl"), "start", "-w", "-t", "120", "-D", self.datadir,
+                                      "-l", self.logfile, "-o", " ".join(shlex.quote(o) for o in opts)],
+                          env=self.env(), check=False)
+            if proc.returncode == 0:
+                return
+            log = self.log_tail()
+            if "could not bind" in log or "already in use" in log:
+                continue
+            raise RuntimeError(f"PostgreSQL did not start on {self.datadir}:\n{proc.stdout}{proc.stderr}\n{log}")
+        raise RuntimeError(f"PostgreSQL found no free port in {attempts} attempts:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if os.path.exists(os.path.join(self.datadir, "postmaster.pid")):
+            run_as(self.user, [self.tool("pg_ctl"), "stop", "-w", "-m", "fast", "-D", self.datadir],
+                   env=self.env(), check=False)
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            with open(self.logfile, errors="replace") as f:
+                return f.read()[-n:]
+        except OSError:
+            return ""
+
+    def sql(self, query: str, db: str = "postgres") -> str:
+        """One SQL string (several statements allowed) through psql; its unaligned, tuples-only output."""
+        proc = run_as(self.user, [self.tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", self.rundir,
+                                  "-p", str(self.port), "-d", db, "-tA", "-c", query], env=self.env())
+        return proc.stdout.strip()
+
+
+class PgCluster(PgServer):
+    """A fresh cluster in its own temp directory: ``data/``, ``run/``, and room for base backups."""
+
+    def __init__(self, bindir: str, *, user: str | None = None, parent: str | None = None,
+                 settings: Sequence[str] = ("fsync=off",)):
+        self.base = shared_tempdir("chunkvault-pg-", parent)
+        user = server_user() if user is None and os.geteuid() == 0 else user
+        super().__init__(bindir, os.path.join(self.base, "data"), os.path.join(self.base, "run"), user,
+                         settings=tuple(settings))
+        for d in (self.rundir, self.backups):
+            os.makedirs(d, mode=0o700)
+            give_to(d, user)
+        give_to(self.base, user)
+
+    @property
+    def backups(self) -> str:
+        """A directory the server user may create base backups in."""
+        return os.path.join(self.base, "backups")
+
+    def init(self) -> None:
+        run_as(self.user, [self.tool("initdb"), "-D", self.datadir, "--auth=trust", "--no-sync", "-E", "UTF8",
+                           "--locale=C", "-U", "postgres"], env=self.env())
+
+    def basebackup(self, dest: str) -> None:
+        """``pg_basebackup -Fp -Xs`` into ``dest`` (which must not exist; its parent must be ours)."""
+        run_as(self.user, [self.tool("pg_basebackup"), "-h", self.rundir, "-p", str(self.port), "-U", "postgres",
+                           "-D", dest, "-Fp", "-Xs", "-c", "fast", "--no-sync"], env=self.env())
+
+    def pgbench(self, *args: str, timeout: float | None = 3600) -> str:
+        pgbench = self.tool("pgbench")
+        if not os.access(pgbench, os.X_OK):
+            pgbench = shutil.which("pgbench") or pgbench
+        return run_as(self.user, [pgbench, "-h", self.rundir, "-p", str(self.port), "-U", "postgres", *args,
+                                  "postgres"], env=self.env(), timeout=timeout).stdout
+
+    def destroy(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> "PgCluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+
+def start_restored(bindir: str, datadir: str, *, user: str | None = None) -> PgServer:
+    """Start a server on a restored data directory, as the server user, with the modes PostgreSQL demands."""
+    user = server_user() if user is None and os.geteuid() == 0 else user
+    give_to(datadir, user, recursive=True)
+    os.chmod(datadir, 0o700)
+    rundir = shared_tempdir("chunkvault-pgrun-")
+    give_to(rundir, user)
+    server = PgServer(bindir, datadir, rundir, user, settings=("fsync=off",))
+    try:
+        server.start()
+    except BaseException:
+        shutil.rmtree(rundir, ignore_errors=True)
+        raise
+    return server
+
+
+def check_restore_command(bindir: str, query: str, expect: str) -> str:
+    """A shell command for ``verify-restore --then``: start the restored cluster, compare a query's answer."""
+    return " ".join(shlex.quote(a) for a in (sys.executable, os.path.abspath(__file__), "check-restore",
+                                             "--bindir", bindir, "--query", query, "--expect", expect))
+
+
+def _check_restore(args: argparse.Namespace) -> int:
+    datadir = os.environ.get("CHUNKVAULT_RESTORE_DIR")
+    if not datadir:
+        print("CHUNKVAULT_RESTORE_DIR is not set", file=sys.stderr)
+        return 2
+    server = start_restored(args.bindir, datadir)
+    try:
+        got = server.sql(args.query)
+    finally:
+        server.stop()
+        log = server.log_tail()
+        shutil.rmtree(server.rundir, ignore_errors=True)
+    if got != args.expect:
+        print(f"{args.query!r} answered {got!r}, expected {args.expect!r}\n{log}", file=sys.stderr)
+        return 1
+    print(f"{args.query!r} answered {got!r} as expected")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="PostgreSQL helpers for chunkvault's tests")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check-restore", help="start PostgreSQL on $CHUNKVAULT_RESTORE_DIR and check a query")
+    c.add_argument("--bindir", default=None)
+    c.add_argument("--query", required=True)
+    c.add_argument("--expect", required=True)
+    args = ap.parse_args(argv)
+    args.bindir = args.bindir or find_pg_bindir()
+    if args.bindir is None:
+        print("PostgreSQL binaries not found", file=sys.stderr)
+        return 2
+    return _check_restore(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""verify-restore: a snapshot restored into scratch space, compared with its manifest, then checked by a command."""
+import json
+import os
+import random
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from chunkvault import cli
+from chunkvault import verify as verify_mod
+from chunkvault.store.manifest import T_DIR, T_FILE, Entry, sort_key
+from chunkvault.verify import merge_by_path, parse_since, snapshots_since, verify_restore, walk_sorted
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """The real command line, in this process (so a test can corrupt the restore step)."""
+    original = cli.build_parser
+
+    def build_parser():
+        p = original()
+        sub = next(a for a in p._actions if a.dest == "command")
+        if "verify-restore" not in sub.choices:  # until the command is wired into build_parser
+            common = cli._Parser(add_help=False)
+            common.add_argument("-r", "--repo")
+            common.add_argument("--password-file")
+            for flag in ("--json", "--debug"):
+                common.add_argument(flag, action="store_true")
+            common.add_argument("-q", "--quiet", action="store_true")
+            verify_mod.add_commands(sub, common)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", build_parser)
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    for k in ("CHUNKVAULT_REPOSITORY", "CHUNKVAULT_PASSWORD_FILE"):
+        monkeypatch.delenv(k, raising=False)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli.main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A small tree with every kind of entry a database directory has (and a few it might)."""
+    rnd = random.Random(5)
+    src = tmp_path / "src"
+    (src / "base" / "1").mkdir(parents=True)
+    (src / "empty-dir").mkdir()
+    for i in range(4):
+        (src / "base" / "1" / f"{1000 + i}").write_bytes(rnd.randbytes(300_000 + i))
+    (src / "PG_VERSION").write_bytes(b"15\n")
+    (src / "empty").write_bytes(b"")
+    (src / "zeros").write_bytes(bytes(1 << 20))
+    (src / "a.b").write_bytes(b"sorts after the directory a")
+    (src / "a").mkdir()
+    (src / "a" / "b").write_bytes(b"inside a")
+    os.symlink("base/1/1000", src / "link")
+    os.link(src / "PG_VERSION", src / "PG_VERSION.hard")
+    os.chmod(src / "base", 0o700)
+    os.chmod(src / "PG_VERSION", 0o600)
+    return src
+
+
+@pytest.fixture
+def repo_with_tree(tmp_path, new_repo, tree):
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(tree)]).snapshot
+    return repo, snap, tree
+
+
+def scratch_dir(tmp_path):
+    d = tmp_path / "scratch"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+# --- the pure parts ------------------------------------------------------------------------------
+
+
+def test_merge_pairs_paths_in_manifest_order():
+    exp = [Entry(p, T_DIR if p in (b"", b"a") else T_FILE) for p in (b"", b"a", b"a/b", b"a.b", b"c")]
+    obs = [(p, os.lstat("/")) for p in (b"", b"a", b"a/b", b"a/c", b"a.b")]
+    pairs = [((e.path if e else None), (o[0] if o else None)) for e, o in merge_by_path(exp, obs)]
+    assert pairs == [(b"", b""), (b"a", b"a"), (b"a/b", b"a/b"), (None, b"a/c"), (b"a.b", b"a.b"), (b"c", None)]
+
+
+def test_walk_order_is_manifest_order(tree):
+    errors = []
+    rels = [rel for rel, _ in walk_sorted(os.fsencode(tree), errors)]
+    assert not errors
+    assert rels == sorted(rels, key=sort_key)
+    assert rels.index(b"a/b") == rels.index(b"a") + 1 and rels.index(b"a.b") > rels.index(b"a/b")
+
+
+def test_snapshots_since_is_oldest_first_and_inclusive():
+    from chunkvault.store.snapshot import Snapshot
+
+    snaps = [Snapshot(time=t, kind="full", parent=None, host="h", paths=["/x"], id=i)
+             for t, i in (("2026-11-28T12:00:00+00:00", "c"), ("2026-11-28T10:00:00+00:00", "a"),
+                          ("2026-11-28T11:00:00+00:00", "b"))]
+    since = datetime(2026, 11, 28, 11, tzinfo=timezone.utc)
+    assert [s.id for s in snapshots_since(snaps, since)] == ["b", "c"]
+    now = datetime(2026, 11, 28, 12, 30, tzinfo=timezone.utc)
+    assert parse_since("1h", now) == datetime(2026, 11, 28, 11, 30, tzinfo=timezone.utc)
+    assert parse_since("2026-11-28T11:00:00+00:00") == since
+
+
+# --- clean runs ----------------------------------------------------------------------------------
+
+
+def test_clean_snapshot_verifies(repo_with_tree, tmp_path):
+    repo, snap, src = repo_with_tree
+    scratch = scratch_dir(tmp_path)
+    report = verify_restore(repo, snap, scratch=str(scratch))
+    assert report.ok, report.to_dict()
+    assert report.mismatch_count == 0 and report.error is None
+    assert report.files == 9  # 4 table files, PG_VERSION, empty, zeros, a.b, a/b
+    assert report.bytes == sum(e.size for e in repo.tree(snap) if e.type == T_FILE)
+    assert report.links == 2  # the symlink and the hard link
+    assert os.listdir(scratch) == []  # removed
+
+
+def test_clean_snapshot_via_cli_json(repo_with_tree, tmp_path, run_cli):
+    repo, snap, src = repo_with_tree
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json",
+                             "--scratch", str(scratch_dir(tmp_path)))
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["ok"] is True
+    [r] = doc["snapshots"]
+    assert r["snapshot_id"] == snap.id and r["mismatches"] == [] and r["command"] is None
+    assert r["bytes"] > 1 << 20
+
+
+def test_command_sees_the_restored_tree_and_its_exit_code_counts(repo_with_tree, tmp_path, run_cli):
+    repo, snap, src = repo_with_tree
+    seen = tmp_path / "seen"
+    cmd = (f'cat "$CHUNKVAULT_RESTORE_DIR/a/b" > {shlex.quote(str(seen))}; '
+           f'echo " $CHUNKVAULT_SNAPSHOT_ID $CHUNKVAULT_SNAPSHOT_TIME" >> {shlex.quote(str(seen))}; '
+           'echo "the check failed"; exit 3')
+    code, out, err = run_cli("verify-restore", "latest", "-r", str(tmp_path / "repo"), "--then", cmd,
+                             "--scratch", str(scratch_dir(tmp_path)))
+    assert code == 18
+    assert seen.read_text() == f"inside a {snap.id} {snap.time}\n"
+    assert "command exited 3" in out and "FAILED" in out
+    assert "the check failed" in err
+    assert os.listdir(tmp_path / "scratch") == []
+
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json", "--then",
+                             'test -s "$CHUNKVAULT_RESTORE_DIR/zeros"')
+    assert code == 0, err
+    assert json.loads(out)["snapshots"][0]["command"]["exit_code"] == 0
+
+
+def test_command_is_killed_after_the_timeout(repo_with_tree, tmp_path, run_cli):
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json", "--then",
+                             "sleep 60 & sleep 60", "--timeout", "0.5")
+    assert code == 18
+    c = json.loads(out)["snapshots"][0]["command"]
+    assert c["timed_out"] is True and c["exit_code"] is None
+
+
+# --- what it must catch ------------------------------------------------------------------------------
+
+
+def corrupting(monkeypatch, damage):
+    """Let the real restore run, then damage what it wrote (the repository itself refuses corrupt data)."""
+    real = verify_mod._restore
+
+    def restore(repo, snap, target):
+        result = real(repo, snap, target)
+        damage(target)
+        return result
+
+    monkeypatch.setattr(verify_mod, "_restore", restore)
+
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def test_a_changed_byte_is_caught_even_with_size_and_mtime_kept(repo_with_tree, tmp_path, monkeypatch, run_cli):
+    def damage(target):
+        p = os.path.join(target, "base/1/1002")
+        before = os.stat(p)
+        flip_byte(p, 123_457)
+        os.utime(p, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    corrupting(monkeypatch, damage)
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json", "--then", "true")
+    assert code == 18
+    r = json.loads(out)["snapshots"][0]
+    assert [(m["kind"], m["path"]) for m in r["mismatches"]] == [("content", "base/1/1002")]
+    assert r["command"] is None  # not worth running on a tree that is not the snapshot
+    assert any("command was not run" in w for w in r["warnings"])
+
+
+def test_missing_and_extra_files_are_caught(repo_with_tree, tmp_path, monkeypatch):
+    def damage(target):
+        os.remove(os.path.join(target, "a", "b"))
+        with open(os.path.join(target, "base", "stray"), "wb") as f:
+            f.write(b"not in the snapshot")
+
+    corrupting(monkeypatch, damage)
+    repo, snap, _ = repo_with_tree
+    report = verify_restore(repo, snap, scratch=str(scratch_dir(tmp_path)))
+    assert not report.ok
+    got = {(m.kind, m.path) for m in report.mismatches}
+    assert ("missing", "a/b") in got and ("extra", "base/stray") in got
+    assert ("mtime", "a") in got and ("mtime", "base") in got  # the removals touched their directories
+    assert report.mismatch_count == len(report.mismatches) == 4
+    assert os.listdir(tmp_path / "scratch") == []  # removed after a failure too
+
+
+def test_metadata_differences_are_caught(repo_with_tree, tmp_path, monkeypatch):
+    def damage(target):
+        j = lambda *p: os.path.join(target, *p)  # noqa: E731
+        os.chmod(j("PG_VERSION"), 0o644)
+        st = os.stat(j("a", "b"))
+        os.utime(j("a", "b"), ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+        dir_st = os.stat(target)
+        os.remove(j("link"))
+        os.symlink("base/1/1001", j("link"))
+        os.utime(j("link"), ns=(st.st_atime_ns, os.lstat(j("link")).st_mtime_ns), follow_symlinks=False)
+        os.remove(j("PG_VERSION.hard"))  # same content, but no longer the same file
+        with open(j("PG_VERSION"), "rb") as src, open(j("PG_VERSION.hard"), "wb") as dst:
+            dst.write(src.read())
+        os.utime(target, ns=(dir_st.st_atime_ns, dir_st.st_mtime_ns))
+        if os.geteuid() == 0:
+            os.chown(j("empty"), 4242, 4242)
+
+    corrupting(monkeypatch, damage)
+    repo, snap, _ = repo_with_tree
+    report = verify_restore(repo, snap)
+    got = {(m.kind, m.path): m for m in report.mismatches}
+    assert got[("mode", "PG_VERSION")].expected == "0o600" and got[("mode", "PG_VERSION")].actual == "0o644"
+    assert ("mtime", "a/b") in got
+    assert got[("target", "link")].actual == "base/1/1001"
+    assert got[("hardlink", "PG_VERSION.hard")].expected == "a link to PG_VERSION"
+    if os.geteuid() == 0:
+        assert got[("owner", "empty")].actual == "4242:4242"
+    assert not report.ok
+
+
+def test_a_type_change_is_caught(repo_with_tree, tmp_path, monkeypatch):
+    def damage(target):
+        p = os.path.join(target, "empty-dir")
+        os.rmdir(p)
+        open(p, "wb").close()
+
+    corrupting(monkeypatch, damage)
+    repo, snap, _ = repo_with_tree
+    report = verify_restore(repo, snap)
+    assert ("type", "empty-dir") in {(m.kind, m.path) for m in report.mismatches}
+
+
+def test_corrupt_repository_data_fails_the_run(repo_with_tree, tmp_path, run_cli):
+    repo, snap, _ = repo_with_tree
+    packs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "repo" / "data") for f in fs]
+    biggest = max(packs, key=os.path.getsize)
+    flip_byte(biggest, os.path.getsize(biggest) // 3)
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json",
+                             "--scratch", str(scratch_dir(tmp_path)))
+    assert code == 18
+    r = json.loads(out)["snapshots"][0]
+    assert r["error"] and "corrupt" in r["error"]
+    assert os.listdir(tmp_path / "scratch") == []
+
+
+def test_keep_leaves_the_restored_tree(repo_with_tree, tmp_path, run_cli):
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json", "--keep",
+                             "--scratch", str(scratch_dir(tmp_path)))
+    assert code == 0, err
+    kept = json.loads(out)["snapshots"][0]["kept_at"]
+    assert kept.startswith(str(tmp_path / "scratch"))
+    assert open(os.path.join(kept, "a", "b"), "rb").read() == b"inside a"
+
+
+# --- several snapshots ---------------------------------------------------------------------------------
+
+
+def test_all_since_verifies_each_later_snapshot_oldest_first(tmp_path, new_repo, tree, run_cli):
+    repo = new_repo(str(tmp_path / "repo"))
+    first = repo.backup([str(tree)]).snapshot
+    time.sleep(0.01)
+    cut = datetime.now(timezone.utc)
+    (tree / "a" / "b").write_bytes(b"second version")
+    second = repo.backup([str(tree)]).snapshot
+    os.remove(tree / "a.b")
+    third = repo.backup([str(tree)]).snapshot
+    assert second.kind == third.kind == "diff"
+    check = 'test "$(cat "$CHUNKVAULT_RESTORE_DIR/a/b")" = "second version"'
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json",
+                             "--all-since", cut.isoformat(), "--then", check)
+    assert code == 0, err
+    reports = json.loads(out)["snapshots"]
+    assert [r["snapshot_id"] for r in reports] == [second.id, third.id]
+    assert all(r["ok"] for r in reports)
+
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--all-since", "2000-01-01",
+                             "--then", check)
+    assert code == 18  # the first snapshot has the first version
+    assert f"snapshot {first.short_id}" in out and "1 failed" in out
+
+    code, _, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--all-since", "2999-01-01")
+    assert code == 12 and "no snapshot" in err
+    code, _, err = run_cli("verify-restore", "latest", "-r", str(tmp_path / "repo"), "--all-since", "1d")
+    assert code == 2
+
+
+def test_bad_arguments(repo_with_tree, tmp_path, run_cli):
+    code, _, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--scratch", str(tmp_path / "nope"))
+    assert code == 2 and "scratch" in err
+    code, _, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--timeout", "0")
+    assert code == 2
+    code, _, err = run_cli("verify-restore", "ffffffff", "-r", str(tmp_path / "repo"))
+    assert code == 12
+
+
+def test_api_runs_the_command_with_a_given_environment(repo_with_tree, tmp_path):
+    repo, snap, _ = repo_with_tree
+    cmd = f'{shlex.quote(sys.executable)} -c "import os,sys; sys.exit(0 if os.environ[\'EXTRA\'] == \'1\' and ' \
+          f'os.path.isdir(os.environ[\'CHUNKVAULT_RESTORE_DIR\']) else 5)"'
+    report = verify_restore(repo, snap, then=cmd, env={**os.environ, "EXTRA": "1"})
+    assert report.ok and report.command is not None and report.command.exit_code == 0
+    report = verify_restore(repo, snap, then=cmd, env={**os.environ, "EXTRA": "0"})
+    assert not report.ok and report.command.exit_code == 5
