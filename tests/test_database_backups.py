@@ -16,7 +16,6 @@ import sys
 import pytest
 
 from chunkvault import cli
-from chunkvault import verify as verify_mod
 from chunkvault.verify import verify_restore
 
 import servers_pg
@@ -27,22 +26,6 @@ PASSWORD = "correct horse battery staple"
 @pytest.fixture
 def verify_cli(monkeypatch, capsys):
     """``chunkvault verify-restore ... --json`` through the real command line, in this process."""
-    original = cli.build_parser
-
-    def build_parser():
-        p = original()
-        sub = next(a for a in p._actions if a.dest == "command")
-        if "verify-restore" not in sub.choices:  # until the command is wired into build_parser
-            common = cli._Parser(add_help=False)
-            common.add_argument("-r", "--repo")
-            common.add_argument("--password-file")
-            for flag in ("--json", "--debug"):
-                common.add_argument(flag, action="store_true")
-            common.add_argument("-q", "--quiet", action="store_true")
-            verify_mod.add_commands(sub, common)
-        return p
-
-    monkeypatch.setattr(cli, "build_parser", build_parser)
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
     monkeypatch.delenv("CHUNKVAULT_PASSWORD_FILE", raising=False)
 

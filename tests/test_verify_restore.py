@@ -20,22 +20,6 @@ PASSWORD = "correct horse battery staple"
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
     """The real command line, in this process (so a test can corrupt the restore step)."""
-    original = cli.build_parser
-
-    def build_parser():
-        p = original()
-        sub = next(a for a in p._actions if a.dest == "command")
-        if "verify-restore" not in sub.choices:  # until the command is wired into build_parser
-            common = cli._Parser(add_help=False)
-            common.add_argument("-r", "--repo")
-            common.add_argument("--password-file")
-            for flag in ("--json", "--debug"):
-                common.add_argument(flag, action="store_true")
-            common.add_argument("-q", "--quiet", action="store_true")
-            verify_mod.add_commands(sub, common)
-        return p
-
-    monkeypatch.setattr(cli, "build_parser", build_parser)
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
     for k in ("CHUNKVAULT_REPOSITORY", "CHUNKVAULT_PASSWORD_FILE"):
         monkeypatch.delenv(k, raising=False)
