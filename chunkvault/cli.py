@@ -80,12 +80,25 @@ def _repo_url(args: argparse.Namespace) -> str:
     return url
 
 
+def _remote_options(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    """Backend options for ``url`` from ``-o SCHEME.NAME=VALUE`` and the --s3-* shortcuts."""
+    from .remotes import options_for_url
+
+    pairs = list(getattr(args, "option", None) or [])
+    if getattr(args, "s3_endpoint", None):
+        pairs.append(f"s3.endpoint-url={args.s3_endpoint}")
+    if getattr(args, "s3_storage_class", None):
+        pairs.append(f"s3.data-storage-class={args.s3_storage_class}")
+    return options_for_url(url, pairs)
+
+
 def _open(args: argparse.Namespace) -> Any:
     from .errors import ObjectNotFound, RepositoryNotFound
     from .repository import Repository, connect
     from .store.config import peek_config
 
-    remote = connect(_repo_url(args))
+    url = _repo_url(args)
+    remote = connect(url, **_remote_options(args, url))
     try:  # a missing or newer-format repository is reported before any password is asked
         peek_config(remote.get("config"))
     except ObjectNotFound:
@@ -129,7 +142,7 @@ def _ns_iso(ns: int) -> str:
 # --- commands --------------------------------------------------------------------------
 
 
-def _open_other(url: str, password_file: str | None, env_var: str, what: str) -> Any:
+def _open_other(args: argparse.Namespace, url: str, password_file: str | None, env_var: str, what: str) -> Any:
     """Open a second repository (copy destination or chunker source) with its own password."""
     from .repository import Repository
 
@@ -141,7 +154,7 @@ def _open_other(url: str, password_file: str | None, env_var: str, what: str) ->
         pw = _prompt(f"password of the {what} repository: ", False)
     else:
         raise UsageError(f"no password for the {what} repository: use --{what}-password-file or {env_var}")
-    return Repository.open(url, pw)
+    return Repository.open(url, pw, **_remote_options(args, url))
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -149,15 +162,17 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     source = None
     if args.copy_chunker_params_from:
-        source = _open_other(args.copy_chunker_params_from, args.from_password_file, "CHUNKVAULT_FROM_PASSWORD", "from")
+        source = _open_other(args, args.copy_chunker_params_from, args.from_password_file, "CHUNKVAULT_FROM_PASSWORD", "from")
     chunker = None
     if args.chunk_avg:
         avg = args.chunk_avg
         chunker = {"min_size": avg // 4, "avg_size": avg, "max_size": avg * 8}
-    repo = Repository.init(_repo_url(args), get_password(args, confirm=True), kdf_seconds=args.kdf_time,
+    url = _repo_url(args)
+    repo = Repository.init(url, get_password(args, confirm=True), kdf_seconds=args.kdf_time,
                            chunker=chunker, compression_level=args.compression,
                            pack_size=args.pack_size, full_every=args.full_every,
-                           max_diff_share=args.max_diff_share, copy_chunker_from=source)
+                           max_diff_share=args.max_diff_share, copy_chunker_from=source,
+                           **_remote_options(args, url))
     cfg = repo.store.config
     if args.json:
         _emit_json({"id": cfg.repo_id, "url": repo.store.remote.display_url, "chunker": cfg.settings.chunker})
@@ -447,7 +462,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 def cmd_copy(args: argparse.Namespace) -> int:
     src = _open(args)
-    dst = _open_other(args.to, args.to_password_file, "CHUNKVAULT_TO_PASSWORD", "to")
+    dst = _open_other(args, args.to, args.to_password_file, "CHUNKVAULT_TO_PASSWORD", "to")
     result = src.copy_to(dst, args.snapshots)
     if args.json:
         _emit_json({"copied": [{"source": a, "destination": b} for a, b in result.copied],
@@ -534,6 +549,12 @@ def _size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("-r", "--repo", help="repository URL (or CHUNKVAULT_REPOSITORY)")
+    common.add_argument("-o", "--option", action="append", metavar="SCHEME.NAME=VALUE",
+                        help="remote option, repeatable: s3.region=R, s3.addressing-style=path, "
+                             "sftp.accept-new-host-key=yes, sftp.key-file=F, http.token-file=F, http.ca-file=F")
+    common.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (or AWS_ENDPOINT_URL)")
+    common.add_argument("--s3-storage-class", metavar="CLASS",
+                        help="storage class of data packs, e.g. STANDARD_IA (metadata stays STANDARD)")
     common.add_argument("--password-file", help="read the password from this file (or CHUNKVAULT_PASSWORD_FILE)")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")

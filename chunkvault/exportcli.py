@@ -112,7 +112,7 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
     s = subparsers.add_parser("export", parents=[common],
                               help="write one snapshot (chain resolved) into a self-contained encrypted .backup file")
     s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest")
-    s.add_argument("-o", "--output", required=True, metavar="FILE.backup")
+    s.add_argument("--output", required=True, metavar="FILE.backup")
     s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
     s.add_argument("--export-password-file", help=f"the export password (or {EXPORT_PASSWORD_ENV}, or a prompt)")
     s.add_argument("--kdf-time", type=float, default=0.5,

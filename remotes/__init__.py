@@ -7,7 +7,52 @@ from chunkvault.errors import UsageError
 
 from .base import ObjectInfo, Remote, validate_key
 
-__all__ = ["ObjectInfo", "Remote", "open_remote", "validate_key"]
+__all__ = ["ObjectInfo", "Remote", "open_remote", "options_for_url", "url_scheme", "validate_key"]
+
+
+def url_scheme(url: str) -> str:
+    """The backend a URL names: file, s3, sftp, http or https."""
+    scheme, sep, _ = url.partition("://")
+    return scheme.lower() if sep else "file"
+
+
+def _option_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("yes", "true", "on"):
+        return True
+    if low in ("no", "false", "off"):
+        return False
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def options_for_url(url: str, pairs: list[str]) -> dict[str, Any]:
+    """Turn ``-o SCHEME.NAME=VALUE`` pairs into the options of the backend ``url`` names.
+
+    Options of other schemes are ignored (one command line may name repositories
+    on several backends); ``https.x`` and ``http.x`` both reach the HTTP remote.
+    Dashes in names become underscores; yes/no and numbers are converted.
+    """
+    scheme = url_scheme(url)
+    family = "http" if scheme == "https" else scheme
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        target, dot, option = name.strip().partition(".")
+        if not eq or not dot or not option or not target:
+            raise UsageError(f"bad remote option {pair!r}: expected SCHEME.NAME=VALUE, e.g. s3.storage-class=STANDARD_IA")
+        target = "http" if target.lower() == "https" else target.lower()
+        if target not in ("file", "s3", "sftp", "http"):
+            raise UsageError(f"bad remote option {pair!r}: unknown scheme {target!r}")
+        if target == family:
+            out[option.replace("-", "_")] = _option_value(value)
+    return out
 
 
 def open_remote(url: str, **options: Any) -> Remote:
@@ -19,10 +64,7 @@ def open_remote(url: str, **options: Any) -> Remote:
     """
     if not url:
         raise UsageError("no repository given (use -r/--repo or CHUNKVAULT_REPOSITORY)")
-    scheme, sep, _ = url.partition("://")
-    if not sep:
-        scheme = "file"
-    scheme = scheme.lower()
+    scheme = url_scheme(url)
     if scheme == "file":
         from .local import LocalRemote
 

@@ -443,8 +443,8 @@ def test_cli_export_import_restore_from_file(tmp_path, chain, cli):
     url = repo.store.remote.display_url
     env = {"CHUNKVAULT_EXPORT_PASSWORD": "cli export pw"}
     out_file = tmp_path / "cli.backup"
-    cli("export", diff.id[:8], "-r", url, "-o", str(out_file), "--kdf-time", "0", env=env)
-    cli("export", diff.id[:8], "-r", url, "-o", str(out_file), env=env, check=2)
+    cli("export", diff.id[:8], "-r", url, "--output", str(out_file), "--kdf-time", "0", env=env)
+    cli("export", diff.id[:8], "-r", url, "--output", str(out_file), env=env, check=2)
     pwfile = tmp_path / "pw"
     pwfile.write_text("cli export pw\n")
     target = tmp_path / "restored"

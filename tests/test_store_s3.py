@@ -55,3 +55,29 @@ def test_two_clients_back_up_at_once(tmp_path, s3_bucket, password):
         out = tmp_path / f"out-{s.host}"
         repo.restore(s.id, str(out))
         assert describe(out) == describe(tmp_path / s.host)
+
+
+def test_lifecycle_over_s3(tmp_path, s3_bucket, monkeypatch):
+    from lifecycle_scenario import run_lifecycle
+
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    run_lifecycle(s3_bucket.url, tmp_path, **s3_bucket.options)
+
+
+def test_cli_endpoint_and_storage_class_flags(tmp_path, s3_bucket, moto_s3, cli):
+    env = {k: v for k, v in s3_bucket.env.items() if k != "AWS_ENDPOINT_URL"}
+    env["CHUNKVAULT_CACHE_DIR"] = str(tmp_path / "cache")
+    src = tmp_path / "src"
+    make_tree(src, 3)
+    flags = ["-r", s3_bucket.url, "--s3-endpoint", moto_s3.endpoint]
+    cli("init", *flags, "--kdf-time", "0", "--s3-storage-class", "STANDARD_IA", env=env)
+    cli("backup", *flags, "--s3-storage-class", "STANDARD_IA", str(src), env=env)
+    client = moto_s3.client()
+    classes = {}
+    for obj in client.list_objects_v2(Bucket=s3_bucket.name)["Contents"]:
+        head = client.head_object(Bucket=s3_bucket.name, Key=obj["Key"])
+        classes[obj["Key"].split("/")[1]] = head.get("StorageClass", "STANDARD")
+    assert classes["data"] == "STANDARD_IA" and classes["snapshots"] == "STANDARD" and classes["config"] == "STANDARD"
+    cli("restore", "-r", s3_bucket.url, "-o", f"s3.endpoint-url={moto_s3.endpoint}", "latest",
+        "--target", str(tmp_path / "out"), env=env)
+    assert describe(tmp_path / "out") == describe(src)

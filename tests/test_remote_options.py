@@ -1,0 +1,29 @@
+"""-o SCHEME.NAME=VALUE: pure parsing, routed to the backend a URL names."""
+import pytest
+
+from chunkvault.errors import UsageError
+from chunkvault.remotes import options_for_url, url_scheme
+
+
+def test_scheme_of_urls():
+    assert url_scheme("/srv/repo") == "file"
+    assert url_scheme("relative/dir") == "file"
+    assert url_scheme("S3://b/p") == "s3"
+    assert url_scheme("https://h:6362/") == "https"
+
+
+def test_options_go_to_their_backend_only():
+    pairs = ["s3.storage-class=STANDARD_IA", "sftp.accept-new-host-key=yes", "http.token-file=/t",
+             "s3.multipart-threshold=8388608", "sftp.connect-timeout=2.5", "s3.addressing-style=path"]
+    assert options_for_url("s3://b/p", pairs) == {"storage_class": "STANDARD_IA", "multipart_threshold": 8388608,
+                                                   "addressing_style": "path"}
+    assert options_for_url("sftp://u@h/x", pairs) == {"accept_new_host_key": True, "connect_timeout": 2.5}
+    assert options_for_url("https://h/", pairs) == {"token_file": "/t"}
+    assert options_for_url("/local", pairs) == {}
+    assert options_for_url("http://h/", ["https.ca-file=/ca.pem", "http.x=no"]) == {"ca_file": "/ca.pem", "x": False}
+
+
+@pytest.mark.parametrize("bad", ["noequals", "nodot=1", ".x=1", "s3.=1", "ftp.x=1"])
+def test_malformed_options_are_refused(bad):
+    with pytest.raises(UsageError, match="bad remote option"):
+        options_for_url("s3://b", [bad])

@@ -1,0 +1,133 @@
+"""The SFTP remote against a real OpenSSH server on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from chunkvault.errors import PermissionDenied, RemoteUnavailable, UsageError
+from chunkvault.remotes import open_remote
+from chunkvault.remotes.sftp import TEMP_PREFIX, parse_sftp_url
+from remote_contract import check_remote_contract
+from servers_s3 import free_port
+from servers_ssh import sftp_repo, sshd  # noqa: F401
+
+
+def test_contract(sftp_repo):
+    with open_remote(sftp_repo.url, **sftp_repo.options) as remote:
+        check_remote_contract(remote)
+    leftovers = [n for _, _, files in os.walk(sftp_repo.path) for n in files]
+    assert leftovers == []
+
+
+def test_parse_url():
+    assert parse_sftp_url("sftp://backup@host.example:2222/srv/repo") == ("backup", "host.example", 2222, "/srv/repo")
+    assert parse_sftp_url("sftp://host/srv/repo/") == (None, "host", None, "/srv/repo")
+    assert parse_sftp_url("sftp://u@h/~/repos/a") == ("u", "h", None, "~/repos/a")
+    for bad in ("sftp://u@h/", "sftp://u@h/~", "sftp:///x", "sftp://u:secret@h/x", "sftp://h:99999999/x"):
+        with pytest.raises(UsageError):
+            parse_sftp_url(bad)
+
+
+def test_password_in_url_is_refused_without_echoing_it():
+    with pytest.raises(UsageError) as info:
+        open_remote("sftp://u:hunter2@127.0.0.1/x")
+    assert "hunter2" not in str(info.value)
+
+
+def test_unknown_options_are_named(sftp_repo):
+    with pytest.raises(UsageError, match="unknown SFTP option"):
+        open_remote(sftp_repo.url, bogus=1)
+
+
+def test_unknown_host_is_refused_unless_accepted(sshd, sftp_repo, tmp_path):
+    known = tmp_path / "known_hosts"
+    with pytest.raises(PermissionDenied, match="unknown SSH host key") as info:
+        open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known))
+    assert "SHA256:" in str(info.value)
+    assert not known.exists()
+
+    with open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), accept_new_host_key=True) as r:
+        r.put("config", b"x")
+    recorded = known.read_text()
+    assert f"[127.0.0.1]:{sshd.port} " in recorded and sshd.host_pub.split()[1] in recorded
+    # once recorded, the host is known without the option
+    with open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known)) as r:
+        assert r.get("config") == b"x"
+
+
+def test_accept_new_from_environment(sshd, sftp_repo, tmp_path, monkeypatch):
+    known = tmp_path / "known_hosts"
+    monkeypatch.setenv("CHUNKVAULT_SFTP_KEY_FILE", sshd.user_key)
+    monkeypatch.setenv("CHUNKVAULT_SFTP_KNOWN_HOSTS", str(known))
+    monkeypatch.setenv("CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY", "1")
+    open_remote(sftp_repo.url).close()
+    assert known.read_text().strip()
+
+
+def test_changed_host_key_is_refused_even_with_accept_new(sshd, sftp_repo, tmp_path):
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port} {(tmp_path / 'other_key.pub').read_text().split(' ', 2)[0]} "
+                     f"{(tmp_path / 'other_key.pub').read_text().split()[1]}\n")
+    before = known.read_text()
+    for accept in (False, True):
+        with pytest.raises(PermissionDenied, match="does not match"):
+            open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), accept_new_host_key=accept)
+    assert known.read_text() == before
+
+
+def test_wrong_user_key_is_refused(sshd, sftp_repo, tmp_path):
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    with pytest.raises(PermissionDenied, match="authentication"):
+        open_remote(sftp_repo.url, key_file=str(stranger), known_hosts=sshd.known_hosts)
+
+
+def test_no_server_is_unavailable(sshd, tmp_path):
+    url = f"sftp://{sshd.user}@127.0.0.1:{free_port()}{tmp_path}/repo"
+    with pytest.raises(RemoteUnavailable, match="cannot connect"):
+        open_remote(url, **sshd.options, connect_timeout=5)
+
+
+def test_writes_go_through_temp_names(sftp_repo):
+    with open_remote(sftp_repo.url, **sftp_repo.options) as remote:
+        remote.put("data/ab/" + "a" * 64, b"payload")
+        # a crashed upload leaves a temp file: never listed, removed by cleanup once old
+        stale = os.path.join(sftp_repo.path, "data", "ab", TEMP_PREFIX + "dead")
+        fresh = os.path.join(sftp_repo.path, "data", "ab", TEMP_PREFIX + "live")
+        for p in (stale, fresh):
+            with open(p, "wb") as f:
+                f.write(b"half")
+        os.utime(stale, (0, 0))
+        assert [i.key for i in remote.list()] == ["data/ab/" + "a" * 64]
+        assert remote.cleanup_temp(older_than=3600) == 1
+        assert not os.path.exists(stale) and os.path.exists(fresh)
+
+
+def test_reconnects_after_the_connection_drops(sftp_repo):
+    with open_remote(sftp_repo.url, **sftp_repo.options) as remote:
+        remote.put("config", b"before")
+        remote._client.get_transport().close()
+        assert remote.get("config") == b"before"
+        remote.put("index/" + "b" * 64, b"after")
+        assert {i.key for i in remote.list()} == {"config", "index/" + "b" * 64}
+
+
+def test_server_gone_mid_session_is_unavailable(tmp_path):
+    from servers_ssh import SSHServer
+
+    (tmp_path / "srv").mkdir()
+    server = SSHServer(str(tmp_path / "srv"))
+    server.start()
+    try:
+        remote = open_remote(server.url(str(tmp_path / "repo")), **server.options, connect_timeout=5)
+        remote.put("config", b"x")
+    finally:
+        server.stop()
+    remote._client.get_transport().close()  # sshd's children outlive the listener; drop ours too
+    with pytest.raises(RemoteUnavailable):
+        remote.get("config")
+    remote.close()

@@ -1,0 +1,62 @@
+"""The store over SFTP (a real sshd on 127.0.0.1): lifecycle, CLI, copy off-site."""
+from chunkvault import Repository
+from lifecycle_scenario import PASSWORD, run_lifecycle
+from servers_ssh import sftp_repo, sshd  # noqa: F401
+from treeutil import describe
+
+
+def test_lifecycle_over_sftp(tmp_path, sftp_repo, monkeypatch):
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    run_lifecycle(sftp_repo.url, tmp_path, **sftp_repo.options)
+
+
+def test_cli_backup_restore_check_over_sftp(tmp_path, sftp_repo, cli):
+    env = {**sftp_repo.env, "CHUNKVAULT_CACHE_DIR": str(tmp_path / "cache")}
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a" * 300_000)
+    (src / "b").write_text("hello")
+    cli("init", "-r", sftp_repo.url, "--kdf-time", "0", env=env)
+    cli("backup", "-r", sftp_repo.url, str(src), env=env)
+    (src / "b").write_text("changed")
+    cli("backup", "-r", sftp_repo.url, str(src), env=env)
+    cli("check", "-r", sftp_repo.url, "--read-data", env=env)
+    cli("restore", "-r", sftp_repo.url, "latest", "--target", str(tmp_path / "out"), env=env)
+    assert describe(tmp_path / "out") == describe(src)
+    # without the host in known_hosts the command fails with one line and exit code 14
+    bad = cli("snapshots", "-r", sftp_repo.url, env={**env, "CHUNKVAULT_SFTP_KNOWN_HOSTS": str(tmp_path / "none")},
+              check=14)
+    err = bad.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "unknown SSH host key" in err
+
+
+def test_copy_to_an_off_site_repository(tmp_path, sftp_repo, new_repo, monkeypatch):
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    local = new_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 500_000)
+    local.backup([str(src)])
+    (src / "g").write_bytes(b"y" * 10)
+    local.backup([str(src)])
+    offsite = Repository.init(sftp_repo.url, "off-site password", kdf_seconds=0, copy_chunker_from=local,
+                              **sftp_repo.options)
+    assert len(local.copy_to(offsite).copied) == 2
+    again = local.copy_to(offsite)
+    assert not again.copied and again.blobs_sent == 0
+    offsite.restore("latest", str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(src)
+    assert offsite.check(read_data=True).ok
+    offsite.close()
+
+
+def test_cli_remote_options_accept_a_new_host(tmp_path, sshd, sftp_repo, cli):
+    known = tmp_path / "known_hosts"
+    env = {"CHUNKVAULT_CACHE_DIR": str(tmp_path / "cache")}
+    opts = ["-o", f"sftp.key-file={sshd.user_key}", "-o", f"sftp.known-hosts={known}"]
+    cli("init", "-r", sftp_repo.url, *opts, "--kdf-time", "0", env=env, check=14)
+    assert not known.exists()
+    cli("init", "-r", sftp_repo.url, *opts, "-o", "sftp.accept-new-host-key=yes", "--kdf-time", "0", env=env)
+    assert str(sshd.port) in known.read_text()
+    out = cli("snapshots", "-r", sftp_repo.url, *opts, "--json", env=env)
+    assert out.stdout.strip() == b"[]"
