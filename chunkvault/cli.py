@@ -217,8 +217,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(args: argparse.Namespace, what: str, total: int | None = None) -> Progress:
-    return Progress(what, total, enabled=False if (args.quiet or args.json) else None)
+def _progress(args: argparse.Namespace, what: str, total: int | None = None, unit: str = "files") -> Progress:
+    return Progress(what, total, enabled=False if (args.quiet or args.json) else None, unit=unit)
+
+
+def _prune_with_progress(args: argparse.Namespace, repo: Any) -> Any:
+    bar = _progress(args, "prune", unit="packs")
+    try:
+        return repo.prune(max_unused=args.max_unused, dry_run=args.dry_run, wait=args.wait, progress=bar)
+    finally:
+        bar.done()
 
 
 def _backup_progress(bar: Progress) -> Callable[[dict], None] | None:
@@ -344,7 +352,11 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     repo = _open(args)
-    report = repo.check(read_data=args.read_data, subset=args.read_data_subset)
+    bar = _progress(args, "check", unit="packs")
+    try:
+        report = repo.check(read_data=args.read_data, subset=args.read_data_subset, progress=bar)
+    finally:
+        bar.done()
     if args.json:
         _emit_json(report.to_dict())
     elif not args.quiet:
@@ -420,14 +432,14 @@ def _report_prune(args: argparse.Namespace, plan: Any) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     repo = _open(args)
-    _report_prune(args, repo.prune(max_unused=args.max_unused, dry_run=args.dry_run, wait=args.wait))
+    _report_prune(args, _prune_with_progress(args, repo))
     return 0
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
     repo = _open(args)
     plan = repo.forget(args.snapshots, policy=_policy(args), dry_run=args.dry_run)
-    pruned = repo.prune(max_unused=args.max_unused, dry_run=args.dry_run, wait=args.wait) if args.prune else None
+    pruned = _prune_with_progress(args, repo) if args.prune else None
     removed = set(plan.remove)
     if args.json:
         _emit_json({"dry_run": args.dry_run,
@@ -463,7 +475,11 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 def cmd_copy(args: argparse.Namespace) -> int:
     src = _open(args)
     dst = _open_other(args, args.to, args.to_password_file, "CHUNKVAULT_TO_PASSWORD", "to")
-    result = src.copy_to(dst, args.snapshots)
+    bar = _progress(args, "copy", unit="blobs")
+    try:
+        result = src.copy_to(dst, args.snapshots, progress=bar)
+    finally:
+        bar.done()
     if args.json:
         _emit_json({"copied": [{"source": a, "destination": b} for a, b in result.copied],
                     "skipped": result.skipped, "blobs_sent": result.blobs_sent, "bytes_sent": result.bytes_sent})
@@ -685,7 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_verify_commands(sub, common)
 
-    s = sub.add_parser("serve", help="run the HTTP backup service (default 127.0.0.1:6362)", add_help=False)
+    s = sub.add_parser("serve", help="run the HTTP backup service (default 127.0.0.1:6362)", add_help=False,
+                       prefix_chars="+")
     s.add_argument("serve_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_serve, json=False, quiet=False, debug=False)
     return p

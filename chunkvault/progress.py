@@ -18,8 +18,9 @@ class Progress:
     """Call with cumulative counts; prints at most a few times a second, only on a TTY."""
 
     def __init__(self, what: str, total_bytes: int | None = None, stream: TextIO | None = None,
-                 enabled: bool | None = None, interval: float = 0.25):
+                 enabled: bool | None = None, interval: float = 0.25, unit: str = "files"):
         self.what = what
+        self.unit = unit
         self.total = total_bytes or None
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
@@ -31,7 +32,7 @@ class Progress:
     def line(self, files: int, nbytes: int, now: float) -> str:
         elapsed = max(now - self.start, 1e-6)
         rate = nbytes / elapsed
-        text = f"{self.what}: {files} files, {_human(nbytes)}"
+        text = f"{self.what}: {files} {self.unit}, {_human(nbytes)}"
         if self.total:
             text += f" of {_human(self.total)} ({min(100.0, 100.0 * nbytes / self.total):.0f}%)"
         text += f", {_human(rate)}/s"
@@ -40,7 +41,10 @@ class Progress:
             text += f", ETA {int(eta // 60)}:{int(eta % 60):02d}"
         return text
 
-    def __call__(self, files: int, nbytes: int) -> None:
+    def __call__(self, files: int, nbytes: int, total_bytes: int | None = None) -> None:
+        """``total_bytes`` lets a caller that learns the total only once started set it."""
+        if total_bytes is not None:
+            self.total = total_bytes or None
         if not self.enabled:
             return
         now = time.monotonic()

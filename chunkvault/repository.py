@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 from datetime import datetime
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import blake3
 
@@ -178,9 +178,13 @@ class Repository:
         sb = b if isinstance(b, Snapshot) else self.snapshot(b)
         return diff_trees(self._repo.tree(sa), self._repo.tree(sb))
 
-    def check(self, *, read_data: bool = False, subset: str | None = None) -> CheckReport:
-        """Verify structure; with ``read_data`` (or a ``subset`` like "1/7" or "10%") every blob too."""
-        return Checker(self._repo, read_data=read_data, subset=subset).run()
+    def check(self, *, read_data: bool = False, subset: str | None = None,
+              progress: Callable[[int, int, int], None] | None = None) -> CheckReport:
+        """Verify structure; with ``read_data`` (or a ``subset`` like "1/7" or "10%") every blob too.
+
+        ``progress(packs checked, bytes read, bytes to read)`` is called as packs are done.
+        """
+        return Checker(self._repo, read_data=read_data, subset=subset, progress=progress).run()
 
     def forget(self, snapshots: Iterable[str] = (), *, policy: RetentionPolicy | None = None,
                dry_run: bool = False, now: datetime | None = None) -> ForgetPlan:
@@ -199,15 +203,23 @@ class Repository:
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
         return aggregate(self._repo, snap, retire=retire)[0]
 
-    def prune(self, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0) -> PrunePlan:
-        """Delete packs no snapshot needs; repack those more than ``max_unused`` unused."""
-        return prune(self._repo, max_unused=max_unused, dry_run=dry_run, wait=wait)
+    def prune(self, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0,
+              progress: Callable[[int, int, int], None] | None = None) -> PrunePlan:
+        """Delete packs no snapshot needs; repack those more than ``max_unused`` unused.
 
-    def copy_to(self, destination: "Repository", snapshots: Iterable[str] = ()) -> CopyResult:
-        """Copy snapshots (default: all) with their chains; only what the destination lacks is sent."""
+        ``progress(pack operations done, bytes repacked, bytes to repack)`` is called as it goes.
+        """
+        return prune(self._repo, max_unused=max_unused, dry_run=dry_run, wait=wait, progress=progress)
+
+    def copy_to(self, destination: "Repository", snapshots: Iterable[str] = (),
+                progress: Callable[[int, int], None] | None = None) -> CopyResult:
+        """Copy snapshots (default: all) with their chains; only what the destination lacks is sent.
+
+        ``progress(blobs sent, bytes sent)`` is called as blobs arrive.
+        """
         snaps = self._repo.snapshots()
         ids = [find_snapshot(snaps, s).id for s in snapshots] or None
-        return copy_snapshots(self._repo, destination._repo, ids)
+        return copy_snapshots(self._repo, destination._repo, ids, progress=progress)
 
     def repair_index(self) -> RepairReport:
         """Rebuild the index from the pack headers."""

@@ -16,7 +16,9 @@ def url_scheme(url: str) -> str:
     return scheme.lower() if sep else "file"
 
 
-def _option_value(text: str) -> Any:
+def _option_value(name: str, text: str) -> Any:
+    if name == "token" or name.endswith(("_file", "_url", "_hosts")):  # secrets and paths stay as given
+        return text
     low = text.lower()
     if low in ("yes", "true", "on"):
         return True
@@ -51,7 +53,8 @@ def options_for_url(url: str, pairs: list[str]) -> dict[str, Any]:
         if target not in ("file", "s3", "sftp", "http"):
             raise UsageError(f"bad remote option {pair!r}: unknown scheme {target!r}")
         if target == family:
-            out[option.replace("-", "_")] = _option_value(value)
+            name = option.replace("-", "_")
+            out[name] = _option_value(name, value)
     return out
 
 

@@ -47,6 +47,9 @@ class Remote(ABC):
 
     #: URL with credentials removed, fit for logs and messages.
     display_url: str = "?"
+    #: True when get() itself detects a cut-off transfer (e.g. against Content-Length),
+    #: so the retry layer need not stat the object after each whole read.
+    checks_read_length: bool = False
 
     @abstractmethod
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:

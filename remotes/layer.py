@@ -353,10 +353,12 @@ def wrap_remote(
     base_delay: float = 0.2,
     max_delay: float = 15.0,
     timeout: float | None = 300.0,
-    verify_reads: bool = True,
+    verify_reads: bool | None = None,
 ) -> Remote:
     """The stack the store uses: retries around the backend, the cache (if any) on top,
     so cache misses are retried and cache hits never touch the network."""
+    if verify_reads is None:
+        verify_reads = not remote.checks_read_length
     wrapped: Remote = RetryingRemote(
         remote, attempts=attempts, base_delay=base_delay, max_delay=max_delay, timeout=timeout, verify_reads=verify_reads
     )

@@ -115,6 +115,8 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 class S3Remote(Remote):
     """Objects under ``prefix`` in one S3 bucket; one thread-safe boto3 client per remote."""
 
+    checks_read_length = True
+
     def __init__(
         self,
         bucket: str,

@@ -76,8 +76,10 @@ def parse_subset(spec: str | None) -> Callable[[bytes], bool] | None:
 
 
 class Checker:
-    def __init__(self, repo: Repo, *, read_data: bool = False, subset: str | None = None):
+    def __init__(self, repo: Repo, *, read_data: bool = False, subset: str | None = None,
+                 progress: Callable[[int, int, int], None] | None = None):
         self.repo = repo
+        self.progress = progress  # (packs checked, bytes read, bytes to read)
         self.read_data = read_data or subset is not None
         self.select = parse_subset(subset)
         self.report = CheckReport()
@@ -166,9 +168,11 @@ class Checker:
                 continue
             read_all = self.read_data and (self.select is None or self.select(pid))
             todo.append((pid, stored[pid], entries, read_all))
+        to_read = sum(size for _, size, _, read_all in todo if read_all)
         with ThreadPoolExecutor(4) as pool:
-            for _ in pool.map(lambda t: self._check_pack(*t), todo):
-                pass
+            for done, _ in enumerate(pool.map(lambda t: self._check_pack(*t), todo), 1):
+                if self.progress is not None:
+                    self.progress(done, self.report.bytes_read, to_read)
 
     def _check_pack(self, pid: bytes, size: int, entries: list[PackEntry], read_all: bool) -> None:
         repo = self.repo

@@ -10,7 +10,7 @@ already stored, so nothing is sent twice.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from chunkvault.errors import MissingObject
 from chunkvault.remotes.layer import parallel_map
@@ -47,8 +47,9 @@ def copy_order(snapshots: Iterable[Snapshot], wanted: set[str]) -> list[Snapshot
 class _BlobMapper:
     """Source blob id -> destination blob id, copying the blob when the destination lacks it."""
 
-    def __init__(self, src: Repo, dst: Repo, writer: BlobWriter):
+    def __init__(self, src: Repo, dst: Repo, writer: BlobWriter, progress: Callable[[int, int], None] | None):
         self.src, self.dst, self.writer = src, dst, writer
+        self.progress = progress
         self.map: dict[bytes, bytes] = {}
         self.sent = 0
         self.sent_bytes = 0
@@ -76,6 +77,8 @@ class _BlobMapper:
         for group in (bases, [i for i in todo if i not in base_set]):
             for sid, did in parallel_map(self._copy_one, group, workers=4):
                 self.map[sid] = did
+                if self.progress is not None:
+                    self.progress(self.sent, self.sent_bytes)
 
 
 def _chunk_ids(records: Iterable[Record]) -> Iterator[bytes]:
@@ -84,7 +87,9 @@ def _chunk_ids(records: Iterable[Record]) -> Iterator[bytes]:
             yield from rec.entry.chunk_ids()
 
 
-def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None) -> CopyResult:
+def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> CopyResult:
+    """Copy snapshots with their chains; ``progress(blobs sent, bytes sent)`` as it goes."""
     result = CopyResult()
     src_snaps = src.snapshots()
     wanted = set(spec_ids) if spec_ids else {s.id for s in src_snaps}
@@ -92,7 +97,7 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None) -> C
         dst.load_index()
         done = {s.stats.get(COPIED_FROM): s.id for s in dst.snapshots() if s.stats.get(COPIED_FROM)}
         with dst.writer() as writer:
-            mapper = _BlobMapper(src, dst, writer)
+            mapper = _BlobMapper(src, dst, writer, progress)
             for snap in copy_order(src_snaps, wanted):
                 if snap.id in done:
                     result.skipped.append(snap.id)

@@ -11,6 +11,7 @@ snapshot restores and the next prune finishes the job.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from chunkvault.errors import CorruptObject
 
@@ -146,7 +147,17 @@ def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
     return plan
 
 
-def execute(repo: Repo, plan: PrunePlan) -> None:
+def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], None] | None = None) -> None:
+    """Carry out ``plan``; ``progress(packs done, bytes repacked, bytes to repack)`` as it goes."""
+    done = 0
+
+    def step(nbytes: int) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, nbytes, plan.repacked_bytes)
+
+    moved = 0
     new_index = IndexData()
     for use in plan.keep:
         new_index.packs[use.pack_id] = use.entries
@@ -161,6 +172,8 @@ def execute(repo: Repo, plan: PrunePlan) -> None:
                     if len(env) != e.length:
                         raise CorruptObject(pack_key(use.pack_id), "truncated pack")
                     writer.store(PreparedBlob(e.blob_id, e.kind, env, e.raw_length, e.base_id))
+                    moved += e.length
+                step(moved)
             writer.flush(write_index=False)
             new_index.packs.update(writer.take_index().packs)
     # Every part but the first is written before the one that supersedes the old indexes.
@@ -172,8 +185,10 @@ def execute(repo: Repo, plan: PrunePlan) -> None:
         repo.remote.delete(f"index/{name}")
     for use in plan.delete + plan.repack:
         repo.remote.delete(pack_key(use.pack_id))
+        step(moved)
     for key, _ in plan.orphans:
         repo.remote.delete(key)
+        step(moved)
     # Unfinished writes of killed processes; the age limit spares any write still in progress.
     repo.remote.cleanup_temp(TEMP_AGE)
     repo.load_index()
@@ -185,9 +200,10 @@ def _split(index: IndexData, packs_per_part: int) -> list[IndexData]:
     return parts or [IndexData()]
 
 
-def prune(repo: Repo, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0) -> PrunePlan:
+def prune(repo: Repo, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0,
+          progress: Callable[[int, int, int], None] | None = None) -> PrunePlan:
     with RepoLock(repo.remote, EXCLUSIVE, "prune", wait=wait):
         plan = plan_prune(repo, max_unused)
         if not dry_run:
-            execute(repo, plan)
+            execute(repo, plan, progress)
     return plan

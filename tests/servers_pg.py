@@ -23,12 +23,13 @@ import pwd
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Iterator, Sequence
+
+from netutil import free_port
 
 NEEDED = ("initdb", "pg_ctl", "postgres", "pg_basebackup", "psql")
 
@@ -76,12 +77,6 @@ def server_user() -> str | None:
         except KeyError:
             continue
     raise RuntimeError("running as root, but there is no 'postgres' or 'nobody' user to run PostgreSQL as")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def give_to(path: str, user: str | None, *, recursive: bool = False) -> None:

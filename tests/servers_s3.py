@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import pytest
+
+from netutil import free_port, wait_listening
 
 # Fake credentials: moto accepts any; real AWS config of the machine is kept out.
 TEST_CREDENTIALS = {
@@ -36,24 +37,6 @@ _ISOLATION = {
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 _CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(port: int, proc: subprocess.Popen, deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
 
 
 class MotoServer:
@@ -80,7 +63,7 @@ class MotoServer:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-            if _wait_listening(self.port, self.proc, time.monotonic() + startup_timeout):
+            if wait_listening(self.port, self.proc, time.monotonic() + startup_timeout):
                 return
             self.stop()
         self._log.seek(0)

@@ -24,7 +24,7 @@ from typing import Iterator
 
 import pytest
 
-from servers_s3 import _wait_listening, free_port
+from netutil import free_port, wait_listening
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -82,7 +82,7 @@ LogLevel ERROR
             self.port = free_port()
             self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", self._config()],
                                          stdout=self._log, stderr=subprocess.STDOUT)
-            if _wait_listening(self.port, self.proc, time.monotonic() + startup_timeout):
+            if wait_listening(self.port, self.proc, time.monotonic() + startup_timeout):
                 with open(self.known_hosts, "w") as f:
                     f.write(f"[127.0.0.1]:{self.port} {self.host_pub}\n")
                 return

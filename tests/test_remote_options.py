@@ -27,3 +27,8 @@ def test_options_go_to_their_backend_only():
 def test_malformed_options_are_refused(bad):
     with pytest.raises(UsageError, match="bad remote option"):
         options_for_url("s3://b", [bad])
+
+
+def test_secrets_and_paths_are_not_converted():
+    got = options_for_url("http://h/", ["http.token=1e5", "http.ca-file=007", "http.read-timeout=5"])
+    assert got == {"token": "1e5", "ca_file": "007", "read_timeout": 5}

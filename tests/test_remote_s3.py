@@ -19,7 +19,8 @@ from chunkvault.remotes import open_remote
 from chunkvault.remotes.s3 import S3Remote, parse_s3_url
 
 from remote_contract import check_remote_contract
-from servers_s3 import free_port, moto_s3, s3_bucket, s3_bucket_factory  # noqa: F401
+from netutil import free_port
+from servers_s3 import moto_s3, s3_bucket, s3_bucket_factory  # noqa: F401
 
 MiB = 1024 * 1024
 SMALL_PARTS = {"multipart_threshold": 5 * MiB, "multipart_part_size": 5 * MiB}

@@ -10,7 +10,7 @@ from chunkvault.errors import PermissionDenied, RemoteUnavailable, UsageError
 from chunkvault.remotes import open_remote
 from chunkvault.remotes.sftp import TEMP_PREFIX, parse_sftp_url
 from remote_contract import check_remote_contract
-from servers_s3 import free_port
+from netutil import free_port
 from servers_ssh import sftp_repo, sshd  # noqa: F401
 
 

@@ -1,0 +1,380 @@
+"""HTTP(S) remote: a client of ``chunkvault serve`` (``remotes.server``).
+
+URL ``http(s)://host[:port][/base/path]`` (port 6362 by convention; the base
+path is for a reverse proxy in front of the service).  The token comes from the
+``token`` or ``token_file`` option, else ``CHUNKVAULT_HTTP_TOKEN`` or
+``CHUNKVAULT_HTTP_TOKEN_FILE``, and travels only in a header: never in the URL,
+never in a message.
+
+Protocol (every path below is under the base path):
+
+``GET /objects/KEY``
+    200 with the object, or with ``Range: bytes=A-B`` / ``bytes=A-`` 206 and
+    the bytes that exist; 416 when the range starts at or past the end (the
+    client returns b"").
+``HEAD /objects/KEY``
+    200 with ``Content-Length`` = the object's size.
+``PUT /objects/KEY``
+    ``Content-Length`` required (411 otherwise); 201 when stored.  With
+    ``If-None-Match: *`` an existing object is never replaced: 412.  Bodies
+    above the server's limit get 413 before they are read.
+``DELETE /objects/KEY``
+    204, also when the object was missing.
+``GET /objects/?prefix=P&after=K&limit=N``
+    one page of the listing in key order (segment by segment), as JSON
+    ``{"objects": [[key, size], ...], "next": K2 or null}``; pages hold at
+    most 10,000 objects and ``next`` is the ``after`` of the following page.
+
+Every request carries ``Authorization: Bearer TOKEN`` (when the server has
+tokens).  Errors have a JSON body ``{"error": "reason"}``: 400 bad key or
+request, 401 no or unknown token, 403 refused by the token's mode or the
+server's append-only setting, 404 no such object (marked with the header
+``Chunkvault-Object: missing``; a 404 without it means the URL does not lead
+to the service), 412 exists, 413 too large, 507 storage full, 5xx transient.
+Responses carry ``Chunkvault-Max-Object-Size`` so the client refuses too-large
+objects before sending them.  Keys are checked with ``validate_key`` on both
+sides.  Retries live in the layer above (``remotes.layer``): this module only
+sorts failures into permanent and transient (``RemoteUnavailable``) ones.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import ssl
+from typing import Any, Iterator
+from urllib.parse import quote, urlencode, urlparse
+
+import urllib3
+import urllib3.exceptions as u3
+
+from chunkvault.errors import (
+    ObjectExists,
+    ObjectNotFound,
+    PermissionDenied,
+    RemoteError,
+    RemoteUnavailable,
+    StorageFull,
+    UsageError,
+)
+
+from .base import ObjectInfo, Remote, validate_key, validate_prefix
+
+DEFAULT_PORT = 6362
+LIMIT_HEADER = "Chunkvault-Max-Object-Size"
+MISSING_HEADER = "Chunkvault-Object"
+TOKEN_ENV = "CHUNKVAULT_HTTP_TOKEN"
+TOKEN_FILE_ENV = "CHUNKVAULT_HTTP_TOKEN_FILE"
+CA_FILE_ENV = "CHUNKVAULT_HTTP_CA_FILE"
+_TOKEN = re.compile(r"^[\x21-\x7e]+$")
+_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
+
+
+def _number_option(name: str, value: Any, minimum: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"HTTP option {name} must be a number, not {value!r}") from None
+    if number < minimum:
+        raise UsageError(f"HTTP option {name} must be at least {minimum:g}, not {number:g}")
+    return number
+
+
+def _read_token_file(path: str, source: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise UsageError(f"cannot read the HTTP token file {path} (from {source}): {reason}") from None
+
+
+def resolve_token(token: Any = None, token_file: str | None = None) -> str | None:
+    """The token from the options, else from the environment; None when there is none."""
+    if token is not None and token != "":
+        text, source = str(token), "the token option"
+    elif token_file:
+        text, source = _read_token_file(str(token_file), "the token_file option"), "token_file"
+    elif os.environ.get(TOKEN_ENV):
+        text, source = os.environ[TOKEN_ENV].strip(), TOKEN_ENV
+    elif os.environ.get(TOKEN_FILE_ENV):
+        text, source = _read_token_file(os.environ[TOKEN_FILE_ENV], TOKEN_FILE_ENV), TOKEN_FILE_ENV
+    else:
+        return None
+    if not _TOKEN.match(text):
+        # Never echo the token: say only where it came from.
+        raise UsageError(f"the HTTP token from {source} is empty or has spaces or non-ASCII characters")
+    return text
+
+
+def _clean(text: str, limit: int = 300) -> str:
+    """One printable line of at most ``limit`` characters (server text goes into our messages)."""
+    return _PRINTABLE.sub(" ", text).strip()[:limit]
+
+
+def _transport_reason(exc: BaseException) -> str:
+    """A short reason for a connection-level failure, without object addresses."""
+    if isinstance(exc, u3.ConnectTimeoutError) and not isinstance(exc, u3.NewConnectionError):
+        return "connection timed out"
+    if isinstance(exc, u3.ReadTimeoutError):
+        return "no answer in time (read timeout)"
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        if isinstance(cause, u3.ProtocolError) and len(cause.args) > 1 and isinstance(cause.args[1], BaseException):
+            inner = cause.args[1]
+            return f"{cause.args[0]} ({type(inner).__name__})"
+        cause = cause.__cause__ or cause.__context__
+    return type(exc).__name__
+
+
+def _cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+class HTTPRemote(Remote):
+    """Objects on a ``chunkvault serve`` service; one thread-safe connection pool per remote."""
+
+    checks_read_length = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: Any = None,
+        token_file: str | None = None,
+        ca_file: str | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        max_connections: int = 16,
+    ):
+        self._origin, self._base, self.display_url = parse_http_url(url)
+        self._token = resolve_token(token, token_file)
+        ca_file = ca_file or os.environ.get(CA_FILE_ENV) or None
+        if ca_file and not os.path.isfile(str(ca_file)):
+            raise UsageError(f"HTTP CA file {ca_file} does not exist")
+        self.read_timeout = _number_option("read_timeout", read_timeout, 0.1)
+        timeout = urllib3.Timeout(connect=_number_option("connect_timeout", connect_timeout, 0.1), read=self.read_timeout)
+        pool_size = int(_number_option("max_connections", max_connections, 1))
+        tls: dict[str, Any] = {}
+        if self._origin.startswith("https:"):
+            tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(ca_file) if ca_file else None}
+        self._pool = urllib3.PoolManager(num_pools=1, maxsize=pool_size, block=True, timeout=timeout, retries=False, **tls)
+        from chunkvault import __version__
+
+        self._headers = {"User-Agent": f"chunkvault/{__version__}"}
+        if self._token is not None:
+            self._headers["Authorization"] = f"Bearer {self._token}"
+        self._limit: int | None = None  # the server's --max-object-size, once an answer told us
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> "HTTPRemote":
+        """Options: token, token_file, ca_file, connect_timeout, read_timeout, max_connections."""
+        known = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise UsageError(f"unknown HTTP option(s): {', '.join(unknown)} (known: {', '.join(known)})")
+        return cls(url, **{k: v for k, v in options.items() if v is not None})
+
+    # -- transport ----------------------------------------------------------
+
+    def _request(self, method: str, path: str, op: str, what: str, *, body: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> Any:
+        if self._closed:
+            raise RemoteError(f"{self.display_url} is closed")
+        all_headers = {**self._headers, **(headers or {})}
+        try:
+            response = self._pool.request(method, self._origin + self._base + path, body=body, headers=all_headers,
+                                          redirect=False, preload_content=True, decode_content=False)
+        except u3.SSLError as exc:
+            failure = _cert_failure(exc)
+            if failure is not None:
+                raise RemoteError(
+                    f"TLS certificate of {self.display_url} not trusted: {failure.verify_message or 'verification failed'} "
+                    f"(to trust a private CA or self-signed certificate, set {CA_FILE_ENV} or -o http.ca-file=FILE)"
+                ) from None
+            raise RemoteUnavailable(f"TLS failure talking to {self.display_url} for {op} {what}: {_transport_reason(exc)}") from None
+        except (u3.HTTPError, OSError) as exc:
+            raise RemoteUnavailable(f"cannot reach {self.display_url} for {op} {what}: {_transport_reason(exc)}") from None
+        limit = response.headers.get(LIMIT_HEADER)
+        if limit and limit.isdigit():
+            self._limit = int(limit)
+        return response
+
+    def _object_path(self, key: str) -> str:
+        return "/objects/" + quote(key, safe="/")
+
+    @staticmethod
+    def _reason(response: Any) -> str:
+        try:
+            message = json.loads(response.data)["error"]
+            if isinstance(message, str):
+                return _clean(message)
+        except (ValueError, KeyError, TypeError):
+            pass
+        text = _clean(response.data.decode("utf-8", "replace"), 200) if response.data else ""
+        return text or (response.reason or f"HTTP {response.status}")
+
+    def _error(self, response: Any, op: str, what: str) -> RemoteError:
+        """Sort a failed response into the error hierarchy (one clear line, never the token)."""
+        status = response.status
+        reason = self._reason(response)
+        where = f"{self.display_url}{what}"
+        if status == 401:
+            if self._token is None:
+                return PermissionDenied(
+                    f"the backup service at {self.display_url} wants a token and none was given "
+                    f"(set {TOKEN_ENV} or {TOKEN_FILE_ENV}, or -o http.token-file=FILE)"
+                )
+            return PermissionDenied(f"the backup service at {self.display_url} refused the token ({reason})")
+        if status == 403:
+            return PermissionDenied(f"{self.display_url} refused {op} {what}: {reason}")
+        if status == 404:
+            if response.headers.get(MISSING_HEADER) == "missing" and op in ("get", "stat", "delete"):
+                return ObjectNotFound(what)
+            return RemoteError(f"no chunkvault backup service at {self.display_url} (HTTP 404 for {op} {what}: {reason})")
+        if status == 412:
+            return ObjectExists(what)
+        if status == 413:
+            return RemoteError(f"{self.display_url} refused {op} {what}: {reason}")
+        if status == 507:
+            return StorageFull(f"{self.display_url} is out of space ({op} {what}): {reason}")
+        if status in (408, 429) or status >= 500:
+            return RemoteUnavailable(f"{op} {where} failed, try again: HTTP {status}: {reason}")
+        if 300 <= status < 400:
+            return RemoteError(f"{op} {where}: unexpected redirect (HTTP {status}); use the service's own URL")
+        return RemoteError(f"{op} {where} failed: HTTP {status}: {reason}")
+
+    # -- the interface ------------------------------------------------------
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        validate_key(key)
+        body = data if isinstance(data, bytes) else bytes(data)
+        limit = self._limit
+        if limit is not None and len(body) > limit:
+            raise RemoteError(
+                f"{self.display_url} refused put {key}: object of {len(body)} bytes is above "
+                f"the server's limit of {limit} bytes (--max-object-size)"
+            )
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
+        if if_absent:
+            headers["If-None-Match"] = "*"
+        response = self._request("PUT", self._object_path(key), "put", key, body=body, headers=headers)
+        if not 200 <= response.status < 300:
+            raise self._error(response, "put", key)
+
+    def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
+        validate_key(key)
+        if (start is not None and start < 0) or (length is not None and length < 0):
+            raise UsageError(f"negative byte range for {key}: start={start} length={length}")
+        if length == 0:
+            if self.stat(key) is None:
+                raise ObjectNotFound(key)
+            return b""
+        lo = start or 0
+        ranged = bool(lo) or length is not None
+        headers = {}
+        if ranged:
+            headers["Range"] = f"bytes={lo}-" if length is None else f"bytes={lo}-{lo + length - 1}"
+        response = self._request("GET", self._object_path(key), "get", key, headers=headers)
+        if response.status == 416:
+            return b""  # the range starts at or past the end of an existing object
+        if response.status not in (200, 206):
+            raise self._error(response, "get", key)
+        data = response.data
+        expected = response.headers.get("Content-Length")
+        if expected is not None and (not expected.isdigit() or len(data) != int(expected)):
+            raise RemoteUnavailable(f"reading {self.display_url}{key}: got {len(data)} of {expected} bytes")
+        if ranged and response.status == 200:  # something in between dropped the Range header
+            data = data[lo : None if length is None else lo + length]
+        return data
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        return self._pages(prefix)
+
+    def _pages(self, prefix: str) -> Iterator[ObjectInfo]:
+        after = ""
+        while True:
+            query = {"prefix": prefix, **({"after": after} if after else {})}
+            response = self._request("GET", "/objects/?" + urlencode(query), "list", prefix)
+            if response.status != 200:
+                raise self._error(response, "list", prefix)
+            try:
+                page = json.loads(response.data)
+                items = [(str(k), int(s)) for k, s in page["objects"]]
+                after = page.get("next") or ""
+            except (ValueError, KeyError, TypeError):
+                raise RemoteError(f"{self.display_url} sent a listing that is not chunkvault's JSON") from None
+            for key, size in items:
+                if key.startswith(prefix):
+                    yield ObjectInfo(validate_key(key), size)
+            if not after:
+                return
+
+    def delete(self, key: str) -> None:
+        validate_key(key)
+        response = self._request("DELETE", self._object_path(key), "delete", key)
+        if response.status == 404 and response.headers.get(MISSING_HEADER) == "missing":
+            return
+        if not 200 <= response.status < 300:
+            raise self._error(response, "delete", key)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        validate_key(key)
+        response = self._request("HEAD", self._object_path(key), "stat", key)
+        if response.status == 404 and response.headers.get(MISSING_HEADER) == "missing":
+            return None
+        if response.status != 200:
+            raise self._error(response, "stat", key)
+        size = response.headers.get("Content-Length", "")
+        if not size.isdigit():
+            raise RemoteError(f"{self.display_url} sent no size for {key}")
+        return ObjectInfo(key, int(size))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.clear()
+
+
+def parse_http_url(url: str) -> tuple[str, str, str]:
+    """Split a service URL into (origin, base path without trailing slash, display URL)."""
+    parsed = urlparse(url)
+    scheme = parsed.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise UsageError(f"not an http:// or https:// URL: {url!r}")
+    if "@" in parsed.netloc:
+        # Do not echo the URL: it may hold a secret.
+        raise UsageError(
+            f"credentials do not belong in an {scheme}:// URL; give the token with "
+            f"{TOKEN_ENV}, {TOKEN_FILE_ENV} or -o http.token-file=FILE"
+        )
+    if parsed.query or parsed.fragment or parsed.params:
+        raise UsageError(f"{scheme}:// repository URL takes no query or fragment: {url!r}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        raise UsageError(f"invalid port in {url!r}") from None
+    if not host:
+        raise UsageError(f"no host in {url!r}")
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    base = parsed.path.rstrip("/")
+    if base:
+        try:
+            validate_key(base.lstrip("/"))
+        except UsageError:
+            raise UsageError(f"invalid base path {parsed.path!r} in {url!r}") from None
+        base = "/" + base.lstrip("/")
+    origin = f"{scheme}://{netloc}"
+    return origin, base, f"{origin}{base}/"

@@ -1,0 +1,725 @@
+"""``chunkvault serve``: the HTTP backup service that ``remotes.http`` talks to.
+
+It stores opaque, already encrypted objects in one directory through
+``LocalRemote`` (temp file, fsync, rename), so an upload cut short never leaves
+an object behind.  The protocol is described in ``remotes.http``.  Tokens carry
+a mode: ``read-only`` (get, stat, list), ``append-only`` (also create objects;
+overwrite and delete only under ``locks/``) or ``full``; ``--append-only`` caps
+every token at append-only, so a compromised client cannot destroy backups.
+"""
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import socketserver
+import ssl
+import stat
+import sys
+import threading
+import tomllib
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+from urllib.parse import parse_qs, unquote
+
+from chunkvault.errors import ObjectExists, PermissionDenied, RemoteError, StorageFull, UsageError
+
+from .base import _KEY_SEGMENT, validate_key, validate_prefix
+from .http import DEFAULT_PORT, LIMIT_HEADER, MISSING_HEADER
+from .local import TEMP_PREFIX, LocalRemote
+
+PROG = "chunkvault serve"
+MiB = 1 << 20
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_MAX_OBJECT_SIZE = 256 * MiB
+PAGE_SIZE = 10_000
+MIN_TOKEN_LENGTH = 16
+MODES = ("read-only", "append-only", "full")
+LOCKS_PREFIX = "locks/"
+# Request bodies we refuse are read and dropped up to this much, so the client
+# gets to read our answer; beyond it the connection is closed.
+DRAIN_LIMIT = 64 * MiB
+COPY_CHUNK = 1 * MiB
+IDLE_TIMEOUT = 120.0
+LINGER_TIMEOUT = 2.0
+CONFIG_KEYS = ("enabled", "listen", "path", "tokens", "append_only", "tls_cert", "tls_key", "max_object_size", "quiet")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_SIZE = re.compile(r"^(\d+)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+# --- settings -------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    host: str
+    port: int
+    path: str
+    tokens: list[tuple[bytes, str]] | None
+    append_only: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_object_size: int = DEFAULT_MAX_OBJECT_SIZE
+    quiet: bool = False
+
+
+def parse_size(text: Any) -> int:
+    """``256M``, ``1G``, ``512k``, ``1048576`` or ``64MiB`` as a number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        number = text
+    else:
+        match = _SIZE.match(str(text).strip())
+        if not match:
+            raise UsageError(f"not a size: {text!r} (e.g. 256M, 1G, 1048576)")
+        number = int(match.group(1)) * _UNITS[match.group(2).lower()]
+    if number < 1:
+        raise UsageError(f"size must be at least 1 byte, not {text!r}")
+    return number
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``HOST`` (port 6362)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise UsageError(f"bad listen address {text!r} (use [::1]:{DEFAULT_PORT})")
+        port_text = rest[1:] if rest else str(DEFAULT_PORT)
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    elif ":" in text:
+        raise UsageError(f"bad listen address {text!r}: put an IPv6 address in brackets, e.g. [::1]:{DEFAULT_PORT}")
+    else:
+        host, port_text = text, str(DEFAULT_PORT)
+    if not host:
+        raise UsageError(f"bad listen address {text!r}: no host (use 0.0.0.0 for every interface)")
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise UsageError(f"bad port in listen address {text!r}")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_tokens(path: str) -> list[tuple[bytes, str]]:
+    """``MODE TOKEN`` per line; refuses a file others can read, since it holds secrets."""
+    try:
+        st = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read tokens file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if st.st_mode & 0o077:
+        raise UsageError(
+            f"tokens file {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run: chmod 600 {path}"
+        )
+    tokens: list[tuple[bytes, str]] = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        where = f"tokens file {path} line {number}"
+        if len(parts) != 2:
+            raise UsageError(f"{where}: expected 'MODE TOKEN' with MODE one of {', '.join(MODES)}")
+        mode, token = parts
+        if mode not in MODES:
+            raise UsageError(f"{where}: unknown mode {mode!r} (use {', '.join(MODES)})")
+        if len(token) < MIN_TOKEN_LENGTH or not token.isascii() or not token.isprintable():
+            raise UsageError(f"{where}: a token must be at least {MIN_TOKEN_LENGTH} printable ASCII characters")
+        if any(hmac.compare_digest(token.encode(), known) for known, _ in tokens):
+            raise UsageError(f"{where}: the same token appears twice")
+        tokens.append((token.encode(), mode))
+    if not tokens:
+        raise UsageError(f"tokens file {path} holds no tokens")
+    return tokens
+
+
+def _parser() -> argparse.ArgumentParser:
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise UsageError(message)
+
+    p = Parser(prog=PROG, description="Serve a repository directory to chunkvault clients over HTTP(S).")
+    p.add_argument("--listen", metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_LISTEN}; [::1]:PORT for IPv6)")
+    p.add_argument("--path", metavar="DIR", help="the repository directory to serve")
+    p.add_argument("--tokens", metavar="FILE", help="'MODE TOKEN' per line, MODE one of read-only, append-only, full (mode 0600)")
+    p.add_argument("--append-only", action="store_true", default=None,
+                   help="cap every token at append-only: no overwrites, deletes only under locks/")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate chain (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    p.add_argument("--max-object-size", metavar="SIZE", help="largest object accepted (default 256M; suffixes k, M, G)")
+    p.add_argument("--config", metavar="FILE", help="TOML file with these settings; flags override it")
+    p.add_argument("--quiet", action="store_true", default=None, help="no per-request log lines")
+    return p
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise UsageError(f"config {path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(CONFIG_KEYS)})")
+    for name in ("enabled", "append_only", "quiet"):
+        if name in config and not isinstance(config[name], bool):
+            raise UsageError(f"config {path}: {name} must be true or false")
+    for name in ("listen", "path", "tokens", "tls_cert", "tls_key"):
+        if name in config and not isinstance(config[name], str):
+            raise UsageError(f"config {path}: {name} must be a string")
+    # Relative file names in the config are relative to the config file.
+    base = os.path.dirname(os.path.abspath(path))
+    for name in ("path", "tokens", "tls_cert", "tls_key"):
+        if name in config:
+            config[name] = os.path.join(base, os.path.expanduser(config[name]))
+    return config
+
+
+def parse_settings(argv: list[str]) -> Settings | None:
+    """Flags over the config file over defaults; None when the config disables the service."""
+    args = _parser().parse_args(argv)
+    config = _load_config(args.config) if args.config else {}
+    if not config.get("enabled", True):
+        print(f"{PROG}: backup service disabled in {args.config}", file=sys.stderr)
+        return None
+
+    def pick(name: str, default: Any = None) -> Any:
+        value = getattr(args, name)
+        return value if value is not None else config.get(name, default)
+
+    path = pick("path")
+    if not path:
+        raise UsageError("no repository directory: use --path DIR (or path in --config)")
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise UsageError(f"repository directory {path} does not exist (create it first)")
+    host, port = parse_listen(pick("listen", DEFAULT_LISTEN))
+    tokens_file = pick("tokens")
+    tokens = load_tokens(tokens_file) if tokens_file else None
+    if tokens is None and not is_loopback(host):
+        raise UsageError(
+            f"refusing to listen on {host} without --tokens: anyone who can reach it could read, "
+            "overwrite and delete the backups (give --tokens FILE, or listen on 127.0.0.1)"
+        )
+    tls_cert, tls_key = pick("tls_cert"), pick("tls_key")
+    if bool(tls_cert) != bool(tls_key):
+        raise UsageError("give both --tls-cert and --tls-key, or neither")
+    return Settings(
+        host=host,
+        port=port,
+        path=path,
+        tokens=tokens,
+        append_only=bool(pick("append_only", False)),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        max_object_size=parse_size(pick("max_object_size", DEFAULT_MAX_OBJECT_SIZE)),
+        quiet=bool(pick("quiet", False)),
+    )
+
+
+def _tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise UsageError(f"cannot load TLS certificate {cert} with key {key}: {reason}") from None
+    return context
+
+
+# --- listing --------------------------------------------------------------------------
+
+
+def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[tuple[str, int]], str | None]:
+    """Up to ``limit`` objects under ``prefix`` that sort after ``after``, and the next marker.
+
+    Keys are ordered segment by segment (a depth-first walk in name order), so a
+    page starts where the last one ended without listing what came before.
+    """
+    head = prefix.rpartition("/")[0]
+    start = head.split("/") if head else []
+    marker = after.split("/") if after else None
+    items: list[tuple[str, int]] = []
+    for item in _walk(root, start, prefix, marker):
+        items.append(item)
+        if len(items) == limit:
+            return items, item[0]
+    return items, None
+
+
+def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None) -> Iterator[tuple[str, int]]:
+    try:
+        with os.scandir(os.path.join(root, *parts)) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        name = entry.name
+        if name.startswith(TEMP_PREFIX) or not _KEY_SEGMENT.match(name):
+            continue
+        here = parts + [name]
+        key = "/".join(here)
+        if entry.is_dir(follow_symlinks=False):
+            if not ((key + "/").startswith(prefix) or prefix.startswith(key + "/")):
+                continue
+            if marker is not None and here < marker[: len(here)]:
+                continue  # the whole subtree sorts before the marker
+            yield from _walk(root, here, prefix, marker if marker and here == marker[: len(here)] else None)
+        elif entry.is_file(follow_symlinks=False) and key.startswith(prefix):
+            if marker is not None and here <= marker:
+                continue
+            try:
+                size = entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
+            yield key, size
+
+
+# --- the HTTP side --------------------------------------------------------------------
+
+
+class BadRequest(Exception):
+    """A request we answer with 400 and this reason."""
+
+
+def _key_from_path(raw: str) -> str:
+    """The object key of ``/objects/RAW``; keys never need escaping, so escapes get no second chance."""
+    if "%2f" in raw.lower() or "%5c" in raw.lower():
+        raise BadRequest("encoded slashes or backslashes are not allowed in object keys")
+    key = unquote(raw, errors="strict")
+    try:
+        return validate_key(key)
+    except UsageError:
+        raise BadRequest(f"invalid object key {key!r}") from None
+
+
+class BackupServer(ThreadingHTTPServer):
+    """One repository directory behind HTTP(S); a thread per connection."""
+
+    daemon_threads = True
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.remote = LocalRemote(settings.path)
+        self.tls = _tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+        self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        self._log_lock = threading.Lock()
+        self._active = 0
+        self._idle = threading.Condition()
+        super().__init__((settings.host, settings.port), Handler)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # skips HTTPServer's reverse DNS lookup
+        self.server_name = self.settings.host
+        self.server_port = self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.settings.host}]" if ":" in self.settings.host else self.settings.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.server_port}"
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        # Headers and body go out in separate writes: without this, Nagle's
+        # algorithm and delayed ACKs add ~40 ms to every answer with a body.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            # The handshake happens in the connection's own thread (Handler.setup), not here.
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLError):
+            self.log(f"{client_address[0]} TLS handshake failed: {getattr(exc, 'reason', None) or exc}")
+        elif isinstance(exc, OSError):
+            self.log(f"{client_address[0]} connection lost: {exc.strerror or type(exc).__name__}")
+        else:
+            self.log(f"{client_address[0]} internal error: {type(exc).__name__}: {exc}")
+
+    def remove_unfinished_uploads(self) -> None:
+        """Temp files a crash of this server left behind (an hour old, so never a live upload)."""
+        try:
+            removed = self.remote.cleanup_temp()
+        except RemoteError as exc:
+            self.log(f"cannot remove unfinished uploads: {exc}", always=True)
+            return
+        if removed:
+            self.log(f"removed {removed} unfinished upload(s)", always=True)
+
+    def log(self, line: str, *, always: bool = False) -> None:
+        if always or not self.settings.quiet:
+            with self._log_lock:
+                sys.stderr.write(f"{PROG}: {line}\n")
+                sys.stderr.flush()
+
+    def request_started(self) -> None:
+        with self._idle:
+            self._active += 1
+
+    def request_done(self) -> None:
+        with self._idle:
+            self._active -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Let requests in flight finish (not idle keep-alive connections)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "chunkvault-serve"
+    sys_version = ""
+    timeout = IDLE_TIMEOUT
+    server: BackupServer
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()
+
+    # -- plumbing -----------------------------------------------------------
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        pass  # one line per request is written by _log, with the key and byte count
+
+    def log_message(self, format: str, *args: Any) -> None:
+        self.server.log(f"{self.client_address[0]} " + (format % args))
+
+    def _log(self, status: int, nbytes: int) -> None:
+        self.server.log(f"{self.client_address[0]} {self.command or '-'} {self._what} {status} {nbytes}")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Malformed requests (bad request line, unknown method): JSON, then close."""
+        self._what = getattr(self, "_what", "-")
+        self._unread = getattr(self, "_unread", 0)
+        self.close_connection = True
+        self._fail(code, message or self.responses.get(code, ("error",))[0], close=True)
+
+    def _reply(self, status: int, body: bytes = b"", *, length: int | None = None,
+               headers: dict[str, str] | None = None, close: bool = False, received: int = 0) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.send_header(LIMIT_HEADER, str(self.server.settings.max_object_size))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if close:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if body and self.command != "HEAD":
+            self.wfile.write(body)
+        self._log(status, received or (len(body) if self.command != "HEAD" else 0))
+
+    def _fail(self, status: int, reason: str, *, headers: dict[str, str] | None = None, close: bool = False) -> None:
+        """An error answer; a body we will not use is dropped (or the connection closed)."""
+        unread = self._unread
+        close = close or unread > DRAIN_LIMIT
+        body = json.dumps({"error": reason}).encode() + b"\n"
+        self._reply(status, body, headers={"Content-Type": "application/json", **(headers or {})}, close=close)
+        if unread:
+            if close:  # linger briefly, so a client still sending can read the answer
+                self.connection.settimeout(LINGER_TIMEOUT)
+            self._discard(min(unread, DRAIN_LIMIT))
+
+    def _discard(self, n: int) -> None:
+        try:
+            while n > 0:
+                chunk = self.rfile.read(min(n, COPY_CHUNK))
+                if not chunk:
+                    break
+                n -= len(chunk)
+        except OSError:
+            self.close_connection = True
+        self._unread = 0
+
+    # -- dispatch -----------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        self._what = "-"
+        self._unread = 0
+        self.server.request_started()
+        try:
+            self._route()
+        finally:
+            self.server.request_done()
+
+    def _route(self) -> None:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            return self._fail(411, "send the body with Content-Length, not Transfer-Encoding", close=True)
+        if length is not None:
+            if not length.isdigit():
+                return self._fail(400, "bad Content-Length", close=True)
+            self._unread = int(length)
+        path, _, query = self.path.partition("?")
+        self._what = path
+        mode = self._authorize()
+        if mode is None:
+            return None
+        if self._unread and self.command != "PUT":
+            return self._fail(400, f"{self.command} takes no request body")
+        if path in ("/objects", "/objects/"):
+            self._what = "list"
+            if self.command != "GET":
+                return self._fail(405, f"{self.command} is not allowed on the listing", headers={"Allow": "GET"})
+            return self._list(query)
+        if not path.startswith("/objects/"):
+            return self._fail(404, f"no such endpoint {path[:100]!r} (objects live under /objects/)")
+        try:
+            key = _key_from_path(path[len("/objects/") :])
+        except (BadRequest, UnicodeDecodeError) as exc:
+            reason = str(exc) if isinstance(exc, BadRequest) else "object key is not valid UTF-8"
+            return self._fail(400, reason)
+        self._what = key
+        if self.command in ("GET", "HEAD"):
+            return self._get(key)
+        if self.command == "PUT":
+            return self._put(key, mode)
+        return self._delete(key, mode)
+
+    def _authorize(self) -> str | None:
+        """The request's mode (capped by --append-only), or None after answering 401."""
+        tokens = self.server.settings.tokens
+        if tokens is None:
+            mode = "full"
+        else:
+            scheme, _, value = self.headers.get("Authorization", "").partition(" ")
+            mode = _match(tokens, value.strip().encode()) if scheme.lower() == "bearer" else None
+            if mode is None:
+                reason = ("the token is not in the server's tokens file" if scheme
+                          else "this service requires a token (Authorization: Bearer TOKEN)")
+                self._fail(401, reason, headers={"WWW-Authenticate": 'Bearer realm="chunkvault"'})
+                return None
+        if self.server.settings.append_only and mode == "full":
+            mode = "append-only"
+        return mode
+
+    # -- operations ---------------------------------------------------------
+
+    def _list(self, query: str) -> None:
+        params = parse_qs(query, keep_blank_values=True)
+        prefix = params.get("prefix", [""])[0]
+        after = params.get("after", [""])[0]
+        limit_text = params.get("limit", [str(PAGE_SIZE)])[0]
+        try:
+            validate_prefix(prefix)
+            if after:
+                validate_key(after)
+        except UsageError as exc:
+            return self._fail(400, str(exc))
+        if not limit_text.isdigit() or int(limit_text) < 1:
+            return self._fail(400, "limit must be a positive number")
+        self._what = f"list prefix={prefix!r}"
+        try:
+            items, next_after = list_page(self.server.settings.path, prefix, after, min(int(limit_text), PAGE_SIZE))
+        except OSError as exc:
+            return self._fail(500, f"cannot list {prefix!r}: {exc.strerror or exc}")
+        body = json.dumps({"objects": items, "next": next_after}, separators=(",", ":")).encode()
+        self._reply(200, body, headers={"Content-Type": "application/json"})
+
+    def _object_path(self, key: str) -> str:
+        return os.path.join(self.server.settings.path, *key.split("/"))
+
+    def _missing(self, key: str) -> None:
+        self._fail(404, f"object not found: {key}", headers={MISSING_HEADER: "missing"})
+
+    def _get(self, key: str) -> None:
+        try:
+            f = open(self._object_path(key), "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return self._missing(key)
+        except OSError as exc:
+            return self._fail(500, f"cannot read {key}: {exc.strerror}")
+        with f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return self._missing(key)
+            size = st.st_size
+            if self.command == "HEAD":
+                return self._reply(200, length=size)
+            start, end = 0, size - 1
+            status, headers = 200, {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+            requested = self.headers.get("Range")
+            if requested is not None:
+                match = _RANGE.match(requested.strip())
+                if not match:
+                    return self._fail(400, "only one 'bytes=A-B' or 'bytes=A-' range is supported")
+                start = int(match.group(1))
+                if match.group(2):
+                    end = min(end, int(match.group(2)))
+                    if end < start and start < size:
+                        return self._fail(400, "range ends before it starts")
+                if start >= size:
+                    return self._fail(416, "range starts at or past the end", headers={"Content-Range": f"bytes */{size}"})
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            self._stream(f, status, start, end - start + 1, headers)
+
+    def _stream(self, f: Any, status: int, start: int, count: int, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(count))
+        self.send_header(LIMIT_HEADER, str(self.server.settings.max_object_size))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        f.seek(start)
+        sent = 0
+        while sent < count:
+            chunk = f.read(min(COPY_CHUNK, count - sent))
+            if not chunk:
+                break
+            self.wfile.write(chunk)
+            sent += len(chunk)
+        if sent < count:
+            self.close_connection = True  # the client will see the body cut short
+        self._log(status, sent)
+
+    def _put(self, key: str, mode: str) -> None:
+        if self.headers.get("Content-Length") is None:
+            return self._fail(411, "PUT needs a Content-Length", close=True)
+        if mode == "read-only":
+            return self._fail(403, "read-only token: writing is not allowed")
+        length = self._unread
+        limit = self.server.settings.max_object_size
+        if length > limit:
+            return self._fail(413, f"object of {length} bytes is above the server's limit of {limit} bytes (--max-object-size)")
+        body = self._read_body(length)
+        if body is None:
+            self.close_connection = True
+            self.server.log(f"{self.client_address[0]} PUT {key}: upload cut short, nothing stored")
+            return None
+        if_absent = self.headers.get("If-None-Match", "").strip() == "*"
+        guarded = mode == "append-only" and not key.startswith(LOCKS_PREFIX)
+        try:
+            self.server.remote.put(key, body, if_absent=if_absent or guarded)
+        except ObjectExists:
+            if if_absent:
+                return self._fail(412, f"object already exists: {key}")
+            return self._fail(403, f"append-only: existing object {key} may not be overwritten (only locks/ may)")
+        except StorageFull as exc:
+            return self._fail(507, str(exc))
+        except PermissionDenied as exc:
+            return self._fail(403, f"the server cannot write: {exc}")
+        except RemoteError as exc:
+            return self._fail(500, str(exc))
+        self._reply(201, received=length)
+
+    def _read_body(self, length: int) -> bytearray | None:
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < length:
+                n = self.rfile.readinto(view[got:])
+                if not n:
+                    return None
+                got += n
+        except OSError:
+            return None
+        finally:
+            view.release()
+            self._unread = length - got
+        return buf
+
+    def _delete(self, key: str, mode: str) -> None:
+        if mode == "read-only":
+            return self._fail(403, "read-only token: deleting is not allowed")
+        if mode == "append-only" and not key.startswith(LOCKS_PREFIX):
+            return self._fail(403, f"append-only: deleting {key} is not allowed (only locks/ may be deleted)")
+        try:
+            self.server.remote.delete(key)
+        except PermissionDenied as exc:
+            return self._fail(403, f"the server cannot delete: {exc}")
+        except RemoteError as exc:
+            return self._fail(500, str(exc))
+        self._reply(204)
+
+
+def _match(tokens: list[tuple[bytes, str]], offered: bytes) -> str | None:
+    """Compare against every token in constant time per token; no early exit."""
+    found = None
+    for token, mode in tokens:
+        if hmac.compare_digest(token, offered):
+            found = mode
+    return found
+
+
+# --- main -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the service until SIGTERM or SIGINT; 0 then, 2 for bad settings."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # "chunkvault serve -- --listen ..." hands the separator through
+        argv = argv[1:]
+    try:
+        settings = parse_settings(argv)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return UsageError.exit_code
+    if settings is None:
+        return 0
+    try:
+        server = BackupServer(settings)
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return UsageError.exit_code
+    except OSError as exc:
+        print(f"{PROG}: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="serve", daemon=True)
+    thread.start()
+    threading.Thread(target=server.remove_unfinished_uploads, name="cleanup", daemon=True).start()
+    if settings.tokens is None:
+        server.log("warning: no --tokens: every local user and program can read, overwrite and delete "
+                   "this repository", always=True)
+    extra = ", append-only" if settings.append_only else ""
+    server.log(f"listening on {server.url} (repository {settings.path}{extra})", always=True)
+    try:
+        while thread.is_alive() and not stop.wait(0.5):
+            pass
+    finally:
+        server.shutdown()
+        server.wait_idle(10.0)
+        server.server_close()
+    server.log("stopped", always=True)
+    return 0

@@ -1,0 +1,450 @@
+"""HTTPRemote against a real ``chunkvault serve``: the contract, tokens, append-only, traversal, TLS, limits."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from chunkvault.errors import ObjectExists, ObjectNotFound, PermissionDenied, RemoteError, RemoteUnavailable, UsageError
+from chunkvault.remotes import open_remote
+from chunkvault.remotes.http import HTTPRemote
+from chunkvault.remotes.local import TEMP_PREFIX
+
+from netutil import free_port, listening
+from remote_contract import check_remote_contract
+from servers_http import (  # noqa: F401
+    APPEND_TOKEN,
+    FULL_TOKEN,
+    READ_TOKEN,
+    http_server,
+    make_self_signed,
+    run_serve,
+    serve_factory,
+    write_tokens,
+)
+
+KEY = "data/ab/" + "ab" * 32
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def raw_request(port: int, method: str, path: str, body: bytes | None = None, token: str | None = FULL_TOKEN,
+                headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """One request with http.client, bypassing the client's own key checks."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        all_headers = {"Authorization": f"Bearer {token}"} if token else {}
+        all_headers.update(headers or {})
+        conn.request(method, path, body=body, headers=all_headers)
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, json.loads(data) if data and method != "HEAD" else {}
+    finally:
+        conn.close()
+
+
+# --- the contract -----------------------------------------------------------------------
+
+
+def test_contract(http_server):
+    with HTTPRemote.from_url(http_server.url, token=FULL_TOKEN) as remote:
+        check_remote_contract(remote)
+    assert files_under(http_server.path) == []
+    log = http_server.log()
+    assert " PUT data/" in log and " 201 " in log, log[-2000:]
+    assert FULL_TOKEN not in log
+
+
+def test_contract_through_open_remote_with_token_file(http_server, tmp_path, monkeypatch):
+    token_file = tmp_path / "client-token"
+    token_file.write_text(FULL_TOKEN + "\n")
+    monkeypatch.setenv("CHUNKVAULT_HTTP_TOKEN_FILE", str(token_file))
+    remote = open_remote(http_server.url)
+    assert isinstance(remote, HTTPRemote)
+    check_remote_contract(remote, big_size=1 << 20, threads=4)
+    remote.close()
+
+
+def test_listing_is_paged(http_server):
+    written = {}
+    for i in range(12_345):
+        key = f"data/{i % 256:02x}/{i:064x}"
+        path = http_server.path.joinpath(*key.split("/"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * (i % 7))
+        written[key] = i % 7
+    (http_server.path / "config").write_bytes(b"c")
+    with HTTPRemote.from_url(http_server.url, token=FULL_TOKEN) as remote:
+        assert {o.key: o.size for o in remote.list("data/")} == written
+        assert {o.key for o in remote.list("data/0")} == {k for k in written if k.startswith("data/0")}
+        assert [o.key for o in remote.list("conf")] == ["config"]
+    pages, after = [], ""
+    while True:
+        status, page = raw_request(http_server.port, "GET", f"/objects/?prefix=data/&limit=4000&after={after}")
+        assert status == 200
+        pages.append(page["objects"])
+        if not page["next"]:
+            break
+        after = page["next"]
+    assert [len(p) for p in pages] == [4000, 4000, 4000, 345]
+    keys = [k for p in pages for k, _ in p]
+    assert keys == sorted(written, key=lambda k: k.split("/"))
+
+
+def test_options_and_urls(monkeypatch):
+    monkeypatch.delenv("CHUNKVAULT_HTTP_TOKEN", raising=False)
+    with pytest.raises(UsageError, match="unknown HTTP option.*known: token, token_file, ca_file"):
+        HTTPRemote.from_url("http://127.0.0.1:1/", endpoint="x")
+    with pytest.raises(UsageError) as info:
+        HTTPRemote.from_url("http://user:secret-in-url@127.0.0.1:1/")
+    assert "secret-in-url" not in str(info.value)
+    with pytest.raises(UsageError) as info:
+        HTTPRemote.from_url("http://127.0.0.1:1/", token="secret with blanks")
+    assert "secret" not in str(info.value)
+    remote = HTTPRemote.from_url("https://[::1]:6362/backups/host1/", token=FULL_TOKEN)
+    assert remote.display_url == "https://[::1]:6362/backups/host1/"
+    assert FULL_TOKEN not in repr(remote)
+    assert HTTPRemote.from_url("http://backup.example").display_url == "http://backup.example/"
+
+
+# --- tokens and modes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", ["wrong-token-0123456789abcdef", None])
+def test_wrong_or_missing_token_is_refused(http_server, token, monkeypatch):
+    monkeypatch.delenv("CHUNKVAULT_HTTP_TOKEN", raising=False)
+    monkeypatch.delenv("CHUNKVAULT_HTTP_TOKEN_FILE", raising=False)
+    with HTTPRemote.from_url(http_server.url, token=token) as remote:
+        for call in (lambda: remote.put(KEY, b"x"), lambda: remote.get(KEY), lambda: remote.stat(KEY),
+                     lambda: list(remote.list()), lambda: remote.delete(KEY),
+                     lambda: remote.put("locks/x", b"y" * 3_000_000)):
+            with pytest.raises(PermissionDenied, match="token") as info:
+                call()
+            assert "wrong-token" not in str(info.value)
+    assert files_under(http_server.path) == []
+    status, body = raw_request(http_server.port, "GET", "/objects/config", token=None)
+    assert status == 401 and body["error"]
+
+
+def test_read_only_token(http_server):
+    with HTTPRemote.from_url(http_server.url, token=FULL_TOKEN) as full:
+        full.put(KEY, b"stored")
+    with HTTPRemote.from_url(http_server.url, token=READ_TOKEN) as reader:
+        assert reader.get(KEY) == b"stored"
+        assert reader.get(KEY, 2, 3) == b"ore"
+        assert reader.stat(KEY).size == 6
+        assert [o.key for o in reader.list()] == [KEY]
+        for call in (lambda: reader.put(KEY, b"other"), lambda: reader.put("data/cd/" + "c" * 64, b"new"),
+                     lambda: reader.put("locks/l1", b"lock"), lambda: reader.delete(KEY)):
+            with pytest.raises(PermissionDenied, match="read-only"):
+                call()
+        assert reader.get(KEY) == b"stored"
+    assert files_under(http_server.path) == [KEY]
+
+
+@pytest.mark.parametrize("how", ["server flag", "append-only token"])
+def test_append_only(serve_factory, tmp_path, how):
+    tokens = write_tokens(tmp_path)
+    if how == "server flag":
+        server = serve_factory("--tokens", str(tokens), "--append-only")
+        assert "append-only" in server.log()
+        token = FULL_TOKEN
+    else:
+        server = serve_factory("--tokens", str(tokens))
+        token = APPEND_TOKEN
+    other = "snapshots/" + "5" * 64
+    with HTTPRemote.from_url(server.url, token=token) as remote:
+        remote.put(KEY, b"pack")
+        remote.put(other, b"snapshot", if_absent=True)
+        with pytest.raises(ObjectExists):
+            remote.put(other, b"snapshot", if_absent=True)
+        with pytest.raises(PermissionDenied, match="append-only.*overwritten"):
+            remote.put(KEY, b"evil")
+        for key in (KEY, other, "config-that-is-not-there"):
+            with pytest.raises(PermissionDenied, match="append-only"):
+                remote.delete(key)
+        # lock objects may be created, refreshed and removed
+        remote.put("locks/" + "1" * 32, b"lock v1", if_absent=True)
+        remote.put("locks/" + "1" * 32, b"lock v2")
+        assert remote.get("locks/" + "1" * 32) == b"lock v2"
+        remote.delete("locks/" + "1" * 32)
+        assert remote.stat("locks/" + "1" * 32) is None
+        assert remote.get(KEY) == b"pack"
+        assert remote.get(other) == b"snapshot"
+    assert files_under(server.path) == sorted([KEY, other])
+
+
+# --- hostile requests -------------------------------------------------------------------
+
+TRAVERSALS = [
+    "/objects/../x",
+    "/objects/%2e%2e/x",
+    "/objects/%2E%2E%2Fx",
+    "/objects/data%2F..%2F..%2Fetc",
+    "/objects/data/../../escaped",
+    "/objects//abs",
+    "/objects//tmp/escaped",
+    "/objects/a\\b",
+    "/objects/..\\escaped",
+    "/objects/a%5cb",
+    "/objects/a%00b",
+    "/objects/./config",
+    "/objects/data/ab/",
+    "/objects/%252e%252e/x",
+]
+
+
+def test_traversal_keys_are_rejected(http_server):
+    outside = sorted(os.listdir(http_server.path.parent))
+    for path in TRAVERSALS:
+        for method, body in (("PUT", b"payload"), ("GET", None), ("HEAD", None), ("DELETE", None)):
+            status, reply = raw_request(http_server.port, method, path, body)
+            assert status == 400, (method, path, status, reply)
+            if method != "HEAD":
+                assert reply["error"], (method, path)
+    assert files_under(http_server.path) == []
+    assert sorted(os.listdir(http_server.path.parent)) == outside
+    # a NUL byte sent raw (http.client refuses to send one)
+    with socket.create_connection(("127.0.0.1", http_server.port), timeout=10) as s:
+        s.sendall(b"PUT /objects/a\x00b HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + FULL_TOKEN.encode()
+                  + b"\r\nContent-Length: 1\r\n\r\nx")
+        assert s.recv(100).startswith(b"HTTP/1.1 400")
+    for status_path in ("/objects/?prefix=../", "/objects/?prefix=/etc/", "/objects/?after=../x"):
+        assert raw_request(http_server.port, "GET", status_path)[0] == 400
+    assert files_under(http_server.path) == []
+
+
+def test_unknown_endpoint_is_not_a_missing_object(http_server):
+    remote = HTTPRemote.from_url(http_server.url.rstrip("/") + "/not/the/service/", token=FULL_TOKEN)
+    with pytest.raises(RemoteError, match="no chunkvault backup service") as info:
+        remote.get("config")
+    assert not isinstance(info.value, ObjectNotFound)
+    remote.close()
+
+
+def test_upload_cut_short_stores_nothing(http_server):
+    with socket.create_connection(("127.0.0.1", http_server.port), timeout=10) as s:
+        s.sendall(f"PUT /objects/{KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n"
+                  "Content-Length: 100000\r\n\r\n".encode() + b"x" * 50_000)
+    deadline = time.monotonic() + 5
+    while "upload cut short" not in http_server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "upload cut short" in http_server.log()
+    assert files_under(http_server.path) == []
+
+
+def test_body_above_the_limit(serve_factory, tmp_path):
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--max-object-size", "1M")
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN) as remote:
+        # the first request: the server answers 413 before reading the body
+        with pytest.raises(RemoteError, match="limit of 1048576 bytes") as info:
+            remote.put(KEY, b"x" * (3 << 20))
+        assert not isinstance(info.value, RemoteUnavailable)
+        # now the client knows the limit and refuses before sending
+        with pytest.raises(RemoteError, match="limit of 1048576 bytes"):
+            remote.put(KEY, b"x" * ((1 << 20) + 1), if_absent=True)
+        assert remote.stat(KEY) is None
+        remote.put("data/cd/" + "c" * 64, b"y" * (1 << 20))
+    assert files_under(server.path) == ["data/cd/" + "c" * 64]
+    # a huge declared length is refused at once, without waiting for the body
+    started = time.monotonic()
+    status, reply = raw_request(server.port, "PUT", f"/objects/{KEY}", headers={"Content-Length": str(10 << 30)})
+    assert status == 413 and "limit" in reply["error"]
+    assert time.monotonic() - started < 5
+    assert raw_request(server.port, "PUT", f"/objects/{KEY}", headers={"Transfer-Encoding": "chunked"},
+                       body=iter([b"abc"]))[0] == 411
+    assert not any(TEMP_PREFIX in f for f in files_under(server.path))
+
+
+# --- TLS --------------------------------------------------------------------------------
+
+
+def test_tls_with_self_signed_certificate(serve_factory, tmp_path, monkeypatch):
+    monkeypatch.delenv("CHUNKVAULT_HTTP_CA_FILE", raising=False)
+    cert, key = make_self_signed(tmp_path)
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--tls-cert", str(cert), "--tls-key", str(key),
+                           tls=True)
+    assert "listening on https://" in server.log()
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN, ca_file=str(cert)) as remote:
+        remote.put(KEY, b"over tls")
+        assert remote.get(KEY, 5) == b"tls"
+        assert [o.key for o in remote.list()] == [KEY]
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN) as untrusting:
+        with pytest.raises(RemoteError, match="certificate") as info:
+            untrusting.get(KEY)
+        assert not isinstance(info.value, RemoteUnavailable)
+        assert "CHUNKVAULT_HTTP_CA_FILE" in str(info.value)
+    monkeypatch.setenv("CHUNKVAULT_HTTP_CA_FILE", str(cert))
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN) as remote:
+        remote.delete(KEY)
+    # plain HTTP against the TLS port fails as a transport error, not a crash
+    with HTTPRemote.from_url(server.url.replace("https:", "http:"), token=FULL_TOKEN) as plain:
+        with pytest.raises(RemoteError):
+            plain.stat(KEY)
+    assert server.running
+    assert "TLS handshake failed" in server.log()
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+def test_config_disabled_exits_without_listening(tmp_path):
+    port = free_port()
+    config = tmp_path / "serve.toml"
+    config.write_text(f'enabled = false\nlisten = "127.0.0.1:{port}"\npath = "{tmp_path}"\n')
+    result = run_serve("--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == f"chunkvault serve: backup service disabled in {config}"
+    assert not listening(port)
+
+
+def test_config_listen_and_path_and_flag_overrides(serve_factory, tmp_path):
+    dir_a, dir_b = tmp_path / "a", tmp_path / "b"
+    dir_a.mkdir()
+    dir_b.mkdir()
+    port_a = free_port()
+    config = tmp_path / "serve.toml"
+    config.write_text(f'listen = "127.0.0.1:{port_a}"\npath = "a"\nappend_only = true\nmax_object_size = "2M"\n')
+    server = serve_factory("--config", str(config), port=port_a, add_listen=False, add_path=False)
+    assert f"repository {dir_a}, append-only" in server.log()
+    with HTTPRemote.from_url(server.url) as remote:
+        remote.put(KEY, b"into a")
+        with pytest.raises(PermissionDenied, match="append-only"):
+            remote.delete(KEY)
+        with pytest.raises(RemoteError, match="limit of 2097152"):
+            remote.put("data/cd/" + "c" * 64, b"x" * (3 << 20))
+    assert files_under(dir_a) == [KEY]
+    assert server.stop() == 0
+
+    port_b = free_port()
+    server = serve_factory("--config", str(config), "--listen", f"127.0.0.1:{port_b}", "--path", str(dir_b),
+                           "--max-object-size", "4M", port=port_b, add_listen=False, add_path=False)
+    assert not listening(port_a)
+    with HTTPRemote.from_url(server.url) as remote:
+        remote.put(KEY, b"into b")
+        remote.put("data/cd/" + "c" * 64, b"x" * (3 << 20))
+    assert files_under(dir_b) == sorted([KEY, "data/cd/" + "c" * 64])
+    assert files_under(dir_a) == [KEY]
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("mode", "chmod 600"),
+    ("unknown mode", "unknown mode 'admin'"),
+    ("short token", "at least 16"),
+    ("empty", "holds no tokens"),
+])
+def test_bad_tokens_file_is_refused(tmp_path, problem, expected):
+    if problem == "mode":
+        tokens = write_tokens(tmp_path, mode=0o644)
+    elif problem == "unknown mode":
+        tokens = write_tokens(tmp_path, {"admin": FULL_TOKEN})
+    elif problem == "short token":
+        tokens = write_tokens(tmp_path, {"full": "short"})
+    else:
+        tokens = tmp_path / "tokens"
+        tokens.write_text("# nothing\n")
+        tokens.chmod(0o600)
+    port = free_port()
+    result = run_serve("--listen", f"127.0.0.1:{port}", "--path", str(tmp_path), "--tokens", str(tokens))
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert FULL_TOKEN not in result.stderr
+
+
+def test_refuses_open_network_without_tokens_and_bad_flags(tmp_path):
+    result = run_serve("--listen", f"0.0.0.0:{free_port()}", "--path", str(tmp_path))
+    assert result.returncode == 2 and "without --tokens" in result.stderr
+    result = run_serve("--listen", f"127.0.0.1:{free_port()}", "--path", str(tmp_path), "--tls-cert", "x.pem")
+    assert result.returncode == 2 and "both --tls-cert and --tls-key" in result.stderr
+    result = run_serve("--listen", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2 and "--path" in result.stderr
+    result = run_serve("--path", str(tmp_path), "--max-object-size", "lots")
+    assert result.returncode == 2 and "not a size" in result.stderr
+
+
+def test_serve_help():
+    result = run_serve("--help")
+    assert result.returncode == 0, result.stderr
+    assert "--max-object-size" in result.stdout and "--append-only" in result.stdout
+
+
+def test_loopback_without_tokens_warns(serve_factory):
+    server = serve_factory()
+    assert "warning: no --tokens" in server.log()
+    with HTTPRemote.from_url(server.url) as remote:
+        remote.put("config", b"c")
+        remote.delete("config")
+
+
+# --- failures and shutdown --------------------------------------------------------------
+
+
+def test_server_stopping_midway_is_transient(http_server):
+    remote = HTTPRemote.from_url(http_server.url, token=FULL_TOKEN, connect_timeout=2, read_timeout=5)
+    remote.put(KEY, b"before")
+    assert remote.get(KEY) == b"before"
+    assert http_server.stop() == 0
+    for call in (lambda: remote.get(KEY), lambda: remote.put(KEY, b"after"), lambda: remote.stat(KEY),
+                 lambda: list(remote.list()), lambda: remote.delete(KEY)):
+        with pytest.raises(RemoteUnavailable, match="cannot reach"):
+            call()
+    remote.close()
+
+
+def test_truncated_body_is_transient():
+    """A server whose answer ends before its Content-Length: the read must not pass as complete."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve_once() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 40)
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    with HTTPRemote.from_url(f"http://127.0.0.1:{port}/", token=FULL_TOKEN, read_timeout=5) as remote:
+        with pytest.raises(RemoteUnavailable):
+            remote.get(KEY)
+    thread.join(5)
+    listener.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_with_idle_connection(http_server, sig):
+    with HTTPRemote.from_url(http_server.url, token=FULL_TOKEN) as remote:
+        remote.put(KEY, b"kept alive")  # leaves a keep-alive connection open
+        started = time.monotonic()
+        assert http_server.stop(sig) == 0
+        assert time.monotonic() - started < 10
+    assert not listening(http_server.port)
+    assert "stopped" in http_server.log()
+    assert files_under(http_server.path) == [KEY]
+
+
+def test_old_unfinished_uploads_are_removed_at_start(serve_factory, tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "data" / "ab").mkdir(parents=True)
+    old, fresh = repo / "data" / "ab" / (TEMP_PREFIX + "old"), repo / "data" / "ab" / (TEMP_PREFIX + "fresh")
+    old.write_bytes(b"left by a crash")
+    fresh.write_bytes(b"maybe still being written")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    server = serve_factory(path=repo)
+    deadline = time.monotonic() + 5
+    while "removed 1 unfinished upload" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "removed 1 unfinished upload" in server.log()
+    assert not old.exists() and fresh.exists()
+    with HTTPRemote.from_url(server.url) as remote:
+        assert list(remote.list()) == []

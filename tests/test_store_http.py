@@ -1,0 +1,96 @@
+"""The store over ``chunkvault serve``: backup, restore, check; append-only clients cannot destroy backups."""
+from __future__ import annotations
+
+import json
+import random
+
+from chunkvault import Repository
+from servers_http import APPEND_TOKEN, FULL_TOKEN, http_server, serve_factory  # noqa: F401
+from treeutil import describe
+
+
+def make_tree(root, seed):
+    root.mkdir()
+    rnd = random.Random(seed)
+    for i in range(5):
+        (root / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(1, 400_000)))
+    (root / "shared").write_bytes(random.Random(0).randbytes(600_000))
+
+
+def test_backup_restore_check_over_http(tmp_path, http_server, monkeypatch, password):
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    make_tree(src, 1)
+    repo = Repository.init(http_server.url, password, kdf_seconds=0, pack_size=200_000, token=FULL_TOKEN)
+    repo.backup([str(src)])
+    (src / "f1").write_bytes(b"changed")
+    repo.backup([str(src)])
+    repo.close()
+    repo = Repository.open(http_server.url, password, token=FULL_TOKEN)
+    assert [s.kind for s in repo.snapshots()] == ["full", "diff"]
+    out = tmp_path / "out"
+    repo.restore("latest", str(out))
+    assert describe(out) == describe(src)
+    assert repo.check(read_data=True).ok
+    repo.close()
+    assert (http_server.path / "config").is_file()
+    assert not list((http_server.path / "locks").glob("*"))
+
+
+def _env(tmp_path, token: str) -> dict[str, str]:
+    return {"CHUNKVAULT_HTTP_TOKEN": token, "CHUNKVAULT_CACHE_DIR": str(tmp_path / f"cache-{token[:6]}")}
+
+
+def test_cli_over_http(tmp_path, http_server, cli):
+    env = _env(tmp_path, FULL_TOKEN)
+    src = tmp_path / "src"
+    make_tree(src, 2)
+    url = http_server.url
+    cli("init", "-r", url, "--kdf-time", "0", "--pack-size", "200k", env=env)
+    cli("backup", "-r", url, str(src), env=env)
+    (src / "f0").write_bytes(b"new content")
+    cli("backup", "-r", url, str(src), "--type", "diff", env=env)
+    listing = json.loads(cli("snapshots", "-r", url, "--json", env=env).stdout)
+    assert sorted(s["type"] for s in listing) == ["diff", "full"]
+    cli("restore", "-r", url, "latest", "--target", str(tmp_path / "out"), env=env)
+    assert describe(tmp_path / "out") == describe(src)
+    cli("check", "-r", url, "--read-data", env=env)
+    assert FULL_TOKEN not in http_server.log()
+
+
+def test_append_only_token_backs_up_but_cannot_forget_or_prune(tmp_path, http_server, cli, password):
+    url = http_server.url
+    src = tmp_path / "src"
+    make_tree(src, 3)
+    cli("init", "-r", url, "--kdf-time", "0", "--pack-size", "200k", env=_env(tmp_path, FULL_TOKEN))
+    cli("backup", "-r", url, str(src), env=_env(tmp_path, FULL_TOKEN))
+    appender = _env(tmp_path, APPEND_TOKEN)
+    (src / "f2").write_bytes(b"appended")
+    cli("backup", "-r", url, str(src), env=appender)
+    (src / "f3").write_bytes(b"appended again")
+    cli("backup", "-r", url, str(src), "--type", "full", env=appender)
+    assert not list((http_server.path / "locks").glob("*")), "a backup must remove its own lock"
+
+    before = sorted(p.name for p in (http_server.path / "snapshots").iterdir())
+    assert len(before) == 3
+    for args in (("forget", "-r", url, "--keep-last", "1", "--prune"), ("forget", "-r", url, before[0]),
+                 ("prune", "-r", url)):
+        result = cli(*args, env=appender, check=14)
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and "append-only" in lines[0], result.stderr
+        assert APPEND_TOKEN not in lines[0]
+    assert sorted(p.name for p in (http_server.path / "snapshots").iterdir()) == before
+
+    with Repository.open(url, password, token=FULL_TOKEN, cache=False) as repo:
+        for snap in repo.snapshots():
+            out = tmp_path / f"out-{snap.id}"
+            repo.restore(snap.id, str(out))
+            assert (out / "shared").read_bytes() == (src / "shared").read_bytes()
+        assert repo.check(read_data=True).ok
+
+
+def test_lifecycle_over_http(tmp_path, http_server, monkeypatch):
+    from lifecycle_scenario import run_lifecycle
+
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    run_lifecycle(http_server.url, tmp_path, token=FULL_TOKEN)
