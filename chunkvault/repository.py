@@ -23,7 +23,7 @@ from .store.config import Settings
 from .store.copy import CopyResult, copy_snapshots
 from .store.export import ExportStats, export as _export, import_backup as _import_backup
 from .store.lifecycle import ForgetPlan, aggregate, apply_forget, plan_forget
-from .store.manifest import T_FILE, T_HARDLINK, Entry, Record, sort_key
+from .store.manifest import T_FILE, T_HARDLINK, Entry, Record
 from .store.prune import PrunePlan, prune
 from .store.repair import RepairReport, repair_index, repair_snapshots
 from .store.repository import Repo
@@ -154,12 +154,9 @@ class Repository:
     def find_entry(self, snapshot: str | Snapshot, path: str | bytes) -> Entry:
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
         want = os.fsencode(path).strip(b"/")
-        for rec in self._repo.tree(snap):
-            if rec.path == want:
-                assert rec.entry is not None
-                return rec.entry
-            if sort_key(rec.path) > sort_key(want):
-                break
+        rec = self._repo.lookup(snap, want)
+        if rec is not None and rec.entry is not None:
+            return rec.entry
         raise UsageError(f"no {os.fsdecode(want)!r} in snapshot {snap.short_id}")
 
     def open_file(self, snapshot: str | Snapshot, path: str | bytes) -> BinaryIO:

@@ -436,6 +436,7 @@ class Backup:
         snap = Snapshot(
             time=now_iso(), kind=kind, parent=parent.id if kind == KIND_DIFF and parent else None, host=host,
             paths=paths, tags=list(self.opt.tags), manifest=[i.hex() for i in manifest_ids],
+            manifest_starts=mw.starts,
             stdin_name=stdin_name,
             stats={
                 "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes,

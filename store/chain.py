@@ -7,7 +7,7 @@ folds a chain.  Everything streams: memory does not grow with the tree.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .manifest import OP_DELETE, OP_ENTRY, OP_FRESH, Record, sort_key
 
@@ -71,6 +71,33 @@ def resolve(full: Iterable[Record], diffs: Sequence[Iterable[Record]]) -> Iterat
     for d in diffs:
         stream = apply(stream, d)
     return iter(stream)
+
+
+def ancestors(path: bytes) -> list[bytes]:
+    """The directories above ``path`` in a manifest (``a/b/c`` -> ``a``, ``a/b``)."""
+    parts = path.split(b"/")
+    return [b"/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def lookup(path: bytes, layers: Sequence[Callable[[bytes], Record | None]]) -> Record | None:
+    """The resolved record of one path, reading only the records of it and its ancestors.
+
+    ``layers`` are the chain's manifests oldest first (the full, then its
+    differentials), each a function giving that manifest's own record for a path
+    (or None).  Equal to finding ``path`` in ``resolve`` of the whole chain, at a
+    cost independent of the tree's size.
+    """
+    for depth, find in enumerate(reversed(layers)):
+        rec = find(path)
+        if rec is not None:
+            return None if rec.op == OP_DELETE else Record(OP_ENTRY, rec.path, rec.entry)
+        if depth == len(layers) - 1:
+            return None
+        for parent in ancestors(path):
+            up = find(parent)
+            if up is not None and up.op in (OP_DELETE, OP_FRESH):
+                return None  # this differential replaced or removed the subtree
+    return None
 
 
 def chain_to_base(snapshot_id: str, parents: dict[str, str | None]) -> list[str]:

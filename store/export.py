@@ -728,7 +728,8 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
             src = info.snapshot
             snap = Snapshot(
                 time=src.time, kind=KIND_FULL, parent=None, host=src.host, paths=list(src.paths),
-                tags=list(src.tags), manifest=[i.hex() for i in manifest], stdin_name=src.stdin_name,
+                tags=list(src.tags), manifest=[i.hex() for i in manifest], manifest_starts=mw.starts,
+                stdin_name=src.stdin_name,
                 stats={
                     "files": counts.files, "dirs": counts.dirs, "bytes": counts.bytes,
                     "added_blobs": added["blobs"], "added_raw_bytes": added["raw"],

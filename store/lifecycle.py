@@ -76,6 +76,7 @@ def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep) -> Snapshot:
     snap.kind = kind
     snap.parent = step.new_parent
     snap.manifest = [i.hex() for i in ids]
+    snap.manifest_starts = mw.starts
     snap.stats = {**snap.stats, "manifest_records": mw.records, "rebased": True,
                   "manifest_bytes": snap.stats.get("manifest_bytes", 0) + mw.stored_bytes}
     return repo.save_snapshot(snap, replace=True)
@@ -109,6 +110,7 @@ def aggregate(repo: Repo, snap: Snapshot, *, retire: bool = False, lock_wait: fl
             snap.kind = KIND_FULL
             snap.parent = None
             snap.manifest = [i.hex() for i in ids]
+            snap.manifest_starts = mw.starts
             snap.stats = {**snap.stats, "manifest_records": mw.records, "aggregated": True, "chain_length": 1,
                           "manifest_bytes": snap.stats.get("manifest_bytes", 0) + mw.stored_bytes}
             repo.save_snapshot(snap, replace=True)

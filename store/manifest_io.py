@@ -6,6 +6,7 @@ held whole in memory.
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Iterable
 
 from .manifest import Record, encode_record
@@ -20,11 +21,16 @@ class ManifestWriter:
         self.writer = writer
         self.buf = bytearray()
         self.ids: list[bytes] = []
+        # Per blob, the offset of the first record that begins in it (-1: none), for seeking.
+        self.starts: list[int] = []
+        self._buf_offset = 0  # stream offset of buf[0]
+        self._record_starts: deque[int] = deque()  # stream offsets of the records still in buf
         self.stored_bytes = 0
         self.records = 0
         self._flush_at = 2 * repo.chunker_params.max_size
 
     def add(self, rec: Record) -> None:
+        self._record_starts.append(self._buf_offset + len(self.buf))
         self.buf += encode_record(rec)
         self.records += 1
         if len(self.buf) >= self._flush_at:
@@ -44,11 +50,17 @@ class ManifestWriter:
         usable = cuts if final else cuts[:-1]
         start = 0
         view = memoryview(self.buf)
+        starts = self._record_starts
         for end in usable:
+            lo, hi = self._buf_offset + start, self._buf_offset + end
+            self.starts.append(starts[0] - lo if starts and starts[0] < hi else -1)
+            while starts and starts[0] < hi:
+                starts.popleft()
             self._store(bytes(view[start:end]))
             start = end
         view.release()
         del self.buf[:start]
+        self._buf_offset += start
 
     def finish(self) -> list[bytes]:
         if self.buf:

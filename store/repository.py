@@ -32,6 +32,7 @@ from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config, op
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
 from .indexfile import IndexData, decode_index, encode_index
 from .manifest import Record, iter_records
+from .manifest_seek import ManifestSeeker
 from .pack import PackBuilder
 from .snapshot import Snapshot
 
@@ -458,6 +459,13 @@ class Repo:
         except ValueError as exc:
             raise CorruptObject(f"snapshots/{snap.id}", str(exc)) from None
         return [by_id[i] for i in ids]
+
+    def lookup(self, snap: Snapshot, path: bytes, snapshots: Iterable[Snapshot] | None = None) -> Record | None:
+        """One path's resolved record, reading only the manifest blobs that can hold it (and its parents)."""
+        layers = [ManifestSeeker(self.read_blob, [bytes.fromhex(h) for h in s.manifest], s.manifest_starts,
+                                 f"manifest of snapshot {s.id}").find
+                  for s in self.chain_of(snap, snapshots)]
+        return chain.lookup(path, layers)
 
     def tree(self, snap: Snapshot, snapshots: Iterable[Snapshot] | None = None) -> Iterator[Record]:
         """The complete tree of a snapshot, its chain resolved (ENTRY records, sorted)."""

@@ -31,6 +31,8 @@ class Snapshot:
     paths: list[str]  # absolute source paths (os.fsdecode form) or the stdin name
     tags: list[str] = field(default_factory=list)
     manifest: list[str] = field(default_factory=list)  # hex blob ids of the manifest stream
+    # Per manifest blob, the offset of the first record beginning in it (-1: none); for seeking one path.
+    manifest_starts: list[int] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     stdin_name: str | None = None
     id: str = ""  # random, stable for the snapshot's life (a rebase rewrites the object, not the id)
@@ -77,6 +79,11 @@ class Snapshot:
             raise CorruptObject(what, "malformed snapshot") from None
         if snap.kind not in (KIND_FULL, KIND_DIFF) or (snap.kind == KIND_DIFF) != (snap.parent is not None):
             raise CorruptObject(what, "inconsistent kind/parent")
+        starts = snap.manifest_starts
+        if not isinstance(starts, list) or (starts and (
+                len(starts) != len(snap.manifest)
+                or not all(type(s) is int and s >= -1 for s in starts))):
+            raise CorruptObject(what, "malformed manifest offsets")
         return snap
 
 

@@ -1,7 +1,7 @@
 """Chain resolution against an obviously-correct dict model."""
 from hypothesis import given, settings, strategies as st
 
-from chunkvault.store.chain import apply, chain_to_base, compose, resolve
+from chunkvault.store.chain import ancestors, apply, chain_to_base, compose, lookup, resolve
 from chunkvault.store.manifest import (
     OP_DELETE, OP_ENTRY, OP_FRESH, T_FILE, Entry, Record, sort_key,
 )
@@ -91,3 +91,26 @@ def test_chain_to_base():
         assert exc.args[0] == "gone"
     else:
         raise AssertionError("broken chain not detected")
+
+
+def _layer(records):
+    by_path = {r.path: r for r in records}
+    return by_path.get
+
+
+@settings(max_examples=400)
+@given(full_trees(), st.lists(diffs(), max_size=5), paths)
+def test_lookup_of_one_path_matches_resolve(tree, chain, probe):
+    layers = [as_records(tree)] + chain
+    expected = as_tree(resolve(layers[0], layers[1:]))
+    for path in [probe, *expected]:
+        got = lookup(path, [_layer(recs) for recs in layers])
+        if path in expected:
+            assert got is not None and got.op == OP_ENTRY and got.entry.size == expected[path]
+        else:
+            assert got is None
+
+
+def test_ancestors():
+    assert ancestors(b"a/b/c") == [b"a", b"a/b"]
+    assert ancestors(b"top") == []
