@@ -709,6 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .memory import tune_allocator
+
+    tune_allocator()
     args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)

@@ -19,7 +19,9 @@ from typing import Any
 
 from chunkvault.errors import CorruptObject, UnsupportedFormat, WrongPassword
 
-from .crypto import AuthenticationFailed, KeyMaterial, Sealer, content_name, derive_kek, tune_scrypt
+from .crypto import (
+    SCRYPT_P, SCRYPT_R, AuthenticationFailed, KeyMaterial, Sealer, content_name, derive_kek, tune_scrypt,
+)
 
 FORMAT_VERSION = 1
 CONFIG_AD = b"chunkvault config v1"
@@ -162,15 +164,16 @@ class KeyFile:
 def make_key_file(material: KeyMaterial, password: bytes, repo_id: str, *, kdf_seconds: float = 0.5,
                   log_n: int | None = None) -> tuple[str, bytes]:
     """(object name, bytes) of a new key file wrapping ``material`` under ``password``."""
+    p = SCRYPT_P
     if log_n is None:
-        log_n = tune_scrypt(kdf_seconds)
+        log_n, p = tune_scrypt(kdf_seconds)
     salt = os.urandom(16)
-    kek = derive_kek(password, salt, log_n)
+    kek = derive_kek(password, salt, log_n, SCRYPT_R, p)
     try:
         user = getpass.getuser()
     except Exception:  # no passwd entry in a container: not worth failing for
         user = ""
-    kf = KeyFile("", datetime.now(timezone.utc).isoformat(), socket.gethostname(), user, log_n, 8, 1, salt,
+    kf = KeyFile("", datetime.now(timezone.utc).isoformat(), socket.gethostname(), user, log_n, SCRYPT_R, p, salt,
                  Sealer(kek).seal(material.to_bytes(), KEY_AD + repo_id.encode()), repo_id)
     data = kf.encode()
     return content_name(data)[:32], data

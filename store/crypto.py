@@ -99,17 +99,33 @@ MAX_LOG_N = 22
 def derive_kek(password: bytes, salt: bytes, log_n: int, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
     if not MIN_LOG_N <= log_n <= MAX_LOG_N:
         raise ValueError(f"scrypt cost 2**{log_n} out of range")
+    if not (1 <= r <= 32 and 1 <= p <= 64):  # bounds what a planted key file can make us compute
+        raise ValueError(f"scrypt r={r} p={p} out of range")
     n = 1 << log_n
     return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=256 * r * n + (1 << 20), dklen=KEY_SIZE)
 
 
-def tune_scrypt(target_seconds: float) -> int:
-    """The largest scrypt cost (log2 N) whose derivation takes about ``target_seconds`` here."""
+MEMORY_LOG_N = 16  # 128 * r * 2**16 = 64 MiB: the peak memory of opening a repository
+MAX_TUNED_P = 16
+
+
+def tune_scrypt(target_seconds: float) -> tuple[int, int]:
+    """(log2 N, p) so that a derivation takes about ``target_seconds`` here.
+
+    N grows first, up to 64 MiB of memory (as restic caps its KDF near 60 MiB);
+    beyond that the time comes from p, which costs time but no more memory, so
+    opening a repository never dominates a command's peak memory.
+    """
     log_n = MIN_LOG_N
     start = time.perf_counter()
     derive_kek(b"tune", b"0" * 16, log_n)
     elapsed = max(time.perf_counter() - start, 1e-6)
-    while log_n < MAX_LOG_N and elapsed * 2 <= target_seconds:
+    while log_n < MEMORY_LOG_N and elapsed * 2 <= target_seconds:
         log_n += 1
         elapsed *= 2
-    return log_n
+    if log_n == MEMORY_LOG_N and elapsed * 2 <= target_seconds:
+        start = time.perf_counter()  # measured, not extrapolated: large N runs slower than small N suggests
+        derive_kek(b"tune", b"0" * 16, log_n)
+        elapsed = time.perf_counter() - start
+        return log_n, max(1, min(MAX_TUNED_P, round(target_seconds / elapsed)))
+    return log_n, 1

@@ -338,14 +338,15 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
     snapshots = repo.snapshots()
     chain = repo.chain_of(snapshot, snapshots)
     records = repo.tree(snapshot, snapshots)
-    log_n = kdf_log_n if kdf_log_n is not None else tune_scrypt(kdf_seconds)
+    log_n, p = (kdf_log_n, 1) if kdf_log_n is not None else tune_scrypt(kdf_seconds)
     level = repo.config.settings.compression_level
     stats = ExportStats(out_path, snapshot.id, "")
     tmp = os.path.join(directory, f".{base}.tmp-{os.urandom(6).hex()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-            w = ExportWriter(f, password, snapshot_metadata(repo, snapshot, len(chain)), log_n=log_n, level=level)
+            w = ExportWriter(f, password, snapshot_metadata(repo, snapshot, len(chain)), log_n=log_n, p=p,
+                             level=level)
             stats.file_id = w.file_id.hex()
             _write_tree(repo, w, records, level, stats)
             w.finish()

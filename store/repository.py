@@ -492,7 +492,7 @@ class BlobWriter:
         self._builder_no: int | None = None
         self._uploads: ThreadPoolExecutor = ThreadPoolExecutor(upload_workers)
         self._in_flight: list[Future[None]] = []
-        self._slots = threading.Semaphore(upload_workers + 1)
+        self._slots = threading.Semaphore(upload_workers)
         self._unindexed = IndexData()
         self._last_index = time.monotonic()
         self.new_blobs = 0

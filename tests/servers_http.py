@@ -127,7 +127,7 @@ class ServeProcess:
             self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=_env())
             deadline = time.monotonic() + startup_timeout
             while time.monotonic() < deadline and self.proc.poll() is None:
-                if listening(self.port):
+                if listening(self.port) and "listening on" in self.log():  # bound, and said so
                     return self
                 time.sleep(0.05)
             if self.proc.poll() is None:

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import crashkit
 from chunkvault import Repository
-from chunkvault.errors import ChunkvaultError, UnsupportedFormat, UsageError, WrongPassword
+from chunkvault.errors import ChunkvaultError, CorruptObject, UnsupportedFormat, UsageError, WrongPassword
 from chunkvault.store.blob import KIND_DELTA, KIND_RAW, KIND_ZSTD, open_blob, seal_blob
 from chunkvault.store.config import KeyFile, RepoConfig, Settings, make_key_file, open_config
 from chunkvault.store.crypto import KeyMaterial, Sealer
@@ -432,11 +432,25 @@ def test_key_file_with_hostile_kdf_parameters():
     material = KeyMaterial.generate()
     name, data = make_key_file(material, b"pw", "ab" * 16, log_n=10)
     doc = json.loads(data)
-    for field, value in (("log_n", 40), ("log_n", -1), ("r", 0), ("p", 0), ("log_n", "x"), ("salt", "%%")):
+    for field, value in (("log_n", 40), ("log_n", -1), ("r", 0), ("p", 0), ("log_n", "x"), ("salt", "%%"),
+                         ("p", 10 ** 9), ("r", 10 ** 6)):
         bad = json.dumps({**doc, field: value}).encode()
         kf = only_our_errors(KeyFile.decode, "", bad)
         if kf is not None:
             only_our_errors(kf.unwrap, b"pw", "ab" * 16)
+    # a planted key file cannot make opening a repository compute for hours
+    kf = KeyFile.decode("", json.dumps({**doc, "p": 10 ** 9}).encode())
+    with pytest.raises(CorruptObject, match="out of range"):
+        kf.unwrap(b"pw", "ab" * 16)
+
+
+def test_kdf_tuning_caps_memory_and_grows_p_for_time():
+    from chunkvault.store.crypto import MEMORY_LOG_N, tune_scrypt
+
+    log_n, p = tune_scrypt(0.01)
+    assert log_n <= MEMORY_LOG_N and p == 1
+    log_n, p = tune_scrypt(5.0)  # far more time than 64 MiB of scrypt takes: p carries the rest
+    assert log_n == MEMORY_LOG_N and p > 1
 
 
 _entries = st.builds(
