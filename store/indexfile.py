@@ -9,12 +9,14 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
 import zstandard
 
 from chunkvault.errors import CorruptObject
 
 from .crypto import AuthenticationFailed, Sealer
-from .pack import PackEntry, decode_entries, encode_entries
+from .blob import KIND_DELTA, KINDS
+from .pack import ENTRY_SIZE, PackEntry, decode_entries, encode_entries
 
 INDEX_AD = b"chunkvault index v1"
 MAX_INDEX_PLAIN = 1 << 31
@@ -36,34 +38,101 @@ def encode_index(sealer: Sealer, index: IndexData) -> bytes:
     return sealer.seal(zstandard.ZstdCompressor(level=3).compress(bytes(out)), INDEX_AD)
 
 
-def decode_index(sealer: Sealer, data: bytes, what: str) -> IndexData:
+@dataclass
+class IndexColumns:
+    """An index object as arrays: loading millions of entries without a Python object each."""
+
+    supersedes: list[bytes]
+    pack_ids: list[bytes]
+    counts: np.ndarray  # entries per pack, in pack order
+    entries: np.ndarray  # ENTRY_DTYPE records, packs one after another
+    delta_bases: dict[bytes, bytes]  # delta blob id -> base id
+
+    def pack_entries(self) -> IndexData:
+        """The same index as PackEntry lists (for check, prune and repair)."""
+        packs: dict[bytes, list[PackEntry]] = {}
+        pos = 0
+        for pack_id, count in zip(self.pack_ids, self.counts.tolist()):
+            rows = self.entries[pos : pos + count]
+            pos += count
+            ids = np.ascontiguousarray(rows["id"]).tobytes()
+            lst = []
+            for j, (kind, offset, length, raw) in enumerate(zip(rows["kind"].tolist(), rows["offset"].tolist(),
+                                                                rows["length"].tolist(), rows["raw"].tolist())):
+                bid = ids[32 * j : 32 * j + 32]
+                lst.append(PackEntry(bid, kind, offset, length, raw, self.delta_bases.get(bid) if kind == KIND_DELTA else None))
+            packs[pack_id] = lst
+        return IndexData(packs, list(self.supersedes))
+
+
+# One entry without a delta base, as laid out in index objects and pack headers.
+ENTRY_DTYPE = np.dtype([("kind", "u1"), ("id", "u1", (32,)), ("offset", "<u4"), ("length", "<u4"), ("raw", "<u4")])
+assert ENTRY_DTYPE.itemsize == ENTRY_SIZE
+
+
+def _open_plain(sealer: Sealer, data: bytes, what: str) -> bytes:
     try:
         compressed = sealer.open(data, INDEX_AD)
     except AuthenticationFailed:
         raise CorruptObject(what, "authentication failed") from None
     try:
-        plain = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=MAX_INDEX_PLAIN)
+        return zstandard.ZstdDecompressor().decompress(compressed, max_output_size=MAX_INDEX_PLAIN)
     except zstandard.ZstdError as exc:
         raise CorruptObject(what, f"bad compressed data: {exc}") from None
+
+
+def _entries_array(entries: list[PackEntry]) -> np.ndarray:
+    arr = np.zeros(len(entries), dtype=ENTRY_DTYPE)
+    for i, e in enumerate(entries):
+        arr[i] = (e.kind, np.frombuffer(e.blob_id, dtype=np.uint8), e.offset, e.length, e.raw_length)
+    return arr
+
+
+def decode_index_columns(sealer: Sealer, data: bytes, what: str) -> IndexColumns:
+    """Decode an index object; a pack's entries are read as one array unless it holds deltas."""
+    plain = _open_plain(sealer, data, what)
+    n = len(plain)
     try:
         if plain[0] != 1:
             raise CorruptObject(what, "unsupported index version")
         (n_super,) = struct.unpack_from("<I", plain, 1)
         pos = 5
-        if pos + 32 * n_super > len(plain):  # counts are checked before anything is allocated for them
+        if pos + 32 * n_super > n:  # counts are checked before anything is allocated for them
             raise CorruptObject(what, "truncated index")
         supersedes = [plain[pos + 32 * i : pos + 32 * (i + 1)] for i in range(n_super)]
         pos += 32 * n_super
         (n_packs,) = struct.unpack_from("<I", plain, pos)
         pos += 4
-        packs: dict[bytes, list[PackEntry]] = {}
+        pack_ids: list[bytes] = []
+        counts: list[int] = []
+        arrays: list[np.ndarray] = []
+        bases: dict[bytes, bytes] = {}
         for _ in range(n_packs):
+            if pos + 36 > n:
+                raise CorruptObject(what, "truncated index")
             pack_id = plain[pos : pos + 32]
             (count,) = struct.unpack_from("<I", plain, pos + 32)
-            entries, pos = decode_entries(plain, count, pos + 36, what)
-            packs[pack_id] = entries
+            pos += 36
+            end = pos + count * ENTRY_SIZE
+            arr = np.frombuffer(plain, dtype=ENTRY_DTYPE, count=count, offset=pos) if end <= n else None
+            if arr is not None and not (arr["kind"] == KIND_DELTA).any():
+                if not np.isin(arr["kind"], KINDS).all():
+                    raise CorruptObject(what, f"unknown blob kind {int(arr['kind'][~np.isin(arr['kind'], KINDS)][0])}")
+                pos = end
+            else:  # deltas carry their base id inline: entry by entry
+                entries, pos = decode_entries(plain, count, pos, what)
+                arr = _entries_array(entries)
+                bases.update((e.blob_id, e.base_id) for e in entries if e.base_id is not None)
+            pack_ids.append(pack_id)
+            counts.append(count)
+            arrays.append(arr)
     except (IndexError, struct.error):
         raise CorruptObject(what, "truncated index") from None
-    if pos != len(plain) or any(len(s) != 32 for s in supersedes):
+    if pos != n or any(len(x) != 32 for x in supersedes):
         raise CorruptObject(what, "malformed index")
-    return IndexData(packs, supersedes)
+    entries_all = np.concatenate(arrays) if arrays else np.zeros(0, dtype=ENTRY_DTYPE)
+    return IndexColumns(supersedes, pack_ids, np.asarray(counts, dtype=np.int64), entries_all, bases)
+
+
+def decode_index(sealer: Sealer, data: bytes, what: str) -> IndexData:
+    return decode_index_columns(sealer, data, what).pack_entries()

@@ -22,6 +22,7 @@ PACK_MAGIC = b"CVP1"
 TRAILER = struct.Struct("<I4s")
 HEADER_AD = b"chunkvault pack header v1"
 _ENTRY = struct.Struct("<B32sIII")
+ENTRY_SIZE = _ENTRY.size
 MAX_PACK_SIZE = (1 << 32) - 1
 
 

@@ -12,6 +12,8 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator, NamedTuple
 
+import numpy as np
+
 from chunkvault.chunker import Chunker, ChunkerParams
 from chunkvault.errors import (
     CorruptObject,
@@ -30,7 +32,7 @@ from .blob import KIND_DELTA, compress, delta_compress, envelope_base, open_blob
 from .blobindex import BlobIndex, BlobLocation
 from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config, open_config, peek_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
-from .indexfile import IndexData, decode_index, encode_index
+from .indexfile import IndexColumns, IndexData, decode_index, decode_index_columns, encode_index
 from .manifest import Record, iter_records
 from .manifest_seek import ManifestSeeker
 from .pack import PackBuilder
@@ -224,11 +226,17 @@ class Repo:
             self.pack_ids[pack_no] = pack_id
             self._pack_nos.setdefault(pack_id, pack_no)
 
-    def read_index_object(self, name: str) -> IndexData:
+    def _index_bytes(self, name: str) -> bytes:
         data = self.remote.get(f"index/{name}")
         if content_name(data) != name:
             raise CorruptObject(f"index/{name}", "content does not match its name")
-        return decode_index(self.sealer, data, f"index/{name}")
+        return data
+
+    def read_index_object(self, name: str) -> IndexData:
+        return decode_index(self.sealer, self._index_bytes(name), f"index/{name}")
+
+    def read_index_columns(self, name: str) -> IndexColumns:
+        return decode_index_columns(self.sealer, self._index_bytes(name), f"index/{name}")
 
     def index_names(self) -> list[str]:
         return [o.key.split("/", 1)[1] for o in self.remote.list("index/")]
@@ -237,9 +245,9 @@ class Repo:
         """Read every index object; ``skip_unreadable`` leaves out damaged ones (check reports them)."""
         names = self.index_names()
 
-        def read(name: str) -> IndexData | None:
+        def read(name: str) -> IndexColumns | None:
             try:
-                return self.read_index_object(name)
+                return self.read_index_columns(name)
             except (CorruptObject, ObjectNotFound):
                 if skip_unreadable:
                     return None
@@ -247,32 +255,21 @@ class Repo:
 
         with ThreadPoolExecutor(8) as pool:
             pairs = [(n, d) for n, d in zip(names, pool.map(read, names)) if d is not None]
-        names = [n for n, _ in pairs]
-        datas = [d for _, d in pairs]
-        superseded = {s.hex() for d in datas for s in d.supersedes}
-        index = BlobIndex(sum(len(e) for d in datas for e in d.packs.values()))
-        live = [name for name in names if name not in superseded]
-        for name, d in zip(names, datas):
-            if name not in superseded:
-                self.add_index_data(d, index)
+        superseded = {s.hex() for _, d in pairs for s in d.supersedes}
+        live = [(n, d) for n, d in pairs if n not in superseded]
+        index = BlobIndex(sum(len(d.entries) for _, d in live))
+        for _, d in live:
+            self._add_columns(d, index)
         # Published only when complete: other threads never see a half-loaded index.
-        self._index, self._index_names = index, set(live)
+        self._index, self._index_names = index, {n for n, _ in live}
 
-    def add_index_data(self, d: IndexData, index: BlobIndex | None = None) -> None:
-        ids, nos, offsets, lengths, raws, kinds = [], [], [], [], [], []
-        for pack_id, entries in d.packs.items():
-            no = self.pack_no(pack_id)
-            for e in entries:
-                ids.append(e.blob_id)
-                nos.append(no)
-                offsets.append(e.offset)
-                lengths.append(e.length)
-                raws.append(e.raw_length)
-                kinds.append(e.kind)
-                if e.base_id is not None:
-                    self._delta_bases[e.blob_id] = e.base_id
-        if ids:
-            (index if index is not None else self.index).add_many(b"".join(ids), nos, offsets, lengths, raws, kinds)
+    def _add_columns(self, d: IndexColumns, index: BlobIndex) -> None:
+        if not len(d.entries):
+            return
+        nos = np.repeat(np.array([self.pack_no(p) for p in d.pack_ids], dtype=np.int64), d.counts)
+        e = d.entries
+        index.add_many(np.ascontiguousarray(e["id"]), nos, e["offset"], e["length"], e["raw"], e["kind"])
+        self._delta_bases.update(d.delta_bases)
 
     def delta_base(self, blob_id: bytes) -> bytes | None:
         """The base a delta blob was stored against (None for whole blobs)."""

@@ -26,7 +26,7 @@ def stored(tmp_path, new_repo):
 def test_index_loads_once_and_whole_when_many_threads_ask(stored, password, monkeypatch):
     repo_dir, ids = stored
     repo = Repository.open(str(repo_dir), password).store
-    real = repo.read_index_object
+    real = repo.read_index_columns
     calls = []
 
     def slow(name):
@@ -34,7 +34,7 @@ def test_index_loads_once_and_whole_when_many_threads_ask(stored, password, monk
         time.sleep(0.05)
         return real(name)
 
-    monkeypatch.setattr(repo, "read_index_object", slow)
+    monkeypatch.setattr(repo, "read_index_columns", slow)
     barrier = threading.Barrier(8)
 
     def ask(_):
