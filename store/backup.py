@@ -98,6 +98,28 @@ def choose_kind(requested: str, chain: list[Snapshot], full_every: int, max_diff
     return KIND_FULL if added > max_diff_share * full_size else KIND_DIFF
 
 
+class _FdReader:
+    """The reads a backup makes on an open file, straight on the descriptor.
+
+    A file object per source file costs an extra fstat and allocation; over
+    tens of thousands of small files that is a measurable share of a backup.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def read(self, n: int) -> bytes:
+        return os.read(self.fd, n)
+
+    def readinto(self, buf: memoryview) -> int:
+        return os.readv(self.fd, [buf])
+
+    def seek(self, offset: int) -> int:
+        return os.lseek(self.fd, offset, os.SEEK_SET)
+
+
 class _Walker:
     """Source entries in manifest order; errors become warnings, never aborts."""
 
@@ -276,15 +298,17 @@ class Backup:
             e.flags |= F_UNREADABLE
             e.size = 0
             return e
-        with os.fdopen(fd, "rb", buffering=0) as f:
+        try:
             try:
-                e.digest, e.chunks, e.size = self._read_stream(f, rel, prev, st.st_size)
+                e.digest, e.chunks, e.size = self._read_stream(_FdReader(fd), rel, prev, st.st_size)
             except OSError as exc:
                 self._unreadable(rel, path, exc)
                 e.flags |= F_UNREADABLE
                 e.digest, e.chunks, e.size = b"", b"", 0
                 return e
             after = os.fstat(fd)
+        finally:
+            os.close(fd)
         if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns) \
                 or e.size != st.st_size:
             e.flags |= F_CHANGED_DURING_READ
