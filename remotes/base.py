@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterator
 
-from chunkvault.errors import UsageError
+from chunkvault.errors import ObjectNotFound, UsageError
 
 # Keys are relative, slash-separated, made of [A-Za-z0-9._-] segments; no "..",
 # no leading slash, no empty segment.  Every remote (and the HTTP server) checks
@@ -34,6 +34,18 @@ def validate_prefix(prefix: str) -> str:
         return prefix
     validate_key(prefix.rstrip("/"))
     return prefix
+
+
+def number_option(backend: str, name: str, value: object, minimum: float, kind: type = float) -> float:
+    """A numeric backend option (``kind`` int or float), checked, with one clear error line."""
+    try:
+        number = kind(value)  # type: ignore[call-arg]
+    except (TypeError, ValueError):
+        raise UsageError(f"{backend} option {name} must be {'an integer' if kind is int else 'a number'}, "
+                         f"not {value!r}") from None
+    if number < minimum:
+        raise UsageError(f"{backend} option {name} must be at least {minimum:g}, not {number:g}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,17 @@ class Remote(ABC):
         Only backends that leave such objects behind (local disk, SFTP) need this.
         """
         return 0
+
+    def _empty_read(self, key: str, start: int | None, length: int | None) -> bool:
+        """Check a get's arguments; True when its answer is b"" (zero bytes of an existing object)."""
+        validate_key(key)
+        if (start is not None and start < 0) or (length is not None and length < 0):
+            raise UsageError(f"negative byte range for {key}: start={start} length={length}")
+        if length == 0:
+            if self.stat(key) is None:
+                raise ObjectNotFound(key)
+            return True
+        return False
 
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None

@@ -59,7 +59,7 @@ from chunkvault.errors import (
     UsageError,
 )
 
-from .base import ObjectInfo, Remote, validate_key, validate_prefix
+from .base import ObjectInfo, Remote, number_option, validate_key, validate_prefix
 
 DEFAULT_PORT = 6362
 LIMIT_HEADER = "Chunkvault-Max-Object-Size"
@@ -72,13 +72,7 @@ _PRINTABLE = re.compile(r"[^\x20-\x7e]+")
 
 
 def _number_option(name: str, value: Any, minimum: float) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"HTTP option {name} must be a number, not {value!r}") from None
-    if number < minimum:
-        raise UsageError(f"HTTP option {name} must be at least {minimum:g}, not {number:g}")
-    return number
+    return number_option("HTTP", name, value, minimum)
 
 
 def _read_token_file(path: str, source: str) -> str:
@@ -272,12 +266,7 @@ class HTTPRemote(Remote):
             raise self._error(response, "put", key)
 
     def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
-        validate_key(key)
-        if (start is not None and start < 0) or (length is not None and length < 0):
-            raise UsageError(f"negative byte range for {key}: start={start} length={length}")
-        if length == 0:
-            if self.stat(key) is None:
-                raise ObjectNotFound(key)
+        if self._empty_read(key, start, length):
             return b""
         lo = start or 0
         ranged = bool(lo) or length is not None

@@ -24,7 +24,7 @@ from chunkvault.errors import (
     UsageError,
 )
 
-from .base import ObjectInfo, Remote, validate_key, validate_prefix
+from .base import ObjectInfo, Remote, number_option, validate_key, validate_prefix
 
 MiB = 1024 * 1024
 DATA_PREFIX = "data/"
@@ -77,13 +77,7 @@ _TRANSIENT = {
 
 
 def _int_option(name: str, value: Any, minimum: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"S3 option {name} must be an integer, not {value!r}") from None
-    if number < minimum:
-        raise UsageError(f"S3 option {name} must be at least {minimum}, not {number}")
-    return number
+    return int(number_option("S3", name, value, minimum, int))
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -300,12 +294,7 @@ class S3Remote(Remote):
             pass  # best effort: a lifecycle rule or prune removes stale uploads
 
     def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
-        validate_key(key)
-        if (start is not None and start < 0) or (length is not None and length < 0):
-            raise UsageError(f"negative byte range for {key}: start={start} length={length}")
-        if length == 0:
-            if self.stat(key) is None:
-                raise ObjectNotFound(key)
+        if self._empty_read(key, start, length):
             return b""
         kwargs: dict[str, Any] = {}
         if start or length is not None:

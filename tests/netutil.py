@@ -29,3 +29,14 @@ def wait_listening(port: int, proc: subprocess.Popen, deadline: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it will not go."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

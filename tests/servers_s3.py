@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from netutil import free_port, wait_listening
+from netutil import free_port, stop_process, wait_listening
 
 # Fake credentials: moto accepts any; real AWS config of the machine is kept out.
 TEST_CREDENTIALS = {
@@ -70,13 +70,7 @@ class MotoServer:
         raise RuntimeError("moto server did not start:\n" + self._log.read().decode(errors="replace")[-2000:])
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
     def client(self):

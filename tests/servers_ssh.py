@@ -24,7 +24,7 @@ from typing import Iterator
 
 import pytest
 
-from netutil import free_port, wait_listening
+from netutil import free_port, stop_process, wait_listening
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -91,13 +91,7 @@ LogLevel ERROR
         raise RuntimeError("sshd did not start:\n" + self._log.read().decode(errors="replace")[-2000:])
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
     def url(self, path: str) -> str:
