@@ -467,7 +467,8 @@ class Repo:
     def tree(self, snap: Snapshot, snapshots: Iterable[Snapshot] | None = None) -> Iterator[Record]:
         """The complete tree of a snapshot, its chain resolved (ENTRY records, sorted)."""
         snaps = self.chain_of(snap, snapshots)
-        return chain.resolve(self.manifest_records(snaps[0]), [self.manifest_records(s) for s in snaps[1:]])
+        # A differential with no records (nothing changed) changes nothing: no merge layer for it.
+        return chain.resolve(self.manifest_records(snaps[0]), [self.manifest_records(s) for s in snaps[1:] if s.manifest])
 
 
 class BlobWriter:
