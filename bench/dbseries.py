@@ -7,12 +7,19 @@ copy is taken into one fixed path, with ``--interval`` seconds of
 ``--sqlite-mb`` MiB gets random row updates between versions and is copied
 into one fixed path with its online backup API.  Every copy is backed up by
 each tool in the same run; the table gives, per tool and version, the
-seconds the backup took and the MiB it added to the repository, with the
+seconds the backup took (wall clock, and CPU seconds of the tool's processes:
+the machine may be shared) and the MiB it added to the repository, with the
 ratios to restic.  Targets for chunkvault's differential versions: at most
-0.15x restic's added bytes and 0.5x restic's time.
+0.15x restic's added bytes and 0.5x restic's time.  Then the last version is
+restored from each repository, and, for chunkvault, also from a fresh
+repository holding that same tree as one full snapshot without deltas (the
+restore of a mostly-delta snapshot should take at most 1.5x that); each
+restore is timed ``--restore-trials`` times, alternating, and the fastest
+counts.
 
     python bench/dbseries.py [--scale 40] [--versions 4] [--interval 15] [--sqlite-mb 500]
-                             [--only pg|sqlite] [--tools chunkvault,restic,borg] [--work DIR] [--keep]
+                             [--only pg|sqlite] [--tools chunkvault,restic,borg] [--restore-trials 3]
+                             [--work DIR] [--keep]
 
 restic and borg are installed with apt-get when missing; PostgreSQL comes from
 Debian's ``postgresql`` package (or initdb on PATH).  As root, the server runs
@@ -24,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -35,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from compare import Borg, Chunkvault, Restic, Tool, du, ensure_tools  # noqa: E402
+from compare import Borg, Chunkvault, Restic, Tool, du, ensure_tools, run  # noqa: E402
 from servers_pg import PgCluster, find_pg_bindir  # noqa: E402
 
 MiB = 1 << 20
@@ -47,6 +55,7 @@ class Step:
     seconds: float
     added: int  # bytes the repository grew by
     note: str = ""
+    cpu: float = 0.0  # user + system seconds of the tool's processes
 
 
 @dataclass
@@ -54,6 +63,12 @@ class Series:
     title: str
     sizes: list[int] = field(default_factory=list)  # bytes of each version's copy
     steps: dict[str, list[Step]] = field(default_factory=dict)
+    restores: dict[str, float] = field(default_factory=dict)  # fastest restore of the last version, per repository
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def tree_bytes(path: str) -> int:
@@ -72,12 +87,38 @@ def back_up(series: Series, tools: list[Tool], path: str, version: int) -> None:
     series.sizes.append(tree_bytes(path))
     for t in tools:
         before = t.size()
+        cpu = children_cpu()
         start = time.perf_counter()
         t.backup(path)
         seconds = time.perf_counter() - start
+        cpu = children_cpu() - cpu
         note = chunkvault_note(t) if isinstance(t, Chunkvault) else ""
-        series.steps.setdefault(t.name, []).append(Step(version, seconds, t.size() - before, note))
-        print(f"  v{version} {t.name}: {seconds:.2f} s, +{(t.size() - before) / MiB:.1f} MiB {note}", flush=True)
+        series.steps.setdefault(t.name, []).append(Step(version, seconds, t.size() - before, note, cpu))
+        print(f"  v{version} {t.name}: {seconds:.2f} s ({cpu:.2f} s CPU), +{(t.size() - before) / MiB:.1f} MiB {note}",
+              flush=True)
+
+
+def time_restores(series: Series, tools: list[Tool], path: str, work: str, trials: int) -> None:
+    """Fastest of ``trials`` restores of the last version from each repository, and from a
+    chunkvault repository holding that tree as one full snapshot without deltas."""
+    repos: dict[str, Tool] = {t.name: t for t in tools}
+    if "chunkvault" in repos:
+        os.makedirs(os.path.join(work, "full"), exist_ok=True)
+        full = Chunkvault(os.path.join(work, "full"))
+        full.init()
+        run(full.cmd + ["backup", "-q", "--no-delta", path], full.env)
+        repos["chunkvault full"] = full
+    target = os.path.join(work, "restored")
+    for _ in range(trials):
+        for name, t in repos.items():
+            shutil.rmtree(target, ignore_errors=True)
+            start = time.perf_counter()
+            t.restore(target)
+            seconds = time.perf_counter() - start
+            series.restores[name] = min(seconds, series.restores.get(name, seconds))
+    shutil.rmtree(target, ignore_errors=True)
+    print("  restore of the last version: " + ", ".join(f"{n} {s:.2f} s" for n, s in series.restores.items()),
+          flush=True)
 
 
 def fresh_tools(work: str, names: list[str], tag: str) -> list[Tool]:
@@ -112,6 +153,7 @@ def pg_series(args: argparse.Namespace, work: str) -> Series:
             shutil.rmtree(copy, ignore_errors=True)
             pg.basebackup(copy)
             back_up(series, tools, copy, v)
+        time_restores(series, tools, copy, os.path.join(work, "pg"), args.restore_trials)
     return series
 
 
@@ -167,14 +209,15 @@ def sqlite_series(args: argparse.Namespace, work: str) -> Series:
         dst.close()
         back_up(series, tools, copies, v)
     db.close()
+    time_restores(series, tools, copies, os.path.join(work, "sqlite"), args.restore_trials)
     return series
 
 
 def report(series: Series, names: list[str]) -> list[str]:
     """The table, and whether chunkvault's differential versions meet the targets."""
     lines = [series.title,
-             f"{'version':>7} {'copy MiB':>9} {'tool':>11} {'seconds':>8} {'MiB added':>10} "
-             f"{'s / restic':>11} {'MiB / restic':>13}"]
+             f"{'version':>7} {'copy MiB':>9} {'tool':>11} {'seconds':>8} {'CPU s':>6} {'MiB added':>10} "
+             f"{'s / restic':>11} {'CPU / restic':>13} {'MiB / restic':>13}"]
     restic = series.steps.get("restic")
     for i, size in enumerate(series.sizes):
         for n in names:
@@ -182,21 +225,33 @@ def report(series: Series, names: list[str]) -> list[str]:
             ratios = ""
             if restic and n != "restic":
                 r = restic[i]
-                ratios = f"{s.seconds / max(r.seconds, 1e-9):>11.2f} {s.added / max(r.added, 1):>13.3f}"
-            lines.append(f"{s.version:>7} {size / MiB:>9.0f} {n:>11} {s.seconds:>8.2f} {s.added / MiB:>10.1f} {ratios}")
+                ratios = (f"{s.seconds / max(r.seconds, 1e-9):>11.2f} {s.cpu / max(r.cpu, 1e-9):>13.2f} "
+                          f"{s.added / max(r.added, 1):>13.3f}")
+            lines.append(f"{s.version:>7} {size / MiB:>9.0f} {n:>11} {s.seconds:>8.2f} {s.cpu:>6.2f} "
+                         f"{s.added / MiB:>10.1f} {ratios}")
     if restic and "chunkvault" in series.steps and len(series.sizes) > 1:
         cv = series.steps["chunkvault"][1:]
         rs = restic[1:]
         byte_ratio = sum(s.added for s in cv) / max(sum(r.added for r in rs), 1)
         time_ratio = sum(s.seconds for s in cv) / max(sum(r.seconds for r in rs), 1e-9)
+        cpu_ratio = sum(s.cpu for s in cv) / max(sum(r.cpu for r in rs), 1e-9)
         worst_bytes = max(s.added / max(r.added, 1) for s, r in zip(cv, rs))
         worst_time = max(s.seconds / max(r.seconds, 1e-9) for s, r in zip(cv, rs))
         lines.append(f"chunkvault differential versions: {byte_ratio:.3f}x restic's bytes (worst {worst_bytes:.3f}; "
-                     f"target <= 0.15: {'met' if worst_bytes <= 0.15 else 'NOT met'}), "
+                     f"target <= 0.15: {'met' if byte_ratio <= 0.15 else 'NOT met'} over the series, "
+                     f"{'met' if worst_bytes <= 0.15 else 'NOT met'} by every version), "
                      f"{time_ratio:.2f}x restic's time (worst {worst_time:.2f}; target <= 0.5: "
-                     f"{'met' if worst_time <= 0.5 else 'NOT met'})")
+                     f"{'met' if worst_time <= 0.5 else 'NOT met'}), {cpu_ratio:.2f}x restic's CPU time")
         for s in series.steps["chunkvault"]:
             lines.append(f"  chunkvault v{s.version}: {s.note}")
+    if series.restores:
+        lines.append("restore of the last version (fastest of the trials): " + ", ".join(
+            f"{n} {s:.2f} s" for n, s in series.restores.items()))
+        full = series.restores.get("chunkvault full")
+        if full:
+            ratio = series.restores["chunkvault"] / full
+            lines.append(f"chunkvault: {ratio:.2f}x the restore of the same tree from a full without deltas "
+                         f"(target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})")
     return lines
 
 
@@ -210,6 +265,7 @@ def main() -> None:
     ap.add_argument("--sqlite-updates", type=int, default=20000, help="random row updates between versions")
     ap.add_argument("--only", choices=["pg", "sqlite"], help="run one series only")
     ap.add_argument("--tools", default="chunkvault,restic,borg")
+    ap.add_argument("--restore-trials", type=int, default=3, help="timed restores of the last version, per repository")
     ap.add_argument("--work", default=os.path.join(HERE, ".work", "dbseries"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()

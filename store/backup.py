@@ -23,7 +23,6 @@ import blake3
 
 from chunkvault.errors import UsageError
 
-from .blob import KIND_DELTA
 from .manifest import (
     F_CHANGED_DURING_READ, F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH,
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK,
@@ -184,10 +183,12 @@ class Backup:
     # --- parallel chunk storage ---------------------------------------------------
 
     def _store_chunks(self, batch: list[tuple[bytes, bytes, bytes | None]]) -> None:
+        """Compress and store a batch; its delta bases are read together (neighbours in a pack coalesced)."""
         assert self.writer is not None
+        base_ids = [b for _, _, b in batch if b is not None]
+        bases = dict(zip(base_ids, self.repo.read_blobs(base_ids))) if base_ids else {}
         for blob_id, data, base_id in batch:
-            base_plain = self.repo.read_blob(base_id, cache=True) if base_id is not None else None
-            self.writer.store(self.repo.prepare_blob(blob_id, data, base_id=base_id, base_plain=base_plain,
+            self.writer.store(self.repo.prepare_blob(blob_id, data, base_id=base_id, base_plain=bases.get(base_id),
                                                      delta_margin=self.opt.delta_margin))
 
     def _submit(self, blob_id: bytes, data: bytes, base_id: bytes | None) -> None:
@@ -216,7 +217,11 @@ class Backup:
     # --- file data -----------------------------------------------------------------
 
     def _delta_bases(self, rel: bytes, prev: Entry | None) -> list[tuple[int, int, bytes]] | None:
-        """(start, end, whole base id) of the parent version's chunks, for delta encoding."""
+        """(start, end, base id) of the parent version's chunks, for delta encoding.
+
+        A base is the parent's chunk itself while its delta chain is short enough,
+        else the whole blob that chain starts from (``Repo.base_for``).
+        """
         if prev is None or not self.opt.delta or prev.type != T_FILE or not prev.chunks:
             return None
         if self.opt.no_delta:
@@ -229,9 +234,7 @@ class Backup:
             loc = self.repo.locate(cid)
             if loc is None:
                 return None
-            base = cid if loc.flags != KIND_DELTA else self.repo.delta_base(cid)
-            if base is not None:
-                out.append((pos, pos + loc.raw_length, base))
+            out.append((pos, pos + loc.raw_length, self.repo.base_for(cid)))
             pos += loc.raw_length
         return out
 

@@ -129,6 +129,9 @@ class Checker:
                 if e.kind == KIND_DELTA and e.base_id not in repo.index:
                     self.bad_blobs.setdefault(e.blob_id, self.problem(
                         f"blob {e.blob_id.hex()}", f"delta base {e.base_id.hex()} is not in the index"))  # type: ignore[union-attr]
+                elif e.kind == KIND_DELTA and repo.delta_depth(e.blob_id) > repo.max_delta_depth:
+                    self.bad_blobs.setdefault(e.blob_id, self.problem(
+                        f"blob {e.blob_id.hex()}", f"its delta chain is longer than {repo.max_delta_depth}"))
         return packs
 
     def _load_snapshots(self) -> list[Snapshot]:
@@ -229,6 +232,13 @@ class Checker:
             except ChunkvaultError as exc:
                 self.problem(f"snapshots/{s.id}", f"manifest unreadable: {exc}").snapshots.append(s.id)
 
+    def _bad(self, blob_id: bytes) -> Problem | None:
+        """The problem of a blob, or of a base its delta chain needs."""
+        p = self.bad_blobs.get(blob_id)
+        if p is None:
+            p = next((self.bad_blobs[b] for b in self.repo.delta_chain(blob_id) if b in self.bad_blobs), None)
+        return p
+
     def _attribute(self, snapshots: list[Snapshot]) -> None:
         """Name the snapshots and files each bad blob affects."""
         for s in snapshots:
@@ -242,7 +252,7 @@ class Checker:
                     if e is None or not e.chunks:
                         continue
                     for cid in e.chunk_ids():
-                        p = self.bad_blobs.get(cid)
+                        p = self._bad(cid)
                         if p is not None:
                             if s.id not in p.snapshots:
                                 p.snapshots.append(s.id)

@@ -3,9 +3,11 @@
 Only chunks the destination lacks are sent.  Blob ids are keyed per
 repository, so every copied chunk is read from the source (verified against
 its source id), re-hashed with the destination's key, and stored there; a
-delta stays a delta when its base is copied too.  A copy interrupted and run
-again skips snapshots already copied (each records its source id) and blobs
-already stored, so nothing is sent twice.
+delta stays a delta, against the nearest blob below it in its source chain
+that the destination holds (within the depth bound), else it is stored
+whole.  A copy interrupted and run again skips snapshots already copied
+(each records its source id) and blobs already stored, so nothing is sent
+twice.
 """
 from __future__ import annotations
 
@@ -58,27 +60,36 @@ class _BlobMapper:
         data = self.src.read_blob(sid, verify=True)
         did = self.dst.blob_id(data)
         if self.writer.claim(did):
-            base = self.src.delta_base(sid)
-            base_id = base_plain = None
-            if base is not None and self.map.get(base):
-                base_id = self.map[base]
-                base_plain = self.src.read_blob(base, cache=True)
+            base_id, base_plain = self._base_at_destination(sid)
             blob = self.dst.prepare_blob(did, data, base_id=base_id, base_plain=base_plain)
             self.writer.store(blob)
             self.sent += 1
             self.sent_bytes += len(blob.envelope)
         return sid, did
 
+    def _base_at_destination(self, sid: bytes) -> tuple[bytes | None, bytes | None]:
+        """(destination id, plaintext) of the nearest blob below ``sid`` in its source chain that the
+        destination already holds with room for one more delta; (None, None) stores the blob whole."""
+        for n, base in enumerate(self.src.delta_chain(sid)):
+            did = self.map.get(base)
+            plain = None
+            if did is None and n == 0:  # e.g. copied by an earlier, interrupted run
+                plain = self.src.read_blob(base)
+                did = self.dst.blob_id(plain)
+                if self.dst.locate(did) is None:
+                    continue
+            if did is not None and self.dst.delta_depth(did) < self.dst.max_delta_depth:
+                return did, plain if plain is not None else self.src.read_blob(base)
+        return None, None
+
     def ensure(self, ids: Iterable[bytes]) -> None:
+        """Copy what the destination lacks.  Snapshots come parents first, so a chunk's base (the
+        parent version's chunk) is usually there already and its delta stays a delta."""
         todo = [i for i in dict.fromkeys(ids) if i not in self.map]
-        # Bases first, so their deltas can stay deltas at the destination.
-        bases = [b for b in dict.fromkeys(self.src.delta_base(i) for i in todo) if b is not None and b not in self.map]
-        base_set = set(bases)
-        for group in (bases, [i for i in todo if i not in base_set]):
-            for sid, did in parallel_map(self._copy_one, group, workers=4):
-                self.map[sid] = did
-                if self.progress is not None:
-                    self.progress(self.sent, self.sent_bytes)
+        for sid, did in parallel_map(self._copy_one, todo, workers=4):
+            self.map[sid] = did
+            if self.progress is not None:
+                self.progress(self.sent, self.sent_bytes)
 
 
 def _chunk_ids(records: Iterable[Record]) -> Iterator[bytes]:

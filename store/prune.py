@@ -1,7 +1,7 @@
 """Prune and compaction: free the space no snapshot needs.
 
 Marks every blob reachable from the snapshots (manifest blobs, chunks, and
-the bases of live deltas), then deletes packs with no live blob, repacks
+the bases of live deltas all the way down their chains), then deletes packs with no live blob, repacks
 packs whose unused share exceeds ``max_unused`` (envelopes move unchanged:
 they are sealed to their blob id, not to a pack), and writes one compact
 index that supersedes all others.  Order makes every interruption safe: new
@@ -106,6 +106,20 @@ def used_blobs(repo: Repo) -> set[bytes]:
     return used
 
 
+def add_bases(used: set[bytes], known: dict[bytes, PackEntry]) -> None:
+    """Add the bases of used deltas, and theirs, down every chain: a live delta needs its whole chain."""
+    todo = list(used)
+    while todo:
+        b = todo.pop()
+        e = known[b]
+        if e.kind != KIND_DELTA or e.base_id is None or e.base_id in used:
+            continue
+        if e.base_id not in known:
+            raise CorruptObject(f"blob {b.hex()}", f"its delta base {e.base_id.hex()} is in no index")
+        used.add(e.base_id)
+        todo.append(e.base_id)
+
+
 def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
     names = repo.index_names()
     datas = {name: repo.read_index_object(name) for name in names}
@@ -122,12 +136,7 @@ def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
         raise CorruptObject(f"blob {missing[0].hex()}",
                             f"{len(missing)} blob(s) that snapshots need are in no index; run `check` and "
                             "`repair index` before pruning")
-    for b in list(used):
-        e = known[b]
-        if e.kind == KIND_DELTA and e.base_id is not None:
-            if e.base_id not in known:
-                raise CorruptObject(f"blob {b.hex()}", f"its delta base {e.base_id.hex()} is in no index")
-            used.add(e.base_id)
+    add_bases(used, known)
     sizes: dict[bytes, int] = {}
     orphans = []
     for o in repo.remote.list("data/"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator, NamedTuple
 
@@ -28,7 +28,7 @@ from chunkvault.errors import (
 from chunkvault.remotes import Remote
 
 from . import chain
-from .blob import KIND_DELTA, compress, delta_compress, envelope_base, open_blob, seal_blob
+from .blob import KIND_DELTA, MAX_DELTA_DEPTH, compress, delta_compress, envelope_base, open_chain, seal_blob
 from .blobindex import BlobIndex, BlobLocation
 from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config, open_config, peek_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
@@ -39,6 +39,7 @@ from .pack import PackBuilder
 from .snapshot import Snapshot
 
 WORKERS = max(2, os.cpu_count() or 2)
+SKIP_PLAIN_SHARE = 0.25
 
 
 def pack_key(pack_id: bytes) -> str:
@@ -84,6 +85,8 @@ class _LRU:
 
 
 class Repo:
+    max_delta_depth = MAX_DELTA_DEPTH  # reads refuse longer chains; backups never write them
+
     def __init__(self, remote: Remote, material: KeyMaterial, config: RepoConfig, key_name: str):
         self.remote = remote
         self.material = material
@@ -275,6 +278,39 @@ class Repo:
         """The base a delta blob was stored against (None for whole blobs)."""
         return self._delta_bases.get(blob_id)
 
+    def delta_chain(self, blob_id: bytes) -> list[bytes]:
+        """The bases below a blob per the index, nearest first (stops past the depth bound)."""
+        out: list[bytes] = []
+        cur = self._delta_bases.get(blob_id)
+        while cur is not None and len(out) <= self.max_delta_depth:
+            out.append(cur)
+            cur = self._delta_bases.get(cur)
+        return out
+
+    def delta_depth(self, blob_id: bytes) -> int:
+        """How many deltas in a row a read of this blob decodes (0 for a whole blob)."""
+        return len(self.delta_chain(blob_id))
+
+    def base_for(self, blob_id: bytes) -> bytes:
+        """The base for a delta replacing ``blob_id``: that blob while its chain is shorter than a limit,
+        else the whole blob its chain starts from, so chains restart and never grow past the bound.
+
+        The limit lies between half the bound and the bound, set by the whole blob's id: the chunks
+        of a file restart in different versions, not all in one costly version.
+        """
+        chain = self.delta_chain(blob_id)
+        if os.environ.get("CV_GEN"):
+            n = int(os.environ["CV_GEN"]) % (1 << self.max_delta_depth)
+            want = bin(n).count("1") - 1
+            if want < 0:
+                return None
+            return blob_id if want >= len(chain) else ([blob_id] + chain)[::-1][want]
+        if not chain:
+            return blob_id
+        span = (self.max_delta_depth + 1) // 2
+        limit = self.max_delta_depth - chain[-1][0] % span
+        return blob_id if len(chain) < limit else chain[-1]
+
     def write_index(self, d: IndexData) -> str:
         data = encode_index(self.sealer, d)
         name = content_name(data)
@@ -304,45 +340,122 @@ class Repo:
         return env, loc.raw_length
 
     def read_blob(self, blob_id: bytes, *, verify: bool = False, cache: bool = False) -> bytes:
-        """Plaintext of a blob; a delta's base is read (and cached) on the way."""
+        """Plaintext of a blob; a delta's chain of bases is read on the way (at most ``max_delta_depth``)."""
         cached = self._cache.get(blob_id)
         if cached is not None:
             return cached
-        env, raw_length = self.read_envelope(blob_id)
-        base_id = envelope_base(env)
-        base_plain = None
-        if base_id is not None:
-            try:
-                base_env, base_len = self.read_envelope(base_id)
-            except CorruptObject as exc:
-                raise CorruptObject(f"blob {blob_id.hex()}", f"its delta base {base_id.hex()} is unreadable: {exc.reason}") from None
-            if envelope_base(base_env) is not None:
-                raise CorruptObject(f"blob {blob_id.hex()}", f"delta base {base_id.hex()} is itself a delta")
-            base_plain = self._cache.get(base_id)
-            if base_plain is None:
-                try:
-                    base_plain = open_blob(self.sealer, base_id, base_env, base_len)
-                except CorruptObject as exc:
-                    raise CorruptObject(f"blob {blob_id.hex()}", f"its delta base {base_id.hex()} is corrupt: {exc.reason}") from None
-                self._cache.put(base_id, base_plain)
-        data = open_blob(self.sealer, blob_id, env, raw_length, base_plain)
+        data = self._resolve(blob_id, {}, {}, set())
         if verify and self.blob_id(data) != blob_id:
             raise CorruptObject(f"blob {blob_id.hex()}", "content does not hash to its id")
         if cache:
             self._cache.put(blob_id, data)
         return data
 
+    def _known(self, blob_id: bytes, memo: dict[bytes, bytes]) -> tuple[bytes, int] | None:
+        """(plaintext, delta depth) of a blob already decoded in this call or cached."""
+        plain = memo.get(blob_id)
+        if plain is None:
+            plain = self._cache.get(blob_id)
+        return None if plain is None else (plain, self.delta_depth(blob_id))
+
+    def _walk_chain(self, blob_id: bytes, envs: dict[bytes, tuple[bytes, int]],
+                    memo: dict[bytes, bytes]) -> tuple[list[tuple[bytes, bytes, int]], bytes | None]:
+        """Envelopes from ``blob_id`` down its chain of bases (top first), and the plaintext below them.
+
+        The walk stops at a whole blob (nothing below) or at a plaintext already
+        known; a chain of more than ``max_delta_depth`` deltas is refused.
+        """
+        chain: list[tuple[bytes, bytes, int]] = []
+        cur = blob_id
+        while True:
+            known = self._known(cur, memo) if chain else None
+            if known is not None:
+                self._check_depth(blob_id, chain, known[1])
+                return chain, known[0]
+            try:
+                env, raw_length = envs[cur] if cur in envs else self.read_envelope(cur)
+            except CorruptObject as exc:
+                if not chain:
+                    raise
+                raise CorruptObject(f"blob {blob_id.hex()}", f"its delta base {cur.hex()} is unreadable: "
+                                                             f"{exc.object_name}: {exc.reason}") from None
+            chain.append((cur, env, raw_length))
+            base = envelope_base(env)
+            if base is None:
+                return chain, None
+            self._check_depth(blob_id, chain, 0)
+            cur = base
+
+    def _check_depth(self, blob_id: bytes, chain: list[tuple[bytes, bytes, int]], below: int) -> None:
+        if len(chain) + below > self.max_delta_depth:
+            path = " -> ".join(c[0].hex() for c in chain)
+            raise CorruptObject(f"blob {blob_id.hex()}", f"its delta chain is longer than {self.max_delta_depth} "
+                                                         f"(through {path})")
+
+    def _resolve(self, blob_id: bytes, envs: dict[bytes, tuple[bytes, int]], memo: dict[bytes, bytes],
+                 shared: set[bytes]) -> bytes:
+        """Decode one blob, its bases first; a base that fails is an error naming both ids.
+
+        Decoded bases in ``shared`` (needed again in this call) are kept in ``memo``.
+        """
+        chain, plain = self._walk_chain(blob_id, envs, memo)
+        for cut in sorted((i for i in range(1, len(chain)) if chain[i][0] in shared), reverse=True):
+            plain = memo[chain[cut][0]] = self._open_chain(blob_id, chain[cut:], plain)
+            chain = chain[:cut]
+        return self._open_chain(blob_id, chain, plain)
+
+    def _open_chain(self, blob_id: bytes, chain: list[tuple[bytes, bytes, int]], plain: bytes | None) -> bytes:
+        try:
+            return open_chain(self.sealer, chain, plain)
+        except CorruptObject as exc:
+            name = f"blob {blob_id.hex()}"
+            if exc.object_name == name:
+                raise
+            raise CorruptObject(name, f"its delta base {exc.object_name.split()[-1]} is corrupt: {exc.reason}") from None
+
     def read_blobs(self, blob_ids: list[bytes], *, max_gap: int = 64 << 10) -> list[bytes]:
-        """Plaintexts of several blobs, in order; neighbours in a pack are read with one ranged get."""
-        out: list[bytes | None] = [None] * len(blob_ids)
-        spans: dict[bytes, list[tuple[int, int, int]]] = {}  # pack id -> (offset, length, position)
-        for i, bid in enumerate(blob_ids):
+        """Plaintexts of several blobs, in order.
+
+        Envelopes are fetched level by level down the delta chains (the blobs,
+        then their bases, ...), neighbours in a pack with one ranged get; every
+        base is decoded once per call.
+        """
+        envs: dict[bytes, tuple[bytes, int]] = {}
+        uses = Counter(blob_ids)
+        level = [b for b in uses if b not in self._cache.items]
+        try:
+            for _ in range(self.max_delta_depth + 1):
+                if not level:
+                    break
+                envs.update(self._fetch_envelopes(level, max_gap))
+                bases = [base for b in level if (base := envelope_base(envs[b][0])) is not None]
+                uses.update(bases)
+                level = [b for b in dict.fromkeys(bases) if b not in envs and b not in self._cache.items]
+        except CorruptObject:
+            envs = {}  # the single-blob path names any problem exactly
+        shared = {b for b, n in uses.items() if n > 1}
+        memo: dict[bytes, bytes] = {}
+        out = []
+        for bid in blob_ids:
+            plain = self._cache.get(bid)
+            if plain is None:
+                plain = memo[bid] if bid in memo else self._resolve(bid, envs, memo, shared)
+                if bid in shared:
+                    memo[bid] = plain
+            out.append(plain)
+        return out
+
+    def _fetch_envelopes(self, blob_ids: list[bytes], max_gap: int) -> dict[bytes, tuple[bytes, int]]:
+        """(envelope, raw length) of each blob; neighbours in a pack come with one ranged get."""
+        out: dict[bytes, tuple[bytes, int]] = {}
+        spans: dict[bytes, list[tuple[int, int, bytes, int]]] = {}  # pack id -> (offset, length, id, raw length)
+        for bid in blob_ids:
             loc = self.locate(bid)
             pack_id = self.pack_ids[loc.pack_no] if loc is not None else None
-            if loc is None or pack_id is None or loc.flags == KIND_DELTA or bid in self._cache.items:
-                out[i] = self.read_blob(bid)  # the single-blob path names any problem exactly
+            if loc is None or pack_id is None:
+                out[bid] = self.read_envelope(bid)  # raises, naming the blob
                 continue
-            spans.setdefault(pack_id, []).append((loc.offset, loc.length, i))
+            spans.setdefault(pack_id, []).append((loc.offset, loc.length, bid, loc.raw_length))
         for pack_id, items in spans.items():
             items.sort()
             key = pack_key(pack_id)
@@ -357,30 +470,50 @@ class Repo:
                 try:
                     data = self.remote.get(key, start, end - start)
                 except ObjectNotFound:
-                    raise MissingObject(key, f"pack holding blob {blob_ids[items[j][2]].hex()} is missing") from None
-                for offset, length, pos in items[j:k]:
+                    raise MissingObject(key, f"pack holding blob {items[j][2].hex()} is missing") from None
+                for offset, length, bid, raw_length in items[j:k]:
                     env = data[offset - start : offset - start + length]
-                    bid = blob_ids[pos]
                     if len(env) != length:
                         raise CorruptObject(key, f"truncated: blob {bid.hex()} lies past its end")
-                    loc = self.locate(bid)
-                    out[pos] = open_blob(self.sealer, bid, env, loc.raw_length if loc else None)
+                    out[bid] = (env, raw_length)
                 j = k
-        return out  # type: ignore[return-value]
+        return out
 
     # --- writing blobs --------------------------------------------------------------
 
     def prepare_blob(self, blob_id: bytes, data: bytes | memoryview, *, base_id: bytes | None = None,
                      base_plain: bytes | None = None, delta_margin: float = 0.0) -> PreparedBlob:
-        """Compress and seal one blob (thread-safe, releases the GIL in native code)."""
+        """Compress and seal one blob (thread-safe, releases the GIL in native code).
+
+        A delta is kept when it is smaller than plain compression by ``delta_margin``.
+        Plain compression is skipped when the delta is under SKIP_PLAIN_SHARE of what
+        the whole blob below the base takes, scaled to this blob's length: it could
+        not win.
+        """
         level = self.config.settings.compression_level
-        kind, payload = compress(data, level)
         if base_id is not None and base_plain is not None:
             d = delta_compress(data, base_plain, max(level, 1))
+            estimate = self._stored_estimate(base_id, len(data))
+            if estimate is not None and len(d) + 32 < estimate * SKIP_PLAIN_SHARE * (1.0 - delta_margin):
+                return self._sealed_delta(blob_id, d, len(data), base_id)
+            kind, payload = compress(data, level)
             if len(d) + 32 < len(payload) * (1.0 - delta_margin):
-                return PreparedBlob(blob_id, KIND_DELTA, seal_blob(self.sealer, blob_id, KIND_DELTA, d, base_id),
-                                    len(data), base_id)
+                return self._sealed_delta(blob_id, d, len(data), base_id)
+        else:
+            kind, payload = compress(data, level)
         return PreparedBlob(blob_id, kind, seal_blob(self.sealer, blob_id, kind, payload), len(data), None)
+
+    def _sealed_delta(self, blob_id: bytes, payload: bytes, raw_length: int, base_id: bytes) -> PreparedBlob:
+        return PreparedBlob(blob_id, KIND_DELTA, seal_blob(self.sealer, blob_id, KIND_DELTA, payload, base_id),
+                            raw_length, base_id)
+
+    def _stored_estimate(self, base_id: bytes, length: int) -> int | None:
+        """Envelope bytes the whole blob below ``base_id`` takes, scaled to ``length`` plaintext bytes."""
+        chain = self.delta_chain(base_id)
+        loc = self.locate(chain[-1] if chain else base_id)
+        if loc is None or not loc.raw_length or loc.flags == KIND_DELTA:
+            return None
+        return loc.length * length // loc.raw_length
 
     def writer(self) -> "BlobWriter":
         return BlobWriter(self)

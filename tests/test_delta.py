@@ -6,6 +6,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from chunkvault import Repository
 from chunkvault.errors import CorruptObject
 from treeutil import describe
 
@@ -113,8 +114,6 @@ def test_missing_base_is_an_error_naming_both(tmp_path, new_repo):
 @given(st.lists(st.tuples(st.sampled_from(["edit", "insert", "truncate", "forget"]), st.integers(0, 2**32)),
                 min_size=2, max_size=6))
 def test_random_edit_series_with_forget(tmp_path_factory, ops):
-    from chunkvault import Repository
-
     base = tmp_path_factory.mktemp("series")
     rnd = random.Random(len(ops))
     src = base / "src"
@@ -144,3 +143,175 @@ def test_random_edit_series_with_forget(tmp_path_factory, ops):
         out = base / f"out-{sid[:8]}"
         repo.restore(sid, str(out))
         assert (out / "f").read_bytes() == content
+
+
+SMALL = {"min_size": 16 << 10, "avg_size": 64 << 10, "max_size": 512 << 10}
+
+
+def page_series(tmp_path, repo, versions, rnd, pages=256, share=0.5):
+    """Back up a page file through ``versions`` versions of in-place updates; (snapshot, tree) per version."""
+    src = tmp_path / "db"
+    src.mkdir(exist_ok=True)
+    page_file(src / "table", pages, rnd)
+    out = []
+    for v in range(versions):
+        if v:
+            touch_pages(src / "table", share, rnd)
+        out.append((repo.backup([str(src)]).snapshot, describe(src)))
+    return out
+
+
+def chunk_depths(repo, snap):
+    return [repo.store.delta_depth(c) for c in repo.find_entry(snap, "table").chunk_ids()]
+
+
+def deepest_delta(repo, snap):
+    return max(repo.find_entry(snap, "table").chunk_ids(), key=repo.store.delta_depth)
+
+
+def test_block_delta_round_trips_and_falls_back_when_content_moves():
+    from chunkvault.store.blob import DELTA_BLOCKS, DELTA_DICT, delta_compress, delta_decompress
+
+    rnd = random.Random(11)
+    base = rnd.randbytes(100_000)
+    edited = bytearray(base)
+    for _ in range(20):
+        edited[rnd.randrange(len(edited))] ^= 0xFF
+    shifted = rnd.randbytes(7) + base[:-7]
+    for data, method in ((bytes(edited), DELTA_BLOCKS), (shifted, DELTA_DICT)):
+        payload = delta_compress(data, base, 3)
+        assert payload[0] == method
+        assert len(payload) < 10_000
+        assert delta_decompress(payload, base) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=5000), st.lists(st.tuples(st.integers(0, 6000), st.binary(min_size=1, max_size=40)),
+                                         max_size=6), st.integers(-3000, 3000))
+def test_delta_payloads_reproduce_any_edit(base, edits, resize):
+    from chunkvault.store.blob import delta_compress, delta_decompress
+
+    data = bytearray(base)
+    for at, patch in edits:
+        data[at : at + len(patch)] = patch
+    data = bytes(data[: max(0, len(data) + resize)] if resize < 0 else data + bytes(resize))
+    assert delta_decompress(delta_compress(data, base, 3), base) == data
+
+
+def test_chains_stay_within_the_depth_bound_and_restore(tmp_path, new_repo):
+    repo = new_repo(chunker=SMALL)
+    repo.store.max_delta_depth = 3  # a shorter bound than the format's, so chains restart within the test
+    series = page_series(tmp_path, repo, 9, random.Random(12), share=1.0)
+    depths = [chunk_depths(repo, snap) for snap, _ in series]
+    assert max(depths[0]) == 0 and max(map(max, depths)) == 3  # 8 versions of deltas: chains restarted
+    assert all(snap.stats["delta_blobs"] > 0 for snap, _ in series[1:])
+    # each delta is taken against the previous version's chunk while the bound allows
+    assert all(snap.stats["added_stored_bytes"] < 0.3 * series[0][0].stats["added_stored_bytes"]
+               for snap, _ in series[1:])
+    for i, (snap, tree) in enumerate(series):
+        out = tmp_path / f"out{i}"
+        repo.restore(snap.id, str(out))
+        assert describe(out) == tree
+    assert repo.check(read_data=True).ok
+
+
+def test_batched_reads_equal_single_reads_down_chains(tmp_path, new_repo, password):
+    repo = new_repo(chunker=SMALL, pack_size=64 << 10)
+    series = page_series(tmp_path, repo, 5, random.Random(13), share=1.0)
+    store = repo.store
+    ids = [c for snap, _ in series for c in repo.find_entry(snap, "table").chunk_ids()]
+    assert max(store.delta_depth(c) for c in ids) == 4
+    fresh = Repository.open(str(tmp_path / "repo0"), password).store
+    assert fresh.read_blobs(ids) == [fresh.read_blob(c, verify=True) for c in ids]
+
+
+def test_a_chain_longer_than_the_bound_is_refused_naming_ids(tmp_path, new_repo, password):
+    from chunkvault.store.blob import MAX_DELTA_DEPTH
+
+    repo = new_repo(chunker=SMALL)
+    repo.store.max_delta_depth = 2 * MAX_DELTA_DEPTH + 2  # a writer that ignores the format's bound
+    series = page_series(tmp_path, repo, MAX_DELTA_DEPTH + 3, random.Random(14), pages=64, share=1.0)
+    last = series[-1][0]
+    deep = deepest_delta(repo, last)
+    assert repo.store.delta_depth(deep) == MAX_DELTA_DEPTH + 2
+    reader = Repository.open(str(tmp_path / "repo0"), password)
+    for read in (lambda: reader.store.read_blob(deep), lambda: reader.store.read_blobs([deep])):
+        with pytest.raises(CorruptObject, match=f"longer than {MAX_DELTA_DEPTH}") as info:
+            read()
+        assert deep.hex() in str(info.value) and reader.store.delta_base(deep).hex() in str(info.value)
+    report = reader.check()
+    assert any(deep.hex() in p.object and "longer than" in p.problem for p in report.problems)
+
+
+def test_corrupt_base_deep_in_a_chain_is_found_and_attributed(tmp_path, new_repo, password):
+    repo = new_repo(chunker=SMALL, pack_size=64 << 10)
+    series = page_series(tmp_path, repo, 4, random.Random(15), share=1.0)
+    store = repo.store
+    top = deepest_delta(repo, series[-1][0])
+    root = store.delta_chain(top)[-1]
+    loc = store.index.get(root)
+    pack = store.pack_ids[loc.pack_no].hex()
+    newest = repo.find_entry(series[-1][0], "table").chunk_ids()
+    assert all(store.pack_ids[store.index.get(c).pack_no].hex() != pack for c in newest)
+    path = tmp_path / "repo0" / "data" / pack[:2] / pack
+    data = bytearray(path.read_bytes())
+    data[loc.offset + loc.length // 2] ^= 1
+    path.write_bytes(bytes(data))
+    reader = Repository.open(str(tmp_path / "repo0"), password)
+    with pytest.raises(CorruptObject) as info:
+        reader.store.read_blob(top)
+    assert top.hex() in str(info.value) and root.hex() in str(info.value)
+    report = reader.check(read_data=True)
+    assert any(root.hex() in p.object + p.problem or pack in p.object for p in report.problems)
+    assert any(series[-1][0].id in p.snapshots for p in report.problems)
+    # without reading data: a lost pack is attributed to the newest snapshot, which needs it through chains
+    path.unlink()
+    report = Repository.open(str(tmp_path / "repo0"), password).check()
+    lost = next(p for p in report.problems if pack in p.object)
+    assert series[-1][0].id in lost.snapshots
+
+
+def test_prune_keeps_whole_chains_after_forgetting_their_first_snapshots(tmp_path, new_repo):
+    repo = new_repo(chunker=SMALL, pack_size=64 << 10)
+    series = page_series(tmp_path, repo, 5, random.Random(16), share=1.0)
+    last, tree = series[-1]
+    assert max(chunk_depths(repo, last)) == 4
+    repo.forget([snap.id for snap, _ in series[:-1]])  # the snapshots that first stored every base
+    repo.prune(max_unused=0.0)
+    assert repo.check(read_data=True).ok
+    out = tmp_path / "out"
+    repo.restore(last.id, str(out))
+    assert describe(out) == tree
+    assert max(chunk_depths(repo, repo.snapshots()[-1])) == 4  # the chains were kept, not rewritten
+
+
+def test_copy_keeps_chains_and_copies_a_late_snapshot_alone(tmp_path, new_repo):
+    src = new_repo(str(tmp_path / "src"), chunker=SMALL)
+    series = page_series(tmp_path, src, 5, random.Random(17), share=1.0)
+    everything = Repository.init(str(tmp_path / "all"), "pw2", kdf_seconds=0, copy_chunker_from=src)
+    src.copy_to(everything)
+    alone = Repository.init(str(tmp_path / "alone"), "pw2", kdf_seconds=0, copy_chunker_from=src)
+    src.copy_to(alone, [series[-1][0].id])
+    for dst, wanted in ((everything, series), (alone, series[-1:])):
+        copies = {s.stats["copied_from"]: s for s in dst.snapshots()}
+        for snap, tree in wanted:
+            out = tmp_path / f"out-{dst.store.config.repo_id[:6]}-{snap.id[:8]}"
+            dst.restore(copies[snap.id].id, str(out))
+            assert describe(out) == tree
+        assert dst.check(read_data=True).ok
+    last = {s.stats["copied_from"]: s for s in everything.snapshots()}[series[-1][0].id]
+    assert max(chunk_depths(everything, last)) == max(chunk_depths(src, series[-1][0])) == 4
+
+
+def test_export_and_import_of_a_mostly_delta_snapshot(tmp_path, new_repo):
+    repo = new_repo(chunker=SMALL)
+    series = page_series(tmp_path, repo, 4, random.Random(18))
+    last, tree = series[-1]
+    path = str(tmp_path / "last.backup")
+    repo.export(last, path, "export pw", kdf_seconds=0)
+    other = new_repo(chunker=SMALL)
+    imported = other.import_backup(path, "export pw")
+    out = tmp_path / "out"
+    other.restore(imported.id, str(out))
+    assert describe(out) == tree
+    assert other.check(read_data=True).ok

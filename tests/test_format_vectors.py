@@ -5,7 +5,9 @@ import re
 import pytest
 
 from chunkvault.errors import CorruptObject
-from chunkvault.store.blob import KIND_DELTA, KIND_RAW, KIND_ZSTD, envelope_base, open_blob
+from chunkvault.store.blob import (
+    DELTA_BLOCKS, DELTA_DICT, KIND_DELTA, KIND_RAW, KIND_ZSTD, envelope_base, open_blob, open_envelope,
+)
 from chunkvault.store.crypto import BlobHasher, Sealer, content_name
 from chunkvault.store.indexfile import decode_index
 from chunkvault.store.manifest import OP_DELETE, OP_ENTRY, T_FILE, decode_records
@@ -22,7 +24,7 @@ def v():
 
 def test_blob_ids(v):
     h = BlobHasher(v["id_key"])
-    for name in ("raw", "base", "delta"):
+    for name in ("raw", "base", "delta", "long_base", "long_delta"):
         assert h(v[f"{name}_plain"]) == v[f"{name}_id"]
 
 
@@ -40,6 +42,20 @@ def test_envelopes(v):
     forged = bytes([KIND_DELTA]) + v["raw_id"] + v["delta_envelope"][33:]
     with pytest.raises(CorruptObject):
         open_blob(s, v["delta_id"], forged, base_plain=v["raw_plain"])
+
+
+def test_delta_payload_methods(v):
+    s = Sealer(v["enc_key"])
+    kind, payload = open_envelope(s, v["delta_id"], v["delta_envelope"])
+    assert kind == KIND_DELTA and payload[0] == DELTA_DICT
+    kind, payload = open_envelope(s, v["long_delta_id"], v["long_delta_envelope"])
+    assert kind == KIND_DELTA and payload[0] == DELTA_BLOCKS
+    assert payload[1:5] == (3000).to_bytes(4, "little") and payload[5:6] == b"\x40"
+    assert envelope_base(v["long_delta_envelope"]) == v["long_base_id"]
+    assert open_blob(s, v["long_delta_id"], v["long_delta_envelope"], 3000, v["long_base_plain"]) == v["long_delta_plain"]
+    # blocks 0 and 2 are taken from the base: a base too short to hold them is refused
+    with pytest.raises(CorruptObject, match="outside"):
+        open_blob(s, v["long_delta_id"], v["long_delta_envelope"], base_plain=v["long_base_plain"][:2047])
 
 
 def test_pack_and_index(v):
