@@ -99,6 +99,8 @@ def _blocks(buf: bytes | memoryview, length: int, nblocks: int) -> np.ndarray:
 
 def _inside(length: int, base_length: int, nblocks: int) -> np.ndarray:
     """Per block of a ``length``-byte plaintext: does its range lie inside the base?"""
+    if length <= base_length:
+        return np.ones(nblocks, bool)
     ends = np.minimum(np.arange(1, nblocks + 1, dtype=np.int64) * BLOCK_SIZE, length)
     return ends <= base_length
 
@@ -188,10 +190,10 @@ def _apply_blocks(payload: memoryview, plain: _Plain) -> None:
     count = int(stored.sum())
     size = count * BLOCK_SIZE - (BLOCK_SIZE - n % BLOCK_SIZE if n % BLOCK_SIZE and nb and stored[-1] else 0)
     rows = plain.rows_for(n, nb)
-    new = _decompress(payload[pos:], _cat(rows, stored & inside, n), size)
-    padded = np.zeros(count * BLOCK_SIZE, np.uint8)
-    padded[:size] = np.frombuffer(new, np.uint8)
-    rows[stored] = padded.reshape(count, BLOCK_SIZE)
+    new = np.frombuffer(_decompress(payload[pos:], _cat(rows, stored & inside, n), size), np.uint8)
+    if size != count * BLOCK_SIZE:  # a stored partial last block: pad it with zeros
+        new = np.concatenate((new, np.zeros(count * BLOCK_SIZE - size, np.uint8)))
+    rows[stored] = new.reshape(count, BLOCK_SIZE)
     plain.length = n
 
 

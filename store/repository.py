@@ -299,12 +299,6 @@ class Repo:
         of a file restart in different versions, not all in one costly version.
         """
         chain = self.delta_chain(blob_id)
-        if os.environ.get("CV_GEN"):
-            n = int(os.environ["CV_GEN"]) % (1 << self.max_delta_depth)
-            want = bin(n).count("1") - 1
-            if want < 0:
-                return None
-            return blob_id if want >= len(chain) else ([blob_id] + chain)[::-1][want]
         if not chain:
             return blob_id
         span = (self.max_delta_depth + 1) // 2
