@@ -182,22 +182,30 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    repo = _open(args)
-    bar = _progress(args, "backup")
-    progress = _backup_progress(bar)
+    from .store.source import SourceWalk
+
     if args.stdin:
         if args.paths:
             raise UsageError("--stdin takes no paths")
         if not args.stdin_name:
             raise UsageError("--stdin needs --stdin-name NAME")
+        repo = _open(args)
         result = repo.backup_stream(sys.stdin.buffer, args.stdin_name, kind=args.type, tags=args.tag,
                                     host=args.host, delta=not args.no_delta)
     else:
         if not args.paths:
             raise UsageError("nothing to back up: give at least one path (or --stdin)")
+        walk = SourceWalk.of_paths(args.paths, args.exclude).start()  # overlaps the key derivation
+        try:
+            repo = _open(args)
+        except BaseException:
+            walk.close()
+            raise
+        bar = _progress(args, "backup")
         result = repo.backup(args.paths, kind=args.type, tags=args.tag, host=args.host, excludes=args.exclude,
-                             delta=not args.no_delta, no_delta=args.no_delta_path, progress=progress)
-    bar.done()
+                             delta=not args.no_delta, no_delta=args.no_delta_path, progress=_backup_progress(bar),
+                             walk=walk)
+        bar.done()
     snap = result.snapshot
     st = snap.stats
     if args.json:

@@ -17,7 +17,7 @@ from .errors import UsageError
 from .remotes import Remote, open_remote
 from .remotes.layer import wrap_remote
 from .remotes.local import LocalRemote
-from .store.backup import Backup, BackupOptions, BackupResult, _root_specs
+from .store.backup import Backup, BackupOptions, BackupResult
 from .store.check import Checker, CheckReport
 from .store.config import Settings
 from .store.copy import CopyResult, copy_snapshots
@@ -30,8 +30,9 @@ from .store.repository import Repo
 from .store.retention import RetentionPolicy
 from .store.restore import Restorer, RestoreOptions, RestoreResult
 from .store.snapshot import Snapshot, find_snapshot, parse_time
+from .store.source import SourceWalk, root_specs
 
-__all__ = ["Repository", "Snapshot", "Entry"]
+__all__ = ["Repository", "Snapshot", "Entry", "SourceWalk"]
 
 
 def _password(password: str | bytes) -> bytes:
@@ -106,15 +107,24 @@ class Repository:
 
     def backup(self, paths: list[str] | str, *, kind: str = "auto", tags: list[str] | None = None,
                host: str | None = None, excludes: list[str] | None = None, delta: bool = True,
-               no_delta: list[str] | None = None, parent: str | None = None, progress: Any = None) -> BackupResult:
-        """Back up files and directories; one directory is stored as the snapshot's root."""
+               no_delta: list[str] | None = None, parent: str | None = None, progress: Any = None,
+               walk: SourceWalk | None = None) -> BackupResult:
+        """Back up files and directories; one directory is stored as the snapshot's root.
+
+        ``walk``: a ``SourceWalk.of_paths(paths, excludes).start()`` begun before the
+        repository was opened, so the walk overlaps the key derivation.
+        """
         if isinstance(paths, str):
             paths = [paths]
-        roots, absolute = _root_specs(list(paths))
+        if walk is None:
+            walk = SourceWalk.of_paths(list(paths), excludes)
+        elif walk.paths != root_specs(list(paths))[1] or walk.excludes != list(excludes or []):
+            walk.close()
+            raise UsageError("the given walk is of other paths or excludes than the backup")
         opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, excludes=list(excludes or []),
                              delta=delta, no_delta=list(no_delta or []), progress=progress,
                              parent=self.snapshot(parent) if parent else None)
-        return Backup(self._repo, opts).run(roots, absolute)
+        return Backup(self._repo, opts).run(walk, walk.paths)
 
     def backup_stream(self, fileobj: BinaryIO, name: str, *, kind: str = "auto", tags: list[str] | None = None,
                       host: str | None = None, delta: bool = True) -> BackupResult:

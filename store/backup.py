@@ -32,6 +32,7 @@ from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, now_iso
+from .source import SourceWalk
 
 O_NOATIME = getattr(os, "O_NOATIME", 0)
 BATCH_BYTES = 1 << 20  # new chunks go to the compression pool in batches of about this size...
@@ -60,25 +61,6 @@ class BackupResult:
     @property
     def partial(self) -> bool:
         return bool(self.snapshot.stats.get("unreadable"))
-
-
-def _root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:
-    """(manifest prefix, absolute path) per source; one directory backs up as the root itself."""
-    if not paths:
-        raise UsageError("nothing to back up: give at least one path")
-    absolute = [os.path.abspath(p) for p in paths]
-    for p in absolute:
-        if not os.path.lexists(p):
-            raise UsageError(f"source path does not exist: {p}")
-    if len(absolute) == 1 and os.path.isdir(absolute[0]) and not os.path.islink(absolute[0]):
-        return [(b"", os.fsencode(absolute[0]))], absolute
-    roots: dict[bytes, bytes] = {}
-    for p in absolute:
-        name = os.fsencode(os.path.basename(p.rstrip("/")) or "root")
-        if name in roots:
-            raise UsageError(f"two sources share the name {os.fsdecode(name)!r}; back them up separately")
-        roots[name] = os.fsencode(p)
-    return sorted(roots.items()), sorted(absolute)
 
 
 def choose_kind(requested: str, chain: list[Snapshot], full_every: int, max_diff_share: float) -> str:
@@ -119,47 +101,15 @@ class _FdReader:
         return os.lseek(self.fd, offset, os.SEEK_SET)
 
 
-class _Walker:
-    """Source entries in manifest order; errors become warnings, never aborts."""
+def _unchanged_file(prev: Entry, st: os.stat_result) -> bool:
+    """A single-link regular file whose every recorded field matches ``prev``: ``prev`` is its entry.
 
-    def __init__(self, excludes: list[str], warnings: list[str]):
-        self.excludes = excludes
-        self.warnings = warnings
-
-    def excluded(self, rel: bytes) -> bool:
-        if not self.excludes:
-            return False
-        s = os.fsdecode(rel)
-        base = s.rsplit("/", 1)[-1]
-        return any(fnmatch.fnmatchcase(s, g) or fnmatch.fnmatchcase(base, g) for g in self.excludes)
-
-    def walk(self, roots: list[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes, os.stat_result, bool]]:
-        for rel, path in roots:
-            yield from self._walk(rel, path)
-
-    def _walk(self, rel: bytes, path: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result, bool]]:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            self.warnings.append(f"vanished during backup: {os.fsdecode(path)}")
-            return
-        except OSError as exc:
-            self.warnings.append(f"cannot stat {os.fsdecode(path)}: {exc.strerror}")
-            return
-        if not stat.S_ISDIR(st.st_mode):
-            yield rel, path, st, True
-            return
-        try:
-            names = sorted(os.listdir(path))
-            ok = True
-        except OSError as exc:
-            self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {exc.strerror}")
-            names, ok = [], False
-        yield rel, path, st, ok
-        for name in names:
-            child = rel + b"/" + name if rel else name
-            if not self.excluded(child):
-                yield from self._walk(child, os.path.join(path, name))
+    The common case of a repeated backup, decided without building an entry.
+    """
+    return (prev.type == T_FILE and not prev.flags and st.st_nlink == 1 and st.st_mtime_ns == prev.mtime_ns
+            and st.st_ctime_ns == prev.ctime_ns and st.st_size == prev.size and st.st_ino == prev.ino
+            and st.st_dev == prev.dev and st.st_mode == stat.S_IFREG | prev.mode
+            and st.st_uid == prev.uid and st.st_gid == prev.gid)
 
 
 class Backup:
@@ -372,19 +322,29 @@ class Backup:
         """Manifest records of this backup: every entry (full) or the changes (diff)."""
         diff = kind == KIND_DIFF
         p = next(parent_tree, None)
+        pkey = p.key if p is not None else None
         cut: bytes | None = None
         for rel, path, st, ok in source:
             key = sort_key(rel)
-            while p is not None and p.key < key:
+            while pkey is not None and pkey < key:
                 self.counts["deleted"] += 1
-                if diff and not (cut is not None and (p.key == cut or p.key.startswith(cut + b"\x00"))):
-                    cut = p.key
+                if diff and not (cut is not None and (pkey == cut or pkey.startswith(cut + b"\x00"))):
+                    cut = pkey
                     yield delete_record(p.path)
                 p = next(parent_tree, None)
+                pkey = p.key if p is not None else None
             prev = None
-            if p is not None and p.key == key:
+            if pkey == key:
                 prev = p.entry
                 p = next(parent_tree, None)
+                pkey = p.key if p is not None else None
+                if prev is not None and _unchanged_file(prev, st):
+                    stats.count_entry(prev)
+                    self.counts["unchanged_files"] += 1
+                    self._maybe_progress()
+                    if not diff:
+                        yield Record(OP_ENTRY, rel, prev)
+                    continue
             try:
                 e = self._entry(rel, path, st, ok, prev)
             except FileNotFoundError:
@@ -411,19 +371,24 @@ class Backup:
                 yield rec
         while p is not None:
             self.counts["deleted"] += 1
-            if diff and not (cut is not None and (p.key == cut or p.key.startswith(cut + b"\x00"))):
-                cut = p.key
+            pkey = p.key
+            if diff and not (cut is not None and (pkey == cut or pkey.startswith(cut + b"\x00"))):
+                cut = pkey
                 yield delete_record(p.path)
             p = next(parent_tree, None)
 
-    def run(self, roots: list[tuple[bytes, bytes]] | None, paths: list[str], *,
+    def run(self, source: SourceWalk | None, paths: list[str], *,
             stream: BinaryIO | None = None, stdin_name: str | None = None) -> BackupResult:
-        with RepoLock(self.repo.remote, SHARED, "backup", wait=self.opt.lock_wait):
-            # Read the index only under the lock: a prune cannot drop what this backup dedups against.
-            self.repo.load_index()
-            return self._run(roots, paths, stream=stream, stdin_name=stdin_name)
+        try:
+            with RepoLock(self.repo.remote, SHARED, "backup", wait=self.opt.lock_wait):
+                # Read the index only under the lock: a prune cannot drop what this backup dedups against.
+                self.repo.load_index()
+                return self._run(source, paths, stream=stream, stdin_name=stdin_name)
+        finally:
+            if source is not None:
+                source.close()
 
-    def _run(self, roots: list[tuple[bytes, bytes]] | None, paths: list[str], *,
+    def _run(self, source: SourceWalk | None, paths: list[str], *,
              stream: BinaryIO | None, stdin_name: str | None) -> BackupResult:
         started = time.monotonic()
         repo = self.repo
@@ -447,8 +412,8 @@ class Backup:
                 assert stdin_name is not None
                 stats_iter = self._count(self._stream_source(stream, stdin_name, parent_tree, kind), stats)
             else:
-                walker = _Walker(self.opt.excludes, self.warnings)
-                stats_iter = self.records(walker.walk(roots or []), parent_tree, kind, stats)
+                assert source is not None
+                stats_iter = self.records(iter(source), parent_tree, kind, stats)
             mw = ManifestWriter(repo, self.writer)
             for rec in stats_iter:
                 mw.add(rec)
@@ -459,6 +424,8 @@ class Backup:
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self.writer.close()
+        if source is not None:
+            self.warnings[:0] = source.warnings
         w = self.writer
         snap = Snapshot(
             time=now_iso(), kind=kind, parent=parent.id if kind == KIND_DIFF and parent else None, host=host,

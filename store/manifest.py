@@ -38,6 +38,8 @@ F_CHANGED_DURING_READ = 2
 
 _FIXED = struct.Struct("<BBIIIqQqQQQ")
 _HEAD = struct.Struct("<BI")
+_BODY = struct.Struct(_FIXED.format + "IB")  # the fixed fields, then target and digest lengths
+_COUNT = struct.Struct("<I")
 
 
 def sort_key(path: bytes) -> bytes:
@@ -108,46 +110,49 @@ def encode_record(rec: Record) -> bytes:
 
 def decode_records(buf: bytes | memoryview, what: str) -> tuple[list[Record], int]:
     """Decode every complete record in ``buf``; returns (records, bytes consumed)."""
+    if not isinstance(buf, bytes):
+        buf = bytes(buf)  # slices of bytes are bytes: no copy per field
     out: list[Record] = []
+    append = out.append
+    head, body = _HEAD.unpack_from, _BODY.unpack_from
+    head_size, body_size = _HEAD.size, _BODY.size
     pos = 0
     n = len(buf)
     while True:
         start = pos
-        if pos + _HEAD.size > n:
+        if pos + head_size > n:
             return out, start
-        op, plen = _HEAD.unpack_from(buf, pos)
+        op, plen = head(buf, pos)
         if op > OP_DELETE:
             raise CorruptObject(what, f"unknown manifest record op {op}")
-        pos += _HEAD.size
+        pos += head_size
         if pos + plen > n:
             return out, start
-        path = bytes(buf[pos : pos + plen])
+        path = buf[pos : pos + plen]
         pos += plen
         if op == OP_DELETE:
-            out.append(Record(op, path, None))
+            append(Record(op, path, None))
             continue
-        if pos + _FIXED.size + 5 > n:
+        if pos + body_size > n:
             return out, start
-        (etype, flags, mode, uid, gid, mtime, size, ctime, ino, dev, rdev) = _FIXED.unpack_from(buf, pos)
-        pos += _FIXED.size
-        tlen, dlen = struct.unpack_from("<IB", buf, pos)
-        pos += 5
-        if pos + tlen + dlen + 4 > n:
+        (etype, flags, mode, uid, gid, mtime, size, ctime, ino, dev, rdev, tlen, dlen) = body(buf, pos)
+        pos += body_size
+        end = pos + tlen + dlen
+        if end + 4 > n:
             return out, start
-        target = bytes(buf[pos : pos + tlen])
-        pos += tlen
-        digest = bytes(buf[pos : pos + dlen])
-        pos += dlen
-        (nchunks,) = struct.unpack_from("<I", buf, pos)
-        pos += 4
-        if pos + 32 * nchunks > n:
+        target = buf[pos : pos + tlen]
+        digest = buf[pos + tlen : end]
+        (nchunks,) = _COUNT.unpack_from(buf, end)
+        pos = end + 4
+        end = pos + 32 * nchunks
+        if end > n:
             return out, start
-        chunks = bytes(buf[pos : pos + 32 * nchunks])
-        pos += 32 * nchunks
+        chunks = buf[pos:end]
+        pos = end
         if etype not in TYPE_NAMES:
             raise CorruptObject(what, f"unknown entry type {etype}")
-        out.append(Record(op, path, Entry(path, etype, mode, uid, gid, mtime, size, ctime, ino, dev, rdev,
-                                          target, digest, chunks, flags)))
+        append(Record(op, path, Entry(path, etype, mode, uid, gid, mtime, size, ctime, ino, dev, rdev,
+                                      target, digest, chunks, flags)))
 
 
 def iter_records(pieces: Iterable[bytes], what: str) -> Iterator[Record]:
@@ -174,12 +179,15 @@ class ManifestStats:
     unreadable: list[bytes] = field(default_factory=list)
 
     def count(self, rec: Record) -> None:
-        self.records += 1
         if rec.op == OP_DELETE:
+            self.records += 1
             self.deleted += 1
             return
-        e = rec.entry
-        assert e is not None
+        assert rec.entry is not None
+        self.count_entry(rec.entry)
+
+    def count_entry(self, e: Entry) -> None:
+        self.records += 1
         if e.type == T_DIR:
             self.dirs += 1
         else:

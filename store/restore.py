@@ -203,13 +203,14 @@ class Restorer:
 
     def delete_extra(self, records: Iterator[Record]) -> None:
         """--delete: remove what lies in the target but not in the snapshot (a second, merged walk)."""
-        from .backup import _Walker
+        from .source import SourceWalk
 
         keys = (r.key for r in records)
         want = next(keys, None)
         skip: bytes | None = None
         doomed: list[bytes] = []
-        for rel, path, _st, _ok in _Walker([], self.result.warnings).walk([(b"", self.target)]):
+        walk = SourceWalk([(b"", self.target)], warnings=self.result.warnings)
+        for rel, path, _st, _ok in walk:
             key = sort_key(rel)
             if rel == b"" or (skip is not None and key.startswith(skip + b"\x00")):
                 continue

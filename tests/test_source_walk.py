@@ -1,0 +1,151 @@
+"""The source walk: manifest order, excludes, errors as warnings, and walking ahead on a thread."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chunkvault import Repository
+from chunkvault.errors import UsageError
+from chunkvault.store.manifest import sort_key
+from chunkvault.store.source import FileStat, SourceWalk
+
+NAMES = st.sampled_from([b"a", b"a.b", b"a-b", b"b", b"ab", b"z", b"\xff", b"A", b"a b"])
+
+
+def build(root: bytes, spec: dict) -> None:
+    """``spec``: name -> None (a file) or a dict (a directory)."""
+    for name, sub in spec.items():
+        path = os.path.join(root, name)
+        if sub is None:
+            with open(path, "wb") as f:
+                f.write(name)
+        else:
+            os.mkdir(path)
+            build(path, sub)
+
+
+def os_walk_rels(root: bytes) -> list[bytes]:
+    out = [b""]
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return out
+
+
+trees = st.recursive(st.none(), lambda kids: st.dictionaries(NAMES, kids, max_size=4), max_leaves=25)
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=st.dictionaries(NAMES, trees, max_size=5), ahead=st.sampled_from([1, 3, 1 << 16]), start=st.booleans())
+def test_walk_yields_every_entry_in_manifest_order(tmp_path_factory, spec, ahead, start):
+    root = os.fsencode(tmp_path_factory.mktemp("src"))
+    build(root, spec)
+    walk = SourceWalk([(b"", root)], ahead=ahead)
+    if start:
+        walk.start()
+    items = list(walk)
+    rels = [rel for rel, *_ in items]
+    assert rels == sorted(os_walk_rels(root), key=sort_key)
+    for rel, path, stat_, ok in items:
+        assert path == os.path.join(root, rel) if rel else path == root
+        assert ok and stat_.st_ino == os.lstat(path).st_ino
+    assert walk.warnings == []
+
+
+def test_walked_ahead_entries_carry_what_a_backup_records(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 10)
+    walk = SourceWalk.of_paths([str(src)]).start()
+    walk._thread.join()
+    items = {rel: s for rel, _, s, _ in walk}
+    assert isinstance(items[b"f"], FileStat)
+    real = os.lstat(src / "f")
+    for field in FileStat.__slots__:
+        assert getattr(items[b"f"], field) == getattr(real, field)
+
+
+def test_several_roots_are_named_by_their_last_component(tmp_path):
+    for d in ("one", "two"):
+        (tmp_path / d / "sub").mkdir(parents=True)
+        (tmp_path / d / "sub" / "f").write_bytes(b"1")
+    walk = SourceWalk.of_paths([str(tmp_path / "two"), str(tmp_path / "one")])
+    assert [rel for rel, *_ in walk] == [b"one", b"one/sub", b"one/sub/f", b"two", b"two/sub", b"two/sub/f"]
+    assert walk.paths == [str(tmp_path / "one"), str(tmp_path / "two")]
+
+
+def test_excludes_prune_whole_directories(tmp_path):
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "a.log").write_bytes(b"1")
+    (tmp_path / "keep" / "b").write_bytes(b"1")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "big").write_bytes(b"1")
+    walk = SourceWalk.of_paths([str(tmp_path)], ["cache", "*.log"]).start()
+    assert [rel for rel, *_ in walk] == [b"", b"keep", b"keep/b"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every directory")
+def test_unreadable_directory_is_a_warning_not_an_abort(tmp_path):
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "f").write_bytes(b"1")
+    (tmp_path / "z").write_bytes(b"1")
+    os.chmod(tmp_path / "locked", 0)
+    try:
+        walk = SourceWalk.of_paths([str(tmp_path)]).start()
+        items = [(rel, ok) for rel, _, _, ok in walk]
+    finally:
+        os.chmod(tmp_path / "locked", 0o755)
+    assert items == [(b"", True), (b"locked", False), (b"z", True)]
+    assert any("cannot read directory" in w for w in walk.warnings)
+
+
+def test_entries_vanishing_between_listing_and_stat_are_warnings(tmp_path):
+    for i in range(50):
+        (tmp_path / f"f{i:02}").write_bytes(b"1")
+    walk = SourceWalk.of_paths([str(tmp_path)])
+    it = iter(walk)
+    assert next(it)[0] == b""  # the root is listed; now its files vanish
+    for i in range(10, 50):
+        os.remove(tmp_path / f"f{i:02}")
+    rest = [rel for rel, *_ in it]
+    assert rest[0] == b"f00" and len(rest) <= 11
+    assert sum("vanished during backup" in w for w in walk.warnings) >= 39
+
+
+def test_a_walk_is_iterated_once_and_can_be_abandoned(tmp_path):
+    walk = SourceWalk.of_paths([str(tmp_path)])
+    list(walk)
+    with pytest.raises(RuntimeError):
+        list(walk)
+    abandoned = SourceWalk.of_paths([str(tmp_path)]).start()
+    abandoned.close()
+    assert not abandoned._thread.is_alive()
+
+
+def test_missing_source_path_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        SourceWalk.of_paths([str(tmp_path / "nope")])
+
+
+def test_backup_with_a_walk_started_before_open_equals_a_plain_backup(tmp_path):
+    src = tmp_path / "src"
+    rng = random.Random(3)
+    for d in range(5):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(20):
+            (src / f"d{d}" / f"f{f}").write_bytes(rng.randbytes(rng.randrange(1, 5000)))
+    Repository.init(str(tmp_path / "repo"), "pw", kdf_seconds=0).close()
+    walk = SourceWalk.of_paths([str(src)], ["f3"]).start()
+    with Repository.open(str(tmp_path / "repo"), "pw") as repo:
+        a = repo.backup([str(src)], excludes=["f3"], walk=walk).snapshot
+        b = repo.backup([str(src)], excludes=["f3"], kind="full").snapshot
+        assert [(e.path, e.digest) for e in repo.tree(a)] == [(e.path, e.digest) for e in repo.tree(b)]
+        assert a.stats["files"] == 95
+        other = SourceWalk.of_paths([str(src / "d0")]).start()
+        with pytest.raises(UsageError, match="other paths"):
+            repo.backup([str(src)], walk=other)
+        assert not other._thread.is_alive()
