@@ -717,9 +717,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .memory import tune_allocator
+    from .memory import tune_allocator, tune_gc
 
     tune_allocator()
+    if argv is None:  # a process of its own, not a caller's (tests call main with arguments)
+        tune_gc()
     args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)

@@ -1,4 +1,6 @@
-"""Keep the allocator from holding on to freed buffers (glibc only).
+"""Process-wide memory settings the CLI applies at start: allocator and garbage collector.
+
+Allocator (glibc only): keep it from holding on to freed buffers.
 
 A backup moves gigabytes through short-lived buffers of 64 KiB to 16 MiB from
 several threads.  glibc's defaults give each thread its own heap arena and
@@ -6,13 +8,21 @@ raise the mmap threshold after the first large free, so freed pack and chunk
 buffers stay in fragmented heaps and the peak RSS grows to about twice what is
 live.  Two arenas and a fixed 4 MiB mmap threshold (pack buffers come from and
 return to the kernel; chunk buffers reuse the heap) keep peak RSS close to the
-live data at no measurable cost in time.  The CLI applies this at start;
-library users decide for their own process.
+live data at no measurable cost in time.
+
+Garbage collector: a repeated backup of a large tree creates a few hundred
+thousand entry and record objects, few of them in cycles; with the default
+thresholds the cyclic collector rescans them (and every imported module's
+objects) hundreds of times, about a tenth of that backup's CPU.  Freezing
+what exists at start and collecting less often removes that cost.
+
+Library users decide for their own process.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import sys
 
 _M_MMAP_THRESHOLD = -3
@@ -31,3 +41,10 @@ def tune_allocator(arenas: int = 2, mmap_threshold: int = 4 << 20) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_ARENA_MAX, arenas)) and bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+
+
+def tune_gc(first_generation: int = 20_000) -> None:
+    """Exempt the objects alive now (modules, classes) from collection, and collect young objects less often."""
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(first_generation, second, third)
