@@ -717,8 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .memory import tune_allocator, tune_gc
+    from .memory import no_blas_threads, tune_allocator, tune_gc
 
+    no_blas_threads()
     tune_allocator()
     if argv is None:  # a process of its own, not a caller's (tests call main with arguments)
         tune_gc()
