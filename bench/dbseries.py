@@ -2,22 +2,28 @@
 
 PostgreSQL: a cluster on a free 127.0.0.1 port is filled with
 ``pgbench -i -s SCALE``; then ``--versions`` times a ``pg_basebackup -Fp -Xs``
-copy is taken into one fixed path, with ``--interval`` seconds of
-``pgbench -c CLIENTS`` between copies.  SQLite: a database of about
-``--sqlite-mb`` MiB gets random row updates between versions and is copied
-into one fixed path with its online backup API.  Every copy is backed up by
-each tool in the same run; the table gives, per tool and version, the
-seconds the backup took (wall clock, and CPU seconds of the tool's processes:
-the machine may be shared) and the MiB it added to the repository, with the
-ratios to restic.  Targets for chunkvault's differential versions: at most
-0.15x restic's added bytes and 0.5x restic's time.  Then the last version is
-restored from each repository, and, for chunkvault, also from a fresh
-repository holding that same tree as one full snapshot without deltas (the
-restore of a mostly-delta snapshot should take at most 1.5x that); each
-restore is timed ``--restore-trials`` times, alternating, and the fastest
-counts.
+copy is taken into one fixed path, with ``--transactions`` pgbench
+transactions per client (or ``--interval`` seconds) of ``pgbench -c CLIENTS``
+between copies.  SQLite: a database of about ``--sqlite-mb`` MiB gets random
+row updates between versions and is copied into one fixed path with its
+online backup API.  Every copy is backed up by each tool in the same run; the
+table gives, per tool and version, the seconds the backup took (wall clock,
+and CPU seconds of the tool's processes: the machine may be shared) and the
+MiB it added to the repository, with the ratios to restic.  Targets for
+chunkvault's differential versions: at most 0.15x restic's added bytes and
+0.5x restic's time.  Then the last version is restored from each repository,
+and, for chunkvault, also from a fresh repository holding that same tree as
+one full snapshot without deltas (the restore of a mostly-delta snapshot
+should take at most 1.5x that); each restore is timed ``--restore-trials``
+times, alternating, and the fastest counts.
 
-    python bench/dbseries.py [--scale 40] [--versions 4] [--interval 15] [--sqlite-mb 500]
+Runs repeat: the load is a fixed number of transactions, pgbench and the
+SQLite updates draw from ``--seed``, and chunkvault's repositories share one
+fixed chunker secret (``--chunker-secret``), so chunk boundaries do not move
+from run to run.  The settings are printed first.
+
+    python bench/dbseries.py [--scale 40] [--versions 4] [--transactions 25000 | --interval 15]
+                             [--sqlite-mb 500] [--seed 20261128] [--chunker-secret HEX]
                              [--only pg|sqlite] [--tools chunkvault,restic,borg] [--restore-trials 3]
                              [--work DIR] [--keep]
 
@@ -43,10 +49,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from compare import Borg, Chunkvault, Restic, Tool, du, ensure_tools, run  # noqa: E402
+from compare import PASSWORD, Borg, Chunkvault, Restic, Tool, du, ensure_tools, run  # noqa: E402
 from servers_pg import PgCluster, find_pg_bindir  # noqa: E402
 
 MiB = 1 << 20
+SEED = 20261128
+CHUNKER_SECRET = bytes(range(0x40, 0x60)).hex()
+
+
+class FixedChunkvault(Chunkvault):
+    """A chunkvault repository created through the Python API with a given chunker secret
+    (the CLI draws a random one), so chunk boundaries repeat from run to run."""
+
+    secret = bytes.fromhex(CHUNKER_SECRET)
+
+    def init(self):
+        from chunkvault import Repository
+
+        start = time.perf_counter()
+        Repository.init(self.repo, PASSWORD, chunker_secret=self.secret).close()
+        return time.perf_counter() - start, 0
 
 
 @dataclass
@@ -104,7 +126,7 @@ def time_restores(series: Series, tools: list[Tool], path: str, work: str, trial
     repos: dict[str, Tool] = {t.name: t for t in tools}
     if "chunkvault" in repos:
         os.makedirs(os.path.join(work, "full"), exist_ok=True)
-        full = Chunkvault(os.path.join(work, "full"))
+        full = FixedChunkvault(os.path.join(work, "full"))
         full.init()
         run(full.cmd + ["backup", "-q", "--no-delta", path], full.env)
         repos["chunkvault full"] = full
@@ -122,7 +144,7 @@ def time_restores(series: Series, tools: list[Tool], path: str, work: str, trial
 
 
 def fresh_tools(work: str, names: list[str], tag: str) -> list[Tool]:
-    classes = {"chunkvault": Chunkvault, "restic": Restic, "borg": Borg}
+    classes = {"chunkvault": FixedChunkvault, "restic": Restic, "borg": Borg}
     base = os.path.join(work, tag)
     os.makedirs(base, exist_ok=True)
     tools = [classes[n](base) for n in names]
@@ -143,13 +165,16 @@ def pg_series(args: argparse.Namespace, work: str) -> Series:
         pg.pgbench("-i", "-q", "-s", str(args.scale))
         print(f"pgbench -i -s {args.scale}: {time.perf_counter() - start:.0f} s", flush=True)
         copy = os.path.join(pg.backups, "current")
+        load = f"{args.interval} s" if args.interval else f"{args.transactions} transactions per client"
         series = Series(f"PostgreSQL ({os.path.basename(os.path.dirname(bindir))}), pgbench -i -s {args.scale}, "
-                        f"{args.interval} s of pgbench -c {args.clients} between pg_basebackup copies")
+                        f"{load} of pgbench -c {args.clients} (seed {args.seed}) between pg_basebackup copies")
         for v in range(1, args.versions + 1):
             if v > 1:
-                out = pg.pgbench("-c", str(args.clients), "-j", str(args.clients), "-T", str(args.interval), "-n")
+                amount = ["-T", str(args.interval)] if args.interval else ["-t", str(args.transactions)]
+                out = pg.pgbench("-c", str(args.clients), "-j", str(args.clients), *amount, "-n",
+                                 f"--random-seed={args.seed + v}")
                 tps = next((line for line in out.splitlines() if line.startswith("tps")), "").strip()
-                print(f"pgbench {args.interval} s: {tps}", flush=True)
+                print(f"pgbench {load}: {tps}", flush=True)
             shutil.rmtree(copy, ignore_errors=True)
             pg.basebackup(copy)
             back_up(series, tools, copy, v)
@@ -175,7 +200,7 @@ def _db_bytes(path: str) -> int:
 
 def sqlite_series(args: argparse.Namespace, work: str) -> Series:
     tools = fresh_tools(work, args.tools, "sqlite")
-    rnd = random.Random(20261128)
+    rnd = random.Random(args.seed)
     live = os.path.join(work, "live.db")
     copies = os.path.join(work, "sqlite-copy")
     os.makedirs(copies, exist_ok=True)
@@ -255,14 +280,28 @@ def report(series: Series, names: list[str]) -> list[str]:
     return lines
 
 
+def settings(args: argparse.Namespace) -> str:
+    """The options that fix a run, as a command line that repeats it."""
+    load = f"--interval {args.interval}" if args.interval else f"--transactions {args.transactions}"
+    return (f"python bench/dbseries.py --scale {args.scale} --versions {args.versions} {load} "
+            f"--clients {args.clients} --sqlite-mb {args.sqlite_mb} --sqlite-updates {args.sqlite_updates} "
+            f"--seed {args.seed} --chunker-secret {args.chunker_secret} --tools {','.join(args.tools)}"
+            + (f" --only {args.only}" if args.only else "") + f" --restore-trials {args.restore_trials}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, default=40, help="pgbench scale (default 40, ~640 MiB)")
     ap.add_argument("--versions", type=int, default=4, help="copies per database (default 4)")
-    ap.add_argument("--interval", type=int, default=15, help="seconds of pgbench between copies (default 15)")
+    load = ap.add_mutually_exclusive_group()
+    load.add_argument("--transactions", type=int, default=25000,
+                      help="pgbench transactions per client between copies (default 25000)")
+    load.add_argument("--interval", type=int, help="seconds of pgbench between copies instead (varies run to run)")
     ap.add_argument("--clients", type=int, default=2, help="pgbench clients (default 2)")
     ap.add_argument("--sqlite-mb", type=int, default=500, help="size of the SQLite database (default 500 MiB)")
     ap.add_argument("--sqlite-updates", type=int, default=20000, help="random row updates between versions")
+    ap.add_argument("--seed", type=int, default=SEED, help=f"pgbench and SQLite update seed (default {SEED})")
+    ap.add_argument("--chunker-secret", default=CHUNKER_SECRET, help="chunkvault's chunker secret, 64 hex digits")
     ap.add_argument("--only", choices=["pg", "sqlite"], help="run one series only")
     ap.add_argument("--tools", default="chunkvault,restic,borg")
     ap.add_argument("--restore-trials", type=int, default=3, help="timed restores of the last version, per repository")
@@ -270,6 +309,12 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
     args.tools = args.tools.split(",")
+    try:
+        FixedChunkvault.secret = bytes.fromhex(args.chunker_secret)
+    except ValueError:
+        ap.error("--chunker-secret must be hex")
+    if len(FixedChunkvault.secret) != 32:
+        ap.error("--chunker-secret must be 32 bytes (64 hex digits)")
     if args.versions < 2:
         ap.error("--versions must be at least 2 (a full and a differential)")
     unknown = set(args.tools) - {"chunkvault", "restic", "borg"}
@@ -282,6 +327,7 @@ def main() -> None:
     print(f"{os.cpu_count()} cores; " + "; ".join(
         subprocess.run([t, "version" if t == "restic" else "--version"], capture_output=True, text=True).stdout.strip()
         for t in ("restic", "borg") if t in args.tools), flush=True)
+    print("settings: " + settings(args), flush=True)
     all_series = []
     try:
         if args.only in (None, "pg"):
@@ -291,6 +337,8 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    print()
+    print("settings: " + settings(args))
     for s in all_series:
         print()
         print("\n".join(report(s, args.tools)))

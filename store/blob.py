@@ -114,6 +114,35 @@ def _cat(rows: np.ndarray, mask: np.ndarray, length: int) -> bytes:
     return out
 
 
+def _changed(data: bytes | memoryview, base: bytes | memoryview, nblocks: int) -> np.ndarray:
+    """Per block of ``data``: must it be stored (it differs from the base's bytes over its range, or lies
+    past the base's end)?  Whole blocks present in both are compared in place, without copies."""
+    n = len(data)
+    both = min(n, len(base)) // BLOCK_SIZE
+    stored = np.ones(nblocks, bool)
+    if both:
+        new = np.frombuffer(data, np.uint64, both * (BLOCK_SIZE // 8)).reshape(both, -1)
+        old = np.frombuffer(base, np.uint64, both * (BLOCK_SIZE // 8)).reshape(both, -1)
+        stored[:both] = (new != old).any(axis=1)
+    for i in range(both, nblocks):
+        end = min((i + 1) * BLOCK_SIZE, n)
+        if end <= len(base):
+            stored[i] = data[i * BLOCK_SIZE : end] != base[i * BLOCK_SIZE : end]
+    return stored
+
+
+def _gather(buf: bytes | memoryview, length: int, mask: np.ndarray) -> bytes:
+    """The bytes of the selected blocks of ``buf[:length]``, in order (all must lie inside ``buf``)."""
+    whole = min(length, len(buf)) // BLOCK_SIZE
+    rows = np.frombuffer(buf, np.uint8, whole * BLOCK_SIZE).reshape(whole, BLOCK_SIZE)
+    out = rows[mask[:whole]].tobytes()
+    rest = np.flatnonzero(mask[whole:])
+    if len(rest):
+        mv = memoryview(buf)
+        out += b"".join(mv[(whole + i) * BLOCK_SIZE : min((whole + i + 1) * BLOCK_SIZE, length)] for i in rest)
+    return out
+
+
 def delta_compress(data: bytes | memoryview, base_plain: bytes, level: int) -> bytes:
     """A delta payload of ``data`` against ``base_plain``.
 
@@ -124,13 +153,11 @@ def delta_compress(data: bytes | memoryview, base_plain: bytes, level: int) -> b
     """
     n = len(data)
     nb = -(-n // BLOCK_SIZE)
-    new = _blocks(data, n, nb)
-    old = _blocks(base_plain, n, nb)
-    inside = _inside(n, len(base_plain), nb)
-    stored = ~inside | (new.view(np.uint64) != old.view(np.uint64)).any(axis=1)
+    stored = _changed(data, base_plain, nb)
     if nb and stored.mean() > BLOCKS_FALLBACK_SHARE:
         return bytes((DELTA_DICT,)) + _dict_compress(data, base_plain, level)
-    frame = _dict_compress(_cat(new, stored, n), _cat(old, stored & inside, n), level)
+    inside = _inside(n, len(base_plain), nb)
+    frame = _dict_compress(_gather(data, n, stored), _gather(base_plain, n, stored & inside), level)
     return bytes((DELTA_BLOCKS,)) + _LENGTH.pack(n) + np.packbits(stored).tobytes() + frame
 
 

@@ -39,7 +39,9 @@ from .pack import PackBuilder
 from .snapshot import Snapshot
 
 WORKERS = max(2, os.cpu_count() or 2)
-SKIP_PLAIN_SHARE = 0.25
+# A delta under this share of the whole blob's stored size skips the plain compression it is
+# weighed against: a chunk that similar never compressed to near half its base (store/FORMAT.md).
+SKIP_PLAIN_SHARE = 0.5
 
 
 def pack_key(pack_id: bytes) -> str:

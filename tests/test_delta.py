@@ -198,6 +198,44 @@ def test_delta_payloads_reproduce_any_edit(base, edits, resize):
     assert delta_decompress(delta_compress(data, base, 3), base) == data
 
 
+@pytest.mark.parametrize("n, m", [(0, 0), (1, 1), (1023, 1023), (1024, 1024), (3000, 3000), (3000, 2100),
+                                  (3000, 2047), (2048, 3000), (5000, 1), (4096, 0)])
+def test_block_map_marks_exactly_the_blocks_that_differ_or_lie_past_the_base(n, m):
+    from chunkvault.store.blob import BLOCK_SIZE, DELTA_BLOCKS, delta_compress, delta_decompress
+
+    rnd = random.Random(n * 7 + m)
+    base = rnd.randbytes(m)
+    data = bytearray(base[:n] + rnd.randbytes(max(0, n - m)))
+    for i in range(0, n, 2 * BLOCK_SIZE):  # every other block changes one byte
+        data[i] ^= 1
+    data = bytes(data)
+    payload = delta_compress(data, base, 3)
+    assert delta_decompress(payload, base) == data
+    if payload[0] != DELTA_BLOCKS:
+        return
+    expect = [i % 2 == 0 or min((i + 1) * BLOCK_SIZE, n) > m for i in range(-(-n // BLOCK_SIZE))]
+    bits = payload[5 : 5 + -(-len(expect) // 8)]
+    assert [bool(bits[i // 8] >> (7 - i % 8) & 1) for i in range(len(expect))] == expect
+
+
+def test_plain_compression_is_skipped_for_a_delta_far_smaller_than_the_whole_blob(tmp_path, new_repo, monkeypatch):
+    from chunkvault.store import repository
+
+    rnd = random.Random(14)
+    src = tmp_path / "db"
+    src.mkdir()
+    page_file(src / "table", 256, rnd)
+    repo = new_repo()
+    repo.backup([str(src)])
+    touch_pages(src / "table", 0.3, rnd)
+    calls = []
+    real = repository.compress
+    monkeypatch.setattr(repository, "compress", lambda data, level: calls.append(len(data)) or real(data, level))
+    snap = repo.backup([str(src)]).snapshot
+    assert snap.stats["delta_blobs"] > 0
+    assert len(calls) < snap.stats["delta_blobs"]  # manifest pieces only: no chunk was compressed twice
+
+
 def test_chains_stay_within_the_depth_bound_and_restore(tmp_path, new_repo):
     repo = new_repo(chunker=SMALL)
     repo.store.max_delta_depth = 3  # a shorter bound than the format's, so chains restart within the test
