@@ -1,7 +1,7 @@
 """Reliability figures: kills survived, faults survived, corruptions detected, bad inputs tried.
 
-    python bench/reliability.py            # the CI-sized run (20 kills per series)
-    python bench/reliability.py --long     # 200 kills per series, more faults and corruptions
+    python bench/reliability.py            # the CI-sized run (20 runs per series, nearly all killed)
+    python bench/reliability.py --long     # 200 runs per series, more faults and corruptions
     python bench/reliability.py --runs 500 --seed 7 --verbose
 
 Uses the same harness as the test suites (tests/crashkit.py, tests/faults.py) and
@@ -83,8 +83,8 @@ def decoder_fuzz(count: int, seed: int) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--long", action="store_true", help="200 kills per series, more faults and corruptions")
-    p.add_argument("--runs", type=int, help="kills per series (default 20, or 200 with --long)")
+    p.add_argument("--long", action="store_true", help="200 runs per series, more faults and corruptions")
+    p.add_argument("--runs", type=int, help="runs per series, each with a kill moment (default 20, or 200 with --long)")
     p.add_argument("--seed", type=int, default=20261128)
     p.add_argument("--skip", action="append", default=[], choices=["backup", "prune", "copy", "faults", "tamper", "fuzz"])
     p.add_argument("--verbose", action="store_true")
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     lines = []
     with tempfile.TemporaryDirectory(prefix="cv-reliability-") as work:
+        os.environ["XDG_STATE_HOME"] = os.path.join(work, "state")  # the runs' client ledgers stay in here
         for name, series in (("backup", crashkit.crash_backup_series), ("prune", crashkit.crash_prune_series),
                              ("copy", crashkit.crash_copy_series)):
             if name in args.skip:

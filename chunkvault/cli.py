@@ -6,6 +6,7 @@ import getpass
 import json
 import os
 import sys
+import warnings
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -362,7 +363,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     repo = _open(args)
     bar = _progress(args, "check", unit="packs")
     try:
-        report = repo.check(read_data=args.read_data, subset=args.read_data_subset, progress=bar)
+        report = repo.check(read_data=args.read_data, subset=args.read_data_subset, progress=bar,
+                            accept_state=args.accept_state)
     finally:
         bar.done()
     if args.json:
@@ -682,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check", parents=[common], help="verify the repository")
     s.add_argument("--read-data", action="store_true", help="decrypt, decompress and re-hash every blob")
     s.add_argument("--read-data-subset", metavar="n/m|P%", help="read only a slice of the packs")
+    s.add_argument("--accept-state", action="store_true",
+                   help="accept the snapshots as they are now after a replayed or rolled-back repository "
+                        "was reported (resets this client's ledger)")
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("repair", parents=[common], help="rebuild the index, or drop files whose data is gone")
@@ -716,6 +721,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
+    """A warning about the repository's state is one line on stderr, never on stdout (--json)."""
+    from .ledger import RepositoryStateWarning
+
+    def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+        if issubclass(category, RepositoryStateWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, *rest, **kw)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     from .memory import no_blas_threads, tune_allocator, tune_gc
 
@@ -726,7 +744,9 @@ def main(argv: list[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            return int(args.func(args) or 0)
     except ChunkvaultError as exc:
         print(f"chunkvault: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -116,3 +116,11 @@ class VerificationFailed(ChunkvaultError):
     """check / verify-restore found problems."""
 
     exit_code = 18
+
+
+class RollbackDetected(ChunkvaultError):
+    """The snapshot set contradicts this client's ledger: a snapshot it forgot is back (replayed),
+    or the newest it saw is gone (rolled back).  Writes are refused until the user forgets the
+    replayed snapshot again or accepts the state (``check --accept-state``)."""
+
+    exit_code = 19

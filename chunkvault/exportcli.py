@@ -58,11 +58,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from . import cli
-    from .store.export import IMPORTED_FROM, import_backup
+    from .store.export import IMPORTED_FROM
 
     repo = cli._open(args)
     password = get_export_password(args, confirm=False)
-    snap = import_backup(repo.store, args.file, password)
+    snap = repo.import_backup(args.file, password)
     st = snap.stats
     if args.json:
         cli._emit_json(cli._snapshot_json(snap))

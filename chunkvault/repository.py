@@ -13,12 +13,13 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import blake3
 
-from .errors import UsageError
+from .errors import CorruptObject, UsageError
+from .ledger import Ledger, present_of
 from .remotes import Remote, open_remote
 from .remotes.layer import wrap_remote
 from .remotes.local import LocalRemote
 from .store.backup import Backup, BackupOptions, BackupResult
-from .store.check import Checker, CheckReport
+from .store.check import Checker, CheckReport, Problem
 from .store.config import Settings
 from .store.copy import CopyResult, copy_snapshots
 from .store.export import ExportStats, export as _export, import_backup as _import_backup
@@ -54,11 +55,24 @@ def connect(url: str | Remote, *, cache: bool = True, **options: Any) -> Remote:
     return wrap_remote(remote, cache_dir=cache_dir)
 
 
-class Repository:
-    """An open chunkvault repository."""
+def _ledger_for(repo: Repo, where: bool | str | os.PathLike[str]) -> Ledger | None:
+    """True: the default location ($XDG_STATE_HOME/chunkvault/ledger); a path: that directory; False: none."""
+    if where is False:
+        return None
+    return Ledger.at(None if where is True else os.fspath(where), repo.config.repo_id)
 
-    def __init__(self, repo: Repo):
+
+class Repository:
+    """An open chunkvault repository.
+
+    ``ledger`` (of ``open``/``init``) keeps this client's memory of the snapshot set, so that a
+    forgotten snapshot put back or the newest ones deleted are noticed: reads warn
+    (``RepositoryStateWarning``), writes raise ``RollbackDetected``, ``check`` reports them.
+    """
+
+    def __init__(self, repo: Repo, ledger: Ledger | None = None):
         self._repo = repo
+        self._ledger = ledger
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -67,7 +81,7 @@ class Repository:
              chunker: dict[str, int] | None = None, compression_level: int = 3, pack_size: int | None = None,
              full_every: int | None = None, max_diff_share: float | None = None,
              chunker_secret: bytes | None = None, copy_chunker_from: "Repository | None" = None,
-             **remote_options: Any) -> "Repository":
+             ledger: bool | str | os.PathLike[str] = True, **remote_options: Any) -> "Repository":
         from .chunker import ChunkerParams
 
         remote = connect(url, **remote_options)
@@ -81,13 +95,16 @@ class Repository:
             settings.full_every = full_every
         if max_diff_share is not None:
             settings.max_diff_share = max_diff_share
-        return cls(Repo.init(remote, _password(password), settings=settings, kdf_seconds=kdf_seconds,
-                             chunker_secret=chunker_secret))
+        repo = Repo.init(remote, _password(password), settings=settings, kdf_seconds=kdf_seconds,
+                         chunker_secret=chunker_secret)
+        return cls(repo, _ledger_for(repo, ledger))
 
     @classmethod
-    def open(cls, url: str | Remote, password: str | bytes, **remote_options: Any) -> "Repository":
+    def open(cls, url: str | Remote, password: str | bytes, *, ledger: bool | str | os.PathLike[str] = True,
+             **remote_options: Any) -> "Repository":
         remote = connect(url, **remote_options)
-        return cls(Repo.open(remote, _password(password)))
+        repo = Repo.open(remote, _password(password))
+        return cls(repo, _ledger_for(repo, ledger))
 
     def close(self) -> None:
         self._repo.remote.close()
@@ -103,6 +120,45 @@ class Repository:
         """The store-level repository (for tools that need packs, index or keys)."""
         return self._repo
 
+    # --- the client-side ledger -------------------------------------------------
+
+    def _list(self) -> list[Snapshot]:
+        """Every snapshot; the ledger notes them (and warns once about a replay or rollback)."""
+        snaps = self._repo.snapshots()
+        if self._ledger is not None:
+            self._ledger.observe(present_of(snaps))
+        return snaps
+
+    def _guard(self, snaps: list[Snapshot] | None = None, forgetting: Iterable[str] = ()) -> list[Snapshot]:
+        """Before a write: RollbackDetected if the snapshot set contradicts the ledger."""
+        snaps = self._repo.snapshots() if snaps is None else snaps
+        if self._ledger is not None:
+            present = present_of(snaps)
+            self._ledger.guard(present, forgetting=set(forgetting))
+            self._ledger.observe(present, warn=False)
+        return snaps
+
+    def _wrote(self, *snaps: Snapshot) -> None:
+        if self._ledger is not None:
+            self._ledger.wrote(present_of(snaps))
+
+    def _present_for_check(self) -> dict[str, datetime]:
+        """Every listed snapshot; one that does not decode is check's to report, and counts as present."""
+        snaps, unreadable = [], []
+        for name in self._repo.snapshot_names():
+            try:
+                snaps.append(self._repo.load_snapshot(name))
+            except CorruptObject:
+                unreadable.append(name)
+        return present_of(snaps, unreadable)
+
+    def accept_state(self) -> list[str]:
+        """Accept the snapshot set as it is (after a replay or rollback was looked into);
+        returns what the ledger had found, one line each."""
+        if self._ledger is None:
+            return []
+        return [f.message() for f in self._ledger.accept(self._present_for_check())]
+
     # --- backup -----------------------------------------------------------------
 
     def backup(self, paths: list[str] | str, *, kind: str = "auto", tags: list[str] | None = None,
@@ -116,6 +172,12 @@ class Repository:
         """
         if isinstance(paths, str):
             paths = [paths]
+        try:
+            snaps = self._guard()
+        except BaseException:
+            if walk is not None:
+                walk.close()
+            raise
         if walk is None:
             walk = SourceWalk.of_paths(list(paths), excludes)
         elif walk.paths != root_specs(list(paths))[1] or walk.excludes != list(excludes or []):
@@ -123,25 +185,30 @@ class Repository:
             raise UsageError("the given walk is of other paths or excludes than the backup")
         opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, excludes=list(excludes or []),
                              delta=delta, no_delta=list(no_delta or []), progress=progress,
-                             parent=self.snapshot(parent) if parent else None)
-        return Backup(self._repo, opts).run(walk, walk.paths)
+                             parent=find_snapshot(snaps, parent) if parent else None)
+        result = Backup(self._repo, opts).run(walk, walk.paths)
+        self._wrote(result.snapshot)
+        return result
 
     def backup_stream(self, fileobj: BinaryIO, name: str, *, kind: str = "auto", tags: list[str] | None = None,
                       host: str | None = None, delta: bool = True) -> BackupResult:
         """Store a stream (e.g. a dump on stdin) as the single file ``name``."""
+        self._guard()
         opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, delta=delta)
-        return Backup(self._repo, opts).run(None, [name], stream=fileobj, stdin_name=name)
+        result = Backup(self._repo, opts).run(None, [name], stream=fileobj, stdin_name=name)
+        self._wrote(result.snapshot)
+        return result
 
     # --- reading ----------------------------------------------------------------
 
     def snapshots(self) -> list[Snapshot]:
-        return self._repo.snapshots()
+        return self._list()
 
     def snapshot(self, spec: str = "latest", *, until: str | datetime | None = None,
                  host: str | None = None, paths: list[str] | None = None) -> Snapshot:
         """An id, unique prefix or ``latest``; with ``until`` the newest at or before that time."""
         t = parse_time(until) if isinstance(until, str) else until
-        return find_snapshot(self._repo.snapshots(), spec, until=t, host=host, filter_paths=paths)
+        return find_snapshot(self._list(), spec, until=t, host=host, filter_paths=paths)
 
     def tree(self, snapshot: str | Snapshot = "latest") -> Iterator[Entry]:
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
@@ -186,12 +253,20 @@ class Repository:
         return diff_trees(self._repo.tree(sa), self._repo.tree(sb))
 
     def check(self, *, read_data: bool = False, subset: str | None = None,
-              progress: Callable[[int, int, int], None] | None = None) -> CheckReport:
+              progress: Callable[[int, int, int], None] | None = None, accept_state: bool = False) -> CheckReport:
         """Verify structure; with ``read_data`` (or a ``subset`` like "1/7" or "10%") every blob too.
 
+        A replayed or rolled-back snapshot set (by this client's ledger) is a problem naming the
+        snapshot; ``accept_state`` accepts the set as it is instead (reported as warnings).
         ``progress(packs checked, bytes read, bytes to read)`` is called as packs are done.
         """
-        return Checker(self._repo, read_data=read_data, subset=subset, progress=progress).run()
+        report = Checker(self._repo, read_data=read_data, subset=subset, progress=progress).run()
+        accepted = self.accept_state() if accept_state else []  # after the check: its snapshots are loaded
+        if self._ledger is not None:
+            report.problems.extend(Problem(f"snapshots/{f.snapshot_id}", f.message(), snapshots=[f.snapshot_id])
+                                   for f in self._ledger.findings(self._present_for_check()))
+        report.warnings.extend(f"accepted: {line}" for line in accepted)
+        return report
 
     def forget(self, snapshots: Iterable[str] = (), *, policy: RetentionPolicy | None = None,
                dry_run: bool = False, now: datetime | None = None) -> ForgetPlan:
@@ -200,15 +275,31 @@ class Repository:
         ids = [find_snapshot(snaps, s).id for s in snapshots]
         if policy is None and not ids:
             raise UsageError("nothing to forget: name snapshots or give a retention policy")
+        if dry_run:
+            return plan_forget(self._list(), policy=policy, ids=ids, now=now)
+        # Forgetting a replayed snapshot again, by id, is allowed: it is the natural fix.
+        self._guard(snaps, forgetting=ids if policy is None else ())
         plan = plan_forget(snaps, policy=policy, ids=ids, now=now)
-        if not dry_run:
-            apply_forget(self._repo, snaps, plan)
+        self._forgetting(snaps, plan.remove, lambda: apply_forget(self._repo, snaps, plan))
         return plan
+
+    def _forgetting(self, snaps: list[Snapshot], remove: list[str], run: Callable[[], Any]) -> Any:
+        """Delete snapshots (``run``) with the ledger told before (pending, so a forget killed
+        half-way is not taken for a rollback) and after."""
+        if self._ledger is None or not remove:
+            return run()
+        self._ledger.forgetting(remove)
+        out = run()
+        gone = set(remove)
+        self._ledger.forgot(remove, present_of(s for s in snaps if s.id not in gone))
+        return out
 
     def aggregate(self, snapshot: str | Snapshot, *, retire: bool = False) -> Snapshot:
         """Turn a differential into a synthetic full (same id, same tree); ``retire`` forgets its old chain."""
-        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
-        return aggregate(self._repo, snap, retire=retire)[0]
+        snaps = self._guard()
+        snap = snapshot if isinstance(snapshot, Snapshot) else find_snapshot(snaps, snapshot)
+        chain = [s.id for s in self._repo.chain_of(snap, snaps)[:-1]] if retire else []
+        return self._forgetting(snaps, chain, lambda: aggregate(self._repo, snap, retire=retire))[0]
 
     def prune(self, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0,
               progress: Callable[[int, int, int], None] | None = None) -> PrunePlan:
@@ -216,6 +307,10 @@ class Repository:
 
         ``progress(pack operations done, bytes repacked, bytes to repack)`` is called as it goes.
         """
+        if dry_run:
+            self._list()
+        else:
+            self._guard()
         return prune(self._repo, max_unused=max_unused, dry_run=dry_run, wait=wait, progress=progress)
 
     def copy_to(self, destination: "Repository", snapshots: Iterable[str] = (),
@@ -224,9 +319,12 @@ class Repository:
 
         ``progress(blobs sent, bytes sent)`` is called as blobs arrive.
         """
-        snaps = self._repo.snapshots()
+        snaps = self._list()
         ids = [find_snapshot(snaps, s).id for s in snapshots] or None
-        return copy_snapshots(self._repo, destination._repo, ids, progress=progress)
+        destination._guard()
+        result = copy_snapshots(self._repo, destination._repo, ids, progress=progress)
+        destination._wrote(*(destination._repo.load_snapshot(d) for _, d in result.copied))
+        return result
 
     def repair_index(self) -> RepairReport:
         """Rebuild the index from the pack headers."""
@@ -234,6 +332,8 @@ class Repository:
 
     def repair_snapshots(self, *, dry_run: bool = True) -> RepairReport:
         """Drop (list, and with ``dry_run=False`` rewrite) files whose data is gone."""
+        if not dry_run:
+            self._guard()
         return repair_snapshots(self._repo, dry_run=dry_run)
 
     def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,
@@ -244,7 +344,10 @@ class Repository:
 
     def import_backup(self, path: str, password: str | bytes) -> Snapshot:
         """Bring a .backup file in as a new full snapshot; chunks already here are not stored again."""
-        return _import_backup(self._repo, path, _password(password))
+        self._guard()
+        snap = _import_backup(self._repo, path, _password(password))
+        self._wrote(snap)
+        return snap
 
     # --- keys ----------------------------------------------------------------------
 

@@ -7,6 +7,24 @@ import pytest
 PASSWORD = "correct horse battery staple"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_home_of_session(tmp_path_factory):
+    """Client state (the snapshot ledger) of module- and session-scoped fixtures stays in a tmp dir."""
+    saved = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = saved
+
+
+@pytest.fixture(autouse=True)
+def _state_home(tmp_path_factory, monkeypatch):
+    """Each test is a client of its own: its ledger never leaks into another test or the home directory."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def password() -> str:
     return PASSWORD

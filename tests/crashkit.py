@@ -12,9 +12,12 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
+import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -96,32 +99,47 @@ def timed_cli(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess
 
 
 class KillClock:
-    """Seeded kill delays spanning a command's run: a quarter uniform over the whole
-    run (start-up included), the rest over the part after start-up, where it writes."""
+    """Seeded kill moments drawn from what complete runs of the same command took, so that
+    nearly every run is killed: a delay uniform below 0.95 of a recent run's duration (a
+    quarter of them from the start, the rest past start-up, where it writes), or, every
+    other run, a number of its writes uniform below 0.95 of a recent run's count.
+
+    Recent means the median of the last few complete runs: the runs after a kill finish
+    what the killed one left, so they are shorter, and a kill drawn from them lands."""
+
+    RECENT = 3
 
     def __init__(self, rng: random.Random, startup: float, duration: float):
         self.rng = rng
         self.startup = startup
-        self.duration = max(duration, startup * 1.2)
-        self.changes = 1  # most objects a complete run added or removed so far
+        self.durations: deque[float] = deque([duration], maxlen=self.RECENT)
+        self.changes: deque[int] = deque(maxlen=self.RECENT)  # objects a complete run added or removed
+
+    def observe(self, elapsed: float) -> None:
+        """A complete run of the same command took ``elapsed`` seconds."""
+        self.durations.append(elapsed)
 
     def observe_changes(self, n: int) -> None:
-        self.changes = max(self.changes, n)
+        if n > 0:
+            self.changes.append(n)
+
+    @property
+    def duration(self) -> float:
+        return statistics.median(self.durations)
 
     def pick_changes(self) -> int | None:
         """Every other run is killed after a random number of its writes instead of a delay."""
         if self.rng.random() < 0.5:
             return None
-        return self.rng.randint(1, self.changes)
-
-    def observe(self, elapsed: float) -> None:
-        """A complete run of the same command took ``elapsed``: follow the workload's growth."""
-        self.duration = max(elapsed, 0.95 * self.duration, self.startup * 1.2)
+        recent = statistics.median(self.changes) if self.changes else 1
+        return self.rng.randint(1, max(1, int(0.95 * recent)))
 
     def next(self) -> float:
-        if self.rng.random() < 0.25:
-            return self.rng.uniform(0.0, self.duration * 1.05)
-        return self.rng.uniform(self.startup * 0.9, self.duration)
+        end = 0.95 * self.duration
+        start = self.startup * 0.9
+        if self.rng.random() < 0.25 or start >= end:
+            return self.rng.uniform(0.0, end)
+        return self.rng.uniform(start, end)
 
 
 def measure_startup(repo_path: str) -> float:
@@ -209,8 +227,8 @@ class SourceTree:
 # --- looking inside a repository --------------------------------------------------------
 
 
-def open_repo(path: str, password: str = PASSWORD) -> Repository:
-    return Repository.open(path, password)
+def open_repo(path: str, password: str = PASSWORD, *, ledger: bool | str = True) -> Repository:
+    return Repository.open(path, password, ledger=ledger)
 
 
 def init_repo(path: str, *, copy_from: str | None = None, compression: int = COMPRESSION) -> None:
@@ -285,7 +303,7 @@ class Figures:
     """What a series proved; printed by the benchmark, asserted by the tests."""
 
     name: str
-    runs: int = 0
+    runs: int = 0  # runs started with a kill moment
     kills: int = 0  # runs SIGKILLed before they finished
     effective_kills: int = 0  # kills after which the repository held objects the run had written
     finished_before_kill: int = 0
@@ -300,9 +318,9 @@ class Figures:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.name}: {self.kills} kills survived ({self.effective_kills} mid-write, "
-                f"{self.late_kills} after an index write, {self.finished_before_kill} runs finished first), "
-                f"{self.recoveries} recoveries, "
+        return (f"{self.name}: {self.runs} runs, {self.kills} killed and survived ({self.effective_kills} mid-write, "
+                f"{self.late_kills} after an index write), {self.finished_before_kill} finished before their "
+                f"kill moment; {self.recoveries} recoveries, "
                 f"{self.snapshots_verified} restores verified byte for byte, {self.checks} checks clean "
                 f"({self.check_warnings} warnings), {self.temp_leftovers} temp files left by kills, "
                 f"{self.reused_bytes} bytes reused after kills, {self.seconds:.1f} s")
@@ -584,6 +602,18 @@ def _copied_states(dst_repo: str, by_source: dict[str, State]) -> dict[str, Stat
 # --- tampering ------------------------------------------------------------------------------
 
 OBJECT_KINDS = ("config", "key", "pack-data", "pack-header", "index", "snapshot")
+# Changes to the set of snapshots rather than to an object: a forgotten snapshot put back, the
+# newest deleted.  Only the client that made the repository (its ledger) can tell.
+SET_KINDS = ("snapshot-set",)
+
+
+def ledger_of(pristine: str) -> str:
+    """The ledger directory of the client that built ``pristine`` (copied along with it)."""
+    return pristine + "-ledger"
+
+
+def _forgotten_of(pristine: str) -> str:
+    return pristine + "-forgotten"
 
 
 @dataclass
@@ -623,17 +653,20 @@ class TamperFigures:
 
 def build_tamper_repo(workdir: str) -> tuple[str, dict[str, State]]:
     """A small repository with every object type: a full and two differentials (one rebased
-    by a forget), a compacted index plus a newer one, packs with many blobs."""
+    by a forget), a compacted index plus a newer one, packs with many blobs.  The client that
+    builds it keeps its ledger beside it, and the forgotten snapshot's bytes."""
     path = os.path.join(workdir, "pristine")
     src = os.path.join(workdir, "src")
     init_repo(path, compression=3)
     tree = SourceTree(src, random.Random(77), target_bytes=1 << 20)
     states: dict[str, State] = {}
-    with open_repo(path) as repo:
+    with open_repo(path, ledger=ledger_of(path)) as repo:
         for _ in range(3):
             states[repo.backup([src], kind="auto").snapshot.id] = tree.state()
             tree.mutate()
         middle = list(states)[1]
+        os.makedirs(_forgotten_of(path))
+        shutil.copy(os.path.join(path, "snapshots", middle), _forgotten_of(path))
         repo.forget([middle])  # the third is rebased onto the first
         states.pop(middle)
         repo.prune(max_unused=0)
@@ -648,8 +681,14 @@ def object_keys(path: str, kind: str) -> list[str]:
     return [k for k in keys if k.startswith(prefix)]
 
 
-def mutations(path: str, kind: str, rng: random.Random, flips: int) -> Iterable[tuple[str, str, Callable[[bytes], bytes]]]:
-    """(object key, description, bytes -> damaged bytes) for one object kind."""
+Damage = Callable[[bytes], "bytes | None"]  # an object's bytes (b"" if absent) -> new bytes, or None: delete
+
+
+def mutations(path: str, kind: str, rng: random.Random, flips: int) -> Iterable[tuple[str, str, Damage]]:
+    """(object key, description, damage) for one object kind (or kind of change to the snapshot set)."""
+    if kind == "snapshot-set":
+        yield from _set_mutations(path)
+        return
     keys = object_keys(path, kind)
     sizes = {k: os.path.getsize(os.path.join(path, k)) for k in keys}
 
@@ -689,6 +728,16 @@ def mutations(path: str, kind: str, rng: random.Random, flips: int) -> Iterable[
         yield key, f"replaced by the bytes of {others[-1]}", lambda _b: other
 
 
+def _set_mutations(path: str) -> Iterable[tuple[str, str, Damage]]:
+    for name in sorted(os.listdir(_forgotten_of(path))):
+        with open(os.path.join(_forgotten_of(path), name), "rb") as f:
+            data = f.read()
+        yield f"snapshots/{name}", "forgotten snapshot put back", lambda _b, d=data: d
+    with open_repo(path, ledger=False) as repo:
+        newest = repo.snapshots()[-1].id
+    yield f"snapshots/{newest}", "newest snapshot deleted", lambda _b: None
+
+
 def identifiers(path: str, key: str) -> set[str]:
     """Names an error about ``key`` may use: the key's last part, and for a pack its blob ids."""
     names = {key.rsplit("/", 1)[-1]}
@@ -700,8 +749,8 @@ def identifiers(path: str, key: str) -> set[str]:
     return names
 
 
-def probe(path: str, states: dict[str, State], scratch: str) -> list[str]:
-    """Open, check --read-data and restore every snapshot; the errors and problems seen.
+def probe(path: str, states: dict[str, State], scratch: str, *, ledger: bool | str = True) -> list[str]:
+    """Open, check --read-data and restore every snapshot; the errors, problems and warnings seen.
 
     A restore that completes must equal its recorded tree: anything else raises
     AssertionError (wrong data), whatever the damage was.
@@ -710,10 +759,11 @@ def probe(path: str, states: dict[str, State], scratch: str) -> list[str]:
 
     seen: list[str] = []
     try:
-        repo = open_repo(path)
+        repo = open_repo(path, ledger=ledger)
     except ChunkvaultError as exc:
         return [f"{type(exc).__name__}: {exc}"]
-    with repo:
+    with repo, warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         try:
             report = repo.check(read_data=True)
             seen += [f"check: {p.object}: {p.problem}" for p in report.problems]
@@ -730,23 +780,34 @@ def probe(path: str, states: dict[str, State], scratch: str) -> list[str]:
                 seen.append(f"restore {sid[:12]}: {type(exc).__name__}: {exc}")
             finally:
                 shutil.rmtree(out, ignore_errors=True)
+    from chunkvault.ledger import RepositoryStateWarning
+
+    seen += sorted({f"warning: {w.message}" for w in warned if issubclass(w.category, RepositoryStateWarning)})
     return seen
 
 
 def tamper_one(pristine: str, states: dict[str, State], workdir: str, kind: str, key: str, how: str,
-               damage: Callable[[bytes], bytes]) -> Tampered:
-    """Damage one object in a fresh copy of ``pristine`` and classify what happened."""
+               damage: Damage) -> Tampered:
+    """Damage one object in a fresh copy of ``pristine`` (and of its client's ledger) and
+    classify what happened."""
     work = os.path.join(workdir, "tampered")
-    shutil.rmtree(work, ignore_errors=True)
+    for d in (work, ledger_of(work)):
+        shutil.rmtree(d, ignore_errors=True)
     shutil.copytree(pristine, work)
+    shutil.copytree(ledger_of(pristine), ledger_of(work))
     target = os.path.join(work, key)
-    with open(target, "rb") as f:
-        data = f.read()
+    data = b""
+    if os.path.exists(target):
+        with open(target, "rb") as f:
+            data = f.read()
     bad = damage(data)
-    with open(target, "wb") as f:
-        f.write(bad)
+    if bad is None:
+        os.remove(target)
+    else:
+        with open(target, "wb") as f:
+            f.write(bad)
     t = Tampered(kind, key, how)
-    t.messages = probe(work, states, workdir)
+    t.messages = probe(work, states, workdir, ledger=ledger_of(work))
     names = identifiers(pristine, key)
     if not t.messages:
         t.outcome = "harmless"
@@ -755,18 +816,20 @@ def tamper_one(pristine: str, states: dict[str, State], workdir: str, kind: str,
         t.outcome = "detected"
     else:
         t.outcome = "misreported"
-    shutil.rmtree(work, ignore_errors=True)
+    for d in (work, ledger_of(work)):
+        shutil.rmtree(d, ignore_errors=True)
     return t
 
 
 def tamper_sweep(workdir: str, seed: int, flips: int = 8,
                  log: Callable[[str], None] | None = None) -> tuple[TamperFigures, list[Tampered]]:
-    """Every object kind: ``flips`` bit flips, three truncations and a swap, each probed."""
+    """Every object kind: ``flips`` bit flips, three truncations and a swap, each probed; and
+    the snapshot set replayed and rolled back."""
     pristine, states = build_tamper_repo(workdir)
     rng = random.Random(seed)
     fig = TamperFigures()
     cases = []
-    for kind in OBJECT_KINDS:
+    for kind in OBJECT_KINDS + SET_KINDS:
         for key, how, damage in list(mutations(pristine, kind, rng, flips)):
             t = tamper_one(pristine, states, workdir, kind, key, how, damage)
             fig.add(t)

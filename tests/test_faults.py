@@ -102,7 +102,7 @@ def puts_of_a_backup(path: str, src, tmp_path) -> int:
     twin = str(tmp_path / "twin")
     shutil.copytree(path, twin)
     faulty, remote = flaky(twin, 0)
-    Repository.open(remote, PASSWORD).backup([str(src)])
+    Repository.open(remote, PASSWORD, ledger=False).backup([str(src)])  # the twin shares the id: not this client's
     shutil.rmtree(twin)
     return faulty.successful_puts
 

@@ -53,7 +53,7 @@ def test_random_removals_keep_every_kept_tree(tmp_path_factory, history, data):
     work = tmp_path_factory.mktemp("forget") / "repo"
     shutil.copytree(repo_dir, work)
     remove = data.draw(st.sets(st.sampled_from(ids), min_size=1, max_size=len(ids) - 1))
-    repo = Repository.open(str(work), PW)
+    repo = Repository.open(str(work), PW, ledger=str(work.parent / "ledger"))  # each copy: a new client
     plan = repo.forget(sorted(remove))
     assert sorted(plan.remove) == sorted(remove)
     left = repo.snapshots()

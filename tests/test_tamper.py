@@ -10,13 +10,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
 
 import pytest
 
 import crashkit
 from chunkvault import Repository
 from chunkvault.errors import CorruptObject, MissingObject, WrongPassword
+from chunkvault.ledger import RepositoryStateWarning
 
 FLIPS = int(os.environ.get("CHUNKVAULT_TAMPER_FLIPS", "6"))
 
@@ -62,6 +62,19 @@ def test_damaged_objects_are_detected_by_name(pristine, kind):
             assert any(m.startswith("check") for m in t.messages)  # ... but check reads it
     print(fig.summary())
     assert fig.made >= FLIPS and fig.wrong_data == 0
+
+
+def test_replayed_and_rolled_back_snapshot_sets_are_detected_by_the_client_that_made_them(pristine):
+    work, path, states = pristine
+    fig = crashkit.TamperFigures()
+    for key, how, damage in list(crashkit.mutations(path, "snapshot-set", random.Random(0), FLIPS)):
+        t = crashkit.tamper_one(path, states, work, "snapshot-set", key, how, damage)
+        fig.add(t)
+        assert t.outcome == "detected", f"{key} {how}: {t.messages}"
+        assert any(m.startswith(f"check: {key}: ") for m in t.messages), t.messages
+        assert any(m.startswith("warning: ") for m in t.messages), t.messages
+    print(fig.summary())
+    assert fig.made == 2 and fig.detected == 2
 
 
 def _copy(pristine, tmp_path) -> str:
@@ -198,17 +211,39 @@ def test_older_snapshot_bytes_under_a_newer_name_are_rejected(chain):
         assert c in info.value.object_name
 
 
-def test_readded_forgotten_snapshot_before_prune_is_indistinguishable(chain, tmp_path):
-    """Outcome documented: a forgotten snapshot put back under its own name is a valid,
-    authentic object; until prune removes its data it restores its original tree exactly."""
+def test_readded_forgotten_snapshot_before_prune_is_detected_as_replayed(chain, tmp_path):
+    """A forgotten snapshot put back under its own name is a valid, authentic object: the client
+    that forgot it says so (its ledger); reads warn and still restore exactly."""
     path, states, raw = chain
     a, b, c = list(states)
     with crashkit.open_repo(path) as repo:
         repo.forget([c])
     with open(os.path.join(path, "snapshots", c), "wb") as f:
         f.write(raw[c])
-    crashkit.check_clean(path, crashkit.Figures("replay"))
-    crashkit.verify_restores(path, states, str(tmp_path), crashkit.Figures("replay"))
+    with crashkit.open_repo(path) as repo:
+        report = repo.check(read_data=True)
+        assert [(p.object, p.snapshots) for p in report.problems] == [(f"snapshots/{c}", [c])]
+        assert "replayed" in report.problems[0].problem
+    with pytest.warns(RepositoryStateWarning, match="replayed"):
+        crashkit.verify_restores(path, states, str(tmp_path), crashkit.Figures("replay"))
+
+
+def test_another_client_cannot_tell_a_replay_or_a_rollback(chain, tmp_path):
+    """Outcome documented: the snapshot set is not signed, so a client without this one's ledger
+    sees a clean repository; every snapshot present still restores exactly."""
+    path, states, raw = chain
+    a, b, c = list(states)
+    with crashkit.open_repo(path) as repo:
+        repo.forget([b])
+    with open(os.path.join(path, "snapshots", b), "wb") as f:
+        f.write(raw[b])
+    os.remove(os.path.join(path, "snapshots", c))
+    with Repository.open(path, crashkit.PASSWORD, ledger=False) as repo:
+        assert repo.check(read_data=True).ok
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_STATE_HOME", str(tmp_path / "another-client"))
+        crashkit.check_clean(path, crashkit.Figures("replay"))
+        crashkit.verify_restores(path, {a: states[a], b: states[b]}, str(tmp_path), crashkit.Figures("replay"))
 
 
 def test_readded_forgotten_snapshot_after_prune_fails_loudly(chain, tmp_path):
@@ -222,9 +257,11 @@ def test_readded_forgotten_snapshot_after_prune_fails_loudly(chain, tmp_path):
     with crashkit.open_repo(path) as repo:
         report = repo.check()
         assert not report.ok and any(c in p.snapshots for p in report.problems)
-        with pytest.raises(CorruptObject):  # MissingObject is a CorruptObject
-            repo.restore(c, str(tmp_path / "c"))
-    crashkit.verify_restores(path, {a: states[a], b: states[b]}, str(tmp_path), crashkit.Figures("replay"))
+        assert any(p.object == f"snapshots/{c}" and "replayed" in p.problem for p in report.problems)
+        with pytest.warns(RepositoryStateWarning, match="replayed"), pytest.raises(CorruptObject):
+            repo.restore(c, str(tmp_path / "c"))  # MissingObject is a CorruptObject
+    with pytest.warns(RepositoryStateWarning, match="replayed"):
+        crashkit.verify_restores(path, {a: states[a], b: states[b]}, str(tmp_path), crashkit.Figures("replay"))
 
 
 def test_pre_rebase_version_of_a_snapshot_replayed(chain, tmp_path):
@@ -247,15 +284,21 @@ def test_pre_rebase_version_of_a_snapshot_replayed(chain, tmp_path):
     crashkit.verify_restores(path, {a: states[a]}, str(tmp_path), crashkit.Figures("replay"))
 
 
-def test_deleted_newest_snapshot_is_not_detectable(chain, tmp_path):
-    """Outcome documented: there is no signed list of snapshots, so removing the newest one
-    (a rollback) leaves a repository that checks clean; the others still restore exactly."""
+@pytest.mark.parametrize("deleted", [1, 2])
+def test_deleted_newest_snapshots_are_detected_as_a_rollback(chain, tmp_path, deleted):
+    """Removing the newest snapshots rolls the repository back: the client that saw the newest
+    reports it by id; the others still restore exactly."""
     path, states, _ = chain
-    newest = list(states)[-1]
-    os.remove(os.path.join(path, "snapshots", newest))
-    states.pop(newest)
-    crashkit.check_clean(path, crashkit.Figures("rollback"))
-    crashkit.verify_restores(path, states, str(tmp_path), crashkit.Figures("rollback"))
+    ids = list(states)
+    for sid in ids[-deleted:]:
+        os.remove(os.path.join(path, "snapshots", sid))
+        states.pop(sid)
+    with crashkit.open_repo(path) as repo:
+        report = repo.check()
+    assert [p.object for p in report.problems] == [f"snapshots/{ids[-1]}"]
+    assert "rolled back" in report.problems[0].problem
+    with pytest.warns(RepositoryStateWarning, match="rolled back"):
+        crashkit.verify_restores(path, states, str(tmp_path), crashkit.Figures("rollback"))
 
 
 # Exported `.backup` files: flips, truncations, swapped and spliced sections are in tests/test_export.py.

@@ -1,0 +1,201 @@
+"""The client-side ledger file: what this client forgot and the newest snapshot it saw.
+
+One small JSON file per repository, named by the repository's authenticated
+id (not its URL, which may change or be shared), under
+``$XDG_STATE_HOME/chunkvault/ledger/`` (default ``~/.local/state``).  The
+logic lives in ``store/ledger.py``; this module reads and writes the file and
+turns findings into warnings (reads) or ``RollbackDetected`` (writes).
+
+The file is written atomically (temporary file, fsync, rename), mode 0600,
+under a lock so that two commands of this client do not lose each other's
+updates.  A missing file is a first contact; an unreadable one is reported
+once and replaced, and a ledger that cannot be written never stops a backup.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from typing import Callable, Collection, Iterable
+
+from .errors import RollbackDetected
+from .store import ledger as logic
+from .store.ledger import REPLAYED, Finding, LedgerState
+from .store.snapshot import Snapshot
+
+
+class RepositoryStateWarning(UserWarning):
+    """The repository contradicts this client's ledger, or the ledger file is unusable."""
+
+
+def default_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "chunkvault", "ledger")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RepositoryStateWarning, stacklevel=3)
+
+
+class LedgerFile:
+    """``<directory>/<repo id>.json``, read and rewritten under an exclusive lock."""
+
+    def __init__(self, directory: str, repo_id: str):
+        self.repo_id = repo_id
+        self.directory = directory
+        safe = repo_id if re.fullmatch(r"[0-9a-f]{16,64}", repo_id) else hashlib.sha256(repo_id.encode()).hexdigest()
+        self.path = os.path.join(directory, f"{safe}.json")  # an id is hex; anything else never names a path
+        self._warned = False
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            _warn(message)
+
+    def read(self) -> LedgerState:
+        state, _ = self._load()
+        return state
+
+    def _load(self) -> tuple[LedgerState, bool]:
+        """(state, whether the file must be rewritten because it was unreadable)."""
+        try:
+            with open(self.path, "rb") as f:
+                doc = json.loads(f.read())
+            return logic.from_json(doc, self.repo_id), False
+        except (FileNotFoundError, NotADirectoryError):
+            return LedgerState(), False
+        except OSError as exc:
+            self._warn_once(f"cannot read the ledger {self.path} ({exc.strerror}): "
+                            f"replayed or rolled-back snapshots go unnoticed")
+            return LedgerState(), False
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            self._warn_once(f"ledger {self.path} is unreadable ({exc}): starting a fresh one")
+            return LedgerState(), True
+
+    def update(self, change: Callable[[LedgerState], LedgerState]) -> LedgerState:
+        """Apply ``change`` to the stored state and store the result (when it differs)."""
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            lock = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            self._warn_once(f"cannot use the ledger in {self.directory} ({exc.strerror}): "
+                            f"replayed or rolled-back snapshots go unnoticed")
+            return change(self._load()[0])
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old, rewrite = self._load()
+            new = change(old)
+            if rewrite or new != old:
+                self._save(new)
+            return new
+        finally:
+            os.close(lock)
+
+    def _save(self, state: LedgerState) -> None:
+        data = json.dumps(logic.to_json(state, self.repo_id), indent=1).encode()
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)  # mode 0600
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            dfd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            self._warn_once(f"cannot write the ledger {self.path} ({exc.strerror})")
+
+
+EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+
+
+def present_of(snaps: Iterable[Snapshot], unreadable: Iterable[str] = ()) -> dict[str, datetime]:
+    """``{id: time}`` of listed snapshots; an object that does not decode counts as present,
+    with no time that could stand in for a newer snapshot."""
+    out = {name: EARLIEST for name in unreadable}
+    out.update((s.id, s.datetime) for s in snaps)
+    return out
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Ledger:
+    """What a Repository calls: after every listing and write, and before every write.
+    ``present`` is always ``{snapshot id: time}`` of the whole repository (``present_of``)."""
+
+    def __init__(self, file: LedgerFile):
+        self.file = file
+        self._warned: set[Finding] = set()
+
+    @classmethod
+    def at(cls, where: str | None, repo_id: str) -> "Ledger":
+        return cls(LedgerFile(where or default_dir(), repo_id))
+
+    def observe(self, present: dict[str, datetime], *, warn: bool = True) -> list[Finding]:
+        """After a listing: update the ledger; each finding is one warning (once per Ledger)."""
+        found = self._update(lambda s: logic.observe(s, present), present)
+        for f in found:
+            if warn and f not in self._warned:
+                self._warned.add(f)
+                _warn(f.message())
+        return found
+
+    def findings(self, present: dict[str, datetime]) -> list[Finding]:
+        return logic.findings(self.file.read(), present)
+
+    def guard(self, present: dict[str, datetime], *, forgetting: Collection[str] = ()) -> None:
+        """Refuse to write on top of a replayed or rolled-back repository: the write would bury
+        the evidence (a new backup becomes the newest, a prune removes the replayed data)."""
+        found = logic.blocking(self.findings(present), forgetting)
+        if found:
+            raise RollbackDetected(refusal(found))
+
+    def forgetting(self, ids: Collection[str]) -> None:
+        now = _now()
+        self.file.update(lambda s: logic.forgetting(s, ids, now))
+
+    def forgot(self, ids: Collection[str], remaining: dict[str, datetime]) -> None:
+        now = _now()
+        self.file.update(lambda s: logic.forgot(s, ids, remaining, now))
+
+    def wrote(self, written: dict[str, datetime]) -> None:
+        self.file.update(lambda s: logic.wrote(s, written))
+
+    def accept(self, present: dict[str, datetime]) -> list[Finding]:
+        """Take the repository as it is; returns the findings this clears."""
+        return self._update(lambda s: logic.accept(s, present), present)
+
+    def _update(self, change: Callable[[LedgerState], LedgerState], present: dict[str, datetime]) -> list[Finding]:
+        """Apply ``change``; the findings of the state it was applied to."""
+        found: list[Finding] = []
+
+        def judged(state: LedgerState) -> LedgerState:
+            found[:] = logic.findings(state, present)
+            return change(state)
+
+        self.file.update(judged)
+        return found
+
+
+def refusal(found: list[Finding]) -> str:
+    """One line: the first finding, how many more, and the way out."""
+    first = found[0]
+    more = f" (and {len(found) - 1} more: see `chunkvault check`)" if len(found) > 1 else ""
+    fix = (f"forget it again (`chunkvault forget {first.snapshot_id[:8]}`) or accept"
+           if first.kind == REPLAYED else "if this is expected, accept")
+    return (f"{first.message()}{more}; refusing to write: inspect the storage, then {fix} the repository "
+            f"as it is with `chunkvault check --accept-state`")

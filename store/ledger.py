@@ -1,0 +1,181 @@
+"""A client's memory of a repository's snapshot set, and what contradicts it.
+
+Each snapshot object is authenticated, but nothing signs the *set* of
+snapshots: whoever can write the storage, without the key, can put back a
+snapshot that was forgotten (a replay) or delete the newest ones (a
+rollback).  A client that remembers which snapshots it forgot and the newest
+snapshot it has seen (the high-water mark) notices both, as borg's
+client-side manifest timestamp does.
+
+Pure: no I/O and no clock.  Callers pass the present snapshots as
+``{id: time}`` and the current time; every function returns a new state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any, Collection, Mapping
+
+REPLAYED = "replayed"
+ROLLED_BACK = "rolled back"
+LEDGER_VERSION = 1
+# Forgotten ids are remembered up to this many (the most recently forgotten): two years of
+# hourly snapshots, a file of about 2 MB.
+MAX_FORGOTTEN = 20_000
+
+
+@dataclass(frozen=True, order=True)
+class Mark:
+    """A snapshot as the high-water mark remembers it; ordered by (time, id) like snapshot lists."""
+
+    time: datetime
+    id: str
+
+
+@dataclass(frozen=True)
+class LedgerState:
+    """``forgotten``: id -> when this client forgot it; ``pending``: forgets begun but not seen to
+    finish (recorded before the deletion, so a forget killed half-way is not taken for a rollback)."""
+
+    forgotten: Mapping[str, datetime] = field(default_factory=dict)
+    pending: Mapping[str, datetime] = field(default_factory=dict)
+    newest: Mark | None = None
+
+
+@dataclass(frozen=True, order=True)
+class Finding:
+    """One contradiction between the ledger and the repository; ``when`` is the forget's time
+    (replayed) or the missing snapshot's time (rolled back)."""
+
+    kind: str
+    snapshot_id: str
+    when: datetime
+
+    def message(self) -> str:
+        at = self.when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        if self.kind == REPLAYED:
+            return f"snapshot {self.snapshot_id} was forgotten by this client at {at} and is present again (replayed)"
+        return (f"snapshot {self.snapshot_id} ({at}), the newest this client has seen, is gone and no snapshot "
+                f"as new is present (rolled back, unless another client forgot the newest snapshot by hand)")
+
+
+def findings(state: LedgerState, present: Mapping[str, datetime]) -> list[Finding]:
+    """Replayed: a snapshot this client forgot is present.  Rolled back: the high-water snapshot
+    is gone, this client did not forget it, and no other present snapshot is at least as new."""
+    out = [Finding(REPLAYED, sid, state.forgotten[sid]) for sid in present if sid in state.forgotten]
+    hw = state.newest
+    if hw is not None and hw.id not in present and hw.id not in state.forgotten and hw.id not in state.pending:
+        honest = (t for sid, t in present.items() if sid not in state.forgotten)
+        if not any(t >= hw.time for t in honest):
+            out.append(Finding(ROLLED_BACK, hw.id, hw.time))
+    return sorted(out)
+
+
+def blocking(found: Collection[Finding], forgetting: Collection[str] = ()) -> list[Finding]:
+    """The findings that forbid a write.  Forgetting a replayed snapshot again is the natural fix,
+    so it is allowed when the write is a forget of every replayed snapshot and nothing was rolled back."""
+    if all(f.kind == REPLAYED and f.snapshot_id in forgetting for f in found):
+        return []
+    return sorted(found)
+
+
+def observe(state: LedgerState, present: Mapping[str, datetime]) -> LedgerState:
+    """After a listing: pending forgets resolve (gone: confirmed; present: the forget never
+    happened) and the high-water mark rises to the newest present snapshot not forgotten.
+    An unresolved rollback keeps its mark, so the evidence stays until it is accepted."""
+    forgotten = dict(state.forgotten)
+    for sid, when in state.pending.items():
+        if sid not in present:
+            forgotten[sid] = when
+    state = replace(state, forgotten=_capped(forgotten), pending={})
+    if any(f.kind == ROLLED_BACK for f in findings(state, present)):
+        return state
+    return replace(state, newest=_newest(present, state.forgotten))
+
+
+def forgetting(state: LedgerState, ids: Collection[str], now: datetime) -> LedgerState:
+    """Before deleting: the snapshots about to be forgotten, as pending."""
+    return replace(state, pending={**state.pending, **{sid: now for sid in ids}})
+
+
+def forgot(state: LedgerState, ids: Collection[str], present: Mapping[str, datetime], now: datetime) -> LedgerState:
+    """After deleting ``ids``; ``present`` is what remains."""
+    pending = {sid: when for sid, when in state.pending.items() if sid not in ids}
+    forgotten = {**state.forgotten, **{sid: now for sid in ids}}
+    return observe(replace(state, forgotten=forgotten, pending=pending), present)
+
+
+def wrote(state: LedgerState, written: Mapping[str, datetime]) -> LedgerState:
+    """This client stored these snapshots: none of them is a replay, and the newest may rise."""
+    forgotten = {sid: w for sid, w in state.forgotten.items() if sid not in written}
+    pending = {sid: w for sid, w in state.pending.items() if sid not in written}
+    marks = [Mark(t, sid) for sid, t in written.items()]
+    if state.newest is not None:
+        marks.append(state.newest)
+    return LedgerState(forgotten, pending, max(marks) if marks else None)
+
+
+def accept(state: LedgerState, present: Mapping[str, datetime]) -> LedgerState:
+    """The user accepts the repository as it is: present snapshots are no longer forgotten and
+    the high-water mark is the newest present; snapshots still absent stay forgotten."""
+    forgotten = {**state.forgotten, **state.pending}
+    forgotten = {sid: when for sid, when in forgotten.items() if sid not in present}
+    return LedgerState(_capped(forgotten), {}, _newest(present, forgotten))
+
+
+def _newest(present: Mapping[str, datetime], forgotten: Mapping[str, datetime]) -> Mark | None:
+    marks = [Mark(t, sid) for sid, t in present.items() if sid not in forgotten]
+    return max(marks) if marks else None
+
+
+def _capped(forgotten: dict[str, datetime]) -> dict[str, datetime]:
+    if len(forgotten) <= MAX_FORGOTTEN:
+        return forgotten
+    keep = sorted(forgotten.items(), key=lambda kv: (kv[1], kv[0]))[-MAX_FORGOTTEN:]
+    return dict(keep)
+
+
+# --- the stored form --------------------------------------------------------------------------
+
+
+def to_json(state: LedgerState, repo_id: str) -> dict[str, Any]:
+    return {"version": LEDGER_VERSION, "repository": repo_id,
+            "newest": None if state.newest is None else {"id": state.newest.id, "time": state.newest.time.isoformat()},
+            "forgotten": {sid: t.isoformat() for sid, t in sorted(state.forgotten.items())},
+            "pending": {sid: t.isoformat() for sid, t in sorted(state.pending.items())}}
+
+
+def from_json(doc: Any, repo_id: str) -> LedgerState:
+    """The state a ledger document holds; ValueError names what is wrong with it."""
+    if not isinstance(doc, dict) or doc.get("version") != LEDGER_VERSION:
+        raise ValueError("not a version 1 ledger")
+    if doc.get("repository") != repo_id:
+        raise ValueError("it belongs to another repository")
+    newest = doc.get("newest")
+    mark = None
+    if newest is not None:
+        if not isinstance(newest, dict):
+            raise ValueError("malformed high-water mark")
+        mark = Mark(_time(newest.get("time")), _id(newest.get("id")))
+    return LedgerState(_times(doc.get("forgotten", {})), _times(doc.get("pending", {})), mark)
+
+
+def _id(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("malformed snapshot id")
+    return value
+
+
+def _time(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError("malformed time")
+    t = datetime.fromisoformat(value)  # ValueError on a bad time
+    if t.tzinfo is None:
+        raise ValueError("time without a zone")
+    return t
+
+
+def _times(value: Any) -> dict[str, datetime]:
+    if not isinstance(value, dict):
+        raise ValueError("malformed snapshot list")
+    return {_id(k): _time(v) for k, v in value.items()}

@@ -1,0 +1,176 @@
+"""The ledger's pure logic, in bulk: honest histories never look suspicious, replays and rollbacks always do."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from chunkvault.store import ledger as L
+from chunkvault.store.ledger import REPLAYED, ROLLED_BACK, LedgerState, Mark
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+# One honest client's operations: back up, forget some (maybe killed before or after the
+# deletion), list; and another honest client's retention, which keeps the newest snapshot.
+op = st.one_of(
+    st.tuples(st.just("backup"), st.integers(1, 3)),
+    st.tuples(st.just("forget"), st.sets(st.integers(0, 30), max_size=4)),
+    st.tuples(st.just("killed forget"), st.sets(st.integers(0, 30), max_size=3), st.booleans()),
+    st.tuples(st.just("other client"), st.sets(st.integers(0, 30), max_size=3), st.booleans()),
+    st.tuples(st.just("list"),),
+)
+
+
+class Model:
+    """A repository's snapshot set and one client's ledger, driven honestly."""
+
+    def __init__(self) -> None:
+        self.present: dict[str, datetime] = {}
+        self.state = LedgerState()
+        self.forgotten: dict[str, datetime] = {}  # everything this client removed, with the snapshot times
+        self.n = 0
+        self.now = T0
+
+    def _tick(self) -> datetime:
+        self.now += timedelta(minutes=1)
+        return self.now
+
+    def _pick(self, picks: set[int]) -> list[str]:
+        ids = sorted(self.present)
+        return sorted({ids[i % len(ids)] for i in picks}) if ids else []
+
+    def run(self, step: tuple) -> None:
+        kind = step[0]
+        if kind in ("backup", "forget", "killed forget"):  # a write lists the snapshots first
+            self.state = L.observe(self.state, self.present)
+        if kind == "backup":
+            written = {}
+            for _ in range(step[1]):
+                self.n += 1
+                written[f"s{self.n:03d}"] = self._tick()
+            self.present.update(written)
+            self.state = L.wrote(self.state, written)
+        elif kind == "forget":
+            ids = self._pick(step[1])
+            self.state = L.forgetting(self.state, ids, self._tick())
+            self._delete(ids)
+            self.state = L.forgot(self.state, ids, self.present, self._tick())
+        elif kind == "killed forget":
+            ids = self._pick(step[1])
+            self.state = L.forgetting(self.state, ids, self._tick())
+            if step[2]:  # killed after deleting, before the ledger heard of it
+                self._delete(ids)
+        elif kind == "other client":  # its retention never removes the newest snapshot
+            newest = max(self.present.items(), key=lambda kv: (kv[1], kv[0]))[0] if self.present else None
+            gone = [i for i in self._pick(step[1]) if i != newest]
+            for sid in gone:
+                del self.present[sid]
+            if step[2] and self.present:
+                self.n += 1
+                self.present[f"s{self.n:03d}"] = self._tick()
+        else:
+            self.state = L.observe(self.state, self.present)
+
+    def _delete(self, ids: list[str]) -> None:
+        for sid in ids:
+            self.forgotten[sid] = self.present.pop(sid)
+
+
+def _honest(steps: list[tuple]) -> Model:
+    m = Model()
+    for s in steps:
+        m.run(s)
+        assert L.findings(m.state, m.present) == [], (s, m.state, m.present)
+    m.state = L.observe(m.state, m.present)
+    assert L.findings(m.state, m.present) == []
+    return m
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(op, max_size=25))
+def test_an_honest_history_is_never_suspicious(steps):
+    _honest(steps)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(op, max_size=25), st.data())
+def test_any_forgotten_snapshot_put_back_is_replayed(steps, data):
+    m = _honest(steps + [("backup", 1), ("forget", {0})])
+    replay = data.draw(st.sets(st.sampled_from(sorted(m.forgotten)), min_size=1))
+    present = {**m.present, **{sid: m.forgotten[sid] for sid in replay}}
+    found = L.findings(m.state, present)
+    assert {f.snapshot_id for f in found if f.kind == REPLAYED} == replay
+    assert L.blocking(found, forgetting=()) == found
+    assert L.blocking(found, forgetting=replay) == []  # forgetting them again is allowed
+    assert L.findings(L.accept(m.state, present), present) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(op, max_size=25), st.integers(1, 5), st.data())
+def test_deleting_the_newest_snapshots_is_a_rollback(steps, k, data):
+    m = _honest(steps + [("backup", k)])
+    by_age = sorted(m.present.items(), key=lambda kv: kv[1])
+    cut = data.draw(st.integers(1, len(by_age)))
+    kept = dict(by_age[:-cut])
+    found = L.findings(m.state, kept)
+    newest = by_age[-1][0]
+    assert [(f.kind, f.snapshot_id) for f in found] == [(ROLLED_BACK, newest)]
+    assert L.blocking(found, forgetting=[newest]) == found
+    # the evidence stays while the repository is only listed, and goes when it is accepted
+    assert L.findings(L.observe(m.state, kept), kept) == found
+    accepted = L.accept(m.state, kept)
+    assert L.findings(accepted, kept) == [] and L.findings(L.observe(accepted, kept), kept) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(op, max_size=25))
+def test_observe_is_idempotent_and_the_stored_form_round_trips(steps):
+    m = Model()
+    for s in steps:
+        m.run(s)
+    once = L.observe(m.state, m.present)
+    assert L.observe(once, m.present) == once
+    for state in (m.state, once):
+        assert L.from_json(L.to_json(state, "r1"), "r1") == state
+
+
+def test_a_snapshot_written_back_by_this_client_is_no_longer_forgotten():
+    state = L.forgot(LedgerState(), ["a"], {}, T0)
+    assert [f.kind for f in L.findings(state, {"a": T0})] == [REPLAYED]
+    state = L.wrote(state, {"a": T0})
+    assert L.findings(state, {"a": T0}) == [] and "a" not in state.forgotten
+
+
+def test_a_present_snapshot_as_new_as_the_missing_one_is_no_rollback():
+    state = L.wrote(LedgerState(), {"b": T0})
+    assert L.findings(state, {"a": T0}) == []
+    assert L.findings(state, {"a": T0 - timedelta(microseconds=1)})[0].kind == ROLLED_BACK
+    # ... unless that present snapshot is itself a replay
+    state = L.forgot(L.wrote(LedgerState(), {"a": T0 + timedelta(1), "b": T0}), ["a"], {"b": T0}, T0)
+    assert [f.kind for f in L.findings(state, {"a": T0 + timedelta(1)})] == [REPLAYED, ROLLED_BACK]
+
+
+def test_forgetting_the_newest_lowers_the_mark_so_a_later_rollback_still_shows():
+    state = L.wrote(LedgerState(), {"a": T0, "b": T0 + timedelta(1), "c": T0 + timedelta(2)})
+    state = L.forgot(state, ["c"], {"a": T0, "b": T0 + timedelta(1)}, T0)
+    assert state.newest == Mark(T0 + timedelta(1), "b")
+    assert [(f.kind, f.snapshot_id) for f in L.findings(state, {"a": T0})] == [(ROLLED_BACK, "b")]
+
+
+def test_forgotten_ids_are_capped_to_the_most_recent(monkeypatch):
+    monkeypatch.setattr(L, "MAX_FORGOTTEN", 3)
+    state = LedgerState()
+    for i in range(5):
+        state = L.forgot(state, [f"s{i}"], {}, T0 + timedelta(minutes=i))
+    assert sorted(state.forgotten) == ["s2", "s3", "s4"]
+
+
+@pytest.mark.parametrize("doc", [None, [], {"version": 2}, {"version": 1, "repository": "other"},
+                                 {"version": 1, "repository": "r1", "newest": "x"},
+                                 {"version": 1, "repository": "r1", "forgotten": {"a": "yesterday"}},
+                                 {"version": 1, "repository": "r1", "forgotten": {"a": "2026-01-01T00:00:00"}},
+                                 {"version": 1, "repository": "r1", "pending": []}])
+def test_malformed_documents_are_refused_with_a_reason(doc):
+    with pytest.raises(ValueError):
+        L.from_json(doc, "r1")

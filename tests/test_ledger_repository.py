@@ -1,0 +1,265 @@
+"""The client-side ledger in use: replays and rollbacks are reported by check, warned about by
+reads, refused by writes, fixed by forgetting again or by accepting; the file itself is robust."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import stat
+import warnings
+
+import pytest
+
+import crashkit
+from chunkvault import Repository
+from chunkvault.errors import RollbackDetected
+from chunkvault.ledger import RepositoryStateWarning, default_dir
+from chunkvault.store.retention import RetentionPolicy
+from treeutil import describe
+
+PW = crashkit.PASSWORD
+
+
+@pytest.fixture
+def chain(tmp_path):
+    """Snapshots a (full), b, c (differentials) by this client; their objects' bytes kept."""
+    path = str(tmp_path / "repo")
+    crashkit.init_repo(path, compression=3)
+    tree = crashkit.SourceTree(str(tmp_path / "src"), random.Random(11), target_bytes=300_000)
+    states = {}
+    with crashkit.open_repo(path) as repo:
+        for _ in range(3):
+            states[repo.backup([tree.root]).snapshot.id] = tree.state()
+            tree.mutate()
+    raw = {sid: open(os.path.join(path, "snapshots", sid), "rb").read() for sid in states}
+    return path, tree, states, raw
+
+
+def _put_back(path: str, sid: str, raw: dict[str, bytes]) -> None:
+    with open(os.path.join(path, "snapshots", sid), "wb") as f:
+        f.write(raw[sid])
+
+
+def _problems(repo: Repository) -> list[tuple[str, str]]:
+    return [(p.object, p.problem) for p in repo.check().problems]
+
+
+def _restores(repo: Repository, states: dict, scratch) -> None:
+    for sid, state in states.items():
+        out = str(scratch / f"r-{sid[:8]}")
+        repo.restore(sid, out)
+        assert describe(out) == state
+
+
+def test_the_ledger_is_one_private_file_named_by_the_repository_id(chain):
+    path, _, _, _ = chain
+    with crashkit.open_repo(path) as repo:
+        repo_id = repo.store.config.repo_id
+    file = os.path.join(os.environ["XDG_STATE_HOME"], "chunkvault", "ledger", f"{repo_id}.json")
+    assert default_dir() == os.path.dirname(file)
+    assert stat.S_IMODE(os.stat(file).st_mode) == 0o600
+    doc = json.load(open(file))
+    newest = max(crashkit.open_repo(path).snapshots(), key=lambda s: s.time).id
+    assert doc["repository"] == repo_id and doc["newest"]["id"] == newest and doc["forgotten"] == {}
+    assert not [n for n in os.listdir(os.path.dirname(file)) if n.startswith(".tmp-")]
+
+
+def test_replayed_snapshot_is_reported_warned_refused_and_forgotten_again(chain, tmp_path):
+    path, tree, states, raw = chain
+    a, b, c = states
+    with crashkit.open_repo(path) as repo:
+        repo.forget([b])
+    _put_back(path, b, raw)
+    with crashkit.open_repo(path) as repo:
+        problems = _problems(repo)
+        assert [o for o, _ in problems] == [f"snapshots/{b}"] and "replayed" in problems[0][1]
+        with pytest.warns(RepositoryStateWarning, match=f"{b}.*replayed"):
+            _restores(repo, {a: states[a], c: states[c]}, tmp_path)  # reads warn, and work
+        for write in (lambda: repo.backup([tree.root]), lambda: repo.prune(),
+                      lambda: repo.forget(policy=RetentionPolicy(keep_last=1)), lambda: repo.aggregate(c)):
+            with pytest.raises(RollbackDetected, match=f"{b}.*replayed"):
+                write()
+        repo.forget([b])  # the natural fix needs no acceptance
+        assert _problems(repo) == []
+        repo.backup([tree.root])
+
+
+def test_replay_after_prune_is_reported_as_replayed_too(chain):
+    path, _, states, raw = chain
+    a, b, c = states
+    with crashkit.open_repo(path) as repo:
+        repo.forget([c])
+        repo.prune(max_unused=0)
+    _put_back(path, c, raw)
+    with crashkit.open_repo(path) as repo:
+        problems = _problems(repo)
+        assert any(o == f"snapshots/{c}" and "replayed" in p for o, p in problems)
+
+
+@pytest.mark.parametrize("deleted", [1, 2])
+def test_deleting_the_newest_snapshots_is_a_rollback(chain, tmp_path, deleted):
+    path, tree, states, _ = chain
+    ids = list(states)
+    for sid in ids[-deleted:]:
+        os.remove(os.path.join(path, "snapshots", sid))
+    newest = ids[-1]
+    with crashkit.open_repo(path) as repo:
+        problems = _problems(repo)
+        assert [o for o, _ in problems] == [f"snapshots/{newest}"] and "rolled back" in problems[0][1]
+        with pytest.warns(RepositoryStateWarning, match="rolled back"):
+            _restores(repo, {sid: states[sid] for sid in ids[:-deleted]}, tmp_path)
+        with pytest.raises(RollbackDetected, match=newest):
+            repo.backup([tree.root])
+        with pytest.raises(RollbackDetected):
+            repo.forget([ids[0]])
+        assert _problems(repo)  # listing again keeps the evidence
+        report = repo.check(accept_state=True)
+        assert report.ok and any("rolled back" in w for w in report.warnings)
+        assert _problems(repo) == []
+        repo.backup([tree.root])
+
+
+def test_another_client_without_the_ledger_sees_a_clean_repository(chain, tmp_path):
+    """The documented limit: only the client that forgot, or saw the newest, can tell."""
+    path, _, states, raw = chain
+    a, b, c = states
+    with crashkit.open_repo(path) as repo:
+        repo.forget([b])
+    _put_back(path, b, raw)
+    os.remove(os.path.join(path, "snapshots", c))
+    for n, other in enumerate((dict(ledger=False), dict(ledger=str(tmp_path / "elsewhere")))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RepositoryStateWarning)
+            with Repository.open(path, PW, **other) as repo:
+                assert repo.check(read_data=True).ok
+                os.mkdir(tmp_path / f"client{n}")
+                _restores(repo, {a: states[a], b: states[b]}, tmp_path / f"client{n}")
+
+
+def test_disabled_ledger_writes_nothing(tmp_path):
+    with Repository.init(str(tmp_path / "repo"), PW, kdf_seconds=0, ledger=False) as repo:
+        (tmp_path / "src").mkdir()
+        (tmp_path / "src" / "f").write_bytes(b"x")
+        repo.backup([str(tmp_path / "src")])
+        repo.forget(["latest"])
+    assert not os.path.exists(default_dir())
+
+
+def test_a_snapshot_written_back_under_a_forgotten_id_is_not_a_replay(chain, tmp_path, monkeypatch):
+    """copy (or import) storing a snapshot under an id this client forgot clears it from the ledger."""
+    path, _, states, _ = chain
+    dst_path = str(tmp_path / "dst")
+    crashkit.init_repo(dst_path, copy_from=path)
+    with crashkit.open_repo(path) as src, crashkit.open_repo(dst_path) as dst:
+        first = src.copy_to(dst).copied
+        newest = first[-1][1]
+        dst.forget([newest])
+        store = dst.store
+        save = store.save_snapshot
+
+        def keep_the_forgotten_id(snap, *, replace=False):
+            snap.id = newest
+            return save(snap, replace=True)
+
+        monkeypatch.setattr(store, "save_snapshot", keep_the_forgotten_id)
+        copied = src.copy_to(dst, [first[-1][0]]).copied
+        assert copied[0][1] == newest
+        assert _problems(dst) == []
+
+
+def test_a_forget_killed_before_or_after_deleting_is_no_finding(chain, monkeypatch):
+    path, _, states, _ = chain
+    a, b, c = states
+    import chunkvault.repository as api
+
+    real = api.apply_forget
+
+    def killed_before(repo, snaps, plan, **kw):
+        raise KeyboardInterrupt
+
+    def killed_after(repo, snaps, plan, **kw):
+        real(repo, snaps, plan, **kw)
+        raise KeyboardInterrupt
+
+    with crashkit.open_repo(path) as repo:
+        for kill, sid in ((killed_before, c), (killed_after, c)):
+            monkeypatch.setattr(api, "apply_forget", kill)
+            with pytest.raises(KeyboardInterrupt):
+                repo.forget([sid])
+            assert _problems(repo) == []
+            repo.snapshots()
+        assert c not in {s.id for s in repo.snapshots()} and _problems(repo) == []
+
+
+def test_corrupt_ledger_file_warns_once_and_starts_afresh(chain, tmp_path):
+    path, _, states, _ = chain
+    ledger = tmp_path / "ledger"
+    with Repository.open(path, PW, ledger=str(ledger)) as repo:
+        repo.snapshots()
+        file = ledger / f"{repo.store.config.repo_id}.json"
+    for garbage in (b"\x00not json", b'{"version": 1, "repository": "another"}', b"[]"):
+        file.write_bytes(garbage)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with Repository.open(path, PW, ledger=str(ledger)) as repo:
+                assert repo.check().ok
+                repo.snapshots()
+                repo.snapshots()
+        mine = [w for w in seen if issubclass(w.category, RepositoryStateWarning)]
+        assert len(mine) == 1 and "unreadable" in str(mine[0].message), [str(w.message) for w in mine]
+        assert json.loads(file.read_bytes())["newest"]["id"] == list(states)[-1]
+
+
+def test_an_unwritable_ledger_never_stops_a_backup(chain, tmp_path):
+    path, tree, _, _ = chain
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")
+    with pytest.warns(RepositoryStateWarning, match="cannot use the ledger"):
+        with Repository.open(path, PW, ledger=str(blocker / "ledger")) as repo:
+            repo.backup([tree.root])
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+def test_cli_refuses_writes_with_one_line_and_its_own_exit_code(chain, tmp_path, cli):
+    path, tree, states, _ = chain
+    newest = list(states)[-1]
+    os.remove(os.path.join(path, "snapshots", newest))
+    env = {"CHUNKVAULT_PASSWORD": PW}
+    for args in (["backup", tree.root], ["prune"], ["forget", "--keep-last", "1"], ["aggregate", "latest"]):
+        proc = cli(*args, "-r", path, env=env, check=19)
+        err = proc.stderr.decode().strip()
+        assert len(err.splitlines()) == 1 and newest in err and "rolled back" in err, err
+        assert "check --accept-state" in err
+    proc = cli("snapshots", "-r", path, "--json", env=env)  # reads: one warning on stderr, clean JSON
+    assert [s["id"] for s in json.loads(proc.stdout)] == list(states)[:-1]
+    err = proc.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and err.startswith("warning: ") and newest in err, err
+    proc = cli("restore", "-r", path, "latest", "--target", str(tmp_path / "out"), env=env)
+    assert describe(str(tmp_path / "out")) == states[list(states)[1]]
+    proc = cli("check", "-r", path, env=env, check=18)
+    assert f"snapshots/{newest}" in proc.stdout.decode()
+    cli("check", "-r", path, "--accept-state", env=env)
+    cli("check", "-r", path, env=env)
+    cli("backup", "-r", path, tree.root, env=env)
+    assert "--accept-state" in cli("check", "--help").stdout.decode()
+
+
+def test_cli_copy_into_a_replayed_repository_is_refused(chain, tmp_path, cli):
+    path, _, states, raw = chain
+    dst = str(tmp_path / "dst")
+    crashkit.init_repo(dst, copy_from=path)
+    env = {"CHUNKVAULT_PASSWORD": PW, "CHUNKVAULT_TO_PASSWORD": PW}
+    cli("copy", "-r", path, "--to", dst, env=env)
+    with crashkit.open_repo(dst) as repo:
+        victim = repo.snapshots()[0].id
+        kept = open(os.path.join(dst, "snapshots", victim), "rb").read()
+        repo.forget([victim])
+    with open(os.path.join(dst, "snapshots", victim), "wb") as f:
+        f.write(kept)
+    proc = cli("copy", "-r", path, "--to", dst, env=env, check=19)
+    err = proc.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and victim in err and "replayed" in err, err
+    cli("forget", "-r", dst, victim[:8], env=env)
+    cli("check", "-r", dst, env=env)
