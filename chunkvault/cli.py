@@ -94,9 +94,10 @@ def _remote_options(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
 
 def _open(args: argparse.Namespace) -> Any:
+    from .connection import connect
     from .errors import ObjectNotFound, RepositoryNotFound
-    from .repository import Repository, connect
     from .store.config import peek_config
+    from .store.unlock import unlock
 
     url = _repo_url(args)
     remote = connect(url, **_remote_options(args, url))
@@ -104,7 +105,10 @@ def _open(args: argparse.Namespace) -> Any:
         peek_config(remote.get("config"))
     except ObjectNotFound:
         raise RepositoryNotFound(f"no repository at {remote.display_url}") from None
-    return Repository.open(remote, get_password(args))
+    key = unlock(remote, get_password(args))  # before the store's modules load: see store/unlock.py
+    from .repository import Repository
+
+    return Repository.open(remote, key)
 
 
 # --- output helpers ------------------------------------------------------------------

@@ -11,13 +11,10 @@ import os
 from datetime import datetime
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
-import blake3
-
 from .errors import CorruptObject, UsageError
 from .ledger import Ledger, present_of
-from .remotes import Remote, open_remote
-from .remotes.layer import wrap_remote
-from .remotes.local import LocalRemote
+from .connection import connect
+from .remotes import Remote
 from .store.backup import Backup, BackupOptions, BackupResult
 from .store.check import Checker, CheckReport, Problem
 from .store.config import Settings
@@ -32,27 +29,13 @@ from .store.retention import RetentionPolicy
 from .store.restore import Restorer, RestoreOptions, RestoreResult
 from .store.snapshot import Snapshot, find_snapshot, parse_time
 from .store.source import SourceWalk, root_specs
+from .store.unlock import Unlocked
 
 __all__ = ["Repository", "Snapshot", "Entry", "SourceWalk"]
 
 
 def _password(password: str | bytes) -> bytes:
     return password.encode() if isinstance(password, str) else password
-
-
-def connect(url: str | Remote, *, cache: bool = True, **options: Any) -> Remote:
-    """Open a remote by URL; off-site remotes get retries and a local metadata cache."""
-    if isinstance(url, Remote):
-        return url
-    remote = open_remote(url, **options)
-    if isinstance(remote, LocalRemote):
-        return remote
-    cache_dir = None
-    if cache:
-        base = os.environ.get("CHUNKVAULT_CACHE_DIR") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "chunkvault")
-        cache_dir = os.path.join(base, blake3.blake3(remote.display_url.encode()).hexdigest()[:24])
-    return wrap_remote(remote, cache_dir=cache_dir)
 
 
 def _ledger_for(repo: Repo, where: bool | str | os.PathLike[str]) -> Ledger | None:
@@ -100,10 +83,11 @@ class Repository:
         return cls(repo, _ledger_for(repo, ledger))
 
     @classmethod
-    def open(cls, url: str | Remote, password: str | bytes, *, ledger: bool | str | os.PathLike[str] = True,
-             **remote_options: Any) -> "Repository":
+    def open(cls, url: str | Remote, password: str | bytes | Unlocked, *,
+             ledger: bool | str | os.PathLike[str] = True, **remote_options: Any) -> "Repository":
+        """``password`` may be what ``store.unlock.unlock`` opened on the same remote already."""
         remote = connect(url, **remote_options)
-        repo = Repo.open(remote, _password(password))
+        repo = Repo.open(remote, password if isinstance(password, Unlocked) else _password(password))
         return cls(repo, _ledger_for(repo, ledger))
 
     def close(self) -> None:

@@ -34,11 +34,11 @@ from .errors import CorruptObject, SnapshotNotFound, UsageError, VerificationFai
 from .store.manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key,
 )
-from .store.restore import RestoreResult
 from .store.snapshot import Snapshot, parse_time
 
 if TYPE_CHECKING:
     from .repository import Repository
+    from .store.restore import RestoreResult
 
 __all__ = ["Mismatch", "VerifyReport", "verify_restore", "compare_tree", "snapshots_since", "add_commands",
            "cmd_verify_restore"]

@@ -217,10 +217,11 @@ class Checker:
         if sorted(header) != sorted(entries):
             self.problem(key, "pack header and index disagree")
         if read_all:
+            view = memoryview(data)  # blobs are opened in place, not copied out of the pack
             for e in header:
                 try:
                     plain = repo.read_blob(e.blob_id, verify=True) if e.kind == KIND_DELTA else open_blob(
-                        repo.sealer, e.blob_id, data[e.offset : e.offset + e.length], e.raw_length)
+                        repo.sealer, e.blob_id, view[e.offset : e.offset + e.length], e.raw_length)
                     if e.kind != KIND_DELTA and repo.blob_id(plain) != e.blob_id:
                         raise CorruptObject(f"blob {e.blob_id.hex()}", "content does not hash to its id")
                     with self._lock:

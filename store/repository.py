@@ -21,22 +21,21 @@ from chunkvault.errors import (
     ObjectExists,
     ObjectNotFound,
     RepositoryExists,
-    RepositoryNotFound,
     UsageError,
-    WrongPassword,
 )
 from chunkvault.remotes import Remote
 
 from . import chain
 from .blob import KIND_DELTA, MAX_DELTA_DEPTH, compress, delta_compress, envelope_base, open_chain, seal_blob
 from .blobindex import BlobIndex, BlobLocation
-from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config, open_config, peek_config
+from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
 from .indexfile import IndexColumns, IndexData, decode_index, decode_index_columns, encode_index
 from .manifest import Record, iter_records
 from .manifest_seek import ManifestSeeker
 from .pack import PackBuilder
 from .snapshot import Snapshot
+from .unlock import Unlocked, unlock
 
 WORKERS = max(2, os.cpu_count() or 2)
 # A delta under this share of the whole blob's stored size skips the plain compression it is
@@ -136,35 +135,10 @@ class Repo:
         return cls(remote, material, config, name)
 
     @classmethod
-    def open(cls, remote: Remote, password: bytes) -> "Repo":
-        try:
-            raw_config = remote.get("config")
-        except ObjectNotFound:
-            raise RepositoryNotFound(f"no repository at {remote.display_url}") from None
-        clear = peek_config(raw_config)
-        key_names = sorted(o.key.split("/", 1)[1] for o in remote.list("keys/"))
-        if not key_names:
-            raise CorruptObject("keys", "the repository has no key files")
-        corrupt: CorruptObject | None = None
-        other_ids = set()
-        for name in key_names:
-            try:
-                kf = KeyFile.decode(name, remote.get(f"keys/{name}"))
-                if kf.repo and kf.repo != clear["id"]:
-                    other_ids.add(kf.repo)
-                material = kf.unwrap(password, clear["id"])
-            except WrongPassword:
-                continue
-            except (CorruptObject, ObjectNotFound) as exc:
-                corrupt = exc if isinstance(exc, CorruptObject) else None
-                continue
-            return cls(remote, material, open_config(raw_config, Sealer(material.enc_key)), name)
-        if corrupt is not None and len(key_names) == 1:
-            raise corrupt
-        if other_ids:
-            raise CorruptObject("config", "its id does not match the key files' (the config is damaged, "
-                                          "or the keys belong to another repository)")
-        raise WrongPassword("wrong password (no key of this repository opens with it)")
+    def open(cls, remote: Remote, password: bytes | Unlocked) -> "Repo":
+        """Open with a password, or with what ``unlock`` already opened."""
+        key = password if isinstance(password, Unlocked) else unlock(remote, password)
+        return cls(remote, key.material, key.config, key.key_name)
 
     # --- keys -------------------------------------------------------------------
 
