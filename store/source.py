@@ -140,34 +140,30 @@ class SourceWalk:
             return [], False
 
     def _entries(self) -> Iterator[SourceItem]:
-        """An explicit stack, not recursion: each entry is yielded through one frame, not one per level."""
+        """An explicit stack of (manifest path, disk path) iterators, not recursion: each entry is
+        yielded through one frame, not one per level.  The roots are the bottom iterator and are
+        never excluded."""
         lstat, isdir, excludes = self._lstat, stat.S_ISDIR, self.excludes
-        for root_rel, root_path in self.roots:
-            st = lstat(root_path)
+        stack: list[Iterator[tuple[bytes, bytes]]] = [iter(self.roots)]
+        while stack:
+            pair = next(stack[-1], None)
+            if pair is None:
+                stack.pop()
+                continue
+            rel, path = pair
+            if excludes and len(stack) > 1 and self.excluded(rel):
+                continue
+            st = lstat(path)
             if st is None:
                 continue
             if not isdir(st.st_mode):
-                yield root_rel, root_path, st, True
+                yield rel, path, st, True
                 continue
-            names, ok = self._listdir(root_path)
-            yield root_rel, root_path, st, ok
-            stack = [(root_rel + b"/" if root_rel else b"", os.path.join(root_path, b""), iter(names))]
-            while stack:
-                rel_prefix, path_prefix, names_left = stack[-1]
-                name = next(names_left, None)
-                if name is None:
-                    stack.pop()
-                    continue
-                rel = rel_prefix + name
-                if excludes and self.excluded(rel):
-                    continue
-                path = path_prefix + name
-                st = lstat(path)
-                if st is None:
-                    continue
-                if not isdir(st.st_mode):
-                    yield rel, path, st, True
-                    continue
-                names, ok = self._listdir(path)
-                yield rel, path, st, ok
-                stack.append((rel + b"/", path + b"/", iter(names)))
+            names, ok = self._listdir(path)
+            yield rel, path, st, ok
+            stack.append(_children(rel + b"/" if rel else b"", os.path.join(path, b""), names))
+
+
+def _children(rel_prefix: bytes, path_prefix: bytes, names: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    for name in names:
+        yield rel_prefix + name, path_prefix + name
