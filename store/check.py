@@ -19,7 +19,7 @@ from .config import KeyFile
 from .crypto import content_name
 from .indexfile import IndexData
 from .pack import TRAILER, PackEntry, open_header, parse_trailer, read_pack
-from .repository import Repo, pack_key
+from .repository import WORKERS, Repo, pack_key
 from .snapshot import Snapshot
 
 
@@ -187,7 +187,9 @@ class Checker:
             read_all = self.read_data and (self.select is None or self.select(pid))
             todo.append((pid, stored[pid], entries, read_all))
         to_read = sum(size for _, size, _, read_all in todo if read_all)
-        with ThreadPoolExecutor(4) as pool:
+        # One pack in flight per core: the work is CPU-bound (decompress, re-hash) and each
+        # thread holds a whole pack; more threads only add memory.
+        with ThreadPoolExecutor(WORKERS) as pool:
             for done, _ in enumerate(pool.map(lambda t: self._check_pack(*t), todo), 1):
                 if self.progress is not None:
                     self.progress(done, self.report.bytes_read, to_read)
