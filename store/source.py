@@ -13,6 +13,7 @@ import fnmatch
 import os
 import stat
 import threading
+import time
 from typing import Iterator
 
 from chunkvault.errors import UsageError
@@ -60,8 +61,13 @@ class SourceWalk:
     """Entries in manifest order (depth first, names sorted); errors become warnings, never abort.
 
     Iterate it once.  ``start()`` first to walk ahead on a thread (at most
-    ``ahead`` entries) until iteration begins.
+    ``ahead`` entries) until iteration begins.  A walk ahead older than
+    ``STALE_AFTER`` seconds when iteration begins (the backup waited for a
+    lock) is thrown away and the walk starts again, so that files changed
+    meanwhile are not read against old metadata.
     """
+
+    STALE_AFTER = 30.0
 
     def __init__(self, roots: list[tuple[bytes, bytes]], excludes: list[str] | None = None, *,
                  paths: list[str] | None = None, ahead: int = 1 << 16, warnings: list[str] | None = None):
@@ -76,6 +82,8 @@ class SourceWalk:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._iterated = False
+        self._started = 0.0
+        self._prefetch_warnings = 0
 
     @classmethod
     def of_paths(cls, paths: list[str], excludes: list[str] | None = None) -> "SourceWalk":
@@ -85,6 +93,8 @@ class SourceWalk:
 
     def start(self) -> "SourceWalk":
         if self._thread is None and not self._iterated:
+            self._started = time.monotonic()
+            self._prefetch_warnings = len(self.warnings)
             self._thread = threading.Thread(target=self._prefetch, name="source-walk", daemon=True)
             self._thread.start()
         return self
@@ -106,6 +116,10 @@ class SourceWalk:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
+            if time.monotonic() - self._started > self.STALE_AFTER:
+                del self.warnings[self._prefetch_warnings:]
+                self._buffered, self._error = [], None
+                self._walk = self._entries()
         if self._error is not None:
             raise self._error
         buffered, self._buffered = self._buffered, []

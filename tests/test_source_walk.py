@@ -126,6 +126,20 @@ def test_a_walk_is_iterated_once_and_can_be_abandoned(tmp_path):
     assert not abandoned._thread.is_alive()
 
 
+def test_a_walk_ahead_that_went_stale_starts_again(tmp_path):
+    (tmp_path / "a").write_bytes(b"1")
+    fresh = SourceWalk.of_paths([str(tmp_path)]).start()
+    stale = SourceWalk.of_paths([str(tmp_path)]).start()
+    fresh._thread.join()
+    stale._thread.join()
+    (tmp_path / "a").write_bytes(b"longer")
+    (tmp_path / "b").write_bytes(b"2")
+    stale.STALE_AFTER = 0.0  # as if the backup had waited for a lock
+    assert [rel for rel, *_ in fresh] == [b"", b"a"]  # walked ahead: the old listing and metadata
+    items = {rel: st for rel, _, st, _ in stale}
+    assert list(items) == [b"", b"a", b"b"] and items[b"a"].st_size == 6
+
+
 def test_missing_source_path_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         SourceWalk.of_paths([str(tmp_path / "nope")])
