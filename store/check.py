@@ -233,6 +233,7 @@ class Checker:
 
     def _check_references(self, snapshots: list[Snapshot]) -> None:
         index = self.repo.index
+        seen: set[tuple] = set()  # manifest segments already checked (shared by similar snapshots)
         for s in snapshots:
             missing = [h for h in s.manifest if bytes.fromhex(h) not in index]
             if missing:
@@ -240,15 +241,8 @@ class Checker:
                 p.snapshots.append(s.id)
                 continue
             try:
-                pending: list[bytes] = []
-                for rec in self.repo.manifest_records(s):
-                    e = rec.entry
-                    if e is not None and e.chunks:
-                        pending.append(e.chunks)
-                        if len(pending) >= 4096:
-                            self._report_unindexed(b"".join(pending))
-                            pending.clear()
-                self._report_unindexed(b"".join(pending))
+                for _, refs in self.repo.manifest_chunk_refs([s], seen):
+                    self._report_unindexed(refs)
             except ChunkvaultError as exc:
                 self.problem(f"snapshots/{s.id}", f"manifest unreadable: {exc}").snapshots.append(s.id)
 

@@ -10,7 +10,7 @@ file from a snapshot of millions costs milliseconds, not a full scan.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from chunkvault.errors import CorruptObject
 
@@ -87,3 +87,37 @@ class ManifestSeeker:
             if k > key:
                 break
         return None
+
+
+class Segment(NamedTuple):
+    """Manifest bytes from a record start to the next blob's first record start.
+
+    ``first``..``last`` are blob indexes; the bytes are blob ``first`` from
+    ``start``, the blobs between, and blob ``last`` up to ``end`` (-1: to its
+    end).  The bytes are whole records and depend only on those blobs' ids and
+    the two offsets, so a segment two snapshots share is decoded once (``key``).
+    """
+
+    first: int
+    start: int
+    last: int
+    end: int
+
+    def key(self, ids: list[bytes]) -> tuple:
+        return (*ids[self.first : self.last + 1], self.start, self.end)
+
+
+def segments(count: int, starts: list[int]) -> list[Segment] | None:
+    """A manifest of ``count`` blobs cut at record starts; None when ``starts`` cannot be used."""
+    if count == 0:
+        return []
+    if len(starts) != count or starts[0] != 0:
+        return None
+    seekable = [i for i, s in enumerate(starts) if s >= 0]
+    out = []
+    for a, b in zip(seekable, seekable[1:] + [count]):
+        if b < count and starts[b] > 0:
+            out.append(Segment(a, starts[a], b, starts[b]))
+        else:
+            out.append(Segment(a, starts[a], b - 1, -1))
+    return out

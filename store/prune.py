@@ -97,12 +97,11 @@ def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], u
 def used_blobs(repo: Repo) -> set[bytes]:
     """Every blob a snapshot needs: manifests and chunks of each snapshot's own manifest."""
     used: set[bytes] = set()
-    for snap in repo.snapshots():
+    snapshots = repo.snapshots()
+    for snap in snapshots:
         used.update(bytes.fromhex(h) for h in snap.manifest)
-        for rec in repo.manifest_records(snap):
-            if rec.entry is not None and rec.entry.chunks:
-                c = rec.entry.chunks
-                used.update(c[i : i + 32] for i in range(0, len(c), 32))
+    for _, refs in repo.manifest_chunk_refs(snapshots):
+        used.update(refs[i : i + 32] for i in range(0, len(refs), 32))
     return used
 
 

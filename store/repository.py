@@ -31,8 +31,8 @@ from .blobindex import BlobIndex, BlobLocation
 from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
 from .indexfile import IndexColumns, IndexData, decode_index, decode_index_columns, encode_index
-from .manifest import Record, iter_records
-from .manifest_seek import ManifestSeeker
+from .manifest import Record, decode_records, iter_records
+from .manifest_seek import ManifestSeeker, segments
 from .pack import PackBuilder
 from .snapshot import Snapshot
 from .unlock import Unlocked, unlock
@@ -532,6 +532,42 @@ class Repo:
         ids = [bytes.fromhex(h) for h in snap.manifest]
         return iter_records(self._prefetch(ids), f"manifest of snapshot {snap.id}")
 
+    def manifest_chunk_refs(self, snapshots: Iterable[Snapshot],
+                            seen: set[tuple] | None = None) -> Iterator[tuple[Snapshot, bytes]]:
+        """(snapshot, chunk ids concatenated) for the records of each snapshot's own manifest, in pieces.
+
+        A manifest segment (``manifest_seek.segments``) already decoded in this call, or listed in
+        ``seen`` (keys of decoded segments; pass one set to several calls), is skipped: full snapshots of a mostly unchanged tree share most of their
+        segments, so walking the references of many costs little more than one.
+        """
+        seen = set() if seen is None else seen
+        for snap in snapshots:
+            ids = [bytes.fromhex(h) for h in snap.manifest]
+            what = f"manifest of snapshot {snap.id}"
+            segs = segments(len(ids), snap.manifest_starts)
+            if segs is None:  # no usable starts: the whole manifest
+                yield from ((snap, refs) for refs in _chunk_refs(iter_records(self._prefetch(ids), what)))
+                continue
+            todo = [seg for seg in segs if seg.key(ids) not in seen]
+            need = sorted({i for seg in todo for i in range(seg.first, seg.last + 1)})
+            fetched = zip(need, self._prefetch([ids[i] for i in need]))
+            held: dict[int, bytes] = {}
+            for seg in todo:
+                for j in [j for j in held if j < seg.first]:
+                    del held[j]
+                while seg.last not in held:
+                    j, data = next(fetched)
+                    held[j] = data
+                parts = [held[i] for i in range(seg.first, seg.last + 1)]
+                parts[-1] = parts[-1][: seg.end] if seg.end >= 0 else parts[-1]
+                parts[0] = parts[0][seg.start :]
+                buf = b"".join(parts)
+                records, used = decode_records(buf, what)
+                if used != len(buf):
+                    raise CorruptObject(what, f"its record starts do not fit blob {ids[seg.first].hex()}")
+                seen.add(seg.key(ids))  # only once decoded: a snapshot sharing a bad segment fails too
+                yield from ((snap, refs) for refs in _chunk_refs(iter(records)))
+
     def _prefetch(self, ids: list[bytes], window: int = 4) -> Iterator[bytes]:
         """Blobs in order, fetched a few ahead in parallel."""
         if len(ids) <= 1:
@@ -572,6 +608,19 @@ class Repo:
         snaps = self.chain_of(snap, snapshots)
         # A differential with no records (nothing changed) changes nothing: no merge layer for it.
         return chain.resolve(self.manifest_records(snaps[0]), [self.manifest_records(s) for s in snaps[1:] if s.manifest])
+
+
+def _chunk_refs(records: Iterator[Record], batch: int = 4096) -> Iterator[bytes]:
+    """The chunk ids of ``records``' entries, concatenated, ``batch`` records at a time."""
+    pending: list[bytes] = []
+    for rec in records:
+        if rec.entry is not None and rec.entry.chunks:
+            pending.append(rec.entry.chunks)
+            if len(pending) >= batch:
+                yield b"".join(pending)
+                pending.clear()
+    if pending:
+        yield b"".join(pending)
 
 
 class BlobWriter:
