@@ -5,8 +5,13 @@ starts (before it reads the index) and removes it when done.  Prune takes an
 *exclusive* lock and proceeds only when no live shared lock exists, so no
 backup can be holding index entries that prune is about to drop.  Locks are
 refreshed while held; one not refreshed for ``STALE_AFTER`` seconds, or held
-by a process on this host that no longer exists, is stale and ignored (a
-killed prune or backup never wedges the repository).
+by a process on this host that no longer exists, is stale: it is ignored and
+removed (a killed prune or backup never wedges the repository).
+
+A lock names its process by host, pid, and (where the system tells them) the
+boot id and the process's start time, because pids are reused: a killed
+prune's pid may belong to an unrelated process minutes later, and a pid alone
+would keep its lock alive until it expires.
 """
 from __future__ import annotations
 
@@ -26,6 +31,25 @@ SHARED = "shared"
 EXCLUSIVE = "exclusive"
 
 
+def boot_id() -> str | None:
+    """This boot of this machine (Linux), so a pid is only compared within the boot that issued it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot; Linux), or None if unknown or gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @dataclass
 class LockInfo:
     key: str
@@ -34,17 +58,24 @@ class LockInfo:
     pid: int
     purpose: str
     time: float
+    boot: str | None = None
+    start: int | None = None
 
     def stale(self, now: float) -> bool:
         if now - self.time > STALE_AFTER:
             return True
-        if self.host == socket.gethostname() and self.pid != os.getpid():
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                return False
+        if self.host != socket.gethostname() or self.pid == os.getpid():
+            return False
+        if self.boot is not None and self.start is not None:
+            if self.boot != boot_id():
+                return False  # another machine of the same name, or a reboot: only time tells
+            return process_start(self.pid) != self.start  # gone, or its pid now names another process
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
         return False
 
     def describe(self) -> str:
@@ -57,7 +88,9 @@ def list_locks(remote: Remote) -> list[LockInfo]:
     for o in remote.list("locks/"):
         try:
             d = json.loads(remote.get(o.key))
-            out.append(LockInfo(o.key, d["kind"], d["host"], int(d["pid"]), d.get("purpose", "?"), float(d["time"])))
+            start = d.get("start")
+            out.append(LockInfo(o.key, d["kind"], d["host"], int(d["pid"]), d.get("purpose", "?"), float(d["time"]),
+                                d.get("boot") or None, int(start) if start is not None else None))
         except (ObjectNotFound, ValueError, KeyError, TypeError):
             continue  # vanished, or not ours: a lock never parses into something it is not
     return out
@@ -78,12 +111,22 @@ class RepoLock:
 
     def _write(self) -> None:
         body = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(), "purpose": self.purpose,
-                "time": time.time()}
+                "time": time.time(), "boot": boot_id(), "start": process_start(os.getpid())}
         self.remote.put(self.key, json.dumps(body).encode())
 
     def _conflicts(self) -> list[LockInfo]:
         now = time.time()
-        others = [lk for lk in list_locks(self.remote) if lk.key != self.key and not lk.stale(now)]
+        others = []
+        for lk in list_locks(self.remote):
+            if lk.key == self.key:
+                continue
+            if not lk.stale(now):
+                others.append(lk)
+                continue
+            try:  # a stale lock is removed, so that a later pid reuse cannot bring it back to life
+                self.remote.delete(lk.key)
+            except RemoteError:
+                pass
         if self.kind == EXCLUSIVE:
             return others
         return [lk for lk in others if lk.kind == EXCLUSIVE]
