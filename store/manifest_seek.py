@@ -106,6 +106,14 @@ class Segment(NamedTuple):
     def key(self, ids: list[bytes]) -> tuple:
         return (*ids[self.first : self.last + 1], self.start, self.end)
 
+    def join(self, blobs: list[bytes]) -> bytes:
+        """The segment's bytes, from the plaintexts of blobs ``first``..``last``."""
+        parts = list(blobs)
+        if self.end >= 0:
+            parts[-1] = parts[-1][: self.end]
+        parts[0] = parts[0][self.start :]
+        return b"".join(parts)
+
 
 def segments(count: int, starts: list[int]) -> list[Segment] | None:
     """A manifest of ``count`` blobs cut at record starts; None when ``starts`` cannot be used."""

@@ -537,8 +537,9 @@ class Repo:
         """(snapshot, chunk ids concatenated) for the records of each snapshot's own manifest, in pieces.
 
         A manifest segment (``manifest_seek.segments``) already decoded in this call, or listed in
-        ``seen`` (keys of decoded segments; pass one set to several calls), is skipped: full snapshots of a mostly unchanged tree share most of their
-        segments, so walking the references of many costs little more than one.
+        ``seen`` (keys of decoded segments; pass one set to several calls), is skipped: full
+        snapshots of a mostly unchanged tree share most of their segments, so walking the
+        references of many costs little more than one.
         """
         seen = set() if seen is None else seen
         for snap in snapshots:
@@ -558,10 +559,7 @@ class Repo:
                 while seg.last not in held:
                     j, data = next(fetched)
                     held[j] = data
-                parts = [held[i] for i in range(seg.first, seg.last + 1)]
-                parts[-1] = parts[-1][: seg.end] if seg.end >= 0 else parts[-1]
-                parts[0] = parts[0][seg.start :]
-                buf = b"".join(parts)
+                buf = seg.join([held[i] for i in range(seg.first, seg.last + 1)])
                 records, used = decode_records(buf, what)
                 if used != len(buf):
                     raise CorruptObject(what, f"its record starts do not fit blob {ids[seg.first].hex()}")

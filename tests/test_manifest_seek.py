@@ -124,10 +124,7 @@ def test_segments_cover_the_stream_in_whole_records(sizes, data):
     decoded = []
     pieces = []
     for seg in segs:
-        parts = blobs[seg.first : seg.last + 1]
-        parts[-1] = parts[-1][: seg.end] if seg.end >= 0 else parts[-1]
-        parts[0] = parts[0][seg.start :]
-        piece = b"".join(parts)
+        piece = seg.join(blobs[seg.first : seg.last + 1])
         records, used = decode_records(piece, "segment")
         assert used == len(piece) and records
         decoded += records
