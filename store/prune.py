@@ -166,6 +166,13 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
             progress(done, nbytes, plan.repacked_bytes)
 
     moved = 0
+    # First what no index names (packs of failed or killed backups, unfinished writes):
+    # deleting them needs no new index, and frees the space a full disk needs for one.
+    for key, _ in plan.orphans:
+        repo.remote.delete(key)
+        step(moved)
+    # The age limit spares any write still in progress.
+    repo.remote.cleanup_temp(TEMP_AGE)
     new_index = IndexData()
     for use in plan.keep:
         new_index.packs[use.pack_id] = use.entries
@@ -194,11 +201,6 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     for use in plan.delete + plan.repack:
         repo.remote.delete(pack_key(use.pack_id))
         step(moved)
-    for key, _ in plan.orphans:
-        repo.remote.delete(key)
-        step(moved)
-    # Unfinished writes of killed processes; the age limit spares any write still in progress.
-    repo.remote.cleanup_temp(TEMP_AGE)
     repo.load_index()
 
 
