@@ -71,6 +71,22 @@ class FixedChunkvault(Chunkvault):
         return time.perf_counter() - start, 0
 
 
+class FixedCutChunkvault(FixedChunkvault):
+    """chunkvault with ``--fixed-chunks '*'``: every file of the copy cut at fixed offsets.
+
+    Named ``chunkvault-fixed``, or ``chunkvault-fixed-SIZE`` for another ``--fixed-chunk-size``.
+    """
+
+    def __init__(self, work: str, name: str = "chunkvault-fixed"):
+        self.name = name
+        self.chunk_size = name[len("chunkvault-fixed-"):] if name.startswith("chunkvault-fixed-") else None
+        super().__init__(work)
+
+    def backup(self, data):
+        size = ["--fixed-chunk-size", self.chunk_size] if self.chunk_size else []
+        return run(self.cmd + ["backup", "-q", "--fixed-chunks", "*", *size, data], self.env)
+
+
 @dataclass
 class Step:
     version: int
@@ -147,7 +163,7 @@ def fresh_tools(work: str, names: list[str], tag: str) -> list[Tool]:
     classes = {"chunkvault": FixedChunkvault, "restic": Restic, "borg": Borg}
     base = os.path.join(work, tag)
     os.makedirs(base, exist_ok=True)
-    tools = [classes[n](base) for n in names]
+    tools = [FixedCutChunkvault(base, n) if n.startswith("chunkvault-fixed") else classes[n](base) for n in names]
     for t in tools:
         t.init()
     return tools
@@ -254,28 +270,30 @@ def report(series: Series, names: list[str]) -> list[str]:
                           f"{s.added / max(r.added, 1):>13.3f}")
             lines.append(f"{s.version:>7} {size / MiB:>9.0f} {n:>11} {s.seconds:>8.2f} {s.cpu:>6.2f} "
                          f"{s.added / MiB:>10.1f} {ratios}")
-    if restic and "chunkvault" in series.steps and len(series.sizes) > 1:
-        cv = series.steps["chunkvault"][1:]
+    for name in (n for n in names if n.startswith("chunkvault")):
+        if not restic or len(series.sizes) < 2:
+            break
+        cv = series.steps[name][1:]
         rs = restic[1:]
         byte_ratio = sum(s.added for s in cv) / max(sum(r.added for r in rs), 1)
         time_ratio = sum(s.seconds for s in cv) / max(sum(r.seconds for r in rs), 1e-9)
         cpu_ratio = sum(s.cpu for s in cv) / max(sum(r.cpu for r in rs), 1e-9)
         worst_bytes = max(s.added / max(r.added, 1) for s, r in zip(cv, rs))
         worst_time = max(s.seconds / max(r.seconds, 1e-9) for s, r in zip(cv, rs))
-        lines.append(f"chunkvault differential versions: {byte_ratio:.3f}x restic's bytes (worst {worst_bytes:.3f}; "
+        lines.append(f"{name} differential versions: {byte_ratio:.3f}x restic's bytes (worst {worst_bytes:.3f}; "
                      f"target <= 0.15: {'met' if byte_ratio <= 0.15 else 'NOT met'} over the series, "
                      f"{'met' if worst_bytes <= 0.15 else 'NOT met'} by every version), "
                      f"{time_ratio:.2f}x restic's time (worst {worst_time:.2f}; target <= 0.5: "
                      f"{'met' if worst_time <= 0.5 else 'NOT met'}), {cpu_ratio:.2f}x restic's CPU time")
-        for s in series.steps["chunkvault"]:
-            lines.append(f"  chunkvault v{s.version}: {s.note}")
+        for s in series.steps[name]:
+            lines.append(f"  {name} v{s.version}: {s.note}")
     if series.restores:
         lines.append("restore of the last version (fastest of the trials): " + ", ".join(
             f"{n} {s:.2f} s" for n, s in series.restores.items()))
         full = series.restores.get("chunkvault full")
-        if full:
-            ratio = series.restores["chunkvault"] / full
-            lines.append(f"chunkvault: {ratio:.2f}x the restore of the same tree from a full without deltas "
+        for name in (n for n in series.restores if full and n.startswith("chunkvault") and n != "chunkvault full"):
+            ratio = series.restores[name] / full
+            lines.append(f"{name}: {ratio:.2f}x the restore of the same tree from a full without deltas "
                          f"(target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})")
     return lines
 
@@ -317,7 +335,7 @@ def main() -> None:
         ap.error("--chunker-secret must be 32 bytes (64 hex digits)")
     if args.versions < 2:
         ap.error("--versions must be at least 2 (a full and a differential)")
-    unknown = set(args.tools) - {"chunkvault", "restic", "borg"}
+    unknown = {t for t in args.tools if not t.startswith("chunkvault-fixed")} - {"chunkvault", "restic", "borg"}
     if unknown:
         ap.error(f"unknown tools: {', '.join(sorted(unknown))}")
     ensure_tools()

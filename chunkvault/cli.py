@@ -196,7 +196,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise UsageError("--stdin needs --stdin-name NAME")
         repo = _open(args)
         result = repo.backup_stream(sys.stdin.buffer, args.stdin_name, kind=args.type, tags=args.tag,
-                                    host=args.host, delta=not args.no_delta)
+                                    host=args.host, delta=not args.no_delta,
+                                    fixed_chunks=args.fixed_chunks, fixed_chunk_size=args.fixed_chunk_size)
     else:
         if not args.paths:
             raise UsageError("nothing to back up: give at least one path (or --stdin)")
@@ -208,8 +209,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise
         bar = _progress(args, "backup")
         result = repo.backup(args.paths, kind=args.type, tags=args.tag, host=args.host, excludes=args.exclude,
-                             delta=not args.no_delta, no_delta=args.no_delta_path, progress=_backup_progress(bar),
-                             walk=walk)
+                             delta=not args.no_delta, no_delta=args.no_delta_path, fixed_chunks=args.fixed_chunks,
+                             fixed_chunk_size=args.fixed_chunk_size, progress=_backup_progress(bar), walk=walk)
         bar.done()
     snap = result.snapshot
     st = snap.stats
@@ -577,6 +578,8 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .chunker import FIXED_CHUNK_SIZE
+
     common = _Parser(add_help=False)
     common.add_argument("-r", "--repo", help="repository URL (or CHUNKVAULT_REPOSITORY)")
     common.add_argument("-o", "--option", action="append", metavar="SCHEME.NAME=VALUE",
@@ -618,6 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-delta", action="store_true", help="never store changed chunks as deltas")
     s.add_argument("--no-delta-path", action="append", default=[], metavar="GLOB",
                    help="paths whose chunks are never stored as deltas")
+    s.add_argument("--fixed-chunks", action="append", default=[], metavar="GLOB",
+                   help="cut files matching GLOB at fixed offsets, not by content (database files updated in place)")
+    s.add_argument("--fixed-chunk-size", type=_size, default=FIXED_CHUNK_SIZE, metavar="SIZE",
+                   help=f"chunk size for --fixed-chunks (default {FIXED_CHUNK_SIZE >> 20} MiB)")
     s.set_defaults(func=cmd_backup)
 
     s = sub.add_parser("snapshots", parents=[common], help="list snapshots")

@@ -15,6 +15,7 @@ from .errors import CorruptObject, UsageError
 from .ledger import Ledger, present_of
 from .connection import connect
 from .remotes import Remote
+from .chunker import FIXED_CHUNK_SIZE
 from .store.backup import Backup, BackupOptions, BackupResult
 from .store.check import Checker, CheckReport, Problem
 from .store.config import Settings
@@ -147,9 +148,13 @@ class Repository:
 
     def backup(self, paths: list[str] | str, *, kind: str = "auto", tags: list[str] | None = None,
                host: str | None = None, excludes: list[str] | None = None, delta: bool = True,
-               no_delta: list[str] | None = None, parent: str | None = None, progress: Any = None,
+               no_delta: list[str] | None = None, fixed_chunks: list[str] | None = None,
+               fixed_chunk_size: int = FIXED_CHUNK_SIZE, parent: str | None = None, progress: Any = None,
                walk: SourceWalk | None = None) -> BackupResult:
         """Back up files and directories; one directory is stored as the snapshot's root.
+
+        ``fixed_chunks``: globs of files cut every ``fixed_chunk_size`` bytes instead of
+        by content (database files updated in place: see README, "Database differentials").
 
         ``walk``: a ``SourceWalk.of_paths(paths, excludes).start()`` begun before the
         repository was opened, so the walk overlaps the key derivation.
@@ -158,6 +163,10 @@ class Repository:
             paths = [paths]
         try:
             snaps = self._guard()
+            opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, excludes=list(excludes or []),
+                                 delta=delta, no_delta=list(no_delta or []), fixed_chunks=list(fixed_chunks or []),
+                                 fixed_chunk_size=fixed_chunk_size, progress=progress,
+                                 parent=find_snapshot(snaps, parent) if parent else None)
         except BaseException:
             if walk is not None:
                 walk.close()
@@ -167,18 +176,20 @@ class Repository:
         elif walk.paths != root_specs(list(paths))[1] or walk.excludes != list(excludes or []):
             walk.close()
             raise UsageError("the given walk is of other paths or excludes than the backup")
-        opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, excludes=list(excludes or []),
-                             delta=delta, no_delta=list(no_delta or []), progress=progress,
-                             parent=find_snapshot(snaps, parent) if parent else None)
         result = Backup(self._repo, opts).run(walk, walk.paths)
         self._wrote(result.snapshot)
         return result
 
     def backup_stream(self, fileobj: BinaryIO, name: str, *, kind: str = "auto", tags: list[str] | None = None,
-                      host: str | None = None, delta: bool = True) -> BackupResult:
-        """Store a stream (e.g. a dump on stdin) as the single file ``name``."""
+                      host: str | None = None, delta: bool = True,
+                      fixed_chunks: list[str] | None = None, fixed_chunk_size: int = FIXED_CHUNK_SIZE) -> BackupResult:
+        """Store a stream (e.g. a dump on stdin) as the single file ``name``.
+
+        ``fixed_chunks``: globs; when one matches ``name`` the stream is cut at fixed offsets.
+        """
         self._guard()
-        opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, delta=delta)
+        opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, delta=delta,
+                             fixed_chunks=list(fixed_chunks or []), fixed_chunk_size=fixed_chunk_size)
         result = Backup(self._repo, opts).run(None, [name], stream=fileobj, stdin_name=name)
         self._wrote(result.snapshot)
         return result

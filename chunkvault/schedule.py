@@ -407,6 +407,7 @@ class Source:
     host: str | None = None
     tags: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
+    fixed_chunks: tuple[str, ...] = ()  # globs of files cut at fixed offsets (database files)
     pre: str | tuple[str, ...] | None = None
     post: str | tuple[str, ...] | None = None
     retention: RetentionPolicy | None = None
@@ -438,7 +439,7 @@ class Policy:
 
 _TOP_KEYS = {"repository", "password_file", "timezone", "full", "diff", "retention", "presets", "prune",
              "max_unused", "lock_file", "hook_timeout", "source", "tags", "host"}
-_SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "pre", "post", "full", "diff", "retention",
+_SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "fixed_chunks", "pre", "post", "full", "diff", "retention",
                 "timezone", "hook_timeout"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -577,11 +578,12 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                 raise UsageError(f"host must be a non-empty string, got {host!r}")
             tags = _str_list(s.get("tags", top.get("tags", [])), "tags")
             excludes = _str_list(s.get("excludes", []), "excludes")
+            fixed_chunks = _str_list(s.get("fixed_chunks", []), "fixed_chunks")
             ret_value = s.get("retention", top.get("retention"))
             retention = _retention(ret_value, config, "retention")
             hook_timeout = _seconds(s.get("hook_timeout", top.get("hook_timeout")), "hook-timeout")
             source = Source(name=name, paths=paths, full=full, diff=diff, host=host, tags=tags,
-                            excludes=excludes, pre=_hook(s.get("pre"), "pre"), post=_hook(s.get("post"), "post"),
+                            excludes=excludes, fixed_chunks=fixed_chunks, pre=_hook(s.get("pre"), "pre"), post=_hook(s.get("post"), "post"),
                             retention=retention, hook_timeout=hook_timeout)
         except UsageError as exc:
             raise UsageError(f"source {name!r}: {exc}") from None

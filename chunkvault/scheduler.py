@@ -353,7 +353,7 @@ class Runner:
     def _backup(self, repo: Any, src: Source, kind: str, result: SourceResult) -> None:
         try:
             res = repo.backup(list(src.paths), kind=kind, tags=list(src.tags), host=self._host(src),
-                              excludes=list(src.excludes))
+                              excludes=list(src.excludes), fixed_chunks=list(src.fixed_chunks))
         except ChunkvaultError as exc:
             result.status, result.error = FAILED, str(exc)
             return

@@ -21,6 +21,7 @@ from typing import BinaryIO, Callable, Iterator
 
 import blake3
 
+from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, fixed_chunks
 from chunkvault.errors import UsageError
 
 from .manifest import (
@@ -48,9 +49,16 @@ class BackupOptions:
     excludes: list[str] = field(default_factory=list)
     delta: bool = True
     no_delta: list[str] = field(default_factory=list)  # globs of paths never stored as deltas
+    fixed_chunks: list[str] = field(default_factory=list)  # globs of paths cut at fixed offsets
+    fixed_chunk_size: int = FIXED_CHUNK_SIZE
     delta_margin: float = 0.1
     lock_wait: float = 3600.0  # how long to wait for a running prune
     progress: Callable[[dict], None] | None = None
+
+    def __post_init__(self) -> None:
+        low, high = FIXED_CHUNK_SIZES
+        if not low <= self.fixed_chunk_size <= high:
+            raise UsageError(f"fixed chunk size must be between {low >> 10} KiB and {high >> 20} MiB")
 
 
 @dataclass
@@ -77,6 +85,15 @@ def choose_kind(requested: str, chain: list[Snapshot], full_every: int, max_diff
     full_size = max(int(chain[0].stats.get("bytes", 0)), 1)
     added = sum(int(s.stats.get("added_stored_bytes", 0)) + int(s.stats.get("manifest_bytes", 0)) for s in diffs)
     return KIND_FULL if added > max_diff_share * full_size else KIND_DIFF
+
+
+def _matches(rel: bytes, globs: list[str]) -> bool:
+    """Whether a path (relative to its backup root), or its last component, matches one of ``globs``."""
+    if not globs:
+        return False
+    s = os.fsdecode(rel)
+    name = s.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(s, g) or fnmatch.fnmatchcase(name, g) for g in globs)
 
 
 class _FdReader:
@@ -174,10 +191,8 @@ class Backup:
         """
         if prev is None or not self.opt.delta or prev.type != T_FILE or not prev.chunks:
             return None
-        if self.opt.no_delta:
-            s = os.fsdecode(rel)
-            if any(fnmatch.fnmatchcase(s, g) or fnmatch.fnmatchcase(s.rsplit("/", 1)[-1], g) for g in self.opt.no_delta):
-                return None
+        if _matches(rel, self.opt.no_delta):
+            return None
         out = []
         pos = 0
         for cid in prev.chunk_ids():
@@ -197,7 +212,7 @@ class Backup:
         hasher = blake3.blake3()
         ids = bytearray()
         pos = 0
-        for chunk in self._chunks(f, size_hint):
+        for chunk in self._chunks(f, rel, size_hint):
             n = len(chunk)
             hasher.update(chunk)
             bid = self.repo.blob_id(chunk)
@@ -216,8 +231,11 @@ class Backup:
             self._maybe_progress()
         return hasher.digest(), bytes(ids), pos
 
-    def _chunks(self, f: BinaryIO, size_hint: int | None) -> Iterator[bytes]:
+    def _chunks(self, f: BinaryIO, rel: bytes, size_hint: int | None) -> Iterator[bytes]:
         """A small file is one chunk: read it in one call instead of through the chunker's buffers."""
+        if _matches(rel, self.opt.fixed_chunks):
+            yield from fixed_chunks(f, self.opt.fixed_chunk_size)
+            return
         if size_hint is not None and size_hint <= self.repo.chunker_params.min_size:
             data = b""
             while len(data) <= size_hint:

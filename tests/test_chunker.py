@@ -21,6 +21,7 @@ from chunkvault.chunker import (
     UNKEYED_SECRET,
     Chunker,
     ChunkerParams,
+    fixed_chunks,
     gear_table,
     gear_table_bytes,
 )
@@ -175,6 +176,55 @@ def test_chunks_with_size_hint_and_unbuffered_reads(tmp_path):
     assert [len(x) for x in pieces] == lengths_of(c.cut_points(blob))
     assert list(c.chunks(io.BytesIO(b""))) == []
     assert list(c.chunks(io.BytesIO(b"abc"))) == [b"abc"]
+
+
+class Trickle(io.RawIOBase):
+    """A stream that returns at most ``step`` bytes per read, as a pipe may."""
+
+    def __init__(self, data: bytes, step: int):
+        self.data, self.pos, self.step = data, 0, step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self.step, len(self.data) - self.pos)
+        buf[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+@pytest.mark.parametrize("length", [0, 1, 4095, 4096, 4097, 3 * 4096, 50_000])
+@pytest.mark.parametrize("step", [1000, 1 << 20])
+def test_fixed_chunks_cut_at_fixed_offsets(length, step):
+    blob = xof("fixed", length)
+    pieces = list(fixed_chunks(Trickle(blob, step), 4096))
+    assert b"".join(pieces) == blob
+    assert all(len(p) == 4096 for p in pieces[:-1]) and all(0 < len(p) <= 4096 for p in pieces)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_fixed_chunks_bad_size(bad):
+    with pytest.raises(ValueError):
+        list(fixed_chunks(io.BytesIO(b"abc"), bad))
+
+
+def test_interleaved_streams_on_one_chunker(tmp_path):
+    """Streams of one chunker alive at once do not disturb each other."""
+    c = Chunker(SECRET, SMALL)
+    blobs = [xof(f"interleave{i}", 200_000 + i * 7919) for i in range(3)]
+    gens = [c.chunks(io.BytesIO(b), bufsize=4096) for b in blobs]
+    got: list[list[bytes]] = [[] for _ in blobs]
+    live = set(range(len(gens)))
+    while live:
+        for i in sorted(live):
+            piece = next(gens[i], None)
+            if piece is None:
+                live.discard(i)
+            else:
+                got[i].append(piece)
+    for blob, pieces in zip(blobs, got):
+        assert [len(p) for p in pieces] == lengths_of(c.cut_points(blob)) and b"".join(pieces) == blob
 
 
 # ---- properties of content-defined chunking -----------------------------------

@@ -58,6 +58,21 @@ def test_stdin_backup(tmp_path, cli, setup):
     assert cli("dump", "-r", repo, "latest", "db.sql").stdout == data
 
 
+def test_fixed_chunks_from_the_command_line(tmp_path, cli, setup):
+    repo, src = setup
+    (src / "table.db").write_bytes(os.urandom(300_000))
+    cli("backup", "-r", repo, str(src), "--fixed-chunks", "*.db", "--fixed-chunk-size", "64K")
+    listing = json.loads(cli("ls", "-r", repo, "latest", "--json").stdout)
+    table = next(e for e in listing if e["path"] == "table.db")
+    assert table["chunks"] == 5  # 4 x 64 KiB + the rest
+    data = os.urandom(200_000)
+    cli("backup", "-r", repo, "--stdin", "--stdin-name", "x.db", "--fixed-chunks", "*.db", "--fixed-chunk-size", "64K",
+        input=data)
+    assert cli("dump", "-r", repo, "latest", "x.db").stdout == data
+    err = cli("backup", "-r", repo, str(src), "--fixed-chunks", "*", "--fixed-chunk-size", "1K", check=2).stderr
+    assert b"fixed chunk size" in err and err.count(b"\n") == 1
+
+
 @pytest.mark.parametrize("args,code,message", [
     (["snapshots"], 11, "wrong password"),
 ])

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from chunkvault import Repository
-from chunkvault.errors import CorruptObject
+from chunkvault.chunker import FIXED_CHUNK_SIZE
+from chunkvault.errors import CorruptObject, UsageError
 from treeutil import describe
 
 PAGE = 8192
@@ -353,3 +354,61 @@ def test_export_and_import_of_a_mostly_delta_snapshot(tmp_path, new_repo):
     other.restore(imported.id, str(out))
     assert describe(out) == tree
     assert other.check(read_data=True).ok
+
+
+def chunk_lengths(repo, snap, path):
+    return [repo.store.locate(c).raw_length for c in repo.find_entry(snap, path).chunk_ids()]
+
+
+def test_fixed_chunks_line_up_with_the_parent_and_store_less(tmp_path, new_repo):
+    """Cut at fixed offsets, every changed chunk of a page file has a base covering exactly its bytes."""
+    rnd = random.Random(8)
+    src = tmp_path / "db"
+    src.mkdir()
+    page_file(src / "table.db", 1024, random.Random(9))  # 8 MiB
+    page_file(src / "other", 64, rnd)
+    content = new_repo()
+    fixed = new_repo()
+    content.backup([str(src)])
+    first = fixed.backup([str(src)], fixed_chunks=["*.db"]).snapshot
+    assert chunk_lengths(fixed, first, "table.db") == [FIXED_CHUNK_SIZE] * 8
+    assert len(set(chunk_lengths(fixed, first, "other"))) > 1  # other files still cut by content
+    trees = [(first, describe(src))]
+    for step in range(3):
+        with open(src / "table.db", "r+b") as f:  # a page rewritten with content that moves cut points
+            for p in rnd.sample(range(1024), 200):
+                f.seek(p * PAGE)
+                f.write(rnd.randbytes(PAGE // 2) + bytes(PAGE // 2))
+        by_content = content.backup([str(src)]).snapshot
+        snap = fixed.backup([str(src)], fixed_chunks=["*.db"]).snapshot
+        trees.append((snap, describe(src)))
+        assert chunk_lengths(fixed, snap, "table.db") == [FIXED_CHUNK_SIZE] * 8
+        assert snap.stats["delta_blobs"] > 0
+        assert snap.stats["added_stored_bytes"] < by_content.stats["added_stored_bytes"]
+    for i, (snap, tree) in enumerate(trees):
+        out = tmp_path / f"out{i}"
+        fixed.restore(snap.id, str(out))
+        assert describe(out) == tree
+    assert fixed.check(read_data=True).ok
+
+
+def test_fixed_chunks_for_a_stream_matched_by_its_name(tmp_path, new_repo):
+    data = random.Random(10).randbytes(3 << 20)
+    repo = new_repo()
+    size = 256 << 10
+    snap = repo.backup_stream(io.BytesIO(data), "base.img", fixed_chunks=["*.img"], fixed_chunk_size=size).snapshot
+    whole, rest = divmod(3 << 20, size)
+    assert chunk_lengths(repo, snap, "base.img") == [size] * whole + [rest] * bool(rest)
+    other = repo.backup_stream(io.BytesIO(data), "dump.sql", fixed_chunks=["*.img"]).snapshot
+    assert chunk_lengths(repo, other, "dump.sql") != chunk_lengths(repo, snap, "base.img")
+    with repo.open_file(snap, "base.img") as f:
+        assert f.read() == data
+
+
+def test_fixed_chunk_size_out_of_bounds_is_refused(tmp_path, new_repo):
+    repo = new_repo()
+    (tmp_path / "f").write_bytes(b"x")
+    for size in (1024, 32 << 20):
+        with pytest.raises(UsageError, match="fixed chunk size"):
+            repo.backup([str(tmp_path / "f")], fixed_chunks=["*"], fixed_chunk_size=size)
+    assert repo.snapshots() == []

@@ -384,7 +384,8 @@ BASE = {
     "retention": "business",
     "presets": {"business": {"keep-full-within": "30d", "keep-diff-within": "7d"}},
     "source": [
-        {"name": "db", "paths": ["data/db"], "pre": "pg_ctl checkpoint", "post": ["rm", "-f", "x"]},
+        {"name": "db", "paths": ["data/db"], "pre": "pg_ctl checkpoint", "post": ["rm", "-f", "x"],
+         "fixed-chunks": ["base/*"]},
         {"name": "etc", "paths": "/etc", "host": "h1", "tags": ["cfg"], "full": "0 3 * * sun", "diff": "every 6h",
          "retention": {"keep-last": 3}, "timezone": "UTC", "hook-timeout": 30, "excludes": ["*.tmp"]},
     ],
@@ -400,6 +401,7 @@ def test_policy_parses_with_defaults_and_overrides():
     assert db.full.prev(datetime(2026, 7, 1, 10, tzinfo=UTC)) == datetime(2026, 7, 1, 0, tzinfo=UTC)  # Berlin
     assert db.retention.keep_full_within is not None and db.retention.keep_last is None
     assert db.pre == "pg_ctl checkpoint" and db.post == ("rm", "-f", "x")
+    assert db.fixed_chunks == ("base/*",) and etc.fixed_chunks == ()
     assert etc.paths == ("/etc",) and etc.host == "h1" and etc.tags == ("cfg",) and etc.excludes == ("*.tmp",)
     assert etc.retention.keep_last == 3 and etc.hook_timeout == 30.0
     assert etc.full.prev(datetime(2026, 7, 1, 10, tzinfo=UTC)) == datetime(2026, 6, 28, 3, tzinfo=UTC)
