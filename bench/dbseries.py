@@ -140,7 +140,7 @@ def time_restores(series: Series, tools: list[Tool], path: str, work: str, trial
     """Fastest of ``trials`` restores of the last version from each repository, and from a
     chunkvault repository holding that tree as one full snapshot without deltas."""
     repos: dict[str, Tool] = {t.name: t for t in tools}
-    if "chunkvault" in repos:
+    if any(n.startswith("chunkvault") for n in repos):
         os.makedirs(os.path.join(work, "full"), exist_ok=True)
         full = FixedChunkvault(os.path.join(work, "full"))
         full.init()

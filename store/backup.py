@@ -29,6 +29,7 @@ from .manifest import (
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK,
     Entry, ManifestStats, Record, delete_record, sort_key,
 )
+from .blob import CONTENT_DEFINED_DELTA_DEPTH, MAX_DELTA_DEPTH
 from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, Repo
@@ -193,13 +194,14 @@ class Backup:
             return None
         if _matches(rel, self.opt.no_delta):
             return None
+        bound = MAX_DELTA_DEPTH if _matches(rel, self.opt.fixed_chunks) else CONTENT_DEFINED_DELTA_DEPTH
         out = []
         pos = 0
         for cid in prev.chunk_ids():
             loc = self.repo.locate(cid)
             if loc is None:
                 return None
-            out.append((pos, pos + loc.raw_length, self.repo.base_for(cid)))
+            out.append((pos, pos + loc.raw_length, self.repo.base_for(cid, bound)))
             pos += loc.raw_length
         return out
 

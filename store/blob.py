@@ -36,8 +36,11 @@ DELTA_BLOCKS = 1  # changed blocks only, the base's counterparts as dictionary
 DELTA_METHODS = (DELTA_DICT, DELTA_BLOCKS)
 BLOCK_SIZE = 1024
 # At most this many deltas in a row: reading any blob reads at most MAX_DELTA_DEPTH + 1
-# envelopes.  Chosen by measurement (README, "Database differentials").
-MAX_DELTA_DEPTH = 8
+# envelopes.  Backups keep chunks cut by content to the shorter bound: their deltas more
+# often take a whole-base dictionary, slower to decode.  Both chosen by measurement
+# (README, "Database differentials").
+MAX_DELTA_DEPTH = 16
+CONTENT_DEFINED_DELTA_DEPTH = 8
 # With more than this share of its blocks changed, a delta uses the whole base as dictionary
 # instead (measured: as small as the better of the two methods within 1 %, at less cost).
 BLOCKS_FALLBACK_SHARE = 0.5

@@ -599,12 +599,6 @@ class ExportFile:
 
     # -- random access, after verify --
 
-    @property
-    def chunker_params(self) -> ChunkerParams:
-        if self.info is None:
-            raise ValueError("verify() the export file first")
-        return self.info.chunker
-
     def _read_sealed(self, offset: int, length: int, stype: int, index: int) -> bytes:
         data = os.pread(self._f.fileno(), SECTION_HEAD.size + length, offset)
         if len(data) != SECTION_HEAD.size + length or SECTION_HEAD.unpack_from(data) != (stype, length):

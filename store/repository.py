@@ -267,9 +267,10 @@ class Repo:
         """How many deltas in a row a read of this blob decodes (0 for a whole blob)."""
         return len(self.delta_chain(blob_id))
 
-    def base_for(self, blob_id: bytes) -> bytes:
+    def base_for(self, blob_id: bytes, bound: int = MAX_DELTA_DEPTH) -> bytes:
         """The base for a delta replacing ``blob_id``: that blob while its chain is shorter than a limit,
-        else the whole blob its chain starts from, so chains restart and never grow past the bound.
+        else the whole blob its chain starts from, so chains restart and never grow past ``bound``
+        (nor past the bound reads accept).
 
         The limit lies between half the bound and the bound, set by the whole blob's id: the chunks
         of a file restart in different versions, not all in one costly version.
@@ -277,8 +278,9 @@ class Repo:
         chain = self.delta_chain(blob_id)
         if not chain:
             return blob_id
-        span = (self.max_delta_depth + 1) // 2
-        limit = self.max_delta_depth - chain[-1][0] % span
+        bound = min(bound, self.max_delta_depth)
+        span = (bound + 1) // 2
+        limit = bound - chain[-1][0] % span
         return blob_id if len(chain) < limit else chain[-1]
 
     def write_index(self, d: IndexData) -> str:

@@ -18,7 +18,6 @@ from typing import Callable, Iterator, Protocol
 
 import blake3
 
-from chunkvault.chunker import ChunkerParams
 from chunkvault.errors import ChunkvaultError, CorruptObject, StorageFull, TargetNotEmpty, UsageError
 
 from .manifest import (
@@ -28,12 +27,7 @@ from .repository import Repo
 
 
 class BlobSource(Protocol):
-    """Where a restore reads chunks from: a repository, or an export file (store/export.py).
-
-    ``chunker_params`` only sizes the read-ahead batches.
-    """
-
-    chunker_params: ChunkerParams
+    """Where a restore reads chunks from: a repository, or an export file (store/export.py)."""
 
     def read_blob(self, blob_id: bytes) -> bytes: ...
 
@@ -95,10 +89,13 @@ class _Prefetcher:
     """Records in order, and their files' chunks fetched ahead across file boundaries.
 
     Chunks are fetched in batches (neighbours in a pack coalesced into one
-    ranged read), a few batches in flight at once.
+    ranged read), a few batches in flight at once.  Batches and the window are
+    counted in bytes, each chunk taken as its file's mean chunk size: files cut
+    at fixed offsets have chunks four times the chunker's average.
     """
 
     BATCH_BLOBS = 64
+    BATCH_BYTES = 4 << 20
 
     def __init__(self, repo: BlobSource, records: Iterator[Record], window_bytes: int, workers: int = 3,
                  prefetch: bool = True):
@@ -106,12 +103,12 @@ class _Prefetcher:
         self.prefetch = prefetch
         self.records = records
         self.ahead: deque[Record] = deque()
-        self.ids: deque[bytes] = deque()
-        self.batches: deque[Future[list[bytes]]] = deque()
+        self.ids: deque[tuple[bytes, int]] = deque()  # (chunk id, its expected size)
+        self.queued = 0  # bytes expected of self.ids
+        self.batches: deque[tuple[Future[list[bytes]], int]] = deque()
+        self.in_flight = 0  # bytes expected of self.batches
         self.current: deque[bytes] = deque()
-        avg = max(repo.chunker_params.avg_size, 1)
-        self.batch = max(1, min(self.BATCH_BLOBS, (4 << 20) // avg))
-        self.window = max(2, window_bytes // (avg * self.batch))
+        self.window = window_bytes
         self.pool = ThreadPoolExecutor(workers)
         self.done = False
 
@@ -124,18 +121,28 @@ class _Prefetcher:
             return False
         self.ahead.append(rec)
         e = rec.entry
-        if self.prefetch and e is not None and e.type == T_FILE:
-            self.ids.extend(e.chunk_ids())
+        if self.prefetch and e is not None and e.type == T_FILE and e.chunks:
+            ids = e.chunk_ids()
+            each = -(-e.size // len(ids))
+            self.ids.extend((c, each) for c in ids)
+            self.queued += each * len(ids)
         return True
 
     def _fill(self) -> None:
-        while len(self.batches) < self.window:
-            while len(self.ids) < self.batch and self._pull():
+        while len(self.batches) < 2 or self.in_flight < self.window:
+            while len(self.ids) < self.BATCH_BLOBS and self.queued < self.BATCH_BYTES and self._pull():
                 pass
             if not self.ids:
                 return
-            take = [self.ids.popleft() for _ in range(min(self.batch, len(self.ids)))]
-            self.batches.append(self.pool.submit(self.repo.read_blobs, take))
+            take: list[bytes] = []
+            size = 0
+            while self.ids and len(take) < self.BATCH_BLOBS and (not take or size + self.ids[0][1] <= self.BATCH_BYTES):
+                cid, n = self.ids.popleft()
+                take.append(cid)
+                size += n
+            self.queued -= size
+            self.in_flight += size
+            self.batches.append((self.pool.submit(self.repo.read_blobs, take), size))
 
     def next_record(self) -> Record | None:
         if not self.ahead and not self._pull():
@@ -145,12 +152,14 @@ class _Prefetcher:
     def next_chunk(self) -> bytes:
         if not self.current:
             self._fill()
-            self.current.extend(self.batches.popleft().result())
+            batch, size = self.batches.popleft()
+            self.in_flight -= size
+            self.current.extend(batch.result())
             self._fill()
         return self.current.popleft()
 
     def close(self) -> None:
-        for f in self.batches:
+        for f, _ in self.batches:
             f.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
 

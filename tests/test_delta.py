@@ -264,11 +264,14 @@ def test_batched_reads_equal_single_reads_down_chains(tmp_path, new_repo, passwo
     assert fresh.read_blobs(ids) == [fresh.read_blob(c, verify=True) for c in ids]
 
 
-def test_a_chain_longer_than_the_bound_is_refused_naming_ids(tmp_path, new_repo, password):
+def test_a_chain_longer_than_the_bound_is_refused_naming_ids(tmp_path, new_repo, password, monkeypatch):
+    import chunkvault.store.backup as backup_module
     from chunkvault.store.blob import MAX_DELTA_DEPTH
 
     repo = new_repo(chunker=SMALL)
-    repo.store.max_delta_depth = 2 * MAX_DELTA_DEPTH + 2  # a writer that ignores the format's bound
+    # a writer that ignores the format's bound
+    repo.store.max_delta_depth = 2 * MAX_DELTA_DEPTH + 2
+    monkeypatch.setattr(backup_module, "CONTENT_DEFINED_DELTA_DEPTH", 2 * MAX_DELTA_DEPTH + 2)
     series = page_series(tmp_path, repo, MAX_DELTA_DEPTH + 3, random.Random(14), pages=64, share=1.0)
     last = series[-1][0]
     deep = deepest_delta(repo, last)
@@ -412,3 +415,30 @@ def test_fixed_chunk_size_out_of_bounds_is_refused(tmp_path, new_repo):
         with pytest.raises(UsageError, match="fixed chunk size"):
             repo.backup([str(tmp_path / "f")], fixed_chunks=["*"], fixed_chunk_size=size)
     assert repo.snapshots() == []
+
+
+def test_fixed_cut_chains_grow_deeper_than_content_defined_ones(tmp_path, new_repo):
+    from chunkvault.store.blob import CONTENT_DEFINED_DELTA_DEPTH, MAX_DELTA_DEPTH
+
+    rnd = random.Random(15)
+    src = tmp_path / "db"
+    src.mkdir()
+    page_file(src / "table.db", 64, rnd)
+    page_file(src / "table", 64, rnd)
+    repo = new_repo(chunker=SMALL)
+    opts = {"fixed_chunks": ["*.db"], "fixed_chunk_size": 16 << 10}
+    series = [(repo.backup([str(src)], **opts).snapshot, describe(src))]
+    for _ in range(CONTENT_DEFINED_DELTA_DEPTH + 4):
+        touch_pages(src / "table.db", 1.0, rnd)
+        touch_pages(src / "table", 1.0, rnd)
+        series.append((repo.backup([str(src)], **opts).snapshot, describe(src)))
+    last = series[-1][0]
+    fixed = [repo.store.delta_depth(c) for c in repo.find_entry(last, "table.db").chunk_ids()]
+    content = [repo.store.delta_depth(c) for c in repo.find_entry(last, "table").chunk_ids()]
+    assert CONTENT_DEFINED_DELTA_DEPTH < max(fixed) <= MAX_DELTA_DEPTH
+    assert max(content) <= CONTENT_DEFINED_DELTA_DEPTH
+    for i, (snap, tree) in enumerate(series[-2:]):
+        out = tmp_path / f"out{i}"
+        repo.restore(snap.id, str(out))
+        assert describe(out) == tree
+    assert repo.check(read_data=True).ok

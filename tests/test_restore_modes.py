@@ -88,3 +88,43 @@ def test_cli_in_place_needs_confirmation(snapshot_of_tree, cli, tmp_path):
                          "--delete", "--json").stdout)
     assert out["deleted"] == 1 and out["unchanged_files"] >= 4
     assert describe(src) == expected
+
+
+def test_read_ahead_is_counted_in_bytes_whatever_the_chunk_size():
+    """1 MiB chunks (files cut at fixed offsets) and 64 KiB ones keep the same bytes in flight."""
+    import threading
+
+    from chunkvault.store.manifest import T_FILE, Entry, entry_record
+    from chunkvault.store.restore import _Prefetcher
+
+    class Source:
+        def __init__(self):
+            self.lock = threading.Lock()
+            self.calls: list[int] = []
+            self.pending = 0  # blobs requested and not yet consumed
+            self.most = 0
+
+        def read_blobs(self, ids):
+            with self.lock:
+                self.calls.append(len(ids))
+                self.pending += len(ids)
+                self.most = max(self.most, self.pending)
+            return [b"x"] * len(ids)
+
+    for chunk, count in ((1 << 20, 96), (64 << 10, 1536)):
+        src = Source()
+        records = [entry_record(Entry(path=b"f%d" % i, type=T_FILE, size=chunk * 8,
+                                      chunks=bytes(256))) for i in range(count // 8)]
+        pf = _Prefetcher(src, iter(records), window_bytes=16 << 20)
+        got = 0
+        while pf.next_record() is not None:
+            pass
+        while got < count:
+            pf.next_chunk()
+            with src.lock:
+                src.pending -= 1
+            got += 1
+        pf.close()
+        assert sum(src.calls) == count
+        assert max(src.calls) * chunk <= _Prefetcher.BATCH_BYTES
+        assert src.most * chunk <= (16 << 20) + 2 * _Prefetcher.BATCH_BYTES
