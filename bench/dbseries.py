@@ -17,6 +17,10 @@ one full snapshot without deltas (the restore of a mostly-delta snapshot
 should take at most 1.5x that); each restore is timed ``--restore-trials``
 times, alternating, and the fastest counts.
 
+Tools: ``chunkvault`` cuts every file by content; ``chunkvault-fixed`` cuts
+every file of the copies at fixed 1 MiB offsets (``--fixed-chunks '*'``), and
+``chunkvault-fixed-SIZE`` (e.g. ``chunkvault-fixed-256K``) at another size.
+
 Runs repeat: the load is a fixed number of transactions, pgbench and the
 SQLite updates draw from ``--seed``, and chunkvault's repositories share one
 fixed chunker secret (``--chunker-secret``), so chunk boundaries do not move
@@ -24,8 +28,8 @@ from run to run.  The settings are printed first.
 
     python bench/dbseries.py [--scale 40] [--versions 4] [--transactions 25000 | --interval 15]
                              [--sqlite-mb 500] [--seed 20261128] [--chunker-secret HEX]
-                             [--only pg|sqlite] [--tools chunkvault,restic,borg] [--restore-trials 3]
-                             [--work DIR] [--keep]
+                             [--only pg|sqlite] [--tools chunkvault,chunkvault-fixed,restic,borg]
+                             [--restore-trials 3] [--work DIR] [--keep]
 
 restic and borg are installed with apt-get when missing; PostgreSQL comes from
 Debian's ``postgresql`` package (or initdb on PATH).  As root, the server runs
@@ -321,7 +325,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=SEED, help=f"pgbench and SQLite update seed (default {SEED})")
     ap.add_argument("--chunker-secret", default=CHUNKER_SECRET, help="chunkvault's chunker secret, 64 hex digits")
     ap.add_argument("--only", choices=["pg", "sqlite"], help="run one series only")
-    ap.add_argument("--tools", default="chunkvault,restic,borg")
+    ap.add_argument("--tools", default="chunkvault,chunkvault-fixed,restic,borg")
     ap.add_argument("--restore-trials", type=int, default=3, help="timed restores of the last version, per repository")
     ap.add_argument("--work", default=os.path.join(HERE, ".work", "dbseries"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
