@@ -42,7 +42,7 @@ class RestoreOptions:
     delta: bool = False  # in place: rewrite only files, and chunk ranges of files, whose content differs
     delete: bool = False  # in place: remove what the snapshot does not have
     owners: bool | None = None  # restore uid/gid; default: when running as root
-    window_bytes: int = 32 << 20
+    window_bytes: int = 16 << 20
     progress: Callable[[int, int], None] | None = None  # (files, bytes) so far
 
 
