@@ -433,8 +433,8 @@ def test_fixed_cut_chains_grow_deeper_than_content_defined_ones(tmp_path, new_re
         touch_pages(src / "table", 1.0, rnd)
         series.append((repo.backup([str(src)], **opts).snapshot, describe(src)))
     last = series[-1][0]
-    fixed = [repo.store.delta_depth(c) for c in repo.find_entry(last, "table.db").chunk_ids()]
-    content = [repo.store.delta_depth(c) for c in repo.find_entry(last, "table").chunk_ids()]
+    fixed = repo_depths(repo, last, "table.db")
+    content = repo_depths(repo, last, "table")
     assert CONTENT_DEFINED_DELTA_DEPTH < max(fixed) <= MAX_DELTA_DEPTH
     assert max(content) <= CONTENT_DEFINED_DELTA_DEPTH
     for i, (snap, tree) in enumerate(series[-2:]):
@@ -442,3 +442,21 @@ def test_fixed_cut_chains_grow_deeper_than_content_defined_ones(tmp_path, new_re
         repo.restore(snap.id, str(out))
         assert describe(out) == tree
     assert repo.check(read_data=True).ok
+    # Deep chains travel: copied whole (chains kept), and exported then imported.
+    copy = Repository.init(str(tmp_path / "copy"), "pw2", kdf_seconds=0, copy_chunker_from=repo)
+    repo.copy_to(copy)
+    copied = {s.stats["copied_from"]: s for s in copy.snapshots()}[last.id]
+    assert max(repo_depths(copy, copied, "table.db")) == max(fixed)
+    path = str(tmp_path / "last.backup")
+    repo.export(last, path, "export pw", kdf_seconds=0)
+    other = Repository.init(str(tmp_path / "other"), "pw3", kdf_seconds=0)
+    imported = other.import_backup(path, "export pw")
+    for dst, snap in ((copy, copied), (other, imported)):
+        out = tmp_path / f"out-{dst.store.config.repo_id[:6]}"
+        dst.restore(snap.id, str(out))
+        assert describe(out) == series[-1][1]
+        assert dst.check(read_data=True).ok
+
+
+def repo_depths(repo, snap, path):
+    return [repo.store.delta_depth(c) for c in repo.find_entry(snap, path).chunk_ids()]
