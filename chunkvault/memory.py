@@ -8,7 +8,11 @@ raise the mmap threshold after the first large free, so freed pack and chunk
 buffers stay in fragmented heaps and the peak RSS grows to about twice what is
 live.  Two arenas and a fixed 4 MiB mmap threshold (pack buffers come from and
 return to the kernel; chunk buffers reuse the heap) keep peak RSS close to the
-live data at no measurable cost in time.
+live data at no measurable cost in time.  A fixed mmap threshold leaves the
+heap's trim threshold at 128 KiB, so every freed 1 MiB chunk was handed back
+and faulted in again: a 4 MiB trim threshold took a SQLite differential from
+300,000 page faults to 80,000 and from 1.55 to 1.35 s, for about 4 MiB more
+peak memory in an initial backup.
 
 Garbage collector: a repeated backup of a large tree creates a few hundred
 thousand entry and record objects, few of them in cycles; with the default
@@ -29,11 +33,12 @@ import gc
 import os
 import sys
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
-def tune_allocator(arenas: int = 2, mmap_threshold: int = 4 << 20) -> bool:
+def tune_allocator(arenas: int = 2, mmap_threshold: int = 4 << 20, trim_threshold: int = 4 << 20) -> bool:
     """Apply the settings; False where the C library is not glibc."""
     if not sys.platform.startswith("linux"):
         return False
@@ -44,7 +49,9 @@ def tune_allocator(arenas: int = 2, mmap_threshold: int = 4 << 20) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_ARENA_MAX, arenas)) and bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+    return all(mallopt(option, value) for option, value in ((_M_ARENA_MAX, arenas),
+                                                            (_M_MMAP_THRESHOLD, mmap_threshold),
+                                                            (_M_TRIM_THRESHOLD, trim_threshold)))
 
 
 def tune_gc(first_generation: int = 20_000) -> None:
