@@ -32,6 +32,15 @@ def touch_pages(path, share, rnd):
                 f.write(rnd.randbytes(8))
 
 
+def assert_all_restore(repo, snaps_and_trees, tmp_path):
+    """Each (snapshot, tree) restores exactly, and the repository checks clean with its data read."""
+    for i, (snap, tree) in enumerate(snaps_and_trees):
+        out = tmp_path / f"out{i}"
+        repo.restore(snap.id, str(out))
+        assert describe(out) == tree
+    assert repo.check(read_data=True).ok
+
+
 def test_differentials_of_a_page_file_are_small_and_restore(tmp_path, new_repo):
     rnd = random.Random(3)
     src = tmp_path / "db"
@@ -51,11 +60,7 @@ def test_differentials_of_a_page_file_are_small_and_restore(tmp_path, new_repo):
         assert snap.stats["delta_blobs"] > 0
         # every chunk changed, yet the differential is a small fraction of what plain dedup stores
         assert snap.stats["added_stored_bytes"] < 0.3 * plain.stats["added_stored_bytes"]
-    for i, (snap, tree) in enumerate(trees):
-        out = tmp_path / f"out{i}"
-        repo.restore(snap.id, str(out))
-        assert describe(out) == tree
-    assert repo.check(read_data=True).ok
+    assert_all_restore(repo, trees, tmp_path)
 
 
 def test_no_delta_options(tmp_path, new_repo):
@@ -247,11 +252,7 @@ def test_chains_stay_within_the_depth_bound_and_restore(tmp_path, new_repo):
     # each delta is taken against the previous version's chunk while the bound allows
     assert all(snap.stats["added_stored_bytes"] < 0.3 * series[0][0].stats["added_stored_bytes"]
                for snap, _ in series[1:])
-    for i, (snap, tree) in enumerate(series):
-        out = tmp_path / f"out{i}"
-        repo.restore(snap.id, str(out))
-        assert describe(out) == tree
-    assert repo.check(read_data=True).ok
+    assert_all_restore(repo, series, tmp_path)
 
 
 def test_batched_reads_equal_single_reads_down_chains(tmp_path, new_repo, password):
@@ -388,11 +389,7 @@ def test_fixed_chunks_line_up_with_the_parent_and_store_less(tmp_path, new_repo)
         assert chunk_lengths(fixed, snap, "table.db") == [FIXED_CHUNK_SIZE] * 8
         assert snap.stats["delta_blobs"] > 0
         assert snap.stats["added_stored_bytes"] < by_content.stats["added_stored_bytes"]
-    for i, (snap, tree) in enumerate(trees):
-        out = tmp_path / f"out{i}"
-        fixed.restore(snap.id, str(out))
-        assert describe(out) == tree
-    assert fixed.check(read_data=True).ok
+    assert_all_restore(fixed, trees, tmp_path)
 
 
 def test_fixed_chunks_for_a_stream_matched_by_its_name(tmp_path, new_repo):
@@ -437,11 +434,7 @@ def test_fixed_cut_chains_grow_deeper_than_content_defined_ones(tmp_path, new_re
     content = repo_depths(repo, last, "table")
     assert CONTENT_DEFINED_DELTA_DEPTH < max(fixed) <= MAX_DELTA_DEPTH
     assert max(content) <= CONTENT_DEFINED_DELTA_DEPTH
-    for i, (snap, tree) in enumerate(series[-2:]):
-        out = tmp_path / f"out{i}"
-        repo.restore(snap.id, str(out))
-        assert describe(out) == tree
-    assert repo.check(read_data=True).ok
+    assert_all_restore(repo, series[-2:], tmp_path)
     # Deep chains travel: copied whole (chains kept), and exported then imported.
     copy = Repository.init(str(tmp_path / "copy"), "pw2", kdf_seconds=0, copy_chunker_from=repo)
     repo.copy_to(copy)
