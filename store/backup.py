@@ -234,7 +234,10 @@ class Backup:
         return hasher.digest(), bytes(ids), pos
 
     def _chunks(self, f: BinaryIO, rel: bytes, size_hint: int | None) -> Iterator[bytes]:
-        """A small file is one chunk: read it in one call instead of through the chunker's buffers."""
+        """The chunks of a file: at fixed offsets for ``fixed_chunks`` paths, else by content.
+
+        A small file is one chunk: read it in one call instead of through the chunker's buffers.
+        """
         if _matches(rel, self.opt.fixed_chunks):
             yield from fixed_chunks(f, self.opt.fixed_chunk_size)
             return
