@@ -127,3 +127,25 @@ def test_cli_prune_json(tmp_path, new_repo, cli):
     assert out["decisions"]
     plan = json.loads(cli("prune", "-r", str(tmp_path / "repo"), "--dry-run", "--json").stdout)
     assert plan["dry_run"] and plan["freed_bytes"] == 0
+
+
+def test_prune_deletes_unindexed_packs_before_it_writes(tmp_path, new_repo):
+    """On a full disk the packs of failed backups must go first, so the new index has room."""
+    from chunkvault.store.repository import pack_key
+
+    repo, states = build_history(tmp_path, new_repo, n=3)
+    repo.forget(list(states)[:1])
+    remote = repo.store.remote
+    orphan = pack_key(os.urandom(32))
+    remote.put(orphan, os.urandom(1000))
+    calls = []
+    for op in ("put", "delete"):
+        def record(key, *args, _op=op, _inner=getattr(remote, op), **kw):
+            calls.append((_op, key))
+            return _inner(key, *args, **kw)
+        setattr(remote, op, record)
+    plan = repo.prune()
+    assert [k for k, _ in plan.orphans] == [orphan]
+    first_write = next(i for i, (op, key) in enumerate(calls) if op == "put" and not key.startswith("locks/"))
+    assert calls.index(("delete", orphan)) < first_write
+    assert repo.check(read_data=True).ok
