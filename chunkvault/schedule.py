@@ -439,8 +439,8 @@ class Policy:
 
 _TOP_KEYS = {"repository", "password_file", "timezone", "full", "diff", "retention", "presets", "prune",
              "max_unused", "lock_file", "hook_timeout", "source", "tags", "host"}
-_SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "fixed_chunks", "pre", "post", "full", "diff", "retention",
-                "timezone", "hook_timeout"}
+_SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "fixed_chunks", "pre", "post", "full", "diff",
+                "retention", "timezone", "hook_timeout"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -583,7 +583,8 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
             retention = _retention(ret_value, config, "retention")
             hook_timeout = _seconds(s.get("hook_timeout", top.get("hook_timeout")), "hook-timeout")
             source = Source(name=name, paths=paths, full=full, diff=diff, host=host, tags=tags,
-                            excludes=excludes, fixed_chunks=fixed_chunks, pre=_hook(s.get("pre"), "pre"), post=_hook(s.get("post"), "post"),
+                            excludes=excludes, fixed_chunks=fixed_chunks, pre=_hook(s.get("pre"), "pre"),
+                            post=_hook(s.get("post"), "post"),
                             retention=retention, hook_timeout=hook_timeout)
         except UsageError as exc:
             raise UsageError(f"source {name!r}: {exc}") from None
