@@ -261,6 +261,12 @@ def temp_leftovers(path: str) -> list[str]:
     return sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names if n.startswith(".tmp-"))
 
 
+def put_snapshot_back(path: str, sid: str, raw: dict[str, bytes]) -> None:
+    """Write a snapshot object's saved bytes back under its own name (a replay)."""
+    with open(os.path.join(path, "snapshots", sid), "wb") as f:
+        f.write(raw[sid])
+
+
 def snapshot_ids(path: str) -> set[str]:
     d = os.path.join(path, "snapshots")
     return {n for n in os.listdir(d) if not n.startswith(".tmp-")} if os.path.isdir(d) else set()

@@ -35,11 +35,6 @@ def chain(tmp_path):
     return path, tree, states, raw
 
 
-def _put_back(path: str, sid: str, raw: dict[str, bytes]) -> None:
-    with open(os.path.join(path, "snapshots", sid), "wb") as f:
-        f.write(raw[sid])
-
-
 def _problems(repo: Repository) -> list[tuple[str, str]]:
     return [(p.object, p.problem) for p in repo.check().problems]
 
@@ -69,7 +64,7 @@ def test_replayed_snapshot_is_reported_warned_refused_and_forgotten_again(chain,
     a, b, c = states
     with crashkit.open_repo(path) as repo:
         repo.forget([b])
-    _put_back(path, b, raw)
+    crashkit.put_snapshot_back(path, b, raw)
     with crashkit.open_repo(path) as repo:
         problems = _problems(repo)
         assert [o for o, _ in problems] == [f"snapshots/{b}"] and "replayed" in problems[0][1]
@@ -90,7 +85,7 @@ def test_replay_after_prune_is_reported_as_replayed_too(chain):
     with crashkit.open_repo(path) as repo:
         repo.forget([c])
         repo.prune(max_unused=0)
-    _put_back(path, c, raw)
+    crashkit.put_snapshot_back(path, c, raw)
     with crashkit.open_repo(path) as repo:
         problems = _problems(repo)
         assert any(o == f"snapshots/{c}" and "replayed" in p for o, p in problems)
@@ -125,7 +120,7 @@ def test_another_client_without_the_ledger_sees_a_clean_repository(chain, tmp_pa
     a, b, c = states
     with crashkit.open_repo(path) as repo:
         repo.forget([b])
-    _put_back(path, b, raw)
+    crashkit.put_snapshot_back(path, b, raw)
     os.remove(os.path.join(path, "snapshots", c))
     for n, other in enumerate((dict(ledger=False), dict(ledger=str(tmp_path / "elsewhere")))):
         with warnings.catch_warnings():

@@ -218,8 +218,7 @@ def test_readded_forgotten_snapshot_before_prune_is_detected_as_replayed(chain, 
     a, b, c = list(states)
     with crashkit.open_repo(path) as repo:
         repo.forget([c])
-    with open(os.path.join(path, "snapshots", c), "wb") as f:
-        f.write(raw[c])
+    crashkit.put_snapshot_back(path, c, raw)
     with crashkit.open_repo(path) as repo:
         report = repo.check(read_data=True)
         assert [(p.object, p.snapshots) for p in report.problems] == [(f"snapshots/{c}", [c])]
@@ -235,8 +234,7 @@ def test_another_client_cannot_tell_a_replay_or_a_rollback(chain, tmp_path):
     a, b, c = list(states)
     with crashkit.open_repo(path) as repo:
         repo.forget([b])
-    with open(os.path.join(path, "snapshots", b), "wb") as f:
-        f.write(raw[b])
+    crashkit.put_snapshot_back(path, b, raw)
     os.remove(os.path.join(path, "snapshots", c))
     with Repository.open(path, crashkit.PASSWORD, ledger=False) as repo:
         assert repo.check(read_data=True).ok
@@ -252,8 +250,7 @@ def test_readded_forgotten_snapshot_after_prune_fails_loudly(chain, tmp_path):
     with crashkit.open_repo(path) as repo:
         repo.forget([c])
         repo.prune(max_unused=0)
-    with open(os.path.join(path, "snapshots", c), "wb") as f:
-        f.write(raw[c])
+    crashkit.put_snapshot_back(path, c, raw)
     with crashkit.open_repo(path) as repo:
         report = repo.check()
         assert not report.ok and any(c in p.snapshots for p in report.problems)
@@ -273,8 +270,7 @@ def test_pre_rebase_version_of_a_snapshot_replayed(chain, tmp_path):
         repo.forget([b])
         assert repo.snapshot(c).parent == a
     crashkit.verify_restores(path, {a: states[a], c: states[c]}, str(tmp_path), crashkit.Figures("replay"))
-    with open(os.path.join(path, "snapshots", c), "wb") as f:
-        f.write(raw[c])
+    crashkit.put_snapshot_back(path, c, raw)
     with crashkit.open_repo(path) as repo:
         with pytest.raises(MissingObject) as info:
             repo.restore(c, str(tmp_path / "c"))
