@@ -20,6 +20,8 @@ times, alternating, and the fastest counts.
 Tools: ``chunkvault`` cuts every file by content; ``chunkvault-fixed`` cuts
 every file of the copies at fixed 1 MiB offsets (``--fixed-chunks '*'``), and
 ``chunkvault-fixed-SIZE`` (e.g. ``chunkvault-fixed-256K``) at another size.
+A ``+secret`` suffix (``chunkvault-fixed+secret``) opens that repository with
+a generated key secret instead of the password: no scrypt at each command.
 
 Runs repeat: the load is a fixed number of transactions, pgbench and the
 SQLite updates draw from ``--seed``, and chunkvault's repositories share one
@@ -53,7 +55,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from compare import PASSWORD, Borg, Chunkvault, Restic, Tool, du, ensure_tools, run  # noqa: E402
+from compare import PASSWORD, SECRET_SUFFIX, Borg, Chunkvault, Restic, Tool, du, ensure_tools, run  # noqa: E402
 from servers_pg import PgCluster, find_pg_bindir  # noqa: E402
 
 MiB = 1 << 20
@@ -68,10 +70,15 @@ class FixedChunkvault(Chunkvault):
     secret = bytes.fromhex(CHUNKER_SECRET)
 
     def init(self):
-        from chunkvault import Repository
+        from chunkvault import Repository, new_secret
 
         start = time.perf_counter()
-        Repository.init(self.repo, PASSWORD, chunker_secret=self.secret).close()
+        password = PASSWORD.encode()
+        if self.secret_file:
+            password = new_secret()
+            with open(self.secret_file, "wb") as f:
+                f.write(password)
+        Repository.init(self.repo, password, chunker_secret=self.secret).close()
         return time.perf_counter() - start, 0
 
 
@@ -81,10 +88,10 @@ class FixedCutChunkvault(FixedChunkvault):
     Named ``chunkvault-fixed``, or ``chunkvault-fixed-SIZE`` for another ``--fixed-chunk-size``.
     """
 
-    def __init__(self, work: str, name: str = "chunkvault-fixed"):
+    def __init__(self, work: str, name: str = "chunkvault-fixed", secret: bool = False):
         self.name = name
         self.chunk_size = name[len("chunkvault-fixed-"):] if name.startswith("chunkvault-fixed-") else None
-        super().__init__(work)
+        super().__init__(work, secret)
 
     def backup(self, data):
         size = ["--fixed-chunk-size", self.chunk_size] if self.chunk_size else []
@@ -167,7 +174,14 @@ def fresh_tools(work: str, names: list[str], tag: str) -> list[Tool]:
     classes = {"chunkvault": FixedChunkvault, "restic": Restic, "borg": Borg}
     base = os.path.join(work, tag)
     os.makedirs(base, exist_ok=True)
-    tools = [FixedCutChunkvault(base, n) if n.startswith("chunkvault-fixed") else classes[n](base) for n in names]
+    tools: list[Tool] = []
+    for n in names:
+        secret = n.endswith(SECRET_SUFFIX)
+        n = n.removesuffix(SECRET_SUFFIX)
+        if n.startswith("chunkvault-fixed"):
+            tools.append(FixedCutChunkvault(base, n, secret))
+        else:
+            tools.append(classes[n](base, secret) if secret else classes[n](base))
     for t in tools:
         t.init()
     return tools

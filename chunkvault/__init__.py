@@ -8,7 +8,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Repository", "__version__"]
+__all__ = ["Repository", "new_secret", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,4 +17,8 @@ def __getattr__(name: str) -> Any:
         from .repository import Repository
 
         return Repository
+    if name == "new_secret":
+        from .store.crypto import new_secret
+
+        return new_secret
     raise AttributeError(name)

@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from . import __version__
 from .progress import Progress
@@ -17,6 +17,7 @@ from .store.manifest import TYPE_NAMES, Entry
 from .store.snapshot import Snapshot
 
 EXIT_INTERNAL = 1
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,6 +66,51 @@ def get_new_password(args: argparse.Namespace) -> bytes:
     if not pw:
         raise UsageError("empty password")
     return pw
+
+
+def _generated_secret(path: str) -> bytes:
+    """A new key secret, written to ``path`` (created, mode 0600) before any key uses it."""
+    from .store.crypto import new_secret
+
+    secret = new_secret()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} exists: a key secret is never written over another file") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create secret file {path}: {exc.strerror}") from None
+    try:
+        os.write(fd, secret + b"\n")
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        os.unlink(path)
+        raise UsageError(f"cannot write secret file {path}: {exc.strerror}") from None
+    os.close(fd)
+    return secret
+
+
+def _new_key_password(args: argparse.Namespace, new: bool) -> tuple[bytes, str | None]:
+    """(password, file to remove if the key is not made): a generated secret or a password."""
+    path = getattr(args, "generate_secret", None)
+    if path:
+        return _generated_secret(path), path
+    return (get_new_password(args) if new else get_password(args, confirm=True)), None
+
+
+def _with_new_key(args: argparse.Namespace, new: bool, make: Callable[[bytes], T]) -> T:
+    """Run ``make`` with the new key's password; a secret file written for a key never made is removed."""
+    password, secret_file = _new_key_password(args, new)
+    try:
+        return make(password)
+    except BaseException:
+        if secret_file is not None:
+            os.unlink(secret_file)
+        raise
+
+
+GENERATE_SECRET_HELP = ("instead of a password, a generated key secret, written to FILE (mode 0600); "
+                        "opening with it (--password-file FILE) skips the password's key derivation")
 
 
 def _prompt(text: str, confirm: bool) -> bytes:
@@ -173,11 +219,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         avg = args.chunk_avg
         chunker = {"min_size": avg // 4, "avg_size": avg, "max_size": avg * 8}
     url = _repo_url(args)
-    repo = Repository.init(url, get_password(args, confirm=True), kdf_seconds=args.kdf_time,
-                           chunker=chunker, compression_level=args.compression,
-                           pack_size=args.pack_size, full_every=args.full_every,
-                           max_diff_share=args.max_diff_share, copy_chunker_from=source,
-                           **_remote_options(args, url))
+    repo = _with_new_key(args, False, lambda password: Repository.init(
+        url, password, kdf_seconds=args.kdf_time, chunker=chunker, compression_level=args.compression,
+        pack_size=args.pack_size, full_every=args.full_every, max_diff_share=args.max_diff_share,
+        copy_chunker_from=source, **_remote_options(args, url)))
     cfg = repo.store.config
     if args.json:
         _emit_json({"id": cfg.repo_id, "url": repo.store.remote.display_url, "chunker": cfg.settings.chunker})
@@ -539,9 +584,10 @@ def cmd_key(args: argparse.Namespace) -> int:
             _emit_json(keys)
         else:
             for k in keys:
-                print(f"{'*' if k['current'] else ' '} {k['id'][:12]}  {k['created'][:19]}  {k['user']}@{k['host']}")
+                print(f"{'*' if k['current'] else ' '} {k['id'][:12]}  {k['kdf']:6}  {k['created'][:19]}  "
+                      f"{k['user']}@{k['host']}")
     elif args.key_cmd == "add":
-        name = repo.add_key(get_new_password(args), kdf_seconds=args.kdf_time)
+        name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
         if not args.quiet:
             print(f"added key {name[:12]}")
     elif args.key_cmd == "remove":
@@ -550,7 +596,7 @@ def cmd_key(args: argparse.Namespace) -> int:
             print(f"removed key {args.key_id}")
     elif args.key_cmd == "passwd":
         old = repo.store.key_name
-        name = repo.add_key(get_new_password(args), kdf_seconds=args.kdf_time)
+        name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
         repo.store.remote.delete(f"keys/{old}")
         if not args.quiet:
             print(f"password changed (key {old[:12]} replaced by {name[:12]})")
@@ -599,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", parents=[common], help="create a repository")
     s.add_argument("--kdf-time", type=float, default=0.5, help="seconds the password derivation should take (default 0.5)")
+    s.add_argument("--generate-secret", metavar="FILE", help=GENERATE_SECRET_HELP)
     s.add_argument("--chunk-avg", type=_size, help="average chunk size (min = avg/4, max = avg*8)")
     s.add_argument("--compression", type=int, default=3, help="zstd level, 0 = off (default 3)")
     s.add_argument("--pack-size", type=_size, default=None, help="target pack size (default 16 MiB)")
@@ -710,7 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("list", "add", "remove", "passwd"):
         k = ks.add_parser(name, parents=[common])
         if name in ("add", "passwd"):
-            k.add_argument("--new-password-file", help="the new password (or CHUNKVAULT_NEW_PASSWORD)")
+            new_key = k.add_mutually_exclusive_group()
+            new_key.add_argument("--new-password-file", help="the new password (or CHUNKVAULT_NEW_PASSWORD)")
+            new_key.add_argument("--generate-secret", metavar="FILE", help=GENERATE_SECRET_HELP)
             k.add_argument("--kdf-time", type=float, default=0.5)
         if name == "remove":
             k.add_argument("key_id")

@@ -347,13 +347,14 @@ class Repository:
     # --- keys ----------------------------------------------------------------------
 
     def add_key(self, password: str | bytes, *, kdf_seconds: float = 0.5) -> str:
+        """A new key file for ``password``; a ``chunkvault.new_secret()`` gets one that opens without scrypt."""
         return self._repo.add_key(_password(password), kdf_seconds=kdf_seconds)
 
     def remove_key(self, name: str) -> None:
         self._repo.remove_key(name)
 
     def keys(self) -> list[dict[str, Any]]:
-        return [{"id": k.name, "created": k.created, "host": k.host, "user": k.user,
+        return [{"id": k.name, "kdf": k.kdf, "created": k.created, "host": k.host, "user": k.user,
                  "current": k.name == self._repo.key_name} for k in self._repo.list_keys()]
 
 

@@ -3,8 +3,9 @@
 ``config`` is JSON: the format version and repository id in clear (so a newer
 format is reported before any password is asked), the settings sealed under
 the repository key with the version and id as associated data.
-``keys/<name>`` wraps the key material under a scrypt-derived key; any one
-password opens the repository.
+``keys/<name>`` wraps the key material under a key derived from a password
+(scrypt) or from a generated key secret (a keyed hash: 256 random bits need no
+stretching); any one password or secret opens the repository.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from typing import Any
 from chunkvault.errors import CorruptObject, UnsupportedFormat, WrongPassword
 
 from .crypto import (
-    SCRYPT_P, SCRYPT_R, AuthenticationFailed, KeyMaterial, Sealer, content_name, derive_kek, tune_scrypt,
+    SCRYPT_P, SCRYPT_R, AuthenticationFailed, KeyMaterial, Sealer, content_name, derive_kek, derive_secret_kek,
+    is_secret, tune_scrypt,
 )
 
 FORMAT_VERSION = 1
@@ -113,22 +115,29 @@ def new_config(settings: Settings) -> RepoConfig:
 # --- key files ----------------------------------------------------------------
 
 
+KDF_SCRYPT = "scrypt"
+KDF_SECRET = "secret"
+
+
 @dataclass
 class KeyFile:
     name: str
     created: str
     host: str
     user: str
-    log_n: int
+    log_n: int  # scrypt's parameters; 0 for a secret's key file
     r: int
     p: int
     salt: bytes
     wrapped: bytes
     repo: str = ""  # the repository id, in clear: tells a damaged config from a wrong password
+    kdf: str = KDF_SCRYPT
 
     def encode(self) -> bytes:
-        return json.dumps({"kdf": "scrypt", "log_n": self.log_n, "r": self.r, "p": self.p,
-                           "salt": _b64(self.salt), "created": self.created, "host": self.host,
+        head: dict[str, Any] = {"kdf": self.kdf}
+        if self.kdf == KDF_SCRYPT:
+            head.update(log_n=self.log_n, r=self.r, p=self.p)
+        return json.dumps({**head, "salt": _b64(self.salt), "created": self.created, "host": self.host,
                            "user": self.user, "repo": self.repo, "data": _b64(self.wrapped)}, indent=1).encode()
 
     @classmethod
@@ -139,21 +148,27 @@ class KeyFile:
         obj = _json(data, what)
         if "kdf" not in obj:
             raise CorruptObject(what, "malformed key file")
-        if obj["kdf"] != "scrypt":
-            raise UnsupportedFormat(f"{what}: unknown key derivation {obj.get('kdf')!r}")
+        kdf = obj["kdf"]
+        if kdf not in (KDF_SCRYPT, KDF_SECRET):
+            raise UnsupportedFormat(f"{what}: unknown key derivation {kdf!r}")
         try:
+            cost = (int(obj["log_n"]), int(obj["r"]), int(obj["p"])) if kdf == KDF_SCRYPT else (0, 0, 0)
             return cls(name, str(obj.get("created", "")), str(obj.get("host", "")), str(obj.get("user", "")),
-                       int(obj["log_n"]), int(obj["r"]), int(obj["p"]),
-                       _unb64(obj["salt"], what), _unb64(obj["data"], what), str(obj.get("repo", "")))
+                       *cost, _unb64(obj["salt"], what), _unb64(obj["data"], what), str(obj.get("repo", "")), kdf)
         except (KeyError, ValueError, TypeError):
             raise CorruptObject(what, "malformed key file") from None
 
     def unwrap(self, password: bytes, repo_id: str) -> KeyMaterial:
         """The key material, or WrongPassword."""
-        try:
-            kek = derive_kek(password, self.salt, self.log_n, self.r, self.p)
-        except ValueError:
-            raise CorruptObject(f"keys/{self.name}", "key derivation parameters out of range") from None
+        if self.kdf == KDF_SECRET:
+            if not is_secret(password):
+                raise WrongPassword("this key opens with a generated key secret only")
+            kek = derive_secret_kek(password, self.salt)
+        else:
+            try:
+                kek = derive_kek(password, self.salt, self.log_n, self.r, self.p)
+            except ValueError:
+                raise CorruptObject(f"keys/{self.name}", "key derivation parameters out of range") from None
         try:
             raw = Sealer(kek).open(self.wrapped, KEY_AD + repo_id.encode())
         except AuthenticationFailed:
@@ -163,17 +178,26 @@ class KeyFile:
 
 def make_key_file(material: KeyMaterial, password: bytes, repo_id: str, *, kdf_seconds: float = 0.5,
                   log_n: int | None = None) -> tuple[str, bytes]:
-    """(object name, bytes) of a new key file wrapping ``material`` under ``password``."""
-    p = SCRYPT_P
-    if log_n is None:
-        log_n, p = tune_scrypt(kdf_seconds)
+    """(object name, bytes) of a new key file wrapping ``material`` under ``password``.
+
+    A generated key secret (``crypto.new_secret``) gets a key file without
+    scrypt; any other password gets scrypt tuned to ``kdf_seconds``.
+    """
     salt = os.urandom(16)
-    kek = derive_kek(password, salt, log_n, SCRYPT_R, p)
+    if is_secret(password):
+        kdf, log_n, p = KDF_SECRET, 0, 0
+        kek = derive_secret_kek(password, salt)
+    else:
+        kdf, p = KDF_SCRYPT, SCRYPT_P
+        if log_n is None:
+            log_n, p = tune_scrypt(kdf_seconds)
+        kek = derive_kek(password, salt, log_n, SCRYPT_R, p)
     try:
         user = getpass.getuser()
     except Exception:  # no passwd entry in a container: not worth failing for
         user = ""
-    kf = KeyFile("", datetime.now(timezone.utc).isoformat(), socket.gethostname(), user, log_n, SCRYPT_R, p, salt,
-                 Sealer(kek).seal(material.to_bytes(), KEY_AD + repo_id.encode()), repo_id)
+    kf = KeyFile("", datetime.now(timezone.utc).isoformat(), socket.gethostname(), user, log_n,
+                 SCRYPT_R if kdf == KDF_SCRYPT else 0, p, salt,
+                 Sealer(kek).seal(material.to_bytes(), KEY_AD + repo_id.encode()), repo_id, kdf)
     data = kf.encode()
     return content_name(data)[:32], data

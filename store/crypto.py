@@ -1,4 +1,4 @@
-"""Key material, the password KDF and the AEAD every object is sealed with.
+"""Key material, the password KDF, generated key secrets and the AEAD every object is sealed with.
 
 The repository's secret is 96 random bytes: an encryption key, a key for blob
 ids (keyed BLAKE3) and the chunker's secret.  Keeping the three apart lets a
@@ -7,6 +7,7 @@ sharing the keys that protect data.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import time
@@ -103,6 +104,62 @@ def derive_kek(password: bytes, salt: bytes, log_n: int, r: int = SCRYPT_R, p: i
         raise ValueError(f"scrypt r={r} p={p} out of range")
     n = 1 << log_n
     return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=256 * r * n + (1 << 20), dklen=KEY_SIZE)
+
+
+# --- generated key secrets (no stretching needed) -------------------------------
+
+SECRET_PREFIX = b"cvk1-"
+SECRET_RANDOM = 32
+_SECRET_CHECK = 4
+_SECRET_CONTEXT = "chunkvault key secret v1"
+
+
+def _secret_check(raw: bytes) -> bytes:
+    return blake3.blake3(raw, derive_key_context=_SECRET_CONTEXT + " check").digest(_SECRET_CHECK)
+
+
+def new_secret() -> bytes:
+    """A generated key secret: 256 random bits and a checksum, as ASCII text.
+
+    A password needs scrypt because people choose guessable ones; 256 random
+    bits cannot be guessed, so a key file for a secret wraps the key under a
+    plain keyed hash, and opening a repository costs microseconds, not half a
+    second and 64 MiB.  The checksum keeps a typed or truncated string from
+    passing for a secret (it is then an ordinary password).
+    """
+    return encode_secret(os.urandom(SECRET_RANDOM))
+
+
+def encode_secret(raw: bytes) -> bytes:
+    """The text form of a secret's random part: prefix, lowercase base32 of it and its checksum."""
+    return SECRET_PREFIX + base64.b32encode(raw + _secret_check(raw)).rstrip(b"=").lower()
+
+
+def _secret_random(password: bytes) -> bytes | None:
+    """The random part of a generated secret, or None when ``password`` is not one."""
+    if not password.startswith(SECRET_PREFIX):
+        return None
+    body = password[len(SECRET_PREFIX):].upper()
+    try:
+        raw = base64.b32decode(body + b"=" * (-len(body) % 8))
+    except ValueError:
+        return None
+    if len(raw) != SECRET_RANDOM + _SECRET_CHECK or _secret_check(raw[:SECRET_RANDOM]) != raw[SECRET_RANDOM:]:
+        return None
+    return raw[:SECRET_RANDOM]
+
+
+def is_secret(password: bytes) -> bool:
+    """Whether ``password`` is a secret ``new_secret`` made (format and checksum)."""
+    return _secret_random(password) is not None
+
+
+def derive_secret_kek(secret: bytes, salt: bytes) -> bytes:
+    """The key-encryption key of a generated secret: BLAKE3 in key-derivation mode, no stretching."""
+    raw = _secret_random(secret)
+    if raw is None:
+        raise ValueError("not a generated key secret")
+    return blake3.blake3(salt + raw, derive_key_context=_SECRET_CONTEXT).digest(KEY_SIZE)
 
 
 MEMORY_LOG_N = 16  # 128 * r * 2**16 = 64 MiB: the peak memory of opening a repository

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from chunkvault.errors import CorruptObject, ObjectNotFound, RepositoryNotFound, WrongPassword
+from chunkvault.errors import CorruptObject, ObjectNotFound, RepositoryNotFound, UnsupportedFormat, WrongPassword
 from chunkvault.remotes import Remote
 
-from .config import KeyFile, RepoConfig, open_config, peek_config
+from .config import KDF_SECRET, KeyFile, RepoConfig, open_config, peek_config
 from .crypto import KeyMaterial, Sealer
 
 
@@ -36,20 +36,33 @@ def unlock(remote: Remote, password: bytes) -> Unlocked:
         raise CorruptObject("keys", "the repository has no key files")
     corrupt: CorruptObject | None = None
     other_ids = set()
+    unsupported: UnsupportedFormat | None = None
+    keys = []
     for name in key_names:
         try:
             kf = KeyFile.decode(name, remote.get(f"keys/{name}"))
-            if kf.repo and kf.repo != clear["id"]:
-                other_ids.add(kf.repo)
-            material = kf.unwrap(password, clear["id"])
-        except WrongPassword:
-            continue
         except (CorruptObject, ObjectNotFound) as exc:
             corrupt = exc if isinstance(exc, CorruptObject) else None
             continue
-        return Unlocked(material, open_config(raw_config, Sealer(material.enc_key)), name)
+        except UnsupportedFormat as exc:  # a key of a newer version: another key may still open
+            unsupported = exc
+            continue
+        if kf.repo and kf.repo != clear["id"]:
+            other_ids.add(kf.repo)
+        keys.append(kf)
+    for kf in sorted(keys, key=lambda k: k.kdf != KDF_SECRET):  # secrets cost microseconds to try, scrypt 0.5 s
+        try:
+            material = kf.unwrap(password, clear["id"])
+        except WrongPassword:
+            continue
+        except CorruptObject as exc:
+            corrupt = exc
+            continue
+        return Unlocked(material, open_config(raw_config, Sealer(material.enc_key)), kf.name)
     if corrupt is not None and len(key_names) == 1:
         raise corrupt
+    if unsupported is not None:
+        raise unsupported
     if other_ids:
         raise CorruptObject("config", "its id does not match the key files' (the config is damaged, "
                                       "or the keys belong to another repository)")

@@ -8,7 +8,7 @@ from chunkvault.errors import CorruptObject
 from chunkvault.store.blob import (
     DELTA_BLOCKS, DELTA_DICT, KIND_DELTA, KIND_RAW, KIND_ZSTD, envelope_base, open_blob, open_envelope,
 )
-from chunkvault.store.crypto import BlobHasher, Sealer, content_name
+from chunkvault.store.crypto import BlobHasher, Sealer, content_name, derive_secret_kek, encode_secret, is_secret
 from chunkvault.store.indexfile import decode_index
 from chunkvault.store.manifest import OP_DELETE, OP_ENTRY, T_FILE, decode_records
 from chunkvault.store.pack import read_pack
@@ -83,3 +83,9 @@ def test_manifest_records(v):
         T_FILE, 0o644, 1000, 1000, 1_700_000_000_000_000_000, 4, 1_700_000_000_000_000_001, 42, 7)
     assert e.digest == b"\x11" * 32 and e.chunk_ids() == [v["raw_id"]]
     assert b.op == OP_DELETE and b.path == b"gone" and b.entry is None
+
+
+def test_key_secret(v):
+    text = v["secret_text"]
+    assert text.startswith(b"cvk1-") and is_secret(text) and encode_secret(bytes(range(32))) == text
+    assert derive_secret_kek(text, v["secret_salt"]) == v["secret_kek"]

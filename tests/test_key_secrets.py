@@ -1,0 +1,148 @@
+"""Generated key secrets: key files that open without scrypt, and only with a secret chunkvault made."""
+import json
+import os
+import stat
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chunkvault import Repository, new_secret
+from chunkvault.errors import CorruptObject, WrongPassword
+from chunkvault.store import config as config_module
+from chunkvault.store.config import KDF_SCRYPT, KDF_SECRET, KeyFile, make_key_file
+from chunkvault.store.crypto import SECRET_PREFIX, KeyMaterial, derive_secret_kek, encode_secret, is_secret
+
+REPO_ID = "ab" * 16
+
+
+def test_new_secrets_are_random_and_recognised():
+    a, b = new_secret(), new_secret()
+    assert a != b and a.startswith(SECRET_PREFIX) and is_secret(a) and is_secret(b)
+    assert len(a) == 63 and a == a.strip() and a.isascii()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=32, max_size=32), st.data())
+def test_a_changed_or_cut_secret_is_not_a_secret(raw, data):
+    text = encode_secret(raw)
+    assert is_secret(text)
+    # every character but the last carries checked bits (the last one's low bits are base32 padding)
+    i = data.draw(st.integers(len(SECRET_PREFIX), len(text) - 2))
+    c = data.draw(st.sampled_from(b"abcdefghijklmnopqrstuvwxyz234567").filter(lambda c: c != text[i]))
+    assert not is_secret(text[:i] + bytes([c]) + text[i + 1:])
+    cut = data.draw(st.integers(0, len(text) - 1))
+    assert not is_secret(text[:cut])
+    assert not is_secret(text + b"a")
+
+
+@pytest.mark.parametrize("text", [b"", b"cvk1-", b"cvk1-aaaa", b"password", b"CVK1-" + encode_secret(bytes(32))[5:],
+                                  b"cvk1-!!!!", b"cvk1-" + b"a" * 58])
+def test_typed_strings_are_passwords(text):
+    assert not is_secret(text)
+    with pytest.raises(ValueError):
+        derive_secret_kek(text, bytes(16))
+
+
+def test_secret_key_file_has_no_scrypt_and_opens_only_with_its_secret():
+    material = KeyMaterial.generate()
+    secret = new_secret()
+    name, data = make_key_file(material, secret, REPO_ID)
+    doc = json.loads(data)
+    assert doc["kdf"] == KDF_SECRET and not {"log_n", "r", "p"} & doc.keys()
+    assert secret.decode() not in data.decode()
+    kf = KeyFile.decode(name, data)
+    assert kf.kdf == KDF_SECRET and kf.encode() == data
+    assert kf.unwrap(secret, REPO_ID) == material
+    for wrong in (new_secret(), b"password", secret[:-2]):
+        with pytest.raises(WrongPassword):
+            kf.unwrap(wrong, REPO_ID)
+    with pytest.raises(WrongPassword):  # bound to the repository id
+        kf.unwrap(secret, "cd" * 16)
+
+
+def test_a_password_shaped_like_a_secret_but_invalid_gets_scrypt():
+    name, data = make_key_file(KeyMaterial.generate(), b"cvk1-" + b"a" * 58, REPO_ID, log_n=10)
+    assert json.loads(data)["kdf"] == KDF_SCRYPT
+
+
+@pytest.mark.parametrize("field, value", [("salt", "%%"), ("salt", None), ("data", 5), ("kdf", "argon9")])
+def test_damaged_secret_key_file(field, value):
+    name, data = make_key_file(KeyMaterial.generate(), new_secret(), REPO_ID)
+    bad = json.dumps({**json.loads(data), field: value}).encode()
+    with pytest.raises(Exception) as info:
+        KeyFile.decode("", bad).unwrap(new_secret(), REPO_ID)
+    assert info.type.__module__.startswith("chunkvault")
+
+
+def test_opening_with_a_secret_runs_no_scrypt(tmp_path, monkeypatch):
+    url = str(tmp_path / "repo")
+    repo = Repository.init(url, "a password", kdf_seconds=0)
+    secret = new_secret()
+    repo.add_key(secret)
+    calls = []
+    real = config_module.derive_kek
+    monkeypatch.setattr(config_module, "derive_kek", lambda *a: calls.append(a) or real(*a))
+    opened = Repository.open(url, secret)
+    assert calls == [] and opened.store.key_name != repo.store.key_name
+    assert {k["kdf"] for k in opened.keys()} == {KDF_SCRYPT, KDF_SECRET}
+    Repository.open(url, "a password")  # the password's key still opens, through scrypt
+    assert len(calls) == 1
+    with pytest.raises(WrongPassword):
+        Repository.open(url, new_secret())
+
+
+def test_a_repository_made_with_a_secret_backs_up_and_restores(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(50_000))
+    secret = new_secret()
+    repo = Repository.init(str(tmp_path / "repo"), secret)
+    snap = repo.backup([str(src)])
+    again = Repository.open(str(tmp_path / "repo"), secret.decode())
+    again.restore(snap.snapshot.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "f").read_bytes() == (src / "f").read_bytes()
+    assert [k["kdf"] for k in again.keys()] == [KDF_SECRET]
+
+
+def test_cli_generate_secret(tmp_path, cli):
+    repo = str(tmp_path / "repo")
+    secret_file = tmp_path / "secret"
+    cli("init", "-r", repo, "--generate-secret", str(secret_file), password=None)
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert is_secret(secret_file.read_bytes().rstrip(b"\n"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("alpha\n")
+    cli("backup", "-r", repo, str(src), "--password-file", str(secret_file), password=None)
+    env = {"CHUNKVAULT_PASSWORD_FILE": str(secret_file)}
+    keys = json.loads(cli("key", "list", "-r", repo, "--json", env=env, password=None).stdout)
+    assert [k["kdf"] for k in keys] == ["secret"]
+    assert "secret" in cli("key", "list", "-r", repo, env=env, password=None).stdout.decode()
+
+    # a password key beside it; then the secret key is replaced by a new secret
+    cli("key", "add", "-r", repo, "--kdf-time", "0", env={**env, "CHUNKVAULT_NEW_PASSWORD": "pw"}, password=None)
+    second = tmp_path / "second"
+    cli("key", "passwd", "-r", repo, "--generate-secret", str(second), env=env, password=None)
+    cli("snapshots", "-r", repo, "--password-file", str(secret_file), password=None, check=11)
+    cli("snapshots", "-r", repo, "--password-file", str(second), password=None)
+    assert cli("dump", "-r", repo, "latest", "a", password="pw").stdout == b"alpha\n"
+
+
+def test_cli_never_writes_a_secret_over_a_file_and_removes_one_no_key_uses(tmp_path, cli):
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    existing = tmp_path / "existing"
+    existing.write_text("keep me\n")
+    proc = cli("key", "add", "-r", repo, "--generate-secret", str(existing), check=2)
+    assert b"exists" in proc.stderr and existing.read_text() == "keep me\n"
+    assert len(json.loads(cli("key", "list", "-r", repo, "--json").stdout)) == 1
+    # init over an existing repository fails: the secret written for it is removed again
+    orphan = tmp_path / "orphan"
+    proc = cli("init", "-r", repo, "--generate-secret", str(orphan), check=10)
+    assert b"already exists" in proc.stderr and not orphan.exists()
+    proc = cli("init", "-r", str(tmp_path / "r2"), "--generate-secret", str(tmp_path / "no" / "dir" / "s"), check=2)
+    assert b"cannot create secret file" in proc.stderr and not (tmp_path / "r2").exists()
+    proc = cli("key", "add", "-r", repo, "--generate-secret", str(tmp_path / "x"), "--new-password-file",
+               str(existing), check=2)
+    assert b"not allowed with" in proc.stderr
