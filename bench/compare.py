@@ -7,6 +7,7 @@ changed, a full restore, `check --read-data`, repository size and the peak
 RSS of each operation.  Prints figures and ratios to restic.
 
     python bench/compare.py [--size-mb 2000] [--repeat 3] [--tools chunkvault,restic,borg] [--work DIR] [--keep]
+                            [--restore-into DIR]
 
 ``--tools`` may add ``chunkvault+secret``: chunkvault opened with a generated
 key secret (``init --generate-secret``) instead of a password, so no command
@@ -283,6 +284,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the repeatable operations this many times, tools alternating; the fastest counts")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--restore-into", metavar="DIR",
+                    help="restore under DIR (e.g. a tmpfs), so that one tool's write-back does not slow the next")
     args = ap.parse_args()
     ensure_tools()
     work = os.path.abspath(args.work)
@@ -308,7 +311,7 @@ def main() -> None:
             best(results[t.name], "1% changed backup", t.backup(data))
     for _ in range(args.repeat):
         for t in tools:
-            target = os.path.join(work, f"restore-{t.name}")
+            target = os.path.join(args.restore_into or work, f"restore-{t.name}")
             best(results[t.name], "full restore", t.restore(target))
             shutil.rmtree(target, ignore_errors=True)
         for t in tools:

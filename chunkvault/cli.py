@@ -90,22 +90,17 @@ def _generated_secret(path: str) -> bytes:
     return secret
 
 
-def _new_key_password(args: argparse.Namespace, new: bool) -> tuple[bytes, str | None]:
-    """(password, file to remove if the key is not made): a generated secret or a password."""
-    path = getattr(args, "generate_secret", None)
-    if path:
-        return _generated_secret(path), path
-    return (get_new_password(args) if new else get_password(args, confirm=True)), None
-
-
 def _with_new_key(args: argparse.Namespace, new: bool, make: Callable[[bytes], T]) -> T:
-    """Run ``make`` with the new key's password; a secret file written for a key never made is removed."""
-    password, secret_file = _new_key_password(args, new)
+    """Run ``make`` with the new key's password (``--generate-secret``: a secret written to that file,
+    removed again when no key is made; else the new password, or for ``init`` the password)."""
+    path = getattr(args, "generate_secret", None)
+    if not path:
+        return make(get_new_password(args) if new else get_password(args, confirm=True))
+    secret = _generated_secret(path)
     try:
-        return make(password)
+        return make(secret)
     except BaseException:
-        if secret_file is not None:
-            os.unlink(secret_file)
+        os.unlink(path)
         raise
 
 
