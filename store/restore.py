@@ -26,6 +26,16 @@ from .manifest import (
 from .repository import Repo
 
 
+_ZEROS = bytes(1 << 20)
+
+
+def _all_zeros(data: bytes) -> bool:
+    """Whether a chunk is all zeros (a hole).  A compare against zeros stops at the first other byte;
+    ``bytes.count`` read every byte of every chunk with the GIL held, a seventh of a restore's CPU."""
+    view = memoryview(data)
+    return all(_ZEROS.startswith(view[i : i + len(_ZEROS)]) for i in range(0, len(view), len(_ZEROS)))
+
+
 class BlobSource(Protocol):
     """Where a restore reads chunks from: a repository, or an export file (store/export.py)."""
 
@@ -174,16 +184,23 @@ class Restorer:
         self.owners = options.owners if options.owners is not None else (os.geteuid() == 0)
         self.result = RestoreResult()
         self._dirs: list[tuple[bytes, bytes, Entry]] = []  # open directories: (key prefix, path, entry)
+        self._fresh = False  # the target was empty: nothing in it needs to be looked at or made room for
+        self._present: set[bytes] = set()  # directories known to exist in the target
 
     def check_target(self) -> None:
         t = self.target
         if os.path.lexists(t):
             if not os.path.isdir(t) or os.path.islink(t):
                 raise UsageError(f"restore target is not a directory: {os.fsdecode(t)}")
-            if os.listdir(t) and not self.opt.force:
-                raise TargetNotEmpty(f"restore target {os.fsdecode(t)} is not empty (use --force to restore into it)")
+            if os.listdir(t):
+                if not self.opt.force:
+                    raise TargetNotEmpty(f"restore target {os.fsdecode(t)} is not empty (use --force to restore into it)")
+            else:
+                self._fresh = True
         else:
             os.makedirs(t)
+            self._fresh = True
+        self._present.add(t)
 
     def dest(self, rel: bytes) -> bytes:
         return os.path.join(self.target, safe_relpath(rel)) if rel else self.target
@@ -279,6 +296,15 @@ class Restorer:
             raise CorruptObject(f"file {os.fsdecode(e.path)}", "restored content does not match its digest")
 
     def _make_room(self, dst: bytes, is_dir: bool, keep_file: bool = False) -> None:
+        """Make sure ``dst``'s parent exists and nothing else is in its place.
+
+        In a target that was empty, nothing is: two path lookups per file saved."""
+        if self._fresh:
+            parent = os.path.dirname(dst)
+            if parent not in self._present:
+                os.makedirs(parent, exist_ok=True)
+                self._present.add(parent)
+            return
         if not os.path.lexists(dst):
             parent = os.path.dirname(dst)
             if not os.path.isdir(parent):
@@ -298,19 +324,20 @@ class Restorer:
         t = e.type
         self._make_room(dst, t == T_DIR, keep_file=t == T_FILE and self.opt.delta)
         if t == T_DIR:
-            if not os.path.isdir(dst):
+            if not (dst in self._present or (not self._fresh and os.path.isdir(dst))):
                 os.mkdir(dst, 0o700)
+            self._present.add(dst)
             self._dirs.append((e.path, dst, e))
             self.result.dirs += 1
             return
         if t == T_FILE:
             if self.opt.delta and os.path.isfile(dst) and not os.path.islink(dst):
                 self._update_file(dst, e)
+                self._apply_meta(dst, e)
             elif pf.prefetch:
                 self._write_file(dst, e, (pf.next_chunk() for _ in range(len(e.chunks) // 32)))
             else:
                 self._write_file(dst, e, (self.repo.read_blob(c) for c in e.chunk_ids()))
-            self._apply_meta(dst, e)
             self.result.files += 1
             self.result.bytes += e.size
             if self.opt.progress is not None:
@@ -347,7 +374,7 @@ class Restorer:
             for data in chunks:
                 hasher.update(data)
                 n = len(data)
-                if n >= 4096 and data.count(0) == n:
+                if n >= 4096 and _all_zeros(data):
                     os.lseek(fd, n, os.SEEK_CUR)
                     hole = True
                 else:
@@ -357,18 +384,27 @@ class Restorer:
                 pos += n
             if hole or pos != e.size:
                 os.ftruncate(fd, pos)
+            self._apply_meta(dst, e, fd)
         finally:
             os.close(fd)
         if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
             raise CorruptObject(f"file {os.fsdecode(e.path)}", "restored content does not match its digest")
 
-    def _apply_meta(self, dst: bytes, e: Entry) -> None:
+    def _apply_meta(self, dst: bytes, e: Entry, fd: int | None = None) -> None:
+        """Owner, mode and mtime, in that order (a chown clears set-id bits); through ``fd`` when
+        the file is still open, which saves three path lookups."""
         link = e.type == T_SYMLINK
         if self.owners:
             try:
-                os.lchown(dst, e.uid, e.gid)
+                if fd is not None:
+                    os.fchown(fd, e.uid, e.gid)
+                else:
+                    os.lchown(dst, e.uid, e.gid)
             except OSError as exc:
                 self.result.warnings.append(f"cannot set owner of {os.fsdecode(e.path)}: {exc.strerror}")
         if not link:
-            os.chmod(dst, e.mode)
-        os.utime(dst, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=not link)
+            os.chmod(dst if fd is None else fd, e.mode)
+        if fd is not None:
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        else:
+            os.utime(dst, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=not link)

@@ -4,7 +4,10 @@ import os
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from chunkvault.store.restore import _all_zeros
 from treeutil import describe
 
 
@@ -128,3 +131,14 @@ def test_read_ahead_is_counted_in_bytes_whatever_the_chunk_size():
         assert sum(src.calls) == count
         assert max(src.calls) * chunk <= _Prefetcher.BATCH_BYTES
         assert src.most * chunk <= (16 << 20) + 2 * _Prefetcher.BATCH_BYTES
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, (3 << 20) + 5), st.one_of(st.none(), st.integers(0, (3 << 20) + 4)))
+def test_zero_chunk_test_matches_counting(n, nonzero_at):
+    """Holes are chunks of zeros only; the fast test agrees with counting, across its buffer's size."""
+    data = bytearray(n)
+    if nonzero_at is not None and nonzero_at < n:
+        data[nonzero_at] = 1
+    data = bytes(data)
+    assert _all_zeros(data) == (data.count(0) == n)
