@@ -146,3 +146,16 @@ def test_cli_never_writes_a_secret_over_a_file_and_removes_one_no_key_uses(tmp_p
     proc = cli("key", "add", "-r", repo, "--generate-secret", str(tmp_path / "x"), "--new-password-file",
                str(existing), check=2)
     assert b"not allowed with" in proc.stderr
+
+
+def test_a_key_file_of_a_newer_kind_does_not_stop_another_from_opening(tmp_path):
+    from chunkvault.errors import UnsupportedFormat
+    from chunkvault.store.crypto import content_name
+
+    url = str(tmp_path / "repo")
+    repo = Repository.init(url, "pw", kdf_seconds=0)
+    future = json.dumps({"kdf": "argon2id", "salt": "AAAA", "data": "AAAA"}).encode()
+    repo.store.remote.put(f"keys/{content_name(future)[:32]}", future)
+    assert Repository.open(url, "pw").store.key_name == repo.store.key_name
+    with pytest.raises(UnsupportedFormat):  # nothing opened: the key this password needs may be that one
+        Repository.open(url, "another")
