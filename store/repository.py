@@ -26,7 +26,8 @@ from chunkvault.errors import (
 from chunkvault.remotes import Remote
 
 from . import chain
-from .blob import KIND_DELTA, MAX_DELTA_DEPTH, compress, delta_compress, envelope_base, open_chain, seal_blob
+from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, delta_compress, envelope_base, open_chain,
+                   seal_blob)
 from .blobindex import BlobIndex, BlobLocation
 from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
@@ -62,17 +63,17 @@ class _LRU:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.size = 0
-        self.items: OrderedDict[bytes, bytes] = OrderedDict()
+        self.items: OrderedDict[bytes, Plaintext] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: bytes) -> Plaintext | None:
         with self.lock:
             v = self.items.get(key)
             if v is not None:
                 self.items.move_to_end(key)
             return v
 
-    def put(self, key: bytes, value: bytes) -> None:
+    def put(self, key: bytes, value: Plaintext) -> None:
         if len(value) > self.max_bytes:
             return
         with self.lock:
@@ -311,7 +312,7 @@ class Repo:
             raise CorruptObject(key, f"truncated: blob {blob_id.hex()} lies past its end")
         return env, loc.raw_length
 
-    def read_blob(self, blob_id: bytes, *, verify: bool = False, cache: bool = False) -> bytes:
+    def read_blob(self, blob_id: bytes, *, verify: bool = False, cache: bool = False) -> Plaintext:
         """Plaintext of a blob; a delta's chain of bases is read on the way (at most ``max_delta_depth``)."""
         cached = self._cache.get(blob_id)
         if cached is not None:
@@ -323,7 +324,7 @@ class Repo:
             self._cache.put(blob_id, data)
         return data
 
-    def _known(self, blob_id: bytes, memo: dict[bytes, bytes]) -> tuple[bytes, int] | None:
+    def _known(self, blob_id: bytes, memo: dict[bytes, Plaintext]) -> tuple[Plaintext, int] | None:
         """(plaintext, delta depth) of a blob already decoded in this call or cached."""
         plain = memo.get(blob_id)
         if plain is None:
@@ -331,7 +332,7 @@ class Repo:
         return None if plain is None else (plain, self.delta_depth(blob_id))
 
     def _walk_chain(self, blob_id: bytes, envs: dict[bytes, tuple[bytes, int]],
-                    memo: dict[bytes, bytes]) -> tuple[list[tuple[bytes, bytes, int]], bytes | None]:
+                    memo: dict[bytes, Plaintext]) -> tuple[list[tuple[bytes, bytes, int]], Plaintext | None]:
         """Envelopes from ``blob_id`` down its chain of bases (top first), and the plaintext below them.
 
         The walk stops at a whole blob (nothing below) or at a plaintext already
@@ -364,7 +365,7 @@ class Repo:
             raise CorruptObject(f"blob {blob_id.hex()}", f"its delta chain is longer than {self.max_delta_depth} "
                                                          f"(through {path})")
 
-    def _resolve(self, blob_id: bytes, envs: dict[bytes, tuple[bytes, int]], memo: dict[bytes, bytes],
+    def _resolve(self, blob_id: bytes, envs: dict[bytes, tuple[bytes, int]], memo: dict[bytes, Plaintext],
                  shared: set[bytes]) -> bytes:
         """Decode one blob, its bases first; a base that fails is an error naming both ids.
 
@@ -376,7 +377,8 @@ class Repo:
             chain = chain[:cut]
         return self._open_chain(blob_id, chain, plain)
 
-    def _open_chain(self, blob_id: bytes, chain: list[tuple[bytes, bytes, int]], plain: bytes | None) -> bytes:
+    def _open_chain(self, blob_id: bytes, chain: list[tuple[bytes, bytes, int]],
+                    plain: Plaintext | None) -> Plaintext:
         try:
             return open_chain(self.sealer, chain, plain)
         except CorruptObject as exc:
@@ -385,7 +387,7 @@ class Repo:
                 raise
             raise CorruptObject(name, f"its delta base {exc.object_name.split()[-1]} is corrupt: {exc.reason}") from None
 
-    def read_blobs(self, blob_ids: list[bytes], *, max_gap: int = 64 << 10) -> list[bytes]:
+    def read_blobs(self, blob_ids: list[bytes], *, max_gap: int = 64 << 10) -> list[Plaintext]:
         """Plaintexts of several blobs, in order.
 
         Envelopes are fetched level by level down the delta chains (the blobs,
@@ -406,7 +408,7 @@ class Repo:
         except CorruptObject:
             envs = {}  # the single-blob path names any problem exactly
         shared = {b for b, n in uses.items() if n > 1}
-        memo: dict[bytes, bytes] = {}
+        memo: dict[bytes, Plaintext] = {}
         out = []
         for bid in blob_ids:
             plain = self._cache.get(bid)
@@ -454,7 +456,7 @@ class Repo:
     # --- writing blobs --------------------------------------------------------------
 
     def prepare_blob(self, blob_id: bytes, data: bytes | memoryview, *, base_id: bytes | None = None,
-                     base_plain: bytes | None = None, delta_margin: float = 0.0) -> PreparedBlob:
+                     base_plain: Plaintext | None = None, delta_margin: float = 0.0) -> PreparedBlob:
         """Compress and seal one blob (thread-safe, releases the GIL in native code).
 
         A delta is kept when it is smaller than plain compression by ``delta_margin``.

@@ -14,7 +14,7 @@ import stat
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 import blake3
 
@@ -23,13 +23,14 @@ from chunkvault.errors import ChunkvaultError, CorruptObject, StorageFull, Targe
 from .manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, Record, sort_key,
 )
+from .blob import Plaintext
 from .repository import Repo
 
 
 _ZEROS = bytes(1 << 20)
 
 
-def _all_zeros(data: bytes) -> bool:
+def _all_zeros(data: Plaintext) -> bool:
     """Whether a chunk is all zeros (a hole).  A compare against zeros stops at the first other byte;
     ``bytes.count`` read every byte of every chunk with the GIL held, a seventh of a restore's CPU."""
     view = memoryview(data)
@@ -39,9 +40,9 @@ def _all_zeros(data: bytes) -> bool:
 class BlobSource(Protocol):
     """Where a restore reads chunks from: a repository, or an export file (store/export.py)."""
 
-    def read_blob(self, blob_id: bytes) -> bytes: ...
+    def read_blob(self, blob_id: bytes) -> Plaintext: ...
 
-    def read_blobs(self, blob_ids: list[bytes]) -> list[bytes]: ...
+    def read_blobs(self, blob_ids: list[bytes]) -> Sequence[Plaintext]: ...
 
 
 @dataclass
@@ -115,9 +116,9 @@ class _Prefetcher:
         self.ahead: deque[Record] = deque()
         self.ids: deque[tuple[bytes, int]] = deque()  # (chunk id, its expected size)
         self.queued = 0  # bytes expected of self.ids
-        self.batches: deque[tuple[Future[list[bytes]], int]] = deque()
+        self.batches: deque[tuple[Future[list[Plaintext]], int]] = deque()
         self.in_flight = 0  # bytes expected of self.batches
-        self.current: deque[bytes] = deque()
+        self.current: deque[Plaintext] = deque()
         self.window = window_bytes
         self.pool = ThreadPoolExecutor(workers)
         self.done = False
@@ -159,7 +160,7 @@ class _Prefetcher:
             return None
         return self.ahead.popleft()
 
-    def next_chunk(self) -> bytes:
+    def next_chunk(self) -> Plaintext:
         if not self.current:
             self._fill()
             batch, size = self.batches.popleft()
@@ -365,7 +366,7 @@ class Restorer:
             os.mknod(dst, (stat.S_IFCHR if t == T_CHARDEV else stat.S_IFBLK) | 0o600, e.rdev)
             self._apply_meta(dst, e)
 
-    def _write_file(self, dst: bytes, e: Entry, chunks: Iterator[bytes]) -> None:
+    def _write_file(self, dst: bytes, e: Entry, chunks: Iterator[Plaintext]) -> None:
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             hasher = blake3.blake3()

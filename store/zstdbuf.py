@@ -1,0 +1,80 @@
+"""zstd decompression straight into a caller's buffer, against a raw-content prefix read where it lies.
+
+Rebuilding a chunk up a delta chain decompresses one frame per delta, each
+with part of the plaintext below as its dictionary.  python-zstandard's
+object API copies each dictionary, builds a new decompression context for it
+and returns a new bytes object, all with the GIL held for the copies.
+libzstd's ``ZSTD_DCtx_refPrefix`` reads the dictionary in place and
+``ZSTD_decompressDCtx`` writes into the caller's buffer; the cffi binding
+python-zstandard ships (cffi comes with ``cryptography``) exposes both and
+releases the GIL for every call.  Where that binding cannot be imported, the
+object API does the same work with the copies.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import zstandard
+
+try:
+    from zstandard._cffi import ffi, lib
+except ImportError:  # a python-zstandard built without its cffi backend
+    ffi = lib = None
+
+_local = threading.local()
+
+
+def frame_size(frame: bytes | memoryview) -> int:
+    """The content size a frame's header records; ValueError when it records none."""
+    size = zstandard.frame_content_size(frame)
+    if size < 0:
+        raise ValueError("zstd frame without content size")
+    return size
+
+
+def _dctx() -> Any:
+    # A decompression context is not thread-safe: one per thread, reused for every frame.
+    d = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = ffi.gc(lib.ZSTD_createDCtx(), lib.ZSTD_freeDCtx)
+    return d
+
+
+def _check(code: int) -> int:
+    if lib.ZSTD_isError(code):
+        raise ValueError(ffi.string(lib.ZSTD_getErrorName(code)).decode())
+    return code
+
+
+def decompress_into(frame: bytes | memoryview, out: Any, size: int, prefix: Any = b"") -> None:
+    """Decompress ``frame`` into the first ``size`` bytes of the writable buffer ``out``, with ``prefix`` (a
+    buffer) as raw-content dictionary when not empty.  ValueError unless the frame holds exactly ``size`` bytes."""
+    if lib is None:
+        _decompress_into_copying(frame, out, size, prefix)
+        return
+    dst = ffi.from_buffer(out, require_writable=True)
+    if len(dst) < size:
+        raise ValueError(f"a buffer of {len(dst)} bytes cannot hold {size}")
+    d = _dctx()
+    if len(prefix):
+        dictionary = ffi.from_buffer(prefix)
+        _check(lib.ZSTD_DCtx_refPrefix_advanced(d, dictionary, len(dictionary), lib.ZSTD_dct_rawContent))
+    src = ffi.from_buffer(frame)
+    n = _check(lib.ZSTD_decompressDCtx(d, dst, size, src, len(src)))
+    if n != size:
+        raise ValueError(f"frame holds {n} bytes, expected {size}")
+
+
+def _decompress_into_copying(frame: bytes | memoryview, out: Any, size: int, prefix: Any) -> None:
+    if frame_size(frame) != size:
+        raise ValueError(f"frame holds {frame_size(frame)} bytes, expected {size}")
+    if len(prefix):
+        raw = zstandard.ZstdCompressionDict(bytes(prefix), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        d = zstandard.ZstdDecompressor(dict_data=raw)
+    else:
+        d = zstandard.ZstdDecompressor()
+    data = d.decompress(frame, max_output_size=size)
+    if len(data) != size:
+        raise ValueError(f"frame holds {len(data)} bytes, expected {size}")
+    memoryview(out).cast("B")[:size] = data
