@@ -23,6 +23,11 @@ except ImportError:  # a python-zstandard built without its cffi backend
     ffi = lib = None
 
 _local = threading.local()
+# ZSTD_decompress_usingDict takes content that starts with this for a structured dictionary.
+_DICTIONARY_MAGIC = b"\x37\xa4\x30\xec"
+# libzstd's error codes are the largest size_t values; testing for them here, not through ZSTD_isError, saves
+# a GIL release and reacquire per call (the binding releases it for every call).
+_ERRORS_ABOVE = (1 << 8 * ffi.sizeof("size_t")) - lib.ZSTD_error_maxCode if lib is not None else 0
 
 
 def frame_size(frame: bytes | memoryview) -> int:
@@ -42,7 +47,7 @@ def _dctx() -> Any:
 
 
 def _check(code: int) -> int:
-    if lib.ZSTD_isError(code):
+    if code > _ERRORS_ABOVE:
         raise ValueError(ffi.string(lib.ZSTD_getErrorName(code)).decode())
     return code
 
@@ -57,11 +62,15 @@ def decompress_into(frame: bytes | memoryview, out: Any, size: int, prefix: Any 
     if len(dst) < size:
         raise ValueError(f"a buffer of {len(dst)} bytes cannot hold {size}")
     d = _dctx()
-    if len(prefix):
-        dictionary = ffi.from_buffer(prefix)
-        _check(lib.ZSTD_DCtx_refPrefix_advanced(d, dictionary, len(dictionary), lib.ZSTD_dct_rawContent))
     src = ffi.from_buffer(frame)
-    n = _check(lib.ZSTD_decompressDCtx(d, dst, size, src, len(src)))
+    if len(prefix) and bytes(prefix[:4]) != _DICTIONARY_MAGIC:  # one call where a plain dictionary would do
+        dictionary = ffi.from_buffer(prefix)
+        n = _check(lib.ZSTD_decompress_usingDict(d, dst, size, src, len(src), dictionary, len(dictionary)))
+    else:
+        if len(prefix):  # content that looks like a structured dictionary: declared raw
+            dictionary = ffi.from_buffer(prefix)
+            _check(lib.ZSTD_DCtx_refPrefix_advanced(d, dictionary, len(dictionary), lib.ZSTD_dct_rawContent))
+        n = _check(lib.ZSTD_decompressDCtx(d, dst, size, src, len(src)))
     if n != size:
         raise ValueError(f"frame holds {n} bytes, expected {size}")
 

@@ -244,6 +244,20 @@ def test_a_chain_of_deltas_rebuilds_every_version(zstd_path, base, series):
         assert open_chain(sealer, chain) == versions[top]
 
 
+def test_a_base_that_starts_like_a_zstd_dictionary_is_still_raw_content(zstd_path):
+    """The base bytes a delta refers to are raw content even when they begin with zstd's dictionary magic."""
+    from chunkvault.store.blob import DELTA_BLOCKS, DELTA_DICT, delta_compress, delta_decompress
+
+    rnd = random.Random(5)
+    base = b"\x37\xa4\x30\xec" + rnd.randbytes(8188)
+    edited = base[:100] + b"changed!" + base[108:]
+    shifted = base[:4] + rnd.randbytes(5) + base[4:-5]
+    for data, method in ((edited, DELTA_BLOCKS), (shifted, DELTA_DICT)):
+        payload = delta_compress(data, base, 3)
+        assert payload[0] == method
+        assert delta_decompress(payload, base) == data
+
+
 @pytest.mark.parametrize("n, m", [(0, 0), (1, 1), (1023, 1023), (1024, 1024), (3000, 3000), (3000, 2100),
                                   (3000, 2047), (2048, 3000), (5000, 1), (4096, 0)])
 def test_block_map_marks_exactly_the_blocks_that_differ_or_lie_past_the_base(n, m):
