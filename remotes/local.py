@@ -30,6 +30,24 @@ def _os_error(exc: OSError, what: str) -> RemoteError:
     return RemoteError(f"{what}: {exc.strerror or exc}")
 
 
+def _pread_all(fd: int, start: int, length: int | None) -> bytes:
+    """``length`` bytes from ``start`` (everything to the end when None), fewer only at the end of the file."""
+    if length is None:
+        length = max(0, os.fstat(fd).st_size - start)
+    data = os.pread(fd, length, start)
+    if len(data) == length or not data:
+        return data
+    parts = [data]  # a short read before the end: rare (signals, reads past 2 GiB)
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, start + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -101,20 +119,23 @@ class LocalRemote(Remote):
             raise _os_error(exc, f"writing {key}") from None
 
     def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
+        # A descriptor and pread, not a file object: restores and differentials make tens of thousands of
+        # ranged reads, and the file object's setup was a sixth of a differential's reading threads.
         path = self._path(key)
         try:
-            with open(path, "rb", buffering=0) as f:
-                if start:
-                    f.seek(start)
-                if length is None:
-                    return f.read()
-                return f.read(length)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ObjectNotFound(key) from None
+        except OSError as exc:
+            raise _os_error(exc, f"reading {key}") from None
+        try:
+            return _pread_all(fd, start or 0, length)
         except IsADirectoryError:
             raise ObjectNotFound(key) from None
         except OSError as exc:
             raise _os_error(exc, f"reading {key}") from None
+        finally:
+            os.close(fd)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         validate_prefix(prefix)
