@@ -127,6 +127,22 @@ class Tool:
         return du(self.repo)
 
 
+def compile_bytecode() -> None:
+    """Compile chunkvault's modules, as installing it does.  An editable checkout run where
+    PYTHONDONTWRITEBYTECODE is set compiles every module again at each command (about 60 ms,
+    a tenth of a backup of an unchanged tree), which no installed copy does and which restic
+    (compiled) and borg (installed with its bytecode) do not pay either."""
+    import compileall
+
+    import chunkvault
+    import chunkvault.chunker
+    import chunkvault.remotes
+    import chunkvault.store
+
+    for package in (chunkvault, chunkvault.chunker, chunkvault.remotes, chunkvault.store):
+        compileall.compile_dir(os.path.dirname(package.__file__), maxlevels=0, quiet=1)
+
+
 class Chunkvault(Tool):
     """chunkvault opened with the password, as restic and borg are; named ``chunkvault+secret``
     when opened with a generated key secret instead (no scrypt at each command)."""
@@ -136,6 +152,7 @@ class Chunkvault(Tool):
     def __init__(self, work: str, secret: bool = False):
         if secret:
             self.name += SECRET_SUFFIX
+        compile_bytecode()
         super().__init__(work)
         self.env.update(CHUNKVAULT_REPOSITORY=self.repo,
                         XDG_CACHE_HOME=os.path.join(work, "chunkvault-cache"),
