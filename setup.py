@@ -1,4 +1,4 @@
-"""Build the C chunker; all other metadata lives in pyproject.toml."""
+"""Build the C chunker and directory scanner; all other metadata lives in pyproject.toml."""
 from setuptools import Extension, setup
 
 setup(
@@ -7,6 +7,11 @@ setup(
             "chunkvault.chunker._fastcdc",
             sources=["chunker/_fastcdc.c"],
             extra_compile_args=["-O3", "-std=c99", "-Wall", "-Wextra"],
-        )
+        ),
+        Extension(
+            "chunkvault.store._scandir",
+            sources=["store/_scandir.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+        ),
     ]
 )

@@ -1,14 +1,16 @@
 """The source tree of a backup: its roots, and its entries in manifest order.
 
-A walk of tens of thousands of entries is mostly lstat calls and interpreter
-time, and a backup cannot start before the repository's key is derived
-(scrypt, about half a second, with the GIL released).  ``SourceWalk.start``
-walks ahead on a thread meanwhile; when the backup begins consuming, the
-thread stops and the backup continues the same walk itself, so stat results
-are never much older than they would be in a plain walk.
+A walk of tens of thousands of entries is mostly lstat calls, each directory
+listed and stat'ed by one call into C with the GIL released, and a backup
+cannot start before the repository's key is derived (scrypt, about half a
+second, with the GIL released).  ``SourceWalk.start`` walks ahead on a thread
+meanwhile; when the backup begins consuming, the thread stops and the backup
+continues the same walk itself, so stat results are never much older than
+they would be in a plain walk.
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import stat
@@ -20,6 +22,29 @@ from chunkvault.errors import UsageError
 
 #: One source entry: manifest path, path on disk, its lstat, and whether a directory could be listed.
 SourceItem = tuple[bytes, bytes, "os.stat_result | FileStat", bool]
+#: A directory entry as a scan returns it: name, the errno of its lstat (0: none), and the lstat's fields
+#: (mode, ino, dev, nlink, uid, gid, size, mtime_ns, ctime_ns, rdev) or None.
+ScanItem = tuple[bytes, int, "tuple[int, ...] | None"]
+
+
+def scan_dir_reference(path: bytes) -> list[ScanItem]:
+    """A directory's entries, sorted, with their lstat fields: what the C scanner returns, in Python."""
+    out: list[ScanItem] = []
+    for name in sorted(os.listdir(path)):
+        try:
+            st = os.lstat(os.path.join(path, name))
+        except OSError as exc:
+            out.append((name, exc.errno or errno.EIO, None))
+            continue
+        out.append((name, 0, (st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
+                              st.st_mtime_ns, st.st_ctime_ns, st.st_rdev)))
+    return out
+
+
+try:  # one call per directory, the GIL released for its listing and every lstat
+    from ._scandir import scan as scan_dir
+except ImportError:
+    scan_dir = scan_dir_reference
 
 
 def root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:
@@ -56,6 +81,13 @@ class FileStat:
         self.st_uid, self.st_gid, self.st_size, self.st_rdev = st.st_uid, st.st_gid, st.st_size, st.st_rdev
         self.st_mtime_ns, self.st_ctime_ns = st.st_mtime_ns, st.st_ctime_ns
 
+    @classmethod
+    def of_fields(cls, f: tuple[int, ...]) -> "FileStat":
+        self = cls.__new__(cls)
+        (self.st_mode, self.st_ino, self.st_dev, self.st_nlink, self.st_uid, self.st_gid, self.st_size,
+         self.st_mtime_ns, self.st_ctime_ns, self.st_rdev) = f
+        return self
+
 
 class SourceWalk:
     """Entries in manifest order (depth first, names sorted); errors become warnings, never abort.
@@ -64,10 +96,14 @@ class SourceWalk:
     ``ahead`` entries) until iteration begins.  A walk ahead older than
     ``STALE_AFTER`` seconds when iteration begins (the backup waited for a
     lock) is thrown away and the walk starts again, so that files changed
-    meanwhile are not read against old metadata.
+    meanwhile are not read against old metadata.  A directory's entries are
+    listed and stat'ed in one call; an entry reached more than
+    ``RESTAT_AFTER`` seconds after that (its earlier siblings' subtrees took
+    long) is stat'ed again.
     """
 
     STALE_AFTER = 30.0
+    RESTAT_AFTER = 2.0
 
     def __init__(self, roots: list[tuple[bytes, bytes]], excludes: list[str] | None = None, *,
                  paths: list[str] | None = None, ahead: int = 1 << 16, warnings: list[str] | None = None):
@@ -102,8 +138,8 @@ class SourceWalk:
     def _prefetch(self) -> None:
         buf, stop, limit = self._buffered, self._stop, self._ahead
         try:
-            for rel, path, st, ok in self._walk:
-                buf.append((rel, path, FileStat(st), ok))
+            for item in self._walk:
+                buf.append(item)
                 if len(buf) >= limit or stop.is_set():
                     return
         except BaseException as exc:  # handed to the consumer
@@ -140,44 +176,59 @@ class SourceWalk:
     def _lstat(self, path: bytes) -> os.stat_result | None:
         try:
             return os.lstat(path)
-        except FileNotFoundError:
-            self.warnings.append(f"vanished during backup: {os.fsdecode(path)}")
         except OSError as exc:
-            self.warnings.append(f"cannot stat {os.fsdecode(path)}: {exc.strerror}")
+            self._stat_failed(path, exc.errno or errno.EIO)
         return None
 
-    def _listdir(self, path: bytes) -> tuple[list[bytes], bool]:
+    def _stat_failed(self, path: bytes, err: int) -> None:
+        if err == errno.ENOENT:
+            self.warnings.append(f"vanished during backup: {os.fsdecode(path)}")
+        else:
+            self.warnings.append(f"cannot stat {os.fsdecode(path)}: {os.strerror(err)}")
+
+    def _scan(self, path: bytes) -> tuple[list[ScanItem], bool]:
         try:
-            return sorted(os.listdir(path)), True
+            return scan_dir(path), True
         except OSError as exc:
             self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {exc.strerror}")
             return [], False
 
     def _entries(self) -> Iterator[SourceItem]:
-        """An explicit stack of (manifest path, disk path) iterators, not recursion: each entry is
-        yielded through one frame, not one per level.  The roots are the bottom iterator and are
-        never excluded."""
-        lstat, isdir, excludes = self._lstat, stat.S_ISDIR, self.excludes
-        stack: list[Iterator[tuple[bytes, bytes]]] = [iter(self.roots)]
+        """An explicit stack of iterators over (manifest path, disk path, lstat or None, errno), not
+        recursion: each entry is yielded through one frame, not one per level.  The roots are the
+        bottom iterator and are never excluded."""
+        isdir, excludes = stat.S_ISDIR, self.excludes
+        stack: list[Iterator[tuple[bytes, bytes, os.stat_result | FileStat | None, int]]] = [
+            ((rel, path, self._lstat(path), 0) for rel, path in self.roots)]
         while stack:
-            pair = next(stack[-1], None)
-            if pair is None:
+            item = next(stack[-1], None)
+            if item is None:
                 stack.pop()
                 continue
-            rel, path = pair
+            rel, path, st, err = item
             if excludes and len(stack) > 1 and self.excluded(rel):
                 continue
-            st = lstat(path)
             if st is None:
+                if err:
+                    self._stat_failed(path, err)
                 continue
             if not isdir(st.st_mode):
                 yield rel, path, st, True
                 continue
-            names, ok = self._listdir(path)
+            listing, ok = self._scan(path)
             yield rel, path, st, ok
-            stack.append(_children(rel + b"/" if rel else b"", os.path.join(path, b""), names))
+            stack.append(self._children(rel + b"/" if rel else b"", os.path.join(path, b""), listing))
 
-
-def _children(rel_prefix: bytes, path_prefix: bytes, names: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
-    for name in names:
-        yield rel_prefix + name, path_prefix + name
+    def _children(self, rel_prefix: bytes, path_prefix: bytes, listing: list[ScanItem]
+                  ) -> Iterator[tuple[bytes, bytes, FileStat | os.stat_result | None, int]]:
+        scanned = time.monotonic()
+        of_fields = FileStat.of_fields
+        for name, err, fields in listing:
+            path = path_prefix + name
+            st: FileStat | os.stat_result | None = of_fields(fields) if fields is not None else None
+            if time.monotonic() - scanned > self.RESTAT_AFTER:
+                try:
+                    st, err = os.lstat(path), 0
+                except OSError as exc:
+                    st, err = None, exc.errno or errno.EIO
+            yield rel_prefix + name, path, st, err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import errno
 import os
 import socket
 import stat
@@ -128,18 +129,25 @@ def test_file_changing_while_read_is_recorded_and_reread_next_time(repo_path, tm
     assert describe(tmp_path / "out") == describe(src)
 
 
-def test_file_vanishing_during_backup_is_a_warning(repo_path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("gone", ["before its stat", "after its stat"])
+def test_file_vanishing_during_backup_is_a_warning(repo_path, tmp_path, monkeypatch, gone):
+    """A name listed whose stat fails, or whose stat worked but which is gone when opened."""
+    from chunkvault.store import source
+
     src = tmp_path / "src"
     src.mkdir()
     (src / "here").write_bytes(b"here")
-    real_listdir = os.listdir
+    real_scan = source.scan_dir
 
-    def listdir_with_a_ghost(path):
-        names = real_listdir(path)
-        return names + [b"gone-already"] if os.fsdecode(path) == str(src) else names
+    def scan_with_a_ghost(path):
+        listing = real_scan(path)
+        if os.fsdecode(path) != str(src):
+            return listing
+        ghost = (b"gone-already", errno.ENOENT, None) if gone == "before its stat" else (b"gone-already", 0, listing[0][2])
+        return sorted(listing + [ghost])
 
     with Repository.open(repo_path, PASSWORD) as repo:
-        monkeypatch.setattr("chunkvault.store.backup.os.listdir", listdir_with_a_ghost)
+        monkeypatch.setattr(source, "scan_dir", scan_with_a_ghost)
         result = repo.backup([str(src)])
         monkeypatch.undo()
         assert any("vanished" in w and "gone-already" in w for w in result.warnings)
