@@ -28,7 +28,6 @@ Library users decide for their own process.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import os
 import sys
@@ -43,7 +42,7 @@ def tune_allocator(arenas: int = 2, mmap_threshold: int = 4 << 20, trim_threshol
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols, libc's among them (find_library runs ldconfig)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
