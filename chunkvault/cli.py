@@ -761,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_key)
 
     from . import exportcli
-    from .scheduler import add_commands as add_schedule_commands
+    from .schedulecli import add_commands as add_schedule_commands
 
     exportcli.add_commands(sub, common)
     add_schedule_commands(sub, common)

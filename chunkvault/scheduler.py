@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
 from .schedule import Policy, Source, decide, next_wakeup, parse_policy, source_history
+from .schedulecli import add_commands
 
 __all__ = ["Daemon", "Runner", "RunReport", "SourceResult", "add_commands", "cmd_daemon", "cmd_run",
            "load_policy"]
@@ -579,20 +580,3 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def _quiet(log: Callable[[str], None]) -> Callable[[str], None]:
     """Drop the routine lines (nothing due, retention counts) but keep actions and failures."""
     return lambda line: None if ("nothing due" in line or ": retention " in line) else log(line)
-
-
-def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
-    """Register ``run`` and ``daemon`` on the chunkvault command line."""
-    s = subparsers.add_parser("run", parents=[common_parent],
-                              help="make the backups a policy file says are due now, then apply its retention")
-    s.add_argument("--config", "-c", required=True, metavar="FILE", help="policy file (TOML)")
-    s.add_argument("--dry-run", "-n", action="store_true", help="show what is due and what retention would remove")
-    s.add_argument("--source", action="append", default=[], metavar="NAME", help="only this source (repeatable)")
-    s.add_argument("--log", metavar="FILE", help="also append timestamped lines to this file")
-    s.set_defaults(func=cmd_run)
-
-    s = subparsers.add_parser("daemon", parents=[common_parent],
-                              help="keep running a policy file at its slots until SIGTERM")
-    s.add_argument("--config", "-c", required=True, metavar="FILE", help="policy file (TOML)")
-    s.add_argument("--log", metavar="FILE", help="append the log here instead of stderr")
-    s.set_defaults(func=cmd_daemon)
