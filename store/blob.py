@@ -85,7 +85,7 @@ def compress(data: bytes | memoryview, level: int) -> tuple[int, bytes]:
     return KIND_RAW, bytes(data)
 
 
-def _raw_dict(content: bytes) -> zstandard.ZstdCompressionDict:
+def _raw_dict(content: Plaintext) -> zstandard.ZstdCompressionDict:
     return zstandard.ZstdCompressionDict(content, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
 
