@@ -212,13 +212,16 @@ def _apply_blocks(payload: memoryview, plain: _Plain) -> None:
     if len(payload) < pos:
         raise ValueError("truncated block map")
     bitmap = np.frombuffer(payload, np.uint8, pos - 1 - _LENGTH.size, 1 + _LENGTH.size)
-    stored = np.unpackbits(bitmap, count=nb).view(bool)
-    if np.packbits(stored).tobytes() != bitmap.tobytes():
+    if nb % 8 and payload[pos - 1] & (0xFF >> nb % 8):
         raise ValueError("block map has bits past its last block")
-    inside = _inside(n, plain.length, nb)
-    if not (stored | inside).all():
-        raise ValueError("a block taken from the base lies outside it")
-    taken = stored & inside
+    stored = np.unpackbits(bitmap, count=nb).view(bool)
+    if n <= plain.length:  # every block lies inside the base
+        taken = stored
+    else:
+        inside = _inside(n, plain.length, nb)
+        if not (stored | inside).all():
+            raise ValueError("a block taken from the base lies outside it")
+        taken = stored & inside
     count = int(np.count_nonzero(stored))
     size = count * BLOCK_SIZE - _trim(stored, n)
     rows = plain.rows_for(n, nb)

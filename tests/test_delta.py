@@ -258,6 +258,23 @@ def test_a_base_that_starts_like_a_zstd_dictionary_is_still_raw_content(zstd_pat
         assert delta_decompress(payload, base) == data
 
 
+def test_a_malformed_block_map_is_refused():
+    """Bits set past the last block, or a block the map takes from a base too short to hold it."""
+    from chunkvault.store.blob import DELTA_BLOCKS, delta_compress, delta_decompress
+
+    rnd = random.Random(9)
+    base = rnd.randbytes(5 * 1024)  # 5 blocks: the map's one byte has 3 padding bits
+    data = bytearray(base)
+    data[0] ^= 1
+    payload = bytearray(delta_compress(bytes(data), base, 3))
+    assert payload[0] == DELTA_BLOCKS and delta_decompress(bytes(payload), base) == data
+    payload[5] |= 0b1
+    with pytest.raises(ValueError, match="past its last block"):
+        delta_decompress(bytes(payload), base)
+    with pytest.raises(ValueError, match="outside"):
+        delta_decompress(delta_compress(bytes(data), base, 3), base[:2048])
+
+
 @pytest.mark.parametrize("n, m", [(0, 0), (1, 1), (1023, 1023), (1024, 1024), (3000, 3000), (3000, 2100),
                                   (3000, 2047), (2048, 3000), (5000, 1), (4096, 0)])
 def test_block_map_marks_exactly_the_blocks_that_differ_or_lie_past_the_base(n, m):
