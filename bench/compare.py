@@ -23,6 +23,7 @@ for all three (restic: auto, borg: zstd,3, chunkvault: zstd 3).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import shutil
@@ -127,6 +128,7 @@ class Tool:
         return du(self.repo)
 
 
+@functools.cache
 def compile_bytecode() -> None:
     """Compile chunkvault's modules, as installing it does.  An editable checkout run where
     PYTHONDONTWRITEBYTECODE is set compiles every module again at each command (about 60 ms,

@@ -366,7 +366,7 @@ class Repo:
                                                          f"(through {path})")
 
     def _resolve(self, blob_id: bytes, envs: dict[bytes, tuple[bytes, int]], memo: dict[bytes, Plaintext],
-                 shared: set[bytes]) -> bytes:
+                 shared: set[bytes]) -> Plaintext:
         """Decode one blob, its bases first; a base that fails is an error naming both ids.
 
         Decoded bases in ``shared`` (needed again in this call) are kept in ``memo``.

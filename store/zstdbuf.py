@@ -76,8 +76,9 @@ def decompress_into(frame: bytes | memoryview, out: Any, size: int, prefix: Any 
 
 
 def _decompress_into_copying(frame: bytes | memoryview, out: Any, size: int, prefix: Any) -> None:
-    if frame_size(frame) != size:
-        raise ValueError(f"frame holds {frame_size(frame)} bytes, expected {size}")
+    declared = frame_size(frame)
+    if declared != size:
+        raise ValueError(f"frame holds {declared} bytes, expected {size}")
     if len(prefix):
         raw = zstandard.ZstdCompressionDict(bytes(prefix), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         d = zstandard.ZstdDecompressor(dict_data=raw)
