@@ -4,7 +4,9 @@ Builds a data set of real files from this machine (system libraries and the
 Python standard library by default), then times for each tool: initial
 backup, a backup with nothing changed, a backup after ~1 % of the files
 changed, a full restore, `check --read-data`, repository size and the peak
-RSS of each operation.  Prints figures and ratios to restic.
+memory of each operation (peak RSS; for a command running several processes
+at once, their summed proportional set sizes if larger: see TreeMemory).
+Prints figures and ratios to restic.
 
     python bench/compare.py [--size-mb 2000] [--repeat 3] [--tools chunkvault,restic,borg] [--work DIR] [--keep]
                             [--restore-into DIR]
@@ -29,6 +31,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,22 +39,78 @@ PASSWORD = "bench-password"
 SECRET_SUFFIX = "+secret"
 
 
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+        found.append(p)
+    return found
+
+
+def _tree_pss_kib(pids: list[int]) -> int:
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except OSError:
+            pass
+    return total
+
+
+class TreeMemory:
+    """Peak memory of a command that may run several processes at once.
+
+    wait4's peak RSS is that of the largest single process. While the command
+    has more than one process, the proportional set sizes of all of them
+    (pages shared between forked processes counted once) are summed every
+    ``interval`` seconds; the peak is the larger of the two measures.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        self.pid = pid
+        self.interval = interval
+        self.peak_kib = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.interval):
+            pids = _descendants(self.pid)
+            if len(pids) > 1:
+                self.peak_kib = max(self.peak_kib, _tree_pss_kib(pids))
+
+    def finish(self) -> int:
+        self.stop.set()
+        self.thread.join()
+        return self.peak_kib
+
+
 def run(cmd: list[str], env: dict[str, str] | None = None, stdin: bytes | None = None,
         cwd: str | None = None) -> tuple[float, int]:
-    """(wall seconds, peak RSS in KiB) of one command; fails loudly."""
+    """(wall seconds, peak memory in KiB: see TreeMemory) of one command; fails loudly."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+    memory = TreeMemory(proc.pid)
     if stdin is not None:
         proc.stdin.write(stdin)  # type: ignore[union-attr]
         proc.stdin.close()  # type: ignore[union-attr]
     err = proc.stderr.read()  # type: ignore[union-attr]
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
+    tree_peak = memory.finish()
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({code}): {err.decode(errors='replace')[-2000:]}")
-    return elapsed, usage.ru_maxrss
+    return elapsed, max(usage.ru_maxrss, tree_peak)
 
 
 def du(path: str) -> int:
@@ -290,7 +349,7 @@ def kernel_limits(root: str, level: int = 3) -> dict[str, float]:
 
 
 def best(results: dict[str, tuple[float, int]], op: str, measured: tuple[float, int]) -> None:
-    """Keep the fastest time and the highest peak RSS of an operation's runs."""
+    """Keep the fastest time and the highest peak memory of an operation's runs."""
     old = results.get(op)
     results[op] = measured if old is None else (min(old[0], measured[0]), max(old[1], measured[1]))
 
@@ -349,7 +408,7 @@ def main() -> None:
             row += f"{results['chunkvault'][op][0] / max(results['restic'][op][0], 1e-9):>18.2f}"
         row += f"{limits[op]:>14.2f}" if op in limits else f"{'':>14}"
         print(row)
-    print("\npeak RSS (MiB)")
+    print("\npeak memory (MiB; RSS, or the summed PSS of a command's concurrent processes)")
     print(header + (f"{'ratio to restic':>18}" if ratio else ""))
     for op in ops:
         if op == "repository size":

@@ -337,13 +337,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise UsageError("--delta and --delete work in place: add --confirm RESTORE")
     bar = _progress(args, "restore", snap.stats.get("bytes"))
     result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude, force=in_place,
-                          delta=args.delta, delete=args.delete, progress=bar)
+                          delta=args.delta, delete=args.delete, progress=bar, processes=args.processes)
     bar.done()
     if args.json:
         _emit_json({"snapshot": snap.id, "target": os.path.abspath(args.target), "files": result.files,
                     "dirs": result.dirs, "links": result.links, "bytes": result.bytes,
                     "unchanged_files": result.unchanged_files, "rewritten_bytes": result.rewritten_bytes,
-                    "deleted": result.deleted, "warnings": result.warnings})
+                    "deleted": result.deleted, "processes": result.processes, "warnings": result.warnings})
     elif not args.quiet:
         for w in result.warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -618,6 +618,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .chunker import FIXED_CHUNK_SIZE
 
@@ -682,6 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--delta", action="store_true",
                    help="in place: rewrite only files and chunk ranges whose content differs (by digest)")
     s.add_argument("--delete", action="store_true", help="in place: remove files the snapshot does not have")
+    s.add_argument("--processes", type=_positive_int, metavar="N",
+                   help="worker processes writing an empty target on local storage (default: one per core)")
     s.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("ls", parents=[common], help="list a snapshot's entries")

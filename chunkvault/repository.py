@@ -27,6 +27,7 @@ from .store.prune import PrunePlan, prune
 from .store.repair import RepairReport, repair_index, repair_snapshots
 from .store.repository import Repo
 from .store.retention import RetentionPolicy
+from .store import restore_workers
 from .store.restore import Restorer, RestoreOptions, RestoreResult
 from .store.snapshot import Snapshot, find_snapshot, parse_time
 from .store.source import SourceWalk, root_specs
@@ -212,16 +213,21 @@ class Repository:
     def restore(self, snapshot: str | Snapshot, target: str, *, until: str | datetime | None = None,
                 includes: list[str] | None = None, excludes: list[str] | None = None,
                 force: bool = False, delta: bool = False, delete: bool = False,
-                progress: Any = None) -> RestoreResult:
+                progress: Any = None, processes: int | None = None) -> RestoreResult:
         """Restore into ``target``: empty, or in place with ``force`` (``delta``: rewrite only what
-        differs, checked by digest; ``delete``: remove what the snapshot does not have)."""
+        differs, checked by digest; ``delete``: remove what the snapshot does not have).
+
+        An empty target on local storage is written by ``processes`` worker processes (default: one
+        per core for a snapshot of 64 MiB or more; see store/restore_workers.py)."""
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until)
         opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
                               delta=delta, delete=delete, progress=progress)
         restorer = Restorer(self._repo, target, opts)
         if delete and os.path.isdir(target):
             restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
-        return restorer.run(self._repo.tree(snap))
+        if processes is None:
+            processes = restore_workers.auto_processes(snap.stats.get("bytes"))
+        return restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes)
 
     def find_entry(self, snapshot: str | Snapshot, path: str | bytes) -> Entry:
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)

@@ -62,6 +62,9 @@ class Remote(ABC):
     #: True when get() itself detects a cut-off transfer (e.g. against Content-Length),
     #: so the retry layer need not stat the object after each whole read.
     checks_read_length: bool = False
+    #: True when a forked child process may go on reading through this object (no
+    #: sockets, threads or file offsets shared with the parent): local disk.
+    fork_safe: bool = False
 
     @abstractmethod
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:

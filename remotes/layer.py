@@ -62,6 +62,7 @@ class RetryingRemote(Remote):
             raise ValueError("attempts must be at least 1")
         self.inner = inner
         self.display_url = inner.display_url
+        self.fork_safe = inner.fork_safe
         self.attempts = attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
@@ -175,6 +176,7 @@ class CachingRemote(Remote):
     def __init__(self, inner: Remote, cache_dir: str | os.PathLike, *, prefixes: Iterable[str] = ("index/", "snapshots/")):
         self.inner = inner
         self.display_url = inner.display_url
+        self.fork_safe = inner.fork_safe
         self.cache_dir = os.path.abspath(os.fspath(cache_dir))
         self.prefixes = tuple(prefixes)
         self._lock = threading.Lock()

@@ -57,6 +57,8 @@ def _fsync_dir(path: str) -> None:
 
 
 class LocalRemote(Remote):
+    fork_safe = True  # each read opens, preads and closes
+
     def __init__(self, root: str, *, fsync: bool = True):
         self.root = os.path.abspath(root)
         self.display_url = self.root

@@ -54,6 +54,7 @@ class RestoreOptions:
     delete: bool = False  # in place: remove what the snapshot does not have
     owners: bool | None = None  # restore uid/gid; default: when running as root
     window_bytes: int = 16 << 20
+    fetch_threads: int = 3  # threads reading and decoding chunks ahead of the writer
     progress: Callable[[int, int], None] | None = None  # (files, bytes) so far
 
 
@@ -66,6 +67,7 @@ class RestoreResult:
     unchanged_files: int = 0  # --delta: files already right
     rewritten_bytes: int = 0  # --delta: bytes written into existing files
     deleted: int = 0  # --delete: paths removed
+    processes: int = 1  # worker processes that wrote the files (store/restore_workers.py)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -187,6 +189,7 @@ class Restorer:
         self._dirs: list[tuple[bytes, bytes, Entry]] = []  # open directories: (key prefix, path, entry)
         self._fresh = False  # the target was empty: nothing in it needs to be looked at or made room for
         self._present: set[bytes] = set()  # directories known to exist in the target
+        self._deferred: list[tuple[bytes, Entry]] | None = None  # left directories whose metadata waits
 
     def check_target(self) -> None:
         t = self.target
@@ -208,8 +211,29 @@ class Restorer:
 
     def run(self, records: Iterator[Record]) -> RestoreResult:
         self.check_target()
-        wanted = (r for r in records if selected(r.path, self.opt.includes, self.opt.excludes))
-        pf = _Prefetcher(self.repo, wanted, self.opt.window_bytes, prefetch=not self.opt.delta)
+        self.restore_records(self.selected_records(records))
+        return self.result
+
+    @property
+    def fresh(self) -> bool:
+        """The target was empty (``check_target`` has run): nothing in it needs making room for."""
+        return self._fresh
+
+    def selected_records(self, records: Iterator[Record]) -> Iterator[Record]:
+        return (r for r in records if selected(r.path, self.opt.includes, self.opt.excludes))
+
+    def defer_directories(self) -> None:
+        """Keep directories' metadata until ``finish_directories``: other processes still write into them."""
+        self._deferred = []
+
+    def finish_directories(self) -> None:
+        for dpath, e in self._deferred or ():
+            self._apply_meta(dpath, e)
+        self._deferred = None
+
+    def restore_records(self, records: Iterator[Record]) -> None:
+        """Restore ``records`` (sorted, selected) into the checked target."""
+        pf = _Prefetcher(self.repo, records, self.opt.window_bytes, self.opt.fetch_threads, prefetch=not self.opt.delta)
         try:
             while True:
                 rec = pf.next_record()
@@ -226,7 +250,6 @@ class Restorer:
             self._close_dirs_until(None)
         finally:
             pf.close()
-        return self.result
 
     def delete_extra(self, records: Iterator[Record]) -> None:
         """--delete: remove what lies in the target but not in the snapshot (a second, merged walk)."""
@@ -261,7 +284,10 @@ class Restorer:
             if path is not None and (prefix == b"" or path.startswith(prefix + b"/")):
                 return
             self._dirs.pop()
-            self._apply_meta(dpath, e)
+            if self._deferred is not None:
+                self._deferred.append((dpath, e))
+            else:
+                self._apply_meta(dpath, e)
 
     def _update_file(self, dst: bytes, e: Entry) -> None:
         """--delta: keep what is already right; rewrite only the chunk ranges that differ."""
@@ -326,7 +352,11 @@ class Restorer:
         self._make_room(dst, t == T_DIR, keep_file=t == T_FILE and self.opt.delta)
         if t == T_DIR:
             if not (dst in self._present or (not self._fresh and os.path.isdir(dst))):
-                os.mkdir(dst, 0o700)
+                try:
+                    os.mkdir(dst, 0o700)
+                except FileExistsError:  # a worker process made it as a file's parent
+                    if not os.path.isdir(dst) or os.path.islink(dst):
+                        raise
             self._present.add(dst)
             self._dirs.append((e.path, dst, e))
             self.result.dirs += 1

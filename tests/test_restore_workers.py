@@ -1,0 +1,164 @@
+"""Restoring with worker processes: the same tree as one process restores, errors carried back whole.
+
+Forking needs a process with no other thread, which a test session is not
+sure to be: each restore here runs in a fresh interpreter (``_restore_in_child``).
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chunkvault.store.manifest import T_DIR, T_FILE, T_SYMLINK, Entry, entry_record
+from chunkvault.store.restore_workers import STRIPE_BYTES, _share, auto_processes
+from test_backup_restore import make_rich_tree
+from treeutil import describe
+
+PASSWORD = "correct horse battery staple"
+
+
+def _restore_in_child(repo: str, target: str, *, processes: int, stripe: int = 64 << 10, before: str = "",
+                      progress: bool = False) -> dict:
+    """Restore ``latest`` in a fresh interpreter; its result (or error) as a dict."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        import chunkvault.store.restore_workers as workers
+        from chunkvault import Repository
+        workers.STRIPE_BYTES = {stripe}
+        {before}
+        calls = []
+        repo = Repository.open({repo!r}, {PASSWORD!r}, ledger=False)
+        try:
+            r = repo.restore("latest", {target!r}, processes={processes},
+                             progress=(lambda f, b: calls.append((f, b))) if {progress} else None)
+        except Exception as exc:
+            print(json.dumps({{"error": type(exc).__name__, "message": str(exc)}}))
+            sys.exit(0)
+        print(json.dumps({{"files": r.files, "bytes": r.bytes, "dirs": r.dirs, "links": r.links,
+                           "processes": r.processes, "warnings": r.warnings, "progress": calls[-1:]}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _backed_up(tmp_path, new_repo, make_tree) -> tuple[str, object]:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    repo.backup([str(src)])
+    return url, src
+
+
+def _many_files(root) -> None:
+    """Directories of files of many sizes (several stripes of 64 KiB), a read-only directory, links across stripes."""
+    make_rich_tree(root)
+    for d in range(6):
+        sub = root / f"d{d}"
+        sub.mkdir()
+        for i in range(25):
+            (sub / f"f{i}").write_bytes(os.urandom((i * 7919 + d * 104729) % 50000))
+    os.link(root / "d5" / "f24", root / "a-link-to-a-late-file")
+    ro = root / "d3"
+    os.chmod(ro, 0o555)
+    os.utime(ro, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+
+
+def test_workers_restore_the_same_tree(tmp_path, new_repo):
+    url, src = _backed_up(tmp_path, new_repo, _many_files)
+    try:
+        out = tmp_path / "out"
+        r = _restore_in_child(url, str(out), processes=3, progress=True)
+        assert r["processes"] == 3
+        assert describe(out) == describe(src)
+        assert r["files"] == sum(1 for v in describe(src).values() if v[0] == "file") - 2  # two are hard links
+        assert r["progress"] == [[r["files"], r["bytes"]]]
+        assert os.stat(out / "sparse").st_blocks * 512 < 1024 * 1024
+        assert os.stat(out / "a-link-to-a-late-file").st_ino == os.stat(out / "d5" / "f24").st_ino
+        one = tmp_path / "one"
+        single = _restore_in_child(url, str(one), processes=1)
+        assert single["processes"] == 1
+        assert {k: v for k, v in single.items() if k not in ("processes", "progress")} == \
+            {k: v for k, v in r.items() if k not in ("processes", "progress")}
+    finally:
+        os.chmod(src / "d3", 0o755)
+        for d in ("out", "one"):
+            if (tmp_path / d / "d3").exists():
+                os.chmod(tmp_path / d / "d3", 0o755)
+
+
+def _corrupt_largest_pack(url: str) -> None:
+    packs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(url, "data")) for f in fs]
+    victim = max(packs, key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.seek(os.path.getsize(victim) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_workers_error_comes_back_as_itself(tmp_path, new_repo):
+    url, src = _backed_up(tmp_path, new_repo, lambda root: [
+        (root / f"f{i}").write_bytes(os.urandom(200_000)) for i in range(20)])
+    _corrupt_largest_pack(url)
+    r = _restore_in_child(url, str(tmp_path / "out"), processes=2)
+    assert r["error"] == "CorruptObject"
+    assert "corrupt object" in r["message"]
+
+
+def test_a_worker_that_dies_is_an_error_not_a_partial_success(tmp_path, new_repo):
+    url, _ = _backed_up(tmp_path, new_repo, lambda root: [
+        (root / f"f{i}").write_bytes(os.urandom(100_000)) for i in range(20)])
+    die = ("import os\n        from chunkvault.store.restore import Restorer\n"
+           "        Restorer._write_file = lambda *a: os._exit(3)")
+    r = _restore_in_child(url, str(tmp_path / "out"), processes=2, before=die)
+    assert r["error"] == "ChunkvaultError"
+    assert "exit code 3" in r["message"]
+
+
+def test_one_process_where_forking_is_not_safe(tmp_path, new_repo):
+    url, src = _backed_up(tmp_path, new_repo, lambda root: (root / "f").write_bytes(os.urandom(300_000)))
+    other_thread = ("import threading\n        threading.Thread(target=threading.Event().wait, daemon=True).start()")
+    r = _restore_in_child(url, str(tmp_path / "out"), processes=2, before=other_thread)
+    assert r["processes"] == 1
+    assert describe(tmp_path / "out") == describe(src)
+
+
+def test_cli_restores_with_processes(tmp_path, new_repo, cli):
+    url, src = _backed_up(tmp_path, new_repo, _many_files)
+    try:
+        out = tmp_path / "out"
+        r = json.loads(cli("restore", "-r", url, "--target", str(out), "--processes", "2", "--json").stdout)
+        assert r["processes"] == 2
+        assert describe(out) == describe(src)
+        assert cli("restore", "-r", url, "--target", str(tmp_path / "x"), "--processes", "0", check=2).returncode == 2
+    finally:
+        os.chmod(src / "d3", 0o755)
+        if (tmp_path / "out" / "d3").exists():
+            os.chmod(tmp_path / "out" / "d3", 0o755)
+
+
+def test_small_restores_stay_in_one_process():
+    assert auto_processes(1 << 20) == 1
+    assert auto_processes(None) == auto_processes(1 << 40) == min(4, len(os.sched_getaffinity(0)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 3 * STRIPE_BYTES), st.none()), max_size=60), st.integers(1, 5))
+def test_shares_split_the_files_by_stripe(sizes, n):
+    records = [entry_record(Entry(path=b"p%04d" % i, type=T_SYMLINK if s is None else T_FILE, size=s or 0))
+               for i, s in enumerate(sizes)]
+    records.insert(0, entry_record(Entry(path=b"", type=T_DIR)))
+    shares = [[r.path for r in _share(iter(records), k, n)] for k in range(n)]
+    files = [r.path for r in records if r.entry.type == T_FILE]
+    assert sorted(p for s in shares for p in s) == files  # every file in exactly one share, nothing else
+    before = 0
+    for r in records:
+        if r.entry.type == T_FILE:
+            assert r.path in shares[(before // STRIPE_BYTES) % n]
+            before += r.entry.size
