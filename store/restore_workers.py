@@ -5,9 +5,11 @@ calls between Python steps that take turns holding the interpreter lock: the
 writing thread kept one core busy and left the other half idle, and handing
 the lock and chunks between threads was a seventh of all CPU.  Here each
 worker process restores the files of every n-th stripe of ``STRIPE_BYTES``
-(in tree order, so a worker's reads stay within the same packs) while this
-process makes the directories, symbolic links and special files, then, once
-the workers are done, the hard links and the directories' metadata.
+(in tree order, so a worker's reads stay within the same packs; a larger
+file is written in parts, cut at its chunks) while this process makes the
+directories, symbolic links and special files, then, once the workers are
+done, completes the files written in parts and makes the hard links, and
+applies the directories' metadata last.
 
 Workers are forked, so this runs only where that is safe: on Linux, from a
 process with no other thread, over a repository whose remote keeps no
@@ -17,6 +19,7 @@ restore runs in this process as before.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import os
 import pickle
@@ -30,7 +33,7 @@ from typing import Callable, Iterator
 
 from chunkvault.errors import ChunkvaultError
 
-from .manifest import T_FILE, T_HARDLINK, Record
+from .manifest import T_FILE, T_HARDLINK, Entry, Record, entry_record
 from .repository import Repo
 from .restore import Restorer, RestoreResult
 
@@ -67,15 +70,47 @@ def restore(restorer: Restorer, tree: Callable[[], Iterator[Record]], processes:
     return _Coordinator(restorer, tree, processes).run()
 
 
-def _share(records: Iterator[Record], k: int, n: int) -> Iterator[Record]:
-    """The files of worker ``k`` of ``n``: every n-th stripe of STRIPE_BYTES, counted in file sizes."""
+def split(e: Entry, start: int, chunk_length: Callable[[bytes], int | None]) -> list[tuple[Entry, int]] | None:
+    """A file larger than a stripe, lying at ``start`` in the restore, cut where its chunks cross into
+    another stripe: one entry per part (its chunks, its size) and the part's offset in the file.  None
+    for a file restored whole: a small one, or one whose chunks the index does not know or whose
+    lengths do not add up (its reader reports that)."""
+    if e.type != T_FILE or not e.chunks or e.size <= STRIPE_BYTES:
+        return None
+    cuts: list[tuple[int, int]] = []  # (first chunk, offset)
+    offset = 0
+    for i, cid in enumerate(e.chunk_ids()):
+        n = chunk_length(cid)
+        if n is None:
+            return None
+        if not cuts or (start + cuts[-1][1]) // STRIPE_BYTES != (start + offset) // STRIPE_BYTES:
+            cuts.append((i, offset))
+        offset += n
+    if offset != e.size:
+        return None
+    ends = cuts[1:] + [(len(e.chunks) // 32, e.size)]
+    return [(dataclasses.replace(e, chunks=e.chunks[32 * i:32 * j], size=end - at), at)
+            for (i, at), (j, end) in zip(cuts, ends)]
+
+
+def _share(records: Iterator[Record], k: int, n: int,
+           chunk_length: Callable[[bytes], int | None]) -> Iterator[tuple[Entry, int | None]]:
+    """What worker ``k`` of ``n`` writes: the files, and the parts of larger files (with their offsets),
+    that begin in every n-th stripe of STRIPE_BYTES, counting file sizes in tree order."""
     before = 0
     for rec in records:
         e = rec.entry
-        if e is not None and e.type == T_FILE:
+        if e is None or e.type != T_FILE:
+            continue
+        parts = split(e, before, chunk_length)
+        if parts is None:
             if (before // STRIPE_BYTES) % n == k:
-                yield rec
-            before += e.size
+                yield e, None
+        else:
+            for part, offset in parts:
+                if ((before + offset) // STRIPE_BYTES) % n == k:
+                    yield part, offset
+        before += e.size
 
 
 def _send(fd: int, message: tuple) -> None:
@@ -167,9 +202,12 @@ class _Coordinator:
         failed = True
         try:
             links: list[Record] = []
+            split_files: list[Entry] = []
             r.defer_directories()
-            r.restore_records(self._own(links))
+            r.restore_records(self._own(links, split_files))
             self._wait(progress)
+            for e in split_files:
+                r.finish_parts(e)
             r.restore_records(iter(links))
             r.finish_directories()
             failed = False
@@ -184,13 +222,24 @@ class _Coordinator:
         r.result.processes = self.n
         return r.result
 
-    def _own(self, links: list[Record]) -> Iterator[Record]:
-        """What this process restores: everything but files; hard links kept for after the workers."""
+    def _chunk_length(self, cid: bytes) -> int | None:
+        loc = self.restorer.repo.locate(cid)  # type: ignore[union-attr]
+        return None if loc is None else loc.raw_length
+
+    def _own(self, links: list[Record], split_files: list[Entry]) -> Iterator[Record]:
+        """What this process restores: everything but files; hard links kept for after the workers,
+        and the files they write in parts noted, to be completed after them."""
+        before = 0
         for rec in self.restorer.selected_records(self.tree()):
-            t = rec.entry.type if rec.entry is not None else None
-            if t == T_HARDLINK:
+            e = rec.entry
+            assert e is not None
+            if e.type == T_FILE:
+                if split(e, before, self._chunk_length) is not None:
+                    split_files.append(e)
+                before += e.size
+            elif e.type == T_HARDLINK:
                 links.append(rec)
-            elif t != T_FILE:
+            else:
                 yield rec
 
     def _fork(self, k: int) -> _Worker:
@@ -229,12 +278,19 @@ class _Coordinator:
         r.opt.fetch_threads = WORKER_FETCH_THREADS
         r.opt.window_bytes = min(r.opt.window_bytes, WORKER_WINDOW_BYTES)
         try:
-            r.restore_records(_share(r.selected_records(self.tree()), k, self.n))
+            r.restore_records(self._mine(k))
         except BaseException as exc:  # every failure, whatever its kind, goes to the coordinator
             _send(fd, _error_message(exc))
             return 1
         _send(fd, ("done", r.result))
         return 0
+
+    def _mine(self, k: int) -> Iterator[Record]:
+        r = self.restorer
+        for e, offset in _share(r.selected_records(self.tree()), k, self.n, self._chunk_length):
+            if offset is not None:
+                r.parts[id(e)] = (e, offset)
+            yield entry_record(e)
 
     def _wait(self, progress: Callable[[int, int], None] | None) -> None:
         """Read the workers' messages until each is done; the first error ends them all and is raised."""

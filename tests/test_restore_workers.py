@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunkvault.store.manifest import T_DIR, T_FILE, T_SYMLINK, Entry, entry_record
-from chunkvault.store.restore_workers import STRIPE_BYTES, _share, auto_processes
+from chunkvault.store.restore_workers import STRIPE_BYTES, _share, auto_processes, split
 from test_backup_restore import make_rich_tree
 from treeutil import describe
 
@@ -115,7 +115,7 @@ def test_a_worker_that_dies_is_an_error_not_a_partial_success(tmp_path, new_repo
     url, _ = _backed_up(tmp_path, new_repo, lambda root: [
         (root / f"f{i}").write_bytes(os.urandom(100_000)) for i in range(20)])
     die = ("import os\n        from chunkvault.store.restore import Restorer\n"
-           "        Restorer._write_file = lambda *a: os._exit(3)")
+           "        Restorer._write_file = Restorer._write_part = lambda *a: os._exit(3)")
     r = _restore_in_child(url, str(tmp_path / "out"), processes=2, before=die)
     assert r["error"] == "ChunkvaultError"
     assert "exit code 3" in r["message"]
@@ -148,17 +148,43 @@ def test_small_restores_stay_in_one_process():
     assert auto_processes(None) == auto_processes(1 << 40) == min(4, len(os.sched_getaffinity(0)))
 
 
+def _file(path: bytes, lengths: list[int], known: dict[bytes, int]) -> Entry:
+    ids = [os.urandom(32) for _ in lengths]
+    known.update(zip(ids, lengths))
+    return Entry(path=path, type=T_FILE, size=sum(lengths), chunks=b"".join(ids))
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(st.integers(0, 3 * STRIPE_BYTES), st.none()), max_size=60), st.integers(1, 5))
-def test_shares_split_the_files_by_stripe(sizes, n):
-    records = [entry_record(Entry(path=b"p%04d" % i, type=T_SYMLINK if s is None else T_FILE, size=s or 0))
-               for i, s in enumerate(sizes)]
-    records.insert(0, entry_record(Entry(path=b"", type=T_DIR)))
-    shares = [[r.path for r in _share(iter(records), k, n)] for k in range(n)]
-    files = [r.path for r in records if r.entry.type == T_FILE]
-    assert sorted(p for s in shares for p in s) == files  # every file in exactly one share, nothing else
+@given(st.lists(st.one_of(st.lists(st.integers(0, STRIPE_BYTES), max_size=8), st.none()), max_size=40),
+       st.integers(1, 5))
+def test_shares_cover_every_byte_once_by_stripe(files, n):
+    known: dict[bytes, int] = {}
+    records = [entry_record(Entry(path=b"", type=T_DIR))]
+    records += [entry_record(Entry(path=b"p%04d" % i, type=T_SYMLINK) if lengths is None
+                             else _file(b"p%04d" % i, lengths, known)) for i, lengths in enumerate(files)]
+    got: dict[bytes, list[tuple[int, int, int]]] = {}  # path -> (offset, size, worker)
+    for k in range(n):
+        for e, offset in _share(iter(records), k, n, known.get):
+            got.setdefault(e.path, []).append((offset or 0, e.size, k))
+            assert offset is not None or e.size <= STRIPE_BYTES or not e.chunks
     before = 0
     for r in records:
-        if r.entry.type == T_FILE:
-            assert r.path in shares[(before // STRIPE_BYTES) % n]
-            before += r.entry.size
+        e = r.entry
+        if e.type != T_FILE:
+            assert e.path not in got
+            continue
+        pieces = sorted(got.pop(e.path))
+        assert [p[0] for p in pieces] == [0] + [p[0] + p[1] for p in pieces[:-1]]  # contiguous, in order
+        assert sum(p[1] for p in pieces) == e.size
+        for offset, _, k in pieces:  # each piece belongs to the worker of the stripe it begins in
+            assert k == ((before + offset) // STRIPE_BYTES) % n
+        before += e.size
+    assert not got
+
+
+def test_a_file_whose_chunks_are_unknown_is_restored_whole():
+    known: dict[bytes, int] = {}
+    e = _file(b"big", [STRIPE_BYTES, STRIPE_BYTES, 5], known)
+    assert [p.size for p, _ in split(e, 0, known.get)] == [STRIPE_BYTES, STRIPE_BYTES, 5]
+    assert split(e, 0, lambda cid: None) is None
+    assert split(e, 0, lambda cid: 7) is None  # lengths that do not add up to the file's size
