@@ -156,6 +156,14 @@ def build_dataset(dest: str, size_mb: int) -> tuple[int, int]:
     return files, total
 
 
+def one_small_file(root: str) -> str:
+    """A small file from the middle of the data set (by path), relative to ``root``."""
+    paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+    small = [p for p in paths if os.path.getsize(os.path.join(root, p)) < 16 << 10
+             and not any(c in p for c in "*?[]\\")]  # an include pattern names it literally
+    return small[len(small) // 2]
+
+
 def change_one_percent(root: str, seed: int = 1) -> int:
     rnd = random.Random(seed)
     paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
@@ -236,6 +244,9 @@ class Chunkvault(Tool):
     def restore(self, target):
         return run(self.cmd + ["restore", "-q", "latest", "--target", target], self.env)
 
+    def restore_one(self, target, data, rel):
+        return run(self.cmd + ["restore", "-q", "latest", "--target", target, "--include", rel], self.env)
+
     def check(self):
         return run(self.cmd + ["check", "-q", "--read-data"], self.env)
 
@@ -256,6 +267,10 @@ class Restic(Tool):
 
     def restore(self, target):
         return run(["restic", "restore", "-q", "latest", "--target", target], self.env)
+
+    def restore_one(self, target, data, rel):
+        return run(["restic", "restore", "-q", "latest", "--target", target, "--include", os.path.join(data, rel)],
+                   self.env)
 
     def check(self):
         return run(["restic", "check", "-q", "--read-data"], self.env)
@@ -280,6 +295,11 @@ class Borg(Tool):
     def restore(self, target):
         os.makedirs(target, exist_ok=True)
         return run(["borg", "extract", f"{self.repo}::a{self.n}"], self.env, cwd=target)
+
+    def restore_one(self, target, data, rel):
+        os.makedirs(target, exist_ok=True)
+        return run(["borg", "extract", f"{self.repo}::a{self.n}", os.path.join(data, rel).lstrip("/")], self.env,
+                   cwd=target)
 
     def check(self):
         return run(["borg", "check", "--verify-data"], self.env)
@@ -381,6 +401,7 @@ def main() -> None:
         results[t.name]["initial backup"] = t.backup(data)
         results[t.name]["repository size"] = (t.size() / 2**20, 0)
     changed = 0
+    one = one_small_file(data)
     for r in range(args.repeat):
         for t in tools:
             best(results[t.name], "unchanged backup", t.backup(data))
@@ -393,17 +414,23 @@ def main() -> None:
             best(results[t.name], "full restore", t.restore(target))
             shutil.rmtree(target, ignore_errors=True)
         for t in tools:
+            target = os.path.join(args.restore_into or work, f"restore-{t.name}")
+            best(results[t.name], "one small file restore", t.restore_one(target, data, one))
+            if not os.path.isfile(os.path.join(target, one)) and not os.path.isfile(target + os.path.join(data, one)):
+                raise SystemExit(f"{t.name} did not restore {one}")
+            shutil.rmtree(target, ignore_errors=True)
+        for t in tools:
             best(results[t.name], "check --read-data", t.check())
     print(f"changed {changed} files for each 1% backup")
     limits = kernel_limits(data)
     names = [t.name for t in tools]
     ops = list(results[names[0]])
     ratio = "restic" in names and "chunkvault" in names
-    header = f"{'operation':22}" + "".join(f"{n:>14}" for n in names)
+    header = f"{'operation':26}" + "".join(f"{n:>14}" for n in names)
     print(header + (f"{'ratio to restic':>18}" if ratio else "") + f"{'kernel limit':>14}")
     for op in ops:
         unit = "MiB" if op == "repository size" else "s"
-        row = f"{op + ' (' + unit + ')':22}" + "".join(f"{results[n][op][0]:>14.2f}" for n in names)
+        row = f"{op + ' (' + unit + ')':26}" + "".join(f"{results[n][op][0]:>14.2f}" for n in names)
         if ratio:
             row += f"{results['chunkvault'][op][0] / max(results['restic'][op][0], 1e-9):>18.2f}"
         row += f"{limits[op]:>14.2f}" if op in limits else f"{'':>14}"
@@ -413,7 +440,7 @@ def main() -> None:
     for op in ops:
         if op == "repository size":
             continue
-        row = f"{op:22}" + "".join(f"{results[n][op][1] / 1024:>14.0f}" for n in names)
+        row = f"{op:26}" + "".join(f"{results[n][op][1] / 1024:>14.0f}" for n in names)
         if ratio:
             row += f"{results['chunkvault'][op][1] / max(results['restic'][op][1], 1):>18.2f}"
         print(row)

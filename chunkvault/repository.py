@@ -218,7 +218,9 @@ class Repository:
         differs, checked by digest; ``delete``: remove what the snapshot does not have).
 
         An empty target on local storage is written by ``processes`` worker processes (default: one
-        per core for a snapshot of 64 MiB or more; see store/restore_workers.py)."""
+        per core for a whole snapshot of 64 MiB or more; see store/restore_workers.py).  A restore
+        narrowed by ``includes`` stays in one process unless told otherwise: each worker would read
+        the whole tree to find the few files it writes."""
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until)
         opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
                               delta=delta, delete=delete, progress=progress)
@@ -226,7 +228,7 @@ class Repository:
         if delete and os.path.isdir(target):
             restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
         if processes is None:
-            processes = restore_workers.auto_processes(snap.stats.get("bytes"))
+            processes = 1 if includes else restore_workers.auto_processes(snap.stats.get("bytes"))
         return restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes)
 
     def find_entry(self, snapshot: str | Snapshot, path: str | bytes) -> Entry:
