@@ -1,4 +1,5 @@
 """In-place restores: confirmation, --delta rewriting only what differs, --delete, resuming."""
+import fnmatch
 import json
 import os
 import random
@@ -7,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunkvault.store.restore import _all_zeros
+from chunkvault.store.restore import Selection, _all_zeros
 from treeutil import describe
 
 
@@ -142,3 +143,30 @@ def test_zero_chunk_test_matches_counting(n, nonzero_at):
         data[nonzero_at] = 1
     data = bytes(data)
     assert _all_zeros(data) == (data.count(0) == n)
+
+
+def _selected_model(path: bytes, includes: list[str], excludes: list[str]) -> bool:
+    """The selection rule spelled out: a glob matches the path, its base name, or any ancestor."""
+    def matches(p: str, globs: list[str]) -> bool:
+        parts = p.split("/")
+        return any(fnmatch.fnmatchcase("/".join(parts[:i]), g) or fnmatch.fnmatchcase(parts[i - 1], g)
+                   for i in range(len(parts), 0, -1) for g in globs)
+
+    s = os.fsdecode(path)
+    if includes and not (path == b"" or matches(s, includes)):
+        return False
+    return not (excludes and path != b"" and matches(s, excludes))
+
+
+_segment = st.text("ab.", min_size=1, max_size=3)
+_glob = st.lists(st.sampled_from(["a", "b", ".", "*", "?", "[ab]", "/", "**"]), min_size=1, max_size=5).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_segment, min_size=1, max_size=4).map("/".join), max_size=30),
+       st.lists(_glob, max_size=3), st.lists(_glob, max_size=3))
+def test_selection_matches_the_rule(paths, includes, excludes):
+    sel = Selection(includes, excludes)
+    for p in sorted(set(paths)) + [""]:
+        path = p.encode()
+        assert sel(path) == _selected_model(path, includes, excludes), (p, includes, excludes)

@@ -1,0 +1,202 @@
+"""Work shared out to forked worker processes, one per core.
+
+Python threads take turns holding the interpreter lock, so work made of
+short native calls between Python steps (decoding, hashing, writing) keeps
+one core busy and leaves the other half idle.  Forked workers share what the
+parent has loaded (the index, the key) without copying it, and each runs its
+share on a core of its own.  A worker reports progress and its result as
+pickled messages over a pipe; an exception it raises comes back as itself
+and is raised in the parent, which then ends the other workers.
+
+Forking is safe only where the parent has no other thread (a lock held by
+another thread stays held in the child) and its remote keeps no
+per-process state (``Remote.fork_safe``: local disk), on Linux.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import pickle
+import selectors
+import signal
+import struct
+import sys
+import threading
+import time
+from typing import Any, Callable, Generic, TypeVar
+
+from chunkvault.errors import ChunkvaultError
+from chunkvault.remotes import Remote
+
+T = TypeVar("T")
+
+MAX_PROCESSES = 4
+PROGRESS_EVERY = 0.1  # seconds between a worker's progress messages
+_PR_SET_PDEATHSIG = 1
+_HEADER = struct.Struct("<I")
+
+
+def can_fork(remote: Remote) -> bool:
+    return sys.platform.startswith("linux") and remote.fork_safe and threading.active_count() == 1
+
+
+def cores() -> int:
+    """Worker processes for a job that would use every core this process may run on."""
+    return min(MAX_PROCESSES, len(os.sched_getaffinity(0)))
+
+
+def _send(fd: int, message: tuple) -> None:
+    data = pickle.dumps(message)
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _error_message(exc: BaseException) -> tuple:
+    """An exception as a message; one that does not pickle travels as its text."""
+    try:
+        pickle.dumps((type(exc), exc.args, vars(exc)))
+        return ("error", type(exc), exc.args, vars(exc))
+    except Exception:
+        return ("error", ChunkvaultError, (f"a worker process failed: {type(exc).__name__}: {exc}",), {})
+
+
+def _rebuild(cls: type[BaseException], args: tuple, attrs: dict) -> BaseException:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    vars(exc).update(attrs)
+    return exc
+
+
+class Reporter:
+    """A worker's side of its pipe: progress at most every PROGRESS_EVERY seconds."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.last = 0.0
+
+    def progress(self, state: Any) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            _send(self.fd, ("progress", state))
+
+
+class _Worker(Generic[T]):
+    def __init__(self, pid: int, fd: int):
+        self.pid = pid
+        self.fd = fd
+        self.buffer = b""
+        self.progress: Any = None
+        self.result: T | None = None
+        self.done = False
+        self.error: BaseException | None = None
+        self.reaped = False
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self.buffer)
+            if len(self.buffer) < _HEADER.size + size:
+                return
+            message = pickle.loads(self.buffer[_HEADER.size:_HEADER.size + size])
+            self.buffer = self.buffer[_HEADER.size + size:]
+            if message[0] == "progress":
+                self.progress = message[1]
+            elif message[0] == "done":
+                self.result, self.done = message[1], True
+            else:
+                self.error = _rebuild(*message[1:])
+
+    def reap(self, kill: bool) -> None:
+        if self.reaped:
+            return
+        if kill:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _, status = os.waitpid(self.pid, 0)
+        self.reaped = True
+        os.close(self.fd)
+        if not self.done and self.error is None:
+            code = os.waitstatus_to_exitcode(status)
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            self.error = ChunkvaultError(f"a worker process ended ({how}) before it was done")
+
+
+class Workers(Generic[T]):
+    """``n`` forked processes, worker ``k`` running ``work(k, reporter)``; its return value is its result.
+
+    Use as a context manager: leaving the block early (an error in the parent)
+    kills the workers; every worker is reaped either way.
+    """
+
+    def __init__(self, n: int, work: Callable[[int, Reporter], T]):
+        self.workers: list[_Worker[T]] = []
+        self.ok = False
+        for k in range(n):
+            self.workers.append(self._fork(k, work))
+
+    def _fork(self, k: int, work: Callable[[int, Reporter], T]) -> _Worker[T]:
+        parent = os.getpid()
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(rfd)
+                for w in self.workers:
+                    os.close(w.fd)
+                code = _live(k, work, wfd, parent)
+            finally:
+                os._exit(code)  # never back into the caller's frames
+        os.close(wfd)
+        return _Worker(pid, rfd)
+
+    def __enter__(self) -> "Workers[T]":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for w in self.workers:
+            w.reap(kill=not self.ok)
+
+    def wait(self, on_progress: Callable[[list[Any]], None] | None = None) -> list[T]:
+        """Every worker's result, in order; the first error is raised (the workers are then killed on exit)."""
+        with selectors.DefaultSelector() as sel:
+            for w in self.workers:
+                sel.register(w.fd, selectors.EVENT_READ, w)
+            running = len(self.workers)
+            while running:
+                for key, _ in sel.select():
+                    w = key.data
+                    data = os.read(w.fd, 1 << 16)
+                    if data:
+                        w.feed(data)
+                    else:
+                        sel.unregister(w.fd)
+                        running -= 1
+                        w.reap(kill=False)
+                    if w.error is not None:
+                        raise w.error
+                if on_progress is not None:
+                    on_progress([w.progress for w in self.workers])
+        self.ok = True
+        return [w.result for w in self.workers]  # type: ignore[misc]
+
+
+def _live(k: int, work: Callable[[int, Reporter], Any], fd: int, parent: int) -> int:
+    """A worker's life: do its share, send the result or the error, exit."""
+    gc.freeze()  # its collections leave the objects it shares with its parent (and their pages) alone
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which ends the workers
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        return 1
+    try:
+        result = work(k, Reporter(fd))
+    except BaseException as exc:  # every failure, whatever its kind, goes to the parent
+        _send(fd, _error_message(exc))
+        return 1
+    _send(fd, ("done", result))
+    return 0

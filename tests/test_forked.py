@@ -1,0 +1,107 @@
+"""Forked workers: results in order, errors back as themselves, deaths and the parent's own errors handled.
+
+Each case runs in a fresh interpreter: forking is for processes with no other thread.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+
+_CASES = {
+    "results": """
+        def work(k, rep):
+            for i in range(3):
+                rep.progress((k, i))
+            return [k] * (k + 1)
+        seen = []
+        with forked.Workers(3, work) as w:
+            out = w.wait(seen.append)
+        print(json.dumps({"results": out, "progress_lists": len(seen[-1])}))
+    """,
+    "error": """
+        from chunkvault.errors import CorruptObject
+        def work(k, rep):
+            if k == 1:
+                raise CorruptObject("blob 00ff", "does not hash to its id")
+            return k
+        try:
+            with forked.Workers(2, work) as w:
+                w.wait()
+        except CorruptObject as exc:
+            print(json.dumps({"type": type(exc).__name__, "text": str(exc), "object": exc.object_name,
+                              "reason": exc.reason}))
+    """,
+    "unpicklable": """
+        from chunkvault.errors import ChunkvaultError
+        def work(k, rep):
+            class Odd(Exception):  # a class local to a function does not pickle
+                pass
+            raise Odd("local class")
+        try:
+            with forked.Workers(1, work) as w:
+                w.wait()
+        except ChunkvaultError as exc:
+            print(json.dumps({"text": str(exc)}))
+    """,
+    "killed": """
+        import os, signal
+        from chunkvault.errors import ChunkvaultError
+        def work(k, rep):
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            with forked.Workers(1, work) as w:
+                w.wait()
+        except ChunkvaultError as exc:
+            print(json.dumps({"text": str(exc)}))
+    """,
+    "parent_fails": """
+        import os, time
+        def work(k, rep):
+            time.sleep(600)
+        start = time.monotonic()
+        try:
+            with forked.Workers(2, work) as w:
+                pids = [x.pid for x in w.workers]
+                raise KeyError("the parent's own error")
+        except KeyError:
+            pass
+        gone = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                gone.append(pid)
+        print(json.dumps({"gone": len(gone), "seconds": time.monotonic() - start}))
+    """,
+}
+
+
+def _run(case: str) -> dict:
+    script = "import json\nfrom chunkvault.store import forked\n" + textwrap.dedent(_CASES[case])
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_results_come_back_in_worker_order_with_progress():
+    r = _run("results")
+    assert r == {"results": [[0], [1, 1], [2, 2, 2]], "progress_lists": 3}
+
+
+def test_a_workers_exception_is_raised_as_itself():
+    r = _run("error")
+    assert r == {"type": "CorruptObject", "text": "corrupt object blob 00ff: does not hash to its id",
+                 "object": "blob 00ff", "reason": "does not hash to its id"}
+
+
+def test_an_exception_that_does_not_pickle_travels_as_text():
+    assert "Odd: local class" in _run("unpicklable")["text"]
+
+
+def test_a_killed_worker_is_an_error():
+    assert "signal 9" in _run("killed")["text"]
+
+
+def test_an_error_in_the_parent_ends_the_workers():
+    r = _run("parent_fails")
+    assert r["gone"] == 2 and r["seconds"] < 60
