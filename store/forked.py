@@ -43,7 +43,8 @@ def can_fork(remote: Remote) -> bool:
 
 def cores() -> int:
     """Worker processes for a job that would use every core this process may run on."""
-    return min(MAX_PROCESSES, len(os.sched_getaffinity(0)))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(MAX_PROCESSES, usable)
 
 
 def _send(fd: int, message: tuple) -> None:
