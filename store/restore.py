@@ -25,6 +25,7 @@ from .manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, Record, sort_key,
 )
 from .blob import Plaintext
+from .chain import ancestors
 from .repository import Repo
 
 
@@ -121,6 +122,30 @@ def safe_relpath(path: bytes) -> bytes:
     if path.startswith(b"/") or any(p in (b"", b".", b"..") or b"\x00" in p for p in parts):
         raise CorruptObject("manifest", f"unsafe path {path!r}")
     return path
+
+
+def _confined(records: Iterator[Record]) -> Iterator[Record]:
+    """``records``, refused (CorruptObject) if they would lead a restore out of its target: out of
+    order, or naming a path (or a hard link's target) below a symbolic link of the same tree, which
+    the restore would have made and would then follow.  A tree read from a directory has neither;
+    only a crafted manifest (a .backup file from elsewhere, say) could."""
+    previous: bytes | None = None
+    link: bytes | None = None  # the newest symbolic link's key and separator: its subtree follows it
+    links: set[bytes] = set()
+    for rec in records:
+        key = rec.key
+        if previous is not None and key <= previous:
+            raise CorruptObject("manifest", f"records out of order at {os.fsdecode(rec.path)!r}")
+        if link is not None and key.startswith(link):
+            raise CorruptObject("manifest", f"{os.fsdecode(rec.path)!r} lies below a symbolic link")
+        e = rec.entry
+        if e is not None and e.type == T_SYMLINK:
+            link = key + b"\x00"
+            links.add(rec.path)
+        elif e is not None and e.type == T_HARDLINK and links.intersection(ancestors(e.target)):
+            raise CorruptObject("manifest", f"hard link {os.fsdecode(rec.path)!r} points below a symbolic link")
+        previous = key
+        yield rec
 
 
 class _Prefetcher:
@@ -248,7 +273,7 @@ class Restorer:
         return self._fresh
 
     def selected_records(self, records: Iterator[Record]) -> Iterator[Record]:
-        return (r for r in records if self.selected(r.path))
+        return (r for r in _confined(records) if self.selected(r.path))
 
     def defer_directories(self) -> None:
         """Keep directories' metadata until ``finish_directories``: other processes still write into them."""

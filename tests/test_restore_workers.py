@@ -3,16 +3,19 @@
 Forking needs a process with no other thread, which a test session is not
 sure to be: each restore here runs in a fresh interpreter (``_restore_in_child``).
 """
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunkvault.store.manifest import T_DIR, T_FILE, T_SYMLINK, Entry, entry_record
+from chunkvault.errors import CorruptObject
+from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, T_SYMLINK, Entry, entry_record
 from chunkvault.store.restore_workers import STRIPE_BYTES, _share, auto_processes, split
 from test_backup_restore import make_rich_tree
 from treeutil import describe
@@ -188,3 +191,68 @@ def test_a_file_whose_chunks_are_unknown_is_restored_whole():
     assert [p.size for p, _ in split(e, 0, known.get)] == [STRIPE_BYTES, STRIPE_BYTES, 5]
     assert split(e, 0, lambda cid: None) is None
     assert split(e, 0, lambda cid: 7) is None  # lengths that do not add up to the file's size
+
+
+# --- crafted trees that would lead a restore out of its target ------------------------------------------
+
+
+def _crafted(repo, entries: list[Entry]) -> None:
+    """A full snapshot whose manifest holds ``entries`` as given (order included), their content stored."""
+    import blake3
+
+    from chunkvault.store.manifest_io import ManifestWriter
+    from chunkvault.store.snapshot import Snapshot, now_iso
+
+    st = repo.store
+    writer = st.writer()
+    try:
+        mw = ManifestWriter(st, writer)
+        for e in entries:
+            if e.type == T_FILE:
+                data = e.chunks  # the content, replaced by its one chunk's id
+                bid = st.blob_id(data)
+                if writer.claim(bid):
+                    writer.store(st.prepare_blob(bid, data))
+                e = dataclasses.replace(e, chunks=bid, size=len(data), digest=blake3.blake3(data).digest())
+            mw.add(entry_record(e))
+        ids = mw.finish()
+        writer.flush()
+    finally:
+        writer.close()
+    st.save_snapshot(Snapshot(time=now_iso(), kind="full", parent=None, host="crafted", paths=["/crafted"], tags=[],
+                              manifest=[i.hex() for i in ids], manifest_starts=mw.starts, stdin_name=None, stats={}))
+
+
+def _root() -> Entry:
+    return Entry(path=b"", type=T_DIR, mode=0o755)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_file_below_a_restored_symbolic_link_is_refused(tmp_path, new_repo, processes):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    repo = new_repo()
+    _crafted(repo, [_root(), Entry(path=b"a", type=T_SYMLINK, target=os.fsencode(outside)),
+                    Entry(path=b"a/evil", type=T_FILE, mode=0o644, chunks=b"written through the link")])
+    with pytest.raises(CorruptObject, match="below a symbolic link"):
+        repo.restore("latest", str(tmp_path / "out"), processes=processes)
+    assert list(outside.iterdir()) == []
+
+
+def test_records_out_of_order_are_refused(tmp_path, new_repo):
+    repo = new_repo()
+    _crafted(repo, [_root(), Entry(path=b"b", type=T_FILE, chunks=b"b"), Entry(path=b"a", type=T_FILE, chunks=b"a")])
+    with pytest.raises(CorruptObject, match="out of order"):
+        repo.restore("latest", str(tmp_path / "out"))
+
+
+def test_a_hard_link_to_a_file_below_a_symbolic_link_is_refused(tmp_path, new_repo):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"not for the restore")
+    repo = new_repo()
+    _crafted(repo, [_root(), Entry(path=b"a", type=T_SYMLINK, target=os.fsencode(outside)),
+                    Entry(path=b"b", type=T_HARDLINK, target=b"a/secret")])
+    with pytest.raises(CorruptObject, match="hard link"):
+        repo.restore("latest", str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "b").exists()
