@@ -240,6 +240,8 @@ class Restorer:
         self._dirs: list[tuple[bytes, bytes, Entry]] = []  # open directories: (key prefix, path, entry)
         self._fresh = False  # the target was empty: nothing in it needs to be looked at or made room for
         self._present: set[bytes] = set()  # directories known to exist in the target
+        self._inside: set[bytes] = set()  # directories of a non-empty target known to lie inside it
+        self._real_target = b""
         self._deferred: list[tuple[bytes, Entry]] | None = None  # left directories whose metadata waits
         # Entries that stand for one stretch of a larger file, by id(entry): (entry, offset in the file).
         self.parts: dict[int, tuple[Entry, int]] = {}
@@ -258,6 +260,7 @@ class Restorer:
             os.makedirs(t)
             self._fresh = True
         self._present.add(t)
+        self._real_target = os.path.realpath(t)
 
     def dest(self, rel: bytes) -> bytes:
         return os.path.join(self.target, safe_relpath(rel)) if rel else self.target
@@ -378,15 +381,23 @@ class Restorer:
     def _make_room(self, dst: bytes, is_dir: bool, keep_file: bool = False) -> None:
         """Make sure ``dst``'s parent exists and nothing else is in its place.
 
-        In a target that was empty, nothing is: two path lookups per file saved."""
+        In a target that was empty, nothing is: two path lookups per file saved.  In one that was
+        not, a directory the snapshot does not restore may be a symbolic link out of the target:
+        nothing is written through it."""
         if self._fresh:
             parent = os.path.dirname(dst)
             if parent not in self._present:
                 os.makedirs(parent, exist_ok=True)
                 self._present.add(parent)
             return
+        parent = os.path.dirname(dst)
+        if dst != self.target and parent not in self._inside:
+            real = os.path.realpath(parent)
+            if real != self._real_target and not real.startswith(self._real_target + b"/"):
+                raise ChunkvaultError(f"cannot restore {os.fsdecode(dst)}: a symbolic link in the target leads "
+                                      f"its directory out of the target (to {os.fsdecode(real)}); not written through")
+            self._inside.add(parent)
         if not os.path.lexists(dst):
-            parent = os.path.dirname(dst)
             if not os.path.isdir(parent):
                 os.makedirs(parent, exist_ok=True)
             return

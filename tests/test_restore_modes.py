@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chunkvault.errors import ChunkvaultError
 from chunkvault.store.restore import Selection, _all_zeros
 from treeutil import describe
 
@@ -170,3 +171,24 @@ def test_selection_matches_the_rule(paths, includes, excludes):
     for p in sorted(set(paths)) + [""]:
         path = p.encode()
         assert sel(path) == _selected_model(path, includes, excludes), (p, includes, excludes)
+
+
+def test_in_place_restore_does_not_write_through_a_symbolic_link_out_of_the_target(tmp_path, new_repo):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "x").write_bytes(b"restored")
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "target"
+    target.mkdir()
+    os.symlink(outside, target / "a")  # planted where the snapshot has a directory it is not asked to restore
+    with pytest.raises(ChunkvaultError, match="symbolic link in the target"):
+        repo.restore("latest", str(target), includes=["a/x"], force=True)
+    assert list(outside.iterdir()) == []
+    inside = tmp_path / "target2"
+    (inside / "b").mkdir(parents=True)
+    os.symlink("b", inside / "a")  # a link that stays inside the target is followed, as before
+    repo.restore("latest", str(inside), includes=["a/x"], force=True)
+    assert (inside / "b" / "x").read_bytes() == b"restored"
