@@ -70,24 +70,35 @@ def split(e: Entry, start: int, chunk_length: Callable[[bytes], int | None]) -> 
             for (i, at), (j, end) in zip(cuts, ends)]
 
 
-def _share(records: Iterator[Record], k: int, n: int,
-           chunk_length: Callable[[bytes], int | None]) -> Iterator[tuple[Entry, int | None]]:
-    """What worker ``k`` of ``n`` writes: the files, and the parts of larger files (with their offsets),
-    that begin in every n-th stripe of STRIPE_BYTES, counting file sizes in tree order."""
+def _placed(records: Iterator[Record], chunk_length: Callable[[bytes], int | None]
+            ) -> Iterator[tuple[Record, int, list[tuple[Entry, int]] | None]]:
+    """Each record with, for a file, where it starts in the restore (file sizes summed in tree order)
+    and its parts (``split``); -1 and None for anything else.  The parent and every worker place
+    files through this one walk, so they agree on who writes what."""
     before = 0
     for rec in records:
         e = rec.entry
         if e is None or e.type != T_FILE:
+            yield rec, -1, None
             continue
-        parts = split(e, before, chunk_length)
+        yield rec, before, split(e, before, chunk_length)
+        before += e.size
+
+
+def _share(records: Iterator[Record], k: int, n: int,
+           chunk_length: Callable[[bytes], int | None]) -> Iterator[tuple[Entry, int | None]]:
+    """What worker ``k`` of ``n`` writes: the files, and the parts of larger files (with their offsets),
+    that begin in every n-th stripe of STRIPE_BYTES."""
+    for rec, start, parts in _placed(records, chunk_length):
+        if start < 0:
+            continue
         if parts is None:
-            if (before // STRIPE_BYTES) % n == k:
-                yield e, None
+            if (start // STRIPE_BYTES) % n == k:
+                yield rec.entry, None  # type: ignore[misc]
         else:
             for part, offset in parts:
-                if ((before + offset) // STRIPE_BYTES) % n == k:
+                if ((start + offset) // STRIPE_BYTES) % n == k:
                     yield part, offset
-        before += e.size
 
 
 class _Coordinator:
@@ -128,14 +139,12 @@ class _Coordinator:
     def _own(self, links: list[Record], split_files: list[Entry]) -> Iterator[Record]:
         """What this process restores: everything but files; hard links kept for after the workers,
         and the files they write in parts noted, to be completed after them."""
-        before = 0
-        for rec in self.restorer.selected_records(self.tree()):
+        for rec, start, parts in _placed(self.restorer.selected_records(self.tree()), self._chunk_length):
             e = rec.entry
             assert e is not None
-            if e.type == T_FILE:
-                if split(e, before, self._chunk_length) is not None:
+            if start >= 0:
+                if parts is not None:
                     split_files.append(e)
-                before += e.size
             elif e.type == T_HARDLINK:
                 links.append(rec)
             else:
