@@ -34,7 +34,7 @@ from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
 from .indexfile import IndexColumns, IndexData, decode_index, decode_index_columns, encode_index
 from .manifest import Record, decode_records, iter_records
 from .manifest_seek import ManifestSeeker, segments
-from .pack import PackBuilder
+from .pack import PackBuffers, PackBuilder
 from .snapshot import Snapshot
 from .unlock import Unlocked, unlock
 
@@ -640,7 +640,9 @@ class BlobWriter:
         self.pack_size = repo.config.settings.pack_size
         self._lock = threading.Lock()
         self._pending: set[bytes] = set()
-        self._builder = PackBuilder()
+        # One buffer per pack in flight and one filling; a large envelope can push a pack past pack_size.
+        self._buffers = PackBuffers(self.pack_size + self.pack_size // 4, upload_workers + 1)
+        self._builder = PackBuilder(self._buffers)
         self._builder_no: int | None = None
         self._uploads: ThreadPoolExecutor = ThreadPoolExecutor(upload_workers)
         self._in_flight: list[Future[None]] = []
@@ -697,7 +699,7 @@ class BlobWriter:
 
     def _take_builder(self) -> tuple[PackBuilder, int]:
         b, no = self._builder, self._builder_no
-        self._builder, self._builder_no = PackBuilder(), None
+        self._builder, self._builder_no = PackBuilder(self._buffers), None
         assert no is not None
         return b, no
 
@@ -715,6 +717,8 @@ class BlobWriter:
                 self.repo.remote.put(pack_key(pack_id), data, if_absent=True)
             except ObjectExists:
                 pass  # same name, same bytes
+            del data
+            builder.release()  # only once stored: a failed upload's buffer is left to the garbage collector
             self.repo.set_pack_id(pack_no, pack_id)
             with self._lock:
                 self._unindexed.packs[pack_id] = list(builder.entries)
@@ -758,6 +762,7 @@ class BlobWriter:
 
     def close(self) -> None:
         self._uploads.shutdown(wait=True)
+        self._buffers.clear()
 
     def __enter__(self) -> "BlobWriter":
         return self

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 
 import pytest
 
 from chunkvault.errors import PermissionDenied, StorageFull, UsageError
 from chunkvault.remotes import open_remote
+from chunkvault.remotes import local as local_module
 from chunkvault.remotes.local import TEMP_PREFIX, LocalRemote
 
 from remote_contract import check_remote_contract
@@ -128,3 +130,124 @@ def test_bad_urls():
         open_remote("")
     with pytest.raises(UsageError, match="unsupported"):
         open_remote("gopher://x/y")
+
+
+def test_file_url_option_errors(tmp_path):
+    assert open_remote(str(tmp_path), direct_io=False).direct_io is False
+    with pytest.raises(UsageError, match="unknown option 'speed'"):
+        open_remote(str(tmp_path), speed=True)
+    with pytest.raises(UsageError, match="yes or no"):
+        open_remote(str(tmp_path), fsync="sometimes")
+
+
+# --- large objects past the page cache (O_DIRECT) -----------------------------------------
+
+LARGE_SIZES = [1 << 20, (1 << 20) + 1, (3 << 20) + 4095, (2 << 20) + 4096]
+
+
+def _aligned(data: bytes) -> memoryview:
+    """``data`` in a page-aligned buffer, as the backup's pack buffers are."""
+    buf = mmap.mmap(-1, len(data) + 4096)
+    buf[: len(data)] = data
+    return memoryview(buf)[: len(data)]
+
+
+def _direct_on(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & local_module._O_DIRECT)
+
+
+def _direct_switches(monkeypatch) -> list[bool]:
+    """Record each time a put turns O_DIRECT on or off (the real switch still runs)."""
+    seen: list[bool] = []
+    real = local_module._set_direct
+
+    def spy(fd: int, on: bool) -> None:
+        seen.append(on)
+        real(fd, on)
+
+    monkeypatch.setattr(local_module, "_set_direct", spy)
+    return seen
+
+
+@pytest.mark.skipif(not local_module._O_DIRECT, reason="O_DIRECT is used on Linux only")
+@pytest.mark.parametrize("size", LARGE_SIZES)
+def test_large_aligned_objects_written_directly_round_trip(tmp_path, monkeypatch, size):
+    seen = _direct_switches(monkeypatch)
+    remote = LocalRemote(str(tmp_path))
+    data = os.urandom(size)
+    remote.put("data/p" + str(size), _aligned(data), if_absent=True)
+    assert remote.get("data/p" + str(size)) == data
+    assert seen == [True, False]  # on for the aligned head, off before the tail and for later writes
+    assert list(remote.temp_files()) == []
+
+
+@pytest.mark.parametrize("size", LARGE_SIZES)
+def test_unaligned_buffers_small_objects_and_disabled_direct_io_still_write(tmp_path, monkeypatch, size):
+    seen = _direct_switches(monkeypatch)
+    data = os.urandom(size + 1)
+    unaligned = memoryview(data)[1:]  # a bytes object's data never starts at a page boundary
+    LocalRemote(str(tmp_path)).put("a", unaligned)
+    LocalRemote(str(tmp_path), direct_io=False).put("b", _aligned(data[1:]))
+    LocalRemote(str(tmp_path)).put("c", data[: 1 << 19])
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes() == data[1:]
+    assert (tmp_path / "c").read_bytes() == data[: 1 << 19]
+    assert seen in ([True, False], [])  # only "a" tries it, and gets the ordinary write
+
+
+@pytest.mark.skipif(not local_module._O_DIRECT, reason="O_DIRECT is used on Linux only")
+def test_file_system_refusing_direct_writes_gets_ordinary_ones(tmp_path, monkeypatch):
+    """A file system without O_DIRECT (EINVAL from fcntl or from the first write): the whole object is
+    written through the page cache instead, nothing lost or doubled."""
+    real_write = os.write
+    state = {"refused": 0}
+
+    def refusing_write(fd, data):
+        if _direct_on(fd):
+            state["refused"] += 1
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(local_module.os, "write", refusing_write)
+    remote = LocalRemote(str(tmp_path))
+    data = os.urandom((2 << 20) + 100)
+    remote.put("data/x", _aligned(data))
+    assert state["refused"] == 1
+    assert remote.get("data/x") == data
+
+    def refusing_switch(fd, on):
+        if on:
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(local_module, "_set_direct", refusing_switch)
+    remote.put("data/y", _aligned(data))
+    assert remote.get("data/y") == data
+
+
+@pytest.mark.skipif(not local_module._O_DIRECT, reason="O_DIRECT is used on Linux only")
+def test_disk_full_during_a_direct_write_is_reported_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    real_write = os.write
+
+    def full_write(fd, data):
+        if _direct_on(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(local_module.os, "write", full_write)
+    remote = LocalRemote(str(tmp_path))
+    with pytest.raises(StorageFull):
+        remote.put("data/x", _aligned(os.urandom(2 << 20)))
+    assert list(remote.temp_files()) == [] and remote.stat("data/x") is None
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no tmpfs at /dev/shm")
+def test_large_aligned_object_on_tmpfs(monkeypatch):
+    """tmpfs took no O_DIRECT before Linux 6.6: either way the object arrives whole."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        remote = LocalRemote(d)
+        data = os.urandom((1 << 20) + 12345)
+        remote.put("data/t", _aligned(data))
+        assert remote.get("data/t") == data
