@@ -75,14 +75,36 @@ def blob_ad(kind: int, blob_id: bytes, base_id: bytes | None) -> bytes:
     return BLOB_AD + bytes((kind,)) + blob_id + (base_id or b"")
 
 
+def _kept(data: bytes | memoryview, out: bytes) -> tuple[int, bytes]:
+    """zstd when it saves at least 1/32 of the size, else raw."""
+    if len(out) + (len(data) >> 5) < len(data):
+        return KIND_ZSTD, out
+    return KIND_RAW, bytes(data)
+
+
 def compress(data: bytes | memoryview, level: int) -> tuple[int, bytes]:
     """(kind, payload): zstd when it saves at least 1/32 of the size, else raw."""
     if level <= 0 or len(data) < 64:
         return KIND_RAW, bytes(data)
-    out = _compressor(level).compress(data)
-    if len(out) + (len(data) >> 5) < len(data):
-        return KIND_ZSTD, out
-    return KIND_RAW, bytes(data)
+    return _kept(data, _compressor(level).compress(data))
+
+
+def compress_many(datas: list[bytes | memoryview], level: int) -> list[tuple[int, bytes]]:
+    """``compress`` of each, the same frames, in one native call.
+
+    A tree of small files is tens of thousands of chunks, and compressing each
+    released the interpreter lock once: on two cores each release handed it to
+    another thread, two thirds of an initial backup's context switches.
+    """
+    todo = [i for i, d in enumerate(datas) if len(d) >= 64] if level > 0 else []
+    c = _compressor(level) if todo else None
+    if len(todo) < 2 or not hasattr(c, "multi_compress_to_buffer"):  # python-zstandard's cffi backend lacks it
+        return [compress(d, level) for d in datas]
+    out = [(KIND_RAW, bytes(d)) for d in datas]
+    frames = c.multi_compress_to_buffer([datas[i] for i in todo])
+    for k, i in enumerate(todo):
+        out[i] = _kept(datas[i], frames[k].tobytes())
+    return out
 
 
 def _raw_dict(content: Plaintext) -> zstandard.ZstdCompressionDict:

@@ -26,8 +26,8 @@ from chunkvault.errors import (
 from chunkvault.remotes import Remote
 
 from . import chain
-from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, delta_compress, envelope_base, open_chain,
-                   seal_blob)
+from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_many, delta_compress, envelope_base,
+                   open_chain, seal_blob)
 from .blobindex import BlobIndex, BlobLocation
 from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
@@ -476,6 +476,23 @@ class Repo:
         else:
             kind, payload = compress(data, level)
         return PreparedBlob(blob_id, kind, seal_blob(self.sealer, blob_id, kind, payload), len(data), None)
+
+    def prepare_blobs(self, batch: list[tuple[bytes, bytes | memoryview, bytes | None]],
+                      bases: dict[bytes, Plaintext], delta_margin: float = 0.0) -> list[PreparedBlob]:
+        """``prepare_blob`` for (blob id, data, base id or None) each, base plaintexts from ``bases``; the
+        blobs without a base are compressed in one native call (``compress_many``)."""
+        plain = [i for i, (_, _, b) in enumerate(batch) if b is None or bases.get(b) is None]
+        level = self.config.settings.compression_level
+        compressed = dict(zip(plain, compress_many([batch[i][1] for i in plain], level)))
+        out = []
+        for i, (blob_id, data, base_id) in enumerate(batch):
+            if i in compressed:
+                kind, payload = compressed[i]
+                out.append(PreparedBlob(blob_id, kind, seal_blob(self.sealer, blob_id, kind, payload), len(data), None))
+            else:
+                out.append(self.prepare_blob(blob_id, data, base_id=base_id, base_plain=bases[base_id],
+                                             delta_margin=delta_margin))
+        return out
 
     def _sealed_delta(self, blob_id: bytes, payload: bytes, raw_length: int, base_id: bytes) -> PreparedBlob:
         return PreparedBlob(blob_id, KIND_DELTA, seal_blob(self.sealer, blob_id, KIND_DELTA, payload, base_id),
