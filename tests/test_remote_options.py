@@ -20,6 +20,7 @@ def test_options_go_to_their_backend_only():
     assert options_for_url("sftp://u@h/x", pairs) == {"accept_new_host_key": True, "connect_timeout": 2.5}
     assert options_for_url("https://h/", pairs) == {"token_file": "/t"}
     assert options_for_url("/local", pairs) == {}
+    assert options_for_url("/local", pairs + ["file.direct-io=no"]) == {"direct_io": False}
     assert options_for_url("http://h/", ["https.ca-file=/ca.pem", "http.x=no"]) == {"ca_file": "/ca.pem", "x": False}
 
 
