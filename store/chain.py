@@ -66,11 +66,18 @@ def compose(first: Iterable[Record], second: Iterable[Record]) -> Iterator[Recor
 
 
 def resolve(full: Iterable[Record], diffs: Sequence[Iterable[Record]]) -> Iterator[Record]:
-    """The tree at the end of a chain: a full manifest, then its differentials oldest first."""
-    stream: Iterable[Record] = full
-    for d in diffs:
-        stream = apply(stream, d)
-    return iter(stream)
+    """The tree at the end of a chain: a full manifest, then its differentials oldest first.
+
+    The differentials are composed first, then applied once: each record of the
+    full tree passes one merge instead of one per differential (a 58,000-entry
+    tree under six small differentials took six merges per record).
+    """
+    if not diffs:
+        return iter(full)
+    combined: Iterable[Record] = diffs[0]
+    for d in diffs[1:]:
+        combined = compose(combined, d)
+    return apply(full, combined)
 
 
 def ancestors(path: bytes) -> list[bytes]:
