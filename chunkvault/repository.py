@@ -11,7 +11,7 @@ import os
 from datetime import datetime
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
-from .errors import CorruptObject, UsageError
+from .errors import CorruptObject, RollbackDetected, UsageError
 from .ledger import Ledger, present_of
 from .connection import connect
 from .remotes import Remote
@@ -116,11 +116,21 @@ class Repository:
         return snaps
 
     def _guard(self, snaps: list[Snapshot] | None = None, forgetting: Iterable[str] = ()) -> list[Snapshot]:
-        """Before a write: RollbackDetected if the snapshot set contradicts the ledger."""
+        """Before a write: RollbackDetected if the snapshot set contradicts the ledger.
+
+        A contradiction is confirmed on a second listing first: another command of this client
+        may have stored a snapshot, and raised the ledger's mark to it, after ``snaps`` was listed
+        (two backups started together); a real rollback is still missing from the second listing.
+        """
         snaps = self._repo.snapshots() if snaps is None else snaps
         if self._ledger is not None:
             present = present_of(snaps)
-            self._ledger.guard(present, forgetting=set(forgetting))
+            try:
+                self._ledger.guard(present, forgetting=set(forgetting))
+            except RollbackDetected:
+                snaps = self._repo.snapshots()
+                present = present_of(snaps)
+                self._ledger.guard(present, forgetting=set(forgetting))
             self._ledger.observe(present, warn=False)
         return snaps
 

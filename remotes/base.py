@@ -70,8 +70,8 @@ class Remote(ABC):
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         """Store ``data`` under ``key`` atomically: readers see all of it or nothing.
 
-        ``data`` is any bytes-like object, the caller's again once put returns:
-        its buffer is reused for the next pack, so copy what you keep.
+        ``data`` is any bytes-like object, the caller's again once put returns
+        (a backup reuses the buffer for its next pack): copy what you keep.
         With ``if_absent`` an existing object is never replaced: raises ObjectExists.
         """
 

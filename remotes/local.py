@@ -3,7 +3,7 @@
 Objects of 1 MiB or more (packs) are written past the page cache (``O_DIRECT``)
 when the caller's buffer is page-aligned, as the backup's pack buffers are:
 the kernel then copies nothing into cache pages it must first allocate and
-fault in, which was a third of an initial backup's system time, and a backup
+clear (the largest part of an initial backup's system time), and a backup
 does not evict what the machine keeps cached (a database's pages) to hold
 packs nobody reads soon.  A file system or buffer that refuses it gets the
 ordinary write.
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 import secrets
+import sys
 import time
 from typing import Any, Iterator
 from urllib.parse import unquote, urlparse

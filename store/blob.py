@@ -94,7 +94,7 @@ def compress_many(datas: list[bytes | memoryview], level: int) -> list[tuple[int
 
     A tree of small files is tens of thousands of chunks, and compressing each
     released the interpreter lock once: on two cores each release handed it to
-    another thread, two thirds of an initial backup's context switches.
+    another thread: three quarters of an initial backup's context switches.
     """
     todo = [i for i, d in enumerate(datas) if len(d) >= 64] if level > 0 else []
     c = _compressor(level) if todo else None

@@ -475,7 +475,7 @@ class Repo:
                 return self._sealed_delta(blob_id, d, len(data), base_id)
         else:
             kind, payload = compress(data, level)
-        return PreparedBlob(blob_id, kind, seal_blob(self.sealer, blob_id, kind, payload), len(data), None)
+        return self._sealed_whole(blob_id, kind, payload, len(data))
 
     def prepare_blobs(self, batch: list[tuple[bytes, bytes | memoryview, bytes | None]],
                       bases: dict[bytes, Plaintext], delta_margin: float = 0.0) -> list[PreparedBlob]:
@@ -487,12 +487,14 @@ class Repo:
         out = []
         for i, (blob_id, data, base_id) in enumerate(batch):
             if i in compressed:
-                kind, payload = compressed[i]
-                out.append(PreparedBlob(blob_id, kind, seal_blob(self.sealer, blob_id, kind, payload), len(data), None))
+                out.append(self._sealed_whole(blob_id, *compressed[i], len(data)))
             else:
                 out.append(self.prepare_blob(blob_id, data, base_id=base_id, base_plain=bases[base_id],
                                              delta_margin=delta_margin))
         return out
+
+    def _sealed_whole(self, blob_id: bytes, kind: int, payload: bytes, raw_length: int) -> PreparedBlob:
+        return PreparedBlob(blob_id, kind, seal_blob(self.sealer, blob_id, kind, payload), raw_length, None)
 
     def _sealed_delta(self, blob_id: bytes, payload: bytes, raw_length: int, base_id: bytes) -> PreparedBlob:
         return PreparedBlob(blob_id, KIND_DELTA, seal_blob(self.sealer, blob_id, KIND_DELTA, payload, base_id),

@@ -258,3 +258,20 @@ def test_cli_copy_into_a_replayed_repository_is_refused(chain, tmp_path, cli):
     assert len(err.splitlines()) == 1 and victim in err and "replayed" in err, err
     cli("forget", "-r", dst, victim[:8], env=env)
     cli("check", "-r", dst, env=env)
+
+
+def test_a_snapshot_stored_after_a_listing_by_another_command_is_no_rollback(chain):
+    """Two backups of one client started together: the first stores its snapshot, and raises the
+    ledger's mark to it, after the second listed the snapshots.  The second must not take the
+    mark missing from its listing for a rollback; a snapshot really gone still stops it."""
+    path, tree, _, _ = chain
+    with crashkit.open_repo(path) as second:
+        stale = second.store.snapshots()  # listed before the first command's snapshot exists
+        with crashkit.open_repo(path) as first:
+            tree.mutate()
+            stored = first.backup([tree.root]).snapshot
+        assert stored.id not in {s.id for s in stale}
+        assert stored.id in {s.id for s in second._guard(stale)}  # listed again, not refused
+        os.remove(os.path.join(path, "snapshots", stored.id))
+        with pytest.raises(RollbackDetected, match=stored.id):
+            second._guard(stale)
