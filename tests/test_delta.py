@@ -441,7 +441,7 @@ def test_fixed_chunks_line_up_with_the_parent_and_store_less(tmp_path, new_repo)
     src = tmp_path / "db"
     src.mkdir()
     page_file(src / "table.db", 1024, random.Random(9))  # 8 MiB
-    page_file(src / "other", 513, rnd)  # past two of the largest chunks: cut by content, lengths cannot all match
+    page_file(src / "other", 513, rnd)  # past two of the largest chunks: at least three chunks cut by content, of differing lengths
     content = new_repo()
     fixed = new_repo()
     content.backup([str(src)])
