@@ -1,4 +1,4 @@
-"""Build the C chunker and directory scanner; all other metadata lives in pyproject.toml."""
+"""Build the C chunker, directory scanner and manifest decoder; all other metadata lives in pyproject.toml."""
 from setuptools import Extension, setup
 
 setup(
@@ -11,6 +11,11 @@ setup(
         Extension(
             "chunkvault.store._scandir",
             sources=["store/_scandir.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+        ),
+        Extension(
+            "chunkvault.store._manifest",
+            sources=["store/_manifest.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
     ]

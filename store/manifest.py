@@ -110,6 +110,16 @@ def encode_record(rec: Record) -> bytes:
 
 def decode_records(buf: bytes | memoryview, what: str) -> tuple[list[Record], int]:
     """Decode every complete record in ``buf``; returns (records, bytes consumed)."""
+    if _decode_c is None:
+        return decode_records_reference(buf, what)
+    try:
+        return _decode_c(buf, Record, Entry, OP_DELETE, _MAX_TYPE)
+    except ValueError as exc:
+        raise CorruptObject(what, str(exc)) from None
+
+
+def decode_records_reference(buf: bytes | memoryview, what: str) -> tuple[list[Record], int]:
+    """``decode_records`` in Python: what the C decoder must match."""
     if not isinstance(buf, bytes):
         buf = bytes(buf)  # slices of bytes are bytes: no copy per field
     out: list[Record] = []
@@ -153,6 +163,16 @@ def decode_records(buf: bytes | memoryview, what: str) -> tuple[list[Record], in
             raise CorruptObject(what, f"unknown entry type {etype}")
         append(Record(op, path, Entry(path, etype, mode, uid, gid, mtime, size, ctime, ino, dev, rdev,
                                       target, digest, chunks, flags)))
+
+
+_MAX_TYPE = max(TYPE_NAMES)
+# The C decoder checks bounds, not membership: ops 0..OP_DELETE, types 0.._MAX_TYPE.
+assert OP_DELETE == max(OP_ENTRY, OP_FRESH, OP_DELETE) and set(TYPE_NAMES) == set(range(_MAX_TYPE + 1))
+
+try:  # the same records, parsed in C: about a fifth of the Python loop's time
+    from ._manifest import decode as _decode_c
+except ImportError:
+    _decode_c = None
 
 
 def iter_records(pieces: Iterable[bytes], what: str) -> Iterator[Record]:
