@@ -45,6 +45,10 @@ try:  # one call per directory, the GIL released for its listing and every lstat
     from ._scandir import scan as scan_dir
 except ImportError:
     scan_dir = scan_dir_reference
+try:  # whole subtrees, thousands of entries per call (see _tree)
+    from ._scandir import Walker
+except ImportError:
+    Walker = None
 
 
 def root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:
@@ -104,6 +108,10 @@ class SourceWalk:
 
     STALE_AFTER = 30.0
     RESTAT_AFTER = 2.0
+    #: Entries per call into the C walk: larger ahead, where each call waits for the GIL once, than
+    #: where the backup consumes them as they come.
+    AHEAD_BATCH = 8192
+    BATCH = 1024
 
     def __init__(self, roots: list[tuple[bytes, bytes]], excludes: list[str] | None = None, *,
                  paths: list[str] | None = None, ahead: int = 1 << 16, warnings: list[str] | None = None):
@@ -112,6 +120,7 @@ class SourceWalk:
         self.excludes = list(excludes or [])
         self.warnings = warnings if warnings is not None else []
         self._ahead = ahead
+        self._batch = self.BATCH
         self._walk = self._entries()
         self._buffered: list[SourceItem] = []
         self._stop = threading.Event()
@@ -137,6 +146,7 @@ class SourceWalk:
 
     def _prefetch(self) -> None:
         buf, stop, limit = self._buffered, self._stop, self._ahead
+        self._batch = max(1, min(self.AHEAD_BATCH, limit))
         try:
             for item in self._walk:
                 buf.append(item)
@@ -152,6 +162,7 @@ class SourceWalk:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
+            self._batch = self.BATCH
             if time.monotonic() - self._started > self.STALE_AFTER:
                 del self.warnings[self._prefetch_warnings:]
                 self._buffered, self._error = [], None
@@ -215,9 +226,49 @@ class SourceWalk:
             if not isdir(st.st_mode):
                 yield rel, path, st, True
                 continue
+            if Walker is not None and not excludes:
+                yield from self._tree(rel, path, st)
+                continue
             listing, ok = self._scan(path)
             yield rel, path, st, ok
             stack.append(self._children(rel + b"/" if rel else b"", os.path.join(path, b""), listing))
+
+    def _tree(self, rel: bytes, path: bytes, root_st: os.stat_result) -> Iterator[SourceItem]:
+        """The directory at ``path`` and its subtree, walked in C: what the per-directory walk above
+        yields for it.  A batch lists and stats thousands of entries with the GIL released, so a walk
+        ahead keeps going while the backup's main thread is busy in Python; a call per directory
+        waited for the GIL thousands of times.  Excluding needs Python per entry, so it takes the
+        per-directory walk."""
+        walker = Walker(rel, path)
+        restat_after, lstat, isdir = self.RESTAT_AFTER, os.lstat, stat.S_ISDIR
+        cut: bytes | None = None  # a directory that is none any more when stat'ed again: skip its subtree
+        while True:
+            scanned = time.monotonic()
+            batch = walker.batch(self._batch)
+            if not batch:
+                return
+            for rel, path, st, err, list_err in batch:
+                if cut is not None and rel.startswith(cut):
+                    continue
+                if st is None:
+                    if err:
+                        self._stat_failed(path, err)
+                        continue
+                    st = root_st
+                elif time.monotonic() - scanned > restat_after:
+                    was_dir = isdir(st.st_mode)
+                    try:
+                        st = lstat(path)
+                    except OSError as exc:
+                        st, err = None, exc.errno or errno.EIO
+                    if was_dir and (st is None or not isdir(st.st_mode)):
+                        cut = rel + b"/"
+                    if st is None:
+                        self._stat_failed(path, err)
+                        continue
+                if list_err:
+                    self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {os.strerror(list_err)}")
+                yield rel, path, st, not list_err
 
     def _children(self, rel_prefix: bytes, path_prefix: bytes, listing: list[ScanItem]
                   ) -> Iterator[tuple[bytes, bytes, FileStat | os.stat_result | None, int]]:

@@ -148,8 +148,27 @@ def test_file_vanishing_during_backup_is_a_warning(repo_path, tmp_path, monkeypa
 
     with Repository.open(repo_path, PASSWORD) as repo:
         monkeypatch.setattr(source, "scan_dir", scan_with_a_ghost)
+        monkeypatch.setattr(source, "Walker", None)  # the per-directory walk, whose listing is faked here
         result = repo.backup([str(src)])
         monkeypatch.undo()
+        assert any("vanished" in w and "gone-already" in w for w in result.warnings)
+        assert not result.partial
+        assert [e.path for e in repo.tree(result.snapshot.id)] == [b"", b"here"]
+
+
+def test_file_walked_ahead_and_gone_when_read_is_a_warning(repo_path, tmp_path):
+    """The whole tree listed and stat'ed ahead (the C walk), a file removed before the backup reads it."""
+    from chunkvault.store.source import SourceWalk
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("gone-already", "here"):
+        (src / name).write_bytes(name.encode())
+    walk = SourceWalk.of_paths([str(src)]).start()
+    walk._thread.join()
+    (src / "gone-already").unlink()
+    with Repository.open(repo_path, PASSWORD) as repo:
+        result = repo.backup([str(src)], walk=walk)
         assert any("vanished" in w and "gone-already" in w for w in result.warnings)
         assert not result.partial
         assert [e.path for e in repo.tree(result.snapshot.id)] == [b"", b"here"]

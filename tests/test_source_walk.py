@@ -1,8 +1,10 @@
 """The source walk: manifest order, excludes, errors as warnings, and walking ahead on a thread."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import stat
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 
 from chunkvault import Repository
 from chunkvault.errors import UsageError
+from chunkvault.store import source
 from chunkvault.store.manifest import sort_key
 from chunkvault.store.source import FileStat, SourceWalk
 
@@ -39,15 +42,32 @@ def os_walk_rels(root: bytes) -> list[bytes]:
 trees = st.recursive(st.none(), lambda kids: st.dictionaries(NAMES, kids, max_size=4), max_leaves=25)
 
 
+class per_directory_walk:
+    """Within it, walks take the per-directory path (as with excludes, or without the C walker)."""
+
+    def __enter__(self):
+        self.saved, source.Walker = source.Walker, None
+
+    def __exit__(self, *exc):
+        source.Walker = self.saved
+
+
+def fields(st_) -> tuple:
+    return tuple(getattr(st_, f) for f in FileStat.__slots__)
+
+
 @settings(max_examples=60, deadline=None)
-@given(spec=st.dictionaries(NAMES, trees, max_size=5), ahead=st.sampled_from([1, 3, 1 << 16]), start=st.booleans())
-def test_walk_yields_every_entry_in_manifest_order(tmp_path_factory, spec, ahead, start):
+@given(spec=st.dictionaries(NAMES, trees, max_size=5), ahead=st.sampled_from([1, 3, 1 << 16]), start=st.booleans(),
+       batch=st.sampled_from([1, 2, 1024]), c_walk=st.booleans())
+def test_walk_yields_every_entry_in_manifest_order(tmp_path_factory, spec, ahead, start, batch, c_walk):
     root = os.fsencode(tmp_path_factory.mktemp("src"))
     build(root, spec)
     walk = SourceWalk([(b"", root)], ahead=ahead)
-    if start:
-        walk.start()
-    items = list(walk)
+    walk.BATCH = walk.AHEAD_BATCH = batch
+    with contextlib.nullcontext() if c_walk else per_directory_walk():
+        if start:
+            walk.start()
+        items = list(walk)
     rels = [rel for rel, *_ in items]
     assert rels == sorted(os_walk_rels(root), key=sort_key)
     for rel, path, stat_, ok in items:
@@ -63,10 +83,7 @@ def test_walked_ahead_entries_carry_what_a_backup_records(tmp_path):
     walk = SourceWalk.of_paths([str(src)]).start()
     walk._thread.join()
     items = {rel: s for rel, _, s, _ in walk}
-    assert isinstance(items[b"f"], FileStat)
-    real = os.lstat(src / "f")
-    for field in FileStat.__slots__:
-        assert getattr(items[b"f"], field) == getattr(real, field)
+    assert fields(items[b"f"]) == fields(os.lstat(src / "f"))
 
 
 def test_several_roots_are_named_by_their_last_component(tmp_path):
@@ -116,6 +133,62 @@ def test_entries_vanishing_after_a_late_restat_are_warnings(tmp_path, monkeypatc
     rest = [rel for rel, *_ in it]
     assert rest == [b"f%02d" % i for i in range(10)]
     assert sum("vanished during backup" in w for w in walk.warnings) == 40
+
+
+def test_the_c_walk_yields_what_the_per_directory_walk_does(tmp_path):
+    """Every kind of entry, odd names, a directory whose path is too long to open (a listing error even
+    for root), several roots and a root given with a trailing slash: the same items and warnings."""
+    names = [b"a", b"B", b"a.b", b"a-", b"\xff\xfe", b"\x01x", b"\xc3\xa9t\xc3\xa9"]
+    for n in names:
+        (tmp_path / os.fsdecode(n)).write_bytes(n)
+    os.symlink("dangling", tmp_path / "link")
+    os.mkfifo(tmp_path / "fifo")
+    os.link(tmp_path / "a", tmp_path / "hard")
+    deep = os.fsencode(tmp_path / "deep")
+    os.mkdir(deep)
+    fd = os.open(deep, os.O_RDONLY)
+    try:  # 20 levels of 250-byte names: the innermost directories' paths exceed PATH_MAX
+        for _ in range(20):
+            os.mkdir(b"d" * 250, dir_fd=fd)
+            sub = os.open(b"d" * 250, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        with open(os.open(b"f", os.O_CREAT | os.O_WRONLY, dir_fd=fd), "wb") as f:
+            f.write(b"deep")
+    finally:
+        os.close(fd)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_bytes(b"x")
+
+    def walk(roots):
+        w = SourceWalk(roots)
+        return [(rel, path, fields(st_), ok) for rel, path, st_, ok in w], w.warnings
+
+    for roots in ([(b"", os.fsencode(tmp_path))], [(b"", os.fsencode(tmp_path) + b"/")],
+                  [(b"one", os.fsencode(tmp_path / "other")), (b"two", os.fsencode(tmp_path / "a"))]):
+        items, warnings = walk(roots)
+        with per_directory_walk():
+            assert (items, warnings) == walk(roots)
+    items, warnings = walk([(b"", os.fsencode(tmp_path))])
+    assert [ok for _, _, _, ok in items].count(False) >= 1
+    assert any("cannot read directory" in w and "too long" in w for w in warnings)
+
+
+def test_a_directory_replaced_before_it_is_reached_leaves_out_its_old_subtree(tmp_path, monkeypatch):
+    """The C walk lists a directory's subtree ahead; stat'ed again late, the directory is now a symlink
+    to where it went: its old entries, still there through the link, are not entries of the symlink."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_bytes(b"1")
+    (tmp_path / "b").write_bytes(b"2")
+    monkeypatch.setattr(SourceWalk, "RESTAT_AFTER", 0.0)
+    walk = SourceWalk.of_paths([str(tmp_path)])
+    it = iter(walk)
+    assert next(it)[0] == b""  # the whole tree is walked: "a" was a directory
+    (tmp_path / "a").rename(tmp_path / "moved")
+    (tmp_path / "a").symlink_to("moved")
+    rest = [(rel, stat.S_IFMT(st_.st_mode)) for rel, _, st_, _ in it]
+    assert rest == [(b"a", stat.S_IFLNK), (b"b", stat.S_IFREG)]
+    assert walk.warnings == []
 
 
 def test_the_scanner_lists_and_stats_as_python_does(tmp_path):
