@@ -156,38 +156,48 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
  *
  * A directory's subtree in manifest order (depth first, names sorted), many
  * directories per call.  SourceWalk walks ahead on a thread while the backup
- * starts up (imports, index, parent manifest); a call per directory needed
+ * starts up (imports, index, parent manifest).  A call per directory needed
  * the GIL thousands of times and got it only when the busy main thread let
- * go of it (every few milliseconds), so the walk ahead crawled.  A Walker
- * call lists and stats up to max_entries entries with the GIL released and
- * takes the GIL once to hand them over.
+ * go of it (every few milliseconds), so the walk ahead crawled.  Here the
+ * walk ahead is one call that holds no GIL at all, and what it walked waits
+ * in a compact queue (about 120 bytes an entry, a third of the Python
+ * objects it becomes) until the backup takes it.
  *
  *   Walker(rel: bytes, path: bytes)  the directory at path, recorded as rel
+ *   .prefetch(max_entries) -> int    walk up to max_entries more into the queue,
+ *       the GIL released throughout; ends early once stop() is called (from
+ *       another thread); returns how many entries are queued.
  *   .batch(max_entries) -> list of (rel, path, stat | None, errno, list_errno)
- *       the first item is the root itself, with stat None; errno is the
- *       entry's lstat error (stat is None then); list_errno is a directory's
- *       listing error (0 for other entries); [] once the walk is done.
+ *       queued entries while there are any, else newly walked ones; [] once
+ *       the walk is done.  The first entry is the root itself, with stat None;
+ *       errno is an entry's lstat error (stat is None then); list_errno is a
+ *       directory's listing error (0 for other entries).
+ *   .stop(), .queued
  *   Stat: the lstat fields a backup records (st_mode, st_ino, st_dev,
  *       st_nlink, st_uid, st_gid, st_size, st_mtime_ns, st_ctime_ns, st_rdev).
  */
 
 typedef struct {
-    PyObject_HEAD
     unsigned long long mode, ino, dev, nlink, uid, gid, rdev;
     long long size, mtime_ns, ctime_ns;
+} fields_t;
+
+typedef struct {
+    PyObject_HEAD
+    fields_t f;
 } StatObject;
 
 static PyMemberDef stat_members[] = {
-    {"st_mode", T_ULONGLONG, offsetof(StatObject, mode), READONLY, NULL},
-    {"st_ino", T_ULONGLONG, offsetof(StatObject, ino), READONLY, NULL},
-    {"st_dev", T_ULONGLONG, offsetof(StatObject, dev), READONLY, NULL},
-    {"st_nlink", T_ULONGLONG, offsetof(StatObject, nlink), READONLY, NULL},
-    {"st_uid", T_ULONGLONG, offsetof(StatObject, uid), READONLY, NULL},
-    {"st_gid", T_ULONGLONG, offsetof(StatObject, gid), READONLY, NULL},
-    {"st_size", T_LONGLONG, offsetof(StatObject, size), READONLY, NULL},
-    {"st_mtime_ns", T_LONGLONG, offsetof(StatObject, mtime_ns), READONLY, NULL},
-    {"st_ctime_ns", T_LONGLONG, offsetof(StatObject, ctime_ns), READONLY, NULL},
-    {"st_rdev", T_ULONGLONG, offsetof(StatObject, rdev), READONLY, NULL},
+    {"st_mode", T_ULONGLONG, offsetof(StatObject, f.mode), READONLY, NULL},
+    {"st_ino", T_ULONGLONG, offsetof(StatObject, f.ino), READONLY, NULL},
+    {"st_dev", T_ULONGLONG, offsetof(StatObject, f.dev), READONLY, NULL},
+    {"st_nlink", T_ULONGLONG, offsetof(StatObject, f.nlink), READONLY, NULL},
+    {"st_uid", T_ULONGLONG, offsetof(StatObject, f.uid), READONLY, NULL},
+    {"st_gid", T_ULONGLONG, offsetof(StatObject, f.gid), READONLY, NULL},
+    {"st_size", T_LONGLONG, offsetof(StatObject, f.size), READONLY, NULL},
+    {"st_mtime_ns", T_LONGLONG, offsetof(StatObject, f.mtime_ns), READONLY, NULL},
+    {"st_ctime_ns", T_LONGLONG, offsetof(StatObject, f.ctime_ns), READONLY, NULL},
+    {"st_rdev", T_ULONGLONG, offsetof(StatObject, f.rdev), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -200,204 +210,283 @@ static PyTypeObject StatType = {
     .tp_members = stat_members,
 };
 
-static PyObject *new_stat(const struct stat *st) {
-    StatObject *s = PyObject_New(StatObject, &StatType);
-    if (s == NULL)
-        return NULL;
-    s->mode = st->st_mode;
-    s->ino = st->st_ino;
-    s->dev = st->st_dev;
-    s->nlink = st->st_nlink;
-    s->uid = st->st_uid;
-    s->gid = st->st_gid;
-    s->rdev = st->st_rdev;
-    s->size = st->st_size;
-    s->mtime_ns = (long long)MTIME(*st).tv_sec * 1000000000LL + MTIME(*st).tv_nsec;
-    s->ctime_ns = (long long)CTIME(*st).tv_sec * 1000000000LL + CTIME(*st).tv_nsec;
-    return (PyObject *)s;
+static void fields_of(const struct stat *st, fields_t *f) {
+    f->mode = st->st_mode;
+    f->ino = st->st_ino;
+    f->dev = st->st_dev;
+    f->nlink = st->st_nlink;
+    f->uid = st->st_uid;
+    f->gid = st->st_gid;
+    f->rdev = st->st_rdev;
+    f->size = st->st_size;
+    f->mtime_ns = (long long)MTIME(*st).tv_sec * 1000000000LL + MTIME(*st).tv_nsec;
+    f->ctime_ns = (long long)CTIME(*st).tv_sec * 1000000000LL + CTIME(*st).tv_nsec;
 }
 
-/* A string of bytes that knows its length. */
+/* An entry walked and not yet handed over; its path below the root is arena[sub_off, sub_off + sub_len). */
 typedef struct {
-    char *s;
-    size_t len;
-} str;
+    fields_t f;
+    size_t sub_off, sub_len;
+    int error, list_error, root;
+} queued_t;
 
-/* One directory on the walk's stack: its paths (with a trailing "/", or empty for a rel at the top)
- * and its sorted, stat'ed entries, of which the next to emit is items[next]. */
+/* A directory on the walk's stack: its path on disk and below the root (each with a trailing "/", the
+ * root's below-path empty), and its sorted, stat'ed entries, of which the next to walk is items[next]. */
 typedef struct {
-    str rel, path;
+    char *path, *sub;
+    size_t path_len, sub_len;
     item *items;
     size_t n, next;
 } frame;
-
-/* One entry emitted by a batch, before it becomes a Python tuple. */
-typedef struct {
-    str rel, path;
-    int error, list_error, root;
-    struct stat st;
-} emitted;
 
 typedef struct {
     PyObject_HEAD
     frame *stack;
     size_t depth, cap;
-    str root_rel, root_path;
-    int started, busy;
+    char *rel, *path, *rel_dir, *path_dir;  /* the root's; rel_dir and path_dir end in "/" (rel_dir may be "") */
+    size_t rel_len, path_len, rel_dir_len, path_dir_len;
+    queued_t *q;
+    size_t q_head, q_len, q_cap;
+    char *arena;
+    size_t a_len, a_cap;
+    int started, busy, stop;
 } WalkerObject;
 
-static char *joined(const str *a, const char *b, size_t blen, const char *sep, size_t *len) {
-    size_t seplen = strlen(sep);
-    char *s = malloc(a->len + blen + seplen + 1);
-    if (s == NULL)
-        return NULL;
-    memcpy(s, a->s, a->len);
-    memcpy(s + a->len, b, blen);
-    memcpy(s + a->len + blen, sep, seplen + 1);
-    *len = a->len + blen + seplen;
+static char *concat(const char *a, size_t la, const char *b, size_t lb, const char *c, size_t lc) {
+    char *s = malloc(la + lb + lc + 1);
+    if (s != NULL) {
+        memcpy(s, a, la);
+        memcpy(s + la, b, lb);
+        memcpy(s + la + lb, c, lc);
+        s[la + lb + lc] = 0;
+    }
     return s;
 }
 
 static void pop(WalkerObject *w) {
     frame *f = &w->stack[--w->depth];
-    free(f->rel.s);
-    free(f->path.s);
+    free(f->path);
+    free(f->sub);
     if (f->items)
         release(f->items, f->n);
 }
 
-/* Push the directory whose paths are rel_dir/path_dir (both with their separator); its listing's errno,
- * -1 when out of memory.  The strings are the frame's from now on. */
-static int push(WalkerObject *w, str rel_dir, str path_dir) {
+/* Push the directory ``sub`` (below the root, ending in "/"; "" for the root) and list it: its listing's
+ * errno, or -1 when out of memory. */
+static int push(WalkerObject *w, const char *sub, size_t sub_len) {
     if (w->depth == w->cap) {
         size_t cap = w->cap ? 2 * w->cap : 16;
         frame *grown = realloc(w->stack, cap * sizeof(frame));
-        if (grown == NULL) {
-            free(rel_dir.s);
-            free(path_dir.s);
+        if (grown == NULL)
             return -1;
-        }
         w->stack = grown;
         w->cap = cap;
     }
-    frame *f = &w->stack[w->depth++];
-    f->rel = rel_dir;
-    f->path = path_dir;
-    f->items = NULL;
-    f->n = f->next = 0;
-    int err = read_dir(path_dir.s, &f->items, &f->n);
+    frame f = {NULL, NULL, w->path_dir_len + sub_len, sub_len, NULL, 0, 0};
+    f.path = concat(w->path_dir, w->path_dir_len, sub, sub_len, "", 0);
+    f.sub = concat(sub, sub_len, "", 0, "", 0);
+    if (f.path == NULL || f.sub == NULL) {
+        free(f.path);
+        free(f.sub);
+        return -1;
+    }
+    int err = read_dir(f.path, &f.items, &f.n);
+    w->stack[w->depth++] = f;
     return err == ENOMEM ? -1 : err;
 }
 
-/* Fill out[0..max) with the next entries; how many, or -1 when out of memory. Runs without the GIL. */
-static Py_ssize_t walk_some(WalkerObject *w, emitted *out, size_t max) {
+/* Queue an entry whose path below the root is a + b; 0, or -1 when out of memory. */
+static int enqueue(WalkerObject *w, const struct stat *st, const char *a, size_t la, const char *b, size_t lb,
+                   int error, int list_error, int root) {
+    if (w->q_len == w->q_cap) {
+        size_t cap = w->q_cap ? 2 * w->q_cap : 256;
+        queued_t *grown = realloc(w->q, cap * sizeof(queued_t));
+        if (grown == NULL)
+            return -1;
+        w->q = grown;
+        w->q_cap = cap;
+    }
+    if (w->a_len + la + lb > w->a_cap) {
+        size_t cap = w->a_cap ? 2 * w->a_cap : 16384;
+        while (cap < w->a_len + la + lb)
+            cap *= 2;
+        char *grown = realloc(w->arena, cap);
+        if (grown == NULL)
+            return -1;
+        w->arena = grown;
+        w->a_cap = cap;
+    }
+    queued_t *e = &w->q[w->q_len++];
+    memset(e, 0, sizeof(*e));
+    if (st != NULL && !error)
+        fields_of(st, &e->f);
+    e->sub_off = w->a_len;
+    e->sub_len = la + lb;
+    memcpy(w->arena + w->a_len, a, la);
+    memcpy(w->arena + w->a_len + la, b, lb);
+    w->a_len += la + lb;
+    e->error = error;
+    e->list_error = list_error;
+    e->root = root;
+    return 0;
+}
+
+/* Walk up to max more entries into the queue (until stop() when ``stoppable``); 0, or -1 when out of
+ * memory.  Runs without the GIL. */
+static int walk_some(WalkerObject *w, size_t max, int stoppable) {
     size_t k = 0;
     if (!w->started && max > 0) {
         w->started = 1;
-        emitted *e = &out[k++];
-        memset(e, 0, sizeof(*e));
-        e->root = 1;
-        e->rel.s = malloc(w->root_rel.len + 1);
-        e->path.s = malloc(w->root_path.len + 1);
-        str rel_dir = {NULL, 0}, path_dir = {NULL, 0};
-        if (e->rel.s && e->path.s) {
-            memcpy(e->rel.s, w->root_rel.s, w->root_rel.len + 1);
-            memcpy(e->path.s, w->root_path.s, w->root_path.len + 1);
-            e->rel.len = w->root_rel.len;
-            e->path.len = w->root_path.len;
-            rel_dir.s = w->root_rel.len ? joined(&w->root_rel, "", 0, "/", &rel_dir.len) : calloc(1, 1);
-            int slash = w->root_path.len && w->root_path.s[w->root_path.len - 1] == '/';
-            path_dir.s = joined(&w->root_path, "", 0, slash ? "" : "/", &path_dir.len);
-        }
-        if (rel_dir.s == NULL || path_dir.s == NULL) {
-            free(rel_dir.s);
-            free(path_dir.s);
+        int list_error = push(w, "", 0);
+        if (list_error < 0 || enqueue(w, NULL, "", 0, "", 0, 0, list_error, 1) < 0)
             return -1;
-        }
-        e->list_error = push(w, rel_dir, path_dir);
-        if (e->list_error < 0)
-            return -1;
+        k++;
     }
-    while (k < max && w->depth > 0) {
+    while (k < max && w->depth > 0 && !(stoppable && __atomic_load_n(&w->stop, __ATOMIC_RELAXED))) {
         frame *f = &w->stack[w->depth - 1];
         if (f->next == f->n) {
             pop(w);
             continue;
         }
         item *it = &f->items[f->next++];
-        emitted *e = &out[k++];
-        memset(e, 0, sizeof(*e));
-        e->rel.s = joined(&f->rel, it->name, it->len, "", &e->rel.len);
-        e->path.s = joined(&f->path, it->name, it->len, "", &e->path.len);
-        if (e->rel.s == NULL || e->path.s == NULL)
-            return -1;
-        e->error = it->error;
-        e->st = it->st;
+        const char *sub = f->sub;  /* the frame may move when a directory is pushed; its strings do not */
+        size_t sub_len = f->sub_len;
+        int list_error = 0;
         if (!it->error && S_ISDIR(it->st.st_mode)) {
-            str rel_dir, path_dir;
-            rel_dir.s = joined(&e->rel, "", 0, "/", &rel_dir.len);
-            path_dir.s = joined(&e->path, "", 0, "/", &path_dir.len);
-            if (rel_dir.s == NULL || path_dir.s == NULL) {
-                free(rel_dir.s);
-                free(path_dir.s);
-                return -1;
-            }
-            e->list_error = push(w, rel_dir, path_dir);
-            if (e->list_error < 0)
+            char *child = concat(sub, sub_len, it->name, it->len, "/", 1);
+            list_error = child ? push(w, child, sub_len + it->len + 1) : -1;
+            free(child);
+            if (list_error < 0)
                 return -1;
         }
+        if (enqueue(w, &it->st, sub, sub_len, it->name, it->len, it->error, list_error, 0) < 0)
+            return -1;
+        k++;
     }
-    return (Py_ssize_t)k;
+    return 0;
 }
 
-static PyObject *emitted_tuple(const emitted *e) {
-    PyObject *st = (e->root || e->error) ? Py_NewRef(Py_None) : new_stat(&e->st);
-    if (st == NULL)
-        return NULL;
-    return Py_BuildValue("(y#y#Nii)", e->rel.s, (Py_ssize_t)e->rel.len, e->path.s, (Py_ssize_t)e->path.len, st,
-                         e->error, e->list_error);
+static PyObject *joined_bytes(const char *a, size_t la, const char *b, size_t lb) {
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(la + lb));
+    if (out != NULL) {
+        memcpy(PyBytes_AS_STRING(out), a, la);
+        memcpy(PyBytes_AS_STRING(out) + la, b, lb);
+    }
+    return out;
 }
 
-static PyObject *walker_batch(WalkerObject *w, PyObject *arg) {
-    Py_ssize_t max = PyLong_AsSsize_t(arg);
-    if (max < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "max_entries must not be negative");
+static PyObject *queued_tuple(WalkerObject *w, const queued_t *e) {
+    const char *sub = w->arena + e->sub_off;
+    PyObject *rel = e->root ? joined_bytes(w->rel, w->rel_len, "", 0)
+                            : joined_bytes(w->rel_dir, w->rel_dir_len, sub, e->sub_len);
+    PyObject *path = e->root ? joined_bytes(w->path, w->path_len, "", 0)
+                             : joined_bytes(w->path_dir, w->path_dir_len, sub, e->sub_len);
+    PyObject *st = NULL;
+    if (e->root || e->error) {
+        st = Py_NewRef(Py_None);
+    } else {
+        StatObject *s = PyObject_New(StatObject, &StatType);
+        if (s != NULL)
+            s->f = e->f;
+        st = (PyObject *)s;
+    }
+    if (rel == NULL || path == NULL || st == NULL) {
+        Py_XDECREF(rel);
+        Py_XDECREF(path);
+        Py_XDECREF(st);
         return NULL;
+    }
+    return Py_BuildValue("(NNNii)", rel, path, st, e->error, e->list_error);
+}
+
+static int enter(WalkerObject *w) {
+    if (w->path == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the Walker is not initialised");
+        return -1;
     }
     if (w->busy) {
         PyErr_SetString(PyExc_RuntimeError, "a Walker is used by one thread at a time");
-        return NULL;
+        return -1;
     }
-    emitted *out = max ? calloc((size_t)max, sizeof(emitted)) : NULL;
-    if (max && out == NULL)
-        return PyErr_NoMemory();
     w->busy = 1;
-    Py_ssize_t k;
+    return 0;
+}
+
+static Py_ssize_t count_arg(PyObject *arg) {
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n < 0 && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "max_entries must not be negative");
+    return n;
+}
+
+/* An empty queue starts again at the front of its arrays. */
+static void rewind_empty(WalkerObject *w) {
+    if (w->q_head == w->q_len)
+        w->q_head = w->q_len = w->a_len = 0;
+}
+
+static PyObject *walker_prefetch(WalkerObject *w, PyObject *arg) {
+    Py_ssize_t max = count_arg(arg);
+    if (max < 0 || enter(w) < 0)
+        return NULL;
+    rewind_empty(w);
+    int failed;
     Py_BEGIN_ALLOW_THREADS
-    k = walk_some(w, out, (size_t)max);
+    failed = walk_some(w, (size_t)max, 1);
     Py_END_ALLOW_THREADS
     w->busy = 0;
-    PyObject *list = NULL;
-    if (k < 0) {
-        PyErr_NoMemory();
-        k = max;  /* free whatever was filled */
-    } else {
-        list = PyList_New(k);
-        for (Py_ssize_t i = 0; list != NULL && i < k; i++) {
-            PyObject *t = emitted_tuple(&out[i]);
-            if (t == NULL)
-                Py_CLEAR(list);
-            else
-                PyList_SET_ITEM(list, i, t);
-        }
+    if (failed)
+        return PyErr_NoMemory();
+    return PyLong_FromSize_t(w->q_len - w->q_head);
+}
+
+static PyObject *walker_batch(WalkerObject *w, PyObject *arg) {
+    Py_ssize_t max = count_arg(arg);
+    if (max < 0 || enter(w) < 0)
+        return NULL;
+    int failed = 0;
+    rewind_empty(w);
+    if (w->q_len == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        failed = walk_some(w, (size_t)max, 0);
+        Py_END_ALLOW_THREADS
     }
-    for (Py_ssize_t i = 0; i < k; i++) {
-        free(out[i].rel.s);
-        free(out[i].path.s);
+    w->busy = 0;
+    if (failed)
+        return PyErr_NoMemory();
+    size_t n = w->q_len - w->q_head;
+    if (n > (size_t)max)
+        n = (size_t)max;
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; list != NULL && i < n; i++) {
+        PyObject *t = queued_tuple(w, &w->q[w->q_head + i]);
+        if (t == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, (Py_ssize_t)i, t);
     }
-    free(out);
+    if (list == NULL)
+        return NULL;
+    w->q_head += n;
+    if (w->q_head == w->q_len && w->q_cap > 4 * (size_t)max + 256) {  /* a walk ahead taken: give back its room */
+        free(w->q);
+        free(w->arena);
+        w->q = NULL;
+        w->arena = NULL;
+        w->q_head = w->q_len = w->q_cap = w->a_len = w->a_cap = 0;
+    }
     return list;
+}
+
+static PyObject *walker_stop(WalkerObject *w, PyObject *unused) {
+    (void)unused;
+    __atomic_store_n(&w->stop, 1, __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
+}
+
+static PyObject *walker_queued(WalkerObject *w, void *closure) {
+    (void)closure;
+    return PyLong_FromSize_t(w->q_len - w->q_head);
 }
 
 static int walker_init(WalkerObject *w, PyObject *args, PyObject *kwds) {
@@ -406,7 +495,7 @@ static int walker_init(WalkerObject *w, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"rel", "path", NULL};
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "y#y#", kwlist, &rel, &rel_len, &path, &path_len))
         return -1;
-    if (w->root_rel.s != NULL) {
+    if (w->path != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "a Walker is initialised once");
         return -1;
     }
@@ -414,16 +503,19 @@ static int walker_init(WalkerObject *w, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "embedded null byte");
         return -1;
     }
-    w->root_rel.s = malloc((size_t)rel_len + 1);
-    w->root_path.s = malloc((size_t)path_len + 1);
-    if (w->root_rel.s == NULL || w->root_path.s == NULL) {
+    int slash = path_len > 0 && path[path_len - 1] == '/';
+    w->rel = concat(rel, (size_t)rel_len, "", 0, "", 0);
+    w->rel_dir = concat(rel, (size_t)rel_len, "/", rel_len > 0, "", 0);
+    w->path_dir = concat(path, (size_t)path_len, "/", !slash, "", 0);
+    w->path = concat(path, (size_t)path_len, "", 0, "", 0);
+    if (w->rel == NULL || w->rel_dir == NULL || w->path_dir == NULL || w->path == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    memcpy(w->root_rel.s, rel, (size_t)rel_len + 1);
-    memcpy(w->root_path.s, path, (size_t)path_len + 1);
-    w->root_rel.len = (size_t)rel_len;
-    w->root_path.len = (size_t)path_len;
+    w->rel_len = (size_t)rel_len;
+    w->rel_dir_len = (size_t)rel_len + (rel_len > 0);
+    w->path_dir_len = (size_t)path_len + !slash;
+    w->path_len = (size_t)path_len;
     return 0;
 }
 
@@ -431,15 +523,27 @@ static void walker_dealloc(WalkerObject *w) {
     while (w->depth > 0)
         pop(w);
     free(w->stack);
-    free(w->root_rel.s);
-    free(w->root_path.s);
+    free(w->q);
+    free(w->arena);
+    free(w->rel);
+    free(w->rel_dir);
+    free(w->path_dir);
+    free(w->path);
     Py_TYPE(w)->tp_free((PyObject *)w);
 }
 
 static PyMethodDef walker_methods[] = {
+    {"prefetch", (PyCFunction)walker_prefetch, METH_O,
+     "prefetch(max_entries) -> entries queued; walks without the GIL until max_entries more or stop()."},
     {"batch", (PyCFunction)walker_batch, METH_O,
      "batch(max_entries) -> [(rel, path, stat | None, errno, list_errno)]; [] when the walk is done."},
+    {"stop", (PyCFunction)walker_stop, METH_NOARGS, "End a prefetch running on another thread."},
     {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef walker_getset[] = {
+    {"queued", (getter)walker_queued, NULL, "Entries walked and not yet handed over.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyTypeObject WalkerType = {
@@ -452,6 +556,7 @@ static PyTypeObject WalkerType = {
     .tp_init = (initproc)walker_init,
     .tp_dealloc = (destructor)walker_dealloc,
     .tp_methods = walker_methods,
+    .tp_getset = walker_getset,
 };
 
 static PyMethodDef methods[] = {

@@ -1,12 +1,13 @@
 """The source tree of a backup: its roots, and its entries in manifest order.
 
-A walk of tens of thousands of entries is mostly lstat calls, each directory
-listed and stat'ed by one call into C with the GIL released, and a backup
-cannot start before the repository's key is derived (scrypt, about half a
-second, with the GIL released).  ``SourceWalk.start`` walks ahead on a thread
-meanwhile; when the backup begins consuming, the thread stops and the backup
-continues the same walk itself, so stat results are never much older than
-they would be in a plain walk.
+A walk of tens of thousands of entries is mostly lstat calls, made in C with
+the GIL released: a whole subtree by one walker (``_scandir.Walker``), or a
+directory per call where excludes need Python to judge each entry.  A backup
+cannot walk before it has started up: imports, the key (scrypt, about half a
+second, with the GIL released), the index and the parent's manifest.
+``SourceWalk.start`` walks ahead on a thread meanwhile; when the backup begins
+consuming, the thread stops and the backup continues the same walk itself, so
+stat results are never much older than they would be in a plain walk.
 """
 from __future__ import annotations
 
@@ -100,17 +101,14 @@ class SourceWalk:
     ``ahead`` entries) until iteration begins.  A walk ahead older than
     ``STALE_AFTER`` seconds when iteration begins (the backup waited for a
     lock) is thrown away and the walk starts again, so that files changed
-    meanwhile are not read against old metadata.  A directory's entries are
-    listed and stat'ed in one call; an entry reached more than
-    ``RESTAT_AFTER`` seconds after that (its earlier siblings' subtrees took
-    long) is stat'ed again.
+    meanwhile are not read against old metadata.  An entry reached more than
+    ``RESTAT_AFTER`` seconds after it was stat'ed (its earlier siblings'
+    subtrees took long) is stat'ed again.
     """
 
     STALE_AFTER = 30.0
     RESTAT_AFTER = 2.0
-    #: Entries per call into the C walk: larger ahead, where each call waits for the GIL once, than
-    #: where the backup consumes them as they come.
-    AHEAD_BATCH = 8192
+    #: Entries per call into the C walk as the backup takes them.
     BATCH = 1024
 
     def __init__(self, roots: list[tuple[bytes, bytes]], excludes: list[str] | None = None, *,
@@ -120,7 +118,8 @@ class SourceWalk:
         self.excludes = list(excludes or [])
         self.warnings = warnings if warnings is not None else []
         self._ahead = ahead
-        self._batch = self.BATCH
+        self._walking_ahead = False
+        self._ahead_walker: "Walker | None" = None
         self._walk = self._entries()
         self._buffered: list[SourceItem] = []
         self._stop = threading.Event()
@@ -146,23 +145,33 @@ class SourceWalk:
 
     def _prefetch(self) -> None:
         buf, stop, limit = self._buffered, self._stop, self._ahead
-        self._batch = max(1, min(self.AHEAD_BATCH, limit))
+        self._walking_ahead = True
         try:
             for item in self._walk:
+                if item is None:  # the rest of the allowance waits in the C walk's queue
+                    return
                 buf.append(item)
                 if len(buf) >= limit or stop.is_set():
                     return
         except BaseException as exc:  # handed to the consumer
             self._error = exc
+        finally:
+            self._walking_ahead = False
+
+    def _stop_ahead(self) -> None:
+        self._stop.set()
+        walker = self._ahead_walker
+        if walker is not None:
+            walker.stop()
+        if self._thread is not None:
+            self._thread.join()
 
     def __iter__(self) -> Iterator[SourceItem]:
         if self._iterated:
             raise RuntimeError("a SourceWalk is iterated once")
         self._iterated = True
         if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._batch = self.BATCH
+            self._stop_ahead()
             if time.monotonic() - self._started > self.STALE_AFTER:
                 del self.warnings[self._prefetch_warnings:]
                 self._buffered, self._error = [], None
@@ -175,9 +184,7 @@ class SourceWalk:
 
     def close(self) -> None:
         """Stop a walk that will not be consumed."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._stop_ahead()
 
     def excluded(self, rel: bytes) -> bool:
         s = os.fsdecode(rel)
@@ -204,7 +211,7 @@ class SourceWalk:
             self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {exc.strerror}")
             return [], False
 
-    def _entries(self) -> Iterator[SourceItem]:
+    def _entries(self) -> Iterator[SourceItem | None]:
         """An explicit stack of iterators over (manifest path, disk path, lstat or None, errno), not
         recursion: each entry is yielded through one frame, not one per level.  The roots are the
         bottom iterator and are never excluded."""
@@ -233,18 +240,26 @@ class SourceWalk:
             yield rel, path, st, ok
             stack.append(self._children(rel + b"/" if rel else b"", os.path.join(path, b""), listing))
 
-    def _tree(self, rel: bytes, path: bytes, root_st: os.stat_result) -> Iterator[SourceItem]:
+    def _tree(self, rel: bytes, path: bytes, root_st: os.stat_result) -> Iterator[SourceItem | None]:
         """The directory at ``path`` and its subtree, walked in C: what the per-directory walk above
-        yields for it.  A batch lists and stats thousands of entries with the GIL released, so a walk
-        ahead keeps going while the backup's main thread is busy in Python; a call per directory
-        waited for the GIL thousands of times.  Excluding needs Python per entry, so it takes the
-        per-directory walk."""
+        yields for it.  Walking ahead, one call walks the whole allowance with no GIL held, queued in C,
+        and the walk ahead ends there (a None tells it so); a thread walking directory by directory
+        waited for the GIL at each one while the backup's main thread was busy.  Excluding needs Python
+        per entry, so it takes the per-directory walk."""
         walker = Walker(rel, path)
         restat_after, lstat, isdir = self.RESTAT_AFTER, os.lstat, stat.S_ISDIR
         cut: bytes | None = None  # a directory that is none any more when stat'ed again: skip its subtree
+        scanned = time.monotonic()
+        if self._walking_ahead:
+            self._ahead_walker = walker
+            if not self._stop.is_set():  # stop() may have come before the walker was published
+                walker.prefetch(max(0, self._ahead - len(self._buffered)))
+            self._ahead_walker = None
+            yield None
         while True:
-            scanned = time.monotonic()
-            batch = walker.batch(self._batch)
+            if not walker.queued:  # queued entries were stat'ed when the walk ahead began
+                scanned = time.monotonic()
+            batch = walker.batch(self.BATCH)
             if not batch:
                 return
             for rel, path, st, err, list_err in batch:

@@ -63,7 +63,7 @@ def test_walk_yields_every_entry_in_manifest_order(tmp_path_factory, spec, ahead
     root = os.fsencode(tmp_path_factory.mktemp("src"))
     build(root, spec)
     walk = SourceWalk([(b"", root)], ahead=ahead)
-    walk.BATCH = walk.AHEAD_BATCH = batch
+    walk.BATCH = batch
     with contextlib.nullcontext() if c_walk else per_directory_walk():
         if start:
             walk.start()
@@ -189,6 +189,46 @@ def test_a_directory_replaced_before_it_is_reached_leaves_out_its_old_subtree(tm
     rest = [(rel, stat.S_IFMT(st_.st_mode)) for rel, _, st_, _ in it]
     assert rest == [(b"a", stat.S_IFLNK), (b"b", stat.S_IFREG)]
     assert walk.warnings == []
+
+
+@pytest.mark.skipif(source.Walker is None, reason="the C walker is not built")
+def test_the_c_walker_queues_ahead_stops_when_told_and_hands_over_in_order(tmp_path):
+    for d in range(3):
+        (tmp_path / f"d{d}").mkdir()
+        for f in range(40):
+            (tmp_path / f"d{d}" / f"f{f:02}").write_bytes(b"x")
+    root = os.fsencode(tmp_path)
+    everything = [t[:2] for t in source.Walker(b"r", root).batch(1000)]
+    assert len(everything) == 1 + 3 * 41 and everything[0] == (b"r", root)
+    w = source.Walker(b"r", root)
+    assert w.prefetch(10) == 10 == w.queued
+    w.stop()
+    assert w.prefetch(50) == 10  # stopped: walks no further
+    first = w.batch(4)  # queued entries first, at most as many as asked
+    assert w.queued == 6
+    rest = w.batch(100)
+    assert len(rest) == 6 and w.queued == 0  # only what was queued...
+    while batch := w.batch(7):  # ...then the walk goes on where the queue ended
+        rest += batch
+    assert [t[:2] for t in first + rest] == everything
+    assert w.batch(5) == []
+
+
+def test_a_walk_ahead_stopped_early_still_yields_everything(tmp_path):
+    for d in range(20):
+        (tmp_path / f"d{d:02}").mkdir()
+        for f in range(100):
+            (tmp_path / f"d{d:02}" / f"f{f:02}").write_bytes(b"x")
+    with per_directory_walk():
+        expected = [rel for rel, *_ in SourceWalk.of_paths([str(tmp_path)])]
+    for ahead in (5, 1000, 1 << 16):
+        walk = SourceWalk.of_paths([str(tmp_path)])
+        walk._ahead = ahead
+        walk.start()
+        assert [rel for rel, *_ in walk] == expected  # iteration stops the walk ahead wherever it is
+    abandoned = SourceWalk.of_paths([str(tmp_path)]).start()
+    abandoned.close()
+    assert not abandoned._thread.is_alive()
 
 
 def test_the_scanner_lists_and_stats_as_python_does(tmp_path):
