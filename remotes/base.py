@@ -65,6 +65,9 @@ class Remote(ABC):
     #: True when a forked child process may go on reading through this object (no
     #: sockets, threads or file offsets shared with the parent): local disk.
     fork_safe: bool = False
+    #: True when a ranged read costs no round trip (local disk): a reader may then take a large
+    #: object in small ranges to hold less of it in memory; elsewhere it asks once for the whole.
+    cheap_ranges: bool = False
 
     @abstractmethod
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:

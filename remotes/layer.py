@@ -63,6 +63,7 @@ class RetryingRemote(Remote):
         self.inner = inner
         self.display_url = inner.display_url
         self.fork_safe = inner.fork_safe
+        self.cheap_ranges = inner.cheap_ranges
         self.attempts = attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
@@ -177,6 +178,7 @@ class CachingRemote(Remote):
         self.inner = inner
         self.display_url = inner.display_url
         self.fork_safe = inner.fork_safe
+        self.cheap_ranges = inner.cheap_ranges
         self.cache_dir = os.path.abspath(os.fspath(cache_dir))
         self.prefixes = tuple(prefixes)
         self._lock = threading.Lock()

@@ -101,8 +101,26 @@ def parse_trailer(tail: bytes, pack_size: int, what: str) -> int:
     return header_len
 
 
+def read_windows(entries: list[PackEntry], body_length: int, limit: int) -> list[tuple[int, int, list[PackEntry]]]:
+    """``[0, body_length)`` cut into consecutive (start, end, entries) ranges, each holding whole blobs and
+    at most ``limit`` bytes unless one blob alone is larger: a pack read range by range, its every byte
+    read once and in order (its name is the hash of them all), while no more than a range is in memory."""
+    out: list[tuple[int, int, list[PackEntry]]] = []
+    start = high = 0
+    current: list[PackEntry] = []
+    for e in sorted(entries, key=lambda e: e.offset):
+        end = e.offset + e.length
+        if current and e.offset >= high and max(high, end) - start > limit:
+            out.append((start, e.offset, current))
+            start, current = e.offset, []
+        current.append(e)
+        high = max(high, end)
+    out.append((start, body_length, current))
+    return out
+
+
 def read_pack(sealer: Sealer, data: bytes, what: str) -> list[PackEntry]:
-    """Entries of a whole pack held in memory (used by check and repair)."""
+    """Entries of a whole pack held in memory (the format's reader in one call; check reads packs in windows)."""
     header_len = parse_trailer(data[-TRAILER.size :], len(data), what)
     body_len = len(data) - TRAILER.size - header_len
     return open_header(sealer, memoryview(data)[body_len : len(data) - TRAILER.size], what, body_len)

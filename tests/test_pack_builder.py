@@ -63,3 +63,23 @@ def test_an_envelope_larger_than_the_buffer_moves_the_pack_to_a_larger_one():
     data, envelopes = _build(buffers, [3000, 50_000, 10])
     entries = read_pack(SEALER, data, "p")
     assert [data[e.offset : e.offset + e.length] for e in entries] == envelopes
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(1, 3000), max_size=30), st.integers(1, 10_000), st.integers(0, 500))
+def test_read_windows_cover_a_pack_in_order_with_whole_blobs(lengths, limit, tail_gap):
+    from chunkvault.store.pack import PackEntry, read_windows
+
+    entries, pos = [], 0
+    for i, n in enumerate(lengths):
+        entries.append(PackEntry(bytes([i]) * 32, 0, pos, n, n))
+        pos += n
+    body = pos + tail_gap
+    windows = read_windows(list(reversed(entries)), body, limit)
+    assert windows[0][0] == 0 and windows[-1][1] == body
+    assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))  # consecutive, no byte twice
+    assert [e for _, _, w in windows for e in w] == entries  # every blob once, in pack order
+    for start, end, w in windows:
+        assert all(start <= e.offset and e.offset + e.length <= end for e in w)
+        if len(w) > 1:
+            assert w[-1].offset + w[-1].length - start <= limit

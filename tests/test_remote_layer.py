@@ -512,3 +512,12 @@ def test_slow_responses_and_fail_ops(tmp_path):
     assert sleep.delays == [1.5, 1.5, 1.5] and faulty.faults["delayed"] == 3
     with pytest.raises(ValueError):
         FaultyRemote(_local(tmp_path), seed=1, fail_ops=["teleport"])
+
+
+def test_layers_keep_what_the_inner_remote_says_of_its_reads(tmp_path):
+    """Whether ranged reads are cheap, and whether a forked child may read on, is the backend's."""
+    local = _local(tmp_path)
+    for layer in (_retrying(local), CachingRemote(local, tmp_path / "cache"), _retrying(CachingRemote(local, tmp_path / "c2"))):
+        assert (layer.cheap_ranges, layer.fork_safe) == (True, True)
+    far = RaisingRemote(OSError("unused"))
+    assert (_retrying(far).cheap_ranges, _retrying(far).fork_safe) == (False, False)
