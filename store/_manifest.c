@@ -1,12 +1,12 @@
 /* Manifest records decoded in C: the loop of store/manifest.py's decode_records.
  *
  * Every command that reads a snapshot decodes its manifest, one record per
- * path; in Python the struct unpacking and slicing cost about 2 us a record,
- * more than building the Record and Entry themselves.  This module does the
- * parsing and calls the two classes it is given, so the objects are exactly
- * those the Python decoder builds.  The layout is store/FORMAT.md's
- * "Manifest"; the Python decoder stays the reference, and the tests hold
- * the two to the same results on random and damaged input.
+ * path; in Python the struct unpacking and slicing cost more than building
+ * the Record and Entry themselves (1.2 us a record in all, 0.7 here).  This
+ * module does the parsing and calls the two classes it is given, so the
+ * objects are exactly those the Python decoder builds.  The layout is
+ * store/FORMAT.md's "Manifest"; the Python decoder stays the reference, and
+ * the tests hold the two to the same results on random and damaged input.
  *
  *   decode(buf, record_cls, entry_cls, delete_op, max_type) -> (records, bytes consumed)
  *   ops run from 0 to delete_op (the last), entry types from 0 to max_type;
