@@ -116,10 +116,12 @@ class Selection:
 
 
 def safe_relpath(path: bytes) -> bytes:
+    """``path`` if it stays below the target: relative, no NUL, no empty, "." or ".." component.
+    Searched for as byte strings, not split into components: a restore asks once per entry."""
     if path == b"":
         return path
-    parts = path.split(b"/")
-    if path.startswith(b"/") or any(p in (b"", b".", b"..") or b"\x00" in p for p in parts):
+    framed = b"/" + path + b"/"
+    if path[:1] == b"/" or b"\x00" in path or b"//" in framed or b"/./" in framed or b"/../" in framed:
         raise CorruptObject("manifest", f"unsafe path {path!r}")
     return path
 
@@ -233,6 +235,7 @@ class Restorer:
             raise UsageError("--delta compares chunks by their repository ids: it needs a repository")
         self.repo = repo
         self.target = os.fsencode(os.path.abspath(target))
+        self._target_prefix = os.path.join(self.target, b"")  # what dest() puts before a safe relative path
         self.opt = options
         self.owners = options.owners if options.owners is not None else (os.geteuid() == 0)
         self.result = RestoreResult()
@@ -263,7 +266,7 @@ class Restorer:
         self._real_target = os.path.realpath(t)
 
     def dest(self, rel: bytes) -> bytes:
-        return os.path.join(self.target, safe_relpath(rel)) if rel else self.target
+        return self._target_prefix + safe_relpath(rel) if rel else self.target
 
     def run(self, records: Iterator[Record]) -> RestoreResult:
         self.check_target()

@@ -256,3 +256,27 @@ def test_a_hard_link_to_a_file_below_a_symbolic_link_is_refused(tmp_path, new_re
     with pytest.raises(CorruptObject, match="hard link"):
         repo.restore("latest", str(tmp_path / "out"))
     assert not (tmp_path / "out" / "b").exists()
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from([b"a", b".", b"..", b"", b"...", b".a", b"a.", b"\x00", b"b\x00", b"/"]),
+                min_size=1, max_size=6).map(b"/".join))
+def test_a_path_is_safe_exactly_when_every_component_is_a_name(path):
+    from chunkvault.store.restore import safe_relpath
+
+    parts = path.split(b"/")
+    unsafe = path.startswith(b"/") or any(p in (b"", b".", b"..") or b"\x00" in p for p in parts)
+    if path == b"" or not unsafe:
+        assert safe_relpath(path) == path
+    else:
+        with pytest.raises(CorruptObject, match="unsafe path"):
+            safe_relpath(path)
+
+
+@pytest.mark.parametrize("path", [b"../escape", b"a/../../escape", b"/abs", b"a//b", b"a/./b"])
+def test_a_crafted_path_out_of_the_target_is_refused(tmp_path, new_repo, path):
+    repo = new_repo()
+    _crafted(repo, [_root(), Entry(path=path, type=T_FILE, mode=0o644, chunks=b"escaping")])
+    with pytest.raises(CorruptObject, match="unsafe path"):
+        repo.restore("latest", str(tmp_path / "out" / "deep"))
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "out" / "escape").exists()
