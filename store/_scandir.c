@@ -164,7 +164,9 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
  * in a compact queue (about 210 bytes an entry with its path, against 470
  * for the Python objects it becomes) until the backup takes it.
  *
- *   Walker(rel: bytes, path: bytes)  the directory at path, recorded as rel
+ *   Walker(rel: bytes, path: bytes, excludes=None)  the directory at path, recorded
+ *       as rel, leaving out (with their subtrees) entries whose path or name
+ *       an exclude pattern matches; a pattern is bytes of literals and "*".
  *   .prefetch(max_entries) -> int    walk up to max_entries more into the queue,
  *       the GIL released throughout; ends early once stop() is called (from
  *       another thread); returns how many entries are queued.
@@ -250,8 +252,55 @@ typedef struct {
     size_t q_head, q_len, q_cap;
     char *arena;
     size_t a_len, a_cap;
+    char **globs;  /* exclude patterns: literal bytes and "*" (SourceWalk sends no others) */
+    size_t *glob_lens, nglobs;
+    char *scratch;  /* an entry's path below the walk's top, to match against the globs */
+    size_t scratch_cap;
     int started, busy, stop;
 } WalkerObject;
+
+/* fnmatch's answer for a pattern of literal bytes and "*" (any run of bytes, "/" included). */
+static int star_match(const char *p, size_t pl, const char *s, size_t sl) {
+    size_t pi = 0, si = 0, star = (size_t)-1, mark = 0;
+    while (si < sl) {
+        if (pi < pl && p[pi] == '*') {
+            star = pi++;
+            mark = si;
+        } else if (pi < pl && p[pi] == s[si]) {
+            pi++;
+            si++;
+        } else if (star != (size_t)-1) {
+            pi = star + 1;
+            si = ++mark;
+        } else {
+            return 0;
+        }
+    }
+    while (pi < pl && p[pi] == '*')
+        pi++;
+    return pi == pl;
+}
+
+/* Is the entry ``name`` of the directory ``sub`` excluded (a glob matches its path or its name)?
+ * 1 or 0, -1 when out of memory. */
+static int excluded(WalkerObject *w, const char *sub, size_t sub_len, const char *name, size_t len) {
+    size_t n = w->rel_dir_len + sub_len + len;
+    if (n > w->scratch_cap) {
+        char *grown = realloc(w->scratch, 2 * n);
+        if (grown == NULL)
+            return -1;
+        w->scratch = grown;
+        w->scratch_cap = 2 * n;
+    }
+    memcpy(w->scratch, w->rel_dir, w->rel_dir_len);
+    memcpy(w->scratch + w->rel_dir_len, sub, sub_len);
+    memcpy(w->scratch + w->rel_dir_len + sub_len, name, len);
+    for (size_t i = 0; i < w->nglobs; i++)
+        if (star_match(w->globs[i], w->glob_lens[i], w->scratch, n)
+            || star_match(w->globs[i], w->glob_lens[i], name, len))
+            return 1;
+    return 0;
+}
 
 static char *concat(const char *a, size_t la, const char *b, size_t lb, const char *c, size_t lc) {
     char *s = malloc(la + lb + lc + 1);
@@ -352,6 +401,13 @@ static int walk_some(WalkerObject *w, size_t max, int stoppable) {
         item *it = &f->items[f->next++];
         const char *sub = f->sub;  /* the frame may move when a directory is pushed; its strings do not */
         size_t sub_len = f->sub_len;
+        if (w->nglobs) {
+            int x = excluded(w, sub, sub_len, it->name, it->len);
+            if (x < 0)
+                return -1;
+            if (x)
+                continue;
+        }
         int list_error = 0;
         if (!it->error && S_ISDIR(it->st.st_mode)) {
             char *child = concat(sub, sub_len, it->name, it->len, "/", 1);
@@ -490,11 +546,40 @@ static PyObject *walker_queued(WalkerObject *w, void *closure) {
     return PyLong_FromSize_t(w->q_len - w->q_head);
 }
 
+/* The exclude patterns, a sequence of bytes; 0, or -1 with an exception set. */
+static int set_globs(WalkerObject *w, PyObject *excludes) {
+    PyObject *seq = PySequence_Fast(excludes, "excludes must be a sequence of bytes");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    w->globs = calloc((size_t)n + 1, sizeof(char *));
+    w->glob_lens = calloc((size_t)n + 1, sizeof(size_t));
+    int failed = w->globs == NULL || w->glob_lens == NULL;
+    if (failed)
+        PyErr_NoMemory();
+    for (Py_ssize_t i = 0; !failed && i < n; i++) {
+        char *g;
+        Py_ssize_t len;
+        if (PyBytes_AsStringAndSize(PySequence_Fast_GET_ITEM(seq, i), &g, &len) < 0) {
+            failed = 1;
+        } else if ((w->globs[i] = concat(g, (size_t)len, "", 0, "", 0)) == NULL) {
+            PyErr_NoMemory();
+            failed = 1;
+        } else {
+            w->glob_lens[i] = (size_t)len;
+            w->nglobs = (size_t)i + 1;
+        }
+    }
+    Py_DECREF(seq);
+    return failed ? -1 : 0;
+}
+
 static int walker_init(WalkerObject *w, PyObject *args, PyObject *kwds) {
     const char *rel, *path;
     Py_ssize_t rel_len, path_len;
-    static char *kwlist[] = {"rel", "path", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y#y#", kwlist, &rel, &rel_len, &path, &path_len))
+    PyObject *excludes = NULL;
+    static char *kwlist[] = {"rel", "path", "excludes", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y#y#|O", kwlist, &rel, &rel_len, &path, &path_len, &excludes))
         return -1;
     if (w->path != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "a Walker is initialised once");
@@ -517,7 +602,7 @@ static int walker_init(WalkerObject *w, PyObject *args, PyObject *kwds) {
     w->rel_dir_len = (size_t)rel_len + (rel_len > 0);
     w->path_dir_len = (size_t)path_len + !slash;
     w->path_len = (size_t)path_len;
-    return 0;
+    return excludes == NULL || excludes == Py_None ? 0 : set_globs(w, excludes);
 }
 
 static void walker_dealloc(WalkerObject *w) {
@@ -530,6 +615,11 @@ static void walker_dealloc(WalkerObject *w) {
     free(w->rel_dir);
     free(w->path_dir);
     free(w->path);
+    for (size_t i = 0; i < w->nglobs; i++)
+        free(w->globs[i]);
+    free(w->globs);
+    free(w->glob_lens);
+    free(w->scratch);
     Py_TYPE(w)->tp_free((PyObject *)w);
 }
 
@@ -552,7 +642,7 @@ static PyTypeObject WalkerType = {
     .tp_name = "chunkvault.store._scandir.Walker",
     .tp_basicsize = sizeof(WalkerObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Walker(rel, path): a directory's subtree in manifest order, in batches.",
+    .tp_doc = "Walker(rel, path, excludes=None): a directory's subtree in manifest order, in batches.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)walker_init,
     .tp_dealloc = (destructor)walker_dealloc,

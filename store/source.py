@@ -2,7 +2,8 @@
 
 A walk of tens of thousands of entries is mostly lstat calls, made in C with
 the GIL released: a whole subtree by one walker (``_scandir.Walker``), or a
-directory per call where excludes need Python to judge each entry.  A backup
+directory per call where an exclude glob needs Python to judge each entry (one
+with "?" or "[...]").  A backup
 cannot walk before it has started up: imports, the key (scrypt, about half a
 second, with the GIL released), the index and the parent's manifest.
 ``SourceWalk.start`` walks ahead on a thread meanwhile; when the backup begins
@@ -116,6 +117,10 @@ class SourceWalk:
         self.roots = roots
         self.paths = paths if paths is not None else [os.fsdecode(p) for _, p in roots]
         self.excludes = list(excludes or [])
+        # Globs of literals and "*" the C walk matches itself; "?" and "[...]" match characters, not
+        # bytes, so a walk with those asks Python about each entry, directory by directory.
+        self._c_excludes = ([os.fsencode(g) for g in self.excludes]
+                            if not any("?" in g or "[" in g for g in self.excludes) else None)
         self.warnings = warnings if warnings is not None else []
         self._ahead = ahead
         self._walking_ahead = False
@@ -233,7 +238,7 @@ class SourceWalk:
             if not isdir(st.st_mode):
                 yield rel, path, st, True
                 continue
-            if Walker is not None and not excludes:
+            if Walker is not None and self._c_excludes is not None:
                 yield from self._tree(rel, path, st)
                 continue
             listing, ok = self._scan(path)
@@ -245,8 +250,8 @@ class SourceWalk:
         yields for it.  Walking ahead, one call walks the whole allowance with no GIL held, queued in C,
         and the walk ahead ends there (a None tells it so); a thread walking directory by directory
         waited for the GIL at each one while the backup's main thread was busy.  Excluding needs Python
-        per entry, so it takes the per-directory walk."""
-        walker = Walker(rel, path)
+        per entry where a glob matches characters, so that takes the per-directory walk."""
+        walker = Walker(rel, path, self._c_excludes)
         restat_after, lstat, isdir = self.RESTAT_AFTER, os.lstat, stat.S_ISDIR
         cut: bytes | None = None  # a directory that is none any more when stat'ed again: skip its subtree
         scanned = time.monotonic()

@@ -174,6 +174,39 @@ def test_the_c_walk_yields_what_the_per_directory_walk_does(tmp_path):
     assert any("cannot read directory" in w and "too long" in w for w in warnings)
 
 
+GLOBS = st.lists(st.sampled_from(["a", "b", "*", "/", ".", "a*", "\xff", "\udcff", "*b", "z*", "a/*"]),
+                 min_size=1, max_size=4).map("".join)
+
+
+@settings(max_examples=80, deadline=None)
+@given(spec=st.dictionaries(NAMES, trees, max_size=5), excludes=st.lists(GLOBS, max_size=3), start=st.booleans())
+def test_the_c_walk_excludes_what_the_per_directory_walk_does(tmp_path_factory, spec, excludes, start):
+    """Globs of literals and "*" are matched in C, on bytes; Python's fnmatch, on the decoded path
+    and name, is the reference (names that are not UTF-8 included)."""
+    root = os.fsencode(tmp_path_factory.mktemp("src"))
+    build(root, spec)
+
+    def walk():
+        w = SourceWalk([(b"", root)], excludes)
+        if start:
+            w.start()
+        return [rel for rel, *_ in w], w.warnings
+
+    assert SourceWalk([(b"", root)], excludes)._c_excludes is not None
+    items = walk()
+    with per_directory_walk():
+        assert items == walk()
+
+
+def test_globs_matching_characters_take_the_per_directory_walk(tmp_path):
+    (tmp_path / "ab").write_bytes(b"1")
+    (tmp_path / "\u00e9b").write_bytes(b"1")  # one character, two bytes: "?" matches it, not one byte
+    (tmp_path / "zz").write_bytes(b"1")
+    walk = SourceWalk.of_paths([str(tmp_path)], ["?b"])
+    assert walk._c_excludes is None
+    assert [rel for rel, *_ in walk] == [b"", b"zz"]
+
+
 def test_a_directory_replaced_before_it_is_reached_leaves_out_its_old_subtree(tmp_path, monkeypatch):
     """The C walk lists a directory's subtree ahead; stat'ed again late, the directory is now a symlink
     to where it went: its old entries, still there through the link, are not entries of the symlink."""
