@@ -252,7 +252,7 @@ class SourceWalk:
         waited for the GIL at each one while the backup's main thread was busy.  Excluding needs Python
         per entry where a glob matches characters, so that takes the per-directory walk."""
         walker = Walker(rel, path, self._c_excludes)
-        restat_after, lstat, isdir = self.RESTAT_AFTER, os.lstat, stat.S_ISDIR
+        restat_after, isdir = self.RESTAT_AFTER, stat.S_ISDIR
         cut: bytes | None = None  # a directory that is none any more when stat'ed again: skip its subtree
         scanned = time.monotonic()
         if self._walking_ahead:
@@ -277,14 +277,10 @@ class SourceWalk:
                     st = root_st
                 elif time.monotonic() - scanned > restat_after:
                     was_dir = isdir(st.st_mode)
-                    try:
-                        st = lstat(path)
-                    except OSError as exc:
-                        st, err = None, exc.errno or errno.EIO
+                    st = self._lstat(path)  # a warning when it fails
                     if was_dir and (st is None or not isdir(st.st_mode)):
                         cut = rel + b"/"
                     if st is None:
-                        self._stat_failed(path, err)
                         continue
                 if list_err:
                     self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {os.strerror(list_err)}")
