@@ -13,7 +13,7 @@ Prints figures and ratios to restic.
 
 ``--tools`` may add ``chunkvault+secret``: chunkvault opened with a generated
 key secret (``init --generate-secret``) instead of a password, so no command
-spends scrypt's half second and 64 MiB.
+spends scrypt's half second and 32 MiB.
 
 With ``--repeat N`` the unchanged backup, the 1 % backup (a new 1 % each
 time), the restore and the check run N times, the tools taking turns, and

@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 
 import blake3
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -55,10 +53,18 @@ class Sealer:
     Random nonces keep every object independent (a blob can move between packs
     unchanged); the usual bound of 2**32 messages per key is far above any
     repository's object count (see store/FORMAT.md).
+
+    cryptography is imported here, at first use, not with the module: its
+    6 MB then come after a password's scrypt has freed its 32 MiB instead of
+    on top of them, where a command's memory peaks.
     """
 
     def __init__(self, key: bytes):
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self._aead = AESGCM(key)
+        self._invalid_tag = InvalidTag
 
     def seal(self, plaintext: bytes, ad: bytes) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
@@ -70,7 +76,7 @@ class Sealer:
         sealed = memoryview(sealed)
         try:
             return self._aead.decrypt(bytes(sealed[:NONCE_SIZE]), sealed[NONCE_SIZE:], ad)
-        except InvalidTag:
+        except self._invalid_tag:
             raise AuthenticationFailed("authentication tag mismatch") from None
 
 
@@ -93,6 +99,7 @@ def content_name(data: bytes | memoryview) -> str:
 
 SCRYPT_R = 8
 SCRYPT_P = 1
+MAX_P = 64  # the most lanes a key file may ask for: bounds what a planted one can make us compute
 MIN_LOG_N = 10
 MAX_LOG_N = 22
 
@@ -100,7 +107,7 @@ MAX_LOG_N = 22
 def derive_kek(password: bytes, salt: bytes, log_n: int, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
     if not MIN_LOG_N <= log_n <= MAX_LOG_N:
         raise ValueError(f"scrypt cost 2**{log_n} out of range")
-    if not (1 <= r <= 32 and 1 <= p <= 64):  # bounds what a planted key file can make us compute
+    if not (1 <= r <= 32 and 1 <= p <= MAX_P):
         raise ValueError(f"scrypt r={r} p={p} out of range")
     n = 1 << log_n
     return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=256 * r * n + (1 << 20), dklen=KEY_SIZE)
@@ -124,7 +131,7 @@ def new_secret() -> bytes:
     A password needs scrypt because people choose guessable ones; 256 random
     bits cannot be guessed, so a key file for a secret wraps the key under a
     plain keyed hash, and opening a repository costs microseconds, not half a
-    second and 64 MiB.  The checksum keeps a typed or truncated string from
+    second and 32 MiB.  The checksum keeps a typed or truncated string from
     passing for a secret (it is then an ordinary password).
     """
     return encode_secret(os.urandom(SECRET_RANDOM))
@@ -162,16 +169,16 @@ def derive_secret_kek(secret: bytes, salt: bytes) -> bytes:
     return blake3.blake3(salt + raw, derive_key_context=_SECRET_CONTEXT).digest(KEY_SIZE)
 
 
-MEMORY_LOG_N = 16  # 128 * r * 2**16 = 64 MiB: the peak memory of opening a repository
-MAX_TUNED_P = 16
+MEMORY_LOG_N = 15  # 128 * r * 2**15 = 32 MiB, restic's bound too: the peak memory of opening a repository
 
 
 def tune_scrypt(target_seconds: float) -> tuple[int, int]:
     """(log2 N, p) so that a derivation takes about ``target_seconds`` here.
 
-    N grows first, up to 64 MiB of memory (as restic caps its KDF near 60 MiB);
-    beyond that the time comes from p, which costs time but no more memory, so
-    opening a repository never dominates a command's peak memory.
+    N grows first, up to 32 MiB of memory (restic's bound as well); beyond
+    that the time comes from p, lanes computed one after another, which cost
+    time but no more memory, so opening a repository does not set a
+    command's peak memory.  Only a target beyond 64 lanes grows N further.
     """
     log_n = MIN_LOG_N
     start = time.perf_counter()
@@ -180,9 +187,12 @@ def tune_scrypt(target_seconds: float) -> tuple[int, int]:
     while log_n < MEMORY_LOG_N and elapsed * 2 <= target_seconds:
         log_n += 1
         elapsed *= 2
-    if log_n == MEMORY_LOG_N and elapsed * 2 <= target_seconds:
-        start = time.perf_counter()  # measured, not extrapolated: large N runs slower than small N suggests
-        derive_kek(b"tune", b"0" * 16, log_n)
-        elapsed = time.perf_counter() - start
-        return log_n, max(1, min(MAX_TUNED_P, round(target_seconds / elapsed)))
-    return log_n, 1
+    if log_n < MEMORY_LOG_N or elapsed * 2 > target_seconds:
+        return log_n, 1
+    start = time.perf_counter()  # measured, not extrapolated: large N runs slower than small N suggests
+    derive_kek(b"tune", b"0" * 16, log_n)
+    elapsed = time.perf_counter() - start
+    while log_n < MAX_LOG_N and elapsed * MAX_P < target_seconds:
+        log_n += 1
+        elapsed *= 2
+    return log_n, max(1, min(MAX_P, round(target_seconds / elapsed)))

@@ -1,7 +1,7 @@
 """Unlocking a repository: finding the key file the password opens.
 
 The one step of opening that needs the password, kept apart from the rest of
-the store (and its heavy imports): scrypt's memory (64 MiB) is then the
+the store (and its heavy imports): scrypt's memory (32 MiB) is then the
 largest thing alive while it runs, instead of coming on top of every module
 a command needs, which keeps a command's peak memory down.
 """

@@ -472,12 +472,15 @@ def test_key_file_with_hostile_kdf_parameters():
 
 
 def test_kdf_tuning_caps_memory_and_grows_p_for_time():
-    from chunkvault.store.crypto import MEMORY_LOG_N, tune_scrypt
+    from chunkvault.store.crypto import MAX_P, MEMORY_LOG_N, SCRYPT_R, tune_scrypt
 
+    assert 128 * SCRYPT_R << MEMORY_LOG_N == 32 << 20  # restic's bound
     log_n, p = tune_scrypt(0.01)
     assert log_n <= MEMORY_LOG_N and p == 1
-    log_n, p = tune_scrypt(5.0)  # far more time than 64 MiB of scrypt takes: p carries the rest
+    log_n, p = tune_scrypt(1.5)  # far more time than 32 MiB of scrypt takes: p carries the rest
     assert log_n == MEMORY_LOG_N and p > 1
+    log_n, p = tune_scrypt(1000.0)  # more than 64 lanes would take: only then does N grow again
+    assert log_n > MEMORY_LOG_N and 1 <= p <= MAX_P
 
 
 _entries = st.builds(
