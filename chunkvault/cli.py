@@ -326,6 +326,9 @@ def _confirm_in_place(args: argparse.Namespace) -> bool:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from .memory import RESTORE_TRIM_THRESHOLD, tune_allocator
+
+    tune_allocator(trim_threshold=RESTORE_TRIM_THRESHOLD)
     if args.from_file:
         from .exportcli import restore_from_file_cli
 

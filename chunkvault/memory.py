@@ -14,6 +14,13 @@ and faulted in again: a 4 MiB trim threshold took a SQLite differential from
 300,000 page faults to 80,000 and from 1.55 to 1.35 s, for about 4 MiB more
 peak memory in an initial backup.
 
+A restore streams every byte through buffers it frees as soon as they are
+written (ranges read from packs, decompressed chunks, rebuilt delta chains),
+and at 4 MiB the heap handed them back only to fault them in again: about
+100,000 page faults per 2 GB restored.  Restores raise the trim threshold to
+``RESTORE_TRIM_THRESHOLD`` (37,000 faults, 0.05-0.1 s less of 2.4-2.5 s, a
+differential's delta chains 5 % faster, for about 10 MiB more in all).
+
 Garbage collector: a repeated backup of a large tree creates a few hundred
 thousand entry and record objects, few of them in cycles; with the default
 thresholds the cyclic collector rescans them (and every imported module's
@@ -35,6 +42,7 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
+RESTORE_TRIM_THRESHOLD = 32 << 20
 
 
 def tune_allocator(arenas: int = 2, mmap_threshold: int = 4 << 20, trim_threshold: int = 4 << 20) -> bool:

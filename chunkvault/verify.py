@@ -514,7 +514,9 @@ def _print_report(r: VerifyReport, limit: int = 50) -> None:
 def cmd_verify_restore(args: argparse.Namespace) -> int:
     """``chunkvault verify-restore``: exit 0 only if every chosen snapshot verified and its command passed."""
     from .cli import _emit_json, _open
+    from .memory import RESTORE_TRIM_THRESHOLD, tune_allocator
 
+    tune_allocator(trim_threshold=RESTORE_TRIM_THRESHOLD)
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be positive")
     if args.all_since is not None and args.snapshot is not None:
