@@ -239,7 +239,8 @@ class Repository:
             restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
         if processes is None:
             processes = 1 if includes else restore_workers.auto_processes(snap.stats.get("bytes"))
-        return restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes)
+        entries = snap.stats.get("files", 0) + snap.stats.get("dirs", 0) if "files" in snap.stats else None
+        return restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes, entries)
 
     def find_entry(self, snapshot: str | Snapshot, path: str | bytes) -> Entry:
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)

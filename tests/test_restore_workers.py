@@ -72,12 +72,25 @@ def _many_files(root) -> None:
     os.utime(ro, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
 
 
-def test_workers_restore_the_same_tree(tmp_path, new_repo):
+def _counting_trees(counter: str, shared_entries: int) -> str:
+    """Code for ``before``: every resolution of a snapshot's tree, in any process, appends to ``counter``."""
+    return (f"import chunkvault.store.repository as R\n"
+            f"        tree = R.Repo.tree\n"
+            f"        R.Repo.tree = lambda *a, **k: (open({counter!r}, 'a').write('x'), tree(*a, **k))[1]\n"
+            f"        workers.SHARED_TREE_ENTRIES = {shared_entries}")
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["tree shared", "tree walked by each process"])
+def test_workers_restore_the_same_tree(tmp_path, new_repo, shared):
     url, src = _backed_up(tmp_path, new_repo, _many_files)
+    counter = str(tmp_path / "trees")
     try:
         out = tmp_path / "out"
-        r = _restore_in_child(url, str(out), processes=3, progress=True)
+        r = _restore_in_child(url, str(out), processes=3, progress=True,
+                              before=_counting_trees(counter, 10**6 if shared else 0))
         assert r["processes"] == 3
+        with open(counter) as f:
+            assert len(f.read()) == (1 if shared else 4)  # resolved once, or by the parent and each worker
         assert describe(out) == describe(src)
         assert r["files"] == sum(1 for v in describe(src).values() if v[0] == "file") - 2  # two are hard links
         assert r["progress"] == [[r["files"], r["bytes"]]]
