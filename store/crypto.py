@@ -175,7 +175,7 @@ MEMORY_LOG_N = 15  # 128 * r * 2**15 = 32 MiB, restic's bound too: the peak memo
 def _lane_seconds(log_n: int, samples: int = 3, lanes: int = 2) -> float:
     """Seconds a lane of 2**log_n adds to a derivation, measured, not extrapolated (large N runs slower
     than small N suggests): the median of ``samples`` derivations of ``lanes`` lanes, per lane.  One
-    derivation of one lane, which also faulted in the memory, made tuned keys 20-40 % cheaper than the
+    derivation of one lane, which also faulted in the memory, made tuned keys 15-50 % cheaper than the
     target and varied from run to run."""
     times = []
     for _ in range(samples):
