@@ -95,7 +95,12 @@ class TreeMemory:
 
 def run(cmd: list[str], env: dict[str, str] | None = None, stdin: bytes | None = None,
         cwd: str | None = None) -> tuple[float, int]:
-    """(wall seconds, peak memory in KiB: see TreeMemory) of one command; fails loudly."""
+    """(wall seconds, peak memory in KiB: see TreeMemory) of one command; fails loudly.
+
+    Dirty pages are written out first, untimed: otherwise the writeback of a data copy, or of the
+    previous tool's repository, lands in whichever command happens to run next.
+    """
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)

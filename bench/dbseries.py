@@ -8,7 +8,8 @@ between copies.  SQLite: a database of about ``--sqlite-mb`` MiB gets random
 row updates between versions and is copied into one fixed path with its
 online backup API.  Every copy is backed up by each tool in the same run; the
 table gives, per tool and version, the seconds the backup took (wall clock,
-and CPU seconds of the tool's processes: the machine may be shared) and the
+and CPU seconds of the tool's processes: the machine may be shared; the dirty
+pages of the copy and of the previous tool are written out first, untimed) and the
 MiB it added to the repository, with the ratios to restic.  Targets for
 chunkvault's differential versions: at most 0.15x restic's added bytes and
 0.5x restic's time.  Then the last version is restored from each repository,
@@ -142,9 +143,7 @@ def back_up(series: Series, tools: list[Tool], path: str, version: int) -> None:
     for t in tools:
         before = t.size()
         cpu = children_cpu()
-        start = time.perf_counter()
-        t.backup(path)
-        seconds = time.perf_counter() - start
+        seconds, _ = t.backup(path)
         cpu = children_cpu() - cpu
         note = chunkvault_note(t) if isinstance(t, Chunkvault) else ""
         series.steps.setdefault(t.name, []).append(Step(version, seconds, t.size() - before, note, cpu))
@@ -177,9 +176,7 @@ def time_restores(series: Series, tools: list[Tool], path: str, work: str, trial
     for _ in range(trials):
         for name, t in repos.items():
             shutil.rmtree(target, ignore_errors=True)
-            start = time.perf_counter()
-            t.restore(target)
-            seconds = time.perf_counter() - start
+            seconds, _ = t.restore(target)
             series.restores[name] = min(seconds, series.restores.get(name, seconds))
     shutil.rmtree(target, ignore_errors=True)
     print("  restore of the last version: " + ", ".join(f"{n} {s:.2f} s" for n, s in series.restores.items()),
