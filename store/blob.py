@@ -22,7 +22,7 @@ import zstandard
 from chunkvault.errors import CorruptObject
 
 from .crypto import NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Sealer
-from .zstdbuf import decompress_into, frame_size
+from .zstdbuf import compress_against, decompress_into, frame_size
 
 KIND_RAW = 0
 KIND_ZSTD = 1
@@ -107,15 +107,21 @@ def compress_many(datas: list[bytes | memoryview], level: int) -> list[tuple[int
     return out
 
 
-def _raw_dict(content: Plaintext) -> zstandard.ZstdCompressionDict:
-    return zstandard.ZstdCompressionDict(content, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+# Delta frames reference their dictionary as a prefix, with long-distance matching (matches of at least
+# DELTA_LDM_MIN_MATCH bytes, found from one position in 2**DELTA_LDM_HASH_RATE_LOG).  Against a dictionary
+# loaded in full (every position indexed by zstd's regular match finder, about half of a delta's encoding
+# time), measured on database versions and edited files: PostgreSQL page deltas 9 % smaller, encoded 7 %
+# faster and decoded about a fifth faster; SQLite's 2 % larger and encoded 16 % faster; whole-base deltas of
+# files with insertions 17 % smaller and encoded 43 % faster (README, "Database differentials").
+DELTA_LDM_MIN_MATCH = 128
+DELTA_LDM_HASH_RATE_LOG = 7
 
 
 def _dict_compress(data: bytes | memoryview, content: Plaintext, level: int) -> bytes:
     """One zstd frame (content size recorded); ``content`` is its raw dictionary when not empty."""
     if not content:
         return _compressor(level).compress(data)
-    return zstandard.ZstdCompressor(level=level, dict_data=_raw_dict(content), write_content_size=True).compress(data)
+    return compress_against(data, content, level, DELTA_LDM_MIN_MATCH, DELTA_LDM_HASH_RATE_LOG)
 
 
 def _inside(length: int, base_length: int, nblocks: int) -> np.ndarray:

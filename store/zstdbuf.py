@@ -9,6 +9,10 @@ libzstd's ``ZSTD_DCtx_refPrefix`` reads the dictionary in place and
 python-zstandard ships (cffi comes with ``cryptography``) exposes both and
 releases the GIL for every call.  Where that binding cannot be imported, the
 object API does the same work with the copies.
+
+Delta frames are compressed the same way (``compress_against``): one context
+per thread, reused, the base's bytes referenced as a prefix, long-distance
+matching on (see ``store/blob.py`` for why).
 """
 from __future__ import annotations
 
@@ -50,6 +54,62 @@ def _check(code: int) -> int:
     if code > _ERRORS_ABOVE:
         raise ValueError(ffi.string(lib.ZSTD_getErrorName(code)).decode())
     return code
+
+
+def _cctx(level: int, ldm_min_match: int, ldm_hash_rate_log: int) -> Any:
+    # One compression context per thread and settings; a frame's window is set per call.
+    cache = getattr(_local, "cctxs", None)
+    if cache is None:
+        cache = _local.cctxs = {}
+    key = (level, ldm_min_match, ldm_hash_rate_log)
+    c = cache.get(key)
+    if c is None:
+        c = ffi.gc(lib.ZSTD_createCCtx(), lib.ZSTD_freeCCtx)
+        for param, value in ((lib.ZSTD_c_compressionLevel, level), (lib.ZSTD_c_contentSizeFlag, 1),
+                             (lib.ZSTD_c_enableLongDistanceMatching, 1), (lib.ZSTD_c_ldmMinMatch, ldm_min_match),
+                             (lib.ZSTD_c_ldmHashRateLog, ldm_hash_rate_log)):
+            _check(lib.ZSTD_CCtx_setParameter(c, param, value))
+        cache[key] = c
+    return c
+
+
+def _out_buffer(size: int) -> bytearray:
+    buf = getattr(_local, "out", None)
+    if buf is None or len(buf) < size:
+        buf = _local.out = bytearray(size)
+    return buf
+
+
+def window_log(prefix_size: int, size: int) -> int:
+    """The smallest window that reaches from the end of the data back to the start of its prefix."""
+    return max(10, (prefix_size + size - 1).bit_length())
+
+
+def compress_against(data: bytes | memoryview, prefix: Any, level: int, ldm_min_match: int,
+                     ldm_hash_rate_log: int) -> bytes:
+    """One zstd frame of ``data`` (content size recorded), ``prefix`` its raw-content dictionary, with
+    long-distance matching; ``decompress_into`` with the same prefix reads it."""
+    wlog = window_log(len(prefix), len(data))
+    if lib is None:
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, window_log=wlog, enable_ldm=True, ldm_min_match=ldm_min_match,
+            ldm_hash_rate_log=ldm_hash_rate_log, write_content_size=True)
+        raw = zstandard.ZstdCompressionDict(bytes(prefix), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        return zstandard.ZstdCompressor(compression_params=params, dict_data=raw).compress(data)
+    key = (level, ldm_min_match, ldm_hash_rate_log)
+    c = _cctx(*key)
+    try:
+        _check(lib.ZSTD_CCtx_setParameter(c, lib.ZSTD_c_windowLog, wlog))
+        if len(prefix):
+            _check(lib.ZSTD_CCtx_refPrefix_advanced(c, ffi.from_buffer(prefix), len(prefix),
+                                                    lib.ZSTD_dct_rawContent))
+        cap = lib.ZSTD_compressBound(len(data))
+        out = _out_buffer(cap)
+        n = _check(lib.ZSTD_compress2(c, ffi.from_buffer(out), cap, ffi.from_buffer(data), len(data)))
+    except BaseException:
+        _local.cctxs.pop(key, None)  # it may still reference the prefix: never reuse it
+        raise
+    return bytes(memoryview(out)[:n])
 
 
 def decompress_into(frame: bytes | memoryview, out: Any, size: int, prefix: Any = b"") -> None:

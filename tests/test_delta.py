@@ -524,3 +524,27 @@ def test_fixed_cut_chains_grow_deeper_than_content_defined_ones(tmp_path, new_re
 
 def repo_depths(repo, snap, path):
     return [repo.store.delta_depth(c) for c in repo.find_entry(snap, path).chunk_ids()]
+
+
+def test_delta_frames_decode_the_same_on_either_zstd_path(monkeypatch):
+    """Delta frames are encoded through libzstd's own calls (a prefix, long-distance matching) or, without that
+    binding, through python-zstandard's object API; either path reads the other's frames."""
+    from chunkvault.store import zstdbuf
+    from chunkvault.store.blob import delta_compress, delta_decompress
+
+    if zstdbuf.lib is None:
+        pytest.skip("python-zstandard without its cffi backend")
+    rnd = random.Random(21)
+    base = b"".join(rnd.randbytes(64) + b" " * 960 for _ in range(64))
+    page_edits = bytearray(base)
+    for at in range(0, len(base), 700):
+        page_edits[at : at + 3] = rnd.randbytes(3)
+    shifted = base[:5000] + rnd.randbytes(17) + base[5000:]
+    cases = [bytes(page_edits), shifted]
+    native = [delta_compress(d, base, 3) for d in cases]
+    with monkeypatch.context() as m:
+        m.setattr(zstdbuf, "lib", None)
+        copied = [delta_compress(d, base, 3) for d in cases]
+        assert [bytes(delta_decompress(p, base)) for p in native] == cases
+    assert [bytes(delta_decompress(p, base)) for p in copied] == cases
+    assert all(len(p) < len(base) // 20 for p in native)
