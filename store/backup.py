@@ -29,7 +29,7 @@ from .manifest import (
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK,
     Entry, ManifestStats, Record, delete_record, sort_key,
 )
-from .blob import CONTENT_DEFINED_DELTA_DEPTH, MAX_DELTA_DEPTH
+from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH
 from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, Repo
@@ -193,7 +193,7 @@ class Backup:
             return None
         if _matches(rel, self.opt.no_delta):
             return None
-        bound = MAX_DELTA_DEPTH if _matches(rel, self.opt.fixed_chunks) else CONTENT_DEFINED_DELTA_DEPTH
+        bound = FIXED_DELTA_DEPTH if _matches(rel, self.opt.fixed_chunks) else CONTENT_DEFINED_DELTA_DEPTH
         out = []
         pos = 0
         for cid in prev.chunk_ids():

@@ -37,10 +37,12 @@ DELTA_BLOCKS = 1  # changed blocks only, the base's counterparts as dictionary
 DELTA_METHODS = (DELTA_DICT, DELTA_BLOCKS)
 BLOCK_SIZE = 1024
 # At most this many deltas in a row: reading any blob reads at most MAX_DELTA_DEPTH + 1
-# envelopes.  Backups keep chunks cut by content to the shorter bound: their deltas more
-# often take a whole-base dictionary, slower to decode.  Both chosen by measurement
-# (README, "Database differentials").
+# envelopes, and refuses longer chains.  Backups write shorter ones: chunks cut at fixed
+# offsets up to FIXED_DELTA_DEPTH, chunks cut by content up to CONTENT_DEFINED_DELTA_DEPTH
+# (their deltas more often take a whole-base dictionary, slower to decode).  Each chosen by
+# measurement, bytes stored against restore and backup time (README, "Database differentials").
 MAX_DELTA_DEPTH = 16
+FIXED_DELTA_DEPTH = 12
 CONTENT_DEFINED_DELTA_DEPTH = 8
 # With more than this share of its blocks changed, a delta uses the whole base as dictionary
 # instead (measured: as small as the better of the two methods within 1 %, at less cost).

@@ -486,7 +486,7 @@ def test_fixed_chunk_size_out_of_bounds_is_refused(tmp_path, new_repo):
 
 
 def test_fixed_cut_chains_grow_deeper_than_content_defined_ones(tmp_path, new_repo):
-    from chunkvault.store.blob import CONTENT_DEFINED_DELTA_DEPTH, MAX_DELTA_DEPTH
+    from chunkvault.store.blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH
 
     rnd = random.Random(15)
     src = tmp_path / "db"
@@ -503,7 +503,7 @@ def test_fixed_cut_chains_grow_deeper_than_content_defined_ones(tmp_path, new_re
     last = series[-1][0]
     fixed = repo_depths(repo, last, "table.db")
     content = repo_depths(repo, last, "table")
-    assert CONTENT_DEFINED_DELTA_DEPTH < max(fixed) <= MAX_DELTA_DEPTH
+    assert CONTENT_DEFINED_DELTA_DEPTH < max(fixed) <= FIXED_DELTA_DEPTH
     assert max(content) <= CONTENT_DEFINED_DELTA_DEPTH
     assert_all_restore(repo, series[-2:], tmp_path)
     # Deep chains travel: copied whole (chains kept), and exported then imported.
