@@ -56,12 +56,13 @@ def _check(code: int) -> int:
     return code
 
 
-def _cctx(level: int, ldm_min_match: int, ldm_hash_rate_log: int) -> Any:
-    # One compression context per thread and settings; a frame's window is set per call.
+def _cctx(key: tuple[int, int, int]) -> Any:
+    # One compression context per thread and (level, ldm min match, ldm hash rate log); a frame's window is
+    # set per call.
+    level, ldm_min_match, ldm_hash_rate_log = key
     cache = getattr(_local, "cctxs", None)
     if cache is None:
         cache = _local.cctxs = {}
-    key = (level, ldm_min_match, ldm_hash_rate_log)
     c = cache.get(key)
     if c is None:
         c = ffi.gc(lib.ZSTD_createCCtx(), lib.ZSTD_freeCCtx)
@@ -80,7 +81,7 @@ def _out_buffer(size: int) -> bytearray:
     return buf
 
 
-def window_log(prefix_size: int, size: int) -> int:
+def _window_log(prefix_size: int, size: int) -> int:
     """The smallest window that reaches from the end of the data back to the start of its prefix."""
     return max(10, (prefix_size + size - 1).bit_length())
 
@@ -89,7 +90,7 @@ def compress_against(data: bytes | memoryview, prefix: Any, level: int, ldm_min_
                      ldm_hash_rate_log: int) -> bytes:
     """One zstd frame of ``data`` (content size recorded), ``prefix`` its raw-content dictionary, with
     long-distance matching; ``decompress_into`` with the same prefix reads it."""
-    wlog = window_log(len(prefix), len(data))
+    wlog = _window_log(len(prefix), len(data))
     if lib is None:
         params = zstandard.ZstdCompressionParameters.from_level(
             level, window_log=wlog, enable_ldm=True, ldm_min_match=ldm_min_match,
@@ -97,7 +98,7 @@ def compress_against(data: bytes | memoryview, prefix: Any, level: int, ldm_min_
         raw = zstandard.ZstdCompressionDict(bytes(prefix), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         return zstandard.ZstdCompressor(compression_params=params, dict_data=raw).compress(data)
     key = (level, ldm_min_match, ldm_hash_rate_log)
-    c = _cctx(*key)
+    c = _cctx(key)
     try:
         _check(lib.ZSTD_CCtx_setParameter(c, lib.ZSTD_c_windowLog, wlog))
         if len(prefix):

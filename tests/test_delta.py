@@ -496,29 +496,30 @@ def test_fixed_cut_chains_grow_deeper_than_content_defined_ones(tmp_path, new_re
     repo = new_repo(chunker=SMALL)
     opts = {"fixed_chunks": ["*.db"], "fixed_chunk_size": 16 << 10}
     series = [(repo.backup([str(src)], **opts).snapshot, describe(src))]
-    for _ in range(CONTENT_DEFINED_DELTA_DEPTH + 4):
+    for _ in range(FIXED_DELTA_DEPTH + 4):  # past the bound, so that chains must have restarted
         touch_pages(src / "table.db", 1.0, rnd)
         touch_pages(src / "table", 1.0, rnd)
         series.append((repo.backup([str(src)], **opts).snapshot, describe(src)))
-    last = series[-1][0]
-    fixed = repo_depths(repo, last, "table.db")
-    content = repo_depths(repo, last, "table")
+    fixed = [max(repo_depths(repo, snap, "table.db")) for snap, _ in series]
+    content = [max(repo_depths(repo, snap, "table")) for snap, _ in series]
     assert CONTENT_DEFINED_DELTA_DEPTH < max(fixed) <= FIXED_DELTA_DEPTH
     assert max(content) <= CONTENT_DEFINED_DELTA_DEPTH
     assert_all_restore(repo, series[-2:], tmp_path)
     # Deep chains travel: copied whole (chains kept), and exported then imported.
+    at = fixed.index(max(fixed))
+    deep, deep_tree = series[at]
     copy = Repository.init(str(tmp_path / "copy"), "pw2", kdf_seconds=0, copy_chunker_from=repo)
     repo.copy_to(copy)
-    copied = {s.stats["copied_from"]: s for s in copy.snapshots()}[last.id]
+    copied = {s.stats["copied_from"]: s for s in copy.snapshots()}[deep.id]
     assert max(repo_depths(copy, copied, "table.db")) == max(fixed)
-    path = str(tmp_path / "last.backup")
-    repo.export(last, path, "export pw", kdf_seconds=0)
+    path = str(tmp_path / "deep.backup")
+    repo.export(deep, path, "export pw", kdf_seconds=0)
     other = Repository.init(str(tmp_path / "other"), "pw3", kdf_seconds=0)
     imported = other.import_backup(path, "export pw")
     for dst, snap in ((copy, copied), (other, imported)):
         out = tmp_path / f"out-{dst.store.config.repo_id[:6]}"
         dst.restore(snap.id, str(out))
-        assert describe(out) == series[-1][1]
+        assert describe(out) == deep_tree
         assert dst.check(read_data=True).ok
 
 
