@@ -236,13 +236,15 @@ class Backup:
         """The chunks of a file: at fixed offsets for ``fixed_chunks`` paths, else by content.
 
         A small file is one chunk: read it in one call instead of through the chunker's buffers.
+        A read that returns exactly the size the walk saw, of the one byte more asked for, needs no
+        second read to find the end: the fstat after reading catches a file that grew meanwhile.
         """
         if _matches(rel, self.opt.fixed_chunks):
             yield from fixed_chunks(f, self.opt.fixed_chunk_size)
             return
         if size_hint is not None and size_hint <= self.repo.chunker_params.min_size:
-            data = b""
-            while len(data) <= size_hint:
+            data = f.read(size_hint + 1)
+            while len(data) < size_hint:  # short: read on until the end, or past the size seen
                 part = f.read(size_hint + 1 - len(data))
                 if not part:
                     break

@@ -129,6 +129,49 @@ def test_file_changing_while_read_is_recorded_and_reread_next_time(repo_path, tm
     assert describe(tmp_path / "out") == describe(src)
 
 
+@pytest.mark.parametrize("change", ["grows", "shrinks"])
+def test_small_file_changing_while_read_is_recorded(repo_path, tmp_path, monkeypatch, change):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small").write_bytes(os.urandom(10_000))
+    real_open = os.open
+
+    def open_then_change(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if os.path.basename(os.fsdecode(path)) == "small":
+            if change == "grows":
+                with open(path, "ab") as f:
+                    f.write(b"appended during the backup")
+            else:
+                os.truncate(path, 4_000)
+        return fd
+
+    with Repository.open(repo_path, PASSWORD) as repo:
+        monkeypatch.setattr("chunkvault.store.backup.os.open", open_then_change)
+        result = repo.backup([str(src)])
+        monkeypatch.undo()
+        entry = {e.path: e for e in repo.tree(result.snapshot.id)}[b"small"]
+        assert entry.flags & F_CHANGED_DURING_READ
+        repo.restore(result.snapshot.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "small").read_bytes() == (src / "small").read_bytes()  # stored as read
+
+
+def test_short_reads_of_small_files_still_store_all_of_them(repo_path, tmp_path, monkeypatch):
+    """A file system may return less than asked before the end (FUSE, network mounts)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for size in (0, 1, 777, 10_000, 64 << 10):
+        (src / f"f{size}").write_bytes(os.urandom(size))
+    real_read = os.read
+    monkeypatch.setattr("chunkvault.store.backup.os.read", lambda fd, n: real_read(fd, max(1, n // 3)))
+    with Repository.open(repo_path, PASSWORD) as repo:
+        result = repo.backup([str(src)])
+        monkeypatch.undo()
+        assert not result.warnings
+        repo.restore(result.snapshot.id, str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(src)
+
+
 @pytest.mark.parametrize("gone", ["before its stat", "after its stat"])
 def test_file_vanishing_during_backup_is_a_warning(repo_path, tmp_path, monkeypatch, gone):
     """A name listed whose stat fails, or whose stat worked but which is gone when opened."""
