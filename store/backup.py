@@ -155,8 +155,7 @@ class Backup:
         assert self.writer is not None
         base_ids = [b for _, _, b in batch if b is not None]
         bases = dict(zip(base_ids, self.repo.read_blobs(base_ids))) if base_ids else {}
-        for blob in self.repo.prepare_blobs(batch, bases, self.opt.delta_margin):
-            self.writer.store(blob)
+        self.writer.store_many(self.repo.prepare_blobs(batch, bases, self.opt.delta_margin))
 
     def _submit(self, blob_id: bytes, data: bytes, base_id: bytes | None) -> None:
         """Queue a new chunk for compression and sealing; small chunks travel in batches."""
