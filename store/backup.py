@@ -235,8 +235,8 @@ class Backup:
         """The chunks of a file: at fixed offsets for ``fixed_chunks`` paths, else by content.
 
         A small file is one chunk: read it in one call instead of through the chunker's buffers.
-        A read that returns exactly the size the walk saw, of the one byte more asked for, needs no
-        second read to find the end: the fstat after reading catches a file that grew meanwhile.
+        The call asks for one byte more than the size the walk saw; when exactly that size comes back,
+        the end is found without a second read (the fstat after reading catches a file that grew).
         """
         if _matches(rel, self.opt.fixed_chunks):
             yield from fixed_chunks(f, self.opt.fixed_chunk_size)
