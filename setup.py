@@ -1,4 +1,4 @@
-"""Build the C chunker, directory scanner and manifest decoder; all other metadata lives in pyproject.toml."""
+"""Build the C chunker, directory scanner, manifest decoder and delta match finder; all other metadata lives in pyproject.toml."""
 from setuptools import Extension, setup
 
 setup(
@@ -17,6 +17,11 @@ setup(
             "chunkvault.store._manifest",
             sources=["store/_manifest.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
+        ),
+        Extension(
+            "chunkvault.store._deltamatch",
+            sources=["store/_deltamatch.c"],
+            extra_compile_args=["-O3", "-Wall", "-Wextra"],
         ),
     ]
 )

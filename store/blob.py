@@ -22,7 +22,7 @@ import zstandard
 from chunkvault.errors import CorruptObject
 
 from .crypto import NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Sealer
-from .zstdbuf import compress_against, decompress_into, frame_size
+from .zstdbuf import can_match, compress_against, compress_matched, decompress_into, frame_size
 
 KIND_RAW = 0
 KIND_ZSTD = 1
@@ -47,6 +47,10 @@ CONTENT_DEFINED_DELTA_DEPTH = 8
 # With more than this share of its blocks changed, a delta uses the whole base as dictionary
 # instead (measured: as small as the better of the two methods within 1 %, at less cost).
 BLOCKS_FALLBACK_SHARE = 0.5
+# A whole-base delta whose words are mostly equal at the same offset (every page of a database file touched
+# in place) has its matches found by chunkvault's finder too; one whose content moved (an insertion shifts
+# everything after it) by zstd's, which also finds matches far from the same offset.
+IN_PLACE_SHARE = 0.5
 _LENGTH = struct.Struct("<I")
 # A blob's plaintext: bytes, or for a blob rebuilt up a delta chain a read-only view of the buffer it was
 # rebuilt in (copying each rebuilt chunk out once more cost a delta-heavy restore a tenth of its time).
@@ -126,6 +130,14 @@ def _dict_compress(data: bytes | memoryview, content: Plaintext, level: int) -> 
     return compress_against(data, content, level, DELTA_LDM_MIN_MATCH, DELTA_LDM_HASH_RATE_LOG)
 
 
+def _against(data: bytes | memoryview, content: Plaintext, level: int, in_place: bool) -> bytes:
+    """A zstd frame of ``data`` with ``content`` as raw dictionary; for data laid out against its dictionary
+    byte for byte (``in_place``), the matches found by chunkvault's finder (README, "Delta match finder")."""
+    if in_place and content and can_match():
+        return compress_matched(data, content, level)
+    return _dict_compress(data, content, level)
+
+
 def _inside(length: int, base_length: int, nblocks: int) -> np.ndarray:
     """Per block of a ``length``-byte plaintext: does its range lie inside the base?"""
     if length <= base_length:
@@ -134,21 +146,25 @@ def _inside(length: int, base_length: int, nblocks: int) -> np.ndarray:
     return ends <= base_length
 
 
-def _changed(data: bytes | memoryview, base: bytes | memoryview, nblocks: int) -> np.ndarray:
+def _changed(data: bytes | memoryview, base: bytes | memoryview, nblocks: int) -> tuple[np.ndarray, float]:
     """Per block of ``data``: must it be stored (it differs from the base's bytes over its range, or lies
-    past the base's end)?  Whole blocks present in both are compared in place, without copies."""
+    past the base's end)?  And the share of the 8-byte words of the whole blocks present in both that are
+    equal at the same offset.  Those blocks are compared in place, without copies."""
     n = len(data)
     both = min(n, len(base)) // BLOCK_SIZE
     stored = np.ones(nblocks, bool)
+    in_place = 0.0
     if both:
         new = np.frombuffer(data, np.uint64, both * (BLOCK_SIZE // 8)).reshape(both, -1)
         old = np.frombuffer(base, np.uint64, both * (BLOCK_SIZE // 8)).reshape(both, -1)
-        stored[:both] = (new != old).any(axis=1)
+        differ = new != old
+        stored[:both] = differ.any(axis=1)
+        in_place = 1.0 - np.count_nonzero(differ) / differ.size
     for i in range(both, nblocks):
         end = min((i + 1) * BLOCK_SIZE, n)
         if end <= len(base):
             stored[i] = data[i * BLOCK_SIZE : end] != base[i * BLOCK_SIZE : end]
-    return stored
+    return stored, in_place
 
 
 def _gather(buf: bytes | memoryview, length: int, mask: np.ndarray) -> bytes:
@@ -168,16 +184,15 @@ def delta_compress(data: bytes | memoryview, base_plain: Plaintext, level: int) 
 
     The changed blocks only (method 1), which costs time in proportion to what
     changed, so in-place updates (database pages) are cheap; when more than
-    half of the blocks differ, content moved rather than changed in place and
-    the whole base serves as dictionary (method 0).
+    half of the blocks differ, the whole base serves as dictionary (method 0).
     """
     n = len(data)
     nb = -(-n // BLOCK_SIZE)
-    stored = _changed(data, base_plain, nb)
+    stored, in_place = _changed(data, base_plain, nb)
     if nb and stored.mean() > BLOCKS_FALLBACK_SHARE:
-        return bytes((DELTA_DICT,)) + _dict_compress(data, base_plain, level)
+        return bytes((DELTA_DICT,)) + _against(data, base_plain, level, in_place > IN_PLACE_SHARE)
     inside = _inside(n, len(base_plain), nb)
-    frame = _dict_compress(_gather(data, n, stored), _gather(base_plain, n, stored & inside), level)
+    frame = _against(_gather(data, n, stored), _gather(base_plain, n, stored & inside), level, True)
     return bytes((DELTA_BLOCKS,)) + _LENGTH.pack(n) + np.packbits(stored).tobytes() + frame
 
 

@@ -12,7 +12,10 @@ object API does the same work with the copies.
 
 Delta frames are compressed the same way (``compress_against``): one context
 per thread, reused, the base's bytes referenced as a prefix, long-distance
-matching on (see ``store/blob.py`` for why).
+matching on (see ``store/blob.py`` for why).  A block delta's matches are
+found by chunkvault's own finder instead (``compress_matched``,
+``store/_deltamatch.c``) and only entropy-coded by zstd: the same frame format,
+found in a quarter of the time.
 """
 from __future__ import annotations
 
@@ -21,10 +24,16 @@ from typing import Any
 
 import zstandard
 
+import numpy as np
+
 try:
     from zstandard._cffi import ffi, lib
 except ImportError:  # a python-zstandard built without its cffi backend
     ffi = lib = None
+try:
+    from . import _deltamatch
+except ImportError:  # built without its C extensions
+    _deltamatch = None
 
 _local = threading.local()
 # ZSTD_decompress_usingDict takes content that starts with this for a structured dictionary.
@@ -74,6 +83,31 @@ def _cctx(key: tuple[int, int, int]) -> Any:
     return c
 
 
+def _sequence_cctx(level: int) -> Any:
+    # For ZSTD_compressSequences: the level's literal and sequence coding, match tables at their minimum (unused).
+    cache = getattr(_local, "seq_cctxs", None)
+    if cache is None:
+        cache = _local.seq_cctxs = {}
+    c = cache.get(level)
+    if c is None:
+        c = ffi.gc(lib.ZSTD_createCCtx(), lib.ZSTD_freeCCtx)
+        for param, value in ((lib.ZSTD_c_compressionLevel, level), (lib.ZSTD_c_contentSizeFlag, 1),
+                             (lib.ZSTD_c_blockDelimiters, lib.ZSTD_sf_noBlockDelimiters),
+                             (lib.ZSTD_c_hashLog, lib.ZSTD_HASHLOG_MIN), (lib.ZSTD_c_chainLog, lib.ZSTD_CHAINLOG_MIN)):
+            _check(lib.ZSTD_CCtx_setParameter(c, param, value))
+        cache[level] = c
+    return c
+
+
+def _sequence_buffer(size: int) -> np.ndarray:
+    # Room for the most sequences ``size`` bytes can hold; np.empty, so only the pages written become resident.
+    need = _deltamatch.max_sequences(size) * 4
+    buf = getattr(_local, "seqs", None)
+    if buf is None or len(buf) < need:
+        buf = _local.seqs = np.empty(need, np.uint32)
+    return buf
+
+
 def _out_buffer(size: int) -> bytearray:
     buf = getattr(_local, "out", None)
     if buf is None or len(buf) < size:
@@ -109,6 +143,33 @@ def compress_against(data: bytes | memoryview, prefix: Any, level: int, ldm_min_
         n = _check(lib.ZSTD_compress2(c, ffi.from_buffer(out), cap, ffi.from_buffer(data), len(data)))
     except BaseException:
         _local.cctxs.pop(key, None)  # it may still reference the prefix: never reuse it
+        raise
+    return bytes(memoryview(out)[:n])
+
+
+def can_match() -> bool:
+    """Is ``compress_matched`` available (the finder built, libzstd's calls reachable through cffi)?"""
+    return lib is not None and _deltamatch is not None
+
+
+def compress_matched(data: bytes | memoryview, prefix: Any, level: int) -> bytes:
+    """One zstd frame of ``data`` (content size recorded) with ``prefix`` as raw-content dictionary, for data laid
+    out against its prefix byte for byte (a block delta): chunkvault's finder picks the matches, zstd codes them.
+    Needs ``can_match()``."""
+    seqs = _sequence_buffer(len(data))
+    count = _deltamatch.find(prefix, data, seqs)
+    c = _sequence_cctx(level)
+    try:
+        _check(lib.ZSTD_CCtx_reset(c, lib.ZSTD_reset_session_only))  # ZSTD_compressSequences leaves it mid-frame
+        _check(lib.ZSTD_CCtx_setParameter(c, lib.ZSTD_c_windowLog, _window_log(len(prefix), len(data))))
+        _check(lib.ZSTD_CCtx_refPrefix_advanced(c, ffi.from_buffer(prefix), len(prefix), lib.ZSTD_dct_rawContent))
+        cap = lib.ZSTD_compressBound(len(data))
+        out = _out_buffer(cap)
+        n = _check(lib.ZSTD_compressSequences(c, ffi.from_buffer(out), cap,
+                                              ffi.cast("ZSTD_Sequence *", ffi.from_buffer(seqs)), count,
+                                              ffi.from_buffer(data), len(data)))
+    except BaseException:
+        _local.seq_cctxs.pop(level, None)  # it may still reference the prefix: never reuse it
         raise
     return bytes(memoryview(out)[:n])
 

@@ -1,0 +1,140 @@
+"""The block-delta match finder: its sequences rebuild the data exactly, obey zstd's rules, and find the matches
+a database page's in-place update leaves; its frames are ordinary zstd frames against the prefix."""
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from chunkvault.store import zstdbuf
+
+_deltamatch = pytest.importorskip("chunkvault.store._deltamatch")
+pytestmark = pytest.mark.skipif(not zstdbuf.can_match(), reason="python-zstandard without its cffi backend")
+
+
+def sequences(prefix: bytes, data: bytes) -> list[tuple[int, int, int]]:
+    out = np.empty(_deltamatch.max_sequences(len(data)) * 4, np.uint32)
+    count = _deltamatch.find(prefix, data, out)
+    rows = out[: 4 * count].reshape(-1, 4).tolist()
+    assert all(rep == 0 for *_, rep in rows)
+    return [(off, lit, ml) for off, lit, ml, _ in rows]
+
+
+def rebuild(prefix: bytes, data: bytes, seqs: list[tuple[int, int, int]]) -> bytes:
+    """The data the sequences describe (literals taken from ``data``, as zstd takes them), checking every match
+    against zstd's rules and the finder's own: at least 4 bytes, inside the window, and a match from the prefix
+    ends inside the prefix."""
+    window = bytearray(prefix)
+    p = len(prefix)
+    for off, lit, ml in seqs:
+        at = len(window) - p
+        assert at + lit + ml <= len(data)
+        window += data[at : at + lit]
+        assert ml >= 4 and 1 <= off <= len(window)
+        src = len(window) - off
+        assert src >= p or src + ml <= p
+        if off >= ml:
+            window += window[src : src + ml]
+        else:
+            for _ in range(ml):
+                window.append(window[len(window) - off])
+    window += data[len(window) - p :]
+    return bytes(window[p:])
+
+
+@st.composite
+def prefix_and_data(draw):
+    """A prefix (random, or from a small alphabet so hashes collide) and data made from it by in-place patches,
+    copies of other stretches, insertions and a new length; or unrelated data."""
+    alphabet = draw(st.sampled_from([256, 4, 1]))
+    rnd = random.Random(draw(st.integers(0, 2**32)))
+    prefix = bytes(rnd.randrange(alphabet) for _ in range(draw(st.integers(0, 6000))))
+    if draw(st.booleans()) and prefix:
+        data = bytearray(prefix)
+        for op, at, size in draw(st.lists(st.tuples(st.sampled_from("pci"), st.integers(0, 6000),
+                                                    st.integers(1, 300)), max_size=8)):
+            at %= len(data) + 1
+            if op == "p":
+                data[at : at + size] = rnd.randbytes(size)
+            elif op == "c":
+                src = rnd.randrange(len(prefix))
+                data[at : at + size] = prefix[src : src + size]
+            else:
+                data[at:at] = rnd.randbytes(size)
+        data = bytes(data[: draw(st.integers(0, len(data) + 100))])
+    else:
+        data = rnd.randbytes(draw(st.integers(0, 3000)))
+    return prefix, data
+
+
+@settings(max_examples=300, deadline=None)
+@given(prefix_and_data())
+def test_sequences_rebuild_the_data_exactly(case):
+    prefix, data = case
+    assert rebuild(prefix, data, sequences(prefix, data)) == data
+
+
+@settings(max_examples=100, deadline=None)
+@given(prefix_and_data())
+def test_frames_decode_against_the_prefix(case):
+    prefix, data = case
+    if not prefix:
+        return
+    frame = zstdbuf.compress_matched(data, prefix, 3)
+    out = bytearray(len(data))
+    zstdbuf.decompress_into(frame, out, len(data), prefix)
+    assert out == data
+
+
+def test_a_page_updated_in_place_costs_only_what_changed():
+    """Pages whose rows change a few bytes in place, and whose updated row is written again to the page's free
+    space (copied from further on in the prefix): both are found, the literals are the changed bytes."""
+    rnd = random.Random(3)
+    rows = [rnd.randbytes(120) for _ in range(48)]
+    page = bytes(2048) + b"".join(rows)
+    pages = [page for _ in range(16)]
+    new = []
+    for _ in range(16):
+        p = bytearray(page)
+        victim = rnd.randrange(48)
+        row = bytearray(rows[victim])
+        row[8:12] = rnd.randbytes(4)  # the changed column
+        p[2048 - 120 : 2048] = row  # the new version in free space
+        p[2048 + victim * 120 + 20] ^= 0xFF  # the old version's header marked
+        new.append(bytes(p))
+    prefix, data = b"".join(pages), b"".join(new)
+    seqs = sequences(prefix, data)
+    assert rebuild(prefix, data, seqs) == data
+    literals = sum(lit for _, lit, _ in seqs) + len(data) - sum(lit + ml for _, lit, ml in seqs)
+    assert literals <= 16 * (4 + 2 + 8)
+    assert any(off != len(prefix) for off, _, _ in seqs)  # rows taken from elsewhere than the same offset
+
+
+def test_short_data_and_a_small_sequence_buffer():
+    prefix = bytes(range(256)) * 4
+    for n in range(10):
+        assert rebuild(prefix, prefix[:n], sequences(prefix, prefix[:n])) == prefix[:n]
+    with pytest.raises(ValueError, match="too small"):
+        _deltamatch.find(prefix, prefix, np.empty(4, np.uint32))
+
+
+def test_the_finder_serves_in_place_deltas_and_zstd_moved_content(monkeypatch):
+    """A whole-base delta of a chunk changed in place everywhere takes the finder; one whose content moved takes
+    zstd's own match finder, which also looks far from the same offset."""
+    from chunkvault.store import blob
+
+    rnd = random.Random(8)
+    base = rnd.randbytes(64 * 1024)
+    everywhere = bytearray(base)
+    for at in range(0, len(base), 512):
+        everywhere[at + 7] ^= 1
+    moved = base[40_000:] + base[:40_000]
+    used = []
+    monkeypatch.setattr(blob, "compress_matched", lambda *a: used.append("finder") or zstdbuf.compress_matched(*a))
+    monkeypatch.setattr(blob, "compress_against", lambda *a: used.append("zstd") or zstdbuf.compress_against(*a))
+    for data, expect in ((bytes(everywhere), "finder"), (moved, "zstd")):
+        used.clear()
+        payload = blob.delta_compress(data, base, 3)
+        assert payload[0] == blob.DELTA_DICT and used == [expect]
+        assert blob.delta_decompress(payload, base) == data
+        assert len(payload) < len(base) // 8
