@@ -1,21 +1,22 @@
-/* Matches for a block delta, found without zstd's match finder.
+/* Matches for a delta whose data lies against its dictionary byte for byte.
  *
  * A block delta (store/blob.py) compresses a chunk's changed 1 KiB blocks
- * with the base's counterparts of those blocks as a raw-content prefix.  Both
- * sides are laid out block for block, so most of the new bytes equal the
- * prefix's bytes exactly ``prefix length`` back (a database page updated in
- * place), and most of the rest are a tuple copied from a little further on
- * in the same page of the base (an updated row written to free space).
- * zstd's own finder indexes the whole prefix into tables sized for its
- * compression level before it looks at the first new byte; for these inputs
- * that indexing was half of a delta's encoding time.  This finder tries the
- * same-offset match first, then the last offset used, then one hash table
- * (L2-sized) holding every PREFIX_STEP-th position of the prefix up to
- * LOOKAHEAD bytes past the current position and the new positions already
- * looked up, and emits greedy sequences (each extended backwards over the
- * literals before it).  zstd's
- * ZSTD_compressSequences then entropy-codes them into an ordinary frame: the
- * format and the decoder are unchanged.
+ * with the base's counterparts of those blocks as a raw-content prefix; a
+ * whole-base delta of a chunk changed in place has the whole base as prefix.
+ * Either way most of the new bytes equal the prefix's bytes exactly ``prefix
+ * length`` back (a database page updated in place), and most of the rest are
+ * a row copied from a little further on in the same page of the base (an
+ * updated row written to free space).  zstd's own finder indexes the whole
+ * prefix into tables sized for its compression level before it looks at the
+ * first new byte; for these inputs that was half of a delta's encoding time.
+ *
+ * This finder tries the same offset first, then the last two offsets used,
+ * then one hash table (L2-sized) holding every PREFIX_STEP-th position of the
+ * prefix up to LOOKAHEAD bytes past the current position and the new
+ * positions already looked up.  A match is taken unless the next byte starts
+ * one that saves more (zstd's lazy step), then extended backwards over the
+ * literals before it.  zstd's ZSTD_compressSequences entropy-codes the
+ * sequences into an ordinary frame: the format and the decoder are unchanged.
  *
  *   find(prefix, data, out) -> number of sequences written to ``out``
  *   (a writable buffer of ZSTD_Sequence records: offset, literal length,
@@ -32,13 +33,12 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Chosen on 300 changed 1 MiB chunks of a PostgreSQL copy (pgbench) against their parents (README, "Delta
- * match finder"): indexing every 8th prefix position and taking a hashed match from 12 bytes on gave deltas
- * 15 % smaller than zstd's finder with long-distance matching, at a quarter of its time; denser indexing
- * or shorter hashed matches took more short matches, each costing more than the literals it replaced. */
+/* Chosen on changed 1 MiB chunks of PostgreSQL and SQLite copies against their parents (README, "Block
+ * deltas find their own matches"): denser indexing of the prefix cost time and, without the lazy step,
+ * bytes too (more short matches, each costing more than the literals it replaced). */
 #define HASH_LOG 15          /* 128 KiB of table: stays in L2 */
 #define PREFIX_STEP 8        /* prefix positions indexed */
-#define MIN_MATCH 12         /* a match found through the hash table */
+#define MIN_MATCH 8          /* a match found through the hash table */
 #define OFFSET_MIN_MATCH 4   /* a match at the same offset or the last offset used (zstd's minimum) */
 #define GOOD_MATCH 64        /* long enough: do not look for a longer one */
 #define LOOKAHEAD 16384      /* prefix bytes indexed past the current position: a page or two */
@@ -91,6 +91,51 @@ static inline uint8_t window_byte(const finder *f, size_t pos) {
     return pos < f->plen ? f->pre[pos] : f->dat[pos - f->plen];
 }
 
+static inline unsigned highbit(size_t v) { return 63u - (unsigned)__builtin_clzll((unsigned long long)v | 1); }
+
+/* What a match saves, roughly in quarter bytes: its length against the bits of an offset zstd has not seen
+ * lately (the same offset and the last two are repeat codes, nearly free). */
+static inline long gain(size_t len, size_t off, size_t plen, const size_t rep[2]) {
+    unsigned cost = (off == plen || off == rep[0] || off == rep[1]) ? 1 : highbit(off) + 1;
+    return (long)(4 * len) - (long)cost;
+}
+
+/* The best match for data[i:], i + 8 <= its length: at the same offset, at the last two offsets used, then
+ * through the hash table (which then records i).  Its length, or 0 when none is worth a sequence; *off its
+ * offset. */
+static size_t best_match(finder *f, size_t i, const size_t rep[2], size_t *off) {
+    const size_t plen = f->plen, here = plen + i;
+    size_t best = 0;
+    if (i < plen) {
+        best = match_at(f, i, i);
+        *off = plen;
+    }
+    for (int r = 0; r < 2 && best < GOOD_MATCH; r++) {
+        if (rep[r] != plen && rep[r] <= here) {
+            size_t len = match_at(f, here - rep[r], i);
+            if (len > best) {
+                best = len;
+                *off = rep[r];
+            }
+        }
+    }
+    if (best < OFFSET_MIN_MATCH)
+        best = 0;
+    const uint32_t h = hash6(f->dat + i);
+    if (best < GOOD_MATCH) {
+        uint32_t cand = f->table[h];
+        if (cand != UINT32_MAX && cand < here) {
+            size_t len = match_at(f, cand, i);
+            if (len >= MIN_MATCH && len > best) {
+                best = len;
+                *off = here - cand;
+            }
+        }
+    }
+    f->table[h] = (uint32_t)here;
+    return best;
+}
+
 static size_t find(finder *f, uint32_t *out) {
     const size_t plen = f->plen, n = f->dlen;
     size_t i = 0, anchor = 0, indexed = 0, nseq = 0, rep[2] = {plen, plen};
@@ -99,40 +144,21 @@ static size_t find(finder *f, uint32_t *out) {
         size_t until = i + LOOKAHEAD < plen ? i + LOOKAHEAD : plen;
         for (; indexed + 8 <= until; indexed += PREFIX_STEP)
             f->table[hash6(f->pre + indexed)] = (uint32_t)indexed;
-        const size_t here = plen + i;
-        size_t best = 0, off = 0;
-        if (i < plen) {
-            best = match_at(f, i, i);
-            off = plen;
-        }
-        for (int r = 0; r < 2 && best < GOOD_MATCH; r++) {
-            if (rep[r] != plen && rep[r] <= here) {
-                size_t len = match_at(f, here - rep[r], i);
-                if (len > best) {
-                    best = len;
-                    off = rep[r];
-                }
-            }
-        }
-        if (best < OFFSET_MIN_MATCH)
-            best = 0;
-        const uint32_t h = hash6(f->dat + i);
-        if (best < GOOD_MATCH) {
-            uint32_t cand = f->table[h];
-            if (cand != UINT32_MAX && cand < here) {
-                size_t len = match_at(f, cand, i);
-                if (len >= MIN_MATCH && len > best) {
-                    best = len;
-                    off = here - cand;
-                }
-            }
-        }
-        f->table[h] = (uint32_t)here;
+        size_t off = 0, best = best_match(f, i, rep, &off);
         if (!best) {
             i += 1 + ((i - anchor) >> 7);
             continue;
         }
-        size_t src = here - off;
+        /* Lazy: a match one byte on that saves more (a repeat offset, say, where this one is new) wins. */
+        while (best < GOOD_MATCH && i + 9 <= n) {
+            size_t off2 = 0, len2 = best_match(f, i + 1, rep, &off2);
+            if (!len2 || gain(len2, off2, plen, rep) <= gain(best, off, plen, rep))
+                break;
+            i++;
+            best = len2;
+            off = off2;
+        }
+        size_t src = plen + i - off;
         while (i > anchor && src > 0 && window_byte(f, src - 1) == f->dat[i - 1] &&
                (src - 1 >= plen || src < plen)) {
             i--;
