@@ -1,4 +1,7 @@
-"""Build the C chunker, directory scanner, manifest decoder and delta match finder; all other metadata lives in pyproject.toml."""
+"""Build the C chunker, directory scanner, manifest decoder and delta match finder.
+
+All other metadata lives in pyproject.toml.
+"""
 from setuptools import Extension, setup
 
 setup(

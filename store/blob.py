@@ -113,12 +113,14 @@ def compress_many(datas: list[bytes | memoryview], level: int) -> list[tuple[int
     return out
 
 
-# Delta frames reference their dictionary as a prefix, with long-distance matching (matches of at least
-# DELTA_LDM_MIN_MATCH bytes, found from one position in 2**DELTA_LDM_HASH_RATE_LOG).  Against a dictionary
-# loaded in full (every position indexed by zstd's regular match finder, about half of a delta's encoding
-# time), measured on database versions and edited files: PostgreSQL page deltas 9 % smaller, encoded 7 %
-# faster, their zstd part decoded about a fifth faster; SQLite's 2 % larger and encoded 16 % faster; whole-base deltas of
-# files with insertions 17 % smaller and encoded 43 % faster (README, "Database differentials").
+# Delta frames reference their dictionary as a prefix.  The matches of a delta changed in place are found
+# by chunkvault's own finder (zstdbuf.compress_matched); the others by zstd, with long-distance matching
+# (matches of at least DELTA_LDM_MIN_MATCH bytes, found from one position in 2**DELTA_LDM_HASH_RATE_LOG).
+# Against a dictionary loaded in full (every position indexed by zstd's regular match finder, about half of
+# a delta's encoding time), measured on database versions and edited files: PostgreSQL page deltas 9 %
+# smaller, encoded 7 % faster, their zstd part decoded about a fifth faster; SQLite's 2 % larger and encoded
+# 16 % faster; whole-base deltas of files with insertions 17 % smaller and encoded 43 % faster (README,
+# "Database differentials").
 DELTA_LDM_MIN_MATCH = 128
 DELTA_LDM_HASH_RATE_LOG = 7
 
@@ -132,7 +134,8 @@ def _dict_compress(data: bytes | memoryview, content: Plaintext, level: int) -> 
 
 def _against(data: bytes | memoryview, content: Plaintext, level: int, in_place: bool) -> bytes:
     """A zstd frame of ``data`` with ``content`` as raw dictionary; for data laid out against its dictionary
-    byte for byte (``in_place``), the matches found by chunkvault's finder (README, "Delta match finder")."""
+    byte for byte (``in_place``), the matches found by chunkvault's finder (README, "Deltas of pages changed in
+    place find their own matches")."""
     if in_place and content and can_match():
         return compress_matched(data, content, level)
     return _dict_compress(data, content, level)

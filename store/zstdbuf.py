@@ -12,19 +12,18 @@ object API does the same work with the copies.
 
 Delta frames are compressed the same way (``compress_against``): one context
 per thread, reused, the base's bytes referenced as a prefix, long-distance
-matching on (see ``store/blob.py`` for why).  A block delta's matches are
-found by chunkvault's own finder instead (``compress_matched``,
-``store/_deltamatch.c``) and only entropy-coded by zstd: the same frame format,
-found in a quarter of the time.
+matching on (see ``store/blob.py`` for why).  The matches of a delta whose
+pages changed in place are found by chunkvault's own finder instead
+(``compress_matched``, ``store/_deltamatch.c``) and only entropy-coded by zstd:
+the same frame format, in a quarter of the time.
 """
 from __future__ import annotations
 
 import threading
 from typing import Any
 
-import zstandard
-
 import numpy as np
+import zstandard
 
 try:
     from zstandard._cffi import ffi, lib
@@ -154,8 +153,12 @@ def can_match() -> bool:
 
 def compress_matched(data: bytes | memoryview, prefix: Any, level: int) -> bytes:
     """One zstd frame of ``data`` (content size recorded) with ``prefix`` as raw-content dictionary, for data laid
-    out against its prefix byte for byte (a block delta): chunkvault's finder picks the matches, zstd codes them.
-    Needs ``can_match()``."""
+    out against its prefix byte for byte (a delta of pages changed in place): chunkvault's finder picks the
+    matches, zstd codes them.  Needs ``can_match()``.
+
+    zstd's own check of external sequences stays off: it does not count a referenced prefix as reachable and
+    refuses every match into it.  The finder's sequences are held to zstd's rules by the tests instead, which
+    rebuild the data from them independently."""
     seqs = _sequence_buffer(len(data))
     count = _deltamatch.find(prefix, data, seqs)
     c = _sequence_cctx(level)

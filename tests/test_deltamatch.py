@@ -86,6 +86,33 @@ def test_frames_decode_against_the_prefix(case):
     assert out == data
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_large_inputs_rebuild_past_the_lookahead_and_a_full_hash_table(seed):
+    """Prefixes far longer than the finder's lookahead and its hash table, with edits in place, rows copied from
+    elsewhere, a shift by an insertion, and data longer or shorter than the prefix."""
+    rnd = random.Random(seed)
+    pages = [bytes(rnd.randrange(4) for _ in range(256)) * 16 if i % 3 == 0 else rnd.randbytes(4096)
+             for i in range(rnd.randrange(20, 120))]
+    prefix = b"".join(pages)
+    data = bytearray(prefix)
+    for _ in range(rnd.randrange(50, 400)):
+        at, size = rnd.randrange(len(data)), rnd.randrange(1, 200)
+        if rnd.random() < 0.5:
+            data[at : at + size] = rnd.randbytes(size)
+        else:
+            src = rnd.randrange(len(prefix))
+            data[at : at + size] = prefix[src : src + size]
+    if seed % 2:
+        at = rnd.randrange(len(data))
+        data[at:at] = rnd.randbytes(rnd.randrange(1, 3000))
+    data = bytes(data[: rnd.randrange(len(data) // 2, len(data))] if seed % 3 == 0 else data + rnd.randbytes(5000))
+    assert rebuild(prefix, data, sequences(prefix, data)) == data
+    frame = zstdbuf.compress_matched(data, prefix, 3)
+    out = bytearray(len(data))
+    zstdbuf.decompress_into(frame, out, len(data), prefix)
+    assert out == data
+
+
 def test_a_page_updated_in_place_costs_only_what_changed():
     """Pages whose rows change a few bytes in place, and whose updated row is written again to the page's free
     space (copied from further on in the prefix): both are found, the literals are the changed bytes."""
