@@ -125,18 +125,19 @@ DELTA_LDM_MIN_MATCH = 128
 DELTA_LDM_HASH_RATE_LOG = 7
 
 
-def _dict_compress(data: bytes | memoryview, content: Plaintext, level: int) -> bytes:
+def _dict_compress(data: bytes | memoryview | np.ndarray, content: Plaintext | np.ndarray, level: int) -> bytes:
     """One zstd frame (content size recorded); ``content`` is its raw dictionary when not empty."""
-    if not content:
+    if not len(content):
         return _compressor(level).compress(data)
     return compress_against(data, content, level, DELTA_LDM_MIN_MATCH, DELTA_LDM_HASH_RATE_LOG)
 
 
-def _against(data: bytes | memoryview, content: Plaintext, level: int, in_place: bool) -> bytes:
+def _against(data: bytes | memoryview | np.ndarray, content: Plaintext | np.ndarray, level: int,
+             in_place: bool) -> bytes:
     """A zstd frame of ``data`` with ``content`` as raw dictionary; for data laid out against its dictionary
     byte for byte (``in_place``), the matches found by chunkvault's finder (README, "Deltas of pages changed in
     place find their own matches")."""
-    if in_place and content and can_match():
+    if in_place and len(content) and can_match():
         return compress_matched(data, content, level)
     return _dict_compress(data, content, level)
 
@@ -170,15 +171,17 @@ def _changed(data: bytes | memoryview, base: bytes | memoryview, nblocks: int) -
     return stored, in_place
 
 
-def _gather(buf: bytes | memoryview, length: int, mask: np.ndarray) -> bytes:
-    """The bytes of the selected blocks of ``buf[:length]``, in order (all must lie inside ``buf``)."""
+def _gather(buf: bytes | memoryview, length: int, mask: np.ndarray) -> np.ndarray:
+    """The bytes of the selected blocks of ``buf[:length]``, in order (all must lie inside ``buf``), copied once
+    (rows picked by index: half the time of a boolean mask)."""
     whole = min(length, len(buf)) // BLOCK_SIZE
     rows = np.frombuffer(buf, np.uint8, whole * BLOCK_SIZE).reshape(whole, BLOCK_SIZE)
-    out = rows[mask[:whole]].tobytes()
+    out = rows[np.flatnonzero(mask[:whole])].reshape(-1)
     rest = np.flatnonzero(mask[whole:])
     if len(rest):
         mv = memoryview(buf)
-        out += b"".join(mv[(whole + i) * BLOCK_SIZE : min((whole + i + 1) * BLOCK_SIZE, length)] for i in rest)
+        tail = b"".join(mv[(whole + i) * BLOCK_SIZE : min((whole + i + 1) * BLOCK_SIZE, length)] for i in rest)
+        out = np.concatenate((out, np.frombuffer(tail, np.uint8)))
     return out
 
 
@@ -273,11 +276,11 @@ def _apply_blocks(payload: memoryview, plain: _Plain) -> None:
     count = int(np.count_nonzero(stored))
     size = count * BLOCK_SIZE - _trim(stored, n)
     rows = plain.rows_for(n, nb)
-    dictionary = rows[taken].reshape(-1)
+    dictionary = rows[np.flatnonzero(taken)].reshape(-1)
     new = np.empty(count * BLOCK_SIZE, np.uint8)
     decompress_into(payload[pos:], new, size, memoryview(dictionary)[: len(dictionary) - _trim(taken, n)])
     new[size:] = 0
-    rows[stored] = new.reshape(count, BLOCK_SIZE)
+    rows[np.flatnonzero(stored)] = new.reshape(count, BLOCK_SIZE)
     plain.length = n
 
 
