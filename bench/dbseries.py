@@ -17,7 +17,10 @@ and, for chunkvault, also from a fresh repository holding that same tree as
 one full snapshot without deltas, opened the same way (with the password, and
 with a key secret where a ``+secret`` tool is compared to it): the restore of a
 mostly-delta snapshot should take at most 1.5x that.  Each restore is timed
-``--restore-trials`` times, alternating, and the fastest counts; with
+``--restore-trials`` times, alternating, and the fastest counts (the median
+of each trial's ratio, delta repository to full, is printed beside it: a
+trial restores every repository once, seconds apart, so the machine's speed
+drifting between trials moves it less); with
 ``--restore-into /dev/shm`` they go into a tmpfs, so that the disk's
 write-back of one restore does not slow the next.
 
@@ -49,6 +52,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import sqlite3
 import subprocess
 import sys
@@ -118,7 +122,8 @@ class Series:
     title: str
     sizes: list[int] = field(default_factory=list)  # bytes of each version's copy
     steps: dict[str, list[Step]] = field(default_factory=dict)
-    restores: dict[str, float] = field(default_factory=dict)  # fastest restore of the last version, per repository
+    restores: dict[str, list[float]] = field(default_factory=dict)  # restores of the last version, per repository,
+    # one per trial; trials alternate between repositories
 
 
 def children_cpu() -> float:
@@ -177,9 +182,9 @@ def time_restores(series: Series, tools: list[Tool], path: str, work: str, trial
         for name, t in repos.items():
             shutil.rmtree(target, ignore_errors=True)
             seconds, _ = t.restore(target)
-            series.restores[name] = min(seconds, series.restores.get(name, seconds))
+            series.restores.setdefault(name, []).append(seconds)
     shutil.rmtree(target, ignore_errors=True)
-    print("  restore of the last version: " + ", ".join(f"{n} {s:.2f} s" for n, s in series.restores.items()),
+    print("  restore of the last version: " + ", ".join(f"{n} {min(s):.2f} s" for n, s in series.restores.items()),
           flush=True)
 
 
@@ -320,13 +325,18 @@ def report(series: Series, names: list[str]) -> list[str]:
             lines.append(f"  {name} v{s.version}: {s.note}")
     if series.restores:
         lines.append("restore of the last version (fastest of the trials): " + ", ".join(
-            f"{n} {s:.2f} s" for n, s in series.restores.items()))
+            f"{n} {min(s):.2f} s" for n, s in series.restores.items()))
         for name in (n for n in series.restores if n.startswith("chunkvault") and not n.startswith(FULL)):
             full_name = FULL + (SECRET_SUFFIX if name.endswith(SECRET_SUFFIX) else "")
             if full_name in series.restores:
-                ratio = series.restores[name] / series.restores[full_name]
+                mine, full = series.restores[name], series.restores[full_name]
+                ratio = min(mine) / min(full)
+                # A trial restores every repository once, seconds apart: the ratio within a trial moves less with
+                # the machine's speed drifting between trials.
+                paired = statistics.median(a / b for a, b in zip(mine, full))
                 lines.append(f"{name}: {ratio:.2f}x the restore of the same tree from a full without deltas "
-                             f"({full_name}; target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})")
+                             f"({full_name}; target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'}); "
+                             f"median of the {len(mine)} trials' ratios {paired:.2f}x")
     return lines
 
 
