@@ -27,6 +27,9 @@
  * Every match lies inside the prefix followed by the data: an offset never
  * reaches before the prefix's start, and a match taken from the prefix ends
  * at the prefix's end.  The tests rebuild the data from the sequences.
+ *
+ * Also here: the block map and the gathers a block delta is made of
+ * (changed_blocks, equal_words, gather_blocks; below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -227,9 +230,119 @@ static PyObject *py_max_sequences(PyObject *self, PyObject *arg) {
     return PyLong_FromSize_t(max_sequences((size_t)n));
 }
 
+/* Block maps and gathers for block deltas (store/blob.py's _changed, _equal_share and _gather): numpy
+ * compared every word and built a boolean per word, then copied the selected blocks twice; these compare
+ * block by block (stopping at a block's first difference) and copy once.  The numpy versions stay as the
+ * reference the tests hold these to. */
+
+/* changed_blocks(data, base, block_size) -> bytes, one per block of data: 1 where the block must be stored
+ * (it differs from base over its range, or reaches past base's end), else 0. */
+static PyObject *py_changed_blocks(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer dat, base;
+    Py_ssize_t bs;
+    if (!PyArg_ParseTuple(args, "y*y*n", &dat, &base, &bs))
+        return NULL;
+    PyObject *out = NULL;
+    if (bs <= 0) {
+        PyErr_SetString(PyExc_ValueError, "block size must be positive");
+        goto done;
+    }
+    const Py_ssize_t n = dat.len, nb = (n + bs - 1) / bs;
+    out = PyBytes_FromStringAndSize(NULL, nb);
+    if (!out)
+        goto done;
+    unsigned char *flags = (unsigned char *)PyBytes_AS_STRING(out);
+    const unsigned char *d = dat.buf, *b = base.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        Py_ssize_t start = i * bs, end = start + bs < n ? start + bs : n;
+        flags[i] = end > base.len || memcmp(d + start, b + start, (size_t)(end - start)) != 0;
+    }
+    Py_END_ALLOW_THREADS
+done:
+    PyBuffer_Release(&dat);
+    PyBuffer_Release(&base);
+    return out;
+}
+
+/* equal_words(data, base, length) -> how many of the 8-byte words of data[:length] equal base's at the same
+ * offset (length a multiple of 8, inside both). */
+static PyObject *py_equal_words(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer dat, base;
+    Py_ssize_t length;
+    if (!PyArg_ParseTuple(args, "y*y*n", &dat, &base, &length))
+        return NULL;
+    PyObject *out = NULL;
+    if (length < 0 || length % 8 || length > dat.len || length > base.len) {
+        PyErr_SetString(PyExc_ValueError, "length must be a multiple of 8 inside both buffers");
+        goto done;
+    }
+    const unsigned char *d = dat.buf, *b = base.buf;
+    size_t equal = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < length; i += 8)
+        equal += read64(d + i) == read64(b + i);
+    Py_END_ALLOW_THREADS
+    out = PyLong_FromSize_t(equal);
+done:
+    PyBuffer_Release(&dat);
+    PyBuffer_Release(&base);
+    return out;
+}
+
+/* gather_blocks(buf, length, flags, block_size) -> bytes: the blocks of buf[:length] whose flag (one byte per
+ * block, as changed_blocks gives) is not 0, concatenated in order; each must lie inside buf. */
+static PyObject *py_gather_blocks(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer buf, flags;
+    Py_ssize_t length, bs;
+    if (!PyArg_ParseTuple(args, "y*ny*n", &buf, &length, &flags, &bs))
+        return NULL;
+    PyObject *out = NULL;
+    const unsigned char *f = flags.buf;
+    Py_ssize_t total = 0;
+    if (bs <= 0 || length < 0 || flags.len < (length + bs - 1) / bs) {
+        PyErr_SetString(PyExc_ValueError, "bad block size, length or flags");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < flags.len; i++) {
+        if (!f[i])
+            continue;
+        Py_ssize_t start = i * bs, end = start + bs < length ? start + bs : length;
+        if (start >= length || end > buf.len) {
+            PyErr_SetString(PyExc_ValueError, "a selected block lies outside the buffer");
+            goto done;
+        }
+        total += end - start;
+    }
+    out = PyBytes_FromStringAndSize(NULL, total);
+    if (!out)
+        goto done;
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+    const unsigned char *src = buf.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < flags.len; i++) {
+        if (!f[i])
+            continue;
+        Py_ssize_t start = i * bs, end = start + bs < length ? start + bs : length;
+        memcpy(o, src + start, (size_t)(end - start));
+        o += end - start;
+    }
+    Py_END_ALLOW_THREADS
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&flags);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"find", py_find, METH_VARARGS, "find(prefix, data, out) -> number of sequences written"},
     {"max_sequences", py_max_sequences, METH_O, "max_sequences(data length) -> records ``out`` must hold"},
+    {"changed_blocks", py_changed_blocks, METH_VARARGS, "changed_blocks(data, base, block_size) -> bytes"},
+    {"equal_words", py_equal_words, METH_VARARGS, "equal_words(data, base, length) -> int"},
+    {"gather_blocks", py_gather_blocks, METH_VARARGS, "gather_blocks(buf, length, flags, block_size) -> bytes"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -24,6 +24,11 @@ from chunkvault.errors import CorruptObject
 from .crypto import NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Sealer
 from .zstdbuf import can_match, compress_against, compress_matched, decompress_into, frame_size
 
+try:  # block maps and gathers in C (store/_deltamatch.c); the numpy *_reference functions otherwise
+    from . import _deltamatch as _blocks
+except ImportError:
+    _blocks = None
+
 KIND_RAW = 0
 KIND_ZSTD = 1
 KIND_DELTA = 2
@@ -150,39 +155,55 @@ def _inside(length: int, base_length: int, nblocks: int) -> np.ndarray:
     return ends <= base_length
 
 
-def _changed(data: bytes | memoryview, base: bytes | memoryview, nblocks: int) -> tuple[np.ndarray, float]:
+def _changed_reference(data: bytes | memoryview, base: bytes | memoryview, nblocks: int) -> np.ndarray:
     """Per block of ``data``: must it be stored (it differs from the base's bytes over its range, or lies
-    past the base's end)?  And the share of the 8-byte words of the whole blocks present in both that are
-    equal at the same offset.  Those blocks are compared in place, without copies."""
+    past the base's end)?  Whole blocks present in both are compared in place, without copies."""
     n = len(data)
     both = min(n, len(base)) // BLOCK_SIZE
     stored = np.ones(nblocks, bool)
-    in_place = 0.0
     if both:
         new = np.frombuffer(data, np.uint64, both * (BLOCK_SIZE // 8)).reshape(both, -1)
         old = np.frombuffer(base, np.uint64, both * (BLOCK_SIZE // 8)).reshape(both, -1)
-        differ = new != old
-        stored[:both] = differ.any(axis=1)
-        in_place = 1.0 - np.count_nonzero(differ) / differ.size
+        stored[:both] = (new != old).any(axis=1)
     for i in range(both, nblocks):
         end = min((i + 1) * BLOCK_SIZE, n)
         if end <= len(base):
             stored[i] = data[i * BLOCK_SIZE : end] != base[i * BLOCK_SIZE : end]
-    return stored, in_place
+    return stored
 
 
-def _gather(buf: bytes | memoryview, length: int, mask: np.ndarray) -> np.ndarray:
-    """The bytes of the selected blocks of ``buf[:length]``, in order (all must lie inside ``buf``), copied once
-    (rows picked by index: half the time of a boolean mask)."""
-    whole = min(length, len(buf)) // BLOCK_SIZE
-    rows = np.frombuffer(buf, np.uint8, whole * BLOCK_SIZE).reshape(whole, BLOCK_SIZE)
-    out = rows[np.flatnonzero(mask[:whole])].reshape(-1)
-    rest = np.flatnonzero(mask[whole:])
-    if len(rest):
-        mv = memoryview(buf)
-        tail = b"".join(mv[(whole + i) * BLOCK_SIZE : min((whole + i + 1) * BLOCK_SIZE, length)] for i in rest)
-        out = np.concatenate((out, np.frombuffer(tail, np.uint8)))
-    return out
+def _equal_share_reference(data: bytes | memoryview, base: bytes | memoryview) -> float:
+    """The share of the 8-byte words of the whole blocks present in both that are equal at the same offset."""
+    words = min(len(data), len(base)) // BLOCK_SIZE * (BLOCK_SIZE // 8)
+    if not words:
+        return 0.0
+    return float(np.count_nonzero(np.frombuffer(data, np.uint64, words) == np.frombuffer(base, np.uint64, words))
+                 / words)
+
+
+def _gather_reference(buf: bytes | memoryview, length: int, mask: np.ndarray) -> bytes:
+    """The bytes of the selected blocks of ``buf[:length]``, in order (all must lie inside ``buf``)."""
+    mv = memoryview(buf)
+    return b"".join(mv[i * BLOCK_SIZE : min((i + 1) * BLOCK_SIZE, length)] for i in np.flatnonzero(mask))
+
+
+def _changed(data: bytes | memoryview, base: bytes | memoryview, nblocks: int) -> np.ndarray:
+    if _blocks is None:
+        return _changed_reference(data, base, nblocks)
+    return np.frombuffer(_blocks.changed_blocks(data, base, BLOCK_SIZE), bool)
+
+
+def _equal_share(data: bytes | memoryview, base: bytes | memoryview) -> float:
+    if _blocks is None:
+        return _equal_share_reference(data, base)
+    length = min(len(data), len(base)) // BLOCK_SIZE * BLOCK_SIZE
+    return _blocks.equal_words(data, base, length) / (length // 8) if length else 0.0
+
+
+def _gather(buf: bytes | memoryview, length: int, mask: np.ndarray) -> bytes:
+    if _blocks is None:
+        return _gather_reference(buf, length, mask)
+    return _blocks.gather_blocks(buf, length, mask, BLOCK_SIZE)
 
 
 def delta_compress(data: bytes | memoryview, base_plain: Plaintext, level: int) -> bytes:
@@ -194,9 +215,10 @@ def delta_compress(data: bytes | memoryview, base_plain: Plaintext, level: int) 
     """
     n = len(data)
     nb = -(-n // BLOCK_SIZE)
-    stored, in_place = _changed(data, base_plain, nb)
+    stored = _changed(data, base_plain, nb)
     if nb and stored.mean() > BLOCKS_FALLBACK_SHARE:
-        return bytes((DELTA_DICT,)) + _against(data, base_plain, level, in_place > IN_PLACE_SHARE)
+        in_place = _equal_share(data, base_plain) > IN_PLACE_SHARE
+        return bytes((DELTA_DICT,)) + _against(data, base_plain, level, in_place)
     inside = _inside(n, len(base_plain), nb)
     frame = _against(_gather(data, n, stored), _gather(base_plain, n, stored & inside), level, True)
     return bytes((DELTA_BLOCKS,)) + _LENGTH.pack(n) + np.packbits(stored).tobytes() + frame
@@ -276,9 +298,9 @@ def _apply_blocks(payload: memoryview, plain: _Plain) -> None:
     count = int(np.count_nonzero(stored))
     size = count * BLOCK_SIZE - _trim(stored, n)
     rows = plain.rows_for(n, nb)
-    dictionary = rows[np.flatnonzero(taken)].reshape(-1)
+    dictionary = _gather(plain.buf, n, taken)
     new = np.empty(count * BLOCK_SIZE, np.uint8)
-    decompress_into(payload[pos:], new, size, memoryview(dictionary)[: len(dictionary) - _trim(taken, n)])
+    decompress_into(payload[pos:], new, size, dictionary)
     new[size:] = 0
     rows[np.flatnonzero(stored)] = new.reshape(count, BLOCK_SIZE)
     plain.length = n

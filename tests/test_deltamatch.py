@@ -165,3 +165,38 @@ def test_the_finder_serves_in_place_deltas_and_zstd_moved_content(monkeypatch):
         assert payload[0] == blob.DELTA_DICT and used == [expect]
         assert blob.delta_decompress(payload, base) == data
         assert len(payload) < len(base) // 8
+
+
+@st.composite
+def data_and_base(draw):
+    rnd = random.Random(draw(st.integers(0, 2**32)))
+    base = rnd.randbytes(draw(st.integers(0, 9000)))
+    data = bytearray(base[: draw(st.integers(0, len(base)))] + rnd.randbytes(draw(st.integers(0, 3000))))
+    for _ in range(draw(st.integers(0, 6))):
+        if data:
+            data[rnd.randrange(len(data))] ^= 1 << rnd.randrange(8)
+    return bytes(data), base
+
+
+@settings(max_examples=300, deadline=None)
+@given(data_and_base(), st.integers(0, 2**32))
+def test_block_maps_and_gathers_equal_their_numpy_reference(case, seed):
+    from chunkvault.store import blob
+
+    data, base = case
+    n, nb = len(data), -(-len(data) // blob.BLOCK_SIZE)
+    stored = blob._changed(data, base, nb)
+    assert stored.tolist() == blob._changed_reference(data, base, nb).tolist()
+    assert blob._equal_share(data, base) == pytest.approx(blob._equal_share_reference(data, base))
+    rnd = random.Random(seed)
+    picked = stored & np.array([rnd.random() < 0.5 for _ in range(nb)], bool)
+    taken = picked & blob._inside(n, len(base), nb)
+    assert blob._gather(data, n, picked) == blob._gather_reference(data, n, picked)
+    assert blob._gather(base, n, taken) == blob._gather_reference(base, n, taken)
+
+
+def test_a_gather_of_a_block_outside_the_buffer_is_refused():
+    with pytest.raises(ValueError, match="outside"):
+        _deltamatch.gather_blocks(bytes(1500), 3000, bytes([0, 0, 1]), 1024)
+    with pytest.raises(ValueError, match="flags"):
+        _deltamatch.gather_blocks(bytes(3000), 3000, bytes([1]), 1024)
