@@ -130,15 +130,14 @@ DELTA_LDM_MIN_MATCH = 128
 DELTA_LDM_HASH_RATE_LOG = 7
 
 
-def _dict_compress(data: bytes | memoryview | np.ndarray, content: Plaintext | np.ndarray, level: int) -> bytes:
+def _dict_compress(data: bytes | memoryview, content: Plaintext, level: int) -> bytes:
     """One zstd frame (content size recorded); ``content`` is its raw dictionary when not empty."""
     if not len(content):
         return _compressor(level).compress(data)
     return compress_against(data, content, level, DELTA_LDM_MIN_MATCH, DELTA_LDM_HASH_RATE_LOG)
 
 
-def _against(data: bytes | memoryview | np.ndarray, content: Plaintext | np.ndarray, level: int,
-             in_place: bool) -> bytes:
+def _against(data: bytes | memoryview, content: Plaintext, level: int, in_place: bool) -> bytes:
     """A zstd frame of ``data`` with ``content`` as raw dictionary; for data laid out against its dictionary
     byte for byte (``in_place``), the matches found by chunkvault's finder (README, "Deltas of pages changed in
     place find their own matches")."""

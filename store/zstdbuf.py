@@ -64,37 +64,28 @@ def _check(code: int) -> int:
     return code
 
 
-def _cctx(key: tuple[int, int, int]) -> Any:
-    # One compression context per thread and (level, ldm min match, ldm hash rate log); a frame's window is
-    # set per call.
-    level, ldm_min_match, ldm_hash_rate_log = key
+def _cctx(key: tuple[Any, ...]) -> Any:
+    """One compression context per thread and ``key``, set up once; a frame's window is set per call.
+
+    ("ldm", level, ldm min match, ldm hash rate log): zstd finds the matches, long-distance matching on.
+    ("sequences", level): for ZSTD_compressSequences, the level's literal and sequence coding, match tables at
+    their minimum (unused)."""
     cache = getattr(_local, "cctxs", None)
     if cache is None:
         cache = _local.cctxs = {}
     c = cache.get(key)
     if c is None:
+        level = key[1]
+        if key[0] == "ldm":
+            params = ((lib.ZSTD_c_enableLongDistanceMatching, 1), (lib.ZSTD_c_ldmMinMatch, key[2]),
+                      (lib.ZSTD_c_ldmHashRateLog, key[3]))
+        else:
+            params = ((lib.ZSTD_c_blockDelimiters, lib.ZSTD_sf_noBlockDelimiters),
+                      (lib.ZSTD_c_hashLog, lib.ZSTD_HASHLOG_MIN), (lib.ZSTD_c_chainLog, lib.ZSTD_CHAINLOG_MIN))
         c = ffi.gc(lib.ZSTD_createCCtx(), lib.ZSTD_freeCCtx)
-        for param, value in ((lib.ZSTD_c_compressionLevel, level), (lib.ZSTD_c_contentSizeFlag, 1),
-                             (lib.ZSTD_c_enableLongDistanceMatching, 1), (lib.ZSTD_c_ldmMinMatch, ldm_min_match),
-                             (lib.ZSTD_c_ldmHashRateLog, ldm_hash_rate_log)):
+        for param, value in ((lib.ZSTD_c_compressionLevel, level), (lib.ZSTD_c_contentSizeFlag, 1), *params):
             _check(lib.ZSTD_CCtx_setParameter(c, param, value))
         cache[key] = c
-    return c
-
-
-def _sequence_cctx(level: int) -> Any:
-    # For ZSTD_compressSequences: the level's literal and sequence coding, match tables at their minimum (unused).
-    cache = getattr(_local, "seq_cctxs", None)
-    if cache is None:
-        cache = _local.seq_cctxs = {}
-    c = cache.get(level)
-    if c is None:
-        c = ffi.gc(lib.ZSTD_createCCtx(), lib.ZSTD_freeCCtx)
-        for param, value in ((lib.ZSTD_c_compressionLevel, level), (lib.ZSTD_c_contentSizeFlag, 1),
-                             (lib.ZSTD_c_blockDelimiters, lib.ZSTD_sf_noBlockDelimiters),
-                             (lib.ZSTD_c_hashLog, lib.ZSTD_HASHLOG_MIN), (lib.ZSTD_c_chainLog, lib.ZSTD_CHAINLOG_MIN)):
-            _check(lib.ZSTD_CCtx_setParameter(c, param, value))
-        cache[level] = c
     return c
 
 
@@ -130,7 +121,7 @@ def compress_against(data: bytes | memoryview, prefix: Any, level: int, ldm_min_
             ldm_hash_rate_log=ldm_hash_rate_log, write_content_size=True)
         raw = zstandard.ZstdCompressionDict(bytes(prefix), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         return zstandard.ZstdCompressor(compression_params=params, dict_data=raw).compress(data)
-    key = (level, ldm_min_match, ldm_hash_rate_log)
+    key = ("ldm", level, ldm_min_match, ldm_hash_rate_log)
     c = _cctx(key)
     try:
         _check(lib.ZSTD_CCtx_setParameter(c, lib.ZSTD_c_windowLog, wlog))
@@ -161,7 +152,8 @@ def compress_matched(data: bytes | memoryview, prefix: Any, level: int) -> bytes
     rebuild the data from them independently."""
     seqs = _sequence_buffer(len(data))
     count = _deltamatch.find(prefix, data, seqs)
-    c = _sequence_cctx(level)
+    key = ("sequences", level)
+    c = _cctx(key)
     try:
         _check(lib.ZSTD_CCtx_reset(c, lib.ZSTD_reset_session_only))  # ZSTD_compressSequences leaves it mid-frame
         _check(lib.ZSTD_CCtx_setParameter(c, lib.ZSTD_c_windowLog, _window_log(len(prefix), len(data))))
@@ -172,7 +164,7 @@ def compress_matched(data: bytes | memoryview, prefix: Any, level: int) -> bytes
                                               ffi.cast("ZSTD_Sequence *", ffi.from_buffer(seqs)), count,
                                               ffi.from_buffer(data), len(data)))
     except BaseException:
-        _local.seq_cctxs.pop(level, None)  # it may still reference the prefix: never reuse it
+        _local.cctxs.pop(key, None)  # it may still reference the prefix: never reuse it
         raise
     return bytes(memoryview(out)[:n])
 
