@@ -27,7 +27,7 @@ from chunkvault.remotes import Remote
 
 from . import chain
 from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_many, delta_compress, envelope_base,
-                   open_chain, seal_blob)
+                   open_chain, restart_depth, seal_blob)
 from .blobindex import BlobIndex, BlobLocation
 from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
@@ -269,19 +269,14 @@ class Repo:
         return len(self.delta_chain(blob_id))
 
     def base_for(self, blob_id: bytes, bound: int = MAX_DELTA_DEPTH) -> bytes:
-        """The base for a delta replacing ``blob_id``: that blob while its chain is shorter than a limit,
-        else the whole blob its chain starts from, so chains restart and never grow past ``bound``
-        (nor past the bound reads accept).
-
-        The limit lies between half the bound and the bound, set by the whole blob's id: the chunks
-        of a file restart in different versions, not all in one costly version.
-        """
+        """The base for a delta replacing ``blob_id``: that blob while its chain is shorter than its
+        ``restart_depth``, else the whole blob its chain starts from, so chains restart and never grow
+        past ``bound`` (nor past the bound reads accept)."""
         chain = self.delta_chain(blob_id)
         if not chain:
             return blob_id
-        bound = min(bound, self.max_delta_depth)
-        span = (bound + 1) // 2
-        limit = bound - chain[-1][0] % span
+        first_delta = chain[-2] if len(chain) > 1 else blob_id
+        limit = restart_depth(first_delta, min(bound, self.max_delta_depth))
         return blob_id if len(chain) < limit else chain[-1]
 
     def write_index(self, d: IndexData) -> str:
