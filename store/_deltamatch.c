@@ -29,7 +29,8 @@
  * at the prefix's end.  The tests rebuild the data from the sequences.
  *
  * Also here: the block map and the gathers a block delta is made of
- * (changed_blocks, equal_words, gather_blocks; below).
+ * (changed_blocks, equal_words, gather_blocks; below), and what applying one
+ * takes besides its frame (block_map, scatter_blocks).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -337,12 +338,113 @@ done:
     return out;
 }
 
+/* block_map(payload, base_length, block_size) -> (length, frame_start, stored, taken, stored_bytes): a block
+ * delta's header read and checked (store/FORMAT.md, "Delta payload", method 1).  stored and taken hold one
+ * byte per block: the blocks the frame holds, and those of them that lie inside the base (whose counterparts
+ * make the frame's dictionary); stored_bytes is the frame's content size.  ValueError when malformed. */
+static PyObject *py_block_map(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer pay;
+    Py_ssize_t base_len, bs;
+    if (!PyArg_ParseTuple(args, "y*nn", &pay, &base_len, &bs))
+        return NULL;
+    PyObject *out = NULL, *stored = NULL, *taken = NULL;
+    const unsigned char *p = pay.buf;
+    if (bs <= 0 || base_len < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad block size or base length");
+        goto done;
+    }
+    if (pay.len < 5) {
+        PyErr_SetString(PyExc_ValueError, "truncated block delta");
+        goto done;
+    }
+    const Py_ssize_t n = (Py_ssize_t)((uint32_t)p[1] | (uint32_t)p[2] << 8 | (uint32_t)p[3] << 16 | (uint32_t)p[4] << 24);
+    const Py_ssize_t nb = (n + bs - 1) / bs, pos = 5 + (nb + 7) / 8;
+    if (pay.len < pos) {
+        PyErr_SetString(PyExc_ValueError, "truncated block map");
+        goto done;
+    }
+    const unsigned char *bits = p + 5;
+    if (nb % 8 && bits[nb / 8] & (0xFF >> (nb % 8))) {
+        PyErr_SetString(PyExc_ValueError, "block map has bits past its last block");
+        goto done;
+    }
+    stored = PyBytes_FromStringAndSize(NULL, nb);
+    taken = PyBytes_FromStringAndSize(NULL, nb);
+    if (!stored || !taken)
+        goto done;
+    unsigned char *s = (unsigned char *)PyBytes_AS_STRING(stored), *t = (unsigned char *)PyBytes_AS_STRING(taken);
+    Py_ssize_t size = 0;
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        const Py_ssize_t start = i * bs, end = start + bs < n ? start + bs : n;
+        const int bit = bits[i / 8] >> (7 - i % 8) & 1, inside = end <= base_len;
+        if (!bit && !inside) {
+            PyErr_SetString(PyExc_ValueError, "a block taken from the base lies outside it");
+            goto done;
+        }
+        s[i] = (unsigned char)bit;
+        t[i] = (unsigned char)(bit && inside);
+        size += bit ? end - start : 0;
+    }
+    out = Py_BuildValue("nnOOn", n, pos, stored, taken, size);
+done:
+    Py_XDECREF(stored);
+    Py_XDECREF(taken);
+    PyBuffer_Release(&pay);
+    return out;
+}
+
+/* scatter_blocks(buf, new, stored, length, block_size): the blocks of new, in order, written over the blocks of
+ * buf whose stored flag is set (a last block cut short by length is zero past it); buf holds whole blocks. */
+static PyObject *py_scatter_blocks(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer buf, src, flags;
+    Py_ssize_t length, bs;
+    if (!PyArg_ParseTuple(args, "w*y*y*nn", &buf, &src, &flags, &length, &bs))
+        return NULL;
+    PyObject *out = NULL;
+    const unsigned char *f = flags.buf;
+    Py_ssize_t need = 0;
+    if (bs <= 0 || length < 0 || flags.len != (length + bs - 1) / bs || buf.len < flags.len * bs) {
+        PyErr_SetString(PyExc_ValueError, "bad block size, length, flags or buffer");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < flags.len; i++)
+        if (f[i])
+            need += (i + 1) * bs < length ? bs : length - i * bs;
+    if (src.len != need) {
+        PyErr_SetString(PyExc_ValueError, "the new blocks do not fill the stored blocks");
+        goto done;
+    }
+    unsigned char *o = buf.buf;
+    const unsigned char *from = src.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < flags.len; i++) {
+        if (!f[i])
+            continue;
+        const Py_ssize_t start = i * bs, end = start + bs < length ? start + bs : length;
+        memcpy(o + start, from, (size_t)(end - start));
+        memset(o + end, 0, (size_t)(start + bs - end));
+        from += end - start;
+    }
+    Py_END_ALLOW_THREADS
+    out = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&flags);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"find", py_find, METH_VARARGS, "find(prefix, data, out) -> number of sequences written"},
     {"max_sequences", py_max_sequences, METH_O, "max_sequences(data length) -> records ``out`` must hold"},
     {"changed_blocks", py_changed_blocks, METH_VARARGS, "changed_blocks(data, base, block_size) -> bytes"},
     {"equal_words", py_equal_words, METH_VARARGS, "equal_words(data, base, length) -> int"},
     {"gather_blocks", py_gather_blocks, METH_VARARGS, "gather_blocks(buf, length, flags, block_size) -> bytes"},
+    {"block_map", py_block_map, METH_VARARGS,
+     "block_map(payload, base_length, block_size) -> (length, frame_start, stored, taken, stored_bytes)"},
+    {"scatter_blocks", py_scatter_blocks, METH_VARARGS, "scatter_blocks(buf, new, stored, length, block_size)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -64,18 +64,6 @@ Plaintext = bytes | memoryview
 _local = threading.local()
 
 
-def restart_depth(first_delta: bytes, bound: int) -> int:
-    """The depth at which a delta chain restarts: between half ``bound`` and ``bound``, set by the id of the
-    chain's first delta (the blob right above its whole blob).
-
-    The chunks of a file restart in different versions, not all in one costly version; and since every
-    restart begins with a new first delta, a chunk's next chain draws a new depth, so restarts do not
-    fall into step (keyed by the whole blob, which restarts keep, every chain of a chunk had the same
-    length, and the chunks that restarted together once did so again and again).
-    """
-    return bound - first_delta[0] % ((bound + 1) // 2)
-
-
 def _compressor(level: int) -> zstandard.ZstdCompressor:
     # zstandard's (de)compressor objects are not thread-safe: one per thread.
     cache = getattr(_local, "compressors", None)
@@ -288,6 +276,19 @@ class _Plain:
 
 
 def _apply_blocks(payload: memoryview, plain: _Plain) -> None:
+    if _blocks is None:
+        _apply_blocks_reference(payload, plain)
+        return
+    n, pos, stored, taken, size = _blocks.block_map(payload, plain.length, BLOCK_SIZE)
+    plain.rows_for(n, len(stored))
+    dictionary = _blocks.gather_blocks(plain.buf, n, taken, BLOCK_SIZE)
+    new = np.empty(size, np.uint8)
+    decompress_into(payload[pos:], new, size, dictionary)
+    _blocks.scatter_blocks(plain.buf, new, stored, n, BLOCK_SIZE)
+    plain.length = n
+
+
+def _apply_blocks_reference(payload: memoryview, plain: _Plain) -> None:
     if len(payload) < 1 + _LENGTH.size:
         raise ValueError("truncated block delta")
     (n,) = _LENGTH.unpack_from(payload, 1)

@@ -70,14 +70,18 @@ def resolve(full: Iterable[Record], diffs: Sequence[Iterable[Record]]) -> Iterat
 
     The differentials are composed first, then applied once: each record of the
     full tree passes one merge instead of one per differential (a 58,000-entry
-    tree under six small differentials took six merges per record).
+    tree under six small differentials took six merges per record).  They are
+    composed in pairs, neighbours first, so a record of a differential passes
+    about log2(n) merges rather than up to n (a day of 23 differentials that
+    each list every file of a database).
     """
     if not diffs:
         return iter(full)
-    combined: Iterable[Record] = diffs[0]
-    for d in diffs[1:]:
-        combined = compose(combined, d)
-    return apply(full, combined)
+    layers: list[Iterable[Record]] = list(diffs)
+    while len(layers) > 1:
+        layers = [compose(layers[i], layers[i + 1]) if i + 1 < len(layers) else layers[i]
+                  for i in range(0, len(layers), 2)]
+    return apply(full, layers[0])
 
 
 def ancestors(path: bytes) -> list[bytes]:

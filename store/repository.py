@@ -27,10 +27,11 @@ from chunkvault.remotes import Remote
 
 from . import chain
 from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_many, delta_compress, envelope_base,
-                   open_chain, restart_depth, seal_blob)
+                   open_chain, seal_blob)
 from .blobindex import BlobIndex, BlobLocation
 from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
+from .deltabase import choose_base
 from .indexfile import IndexColumns, IndexData, decode_index, decode_index_columns, encode_index
 from .manifest import Record, decode_records, iter_records
 from .manifest_seek import ManifestSeeker, segments
@@ -269,15 +270,15 @@ class Repo:
         return len(self.delta_chain(blob_id))
 
     def base_for(self, blob_id: bytes, bound: int = MAX_DELTA_DEPTH) -> bytes:
-        """The base for a delta replacing ``blob_id``: that blob while its chain is shorter than its
-        ``restart_depth``, else the whole blob its chain starts from, so chains restart and never grow
-        past ``bound`` (nor past the bound reads accept)."""
-        chain = self.delta_chain(blob_id)
-        if not chain:
-            return blob_id
-        first_delta = chain[-2] if len(chain) > 1 else blob_id
-        limit = restart_depth(first_delta, min(bound, self.max_delta_depth))
-        return blob_id if len(chain) < limit else chain[-1]
+        """The base for a delta replacing ``blob_id`` (``deltabase.choose_base``): that blob while its chain
+        is short enough, else the chain's latest restart or its whole blob, never past ``bound`` (nor past
+        the bound reads accept)."""
+        chain = [blob_id, *self.delta_chain(blob_id)]
+        return chain[choose_base(chain, self._stored_size, min(bound, self.max_delta_depth))]
+
+    def _stored_size(self, blob_id: bytes) -> int:
+        loc = self.locate(blob_id)
+        return loc.length if loc is not None else 0
 
     def write_index(self, d: IndexData) -> str:
         data = encode_index(self.sealer, d)

@@ -64,7 +64,7 @@ def test_apply_matches_model(tree, diff):
 
 
 @settings(max_examples=400)
-@given(full_trees(), st.lists(diffs(), max_size=5))
+@given(full_trees(), st.lists(diffs(), max_size=9))
 def test_resolve_matches_model(tree, chain):
     expected = tree
     for d in chain:

@@ -2,7 +2,6 @@
 import io
 import os
 import random
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -10,8 +9,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from chunkvault import Repository
 from chunkvault.chunker import FIXED_CHUNK_SIZE
 from chunkvault.errors import CorruptObject, UsageError
-from chunkvault.store.blob import FIXED_DELTA_DEPTH
-from chunkvault.store.repository import Repo
 from treeutil import describe
 
 PAGE = 8192
@@ -489,7 +486,7 @@ def test_fixed_chunk_size_out_of_bounds_is_refused(tmp_path, new_repo):
 
 
 def test_fixed_cut_chains_grow_deeper_than_content_defined_ones(tmp_path, new_repo):
-    from chunkvault.store.blob import CONTENT_DEFINED_DELTA_DEPTH
+    from chunkvault.store.blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH
 
     rnd = random.Random(15)
     src = tmp_path / "db"
@@ -552,41 +549,3 @@ def test_delta_frames_decode_the_same_on_either_zstd_path(monkeypatch):
         assert [bytes(delta_decompress(p, base)) for p in native] == cases
     assert [bytes(delta_decompress(p, base)) for p in copied] == cases
     assert all(len(p) < len(base) // 20 for p in native)
-
-
-def _chain_lengths(bound, versions, seed):
-    """Depth of one chunk position's blob in each version when every version replaces it (the base of each
-    new blob chosen by ``Repo.base_for``), with random blob ids, over the index's delta-base map."""
-    rnd = random.Random(seed)
-    fake = SimpleNamespace(_delta_bases={}, max_delta_depth=16)
-    fake.delta_chain = lambda b: Repo.delta_chain(fake, b)
-    cur = rnd.randbytes(32)  # the first version: a whole blob
-    depths = [0]
-    for _ in range(versions - 1):
-        base = Repo.base_for(fake, cur, bound)
-        new = rnd.randbytes(32)
-        fake._delta_bases[new] = base
-        depths.append(len(fake.delta_chain(new)))
-        cur = new
-    return depths
-
-
-@given(st.integers(2, 16), st.integers(0, 2**32))
-def test_chains_restart_within_the_bound_at_a_depth_drawn_per_chain(bound, seed):
-    depths = _chain_lengths(bound, 6 * bound, seed)
-    assert max(depths) <= bound
-    peaks = [d for d, after in zip(depths, depths[1:]) if after == 1 and d > 0]  # the depth each chain reached
-    assert peaks and all(bound - (bound + 1) // 2 < p <= bound for p in peaks)
-
-
-def test_successive_chains_of_a_chunk_restart_at_independent_depths():
-    """Keyed by the whole blob, which a restart keeps, every chain of a chunk had one length, and the chunks
-    that restarted together kept doing so; keyed by each chain's first delta, the next length is drawn anew."""
-    same = pairs = 0
-    for seed in range(300):
-        depths = _chain_lengths(FIXED_DELTA_DEPTH, 60, seed)
-        peaks = [d for d, after in zip(depths, depths[1:]) if after == 1 and d > 0]
-        pairs += len(peaks) - 1
-        same += sum(a == b for a, b in zip(peaks, peaks[1:]))
-    span = (FIXED_DELTA_DEPTH + 1) // 2
-    assert pairs > 1000 and abs(same / pairs - 1 / span) < 0.05

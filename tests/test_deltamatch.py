@@ -195,6 +195,57 @@ def test_block_maps_and_gathers_equal_their_numpy_reference(case, seed):
     assert blob._gather(base, n, taken) == blob._gather_reference(base, n, taken)
 
 
+def _apply_outcome(apply, payload: bytes, base: bytes):
+    """What applying a block delta to ``base`` gives: its plaintext, or the kind of error (one buffer, as a chain
+    applies it)."""
+    import zstandard
+    from chunkvault.store import blob
+
+    plain = blob._Plain(base)
+    try:
+        apply(memoryview(payload), plain)
+    except (ValueError, zstandard.ZstdError) as exc:
+        return type(exc), str(exc) if isinstance(exc, ValueError) and "frame" not in str(exc) else ""
+    return bytes(plain.result())
+
+
+@settings(max_examples=300, deadline=None)
+@given(data_and_base(), st.integers(0, 2**32))
+def test_block_deltas_apply_as_their_numpy_reference_does(case, seed):
+    """The C block map and scatter against the numpy reference: the same plaintext from a valid delta, the same
+    error from one with a damaged header, map or frame, or cut short."""
+    from chunkvault.store import blob
+
+    data, base = case
+    saved, blob.BLOCKS_FALLBACK_SHARE = blob.BLOCKS_FALLBACK_SHARE, 1.0  # a block delta, however much changed
+    try:
+        payload = blob.delta_compress(data, base, 3)
+    finally:
+        blob.BLOCKS_FALLBACK_SHARE = saved
+    assert payload[0] == blob.DELTA_BLOCKS
+    assert _apply_outcome(blob._apply_blocks, payload, base) == data
+    assert _apply_outcome(blob._apply_blocks_reference, payload, base) == data
+    rnd = random.Random(seed)
+    head = 5 + (-(-len(data) // blob.BLOCK_SIZE) + 7) // 8
+    for _ in range(4):
+        bad = bytearray(payload)
+        at = rnd.randrange(1, min(len(bad), head + 8))
+        bad[at] ^= 1 << rnd.randrange(8)
+        for damaged in (bytes(bad), payload[: rnd.randrange(len(payload))]):
+            assert _apply_outcome(blob._apply_blocks, damaged, base) == \
+                _apply_outcome(blob._apply_blocks_reference, damaged, base)
+
+
+def test_a_scatter_that_does_not_fill_the_stored_blocks_is_refused():
+    buf = bytearray(3072)
+    with pytest.raises(ValueError, match="fill"):
+        _deltamatch.scatter_blocks(buf, bytes(1000), bytes([1, 0, 1]), 3000, 1024)
+    with pytest.raises(ValueError, match="buffer"):
+        _deltamatch.scatter_blocks(bytearray(2048), bytes(1976), bytes([1, 0, 1]), 3000, 1024)
+    _deltamatch.scatter_blocks(buf, b"\x01" * 1976, bytes([1, 0, 1]), 3000, 1024)
+    assert buf == b"\x01" * 1024 + bytes(1024) + b"\x01" * 952 + bytes(72)
+
+
 def test_a_gather_of_a_block_outside_the_buffer_is_refused():
     with pytest.raises(ValueError, match="outside"):
         _deltamatch.gather_blocks(bytes(1500), 3000, bytes([0, 0, 1]), 1024)
