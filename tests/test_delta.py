@@ -313,6 +313,31 @@ def test_plain_compression_is_skipped_for_a_delta_far_smaller_than_the_whole_blo
     assert len(calls) < snap.stats["delta_blobs"]  # manifest pieces only: no chunk was compressed twice
 
 
+def test_a_sample_of_the_chunk_skips_plain_compression_when_the_whole_blob_says_nothing(new_repo, monkeypatch):
+    """A chain restart: its base's whole blob compressed far better than the chunk does now, so only the plain
+    size estimated from a sample shows the delta winning; a delta that does not clearly win is still weighed."""
+    from chunkvault.store import blob, repository
+
+    rnd = random.Random(16)
+    store = new_repo().store
+    monkeypatch.setattr(store, "_stored_estimate", lambda base_id, length: 100)
+    calls = []
+    real = repository.compress
+    monkeypatch.setattr(repository, "compress", lambda data, level: calls.append(len(data)) or real(data, level))
+    base = rnd.randbytes(1 << 20)
+    data = bytearray(base)
+    for _ in range(40):
+        at = rnd.randrange(len(data) - 8)
+        data[at : at + 8] = rnd.randbytes(8)
+    assert blob.sampled_size(data, 3) > len(data) // 2
+    prepared = store.prepare_blob(b"n" * 32, bytes(data), base_id=b"b" * 32, base_plain=base, delta_margin=0.1)
+    assert prepared.kind == blob.KIND_DELTA and calls == []
+    unrelated = rnd.randbytes(1 << 20)
+    prepared = store.prepare_blob(b"u" * 32, unrelated, base_id=b"b" * 32, base_plain=base, delta_margin=0.1)
+    assert prepared.kind == blob.KIND_RAW and calls == [len(unrelated)]
+    assert blob.sampled_size(bytes(200 << 10), 3) is None
+
+
 def test_chains_stay_within_the_depth_bound_and_restore(tmp_path, new_repo):
     repo = new_repo(chunker=SMALL)
     repo.store.max_delta_depth = 3  # a shorter bound than the format's, so chains restart within the test
