@@ -15,8 +15,8 @@ import zstandard
 from chunkvault.errors import CorruptObject
 
 from .crypto import AuthenticationFailed, Sealer
-from .blob import KIND_DELTA, KINDS
-from .pack import ENTRY_SIZE, PackEntry, decode_entries, encode_entries
+from .blob import ID_SIZE, KIND_DELTA, KINDS
+from .pack import ENTRY_SIZE, PackEntry, encode_entries
 
 INDEX_AD = b"chunkvault index v1"
 MAX_INDEX_PLAIN = 1 << 31
@@ -81,11 +81,28 @@ def _open_plain(sealer: Sealer, data: bytes, what: str) -> bytes:
         raise CorruptObject(what, f"bad compressed data: {exc}") from None
 
 
-def _entries_array(entries: list[PackEntry]) -> np.ndarray:
-    arr = np.zeros(len(entries), dtype=ENTRY_DTYPE)
-    for i, e in enumerate(entries):
-        arr[i] = (e.kind, np.frombuffer(e.blob_id, dtype=np.uint8), e.offset, e.length, e.raw_length)
-    return arr
+def _entries_with_bases(plain: bytes, count: int, pos: int, what: str) -> tuple[np.ndarray, dict[bytes, bytes], int]:
+    """(entries, delta base per delta id, new pos) of a pack holding deltas, whose entries are 32 bytes longer
+    (the base id inline): only finding where each entry starts goes entry by entry; the fields are read as
+    arrays.  Entry by entry, a day of hourly PostgreSQL differentials took 45 ms to load, growing with every
+    backup kept."""
+    n = len(plain)
+    starts = []
+    for _ in range(count):
+        if pos + ENTRY_SIZE > n:
+            raise CorruptObject(what, "truncated entry list")
+        starts.append(pos)
+        pos += ENTRY_SIZE + ID_SIZE if plain[pos] == KIND_DELTA else ENTRY_SIZE
+    if pos > n:
+        raise CorruptObject(what, "truncated entry list")
+    at = np.array(starts, dtype=np.int64)
+    raw = np.frombuffer(plain, dtype=np.uint8)
+    arr = raw[at[:, None] + np.arange(ENTRY_SIZE)].view(ENTRY_DTYPE).reshape(count)
+    delta = at[arr["kind"] == KIND_DELTA]
+    ids = raw[delta[:, None] + 1 + np.arange(ID_SIZE)].tobytes()
+    bases = raw[delta[:, None] + ENTRY_SIZE + np.arange(ID_SIZE)].tobytes()
+    cuts = range(0, len(ids), ID_SIZE)
+    return arr, dict(zip([ids[i : i + ID_SIZE] for i in cuts], [bases[i : i + ID_SIZE] for i in cuts])), pos
 
 
 def decode_index_columns(sealer: Sealer, data: bytes, what: str) -> IndexColumns:
@@ -116,13 +133,13 @@ def decode_index_columns(sealer: Sealer, data: bytes, what: str) -> IndexColumns
             end = pos + count * ENTRY_SIZE
             arr = np.frombuffer(plain, dtype=ENTRY_DTYPE, count=count, offset=pos) if end <= n else None
             if arr is not None and not (arr["kind"] == KIND_DELTA).any():
-                if not np.isin(arr["kind"], KINDS).all():
-                    raise CorruptObject(what, f"unknown blob kind {int(arr['kind'][~np.isin(arr['kind'], KINDS)][0])}")
                 pos = end
-            else:  # deltas carry their base id inline: entry by entry
-                entries, pos = decode_entries(plain, count, pos, what)
-                arr = _entries_array(entries)
-                bases.update((e.blob_id, e.base_id) for e in entries if e.base_id is not None)
+            else:  # deltas carry their base id inline
+                arr, pack_bases, pos = _entries_with_bases(plain, count, pos, what)
+                bases.update(pack_bases)
+            unknown = ~np.isin(arr["kind"], KINDS)
+            if unknown.any():
+                raise CorruptObject(what, f"unknown blob kind {int(arr['kind'][unknown][0])}")
             pack_ids.append(pack_id)
             counts.append(count)
             arrays.append(arr)

@@ -1,0 +1,57 @@
+"""Index objects: what is encoded decodes to the same entries and delta bases, packs with deltas included;
+damaged plaintext gives chunkvault's own error."""
+import random
+
+import zstandard
+from hypothesis import given, settings, strategies as st
+
+from chunkvault.errors import CorruptObject
+from chunkvault.store.blob import KIND_DELTA, KIND_RAW, KIND_ZSTD
+from chunkvault.store.crypto import Sealer
+from chunkvault.store.indexfile import INDEX_AD, IndexData, decode_index, decode_index_columns, encode_index
+from chunkvault.store.pack import PackEntry
+
+SEALER = Sealer(bytes(32))
+
+
+@st.composite
+def indexes(draw):
+    rnd = random.Random(draw(st.integers(0, 2**32)))
+    packs = {}
+    for _ in range(draw(st.integers(0, 4))):
+        entries = []
+        for _ in range(draw(st.integers(0, 30))):
+            kind = rnd.choice([KIND_RAW, KIND_ZSTD, KIND_DELTA, KIND_DELTA])
+            entries.append(PackEntry(rnd.randbytes(32), kind, rnd.randrange(2**32), rnd.randrange(2**32),
+                                     rnd.randrange(2**32), rnd.randbytes(32) if kind == KIND_DELTA else None))
+        packs[rnd.randbytes(32)] = entries
+    return IndexData(packs, [rnd.randbytes(32) for _ in range(draw(st.integers(0, 2)))])
+
+
+@settings(max_examples=200, deadline=None)
+@given(indexes())
+def test_index_round_trip_with_deltas(index):
+    sealed = encode_index(SEALER, index)
+    assert decode_index(SEALER, sealed, "i") == index
+    cols = decode_index_columns(SEALER, sealed, "i")
+    assert cols.delta_bases == {e.blob_id: e.base_id for es in index.packs.values() for e in es
+                                if e.kind == KIND_DELTA}
+    assert cols.entries["offset"].tolist() == [e.offset for es in index.packs.values() for e in es]
+
+
+@settings(max_examples=300, deadline=None)
+@given(indexes(), st.integers(0, 2**32))
+def test_damaged_index_plaintext_is_our_error(index, seed):
+    plain = zstandard.ZstdDecompressor().decompress(SEALER.open(encode_index(SEALER, index), INDEX_AD))
+    rnd = random.Random(seed)
+    bad = bytearray(plain)
+    if rnd.random() < 0.5 and bad:
+        for _ in range(rnd.randrange(1, 4)):
+            bad[rnd.randrange(len(bad))] = rnd.choice([0, 1, 2, 3, 255, rnd.randrange(256)])
+    else:
+        bad = bad[: rnd.randrange(len(bad) + 1)]
+    sealed = SEALER.seal(zstandard.ZstdCompressor().compress(bytes(bad)), INDEX_AD)
+    try:
+        decode_index(SEALER, sealed, "i")
+    except CorruptObject:
+        pass
