@@ -30,6 +30,7 @@ from .manifest import (
     Entry, ManifestStats, Record, delete_record, sort_key,
 )
 from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH
+from .deltabase import restart_turns
 from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, Repo
@@ -147,6 +148,7 @@ class Backup:
         self._hardlinks: dict[tuple[int, int], bytes] = {}
         self._uid_ok = os.geteuid() == 0 if hasattr(os, "geteuid") else False
         self._last_progress = 0.0
+        self._sequence = 0
 
     # --- parallel chunk storage ---------------------------------------------------
 
@@ -185,21 +187,22 @@ class Backup:
     def _delta_bases(self, rel: bytes, prev: Entry | None) -> list[tuple[int, int, bytes]] | None:
         """(start, end, base id) of the parent version's chunks, for delta encoding.
 
-        A base is the parent's chunk itself while its delta chain is short enough,
-        else the whole blob that chain starts from (``Repo.base_for``).
+        A base is the parent's chunk itself, or at the chunk's turn to restart (or
+        at the depth bound) the whole blob its chain starts from (``Repo.base_for``).
         """
         if prev is None or not self.opt.delta or prev.type != T_FILE or not prev.chunks:
             return None
         if _matches(rel, self.opt.no_delta):
             return None
         bound = FIXED_DELTA_DEPTH if _matches(rel, self.opt.fixed_chunks) else CONTENT_DEFINED_DELTA_DEPTH
+        turns = restart_turns(self._sequence, rel, bound)
         out = []
         pos = 0
-        for cid in prev.chunk_ids():
+        for i, cid in enumerate(prev.chunk_ids()):
             loc = self.repo.locate(cid)
             if loc is None:
                 return None
-            out.append((pos, pos + loc.raw_length, self.repo.base_for(cid, bound)))
+            out.append((pos, pos + loc.raw_length, self.repo.base_for(cid, bound, i in turns)))
             pos += loc.raw_length
         return out
 
@@ -417,10 +420,11 @@ class Backup:
         repo = self.repo
         host = self.opt.host or socket.gethostname()
         snapshots = repo.snapshots()
+        same = [s for s in snapshots if s.host == host and sorted(s.paths) == sorted(paths)
+                and s.stdin_name == stdin_name]
+        self._sequence = len(same)  # this backup's number in its series: sets whose turn it is to restart
         parent = self.opt.parent
         if parent is None:
-            same = [s for s in snapshots if s.host == host and sorted(s.paths) == sorted(paths)
-                    and s.stdin_name == stdin_name]
             parent = same[-1] if same else None
         chain = repo.chain_of(parent, snapshots) if parent is not None else []
         s = repo.config.settings

@@ -273,12 +273,12 @@ class Repo:
         """How many deltas in a row a read of this blob decodes (0 for a whole blob)."""
         return len(self.delta_chain(blob_id))
 
-    def base_for(self, blob_id: bytes, bound: int = MAX_DELTA_DEPTH) -> bytes:
-        """The base for a delta replacing ``blob_id`` (``deltabase.choose_base``): that blob while its chain
-        is short enough, else the whole blob its chain starts from, so chains restart and never grow past
-        ``bound`` (nor past the bound reads accept)."""
+    def base_for(self, blob_id: bytes, bound: int = MAX_DELTA_DEPTH, turn: bool = False) -> bytes:
+        """The base for a delta replacing ``blob_id`` (``deltabase.choose_base``): that blob, or the whole
+        blob its chain starts from at the chunk's ``turn`` or at ``bound``, so chains restart and never grow
+        past ``bound`` (nor past the bound reads accept)."""
         chain = [blob_id, *self.delta_chain(blob_id)]
-        return chain[choose_base(chain, min(bound, self.max_delta_depth))]
+        return chain[choose_base(chain, min(bound, self.max_delta_depth), turn)]
 
     def write_index(self, d: IndexData) -> str:
         data = encode_index(self.sealer, d)

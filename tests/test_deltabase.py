@@ -1,45 +1,65 @@
-"""The base a new delta takes: chains stay within their bound and restart at a depth drawn per chain."""
+"""The base a new delta takes: chains stay within their bound, and chunks restart in turns, so every version
+of a busy file restarts about the same share of its chunks."""
 import random
 
 from hypothesis import given, settings, strategies as st
 
 from chunkvault.store.blob import FIXED_DELTA_DEPTH
-from chunkvault.store.deltabase import choose_base, restart_span
+from chunkvault.store.deltabase import choose_base, restart_period, restart_turns
 
 
-def chain_ends(bound, versions, seed):
-    """One chunk position replaced in every version, ids random: the depth of each version's blob."""
+def depths_over_versions(bound, versions, files, chunks, changed=1.0, seed=0):
+    """Depth of each chunk's blob in each version of a series, when each chunk changes with probability
+    ``changed`` per version and every delta's base is chosen by ``choose_base``."""
     rnd = random.Random(seed)
     base_of = {}
-    cur = rnd.randbytes(32)
-    depths = [0]
-    for _ in range(versions - 1):
-        chain = [cur]
-        while chain[-1] in base_of:
-            chain.append(base_of[chain[-1]])
-        new = rnd.randbytes(32)
-        base_of[new] = chain[choose_base(chain, bound)]
-        depths.append(depths[-1] + 1 if base_of[new] == cur else 1)
-        cur = new
-    return depths
+    current = {(f, i): rnd.randbytes(32) for f in range(files) for i in range(chunks)}
+    table = []
+    for seq in range(1, versions):
+        row = {}
+        for f in range(files):
+            path = b"base/%d" % f
+            turns = restart_turns(seq, path, bound)
+            for i in range(chunks):
+                cur = current[f, i]
+                chain = [cur]
+                while chain[-1] in base_of:
+                    chain.append(base_of[chain[-1]])
+                if rnd.random() < changed:
+                    new = rnd.randbytes(32)
+                    base_of[new] = chain[choose_base(chain, bound, i in turns)]
+                    current[f, i] = new
+                    chain = [new]
+                    while chain[-1] in base_of:
+                        chain.append(base_of[chain[-1]])
+                row[f, i] = len(chain) - 1
+        table.append(row)
+    return table
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.integers(2, 16), st.integers(0, 2**32))
-def test_chains_restart_within_the_bound_past_half_of_it(bound, seed):
-    depths = chain_ends(bound, 6 * bound, seed)
-    assert max(depths) <= bound
-    peaks = [d for d, after in zip(depths, depths[1:]) if after == 1 and d > 0]  # the depth each chain reached
-    assert peaks and all(bound - restart_span(bound) < p <= bound for p in peaks)
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 16), st.floats(0.2, 1.0), st.integers(0, 2**32))
+def test_chains_stay_within_the_bound(bound, changed, seed):
+    table = depths_over_versions(bound, 4 * bound, 2, 7, changed, seed)
+    assert max(d for row in table for d in row.values()) <= bound
 
 
-def test_successive_chains_of_a_chunk_restart_at_independent_depths():
-    """Keyed by the whole blob, which a restart keeps, every chain of a chunk had one length, and the chunks
-    that restarted together kept doing so; keyed by each chain's first delta, the next length is drawn anew."""
-    same = pairs = 0
-    for seed in range(300):
-        depths = chain_ends(FIXED_DELTA_DEPTH, 60, seed)
-        peaks = [d for d, after in zip(depths, depths[1:]) if after == 1 and d > 0]
-        pairs += len(peaks) - 1
-        same += sum(a == b for a, b in zip(peaks, peaks[1:]))
-    assert pairs > 1000 and abs(same / pairs - 1 / restart_span(FIXED_DELTA_DEPTH)) < 0.05
+def test_every_version_restarts_about_the_same_share_of_chunks():
+    """Chains whose length was drawn at random restarted by chance: some versions held far more restarts than
+    others.  In turns, each version restarts about one chunk in ``restart_period``."""
+    bound, chunks = FIXED_DELTA_DEPTH, 300
+    table = depths_over_versions(bound, 4 * bound, 3, chunks)
+    restarts = [sum(d == 1 for d in row.values()) for row in table[bound:]]
+    expect = 3 * chunks / restart_period(bound)
+    assert all(0.85 * expect <= r <= 1.15 * expect for r in restarts)
+    mean_depth = sum(d for row in table[bound:] for d in row.values()) / (len(table) - bound) / (3 * chunks)
+    assert abs(mean_depth - (restart_period(bound) + 1) / 2) < 0.3
+
+
+def test_turns_move_with_the_sequence_and_differ_between_files():
+    period = restart_period(FIXED_DELTA_DEPTH)
+    a = [restart_turns(seq, b"base/1", FIXED_DELTA_DEPTH)[0] for seq in range(period)]
+    assert sorted(a) == list(range(period))  # each chunk's turn comes once a period
+    firsts = {restart_turns(5, b"base/%d" % f, FIXED_DELTA_DEPTH)[0] for f in range(40)}
+    assert len(firsts) > period // 2  # small files do not all restart in one version
+    assert choose_base([b"a"], FIXED_DELTA_DEPTH, True) == 0  # a whole blob is the base itself
