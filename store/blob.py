@@ -57,6 +57,7 @@ BLOCKS_FALLBACK_SHARE = 0.5
 # everything after it) by zstd's, which also finds matches far from the same offset.
 IN_PLACE_SHARE = 0.5
 _LENGTH = struct.Struct("<I")
+# sampled_size's sample: this many evenly spaced stripes of this many bytes.
 SAMPLE_STRIPES = 8
 SAMPLE_WIDTH = 16 << 10
 # A blob's plaintext: bytes, or for a blob rebuilt up a delta chain a read-only view of the buffer it was

@@ -33,9 +33,9 @@ def restart_period(bound: int) -> int:
 
 
 def restart_turns(sequence: int, path: bytes, bound: int) -> range:
-    """The indexes of the chunks of the file at ``path`` whose turn to restart is the backup numbered
-    ``sequence`` of its series, below ``bound`` (every ``restart_period``-th chunk, from a phase set by the
-    path and the sequence)."""
+    """The indexes of the chunks of the file at ``path`` (chains bounded by ``bound``) whose turn to restart
+    is the backup numbered ``sequence`` of its series: every ``restart_period``-th chunk, from a phase set by
+    the path and the sequence."""
     period = restart_period(bound)
     phase = int.from_bytes(blake3.blake3(path).digest(4), "little")
     return range(-(sequence + phase) % period, 1 << 62, period)
