@@ -236,6 +236,11 @@ static PyObject *py_max_sequences(PyObject *self, PyObject *arg) {
  * block by block (stopping at a block's first difference) and copy once.  The numpy versions stay as the
  * reference the tests hold these to. */
 
+/* End of block i of a length-byte plaintext cut into blocks of bs bytes (the last one may be shorter). */
+static inline Py_ssize_t block_end(Py_ssize_t i, Py_ssize_t bs, Py_ssize_t length) {
+    return (i + 1) * bs < length ? (i + 1) * bs : length;
+}
+
 /* changed_blocks(data, base, block_size) -> bytes, one per block of data: 1 where the block must be stored
  * (it differs from base over its range, or reaches past base's end), else 0. */
 static PyObject *py_changed_blocks(PyObject *self, PyObject *args) {
@@ -257,7 +262,7 @@ static PyObject *py_changed_blocks(PyObject *self, PyObject *args) {
     const unsigned char *d = dat.buf, *b = base.buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < nb; i++) {
-        Py_ssize_t start = i * bs, end = start + bs < n ? start + bs : n;
+        Py_ssize_t start = i * bs, end = block_end(i, bs, n);
         flags[i] = end > base.len || memcmp(d + start, b + start, (size_t)(end - start)) != 0;
     }
     Py_END_ALLOW_THREADS
@@ -311,7 +316,7 @@ static PyObject *py_gather_blocks(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < flags.len; i++) {
         if (!f[i])
             continue;
-        Py_ssize_t start = i * bs, end = start + bs < length ? start + bs : length;
+        Py_ssize_t start = i * bs, end = block_end(i, bs, length);
         if (start >= length || end > buf.len) {
             PyErr_SetString(PyExc_ValueError, "a selected block lies outside the buffer");
             goto done;
@@ -327,7 +332,7 @@ static PyObject *py_gather_blocks(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < flags.len; i++) {
         if (!f[i])
             continue;
-        Py_ssize_t start = i * bs, end = start + bs < length ? start + bs : length;
+        Py_ssize_t start = i * bs, end = block_end(i, bs, length);
         memcpy(o, src + start, (size_t)(end - start));
         o += end - start;
     }
@@ -376,7 +381,7 @@ static PyObject *py_block_map(PyObject *self, PyObject *args) {
     unsigned char *s = (unsigned char *)PyBytes_AS_STRING(stored), *t = (unsigned char *)PyBytes_AS_STRING(taken);
     Py_ssize_t size = 0;
     for (Py_ssize_t i = 0; i < nb; i++) {
-        const Py_ssize_t start = i * bs, end = start + bs < n ? start + bs : n;
+        const Py_ssize_t start = i * bs, end = block_end(i, bs, n);
         const int bit = bits[i / 8] >> (7 - i % 8) & 1, inside = end <= base_len;
         if (!bit && !inside) {
             PyErr_SetString(PyExc_ValueError, "a block taken from the base lies outside it");
@@ -411,7 +416,7 @@ static PyObject *py_scatter_blocks(PyObject *self, PyObject *args) {
     }
     for (Py_ssize_t i = 0; i < flags.len; i++)
         if (f[i])
-            need += (i + 1) * bs < length ? bs : length - i * bs;
+            need += block_end(i, bs, length) - i * bs;
     if (src.len != need) {
         PyErr_SetString(PyExc_ValueError, "the new blocks do not fill the stored blocks");
         goto done;
@@ -422,7 +427,7 @@ static PyObject *py_scatter_blocks(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < flags.len; i++) {
         if (!f[i])
             continue;
-        const Py_ssize_t start = i * bs, end = start + bs < length ? start + bs : length;
+        const Py_ssize_t start = i * bs, end = block_end(i, bs, length);
         memcpy(o + start, from, (size_t)(end - start));
         memset(o + end, 0, (size_t)(start + bs - end));
         from += end - start;
