@@ -13,7 +13,7 @@ Prints figures and ratios to restic.
 
 ``--tools`` may add ``chunkvault+secret``: chunkvault opened with a generated
 key secret (``init --generate-secret``) instead of a password, so no command
-spends scrypt's half second and 32 MiB.
+spends the password's derivation (0.5 s of CPU, 32 MiB).
 
 With ``--repeat N`` the unchanged backup, the 1 % backup (a new 1 % each
 time), the restore and the check run N times, the tools taking turns, and
@@ -219,7 +219,7 @@ def compile_bytecode() -> None:
 
 class Chunkvault(Tool):
     """chunkvault opened with the password, as restic and borg are; named ``chunkvault+secret``
-    when opened with a generated key secret instead (no scrypt at each command)."""
+    when opened with a generated key secret instead (no password derivation at each command)."""
 
     name = "chunkvault"
 

@@ -28,7 +28,7 @@ Tools: ``chunkvault`` cuts every file by content; ``chunkvault-fixed`` cuts
 every file of the copies at fixed 1 MiB offsets (``--fixed-chunks '*'``), and
 ``chunkvault-fixed-SIZE`` (e.g. ``chunkvault-fixed-256K``) at another size.
 A ``+secret`` suffix (``chunkvault-fixed+secret``) opens that repository with
-a generated key secret instead of the password: no scrypt at each command.
+a generated key secret instead of the password: no password derivation at each command.
 
 Runs repeat: the load is a fixed number of transactions, pgbench and the
 SQLite updates draw from ``--seed``, and chunkvault's repositories share one

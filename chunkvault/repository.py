@@ -366,7 +366,7 @@ class Repository:
     # --- keys ----------------------------------------------------------------------
 
     def add_key(self, password: str | bytes, *, kdf_seconds: float = 0.5) -> str:
-        """A new key file for ``password``; a ``chunkvault.new_secret()`` gets one that opens without scrypt."""
+        """A new key file for ``password``; a ``chunkvault.new_secret()`` gets one that opens without stretching."""
         return self._repo.add_key(_password(password), kdf_seconds=kdf_seconds)
 
     def remove_key(self, name: str) -> None:

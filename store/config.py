@@ -4,7 +4,7 @@
 format is reported before any password is asked), the settings sealed under
 the repository key with the version and id as associated data.
 ``keys/<name>`` wraps the key material under a key derived from a password
-(scrypt) or from a generated key secret (a keyed hash: 256 random bits need no
+(Argon2id; scrypt in older key files) or from a generated key secret (a keyed hash: 256 random bits need no
 stretching); any one password or secret opens the repository.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 from chunkvault.errors import CorruptObject, UnsupportedFormat, WrongPassword
 
 from .crypto import (
-    SCRYPT_P, SCRYPT_R, AuthenticationFailed, KeyMaterial, Sealer, content_name, derive_kek, derive_secret_kek,
-    is_secret, tune_scrypt,
+    SCRYPT_P, SCRYPT_R, AuthenticationFailed, KeyMaterial, Sealer, content_name, derive_argon2id, derive_kek,
+    derive_secret_kek, is_secret, tune_argon2id,
 )
 
 FORMAT_VERSION = 1
@@ -115,8 +115,10 @@ def new_config(settings: Settings) -> RepoConfig:
 # --- key files ----------------------------------------------------------------
 
 
+KDF_ARGON2ID = "argon2id"
 KDF_SCRYPT = "scrypt"
 KDF_SECRET = "secret"
+KDF_COST_FIELDS = {KDF_ARGON2ID: ("t", "m", "p"), KDF_SCRYPT: ("log_n", "r", "p"), KDF_SECRET: ()}
 
 
 @dataclass
@@ -125,20 +127,16 @@ class KeyFile:
     created: str
     host: str
     user: str
-    log_n: int  # scrypt's parameters; 0 for a secret's key file
-    r: int
-    p: int
+    kdf: str
+    cost: dict[str, int]  # the derivation's parameters, named as in the file (KDF_COST_FIELDS)
     salt: bytes
     wrapped: bytes
     repo: str = ""  # the repository id, in clear: tells a damaged config from a wrong password
-    kdf: str = KDF_SCRYPT
 
     def encode(self) -> bytes:
-        head: dict[str, Any] = {"kdf": self.kdf}
-        if self.kdf == KDF_SCRYPT:
-            head.update(log_n=self.log_n, r=self.r, p=self.p)
-        return json.dumps({**head, "salt": _b64(self.salt), "created": self.created, "host": self.host,
-                           "user": self.user, "repo": self.repo, "data": _b64(self.wrapped)}, indent=1).encode()
+        return json.dumps({"kdf": self.kdf, **self.cost, "salt": _b64(self.salt), "created": self.created,
+                           "host": self.host, "user": self.user, "repo": self.repo, "data": _b64(self.wrapped)},
+                          indent=1).encode()
 
     @classmethod
     def decode(cls, name: str, data: bytes) -> "KeyFile":
@@ -149,12 +147,12 @@ class KeyFile:
         if "kdf" not in obj:
             raise CorruptObject(what, "malformed key file")
         kdf = obj["kdf"]
-        if kdf not in (KDF_SCRYPT, KDF_SECRET):
+        if not isinstance(kdf, str) or kdf not in KDF_COST_FIELDS:
             raise UnsupportedFormat(f"{what}: unknown key derivation {kdf!r}")
         try:
-            cost = (int(obj["log_n"]), int(obj["r"]), int(obj["p"])) if kdf == KDF_SCRYPT else (0, 0, 0)
+            cost = {f: int(obj[f]) for f in KDF_COST_FIELDS[kdf]}
             return cls(name, str(obj.get("created", "")), str(obj.get("host", "")), str(obj.get("user", "")),
-                       *cost, _unb64(obj["salt"], what), _unb64(obj["data"], what), str(obj.get("repo", "")), kdf)
+                       kdf, cost, _unb64(obj["salt"], what), _unb64(obj["data"], what), str(obj.get("repo", "")))
         except (KeyError, ValueError, TypeError):
             raise CorruptObject(what, "malformed key file") from None
 
@@ -166,7 +164,7 @@ class KeyFile:
             kek = derive_secret_kek(password, self.salt)
         else:
             try:
-                kek = derive_kek(password, self.salt, self.log_n, self.r, self.p)
+                kek = _password_kek(self.kdf, self.cost, password, self.salt)
             except ValueError:
                 raise CorruptObject(f"keys/{self.name}", "key derivation parameters out of range") from None
         try:
@@ -176,28 +174,35 @@ class KeyFile:
         return KeyMaterial.from_bytes(raw)
 
 
+def _password_kek(kdf: str, cost: dict[str, int], password: bytes, salt: bytes) -> bytes:
+    if kdf == KDF_ARGON2ID:
+        return derive_argon2id(password, salt, cost["t"], cost["m"], cost["p"])
+    return derive_kek(password, salt, cost["log_n"], cost["r"], cost["p"])
+
+
 def make_key_file(material: KeyMaterial, password: bytes, repo_id: str, *, kdf_seconds: float = 0.5,
                   log_n: int | None = None) -> tuple[str, bytes]:
     """(object name, bytes) of a new key file wrapping ``material`` under ``password``.
 
     A generated key secret (``crypto.new_secret``) gets a key file without
-    scrypt; any other password gets scrypt tuned to ``kdf_seconds``.
+    stretching; any other password gets Argon2id costing ``kdf_seconds`` of
+    CPU (``tune_argon2id``), or scrypt at cost ``2**log_n`` when that is given.
     """
     salt = os.urandom(16)
     if is_secret(password):
-        kdf, log_n, p = KDF_SECRET, 0, 0
+        kdf, cost = KDF_SECRET, {}
         kek = derive_secret_kek(password, salt)
     else:
-        kdf, p = KDF_SCRYPT, SCRYPT_P
-        if log_n is None:
-            log_n, p = tune_scrypt(kdf_seconds)
-        kek = derive_kek(password, salt, log_n, SCRYPT_R, p)
+        if log_n is not None:
+            kdf, cost = KDF_SCRYPT, {"log_n": log_n, "r": SCRYPT_R, "p": SCRYPT_P}
+        else:
+            kdf, cost = KDF_ARGON2ID, dict(zip(("t", "m", "p"), tune_argon2id(kdf_seconds)))
+        kek = _password_kek(kdf, cost, password, salt)
     try:
         user = getpass.getuser()
     except Exception:  # no passwd entry in a container: not worth failing for
         user = ""
-    kf = KeyFile("", datetime.now(timezone.utc).isoformat(), socket.gethostname(), user, log_n,
-                 SCRYPT_R if kdf == KDF_SCRYPT else 0, p, salt,
-                 Sealer(kek).seal(material.to_bytes(), KEY_AD + repo_id.encode()), repo_id, kdf)
+    kf = KeyFile("", datetime.now(timezone.utc).isoformat(), socket.gethostname(), user, kdf, cost, salt,
+                 Sealer(kek).seal(material.to_bytes(), KEY_AD + repo_id.encode()), repo_id)
     data = kf.encode()
     return content_name(data)[:32], data

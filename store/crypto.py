@@ -1,4 +1,4 @@
-"""Key material, the password KDF, generated key secrets and the AEAD every object is sealed with.
+"""Key material, the password KDFs, generated key secrets and the AEAD every object is sealed with.
 
 The repository's secret is 96 random bytes: an encryption key, a key for blob
 ids (keyed BLAKE3) and the chunker's secret.  Keeping the three apart lets a
@@ -95,7 +95,7 @@ def content_name(data: bytes | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-# --- password-based key derivation (scrypt, memory-hard) ---------------------
+# --- password-based key derivation: scrypt (older key files, `.backup` exports) ---
 
 SCRYPT_R = 8
 SCRYPT_P = 1
@@ -128,10 +128,10 @@ def _secret_check(raw: bytes) -> bytes:
 def new_secret() -> bytes:
     """A generated key secret: 256 random bits and a checksum, as ASCII text.
 
-    A password needs scrypt because people choose guessable ones; 256 random
-    bits cannot be guessed, so a key file for a secret wraps the key under a
-    plain keyed hash, and opening a repository costs microseconds, not half a
-    second and 32 MiB.  The checksum keeps a typed or truncated string from
+    A password needs a memory-hard derivation because people choose guessable
+    ones; 256 random bits cannot be guessed, so a key file for a secret wraps
+    the key under a plain keyed hash, and opening a repository costs
+    microseconds, not half a second of CPU and 32 MiB.  The checksum keeps a typed or truncated string from
     passing for a secret (it is then an ordinary password).
     """
     return encode_secret(os.urandom(SECRET_RANDOM))
@@ -207,3 +207,59 @@ def tune_scrypt(target_seconds: float) -> tuple[int, int]:
         log_n += 1
         elapsed *= 2
     return log_n, max(1, min(MAX_P, round(target_seconds / elapsed)))
+
+
+# --- password-based key derivation: Argon2id (new key files) ---------------------
+
+ARGON2_LANES = 2  # computed in parallel: on two cores a derivation takes half its CPU time
+ARGON2_MEMORY_KIB = 32 << 10  # scrypt's bound (and restic's): the peak memory of opening a repository
+ARGON2_TUNE_FROM_KIB = 1 << 10
+ARGON2_MAX_MEMORY_KIB = 1 << 22
+ARGON2_MAX_WORK_KIB = 1 << 26  # passes x memory a key file may ask for (about a minute of CPU)
+
+
+def derive_argon2id(password: bytes, salt: bytes, t: int, m_kib: int, p: int) -> bytes:
+    """Argon2id (version 0x13) of ``password``: ``t`` passes over ``m_kib`` KiB in ``p`` lanes.
+
+    The bounds keep a planted key file from making opening compute for hours.
+    """
+    if not (1 <= p <= MAX_P and 8 * p <= m_kib <= ARGON2_MAX_MEMORY_KIB and 1 <= t
+            and t * m_kib <= ARGON2_MAX_WORK_KIB):
+        raise ValueError(f"argon2id t={t} m={m_kib} KiB p={p} out of range")
+    from argon2.low_level import Type, hash_secret_raw  # the reference code: lanes run in threads
+
+    return hash_secret_raw(password, salt, time_cost=t, memory_cost=m_kib, parallelism=p,
+                           hash_len=KEY_SIZE, type=Type.ID)
+
+
+def _argon2_seconds(t: int, m_kib: int, samples: int = 1) -> float:
+    """CPU seconds (every lane's thread counted) of a derivation here: the median of ``samples``."""
+    times = []
+    for _ in range(samples):
+        start = time.process_time()
+        derive_argon2id(b"tune", b"0" * 16, t, m_kib, ARGON2_LANES)
+        times.append(time.process_time() - start)
+    return max(sorted(times)[samples // 2], 1e-6)
+
+
+def tune_argon2id(target_seconds: float) -> tuple[int, int, int]:
+    """(t, m KiB, p) so that a derivation costs about ``target_seconds`` of CPU here.
+
+    The CPU time is what a guess costs an attacker; the lanes run in parallel,
+    so on two cores opening waits about half of it.  Memory grows first, up to
+    32 MiB; beyond that the time comes from passes, which cost no memory.  The
+    passes are extrapolated from two, then corrected by one derivation at the
+    estimate: short derivations spend a larger share faulting in the memory
+    and starting threads (extrapolated alone, keys came out 30 % cheaper).
+    """
+    m = ARGON2_TUNE_FROM_KIB
+    per_pass = _argon2_seconds(1, m)
+    while m < ARGON2_MEMORY_KIB and per_pass * 2 <= target_seconds:
+        m *= 2
+        per_pass *= 2
+    if m < ARGON2_MEMORY_KIB:
+        return 1, m, ARGON2_LANES
+    most = ARGON2_MAX_WORK_KIB // m
+    t = max(1, min(round(target_seconds / (_argon2_seconds(2, m, 3) / 2)), most))
+    t = max(1, min(round(t * target_seconds / _argon2_seconds(t, m)), most))
+    return t, m, ARGON2_LANES

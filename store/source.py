@@ -3,9 +3,9 @@
 A walk of tens of thousands of entries is mostly lstat calls, made in C with
 the GIL released: a whole subtree by one walker (``_scandir.Walker``), or a
 directory per call where an exclude glob needs Python to judge each entry (one
-with "?" or "[...]").  A backup
-cannot walk before it has started up: imports, the key (scrypt, about half a
-second, with the GIL released), the index and the parent's manifest.
+with "?" or "[...]").  A backup cannot walk before it has started up:
+imports, the key (Argon2id, about a quarter of a second, with the GIL
+released), the index and the parent's manifest.
 ``SourceWalk.start`` walks ahead on a thread meanwhile; when the backup begins
 consuming, the thread stops and the backup continues the same walk itself, so
 stat results are never much older than they would be in a plain walk.

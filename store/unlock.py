@@ -1,7 +1,7 @@
 """Unlocking a repository: finding the key file the password opens.
 
 The one step of opening that needs the password, kept apart from the rest of
-the store (and its heavy imports): scrypt's memory (32 MiB) is then the
+the store (and its heavy imports): the derivation's memory (32 MiB) is then the
 largest thing alive while it runs, instead of coming on top of every module
 a command needs, which keeps a command's peak memory down.
 """
@@ -50,7 +50,7 @@ def unlock(remote: Remote, password: bytes) -> Unlocked:
         if kf.repo and kf.repo != clear["id"]:
             other_ids.add(kf.repo)
         keys.append(kf)
-    for kf in sorted(keys, key=lambda k: k.kdf != KDF_SECRET):  # secrets cost microseconds to try, scrypt 0.5 s
+    for kf in sorted(keys, key=lambda k: k.kdf != KDF_SECRET):  # secrets cost microseconds to try, a password 0.5 s of CPU
         try:
             material = kf.unwrap(password, clear["id"])
         except WrongPassword:

@@ -493,25 +493,42 @@ def test_blob_decoder_on_sealed_random_payloads(kind, payload, with_base, raw_le
 @FAST
 @given(st.binary(max_size=200), st.sampled_from(["", "\x00", "pw"]))
 def test_key_file_unwrap_on_random_wrapped_bytes(wrapped, password):
-    kf = KeyFile("k", "", "", "", 10, 8, 1, bytes(16), wrapped)
+    kf = KeyFile("k", "", "", "", "scrypt", {"log_n": 10, "r": 8, "p": 1}, bytes(16), wrapped)
     with pytest.raises(ChunkvaultError):
         kf.unwrap(password.encode(), "ab" * 16)
 
 
-def test_key_file_with_hostile_kdf_parameters():
+@pytest.mark.parametrize("scrypt", [True, False])
+def test_key_file_with_hostile_kdf_parameters(scrypt):
     material = KeyMaterial.generate()
-    name, data = make_key_file(material, b"pw", "ab" * 16, log_n=10)
+    name, data = make_key_file(material, b"pw", "ab" * 16, **({"log_n": 10} if scrypt else {"kdf_seconds": 0}))
     doc = json.loads(data)
-    for field, value in (("log_n", 40), ("log_n", -1), ("r", 0), ("p", 0), ("log_n", "x"), ("salt", "%%"),
-                         ("p", 10 ** 9), ("r", 10 ** 6)):
+    assert doc["kdf"] == ("scrypt" if scrypt else "argon2id")
+    hostile = (("log_n", 40), ("log_n", -1), ("r", 0), ("r", 10 ** 6), ("log_n", "x")) if scrypt else (
+        ("t", 0), ("t", -1), ("m", 15), ("m", 1 << 30), ("t", 10 ** 9), ("m", "x"), ("t", None), ("p", 65))
+    for field, value in hostile + (("p", 0), ("salt", "%%"), ("p", 10 ** 9), ("kdf", 7)):
         bad = json.dumps({**doc, field: value}).encode()
         kf = only_our_errors(KeyFile.decode, "", bad)
         if kf is not None:
             only_our_errors(kf.unwrap, b"pw", "ab" * 16)
     # a planted key file cannot make opening a repository compute for hours
-    kf = KeyFile.decode("", json.dumps({**doc, "p": 10 ** 9}).encode())
-    with pytest.raises(CorruptObject, match="out of range"):
-        kf.unwrap(b"pw", "ab" * 16)
+    for planted in ({"p": 10 ** 9}, {} if scrypt else {"t": 1 << 16, "m": 1 << 16}):
+        kf = KeyFile.decode("", json.dumps({**doc, **planted}).encode())
+        if planted:
+            with pytest.raises(CorruptObject, match="out of range"):
+                kf.unwrap(b"pw", "ab" * 16)
+    # and the key file as made opens
+    assert KeyFile.decode(name, data).unwrap(b"pw", "ab" * 16) == material
+
+
+def test_argon2id_tuning_caps_memory_and_grows_passes_for_time():
+    from chunkvault.store.crypto import ARGON2_LANES, ARGON2_MEMORY_KIB, tune_argon2id
+
+    assert ARGON2_MEMORY_KIB << 10 == 32 << 20  # restic's bound
+    t, m, p = tune_argon2id(0)
+    assert t == 1 and m < ARGON2_MEMORY_KIB and p == ARGON2_LANES
+    t, m, p = tune_argon2id(0.3)  # more than one pass over 32 MiB takes: passes carry the rest
+    assert m == ARGON2_MEMORY_KIB and t > 1 and p == ARGON2_LANES
 
 
 def test_kdf_tuning_caps_memory_and_grows_p_for_time():

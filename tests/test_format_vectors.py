@@ -8,7 +8,9 @@ from chunkvault.errors import CorruptObject
 from chunkvault.store.blob import (
     DELTA_BLOCKS, DELTA_DICT, KIND_DELTA, KIND_RAW, KIND_ZSTD, envelope_base, open_blob, open_envelope,
 )
-from chunkvault.store.crypto import BlobHasher, Sealer, content_name, derive_secret_kek, encode_secret, is_secret
+from chunkvault.store.crypto import (
+    BlobHasher, Sealer, content_name, derive_argon2id, derive_secret_kek, encode_secret, is_secret,
+)
 from chunkvault.store.indexfile import decode_index
 from chunkvault.store.manifest import OP_DELETE, OP_ENTRY, T_FILE, decode_records
 from chunkvault.store.pack import read_pack
@@ -89,3 +91,14 @@ def test_key_secret(v):
     text = v["secret_text"]
     assert text.startswith(b"cvk1-") and is_secret(text) and encode_secret(bytes(range(32))) == text
     assert derive_secret_kek(text, v["secret_salt"]) == v["secret_kek"]
+
+
+def test_password_kek(v):
+    assert derive_argon2id(b"vector password", v["password_salt"], 2, 64, 2) == v["password_kek"]
+    # a second, independent implementation (OpenSSL's, where this cryptography has it) agrees
+    try:
+        from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+    except ImportError:
+        return
+    other = Argon2id(salt=v["password_salt"], length=32, iterations=2, lanes=2, memory_cost=64)
+    assert other.derive(b"vector password") == v["password_kek"]

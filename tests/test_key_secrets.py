@@ -1,4 +1,4 @@
-"""Generated key secrets: key files that open without scrypt, and only with a secret chunkvault made."""
+"""Key files: generated key secrets (open without stretching, only with a secret chunkvault made) and passwords."""
 import json
 import os
 import stat
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from chunkvault import Repository, new_secret
 from chunkvault.errors import CorruptObject, WrongPassword
 from chunkvault.store import config as config_module
-from chunkvault.store.config import KDF_SCRYPT, KDF_SECRET, KeyFile, make_key_file
+from chunkvault.store.config import KDF_ARGON2ID, KDF_SCRYPT, KDF_SECRET, KeyFile, make_key_file
 from chunkvault.store.crypto import SECRET_PREFIX, KeyMaterial, derive_secret_kek, encode_secret, is_secret
 
 REPO_ID = "ab" * 16
@@ -44,12 +44,12 @@ def test_typed_strings_are_passwords(text):
         derive_secret_kek(text, bytes(16))
 
 
-def test_secret_key_file_has_no_scrypt_and_opens_only_with_its_secret():
+def test_secret_key_file_has_no_stretching_and_opens_only_with_its_secret():
     material = KeyMaterial.generate()
     secret = new_secret()
     name, data = make_key_file(material, secret, REPO_ID)
     doc = json.loads(data)
-    assert doc["kdf"] == KDF_SECRET and not {"log_n", "r", "p"} & doc.keys()
+    assert doc["kdf"] == KDF_SECRET and not {"log_n", "r", "p", "t", "m"} & doc.keys()
     assert secret.decode() not in data.decode()
     kf = KeyFile.decode(name, data)
     assert kf.kdf == KDF_SECRET and kf.encode() == data
@@ -61,9 +61,9 @@ def test_secret_key_file_has_no_scrypt_and_opens_only_with_its_secret():
         kf.unwrap(secret, "cd" * 16)
 
 
-def test_a_password_shaped_like_a_secret_but_invalid_gets_scrypt():
-    name, data = make_key_file(KeyMaterial.generate(), b"cvk1-" + b"a" * 58, REPO_ID, log_n=10)
-    assert json.loads(data)["kdf"] == KDF_SCRYPT
+def test_a_password_shaped_like_a_secret_but_invalid_gets_argon2id():
+    name, data = make_key_file(KeyMaterial.generate(), b"cvk1-" + b"a" * 58, REPO_ID, kdf_seconds=0)
+    assert json.loads(data)["kdf"] == KDF_ARGON2ID
 
 
 @pytest.mark.parametrize("field, value", [("salt", "%%"), ("salt", None), ("data", 5), ("kdf", "argon9")])
@@ -75,18 +75,19 @@ def test_damaged_secret_key_file(field, value):
     assert info.type.__module__.startswith("chunkvault")
 
 
-def test_opening_with_a_secret_runs_no_scrypt(tmp_path, monkeypatch):
+def test_opening_with_a_secret_runs_no_password_derivation(tmp_path, monkeypatch):
     url = str(tmp_path / "repo")
     repo = Repository.init(url, "a password", kdf_seconds=0)
     secret = new_secret()
     repo.add_key(secret)
     calls = []
-    real = config_module.derive_kek
-    monkeypatch.setattr(config_module, "derive_kek", lambda *a: calls.append(a) or real(*a))
+    for name in ("derive_argon2id", "derive_kek"):
+        real = getattr(config_module, name)
+        monkeypatch.setattr(config_module, name, lambda *a, real=real: calls.append(a) or real(*a))
     opened = Repository.open(url, secret)
     assert calls == [] and opened.store.key_name != repo.store.key_name
-    assert {k["kdf"] for k in opened.keys()} == {KDF_SCRYPT, KDF_SECRET}
-    Repository.open(url, "a password")  # the password's key still opens, through scrypt
+    assert {k["kdf"] for k in opened.keys()} == {KDF_ARGON2ID, KDF_SECRET}
+    Repository.open(url, "a password")  # the password's key still opens, through Argon2id
     assert len(calls) == 1
     with pytest.raises(WrongPassword):
         Repository.open(url, new_secret())
@@ -154,8 +155,23 @@ def test_a_key_file_of_a_newer_kind_does_not_stop_another_from_opening(tmp_path)
 
     url = str(tmp_path / "repo")
     repo = Repository.init(url, "pw", kdf_seconds=0)
-    future = json.dumps({"kdf": "argon2id", "salt": "AAAA", "data": "AAAA"}).encode()
+    future = json.dumps({"kdf": "argon3", "salt": "AAAA", "data": "AAAA"}).encode()
     repo.store.remote.put(f"keys/{content_name(future)[:32]}", future)
     assert Repository.open(url, "pw").store.key_name == repo.store.key_name
     with pytest.raises(UnsupportedFormat):  # nothing opened: the key this password needs may be that one
         Repository.open(url, "another")
+
+
+def test_a_scrypt_key_file_made_before_argon2id_still_opens(tmp_path):
+    from chunkvault.store.crypto import content_name
+
+    url = str(tmp_path / "repo")
+    repo = Repository.init(url, "new", kdf_seconds=0)
+    name, data = make_key_file(repo.store.material, b"old", repo.store.config.repo_id, log_n=10)
+    assert json.loads(data)["kdf"] == KDF_SCRYPT and name == content_name(data)[:32]
+    repo.store.remote.put(f"keys/{name}", data)
+    assert Repository.open(url, "old").store.key_name == name
+    assert Repository.open(url, "new").store.key_name == repo.store.key_name
+    with pytest.raises(WrongPassword):
+        Repository.open(url, "neither")
+
