@@ -252,8 +252,9 @@ def tune_argon2id(target_seconds: float) -> tuple[int, int, int]:
     estimate: short derivations spend a larger share faulting in the memory
     and starting threads (extrapolated alone, keys came out 30 % cheaper).
     """
+    derive_argon2id(b"tune", b"0" * 16, 1, 8 * ARGON2_LANES, ARGON2_LANES)  # untimed: loads the library
     m = ARGON2_TUNE_FROM_KIB
-    per_pass = _argon2_seconds(1, m)
+    per_pass = _argon2_seconds(1, m, 3)
     while m < ARGON2_MEMORY_KIB and per_pass * 2 <= target_seconds:
         m *= 2
         per_pass *= 2
