@@ -4,8 +4,9 @@
 format is reported before any password is asked), the settings sealed under
 the repository key with the version and id as associated data.
 ``keys/<name>`` wraps the key material under a key derived from a password
-(Argon2id; scrypt in older key files) or from a generated key secret (a keyed hash: 256 random bits need no
-stretching); any one password or secret opens the repository.
+(Argon2id; scrypt in older key files) or from a generated key secret (a
+keyed hash: 256 random bits need no stretching); any one password or secret
+opens the repository.
 """
 from __future__ import annotations
 

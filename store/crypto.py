@@ -131,8 +131,9 @@ def new_secret() -> bytes:
     A password needs a memory-hard derivation because people choose guessable
     ones; 256 random bits cannot be guessed, so a key file for a secret wraps
     the key under a plain keyed hash, and opening a repository costs
-    microseconds, not half a second of CPU and 32 MiB.  The checksum keeps a typed or truncated string from
-    passing for a secret (it is then an ordinary password).
+    microseconds, not half a second of CPU and 32 MiB.  The checksum keeps a
+    typed or truncated string from passing for a secret (it is then an
+    ordinary password).
     """
     return encode_secret(os.urandom(SECRET_RANDOM))
 
