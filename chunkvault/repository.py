@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 from datetime import datetime
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
 from .errors import CorruptObject, RollbackDetected, UsageError
 from .ledger import Ledger, present_of
@@ -17,21 +17,22 @@ from .connection import connect
 from .remotes import Remote
 from .chunker import FIXED_CHUNK_SIZE
 from .store.backup import Backup, BackupOptions, BackupResult
-from .store.check import Checker, CheckReport, Problem
 from .store.config import Settings
-from .store.copy import CopyResult, copy_snapshots
-from .store.export import ExportStats, export as _export, import_backup as _import_backup
-from .store.lifecycle import ForgetPlan, aggregate, apply_forget, plan_forget
 from .store.manifest import T_FILE, T_HARDLINK, Entry, Record
-from .store.prune import PrunePlan, prune
-from .store.repair import RepairReport, repair_index, repair_snapshots
 from .store.repository import Repo
-from .store.retention import RetentionPolicy
-from .store import restore_workers
 from .store.restore import Restorer, RestoreOptions, RestoreResult
 from .store.snapshot import Snapshot, find_snapshot, parse_time
 from .store.source import SourceWalk, root_specs
 from .store.unlock import Unlocked
+
+if TYPE_CHECKING:  # the modules of other commands load when used: a backup need not import them
+    from .store.check import CheckReport
+    from .store.copy import CopyResult
+    from .store.export import ExportStats
+    from .store.lifecycle import ForgetPlan
+    from .store.prune import PrunePlan
+    from .store.repair import RepairReport
+    from .store.retention import RetentionPolicy
 
 __all__ = ["Repository", "Snapshot", "Entry", "SourceWalk"]
 
@@ -231,6 +232,8 @@ class Repository:
         per core for a whole snapshot of 64 MiB or more; see store/restore_workers.py).  A restore
         narrowed by ``includes`` stays in one process unless told otherwise: each worker would read
         the whole tree to find the few files it writes."""
+        from .store import restore_workers
+
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until)
         opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
                               delta=delta, delete=delete, progress=progress)
@@ -274,6 +277,8 @@ class Repository:
         snapshot; ``accept_state`` accepts the set as it is instead (reported as warnings).
         ``progress(packs checked, bytes read, bytes to read)`` is called as packs are done.
         """
+        from .store.check import Checker, Problem
+
         report = Checker(self._repo, read_data=read_data, subset=subset, progress=progress).run()
         accepted = self.accept_state() if accept_state else []  # after the check: its snapshots are loaded
         if self._ledger is not None:
@@ -285,6 +290,8 @@ class Repository:
     def forget(self, snapshots: Iterable[str] = (), *, policy: RetentionPolicy | None = None,
                dry_run: bool = False, now: datetime | None = None) -> ForgetPlan:
         """Remove snapshots (named, or by a retention policy); kept differentials are rebased first."""
+        from .store.lifecycle import apply_forget, plan_forget
+
         snaps = self._repo.snapshots()
         ids = [find_snapshot(snaps, s).id for s in snapshots]
         if policy is None and not ids:
@@ -310,6 +317,8 @@ class Repository:
 
     def aggregate(self, snapshot: str | Snapshot, *, retire: bool = False) -> Snapshot:
         """Turn a differential into a synthetic full (same id, same tree); ``retire`` forgets its old chain."""
+        from .store.lifecycle import aggregate
+
         snaps = self._guard()
         snap = snapshot if isinstance(snapshot, Snapshot) else find_snapshot(snaps, snapshot)
         chain = [s.id for s in self._repo.chain_of(snap, snaps)[:-1]] if retire else []
@@ -321,6 +330,8 @@ class Repository:
 
         ``progress(pack operations done, bytes repacked, bytes to repack)`` is called as it goes.
         """
+        from .store.prune import prune
+
         if dry_run:
             self._list()
         else:
@@ -333,6 +344,8 @@ class Repository:
 
         ``progress(blobs sent, bytes sent)`` is called as blobs arrive.
         """
+        from .store.copy import copy_snapshots
+
         snaps = self._list()
         ids = [find_snapshot(snaps, s).id for s in snapshots] or None
         destination._guard()
@@ -342,10 +355,14 @@ class Repository:
 
     def repair_index(self) -> RepairReport:
         """Rebuild the index from the pack headers."""
+        from .store.repair import repair_index
+
         return repair_index(self._repo)
 
     def repair_snapshots(self, *, dry_run: bool = True) -> RepairReport:
         """Drop (list, and with ``dry_run=False`` rewrite) files whose data is gone."""
+        from .store.repair import repair_snapshots
+
         if not dry_run:
             self._guard()
         return repair_snapshots(self._repo, dry_run=dry_run)
@@ -353,13 +370,17 @@ class Repository:
     def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,
                overwrite: bool = False) -> ExportStats:
         """Write one snapshot (its chain resolved) into a self-contained encrypted .backup file."""
+        from .store.export import export
+
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
-        return _export(self._repo, snap, path, _password(password), kdf_seconds=kdf_seconds, overwrite=overwrite)
+        return export(self._repo, snap, path, _password(password), kdf_seconds=kdf_seconds, overwrite=overwrite)
 
     def import_backup(self, path: str, password: str | bytes) -> Snapshot:
         """Bring a .backup file in as a new full snapshot; chunks already here are not stored again."""
+        from .store.export import import_backup
+
         self._guard()
-        snap = _import_backup(self._repo, path, _password(password))
+        snap = import_backup(self._repo, path, _password(password))
         self._wrote(snap)
         return snap
 

@@ -165,9 +165,9 @@ def test_a_snapshot_written_back_under_a_forgotten_id_is_not_a_replay(chain, tmp
 def test_a_forget_killed_before_or_after_deleting_is_no_finding(chain, monkeypatch):
     path, _, states, _ = chain
     a, b, c = states
-    import chunkvault.repository as api
+    import chunkvault.store.lifecycle as lifecycle
 
-    real = api.apply_forget
+    real = lifecycle.apply_forget
 
     def killed_before(repo, snaps, plan, **kw):
         raise KeyboardInterrupt
@@ -178,7 +178,7 @@ def test_a_forget_killed_before_or_after_deleting_is_no_finding(chain, monkeypat
 
     with crashkit.open_repo(path) as repo:
         for kill, sid in ((killed_before, c), (killed_after, c)):
-            monkeypatch.setattr(api, "apply_forget", kill)
+            monkeypatch.setattr(lifecycle, "apply_forget", kill)
             with pytest.raises(KeyboardInterrupt):
                 repo.forget([sid])
             assert _problems(repo) == []
