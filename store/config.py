@@ -151,7 +151,9 @@ class KeyFile:
         if not isinstance(kdf, str) or kdf not in KDF_COST_FIELDS:
             raise UnsupportedFormat(f"{what}: unknown key derivation {kdf!r}")
         try:
-            cost = {f: int(obj[f]) for f in KDF_COST_FIELDS[kdf]}
+            cost = {f: obj[f] for f in KDF_COST_FIELDS[kdf]}
+            if any(type(v) is not int for v in cost.values()):  # not a bool, float or string
+                raise ValueError
             return cls(name, str(obj.get("created", "")), str(obj.get("host", "")), str(obj.get("user", "")),
                        kdf, cost, _unb64(obj["salt"], what), _unb64(obj["data"], what), str(obj.get("repo", "")))
         except (KeyError, ValueError, TypeError):

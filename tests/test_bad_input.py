@@ -507,7 +507,8 @@ def test_key_file_with_hostile_kdf_parameters(scrypt):
     assert doc["kdf"] == ("scrypt" if scrypt else "argon2id")
     hostile = (("log_n", 40), ("log_n", -1), ("r", 0), ("r", 10 ** 6), ("log_n", "x")) if scrypt else (
         ("t", 0), ("t", -1), ("m", 15), ("m", 1 << 30), ("t", 10 ** 9), ("m", "x"), ("t", None), ("p", 65))
-    for field, value in hostile + (("p", 0), ("salt", "%%"), ("p", 10 ** 9), ("kdf", 7)):
+    for field, value in hostile + (("p", 0), ("salt", "%%"), ("p", 10 ** 9), ("kdf", 7), ("p", True), ("p", 2.5),
+                                   ("p", "2")):
         bad = json.dumps({**doc, field: value}).encode()
         kf = only_our_errors(KeyFile.decode, "", bad)
         if kf is not None:
@@ -518,6 +519,9 @@ def test_key_file_with_hostile_kdf_parameters(scrypt):
         if planted:
             with pytest.raises(CorruptObject, match="out of range"):
                 kf.unwrap(b"pw", "ab" * 16)
+    for field, value in (("p", True), ("p", 2.0), ("p", "2")):  # counts are JSON integers, nothing else
+        with pytest.raises(CorruptObject, match="malformed"):
+            KeyFile.decode("", json.dumps({**doc, field: value}).encode())
     # and the key file as made opens
     assert KeyFile.decode(name, data).unwrap(b"pw", "ab" * 16) == material
 
