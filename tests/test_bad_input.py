@@ -507,19 +507,17 @@ def test_key_file_with_hostile_kdf_parameters(scrypt):
     assert doc["kdf"] == ("scrypt" if scrypt else "argon2id")
     hostile = (("log_n", 40), ("log_n", -1), ("r", 0), ("r", 10 ** 6), ("log_n", "x")) if scrypt else (
         ("t", 0), ("t", -1), ("m", 15), ("m", 1 << 30), ("t", 10 ** 9), ("m", "x"), ("t", None), ("p", 65))
-    for field, value in hostile + (("p", 0), ("salt", "%%"), ("p", 10 ** 9), ("kdf", 7), ("p", True), ("p", 2.5),
-                                   ("p", "2")):
+    for field, value in hostile + (("p", 0), ("salt", "%%"), ("p", 10 ** 9), ("kdf", 7)):
         bad = json.dumps({**doc, field: value}).encode()
         kf = only_our_errors(KeyFile.decode, "", bad)
         if kf is not None:
             only_our_errors(kf.unwrap, b"pw", "ab" * 16)
     # a planted key file cannot make opening a repository compute for hours
-    for planted in ({"p": 10 ** 9}, {} if scrypt else {"t": 1 << 16, "m": 1 << 16}):
+    for planted in [{"p": 10 ** 9}] + ([] if scrypt else [{"t": 1 << 16, "m": 1 << 16}]):
         kf = KeyFile.decode("", json.dumps({**doc, **planted}).encode())
-        if planted:
-            with pytest.raises(CorruptObject, match="out of range"):
-                kf.unwrap(b"pw", "ab" * 16)
-    for field, value in (("p", True), ("p", 2.0), ("p", "2")):  # counts are JSON integers, nothing else
+        with pytest.raises(CorruptObject, match="out of range"):
+            kf.unwrap(b"pw", "ab" * 16)
+    for field, value in (("p", True), ("p", 2.0), ("p", 2.5), ("p", "2")):  # JSON integers, nothing else
         with pytest.raises(CorruptObject, match="malformed"):
             KeyFile.decode("", json.dumps({**doc, field: value}).encode())
     # and the key file as made opens
