@@ -214,7 +214,7 @@ def tune_scrypt(target_seconds: float) -> tuple[int, int]:
 
 ARGON2_LANES = 2  # computed in parallel: on two cores a derivation takes half its CPU time
 ARGON2_MEMORY_KIB = 32 << 10  # scrypt's bound (and restic's): the peak memory of opening a repository
-ARGON2_TUNE_FROM_KIB = 1 << 10
+ARGON2_LEAST_KIB = 1 << 10  # what a target below one pass over 32 MiB, or of 0, gets
 ARGON2_MAX_MEMORY_KIB = 1 << 22
 ARGON2_MAX_WORK_KIB = 1 << 26  # passes x memory a key file may ask for (about a minute of CPU)
 
@@ -233,35 +233,41 @@ def derive_argon2id(password: bytes, salt: bytes, t: int, m_kib: int, p: int) ->
                            hash_len=KEY_SIZE, type=Type.ID)
 
 
-def _argon2_seconds(t: int, m_kib: int, samples: int = 1) -> float:
-    """CPU seconds (every lane's thread counted) of a derivation here: the median of ``samples``."""
+def _argon2_seconds(t: int, m_kib: int, samples: int) -> float:
+    """CPU seconds (every lane's thread counted) of a derivation here: the least of ``samples``, since what
+    disturbs a measurement (other load, page faults the host is slow to serve) only ever adds."""
     times = []
     for _ in range(samples):
         start = time.process_time()
         derive_argon2id(b"tune", b"0" * 16, t, m_kib, ARGON2_LANES)
         times.append(time.process_time() - start)
-    return max(sorted(times)[samples // 2], 1e-6)
+    return max(min(times), 1e-6)
 
 
 def tune_argon2id(target_seconds: float) -> tuple[int, int, int]:
     """(t, m KiB, p) so that a derivation costs about ``target_seconds`` of CPU here.
 
     The CPU time is what a guess costs an attacker; the lanes run in parallel,
-    so on two cores opening waits about half of it.  Memory grows first, up to
-    32 MiB; beyond that the time comes from passes, which cost no memory.  The
-    passes are extrapolated from two, then corrected by one derivation at the
-    estimate: short derivations spend a larger share faulting in the memory
-    and starting threads (extrapolated alone, keys came out 30 % cheaper).
+    so on two cores opening waits about half of it.  The memory is 32 MiB
+    unless one pass over it costs more than the target; the time comes from
+    passes, which cost no memory.  They are measured at the full memory, not
+    extrapolated from a smaller one, where one disturbed millisecond decided
+    the memory.  The passes are extrapolated from
+    two, then corrected by derivations at the estimate: short ones spend a
+    larger share faulting in the memory and starting threads (extrapolated
+    alone, keys came out 30 % cheaper).  A target of 0 (tests) measures nothing.
     """
+    if target_seconds <= 0:
+        return 1, ARGON2_LEAST_KIB, ARGON2_LANES
     derive_argon2id(b"tune", b"0" * 16, 1, 8 * ARGON2_LANES, ARGON2_LANES)  # untimed: loads the library
-    m = ARGON2_TUNE_FROM_KIB
-    per_pass = _argon2_seconds(1, m, 3)
-    while m < ARGON2_MEMORY_KIB and per_pass * 2 <= target_seconds:
-        m *= 2
-        per_pass *= 2
-    if m < ARGON2_MEMORY_KIB:
+    m = ARGON2_MEMORY_KIB
+    one_pass = _argon2_seconds(1, m, 2)
+    if one_pass > target_seconds:
+        while m > ARGON2_LEAST_KIB and one_pass > target_seconds:
+            m //= 2
+            one_pass /= 2
         return 1, m, ARGON2_LANES
     most = ARGON2_MAX_WORK_KIB // m
     t = max(1, min(round(target_seconds / (_argon2_seconds(2, m, 3) / 2)), most))
-    t = max(1, min(round(t * target_seconds / _argon2_seconds(t, m)), most))
+    t = max(1, min(round(t * target_seconds / _argon2_seconds(t, m, 2)), most))
     return t, m, ARGON2_LANES

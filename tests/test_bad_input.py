@@ -530,6 +530,8 @@ def test_argon2id_tuning_caps_memory_and_grows_passes_for_time():
     assert ARGON2_MEMORY_KIB << 10 == 32 << 20  # restic's bound
     t, m, p = tune_argon2id(0)
     assert t == 1 and m < ARGON2_MEMORY_KIB and p == ARGON2_LANES
+    t, m, p = tune_argon2id(0.002)  # less than one pass over 32 MiB costs: less memory
+    assert t == 1 and 8 * p <= m < ARGON2_MEMORY_KIB
     # more than one pass over 32 MiB takes: passes carry the rest; tuned in a fresh interpreter, where
     # the first derivation also loads the library (timing it once made keys use a sixth of the time)
     out = subprocess.run([sys.executable, "-c", "from chunkvault.store.crypto import tune_argon2id; "
