@@ -252,20 +252,20 @@ def tune_argon2id(target_seconds: float) -> tuple[int, int, int]:
     unless one pass over it costs more than the target; the time comes from
     passes, which cost no memory.  They are measured at the full memory, not
     extrapolated from a smaller one, where one disturbed millisecond decided
-    the memory.  The passes are extrapolated from
-    two, then corrected by derivations at the estimate: short ones spend a
-    larger share faulting in the memory and starting threads (extrapolated
-    alone, keys came out 30 % cheaper).  A target of 0 (tests) measures nothing.
+    the memory.  The passes are extrapolated from two, then corrected by
+    derivations at the estimate: short ones spend a larger share faulting in
+    the memory and starting threads (extrapolated alone, keys came out 30 %
+    cheaper).  A target of 0 (tests) measures nothing.
     """
     if target_seconds <= 0:
         return 1, ARGON2_LEAST_KIB, ARGON2_LANES
     derive_argon2id(b"tune", b"0" * 16, 1, 8 * ARGON2_LANES, ARGON2_LANES)  # untimed: loads the library
     m = ARGON2_MEMORY_KIB
     one_pass = _argon2_seconds(1, m, 2)
-    if one_pass > target_seconds:
-        while m > ARGON2_LEAST_KIB and one_pass > target_seconds:
-            m //= 2
-            one_pass /= 2
+    while m > ARGON2_LEAST_KIB and one_pass > target_seconds:
+        m //= 2
+        one_pass /= 2
+    if m < ARGON2_MEMORY_KIB:
         return 1, m, ARGON2_LANES
     most = ARGON2_MAX_WORK_KIB // m
     t = max(1, min(round(target_seconds / (_argon2_seconds(2, m, 3) / 2)), most))
