@@ -199,7 +199,7 @@ def make_key_file(material: KeyMaterial, password: bytes, repo_id: str, *, kdf_s
         if log_n is not None:
             kdf, cost = KDF_SCRYPT, {"log_n": log_n, "r": SCRYPT_R, "p": SCRYPT_P}
         else:
-            kdf, cost = KDF_ARGON2ID, dict(zip(("t", "m", "p"), tune_argon2id(kdf_seconds)))
+            kdf, cost = KDF_ARGON2ID, dict(zip(KDF_COST_FIELDS[KDF_ARGON2ID], tune_argon2id(kdf_seconds)))
         kek = _password_kek(kdf, cost, password, salt)
     try:
         user = getpass.getuser()
