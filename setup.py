@@ -22,6 +22,11 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
         Extension(
+            "chunkvault.store._blobtable",
+            sources=["store/_blobtable.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+        ),
+        Extension(
             "chunkvault.store._deltamatch",
             sources=["store/_deltamatch.c"],
             extra_compile_args=["-O3", "-Wall", "-Wextra"],

@@ -808,9 +808,8 @@ def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .memory import no_blas_threads, tune_allocator, tune_gc
+    from .memory import tune_allocator, tune_gc
 
-    no_blas_threads()
     tune_allocator()
     if argv is None:  # a process of its own, not a caller's (tests call main with arguments)
         tune_gc()

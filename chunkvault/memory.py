@@ -1,4 +1,4 @@
-"""Process-wide settings the CLI applies at start: allocator, garbage collector, BLAS threads.
+"""Process-wide settings the CLI applies at start: allocator and garbage collector.
 
 Allocator (glibc only): keep it from holding on to freed buffers.
 
@@ -27,16 +27,12 @@ thresholds the cyclic collector rescans them (and every imported module's
 objects) hundreds of times, about a tenth of that backup's CPU.  Freezing
 what exists at start and collecting less often removes that cost.
 
-BLAS threads: numpy's OpenBLAS starts a spinning thread per core when numpy
-is imported; chunkvault does no linear algebra, so one is enough.
-
 Library users decide for their own process.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
-import os
 import sys
 
 _M_TRIM_THRESHOLD = -1
@@ -67,7 +63,3 @@ def tune_gc(first_generation: int = 20_000) -> None:
     _, second, third = gc.get_threshold()
     gc.set_threshold(first_generation, second, third)
 
-
-def no_blas_threads() -> None:
-    """Call before numpy is imported; an explicit setting in the environment wins."""
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -29,8 +29,9 @@
  * at the prefix's end.  The tests rebuild the data from the sequences.
  *
  * Also here: the block map and the gathers a block delta is made of
- * (changed_blocks, equal_words, gather_blocks; below), and what applying one
- * takes besides its frame (block_map, scatter_blocks).
+ * (changed_blocks, equal_words, gather_blocks; below), what applying one
+ * takes besides its frame (block_map, scatter_blocks), and buffers left
+ * uninitialized for frames to be decompressed into (uninitialized).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -441,7 +442,20 @@ done:
     return out;
 }
 
+/* A bytearray whose bytes are left as malloc gives them: only the pages later written become resident, and
+ * nothing is cleared that is about to be overwritten. */
+static PyObject *py_uninitialized(PyObject *Py_UNUSED(self), PyObject *arg) {
+    Py_ssize_t n = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative size");
+        return NULL;
+    }
+    return PyByteArray_FromStringAndSize(NULL, n);
+}
+
 static PyMethodDef methods[] = {
+    {"uninitialized", py_uninitialized, METH_O, "uninitialized(size) -> bytearray, contents undefined"},
     {"find", py_find, METH_VARARGS, "find(prefix, data, out) -> number of sequences written"},
     {"max_sequences", py_max_sequences, METH_O, "max_sequences(data length) -> records ``out`` must hold"},
     {"changed_blocks", py_changed_blocks, METH_VARARGS, "changed_blocks(data, base, block_size) -> bytes"},

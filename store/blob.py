@@ -16,15 +16,14 @@ from __future__ import annotations
 import struct
 import threading
 
-import numpy as np
 import zstandard
 
 from chunkvault.errors import CorruptObject
 
 from .crypto import NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Sealer
-from .zstdbuf import can_match, compress_against, compress_matched, decompress_into, frame_size
+from .zstdbuf import can_match, compress_against, compress_matched, decompress_into, empty_buffer, frame_size
 
-try:  # block maps and gathers in C (store/_deltamatch.c); the numpy *_reference functions otherwise
+try:  # block maps and gathers in C (store/_deltamatch.c); the pure Python *_reference functions otherwise
     from . import _deltamatch as _blocks
 except ImportError:
     _blocks = None
@@ -165,50 +164,70 @@ def _against(data: bytes | memoryview, content: Plaintext, level: int, in_place:
     return _dict_compress(data, content, level)
 
 
-def _inside(length: int, base_length: int, nblocks: int) -> np.ndarray:
+# Block maps are bytes: one byte per block, 1 where the block is selected.
+_BITS = bytes.maketrans(b"\x00\x01", b"01")
+_FROM_BITS = bytes.maketrans(b"01", b"\x00\x01")
+
+
+def _inside(length: int, base_length: int, nblocks: int) -> bytes:
     """Per block of a ``length``-byte plaintext: does its range lie inside the base?"""
     if length <= base_length:
-        return np.ones(nblocks, bool)
-    ends = np.minimum(np.arange(1, nblocks + 1, dtype=np.int64) * BLOCK_SIZE, length)
-    return ends <= base_length
+        return b"\x01" * nblocks
+    whole = min(base_length // BLOCK_SIZE, nblocks - 1)  # the last block ends at ``length``, past the base
+    return b"\x01" * whole + bytes(nblocks - whole)
 
 
-def _changed_reference(data: bytes | memoryview, base: bytes | memoryview, nblocks: int) -> np.ndarray:
+def _both(a: bytes, b: bytes) -> bytes:
+    """The blocks selected in both maps."""
+    return (int.from_bytes(a, "little") & int.from_bytes(b, "little")).to_bytes(len(a), "little")
+
+
+def _pack_bits(mask: bytes) -> bytes:
+    """A block map as bits, first block in the high bit of the first byte, padded with zeros."""
+    if not mask:
+        return b""
+    pad = -len(mask) % 8
+    return (int(mask.translate(_BITS), 2) << pad).to_bytes((len(mask) + pad) // 8, "big")
+
+
+def _unpack_bits(bitmap: bytes | memoryview, nblocks: int) -> bytes:
+    if not nblocks:
+        return b""
+    bits = int.from_bytes(bitmap, "big") >> (len(bitmap) * 8 - nblocks)
+    return format(bits, f"0{nblocks}b").encode().translate(_FROM_BITS)
+
+
+def _changed_reference(data: bytes | memoryview, base: bytes | memoryview, nblocks: int) -> bytes:
     """Per block of ``data``: must it be stored (it differs from the base's bytes over its range, or lies
-    past the base's end)?  Whole blocks present in both are compared in place, without copies."""
-    n = len(data)
-    both = min(n, len(base)) // BLOCK_SIZE
-    stored = np.ones(nblocks, bool)
-    if both:
-        new = np.frombuffer(data, np.uint64, both * (BLOCK_SIZE // 8)).reshape(both, -1)
-        old = np.frombuffer(base, np.uint64, both * (BLOCK_SIZE // 8)).reshape(both, -1)
-        stored[:both] = (new != old).any(axis=1)
-    for i in range(both, nblocks):
+    past the base's end)?"""
+    n, data, base = len(data), memoryview(data), memoryview(base)
+    out = bytearray(b"\x01" * nblocks)
+    for i in range(nblocks):
         end = min((i + 1) * BLOCK_SIZE, n)
-        if end <= len(base):
-            stored[i] = data[i * BLOCK_SIZE : end] != base[i * BLOCK_SIZE : end]
-    return stored
+        if end <= len(base) and data[i * BLOCK_SIZE : end] == base[i * BLOCK_SIZE : end]:
+            out[i] = 0
+    return bytes(out)
 
 
 def _equal_share_reference(data: bytes | memoryview, base: bytes | memoryview) -> float:
     """The share of the 8-byte words of the whole blocks present in both that are equal at the same offset."""
-    words = min(len(data), len(base)) // BLOCK_SIZE * (BLOCK_SIZE // 8)
-    if not words:
+    length = min(len(data), len(base)) // BLOCK_SIZE * BLOCK_SIZE
+    if not length:
         return 0.0
-    return float(np.count_nonzero(np.frombuffer(data, np.uint64, words) == np.frombuffer(base, np.uint64, words))
-                 / words)
+    new, old = memoryview(data)[:length].cast("Q"), memoryview(base)[:length].cast("Q")
+    return sum(a == b for a, b in zip(new, old)) / (length // 8)
 
 
-def _gather_reference(buf: bytes | memoryview, length: int, mask: np.ndarray) -> bytes:
+def _gather_reference(buf: bytes | memoryview, length: int, mask: bytes) -> bytes:
     """The bytes of the selected blocks of ``buf[:length]``, in order (all must lie inside ``buf``)."""
     mv = memoryview(buf)
-    return b"".join(mv[i * BLOCK_SIZE : min((i + 1) * BLOCK_SIZE, length)] for i in np.flatnonzero(mask))
+    return b"".join(mv[i * BLOCK_SIZE : min((i + 1) * BLOCK_SIZE, length)] for i, on in enumerate(mask) if on)
 
 
-def _changed(data: bytes | memoryview, base: bytes | memoryview, nblocks: int) -> np.ndarray:
+def _changed(data: bytes | memoryview, base: bytes | memoryview, nblocks: int) -> bytes:
     if _blocks is None:
         return _changed_reference(data, base, nblocks)
-    return np.frombuffer(_blocks.changed_blocks(data, base, BLOCK_SIZE), bool)
+    return _blocks.changed_blocks(data, base, BLOCK_SIZE)
 
 
 def _equal_share(data: bytes | memoryview, base: bytes | memoryview) -> float:
@@ -218,7 +237,7 @@ def _equal_share(data: bytes | memoryview, base: bytes | memoryview) -> float:
     return _blocks.equal_words(data, base, length) / (length // 8) if length else 0.0
 
 
-def _gather(buf: bytes | memoryview, length: int, mask: np.ndarray) -> bytes:
+def _gather(buf: bytes | memoryview, length: int, mask: bytes) -> bytes:
     if _blocks is None:
         return _gather_reference(buf, length, mask)
     return _blocks.gather_blocks(buf, length, mask, BLOCK_SIZE)
@@ -234,24 +253,25 @@ def delta_compress(data: bytes | memoryview, base_plain: Plaintext, level: int) 
     n = len(data)
     nb = -(-n // BLOCK_SIZE)
     stored = _changed(data, base_plain, nb)
-    if nb and stored.mean() > BLOCKS_FALLBACK_SHARE:
+    if nb and stored.count(1) > nb * BLOCKS_FALLBACK_SHARE:
         in_place = _equal_share(data, base_plain) > IN_PLACE_SHARE
         return bytes((DELTA_DICT,)) + _against(data, base_plain, level, in_place)
-    inside = _inside(n, len(base_plain), nb)
-    frame = _against(_gather(data, n, stored), _gather(base_plain, n, stored & inside), level, True)
-    return bytes((DELTA_BLOCKS,)) + _LENGTH.pack(n) + np.packbits(stored).tobytes() + frame
+    taken = stored if n <= len(base_plain) else _both(stored, _inside(n, len(base_plain), nb))
+    frame = _against(_gather(data, n, stored), _gather(base_plain, n, taken), level, True)
+    return bytes((DELTA_BLOCKS,)) + _LENGTH.pack(n) + _pack_bits(stored) + frame
 
 
-def _trim(mask: np.ndarray, length: int) -> int:
+def _trim(mask: bytes, length: int) -> int:
     """Bytes past ``length`` in the selected blocks: the unused end of a selected partial last block."""
     tail = length % BLOCK_SIZE
     return BLOCK_SIZE - tail if tail and len(mask) and mask[-1] else 0
 
 
-def _block_buffer(length: int) -> np.ndarray:
+def _block_buffer(length: int) -> bytearray:
     """Room for ``length`` bytes rounded up to whole blocks, the bytes past ``length`` zero."""
-    buf = np.empty(-(-length // BLOCK_SIZE) * BLOCK_SIZE, np.uint8)
-    buf[length:] = 0
+    size = -(-length // BLOCK_SIZE) * BLOCK_SIZE
+    buf = empty_buffer(size)
+    buf[length:] = bytes(size - length)
     return buf
 
 
@@ -262,7 +282,7 @@ class _Plain:
 
     __slots__ = ("data", "buf", "length")
 
-    def __init__(self, data: Plaintext | None, buf: np.ndarray | None = None, length: int = 0):
+    def __init__(self, data: Plaintext | None, buf: bytearray | None = None, length: int = 0):
         self.data = data
         self.buf = buf
         self.length = len(data) if data is not None else length
@@ -281,17 +301,17 @@ class _Plain:
     def result(self) -> Plaintext:
         return self.data if self.data is not None else memoryview(self.buf)[: self.length].toreadonly()
 
-    def rows_for(self, length: int, nblocks: int) -> np.ndarray:
-        """The buffer as rows, resized to ``nblocks`` and zero past ``length``, ready to be updated in place."""
+    def blocks_for(self, length: int, nblocks: int) -> bytearray:
+        """The buffer resized to ``nblocks`` blocks and zero past ``length``, ready to be updated in place."""
         old = self.buf
         if old is None or len(old) != nblocks * BLOCK_SIZE:
             keep = min(length, self.length)
-            self.buf = np.zeros(nblocks * BLOCK_SIZE, np.uint8)
-            self.buf[:keep] = np.frombuffer(old if old is not None else self.data, np.uint8, keep)
+            self.buf = bytearray(nblocks * BLOCK_SIZE)
+            self.buf[:keep] = memoryview(old if old is not None else self.data)[:keep]
         elif length < self.length:
-            old[length:] = 0
+            old[length:] = bytes(len(old) - length)
         self.data = None
-        return self.buf.reshape(nblocks, BLOCK_SIZE)
+        return self.buf
 
 
 def _apply_blocks(payload: memoryview, plain: _Plain) -> None:
@@ -299,11 +319,11 @@ def _apply_blocks(payload: memoryview, plain: _Plain) -> None:
         _apply_blocks_reference(payload, plain)
         return
     n, pos, stored, taken, size = _blocks.block_map(payload, plain.length, BLOCK_SIZE)
-    plain.rows_for(n, len(stored))
-    dictionary = _blocks.gather_blocks(plain.buf, n, taken, BLOCK_SIZE)
-    new = np.empty(size, np.uint8)
+    buf = plain.blocks_for(n, len(stored))
+    dictionary = _blocks.gather_blocks(buf, n, taken, BLOCK_SIZE)
+    new = empty_buffer(size)
     decompress_into(payload[pos:], new, size, dictionary)
-    _blocks.scatter_blocks(plain.buf, new, stored, n, BLOCK_SIZE)
+    _blocks.scatter_blocks(buf, new, stored, n, BLOCK_SIZE)
     plain.length = n
 
 
@@ -315,25 +335,28 @@ def _apply_blocks_reference(payload: memoryview, plain: _Plain) -> None:
     pos = 1 + _LENGTH.size + -(-nb // 8)
     if len(payload) < pos:
         raise ValueError("truncated block map")
-    bitmap = np.frombuffer(payload, np.uint8, pos - 1 - _LENGTH.size, 1 + _LENGTH.size)
+    bitmap = payload[1 + _LENGTH.size : pos]
     if nb % 8 and payload[pos - 1] & (0xFF >> nb % 8):
         raise ValueError("block map has bits past its last block")
-    stored = np.unpackbits(bitmap, count=nb).view(bool)
+    stored = _unpack_bits(bitmap, nb)
     if n <= plain.length:  # every block lies inside the base
         taken = stored
     else:
         inside = _inside(n, plain.length, nb)
-        if not (stored | inside).all():
+        if any(not (s or i) for s, i in zip(stored, inside)):
             raise ValueError("a block taken from the base lies outside it")
-        taken = stored & inside
-    count = int(np.count_nonzero(stored))
+        taken = _both(stored, inside)
+    count = stored.count(1)
     size = count * BLOCK_SIZE - _trim(stored, n)
-    rows = plain.rows_for(n, nb)
-    dictionary = _gather(plain.buf, n, taken)
-    new = np.empty(count * BLOCK_SIZE, np.uint8)
+    buf = plain.blocks_for(n, nb)
+    dictionary = _gather(buf, n, taken)
+    new = bytearray(count * BLOCK_SIZE)
     decompress_into(payload[pos:], new, size, dictionary)
-    new[size:] = 0
-    rows[np.flatnonzero(stored)] = new.reshape(count, BLOCK_SIZE)
+    at = 0
+    for i, on in enumerate(stored):
+        if on:
+            buf[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = new[at : at + BLOCK_SIZE]
+            at += BLOCK_SIZE
     plain.length = n
 
 

@@ -295,10 +295,12 @@ class Checker:
         if not ids:
             return
         found = self.repo.index.contains_many(ids)
-        for i in (~found).nonzero()[0]:
+        i = found.find(0)
+        while i >= 0:
             cid = ids[32 * i : 32 * i + 32]
             if cid not in self.bad_blobs:
                 self.bad_blobs[cid] = self.problem(f"blob {cid.hex()}", "not in the index")
+            i = found.find(0, i + 1)
 
     def _bad(self, blob_id: bytes) -> Problem | None:
         """The problem of a blob, or of a base its delta chain needs."""

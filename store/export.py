@@ -36,7 +36,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO, Callable, Iterator
 
 import blake3
-import numpy as np
 import zstandard
 
 from chunkvault.chunker import ChunkerParams
@@ -70,6 +69,7 @@ S_RECORDS = 3
 S_END = 4
 SECTION_NAMES = {S_META: "metadata", S_BLOB: "blob", S_RECORDS: "records", S_END: "end"}
 END = struct.Struct("<QQQ32s")  # sections before it, blobs, records, BLAKE3 of every byte before it
+_REF = struct.Struct("<4Q")  # a chunk reference in an exported record: the blob's ordinal, then zeros
 
 ENC_RAW = 0
 ENC_ZSTD = 1
@@ -213,8 +213,7 @@ class _RecordCursor:
         if not _safe_path(rec.path):
             raise CorruptObject(self.what, f"{where}: unsafe path {rec.path!r}")
         if rec.entry.chunks:
-            refs = np.frombuffer(rec.entry.chunks, dtype="<u8").reshape(-1, 4)
-            if refs[:, 1:].any() or int(refs[:, 0].max()) >= blobs_before:
+            if any(n >= blobs_before or x or y or z for n, x, y, z in _REF.iter_unpack(rec.entry.chunks)):
                 raise CorruptObject(self.what, f"{where}: {rec.path!r} refers to a chunk not stored before it")
 
     def finish(self) -> None:
@@ -491,8 +490,8 @@ class ExportFile:
             self._f.close()
             raise
         self.info: ExportInfo | None = None
-        self._blob_offsets = np.zeros(0, dtype=np.uint64)
-        self._blob_lengths = np.zeros(0, dtype=np.uint32)
+        self._blob_offsets = array("Q")
+        self._blob_lengths = array("I")
         self._record_sections: list[tuple[int, int, int]] = []  # (offset of sealed bytes, length, blobs before)
 
     # -- sequential pass --
@@ -591,8 +590,8 @@ class ExportFile:
         if cursor.count == 0:
             raise CorruptObject(self.what, "the file holds no records (not even the snapshot's root)")
         info.sections, info.blobs, info.records, info.file_bytes = sections + 1, blobs, records, self.size
-        self._blob_offsets = np.frombuffer(offsets, dtype=np.uint64)
-        self._blob_lengths = np.frombuffer(lengths, dtype=np.uint32)
+        self._blob_offsets = offsets
+        self._blob_lengths = lengths
         self._record_sections = record_sections
         self.info = info
         return info
@@ -611,8 +610,8 @@ class ExportFile:
         n = ref_ordinal(blob_id)
         if self.info is None or n >= len(self._blob_offsets):
             raise CorruptObject(self.what, f"no blob {n} in the file")
-        offset = int(self._blob_offsets[n])
-        plain = self._read_sealed(offset, int(self._blob_lengths[n]), S_BLOB, n)
+        offset = self._blob_offsets[n]
+        plain = self._read_sealed(offset, self._blob_lengths[n], S_BLOB, n)
         return decode_payload(plain, f"{self.what} blob section {n} at byte {offset}")
 
     def read_blobs(self, blob_ids: list[bytes]) -> list[bytes]:
@@ -707,8 +706,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                                 e = rec.entry
                                 assert e is not None
                                 if e.chunks:
-                                    ords = np.frombuffer(e.chunks, dtype="<u8")[::4]
-                                    ids = b"".join(dest[32 * int(n) : 32 * int(n) + 32] for n in ords)
+                                    ids = b"".join(dest[32 * n : 32 * n + 32] for n, _, _, _ in _REF.iter_unpack(e.chunks))
                                     rec = Record(rec.op, rec.path, replace(e, chunks=ids))
                                 counts.count(rec)
                                 mw.add(rec)

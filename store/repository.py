@@ -12,7 +12,6 @@ from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator, NamedTuple
 
-import numpy as np
 
 from chunkvault.chunker import Chunker, ChunkerParams
 from chunkvault.errors import (
@@ -242,18 +241,15 @@ class Repo:
             pairs = [(n, d) for n, d in zip(names, pool.map(read, names)) if d is not None]
         superseded = {s.hex() for _, d in pairs for s in d.supersedes}
         live = [(n, d) for n, d in pairs if n not in superseded]
-        index = BlobIndex(sum(len(d.entries) for _, d in live))
+        index = BlobIndex(sum(d.entry_count for _, d in live))
         for _, d in live:
             self._add_columns(d, index)
         # Published only when complete: other threads never see a half-loaded index.
         self._index, self._index_names = index, {n for n, _ in live}
 
     def _add_columns(self, d: IndexColumns, index: BlobIndex) -> None:
-        if not len(d.entries):
-            return
-        nos = np.repeat(np.array([self.pack_no(p) for p in d.pack_ids], dtype=np.int64), d.counts)
-        e = d.entries
-        index.add_many(np.ascontiguousarray(e["id"]), nos, e["offset"], e["length"], e["raw"], e["kind"])
+        for pack_id, count, start in zip(d.pack_ids, d.counts, d.starts):
+            index.add_entries(d.plain, start, count, self.pack_no(pack_id))
         self._delta_bases.update(d.delta_bases)
 
     def delta_base(self, blob_id: bytes) -> bytes | None:

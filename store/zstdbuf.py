@@ -22,7 +22,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import numpy as np
 import zstandard
 
 try:
@@ -89,12 +88,18 @@ def _cctx(key: tuple[Any, ...]) -> Any:
     return c
 
 
-def _sequence_buffer(size: int) -> np.ndarray:
-    # Room for the most sequences ``size`` bytes can hold; np.empty, so only the pages written become resident.
-    need = _deltamatch.max_sequences(size) * 4
+def empty_buffer(size: int) -> bytearray:
+    """``size`` bytes to be overwritten: left uninitialized, so only the pages written become resident (zeroed
+    when the C helpers are not built)."""
+    return _deltamatch.uninitialized(size) if _deltamatch is not None else bytearray(size)
+
+
+def _sequence_buffer(size: int) -> bytearray:
+    # Room for the most sequences ``size`` bytes can hold (four uint32 each).
+    need = _deltamatch.max_sequences(size) * 16
     buf = getattr(_local, "seqs", None)
     if buf is None or len(buf) < need:
-        buf = _local.seqs = np.empty(need, np.uint32)
+        buf = _local.seqs = empty_buffer(need)
     return buf
 
 

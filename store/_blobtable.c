@@ -1,0 +1,637 @@
+/* The blob index's storage: blob id -> (pack number, offset, length, raw length, flags) in 49 bytes per
+ * entry plus an open-addressing table of 4-byte entry numbers (store/blobindex.py says why this layout).
+ *
+ * Entries live in three flat columns in insertion order (ids, four uint32 fields, one flag byte), grown by
+ * realloc (which moves the pages of large blocks rather than copying them).  The table holds entry number
+ * + 1 (0 = empty), linear probing, load at most MAX_LOAD; a slot's home is the first 8 bytes of the id
+ * (little-endian) mixed by a multiplicative hash, and every hit is confirmed on the full id.
+ *
+ * Table(capacity_hint)
+ *   len(t); t.version (changes with every change); t.slots (table size)
+ *   t.find(id) -> bool; t.get(id) -> (pack, offset, length, raw, flags) or None
+ *   t.add(id, pack, offset, length, raw, flags) -> bool (False: present, nothing changed)
+ *   t.add_many(ids, packs, offsets, lengths, raws, flags) -> number added; each column a C-contiguous
+ *       buffer of integers (any width, signed or not) of one value per id, or of one value for all
+ *   t.add_entries(buf, pos, count, pack) -> number added: index-object entries (see scan_entries)
+ *   t.contains_many(ids) -> bytes, 1 where present
+ *   t.remove_packs(packs) -> number removed (packs: sorted, distinct uint32 buffer)
+ *   t.rows(a, b) -> (ids, fields, flags) of entries a..b-1 as bytes
+ *   t.memory_bytes()
+ * scan_entries(buf, pos, count) -> (end, deltas): where ``count`` entries starting at ``pos`` end (kind u8,
+ *   id, offset, length, raw length as u32 little-endian; a delta's base id follows), checking each kind.
+ * delta_bases(buf, pos, count) -> bytes: id + base id of each delta entry among them.
+ * home(id, slots) -> the slot an id's probe starts at.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ID_SIZE 32
+#define FIELDS 4
+#define ENTRY_SIZE (1 + ID_SIZE + 4 * 3)
+#define KIND_DELTA 2
+#define N_KINDS 3
+#define MIX 0x9E3779B97F4A7C15ULL
+#define MAX_LOAD 0.7    /* rebuild the table above this load... */
+#define TARGET_LOAD 0.56 /* ...to this one (x1.25 slots), keeping table bytes per entry in [5.7, 7.2] */
+#define MIN_SLOTS 16
+#define U32_MAX 0xFFFFFFFFULL
+#define MAX_ENTRIES (U32_MAX - 1) /* entry numbers are stored + 1 */
+
+typedef struct {
+    PyObject_HEAD
+    uint8_t *ids;
+    uint32_t *fields;
+    uint8_t *flags;
+    uint32_t *table;
+    Py_ssize_t n, cap, slots, max_fill;
+    unsigned long long version;
+} Table;
+
+static inline uint64_t le64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+static inline uint32_t le32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline Py_ssize_t home_of(const uint8_t *id, Py_ssize_t slots) {
+    uint64_t h = (le64(id) * MIX) >> 32;
+    return (Py_ssize_t)((h * (uint64_t)slots) >> 32);
+}
+
+static Py_ssize_t slots_for(Py_ssize_t entries, double load) {
+    Py_ssize_t s = (Py_ssize_t)((double)entries / load) + 1;
+    return s < MIN_SLOTS ? MIN_SLOTS : s;
+}
+
+/* Entry number of ``id``, or -1 with the empty slot where it would go in *slot. */
+static Py_ssize_t find(const Table *t, const uint8_t *id, Py_ssize_t *slot) {
+    Py_ssize_t s = home_of(id, t->slots);
+    for (;;) {
+        uint32_t e = t->table[s];
+        if (!e) {
+            if (slot) *slot = s;
+            return -1;
+        }
+        if (memcmp(t->ids + (size_t)(e - 1) * ID_SIZE, id, ID_SIZE) == 0) return (Py_ssize_t)e - 1;
+        if (++s == t->slots) s = 0;
+    }
+}
+
+/* Batches look ids up out of cache: the table slot of the id PREFETCH_SLOT ahead is fetched, and the entry
+ * that slot names for the id PREFETCH_ROW ahead, so the misses of several lookups overlap. */
+#define PREFETCH_SLOT 16
+#define PREFETCH_ROW 8
+
+static inline void prefetch(const Table *t, const uint8_t *ids, Py_ssize_t i, Py_ssize_t m) {
+#if defined(__GNUC__)
+    if (i + PREFETCH_SLOT < m)
+        __builtin_prefetch(&t->table[home_of(ids + (size_t)(i + PREFETCH_SLOT) * ID_SIZE, t->slots)]);
+    if (i + PREFETCH_ROW < m) {
+        uint32_t e = t->table[home_of(ids + (size_t)(i + PREFETCH_ROW) * ID_SIZE, t->slots)];
+        if (e) __builtin_prefetch(t->ids + (size_t)(e - 1) * ID_SIZE);
+    }
+#else
+    (void)t, (void)ids, (void)i, (void)m;
+#endif
+}
+
+static void place(Table *t, Py_ssize_t e) {
+    Py_ssize_t s = home_of(t->ids + (size_t)e * ID_SIZE, t->slots);
+    while (t->table[s])
+        if (++s == t->slots) s = 0;
+    t->table[s] = (uint32_t)(e + 1);
+}
+
+/* A fresh table of ``slots`` slots holding every entry.  The old table is freed first, so two are never
+ * alive at once; should the new one not fit, the old size is tried again before giving up. */
+static int rebuild(Table *t, Py_ssize_t slots) {
+    if ((unsigned long long)slots > U32_MAX) {
+        PyErr_Format(PyExc_OverflowError, "a blob index holds at most %llu entries",
+                     (unsigned long long)(U32_MAX * MAX_LOAD));
+        return -1;
+    }
+    int failed = 0;
+    free(t->table);
+    t->table = calloc((size_t)slots, sizeof(uint32_t));
+    if (!t->table) { /* the size just freed held every entry: take it again */
+        failed = 1;
+        slots = t->slots;
+        t->table = calloc((size_t)slots, sizeof(uint32_t));
+        if (!t->table) Py_FatalError("blob index: out of memory rebuilding its table");
+    }
+    t->slots = slots;
+    t->max_fill = (Py_ssize_t)((double)slots * MAX_LOAD);
+    for (Py_ssize_t e = 0; e < t->n; e++) place(t, e);
+    if (failed) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static int set_capacity(Table *t, Py_ssize_t cap) {
+    void *ids = realloc(t->ids, (size_t)cap * ID_SIZE);
+    if (ids) t->ids = ids;
+    void *fields = ids ? realloc(t->fields, (size_t)cap * FIELDS * sizeof(uint32_t)) : NULL;
+    if (fields) t->fields = fields;
+    void *flags = fields ? realloc(t->flags, (size_t)cap) : NULL;
+    if (flags) t->flags = flags;
+    if (!flags) {
+        if (cap < t->cap) return 0; /* a shrink that failed leaves the larger blocks, all still valid */
+        PyErr_NoMemory();
+        return -1;
+    }
+    t->cap = cap;
+    return 0;
+}
+
+static int reserve(Table *t, Py_ssize_t needed) {
+    if ((unsigned long long)needed > MAX_ENTRIES) {
+        PyErr_Format(PyExc_OverflowError, "a blob index holds at most %llu entries", MAX_ENTRIES);
+        return -1;
+    }
+    if (needed <= t->cap) return 0;
+    Py_ssize_t cap = t->cap + t->cap / 8;
+    if (cap < needed) cap = needed;
+    if (cap < 256) cap = 256;
+    return set_capacity(t, cap);
+}
+
+/* Append an entry known to be absent; ``slot`` is its empty slot (or -1 when unknown).  ``coming``: how many
+ * more may follow in this call, so one rebuild makes room for all of them. */
+static int append(Table *t, const uint8_t *id, const uint32_t f[FIELDS], uint8_t flag, Py_ssize_t slot,
+                  Py_ssize_t coming) {
+    if (reserve(t, t->n + 1) < 0) return -1;
+    Py_ssize_t e = t->n;
+    memcpy(t->ids + (size_t)e * ID_SIZE, id, ID_SIZE);
+    memcpy(t->fields + (size_t)e * FIELDS, f, FIELDS * sizeof(uint32_t));
+    t->flags[e] = flag;
+    t->n = e + 1;
+    t->version++;
+    if (t->n > t->max_fill) {
+        if (rebuild(t, slots_for(t->n + coming, TARGET_LOAD)) < 0) return -1;
+    } else if (slot >= 0) {
+        t->table[slot] = (uint32_t)(e + 1);
+    } else {
+        place(t, e);
+    }
+    return 0;
+}
+
+static int get_id(PyObject *obj, Py_buffer *view) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0) return -1;
+    if (view->len != ID_SIZE) {
+        PyErr_Format(PyExc_ValueError, "blob id must be %d bytes, got %zd", ID_SIZE, view->len);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static int get_ids(PyObject *obj, Py_buffer *view) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    const char *fmt = view->format ? view->format : "B";
+    if (view->itemsize != 1 || (strcmp(fmt, "B") && strcmp(fmt, "b") && strcmp(fmt, "c"))) {
+        PyErr_Format(PyExc_ValueError, "ids must be bytes, got items of format '%s'", fmt);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    if (view->len % ID_SIZE) {
+        PyErr_Format(PyExc_ValueError, "packed ids must be a multiple of %d bytes, got %zd", ID_SIZE, view->len);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+/* One column of add_many: integers of any width. */
+typedef struct {
+    Py_buffer view;
+    int is_signed;
+    Py_ssize_t count;
+} Column;
+
+static int get_column(PyObject *obj, Column *c, const char *name) {
+    if (PyObject_GetBuffer(obj, &c->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    const char *fmt = c->view.format ? c->view.format : "B";
+    if (*fmt == '<' || *fmt == '=' || *fmt == '@') fmt++;
+    if (strlen(fmt) != 1 || !strchr("bBhHiIlLqQnN", *fmt)) {
+        PyErr_Format(PyExc_TypeError, "%s must be integers, got items of format '%s'", name, c->view.format);
+        PyBuffer_Release(&c->view);
+        return -1;
+    }
+    c->is_signed = strchr("bhilqn", *fmt) != NULL;
+    c->count = c->view.len / c->view.itemsize;
+    return 0;
+}
+
+static int column_value(const Column *c, Py_ssize_t i, unsigned long long max, const char *name,
+                        unsigned long long *out) {
+    if (c->count == 1) i = 0;
+    const char *p = (const char *)c->view.buf + i * c->view.itemsize;
+    long long s = 0;
+    unsigned long long u = 0;
+    switch (c->view.itemsize) {
+    case 1: if (c->is_signed) s = *(const int8_t *)p; else u = *(const uint8_t *)p; break;
+    case 2: { if (c->is_signed) { int16_t v; memcpy(&v, p, 2); s = v; } else { uint16_t v; memcpy(&v, p, 2); u = v; } break; }
+    case 4: { if (c->is_signed) { int32_t v; memcpy(&v, p, 4); s = v; } else { uint32_t v; memcpy(&v, p, 4); u = v; } break; }
+    case 8: { if (c->is_signed) { int64_t v; memcpy(&v, p, 8); s = v; } else { uint64_t v; memcpy(&v, p, 8); u = v; } break; }
+    default:
+        PyErr_Format(PyExc_TypeError, "%s: unsupported integer width %zd", name, c->view.itemsize);
+        return -1;
+    }
+    if (c->is_signed) {
+        if (s < 0) goto range;
+        u = (unsigned long long)s;
+    }
+    if (u > max) goto range;
+    *out = u;
+    return 0;
+range:
+    PyErr_Format(PyExc_ValueError, "%s out of range 0..%llu", name, max);
+    return -1;
+}
+
+static void Table_dealloc(Table *t) {
+    free(t->ids);
+    free(t->fields);
+    free(t->flags);
+    free(t->table);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static PyObject *Table_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Py_ssize_t hint = 0;
+    static char *kwlist[] = {"capacity_hint", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|n", kwlist, &hint)) return NULL;
+    if (hint < 0) {
+        PyErr_SetString(PyExc_ValueError, "capacity_hint must not be negative");
+        return NULL;
+    }
+    if ((unsigned long long)hint > MAX_ENTRIES) {
+        PyErr_Format(PyExc_OverflowError, "a blob index holds at most %llu entries", MAX_ENTRIES);
+        return NULL;
+    }
+    Table *t = (Table *)type->tp_alloc(type, 0);
+    if (!t) return NULL;
+    Py_ssize_t cap = hint < 16 ? 16 : hint;
+    t->slots = slots_for(cap, 0.68);
+    t->max_fill = (Py_ssize_t)((double)t->slots * MAX_LOAD);
+    t->table = calloc((size_t)t->slots, sizeof(uint32_t));
+    if (!t->table) {
+        Py_DECREF(t);
+        return PyErr_NoMemory();
+    }
+    if (set_capacity(t, cap) < 0) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    return (PyObject *)t;
+}
+
+static Py_ssize_t Table_len(Table *t) { return t->n; }
+
+static PyObject *Table_find(Table *t, PyObject *arg) {
+    Py_buffer id;
+    if (get_id(arg, &id) < 0) return NULL;
+    Py_ssize_t e = find(t, id.buf, NULL);
+    PyBuffer_Release(&id);
+    return PyBool_FromLong(e >= 0);
+}
+
+static PyObject *Table_get(Table *t, PyObject *arg) {
+    Py_buffer id;
+    if (get_id(arg, &id) < 0) return NULL;
+    Py_ssize_t e = find(t, id.buf, NULL);
+    PyBuffer_Release(&id);
+    if (e < 0) Py_RETURN_NONE;
+    const uint32_t *f = t->fields + (size_t)e * FIELDS;
+    return Py_BuildValue("(kkkkB)", (unsigned long)f[0], (unsigned long)f[1], (unsigned long)f[2],
+                         (unsigned long)f[3], t->flags[e]);
+}
+
+static PyObject *Table_add(Table *t, PyObject *args) {
+    Py_buffer id;
+    unsigned long long v[FIELDS];
+    int flag;
+    PyObject *id_obj;
+    if (!PyArg_ParseTuple(args, "OKKKKi", &id_obj, &v[0], &v[1], &v[2], &v[3], &flag)) return NULL;
+    for (int i = 0; i < FIELDS; i++)
+        if (v[i] > U32_MAX) {
+            PyErr_Format(PyExc_ValueError, "field out of range 0..%llu: %llu", U32_MAX, v[i]);
+            return NULL;
+        }
+    if (flag < 0 || flag > 255) {
+        PyErr_Format(PyExc_ValueError, "flags must be an integer 0..255, got %d", flag);
+        return NULL;
+    }
+    if (get_id(id_obj, &id) < 0) return NULL;
+    Py_ssize_t slot;
+    int added = find(t, id.buf, &slot) < 0;
+    uint32_t f[FIELDS] = {(uint32_t)v[0], (uint32_t)v[1], (uint32_t)v[2], (uint32_t)v[3]};
+    int rc = added ? append(t, id.buf, f, (uint8_t)flag, slot, 0) : 0;
+    PyBuffer_Release(&id);
+    if (rc < 0) return NULL;
+    return PyBool_FromLong(added);
+}
+
+static PyObject *Table_add_many(Table *t, PyObject *args) {
+    static const char *names[] = {"pack_no", "offsets", "lengths", "raw_lengths", "flags"};
+    PyObject *ids_obj, *objs[FIELDS + 1];
+    if (!PyArg_ParseTuple(args, "OOOOOO", &ids_obj, &objs[0], &objs[1], &objs[2], &objs[3], &objs[4]))
+        return NULL;
+    Py_buffer ids;
+    if (get_ids(ids_obj, &ids) < 0) return NULL;
+    Py_ssize_t m = ids.len / ID_SIZE, added = 0;
+    Column cols[FIELDS + 1];
+    int got = 0;
+    for (; got <= FIELDS; got++) {
+        if (get_column(objs[got], &cols[got], names[got]) < 0) goto fail;
+        if (cols[got].count != 1 && cols[got].count != m) {
+            PyErr_Format(PyExc_ValueError, "%s has %zd values for %zd ids", names[got], cols[got].count, m);
+            got++;
+            goto fail;
+        }
+    }
+    /* Every value checked before anything is added: a bad batch changes nothing. */
+    for (int c = 0; c <= FIELDS; c++) {
+        Py_ssize_t k = cols[c].count == 1 ? 1 : m;
+        unsigned long long v;
+        for (Py_ssize_t i = 0; i < k; i++)
+            if (column_value(&cols[c], i, c == FIELDS ? 255 : U32_MAX, names[c], &v) < 0) goto fail;
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {
+        const uint8_t *id = (const uint8_t *)ids.buf + (size_t)i * ID_SIZE;
+        Py_ssize_t slot;
+        prefetch(t, ids.buf, i, m);
+        if (find(t, id, &slot) >= 0) continue;
+        unsigned long long v;
+        uint32_t f[FIELDS];
+        for (int c = 0; c < FIELDS; c++) {
+            column_value(&cols[c], i, U32_MAX, names[c], &v);
+            f[c] = (uint32_t)v;
+        }
+        column_value(&cols[FIELDS], i, 255, names[FIELDS], &v);
+        if (append(t, id, f, (uint8_t)v, slot, m - i - 1) < 0) goto fail;
+        added++;
+    }
+    for (int c = 0; c < got; c++) PyBuffer_Release(&cols[c].view);
+    PyBuffer_Release(&ids);
+    return PyLong_FromSsize_t(added);
+fail:
+    for (int c = 0; c < got; c++) PyBuffer_Release(&cols[c].view);
+    PyBuffer_Release(&ids);
+    return NULL;
+}
+
+/* Walk ``count`` index-object entries from ``pos``: their end, or -1 with an exception set. */
+static Py_ssize_t walk_entries(const uint8_t *buf, Py_ssize_t len, Py_ssize_t pos, Py_ssize_t count,
+                               Py_ssize_t *deltas) {
+    if (pos < 0 || count < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative position or count");
+        return -1;
+    }
+    *deltas = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (pos > len - ENTRY_SIZE) goto truncated;
+        uint8_t kind = buf[pos];
+        if (kind >= N_KINDS) {
+            PyErr_Format(PyExc_ValueError, "unknown blob kind %d", kind);
+            return -1;
+        }
+        pos += ENTRY_SIZE;
+        if (kind == KIND_DELTA) {
+            if (pos > len - ID_SIZE) goto truncated;
+            pos += ID_SIZE;
+            (*deltas)++;
+        }
+    }
+    return pos;
+truncated:
+    PyErr_SetString(PyExc_ValueError, "truncated entry list");
+    return -1;
+}
+
+static PyObject *Table_add_entries(Table *t, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t pos, count, deltas, added = 0;
+    unsigned long long pack;
+    if (!PyArg_ParseTuple(args, "y*nnK", &buf, &pos, &count, &pack)) return NULL;
+    if (pack > U32_MAX) {
+        PyErr_Format(PyExc_ValueError, "pack_no out of range 0..%llu", U32_MAX);
+        goto fail;
+    }
+    if (walk_entries(buf.buf, buf.len, pos, count, &deltas) < 0) goto fail;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const uint8_t *p = (const uint8_t *)buf.buf + pos;
+        Py_ssize_t slot;
+        pos += ENTRY_SIZE + (p[0] == KIND_DELTA ? ID_SIZE : 0);
+        if (find(t, p + 1, &slot) >= 0) continue;
+        uint32_t f[FIELDS] = {(uint32_t)pack, le32(p + 1 + ID_SIZE), le32(p + 5 + ID_SIZE), le32(p + 9 + ID_SIZE)};
+        if (append(t, p + 1, f, p[0], slot, count - i - 1) < 0) goto fail;
+        added++;
+    }
+    PyBuffer_Release(&buf);
+    return PyLong_FromSsize_t(added);
+fail:
+    PyBuffer_Release(&buf);
+    return NULL;
+}
+
+static PyObject *Table_contains_many(Table *t, PyObject *arg) {
+    Py_buffer ids;
+    if (get_ids(arg, &ids) < 0) return NULL;
+    Py_ssize_t m = ids.len / ID_SIZE;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, m);
+    if (out) {
+        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+        for (Py_ssize_t i = 0; i < m; i++) {
+            prefetch(t, ids.buf, i, m);
+            o[i] = find(t, (const uint8_t *)ids.buf + (size_t)i * ID_SIZE, NULL) >= 0;
+        }
+    }
+    PyBuffer_Release(&ids);
+    return out;
+}
+
+static int in_sorted(const uint32_t *a, Py_ssize_t k, uint32_t v) {
+    Py_ssize_t lo = 0, hi = k;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (a[mid] < v) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < k && a[lo] == v;
+}
+
+static PyObject *Table_remove_packs(Table *t, PyObject *arg) {
+    Py_buffer packs;
+    if (PyObject_GetBuffer(arg, &packs, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+    if (packs.itemsize != 4 || !packs.format || strchr("IL", packs.format[strlen(packs.format) - 1]) == NULL) {
+        PyBuffer_Release(&packs);
+        PyErr_SetString(PyExc_TypeError, "packs must be a buffer of uint32");
+        return NULL;
+    }
+    const uint32_t *p = packs.buf;
+    Py_ssize_t k = packs.len / 4, w = 0;
+    for (Py_ssize_t i = 1; i < k; i++)
+        if (p[i] <= p[i - 1]) {
+            PyBuffer_Release(&packs);
+            PyErr_SetString(PyExc_ValueError, "packs must be sorted and distinct");
+            return NULL;
+        }
+    for (Py_ssize_t e = 0; k && e < t->n; e++) {
+        if (in_sorted(p, k, t->fields[(size_t)e * FIELDS])) continue;
+        if (w != e) {
+            memcpy(t->ids + (size_t)w * ID_SIZE, t->ids + (size_t)e * ID_SIZE, ID_SIZE);
+            memcpy(t->fields + (size_t)w * FIELDS, t->fields + (size_t)e * FIELDS, FIELDS * sizeof(uint32_t));
+            t->flags[w] = t->flags[e];
+        }
+        w++;
+    }
+    PyBuffer_Release(&packs);
+    if (!k) w = t->n;
+    Py_ssize_t removed = t->n - w;
+    if (removed) {
+        t->n = w;
+        t->version++;
+        if (t->cap > w + w / 8 + 256) set_capacity(t, w + w / 16 > 16 ? w + w / 16 : 16);
+        if (rebuild(t, slots_for(w, TARGET_LOAD)) < 0) return NULL;
+    }
+    return PyLong_FromSsize_t(removed);
+}
+
+static PyObject *Table_rows(Table *t, PyObject *args) {
+    Py_ssize_t a, b;
+    if (!PyArg_ParseTuple(args, "nn", &a, &b)) return NULL;
+    if (a < 0 || b > t->n || a > b) {
+        PyErr_SetString(PyExc_IndexError, "rows out of range");
+        return NULL;
+    }
+    return Py_BuildValue("(y#y#y#)", (const char *)(t->ids + (size_t)a * ID_SIZE), (b - a) * ID_SIZE,
+                         (const char *)(t->fields + (size_t)a * FIELDS), (b - a) * FIELDS * (Py_ssize_t)sizeof(uint32_t),
+                         (const char *)(t->flags + a), b - a);
+}
+
+static PyObject *Table_memory_bytes(Table *t, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromSize_t((size_t)t->cap * (ID_SIZE + FIELDS * sizeof(uint32_t) + 1) +
+                             (size_t)t->slots * sizeof(uint32_t));
+}
+
+static PyObject *Table_get_version(Table *t, void *Py_UNUSED(c)) { return PyLong_FromUnsignedLongLong(t->version); }
+static PyObject *Table_get_slots(Table *t, void *Py_UNUSED(c)) { return PyLong_FromSsize_t(t->slots); }
+
+static PyObject *py_scan_entries(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t pos, count, deltas;
+    if (!PyArg_ParseTuple(args, "y*nn", &buf, &pos, &count)) return NULL;
+    Py_ssize_t end = walk_entries(buf.buf, buf.len, pos, count, &deltas);
+    PyBuffer_Release(&buf);
+    if (end < 0) return NULL;
+    return Py_BuildValue("(nn)", end, deltas);
+}
+
+static PyObject *py_delta_bases(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t pos, count, deltas;
+    if (!PyArg_ParseTuple(args, "y*nn", &buf, &pos, &count)) return NULL;
+    PyObject *out = NULL;
+    if (walk_entries(buf.buf, buf.len, pos, count, &deltas) >= 0)
+        out = PyBytes_FromStringAndSize(NULL, deltas * 2 * ID_SIZE);
+    if (out) {
+        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+        const uint8_t *b = buf.buf;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            if (b[pos] == KIND_DELTA) {
+                memcpy(o, b + pos + 1, ID_SIZE);
+                memcpy(o + ID_SIZE, b + pos + ENTRY_SIZE, ID_SIZE);
+                o += 2 * ID_SIZE;
+                pos += ID_SIZE;
+            }
+            pos += ENTRY_SIZE;
+        }
+    }
+    PyBuffer_Release(&buf);
+    return out;
+}
+
+static PyObject *py_home(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer id;
+    Py_ssize_t slots;
+    PyObject *id_obj;
+    if (!PyArg_ParseTuple(args, "On", &id_obj, &slots)) return NULL;
+    if (slots < 1 || (unsigned long long)slots > U32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "slots out of range");
+        return NULL;
+    }
+    if (get_id(id_obj, &id) < 0) return NULL;
+    Py_ssize_t h = home_of(id.buf, slots);
+    PyBuffer_Release(&id);
+    return PyLong_FromSsize_t(h);
+}
+
+static PyMethodDef Table_methods[] = {
+    {"find", (PyCFunction)Table_find, METH_O, "find(id) -> bool"},
+    {"get", (PyCFunction)Table_get, METH_O, "get(id) -> (pack, offset, length, raw, flags) or None"},
+    {"add", (PyCFunction)Table_add, METH_VARARGS, "add(id, pack, offset, length, raw, flags) -> bool"},
+    {"add_many", (PyCFunction)Table_add_many, METH_VARARGS,
+     "add_many(ids, packs, offsets, lengths, raws, flags) -> number added"},
+    {"add_entries", (PyCFunction)Table_add_entries, METH_VARARGS,
+     "add_entries(buf, pos, count, pack) -> number added"},
+    {"contains_many", (PyCFunction)Table_contains_many, METH_O, "contains_many(ids) -> bytes"},
+    {"remove_packs", (PyCFunction)Table_remove_packs, METH_O, "remove_packs(sorted uint32 packs) -> removed"},
+    {"rows", (PyCFunction)Table_rows, METH_VARARGS, "rows(a, b) -> (ids, fields, flags)"},
+    {"memory_bytes", (PyCFunction)Table_memory_bytes, METH_NOARGS, "bytes held, capacity included"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Table_getset[] = {
+    {"version", (getter)Table_get_version, NULL, "changes with every change", NULL},
+    {"slots", (getter)Table_get_slots, NULL, "table size", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods Table_as_sequence = {.sq_length = (lenfunc)Table_len};
+
+static PyTypeObject TableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "chunkvault.store._blobtable.Table",
+    .tp_basicsize = sizeof(Table),
+    .tp_dealloc = (destructor)Table_dealloc,
+    .tp_as_sequence = &Table_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The blob index's columns and hash table.",
+    .tp_methods = Table_methods,
+    .tp_getset = Table_getset,
+    .tp_new = Table_new,
+};
+
+static PyMethodDef methods[] = {
+    {"scan_entries", py_scan_entries, METH_VARARGS, "scan_entries(buf, pos, count) -> (end, deltas)"},
+    {"delta_bases", py_delta_bases, METH_VARARGS, "delta_bases(buf, pos, count) -> id + base of each delta"},
+    {"home", py_home, METH_VARARGS, "home(id, slots) -> first slot probed"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_blobtable", NULL, -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__blobtable(void) {
+    if (PyType_Ready(&TableType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&TableType);
+    if (PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0) {
+        Py_DECREF(&TableType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
