@@ -333,44 +333,58 @@ class Backup:
         self.warnings.append(f"skipped socket or unknown file type: {os.fsdecode(path)}")
         return None
 
-    def _maybe_progress(self) -> None:
+    def _maybe_progress(self, unchanged: int = 0) -> None:
+        """Report the counts at most twice a second; ``unchanged``: files not yet in them."""
         if self.opt.progress is None:
             return
         now = time.monotonic()
         if now - self._last_progress >= 0.5:
             self._last_progress = now
-            self.opt.progress(dict(self.counts))
+            counts = dict(self.counts)
+            counts["unchanged_files"] += unchanged
+            self.opt.progress(counts)
 
     # --- the walk -------------------------------------------------------------------
 
     def records(self, source: Iterator[tuple[bytes, bytes, os.stat_result, bool]],
                 parent_tree: Iterator[Record], kind: str, stats: ManifestStats) -> Iterator[Record]:
-        """Manifest records of this backup: every entry (full) or the changes (diff)."""
+        """Manifest records of this backup: every entry (full) or the changes (diff).
+
+        The walk and the parent's tree are merged in path order.  Most entries of a
+        repeated backup are unchanged files under the same path as the parent's
+        next entry: those are decided on the path and the stat fields alone (no sort
+        key, no new entry) and counted in locals until the next other entry."""
         diff = kind == KIND_DIFF
+        counts = self.counts
+        progress = self.opt.progress is not None
         p = next(parent_tree, None)
-        pkey = p.key if p is not None else None
         cut: bytes | None = None
+        same_files = same_bytes = 0
         for rel, path, st, ok in source:
-            key = sort_key(rel)
-            while pkey is not None and pkey < key:
-                self.counts["deleted"] += 1
-                if diff and not (cut is not None and (pkey == cut or pkey.startswith(cut + b"\x00"))):
-                    cut = pkey
-                    yield delete_record(p.path)
-                p = next(parent_tree, None)
-                pkey = p.key if p is not None else None
-            prev = None
-            if pkey == key:
+            prev = key = None
+            if p is not None and p.path != rel:  # the parent's entries before this one are gone
+                key = sort_key(rel)
+                while p is not None and (pkey := p.key) < key:
+                    counts["deleted"] += 1
+                    if diff and not (cut is not None and (pkey == cut or pkey.startswith(cut + b"\x00"))):
+                        cut = pkey
+                        yield delete_record(p.path)
+                    p = next(parent_tree, None)
+            if p is not None and p.path == rel:  # same path, same sort key
                 prev = p.entry
                 p = next(parent_tree, None)
-                pkey = p.key if p is not None else None
-                if prev is not None and _unchanged_file(prev, st):
-                    stats.count_entry(prev)
-                    self.counts["unchanged_files"] += 1
-                    self._maybe_progress()
-                    if not diff:
-                        yield Record(OP_ENTRY, rel, prev)
-                    continue
+            if prev is not None and _unchanged_file(prev, st):
+                same_files += 1
+                same_bytes += prev.size
+                if progress:
+                    self._maybe_progress(same_files)
+                if not diff:
+                    yield Record(OP_ENTRY, rel, prev)
+                continue
+            if same_files:
+                counts["unchanged_files"] += same_files
+                stats.add_files(same_files, same_bytes)
+                same_files = same_bytes = 0
             try:
                 e = self._entry(rel, path, st, ok, prev)
             except FileNotFoundError:
@@ -378,25 +392,27 @@ class Backup:
                 e = None
             if e is None:
                 if prev is not None and diff:
-                    cut = key
+                    cut = key or sort_key(rel)
                     yield delete_record(rel)
                 continue
             rec = Record(OP_ENTRY, rel, e)
             stats.count(rec)
             same = prev is not None and prev == e
             if e.type == T_FILE:
-                self.counts["unchanged_files" if same else "changed_files" if prev is not None else "new_files"] += 1
+                counts["unchanged_files" if same else "changed_files" if prev is not None else "new_files"] += 1
             if not diff:
                 yield rec
             elif same:
                 continue
             elif prev is None or prev.type != e.type or e.type != T_DIR:
-                cut = key
+                cut = key or sort_key(rel)
                 yield Record(OP_FRESH, rel, e)
             else:
                 yield rec
+        counts["unchanged_files"] += same_files
+        stats.add_files(same_files, same_bytes)
         while p is not None:
-            self.counts["deleted"] += 1
+            counts["deleted"] += 1
             pkey = p.key
             if diff and not (cut is not None and (pkey == cut or pkey.startswith(cut + b"\x00"))):
                 cut = pkey

@@ -206,6 +206,12 @@ class ManifestStats:
         assert rec.entry is not None
         self.count_entry(rec.entry)
 
+    def add_files(self, n: int, size: int) -> None:
+        """``n`` readable regular files of ``size`` bytes in all."""
+        self.records += n
+        self.files += n
+        self.bytes += size
+
     def count_entry(self, e: Entry) -> None:
         self.records += 1
         if e.type == T_DIR:

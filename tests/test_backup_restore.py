@@ -189,3 +189,41 @@ def test_special_and_odd_entries_modes(tmp_path, new_repo):
         os.chmod(src / "rodir", 0o700)
         if (tmp_path / "out" / "rodir").exists():
             os.chmod(tmp_path / "out" / "rodir", 0o700)
+
+
+def test_differential_counts_match_a_full_of_the_same_tree(tmp_path, new_repo, monkeypatch):
+    """Unchanged files between changed, new, deleted and hard-linked ones: the differential's counts, and its
+    snapshot's files and bytes equal a full backup's of the same tree; progress never counts backwards."""
+    import itertools
+    import random
+    import types
+
+    from chunkvault.store import backup
+
+    rnd = random.Random(3)
+    src = tmp_path / "src"
+    for d in range(4):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(30):
+            (src / f"d{d}" / f"f{i:02}").write_bytes(rnd.randbytes(rnd.randrange(1, 3000)))
+    repo = new_repo()
+    repo.backup([str(src)])
+    (src / "d1" / "f05").write_bytes(b"changed")
+    (src / "d1" / "f06").unlink()
+    (src / "d2" / "new").write_bytes(b"new file")
+    os.link(src / "d3" / "f00", src / "d3" / "link")
+    stamp = os.stat(src / "d0" / "f10").st_mtime_ns
+    os.utime(src / "d0" / "f10", ns=(stamp, stamp + 1))
+    seen = []
+    clock = itertools.count()  # a second per look at the clock: every chance to report progress is taken
+    monkeypatch.setattr(backup, "time", types.SimpleNamespace(monotonic=lambda: float(next(clock)),
+                                                               time_ns=backup.time.time_ns))
+    diff = repo.backup([str(src)], kind="diff", progress=lambda counts: seen.append(counts["unchanged_files"]))
+    monkeypatch.undo()
+    full = repo.backup([str(src)], kind="full")
+    d, f = diff.snapshot.stats, full.snapshot.stats
+    # changed: d1/f05, d0/f10 and d3/f00 (two links now); new: d2/new (d3/link is a hard link, not a file)
+    assert (d["changed_files"], d["new_files"], d["deleted"]) == (3, 1, 1)
+    assert (d["unchanged_files"], f["unchanged_files"]) == (120 - 4, 120)
+    assert (d["files"], d["dirs"], d["bytes"]) == (f["files"], f["dirs"], f["bytes"])
+    assert len(seen) > 100 and seen == sorted(seen) and seen[-1] <= d["unchanged_files"]
