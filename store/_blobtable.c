@@ -164,24 +164,25 @@ static int reserve(Table *t, Py_ssize_t needed) {
     return set_capacity(t, cap);
 }
 
-/* Append an entry known to be absent; ``slot`` is its empty slot (or -1 when unknown).  ``coming``: how many
- * more may follow in this call, so one rebuild makes room for all of them. */
+/* Append an entry known to be absent; ``slot`` is its empty slot.  ``coming``: how many more may follow in this
+ * call, so that one rebuild makes room for all of them.  On failure nothing has changed. */
 static int append(Table *t, const uint8_t *id, const uint32_t f[FIELDS], uint8_t flag, Py_ssize_t slot,
                   Py_ssize_t coming) {
     if (reserve(t, t->n + 1) < 0) return -1;
+    if (t->n + 1 > t->max_fill) {
+        if (rebuild(t, slots_for(t->n + 1 + coming, TARGET_LOAD)) < 0) return -1;
+        slot = -1;
+    }
     Py_ssize_t e = t->n;
     memcpy(t->ids + (size_t)e * ID_SIZE, id, ID_SIZE);
     memcpy(t->fields + (size_t)e * FIELDS, f, FIELDS * sizeof(uint32_t));
     t->flags[e] = flag;
     t->n = e + 1;
     t->version++;
-    if (t->n > t->max_fill) {
-        if (rebuild(t, slots_for(t->n + coming, TARGET_LOAD)) < 0) return -1;
-    } else if (slot >= 0) {
+    if (slot >= 0)
         t->table[slot] = (uint32_t)(e + 1);
-    } else {
+    else
         place(t, e);
-    }
     return 0;
 }
 
