@@ -85,21 +85,24 @@ static Py_ssize_t find(const Table *t, const uint8_t *id, Py_ssize_t *slot) {
 }
 
 /* Batches look ids up out of cache: the table slot of the id PREFETCH_SLOT ahead is fetched, and the entry
- * that slot names for the id PREFETCH_ROW ahead, so the misses of several lookups overlap. */
+ * that slot names for the id PREFETCH_ROW ahead, so the misses of several lookups overlap (adds change the
+ * table as they go; lookups alone go by groups of LOOKUP_GROUP). */
 #define PREFETCH_SLOT 16
 #define PREFETCH_ROW 8
+#define LOOKUP_GROUP 64 /* contains_many: lookups whose misses overlap */
+
+#if defined(__GNUC__)
+#define PREFETCH(p) __builtin_prefetch(p)
+#else
+#define PREFETCH(p) ((void)(p))
+#endif
 
 static inline void prefetch(const Table *t, const uint8_t *ids, Py_ssize_t i, Py_ssize_t m) {
-#if defined(__GNUC__)
-    if (i + PREFETCH_SLOT < m)
-        __builtin_prefetch(&t->table[home_of(ids + (size_t)(i + PREFETCH_SLOT) * ID_SIZE, t->slots)]);
+    if (i + PREFETCH_SLOT < m) PREFETCH(&t->table[home_of(ids + (size_t)(i + PREFETCH_SLOT) * ID_SIZE, t->slots)]);
     if (i + PREFETCH_ROW < m) {
         uint32_t e = t->table[home_of(ids + (size_t)(i + PREFETCH_ROW) * ID_SIZE, t->slots)];
-        if (e) __builtin_prefetch(t->ids + (size_t)(e - 1) * ID_SIZE);
+        if (e) PREFETCH(t->ids + (size_t)(e - 1) * ID_SIZE);
     }
-#else
-    (void)t, (void)ids, (void)i, (void)m;
-#endif
 }
 
 static void place(Table *t, Py_ssize_t e) {
@@ -453,9 +456,20 @@ static PyObject *Table_contains_many(Table *t, PyObject *arg) {
     PyObject *out = PyBytes_FromStringAndSize(NULL, m);
     if (out) {
         uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
-        for (Py_ssize_t i = 0; i < m; i++) {
-            prefetch(t, ids.buf, i, m);
-            o[i] = find(t, (const uint8_t *)ids.buf + (size_t)i * ID_SIZE, NULL) >= 0;
+        const uint8_t *q = ids.buf;
+        Py_ssize_t home[LOOKUP_GROUP];
+        for (Py_ssize_t a = 0; a < m; a += LOOKUP_GROUP) {
+            Py_ssize_t k = m - a < LOOKUP_GROUP ? m - a : LOOKUP_GROUP;
+            for (Py_ssize_t i = 0; i < k; i++) { /* a group's slots, then the entries they name, fetched together */
+                home[i] = home_of(q + (size_t)(a + i) * ID_SIZE, t->slots);
+                PREFETCH(&t->table[home[i]]);
+            }
+            for (Py_ssize_t i = 0; i < k; i++) {
+                uint32_t e = t->table[home[i]];
+                if (e) PREFETCH(t->ids + (size_t)(e - 1) * ID_SIZE);
+            }
+            for (Py_ssize_t i = 0; i < k; i++)
+                o[a + i] = find(t, q + (size_t)(a + i) * ID_SIZE, NULL) >= 0;
         }
     }
     PyBuffer_Release(&ids);
