@@ -17,9 +17,9 @@
  *   t.remove_packs(packs) -> number removed (packs: sorted, distinct uint32 buffer)
  *   t.rows(a, b) -> (ids, fields, flags) of entries a..b-1 as bytes
  *   t.memory_bytes()
- * scan_entries(buf, pos, count) -> (end, deltas): where ``count`` entries starting at ``pos`` end (kind u8,
- *   id, offset, length, raw length as u32 little-endian; a delta's base id follows), checking each kind.
- * delta_bases(buf, pos, count) -> bytes: id + base id of each delta entry among them.
+ * scan_entries(buf, pos, count) -> (end, pairs): where ``count`` entries starting at ``pos`` end (kind u8,
+ *   id, offset, length, raw length as u32 little-endian; a delta's base id follows), checking each kind;
+ *   ``pairs``: the id and base id of each delta among them, one after the other.
  * home(id, slots) -> the slot an id's probe starts at.
  */
 #define PY_SSIZE_T_CLEAN
@@ -547,23 +547,13 @@ static PyObject *py_scan_entries(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer buf;
     Py_ssize_t pos, count, deltas;
     if (!PyArg_ParseTuple(args, "y*nn", &buf, &pos, &count)) return NULL;
+    PyObject *pairs = NULL, *out = NULL;
     Py_ssize_t end = walk_entries(buf.buf, buf.len, pos, count, &deltas);
-    PyBuffer_Release(&buf);
-    if (end < 0) return NULL;
-    return Py_BuildValue("(nn)", end, deltas);
-}
-
-static PyObject *py_delta_bases(PyObject *Py_UNUSED(self), PyObject *args) {
-    Py_buffer buf;
-    Py_ssize_t pos, count, deltas;
-    if (!PyArg_ParseTuple(args, "y*nn", &buf, &pos, &count)) return NULL;
-    PyObject *out = NULL;
-    if (walk_entries(buf.buf, buf.len, pos, count, &deltas) >= 0)
-        out = PyBytes_FromStringAndSize(NULL, deltas * 2 * ID_SIZE);
-    if (out) {
-        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    if (end >= 0) pairs = PyBytes_FromStringAndSize(NULL, deltas * 2 * ID_SIZE);
+    if (pairs) {
+        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(pairs);
         const uint8_t *b = buf.buf;
-        for (Py_ssize_t i = 0; i < count; i++) {
+        for (Py_ssize_t i = 0; i < count && deltas; i++) {
             if (b[pos] == KIND_DELTA) {
                 memcpy(o, b + pos + 1, ID_SIZE);
                 memcpy(o + ID_SIZE, b + pos + ENTRY_SIZE, ID_SIZE);
@@ -572,6 +562,7 @@ static PyObject *py_delta_bases(PyObject *Py_UNUSED(self), PyObject *args) {
             }
             pos += ENTRY_SIZE;
         }
+        out = Py_BuildValue("(nN)", end, pairs);
     }
     PyBuffer_Release(&buf);
     return out;
@@ -629,8 +620,7 @@ static PyTypeObject TableType = {
 };
 
 static PyMethodDef methods[] = {
-    {"scan_entries", py_scan_entries, METH_VARARGS, "scan_entries(buf, pos, count) -> (end, deltas)"},
-    {"delta_bases", py_delta_bases, METH_VARARGS, "delta_bases(buf, pos, count) -> id + base of each delta"},
+    {"scan_entries", py_scan_entries, METH_VARARGS, "scan_entries(buf, pos, count) -> (end, id + base of each delta)"},
     {"home", py_home, METH_VARARGS, "home(id, slots) -> first slot probed"},
     {NULL, NULL, 0, NULL},
 };

@@ -61,8 +61,7 @@ def _as_ids(ids: object) -> object:
 
 
 def _column(values: object, name: str, maximum: int) -> object:
-    """A scalar or sequence of ints as a buffer the table reads; ranges are checked there (or here, for
-    a scalar)."""
+    """A scalar or sequence of ints as a buffer the table reads (and range-checks)."""
     if isinstance(values, bool):
         raise TypeError(f"{name} must be integers, got bool")
     try:
@@ -71,19 +70,15 @@ def _column(values: object, name: str, maximum: int) -> object:
     except TypeError:
         pass
     try:
-        v = _as_int(values)  # type: ignore[arg-type]
+        items = [_as_int(values)]  # type: ignore[arg-type]
     except TypeError:
-        pass
-    else:
-        if not 0 <= v <= maximum:
-            raise ValueError(f"{name} out of range 0..{maximum}")
-        return array("Q", (v,))
-    items = list(values)  # type: ignore[call-overload]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-        raise TypeError(f"{name} must be integers")
-    if items and not 0 <= min(items) <= max(items) <= maximum:
-        raise ValueError(f"{name} out of range 0..{maximum}")
-    return array("Q", items)
+        items = list(values)  # type: ignore[call-overload]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise TypeError(f"{name} must be integers") from None
+    try:
+        return array("q", items)
+    except OverflowError:
+        raise ValueError(f"{name} out of range 0..{maximum}") from None
 
 
 def _check_u32(name: str, v: int) -> int:

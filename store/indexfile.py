@@ -98,13 +98,11 @@ def decode_index_columns(sealer: Sealer, data: bytes, what: str) -> IndexColumns
             (count,) = struct.unpack_from("<I", plain, pos + 32)
             pos += 36
             try:
-                end, deltas = _blobtable.scan_entries(plain, pos, count)
+                end, pairs = _blobtable.scan_entries(plain, pos, count)  # deltas carry their base id inline
             except ValueError as exc:
                 raise CorruptObject(what, str(exc)) from None
-            if deltas:  # deltas carry their base id inline
-                pairs = _blobtable.delta_bases(plain, pos, count)
-                bases.update((pairs[i : i + ID_SIZE], pairs[i + ID_SIZE : i + 2 * ID_SIZE])
-                             for i in range(0, len(pairs), 2 * ID_SIZE))
+            bases.update((pairs[i : i + ID_SIZE], pairs[i + ID_SIZE : i + 2 * ID_SIZE])
+                         for i in range(0, len(pairs), 2 * ID_SIZE))
             pack_ids.append(pack_id)
             counts.append(count)
             starts.append(pos)
