@@ -50,14 +50,11 @@ def _as_id(blob_id: bytes) -> bytes | bytearray | memoryview:
 def _as_ids(ids: object) -> object:
     """Many ids as one buffer of packed ids: a bytes-like (or C-contiguous array of bytes) as it is, else a
     sequence of single ids joined."""
-    if isinstance(ids, (bytes, bytearray, memoryview)):
-        return ids
     try:
-        memoryview(ids)
+        memoryview(ids)  # type: ignore[arg-type]
         return ids
     except TypeError:
-        pass
-    return b"".join(_as_id(b) for b in ids)  # type: ignore[attr-defined]
+        return b"".join(_as_id(b) for b in ids)  # type: ignore[attr-defined]
 
 
 def _column(values: object, name: str, maximum: int) -> object:
