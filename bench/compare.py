@@ -9,7 +9,7 @@ at once, their summed proportional set sizes if larger: see TreeMemory).
 Prints figures and ratios to restic.
 
     python bench/compare.py [--size-mb 2000] [--repeat 3] [--tools chunkvault,restic,borg] [--work DIR] [--keep]
-                            [--restore-into DIR]
+                            [--restore-into DIR] [--cold]
 
 ``--tools`` may add ``chunkvault+secret``: chunkvault opened with a generated
 key secret (``init --generate-secret``) instead of a password, so no command
@@ -18,6 +18,10 @@ spends the password's derivation (0.5 s of CPU, 32 MiB).
 With ``--repeat N`` the unchanged backup, the 1 % backup (a new 1 % each
 time), the restore and the check run N times, the tools taking turns, and
 the fastest run counts: on a shared machine that filters out other load.
+
+``--cold`` (root, Linux) adds an initial backup into a second repository and a
+full restore, each started with the page cache emptied: read from the disk,
+as a first backup of a machine or a restore after a while are.
 
 restic and borg are installed with apt-get when missing.  Compression is on
 for all three (restic: auto, borg: zstd,3, chunkvault: zstd 3).
@@ -93,14 +97,26 @@ class TreeMemory:
         return self.peak_kib
 
 
+def drop_caches() -> None:
+    """Empty the page cache, so the next command reads from the disk."""
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold empties the page cache, which needs root on Linux: {exc}") from None
+
+
 def run(cmd: list[str], env: dict[str, str] | None = None, stdin: bytes | None = None,
-        cwd: str | None = None) -> tuple[float, int]:
+        cwd: str | None = None, cold: bool = False) -> tuple[float, int]:
     """(wall seconds, peak memory in KiB: see TreeMemory) of one command; fails loudly.
 
     Dirty pages are written out first, untimed: otherwise the writeback of a data copy, or of the
-    previous tool's repository, lands in whichever command happens to run next.
+    previous tool's repository, lands in whichever command happens to run next.  ``cold``: the page
+    cache is emptied too.
     """
     os.sync()
+    if cold:
+        drop_caches()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
@@ -199,6 +215,10 @@ class Tool:
     def size(self) -> int:
         return du(self.repo)
 
+    def twin(self, work: str) -> "Tool":
+        """The same tool with its repository and caches under ``work``."""
+        return type(self)(work)
+
 
 @functools.cache
 def compile_bytecode() -> None:
@@ -243,11 +263,14 @@ class Chunkvault(Tool):
             return run(self.cmd + ["init", "-q", "--generate-secret", self.secret_file], self.env)
         return run(self.cmd + ["init", "-q"], self.env)
 
-    def backup(self, data):
-        return run(self.cmd + ["backup", "-q", data], self.env)
+    def twin(self, work: str) -> "Chunkvault":
+        return Chunkvault(work, secret=self.secret_file is not None)
 
-    def restore(self, target):
-        return run(self.cmd + ["restore", "-q", "latest", "--target", target], self.env)
+    def backup(self, data, cold=False):
+        return run(self.cmd + ["backup", "-q", data], self.env, cold=cold)
+
+    def restore(self, target, cold=False):
+        return run(self.cmd + ["restore", "-q", "latest", "--target", target], self.env, cold=cold)
 
     def restore_one(self, target, data, rel):
         return run(self.cmd + ["restore", "-q", "latest", "--target", target, "--include", rel], self.env)
@@ -267,11 +290,11 @@ class Restic(Tool):
     def init(self):
         return run(["restic", "init", "-q"], self.env)
 
-    def backup(self, data):
-        return run(["restic", "backup", "-q", data], self.env)
+    def backup(self, data, cold=False):
+        return run(["restic", "backup", "-q", data], self.env, cold=cold)
 
-    def restore(self, target):
-        return run(["restic", "restore", "-q", "latest", "--target", target], self.env)
+    def restore(self, target, cold=False):
+        return run(["restic", "restore", "-q", "latest", "--target", target], self.env, cold=cold)
 
     def restore_one(self, target, data, rel):
         return run(["restic", "restore", "-q", "latest", "--target", target, "--include", os.path.join(data, rel)],
@@ -293,13 +316,13 @@ class Borg(Tool):
     def init(self):
         return run(["borg", "init", "-e", "repokey-blake2"], self.env)
 
-    def backup(self, data):
+    def backup(self, data, cold=False):
         self.n += 1
-        return run(["borg", "create", "--compression", "zstd,3", f"::a{self.n}", data], self.env)
+        return run(["borg", "create", "--compression", "zstd,3", f"::a{self.n}", data], self.env, cold=cold)
 
-    def restore(self, target):
+    def restore(self, target, cold=False):
         os.makedirs(target, exist_ok=True)
-        return run(["borg", "extract", f"{self.repo}::a{self.n}"], self.env, cwd=target)
+        return run(["borg", "extract", f"{self.repo}::a{self.n}"], self.env, cwd=target, cold=cold)
 
     def restore_one(self, target, data, rel):
         os.makedirs(target, exist_ok=True)
@@ -387,6 +410,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the repeatable operations this many times, tools alternating; the fastest counts")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--cold", action="store_true",
+                    help="also time an initial backup and a restore with the page cache emptied first (root)")
     ap.add_argument("--restore-into", metavar="DIR",
                     help="restore under DIR (e.g. a tmpfs), so that one tool's write-back does not slow the next")
     args = ap.parse_args()
@@ -426,16 +451,28 @@ def main() -> None:
             shutil.rmtree(target, ignore_errors=True)
         for t in tools:
             best(results[t.name], "check --read-data", t.check())
+    if args.cold:
+        cold = os.path.join(work, "cold")
+        os.makedirs(cold)
+        for t in tools:
+            twin = t.twin(cold)
+            twin.init()
+            results[t.name]["initial backup, cold cache"] = twin.backup(data, cold=True)
+            shutil.rmtree(twin.repo)
+        for t in tools:
+            target = os.path.join(args.restore_into or work, f"restore-{t.name}")
+            results[t.name]["full restore, cold cache"] = t.restore(target, cold=True)
+            shutil.rmtree(target, ignore_errors=True)
     print(f"changed {changed} files for each 1% backup")
     limits = kernel_limits(data)
     names = [t.name for t in tools]
     ops = list(results[names[0]])
     ratio = "restic" in names and "chunkvault" in names
-    header = f"{'operation':26}" + "".join(f"{n:>14}" for n in names)
+    header = f"{'operation':32}" + "".join(f"{n:>14}" for n in names)
     print(header + (f"{'ratio to restic':>18}" if ratio else "") + f"{'kernel limit':>14}")
     for op in ops:
         unit = "MiB" if op == "repository size" else "s"
-        row = f"{op + ' (' + unit + ')':26}" + "".join(f"{results[n][op][0]:>14.2f}" for n in names)
+        row = f"{op + ' (' + unit + ')':32}" + "".join(f"{results[n][op][0]:>14.2f}" for n in names)
         if ratio:
             row += f"{results['chunkvault'][op][0] / max(results['restic'][op][0], 1e-9):>18.2f}"
         row += f"{limits[op]:>14.2f}" if op in limits else f"{'':>14}"
@@ -445,7 +482,7 @@ def main() -> None:
     for op in ops:
         if op == "repository size":
             continue
-        row = f"{op:26}" + "".join(f"{results[n][op][1] / 1024:>14.0f}" for n in names)
+        row = f"{op:32}" + "".join(f"{results[n][op][1] / 1024:>14.0f}" for n in names)
         if ratio:
             row += f"{results['chunkvault'][op][1] / max(results['restic'][op][1], 1):>18.2f}"
         print(row)

@@ -3,8 +3,10 @@
 The source is walked in manifest order (depth first, names sorted), in
 lockstep with the parent snapshot's resolved tree, so unchanged files are
 recognised by metadata without a lookup table and memory stays bounded.
-Per-byte work (chunking, hashing, compression, sealing) is native and runs in
-a thread pool; Python only routes chunks.
+Files to read go to reader threads (read, chunk, hash, route new chunks) and
+new chunks to a compressing and sealing pool; the records wait in walk order
+for their files, so the manifest comes out as a serial walk would write it.
+Per-byte work is native; Python only routes chunks.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 
@@ -40,6 +43,11 @@ from .source import SourceWalk
 O_NOATIME = getattr(os, "O_NOATIME", 0)
 BATCH_BYTES = 1 << 20  # new chunks go to the compression pool in batches of about this size...
 BATCH_CHUNKS = 64  # ...or this many, so a tree of small files does not cost a task per file
+# Files read, chunked and hashed at once, each on a reader thread.  The main thread walks, merges the walk
+# with the parent and keeps the records in order: reading, chunking and both hashes are a core's worth of
+# work, and the compressing workers waited for it when the main thread did it too.
+READERS = 2
+WINDOW = 256  # entries waiting for their place in the manifest behind a file still being read
 
 
 @dataclass
@@ -98,6 +106,50 @@ def _matches(rel: bytes, globs: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(s, g) or fnmatch.fnmatchcase(name, g) for g in globs)
 
 
+def _cannot_read(path: bytes, exc: OSError) -> str:
+    return f"cannot read {os.fsdecode(path)}: {exc.strerror or exc}"
+
+
+class _Waiting:
+    """A walked entry on its way into the manifest: its entry (or the reader's job that makes it), then the
+    record it adds and the warnings it brings."""
+
+    __slots__ = ("rel", "path", "prev", "notes", "job", "entry", "same", "record")
+
+    def __init__(self, rel: bytes, path: bytes, prev: Entry | None):
+        self.rel, self.path, self.prev = rel, path, prev
+        self.notes: list[str] = []
+        self.job: Future[tuple[Entry | None, list[str]]] | None = None
+        self.entry: Entry | None = None
+        self.same = False
+        self.record: Record | None = None
+
+    def settle(self, e: Entry | None, diff: bool) -> None:
+        """What ``e`` (None: the path is skipped) adds to a full or differential manifest."""
+        prev, rel = self.prev, self.rel
+        self.entry = e
+        if e is None:
+            self.record = delete_record(rel) if prev is not None and diff else None
+            return
+        self.same = prev is not None and prev == e
+        if not diff:
+            self.record = Record(OP_ENTRY, rel, e)
+        elif self.same:
+            self.record = None
+        elif prev is None or prev.type != e.type or e.type != T_DIR:
+            self.record = Record(OP_FRESH, rel, e)
+        else:
+            self.record = Record(OP_ENTRY, rel, e)
+
+
+def _ready(item: Record | _Waiting) -> bool:
+    return isinstance(item, Record) or item.job is None or item.job.done()
+
+
+class _Stopped(Exception):
+    """The backup failed elsewhere: a reader gives up the file it is in."""
+
+
 class _FdReader:
     """The reads a backup makes on an open file, straight on the descriptor.
 
@@ -139,10 +191,14 @@ class Backup:
         self.unreadable: list[str] = []
         self.writer: BlobWriter | None = None
         self._pool = ThreadPoolExecutor(WORKERS)
+        self._readers = ThreadPoolExecutor(READERS)
+        self._abort = threading.Event()  # set when the backup fails: a reader stops inside a long file
         self._inflight: deque[Future[None]] = deque()
         self._slots = threading.Semaphore(2 * WORKERS + 2)
         self._batch: list[tuple[bytes, bytes, bytes | None]] = []
         self._batch_bytes = 0
+        self._batch_lock = threading.Lock()  # readers add chunks to one batch
+        self._count_lock = threading.Lock()  # readers add to read_bytes
         self.counts = {"new_files": 0, "changed_files": 0, "unchanged_files": 0, "deleted": 0,
                        "read_bytes": 0}
         self._hardlinks: dict[tuple[int, int], bytes] = {}
@@ -161,21 +217,28 @@ class Backup:
 
     def _submit(self, blob_id: bytes, data: bytes, base_id: bytes | None) -> None:
         """Queue a new chunk for compression and sealing; small chunks travel in batches."""
-        self._batch.append((blob_id, data, base_id))
-        self._batch_bytes += len(data)
-        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_CHUNKS:
-            self._flush_batch()
+        with self._batch_lock:
+            self._batch.append((blob_id, data, base_id))
+            self._batch_bytes += len(data)
+            if self._batch_bytes < BATCH_BYTES and len(self._batch) < BATCH_CHUNKS:
+                return
+            batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._send(batch)
 
     def _flush_batch(self) -> None:
-        if not self._batch:
-            return
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        with self._batch_lock:
+            batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if batch:
+            self._send(batch)
+
+    def _send(self, batch: list[tuple[bytes, bytes, bytes | None]]) -> None:
         self._slots.acquire()
         fut = self._pool.submit(self._store_chunks, batch)
         fut.add_done_callback(lambda _f: self._slots.release())
-        self._inflight.append(fut)
-        while self._inflight and self._inflight[0].done():
-            self._inflight.popleft().result()
+        with self._batch_lock:
+            self._inflight.append(fut)
+            while self._inflight and self._inflight[0].done():
+                self._inflight.popleft().result()
 
     def _drain(self) -> None:
         self._flush_batch()
@@ -206,9 +269,9 @@ class Backup:
             pos += loc.raw_length
         return out
 
-    def _read_stream(self, f: BinaryIO, rel: bytes, prev: Entry | None,
-                     size_hint: int | None = None) -> tuple[bytes, bytes, int]:
-        """(digest, chunk ids, size) of a stream, storing its new chunks."""
+    def _read_stream(self, f: BinaryIO, rel: bytes, prev: Entry | None, size_hint: int | None = None,
+                     report: bool = True) -> tuple[bytes, bytes, int]:
+        """(digest, chunk ids, size) of a stream, storing its new chunks; ``report``: progress from this thread."""
         assert self.writer is not None
         bases = self._delta_bases(rel, prev)
         bi = 0
@@ -230,8 +293,12 @@ class Backup:
                         base_id = bases[bi][2]
                 self._submit(bid, chunk, base_id)
             pos += n
-            self.counts["read_bytes"] += n
-            self._maybe_progress()
+            with self._count_lock:
+                self.counts["read_bytes"] += n
+            if report:
+                self._maybe_progress()
+            elif self._abort.is_set():
+                raise _Stopped
         return hasher.digest(), bytes(ids), pos
 
     def _chunks(self, f: BinaryIO, rel: bytes, size_hint: int | None) -> Iterator[bytes]:
@@ -258,57 +325,63 @@ class Backup:
             f.seek(0)
         yield from self.repo.chunker.chunks(f, size_hint=size_hint)
 
-    def _file_entry(self, rel: bytes, path: bytes, st: os.stat_result, prev: Entry | None) -> Entry:
+    def _file_entry(self, rel: bytes, path: bytes, st: os.stat_result, prev: Entry | None
+                    ) -> Entry | Future[tuple[Entry | None, list[str]]]:
+        """The entry of a regular file: the parent's data when its stat fields say so, else a reader's job."""
         e = self._base_entry(rel, st, T_FILE)
         if (prev is not None and prev.type == T_FILE and not prev.flags & (F_UNREADABLE | F_CHANGED_DURING_READ)
                 and prev.size == st.st_size and prev.mtime_ns == st.st_mtime_ns
                 and prev.ctime_ns == st.st_ctime_ns and prev.ino == st.st_ino):
             e.digest, e.chunks, e.size = prev.digest, prev.chunks, prev.size
             return e
+        return self._readers.submit(self._read_file, e, path, st, prev)
+
+    def _read_file(self, e: Entry, path: bytes, st: os.stat_result, prev: Entry | None
+                   ) -> tuple[Entry | None, list[str]]:
+        """On a reader thread: fill in ``e`` from the file's bytes.  Its warnings are returned, to be
+        reported when the entry takes its place in the manifest."""
+        notes: list[str] = []
         try:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | O_NOATIME)
             except PermissionError:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
-            raise
+            return None, [f"vanished during backup: {os.fsdecode(path)}"]
         except OSError as exc:
-            self._unreadable(rel, path, exc)
+            notes.append(_cannot_read(path, exc))
             e.flags |= F_UNREADABLE
             e.size = 0
-            return e
+            return e, notes
         try:
             try:
-                e.digest, e.chunks, e.size = self._read_stream(_FdReader(fd), rel, prev, st.st_size)
+                e.digest, e.chunks, e.size = self._read_stream(_FdReader(fd), e.path, prev, st.st_size, report=False)
             except OSError as exc:
-                self._unreadable(rel, path, exc)
+                notes.append(_cannot_read(path, exc))
                 e.flags |= F_UNREADABLE
                 e.digest, e.chunks, e.size = b"", b"", 0
-                return e
+                return e, notes
             after = os.fstat(fd)
         finally:
             os.close(fd)
         if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns) \
                 or e.size != st.st_size:
             e.flags |= F_CHANGED_DURING_READ
-            self.warnings.append(f"changed while being read (stored as read): {os.fsdecode(path)}")
-        return e
-
-    def _unreadable(self, rel: bytes, path: bytes, exc: OSError) -> None:
-        self.unreadable.append(os.fsdecode(rel) or ".")
-        self.warnings.append(f"cannot read {os.fsdecode(path)}: {exc.strerror or exc}")
+            notes.append(f"changed while being read (stored as read): {os.fsdecode(path)}")
+        return e, notes
 
     def _base_entry(self, rel: bytes, st: os.stat_result, etype: int) -> Entry:
         return Entry(rel, etype, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
                      0, st.st_ctime_ns, st.st_ino, st.st_dev, 0)
 
-    def _entry(self, rel: bytes, path: bytes, st: os.stat_result, ok: bool, prev: Entry | None) -> Entry | None:
+    def _entry(self, rel: bytes, path: bytes, st: os.stat_result, ok: bool, prev: Entry | None,
+               notes: list[str]) -> Entry | Future[tuple[Entry | None, list[str]]] | None:
+        """The entry for a walked path (None: skipped, with a note why); a file to read is a reader's job."""
         mode = st.st_mode
         if stat.S_ISDIR(mode):
             e = self._base_entry(rel, st, T_DIR)
             if not ok:
                 e.flags |= F_UNREADABLE
-                self.unreadable.append(os.fsdecode(rel) or ".")
             return e
         if stat.S_ISREG(mode):
             if st.st_nlink > 1:
@@ -330,11 +403,12 @@ class Backup:
             e = self._base_entry(rel, st, T_CHARDEV if stat.S_ISCHR(mode) else T_BLOCKDEV)
             e.rdev = st.st_rdev
             return e
-        self.warnings.append(f"skipped socket or unknown file type: {os.fsdecode(path)}")
+        notes.append(f"skipped socket or unknown file type: {os.fsdecode(path)}")
         return None
 
     def _maybe_progress(self, unchanged: int = 0) -> None:
-        """Report the counts at most twice a second; ``unchanged``: files not yet in them."""
+        """Report the counts at most twice a second (from the main thread only); ``unchanged``: files not
+        yet in them."""
         if self.opt.progress is None:
             return
         now = time.monotonic()
@@ -353,13 +427,16 @@ class Backup:
         The walk and the parent's tree are merged in path order.  Most entries of a
         repeated backup are unchanged files under the same path as the parent's
         next entry: those are decided on the path and the stat fields alone (no sort
-        key, no new entry) and counted in locals until the next other entry."""
+        key, no new entry) and counted in locals until the next other entry.  Files
+        to read go to the reader threads; every record then waits in ``pending``
+        until those before it are settled, so the manifest keeps its order."""
         diff = kind == KIND_DIFF
         counts = self.counts
         progress = self.opt.progress is not None
         p = next(parent_tree, None)
         cut: bytes | None = None
         same_files = same_bytes = 0
+        pending: deque[Record | _Waiting] = deque()
         for rel, path, st, ok in source:
             prev = key = None
             if p is not None and p.path != rel:  # the parent's entries before this one are gone
@@ -368,7 +445,7 @@ class Backup:
                     counts["deleted"] += 1
                     if diff and not (cut is not None and (pkey == cut or pkey.startswith(cut + b"\x00"))):
                         cut = pkey
-                        yield delete_record(p.path)
+                        pending.append(delete_record(p.path))
                     p = next(parent_tree, None)
             if p is not None and p.path == rel:  # same path, same sort key
                 prev = p.entry
@@ -379,38 +456,38 @@ class Backup:
                 if progress:
                     self._maybe_progress(same_files)
                 if not diff:
-                    yield Record(OP_ENTRY, rel, prev)
-                continue
-            if same_files:
-                counts["unchanged_files"] += same_files
-                stats.add_files(same_files, same_bytes)
-                same_files = same_bytes = 0
-            try:
-                e = self._entry(rel, path, st, ok, prev)
-            except FileNotFoundError:
-                self.warnings.append(f"vanished during backup: {os.fsdecode(path)}")
-                e = None
-            if e is None:
-                if prev is not None and diff:
-                    cut = key or sort_key(rel)
-                    yield delete_record(rel)
-                continue
-            rec = Record(OP_ENTRY, rel, e)
-            stats.count(rec)
-            same = prev is not None and prev == e
-            if e.type == T_FILE:
-                counts["unchanged_files" if same else "changed_files" if prev is not None else "new_files"] += 1
-            if not diff:
-                yield rec
-            elif same:
-                continue
-            elif prev is None or prev.type != e.type or e.type != T_DIR:
-                cut = key or sort_key(rel)
-                yield Record(OP_FRESH, rel, e)
+                    pending.append(Record(OP_ENTRY, rel, prev))
             else:
-                yield rec
+                if same_files:
+                    counts["unchanged_files"] += same_files
+                    stats.add_files(same_files, same_bytes)
+                    same_files = same_bytes = 0
+                item = _Waiting(rel, path, prev)
+                try:
+                    e = self._entry(rel, path, st, ok, prev, item.notes)
+                except FileNotFoundError:
+                    item.notes.append(f"vanished during backup: {os.fsdecode(path)}")
+                    e = None
+                if isinstance(e, Future):
+                    item.job = e
+                    # Whatever the reader finds, a file that replaces a parent's directory drops its subtree.
+                    if diff and prev is not None and prev.type != T_FILE:
+                        cut = key or sort_key(rel)
+                else:
+                    item.settle(e, diff)
+                    if item.record is not None and item.record.op != OP_ENTRY:
+                        cut = key or sort_key(rel)
+                pending.append(item)
+            while pending and (len(pending) > WINDOW or _ready(pending[0])):
+                rec = self._settle(pending.popleft(), diff, stats, same_files)
+                if rec is not None:
+                    yield rec
         counts["unchanged_files"] += same_files
         stats.add_files(same_files, same_bytes)
+        while pending:
+            rec = self._settle(pending.popleft(), diff, stats, 0)
+            if rec is not None:
+                yield rec
         while p is not None:
             counts["deleted"] += 1
             pkey = p.key
@@ -418,6 +495,34 @@ class Backup:
                 cut = pkey
                 yield delete_record(p.path)
             p = next(parent_tree, None)
+
+    def _settle(self, item: Record | _Waiting, diff: bool, stats: ManifestStats, unchanged: int) -> Record | None:
+        """The record ``item`` adds to the manifest, once it is its turn (waiting for its reader if need
+        be), with its counts and warnings; ``unchanged``: the unchanged files not yet counted, for progress."""
+        if isinstance(item, Record):
+            return item
+        if item.job is not None:
+            while True:
+                try:
+                    e, notes = item.job.result(timeout=0.5)
+                    break
+                except FutureTimeout:
+                    self._maybe_progress(unchanged)
+            item.notes += notes
+            item.settle(e, diff)
+        self.warnings += item.notes
+        e = item.entry
+        if e is None:
+            return item.record
+        stats.count_entry(e)
+        if e.flags & F_UNREADABLE:
+            self.unreadable.append(os.fsdecode(e.path) or ".")
+        if e.type == T_FILE:
+            prev = item.prev
+            self.counts["unchanged_files" if item.same else "changed_files" if prev is not None else "new_files"] += 1
+        if self.opt.progress is not None:
+            self._maybe_progress(unchanged)
+        return item.record
 
     def run(self, source: SourceWalk | None, paths: list[str], *,
             stream: BinaryIO | None = None, stdin_name: str | None = None) -> BackupResult:
@@ -465,6 +570,8 @@ class Backup:
             self._drain()
             self.writer.flush()
         finally:
+            self._abort.set()  # a no-op when all went well: the readers are idle by then
+            self._readers.shutdown(wait=True, cancel_futures=True)
             self._pool.shutdown(wait=True, cancel_futures=True)
             self.writer.close()
         if source is not None:

@@ -227,3 +227,72 @@ def test_differential_counts_match_a_full_of_the_same_tree(tmp_path, new_repo, m
     assert (d["unchanged_files"], f["unchanged_files"]) == (120 - 4, 120)
     assert (d["files"], d["dirs"], d["bytes"]) == (f["files"], f["dirs"], f["bytes"])
     assert len(seen) > 100 and seen == sorted(seen) and seen[-1] <= d["unchanged_files"]
+
+
+def test_files_read_in_parallel_land_in_manifest_order(tmp_path, new_repo, monkeypatch):
+    """Readers finish in any order (delays injected) and far more entries than the window wait behind slow
+    ones: records, warnings and unreadable paths still come in manifest order, and a directory replaced by a
+    file still drops its old subtree."""
+    import random
+    import shutil
+    import time
+
+    from chunkvault.store import backup
+    from chunkvault.store.manifest import OP_DELETE, OP_FRESH, sort_key
+
+    rnd = random.Random(5)
+    src = tmp_path / "src"
+    for d in range(3):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(150):
+            (src / f"d{d}" / f"f{i:03}").write_bytes(rnd.randbytes(rnd.randrange(0, 5000)))
+    (src / "d1" / "big").write_bytes(rnd.randbytes(3 << 20))  # several chunks
+    (src / "swap" / "inner").mkdir(parents=True)
+    (src / "swap" / "inner" / "x").write_bytes(b"x")
+    repo = new_repo()
+    repo.backup([str(src)])
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            p.write_bytes(p.read_bytes() + b"+")
+    shutil.rmtree(src / "swap")
+    (src / "swap").write_bytes(b"a file now")
+    unreadable = ["d0/f007", "d1/f100", "d2/f149"]
+    vanished = ["d1/f050", "d2/f000"]
+    real_open, real_read = os.open, backup.Backup._read_file
+
+    def failing_open(path, flags, *args):
+        rel = os.path.relpath(os.fsdecode(path), src)
+        if rel in unreadable:
+            raise PermissionError(13, "Permission denied")
+        if rel in vanished:
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_open(path, flags, *args)
+
+    def slow_read(self, e, path, st, prev):
+        time.sleep(rnd.choice((0, 0, 0, 0.001, 0.005)))
+        return real_read(self, e, path, st, prev)
+
+    monkeypatch.setattr("chunkvault.store.backup.os.open", failing_open)
+    monkeypatch.setattr(backup.Backup, "_read_file", slow_read)
+    diff = repo.backup([str(src)], kind="diff")
+    monkeypatch.undo()
+
+    assert diff.snapshot.stats["unreadable"] == unreadable
+    named = [w.split(f"{src}/", 1)[1].split(":")[0] for w in diff.warnings if w.startswith(("cannot read", "vanished"))]
+    assert named == sorted(unreadable + vanished)
+    records = list(repo.store.manifest_records(diff.snapshot))
+    keys = [sort_key(r.path) for r in records]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert {r.path for r in records if r.op == OP_DELETE} == {os.fsencode(p) for p in vanished}
+    assert [r.path for r in records if r.op == OP_FRESH and r.entry.size == 0] == [os.fsencode(p) for p in unreadable]
+    tree = {e.path: e for e in repo.tree(diff.snapshot)}
+    assert b"swap/inner" not in tree and b"swap/inner/x" not in tree and tree[b"swap"].size == len(b"a file now")
+    expected = sorted((p for p in src.rglob("*") if p.relative_to(src).as_posix() not in vanished),
+                      key=lambda p: sort_key(os.fsencode(p.relative_to(src).as_posix())))
+    assert list(tree) == [b""] + [os.fsencode(p.relative_to(src).as_posix()) for p in expected]
+    out = tmp_path / "out"
+    repo.restore(diff.snapshot, str(out))
+    for p in expected:
+        rel = p.relative_to(src).as_posix()
+        if p.is_file():
+            assert (out / rel).read_bytes() == (b"" if rel in unreadable else p.read_bytes()), rel
