@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import Any
 
 import zstandard
 
@@ -88,17 +89,20 @@ def blob_ad(kind: int, blob_id: bytes, base_id: bytes | None) -> bytes:
     return BLOB_AD + bytes((kind,)) + blob_id + (base_id or b"")
 
 
-def _kept(data: bytes | memoryview, out: bytes) -> tuple[int, bytes]:
-    """zstd when it saves at least 1/32 of the size, else raw."""
+Payload = Any  # what is sealed, any bytes-like object: the data itself when raw, or a view of a zstd frame
+
+
+def _kept(data: bytes | memoryview, out: Payload) -> tuple[int, Payload]:
+    """zstd when it saves at least 1/32 of the size, else raw (the data itself, not a copy)."""
     if len(out) + (len(data) >> 5) < len(data):
         return KIND_ZSTD, out
-    return KIND_RAW, bytes(data)
+    return KIND_RAW, data
 
 
-def compress(data: bytes | memoryview, level: int) -> tuple[int, bytes]:
+def compress(data: bytes | memoryview, level: int) -> tuple[int, Payload]:
     """(kind, payload): zstd when it saves at least 1/32 of the size, else raw."""
     if level <= 0 or len(data) < 64:
-        return KIND_RAW, bytes(data)
+        return KIND_RAW, data
     return _kept(data, _compressor(level).compress(data))
 
 
@@ -118,7 +122,7 @@ def sampled_size(data: bytes | memoryview, level: int) -> int | None:
     return len(_compressor(level).compress(sample)) * n // len(sample)
 
 
-def compress_many(datas: list[bytes | memoryview], level: int) -> list[tuple[int, bytes]]:
+def compress_many(datas: list[bytes | memoryview], level: int) -> list[tuple[int, Payload]]:
     """``compress`` of each, the same frames, in one native call.
 
     A tree of small files is tens of thousands of chunks, and compressing each
@@ -129,10 +133,10 @@ def compress_many(datas: list[bytes | memoryview], level: int) -> list[tuple[int
     c = _compressor(level) if todo else None
     if len(todo) < 2 or not hasattr(c, "multi_compress_to_buffer"):  # python-zstandard's cffi backend lacks it
         return [compress(d, level) for d in datas]
-    out = [(KIND_RAW, bytes(d)) for d in datas]
+    out: list[tuple[int, Payload]] = [(KIND_RAW, d) for d in datas]
     frames = c.multi_compress_to_buffer([datas[i] for i in todo])
     for k, i in enumerate(todo):
-        out[i] = _kept(datas[i], frames[k].tobytes())
+        out[i] = _kept(datas[i], frames[k])  # a view of the frame in zstd's buffer: sealing reads it there
     return out
 
 
@@ -376,11 +380,11 @@ def delta_decompress(payload: bytes | memoryview, base_plain: Plaintext) -> Plai
     return _apply_delta(payload, _Plain(base_plain)).result()
 
 
-def seal_blob(sealer: Sealer, blob_id: bytes, kind: int, payload: bytes, base_id: bytes | None = None) -> bytes:
+def seal_blob(sealer: Sealer, blob_id: bytes, kind: int, payload: bytes | memoryview,
+              base_id: bytes | None = None) -> bytes | bytearray:
     if (kind == KIND_DELTA) != (base_id is not None):
         raise ValueError("a delta blob needs a base id, and only a delta blob")
-    head = bytes((kind,)) + (base_id or b"")
-    return head + sealer.seal(payload, blob_ad(kind, blob_id, base_id))
+    return sealer.seal_after(bytes((kind,)) + (base_id or b""), payload, blob_ad(kind, blob_id, base_id))
 
 
 def envelope_base(envelope: bytes | memoryview) -> bytes | None:

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 
 import blake3
 
+try:  # a buffer about to be overwritten need not be zeroed first
+    from ._deltamatch import uninitialized as _buffer
+except ImportError:
+    _buffer = bytearray
+
 NONCE_SIZE = 12
 TAG_SIZE = 16
 KEY_SIZE = 32
@@ -69,6 +74,20 @@ class Sealer:
     def seal(self, plaintext: bytes, ad: bytes) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
         return nonce + self._aead.encrypt(nonce, plaintext, ad)
+
+    def seal_after(self, head: bytes, plaintext: bytes | memoryview, ad: bytes) -> bytes | bytearray:
+        """``head`` then what ``seal`` returns, encrypted straight into one buffer: the concatenations copied
+        every sealed byte twice more (an initial backup seals most of what it stores this way)."""
+        nonce = os.urandom(NONCE_SIZE)
+        encrypt_into = getattr(self._aead, "encrypt_into", None)  # cryptography 44 and later
+        if encrypt_into is None:
+            return head + nonce + self._aead.encrypt(nonce, plaintext, ad)
+        start = len(head) + NONCE_SIZE
+        out = _buffer(start + len(plaintext) + TAG_SIZE)
+        out[: len(head)] = head
+        out[len(head) : start] = nonce
+        encrypt_into(nonce, plaintext, ad, memoryview(out)[start:])
+        return out
 
     def open(self, sealed: bytes | memoryview, ad: bytes) -> bytes:
         if len(sealed) < NONCE_SIZE + TAG_SIZE:

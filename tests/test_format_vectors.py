@@ -7,6 +7,7 @@ import pytest
 from chunkvault.errors import CorruptObject
 from chunkvault.store.blob import (
     DELTA_BLOCKS, DELTA_DICT, KIND_DELTA, KIND_RAW, KIND_ZSTD, envelope_base, open_blob, open_envelope,
+    seal_blob,
 )
 from chunkvault.store.crypto import (
     BlobHasher, Sealer, content_name, derive_argon2id, derive_secret_kek, encode_secret, is_secret,
@@ -102,3 +103,24 @@ def test_password_kek(v):
         return
     other = Argon2id(salt=v["password_salt"], length=32, iterations=2, lanes=2, memory_cost=64)
     assert other.derive(b"vector password") == v["password_kek"]
+
+
+class _OlderAead:
+    """An AEAD binding without ``encrypt_into`` (cryptography before 44)."""
+
+    def __init__(self, aead):
+        self.encrypt, self.decrypt = aead.encrypt, aead.decrypt
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_envelopes_open_the_same_whichever_way_they_are_sealed(in_place):
+    s = Sealer(bytes(range(32)))
+    if not in_place:
+        s._aead = _OlderAead(s._aead)
+    blob_id, payload = bytes(32), b"payload " * 50
+    for kind, base in ((KIND_ZSTD, None), (KIND_RAW, None), (KIND_DELTA, b"\x07" * 32)):
+        env = seal_blob(s, blob_id, kind, memoryview(payload), base)
+        assert envelope_base(env) == base
+        assert open_envelope(s, blob_id, env) == (kind, payload)
+        with pytest.raises(CorruptObject):  # the id and base stay bound to the sealed bytes
+            open_envelope(s, b"\x01" * 32, env)
