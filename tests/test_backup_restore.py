@@ -296,3 +296,39 @@ def test_files_read_in_parallel_land_in_manifest_order(tmp_path, new_repo, monke
         rel = p.relative_to(src).as_posix()
         if p.is_file():
             assert (out / rel).read_bytes() == (b"" if rel in unreadable else p.read_bytes()), rel
+
+
+def test_a_failed_backup_stops_its_readers_inside_a_long_file(tmp_path, new_repo, monkeypatch):
+    """When the backup fails elsewhere (here: its walk, once a long file went to a reader), the reader
+    stops at its next chunk instead of reading the file to its end; the error is the backup's."""
+    import time
+
+    from chunkvault.store import backup
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "long").write_bytes(os.urandom(4 << 20))
+    (src / "next").write_bytes(b"n")
+    chunks_read = []
+    real_chunks, real_records = backup.Backup._chunks, backup.Backup.records
+
+    def slow_chunks(self, f, rel, size_hint):
+        for chunk in real_chunks(self, f, rel, size_hint):
+            chunks_read.append(len(chunk))
+            time.sleep(0.05)
+            yield chunk
+
+    def failing_walk(self, source, *args):
+        def walk():
+            for item in source:
+                yield item
+                if item[0] == b"long":
+                    raise OSError(5, "Input/output error")
+        return real_records(self, walk(), *args)
+
+    repo = new_repo()
+    monkeypatch.setattr(backup.Backup, "_chunks", slow_chunks)
+    monkeypatch.setattr(backup.Backup, "records", failing_walk)
+    with pytest.raises(OSError, match="Input/output"):
+        repo.backup([str(src)])
+    assert sum(chunks_read) < 4 << 20
