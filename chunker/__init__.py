@@ -170,27 +170,30 @@ class Chunker:
             return Stream(ReferenceStream(self._gear, self.params), True)
         return Stream(self._cutter.stream(), False)
 
-    def chunks(self, fileobj: BinaryIO, bufsize: int = 8 << 20, size_hint: int | None = None,
-               copy: bool = True) -> Iterator[bytes | memoryview]:
+    def chunks(self, fileobj: BinaryIO, bufsize: int = 8 << 20, size_hint: int | None = None) -> Iterator[bytes]:
         """Each chunk of a binary stream, read in bounded memory (about bufsize + max_size).
 
         Cuts equal ``cut_points`` of the whole stream.  ``size_hint`` (e.g. a
-        file's size) shrinks the read buffer for small files.  With ``copy``
-        false, chunks are read-only views of what each ``read`` returned (no
-        buffer is reused, so no chunk is copied out and none is zeroed first;
-        a view keeps its read's bytes alive), except a chunk spanning two reads.
+        file's size) shrinks the read buffer for small files.
         """
         if not isinstance(bufsize, int) or isinstance(bufsize, bool) or bufsize <= 0:
             raise ValueError(f"bufsize must be a positive int, got {bufsize!r}")
         if size_hint is not None:
             bufsize = min(bufsize, max(int(size_hint) + 1, 64 << 10))
-        method = "readinto" if copy else "read"
-        if getattr(fileobj, method, None) is None:
-            raise TypeError(f"chunks() needs a binary stream with {method}(), not {type(fileobj).__name__}")
+        readinto = getattr(fileobj, "readinto", None)
+        if readinto is None:
+            raise TypeError(f"chunks() needs a binary stream with readinto(), not {type(fileobj).__name__}")
         stream = self.stream()
-        piece = bytes if copy else _same
-        carry = bytearray()  # the unfinished chunk's bytes from earlier reads
-        for data in (_reused_reads if copy else _fresh_reads)(fileobj, bufsize):
+        buf = bytearray(bufsize)
+        view = memoryview(buf)
+        carry = bytearray()  # the unfinished chunk's bytes from earlier buffers
+        while True:
+            n = readinto(view)
+            if n is None:
+                raise BlockingIOError("chunks() needs a blocking stream: readinto() returned None")
+            if n == 0:
+                break
+            data = view[:n]
             start = 0
             for length in stream.feed(data):
                 end = start + length - len(carry)
@@ -199,35 +202,8 @@ class Chunker:
                     yield bytes(carry)
                     carry = bytearray()
                 else:
-                    yield piece(data[start:end])
+                    yield bytes(data[start:end])
                 start = end
             carry += data[start:]
         if stream.finish():
             yield bytes(carry)
-
-
-def _same(view: memoryview) -> memoryview:
-    return view
-
-
-def _reused_reads(fileobj: BinaryIO, bufsize: int) -> Iterator[memoryview]:
-    """Views of one buffer, filled by ``readinto`` again for each read."""
-    view = memoryview(bytearray(bufsize))
-    while True:
-        n = fileobj.readinto(view)
-        if n is None:
-            raise BlockingIOError("chunks() needs a blocking stream: readinto() returned None")
-        if n == 0:
-            return
-        yield view[:n]
-
-
-def _fresh_reads(fileobj: BinaryIO, bufsize: int) -> Iterator[memoryview]:
-    """Views of the new bytes object each ``read`` returns."""
-    while True:
-        data = fileobj.read(bufsize)
-        if data is None:
-            raise BlockingIOError("chunks() needs a blocking stream: read() returned None")
-        if not data:
-            return
-        yield memoryview(data)

@@ -48,9 +48,10 @@ BATCH_CHUNKS = 64  # ...or this many, so a tree of small files does not cost a t
 # work, and the compressing workers waited for it when the main thread did it too.
 READERS = 2
 WINDOW = 256  # entries waiting for their place in the manifest behind a file still being read
-# A reader's reads of a file cut by content.  Its chunks are views of the bytes read, alive until stored:
-# reads of 4 MiB pin about what 8 MiB buffers reused, plus the copies they made, took.
-READ_SIZE = 4 << 20
+# Files go to a reader in runs of up to this many, or until they hold this many bytes: a job per small file
+# (a future, a queue round, a wake-up) cost more of the interpreter's time than reading the file.
+READ_RUN_FILES = 64
+READ_RUN_BYTES = 1 << 20
 
 
 @dataclass
@@ -113,16 +114,28 @@ def _cannot_read(path: bytes, exc: OSError) -> str:
     return f"cannot read {os.fsdecode(path)}: {exc.strerror or exc}"
 
 
-class _Waiting:
-    """A walked entry on its way into the manifest: its entry (or the reader's job that makes it), then the
-    record it adds and the warnings it brings."""
+class _ReadRun:
+    """Files one reader reads in a row (``Backup._read_run``); ``future`` is set once a reader has it."""
 
-    __slots__ = ("rel", "path", "prev", "notes", "job", "entry", "same", "record")
+    __slots__ = ("files", "size", "future")
+
+    def __init__(self) -> None:
+        self.files: list[tuple[Entry, bytes, os.stat_result, Entry | None]] = []
+        self.size = 0
+        self.future: Future[list[tuple[Entry | None, list[str]]]] | None = None
+
+
+class _Waiting:
+    """A walked entry on its way into the manifest: its entry (or the run of files to read it is in, and
+    its place there), then the record it adds and the warnings it brings."""
+
+    __slots__ = ("rel", "path", "prev", "notes", "run", "index", "entry", "same", "record")
 
     def __init__(self, rel: bytes, path: bytes, prev: Entry | None):
         self.rel, self.path, self.prev = rel, path, prev
         self.notes: list[str] = []
-        self.job: Future[tuple[Entry | None, list[str]]] | None = None
+        self.run: _ReadRun | None = None
+        self.index = 0
         self.entry: Entry | None = None
         self.same = False
         self.record: Record | None = None
@@ -146,7 +159,10 @@ class _Waiting:
 
 
 def _ready(item: Record | _Waiting) -> bool:
-    return isinstance(item, Record) or item.job is None or item.job.done()
+    if isinstance(item, Record) or item.run is None:
+        return True
+    future = item.run.future
+    return future is not None and future.done()
 
 
 class _Stopped(Exception):
@@ -195,6 +211,7 @@ class Backup:
         self.writer: BlobWriter | None = None
         self._pool = ThreadPoolExecutor(WORKERS)
         self._readers = ThreadPoolExecutor(READERS)
+        self._run_filling: _ReadRun | None = None
         self._abort = threading.Event()  # set when the backup fails: a reader stops inside a long file
         self._inflight: deque[Future[None]] = deque()
         self._slots = threading.Semaphore(2 * WORKERS + 2)
@@ -304,7 +321,7 @@ class Backup:
                 raise _Stopped
         return hasher.digest(), bytes(ids), pos
 
-    def _chunks(self, f: BinaryIO, rel: bytes, size_hint: int | None) -> Iterator[bytes | memoryview]:
+    def _chunks(self, f: BinaryIO, rel: bytes, size_hint: int | None) -> Iterator[bytes]:
         """The chunks of a file: at fixed offsets for ``fixed_chunks`` paths, else by content.
 
         A small file is one chunk: read it in one call instead of through the chunker's buffers.
@@ -326,18 +343,41 @@ class Backup:
                     yield data
                 return
             f.seek(0)
-        yield from self.repo.chunker.chunks(f, READ_SIZE, size_hint=size_hint, copy=False)
+        yield from self.repo.chunker.chunks(f, size_hint=size_hint)
 
     def _file_entry(self, rel: bytes, path: bytes, st: os.stat_result, prev: Entry | None
-                    ) -> Entry | Future[tuple[Entry | None, list[str]]]:
-        """The entry of a regular file: the parent's data when its stat fields say so, else a reader's job."""
+                    ) -> Entry | _ReadRun:
+        """The entry of a regular file: the parent's data when its stat fields say so, else the run of files
+        to read it joins (the last of its files)."""
         e = self._base_entry(rel, st, T_FILE)
         if (prev is not None and prev.type == T_FILE and not prev.flags & (F_UNREADABLE | F_CHANGED_DURING_READ)
                 and prev.size == st.st_size and prev.mtime_ns == st.st_mtime_ns
                 and prev.ctime_ns == st.st_ctime_ns and prev.ino == st.st_ino):
             e.digest, e.chunks, e.size = prev.digest, prev.chunks, prev.size
             return e
-        return self._readers.submit(self._read_file, e, path, st, prev)
+        run = self._run_filling
+        if run is None:
+            run = self._run_filling = _ReadRun()
+        run.files.append((e, path, st, prev))
+        run.size += st.st_size
+        if len(run.files) >= READ_RUN_FILES or run.size >= READ_RUN_BYTES:
+            self._start_run()
+        return run
+
+    def _start_run(self) -> None:
+        """Hand the run being filled to a reader."""
+        run, self._run_filling = self._run_filling, None
+        if run is not None:
+            run.future = self._readers.submit(self._read_run, run.files)
+
+    def _read_run(self, files: list[tuple[Entry, bytes, os.stat_result, Entry | None]]
+                  ) -> list[tuple[Entry | None, list[str]]]:
+        out = []
+        for e, path, st, prev in files:
+            if self._abort.is_set():
+                raise _Stopped
+            out.append(self._read_file(e, path, st, prev))
+        return out
 
     def _read_file(self, e: Entry, path: bytes, st: os.stat_result, prev: Entry | None
                    ) -> tuple[Entry | None, list[str]]:
@@ -378,8 +418,8 @@ class Backup:
                      0, st.st_ctime_ns, st.st_ino, st.st_dev, 0)
 
     def _entry(self, rel: bytes, path: bytes, st: os.stat_result, ok: bool, prev: Entry | None,
-               notes: list[str]) -> Entry | Future[tuple[Entry | None, list[str]]] | None:
-        """The entry for a walked path (None: skipped, with a note why); a file to read is a reader's job."""
+               notes: list[str]) -> Entry | _ReadRun | None:
+        """The entry for a walked path (None: skipped, with a note why); a file to read joins a run."""
         mode = st.st_mode
         if stat.S_ISDIR(mode):
             e = self._base_entry(rel, st, T_DIR)
@@ -471,8 +511,8 @@ class Backup:
                 except FileNotFoundError:
                     item.notes.append(f"vanished during backup: {os.fsdecode(path)}")
                     e = None
-                if isinstance(e, Future):
-                    item.job = e
+                if isinstance(e, _ReadRun):
+                    item.run, item.index = e, len(e.files) - 1
                     # Whatever the reader finds, a file that replaces a parent's directory drops its subtree.
                     if diff and prev is not None and prev.type != T_FILE:
                         cut = key or sort_key(rel)
@@ -504,10 +544,13 @@ class Backup:
         be), with its counts and warnings; ``unchanged``: the unchanged files not yet counted, for progress."""
         if isinstance(item, Record):
             return item
-        if item.job is not None:
+        if item.run is not None:
+            if item.run.future is None:  # the run still filling: a reader takes it now
+                self._start_run()
+            assert item.run.future is not None
             while True:
                 try:
-                    e, notes = item.job.result(timeout=0.5)
+                    e, notes = item.run.future.result(timeout=0.5)[item.index]
                     break
                 except FutureTimeout:
                     self._maybe_progress(unchanged)

@@ -30,6 +30,16 @@ def make_rich_tree(root):
     os.utime(root / "dir", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
 
 
+def make_numbered_files(root, rnd, dirs, per_dir, least, most):
+    """Directories d0, d1, ... of files f00, f01, ... (as wide as ``per_dir`` needs) of random bytes,
+    ``least`` to ``most`` - 1 of them each."""
+    width = len(str(per_dir - 1))
+    for d in range(dirs):
+        (root / f"d{d}").mkdir(parents=True)
+        for i in range(per_dir):
+            (root / f"d{d}" / f"f{i:0{width}}").write_bytes(rnd.randbytes(rnd.randrange(least, most)))
+
+
 def test_roundtrip_all_entry_types(tmp_path, new_repo):
     src = tmp_path / "src"
     src.mkdir()
@@ -202,10 +212,7 @@ def test_differential_counts_match_a_full_of_the_same_tree(tmp_path, new_repo, m
 
     rnd = random.Random(3)
     src = tmp_path / "src"
-    for d in range(4):
-        (src / f"d{d}").mkdir(parents=True)
-        for i in range(30):
-            (src / f"d{d}" / f"f{i:02}").write_bytes(rnd.randbytes(rnd.randrange(1, 3000)))
+    make_numbered_files(src, rnd, 4, 30, 1, 3000)
     repo = new_repo()
     repo.backup([str(src)])
     (src / "d1" / "f05").write_bytes(b"changed")
@@ -242,10 +249,7 @@ def test_files_read_in_parallel_land_in_manifest_order(tmp_path, new_repo, monke
 
     rnd = random.Random(5)
     src = tmp_path / "src"
-    for d in range(3):
-        (src / f"d{d}").mkdir(parents=True)
-        for i in range(150):
-            (src / f"d{d}" / f"f{i:03}").write_bytes(rnd.randbytes(rnd.randrange(0, 5000)))
+    make_numbered_files(src, rnd, 3, 150, 0, 5000)
     (src / "d1" / "big").write_bytes(rnd.randbytes(3 << 20))  # several chunks
     (src / "swap" / "inner").mkdir(parents=True)
     (src / "swap" / "inner" / "x").write_bytes(b"x")
