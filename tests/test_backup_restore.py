@@ -336,3 +336,28 @@ def test_a_failed_backup_stops_its_readers_inside_a_long_file(tmp_path, new_repo
     with pytest.raises(OSError, match="Input/output"):
         repo.backup([str(src)])
     assert sum(chunks_read) < 4 << 20
+
+
+def test_progress_moves_while_a_reader_is_inside_one_long_file(tmp_path, new_repo, monkeypatch):
+    """The main thread waits for the reader of a long file, and reports the bytes read so far meanwhile."""
+    import time
+
+    from chunkvault.store import backup
+
+    src = tmp_path / "src"
+    src.mkdir()
+    size = 4 << 20
+    (src / "long").write_bytes(os.urandom(size))
+    real_chunks = backup.Backup._chunks
+
+    def slow_chunks(self, f, rel, size_hint):
+        for chunk in real_chunks(self, f, rel, size_hint):
+            time.sleep(0.15)
+            yield chunk
+
+    seen = []
+    repo = new_repo()
+    monkeypatch.setattr(backup.Backup, "_chunks", slow_chunks)
+    result = repo.backup([str(src)], progress=lambda counts: seen.append(counts["read_bytes"]))
+    assert result.snapshot.stats["read_bytes"] == size
+    assert any(0 < n < size for n in seen) and seen == sorted(seen)
