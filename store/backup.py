@@ -43,7 +43,7 @@ from .source import SourceWalk
 O_NOATIME = getattr(os, "O_NOATIME", 0)
 BATCH_BYTES = 1 << 20  # new chunks go to the compression pool in batches of about this size...
 BATCH_CHUNKS = 64  # ...or this many, so a tree of small files does not cost a task per file
-# Files read, chunked and hashed at once, each on a reader thread.  The main thread walks, merges the walk
+# Reader threads: files are read, chunked and hashed there, in runs.  The main thread walks, merges the walk
 # with the parent and keeps the records in order: reading, chunking and both hashes are a core's worth of
 # work, and the compressing workers waited for it when the main thread did it too.
 READERS = 2
@@ -499,6 +499,9 @@ class Backup:
                 if progress:
                     self._maybe_progress(same_files)
                 if not diff:
+                    if not pending:  # nothing waits before it: no round through the queue
+                        yield Record(OP_ENTRY, rel, prev)
+                        continue
                     pending.append(Record(OP_ENTRY, rel, prev))
             else:
                 if same_files:
@@ -566,8 +569,7 @@ class Backup:
         if e.type == T_FILE:
             prev = item.prev
             self.counts["unchanged_files" if item.same else "changed_files" if prev is not None else "new_files"] += 1
-        if self.opt.progress is not None:
-            self._maybe_progress(unchanged)
+        self._maybe_progress(unchanged)
         return item.record
 
     def run(self, source: SourceWalk | None, paths: list[str], *,
