@@ -20,7 +20,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import blake3
 
@@ -38,16 +38,17 @@ from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, now_iso
-from .source import SourceWalk
+from .source import SourceWalk, open_source_file, read_whole
 
-O_NOATIME = getattr(os, "O_NOATIME", 0)
 BATCH_BYTES = 1 << 20  # new chunks go to the compression pool in batches of about this size...
 BATCH_CHUNKS = 64  # ...or this many, so a tree of small files does not cost a task per file
 # Reader threads: files are read, chunked and hashed there, in runs.  The main thread walks, merges the walk
 # with the parent and keeps the records in order: reading, chunking and both hashes are a core's worth of
 # work, and the compressing workers waited for it when the main thread did it too.
 READERS = 2
-WINDOW = 256  # entries waiting for their place in the manifest behind a file still being read
+WINDOW = 1024  # entries waiting for their place in the manifest behind a file still being read: 16 runs of
+# small files; with 4 the readers sat idle a third of a backup of small files, the main thread waiting for the
+# oldest run while the window was full
 # Files go to a reader in runs of up to this many, or until they hold this many bytes: a job per small file
 # (a future, a queue round, a wake-up) cost more of the interpreter's time than reading the file.
 READ_RUN_FILES = 64
@@ -292,13 +293,18 @@ class Backup:
     def _read_stream(self, f: BinaryIO, rel: bytes, prev: Entry | None, size_hint: int | None = None,
                      report: bool = True) -> tuple[bytes, bytes, int]:
         """(digest, chunk ids, size) of a stream, storing its new chunks; ``report``: progress from this thread."""
+        return self._take_chunks(self._chunks(f, rel, size_hint), rel, prev, report)
+
+    def _take_chunks(self, chunks: Iterable[bytes], rel: bytes, prev: Entry | None, report: bool
+                     ) -> tuple[bytes, bytes, int]:
+        """(digest, chunk ids, size) of a file's chunks, storing the new ones."""
         assert self.writer is not None
         bases = self._delta_bases(rel, prev)
         bi = 0
         hasher = blake3.blake3()
         ids = bytearray()
         pos = 0
-        for chunk in self._chunks(f, rel, size_hint):
+        for chunk in chunks:
             n = len(chunk)
             hasher.update(chunk)
             bid = self.repo.blob_id(chunk)
@@ -384,11 +390,12 @@ class Backup:
         """On a reader thread: fill in ``e`` from the file's bytes.  Its warnings are returned, to be
         reported when the entry takes its place in the manifest."""
         notes: list[str] = []
+        if st.st_size <= self.repo.chunker_params.min_size and not _matches(e.path, self.opt.fixed_chunks):
+            small = self._read_small(e, path, st, prev, notes)
+            if small is not None:
+                return small, notes
         try:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | O_NOATIME)
-            except PermissionError:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = open_source_file(path)
         except FileNotFoundError:
             return None, [f"vanished during backup: {os.fsdecode(path)}"]
         except OSError as exc:
@@ -407,11 +414,36 @@ class Backup:
             after = os.fstat(fd)
         finally:
             os.close(fd)
-        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns) \
-                or e.size != st.st_size:
+        self._check_unchanged(e, path, st, (after.st_size, after.st_mtime_ns, after.st_ctime_ns), notes)
+        return e, notes
+
+    def _read_small(self, e: Entry, path: bytes, st: os.stat_result, prev: Entry | None, notes: list[str]
+                    ) -> Entry | None:
+        """A file of at most one chunk read in one call (``read_whole``); None when it is gone, or grew past
+        the size the walk saw (then read as a stream, like any other file)."""
+        try:
+            data, *after = read_whole(path, st.st_size + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            notes.append(_cannot_read(path, exc))
+            e.flags |= F_UNREADABLE
+            e.size = 0
+            return e
+        if len(data) > st.st_size:
+            return None
+        e.digest, e.chunks, e.size = self._take_chunks((data,) if data else (), e.path, prev, report=False)
+        self._check_unchanged(e, path, st, tuple(after), notes)
+        return e
+
+    @staticmethod
+    def _check_unchanged(e: Entry, path: bytes, st: os.stat_result, after: tuple[int, int, int],
+                         notes: list[str]) -> None:
+        """Flag a file whose (size, mtime, ctime) after reading differ from the walk's, or whose length read
+        does: it changed while being read."""
+        if after != (st.st_size, st.st_mtime_ns, st.st_ctime_ns) or e.size != st.st_size:
             e.flags |= F_CHANGED_DURING_READ
             notes.append(f"changed while being read (stored as read): {os.fsdecode(path)}")
-        return e, notes
 
     def _base_entry(self, rel: bytes, st: os.stat_result, etype: int) -> Entry:
         return Entry(rel, etype, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,

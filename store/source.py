@@ -27,6 +27,32 @@ SourceItem = tuple[bytes, bytes, "os.stat_result | FileStat", bool]
 #: A directory entry as a scan returns it: name, the errno of its lstat (0: none), and the lstat's fields
 #: (mode, ino, dev, nlink, uid, gid, size, mtime_ns, ctime_ns, rdev) or None.
 ScanItem = tuple[bytes, int, "tuple[int, ...] | None"]
+#: O_NOATIME where the system has it: reading a file for a backup should not change its atime.
+O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def open_source_file(path: bytes) -> int:
+    """A file of the source, opened to be read (not following a symlink put in its place)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | O_NOATIME)
+    except PermissionError:  # O_NOATIME only for files we own (or as root)
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+
+
+def read_whole_reference(path: bytes, limit: int) -> tuple[bytes, int, int, int]:
+    """A small file's first ``limit`` bytes and (size, mtime_ns, ctime_ns) after reading: ``read_whole`` in Python."""
+    fd = open_source_file(path)
+    try:
+        data = os.read(fd, limit)
+        while 0 < len(data) < limit:
+            part = os.read(fd, limit - len(data))
+            if not part:
+                break
+            data += part
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return data, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def scan_dir_reference(path: bytes) -> list[ScanItem]:
@@ -51,6 +77,10 @@ try:  # whole subtrees, thousands of entries per call (see _tree)
     from ._scandir import Walker
 except ImportError:
     Walker = None
+try:  # open, read, fstat and close with the GIL released once
+    from ._scandir import read_whole
+except ImportError:
+    read_whole = read_whole_reference
 
 
 def root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:

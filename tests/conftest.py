@@ -26,6 +26,15 @@ def _state_home(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def python_file_reads(monkeypatch):
+    """Small files read through ``os.open``/``os.read`` (``read_whole``'s Python reference, not the C call),
+    so that a test can make those calls fail, return short or change the file."""
+    from chunkvault.store import backup, source
+
+    monkeypatch.setattr(backup, "read_whole", source.read_whole_reference)
+
+
+@pytest.fixture
 def password() -> str:
     return PASSWORD
 

@@ -147,7 +147,7 @@ def test_stream_backup_and_open_file(tmp_path, new_repo):
         repo.open_file(snap2, "nope")
 
 
-def test_unreadable_file_is_recorded_and_backup_goes_on(tmp_path, new_repo, monkeypatch):
+def test_unreadable_file_is_recorded_and_backup_goes_on(tmp_path, new_repo, monkeypatch, python_file_reads):
     src = tmp_path / "src"
     src.mkdir()
     (src / "ok").write_bytes(b"ok")
@@ -236,7 +236,7 @@ def test_differential_counts_match_a_full_of_the_same_tree(tmp_path, new_repo, m
     assert len(seen) > 100 and seen == sorted(seen) and seen[-1] <= d["unchanged_files"]
 
 
-def test_files_read_in_parallel_land_in_manifest_order(tmp_path, new_repo, monkeypatch):
+def test_files_read_in_parallel_land_in_manifest_order(tmp_path, new_repo, monkeypatch, python_file_reads):
     """Readers finish in any order (delays injected) and far more entries than the window wait behind slow
     ones: records, warnings and unreadable paths still come in manifest order, and a directory replaced by a
     file still drops its old subtree."""

@@ -101,7 +101,7 @@ def test_newer_format_is_reported_before_a_password_is_asked(repo_path):
 # --- hostile source trees ------------------------------------------------------------------
 
 
-def test_file_changing_while_read_is_recorded_and_reread_next_time(repo_path, tmp_path, monkeypatch):
+def test_file_changing_while_read_is_recorded_and_reread_next_time(repo_path, tmp_path, monkeypatch, python_file_reads):
     src = tmp_path / "src"
     src.mkdir()
     (src / "steady").write_bytes(b"s" * 10_000)
@@ -131,7 +131,7 @@ def test_file_changing_while_read_is_recorded_and_reread_next_time(repo_path, tm
 
 
 @pytest.mark.parametrize("change", ["grows", "shrinks"])
-def test_small_file_changing_while_read_is_recorded(repo_path, tmp_path, monkeypatch, change):
+def test_small_file_changing_while_read_is_recorded(repo_path, tmp_path, monkeypatch, python_file_reads, change):
     src = tmp_path / "src"
     src.mkdir()
     (src / "small").write_bytes(os.urandom(10_000))
@@ -157,7 +157,7 @@ def test_small_file_changing_while_read_is_recorded(repo_path, tmp_path, monkeyp
     assert (tmp_path / "out" / "small").read_bytes() == (src / "small").read_bytes()  # stored as read
 
 
-def test_short_reads_of_small_files_still_store_all_of_them(repo_path, tmp_path, monkeypatch):
+def test_short_reads_of_small_files_still_store_all_of_them(repo_path, tmp_path, monkeypatch, python_file_reads):
     """A file system may return less than asked before the end (FUSE, network mounts)."""
     src = tmp_path / "src"
     src.mkdir()
@@ -218,7 +218,8 @@ def test_file_walked_ahead_and_gone_when_read_is_a_warning(repo_path, tmp_path):
         assert [e.path for e in repo.tree(result.snapshot.id)] == [b"", b"here"]
 
 
-def test_unreadable_file_gives_exit_3_and_restores_empty_with_a_warning(repo_path, tmp_path, monkeypatch, capsys):
+def test_unreadable_file_gives_exit_3_and_restores_empty_with_a_warning(repo_path, tmp_path, monkeypatch, capsys,
+                                                                       python_file_reads):
     from chunkvault import cli
 
     src = tmp_path / "src"

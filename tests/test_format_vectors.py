@@ -124,3 +124,40 @@ def test_envelopes_open_the_same_whichever_way_they_are_sealed(in_place):
         assert open_envelope(s, blob_id, env) == (kind, payload)
         with pytest.raises(CorruptObject):  # the id and base stay bound to the sealed bytes
             open_envelope(s, b"\x01" * 32, env)
+
+
+def test_nonces_never_repeat_across_threads_or_a_fork():
+    """Nonces are drawn in batches per thread; a forked child must not take the ones its parent holds."""
+    import os
+    import threading
+
+    from chunkvault.store.crypto import NONCE_BATCH, NONCE_SIZE
+
+    s = Sealer(bytes(range(32)))
+    count = NONCE_BATCH + 50  # past one batch: a second draw
+
+    def nonces() -> list[bytes]:
+        return [s.seal(b"m", b"")[:NONCE_SIZE] for _ in range(count)]
+
+    parent_first = nonces()  # this thread now holds a part-used batch
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_end, b"".join(nonces()))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        raw = f.read()
+    os.waitpid(pid, 0)
+    child = [raw[i : i + NONCE_SIZE] for i in range(0, len(raw), NONCE_SIZE)]
+    assert len(child) == count
+    in_threads: list[list[bytes]] = [[], []]
+    threads = [threading.Thread(target=lambda out=out: out.extend(nonces())) for out in in_threads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    everything = parent_first + nonces() + child + in_threads[0] + in_threads[1]
+    assert len(set(everything)) == len(everything) == 5 * count

@@ -285,6 +285,38 @@ def test_the_scanner_lists_and_stats_as_python_does(tmp_path):
             scan_dir_reference(os.fsencode(bad))
 
 
+def test_a_small_file_is_read_whole_as_python_reads_it(tmp_path):
+    """``read_whole`` (C) against its Python reference: the first ``limit`` bytes or all of a shorter file,
+    the fstat fields after reading; the same OSError for a missing file, a directory, a symlink (never
+    followed) and, where it applies, a file without read permission."""
+    from chunkvault.store.source import read_whole, read_whole_reference
+
+    for size in (0, 1, 4095, 4096, 70_000):
+        p = tmp_path / f"f{size}"
+        p.write_bytes(os.urandom(size))
+        os.utime(p, ns=(1_600_000_000_123_456_789, 1_600_000_000_987_654_321))
+        for limit in (0, 1, size, size + 1, size + 4096):
+            got = read_whole(os.fsencode(p), limit)
+            assert got == read_whole_reference(os.fsencode(p), limit)
+            st_ = os.stat(p)
+            assert got == (p.read_bytes()[:limit], size, 1_600_000_000_987_654_321, st_.st_ctime_ns)
+    os.symlink(tmp_path / "f1", tmp_path / "link")
+    os.mkdir(tmp_path / "dir")
+    cases = [(tmp_path / "missing", FileNotFoundError), (tmp_path / "dir", IsADirectoryError),
+             (tmp_path / "link", OSError)]
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.write_bytes(b"x")
+        locked.chmod(0)
+        cases.append((locked, PermissionError))
+    for path, error in cases:
+        with pytest.raises(error) as c_error:
+            read_whole(os.fsencode(path), 10)
+        with pytest.raises(error) as py_error:
+            read_whole_reference(os.fsencode(path), 10)
+        assert (c_error.value.errno, c_error.value.filename) == (py_error.value.errno, os.fsencode(path))
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sets(st.binary(min_size=1, max_size=12).filter(lambda n: b"/" not in n and b"\0" not in n
                                                           and n not in (b".", b"..")), max_size=40))
