@@ -1,4 +1,4 @@
-"""Build the C chunker, directory scanner, manifest decoder and delta match finder.
+"""Build the C chunker, directory scanner, manifest decoder, delta match finder and ranged file reads.
 
 All other metadata lives in pyproject.toml.
 """
@@ -30,6 +30,11 @@ setup(
             "chunkvault.store._deltamatch",
             sources=["store/_deltamatch.c"],
             extra_compile_args=["-O3", "-Wall", "-Wextra"],
+        ),
+        Extension(
+            "chunkvault.remotes._fileio",
+            sources=["remotes/_fileio.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
     ]
 )

@@ -44,6 +44,22 @@ def _os_error(exc: OSError, what: str) -> RemoteError:
     return RemoteError(f"{what}: {exc.strerror or exc}")
 
 
+def read_range_reference(path: str, start: int, length: int) -> bytes:
+    """``length`` bytes of the file at ``path`` from ``start`` (to the end when negative), fewer only at its
+    end: ``read_range`` in Python."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _pread_all(fd, start, length if length >= 0 else None)
+    finally:
+        os.close(fd)
+
+
+try:  # open, pread and close with the GIL released once
+    from ._fileio import read_range
+except ImportError:
+    read_range = read_range_reference
+
+
 def _pread_all(fd: int, start: int, length: int | None) -> bytes:
     """``length`` bytes from ``start`` (everything to the end when None), fewer only at the end of the file."""
     if length is None:
@@ -175,23 +191,15 @@ class LocalRemote(Remote):
             raise _os_error(exc, f"writing {key}") from None
 
     def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
-        # A descriptor and pread, not a file object: restores and differentials make tens of thousands of
-        # ranged reads, and the file object's setup was a sixth of a differential's reading threads.
-        path = self._path(key)
+        # One C call, not a file object: restores and differentials make tens of thousands of ranged reads;
+        # the file object's setup was a sixth of a differential's reading threads, and each system call
+        # made from Python a wait to get the GIL back.
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            return read_range(self._path(key), start or 0, -1 if length is None else length)
+        except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFound(key) from None
         except OSError as exc:
             raise _os_error(exc, f"reading {key}") from None
-        try:
-            return _pread_all(fd, start or 0, length)
-        except IsADirectoryError:
-            raise ObjectNotFound(key) from None
-        except OSError as exc:
-            raise _os_error(exc, f"reading {key}") from None
-        finally:
-            os.close(fd)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         validate_prefix(prefix)

@@ -31,6 +31,32 @@ def test_contract_without_fsync(tmp_path):
     check_remote_contract(LocalRemote(str(tmp_path / "repo"), fsync=False), big_size=1 << 20)
 
 
+def test_contract_with_python_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(local_module, "read_range", local_module.read_range_reference)
+    check_remote_contract(LocalRemote(str(tmp_path / "repo")))
+
+
+def test_ranges_read_in_c_as_in_python(tmp_path):
+    """``read_range`` (one C call) against its Python reference: ranges inside, across and past the end,
+    the whole file, empty files; the same error class for a missing file and a directory."""
+    from chunkvault.remotes._fileio import read_range
+
+    ref = local_module.read_range_reference
+    for size in (0, 1, 100_000):
+        p = str(tmp_path / f"f{size}")
+        with open(p, "wb") as f:
+            f.write(os.urandom(size))
+        for start, length in ((0, -1), (0, 0), (0, 10), (size // 2, -1), (size - 1 if size else 0, 5),
+                              (size + 10, 5), (size + 10, -1), (0, size), (3, size)):
+            assert read_range(p, start, length) == ref(p, start, length), (size, start, length)
+    for path, error in ((tmp_path / "missing", FileNotFoundError), (tmp_path, IsADirectoryError)):
+        for length in (-1, 10):
+            with pytest.raises(error):
+                read_range(str(path), 0, length)
+            with pytest.raises(error):
+                ref(str(path), 0, length)
+
+
 def test_no_temp_files_left_after_puts(tmp_path):
     remote = LocalRemote(str(tmp_path))
     remote.put("data/ab/" + "a" * 64, b"x" * 1000)
