@@ -1,4 +1,4 @@
-"""Build the C chunker, directory scanner, manifest decoder, delta match finder and ranged file reads.
+"""Build the C chunker, directory scanner, manifest decoder, delta match finder and file reads.
 
 All other metadata lives in pyproject.toml.
 """

@@ -10,11 +10,7 @@
  *       lstat (0 when it worked); fields are (mode, ino, dev, nlink, uid, gid,
  *       size, mtime_ns, ctime_ns, rdev).  OSError when the directory cannot
  *       be opened or read.
- *
- *   read_whole(path: bytes, limit: int) -> (data, size, mtime_ns, ctime_ns)
- *       a small file's first ``limit`` bytes (all of it, when it is shorter)
- *       and its fstat fields after reading: open, read, fstat and close in
- *       one call, the GIL released once.  OSError with the path otherwise.
+
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -156,82 +152,6 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
     }
     release(items, n);
     return out;
-}
-
-/* --- a small file's bytes: read_whole ------------------------------------------------
- *
- * A reader thread that gave up the GIL for each of a small file's four
- * system calls waited to get it back behind the threads holding it, each
- * time: in a backup of tens of thousands of small files those waits were
- * most of the readers' time.
- */
-
-#ifdef O_NOATIME
-#define NOATIME O_NOATIME
-#else
-#define NOATIME 0
-#endif
-
-static int read_file(const char *path, char *buf, Py_ssize_t limit, Py_ssize_t *got, struct stat *st) {
-    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | NOATIME);
-    if (fd < 0 && errno == EPERM && NOATIME)  /* O_NOATIME only for files we own (or as root) */
-        fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0)
-        return errno;
-    int err = 0;
-    *got = 0;
-    while (*got < limit) {
-        ssize_t n = read(fd, buf + *got, (size_t)(limit - *got));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            err = errno;
-            break;
-        }
-        if (n == 0)
-            break;
-        *got += n;
-    }
-    if (!err && fstat(fd, st) != 0)
-        err = errno;
-    close(fd);
-    return err;
-}
-
-static PyObject *read_whole(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *arg, *encoded = NULL;
-    Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "On", &arg, &limit))
-        return NULL;
-    if (limit < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative limit");
-        return NULL;
-    }
-    if (!PyUnicode_FSConverter(arg, &encoded))
-        return NULL;
-    PyObject *data = PyBytes_FromStringAndSize(NULL, limit);
-    if (data == NULL) {
-        Py_DECREF(encoded);
-        return NULL;
-    }
-    Py_ssize_t got = 0;
-    struct stat st;
-    int err;
-    Py_BEGIN_ALLOW_THREADS
-    err = read_file(PyBytes_AS_STRING(encoded), PyBytes_AS_STRING(data), limit, &got, &st);
-    Py_END_ALLOW_THREADS
-    Py_DECREF(encoded);
-    if (err) {
-        Py_DECREF(data);
-        errno = err;
-        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
-    }
-    if (got < limit && _PyBytes_Resize(&data, got) < 0)
-        return NULL;
-    long long mtime = (long long)MTIME(st).tv_sec * 1000000000LL + MTIME(st).tv_nsec;
-    long long ctime = (long long)CTIME(st).tv_sec * 1000000000LL + CTIME(st).tv_nsec;
-    return Py_BuildValue("(NLLL)", data, (long long)st.st_size, mtime, ctime);
 }
 
 /* --- the whole tree: Walker ---------------------------------------------------------
@@ -733,8 +653,6 @@ static PyTypeObject WalkerType = {
 
 static PyMethodDef methods[] = {
     {"scan", scan, METH_O, "scan(path) -> sorted [(name, errno, lstat fields or None)] of a directory."},
-    {"read_whole", read_whole, METH_VARARGS,
-     "read_whole(path, limit) -> (first limit bytes, size, mtime_ns, ctime_ns after reading)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -78,7 +78,7 @@ try:  # whole subtrees, thousands of entries per call (see _tree)
 except ImportError:
     Walker = None
 try:  # open, read, fstat and close with the GIL released once
-    from ._scandir import read_whole
+    from chunkvault.remotes._fileio import read_whole
 except ImportError:
     read_whole = read_whole_reference
 
