@@ -88,6 +88,19 @@ static int open_sized(const char *path, Py_ssize_t *size, int *err) {
     return fd;
 }
 
+/* ``data`` cut to the ``got`` bytes read, or, when ``err`` is set, NULL with OSError naming ``path``;
+ * takes ``data`` over (NULL: nothing was allocated). */
+static PyObject *result(PyObject *data, Py_ssize_t got, int err, PyObject *path) {
+    if (err) {
+        Py_XDECREF(data);
+        errno = err;
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+    }
+    if (got < PyBytes_GET_SIZE(data) && _PyBytes_Resize(&data, got) < 0)
+        return NULL;
+    return data;
+}
+
 static PyObject *read_range(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *arg, *encoded = NULL, *data = NULL;
@@ -107,8 +120,10 @@ static PyObject *read_range(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         fd = open_sized(path, &size, &err);
         Py_END_ALLOW_THREADS
-        if (fd < 0)
-            goto fail;
+        if (fd < 0) {
+            Py_DECREF(encoded);
+            return result(NULL, 0, err, arg);
+        }
         length = size > start ? size - start : 0;
     }
     data = PyBytes_FromStringAndSize(NULL, length);
@@ -121,17 +136,8 @@ static PyObject *read_range(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     err = pread_file(fd, path, PyBytes_AS_STRING(data), start, length, &got);
     Py_END_ALLOW_THREADS
-    if (err)
-        goto fail;
     Py_DECREF(encoded);
-    if (got < length && _PyBytes_Resize(&data, got) < 0)
-        return NULL;
-    return data;
-fail:
-    Py_XDECREF(data);
-    Py_DECREF(encoded);
-    errno = err;
-    return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
+    return result(data, got, err, arg);
 }
 
 static int read_file(const char *path, char *buf, Py_ssize_t limit, Py_ssize_t *got, struct stat *st) {
@@ -171,12 +177,7 @@ static PyObject *read_whole(PyObject *self, PyObject *args) {
     err = read_file(PyBytes_AS_STRING(encoded), PyBytes_AS_STRING(data), limit, &got, &st);
     Py_END_ALLOW_THREADS
     Py_DECREF(encoded);
-    if (err) {
-        Py_DECREF(data);
-        errno = err;
-        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
-    }
-    if (got < limit && _PyBytes_Resize(&data, got) < 0)
+    if ((data = result(data, got, err, arg)) == NULL)
         return NULL;
     long long mtime = (long long)MTIME(st).tv_sec * 1000000000LL + MTIME(st).tv_nsec;
     long long ctime = (long long)CTIME(st).tv_sec * 1000000000LL + CTIME(st).tv_nsec;

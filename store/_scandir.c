@@ -10,7 +10,6 @@
  *       lstat (0 when it worked); fields are (mode, ino, dev, nlink, uid, gid,
  *       size, mtime_ns, ctime_ns, rdev).  OSError when the directory cannot
  *       be opened or read.
-
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
