@@ -44,6 +44,7 @@ from .base import ObjectInfo, Remote, validate_key, validate_prefix
 
 TEMP_PREFIX = ".tmp-"
 _PREFETCH_ABOVE = 256 * 1024
+_READ_SIZE = 32 * 1024  # paramiko's largest SFTP read request
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -191,6 +192,7 @@ class SFTPRemote(Remote):
             raise RemoteUnavailable(f"cannot connect to SSH server {where}: {exc or type(exc).__name__}") from None
         transport = client.get_transport()
         transport.set_keepalive(30)
+        _no_delay(transport.sock)
         self._client = client
         self._generation += 1
         self._pool = queue.LifoQueue()
@@ -452,15 +454,26 @@ class SFTPRemote(Remote):
 
 
 def _read_exact(f: Any, want: int) -> bytes:
-    """Read up to ``want`` bytes; stops early only at end of file."""
+    """Read up to ``want`` bytes; stops early only at end of file.
+
+    One SFTP request's worth per call: paramiko's file object appends each
+    32 KiB reply to its buffer by concatenation, so one larger call copied
+    the buffer over and over (reading 16 MiB cost a second of CPU)."""
     parts = []
     while want > 0:
-        chunk = f.read(min(want, 4 << 20))
+        chunk = f.read(min(want, _READ_SIZE))
         if not chunk:
             break
         parts.append(chunk)
         want -= len(chunk)
     return b"".join(parts)
+
+
+def _no_delay(sock: Any) -> None:
+    """Send each SSH packet at once (as OpenSSH does).  paramiko leaves Nagle's algorithm on, and every SFTP
+    request waiting for the ACK of the previous packet made a 76 KiB ranged read take 16 ms instead of 1.7."""
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _login_name() -> str:

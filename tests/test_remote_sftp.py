@@ -107,6 +107,20 @@ def test_writes_go_through_temp_names(sftp_repo):
         assert not os.path.exists(stale) and os.path.exists(fresh)
 
 
+def test_reads_across_request_boundaries_on_a_connection_without_nagle(sftp_repo):
+    import socket
+
+    data = os.urandom((1 << 20) + 12_345)
+    with open_remote(sftp_repo.url, **sftp_repo.options) as remote:
+        sock = remote._client.get_transport().sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        remote.put("data/cd/" + "c" * 64, data)
+        for start, length in [(0, 32 * 1024), (1, 32 * 1024), (32 * 1024 - 1, 65 * 1024 + 2),
+                              (100, 256 * 1024 + 1), (5, 900_000), (len(data) - 40_000, 80_000), (0, None)]:
+            end = len(data) if length is None else start + length
+            assert remote.get("data/cd/" + "c" * 64, start, length) == data[start:end], (start, length)
+
+
 def test_reconnects_after_the_connection_drops(sftp_repo):
     with open_remote(sftp_repo.url, **sftp_repo.options) as remote:
         remote.put("config", b"before")
