@@ -35,6 +35,7 @@ from .indexfile import IndexColumns, IndexData, decode_index, decode_index_colum
 from .manifest import Record, decode_records, iter_records
 from .manifest_seek import ManifestSeeker, segments
 from .pack import PackBuffers, PackBuilder
+from .packranges import RecentRanges
 from .snapshot import Snapshot
 from .unlock import Unlocked, unlock
 
@@ -46,6 +47,12 @@ SKIP_PLAIN_SHARE = 0.5
 # whose delta holds a chain's changes, against an old whole blob that compressed far better than the
 # chunk does now.  The estimate came within 1.2 times the real size for 95 % of database chunks.
 SKIP_SAMPLED_SHARE = 0.7
+# Blobs of one pack closer than this are read with one ranged request, the bytes between them along: on
+# local disk (cheap ranges) a little more than a read costs, elsewhere about what one more request costs.
+# What a remote read brings along is kept (RECENT_RANGES_BYTES) for the next reads (store/packranges.py).
+READ_GAP_LOCAL = 64 << 10
+READ_GAP_REMOTE = 1 << 20
+RECENT_RANGES_BYTES = 32 << 20
 
 
 def pack_key(pack_id: bytes) -> str:
@@ -109,6 +116,7 @@ class Repo:
         self._lock = threading.Lock()
         self._index_lock = threading.RLock()
         self._cache = _LRU(256 << 20)
+        self._recent = None if remote.cheap_ranges else RecentRanges(RECENT_RANGES_BYTES)
         self._snapshots: dict[str, Snapshot] = {}
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
         self._delta_bases: dict[bytes, bytes] = {}
@@ -379,13 +387,16 @@ class Repo:
                 raise
             raise CorruptObject(name, f"its delta base {exc.object_name.split()[-1]} is corrupt: {exc.reason}") from None
 
-    def read_blobs(self, blob_ids: list[bytes], *, max_gap: int = 64 << 10) -> list[Plaintext]:
+    def read_blobs(self, blob_ids: list[bytes], *, max_gap: int | None = None) -> list[Plaintext]:
         """Plaintexts of several blobs, in order.
 
         Envelopes are fetched level by level down the delta chains (the blobs,
         then their bases, ...), neighbours in a pack with one ranged get; every
-        base is decoded once per call.
+        base is decoded once per call.  ``max_gap``: by default READ_GAP_LOCAL or
+        READ_GAP_REMOTE, as the remote's ranges are cheap or not.
         """
+        if max_gap is None:
+            max_gap = READ_GAP_LOCAL if self.remote.cheap_ranges else READ_GAP_REMOTE
         envs: dict[bytes, tuple[bytes, int]] = {}
         uses = Counter(blob_ids)
         level = [b for b in uses if b not in self._cache.items]
@@ -421,6 +432,11 @@ class Repo:
             if loc is None or pack_id is None:
                 out[bid] = self.read_envelope(bid)  # raises, naming the blob
                 continue
+            if self._recent is not None:
+                env = self._recent.find(pack_key(pack_id), loc.offset, loc.length)
+                if env is not None:
+                    out[bid] = (env, loc.raw_length)
+                    continue
             spans.setdefault(pack_id, []).append((loc.offset, loc.length, bid, loc.raw_length))
         for pack_id, items in spans.items():
             items.sort()
@@ -437,6 +453,8 @@ class Repo:
                     data = self.remote.get(key, start, end - start)
                 except ObjectNotFound:
                     raise MissingObject(key, f"pack holding blob {items[j][2].hex()} is missing") from None
+                if self._recent is not None:
+                    self._recent.add(key, start, data)
                 for offset, length, bid, raw_length in items[j:k]:
                     env = data[offset - start : offset - start + length]
                     if len(env) != length:

@@ -80,6 +80,42 @@ def test_ten_percent_transient_faults_change_nothing(tmp_path, seed):
     assert injected >= 30 and faulty.faults["error_after"] > 0 and faulty.faults["truncated"] > 0
 
 
+def test_off_local_disk_neighbours_come_in_one_request_and_the_gaps_are_kept(tmp_path):
+    """A remote without cheap ranges (all but local disk) gets a pack's wanted blobs with the bytes between
+    them in one request, and answers the next reads of the blobs in those gaps from what it read."""
+    path = str(tmp_path / "repo")
+    Repository.init(path, PASSWORD, kdf_seconds=0, chunker=SMALL).close()
+    blobs = [os.urandom(100_000) for _ in range(12)]  # incompressible: gaps of 100 kB between every other
+    with crashkit.open_repo(path) as repo, repo.store.writer() as writer:
+        for b in blobs:
+            writer.add(repo.store.blob_id(b), b)
+        writer.flush()
+    gets = []
+
+    class Counting(FaultyRemote):
+        def get(self, key, start=None, length=None):
+            data = super().get(key, start, length)
+            if key.startswith("data/"):
+                gets.append(len(data))
+            return data
+
+    with Repository.open(Counting(LocalRemote(path), seed=0), PASSWORD) as repo:
+        store = repo.store
+        ids = [store.blob_id(b) for b in blobs]
+        assert [bytes(p) for p in store.read_blobs(ids[0::2])] == blobs[0::2]
+        assert len(gets) == 1 and sum(gets) < 1.1 * sum(map(len, blobs))
+        assert [bytes(p) for p in store.read_blobs(ids[1:11:2])] == blobs[1:11:2]
+        assert len(gets) == 1  # every blob in the gaps came with the first read
+        assert [bytes(p) for p in store.read_blobs(ids[11:])] == blobs[11:] and len(gets) == 2  # past its end
+    with Repository.open(path, PASSWORD) as local:  # local disk: only what is wanted, one read per blob
+        store = local.store
+        reads = []
+        get = store.remote.get
+        store.remote.get = lambda key, start=None, length=None: reads.append(key) or get(key, start, length)
+        assert [bytes(p) for p in store.read_blobs(ids[0::2])] == blobs[0::2]
+        assert len([k for k in reads if k.startswith("data/")]) == 6
+
+
 # --- permanent failure ------------------------------------------------------------------
 
 
