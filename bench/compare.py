@@ -177,6 +177,19 @@ def build_dataset(dest: str, size_mb: int) -> tuple[int, int]:
     return files, total
 
 
+def fresh_dataset(work: str, size_mb: int, repeat: int) -> tuple[str, str]:
+    """(work directory, data set in it): the tools installed, ``work`` emptied, the data set built and
+    described."""
+    ensure_tools()
+    work = os.path.abspath(work)
+    shutil.rmtree(work, ignore_errors=True)
+    data = os.path.join(work, "data")
+    os.makedirs(data)
+    files, total = build_dataset(data, size_mb)
+    print(f"data set: {files} files, {total / 2**20:.0f} MiB; {os.cpu_count()} cores; best of {repeat}")
+    return work, data
+
+
 def one_small_file(root: str) -> str:
     """A small file from the middle of the data set (by path), relative to ``root``."""
     paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
@@ -415,13 +428,7 @@ def main() -> None:
     ap.add_argument("--restore-into", metavar="DIR",
                     help="restore under DIR (e.g. a tmpfs), so that one tool's write-back does not slow the next")
     args = ap.parse_args()
-    ensure_tools()
-    work = os.path.abspath(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    data = os.path.join(work, "data")
-    os.makedirs(data)
-    files, total = build_dataset(data, args.size_mb)
-    print(f"data set: {files} files, {total / 2**20:.0f} MiB; {os.cpu_count()} cores; best of {args.repeat}")
+    work, data = fresh_dataset(args.work, args.size_mb, args.repeat)
     classes = {"chunkvault": Chunkvault, "restic": Restic, "borg": Borg}
     tools = [Chunkvault(work, secret=True) if t == "chunkvault" + SECRET_SUFFIX else classes[t](work)
              for t in args.tools.split(",")]

@@ -31,10 +31,9 @@ from compare import (  # noqa: E402
     Chunkvault,
     Restic,
     best,
-    build_dataset,
     change_one_percent,
     du,
-    ensure_tools,
+    fresh_dataset,
     run,
 )
 
@@ -178,13 +177,7 @@ def main() -> None:
     ap.add_argument("--restore-into", metavar="DIR", help="restore under DIR (e.g. a tmpfs)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
-    ensure_tools()
-    work = os.path.abspath(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    data = os.path.join(work, "data")
-    os.makedirs(data)
-    files, total = build_dataset(data, args.size_mb)
-    print(f"data set: {files} files, {total / 2**20:.0f} MiB; {os.cpu_count()} cores; best of {args.repeat}")
+    work, data = fresh_dataset(args.work, args.size_mb, args.repeat)
     servers = Servers(work)
     rows = []
     try:
