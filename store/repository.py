@@ -116,6 +116,7 @@ class Repo:
         self._lock = threading.Lock()
         self._index_lock = threading.RLock()
         self._cache = _LRU(256 << 20)
+        self._read_gap = READ_GAP_LOCAL if remote.cheap_ranges else READ_GAP_REMOTE
         self._recent = None if remote.cheap_ranges else RecentRanges(RECENT_RANGES_BYTES)
         self._snapshots: dict[str, Snapshot] = {}
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
@@ -387,16 +388,13 @@ class Repo:
                 raise
             raise CorruptObject(name, f"its delta base {exc.object_name.split()[-1]} is corrupt: {exc.reason}") from None
 
-    def read_blobs(self, blob_ids: list[bytes], *, max_gap: int | None = None) -> list[Plaintext]:
+    def read_blobs(self, blob_ids: list[bytes]) -> list[Plaintext]:
         """Plaintexts of several blobs, in order.
 
         Envelopes are fetched level by level down the delta chains (the blobs,
         then their bases, ...), neighbours in a pack with one ranged get; every
-        base is decoded once per call.  ``max_gap``: by default READ_GAP_LOCAL or
-        READ_GAP_REMOTE, as the remote's ranges are cheap or not.
+        base is decoded once per call.
         """
-        if max_gap is None:
-            max_gap = READ_GAP_LOCAL if self.remote.cheap_ranges else READ_GAP_REMOTE
         envs: dict[bytes, tuple[bytes, int]] = {}
         uses = Counter(blob_ids)
         level = [b for b in uses if b not in self._cache.items]
@@ -404,7 +402,7 @@ class Repo:
             for _ in range(self.max_delta_depth + 1):
                 if not level:
                     break
-                envs.update(self._fetch_envelopes(level, max_gap))
+                envs.update(self._fetch_envelopes(level))
                 bases = [base for b in level if (base := envelope_base(envs[b][0])) is not None]
                 uses.update(bases)
                 level = [b for b in dict.fromkeys(bases) if b not in envs and b not in self._cache.items]
@@ -422,8 +420,9 @@ class Repo:
             out.append(plain)
         return out
 
-    def _fetch_envelopes(self, blob_ids: list[bytes], max_gap: int) -> dict[bytes, tuple[bytes, int]]:
-        """(envelope, raw length) of each blob; neighbours in a pack come with one ranged get."""
+    def _fetch_envelopes(self, blob_ids: list[bytes]) -> dict[bytes, tuple[bytes, int]]:
+        """(envelope, raw length) of each blob; neighbours in a pack (``_read_gap`` apart at most) come with
+        one ranged get."""
         out: dict[bytes, tuple[bytes, int]] = {}
         spans: dict[bytes, list[tuple[int, int, bytes, int]]] = {}  # pack id -> (offset, length, id, raw length)
         for bid in blob_ids:
@@ -446,7 +445,7 @@ class Repo:
                 start = items[j][0]
                 end = items[j][0] + items[j][1]
                 k = j + 1
-                while k < len(items) and items[k][0] <= end + max_gap:
+                while k < len(items) and items[k][0] <= end + self._read_gap:
                     end = max(end, items[k][0] + items[k][1])
                     k += 1
                 try:
