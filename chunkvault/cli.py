@@ -640,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-r", "--repo", help="repository URL (or CHUNKVAULT_REPOSITORY)")
     common.add_argument("-o", "--option", action="append", metavar="SCHEME.NAME=VALUE",
                         help="remote option, repeatable: s3.region=R, s3.addressing-style=path, "
-                             "sftp.accept-new-host-key=yes, sftp.key-file=F, http.token-file=F, http.ca-file=F, "
+                             "sftp.accept-new-host-key=yes, sftp.key-file=F, sftp.transport=paramiko, http.token-file=F, http.ca-file=F, "
                              "file.direct-io=no")
     common.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (or AWS_ENDPOINT_URL)")
     common.add_argument("--s3-storage-class", metavar="CLASS",

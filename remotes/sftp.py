@@ -13,14 +13,15 @@ place.  The standard SFTP rename never replaces an existing file (OpenSSH's
 server links then unlinks), which gives ``put(if_absent=True)``; plain puts use
 the ``posix-rename@openssh.com`` extension, which replaces atomically.
 
-One SSH connection carries several SFTP channels; each thread borrows one, so
-parallel uploads and downloads do not serialise on a single channel.
+Each thread borrows an SFTP session from a pool, so parallel uploads and
+downloads do not serialise on one session.  Sessions run over OpenSSH's client
+(one ``ssh`` process each) where one is installed, else over paramiko's SSH
+stack (``transport=paramiko``); see ``sftp_sessions``.
 """
 from __future__ import annotations
 
 import errno
 import os
-import queue
 import secrets
 import socket
 import stat as stat_mod
@@ -41,6 +42,7 @@ from chunkvault.errors import (
 )
 
 from .base import ObjectInfo, Remote, validate_key, validate_prefix
+from .sftp_sessions import OpenSSHSessions, ParamikoSessions, SSHTarget, resolve_transport
 
 TEMP_PREFIX = ".tmp-"
 _PREFETCH_ABOVE = 256 * 1024
@@ -87,48 +89,57 @@ class SFTPRemote(Remote):
         ssh_config: str | None = None,
         connect_timeout: float = 15.0,
         channels: int = 8,
+        transport: str = "auto",
     ):
-        import paramiko
-
-        self._paramiko = paramiko
-        cfg = self._ssh_config(host, ssh_config)
-        self.host = cfg.get("hostname", host)
+        self.transport = resolve_transport(transport)
+        # OpenSSH reads its config itself (here only for the name in messages); paramiko takes it from us.
+        cfg = self._ssh_config(host, ssh_config, strict=self.transport == "paramiko")
         self.port = int(port or cfg.get("port") or 22)
         self.user = user or cfg.get("user") or _login_name()
         files = cfg.get("identityfile") or []
-        self.key_files = [key_file] if key_file else [os.path.expanduser(f) for f in files if os.path.exists(os.path.expanduser(f))]
-        self.known_hosts = os.path.expanduser(known_hosts or "~/.ssh/known_hosts")
-        self.accept_new_host_key = accept_new_host_key
-        self.connect_timeout = connect_timeout
+        key_files = [key_file] if key_file else [os.path.expanduser(f) for f in files if os.path.exists(os.path.expanduser(f))]
         self.channels = max(1, channels)
         port_part = f":{self.port}" if self.port != 22 else ""
         self.display_url = f"sftp://{self.user}@{host}{port_part}/{path.lstrip('/') if path.startswith('~') else path}"
+        known = os.path.expanduser(known_hosts) if known_hosts else None
+        if self.transport == "openssh":  # only what the URL and the options say
+            target = SSHTarget(host, port, user, (key_file,) if key_file else (), known, accept_new_host_key,
+                               os.path.expanduser(ssh_config) if ssh_config else None, connect_timeout)
+            self._sessions: OpenSSHSessions | ParamikoSessions = OpenSSHSessions(target)
+        else:
+            target = SSHTarget(cfg.get("hostname", host), self.port, self.user, tuple(key_files), known,
+                               accept_new_host_key, ssh_config, connect_timeout)
+            self._sessions = ParamikoSessions(target)
         self._path_spec = path
-        self._root: str | None = None
         self._lock = threading.Lock()
-        self._client: Any = None
-        self._pool: queue.LifoQueue = queue.LifoQueue()
-        self._opened = 0
-        self._generation = 0
+        self._pool: list[Any] = []
         self._known_dirs: set[str] = set()
         self._closed = False
-        self._connect()
+        sftp = self._sessions.open()  # fails here, at once, on a bad host key or login
+        try:
+            self._root = self._resolve_root(sftp)
+        except BaseException:
+            _close_quietly(sftp)
+            raise
+        self._pool.append(sftp)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "SFTPRemote":
-        """Options: key_file, known_hosts, accept_new_host_key, ssh_config, connect_timeout, channels.
+        """Options: key_file, known_hosts, accept_new_host_key, ssh_config, connect_timeout, channels, transport.
 
         Environment: CHUNKVAULT_SFTP_KEY_FILE, CHUNKVAULT_SFTP_KNOWN_HOSTS,
-        CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY=1.
+        CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY=1, CHUNKVAULT_SFTP_TRANSPORT.
         """
         user, host, port, path = parse_sftp_url(url)
-        known = {"key_file", "known_hosts", "accept_new_host_key", "ssh_config", "connect_timeout", "channels"}
+        known = {"key_file", "known_hosts", "accept_new_host_key", "ssh_config", "connect_timeout", "channels",
+                 "transport"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise UsageError(f"unknown SFTP option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         env = os.environ
         options.setdefault("key_file", env.get("CHUNKVAULT_SFTP_KEY_FILE") or None)
         options.setdefault("known_hosts", env.get("CHUNKVAULT_SFTP_KNOWN_HOSTS") or None)
+        options.setdefault("transport", env.get("CHUNKVAULT_SFTP_TRANSPORT") or None)
         accept = options.get("accept_new_host_key")
         if accept is None:
             accept = env.get("CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY", "").lower() in _TRUE
@@ -137,10 +148,10 @@ class SFTPRemote(Remote):
         options["accept_new_host_key"] = bool(accept)
         return cls(host, path, user=user, port=port, **{k: v for k, v in options.items() if v is not None})
 
-    # -- connection -----------------------------------------------------------
+    # -- sessions -------------------------------------------------------------
 
     @staticmethod
-    def _ssh_config(host: str, path: str | None) -> dict[str, Any]:
+    def _ssh_config(host: str, path: str | None, strict: bool) -> dict[str, Any]:
         import paramiko
 
         path = os.path.expanduser(path or "~/.ssh/config")
@@ -149,68 +160,9 @@ class SFTPRemote(Remote):
         try:
             return paramiko.SSHConfig.from_path(path).lookup(host)
         except Exception as exc:  # a broken ssh config is the user's to fix, with a clear line
+            if not strict:
+                return {}
             raise UsageError(f"cannot read SSH config {path}: {exc}") from None
-
-    def _connect(self) -> None:
-        paramiko = self._paramiko
-        client = paramiko.SSHClient()
-        if os.path.exists(self.known_hosts):
-            try:
-                client.load_host_keys(self.known_hosts)
-            except (OSError, paramiko.SSHException) as exc:
-                raise UsageError(f"cannot read known_hosts file {self.known_hosts}: {exc}") from None
-        client.set_missing_host_key_policy(_AcceptNew(self.known_hosts) if self.accept_new_host_key else _Refuse())
-        where = f"{self.host}:{self.port}"
-        try:
-            client.connect(
-                self.host,
-                port=self.port,
-                username=self.user,
-                key_filename=self.key_files or None,
-                timeout=self.connect_timeout,
-                banner_timeout=self.connect_timeout,
-                auth_timeout=self.connect_timeout,
-                allow_agent=True,
-                look_for_keys=not self.key_files,
-            )
-        except _UnknownHost as exc:
-            client.close()
-            raise PermissionDenied(
-                f"unknown SSH host key for {where} ({exc.fingerprint}): not in {self.known_hosts}; "
-                "add it (ssh-keyscan) or accept it once with accept_new_host_key / "
-                "CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY=1") from None
-        except paramiko.BadHostKeyException as exc:
-            client.close()
-            raise PermissionDenied(
-                f"SSH host key for {where} does not match {self.known_hosts} "
-                f"(got {_fingerprint(exc.key)}): refusing to connect") from None
-        except paramiko.AuthenticationException:
-            client.close()
-            raise PermissionDenied(f"SSH authentication as {self.user!r} to {where} failed (no accepted key)") from None
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            client.close()
-            raise RemoteUnavailable(f"cannot connect to SSH server {where}: {exc or type(exc).__name__}") from None
-        transport = client.get_transport()
-        transport.set_keepalive(30)
-        _no_delay(transport.sock)
-        self._client = client
-        self._generation += 1
-        self._pool = queue.LifoQueue()
-        self._opened = 0
-        if self._root is None:
-            sftp = self._open_channel()
-            try:
-                self._root = self._resolve_root(sftp)
-            finally:
-                self._pool.put((self._generation, sftp))
-
-    def _open_channel(self) -> Any:
-        try:
-            sftp = self._client.open_sftp()
-        except (self._paramiko.SSHException, OSError, EOFError) as exc:
-            raise RemoteUnavailable(f"cannot open SFTP channel on {self.host}:{self.port}: {exc}") from None
-        self._opened += 1
-        return sftp
 
     def _resolve_root(self, sftp: Any) -> str:
         spec = self._path_spec
@@ -221,36 +173,39 @@ class SFTPRemote(Remote):
 
     @contextmanager
     def _sftp(self) -> Iterator[Any]:
-        """Borrow an SFTP channel; reconnect once if the connection died."""
+        """Borrow an SFTP session: a pooled one that is still alive, else a new one."""
+        sftp = None
         with self._lock:
             if self._closed:
                 raise RemoteError(f"{self.display_url} is closed")
-            transport = self._client.get_transport() if self._client else None
-            if transport is None or not transport.is_active():
-                self._client.close()
-                self._known_dirs.clear()
-                self._connect()
-            generation = self._generation
-            try:
-                _, sftp = self._pool.get_nowait()
-            except queue.Empty:
-                sftp = self._open_channel()
-        ok = False
+            while self._pool:
+                candidate = self._pool.pop()
+                if self._sessions.alive(candidate):
+                    sftp = candidate
+                    break
+                _close_quietly(candidate)
+                self._known_dirs.clear()  # the server may have been reset while we were away
+        if sftp is None:
+            sftp = self._sessions.open()
+        keep = False
         try:
             yield sftp
-            ok = True
+            keep = True
+        except Exception as exc:
+            keep = _session_survives(exc)
+            raise
         finally:
-            if ok and generation == self._generation and not self._closed:
-                self._pool.put((generation, sftp))
-            else:
-                try:
-                    sftp.close()
-                except Exception:
-                    pass
+            with self._lock:
+                keep = keep and not self._closed
+                if keep:
+                    self._pool.append(sftp)
+            if not keep:
+                _close_quietly(sftp)
 
     def _call(self, what: str, key: str | None, fn: Any) -> Any:
         """Run ``fn(sftp)`` and sort failures into the error hierarchy."""
-        paramiko = self._paramiko
+        import paramiko
+
         try:
             with self._sftp() as sftp:
                 return fn(sftp)
@@ -440,17 +395,10 @@ class SFTPRemote(Remote):
             if self._closed:
                 return
             self._closed = True
-            while True:
-                try:
-                    _, sftp = self._pool.get_nowait()
-                except queue.Empty:
-                    break
-                try:
-                    sftp.close()
-                except Exception:
-                    pass
-            if self._client is not None:
-                self._client.close()
+            pool, self._pool = self._pool, []
+        for sftp in pool:
+            _close_quietly(sftp)
+        self._sessions.close()
 
 
 def _read_exact(f: Any, want: int) -> bytes:
@@ -469,50 +417,24 @@ def _read_exact(f: Any, want: int) -> bytes:
     return b"".join(parts)
 
 
-def _no_delay(sock: Any) -> None:
-    """Send each SSH packet at once (as OpenSSH does).  paramiko leaves Nagle's algorithm on, and every SFTP
-    request waiting for the ACK of the previous packet made a 76 KiB ranged read take 16 ms instead of 1.7."""
-    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def _login_name() -> str:
     import getpass
 
     return getpass.getuser()
 
 
-def _fingerprint(key: Any) -> str:
-    import base64
-    import hashlib
-
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return f"{key.get_name()} SHA256:{base64.b64encode(digest).decode().rstrip('=')}"
-
-
-class _UnknownHost(Exception):
-    def __init__(self, fingerprint: str):
-        super().__init__(fingerprint)
-        self.fingerprint = fingerprint
+def _session_survives(exc: BaseException) -> bool:
+    """Whether a session that raised ``exc`` is fit for the next request: yes after the server's answer was
+    an error status (no such file, permission denied), no after anything that may have cut a reply short.
+    Keeping OpenSSH sessions matters: a new one is a new connection."""
+    if isinstance(exc, (ObjectExists, ObjectNotFound)):
+        return True
+    return (isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, socket.timeout))
+            and exc.errno is not None and exc.errno not in (errno.EBADF, errno.EPIPE))
 
 
-class _Refuse:
-    """Missing-host-key policy: refuse, naming the key so the user can check it."""
-
-    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
-        raise _UnknownHost(_fingerprint(key))
-
-
-class _AcceptNew:
-    """Missing-host-key policy of ``accept-new``: trust on first use, record it in known_hosts."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
-        line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a") as f:
-            f.write(line)
+def _close_quietly(sftp: Any) -> None:
+    try:
+        sftp.close()
+    except Exception:
+        pass

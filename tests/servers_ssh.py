@@ -2,7 +2,7 @@
 
 The server runs as a child process with its own configuration (its own host key,
 an authorized_keys file with a generated user key, the internal SFTP subsystem),
-so every request goes through paramiko's real SSH stack.  Use from a test module::
+so every request goes through a real SSH stack (OpenSSH's client or paramiko).  Use from a test module::
 
     from servers_ssh import sshd, sftp_repo  # noqa: F401
 
@@ -126,6 +126,13 @@ def sshd(tmp_path_factory) -> Iterator[SSHServer]:
     server.start()
     yield server
     server.stop()
+
+
+def known_host_entry(known_hosts: str, port: int) -> str:
+    """The line of ``known_hosts`` for 127.0.0.1:port, hashed or not (``ssh-keygen -F``), or ''."""
+    found = subprocess.run(["ssh-keygen", "-F", f"[127.0.0.1]:{port}", "-f", known_hosts],
+                           capture_output=True, text=True)
+    return "".join(line for line in found.stdout.splitlines(keepends=True) if not line.startswith("#"))
 
 
 _counter = itertools.count()

@@ -2,20 +2,25 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import pytest
 
-from chunkvault.errors import PermissionDenied, RemoteUnavailable, UsageError
+from chunkvault.errors import ObjectExists, ObjectNotFound, PermissionDenied, RemoteUnavailable, UsageError
 from chunkvault.remotes import open_remote
 from chunkvault.remotes.sftp import TEMP_PREFIX, parse_sftp_url
+from chunkvault.remotes.sftp_sessions import resolve_transport
 from remote_contract import check_remote_contract
 from netutil import free_port
-from servers_ssh import sftp_repo, sshd  # noqa: F401
+from servers_ssh import known_host_entry, sftp_repo, sshd  # noqa: F401
+
+TRANSPORTS = ("openssh", "paramiko")
 
 
-def test_contract(sftp_repo):
-    with open_remote(sftp_repo.url, **sftp_repo.options) as remote:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_contract(sftp_repo, transport):
+    with open_remote(sftp_repo.url, **sftp_repo.options, transport=transport) as remote:
         check_remote_contract(remote)
     leftovers = [n for _, _, files in os.walk(sftp_repo.path) for n in files]
     assert leftovers == []
@@ -41,32 +46,41 @@ def test_unknown_options_are_named(sftp_repo):
         open_remote(sftp_repo.url, bogus=1)
 
 
-def test_unknown_host_is_refused_unless_accepted(sshd, sftp_repo, tmp_path):
+@pytest.fixture(params=TRANSPORTS)
+def transport(request) -> str:
+    return request.param
+
+
+def test_unknown_host_is_refused_unless_accepted(sshd, sftp_repo, tmp_path, transport):
     known = tmp_path / "known_hosts"
     with pytest.raises(PermissionDenied, match="unknown SSH host key") as info:
-        open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known))
-    assert "SHA256:" in str(info.value)
+        open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), transport=transport)
+    if transport == "paramiko":  # OpenSSH's client names no fingerprint when it refuses an unknown host
+        assert "SHA256:" in str(info.value)
     assert not known.exists()
 
-    with open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), accept_new_host_key=True) as r:
+    with open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), accept_new_host_key=True,
+                     transport=transport) as r:
         r.put("config", b"x")
-    recorded = known.read_text()
-    assert f"[127.0.0.1]:{sshd.port} " in recorded and sshd.host_pub.split()[1] in recorded
+    assert sshd.host_pub.split()[1] in known_host_entry(str(known), sshd.port)
     # once recorded, the host is known without the option
-    with open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known)) as r:
+    with open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), transport=transport) as r:
         assert r.get("config") == b"x"
 
 
-def test_accept_new_from_environment(sshd, sftp_repo, tmp_path, monkeypatch):
+def test_accept_new_from_environment(sshd, sftp_repo, tmp_path, monkeypatch, transport):
     known = tmp_path / "known_hosts"
     monkeypatch.setenv("CHUNKVAULT_SFTP_KEY_FILE", sshd.user_key)
     monkeypatch.setenv("CHUNKVAULT_SFTP_KNOWN_HOSTS", str(known))
     monkeypatch.setenv("CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY", "1")
-    open_remote(sftp_repo.url).close()
+    monkeypatch.setenv("CHUNKVAULT_SFTP_TRANSPORT", transport)
+    remote = open_remote(sftp_repo.url)
+    assert remote.transport == transport
+    remote.close()
     assert known.read_text().strip()
 
 
-def test_changed_host_key_is_refused_even_with_accept_new(sshd, sftp_repo, tmp_path):
+def test_changed_host_key_is_refused_even_with_accept_new(sshd, sftp_repo, tmp_path, transport):
     other = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     known = tmp_path / "known_hosts"
@@ -74,22 +88,24 @@ def test_changed_host_key_is_refused_even_with_accept_new(sshd, sftp_repo, tmp_p
                      f"{(tmp_path / 'other_key.pub').read_text().split()[1]}\n")
     before = known.read_text()
     for accept in (False, True):
-        with pytest.raises(PermissionDenied, match="does not match"):
-            open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), accept_new_host_key=accept)
+        with pytest.raises(PermissionDenied, match="does not match") as info:
+            open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), accept_new_host_key=accept,
+                        transport=transport)
+        assert "SHA256:" in str(info.value)
     assert known.read_text() == before
 
 
-def test_wrong_user_key_is_refused(sshd, sftp_repo, tmp_path):
+def test_wrong_user_key_is_refused(sshd, sftp_repo, tmp_path, transport):
     stranger = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
     with pytest.raises(PermissionDenied, match="authentication"):
-        open_remote(sftp_repo.url, key_file=str(stranger), known_hosts=sshd.known_hosts)
+        open_remote(sftp_repo.url, key_file=str(stranger), known_hosts=sshd.known_hosts, transport=transport)
 
 
-def test_no_server_is_unavailable(sshd, tmp_path):
+def test_no_server_is_unavailable(sshd, tmp_path, transport):
     url = f"sftp://{sshd.user}@127.0.0.1:{free_port()}{tmp_path}/repo"
     with pytest.raises(RemoteUnavailable, match="cannot connect"):
-        open_remote(url, **sshd.options, connect_timeout=5)
+        open_remote(url, **sshd.options, connect_timeout=5, transport=transport)
 
 
 def test_writes_go_through_temp_names(sftp_repo):
@@ -107,13 +123,19 @@ def test_writes_go_through_temp_names(sftp_repo):
         assert not os.path.exists(stale) and os.path.exists(fresh)
 
 
-def test_reads_across_request_boundaries_on_a_connection_without_nagle(sftp_repo):
+def test_paramiko_connection_sends_without_nagle(sftp_repo):
     import socket
 
-    data = os.urandom((1 << 20) + 12_345)
-    with open_remote(sftp_repo.url, **sftp_repo.options) as remote:
-        sock = remote._client.get_transport().sock
+    with open_remote(sftp_repo.url, **sftp_repo.options, transport="paramiko") as remote:
+        sock = remote._sessions.transport().sock
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_reads_across_request_boundaries(sftp_repo, transport):
+    """A pack-sized put (more than 100 writes in flight, when paramiko looks for early replies) and ranged reads
+    that start and end inside 32 KiB requests."""
+    data = os.urandom((5 << 20) + 12_345)
+    with open_remote(sftp_repo.url, **sftp_repo.options, transport=transport) as remote:
         remote.put("data/cd/" + "c" * 64, data)
         for start, length in [(0, 32 * 1024), (1, 32 * 1024), (32 * 1024 - 1, 65 * 1024 + 2),
                               (100, 256 * 1024 + 1), (5, 900_000), (len(data) - 40_000, 80_000), (0, None)]:
@@ -121,27 +143,73 @@ def test_reads_across_request_boundaries_on_a_connection_without_nagle(sftp_repo
             assert remote.get("data/cd/" + "c" * 64, start, length) == data[start:end], (start, length)
 
 
-def test_reconnects_after_the_connection_drops(sftp_repo):
-    with open_remote(sftp_repo.url, **sftp_repo.options) as remote:
+def drop_connections(remote) -> None:
+    """Cut every connection the remote holds, as a network failure or a server restart would."""
+    if remote.transport == "paramiko":
+        remote._sessions.transport().close()
+    else:
+        for sftp in remote._pool:
+            sftp.sock.proc.kill()
+            sftp.sock.proc.wait()
+
+
+def test_reconnects_after_the_connection_drops(sftp_repo, transport):
+    with open_remote(sftp_repo.url, **sftp_repo.options, transport=transport) as remote:
         remote.put("config", b"before")
-        remote._client.get_transport().close()
+        drop_connections(remote)
         assert remote.get("config") == b"before"
         remote.put("index/" + "b" * 64, b"after")
         assert {i.key for i in remote.list()} == {"config", "index/" + "b" * 64}
 
 
-def test_server_gone_mid_session_is_unavailable(tmp_path):
+def test_an_error_answer_keeps_the_session(sftp_repo, transport):
+    with open_remote(sftp_repo.url, **sftp_repo.options, transport=transport) as remote:
+        remote.put("config", b"x")
+        (session,) = remote._pool
+        with pytest.raises(ObjectNotFound):
+            remote.get("index/" + "e" * 64)
+        with pytest.raises(ObjectExists):
+            remote.put("config", b"y", if_absent=True)
+        assert remote._pool == [session]
+
+
+def test_openssh_sessions_ignore_the_terminals_ctrl_c(sftp_repo):
+    """ssh runs in its own process group: a Ctrl-C reaches chunkvault, which then still has its sessions
+    to release its lock with."""
+    with open_remote(sftp_repo.url, **sftp_repo.options, transport="openssh") as remote:
+        (session,) = remote._pool
+        assert os.getpgid(session.sock.proc.pid) != os.getpgid(0)
+        proc = session.sock.proc
+    assert proc.returncode is not None  # closing the remote ended its ssh process
+
+
+def test_server_gone_mid_session_is_unavailable(tmp_path, transport):
     from servers_ssh import SSHServer
 
     (tmp_path / "srv").mkdir()
     server = SSHServer(str(tmp_path / "srv"))
     server.start()
     try:
-        remote = open_remote(server.url(str(tmp_path / "repo")), **server.options, connect_timeout=5)
+        remote = open_remote(server.url(str(tmp_path / "repo")), **server.options, connect_timeout=5,
+                             transport=transport)
         remote.put("config", b"x")
     finally:
         server.stop()
-    remote._client.get_transport().close()  # sshd's children outlive the listener; drop ours too
+    drop_connections(remote)  # sshd's children outlive the listener; drop ours too
     with pytest.raises(RemoteUnavailable):
         remote.get("config")
     remote.close()
+
+
+def test_auto_takes_openssh_when_installed_else_paramiko(monkeypatch, tmp_path):
+    assert resolve_transport("auto") == ("openssh" if shutil.which("ssh") else "paramiko")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert resolve_transport("auto") == "paramiko"
+    with pytest.raises(UsageError, match="transport"):
+        resolve_transport("telnet")
+
+
+def test_openssh_transport_without_ssh_is_one_clear_error(sftp_repo, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UsageError, match="cannot run the SSH client 'ssh'.*transport=paramiko"):
+        open_remote(sftp_repo.url, **sftp_repo.options, transport="openssh")

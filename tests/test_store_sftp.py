@@ -1,7 +1,7 @@
 """The store over SFTP (a real sshd on 127.0.0.1): lifecycle, CLI, copy off-site."""
 from chunkvault import Repository
 from lifecycle_scenario import PASSWORD, run_lifecycle
-from servers_ssh import sftp_repo, sshd  # noqa: F401
+from servers_ssh import known_host_entry, sftp_repo, sshd  # noqa: F401
 from treeutil import describe
 
 
@@ -57,6 +57,6 @@ def test_cli_remote_options_accept_a_new_host(tmp_path, sshd, sftp_repo, cli):
     cli("init", "-r", sftp_repo.url, *opts, "--kdf-time", "0", env=env, check=14)
     assert not known.exists()
     cli("init", "-r", sftp_repo.url, *opts, "-o", "sftp.accept-new-host-key=yes", "--kdf-time", "0", env=env)
-    assert str(sshd.port) in known.read_text()
+    assert sshd.host_pub.split()[1] in known_host_entry(str(known), sshd.port)
     out = cli("snapshots", "-r", sftp_repo.url, *opts, "--json", env=env)
     assert out.stdout.strip() == b"[]"

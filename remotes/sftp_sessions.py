@@ -1,0 +1,343 @@
+"""SFTP sessions for the SFTP remote, over OpenSSH's client or over paramiko's SSH stack.
+
+Both kinds hand out paramiko ``SFTPClient`` objects; they differ in what
+carries the SFTP packets:
+
+- ``OpenSSHSessions`` runs ``ssh -s sftp`` per session, on one end of a socket
+  pair, as restic does.  Encryption and MACs run in that process, in C, instead
+  of in a paramiko thread of ours that needs the interpreter lock for every
+  32 KiB packet (a 500 MiB restore: 3.3-3.6 s -> 2.2-2.5 s).  The user's whole
+  ``ssh_config`` applies (ProxyJump, certificates, ControlMaster).
+- ``ParamikoSessions`` is the SSH stack in Python, for hosts without an ``ssh``
+  client: one connection, one channel per session.
+
+Connection failures become ``PermissionDenied`` (unknown or changed host key,
+refused authentication) or ``RemoteUnavailable`` (no server, no route), each
+with one line saying what to do.
+"""
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from chunkvault.errors import ChunkvaultError, PermissionDenied, RemoteError, RemoteUnavailable, UsageError
+
+TRANSPORTS = ("auto", "openssh", "paramiko")
+KEEPALIVE_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """Where and how to log in.  ``user``/``port`` are None when the URL left them to the SSH config."""
+
+    host: str
+    port: int | None
+    user: str | None
+    key_files: tuple[str, ...]
+    known_hosts: str | None  # None: the SSH client's own (~/.ssh/known_hosts)
+    accept_new_host_key: bool
+    ssh_config: str | None
+    connect_timeout: float
+
+    def where(self) -> str:
+        return f"{self.host}:{self.port or 22}"
+
+    def known_hosts_name(self) -> str:
+        return self.known_hosts or "~/.ssh/known_hosts"
+
+
+def resolve_transport(name: str) -> str:
+    """``auto`` is OpenSSH's client when one is on the PATH, else paramiko."""
+    name = str(name).lower()
+    if name not in TRANSPORTS:
+        raise UsageError(f"SFTP option transport must be one of {', '.join(TRANSPORTS)}, not {name!r}")
+    if name == "auto":
+        return "openssh" if shutil.which("ssh") else "paramiko"
+    return name
+
+
+def unknown_host(target: SSHTarget, fingerprint: str | None) -> PermissionDenied:
+    seen = f" ({fingerprint})" if fingerprint else ""
+    return PermissionDenied(
+        f"unknown SSH host key for {target.where()}{seen}: not in {target.known_hosts_name()}; "
+        "add it (ssh-keyscan) or accept it once with accept_new_host_key / CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY=1")
+
+
+def changed_host(target: SSHTarget, fingerprint: str | None) -> PermissionDenied:
+    seen = f" (got {fingerprint})" if fingerprint else ""
+    return PermissionDenied(
+        f"SSH host key for {target.where()} does not match {target.known_hosts_name()}{seen}: refusing to connect")
+
+
+def refused_login(target: SSHTarget, user: str | None) -> PermissionDenied:
+    who = f" as {user!r}" if user else ""
+    return PermissionDenied(f"SSH authentication{who} to {target.where()} failed (no accepted key)")
+
+
+_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]+")
+
+
+def classify_ssh_failure(stderr: str, target: SSHTarget) -> ChunkvaultError:
+    """The error for an ``ssh`` client that exited before the SFTP session began, from what it printed."""
+    lines = [line.strip() for line in stderr.replace("\r", "").splitlines() if line.strip()]
+    text = "\n".join(lines)
+    found = _FINGERPRINT.search(text)
+    fingerprint = found.group(0) if found else None
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or re.search(r"Host key for \S+ has changed", text):
+        return changed_host(target, fingerprint)
+    if "host key is known for" in text or "Host key verification failed" in text:
+        return unknown_host(target, fingerprint)
+    if "Permission denied" in text or "Too many authentication failures" in text:
+        match = re.search(r"^(\S+)@\S+: Permission denied", text, re.M)
+        return refused_login(target, match.group(1) if match else target.user)
+    if "subsystem request failed" in text:
+        return RemoteError(f"the SSH server {target.where()} offers no SFTP subsystem")
+    last = lines[-1] if lines else "the ssh client exited"
+    return RemoteUnavailable(f"cannot connect to SSH server {target.where()}: {last.removeprefix('ssh: ')}")
+
+
+def _ssh_option_path(path: str) -> str:
+    """A path for an ``ssh -o`` value: quoted, with ``%`` escaped from ssh's token expansion."""
+    return '"' + path.replace("%", "%%") + '"'
+
+
+def openssh_command(target: SSHTarget, program: str = "ssh") -> list[str]:
+    """``ssh`` arguments for an SFTP session: no prompts, no forwarding, strict host keys."""
+    cmd = [program, "-x", "-a", "-T",
+           "-o", "BatchMode=yes",
+           "-o", "LogLevel=ERROR",
+           "-o", "StrictHostKeyChecking=" + ("accept-new" if target.accept_new_host_key else "yes"),
+           "-o", f"ConnectTimeout={max(1, round(target.connect_timeout))}",
+           "-o", f"ServerAliveInterval={KEEPALIVE_SECONDS}",
+           "-o", "ServerAliveCountMax=3",
+           "-o", "ClearAllForwardings=yes",
+           "-o", "PermitLocalCommand=no"]
+    if target.ssh_config:
+        cmd += ["-F", target.ssh_config]
+    if target.known_hosts:
+        cmd += ["-o", "UserKnownHostsFile=" + _ssh_option_path(target.known_hosts)]
+    for key in target.key_files:
+        cmd += ["-i", key.replace("%", "%%")]
+    if target.port:
+        cmd += ["-p", str(target.port)]
+    if target.user:
+        cmd += ["-l", target.user]
+    return cmd + ["-s", "--", target.host, "sftp"]
+
+
+class _ProcessChannel:
+    """The end of a socket pair whose other end is an ``ssh`` client's stdin and stdout.
+
+    Offers what paramiko's ``SFTPClient`` uses of a channel.  Not a socket
+    subclass on purpose: paramiko polls plain sockets with 0.1 s selects."""
+
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen, stderr: Any):
+        self.sock = sock
+        self.proc = proc
+        self._stderr = stderr
+        self.send = sock.send
+        self.recv = sock.recv
+        self.stderr = ""
+
+    def get_name(self) -> str:
+        return "ssh"
+
+    def recv_ready(self) -> bool:
+        """Whether a reply waits (paramiko checks between pipelined writes)."""
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        """End the session; what ssh printed stays in ``stderr``."""
+        self.sock.close()  # ssh sees end of input and exits
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if not self._stderr.closed:
+            self._stderr.seek(0)
+            self.stderr = self._stderr.read().decode(errors="replace")
+            self._stderr.close()
+
+
+class OpenSSHSessions:
+    """One ``ssh -s sftp`` process per session.
+
+    Each runs in its own process group, so a Ctrl-C on the terminal reaches
+    chunkvault (which then releases its lock through these sessions) and not
+    the ssh clients."""
+
+    def __init__(self, target: SSHTarget, program: str = "ssh"):
+        import paramiko
+
+        self._paramiko = paramiko
+        self.target = target
+        self.command = openssh_command(target, program)
+
+    def open(self) -> Any:
+        ours, theirs = socket.socketpair()
+        stderr = tempfile.TemporaryFile()
+        try:
+            proc = subprocess.Popen(self.command, stdin=theirs, stdout=theirs, stderr=stderr,
+                                    start_new_session=True)
+        except OSError as exc:
+            ours.close()
+            stderr.close()
+            raise UsageError(f"cannot run the SSH client {self.command[0]!r} ({exc.strerror or exc}); "
+                             "install OpenSSH's client or use the SFTP option transport=paramiko") from None
+        finally:
+            theirs.close()
+        channel = _ProcessChannel(ours, proc, stderr)
+        # The handshake, login and SFTP version exchange happen before the first reply.
+        ours.settimeout(self.target.connect_timeout * 2 + 5)
+        try:
+            sftp = self._paramiko.SFTPClient(channel)
+        except socket.timeout:
+            channel.close()
+            raise RemoteUnavailable(f"cannot connect to SSH server {self.target.where()}: timed out") from None
+        except (self._paramiko.SSHException, EOFError, OSError):
+            channel.close()
+            raise classify_ssh_failure(channel.stderr, self.target) from None
+        ours.settimeout(None)
+        return sftp
+
+    @staticmethod
+    def alive(sftp: Any) -> bool:
+        return sftp.sock.alive()
+
+    def close(self) -> None:
+        """Sessions end when closed; nothing is shared between them."""
+
+
+class ParamikoSessions:
+    """One paramiko SSH connection; each session is an SFTP channel on it.  Reconnects when it died."""
+
+    def __init__(self, target: SSHTarget):
+        import paramiko
+
+        self._paramiko = paramiko
+        self.target = target
+        self._lock = threading.Lock()
+        self._client: Any = None
+
+    def _connect(self) -> Any:
+        paramiko = self._paramiko
+        target = self.target
+        known_hosts = os.path.expanduser(target.known_hosts_name())
+        client = paramiko.SSHClient()
+        if os.path.exists(known_hosts):
+            try:
+                client.load_host_keys(known_hosts)
+            except (OSError, paramiko.SSHException) as exc:
+                raise UsageError(f"cannot read known_hosts file {known_hosts}: {exc}") from None
+        client.set_missing_host_key_policy(_AcceptNew(known_hosts) if target.accept_new_host_key else _Refuse())
+        try:
+            client.connect(
+                target.host,
+                port=target.port or 22,
+                username=target.user,
+                key_filename=list(target.key_files) or None,
+                timeout=target.connect_timeout,
+                banner_timeout=target.connect_timeout,
+                auth_timeout=target.connect_timeout,
+                allow_agent=True,
+                look_for_keys=not target.key_files,
+            )
+        except _UnknownHost as exc:
+            client.close()
+            raise unknown_host(target, exc.fingerprint) from None
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise changed_host(target, _fingerprint(exc.key)) from None
+        except paramiko.AuthenticationException:
+            client.close()
+            raise refused_login(target, target.user) from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            client.close()
+            raise RemoteUnavailable(f"cannot connect to SSH server {target.where()}: "
+                                    f"{exc or type(exc).__name__}") from None
+        transport = client.get_transport()
+        transport.set_keepalive(KEEPALIVE_SECONDS)
+        _no_delay(transport.sock)
+        return client
+
+    def open(self) -> Any:
+        with self._lock:
+            transport = self._client.get_transport() if self._client else None
+            if transport is None or not transport.is_active():
+                if self._client is not None:
+                    self._client.close()
+                self._client = self._connect()
+            client = self._client
+        try:
+            return client.open_sftp()
+        except (self._paramiko.SSHException, OSError, EOFError) as exc:
+            raise RemoteUnavailable(f"cannot open SFTP channel on {self.target.where()}: {exc}") from None
+
+    @staticmethod
+    def alive(sftp: Any) -> bool:
+        channel = sftp.get_channel()
+        return not channel.closed and channel.get_transport().is_active()
+
+    def transport(self) -> Any:
+        return self._client.get_transport() if self._client else None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+def _no_delay(sock: Any) -> None:
+    """Send each SSH packet at once (as OpenSSH does).  paramiko leaves Nagle's algorithm on, and every SFTP
+    request waiting for the ACK of the previous packet made a 76 KiB ranged read take 16 ms instead of 1.7."""
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _fingerprint(key: Any) -> str:
+    import base64
+    import hashlib
+
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return f"{key.get_name()} SHA256:{base64.b64encode(digest).decode().rstrip('=')}"
+
+
+class _UnknownHost(Exception):
+    def __init__(self, fingerprint: str):
+        super().__init__(fingerprint)
+        self.fingerprint = fingerprint
+
+
+class _Refuse:
+    """Missing-host-key policy: refuse, naming the key so the user can check it."""
+
+    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+        raise _UnknownHost(_fingerprint(key))
+
+
+class _AcceptNew:
+    """Missing-host-key policy of ``accept-new``: trust on first use, record it in known_hosts."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+        line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(line)

@@ -1,0 +1,84 @@
+"""What OpenSSH's client printed, sorted into chunkvault's errors; the command line it is started with."""
+from __future__ import annotations
+
+import pytest
+
+from chunkvault.errors import PermissionDenied, RemoteError, RemoteUnavailable
+from chunkvault.remotes.sftp_sessions import SSHTarget, classify_ssh_failure, openssh_command
+
+TARGET = SSHTarget("backup.example", 2222, "backup", ("/keys/id",), "/etc/kh", False, None, 15.0)
+
+# As OpenSSH 9 prints them (LogLevel=ERROR, BatchMode=yes), with its CR LF line ends.
+UNKNOWN = ("No ED25519 host key is known for [backup.example]:2222 and you have requested strict checking.\r\n"
+           "Host key verification failed.\r\n")
+CHANGED = ("@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
+           "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\r\n"
+           "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
+           "IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\r\n"
+           "The fingerprint for the ED25519 key sent by the remote host is\n"
+           "SHA256:cE+KPNI6TU5W2mgCaD1B7r3UQ5y6sA6oJL3SUJIZmHA.\r\n"
+           "Host key for [backup.example]:2222 has changed and you have requested strict checking.\r\n"
+           "Host key verification failed.\r\n")
+
+
+@pytest.mark.parametrize("stderr, kind, words", [
+    (UNKNOWN, PermissionDenied, ["unknown SSH host key for backup.example:2222", "/etc/kh", "ssh-keyscan"]),
+    (CHANGED, PermissionDenied, ["does not match /etc/kh", "SHA256:cE+KPNI6TU5W2mgCaD1B7r3UQ5y6sA6oJL3SUJIZmHA"]),
+    ("root@backup.example: Permission denied (publickey).\r\n", PermissionDenied,
+     ["authentication as 'root' to backup.example:2222 failed"]),
+    ("Received disconnect from 10.0.0.1 port 2222:2: Too many authentication failures\r\n", PermissionDenied,
+     ["authentication as 'backup'"]),
+    ("ssh: connect to host backup.example port 2222: Connection refused\r\n", RemoteUnavailable,
+     ["cannot connect to SSH server backup.example:2222: connect to host backup.example port 2222: "
+      "Connection refused"]),
+    ("ssh: Could not resolve hostname backup.example: Name or service not known\r\n", RemoteUnavailable,
+     ["Could not resolve hostname"]),
+    ("kex_exchange_identification: Connection closed by remote host\r\n", RemoteUnavailable,
+     ["Connection closed by remote host"]),
+    ("subsystem request failed on channel 0\r\n", RemoteError, ["no SFTP subsystem"]),
+    ("", RemoteUnavailable, ["the ssh client exited"]),
+])
+def test_what_ssh_printed_becomes_one_clear_error(stderr, kind, words):
+    error = classify_ssh_failure(stderr, TARGET)
+    assert type(error) is kind
+    message = str(error)
+    assert "\n" not in message and "\r" not in message
+    for word in words:
+        assert word in message
+
+
+def test_unknown_host_without_a_known_hosts_option_names_the_default_file():
+    target = SSHTarget("h", None, None, (), None, False, None, 15.0)
+    assert "not in ~/.ssh/known_hosts" in str(classify_ssh_failure(UNKNOWN, target))
+
+
+def test_command_asks_nothing_forwards_nothing_and_checks_host_keys():
+    cmd = openssh_command(TARGET)
+    assert cmd[0] == "ssh" and cmd[-4:] == ["-s", "--", "backup.example", "sftp"]
+    options = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-o"]
+    assert "BatchMode=yes" in options and "StrictHostKeyChecking=yes" in options
+    assert 'UserKnownHostsFile="/etc/kh"' in options and "ConnectTimeout=15" in options
+    assert ["-p", "2222"] == cmd[cmd.index("-p"):cmd.index("-p") + 2]
+    assert ["-l", "backup"] == cmd[cmd.index("-l"):cmd.index("-l") + 2]
+    assert {"-x", "-a", "-T"} <= set(cmd)
+
+
+def test_command_leaves_to_the_ssh_config_what_the_url_does_not_say():
+    target = SSHTarget("alias", None, None, (), None, True, None, 0.2)
+    cmd = openssh_command(target)
+    assert "-p" not in cmd and "-l" not in cmd and "-i" not in cmd and "-F" not in cmd
+    assert "StrictHostKeyChecking=accept-new" in cmd and "ConnectTimeout=1" in cmd
+    assert not any(arg.startswith("UserKnownHostsFile") for arg in cmd)
+
+
+def test_paths_are_quoted_and_escaped_from_ssh_tokens():
+    target = SSHTarget("h", None, None, ("/keys/100%/id",), "/my known/%hosts", False, "/cfg", 15.0)
+    cmd = openssh_command(target)
+    assert 'UserKnownHostsFile="/my known/%%hosts"' in cmd
+    assert cmd[cmd.index("-i") + 1] == "/keys/100%%/id"
+    assert cmd[cmd.index("-F") + 1] == "/cfg"
+
+
+def test_a_host_that_looks_like_an_option_stays_a_host():
+    cmd = openssh_command(SSHTarget("-oProxyCommand=evil", None, None, (), None, False, None, 15.0))
+    assert cmd[cmd.index("--") + 1] == "-oProxyCommand=evil"
