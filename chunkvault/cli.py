@@ -39,18 +39,24 @@ def _read_password_file(path: str) -> bytes:
 
 def get_password(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
     """From --password-file, CHUNKVAULT_PASSWORD_FILE, CHUNKVAULT_PASSWORD, or a TTY prompt."""
-    path = getattr(args, "password_file", None) or os.environ.get("CHUNKVAULT_PASSWORD_FILE")
-    if path:
-        pw = _read_password_file(path)
-    elif "CHUNKVAULT_PASSWORD" in os.environ:
-        pw = os.environ["CHUNKVAULT_PASSWORD"].encode()
-    elif sys.stdin.isatty():
+    pw = _given_password(args)
+    if pw is None:
+        if not sys.stdin.isatty():
+            raise UsageError("no password: set CHUNKVAULT_PASSWORD or CHUNKVAULT_PASSWORD_FILE, or use --password-file")
         pw = _prompt("repository password: ", confirm)
-    else:
-        raise UsageError("no password: set CHUNKVAULT_PASSWORD or CHUNKVAULT_PASSWORD_FILE, or use --password-file")
     if not pw:
         raise UsageError("empty password")
     return pw
+
+
+def _given_password(args: argparse.Namespace) -> bytes | None:
+    """The password from --password-file, CHUNKVAULT_PASSWORD_FILE or CHUNKVAULT_PASSWORD; None: ask for it."""
+    path = getattr(args, "password_file", None) or os.environ.get("CHUNKVAULT_PASSWORD_FILE")
+    if path:
+        return _read_password_file(path)
+    if "CHUNKVAULT_PASSWORD" in os.environ:
+        return os.environ["CHUNKVAULT_PASSWORD"].encode()
+    return None
 
 
 def get_new_password(args: argparse.Namespace) -> bytes:
@@ -137,18 +143,23 @@ def _remote_options(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from .connection import connect
+    from .connection import connect, key_ahead_path
     from .errors import ObjectNotFound, RepositoryNotFound
+    from .remotes import url_scheme
     from .store.config import peek_config
+    from .store.keyahead import KeyAhead
     from .store.unlock import unlock
 
     url = _repo_url(args)
+    given = _given_password(args) if url_scheme(url) != "file" else None
+    ahead = KeyAhead.start(key_ahead_path(url), given) if given else None  # derive while connecting
     remote = connect(url, **_remote_options(args, url))
     try:  # a missing or newer-format repository is reported before any password is asked
         peek_config(remote.get("config"))
     except ObjectNotFound:
         raise RepositoryNotFound(f"no repository at {remote.display_url}") from None
-    key = unlock(remote, get_password(args))  # before the store's modules load: see store/unlock.py
+    password = ahead.password if ahead is not None else get_password(args)
+    key = unlock(remote, password, ahead)  # before the store's modules load: see store/unlock.py
     from .repository import Repository
 
     return Repository.open(remote, key)

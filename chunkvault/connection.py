@@ -22,9 +22,19 @@ def connect(url: str | Remote, *, cache: bool = True, **options: Any) -> Remote:
     remote = open_remote(url, **options)
     if isinstance(remote, LocalRemote):
         return remote
-    cache_dir = None
-    if cache:
-        base = os.environ.get("CHUNKVAULT_CACHE_DIR") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "chunkvault")
-        cache_dir = os.path.join(base, blake3.blake3(remote.display_url.encode()).hexdigest()[:24])
+    cache_dir = os.path.join(cache_base(), url_digest(remote.display_url)) if cache else None
     return wrap_remote(remote, cache_dir=cache_dir)
+
+
+def cache_base() -> str:
+    return os.environ.get("CHUNKVAULT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "chunkvault")
+
+
+def url_digest(url: str) -> str:
+    return blake3.blake3(url.encode()).hexdigest()[:24]
+
+
+def key_ahead_path(url: str) -> str:
+    """Where the key file that last opened the repository at ``url`` (as given) is kept (store/keyahead.py)."""
+    return os.path.join(cache_base(), "key-ahead", url_digest(url))

@@ -161,15 +161,21 @@ class KeyFile:
 
     def unwrap(self, password: bytes, repo_id: str) -> KeyMaterial:
         """The key material, or WrongPassword."""
+        return self.open_with(self.kek(password), repo_id)
+
+    def kek(self, password: bytes) -> bytes:
+        """The key that wraps the key material, derived from ``password`` (the costly half of ``unwrap``)."""
         if self.kdf == KDF_SECRET:
             if not is_secret(password):
                 raise WrongPassword("this key opens with a generated key secret only")
-            kek = derive_secret_kek(password, self.salt)
-        else:
-            try:
-                kek = _password_kek(self.kdf, self.cost, password, self.salt)
-            except ValueError:
-                raise CorruptObject(f"keys/{self.name}", "key derivation parameters out of range") from None
+            return derive_secret_kek(password, self.salt)
+        try:
+            return _password_kek(self.kdf, self.cost, password, self.salt)
+        except ValueError:
+            raise CorruptObject(f"keys/{self.name}", "key derivation parameters out of range") from None
+
+    def open_with(self, kek: bytes, repo_id: str) -> KeyMaterial:
+        """The key material under ``kek``, or WrongPassword."""
         try:
             raw = Sealer(kek).open(self.wrapped, KEY_AD + repo_id.encode())
         except AuthenticationFailed:

@@ -3,7 +3,9 @@
 The one step of opening that needs the password, kept apart from the rest of
 the store (and its heavy imports): the derivation's memory (32 MiB) is then the
 largest thing alive while it runs, instead of coming on top of every module
-a command needs, which keeps a command's peak memory down.
+a command needs, which keeps a command's peak memory down.  Off local disk
+the derivation may already be under way (``keyahead``), beside the remote's
+connection rather than the store's modules.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from chunkvault.remotes import Remote
 
 from .config import KDF_SECRET, KeyFile, RepoConfig, open_config, peek_config
 from .crypto import KeyMaterial, Sealer
+from .keyahead import KeyAhead
 
 
 class Unlocked(NamedTuple):
@@ -24,8 +27,10 @@ class Unlocked(NamedTuple):
     key_name: str
 
 
-def unlock(remote: Remote, password: bytes) -> Unlocked:
-    """Try each key file with ``password``; errors say whether the password or the repository is wrong."""
+def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Unlocked:
+    """Try each key file with ``password``; errors say whether the password or the repository is wrong.
+
+    ``ahead``: a derivation already under way (``keyahead``); the key file that opens is remembered in it."""
     try:
         raw_config = remote.get("config")
     except ObjectNotFound:
@@ -38,9 +43,11 @@ def unlock(remote: Remote, password: bytes) -> Unlocked:
     other_ids = set()
     unsupported: UnsupportedFormat | None = None
     keys = []
+    raws: dict[str, bytes] = {}
     for name in key_names:
         try:
-            kf = KeyFile.decode(name, remote.get(f"keys/{name}"))
+            raws[name] = remote.get(f"keys/{name}")
+            kf = KeyFile.decode(name, raws[name])
         except (CorruptObject, ObjectNotFound) as exc:
             corrupt = exc if isinstance(exc, CorruptObject) else None
             continue
@@ -51,14 +58,18 @@ def unlock(remote: Remote, password: bytes) -> Unlocked:
             other_ids.add(kf.repo)
         keys.append(kf)
     for kf in sorted(keys, key=lambda k: k.kdf != KDF_SECRET):  # secrets cost microseconds to try, a password 0.5 s of CPU
+        kek = ahead.kek_for(raws[kf.name]) if ahead is not None else None
         try:
-            material = kf.unwrap(password, clear["id"])
+            material = kf.open_with(kek, clear["id"]) if kek is not None else kf.unwrap(password, clear["id"])
         except WrongPassword:
             continue
         except CorruptObject as exc:
             corrupt = exc
             continue
-        return Unlocked(material, open_config(raw_config, Sealer(material.enc_key)), kf.name)
+        unlocked = Unlocked(material, open_config(raw_config, Sealer(material.enc_key)), kf.name)
+        if ahead is not None and kf.kdf != KDF_SECRET:
+            ahead.remember(raws[kf.name])
+        return unlocked
     if corrupt is not None and len(key_names) == 1:
         raise corrupt
     if unsupported is not None:

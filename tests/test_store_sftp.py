@@ -1,4 +1,6 @@
 """The store over SFTP (a real sshd on 127.0.0.1): lifecycle, CLI, copy off-site."""
+from pathlib import Path
+
 from chunkvault import Repository
 from lifecycle_scenario import PASSWORD, run_lifecycle
 from servers_ssh import known_host_entry, sftp_repo, sshd  # noqa: F401
@@ -60,3 +62,17 @@ def test_cli_remote_options_accept_a_new_host(tmp_path, sshd, sftp_repo, cli):
     assert sshd.host_pub.split()[1] in known_host_entry(str(known), sshd.port)
     out = cli("snapshots", "-r", sftp_repo.url, *opts, "--json", env=env)
     assert out.stdout.strip() == b"[]"
+
+
+def test_cli_derives_the_key_while_connecting_and_a_wrong_password_still_fails(tmp_path, sftp_repo, cli):
+    cache = tmp_path / "cache"
+    env = {**sftp_repo.env, "CHUNKVAULT_CACHE_DIR": str(cache)}
+    cli("init", "-r", sftp_repo.url, "--kdf-time", "0.05", env=env)
+    cli("snapshots", "-r", sftp_repo.url, env=env)
+    (kept,) = (cache / "key-ahead").iterdir()
+    (key,) = (Path(sftp_repo.path) / "keys").iterdir()
+    assert kept.read_bytes() == key.read_bytes()
+    assert cli("snapshots", "-r", sftp_repo.url, "--json", env=env).stdout.strip() == b"[]"
+    bad = cli("snapshots", "-r", sftp_repo.url, env=env, password="not it", check=11)
+    assert len(bad.stderr.decode().strip().splitlines()) == 1
+    assert kept.read_bytes() == key.read_bytes()

@@ -1,0 +1,99 @@
+"""Deriving a password's key while the remote connects (store/keyahead.py): one derivation, never a wrong key."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from chunkvault import Repository
+from chunkvault.errors import WrongPassword
+from chunkvault.remotes import open_remote
+from chunkvault.store import config as config_mod
+from chunkvault.store.keyahead import MAX_KEY_FILE, KeyAhead
+from chunkvault.store.unlock import unlock
+
+PASSWORD = b"correct horse"
+
+
+@pytest.fixture
+def repo_dir(tmp_path):
+    path = str(tmp_path / "repo")
+    Repository.init(path, PASSWORD, kdf_seconds=0.01).close()
+    return path
+
+
+@pytest.fixture
+def derivations(monkeypatch):
+    """Counts password derivations (the costly step)."""
+    calls = []
+    real = config_mod._password_kek
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(config_mod, "_password_kek", counted)
+    return calls
+
+
+def key_file_bytes(path: str) -> bytes:
+    (name,) = os.listdir(os.path.join(path, "keys"))
+    with open(os.path.join(path, "keys", name), "rb") as f:
+        return f.read()
+
+
+def test_the_key_file_that_opened_is_remembered_and_derived_from_once_next_time(repo_dir, tmp_path, derivations):
+    kept = str(tmp_path / "cache" / "key-ahead" / "x")
+    remote = open_remote(repo_dir)
+    first = unlock(remote, PASSWORD, KeyAhead.start(kept, PASSWORD))
+    with open(kept, "rb") as f:
+        assert f.read() == key_file_bytes(repo_dir)
+    assert os.stat(kept).st_mode & 0o077 == 0
+    assert len(derivations) == 1
+
+    ahead = KeyAhead.start(kept, PASSWORD)
+    second = unlock(remote, PASSWORD, ahead)
+    assert len(derivations) == 2  # one more: the one made ahead, used by unlock
+    assert second.material == first.material and second.key_name == first.key_name
+
+
+def test_a_wrong_password_is_refused_without_deriving_twice(repo_dir, tmp_path, derivations):
+    kept = str(tmp_path / "kept")
+    remote = open_remote(repo_dir)
+    unlock(remote, PASSWORD, KeyAhead.start(kept, PASSWORD))
+    derivations.clear()
+    with pytest.raises(WrongPassword):
+        unlock(remote, b"wrong", KeyAhead.start(kept, b"wrong"))
+    assert len(derivations) == 1
+
+
+@pytest.mark.parametrize("planted", [b"", b"not a key file", b"{" * (MAX_KEY_FILE + 1), None])
+def test_a_stale_or_planted_cache_costs_a_derivation_never_a_wrong_key(repo_dir, tmp_path, planted, derivations):
+    kept = tmp_path / "kept"
+    if planted is None:  # another repository's key file, valid but not this one's
+        other = str(tmp_path / "other")
+        Repository.init(other, PASSWORD, kdf_seconds=0.01).close()
+        planted = key_file_bytes(other)
+    kept.write_bytes(planted)
+    derivations.clear()
+    unlocked = unlock(open_remote(repo_dir), PASSWORD, KeyAhead.start(str(kept), PASSWORD))
+    assert unlocked.material == unlock(open_remote(repo_dir), PASSWORD).material
+    assert kept.read_bytes() == key_file_bytes(repo_dir)  # replaced by the one that opened
+
+
+def test_an_unwritable_cache_only_loses_the_head_start(repo_dir, tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    kept = str(tmp_path / "file" / "key-ahead" / "x")  # below a file: cannot be created
+    unlock(open_remote(repo_dir), PASSWORD, KeyAhead.start(kept, PASSWORD))
+    assert not os.path.exists(kept)
+
+
+def test_a_key_secret_is_not_kept(tmp_path):
+    from chunkvault.store.crypto import new_secret
+
+    secret = new_secret()
+    path = str(tmp_path / "repo")
+    Repository.init(path, secret).close()
+    kept = str(tmp_path / "kept")
+    unlock(open_remote(path), secret, KeyAhead.start(kept, secret))
+    assert not os.path.exists(kept)
