@@ -96,8 +96,6 @@ class SFTPRemote(Remote):
         cfg = self._ssh_config(host, ssh_config, strict=self.transport == "paramiko")
         self.port = int(port or cfg.get("port") or 22)
         self.user = user or cfg.get("user") or _login_name()
-        files = cfg.get("identityfile") or []
-        key_files = [key_file] if key_file else [os.path.expanduser(f) for f in files if os.path.exists(os.path.expanduser(f))]
         self.channels = max(1, channels)
         port_part = f":{self.port}" if self.port != 22 else ""
         self.display_url = f"sftp://{self.user}@{host}{port_part}/{path.lstrip('/') if path.startswith('~') else path}"
@@ -107,6 +105,8 @@ class SFTPRemote(Remote):
                                os.path.expanduser(ssh_config) if ssh_config else None, connect_timeout)
             self._sessions: OpenSSHSessions | ParamikoSessions = OpenSSHSessions(target)
         else:
+            files = [os.path.expanduser(f) for f in cfg.get("identityfile") or []]
+            key_files = [key_file] if key_file else [f for f in files if os.path.exists(f)]
             target = SSHTarget(cfg.get("hostname", host), self.port, self.user, tuple(key_files), known,
                                accept_new_host_key, ssh_config, connect_timeout)
             self._sessions = ParamikoSessions(target)
@@ -430,7 +430,7 @@ def _session_survives(exc: BaseException) -> bool:
     if isinstance(exc, (ObjectExists, ObjectNotFound)):
         return True
     return (isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, socket.timeout))
-            and exc.errno is not None and exc.errno not in (errno.EBADF, errno.EPIPE))
+            and exc.errno is not None and exc.errno != errno.EBADF)  # EPIPE arrives as BrokenPipeError
 
 
 def _close_quietly(sftp: Any) -> None:
