@@ -62,6 +62,7 @@ class FaultyRemote(Remote):
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._scripted: dict[str, deque[bool]] = {op: deque() for op in OPS}
+        self._scripted_cuts = 0
         self.calls: Counter[str] = Counter()  # operations attempted, per op
         self.faults: Counter[str] = Counter()  # faults injected, per kind
         self.successful_puts = 0
@@ -74,6 +75,11 @@ class FaultyRemote(Remote):
             raise ValueError(f"unknown operation {op!r}")
         with self._lock:
             self._scripted[op].extend([after] * count)
+
+    def inject_truncation(self, count: int = 1) -> None:
+        """Make the next ``count`` non-empty gets return a strict prefix of their bytes."""
+        with self._lock:
+            self._scripted_cuts += count
 
     def _decide(self, op: str) -> str | None:
         """None (no fault), "before" or "after" the inner call."""
@@ -95,6 +101,10 @@ class FaultyRemote(Remote):
 
     def _truncate_to(self, size: int) -> int | None:
         with self._lock:
+            if size and self._scripted_cuts:
+                self._scripted_cuts -= 1
+                self.faults["scripted_cut"] += 1
+                return self._rng.randrange(size)
             if size and self.truncate_rate and self._rng.random() < self.truncate_rate:
                 self.faults["truncated"] += 1
                 return self._rng.randrange(size)
