@@ -70,7 +70,7 @@ _local = threading.local()
 # zstd sizes the match tables of its double-fast levels (3 and 4) for streams (level 3: 2**17 hash and
 # 2**16 chain entries, 768 KiB, and a 2 MiB window), but a blob is one chunk of at most a few hundred KiB
 # (1 MiB cut at fixed offsets), compressed on its own.  A quarter of that (192 KiB at level 3) stays in
-# the core's cache: on the bench's 2,000 MiB tree of system files, level 3 compressed 13-17 % faster for
+# the core's cache: on the bench's 2,000 MiB tree of system files, level 3 compressed 12-19 % faster for
 # 0.7 % more bytes, 1 MiB chunks of PostgreSQL files 11 % faster and no larger (README, "Where the time
 # goes").  The fast levels' tables are small already; the slower strategies (levels 5 and up) are what a
 # user asks for to store less, and keep zstd's own.
