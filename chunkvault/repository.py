@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
 from .errors import CorruptObject, RollbackDetected, UsageError
 from .ledger import Ledger, present_of
-from .connection import connect
-from .remotes import Remote
+from .connection import connect, key_ahead_path
+from .remotes import Remote, url_scheme
 from .chunker import FIXED_CHUNK_SIZE
 from .store.backup import Backup, BackupOptions, BackupResult
 from .store.config import Settings
@@ -23,7 +23,8 @@ from .store.repository import Repo
 from .store.restore import Restorer, RestoreOptions, RestoreResult
 from .store.snapshot import Snapshot, find_snapshot, parse_time
 from .store.source import SourceWalk, root_specs
-from .store.unlock import Unlocked
+from .store.keyahead import KeyAhead
+from .store.unlock import Unlocked, unlock
 
 if TYPE_CHECKING:  # the modules of other commands load when used: a backup need not import them
     from .store.check import CheckReport
@@ -88,9 +89,27 @@ class Repository:
     @classmethod
     def open(cls, url: str | Remote, password: str | bytes | Unlocked, *,
              ledger: bool | str | os.PathLike[str] = True, **remote_options: Any) -> "Repository":
-        """``password`` may be what ``store.unlock.unlock`` opened on the same remote already."""
-        remote = connect(url, **remote_options)
-        repo = Repo.open(remote, password if isinstance(password, Unlocked) else _password(password))
+        """``password`` may be what ``store.unlock.unlock`` opened on the same remote already.
+
+        Off local disk, a password's key is derived from the key file that opened ``url`` last time while
+        the remote connects (``store/keyahead.py``; not with ``cache=False``, which keeps nothing locally).
+        """
+        if isinstance(password, Unlocked):
+            key = password
+            remote = connect(url, **remote_options)
+        else:
+            secret = _password(password)
+            ahead = None
+            if isinstance(url, str) and url_scheme(url) != "file" and remote_options.get("cache", True):
+                ahead = KeyAhead.start(key_ahead_path(url), secret)
+            remote = connect(url, **remote_options)
+            try:
+                key = unlock(remote, secret, ahead)
+            except BaseException:
+                if remote is not url:  # ours to close: a wrong password leaves no connection behind
+                    remote.close()
+                raise
+        repo = Repo.open(remote, key)
         return cls(repo, _ledger_for(repo, ledger))
 
     def close(self) -> None:

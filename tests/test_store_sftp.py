@@ -1,7 +1,11 @@
 """The store over SFTP (a real sshd on 127.0.0.1): lifecycle, CLI, copy off-site."""
 from pathlib import Path
 
+import pytest
+
 from chunkvault import Repository
+from chunkvault.errors import WrongPassword
+from chunkvault.store import config as config_mod
 from lifecycle_scenario import PASSWORD, run_lifecycle
 from servers_ssh import known_host_entry, sftp_repo, sshd  # noqa: F401
 from treeutil import describe
@@ -76,3 +80,26 @@ def test_cli_derives_the_key_while_connecting_and_a_wrong_password_still_fails(t
     bad = cli("snapshots", "-r", sftp_repo.url, env=env, password="not it", check=11)
     assert len(bad.stderr.decode().strip().splitlines()) == 1
     assert kept.read_bytes() == key.read_bytes()
+
+
+def test_api_derives_the_key_while_connecting_unless_told_to_keep_nothing(tmp_path, sftp_repo, monkeypatch):
+    derivations = []
+    real = config_mod._password_kek
+    monkeypatch.setattr(config_mod, "_password_kek", lambda *a: derivations.append(a) or real(*a))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(cache))
+    Repository.init(sftp_repo.url, PASSWORD, kdf_seconds=0.05, **sftp_repo.options).close()
+    assert not (cache / "key-ahead").exists() and len(derivations) == 1
+    Repository.open(sftp_repo.url, PASSWORD, **sftp_repo.options).close()
+    (kept,) = (cache / "key-ahead").iterdir()
+    (key,) = (Path(sftp_repo.path) / "keys").iterdir()
+    assert kept.read_bytes() == key.read_bytes() and len(derivations) == 2
+    with Repository.open(sftp_repo.url, PASSWORD, **sftp_repo.options) as repo:  # derived ahead, used
+        assert repo.snapshots() == []
+    assert len(derivations) == 3
+    with pytest.raises(WrongPassword):
+        Repository.open(sftp_repo.url, "not it", **sftp_repo.options)
+    assert kept.read_bytes() == key.read_bytes()
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "elsewhere"))
+    Repository.open(sftp_repo.url, PASSWORD, cache=False, **sftp_repo.options).close()
+    assert not (tmp_path / "elsewhere").exists()
