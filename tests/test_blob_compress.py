@@ -43,10 +43,14 @@ def test_double_fast_levels_take_tables_sized_for_one_chunk(level):
 
 
 @pytest.mark.parametrize("level", [-5, 1, 2, 5, 9, 19])
-def test_other_levels_keep_zstds_parameters(level):
-    ours, zstds = compression_parameters(level), zstandard.ZstdCompressionParameters.from_level(level)
+def test_other_levels_are_zstds_own(level):
+    ours = compression_parameters(level)
+    assert ours.compression_level == level
     fields = ("window_log", "hash_log", "chain_log", "search_log", "min_match", "target_length", "strategy")
-    assert [getattr(ours, f) for f in fields] == [getattr(zstds, f) for f in fields]
+    assert [getattr(ours, f) for f in fields] == [0] * len(fields)  # all left to zstd for the level
+    data = bytes(range(256)) * 1000
+    assert zstandard.ZstdCompressor(compression_params=ours).compress(data) == zstandard.ZstdCompressor(
+        level=level, write_content_size=True).compress(data)
 
 
 @pytest.mark.parametrize("level", [1, 3, 4, 9])
