@@ -77,3 +77,19 @@ def cli(tmp_path):
         return proc
 
     return run
+
+
+@pytest.fixture
+def derivations(monkeypatch):
+    """Counts password derivations (the costly step)."""
+    from chunkvault.store import config as config_mod
+
+    calls = []
+    real = config_mod._password_kek
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(config_mod, "_password_kek", counted)
+    return calls

@@ -8,7 +8,6 @@ import pytest
 from chunkvault import Repository
 from chunkvault.errors import WrongPassword
 from chunkvault.remotes import open_remote
-from chunkvault.store import config as config_mod
 from chunkvault.store.keyahead import MAX_KEY_FILE, KeyAhead
 from chunkvault.store.unlock import unlock
 
@@ -20,20 +19,6 @@ def repo_dir(tmp_path):
     path = str(tmp_path / "repo")
     Repository.init(path, PASSWORD, kdf_seconds=0.01).close()
     return path
-
-
-@pytest.fixture
-def derivations(monkeypatch):
-    """Counts password derivations (the costly step)."""
-    calls = []
-    real = config_mod._password_kek
-
-    def counted(*args):
-        calls.append(args)
-        return real(*args)
-
-    monkeypatch.setattr(config_mod, "_password_kek", counted)
-    return calls
 
 
 def key_file_bytes(path: str) -> bytes:

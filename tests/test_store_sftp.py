@@ -5,7 +5,6 @@ import pytest
 
 from chunkvault import Repository
 from chunkvault.errors import WrongPassword
-from chunkvault.store import config as config_mod
 from lifecycle_scenario import PASSWORD, run_lifecycle
 from servers_ssh import known_host_entry, sftp_repo, sshd  # noqa: F401
 from treeutil import describe
@@ -82,10 +81,8 @@ def test_cli_derives_the_key_while_connecting_and_a_wrong_password_still_fails(t
     assert kept.read_bytes() == key.read_bytes()
 
 
-def test_api_derives_the_key_while_connecting_unless_told_to_keep_nothing(tmp_path, sftp_repo, monkeypatch):
-    derivations = []
-    real = config_mod._password_kek
-    monkeypatch.setattr(config_mod, "_password_kek", lambda *a: derivations.append(a) or real(*a))
+def test_api_derives_the_key_while_connecting_unless_told_to_keep_nothing(tmp_path, sftp_repo, monkeypatch,
+                                                                         derivations):
     cache = tmp_path / "cache"
     monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(cache))
     Repository.init(sftp_repo.url, PASSWORD, kdf_seconds=0.05, **sftp_repo.options).close()
