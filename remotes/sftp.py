@@ -16,7 +16,8 @@ the ``posix-rename@openssh.com`` extension, which replaces atomically.
 Each thread borrows an SFTP session from a pool, so parallel uploads and
 downloads do not serialise on one session.  Sessions run over OpenSSH's client
 (one ``ssh`` process each) where one is installed, else over paramiko's SSH
-stack (``transport=paramiko``); see ``sftp_sessions``.
+stack (``transport=paramiko``); see ``sftp_sessions``.  Either way the SFTP
+requests are our own (``sftp_client``): pipelined, as large as the server takes.
 """
 from __future__ import annotations
 
@@ -45,8 +46,6 @@ from .base import ObjectInfo, Remote, validate_key, validate_prefix
 from .sftp_sessions import OpenSSHSessions, ParamikoSessions, SSHTarget, resolve_transport
 
 TEMP_PREFIX = ".tmp-"
-_PREFETCH_ABOVE = 256 * 1024
-_READ_SIZE = 32 * 1024  # paramiko's largest SFTP read request
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -262,12 +261,7 @@ class SFTPRemote(Remote):
         def run(sftp: Any) -> None:
             self._ensure_dir(sftp, d)
             try:
-                with sftp.open(tmp, "wb") as f:
-                    f.set_pipelined(True)
-                    view = memoryview(data).cast("B")
-                    step = 1 << 20
-                    for i in range(0, len(view), step):
-                        f.write(view[i : i + step])
+                sftp.write_file(tmp, data)
                 if if_absent:
                     try:
                         sftp.rename(tmp, final)
@@ -290,18 +284,7 @@ class SFTPRemote(Remote):
         path = self._path(key)
 
         def run(sftp: Any) -> bytes:
-            with sftp.open(path, "rb") as f:
-                lo = start or 0
-                want = length
-                if want is None or want > _PREFETCH_ABOVE:
-                    # Large reads are pipelined; clip to the file so no request runs past its end.
-                    want = max(0, min(f.stat().st_size - lo, want if want is not None else 1 << 62))
-                if want == 0:
-                    return b""
-                f.seek(lo)
-                if want > _PREFETCH_ABOVE:
-                    f.prefetch(lo + want)
-                return _read_exact(f, want)
+            return sftp.read_file(path, start or 0, length)
 
         return self._call(f"reading {key}", key, run)
 
@@ -399,22 +382,6 @@ class SFTPRemote(Remote):
         for sftp in pool:
             _close_quietly(sftp)
         self._sessions.close()
-
-
-def _read_exact(f: Any, want: int) -> bytes:
-    """Read up to ``want`` bytes; stops early only at end of file.
-
-    One SFTP request's worth per call: paramiko's file object appends each
-    32 KiB reply to its buffer by concatenation, so one larger call copied
-    the buffer over and over (reading 16 MiB cost a second of CPU)."""
-    parts = []
-    while want > 0:
-        chunk = f.read(min(want, _READ_SIZE))
-        if not chunk:
-            break
-        parts.append(chunk)
-        want -= len(chunk)
-    return b"".join(parts)
 
 
 def _login_name() -> str:

@@ -1,6 +1,6 @@
 """SFTP sessions for the SFTP remote, over OpenSSH's client or over paramiko's SSH stack.
 
-Both kinds hand out paramiko ``SFTPClient`` objects; they differ in what
+Both kinds hand out ``sftp_client.SFTPClient`` sessions; they differ in what
 carries the SFTP packets:
 
 - ``OpenSSHSessions`` runs ``ssh -s sftp`` per session, on one end of a socket
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import shutil
 import socket
 import subprocess
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from chunkvault.errors import ChunkvaultError, PermissionDenied, RemoteError, RemoteUnavailable, UsageError
+
+from .sftp_client import SFTPClient
 
 TRANSPORTS = ("auto", "openssh", "paramiko")
 KEEPALIVE_SECONDS = 30
@@ -136,23 +137,19 @@ def openssh_command(target: SSHTarget, program: str = "ssh") -> list[str]:
 class _ProcessChannel:
     """The end of a socket pair whose other end is an ``ssh`` client's stdin and stdout.
 
-    Offers what paramiko's ``SFTPClient`` uses of a channel.  Not a socket
-    subclass on purpose: paramiko polls plain sockets with 0.1 s selects."""
+    Offers what ``SFTPClient`` uses of a channel, and the ``ssh`` process behind it."""
 
     def __init__(self, sock: socket.socket, proc: subprocess.Popen, stderr: Any):
         self.sock = sock
         self.proc = proc
         self._stderr = stderr
-        self.send = sock.send
-        self.recv = sock.recv
+        self.sendall = sock.sendall
         self.stderr = ""
 
-    def get_name(self) -> str:
-        return "ssh"
-
-    def recv_ready(self) -> bool:
-        """Whether a reply waits (paramiko checks between pipelined writes)."""
-        return bool(select.select([self.sock], [], [], 0)[0])
+    def recv(self, n: int) -> bytes:
+        """Up to ``n`` bytes, waiting for all of them (a reply's data in one object, not in the pieces the
+        socket happened to hold)."""
+        return self.sock.recv(n, socket.MSG_WAITALL)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -179,9 +176,6 @@ class OpenSSHSessions:
     the ssh clients."""
 
     def __init__(self, target: SSHTarget, program: str = "ssh"):
-        import paramiko
-
-        self._paramiko = paramiko
         self.target = target
         self.command = openssh_command(target, program)
 
@@ -202,11 +196,11 @@ class OpenSSHSessions:
         # The handshake, login and SFTP version exchange happen before the first reply.
         ours.settimeout(self.target.connect_timeout * 2 + 5)
         try:
-            sftp = self._paramiko.SFTPClient(channel)
+            sftp = SFTPClient(channel)
         except socket.timeout:
             channel.close()
             raise RemoteUnavailable(f"cannot connect to SSH server {self.target.where()}: timed out") from None
-        except (self._paramiko.SSHException, EOFError, OSError):
+        except (EOFError, OSError):
             channel.close()
             raise classify_ssh_failure(channel.stderr, self.target) from None
         ours.settimeout(None)
@@ -281,13 +275,15 @@ class ParamikoSessions:
                 self._client = self._connect()
             client = self._client
         try:
-            return client.open_sftp()
+            channel = client.get_transport().open_session()
+            channel.invoke_subsystem("sftp")
+            return SFTPClient(channel)
         except (self._paramiko.SSHException, OSError, EOFError) as exc:
             raise RemoteUnavailable(f"cannot open SFTP channel on {self.target.where()}: {exc}") from None
 
     @staticmethod
     def alive(sftp: Any) -> bool:
-        channel = sftp.get_channel()
+        channel = sftp.sock
         return not channel.closed and channel.get_transport().is_active()
 
     def transport(self) -> Any:

@@ -1,0 +1,233 @@
+"""The SFTP client against OpenSSH's own ``sftp-server``, directly over pipes.
+
+A relay between the two can rewrite the server's replies, for what OpenSSH
+never does on its own: replies cut short, an error status in the middle of a
+pipelined read or write, a garbled reply, no ``limits@openssh.com``.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+from typing import Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chunkvault.remotes.sftp_client import DEFAULT_TRANSFER, ProtocolError, SFTPClient, StatusError
+
+SFTP_SERVER = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
+                                "/usr/libexec/sftp-server", shutil.which("sftp-server") or "")
+                    if p and os.access(p, os.X_OK)), None)
+
+if SFTP_SERVER is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("OpenSSH's sftp-server is missing (install openssh-server)")
+    pytest.skip("no sftp-server binary", allow_module_level=True)
+
+DATA, STATUS, VERSION = 103, 101, 2
+Rewrite = Callable[[int, bytes], list[bytes]]
+
+
+def packet(kind: int, body: bytes) -> bytes:
+    return struct.pack(">IB", len(body) + 1, kind) + body
+
+
+def status(request_id: int, code: int, text: bytes = b"injected") -> bytes:
+    return packet(STATUS, struct.pack(">III", request_id, code, len(text)) + text + b"\0\0\0\0")
+
+
+class Relay:
+    """``sftp-server`` on pipes, and a socket for the client; each server packet goes through ``rewrite``
+    (type, body) -> the packets to pass on."""
+
+    def __init__(self, rewrite: Rewrite | None = None):
+        self.rewrite = rewrite or (lambda kind, body: [packet(kind, body)])
+        self.proc = subprocess.Popen([SFTP_SERVER, "-e", "-l", "QUIET"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+        self._ours, self.client_end = socket.socketpair()
+        self._threads = [threading.Thread(target=self._up, daemon=True),
+                         threading.Thread(target=self._down, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _up(self) -> None:
+        try:
+            while chunk := self._ours.recv(1 << 16):
+                self.proc.stdin.write(chunk)
+                self.proc.stdin.flush()
+        except OSError:  # either end closed
+            pass
+        finally:
+            self.proc.stdin.close()
+
+    def _down(self) -> None:
+        out = self.proc.stdout
+        try:
+            while len(head := out.read(5)) == 5:
+                length, kind = struct.unpack(">IB", head)
+                body = out.read(length - 1)
+                for p in self.rewrite(kind, body):
+                    self._ours.sendall(p)
+        except OSError:
+            pass
+        finally:
+            self._hang_up()
+
+    def _hang_up(self) -> None:
+        """End the client's connection (a shutdown also wakes the thread blocked reading it)."""
+        try:
+            self._ours.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._ours.close()
+
+    def close(self) -> None:
+        self.client_end.close()
+        self._hang_up()
+        self.proc.kill()  # it may be blocked writing replies nobody reads any more
+        self.proc.wait(timeout=10)
+        for t in self._threads:
+            t.join(timeout=10)
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def relay():
+    made: list[Relay] = []
+
+    def start(rewrite: Rewrite | None = None) -> SFTPClient:
+        r = Relay(rewrite)
+        made.append(r)
+        return SFTPClient(r.client_end)
+
+    yield start
+    for r in made:
+        r.close()
+
+
+def cut_data_replies(most: int) -> Rewrite:
+    """A server that returns at most ``most`` bytes per read, whatever its limits said."""
+    def rewrite(kind: int, body: bytes) -> list[bytes]:
+        if kind == DATA:
+            rid, n = struct.unpack_from(">II", body)
+            if n > most:
+                body = struct.pack(">II", rid, most) + body[8 : 8 + most]
+        return [packet(kind, body)]
+    return rewrite
+
+
+def test_files_and_directories_round_trip(relay, tmp_path):
+    c = relay()
+    assert c.max_read == c.max_write == 261120  # what OpenSSH's limits@openssh.com says
+    d = str(tmp_path / "d")
+    c.mkdir(d)
+    data = os.urandom((5 << 20) + 12_345)
+    c.write_file(f"{d}/a", data)
+    assert (tmp_path / "d" / "a").read_bytes() == data
+    assert c.read_file(f"{d}/a") == data
+    for start, length in [(0, 1), (1, 261120), (261119, 261122), (5 << 20, 1 << 20), (len(data), 10), (len(data) + 5, 3)]:
+        assert c.read_file(f"{d}/a", start, length) == data[start : start + length]
+    assert c.stat(f"{d}/a").st_size == len(data)
+    c.write_file(f"{d}/b", b"")
+    assert c.read_file(f"{d}/b") == b""
+    assert sorted((a.filename, a.st_size) for a in c.listdir_attr(d)) == [("a", len(data)), ("b", 0)]
+    with pytest.raises(OSError):
+        c.rename(f"{d}/b", f"{d}/a")  # the standard rename never replaces
+    c.posix_rename(f"{d}/b", f"{d}/a")
+    assert c.read_file(f"{d}/a") == b"" and not (tmp_path / "d" / "b").exists()
+    c.remove(f"{d}/a")
+    with pytest.raises(OSError) as missing:
+        c.stat(f"{d}/a")
+    assert missing.value.errno == errno.ENOENT
+    assert c.listdir_attr(d) == []
+    assert c.normalize(d + "/.") == d
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(size=st.integers(0, 600_000), cut=st.integers(1_000, 70_000),
+       ranges=st.lists(st.tuples(st.integers(0, 650_000), st.one_of(st.none(), st.integers(0, 650_000))),
+                       min_size=1, max_size=6))
+def test_replies_cut_short_are_completed(relay, tmp_path, size, cut, ranges):
+    path = tmp_path / f"f{size}"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    c = relay(cut_data_replies(cut))
+    for start, length in ranges:
+        end = size if length is None else start + length
+        assert c.read_file(str(path), start, length) == data[start:end]
+
+
+def test_without_limits_requests_stay_small(relay, tmp_path):
+    def no_limits(kind: int, body: bytes) -> list[bytes]:
+        if kind == VERSION:
+            body = body.replace(b"limits@openssh.com", b"limits@example.org")
+        return [packet(kind, body)]
+
+    c = relay(no_limits)
+    assert c.max_read == c.max_write == DEFAULT_TRANSFER
+    data = os.urandom(300_000)
+    c.write_file(str(tmp_path / "x"), data)
+    assert c.read_file(str(tmp_path / "x")) == data
+
+
+def fail_nth(kind_wanted: int, n: int) -> Rewrite:
+    """Turn the ``n``-th reply of ``kind_wanted`` into a failure status for the same request."""
+    seen = [0]
+
+    def rewrite(kind: int, body: bytes) -> list[bytes]:
+        if kind == kind_wanted:
+            seen[0] += 1
+            if seen[0] == n:
+                return [status(struct.unpack_from(">I", body)[0], 4)]
+        return [packet(kind, body)]
+    return rewrite
+
+
+def test_an_error_in_the_middle_of_a_read_leaves_the_session_in_step(relay, tmp_path):
+    data = os.urandom(3 << 20)
+    (tmp_path / "x").write_bytes(data)
+    c = relay(fail_nth(DATA, 3))
+    with pytest.raises(StatusError, match="injected"):
+        c.read_file(str(tmp_path / "x"))
+    assert c.read_file(str(tmp_path / "x")) == data  # every reply of the failed read was taken in
+
+
+def test_an_error_in_the_middle_of_a_write_leaves_the_session_in_step(relay, tmp_path):
+    data = os.urandom(3 << 20)
+    c = relay(fail_nth(STATUS, 4))  # the fourth write's (the OPEN is answered with a handle)
+    with pytest.raises(StatusError, match="injected"):
+        c.write_file(str(tmp_path / "x"), data)
+    c.write_file(str(tmp_path / "y"), data)
+    assert (tmp_path / "y").read_bytes() == data
+
+
+def test_a_reply_to_no_request_is_a_protocol_error(relay, tmp_path):
+    (tmp_path / "x").write_bytes(os.urandom(1 << 20))
+
+    def wrong_id(kind: int, body: bytes) -> list[bytes]:
+        if kind == DATA:
+            body = struct.pack(">I", 0xDEAD) + body[4:]
+        return [packet(kind, body)]
+
+    c = relay(wrong_id)
+    with pytest.raises(ProtocolError):
+        c.read_file(str(tmp_path / "x"))
+
+
+def test_a_connection_that_ends_mid_reply_is_an_eof(relay, tmp_path):
+    (tmp_path / "x").write_bytes(os.urandom(1 << 20))
+
+    def cut(kind: int, body: bytes) -> list[bytes]:
+        if kind == DATA:
+            raise OSError("cut")  # the relay stops: the client sees its socket close
+        return [packet(kind, body)]
+
+    c = relay(cut)
+    with pytest.raises(EOFError):
+        c.read_file(str(tmp_path / "x"))
