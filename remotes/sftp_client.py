@@ -66,7 +66,7 @@ class Attributes:
 
 
 def _string(data: bytes | str) -> bytes:
-    raw = data.encode() if isinstance(data, str) else data
+    raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
     return _U32.pack(len(raw)) + raw
 
 
@@ -302,9 +302,17 @@ class SFTPClient:
         return result
 
     def write_file(self, path: str, data: bytes | memoryview) -> None:
-        """Create or truncate ``path`` and write ``data`` into it, several write requests in flight."""
+        """Create or truncate ``path`` and write ``data`` into it, several write requests in flight; then
+        have the server flush it to its disk where it can (``fsync@openssh.com``), so a file renamed into
+        place after this holds its bytes even if the server's machine goes down."""
         handle = self._open(path, _WRITE_FLAG | _CREATE_FLAG | _TRUNCATE_FLAG)
-        self._then_close(handle, lambda: self._write(_string(handle), memoryview(data).cast("B")))
+
+        def work() -> None:
+            self._write(_string(handle), memoryview(data).cast("B"))
+            if b"fsync@openssh.com" in self.extensions:
+                self._request(_EXTENDED, _string(b"fsync@openssh.com") + _string(handle), _STATUS)
+
+        self._then_close(handle, work)
 
     def _write(self, handle: bytes, view: memoryview) -> None:
         step = self.max_write

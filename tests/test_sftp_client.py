@@ -30,7 +30,7 @@ if SFTP_SERVER is None:
         raise RuntimeError("OpenSSH's sftp-server is missing (install openssh-server)")
     pytest.skip("no sftp-server binary", allow_module_level=True)
 
-DATA, STATUS, VERSION = 103, 101, 2
+DATA, STATUS, VERSION, EXTENDED, WRITE, CLOSE = 103, 101, 2, 200, 6, 4
 Rewrite = Callable[[int, bytes], list[bytes]]
 
 
@@ -48,6 +48,7 @@ class Relay:
 
     def __init__(self, rewrite: Rewrite | None = None):
         self.rewrite = rewrite or (lambda kind, body: [packet(kind, body)])
+        self.requests: list[tuple[int, bytes | None]] = []
         self.proc = subprocess.Popen([SFTP_SERVER, "-e", "-l", "QUIET"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)
         self._ours, self.client_end = socket.socketpair()
@@ -57,14 +58,30 @@ class Relay:
             t.start()
 
     def _up(self) -> None:
+        pending = b""
         try:
             while chunk := self._ours.recv(1 << 16):
                 self.proc.stdin.write(chunk)
                 self.proc.stdin.flush()
+                pending = self._note_requests(pending + chunk)
         except OSError:  # either end closed
             pass
         finally:
             self.proc.stdin.close()
+
+    def _note_requests(self, stream: bytes) -> bytes:
+        """Record the type of each whole request in ``stream`` (and an extended one's name); the rest."""
+        while len(stream) >= 5:
+            length, kind = struct.unpack_from(">IB", stream)
+            if len(stream) < 4 + length:
+                break
+            name = None
+            if kind == EXTENDED:
+                (n,) = struct.unpack_from(">I", stream, 9)
+                name = stream[13 : 13 + n]
+            self.requests.append((kind, name))
+            stream = stream[4 + length :]
+        return stream
 
     def _down(self) -> None:
         out = self.proc.stdout
@@ -104,7 +121,9 @@ def relay():
     def start(rewrite: Rewrite | None = None) -> SFTPClient:
         r = Relay(rewrite)
         made.append(r)
-        return SFTPClient(r.client_end)
+        client = SFTPClient(r.client_end)
+        client.relay = r
+        return client
 
     yield start
     for r in made:
@@ -118,6 +137,15 @@ def cut_data_replies(most: int) -> Rewrite:
             rid, n = struct.unpack_from(">II", body)
             if n > most:
                 body = struct.pack(">II", rid, most) + body[8 : 8 + most]
+        return [packet(kind, body)]
+    return rewrite
+
+
+def renaming_extension(old: bytes, new: bytes) -> Rewrite:
+    """A server that does not offer extension ``old`` (it is announced as ``new``)."""
+    def rewrite(kind: int, body: bytes) -> list[bytes]:
+        if kind == VERSION:
+            body = body.replace(old, new)
         return [packet(kind, body)]
     return rewrite
 
@@ -164,12 +192,7 @@ def test_replies_cut_short_are_completed(relay, tmp_path, size, cut, ranges):
 
 
 def test_without_limits_requests_stay_small(relay, tmp_path):
-    def no_limits(kind: int, body: bytes) -> list[bytes]:
-        if kind == VERSION:
-            body = body.replace(b"limits@openssh.com", b"limits@example.org")
-        return [packet(kind, body)]
-
-    c = relay(no_limits)
+    c = relay(renaming_extension(b"limits@openssh.com", b"limits@example.org"))
     assert c.max_read == c.max_write == DEFAULT_TRANSFER
     data = os.urandom(300_000)
     c.write_file(str(tmp_path / "x"), data)
@@ -231,3 +254,23 @@ def test_a_connection_that_ends_mid_reply_is_an_eof(relay, tmp_path):
     c = relay(cut)
     with pytest.raises(EOFError):
         c.read_file(str(tmp_path / "x"))
+
+
+def test_a_written_file_is_flushed_on_the_server_before_it_is_closed(relay, tmp_path):
+    c = relay()
+    c.write_file(str(tmp_path / "x"), os.urandom(600_000))
+    kinds = [k for k, _ in c.relay.requests]
+    fsync = c.relay.requests.index((EXTENDED, b"fsync@openssh.com"))
+    assert kinds[fsync - 1] == WRITE and kinds[fsync + 1] == CLOSE
+    plain = relay(renaming_extension(b"fsync@openssh.com", b"fsync@example.org"))  # a server without it
+    plain.write_file(str(tmp_path / "y"), b"data")
+    assert all(name is None or b"fsync" not in name for _, name in plain.relay.requests)
+    assert (tmp_path / "y").read_bytes() == b"data"
+
+
+def test_names_that_are_not_utf8_round_trip(relay, tmp_path):
+    c = relay()
+    name = os.fsdecode(b"caf\xe9")
+    c.write_file(str(tmp_path / name), b"x")
+    assert os.listdir(os.fsencode(tmp_path)) == [b"caf\xe9"]
+    assert [a.filename for a in c.listdir_attr(str(tmp_path))] == [name]
