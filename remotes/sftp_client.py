@@ -242,7 +242,8 @@ class SFTPClient:
     def stat(self, path: str) -> Attributes:
         return _Reader(self._request(_STAT, _string(path), _ATTRS)).attributes()
 
-    def mkdir(self, path: str, mode: int = 0o755) -> None:
+    def mkdir(self, path: str, mode: int = 0o777) -> None:
+        """Make a directory; the server's umask applies to ``mode``, as with ``mkdir(1)``."""
         self._request(_MKDIR, _string(path) + _U32.pack(_ATTR_PERMISSIONS) + _U32.pack(mode), _STATUS)
 
     def remove(self, path: str) -> None:
