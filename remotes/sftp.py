@@ -43,7 +43,7 @@ from chunkvault.errors import (
 )
 
 from .base import ObjectInfo, Remote, validate_key, validate_prefix
-from .sftp_sessions import OpenSSHSessions, ParamikoSessions, SSHTarget, resolve_transport
+from .sftp_sessions import OpenSSHSessions, ParamikoSessions, SSHTarget, openssh_settings, resolve_transport
 
 TEMP_PREFIX = ".tmp-"
 _TRUE = ("1", "true", "yes", "on")
@@ -91,19 +91,22 @@ class SFTPRemote(Remote):
         transport: str = "auto",
     ):
         self.transport = resolve_transport(transport)
-        # OpenSSH reads its config itself (here only for the name in messages); paramiko takes it from us.
-        cfg = self._ssh_config(host, ssh_config, strict=self.transport == "paramiko")
+        known = os.path.expanduser(known_hosts) if known_hosts else None
+        if self.transport == "openssh":
+            # ssh reads its configuration itself: it is given only what the URL and the options say, and
+            # asked (ssh -G) which user and port it will use, for the name in messages and the cache's.
+            target = SSHTarget(host, port, user, (key_file,) if key_file else (), known, accept_new_host_key,
+                               os.path.expanduser(ssh_config) if ssh_config else None, connect_timeout)
+            self._sessions: OpenSSHSessions | ParamikoSessions = OpenSSHSessions(target)
+            cfg: dict[str, Any] = openssh_settings(target)
+        else:  # paramiko takes the configuration from us
+            cfg = self._ssh_config(host, ssh_config)
         self.port = int(port or cfg.get("port") or 22)
         self.user = user or cfg.get("user") or _login_name()
         self.channels = max(1, channels)
         port_part = f":{self.port}" if self.port != 22 else ""
         self.display_url = f"sftp://{self.user}@{host}{port_part}/{path.lstrip('/') if path.startswith('~') else path}"
-        known = os.path.expanduser(known_hosts) if known_hosts else None
-        if self.transport == "openssh":  # only what the URL and the options say
-            target = SSHTarget(host, port, user, (key_file,) if key_file else (), known, accept_new_host_key,
-                               os.path.expanduser(ssh_config) if ssh_config else None, connect_timeout)
-            self._sessions: OpenSSHSessions | ParamikoSessions = OpenSSHSessions(target)
-        else:
+        if self.transport == "paramiko":
             files = [os.path.expanduser(f) for f in cfg.get("identityfile") or []]
             key_files = [key_file] if key_file else [f for f in files if os.path.exists(f)]
             target = SSHTarget(cfg.get("hostname", host), self.port, self.user, tuple(key_files), known,
@@ -150,7 +153,7 @@ class SFTPRemote(Remote):
     # -- sessions -------------------------------------------------------------
 
     @staticmethod
-    def _ssh_config(host: str, path: str | None, strict: bool) -> dict[str, Any]:
+    def _ssh_config(host: str, path: str | None) -> dict[str, Any]:
         import paramiko
 
         path = os.path.expanduser(path or "~/.ssh/config")
@@ -159,8 +162,6 @@ class SFTPRemote(Remote):
         try:
             return paramiko.SSHConfig.from_path(path).lookup(host)
         except Exception as exc:  # a broken ssh config is the user's to fix, with a clear line
-            if not strict:
-                return {}
             raise UsageError(f"cannot read SSH config {path}: {exc}") from None
 
     def _resolve_root(self, sftp: Any) -> str:
@@ -203,8 +204,7 @@ class SFTPRemote(Remote):
 
     def _call(self, what: str, key: str | None, fn: Any) -> Any:
         """Run ``fn(sftp)`` and sort failures into the error hierarchy."""
-        import paramiko
-
+        lost = self._sessions.lost_errors
         try:
             with self._sftp() as sftp:
                 return fn(sftp)
@@ -220,7 +220,7 @@ class SFTPRemote(Remote):
             if exc.errno == errno.ENOENT and key is not None:
                 raise ObjectNotFound(key) from None
             raise RemoteError(f"SFTP {what} on {self.display_url} failed: {exc.strerror or exc}") from None
-        except (paramiko.SSHException, EOFError) as exc:
+        except lost as exc:
             raise RemoteUnavailable(f"SFTP {what} on {self.display_url}: connection lost ({exc or type(exc).__name__})") from None
 
     def _path(self, key: str) -> str:

@@ -134,6 +134,24 @@ def openssh_command(target: SSHTarget, program: str = "ssh") -> list[str]:
     return cmd + ["-s", "--", target.host, "sftp"]
 
 
+def openssh_settings(target: SSHTarget, program: str = "ssh") -> dict[str, str]:
+    """What ``ssh -G`` says it would use for ``target`` (user, port, ...): OpenSSH's own reading of the
+    configuration, Include and Match blocks too.  Empty where it cannot say (a broken configuration,
+    which the connection then reports)."""
+    command = openssh_command(target, program)[:-4] + ["-G", "--", target.host]
+    try:
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if done.returncode != 0:
+        return {}
+    settings: dict[str, str] = {}
+    for line in done.stdout.decode(errors="replace").splitlines():
+        key, _, value = line.partition(" ")
+        settings.setdefault(key, value.strip())
+    return settings
+
+
 class _ProcessChannel:
     """The end of a socket pair whose other end is an ``ssh`` client's stdin and stdout.
 
@@ -174,6 +192,8 @@ class OpenSSHSessions:
     Each runs in its own process group, so a Ctrl-C on the terminal reaches
     chunkvault (which then releases its lock through these sessions) and not
     the ssh clients."""
+
+    lost_errors: tuple[type[BaseException], ...] = (EOFError,)  # what a session raises when its connection is gone
 
     def __init__(self, target: SSHTarget, program: str = "ssh"):
         self.target = target
@@ -221,6 +241,7 @@ class ParamikoSessions:
         import paramiko
 
         self._paramiko = paramiko
+        self.lost_errors = (EOFError, paramiko.SSHException)
         self.target = target
         self._lock = threading.Lock()
         self._client: Any = None

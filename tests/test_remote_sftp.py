@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -213,3 +214,29 @@ def test_openssh_transport_without_ssh_is_one_clear_error(sftp_repo, monkeypatch
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(UsageError, match="cannot run the SSH client 'ssh'.*transport=paramiko"):
         open_remote(sftp_repo.url, **sftp_repo.options, transport="openssh")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_host_alias_of_the_ssh_config_names_its_user_and_port(sshd, tmp_path, transport):
+    """The URL names an alias; the configuration file says where it leads.  The remote's name (in messages,
+    and the local cache's) carries the user and port the connection used."""
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host backup-alias\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+                      f"  IdentityFile {sshd.user_key}\n")
+    url = f"sftp://backup-alias{tmp_path}/repo"
+    with open_remote(url, known_hosts=sshd.known_hosts, ssh_config=str(config), transport=transport) as remote:
+        remote.put("config", b"x")
+        assert remote.display_url == f"sftp://{sshd.user}@backup-alias:{sshd.port}/{tmp_path}/repo"
+    assert (tmp_path / "repo" / "config").read_bytes() == b"x"
+
+
+def test_openssh_sessions_leave_paramiko_unloaded(sftp_repo):
+    """Over OpenSSH's client, paramiko (0.1 s of imports) has nothing to do."""
+    code = ("import sys\nfrom chunkvault.remotes import open_remote\n"
+            f"with open_remote({sftp_repo.url!r}, key_file={sftp_repo.options['key_file']!r}, "
+            f"known_hosts={sftp_repo.options['known_hosts']!r}, transport='openssh') as r:\n"
+            "    r.put('config', b'x')\n    assert r.get('config') == b'x'\n"
+            "print('paramiko' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
