@@ -293,28 +293,31 @@ class SFTPRemote(Remote):
         head, _, _ = prefix.rpartition("/")
         found: list[ObjectInfo] = []
 
-        def walk(sftp: Any, rel: str) -> None:
-            path = f"{self._root}/{rel}".rstrip("/")
-            try:
-                entries = sftp.listdir_attr(path)
-            except OSError as exc:
-                if _is_missing(exc):
-                    return
-                raise
-            for attr in entries:
-                name = attr.filename
-                if name.startswith(TEMP_PREFIX) or name in (".", ".."):
-                    continue
-                key = f"{rel}{name}"
-                if stat_mod.S_ISDIR(attr.st_mode or 0):
-                    sub = key + "/"
-                    if sub.startswith(prefix) or prefix.startswith(sub):
-                        walk(sftp, sub)
-                elif key.startswith(prefix):
-                    found.append(ObjectInfo(key, attr.st_size or 0))
+        def walk(sftp: Any) -> None:
+            level = [head + "/" if head else ""]  # directories below the root, one depth at a time
+            while level:
+                listings = sftp.listdirs([self._dir(rel) for rel in level])
+                deeper = []
+                for rel in level:
+                    for attr in listings[self._dir(rel)] or ():
+                        name = attr.filename
+                        if name.startswith(TEMP_PREFIX):
+                            continue
+                        key = f"{rel}{name}"
+                        if stat_mod.S_ISDIR(attr.st_mode or 0):
+                            sub = key + "/"
+                            if sub.startswith(prefix) or prefix.startswith(sub):
+                                deeper.append(sub)
+                        elif key.startswith(prefix):
+                            found.append(ObjectInfo(key, attr.st_size or 0))
+                level = deeper
 
-        self._call(f"listing {prefix or '/'}", None, lambda sftp: walk(sftp, head + "/" if head else ""))
+        self._call(f"listing {prefix or '/'}", None, walk)
         yield from found
+
+    def _dir(self, rel: str) -> str:
+        """The server's path of the directory ``rel`` ("" or ending in "/") below the root."""
+        return f"{self._root}/{rel}".rstrip("/")
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -349,26 +352,23 @@ class SFTPRemote(Remote):
 
         def run(sftp: Any) -> int:
             removed = 0
-            stack = [self._root]
-            while stack:
-                d = stack.pop()
-                try:
-                    entries = sftp.listdir_attr(d)
-                except OSError as exc:
-                    if _is_missing(exc):
-                        continue
-                    raise
-                for attr in entries:
-                    path = f"{d}/{attr.filename}"
-                    if stat_mod.S_ISDIR(attr.st_mode or 0):
-                        stack.append(path)
-                    elif attr.filename.startswith(TEMP_PREFIX) and (attr.st_mtime or 0) < cutoff:
-                        try:
-                            sftp.remove(path)
-                            removed += 1
-                        except OSError as exc:
-                            if not _is_missing(exc):
-                                raise
+            level = [self._root]
+            while level:
+                listings = sftp.listdirs(level)
+                deeper = []
+                for d in level:
+                    for attr in listings[d] or ():
+                        path = f"{d}/{attr.filename}"
+                        if stat_mod.S_ISDIR(attr.st_mode or 0):
+                            deeper.append(path)
+                        elif attr.filename.startswith(TEMP_PREFIX) and (attr.st_mtime or 0) < cutoff:
+                            try:
+                                sftp.remove(path)
+                                removed += 1
+                            except OSError as exc:
+                                if not _is_missing(exc):
+                                    raise
+                level = deeper
             return removed
 
         return self._call("removing temporary files", None, run)

@@ -16,8 +16,9 @@ A session serves one request at a time (the remote's pool lends it to one
 thread).  Errors follow paramiko's, which the remote sorts: a status of no such
 file or permission denied is an ``OSError`` with ``ENOENT`` or ``EACCES``, any
 other failure an ``OSError`` without an errno, and a lost or garbled connection
-an ``EOFError``.  Every request's reply is read before an error is raised, so a
-session that answered with an error status serves the next request.
+an ``EOFError`` (or the socket's ``ConnectionError``, lost while sending).
+Every request's reply is read before an error is raised, so a session that
+answered with an error status serves the next request.
 """
 from __future__ import annotations
 
@@ -261,29 +262,67 @@ class SFTPClient:
 
     def listdir_attr(self, path: str) -> list[Attributes]:
         """The entries of directory ``path``, without ``.`` and ``..``."""
-        handle = _Reader(self._request(_OPENDIR, _string(path), _HANDLE)).string()
-        return self._then_close(handle, lambda: self._read_dir(handle))
+        entries = self.listdirs([path])[path]
+        if entries is None:
+            raise StatusError(errno.ENOENT, f"No such directory: {path}")
+        return entries
 
-    def _read_dir(self, handle: bytes) -> list[Attributes]:
-        entries: list[Attributes] = []
-        while True:
-            rid = self._send_request(_READDIR, _string(handle))
-            kind, reply_id, body = self._reply()
-            if reply_id != rid:
-                raise ProtocolError(f"SFTP reply to request {reply_id}, expected {rid}")
-            if kind == _STATUS:
-                if _U32.unpack_from(body)[0] == _EOF:
-                    return entries
-                raise _status_error(body) or ProtocolError("SFTP status OK in a directory listing")
-            if kind != _NAME:
-                raise ProtocolError(f"SFTP reply of type {kind} in a directory listing")
-            r = _Reader(body)
-            for _ in range(r.u32()):
-                name = r.string().decode(errors="surrogateescape")
-                r.string()  # the long name, for humans
-                attrs = r.attributes(name)
-                if name not in (".", ".."):
-                    entries.append(attrs)
+    def listdirs(self, paths: list[str]) -> dict[str, list[Attributes] | None]:
+        """The entries of each directory in ``paths`` (None for one that does not exist), all listed at
+        once: a repository's ``data/`` has 256 subdirectories, and listing them one after another cost
+        three round trips each (open, read, close), 0.8 s on a link of 1 ms and 23 s at 30 ms.  Any other
+        error is raised once every directory opened has been read and closed."""
+        found: dict[str, list[Attributes] | None] = {}
+        pending: dict[int, tuple[int, str, bytes]] = {}  # request id -> (request type, path, handle)
+        todo = list(reversed(paths))
+        window = 64
+        error: StatusError | None = None
+
+        def send(kind: int, path: str, handle: bytes) -> None:
+            rid = self._send_request(kind, _string(handle if kind != _OPENDIR else path))
+            pending[rid] = (kind, path, handle)
+
+        while todo or pending:
+            while error is None and todo and len(pending) < window:
+                path = todo.pop()
+                if path not in found:
+                    found[path] = []
+                    send(_OPENDIR, path, b"")
+            if not pending:
+                break
+            kind, rid, body = self._reply()
+            if rid not in pending:
+                raise ProtocolError(f"SFTP reply to request {rid}, which is not in flight")
+            request, path, handle = pending.pop(rid)
+            failed = _status_error(body) if kind == _STATUS and _U32.unpack_from(body)[0] != _EOF else None
+            if request == _OPENDIR:
+                if kind == _HANDLE:
+                    send(_READDIR, path, _Reader(body).string())
+                elif failed is not None and failed.errno == errno.ENOENT:
+                    found[path] = None
+                else:
+                    error = error or failed or ProtocolError(f"SFTP reply of type {kind} to opening {path}")
+            elif request == _READDIR:
+                if kind == _NAME:
+                    entries = found[path]
+                    r = _Reader(body)
+                    for _ in range(r.u32()):
+                        name = r.string().decode(errors="surrogateescape")
+                        r.string()  # the long name, for humans
+                        attrs = r.attributes(name)
+                        if name not in (".", "..") and entries is not None:
+                            entries.append(attrs)
+                    send(_READDIR if error is None else _CLOSE, path, handle)
+                else:
+                    if kind != _STATUS:
+                        raise ProtocolError(f"SFTP reply of type {kind} while listing {path}")
+                    error = error or failed
+                    send(_CLOSE, path, handle)
+            elif kind != _STATUS:
+                raise ProtocolError(f"SFTP reply of type {kind} to closing {path}")
+        if error is not None:
+            raise error
+        return found
 
     def _open(self, path: str, flags: int) -> bytes:
         return _Reader(self._request(_OPEN, _string(path) + _U32.pack(flags) + _U32.pack(0), _HANDLE)).string()

@@ -30,7 +30,7 @@ if SFTP_SERVER is None:
         raise RuntimeError("OpenSSH's sftp-server is missing (install openssh-server)")
     pytest.skip("no sftp-server binary", allow_module_level=True)
 
-DATA, STATUS, VERSION, EXTENDED, WRITE, CLOSE = 103, 101, 2, 200, 6, 4
+DATA, STATUS, VERSION, EXTENDED, WRITE, CLOSE, OPENDIR, NAME = 103, 101, 2, 200, 6, 4, 11, 104
 Rewrite = Callable[[int, bytes], list[bytes]]
 
 
@@ -61,9 +61,9 @@ class Relay:
         pending = b""
         try:
             while chunk := self._ours.recv(1 << 16):
+                pending = self._note_requests(pending + chunk)  # before the server can answer them
                 self.proc.stdin.write(chunk)
                 self.proc.stdin.flush()
-                pending = self._note_requests(pending + chunk)
         except OSError:  # either end closed
             pass
         finally:
@@ -252,7 +252,7 @@ def test_a_connection_that_ends_mid_reply_is_an_eof(relay, tmp_path):
         return [packet(kind, body)]
 
     c = relay(cut)
-    with pytest.raises(EOFError):
+    with pytest.raises((EOFError, ConnectionError)):  # reading the reply, or still sending requests
         c.read_file(str(tmp_path / "x"))
 
 
@@ -274,3 +274,35 @@ def test_names_that_are_not_utf8_round_trip(relay, tmp_path):
     c.write_file(str(tmp_path / name), b"x")
     assert os.listdir(os.fsencode(tmp_path)) == [b"caf\xe9"]
     assert [a.filename for a in c.listdir_attr(str(tmp_path))] == [name]
+
+
+def test_many_directories_are_listed_at_once(relay, tmp_path):
+    tree = {f"d{i:02x}": [f"f{j}" for j in range(i * 7)] for i in range(40)}  # up to 273 names: several reads
+    for d, names in tree.items():
+        (tmp_path / d).mkdir()
+        for n in names:
+            (tmp_path / d / n).write_bytes(b"x" * len(n))
+    c = relay()
+    paths = [str(tmp_path / d) for d in tree] + [str(tmp_path / "missing")]
+    got = c.listdirs(paths)
+    assert got[str(tmp_path / "missing")] is None
+    for d, names in tree.items():
+        assert sorted((a.filename, a.st_size) for a in got[str(tmp_path / d)]) == sorted((n, len(n)) for n in names)
+    opened = [k for k, _ in c.relay.requests].index(OPENDIR)
+    assert [k for k, _ in c.relay.requests][opened : opened + 41] == [OPENDIR] * 41  # all asked before any reply
+    with pytest.raises(OSError) as missing:
+        c.listdir_attr(str(tmp_path / "missing"))
+    assert missing.value.errno == errno.ENOENT
+
+
+def test_an_error_while_listing_leaves_the_session_in_step(relay, tmp_path):
+    for i in range(10):
+        (tmp_path / f"d{i}").mkdir()
+        (tmp_path / f"d{i}" / "f").write_bytes(b"x")
+    c = relay(fail_nth(NAME, 4))
+    paths = [str(tmp_path / f"d{i}") for i in range(10)]
+    with pytest.raises(StatusError, match="injected"):
+        c.listdirs(paths)
+    assert all(len(entries) == 1 for entries in c.listdirs(paths).values())
+    closes = sum(1 for k, _ in c.relay.requests if k == CLOSE)
+    assert closes == 20  # every directory opened was closed, the failed listing's too
