@@ -154,6 +154,7 @@ class SFTPClient:
     def __init__(self, sock: Any):
         self.sock = sock
         self._next_id = 0
+        self._unawaited: set[int] = set()  # closes whose replies nobody waits for
         self._send(_INIT, _U32.pack(3))
         kind, body = self._packet()
         if kind != _VERSION:
@@ -209,12 +210,22 @@ class SFTPClient:
             raise ProtocolError(f"SFTP packet of {length} bytes")
         return kind, self._exact(length - 1)
 
+    def _reply_head(self) -> tuple[int, int, int]:
+        """(length of the rest, type, request id) of the next reply to a request someone waits for; the
+        replies to closes not waited for (``_close_later``) are read and dropped on the way."""
+        while True:
+            size, kind, rid = _HEAD_ID.unpack(self._exact(_HEAD_ID.size))
+            if not 5 <= size <= MAX_PACKET:
+                raise ProtocolError(f"SFTP packet of {size} bytes")
+            if rid not in self._unawaited:
+                return size - 5, kind, rid
+            self._unawaited.discard(rid)
+            self._exact(size - 5)
+
     def _reply(self) -> tuple[int, int, bytes]:
         """(type, request id, rest of the body) of the next reply."""
-        kind, body = self._packet()
-        if len(body) < 4:
-            raise ProtocolError(f"SFTP reply of type {kind} without a request id")
-        return kind, _U32.unpack_from(body)[0], body[4:]
+        rest, kind, rid = self._reply_head()
+        return kind, rid, self._exact(rest)
 
     def _request(self, kind: int, payload: bytes, expect: int) -> bytes:
         """Send one request and return the body of its ``expect`` reply; a STATUS reply raises its error
@@ -273,7 +284,7 @@ class SFTPClient:
         three round trips each (open, read, close), 0.8 s on a link of 1 ms and 23 s at 30 ms.  Any other
         error is raised once every directory opened has been read and closed."""
         found: dict[str, list[Attributes] | None] = {}
-        pending: dict[int, tuple[int, str, bytes]] = {}  # request id -> (request type, path, handle)
+        pending: dict[int, tuple[int, str, bytes]] = {}  # request id -> (OPENDIR or READDIR, path, handle)
         todo = list(reversed(paths))
         window = 64
         error: StatusError | None = None
@@ -312,14 +323,15 @@ class SFTPClient:
                         attrs = r.attributes(name)
                         if name not in (".", "..") and entries is not None:
                             entries.append(attrs)
-                    send(_READDIR if error is None else _CLOSE, path, handle)
+                    if error is None:
+                        send(_READDIR, path, handle)
+                    else:
+                        self._close_later(handle)
                 else:
                     if kind != _STATUS:
                         raise ProtocolError(f"SFTP reply of type {kind} while listing {path}")
                     error = error or failed
-                    send(_CLOSE, path, handle)
-            elif kind != _STATUS:
-                raise ProtocolError(f"SFTP reply of type {kind} to closing {path}")
+                    self._close_later(handle)
         if error is not None:
             raise error
         return found
@@ -330,15 +342,22 @@ class SFTPClient:
     def _close_handle(self, handle: bytes) -> None:
         self._request(_CLOSE, _string(handle), _STATUS)
 
-    def _then_close(self, handle: bytes, work: Any) -> Any:
-        """``work()``, then the handle closed: also after an error status, not after a broken session
-        (where a close would wait for a reply that may never come, or read another request's)."""
+    def _close_later(self, handle: bytes) -> None:
+        """Close a handle read from without waiting for the answer (a round trip saved per file or
+        directory read; what the server says of closing it changes nothing already read)."""
+        self._unawaited.add(self._send_request(_CLOSE, _string(handle)))
+
+    def _then_close(self, handle: bytes, work: Any, wait: bool = True) -> Any:
+        """``work()``, then the handle closed (``wait``: for the server's answer): also after an error
+        status, not after a broken session (where a close would wait for a reply that may never come, or
+        read another request's)."""
+        close = self._close_handle if wait else self._close_later
         try:
             result = work()
         except StatusError:
-            self._close_handle(handle)
+            close(handle)
             raise
-        self._close_handle(handle)
+        close(handle)
         return result
 
     def write_file(self, path: str, data: bytes | memoryview) -> None:
@@ -393,7 +412,7 @@ class SFTPClient:
                 want = max(0, size - start)
             return self._read(_string(handle), start, want)
 
-        return self._then_close(handle, work)
+        return self._then_close(handle, work, wait=False)
 
     def _read(self, handle: bytes, start: int, length: int) -> bytes:
         """Pipelined reads.  A reply shorter than asked (a server's own limit) is followed by a request for
@@ -419,13 +438,13 @@ class SFTPClient:
                 pending[rid] = (at, n)
             if not pending:
                 break
-            size, kind, rid = _HEAD_ID.unpack(self._exact(_HEAD_ID.size))
-            if rid not in pending or not 5 <= size <= MAX_PACKET:
+            rest, kind, rid = self._reply_head()
+            if rid not in pending:
                 raise ProtocolError(f"SFTP reply of type {kind} to request {rid} while reading")
             at, n = pending.pop(rid)
             if kind == _DATA:
                 (got,) = _U32.unpack(self._exact(4))
-                if got > n or size != 9 + got:
+                if got > n or rest != 4 + got:
                     raise ProtocolError(f"SFTP read reply of {got} bytes to a request for {n}")
                 if got:
                     pieces[at] = self._exact(got)
@@ -434,7 +453,7 @@ class SFTPClient:
                 else:
                     end = min(end, at)
                 continue
-            body = self._exact(size - 5)
+            body = self._exact(rest)
             if kind != _STATUS:
                 raise ProtocolError(f"SFTP reply of type {kind} while reading")
             if _U32.unpack_from(body)[0] == _EOF:
