@@ -75,6 +75,8 @@ def _is_missing(exc: OSError) -> bool:
 
 
 class SFTPRemote(Remote):
+    checks_read_length = True  # a whole read ends where the open file's size says (sftp_client.read_file)
+
     def __init__(
         self,
         host: str,

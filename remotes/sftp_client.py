@@ -400,17 +400,20 @@ class SFTPClient:
             raise error
 
     def read_file(self, path: str, start: int = 0, length: int | None = None) -> bytes:
-        """Up to ``length`` bytes of ``path`` from ``start`` (to its end when None); fewer only at its end."""
+        """Up to ``length`` bytes of ``path`` from ``start``, fewer only at its end; or, when ``length`` is
+        None, all of it from ``start``: as many bytes as the server says the file holds, or an error."""
         handle = self._open(path, _READ_FLAG)
 
         def work() -> bytes:
-            want = length
-            if want is None:
-                size = _Reader(self._request(_FSTAT, _string(handle), _ATTRS)).attributes().st_size
-                if size is None:
-                    raise StatusError(f"the SFTP server gave no size for {path}")
-                want = max(0, size - start)
-            return self._read(_string(handle), start, want)
+            if length is not None:
+                return self._read(_string(handle), start, length)
+            size = _Reader(self._request(_FSTAT, _string(handle), _ATTRS)).attributes().st_size
+            if size is None:
+                raise StatusError(f"the SFTP server gave no size for {path}")
+            data = self._read(_string(handle), start, max(0, size - start))
+            if len(data) < size - start:  # objects never shrink: the server cut the transfer short
+                raise ProtocolError(f"the SFTP server ended {path} after {start + len(data)} of its {size} bytes")
+            return data
 
         return self._then_close(handle, work, wait=False)
 

@@ -327,3 +327,23 @@ def test_files_and_directories_read_are_closed_without_waiting(relay, tmp_path):
     assert c.stat(str(tmp_path / "d" / "g")).st_size == 1
     assert not c._unawaited
     assert sum(1 for k, _ in c.relay.requests if k == CLOSE) == 10
+
+
+def test_a_whole_file_ended_early_is_an_error_and_a_range_is_what_there_is(relay, tmp_path):
+    """The remote tells the retry layer it needs no stat after a whole read: the read itself checks the
+    bytes against the size the open file reports."""
+    data = os.urandom(1 << 20)
+    (tmp_path / "x").write_bytes(data)
+    seen = [0]
+
+    def early_end(kind: int, body: bytes) -> list[bytes]:
+        if kind == DATA:
+            seen[0] += 1
+            if seen[0] == 2:
+                return [status(struct.unpack_from(">I", body)[0], 1, b"end of file")]
+        return [packet(kind, body)]
+
+    c = relay(early_end)
+    with pytest.raises(ProtocolError, match="after"):
+        c.read_file(str(tmp_path / "x"))
+    assert c.read_file(str(tmp_path / "x"), len(data) - 10, 100) == data[-10:]
