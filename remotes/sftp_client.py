@@ -280,9 +280,9 @@ class SFTPClient:
 
     def listdirs(self, paths: list[str]) -> dict[str, list[Attributes] | None]:
         """The entries of each directory in ``paths`` (None for one that does not exist), all listed at
-        once: a repository's ``data/`` has 256 subdirectories, and listing them one after another cost
-        three round trips each (open, read, close), 0.8 s on a link of 1 ms and 23 s at 30 ms.  Any other
-        error is raised once every directory opened has been read and closed."""
+        once: a repository's ``data/`` has 256 subdirectories, and listing them one after another took
+        11.5 s at 10 ms of round trip (open, read until the end, close: four each), 0.27 s together.
+        Any other error is raised once every directory opened has been read or closed."""
         found: dict[str, list[Attributes] | None] = {}
         pending: dict[int, tuple[int, str, bytes]] = {}  # request id -> (OPENDIR or READDIR, path, handle)
         todo = list(reversed(paths))
@@ -308,7 +308,10 @@ class SFTPClient:
             failed = _status_error(body) if kind == _STATUS and _U32.unpack_from(body)[0] != _EOF else None
             if request == _OPENDIR:
                 if kind == _HANDLE:
-                    send(_READDIR, path, _Reader(body).string())
+                    if error is None:
+                        send(_READDIR, path, _Reader(body).string())
+                    else:
+                        self._close_later(_Reader(body).string())
                 elif failed is not None and failed.errno == errno.ENOENT:
                     found[path] = None
                 else:
@@ -316,12 +319,13 @@ class SFTPClient:
             elif request == _READDIR:
                 if kind == _NAME:
                     entries = found[path]
+                    assert entries is not None  # only a directory that opened is read
                     r = _Reader(body)
                     for _ in range(r.u32()):
                         name = r.string().decode(errors="surrogateescape")
                         r.string()  # the long name, for humans
                         attrs = r.attributes(name)
-                        if name not in (".", "..") and entries is not None:
+                        if name not in (".", ".."):
                             entries.append(attrs)
                     if error is None:
                         send(_READDIR, path, handle)
