@@ -29,7 +29,7 @@ import stat as stat_mod
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 from chunkvault.errors import (
@@ -296,23 +296,13 @@ class SFTPRemote(Remote):
         found: list[ObjectInfo] = []
 
         def walk(sftp: Any) -> None:
-            level = [head + "/" if head else ""]  # directories below the root, one depth at a time
-            while level:
-                listings = sftp.listdirs([self._dir(rel) for rel in level])
-                deeper = []
-                for rel in level:
-                    for attr in listings[self._dir(rel)] or ():
-                        name = attr.filename
-                        if name.startswith(TEMP_PREFIX):
-                            continue
-                        key = f"{rel}{name}"
-                        if stat_mod.S_ISDIR(attr.st_mode or 0):
-                            sub = key + "/"
-                            if sub.startswith(prefix) or prefix.startswith(sub):
-                                deeper.append(sub)
-                        elif key.startswith(prefix):
-                            found.append(ObjectInfo(key, attr.st_size or 0))
-                level = deeper
+            def descend(sub: str, name: str) -> bool:
+                return not name.startswith(TEMP_PREFIX) and (sub.startswith(prefix) or prefix.startswith(sub))
+
+            for rel, attr in self._tree(sftp, head + "/" if head else "", descend):
+                key = f"{rel}{attr.filename}"
+                if not attr.filename.startswith(TEMP_PREFIX) and key.startswith(prefix):
+                    found.append(ObjectInfo(key, attr.st_size or 0))
 
         self._call(f"listing {prefix or '/'}", None, walk)
         yield from found
@@ -320,6 +310,23 @@ class SFTPRemote(Remote):
     def _dir(self, rel: str) -> str:
         """The server's path of the directory ``rel`` ("" or ending in "/") below the root."""
         return f"{self._root}/{rel}".rstrip("/")
+
+    def _tree(self, sftp: Any, top: str, descend: Callable[[str, str], bool] = lambda sub, name: True
+              ) -> Iterator[tuple[str, Any]]:
+        """(directory, entry) for every file below ``top`` ("" or ending in "/"), directories relative to
+        the root and ending in "/"; a subdirectory ``descend(its path, its name)`` refuses is skipped.  Listed a
+        depth at a time, each depth's directories at once (``SFTPClient.listdirs``)."""
+        level = [top]
+        while level:
+            listings = sftp.listdirs([self._dir(rel) for rel in level])
+            deeper = []
+            for rel in level:
+                for attr in listings[self._dir(rel)] or ():
+                    if not stat_mod.S_ISDIR(attr.st_mode or 0):
+                        yield rel, attr
+                    elif descend(sub := f"{rel}{attr.filename}/", attr.filename):
+                        deeper.append(sub)
+            level = deeper
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -354,23 +361,14 @@ class SFTPRemote(Remote):
 
         def run(sftp: Any) -> int:
             removed = 0
-            level = [self._root]
-            while level:
-                listings = sftp.listdirs(level)
-                deeper = []
-                for d in level:
-                    for attr in listings[d] or ():
-                        path = f"{d}/{attr.filename}"
-                        if stat_mod.S_ISDIR(attr.st_mode or 0):
-                            deeper.append(path)
-                        elif attr.filename.startswith(TEMP_PREFIX) and (attr.st_mtime or 0) < cutoff:
-                            try:
-                                sftp.remove(path)
-                                removed += 1
-                            except OSError as exc:
-                                if not _is_missing(exc):
-                                    raise
-                level = deeper
+            for rel, attr in self._tree(sftp, ""):
+                if attr.filename.startswith(TEMP_PREFIX) and (attr.st_mtime or 0) < cutoff:
+                    try:
+                        sftp.remove(f"{self._dir(rel)}/{attr.filename}")
+                        removed += 1
+                    except OSError as exc:
+                        if not _is_missing(exc):
+                            raise
             return removed
 
         return self._call("removing temporary files", None, run)
