@@ -17,9 +17,11 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifdef __APPLE__
@@ -155,27 +157,33 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
 
 /* --- the whole tree: Walker ---------------------------------------------------------
  *
- * A directory's subtree in manifest order (depth first, names sorted), many
- * directories per call.  SourceWalk walks ahead on a thread while the backup
- * starts up (imports, index, parent manifest).  A call per directory needed
- * the GIL thousands of times and got it only when the busy main thread let
- * go of it (every few milliseconds), so the walk ahead crawled.  Here the
- * walk ahead is one call that holds no GIL at all, and what it walked waits
- * in a compact queue (about 210 bytes an entry with its path, against 470
- * for the Python objects it becomes) until the backup takes it.
+ * A directory's subtree in manifest order (depth first, names sorted), walked
+ * by a thread of its own that never takes the GIL, into a compact queue
+ * (about 210 bytes an entry with its path, against 470 for the Python
+ * objects it becomes).  The backup's main thread turns queued entries into
+ * tuples and compares them with the parent snapshot's while the thread
+ * lists and stats what comes next: an unchanged tree's backup is the walk
+ * and that comparison, and one thread doing both in turn took their sum.
+ * The thread starts while the backup starts up (imports, key, index), walks
+ * up to ``ahead`` entries until the first batch is taken, then keeps at most
+ * ``steady`` entries queued.  Producer and consumer share one lock, held
+ * for an entry's enqueueing or to swap the queue for the consumer's drained
+ * one, never while Python objects are made.
  *
  *   Walker(rel: bytes, path: bytes, excludes=None)  the directory at path, recorded
  *       as rel, leaving out (with their subtrees) entries whose path or name
  *       an exclude pattern matches; a pattern is bytes of literals and "*".
- *   .prefetch(max_entries) -> int    walk up to max_entries more into the queue,
- *       the GIL released throughout; ends early once stop() is called (from
- *       another thread); returns how many entries are queued.
+ *   .start(ahead, steady) -> bool    start the walking thread (False: none could
+ *       be made; batch() then walks itself).  Once, before the first batch.
  *   .batch(max_entries) -> list of (rel, path, stat | None, errno, list_errno)
- *       queued entries while there are any, else newly walked ones; [] once
- *       the walk is done.  The first entry is the root itself, with stat None;
- *       errno is an entry's lstat error (stat is None then); list_errno is a
- *       directory's listing error (0 for other entries).
- *   .stop(), .queued
+ *       up to max_entries walked entries, waiting for the thread if it is
+ *       behind; [] once the walk is done.  The first entry is the root itself,
+ *       with stat None; errno is an entry's lstat error (stat is None then);
+ *       list_errno is a directory's listing error (0 for other entries).
+ *       RuntimeError once a walk stopped before its end is drained.
+ *   .age     seconds since the oldest entry of the last batch was stat'ed
+ *   .stop()  end the thread at its next entry (a walk that will not be consumed)
+ *   .queued  entries walked and not yet handed over
  *   Stat: the lstat fields a backup records (st_mode, st_ino, st_dev,
  *       st_nlink, st_uid, st_gid, st_size, st_mtime_ns, st_ctime_ns, st_rdev).
  */
@@ -226,12 +234,33 @@ static void fields_of(const struct stat *st, fields_t *f) {
     f->ctime_ns = (long long)CTIME(*st).tv_sec * 1000000000LL + CTIME(*st).tv_nsec;
 }
 
+static double monotonic_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
 /* An entry walked and not yet handed over; its path below the root is arena[sub_off, sub_off + sub_len). */
 typedef struct {
     fields_t f;
+    double scanned;  /* when its lstat was made (monotonic seconds) */
     size_t sub_off, sub_len;
     int error, list_error, root;
 } queued_t;
+
+/* Entries in walk order: the walking side's queue, or the batch side's share of it (from head). */
+typedef struct {
+    queued_t *q;
+    size_t head, len, cap;
+    char *arena;
+    size_t a_len, a_cap;
+} queue_t;
+
+static void queue_free(queue_t *q) {
+    free(q->q);
+    free(q->arena);
+    memset(q, 0, sizeof(*q));
+}
 
 /* A directory on the walk's stack: its path on disk and below the root (each with a trailing "/", the
  * root's below-path empty), and its sorted, stat'ed entries, of which the next to walk is items[next]. */
@@ -240,23 +269,29 @@ typedef struct {
     size_t path_len, sub_len;
     item *items;
     size_t n, next;
+    double scanned;  /* when its entries were listed and stat'ed */
 } frame;
 
 typedef struct {
     PyObject_HEAD
-    frame *stack;
+    frame *stack;  /* the walking side's alone */
     size_t depth, cap;
     char *rel, *path, *rel_dir, *path_dir;  /* the root's; rel_dir and path_dir end in "/" (rel_dir may be "") */
     size_t rel_len, path_len, rel_dir_len, path_dir_len;
-    queued_t *q;
-    size_t q_head, q_len, q_cap;
-    char *arena;
-    size_t a_len, a_cap;
+    queue_t walked;  /* appended to by the walk; under mu once a thread walks */
+    queue_t taken;   /* swapped out of walked by batch(), made into tuples: batch()'s alone */
+    double age;
     char **globs;  /* exclude patterns: literal bytes and "*" (SourceWalk sends no others) */
     size_t *glob_lens, nglobs;
     char *scratch;  /* an entry's path below the walk's top, to match against the globs */
     size_t scratch_cap;
-    int started, busy, stop;
+    int started, busy;
+    /* The walking thread, and what it shares with batch() under mu. */
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t filled, drained;
+    int sync_ready, threaded, walking, done, failed, handed, stop;
+    size_t ahead, steady;
 } WalkerObject;
 
 /* fnmatch's answer for a pattern of literal bytes and "*" (any run of bytes, "/" included). */
@@ -332,7 +367,7 @@ static int push(WalkerObject *w, const char *sub, size_t sub_len) {
         w->stack = grown;
         w->cap = cap;
     }
-    frame f = {NULL, NULL, w->path_dir_len + sub_len, sub_len, NULL, 0, 0};
+    frame f = {NULL, NULL, w->path_dir_len + sub_len, sub_len, NULL, 0, 0, monotonic_seconds()};
     f.path = concat(w->path_dir, w->path_dir_len, sub, sub_len, "", 0);
     f.sub = concat(sub, sub_len, "", 0, "", 0);
     if (f.path == NULL || f.sub == NULL) {
@@ -345,54 +380,66 @@ static int push(WalkerObject *w, const char *sub, size_t sub_len) {
     return err == ENOMEM ? -1 : err;
 }
 
-/* Queue an entry whose path below the root is a + b; 0, or -1 when out of memory. */
-static int enqueue(WalkerObject *w, const struct stat *st, const char *a, size_t la, const char *b, size_t lb,
-                   int error, int list_error, int root) {
-    if (w->q_len == w->q_cap) {
-        size_t cap = w->q_cap ? 2 * w->q_cap : 256;
-        queued_t *grown = realloc(w->q, cap * sizeof(queued_t));
+/* Append an entry whose path below the root is a + b to q; 0, or -1 when out of memory. */
+static int append(queue_t *q, const struct stat *st, double scanned, const char *a, size_t la, const char *b,
+                  size_t lb, int error, int list_error, int root) {
+    if (q->len == q->cap) {
+        size_t cap = q->cap ? 2 * q->cap : 256;
+        queued_t *grown = realloc(q->q, cap * sizeof(queued_t));
         if (grown == NULL)
             return -1;
-        w->q = grown;
-        w->q_cap = cap;
+        q->q = grown;
+        q->cap = cap;
     }
-    if (w->a_len + la + lb > w->a_cap) {
-        size_t cap = w->a_cap ? 2 * w->a_cap : 16384;
-        while (cap < w->a_len + la + lb)
+    if (q->a_len + la + lb > q->a_cap) {
+        size_t cap = q->a_cap ? 2 * q->a_cap : 16384;
+        while (cap < q->a_len + la + lb)
             cap *= 2;
-        char *grown = realloc(w->arena, cap);
+        char *grown = realloc(q->arena, cap);
         if (grown == NULL)
             return -1;
-        w->arena = grown;
-        w->a_cap = cap;
+        q->arena = grown;
+        q->a_cap = cap;
     }
-    queued_t *e = &w->q[w->q_len++];
+    queued_t *e = &q->q[q->len++];
     memset(e, 0, sizeof(*e));
     if (st != NULL && !error)
         fields_of(st, &e->f);
-    e->sub_off = w->a_len;
+    e->scanned = scanned;
+    e->sub_off = q->a_len;
     e->sub_len = la + lb;
-    memcpy(w->arena + w->a_len, a, la);
-    memcpy(w->arena + w->a_len + la, b, lb);
-    w->a_len += la + lb;
+    memcpy(q->arena + q->a_len, a, la);
+    memcpy(q->arena + q->a_len + la, b, lb);
+    q->a_len += la + lb;
     e->error = error;
     e->list_error = list_error;
     e->root = root;
     return 0;
 }
 
-/* Walk up to max more entries into the queue (until stop() when ``stoppable``); 0, or -1 when out of
- * memory.  Runs without the GIL. */
-static int walk_some(WalkerObject *w, size_t max, int stoppable) {
+/* Queue an entry for batch(), under the lock once a thread walks. */
+static int enqueue(WalkerObject *w, const struct stat *st, double scanned, const char *a, size_t la,
+                   const char *b, size_t lb, int error, int list_error, int root) {
+    if (w->threaded)
+        pthread_mutex_lock(&w->mu);
+    int r = append(&w->walked, st, scanned, a, la, b, lb, error, list_error, root);
+    if (w->threaded)
+        pthread_mutex_unlock(&w->mu);
+    return r;
+}
+
+/* Walk up to max more entries into the queue (fewer once stop() is called); 0, or -1 when out of memory.
+ * Runs without the GIL. */
+static int walk_some(WalkerObject *w, size_t max) {
     size_t k = 0;
     if (!w->started && max > 0) {
         w->started = 1;
         int list_error = push(w, "", 0);
-        if (list_error < 0 || enqueue(w, NULL, "", 0, "", 0, 0, list_error, 1) < 0)
+        if (list_error < 0 || enqueue(w, NULL, w->stack[0].scanned, "", 0, "", 0, 0, list_error, 1) < 0)
             return -1;
         k++;
     }
-    while (k < max && w->depth > 0 && !(stoppable && __atomic_load_n(&w->stop, __ATOMIC_RELAXED))) {
+    while (k < max && w->depth > 0 && !__atomic_load_n(&w->stop, __ATOMIC_RELAXED)) {
         frame *f = &w->stack[w->depth - 1];
         if (f->next == f->n) {
             pop(w);
@@ -401,6 +448,7 @@ static int walk_some(WalkerObject *w, size_t max, int stoppable) {
         item *it = &f->items[f->next++];
         const char *sub = f->sub;  /* the frame may move when a directory is pushed; its strings do not */
         size_t sub_len = f->sub_len;
+        double scanned = f->scanned;
         if (w->nglobs) {
             int x = excluded(w, sub, sub_len, it->name, it->len);
             if (x < 0)
@@ -416,11 +464,42 @@ static int walk_some(WalkerObject *w, size_t max, int stoppable) {
             if (list_error < 0)
                 return -1;
         }
-        if (enqueue(w, &it->st, sub, sub_len, it->name, it->len, it->error, list_error, 0) < 0)
+        if (enqueue(w, &it->st, scanned, sub, sub_len, it->name, it->len, it->error, list_error, 0) < 0)
             return -1;
         k++;
     }
     return 0;
+}
+
+/* Entries the walking thread queues between two wake-ups of a waiting batch(). */
+#define WALK_STEP 256
+
+static void *walk_thread(void *arg) {
+    WalkerObject *w = arg;
+    int failed = 0;
+    for (;;) {
+        pthread_mutex_lock(&w->mu);
+        size_t limit;
+        while (!w->stop && w->walked.len >= (limit = w->handed ? w->steady : w->ahead))
+            pthread_cond_wait(&w->drained, &w->mu);
+        size_t room = w->stop ? 0 : limit - w->walked.len;
+        pthread_mutex_unlock(&w->mu);
+        if (room == 0)
+            break;
+        failed = walk_some(w, room < WALK_STEP ? room : WALK_STEP) < 0;
+        pthread_mutex_lock(&w->mu);
+        pthread_cond_signal(&w->filled);
+        pthread_mutex_unlock(&w->mu);
+        if (failed || w->depth == 0)
+            break;
+    }
+    pthread_mutex_lock(&w->mu);
+    w->failed = failed;
+    w->done = !failed && w->depth == 0;
+    w->walking = 0;
+    pthread_cond_broadcast(&w->filled);
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
 }
 
 static PyObject *joined_bytes(const char *a, size_t la, const char *b, size_t lb) {
@@ -433,7 +512,7 @@ static PyObject *joined_bytes(const char *a, size_t la, const char *b, size_t lb
 }
 
 static PyObject *queued_tuple(WalkerObject *w, const queued_t *e) {
-    const char *sub = w->arena + e->sub_off;
+    const char *sub = w->taken.arena + e->sub_off;
     PyObject *rel = e->root ? joined_bytes(w->rel, w->rel_len, "", 0)
                             : joined_bytes(w->rel_dir, w->rel_dir_len, sub, e->sub_len);
     PyObject *path = e->root ? joined_bytes(w->path, w->path_len, "", 0)
@@ -456,67 +535,124 @@ static PyObject *queued_tuple(WalkerObject *w, const queued_t *e) {
     return Py_BuildValue("(NNNii)", rel, path, st, e->error, e->list_error);
 }
 
-static int enter(WalkerObject *w) {
+static int initialised(WalkerObject *w) {
     if (w->path == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the Walker is not initialised");
-        return -1;
+        return 0;
     }
-    if (w->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "a Walker is used by one thread at a time");
-        return -1;
-    }
-    w->busy = 1;
-    return 0;
+    return 1;
 }
 
-static Py_ssize_t count_arg(PyObject *arg) {
+static Py_ssize_t count_arg(PyObject *arg, const char *what) {
     Py_ssize_t n = PyLong_AsSsize_t(arg);
     if (n < 0 && !PyErr_Occurred())
-        PyErr_SetString(PyExc_ValueError, "max_entries must not be negative");
+        PyErr_Format(PyExc_ValueError, "%s must not be negative", what);
     return n;
 }
 
-/* An empty queue starts again at the front of its arrays. */
-static void rewind_empty(WalkerObject *w) {
-    if (w->q_head == w->q_len)
-        w->q_head = w->q_len = w->a_len = 0;
+static PyObject *walker_start(WalkerObject *w, PyObject *const *args, Py_ssize_t nargs) {
+    if (!initialised(w))
+        return NULL;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "start(ahead, steady)");
+        return NULL;
+    }
+    Py_ssize_t ahead = count_arg(args[0], "ahead"), steady = count_arg(args[1], "steady");
+    if (ahead < 0 || steady < 0)
+        return NULL;
+    if (w->threaded || w->started || w->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "a Walker's thread starts once, before the walk");
+        return NULL;
+    }
+    w->ahead = ahead > 0 ? (size_t)ahead : 1;
+    w->steady = steady > 0 ? (size_t)steady : 1;
+    if (!w->sync_ready) {
+        if (pthread_mutex_init(&w->mu, NULL))
+            Py_RETURN_FALSE;
+        if (pthread_cond_init(&w->filled, NULL)) {
+            pthread_mutex_destroy(&w->mu);
+            Py_RETURN_FALSE;
+        }
+        if (pthread_cond_init(&w->drained, NULL)) {
+            pthread_cond_destroy(&w->filled);
+            pthread_mutex_destroy(&w->mu);
+            Py_RETURN_FALSE;
+        }
+        w->sync_ready = 1;
+    }
+    w->threaded = w->walking = 1;
+    if (pthread_create(&w->thread, NULL, walk_thread, w)) {
+        w->threaded = w->walking = 0;  /* batch() walks itself */
+        Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
 }
 
-static PyObject *walker_prefetch(WalkerObject *w, PyObject *arg) {
-    Py_ssize_t max = count_arg(arg);
-    if (max < 0 || enter(w) < 0)
-        return NULL;
-    rewind_empty(w);
-    int failed;
-    Py_BEGIN_ALLOW_THREADS
-    failed = walk_some(w, (size_t)max, 1);
-    Py_END_ALLOW_THREADS
-    w->busy = 0;
-    if (failed)
-        return PyErr_NoMemory();
-    return PyLong_FromSize_t(w->q_len - w->q_head);
+/* Move what the walk queued to the (drained) batch side, whose arrays the walk reuses. */
+static void swap_queues(WalkerObject *w) {
+    queue_t drained = w->taken;
+    drained.head = drained.len = drained.a_len = 0;
+    w->taken = w->walked;
+    w->walked = drained;
 }
 
 static PyObject *walker_batch(WalkerObject *w, PyObject *arg) {
-    Py_ssize_t max = count_arg(arg);
-    if (max < 0 || enter(w) < 0)
+    Py_ssize_t max = PyLong_AsSsize_t(arg);
+    if (max <= 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "max_entries must be positive");
         return NULL;
-    int failed = 0;
-    rewind_empty(w);
-    if (w->q_len == 0) {
-        Py_BEGIN_ALLOW_THREADS
-        failed = walk_some(w, (size_t)max, 0);
-        Py_END_ALLOW_THREADS
+    }
+    if (!initialised(w))
+        return NULL;
+    if (w->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "a Walker's batches are taken by one thread at a time");
+        return NULL;
+    }
+    w->busy = 1;
+    int failed = 0, cut_short = 0;
+    if (w->taken.head == w->taken.len) {
+        if (w->taken.cap > 4 * (size_t)max + 256 && w->taken.cap > 2 * w->steady)
+            queue_free(&w->taken);  /* a walk ahead taken: give back its room */
+        if (w->threaded) {
+            Py_BEGIN_ALLOW_THREADS
+            pthread_mutex_lock(&w->mu);
+            while (w->walked.len == 0 && w->walking)
+                pthread_cond_wait(&w->filled, &w->mu);
+            swap_queues(w);
+            w->handed = 1;
+            if (w->taken.len == 0 && !w->walking) {
+                failed = w->failed;
+                cut_short = !w->done && !w->failed;
+            }
+            pthread_cond_signal(&w->drained);
+            pthread_mutex_unlock(&w->mu);
+            Py_END_ALLOW_THREADS
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            failed = walk_some(w, (size_t)max) < 0;
+            swap_queues(w);
+            Py_END_ALLOW_THREADS
+            cut_short = w->taken.len == 0 && w->depth > 0;  /* stopped (it walks at least one entry else) */
+        }
     }
     w->busy = 0;
     if (failed)
         return PyErr_NoMemory();
-    size_t n = w->q_len - w->q_head;
+    if (cut_short) {
+        PyErr_SetString(PyExc_RuntimeError, "the walk was stopped before its end");
+        return NULL;
+    }
+    size_t n = w->taken.len - w->taken.head;
     if (n > (size_t)max)
         n = (size_t)max;
     PyObject *list = PyList_New((Py_ssize_t)n);
+    double oldest = 0;
     for (size_t i = 0; list != NULL && i < n; i++) {
-        PyObject *t = queued_tuple(w, &w->q[w->q_head + i]);
+        const queued_t *e = &w->taken.q[w->taken.head + i];
+        if (i == 0 || e->scanned < oldest)
+            oldest = e->scanned;
+        PyObject *t = queued_tuple(w, e);
         if (t == NULL)
             Py_CLEAR(list);
         else
@@ -524,26 +660,37 @@ static PyObject *walker_batch(WalkerObject *w, PyObject *arg) {
     }
     if (list == NULL)
         return NULL;
-    w->q_head += n;
-    if (w->q_head == w->q_len && w->q_cap > 4 * (size_t)max + 256) {  /* a walk ahead taken: give back its room */
-        free(w->q);
-        free(w->arena);
-        w->q = NULL;
-        w->arena = NULL;
-        w->q_head = w->q_len = w->q_cap = w->a_len = w->a_cap = 0;
-    }
+    w->taken.head += n;
+    w->age = n ? monotonic_seconds() - oldest : 0;
     return list;
 }
 
 static PyObject *walker_stop(WalkerObject *w, PyObject *unused) {
     (void)unused;
+    if (w->sync_ready)  /* the walking thread holds the lock only briefly, and never waits for the GIL */
+        pthread_mutex_lock(&w->mu);
     __atomic_store_n(&w->stop, 1, __ATOMIC_RELAXED);
+    if (w->sync_ready) {
+        pthread_cond_broadcast(&w->drained);
+        pthread_mutex_unlock(&w->mu);
+    }
     Py_RETURN_NONE;
 }
 
 static PyObject *walker_queued(WalkerObject *w, void *closure) {
     (void)closure;
-    return PyLong_FromSize_t(w->q_len - w->q_head);
+    size_t n = w->taken.len - w->taken.head;
+    if (w->sync_ready)
+        pthread_mutex_lock(&w->mu);
+    n += w->walked.len;
+    if (w->sync_ready)
+        pthread_mutex_unlock(&w->mu);
+    return PyLong_FromSize_t(n);
+}
+
+static PyObject *walker_age(WalkerObject *w, void *closure) {
+    (void)closure;
+    return PyFloat_FromDouble(w->age);
 }
 
 /* The exclude patterns, a sequence of bytes; 0, or -1 with an exception set. */
@@ -606,11 +753,23 @@ static int walker_init(WalkerObject *w, PyObject *args, PyObject *kwds) {
 }
 
 static void walker_dealloc(WalkerObject *w) {
+    if (w->threaded) {  /* the thread takes no GIL: joining it holding the GIL cannot deadlock */
+        pthread_mutex_lock(&w->mu);
+        __atomic_store_n(&w->stop, 1, __ATOMIC_RELAXED);
+        pthread_cond_broadcast(&w->drained);
+        pthread_mutex_unlock(&w->mu);
+        pthread_join(w->thread, NULL);
+    }
+    if (w->sync_ready) {
+        pthread_cond_destroy(&w->drained);
+        pthread_cond_destroy(&w->filled);
+        pthread_mutex_destroy(&w->mu);
+    }
     while (w->depth > 0)
         pop(w);
     free(w->stack);
-    free(w->q);
-    free(w->arena);
+    queue_free(&w->walked);
+    queue_free(&w->taken);
     free(w->rel);
     free(w->rel_dir);
     free(w->path_dir);
@@ -624,16 +783,18 @@ static void walker_dealloc(WalkerObject *w) {
 }
 
 static PyMethodDef walker_methods[] = {
-    {"prefetch", (PyCFunction)walker_prefetch, METH_O,
-     "prefetch(max_entries) -> entries queued; walks without the GIL until max_entries more or stop()."},
+    {"start", (PyCFunction)(void (*)(void))walker_start, METH_FASTCALL,
+     "start(ahead, steady) -> bool: walk on a thread, up to ahead entries queued before the first batch, "
+     "steady after."},
     {"batch", (PyCFunction)walker_batch, METH_O,
      "batch(max_entries) -> [(rel, path, stat | None, errno, list_errno)]; [] when the walk is done."},
-    {"stop", (PyCFunction)walker_stop, METH_NOARGS, "End a prefetch running on another thread."},
+    {"stop", (PyCFunction)walker_stop, METH_NOARGS, "End the walking thread at its next entry."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef walker_getset[] = {
     {"queued", (getter)walker_queued, NULL, "Entries walked and not yet handed over.", NULL},
+    {"age", (getter)walker_age, NULL, "Seconds since the oldest entry of the last batch was stat'ed.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -6,9 +6,10 @@ directory per call where an exclude glob needs Python to judge each entry (one
 with "?" or "[...]").  A backup cannot walk before it has started up:
 imports, the key (Argon2id, about a quarter of a second, with the GIL
 released), the index and the parent's manifest.
-``SourceWalk.start`` walks ahead on a thread meanwhile; when the backup begins
-consuming, the thread stops and the backup continues the same walk itself, so
-stat results are never much older than they would be in a plain walk.
+``SourceWalk.start`` walks ahead on a thread meanwhile.  Once the backup
+consumes, the C walk goes on in its own thread a few thousand entries ahead
+of it (the comparison with the parent's entries and the lstat calls overlap),
+and an entry the backup reaches long after its lstat is stat'ed again.
 """
 from __future__ import annotations
 
@@ -141,6 +142,8 @@ class SourceWalk:
     RESTAT_AFTER = 2.0
     #: Entries per call into the C walk as the backup takes them.
     BATCH = 1024
+    #: Entries the C walk's thread keeps queued once the backup takes them (about 210 bytes each).
+    STEADY = 8192
 
     def __init__(self, roots: list[tuple[bytes, bytes]], excludes: list[str] | None = None, *,
                  paths: list[str] | None = None, ahead: int = 1 << 16, warnings: list[str] | None = None):
@@ -154,7 +157,6 @@ class SourceWalk:
         self.warnings = warnings if warnings is not None else []
         self._ahead = ahead
         self._walking_ahead = False
-        self._ahead_walker: "Walker | None" = None
         self._walk = self._entries()
         self._buffered: list[SourceItem] = []
         self._stop = threading.Event()
@@ -193,11 +195,10 @@ class SourceWalk:
         finally:
             self._walking_ahead = False
 
-    def _stop_ahead(self) -> None:
+    def _end_walk_ahead(self) -> None:
+        """Stop the thread walking ahead (at once where it walks in Python; a C walk has its own
+        thread, which goes on)."""
         self._stop.set()
-        walker = self._ahead_walker
-        if walker is not None:
-            walker.stop()
         if self._thread is not None:
             self._thread.join()
 
@@ -206,10 +207,11 @@ class SourceWalk:
             raise RuntimeError("a SourceWalk is iterated once")
         self._iterated = True
         if self._thread is not None:
-            self._stop_ahead()
+            self._end_walk_ahead()
             if time.monotonic() - self._started > self.STALE_AFTER:
                 del self.warnings[self._prefetch_warnings:]
                 self._buffered, self._error = [], None
+                self._walk.close()
                 self._walk = self._entries()
         if self._error is not None:
             raise self._error
@@ -218,8 +220,9 @@ class SourceWalk:
         yield from self._walk
 
     def close(self) -> None:
-        """Stop a walk that will not be consumed."""
-        self._stop_ahead()
+        """Stop a walk that will not be consumed (or not to its end)."""
+        self._end_walk_ahead()
+        self._walk.close()
 
     def excluded(self, rel: bytes) -> bool:
         s = os.fsdecode(rel)
@@ -277,44 +280,41 @@ class SourceWalk:
 
     def _tree(self, rel: bytes, path: bytes, root_st: os.stat_result) -> Iterator[SourceItem | None]:
         """The directory at ``path`` and its subtree, walked in C: what the per-directory walk above
-        yields for it.  Walking ahead, one call walks the whole allowance with no GIL held, queued in C,
-        and the walk ahead ends there (a None tells it so); a thread walking directory by directory
-        waited for the GIL at each one while the backup's main thread was busy.  Excluding needs Python
-        per entry where a glob matches characters, so that takes the per-directory walk."""
+        yields for it.  The walker's own thread lists and stats with no GIL held while this one takes
+        its batches; walking ahead, starting that thread is all there is to do (a None tells the walk
+        ahead it is over).  A thread walking directory by directory waited for the GIL at each one
+        while the backup's main thread was busy.  Excluding needs Python per entry where a glob
+        matches characters, so that takes the per-directory walk."""
         walker = Walker(rel, path, self._c_excludes)
+        walker.start(max(1, self._ahead - len(self._buffered)) if self._walking_ahead else self.STEADY,
+                     self.STEADY)
         restat_after, isdir = self.RESTAT_AFTER, stat.S_ISDIR
         cut: bytes | None = None  # a directory that is none any more when stat'ed again: skip its subtree
-        scanned = time.monotonic()
-        if self._walking_ahead:
-            self._ahead_walker = walker
-            if not self._stop.is_set():  # stop() may have come before the walker was published
-                walker.prefetch(max(0, self._ahead - len(self._buffered)))
-            self._ahead_walker = None
-            yield None
-        while True:
-            if not walker.queued:  # queued entries were stat'ed when the walk ahead began
-                scanned = time.monotonic()
-            batch = walker.batch(self.BATCH)
-            if not batch:
-                return
-            for rel, path, st, err, list_err in batch:
-                if cut is not None and rel.startswith(cut):
-                    continue
-                if st is None:
-                    if err:
-                        self._stat_failed(path, err)
+        try:
+            if self._walking_ahead:
+                yield None
+            while batch := walker.batch(self.BATCH):
+                scanned = time.monotonic() - walker.age  # when the batch's oldest entry was stat'ed
+                for rel, path, st, err, list_err in batch:
+                    if cut is not None and rel.startswith(cut):
                         continue
-                    st = root_st
-                elif time.monotonic() - scanned > restat_after:
-                    was_dir = isdir(st.st_mode)
-                    st = self._lstat(path)  # a warning when it fails
-                    if was_dir and (st is None or not isdir(st.st_mode)):
-                        cut = rel + b"/"
                     if st is None:
-                        continue
-                if list_err:
-                    self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {os.strerror(list_err)}")
-                yield rel, path, st, not list_err
+                        if err:
+                            self._stat_failed(path, err)
+                            continue
+                        st = root_st
+                    elif time.monotonic() - scanned > restat_after:
+                        was_dir = isdir(st.st_mode)
+                        st = self._lstat(path)  # a warning when it fails
+                        if was_dir and (st is None or not isdir(st.st_mode)):
+                            cut = rel + b"/"
+                        if st is None:
+                            continue
+                    if list_err:
+                        self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {os.strerror(list_err)}")
+                    yield rel, path, st, not list_err
+        finally:
+            walker.stop()  # a walk left unfinished ends its thread
 
     def _children(self, rel_prefix: bytes, path_prefix: bytes, listing: list[ScanItem]
                   ) -> Iterator[tuple[bytes, bytes, FileStat | os.stat_result | None, int]]:

@@ -34,7 +34,7 @@ from chunkvault.store.manifest import (
 )
 from chunkvault.store.pack import HEADER_AD, open_header
 from chunkvault.store.snapshot import SNAPSHOT_AD, Snapshot
-from treeutil import describe
+from treeutil import describe, threads, walked_ahead
 
 PASSWORD = crashkit.PASSWORD
 KEY = bytes(range(32))
@@ -208,8 +208,7 @@ def test_file_walked_ahead_and_gone_when_read_is_a_warning(repo_path, tmp_path):
     src.mkdir()
     for name in ("gone-already", "here"):
         (src / name).write_bytes(name.encode())
-    walk = SourceWalk.of_paths([str(src)]).start()
-    walk._thread.join()
+    walk = walked_ahead(SourceWalk.of_paths([str(src)]).start(), threads())
     (src / "gone-already").unlink()
     with Repository.open(repo_path, PASSWORD) as repo:
         result = repo.backup([str(src)], walk=walk)

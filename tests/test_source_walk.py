@@ -5,6 +5,7 @@ import contextlib
 import os
 import random
 import stat
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +16,7 @@ from chunkvault.errors import UsageError
 from chunkvault.store import source
 from chunkvault.store.manifest import sort_key
 from chunkvault.store.source import FileStat, SourceWalk
+from treeutil import threads, wait_for, walked_ahead
 
 NAMES = st.sampled_from([b"a", b"a.b", b"a-b", b"b", b"ab", b"z", b"\xff", b"A", b"a b"])
 
@@ -80,8 +82,7 @@ def test_walked_ahead_entries_carry_what_a_backup_records(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"x" * 10)
-    walk = SourceWalk.of_paths([str(src)]).start()
-    walk._thread.join()
+    walk = walked_ahead(SourceWalk.of_paths([str(src)]).start(), threads())
     items = {rel: s for rel, _, s, _ in walk}
     assert fields(items[b"f"]) == fields(os.lstat(src / "f"))
 
@@ -225,26 +226,90 @@ def test_a_directory_replaced_before_it_is_reached_leaves_out_its_old_subtree(tm
 
 
 @pytest.mark.skipif(source.Walker is None, reason="the C walker is not built")
-def test_the_c_walker_queues_ahead_stops_when_told_and_hands_over_in_order(tmp_path):
+def test_the_c_walkers_thread_queues_ahead_then_keeps_pace_and_hands_over_in_order(tmp_path):
     for d in range(3):
         (tmp_path / f"d{d}").mkdir()
         for f in range(40):
             (tmp_path / f"d{d}" / f"f{f:02}").write_bytes(b"x")
     root = os.fsencode(tmp_path)
-    everything = [t[:2] for t in source.Walker(b"r", root).batch(1000)]
+    everything = [t[:2] for t in source.Walker(b"r", root).batch(1000)]  # no thread: batch() walks
     assert len(everything) == 1 + 3 * 41 and everything[0] == (b"r", root)
     w = source.Walker(b"r", root)
-    assert w.prefetch(10) == 10 == w.queued
-    w.stop()
-    assert w.prefetch(50) == 10  # stopped: walks no further
-    first = w.batch(4)  # queued entries first, at most as many as asked
-    assert w.queued == 6
-    rest = w.batch(100)
-    assert len(rest) == 6 and w.queued == 0  # only what was queued...
-    while batch := w.batch(7):  # ...then the walk goes on where the queue ended
-        rest += batch
-    assert [t[:2] for t in first + rest] == everything
+    assert w.start(10, 7) is True
+    wait_for(lambda: w.queued == 10)
+    time.sleep(0.05)
+    assert w.queued == 10  # the walk ahead waits for the first batch...
+    got = w.batch(4)
+    assert w.age >= 0.05  # the batch's oldest entry was stat'ed before the wait
+    wait_for(lambda: w.queued == 6 + 7)
+    time.sleep(0.05)
+    assert w.queued == 6 + 7  # ...then keeps at most `steady` more queued
+    while batch := w.batch(5):
+        got += batch
+        assert 0 <= w.age < 5
+    assert [t[:2] for t in got] == everything
     assert w.batch(5) == []
+    with pytest.raises(RuntimeError):
+        w.start(1, 1)  # once
+    with pytest.raises(ValueError):
+        w.batch(0)
+
+
+@pytest.mark.skipif(source.Walker is None, reason="the C walker is not built")
+@pytest.mark.parametrize("threaded", [True, False])
+def test_a_stopped_c_walk_is_an_error_once_drained_never_a_short_walk(tmp_path, threaded):
+    """A walk cut short must not pass for a whole one: a differential would record what it did not reach
+    as deleted."""
+    for f in range(100):
+        (tmp_path / f"f{f:03}").write_bytes(b"x")
+    w = source.Walker(b"", os.fsencode(tmp_path))
+    if threaded:
+        w.start(20, 20)
+        wait_for(lambda: w.queued == 20)
+    else:
+        w.batch(20)
+    w.stop()
+    got = []
+    with pytest.raises(RuntimeError, match="stopped before its end"):
+        while True:
+            got += w.batch(8)
+    assert len(got) == (20 if threaded else 0)
+
+
+@pytest.mark.skipif(source.Walker is None or not os.path.isdir("/proc/self/task"),
+                    reason="the C walker is not built, or no /proc to count threads")
+def test_a_c_walker_dropped_mid_walk_ends_its_thread(tmp_path):
+    for d in range(50):
+        (tmp_path / f"d{d:02}").mkdir()
+        for f in range(20):
+            (tmp_path / f"d{d:02}" / f"f{f:02}").write_bytes(b"x")
+    before = threads()
+    for _ in range(20):
+        w = source.Walker(b"", os.fsencode(tmp_path))
+        w.start(30, 5)
+        wait_for(lambda: w.queued == 30)
+        w.batch(3)
+        del w  # its thread waits for room: deallocating stops and joins it
+    walk = SourceWalk.of_paths([str(tmp_path)]).start()
+    it = iter(walk)
+    next(it)
+    walk.close()  # abandoned mid-walk: the generator's walker stops
+    with pytest.raises(StopIteration):
+        next(it)
+    wait_for(lambda: threads() <= before)
+
+
+def test_entries_queued_longer_than_restat_after_are_stated_again(tmp_path, monkeypatch):
+    """The C walk lists ahead of the backup; a file changed between its listing and its turn is seen
+    as it is at its turn."""
+    for f in range(50):
+        (tmp_path / f"f{f:02}").write_bytes(b"x")
+    monkeypatch.setattr(SourceWalk, "RESTAT_AFTER", 0.2)
+    walk = SourceWalk.of_paths([str(tmp_path)]).start()
+    time.sleep(0.3)  # the whole directory is listed and stat'ed by now
+    (tmp_path / "f40").write_bytes(b"grown")
+    sizes = {rel: st_.st_size for rel, _, st_, _ in walk}
+    assert sizes[b"f40"] == 5 and sizes[b"f39"] == 1
 
 
 def test_a_walk_ahead_stopped_early_still_yields_everything(tmp_path):
@@ -342,10 +407,10 @@ def test_a_walk_is_iterated_once_and_can_be_abandoned(tmp_path):
 
 def test_a_walk_ahead_that_went_stale_starts_again(tmp_path):
     (tmp_path / "a").write_bytes(b"1")
+    before = threads()
     fresh = SourceWalk.of_paths([str(tmp_path)]).start()
-    stale = SourceWalk.of_paths([str(tmp_path)]).start()
-    fresh._thread.join()
-    stale._thread.join()
+    stale = walked_ahead(SourceWalk.of_paths([str(tmp_path)]).start(), before)
+    walked_ahead(fresh, before)
     (tmp_path / "a").write_bytes(b"longer")
     (tmp_path / "b").write_bytes(b"2")
     stale.STALE_AFTER = 0.0  # as if the backup had waited for a lock

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 
 
 def describe(root: str | bytes, *, owners: bool = False, times: bool = True) -> dict[bytes, tuple]:
@@ -40,3 +41,22 @@ def describe(root: str | bytes, *, owners: bool = False, times: bool = True) -> 
     st = os.stat(root_b)
     out[b"."] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns if times else 0)
     return out
+
+
+def threads() -> int:
+    """The process's threads, C walkers' own among them (Python counts only its own); 1 without /proc."""
+    return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def walked_ahead(walk, threads_before: int):
+    """``walk`` once its walk ahead is over, a C walk's thread through the (small) tree included."""
+    walk._thread.join()
+    wait_for(lambda: threads() <= threads_before)
+    return walk
