@@ -14,6 +14,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -26,10 +27,79 @@ static uint32_t u32(const unsigned char *p) {
 
 static uint64_t u64(const unsigned char *p) { return (uint64_t)u32(p) | (uint64_t)u32(p + 4) << 32; }
 
+#define NFIELDS 15
+
+/* How the two classes are built.  Calling them runs Python code per record (a dataclass's __init__,
+ * a named tuple's __new__), a third of the decoding time.  Where Record is a plain subclass of tuple
+ * and Entry's fields are all slots (as they are), the objects are allocated and filled here, as those
+ * two functions would fill them; any other classes are called. */
+typedef struct {
+    PyObject *record_cls, *entry_cls;
+    int direct;
+    Py_ssize_t offsets[NFIELDS];
+} builders;
+
+static const char *const FIELD_NAMES[NFIELDS] = {
+    "path", "type", "mode", "uid", "gid", "mtime_ns", "size", "ctime_ns", "ino", "dev", "rdev", "target",
+    "digest", "chunks", "flags",
+};
+
+static int slot_offset(PyObject *cls, const char *name, Py_ssize_t *offset) {
+    PyObject *d = PyObject_GetAttrString(cls, name);
+    if (d == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int ok = Py_IS_TYPE(d, &PyMemberDescr_Type) && ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX
+             && !(((PyMemberDescrObject *)d)->d_member->flags & READONLY);
+    if (ok)
+        *offset = ((PyMemberDescrObject *)d)->d_member->offset;
+    Py_DECREF(d);
+    return ok;
+}
+
+static void builders_for(builders *b, PyObject *record_cls, PyObject *entry_cls) {
+    b->record_cls = record_cls;
+    b->entry_cls = entry_cls;
+    b->direct = 0;
+    if (!PyType_Check(record_cls) || !PyType_Check(entry_cls))
+        return;
+    PyTypeObject *rt = (PyTypeObject *)record_cls, *et = (PyTypeObject *)entry_cls;
+    if (!PyType_IsSubtype(rt, &PyTuple_Type) || rt->tp_basicsize != PyTuple_Type.tp_basicsize
+        || rt->tp_itemsize != PyTuple_Type.tp_itemsize || rt->tp_dictoffset || rt->tp_weaklistoffset)
+        return;
+    PyObject *init = PyObject_GetAttrString(entry_cls, "__post_init__");  /* a dataclass hook: call then */
+    if (init != NULL) {
+        Py_DECREF(init);
+        return;
+    }
+    PyErr_Clear();
+    if (et->tp_dictoffset || et->tp_new != PyBaseObject_Type.tp_new)
+        return;
+    for (int i = 0; i < NFIELDS; i++)
+        if (!slot_offset(entry_cls, FIELD_NAMES[i], &b->offsets[i]))
+            return;
+    b->direct = 1;
+}
+
 /* Record(op, path, entry) with the references to op, path and entry stolen; NULL on error. */
-static PyObject *record(PyObject *record_cls, PyObject *op, PyObject *path, PyObject *entry) {
-    PyObject *args[3] = {op, path, entry};
-    PyObject *rec = (op && path && entry) ? PyObject_Vectorcall(record_cls, args, 3, NULL) : NULL;
+static PyObject *record(const builders *b, PyObject *op, PyObject *path, PyObject *entry) {
+    PyObject *rec = NULL;
+    if (op && path && entry) {
+        if (b->direct) {
+            PyTypeObject *rt = (PyTypeObject *)b->record_cls;
+            rec = rt->tp_alloc(rt, 3);
+            if (rec != NULL) {
+                PyTuple_SET_ITEM(rec, 0, op);
+                PyTuple_SET_ITEM(rec, 1, path);
+                PyTuple_SET_ITEM(rec, 2, entry);
+                return rec;
+            }
+        } else {
+            PyObject *args[3] = {op, path, entry};
+            rec = PyObject_Vectorcall(b->record_cls, args, 3, NULL);
+        }
+    }
     Py_XDECREF(op);
     Py_XDECREF(path);
     Py_XDECREF(entry);
@@ -37,10 +107,10 @@ static PyObject *record(PyObject *record_cls, PyObject *op, PyObject *path, PyOb
 }
 
 /* Entry(path, type, mode, uid, gid, mtime, size, ctime, ino, dev, rdev, target, digest, chunks, flags). */
-static PyObject *entry(PyObject *entry_cls, PyObject *path, const unsigned char *b, const unsigned char *target,
+static PyObject *entry(const builders *bs, PyObject *path, const unsigned char *b, const unsigned char *target,
                        uint32_t tlen, const unsigned char *digest, unsigned dlen, const unsigned char *chunks,
                        Py_ssize_t clen) {
-    PyObject *args[15] = {
+    PyObject *args[NFIELDS] = {
         path,
         PyLong_FromUnsignedLong(b[0]),
         PyLong_FromUnsignedLong(u32(b + 2)),
@@ -59,11 +129,21 @@ static PyObject *entry(PyObject *entry_cls, PyObject *path, const unsigned char 
     };
     PyObject *e = NULL;
     int ok = 1;
-    for (int i = 1; i < 15; i++)
+    for (int i = 1; i < NFIELDS; i++)
         ok = ok && args[i] != NULL;
-    if (ok)
-        e = PyObject_Vectorcall(entry_cls, args, 15, NULL);
-    for (int i = 1; i < 15; i++)
+    if (ok && bs->direct) {
+        PyTypeObject *et = (PyTypeObject *)bs->entry_cls;
+        e = et->tp_alloc(et, 0);
+        if (e != NULL) {
+            Py_INCREF(path);
+            for (int i = 0; i < NFIELDS; i++)  /* the references made above go to the slots */
+                *(PyObject **)((char *)e + bs->offsets[i]) = args[i];
+            return e;
+        }
+    } else if (ok) {
+        e = PyObject_Vectorcall(bs->entry_cls, args, NFIELDS, NULL);
+    }
+    for (int i = 1; i < NFIELDS; i++)
         Py_XDECREF(args[i]);
     return e;
 }
@@ -77,7 +157,8 @@ static PyObject *decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    PyObject *record_cls = args[1], *entry_cls = args[2];
+    builders bs;
+    builders_for(&bs, args[1], args[2]);
     long delete_op = PyLong_AsLong(args[3]), max_type = PyLong_AsLong(args[4]);
     PyObject *out = PyErr_Occurred() ? NULL : PyList_New(0);
     const unsigned char *buf = view.buf;
@@ -101,7 +182,7 @@ static PyObject *decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject *rec;
         if ((long)op == delete_op) {
             PyObject *path = PyBytes_FromStringAndSize((const char *)path_at, plen);
-            rec = record(record_cls, PyLong_FromUnsignedLong(op), path, Py_NewRef(Py_None));
+            rec = record(&bs, PyLong_FromUnsignedLong(op), path, Py_NewRef(Py_None));
         } else {
             if (n - pos < BODY_SIZE)
                 break;
@@ -125,9 +206,9 @@ static PyObject *decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 break;
             }
             PyObject *path = PyBytes_FromStringAndSize((const char *)path_at, plen);
-            PyObject *e = path ? entry(entry_cls, path, body, target, tlen, digest, dlen, chunks,
+            PyObject *e = path ? entry(&bs, path, body, target, tlen, digest, dlen, chunks,
                                        (Py_ssize_t)count * 32) : NULL;
-            rec = record(record_cls, PyLong_FromUnsignedLong(op), Py_XNewRef(path), e);
+            rec = record(&bs, PyLong_FromUnsignedLong(op), Py_XNewRef(path), e);
             Py_XDECREF(path);
         }
         if (rec == NULL || PyList_Append(out, rec) < 0) {

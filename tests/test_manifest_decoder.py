@@ -60,3 +60,48 @@ def test_unknown_op_and_type_name_the_object():
     bad_type[5 + 1] = max(TYPE_NAMES) + 1  # the head (5 bytes), the path (1 byte), then the entry's type
     with pytest.raises(CorruptObject, match=f"manifest 1234.*unknown entry type {max(TYPE_NAMES) + 1}"):
         decode_records(bytes(bad_type), "manifest 1234")
+
+
+def test_classes_it_cannot_fill_itself_are_called():
+    """Entry and Record are allocated and filled in C only as slotted dataclass and plain tuple subclass
+    (what the dataclass and named tuple would build); other classes get their own constructors called."""
+    import dataclasses
+    from typing import NamedTuple
+
+    calls = []
+
+    @dataclasses.dataclass
+    class LooseEntry:  # a __dict__, no slots
+        path: bytes
+        type: int
+        mode: int = 0
+        uid: int = 0
+        gid: int = 0
+        mtime_ns: int = 0
+        size: int = 0
+        ctime_ns: int = 0
+        ino: int = 0
+        dev: int = 0
+        rdev: int = 0
+        target: bytes = b""
+        digest: bytes = b""
+        chunks: bytes = b""
+        flags: int = 0
+
+        def __post_init__(self):
+            calls.append(self.path)
+
+    class CountedRecord(NamedTuple):
+        op: int
+        path: bytes
+        entry: object
+
+    recs = [Record(OP_ENTRY, b"a", Entry(b"a", 0, size=5, chunks=b"c" * 32)), Record(OP_DELETE, b"b", None)]
+    buf = b"".join(encode_record(r) for r in recs)
+    decoded, used = manifest._decode_c(buf, CountedRecord, LooseEntry, OP_DELETE, max(TYPE_NAMES))
+    assert used == len(buf) and calls == [b"a"]
+    assert [type(r) for r in decoded] == [CountedRecord, CountedRecord]
+    assert dataclasses.astuple(decoded[0].entry) == dataclasses.astuple(recs[0].entry)
+    assert tuple(decoded[1]) == tuple(recs[1])
+    fast, _ = manifest._decode_c(buf, Record, Entry, OP_DELETE, max(TYPE_NAMES))
+    assert fast == recs and type(fast[0]) is Record and type(fast[0].entry) is Entry
