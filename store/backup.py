@@ -495,16 +495,18 @@ class Backup:
 
     # --- the walk -------------------------------------------------------------------
 
-    def records(self, source: Iterator[tuple[bytes, bytes, os.stat_result, bool]],
-                parent_tree: Iterator[Record], kind: str, stats: ManifestStats) -> Iterator[Record]:
+    def records(self, source: SourceWalk, parent_tree: Iterator[Record], kind: str,
+                stats: ManifestStats) -> Iterator[Record]:
         """Manifest records of this backup: every entry (full) or the changes (diff).
 
         The walk and the parent's tree are merged in path order.  Most entries of a
-        repeated backup are unchanged files under the same path as the parent's
-        next entry: those are decided on the path and the stat fields alone (no sort
-        key, no new entry) and counted in locals until the next other entry.  Files
-        to read go to the reader threads; every record then waits in ``pending``
-        until those before it are settled, so the manifest keeps its order."""
+        repeated backup are unchanged files and directories under the same path as
+        the parent's next entry: runs of them are matched in C as the walk queued
+        them (``SourceWalk.skip_unchanged``), others one at a time here, unchanged
+        files decided on the path and the stat fields alone (no sort key, no new
+        entry); both are counted in locals until the next other entry.  Files to
+        read go to the reader threads; every record then waits in ``pending`` until
+        those before it are settled, so the manifest keeps its order."""
         diff = kind == KIND_DIFF
         counts = self.counts
         progress = self.opt.progress is not None
@@ -512,7 +514,25 @@ class Backup:
         cut: bytes | None = None
         same_files = same_bytes = 0
         pending: deque[Record | _Waiting] = deque()
-        for rel, path, st, ok in source:
+        taken: list[Record] | None = None if diff else []  # a full manifest lists the unchanged entries too
+        walk = iter(source)
+        while True:
+            if p is not None and (diff or not pending):  # a full manifest's records wait for none before them
+                files, dirs, size, p = source.skip_unchanged(p, parent_tree, taken, OP_ENTRY, T_FILE, T_DIR)
+                if files or dirs:
+                    same_files += files
+                    same_bytes += size
+                    stats.add_dirs(dirs)
+                    if taken:
+                        yield from taken
+                        taken.clear()
+                    if progress:
+                        self._maybe_progress(same_files)
+                    continue
+            walked = next(walk, None)
+            if walked is None:
+                break
+            rel, path, st, ok = walked
             prev = key = None
             if p is not None and p.path != rel:  # the parent's entries before this one are gone
                 key = sort_key(rel)
@@ -641,7 +661,7 @@ class Backup:
                 stats_iter = self._count(self._stream_source(stream, stdin_name, parent_tree, kind), stats)
             else:
                 assert source is not None
-                stats_iter = self.records(iter(source), parent_tree, kind, stats)
+                stats_iter = self.records(source, parent_tree, kind, stats)
             mw = ManifestWriter(repo, self.writer)
             for rec in stats_iter:
                 mw.add(rec)

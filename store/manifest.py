@@ -212,6 +212,11 @@ class ManifestStats:
         self.files += n
         self.bytes += size
 
+    def add_dirs(self, n: int) -> None:
+        """``n`` directories that could be listed."""
+        self.records += n
+        self.dirs += n
+
     def count_entry(self, e: Entry) -> None:
         self.records += 1
         if e.type == T_DIR:

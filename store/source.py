@@ -19,7 +19,7 @@ import os
 import stat
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 from chunkvault.errors import UsageError
 
@@ -140,8 +140,11 @@ class SourceWalk:
 
     STALE_AFTER = 30.0
     RESTAT_AFTER = 2.0
-    #: Entries per call into the C walk as the backup takes them.
-    BATCH = 1024
+    #: Entries per call into the C walk as the backup takes them: few, since runs of unchanged entries
+    #: are matched in C only between two batches (``skip_unchanged``).
+    BATCH = 32
+    #: Entries one ``skip_unchanged`` takes at most (the backup reports progress between calls).
+    SKIP_LIMIT = 4096
     #: Entries the C walk's thread keeps queued once the backup takes them (about 210 bytes each).
     STEADY = 8192
 
@@ -157,6 +160,7 @@ class SourceWalk:
         self.warnings = warnings if warnings is not None else []
         self._ahead = ahead
         self._walking_ahead = False
+        self._between_batches: "Walker | None" = None
         self._walk = self._entries()
         self._buffered: list[SourceItem] = []
         self._stop = threading.Event()
@@ -295,7 +299,9 @@ class SourceWalk:
                 yield None
             while batch := walker.batch(self.BATCH):
                 scanned = time.monotonic() - walker.age  # when the batch's oldest entry was stat'ed
-                for rel, path, st, err, list_err in batch:
+                last = batch[-1]
+                for item in batch:
+                    rel, path, st, err, list_err = item
                     if cut is not None and rel.startswith(cut):
                         continue
                     if st is None:
@@ -312,9 +318,26 @@ class SourceWalk:
                             continue
                     if list_err:
                         self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {os.strerror(list_err)}")
+                    if item is last and cut is None:  # what comes next is still in the walker's queue
+                        self._between_batches = walker
                     yield rel, path, st, not list_err
+                    self._between_batches = None
         finally:
+            self._between_batches = None
             walker.stop()  # a walk left unfinished ends its thread
+
+    def skip_unchanged(self, record: Any, records: Iterator[Any], taken: list | None,
+                       op_entry: int, t_file: int, t_dir: int) -> tuple[int, int, int, Any]:
+        """Take the next entries of the walk while they are what the parent's records say, unchanged
+        (``record``, then those ``records`` yields, in step): (files, directories, bytes of the files,
+        the first record not taken).  Only files with one link and directories that could be listed
+        count, and only right after the last entry of a C walk's batch, before the next is asked for;
+        elsewhere nothing is taken.  ``taken`` (a list or None) gets the records of the entries taken."""
+        walker = self._between_batches
+        if walker is None:
+            return 0, 0, 0, record
+        return walker.skip_unchanged(record, records, self.RESTAT_AFTER, op_entry, t_file, t_dir, taken,
+                                     self.SKIP_LIMIT)
 
     def _children(self, rel_prefix: bytes, path_prefix: bytes, listing: list[ScanItem]
                   ) -> Iterator[tuple[bytes, bytes, FileStat | os.stat_result | None, int]]:

@@ -233,7 +233,8 @@ def test_differential_counts_match_a_full_of_the_same_tree(tmp_path, new_repo, m
     assert (d["changed_files"], d["new_files"], d["deleted"]) == (3, 1, 1)
     assert (d["unchanged_files"], f["unchanged_files"]) == (120 - 4, 120)
     assert (d["files"], d["dirs"], d["bytes"]) == (f["files"], f["dirs"], f["bytes"])
-    assert len(seen) > 100 and seen == sorted(seen) and seen[-1] <= d["unchanged_files"]
+    # (a run of unchanged entries matched at once reports once)
+    assert len(seen) > 20 and seen == sorted(seen) and seen[-1] <= d["unchanged_files"]
 
 
 def test_files_read_in_parallel_land_in_manifest_order(tmp_path, new_repo, monkeypatch, python_file_reads):

@@ -1,0 +1,180 @@
+"""Runs of unchanged entries matched in C as the walk queued them (``SourceWalk.skip_unchanged``) decide
+exactly what the entry-by-entry comparison decides: same manifest records, same counts."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chunkvault import Repository
+from chunkvault.store import source
+from chunkvault.store.manifest import OP_ENTRY, OP_FRESH, T_DIR, T_FILE, T_SYMLINK
+from chunkvault.store.source import SourceWalk
+from treeutil import wait_for
+
+pytestmark = pytest.mark.skipif(source.Walker is None, reason="the C walker is not built")
+
+COUNTED = ("files", "dirs", "bytes", "unchanged_files", "changed_files", "new_files", "deleted", "manifest_records")
+
+
+def one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SourceWalk, "skip_unchanged", lambda self, record, *rest: (0, 0, 0, record))
+
+
+def build(root: str) -> None:
+    for d in range(4):
+        os.makedirs(os.path.join(root, f"d{d}", "sub"))
+        for f in range(8):
+            with open(os.path.join(root, f"d{d}", f"f{f}"), "wb") as fh:
+                fh.write(f"{d}/{f}".encode() * (f + 1))
+        with open(os.path.join(root, f"d{d}", "sub", "deep"), "wb") as fh:
+            fh.write(b"deep")
+    os.symlink("d0/f0", os.path.join(root, "link"))
+
+
+def rewrite_same_size_and_mtime(path: str) -> None:
+    st_ = os.stat(path)
+    with open(path, "r+b") as fh:
+        first = fh.read(1)
+        fh.seek(0)
+        fh.write(bytes([first[0] ^ 1]))
+    os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns))  # only the ctime tells
+
+
+EDITS = {
+    "rewrite": lambda p: open(p, "ab").write(b"more") and None,
+    "touch": lambda p: os.utime(p, ns=(0, os.stat(p).st_mtime_ns + 1)),
+    "chmod": lambda p: os.chmod(p, os.stat(p).st_mode & 0o7777 ^ 0o040),
+    "same size and mtime": rewrite_same_size_and_mtime,
+    "hard link": lambda p: os.link(p, p + ".link"),
+    "remove": lambda p: shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p),
+    "replace by a file": lambda p: (shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p),
+                                    open(p, "wb").write(b"now a file")) and None,
+    "add beside": lambda p: open(p + ".new", "wb").write(b"new") and None,
+}
+TARGETS = [f"d{d}/f{f}" for d in range(4) for f in range(8)] + [f"d{d}" for d in range(4)] + [
+    f"d{d}/sub" for d in range(4)] + ["link", "d2/sub/deep"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.sampled_from(sorted(EDITS)), st.sampled_from(TARGETS)), max_size=6),
+       kind=st.sampled_from(["diff", "full"]), batch=st.sampled_from([1, 3, 32]))
+def test_runs_matched_in_c_decide_what_one_at_a_time_decides(tmp_path_factory, monkeypatch, edits, kind, batch):
+    tmp = tmp_path_factory.mktemp("runs")
+    src = str(tmp / "src")
+    build(src)
+    repo = Repository.init(str(tmp / "repo"), "pw", kdf_seconds=0)
+    try:
+        parent = repo.backup([src]).snapshot
+        for what, target in edits:
+            path = os.path.join(src, target)
+            try:
+                EDITS[what](path)
+            except OSError:  # gone, or not for this kind of entry (a directory's hard link)
+                pass
+        with monkeypatch.context() as m:
+            m.setattr(SourceWalk, "BATCH", batch)
+            in_runs = repo.backup([src], kind=kind, parent=parent.id).snapshot
+            one_at_a_time(m)
+            singly = repo.backup([src], kind=kind, parent=parent.id).snapshot
+        assert list(repo._repo.manifest_records(in_runs)) == list(repo._repo.manifest_records(singly))
+        assert {k: in_runs.stats[k] for k in COUNTED} == {k: singly.stats[k] for k in COUNTED}
+    finally:
+        repo.close()
+
+
+def test_an_unchanged_tree_is_taken_in_runs(tmp_path, monkeypatch):
+    src = str(tmp_path / "src")
+    build(src)  # the root, 8 directories, 36 files, a symlink (compared one at a time)
+    repo = Repository.init(str(tmp_path / "repo"), "pw", kdf_seconds=0)
+    with repo:
+        repo.backup([src])
+        taken = []
+        real = SourceWalk.skip_unchanged
+
+        def spy(self, *args):
+            out = real(self, *args)
+            taken.append(out[:3])
+            return out
+
+        monkeypatch.setattr(SourceWalk, "skip_unchanged", spy)
+        monkeypatch.setattr(SourceWalk, "BATCH", 4)
+        snap = repo.backup([src]).snapshot
+    assert snap.stats["unchanged_files"] == 36 and snap.stats["manifest_records"] == 0
+    files, dirs = sum(f for f, _, _ in taken), sum(d for _, d, _ in taken)
+    assert files + dirs >= 36 and dirs >= 4  # all but the first batch and a batch's rest after the symlink
+    files_bytes = sum(os.path.getsize(os.path.join(dp, n)) for dp, _, ns in os.walk(src) for n in ns
+                      if not os.path.islink(os.path.join(dp, n)))
+    assert 0 < sum(b for *_, b in taken) <= files_bytes == snap.stats["bytes"]
+
+
+def test_an_entry_queued_longer_than_restat_after_is_not_taken_on_its_old_stat(tmp_path, monkeypatch):
+    """The walk lists ahead; a file changed after its lstat and before its turn is seen as changed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in range(200):
+        (src / f"f{f:03}").write_bytes(b"x")
+    repo = Repository.init(str(tmp_path / "repo"), "pw", kdf_seconds=0)
+    with repo:
+        repo.backup([str(src)])
+        monkeypatch.setattr(SourceWalk, "RESTAT_AFTER", 0.2)
+        walk = SourceWalk.of_paths([str(src)]).start()
+        time.sleep(0.4)  # listed and stat'ed by now
+        stamp = os.stat(src / "f150").st_mtime_ns
+        (src / "f150").write_bytes(b"y")
+        os.utime(src / "f150", ns=(stamp, stamp))  # same size and mtime: only the ctime tells
+        snap = repo.backup([str(src)], walk=walk).snapshot
+        assert (snap.stats["changed_files"], snap.stats["unchanged_files"]) == (1, 199)
+
+
+def entry_of(rel: bytes, st_, etype: int):
+    from chunkvault.store.manifest import Entry
+
+    return Entry(rel, etype, st_.st_mode & 0o7777, st_.st_uid, st_.st_gid, st_.st_mtime_ns,
+                 st_.st_size if etype == T_FILE else 0, st_.st_ctime_ns, st_.st_ino, st_.st_dev, 0)
+
+
+def taken_by_the_walker(root: bytes, records: list) -> tuple:
+    """What ``skip_unchanged`` takes of a walk of ``root`` (past its root entry) against ``records``."""
+    w = source.Walker(b"", root)
+    w.start(100, 100)
+    assert w.batch(1)[0][0] == b""  # the root, never taken
+    wait_for(lambda: w.queued == len(os.listdir(root)))  # skip_unchanged takes what is walked, never waits
+    out = w.skip_unchanged(records[0], iter(records[1:]), 60.0, OP_ENTRY, T_FILE, T_DIR, [], 100)
+    return out[:3]
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_any_recorded_field_that_differs_ends_a_run(tmp_path, kind):
+    """Each field the entry-by-entry comparison looks at, changed alone in the parent's record: not taken."""
+    import dataclasses
+
+    from chunkvault.store.manifest import F_CHANGED_DURING_READ, F_UNREADABLE, Record
+
+    target = tmp_path / "x"
+    target.mkdir() if kind == "dir" else target.write_bytes(b"12345")
+    st_ = os.lstat(target)
+    etype = T_DIR if kind == "dir" else T_FILE
+    good = entry_of(b"x", st_, etype)
+    root = os.fsencode(tmp_path)
+    assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", good)]) == ((0, 1, 0) if kind == "dir" else (1, 0, 5))
+    changes = {"type": T_SYMLINK, "mode": good.mode ^ 0o1, "uid": good.uid + 1, "gid": good.gid + 1,
+               "mtime_ns": good.mtime_ns + 1, "ctime_ns": good.ctime_ns - 1, "ino": good.ino + 1,
+               "dev": good.dev + 1, "size": good.size + 1, "flags": F_UNREADABLE}
+    if kind == "file":
+        changes["flags"] = F_CHANGED_DURING_READ
+    else:
+        changes.update(rdev=1, target=b"t", digest=b"d" * 32, chunks=b"c" * 32)
+    for field, value in changes.items():
+        bad = dataclasses.replace(good, **{field: value})
+        assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", bad)]) == (0, 0, 0), field
+    for rec in (Record(OP_ENTRY, b"y", dataclasses.replace(good, path=b"y")), Record(OP_FRESH, b"x", good)):
+        assert taken_by_the_walker(root, [rec]) == (0, 0, 0)
+    if kind == "file":
+        os.link(target, tmp_path / "x2")  # two links now: compared one at a time
+        st_ = os.lstat(target)
+        assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", entry_of(b"x", st_, T_FILE))]) == (0, 0, 0)
