@@ -181,6 +181,9 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
  *       with stat None; errno is an entry's lstat error (stat is None then);
  *       list_errno is a directory's listing error (0 for other entries).
  *       RuntimeError once a walk stopped before its end is drained.
+ *   .skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, taken, limit)
+ *       -> (files, dirs, bytes, record)  take queued entries while they are
+ *       what the parent snapshot's records say, unchanged (below)
  *   .age     seconds since the oldest entry of the last batch was stat'ed
  *   .stop()  end the thread at its next entry (a walk that will not be consumed)
  *   .queued  entries walked and not yet handed over
