@@ -599,9 +599,10 @@ static void swap_queues(WalkerObject *w) {
     w->walked = drained;
 }
 
-/* Give the batch side, drained, what the walk has queued: waiting for the walking thread if ``wait``.
- * 0, -1 out of memory, -2 a walk stopped before its end (each once nothing is left to hand over).
- * Called without the GIL. */
+/* Give the batch side, drained, what the walk has queued: waiting for the walking thread (or, with no
+ * thread, walking) if ``wait``, and then without the GIL; the walking thread holds the lock only briefly
+ * and never waits for the GIL, so a refill that does not wait may keep it.  0, -1 out of memory, -2 a
+ * walk stopped before its end (each once nothing is left to hand over). */
 static int refill(WalkerObject *w, size_t max, int wait) {
     int status = 0;
     if (w->taken.cap > 4 * max + 256 && w->taken.cap > 2 * w->steady)
@@ -654,7 +655,9 @@ static PyObject *walker_batch(WalkerObject *w, PyObject *arg) {
     if (enter(w) < 0)
         return NULL;
     int status = 0;
-    if (w->taken.head == w->taken.len) {
+    if (w->taken.head == w->taken.len && w->threaded)  /* what is queued, without letting go of the GIL */
+        status = refill(w, (size_t)max, 0);
+    if (w->taken.head == w->taken.len && !status) {  /* wait for the thread, or walk */
         Py_BEGIN_ALLOW_THREADS
         status = refill(w, (size_t)max, 1);
         Py_END_ALLOW_THREADS
@@ -783,11 +786,7 @@ static PyObject *walker_skip_unchanged(WalkerObject *w, PyObject *const *args, P
     PyObject *result = NULL;
     for (Py_ssize_t k = 0; k < limit && rec != Py_None;) {
         if (w->taken.head == w->taken.len) {  /* only what is walked already: batch() waits for more */
-            int status;
-            Py_BEGIN_ALLOW_THREADS
-            status = refill(w, 1024, 0);
-            Py_END_ALLOW_THREADS
-            (void)status;  /* batch() reports it */
+            (void)refill(w, 1024, 0);  /* batch() reports the walk's end */
             if (w->taken.head == w->taken.len)
                 break;
         }
