@@ -60,27 +60,31 @@ TARGETS = [f"d{d}/f{f}" for d in range(4) for f in range(8)] + [f"d{d}" for d in
     f"d{d}/sub" for d in range(4)] + ["link", "d2/sub/deep"]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.sampled_from(sorted(EDITS)), st.sampled_from(TARGETS)), max_size=6),
-       kind=st.sampled_from(["diff", "full"]), batch=st.sampled_from([1, 3, 32]))
-def test_runs_matched_in_c_decide_what_one_at_a_time_decides(tmp_path_factory, monkeypatch, edits, kind, batch):
+       kind=st.sampled_from(["diff", "full"]), batch=st.sampled_from([1, 3, 32]),
+       roots=st.sampled_from([["src"], ["src/d1", "src/d3"]]), excludes=st.sampled_from([[], ["f3"], ["*/sub"]]))
+def test_runs_matched_in_c_decide_what_one_at_a_time_decides(tmp_path_factory, monkeypatch, edits, kind, batch,
+                                                               roots, excludes):
     tmp = tmp_path_factory.mktemp("runs")
     src = str(tmp / "src")
     build(src)
+    paths = [str(tmp / r) for r in roots]
     repo = Repository.init(str(tmp / "repo"), "pw", kdf_seconds=0)
     try:
-        parent = repo.backup([src]).snapshot
+        parent = repo.backup(paths, excludes=excludes).snapshot
         for what, target in edits:
             path = os.path.join(src, target)
             try:
                 EDITS[what](path)
             except OSError:  # gone, or not for this kind of entry (a directory's hard link)
                 pass
+        paths = [p for p in paths if os.path.isdir(p)] or [src]  # a root may have gone
         with monkeypatch.context() as m:
             m.setattr(SourceWalk, "BATCH", batch)
-            in_runs = repo.backup([src], kind=kind, parent=parent.id).snapshot
+            in_runs = repo.backup(paths, kind=kind, parent=parent.id, excludes=excludes).snapshot
             one_at_a_time(m)
-            singly = repo.backup([src], kind=kind, parent=parent.id).snapshot
+            singly = repo.backup(paths, kind=kind, parent=parent.id, excludes=excludes).snapshot
         assert list(repo._repo.manifest_records(in_runs)) == list(repo._repo.manifest_records(singly))
         assert {k: in_runs.stats[k] for k in COUNTED} == {k: singly.stats[k] for k in COUNTED}
     finally:
