@@ -70,26 +70,10 @@ def test_classes_it_cannot_fill_itself_are_called():
 
     calls = []
 
-    @dataclasses.dataclass
-    class LooseEntry:  # a __dict__, no slots
-        path: bytes
-        type: int
-        mode: int = 0
-        uid: int = 0
-        gid: int = 0
-        mtime_ns: int = 0
-        size: int = 0
-        ctime_ns: int = 0
-        ino: int = 0
-        dev: int = 0
-        rdev: int = 0
-        target: bytes = b""
-        digest: bytes = b""
-        chunks: bytes = b""
-        flags: int = 0
-
-        def __post_init__(self):
-            calls.append(self.path)
+    # Entry's fields, in a class with a __dict__ and a __post_init__
+    LooseEntry = dataclasses.make_dataclass(
+        "LooseEntry", [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(Entry)],
+        namespace={"__post_init__": lambda self: calls.append(self.path)})
 
     class CountedRecord(NamedTuple):
         op: int
@@ -103,5 +87,10 @@ def test_classes_it_cannot_fill_itself_are_called():
     assert [type(r) for r in decoded] == [CountedRecord, CountedRecord]
     assert dataclasses.astuple(decoded[0].entry) == dataclasses.astuple(recs[0].entry)
     assert tuple(decoded[1]) == tuple(recs[1])
+    hooked = dataclasses.make_dataclass(  # slots, as Entry has, but a hook to run
+        "Hooked", [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(Entry)],
+        namespace={"__post_init__": lambda self: calls.append(b"hooked " + self.path)}, slots=True)
+    manifest._decode_c(buf, Record, hooked, OP_DELETE, max(TYPE_NAMES))
+    assert calls == [b"a", b"hooked a"]
     fast, _ = manifest._decode_c(buf, Record, Entry, OP_DELETE, max(TYPE_NAMES))
     assert fast == recs and type(fast[0]) is Record and type(fast[0].entry) is Entry
