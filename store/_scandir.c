@@ -160,10 +160,11 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
  * A directory's subtree in manifest order (depth first, names sorted), walked
  * by a thread of its own that never takes the GIL, into a compact queue
  * (about 210 bytes an entry with its path, against 470 for the Python
- * objects it becomes).  The backup's main thread turns queued entries into
- * tuples and compares them with the parent snapshot's while the thread
- * lists and stats what comes next: an unchanged tree's backup is the walk
- * and that comparison, and one thread doing both in turn took their sum.
+ * objects it becomes).  The backup's main thread takes queued entries (as
+ * tuples, or matched in place against the parent snapshot's records) while
+ * the thread lists and stats what comes next: an unchanged tree's backup is
+ * the walk and that comparison, and one thread doing both in turn took
+ * their sum.
  * The thread starts while the backup starts up (imports, key, index), walks
  * up to ``ahead`` entries until the first batch is taken, then keeps at most
  * ``steady`` entries queued.  Producer and consumer share one lock, held
