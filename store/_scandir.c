@@ -182,8 +182,8 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
  *       with stat None; errno is an entry's lstat error (stat is None then);
  *       list_errno is a directory's listing error (0 for other entries).
  *       RuntimeError once a walk stopped before its end is drained.
- *   .skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, taken, limit)
- *       -> (files, dirs, bytes, record)  take queued entries while they are
+ *   .skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, t_symlink, taken, limit)
+ *       -> (files, dirs, symlinks, bytes, record)  take queued entries while they are
  *       what the parent snapshot's records say, unchanged (below)
  *   .age     seconds since the oldest entry of the last batch was stat'ed
  *   .stop()  end the thread at its next entry (a walk that will not be consumed)
@@ -249,6 +249,7 @@ typedef struct {
     fields_t f;
     double scanned;  /* when its lstat was made (monotonic seconds) */
     size_t sub_off, sub_len;
+    ssize_t target_len;  /* a symlink's target, after its path in the arena; -1: none, or not read */
     int error, list_error, root;
 } queued_t;
 
@@ -384,9 +385,11 @@ static int push(WalkerObject *w, const char *sub, size_t sub_len) {
     return err == ENOMEM ? -1 : err;
 }
 
-/* Append an entry whose path below the root is a + b to q; 0, or -1 when out of memory. */
+/* Append an entry whose path below the root is a + b (a symlink's target t of tlen bytes, -1: none) to q;
+ * 0, or -1 when out of memory. */
 static int append(queue_t *q, const struct stat *st, double scanned, const char *a, size_t la, const char *b,
-                  size_t lb, int error, int list_error, int root) {
+                  size_t lb, const char *t, ssize_t tlen, int error, int list_error, int root) {
+    size_t extra = la + lb + (tlen > 0 ? (size_t)tlen : 0);
     if (q->len == q->cap) {
         size_t cap = q->cap ? 2 * q->cap : 256;
         queued_t *grown = realloc(q->q, cap * sizeof(queued_t));
@@ -395,9 +398,9 @@ static int append(queue_t *q, const struct stat *st, double scanned, const char 
         q->q = grown;
         q->cap = cap;
     }
-    if (q->a_len + la + lb > q->a_cap) {
+    if (q->a_len + extra > q->a_cap) {
         size_t cap = q->a_cap ? 2 * q->a_cap : 16384;
-        while (cap < q->a_len + la + lb)
+        while (cap < q->a_len + extra)
             cap *= 2;
         char *grown = realloc(q->arena, cap);
         if (grown == NULL)
@@ -414,7 +417,10 @@ static int append(queue_t *q, const struct stat *st, double scanned, const char 
     e->sub_len = la + lb;
     memcpy(q->arena + q->a_len, a, la);
     memcpy(q->arena + q->a_len + la, b, lb);
-    q->a_len += la + lb;
+    if (tlen > 0)
+        memcpy(q->arena + q->a_len + la + lb, t, (size_t)tlen);
+    q->a_len += extra;
+    e->target_len = tlen;
     e->error = error;
     e->list_error = list_error;
     e->root = root;
@@ -423,23 +429,43 @@ static int append(queue_t *q, const struct stat *st, double scanned, const char 
 
 /* Queue an entry for batch(), under the lock once a thread walks. */
 static int enqueue(WalkerObject *w, const struct stat *st, double scanned, const char *a, size_t la,
-                   const char *b, size_t lb, int error, int list_error, int root) {
+                   const char *b, size_t lb, const char *t, ssize_t tlen, int error, int list_error, int root) {
     if (w->threaded)
         pthread_mutex_lock(&w->mu);
-    int r = append(&w->walked, st, scanned, a, la, b, lb, error, list_error, root);
+    int r = append(&w->walked, st, scanned, a, la, b, lb, t, tlen, error, list_error, root);
     if (w->threaded)
         pthread_mutex_unlock(&w->mu);
     return r;
+}
+
+/* The target of the symlink ``it`` of the directory ``f``, read as the walk reaches it, so that an
+ * unchanged link is matched like a file (skip_unchanged): its length, -1 when it cannot be read (or
+ * fills ``cap``: the backup reads it again), -2 when out of memory. */
+static ssize_t link_target(WalkerObject *w, const frame *f, const item *it, char *out, size_t cap) {
+    size_t n = f->path_len + it->len + 1;
+    if (n > w->scratch_cap) {
+        char *grown = realloc(w->scratch, 2 * n);
+        if (grown == NULL)
+            return -2;
+        w->scratch = grown;
+        w->scratch_cap = 2 * n;
+    }
+    memcpy(w->scratch, f->path, f->path_len);
+    memcpy(w->scratch + f->path_len, it->name, it->len);
+    w->scratch[n - 1] = 0;
+    ssize_t len = readlink(w->scratch, out, cap);
+    return len < 0 || (size_t)len >= cap ? -1 : len;
 }
 
 /* Walk up to max more entries into the queue (fewer once stop() is called); 0, or -1 when out of memory.
  * Runs without the GIL. */
 static int walk_some(WalkerObject *w, size_t max) {
     size_t k = 0;
+    char target[4096];
     if (!w->started && max > 0) {
         w->started = 1;
         int list_error = push(w, "", 0);
-        if (list_error < 0 || enqueue(w, NULL, w->stack[0].scanned, "", 0, "", 0, 0, list_error, 1) < 0)
+        if (list_error < 0 || enqueue(w, NULL, w->stack[0].scanned, "", 0, "", 0, NULL, -1, 0, list_error, 1) < 0)
             return -1;
         k++;
     }
@@ -460,6 +486,9 @@ static int walk_some(WalkerObject *w, size_t max) {
             if (x)
                 continue;
         }
+        ssize_t tlen = -1;
+        if (!it->error && S_ISLNK(it->st.st_mode) && (tlen = link_target(w, f, it, target, sizeof(target))) == -2)
+            return -1;
         int list_error = 0;
         if (!it->error && S_ISDIR(it->st.st_mode)) {
             char *child = concat(sub, sub_len, it->name, it->len, "/", 1);
@@ -468,7 +497,7 @@ static int walk_some(WalkerObject *w, size_t max) {
             if (list_error < 0)
                 return -1;
         }
-        if (enqueue(w, &it->st, scanned, sub, sub_len, it->name, it->len, it->error, list_error, 0) < 0)
+        if (enqueue(w, &it->st, scanned, sub, sub_len, it->name, it->len, target, tlen, it->error, list_error, 0) < 0)
             return -1;
         k++;
     }
@@ -729,12 +758,27 @@ static int attr_empty_bytes(PyObject *obj, PyObject *name) {
     return empty;
 }
 
+/* 1 when the bytes attribute ``name`` of ``obj`` is the ``len`` bytes at ``want``. */
+static int attr_bytes_are(PyObject *obj, PyObject *name, const char *want, size_t len) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    int same = v != NULL && PyBytes_Check(v) && (size_t)PyBytes_GET_SIZE(v) == len
+               && memcmp(PyBytes_AS_STRING(v), want, len) == 0;
+    Py_XDECREF(v);
+    PyErr_Clear();
+    return same;
+}
+
 /* Is the queued entry ``e`` what the parent's record ``rec`` (a Record: op, path, entry) says, unchanged?
- * Files with one link and directories that could be listed only; 1 for a file, 2 for a directory, else 0. */
-static int unchanged(WalkerObject *w, const queued_t *e, PyObject *rec, long op_entry, long t_file, long t_dir) {
+ * Files with one link, directories that could be listed and symlinks whose target was read only;
+ * UNCHANGED_FILE, UNCHANGED_DIR, UNCHANGED_LINK, or 0. */
+enum { UNCHANGED_FILE = 1, UNCHANGED_DIR, UNCHANGED_LINK };
+
+static int unchanged(WalkerObject *w, const queued_t *e, PyObject *rec, long op_entry, long t_file, long t_dir,
+                     long t_link) {
     const fields_t *f = &e->f;
     int file = S_ISREG(f->mode) && f->nlink == 1, dir = S_ISDIR(f->mode);
-    if (e->root || e->error || e->list_error || !(file || dir))
+    int link = S_ISLNK(f->mode) && e->target_len >= 0;
+    if (e->root || e->error || e->list_error || !(file || dir || link))
         return 0;
     if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) != 3)
         return 0;
@@ -748,7 +792,8 @@ static int unchanged(WalkerObject *w, const queued_t *e, PyObject *rec, long op_
         || memcmp(PyBytes_AS_STRING(path), w->rel_dir, w->rel_dir_len)
         || memcmp(PyBytes_AS_STRING(path) + w->rel_dir_len, sub, e->sub_len))
         return 0;
-    if (!attr_is(entry, s_type, (unsigned long long)(file ? t_file : t_dir), 0) || !attr_is(entry, s_flags, 0, 0)
+    if (!attr_is(entry, s_type, (unsigned long long)(file ? t_file : dir ? t_dir : t_link), 0)
+        || !attr_is(entry, s_flags, 0, 0)
         || !attr_is(entry, s_mtime_ns, (unsigned long long)f->mtime_ns, 1)
         || !attr_is(entry, s_ctime_ns, (unsigned long long)f->ctime_ns, 1)
         || !attr_is(entry, s_ino, f->ino, 0) || !attr_is(entry, s_dev, f->dev, 0)
@@ -756,23 +801,28 @@ static int unchanged(WalkerObject *w, const queued_t *e, PyObject *rec, long op_
         || !attr_is(entry, s_gid, f->gid, 0))
         return 0;
     if (file)
-        return attr_is(entry, s_size, (unsigned long long)f->size, 1) ? 1 : 0;
-    /* a directory's entry as the backup builds it: no size, device, target, digest or chunks */
-    return attr_is(entry, s_size, 0, 1) && attr_is(entry, s_rdev, 0, 0) && attr_empty_bytes(entry, s_target)
-                   && attr_empty_bytes(entry, s_digest) && attr_empty_bytes(entry, s_chunks)
-               ? 2 : 0;
+        return attr_is(entry, s_size, (unsigned long long)f->size, 1) ? UNCHANGED_FILE : 0;
+    /* a directory's or a symlink's entry as the backup builds it: no device, digest or chunks; a
+     * directory no size or target, a symlink its target and the target's length as its size */
+    size_t tlen = link ? (size_t)e->target_len : 0;
+    if (!attr_is(entry, s_size, tlen, 1) || !attr_is(entry, s_rdev, 0, 0)
+        || !attr_bytes_are(entry, s_target, w->taken.arena + e->sub_off + e->sub_len, tlen)
+        || !attr_empty_bytes(entry, s_digest) || !attr_empty_bytes(entry, s_chunks))
+        return 0;
+    return link ? UNCHANGED_LINK : UNCHANGED_DIR;
 }
 
 static PyObject *walker_skip_unchanged(WalkerObject *w, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError,
-                        "skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, taken, limit)");
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, "
+                                         "t_symlink, taken, limit)");
         return NULL;
     }
-    PyObject *rec = args[0], *records = args[1], *taken = args[6];
+    PyObject *rec = args[0], *records = args[1], *taken = args[7];
     double restat_after = PyFloat_AsDouble(args[2]);
     long op_entry = PyLong_AsLong(args[3]), t_file = PyLong_AsLong(args[4]), t_dir = PyLong_AsLong(args[5]);
-    Py_ssize_t limit = PyLong_AsSsize_t(args[7]);
+    long t_link = PyLong_AsLong(args[6]);
+    Py_ssize_t limit = PyLong_AsSsize_t(args[8]);
     if (PyErr_Occurred())
         return NULL;
     if (!PyIter_Check(records) || (taken != Py_None && !PyList_Check(taken))) {
@@ -782,7 +832,7 @@ static PyObject *walker_skip_unchanged(WalkerObject *w, PyObject *const *args, P
     if (enter(w) < 0)
         return NULL;
     double now = monotonic_seconds();
-    unsigned long long files = 0, dirs = 0, bytes = 0;
+    unsigned long long files = 0, dirs = 0, links = 0, bytes = 0;
     Py_INCREF(rec);
     PyObject *result = NULL;
     for (Py_ssize_t k = 0; k < limit && rec != Py_None;) {
@@ -794,18 +844,20 @@ static PyObject *walker_skip_unchanged(WalkerObject *w, PyObject *const *args, P
         const queued_t *e = &w->taken.q[w->taken.head];
         if (now - e->scanned > restat_after)
             break;
-        int kind = unchanged(w, e, rec, op_entry, t_file, t_dir);
+        int kind = unchanged(w, e, rec, op_entry, t_file, t_dir, t_link);
         if (!kind)
             break;
         if (taken != Py_None && PyList_Append(taken, rec) < 0)
             goto done;
         w->taken.head++;
         k++;
-        if (kind == 1) {
+        if (kind == UNCHANGED_FILE) {
             files++;
             bytes += (unsigned long long)e->f.size;
-        } else {
+        } else if (kind == UNCHANGED_DIR) {
             dirs++;
+        } else {
+            links++;
         }
         PyObject *next = PyIter_Next(records);
         Py_DECREF(rec);
@@ -818,7 +870,7 @@ static PyObject *walker_skip_unchanged(WalkerObject *w, PyObject *const *args, P
         }
         rec = next;
     }
-    result = Py_BuildValue("(KKKO)", files, dirs, bytes, rec);
+    result = Py_BuildValue("(KKKKO)", files, dirs, links, bytes, rec);
 done:
     Py_XDECREF(rec);
     w->busy = 0;
@@ -949,9 +1001,10 @@ static PyMethodDef walker_methods[] = {
     {"batch", (PyCFunction)walker_batch, METH_O,
      "batch(max_entries) -> [(rel, path, stat | None, errno, list_errno)]; [] when the walk is done."},
     {"skip_unchanged", (PyCFunction)(void (*)(void))walker_skip_unchanged, METH_FASTCALL,
-     "skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, taken, limit) -> (files, dirs, "
-     "bytes, record): take the queued entries the parent's records (record, then those of the iterator "
-     "records) give as unchanged, up to limit; taken (a list or None) gets their records."},
+     "skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, t_symlink, taken, limit) -> "
+     "(files, dirs, symlinks, bytes, record): take the queued entries the parent's records (record, then "
+     "those of the iterator records) give as unchanged, up to limit; taken (a list or None) gets their "
+     "records."},
     {"stop", (PyCFunction)walker_stop, METH_NOARGS, "End the walking thread at its next entry."},
     {NULL, NULL, 0, NULL},
 };

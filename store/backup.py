@@ -518,11 +518,12 @@ class Backup:
         walk = iter(source)
         while True:
             if p is not None and (diff or not pending):  # a full manifest's records wait for none before them
-                files, dirs, size, p = source.skip_unchanged(p, parent_tree, taken, OP_ENTRY, T_FILE, T_DIR)
-                if files or dirs:
+                files, dirs, links, size, p = source.skip_unchanged(p, parent_tree, taken, OP_ENTRY, T_FILE,
+                                                                    T_DIR, T_SYMLINK)
+                if files or dirs or links:
                     same_files += files
                     same_bytes += size
-                    stats.add_dirs(dirs)
+                    stats.add_entries(dirs, links)
                     if taken:
                         yield from taken
                         taken.clear()

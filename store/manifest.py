@@ -212,10 +212,12 @@ class ManifestStats:
         self.files += n
         self.bytes += size
 
-    def add_dirs(self, n: int) -> None:
-        """``n`` directories that could be listed."""
-        self.records += n
-        self.dirs += n
+    def add_entries(self, dirs: int, others: int) -> None:
+        """``dirs`` directories that could be listed and ``others`` entries that are neither those nor
+        regular files (counted among the files, as ``count_entry`` does)."""
+        self.records += dirs + others
+        self.dirs += dirs
+        self.files += others
 
     def count_entry(self, e: Entry) -> None:
         self.records += 1

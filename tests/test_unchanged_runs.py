@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from chunkvault import Repository
 from chunkvault.store import source
-from chunkvault.store.manifest import OP_ENTRY, OP_FRESH, T_DIR, T_FILE, T_SYMLINK
+from chunkvault.store.manifest import OP_ENTRY, OP_FRESH, T_DIR, T_FILE, T_HARDLINK, T_SYMLINK
 from chunkvault.store.source import SourceWalk
 from treeutil import wait_for
 
@@ -22,7 +22,7 @@ COUNTED = ("files", "dirs", "bytes", "unchanged_files", "changed_files", "new_fi
 
 
 def one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(SourceWalk, "skip_unchanged", lambda self, record, *rest: (0, 0, 0, record))
+    monkeypatch.setattr(SourceWalk, "skip_unchanged", lambda self, record, *rest: (0, 0, 0, 0, record))
 
 
 def build(root: str) -> None:
@@ -34,6 +34,7 @@ def build(root: str) -> None:
         with open(os.path.join(root, f"d{d}", "sub", "deep"), "wb") as fh:
             fh.write(b"deep")
     os.symlink("d0/f0", os.path.join(root, "link"))
+    os.symlink("../f1", os.path.join(root, "d1", "sub", "up"))
 
 
 def rewrite_same_size_and_mtime(path: str) -> None:
@@ -43,6 +44,11 @@ def rewrite_same_size_and_mtime(path: str) -> None:
         fh.seek(0)
         fh.write(bytes([first[0] ^ 1]))
     os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns))  # only the ctime tells
+
+
+def retarget(path: str, target: str) -> None:
+    os.unlink(path)
+    os.symlink(target, path)
 
 
 EDITS = {
@@ -55,9 +61,12 @@ EDITS = {
     "replace by a file": lambda p: (shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p),
                                     open(p, "wb").write(b"now a file")) and None,
     "add beside": lambda p: open(p + ".new", "wb").write(b"new") and None,
+    "retarget": lambda p: retarget(p, "elsewhere"),
+    "retarget, same length": lambda p: retarget(p, os.readlink(p)[::-1]),
+    "touch, not following": lambda p: os.utime(p, ns=(0, os.lstat(p).st_mtime_ns + 1), follow_symlinks=False),
 }
 TARGETS = [f"d{d}/f{f}" for d in range(4) for f in range(8)] + [f"d{d}" for d in range(4)] + [
-    f"d{d}/sub" for d in range(4)] + ["link", "d2/sub/deep"]
+    f"d{d}/sub" for d in range(4)] + ["link", "d2/sub/deep", "d1/sub/up"]
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -93,7 +102,7 @@ def test_runs_matched_in_c_decide_what_one_at_a_time_decides(tmp_path_factory, m
 
 def test_an_unchanged_tree_is_taken_in_runs(tmp_path, monkeypatch):
     src = str(tmp_path / "src")
-    build(src)  # the root, 8 directories, 36 files, a symlink (compared one at a time)
+    build(src)  # the root, 8 directories, 36 files, 2 symlinks
     repo = Repository.init(str(tmp_path / "repo"), "pw", kdf_seconds=0)
     with repo:
         repo.backup([src])
@@ -102,18 +111,18 @@ def test_an_unchanged_tree_is_taken_in_runs(tmp_path, monkeypatch):
 
         def spy(self, *args):
             out = real(self, *args)
-            taken.append(out[:3])
+            taken.append(out[:4])
             return out
 
         monkeypatch.setattr(SourceWalk, "skip_unchanged", spy)
         monkeypatch.setattr(SourceWalk, "BATCH", 4)
         snap = repo.backup([src]).snapshot
     assert snap.stats["unchanged_files"] == 36 and snap.stats["manifest_records"] == 0
-    files, dirs = sum(f for f, _, _ in taken), sum(d for _, d, _ in taken)
-    assert files + dirs >= 36 and dirs >= 4  # all but the first batch and a batch's rest after the symlink
+    files, dirs, links = (sum(t[i] for t in taken) for i in range(3))
+    assert files + dirs + links >= 36 + 8 + 2 - 4 and dirs >= 4 and links >= 1  # all but the first batch
     files_bytes = sum(os.path.getsize(os.path.join(dp, n)) for dp, _, ns in os.walk(src) for n in ns
                       if not os.path.islink(os.path.join(dp, n)))
-    assert 0 < sum(b for *_, b in taken) <= files_bytes == snap.stats["bytes"]
+    assert 0 < sum(t[3] for t in taken) <= files_bytes == snap.stats["bytes"]
 
 
 def test_an_entry_queued_longer_than_restat_after_is_not_taken_on_its_old_stat(tmp_path, monkeypatch):
@@ -135,11 +144,12 @@ def test_an_entry_queued_longer_than_restat_after_is_not_taken_on_its_old_stat(t
         assert (snap.stats["changed_files"], snap.stats["unchanged_files"]) == (1, 199)
 
 
-def entry_of(rel: bytes, st_, etype: int):
+def entry_of(rel: bytes, st_, etype: int, target: bytes = b""):
     from chunkvault.store.manifest import Entry
 
     return Entry(rel, etype, st_.st_mode & 0o7777, st_.st_uid, st_.st_gid, st_.st_mtime_ns,
-                 st_.st_size if etype == T_FILE else 0, st_.st_ctime_ns, st_.st_ino, st_.st_dev, 0)
+                 st_.st_size if etype == T_FILE else len(target), st_.st_ctime_ns, st_.st_ino, st_.st_dev, 0,
+                 target)
 
 
 def taken_by_the_walker(root: bytes, records: list) -> tuple:
@@ -148,11 +158,11 @@ def taken_by_the_walker(root: bytes, records: list) -> tuple:
     w.start(100, 100)
     assert w.batch(1)[0][0] == b""  # the root, never taken
     wait_for(lambda: w.queued == len(os.listdir(root)))  # skip_unchanged takes what is walked, never waits
-    out = w.skip_unchanged(records[0], iter(records[1:]), 60.0, OP_ENTRY, T_FILE, T_DIR, [], 100)
-    return out[:3]
+    out = w.skip_unchanged(records[0], iter(records[1:]), 60.0, OP_ENTRY, T_FILE, T_DIR, T_SYMLINK, [], 100)
+    return out[:4]
 
 
-@pytest.mark.parametrize("kind", ["file", "dir"])
+@pytest.mark.parametrize("kind", ["file", "dir", "symlink"])
 def test_any_recorded_field_that_differs_ends_a_run(tmp_path, kind):
     """Each field the entry-by-entry comparison looks at, changed alone in the parent's record: not taken."""
     import dataclasses
@@ -160,25 +170,31 @@ def test_any_recorded_field_that_differs_ends_a_run(tmp_path, kind):
     from chunkvault.store.manifest import F_CHANGED_DURING_READ, F_UNREADABLE, Record
 
     target = tmp_path / "x"
-    target.mkdir() if kind == "dir" else target.write_bytes(b"12345")
+    if kind == "symlink":
+        target.symlink_to("somewhere/else")
+    else:
+        target.mkdir() if kind == "dir" else target.write_bytes(b"12345")
     st_ = os.lstat(target)
-    etype = T_DIR if kind == "dir" else T_FILE
-    good = entry_of(b"x", st_, etype)
+    etype = {"file": T_FILE, "dir": T_DIR, "symlink": T_SYMLINK}[kind]
+    good = entry_of(b"x", st_, etype, b"somewhere/else" if kind == "symlink" else b"")
     root = os.fsencode(tmp_path)
-    assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", good)]) == ((0, 1, 0) if kind == "dir" else (1, 0, 5))
-    changes = {"type": T_SYMLINK, "mode": good.mode ^ 0o1, "uid": good.uid + 1, "gid": good.gid + 1,
+    assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", good)]) == {
+        "file": (1, 0, 0, 5), "dir": (0, 1, 0, 0), "symlink": (0, 0, 1, 0)}[kind]
+    changes = {"type": T_HARDLINK, "mode": good.mode ^ 0o1, "uid": good.uid + 1, "gid": good.gid + 1,
                "mtime_ns": good.mtime_ns + 1, "ctime_ns": good.ctime_ns - 1, "ino": good.ino + 1,
                "dev": good.dev + 1, "size": good.size + 1, "flags": F_UNREADABLE}
     if kind == "file":
         changes["flags"] = F_CHANGED_DURING_READ
     else:
         changes.update(rdev=1, target=b"t", digest=b"d" * 32, chunks=b"c" * 32)
+    if kind == "symlink":
+        changes["target"] = b"somewhere/elsf"  # the same length
     for field, value in changes.items():
         bad = dataclasses.replace(good, **{field: value})
-        assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", bad)]) == (0, 0, 0), field
+        assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", bad)]) == (0, 0, 0, 0), field
     for rec in (Record(OP_ENTRY, b"y", dataclasses.replace(good, path=b"y")), Record(OP_FRESH, b"x", good)):
-        assert taken_by_the_walker(root, [rec]) == (0, 0, 0)
+        assert taken_by_the_walker(root, [rec]) == (0, 0, 0, 0)
     if kind == "file":
         os.link(target, tmp_path / "x2")  # two links now: compared one at a time
         st_ = os.lstat(target)
-        assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", entry_of(b"x", st_, T_FILE))]) == (0, 0, 0)
+        assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", entry_of(b"x", st_, T_FILE))]) == (0, 0, 0, 0)
