@@ -288,7 +288,7 @@ typedef struct {
     double age;
     char **globs;  /* exclude patterns: literal bytes and "*" (SourceWalk sends no others) */
     size_t *glob_lens, nglobs;
-    char *scratch;  /* an entry's path below the walk's top, to match against the globs */
+    char *scratch;  /* an entry's path below the walk's top, to match against the globs; a link's on disk */
     size_t scratch_cap;
     int started, busy;
     /* The walking thread, and what it shares with batch() under mu. */
@@ -321,10 +321,8 @@ static int star_match(const char *p, size_t pl, const char *s, size_t sl) {
     return pi == pl;
 }
 
-/* Is the entry ``name`` of the directory ``sub`` excluded (a glob matches its path or its name)?
- * 1 or 0, -1 when out of memory. */
-static int excluded(WalkerObject *w, const char *sub, size_t sub_len, const char *name, size_t len) {
-    size_t n = w->rel_dir_len + sub_len + len;
+/* The scratch buffer, at least n bytes long; 0, or -1 when out of memory. */
+static int scratch_of(WalkerObject *w, size_t n) {
     if (n > w->scratch_cap) {
         char *grown = realloc(w->scratch, 2 * n);
         if (grown == NULL)
@@ -332,6 +330,15 @@ static int excluded(WalkerObject *w, const char *sub, size_t sub_len, const char
         w->scratch = grown;
         w->scratch_cap = 2 * n;
     }
+    return 0;
+}
+
+/* Is the entry ``name`` of the directory ``sub`` excluded (a glob matches its path or its name)?
+ * 1 or 0, -1 when out of memory. */
+static int excluded(WalkerObject *w, const char *sub, size_t sub_len, const char *name, size_t len) {
+    size_t n = w->rel_dir_len + sub_len + len;
+    if (scratch_of(w, n) < 0)
+        return -1;
     memcpy(w->scratch, w->rel_dir, w->rel_dir_len);
     memcpy(w->scratch + w->rel_dir_len, sub, sub_len);
     memcpy(w->scratch + w->rel_dir_len + sub_len, name, len);
@@ -443,13 +450,8 @@ static int enqueue(WalkerObject *w, const struct stat *st, double scanned, const
  * fills ``cap``: the backup reads it again), -2 when out of memory. */
 static ssize_t link_target(WalkerObject *w, const frame *f, const item *it, char *out, size_t cap) {
     size_t n = f->path_len + it->len + 1;
-    if (n > w->scratch_cap) {
-        char *grown = realloc(w->scratch, 2 * n);
-        if (grown == NULL)
-            return -2;
-        w->scratch = grown;
-        w->scratch_cap = 2 * n;
-    }
+    if (scratch_of(w, n) < 0)
+        return -2;
     memcpy(w->scratch, f->path, f->path_len);
     memcpy(w->scratch + f->path_len, it->name, it->len);
     w->scratch[n - 1] = 0;
