@@ -721,8 +721,8 @@ static PyObject *walker_batch(WalkerObject *w, PyObject *arg) {
 
 /* --- runs of unchanged entries ---
  *
- * Most entries of a repeated backup are files and directories the parent
- * snapshot recorded with the same path and stat fields.  Made into tuples and
+ * Most entries of a repeated backup are files, directories and symlinks the
+ * parent snapshot recorded with the same path and stat fields (and target).  Made into tuples and
  * compared in Python, each cost about 1.5 us; here, straight from the queue,
  * about a fifth of that, and no objects are made for them.
  */

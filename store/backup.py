@@ -500,9 +500,9 @@ class Backup:
         """Manifest records of this backup: every entry (full) or the changes (diff).
 
         The walk and the parent's tree are merged in path order.  Most entries of a
-        repeated backup are unchanged files and directories under the same path as
-        the parent's next entry: runs of them are matched in C as the walk queued
-        them (``SourceWalk.skip_unchanged``), others one at a time here, unchanged
+        repeated backup are unchanged files, directories and symlinks under the same
+        path as the parent's next entry: runs of them are matched in C as the walk
+        queued them (``SourceWalk.skip_unchanged``), others one at a time here, unchanged
         files decided on the path and the stat fields alone (no sort key, no new
         entry); both are counted in locals until the next other entry.  Files to
         read go to the reader threads; every record then waits in ``pending`` until
