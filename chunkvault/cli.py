@@ -578,12 +578,17 @@ def cmd_repair(args: argparse.Namespace) -> int:
         else:
             for sid, path in report.dropped:
                 print(f"{'dropped' if report.rewritten else 'would drop'} {sid[:8]}:{path}")
+            for sid, reason in report.unrestorable:
+                print(f"cannot repair {sid[:8]}: {reason}")
             if report.rewritten:
                 print(f"rewrote {len(report.rewritten)} snapshot(s)")
             elif report.dropped:
                 print("nothing changed: add --confirm REPAIR to rewrite these snapshots")
-            else:
+            elif not report.unrestorable:
                 print("no snapshot references missing data")
+            if report.unrestorable:
+                print("snapshots beyond repair restore nothing; forget them: chunkvault forget "
+                      + " ".join(sid[:8] for sid, _ in report.unrestorable))
     return 0
 
 

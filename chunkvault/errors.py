@@ -56,6 +56,11 @@ class CorruptObject(ChunkvaultError):
         self.object_name = object_name
         self.reason = reason
 
+    def explained(self, more: str) -> CorruptObject:
+        """The same error (missing or corrupt, the same object) with ``more`` appended to its reason: what a
+        caller knows about it, e.g. the snapshot whose manifest needed the object."""
+        return type(self)(self.object_name, self.reason + more)
+
 
 class MissingObject(CorruptObject):
     """An object that something references is not in the repository."""

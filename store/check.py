@@ -90,6 +90,7 @@ class Checker:
         self.select = parse_subset(subset)
         self.report = CheckReport()
         self.bad_blobs: dict[bytes, Problem] = {}
+        self.bad_manifests: dict[str, Problem] = {}  # snapshot id -> its manifest's problem
         self._lock = threading.Lock()
 
     def problem(self, obj: str, what: str) -> Problem:
@@ -118,7 +119,7 @@ class Checker:
             packs.join()
         if packs_error:
             raise packs_error[0]
-        if self.bad_blobs:
+        if self.bad_blobs or self.bad_manifests:
             self._attribute(snapshots)
         return self.report
 
@@ -283,12 +284,15 @@ class Checker:
             if missing:
                 p = self.problem(f"snapshots/{s.id}", f"{len(missing)} manifest blob(s) not in the index")
                 p.snapshots.append(s.id)
+                self.bad_manifests[s.id] = p
                 continue
             try:
                 for _, refs in self.repo.manifest_chunk_refs([s], seen):
                     self._report_unindexed(refs)
             except ChunkvaultError as exc:
-                self.problem(f"snapshots/{s.id}", f"manifest unreadable: {exc}").snapshots.append(s.id)
+                p = self.problem(f"snapshots/{s.id}", f"manifest unreadable: {exc}")
+                p.snapshots.append(s.id)
+                self.bad_manifests[s.id] = p
 
     def _report_unindexed(self, ids: bytes) -> None:
         """Chunk ids (concatenated) looked up in one vectorised call; each one not indexed is a problem."""
@@ -310,23 +314,39 @@ class Checker:
         return p
 
     def _attribute(self, snapshots: list[Snapshot]) -> None:
-        """Name the snapshots and files each bad blob affects."""
+        """Name the snapshots and files each bad blob affects.
+
+        A differential needs every manifest of its chain: one whose chain holds a damaged manifest is
+        named with that manifest's problem, and only its own records are searched for files."""
+        damaged = dict(self.bad_manifests)
+        for s in snapshots:
+            for h in s.manifest:
+                p = self.bad_blobs.get(bytes.fromhex(h))
+                if p is not None:
+                    _name(p, s.id)
+                    damaged.setdefault(s.id, p)
         for s in snapshots:
             try:
-                for h in s.manifest:
-                    p = self.bad_blobs.get(bytes.fromhex(h))
-                    if p is not None and s.id not in p.snapshots:
-                        p.snapshots.append(s.id)
-                for rec in self.repo.tree(s, snapshots):
+                broken = [damaged[m.id] for m in self.repo.chain_of(s, snapshots) if m.id in damaged]
+                for p in broken:
+                    _name(p, s.id)
+                if s.id in damaged:
+                    continue
+                for rec in self.repo.manifest_records(s) if broken else self.repo.tree(s, snapshots):
                     e = rec.entry
                     if e is None or not e.chunks:
                         continue
                     for cid in e.chunk_ids():
                         p = self._bad(cid)
                         if p is not None:
-                            if s.id not in p.snapshots:
-                                p.snapshots.append(s.id)
-                            if len(p.files) < 100:
-                                p.files.append(f"{s.id[:8]}:{rec.path.decode('utf-8', 'backslashreplace')}")
+                            _name(p, s.id)
+                            label = f"{s.id[:8]}:{rec.path.decode('utf-8', 'backslashreplace')}"
+                            if len(p.files) < 100 and label not in p.files:
+                                p.files.append(label)
             except ChunkvaultError:
                 continue
+
+
+def _name(p: Problem, snapshot_id: str) -> None:
+    if snapshot_id not in p.snapshots:
+        p.snapshots.append(snapshot_id)

@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from functools import reduce
 from typing import Iterable, Iterator, NamedTuple
 
+from chunkvault.errors import CorruptObject
+
 from . import chain
 from .locks import SHARED, RepoLock
 from .manifest import Record
@@ -59,8 +61,9 @@ def plan_forget(snapshots: list[Snapshot], *, policy: RetentionPolicy | None = N
 
 
 def _composed(repo: Repo, by_id: dict[str, Snapshot], step: RebaseStep) -> tuple[str, Iterator[Record]]:
-    merged = [repo.manifest_records(by_id[i]) for i in step.merge_ids]
-    own = repo.manifest_records(by_id[step.diff_id])
+    diff = by_id[step.diff_id]
+    merged = [repo.manifest_records(by_id[i], diff) for i in step.merge_ids]
+    own = repo.manifest_records(diff)
     if step.new_parent is None:
         # The chain's full goes too: the differential absorbs it and becomes a full.
         return KIND_FULL, chain.resolve(merged[0], merged[1:] + [own])
@@ -86,7 +89,13 @@ def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan, *, loc
     """Rebase, then delete. Returns the rebased snapshots."""
     with RepoLock(repo.remote, SHARED, "forget", wait=lock_wait):
         repo.load_index()
-        rebased = [rebase(repo, snapshots, step) for step in plan.rebases]
+        rebased = []
+        for step in plan.rebases:
+            try:
+                rebased.append(rebase(repo, snapshots, step))
+            except CorruptObject as exc:
+                raise exc.explained(f"; so {step.diff_id[:8]} cannot be rebased: forget it too (`repair snapshots` "
+                                    "lists every snapshot a damaged manifest takes down)") from None
         for sid in plan.remove:
             repo.delete_snapshot(sid)
     return rebased

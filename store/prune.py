@@ -149,7 +149,8 @@ def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
     plan = select_packs(packs, sizes, used, max_unused)
     lost = [p for p in packs if p not in sizes]
     if lost:
-        raise CorruptObject(pack_key(lost[0]), f"{len(lost)} indexed pack(s) are missing; run `check`")
+        raise CorruptObject(pack_key(lost[0]), f"{len(lost)} indexed pack(s) are missing; `check` names what they "
+                                                  "take down, `repair index` drops them from the index")
     plan.orphans = orphans
     plan.index_names = names
     return plan

@@ -3,13 +3,15 @@
 Both work from what is still readable and never delete data: ``index``
 supersedes the old index objects with one built from every readable pack
 header; ``snapshots`` rewrites (same ids) only the snapshots that reference
-missing blobs, replacing each damaged file by a deletion, and lists them.
+missing blobs, replacing each damaged file by a deletion, and lists them,
+with the snapshots no rewrite can save (a manifest unreadable, or a
+differential whose chain needs one).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from chunkvault.errors import ChunkvaultError
+from chunkvault.errors import ChunkvaultError, CorruptObject
 
 from .indexfile import IndexData
 from .locks import EXCLUSIVE, RepoLock
@@ -27,10 +29,12 @@ class RepairReport:
     unreadable_packs: list[str] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, path)
     rewritten: list[str] = field(default_factory=list)
+    unrestorable: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, why): forget them
 
     def to_dict(self) -> dict:
         return {"packs": self.packs, "blobs": self.blobs, "unreadable_packs": self.unreadable_packs,
-                "dropped": [{"snapshot": s, "path": p} for s, p in self.dropped], "rewritten": self.rewritten}
+                "dropped": [{"snapshot": s, "path": p} for s, p in self.dropped], "rewritten": self.rewritten,
+                "unrestorable": [{"snapshot": s, "reason": r} for s, r in self.unrestorable]}
 
 
 def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
@@ -59,6 +63,12 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
 
 
 def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) -> RepairReport:
+    """Drop the files whose data is gone; list the snapshots nothing can repair.
+
+    A chunk is gone when it, or a base its delta chain needs, is not in the index or its pack is
+    missing.  A snapshot whose manifest cannot be read is beyond repair, and so is every
+    differential built on it (its chain needs that manifest): those are listed, to be forgotten.
+    """
     report = RepairReport()
     with RepoLock(repo.remote, EXCLUSIVE, "repair snapshots", wait=wait):
         repo.load_index()
@@ -71,26 +81,49 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
                 continue
 
         def gone(blob_id: bytes) -> bool:
-            loc = index.get(blob_id)
-            return loc is None or repo.pack_ids[loc.pack_no] not in stored
+            for b in (blob_id, *repo.delta_chain(blob_id)):
+                loc = index.get(b)
+                if loc is None or repo.pack_ids[loc.pack_no] not in stored:
+                    return True
+            return False
 
-        for snap in repo.snapshots():
-            if any(gone(bytes.fromhex(h)) for h in snap.manifest):
-                report.unreadable_packs.append(f"snapshot {snap.id}: its manifest is damaged; forget it")
+        def damaged(rec: Record) -> bool:
+            e = rec.entry
+            return e is not None and bool(e.chunks) and any(gone(c) for c in e.chunk_ids())
+
+        snapshots = repo.snapshots()
+        unreadable: dict[str, str] = {}
+        damaged_paths: dict[str, list[bytes]] = {}
+        for snap in snapshots:
+            try:
+                paths = [rec.path for rec in repo.manifest_records(snap) if damaged(rec)]
+            except CorruptObject as exc:
+                unreadable[snap.id] = f"{exc.object_name}: {exc.reason}"
+                continue
+            if paths:
+                damaged_paths[snap.id] = paths
+        for snap in snapshots:
+            reason = unreadable.get(snap.id)
+            if reason is None:
+                try:
+                    below = [m.id for m in repo.chain_of(snap, snapshots) if m.id in unreadable]
+                    if below:
+                        reason = f"it is a differential on {below[0][:8]}, whose manifest is unreadable"
+                except ChunkvaultError as exc:
+                    reason = str(exc)
+            if reason is not None:
+                report.unrestorable.append((snap.id, reason))
+                continue
+            paths = damaged_paths.get(snap.id, [])
+            report.dropped += [(snap.id, path.decode("utf-8", "backslashreplace")) for path in paths]
+            if not paths or dry_run:
                 continue
             records: list[Record] = []
-            damaged = False
             for rec in repo.manifest_records(snap):
-                e = rec.entry
-                if e is not None and e.chunks and any(gone(c) for c in e.chunk_ids()):
-                    damaged = True
-                    report.dropped.append((snap.id, rec.path.decode("utf-8", "backslashreplace")))
-                    if snap.kind != KIND_FULL:
-                        records.append(delete_record(rec.path))
-                    continue
-                records.append(rec)
-            if not damaged or dry_run:
-                continue
+                if not damaged(rec):
+                    records.append(rec)
+                elif snap.kind != KIND_FULL:  # the parent's version of the file must not show through
+                    records.append(delete_record(rec.path))
             ids, mw = store_manifest(repo, records)
             snap.manifest = [i.hex() for i in ids]
             snap.manifest_starts = mw.starts
@@ -98,6 +131,3 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
             repo.save_snapshot(snap, replace=True)
             report.rewritten.append(snap.id)
     return report
-
-
-__all__ = ["RepairReport", "repair_index", "repair_snapshots"]

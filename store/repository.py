@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 
 from chunkvault.chunker import Chunker, ChunkerParams
@@ -564,10 +564,13 @@ class Repo:
 
     # --- manifests ----------------------------------------------------------------------
 
-    def manifest_records(self, snap: Snapshot) -> Iterator[Record]:
-        """The records of one snapshot's own manifest (a differential's changes only)."""
+    def manifest_records(self, snap: Snapshot, needed_by: Snapshot | None = None) -> Iterator[Record]:
+        """The records of one snapshot's own manifest (a differential's changes only).
+
+        ``needed_by``: the snapshot whose chain this manifest is read for; a damaged manifest is an
+        error naming both snapshots, not only a blob id the user cannot place."""
         ids = [bytes.fromhex(h) for h in snap.manifest]
-        return iter_records(self._prefetch(ids), f"manifest of snapshot {snap.id}")
+        return iter_records(_manifest_blobs(self._prefetch(ids), snap, needed_by), _manifest_name(snap, needed_by))
 
     def manifest_chunk_refs(self, snapshots: Iterable[Snapshot],
                             seen: set[tuple] | None = None) -> Iterator[tuple[Snapshot, bytes]]:
@@ -581,14 +584,14 @@ class Repo:
         seen = set() if seen is None else seen
         for snap in snapshots:
             ids = [bytes.fromhex(h) for h in snap.manifest]
-            what = f"manifest of snapshot {snap.id}"
+            what = _manifest_name(snap, None)
             segs = segments(len(ids), snap.manifest_starts)
             if segs is None:  # no usable starts: the whole manifest
-                yield from ((snap, refs) for refs in _chunk_refs(iter_records(self._prefetch(ids), what)))
+                yield from ((snap, refs) for refs in _chunk_refs(self.manifest_records(snap)))
                 continue
             todo = [seg for seg in segs if seg.key(ids) not in seen]
             need = sorted({i for seg in todo for i in range(seg.first, seg.last + 1)})
-            fetched = zip(need, self._prefetch([ids[i] for i in need]))
+            fetched = zip(need, _manifest_blobs(self._prefetch([ids[i] for i in need]), snap, None))
             held: dict[int, bytes] = {}
             for seg in todo:
                 for j in [j for j in held if j < seg.first]:
@@ -633,16 +636,42 @@ class Repo:
 
     def lookup(self, snap: Snapshot, path: bytes, snapshots: Iterable[Snapshot] | None = None) -> Record | None:
         """One path's resolved record, reading only the manifest blobs that can hold it (and its parents)."""
-        layers = [ManifestSeeker(self.read_blob, [bytes.fromhex(h) for h in s.manifest], s.manifest_starts,
-                                 f"manifest of snapshot {s.id}").find
+        layers = [ManifestSeeker(self._manifest_reader(s, snap), [bytes.fromhex(h) for h in s.manifest],
+                                 s.manifest_starts, _manifest_name(s, snap)).find
                   for s in self.chain_of(snap, snapshots)]
         return chain.lookup(path, layers)
+
+    def _manifest_reader(self, snap: Snapshot, needed_by: Snapshot) -> Callable[[bytes], Plaintext]:
+        def read(blob_id: bytes) -> Plaintext:
+            try:
+                return self.read_blob(blob_id)
+            except CorruptObject as exc:
+                raise _manifest_damage(exc, snap, needed_by) from None
+        return read
 
     def tree(self, snap: Snapshot, snapshots: Iterable[Snapshot] | None = None) -> Iterator[Record]:
         """The complete tree of a snapshot, its chain resolved (ENTRY records, sorted)."""
         snaps = self.chain_of(snap, snapshots)
         # A differential with no records (nothing changed) changes nothing: no merge layer for it.
-        return chain.resolve(self.manifest_records(snaps[0]), [self.manifest_records(s) for s in snaps[1:] if s.manifest])
+        return chain.resolve(self.manifest_records(snaps[0], snap),
+                             [self.manifest_records(s, snap) for s in snaps[1:] if s.manifest])
+
+
+def _manifest_name(snap: Snapshot, needed_by: Snapshot | None) -> str:
+    via = f", which differential {needed_by.id[:8]} builds on" if needed_by is not None and needed_by.id != snap.id else ""
+    return f"manifest of snapshot {snap.id}{via}"
+
+
+def _manifest_damage(exc: CorruptObject, snap: Snapshot, needed_by: Snapshot | None) -> CorruptObject:
+    """A blob of ``snap``'s manifest failed: the same error, saying whose manifest it was."""
+    return exc.explained(f" (in the {_manifest_name(snap, needed_by)})")
+
+
+def _manifest_blobs(blobs: Iterator[bytes], snap: Snapshot, needed_by: Snapshot | None) -> Iterator[bytes]:
+    try:
+        yield from blobs
+    except CorruptObject as exc:
+        raise _manifest_damage(exc, snap, needed_by) from None
 
 
 def _chunk_refs(records: Iterator[Record], batch: int = 4096) -> Iterator[bytes]:

@@ -1,0 +1,187 @@
+"""A lost pack under full and differential snapshots: what check names, what repair saves,
+and how the snapshots nothing can save are forgotten.
+
+Differentials need every manifest of their chain, and delta blobs need their bases: a lost
+object takes down more than the snapshot or blob that held it, and every command must say so.
+"""
+import json
+import os
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chunkvault import Repository
+from chunkvault.errors import CorruptObject, MissingObject
+
+from test_check import packs
+
+MiB = 1 << 20
+
+
+def pack_path(repo_dir, repo: Repository, blob_id: bytes):
+    store = repo.store
+    loc = store.locate(blob_id)
+    return repo_dir / "data" / store.pack_ids[loc.pack_no].hex()[:2] / store.pack_ids[loc.pack_no].hex()
+
+
+@pytest.fixture
+def chain(tmp_path, new_repo):
+    """A full and a differential of a database file (its chunks stored as deltas in the differential)
+    beside a file the differential does not touch; one blob per pack."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(7)
+    db = bytearray(rnd.randbytes(4 * MiB))
+    (src / "db").write_bytes(db)
+    (src / "notes").write_bytes(rnd.randbytes(300_000))
+    repo = new_repo(str(tmp_path / "repo"), pack_size=256 * 1024)
+    full = repo.backup([str(src)], fixed_chunks=["db"]).snapshot
+    for at in range(1000, len(db), 64 * 1024):
+        db[at : at + 16] = rnd.randbytes(16)
+    (src / "db").write_bytes(db)
+    diff = repo.backup([str(src)], fixed_chunks=["db"]).snapshot
+    assert (full.kind, diff.kind) == ("full", "diff") and diff.stats["delta_blobs"] == 4
+    return tmp_path / "repo", repo, full, diff, src
+
+
+def chunk_ids(repo: Repository, snap, name: str) -> list[bytes]:
+    (entry,) = [e for e in repo.tree(snap) if e.path == name.encode()]
+    return list(entry.chunk_ids())
+
+
+def test_lost_delta_base_is_named_and_repaired(chain, tmp_path, cli, password):
+    repo_dir, repo, full, diff, src = chain
+    base = chunk_ids(repo, full, "db")[0]
+    delta = chunk_ids(repo, diff, "db")[0]
+    assert repo.store.delta_base(delta) == base
+    victim = pack_path(repo_dir, repo, base)
+    assert pack_path(repo_dir, repo, delta) != victim
+    manifests = {bytes.fromhex(h) for s in (full, diff) for h in s.manifest}
+    assert all(pack_path(repo_dir, repo, m) != victim for m in manifests)
+    os.remove(victim)
+
+    for repaired_index in (False, True):
+        if repaired_index:
+            repo.repair_index()
+        report = repo.check()
+        files = {f for p in report.problems for f in p.files}
+        assert {f"{full.id[:8]}:db", f"{diff.id[:8]}:db"} <= files, report.problems
+        named = {s for p in report.problems for s in p.snapshots}
+        assert named == {full.id, diff.id}
+    with pytest.raises(CorruptObject, match=base.hex()):
+        repo.restore(diff.id, str(tmp_path / "before"))
+
+    dry = json.loads(cli("repair", "-r", str(repo_dir), "snapshots", "--json").stdout)
+    assert {(d["snapshot"], d["path"]) for d in dry["dropped"]} == {(full.id, "db"), (diff.id, "db")}
+    assert not dry["rewritten"] and not dry["unrestorable"]
+    out = json.loads(cli("repair", "-r", str(repo_dir), "snapshots", "--confirm", "REPAIR", "--json").stdout)
+    assert sorted(out["rewritten"]) == sorted([full.id, diff.id])
+
+    repo = Repository.open(str(repo_dir), password)
+    for snap in (full, diff):
+        target = tmp_path / f"r-{snap.id[:8]}"
+        repo.restore(snap.id, str(target))
+        assert sorted(p.name for p in target.iterdir()) == ["notes"]
+        assert (target / "notes").read_bytes() == (src / "notes").read_bytes()
+    left = repo.check().problems  # the deltas on the lost base: no snapshot uses them now
+    assert left and all(not p.snapshots for p in left)
+    repo.prune(max_unused=0)
+    assert repo.check(read_data=True).ok
+
+
+def test_lost_full_manifest_takes_its_differentials_down(chain, tmp_path, cli, password):
+    repo_dir, repo, full, diff, _ = chain
+    victim = pack_path(repo_dir, repo, bytes.fromhex(full.manifest[0]))
+    assert all(pack_path(repo_dir, repo, bytes.fromhex(h)) != victim for h in diff.manifest)
+    os.remove(victim)
+
+    report = repo.check()
+    assert any({full.id, diff.id} <= set(p.snapshots) for p in report.problems), report.problems
+    named = f"in the manifest of snapshot {full.id}, which differential {diff.id[:8]} builds on"
+    with pytest.raises(MissingObject, match=named):
+        repo.restore(diff.id, str(tmp_path / "r"))
+    with pytest.raises(MissingObject, match=named):
+        repo.find_entry(diff.id, "notes")  # one file: read through the chain's manifests too
+
+    dry = json.loads(cli("repair", "-r", str(repo_dir), "snapshots", "--json").stdout)
+    assert [u["snapshot"] for u in dry["unrestorable"]] == [full.id, diff.id]
+    assert not dry["dropped"] and not dry["rewritten"]
+    text = cli("repair", "-r", str(repo_dir), "snapshots", "--confirm", "REPAIR").stdout.decode()
+    assert f"cannot repair {diff.id[:8]}: it is a differential on {full.id[:8]}" in text
+    assert f"chunkvault forget {full.id[:8]} {diff.id[:8]}" in text
+
+    with pytest.raises(MissingObject, match=f"so {diff.id[:8]} cannot be rebased: forget it too"):
+        repo.forget([full.id])
+    assert [s.id for s in repo.snapshots()] == [full.id, diff.id]
+    forgot = cli("forget", "-r", str(repo_dir), full.id[:8], check=False)
+    assert forgot.returncode == 13 and forgot.stderr.decode().count("\n") == 1
+    repo.forget([full.id, diff.id])
+    with pytest.raises(CorruptObject, match="repair index"):
+        repo.prune(max_unused=0)
+    repo.repair_index()
+    repo.prune(max_unused=0)
+    assert repo.check(read_data=True).ok
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_lost_pack_check_names_what_fails_and_repair_saves_the_rest(tmp_path_factory, password, data):
+    """Random full/differential series (deltas, aggregates), one random pack lost: check names exactly
+    the snapshots whose restore fails; repair saves every other snapshot less its named files; the rest
+    are forgotten and the repository checks clean."""
+    from chunkvault.errors import ChunkvaultError
+
+    tmp = tmp_path_factory.mktemp("lost")
+    rnd = random.Random(data.draw(st.integers(0, 2**32 - 1)))
+    src = tmp / "src"
+    src.mkdir()
+    db = bytearray(rnd.randbytes(3 * MiB))
+    repo = Repository.init(str(tmp / "repo"), password, kdf_seconds=0, pack_size=200 * 1024)
+    versions: dict[str, dict[str, bytes]] = {}
+    for v in range(data.draw(st.integers(2, 5))):
+        for _ in range(rnd.randrange(1, 6)):
+            at = rnd.randrange(len(db) - 64)
+            db[at : at + 64] = rnd.randbytes(64)
+        files = {"db": bytes(db), f"v{v}": rnd.randbytes(rnd.randrange(1, 120_000))}
+        if v % 2:
+            files["small"] = b"x" * v
+        for old in src.iterdir():
+            if old.name not in files:
+                old.unlink()
+        for name, content in files.items():
+            (src / name).write_bytes(content)
+        kind = data.draw(st.sampled_from(["auto", "diff", "full"]))
+        snap = repo.backup([str(src)], kind=kind, fixed_chunks=["db"]).snapshot
+        versions[snap.id] = files
+        if data.draw(st.booleans()) and snap.kind == "diff" and v % 3 == 2:
+            repo.aggregate(snap.id)
+    all_packs = packs(tmp / "repo")
+    os.remove(all_packs[data.draw(st.integers(0, len(all_packs) - 1))])
+
+    failing = set()
+    for sid in versions:
+        try:
+            repo.restore(sid, str(tmp / f"try-{sid[:8]}"))
+        except ChunkvaultError:
+            failing.add(sid)
+    named = {s for p in repo.check().problems for s in p.snapshots}
+    assert named == failing
+
+    repo.repair_index()
+    report = repo.repair_snapshots(dry_run=False)
+    lost = {s for s, _ in report.unrestorable}
+    dropped = {(s, p) for s, p in report.dropped}
+    assert lost <= failing and {s for s, _ in dropped} | lost == failing
+    for sid, files in versions.items():
+        if sid in lost:
+            continue
+        target = tmp / f"r-{sid[:8]}"
+        repo.restore(sid, str(target))
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == {
+            n: c for n, c in files.items() if (sid, n) not in dropped}
+    if lost:
+        repo.forget(sorted(lost))
+    repo.prune(max_unused=0)
+    assert repo.check(read_data=True).ok
