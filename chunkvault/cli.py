@@ -564,8 +564,14 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
 def cmd_repair(args: argparse.Namespace) -> int:
     repo = _open(args)
+    if args.packs and args.what != "packs":
+        raise UsageError("pack ids go with `repair packs` only")
     if args.what == "index":
         report = repo.repair_index()
+    elif args.what == "packs":
+        if not args.packs:
+            raise UsageError("repair packs: name the damaged packs (ids or unique prefixes, as `check` reports them)")
+        report = repo.repair_packs(args.packs, dry_run=args.confirm != "REPAIR")
     else:
         report = repo.repair_snapshots(dry_run=args.confirm != "REPAIR")
     if args.json:
@@ -575,6 +581,13 @@ def cmd_repair(args: argparse.Namespace) -> int:
             print(f"warning: {problem}", file=sys.stderr)
         if args.what == "index":
             print(f"index rebuilt from {report.packs} pack headers ({report.blobs} blobs)")
+        elif args.what == "packs":
+            done = args.confirm == "REPAIR"
+            for p in report.salvaged:
+                print(f"{p.pack}: {p.salvaged} blob(s) {'salvaged' if done else 'can be salvaged'}, "
+                      f"{len(p.lost)} lost{': ' + p.problem if p.problem else ''}")
+            print("packs replaced: `repair snapshots` lists the files that needed a lost blob" if done else
+                  "nothing changed: add --confirm REPAIR to copy what verifies and delete these packs")
         else:
             for sid, path in report.dropped:
                 print(f"{'dropped' if report.rewritten else 'would drop'} {sid[:8]}:{path}")
@@ -776,9 +789,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "was reported (resets this client's ledger)")
     s.set_defaults(func=cmd_check)
 
-    s = sub.add_parser("repair", parents=[common], help="rebuild the index, or drop files whose data is gone")
-    s.add_argument("what", choices=["index", "snapshots"])
-    s.add_argument("--confirm", metavar="REPAIR", help="repair snapshots: really rewrite them")
+    s = sub.add_parser("repair", parents=[common],
+                       help="rebuild the index, salvage damaged packs, or drop files whose data is gone")
+    s.add_argument("what", choices=["index", "packs", "snapshots"])
+    s.add_argument("packs", nargs="*", metavar="PACK", help="repair packs: the damaged packs' ids (or prefixes)")
+    s.add_argument("--confirm", metavar="REPAIR", help="repair packs or snapshots: really do it")
     s.set_defaults(func=cmd_repair)
 
     s = sub.add_parser("key", parents=[common], help="manage the passwords of a repository")

@@ -378,6 +378,14 @@ class Repository:
 
         return repair_index(self._repo)
 
+    def repair_packs(self, packs: list[str], *, dry_run: bool = True) -> RepairReport:
+        """Salvage damaged packs (ids or unique prefixes): copy what still verifies, drop the packs."""
+        from .store.repair import repair_packs
+
+        if not dry_run:
+            self._guard()
+        return repair_packs(self._repo, packs, dry_run=dry_run)
+
     def repair_snapshots(self, *, dry_run: bool = True) -> RepairReport:
         """Drop (list, and with ``dry_run=False`` rewrite) files whose data is gone."""
         from .store.repair import repair_snapshots

@@ -27,6 +27,7 @@ from .snapshot import Snapshot
 #: Bytes of a pack that ``check --read-data`` holds at once where ranged reads are cheap (local disk).
 #: Whole packs, one per thread, cost 30 MB more at peak and were slower: each faulted in fresh pages.
 PACK_READ_WINDOW = 1 << 20
+NOT_ITS_NAME = "content does not match its name"
 
 
 @dataclass
@@ -202,8 +203,12 @@ class Checker:
                     self.progress(done, self.report.bytes_read, to_read)
 
     def _check_pack(self, pid: bytes, size: int, entries: list[PackEntry], read_all: bool) -> None:
+        """One pack: its header against the index; with ``read_all`` every blob opened and re-hashed,
+        and the pack's bytes against its name.  A blob that fails is bad alone: the others verified."""
         repo = self.repo
         key = pack_key(pid)
+        window = PACK_READ_WINDOW if repo.remote.cheap_ranges else 1 << 62
+        found: list[tuple[bytes, str]] = []
         try:
             fetch, size = self._pack_reader(key, size, read_all)
             try:
@@ -212,14 +217,21 @@ class Checker:
                 body = size - TRAILER.size - hlen
                 sealed_header = fetch(body, hlen)
                 header = open_header(repo.sealer, sealed_header, key, body)
-            except CorruptObject:
-                if read_all:  # a pack damaged anywhere is first of all one whose bytes are not its name's
-                    self._read_in_windows(key, pid, fetch, [(0, size, [])], ())
-                raise
-            found: list[tuple[bytes, str]] = []
-            if read_all:
-                window = PACK_READ_WINDOW if repo.remote.cheap_ranges else body
-                found = self._read_in_windows(key, pid, fetch, read_windows(header, body, window), (sealed_header, tail))
+            except CorruptObject as exc:
+                if not read_all:
+                    raise
+                # The header or trailer is damaged, not necessarily the blobs: the index says where they lie.
+                inside = [e for e in entries if e.offset + e.length <= size]
+                found, named = self._read_in_windows(key, pid, fetch, read_windows(inside, size, window), ())
+                found += [(e.blob_id, "lies past the pack's end") for e in entries if e.offset + e.length > size]
+                self.problem(key, exc.reason if named else NOT_ITS_NAME)
+                header = entries
+            else:
+                if read_all:
+                    found, named = self._read_in_windows(key, pid, fetch, read_windows(header, body, window),
+                                                         (sealed_header, tail))
+                    if not named:
+                        self.problem(key, NOT_ITS_NAME)
         except ChunkvaultError as exc:
             p = self.problem(key, str(exc) if not isinstance(exc, CorruptObject) else exc.reason)
             for e in entries:
@@ -241,11 +253,10 @@ class Checker:
 
     def _read_in_windows(self, key: str, pid: bytes, fetch: Callable[[int, int], bytes | memoryview],
                          windows: list[tuple[int, int, list[PackEntry]]],
-                         rest: tuple[bytes | memoryview, ...]) -> list[tuple[bytes, str]]:
+                         rest: tuple[bytes | memoryview, ...]) -> tuple[list[tuple[bytes, str]], bool]:
         """Read a pack's body window by window, opening and re-hashing the blobs of each, then hash
         ``rest`` (its header and trailer, already read): every byte once, in order, and a window at a
-        time in memory.  The blobs' problems, once the pack's bytes are known to be its name's (else
-        CorruptObject: every blob in it is suspect)."""
+        time in memory.  The blobs' problems, and whether the pack's bytes are its name's."""
         repo = self.repo
         hasher = blake3.blake3()
         found: list[tuple[bytes, str]] = []
@@ -270,11 +281,8 @@ class Checker:
         with self._lock:
             self.report.bytes_read += read
             self.report.packs_read += 1
-        if hasher.digest() != pid:
-            raise CorruptObject(key, "content does not match its name")
-        with self._lock:
             self.report.blobs_read += opened
-        return found
+        return found, hasher.digest() == pid
 
     def _check_references(self, snapshots: list[Snapshot]) -> None:
         index = self.repo.index

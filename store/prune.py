@@ -11,7 +11,7 @@ snapshot restores and the next prune finishes the job.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from chunkvault.errors import CorruptObject
 
@@ -119,7 +119,8 @@ def add_bases(used: set[bytes], known: dict[bytes, PackEntry]) -> None:
         todo.append(e.base_id)
 
 
-def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
+def indexed_packs(repo: Repo) -> tuple[list[str], dict[bytes, list[PackEntry]]]:
+    """The names of the index objects, and the entries of every pack the live (not superseded) ones list."""
     names = repo.index_names()
     datas = {name: repo.read_index_object(name) for name in names}
     superseded = {s.hex() for d in datas.values() for s in d.supersedes}
@@ -128,6 +129,34 @@ def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
         if name not in superseded:
             for pid, entries in d.packs.items():
                 packs.setdefault(pid, entries)
+    return names, packs
+
+
+def store_envelopes(repo: Repo, blobs: Iterable[PreparedBlob]) -> IndexData:
+    """Envelopes copied unchanged into new packs (they are sealed to their blob id, not to a pack); the
+    index of those packs, for the caller to write."""
+    with repo.writer() as writer:
+        writer.INDEX_EVERY_PACKS = 1 << 30
+        writer.INDEX_EVERY_SECONDS = float("inf")
+        for blob in blobs:
+            writer.store(blob)
+        writer.flush(write_index=False)
+        return writer.take_index()
+
+
+def replace_index(repo: Repo, new_index: IndexData, old_names: list[str]) -> None:
+    """Write ``new_index`` in parts, then delete ``old_names``: the part that supersedes them is written
+    last, so no reader sees a new index that is not complete."""
+    parts = _split(new_index, 4096)
+    parts[0].supersedes = [bytes.fromhex(n) for n in old_names]
+    for part in parts[1:] + parts[:1]:
+        repo.write_index(part)
+    for name in old_names:
+        repo.remote.delete(f"index/{name}")
+
+
+def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
+    names, packs = indexed_packs(repo)
     used = used_blobs(repo)
     known = {e.blob_id: e for entries in packs.values() for e in entries}
     missing = [b for b in used if b not in known]
@@ -177,28 +206,21 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     new_index = IndexData()
     for use in plan.keep:
         new_index.packs[use.pack_id] = use.entries
+    def live_envelopes() -> Iterator[PreparedBlob]:
+        nonlocal moved
+        for use in plan.repack:
+            data = repo.remote.get(pack_key(use.pack_id))
+            for e in use.live:
+                env = data[e.offset : e.offset + e.length]
+                if len(env) != e.length:
+                    raise CorruptObject(pack_key(use.pack_id), "truncated pack")
+                yield PreparedBlob(e.blob_id, e.kind, env, e.raw_length, e.base_id)
+                moved += e.length
+            step(moved)
+
     if plan.repack:
-        with repo.writer() as writer:
-            writer.INDEX_EVERY_PACKS = 1 << 30
-            writer.INDEX_EVERY_SECONDS = float("inf")
-            for use in plan.repack:
-                data = repo.remote.get(pack_key(use.pack_id))
-                for e in use.live:
-                    env = data[e.offset : e.offset + e.length]
-                    if len(env) != e.length:
-                        raise CorruptObject(pack_key(use.pack_id), "truncated pack")
-                    writer.store(PreparedBlob(e.blob_id, e.kind, env, e.raw_length, e.base_id))
-                    moved += e.length
-                step(moved)
-            writer.flush(write_index=False)
-            new_index.packs.update(writer.take_index().packs)
-    # Every part but the first is written before the one that supersedes the old indexes.
-    parts = _split(new_index, 4096)
-    parts[0].supersedes = [bytes.fromhex(n) for n in plan.index_names]
-    for part in parts[1:] + parts[:1]:
-        repo.write_index(part)
-    for name in plan.index_names:
-        repo.remote.delete(f"index/{name}")
+        new_index.packs.update(store_envelopes(repo, live_envelopes()).packs)
+    replace_index(repo, new_index, plan.index_names)
     for use in plan.delete + plan.repack:
         repo.remote.delete(pack_key(use.pack_id))
         step(moved)

@@ -1,24 +1,29 @@
-"""Repairs: rebuild the index from pack headers; drop files whose data is gone.
+"""Repairs: rebuild the index from pack headers; salvage damaged packs; drop files whose data is gone.
 
-Both work from what is still readable and never delete data: ``index``
-supersedes the old index objects with one built from every readable pack
-header; ``snapshots`` rewrites (same ids) only the snapshots that reference
-missing blobs, replacing each damaged file by a deletion, and lists them,
-with the snapshots no rewrite can save (a manifest unreadable, or a
-differential whose chain needs one).
+All work from what is still readable and never delete data that can be read:
+``index`` supersedes the old index objects with one built from every readable
+pack header; ``packs`` copies every blob of the named packs that still
+verifies into new packs and drops the named ones; ``snapshots`` rewrites
+(same ids) only the snapshots that reference missing blobs, replacing each
+damaged file by a deletion, and lists them, with the snapshots no rewrite can
+save (a manifest unreadable, or a differential whose chain needs one).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from chunkvault.errors import ChunkvaultError, CorruptObject
+from typing import Iterable
 
+from chunkvault.errors import ChunkvaultError, CorruptObject, UsageError
+
+from .blob import KIND_DELTA, open_blob, open_envelope
 from .indexfile import IndexData
 from .locks import EXCLUSIVE, RepoLock
 from .manifest import Record, delete_record
 from .manifest_io import store_manifest
-from .pack import TRAILER, open_header, parse_trailer
-from .repository import Repo
+from .pack import TRAILER, PackEntry, open_header, parse_trailer
+from .prune import indexed_packs, replace_index, store_envelopes
+from .repository import PreparedBlob, Repo, pack_key
 from .snapshot import KIND_FULL
 
 
@@ -30,11 +35,28 @@ class RepairReport:
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, path)
     rewritten: list[str] = field(default_factory=list)
     unrestorable: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, why): forget them
+    salvaged: list[PackSalvage] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"packs": self.packs, "blobs": self.blobs, "unreadable_packs": self.unreadable_packs,
                 "dropped": [{"snapshot": s, "path": p} for s, p in self.dropped], "rewritten": self.rewritten,
-                "unrestorable": [{"snapshot": s, "reason": r} for s, r in self.unrestorable]}
+                "unrestorable": [{"snapshot": s, "reason": r} for s, r in self.unrestorable],
+                "salvaged": [p.to_dict() for p in self.salvaged]}
+
+
+@dataclass
+class PackSalvage:
+    """One damaged pack: how many of its blobs still verify, and the ids of those lost with it (blobs
+    that another pack also holds are not lost)."""
+
+    pack: str
+    salvaged: int = 0
+    lost: list[bytes] = field(default_factory=list)
+    problem: str = ""  # why nothing could be read, if so
+
+    def to_dict(self) -> dict:
+        return {"pack": self.pack, "salvaged": self.salvaged, "lost": [b.hex() for b in self.lost],
+                "problem": self.problem}
 
 
 def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
@@ -45,10 +67,7 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
         for o in repo.remote.list("data/"):
             try:
                 pid = bytes.fromhex(o.key.rsplit("/", 1)[1])
-                tail = repo.remote.get(o.key, o.size - TRAILER.size, TRAILER.size)
-                hlen = parse_trailer(tail, o.size, o.key)
-                body = o.size - TRAILER.size - hlen
-                index.packs[pid] = open_header(repo.sealer, repo.remote.get(o.key, body, hlen), o.key, body)
+                index.packs[pid] = _read_header(repo, o.key, o.size)
             except (ChunkvaultError, ValueError) as exc:
                 report.unreadable_packs.append(f"{o.key}: {exc}")
                 continue
@@ -58,6 +77,95 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
         repo.write_index(index)
         for name in old:
             repo.remote.delete(f"index/{name}")
+        repo.load_index()
+    return report
+
+
+def _read_header(repo: Repo, key: str, size: int) -> list[PackEntry]:
+    tail = repo.remote.get(key, size - TRAILER.size, TRAILER.size)
+    hlen = parse_trailer(tail, size, key)
+    body = size - TRAILER.size - hlen
+    return open_header(repo.sealer, repo.remote.get(key, body, hlen), key, body)
+
+
+def _intact(repo: Repo, e: PackEntry, envelope: bytes) -> bool:
+    """Whether a blob's envelope still verifies: it authenticates (sealed to its id, and a delta to its
+    base, by a holder of the key) and a whole blob's content hashes to its id."""
+    if len(envelope) != e.length:
+        return False
+    try:
+        if e.kind == KIND_DELTA:  # its content needs its base: authentication is the check here
+            open_envelope(repo.sealer, e.blob_id, envelope)
+        elif repo.blob_id(open_blob(repo.sealer, e.blob_id, envelope, e.raw_length)) != e.blob_id:
+            return False
+    except ChunkvaultError:
+        return False
+    return True
+
+
+def _resolve_packs(specs: list[str], known: Iterable[bytes]) -> list[bytes]:
+    """Pack ids from full ids, unique prefixes, or ``data/..`` keys."""
+    out = []
+    for spec in specs:
+        want = spec.rsplit("/", 1)[-1].lower()
+        if len(want) < 4:
+            raise UsageError(f"pack {spec!r}: give at least 4 hex digits of its id")
+        found = [p for p in known if p.hex().startswith(want)]
+        if len(found) != 1:
+            raise UsageError(f"pack {spec!r}: {f'matches {len(found)} packs' if found else 'no such pack'}")
+        out.append(found[0])
+    return list(dict.fromkeys(out))
+
+
+def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: float = 3600.0) -> RepairReport:
+    """Salvage the named packs (damaged, as `check --read-data` reports): every blob that still verifies is
+    copied unchanged into a new pack, then one index replaces the old ones without the named packs, then
+    those are deleted.  A pack already gone loses every blob it held.  Killed at any point, every blob
+    that could be read still is.  The files that needed a lost blob are then `repair snapshots`' to drop.
+    """
+    report = RepairReport()
+    with RepoLock(repo.remote, EXCLUSIVE, "repair packs", wait=wait):
+        names, packs = indexed_packs(repo)
+        stored = {}
+        for o in repo.remote.list("data/"):
+            try:
+                stored[bytes.fromhex(o.key.rsplit("/", 1)[1])] = o.size
+            except ValueError:
+                continue
+        chosen = _resolve_packs(specs, packs.keys() | stored.keys())
+        elsewhere = {e.blob_id for pid, entries in packs.items() if pid not in chosen for e in entries}
+        salvage: list[PreparedBlob] = []
+        for pid in chosen:
+            key = pack_key(pid)
+            found = PackSalvage(key)
+            report.salvaged.append(found)
+            entries = packs.get(pid)
+            try:
+                if entries is None:  # in no index: its own header says what it holds
+                    entries = _read_header(repo, key, stored[pid])
+                data = repo.remote.get(key) if pid in stored else b""
+            except (ChunkvaultError, ValueError) as exc:
+                found.problem = str(exc)
+                entries, data = entries or [], b""
+            if pid not in stored:
+                found.problem = "pack is missing"
+            for e in entries:
+                env = data[e.offset : e.offset + e.length]
+                if e.blob_id in elsewhere:  # another pack holds it: nothing to copy, nothing lost
+                    continue
+                if _intact(repo, e, env):
+                    found.salvaged += 1
+                    salvage.append(PreparedBlob(e.blob_id, e.kind, env, e.raw_length, e.base_id))
+                elif e.blob_id not in elsewhere:
+                    found.lost.append(e.blob_id)
+        if dry_run:
+            return report
+        new_index = IndexData({pid: entries for pid, entries in packs.items() if pid not in chosen})
+        new_index.packs.update(store_envelopes(repo, salvage).packs)
+        replace_index(repo, new_index, names)
+        for pid in chosen:
+            if pid in stored:
+                repo.remote.delete(pack_key(pid))
         repo.load_index()
     return report
 

@@ -1,4 +1,4 @@
-"""A lost pack under full and differential snapshots: what check names, what repair saves,
+"""Lost and damaged packs under full and differential snapshots: what check names, what repair saves,
 and how the snapshots nothing can save are forgotten.
 
 Differentials need every manifest of their chain, and delta blobs need their bases: a lost
@@ -16,6 +16,7 @@ from chunkvault import Repository
 from chunkvault.errors import CorruptObject, MissingObject
 
 from test_check import packs
+from test_corruption import flip
 
 MiB = 1 << 20
 
@@ -127,10 +128,10 @@ def test_lost_full_manifest_takes_its_differentials_down(chain, tmp_path, cli, p
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_any_lost_pack_check_names_what_fails_and_repair_saves_the_rest(tmp_path_factory, password, data):
-    """Random full/differential series (deltas, aggregates), one random pack lost: check names exactly
-    the snapshots whose restore fails; repair saves every other snapshot less its named files; the rest
-    are forgotten and the repository checks clean."""
+def test_any_damaged_pack_check_names_what_fails_and_repair_saves_the_rest(tmp_path_factory, password, data):
+    """Random full/differential series (deltas, aggregates), one random pack lost or one byte of it
+    flipped: check names exactly the snapshots whose restore fails; repair saves every other snapshot
+    less its named files; the rest are forgotten and the repository checks clean."""
     from chunkvault.errors import ChunkvaultError
 
     tmp = tmp_path_factory.mktemp("lost")
@@ -157,8 +158,13 @@ def test_any_lost_pack_check_names_what_fails_and_repair_saves_the_rest(tmp_path
         versions[snap.id] = files
         if data.draw(st.booleans()) and snap.kind == "diff" and v % 3 == 2:
             repo.aggregate(snap.id)
-    all_packs = packs(tmp / "repo")
-    os.remove(all_packs[data.draw(st.integers(0, len(all_packs) - 1))])
+    all_packs = packs(tmp / "repo")  # pack names, so their order and sizes, differ run to run: draw shares
+    victim = all_packs[data.draw(st.integers(0, 1 << 16)) % len(all_packs)]
+    lose = data.draw(st.booleans())
+    if lose:
+        os.remove(victim)
+    else:
+        flip(victim, data.draw(st.integers(0, 1 << 24)) % victim.stat().st_size)
 
     failing = set()
     for sid in versions:
@@ -166,10 +172,13 @@ def test_any_lost_pack_check_names_what_fails_and_repair_saves_the_rest(tmp_path
             repo.restore(sid, str(tmp / f"try-{sid[:8]}"))
         except ChunkvaultError:
             failing.add(sid)
-    named = {s for p in repo.check().problems for s in p.snapshots}
+    named = {s for p in repo.check(read_data=True).problems for s in p.snapshots}
     assert named == failing
 
-    repo.repair_index()
+    if lose:
+        repo.repair_index()
+    else:
+        repo.repair_packs([victim.name], dry_run=False)
     report = repo.repair_snapshots(dry_run=False)
     lost = {s for s, _ in report.unrestorable}
     dropped = {(s, p) for s, p in report.dropped}
@@ -185,3 +194,60 @@ def test_any_lost_pack_check_names_what_fails_and_repair_saves_the_rest(tmp_path
         repo.forget(sorted(lost))
     repo.prune(max_unused=0)
     assert repo.check(read_data=True).ok
+
+
+@pytest.fixture
+def small_files(tmp_path, new_repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(3)
+    files = {f"f{i}": rnd.randbytes(rnd.randrange(1000, 50_000)) for i in range(12)}
+    for name, content in files.items():
+        (src / name).write_bytes(content)
+    repo = new_repo(str(tmp_path / "repo"))
+    return tmp_path / "repo", repo, repo.backup([str(src)]).snapshot, files
+
+
+def test_flipped_byte_costs_only_its_file(small_files, tmp_path, cli, password):
+    """check --read-data names the one file a flipped byte damages (the pack's other blobs verify);
+    repair packs keeps every blob that verifies, then repair snapshots drops that file alone."""
+    repo_dir, repo, snap, files = small_files
+    (victim,) = chunk_ids(repo, snap, "f5")
+    path = pack_path(repo_dir, repo, victim)
+    loc = repo.store.locate(victim)
+    flip(path, loc.offset + loc.length // 2)
+    name = f"data/{path.parent.name}/{path.name}"
+    r = repo.check(read_data=True)
+    assert [p.problem for p in r.problems if p.object == name] == ["content does not match its name"]
+    assert [f for p in r.problems for f in p.files] == [f"{snap.id[:8]}:f5"]
+
+    dry = json.loads(cli("repair", "-r", str(repo_dir), "packs", path.name[:12], "--json").stdout)
+    (salvage,) = dry["salvaged"]
+    assert salvage["pack"] == name and salvage["lost"] == [victim.hex()] and salvage["salvaged"] >= len(files)
+    assert path.exists()
+    done = cli("repair", "-r", str(repo_dir), "packs", path.name[:12], "--confirm", "REPAIR").stdout.decode()
+    assert "1 lost" in done and not path.exists()
+
+    repo = Repository.open(str(repo_dir), password)
+    assert {f for p in repo.check().problems for f in p.files} == {f"{snap.id[:8]}:f5"}
+    assert repo.repair_snapshots(dry_run=False).dropped == [(snap.id, "f5")]
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == {
+        n: c for n, c in files.items() if n != "f5"}
+    assert repo.check(read_data=True).ok
+
+
+def test_repair_packs_of_a_missing_pack_and_bad_arguments(small_files, cli, password):
+    repo_dir, repo, snap, files = small_files
+    (victim,) = chunk_ids(repo, snap, "f0")
+    path = pack_path(repo_dir, repo, victim)
+    for args in (["packs"], ["packs", "ffffffffff"], ["packs", path.name[:2]], ["snapshots", path.name]):
+        assert cli("repair", "-r", str(repo_dir), *args, check=False).returncode == 2
+    os.remove(path)
+    out = json.loads(cli("repair", "-r", str(repo_dir), "packs", path.name, "--confirm", "REPAIR", "--json").stdout)
+    (salvage,) = out["salvaged"]
+    assert salvage["problem"] == "pack is missing" and salvage["salvaged"] == 0 and victim.hex() in salvage["lost"]
+    repo = Repository.open(str(repo_dir), password)
+    report = repo.check()
+    assert {s for p in report.problems for s in p.snapshots} == {snap.id}
+    assert not [p for p in report.problems if p.object.startswith("data/")]  # the index forgot the pack
