@@ -30,7 +30,8 @@ from .store.snapshot import Snapshot
 
 
 class RepositoryStateWarning(UserWarning):
-    """The repository contradicts this client's ledger, or the ledger file is unusable."""
+    """The repository contradicts this client's ledger, the ledger file is unusable, or a snapshot object
+    does not load (it is left out)."""
 
 
 def default_dir() -> str:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
-from .errors import CorruptObject, RollbackDetected, UsageError
-from .ledger import Ledger, present_of
+from .errors import CorruptObject, RollbackDetected, SnapshotNotFound, UsageError
+from .ledger import Ledger, RepositoryStateWarning, present_of
 from .connection import connect, key_ahead_path
 from .remotes import Remote, url_scheme
 from .chunker import FIXED_CHUNK_SIZE
 from .store.backup import Backup, BackupOptions, BackupResult
+from .store.chain import broken_chains
 from .store.config import Settings
 from .store.manifest import T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import Repo
@@ -129,11 +131,22 @@ class Repository:
     # --- the client-side ledger -------------------------------------------------
 
     def _list(self) -> list[Snapshot]:
-        """Every snapshot; the ledger notes them (and warns once about a replay or rollback)."""
+        """Every readable snapshot (one warning per unreadable one); the ledger notes them (and warns once
+        about a replay or rollback)."""
         snaps = self._repo.snapshots()
+        present = self._present(snaps)
         if self._ledger is not None:
-            self._ledger.observe(present_of(snaps))
+            self._ledger.observe(present)
         return snaps
+
+    def _present(self, snaps: list[Snapshot]) -> dict[str, datetime]:
+        """The ledger's view of a listing (an unreadable snapshot is there, not rolled back); one warning
+        per unreadable snapshot."""
+        for name, exc in self._repo.unreadable_snapshots.items():
+            warnings.warn(f"snapshot {name[:8]} is unreadable and left out ({exc.object_name}: {exc.reason}); "
+                          f"`check` names what it takes down, `forget {name[:8]}` removes it",
+                          RepositoryStateWarning, stacklevel=3)
+        return present_of(snaps, self._repo.unreadable_snapshots)
 
     def _guard(self, snaps: list[Snapshot] | None = None, forgetting: Iterable[str] = ()) -> list[Snapshot]:
         """Before a write: RollbackDetected if the snapshot set contradicts the ledger.
@@ -143,13 +156,13 @@ class Repository:
         (two backups started together); a real rollback is still missing from the second listing.
         """
         snaps = self._repo.snapshots() if snaps is None else snaps
+        present = self._present(snaps)
         if self._ledger is not None:
-            present = present_of(snaps)
             try:
                 self._ledger.guard(present, forgetting=set(forgetting))
             except RollbackDetected:
                 snaps = self._repo.snapshots()
-                present = present_of(snaps)
+                present = self._present(snaps)
                 self._ledger.guard(present, forgetting=set(forgetting))
             self._ledger.observe(present, warn=False)
         return snaps
@@ -310,18 +323,50 @@ class Repository:
                dry_run: bool = False, now: datetime | None = None) -> ForgetPlan:
         """Remove snapshots (named, or by a retention policy); kept differentials are rebased first."""
         from .store.lifecycle import apply_forget, plan_forget
+        from .store.retention import Decision
 
-        snaps = self._repo.snapshots()
-        ids = [find_snapshot(snaps, s).id for s in snapshots]
+        snaps = self._list() if dry_run else self._repo.snapshots()
+        damaged = self._repo.unreadable_snapshots
+        ids = [self._forget_id(spec, snaps, damaged) for spec in snapshots]
         if policy is None and not ids:
             raise UsageError("nothing to forget: name snapshots or give a retention policy")
+        # A snapshot that does not load, and every differential built on it, cannot be placed by retention
+        # nor rebased: they go by id, without rebases, and one built on a snapshot that goes must go too.
+        broken = broken_chains({s.id: s.parent for s in snaps})  # readable, built on what is not: id -> that
+        lost = set(damaged) | set(broken)
+        if policy is not None and lost:
+            name = min(lost)
+            raise CorruptObject(f"snapshots/{name}", "unreadable, or a differential on one that is: retention "
+                                "needs every chain whole; forget such snapshots by id first (`repair "
+                                "snapshots` lists them)")
+        stranded = [(sid, below) for sid, below in broken.items() if below in ids and sid not in ids]
+        if stranded:
+            sid, below = stranded[0]
+            raise CorruptObject(f"snapshots/{sid}", f"a differential on {below[:8]}, which is unreadable: "
+                                "forget it too (nothing can rebase it)")
+        whole = [s for s in snaps if s.id not in broken]
+        plan = plan_forget(whole, policy=policy, ids=[i for i in ids if i not in lost], now=now)
+        direct = [i for i in ids if i in lost]
+        plan.decisions += [Decision(i, False, ("named on the command line",)) for i in direct]
+        plan.remove += direct
         if dry_run:
-            return plan_forget(self._list(), policy=policy, ids=ids, now=now)
+            return plan
         # Forgetting a replayed snapshot again, by id, is allowed: it is the natural fix.
         self._guard(snaps, forgetting=ids if policy is None else ())
-        plan = plan_forget(snaps, policy=policy, ids=ids, now=now)
-        self._forgetting(snaps, plan.remove, lambda: apply_forget(self._repo, snaps, plan))
+        self._forgetting(snaps, plan.remove, lambda: apply_forget(self._repo, whole, plan))
         return plan
+
+    @staticmethod
+    def _forget_id(spec: str, snaps: list[Snapshot], damaged: dict[str, CorruptObject]) -> str:
+        """A snapshot to forget: a readable one as ``find_snapshot`` resolves it, or an unreadable one by
+        its id or a unique prefix."""
+        try:
+            return find_snapshot(snaps, spec).id
+        except SnapshotNotFound:
+            found = [n for n in damaged if spec and n.startswith(spec.lower())]
+            if len(found) != 1:
+                raise
+            return found[0]
 
     def _forgetting(self, snaps: list[Snapshot], remove: list[str], run: Callable[[], Any]) -> Any:
         """Delete snapshots (``run``) with the ledger told before (pending, so a forget killed
@@ -331,7 +376,8 @@ class Repository:
         self._ledger.forgetting(remove)
         out = run()
         gone = set(remove)
-        self._ledger.forgot(remove, present_of(s for s in snaps if s.id not in gone))
+        self._ledger.forgot(remove, present_of((s for s in snaps if s.id not in gone),
+                                               (n for n in self._repo.unreadable_snapshots if n not in gone)))
         return out
 
     def aggregate(self, snapshot: str | Snapshot, *, retire: bool = False) -> Snapshot:

@@ -27,6 +27,7 @@ import blake3
 from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, fixed_chunks
 from chunkvault.errors import UsageError
 
+from .chain import broken_chains
 from .manifest import (
     F_CHANGED_DURING_READ, F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH,
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK,
@@ -647,7 +648,13 @@ class Backup:
         self._sequence = len(same)  # this backup's number in its series: sets whose turn it is to restart
         parent = self.opt.parent
         if parent is None:
-            parent = same[-1] if same else None
+            # A snapshot whose chain reaches one that does not load cannot be a parent: the newest that can is.
+            broken = broken_chains({s.id: s.parent for s in snapshots})
+            usable = [s for s in same if s.id not in broken]
+            parent = usable[-1] if usable else None
+            if same and same[-1].id in broken:
+                self.warnings.append(f"snapshot {same[-1].id[:8]} builds on an unreadable snapshot: the parent "
+                                     f"is {parent.id[:8] if parent else 'none (a full snapshot is made)'}")
         chain = repo.chain_of(parent, snapshots) if parent is not None else []
         s = repo.config.settings
         kind = choose_kind(self.opt.kind, chain, s.full_every, s.max_diff_share)

@@ -125,3 +125,17 @@ def chain_to_base(snapshot_id: str, parents: dict[str, str | None]) -> list[str]
             raise KeyError(parent)
         seen.add(parent)
         chain.append(parent)
+
+
+def broken_chains(parents: dict[str, str | None]) -> dict[str, str]:
+    """Each snapshot whose chain reaches a parent not in ``parents`` (unreadable or gone), and that parent:
+    nothing can restore or rebase it."""
+    out = {}
+    for sid in parents:
+        try:
+            chain_to_base(sid, parents)
+        except KeyError as exc:
+            out[sid] = exc.args[0]
+        except ValueError:
+            continue
+    return out

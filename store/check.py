@@ -157,7 +157,7 @@ class Checker:
             try:
                 snaps.append(self.repo.load_snapshot(name))
             except ChunkvaultError as exc:
-                self.problem(f"snapshots/{name}", str(exc))
+                self.problem(f"snapshots/{name}", str(exc)).snapshots.append(name)
         self.report.snapshots = len(snaps)
         for s in snaps:
             try:

@@ -98,6 +98,7 @@ def used_blobs(repo: Repo) -> set[bytes]:
     """Every blob a snapshot needs: manifests and chunks of each snapshot's own manifest."""
     used: set[bytes] = set()
     snapshots = repo.snapshots()
+    repo.require_readable("prune")  # what an unreadable snapshot needs cannot be known: nothing may go
     for snap in snapshots:
         used.update(bytes.fromhex(h) for h in snap.manifest)
     for _, refs in repo.manifest_chunk_refs(snapshots):

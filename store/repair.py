@@ -200,6 +200,8 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
             return e is not None and bool(e.chunks) and any(gone(c) for c in e.chunk_ids())
 
         snapshots = repo.snapshots()
+        report.unrestorable += [(name, f"the snapshot itself is unreadable ({exc.object_name}: {exc.reason})")
+                                for name, exc in repo.unreadable_snapshots.items()]
         unreadable: dict[str, str] = {}
         damaged_paths: dict[str, list[bytes]] = {}
         for snap in snapshots:

@@ -119,6 +119,7 @@ class Repo:
         self._read_gap = READ_GAP_LOCAL if remote.cheap_ranges else READ_GAP_REMOTE
         self._recent = None if remote.cheap_ranges else RecentRanges(RECENT_RANGES_BYTES)
         self._snapshots: dict[str, Snapshot] = {}
+        self.unreadable_snapshots: dict[str, CorruptObject] = {}  # as of the last listing (``snapshots``)
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
         self._delta_bases: dict[bytes, bytes] = {}
 
@@ -543,10 +544,30 @@ class Repo:
         return [o.key.split("/", 1)[1] for o in self.remote.list("snapshots/")]
 
     def snapshots(self) -> list[Snapshot]:
+        """Every snapshot that loads, oldest first.  One that does not (damaged, or written with another
+        key) is left out and kept in ``unreadable_snapshots`` (name -> error), for the caller to report,
+        or to refuse on with ``require_readable`` where it must see every snapshot; one deleted since
+        the listing is simply gone."""
         names = self.snapshot_names()
+
+        def load(name: str) -> Snapshot | CorruptObject | None:
+            try:
+                return self.load_snapshot(name)
+            except MissingObject:
+                return None
+            except CorruptObject as exc:
+                return exc
+
         with ThreadPoolExecutor(8) as pool:
-            snaps = list(pool.map(self.load_snapshot, names))
-        return sorted(snaps, key=lambda s: (s.time, s.id))
+            loaded = list(pool.map(load, names))
+        self.unreadable_snapshots = {n: x for n, x in zip(names, loaded) if isinstance(x, CorruptObject)}
+        return sorted((x for x in loaded if isinstance(x, Snapshot)), key=lambda s: (s.time, s.id))
+
+    def require_readable(self, what: str) -> None:
+        """CorruptObject naming an unreadable snapshot, for ``what`` that must see every snapshot."""
+        for name, exc in self.unreadable_snapshots.items():
+            raise exc.explained(f"; {what} needs every snapshot: forget it by id first (`repair snapshots` "
+                                "lists what it takes down)")
 
     def save_snapshot(self, snap: Snapshot, *, replace: bool = False) -> Snapshot:
         """Store a new snapshot (a fresh random id), or rewrite one in place (rebase)."""
@@ -629,6 +650,9 @@ class Repo:
         try:
             ids = chain.chain_to_base(snap.id, parents)
         except KeyError as exc:
+            damaged = self.unreadable_snapshots.get(exc.args[0])
+            if damaged is not None:
+                raise damaged.explained(f" (in the chain of snapshot {snap.id})") from None
             raise MissingObject(f"snapshots/{exc.args[0]}", f"parent in the chain of snapshot {snap.id} is missing") from None
         except ValueError as exc:
             raise CorruptObject(f"snapshots/{snap.id}", str(exc)) from None

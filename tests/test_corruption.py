@@ -6,6 +6,7 @@ import pytest
 
 from chunkvault import Repository
 from chunkvault.errors import CorruptObject, MissingObject, WrongPassword
+from chunkvault.ledger import RepositoryStateWarning
 
 
 @pytest.fixture
@@ -82,9 +83,11 @@ def test_flipped_byte_in_snapshot(backed_up, password, tmp_path):
     repo_dir, snap = backed_up
     path = repo_dir / "snapshots" / snap.id
     flip(path)
-    with pytest.raises(CorruptObject) as info:
-        Repository.open(str(repo_dir), password).snapshots()
-    assert snap.id in info.value.object_name
+    repo = Repository.open(str(repo_dir), password)
+    with pytest.warns(RepositoryStateWarning, match=f"snapshot {snap.id[:8]} is unreadable"):
+        assert repo.snapshots() == []  # left out, never used
+    assert snap.id in repo.store.unreadable_snapshots[snap.id].object_name
+    assert [p.snapshots for p in repo.check().problems if p.object == f"snapshots/{snap.id}"] == [[snap.id]]
 
 
 def test_swapped_objects_detected(backed_up, password, tmp_path):
@@ -96,8 +99,10 @@ def test_swapped_objects_detected(backed_up, password, tmp_path):
     da, db = a.read_bytes(), b.read_bytes()
     a.write_bytes(db)
     b.write_bytes(da)
-    with pytest.raises(CorruptObject):
-        Repository.open(str(repo_dir), password).snapshots()
+    repo = Repository.open(str(repo_dir), password)
+    with pytest.warns(RepositoryStateWarning):
+        assert repo.snapshots() == []  # each is sealed to its own name: both left out
+    assert sorted(repo.store.unreadable_snapshots) == sorted([snap.id, snap2.id])
 
 
 def test_missing_pack(backed_up, password, tmp_path):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from chunkvault import Repository
 from chunkvault.errors import CorruptObject, MissingObject
 
-from test_check import packs
+from test_check import packs, repo_with_data  # noqa: F401 (a fixture)
 from test_corruption import flip
 
 MiB = 1 << 20
@@ -251,3 +251,59 @@ def test_repair_packs_of_a_missing_pack_and_bad_arguments(small_files, cli, pass
     report = repo.check()
     assert {s for p in report.problems for s in p.snapshots} == {snap.id}
     assert not [p for p in report.problems if p.object.startswith("data/")]  # the index forgot the pack
+
+
+@pytest.mark.filterwarnings("ignore::chunkvault.ledger.RepositoryStateWarning")
+def test_unreadable_snapshot_object_is_left_out_and_forgotten_with_what_builds_on_it(tmp_path, new_repo, password):
+    """One damaged snapshot object does not stop the repository: listings leave it out with a warning,
+    backups go on from the newest snapshot whose chain is whole, and it is forgotten by id together with
+    the differentials built on it; retention and prune, which must see every snapshot, refuse until then."""
+    from chunkvault.ledger import RepositoryStateWarning
+    from chunkvault.store.retention import RetentionPolicy
+
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo(str(tmp_path / "repo"))
+    made = []
+    for i in range(3):
+        (src / f"f{i}").write_bytes(os.urandom(1000))
+        made.append(repo.backup([str(src)], kind="diff" if i else "full").snapshot)
+    full, d1, d2 = made
+    victim = tmp_path / "repo" / "snapshots" / d1.id
+    flip(victim)
+
+    repo = Repository.open(str(tmp_path / "repo"), password)
+    with pytest.warns(RepositoryStateWarning, match=f"snapshot {d1.id[:8]} is unreadable"):
+        assert [s.id for s in repo.snapshots()] == [full.id, d2.id]
+    repo.restore(full.id, str(tmp_path / "full"))
+    with pytest.raises(CorruptObject, match=f"{d1.id}.*in the chain of snapshot {d2.id}"):
+        repo.restore(d2.id, str(tmp_path / "d2"))
+    assert {d1.id, d2.id} <= {s for p in repo.check().problems for s in p.snapshots}
+
+    with pytest.warns(RepositoryStateWarning):
+        result = repo.backup([str(src)])
+    assert result.snapshot.parent == full.id and any(d2.id[:8] in w for w in result.warnings)
+    with pytest.raises(CorruptObject, match="prune needs every snapshot"):
+        repo.prune()
+    with pytest.raises(CorruptObject, match="retention needs every chain whole"):
+        repo.forget(policy=RetentionPolicy(keep_last=1))
+    with pytest.raises(CorruptObject, match=f"{d2.id}: a differential on {d1.id[:8]}"):
+        repo.forget([d1.id[:8]])
+    assert sorted(s for s, _ in repo.repair_snapshots().unrestorable) == sorted([d1.id, d2.id])
+
+    plan = repo.forget([d1.id[:8], d2.id])
+    assert sorted(plan.remove) == sorted([d1.id, d2.id]) and not plan.rebases
+    assert not victim.exists() and [s.id for s in repo.snapshots()] == [full.id, result.snapshot.id]
+    repo.prune(max_unused=0)
+    assert repo.check(read_data=True).ok
+    repo.restore(result.snapshot.id, str(tmp_path / "last"))
+    assert sorted(p.name for p in (tmp_path / "last").iterdir()) == ["f0", "f1", "f2"]
+
+
+def test_a_snapshot_forgotten_while_listing_is_simply_gone(repo_with_data, monkeypatch):
+    from chunkvault.store.repository import Repo
+
+    _, repo, s1, s2 = repo_with_data
+    names = Repo.snapshot_names
+    monkeypatch.setattr(Repo, "snapshot_names", lambda self: names(self) + ["ab" * 32])
+    assert [s.id for s in repo.snapshots()] == [s1.id, s2.id] and not repo.store.unreadable_snapshots
