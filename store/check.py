@@ -92,6 +92,7 @@ class Checker:
         self.report = CheckReport()
         self.bad_blobs: dict[bytes, Problem] = {}
         self.bad_manifests: dict[str, Problem] = {}  # snapshot id -> its manifest's problem
+        self.index_damaged = False  # an index object did not load: unindexed packs may be its
         self._lock = threading.Lock()
 
     def problem(self, obj: str, what: str) -> Problem:
@@ -133,6 +134,7 @@ class Checker:
                 datas.append((name, repo.read_index_object(name)))
             except (CorruptObject, ObjectNotFound) as exc:
                 self.problem(f"index/{name}", str(exc))
+                self.index_damaged = True
         superseded = {s.hex() for _, d in datas for s in d.supersedes}
         packs: dict[bytes, list[PackEntry]] = {}
         for name, d in datas:
@@ -183,8 +185,11 @@ class Checker:
                 self.report.warnings.append(f"unexpected object {o.key}")
         self.report.packs = len(stored)
         for pid in stored.keys() - indexed.keys():
-            self.report.warnings.append(f"{pack_key(pid)} is in no index (left by an interrupted backup; "
-                                        "`repair index` adds it, prune removes it)")
+            self.report.warnings.append(
+                f"{pack_key(pid)} is in no readable index (an index object is damaged: `repair index` adds it)"
+                if self.index_damaged else
+                f"{pack_key(pid)} is in no index (left by an interrupted backup; `repair index` adds it, prune "
+                "removes it)")
         todo = []
         for pid, entries in indexed.items():
             if pid not in stored:

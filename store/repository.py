@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 
 from chunkvault.chunker import Chunker, ChunkerParams
@@ -38,6 +38,8 @@ from .pack import PackBuffers, PackBuilder
 from .packranges import RecentRanges
 from .snapshot import Snapshot
 from .unlock import Unlocked, unlock
+
+IndexT = TypeVar("IndexT", IndexData, IndexColumns)
 
 WORKERS = max(2, os.cpu_count() or 2)
 # A delta under this share of the whole blob's stored size skips the plain compression it is
@@ -227,10 +229,16 @@ class Repo:
         return data
 
     def read_index_object(self, name: str) -> IndexData:
-        return decode_index(self.sealer, self._index_bytes(name), f"index/{name}")
+        return self._index_object(name, decode_index)
 
     def read_index_columns(self, name: str) -> IndexColumns:
-        return decode_index_columns(self.sealer, self._index_bytes(name), f"index/{name}")
+        return self._index_object(name, decode_index_columns)
+
+    def _index_object(self, name: str, decode: Callable[[Sealer, bytes, str], IndexT]) -> IndexT:
+        try:
+            return decode(self.sealer, self._index_bytes(name), f"index/{name}")
+        except CorruptObject as exc:
+            raise exc.explained("; `repair index` rebuilds the index from the packs") from None
 
     def index_names(self) -> list[str]:
         return [o.key.split("/", 1)[1] for o in self.remote.list("index/")]
@@ -591,6 +599,7 @@ class Repo:
         ``needed_by``: the snapshot whose chain this manifest is read for; a damaged manifest is an
         error naming both snapshots, not only a blob id the user cannot place."""
         ids = [bytes.fromhex(h) for h in snap.manifest]
+        self.index  # loaded here: its own damage is not the manifest's
         return iter_records(_manifest_blobs(self._prefetch(ids), snap, needed_by), _manifest_name(snap, needed_by))
 
     def manifest_chunk_refs(self, snapshots: Iterable[Snapshot],
@@ -603,6 +612,7 @@ class Repo:
         references of many costs little more than one.
         """
         seen = set() if seen is None else seen
+        self.index  # loaded here: its own damage is not a manifest's
         for snap in snapshots:
             ids = [bytes.fromhex(h) for h in snap.manifest]
             what = _manifest_name(snap, None)
@@ -660,6 +670,7 @@ class Repo:
 
     def lookup(self, snap: Snapshot, path: bytes, snapshots: Iterable[Snapshot] | None = None) -> Record | None:
         """One path's resolved record, reading only the manifest blobs that can hold it (and its parents)."""
+        self.index  # loaded here: its own damage is not a manifest's
         layers = [ManifestSeeker(self._manifest_reader(s, snap), [bytes.fromhex(h) for h in s.manifest],
                                  s.manifest_starts, _manifest_name(s, snap)).find
                   for s in self.chain_of(snap, snapshots)]

@@ -307,3 +307,27 @@ def test_a_snapshot_forgotten_while_listing_is_simply_gone(repo_with_data, monke
     names = Repo.snapshot_names
     monkeypatch.setattr(Repo, "snapshot_names", lambda self: names(self) + ["ab" * 32])
     assert [s.id for s in repo.snapshots()] == [s1.id, s2.id] and not repo.store.unreadable_snapshots
+
+
+def test_damaged_index_object_points_to_repair_index(repo_with_data, password, tmp_path):
+    """Reads, backups and prune stop at a damaged index object (a backup cannot trust what it would
+    dedup against), each saying which command rebuilds it; check does not advise pruning the packs it
+    listed; after `repair index` everything works and nothing was lost."""
+    repo_dir, _, s1, s2 = repo_with_data
+    idx = sorted((repo_dir / "index").iterdir())[0]
+    flip(idx)
+    repo = Repository.open(str(repo_dir), password)
+    hint = f"index/{idx.name}: .*; `repair index` rebuilds the index from the packs$"
+    for attempt in (lambda: repo.restore(s2.id, str(tmp_path / "r")), lambda: repo.find_entry(s1.id, "a"),
+                    lambda: repo.backup([str(tmp_path / "src")]), lambda: repo.prune()):
+        with pytest.raises(CorruptObject, match=hint):
+            attempt()
+        repo = Repository.open(str(repo_dir), password)
+    report = repo.check()
+    assert any(p.object == f"index/{idx.name}" for p in report.problems)
+    assert report.warnings and all("prune" not in w and "repair index" in w for w in report.warnings)
+    repo.repair_index()
+    assert repo.check(read_data=True).ok
+    for snap in (s1, s2):
+        repo.restore(snap.id, str(tmp_path / f"ok-{snap.id[:8]}"))
+    assert repo.backup([str(tmp_path / "src")]).snapshot.parent == s2.id
