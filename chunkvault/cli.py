@@ -613,8 +613,9 @@ def cmd_key(args: argparse.Namespace) -> int:
             _emit_json(keys)
         else:
             for k in keys:
-                print(f"{'*' if k['current'] else ' '} {k['id'][:12]}  {k['kdf']:8}  {k['created'][:19]}  "
-                      f"{k['user']}@{k['host']}")
+                print(f"{'*' if k['current'] else ' '} {k['id'][:12]}  {k['kdf']:8}  " + (
+                    f"{k['problem']} (`key remove {k['id'][:12]}`)" if "problem" in k else
+                    f"{k['created'][:19]}  {k['user']}@{k['host']}"))
     elif args.key_cmd == "add":
         name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
         if not args.quiet:

@@ -467,8 +467,11 @@ class Repository:
         self._repo.remove_key(name)
 
     def keys(self) -> list[dict[str, Any]]:
+        readable, damaged = self._repo.list_keys()
         return [{"id": k.name, "kdf": k.kdf, "created": k.created, "host": k.host, "user": k.user,
-                 "current": k.name == self._repo.key_name} for k in self._repo.list_keys()]
+                 "current": k.name == self._repo.key_name} for k in readable] + [
+                {"id": name, "kdf": "damaged", "created": "", "host": "", "user": "", "current": False,
+                 "problem": exc.reason} for name, exc in damaged.items()]
 
 
 class _ChunkStream(io.RawIOBase):

@@ -159,12 +159,16 @@ class Repo:
 
     # --- keys -------------------------------------------------------------------
 
-    def list_keys(self) -> list[KeyFile]:
-        out = []
+    def list_keys(self) -> tuple[list[KeyFile], dict[str, CorruptObject]]:
+        """The key files, oldest first, and those that do not decode (name -> error: `key remove` them)."""
+        out, damaged = [], {}
         for o in self.remote.list("keys/"):
             name = o.key.split("/", 1)[1]
-            out.append(KeyFile.decode(name, self.remote.get(o.key)))
-        return sorted(out, key=lambda k: (k.created, k.name))
+            try:
+                out.append(KeyFile.decode(name, self.remote.get(o.key)))
+            except CorruptObject as exc:
+                damaged[name] = exc
+        return sorted(out, key=lambda k: (k.created, k.name)), damaged
 
     def add_key(self, password: bytes, *, kdf_seconds: float = 0.5, kdf_log_n: int | None = None) -> str:
         if not password:
@@ -175,7 +179,8 @@ class Repo:
         return name
 
     def remove_key(self, name: str) -> None:
-        keys = [k.name for k in self.list_keys()]
+        readable, damaged = self.list_keys()
+        keys = [k.name for k in readable] + list(damaged)
         matches = [k for k in keys if k.startswith(name)]
         if len(matches) != 1:
             raise UsageError(f"no unique key {name!r}")

@@ -77,4 +77,7 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
     if other_ids:
         raise CorruptObject("config", "its id does not match the key files' (the config is damaged, "
                                       "or the keys belong to another repository)")
+    if corrupt is not None:  # the key this password opens may be the damaged one
+        raise WrongPassword(f"wrong password, or the key it opens is damaged (no other key of this repository "
+                            f"opens with it; {corrupt.object_name}: {corrupt.reason})")
     raise WrongPassword("wrong password (no key of this repository opens with it)")

@@ -331,3 +331,20 @@ def test_damaged_index_object_points_to_repair_index(repo_with_data, password, t
     for snap in (s1, s2):
         repo.restore(snap.id, str(tmp_path / f"ok-{snap.id[:8]}"))
     assert repo.backup([str(tmp_path / "src")]).snapshot.parent == s2.id
+
+
+def test_damaged_key_file_is_named_when_no_key_opens(tmp_path, new_repo, password):
+    from chunkvault.errors import WrongPassword
+
+    repo = new_repo(str(tmp_path / "repo"))
+    other = repo.add_key("second password", kdf_seconds=0)
+    flip(tmp_path / "repo" / "keys" / other)
+    with pytest.raises(WrongPassword, match=f"or the key it opens is damaged .*keys/{other}: content does not"):
+        Repository.open(str(tmp_path / "repo"), "second password")
+    repo = Repository.open(str(tmp_path / "repo"), password)  # the other keys still open
+    assert [p.object for p in repo.check().problems] == [f"keys/{other}"]
+    assert [(k["id"], k["kdf"]) for k in repo.keys() if not k["current"]] == [(other, "damaged")]
+    repo.remove_key(other[:8])
+    assert repo.check().ok
+    with pytest.raises(WrongPassword, match=r"^wrong password \(no key of this repository opens with it\)$"):
+        Repository.open(str(tmp_path / "repo"), "second password")
