@@ -12,7 +12,7 @@ from typing import Any, Callable, TypeVar
 
 from . import __version__
 from .progress import Progress
-from .errors import ChunkvaultError, PartialBackup, TargetNotEmpty, UsageError, VerificationFailed
+from .errors import ChunkvaultError, CorruptObject, PartialBackup, TargetNotEmpty, UsageError, VerificationFailed
 from .store.manifest import TYPE_NAMES, Entry
 from .store.snapshot import Snapshot
 
@@ -553,12 +553,18 @@ def cmd_copy(args: argparse.Namespace) -> int:
         bar.done()
     if args.json:
         _emit_json({"copied": [{"source": a, "destination": b} for a, b in result.copied],
-                    "skipped": result.skipped, "blobs_sent": result.blobs_sent, "bytes_sent": result.bytes_sent})
+                    "skipped": result.skipped, "failed": [{"source": a, "reason": r} for a, r in result.failed],
+                    "blobs_sent": result.blobs_sent, "bytes_sent": result.bytes_sent})
     elif not args.quiet:
         for a, b in result.copied:
             print(f"copied {a[:8]} -> {b[:8]}")
+        for a, reason in result.failed:
+            print(f"not copied {a[:8]}: {reason}", file=sys.stderr)
         print(f"{len(result.copied)} snapshot(s) copied, {len(result.skipped)} already there; "
               f"{result.blobs_sent} blobs ({_human(result.bytes_sent)}) sent")
+    if result.failed:
+        raise CorruptObject("source repository", f"{len(result.failed)} snapshot(s) not copied: damaged there "
+                                                 "(`check` there names what; the others were copied)")
     return 0
 
 

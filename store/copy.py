@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 
-from chunkvault.errors import MissingObject
+from chunkvault.errors import CorruptObject
 from chunkvault.remotes.layer import parallel_map
 
 from .locks import SHARED, RepoLock
@@ -30,17 +30,18 @@ COPIED_FROM = "copied_from"
 class CopyResult:
     copied: list[tuple[str, str]] = field(default_factory=list)  # (source id, destination id)
     skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (source id, why): damaged in the source
     blobs_sent: int = 0
     bytes_sent: int = 0
 
 
 def copy_order(snapshots: Iterable[Snapshot], wanted: set[str]) -> list[Snapshot]:
-    """Pure: the wanted snapshots plus every ancestor they need, parents before children."""
+    """Pure: the wanted snapshots plus every ancestor they need (that is there), parents before children."""
     by_id = {s.id: s for s in snapshots}
     need: set[str] = set()
     for sid in wanted:
         cur: str | None = sid
-        while cur is not None and cur not in need:
+        while cur is not None and cur in by_id and cur not in need:
             need.add(cur)
             cur = by_id[cur].parent
     return sorted((by_id[i] for i in need), key=lambda s: (s.time, s.id))
@@ -98,6 +99,22 @@ def _chunk_ids(records: Iterable[Record]) -> Iterator[bytes]:
             yield from rec.entry.chunk_ids()
 
 
+def _copy_manifest(src: Repo, dst: Repo, writer: BlobWriter, mapper: _BlobMapper,
+                   snap: Snapshot) -> tuple[list[bytes], ManifestWriter]:
+    """The snapshot's chunks and manifest stored in the destination (flushed: everything the snapshot
+    references is stored before it is written); the manifest's blob ids and writer."""
+    mapper.ensure(_chunk_ids(src.manifest_records(snap)))
+    mw = ManifestWriter(dst, writer)
+    for rec in src.manifest_records(snap):
+        e = rec.entry
+        if e is not None and e.chunks:
+            rec = Record(rec.op, rec.path, replace(e, chunks=b"".join(mapper.map[c] for c in e.chunk_ids())))
+        mw.add(rec)
+    manifest = mw.finish()
+    writer.flush()
+    return manifest, mw
+
+
 def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> CopyResult:
     """Copy snapshots with their chains; ``progress(blobs sent, bytes sent)`` as it goes."""
@@ -113,20 +130,17 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                 if snap.id in done:
                     result.skipped.append(snap.id)
                     continue
-                mapper.ensure(_chunk_ids(src.manifest_records(snap)))
-                mw = ManifestWriter(dst, writer)
-                for rec in src.manifest_records(snap):
-                    e = rec.entry
-                    if e is not None and e.chunks:
-                        rec = Record(rec.op, rec.path,
-                                     replace(e, chunks=b"".join(mapper.map[c] for c in e.chunk_ids())))
-                    mw.add(rec)
-                manifest = mw.finish()
-                # Everything the snapshot references is stored before the snapshot is written.
-                writer.flush()
                 parent = done.get(snap.parent) if snap.kind == KIND_DIFF else None
                 if snap.kind == KIND_DIFF and parent is None:
-                    raise MissingObject(f"snapshots/{snap.parent}", f"parent of {snap.id} was not copied")
+                    failed = snap.parent in {f for f, _ in result.failed}
+                    result.failed.append((snap.id, f"its parent {snap.parent} " + (
+                        "was not copied" if failed else "is not in the source (unreadable or gone)")))
+                    continue
+                try:
+                    manifest, mw = _copy_manifest(src, dst, writer, mapper, snap)
+                except CorruptObject as exc:  # damaged in the source: the other snapshots still go
+                    result.failed.append((snap.id, f"{exc.object_name}: {exc.reason}"))
+                    continue
                 copy = Snapshot(time=snap.time, kind=snap.kind, parent=parent, host=snap.host, paths=list(snap.paths),
                                 tags=list(snap.tags), manifest=[i.hex() for i in manifest],
                                 manifest_starts=mw.starts,

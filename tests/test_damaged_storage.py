@@ -348,3 +348,44 @@ def test_damaged_key_file_is_named_when_no_key_opens(tmp_path, new_repo, passwor
     assert repo.check().ok
     with pytest.raises(WrongPassword, match=r"^wrong password \(no key of this repository opens with it\)$"):
         Repository.open(str(tmp_path / "repo"), "second password")
+
+
+def test_copy_goes_on_past_a_snapshot_damaged_in_the_source(tmp_path, new_repo, password, cli):
+    """An off-site copy copies every snapshot it can: one whose data is damaged in the source is
+    reported with what builds on it, the others arrive, and a later run copies the rest once the
+    source is repaired, sending nothing twice."""
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    repo = new_repo(str(tmp_path / "repo"))
+    (src_dir / "a").write_bytes(os.urandom(100_000))
+    full = repo.backup([str(src_dir)]).snapshot
+    (src_dir / "b").write_bytes(os.urandom(100_000))
+    d1 = repo.backup([str(src_dir)], kind="diff").snapshot
+    (src_dir / "c").write_bytes(os.urandom(100_000))
+    d2 = repo.backup([str(src_dir)], kind="diff").snapshot
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_bytes(os.urandom(100_000))
+    separate = repo.backup([str(other)]).snapshot
+    (victim,) = chunk_ids(repo, d1, "b")
+    pack = pack_path(tmp_path / "repo", repo, victim)
+    good = pack.read_bytes()
+    loc = repo.store.locate(victim)
+    flip(pack, loc.offset + loc.length // 2)
+
+    dst = Repository.init(str(tmp_path / "dst"), password, kdf_seconds=0, copy_chunker_from=repo)
+    env = {"CHUNKVAULT_FROM_PASSWORD": password, "CHUNKVAULT_TO_PASSWORD": password}
+    run = cli("copy", "-r", str(tmp_path / "repo"), "--to", str(tmp_path / "dst"), "--json", env=env, check=False)
+    assert run.returncode == 13
+    out = json.loads(run.stdout)
+    assert {c["source"] for c in out["copied"]} == {full.id, separate.id}
+    failed = {f["source"]: f["reason"] for f in out["failed"]}
+    assert victim.hex() in failed[d1.id] and failed[d2.id] == f"its parent {d1.id} was not copied"
+
+    pack.write_bytes(good)
+    again = repo.copy_to(dst)
+    assert [s for s, _ in again.copied] == [d1.id, d2.id] and not again.failed
+    assert sorted(again.skipped) == sorted([full.id, separate.id])
+    copied = {s.stats["copied_from"]: s for s in dst.snapshots()}
+    dst.restore(copied[d2.id].id, str(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "c"]
