@@ -524,14 +524,21 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
     if args.scratch is not None and not os.path.isdir(args.scratch):
         raise UsageError(f"scratch directory does not exist: {args.scratch}")
     repo = _open(args)
+    reports: list[VerifyReport] = []
     if args.all_since is not None:
         since = parse_since(args.all_since)
         snaps = snapshots_since(repo.snapshots(), since)
-        if not snaps:
+        # A snapshot object that does not load cannot be dated, nor restored: it fails the run.
+        reports += [VerifyReport(name, "time unknown", "unreadable", error=f"the snapshot object is unreadable: "
+                                 f"{exc.object_name}: {exc.reason}")
+                    for name, exc in repo.store.unreadable_snapshots.items()]
+        if not snaps and not reports:
             raise SnapshotNotFound(f"no snapshot at or after {since.isoformat()}")
     else:
         snaps = [repo.snapshot(args.snapshot or "latest")]
-    reports: list[VerifyReport] = []
+    for r in reports:
+        if not args.json:
+            _print_report(r)
     for snap in snaps:
         r = verify_restore(repo, snap, then=args.then, timeout=args.timeout, scratch=args.scratch, keep=args.keep)
         reports.append(r)

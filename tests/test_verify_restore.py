@@ -323,3 +323,22 @@ def test_api_runs_the_command_with_a_given_environment(repo_with_tree, tmp_path)
     assert report.ok and report.command is not None and report.command.exit_code == 0
     report = verify_restore(repo, snap, then=cmd, env={**os.environ, "EXTRA": "0"})
     assert not report.ok and report.command.exit_code == 5
+
+
+@pytest.mark.filterwarnings("ignore::chunkvault.ledger.RepositoryStateWarning")
+def test_all_since_fails_on_a_snapshot_object_that_does_not_load(tmp_path, new_repo, tree, run_cli):
+    """It cannot be dated, so it may be in the range: a verification run that skipped it would prove less
+    than it says."""
+    repo = new_repo(str(tmp_path / "repo"))
+    first = repo.backup([str(tree)]).snapshot
+    (tree / "a" / "b").write_bytes(b"second version")
+    second = repo.backup([str(tree)]).snapshot
+    path = tmp_path / "repo" / "snapshots" / second.id
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json", "--all-since", "2000-01-01")
+    assert code == 18, err
+    reports = {r["snapshot_id"]: r for r in json.loads(out)["snapshots"]}
+    assert reports[first.id]["ok"] and not reports[second.id]["ok"]
+    assert "the snapshot object is unreadable" in reports[second.id]["error"]
