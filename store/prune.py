@@ -166,16 +166,8 @@ def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
                             f"{len(missing)} blob(s) that snapshots need are in no index; run `check` and "
                             "`repair index` before pruning")
     add_bases(used, known)
-    sizes: dict[bytes, int] = {}
-    orphans = []
-    for o in repo.remote.list("data/"):
-        try:
-            pid = bytes.fromhex(o.key.rsplit("/", 1)[1])
-        except ValueError:
-            continue
-        sizes[pid] = o.size
-        if pid not in packs:
-            orphans.append((o.key, o.size))
+    sizes = repo.stored_packs()
+    orphans = [(pack_key(pid), size) for pid, size in sizes.items() if pid not in packs]
     plan = select_packs(packs, sizes, used, max_unused)
     lost = [p for p in packs if p not in sizes]
     if lost:

@@ -126,12 +126,7 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
     report = RepairReport()
     with RepoLock(repo.remote, EXCLUSIVE, "repair packs", wait=wait):
         names, packs = indexed_packs(repo)
-        stored = {}
-        for o in repo.remote.list("data/"):
-            try:
-                stored[bytes.fromhex(o.key.rsplit("/", 1)[1])] = o.size
-            except ValueError:
-                continue
+        stored = repo.stored_packs()
         chosen = _resolve_packs(specs, packs.keys() | stored.keys())
         elsewhere = {e.blob_id for pid, entries in packs.items() if pid not in chosen for e in entries}
         salvage: list[PreparedBlob] = []
@@ -181,12 +176,7 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
     with RepoLock(repo.remote, EXCLUSIVE, "repair snapshots", wait=wait):
         repo.load_index()
         index = repo.index
-        stored = set()
-        for o in repo.remote.list("data/"):
-            try:
-                stored.add(bytes.fromhex(o.key.rsplit("/", 1)[1]))
-            except ValueError:
-                continue
+        stored = repo.stored_packs()
 
         def gone(blob_id: bytes) -> bool:
             for b in (blob_id, *repo.delta_chain(blob_id)):

@@ -245,6 +245,16 @@ class Repo:
         except CorruptObject as exc:
             raise exc.explained("; `repair index` rebuilds the index from the packs") from None
 
+    def stored_packs(self) -> dict[bytes, int]:
+        """Pack id -> size of every pack stored under data/ (objects not named by a pack id left out)."""
+        out = {}
+        for o in self.remote.list("data/"):
+            try:
+                out[bytes.fromhex(o.key.rsplit("/", 1)[1])] = o.size
+            except ValueError:
+                continue
+        return out
+
     def index_names(self) -> list[str]:
         return [o.key.split("/", 1)[1] for o in self.remote.list("index/")]
 
