@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import blake3
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, StorageFull, TargetNotEmpty, UsageError
+from chunkvault.errors import ChunkvaultError, CorruptObject, MissingObject, StorageFull, TargetNotEmpty, UsageError
 
 from .manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, Record, sort_key,
@@ -71,6 +71,18 @@ class RestoreResult:
     deleted: int = 0  # --delete: paths removed
     processes: int = 1  # worker processes that wrote the files (store/restore_workers.py)
     warnings: list[str] = field(default_factory=list)
+    # Files not restored because their data is damaged in the repository: (path, object, reason, missing).
+    # Plain values, not the errors themselves: worker processes send their results back pickled.
+    damaged: list[tuple[str, str, str, bool]] = field(default_factory=list)
+
+    def raise_for_damage(self) -> None:
+        """After everything else was restored: the first damaged file's error, naming how many there are."""
+        if not self.damaged:
+            return
+        path, obj, reason, missing = self.damaged[0]
+        names = ", ".join(d[0] for d in self.damaged[:5]) + (f" and {len(self.damaged) - 5} more" if len(self.damaged) > 5 else "")
+        cls = MissingObject if missing else CorruptObject
+        raise cls(obj, f"{reason}; {len(self.damaged)} file(s) not restored: {names} (everything else was)")
 
 
 class _Globs:
@@ -182,6 +194,7 @@ class _Prefetcher:
         self.window = window_bytes
         self.pool = ThreadPoolExecutor(workers)
         self.done = False
+        self._left = 0  # chunks of the current file (``chunks``) not yet taken
 
     def _pull(self) -> bool:
         if self.done or len(self.ahead) > 10000:
@@ -213,7 +226,19 @@ class _Prefetcher:
                 size += n
             self.queued -= size
             self.in_flight += size
-            self.batches.append((self.pool.submit(self.repo.read_blobs, take), size))
+            self.batches.append((self.pool.submit(self._read_batch, take), size))
+
+    def _read_batch(self, ids: list[bytes]) -> list[Plaintext | CorruptObject]:
+        try:
+            return list(self.repo.read_blobs(ids))
+        except CorruptObject:  # one at a time: only the damaged chunks fail, each with its own error
+            out: list[Plaintext | CorruptObject] = []
+            for cid in ids:
+                try:
+                    out.append(self.repo.read_blob(cid))
+                except CorruptObject as exc:
+                    out.append(exc)
+            return out
 
     def next_record(self) -> Record | None:
         if not self.ahead and not self._pull():
@@ -221,13 +246,33 @@ class _Prefetcher:
         return self.ahead.popleft()
 
     def next_chunk(self) -> Plaintext:
+        """The next chunk in tree order; CorruptObject for a damaged one (taken all the same)."""
         if not self.current:
             self._fill()
             batch, size = self.batches.popleft()
             self.in_flight -= size
             self.current.extend(batch.result())
             self._fill()
-        return self.current.popleft()
+        chunk = self.current.popleft()
+        if isinstance(chunk, CorruptObject):
+            raise chunk
+        return chunk
+
+    def chunks(self, n: int) -> Iterator[Plaintext]:
+        """A file's ``n`` chunks; one damaged raises, and ``skip_rest`` then takes the ones after it."""
+        self._left = n
+        while self._left:
+            self._left -= 1
+            yield self.next_chunk()
+
+    def skip_rest(self) -> None:
+        """Take the rest of a damaged file's chunks, so the next file gets its own."""
+        left, self._left = self._left, 0
+        for _ in range(left):
+            try:
+                self.next_chunk()
+            except CorruptObject:
+                pass
 
     def close(self) -> None:
         for f, _ in self.batches:
@@ -275,8 +320,11 @@ class Restorer:
         return self._target_prefix + safe_relpath(rel) if rel else self.target
 
     def run(self, records: Iterator[Record]) -> RestoreResult:
+        """Restore into an empty target (or in place); files whose data is damaged are left out, and then
+        reported by CorruptObject (``RestoreResult.raise_for_damage``)."""
         self.check_target()
         self.restore_records(self.selected_records(records))
+        self.result.raise_for_damage()
         return self.result
 
     @property
@@ -438,15 +486,23 @@ class Restorer:
             return
         if t == T_FILE:
             part = self.parts.pop(id(e), None)
-            if self.opt.delta and os.path.isfile(dst) and not os.path.islink(dst):
-                self._update_file(dst, e)
-                self._apply_meta(dst, e)
-            elif part is not None:
-                self._write_part(dst, e, part[1], (pf.next_chunk() for _ in range(len(e.chunks) // 32)))
-            elif pf.prefetch:
-                self._write_file(dst, e, (pf.next_chunk() for _ in range(len(e.chunks) // 32)))
-            else:
-                self._write_file(dst, e, (self.repo.read_blob(c) for c in e.chunk_ids()))
+            try:
+                if self.opt.delta and os.path.isfile(dst) and not os.path.islink(dst):
+                    self._update_file(dst, e)
+                    self._apply_meta(dst, e)
+                elif part is not None:
+                    self._write_part(dst, e, part[1], pf.chunks(len(e.chunks) // 32))
+                elif pf.prefetch:
+                    self._write_file(dst, e, pf.chunks(len(e.chunks) // 32))
+                else:
+                    self._write_file(dst, e, (self.repo.read_blob(c) for c in e.chunk_ids()))
+            except CorruptObject as exc:  # this file's data is damaged: the others are still restored
+                pf.skip_rest()
+                self.result.damaged.append((os.fsdecode(e.path), exc.object_name, exc.reason,
+                                            isinstance(exc, MissingObject)))
+                if part is None and os.path.lexists(dst):  # a part's file is removed once every part is in
+                    os.unlink(dst)
+                return
             self.result.files += int(part is None or part[1] == 0)  # a file written in parts counts once
             self.result.bytes += e.size
             if self.opt.progress is not None:

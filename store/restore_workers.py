@@ -15,6 +15,7 @@ process as before.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Iterator
 
 from . import forked
@@ -51,11 +52,14 @@ def restore(restorer: Restorer, tree: Callable[[], Iterator[Record]], processes:
     if (processes < 2 or not restorer.fresh or restorer.opt.delta or not isinstance(restorer.repo, Repo)
             or not forked.can_fork(restorer.repo.remote)):
         restorer.restore_records(restorer.selected_records(tree()))
+        restorer.result.raise_for_damage()
         return restorer.result
     if entries is not None and entries <= SHARED_TREE_ENTRIES:
         records = list(tree())
         tree = lambda: iter(records)  # noqa: E731
-    return _Coordinator(restorer, tree, processes).run()
+    result = _Coordinator(restorer, tree, processes).run()
+    result.raise_for_damage()
+    return result
 
 
 def split(e: Entry, start: int, chunk_length: Callable[[bytes], int | None]) -> list[tuple[Entry, int]] | None:
@@ -130,14 +134,19 @@ class _Coordinator:
             r.restore_records(self._own(links, split_files))
             results = workers.wait(None if progress is None else lambda states: progress(
                 sum(s[0] for s in states if s), sum(s[1] for s in states if s)))
+        damaged = {d[0] for res in results for d in res.damaged}
         for e in split_files:
-            r.finish_parts(e)
+            if os.fsdecode(e.path) in damaged:  # a part of it is damaged: not restored
+                os.unlink(r.dest(e.path))
+            else:
+                r.finish_parts(e)
         r.restore_records(iter(links))
         r.finish_directories()
         for res in results:
             r.result.files += res.files
             r.result.bytes += res.bytes
             r.result.warnings.extend(res.warnings)
+            r.result.damaged.extend(d for d in res.damaged if d not in r.result.damaged)
         if progress is not None:
             progress(r.result.files, r.result.bytes)
         r.result.processes = self.n

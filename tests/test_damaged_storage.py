@@ -389,3 +389,41 @@ def test_copy_goes_on_past_a_snapshot_damaged_in_the_source(tmp_path, new_repo, 
     copied = {s.stats["copied_from"]: s for s in dst.snapshots()}
     dst.restore(copied[d2.id].id, str(tmp_path / "out"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "c"]
+
+
+def damage_blob(repo_dir, repo: Repository, blob_id: bytes) -> None:
+    loc = repo.store.locate(blob_id)
+    flip(pack_path(repo_dir, repo, blob_id), loc.offset + loc.length // 2)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_restore_writes_every_file_it_can_and_names_the_damaged_ones(tmp_path, new_repo, password, monkeypatch,
+                                                                     processes):
+    """A damaged chunk costs the file it belongs to, not the restore: every other file is written exactly
+    (those after a damaged chunk of a many-chunk file too), the damaged files are not left half-written,
+    and the error at the end names them.  With worker processes, a large file written in parts by
+    several of them is removed when one part is damaged."""
+    from chunkvault.store import restore_workers
+
+    monkeypatch.setattr(restore_workers, "STRIPE_BYTES", 1 << 20)
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(5)
+    files = {f"f{i}": rnd.randbytes(60_000) for i in range(8)}
+    files["big"] = rnd.randbytes(4 << 20)  # 16 chunks of 256 KiB, in parts across the workers
+    files["mid"] = rnd.randbytes(2 << 20)  # its damaged chunk is followed by others, then by f5..f7
+    for name, content in files.items():
+        (src / name).write_bytes(content)
+    repo = new_repo(str(tmp_path / "repo"), pack_size=256 * 1024)
+    snap = repo.backup([str(src)], fixed_chunks=["big", "mid"], fixed_chunk_size=256 * 1024).snapshot
+    assert repo.restore(snap.id, str(tmp_path / "clean"), processes=processes).processes == processes
+    for name, index in (("f3", 0), ("big", 9), ("mid", 2)):
+        damage_blob(tmp_path / "repo", repo, chunk_ids(repo, snap, name)[index])
+
+    repo = Repository.open(str(tmp_path / "repo"), password)
+    with pytest.raises(CorruptObject, match=r"3 file\(s\) not restored: .*\(everything else was\)") as info:
+        repo.restore(snap.id, str(tmp_path / "out"), processes=processes)
+    for name in ("big", "f3", "mid"):
+        assert name in str(info.value)
+    out = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert out == {n: c for n, c in files.items() if n not in ("f3", "big", "mid")}
