@@ -647,14 +647,12 @@ class Backup:
                 and s.stdin_name == stdin_name]
         self._sequence = len(same)  # this backup's number in its series: sets whose turn it is to restart
         parent = self.opt.parent
-        if parent is None:
-            # A snapshot whose chain reaches one that does not load cannot be a parent: the newest that can is.
-            broken = broken_chains({s.id: s.parent for s in snapshots})
-            usable = [s for s in same if s.id not in broken]
-            parent = usable[-1] if usable else None
-            if same and same[-1].id in broken:
-                self.warnings.append(f"snapshot {same[-1].id[:8]} builds on an unreadable snapshot: the parent "
-                                     f"is {parent.id[:8] if parent else 'none (a full snapshot is made)'}")
+        if parent is None and same:
+            parent = self._usable_parent(same, snapshots)
+            if parent is not same[-1]:
+                self.warnings.append(f"snapshot {same[-1].id[:8]} cannot be read in full (a snapshot or manifest "
+                                     f"of its chain is damaged: see `check`): the parent is "
+                                     f"{parent.id[:8] if parent else 'none (a full snapshot is made)'}")
         chain = repo.chain_of(parent, snapshots) if parent is not None else []
         s = repo.config.settings
         kind = choose_kind(self.opt.kind, chain, s.full_every, s.max_diff_share)
@@ -705,6 +703,18 @@ class Backup:
         )
         repo.save_snapshot(snap)
         return BackupResult(snap, self.warnings)
+
+    def _usable_parent(self, same: list[Snapshot], snapshots: list[Snapshot]) -> Snapshot | None:
+        """The newest of ``same`` whose whole chain can be read: every snapshot of it loads and every
+        manifest blob is indexed (a pack lost, then dropped from the index by `repair index`, takes some
+        out).  Backups go on from there, or as a full, until the damaged snapshots are forgotten."""
+        broken = broken_chains({s.id: s.parent for s in snapshots})
+        index = self.repo.index
+        for snap in reversed(same):
+            if snap.id not in broken and all(
+                    bytes.fromhex(h) in index for m in self.repo.chain_of(snap, snapshots) for h in m.manifest):
+                return snap
+        return None
 
     def _count(self, records: Iterator[Record], stats: ManifestStats) -> Iterator[Record]:
         for rec in records:

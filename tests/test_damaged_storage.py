@@ -427,3 +427,20 @@ def test_restore_writes_every_file_it_can_and_names_the_damaged_ones(tmp_path, n
         assert name in str(info.value)
     out = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     assert out == {n: c for n, c in files.items() if n not in ("f3", "big", "mid")}
+
+
+def test_backups_go_on_when_the_parents_manifest_is_lost(chain, tmp_path, password):
+    """Once `repair index` dropped a lost pack holding a manifest, the next backup does not build on the
+    snapshots that needed it: it makes a full snapshot (there is no intact parent), with a warning."""
+    repo_dir, repo, full, diff, src = chain
+    os.remove(pack_path(repo_dir, repo, bytes.fromhex(full.manifest[0])))
+    repo = Repository.open(str(repo_dir), password)
+    with pytest.raises(MissingObject, match=f"in the manifest of snapshot {full.id}, which differential"):
+        repo.backup([str(src)], fixed_chunks=["db"])  # still indexed: found missing on the way, and named
+    repo.repair_index()
+    result = repo.backup([str(src)], fixed_chunks=["db"])
+    assert result.snapshot.kind == "full" and result.snapshot.parent is None
+    assert any(f"snapshot {diff.id[:8]} cannot be read in full" in w for w in result.warnings)
+    repo.restore(result.snapshot.id, str(tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == {
+        p.name: p.read_bytes() for p in src.iterdir()}
