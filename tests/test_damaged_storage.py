@@ -367,7 +367,7 @@ def test_copy_goes_on_past_a_snapshot_damaged_in_the_source(tmp_path, new_repo, 
     other.mkdir()
     (other / "x").write_bytes(os.urandom(100_000))
     separate = repo.backup([str(other)]).snapshot
-    (victim,) = chunk_ids(repo, d1, "b")
+    victim = chunk_ids(repo, d1, "b")[0]  # 100 kB: one or two chunks, by content
     pack = pack_path(tmp_path / "repo", repo, victim)
     good = pack.read_bytes()
     loc = repo.store.locate(victim)
