@@ -193,7 +193,8 @@ class Checker:
         todo = []
         for pid, entries in indexed.items():
             if pid not in stored:
-                p = self.problem(pack_key(pid), "pack is missing")
+                p = self.problem(pack_key(pid), "pack is missing (`repair index` drops it from the index, then "
+                                                "`repair snapshots` the files that needed it)")
                 for e in entries:
                     self.bad_blobs[e.blob_id] = p
                 continue
@@ -229,14 +230,14 @@ class Checker:
                 inside = [e for e in entries if e.offset + e.length <= size]
                 found, named = self._read_in_windows(key, pid, fetch, read_windows(inside, size, window), ())
                 found += [(e.blob_id, "lies past the pack's end") for e in entries if e.offset + e.length > size]
-                self.problem(key, exc.reason if named else NOT_ITS_NAME)
+                self.problem(key, exc.reason if named else _not_its_name(pid))
                 header = entries
             else:
                 if read_all:
                     found, named = self._read_in_windows(key, pid, fetch, read_windows(header, body, window),
                                                          (sealed_header, tail))
                     if not named:
-                        self.problem(key, NOT_ITS_NAME)
+                        self.problem(key, _not_its_name(pid))
         except ChunkvaultError as exc:
             p = self.problem(key, str(exc) if not isinstance(exc, CorruptObject) else exc.reason)
             for e in entries:
@@ -358,6 +359,10 @@ class Checker:
                                 p.files.append(label)
             except ChunkvaultError:
                 continue
+
+
+def _not_its_name(pid: bytes) -> str:
+    return f"{NOT_ITS_NAME} (`repair packs {pid.hex()[:12]}` keeps what of it still verifies)"
 
 
 def _name(p: Problem, snapshot_id: str) -> None:
