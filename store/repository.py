@@ -708,7 +708,9 @@ class Repo:
 
 
 def _manifest_name(snap: Snapshot, needed_by: Snapshot | None) -> str:
-    via = f", which differential {needed_by.id[:8]} builds on" if needed_by is not None and needed_by.id != snap.id else ""
+    via = ""
+    if needed_by is not None and needed_by.id != snap.id:
+        via = f", which differential {needed_by.id[:8]} builds on"
     return f"manifest of snapshot {snap.id}{via}"
 
 

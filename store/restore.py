@@ -80,7 +80,9 @@ class RestoreResult:
         if not self.damaged:
             return
         path, obj, reason, missing = self.damaged[0]
-        names = ", ".join(d[0] for d in self.damaged[:5]) + (f" and {len(self.damaged) - 5} more" if len(self.damaged) > 5 else "")
+        names = ", ".join(d[0] for d in self.damaged[:5])
+        if len(self.damaged) > 5:
+            names += f" and {len(self.damaged) - 5} more"
         cls = MissingObject if missing else CorruptObject
         raise cls(obj, f"{reason}; {len(self.damaged)} file(s) not restored: {names} (everything else was)")
 
