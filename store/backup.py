@@ -11,6 +11,7 @@ Per-byte work is native; Python only routes chunks.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import os
 import socket
 import stat
@@ -25,7 +26,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 import blake3
 
 from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, fixed_chunks
-from chunkvault.errors import UsageError
+from chunkvault.errors import CorruptObject, MissingObject, UsageError
 
 from .chain import broken_chains
 from .manifest import (
@@ -647,8 +648,9 @@ class Backup:
                 and s.stdin_name == stdin_name]
         self._sequence = len(same)  # this backup's number in its series: sets whose turn it is to restart
         parent = self.opt.parent
+        parent_tree: Iterator[Record] | None = None
         if parent is None and same:
-            parent = self._usable_parent(same, snapshots)
+            parent, parent_tree = self._usable_parent(same, snapshots)
             if parent is not same[-1]:
                 self.warnings.append(f"snapshot {same[-1].id[:8]} cannot be read in full (a snapshot or manifest "
                                      f"of its chain is damaged: see `check`): the parent is "
@@ -658,7 +660,8 @@ class Backup:
         kind = choose_kind(self.opt.kind, chain, s.full_every, s.max_diff_share)
         if self.opt.kind == "diff" and parent is None:
             self.warnings.append("no parent snapshot: made a full snapshot")
-        parent_tree = repo.tree(parent, snapshots) if parent is not None else iter(())
+        if parent_tree is None:
+            parent_tree = repo.tree(parent, snapshots) if parent is not None else iter(())
         stats = ManifestStats()
         self.writer = repo.writer()
         try:
@@ -704,17 +707,29 @@ class Backup:
         repo.save_snapshot(snap)
         return BackupResult(snap, self.warnings)
 
-    def _usable_parent(self, same: list[Snapshot], snapshots: list[Snapshot]) -> Snapshot | None:
-        """The newest of ``same`` whose whole chain can be read: every snapshot of it loads and every
-        manifest blob is indexed (a pack lost, then dropped from the index by `repair index`, takes some
-        out).  Backups go on from there, or as a full, until the damaged snapshots are forgotten."""
+    def _usable_parent(self, same: list[Snapshot], snapshots: list[Snapshot]
+                       ) -> tuple[Snapshot | None, Iterator[Record]]:
+        """The newest of ``same`` whose chain can be read, and its tree: every snapshot of the chain loads,
+        every manifest blob is indexed (`repair index` drops those of a lost pack) and the head of each
+        manifest reads (the tree's first record needs them all: the read the backup makes first anyway).
+        Backups go on from there, or as a full, until the damaged snapshots are forgotten.  A pack the
+        index lists but that is gone stops the backup: until `repair index`, it would deduplicate against
+        blobs that are not there."""
         broken = broken_chains({s.id: s.parent for s in snapshots})
         index = self.repo.index
         for snap in reversed(same):
-            if snap.id not in broken and all(
+            if snap.id in broken or not all(
                     bytes.fromhex(h) in index for m in self.repo.chain_of(snap, snapshots) for h in m.manifest):
-                return snap
-        return None
+                continue
+            tree = self.repo.tree(snap, snapshots)
+            try:
+                head = next(tree, None)
+            except MissingObject:  # an indexed pack is gone: dedup against that index would reference it
+                raise
+            except CorruptObject:
+                continue
+            return snap, itertools.chain(() if head is None else (head,), tree)
+        return None, iter(())
 
     def _count(self, records: Iterator[Record], stats: ManifestStats) -> Iterator[Record]:
         for rec in records:

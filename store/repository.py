@@ -332,7 +332,7 @@ class Repo:
         try:
             env = self.remote.get(key, loc.offset, loc.length)
         except ObjectNotFound:
-            raise MissingObject(key, f"pack holding blob {blob_id.hex()} is missing") from None
+            raise _lost_pack(key, blob_id) from None
         if len(env) != loc.length:
             raise CorruptObject(key, f"truncated: blob {blob_id.hex()} lies past its end")
         return env, loc.raw_length
@@ -475,7 +475,7 @@ class Repo:
                 try:
                     data = self.remote.get(key, start, end - start)
                 except ObjectNotFound:
-                    raise MissingObject(key, f"pack holding blob {items[j][2].hex()} is missing") from None
+                    raise _lost_pack(key, items[j][2]) from None
                 if self._recent is not None:
                     self._recent.add(key, start, data)
                 for offset, length, bid, raw_length in items[j:k]:
@@ -705,6 +705,12 @@ class Repo:
         # A differential with no records (nothing changed) changes nothing: no merge layer for it.
         return chain.resolve(self.manifest_records(snaps[0], snap),
                              [self.manifest_records(s, snap) for s in snaps[1:] if s.manifest])
+
+
+def _lost_pack(key: str, blob_id: bytes) -> MissingObject:
+    """An indexed pack that is not there: the index is stale until `repair index`."""
+    return MissingObject(key, f"pack holding blob {blob_id.hex()} is missing (`check` names what it takes "
+                              "down, `repair index` drops it from the index)")
 
 
 def _manifest_name(snap: Snapshot, needed_by: Snapshot | None) -> str:

@@ -430,15 +430,26 @@ def test_restore_writes_every_file_it_can_and_names_the_damaged_ones(tmp_path, n
     assert out == {n: c for n, c in files.items() if n not in ("f3", "big", "mid")}
 
 
-def test_backups_go_on_when_the_parents_manifest_is_lost(chain, tmp_path, password):
-    """Once `repair index` dropped a lost pack holding a manifest, the next backup does not build on the
-    snapshots that needed it: it makes a full snapshot (there is no intact parent), with a warning."""
+@pytest.mark.parametrize("damage", ["lost", "lost, then repair index", "flipped"])
+def test_backups_go_on_when_the_parents_manifest_is_damaged(chain, tmp_path, password, damage):
+    """The newest snapshot's chain needs a manifest that is damaged: the next backup does not build on it
+    but makes a full snapshot (there is no intact parent), with a warning.  While the index still lists
+    a lost pack, the backup stops instead, pointing to `repair index`: it would deduplicate against blobs
+    that are gone."""
     repo_dir, repo, full, diff, src = chain
-    os.remove(pack_path(repo_dir, repo, bytes.fromhex(full.manifest[0])))
+    manifest = bytes.fromhex(full.manifest[0])
+    if damage == "flipped":
+        damage_blob(repo_dir, repo, manifest)
+    else:
+        os.remove(pack_path(repo_dir, repo, manifest))
     repo = Repository.open(str(repo_dir), password)
-    with pytest.raises(MissingObject, match=f"in the manifest of snapshot {full.id}, which differential"):
-        repo.backup([str(src)], fixed_chunks=["db"])  # still indexed: found missing on the way, and named
-    repo.repair_index()
+    if damage == "lost":
+        with pytest.raises(MissingObject, match=f"`repair index` drops it from the index\\) \\(in the manifest of "
+                                                f"snapshot {full.id}, which differential {diff.id[:8]} builds on\\)"):
+            repo.backup([str(src)], fixed_chunks=["db"])
+        return
+    if damage == "lost, then repair index":
+        repo.repair_index()
     result = repo.backup([str(src)], fixed_chunks=["db"])
     assert result.snapshot.kind == "full" and result.snapshot.parent is None
     assert any(f"snapshot {diff.id[:8]} cannot be read in full" in w for w in result.warnings)
