@@ -19,7 +19,7 @@ from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, Us
 from .blob import KIND_DELTA, open_blob
 from .config import KeyFile
 from .indexfile import IndexData
-from .pack import TRAILER, PackEntry, open_header, parse_trailer, read_windows
+from .pack import PackEntry, fetch_header, read_windows
 from .repository import WORKERS, Repo, pack_key
 from .snapshot import Snapshot
 
@@ -218,11 +218,7 @@ class Checker:
         try:
             fetch, size = self._pack_reader(key, size, read_all)
             try:
-                tail = fetch(size - TRAILER.size, TRAILER.size) if size >= TRAILER.size else b""
-                hlen = parse_trailer(tail, size, key)
-                body = size - TRAILER.size - hlen
-                sealed_header = fetch(body, hlen)
-                header = open_header(repo.sealer, sealed_header, key, body)
+                header, body, sealed_header, tail = fetch_header(repo.sealer, fetch, size, key)
             except CorruptObject as exc:
                 if not read_all:
                     raise

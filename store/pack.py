@@ -13,7 +13,7 @@ from __future__ import annotations
 import mmap
 import struct
 import threading
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 from chunkvault.errors import CorruptObject
 
@@ -119,11 +119,27 @@ def read_windows(entries: list[PackEntry], body_length: int, limit: int) -> list
     return out
 
 
+class PackHeader(NamedTuple):
+    entries: list[PackEntry]
+    body_length: int  # the envelopes' bytes, before the sealed header
+    sealed: bytes | memoryview  # the header as stored, and the trailer: a reader hashing the pack needs them
+    trailer: bytes | memoryview
+
+
+def fetch_header(sealer: Sealer, fetch: Callable[[int, int], bytes | memoryview], size: int,
+                 what: str) -> PackHeader:
+    """A pack's header read through ``fetch(offset, length)``: its trailer, then its sealed header."""
+    trailer = fetch(size - TRAILER.size, TRAILER.size) if size >= TRAILER.size else b""
+    header_len = parse_trailer(bytes(trailer), size, what)
+    body_len = size - TRAILER.size - header_len
+    sealed = fetch(body_len, header_len)
+    return PackHeader(open_header(sealer, sealed, what, body_len), body_len, sealed, trailer)
+
+
 def read_pack(sealer: Sealer, data: bytes, what: str) -> list[PackEntry]:
     """Entries of a whole pack held in memory (the format's reader in one call; check reads packs in windows)."""
-    header_len = parse_trailer(data[-TRAILER.size :], len(data), what)
-    body_len = len(data) - TRAILER.size - header_len
-    return open_header(sealer, memoryview(data)[body_len : len(data) - TRAILER.size], what, body_len)
+    view = memoryview(data)
+    return fetch_header(sealer, lambda offset, length: view[offset : offset + length], len(data), what).entries
 
 
 class PackBuffers:

@@ -21,7 +21,7 @@ from .indexfile import IndexData
 from .locks import EXCLUSIVE, RepoLock
 from .manifest import Record, delete_record
 from .manifest_io import store_manifest
-from .pack import TRAILER, PackEntry, open_header, parse_trailer
+from .pack import PackEntry, fetch_header
 from .prune import indexed_packs, replace_index, store_envelopes
 from .repository import PreparedBlob, Repo, pack_key
 from .snapshot import KIND_FULL
@@ -82,10 +82,7 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
 
 
 def _read_header(repo: Repo, key: str, size: int) -> list[PackEntry]:
-    tail = repo.remote.get(key, size - TRAILER.size, TRAILER.size)
-    hlen = parse_trailer(tail, size, key)
-    body = size - TRAILER.size - hlen
-    return open_header(repo.sealer, repo.remote.get(key, body, hlen), key, body)
+    return fetch_header(repo.sealer, lambda offset, length: repo.remote.get(key, offset, length), size, key).entries
 
 
 def _intact(repo: Repo, e: PackEntry, envelope: bytes) -> bool:
