@@ -111,7 +111,7 @@ class Stream:
 StreamChunker = Stream
 
 
-# Default and bounds of ``fixed_chunks``' size: chosen by measurement (README, "Database differentials").
+# Default and bounds of ``fixed_chunks``' size: chosen by measurement (bench/RESULTS.md, "Database differentials").
 FIXED_CHUNK_SIZE = 1 << 20
 FIXED_CHUNK_SIZES = (4 << 10, 16 << 20)
 

@@ -38,9 +38,9 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Chosen on changed 1 MiB chunks of PostgreSQL and SQLite copies against their parents (README, "Deltas of
- * pages changed in place find their own matches"): denser indexing of the prefix cost time and, without the
- * lazy step, bytes too (more short matches, each costing more than the literals it replaced). */
+/* Chosen on changed 1 MiB chunks of PostgreSQL and SQLite copies against their parents (bench/RESULTS.md,
+ * "Deltas of pages changed in place find their own matches"): denser indexing of the prefix cost time and,
+ * without the lazy step, bytes too (more short matches, each costing more than the literals it replaced). */
 #define HASH_LOG 15          /* 128 KiB of table: stays in L2 */
 #define PREFIX_STEP 8        /* prefix positions indexed */
 #define MIN_MATCH 8          /* a match found through the hash table */

@@ -45,7 +45,7 @@ BLOCK_SIZE = 1024
 # envelopes, and refuses longer chains.  Backups write shorter ones: chunks cut at fixed
 # offsets up to FIXED_DELTA_DEPTH, chunks cut by content up to CONTENT_DEFINED_DELTA_DEPTH
 # (their deltas more often take a whole-base dictionary, slower to decode).  Each chosen by
-# measurement, bytes stored against restore and backup time (README, "Database differentials").
+# measurement, bytes stored against restore and backup time (bench/RESULTS.md, "Database differentials").
 MAX_DELTA_DEPTH = 16
 FIXED_DELTA_DEPTH = 12
 CONTENT_DEFINED_DELTA_DEPTH = 8
@@ -72,7 +72,7 @@ _local = threading.local()
 # (1 MiB cut at fixed offsets), compressed on its own.  A quarter of that (192 KiB at level 3) stays in
 # the core's cache: on the bench's 2,000 MiB tree of system files level 3 took 7 % less CPU in an initial
 # backup and stored 0.8 % more; on chunks of larger binaries 1.4 % more; 1 MiB chunks of PostgreSQL files
-# compressed 11 % faster and no larger (README, "Where the time goes").  Sizing the tables by half, or
+# compressed 11 % faster and no larger (bench/RESULTS.md, "Where the time goes").  Sizing the tables by half, or
 # leaving the window and zstd's choice by chunk size as they were, stored less and saved about nothing.
 # The fast levels' tables are small already; the slower strategies (levels 5 and up) are what a user asks
 # for to store less, and stay zstd's own.
@@ -169,8 +169,8 @@ def compress_many(datas: list[bytes | memoryview], level: int) -> list[tuple[int
 # Against a dictionary loaded in full (every position indexed by zstd's regular match finder, about half of
 # a delta's encoding time), measured on database versions and edited files: PostgreSQL page deltas 9 %
 # smaller, encoded 7 % faster, their zstd part decoded about a fifth faster; SQLite's 2 % larger and encoded
-# 16 % faster; whole-base deltas of files with insertions 17 % smaller and encoded 43 % faster (README,
-# "Database differentials").
+# 16 % faster; whole-base deltas of files with insertions 17 % smaller and encoded 43 % faster
+# (bench/RESULTS.md, "Database differentials").
 DELTA_LDM_MIN_MATCH = 128
 DELTA_LDM_HASH_RATE_LOG = 7
 
@@ -184,8 +184,8 @@ def _dict_compress(data: bytes | memoryview, content: Plaintext, level: int) -> 
 
 def _against(data: bytes | memoryview, content: Plaintext, level: int, in_place: bool) -> bytes:
     """A zstd frame of ``data`` with ``content`` as raw dictionary; for data laid out against its dictionary
-    byte for byte (``in_place``), the matches found by chunkvault's finder (README, "Deltas of pages changed in
-    place find their own matches")."""
+    byte for byte (``in_place``), the matches found by chunkvault's finder (bench/RESULTS.md, "Deltas of
+    pages changed in place find their own matches")."""
     if in_place and len(content) and can_match():
         return compress_matched(data, content, level)
     return _dict_compress(data, content, level)
