@@ -240,13 +240,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from .store.source import SourceWalk
+    from .store.source import SourceWalk, markers_of, read_exclude_file
 
     if args.stdin:
         if args.paths:
             raise UsageError("--stdin takes no paths")
         if not args.stdin_name:
             raise UsageError("--stdin needs --stdin-name NAME")
+        if (args.exclude or args.exclude_file or args.exclude_if_present or args.exclude_caches
+                or args.one_file_system):
+            raise UsageError("--stdin takes no exclusion rules (--exclude..., --one-file-system)")
         repo = _open(args)
         result = repo.backup_stream(sys.stdin.buffer, args.stdin_name, kind=args.type, tags=args.tag,
                                     host=args.host, delta=not args.no_delta,
@@ -254,16 +257,22 @@ def cmd_backup(args: argparse.Namespace) -> int:
     else:
         if not args.paths:
             raise UsageError("nothing to back up: give at least one path (or --stdin)")
-        walk = SourceWalk.of_paths(args.paths, args.exclude).start()  # overlaps the key derivation
+        excludes = args.exclude + [g for path in args.exclude_file for g in read_exclude_file(path)]
+        rules = {"one_file_system": args.one_file_system, "exclude_if_present": args.exclude_if_present,
+                 "exclude_caches": args.exclude_caches}
+        walk = SourceWalk.of_paths(args.paths, excludes, one_file_system=args.one_file_system,
+                                   markers=markers_of(args.exclude_if_present, args.exclude_caches))
+        walk.start()  # overlaps the key derivation
         try:
             repo = _open(args)
         except BaseException:
             walk.close()
             raise
         bar = _progress(args, "backup")
-        result = repo.backup(args.paths, kind=args.type, tags=args.tag, host=args.host, excludes=args.exclude,
+        result = repo.backup(args.paths, kind=args.type, tags=args.tag, host=args.host, excludes=excludes,
                              delta=not args.no_delta, no_delta=args.no_delta_path, fixed_chunks=args.fixed_chunks,
-                             fixed_chunk_size=args.fixed_chunk_size, progress=_backup_progress(bar), walk=walk)
+                             fixed_chunk_size=args.fixed_chunk_size, progress=_backup_progress(bar), walk=walk,
+                             **rules)
         bar.done()
     snap = result.snapshot
     st = snap.stats
@@ -709,7 +718,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--type", choices=["auto", "full", "diff"], default="auto")
     s.add_argument("--tag", action="append", default=[])
     s.add_argument("--host")
-    s.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out paths (below a source) or names matching GLOB, with their subtrees")
+    s.add_argument("--exclude-file", action="append", default=[], metavar="FILE",
+                   help="--exclude each line of FILE (blank lines and lines starting with # skipped)")
+    s.add_argument("--exclude-if-present", action="append", default=[], metavar="NAME[:HEADER]",
+                   help="of a directory holding a file NAME (starting with HEADER), keep only that file")
+    s.add_argument("--exclude-caches", action="store_true",
+                   help="likewise for CACHEDIR.TAG files (the cache directory tagging standard)")
+    s.add_argument("-x", "--one-file-system", action="store_true",
+                   help="do not list directories on other file systems than their source (mount points stay, empty)")
     s.add_argument("--stdin", action="store_true", help="back up standard input")
     s.add_argument("--stdin-name", help="file name for --stdin")
     s.add_argument("--no-delta", action="store_true", help="never store changed chunks as deltas")

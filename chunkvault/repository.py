@@ -24,7 +24,7 @@ from .store.manifest import T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import Repo
 from .store.restore import Restorer, RestoreOptions, RestoreResult
 from .store.snapshot import Snapshot, find_snapshot, parse_time
-from .store.source import SourceWalk, root_specs
+from .store.source import SourceWalk, markers_of
 from .store.keyahead import KeyAhead
 from .store.unlock import Unlocked, unlock
 
@@ -194,18 +194,27 @@ class Repository:
                host: str | None = None, excludes: list[str] | None = None, delta: bool = True,
                no_delta: list[str] | None = None, fixed_chunks: list[str] | None = None,
                fixed_chunk_size: int = FIXED_CHUNK_SIZE, parent: str | None = None, progress: Any = None,
-               walk: SourceWalk | None = None) -> BackupResult:
+               one_file_system: bool = False, exclude_if_present: list[str] | None = None,
+               exclude_caches: bool = False, walk: SourceWalk | None = None) -> BackupResult:
         """Back up files and directories; one directory is stored as the snapshot's root.
+
+        ``excludes``: globs matched against each path below a source and each name; what
+        they match is left out with its subtree.  ``one_file_system``: a directory on
+        another file system than its source is recorded empty (a mount point).
+        ``exclude_if_present``: ``NAME`` or ``NAME:HEADER``; a directory holding such a
+        file (starting with HEADER) keeps only that file.  ``exclude_caches``: likewise
+        for ``CACHEDIR.TAG`` files with the cache directory tag's signature.
 
         ``fixed_chunks``: globs of files cut every ``fixed_chunk_size`` bytes instead of
         by content (database files updated in place: see README, "Database differentials").
 
-        ``walk``: a ``SourceWalk.of_paths(paths, excludes).start()`` begun before the
-        repository was opened, so the walk overlaps the key derivation.
+        ``walk``: a ``SourceWalk.of_paths(...).start()`` of the same paths and rules, begun
+        before the repository was opened, so the walk overlaps the key derivation.
         """
         if isinstance(paths, str):
             paths = [paths]
         try:
+            markers = markers_of(exclude_if_present, exclude_caches)
             snaps = self._guard()
             opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, excludes=list(excludes or []),
                                  delta=delta, no_delta=list(no_delta or []), fixed_chunks=list(fixed_chunks or []),
@@ -216,10 +225,10 @@ class Repository:
                 walk.close()
             raise
         if walk is None:
-            walk = SourceWalk.of_paths(list(paths), excludes)
-        elif walk.paths != root_specs(list(paths))[1] or walk.excludes != list(excludes or []):
+            walk = SourceWalk.of_paths(list(paths), excludes, one_file_system=one_file_system, markers=markers)
+        elif not walk.same_rules(list(paths), excludes, one_file_system, markers):
             walk.close()
-            raise UsageError("the given walk is of other paths or excludes than the backup")
+            raise UsageError("the given walk is of other paths or exclusion rules than the backup")
         result = Backup(self._repo, opts).run(walk, walk.paths)
         self._wrote(result.snapshot)
         return result

@@ -37,6 +37,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import UsageError
 from .store.retention import RetentionPolicy, load_preset, policy_from_dict
+from .store.source import markers_of
 
 __all__ = [
     "Cadence",
@@ -407,6 +408,10 @@ class Source:
     host: str | None = None
     tags: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
+    exclude_files: tuple[str, ...] = ()  # files of globs, read at each run (as backup --exclude-file)
+    exclude_if_present: tuple[str, ...] = ()  # NAME[:HEADER], as backup --exclude-if-present
+    exclude_caches: bool = False
+    one_file_system: bool = False
     fixed_chunks: tuple[str, ...] = ()  # globs of files cut at fixed offsets (database files)
     pre: str | tuple[str, ...] | None = None
     post: str | tuple[str, ...] | None = None
@@ -439,8 +444,9 @@ class Policy:
 
 _TOP_KEYS = {"repository", "password_file", "timezone", "full", "diff", "retention", "presets", "prune",
              "max_unused", "lock_file", "hook_timeout", "source", "tags", "host"}
-_SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "fixed_chunks", "pre", "post", "full", "diff",
-                "retention", "timezone", "hook_timeout"}
+_SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "exclude_if_present", "exclude_caches",
+                "one_file_system", "fixed_chunks", "pre", "post", "full", "diff", "retention", "timezone",
+                "hook_timeout"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -511,6 +517,12 @@ def _retention(value: Any, config: Mapping[str, Any], what: str) -> RetentionPol
     return policy
 
 
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise UsageError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
 def _path(base_dir: str, p: str) -> str:
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(p)))
 
@@ -537,9 +549,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
         if not isinstance(password_file, str) or not password_file:
             raise UsageError(f"password-file must be a path, got {password_file!r}")
         password_file = _path(base_dir, password_file)
-    prune = top.get("prune", False)
-    if not isinstance(prune, bool):
-        raise UsageError(f"prune must be true or false, got {prune!r}")
+    prune = _flag(top.get("prune", False), "prune")
     lock_file = top.get("lock_file")
     if lock_file is not None:
         if not isinstance(lock_file, str) or not lock_file:
@@ -578,12 +588,19 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                 raise UsageError(f"host must be a non-empty string, got {host!r}")
             tags = _str_list(s.get("tags", top.get("tags", [])), "tags")
             excludes = _str_list(s.get("excludes", []), "excludes")
+            exclude_files = tuple(_path(base_dir, p) for p in _str_list(s.get("exclude_files", []), "exclude-files"))
+            exclude_if_present = _str_list(s.get("exclude_if_present", []), "exclude-if-present")
+            exclude_caches = _flag(s.get("exclude_caches", False), "exclude-caches")
+            markers_of(list(exclude_if_present), exclude_caches)  # a bad NAME is reported when the policy loads
+            one_file_system = _flag(s.get("one_file_system", False), "one-file-system")
             fixed_chunks = _str_list(s.get("fixed_chunks", []), "fixed_chunks")
             ret_value = s.get("retention", top.get("retention"))
             retention = _retention(ret_value, config, "retention")
             hook_timeout = _seconds(s.get("hook_timeout", top.get("hook_timeout")), "hook-timeout")
             source = Source(name=name, paths=paths, full=full, diff=diff, host=host, tags=tags,
-                            excludes=excludes, fixed_chunks=fixed_chunks, pre=_hook(s.get("pre"), "pre"),
+                            excludes=excludes, exclude_files=exclude_files, exclude_if_present=exclude_if_present,
+                            exclude_caches=exclude_caches, one_file_system=one_file_system,
+                            fixed_chunks=fixed_chunks, pre=_hook(s.get("pre"), "pre"),
                             post=_hook(s.get("post"), "post"),
                             retention=retention, hook_timeout=hook_timeout)
         except UsageError as exc:

@@ -171,9 +171,14 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
  * for an entry's enqueueing or to swap the queue for the consumer's drained
  * one, never while Python objects are made.
  *
- *   Walker(rel: bytes, path: bytes, excludes=None)  the directory at path, recorded
- *       as rel, leaving out (with their subtrees) entries whose path or name
- *       an exclude pattern matches; a pattern is bytes of literals and "*".
+ *   Walker(rel: bytes, path: bytes, excludes=None, device=None, markers=None)
+ *       the directory at path, recorded as rel, leaving out (with their
+ *       subtrees) entries whose path or name an exclude pattern matches; a
+ *       pattern is bytes of literals and "*".  With ``device``, a directory on
+ *       another device is recorded but not listed (one file system).
+ *       ``markers``: (name, header) pairs of bytes; a directory holding a
+ *       regular file of a marker's name whose first bytes are its header
+ *       keeps only its marker files (the rest of its contents is left out).
  *   .start(ahead, steady) -> bool    start the walking thread (False: none could
  *       be made; batch() then walks itself).  Once, before the first batch.
  *   .batch(max_entries) -> list of (rel, path, stat | None, errno, list_errno)
@@ -288,6 +293,10 @@ typedef struct {
     double age;
     char **globs;  /* exclude patterns: literal bytes and "*" (SourceWalk sends no others) */
     size_t *glob_lens, nglobs;
+    char **marks, **headers;  /* markers: file names, and the bytes each must start with */
+    size_t *mark_lens, *header_lens, nmarks;
+    int one_device;  /* list directories of this device only */
+    dev_t device;
     char *scratch;  /* an entry's path below the walk's top, to match against the globs; a link's on disk */
     size_t scratch_cap;
     int started, busy;
@@ -360,6 +369,71 @@ static char *concat(const char *a, size_t la, const char *b, size_t lb, const ch
     return s;
 }
 
+/* Does the regular file ``name`` of the directory at ``dir`` start with the ``len`` bytes of ``header``? */
+static int starts_with(WalkerObject *w, const char *dir, size_t dir_len, const item *it, const char *header,
+                       size_t len) {
+    if (len == 0)
+        return 1;
+    if (scratch_of(w, dir_len + it->len + 1) < 0)
+        return -1;
+    memcpy(w->scratch, dir, dir_len);
+    memcpy(w->scratch + dir_len, it->name, it->len + 1);
+    int fd = open(w->scratch, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return 0;
+    char *buf = malloc(len);
+    if (buf == NULL) {
+        close(fd);
+        return -1;
+    }
+    size_t got = 0;
+    while (got < len) {
+        ssize_t r = read(fd, buf + got, len - got);
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+    }
+    int same = got == len && memcmp(buf, header, len) == 0;
+    free(buf);
+    close(fd);
+    return same;
+}
+
+/* A directory holding one of the markers keeps only its marker files; 0, or -1 when out of memory. */
+static int keep_marked(WalkerObject *w, frame *f) {
+    int marked = 0;
+    char *keep = calloc(f->n ? f->n : 1, 1);
+    if (keep == NULL)
+        return -1;
+    for (size_t i = 0; i < w->nmarks; i++) {
+        item key;
+        key.name = w->marks[i];
+        key.len = w->mark_lens[i];
+        item *it = bsearch(&key, f->items, f->n, sizeof(item), by_name);
+        if (it == NULL || it->error || !S_ISREG(it->st.st_mode))
+            continue;
+        int ok = starts_with(w, f->path, f->path_len, it, w->headers[i], w->header_lens[i]);
+        if (ok < 0) {
+            free(keep);
+            return -1;
+        }
+        if (ok)
+            marked = keep[it - f->items] = 1;
+    }
+    if (marked) {
+        size_t n = 0;
+        for (size_t i = 0; i < f->n; i++) {
+            if (keep[i])
+                f->items[n++] = f->items[i];
+            else
+                free(f->items[i].name);
+        }
+        f->n = n;
+    }
+    free(keep);
+    return 0;
+}
+
 static void pop(WalkerObject *w) {
     frame *f = &w->stack[--w->depth];
     free(f->path);
@@ -388,6 +462,8 @@ static int push(WalkerObject *w, const char *sub, size_t sub_len) {
         return -1;
     }
     int err = read_dir(f.path, &f.items, &f.n);
+    if (!err && w->nmarks && keep_marked(w, &f) < 0)
+        err = ENOMEM;
     w->stack[w->depth++] = f;
     return err == ENOMEM ? -1 : err;
 }
@@ -492,7 +568,7 @@ static int walk_some(WalkerObject *w, size_t max) {
         if (!it->error && S_ISLNK(it->st.st_mode) && (tlen = link_target(w, f, it, target, sizeof(target))) == -2)
             return -1;
         int list_error = 0;
-        if (!it->error && S_ISDIR(it->st.st_mode)) {
+        if (!it->error && S_ISDIR(it->st.st_mode) && (!w->one_device || it->st.st_dev == w->device)) {
             char *child = concat(sub, sub_len, it->name, it->len, "/", 1);
             list_error = child ? push(w, child, sub_len + it->len + 1) : -1;
             free(child);
@@ -935,12 +1011,47 @@ static int set_globs(WalkerObject *w, PyObject *excludes) {
     return failed ? -1 : 0;
 }
 
+/* The markers, a sequence of (name, header) pairs of bytes; 0, or -1 with an exception set. */
+static int set_markers(WalkerObject *w, PyObject *markers) {
+    PyObject *seq = PySequence_Fast(markers, "markers must be a sequence of (name, header) pairs");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    w->marks = calloc((size_t)n + 1, sizeof(char *));
+    w->headers = calloc((size_t)n + 1, sizeof(char *));
+    w->mark_lens = calloc((size_t)n + 1, sizeof(size_t));
+    w->header_lens = calloc((size_t)n + 1, sizeof(size_t));
+    int failed = w->marks == NULL || w->headers == NULL || w->mark_lens == NULL || w->header_lens == NULL;
+    if (failed)
+        PyErr_NoMemory();
+    for (Py_ssize_t i = 0; !failed && i < n; i++) {
+        char *name, *header;
+        Py_ssize_t name_len, header_len;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "y#y#", &name, &name_len, &header, &header_len)) {
+            failed = 1;
+        } else if ((w->marks[i] = concat(name, (size_t)name_len, "", 0, "", 0)) == NULL
+                   || (w->headers[i] = concat(header, (size_t)header_len, "", 0, "", 0)) == NULL) {
+            free(w->marks[i]);
+            w->marks[i] = NULL;
+            PyErr_NoMemory();
+            failed = 1;
+        } else {
+            w->mark_lens[i] = (size_t)name_len;
+            w->header_lens[i] = (size_t)header_len;
+            w->nmarks = (size_t)i + 1;
+        }
+    }
+    Py_DECREF(seq);
+    return failed ? -1 : 0;
+}
+
 static int walker_init(WalkerObject *w, PyObject *args, PyObject *kwds) {
     const char *rel, *path;
     Py_ssize_t rel_len, path_len;
-    PyObject *excludes = NULL;
-    static char *kwlist[] = {"rel", "path", "excludes", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y#y#|O", kwlist, &rel, &rel_len, &path, &path_len, &excludes))
+    PyObject *excludes = NULL, *device = NULL, *markers = NULL;
+    static char *kwlist[] = {"rel", "path", "excludes", "device", "markers", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y#y#|OOO", kwlist, &rel, &rel_len, &path, &path_len, &excludes,
+                                     &device, &markers))
         return -1;
     if (w->path != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "a Walker is initialised once");
@@ -963,6 +1074,15 @@ static int walker_init(WalkerObject *w, PyObject *args, PyObject *kwds) {
     w->rel_dir_len = (size_t)rel_len + (rel_len > 0);
     w->path_dir_len = (size_t)path_len + !slash;
     w->path_len = (size_t)path_len;
+    if (device != NULL && device != Py_None) {
+        unsigned long long dev = PyLong_AsUnsignedLongLong(device);
+        if (dev == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        w->one_device = 1;
+        w->device = (dev_t)dev;
+    }
+    if (markers != NULL && markers != Py_None && set_markers(w, markers) < 0)
+        return -1;
     return excludes == NULL || excludes == Py_None ? 0 : set_globs(w, excludes);
 }
 
@@ -992,6 +1112,14 @@ static void walker_dealloc(WalkerObject *w) {
         free(w->globs[i]);
     free(w->globs);
     free(w->glob_lens);
+    for (size_t i = 0; i < w->nmarks; i++) {
+        free(w->marks[i]);
+        free(w->headers[i]);
+    }
+    free(w->marks);
+    free(w->headers);
+    free(w->mark_lens);
+    free(w->header_lens);
     free(w->scratch);
     Py_TYPE(w)->tp_free((PyObject *)w);
 }
@@ -1022,7 +1150,8 @@ static PyTypeObject WalkerType = {
     .tp_name = "chunkvault.store._scandir.Walker",
     .tp_basicsize = sizeof(WalkerObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Walker(rel, path, excludes=None): a directory's subtree in manifest order, in batches.",
+    .tp_doc = "Walker(rel, path, excludes=None, device=None, markers=None): a directory's subtree in manifest "
+              "order, in batches.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)walker_init,
     .tp_dealloc = (destructor)walker_dealloc,

@@ -30,6 +30,68 @@ SourceItem = tuple[bytes, bytes, "os.stat_result | FileStat", bool]
 ScanItem = tuple[bytes, int, "tuple[int, ...] | None"]
 #: O_NOATIME where the system has it: reading a file for a backup should not change its atime.
 O_NOATIME = getattr(os, "O_NOATIME", 0)
+#: A directory marker: a file name, and the bytes the file must start with (b"": any file of that name).
+Marker = tuple[bytes, bytes]
+#: The Cache Directory Tagging Specification's tag (https://bford.info/cachedir/): what --exclude-caches marks by.
+CACHEDIR_TAG: Marker = (b"CACHEDIR.TAG", b"Signature: 8a477f597d28d172789f06886806bc55")
+
+
+def markers_of(exclude_if_present: list[str] | None = None, exclude_caches: bool = False) -> list[Marker]:
+    """The markers of ``--exclude-if-present NAME[:HEADER]`` and ``--exclude-caches``: a directory holding a
+    regular file of a marker's name that starts with its header keeps only its marker files."""
+    out = [CACHEDIR_TAG] if exclude_caches else []
+    for spec in exclude_if_present or []:
+        name, _, header = spec.partition(":")
+        if not name or "/" in name or name in (".", ".."):
+            raise UsageError(f"not a file name to exclude directories by: {spec!r} (NAME or NAME:HEADER)")
+        marker = (os.fsencode(name), os.fsencode(header))
+        if marker not in out:
+            out.append(marker)
+    return out
+
+
+def read_exclude_file(path: str) -> list[str]:
+    """The globs of an exclude file: one per line, surrounding blanks stripped; empty lines and lines
+    starting with ``#`` are left out."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read exclude file {path}: {exc.strerror or exc}") from None
+    return [g for g in (line.strip() for line in lines) if g and not g.startswith("#")]
+
+
+def keep_marked(path: bytes, listing: list[ScanItem], markers: list[Marker]) -> list[ScanItem]:
+    """``listing`` of the directory at ``path``, or only its marker files when it holds one (see
+    ``markers_of``): what the C walk does to every directory it lists."""
+    names = {name: fields for name, err, fields in listing if not err}
+    kept = set()
+    for name, header in markers:
+        fields = names.get(name)
+        if fields is None or not stat.S_ISREG(fields[0]):
+            continue
+        if not header or _starts_with(os.path.join(path, name), header):
+            kept.add(name)
+    return [item for item in listing if item[0] in kept] if kept else listing
+
+
+def _starts_with(path: bytes, header: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        data = b""
+        while len(data) < len(header):
+            part = os.read(fd, len(header) - len(data))
+            if not part:
+                break
+            data += part
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return data == header
 
 
 def open_source_file(path: bytes) -> int:
@@ -149,10 +211,15 @@ class SourceWalk:
     STEADY = 8192
 
     def __init__(self, roots: list[tuple[bytes, bytes]], excludes: list[str] | None = None, *,
-                 paths: list[str] | None = None, ahead: int = 1 << 16, warnings: list[str] | None = None):
+                 paths: list[str] | None = None, ahead: int = 1 << 16, warnings: list[str] | None = None,
+                 one_file_system: bool = False, markers: list[Marker] | None = None):
         self.roots = roots
         self.paths = paths if paths is not None else [os.fsdecode(p) for _, p in roots]
         self.excludes = list(excludes or [])
+        # A directory on another device than its root's is recorded, not listed (a mount point stays, empty).
+        self.one_file_system = one_file_system
+        self.markers = list(markers or [])
+        self._root_dev = -1
         # Globs of literals and "*" the C walk matches itself; "?" and "[...]" match characters, not
         # bytes, so a walk with those asks Python about each entry, directory by directory.
         self._c_excludes = ([os.fsencode(g) for g in self.excludes]
@@ -171,10 +238,17 @@ class SourceWalk:
         self._prefetch_warnings = 0
 
     @classmethod
-    def of_paths(cls, paths: list[str], excludes: list[str] | None = None) -> "SourceWalk":
+    def of_paths(cls, paths: list[str], excludes: list[str] | None = None, *, one_file_system: bool = False,
+                 markers: list[Marker] | None = None) -> "SourceWalk":
         """The walk a backup of ``paths`` makes (see ``root_specs``)."""
         roots, absolute = root_specs(list(paths))
-        return cls(roots, excludes, paths=absolute)
+        return cls(roots, excludes, paths=absolute, one_file_system=one_file_system, markers=markers)
+
+    def same_rules(self, paths: list[str], excludes: list[str] | None, one_file_system: bool,
+                   markers: list[Marker]) -> bool:
+        """Whether this is the walk ``of_paths`` would make of these arguments."""
+        return (self.paths == root_specs(list(paths))[1] and self.excludes == list(excludes or [])
+                and self.one_file_system == one_file_system and self.markers == markers)
 
     def start(self) -> "SourceWalk":
         if self._thread is None and not self._iterated:
@@ -248,7 +322,8 @@ class SourceWalk:
 
     def _scan(self, path: bytes) -> tuple[list[ScanItem], bool]:
         try:
-            return scan_dir(path), True
+            listing = scan_dir(path)
+            return (keep_marked(path, listing, self.markers) if self.markers else listing), True
         except OSError as exc:
             self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {exc.strerror}")
             return [], False
@@ -272,7 +347,9 @@ class SourceWalk:
                 if err:
                     self._stat_failed(path, err)
                 continue
-            if not isdir(st.st_mode):
+            if len(stack) == 1:
+                self._root_dev = st.st_dev
+            if not isdir(st.st_mode) or (self.one_file_system and st.st_dev != self._root_dev):
                 yield rel, path, st, True
                 continue
             if Walker is not None and self._c_excludes is not None:
@@ -289,7 +366,8 @@ class SourceWalk:
         ahead it is over).  A thread walking directory by directory waited for the GIL at each one
         while the backup's main thread was busy.  Excluding needs Python per entry where a glob
         matches characters, so that takes the per-directory walk."""
-        walker = Walker(rel, path, self._c_excludes)
+        walker = Walker(rel, path, self._c_excludes, self._root_dev if self.one_file_system else None,
+                        self.markers or None)
         walker.start(max(1, self._ahead - len(self._buffered)) if self._walking_ahead else self.STEADY,
                      self.STEADY)
         restat_after, isdir = self.RESTAT_AFTER, stat.S_ISDIR

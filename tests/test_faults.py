@@ -6,7 +6,6 @@ concurrency from real CLI processes on one repository.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -23,7 +22,7 @@ from chunkvault.errors import RemoteUnavailable, StorageFull
 from chunkvault.remotes.layer import RetryingRemote
 from chunkvault.remotes.local import LocalRemote
 from faults import FaultyRemote
-from treeutil import describe
+from treeutil import describe, mounted_tmpfs
 
 PASSWORD = crashkit.PASSWORD
 SMALL = {"min_size": 16 << 10, "avg_size": 64 << 10, "max_size": 512 << 10}
@@ -253,24 +252,14 @@ def _still_valid(path: str, src, states: dict, tmp_path) -> None:
 # --- full disks ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def small_tmpfs(size: str = "8m"):
-    d = tempfile.mkdtemp(prefix="cv-tmpfs-")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d], capture_output=True)
-    if proc.returncode != 0:
-        os.rmdir(d)
-        pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {proc.stderr.decode().strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", d], capture_output=True)
-        os.rmdir(d)
-
-
 @pytest.fixture
 def tmpfs():
-    with small_tmpfs() as d:
-        yield d
+    d = tempfile.mkdtemp(prefix="cv-tmpfs-")
+    try:
+        with mounted_tmpfs(d):
+            yield d
+    finally:
+        os.rmdir(d)
 
 
 def test_full_repository_disk(tmpfs, tmp_path):

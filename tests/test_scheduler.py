@@ -368,6 +368,28 @@ def test_run_command_failure_exit_code_and_log_file(tmp_path, repo_url, tree, mo
     assert all(line[:4].isdigit() and "Z " in line for line in logged)  # timestamped
 
 
+def test_a_source_s_exclusion_rules_apply_to_its_backups(tmp_path, repo_url, tree, monkeypatch, capsys):
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    (tree / "cache").mkdir()
+    (tree / "cache" / "CACHEDIR.TAG").write_bytes(b"Signature: 8a477f597d28d172789f06886806bc55")
+    (tree / "cache" / "blob").write_bytes(b"cached")
+    (tree / "tmp").mkdir()
+    (tree / "tmp" / ".skip").write_bytes(b"")
+    (tree / "tmp" / "t").write_bytes(b"t")
+    (tree / "x.log").write_text("log")
+    source = {"name": "db", "paths": [str(tree)], "exclude-files": ["excludes"], "exclude-if-present": [".skip"],
+              "exclude-caches": True, "one-file-system": True}
+    policy = write_policy(tmp_path / "p.toml", repo_url, [source], top='full = "daily 02:00"\n')
+    assert cli_main(["run", "--config", str(policy)]) == 1  # exclude files are read at each run: none yet
+    assert "cannot read exclude file" in capsys.readouterr().err and snapshots(repo_url) == []
+    (tmp_path / "excludes").write_text("*.log\n")
+    assert cli_main(["run", "--config", str(policy)]) == 0
+    (snap,) = snapshots(repo_url)
+    with Repository.open(repo_url, PASSWORD) as r:
+        assert sorted(e.path for e in r.tree(snap.id)) == [
+            b"", b"base.bin", b"cache", b"cache/CACHEDIR.TAG", b"notes.txt", b"tmp", b"tmp/.skip"]
+
+
 def test_overlapping_runs_are_refused(tmp_path, repo_url, tree, monkeypatch, capsys):
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
     policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
@@ -386,6 +408,10 @@ def test_overlapping_runs_are_refused(tmp_path, repo_url, tree, monkeypatch, cap
     ('repository = "/x"\nfull = "daily"\nretention = "gold"\n[[source]]\nname = "db"\npaths = ["/"]\n',
      "no retention preset 'gold'"),
     ('repository = "/x"\nfull = "daily"\n', "no sources"),
+    ('repository = "/x"\nfull = "daily"\n[[source]]\nname = "db"\npaths = ["/"]\nexclude-caches = "yes"\n',
+     "source 'db': exclude-caches must be true or false, got 'yes'"),
+    ('repository = "/x"\nfull = "daily"\n[[source]]\nname = "db"\npaths = ["/"]\nexclude-if-present = ["a/b"]\n',
+     "source 'db': not a file name to exclude directories by: 'a/b'"),
     ('repository = "/x\nfull = 3', "is not valid TOML"),
 ])
 def test_bad_policy_file_is_one_clear_line(tmp_path, monkeypatch, capsys, body, fragment):

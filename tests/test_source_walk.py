@@ -442,3 +442,99 @@ def test_backup_with_a_walk_started_before_open_equals_a_plain_backup(tmp_path):
         with pytest.raises(UsageError, match="other paths"):
             repo.backup([str(src)], walk=other)
         assert not other._thread.is_alive()
+
+
+MARKERS = st.lists(st.tuples(st.sampled_from([b"a", b"b", b"a.b", b"\xff"]), st.sampled_from([b"", b"a", b"b", b"ab"])),
+                   max_size=3, unique_by=lambda m: m[0])
+
+
+def marked_rels(spec: dict, markers: list, prefix: bytes = b"") -> list[bytes]:
+    """What a walk with ``markers`` yields below a directory built from ``spec`` by ``build`` (a file holds
+    its own name): a directory holding a marker file whose content starts with the header keeps only those."""
+    kept = {name for name, header in markers if spec.get(name, {}) is None and name.startswith(header)}
+    out = []
+    for name in sorted(spec):
+        if kept and name not in kept:
+            continue
+        rel = prefix + name
+        out.append(rel)
+        if spec[name] is not None:
+            out += marked_rels(spec[name], markers, rel + b"/")
+    return sorted(out, key=sort_key)
+
+
+@settings(max_examples=80, deadline=None)
+@given(spec=st.dictionaries(NAMES, trees, max_size=5), markers=MARKERS, start=st.booleans())
+def test_marked_directories_keep_only_their_marker_files_in_both_walks(tmp_path_factory, spec, markers, start):
+    """The root too; a marker is a regular file whose first bytes are the header (a directory of that
+    name marks nothing)."""
+    root = os.fsencode(tmp_path_factory.mktemp("src"))
+    build(root, spec)
+
+    def walk():
+        w = SourceWalk([(b"", root)], markers=markers)
+        if start:
+            w.start()
+        return [rel for rel, *_ in w], w.warnings
+
+    items = walk()
+    assert items == ([b""] + marked_rels(spec, markers), [])
+    with per_directory_walk():
+        assert items == walk()
+
+
+def test_marker_files_that_are_not_regular_files_or_cannot_be_read_mark_nothing(tmp_path):
+    for d in ("dir", "link", "unreadable", "short"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x").write_bytes(b"x")
+    (tmp_path / "dir" / "M").mkdir()
+    os.symlink(tmp_path / "short" / "M", tmp_path / "link" / "M")
+    (tmp_path / "unreadable" / "M").write_bytes(b"HEADER")
+    os.chmod(tmp_path / "unreadable" / "M", 0)
+    (tmp_path / "short" / "M").write_bytes(b"HEAD")
+    markers = source.markers_of(["M:HEADER"])
+    try:
+        items = [rel for rel, *_ in SourceWalk([(b"", os.fsencode(tmp_path))], markers=markers)]
+        with per_directory_walk():
+            assert items == [rel for rel, *_ in SourceWalk([(b"", os.fsencode(tmp_path))], markers=markers)]
+    finally:
+        os.chmod(tmp_path / "unreadable" / "M", 0o600)
+    expected = [b"", b"dir", b"dir/M", b"dir/x", b"link", b"link/M", b"link/x", b"short", b"short/M", b"short/x",
+                b"unreadable", b"unreadable/M"]
+    if os.geteuid() != 0:  # root reads the file whatever its mode
+        expected[-1:] = [b"unreadable/M", b"unreadable/x"]
+    assert items == expected
+
+
+def test_marker_specs_are_file_names_with_an_optional_header():
+    assert source.markers_of(["x", "y:Sig: 1", "x"], exclude_caches=True) == [
+        source.CACHEDIR_TAG, (b"x", b""), (b"y", b"Sig: 1")]
+    for bad in ("", ":h", "a/b", ".", ".."):
+        with pytest.raises(UsageError, match="not a file name"):
+            source.markers_of([bad])
+
+
+def test_the_c_walker_lists_only_directories_of_its_device(tmp_path):
+    """What --one-file-system asks of it: another device's directory is an entry, not listed; the root
+    is always listed."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"f")
+    (tmp_path / "g").write_bytes(b"g")
+    dev = os.stat(tmp_path).st_dev
+
+    def walk(device):
+        w = source.Walker(b"", os.fsencode(tmp_path), None, device)
+        out = []
+        while batch := w.batch(64):
+            out += [(rel, err, list_err) for rel, _, _, err, list_err in batch]
+        return out
+
+    assert walk(dev) == walk(None) == [(b"", 0, 0), (b"d", 0, 0), (b"d/f", 0, 0), (b"g", 0, 0)]
+    assert walk(dev + 1) == [(b"", 0, 0), (b"d", 0, 0), (b"g", 0, 0)]
+
+
+def test_exclude_files_hold_one_glob_a_line(tmp_path):
+    (tmp_path / "x").write_text("# caches\n\n  *.tmp  \n\tbuild/*\n#not\\n\n")
+    assert source.read_exclude_file(str(tmp_path / "x")) == ["*.tmp", "build/*"]
+    with pytest.raises(UsageError, match="cannot read exclude file .*missing"):
+        source.read_exclude_file(str(tmp_path / "missing"))

@@ -1,10 +1,15 @@
 """Describe a directory tree completely, to compare a restore with its source."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
+import subprocess
 import time
+from typing import Iterator
+
+import pytest
 
 
 def describe(root: str | bytes, *, owners: bool = False, times: bool = True) -> dict[bytes, tuple]:
@@ -60,3 +65,16 @@ def walked_ahead(walk, threads_before: int):
     walk._thread.join()
     wait_for(lambda: threads() <= threads_before)
     return walk
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: str, size: str = "8m") -> Iterator[str]:
+    """A tmpfs mounted on the directory ``path`` (another file system, or a small disk); the test is
+    skipped where mounting needs rights it lacks."""
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {proc.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True)

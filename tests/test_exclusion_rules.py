@@ -1,0 +1,98 @@
+"""What a backup leaves out: exclude files, marked (cache) directories, and other file systems."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import crashkit
+from chunkvault import Repository
+from chunkvault.errors import UsageError
+from chunkvault.store import source
+from treeutil import mounted_tmpfs
+
+PASSWORD = crashkit.PASSWORD
+SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+
+
+def listed(repo: str, snap: str = "latest") -> list[str]:
+    out = crashkit.run_cli("ls", "-r", repo, snap, "--json").stdout
+    return sorted(e["path"] for e in json.loads(out))
+
+
+@pytest.fixture
+def repo(tmp_path):
+    path = str(tmp_path / "repo")
+    crashkit.init_repo(path)
+    return path
+
+
+def test_cli_rules_leave_out_what_they_name(tmp_path, repo):
+    src = tmp_path / "src"
+    for d in ("keep", "cache/sub", "fake-cache", "marked/deep"):
+        (src / d).mkdir(parents=True)
+    (src / "keep" / "a").write_bytes(b"a")
+    (src / "keep" / "scratch.tmp").write_bytes(b"t")
+    (src / "cache" / "CACHEDIR.TAG").write_bytes(SIGNATURE + b"\n# a cache\n")
+    (src / "cache" / "sub" / "x").write_bytes(b"x")
+    (src / "fake-cache" / "CACHEDIR.TAG").write_bytes(b"Signature: not the tag's")
+    (src / "fake-cache" / "y").write_bytes(b"y")
+    (src / "marked" / ".nobackup").write_bytes(b"")
+    (src / "marked" / "deep" / "z").write_bytes(b"z")
+    (tmp_path / "excludes").write_text("# scratch files\n\n   *.tmp   \n")
+    crashkit.run_cli("backup", "-r", repo, str(src), "--exclude-file", str(tmp_path / "excludes"),
+                     "--exclude-caches", "--exclude-if-present", ".nobackup")
+    assert listed(repo) == ["", "cache", "cache/CACHEDIR.TAG", "fake-cache", "fake-cache/CACHEDIR.TAG",
+                            "fake-cache/y", "keep", "keep/a", "marked", "marked/.nobackup"]
+    crashkit.run_cli("backup", "-r", repo, str(src))  # without the rules: a differential adds it all back
+    assert len(listed(repo)) == 15
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--exclude-file", "/nonexistent/excludes"], "cannot read exclude file /nonexistent/excludes"),
+    (["--exclude-if-present", "a/b"], "not a file name to exclude directories by: 'a/b'"),
+    (["--stdin", "--stdin-name", "x", "--exclude", "*.tmp"], "--stdin takes no exclusion rules"),
+    (["--stdin", "--stdin-name", "x", "-x"], "--stdin takes no exclusion rules"),
+])
+def test_bad_rules_are_usage_errors(tmp_path, repo, args, fragment):
+    paths = [] if "--stdin" in args else [str(tmp_path)]
+    proc = crashkit.run_cli("backup", "-r", repo, *paths, *args, ok=(2,))
+    err = proc.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+    assert crashkit.snapshot_ids(repo) == set()
+
+
+def test_a_walk_begun_with_other_rules_is_refused(tmp_path, repo):
+    (tmp_path / "f").write_bytes(b"f")
+    with Repository.open(repo, PASSWORD) as r:
+        for rules in ({"one_file_system": True}, {"exclude_caches": True}):
+            walk = source.SourceWalk.of_paths([str(tmp_path)])
+            with pytest.raises(UsageError, match="other paths or exclusion rules"):
+                r.backup([str(tmp_path)], walk=walk, **rules)
+        walk = source.SourceWalk.of_paths([str(tmp_path)], one_file_system=True, markers=[source.CACHEDIR_TAG])
+        r.backup([str(tmp_path)], walk=walk, one_file_system=True, exclude_caches=True)
+
+
+@pytest.mark.parametrize("walker", ["c", "per directory"])
+def test_one_file_system_keeps_mount_points_empty(tmp_path, repo, monkeypatch, walker):
+    if walker != "c":
+        monkeypatch.setattr(source, "Walker", None)
+    src = tmp_path / "src"
+    (src / "mnt").mkdir(parents=True)
+    (src / "own").write_bytes(b"own")
+    with mounted_tmpfs(str(src / "mnt")):
+        (src / "mnt" / "d").mkdir()
+        (src / "mnt" / "d" / "f").write_bytes(b"on another file system")
+        with Repository.open(repo, PASSWORD) as r:
+            whole = r.backup([str(src)]).snapshot
+            one = r.backup([str(src)], one_file_system=True).snapshot
+            assert one.kind == "diff" and one.stats["deleted"] == 2  # mnt/d and mnt/d/f
+            assert sorted(e.path for e in r.tree(one.id)) == [b"", b"mnt", b"own"]
+            r.restore(one.id, str(tmp_path / "one"))
+            r.restore(whole.id, str(tmp_path / "whole"))
+            # a source that is itself the other file system's root is walked whole
+            inner = r.backup([str(src / "mnt")], one_file_system=True).snapshot
+            assert sorted(e.path for e in r.tree(inner.id)) == [b"", b"d", b"d/f"]
+    assert os.listdir(tmp_path / "one" / "mnt") == []
+    assert (tmp_path / "whole" / "mnt" / "d" / "f").read_bytes() == b"on another file system"
