@@ -242,6 +242,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     from .store.source import SourceWalk, markers_of, read_exclude_file
 
+    args.tag = [t for group in args.tag for t in group.split(",") if t]
     if args.stdin:
         if args.paths:
             raise UsageError("--stdin takes no paths")
@@ -314,14 +315,13 @@ def _backup_progress(bar: Progress) -> Callable[[dict], None] | None:
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
     repo = _open(args)
-    snaps = repo.snapshots()
+    snaps = repo.snapshots(hosts=args.host, tags=args.tag, paths=args.path)
     if args.json:
         _emit_json([_snapshot_json(s) for s in snaps])
         return 0
     print(f"{'ID':8}  {'time':19}  {'type':4}  {'parent':8}  {'host':12}  {'size':>10}  {'files':>7}  tags / paths")
     for s in snaps:
-        t = s.datetime.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{s.short_id:8}  {t:19}  {s.kind:4}  {(s.parent or '')[:8]:8}  {s.host[:12]:12}  "
+        print(f"{s.short_id:8}  {_local_time(s):19}  {s.kind:4}  {(s.parent or '')[:8]:8}  {s.host[:12]:12}  "
               f"{_human(s.stats.get('bytes', 0)):>10}  {s.stats.get('files', 0):>7}  "
               f"{','.join(s.tags)} {' '.join(s.paths)}")
     if not args.quiet:
@@ -374,6 +374,34 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print(f"warning: {w}", file=sys.stderr)
         print(f"restored snapshot {snap.short_id} ({snap.time}) to {args.target}: {result.files} files, "
               f"{result.dirs} dirs, {_human(result.bytes)}")
+    return 0
+
+
+def _local_time(s: Snapshot) -> str:
+    return s.datetime.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    found = repo.find(args.patterns, snapshots=args.snapshot or None, hosts=args.host, tags=args.tag,
+                      paths=args.path, ignore_case=args.ignore_case)
+    if args.json:
+        _emit_json([{"host": f.host, "paths": f.paths, "path": os.fsdecode(f.path),
+                     "versions": [{**{k: v for k, v in _entry_json(v.entry).items() if k != "path"},
+                                   "snapshots": [s.id for s in v.snapshots]} for v in f.versions]}
+                    for f in found])
+        return 0
+    for f in found:
+        print(f"{os.fsdecode(f.path) or '.'}  ({f.host}: {' '.join(f.paths)})")
+        for v in f.versions:
+            e, first, last = v.entry, v.snapshots[0], v.snapshots[-1]
+            where = f"{first.short_id} ({_local_time(first)})"
+            if len(v.snapshots) > 1:
+                where += f" .. {last.short_id} ({_local_time(last)}), {len(v.snapshots)} snapshots"
+            extra = f" -> {os.fsdecode(e.target)}" if e.target else ""
+            print(f"  {TYPE_NAMES[e.type]:8} {_human(e.size):>10}  modified {_ns_iso(e.mtime_ns)[:19]}  in {where}{extra}")
+    if not args.quiet:
+        print(f"{len(found)} paths, {sum(len(f.versions) for f in found)} versions")
     return 0
 
 
@@ -716,7 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("backup", parents=[common], help="back up files and directories")
     s.add_argument("paths", nargs="*")
     s.add_argument("--type", choices=["auto", "full", "diff"], default="auto")
-    s.add_argument("--tag", action="append", default=[])
+    s.add_argument("--tag", action="append", default=[], metavar="TAG[,TAG...]",
+                   help="tag the snapshot (repeatable; commas separate tags)")
     s.add_argument("--host")
     s.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="leave out paths (below a source) or names matching GLOB, with their subtrees")
@@ -739,8 +768,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"chunk size for --fixed-chunks (default {FIXED_CHUNK_SIZE >> 20} MiB)")
     s.set_defaults(func=cmd_backup)
 
-    s = sub.add_parser("snapshots", parents=[common], help="list snapshots")
+    select = _Parser(add_help=False)
+    select.add_argument("--host", action="append", default=[], help="only snapshots of this host (repeatable)")
+    select.add_argument("--tag", action="append", default=[], metavar="TAG[,TAG...]",
+                        help="only snapshots having all these tags (repeatable: any of the groups)")
+    select.add_argument("--path", action="append", default=[],
+                        help="only snapshots of this backed-up path (repeatable: all of them)")
+
+    s = sub.add_parser("snapshots", parents=[common, select], help="list snapshots")
     s.set_defaults(func=cmd_snapshots)
+
+    s = sub.add_parser("find", parents=[common, select],
+                       help="find files by glob in every snapshot: each version, and the snapshots holding it")
+    s.add_argument("patterns", nargs="+", metavar="PATTERN",
+                   help="glob matched against the path below a snapshot's root, or against the name")
+    s.add_argument("--snapshot", "-s", action="append", default=[], metavar="ID",
+                   help="only in this snapshot (repeatable; default: all)")
+    s.add_argument("--ignore-case", "-i", action="store_true")
+    s.set_defaults(func=cmd_find)
 
     s = sub.add_parser("restore", parents=[common], help="restore a snapshot into a directory")
     s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest")

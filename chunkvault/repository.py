@@ -23,7 +23,8 @@ from .store.config import Settings
 from .store.manifest import T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import Repo
 from .store.restore import Restorer, RestoreOptions, RestoreResult
-from .store.snapshot import Snapshot, find_snapshot, parse_time
+from .store.find import Found, matches_by_snapshot, path_matcher, versions
+from .store.snapshot import Snapshot, find_snapshot, parse_time, select_snapshots
 from .store.source import SourceWalk, markers_of
 from .store.keyahead import KeyAhead
 from .store.unlock import Unlocked, unlock
@@ -249,8 +250,39 @@ class Repository:
 
     # --- reading ----------------------------------------------------------------
 
-    def snapshots(self) -> list[Snapshot]:
-        return self._list()
+    def snapshots(self, *, hosts: Iterable[str] = (), tags: Iterable[str] = (),
+                  paths: Iterable[str] = ()) -> list[Snapshot]:
+        """The snapshots, oldest first; filtered as ``select_snapshots`` does when a filter is given."""
+        return select_snapshots(self._list(), hosts=hosts, tags=tags, paths=paths)
+
+    def find(self, patterns: list[str], *, snapshots: Iterable[str | Snapshot] | None = None,
+             hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
+             ignore_case: bool = False) -> list[Found]:
+        """Every distinct version of each path matching a glob of ``patterns`` (against the path below a
+        snapshot's root, or its name), with the snapshots holding it: in all snapshots, or in those named
+        and those the filters select.  Each full manifest is read once, each differential's own records
+        once (``store/find.py``)."""
+        if not patterns:
+            raise UsageError("find needs at least one pattern")
+        every = self._list()
+        chosen = select_snapshots(every, hosts=hosts, tags=tags, paths=paths)
+        if snapshots is not None:
+            named = {(s if isinstance(s, Snapshot) else find_snapshot(every, s)).id for s in snapshots}
+            chosen = [s for s in chosen if s.id in named]
+        by_id = {s.id: s for s in every}
+        needed: dict[str, Snapshot] = {}
+        for s in chosen:
+            cur: Snapshot | None = s
+            while cur is not None and cur.id not in needed:
+                needed[cur.id] = cur
+                cur = by_id.get(cur.parent) if cur.parent else None
+        match = path_matcher(patterns, ignore_case)
+        matches = matches_by_snapshot(needed.values(), self._repo.manifest_records, match)
+        for s in chosen:
+            if s.id not in matches:
+                warnings.warn(f"snapshot {s.short_id} is not searched: its chain does not reach a full snapshot "
+                              f"(`check` says why)", RepositoryStateWarning, stacklevel=2)
+        return versions(chosen, matches)
 
     def snapshot(self, spec: str = "latest", *, until: str | datetime | None = None,
                  host: str | None = None, paths: list[str] | None = None) -> Snapshot:

@@ -102,6 +102,19 @@ def parse_time(text: str) -> datetime:
     return t.astimezone(timezone.utc)
 
 
+def select_snapshots(snapshots: Iterable[Snapshot], *, hosts: Iterable[str] = (), tags: Iterable[str] = (),
+                     paths: Iterable[str] = ()) -> list[Snapshot]:
+    """The snapshots of any of ``hosts``, having every tag of any one of ``tags`` (each a comma-separated
+    group, as restic's ``--tag a,b --tag c``), and among whose paths is each of ``paths`` (as given, or
+    made absolute)."""
+    hosts, paths = set(hosts), list(paths)
+    groups = [{t for t in g.split(",") if t} for g in tags]
+    return [s for s in snapshots
+            if (not hosts or s.host in hosts)
+            and (not groups or any(g <= set(s.tags) for g in groups))
+            and all(p in s.paths or os.path.abspath(p) in s.paths for p in paths)]
+
+
 def find_snapshot(snapshots: Iterable[Snapshot], spec: str, *, until: datetime | None = None,
                   filter_paths: list[str] | None = None, host: str | None = None) -> Snapshot:
     """Resolve an id, unique id prefix or ``latest`` (newest at or before ``until``)."""

@@ -1,0 +1,123 @@
+"""Finding files across snapshots: each distinct version of each matching path, and the snapshots holding it.
+
+A differential's tree is its parent's tree with its own records applied, so matches are carried down
+each chain: every full manifest is read once and every differential's own records once.  Applying a
+differential (``chain.apply``) to only the matching records of its parent's tree gives exactly the
+matching records of its own tree: whether a path's record survives depends only on the records of
+that path and of its ancestors, and the differential's side of the merge holds all of its own.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from . import chain
+from .manifest import Entry, Record
+from .snapshot import Snapshot
+
+
+def path_matcher(patterns: list[str], ignore_case: bool = False) -> Callable[[bytes], bool]:
+    """A test of a path below a snapshot's root: a glob matches the whole path or its last name
+    (as ``backup --exclude`` matches)."""
+    globs = [p.lower() for p in patterns] if ignore_case else list(patterns)
+
+    def match(path: bytes) -> bool:
+        s = os.fsdecode(path)
+        if ignore_case:
+            s = s.lower()
+        name = s.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatchcase(s, g) or fnmatch.fnmatchcase(name, g) for g in globs)
+
+    return match
+
+
+def chain_order(snapshots: Iterable[Snapshot]) -> list[Snapshot]:
+    """``snapshots`` with every parent before its children (by depth in the chain, then time); a
+    differential whose chain does not reach a full among them is left out."""
+    by_id = {s.id: s for s in snapshots}
+    depth: dict[str, int] = {}  # -1: the chain is broken (a parent missing, or a cycle)
+    for s in by_id.values():
+        trail: list[str] = []
+        on_trail: set[str] = set()
+        cur = s.id
+        while True:
+            if cur in depth:
+                d = depth[cur]
+                break
+            snap = by_id.get(cur)
+            if snap is None or cur in on_trail:
+                d = -1
+                break
+            if snap.parent is None:
+                d = depth[cur] = 0
+                break
+            trail.append(cur)
+            on_trail.add(cur)
+            cur = snap.parent
+        for sid in reversed(trail):
+            d = d + 1 if d >= 0 else -1
+            depth[sid] = d
+    return sorted((s for s in by_id.values() if depth[s.id] >= 0), key=lambda s: (depth[s.id], s.time, s.id))
+
+
+def matches_by_snapshot(snapshots: Iterable[Snapshot], own_records: Callable[[Snapshot], Iterable[Record]],
+                        match: Callable[[bytes], bool]) -> dict[str, list[Record]]:
+    """Snapshot id -> the records of its resolved tree whose path ``match`` accepts (sorted), for every
+    snapshot of ``chain_order(snapshots)``; ``own_records(s)``: the records of s's own manifest."""
+    out: dict[str, list[Record]] = {}
+    for s in chain_order(snapshots):
+        if s.parent is None:
+            out[s.id] = [r for r in own_records(s) if match(r.path)]
+        else:
+            out[s.id] = [r for r in chain.apply(out[s.parent], own_records(s)) if match(r.path)]
+    return out
+
+
+@dataclass
+class Version:
+    """One state of a path: its entry, and the snapshots (oldest first) whose trees hold it."""
+
+    entry: Entry
+    snapshots: list[Snapshot] = field(default_factory=list)
+
+
+@dataclass
+class Found:
+    """A path of one source (host and backed-up paths) and its versions, oldest first."""
+
+    host: str
+    paths: list[str]
+    path: bytes
+    versions: list[Version] = field(default_factory=list)
+
+
+def _state(e: Entry) -> tuple:
+    return (e.type, e.mode, e.size, e.mtime_ns, e.target, e.digest)
+
+
+def versions(snapshots: Iterable[Snapshot], matches: dict[str, list[Record]]) -> list[Found]:
+    """Group the matches of each source's snapshots (taken oldest first) into versions: a path's entry
+    starts a new version where its type, mode, size, mtime, link target or content differ from the
+    one before (or it reappears after an absence)."""
+    found: dict[tuple, Found] = {}
+    last_seen: dict[tuple, str] = {}
+    previous: dict[tuple[str, tuple[str, ...]], str] = {}
+    for s in sorted((s for s in snapshots if s.id in matches), key=lambda s: (s.time, s.id)):
+        source = (s.host, tuple(sorted(s.paths)))
+        before = previous.get(source)
+        previous[source] = s.id
+        for rec in matches[s.id]:
+            assert rec.entry is not None
+            key = (source, rec.path)
+            f = found.get(key)
+            if f is None:
+                f = found[key] = Found(s.host, sorted(s.paths), rec.path)
+            v = f.versions[-1] if f.versions else None
+            if v is None or last_seen[key] != before or _state(v.entry) != _state(rec.entry):
+                v = Version(rec.entry)
+                f.versions.append(v)
+            v.snapshots.append(s)
+            last_seen[key] = s.id
+    return sorted(found.values(), key=lambda f: (f.host, f.paths, f.path))

@@ -1,0 +1,176 @@
+"""find: every version of matching paths across snapshots; and the snapshot filters of snapshots/find."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import warnings
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import crashkit
+from chunkvault import Repository
+from chunkvault.errors import UsageError
+from chunkvault.ledger import RepositoryStateWarning
+from chunkvault.store.find import chain_order, path_matcher
+from chunkvault.store.snapshot import Snapshot, select_snapshots
+
+PASSWORD = crashkit.PASSWORD
+
+
+def snap(sid: str, parent: str | None = None, t: int = 0, host: str = "h", tags=(), paths=("/src",)) -> Snapshot:
+    return Snapshot(time=f"2026-01-01T00:00:{t:02d}+00:00", kind="diff" if parent else "full", parent=parent,
+                    host=host, paths=list(paths), tags=list(tags), id=sid)
+
+
+def test_chain_order_puts_parents_first_and_leaves_out_broken_chains():
+    snaps = [snap("d2", "d1", 3), snap("d1", "f", 2), snap("f", None, 1), snap("g", None, 9),
+             snap("orphan", "gone", 4), snap("child-of-orphan", "orphan", 5),
+             snap("x", "y", 6), snap("y", "x", 7)]
+    assert [s.id for s in chain_order(snaps)] == ["f", "g", "d1", "d2"]
+    assert [s.id for s in chain_order(reversed(snaps))] == ["f", "g", "d1", "d2"]
+
+
+def test_select_snapshots_by_host_tag_groups_and_paths(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    snaps = [snap("a", tags=["x", "y"]), snap("b", tags=["y"], host="other"), snap("c", tags=["z"]),
+             snap("d", paths=["/src", str(tmp_path / "rel")]), snap("e", paths=["app.sql"])]
+    ids = lambda **kw: [s.id for s in select_snapshots(snaps, **kw)]  # noqa: E731
+    assert ids() == ["a", "b", "c", "d", "e"]
+    assert ids(hosts=["other"]) == ["b"]
+    assert ids(hosts=["h", "other"], tags=["y"]) == ["a", "b"]
+    assert ids(tags=["x,y"]) == ["a"]
+    assert ids(tags=["x,z"]) == []
+    assert ids(tags=["x,y", "z"]) == ["a", "c"]
+    assert ids(paths=["/src"]) == ["a", "b", "c", "d"]
+    assert ids(paths=["rel", "/src"]) == ["d"]
+    assert ids(paths=["app.sql"]) == ["e"]
+
+
+def test_patterns_match_the_path_or_the_name():
+    m = path_matcher(["*.log", "etc/*.conf"])
+    assert m(b"a.log") and m(b"x/y/a.log") and m(b"etc/app.conf") and m(b"etc/sub/app.conf")
+    assert not m(b"a.log.1") and not m(b"app.conf") and not m(b"other/etc/app.conf")
+    assert path_matcher(["README*"], ignore_case=True)(b"docs/readme.md")
+    assert not path_matcher(["README*"])(b"docs/readme.md")
+    assert path_matcher(["*"])(b"\xff\xfe")
+
+
+def brute_force(repo: Repository, snaps: list[Snapshot], match) -> list[tuple]:
+    """What find must say, from each snapshot's whole resolved tree: (path, [(state, [snapshot ids])])."""
+    state = lambda e: (e.type, e.mode, e.size, e.mtime_ns, e.target, e.digest)  # noqa: E731
+    out: dict[bytes, list] = {}
+    last: dict[bytes, str | None] = {}
+    prev = None
+    for s in sorted(snaps, key=lambda s: (s.time, s.id)):
+        for e in repo.tree(s):
+            if not match(e.path):
+                continue
+            versions = out.setdefault(e.path, [])
+            if versions and last[e.path] == prev and versions[-1][0] == state(e):
+                versions[-1][1].append(s.id)
+            else:
+                versions.append((state(e), [s.id]))
+            last[e.path] = s.id
+        prev = s.id
+    return sorted(out.items())
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), patterns=st.sampled_from([["*"], ["*.a"], ["d*"], ["d0/*"], ["f1*", "*.b"]]))
+def test_find_equals_the_versions_read_from_every_whole_tree(tmp_path_factory, seed, patterns):
+    """Random trees over a series of fulls and differentials (some aggregated, some forgotten): find
+    reads each full once and each differential's own records, yet says what every resolved tree says."""
+    rng = random.Random(seed)
+    base = tmp_path_factory.mktemp("find")
+    src = base / "src"
+    src.mkdir()
+    names = ["f1.a", "f2.b", "d0/f1.a", "d0/x.b", "d1/d0/f3.a", "d1/y"]
+    with Repository.init(str(base / "repo"), PASSWORD, kdf_seconds=0) as repo:
+        for step in range(8):
+            for name in rng.sample(names, rng.randint(1, 3)):
+                path = src / name
+                if path.exists() and rng.random() < 0.3:
+                    path.unlink()
+                    continue
+                if rng.random() < 0.15 and path.parent != src and path.parent.exists():
+                    for p in sorted(path.parent.rglob("*"), reverse=True):
+                        p.unlink() if p.is_file() else p.rmdir()
+                    path.parent.rmdir()
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(rng.choice([b"", b"1", b"22", rng.randbytes(40)]))
+                os.utime(path, ns=(step * 10**9, rng.choice([1, 2]) * 10**9))
+            kind = rng.choice(["diff", "diff", "diff", "full"])
+            repo.backup([str(src)], kind=kind, host="h")
+            if step == 5:
+                diffs = [s for s in repo.snapshots() if s.kind == "diff"]
+                if diffs:
+                    repo.aggregate(rng.choice(diffs).id)
+                repo.forget([rng.choice(repo.snapshots()).id])
+        snaps = repo.snapshots()
+        found = repo.find(patterns)
+        got = sorted((f.path, [((v.entry.type, v.entry.mode, v.entry.size, v.entry.mtime_ns, v.entry.target,
+                                 v.entry.digest), [s.id for s in v.snapshots]) for v in f.versions]) for f in found)
+        assert got == brute_force(repo, snaps, path_matcher(patterns))
+        one = rng.choice(snaps)
+        only = repo.find(patterns, snapshots=[one.id[:10]])
+        assert sorted((f.path, [s.id for v in f.versions for s in v.snapshots]) for f in only) == sorted(
+            (p, [i for _, ids in vs for i in ids]) for p, vs in brute_force(repo, [one], path_matcher(patterns)))
+
+
+def test_find_and_snapshot_filters_on_the_command_line(tmp_path):
+    repo = str(tmp_path / "repo")
+    crashkit.init_repo(repo)
+    src = tmp_path / "src"
+    (src / "conf").mkdir(parents=True)
+    (src / "conf" / "App.conf").write_text("v1")
+    crashkit.run_cli("backup", "-r", repo, str(src), "--tag", "nightly,db", "--host", "alpha")
+    (src / "conf" / "App.conf").write_text("version 2")
+    os.utime(src / "conf" / "App.conf", ns=(2 * 10**18, 2 * 10**18))
+    crashkit.run_cli("backup", "-r", repo, str(src), "--tag", "hourly", "--host", "alpha")
+    crashkit.run_cli("backup", "-r", repo, str(src), "--host", "beta")
+
+    def ids(*args: str) -> list[str]:
+        out = crashkit.run_cli("snapshots", "-r", repo, "--json", *args).stdout
+        return [s["tags"] for s in json.loads(out)]
+
+    assert ids("--tag", "db,nightly") == [["nightly", "db"]]
+    assert ids("--tag", "db,hourly") == []
+    assert ids("--tag", "hourly", "--tag", "nightly") == [["nightly", "db"], ["hourly"]]
+    assert ids("--host", "beta", "--path", str(src)) == [[]]
+    assert ids("--path", str(tmp_path / "elsewhere")) == []
+
+    out = json.loads(crashkit.run_cli("find", "-r", repo, "app.CONF", "-i", "--host", "alpha", "--json").stdout)
+    assert [(f["path"], [v["size"] for v in f["versions"]], [len(v["snapshots"]) for v in f["versions"]])
+            for f in out] == [("conf/App.conf", [2, 9], [1, 1])]
+    text = crashkit.run_cli("find", "-r", repo, "conf/*").stdout.decode().splitlines()
+    assert text[0].startswith("conf/App.conf  (alpha: ") and text[3].startswith("conf/App.conf  (beta: ")
+    assert [line.split()[1:3] for line in text if line.startswith("  ")] == [["2", "B"], ["9", "B"], ["9", "B"]]
+    assert ", 2 snapshots" not in text[2] and text[-1] == "2 paths, 3 versions"  # beta's source is another
+    proc = crashkit.run_cli("find", "-r", repo, ok=(2,))
+    assert b"PATTERN" in proc.stderr
+
+
+def test_find_skips_a_differential_whose_chain_is_broken_with_a_warning(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a")
+    with Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0, ledger=False) as repo:
+        full = repo.backup([str(src)]).snapshot
+        (src / "a").write_text("b")
+        diff = repo.backup([str(src)]).snapshot
+        assert diff.parent == full.id
+        other = repo.backup([str(src)], kind="full").snapshot
+    os.unlink(tmp_path / "repo" / "snapshots" / full.id)
+    with Repository.open(str(tmp_path / "repo"), PASSWORD, ledger=False) as repo:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = repo.find(["a"])
+        assert [[s.id for s in v.snapshots] for f in found for v in f.versions] == [[other.id]]
+        assert any(issubclass(w.category, RepositoryStateWarning) and diff.id[:8] in str(w.message)
+                   for w in caught)
+        with pytest.raises(UsageError, match="at least one pattern"):
+            repo.find([])
