@@ -546,7 +546,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     repo = _open(args)
-    plan = repo.forget(args.snapshots, policy=_policy(args), dry_run=args.dry_run)
+    plan = repo.forget(args.snapshots, policy=_policy(args), dry_run=args.dry_run, hosts=args.host,
+                       tags=args.tag, paths=args.path)
     pruned = _prune_with_progress(args, repo) if args.prune else None
     removed = set(plan.remove)
     if args.json:
@@ -816,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.set_defaults(func=cmd_dump)
 
-    s = sub.add_parser("forget", parents=[common], help="remove snapshots by id or retention policy")
+    s = sub.add_parser("forget", parents=[common, select], help="remove snapshots by id or retention policy")
     s.add_argument("snapshots", nargs="*", help="snapshot ids or prefixes to remove")
     for name in RETENTION_FLAGS:
         flag = "--" + name.replace("_", "-")

@@ -361,8 +361,12 @@ class Repository:
         return report
 
     def forget(self, snapshots: Iterable[str] = (), *, policy: RetentionPolicy | None = None,
-               dry_run: bool = False, now: datetime | None = None) -> ForgetPlan:
-        """Remove snapshots (named, or by a retention policy); kept differentials are rebased first."""
+               dry_run: bool = False, now: datetime | None = None, hosts: Iterable[str] = (),
+               tags: Iterable[str] = (), paths: Iterable[str] = ()) -> ForgetPlan:
+        """Remove snapshots (named, or by a retention policy); kept differentials are rebased first.
+
+        ``hosts``, ``tags``, ``paths``: the policy applies to the snapshots these select
+        (``select_snapshots``) and keeps every other."""
         from .store.lifecycle import apply_forget, plan_forget
         from .store.retention import Decision
 
@@ -371,6 +375,11 @@ class Repository:
         ids = [self._forget_id(spec, snaps, damaged) for spec in snapshots]
         if policy is None and not ids:
             raise UsageError("nothing to forget: name snapshots or give a retention policy")
+        hosts, tags, paths = list(hosts), list(tags), list(paths)
+        filtered = bool(hosts or tags or paths)
+        if filtered and policy is None:
+            raise UsageError("--host, --tag and --path select the snapshots a retention policy applies to; "
+                             "give one (snapshots named by id need no selection)")
         # A snapshot that does not load, and every differential built on it, cannot be placed by retention
         # nor rebased: they go by id, without rebases, and one built on a snapshot that goes must go too.
         broken = broken_chains({s.id: s.parent for s in snaps})  # readable, built on what is not: id -> that
@@ -386,7 +395,9 @@ class Repository:
             raise CorruptObject(f"snapshots/{sid}", f"a differential on {below[:8]}, which is unreadable: "
                                 "forget it too (nothing can rebase it)")
         whole = [s for s in snaps if s.id not in broken]
-        plan = plan_forget(whole, policy=policy, ids=[i for i in ids if i not in lost], now=now)
+        selected = ({s.id for s in select_snapshots(whole, hosts=hosts, tags=tags, paths=paths)}
+                    if filtered else None)
+        plan = plan_forget(whole, policy=policy, ids=[i for i in ids if i not in lost], now=now, selected=selected)
         direct = [i for i in ids if i in lost]
         plan.decisions += [Decision(i, False, ("named on the command line",)) for i in direct]
         plan.remove += direct

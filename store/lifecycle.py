@@ -46,12 +46,19 @@ class ForgetPlan:
     rebases: list[RebaseStep] = field(default_factory=list)
 
 
+NOT_SELECTED = "not selected (--host, --tag, --path)"
+
+
 def plan_forget(snapshots: list[Snapshot], *, policy: RetentionPolicy | None = None,
-                ids: Iterable[str] = (), now: datetime | None = None) -> ForgetPlan:
-    """What forget would do: by policy, or the explicit ``ids`` (already resolved)."""
+                ids: Iterable[str] = (), now: datetime | None = None,
+                selected: set[str] | None = None) -> ForgetPlan:
+    """What forget would do: by policy (applied to the ``selected`` snapshots only, when given; the
+    others are kept), or the explicit ``ids`` (already resolved).  Rebases consider every snapshot."""
     views = [view(s) for s in snapshots]
     if policy is not None:
-        decisions = select(views, policy, now or datetime.now(timezone.utc))
+        pool = [v for v in views if selected is None or v.id in selected]
+        decided = {d.snapshot_id: d for d in select(pool, policy, now or datetime.now(timezone.utc))}
+        decisions = [decided.get(v.id) or Decision(v.id, True, (NOT_SELECTED,)) for v in views]
     else:
         chosen = set(ids)
         decisions = [Decision(v.id, v.id not in chosen, ("named on the command line",) if v.id in chosen else ())

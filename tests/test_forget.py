@@ -116,3 +116,27 @@ def test_aggregate_makes_a_synthetic_full(tmp_path, new_repo):
         repo.restore(sid, str(out))
         assert describe(out) == states[sid]
     assert repo.check(read_data=True).ok
+
+
+def test_a_policy_applies_to_the_selected_snapshots_and_keeps_the_others(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    with Repository.init(str(tmp_path / "repo"), PW, kdf_seconds=0, ledger=False) as repo:
+        made = []
+        for i in range(6):
+            (src / "f").write_bytes(os.urandom(100 + i))
+            made.append(repo.backup([str(src)], host="a" if i % 2 else "b", tags=["t"] if i < 3 else []).snapshot)
+        trees = {s.id: tree_of(repo, s.id) for s in repo.snapshots()}
+        plan = repo.forget(policy=RetentionPolicy(keep_last=1), hosts=["a"], dry_run=True)
+        assert [d.snapshot_id for d in plan.decisions if not d.keep] == [made[1].id, made[3].id]
+        assert all(d.reasons == ("not selected (--host, --tag, --path)",)
+                   for d in plan.decisions if d.snapshot_id in {made[0].id, made[2].id, made[4].id})
+        plan = repo.forget(policy=RetentionPolicy(keep_last=1), tags=["t"], hosts=["a", "b"])
+        assert plan.remove == [made[0].id]  # the newest tagged one of each host stays
+        assert [r.diff_id for r in plan.rebases] == [made[2].id]  # made[0] was its full
+        kept = repo.snapshots()
+        assert {s.id for s in kept} == {s.id for s in made[1:]}
+        for s in kept:  # differentials on forgotten parents were rebased
+            assert tree_of(repo, s.id) == trees[s.id]
+        with pytest.raises(UsageError, match="select the snapshots a retention policy applies to"):
+            repo.forget([made[2].id], hosts=["a"])
