@@ -405,6 +405,25 @@ def cmd_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    st = _open(args).stats()
+    if args.json:
+        _emit_json(st.to_dict())
+        return 0
+    print(f"snapshots      {st.snapshots} ({st.full_snapshots} full, {st.snapshots - st.full_snapshots} differential) "
+          f"of {st.sources} source(s)")
+    print(f"files          {_human(st.newest_bytes)} in each source's newest snapshot, "
+          f"{_human(st.all_bytes)} in all snapshots")
+    print(f"distinct data  {_human(st.blob_raw_bytes)} in {st.blobs} blobs, stored as {_human(st.blob_stored_bytes)}"
+          + (f" ({st.delta_blobs} deltas: {_human(st.delta_raw_bytes)} as {_human(st.delta_stored_bytes)})"
+             if st.delta_blobs else ""))
+    print(f"manifests      {_human(st.manifest_stored_bytes)} in {st.manifest_blobs} blobs")
+    print(f"packs          {_human(st.pack_bytes)} in {st.packs} packs")
+    print(f"ratios         deduplication {st.dedup_ratio:.2f}x, compression and deltas {st.compression_ratio:.2f}x, "
+          f"all snapshots' files to packs {st.overall_ratio:.2f}x")
+    return 0
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     repo = _open(args)
     snap = repo.snapshot(args.snapshot)
@@ -778,6 +797,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("snapshots", parents=[common, select], help="list snapshots")
     s.set_defaults(func=cmd_snapshots)
+
+    s = sub.add_parser("stats", parents=[common],
+                       help="what the repository holds: snapshots, distinct data, deltas, packs, ratios")
+    s.set_defaults(func=cmd_stats)
 
     s = sub.add_parser("find", parents=[common, select],
                        help="find files by glob in every snapshot: each version, and the snapshots holding it")

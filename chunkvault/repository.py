@@ -24,6 +24,7 @@ from .store.manifest import T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import Repo
 from .store.restore import Restorer, RestoreOptions, RestoreResult
 from .store.find import Found, matches_by_snapshot, path_matcher, versions
+from .store.stats import RepositoryStats, summarize
 from .store.snapshot import Snapshot, find_snapshot, parse_time, select_snapshots
 from .store.source import SourceWalk, markers_of
 from .store.keyahead import KeyAhead
@@ -254,6 +255,13 @@ class Repository:
                   paths: Iterable[str] = ()) -> list[Snapshot]:
         """The snapshots, oldest first; filtered as ``select_snapshots`` does when a filter is given."""
         return select_snapshots(self._list(), hosts=hosts, tags=tags, paths=paths)
+
+    def stats(self) -> RepositoryStats:
+        """Snapshots, distinct data, deltas, packs and the ratios between them, from the snapshot objects,
+        the index and a listing of the packs (no manifest is read)."""
+        snaps = self._list()
+        repo = self._repo
+        return summarize(snaps, repo.index.items(), repo.stored_packs().values())
 
     def find(self, patterns: list[str], *, snapshots: Iterable[str | Snapshot] | None = None,
              hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
