@@ -253,8 +253,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise UsageError("--stdin takes no exclusion rules (--exclude..., --one-file-system)")
         repo = _open(args)
         result = repo.backup_stream(sys.stdin.buffer, args.stdin_name, kind=args.type, tags=args.tag,
-                                    host=args.host, delta=not args.no_delta,
-                                    fixed_chunks=args.fixed_chunks, fixed_chunk_size=args.fixed_chunk_size)
+                                    host=args.host, delta=not args.no_delta, fixed_chunks=args.fixed_chunks,
+                                    fixed_chunk_size=args.fixed_chunk_size, dry_run=args.dry_run)
     else:
         if not args.paths:
             raise UsageError("nothing to back up: give at least one path (or --stdin)")
@@ -273,24 +273,26 @@ def cmd_backup(args: argparse.Namespace) -> int:
         result = repo.backup(args.paths, kind=args.type, tags=args.tag, host=args.host, excludes=excludes,
                              delta=not args.no_delta, no_delta=args.no_delta_path, fixed_chunks=args.fixed_chunks,
                              fixed_chunk_size=args.fixed_chunk_size, progress=_backup_progress(bar), walk=walk,
-                             **rules)
+                             dry_run=args.dry_run, **rules)
         bar.done()
     snap = result.snapshot
     st = snap.stats
     if args.json:
-        _emit_json({**_snapshot_json(snap), "warnings": result.warnings})
+        _emit_json({**_snapshot_json(snap), "warnings": result.warnings, "dry_run": args.dry_run})
     elif not args.quiet:
         for w in result.warnings:
             print(f"warning: {w}", file=sys.stderr)
-        print(f"{snap.kind} snapshot {snap.short_id} saved"
-              + (f" (parent {snap.parent[:8]})" if snap.parent else ""))
+        parent = f" (parent {snap.parent[:8]})" if snap.parent else ""
+        print(f"dry run: would save a {snap.kind} snapshot{parent}" if args.dry_run
+              else f"{snap.kind} snapshot {snap.short_id} saved{parent}")
         print(f"  files: {st['new_files']} new, {st['changed_files']} changed, {st['unchanged_files']} unchanged, "
               f"{st['deleted']} removed; {st['files']} files, {st['dirs']} dirs, {_human(st['bytes'])}")
-        print(f"  added: {_human(st['added_raw_bytes'])} of new data, stored as {_human(st['added_stored_bytes'])} "
-              f"({_human(st['delta_stored_bytes'])} as deltas, {_human(st['whole_stored_bytes'])} whole) "
-              f"in {st['duration']:.2f} s")
+        print(f"  {'would add' if args.dry_run else 'added'}: {_human(st['added_raw_bytes'])} of new data, stored as "
+              f"{_human(st['added_stored_bytes'])} ({_human(st['delta_stored_bytes'])} as deltas, "
+              f"{_human(st['whole_stored_bytes'])} whole) in {st['duration']:.2f} s")
     if result.partial:
-        raise PartialBackup(f"snapshot {snap.short_id} saved, but {len(st['unreadable'])} path(s) could not be read")
+        what = "dry run" if args.dry_run else f"snapshot {snap.short_id} saved"
+        raise PartialBackup(f"{what}, but {len(st['unreadable'])} path(s) could not be read")
     return 0
 
 
@@ -777,6 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="likewise for CACHEDIR.TAG files (the cache directory tagging standard)")
     s.add_argument("-x", "--one-file-system", action="store_true",
                    help="do not list directories on other file systems than their source (mount points stay, empty)")
+    s.add_argument("--dry-run", "-n", action="store_true",
+                   help="read and count what a backup would store; write nothing to the repository")
     s.add_argument("--stdin", action="store_true", help="back up standard input")
     s.add_argument("--stdin-name", help="file name for --stdin")
     s.add_argument("--no-delta", action="store_true", help="never store changed chunks as deltas")

@@ -197,8 +197,12 @@ class Repository:
                no_delta: list[str] | None = None, fixed_chunks: list[str] | None = None,
                fixed_chunk_size: int = FIXED_CHUNK_SIZE, parent: str | None = None, progress: Any = None,
                one_file_system: bool = False, exclude_if_present: list[str] | None = None,
-               exclude_caches: bool = False, walk: SourceWalk | None = None) -> BackupResult:
+               exclude_caches: bool = False, dry_run: bool = False, walk: SourceWalk | None = None
+               ) -> BackupResult:
         """Back up files and directories; one directory is stored as the snapshot's root.
+
+        ``dry_run``: read, chunk, compress and count as a backup would, and write nothing (the
+        result's snapshot, with its figures, is not saved and has no id).
 
         ``excludes``: globs matched against each path below a source and each name; what
         they match is left out with its subtree.  ``one_file_system``: a directory on
@@ -217,10 +221,10 @@ class Repository:
             paths = [paths]
         try:
             markers = markers_of(exclude_if_present, exclude_caches)
-            snaps = self._guard()
+            snaps = self._list() if dry_run else self._guard()
             opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, excludes=list(excludes or []),
                                  delta=delta, no_delta=list(no_delta or []), fixed_chunks=list(fixed_chunks or []),
-                                 fixed_chunk_size=fixed_chunk_size, progress=progress,
+                                 fixed_chunk_size=fixed_chunk_size, progress=progress, dry_run=dry_run,
                                  parent=find_snapshot(snaps, parent) if parent else None)
         except BaseException:
             if walk is not None:
@@ -232,21 +236,25 @@ class Repository:
             walk.close()
             raise UsageError("the given walk is of other paths or exclusion rules than the backup")
         result = Backup(self._repo, opts).run(walk, walk.paths)
-        self._wrote(result.snapshot)
+        if not dry_run:
+            self._wrote(result.snapshot)
         return result
 
     def backup_stream(self, fileobj: BinaryIO, name: str, *, kind: str = "auto", tags: list[str] | None = None,
-                      host: str | None = None, delta: bool = True,
-                      fixed_chunks: list[str] | None = None, fixed_chunk_size: int = FIXED_CHUNK_SIZE) -> BackupResult:
+                      host: str | None = None, delta: bool = True, fixed_chunks: list[str] | None = None,
+                      fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False) -> BackupResult:
         """Store a stream (e.g. a dump on stdin) as the single file ``name``.
 
         ``fixed_chunks``: globs; when one matches ``name`` the stream is cut at fixed offsets.
+        ``dry_run``: as for ``backup``.
         """
-        self._guard()
+        if not dry_run:
+            self._guard()
         opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, delta=delta,
-                             fixed_chunks=list(fixed_chunks or []), fixed_chunk_size=fixed_chunk_size)
+                             fixed_chunks=list(fixed_chunks or []), fixed_chunk_size=fixed_chunk_size, dry_run=dry_run)
         result = Backup(self._repo, opts).run(None, [name], stream=fileobj, stdin_name=name)
-        self._wrote(result.snapshot)
+        if not dry_run:
+            self._wrote(result.snapshot)
         return result
 
     # --- reading ----------------------------------------------------------------

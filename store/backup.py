@@ -10,6 +10,7 @@ Per-byte work is native; Python only routes chunks.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import itertools
 import os
@@ -38,7 +39,7 @@ from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH
 from .deltabase import restart_turns
 from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
-from .repository import WORKERS, BlobWriter, Repo
+from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, now_iso
 from .source import SourceWalk, open_source_file, read_whole
 
@@ -71,6 +72,7 @@ class BackupOptions:
     delta_margin: float = 0.1
     lock_wait: float = 3600.0  # how long to wait for a running prune
     progress: Callable[[dict], None] | None = None
+    dry_run: bool = False  # read, chunk and compress as a backup would; write nothing (no lock either)
 
     def __post_init__(self) -> None:
         low, high = FIXED_CHUNK_SIZES
@@ -629,8 +631,10 @@ class Backup:
 
     def run(self, source: SourceWalk | None, paths: list[str], *,
             stream: BinaryIO | None = None, stdin_name: str | None = None) -> BackupResult:
+        lock = (contextlib.nullcontext() if self.opt.dry_run
+                else RepoLock(self.repo.remote, SHARED, "backup", wait=self.opt.lock_wait))
         try:
-            with RepoLock(self.repo.remote, SHARED, "backup", wait=self.opt.lock_wait):
+            with lock:
                 # Read the index only under the lock: a prune cannot drop what this backup dedups against.
                 self.repo.load_index()
                 return self._run(source, paths, stream=stream, stdin_name=stdin_name)
@@ -663,7 +667,7 @@ class Backup:
         if parent_tree is None:
             parent_tree = repo.tree(parent, snapshots) if parent is not None else iter(())
         stats = ManifestStats()
-        self.writer = repo.writer()
+        self.writer = CountingWriter(repo) if self.opt.dry_run else repo.writer()
         try:
             if stream is not None:
                 assert stdin_name is not None
@@ -704,7 +708,8 @@ class Backup:
                 "duration": round(time.monotonic() - started, 3),
             },
         )
-        repo.save_snapshot(snap)
+        if not self.opt.dry_run:
+            repo.save_snapshot(snap)
         return BackupResult(snap, self.warnings)
 
     def _usable_parent(self, same: list[Snapshot], snapshots: list[Snapshot]

@@ -811,18 +811,22 @@ class BlobWriter:
                 self._builder.add(blob.blob_id, blob.kind, blob.envelope, blob.raw_length, blob.base_id)
                 index.add(blob.blob_id, self._builder_no, offset, len(blob.envelope), blob.raw_length, blob.kind)
                 self._pending.discard(blob.blob_id)
-                self.new_blobs += 1
-                self.new_raw_bytes += blob.raw_length
-                self.stored_bytes += len(blob.envelope)
+                self._count(blob)
                 if blob.kind == KIND_DELTA:
                     assert blob.base_id is not None
                     self.repo._delta_bases[blob.blob_id] = blob.base_id
-                    self.delta_blobs += 1
-                    self.delta_bytes += len(blob.envelope)
                 if len(self._builder) >= self.pack_size:
                     full.append(self._take_builder())
         for builder, pack_no in full:
             self._submit(builder, pack_no)
+
+    def _count(self, blob: PreparedBlob) -> None:
+        self.new_blobs += 1
+        self.new_raw_bytes += blob.raw_length
+        self.stored_bytes += len(blob.envelope)
+        if blob.kind == KIND_DELTA:
+            self.delta_blobs += 1
+            self.delta_bytes += len(blob.envelope)
 
     def _take_builder(self) -> tuple[PackBuilder, int]:
         b, no = self._builder, self._builder_no
@@ -896,3 +900,27 @@ class BlobWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class CountingWriter(BlobWriter):
+    """A dry run's writer: claims and counts what a backup would store (compressed, or as a delta),
+    and stores nothing: no pack, no index entry."""
+
+    def __init__(self, repo: Repo):  # no buffers, no upload threads: nothing is written
+        self.repo = repo
+        self._lock = threading.Lock()
+        self._pending = set()
+        self.new_blobs = self.new_raw_bytes = self.stored_bytes = self.delta_blobs = self.delta_bytes = 0
+        self.index_names = []
+        self._error = None
+
+    def store_many(self, blobs: Iterable[PreparedBlob]) -> None:
+        with self._lock:
+            for blob in blobs:
+                self._count(blob)
+
+    def flush(self, *, write_index: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
