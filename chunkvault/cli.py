@@ -426,6 +426,32 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    from .store.source import read_exclude_file
+
+    repo = _open(args)
+    excludes = args.exclude + [g for path in args.exclude_file for g in read_exclude_file(path)]
+    report = repo.rewrite(excludes, args.snapshots or None, hosts=args.host, tags=args.tag, paths=args.path,
+                          dry_run=args.confirm != "REWRITE")
+    if args.json:
+        _emit_json(report.to_dict())
+    elif not args.quiet:
+        for sid, path in report.removed:
+            print(f"{'would remove' if report.dry_run else 'removed'} {sid[:8]}:{path}")
+        if not report.rewritten:
+            print("no snapshot holds a path these globs match")
+        elif report.dry_run:
+            print(f"nothing changed: add --confirm REWRITE to rewrite these {len(report.rewritten)} snapshot(s), "
+                  "then prune to free their data")
+        else:
+            print(f"rewrote {len(report.rewritten)} snapshot(s); prune frees the data they no longer reference")
+        if report.inherited:
+            print(f"{len(report.inherited)} differential(s) built on them {'would ' if report.dry_run else ''}lose "
+                  "the same paths (unless they hold their own version): "
+                  + " ".join(sid[:8] for sid in report.inherited))
+    return 0
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     repo = _open(args)
     snap = repo.snapshot(args.snapshot)
@@ -801,6 +827,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("snapshots", parents=[common, select], help="list snapshots")
     s.set_defaults(func=cmd_snapshots)
+
+    s = sub.add_parser("rewrite", parents=[common, select],
+                       help="remove paths from existing snapshots (same ids, chains kept); prune then frees them")
+    s.add_argument("snapshots", nargs="*", help="only these snapshots (default: all the filters select)")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="remove paths (below a snapshot's root) or names matching GLOB, with their subtrees")
+    s.add_argument("--exclude-file", action="append", default=[], metavar="FILE",
+                   help="--exclude each line of FILE (blank lines and lines starting with # skipped)")
+    s.add_argument("--confirm", metavar="REWRITE", help="type REWRITE to change the snapshots (else a dry run)")
+    s.set_defaults(func=cmd_rewrite)
 
     s = sub.add_parser("stats", parents=[common],
                        help="what the repository holds: snapshots, distinct data, deltas, packs, ratios")

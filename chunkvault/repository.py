@@ -23,8 +23,6 @@ from .store.config import Settings
 from .store.manifest import T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import Repo
 from .store.restore import Restorer, RestoreOptions, RestoreResult
-from .store.find import Found, matches_by_snapshot, path_matcher, versions
-from .store.stats import RepositoryStats, summarize
 from .store.snapshot import Snapshot, find_snapshot, parse_time, select_snapshots
 from .store.source import SourceWalk, markers_of
 from .store.keyahead import KeyAhead
@@ -38,6 +36,9 @@ if TYPE_CHECKING:  # the modules of other commands load when used: a backup need
     from .store.prune import PrunePlan
     from .store.repair import RepairReport
     from .store.retention import RetentionPolicy
+    from .store.find import Found
+    from .store.rewrite import RewriteReport
+    from .store.stats import RepositoryStats
 
 __all__ = ["Repository", "Snapshot", "Entry", "SourceWalk"]
 
@@ -267,9 +268,20 @@ class Repository:
     def stats(self) -> RepositoryStats:
         """Snapshots, distinct data, deltas, packs and the ratios between them, from the snapshot objects,
         the index and a listing of the packs (no manifest is read)."""
+        from .store.stats import summarize
+
         snaps = self._list()
         repo = self._repo
         return summarize(snaps, repo.index.items(), repo.stored_packs().values())
+
+    def _chosen(self, every: list[Snapshot], snapshots: Iterable[str | Snapshot] | None, hosts: Iterable[str],
+                tags: Iterable[str], paths: Iterable[str]) -> list[Snapshot]:
+        """The snapshots the filters select, and of them those named (all, when none are)."""
+        chosen = select_snapshots(every, hosts=hosts, tags=tags, paths=paths)
+        if snapshots is None:
+            return chosen
+        named = {(s if isinstance(s, Snapshot) else find_snapshot(every, s)).id for s in snapshots}
+        return [s for s in chosen if s.id in named]
 
     def find(self, patterns: list[str], *, snapshots: Iterable[str | Snapshot] | None = None,
              hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
@@ -278,13 +290,12 @@ class Repository:
         snapshot's root, or its name), with the snapshots holding it: in all snapshots, or in those named
         and those the filters select.  Each full manifest is read once, each differential's own records
         once (``store/find.py``)."""
+        from .store.find import matches_by_snapshot, path_matcher, versions
+
         if not patterns:
             raise UsageError("find needs at least one pattern")
         every = self._list()
-        chosen = select_snapshots(every, hosts=hosts, tags=tags, paths=paths)
-        if snapshots is not None:
-            named = {(s if isinstance(s, Snapshot) else find_snapshot(every, s)).id for s in snapshots}
-            chosen = [s for s in chosen if s.id in named]
+        chosen = self._chosen(every, snapshots, hosts, tags, paths)
         by_id = {s.id: s for s in every}
         needed: dict[str, Snapshot] = {}
         for s in chosen:
@@ -507,6 +518,18 @@ class Repository:
         if not dry_run:
             self._guard()
         return repair_snapshots(self._repo, dry_run=dry_run)
+
+    def rewrite(self, excludes: list[str], snapshots: Iterable[str | Snapshot] | None = None, *,
+                hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
+                dry_run: bool = True) -> RewriteReport:
+        """Remove the paths ``excludes`` match (as ``backup`` excludes, with their subtrees) from every
+        snapshot, or from those named and those the filters select; same ids, chains kept.  Lists what
+        would go until ``dry_run=False``; ``prune`` then frees the data nothing references."""
+        from .store.rewrite import rewrite_snapshots
+
+        every = self._list() if dry_run else self._guard()
+        chosen = self._chosen(every, snapshots, hosts, tags, paths)
+        return rewrite_snapshots(self._repo, chosen, every, list(excludes), dry_run=dry_run)
 
     def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,
                overwrite: bool = False) -> ExportStats:

@@ -1,0 +1,131 @@
+"""Rewriting snapshots without some paths: secrets or caches backed up by mistake.
+
+Each chosen snapshot's manifest is written again without the excluded paths and their subtrees, under
+the same id (as a rebase does, so chains and children stay valid); ``prune`` then frees the data no
+snapshot references any more.  A differential's tree is its parent's with its own records applied, so
+a differential rewritten alone gets a deletion for each excluded path its tree holds: its parent's
+version must not show through.  Every plan is made from the manifests as they were before anything is
+written, so rewriting a parent and its differentials together gives the same trees in any order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from chunkvault.errors import UsageError
+
+from .find import path_matcher
+from .locks import EXCLUSIVE, RepoLock
+from .manifest import OP_DELETE, T_HARDLINK, ManifestStats, Record, delete_record, sort_key
+from .manifest_io import store_manifest
+from .repository import Repo
+from .snapshot import KIND_FULL, Snapshot
+
+
+def excluded_by(globs: list[str]) -> Callable[[bytes], bool]:
+    """A path is excluded when a glob matches it, its name, or one of its ancestors (or its name)."""
+    match = path_matcher(globs)
+
+    def excluded(path: bytes) -> bool:
+        parts = path.split(b"/")
+        return any(match(b"/".join(parts[:i])) for i in range(1, len(parts) + 1)) if path else False
+
+    return excluded
+
+
+@dataclass
+class SnapshotRewrite:
+    """What rewriting one snapshot changes: its new own records, its tree's new counts, and the paths
+    removed from its tree (the topmost of each excluded subtree)."""
+
+    records: list[Record]
+    stats: ManifestStats
+    removed: list[bytes] = field(default_factory=list)
+
+
+def plan_rewrite(own: Iterable[Record], tree: Iterable[Record], full: bool,
+                 excluded: Callable[[bytes], bool], name: str = "snapshot") -> SnapshotRewrite:
+    """``own``: the snapshot's own records; ``tree``: its resolved tree (ENTRY records, sorted).
+
+    A hard link left in the tree whose target would go is refused: it would restore to nothing.
+    """
+    stats = ManifestStats()
+    removed: list[bytes] = []
+    for rec in tree:
+        assert rec.entry is not None
+        if excluded(rec.path):
+            parent = rec.path.rpartition(b"/")[0]
+            if not parent or not excluded(parent):
+                removed.append(rec.path)
+            continue
+        e = rec.entry
+        if e.type == T_HARDLINK and excluded(e.target):
+            raise UsageError(f"{name}: {e.path.decode('utf-8', 'backslashreplace')} is a hard link to "
+                             f"{e.target.decode('utf-8', 'backslashreplace')}, which would go: exclude both")
+        stats.count_entry(e)
+    # A deletion of the differential's own stays: it only removes, and without it the parent's version
+    # of that path would show through.
+    kept = {r.path: r for r in own if r.op == OP_DELETE or not excluded(r.path)}
+    if not full:
+        for path in removed:
+            kept.setdefault(path, delete_record(path))
+    return SnapshotRewrite(sorted(kept.values(), key=lambda r: sort_key(r.path)), stats, removed)
+
+
+@dataclass
+class RewriteReport:
+    dry_run: bool
+    removed: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, path)
+    rewritten: list[str] = field(default_factory=list)
+    # Differentials not chosen but built on a rewritten snapshot: their trees lose what it lost, unless
+    # they hold their own version of it (their counts are brought up to date).
+    inherited: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"dry_run": self.dry_run, "rewritten": self.rewritten, "inherited": self.inherited,
+                "removed": [{"snapshot": s, "path": p} for s, p in self.removed]}
+
+
+def rewrite_snapshots(repo: Repo, chosen: list[Snapshot], every: list[Snapshot], globs: list[str], *,
+                      dry_run: bool = True, wait: float = 3600.0) -> RewriteReport:
+    """Rewrite each of ``chosen`` (of ``every`` snapshot) without the paths ``globs`` exclude
+    (``excluded_by``); a dry run plans and reports only.  Under the exclusive lock: no backup may
+    build on a manifest being replaced."""
+    if not globs:
+        raise UsageError("rewrite needs at least one --exclude")
+    excluded = excluded_by(globs)
+    report = RewriteReport(dry_run)
+    with RepoLock(repo.remote, EXCLUSIVE, "rewrite", wait=wait):
+        repo.load_index()
+        plans = []
+        for snap in chosen:
+            own = list(repo.manifest_records(snap))
+            plan = plan_rewrite(own, repo.tree(snap, every), snap.kind == KIND_FULL, excluded,
+                                f"snapshot {snap.short_id}")
+            if plan.records != own:
+                plans.append((snap, plan))
+                report.removed += [(snap.id, p.decode("utf-8", "backslashreplace")) for p in plan.removed]
+        report.rewritten = [s.id for s, _ in plans]
+        done = set(report.rewritten)
+        report.inherited = [s.id for s in every if s.id not in done and s.kind != KIND_FULL
+                            and any(a.id in done for a in repo.chain_of(s, every))]
+        if dry_run:
+            return report
+        for snap, plan in plans:
+            ids, mw = store_manifest(repo, plan.records)
+            snap.manifest = [i.hex() for i in ids]
+            snap.manifest_starts = mw.starts
+            snap.stats = {**snap.stats, "rewritten": True, "manifest_records": mw.records}
+            _save_counts(repo, snap, plan.stats)
+        for snap in (s for s in every if s.id in set(report.inherited)):
+            stats = ManifestStats()
+            for rec in repo.tree(snap, every):
+                assert rec.entry is not None
+                stats.count_entry(rec.entry)
+            _save_counts(repo, snap, stats)
+    return report
+
+
+def _save_counts(repo: Repo, snap: Snapshot, stats: ManifestStats) -> None:
+    snap.stats = {**snap.stats, "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes}
+    repo.save_snapshot(snap, replace=True)

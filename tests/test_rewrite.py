@@ -1,0 +1,127 @@
+"""rewrite: paths removed from existing snapshots, chains kept, prune frees their data."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import crashkit
+from chunkvault import Repository
+from chunkvault.errors import UsageError
+from chunkvault.store.manifest import OP_DELETE, OP_ENTRY, T_DIR, T_FILE, T_HARDLINK, Entry, Record
+from chunkvault.store.rewrite import excluded_by, plan_rewrite
+
+PASSWORD = crashkit.PASSWORD
+
+
+def rec(path: bytes, type_: int = T_FILE, op: int = OP_ENTRY, target: bytes = b"", size: int = 1) -> Record:
+    return Record(op, path, Entry(path, type_, size=size, target=target) if op != OP_DELETE else None)
+
+
+def test_excluded_paths_are_matches_and_everything_below_them():
+    ex = excluded_by([".aws", "*.key"])
+    assert ex(b".aws") and ex(b"home/u/.aws") and ex(b"home/u/.aws/credentials") and ex(b"etc/tls/a.key")
+    assert not ex(b"") and not ex(b"home/u") and not ex(b"aws") and not ex(b"a.key.txt")
+    assert excluded_by(["home/u/*"])(b"home/u/x/y") and not excluded_by(["home/u/*"])(b"home/u")
+
+
+def test_a_full_loses_its_excluded_records_and_counts_the_rest():
+    tree = [rec(b"", T_DIR), rec(b"d", T_DIR), rec(b"d/x.key", size=5), rec(b"d/y", size=7)]
+    plan = plan_rewrite(tree, tree, True, excluded_by(["*.key"]))
+    assert [r.path for r in plan.records] == [b"", b"d", b"d/y"] and plan.removed == [b"d/x.key"]
+    assert (plan.stats.files, plan.stats.dirs, plan.stats.bytes) == (1, 2, 7)
+
+
+def test_a_differential_deletes_what_its_parent_would_show_and_keeps_its_own_deletions():
+    own = [rec(b"d/new"), rec(b"gone.key", op=OP_DELETE), rec(b"s/x", size=2)]
+    tree = [rec(b"", T_DIR), rec(b"d", T_DIR), rec(b"d/new"), rec(b"d/old"), rec(b"s", T_DIR), rec(b"s/x", size=2),
+            rec(b"s/y")]
+    plan = plan_rewrite(own, tree, False, excluded_by(["s", "*.key"]))
+    assert [(r.op, r.path) for r in plan.records] == [
+        (OP_ENTRY, b"d/new"), (OP_DELETE, b"gone.key"), (OP_DELETE, b"s")]
+    assert plan.removed == [b"s"] and (plan.stats.files, plan.stats.dirs) == (2, 2)
+
+
+def test_a_hard_link_to_a_removed_file_is_refused():
+    tree = [rec(b"", T_DIR), rec(b"a.key"), rec(b"b", T_HARDLINK, target=b"a.key")]
+    with pytest.raises(UsageError, match="b is a hard link to a.key, which would go: exclude both"):
+        plan_rewrite(tree, tree, True, excluded_by(["*.key"]))
+    assert plan_rewrite(tree, tree, True, excluded_by(["*.key", "b"])).removed == [b"a.key", b"b"]
+
+
+def tree_of(repo: Repository, sid: str) -> dict[bytes, tuple]:
+    return {e.path: (e.type, e.size, e.digest, e.target) for e in repo.tree(sid)}
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), globs=st.sampled_from([["*.a"], ["d0"], ["d1/*"], ["f1*", "y"], ["nothing"]]))
+def test_rewritten_snapshots_lose_exactly_the_excluded_paths(tmp_path_factory, seed, globs):
+    """Random fulls and differentials, a random choice of them rewritten: a chosen snapshot's tree is
+    its old tree less the excluded paths; another's loses nothing else and gains nothing; each restores
+    its tree, the counts are its tree's, and after a prune the repository checks clean."""
+    rng = random.Random(seed)
+    base = tmp_path_factory.mktemp("rewrite")
+    src = base / "src"
+    src.mkdir()
+    names = ["f1.a", "f2.b", "d0/f1.a", "d0/x.b", "d1/d0/f3.a", "d1/y"]
+    excluded = excluded_by(globs)
+    with Repository.init(str(base / "repo"), PASSWORD, kdf_seconds=0, ledger=False) as repo:
+        for step in range(7):
+            for name in rng.sample(names, rng.randint(1, 3)):
+                path = src / name
+                if path.exists() and rng.random() < 0.3:
+                    path.unlink()
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(rng.randbytes(rng.choice([0, 1, 60, 3000])))
+            repo.backup([str(src)], kind=rng.choice(["diff", "diff", "full"]))
+        snaps = repo.snapshots()
+        before = {s.id: tree_of(repo, s.id) for s in snaps}
+        chosen = {s.id for s in snaps if rng.random() < 0.6}
+        dry = repo.rewrite(globs, sorted(chosen))
+        assert dry.dry_run and {s.id: tree_of(repo, s.id) for s in snaps} == before
+        report = repo.rewrite(globs, sorted(chosen), dry_run=False)
+        assert set(report.rewritten) <= chosen and report.rewritten == dry.rewritten
+        for s in repo.snapshots():
+            after = tree_of(repo, s.id)
+            old = before[s.id]
+            if s.id in chosen:
+                assert after == {p: v for p, v in old.items() if not excluded(p)}
+            else:
+                assert all(old.get(p) == v for p, v in after.items())
+                assert all(excluded(p) for p in set(old) - set(after))
+            files = [v for v in after.values() if v[0] != T_DIR]
+            assert (s.stats["files"], s.stats["bytes"]) == (len(files), sum(v[1] for v in files if v[0] == T_FILE))
+        one = rng.choice(repo.snapshots())
+        target = base / "restored"
+        repo.restore(one.id, str(target))
+        restored = {os.fsencode(os.path.relpath(os.path.join(d, n), target))
+                    for d, ds, fs in os.walk(target) for n in ds + fs}
+        assert restored == set(tree_of(repo, one.id)) - {b""}
+        repo.prune(max_unused=0.0)
+        assert repo.check(read_data=True).ok
+
+
+def test_rewrite_on_the_command_line_is_a_dry_run_until_confirmed(tmp_path):
+    repo = str(tmp_path / "repo")
+    crashkit.init_repo(repo)
+    src = tmp_path / "src"
+    (src / ".aws").mkdir(parents=True)
+    (src / ".aws" / "credentials").write_text("secret")
+    (src / "data").write_bytes(os.urandom(2000))
+    crashkit.run_cli("backup", "-r", repo, str(src), "--tag", "a")
+    (src / "data").write_bytes(os.urandom(2000))
+    crashkit.run_cli("backup", "-r", repo, str(src))
+    out = crashkit.run_cli("rewrite", "-r", repo, "--exclude", ".aws").stdout.decode().splitlines()
+    assert [line.split(":")[1] for line in out[:2]] == [".aws", ".aws"] and out[-1].startswith("nothing changed")
+    assert len(json.loads(crashkit.run_cli("find", "-r", repo, "credentials", "--json").stdout)) == 1
+    done = json.loads(crashkit.run_cli("rewrite", "-r", repo, "--exclude", ".aws", "--tag", "a",
+                                       "--confirm", "REWRITE", "--json").stdout)
+    assert not done["dry_run"] and len(done["rewritten"]) == len(done["inherited"]) == 1  # the full; its diff inherits
+    assert json.loads(crashkit.run_cli("find", "-r", repo, "credentials", "--json").stdout) == []
+    proc = crashkit.run_cli("rewrite", "-r", repo, ok=(2,))
+    assert proc.stderr.decode().strip() == "chunkvault: rewrite needs at least one --exclude"
