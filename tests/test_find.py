@@ -16,6 +16,7 @@ from chunkvault.errors import UsageError
 from chunkvault.ledger import RepositoryStateWarning
 from chunkvault.store.find import chain_order, path_matcher
 from chunkvault.store.snapshot import Snapshot, select_snapshots
+from treeutil import change_small_tree
 
 PASSWORD = crashkit.PASSWORD
 
@@ -87,22 +88,9 @@ def test_find_equals_the_versions_read_from_every_whole_tree(tmp_path_factory, s
     base = tmp_path_factory.mktemp("find")
     src = base / "src"
     src.mkdir()
-    names = ["f1.a", "f2.b", "d0/f1.a", "d0/x.b", "d1/d0/f3.a", "d1/y"]
     with Repository.init(str(base / "repo"), PASSWORD, kdf_seconds=0) as repo:
         for step in range(8):
-            for name in rng.sample(names, rng.randint(1, 3)):
-                path = src / name
-                if path.exists() and rng.random() < 0.3:
-                    path.unlink()
-                    continue
-                if rng.random() < 0.15 and path.parent != src and path.parent.exists():
-                    for p in sorted(path.parent.rglob("*"), reverse=True):
-                        p.unlink() if p.is_file() else p.rmdir()
-                    path.parent.rmdir()
-                    continue
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(rng.choice([b"", b"1", b"22", rng.randbytes(40)]))
-                os.utime(path, ns=(step * 10**9, rng.choice([1, 2]) * 10**9))
+            change_small_tree(src, rng, step)
             kind = rng.choice(["diff", "diff", "diff", "full"])
             repo.backup([str(src)], kind=kind, host="h")
             if step == 5:

@@ -14,6 +14,7 @@ from chunkvault import Repository
 from chunkvault.errors import UsageError
 from chunkvault.store.manifest import OP_DELETE, OP_ENTRY, T_DIR, T_FILE, T_HARDLINK, Entry, Record
 from chunkvault.store.rewrite import excluded_by, plan_rewrite
+from treeutil import change_small_tree
 
 PASSWORD = crashkit.PASSWORD
 
@@ -67,17 +68,10 @@ def test_rewritten_snapshots_lose_exactly_the_excluded_paths(tmp_path_factory, s
     base = tmp_path_factory.mktemp("rewrite")
     src = base / "src"
     src.mkdir()
-    names = ["f1.a", "f2.b", "d0/f1.a", "d0/x.b", "d1/d0/f3.a", "d1/y"]
     excluded = excluded_by(globs)
     with Repository.init(str(base / "repo"), PASSWORD, kdf_seconds=0, ledger=False) as repo:
         for step in range(7):
-            for name in rng.sample(names, rng.randint(1, 3)):
-                path = src / name
-                if path.exists() and rng.random() < 0.3:
-                    path.unlink()
-                    continue
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(rng.randbytes(rng.choice([0, 1, 60, 3000])))
+            change_small_tree(src, rng, step)
             repo.backup([str(src)], kind=rng.choice(["diff", "diff", "full"]))
         snaps = repo.snapshots()
         before = {s.id: tree_of(repo, s.id) for s in snaps}

@@ -4,9 +4,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import stat
 import subprocess
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -78,3 +80,25 @@ def mounted_tmpfs(path: str, size: str = "8m") -> Iterator[str]:
         yield path
     finally:
         subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+SMALL_TREE_NAMES = ("f1.a", "f2.b", "d0/f1.a", "d0/x.b", "d1/d0/f3.a", "d1/y")
+
+
+def change_small_tree(src: Path, rng: random.Random, step: int) -> None:
+    """One to three random changes among ``SMALL_TREE_NAMES`` under ``src``: a file removed, its
+    directory removed, or the file written with a few bytes and an mtime drawn from two (so equal
+    sizes and times come back)."""
+    for name in rng.sample(SMALL_TREE_NAMES, rng.randint(1, 3)):
+        path = src / name
+        if path.exists() and rng.random() < 0.3:
+            path.unlink()
+            continue
+        if rng.random() < 0.15 and path.parent != src and path.parent.exists():
+            for p in sorted(path.parent.rglob("*"), reverse=True):
+                p.unlink() if p.is_file() else p.rmdir()
+            path.parent.rmdir()
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.choice([b"", b"1", b"22", rng.randbytes(40), rng.randbytes(3000)]))
+        os.utime(path, ns=(step * 10**9, rng.choice([1, 2]) * 10**9))
