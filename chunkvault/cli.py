@@ -242,7 +242,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     from .store.source import SourceWalk, markers_of, read_exclude_file
 
-    args.tag = [t for group in args.tag for t in group.split(",") if t]
+    args.tag = _tags(args.tag)
     if args.stdin:
         if args.paths:
             raise UsageError("--stdin takes no paths")
@@ -423,6 +423,24 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"packs          {_human(st.pack_bytes)} in {st.packs} packs")
     print(f"ratios         deduplication {st.dedup_ratio:.2f}x, compression and deltas {st.compression_ratio:.2f}x, "
           f"all snapshots' files to packs {st.overall_ratio:.2f}x")
+    return 0
+
+
+def _tags(groups: list[str]) -> list[str]:
+    """``--tag a,b --tag c``: tags a, b and c."""
+    return [t for group in groups for t in group.split(",") if t]
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    changed = repo.tag(args.snapshots or None, add=_tags(args.add), remove=_tags(args.remove),
+                       set_to=_tags(args.set) if args.set else None, hosts=args.host, tags=args.tag, paths=args.path)
+    if args.json:
+        _emit_json([_snapshot_json(s) for s in changed])
+    elif not args.quiet:
+        for s in changed:
+            print(f"{s.short_id}  {','.join(s.tags)}")
+        print(f"changed the tags of {len(changed)} snapshot(s)")
     return 0
 
 
@@ -827,6 +845,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("snapshots", parents=[common, select], help="list snapshots")
     s.set_defaults(func=cmd_snapshots)
+
+    s = sub.add_parser("tag", parents=[common, select], help="add, remove or set the tags of snapshots")
+    s.add_argument("snapshots", nargs="*", help="these snapshots (default: all the filters select)")
+    s.add_argument("--add", action="append", default=[], metavar="TAG[,TAG...]")
+    s.add_argument("--remove", action="append", default=[], metavar="TAG[,TAG...]")
+    s.add_argument("--set", action="append", default=[], metavar="TAG[,TAG...]", help="replace the tags")
+    s.set_defaults(func=cmd_tag)
 
     s = sub.add_parser("rewrite", parents=[common, select],
                        help="remove paths from existing snapshots (same ids, chains kept); prune then frees them")

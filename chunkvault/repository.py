@@ -519,6 +519,21 @@ class Repository:
             self._guard()
         return repair_snapshots(self._repo, dry_run=dry_run)
 
+    def tag(self, snapshots: Iterable[str | Snapshot] | None = None, *, add: Iterable[str] = (),
+            remove: Iterable[str] = (), set_to: Iterable[str] | None = None, hosts: Iterable[str] = (),
+            tags: Iterable[str] = (), paths: Iterable[str] = ()) -> list[Snapshot]:
+        """Change the tags of the snapshots named (all the filters select, when none are): ``set_to``
+        replaces them, then ``remove`` and ``add`` apply.  Each changed snapshot object is written again
+        under its id (its data untouched); returns those changed."""
+        from .store.rewrite import retag_snapshots
+
+        add, remove = list(add), list(remove)
+        if set_to is None and not add and not remove:
+            raise UsageError("tag: give --add, --remove or --set")
+        chosen = self._chosen(self._guard(), snapshots, hosts, tags, paths)
+        return retag_snapshots(self._repo, [s.id for s in chosen], add=add, remove=remove,
+                               set_to=None if set_to is None else list(set_to))
+
     def rewrite(self, excludes: list[str], snapshots: Iterable[str | Snapshot] | None = None, *,
                 hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
                 dry_run: bool = True) -> RewriteReport:
@@ -529,7 +544,7 @@ class Repository:
 
         every = self._list() if dry_run else self._guard()
         chosen = self._chosen(every, snapshots, hosts, tags, paths)
-        return rewrite_snapshots(self._repo, chosen, every, list(excludes), dry_run=dry_run)
+        return rewrite_snapshots(self._repo, [s.id for s in chosen], list(excludes), dry_run=dry_run)
 
     def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,
                overwrite: bool = False) -> ExportStats:

@@ -586,6 +586,12 @@ class Repo:
         self.unreadable_snapshots = {n: x for n, x in zip(names, loaded) if isinstance(x, CorruptObject)}
         return sorted((x for x in loaded if isinstance(x, Snapshot)), key=lambda s: (s.time, s.id))
 
+    def reload_snapshots(self) -> list[Snapshot]:
+        """``snapshots()`` with every object read again: under the exclusive lock, the view that no other
+        command's rebase can make stale before this one rewrites a snapshot."""
+        self._snapshots.clear()
+        return self.snapshots()
+
     def require_readable(self, what: str) -> None:
         """CorruptObject naming an unreadable snapshot, for ``what`` that must see every snapshot."""
         for name, exc in self.unreadable_snapshots.items():

@@ -86,17 +86,26 @@ class RewriteReport:
                 "removed": [{"snapshot": s, "path": p} for s, p in self.removed]}
 
 
-def rewrite_snapshots(repo: Repo, chosen: list[Snapshot], every: list[Snapshot], globs: list[str], *,
-                      dry_run: bool = True, wait: float = 3600.0) -> RewriteReport:
-    """Rewrite each of ``chosen`` (of ``every`` snapshot) without the paths ``globs`` exclude
-    (``excluded_by``); a dry run plans and reports only.  Under the exclusive lock: no backup may
-    build on a manifest being replaced."""
+def _under_lock(repo: Repo, ids: Iterable[str]) -> tuple[list[Snapshot], list[Snapshot]]:
+    """(every snapshot, those of ``ids`` still there), read again now that the exclusive lock is held:
+    a forget's rebase may have rewritten one since it was listed."""
+    every = repo.reload_snapshots()
+    wanted = set(ids)
+    return every, [s for s in every if s.id in wanted]
+
+
+def rewrite_snapshots(repo: Repo, ids: Iterable[str], globs: list[str], *, dry_run: bool = True,
+                      wait: float = 3600.0) -> RewriteReport:
+    """Rewrite each snapshot of ``ids`` without the paths ``globs`` exclude (``excluded_by``); a dry
+    run plans and reports only.  Under the exclusive lock: no backup may build on a manifest being
+    replaced, no forget rebase one."""
     if not globs:
         raise UsageError("rewrite needs at least one --exclude")
     excluded = excluded_by(globs)
     report = RewriteReport(dry_run)
     with RepoLock(repo.remote, EXCLUSIVE, "rewrite", wait=wait):
         repo.load_index()
+        every, chosen = _under_lock(repo, ids)
         plans = []
         for snap in chosen:
             own = list(repo.manifest_records(snap))
@@ -129,3 +138,19 @@ def rewrite_snapshots(repo: Repo, chosen: list[Snapshot], every: list[Snapshot],
 def _save_counts(repo: Repo, snap: Snapshot, stats: ManifestStats) -> None:
     snap.stats = {**snap.stats, "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes}
     repo.save_snapshot(snap, replace=True)
+
+
+def retag_snapshots(repo: Repo, ids: Iterable[str], *, add: list[str], remove: list[str],
+                    set_to: list[str] | None, wait: float = 3600.0) -> list[Snapshot]:
+    """Change the tags of the snapshots of ``ids``: ``set_to`` replaces them, then ``remove`` and
+    ``add`` apply; each changed object is written again under its id.  Returns those changed."""
+    changed = []
+    with RepoLock(repo.remote, EXCLUSIVE, "tag", wait=wait):
+        for snap in _under_lock(repo, ids)[1]:
+            new = list(snap.tags) if set_to is None else list(dict.fromkeys(set_to))
+            new = [t for t in new if t not in remove] + [t for t in dict.fromkeys(add) if t not in new + remove]
+            if new != snap.tags:
+                snap.tags = new
+                repo.save_snapshot(snap, replace=True)
+                changed.append(snap)
+    return changed

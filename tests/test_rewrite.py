@@ -119,3 +119,53 @@ def test_rewrite_on_the_command_line_is_a_dry_run_until_confirmed(tmp_path):
     assert json.loads(crashkit.run_cli("find", "-r", repo, "credentials", "--json").stdout) == []
     proc = crashkit.run_cli("rewrite", "-r", repo, ok=(2,))
     assert proc.stderr.decode().strip() == "chunkvault: rewrite needs at least one --exclude"
+
+
+def test_tags_are_added_removed_and_set_without_touching_the_data(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    path = str(tmp_path / "repo")
+    with Repository.init(path, PASSWORD, kdf_seconds=0, ledger=False) as repo:
+        a = repo.backup([str(src)], tags=["nightly"]).snapshot
+        b = repo.backup([str(src)], tags=["nightly", "db"]).snapshot
+        trees = {s.id: tree_of(repo, s.id) for s in (a, b)}
+        assert [s.id for s in repo.tag([a.id[:8]], add=["keep", "nightly"])] == [a.id]
+        assert [s.id for s in repo.tag(tags=["nightly,db"], remove=["db"], add=["x"])] == [b.id]
+        assert repo.tag([a.id], add=["keep"]) == []  # nothing to change: nothing written
+        with pytest.raises(UsageError, match="give --add, --remove or --set"):
+            repo.tag([a.id])
+    with Repository.open(path, PASSWORD, ledger=False) as repo:
+        assert [s.tags for s in repo.snapshots()] == [["nightly", "keep"], ["nightly", "x"]]
+        assert {s.id: tree_of(repo, s.id) for s in repo.snapshots()} == trees
+    out = json.loads(crashkit.run_cli("tag", "-r", path, "--set", "p,q", "--remove", "q", "--json",
+                                      env=crashkit.cli_env({"CHUNKVAULT_PASSWORD": PASSWORD})).stdout)
+    assert [s["tags"] for s in out] == [["p"], ["p"]]
+    assert crashkit.run_cli("tag", "-r", path, ok=(2,)).stderr.strip() == b"chunkvault: tag: give --add, --remove or --set"
+
+
+def test_tag_and_rewrite_read_snapshots_again_under_their_lock(tmp_path):
+    """Listed before another command's forget rebased a differential, they still write the rebased
+    object: a stale one would point at a parent that is gone."""
+    src = tmp_path / "src"
+    src.mkdir()
+    path = str(tmp_path / "repo")
+    (src / "big").write_bytes(os.urandom(200_000))  # differentials stay small beside the full
+    with Repository.init(path, PASSWORD, kdf_seconds=0, ledger=False) as repo:
+        for i in range(3):
+            (src / "f").write_bytes(os.urandom(100 + i))
+            (src / "x.tmp").write_bytes(b"tmp")
+            repo.backup([str(src)])
+    early = Repository.open(path, PASSWORD, ledger=False)
+    full, d1, d2 = early.snapshots()
+    assert (d1.parent, d2.parent) == (full.id, d1.id)
+    with Repository.open(path, PASSWORD, ledger=False) as other:
+        other.forget([d1.id])  # d2 is rebased onto the full
+    early.tag([d2.id], add=["kept"])
+    early.rewrite(["*.tmp"], [d2.id], dry_run=False)
+    early.close()
+    with Repository.open(path, PASSWORD, ledger=False) as repo:
+        (f, d) = repo.snapshots()
+        assert (d.id, d.parent, d.tags) == (d2.id, full.id, ["kept"])
+        assert sorted(e.path for e in repo.tree(d.id)) == [b"", b"big", b"f"]
+        assert repo.check(read_data=True).ok
