@@ -612,7 +612,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_forget(args: argparse.Namespace) -> int:
     repo = _open(args)
     plan = repo.forget(args.snapshots, policy=_policy(args), dry_run=args.dry_run, hosts=args.host,
-                       tags=args.tag, paths=args.path)
+                       tags=args.tag, paths=args.path, wait=args.wait)
     pruned = _prune_with_progress(args, repo) if args.prune else None
     removed = set(plan.remove)
     if args.json:
@@ -637,7 +637,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
     repo = _open(args)
-    snap = repo.aggregate(args.snapshot, retire=args.retire)
+    snap = repo.aggregate(args.snapshot, retire=args.retire, wait=args.wait)
     if args.json:
         _emit_json(_snapshot_json(snap))
     elif not args.quiet:
@@ -932,6 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("aggregate", parents=[common], help="turn a differential into a synthetic full snapshot")
     s.add_argument("snapshot")
     s.add_argument("--retire", action="store_true", help="forget the chain it replaces")
+    s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for running backups")
     s.set_defaults(func=cmd_aggregate)
 
     s = sub.add_parser("copy", parents=[common], help="copy snapshots to another repository")

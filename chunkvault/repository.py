@@ -389,17 +389,37 @@ class Repository:
 
     def forget(self, snapshots: Iterable[str] = (), *, policy: RetentionPolicy | None = None,
                dry_run: bool = False, now: datetime | None = None, hosts: Iterable[str] = (),
-               tags: Iterable[str] = (), paths: Iterable[str] = ()) -> ForgetPlan:
+               tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0) -> ForgetPlan:
         """Remove snapshots (named, or by a retention policy); kept differentials are rebased first.
 
         ``hosts``, ``tags``, ``paths``: the policy applies to the snapshots these select
-        (``select_snapshots``) and keeps every other."""
-        from .store.lifecycle import apply_forget, plan_forget
+        (``select_snapshots``) and keeps every other.  The plan is made and carried out under the
+        exclusive lock (waiting up to ``wait`` seconds for running backups): a backup must not
+        build on a snapshot being forgotten, nor another forget rebase what this one plans from."""
+        from .store.lifecycle import apply_forget
+        from .store.locks import EXCLUSIVE, RepoLock
+
+        snapshots = list(snapshots)
+        if dry_run:
+            return self._plan_forget(self._list(), snapshots, policy, now, hosts, tags, paths)[0]
+        with RepoLock(self._repo.remote, EXCLUSIVE, "forget", wait=wait):
+            snaps = self._repo.reload_snapshots()
+            plan, whole = self._plan_forget(snaps, snapshots, policy, now, hosts, tags, paths)
+            # Forgetting a replayed snapshot again, by id, is allowed: it is the natural fix.
+            self._guard(snaps, forgetting=plan.remove if policy is None else ())
+            self._repo.load_index()
+            self._forgetting(snaps, plan.remove, lambda: apply_forget(self._repo, whole, plan))
+        return plan
+
+    def _plan_forget(self, snaps: list[Snapshot], specs: list[str], policy: RetentionPolicy | None,
+                     now: datetime | None, hosts: Iterable[str], tags: Iterable[str], paths: Iterable[str]
+                     ) -> tuple[ForgetPlan, list[Snapshot]]:
+        """What forget does with this listing: the plan, and the snapshots whose chains are whole."""
+        from .store.lifecycle import plan_forget
         from .store.retention import Decision
 
-        snaps = self._list() if dry_run else self._repo.snapshots()
         damaged = self._repo.unreadable_snapshots
-        ids = [self._forget_id(spec, snaps, damaged) for spec in snapshots]
+        ids = [self._forget_id(spec, snaps, damaged) for spec in specs]
         if policy is None and not ids:
             raise UsageError("nothing to forget: name snapshots or give a retention policy")
         hosts, tags, paths = list(hosts), list(tags), list(paths)
@@ -428,12 +448,7 @@ class Repository:
         direct = [i for i in ids if i in lost]
         plan.decisions += [Decision(i, False, ("named on the command line",)) for i in direct]
         plan.remove += direct
-        if dry_run:
-            return plan
-        # Forgetting a replayed snapshot again, by id, is allowed: it is the natural fix.
-        self._guard(snaps, forgetting=ids if policy is None else ())
-        self._forgetting(snaps, plan.remove, lambda: apply_forget(self._repo, whole, plan))
-        return plan
+        return plan, whole
 
     @staticmethod
     def _forget_id(spec: str, snaps: list[Snapshot], damaged: dict[str, CorruptObject]) -> str:
@@ -459,14 +474,19 @@ class Repository:
                                                (n for n in self._repo.unreadable_snapshots if n not in gone)))
         return out
 
-    def aggregate(self, snapshot: str | Snapshot, *, retire: bool = False) -> Snapshot:
-        """Turn a differential into a synthetic full (same id, same tree); ``retire`` forgets its old chain."""
+    def aggregate(self, snapshot: str | Snapshot, *, retire: bool = False, wait: float = 3600.0) -> Snapshot:
+        """Turn a differential into a synthetic full (same id, same tree); ``retire`` forgets its old chain.
+        Under the exclusive lock, as forget is."""
         from .store.lifecycle import aggregate
+        from .store.locks import EXCLUSIVE, RepoLock
 
-        snaps = self._guard()
-        snap = snapshot if isinstance(snapshot, Snapshot) else find_snapshot(snaps, snapshot)
-        chain = [s.id for s in self._repo.chain_of(snap, snaps)[:-1]] if retire else []
-        return self._forgetting(snaps, chain, lambda: aggregate(self._repo, snap, retire=retire))[0]
+        spec = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
+        with RepoLock(self._repo.remote, EXCLUSIVE, "aggregate", wait=wait):
+            snaps = self._guard(self._repo.reload_snapshots())
+            snap = find_snapshot(snaps, spec)
+            chain = [s.id for s in self._repo.chain_of(snap, snaps)[:-1]] if retire else []
+            self._repo.load_index()
+            return self._forgetting(snaps, chain, lambda: aggregate(self._repo, snap, snaps, retire=retire))[0]
 
     def prune(self, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0,
               progress: Callable[[int, int, int], None] | None = None) -> PrunePlan:

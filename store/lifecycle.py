@@ -15,7 +15,6 @@ from typing import Iterable, Iterator, NamedTuple
 from chunkvault.errors import CorruptObject
 
 from . import chain
-from .locks import SHARED, RepoLock
 from .manifest import Record
 from .manifest_io import store_manifest
 from .repository import Repo
@@ -92,47 +91,44 @@ def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep) -> Snapshot:
     return repo.save_snapshot(snap, replace=True)
 
 
-def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan, *, lock_wait: float = 3600.0) -> list[Snapshot]:
-    """Rebase, then delete. Returns the rebased snapshots."""
-    with RepoLock(repo.remote, SHARED, "forget", wait=lock_wait):
-        repo.load_index()
-        rebased = []
-        for step in plan.rebases:
-            try:
-                rebased.append(rebase(repo, snapshots, step))
-            except CorruptObject as exc:
-                raise exc.explained(f"; so {step.diff_id[:8]} cannot be rebased: forget it too (`repair snapshots` "
-                                    "lists every snapshot a damaged manifest takes down)") from None
-        for sid in plan.remove:
-            repo.delete_snapshot(sid)
+def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan) -> list[Snapshot]:
+    """Rebase, then delete. Returns the rebased snapshots.  The caller holds the exclusive lock and made
+    ``plan`` under it, from ``snapshots`` read under it."""
+    rebased = []
+    for step in plan.rebases:
+        try:
+            rebased.append(rebase(repo, snapshots, step))
+        except CorruptObject as exc:
+            raise exc.explained(f"; so {step.diff_id[:8]} cannot be rebased: forget it too (`repair snapshots` "
+                                "lists every snapshot a damaged manifest takes down)") from None
+    for sid in plan.remove:
+        repo.delete_snapshot(sid)
     return rebased
 
 
-def aggregate(repo: Repo, snap: Snapshot, *, retire: bool = False, lock_wait: float = 3600.0) -> tuple[Snapshot, ForgetPlan | None]:
+def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: bool = False
+              ) -> tuple[Snapshot, ForgetPlan | None]:
     """Make ``snap`` a synthetic full: its resolved tree as a full manifest, under the same id.
 
     No source is read and no data moves: only a manifest is written.  Snapshots
     that build on ``snap`` keep restoring as before (its id and tree are
     unchanged).  With ``retire`` the chain it replaced is forgotten, rebasing
-    any other snapshot that still needed part of it.
+    any other snapshot that still needed part of it.  The caller holds the
+    exclusive lock, and read ``snapshots`` under it.
     """
-    snapshots = repo.snapshots()
     chain_ids = [s.id for s in repo.chain_of(snap, snapshots)[:-1]]
     if snap.kind != KIND_FULL:
-        with RepoLock(repo.remote, SHARED, "aggregate", wait=lock_wait):
-            repo.load_index()
-            records = repo.tree(snap, snapshots)
-            ids, mw = store_manifest(repo, records)
-            snap.kind = KIND_FULL
-            snap.parent = None
-            snap.manifest = [i.hex() for i in ids]
-            snap.manifest_starts = mw.starts
-            snap.stats = {**snap.stats, "manifest_records": mw.records, "aggregated": True, "chain_length": 1,
-                          "manifest_bytes": snap.stats.get("manifest_bytes", 0) + mw.stored_bytes}
-            repo.save_snapshot(snap, replace=True)
+        records = repo.tree(snap, snapshots)
+        ids, mw = store_manifest(repo, records)
+        snap.kind = KIND_FULL
+        snap.parent = None
+        snap.manifest = [i.hex() for i in ids]
+        snap.manifest_starts = mw.starts
+        snap.stats = {**snap.stats, "manifest_records": mw.records, "aggregated": True, "chain_length": 1,
+                      "manifest_bytes": snap.stats.get("manifest_bytes", 0) + mw.stored_bytes}
+        repo.save_snapshot(snap, replace=True)
     plan = None
     if retire and chain_ids:
-        snapshots = repo.snapshots()
         plan = plan_forget(snapshots, ids=chain_ids)
-        apply_forget(repo, snapshots, plan, lock_wait=lock_wait)
+        apply_forget(repo, snapshots, plan)
     return snap, plan

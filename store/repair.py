@@ -186,7 +186,7 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
             e = rec.entry
             return e is not None and bool(e.chunks) and any(gone(c) for c in e.chunk_ids())
 
-        snapshots = repo.snapshots()
+        snapshots = repo.reload_snapshots()  # what a forget's rebase wrote before the lock is read anew
         report.unrestorable += [(name, f"the snapshot itself is unreadable ({exc.object_name}: {exc.reason})")
                                 for name, exc in repo.unreadable_snapshots.items()]
         unreadable: dict[str, str] = {}

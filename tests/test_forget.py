@@ -140,3 +140,72 @@ def test_a_policy_applies_to_the_selected_snapshots_and_keeps_the_others(tmp_pat
             assert tree_of(repo, s.id) == trees[s.id]
         with pytest.raises(UsageError, match="select the snapshots a retention policy applies to"):
             repo.forget([made[2].id], hosts=["a"])
+
+
+def _three_backups(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(200_000))  # differentials stay small beside the full
+    path = str(tmp_path / "repo")
+    with Repository.init(path, PW, kdf_seconds=0, ledger=False) as repo:
+        for i in range(3):
+            (src / "f").write_bytes(os.urandom(100 + i))
+            repo.backup([str(src)])
+        snaps = repo.snapshots()
+    assert [s.parent for s in snaps] == [None, snaps[0].id, snaps[1].id]
+    return path, src, snaps
+
+
+def test_forget_waits_for_a_backup_that_builds_on_what_it_would_remove(tmp_path, monkeypatch):
+    """A backup that chose its parent holds its lock until its snapshot is saved: a forget of that
+    parent meanwhile is refused (or waits), never leaving the new differential without its parent."""
+    import threading
+
+    from chunkvault.errors import Locked
+    from chunkvault.store import backup as backup_module
+
+    path, src, (full, d1, d2) = _three_backups(tmp_path)
+    records, chosen, go = backup_module.Backup.records, threading.Event(), threading.Event()
+
+    def paused(self, *args, **kwargs):
+        chosen.set()
+        go.wait(30)
+        yield from records(self, *args, **kwargs)
+
+    monkeypatch.setattr(backup_module.Backup, "records", paused)
+    (src / "f").write_bytes(b"new")
+    made = {}
+
+    def backup():
+        with Repository.open(path, PW, ledger=False) as repo:
+            made["snap"] = repo.backup([str(src)]).snapshot
+
+    worker = threading.Thread(target=backup)
+    worker.start()
+    assert chosen.wait(30)
+    with Repository.open(path, PW, ledger=False) as repo:
+        with pytest.raises(Locked, match="locked by backup"):
+            repo.forget([d2.id], wait=0)
+    go.set()
+    worker.join()
+    assert made["snap"].parent == d2.id
+    with Repository.open(path, PW, ledger=False) as repo:
+        repo.forget([d2.id], wait=0)  # now it is rebased first
+        assert repo.check(read_data=True).ok
+        assert {e.path: e.size for e in repo.tree(made["snap"].id)}[b"f"] == 3
+
+
+def test_forget_plans_from_the_snapshots_as_they_are_under_its_lock(tmp_path):
+    """Listed before another forget rebased a differential, a forget still plans from the rebased one."""
+    path, src, (full, d1, d2) = _three_backups(tmp_path)
+    early = Repository.open(path, PW, ledger=False)
+    assert len(early.snapshots()) == 3
+    with Repository.open(path, PW, ledger=False) as other:
+        other.forget([d1.id])  # d2 now builds on the full
+    plan = early.forget([full.id])
+    assert [(r.diff_id, r.new_parent) for r in plan.rebases] == [(d2.id, None)]
+    early.close()
+    with Repository.open(path, PW, ledger=False) as repo:
+        (only,) = repo.snapshots()
+        assert (only.id, only.kind, only.parent) == (d2.id, "full", None)
+        assert repo.check(read_data=True).ok

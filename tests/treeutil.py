@@ -50,9 +50,11 @@ def describe(root: str | bytes, *, owners: bool = False, times: bool = True) -> 
     return out
 
 
-def threads() -> int:
-    """The process's threads, C walkers' own among them (Python counts only its own); 1 without /proc."""
-    return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+def threads() -> frozenset[str]:
+    """The process's threads by id, C walkers' own among them (Python knows only its own); none without
+    /proc.  ``threads() <= before`` holds once every thread started since ``before`` has ended, whichever
+    older ones (a walker another test stopped) end meanwhile."""
+    return frozenset(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else frozenset()
 
 
 def wait_for(condition, timeout: float = 10.0) -> None:
@@ -62,7 +64,7 @@ def wait_for(condition, timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-def walked_ahead(walk, threads_before: int):
+def walked_ahead(walk, threads_before: frozenset[str]):
     """``walk`` once its walk ahead is over, a C walk's thread through the (small) tree included."""
     walk._thread.join()
     wait_for(lambda: threads() <= threads_before)
