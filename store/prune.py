@@ -97,7 +97,9 @@ def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], u
 def used_blobs(repo: Repo) -> set[bytes]:
     """Every blob a snapshot needs: manifests and chunks of each snapshot's own manifest."""
     used: set[bytes] = set()
-    snapshots = repo.snapshots()
+    # Read again under the lock: a forget's rebase since an earlier listing points a snapshot at new
+    # manifest blobs, and a stale object would have them deleted.
+    snapshots = repo.reload_snapshots()
     repo.require_readable("prune")  # what an unreadable snapshot needs cannot be known: nothing may go
     for snap in snapshots:
         used.update(bytes.fromhex(h) for h in snap.manifest)

@@ -150,6 +150,8 @@ def _three_backups(tmp_path):
     with Repository.init(path, PW, kdf_seconds=0, ledger=False) as repo:
         for i in range(3):
             (src / "f").write_bytes(os.urandom(100 + i))
+            if i == 1:  # a change the next differential does not repeat: a rebase writes a new manifest
+                (src / "g").write_bytes(os.urandom(50))
             repo.backup([str(src)])
         snaps = repo.snapshots()
     assert [s.parent for s in snaps] == [None, snaps[0].id, snaps[1].id]
@@ -209,3 +211,20 @@ def test_forget_plans_from_the_snapshots_as_they_are_under_its_lock(tmp_path):
         (only,) = repo.snapshots()
         assert (only.id, only.kind, only.parent) == (d2.id, "full", None)
         assert repo.check(read_data=True).ok
+
+
+def test_prune_keeps_what_a_rebase_wrote_after_it_listed_the_snapshots(tmp_path):
+    """A differential rebased by another command between prune's first listing and its lock points at
+    new manifest blobs: prune reads the snapshots again under its lock and keeps them."""
+    path, src, (full, d1, d2) = _three_backups(tmp_path)
+    early = Repository.open(path, PW, ledger=False)
+    assert len(early.snapshots()) == 3
+    with Repository.open(path, PW, ledger=False) as other:
+        other.forget([d1.id])
+    early.prune(max_unused=0.0)
+    early.close()
+    with Repository.open(path, PW, ledger=False) as repo:
+        assert [s.id for s in repo.snapshots()] == [full.id, d2.id]
+        assert repo.check(read_data=True).ok
+        repo.restore(d2.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "f").read_bytes() == (src / "f").read_bytes()
