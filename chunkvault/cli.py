@@ -240,7 +240,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from .store.source import SourceWalk, markers_of, read_exclude_file
+    from .store.source import SourceWalk, excludes_of, markers_of
 
     args.tag = _tags(args.tag)
     if args.stdin:
@@ -258,7 +258,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     else:
         if not args.paths:
             raise UsageError("nothing to back up: give at least one path (or --stdin)")
-        excludes = args.exclude + [g for path in args.exclude_file for g in read_exclude_file(path)]
+        excludes = excludes_of(args.exclude, args.exclude_file)
         rules = {"one_file_system": args.one_file_system, "exclude_if_present": args.exclude_if_present,
                  "exclude_caches": args.exclude_caches}
         walk = SourceWalk.of_paths(args.paths, excludes, one_file_system=args.one_file_system,
@@ -445,11 +445,10 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
-    from .store.source import read_exclude_file
+    from .store.source import excludes_of
 
     repo = _open(args)
-    excludes = args.exclude + [g for path in args.exclude_file for g in read_exclude_file(path)]
-    report = repo.rewrite(excludes, args.snapshots or None, hosts=args.host, tags=args.tag, paths=args.path,
+    report = repo.rewrite(excludes_of(args.exclude, args.exclude_file), args.snapshots or None, hosts=args.host, tags=args.tag, paths=args.path,
                           dry_run=args.confirm != "REWRITE")
     if args.json:
         _emit_json(report.to_dict())
@@ -807,16 +806,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--type auto: a full once a chain's differentials added this share of the full's size (default 0.5)")
     s.set_defaults(func=cmd_init)
 
-    s = sub.add_parser("backup", parents=[common], help="back up files and directories")
+    exclusion = _Parser(add_help=False)
+    exclusion.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                           help="leave out paths (below the root) or names matching GLOB, with their subtrees")
+    exclusion.add_argument("--exclude-file", action="append", default=[], metavar="FILE",
+                           help="--exclude each line of FILE (blank lines and lines starting with # skipped)")
+
+    s = sub.add_parser("backup", parents=[common, exclusion], help="back up files and directories")
     s.add_argument("paths", nargs="*")
     s.add_argument("--type", choices=["auto", "full", "diff"], default="auto")
     s.add_argument("--tag", action="append", default=[], metavar="TAG[,TAG...]",
                    help="tag the snapshot (repeatable; commas separate tags)")
     s.add_argument("--host")
-    s.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="leave out paths (below a source) or names matching GLOB, with their subtrees")
-    s.add_argument("--exclude-file", action="append", default=[], metavar="FILE",
-                   help="--exclude each line of FILE (blank lines and lines starting with # skipped)")
     s.add_argument("--exclude-if-present", action="append", default=[], metavar="NAME[:HEADER]",
                    help="of a directory holding a file NAME (starting with HEADER), keep only that file")
     s.add_argument("--exclude-caches", action="store_true",
@@ -853,13 +854,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="TAG[,TAG...]", help="replace the tags")
     s.set_defaults(func=cmd_tag)
 
-    s = sub.add_parser("rewrite", parents=[common, select],
+    s = sub.add_parser("rewrite", parents=[common, select, exclusion],
                        help="remove paths from existing snapshots (same ids, chains kept); prune then frees them")
     s.add_argument("snapshots", nargs="*", help="only these snapshots (default: all the filters select)")
-    s.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="remove paths (below a snapshot's root) or names matching GLOB, with their subtrees")
-    s.add_argument("--exclude-file", action="append", default=[], metavar="FILE",
-                   help="--exclude each line of FILE (blank lines and lines starting with # skipped)")
     s.add_argument("--confirm", metavar="REWRITE", help="type REWRITE to change the snapshots (else a dry run)")
     s.set_defaults(func=cmd_rewrite)
 

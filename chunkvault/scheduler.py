@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator, TextIO
 from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
 from .schedule import Policy, Source, decide, next_wakeup, parse_policy, source_history
 from .schedulecli import add_commands
-from .store.source import read_exclude_file
+from .store.source import excludes_of
 
 __all__ = ["Daemon", "Runner", "RunReport", "SourceResult", "add_commands", "cmd_daemon", "cmd_run",
            "load_policy"]
@@ -354,7 +354,7 @@ class Runner:
 
     def _backup(self, repo: Any, src: Source, kind: str, result: SourceResult) -> None:
         try:
-            excludes = list(src.excludes) + [g for path in src.exclude_files for g in read_exclude_file(path)]
+            excludes = excludes_of(list(src.excludes), list(src.exclude_files))
             res = repo.backup(list(src.paths), kind=kind, tags=list(src.tags), host=self._host(src),
                               excludes=excludes, fixed_chunks=list(src.fixed_chunks),
                               one_file_system=src.one_file_system, exclude_if_present=list(src.exclude_if_present),

@@ -61,6 +61,11 @@ def read_exclude_file(path: str) -> list[str]:
     return [g for g in (line.strip() for line in lines) if g and not g.startswith("#")]
 
 
+def excludes_of(globs: list[str], files: list[str]) -> list[str]:
+    """``--exclude`` globs, then the globs of each ``--exclude-file``."""
+    return list(globs) + [g for path in files for g in read_exclude_file(path)]
+
+
 def keep_marked(path: bytes, listing: list[ScanItem], markers: list[Marker]) -> list[ScanItem]:
     """``listing`` of the directory at ``path``, or only its marker files when it holds one (see
     ``markers_of``): what the C walk does to every directory it lists."""
