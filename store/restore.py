@@ -304,17 +304,21 @@ class Restorer:
 
     def check_target(self) -> None:
         t = self.target
-        if os.path.lexists(t):
-            if not os.path.isdir(t) or os.path.islink(t):
-                raise UsageError(f"restore target is not a directory: {os.fsdecode(t)}")
-            if os.listdir(t):
-                if not self.opt.force:
-                    raise TargetNotEmpty(f"restore target {os.fsdecode(t)} is not empty (use --force to restore into it)")
+        try:
+            if os.path.lexists(t):
+                if not os.path.isdir(t) or os.path.islink(t):
+                    raise UsageError(f"restore target is not a directory: {os.fsdecode(t)}")
+                if os.listdir(t):
+                    if not self.opt.force:
+                        raise TargetNotEmpty(f"restore target {os.fsdecode(t)} is not empty "
+                                             "(use --force to restore into it)")
+                else:
+                    self._fresh = True
             else:
+                os.makedirs(t)
                 self._fresh = True
-        else:
-            os.makedirs(t)
-            self._fresh = True
+        except OSError as exc:
+            raise UsageError(f"cannot restore into {os.fsdecode(t)}: {exc.strerror or exc}") from None
         self._present.add(t)
         self._real_target = os.path.realpath(t)
 

@@ -582,3 +582,17 @@ def test_manifest_stream_cut_short_or_padded_is_an_error(records, cut, junk):
         assert out is None or out == records[: len(out)]
     only_our_errors(lambda: list(iter_records([stream, junk], "m")))
     only_our_errors(decode_records, stream + junk, "m")
+
+
+def test_a_restore_target_that_cannot_be_made_or_listed_is_one_line(tmp_path):
+    repo = str(tmp_path / "repo")
+    crashkit.init_repo(repo)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"f")
+    crashkit.run_cli("backup", "-r", repo, str(tmp_path / "src"))
+    (tmp_path / "file").write_bytes(b"x")
+    for target, fragment in ((tmp_path / "file" / "below", "cannot restore into"),
+                             (tmp_path / "file", "restore target is not a directory")):
+        proc = crashkit.run_cli("restore", "-r", repo, "latest", "--target", str(target), ok=(2,))
+        err = proc.stderr.decode().strip().splitlines()
+        assert len(err) == 1 and fragment in err[0] and str(target) in err[0], err
