@@ -650,7 +650,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
     dst = _open_other(args, args.to, args.to_password_file, "CHUNKVAULT_TO_PASSWORD", "to")
     bar = _progress(args, "copy", unit="blobs")
     try:
-        result = src.copy_to(dst, args.snapshots, progress=bar)
+        result = src.copy_to(dst, args.snapshots, progress=bar, hosts=args.host, tags=args.tag, paths=args.path)
     finally:
         bar.done()
     if args.json:
@@ -932,7 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for running backups")
     s.set_defaults(func=cmd_aggregate)
 
-    s = sub.add_parser("copy", parents=[common], help="copy snapshots to another repository")
+    s = sub.add_parser("copy", parents=[common, select], help="copy snapshots to another repository")
     s.add_argument("snapshots", nargs="*", help="snapshots to copy (default: all)")
     s.add_argument("--to", required=True, metavar="URL", help="destination repository")
     s.add_argument("--to-password-file", help="destination password (or CHUNKVAULT_TO_PASSWORD)")

@@ -503,15 +503,19 @@ class Repository:
         return prune(self._repo, max_unused=max_unused, dry_run=dry_run, wait=wait, progress=progress)
 
     def copy_to(self, destination: "Repository", snapshots: Iterable[str] = (),
-                progress: Callable[[int, int], None] | None = None) -> CopyResult:
-        """Copy snapshots (default: all) with their chains; only what the destination lacks is sent.
+                progress: Callable[[int, int], None] | None = None, *, hosts: Iterable[str] = (),
+                tags: Iterable[str] = (), paths: Iterable[str] = ()) -> CopyResult:
+        """Copy snapshots (default: all; or those named and those the filters select) with their chains;
+        only what the destination lacks is sent.
 
         ``progress(blobs sent, bytes sent)`` is called as blobs arrive.
         """
         from .store.copy import copy_snapshots
 
         snaps = self._list()
-        ids = [find_snapshot(snaps, s).id for s in snapshots] or None
+        snapshots, hosts, tags, paths = list(snapshots), list(hosts), list(tags), list(paths)
+        ids = ([s.id for s in self._chosen(snaps, snapshots or None, hosts, tags, paths)]
+               if snapshots or hosts or tags or paths else None)
         destination._guard()
         result = copy_snapshots(self._repo, destination._repo, ids, progress=progress)
         destination._wrote(*(destination._repo.load_snapshot(d) for _, d in result.copied))

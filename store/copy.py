@@ -120,7 +120,7 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
     """Copy snapshots with their chains; ``progress(blobs sent, bytes sent)`` as it goes."""
     result = CopyResult()
     src_snaps = src.snapshots()
-    wanted = set(spec_ids) if spec_ids else {s.id for s in src_snaps}
+    wanted = set(spec_ids) if spec_ids is not None else {s.id for s in src_snaps}
     with RepoLock(dst.remote, SHARED, "copy"):
         dst.load_index()
         done = {s.stats.get(COPIED_FROM): s.id for s in dst.snapshots() if s.stats.get(COPIED_FROM)}

@@ -87,3 +87,16 @@ def test_cli_copy(tmp_path, new_repo, cli, password):
                          env={"CHUNKVAULT_TO_PASSWORD": password}).stdout)
     assert len(out["copied"]) == 2
     assert cli("copy", "-r", str(tmp_path / "src-repo"), "--to", dst, check=2).returncode == 2
+
+
+def test_copy_takes_the_snapshots_the_filters_select_with_their_chains(tmp_path, new_repo):
+    src = new_repo(str(tmp_path / "src-repo"))
+    history(tmp_path, src, n=3)
+    src.tag([src.snapshots()[-1].id], add=["offsite"])
+    dst = Repository.init(str(tmp_path / "dst"), "other password", kdf_seconds=0, copy_chunker_from=src)
+    assert src.copy_to(dst, hosts=["no such host"]).copied == []  # selects nothing: copies nothing
+    assert dst.snapshots() == []
+    result = src.copy_to(dst, tags=["offsite"])
+    newest = src.snapshots()[-1]
+    assert [a for a, _ in result.copied][-1] == newest.id  # with the chain it needs, oldest first
+    assert {s.stats["copied_from"] for s in dst.snapshots()} == {s.id for s in src.store.chain_of(newest)}
