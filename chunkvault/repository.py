@@ -545,7 +545,7 @@ class Repository:
 
     def tag(self, snapshots: Iterable[str | Snapshot] | None = None, *, add: Iterable[str] = (),
             remove: Iterable[str] = (), set_to: Iterable[str] | None = None, hosts: Iterable[str] = (),
-            tags: Iterable[str] = (), paths: Iterable[str] = ()) -> list[Snapshot]:
+            tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0) -> list[Snapshot]:
         """Change the tags of the snapshots named (all the filters select, when none are): ``set_to``
         replaces them, then ``remove`` and ``add`` apply.  Each changed snapshot object is written again
         under its id (its data untouched); returns those changed."""
@@ -556,11 +556,11 @@ class Repository:
             raise UsageError("tag: give --add, --remove or --set")
         chosen = self._chosen(self._guard(), snapshots, hosts, tags, paths)
         return retag_snapshots(self._repo, [s.id for s in chosen], add=add, remove=remove,
-                               set_to=None if set_to is None else list(set_to))
+                               set_to=None if set_to is None else list(set_to), wait=wait)
 
     def rewrite(self, excludes: list[str], snapshots: Iterable[str | Snapshot] | None = None, *,
                 hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
-                dry_run: bool = True) -> RewriteReport:
+                dry_run: bool = True, wait: float = 3600.0) -> RewriteReport:
         """Remove the paths ``excludes`` match (as ``backup`` excludes, with their subtrees) from every
         snapshot, or from those named and those the filters select; same ids, chains kept.  Lists what
         would go until ``dry_run=False``; ``prune`` then frees the data nothing references."""
@@ -568,7 +568,7 @@ class Repository:
 
         every = self._list() if dry_run else self._guard()
         chosen = self._chosen(every, snapshots, hosts, tags, paths)
-        return rewrite_snapshots(self._repo, [s.id for s in chosen], list(excludes), dry_run=dry_run)
+        return rewrite_snapshots(self._repo, [s.id for s in chosen], list(excludes), dry_run=dry_run, wait=wait)
 
     def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,
                overwrite: bool = False) -> ExportStats:

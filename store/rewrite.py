@@ -9,6 +9,7 @@ written, so rewriting a parent and its differentials together gives the same tre
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -97,13 +98,13 @@ def _under_lock(repo: Repo, ids: Iterable[str]) -> tuple[list[Snapshot], list[Sn
 def rewrite_snapshots(repo: Repo, ids: Iterable[str], globs: list[str], *, dry_run: bool = True,
                       wait: float = 3600.0) -> RewriteReport:
     """Rewrite each snapshot of ``ids`` without the paths ``globs`` exclude (``excluded_by``); a dry
-    run plans and reports only.  Under the exclusive lock: no backup may build on a manifest being
-    replaced, no forget rebase one."""
+    run plans and reports only, and takes no lock.  Under the exclusive lock: no backup may build on a
+    manifest being replaced, no forget rebase one."""
     if not globs:
         raise UsageError("rewrite needs at least one --exclude")
     excluded = excluded_by(globs)
     report = RewriteReport(dry_run)
-    with RepoLock(repo.remote, EXCLUSIVE, "rewrite", wait=wait):
+    with contextlib.nullcontext() if dry_run else RepoLock(repo.remote, EXCLUSIVE, "rewrite", wait=wait):
         repo.load_index()
         every, chosen = _under_lock(repo, ids)
         plans = []

@@ -169,3 +169,15 @@ def test_tag_and_rewrite_read_snapshots_again_under_their_lock(tmp_path):
         assert (d.id, d.parent, d.tags) == (d2.id, full.id, ["kept"])
         assert sorted(e.path for e in repo.tree(d.id)) == [b"", b"big", b"f"]
         assert repo.check(read_data=True).ok
+
+
+def test_a_rewrite_dry_run_takes_no_lock(tmp_path):
+    from chunkvault.store.locks import SHARED, RepoLock
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.key").write_bytes(b"k")
+    with Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0, ledger=False) as repo:
+        snap = repo.backup([str(src)]).snapshot
+        with RepoLock(repo.store.remote, SHARED, "backup"):  # a backup running
+            assert repo.rewrite(["*.key"], wait=0).removed == [(snap.id, "a.key")]
