@@ -18,7 +18,7 @@ from .connection import connect, key_ahead_path
 from .remotes import Remote, url_scheme
 from .chunker import FIXED_CHUNK_SIZE
 from .store.backup import Backup, BackupOptions, BackupResult
-from .store.chain import broken_chains
+from .store.chain import broken_chains, lineage
 from .store.config import Settings
 from .store.manifest import T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import Repo
@@ -297,12 +297,8 @@ class Repository:
         every = self._list()
         chosen = self._chosen(every, snapshots, hosts, tags, paths)
         by_id = {s.id: s for s in every}
-        needed: dict[str, Snapshot] = {}
-        for s in chosen:
-            cur: Snapshot | None = s
-            while cur is not None and cur.id not in needed:
-                needed[cur.id] = cur
-                cur = by_id.get(cur.parent) if cur.parent else None
+        parents = {s.id: s.parent for s in every}
+        needed = {sid: by_id[sid] for s in chosen for sid in lineage(s.id, parents)}
         match = path_matcher(patterns, ignore_case)
         matches = matches_by_snapshot(needed.values(), self._repo.manifest_records, match)
         for s in chosen:

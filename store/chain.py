@@ -127,6 +127,17 @@ def chain_to_base(snapshot_id: str, parents: dict[str, str | None]) -> list[str]
         chain.append(parent)
 
 
+def lineage(snapshot_id: str, parents: dict[str, str | None]) -> list[str]:
+    """``snapshot_id`` and the ancestors of it that are in ``parents``, newest first; it stops, without
+    raising, at a parent that is not there or one already seen (a damaged chain)."""
+    out = [snapshot_id]
+    parent = parents.get(snapshot_id)
+    while parent is not None and parent in parents and parent not in out:
+        out.append(parent)
+        parent = parents[parent]
+    return out
+
+
 def broken_chains(parents: dict[str, str | None]) -> dict[str, str]:
     """Each snapshot whose chain reaches a parent not in ``parents`` (unreadable or gone), and that parent:
     nothing can restore or rebase it."""

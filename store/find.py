@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from . import chain
+from .chain import lineage
 from .manifest import Entry, Record
 from .snapshot import Snapshot
 
@@ -37,29 +38,13 @@ def chain_order(snapshots: Iterable[Snapshot]) -> list[Snapshot]:
     """``snapshots`` with every parent before its children (by depth in the chain, then time); a
     differential whose chain does not reach a full among them is left out."""
     by_id = {s.id: s for s in snapshots}
-    depth: dict[str, int] = {}  # -1: the chain is broken (a parent missing, or a cycle)
-    for s in by_id.values():
-        trail: list[str] = []
-        on_trail: set[str] = set()
-        cur = s.id
-        while True:
-            if cur in depth:
-                d = depth[cur]
-                break
-            snap = by_id.get(cur)
-            if snap is None or cur in on_trail:
-                d = -1
-                break
-            if snap.parent is None:
-                d = depth[cur] = 0
-                break
-            trail.append(cur)
-            on_trail.add(cur)
-            cur = snap.parent
-        for sid in reversed(trail):
-            d = d + 1 if d >= 0 else -1
-            depth[sid] = d
-    return sorted((s for s in by_id.values() if depth[s.id] >= 0), key=lambda s: (depth[s.id], s.time, s.id))
+    parents = {sid: s.parent for sid, s in by_id.items()}
+    depth = {}
+    for sid in by_id:
+        line = lineage(sid, parents)
+        if parents[line[-1]] is None:  # reaches a full: not cut off at a missing parent or a cycle
+            depth[sid] = len(line) - 1
+    return sorted((by_id[sid] for sid in depth), key=lambda s: (depth[s.id], s.time, s.id))
 
 
 def matches_by_snapshot(snapshots: Iterable[Snapshot], own_records: Callable[[Snapshot], Iterable[Record]],

@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 
 from chunkvault.errors import UsageError
 
+from .chain import lineage
 from .find import path_matcher
 from .locks import EXCLUSIVE, RepoLock
 from .manifest import OP_DELETE, T_HARDLINK, ManifestStats, Record, delete_record, sort_key
@@ -117,17 +118,18 @@ def rewrite_snapshots(repo: Repo, ids: Iterable[str], globs: list[str], *, dry_r
                 report.removed += [(snap.id, p.decode("utf-8", "backslashreplace")) for p in plan.removed]
         report.rewritten = [s.id for s, _ in plans]
         done = set(report.rewritten)
-        report.inherited = [s.id for s in every if s.id not in done and s.kind != KIND_FULL
-                            and any(a.id in done for a in repo.chain_of(s, every))]
+        parents = {s.id: s.parent for s in every}
+        inherited = [s for s in every if s.id not in done and not done.isdisjoint(lineage(s.id, parents))]
+        report.inherited = [s.id for s in inherited]
         if dry_run:
             return report
         for snap, plan in plans:
-            ids, mw = store_manifest(repo, plan.records)
-            snap.manifest = [i.hex() for i in ids]
+            blob_ids, mw = store_manifest(repo, plan.records)
+            snap.manifest = [i.hex() for i in blob_ids]
             snap.manifest_starts = mw.starts
             snap.stats = {**snap.stats, "rewritten": True, "manifest_records": mw.records}
             _save_counts(repo, snap, plan.stats)
-        for snap in (s for s in every if s.id in set(report.inherited)):
+        for snap in inherited:
             stats = ManifestStats()
             for rec in repo.tree(snap, every):
                 assert rec.entry is not None

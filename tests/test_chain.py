@@ -1,7 +1,7 @@
 """Chain resolution against an obviously-correct dict model."""
 from hypothesis import given, settings, strategies as st
 
-from chunkvault.store.chain import ancestors, apply, chain_to_base, compose, lookup, resolve
+from chunkvault.store.chain import ancestors, apply, chain_to_base, compose, lineage, lookup, resolve
 from chunkvault.store.manifest import (
     OP_DELETE, OP_ENTRY, OP_FRESH, T_FILE, Entry, Record, sort_key,
 )
@@ -114,3 +114,11 @@ def test_lookup_of_one_path_matches_resolve(tree, chain, probe):
 def test_ancestors():
     assert ancestors(b"a/b/c") == [b"a", b"a/b"]
     assert ancestors(b"top") == []
+
+
+def test_lineage_walks_up_to_a_missing_parent_or_a_cycle_without_raising():
+    parents = {"f": None, "d1": "f", "d2": "d1", "o": "gone", "x": "y", "y": "x"}
+    assert lineage("d2", parents) == ["d2", "d1", "f"]
+    assert lineage("f", parents) == ["f"]
+    assert lineage("o", parents) == ["o"]
+    assert lineage("x", parents) == ["x", "y"]

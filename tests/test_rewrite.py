@@ -181,3 +181,21 @@ def test_a_rewrite_dry_run_takes_no_lock(tmp_path):
         snap = repo.backup([str(src)]).snapshot
         with RepoLock(repo.store.remote, SHARED, "backup"):  # a backup running
             assert repo.rewrite(["*.key"], wait=0).removed == [(snap.id, "a.key")]
+
+
+def test_a_damaged_chain_elsewhere_does_not_stop_a_rewrite(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(200_000))
+    (src / "a.key").write_bytes(b"k")
+    path = str(tmp_path / "repo")
+    with Repository.init(path, PASSWORD, kdf_seconds=0, ledger=False) as repo:
+        full = repo.backup([str(src)]).snapshot
+        (src / "f").write_bytes(b"f")
+        diff = repo.backup([str(src)]).snapshot
+        assert diff.parent == full.id
+        other = repo.backup([str(tmp_path / "src" / "big")]).snapshot  # another source: its own chain
+    os.unlink(tmp_path / "repo" / "snapshots" / full.id)  # diff's chain is broken now
+    with Repository.open(path, PASSWORD, ledger=False) as repo:
+        report = repo.rewrite(["*.key"], [other.id], dry_run=False)
+        assert report.rewritten == [] and report.inherited == []
