@@ -116,12 +116,17 @@ class SFTPRepoDir:
     env: dict[str, str] = field(default_factory=dict)
 
 
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory) -> Iterator[SSHServer]:
+def require_sshd() -> None:
+    """Skip the calling test without OpenSSH's server, or fail it under CI, where it must be installed."""
     if not os.path.exists(SSHD) or not shutil.which("ssh-keygen"):
         if os.environ.get("CI"):
             pytest.fail("sshd/ssh-keygen missing: install openssh-server and openssh-client")
         pytest.skip("OpenSSH server not installed")
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory) -> Iterator[SSHServer]:
+    require_sshd()
     server = SSHServer(str(tmp_path_factory.mktemp("sshd")))
     server.start()
     yield server

@@ -185,8 +185,9 @@ def test_openssh_sessions_ignore_the_terminals_ctrl_c(sftp_repo):
 
 
 def test_server_gone_mid_session_is_unavailable(tmp_path, transport):
-    from servers_ssh import SSHServer
+    from servers_ssh import SSHServer, require_sshd
 
+    require_sshd()
     (tmp_path / "srv").mkdir()
     server = SSHServer(str(tmp_path / "srv"))
     server.start()
