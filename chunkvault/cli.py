@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -162,7 +163,11 @@ def _open(args: argparse.Namespace) -> Any:
     key = unlock(remote, password, ahead)  # before the store's modules load: see store/unlock.py
     from .repository import Repository
 
-    return Repository.open(remote, key)
+    repo = Repository.open(remote, key, lock_reads=not getattr(args, "no_lock", False))
+    purpose = getattr(args, "read_lock", None)
+    if purpose:  # before anything is read; released when the command ends (``main``)
+        args.held.enter_context(repo.reading(purpose, wait=args.wait))
+    return repo
 
 
 # --- output helpers ------------------------------------------------------------------
@@ -837,6 +842,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"chunk size for --fixed-chunks (default {FIXED_CHUNK_SIZE >> 20} MiB)")
     s.set_defaults(func=cmd_backup)
 
+    reading = _Parser(add_help=False)  # commands that read data hold a shared lock (store/locks.py)
+    reading.add_argument("--no-lock", action="store_true",
+                         help="read without the shared lock (e.g. a read-only remote); a prune running "
+                              "meanwhile can make the read fail")
+    reading.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS",
+                         help="wait this long for a running prune, forget or repair (default 3600)")
+
     select = _Parser(add_help=False)
     select.add_argument("--host", action="append", default=[], help="only snapshots of this host (repeatable)")
     select.add_argument("--tag", action="append", default=[], metavar="TAG[,TAG...]",
@@ -864,16 +876,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what the repository holds: snapshots, distinct data, deltas, packs, ratios")
     s.set_defaults(func=cmd_stats)
 
-    s = sub.add_parser("find", parents=[common, select],
+    s = sub.add_parser("find", parents=[common, reading, select],
                        help="find files by glob in every snapshot: each version, and the snapshots holding it")
     s.add_argument("patterns", nargs="+", metavar="PATTERN",
                    help="glob matched against the path below a snapshot's root, or against the name")
     s.add_argument("--snapshot", "-s", action="append", default=[], metavar="ID",
                    help="only in this snapshot (repeatable; default: all)")
     s.add_argument("--ignore-case", "-i", action="store_true")
-    s.set_defaults(func=cmd_find)
+    s.set_defaults(func=cmd_find, read_lock="find")
 
-    s = sub.add_parser("restore", parents=[common], help="restore a snapshot into a directory")
+    s = sub.add_parser("restore", parents=[common, reading], help="restore a snapshot into a directory")
     s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest")
     s.add_argument("--target", "-t", required=True)
     s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
@@ -885,22 +897,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--delete", action="store_true", help="in place: remove files the snapshot does not have")
     s.add_argument("--processes", type=_positive_int, metavar="N",
                    help="worker processes writing an empty target on local storage (default: one per core)")
-    s.set_defaults(func=cmd_restore)
+    s.set_defaults(func=cmd_restore, read_lock="restore")
 
-    s = sub.add_parser("ls", parents=[common], help="list a snapshot's entries")
+    s = sub.add_parser("ls", parents=[common, reading], help="list a snapshot's entries")
     s.add_argument("snapshot")
     s.add_argument("path", nargs="?")
-    s.set_defaults(func=cmd_ls)
+    s.set_defaults(func=cmd_ls, read_lock="ls")
 
-    s = sub.add_parser("diff", parents=[common], help="what changed between two snapshots")
+    s = sub.add_parser("diff", parents=[common, reading], help="what changed between two snapshots")
     s.add_argument("snap1")
     s.add_argument("snap2")
-    s.set_defaults(func=cmd_diff)
+    s.set_defaults(func=cmd_diff, read_lock="diff")
 
-    s = sub.add_parser("dump", parents=[common], help="write one file of a snapshot to stdout")
+    s = sub.add_parser("dump", parents=[common, reading], help="write one file of a snapshot to stdout")
     s.add_argument("snapshot")
     s.add_argument("path")
-    s.set_defaults(func=cmd_dump)
+    s.set_defaults(func=cmd_dump, read_lock="dump")
 
     s = sub.add_parser("forget", parents=[common, select], help="remove snapshots by id or retention policy")
     s.add_argument("snapshots", nargs="*", help="snapshot ids or prefixes to remove")
@@ -932,19 +944,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for running backups")
     s.set_defaults(func=cmd_aggregate)
 
-    s = sub.add_parser("copy", parents=[common, select], help="copy snapshots to another repository")
+    s = sub.add_parser("copy", parents=[common, reading, select], help="copy snapshots to another repository")
     s.add_argument("snapshots", nargs="*", help="snapshots to copy (default: all)")
     s.add_argument("--to", required=True, metavar="URL", help="destination repository")
     s.add_argument("--to-password-file", help="destination password (or CHUNKVAULT_TO_PASSWORD)")
-    s.set_defaults(func=cmd_copy)
+    s.set_defaults(func=cmd_copy, read_lock="copy")
 
-    s = sub.add_parser("check", parents=[common], help="verify the repository")
+    s = sub.add_parser("check", parents=[common, reading], help="verify the repository")
     s.add_argument("--read-data", action="store_true", help="decrypt, decompress and re-hash every blob")
     s.add_argument("--read-data-subset", metavar="n/m|P%", help="read only a slice of the packs")
     s.add_argument("--accept-state", action="store_true",
                    help="accept the snapshots as they are now after a replayed or rolled-back repository "
                         "was reported (resets this client's ledger)")
-    s.set_defaults(func=cmd_check)
+    s.set_defaults(func=cmd_check, read_lock="check")
 
     s = sub.add_parser("repair", parents=[common],
                        help="rebuild the index, salvage damaged packs, or drop files whose data is gone")
@@ -969,11 +981,11 @@ def build_parser() -> argparse.ArgumentParser:
     from . import exportcli
     from .schedulecli import add_commands as add_schedule_commands
 
-    exportcli.add_commands(sub, common)
+    exportcli.add_commands(sub, common, reading)
     add_schedule_commands(sub, common)
     from .verify import add_commands as add_verify_commands
 
-    add_verify_commands(sub, common)
+    add_verify_commands(sub, common, reading)
 
     s = sub.add_parser("serve", help="run the HTTP backup service (default 127.0.0.1:6362)", add_help=False,
                        prefix_chars="+")
@@ -1004,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.ExitStack() as args.held:
             warnings.showwarning = _warning_printer(warnings.showwarning)
             return int(args.func(args) or 0)
     except ChunkvaultError as exc:

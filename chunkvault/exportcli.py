@@ -107,9 +107,9 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argparse.ArgumentParser) -> None:
     """Register ``export`` and ``import``; add ``--from-file`` to an existing ``restore`` parser."""
-    s = subparsers.add_parser("export", parents=[common],
+    s = subparsers.add_parser("export", parents=[common, reading],
                               help="write one snapshot (chain resolved) into a self-contained encrypted .backup file")
     s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest")
     s.add_argument("--output", required=True, metavar="FILE.backup")
@@ -118,7 +118,7 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--kdf-time", type=float, default=0.5,
                    help="seconds the export password's derivation should take (default 0.5)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    s.set_defaults(func=cmd_export)
+    s.set_defaults(func=cmd_export, read_lock="export")
 
     s = subparsers.add_parser("import", parents=[common], help="bring a .backup file in as a full snapshot")
     s.add_argument("file", metavar="FILE.backup")

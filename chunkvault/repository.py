@@ -6,13 +6,14 @@
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
-from .errors import CorruptObject, RollbackDetected, SnapshotNotFound, UsageError
+from .errors import CorruptObject, PermissionDenied, RollbackDetected, SnapshotNotFound, StorageFull, UsageError
 from .ledger import Ledger, RepositoryStateWarning, present_of
 from .connection import connect, key_ahead_path
 from .remotes import Remote, url_scheme
@@ -62,9 +63,11 @@ class Repository:
     (``RepositoryStateWarning``), writes raise ``RollbackDetected``, ``check`` reports them.
     """
 
-    def __init__(self, repo: Repo, ledger: Ledger | None = None):
+    def __init__(self, repo: Repo, ledger: Ledger | None = None, *, lock_reads: bool = True):
         self._repo = repo
         self._ledger = ledger
+        self.lock_reads = lock_reads
+        self._reading_depth = 0
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -93,8 +96,10 @@ class Repository:
 
     @classmethod
     def open(cls, url: str | Remote, password: str | bytes | Unlocked, *,
-             ledger: bool | str | os.PathLike[str] = True, **remote_options: Any) -> "Repository":
+             ledger: bool | str | os.PathLike[str] = True, lock_reads: bool = True,
+             **remote_options: Any) -> "Repository":
         """``password`` may be what ``store.unlock.unlock`` opened on the same remote already.
+        ``lock_reads=False`` reads without the shared lock (see ``reading``).
 
         Off local disk, a password's key is derived from the key file that opened ``url`` last time while
         the remote connects (``store/keyahead.py``; not with ``cache=False``, which keeps nothing locally).
@@ -115,7 +120,7 @@ class Repository:
                     remote.close()
                 raise
         repo = Repo.open(remote, key)
-        return cls(repo, _ledger_for(repo, ledger))
+        return cls(repo, _ledger_for(repo, ledger), lock_reads=lock_reads)
 
     def close(self) -> None:
         self._repo.remote.close()
@@ -260,6 +265,41 @@ class Repository:
 
     # --- reading ----------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def reading(self, purpose: str = "read", *, wait: float = 3600.0) -> Iterator[None]:
+        """Hold a shared lock while reading data, so that no prune, forget or repair (exclusive) deletes
+        or rewrites what the read follows; waits up to ``wait`` seconds for one that runs (a warning says
+        who), then raises Locked.  Snapshot objects and an index read before the lock are read again.
+
+        ``restore``, ``find``, ``check``, ``export`` and ``copy_to`` hold it themselves; a caller of the
+        lazy readers (``tree``, ``diff``, ``open_file``) holds it around its use.  Nested uses share the
+        outer lock.  With ``lock_reads`` off, or when the remote refuses to store the lock (a read-only
+        token or mount, a full disk), the read goes ahead unlocked (the latter with a warning)."""
+        from .store.locks import SHARED, RepoLock
+
+        lock = None
+        if self.lock_reads and not self._reading_depth:
+            lock = RepoLock(self._repo.remote, SHARED, purpose, wait=wait, wait_option=True,
+                            on_wait=lambda held: warnings.warn(
+                                f"waiting up to {wait:g} s: repository is locked by {held.describe()}",
+                                RepositoryStateWarning, stacklevel=4))
+            try:
+                lock.acquire()
+            except (PermissionDenied, StorageFull) as exc:
+                lock = None
+                warnings.warn(f"reading without a lock ({exc}): a prune running meanwhile could remove data "
+                              f"this {purpose} needs; --no-lock skips the lock", RepositoryStateWarning,
+                              stacklevel=3)
+            else:
+                self._repo.drop_stale()
+        self._reading_depth += 1
+        try:
+            yield
+        finally:
+            self._reading_depth -= 1
+            if lock is not None:
+                lock.__exit__(None, None, None)
+
     def snapshots(self, *, hosts: Iterable[str] = (), tags: Iterable[str] = (),
                   paths: Iterable[str] = ()) -> list[Snapshot]:
         """The snapshots, oldest first; filtered as ``select_snapshots`` does when a filter is given."""
@@ -294,18 +334,19 @@ class Repository:
 
         if not patterns:
             raise UsageError("find needs at least one pattern")
-        every = self._list()
-        chosen = self._chosen(every, snapshots, hosts, tags, paths)
-        by_id = {s.id: s for s in every}
-        parents = {s.id: s.parent for s in every}
-        needed = {sid: by_id[sid] for s in chosen for sid in lineage(s.id, parents)}
-        match = path_matcher(patterns, ignore_case)
-        matches = matches_by_snapshot(needed.values(), self._repo.manifest_records, match)
-        for s in chosen:
-            if s.id not in matches:
-                warnings.warn(f"snapshot {s.short_id} is not searched: its chain does not reach a full snapshot "
-                              f"(`check` says why)", RepositoryStateWarning, stacklevel=2)
-        return versions(chosen, matches)
+        with self.reading("find"):
+            every = self._list()
+            chosen = self._chosen(every, snapshots, hosts, tags, paths)
+            by_id = {s.id: s for s in every}
+            parents = {s.id: s.parent for s in every}
+            needed = {sid: by_id[sid] for s in chosen for sid in lineage(s.id, parents)}
+            match = path_matcher(patterns, ignore_case)
+            matches = matches_by_snapshot(needed.values(), self._repo.manifest_records, match)
+            for s in chosen:
+                if s.id not in matches:
+                    warnings.warn(f"snapshot {s.short_id} is not searched: its chain does not reach a full snapshot "
+                                  f"(`check` says why)", RepositoryStateWarning, stacklevel=2)
+            return versions(chosen, matches)
 
     def snapshot(self, spec: str = "latest", *, until: str | datetime | None = None,
                  host: str | None = None, paths: list[str] | None = None) -> Snapshot:
@@ -330,16 +371,17 @@ class Repository:
         the whole tree to find the few files it writes."""
         from .store import restore_workers
 
-        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until)
-        opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
-                              delta=delta, delete=delete, progress=progress)
-        restorer = Restorer(self._repo, target, opts)
-        if delete and os.path.isdir(target):
-            restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
-        if processes is None:
-            processes = 1 if includes else restore_workers.auto_processes(snap.stats.get("bytes"))
-        entries = snap.stats.get("files", 0) + snap.stats.get("dirs", 0) if "files" in snap.stats else None
-        return restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes, entries)
+        with self.reading("restore"):
+            snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until)
+            opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
+                                  delta=delta, delete=delete, progress=progress)
+            restorer = Restorer(self._repo, target, opts)
+            if delete and os.path.isdir(target):
+                restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
+            if processes is None:
+                processes = 1 if includes else restore_workers.auto_processes(snap.stats.get("bytes"))
+            entries = snap.stats.get("files", 0) + snap.stats.get("dirs", 0) if "files" in snap.stats else None
+            return restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes, entries)
 
     def find_entry(self, snapshot: str | Snapshot, path: str | bytes) -> Entry:
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
@@ -375,12 +417,13 @@ class Repository:
         """
         from .store.check import Checker, Problem
 
-        report = Checker(self._repo, read_data=read_data, subset=subset, progress=progress).run()
-        accepted = self.accept_state() if accept_state else []  # after the check: its snapshots are loaded
-        if self._ledger is not None:
-            report.problems.extend(Problem(f"snapshots/{f.snapshot_id}", f.message(), snapshots=[f.snapshot_id])
-                                   for f in self._ledger.findings(self._present_for_check()))
-        report.warnings.extend(f"accepted: {line}" for line in accepted)
+        with self.reading("check"):
+            report = Checker(self._repo, read_data=read_data, subset=subset, progress=progress).run()
+            accepted = self.accept_state() if accept_state else []  # after the check: its snapshots are loaded
+            if self._ledger is not None:
+                report.problems.extend(Problem(f"snapshots/{f.snapshot_id}", f.message(), snapshots=[f.snapshot_id])
+                                       for f in self._ledger.findings(self._present_for_check()))
+            report.warnings.extend(f"accepted: {line}" for line in accepted)
         return report
 
     def forget(self, snapshots: Iterable[str] = (), *, policy: RetentionPolicy | None = None,
@@ -508,13 +551,14 @@ class Repository:
         """
         from .store.copy import copy_snapshots
 
-        snaps = self._list()
-        snapshots, hosts, tags, paths = list(snapshots), list(hosts), list(tags), list(paths)
-        ids = ([s.id for s in self._chosen(snaps, snapshots or None, hosts, tags, paths)]
-               if snapshots or hosts or tags or paths else None)
-        destination._guard()
-        result = copy_snapshots(self._repo, destination._repo, ids, progress=progress)
-        destination._wrote(*(destination._repo.load_snapshot(d) for _, d in result.copied))
+        with self.reading("copy"):
+            snaps = self._list()
+            snapshots, hosts, tags, paths = list(snapshots), list(hosts), list(tags), list(paths)
+            ids = ([s.id for s in self._chosen(snaps, snapshots or None, hosts, tags, paths)]
+                   if snapshots or hosts or tags or paths else None)
+            destination._guard()
+            result = copy_snapshots(self._repo, destination._repo, ids, progress=progress)
+            destination._wrote(*(destination._repo.load_snapshot(d) for _, d in result.copied))
         return result
 
     def repair_index(self) -> RepairReport:
@@ -571,8 +615,9 @@ class Repository:
         """Write one snapshot (its chain resolved) into a self-contained encrypted .backup file."""
         from .store.export import export
 
-        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
-        return export(self._repo, snap, path, _password(password), kdf_seconds=kdf_seconds, overwrite=overwrite)
+        with self.reading("export"):
+            snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+            return export(self._repo, snap, path, _password(password), kdf_seconds=kdf_seconds, overwrite=overwrite)
 
     def import_backup(self, path: str, password: str | bytes) -> Snapshot:
         """Bring a .backup file in as a new full snapshot; chunks already here are not stored again."""

@@ -446,40 +446,41 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
     missing data is reported in ``error``; other failures (an unreachable
     remote) propagate.  The scratch directory is removed unless ``keep``.
     """
-    snap = snapshot if isinstance(snapshot, Snapshot) else repo.snapshot(snapshot)
-    if owners is None:
-        owners = os.geteuid() == 0
-    report = VerifyReport(snap.id, snap.time, snap.kind)
-    started = time.monotonic()
-    base = _make_scratch(scratch)
-    target = os.path.join(base, "restore")
-    try:
+    with repo.reading("verify-restore"):
+        snap = snapshot if isinstance(snapshot, Snapshot) else repo.snapshot(snapshot)
+        if owners is None:
+            owners = os.geteuid() == 0
+        report = VerifyReport(snap.id, snap.time, snap.kind)
+        started = time.monotonic()
+        base = _make_scratch(scratch)
+        target = os.path.join(base, "restore")
         try:
-            _restore(repo, snap, target)
-        except CorruptObject as exc:
-            report.error = f"restore failed: {exc}"
-        report.restore_seconds = round(time.monotonic() - started, 3)
-        if report.error is None:
-            t = time.monotonic()
-            result = compare_tree(repo.tree(snap), target, owners=owners, max_listed=max_listed)
-            report.compare_seconds = round(time.monotonic() - t, 3)
-            report.files, report.dirs, report.links, report.bytes = result.files, result.dirs, result.links, result.bytes
-            report.mismatches, report.mismatch_count = result.mismatches, result.mismatch_count
-            report.warnings = result.warnings
-        if then is not None and report.ok:
-            cmd_env = dict(os.environ if env is None else env)
-            cmd_env.update(CHUNKVAULT_RESTORE_DIR=target, CHUNKVAULT_SNAPSHOT_ID=snap.id,
-                           CHUNKVAULT_SNAPSHOT_TIME=snap.time, CHUNKVAULT_SNAPSHOT_KIND=snap.kind)
-            report.command = run_command(then, cmd_env, timeout=timeout)
-        elif then is not None:
-            report.warnings.append("the command was not run: the restored tree is not what the snapshot holds")
-    finally:
-        if keep:
-            report.kept_at = target
-        elif os.path.lexists(base):
-            remove_tree(base)
-        report.duration = round(time.monotonic() - started, 3)
-    return report
+            try:
+                _restore(repo, snap, target)
+            except CorruptObject as exc:
+                report.error = f"restore failed: {exc}"
+            report.restore_seconds = round(time.monotonic() - started, 3)
+            if report.error is None:
+                t = time.monotonic()
+                result = compare_tree(repo.tree(snap), target, owners=owners, max_listed=max_listed)
+                report.compare_seconds = round(time.monotonic() - t, 3)
+                report.files, report.dirs, report.links, report.bytes = result.files, result.dirs, result.links, result.bytes
+                report.mismatches, report.mismatch_count = result.mismatches, result.mismatch_count
+                report.warnings = result.warnings
+            if then is not None and report.ok:
+                cmd_env = dict(os.environ if env is None else env)
+                cmd_env.update(CHUNKVAULT_RESTORE_DIR=target, CHUNKVAULT_SNAPSHOT_ID=snap.id,
+                               CHUNKVAULT_SNAPSHOT_TIME=snap.time, CHUNKVAULT_SNAPSHOT_KIND=snap.kind)
+                report.command = run_command(then, cmd_env, timeout=timeout)
+            elif then is not None:
+                report.warnings.append("the command was not run: the restored tree is not what the snapshot holds")
+        finally:
+            if keep:
+                report.kept_at = target
+            elif os.path.lexists(base):
+                remove_tree(base)
+            report.duration = round(time.monotonic() - started, 3)
+        return report
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -555,10 +556,10 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
+def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argparse.ArgumentParser) -> None:
     """Register ``verify-restore``."""
     s = subparsers.add_parser(
-        "verify-restore", parents=[common],
+        "verify-restore", parents=[common, reading],
         help="restore snapshots into a scratch directory, compare them with their manifests, run a check")
     s.add_argument("snapshot", nargs="?", default=None, help="id, unique prefix, or latest (the default)")
     s.add_argument("--all-since", metavar="TIME",
@@ -571,4 +572,4 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--timeout", type=float, metavar="SECONDS", help="kill CMD (and its children) after this long")
     s.add_argument("--scratch", metavar="DIR", help="make the scratch directory under DIR (default: the temp dir)")
     s.add_argument("--keep", action="store_true", help="keep the restored tree (its path is reported)")
-    s.set_defaults(func=cmd_verify_restore)
+    s.set_defaults(func=cmd_verify_restore, read_lock="verify-restore")

@@ -9,7 +9,7 @@ pickled messages over a pipe; an exception it raises comes back as itself
 and is raised in the parent, which then ends the other workers.
 
 Forking is safe only where the parent has no other thread (a lock held by
-another thread stays held in the child) and its remote keeps no
+another thread stays held in the child) but quiet ones (``forksafe.py``) and its remote keeps no
 per-process state (``Remote.fork_safe``: local disk), on Linux.
 """
 from __future__ import annotations
@@ -22,12 +22,13 @@ import selectors
 import signal
 import struct
 import sys
-import threading
 import time
 from typing import Any, Callable, Generic, TypeVar
 
 from chunkvault.errors import ChunkvaultError
 from chunkvault.remotes import Remote
+
+from .forksafe import FORK_GUARD, loud_threads
 
 T = TypeVar("T")
 
@@ -38,7 +39,7 @@ _HEADER = struct.Struct("<I")
 
 
 def can_fork(remote: Remote) -> bool:
-    return sys.platform.startswith("linux") and remote.fork_safe and threading.active_count() == 1
+    return sys.platform.startswith("linux") and remote.fork_safe and not loud_threads()
 
 
 def cores() -> int:
@@ -143,7 +144,8 @@ class Workers(Generic[T]):
     def _fork(self, k: int, work: Callable[[int, Reporter], T]) -> _Worker[T]:
         parent = os.getpid()
         rfd, wfd = os.pipe()
-        pid = os.fork()
+        with FORK_GUARD:
+            pid = os.fork()
         if pid == 0:
             code = 1
             try:

@@ -1,9 +1,12 @@
-"""Repository locks: only what prune needs.
+"""Repository locks: what prune, forget and the repairs need.
 
-Backups never block each other: each writes a *shared* lock object when it
-starts (before it reads the index) and removes it when done.  Prune takes an
-*exclusive* lock and proceeds only when no live shared lock exists, so no
-backup can be holding index entries that prune is about to drop.  Locks are
+Backups and reads never block each other: each backup, restore, check, copy,
+export or listing of a snapshot's files writes a *shared* lock object when it
+starts (before it reads the index or the snapshots) and removes it when done.
+Prune, forget, aggregate, rewrite, tag and the repairs take an *exclusive*
+lock and proceed only when no live shared lock exists, so no backup can be
+holding index entries that prune is about to drop, and no read can be
+following an index into packs that prune is about to delete.  Locks are
 refreshed while held; one not refreshed for ``STALE_AFTER`` seconds, or held
 by a process on this host that no longer exists, is stale: it is ignored and
 removed (a killed prune or backup never wedges the repository).
@@ -21,9 +24,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from chunkvault.errors import Locked, ObjectNotFound, RemoteError
 from chunkvault.remotes import Remote
+
+from .forksafe import FORK_GUARD, start_quiet_thread
 
 REFRESH_EVERY = 60.0
 STALE_AFTER = 300.0
@@ -99,8 +105,12 @@ def list_locks(remote: Remote) -> list[LockInfo]:
 class RepoLock:
     """A lock object held for the duration of a ``with`` block, refreshed in the background."""
 
-    def __init__(self, remote: Remote, kind: str, purpose: str, *, wait: float = 0.0, poll: float = 2.0):
+    def __init__(self, remote: Remote, kind: str, purpose: str, *, wait: float = 0.0, poll: float = 2.0,
+                 on_wait: Callable[[LockInfo], None] | None = None, wait_option: bool | None = None):
         self.remote = remote
+        self.on_wait = on_wait  # told once, before the first wait, who holds the lock
+        # Whether the refusal names --wait: the exclusive commands and the reads have it.
+        self.wait_option = kind == EXCLUSIVE if wait_option is None else wait_option
         self.kind = kind
         self.purpose = purpose
         self.wait = wait
@@ -141,17 +151,20 @@ class RepoLock:
             self.remote.delete(self.key)
             if time.monotonic() >= deadline:
                 raise Locked(f"repository is locked by {conflicts[0].describe()}; try again later"
-                             + (" or use --wait" if self.kind == EXCLUSIVE else ""))
+                             + (" or use --wait" if self.wait_option else ""))
+            if self.on_wait is not None:
+                self.on_wait(conflicts[0])
+                self.on_wait = None
             time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())) + os.urandom(1)[0] / 2550)
-        self._thread = threading.Thread(target=self._refresh, name="lock-refresh", daemon=True)
-        self._thread.start()
+        self._thread = start_quiet_thread(self._refresh, "lock-refresh")
 
     def _refresh(self) -> None:
         while not self._stop.wait(REFRESH_EVERY):
-            try:
-                self._write()
-            except Exception:  # a failed refresh only risks staleness; the next one may succeed
-                continue
+            with FORK_GUARD:  # a restore's workers fork while this lock is held: never mid-write
+                try:
+                    self._write()
+                except Exception:  # a failed refresh only risks staleness; the next one may succeed
+                    continue
 
     def release(self) -> None:
         self._stop.set()

@@ -112,7 +112,7 @@ class Repo:
         self.chunker_params = ChunkerParams.from_dict(config.settings.chunker)
         self.chunker = Chunker(material.chunker_secret, self.chunker_params)
         self._index: BlobIndex | None = None
-        self._index_names: set[str] = set()
+        self._index_names: set[str] = set()  # the index objects listed when it loaded, and those written since
         self.pack_ids: list[bytes | None] = []
         self._pack_nos: dict[bytes, int] = {}
         self._lock = threading.Lock()
@@ -278,7 +278,7 @@ class Repo:
         for _, d in live:
             self._add_columns(d, index)
         # Published only when complete: other threads never see a half-loaded index.
-        self._index, self._index_names = index, {n for n, _ in live}
+        self._index, self._index_names = index, set(names)
 
     def _add_columns(self, d: IndexColumns, index: BlobIndex) -> None:
         for pack_id, count, start in zip(d.pack_ids, d.counts, d.starts):
@@ -585,6 +585,15 @@ class Repo:
             loaded = list(pool.map(load, names))
         self.unreadable_snapshots = {n: x for n, x in zip(names, loaded) if isinstance(x, CorruptObject)}
         return sorted((x for x in loaded if isinstance(x, Snapshot)), key=lambda s: (s.time, s.id))
+
+    def drop_stale(self) -> None:
+        """Forget what another command may have changed before this one took its lock: the snapshot
+        objects read (forget rebases differentials) and the index, if its objects are no longer the
+        ones it was loaded from (prune and the repairs replace them; read again when next needed)."""
+        self._snapshots.clear()
+        with self._index_lock:
+            if self._index is not None and set(self.index_names()) != self._index_names:
+                self._index = None
 
     def reload_snapshots(self) -> list[Snapshot]:
         """``snapshots()`` with every object read again: under the exclusive lock, the view that no other

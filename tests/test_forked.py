@@ -73,6 +73,30 @@ _CASES = {
                 gone.append(pid)
         print(json.dumps({"gone": len(gone), "seconds": time.monotonic() - start}))
     """,
+    "quiet_thread": """
+        import threading, time
+        from chunkvault.remotes.local import LocalRemote
+        from chunkvault.store.forksafe import FORK_GUARD, start_quiet_thread
+        remote = LocalRemote("/nonexistent-never-created")
+        stop, working = threading.Event(), threading.Event()
+        def refresher():
+            with FORK_GUARD:  # mid-work when the fork is asked for
+                working.set()
+                time.sleep(0.5)
+            stop.wait()
+        start_quiet_thread(refresher, "refresher")
+        working.wait()
+        quiet_ok = forked.can_fork(remote)
+        start = time.monotonic()
+        with forked.Workers(1, lambda k, rep: time.monotonic()) as w:
+            (child_time,) = w.wait()
+        loud = threading.Thread(target=stop.wait)
+        loud.start()
+        loud_ok = forked.can_fork(remote)
+        stop.set()
+        loud.join()
+        print(json.dumps({"quiet": quiet_ok, "loud": loud_ok, "forked_after_work": child_time - start}))
+    """,
 }
 
 
@@ -105,3 +129,10 @@ def test_a_killed_worker_is_an_error():
 def test_an_error_in_the_parent_ends_the_workers():
     r = _run("parent_fails")
     assert r["gone"] == 2 and r["seconds"] < 60
+
+
+def test_a_quiet_thread_lets_workers_fork_but_never_mid_work():
+    """A lock's refresher does not stop a restore's workers; a fork waits for its work to end."""
+    r = _run("quiet_thread")
+    assert r["quiet"] is True and r["loud"] is False
+    assert r["forked_after_work"] >= 0.3
