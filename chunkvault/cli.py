@@ -322,7 +322,8 @@ def _backup_progress(bar: Progress) -> Callable[[dict], None] | None:
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
     repo = _open(args)
-    snaps = repo.snapshots(hosts=args.host, tags=args.tag, paths=args.path)
+    snaps = repo.snapshots(hosts=args.host, tags=args.tag, paths=args.path, latest=args.latest,
+                           group_by=args.group_by)
     if args.json:
         _emit_json([_snapshot_json(s) for s in snaps])
         return 0
@@ -857,6 +858,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only snapshots of this backed-up path (repeatable: all of them)")
 
     s = sub.add_parser("snapshots", parents=[common, select], help="list snapshots")
+    s.add_argument("--latest", type=_positive_int, metavar="N", help="only the N newest of each group")
+    s.add_argument("--group-by", default="host,paths", metavar="host,paths,tags",
+                   help="the groups --latest counts in (default host,paths)")
     s.set_defaults(func=cmd_snapshots)
 
     s = sub.add_parser("tag", parents=[common, select], help="add, remove or set the tags of snapshots")

@@ -300,10 +300,16 @@ class Repository:
             if lock is not None:
                 lock.__exit__(None, None, None)
 
-    def snapshots(self, *, hosts: Iterable[str] = (), tags: Iterable[str] = (),
-                  paths: Iterable[str] = ()) -> list[Snapshot]:
-        """The snapshots, oldest first; filtered as ``select_snapshots`` does when a filter is given."""
-        return select_snapshots(self._list(), hosts=hosts, tags=tags, paths=paths)
+    def snapshots(self, *, hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
+                  latest: int | None = None, group_by: str | Iterable[str] = "host,paths") -> list[Snapshot]:
+        """The snapshots, oldest first; filtered as ``select_snapshots`` does when a filter is given; with
+        ``latest``, only that many of the newest of each group (by host and paths, or ``group_by``)."""
+        chosen = select_snapshots(self._list(), hosts=hosts, tags=tags, paths=paths)
+        if latest is None:
+            return chosen
+        from .store.retention import newest_of_groups, parse_group_by
+
+        return newest_of_groups(chosen, latest, parse_group_by(group_by))
 
     def stats(self) -> RepositoryStats:
         """Snapshots, distinct data, deltas, packs and the ratios between them, from the snapshot objects,

@@ -238,14 +238,7 @@ class RetentionPolicy:
                 raise UsageError(f"tags must be non-empty strings, got {sorted(ts, key=repr)!r}")
             tag_sets.append(ts)
         object.__setattr__(self, "keep_tags", tuple(tag_sets))
-        gb = self.group_by
-        if isinstance(gb, str):
-            gb = [g.strip() for g in gb.split(",") if g.strip()]
-        gb = frozenset(gb)
-        unknown = gb - GROUP_KEYS
-        if unknown:
-            raise UsageError(f"cannot group by {', '.join(sorted(unknown))}; choose from host, paths, tags")
-        object.__setattr__(self, "group_by", gb)
+        object.__setattr__(self, "group_by", parse_group_by(self.group_by))
 
     @staticmethod
     def _duration_fields() -> tuple[str, ...]:
@@ -361,12 +354,36 @@ def _utc(t: Any, sid: str) -> datetime:
     return t.astimezone(timezone.utc)
 
 
-def _group_key(s: SnapshotLike, group_by: frozenset[str]) -> tuple:
+def parse_group_by(value: str | Iterable[str]) -> frozenset[str]:
+    """``host,paths`` (or a list of those words) as a set; UsageError naming an unknown word."""
+    words = [g.strip() for g in value.split(",") if g.strip()] if isinstance(value, str) else list(value)
+    gb = frozenset(words)
+    unknown = gb - GROUP_KEYS
+    if unknown:
+        raise UsageError(f"cannot group by {', '.join(sorted(unknown))}; choose from host, paths, tags")
+    return gb
+
+
+def group_key(s: SnapshotLike, group_by: frozenset[str]) -> tuple:
+    """What ``s`` is grouped by: its host, paths and tags, each only where ``group_by`` names it."""
     return (
         s.host if "host" in group_by else None,
         tuple(sorted(s.paths)) if "paths" in group_by else None,
         tuple(sorted(set(s.tags))) if "tags" in group_by else None,
     )
+
+
+def newest_of_groups(snapshots: Iterable[SnapshotLike], n: int, group_by: frozenset[str]) -> list[SnapshotLike]:
+    """The ``n`` newest snapshots of each group (restic's ``snapshots --latest``), in the order given."""
+    if n < 1:
+        raise UsageError(f"--latest must be at least 1, got {n}")
+    snaps = list(snapshots)
+    groups: dict[tuple, list[SnapshotLike]] = {}
+    for s in snaps:
+        groups.setdefault(group_key(s, group_by), []).append(s)
+    kept = {s.id for members in groups.values()
+            for s in sorted(members, key=lambda s: (_utc(s.time, s.id), s.id), reverse=True)[:n]}
+    return [s for s in snaps if s.id in kept]
 
 
 def _check_ids(snapshots: Sequence[SnapshotLike]) -> None:
@@ -389,7 +406,7 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
     times = {s.id: _utc(s.time, s.id) for s in snaps}
     groups: dict[tuple, list[SnapshotLike]] = {}
     for s in snaps:
-        groups.setdefault(_group_key(s, policy.group_by), []).append(s)
+        groups.setdefault(group_key(s, policy.group_by), []).append(s)
     reasons: dict[str, list[str]] = {}
     for members in groups.values():
         members.sort(key=lambda s: (times[s.id], s.id), reverse=True)

@@ -130,6 +130,11 @@ def test_find_and_snapshot_filters_on_the_command_line(tmp_path):
     assert ids("--tag", "hourly", "--tag", "nightly") == [["nightly", "db"], ["hourly"]]
     assert ids("--host", "beta", "--path", str(src)) == [[]]
     assert ids("--path", str(tmp_path / "elsewhere")) == []
+    assert ids("--latest", "1") == [["hourly"], []]  # the newest of each host's series
+    assert ids("--latest", "1", "--group-by", "paths") == [[]]
+    assert ids("--latest", "2", "--group-by", "tags", "--host", "alpha") == [["nightly", "db"], ["hourly"]]
+    bad = crashkit.run_cli("snapshots", "-r", repo, "--latest", "1", "--group-by", "hostname", ok=(2,))
+    assert b"cannot group by hostname" in bad.stderr
 
     out = json.loads(crashkit.run_cli("find", "-r", repo, "app.CONF", "-i", "--host", "alpha", "--json").stdout)
     assert [(f["path"], [v["size"] for v in f["versions"]], [len(v["snapshots"]) for v in f["versions"]])

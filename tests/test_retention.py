@@ -10,8 +10,8 @@ from hypothesis import assume, given, settings, strategies as st
 
 from chunkvault.errors import CorruptObject, MissingObject, SnapshotNotFound, UsageError
 from chunkvault.store.retention import (
-    Decision, Duration, RetentionPolicy, chain_dependencies, load_preset, parse_duration,
-    policy_from_dict, presets_from_dict, rebase_plan, select,
+    Decision, Duration, RetentionPolicy, chain_dependencies, load_preset, newest_of_groups, parse_duration,
+    parse_group_by, policy_from_dict, presets_from_dict, rebase_plan, select,
 )
 
 UTC = timezone.utc
@@ -221,6 +221,24 @@ def test_keep_last_keeps_exactly_the_newest_per_group(history, n, group_by):
         want |= {s.id for s in members[:n]}
     assert kept(decisions) == want
 
+
+@settings(max_examples=150, deadline=None)
+@given(histories(), st.integers(1, 8), st.frozensets(st.sampled_from(["host", "paths", "tags"])))
+def test_latest_lists_what_keep_last_keeps_in_the_order_given(history, n, group_by):
+    """``snapshots --latest N`` shows what ``forget --keep-last N`` would keep, grouped the same way."""
+    snaps, now = history
+    shown = newest_of_groups(snaps, n, group_by)
+    assert [s.id for s in shown] == [s.id for s in snaps if s.id in kept(select(
+        snaps, RetentionPolicy(keep_last=n, group_by=group_by), now))]
+
+
+def test_group_by_words():
+    assert parse_group_by("host, paths") == {"host", "paths"}
+    assert parse_group_by("") == frozenset() and parse_group_by(["tags"]) == {"tags"}
+    with pytest.raises(UsageError, match="cannot group by hostname"):
+        parse_group_by("hostname,paths")
+    with pytest.raises(UsageError, match="at least 1"):
+        newest_of_groups([], 0, frozenset())
 
 @settings(max_examples=150, deadline=None)
 @given(histories(), policies(), st.data())
