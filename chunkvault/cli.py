@@ -140,7 +140,11 @@ def _remote_options(args: argparse.Namespace, url: str) -> dict[str, Any]:
         pairs.append(f"s3.endpoint-url={args.s3_endpoint}")
     if getattr(args, "s3_storage_class", None):
         pairs.append(f"s3.data-storage-class={args.s3_storage_class}")
-    return options_for_url(url, pairs)
+    options = options_for_url(url, pairs)
+    for name in ("limit_upload", "limit_download"):
+        if getattr(args, name, None):
+            options[name] = getattr(args, name)
+    return options
 
 
 def _open(args: argparse.Namespace) -> Any:
@@ -767,6 +771,18 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
+def _rate(text: str) -> int:
+    """Bytes per second from KiB per second (restic's unit), or a size with a unit (``2M``: 2 MiB/s)."""
+    t = text.strip().removesuffix("/s")
+    try:
+        n = _size(t) if t[-1:].isalpha() else int(float(t) * 1024)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (KiB per second, e.g. 512, or 2M)") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"a rate must be positive: {text!r}")
+    return n
+
+
 def _positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -789,6 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (or AWS_ENDPOINT_URL)")
     common.add_argument("--s3-storage-class", metavar="CLASS",
                         help="storage class of data packs, e.g. STANDARD_IA (metadata stays STANDARD)")
+    common.add_argument("--limit-upload", type=_rate, metavar="KiB/s",
+                        help="hold uploads to this rate (KiB per second, or with a unit: 2M, 500K per second)")
+    common.add_argument("--limit-download", type=_rate, metavar="KiB/s", help="hold downloads to this rate")
     common.add_argument("--password-file", help="read the password from this file (or CHUNKVAULT_PASSWORD_FILE)")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")

@@ -13,14 +13,20 @@ import blake3
 from .remotes import Remote, open_remote
 from .remotes.layer import wrap_remote
 from .remotes.local import LocalRemote
+from .remotes.throttle import ThrottledRemote
 
 
-def connect(url: str | Remote, *, cache: bool = True, **options: Any) -> Remote:
-    """Open a remote by URL; off-site remotes get retries and a local metadata cache."""
+def connect(url: str | Remote, *, cache: bool = True, limit_upload: float | None = None,
+            limit_download: float | None = None, **options: Any) -> Remote:
+    """Open a remote by URL; off-site remotes get retries and a local metadata cache.  ``limit_upload`` and
+    ``limit_download`` (bytes per second) hold its transfers to those rates (``remotes/throttle.py``)."""
     if isinstance(url, Remote):
         return url
     remote = open_remote(url, **options)
-    if isinstance(remote, LocalRemote):
+    local = isinstance(remote, LocalRemote)
+    if limit_upload or limit_download:
+        remote = ThrottledRemote(remote, upload=limit_upload, download=limit_download)
+    if local:
         return remote
     cache_dir = os.path.join(cache_base(), url_digest(remote.display_url)) if cache else None
     return wrap_remote(remote, cache_dir=cache_dir)
