@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from chunkvault.errors import ObjectNotFound, UsageError
@@ -52,6 +52,10 @@ def number_option(backend: str, name: str, value: object, minimum: float, kind: 
 class ObjectInfo:
     key: str
     size: int
+    #: What the backend's listing says changes whenever the object is written (S3's ETag; the HTTP
+    #: service's file identity), or None where it says nothing exact: lets a cache trust an entry of an
+    #: object that may be rewritten in place (a snapshot).  Not part of equality.
+    version: str | None = field(default=None, compare=False)
 
 
 class Remote(ABC):

@@ -293,19 +293,19 @@ class HTTPRemote(Remote):
     def _pages(self, prefix: str) -> Iterator[ObjectInfo]:
         after = ""
         while True:
-            query = {"prefix": prefix, **({"after": after} if after else {})}
+            query = {"prefix": prefix, "versions": "1", **({"after": after} if after else {})}
             response = self._request("GET", "/objects/?" + urlencode(query), "list", prefix)
             if response.status != 200:
                 raise self._error(response, "list", prefix)
             try:
                 page = json.loads(response.data)
-                items = [(str(k), int(s)) for k, s in page["objects"]]
+                items = [(str(k), int(s), str(v[0]) if v else None) for k, s, *v in page["objects"]]
                 after = page.get("next") or ""
             except (ValueError, KeyError, TypeError):
                 raise RemoteError(f"{self.display_url} sent a listing that is not chunkvault's JSON") from None
-            for key, size in items:
+            for key, size, version in items:  # a server older than versions sends none
                 if key.startswith(prefix):
-                    yield ObjectInfo(validate_key(key), size)
+                    yield ObjectInfo(validate_key(key), size, version)
             if not after:
                 return
 

@@ -165,22 +165,30 @@ _CACHE_TEMP = ".tmp-"
 
 
 class CachingRemote(Remote):
-    """Keeps immutable metadata objects (index, snapshots) on local disk.
+    """Keeps metadata objects (index, snapshots) on local disk.
 
-    Those keys are content hashes, so a cached entry never goes stale; ``delete``
-    drops it, ``list`` and ``stat`` always ask the inner remote.  Each cache file
+    Index keys are content hashes, so a cached entry never goes stale.  A key
+    under ``rewritable`` (snapshots: a forget rebases a differential, ``tag``
+    and ``rewrite`` change one, in place, from any client) is served from the
+    cache only when the latest listing gave the object a version (``ObjectInfo``)
+    and the entry was stored under that same version; where the backend's listing
+    gives none (SFTP), such objects are always fetched.  ``delete`` drops an
+    entry, ``list`` and ``stat`` always ask the inner remote.  Each cache file
     records the object's size and digest: a truncated or damaged file is
     discarded and fetched again, never returned.  ``cache_dir`` should be private
     to one repository.
     """
 
-    def __init__(self, inner: Remote, cache_dir: str | os.PathLike, *, prefixes: Iterable[str] = ("index/", "snapshots/")):
+    def __init__(self, inner: Remote, cache_dir: str | os.PathLike, *, prefixes: Iterable[str] = ("index/", "snapshots/"),
+                 rewritable: Iterable[str] = ("snapshots/",)):
         self.inner = inner
         self.display_url = inner.display_url
         self.fork_safe = inner.fork_safe
         self.cheap_ranges = inner.cheap_ranges
         self.cache_dir = os.path.abspath(os.fspath(cache_dir))
         self.prefixes = tuple(prefixes)
+        self.rewritable = tuple(rewritable)
+        self._versions: dict[str, str] = {}  # rewritable key -> its version in the latest listing
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -189,15 +197,35 @@ class CachingRemote(Remote):
     def cacheable(self, key: str) -> bool:
         return key.startswith(self.prefixes)
 
-    def _path(self, key: str) -> str:
-        return os.path.join(self.cache_dir, *validate_key(key).split("/"))
+    def _path(self, key: str, version: str | None = None) -> str:
+        """The entry of ``key``; of a rewritable key, the entry of that version of it."""
+        path = os.path.join(self.cache_dir, *validate_key(key).split("/"))
+        if version is None:
+            return path
+        return f"{path}@{hashlib.blake2b(version.encode(), digest_size=8).hexdigest()}"
+
+    def _forget_versions(self, key: str) -> None:
+        """Drop what is known of a rewritable ``key`` (its own write or delete makes it stale)."""
+        with self._lock:
+            self._versions.pop(key, None)
+        self._drop_versions(key)
+
+    def _drop_versions(self, key: str) -> None:
+        """Remove the cached entries of every version of a rewritable ``key``."""
+        directory, base = os.path.split(self._path(key))
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(base + "@"):
+                self._remove(os.path.join(directory, name))
 
     def _count(self, name: str) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + 1)
 
-    def _load(self, key: str) -> bytes | None:
-        path = self._path(key)
+    def _load(self, path: str) -> bytes | None:
         try:
             with open(path, "rb") as f:
                 raw = f.read()
@@ -211,9 +239,8 @@ class CachingRemote(Remote):
             self._remove(path)
         return data
 
-    def _store(self, key: str, data: bytes) -> None:
+    def _store(self, path: str, data: bytes) -> None:
         """Atomic write (temp + rename); a failing cache never fails the operation."""
-        path = self._path(key)
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, _CACHE_TEMP + secrets.token_hex(8))
         try:
@@ -232,18 +259,30 @@ class CachingRemote(Remote):
             pass
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        if key.startswith(self.rewritable):
+            self._forget_versions(key)  # its new version is known at the next listing
         self.inner.put(key, data, if_absent=if_absent)
-        if self.cacheable(key):
-            self._store(key, bytes(data))
+        if self.cacheable(key) and not key.startswith(self.rewritable):
+            self._store(self._path(key), bytes(data))
 
     def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
         if not self.cacheable(validate_key(key)):
             return self.inner.get(key, start, length)
-        data = self._load(key)
+        version = None
+        if key.startswith(self.rewritable):
+            with self._lock:
+                version = self._versions.get(key)
+            if version is None:  # no listing vouches for a cached copy
+                self._count("misses")
+                return self.inner.get(key, start, length)
+        path = self._path(key, version)
+        data = self._load(path)
         if data is None:
             self._count("misses")
             data = self.inner.get(key)
-            self._store(key, data)
+            if version is not None:
+                self._drop_versions(key)  # entries of older versions: never served again
+            self._store(path, data)  # a rewrite since the listing makes this newer than its version: harmless
         else:
             self._count("hits")
         if start is None and length is None:
@@ -252,10 +291,24 @@ class CachingRemote(Remote):
         return data[lo : None if length is None else lo + length]
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        return self.inner.list(prefix)
+        if not any(r.startswith(prefix) or prefix.startswith(r) for r in self.rewritable):
+            return self.inner.list(prefix)
+        return self._noting_versions(self.inner.list(prefix))
+
+    def _noting_versions(self, listing: Iterator[ObjectInfo]) -> Iterator[ObjectInfo]:
+        for info in listing:
+            if info.key.startswith(self.rewritable):
+                with self._lock:
+                    if info.version is None:
+                        self._versions.pop(info.key, None)
+                    else:
+                        self._versions[info.key] = info.version
+            yield info
 
     def delete(self, key: str) -> None:
-        if self.cacheable(validate_key(key)):
+        if key.startswith(self.rewritable):
+            self._forget_versions(validate_key(key))
+        elif self.cacheable(validate_key(key)):
             self._remove(self._path(key))
         self.inner.delete(key)
 

@@ -336,7 +336,7 @@ class S3Remote(Remote):
                         validate_key(key)
                     except UsageError:
                         continue  # not ours (e.g. a console's folder marker)
-                    yield ObjectInfo(key, int(item["Size"]))
+                    yield ObjectInfo(key, int(item["Size"]), item.get("ETag") or None)
         except (bce.BotoCoreError, bce.ClientError) as exc:
             raise self._error(exc, "list", None, where=prefix) from None
 

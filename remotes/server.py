@@ -249,8 +249,10 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
 # --- listing --------------------------------------------------------------------------
 
 
-def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[tuple[str, int]], str | None]:
-    """Up to ``limit`` objects under ``prefix`` that sort after ``after``, and the next marker.
+def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[tuple[str, int, str]], str | None]:
+    """Up to ``limit`` objects under ``prefix`` that sort after ``after`` (key, size, version), and the next
+    marker.  The version names the file's modification time and inode: every write replaces the file by a
+    rename, so it changes whenever the object is written (clients cache rewritable objects by it).
 
     Keys are ordered segment by segment (a depth-first walk in name order), so a
     page starts where the last one ended without listing what came before.
@@ -258,7 +260,7 @@ def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[tupl
     head = prefix.rpartition("/")[0]
     start = head.split("/") if head else []
     marker = after.split("/") if after else None
-    items: list[tuple[str, int]] = []
+    items: list[tuple[str, int, str]] = []
     for item in _walk(root, start, prefix, marker):
         items.append(item)
         if len(items) == limit:
@@ -266,7 +268,7 @@ def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[tupl
     return items, None
 
 
-def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None) -> Iterator[tuple[str, int]]:
+def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None) -> Iterator[tuple[str, int, str]]:
     try:
         with os.scandir(os.path.join(root, *parts)) as it:
             entries = sorted(it, key=lambda e: e.name)
@@ -288,10 +290,10 @@ def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None) ->
             if marker is not None and here <= marker:
                 continue
             try:
-                size = entry.stat(follow_symlinks=False).st_size
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            yield key, size
+            yield key, st.st_size, f"{st.st_mtime_ns:x}.{st.st_ino:x}"
 
 
 # --- the HTTP side --------------------------------------------------------------------
@@ -547,6 +549,8 @@ class Handler(BaseHTTPRequestHandler):
             items, next_after = list_page(self.server.settings.path, prefix, after, min(int(limit_text), PAGE_SIZE))
         except OSError as exc:
             return self._fail(500, f"cannot list {prefix!r}: {exc.strerror or exc}")
+        if params.get("versions", [""])[0] != "1":  # clients that ask for no versions get [key, size] pairs
+            items = [(key, size) for key, size, _ in items]  # type: ignore[misc]
         body = json.dumps({"objects": items, "next": next_after}, separators=(",", ":")).encode()
         self._reply(200, body, headers={"Content-Type": "application/json"})
 

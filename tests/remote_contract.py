@@ -148,8 +148,22 @@ def _check_overwrite_and_if_absent(remote: Remote, rng: random.Random) -> None:
         remote.put(fresh, b"original", if_absent=True)
     # an if_absent put on an existing key leaves no stray objects behind
     assert set(_keys(remote)) == {key, fresh}
+    _check_versions(remote, fresh)
     remote.delete(key)
     remote.delete(fresh)
+
+
+def _check_versions(remote: Remote, key: str) -> None:
+    """A listing that names versions names a new one when a rewrite changes the bytes, even to as many
+    (caches trust their copy of a rewritable object by it)."""
+    versions = []
+    for body in (b"original", b"rewrote!"):
+        remote.put(key, body)
+        versions += [i.version for i in remote.list(key.rsplit("/", 1)[0] + "/") if i.key == key]
+    if versions[0] is None:
+        assert versions == [None, None], "a listing gives versions for every object or for none"
+    else:
+        assert all(isinstance(v, str) and v for v in versions) and versions[0] != versions[1]
 
 
 def _check_missing(remote: Remote) -> None:

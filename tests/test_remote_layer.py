@@ -284,15 +284,56 @@ def test_cache_hit_and_miss(tmp_path):
 
 def test_cache_is_write_through_for_metadata_only(tmp_path):
     remote, inner = _cached(tmp_path)
-    remote.put("snapshots/s1", b"snap")
+    remote.put("index/i1", b"index")
     remote.put("data/ab/p1", b"pack")
     remote.put("config", b"cfg")
-    assert remote.get("snapshots/s1") == b"snap"
+    assert remote.get("index/i1") == b"index"
     assert inner.calls["get"] == 0
     assert remote.get("data/ab/p1") == b"pack" and remote.get("config") == b"cfg"
     assert remote.get("data/ab/p1", 1, 2) == b"ac"
     assert inner.calls["get"] == 3
     assert not (tmp_path / "cache" / "data").exists() and not (tmp_path / "cache" / "config").exists()
+
+
+class VersionedLocal(LocalRemote):
+    """Local disk whose listing names each file's identity, as S3's ETag or the HTTP service's version do."""
+
+    def list(self, prefix: str = ""):
+        for info in super().list(prefix):
+            st = os.stat(os.path.join(self.root, *info.key.split("/")))
+            yield ObjectInfo(info.key, info.size, f"{st.st_mtime_ns}.{st.st_ino}")
+
+
+def test_a_rewritable_object_is_cached_by_the_version_its_listing_gives(tmp_path):
+    """Snapshots are rewritten in place by other clients: a cached copy is served only for the version the
+    latest listing names; without versions (SFTP's listing) they are always fetched."""
+    other = VersionedLocal(str(tmp_path / "repo"))
+    faulty = FaultyRemote(other, seed=1)
+    remote = CachingRemote(faulty, tmp_path / "cache")
+    other.put("snapshots/s1", b"first")
+    assert remote.get("snapshots/s1") == b"first" and inner_gets(faulty) == 1  # no listing yet: fetched
+    [info] = list(remote.list("snapshots/"))
+    assert remote.get("snapshots/s1") == b"first" and inner_gets(faulty) == 2  # now cached under its version
+    assert remote.get("snapshots/s1") == b"first" and remote.get("snapshots/s1", 1, 3) == b"irs"
+    assert inner_gets(faulty) == 2
+    other.put("snapshots/s1", b"rewritten")  # another client's tag or rebase
+    list(remote.list(""))
+    assert remote.get("snapshots/s1") == b"rewritten" and inner_gets(faulty) == 3
+    assert remote.get("snapshots/s1") == b"rewritten" and inner_gets(faulty) == 3
+    assert len(os.listdir(tmp_path / "cache" / "snapshots")) == 1  # the old version's entry is gone
+    remote.put("snapshots/s1", b"mine")  # its own write: the next listing tells the version
+    assert remote.get("snapshots/s1") == b"mine" and inner_gets(faulty) == 4
+    remote.delete("snapshots/s1")
+    assert not os.listdir(tmp_path / "cache" / "snapshots")
+
+    unversioned, counted = _cached(tmp_path / "plain")
+    counted.inner.put("snapshots/s2", b"x")
+    list(unversioned.list("snapshots/"))
+    assert [unversioned.get("snapshots/s2") for _ in range(2)] == [b"x", b"x"] and inner_gets(counted) == 2
+
+
+def inner_gets(faulty: FaultyRemote) -> int:
+    return faulty.calls["get"]
 
 
 def test_cache_does_not_keep_refused_if_absent_writes(tmp_path):
