@@ -225,6 +225,7 @@ class Repository:
         """
         if isinstance(paths, str):
             paths = [paths]
+        self._repo.drop_stale()  # held open since an earlier backup: another client may have rebased since
         try:
             markers = markers_of(exclude_if_present, exclude_caches)
             snaps = self._list() if dry_run else self._guard()
@@ -254,6 +255,7 @@ class Repository:
         ``fixed_chunks``: globs; when one matches ``name`` the stream is cut at fixed offsets.
         ``dry_run``: as for ``backup``.
         """
+        self._repo.drop_stale()
         if not dry_run:
             self._guard()
         opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, delta=delta,

@@ -228,3 +228,24 @@ def test_prune_keeps_what_a_rebase_wrote_after_it_listed_the_snapshots(tmp_path)
         assert repo.check(read_data=True).ok
         repo.restore(d2.id, str(tmp_path / "out"))
     assert (tmp_path / "out" / "f").read_bytes() == (src / "f").read_bytes()
+
+
+def test_a_long_open_repository_backs_up_onto_the_chain_another_client_rebased(tmp_path):
+    """A tool keeps one Repository open between hourly backups; meanwhile another client forgets a
+    differential and prune removes its manifest.  The next backup builds on the rebased chain as it is
+    now (not on snapshot objects read before), with no warning about damage."""
+    path, src, (full, d1, d2) = _three_backups(tmp_path)
+    tool = Repository.open(path, PW, ledger=False)
+    assert [s.parent for s in tool.snapshots()] == [None, full.id, d1.id]
+    with Repository.open(path, PW, ledger=False) as other:
+        other.forget([d1.id])
+        other.prune(max_unused=0)
+    (src / "f").write_bytes(b"hour four")
+    result = tool.backup([str(src)])
+    tool.close()
+    assert result.snapshot.kind == "diff" and result.snapshot.parent == d2.id
+    assert result.warnings == []
+    with Repository.open(path, PW, ledger=False) as repo:
+        assert repo.check(read_data=True).ok
+        repo.restore(result.snapshot.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "f").read_bytes() == b"hour four"
