@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from chunkvault.errors import UsageError
+
 
 @pytest.fixture
 def setup(tmp_path, cli):
@@ -170,3 +172,21 @@ def test_forget_preset_from_config(tmp_path, cli, setup):
                          "--json").stdout)
     assert all(d["keep"] for d in out["decisions"])
     assert cli("forget", "-r", repo, "--preset", "nope", "--config", str(cfg), check=2).returncode == 2
+
+
+def test_each_command_parses_with_its_own_parser_alone():
+    """A command line is parsed by a parser holding only its command (the rest are not built): that
+    parser must know every option and default the whole parser's does."""
+    from chunkvault.cli import _parse, _subcommands, build_parser
+
+    whole = _subcommands(build_parser())
+    for name, full in whole.items():
+        alone = _subcommands(build_parser(name))
+        assert list(alone) == [name]
+        assert sorted(a.option_strings for a in alone[name]._actions) == \
+            sorted(a.option_strings for a in full._actions), name
+        assert alone[name]._defaults == full._defaults, name
+    assert _parse(["verify-restore", "-r", "x"]).func.__name__ == "cmd_verify_restore"
+    assert _parse(["restore", "-r", "x", "-t", "out", "--from-file", "f.backup"]).from_file == "f.backup"
+    with pytest.raises(UsageError, match="invalid choice: 'no-such-command' \\(choose from 'init', 'backup'"):
+        _parse(["no-such-command"])  # the whole parser names every command

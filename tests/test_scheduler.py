@@ -1,7 +1,6 @@
 """The scheduler against real repositories: simulated days, hooks, the CLI, and a real daemon process."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ import pytest
 
 from chunkvault import Repository
 from chunkvault.errors import ChunkvaultError, Locked, PartialBackup
-from chunkvault.scheduler import (Daemon, Runner, RunReport, SourceResult, add_commands, load_policy,
+from chunkvault.scheduler import (Daemon, Runner, RunReport, SourceResult, load_policy,
                                   policy_lock)
 
 UTC = timezone.utc
@@ -25,29 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def cli_main(argv: list[str]) -> int:
-    """chunkvault's real main, with run/daemon registered the way build_parser will register them."""
     from chunkvault import cli
 
-    original = cli.build_parser
-
-    def build() -> argparse.ArgumentParser:
-        parser = original()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "run" not in sub.choices:
-            common = cli._Parser(add_help=False)
-            common.add_argument("-r", "--repo")
-            common.add_argument("--password-file")
-            common.add_argument("--json", action="store_true")
-            common.add_argument("-q", "--quiet", action="store_true")
-            common.add_argument("--debug", action="store_true")
-            add_commands(sub, common)
-        return parser
-
-    cli.build_parser = build
-    try:
-        return cli.main(argv)
-    finally:
-        cli.build_parser = original
+    return cli.main(argv)
 
 
 class FakeClock:
