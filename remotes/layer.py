@@ -291,12 +291,17 @@ class CachingRemote(Remote):
         return data[lo : None if length is None else lo + length]
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        if not any(r.startswith(prefix) or prefix.startswith(r) for r in self.rewritable):
+        if not any(c.startswith(prefix) or prefix.startswith(c) for c in self.prefixes):
             return self.inner.list(prefix)
-        return self._noting_versions(self.inner.list(prefix))
+        return self._noting(prefix, self.inner.list(prefix))
 
-    def _noting_versions(self, listing: Iterator[ObjectInfo]) -> Iterator[ObjectInfo]:
+    def _noting(self, prefix: str, listing: Iterator[ObjectInfo]) -> Iterator[ObjectInfo]:
+        """The listing, noting each rewritable object's version; once it is read to its end, the entries
+        of cached objects under ``prefix`` that it no longer holds are removed (another machine's prune
+        replaced the index, a forget removed snapshots: the cache would otherwise grow for ever)."""
+        listed = set()
         for info in listing:
+            listed.add(info.key)
             if info.key.startswith(self.rewritable):
                 with self._lock:
                     if info.version is None:
@@ -304,6 +309,19 @@ class CachingRemote(Remote):
                     else:
                         self._versions[info.key] = info.version
             yield info
+        for cached in self.prefixes:
+            if cached.startswith(prefix) and cached.endswith("/"):
+                self._drop_unlisted(cached, listed)
+
+    def _drop_unlisted(self, prefix: str, listed: set[str]) -> None:
+        top = os.path.join(self.cache_dir, *prefix.rstrip("/").split("/"))
+        for dirpath, _, names in os.walk(top):
+            rel = os.path.relpath(dirpath, self.cache_dir).replace(os.sep, "/")
+            for name in names:
+                if name.startswith(_CACHE_TEMP):
+                    continue  # another process's write in progress
+                if f"{rel}/{name.partition('@')[0]}" not in listed:
+                    self._remove(os.path.join(dirpath, name))
 
     def delete(self, key: str) -> None:
         if key.startswith(self.rewritable):

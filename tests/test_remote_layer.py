@@ -332,6 +332,31 @@ def test_a_rewritable_object_is_cached_by_the_version_its_listing_gives(tmp_path
     assert [unversioned.get("snapshots/s2") for _ in range(2)] == [b"x", b"x"] and inner_gets(counted) == 2
 
 
+def test_a_complete_listing_drops_entries_of_objects_gone_from_the_remote(tmp_path):
+    """Another machine's prune replaces the index and a forget removes snapshots: once this machine lists
+    them, their cache entries go, so the cache does not grow with every prune done elsewhere."""
+    other = VersionedLocal(str(tmp_path / "repo"))
+    remote = CachingRemote(other, tmp_path / "cache")
+    for key in ("index/i1", "index/i2", "snapshots/s1", "snapshots/s2"):
+        other.put(key, key.encode())
+    list(remote.list())
+    for key in ("index/i1", "index/i2", "snapshots/s1", "snapshots/s2"):
+        remote.get(key)
+    cached = lambda: sorted(  # noqa: E731
+        f"{os.path.basename(d)}/{n.partition('@')[0]}" for d, _, ns in os.walk(tmp_path / "cache") for n in ns)
+    assert cached() == ["index/i1", "index/i2", "snapshots/s1", "snapshots/s2"]
+    other.delete("index/i1")
+    other.delete("snapshots/s2")
+    next(iter(remote.list("index/")))  # a listing not read to its end proves nothing
+    list(remote.list("index/i"))  # nor one of part of a prefix
+    assert len(cached()) == 4
+    list(remote.list("index/"))
+    assert cached() == ["index/i2", "snapshots/s1", "snapshots/s2"]
+    list(remote.list())
+    assert cached() == ["index/i2", "snapshots/s1"]
+    assert remote.get("index/i2") == b"index/i2" and remote.get("snapshots/s1") == b"snapshots/s1"
+
+
 def inner_gets(faulty: FaultyRemote) -> int:
     return faulty.calls["get"]
 
