@@ -258,7 +258,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         if not args.stdin_name:
             raise UsageError("--stdin needs --stdin-name NAME")
         if (args.exclude or args.exclude_file or args.exclude_if_present or args.exclude_caches
-                or args.one_file_system):
+                or args.one_file_system or args.exclude_larger_than is not None):
             raise UsageError("--stdin takes no exclusion rules (--exclude..., --one-file-system)")
         repo = _open(args)
         result = repo.backup_stream(sys.stdin.buffer, args.stdin_name, kind=args.type, tags=args.tag,
@@ -269,9 +269,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise UsageError("nothing to back up: give at least one path (or --stdin)")
         excludes = excludes_of(args.exclude, args.exclude_file)
         rules = {"one_file_system": args.one_file_system, "exclude_if_present": args.exclude_if_present,
-                 "exclude_caches": args.exclude_caches}
+                 "exclude_caches": args.exclude_caches, "exclude_larger_than": args.exclude_larger_than}
         walk = SourceWalk.of_paths(args.paths, excludes, one_file_system=args.one_file_system,
-                                   markers=markers_of(args.exclude_if_present, args.exclude_caches))
+                                   markers=markers_of(args.exclude_if_present, args.exclude_caches),
+                                   max_file_size=args.exclude_larger_than)
         walk.start()  # overlaps the key derivation
         try:
             repo = _open(args)
@@ -761,14 +762,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().rstrip("ib")
+    from .units import parse_size
+
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _rate(text: str) -> int:
@@ -871,6 +870,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="of a directory holding a file NAME (starting with HEADER), keep only that file")
     s.add_argument("--exclude-caches", action="store_true",
                    help="likewise for CACHEDIR.TAG files (the cache directory tagging standard)")
+    s.add_argument("--exclude-larger-than", type=_size, metavar="SIZE",
+                   help="leave out regular files larger than SIZE (e.g. 2G; bytes without a unit)")
     s.add_argument("-x", "--one-file-system", action="store_true",
                    help="do not list directories on other file systems than their source (mount points stay, empty)")
     s.add_argument("--dry-run", "-n", action="store_true",

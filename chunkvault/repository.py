@@ -203,8 +203,8 @@ class Repository:
                no_delta: list[str] | None = None, fixed_chunks: list[str] | None = None,
                fixed_chunk_size: int = FIXED_CHUNK_SIZE, parent: str | None = None, progress: Any = None,
                one_file_system: bool = False, exclude_if_present: list[str] | None = None,
-               exclude_caches: bool = False, dry_run: bool = False, walk: SourceWalk | None = None
-               ) -> BackupResult:
+               exclude_caches: bool = False, exclude_larger_than: int | None = None, dry_run: bool = False,
+               walk: SourceWalk | None = None) -> BackupResult:
         """Back up files and directories; one directory is stored as the snapshot's root.
 
         ``dry_run``: read, chunk, compress and count as a backup would, and write nothing (the
@@ -216,6 +216,7 @@ class Repository:
         ``exclude_if_present``: ``NAME`` or ``NAME:HEADER``; a directory holding such a
         file (starting with HEADER) keeps only that file.  ``exclude_caches``: likewise
         for ``CACHEDIR.TAG`` files with the cache directory tag's signature.
+        ``exclude_larger_than``: regular files of more bytes are left out (a path given is kept).
 
         ``fixed_chunks``: globs of files cut every ``fixed_chunk_size`` bytes instead of
         by content (database files updated in place: see README, "Database differentials").
@@ -238,8 +239,9 @@ class Repository:
                 walk.close()
             raise
         if walk is None:
-            walk = SourceWalk.of_paths(list(paths), excludes, one_file_system=one_file_system, markers=markers)
-        elif not walk.same_rules(list(paths), excludes, one_file_system, markers):
+            walk = SourceWalk.of_paths(list(paths), excludes, one_file_system=one_file_system, markers=markers,
+                                       max_file_size=exclude_larger_than)
+        elif not walk.same_rules(list(paths), excludes, one_file_system, markers, exclude_larger_than):
             walk.close()
             raise UsageError("the given walk is of other paths or exclusion rules than the backup")
         result = Backup(self._repo, opts).run(walk, walk.paths)

@@ -38,6 +38,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from .errors import UsageError
 from .store.retention import RetentionPolicy, load_preset, policy_from_dict
 from .store.source import markers_of
+from .units import parse_size
 
 __all__ = [
     "Cadence",
@@ -411,6 +412,7 @@ class Source:
     exclude_files: tuple[str, ...] = ()  # files of globs, read at each run (as backup --exclude-file)
     exclude_if_present: tuple[str, ...] = ()  # NAME[:HEADER], as backup --exclude-if-present
     exclude_caches: bool = False
+    exclude_larger_than: int | None = None  # bytes, as backup --exclude-larger-than
     one_file_system: bool = False
     fixed_chunks: tuple[str, ...] = ()  # globs of files cut at fixed offsets (database files)
     pre: str | tuple[str, ...] | None = None
@@ -445,7 +447,7 @@ class Policy:
 _TOP_KEYS = {"repository", "password_file", "timezone", "full", "diff", "retention", "presets", "prune",
              "max_unused", "lock_file", "hook_timeout", "source", "tags", "host"}
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "exclude_if_present", "exclude_caches",
-                "one_file_system", "fixed_chunks", "pre", "post", "full", "diff", "retention", "timezone",
+                "exclude_larger_than", "one_file_system", "fixed_chunks", "pre", "post", "full", "diff", "retention", "timezone",
                 "hook_timeout"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -593,13 +595,16 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
             exclude_caches = _flag(s.get("exclude_caches", False), "exclude-caches")
             markers_of(list(exclude_if_present), exclude_caches)  # a bad NAME is reported when the policy loads
             one_file_system = _flag(s.get("one_file_system", False), "one-file-system")
+            larger = s.get("exclude_larger_than")
+            exclude_larger_than = None if larger is None else parse_size(larger)
             fixed_chunks = _str_list(s.get("fixed_chunks", []), "fixed_chunks")
             ret_value = s.get("retention", top.get("retention"))
             retention = _retention(ret_value, config, "retention")
             hook_timeout = _seconds(s.get("hook_timeout", top.get("hook_timeout")), "hook-timeout")
             source = Source(name=name, paths=paths, full=full, diff=diff, host=host, tags=tags,
                             excludes=excludes, exclude_files=exclude_files, exclude_if_present=exclude_if_present,
-                            exclude_caches=exclude_caches, one_file_system=one_file_system,
+                            exclude_caches=exclude_caches, exclude_larger_than=exclude_larger_than,
+                            one_file_system=one_file_system,
                             fixed_chunks=fixed_chunks, pre=_hook(s.get("pre"), "pre"),
                             post=_hook(s.get("post"), "post"),
                             retention=retention, hook_timeout=hook_timeout)

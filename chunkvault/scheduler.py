@@ -358,7 +358,7 @@ class Runner:
             res = repo.backup(list(src.paths), kind=kind, tags=list(src.tags), host=self._host(src),
                               excludes=excludes, fixed_chunks=list(src.fixed_chunks),
                               one_file_system=src.one_file_system, exclude_if_present=list(src.exclude_if_present),
-                              exclude_caches=src.exclude_caches)
+                              exclude_caches=src.exclude_caches, exclude_larger_than=src.exclude_larger_than)
         except ChunkvaultError as exc:
             result.status, result.error = FAILED, str(exc)
             return

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote
 
 from chunkvault.errors import ObjectExists, PermissionDenied, RemoteError, StorageFull, UsageError
+from chunkvault.units import parse_size
 
 from .base import _KEY_SEGMENT, validate_key, validate_prefix
 from .http import DEFAULT_PORT, LIMIT_HEADER, MISSING_HEADER
@@ -50,8 +51,6 @@ IDLE_TIMEOUT = 120.0
 LINGER_TIMEOUT = 2.0
 CONFIG_KEYS = ("enabled", "listen", "path", "tokens", "append_only", "tls_cert", "tls_key", "max_object_size", "quiet")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
-_SIZE = re.compile(r"^(\d+)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 # --- settings -------------------------------------------------------------------------
@@ -68,20 +67,6 @@ class Settings:
     tls_key: str | None = None
     max_object_size: int = DEFAULT_MAX_OBJECT_SIZE
     quiet: bool = False
-
-
-def parse_size(text: Any) -> int:
-    """``256M``, ``1G``, ``512k``, ``1048576`` or ``64MiB`` as a number of bytes."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        number = text
-    else:
-        match = _SIZE.match(str(text).strip())
-        if not match:
-            raise UsageError(f"not a size: {text!r} (e.g. 256M, 1G, 1048576)")
-        number = int(match.group(1)) * _UNITS[match.group(2).lower()]
-    if number < 1:
-        raise UsageError(f"size must be at least 1 byte, not {text!r}")
-    return number
 
 
 def parse_listen(text: str) -> tuple[str, int]:

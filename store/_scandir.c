@@ -171,7 +171,7 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
  * for an entry's enqueueing or to swap the queue for the consumer's drained
  * one, never while Python objects are made.
  *
- *   Walker(rel: bytes, path: bytes, excludes=None, device=None, markers=None)
+ *   Walker(rel: bytes, path: bytes, excludes=None, device=None, markers=None, max_size=None)
  *       the directory at path, recorded as rel, leaving out (with their
  *       subtrees) entries whose path or name an exclude pattern matches; a
  *       pattern is bytes of literals and "*".  With ``device``, a directory on
@@ -179,6 +179,7 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
  *       ``markers``: (name, header) pairs of bytes; a directory holding a
  *       regular file of a marker's name whose first bytes are its header
  *       keeps only its marker files (the rest of its contents is left out).
+ *       ``max_size``: regular files larger than this many bytes are left out.
  *   .start(ahead, steady) -> bool    start the walking thread (False: none could
  *       be made; batch() then walks itself).  Once, before the first batch.
  *   .batch(max_entries) -> list of (rel, path, stat | None, errno, list_errno)
@@ -297,6 +298,8 @@ typedef struct {
     size_t *mark_lens, *header_lens, nmarks;
     int one_device;  /* list directories of this device only */
     dev_t device;
+    int size_capped;  /* leave out regular files larger than max_size */
+    off_t max_size;
     char *scratch;  /* an entry's path below the walk's top, to match against the globs; a link's on disk */
     size_t scratch_cap;
     int started, busy;
@@ -564,6 +567,8 @@ static int walk_some(WalkerObject *w, size_t max) {
             if (x)
                 continue;
         }
+        if (w->size_capped && !it->error && S_ISREG(it->st.st_mode) && it->st.st_size > w->max_size)
+            continue;
         ssize_t tlen = -1;
         if (!it->error && S_ISLNK(it->st.st_mode) && (tlen = link_target(w, f, it, target, sizeof(target))) == -2)
             return -1;
@@ -1048,10 +1053,10 @@ static int set_markers(WalkerObject *w, PyObject *markers) {
 static int walker_init(WalkerObject *w, PyObject *args, PyObject *kwds) {
     const char *rel, *path;
     Py_ssize_t rel_len, path_len;
-    PyObject *excludes = NULL, *device = NULL, *markers = NULL;
-    static char *kwlist[] = {"rel", "path", "excludes", "device", "markers", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y#y#|OOO", kwlist, &rel, &rel_len, &path, &path_len, &excludes,
-                                     &device, &markers))
+    PyObject *excludes = NULL, *device = NULL, *markers = NULL, *max_size = NULL;
+    static char *kwlist[] = {"rel", "path", "excludes", "device", "markers", "max_size", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y#y#|OOOO", kwlist, &rel, &rel_len, &path, &path_len, &excludes,
+                                     &device, &markers, &max_size))
         return -1;
     if (w->path != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "a Walker is initialised once");
@@ -1080,6 +1085,17 @@ static int walker_init(WalkerObject *w, PyObject *args, PyObject *kwds) {
             return -1;
         w->one_device = 1;
         w->device = (dev_t)dev;
+    }
+    if (max_size != NULL && max_size != Py_None) {
+        long long cap = PyLong_AsLongLong(max_size);
+        if (cap == -1 && PyErr_Occurred())
+            return -1;
+        if (cap < 0) {
+            PyErr_SetString(PyExc_ValueError, "max_size must not be negative");
+            return -1;
+        }
+        w->size_capped = 1;
+        w->max_size = (off_t)cap;
     }
     if (markers != NULL && markers != Py_None && set_markers(w, markers) < 0)
         return -1;
@@ -1150,7 +1166,7 @@ static PyTypeObject WalkerType = {
     .tp_name = "chunkvault.store._scandir.Walker",
     .tp_basicsize = sizeof(WalkerObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Walker(rel, path, excludes=None, device=None, markers=None): a directory's subtree in manifest "
+    .tp_doc = "Walker(rel, path, excludes=None, device=None, markers=None, max_size=None): a directory's subtree in manifest "
               "order, in batches.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)walker_init,

@@ -217,13 +217,15 @@ class SourceWalk:
 
     def __init__(self, roots: list[tuple[bytes, bytes]], excludes: list[str] | None = None, *,
                  paths: list[str] | None = None, ahead: int = 1 << 16, warnings: list[str] | None = None,
-                 one_file_system: bool = False, markers: list[Marker] | None = None):
+                 one_file_system: bool = False, markers: list[Marker] | None = None,
+                 max_file_size: int | None = None):
         self.roots = roots
         self.paths = paths if paths is not None else [os.fsdecode(p) for _, p in roots]
         self.excludes = list(excludes or [])
         # A directory on another device than its root's is recorded, not listed (a mount point stays, empty).
         self.one_file_system = one_file_system
         self.markers = list(markers or [])
+        self.max_file_size = max_file_size  # regular files larger than this are left out (the roots never)
         self._root_dev = -1
         # Globs of literals and "*" the C walk matches itself; "?" and "[...]" match characters, not
         # bytes, so a walk with those asks Python about each entry, directory by directory.
@@ -244,16 +246,18 @@ class SourceWalk:
 
     @classmethod
     def of_paths(cls, paths: list[str], excludes: list[str] | None = None, *, one_file_system: bool = False,
-                 markers: list[Marker] | None = None) -> "SourceWalk":
+                 markers: list[Marker] | None = None, max_file_size: int | None = None) -> "SourceWalk":
         """The walk a backup of ``paths`` makes (see ``root_specs``)."""
         roots, absolute = root_specs(list(paths))
-        return cls(roots, excludes, paths=absolute, one_file_system=one_file_system, markers=markers)
+        return cls(roots, excludes, paths=absolute, one_file_system=one_file_system, markers=markers,
+                   max_file_size=max_file_size)
 
     def same_rules(self, paths: list[str], excludes: list[str] | None, one_file_system: bool,
-                   markers: list[Marker]) -> bool:
+                   markers: list[Marker], max_file_size: int | None = None) -> bool:
         """Whether this is the walk ``of_paths`` would make of these arguments."""
         return (self.paths == root_specs(list(paths))[1] and self.excludes == list(excludes or [])
-                and self.one_file_system == one_file_system and self.markers == markers)
+                and self.one_file_system == one_file_system and self.markers == markers
+                and self.max_file_size == max_file_size)
 
     def start(self) -> "SourceWalk":
         if self._thread is None and not self._iterated:
@@ -354,6 +358,8 @@ class SourceWalk:
                 continue
             if len(stack) == 1:
                 self._root_dev = st.st_dev
+            elif self.max_file_size is not None and stat.S_ISREG(st.st_mode) and st.st_size > self.max_file_size:
+                continue
             if not isdir(st.st_mode) or (self.one_file_system and st.st_dev != self._root_dev):
                 yield rel, path, st, True
                 continue
@@ -372,7 +378,7 @@ class SourceWalk:
         while the backup's main thread was busy.  Excluding needs Python per entry where a glob
         matches characters, so that takes the per-directory walk."""
         walker = Walker(rel, path, self._c_excludes, self._root_dev if self.one_file_system else None,
-                        self.markers or None)
+                        self.markers or None, self.max_file_size)
         walker.start(max(1, self._ahead - len(self._buffered)) if self._walking_ahead else self.STEADY,
                      self.STEADY)
         restat_after, isdir = self.RESTAT_AFTER, stat.S_ISDIR

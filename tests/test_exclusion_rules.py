@@ -54,6 +54,8 @@ def test_cli_rules_leave_out_what_they_name(tmp_path, repo):
     (["--exclude-if-present", "a/b"], "not a file name to exclude directories by: 'a/b'"),
     (["--stdin", "--stdin-name", "x", "--exclude", "*.tmp"], "--stdin takes no exclusion rules"),
     (["--stdin", "--stdin-name", "x", "-x"], "--stdin takes no exclusion rules"),
+    (["--stdin", "--stdin-name", "x", "--exclude-larger-than", "1M"], "--stdin takes no exclusion rules"),
+    (["--exclude-larger-than", "lots"], "not a size: 'lots'"),
 ])
 def test_bad_rules_are_usage_errors(tmp_path, repo, args, fragment):
     paths = [] if "--stdin" in args else [str(tmp_path)]
@@ -66,7 +68,7 @@ def test_bad_rules_are_usage_errors(tmp_path, repo, args, fragment):
 def test_a_walk_begun_with_other_rules_is_refused(tmp_path, repo):
     (tmp_path / "f").write_bytes(b"f")
     with Repository.open(repo, PASSWORD) as r:
-        for rules in ({"one_file_system": True}, {"exclude_caches": True}):
+        for rules in ({"one_file_system": True}, {"exclude_caches": True}, {"exclude_larger_than": 10}):
             walk = source.SourceWalk.of_paths([str(tmp_path)])
             with pytest.raises(UsageError, match="other paths or exclusion rules"):
                 r.backup([str(tmp_path)], walk=walk, **rules)
@@ -96,3 +98,23 @@ def test_one_file_system_keeps_mount_points_empty(tmp_path, repo, monkeypatch, w
             assert sorted(e.path for e in r.tree(inner.id)) == [b"", b"d", b"d/f"]
     assert os.listdir(tmp_path / "one" / "mnt") == []
     assert (tmp_path / "whole" / "mnt" / "d" / "f").read_bytes() == b"on another file system"
+
+
+@pytest.mark.parametrize("walker", ["c", "per directory"])
+def test_larger_files_are_left_out_but_not_a_source_named(tmp_path, repo, monkeypatch, walker):
+    if walker != "c":
+        monkeypatch.setattr(source, "Walker", None)
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "small").write_bytes(b"s" * 1024)
+    (src / "d" / "big").write_bytes(b"b" * 1025)
+    os.symlink("d/big", src / "link")  # a link is not a regular file: kept
+    (tmp_path / "huge").write_bytes(b"h" * 4096)
+    with Repository.open(repo, PASSWORD) as r:  # in this process: the walk monkeypatched above
+        first = r.backup([str(src), str(tmp_path / "huge")], exclude_larger_than=1024).snapshot
+        assert sorted(e.path for e in r.tree(first.id)) == [b"huge", b"src", b"src/d", b"src/link", b"src/small"]
+        again = r.backup([str(src), str(tmp_path / "huge")], exclude_larger_than=1025).snapshot
+        assert again.kind == "diff" and again.stats["new_files"] == 1
+        assert b"src/d/big" in {e.path for e in r.tree(again.id)}
+    crashkit.run_cli("backup", "-r", repo, str(src), "--exclude-larger-than", "1k")
+    assert listed(repo) == ["", "d", "link", "small"]

@@ -356,8 +356,9 @@ def test_a_source_s_exclusion_rules_apply_to_its_backups(tmp_path, repo_url, tre
     (tree / "tmp" / ".skip").write_bytes(b"")
     (tree / "tmp" / "t").write_bytes(b"t")
     (tree / "x.log").write_text("log")
+    (tree / "core.dump").write_bytes(b"\0" * 60_000)
     source = {"name": "db", "paths": [str(tree)], "exclude-files": ["excludes"], "exclude-if-present": [".skip"],
-              "exclude-caches": True, "one-file-system": True}
+              "exclude-caches": True, "one-file-system": True, "exclude-larger-than": "55k"}
     policy = write_policy(tmp_path / "p.toml", repo_url, [source], top='full = "daily 02:00"\n')
     assert cli_main(["run", "--config", str(policy)]) == 1  # exclude files are read at each run: none yet
     assert "cannot read exclude file" in capsys.readouterr().err and snapshots(repo_url) == []
@@ -391,6 +392,8 @@ def test_overlapping_runs_are_refused(tmp_path, repo_url, tree, monkeypatch, cap
      "source 'db': exclude-caches must be true or false, got 'yes'"),
     ('repository = "/x"\nfull = "daily"\n[[source]]\nname = "db"\npaths = ["/"]\nexclude-if-present = ["a/b"]\n',
      "source 'db': not a file name to exclude directories by: 'a/b'"),
+    ('repository = "/x"\nfull = "daily"\n[[source]]\nname = "db"\npaths = ["/"]\nexclude-larger-than = "big"\n',
+     "source 'db': not a size: 'big'"),
     ('repository = "/x\nfull = 3', "is not valid TOML"),
 ])
 def test_bad_policy_file_is_one_clear_line(tmp_path, monkeypatch, capsys, body, fragment):

@@ -1,0 +1,24 @@
+"""Sizes as people write them: ``256M``, ``1.5G``, ``512k``, ``64MiB``, ``1048576``."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .errors import UsageError
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: Any) -> int:
+    """A number of bytes (binary units); UsageError for anything else or less than one byte."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        number = text
+    else:
+        match = _SIZE.match(str(text).strip())
+        if not match or (match.group(2) == "" and "." in match.group(1)):
+            raise UsageError(f"not a size: {text!r} (e.g. 256M, 1.5G, 1048576)")
+        number = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if number < 1:
+        raise UsageError(f"size must be at least 1 byte, not {text!r}")
+    return number
