@@ -275,34 +275,32 @@ class Repository:
         or rewrites what the read follows; waits up to ``wait`` seconds for one that runs (a warning says
         who), then raises Locked.  Snapshot objects and an index read before the lock are read again.
 
-        ``restore``, ``find``, ``check``, ``export`` and ``copy_to`` hold it themselves; a caller of the
-        lazy readers (``tree``, ``diff``, ``open_file``) holds it around its use.  Nested uses share the
+        ``restore``, ``find``, ``check``, ``export``, ``copy_to`` and ``verify_restore`` hold it themselves;
+        a caller of the lazy readers (``tree``, ``diff``, ``open_file``) holds it around its use.  Nested uses share the
         outer lock.  With ``lock_reads`` off, or when the remote refuses to store the lock (a read-only
         token or mount, a full disk), the read goes ahead unlocked (the latter with a warning)."""
         from .store.locks import SHARED, RepoLock
 
-        lock = None
-        if self.lock_reads and not self._reading_depth:
-            lock = RepoLock(self._repo.remote, SHARED, purpose, wait=wait, wait_option=True,
-                            on_wait=lambda held: warnings.warn(
-                                f"waiting up to {wait:g} s: repository is locked by {held.describe()}",
-                                RepositoryStateWarning, stacklevel=4))
+        with contextlib.ExitStack() as held:
+            if self.lock_reads and not self._reading_depth:
+                lock = RepoLock(self._repo.remote, SHARED, purpose, wait=wait, wait_option=True,
+                                on_wait=lambda holder: warnings.warn(
+                                    f"waiting up to {wait:g} s: repository is locked by {holder.describe()}",
+                                    RepositoryStateWarning, stacklevel=4))
+                try:
+                    lock.acquire()
+                except (PermissionDenied, StorageFull) as exc:
+                    warnings.warn(f"reading without a lock ({exc}): a prune running meanwhile could remove data "
+                                  f"this {purpose} needs; --no-lock skips the lock", RepositoryStateWarning,
+                                  stacklevel=3)
+                else:
+                    held.push(lock)  # released (its __exit__) when the read ends
+                    self._repo.drop_stale()
+            self._reading_depth += 1
             try:
-                lock.acquire()
-            except (PermissionDenied, StorageFull) as exc:
-                lock = None
-                warnings.warn(f"reading without a lock ({exc}): a prune running meanwhile could remove data "
-                              f"this {purpose} needs; --no-lock skips the lock", RepositoryStateWarning,
-                              stacklevel=3)
-            else:
-                self._repo.drop_stale()
-        self._reading_depth += 1
-        try:
-            yield
-        finally:
-            self._reading_depth -= 1
-            if lock is not None:
-                lock.__exit__(None, None, None)
+                yield
+            finally:
+                self._reading_depth -= 1
 
     def snapshots(self, *, hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
                   latest: int | None = None, group_by: str | Iterable[str] = "host,paths") -> list[Snapshot]:

@@ -447,8 +447,8 @@ class Policy:
 _TOP_KEYS = {"repository", "password_file", "timezone", "full", "diff", "retention", "presets", "prune",
              "max_unused", "lock_file", "hook_timeout", "source", "tags", "host"}
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "exclude_if_present", "exclude_caches",
-                "exclude_larger_than", "one_file_system", "fixed_chunks", "pre", "post", "full", "diff", "retention", "timezone",
-                "hook_timeout"}
+                "exclude_larger_than", "one_file_system", "fixed_chunks", "pre", "post", "full", "diff", "retention",
+                "timezone", "hook_timeout"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

@@ -464,7 +464,8 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 t = time.monotonic()
                 result = compare_tree(repo.tree(snap), target, owners=owners, max_listed=max_listed)
                 report.compare_seconds = round(time.monotonic() - t, 3)
-                report.files, report.dirs, report.links, report.bytes = result.files, result.dirs, result.links, result.bytes
+                report.files, report.dirs, report.links = result.files, result.dirs, result.links
+                report.bytes = result.bytes
                 report.mismatches, report.mismatch_count = result.mismatches, result.mismatch_count
                 report.warnings = result.warnings
             if then is not None and report.ok:

@@ -179,8 +179,8 @@ class CachingRemote(Remote):
     to one repository.
     """
 
-    def __init__(self, inner: Remote, cache_dir: str | os.PathLike, *, prefixes: Iterable[str] = ("index/", "snapshots/"),
-                 rewritable: Iterable[str] = ("snapshots/",)):
+    def __init__(self, inner: Remote, cache_dir: str | os.PathLike, *,
+                 prefixes: Iterable[str] = ("index/", "snapshots/"), rewritable: Iterable[str] = ("snapshots/",)):
         self.inner = inner
         self.display_url = inner.display_url
         self.fork_safe = inner.fork_safe

@@ -8,9 +8,10 @@ share on a core of its own.  A worker reports progress and its result as
 pickled messages over a pipe; an exception it raises comes back as itself
 and is raised in the parent, which then ends the other workers.
 
-Forking is safe only where the parent has no other thread (a lock held by
-another thread stays held in the child) but quiet ones (``forksafe.py``) and its remote keeps no
-per-process state (``Remote.fork_safe``: local disk), on Linux.
+Forking is safe only where the parent has no other thread than quiet ones
+(``forksafe.py``: a lock held by another thread stays held in the child) and
+its remote keeps no per-process state (``Remote.fork_safe``: local disk), on
+Linux.
 """
 from __future__ import annotations
 
