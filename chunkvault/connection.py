@@ -11,7 +11,6 @@ from typing import Any
 import blake3
 
 from .remotes import Remote, open_remote
-from .remotes.layer import wrap_remote
 from .remotes.local import LocalRemote
 from .remotes.throttle import ThrottledRemote
 
@@ -28,6 +27,8 @@ def connect(url: str | Remote, *, cache: bool = True, limit_upload: float | None
         remote = ThrottledRemote(remote, upload=limit_upload, download=limit_download)
     if local:
         return remote
+    from .remotes.layer import wrap_remote  # off-site remotes only
+
     cache_dir = os.path.join(cache_base(), url_digest(remote.display_url)) if cache else None
     return wrap_remote(remote, cache_dir=cache_dir)
 

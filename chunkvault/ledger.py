@@ -14,7 +14,6 @@ once and replaced, and a ledger that cannot be written never stops a backup.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -49,7 +48,12 @@ class LedgerFile:
     def __init__(self, directory: str, repo_id: str):
         self.repo_id = repo_id
         self.directory = directory
-        safe = repo_id if re.fullmatch(r"[0-9a-f]{16,64}", repo_id) else hashlib.sha256(repo_id.encode()).hexdigest()
+        if re.fullmatch(r"[0-9a-f]{16,64}", repo_id):
+            safe = repo_id
+        else:
+            import hashlib  # only for an id that is not hex (never one chunkvault made)
+
+            safe = hashlib.sha256(repo_id.encode()).hexdigest()
         self.path = os.path.join(directory, f"{safe}.json")  # an id is hex; anything else never names a path
         self._warned = False
 

@@ -8,7 +8,6 @@ sharing the keys that protect data.
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import threading
 import time
@@ -168,6 +167,8 @@ def derive_kek(password: bytes, salt: bytes, log_n: int, r: int = SCRYPT_R, p: i
     if not (1 <= r <= 32 and 1 <= p <= MAX_P):
         raise ValueError(f"scrypt r={r} p={p} out of range")
     n = 1 << log_n
+    import hashlib  # here: OpenSSL's hashlib costs 5 ms at every command, and only older key files use scrypt
+
     return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=256 * r * n + (1 << 20), dklen=KEY_SIZE)
 
 
