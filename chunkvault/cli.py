@@ -375,18 +375,20 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise UsageError("--delta and --delete work in place: add --confirm RESTORE")
     bar = _progress(args, "restore", snap.stats.get("bytes"))
     result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude, force=in_place,
-                          delta=args.delta, delete=args.delete, progress=bar, processes=args.processes)
+                          delta=args.delta, delete=args.delete, progress=bar, processes=args.processes,
+                          verify=args.verify)
     bar.done()
     if args.json:
         _emit_json({"snapshot": snap.id, "target": os.path.abspath(args.target), "files": result.files,
                     "dirs": result.dirs, "links": result.links, "bytes": result.bytes,
                     "unchanged_files": result.unchanged_files, "rewritten_bytes": result.rewritten_bytes,
-                    "deleted": result.deleted, "processes": result.processes, "warnings": result.warnings})
+                    "deleted": result.deleted, "processes": result.processes, "warnings": result.warnings,
+                    "verified": args.verify})
     elif not args.quiet:
         for w in result.warnings:
             print(f"warning: {w}", file=sys.stderr)
         print(f"restored snapshot {snap.short_id} ({snap.time}) to {args.target}: {result.files} files, "
-              f"{result.dirs} dirs, {_human(result.bytes)}")
+              f"{result.dirs} dirs, {_human(result.bytes)}" + ("; read back and verified" if args.verify else ""))
     return 0
 
 
@@ -945,6 +947,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--delete", action="store_true", help="in place: remove files the snapshot does not have")
     s.add_argument("--processes", type=_positive_int, metavar="N",
                    help="worker processes writing an empty target on local storage (default: one per core)")
+    s.add_argument("--verify", action="store_true",
+                   help="then read every restored file back and compare it with the snapshot (exit 18 if any differs)")
     s.set_defaults(func=cmd_restore, read_lock="restore")
 
     s = sub.add_parser("ls", parents=[common, reading], help="list a snapshot's entries")

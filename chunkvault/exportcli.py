@@ -83,8 +83,9 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
         raise UsageError("--from-file restores the snapshot in the file: give no SNAPSHOT")
     if args.until:
         raise UsageError("--until selects among a repository's snapshots: not with --from-file")
-    if args.delta:
-        raise UsageError("--delta needs a repository: not with --from-file")
+    if args.delta or args.verify:
+        raise UsageError(f"--{'delta' if args.delta else 'verify'} needs a repository: not with --from-file "
+                         "(verify-restore checks an imported snapshot)")
     password = get_export_password(args, confirm=False)
     in_place = cli._confirm_in_place(args)
     if args.delete and not in_place and os.path.isdir(args.target) and os.listdir(args.target):

@@ -13,7 +13,8 @@ import warnings
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
-from .errors import CorruptObject, PermissionDenied, RollbackDetected, SnapshotNotFound, StorageFull, UsageError
+from .errors import (CorruptObject, PermissionDenied, RollbackDetected, SnapshotNotFound, StorageFull, UsageError,
+                     VerificationFailed)
 from .ledger import Ledger, RepositoryStateWarning, present_of
 from .connection import connect, key_ahead_path
 from .remotes import Remote, url_scheme
@@ -369,9 +370,13 @@ class Repository:
     def restore(self, snapshot: str | Snapshot, target: str, *, until: str | datetime | None = None,
                 includes: list[str] | None = None, excludes: list[str] | None = None,
                 force: bool = False, delta: bool = False, delete: bool = False,
-                progress: Any = None, processes: int | None = None) -> RestoreResult:
+                progress: Any = None, processes: int | None = None, verify: bool = False) -> RestoreResult:
         """Restore into ``target``: empty, or in place with ``force`` (``delta``: rewrite only what
         differs, checked by digest; ``delete``: remove what the snapshot does not have).
+
+        ``verify``: then read every restored file back and compare it, and every restored entry's
+        metadata, with the snapshot; VerificationFailed names what differs (what the target holds
+        besides the restored entries is not looked at).
 
         An empty target on local storage is written by ``processes`` worker processes (default: one
         per core for a whole snapshot of 64 MiB or more; see store/restore_workers.py).  A restore
@@ -389,7 +394,21 @@ class Repository:
             if processes is None:
                 processes = 1 if includes else restore_workers.auto_processes(snap.stats.get("bytes"))
             entries = snap.stats.get("files", 0) + snap.stats.get("dirs", 0) if "files" in snap.stats else None
-            return restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes, entries)
+            result = restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes, entries)
+            if verify:
+                self._verify_restored(restorer, snap, target)
+            return result
+
+    def _verify_restored(self, restorer: Restorer, snap: Snapshot, target: str) -> None:
+        from .verify import compare_tree
+
+        restored = (r.entry for r in restorer.selected_records(self._repo.tree(snap)) if r.entry is not None)
+        found = compare_tree(restored, target, extras=False, max_listed=3)
+        if found.mismatch_count:
+            more = found.mismatch_count - len(found.mismatches)
+            raise VerificationFailed(f"restore --verify: {found.mismatch_count} difference(s) from snapshot "
+                                     f"{snap.short_id} in {target}: " + "; ".join(map(str, found.mismatches))
+                                     + (f"; and {more} more" if more else ""))
 
     def find_entry(self, snapshot: str | Snapshot, path: str | bytes) -> Entry:
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)

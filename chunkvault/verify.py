@@ -265,10 +265,11 @@ def file_digest(path: bytes) -> bytes:
 
 
 class _Comparer:
-    def __init__(self, root: bytes, owners: bool, max_listed: int):
+    def __init__(self, root: bytes, owners: bool, max_listed: int, extras: bool = True):
         self.root = root
         self.owners = owners
         self.max_listed = max_listed
+        self.extras = extras
         self.result = CompareResult()
         self.inodes: dict[tuple[int, int], bytes] = {}  # files with several links: inode -> first path
 
@@ -288,7 +289,7 @@ class _Comparer:
                 reported_errors += 1
             if e is None:
                 assert o is not None
-                if o[0] != b"":  # the restore root is compared only if the snapshot has a root entry
+                if self.extras and o[0] != b"":  # the root is compared only if the snapshot has a root entry
                     self.add(Mismatch(os.fsdecode(o[0]), "extra", None, _type_name(o[1].st_mode)))
             elif o is None:
                 if e.type in (T_CHARDEV, T_BLOCKDEV) and not self.owners:
@@ -364,11 +365,12 @@ class _Comparer:
 
 
 def compare_tree(entries: Iterable[Entry], root: str | bytes, *, owners: bool | None = None,
-                 max_listed: int = MAX_LISTED) -> CompareResult:
-    """Compare a restored tree with a snapshot's entries (in manifest order): what differs, is missing or extra."""
+                 max_listed: int = MAX_LISTED, extras: bool = True) -> CompareResult:
+    """Compare a restored tree with a snapshot's entries (in manifest order): what differs, is missing or
+    (with ``extras``) there besides them."""
     if owners is None:
         owners = os.geteuid() == 0
-    return _Comparer(os.fsencode(os.path.abspath(root)), owners, max_listed).run(entries)
+    return _Comparer(os.fsencode(os.path.abspath(root)), owners, max_listed, extras).run(entries)
 
 
 # --- the run -----------------------------------------------------------------------------------

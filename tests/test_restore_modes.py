@@ -192,3 +192,52 @@ def test_in_place_restore_does_not_write_through_a_symbolic_link_out_of_the_targ
     os.symlink("b", inside / "a")  # a link that stays inside the target is followed, as before
     repo.restore("latest", str(inside), includes=["a/x"], force=True)
     assert (inside / "b" / "x").read_bytes() == b"restored"
+
+
+def test_restore_verify_reads_back_what_it_wrote(tmp_path, new_repo, monkeypatch):
+    """--verify compares every restored file and entry with the snapshot; something that changes the
+    target under the restore (a second writer, a disk that lies) is named, with exit code 18 on the CLI."""
+    from chunkvault.errors import VerificationFailed
+    from chunkvault.store import restore_workers
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(5):
+        (src / "d" / f"f{i}").write_bytes(os.urandom(3000 + i))
+    (src / "skipped.tmp").write_bytes(b"not restored")
+    repo = new_repo()
+    repo.backup([str(src)])
+    result = repo.restore("latest", str(tmp_path / "a"), excludes=["*.tmp"], verify=True)
+    assert result.files == 5
+    (tmp_path / "a" / "d" / "mine").write_bytes(b"the target's own")  # in place: not the restore's business
+    repo.restore("latest", str(tmp_path / "a"), force=True, verify=True)
+    real = restore_workers.restore
+
+    def meddled(restorer, tree, processes, entries):
+        done = real(restorer, tree, processes, entries)
+        victim = os.path.join(restorer.target, b"d", b"f3")
+        with open(victim, "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0xFF]))
+        os.utime(victim, ns=(0, 0))
+        return done
+
+    monkeypatch.setattr(restore_workers, "restore", meddled)
+    with pytest.raises(VerificationFailed, match=r"2 difference\(s\) from snapshot .*(content|mtime) d/f3") as info:
+        repo.restore("latest", str(tmp_path / "b"), verify=True)
+    assert "skipped.tmp" not in str(info.value)
+    repo.restore("latest", str(tmp_path / "c"))  # without --verify nothing is read back
+
+
+def test_restore_verify_on_the_command_line(tmp_path, cli):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(5000))
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, str(src))
+    out = cli("restore", "-r", repo, "latest", "-t", str(tmp_path / "out"), "--verify").stdout.decode()
+    assert "read back and verified" in out
+    cli("restore", "-r", repo, "-t", str(tmp_path / "x"), "--from-file", str(tmp_path / "none.backup"), "--verify",
+        check=2)
