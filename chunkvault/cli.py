@@ -249,11 +249,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from .store.source import SourceWalk, excludes_of, markers_of
+    from .store.source import SourceWalk, excludes_of, markers_of, read_list_file
 
     args.tag = _tags(args.tag)
     if args.stdin:
-        if args.paths:
+        if args.paths or args.files_from or args.files_from_raw:
             raise UsageError("--stdin takes no paths")
         if not args.stdin_name:
             raise UsageError("--stdin needs --stdin-name NAME")
@@ -265,6 +265,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
                                     host=args.host, delta=not args.no_delta, fixed_chunks=args.fixed_chunks,
                                     fixed_chunk_size=args.fixed_chunk_size, dry_run=args.dry_run)
     else:
+        for listing, raw in [(f, False) for f in args.files_from] + [(f, True) for f in args.files_from_raw]:
+            args.paths += read_list_file(listing, "list of files", raw=raw)
         if not args.paths:
             raise UsageError("nothing to back up: give at least one path (or --stdin)")
         excludes = excludes_of(args.exclude, args.exclude_file)
@@ -864,6 +866,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("backup", parents=[common, exclusion], help="back up files and directories")
     s.add_argument("paths", nargs="*")
+    s.add_argument("--files-from", action="append", default=[], metavar="FILE",
+                   help="back up the paths listed in FILE, one a line (# comments, blank lines skipped; - is stdin)")
+    s.add_argument("--files-from-raw", action="append", default=[], metavar="FILE",
+                   help="likewise, NUL-separated and taken as they are (find -print0)")
     s.add_argument("--type", choices=["auto", "full", "diff"], default="auto")
     s.add_argument("--tag", action="append", default=[], metavar="TAG[,TAG...]",
                    help="tag the snapshot (repeatable; commas separate tags)")

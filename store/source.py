@@ -17,6 +17,7 @@ import errno
 import fnmatch
 import os
 import stat
+import sys
 import threading
 import time
 from typing import Any, Iterator
@@ -50,15 +51,27 @@ def markers_of(exclude_if_present: list[str] | None = None, exclude_caches: bool
     return out
 
 
-def read_exclude_file(path: str) -> list[str]:
-    """The globs of an exclude file: one per line, surrounding blanks stripped; empty lines and lines
-    starting with ``#`` are left out."""
+def read_list_file(path: str, what: str, *, raw: bool = False) -> list[str]:
+    """The items of a list file: one per line, surrounding blanks stripped, empty lines and lines starting
+    with ``#`` left out; with ``raw``, separated by NUL bytes and taken as they are (``find -print0``).
+    ``-`` is standard input.  UsageError naming ``what`` when it cannot be read."""
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
     except OSError as exc:
-        raise UsageError(f"cannot read exclude file {path}: {exc.strerror or exc}") from None
-    return [g for g in (line.strip() for line in lines) if g and not g.startswith("#")]
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    text = data.decode("utf-8", errors="surrogateescape")
+    if raw:
+        return [item for item in text.split("\0") if item]
+    return [item for item in (line.strip() for line in text.splitlines()) if item and not item.startswith("#")]
+
+
+def read_exclude_file(path: str) -> list[str]:
+    """The globs of an exclude file (``read_list_file``)."""
+    return read_list_file(path, "exclude file")
 
 
 def excludes_of(globs: list[str], files: list[str]) -> list[str]:

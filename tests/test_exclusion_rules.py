@@ -118,3 +118,20 @@ def test_larger_files_are_left_out_but_not_a_source_named(tmp_path, repo, monkey
         assert b"src/d/big" in {e.path for e in r.tree(again.id)}
     crashkit.run_cli("backup", "-r", repo, str(src), "--exclude-larger-than", "1k")
     assert listed(repo) == ["", "d", "link", "small"]
+
+
+def test_paths_from_list_files(tmp_path, repo):
+    src = tmp_path / "src"
+    (src / "a b").mkdir(parents=True)
+    (src / "a b" / "one").write_bytes(b"1")
+    (src / "two\nlines").write_bytes(b"2")
+    (src / "three").write_bytes(b"3")
+    (src / "left").write_bytes(b"out")
+    (tmp_path / "list").write_text(f"# what the job saves\n\n  {src / 'a b'}  \n{src / 'three'}\n")
+    (tmp_path / "raw").write_bytes(os.fsencode(src / "two\nlines") + b"\0")
+    crashkit.run_cli("backup", "-r", repo, "--files-from", str(tmp_path / "list"), "--files-from-raw",
+                     str(tmp_path / "raw"))
+    assert listed(repo) == ["a b", "a b/one", "three", "two\nlines"]
+    proc = crashkit.run_cli("backup", "-r", repo, "--files-from", str(tmp_path / "missing"), ok=(2,))
+    assert proc.stderr.decode().strip() == f"chunkvault: cannot read list of files {tmp_path / 'missing'}: " \
+                                           "No such file or directory"
