@@ -151,3 +151,34 @@ def test_read_data_in_windows_smaller_than_a_pack(repo_with_data, password, monk
         assert any(p.snapshots for p in r.problems) == in_blob
     victim.write_bytes(good)
     assert Repository.open(str(repo_dir), password).check(read_data=True).ok
+
+
+def test_forked_read_data_reports_what_threads_report(repo_with_data, password, monkeypatch):
+    """Large checks on local disk read packs in one forked worker per core: their problems, the blobs
+    each names, and the snapshots and files those take down come back exactly as the threads' do."""
+    from chunkvault.store import check as check_module, forked
+
+    repo_dir, _, s1, s2 = repo_with_data
+    for victim, at in ((packs(repo_dir)[0], 40), (packs(repo_dir)[-1], -30)):
+        data = bytearray(victim.read_bytes())
+        data[at] ^= 1
+        victim.write_bytes(bytes(data))
+    os.remove(packs(repo_dir)[1])
+    repo = Repository.open(str(repo_dir), password, ledger=False)
+
+    def report(forking: bool) -> tuple:
+        monkeypatch.setattr(check_module, "FORK_MIN_BYTES", 0 if forking else 1 << 62)
+        monkeypatch.setattr(forked, "cores", lambda: 2)
+        forks = []
+        real = forked.Workers.__init__
+        monkeypatch.setattr(forked.Workers, "__init__", lambda w, n, work: (forks.append(n), real(w, n, work))[1])
+        calls = []
+        r = repo.check(read_data=True, progress=lambda *a: calls.append(a))
+        assert forks == ([2] if forking else []) and calls[-1][1] == r.bytes_read
+        problems = sorted((p.object, p.problem, sorted(p.snapshots), sorted(p.files)) for p in r.problems)
+        return problems, r.packs_read, r.blobs_read, r.bytes_read
+
+    threads, forks = report(False), report(True)
+    assert forks == threads
+    assert any(p[0].startswith("blob ") and p[2] for p in forks[0])  # a bad blob, attributed to snapshots
+    assert any(p[1].startswith("pack is missing") for p in forks[0])
