@@ -76,10 +76,15 @@ def test_a_walk_begun_with_other_rules_is_refused(tmp_path, repo):
         r.backup([str(tmp_path)], walk=walk, one_file_system=True, exclude_caches=True)
 
 
-@pytest.mark.parametrize("walker", ["c", "per directory"])
-def test_one_file_system_keeps_mount_points_empty(tmp_path, repo, monkeypatch, walker):
-    if walker != "c":
+@pytest.fixture(params=["c", "per directory"])
+def walker(request, monkeypatch) -> str:
+    """Each test of a rule runs with the C walk and with the walk directory by directory."""
+    if request.param != "c":
         monkeypatch.setattr(source, "Walker", None)
+    return request.param
+
+
+def test_one_file_system_keeps_mount_points_empty(tmp_path, repo, walker):
     src = tmp_path / "src"
     (src / "mnt").mkdir(parents=True)
     (src / "own").write_bytes(b"own")
@@ -100,10 +105,7 @@ def test_one_file_system_keeps_mount_points_empty(tmp_path, repo, monkeypatch, w
     assert (tmp_path / "whole" / "mnt" / "d" / "f").read_bytes() == b"on another file system"
 
 
-@pytest.mark.parametrize("walker", ["c", "per directory"])
-def test_larger_files_are_left_out_but_not_a_source_named(tmp_path, repo, monkeypatch, walker):
-    if walker != "c":
-        monkeypatch.setattr(source, "Walker", None)
+def test_larger_files_are_left_out_but_not_a_source_named(tmp_path, repo, walker):
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "small").write_bytes(b"s" * 1024)
