@@ -20,10 +20,13 @@ Protocol (every path below is under the base path):
     above the server's limit get 413 before they are read.
 ``DELETE /objects/KEY``
     204, also when the object was missing.
-``GET /objects/?prefix=P&after=K&limit=N``
+``GET /objects/?prefix=P&after=K&limit=N[&versions=1]``
     one page of the listing in key order (segment by segment), as JSON
     ``{"objects": [[key, size], ...], "next": K2 or null}``; pages hold at
     most 10,000 objects and ``next`` is the ``after`` of the following page.
+    With ``versions=1`` each item is ``[key, size, version]``: a string that
+    changes whenever the object is written (the client's cache of
+    rewritable objects relies on it; ``ObjectInfo.version``).
 
 Every request carries ``Authorization: Bearer TOKEN`` (when the server has
 tokens).  Errors have a JSON body ``{"error": "reason"}``: 400 bad key or
