@@ -227,7 +227,9 @@ class Repository:
         """
         if isinstance(paths, str):
             paths = [paths]
-        self._repo.drop_stale()  # held open since an earlier backup: another client may have rebased since
+        # Held open since an earlier backup, another client may have rebased since (the index is read
+        # afresh by every backup).
+        self._repo.drop_stale(index=False)
         try:
             markers = markers_of(exclude_if_present, exclude_caches)
             snaps = self._list() if dry_run else self._guard()
@@ -258,7 +260,7 @@ class Repository:
         ``fixed_chunks``: globs; when one matches ``name`` the stream is cut at fixed offsets.
         ``dry_run``: as for ``backup``.
         """
-        self._repo.drop_stale()
+        self._repo.drop_stale(index=False)
         if not dry_run:
             self._guard()
         opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, delta=delta,

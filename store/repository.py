@@ -586,11 +586,13 @@ class Repo:
         self.unreadable_snapshots = {n: x for n, x in zip(names, loaded) if isinstance(x, CorruptObject)}
         return sorted((x for x in loaded if isinstance(x, Snapshot)), key=lambda s: (s.time, s.id))
 
-    def drop_stale(self) -> None:
+    def drop_stale(self, *, index: bool = True) -> None:
         """Forget what another command may have changed before this one took its lock: the snapshot
-        objects read (forget rebases differentials) and the index, if its objects are no longer the
-        ones it was loaded from (prune and the repairs replace them; read again when next needed)."""
+        objects read (forget rebases differentials) and, with ``index``, the index if its objects are no
+        longer the ones it was loaded from (prune and the repairs replace them; read again when needed)."""
         self._snapshots.clear()
+        if not index:
+            return
         with self._index_lock:
             if self._index is not None and set(self.index_names()) != self._index_names:
                 self._index = None
