@@ -159,11 +159,20 @@ def test_forked_read_data_reports_what_threads_report(repo_with_data, password, 
     from chunkvault.store import check as check_module, forked
 
     repo_dir, _, s1, s2 = repo_with_data
-    for victim, at in ((packs(repo_dir)[0], 40), (packs(repo_dir)[-1], -30)):
+    largest = max(packs(repo_dir), key=lambda p: p.stat().st_size)
+    for victim, at in ((largest, largest.stat().st_size // 2), (packs(repo_dir)[-1], -30)):
         data = bytearray(victim.read_bytes())
         data[at] ^= 1
         victim.write_bytes(bytes(data))
-    os.remove(packs(repo_dir)[1])
+    for lost in packs(repo_dir):  # a pack of file data only: losing one holding a manifest hides the bad blob's owners
+        if lost == largest:
+            continue
+        kept = lost.read_bytes()
+        os.remove(lost)
+        problems = Repository.open(str(repo_dir), password, ledger=False).check().problems
+        if not any("manifest unreadable" in p.problem for p in problems):
+            break
+        lost.write_bytes(kept)
     repo = Repository.open(str(repo_dir), password, ledger=False)
 
     def report(forking: bool) -> tuple:
