@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import json
 import os
 import sys
@@ -11,7 +10,7 @@ import warnings
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
-from . import __version__
+from . import __version__, passwords
 from .progress import Progress
 from .errors import ChunkvaultError, CorruptObject, PartialBackup, TargetNotEmpty, UsageError, VerificationFailed
 from .store.manifest import TYPE_NAMES, Entry
@@ -27,52 +26,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- passwords -------------------------------------------------------------------
-
-
-def _read_password_file(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise UsageError(f"cannot read password file {path}: {exc.strerror}") from None
-    return data.rstrip(b"\r\n")
-
-
-def get_password(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
-    """From --password-file, CHUNKVAULT_PASSWORD_FILE, CHUNKVAULT_PASSWORD, or a TTY prompt."""
-    pw = _given_password(args)
-    if pw is None:
-        if not sys.stdin.isatty():
-            raise UsageError("no password: set CHUNKVAULT_PASSWORD or CHUNKVAULT_PASSWORD_FILE, or use --password-file")
-        pw = _prompt("repository password: ", confirm)
-    if not pw:
-        raise UsageError("empty password")
-    return pw
-
-
-def _given_password(args: argparse.Namespace) -> bytes | None:
-    """The password from --password-file, CHUNKVAULT_PASSWORD_FILE or CHUNKVAULT_PASSWORD; None: ask for it."""
-    path = getattr(args, "password_file", None) or os.environ.get("CHUNKVAULT_PASSWORD_FILE")
-    if path:
-        return _read_password_file(path)
-    if "CHUNKVAULT_PASSWORD" in os.environ:
-        return os.environ["CHUNKVAULT_PASSWORD"].encode()
-    return None
-
-
-def get_new_password(args: argparse.Namespace) -> bytes:
-    path = getattr(args, "new_password_file", None)
-    if path:
-        pw = _read_password_file(path)
-    elif "CHUNKVAULT_NEW_PASSWORD" in os.environ:
-        pw = os.environ["CHUNKVAULT_NEW_PASSWORD"].encode()
-    elif sys.stdin.isatty():
-        pw = _prompt("new password: ", True)
-    else:
-        raise UsageError("no new password: use --new-password-file or CHUNKVAULT_NEW_PASSWORD")
-    if not pw:
-        raise UsageError("empty password")
-    return pw
 
 
 def _generated_secret(path: str) -> bytes:
@@ -102,7 +55,7 @@ def _with_new_key(args: argparse.Namespace, new: bool, make: Callable[[bytes], T
     removed again when no key is made; else the new password, or for ``init`` the password)."""
     path = getattr(args, "generate_secret", None)
     if not path:
-        return make(get_new_password(args) if new else get_password(args, confirm=True))
+        return make(passwords.NEW.get(args, confirm=True) if new else passwords.REPOSITORY.get(args, confirm=True))
     secret = _generated_secret(path)
     try:
         return make(secret)
@@ -115,13 +68,6 @@ KDF_TIME_HELP = ("CPU seconds one password derivation costs (default 0.5; its tw
                  "so on two or more cores opening takes about half)")
 GENERATE_SECRET_HELP = ("instead of a password, a generated key secret, written to FILE (mode 0600); "
                         "opening with it (--password-file FILE) skips the password's key derivation")
-
-
-def _prompt(text: str, confirm: bool) -> bytes:
-    pw = getpass.getpass(text).encode()
-    if confirm and getpass.getpass("enter it again: ").encode() != pw:
-        raise UsageError("passwords do not match")
-    return pw
 
 
 def _repo_url(args: argparse.Namespace) -> str:
@@ -156,14 +102,14 @@ def _open(args: argparse.Namespace) -> Any:
     from .store.unlock import unlock
 
     url = _repo_url(args)
-    given = _given_password(args) if url_scheme(url) != "file" else None
+    given = passwords.REPOSITORY.given(args) if url_scheme(url) != "file" else None
     ahead = KeyAhead.start(key_ahead_path(url), given) if given else None  # derive while connecting
     remote = connect(url, **_remote_options(args, url))
     try:  # a missing or newer-format repository is reported before any password is asked
         peek_config(remote.get("config"))
     except ObjectNotFound:
         raise RepositoryNotFound(f"no repository at {remote.display_url}") from None
-    password = ahead.password if ahead is not None else get_password(args)
+    password = ahead.password if ahead is not None else passwords.REPOSITORY.get(args)
     key = unlock(remote, password, ahead)  # before the store's modules load: see store/unlock.py
     from .repository import Repository
 
@@ -210,19 +156,11 @@ def _ns_iso(ns: int) -> str:
 # --- commands --------------------------------------------------------------------------
 
 
-def _open_other(args: argparse.Namespace, url: str, password_file: str | None, env_var: str, what: str) -> Any:
+def _open_other(args: argparse.Namespace, url: str, source: passwords.PasswordSource) -> Any:
     """Open a second repository (copy destination or chunker source) with its own password."""
     from .repository import Repository
 
-    if password_file:
-        pw = _read_password_file(password_file)
-    elif env_var in os.environ:
-        pw = os.environ[env_var].encode()
-    elif sys.stdin.isatty():
-        pw = _prompt(f"password of the {what} repository: ", False)
-    else:
-        raise UsageError(f"no password for the {what} repository: use --{what}-password-file or {env_var}")
-    return Repository.open(url, pw, **_remote_options(args, url))
+    return Repository.open(url, source.get(args), **_remote_options(args, url))
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -230,7 +168,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     source = None
     if args.copy_chunker_params_from:
-        source = _open_other(args, args.copy_chunker_params_from, args.from_password_file, "CHUNKVAULT_FROM_PASSWORD", "from")
+        source = _open_other(args, args.copy_chunker_params_from, passwords.FROM)
     chunker = None
     if args.chunk_avg:
         avg = args.chunk_avg
@@ -662,7 +600,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 def cmd_copy(args: argparse.Namespace) -> int:
     src = _open(args)
-    dst = _open_other(args, args.to, args.to_password_file, "CHUNKVAULT_TO_PASSWORD", "to")
+    dst = _open_other(args, args.to, passwords.TO)
     bar = _progress(args, "copy", unit="blobs")
     try:
         result = src.copy_to(dst, args.snapshots, progress=bar, hosts=args.host, tags=args.tag, paths=args.path)
@@ -835,7 +773,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     common.add_argument("--limit-upload", type=_rate, metavar="KiB/s",
                         help="hold uploads to this rate (KiB per second, or with a unit: 2M, 500K per second)")
     common.add_argument("--limit-download", type=_rate, metavar="KiB/s", help="hold downloads to this rate")
-    common.add_argument("--password-file", help="read the password from this file (or CHUNKVAULT_PASSWORD_FILE)")
+    passwords.REPOSITORY.add_options(common, "the repository password")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     common.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
@@ -853,7 +791,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--full-every", type=int, default=None, help="--type auto: a full after this many differentials (default 23)")
     s.add_argument("--copy-chunker-params-from", metavar="URL",
                    help="use another repository's chunker parameters and secret, so copies between them dedup")
-    s.add_argument("--from-password-file", help="password of that repository (or CHUNKVAULT_FROM_PASSWORD)")
+    passwords.FROM.add_options(s, "that repository's password")
     s.add_argument("--max-diff-share", type=float, default=None,
                    help="--type auto: a full once a chain's differentials added this share of the full's size (default 0.5)")
     s.set_defaults(func=cmd_init)
@@ -1005,7 +943,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("copy", parents=[common, reading, select], help="copy snapshots to another repository")
     s.add_argument("snapshots", nargs="*", help="snapshots to copy (default: all)")
     s.add_argument("--to", required=True, metavar="URL", help="destination repository")
-    s.add_argument("--to-password-file", help="destination password (or CHUNKVAULT_TO_PASSWORD)")
+    passwords.TO.add_options(s, "the destination's password")
     s.set_defaults(func=cmd_copy, read_lock="copy")
 
     s = sub.add_parser("check", parents=[common, reading], help="verify the repository")
@@ -1029,7 +967,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         k = ks.add_parser(name, parents=[common])
         if name in ("add", "passwd"):
             new_key = k.add_mutually_exclusive_group()
-            new_key.add_argument("--new-password-file", help="the new password (or CHUNKVAULT_NEW_PASSWORD)")
+            passwords.NEW.add_options(new_key, "the new password")
             new_key.add_argument("--generate-secret", metavar="FILE", help=GENERATE_SECRET_HELP)
             k.add_argument("--kdf-time", type=float, default=0.5, help=KDF_TIME_HELP)
         if name == "remove":

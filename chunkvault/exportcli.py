@@ -1,7 +1,7 @@
 """The export / import commands, and ``restore --from-file``.
 
 ``add_commands`` registers ``export`` and ``import`` and gives ``restore`` its
-``--from-file`` and ``--export-password-file`` options; ``cmd_restore`` hands a
+``--from-file`` and ``--export-password-file`` / ``-command`` options; ``cmd_restore`` hands a
 ``--from-file`` restore to ``restore_from_file_cli``, which opens no
 repository.  The export password is separate from any repository password:
 it is what a recipient of the file needs.
@@ -13,27 +13,8 @@ import os
 import sys
 from typing import Any
 
+from . import passwords
 from .errors import UsageError
-
-EXPORT_PASSWORD_ENV = "CHUNKVAULT_EXPORT_PASSWORD"
-
-
-def get_export_password(args: argparse.Namespace, *, confirm: bool) -> bytes:
-    """From --export-password-file, CHUNKVAULT_EXPORT_PASSWORD, or a TTY prompt (twice when exporting)."""
-    from . import cli
-
-    path = getattr(args, "export_password_file", None)
-    if path:
-        pw = cli._read_password_file(path)
-    elif EXPORT_PASSWORD_ENV in os.environ:
-        pw = os.environ[EXPORT_PASSWORD_ENV].encode()
-    elif sys.stdin.isatty():
-        pw = cli._prompt("export password: ", confirm)
-    else:
-        raise UsageError(f"no export password: use --export-password-file or {EXPORT_PASSWORD_ENV}")
-    if not pw:
-        raise UsageError("empty export password")
-    return pw
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -42,7 +23,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     repo = cli._open(args)
     snap = repo.snapshot(args.snapshot, until=args.until)
-    password = get_export_password(args, confirm=True)
+    password = passwords.EXPORT.get(args, confirm=True)
     stats = export(repo.store, snap, args.output, password, kdf_seconds=args.kdf_time, overwrite=args.force)
     if args.json:
         cli._emit_json({"snapshot": snap.id, "type": snap.kind, "output": stats.path, "file_id": stats.file_id,
@@ -61,7 +42,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from .store.export import IMPORTED_FROM
 
     repo = cli._open(args)
-    password = get_export_password(args, confirm=False)
+    password = passwords.EXPORT.get(args)
     snap = repo.import_backup(args.file, password)
     st = snap.stats
     if args.json:
@@ -86,7 +67,7 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
     if args.delta or args.verify:
         raise UsageError(f"--{'delta' if args.delta else 'verify'} needs a repository: not with --from-file "
                          "(verify-restore checks an imported snapshot)")
-    password = get_export_password(args, confirm=False)
+    password = passwords.EXPORT.get(args)
     in_place = cli._confirm_in_place(args)
     if args.delete and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
         raise UsageError("--delete works in place: add --confirm RESTORE")
@@ -115,7 +96,7 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argp
     s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest")
     s.add_argument("--output", required=True, metavar="FILE.backup")
     s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
-    s.add_argument("--export-password-file", help=f"the export password (or {EXPORT_PASSWORD_ENV}, or a prompt)")
+    passwords.EXPORT.add_options(s, "the export password")
     s.add_argument("--kdf-time", type=float, default=0.5,
                    help="seconds the export password's derivation should take (default 0.5)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -123,12 +104,11 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argp
 
     s = subparsers.add_parser("import", parents=[common], help="bring a .backup file in as a full snapshot")
     s.add_argument("file", metavar="FILE.backup")
-    s.add_argument("--export-password-file", help=f"the export password (or {EXPORT_PASSWORD_ENV}, or a prompt)")
+    passwords.EXPORT.add_options(s, "the export password")
     s.set_defaults(func=cmd_import)
 
     restore = subparsers.choices.get("restore")
     if restore is not None:
         restore.add_argument("--from-file", metavar="FILE.backup",
                              help="restore straight from an export file (no repository)")
-        restore.add_argument("--export-password-file",
-                             help=f"with --from-file: the export password (or {EXPORT_PASSWORD_ENV})")
+        passwords.EXPORT.add_options(restore, "the export password (with --from-file)")

@@ -431,6 +431,7 @@ class Policy:
     sources: tuple[Source, ...]
     repository: str | None = None
     password_file: str | None = None
+    password_command: str | None = None
     timezone: str = "UTC"
     prune: bool = False
     max_unused: float = 0.05
@@ -444,7 +445,7 @@ class Policy:
         raise UsageError(f"no source {name!r} in the policy (known: {', '.join(s.name for s in self.sources)})")
 
 
-_TOP_KEYS = {"repository", "password_file", "timezone", "full", "diff", "retention", "presets", "prune",
+_TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "full", "diff", "retention", "presets", "prune",
              "max_unused", "lock_file", "hook_timeout", "source", "tags", "host"}
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "exclude_if_present", "exclude_caches",
                 "exclude_larger_than", "one_file_system", "fixed_chunks", "pre", "post", "full", "diff", "retention",
@@ -537,19 +538,27 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
         raise UsageError(f"timezone must be a string, got {tz_name!r}")
     tz = zone(tz_name)
     repo = top.get("repository")
-    password_file = top.get("password_file")
+    secret = {k: top[k] for k in ("password_file", "password_command") if k in top}
     if isinstance(repo, Mapping):
-        r = _norm_keys(repo, {"url", "password_file"}, " in [repository]")
-        if password_file is not None and "password_file" in r:
-            raise UsageError("password-file given both at the top and in [repository]")
-        repo, password_file = r.get("url"), r.get("password_file", password_file)
+        r = _norm_keys(repo, {"url", "password_file", "password_command"}, " in [repository]")
+        for k in ("password_file", "password_command"):
+            if k in r:
+                if k in secret:
+                    raise UsageError(f"{k.replace('_', '-')} given both at the top and in [repository]")
+                secret[k] = r[k]
+        repo = r.get("url")
+    if len(secret) > 1:
+        raise UsageError("password-file and password-command both given: use one")
+    for k, v in secret.items():
+        if not isinstance(v, str) or not v:
+            raise UsageError(f"{k.replace('_', '-')} must be a {'path' if k == 'password_file' else 'command line'}, "
+                             f"got {v!r}")
+    password_file, password_command = secret.get("password_file"), secret.get("password_command")
     if repo is not None and (not isinstance(repo, str) or not repo):
         raise UsageError(f"repository must be a URL string, got {repo!r}")
     if repo is not None and "://" not in repo:
         repo = _path(base_dir, repo)  # a local repository, like every path here, is relative to the file
     if password_file is not None:
-        if not isinstance(password_file, str) or not password_file:
-            raise UsageError(f"password-file must be a path, got {password_file!r}")
         password_file = _path(base_dir, password_file)
     prune = _flag(top.get("prune", False), "prune")
     lock_file = top.get("lock_file")
@@ -611,7 +620,8 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
         except UsageError as exc:
             raise UsageError(f"source {name!r}: {exc}") from None
         sources.append(source)
-    return Policy(sources=tuple(sources), repository=repo, password_file=password_file, timezone=tz_name,
+    return Policy(sources=tuple(sources), repository=repo, password_file=password_file,
+                  password_command=password_command, timezone=tz_name,
                   prune=prune, max_unused=_share(top.get("max_unused", 0.05)), lock_file=lock_file,
                   base_dir=base_dir)
 

@@ -505,14 +505,10 @@ class _Log:
 
 
 def _password(args: argparse.Namespace, policy: Policy) -> bytes:
-    from .cli import _read_password_file, get_password
+    """The command line's password options first, then the policy's, then the environment or a prompt."""
+    from .passwords import REPOSITORY
 
-    if getattr(args, "password_file", None) or not policy.password_file:
-        return get_password(args)
-    pw = _read_password_file(policy.password_file)
-    if not pw:
-        raise UsageError(f"empty password in {policy.password_file}")
-    return pw
+    return REPOSITORY.get(args, fallback=(policy.password_file, policy.password_command), cwd=policy.base_dir)
 
 
 def _runner(args: argparse.Namespace, stop: threading.Event | None, log: Callable[[str], None]) -> Runner:

@@ -70,7 +70,7 @@ def test_wrong_and_empty_passwords(repo_path):
                             ok=(11,))
     assert len(proc.stderr.decode().strip().splitlines()) == 1 and "wrong password" in proc.stderr.decode()
     proc = crashkit.run_cli("snapshots", "-r", repo_path, env=crashkit.cli_env({"CHUNKVAULT_PASSWORD": ""}), ok=(2,))
-    assert "empty password" in proc.stderr.decode()
+    assert "the repository password in CHUNKVAULT_PASSWORD is empty" in proc.stderr.decode()
 
 
 def _bump_format(repo_path: str, version: int = 2) -> None:

@@ -408,6 +408,8 @@ def test_policy_parses_with_defaults_and_overrides():
     assert isinstance(etc.diff, Interval)
     assert parse_policy(_with(repository="backups/repo"), "/srv").repository == "/srv/backups/repo"
     assert parse_policy(_with(repository="s3://bucket/x"), "/srv").repository == "s3://bucket/x"
+    by_command = parse_policy(_with(repository={"url": "/r", "password-command": "pass show db"}), "/srv")
+    assert by_command.password_command == "pass show db" and by_command.password_file is None
 
 
 def _with(**changes):
@@ -447,6 +449,10 @@ def _with(**changes):
     ({"prune": "yes"}, "true or false"),
     ({"max-unused": "lots"}, "share"),
     ({"repository": 7}, "URL string"),
+    ({"password-command": "pass show db"}, "password-file and password-command both given"),
+    ({"repository": {"url": "/r", "password-command": ""}}, "password-command must be a command line"),
+    ({"repository": {"url": "/r", "password-file": 3}}, "password-file must be a path"),
+    ({"repository": "/r", "password-file": "a", "password_command": "b"}, "both given"),
 ])
 def test_bad_policies_say_what_and_where(changes, fragment):
     with pytest.raises(UsageError) as e:

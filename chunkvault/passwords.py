@@ -1,0 +1,126 @@
+"""Where a password comes from: a file, a command, the environment or the terminal.
+
+Every password a command takes (the repository's, a second repository's, a new key's, an export's)
+is read by the same rules, so each offers the same choices and fails with the same messages:
+``--<name>-file``, ``--<name>-command``, then ``CHUNKVAULT_<NAME>_FILE``, ``CHUNKVAULT_<NAME>_COMMAND``,
+``CHUNKVAULT_<NAME>``, then a prompt when stdin is a terminal. A command lets the password live in a
+secret manager (``pass``, ``gpg``, a vault client) instead of a file or the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class PasswordSource:
+    """One password a command may take; ``name`` gives its options and environment variables."""
+
+    name: str  # "password", "to-password", ...
+    what: str  # how messages and the prompt call it
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name
+
+    @property
+    def env(self) -> str:
+        return "CHUNKVAULT_" + self.name.upper().replace("-", "_")
+
+    def _args(self, args: argparse.Namespace, kind: str) -> str | None:
+        return getattr(args, f"{self.name.replace('-', '_')}_{kind}", None)
+
+    def add_options(self, parser: argparse.ArgumentParser | argparse._ActionsContainer, about: str) -> None:
+        """``--<name>-file`` and ``--<name>-command`` (``about``: whose password it is)."""
+        parser.add_argument(f"{self.option}-file", metavar="FILE",
+                            help=f"read {about} from FILE (or {self.env}_FILE, or {self.env})")
+        parser.add_argument(f"{self.option}-command", metavar="COMMAND",
+                            help=f"run COMMAND (split like a shell line, no shell) and take {about} from its "
+                                 f"output (or {self.env}_COMMAND)")
+
+    def given(self, args: argparse.Namespace, fallback: tuple[str | None, str | None] = (None, None),
+              cwd: str | None = None) -> bytes | None:
+        """The password from an option, else ``fallback`` (a policy's file and command; a command runs
+        in ``cwd``), else the environment; None when none of them gives one."""
+        tiers = ((self._args(args, "file"), self._args(args, "command"), f"{self.option}-file and -command", None),
+                 (*fallback, "password-file and password-command", cwd),
+                 (os.environ.get(self.env + "_FILE"), os.environ.get(self.env + "_COMMAND"),
+                  f"{self.env}_FILE and _COMMAND", None))
+        for file, command, where, run_in in tiers:
+            if file and command:
+                raise UsageError(f"{where} both given: use one")
+            if file:
+                return self._nonempty(read_password_file(file), f"in {file}")
+            if command:
+                return self._nonempty(run_password_command(command, run_in), f"from `{command}`")
+        if self.env in os.environ:
+            return self._nonempty(os.environ[self.env].encode(), f"in {self.env}")
+        return None
+
+    def get(self, args: argparse.Namespace, *, confirm: bool = False,
+            fallback: tuple[str | None, str | None] = (None, None), cwd: str | None = None) -> bytes:
+        """The password from :meth:`given`, else asked on the terminal (twice when ``confirm``)."""
+        pw = self.given(args, fallback, cwd)
+        if pw is not None:
+            return pw
+        if not sys.stdin.isatty():
+            raise UsageError(f"no {self.what}: use {self.option}-file or {self.option}-command, "
+                             f"or set {self.env}")
+        return self._nonempty(prompt(f"{self.what}: ", confirm), "at the prompt")
+
+    def _nonempty(self, pw: bytes, where: str) -> bytes:
+        if not pw:
+            raise UsageError(f"the {self.what} {where} is empty")
+        return pw
+
+
+REPOSITORY = PasswordSource("password", "repository password")
+NEW = PasswordSource("new-password", "new password")
+FROM = PasswordSource("from-password", "password of the from repository")
+TO = PasswordSource("to-password", "password of the to repository")
+EXPORT = PasswordSource("export-password", "export password")
+
+
+def read_password_file(path: str) -> bytes:
+    """A file's bytes without its trailing line break."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read password file {path}: {exc.strerror}") from None
+    return data.rstrip(b"\r\n")
+
+
+def run_password_command(command: str, cwd: str | None = None) -> bytes:
+    """The command's standard output without its trailing line break. It keeps the terminal and
+    stderr, so a command that asks for a passphrase (gpg's pinentry, a vault login) can."""
+    import shlex
+    import subprocess
+
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise UsageError(f"cannot parse password command `{command}`: {exc}") from None
+    if not argv:
+        raise UsageError("empty password command")
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, cwd=cwd, check=False)
+    except OSError as exc:
+        raise UsageError(f"cannot run password command `{command}`: {exc.strerror}") from None
+    if done.returncode != 0:
+        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+        raise UsageError(f"password command `{command}` failed ({how})")
+    return done.stdout.rstrip(b"\r\n")
+
+
+def prompt(text: str, confirm: bool) -> bytes:
+    import getpass
+
+    pw = getpass.getpass(text).encode()
+    if confirm and getpass.getpass("enter it again: ").encode() != pw:
+        raise UsageError("passwords do not match")
+    return pw

@@ -1,0 +1,144 @@
+"""Passwords come from a file, a command, the environment or a policy, by one order, with one-line errors."""
+import argparse
+import json
+import os
+import shlex
+import sys
+
+import pytest
+
+from chunkvault import passwords
+from chunkvault.errors import UsageError
+from conftest import PASSWORD
+
+ENV = ("CHUNKVAULT_PASSWORD", "CHUNKVAULT_PASSWORD_FILE", "CHUNKVAULT_PASSWORD_COMMAND")
+
+
+def printing(text: str, *, code: int = 0) -> str:
+    """A command line that prints ``text`` (and a line break) and exits with ``code``."""
+    script = f"import sys; sys.stdout.write({text!r} + chr(10)); sys.exit({code})"
+    return shlex.join([sys.executable, "-c", script])
+
+
+@pytest.fixture
+def env(monkeypatch):
+    for k in ENV:
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+def args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"password_file": None, "password_command": None, **kw})
+
+
+def test_order_options_then_policy_then_environment(env, tmp_path):
+    f = tmp_path / "pw"
+    f.write_bytes(b"from-file\r\n")
+    src = passwords.REPOSITORY
+    env.setenv("CHUNKVAULT_PASSWORD", "from-env")
+    assert src.given(args()) == b"from-env"
+    env.setenv("CHUNKVAULT_PASSWORD_COMMAND", printing("env-command"))
+    assert src.given(args()) == b"env-command"  # a command or file named in the environment beats the value
+    assert src.given(args(), fallback=(str(f), None)) == b"from-file"  # a policy's beats the environment
+    assert src.given(args(password_command=printing("option")), fallback=(str(f), None)) == b"option"
+    assert src.given(args(password_file=str(f))) == b"from-file"
+
+
+def test_a_file_and_a_command_at_one_level_are_refused(env, tmp_path):
+    f = tmp_path / "pw"
+    f.write_text("x")
+    with pytest.raises(UsageError, match="--password-file and -command both given"):
+        passwords.REPOSITORY.given(args(password_file=str(f), password_command="true"))
+    env.setenv("CHUNKVAULT_PASSWORD_FILE", str(f))
+    env.setenv("CHUNKVAULT_PASSWORD_COMMAND", "true")
+    with pytest.raises(UsageError, match="CHUNKVAULT_PASSWORD_FILE and _COMMAND both given"):
+        passwords.REPOSITORY.given(args())
+    assert passwords.REPOSITORY.given(args(password_file=str(f))) == b"x"  # an option settles it
+
+
+def test_command_output_keeps_its_inner_bytes(env):
+    out = passwords.REPOSITORY.given(args(password_command=printing(" two words \t")))
+    assert out == b" two words \t"  # only the line break goes: spaces may be part of a password
+
+
+@pytest.mark.parametrize("command, message", [
+    (printing("secret", code=3), "password command `{}` failed (exit 3)"),
+    ("/nonexistent/vault-client get db", "cannot run password command `{}`: No such file or directory"),
+    ("pass show 'db", "cannot parse password command `{}`: No closing quotation"),
+    (printing(""), "the repository password from `{}` is empty"),
+    ("   ", "empty password command"),
+])
+def test_command_failures_are_one_line_usage_errors(env, command, message):
+    with pytest.raises(UsageError) as e:
+        passwords.REPOSITORY.given(args(password_command=command))
+    assert str(e.value) == message.format(command)
+
+
+def test_a_command_killed_by_a_signal_says_so(env):
+    with pytest.raises(UsageError, match=r"failed \(signal 9\)"):
+        passwords.REPOSITORY.given(args(password_command="sh -c 'kill -9 $$'"))
+
+
+def test_a_policy_command_runs_in_the_policy_directory(env, tmp_path):
+    (tmp_path / "pw").write_text("in-policy-dir\n")
+    assert passwords.REPOSITORY.given(args(), fallback=(None, "cat pw"), cwd=str(tmp_path)) == b"in-policy-dir"
+
+
+def test_without_a_terminal_a_missing_password_names_every_way_to_give_one(env, monkeypatch):
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False, raising=False)
+    with pytest.raises(UsageError) as e:
+        passwords.TO.get(argparse.Namespace())
+    assert str(e.value) == ("no password of the to repository: use --to-password-file or --to-password-command, "
+                            "or set CHUNKVAULT_TO_PASSWORD")
+
+
+def test_cli_commands_take_every_password_from_commands(cli, tmp_path):
+    """The repository's, a copy destination's and an export's password, each from its own command."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(50_000))
+    repo, other = str(tmp_path / "repo"), str(tmp_path / "other")
+    by_command = {"CHUNKVAULT_PASSWORD_COMMAND": printing(PASSWORD)}
+    cli("init", "-r", repo, "--kdf-time", "0", env=by_command, password=None)
+    cli("init", "-r", other, "--kdf-time", "0", "--password-command", printing("other pw"), password=None)
+    cli("backup", "-r", repo, str(src), "-q", env=by_command, password=None)
+    cli("copy", "-r", repo, "--to", other, "--to-password-command", printing("other pw"), "-q",
+        env=by_command, password=None)
+    snaps = json.loads(cli("snapshots", "-r", other, "--json", "--password-command", printing("other pw"),
+                           password=None).stdout)
+    assert len(snaps) == 1
+    out = tmp_path / "s.backup"
+    cli("export", "-r", repo, "--output", str(out), "--kdf-time", "0", "--export-password-command",
+        printing("export pw"), "-q", env=by_command, password=None)
+    cli("restore", "--from-file", str(out), "--target", str(tmp_path / "r"),
+        "--export-password-command", printing("export pw"), password=None)
+    assert (tmp_path / "r" / "f").read_bytes() == (src / "f").read_bytes()
+    proc = cli("snapshots", "-r", repo, "--password-command", printing("wrong"), check=11, password=None)
+    assert "wrong password" in proc.stderr.decode()
+
+
+def test_cli_failing_command_is_one_line_and_exit_2(cli, tmp_path):
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    proc = cli("backup", "-r", repo, str(tmp_path), "--password-command", printing("x", code=5), check=2, password=None)
+    assert proc.stderr.decode().strip().splitlines() == [
+        f"chunkvault: password command `{printing('x', code=5)}` failed (exit 5)"]
+    assert json.loads(cli("snapshots", "-r", repo, "--json").stdout) == []
+
+
+def test_policy_password_command(tmp_path, env, capsys):
+    from chunkvault.cli import main as cli_main
+
+    src = tmp_path / "data"
+    src.mkdir()
+    (src / "f").write_text("payload")
+    repo = str(tmp_path / "repo")
+    env.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    assert cli_main(["init", "-r", repo, "--kdf-time", "0", "-q"]) == 0
+    env.delenv("CHUNKVAULT_PASSWORD")
+    (tmp_path / "secret").write_text(PASSWORD + "\n")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'full = "daily 02:00"\n[repository]\nurl = "{repo}"\npassword-command = "cat secret"\n'
+                      f'[[source]]\nname = "d"\npaths = ["{src}"]\n')
+    assert cli_main(["run", "--config", str(policy), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sources"][0]["status"] == "ok"
