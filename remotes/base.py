@@ -53,7 +53,8 @@ class ObjectInfo:
     key: str
     size: int
     #: What the backend's listing says changes whenever the object is written (S3's ETag; the HTTP
-    #: service's file identity), or None where it says nothing exact: lets a cache trust an entry of an
+    #: service's file identity; SFTP's mtime and size, the mtime moved on by every rewrite), or None
+    #: where it says nothing exact: lets a cache trust an entry of an
     #: object that may be rewritten in place (a snapshot).  Not part of equality.
     version: str | None = field(default=None, compare=False)
 

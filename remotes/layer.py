@@ -172,7 +172,7 @@ class CachingRemote(Remote):
     and ``rewrite`` change one, in place, from any client) is served from the
     cache only when the latest listing gave the object a version (``ObjectInfo``)
     and the entry was stored under that same version; where the backend's listing
-    gives none (SFTP), such objects are always fetched.  ``delete`` drops an
+    gives none, such objects are always fetched.  ``delete`` drops an
     entry, ``list`` and ``stat`` always ask the inner remote.  Each cache file
     records the object's size and digest: a truncated or damaged file is
     discarded and fetched again, never returned.  ``cache_dir`` should be private

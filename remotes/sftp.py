@@ -74,6 +74,12 @@ def _is_missing(exc: OSError) -> bool:
     return exc.errno == errno.ENOENT or isinstance(exc, FileNotFoundError)
 
 
+def _info(key: str, attr: Any) -> ObjectInfo:
+    """An object as listed; its version is its mtime and size, which every rewrite changes (``_outdate``)."""
+    version = None if attr.st_mtime is None else f"{attr.st_mtime}.{attr.st_size or 0}"
+    return ObjectInfo(key, attr.st_size or 0, version)
+
+
 class SFTPRemote(Remote):
     checks_read_length = True  # a whole read ends where the open file's size says (sftp_client.read_file)
 
@@ -272,6 +278,7 @@ class SFTPRemote(Remote):
                             raise ObjectExists(key) from None
                         raise
                 else:
+                    self._outdate(sftp, tmp, final)
                     sftp.posix_rename(tmp, final)
             except BaseException:
                 try:
@@ -281,6 +288,19 @@ class SFTPRemote(Remote):
                 raise
 
         self._call(f"writing {key}", None, run)
+
+    def _outdate(self, sftp: Any, tmp: str, final: str) -> None:
+        """Give ``tmp`` a later mtime than the ``final`` it replaces: a listing's version (mtime and size,
+        mtime in whole seconds) then changes with every rewrite, even two in one second to one size."""
+        try:
+            old = sftp.stat(final).st_mtime
+        except OSError as exc:
+            if _is_missing(exc):
+                return
+            raise
+        new = sftp.stat(tmp).st_mtime
+        if old is not None and new is not None and new <= old:
+            sftp.set_mtime(tmp, old + 1)
 
     def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
         path = self._path(key)
@@ -302,7 +322,7 @@ class SFTPRemote(Remote):
             for rel, attr in self._tree(sftp, head + "/" if head else "", descend):
                 key = f"{rel}{attr.filename}"
                 if not attr.filename.startswith(TEMP_PREFIX) and key.startswith(prefix):
-                    found.append(ObjectInfo(key, attr.st_size or 0))
+                    found.append(_info(key, attr))
 
         self._call(f"listing {prefix or '/'}", None, walk)
         yield from found
@@ -352,7 +372,7 @@ class SFTPRemote(Remote):
                 raise
             if stat_mod.S_ISDIR(attr.st_mode or 0):
                 return None
-            return ObjectInfo(key, attr.st_size or 0)
+            return _info(key, attr)
 
         return self._call(f"stat {key}", None, run)
 

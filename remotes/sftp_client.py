@@ -29,7 +29,7 @@ from typing import Any
 
 # Packet types (draft-ietf-secsh-filexfer-02, version 3).
 _INIT, _VERSION, _OPEN, _CLOSE, _READ, _WRITE, _FSTAT = 1, 2, 3, 4, 5, 6, 8
-_OPENDIR, _READDIR, _REMOVE, _MKDIR, _REALPATH, _STAT, _RENAME = 11, 12, 13, 14, 16, 17, 18
+_SETSTAT, _OPENDIR, _READDIR, _REMOVE, _MKDIR, _REALPATH, _STAT, _RENAME = 9, 11, 12, 13, 14, 16, 17, 18
 _STATUS, _HANDLE, _DATA, _NAME, _ATTRS, _EXTENDED, _EXTENDED_REPLY = 101, 102, 103, 104, 105, 200, 201
 
 _OK, _EOF, _NO_SUCH_FILE, _PERMISSION_DENIED = 0, 1, 2, 3
@@ -253,6 +253,11 @@ class SFTPClient:
 
     def stat(self, path: str) -> Attributes:
         return _Reader(self._request(_STAT, _string(path), _ATTRS)).attributes()
+
+    def set_mtime(self, path: str, mtime: int) -> None:
+        """Set ``path``'s modification (and access) time, in whole seconds as SFTP carries them."""
+        self._request(_SETSTAT, _string(path) + _U32.pack(_ATTR_ACMODTIME) + _U32.pack(mtime) + _U32.pack(mtime),
+                      _STATUS)
 
     def mkdir(self, path: str, mode: int = 0o777) -> None:
         """Make a directory; the server's umask applies to ``mode``, as with ``mkdir(1)``."""

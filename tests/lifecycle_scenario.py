@@ -73,3 +73,64 @@ def run_lifecycle(url: str, tmp_path: Path, versions: int = 5, **remote_options:
         _restores_all(repo, states, tmp_path / "after")
     finally:
         repo.close()
+
+
+def run_rewritten_elsewhere(url: str, tmp_path: Path, monkeypatch: Any, count_gets: Any,
+                            **remote_options: Any) -> None:
+    """Two machines on one remote, each with its own cache: after the trusted one forgets a differential
+    (rebasing the next onto the full: the same object size), tags and rewrites snapshots, the other
+    lists and restores what is there now, never what its cache kept; while nothing changes, its
+    commands read the snapshot objects from its cache. ``count_gets()`` returns how many snapshot
+    objects the remote has served so far."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(3)
+    for i in range(5):
+        (src / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(1, 300_000)))
+    caches = {name: str(tmp_path / f"cache-{name}") for name in ("db", "admin")}
+
+    def client(name: str) -> Repository:
+        monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", caches[name])
+        return Repository.open(url, PASSWORD, ledger=False, **remote_options)
+
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", caches["admin"])
+    with Repository.init(url, PASSWORD, kdf_seconds=0, pack_size=200_000, ledger=False, **remote_options) as repo:
+        full = repo.backup([str(src)]).snapshot
+        (src / "f1").write_bytes(b"one")
+        d1 = repo.backup([str(src)], kind="diff").snapshot
+        (src / "f2").write_bytes(b"two")
+        d2 = repo.backup([str(src)], kind="diff").snapshot
+    with client("db") as db:
+        assert [s.parent for s in db.snapshots()] == [None, full.id, d1.id]  # now in db's cache
+    before = count_gets()
+    with client("db") as db:
+        assert len(db.snapshots()) == 3
+    assert count_gets() == before  # unchanged: served by the cache
+    with client("admin") as admin:
+        admin.forget([d1.id])
+        admin.prune(max_unused=0)
+    with client("db") as db:
+        (latest,) = [s for s in db.snapshots() if s.id == d2.id]
+        assert latest.parent == full.id
+    with client("admin") as admin:
+        admin.tag([d2.id], add=["kept"])
+    with client("db") as db:
+        (latest,) = [s for s in db.snapshots() if s.id == d2.id]
+        assert (latest.parent, latest.tags) == (full.id, ["kept"])
+        db.restore(d2.id, str(tmp_path / "out"))
+        assert describe(tmp_path / "out") == describe(src)
+        assert db.check(read_data=True).ok
+
+
+def count_snapshot_gets(monkeypatch: Any, remote_class: type) -> Any:
+    """Count the snapshot objects ``remote_class`` serves from now on; returns the counter to call."""
+    served = []
+    real = remote_class.get
+
+    def get(self: Any, key: str, *a: Any) -> bytes:
+        if key.startswith("snapshots/"):
+            served.append(key)
+        return real(self, key, *a)
+
+    monkeypatch.setattr(remote_class, "get", get)
+    return lambda: len(served)

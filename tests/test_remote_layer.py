@@ -306,7 +306,7 @@ class VersionedLocal(LocalRemote):
 
 def test_a_rewritable_object_is_cached_by_the_version_its_listing_gives(tmp_path):
     """Snapshots are rewritten in place by other clients: a cached copy is served only for the version the
-    latest listing names; without versions (SFTP's listing) they are always fetched."""
+    latest listing names; without versions in the listing they are always fetched."""
     other = VersionedLocal(str(tmp_path / "repo"))
     faulty = FaultyRemote(other, seed=1)
     remote = CachingRemote(faulty, tmp_path / "cache")

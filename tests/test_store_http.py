@@ -5,6 +5,7 @@ import json
 import random
 
 from chunkvault import Repository
+from lifecycle_scenario import count_snapshot_gets, run_rewritten_elsewhere
 from servers_http import APPEND_TOKEN, FULL_TOKEN, http_server, serve_factory  # noqa: F401
 from treeutil import describe
 
@@ -96,35 +97,8 @@ def test_lifecycle_over_http(tmp_path, http_server, monkeypatch):
     run_lifecycle(http_server.url, tmp_path, token=FULL_TOKEN)
 
 
-def test_a_second_client_sees_snapshots_another_rewrote(tmp_path, http_server, password, monkeypatch):  # noqa: F811
-    """Two machines on one remote, each with its own cache: after the trusted one forgets a differential
-    (rebasing the next onto the full), tags and rewrites snapshots, the other restores and lists what is
-    there now, never what its cache kept."""
-    src = tmp_path / "src"
-    make_tree(src, 3)
-    caches = {name: str(tmp_path / f"cache-{name}") for name in ("db", "admin")}
+def test_a_second_client_sees_snapshots_another_rewrote(tmp_path, http_server, monkeypatch):  # noqa: F811
+    from chunkvault.remotes.http import HTTPRemote
 
-    def client(name: str) -> Repository:
-        monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", caches[name])
-        return Repository.open(http_server.url, password, token=FULL_TOKEN, ledger=False)
-
-    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", caches["admin"])
-    with Repository.init(http_server.url, password, kdf_seconds=0, pack_size=200_000, token=FULL_TOKEN,
-                         ledger=False) as repo:
-        full = repo.backup([str(src)]).snapshot
-        (src / "f1").write_bytes(b"one")
-        d1 = repo.backup([str(src)], kind="diff").snapshot
-        (src / "f2").write_bytes(b"two")
-        d2 = repo.backup([str(src)], kind="diff").snapshot
-    with client("db") as db:
-        assert [s.parent for s in db.snapshots()] == [None, full.id, d1.id]  # now in db's cache
-    with client("admin") as admin:
-        admin.forget([d1.id])
-        admin.prune(max_unused=0)
-        admin.tag([d2.id], add=["kept"])
-    with client("db") as db:
-        (latest,) = [s for s in db.snapshots() if s.id == d2.id]
-        assert (latest.parent, latest.tags) == (full.id, ["kept"])
-        db.restore(d2.id, str(tmp_path / "out"))
-        assert describe(tmp_path / "out") == describe(src)
-        assert db.check(read_data=True).ok
+    gets = count_snapshot_gets(monkeypatch, HTTPRemote)
+    run_rewritten_elsewhere(http_server.url, tmp_path, monkeypatch, gets, token=FULL_TOKEN)

@@ -5,7 +5,7 @@ import pytest
 
 from chunkvault import Repository
 from chunkvault.errors import WrongPassword
-from lifecycle_scenario import PASSWORD, run_lifecycle
+from lifecycle_scenario import PASSWORD, count_snapshot_gets, run_lifecycle, run_rewritten_elsewhere
 from servers_ssh import known_host_entry, sftp_repo, sshd  # noqa: F401
 from treeutil import describe
 
@@ -13,6 +13,15 @@ from treeutil import describe
 def test_lifecycle_over_sftp(tmp_path, sftp_repo, monkeypatch):
     monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
     run_lifecycle(sftp_repo.url, tmp_path, **sftp_repo.options)
+
+
+def test_a_second_client_sees_snapshots_another_rewrote(tmp_path, sftp_repo, monkeypatch):
+    """SFTP lists mtimes in whole seconds: every rewrite moves the object's mtime past the one it
+    replaces, so a cache can still tell versions apart."""
+    from chunkvault.remotes.sftp import SFTPRemote
+
+    gets = count_snapshot_gets(monkeypatch, SFTPRemote)
+    run_rewritten_elsewhere(sftp_repo.url, tmp_path, monkeypatch, gets, **sftp_repo.options)
 
 
 def test_cli_backup_restore_check_over_sftp(tmp_path, sftp_repo, cli):
