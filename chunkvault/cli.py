@@ -190,18 +190,27 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from .store.source import SourceWalk, excludes_of, markers_of, read_list_file
 
     args.tag = _tags(args.tag)
-    if args.stdin:
-        if args.paths or args.files_from or args.files_from_raw:
-            raise UsageError("--stdin takes no paths")
+    if args.stdin or args.stdin_from_command:
+        option = "--stdin" if args.stdin else "--stdin-from-command"
+        if args.stdin and args.stdin_from_command:
+            raise UsageError("--stdin and --stdin-from-command: give one")
+        if args.files_from or args.files_from_raw or (args.stdin and args.paths):
+            raise UsageError(f"{option} takes no paths")
+        if args.stdin_from_command and not args.paths:
+            raise UsageError("--stdin-from-command needs the command after the options: -- COMMAND [ARG...]")
         if not args.stdin_name:
-            raise UsageError("--stdin needs --stdin-name NAME")
+            raise UsageError(f"{option} needs --stdin-name NAME")
         if (args.exclude or args.exclude_file or args.exclude_if_present or args.exclude_caches
                 or args.one_file_system or args.exclude_larger_than is not None):
-            raise UsageError("--stdin takes no exclusion rules (--exclude..., --one-file-system)")
+            raise UsageError(f"{option} takes no exclusion rules (--exclude..., --one-file-system)")
         repo = _open(args)
-        result = repo.backup_stream(sys.stdin.buffer, args.stdin_name, kind=args.type, tags=args.tag,
-                                    host=args.host, delta=not args.no_delta, fixed_chunks=args.fixed_chunks,
-                                    fixed_chunk_size=args.fixed_chunk_size, dry_run=args.dry_run)
+        options = {"kind": args.type, "tags": args.tag, "host": args.host, "delta": not args.no_delta,
+                   "fixed_chunks": args.fixed_chunks, "fixed_chunk_size": args.fixed_chunk_size,
+                   "dry_run": args.dry_run}
+        if args.stdin:
+            result = repo.backup_stream(sys.stdin.buffer, args.stdin_name, **options)
+        else:
+            result = repo.backup_command(args.paths, args.stdin_name, **options)
     else:
         for listing, raw in [(f, False) for f in args.files_from] + [(f, True) for f in args.files_from_raw]:
             args.paths += read_list_file(listing, "list of files", raw=raw)
@@ -803,7 +812,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                            help="--exclude each line of FILE (blank lines and lines starting with # skipped)")
 
     s = sub.add_parser("backup", parents=[common, exclusion], help="back up files and directories")
-    s.add_argument("paths", nargs="*")
+    s.add_argument("paths", nargs="*", help="what to back up (with --stdin-from-command: -- the command and its arguments)")
     s.add_argument("--files-from", action="append", default=[], metavar="FILE",
                    help="back up the paths listed in FILE, one a line (# comments, blank lines skipped; - is stdin)")
     s.add_argument("--files-from-raw", action="append", default=[], metavar="FILE",
@@ -823,7 +832,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--dry-run", "-n", action="store_true",
                    help="read and count what a backup would store; write nothing to the repository")
     s.add_argument("--stdin", action="store_true", help="back up standard input")
-    s.add_argument("--stdin-name", help="file name for --stdin")
+    s.add_argument("--stdin-from-command", action="store_true",
+                   help="back up the standard output of the command given after the options (-- pg_dump app); "
+                        "the snapshot is saved only if it exits with status 0")
+    s.add_argument("--stdin-name", help="file name for --stdin or --stdin-from-command")
     s.add_argument("--no-delta", action="store_true", help="never store changed chunks as deltas")
     s.add_argument("--no-delta-path", action="append", default=[], metavar="GLOB",
                    help="paths whose chunks are never stored as deltas")

@@ -129,3 +129,10 @@ class RollbackDetected(ChunkvaultError):
     replayed snapshot again or accepts the state (``check --accept-state``)."""
 
     exit_code = 19
+
+
+class SourceCommandFailed(ChunkvaultError):
+    """The command a backup reads (``--stdin-from-command``) could not run or did not exit with
+    status 0: its output may be cut short, so no snapshot was saved."""
+
+    exit_code = 20

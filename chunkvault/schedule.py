@@ -415,10 +415,20 @@ class Source:
     exclude_larger_than: int | None = None  # bytes, as backup --exclude-larger-than
     one_file_system: bool = False
     fixed_chunks: tuple[str, ...] = ()  # globs of files cut at fixed offsets (database files)
+    command: str | tuple[str, ...] | None = None  # instead of paths: back up its output (a dump) as stdin_name
+    stdin_name: str | None = None
     pre: str | tuple[str, ...] | None = None
     post: str | tuple[str, ...] | None = None
     retention: RetentionPolicy | None = None
     hook_timeout: float | None = None
+
+    def argv(self) -> list[str]:
+        """The command as run: a string through the shell, as hooks are; a list as it is."""
+        assert self.command is not None
+        return ["/bin/sh", "-c", self.command] if isinstance(self.command, str) else list(self.command)
+
+    def history(self, snapshots: Sequence[Any], host: str) -> list[Any]:
+        return source_history(snapshots, host, self.paths, self.stdin_name)
 
     def cadences(self) -> list[Cadence]:
         return [self.full] + ([self.diff] if self.diff is not None else [])
@@ -448,7 +458,8 @@ class Policy:
 _TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "full", "diff", "retention", "presets", "prune",
              "max_unused", "lock_file", "hook_timeout", "source", "tags", "host"}
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "exclude_if_present", "exclude_caches",
-                "exclude_larger_than", "one_file_system", "fixed_chunks", "pre", "post", "full", "diff", "retention",
+                "exclude_larger_than", "one_file_system", "fixed_chunks", "command", "stdin_name", "pre", "post", "full",
+                "diff", "retention",
                 "timezone", "hook_timeout"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -591,9 +602,23 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
             full = parse_cadence(full_text, s_tz)
             diff_text = s.get("diff", top.get("diff"))
             diff = parse_cadence(diff_text, s_tz) if diff_text is not None else None
-            if "paths" not in s:
-                raise UsageError("no paths: set paths = [\"/var/lib/db\"]")
-            paths = tuple(_path(base_dir, p) for p in _str_list(s["paths"], "paths", required=True))
+            command, stdin_name = _hook(s.get("command"), "command"), s.get("stdin_name")
+            if command is not None:
+                if "paths" in s:
+                    raise UsageError("paths and command both given: a source backs up files or a command's output")
+                if not isinstance(stdin_name, str) or not stdin_name:
+                    raise UsageError("command needs stdin-name, the file name its output is stored under")
+                ruled = [k for k in ("excludes", "exclude_files", "exclude_if_present", "exclude_caches",
+                                     "exclude_larger_than", "one_file_system") if k in s]
+                if ruled:
+                    raise UsageError(f"{ruled[0].replace('_', '-')} applies to paths, not to a command's output")
+                paths: tuple[str, ...] = ()
+            elif stdin_name is not None:
+                raise UsageError("stdin-name needs command")
+            elif "paths" not in s:
+                raise UsageError("no paths: set paths = [\"/var/lib/db\"] (or command and stdin-name)")
+            else:
+                paths = tuple(_path(base_dir, p) for p in _str_list(s["paths"], "paths", required=True))
             host = s.get("host", top.get("host"))
             if host is not None and (not isinstance(host, str) or not host):
                 raise UsageError(f"host must be a non-empty string, got {host!r}")
@@ -614,7 +639,8 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                             excludes=excludes, exclude_files=exclude_files, exclude_if_present=exclude_if_present,
                             exclude_caches=exclude_caches, exclude_larger_than=exclude_larger_than,
                             one_file_system=one_file_system,
-                            fixed_chunks=fixed_chunks, pre=_hook(s.get("pre"), "pre"),
+                            fixed_chunks=fixed_chunks, command=command, stdin_name=stdin_name,
+                            pre=_hook(s.get("pre"), "pre"),
                             post=_hook(s.get("post"), "post"),
                             retention=retention, hook_timeout=hook_timeout)
         except UsageError as exc:
@@ -626,8 +652,12 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                   base_dir=base_dir)
 
 
-def source_history(snapshots: Sequence[Any], host: str, paths: Sequence[str]) -> list[Any]:
-    """The snapshots that belong to a source: same host and the same set of paths (not stdin backups)."""
+def source_history(snapshots: Sequence[Any], host: str, paths: Sequence[str], stdin_name: str | None = None
+                   ) -> list[Any]:
+    """The snapshots that belong to a source: same host and the same set of paths (not stdin backups), or
+    for a command's output, the same host and ``stdin_name``."""
+    if stdin_name is not None:
+        return [s for s in snapshots if s.host == host and getattr(s, "stdin_name", None) == stdin_name]
     want = sorted(paths)
     return [s for s in snapshots
             if s.host == host and sorted(s.paths) == want and getattr(s, "stdin_name", None) is None]

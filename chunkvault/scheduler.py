@@ -15,6 +15,10 @@ tests drive days of schedule in seconds.  Overlapping runs of one policy are
 excluded by an advisory lock file (``<policy file>.lock`` unless the policy
 sets ``lock-file``).
 
+A source may back up a command's output instead of paths (``command``, run
+like a hook but with its stderr not logged, and ``stdin-name``): its snapshot
+is saved only if the command exits with status 0.
+
 Hooks run with ``/bin/sh -c`` (a string) or directly (a list), in the policy
 file's folder, stdin closed, their output logged.  Their environment adds
 CHUNKVAULT_SOURCE, CHUNKVAULT_KIND (full|diff), CHUNKVAULT_SLOT (ISO time) and
@@ -47,7 +51,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, TextIO
 
 from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
-from .schedule import Policy, Source, decide, next_wakeup, parse_policy, source_history
+from .schedule import Policy, Source, decide, next_wakeup, parse_policy
 from .schedulecli import add_commands
 from .store.source import excludes_of
 
@@ -316,7 +320,7 @@ class Runner:
 
     def _source(self, repo: Any, src: Source, snaps: list[Any], report: RunReport) -> SourceResult:
         now = report.started
-        history = [(s.datetime, s.kind) for s in source_history(snaps, self._host(src), src.paths)]
+        history = [(s.datetime, s.kind) for s in src.history(snaps, self._host(src))]
         due = decide(src.full, src.diff, now, history)
         if due.kind is None:
             nxt = next_wakeup(src.cadences(), now)
@@ -339,7 +343,7 @@ class Runner:
                 pre_ok = False
                 result.error = error
         if pre_ok:
-            self._backup(repo, src, due.kind, result)
+            self._backup(repo, src, due.kind, result, env)
         if src.post is not None:
             post_env = dict(env, CHUNKVAULT_RESULT=result.status, CHUNKVAULT_SNAPSHOT_ID=result.snapshot_id or "",
                             CHUNKVAULT_ERROR=result.error or "")
@@ -352,13 +356,19 @@ class Runner:
         self.log(_describe(result))
         return result
 
-    def _backup(self, repo: Any, src: Source, kind: str, result: SourceResult) -> None:
+    def _backup(self, repo: Any, src: Source, kind: str, result: SourceResult, env: dict[str, str]) -> None:
         try:
-            excludes = excludes_of(list(src.excludes), list(src.exclude_files))
-            res = repo.backup(list(src.paths), kind=kind, tags=list(src.tags), host=self._host(src),
-                              excludes=excludes, fixed_chunks=list(src.fixed_chunks),
-                              one_file_system=src.one_file_system, exclude_if_present=list(src.exclude_if_present),
-                              exclude_caches=src.exclude_caches, exclude_larger_than=src.exclude_larger_than)
+            if src.command is not None:
+                assert src.stdin_name is not None
+                res = repo.backup_command(src.argv(), src.stdin_name, kind=kind, tags=list(src.tags),
+                                          host=self._host(src), fixed_chunks=list(src.fixed_chunks),
+                                          cwd=self.policy.base_dir, env=env)
+            else:
+                excludes = excludes_of(list(src.excludes), list(src.exclude_files))
+                res = repo.backup(list(src.paths), kind=kind, tags=list(src.tags), host=self._host(src),
+                                  excludes=excludes, fixed_chunks=list(src.fixed_chunks),
+                                  one_file_system=src.one_file_system, exclude_if_present=list(src.exclude_if_present),
+                                  exclude_caches=src.exclude_caches, exclude_larger_than=src.exclude_larger_than)
         except ChunkvaultError as exc:
             result.status, result.error = FAILED, str(exc)
             return
@@ -380,7 +390,7 @@ class Runner:
         from .store.lifecycle import plan_forget
 
         assert src.retention is not None
-        scoped = source_history(repo.snapshots(), self._host(src), src.paths)
+        scoped = src.history(repo.snapshots(), self._host(src))
         if not scoped:
             return RetentionResult([], [], 0)
         plan = plan_forget(scoped, policy=src.retention, now=self.clock())

@@ -114,14 +114,25 @@ class S3Bucket:
         return env
 
 
+def use_test_credentials(mp: pytest.MonkeyPatch) -> None:
+    """The test credentials in the environment, and the machine's own AWS configuration kept out."""
+    for name in _CLEARED:
+        mp.delenv(name, raising=False)
+    for name, value in {**TEST_CREDENTIALS, **_ISOLATION}.items():
+        mp.setenv(name, value)
+
+
+@pytest.fixture
+def s3_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a test that starts its own moto server (and may run before ``moto_s3`` set these)."""
+    use_test_credentials(monkeypatch)
+
+
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[MotoServer]:
     """One moto S3 server for the whole test run, with test credentials in the environment."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in _CLEARED:
-            mp.delenv(name, raising=False)
-        for name, value in {**TEST_CREDENTIALS, **_ISOLATION}.items():
-            mp.setenv(name, value)
+        use_test_credentials(mp)
         server = MotoServer()
         server.start()
         try:

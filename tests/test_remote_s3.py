@@ -20,7 +20,7 @@ from chunkvault.remotes.s3 import S3Remote, parse_s3_url
 
 from remote_contract import check_remote_contract
 from netutil import free_port
-from servers_s3 import moto_s3, s3_bucket, s3_bucket_factory  # noqa: F401
+from servers_s3 import moto_s3, s3_bucket, s3_bucket_factory, s3_credentials  # noqa: F401
 
 MiB = 1024 * 1024
 SMALL_PARTS = {"multipart_threshold": 5 * MiB, "multipart_part_size": 5 * MiB}
@@ -315,7 +315,7 @@ def test_retry_layer_over_s3_with_injected_faults(s3_bucket):
         assert faulty.faults["error"] and faulty.faults["error_after"] and faulty.faults["truncated"]
 
 
-def test_server_going_away_gives_one_clear_error():
+def test_server_going_away_gives_one_clear_error(s3_credentials):
     from chunkvault.remotes.layer import RetryingRemote
     from servers_s3 import MotoServer
 

@@ -468,3 +468,56 @@ def test_daemon_process_finishes_the_current_backup_on_sigterm(tmp_path, repo_ur
     (snap,) = snapshots(repo_url)  # db's backup completed, other's never started
     assert snap.paths == [str(tree)]
     assert restore_text(repo_url, snap.id, tmp_path / "r", "notes.txt") == "hello\n"
+
+
+def test_a_source_may_back_up_a_command_s_output(tmp_path, repo_url, tree, fake_time, monkeypatch):
+    """A dump source keeps its own chain beside a paths source; its command runs in the policy's folder
+    with the hook variables and without the repository password; a failing dump saves nothing."""
+    (tmp_path / "dump.sh").write_text('test -e broken && exit 3\n'
+                                      'echo "-- $CHUNKVAULT_SOURCE $CHUNKVAULT_KIND ${CHUNKVAULT_PASSWORD:-no password}"\n'
+                                      'cat rows.sql\n')
+    (tmp_path / "rows.sql").write_text("".join(f"insert {i};\n" for i in range(20_000)))
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    policy_path = write_policy(tmp_path / "policy.toml", repo_url, [
+        {"name": "files", "paths": [str(tree)]},
+        {"name": "dump", "command": "sh dump.sh", "stdin-name": "app.sql"},
+    ], top='full = "daily 02:00"\ndiff = "hourly"\n[retention]\nkeep-last = 2\n')
+    clock = fake_time(FakeClock(datetime(2026, 3, 1, 2, 0, tzinfo=UTC)))
+    runner = Runner(load_policy(str(policy_path)), PASSWORD.encode(), clock=clock, log=lambda line: None,
+                    lock_file=str(tmp_path / "policy.lock"))
+
+    def run() -> dict[str, SourceResult]:
+        report = runner.run()
+        clock.t += timedelta(hours=1)
+        return {r.name: r for r in report.sources}
+
+    first, second = run(), run()
+    assert [first[n].status for n in ("files", "dump")] == ["ok", "ok"]
+    assert (second["dump"].status, second["dump"].kind) == ("ok", "diff")
+    by_id = {s.id: s for s in snapshots(repo_url)}
+    dump_full, dump_diff = by_id[first["dump"].snapshot_id], by_id[second["dump"].snapshot_id]
+    assert dump_diff.parent == dump_full.id and dump_full.stdin_name == "app.sql"
+    assert by_id[second["files"].snapshot_id].parent == first["files"].snapshot_id
+    with Repository.open(repo_url, PASSWORD) as r, r.open_file(dump_diff, "app.sql") as f:
+        assert f.read().split(b"\n", 1)[0] == b"-- dump diff no password"
+
+    (tmp_path / "broken").touch()
+    third = run()
+    assert third["dump"].status == "failed"
+    assert third["dump"].error == "`/bin/sh -c 'sh dump.sh'` exited 3: no snapshot saved"
+    assert third["files"].status == "ok"
+    assert sum(s.stdin_name == "app.sql" for s in snapshots(repo_url)) == 2
+
+
+@pytest.mark.parametrize("source, fragment", [
+    ({"name": "d", "command": "pg_dump", "paths": ["/x"]}, "paths and command both given"),
+    ({"name": "d", "command": "pg_dump"}, "command needs stdin-name"),
+    ({"name": "d", "paths": ["/x"], "stdin-name": "a.sql"}, "stdin-name needs command"),
+    ({"name": "d", "command": ["pg_dump"], "stdin-name": "a.sql", "excludes": ["*"]}, "excludes applies to paths"),
+    ({"name": "d", "command": [], "stdin-name": "a.sql"}, "command must be a shell command string"),
+])
+def test_command_sources_that_make_no_sense_are_refused(tmp_path, repo_url, source, fragment):
+    policy_path = write_policy(tmp_path / "policy.toml", repo_url, [source], top='full = "daily 02:00"\n')
+    with pytest.raises(ChunkvaultError) as e:
+        load_policy(str(policy_path))
+    assert fragment in str(e.value)

@@ -1,0 +1,81 @@
+"""A command's standard output as a backup's stream, ended only by the command's success.
+
+``pg_dump app | chunkvault backup --stdin`` cannot tell a finished dump from one
+whose command died half-way: the pipe ends the same way, and the shell reports
+the failure after the snapshot is saved. Here the stream's end is reached only
+once the command has exited with status 0; any other status is raised from the
+read that found the end, so the backup stops before it writes a snapshot.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from typing import Mapping, Sequence
+
+from chunkvault.errors import SourceCommandFailed
+
+STOP_GRACE = 5.0  # seconds a command interrupted by a failed backup gets to end after SIGTERM
+
+
+class CommandStream:
+    """The running command ``argv``'s stdout. Its stdin is closed (a prompt goes to the terminal, as
+    pg_dump's does); its stderr is ours, so a dump's errors reach the operator. It gets the environment
+    (``env``, default ours) without chunkvault's passwords (``CHUNKVAULT_PASSWORD``, ...; a
+    ``PGPASSWORD`` stays). Use as a context manager: leaving early stops the command."""
+
+    def __init__(self, argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None):
+        if not argv:
+            raise SourceCommandFailed("no command given")
+        self.argv = list(argv)
+        self.shown = shlex.join(self.argv)
+        env = {k: v for k, v in (os.environ if env is None else env).items()
+               if not (k.startswith("CHUNKVAULT_") and k.endswith("PASSWORD"))}
+        try:
+            self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=0,
+                                          cwd=cwd, env=env)
+        except OSError as exc:
+            raise SourceCommandFailed(f"cannot run `{self.shown}`: {exc.strerror}") from None
+        assert self._proc.stdout is not None
+        self._fd = self._proc.stdout.fileno()
+        self.returncode: int | None = None
+
+    def read(self, n: int) -> bytes:
+        data = os.read(self._fd, n)
+        if not data:
+            self._ended()
+        return data
+
+    def readinto(self, buf: memoryview) -> int:
+        got = os.readv(self._fd, [buf])
+        if not got:
+            self._ended()
+        return got
+
+    def _ended(self) -> None:
+        """The pipe is at its end: the stream is only complete if the command exited with status 0."""
+        if self.returncode is None:
+            self.returncode = self._proc.wait()
+        if self.returncode != 0:
+            how = f"was killed by signal {-self.returncode}" if self.returncode < 0 else f"exited {self.returncode}"
+            raise SourceCommandFailed(f"`{self.shown}` {how}: no snapshot saved")
+
+    def close(self) -> None:
+        """Stop the command if it still runs (the backup failed or was interrupted), then reap it."""
+        proc = self._proc
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.returncode = proc.returncode
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+    def __enter__(self) -> "CommandStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,121 @@
+"""backup --stdin-from-command: a dump is saved only when its command succeeded, and never outlives a failed backup."""
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from chunkvault import Repository
+from chunkvault.errors import RemoteUnavailable, SourceCommandFailed
+from chunkvault.remotes.local import LocalRemote
+from conftest import PASSWORD
+from faults import FaultyRemote
+
+
+def emit(lines: int, then: str = "") -> list[str]:
+    """A command printing ``lines`` numbered lines, then running the shell code ``then``."""
+    return ["sh", "-c", f"seq 1 {lines}; {then}"]
+
+
+def numbered(lines: int) -> bytes:
+    return b"".join(b"%d\n" % i for i in range(1, lines + 1))
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_output_is_stored_and_each_run_is_a_differential_of_the_last(new_repo):
+    repo = new_repo()
+    first = repo.backup_command(emit(200_000), "app.sql").snapshot
+    second = repo.backup_command(emit(200_001), "app.sql", tags=["hourly"]).snapshot
+    assert (first.kind, second.kind, second.parent) == ("full", "diff", first.id)
+    assert second.stdin_name == "app.sql" and second.tags == ["hourly"]
+    with repo.open_file(second, "app.sql") as f:
+        assert f.read() == numbered(200_001)
+    assert second.stats["added_raw_bytes"] < len(numbered(200_001)) // 4  # the unchanged part deduplicated
+
+
+@pytest.mark.parametrize("command, message", [
+    (emit(50_000, "exit 3"), "`sh -c 'seq 1 50000; exit 3'` exited 3: no snapshot saved"),
+    (emit(50_000, "exec >&-; sleep 0.2; exit 4"), "exited 4: no snapshot saved"),  # output closed before the exit
+    (emit(10, "kill -9 $$"), "was killed by signal 9: no snapshot saved"),
+    (["/nonexistent/pg_dump", "app"], "cannot run `/nonexistent/pg_dump app`: No such file or directory"),
+])
+def test_a_failed_command_saves_no_snapshot(new_repo, command, message):
+    repo = new_repo()
+    kept = repo.backup_command(emit(100), "app.sql").snapshot
+    with pytest.raises(SourceCommandFailed) as e:
+        repo.backup_command(command, "app.sql")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert [s.id for s in repo.snapshots()] == [kept.id]
+    assert repo.check(read_data=True).ok
+    assert repo.backup_command(emit(100), "app.sql").snapshot.parent == kept.id
+
+
+def test_a_backup_that_fails_stops_its_command(tmp_path):
+    """The repository goes away while a dump streams: the dump is stopped, not left writing to a dead pipe."""
+    path = str(tmp_path / "repo")
+    Repository.init(path, PASSWORD, kdf_seconds=0, pack_size=64 * 1024).close()
+    faulty = FaultyRemote(LocalRemote(path), seed=1)
+    repo = Repository.open(faulty, PASSWORD, ledger=False)
+    faulty.fail_after = 10  # the lock, then some packs
+    pidfile = tmp_path / "pid"
+    started = time.monotonic()
+    with pytest.raises(RemoteUnavailable):
+        repo.backup_command(["sh", "-c", f"echo $$ > {pidfile}; exec head -c 100000000 /dev/urandom"], "big.bin")
+    assert gone(int(pidfile.read_text()))
+    assert time.monotonic() - started < 60  # stopped long before its 100 MB were read
+    assert Repository.open(path, PASSWORD, ledger=False).snapshots() == []
+
+
+def test_the_command_gets_the_environment_without_chunkvault_s_passwords(new_repo, monkeypatch, tmp_path):
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", "repository secret")
+    monkeypatch.setenv("CHUNKVAULT_TO_PASSWORD", "other secret")
+    monkeypatch.setenv("PGPASSWORD", "the database's own")
+    repo = new_repo()
+    shown = 'echo "${CHUNKVAULT_PASSWORD:-none} ${CHUNKVAULT_TO_PASSWORD:-none} $PGPASSWORD $(pwd)"'
+    snap = repo.backup_command(["sh", "-c", shown], "env.txt", cwd=str(tmp_path)).snapshot
+    with repo.open_file(snap, "env.txt") as f:
+        assert f.read() == f"none none the database's own {tmp_path}\n".encode()
+
+
+def test_closing_early_terminates_the_command_and_reaps_it():
+    from chunkvault.store.command_stream import CommandStream
+
+    with CommandStream(["sh", "-c", "exec yes"]) as stream:
+        assert stream.read(4) == b"y\ny\n"
+    assert stream.returncode == -signal.SIGTERM
+
+
+def test_dry_run_runs_the_command_and_writes_nothing(new_repo):
+    repo = new_repo()
+    result = repo.backup_command(emit(1000), "app.sql", dry_run=True)
+    assert result.snapshot.stats["bytes"] == len(numbered(1000)) and result.snapshot.stats["added_blobs"]
+    assert repo.snapshots() == []
+
+
+def test_cli_stdin_from_command(cli, tmp_path):
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    out = json.loads(cli("backup", "-r", repo, "--stdin-from-command", "--stdin-name", "db.sql", "--json", "--",
+                         *emit(1000)).stdout)
+    assert out["type"] == "full" and out["stdin_name"] == "db.sql"
+    assert cli("dump", "-r", repo, "latest", "db.sql").stdout == numbered(1000)
+    failed = cli("backup", "-r", repo, "--stdin-from-command", "--stdin-name", "db.sql", "--",
+                 *emit(10, "exit 7"), check=20)
+    assert failed.stderr.decode().strip().splitlines() == [
+        "chunkvault: `sh -c 'seq 1 10; exit 7'` exited 7: no snapshot saved"]
+    assert len(json.loads(cli("snapshots", "-r", repo, "--json").stdout)) == 1
+    for args, message in ((["--stdin-from-command", "--stdin-name", "x"], "needs the command after the options"),
+                          (["--stdin-from-command", "--", "true"], "--stdin-from-command needs --stdin-name NAME"),
+                          (["--stdin", "--stdin-from-command", "--stdin-name", "x", "--", "true"], "give one"),
+                          (["--stdin-from-command", "--stdin-name", "x", "--exclude", "*", "--", "true"],
+                           "takes no exclusion rules")):
+        proc = cli("backup", "-r", repo, *args, check=2)
+        assert message in proc.stderr.decode()
