@@ -203,6 +203,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         if (args.exclude or args.exclude_file or args.exclude_if_present or args.exclude_caches
                 or args.one_file_system or args.exclude_larger_than is not None):
             raise UsageError(f"{option} takes no exclusion rules (--exclude..., --one-file-system)")
+        if args.parent or args.force or args.skip_if_unchanged:
+            raise UsageError(f"--parent, --force and --skip-if-unchanged apply to paths, not to {option}")
         repo = _open(args)
         options = {"kind": args.type, "tags": args.tag, "host": args.host, "delta": not args.no_delta,
                    "fixed_chunks": args.fixed_chunks, "fixed_chunk_size": args.fixed_chunk_size,
@@ -232,10 +234,20 @@ def cmd_backup(args: argparse.Namespace) -> int:
         result = repo.backup(args.paths, kind=args.type, tags=args.tag, host=args.host, excludes=excludes,
                              delta=not args.no_delta, no_delta=args.no_delta_path, fixed_chunks=args.fixed_chunks,
                              fixed_chunk_size=args.fixed_chunk_size, progress=_backup_progress(bar), walk=walk,
-                             dry_run=args.dry_run, **rules)
+                             dry_run=args.dry_run, parent=args.parent, reread=args.force,
+                             skip_if_unchanged=args.skip_if_unchanged, **rules)
         bar.done()
     snap = result.snapshot
     st = snap.stats
+    if result.skipped:
+        if args.json:
+            _emit_json({"skipped": True, "id": None, "parent": snap.id, "warnings": result.warnings,
+                        "dry_run": args.dry_run})
+        elif not args.quiet:
+            for w in result.warnings:
+                print(f"warning: {w}", file=sys.stderr)
+            print(f"nothing changed since snapshot {snap.short_id}: no snapshot {'would be ' if args.dry_run else ''}saved")
+        return 0
     if args.json:
         _emit_json({**_snapshot_json(snap), "warnings": result.warnings, "dry_run": args.dry_run})
     elif not args.quiet:
@@ -831,6 +843,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="do not list directories on other file systems than their source (mount points stay, empty)")
     s.add_argument("--dry-run", "-n", action="store_true",
                    help="read and count what a backup would store; write nothing to the repository")
+    s.add_argument("--parent", metavar="SNAPSHOT",
+                   help="compare with (and build a differential on) this snapshot instead of the newest of the "
+                        "same host and paths")
+    s.add_argument("--force", action="store_true",
+                   help="read every file, even those whose size, times and inode say unchanged")
+    s.add_argument("--skip-if-unchanged", action="store_true",
+                   help="save no snapshot when nothing changed since the parent (a differential without changes)")
     s.add_argument("--stdin", action="store_true", help="back up standard input")
     s.add_argument("--stdin-from-command", action="store_true",
                    help="back up the standard output of the command given after the options (-- pg_dump app); "

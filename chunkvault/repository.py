@@ -205,7 +205,7 @@ class Repository:
                fixed_chunk_size: int = FIXED_CHUNK_SIZE, parent: str | None = None, progress: Any = None,
                one_file_system: bool = False, exclude_if_present: list[str] | None = None,
                exclude_caches: bool = False, exclude_larger_than: int | None = None, dry_run: bool = False,
-               walk: SourceWalk | None = None) -> BackupResult:
+               reread: bool = False, skip_if_unchanged: bool = False, walk: SourceWalk | None = None) -> BackupResult:
         """Back up files and directories; one directory is stored as the snapshot's root.
 
         ``dry_run``: read, chunk, compress and count as a backup would, and write nothing (the
@@ -222,6 +222,12 @@ class Repository:
         ``fixed_chunks``: globs of files cut every ``fixed_chunk_size`` bytes instead of
         by content (database files updated in place: see README, "Database differentials").
 
+        ``parent``: the snapshot (id or prefix) to compare with and build a differential on, instead of
+        the newest of the same host and paths. ``reread``: read every file, even one whose size, times
+        and inode match the parent's entry (content still deduplicates). ``skip_if_unchanged``: when the
+        backup is a differential that holds no change, save nothing (the result is ``skipped``, its
+        snapshot the parent).
+
         ``walk``: a ``SourceWalk.of_paths(...).start()`` of the same paths and rules, begun
         before the repository was opened, so the walk overlaps the key derivation.
         """
@@ -236,7 +242,8 @@ class Repository:
             opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, excludes=list(excludes or []),
                                  delta=delta, no_delta=list(no_delta or []), fixed_chunks=list(fixed_chunks or []),
                                  fixed_chunk_size=fixed_chunk_size, progress=progress, dry_run=dry_run,
-                                 parent=find_snapshot(snaps, parent) if parent else None)
+                                 parent=find_snapshot(snaps, parent) if parent else None, reread=reread,
+                                 skip_if_unchanged=skip_if_unchanged)
         except BaseException:
             if walk is not None:
                 walk.close()
@@ -248,7 +255,7 @@ class Repository:
             walk.close()
             raise UsageError("the given walk is of other paths or exclusion rules than the backup")
         result = Backup(self._repo, opts).run(walk, walk.paths)
-        if not dry_run:
+        if not dry_run and not result.skipped:
             self._wrote(result.snapshot)
         return result
 

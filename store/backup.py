@@ -73,6 +73,8 @@ class BackupOptions:
     lock_wait: float = 3600.0  # how long to wait for a running prune
     progress: Callable[[dict], None] | None = None
     dry_run: bool = False  # read, chunk and compress as a backup would; write nothing (no lock either)
+    reread: bool = False  # read every file, even one whose stat fields match the parent's entry
+    skip_if_unchanged: bool = False  # a differential with no change is not saved (the result: its parent)
 
     def __post_init__(self) -> None:
         low, high = FIXED_CHUNK_SIZES
@@ -82,8 +84,9 @@ class BackupOptions:
 
 @dataclass
 class BackupResult:
-    snapshot: Snapshot
+    snapshot: Snapshot  # when ``skipped``, the parent: nothing changed since it
     warnings: list[str]
+    skipped: bool = False
 
     @property
     def partial(self) -> bool:
@@ -360,7 +363,8 @@ class Backup:
         """The entry of a regular file: the parent's data when its stat fields say so, else the run of files
         to read it joins (the last of its files)."""
         e = self._base_entry(rel, st, T_FILE)
-        if (prev is not None and prev.type == T_FILE and not prev.flags & (F_UNREADABLE | F_CHANGED_DURING_READ)
+        if (prev is not None and not self.opt.reread and prev.type == T_FILE
+                and not prev.flags & (F_UNREADABLE | F_CHANGED_DURING_READ)
                 and prev.size == st.st_size and prev.mtime_ns == st.st_mtime_ns
                 and prev.ctime_ns == st.st_ctime_ns and prev.ino == st.st_ino):
             e.digest, e.chunks, e.size = prev.digest, prev.chunks, prev.size
@@ -514,6 +518,7 @@ class Backup:
         diff = kind == KIND_DIFF
         counts = self.counts
         progress = self.opt.progress is not None
+        trust_stat = not self.opt.reread
         p = next(parent_tree, None)
         cut: bytes | None = None
         same_files = same_bytes = 0
@@ -521,7 +526,7 @@ class Backup:
         taken: list[Record] | None = None if diff else []  # a full manifest lists the unchanged entries too
         walk = iter(source)
         while True:
-            if p is not None and (diff or not pending):  # a full manifest's records wait for none before them
+            if p is not None and trust_stat and (diff or not pending):  # a full's records wait for none before them
                 files, dirs, links, size, p = source.skip_unchanged(p, parent_tree, taken, OP_ENTRY, T_FILE,
                                                                     T_DIR, T_SYMLINK)
                 if files or dirs or links:
@@ -550,7 +555,7 @@ class Backup:
             if p is not None and p.path == rel:  # same path, same sort key
                 prev = p.entry
                 p = next(parent_tree, None)
-            if prev is not None and _unchanged_file(prev, st):
+            if prev is not None and trust_stat and _unchanged_file(prev, st):
                 same_files += 1
                 same_bytes += prev.size
                 if progress:
@@ -679,6 +684,10 @@ class Backup:
             for rec in stats_iter:
                 mw.add(rec)
             self._drain()
+            if self.opt.skip_if_unchanged and kind == KIND_DIFF and not mw.records:
+                assert parent is not None
+                return BackupResult(parent, self.warnings + (source.warnings if source is not None else []),
+                                    skipped=True)
             manifest_ids = mw.finish()
             self._drain()
             self.writer.flush()

@@ -1,0 +1,79 @@
+"""backup --force (read every file), --parent (choose the snapshot to compare with), --skip-if-unchanged."""
+import json
+import os
+
+import pytest
+
+from chunkvault.errors import SnapshotNotFound
+
+
+@pytest.fixture
+def tree(tmp_path):
+    src = tmp_path / "src"
+    for d in range(3):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(20):
+            (src / f"d{d}" / f"f{f}").write_bytes(os.urandom(3_000 + f * 100))
+    (src / "big").write_bytes(os.urandom(2_000_000))
+    os.symlink("big", src / "link")
+    return src
+
+
+def test_reread_reads_every_file_and_stores_only_what_differs(new_repo, tree):
+    repo = new_repo()
+    first = repo.backup([str(tree)]).snapshot.stats
+    total = first["bytes"]
+    again = repo.backup([str(tree)]).snapshot.stats
+    assert again["read_bytes"] == 0 and again["unchanged_files"] == 61
+    forced = repo.backup([str(tree)], reread=True).snapshot
+    st = forced.stats
+    assert st["read_bytes"] == total  # every byte read again...
+    assert st["unchanged_files"] == 61 and st["added_blobs"] == 0  # ...found the same, stored nothing
+    assert st["manifest_records"] == 0 and forced.kind == "diff"
+    full = repo.backup([str(tree)], reread=True, kind="full").snapshot
+    assert full.stats["read_bytes"] == total and full.stats["files"] == first["files"]
+
+
+def test_parent_chooses_what_a_differential_builds_on(new_repo, tree):
+    repo = new_repo()
+    first = repo.backup([str(tree)]).snapshot
+    (tree / "d0" / "f0").write_bytes(b"changed")
+    second = repo.backup([str(tree)]).snapshot
+    (tree / "d1" / "f1").write_bytes(b"changed too")
+    third = repo.backup([str(tree)], parent=first.id[:8]).snapshot
+    assert (second.parent, third.parent) == (first.id, first.id)
+    assert third.stats["changed_files"] == 2  # both changes, counted against the older parent
+    with pytest.raises(SnapshotNotFound):
+        repo.backup([str(tree)], parent="ffffffff")
+
+
+def test_skip_if_unchanged_saves_no_empty_differential(new_repo, tree):
+    repo = new_repo()
+    first = repo.backup([str(tree)]).snapshot
+    skipped = repo.backup([str(tree)], skip_if_unchanged=True)
+    assert skipped.skipped and skipped.snapshot.id == first.id
+    assert [s.id for s in repo.snapshots()] == [first.id]
+    os.utime(tree / "d2" / "f3", ns=(1, 1))  # metadata alone is a change
+    changed = repo.backup([str(tree)], skip_if_unchanged=True)
+    assert not changed.skipped and changed.snapshot.parent == first.id
+    full = repo.backup([str(tree)], skip_if_unchanged=True, kind="full")  # a full starts a chain: always saved
+    assert not full.skipped and full.snapshot.kind == "full"
+    assert len(repo.snapshots()) == 3
+    assert repo.check(read_data=True).ok
+
+
+def test_cli_options(cli, tmp_path, tree):
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    first = json.loads(cli("backup", "-r", repo, str(tree), "--json").stdout)
+    out = json.loads(cli("backup", "-r", repo, str(tree), "--skip-if-unchanged", "--json").stdout)
+    assert out == {"skipped": True, "id": None, "parent": first["id"], "warnings": [], "dry_run": False}
+    plain = cli("backup", "-r", repo, str(tree), "--skip-if-unchanged").stdout.decode()
+    assert plain.strip() == f"nothing changed since snapshot {first['short_id']}: no snapshot saved"
+    forced = json.loads(cli("backup", "-r", repo, str(tree), "--force", "--json").stdout)
+    assert forced["stats"]["read_bytes"] == first["size"] and forced["parent"] == first["id"]
+    chosen = json.loads(cli("backup", "-r", repo, str(tree), "--parent", first["id"][:8], "--json").stdout)
+    assert chosen["parent"] == first["id"]
+    assert len(json.loads(cli("snapshots", "-r", repo, "--json").stdout)) == 3
+    proc = cli("backup", "-r", repo, "--stdin", "--stdin-name", "x", "--force", input=b"x", check=2)
+    assert "apply to paths" in proc.stderr.decode()
