@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 from . import __version__, passwords
 from .progress import Progress
 from .errors import ChunkvaultError, CorruptObject, PartialBackup, TargetNotEmpty, UsageError, VerificationFailed
-from .store.manifest import TYPE_NAMES, Entry
+from .store.manifest import T_DIR, TYPE_NAMES, Entry
 from .store.snapshot import Snapshot
 
 EXIT_INTERNAL = 1
@@ -484,14 +484,15 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     repo = _open(args)
-    with repo.open_file(args.snapshot, args.path) as f:
-        out = sys.stdout.buffer
-        while True:
-            block = f.read(1 << 20)
-            if not block:
-                break
-            out.write(block)
-        out.flush()
+    snap = repo.snapshot(args.snapshot)
+    out = sys.stdout.buffer
+    if repo.find_entry(snap, args.path).type == T_DIR and out.isatty():
+        raise UsageError(f"a directory is written as a {args.archive} archive: redirect it to a file or a pipe")
+    warnings = repo.dump(snap, args.path, out, archive=args.archive)
+    out.flush()
+    if not args.quiet:
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
     return 0
 
 
@@ -936,9 +937,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("snap2")
     s.set_defaults(func=cmd_diff, read_lock="diff")
 
-    s = sub.add_parser("dump", parents=[common, reading], help="write one file of a snapshot to stdout")
+    s = sub.add_parser("dump", parents=[common, reading],
+                       help="write one file of a snapshot, or a directory as a tar or zip archive, to stdout")
     s.add_argument("snapshot")
-    s.add_argument("path")
+    s.add_argument("path", help="a file, or a directory (/ for the whole snapshot)")
+    s.add_argument("--archive", choices=["tar", "zip"], default="tar", help="a directory's format (default tar)")
     s.set_defaults(func=cmd_dump, read_lock="dump")
 
     s = sub.add_parser("forget", parents=[common, select], help="remove snapshots by id or retention policy")

@@ -22,7 +22,7 @@ from .chunker import FIXED_CHUNK_SIZE
 from .store.backup import Backup, BackupOptions, BackupResult
 from .store.chain import broken_chains, lineage
 from .store.config import Settings
-from .store.manifest import T_FILE, T_HARDLINK, Entry, Record
+from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import Repo
 from .store.restore import Restorer, RestoreOptions, RestoreResult
 from .store.snapshot import Snapshot, find_snapshot, parse_time, select_snapshots
@@ -456,6 +456,27 @@ class Repository:
         if e.type != T_FILE:
             raise UsageError(f"{os.fsdecode(e.path)!r} is not a regular file")
         return io.BufferedReader(_ChunkStream(self._repo, e.chunk_ids()), buffer_size=1 << 20)
+
+    def dump(self, snapshot: str | Snapshot, path: str | bytes, out: BinaryIO, *, archive: str = "tar") -> list[str]:
+        """Write ``path`` of the snapshot to ``out``: a file's content, or a directory's subtree (``/``: the
+        whole snapshot) as a tar or zip ``archive`` with names relative to the snapshot's root. Returns
+        warnings (entries a zip cannot hold)."""
+        from .store.archive import ARCHIVES, write_archive
+
+        if archive not in ARCHIVES:
+            raise UsageError(f"unknown archive format {archive!r} (tar or zip)")
+        with self.reading("dump"):
+            snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+            e = self.find_entry(snap, path)
+            if e.type != T_DIR:
+                with self.open_file(snap, path) as f:
+                    while block := f.read(1 << 20):
+                        out.write(block)
+                return []
+            stats = write_archive(out, archive, self.tree(snap), e.path,
+                                  lambda f: io.BufferedReader(_ChunkStream(self._repo, f.chunk_ids()), 1 << 20),
+                                  lambda target: self.find_entry(snap, target))
+            return stats.warnings
 
     def diff(self, a: str | Snapshot, b: str | Snapshot) -> Iterator[tuple[str, Entry | None, Entry | None]]:
         """(change, old, new) for every path that differs: added, removed, modified."""

@@ -1,0 +1,132 @@
+"""A snapshot's subtree as one tar or zip stream: ``dump`` of a directory.
+
+Written front to back, so the output may be a pipe (``dump latest srv/www | ssh host tar x``).
+Names are relative to the snapshot's root, as a restore lays them out. tar (POSIX pax) keeps modes,
+owners, nanosecond mtimes, symlinks, hard links, devices and FIFOs, and any byte in a name; zip
+keeps modes, mtimes (two-second steps, from 1980) and symlinks, stores a hard link as a copy of its
+file, and has no devices or FIFOs (each left out is a warning).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterable
+
+from .manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry
+
+ARCHIVES = ("tar", "zip")
+
+
+@dataclass
+class ArchiveStats:
+    entries: int = 0
+    bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def in_subtree(path: bytes, root: bytes) -> bool:
+    return root == b"" or path == root or path.startswith(root + b"/")
+
+
+def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes,
+                  content: Callable[[Entry], BinaryIO], linked: Callable[[bytes], Entry]) -> ArchiveStats:
+    """Write the entries below ``root`` (``entries``: a snapshot's tree in order; ``b""``: all of it) to
+    ``out`` as ``fmt``. ``content(entry)`` streams a file's bytes; ``linked(path)`` is the file entry a
+    hard link names (for a link whose file lies outside the subtree, or in a zip)."""
+    if fmt not in ARCHIVES:
+        raise ValueError(f"unknown archive format {fmt!r}")
+    stats = ArchiveStats()
+    writer = _Tar(out) if fmt == "tar" else _Zip(out)
+    try:
+        for e in entries:
+            if not in_subtree(e.path, root) or e.path == b"":
+                continue
+            if e.type == T_HARDLINK and not (writer.hard_links and in_subtree(e.target, root)):
+                e = dataclasses.replace(linked(e.target), path=e.path)  # a copy of the file it names
+            if e.type == T_FILE:
+                with content(e) as data:
+                    writer.file(e, data)
+                stats.bytes += e.size
+            elif not writer.other(e):
+                stats.warnings.append(f"{os.fsdecode(e.path)}: a {_KIND_NAMES[e.type]} cannot be stored in a {fmt}")
+                continue
+            stats.entries += 1
+    finally:
+        writer.close()
+    return stats
+
+
+_KIND_NAMES = {T_FIFO: "FIFO", T_CHARDEV: "character device", T_BLOCKDEV: "block device"}
+
+
+class _Tar:
+    hard_links = True
+
+    def __init__(self, out: BinaryIO):
+        self.tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                                errors="surrogateescape")
+
+    def _info(self, e: Entry, kind: bytes) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(os.fsdecode(e.path))
+        info.type, info.mode, info.uid, info.gid = kind, e.mode, e.uid, e.gid
+        info.mtime = e.mtime_ns / 1e9 if e.mtime_ns % 1_000_000_000 else e.mtime_ns // 1_000_000_000
+        return info
+
+    def file(self, e: Entry, data: BinaryIO) -> None:
+        info = self._info(e, tarfile.REGTYPE)
+        info.size = e.size
+        self.tar.addfile(info, data)
+
+    def other(self, e: Entry) -> bool:
+        kind = {T_DIR: tarfile.DIRTYPE, T_SYMLINK: tarfile.SYMTYPE, T_HARDLINK: tarfile.LNKTYPE,
+                T_FIFO: tarfile.FIFOTYPE, T_CHARDEV: tarfile.CHRTYPE, T_BLOCKDEV: tarfile.BLKTYPE}[e.type]
+        info = self._info(e, kind)
+        if e.type in (T_SYMLINK, T_HARDLINK):
+            info.linkname = os.fsdecode(e.target)
+        if e.type in (T_CHARDEV, T_BLOCKDEV):
+            info.devmajor, info.devminor = os.major(e.rdev), os.minor(e.rdev)
+        self.tar.addfile(info)
+        return True
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+class _Zip:
+    hard_links = False
+
+    def __init__(self, out: BinaryIO):
+        self.zip = zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED)
+
+    def _info(self, e: Entry, name_suffix: str, kind: int) -> zipfile.ZipInfo:
+        seconds = e.mtime_ns // 1_000_000_000
+        when = time.localtime(min(max(seconds, 315_532_800 + 86_400), 4_354_819_199))[:6]  # zip's years: 1980-2107
+        info = zipfile.ZipInfo(e.path.decode("utf-8", "replace") + name_suffix, date_time=when)
+        info.create_system = 3  # Unix: the mode below is read
+        info.external_attr = (kind | e.mode) << 16 | (0x10 if kind == stat.S_IFDIR else 0)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        return info
+
+    def file(self, e: Entry, data: BinaryIO) -> None:
+        info = self._info(e, "", stat.S_IFREG)
+        info.file_size = e.size
+        with self.zip.open(info, "w", force_zip64=e.size >= zipfile.ZIP64_LIMIT) as w:
+            while block := data.read(1 << 20):
+                w.write(block)
+
+    def other(self, e: Entry) -> bool:
+        if e.type == T_DIR:
+            self.zip.writestr(self._info(e, "/", stat.S_IFDIR), b"")
+        elif e.type == T_SYMLINK:
+            self.zip.writestr(self._info(e, "", stat.S_IFLNK), e.target)
+        else:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.zip.close()

@@ -1,0 +1,120 @@
+"""dump of a directory: a tar or zip stream that unpacks to what a restore would write."""
+import io
+import os
+import pty
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import pytest
+
+from conftest import PASSWORD
+from treeutil import describe
+
+
+@pytest.fixture
+def tree(tmp_path):
+    src = tmp_path / "src"
+    (src / "a" / "sub").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a" / "one").write_bytes(os.urandom(3_000_000))
+    (src / "a" / "empty").write_bytes(b"")
+    (src / "a" / "sub" / "deep.txt").write_text("deep\n")
+    os.chmod(src / "a" / "sub" / "deep.txt", 0o640)
+    os.symlink("one", src / "a" / "link")
+    os.link(src / "a" / "one", src / "a" / "twin")
+    os.link(src / "a" / "sub" / "deep.txt", src / "b" / "outside")  # its other name lies outside b/
+    os.mkfifo(src / "b" / "pipe")
+    (src / os.fsdecode(b"caf\xe9")).write_bytes(b"latin-1 name")
+    os.utime(src / "a" / "one", ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    return src
+
+
+def dumped(repo, snap, path, archive="tar") -> tuple[bytes, list[str]]:
+    out = io.BytesIO()
+    warnings = repo.dump(snap, path, out, archive=archive)
+    return out.getvalue(), warnings
+
+
+def untar(data: bytes, into) -> None:
+    into.mkdir()
+    subprocess.run(["tar", "-x", "-f", "-", "-C", str(into)], input=data, check=True)
+
+
+def test_tar_of_the_whole_snapshot_unpacks_to_the_source(new_repo, tree, tmp_path):
+    if not shutil.which("tar"):
+        pytest.skip("no tar")
+    repo = new_repo()
+    snap = repo.backup([str(tree)]).snapshot
+    data, warnings = dumped(repo, snap, "/")
+    assert warnings == []
+    untar(data, tmp_path / "out")
+    want, got = describe(tree, times=False), describe(tmp_path / "out", times=False)
+    del want[b"."], got[b"."]  # the root itself is not in the archive
+    assert got == want
+    assert os.stat(tmp_path / "out" / "a" / "one").st_mtime_ns // 1000 == 1_700_000_000_123_456  # to the microsecond
+    names = tarfile.open(fileobj=io.BytesIO(data)).getnames()
+    assert names[:2] == ["a", "a/empty"] and all(not n.startswith(("/", "./")) for n in names)
+
+
+def test_tar_of_a_subtree_copies_a_hard_link_whose_file_is_outside(new_repo, tree, tmp_path):
+    if not shutil.which("tar"):
+        pytest.skip("no tar")
+    repo = new_repo()
+    snap = repo.backup([str(tree)]).snapshot
+    data, _ = dumped(repo, snap, "b/")
+    untar(data, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == ["b"]
+    outside = tmp_path / "out" / "b" / "outside"
+    assert outside.read_text() == "deep\n" and os.stat(outside).st_nlink == 1
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "out" / "b" / "pipe").st_mode)
+    data, _ = dumped(repo, snap, "a")
+    kinds = {m.name: m.type for m in tarfile.open(fileobj=io.BytesIO(data))}
+    assert {kinds["a/one"], kinds["a/twin"]} == {tarfile.REGTYPE, tarfile.LNKTYPE}  # both inside: a link
+    assert kinds["a/link"] == tarfile.SYMTYPE
+
+
+def test_zip_keeps_files_dirs_modes_and_symlinks_and_names_what_it_cannot_hold(new_repo, tree, tmp_path):
+    repo = new_repo()
+    snap = repo.backup([str(tree)]).snapshot
+    data, warnings = dumped(repo, snap, "/", archive="zip")
+    assert warnings == ["b/pipe: a FIFO cannot be stored in a zip"]
+    z = zipfile.ZipFile(io.BytesIO(data))
+    assert z.testzip() is None
+    info = {i.filename: i for i in z.infolist()}
+    assert z.read("a/one") == (tree / "a" / "one").read_bytes()
+    assert z.read("a/twin") == z.read("a/one") and z.read("b/outside") == b"deep\n"  # links as copies
+    assert stat.S_ISLNK(info["a/link"].external_attr >> 16) and z.read("a/link") == b"one"
+    assert info["a/sub/"].is_dir() and stat.S_IMODE(info["a/sub/deep.txt"].external_attr >> 16) == 0o640
+    assert z.read("caf\ufffd") == b"latin-1 name"
+    assert "b/pipe" not in info
+
+
+def test_a_file_is_dumped_as_its_content(new_repo, tree):
+    repo = new_repo()
+    snap = repo.backup([str(tree)]).snapshot
+    assert dumped(repo, snap, "a/one")[0] == (tree / "a" / "one").read_bytes()
+    assert dumped(repo, snap, "a/twin", archive="zip")[0] == (tree / "a" / "one").read_bytes()
+
+
+def test_cli_dump_of_a_directory(cli, tree, tmp_path):
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, str(tree))
+    z = zipfile.ZipFile(io.BytesIO(cli("dump", "-r", repo, "latest", "a", "--archive", "zip").stdout))
+    assert sorted(z.namelist()) == ["a/", "a/empty", "a/link", "a/one", "a/sub/", "a/sub/deep.txt", "a/twin"]
+    proc = cli("dump", "-r", repo, "latest", "/", check=0)
+    assert "b/pipe" in [m.name for m in tarfile.open(fileobj=io.BytesIO(proc.stdout))]
+    leader, follower = pty.openpty()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+        done = subprocess.run([sys.executable, "-m", "chunkvault.cli", "dump", "-r", repo, "latest", "a"],
+                              stdout=follower, stderr=subprocess.PIPE, timeout=120,
+                              env={**env, "CHUNKVAULT_PASSWORD": PASSWORD})
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert done.returncode == 2 and b"redirect it to a file or a pipe" in done.stderr
