@@ -486,7 +486,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     repo = _open(args)
     snap = repo.snapshot(args.snapshot)
     out = sys.stdout.buffer
-    if repo.find_entry(snap, args.path).type == T_DIR and out.isatty():
+    if out.isatty() and repo.find_entry(snap, args.path).type == T_DIR:
         raise UsageError(f"a directory is written as a {args.archive} archive: redirect it to a file or a pipe")
     warnings = repo.dump(snap, args.path, out, archive=args.archive)
     out.flush()

@@ -455,6 +455,9 @@ class Repository:
             e = self.find_entry(snap, e.target)
         if e.type != T_FILE:
             raise UsageError(f"{os.fsdecode(e.path)!r} is not a regular file")
+        return self._content(e)
+
+    def _content(self, e: Entry) -> BinaryIO:
         return io.BufferedReader(_ChunkStream(self._repo, e.chunk_ids()), buffer_size=1 << 20)
 
     def dump(self, snapshot: str | Snapshot, path: str | bytes, out: BinaryIO, *, archive: str = "tar") -> list[str]:
@@ -473,8 +476,7 @@ class Repository:
                     while block := f.read(1 << 20):
                         out.write(block)
                 return []
-            stats = write_archive(out, archive, self.tree(snap), e.path,
-                                  lambda f: io.BufferedReader(_ChunkStream(self._repo, f.chunk_ids()), 1 << 20),
+            stats = write_archive(out, archive, self.tree(snap), e.path, self._content,
                                   lambda target: self.find_entry(snap, target))
             return stats.warnings
 

@@ -2,7 +2,6 @@
 import io
 import os
 import pty
-import shutil
 import stat
 import subprocess
 import sys
@@ -33,6 +32,12 @@ def tree(tmp_path):
     return src
 
 
+@pytest.fixture
+def backed_up(new_repo, tree):
+    repo = new_repo()
+    return repo, repo.backup([str(tree)]).snapshot
+
+
 def dumped(repo, snap, path, archive="tar") -> tuple[bytes, list[str]]:
     out = io.BytesIO()
     warnings = repo.dump(snap, path, out, archive=archive)
@@ -44,11 +49,8 @@ def untar(data: bytes, into) -> None:
     subprocess.run(["tar", "-x", "-f", "-", "-C", str(into)], input=data, check=True)
 
 
-def test_tar_of_the_whole_snapshot_unpacks_to_the_source(new_repo, tree, tmp_path):
-    if not shutil.which("tar"):
-        pytest.skip("no tar")
-    repo = new_repo()
-    snap = repo.backup([str(tree)]).snapshot
+def test_tar_of_the_whole_snapshot_unpacks_to_the_source(backed_up, tree, tmp_path):
+    repo, snap = backed_up
     data, warnings = dumped(repo, snap, "/")
     assert warnings == []
     untar(data, tmp_path / "out")
@@ -60,11 +62,8 @@ def test_tar_of_the_whole_snapshot_unpacks_to_the_source(new_repo, tree, tmp_pat
     assert names[:2] == ["a", "a/empty"] and all(not n.startswith(("/", "./")) for n in names)
 
 
-def test_tar_of_a_subtree_copies_a_hard_link_whose_file_is_outside(new_repo, tree, tmp_path):
-    if not shutil.which("tar"):
-        pytest.skip("no tar")
-    repo = new_repo()
-    snap = repo.backup([str(tree)]).snapshot
+def test_tar_of_a_subtree_copies_a_hard_link_whose_file_is_outside(backed_up, tree, tmp_path):
+    repo, snap = backed_up
     data, _ = dumped(repo, snap, "b/")
     untar(data, tmp_path / "out")
     assert sorted(os.listdir(tmp_path / "out")) == ["b"]
@@ -77,9 +76,8 @@ def test_tar_of_a_subtree_copies_a_hard_link_whose_file_is_outside(new_repo, tre
     assert kinds["a/link"] == tarfile.SYMTYPE
 
 
-def test_zip_keeps_files_dirs_modes_and_symlinks_and_names_what_it_cannot_hold(new_repo, tree, tmp_path):
-    repo = new_repo()
-    snap = repo.backup([str(tree)]).snapshot
+def test_zip_keeps_files_dirs_modes_and_symlinks_and_names_what_it_cannot_hold(backed_up, tree):
+    repo, snap = backed_up
     data, warnings = dumped(repo, snap, "/", archive="zip")
     assert warnings == ["b/pipe: a FIFO cannot be stored in a zip"]
     z = zipfile.ZipFile(io.BytesIO(data))
@@ -93,9 +91,8 @@ def test_zip_keeps_files_dirs_modes_and_symlinks_and_names_what_it_cannot_hold(n
     assert "b/pipe" not in info
 
 
-def test_a_file_is_dumped_as_its_content(new_repo, tree):
-    repo = new_repo()
-    snap = repo.backup([str(tree)]).snapshot
+def test_a_file_is_dumped_as_its_content(backed_up, tree):
+    repo, snap = backed_up
     assert dumped(repo, snap, "a/one")[0] == (tree / "a" / "one").read_bytes()
     assert dumped(repo, snap, "a/twin", archive="zip")[0] == (tree / "a" / "one").read_bytes()
 
