@@ -11,7 +11,7 @@ import io
 import os
 import warnings
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
 from .errors import (CorruptObject, PermissionDenied, RollbackDetected, SnapshotNotFound, StorageFull, UsageError,
                      VerificationFailed)
@@ -274,17 +274,17 @@ class Repository:
     def backup_command(self, argv: Sequence[str], name: str, *, kind: str = "auto", tags: list[str] | None = None,
                        host: str | None = None, delta: bool = True, fixed_chunks: list[str] | None = None,
                        fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False, cwd: str | None = None,
-                       env: Mapping[str, str] | None = None) -> BackupResult:
+                       env: Mapping[str, str] | None = None, stderr: IO[bytes] | None = None) -> BackupResult:
         """Store the standard output of the command ``argv`` (e.g. ``["pg_dump", "app"]``) as the single
         file ``name``, as ``backup_stream`` does. The snapshot is saved only if the command exits with
         status 0 (else SourceCommandFailed); a backup that fails first stops the command. The command
         starts once the repository has agreed to the backup, in ``cwd`` with ``env`` (default: ours),
-        less any variable holding a password."""
+        less any variable holding a password; its stderr goes to ``stderr`` (a file; default: ours)."""
         from .store.command_stream import CommandStream
 
         opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, delta=delta,
                              fixed_chunks=list(fixed_chunks or []), fixed_chunk_size=fixed_chunk_size, dry_run=dry_run)
-        return self._backup_stream(lambda: CommandStream(argv, cwd=cwd, env=env), name, opts)
+        return self._backup_stream(lambda: CommandStream(argv, cwd=cwd, env=env, stderr=stderr), name, opts)
 
     def _backup_stream(self, open_stream: Callable[[], ContextManager[Any]], name: str,
                        opts: BackupOptions) -> BackupResult:

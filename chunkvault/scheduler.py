@@ -16,8 +16,8 @@ excluded by an advisory lock file (``<policy file>.lock`` unless the policy
 sets ``lock-file``).
 
 A source may back up a command's output instead of paths (``command``, run
-like a hook but with its stderr not logged, and ``stdin-name``): its snapshot
-is saved only if the command exits with status 0.
+like a hook, its stderr logged, and ``stdin-name``): its snapshot is saved
+only if the command exits with status 0.
 
 Hooks run with ``/bin/sh -c`` (a string) or directly (a list), in the policy
 file's folder, stdin closed, their output logged.  Their environment adds
@@ -48,7 +48,7 @@ import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, TextIO
+from typing import IO, Any, Callable, Iterator, TextIO
 
 from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
 from .schedule import Policy, Source, decide, next_wakeup, parse_policy
@@ -199,13 +199,18 @@ def run_hook(command: str | tuple[str, ...], env: dict[str, str], cwd: str, time
         except BaseException:
             _kill_group(proc)
             raise
-        out.seek(0)
-        text = out.read().decode(errors="replace")
+        _log_output(out, log, label)
+    return rc, error
+
+
+def _log_output(out: IO[bytes], log: Callable[[str], None], label: str) -> None:
+    """What a hook or a source's command wrote to ``out``, line by line (its end, if it wrote much)."""
+    out.seek(0)
+    text = out.read().decode(errors="replace")
     if len(text) > HOOK_OUTPUT_LIMIT:
         text = "..." + text[-HOOK_OUTPUT_LIMIT:]
     for line in text.splitlines():
         log(f"{label}: {line}")
-    return rc, error
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -360,9 +365,13 @@ class Runner:
         try:
             if src.command is not None:
                 assert src.stdin_name is not None
-                res = repo.backup_command(src.argv(), src.stdin_name, kind=kind, tags=list(src.tags),
-                                          host=self._host(src), fixed_chunks=list(src.fixed_chunks),
-                                          cwd=self.policy.base_dir, env=env)
+                with tempfile.TemporaryFile() as err:
+                    try:
+                        res = repo.backup_command(src.argv(), src.stdin_name, kind=kind, tags=list(src.tags),
+                                                  host=self._host(src), fixed_chunks=list(src.fixed_chunks),
+                                                  cwd=self.policy.base_dir, env=env, stderr=err)
+                    finally:
+                        _log_output(err, self._prefixed(src.name), "command")
             else:
                 excludes = excludes_of(list(src.excludes), list(src.exclude_files))
                 res = repo.backup(list(src.paths), kind=kind, tags=list(src.tags), host=self._host(src),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-from typing import Mapping, Sequence
+from typing import IO, Mapping, Sequence
 
 from chunkvault.errors import SourceCommandFailed
 
@@ -20,11 +20,12 @@ STOP_GRACE = 5.0  # seconds a command interrupted by a failed backup gets to end
 
 class CommandStream:
     """The running command ``argv``'s stdout. Its stdin is closed (a prompt goes to the terminal, as
-    pg_dump's does); its stderr is ours, so a dump's errors reach the operator. It gets the environment
+    pg_dump's does); its stderr is ``stderr`` or ours, so a dump's errors reach the operator. It gets the environment
     (``env``, default ours) without chunkvault's passwords (``CHUNKVAULT_PASSWORD``, ...; a
     ``PGPASSWORD`` stays). Use as a context manager: leaving early stops the command."""
 
-    def __init__(self, argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None):
+    def __init__(self, argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None,
+                 stderr: IO[bytes] | None = None):
         if not argv:
             raise SourceCommandFailed("no command given")
         self.argv = list(argv)
@@ -33,7 +34,7 @@ class CommandStream:
                if not (k.startswith("CHUNKVAULT_") and k.endswith("PASSWORD"))}
         try:
             self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=0,
-                                          cwd=cwd, env=env)
+                                          stderr=stderr, cwd=cwd, env=env)
         except OSError as exc:
             raise SourceCommandFailed(f"cannot run `{self.shown}`: {exc.strerror}") from None
         assert self._proc.stdout is not None

@@ -472,8 +472,9 @@ def test_daemon_process_finishes_the_current_backup_on_sigterm(tmp_path, repo_ur
 
 def test_a_source_may_back_up_a_command_s_output(tmp_path, repo_url, tree, fake_time, monkeypatch):
     """A dump source keeps its own chain beside a paths source; its command runs in the policy's folder
-    with the hook variables and without the repository password; a failing dump saves nothing."""
-    (tmp_path / "dump.sh").write_text('test -e broken && exit 3\n'
+    with the hook variables and without the repository password; a failing dump saves nothing, and
+    what it printed to stderr is logged."""
+    (tmp_path / "dump.sh").write_text('test -e broken && { echo "server closed the connection" >&2; exit 3; }\n'
                                       'echo "-- $CHUNKVAULT_SOURCE $CHUNKVAULT_KIND ${CHUNKVAULT_PASSWORD:-no password}"\n'
                                       'cat rows.sql\n')
     (tmp_path / "rows.sql").write_text("".join(f"insert {i};\n" for i in range(20_000)))
@@ -483,7 +484,8 @@ def test_a_source_may_back_up_a_command_s_output(tmp_path, repo_url, tree, fake_
         {"name": "dump", "command": "sh dump.sh", "stdin-name": "app.sql"},
     ], top='full = "daily 02:00"\ndiff = "hourly"\n[retention]\nkeep-last = 2\n')
     clock = fake_time(FakeClock(datetime(2026, 3, 1, 2, 0, tzinfo=UTC)))
-    runner = Runner(load_policy(str(policy_path)), PASSWORD.encode(), clock=clock, log=lambda line: None,
+    log: list[str] = []
+    runner = Runner(load_policy(str(policy_path)), PASSWORD.encode(), clock=clock, log=log.append,
                     lock_file=str(tmp_path / "policy.lock"))
 
     def run() -> dict[str, SourceResult]:
@@ -505,6 +507,7 @@ def test_a_source_may_back_up_a_command_s_output(tmp_path, repo_url, tree, fake_
     third = run()
     assert third["dump"].status == "failed"
     assert third["dump"].error == "`/bin/sh -c 'sh dump.sh'` exited 3: no snapshot saved"
+    assert "dump: command: server closed the connection" in log  # why, in the scheduler's log
     assert third["files"].status == "ok"
     assert sum(s.stdin_name == "app.sql" for s in snapshots(repo_url)) == 2
 
