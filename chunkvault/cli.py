@@ -586,7 +586,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_forget(args: argparse.Namespace) -> int:
     repo = _open(args)
     plan = repo.forget(args.snapshots, policy=_policy(args), dry_run=args.dry_run, hosts=args.host,
-                       tags=args.tag, paths=args.path, wait=args.wait)
+                       tags=args.tag, paths=args.path, wait=args.wait, allow_remove_all=args.unsafe_allow_remove_all)
     pruned = _prune_with_progress(args, repo) if args.prune else None
     removed = set(plan.remove)
     if args.json:
@@ -957,6 +957,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--preset", help="a named retention preset from --config")
     s.add_argument("--config", help="TOML file with [presets.NAME] tables")
     s.add_argument("--dry-run", "-n", action="store_true", help="show what would happen; change nothing")
+    s.add_argument("--unsafe-allow-remove-all", action="store_true",
+                   help="let a retention policy remove every snapshot of a group (refused otherwise)")
     s.add_argument("--prune", action="store_true", help="prune afterwards")
     s.add_argument("--max-unused", type=_share, default=0.05, help="repack packs with more unused than this (default 5%%)")
     s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for running backups")

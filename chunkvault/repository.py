@@ -507,8 +507,10 @@ class Repository:
 
     def forget(self, snapshots: Iterable[str] = (), *, policy: RetentionPolicy | None = None,
                dry_run: bool = False, now: datetime | None = None, hosts: Iterable[str] = (),
-               tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0) -> ForgetPlan:
+               tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0,
+               allow_remove_all: bool = False) -> ForgetPlan:
         """Remove snapshots (named, or by a retention policy); kept differentials are rebased first.
+        A policy that would keep none of a group's snapshots is refused unless ``allow_remove_all``.
 
         ``hosts``, ``tags``, ``paths``: the policy applies to the snapshots these select
         (``select_snapshots``) and keeps every other.  The plan is made and carried out under the
@@ -519,10 +521,10 @@ class Repository:
 
         snapshots = list(snapshots)
         if dry_run:
-            return self._plan_forget(self._list(), snapshots, policy, now, hosts, tags, paths)[0]
+            return self._plan_forget(self._list(), snapshots, policy, now, hosts, tags, paths, allow_remove_all)[0]
         with RepoLock(self._repo.remote, EXCLUSIVE, "forget", wait=wait):
             snaps = self._repo.reload_snapshots()
-            plan, whole = self._plan_forget(snaps, snapshots, policy, now, hosts, tags, paths)
+            plan, whole = self._plan_forget(snaps, snapshots, policy, now, hosts, tags, paths, allow_remove_all)
             # Forgetting a replayed snapshot again, by id, is allowed: it is the natural fix.
             self._guard(snaps, forgetting=plan.remove if policy is None else ())
             self._repo.load_index()
@@ -530,8 +532,8 @@ class Repository:
         return plan
 
     def _plan_forget(self, snaps: list[Snapshot], specs: list[str], policy: RetentionPolicy | None,
-                     now: datetime | None, hosts: Iterable[str], tags: Iterable[str], paths: Iterable[str]
-                     ) -> tuple[ForgetPlan, list[Snapshot]]:
+                     now: datetime | None, hosts: Iterable[str], tags: Iterable[str], paths: Iterable[str],
+                     allow_remove_all: bool) -> tuple[ForgetPlan, list[Snapshot]]:
         """What forget does with this listing: the plan, and the snapshots whose chains are whole."""
         from .store.lifecycle import plan_forget
         from .store.retention import Decision
@@ -562,7 +564,8 @@ class Repository:
         whole = [s for s in snaps if s.id not in broken]
         selected = ({s.id for s in select_snapshots(whole, hosts=hosts, tags=tags, paths=paths)}
                     if filtered else None)
-        plan = plan_forget(whole, policy=policy, ids=[i for i in ids if i not in lost], now=now, selected=selected)
+        plan = plan_forget(whole, policy=policy, ids=[i for i in ids if i not in lost], now=now, selected=selected,
+                           allow_remove_all=allow_remove_all)
         direct = [i for i in ids if i in lost]
         plan.decisions += [Decision(i, False, ("named on the command line",)) for i in direct]
         plan.remove += direct

@@ -373,6 +373,13 @@ def group_key(s: SnapshotLike, group_by: frozenset[str]) -> tuple:
     )
 
 
+def _describe_group(s: SnapshotLike, group_by: frozenset[str]) -> str:
+    parts = [f"host {s.host}" if "host" in group_by else "",
+             f"paths {', '.join(sorted(s.paths)) or '-'}" if "paths" in group_by else "",
+             f"tags {', '.join(sorted(set(s.tags))) or '-'}" if "tags" in group_by else ""]
+    return "; ".join(p for p in parts if p) or "the repository"
+
+
 def newest_of_groups(snapshots: Iterable[SnapshotLike], n: int, group_by: frozenset[str]) -> list[SnapshotLike]:
     """The ``n`` newest snapshots of each group (restic's ``snapshots --latest``), in the order given."""
     if n < 1:
@@ -396,8 +403,12 @@ def _check_ids(snapshots: Sequence[SnapshotLike]) -> None:
             raise UsageError(f"snapshot {s.id}: kind must be 'full' or 'diff', got {s.kind!r}")
 
 
-def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: datetime) -> list[Decision]:
-    """Apply ``policy`` to every group of ``snapshots``; one Decision per snapshot, in input order."""
+def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: datetime, *,
+           allow_remove_all: bool = False) -> list[Decision]:
+    """Apply ``policy`` to every group of ``snapshots``; one Decision per snapshot, in input order.
+
+    A policy that keeps no snapshot of a group (``keep-tag`` alone, a tag misspelt) is refused unless
+    ``allow_remove_all``: a retention rule should thin a history, not end it."""
     snaps = list(snapshots)
     if policy.is_empty():
         raise UsageError("refusing to forget with an empty retention policy; set at least one keep rule")
@@ -411,6 +422,10 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
     for members in groups.values():
         members.sort(key=lambda s: (times[s.id], s.id), reverse=True)
         _apply_group(members, times, policy, now, reasons)
+        if not allow_remove_all and not any(s.id in reasons for s in members):
+            raise UsageError(f"the retention policy keeps none of the {len(members)} snapshot(s) of "
+                             f"{_describe_group(members[0], policy.group_by)}: refusing to remove them all "
+                             "(--unsafe-allow-remove-all if that is meant)")
     out = []
     for s in snaps:
         rs = reasons.get(s.id)

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from chunkvault import Repository
 from chunkvault.errors import UsageError
 from chunkvault.store.retention import RetentionPolicy
+from conftest import PASSWORD
 from treeutil import describe
 
 PW = "pw"
@@ -86,6 +87,25 @@ def test_forget_by_policy_and_restore(tmp_path, new_repo):
 def test_forget_needs_something(new_repo):
     with pytest.raises(UsageError):
         new_repo().forget()
+
+
+def test_a_policy_that_would_remove_a_whole_history_is_refused(tmp_path, new_repo, cli):
+    """A misspelt --keep-tag would keep nothing: refused, nothing removed, unless asked for in so many words."""
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo()
+    for i in range(3):
+        (src / "f").write_bytes(os.urandom(100 + i))
+        repo.backup([str(src)], tags=["nightly"] if i == 1 else [])
+    typo = RetentionPolicy(keep_tags=(("nigthly",),))
+    with pytest.raises(UsageError, match="keeps none of the 3 snapshot"):
+        repo.forget(policy=typo)
+    assert len(repo.snapshots()) == 3
+    url = repo.store.remote.display_url
+    proc = cli("forget", "-r", url, "--keep-tag", "nigthly", check=2)
+    assert "--unsafe-allow-remove-all" in proc.stderr.decode() and len(repo.snapshots()) == 3
+    cli("forget", "-r", url, "--keep-tag", "nigthly", "--unsafe-allow-remove-all")
+    assert Repository.open(url, PASSWORD, ledger=False).snapshots() == []
 
 
 def test_aggregate_makes_a_synthetic_full(tmp_path, new_repo):

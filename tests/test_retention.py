@@ -193,7 +193,7 @@ def kept(decisions):
 @given(histories(), policies())
 def test_select_matches_brute_force_model(history, policy):
     snaps, now = history
-    decisions = select(snaps, policy, now)
+    decisions = select(snaps, policy, now, allow_remove_all=True)
     assert [d.snapshot_id for d in decisions] == [s.id for s in snaps]
     expected = model(snaps, policy, now)
     for d in decisions:
@@ -202,6 +202,18 @@ def test_select_matches_brute_force_model(history, policy):
             assert {category(r) for r in d.reasons} == expected[d.snapshot_id]
         else:
             assert d.reasons == ("no rule matched",)
+    # Unless told to, select refuses a policy that would leave a group with no snapshot.
+    groups: dict = {}
+    for s in snaps:
+        key = (s.host if "host" in policy.group_by else "", sorted(s.paths) if "paths" in policy.group_by else "",
+               sorted(s.tags) if "tags" in policy.group_by else "")
+        groups.setdefault(repr(key), []).append(s.id)
+    emptied = any(not any(expected[i] for i in ids) for ids in groups.values())
+    if emptied:
+        with pytest.raises(UsageError, match="refusing to remove them all"):
+            select(snaps, policy, now)
+    else:
+        assert select(snaps, policy, now) == decisions
 
 
 @settings(max_examples=150, deadline=None)
@@ -259,8 +271,8 @@ def test_rules_combine_as_a_union(history, policy, data):
     for kw in parts:
         p = RetentionPolicy(**kw)
         if not p.is_empty():
-            union |= kept(select(snaps, p, now))
-    assert kept(select(snaps, policy, now)) == union
+            union |= kept(select(snaps, p, now, allow_remove_all=True))
+    assert kept(select(snaps, policy, now, allow_remove_all=True)) == union
 
 
 @settings(max_examples=150, deadline=None)
@@ -268,7 +280,8 @@ def test_rules_combine_as_a_union(history, policy, data):
 def test_tiered_rules_keep_fulls_and_diffs_for_their_own_durations(history, full_d, diff_d):
     assume(full_d or diff_d)
     snaps, now = history
-    decisions = select(snaps, RetentionPolicy(keep_full_within=full_d, keep_diff_within=diff_d), now)
+    decisions = select(snaps, RetentionPolicy(keep_full_within=full_d, keep_diff_within=diff_d), now,
+                       allow_remove_all=True)
     want = {s.id for s in snaps
             if (s.kind == "full" and full_d and s.time > model_minus(now, full_d))
             or (s.kind == "diff" and diff_d and s.time > model_minus(now, diff_d))}
@@ -327,6 +340,16 @@ def test_tags_and_untagged():
     assert by_id["a"].reasons == ("tag db,prod",) and by_id["c"].reasons == ("untagged",)
     p = policy_from_dict({"keep-tags": ["prod"], "group-by": ""})
     assert kept(select(snaps, p, now)) == {"a", "b"}
+
+
+def test_a_policy_that_keeps_nothing_of_a_group_is_refused_unless_allowed():
+    snaps = [Snap("a", EPOCH, tags=("prod",)), Snap("b", EPOCH, host="h2")]
+    typo = RetentionPolicy(keep_tags=(("prdo",),))
+    with pytest.raises(UsageError) as e:
+        select(snaps, typo, EPOCH)
+    assert "keeps none of the 1 snapshot(s) of host " in str(e.value) and "--unsafe-allow-remove-all" in str(e.value)
+    assert kept(select(snaps, typo, EPOCH, allow_remove_all=True)) == set()
+    assert kept(select(snaps, RetentionPolicy(keep_tags=(("prod",),), group_by=frozenset()), EPOCH)) == {"a"}
 
 
 def test_empty_policy_and_bad_input_are_refused():
