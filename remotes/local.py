@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import sys
 import time
 from typing import Any, Iterator
@@ -158,7 +157,7 @@ class LocalRemote(Remote):
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         final = self._path(key)
         d = os.path.dirname(final)
-        tmp = os.path.join(d, TEMP_PREFIX + secrets.token_hex(8))
+        tmp = os.path.join(d, TEMP_PREFIX + os.urandom(8).hex())
         try:
             self._ensure_dir(d)
             view = memoryview(data).cast("B")

@@ -14,7 +14,6 @@ import base64
 import getpass
 import json
 import os
-import socket
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -211,7 +210,7 @@ def make_key_file(material: KeyMaterial, password: bytes, repo_id: str, *, kdf_s
         user = getpass.getuser()
     except Exception:  # no passwd entry in a container: not worth failing for
         user = ""
-    kf = KeyFile("", datetime.now(timezone.utc).isoformat(), socket.gethostname(), user, kdf, cost, salt,
+    kf = KeyFile("", datetime.now(timezone.utc).isoformat(), os.uname().nodename, user, kdf, cost, salt,
                  Sealer(kek).seal(material.to_bytes(), KEY_AD + repo_id.encode()), repo_id)
     data = kf.encode()
     return content_name(data)[:32], data
