@@ -246,7 +246,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         elif not args.quiet:
             for w in result.warnings:
                 print(f"warning: {w}", file=sys.stderr)
-            print(f"nothing changed since snapshot {snap.short_id}: no snapshot {'would be ' if args.dry_run else ''}saved")
+            would = "would be " if args.dry_run else ""
+            print(f"nothing changed since snapshot {snap.short_id}: no snapshot {would}saved")
         return 0
     if args.json:
         _emit_json({**_snapshot_json(snap), "warnings": result.warnings, "dry_run": args.dry_run})
@@ -825,7 +826,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                            help="--exclude each line of FILE (blank lines and lines starting with # skipped)")
 
     s = sub.add_parser("backup", parents=[common, exclusion], help="back up files and directories")
-    s.add_argument("paths", nargs="*", help="what to back up (with --stdin-from-command: -- the command and its arguments)")
+    s.add_argument("paths", nargs="*",
+                   help="what to back up (with --stdin-from-command: -- the command and its arguments)")
     s.add_argument("--files-from", action="append", default=[], metavar="FILE",
                    help="back up the paths listed in FILE, one a line (# comments, blank lines skipped; - is stdin)")
     s.add_argument("--files-from-raw", action="append", default=[], metavar="FILE",

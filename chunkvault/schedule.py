@@ -455,12 +455,11 @@ class Policy:
         raise UsageError(f"no source {name!r} in the policy (known: {', '.join(s.name for s in self.sources)})")
 
 
-_TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "full", "diff", "retention", "presets", "prune",
-             "max_unused", "lock_file", "hook_timeout", "source", "tags", "host"}
+_TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "full", "diff", "retention", "presets",
+             "prune", "max_unused", "lock_file", "hook_timeout", "source", "tags", "host"}
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "exclude_if_present", "exclude_caches",
-                "exclude_larger_than", "one_file_system", "fixed_chunks", "command", "stdin_name", "pre", "post", "full",
-                "diff", "retention",
-                "timezone", "hook_timeout"}
+                "exclude_larger_than", "one_file_system", "fixed_chunks", "command", "stdin_name", "pre", "post",
+                "full", "diff", "retention", "timezone", "hook_timeout"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

@@ -124,6 +124,26 @@ def test_writes_go_through_temp_names(sftp_repo):
         assert not os.path.exists(stale) and os.path.exists(fresh)
 
 
+def test_a_rewrite_moves_the_mtime_on_and_still_lands_where_setstat_is_refused(sftp_repo, monkeypatch):
+    from chunkvault.remotes.sftp_client import SFTPClient, StatusError
+
+    key = "snapshots/" + "b" * 64
+    with open_remote(sftp_repo.url, **sftp_repo.options) as remote:
+        remote.put(key, b"first")
+        path = os.path.join(sftp_repo.path, "snapshots", "b" * 64)
+        os.utime(path, (2_000_000_000, 2_000_000_000))  # later than now: the rewrite must still pass it
+        remote.put(key, b"again")
+        assert os.stat(path).st_mtime == 2_000_000_001
+        assert remote.stat(key).version == "2000000001.5"
+
+        def refused(self, path, mtime):
+            raise StatusError("SFTP status 8 (operation unsupported)")
+
+        monkeypatch.setattr(SFTPClient, "set_mtime", refused)
+        remote.put(key, b"third")
+        assert remote.get(key) == b"third"
+
+
 def test_paramiko_connection_sends_without_nagle(sftp_repo):
     import socket
 
