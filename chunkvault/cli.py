@@ -203,8 +203,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         if (args.exclude or args.exclude_file or args.exclude_if_present or args.exclude_caches
                 or args.one_file_system or args.exclude_larger_than is not None):
             raise UsageError(f"{option} takes no exclusion rules (--exclude..., --one-file-system)")
-        if args.parent or args.force or args.skip_if_unchanged:
-            raise UsageError(f"--parent, --force and --skip-if-unchanged apply to paths, not to {option}")
+        if args.parent or args.force or args.skip_if_unchanged or args.ignore_inode or args.ignore_ctime:
+            raise UsageError(f"--parent, --force, --skip-if-unchanged and --ignore-* apply to paths, not to {option}")
         repo = _open(args)
         options = {"kind": args.type, "tags": args.tag, "host": args.host, "delta": not args.no_delta,
                    "fixed_chunks": args.fixed_chunks, "fixed_chunk_size": args.fixed_chunk_size,
@@ -221,6 +221,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         excludes = excludes_of(args.exclude, args.exclude_file)
         rules = {"one_file_system": args.one_file_system, "exclude_if_present": args.exclude_if_present,
                  "exclude_caches": args.exclude_caches, "exclude_larger_than": args.exclude_larger_than}
+        compare = {"reread": args.force, "skip_if_unchanged": args.skip_if_unchanged,
+                   "ignore_inode": args.ignore_inode, "ignore_ctime": args.ignore_ctime}
         walk = SourceWalk.of_paths(args.paths, excludes, one_file_system=args.one_file_system,
                                    markers=markers_of(args.exclude_if_present, args.exclude_caches),
                                    max_file_size=args.exclude_larger_than)
@@ -234,8 +236,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         result = repo.backup(args.paths, kind=args.type, tags=args.tag, host=args.host, excludes=excludes,
                              delta=not args.no_delta, no_delta=args.no_delta_path, fixed_chunks=args.fixed_chunks,
                              fixed_chunk_size=args.fixed_chunk_size, progress=_backup_progress(bar), walk=walk,
-                             dry_run=args.dry_run, parent=args.parent, reread=args.force,
-                             skip_if_unchanged=args.skip_if_unchanged, **rules)
+                             dry_run=args.dry_run, parent=args.parent, **compare, **rules)
         bar.done()
     snap = result.snapshot
     st = snap.stats
@@ -851,6 +852,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "same host and paths")
     s.add_argument("--force", action="store_true",
                    help="read every file, even those whose size, times and inode say unchanged")
+    s.add_argument("--ignore-inode", action="store_true",
+                   help="a file is unchanged though its inode and device numbers differ (file system snapshots "
+                        "and network file systems mounted anew for each backup)")
+    s.add_argument("--ignore-ctime", action="store_true", help="likewise though its change time differs")
     s.add_argument("--skip-if-unchanged", action="store_true",
                    help="save no snapshot when nothing changed since the parent (a differential without changes)")
     s.add_argument("--stdin", action="store_true", help="back up standard input")

@@ -205,7 +205,8 @@ class Repository:
                fixed_chunk_size: int = FIXED_CHUNK_SIZE, parent: str | None = None, progress: Any = None,
                one_file_system: bool = False, exclude_if_present: list[str] | None = None,
                exclude_caches: bool = False, exclude_larger_than: int | None = None, dry_run: bool = False,
-               reread: bool = False, skip_if_unchanged: bool = False, walk: SourceWalk | None = None) -> BackupResult:
+               reread: bool = False, skip_if_unchanged: bool = False, ignore_inode: bool = False,
+               ignore_ctime: bool = False, walk: SourceWalk | None = None) -> BackupResult:
         """Back up files and directories; one directory is stored as the snapshot's root.
 
         ``dry_run``: read, chunk, compress and count as a backup would, and write nothing (the
@@ -226,7 +227,9 @@ class Repository:
         the newest of the same host and paths. ``reread``: read every file, even one whose size, times
         and inode match the parent's entry (content still deduplicates). ``skip_if_unchanged``: when the
         backup is a differential that holds no change, save nothing (the result is ``skipped``, its
-        snapshot the parent).
+        snapshot the parent). ``ignore_inode``, ``ignore_ctime``: a file whose other stat fields match
+        is unchanged even if its inode and device numbers (which a file system snapshot or a network
+        file system mounts anew each time), or its change time, differ.
 
         ``walk``: a ``SourceWalk.of_paths(...).start()`` of the same paths and rules, begun
         before the repository was opened, so the walk overlaps the key derivation.
@@ -243,7 +246,8 @@ class Repository:
                                  delta=delta, no_delta=list(no_delta or []), fixed_chunks=list(fixed_chunks or []),
                                  fixed_chunk_size=fixed_chunk_size, progress=progress, dry_run=dry_run,
                                  parent=find_snapshot(snaps, parent) if parent else None, reread=reread,
-                                 skip_if_unchanged=skip_if_unchanged)
+                                 skip_if_unchanged=skip_if_unchanged, ignore_inode=ignore_inode,
+                                 ignore_ctime=ignore_ctime)
         except BaseException:
             if walk is not None:
                 walk.close()

@@ -414,6 +414,8 @@ class Source:
     exclude_caches: bool = False
     exclude_larger_than: int | None = None  # bytes, as backup --exclude-larger-than
     one_file_system: bool = False
+    ignore_inode: bool = False  # as backup --ignore-inode (a file system snapshot mounted for each backup)
+    ignore_ctime: bool = False
     fixed_chunks: tuple[str, ...] = ()  # globs of files cut at fixed offsets (database files)
     command: str | tuple[str, ...] | None = None  # instead of paths: back up its output (a dump) as stdin_name
     stdin_name: str | None = None
@@ -458,8 +460,8 @@ class Policy:
 _TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "full", "diff", "retention", "presets",
              "prune", "max_unused", "lock_file", "hook_timeout", "source", "tags", "host"}
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "exclude_if_present", "exclude_caches",
-                "exclude_larger_than", "one_file_system", "fixed_chunks", "command", "stdin_name", "pre", "post",
-                "full", "diff", "retention", "timezone", "hook_timeout"}
+                "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime", "fixed_chunks", "command",
+                "stdin_name", "pre", "post", "full", "diff", "retention", "timezone", "hook_timeout"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -608,7 +610,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                 if not isinstance(stdin_name, str) or not stdin_name:
                     raise UsageError("command needs stdin-name, the file name its output is stored under")
                 ruled = [k for k in ("excludes", "exclude_files", "exclude_if_present", "exclude_caches",
-                                     "exclude_larger_than", "one_file_system") if k in s]
+                                     "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime") if k in s]
                 if ruled:
                     raise UsageError(f"{ruled[0].replace('_', '-')} applies to paths, not to a command's output")
                 paths: tuple[str, ...] = ()
@@ -628,6 +630,8 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
             exclude_caches = _flag(s.get("exclude_caches", False), "exclude-caches")
             markers_of(list(exclude_if_present), exclude_caches)  # a bad NAME is reported when the policy loads
             one_file_system = _flag(s.get("one_file_system", False), "one-file-system")
+            ignore_inode = _flag(s.get("ignore_inode", False), "ignore-inode")
+            ignore_ctime = _flag(s.get("ignore_ctime", False), "ignore-ctime")
             larger = s.get("exclude_larger_than")
             exclude_larger_than = None if larger is None else parse_size(larger)
             fixed_chunks = _str_list(s.get("fixed_chunks", []), "fixed_chunks")
@@ -637,7 +641,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
             source = Source(name=name, paths=paths, full=full, diff=diff, host=host, tags=tags,
                             excludes=excludes, exclude_files=exclude_files, exclude_if_present=exclude_if_present,
                             exclude_caches=exclude_caches, exclude_larger_than=exclude_larger_than,
-                            one_file_system=one_file_system,
+                            one_file_system=one_file_system, ignore_inode=ignore_inode, ignore_ctime=ignore_ctime,
                             fixed_chunks=fixed_chunks, command=command, stdin_name=stdin_name,
                             pre=_hook(s.get("pre"), "pre"),
                             post=_hook(s.get("post"), "post"),

@@ -377,7 +377,8 @@ class Runner:
                 res = repo.backup(list(src.paths), kind=kind, tags=list(src.tags), host=self._host(src),
                                   excludes=excludes, fixed_chunks=list(src.fixed_chunks),
                                   one_file_system=src.one_file_system, exclude_if_present=list(src.exclude_if_present),
-                                  exclude_caches=src.exclude_caches, exclude_larger_than=src.exclude_larger_than)
+                                  exclude_caches=src.exclude_caches, exclude_larger_than=src.exclude_larger_than,
+                                  ignore_inode=src.ignore_inode, ignore_ctime=src.ignore_ctime)
         except ChunkvaultError as exc:
             result.status, result.error = FAILED, str(exc)
             return

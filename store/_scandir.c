@@ -188,9 +188,10 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
  *       with stat None; errno is an entry's lstat error (stat is None then);
  *       list_errno is a directory's listing error (0 for other entries).
  *       RuntimeError once a walk stopped before its end is drained.
- *   .skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, t_symlink, taken, limit)
+ *   .skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, t_symlink, taken, limit, ignore)
  *       -> (files, dirs, symlinks, bytes, record)  take queued entries while they are
- *       what the parent snapshot's records say, unchanged (below)
+ *       what the parent snapshot's records say, unchanged (below; ``ignore``: fields not
+ *       compared, IGNORE_INODE for inode and device, IGNORE_CTIME for the change time)
  *   .age     seconds since the oldest entry of the last batch was stat'ed
  *   .stop()  end the thread at its next entry (a walk that will not be consumed)
  *   .queued  entries walked and not yet handed over
@@ -855,9 +856,10 @@ static int attr_bytes_are(PyObject *obj, PyObject *name, const char *want, size_
  * Files with one link, directories that could be listed and symlinks whose target was read only;
  * UNCHANGED_FILE, UNCHANGED_DIR, UNCHANGED_LINK, or 0. */
 enum { UNCHANGED_FILE = 1, UNCHANGED_DIR, UNCHANGED_LINK };
+enum { IGNORE_INODE = 1, IGNORE_CTIME = 2 };  /* as store/backup.py's */
 
 static int unchanged(WalkerObject *w, const queued_t *e, PyObject *rec, long op_entry, long t_file, long t_dir,
-                     long t_link) {
+                     long t_link, long ignore) {
     const fields_t *f = &e->f;
     int file = S_ISREG(f->mode) && f->nlink == 1, dir = S_ISDIR(f->mode);
     int link = S_ISLNK(f->mode) && e->target_len >= 0;
@@ -878,8 +880,8 @@ static int unchanged(WalkerObject *w, const queued_t *e, PyObject *rec, long op_
     if (!attr_is(entry, s_type, (unsigned long long)(file ? t_file : dir ? t_dir : t_link), 0)
         || !attr_is(entry, s_flags, 0, 0)
         || !attr_is(entry, s_mtime_ns, (unsigned long long)f->mtime_ns, 1)
-        || !attr_is(entry, s_ctime_ns, (unsigned long long)f->ctime_ns, 1)
-        || !attr_is(entry, s_ino, f->ino, 0) || !attr_is(entry, s_dev, f->dev, 0)
+        || (!(ignore & IGNORE_CTIME) && !attr_is(entry, s_ctime_ns, (unsigned long long)f->ctime_ns, 1))
+        || (!(ignore & IGNORE_INODE) && (!attr_is(entry, s_ino, f->ino, 0) || !attr_is(entry, s_dev, f->dev, 0)))
         || !attr_is(entry, s_mode, f->mode & 07777, 0) || !attr_is(entry, s_uid, f->uid, 0)
         || !attr_is(entry, s_gid, f->gid, 0))
         return 0;
@@ -896,9 +898,9 @@ static int unchanged(WalkerObject *w, const queued_t *e, PyObject *rec, long op_
 }
 
 static PyObject *walker_skip_unchanged(WalkerObject *w, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9) {
+    if (nargs != 10) {
         PyErr_SetString(PyExc_TypeError, "skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, "
-                                         "t_symlink, taken, limit)");
+                                         "t_symlink, taken, limit, ignore)");
         return NULL;
     }
     PyObject *rec = args[0], *records = args[1], *taken = args[7];
@@ -906,6 +908,7 @@ static PyObject *walker_skip_unchanged(WalkerObject *w, PyObject *const *args, P
     long op_entry = PyLong_AsLong(args[3]), t_file = PyLong_AsLong(args[4]), t_dir = PyLong_AsLong(args[5]);
     long t_link = PyLong_AsLong(args[6]);
     Py_ssize_t limit = PyLong_AsSsize_t(args[8]);
+    long ignore = PyLong_AsLong(args[9]);
     if (PyErr_Occurred())
         return NULL;
     if (!PyIter_Check(records) || (taken != Py_None && !PyList_Check(taken))) {
@@ -927,7 +930,7 @@ static PyObject *walker_skip_unchanged(WalkerObject *w, PyObject *const *args, P
         const queued_t *e = &w->taken.q[w->taken.head];
         if (now - e->scanned > restat_after)
             break;
-        int kind = unchanged(w, e, rec, op_entry, t_file, t_dir, t_link);
+        int kind = unchanged(w, e, rec, op_entry, t_file, t_dir, t_link, ignore);
         if (!kind)
             break;
         if (taken != Py_None && PyList_Append(taken, rec) < 0)
@@ -1147,7 +1150,7 @@ static PyMethodDef walker_methods[] = {
     {"batch", (PyCFunction)walker_batch, METH_O,
      "batch(max_entries) -> [(rel, path, stat | None, errno, list_errno)]; [] when the walk is done."},
     {"skip_unchanged", (PyCFunction)(void (*)(void))walker_skip_unchanged, METH_FASTCALL,
-     "skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, t_symlink, taken, limit) -> "
+     "skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, t_symlink, taken, limit, ignore) -> "
      "(files, dirs, symlinks, bytes, record): take the queued entries the parent's records (record, then "
      "those of the iterator records) give as unchanged, up to limit; taken (a list or None) gets their "
      "records."},

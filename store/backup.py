@@ -74,6 +74,8 @@ class BackupOptions:
     progress: Callable[[dict], None] | None = None
     dry_run: bool = False  # read, chunk and compress as a backup would; write nothing (no lock either)
     reread: bool = False  # read every file, even one whose stat fields match the parent's entry
+    ignore_inode: bool = False  # inode and device numbers change on every mount (snapshots, network file systems)
+    ignore_ctime: bool = False  # likewise the change time (file systems that do not keep it)
     skip_if_unchanged: bool = False  # a differential with no change is not saved (the result: its parent)
 
     def __post_init__(self) -> None:
@@ -199,21 +201,27 @@ class _FdReader:
         return os.lseek(self.fd, offset, os.SEEK_SET)
 
 
-def _unchanged_file(prev: Entry, st: os.stat_result) -> bool:
-    """A single-link regular file whose every recorded field matches ``prev``: ``prev`` is its entry.
+IGNORE_INODE = 1  # the fields a backup may be told not to compare (SourceWalk.skip_unchanged's ``ignore``)
+IGNORE_CTIME = 2
+
+
+def _unchanged_file(prev: Entry, st: os.stat_result, ignore: int) -> bool:
+    """A single-link regular file whose every recorded field (but those ``ignore`` names) matches ``prev``:
+    ``prev`` is its entry.
 
     The common case of a repeated backup, decided without building an entry.
     """
     return (prev.type == T_FILE and not prev.flags and st.st_nlink == 1 and st.st_mtime_ns == prev.mtime_ns
-            and st.st_ctime_ns == prev.ctime_ns and st.st_size == prev.size and st.st_ino == prev.ino
-            and st.st_dev == prev.dev and st.st_mode == stat.S_IFREG | prev.mode
-            and st.st_uid == prev.uid and st.st_gid == prev.gid)
+            and (st.st_ctime_ns == prev.ctime_ns or ignore & IGNORE_CTIME) and st.st_size == prev.size
+            and (st.st_ino == prev.ino and st.st_dev == prev.dev or ignore & IGNORE_INODE)
+            and st.st_mode == stat.S_IFREG | prev.mode and st.st_uid == prev.uid and st.st_gid == prev.gid)
 
 
 class Backup:
     def __init__(self, repo: Repo, options: BackupOptions):
         self.repo = repo
         self.opt = options
+        self._ignore = (IGNORE_INODE if options.ignore_inode else 0) | (IGNORE_CTIME if options.ignore_ctime else 0)
         self.warnings: list[str] = []
         self.unreadable: list[str] = []
         self.writer: BlobWriter | None = None
@@ -362,11 +370,11 @@ class Backup:
                     ) -> Entry | _ReadRun:
         """The entry of a regular file: the parent's data when its stat fields say so, else the run of files
         to read it joins (the last of its files)."""
-        e = self._base_entry(rel, st, T_FILE)
+        e = self._base_entry(rel, st, T_FILE, prev)
         if (prev is not None and not self.opt.reread and prev.type == T_FILE
                 and not prev.flags & (F_UNREADABLE | F_CHANGED_DURING_READ)
                 and prev.size == st.st_size and prev.mtime_ns == st.st_mtime_ns
-                and prev.ctime_ns == st.st_ctime_ns and prev.ino == st.st_ino):
+                and prev.ctime_ns == e.ctime_ns and prev.ino == e.ino):
             e.digest, e.chunks, e.size = prev.digest, prev.chunks, prev.size
             return e
         run = self._run_filling
@@ -453,16 +461,24 @@ class Backup:
             e.flags |= F_CHANGED_DURING_READ
             notes.append(f"changed while being read (stored as read): {os.fsdecode(path)}")
 
-    def _base_entry(self, rel: bytes, st: os.stat_result, etype: int) -> Entry:
-        return Entry(rel, etype, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
-                     0, st.st_ctime_ns, st.st_ino, st.st_dev, 0)
+    def _base_entry(self, rel: bytes, st: os.stat_result, etype: int, prev: Entry | None = None) -> Entry:
+        """The entry's stat fields; those the backup ignores are kept from ``prev`` (of the same type), so
+        an entry they alone would change compares equal to it."""
+        e = Entry(rel, etype, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+                  0, st.st_ctime_ns, st.st_ino, st.st_dev, 0)
+        if self._ignore and prev is not None and prev.type == etype:
+            if self._ignore & IGNORE_INODE:
+                e.ino, e.dev = prev.ino, prev.dev
+            if self._ignore & IGNORE_CTIME:
+                e.ctime_ns = prev.ctime_ns
+        return e
 
     def _entry(self, rel: bytes, path: bytes, st: os.stat_result, ok: bool, prev: Entry | None,
                notes: list[str]) -> Entry | _ReadRun | None:
         """The entry for a walked path (None: skipped, with a note why); a file to read joins a run."""
         mode = st.st_mode
         if stat.S_ISDIR(mode):
-            e = self._base_entry(rel, st, T_DIR)
+            e = self._base_entry(rel, st, T_DIR, prev)
             if not ok:
                 e.flags |= F_UNREADABLE
             return e
@@ -476,7 +492,7 @@ class Backup:
                     return e
             return self._file_entry(rel, path, st, prev)
         if stat.S_ISLNK(mode):
-            e = self._base_entry(rel, st, T_SYMLINK)
+            e = self._base_entry(rel, st, T_SYMLINK, prev)
             e.target = os.readlink(path)
             e.size = len(e.target)
             return e
@@ -519,6 +535,7 @@ class Backup:
         counts = self.counts
         progress = self.opt.progress is not None
         trust_stat = not self.opt.reread
+        ignore = self._ignore
         p = next(parent_tree, None)
         cut: bytes | None = None
         same_files = same_bytes = 0
@@ -528,7 +545,7 @@ class Backup:
         while True:
             if p is not None and trust_stat and (diff or not pending):  # a full's records wait for none before them
                 files, dirs, links, size, p = source.skip_unchanged(p, parent_tree, taken, OP_ENTRY, T_FILE,
-                                                                    T_DIR, T_SYMLINK)
+                                                                    T_DIR, T_SYMLINK, ignore)
                 if files or dirs or links:
                     same_files += files
                     same_bytes += size
@@ -555,7 +572,7 @@ class Backup:
             if p is not None and p.path == rel:  # same path, same sort key
                 prev = p.entry
                 p = next(parent_tree, None)
-            if prev is not None and trust_stat and _unchanged_file(prev, st):
+            if prev is not None and trust_stat and _unchanged_file(prev, st, ignore):
                 same_files += 1
                 same_bytes += prev.size
                 if progress:

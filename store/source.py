@@ -429,18 +429,18 @@ class SourceWalk:
             walker.stop()  # a walk left unfinished ends its thread
 
     def skip_unchanged(self, record: Any, records: Iterator[Any], taken: list | None, op_entry: int,
-                       t_file: int, t_dir: int, t_symlink: int) -> tuple[int, int, int, int, Any]:
+                       t_file: int, t_dir: int, t_symlink: int, ignore: int = 0) -> tuple[int, int, int, int, Any]:
         """Take the next entries of the walk while they are what the parent's records say, unchanged
         (``record``, then those ``records`` yields, in step): (files, directories, symlinks, bytes of the
         files, the first record not taken).  Only files with one link, directories that could be listed
         and symlinks count, and only right after the last entry of a C walk's batch, before the next is
         asked for; elsewhere nothing is taken.  ``taken`` (a list or None) gets the records of the
-        entries taken."""
+        entries taken.  ``ignore``: fields not compared, 1 inode and device, 2 change time."""
         walker = self._between_batches
         if walker is None:
             return 0, 0, 0, 0, record
         return walker.skip_unchanged(record, records, self.RESTAT_AFTER, op_entry, t_file, t_dir, t_symlink,
-                                     taken, self.SKIP_LIMIT)
+                                     taken, self.SKIP_LIMIT, ignore)
 
     def _children(self, rel_prefix: bytes, path_prefix: bytes, listing: list[ScanItem]
                   ) -> Iterator[tuple[bytes, bytes, FileStat | os.stat_result | None, int]]:

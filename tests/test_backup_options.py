@@ -1,6 +1,7 @@
 """backup --force (read every file), --parent (choose the snapshot to compare with), --skip-if-unchanged."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -32,6 +33,26 @@ def test_reread_reads_every_file_and_stores_only_what_differs(new_repo, tree):
     assert st["manifest_records"] == 0 and forced.kind == "diff"
     full = repo.backup([str(tree)], reread=True, kind="full").snapshot
     assert full.stats["read_bytes"] == total and full.stats["files"] == first["files"]
+
+
+def test_ignore_inode_and_ctime_keep_files_copied_with_their_times_unchanged(new_repo, tree, tmp_path):
+    """A tree restored or copied anew with its times (a file system snapshot mounted again, rsync -a):
+    every inode and change time differs, nothing else. Only with both ignored is nothing read."""
+    repo = new_repo()
+    repo.backup([str(tree)])
+    for d in range(3):
+        for f in range(20):
+            p = tree / f"d{d}" / f"f{f}"
+            shutil.copy2(p, str(p) + ".tmp")
+            os.replace(str(p) + ".tmp", p)
+    (tree / "d0" / "f0").write_bytes(b"really changed")
+    assert repo.backup([str(tree)], ignore_inode=True, dry_run=True).snapshot.stats["read_bytes"] > 0  # ctime
+    st = repo.backup([str(tree)], ignore_inode=True, ignore_ctime=True).snapshot.stats
+    assert st["read_bytes"] == len(b"really changed") and st["changed_files"] == 1
+    again = repo.backup([str(tree)], ignore_inode=True, ignore_ctime=True).snapshot.stats
+    assert again["read_bytes"] == 0 and again["manifest_records"] == 0
+    plain = repo.backup([str(tree)]).snapshot.stats  # compared in full again: the new inodes are read
+    assert plain["read_bytes"] > 0
 
 
 def test_parent_chooses_what_a_differential_builds_on(new_repo, tree):

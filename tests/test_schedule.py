@@ -385,7 +385,7 @@ BASE = {
     "presets": {"business": {"keep-full-within": "30d", "keep-diff-within": "7d"}},
     "source": [
         {"name": "db", "paths": ["data/db"], "pre": "pg_ctl checkpoint", "post": ["rm", "-f", "x"],
-         "fixed-chunks": ["base/*"]},
+         "fixed-chunks": ["base/*"], "ignore-inode": True},
         {"name": "etc", "paths": "/etc", "host": "h1", "tags": ["cfg"], "full": "0 3 * * sun", "diff": "every 6h",
          "retention": {"keep-last": 3}, "timezone": "UTC", "hook-timeout": 30, "excludes": ["*.tmp"]},
     ],
@@ -402,6 +402,7 @@ def test_policy_parses_with_defaults_and_overrides():
     assert db.retention.keep_full_within is not None and db.retention.keep_last is None
     assert db.pre == "pg_ctl checkpoint" and db.post == ("rm", "-f", "x")
     assert db.fixed_chunks == ("base/*",) and etc.fixed_chunks == ()
+    assert (db.ignore_inode, db.ignore_ctime, etc.ignore_inode) == (True, False, False)
     assert etc.paths == ("/etc",) and etc.host == "h1" and etc.tags == ("cfg",) and etc.excludes == ("*.tmp",)
     assert etc.retention.keep_last == 3 and etc.hook_timeout == 30.0
     assert etc.full.prev(datetime(2026, 7, 1, 10, tzinfo=UTC)) == datetime(2026, 6, 28, 3, tzinfo=UTC)
@@ -453,6 +454,7 @@ def _with(**changes):
     ({"repository": {"url": "/r", "password-command": ""}}, "password-command must be a command line"),
     ({"repository": {"url": "/r", "password-file": 3}}, "password-file must be a path"),
     ({"repository": "/r", "password-file": "a", "password_command": "b"}, "both given"),
+    ({"src_ignore-inode": "yes"}, "true or false"),
 ])
 def test_bad_policies_say_what_and_where(changes, fragment):
     with pytest.raises(UsageError) as e:

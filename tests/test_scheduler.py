@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -524,3 +525,22 @@ def test_command_sources_that_make_no_sense_are_refused(tmp_path, repo_url, sour
     with pytest.raises(ChunkvaultError) as e:
         load_policy(str(policy_path))
     assert fragment in str(e.value)
+
+
+def test_a_source_compares_as_its_policy_says(tmp_path, repo_url, tree, fake_time):
+    """ignore-inode and ignore-ctime reach the backup: a tree copied anew with its times is not read again."""
+    policy_path = write_policy(tmp_path / "policy.toml", repo_url, [
+        {"name": "snap", "paths": [str(tree)], "ignore-inode": True, "ignore-ctime": True},
+    ], top='full = "daily 02:00"\ndiff = "hourly"\n')
+    clock = fake_time(FakeClock(datetime(2026, 3, 1, 2, 0, tzinfo=UTC)))
+    runner = Runner(load_policy(str(policy_path)), PASSWORD.encode(), clock=clock, log=lambda line: None,
+                    lock_file=str(tmp_path / "policy.lock"))
+    assert runner.run().sources[0].status == "ok"
+    for p in tree.iterdir():
+        shutil.copy2(p, str(p) + ".tmp")
+        os.replace(str(p) + ".tmp", p)
+    clock.t += timedelta(hours=1)
+    result = runner.run().sources[0]
+    assert (result.status, result.kind) == ("ok", "diff")
+    (diff,) = [s for s in snapshots(repo_url) if s.id == result.snapshot_id]
+    assert diff.stats["read_bytes"] == 0 and diff.stats["unchanged_files"] == 2

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from chunkvault import Repository
 from chunkvault.store import source
 from chunkvault.store.manifest import OP_ENTRY, OP_FRESH, T_DIR, T_FILE, T_HARDLINK, T_SYMLINK
+from chunkvault.store.backup import IGNORE_CTIME, IGNORE_INODE
 from chunkvault.store.source import SourceWalk
 from treeutil import wait_for
 
@@ -46,6 +47,13 @@ def rewrite_same_size_and_mtime(path: str) -> None:
     os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns))  # only the ctime tells
 
 
+def recreate_same_times(path: str) -> None:
+    """The same bytes and times under a new inode (as a copy made by ``cp -p`` and moved in place)."""
+    if os.path.isfile(path) and not os.path.islink(path):
+        shutil.copy2(path, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
 def retarget(path: str, target: str) -> None:
     os.unlink(path)
     os.symlink(target, path)
@@ -56,6 +64,7 @@ EDITS = {
     "touch": lambda p: os.utime(p, ns=(0, os.stat(p).st_mtime_ns + 1)),
     "chmod": lambda p: os.chmod(p, os.stat(p).st_mode & 0o7777 ^ 0o040),
     "same size and mtime": rewrite_same_size_and_mtime,
+    "recreate, same times": recreate_same_times,
     "hard link": lambda p: os.link(p, p + ".link"),
     "remove": lambda p: shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p),
     "replace by a file": lambda p: (shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p),
@@ -72,9 +81,11 @@ TARGETS = [f"d{d}/f{f}" for d in range(4) for f in range(8)] + [f"d{d}" for d in
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.sampled_from(sorted(EDITS)), st.sampled_from(TARGETS)), max_size=6),
        kind=st.sampled_from(["diff", "full"]), batch=st.sampled_from([1, 3, 32]),
-       roots=st.sampled_from([["src"], ["src/d1", "src/d3"]]), excludes=st.sampled_from([[], ["f3"], ["*/sub"]]))
+       roots=st.sampled_from([["src"], ["src/d1", "src/d3"]]), excludes=st.sampled_from([[], ["f3"], ["*/sub"]]),
+       ignore=st.sampled_from([{}, {"ignore_inode": True}, {"ignore_ctime": True},
+                               {"ignore_inode": True, "ignore_ctime": True}]))
 def test_runs_matched_in_c_decide_what_one_at_a_time_decides(tmp_path_factory, monkeypatch, edits, kind, batch,
-                                                               roots, excludes):
+                                                               roots, excludes, ignore):
     tmp = tmp_path_factory.mktemp("runs")
     src = str(tmp / "src")
     build(src)
@@ -91,9 +102,9 @@ def test_runs_matched_in_c_decide_what_one_at_a_time_decides(tmp_path_factory, m
         paths = [p for p in paths if os.path.isdir(p)] or [src]  # a root may have gone
         with monkeypatch.context() as m:
             m.setattr(SourceWalk, "BATCH", batch)
-            in_runs = repo.backup(paths, kind=kind, parent=parent.id, excludes=excludes).snapshot
+            in_runs = repo.backup(paths, kind=kind, parent=parent.id, excludes=excludes, **ignore).snapshot
             one_at_a_time(m)
-            singly = repo.backup(paths, kind=kind, parent=parent.id, excludes=excludes).snapshot
+            singly = repo.backup(paths, kind=kind, parent=parent.id, excludes=excludes, **ignore).snapshot
         assert list(repo._repo.manifest_records(in_runs)) == list(repo._repo.manifest_records(singly))
         assert {k: in_runs.stats[k] for k in COUNTED} == {k: singly.stats[k] for k in COUNTED}
     finally:
@@ -152,13 +163,13 @@ def entry_of(rel: bytes, st_, etype: int, target: bytes = b""):
                  target)
 
 
-def taken_by_the_walker(root: bytes, records: list) -> tuple:
+def taken_by_the_walker(root: bytes, records: list, ignore: int = 0) -> tuple:
     """What ``skip_unchanged`` takes of a walk of ``root`` (past its root entry) against ``records``."""
     w = source.Walker(b"", root)
     w.start(100, 100)
     assert w.batch(1)[0][0] == b""  # the root, never taken
     wait_for(lambda: w.queued == len(os.listdir(root)))  # skip_unchanged takes what is walked, never waits
-    out = w.skip_unchanged(records[0], iter(records[1:]), 60.0, OP_ENTRY, T_FILE, T_DIR, T_SYMLINK, [], 100)
+    out = w.skip_unchanged(records[0], iter(records[1:]), 60.0, OP_ENTRY, T_FILE, T_DIR, T_SYMLINK, [], 100, ignore)
     return out[:4]
 
 
@@ -192,6 +203,12 @@ def test_any_recorded_field_that_differs_ends_a_run(tmp_path, kind):
     for field, value in changes.items():
         bad = dataclasses.replace(good, **{field: value})
         assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", bad)]) == (0, 0, 0, 0), field
+        # told to ignore it (inode and device together, or the change time), the run goes on
+        ignored = {"ino": IGNORE_INODE, "dev": IGNORE_INODE, "ctime_ns": IGNORE_CTIME}.get(field)
+        if ignored:
+            assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", bad)], ignored) != (0, 0, 0, 0), field
+            other = IGNORE_INODE + IGNORE_CTIME - ignored
+            assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", bad)], other) == (0, 0, 0, 0), field
     for rec in (Record(OP_ENTRY, b"y", dataclasses.replace(good, path=b"y")), Record(OP_FRESH, b"x", good)):
         assert taken_by_the_walker(root, [rec]) == (0, 0, 0, 0)
     if kind == "file":
