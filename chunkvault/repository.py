@@ -480,9 +480,8 @@ class Repository:
                     while block := f.read(1 << 20):
                         out.write(block)
                 return []
-            stats = write_archive(out, archive, self.tree(snap), e.path, self._content,
-                                  lambda target: self.find_entry(snap, target))
-            return stats.warnings
+            return write_archive(out, archive, self.tree(snap), e.path, self._content,
+                                 lambda target: self.find_entry(snap, target))
 
     def diff(self, a: str | Snapshot, b: str | Snapshot) -> Iterator[tuple[str, Entry | None, Entry | None]]:
         """(change, old, new) for every path that differs: added, removed, modified."""

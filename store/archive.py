@@ -14,7 +14,6 @@ import stat
 import tarfile
 import time
 import zipfile
-from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable
 
 from .manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry
@@ -22,25 +21,19 @@ from .manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, 
 ARCHIVES = ("tar", "zip")
 
 
-@dataclass
-class ArchiveStats:
-    entries: int = 0
-    bytes: int = 0
-    warnings: list[str] = field(default_factory=list)
-
-
 def in_subtree(path: bytes, root: bytes) -> bool:
     return root == b"" or path == root or path.startswith(root + b"/")
 
 
 def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes,
-                  content: Callable[[Entry], BinaryIO], linked: Callable[[bytes], Entry]) -> ArchiveStats:
+                  content: Callable[[Entry], BinaryIO], linked: Callable[[bytes], Entry]) -> list[str]:
     """Write the entries below ``root`` (``entries``: a snapshot's tree in order; ``b""``: all of it) to
-    ``out`` as ``fmt``. ``content(entry)`` streams a file's bytes; ``linked(path)`` is the file entry a
-    hard link names (for a link whose file lies outside the subtree, or in a zip)."""
+    ``out`` as ``fmt``; returns warnings (what the format cannot hold). ``content(entry)`` streams a
+    file's bytes; ``linked(path)`` is the file entry a hard link names (for a link whose file lies
+    outside the subtree, or in a zip)."""
     if fmt not in ARCHIVES:
         raise ValueError(f"unknown archive format {fmt!r}")
-    stats = ArchiveStats()
+    warnings: list[str] = []
     writer = _Tar(out) if fmt == "tar" else _Zip(out)
     try:
         for e in entries:
@@ -51,14 +44,11 @@ def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes
             if e.type == T_FILE:
                 with content(e) as data:
                     writer.file(e, data)
-                stats.bytes += e.size
             elif not writer.other(e):
-                stats.warnings.append(f"{os.fsdecode(e.path)}: a {_KIND_NAMES[e.type]} cannot be stored in a {fmt}")
-                continue
-            stats.entries += 1
+                warnings.append(f"{os.fsdecode(e.path)}: a {_KIND_NAMES[e.type]} cannot be stored in a {fmt}")
     finally:
         writer.close()
-    return stats
+    return warnings
 
 
 _KIND_NAMES = {T_FIFO: "FIFO", T_CHARDEV: "character device", T_BLOCKDEV: "block device"}

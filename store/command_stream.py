@@ -20,9 +20,9 @@ STOP_GRACE = 5.0  # seconds a command interrupted by a failed backup gets to end
 
 class CommandStream:
     """The running command ``argv``'s stdout. Its stdin is closed (a prompt goes to the terminal, as
-    pg_dump's does); its stderr is ``stderr`` or ours, so a dump's errors reach the operator. It gets the environment
-    (``env``, default ours) without chunkvault's passwords (``CHUNKVAULT_PASSWORD``, ...; a
-    ``PGPASSWORD`` stays). Use as a context manager: leaving early stops the command."""
+    pg_dump's does); its stderr is ``stderr`` or ours, so a dump's errors reach the operator. It gets
+    the environment (``env``, default ours) without chunkvault's passwords (``CHUNKVAULT_PASSWORD``,
+    ...; a ``PGPASSWORD`` stays). Use as a context manager: leaving early stops the command."""
 
     def __init__(self, argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None,
                  stderr: IO[bytes] | None = None):
