@@ -454,7 +454,10 @@ class Repository:
     def open_file(self, snapshot: str | Snapshot, path: str | bytes) -> BinaryIO:
         """A readable stream of one file's content, fetched chunk by chunk."""
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
-        e = self.find_entry(snap, path)
+        return self._file_content(snap, self.find_entry(snap, path))
+
+    def _file_content(self, snap: Snapshot, e: Entry) -> BinaryIO:
+        """The content of the file ``e`` names (itself, or the file a hard link names)."""
         if e.type == T_HARDLINK:
             e = self.find_entry(snap, e.target)
         if e.type != T_FILE:
@@ -476,7 +479,7 @@ class Repository:
             snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
             e = self.find_entry(snap, path)
             if e.type != T_DIR:
-                with self.open_file(snap, path) as f:
+                with self._file_content(snap, e) as f:
                     while block := f.read(1 << 20):
                         out.write(block)
                 return []
