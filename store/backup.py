@@ -45,6 +45,10 @@ from .source import SourceWalk, open_source_file, read_whole
 
 BATCH_BYTES = 1 << 20  # new chunks go to the compression pool in batches of about this size...
 BATCH_CHUNKS = 64  # ...or this many, so a tree of small files does not cost a task per file
+# ...or, once a batch holds a chunk with a delta base, this size: the bases' envelopes are fetched level by
+# level down their chains, neighbours in a pack with one read, and the neighbouring chunks of a database file
+# have their bases side by side in the packs of each earlier backup (bench/RESULTS.md, "Database differentials").
+DELTA_BATCH_BYTES = 4 << 20
 # Reader threads: files are read, chunked and hashed there, in runs.  The main thread walks, merges the walk
 # with the parent and keeps the records in order: reading, chunking and both hashes are a core's worth of
 # work, and the compressing workers waited for it when the main thread did it too.
@@ -231,8 +235,10 @@ class Backup:
         self._abort = threading.Event()  # set when the backup fails: a reader stops inside a long file
         self._inflight: deque[Future[None]] = deque()
         self._slots = threading.Semaphore(2 * WORKERS + 2)
+        self._slots_lock = threading.Lock()
         self._batch: list[tuple[bytes, bytes, bytes | None]] = []
         self._batch_bytes = 0
+        self._batch_limit = BATCH_BYTES
         self._batch_lock = threading.Lock()  # readers add chunks to one batch
         self._count_lock = threading.Lock()  # readers add to read_bytes
         self.counts = {"new_files": 0, "changed_files": 0, "unchanged_files": 0, "deleted": 0,
@@ -256,21 +262,27 @@ class Backup:
         with self._batch_lock:
             self._batch.append((blob_id, data, base_id))
             self._batch_bytes += len(data)
-            if self._batch_bytes < BATCH_BYTES and len(self._batch) < BATCH_CHUNKS:
+            if base_id is not None:
+                self._batch_limit = DELTA_BATCH_BYTES
+            if self._batch_bytes < self._batch_limit and len(self._batch) < BATCH_CHUNKS:
                 return
-            batch, self._batch, self._batch_bytes = self._batch, [], 0
+            batch, self._batch, self._batch_bytes, self._batch_limit = self._batch, [], 0, BATCH_BYTES
         self._send(batch)
 
     def _flush_batch(self) -> None:
         with self._batch_lock:
-            batch, self._batch, self._batch_bytes = self._batch, [], 0
+            batch, self._batch, self._batch_bytes, self._batch_limit = self._batch, [], 0, BATCH_BYTES
         if batch:
             self._send(batch)
 
     def _send(self, batch: list[tuple[bytes, bytes, bytes | None]]) -> None:
-        self._slots.acquire()
+        # A batch of delta chunks is up to four times the bytes, its bases as many again: it takes two slots.
+        slots = 2 if any(b is not None for _, _, b in batch) else 1
+        with self._slots_lock:  # two readers taking slots one at a time could each hold half of what they need
+            for _ in range(slots):
+                self._slots.acquire()
         fut = self._pool.submit(self._store_chunks, batch)
-        fut.add_done_callback(lambda _f: self._slots.release())
+        fut.add_done_callback(lambda _f: self._slots.release(slots))
         with self._batch_lock:
             self._inflight.append(fut)
             while self._inflight and self._inflight[0].done():

@@ -574,3 +574,48 @@ def test_delta_frames_decode_the_same_on_either_zstd_path(monkeypatch):
         assert [bytes(delta_decompress(p, base)) for p in native] == cases
     assert [bytes(delta_decompress(p, base)) for p in copied] == cases
     assert all(len(p) < len(base) // 20 for p in native)
+
+
+def test_neighbouring_delta_chunks_travel_together_and_share_their_base_reads(tmp_path, new_repo, monkeypatch):
+    """Changed chunks with a base go to the compressing workers several to a batch (up to
+    DELTA_BATCH_BYTES), so the bases of a file's neighbouring chunks, side by side in the packs of
+    each earlier backup, come with one read per pack and level; chunks without a base keep batches of
+    BATCH_BYTES."""
+    from chunkvault.store import backup as backup_module
+    from chunkvault.store.repository import Repo
+
+    rnd = random.Random(21)
+    src = tmp_path / "db"
+    src.mkdir()
+    page_file(src / "table.db", 2048, rnd)  # 16 MiB: 16 chunks of 1 MiB
+    repo = new_repo()
+    trees = [(repo.backup([str(src)], fixed_chunks=["*.db"]).snapshot, describe(src))]
+    touch_pages(src / "table.db", 0.3, rnd)
+    trees.append((repo.backup([str(src)], fixed_chunks=["*.db"]).snapshot, describe(src)))
+    touch_pages(src / "table.db", 0.3, rnd)
+    page_file(src / "new.db", 1024, rnd)  # 8 MiB with no base
+
+    batches, reads = [], []
+    store_chunks, fetch = backup_module.Backup._store_chunks, Repo._fetch_envelopes
+
+    def recording_store(self, batch):
+        batches.append([(len(data), base is not None) for _, data, base in batch])
+        return store_chunks(self, batch)
+
+    def recording_fetch(self, blob_ids):
+        reads.append(len(blob_ids))
+        return fetch(self, blob_ids)
+
+    monkeypatch.setattr(backup_module.Backup, "_store_chunks", recording_store)
+    monkeypatch.setattr(Repo, "_fetch_envelopes", recording_fetch)
+    snap = repo.backup([str(src)], fixed_chunks=["*.db"]).snapshot
+    trees.append((snap, describe(src)))
+    with_base = [b for b in batches if any(has for _, has in b)]
+    plain = [b for b in batches if not any(has for _, has in b)]
+    assert sum(has for b in batches for _, has in b) == 16 and sum(len(b) for b in batches) == 24
+    assert max(len(b) for b in with_base) == backup_module.DELTA_BATCH_BYTES // FIXED_CHUNK_SIZE
+    assert all(sum(n for n, _ in b) <= backup_module.DELTA_BATCH_BYTES for b in with_base)
+    assert all(sum(n for n, _ in b) <= backup_module.BATCH_BYTES for b in plain)
+    assert max(reads) > 1  # several bases asked for at once, level by level
+    assert snap.stats["delta_blobs"] == 16
+    assert_all_restore(repo, trees, tmp_path)
