@@ -11,6 +11,13 @@
  *   decode(buf, record_cls, entry_cls, delete_op, max_type) -> (records, bytes consumed)
  *   ops run from 0 to delete_op (the last), entry types from 0 to max_type;
  *   raises ValueError("unknown manifest record op N") or ("unknown entry type N").
+ *
+ * It also holds the merge of two sorted record streams that resolves snapshot
+ * chains (store/chain.py's _merge, which stays the reference): a chain of a
+ * day of differentials that each list every file of a database passes each
+ * record through several merges, at every backup, restore and listing.
+ *
+ *   Merge(lower, upper, lower_is_full, record_cls, entry_op, fresh_op, delete_op) -> iterator of records
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -224,6 +231,235 @@ static PyObject *decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(Nn)", out, start);
 }
 
+
+/* --- merging two sorted record streams (store/chain.py's _merge) ----------------------------------- */
+
+/* Paths compare as their sort keys do (store/manifest.py's sort_key: every "/" read as a zero byte). */
+static inline unsigned char key_byte(unsigned char c) { return c == '/' ? 0 : c; }
+
+static int key_compare(PyObject *a, PyObject *b) {
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(a), *q = (const unsigned char *)PyBytes_AS_STRING(b);
+    Py_ssize_t n = PyBytes_GET_SIZE(a), m = PyBytes_GET_SIZE(b), k = n < m ? n : m;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        unsigned char x = key_byte(p[i]), y = key_byte(q[i]);
+        if (x != y)
+            return x < y ? -1 : 1;
+    }
+    return n < m ? -1 : n > m;
+}
+
+/* chain.py's _under: the path is ``cut`` or lies below it. */
+static int key_under(PyObject *path, PyObject *cut) {
+    Py_ssize_t n = PyBytes_GET_SIZE(path), m = PyBytes_GET_SIZE(cut);
+    if (n < m)
+        return 0;
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(path), *q = (const unsigned char *)PyBytes_AS_STRING(cut);
+    for (Py_ssize_t i = 0; i < m; i++)
+        if (key_byte(p[i]) != key_byte(q[i]))
+            return 0;
+    return n == m || key_byte(p[m]) == 0;
+}
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *lo_it, *up_it;  /* NULL once exhausted */
+    PyObject *lo, *up;        /* the current record of each, NULL at its end */
+    PyObject *cut;            /* the path of an upper DELETE/FRESH whose lower subtree is dropped, or NULL */
+    PyObject *record_cls;
+    long entry_op, fresh_op, delete_op;
+    int lower_is_full, direct, started;
+    int advance_lo, advance_up;  /* taken at the next call, as the generator advances after it yields */
+} Merge;
+
+static int merge_traverse(Merge *m, visitproc visit, void *arg) {
+    Py_VISIT(m->lo_it);
+    Py_VISIT(m->up_it);
+    Py_VISIT(m->lo);
+    Py_VISIT(m->up);
+    Py_VISIT(m->cut);
+    Py_VISIT(m->record_cls);
+    return 0;
+}
+
+static int merge_clear(Merge *m) {
+    Py_CLEAR(m->lo_it);
+    Py_CLEAR(m->up_it);
+    Py_CLEAR(m->lo);
+    Py_CLEAR(m->up);
+    Py_CLEAR(m->cut);
+    Py_CLEAR(m->record_cls);
+    return 0;
+}
+
+static void merge_dealloc(Merge *m) {
+    PyObject_GC_UnTrack(m);
+    merge_clear(m);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+/* The next record of ``*it`` into ``*cur`` (NULL at the end); -1 on error.  A record is a tuple
+ * (op, path, entry) with a bytes path. */
+static int step(PyObject **it, PyObject **cur) {
+    Py_CLEAR(*cur);
+    if (*it == NULL)
+        return 0;
+    PyObject *rec = PyIter_Next(*it);
+    if (rec == NULL) {
+        Py_CLEAR(*it);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) != 3 || !PyBytes_Check(PyTuple_GET_ITEM(rec, 1))
+        || !PyLong_Check(PyTuple_GET_ITEM(rec, 0))) {
+        Py_DECREF(rec);
+        PyErr_SetString(PyExc_TypeError, "Merge takes records (op, path, entry) with bytes paths");
+        return -1;
+    }
+    *cur = rec;
+    return 0;
+}
+
+static long op_of(PyObject *rec) { return PyLong_AsLong(PyTuple_GET_ITEM(rec, 0)); }
+
+static PyObject *path_of(PyObject *rec) { return PyTuple_GET_ITEM(rec, 1); }
+
+/* Record(op, rec's path, rec's entry), a new reference. */
+static PyObject *retyped(Merge *m, PyObject *rec, long op) {
+    PyObject *code = PyLong_FromLong(op);
+    if (code == NULL)
+        return NULL;
+    PyObject *path = PyTuple_GET_ITEM(rec, 1), *e = PyTuple_GET_ITEM(rec, 2);
+    if (m->direct) {
+        PyTypeObject *rt = (PyTypeObject *)m->record_cls;
+        PyObject *out = rt->tp_alloc(rt, 3);
+        if (out == NULL) {
+            Py_DECREF(code);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, 0, code);
+        PyTuple_SET_ITEM(out, 1, Py_NewRef(path));
+        PyTuple_SET_ITEM(out, 2, Py_NewRef(e));
+        return out;
+    }
+    PyObject *args[3] = {code, path, e};
+    PyObject *out = PyObject_Vectorcall(m->record_cls, args, 3, NULL);
+    Py_DECREF(code);
+    return out;
+}
+
+static PyObject *merge_next(Merge *m) {
+    if (!m->started) {
+        m->started = 1;
+        if (step(&m->lo_it, &m->lo) < 0 || step(&m->up_it, &m->up) < 0)
+            return NULL;
+    }
+    if (m->advance_lo) {
+        m->advance_lo = 0;
+        if (step(&m->lo_it, &m->lo) < 0)
+            return NULL;
+    }
+    if (m->advance_up) {
+        m->advance_up = 0;
+        if (step(&m->up_it, &m->up) < 0)
+            return NULL;
+    }
+    while (m->lo != NULL || m->up != NULL) {
+        if (m->up == NULL || (m->lo != NULL && key_compare(path_of(m->lo), path_of(m->up)) < 0)) {
+            if (m->cut != NULL && key_under(path_of(m->lo), m->cut)) {
+                if (step(&m->lo_it, &m->lo) < 0)
+                    return NULL;
+                continue;
+            }
+            Py_CLEAR(m->cut);
+            m->advance_lo = 1;
+            return Py_NewRef(m->lo);
+        }
+        PyObject *rec = m->up, *path = path_of(rec);
+        int same = m->lo != NULL && key_compare(path_of(m->lo), path) == 0;
+        long op = op_of(rec);
+        if (op == -1 && PyErr_Occurred())
+            return NULL;
+        if (m->cut != NULL && !key_under(path, m->cut))
+            Py_CLEAR(m->cut);
+        if (m->cut == NULL && (op == m->delete_op || op == m->fresh_op))
+            m->cut = Py_NewRef(path);
+        PyObject *out = NULL;
+        if (m->lower_is_full) {
+            if (op == m->entry_op)
+                out = Py_NewRef(rec);
+            else if (op != m->delete_op && (out = retyped(m, rec, m->entry_op)) == NULL)
+                return NULL;
+        } else if (op == m->entry_op && same) {
+            long lo_op = op_of(m->lo);
+            if (lo_op == -1 && PyErr_Occurred())
+                return NULL;
+            out = lo_op == m->delete_op || lo_op == m->fresh_op ? retyped(m, rec, m->fresh_op) : Py_NewRef(rec);
+            if (out == NULL)
+                return NULL;
+        } else {
+            out = Py_NewRef(rec);
+        }
+        if (out != NULL) {
+            m->advance_lo = same;
+            m->advance_up = 1;
+            return out;
+        }
+        if ((same && step(&m->lo_it, &m->lo) < 0) || step(&m->up_it, &m->up) < 0)
+            return NULL;
+    }
+    return NULL;
+}
+
+static PyObject *merge_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    PyObject *lower, *upper, *record_cls;
+    int lower_is_full;
+    long entry_op, fresh_op, delete_op;
+    static char *names[] = {"lower", "upper", "lower_is_full", "record_cls", "entry_op", "fresh_op", "delete_op",
+                            NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOpOlll", names, &lower, &upper, &lower_is_full, &record_cls,
+                                     &entry_op, &fresh_op, &delete_op))
+        return NULL;
+    PyObject *lo_it = PyObject_GetIter(lower);
+    if (lo_it == NULL)
+        return NULL;
+    PyObject *up_it = PyObject_GetIter(upper);
+    if (up_it == NULL) {
+        Py_DECREF(lo_it);
+        return NULL;
+    }
+    Merge *m = (Merge *)type->tp_alloc(type, 0);
+    if (m == NULL) {
+        Py_DECREF(lo_it);
+        Py_DECREF(up_it);
+        return NULL;
+    }
+    m->lo_it = lo_it;
+    m->up_it = up_it;
+    m->record_cls = Py_NewRef(record_cls);
+    m->entry_op = entry_op;
+    m->fresh_op = fresh_op;
+    m->delete_op = delete_op;
+    m->lower_is_full = lower_is_full;
+    PyTypeObject *rt = PyType_Check(record_cls) ? (PyTypeObject *)record_cls : NULL;
+    m->direct = rt != NULL && PyType_IsSubtype(rt, &PyTuple_Type) && rt->tp_basicsize == PyTuple_Type.tp_basicsize
+                && rt->tp_itemsize == PyTuple_Type.tp_itemsize && !rt->tp_dictoffset && !rt->tp_weaklistoffset
+                && rt->tp_new == PyTuple_Type.tp_new;
+    return (PyObject *)m;
+}
+
+static PyTypeObject MergeType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "chunkvault.store._manifest.Merge",
+    .tp_basicsize = sizeof(Merge),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Merge(lower, upper, lower_is_full, record_cls, entry_op, fresh_op, delete_op): store/chain.py's _merge",
+    .tp_new = merge_new,
+    .tp_dealloc = (destructor)merge_dealloc,
+    .tp_traverse = (traverseproc)merge_traverse,
+    .tp_clear = (inquiry)merge_clear,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)merge_next,
+};
+
 static PyMethodDef methods[] = {
     {"decode", (PyCFunction)(void (*)(void))decode, METH_FASTCALL,
      "decode(buf, record_cls, entry_cls, delete_op, max_type) -> (records, bytes consumed)"},
@@ -234,4 +470,11 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_manifest", "Manifest records decoded in C.", -1, methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__manifest(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__manifest(void) {
+    if (PyType_Ready(&MergeType) < 0)
+        return NULL;
+    PyObject *mod = PyModule_Create(&module);
+    if (mod != NULL && PyModule_AddObjectRef(mod, "Merge", (PyObject *)&MergeType) < 0)
+        Py_CLEAR(mod);
+    return mod;
+}

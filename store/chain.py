@@ -11,6 +11,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from .manifest import OP_DELETE, OP_ENTRY, OP_FRESH, Record, sort_key
 
+try:  # the same merge in C (store/_manifest.c): resolving a chain is most of opening a snapshot's tree
+    from ._manifest import Merge as _MergeC
+except ImportError:
+    _MergeC = None
+
 _END = object()
 
 
@@ -19,6 +24,13 @@ def _under(key: bytes, cut: bytes) -> bool:
 
 
 def _merge(lower: Iterable[Record], upper: Iterable[Record], lower_is_full: bool) -> Iterator[Record]:
+    if _MergeC is None:
+        return _merge_reference(lower, upper, lower_is_full)
+    return _MergeC(lower, upper, lower_is_full, Record, OP_ENTRY, OP_FRESH, OP_DELETE)
+
+
+def _merge_reference(lower: Iterable[Record], upper: Iterable[Record], lower_is_full: bool) -> Iterator[Record]:
+    """``_merge`` in Python: what the C merge must match."""
     lo_it, up_it = iter(lower), iter(upper)
     lo = next(lo_it, _END)
     up = next(up_it, _END)

@@ -1,6 +1,9 @@
 """Chain resolution against an obviously-correct dict model."""
 from hypothesis import given, settings, strategies as st
 
+import pytest
+
+from chunkvault.store import chain as chain_module
 from chunkvault.store.chain import ancestors, apply, chain_to_base, compose, lineage, lookup, resolve
 from chunkvault.store.manifest import (
     OP_DELETE, OP_ENTRY, OP_FRESH, T_FILE, Entry, Record, sort_key,
@@ -79,6 +82,57 @@ def test_compose_equals_sequential_apply(tree, d1, d2):
     keys = [sort_key(r.path) for r in composed]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     assert as_tree(apply(as_records(tree), composed)) == model_apply(model_apply(tree, d1), d2)
+
+
+needs_c_merge = pytest.mark.skipif(chain_module._MergeC is None, reason="the C extension is not built")
+
+
+def c_merge(lower, upper, lower_is_full):
+    return chain_module._MergeC(lower, upper, lower_is_full, Record, OP_ENTRY, OP_FRESH, OP_DELETE)
+
+
+@needs_c_merge
+@settings(max_examples=600)
+@given(st.one_of(full_trees().map(as_records), diffs()), diffs(), st.booleans())
+def test_c_merge_yields_what_the_python_merge_yields(lower, upper, lower_is_full):
+    """The same records, in order, the same objects where the reference passes a record through."""
+    ref = list(chain_module._merge_reference(lower, upper, lower_is_full))
+    got = list(c_merge(lower, upper, lower_is_full))
+    assert got == ref
+    assert [type(r) for r in got] == [Record] * len(ref)
+    assert [r.entry is q.entry for r, q in zip(got, ref)] == [True] * len(ref)
+
+
+@needs_c_merge
+def test_c_merge_reads_its_inputs_as_lazily_as_the_generator():
+    """A manifest that fails part-way fails at the same record either way (a backup reads the head of
+    its parent's tree to decide whether the chain is readable)."""
+    def failing(records, after):
+        yield from records[:after]
+        raise ValueError("damaged")
+
+    lower = as_records({b"a": 1, b"b": 2, b"c": 3})
+    upper = [Record(OP_FRESH, b"b", entry(b"b", 5))]
+    for after in range(len(lower) + 1):
+        for merge in (chain_module._merge_reference, c_merge):
+            it = merge(failing(lower, after), iter(upper), True)
+            got = []
+            with pytest.raises(ValueError, match="damaged"):
+                while True:
+                    got.append(next(it))
+            assert [r.path for r in got] == [r.path for r in chain_module._merge_reference(lower[:after], upper, True)][:len(got)]
+            if merge is c_merge:
+                assert len(got) == expected_len
+            else:
+                expected_len = len(got)
+
+
+@needs_c_merge
+def test_c_merge_refuses_what_is_not_a_record():
+    with pytest.raises(TypeError, match="records"):
+        list(c_merge([(OP_ENTRY, "a", None)], [], True))
+    with pytest.raises(TypeError, match="records"):
+        list(c_merge([], [object()], False))
 
 
 def test_chain_to_base():
