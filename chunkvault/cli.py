@@ -384,6 +384,8 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    if args.snapshots or args.host or args.tag or args.path:
+        return _usage(args)
     st = _open(args).stats()
     if args.json:
         _emit_json(st.to_dict())
@@ -399,6 +401,32 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"packs          {_human(st.pack_bytes)} in {st.packs} packs")
     print(f"ratios         deduplication {st.dedup_ratio:.2f}x, compression and deltas {st.compression_ratio:.2f}x, "
           f"all snapshots' files to packs {st.overall_ratio:.2f}x")
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    with repo.reading("stats", wait=args.wait):
+        u = repo.usage(args.snapshots or None, hosts=args.host, tags=args.tag, paths=args.path)
+    if not u.snapshots:
+        raise UsageError("no snapshot matches")
+    if args.json:
+        _emit_json(u.to_dict())
+        return 0
+
+    def deltas(t: Any) -> str:
+        return f" ({t.delta_blobs} deltas as {_human(t.delta_stored_bytes)})" if t.delta_blobs else ""
+
+    print(f"snapshots      {u.snapshots} ({u.full_snapshots} full, {u.snapshots - u.full_snapshots} differential)")
+    print(f"files          {u.files} files, {_human(u.bytes)} (restore size{', summed' if u.snapshots > 1 else ''})")
+    print(f"chunks         {_human(u.chunks.raw_bytes)} in {u.chunks.blobs} distinct chunks, stored as "
+          f"{_human(u.chunks.stored_bytes)}{deltas(u.chunks)}")
+    if u.bases.blobs:
+        print(f"delta bases    {u.bases.blobs} blobs below those deltas, stored as {_human(u.bases.stored_bytes)}")
+    print(f"manifests      {_human(u.manifest_stored_bytes)} in {u.manifest_blobs} blobs")
+    print(f"data needed    {_human(u.stored_bytes)} stored in all: what restoring or copying them reads")
+    print(f"only these     {_human(u.only.stored_bytes)} stored in {u.only.blobs} blobs{deltas(u.only)}: what "
+          f"forgetting them, then prune, frees")
     return 0
 
 
@@ -905,8 +933,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--confirm", metavar="REWRITE", help="type REWRITE to change the snapshots (else a dry run)")
     s.set_defaults(func=cmd_rewrite)
 
-    s = sub.add_parser("stats", parents=[common],
-                       help="what the repository holds: snapshots, distinct data, deltas, packs, ratios")
+    s = sub.add_parser("stats", parents=[common, reading, select],
+                       help="what the repository holds: snapshots, distinct data, deltas, packs, ratios; or what "
+                            "some snapshots take and what only they need")
+    s.add_argument("snapshots", nargs="*", metavar="SNAPSHOT",
+                   help="these snapshots (id, prefix or latest; with the filters, or the filters alone): their "
+                        "restore size, the data restoring them reads, and what no other snapshot needs")
     s.set_defaults(func=cmd_stats)
 
     s = sub.add_parser("find", parents=[common, reading, select],

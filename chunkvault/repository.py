@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # the modules of other commands load when used: a backup need
     from .store.find import Found
     from .store.rewrite import RewriteReport
     from .store.stats import RepositoryStats
+    from .store.usage import SnapshotUsage
 
 __all__ = ["Repository", "Snapshot", "Entry", "SourceWalk"]
 
@@ -309,7 +310,7 @@ class Repository:
         or rewrites what the read follows; waits up to ``wait`` seconds for one that runs (a warning says
         who), then raises Locked.  Snapshot objects and an index read before the lock are read again.
 
-        ``restore``, ``find``, ``check``, ``export``, ``copy_to`` and ``verify_restore`` hold it themselves;
+        ``restore``, ``find``, ``usage``, ``check``, ``export``, ``copy_to`` and ``verify_restore`` hold it themselves;
         a caller of the lazy readers (``tree``, ``diff``, ``open_file``) holds it around its use.  Nested uses share the
         outer lock.  With ``lock_reads`` off, or when the remote refuses to store the lock (a read-only
         token or mount, a full disk), the read goes ahead unlocked (the latter with a warning)."""
@@ -355,6 +356,30 @@ class Repository:
         snaps = self._list()
         repo = self._repo
         return summarize(snaps, repo.index.items(), repo.stored_packs().values())
+
+    def usage(self, snapshots: Iterable[str | Snapshot] | None = None, *, hosts: Iterable[str] = (),
+              tags: Iterable[str] = (), paths: Iterable[str] = ()) -> SnapshotUsage:
+        """What the snapshots named and selected by the filters take: their files (restore size), the
+        distinct chunks restoring them reads (with the delta bases below them, and their chains'
+        manifests), and of those what no other snapshot needs, which forgetting them then pruning frees
+        (``store/usage.py``).  Every snapshot's tree is resolved once."""
+        from .store.usage import usage
+
+        with self.reading("stats"):
+            every = self._list()
+            chosen = self._chosen(every, snapshots, hosts, tags, paths)
+            repo = self._repo
+            out = usage(every, chosen, repo.manifest_records, repo.locate, repo.delta_base,
+                        lambda s: repo.chain_of(s, every))
+            out.not_resolved += sorted(repo.unreadable_snapshots)
+            if out.not_resolved:
+                warnings.warn(f"{len(out.not_resolved)} snapshot(s) cannot be read in full (`check` says why): "
+                              f"what only the selection needs may be less than shown", RepositoryStateWarning,
+                              stacklevel=2)
+            if out.missing_blobs:
+                warnings.warn(f"{out.missing_blobs} blob(s) the selection needs are in no index (`check` says more)",
+                              RepositoryStateWarning, stacklevel=2)
+            return out
 
     def _chosen(self, every: list[Snapshot], snapshots: Iterable[str | Snapshot] | None, hosts: Iterable[str],
                 tags: Iterable[str], paths: Iterable[str]) -> list[Snapshot]:

@@ -298,6 +298,10 @@ class Repo:
             cur = self._delta_bases.get(cur)
         return out
 
+    def delta_base(self, blob_id: bytes) -> bytes | None:
+        """The base of a delta blob per the index (None for a whole blob, or one not indexed)."""
+        return self._delta_bases.get(blob_id)
+
     def delta_depth(self, blob_id: bytes) -> int:
         """How many deltas in a row a read of this blob decodes (0 for a whole blob)."""
         return len(self.delta_chain(blob_id))

@@ -1,0 +1,166 @@
+"""What a selection of snapshots takes: the data restoring them reads, and the data only they need.
+
+Every snapshot's tree is resolved once, walking each chain from its full down
+(a differential's tree is its parent's with its own records applied), so a
+day of differentials costs a merge per differential, not a chain per
+snapshot.  A chunk another snapshot's tree names is kept by that snapshot:
+forgetting the selection rebases those differentials onto records they
+already hold, so what only the selection needs (its chunks and the delta
+bases below them that no other snapshot's chunk reaches) is what forgetting
+it and then pruning frees, give or take the packs prune leaves partly used.
+Pure over its inputs: the repository hands it manifests and the index.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+from . import chain
+from .blob import KIND_DELTA
+from .blobindex import BlobLocation
+from .manifest import Record
+from .snapshot import KIND_FULL, Snapshot
+
+ID_SIZE = 32
+
+
+@dataclass
+class BlobTotals:
+    """Distinct blobs: how many, their plaintext, and what their envelopes take (deltas among them)."""
+
+    blobs: int = 0
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    delta_blobs: int = 0
+    delta_stored_bytes: int = 0
+
+    def add(self, loc: BlobLocation) -> None:
+        self.blobs += 1
+        self.raw_bytes += loc.raw_length
+        self.stored_bytes += loc.length
+        if loc.flags == KIND_DELTA:
+            self.delta_blobs += 1
+            self.delta_stored_bytes += loc.length
+
+
+@dataclass
+class SnapshotUsage:
+    snapshots: int = 0
+    full_snapshots: int = 0
+    files: int = 0  # the files of each selected snapshot (its restore size), summed
+    bytes: int = 0
+    chunks: BlobTotals = field(default_factory=BlobTotals)  # the distinct chunks the selection's trees name
+    bases: BlobTotals = field(default_factory=BlobTotals)  # the delta bases below them, down every chain
+    manifest_blobs: int = 0  # the manifests of the selection's chains
+    manifest_stored_bytes: int = 0
+    only: BlobTotals = field(default_factory=BlobTotals)  # of chunks and bases, what no other snapshot needs
+    missing_blobs: int = 0  # named by a tree or a delta, but in no index (`check` says more)
+    not_resolved: list[str] = field(default_factory=list)  # ids whose chain does not reach a full
+
+    @property
+    def stored_bytes(self) -> int:
+        """What restoring the selection reads at most: its chunks, their bases and its manifests."""
+        return self.chunks.stored_bytes + self.bases.stored_bytes + self.manifest_stored_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "stored_bytes": self.stored_bytes}
+
+
+def chains_down(snapshots: Iterable[Snapshot]) -> tuple[list[Snapshot], dict[str, list[Snapshot]], list[Snapshot]]:
+    """(full snapshots, children of each snapshot, differentials whose parent is not among ``snapshots``),
+    oldest first."""
+    snaps = sorted(snapshots, key=lambda s: (s.time, s.id))
+    ids = {s.id for s in snaps}
+    roots, orphans = [], []
+    children: dict[str, list[Snapshot]] = defaultdict(list)
+    for s in snaps:
+        if s.parent is None:
+            roots.append(s)
+        elif s.parent in ids:
+            children[s.parent].append(s)
+        else:
+            orphans.append(s)
+    return roots, children, orphans
+
+
+def resolved_trees(snapshots: Iterable[Snapshot], own_records: Callable[[Snapshot], Iterable[Record]]
+                   ) -> Iterator[tuple[Snapshot, list[Record]]]:
+    """(snapshot, its resolved tree) for each snapshot whose chain reaches a full among ``snapshots``,
+    depth first down each chain: a tree is held only until its children are resolved (two trees at a
+    time along a chain without branches)."""
+    roots, children, _ = chains_down(snapshots)
+    stack: list[tuple[Snapshot, list[Record] | None]] = [(s, None) for s in reversed(roots)]
+    while stack:
+        snap, parent_tree = stack.pop()
+        own = own_records(snap)
+        tree = list(own) if parent_tree is None else list(chain.apply(parent_tree, own))
+        yield snap, tree
+        stack.extend((c, tree) for c in reversed(children.get(snap.id, ())))
+
+
+def _chunk_ids(tree: list[Record], seen: set[bytes], into: set[bytes]) -> None:
+    """Add the chunk ids of ``tree``'s files to ``into``; a chunk list already in ``seen`` (an unchanged
+    file passes from a parent's tree to its children's as the same bytes) is skipped."""
+    for rec in tree:
+        e = rec.entry
+        if e is None or not e.chunks or e.chunks in seen:
+            continue
+        seen.add(e.chunks)
+        c = e.chunks
+        into.update(c[i : i + ID_SIZE] for i in range(0, len(c), ID_SIZE))
+
+
+def with_bases(ids: set[bytes], base_of: Callable[[bytes], bytes | None]) -> set[bytes]:
+    """``ids`` and the bases of their deltas, down every chain."""
+    out = set(ids)
+    todo = list(ids)
+    while todo:
+        base = base_of(todo.pop())
+        if base is not None and base not in out:
+            out.add(base)
+            todo.append(base)
+    return out
+
+
+def usage(every: list[Snapshot], chosen: list[Snapshot], own_records: Callable[[Snapshot], Iterable[Record]],
+          locate: Callable[[bytes], BlobLocation | None], base_of: Callable[[bytes], bytes | None],
+          chain_of: Callable[[Snapshot], list[Snapshot]]) -> SnapshotUsage:
+    """The usage of ``chosen`` among ``every`` snapshot (see the module docstring)."""
+    out = SnapshotUsage()
+    chosen_ids = {s.id for s in chosen}
+    for s in chosen:
+        out.snapshots += 1
+        out.full_snapshots += s.kind == KIND_FULL
+        out.files += int(s.stats.get("files", 0))
+        out.bytes += int(s.stats.get("bytes", 0))
+    mine: set[bytes] = set()
+    theirs: set[bytes] = set()
+    seen_mine: set[bytes] = set()
+    seen_theirs: set[bytes] = set()
+    resolved = set()
+    for snap, tree in resolved_trees(every, own_records):
+        resolved.add(snap.id)
+        if snap.id in chosen_ids:
+            _chunk_ids(tree, seen_mine, mine)
+        else:
+            _chunk_ids(tree, seen_theirs, theirs)
+    out.not_resolved = [s.id for s in every if s.id not in resolved]
+    kept = with_bases(theirs, base_of)
+    for bid in with_bases(mine, base_of):
+        loc = locate(bid)
+        if loc is None:
+            out.missing_blobs += 1
+            continue
+        (out.chunks if bid in mine else out.bases).add(loc)
+        if bid not in kept:
+            out.only.add(loc)
+    manifests = {bytes.fromhex(h) for s in chosen if s.id in resolved for m in chain_of(s) for h in m.manifest}
+    for bid in manifests:
+        loc = locate(bid)
+        if loc is None:
+            out.missing_blobs += 1
+            continue
+        out.manifest_blobs += 1
+        out.manifest_stored_bytes += loc.length
+    return out

@@ -1,0 +1,144 @@
+"""stats SNAPSHOT: what snapshots take, and what only they need (store/usage.py)."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import crashkit
+from chunkvault.store import chain
+from chunkvault.store.blob import KIND_DELTA
+from chunkvault.store.usage import resolved_trees, with_bases
+from chunkvault.store.snapshot import Snapshot
+from test_chain import as_records, diffs, full_trees
+from test_delta import page_file, touch_pages
+
+
+def snapshot(sid: str, parent: str | None, t: int) -> Snapshot:
+    return Snapshot(time=f"2026-01-01T00:{t // 60:02d}:{t % 60:02d}+00:00", kind="diff" if parent else "full",
+                    parent=parent, host="h", paths=["/a"], id=sid)
+
+
+@settings(max_examples=200)
+@given(full_trees(), st.lists(st.tuples(diffs(), st.integers(0, 100)), max_size=8), st.randoms())
+def test_resolved_trees_equal_each_chain_resolved_on_its_own(tree, layers, rnd):
+    """Walking a forest of chains (differentials of differentials, branches) depth first gives every
+    snapshot the tree resolving its own chain gives."""
+    snaps = [snapshot("s0", None, 0)]
+    own = {"s0": as_records(tree)}
+    for i, (records, pick) in enumerate(layers, 1):
+        parent = snaps[pick % len(snaps)].id
+        snaps.append(snapshot(f"s{i}", parent, i))
+        own[f"s{i}"] = records
+    snaps.append(snapshot("orphan", "gone", 99))  # its parent is not there: not resolved
+    own["orphan"] = []
+    rnd.shuffle(snaps)
+    by_id = {s.id: s for s in snaps}
+    got = {s.id: tree for s, tree in resolved_trees(snaps, lambda s: iter(own[s.id]))}
+    assert set(got) == set(by_id) - {"orphan"}
+    for sid, tree in got.items():
+        line = chain.lineage(sid, {s.id: s.parent for s in snaps})[::-1]
+        assert tree == list(chain.resolve(iter(own[line[0]]), [iter(own[p]) for p in line[1:]]))
+
+
+def test_with_bases_follows_every_chain_once():
+    bases = {b"c": b"b", b"b": b"a", b"e": b"b", b"x": None}
+    assert with_bases({b"c", b"x"}, bases.get) == {b"a", b"b", b"c", b"x"}
+    assert with_bases(set(), bases.get) == set()
+
+
+def brute_force(repo, snaps):
+    """Chunk ids each snapshot's tree names, with their bases, from the public API one snapshot at a time."""
+    store = repo.store
+    out = {}
+    for s in snaps:
+        ids = {c for e in repo.tree(s) for c in e.chunk_ids()}
+        out[s.id] = ids | {b for c in ids for b in store.delta_chain(c)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def day(tmp_path_factory):
+    """A database file's full and differentials (deltas), beside another source's snapshots."""
+    tmp = tmp_path_factory.mktemp("usage")
+    rnd = random.Random(5)
+    db, other = tmp / "db", tmp / "other"
+    db.mkdir()
+    other.mkdir()
+    page_file(db / "table", 512, rnd)  # 4 MiB
+    (db / "static").write_bytes(rnd.randbytes(200_000))  # in every tree, in the full's manifest only
+    (other / "notes").write_bytes(rnd.randbytes(300_000))
+    repo_url = str(tmp / "repo")
+    crashkit.init_repo(repo_url)
+    repo = crashkit.open_repo(repo_url, ledger=False)
+    for v in range(4):
+        if v:
+            touch_pages(db / "table", 0.3, rnd)
+        repo.backup([str(db)], fixed_chunks=["table"], fixed_chunk_size=256 << 10)
+        if v % 2:
+            (other / "notes").write_bytes(rnd.randbytes(300_000))
+        repo.backup([str(other)])
+    return repo, repo_url
+
+
+def test_usage_of_each_snapshot_matches_a_brute_force_count(day):
+    repo, _ = day
+    snaps = repo.snapshots()
+    needs = brute_force(repo, snaps)
+    assert any(repo.store.locate(c).flags == KIND_DELTA for ids in needs.values() for c in ids)
+    for s in snaps:
+        u = repo.usage([s.id])
+        mine = needs[s.id]
+        theirs = set().union(*(ids for sid, ids in needs.items() if sid != s.id))
+        tree_ids = {c for e in repo.tree(s) for c in e.chunk_ids()}
+        assert (u.snapshots, u.files, u.bytes) == (1, s.stats["files"], s.stats["bytes"])
+        assert u.chunks.blobs == len(tree_ids)
+        assert u.chunks.raw_bytes == sum(repo.store.locate(c).raw_length for c in tree_ids)
+        assert u.bases.blobs == len(mine - tree_ids)
+        assert u.only.blobs == len(mine - theirs)
+        assert u.only.stored_bytes == sum(repo.store.locate(c).length for c in mine - theirs)
+        chain_manifests = {m for c in repo.store.chain_of(s) for m in c.manifest}
+        assert u.manifest_blobs == len(chain_manifests)
+        assert u.stored_bytes == (u.chunks.stored_bytes + u.bases.stored_bytes + u.manifest_stored_bytes)
+    # the database's first full is the base of every later chunk: forgetting it alone frees next to nothing
+    first = snaps[0]
+    assert repo.usage([first.id]).only.stored_bytes < repo.usage([first.id]).chunks.stored_bytes / 10
+    both = repo.usage(hosts=["nobody"])
+    assert both.snapshots == 0 and both.chunks.blobs == 0
+
+
+def test_only_these_is_what_forgetting_them_then_pruning_frees(tmp_path, day):
+    _, url = day
+    copy = tmp_path / "repo"
+    shutil.copytree(url, copy)
+    repo = crashkit.open_repo(str(copy), ledger=False)
+    snaps = repo.snapshots()
+    chosen = [snaps[2].id, snaps[5].id]  # a differential in the middle of the database's chain, and the other's
+    u = repo.usage(chosen)
+    assert u.only.blobs > 0
+
+    def data_blobs():
+        manifests = {bytes.fromhex(m) for s in repo.snapshots() for m in s.manifest}
+        return {b: loc.length for b, loc in repo.store.index.items() if b not in manifests}
+
+    before = data_blobs()
+    repo.forget(chosen)
+    repo.prune(max_unused=0.0)
+    after = data_blobs()
+    assert set(before) - set(after) and sum(before.values()) - sum(after.values()) == u.only.stored_bytes
+    assert len(before) - len(after) == u.only.blobs
+    assert repo.check(read_data=True).ok
+
+
+def test_stats_cli_of_a_selection(day):
+    _, url = day
+    out = crashkit.run_cli("stats", "-r", url, "--json", "latest")
+    data = json.loads(out.stdout)
+    assert data["snapshots"] == 1 and data["stored_bytes"] >= data["chunks"]["stored_bytes"] > 0
+    missing = crashkit.run_cli("stats", "-r", url, "--tag", "never-used", ok=(2,))
+    assert b"no snapshot matches" in missing.stderr
+    plain = crashkit.run_cli("stats", "-r", url, "latest")
+    assert b"only these" in plain.stdout and b"restore size" in plain.stdout
