@@ -619,8 +619,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
                        tags=args.tag, paths=args.path, wait=args.wait, allow_remove_all=args.unsafe_allow_remove_all)
     pruned = _prune_with_progress(args, repo) if args.prune else None
     removed = set(plan.remove)
+    # What a prune after this forget would free: only a dry run can tell, the snapshots are still there.
+    frees = repo.usage(removed).only.stored_bytes if args.dry_run and removed else None
     if args.json:
-        _emit_json({"dry_run": args.dry_run,
+        _emit_json({"dry_run": args.dry_run, "frees_stored_bytes": frees,
                     "decisions": [{"id": d.snapshot_id, "keep": d.keep, "reasons": list(d.reasons)}
                                   for d in plan.decisions],
                     "rebased": [{"id": r.diff_id, "merged": r.merge_ids, "new_parent": r.new_parent}
@@ -633,7 +635,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
             target = f"onto {r.new_parent[:8]}" if r.new_parent else "as a full snapshot"
             print(f"rebase  {r.diff_id[:8]}  {target}, merging {' '.join(m[:8] for m in r.merge_ids)}")
         verb = "would remove" if args.dry_run else "removed"
-        print(f"{verb} {len(removed)} snapshot(s), {'would rebase' if args.dry_run else 'rebased'} {len(plan.rebases)}")
+        print(f"{verb} {len(removed)} snapshot(s), {'would rebase' if args.dry_run else 'rebased'} {len(plan.rebases)}"
+              + (f"; a prune then frees about {_human(frees)} (data only they need)" if frees is not None else ""))
         if pruned is not None:
             _report_prune(args, pruned)
     return 0

@@ -142,3 +142,25 @@ def test_stats_cli_of_a_selection(day):
     assert b"no snapshot matches" in missing.stderr
     plain = crashkit.run_cli("stats", "-r", url, "latest")
     assert b"only these" in plain.stdout and b"restore size" in plain.stdout
+
+
+def test_forget_dry_run_says_what_the_prune_after_it_frees(tmp_path, day):
+    _, url = day
+    copy = tmp_path / "repo"
+    shutil.copytree(url, copy)
+
+    def data() -> int:
+        """Stored bytes of file data: every indexed blob no snapshot names as its manifest."""
+        repo = crashkit.open_repo(str(copy), ledger=False)
+        manifests = {bytes.fromhex(m) for s in repo.snapshots() for m in s.manifest}
+        return sum(loc.length for b, loc in repo.store.index.items() if b not in manifests)
+
+    plan = json.loads(crashkit.run_cli("forget", "-r", str(copy), "--keep-last", "2", "--group-by", "paths",
+                                       "--dry-run", "--json").stdout)
+    assert plan["frees_stored_bytes"] > 0
+    text = crashkit.run_cli("forget", "-r", str(copy), "--keep-last", "2", "--group-by", "paths", "--dry-run")
+    assert b"a prune then frees about" in text.stdout
+    before = data()
+    crashkit.run_cli("forget", "-r", str(copy), "--keep-last", "2", "--group-by", "paths", "--prune",
+                     "--max-unused", "0")
+    assert before - data() == plan["frees_stored_bytes"]
