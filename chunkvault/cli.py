@@ -749,6 +749,18 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import mount
+
+    def mounted() -> None:
+        if not args.quiet:
+            print(f"snapshots mounted at {args.mountpoint}: browse snapshots/, ids/, hosts/, tags/; "
+                  f"unmount with `fusermount -u {args.mountpoint}` or Ctrl-C", file=sys.stderr, flush=True)
+
+    mount(_open(args), args.mountpoint, allow_other=args.allow_other, wait=args.wait, on_mounted=mounted)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .remotes import server
 
@@ -1061,6 +1073,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         from .verify import add_commands as add_verify_commands
 
         add_verify_commands(sub, common, reading)
+
+    s = sub.add_parser("mount", parents=[common, reading],
+                       help="browse the snapshots as a read-only file system (FUSE) until unmounted")
+    s.add_argument("mountpoint", help="an empty directory")
+    s.add_argument("--allow-other", action="store_true",
+                   help="let other users look too, held to the recorded owners and modes (needs "
+                        "user_allow_other in /etc/fuse.conf unless root)")
+    s.set_defaults(func=cmd_mount)
 
     s = sub.add_parser("serve", help="run the HTTP backup service (default 127.0.0.1:6362)", add_help=False,
                        prefix_chars="+")

@@ -136,3 +136,9 @@ class SourceCommandFailed(ChunkvaultError):
     status 0: its output may be cut short, so no snapshot was saved."""
 
     exit_code = 20
+
+
+class MountFailed(ChunkvaultError):
+    """``mount`` cannot mount: no FUSE library or device, or the kernel refused."""
+
+    exit_code = 21

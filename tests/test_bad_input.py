@@ -208,7 +208,8 @@ def test_file_walked_ahead_and_gone_when_read_is_a_warning(repo_path, tmp_path):
     src.mkdir()
     for name in ("gone-already", "here"):
         (src / name).write_bytes(name.encode())
-    walk = walked_ahead(SourceWalk.of_paths([str(src)]).start(), threads())
+    before = threads()  # taken before the walk starts its C thread, so the wait below covers that thread
+    walk = walked_ahead(SourceWalk.of_paths([str(src)]).start(), before)
     (src / "gone-already").unlink()
     with Repository.open(repo_path, PASSWORD) as repo:
         result = repo.backup([str(src)], walk=walk)

@@ -82,7 +82,8 @@ def test_walked_ahead_entries_carry_what_a_backup_records(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"x" * 10)
-    walk = walked_ahead(SourceWalk.of_paths([str(src)]).start(), threads())
+    before = threads()  # taken before the walk starts its C thread, so the wait below covers that thread
+    walk = walked_ahead(SourceWalk.of_paths([str(src)]).start(), before)
     items = {rel: s for rel, _, s, _ in walk}
     assert fields(items[b"f"]) == fields(os.lstat(src / "f"))
 

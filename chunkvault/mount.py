@@ -1,0 +1,234 @@
+"""``chunkvault mount``: the snapshots as a read-only file system (FUSE, through mfusepy).
+
+Browse every snapshot, copy out a few files with the usual tools, diff two
+versions of a configuration: without restoring a whole snapshot.  The layout
+above the snapshots' files is ``mountview.Layout``.  A snapshot's tree is
+resolved when first entered and kept (a few at a time); file data is read a
+chunk at a time, each chunk checked against its id as a restore checks it,
+and recently read chunks are kept in the repository's plaintext cache.  The
+mount holds a shared lock while it is mounted, as a restore does, so no prune
+deletes data under it; new snapshots show up when a listing is older than
+REFRESH_SECONDS.
+"""
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+import stat
+import threading
+import time
+from collections import OrderedDict
+from datetime import datetime
+from typing import Any
+
+from .errors import ChunkvaultError, MountFailed, UsageError
+from .mountview import InSnapshot, Layout, Link, SnapshotTree, VirtualDir
+from .repository import Repository
+from .store.manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry
+from .store.snapshot import Snapshot
+
+REFRESH_SECONDS = 30.0
+TREES_KEPT = 8  # resolved trees held at once (each about 200 bytes per entry)
+
+_TYPE_BITS = {T_FILE: stat.S_IFREG, T_HARDLINK: stat.S_IFREG, T_DIR: stat.S_IFDIR, T_SYMLINK: stat.S_IFLNK,
+              T_FIFO: stat.S_IFIFO, T_CHARDEV: stat.S_IFCHR, T_BLOCKDEV: stat.S_IFBLK}
+
+
+def _fuse() -> Any:
+    try:
+        import mfusepy
+    except (ImportError, OSError) as exc:  # mfusepy raises OSError when it finds no libfuse
+        raise MountFailed(f"mount needs FUSE: {exc} (Debian: apt-get install fuse3)") from None
+    return mfusepy
+
+
+class _File:
+    """An open file of a snapshot: where each of its chunks starts, for reads at any offset."""
+
+    def __init__(self, repo: Repository, entry: Entry):
+        self.repo = repo
+        self.ids = entry.chunk_ids()
+        self.starts = [0]
+        for cid in self.ids:
+            loc = repo.store.locate(cid)
+            if loc is None:
+                raise ChunkvaultError(f"chunk {cid.hex()} of {os.fsdecode(entry.path)} is in no index")
+            self.starts.append(self.starts[-1] + loc.raw_length)
+
+    def read(self, size: int, offset: int) -> bytes:
+        out = []
+        i = bisect.bisect_right(self.starts, offset) - 1
+        end = min(offset + size, self.starts[-1])
+        while 0 <= i < len(self.ids) and offset < end:
+            data = self.repo.store.read_blob(self.ids[i], verify=True, cache=True)
+            lo = offset - self.starts[i]
+            hi = min(end - self.starts[i], len(data))
+            out.append(bytes(data[lo:hi]))
+            offset = self.starts[i] + hi
+            i += 1
+        return b"".join(out)
+
+
+class SnapshotFS:
+    """The FUSE operations (mfusepy calls them from its threads)."""
+
+    use_ns = True
+
+    def __init__(self, repo: Repository, refresh: float = REFRESH_SECONDS, on_mounted: Any = None):
+        self.repo = repo
+        self.refresh = refresh
+        self.on_mounted = on_mounted
+        self._lock = threading.Lock()
+        self._layout = Layout(repo.snapshots())
+        self._listed = time.monotonic()
+        self._trees: OrderedDict[str, SnapshotTree] = OrderedDict()
+        self._files: dict[int, _File] = {}
+        self._next_fh = 1
+        self.uid, self.gid = os.getuid(), os.getgid()
+
+    # --- lookups ------------------------------------------------------------------------
+
+    def _layout_now(self) -> Layout:
+        with self._lock:
+            if time.monotonic() - self._listed > self.refresh:
+                self._layout = Layout(self.repo.snapshots())
+                self._listed = time.monotonic()
+            return self._layout
+
+    def _tree(self, snap: Snapshot) -> SnapshotTree:
+        with self._lock:
+            tree = self._trees.get(snap.id)
+            if tree is not None:
+                self._trees.move_to_end(snap.id)
+                return tree
+        tree = SnapshotTree(self.repo.tree(snap))  # outside the lock: other reads go on meanwhile
+        with self._lock:
+            self._trees[snap.id] = tree
+            while len(self._trees) > TREES_KEPT:
+                self._trees.popitem(last=False)
+        return tree
+
+    def _node(self, path: str) -> Any:
+        node = self._layout_now().resolve(path)
+        if node is None:
+            raise _error(errno.ENOENT)
+        return node
+
+    def _in_snapshot(self, node: InSnapshot) -> tuple[SnapshotTree, Entry | None]:
+        """The snapshot's tree and the entry at the node (None: the root of a snapshot of several paths,
+        which has no entry of its own)."""
+        tree = self._tree(node.snapshot)
+        e = tree.content_entry(node.rel)
+        if e is None and node.rel:  # not there, or a hard link whose file is not
+            raise _error(errno.ENOENT)
+        return tree, e
+
+    # --- file system operations ---------------------------------------------------------
+
+    def init(self, path: str) -> None:
+        """The kernel has mounted the file system."""
+        if self.on_mounted is not None:
+            self.on_mounted()
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        node = self._node(path)
+        if isinstance(node, VirtualDir):
+            return self._virtual(stat.S_IFDIR | 0o555, 2)
+        if isinstance(node, Link):
+            return {**self._virtual(stat.S_IFLNK | 0o777, 1), "st_size": len(os.fsencode(node.target))}
+        tree, e = self._in_snapshot(node)
+        if e is None:  # a snapshot of several paths has no entry for its root
+            return self._virtual(stat.S_IFDIR | 0o555, 2)
+        ns = e.mtime_ns
+        return {"st_mode": _TYPE_BITS.get(e.type, stat.S_IFREG) | e.mode, "st_nlink": 2 if e.type == T_DIR else 1,
+                "st_uid": e.uid, "st_gid": e.gid, "st_size": e.size if e.type == T_FILE else len(e.target),
+                "st_rdev": e.rdev, "st_mtime": ns, "st_atime": ns, "st_ctime": e.ctime_ns or ns,
+                "st_blocks": (e.size + 511) // 512 if e.type == T_FILE else 0}
+
+    def _virtual(self, mode: int, nlink: int) -> dict[str, Any]:
+        """Attributes of a directory or link above the snapshots' files: the mounting user's, dated by the
+        newest snapshot."""
+        snaps = self._layout.snapshots
+        t = int(datetime.fromisoformat(snaps[-1].time).timestamp() * 10**9) if snaps else 0
+        return {"st_mode": mode, "st_nlink": nlink, "st_uid": self.uid, "st_gid": self.gid, "st_size": 0,
+                "st_mtime": t, "st_atime": t, "st_ctime": t}
+
+    def readdir(self, path: str, fh: int | None = None) -> list[str]:
+        node = self._node(path)
+        if isinstance(node, VirtualDir):
+            return [".", "..", *node.names]
+        if not isinstance(node, InSnapshot):
+            raise _error(errno.ENOTDIR)
+        tree, _ = self._in_snapshot(node)
+        if not tree.is_dir(node.rel):
+            raise _error(errno.ENOTDIR)
+        return [".", "..", *(os.fsdecode(n) for n in tree.children[node.rel])]
+
+    def readlink(self, path: str) -> str:
+        node = self._node(path)
+        if isinstance(node, Link):
+            return node.target
+        if isinstance(node, InSnapshot):
+            _, e = self._in_snapshot(node)
+            if e is not None and e.type == T_SYMLINK:
+                return os.fsdecode(e.target)
+        raise _error(errno.EINVAL)
+
+    def open(self, path: str, flags: int) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT):
+            raise _error(errno.EROFS)
+        node = self._node(path)
+        if not isinstance(node, InSnapshot):
+            raise _error(errno.EISDIR)
+        _, e = self._in_snapshot(node)
+        if e is None or e.type == T_DIR:
+            raise _error(errno.EISDIR)
+        if e.type != T_FILE:
+            raise _error(errno.ENXIO)
+        f = _File(self.repo, e)
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._files[fh] = f
+        return fh
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        f = self._files.get(fh)
+        if f is None:
+            raise _error(errno.EBADF)
+        try:
+            return f.read(size, offset)
+        except ChunkvaultError:
+            raise _error(errno.EIO) from None
+
+    def release(self, path: str, fh: int) -> int:
+        with self._lock:
+            self._files.pop(fh, None)
+        return 0
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
+
+
+def _error(code: int) -> OSError:
+    return _fuse().FuseOSError(code)
+
+
+def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait: float = 3600.0,
+          refresh: float = REFRESH_SECONDS, on_mounted: Any = None) -> None:
+    """Mount the repository's snapshots read-only at ``mountpoint`` until it is unmounted (``fusermount -u``,
+    or SIGINT/SIGTERM to this process); ``on_mounted()`` is called once it is.  ``allow_other``: other users may look too, each held to the
+    recorded owners and modes (without it only the mounting user can, and reads every file)."""
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"{mountpoint} is not a directory")
+    if os.listdir(mountpoint):
+        raise UsageError(f"{mountpoint} is not empty")
+    fuse = _fuse()
+    with repo.reading("mount", wait=wait):
+        ops = SnapshotFS(repo, refresh, on_mounted)
+        options = {"allow_other": True, "default_permissions": True} if allow_other else {}
+        try:
+            fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="chunkvault", **options)
+        except RuntimeError as exc:  # libfuse could not mount (no /dev/fuse, no permission, ...)
+            raise MountFailed(f"cannot mount at {mountpoint}: {exc}") from None

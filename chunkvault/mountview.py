@@ -1,0 +1,161 @@
+"""The directory layout ``chunkvault mount`` shows, as pure functions of the snapshot list and trees.
+
+    snapshots/<time>/...        each snapshot's files (time in UTC; two in one second get their id added)
+    snapshots/latest            -> the newest snapshot
+    ids/<short id>              -> ../snapshots/<time>
+    hosts/<host>/<time>, latest -> ../../snapshots/<time>
+    tags/<tag>/<time>, latest   -> ../../snapshots/<time>
+
+Everything outside a snapshot's files is a directory of names or a symbolic
+link, so one snapshot's tree is resolved once however many ways it is reached.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterable
+
+from .store.manifest import T_DIR, T_HARDLINK, Entry
+from .store.snapshot import Snapshot
+
+TOP = ("snapshots", "ids", "hosts", "tags")
+LATEST = "latest"
+
+
+@dataclass(frozen=True)
+class VirtualDir:
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Link:
+    target: str
+
+
+@dataclass(frozen=True)
+class InSnapshot:
+    snapshot: Snapshot
+    rel: bytes  # the path below the snapshot's root (b"" for the root itself)
+
+
+Node = VirtualDir | Link | InSnapshot
+
+
+def snapshot_name(s: Snapshot) -> str:
+    t = datetime.fromisoformat(s.time).astimezone(timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _short_ids(snaps: list[Snapshot]) -> dict[str, Snapshot]:
+    """Each snapshot under the shortest id prefix (8 hex digits or more) that no other snapshot shares."""
+    out = {}
+    for s in snaps:
+        n = 8
+        while any(o is not s and o.id.startswith(s.id[:n]) for o in snaps):
+            n += 1
+        out[s.id[:n]] = s
+    return out
+
+
+@dataclass
+class Layout:
+    """The virtual tree above the snapshots' files, for one listing of the snapshots."""
+
+    snapshots: list[Snapshot]
+    by_name: dict[str, Snapshot] = field(init=False)
+    names: dict[str, str] = field(init=False)  # snapshot id -> its name under snapshots/
+    ids: dict[str, Snapshot] = field(init=False)
+    groups: dict[str, dict[str, list[Snapshot]]] = field(init=False)  # "hosts"/"tags" -> key -> snapshots
+
+    def __post_init__(self) -> None:
+        snaps = sorted(self.snapshots, key=lambda s: (s.time, s.id))
+        self.snapshots = snaps
+        first = defaultdict(list)
+        for s in snaps:
+            first[snapshot_name(s)].append(s)
+        self.names = {}
+        for name, same in first.items():
+            for s in same:
+                self.names[s.id] = name if len(same) == 1 else f"{name}-{s.id[:8]}"
+        self.by_name = {self.names[s.id]: s for s in snaps}
+        self.ids = _short_ids(snaps)
+        hosts, tags = defaultdict(list), defaultdict(list)
+        for s in snaps:
+            hosts[_safe(s.host)].append(s)
+            for t in s.tags:
+                tags[_safe(t)].append(s)
+        self.groups = {"hosts": dict(hosts), "tags": dict(tags)}
+
+    def _listing(self, snaps: list[Snapshot]) -> VirtualDir:
+        return VirtualDir(tuple(self.names[s.id] for s in snaps) + ((LATEST,) if snaps else ()))
+
+    def resolve(self, path: str) -> Node | None:
+        """The node at ``path`` (``/a/b``, as the kernel asks), or None when there is none."""
+        parts = [p for p in path.split("/") if p]
+        if not parts:
+            return VirtualDir(TOP)
+        top, rest = parts[0], parts[1:]
+        if top == "snapshots":
+            if not rest:
+                return self._listing(self.snapshots)
+            if rest[0] == LATEST and self.snapshots:
+                return Link(self.names[self.snapshots[-1].id]) if len(rest) == 1 else None
+            s = self.by_name.get(rest[0])
+            if s is None:
+                return None
+            return InSnapshot(s, os.fsencode("/".join(rest[1:])))
+        if top == "ids":
+            if not rest:
+                return VirtualDir(tuple(self.ids))
+            s = self.ids.get(rest[0])
+            return Link(f"../snapshots/{self.names[s.id]}") if s is not None and len(rest) == 1 else None
+        if top in self.groups:
+            groups = self.groups[top]
+            if not rest:
+                return VirtualDir(tuple(sorted(groups)))
+            snaps = groups.get(rest[0])
+            if snaps is None or len(rest) > 2:
+                return None
+            if len(rest) == 1:
+                return self._listing(snaps)
+            if rest[1] == LATEST:
+                return Link(self.names[snaps[-1].id])
+            s = self.by_name.get(rest[1])
+            return Link(f"../../snapshots/{rest[1]}") if s is not None and any(x.id == s.id for x in snaps) else None
+        return None
+
+
+def _safe(name: str) -> str:
+    """A host or tag as one path component."""
+    return name.replace("/", "_") or "_"
+
+
+class SnapshotTree:
+    """One snapshot's resolved tree, looked up by path: entries, and each directory's children."""
+
+    def __init__(self, entries: Iterable[Entry]):
+        self.entries: dict[bytes, Entry] = {}
+        self.children: dict[bytes, list[bytes]] = defaultdict(list)
+        self.children[b""]  # the root lists its children even when the snapshot has no entry for it
+        for e in entries:
+            self.entries[e.path] = e
+            if e.path:
+                parent, _, name = e.path.rpartition(b"/")
+                self.children[parent].append(name)
+            if e.type == T_DIR:
+                self.children[e.path]
+
+    def is_dir(self, rel: bytes) -> bool:
+        return rel in self.children
+
+    def entry(self, rel: bytes) -> Entry | None:
+        return self.entries.get(rel)
+
+    def content_entry(self, rel: bytes) -> Entry | None:
+        """The entry whose data ``rel`` reads: a hard link's target (hard links are shown as the file)."""
+        e = self.entries.get(rel)
+        if e is not None and e.type == T_HARDLINK:
+            return self.entries.get(e.target)
+        return e

@@ -1,0 +1,204 @@
+"""chunkvault mount: the snapshots as a read-only file system."""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from chunkvault.mountview import TOP, InSnapshot, Layout, Link, SnapshotTree, VirtualDir, snapshot_name
+from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry
+from chunkvault.store.snapshot import Snapshot
+from conftest import PASSWORD
+from treeutil import describe, wait_for
+
+
+def snap(sid: str, t: str, host: str = "h", tags: tuple[str, ...] = ()) -> Snapshot:
+    return Snapshot(time=t, kind="full", parent=None, host=host, paths=["/a"], tags=list(tags), id=sid)
+
+
+# --- the layout, without FUSE ---------------------------------------------------------------------
+
+
+def test_layout_names_snapshots_by_time_and_links_everything_else_to_them():
+    a = snap("aa11" + "0" * 60, "2026-11-30T07:52:31.5+00:00", tags=("daily",))
+    b = snap("bb22" + "0" * 60, "2026-11-30T08:52:31+01:00", host="db/1")  # the same second as a, in UTC
+    c = snap("aa12" + "0" * 60, "2026-11-30T10:00:00+00:00", tags=("daily", "x"))
+    lay = Layout([c, b, a])
+    na, nb, nc = (lay.names[s.id] for s in (a, b, c))
+    assert (na, nb) == ("2026-11-30T07:52:31Z-aa110000", "2026-11-30T07:52:31Z-bb220000")
+    assert nc == snapshot_name(c) == "2026-11-30T10:00:00Z"
+    assert lay.resolve("/") == VirtualDir(TOP)
+    assert lay.resolve("/snapshots") == VirtualDir((na, nb, nc, "latest"))
+    assert lay.resolve("/snapshots/latest") == Link(nc)
+    assert lay.resolve(f"/snapshots/{nb}") == InSnapshot(b, b"")
+    assert lay.resolve(f"/snapshots/{nb}/x/y") == InSnapshot(b, b"x/y")
+    assert lay.resolve("/ids") == VirtualDir(("aa110000", "bb220000", "aa120000"))
+    assert lay.resolve("/ids/bb220000") == Link(f"../snapshots/{nb}")
+    assert lay.resolve("/hosts") == VirtualDir(("db_1", "h"))
+    assert lay.resolve("/hosts/h") == VirtualDir((na, nc, "latest"))
+    assert lay.resolve("/hosts/h/latest") == Link(nc)
+    assert lay.resolve(f"/hosts/h/{na}") == Link(f"../../snapshots/{na}")
+    assert lay.resolve(f"/hosts/h/{nb}") is None  # another host's
+    assert lay.resolve("/tags") == VirtualDir(("daily", "x"))
+    assert lay.resolve("/tags/x") == VirtualDir((nc, "latest"))
+    for missing in ("/nope", "/snapshots/2020-01-01T00:00:00Z", "/ids/cc", "/hosts/h/latest/more", "/tags/none"):
+        assert lay.resolve(missing) is None
+    assert Layout([]).resolve("/snapshots") == VirtualDir(())
+
+
+def test_snapshot_tree_lists_children_and_reads_hard_links_as_their_file():
+    f = Entry(b"d/f", T_FILE, size=3)
+    tree = SnapshotTree([Entry(b"", T_DIR), Entry(b"d", T_DIR), f, Entry(b"d/h", T_HARDLINK, target=b"d/f"),
+                         Entry(b"e", T_DIR)])
+    assert tree.children[b""] == [b"d", b"e"] and tree.children[b"d"] == [b"f", b"h"] and tree.children[b"e"] == []
+    assert tree.content_entry(b"d/h") is f and tree.entry(b"d/h").type == T_HARDLINK
+    assert tree.is_dir(b"e") and not tree.is_dir(b"d/f") and tree.content_entry(b"nope") is None
+    several = SnapshotTree([Entry(b"a", T_DIR), Entry(b"b", T_DIR)])  # several paths: no root entry
+    assert several.is_dir(b"") and several.children[b""] == [b"a", b"b"]
+
+
+# --- the operations, called directly -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    rnd = random.Random(4)
+    src = tmp_path_factory.mktemp("mount-src") / "src"
+    (src / "etc" / "deep").mkdir(parents=True)
+    (src / "etc" / "app.conf").write_bytes(b"key = value\n")
+    (src / "etc" / "deep" / "big.bin").write_bytes(rnd.randbytes(3 << 20))
+    (src / "empty").write_bytes(b"")
+    os.symlink("etc/app.conf", src / "link")
+    os.link(src / "etc" / "app.conf", src / "hard")
+    (src / os.fsdecode(b"caf\xe9")).write_bytes(b"latin-1 name\n")
+    os.chmod(src / "etc" / "app.conf", 0o640)
+    return src
+
+
+@pytest.fixture(scope="module")
+def repo_with(source, tmp_path_factory):
+    from chunkvault import Repository
+
+    url = str(tmp_path_factory.mktemp("mount-repo") / "repo")
+    repo = Repository.init(url, PASSWORD, kdf_seconds=0,
+                           chunker={"min_size": 16 << 10, "avg_size": 64 << 10, "max_size": 256 << 10})
+    first = repo.backup([str(source)], tags=["daily"]).snapshot
+    (source / "etc" / "app.conf").write_bytes(b"key = other\n")
+    second = repo.backup([str(source)]).snapshot
+    return repo, url, first, second
+
+
+def test_operations_show_each_snapshot_as_it_was(repo_with, source):
+    from chunkvault.mount import SnapshotFS
+
+    repo, _, first, second = repo_with
+    fs = SnapshotFS(repo)
+    lay = Layout(repo.snapshots())
+    root = f"/snapshots/{lay.names[second.id]}"
+    assert fs.readdir("/") == [".", "..", *TOP]
+    assert sorted(fs.readdir(root)[2:]) == sorted(os.fsdecode(n) for n in os.listdir(os.fsencode(source)))
+    st = fs.getattr(f"{root}/etc/app.conf")
+    src = os.lstat(source / "etc" / "app.conf")
+    assert (st["st_mode"], st["st_size"], st["st_mtime"], st["st_uid"]) == (
+        src.st_mode, src.st_size, src.st_mtime_ns, src.st_uid)
+    assert fs.readlink(f"{root}/link") == "etc/app.conf"
+    assert fs.readlink("/snapshots/latest") == lay.names[second.id]
+    big = (source / "etc" / "deep" / "big.bin").read_bytes()
+    fh = fs.open(f"{root}/etc/deep/big.bin", os.O_RDONLY)
+    rnd = random.Random(2)
+    starts = fs._files[fh].starts
+    assert len(starts) > 10  # many chunks
+    for off in starts[:4] + [starts[5] - 1, len(big) - 1, len(big)] + [rnd.randrange(len(big) + 10) for _ in range(30)]:
+        size = rnd.choice([1, 4096, 131072, 1 << 20])  # across chunk boundaries, at the end, past the end
+        assert fs.read("", size, off, fh) == big[off : off + size]
+    fs.release("", fh)
+    old = fs.open(f"/snapshots/{lay.names[first.id]}/hard", os.O_RDONLY)  # a hard link reads as its file
+    assert fs.read("", 100, 0, old) == b"key = value\n"
+    name = os.fsdecode(b"caf\xe9")
+    assert fs.getattr(f"{root}/{name}")["st_size"] == len(b"latin-1 name\n")
+
+    def code(call):
+        with pytest.raises(OSError) as info:
+            call()
+        return info.value.errno
+
+    assert code(lambda: fs.getattr(f"{root}/nope")) == errno.ENOENT
+    assert code(lambda: fs.getattr("/snapshots/nope")) == errno.ENOENT
+    assert code(lambda: fs.open(f"{root}/empty", os.O_WRONLY)) == errno.EROFS
+    assert code(lambda: fs.open(f"{root}/etc", os.O_RDONLY)) == errno.EISDIR
+    assert code(lambda: fs.readdir(f"{root}/empty")) == errno.ENOTDIR
+
+
+def test_new_snapshots_show_up_after_the_refresh_interval(repo_with, source):
+    from chunkvault.mount import SnapshotFS
+
+    repo, *_ = repo_with
+    fs = SnapshotFS(repo, refresh=0.0)
+    before = fs.readdir("/snapshots")
+    new = repo.backup([str(source)], tags=["extra"]).snapshot
+    assert Layout(repo.snapshots()).names[new.id] in fs.readdir("/snapshots")
+    assert len(fs.readdir("/snapshots")) == len(before) + 1
+    assert "extra" in fs.readdir("/tags")
+    repo.forget([new.id])
+
+
+# --- a real mount ----------------------------------------------------------------------------------
+
+needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") and not
+                                shutil.which("fusermount"), reason="no FUSE device or fusermount here")
+
+
+def _unmount(path: str) -> None:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    subprocess.run([tool, "-u", path], capture_output=True)
+
+
+@needs_fuse
+def test_a_mounted_repository_reads_like_the_source_and_unmounts_on_sigterm(repo_with, source, tmp_path):
+    _, url, first, second = repo_with
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "mount", "-r", url, str(mnt)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: proc.poll() is not None or os.path.isdir(mnt / "snapshots"), timeout=30)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert sorted(os.listdir(mnt)) == sorted(TOP)
+        latest = mnt / "snapshots" / "latest"
+        assert os.path.islink(latest)
+        want = {k: v[:5] for k, v in describe(source).items() if k != b"."}
+        got = {k: v[:5] for k, v in describe(latest).items() if k != b"."}
+        assert got == want
+        ids = os.listdir(mnt / "ids")
+        assert first.id[:8] in ids and (mnt / "ids" / first.id[:8] / "etc" / "app.conf").read_bytes() == b"key = value\n"
+        assert (mnt / "tags" / "daily" / "latest" / "etc" / "app.conf").read_bytes() == b"key = value\n"
+        with pytest.raises(OSError) as info:
+            (latest / "new-file").write_bytes(b"x")
+        assert info.value.errno in (errno.EROFS, errno.EACCES)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert b"snapshots mounted at" in proc.stderr.read()
+        assert not os.path.isdir(mnt / "snapshots")  # unmounted
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _unmount(str(mnt))
+
+
+def test_mount_refuses_a_mountpoint_that_is_not_an_empty_directory(repo_with, tmp_path, cli):
+    _, url, *_ = repo_with
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_bytes(b"")
+    for where, says in ((full, "is not empty"), (tmp_path / "missing", "is not a directory")):
+        out = cli("mount", "-r", url, str(where), check=2)
+        assert says in out.stderr.decode() and len(out.stderr.decode().strip().splitlines()) == 1
