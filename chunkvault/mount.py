@@ -19,6 +19,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -43,12 +44,48 @@ def _fuse() -> Any:
     return mfusepy
 
 
+class _Chunks:
+    """Chunk plaintexts for the mount's reads: each checked against its id and kept in the repository's
+    cache; the chunk after the one a read ends in is decoded ahead on a worker thread, so a file read
+    from start to end (cp, tar, a checksum) finds each chunk ready (decoding releases the interpreter)."""
+
+    def __init__(self, repo: Repository, workers: int = 2):
+        self.store = repo.store
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="mount-ahead")
+        self.pending: dict[bytes, Future[Any]] = {}
+        self.lock = threading.Lock()
+
+    def _read(self, cid: bytes) -> Any:
+        return self.store.read_blob(cid, verify=True, cache=True)
+
+    def get(self, cid: bytes) -> Any:
+        with self.lock:
+            fut = self.pending.get(cid)
+        return fut.result() if fut is not None else self._read(cid)
+
+    def ahead(self, cid: bytes) -> None:
+        with self.lock:
+            if cid in self.pending:
+                return
+            fut = self.pending[cid] = self.pool.submit(self._read, cid)
+        fut.add_done_callback(lambda _f: self._forget(cid))
+
+    def _forget(self, cid: bytes) -> None:
+        with self.lock:
+            self.pending.pop(cid, None)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _File:
     """An open file of a snapshot: where each of its chunks starts, for reads at any offset."""
 
-    def __init__(self, repo: Repository, entry: Entry):
+    def __init__(self, repo: Repository, entry: Entry, chunks: _Chunks):
         self.repo = repo
+        self.chunks = chunks
         self.ids = entry.chunk_ids()
+        self.asked_ahead = -1
         self.starts = [0]
         for cid in self.ids:
             loc = repo.store.locate(cid)
@@ -61,12 +98,15 @@ class _File:
         i = bisect.bisect_right(self.starts, offset) - 1
         end = min(offset + size, self.starts[-1])
         while 0 <= i < len(self.ids) and offset < end:
-            data = self.repo.store.read_blob(self.ids[i], verify=True, cache=True)
+            data = self.chunks.get(self.ids[i])
             lo = offset - self.starts[i]
             hi = min(end - self.starts[i], len(data))
             out.append(bytes(data[lo:hi]))
             offset = self.starts[i] + hi
             i += 1
+        if 0 < i < len(self.ids) and i != self.asked_ahead:  # the next chunk, decoded while this one is read
+            self.asked_ahead = i
+            self.chunks.ahead(self.ids[i])
         return b"".join(out)
 
 
@@ -84,6 +124,7 @@ class SnapshotFS:
         self._listed = time.monotonic()
         self._trees: OrderedDict[str, SnapshotTree] = OrderedDict()
         self._files: dict[int, _File] = {}
+        self._chunks = _Chunks(repo)
         self._next_fh = 1
         self.uid, self.gid = os.getuid(), os.getgid()
 
@@ -130,6 +171,10 @@ class SnapshotFS:
         """The kernel has mounted the file system."""
         if self.on_mounted is not None:
             self.on_mounted()
+
+    def destroy(self, path: str) -> None:
+        """Unmounted: no read comes any more."""
+        self._chunks.close()
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         node = self._node(path)
@@ -186,7 +231,7 @@ class SnapshotFS:
             raise _error(errno.EISDIR)
         if e.type != T_FILE:
             raise _error(errno.ENXIO)
-        f = _File(self.repo, e)
+        f = _File(self.repo, e, self._chunks)
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1

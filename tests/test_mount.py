@@ -118,6 +118,14 @@ def test_operations_show_each_snapshot_as_it_was(repo_with, source):
         size = rnd.choice([1, 4096, 131072, 1 << 20])  # across chunk boundaries, at the end, past the end
         assert fs.read("", size, off, fh) == big[off : off + size]
     fs.release("", fh)
+    fresh = SnapshotFS(repo)  # a sequential read has the next chunk decoded ahead, into the repository's cache
+    fh = fresh.open(f"{root}/etc/deep/big.bin", os.O_RDONLY)
+    ids = fresh._files[fh].ids
+    repo.store._cache.items.clear()
+    assert fresh.read("", 4096, 0, fh) == big[:4096]
+    wait_for(lambda: ids[1] in repo.store._cache.items)
+    assert ids[2] not in repo.store._cache.items
+    fresh.destroy("/")
     old = fs.open(f"/snapshots/{lay.names[first.id]}/hard", os.O_RDONLY)  # a hard link reads as its file
     assert fs.read("", 100, 0, old) == b"key = value\n"
     name = os.fsdecode(b"caf\xe9")
@@ -133,6 +141,7 @@ def test_operations_show_each_snapshot_as_it_was(repo_with, source):
     assert code(lambda: fs.open(f"{root}/empty", os.O_WRONLY)) == errno.EROFS
     assert code(lambda: fs.open(f"{root}/etc", os.O_RDONLY)) == errno.EISDIR
     assert code(lambda: fs.readdir(f"{root}/empty")) == errno.ENOTDIR
+    fs.destroy("/")
 
 
 def test_new_snapshots_show_up_after_the_refresh_interval(repo_with, source):
