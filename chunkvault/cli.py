@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
 from . import __version__, passwords
-from .progress import Progress
+from .progress import JsonProgress, Progress
 from .errors import ChunkvaultError, CorruptObject, PartialBackup, TargetNotEmpty, UsageError, VerificationFailed
 from .store.manifest import T_DIR, TYPE_NAMES, Entry
 from .store.snapshot import Snapshot
@@ -270,7 +270,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def _progress(args: argparse.Namespace, what: str, total: int | None = None, unit: str = "files") -> Progress:
-    return Progress(what, total, enabled=False if (args.quiet or args.json) else None, unit=unit)
+    mode = getattr(args, "progress", "auto")
+    if mode == "json":
+        return JsonProgress(what, total, unit=unit)
+    return Progress(what, total, enabled=False if (args.quiet or args.json or mode == "none") else None, unit=unit)
 
 
 def _prune_with_progress(args: argparse.Namespace, repo: Any) -> Any:
@@ -844,6 +847,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     common.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
+    common.add_argument("--progress", choices=("auto", "json", "none"), default="auto",
+                        help="progress of backup, restore, check, copy and prune: a status line on a terminal "
+                             "(auto), JSON lines on stderr about once a second and at the end (json), or none")
 
     p = _Parser(prog="chunkvault", description="Encrypted, deduplicating backups with full and differential snapshots.")
     p.add_argument("--version", action="version", version=f"chunkvault {__version__}")

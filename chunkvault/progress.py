@@ -1,9 +1,11 @@
-"""One status line on a terminal: files, bytes, rate, ETA. Silent elsewhere."""
+"""Progress of a long command: one status line on a terminal (silent elsewhere), or JSON lines on stderr
+for a program driving chunkvault (``--progress json``)."""
 from __future__ import annotations
 
+import json
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 
 def _human(n: float) -> str:
@@ -59,3 +61,41 @@ class Progress:
         if self.shown:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+
+
+class JsonProgress(Progress):
+    """One JSON object per line on stderr, about once a second and once at the end (``"final": true``),
+    whatever stderr is: a program that runs chunkvault reads them while stdout carries the result."""
+
+    def __init__(self, what: str, total_bytes: int | None = None, stream: TextIO | None = None,
+                 interval: float = 1.0, unit: str = "files"):
+        super().__init__(what, total_bytes, stream, enabled=True, interval=interval, unit=unit)
+        self.count = self.nbytes = 0
+
+    def record(self, files: int, nbytes: int, now: float, final: bool = False) -> dict[str, Any]:
+        elapsed = max(now - self.start, 1e-6)
+        rate = nbytes / elapsed
+        out: dict[str, Any] = {"progress": self.what, self.unit: files, "bytes": nbytes,
+                               "total_bytes": self.total, "seconds": round(elapsed, 3), "bytes_per_second": round(rate)}
+        if self.total and rate > 0 and nbytes < self.total and not final:
+            out["eta_seconds"] = round((self.total - nbytes) / rate, 1)
+        if final:
+            out["final"] = True
+        return out
+
+    def __call__(self, files: int, nbytes: int, total_bytes: int | None = None) -> None:
+        if total_bytes is not None:
+            self.total = total_bytes or None
+        self.count, self.nbytes = files, nbytes
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        self._write(self.record(files, nbytes, now))
+
+    def done(self) -> None:
+        self._write(self.record(self.count, self.nbytes, time.monotonic(), final=True))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(record, sort_keys=True) + "\n")
+        self.stream.flush()

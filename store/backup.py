@@ -713,6 +713,8 @@ class Backup:
             for rec in stats_iter:
                 mw.add(rec)
             self._drain()
+            if self.opt.progress is not None:  # the final counts (reports in between are rate-limited)
+                self.opt.progress(dict(self.counts))
             if self.opt.skip_if_unchanged and kind == KIND_DIFF and not mw.records:
                 assert parent is not None
                 return BackupResult(parent, self.warnings + (source.warnings if source is not None else []),

@@ -1,6 +1,7 @@
 import io
+import json
 
-from chunkvault.progress import Progress
+from chunkvault.progress import JsonProgress, Progress
 
 
 class FakeTTY(io.StringIO):
@@ -30,6 +31,18 @@ def test_unit_and_late_total():
     p = Progress("check", stream=io.StringIO(), enabled=True, unit="packs")
     p(2, 100, 400)
     assert p.line(2, 100, p.start + 1) == "check: 2 packs, 100 B of 400 B (25%), 100 B/s, ETA 0:03"
+
+
+def test_json_lines_at_most_once_an_interval_and_a_final_one():
+    out = io.StringIO()
+    p = JsonProgress("restore", 1000, stream=out, interval=3600, unit="files")
+    p(1, 100)  # the first report is written, the next within the interval are not
+    p(2, 400)
+    p(3, 900)
+    p.done()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(x["files"], x["bytes"], x.get("final", False)) for x in lines] == [(1, 100, False), (3, 900, True)]
+    assert lines[0]["total_bytes"] == 1000 and "eta_seconds" in lines[0] and "eta_seconds" not in lines[1]
 
 
 def _history(tmp_path, repo, n=3):
@@ -97,3 +110,26 @@ def test_cli_shows_progress_on_a_terminal_only(tmp_path, new_repo):
         piped = subprocess.run([sys.executable, "-m", "chunkvault.cli", *cmd, "-r", url], env=env,
                                capture_output=True, timeout=120)
         assert b"\x1b[K" not in piped.stderr + piped.stdout
+
+
+def test_cli_progress_json_on_stderr_with_the_result_on_stdout(tmp_path, cli, new_repo):
+    repo = new_repo(pack_size=100_000)
+    src = _history(tmp_path, repo)
+    url = repo.store.remote.display_url
+
+    def final(proc, what):
+        lines = [json.loads(line) for line in proc.stderr.decode().splitlines() if line.startswith("{")]
+        assert lines and all(x["progress"] == what for x in lines)
+        assert lines[-1]["final"] and not any(x.get("final") for x in lines[:-1])
+        return lines[-1]
+
+    backup = cli("backup", "-r", url, str(src), "--force", "--json", "--progress", "json")
+    done = final(backup, "backup")
+    snap = json.loads(backup.stdout)
+    assert (done["files"], done["bytes"]) == (3, snap["stats"]["read_bytes"]) == (3, 900_000)
+    restore = cli("restore", "-r", url, "latest", "--target", str(tmp_path / "out"), "-q", "--progress", "json")
+    assert final(restore, "restore")["bytes"] == 900_000
+    check = cli("check", "-r", url, "--read-data", "-q", "--progress", "json")
+    assert final(check, "check")["packs"] > 0
+    quiet = cli("check", "-r", url, "--read-data", "--progress", "none")
+    assert not [line for line in quiet.stderr.decode().splitlines() if line.startswith("{")]
