@@ -211,3 +211,31 @@ def test_mount_refuses_a_mountpoint_that_is_not_an_empty_directory(repo_with, tm
     for where, says in ((full, "is not empty"), (tmp_path / "missing", "is not a directory")):
         out = cli("mount", "-r", url, str(where), check=2)
         assert says in out.stderr.decode() and len(out.stderr.decode().strip().splitlines()) == 1
+
+
+def test_a_damaged_chunk_is_an_io_error_for_its_file_only(repo_with, tmp_path):
+    """Reading a file whose chunk no longer verifies fails with EIO (never other bytes); the tree and the
+    other files still read."""
+    from chunkvault.mount import SnapshotFS
+    from test_damaged_storage import damage_blob
+
+    _, url, _, second = repo_with
+    copy = tmp_path / "repo"
+    shutil.copytree(url, copy)
+    from chunkvault import Repository
+    repo = Repository.open(str(copy), PASSWORD)
+    lay = Layout(repo.snapshots())
+    root = f"/snapshots/{lay.names[second.id]}"
+    big = next(e for e in repo.tree(second) if e.path == b"etc/deep/big.bin")
+    damage_blob(copy, repo, big.chunk_ids()[3])
+    fs = SnapshotFS(repo)
+    fh = fs.open(f"{root}/etc/deep/big.bin", os.O_RDONLY)
+    start = fs._files[fh].starts[3]
+    assert len(fs.read("", 4096, 0, fh)) == 4096  # chunks before it read
+    with pytest.raises(OSError) as info:
+        fs.read("", 4096, start + 10, fh)
+    assert info.value.errno == errno.EIO
+    other = fs.open(f"{root}/etc/app.conf", os.O_RDONLY)
+    assert fs.read("", 100, 0, other) == b"key = other\n"
+    assert "etc" in fs.readdir(root)
+    fs.destroy("/")
