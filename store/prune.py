@@ -20,6 +20,7 @@ from .indexfile import IndexData
 from .locks import EXCLUSIVE, RepoLock
 from .pack import PackEntry
 from .repository import PreparedBlob, Repo, pack_key
+from .usage import with_bases
 
 
 TEMP_AGE = 3600.0
@@ -110,16 +111,16 @@ def used_blobs(repo: Repo) -> set[bytes]:
 
 def add_bases(used: set[bytes], known: dict[bytes, PackEntry]) -> None:
     """Add the bases of used deltas, and theirs, down every chain: a live delta needs its whole chain."""
-    todo = list(used)
-    while todo:
-        b = todo.pop()
+
+    def base_of(b: bytes) -> bytes | None:
         e = known[b]
-        if e.kind != KIND_DELTA or e.base_id is None or e.base_id in used:
-            continue
+        if e.kind != KIND_DELTA or e.base_id is None:
+            return None
         if e.base_id not in known:
             raise CorruptObject(f"blob {b.hex()}", f"its delta base {e.base_id.hex()} is in no index")
-        used.add(e.base_id)
-        todo.append(e.base_id)
+        return e.base_id
+
+    used.update(with_bases(used, base_of))
 
 
 def indexed_packs(repo: Repo) -> tuple[list[str], dict[bytes, list[PackEntry]]]:

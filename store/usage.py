@@ -67,21 +67,19 @@ class SnapshotUsage:
         return {**asdict(self), "stored_bytes": self.stored_bytes}
 
 
-def chains_down(snapshots: Iterable[Snapshot]) -> tuple[list[Snapshot], dict[str, list[Snapshot]], list[Snapshot]]:
-    """(full snapshots, children of each snapshot, differentials whose parent is not among ``snapshots``),
-    oldest first."""
+def chains_down(snapshots: Iterable[Snapshot]) -> tuple[list[Snapshot], dict[str, list[Snapshot]]]:
+    """(full snapshots, the children of each snapshot), oldest first; a differential whose parent is not
+    among ``snapshots`` is in neither."""
     snaps = sorted(snapshots, key=lambda s: (s.time, s.id))
     ids = {s.id for s in snaps}
-    roots, orphans = [], []
+    roots = []
     children: dict[str, list[Snapshot]] = defaultdict(list)
     for s in snaps:
         if s.parent is None:
             roots.append(s)
         elif s.parent in ids:
             children[s.parent].append(s)
-        else:
-            orphans.append(s)
-    return roots, children, orphans
+    return roots, children
 
 
 def resolved_trees(snapshots: Iterable[Snapshot], own_records: Callable[[Snapshot], Iterable[Record]]
@@ -89,7 +87,7 @@ def resolved_trees(snapshots: Iterable[Snapshot], own_records: Callable[[Snapsho
     """(snapshot, its resolved tree) for each snapshot whose chain reaches a full among ``snapshots``,
     depth first down each chain: a tree is held only until its children are resolved (two trees at a
     time along a chain without branches)."""
-    roots, children, _ = chains_down(snapshots)
+    roots, children = chains_down(snapshots)
     stack: list[tuple[Snapshot, list[Record] | None]] = [(s, None) for s in reversed(roots)]
     while stack:
         snap, parent_tree = stack.pop()

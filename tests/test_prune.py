@@ -149,3 +149,21 @@ def test_prune_deletes_unindexed_packs_before_it_writes(tmp_path, new_repo):
     first_write = next(i for i, (op, key) in enumerate(calls) if op == "put" and not key.startswith("locks/"))
     assert calls.index(("delete", orphan)) < first_write
     assert repo.check(read_data=True).ok
+
+
+def test_add_bases_keeps_whole_chains_and_names_a_base_in_no_index():
+    from chunkvault.errors import CorruptObject
+    from chunkvault.store.blob import KIND_DELTA, KIND_ZSTD
+    from chunkvault.store.pack import PackEntry
+    from chunkvault.store.prune import add_bases
+
+    a, b, c, d, x = (bytes([i]) * 32 for i in range(5))
+    known = {a: PackEntry(a, KIND_ZSTD, 0, 10, 100), b: PackEntry(b, KIND_DELTA, 10, 5, 100, a),
+             c: PackEntry(c, KIND_DELTA, 15, 5, 100, b), d: PackEntry(d, KIND_ZSTD, 20, 10, 100)}
+    used = {c, d}
+    add_bases(used, known)
+    assert used == {a, b, c, d}
+    known[x] = PackEntry(x, KIND_DELTA, 30, 5, 100, bytes([9]) * 32)
+    with pytest.raises(CorruptObject, match="its delta base 0909.* is in no index") as info:
+        add_bases({x}, known)
+    assert x.hex() in str(info.value)
