@@ -157,11 +157,11 @@ class SnapshotFS:
         return node
 
     def _in_snapshot(self, node: InSnapshot) -> tuple[SnapshotTree, Entry | None]:
-        """The snapshot's tree and the entry at the node (None: the root of a snapshot of several paths,
-        which has no entry of its own)."""
+        """The snapshot's tree and the entry at the node (None: a directory without an entry of its own,
+        as the root of a snapshot of several paths)."""
         tree = self._tree(node.snapshot)
         e = tree.content_entry(node.rel)
-        if e is None and node.rel:  # not there, or a hard link whose file is not
+        if e is None and not tree.is_dir(node.rel):  # not there, or a hard link whose file is not
             raise _error(errno.ENOENT)
         return tree, e
 
@@ -183,7 +183,7 @@ class SnapshotFS:
         if isinstance(node, Link):
             return {**self._virtual(stat.S_IFLNK | 0o777, 1), "st_size": len(os.fsencode(node.target))}
         tree, e = self._in_snapshot(node)
-        if e is None:  # a snapshot of several paths has no entry for its root
+        if e is None:  # a directory without an entry of its own
             return self._virtual(stat.S_IFDIR | 0o555, 2)
         ns = e.mtime_ns
         return {"st_mode": _TYPE_BITS.get(e.type, stat.S_IFREG) | e.mode, "st_nlink": 2 if e.type == T_DIR else 1,

@@ -146,6 +146,17 @@ class SnapshotTree:
                 self.children[parent].append(name)
             if e.type == T_DIR:
                 self.children[e.path]
+        # A directory holding entries but none of its own (a snapshot of several paths has no root entry; a
+        # differential can keep a path whose directory a rewrite removed from its parent) is listed too.
+        for d in [d for d in self.children if d and d not in self.entries]:
+            while d and d not in self.entries:
+                parent, _, name = d.rpartition(b"/")
+                if name in self.children[parent]:
+                    break
+                self.children[parent].append(name)
+                d = parent
+        for names in self.children.values():
+            names.sort()
 
     def is_dir(self, rel: bytes) -> bool:
         return rel in self.children

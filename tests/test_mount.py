@@ -62,6 +62,10 @@ def test_snapshot_tree_lists_children_and_reads_hard_links_as_their_file():
     assert tree.is_dir(b"e") and not tree.is_dir(b"d/f") and tree.content_entry(b"nope") is None
     several = SnapshotTree([Entry(b"a", T_DIR), Entry(b"b", T_DIR)])  # several paths: no root entry
     assert several.is_dir(b"") and several.children[b""] == [b"a", b"b"]
+    # a differential can keep a path whose directories a rewrite removed from its parent: they are listed
+    orphan = SnapshotTree([Entry(b"", T_DIR), Entry(b"a", T_DIR), Entry(b"c/d/f", T_FILE), Entry(b"z", T_FILE)])
+    assert orphan.children[b""] == [b"a", b"c", b"z"] and orphan.children[b"c"] == [b"d"]
+    assert orphan.is_dir(b"c/d") and orphan.children[b"c/d"] == [b"f"] and orphan.entry(b"c") is None
 
 
 # --- the operations, called directly -------------------------------------------------------------
@@ -238,4 +242,22 @@ def test_a_damaged_chunk_is_an_io_error_for_its_file_only(repo_with, tmp_path):
     other = fs.open(f"{root}/etc/app.conf", os.O_RDONLY)
     assert fs.read("", 100, 0, other) == b"key = other\n"
     assert "etc" in fs.readdir(root)
+    fs.destroy("/")
+
+
+def test_a_snapshot_of_several_paths_shows_a_root_without_an_entry(repo_with, source, tmp_path):
+    from chunkvault import Repository
+    from chunkvault.mount import SnapshotFS
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_bytes(b"x\n")
+    repo = Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0)
+    snap = repo.backup([str(source / "etc"), str(other)]).snapshot
+    fs = SnapshotFS(repo)
+    root = f"/snapshots/{Layout(repo.snapshots()).names[snap.id]}"
+    assert fs.getattr(root)["st_mode"] & 0o170000 == 0o040000
+    assert fs.readdir(root) == [".", "..", "etc", "other"]
+    fh = fs.open(f"{root}/other/x", os.O_RDONLY)
+    assert fs.read("", 10, 0, fh) == b"x\n"
     fs.destroy("/")
