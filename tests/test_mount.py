@@ -261,3 +261,19 @@ def test_a_snapshot_of_several_paths_shows_a_root_without_an_entry(repo_with, so
     fh = fs.open(f"{root}/other/x", os.O_RDONLY)
     assert fs.read("", 10, 0, fh) == b"x\n"
     fs.destroy("/")
+
+
+def test_a_directory_kept_only_by_the_paths_below_it_reads_as_a_plain_directory(repo_with):
+    """A differential can keep its own version of a path whose directory a rewrite removed from its
+    parent; the mount still reaches the path."""
+    from chunkvault.mount import SnapshotFS
+
+    repo, _, _, second = repo_with
+    fs = SnapshotFS(repo)
+    fs._trees[second.id] = SnapshotTree([Entry(b"", T_DIR), Entry(b"gone/kept", T_FILE, mode=0o644)])
+    root = f"/snapshots/{Layout(repo.snapshots()).names[second.id]}"
+    assert fs.readdir(root) == [".", "..", "gone"]
+    assert fs.getattr(f"{root}/gone")["st_mode"] & 0o170000 == 0o040000
+    assert fs.readdir(f"{root}/gone") == [".", "..", "kept"]
+    assert fs.getattr(f"{root}/gone/kept")["st_mode"] == 0o100644
+    fs.destroy("/")
