@@ -81,14 +81,13 @@ class _Chunks:
 class _File:
     """An open file of a snapshot: where each of its chunks starts, for reads at any offset."""
 
-    def __init__(self, repo: Repository, entry: Entry, chunks: _Chunks):
-        self.repo = repo
+    def __init__(self, entry: Entry, chunks: _Chunks):
         self.chunks = chunks
         self.ids = entry.chunk_ids()
         self.asked_ahead = -1
         self.starts = [0]
         for cid in self.ids:
-            loc = repo.store.locate(cid)
+            loc = chunks.store.locate(cid)
             if loc is None:
                 raise ChunkvaultError(f"chunk {cid.hex()} of {os.fsdecode(entry.path)} is in no index")
             self.starts.append(self.starts[-1] + loc.raw_length)
@@ -182,7 +181,7 @@ class SnapshotFS:
             return self._virtual(stat.S_IFDIR | 0o555, 2)
         if isinstance(node, Link):
             return {**self._virtual(stat.S_IFLNK | 0o777, 1), "st_size": len(os.fsencode(node.target))}
-        tree, e = self._in_snapshot(node)
+        _, e = self._in_snapshot(node)
         if e is None:  # a directory without an entry of its own
             return self._virtual(stat.S_IFDIR | 0o555, 2)
         ns = e.mtime_ns
@@ -231,7 +230,7 @@ class SnapshotFS:
             raise _error(errno.EISDIR)
         if e.type != T_FILE:
             raise _error(errno.ENXIO)
-        f = _File(self.repo, e, self._chunks)
+        f = _File(e, self._chunks)
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
