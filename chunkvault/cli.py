@@ -222,7 +222,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         rules = {"one_file_system": args.one_file_system, "exclude_if_present": args.exclude_if_present,
                  "exclude_caches": args.exclude_caches, "exclude_larger_than": args.exclude_larger_than}
         compare = {"reread": args.force, "skip_if_unchanged": args.skip_if_unchanged,
-                   "ignore_inode": args.ignore_inode, "ignore_ctime": args.ignore_ctime}
+                   "ignore_inode": args.ignore_inode, "ignore_ctime": args.ignore_ctime, "xattrs": not args.no_xattrs}
         walk = SourceWalk.of_paths(args.paths, excludes, one_file_system=args.one_file_system,
                                    markers=markers_of(args.exclude_if_present, args.exclude_caches),
                                    max_file_size=args.exclude_larger_than)
@@ -342,7 +342,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     bar = _progress(args, "restore", snap.stats.get("bytes"))
     result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude, force=in_place,
                           delta=args.delta, delete=args.delete, progress=bar, processes=args.processes,
-                          verify=args.verify)
+                          verify=args.verify, xattrs=not args.no_xattrs)
     bar.done()
     if args.json:
         _emit_json({"snapshot": snap.id, "target": os.path.abspath(args.target), "files": result.files,
@@ -905,6 +905,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="a file is unchanged though its inode and device numbers differ (file system snapshots "
                         "and network file systems mounted anew for each backup)")
     s.add_argument("--ignore-ctime", action="store_true", help="likewise though its change time differs")
+    s.add_argument("--no-xattrs", action="store_true",
+                   help="record no extended attributes (ACLs, file capabilities, SELinux labels, user.*)")
     s.add_argument("--skip-if-unchanged", action="store_true",
                    help="save no snapshot when nothing changed since the parent (a differential without changes)")
     s.add_argument("--stdin", action="store_true", help="back up standard input")
@@ -985,6 +987,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="worker processes writing an empty target on local storage (default: one per core)")
     s.add_argument("--verify", action="store_true",
                    help="then read every restored file back and compare it with the snapshot (exit 18 if any differs)")
+    s.add_argument("--no-xattrs", action="store_true", help="set no extended attributes")
     s.set_defaults(func=cmd_restore, read_lock="restore")
 
     s = sub.add_parser("ls", parents=[common, reading], help="list a snapshot's entries")

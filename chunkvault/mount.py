@@ -28,6 +28,7 @@ from .mountview import InSnapshot, Layout, Link, SnapshotTree, VirtualDir
 from .repository import Repository
 from .store.manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry
 from .store.snapshot import Snapshot
+from .store.xattrs import decode_xattrs
 
 REFRESH_SECONDS = 30.0
 TREES_KEPT = 8  # resolved trees held at once (each about 200 bytes per entry)
@@ -250,6 +251,28 @@ class SnapshotFS:
         with self._lock:
             self._files.pop(fh, None)
         return 0
+
+    def _xattrs(self, path: str) -> dict[bytes, bytes]:
+        """The extended attributes recorded for a node (none above the snapshots' files)."""
+        node = self._node(path)
+        if not isinstance(node, InSnapshot):
+            return {}
+        _, e = self._in_snapshot(node)
+        if e is None or not e.xattrs:
+            return {}
+        try:
+            return decode_xattrs(e.xattrs)
+        except ValueError:
+            raise _error(errno.EIO) from None
+
+    def listxattr(self, path: str) -> list[str]:
+        return [os.fsdecode(n) for n in self._xattrs(path)]
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        value = self._xattrs(path).get(os.fsencode(name))
+        if value is None:
+            raise _error(errno.ENODATA)
+        return value
 
     def statfs(self, path: str) -> dict[str, int]:
         return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}

@@ -207,7 +207,7 @@ class Repository:
                one_file_system: bool = False, exclude_if_present: list[str] | None = None,
                exclude_caches: bool = False, exclude_larger_than: int | None = None, dry_run: bool = False,
                reread: bool = False, skip_if_unchanged: bool = False, ignore_inode: bool = False,
-               ignore_ctime: bool = False, walk: SourceWalk | None = None) -> BackupResult:
+               ignore_ctime: bool = False, xattrs: bool = True, walk: SourceWalk | None = None) -> BackupResult:
         """Back up files and directories; one directory is stored as the snapshot's root.
 
         ``dry_run``: read, chunk, compress and count as a backup would, and write nothing (the
@@ -230,7 +230,9 @@ class Repository:
         backup is a differential that holds no change, save nothing (the result is ``skipped``, its
         snapshot the parent). ``ignore_inode``, ``ignore_ctime``: a file whose other stat fields match
         is unchanged even if its inode and device numbers (which a file system snapshot or a network
-        file system mounts anew each time), or its change time, differ.
+        file system mounts anew each time), or its change time, differ (then a change of extended
+        attributes alone goes unseen too). ``xattrs``: record extended attributes (ACLs, file
+        capabilities, SELinux labels, ``user.*``).
 
         ``walk``: a ``SourceWalk.of_paths(...).start()`` of the same paths and rules, begun
         before the repository was opened, so the walk overlaps the key derivation.
@@ -248,7 +250,7 @@ class Repository:
                                  fixed_chunk_size=fixed_chunk_size, progress=progress, dry_run=dry_run,
                                  parent=find_snapshot(snaps, parent) if parent else None, reread=reread,
                                  skip_if_unchanged=skip_if_unchanged, ignore_inode=ignore_inode,
-                                 ignore_ctime=ignore_ctime)
+                                 ignore_ctime=ignore_ctime, xattrs=xattrs)
         except BaseException:
             if walk is not None:
                 walk.close()
@@ -428,7 +430,8 @@ class Repository:
     def restore(self, snapshot: str | Snapshot, target: str, *, until: str | datetime | None = None,
                 includes: list[str] | None = None, excludes: list[str] | None = None,
                 force: bool = False, delta: bool = False, delete: bool = False,
-                progress: Any = None, processes: int | None = None, verify: bool = False) -> RestoreResult:
+                progress: Any = None, processes: int | None = None, verify: bool = False,
+                xattrs: bool = True) -> RestoreResult:
         """Restore into ``target``: empty, or in place with ``force`` (``delta``: rewrite only what
         differs, checked by digest; ``delete``: remove what the snapshot does not have).
 
@@ -439,13 +442,16 @@ class Repository:
         An empty target on local storage is written by ``processes`` worker processes (default: one
         per core for a whole snapshot of 64 MiB or more; see store/restore_workers.py).  A restore
         narrowed by ``includes`` stays in one process unless told otherwise: each worker would read
-        the whole tree to find the few files it writes."""
+        the whole tree to find the few files it writes.
+
+        ``xattrs``: set the recorded extended attributes (one that cannot be set is a warning, e.g.
+        ``security.*`` as another user than root, or on a file system without them)."""
         from .store import restore_workers
 
         with self.reading("restore"):
             snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until)
             opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
-                                  delta=delta, delete=delete, progress=progress)
+                                  delta=delta, delete=delete, progress=progress, xattrs=xattrs)
             restorer = Restorer(self._repo, target, opts)
             if delete and os.path.isdir(target):
                 restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
@@ -454,14 +460,14 @@ class Repository:
             entries = snap.stats.get("files", 0) + snap.stats.get("dirs", 0) if "files" in snap.stats else None
             result = restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes, entries)
             if verify:
-                self._verify_restored(restorer, snap, target)
+                self._verify_restored(restorer, snap, target, xattrs)
             return result
 
-    def _verify_restored(self, restorer: Restorer, snap: Snapshot, target: str) -> None:
+    def _verify_restored(self, restorer: Restorer, snap: Snapshot, target: str, xattrs: bool) -> None:
         from .verify import compare_tree
 
         restored = (r.entry for r in restorer.selected_records(self._repo.tree(snap)) if r.entry is not None)
-        found = compare_tree(restored, target, extras=False, max_listed=3)
+        found = compare_tree(restored, target, extras=False, max_listed=3, xattrs=xattrs)
         if found.mismatch_count:
             more = found.mismatch_count - len(found.mismatches)
             raise VerificationFailed(f"restore --verify: {found.mismatch_count} difference(s) from snapshot "

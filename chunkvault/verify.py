@@ -35,6 +35,7 @@ from .store.manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key,
 )
 from .store.snapshot import Snapshot, parse_time
+from .store.xattrs import decode_xattrs, read_xattrs
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -56,7 +57,8 @@ class Mismatch:
     """One difference between the snapshot's manifest and the restored tree."""
 
     path: str
-    kind: str  # missing | extra | type | content | size | mode | mtime | owner | target | hardlink | device | unreadable
+    kind: str  # missing | extra | type | content | size | mode | mtime | owner | target | hardlink | device | xattrs
+    # | unreadable
     expected: str | None = None
     actual: str | None = None
 
@@ -265,9 +267,10 @@ def file_digest(path: bytes) -> bytes:
 
 
 class _Comparer:
-    def __init__(self, root: bytes, owners: bool, max_listed: int, extras: bool = True):
+    def __init__(self, root: bytes, owners: bool, max_listed: int, extras: bool = True, xattrs: bool = True):
         self.root = root
         self.owners = owners
+        self.xattrs = xattrs
         self.max_listed = max_listed
         self.extras = extras
         self.result = CompareResult()
@@ -310,6 +313,8 @@ class _Comparer:
         if found and found[0].kind == "type":
             return
         path = os.path.join(self.root, e.path) if e.path else self.root
+        if self.xattrs and e.type != T_HARDLINK:
+            self.extended_attributes(e, path)
         if e.type == T_DIR:
             r.dirs += 1
         elif e.type == T_HARDLINK:
@@ -341,6 +346,23 @@ class _Comparer:
         if got != e.digest:
             self.add(Mismatch(os.fsdecode(e.path), "content", e.digest.hex(), got.hex()))
 
+    def extended_attributes(self, e: Entry, path: bytes) -> None:
+        """The names whose values differ; as another user than root, ``security.*`` and ``trusted.*``
+        are left out (a restore could not set them)."""
+        try:
+            found = decode_xattrs(read_xattrs(path))
+            wanted = decode_xattrs(e.xattrs)
+        except (OSError, ValueError) as exc:
+            self.add(Mismatch(os.fsdecode(e.path), "xattrs", "readable", getattr(exc, "strerror", None) or str(exc)))
+            return
+        names = {n for n in found.keys() | wanted.keys() if found.get(n) != wanted.get(n)}
+        if not self.owners:
+            names = {n for n in names if not n.startswith((b"security.", b"trusted."))}
+        if names:
+            self.add(Mismatch(os.fsdecode(e.path), "xattrs", ", ".join(sorted(os.fsdecode(n) for n in names
+                                                                           if n in wanted)) or "none",
+                              ", ".join(sorted(os.fsdecode(n) for n in names if n in found)) or "none"))
+
     def separate_file(self, e: Entry, st: os.stat_result) -> None:
         """A file the snapshot holds on its own must not share its inode with another path."""
         key = (st.st_dev, st.st_ino)
@@ -365,12 +387,12 @@ class _Comparer:
 
 
 def compare_tree(entries: Iterable[Entry], root: str | bytes, *, owners: bool | None = None,
-                 max_listed: int = MAX_LISTED, extras: bool = True) -> CompareResult:
+                 max_listed: int = MAX_LISTED, extras: bool = True, xattrs: bool = True) -> CompareResult:
     """Compare a restored tree with a snapshot's entries (in manifest order): what differs, is missing or
-    (with ``extras``) there besides them."""
+    (with ``extras``) there besides them; ``xattrs``: extended attributes too."""
     if owners is None:
         owners = os.geteuid() == 0
-    return _Comparer(os.fsencode(os.path.abspath(root)), owners, max_listed, extras).run(entries)
+    return _Comparer(os.fsencode(os.path.abspath(root)), owners, max_listed, extras, xattrs).run(entries)
 
 
 # --- the run -----------------------------------------------------------------------------------

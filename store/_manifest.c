@@ -34,7 +34,8 @@ static uint32_t u32(const unsigned char *p) {
 
 static uint64_t u64(const unsigned char *p) { return (uint64_t)u32(p) | (uint64_t)u32(p + 4) << 32; }
 
-#define NFIELDS 15
+#define NFIELDS 16
+#define F_XATTRS 4  /* record flag: extended attributes follow the chunk ids (store/manifest.py) */
 
 /* How the two classes are built.  Calling them runs Python code per record (a dataclass's __init__,
  * a named tuple's __new__), a third of the decoding time.  Where Record is a plain subclass of tuple
@@ -48,7 +49,7 @@ typedef struct {
 
 static const char *const FIELD_NAMES[NFIELDS] = {
     "path", "type", "mode", "uid", "gid", "mtime_ns", "size", "ctime_ns", "ino", "dev", "rdev", "target",
-    "digest", "chunks", "flags",
+    "digest", "chunks", "flags", "xattrs",
 };
 
 static int slot_offset(PyObject *cls, const char *name, Py_ssize_t *offset) {
@@ -113,10 +114,11 @@ static PyObject *record(const builders *b, PyObject *op, PyObject *path, PyObjec
     return rec;
 }
 
-/* Entry(path, type, mode, uid, gid, mtime, size, ctime, ino, dev, rdev, target, digest, chunks, flags). */
+/* Entry(path, type, mode, uid, gid, mtime, size, ctime, ino, dev, rdev, target, digest, chunks, flags,
+ * xattrs); the wire-only F_XATTRS bit is not kept in flags. */
 static PyObject *entry(const builders *bs, PyObject *path, const unsigned char *b, const unsigned char *target,
                        uint32_t tlen, const unsigned char *digest, unsigned dlen, const unsigned char *chunks,
-                       Py_ssize_t clen) {
+                       Py_ssize_t clen, const unsigned char *xattrs, uint32_t xlen) {
     PyObject *args[NFIELDS] = {
         path,
         PyLong_FromUnsignedLong(b[0]),
@@ -132,7 +134,8 @@ static PyObject *entry(const builders *bs, PyObject *path, const unsigned char *
         PyBytes_FromStringAndSize((const char *)target, tlen),
         PyBytes_FromStringAndSize((const char *)digest, dlen),
         PyBytes_FromStringAndSize((const char *)chunks, clen),
-        PyLong_FromUnsignedLong(b[1]),
+        PyLong_FromUnsignedLong(b[1] & ~F_XATTRS),
+        PyBytes_FromStringAndSize((const char *)xattrs, xlen),
     };
     PyObject *e = NULL;
     int ok = 1;
@@ -207,6 +210,18 @@ static PyObject *decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 break;
             const unsigned char *chunks = buf + pos;
             pos += (Py_ssize_t)count * 32;
+            const unsigned char *xattrs = NULL;
+            uint32_t xlen = 0;
+            if (body[1] & F_XATTRS) {
+                if (n - pos < 4)
+                    break;
+                xlen = u32(buf + pos);
+                pos += 4;
+                if (n - pos < (Py_ssize_t)xlen)
+                    break;
+                xattrs = buf + pos;
+                pos += xlen;
+            }
             if ((long)body[0] > max_type) {
                 PyErr_Format(PyExc_ValueError, "unknown entry type %u", body[0]);
                 Py_CLEAR(out);
@@ -214,7 +229,7 @@ static PyObject *decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
             PyObject *path = PyBytes_FromStringAndSize((const char *)path_at, plen);
             PyObject *e = path ? entry(&bs, path, body, target, tlen, digest, dlen, chunks,
-                                       (Py_ssize_t)count * 32) : NULL;
+                                       (Py_ssize_t)count * 32, xattrs, xlen) : NULL;
             rec = record(&bs, PyLong_FromUnsignedLong(op), Py_XNewRef(path), e);
             Py_XDECREF(path);
         }

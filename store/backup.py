@@ -42,6 +42,7 @@ from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, now_iso
 from .source import SourceWalk, open_source_file, read_whole
+from .xattrs import read_xattrs
 
 BATCH_BYTES = 1 << 20  # new chunks go to the compression pool in batches of about this size...
 BATCH_CHUNKS = 64  # ...or this many, so a tree of small files does not cost a task per file
@@ -81,6 +82,7 @@ class BackupOptions:
     ignore_inode: bool = False  # inode and device numbers change on every mount (snapshots, network file systems)
     ignore_ctime: bool = False  # likewise the change time (file systems that do not keep it)
     skip_if_unchanged: bool = False  # a differential with no change is not saved (the result: its parent)
+    xattrs: bool = True  # record extended attributes (ACLs, capabilities, SELinux labels, user.*)
 
     def __post_init__(self) -> None:
         low, high = FIXED_CHUNK_SIZES
@@ -226,6 +228,7 @@ class Backup:
         self.repo = repo
         self.opt = options
         self._ignore = (IGNORE_INODE if options.ignore_inode else 0) | (IGNORE_CTIME if options.ignore_ctime else 0)
+        self._xattrs_known = True  # the parent's entries hold the attributes this backup records (set by _run)
         self.warnings: list[str] = []
         self.unreadable: list[str] = []
         self.writer: BlobWriter | None = None
@@ -378,7 +381,7 @@ class Backup:
             f.seek(0)
         yield from self.repo.chunker.chunks(f, size_hint=size_hint)
 
-    def _file_entry(self, rel: bytes, path: bytes, st: os.stat_result, prev: Entry | None
+    def _file_entry(self, rel: bytes, path: bytes, st: os.stat_result, prev: Entry | None, notes: list[str]
                     ) -> Entry | _ReadRun:
         """The entry of a regular file: the parent's data when its stat fields say so, else the run of files
         to read it joins (the last of its files)."""
@@ -388,6 +391,7 @@ class Backup:
                 and prev.size == st.st_size and prev.mtime_ns == st.st_mtime_ns
                 and prev.ctime_ns == e.ctime_ns and prev.ino == e.ino):
             e.digest, e.chunks, e.size = prev.digest, prev.chunks, prev.size
+            e.xattrs = self._xattrs(path, path, st, T_FILE, prev, notes)
             return e
         run = self._run_filling
         if run is None:
@@ -432,6 +436,7 @@ class Backup:
             e.size = 0
             return e, notes
         try:
+            e.xattrs = self._xattrs(fd, path, st, T_FILE, prev, notes)
             try:
                 e.digest, e.chunks, e.size = self._read_stream(_FdReader(fd), e.path, prev, st.st_size, report=False)
             except OSError as exc:
@@ -450,6 +455,7 @@ class Backup:
         """A file of at most one chunk read in one call (``read_whole``); None when it is gone, or grew past
         the size the walk saw (then read as a stream, like any other file)."""
         try:
+            e.xattrs = self._xattrs(path, path, st, T_FILE, prev, notes)
             data, *after = read_whole(path, st.st_size + 1)
         except FileNotFoundError:
             return None
@@ -473,6 +479,23 @@ class Backup:
             e.flags |= F_CHANGED_DURING_READ
             notes.append(f"changed while being read (stored as read): {os.fsdecode(path)}")
 
+    def _xattrs(self, target: bytes | int, path: bytes, st: os.stat_result, etype: int, prev: Entry | None,
+                notes: list[str]) -> bytes:
+        """The extended attributes of an entry (``target``: its path or open fd): the parent's when the
+        change time, which every change of them moves, says they are the same."""
+        if not self.opt.xattrs:
+            return b""
+        if (prev is not None and prev.type == etype and prev.ctime_ns == st.st_ctime_ns and self._xattrs_known
+                and not self._ignore & IGNORE_CTIME):
+            return prev.xattrs
+        try:
+            return read_xattrs(target)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            notes.append(f"cannot read extended attributes of {os.fsdecode(path)}: {exc.strerror}")
+            return b""
+
     def _base_entry(self, rel: bytes, st: os.stat_result, etype: int, prev: Entry | None = None) -> Entry:
         """The entry's stat fields; those the backup ignores are kept from ``prev`` (of the same type), so
         an entry they alone would change compares equal to it."""
@@ -491,6 +514,7 @@ class Backup:
         mode = st.st_mode
         if stat.S_ISDIR(mode):
             e = self._base_entry(rel, st, T_DIR, prev)
+            e.xattrs = self._xattrs(path, path, st, T_DIR, prev, notes)
             if not ok:
                 e.flags |= F_UNREADABLE
             return e
@@ -502,20 +526,21 @@ class Backup:
                     e.target = first
                     e.size = st.st_size
                     return e
-            return self._file_entry(rel, path, st, prev)
+            return self._file_entry(rel, path, st, prev, notes)
         if stat.S_ISLNK(mode):
             e = self._base_entry(rel, st, T_SYMLINK, prev)
             e.target = os.readlink(path)
             e.size = len(e.target)
-            return e
-        if stat.S_ISFIFO(mode):
-            return self._base_entry(rel, st, T_FIFO)
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        elif stat.S_ISFIFO(mode):
+            e = self._base_entry(rel, st, T_FIFO)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             e = self._base_entry(rel, st, T_CHARDEV if stat.S_ISCHR(mode) else T_BLOCKDEV)
             e.rdev = st.st_rdev
-            return e
-        notes.append(f"skipped socket or unknown file type: {os.fsdecode(path)}")
-        return None
+        else:
+            notes.append(f"skipped socket or unknown file type: {os.fsdecode(path)}")
+            return None
+        e.xattrs = self._xattrs(path, path, st, e.type, prev, notes)
+        return e
 
     def _maybe_progress(self, unchanged: int = 0) -> None:
         """Report the counts at most twice a second (from the main thread only); ``unchanged``: files not
@@ -546,7 +571,8 @@ class Backup:
         diff = kind == KIND_DIFF
         counts = self.counts
         progress = self.opt.progress is not None
-        trust_stat = not self.opt.reread
+        # Entries taken from the parent unseen: only when its attributes are this backup's.
+        take_unseen = not self.opt.reread and self._xattrs_known
         ignore = self._ignore
         p = next(parent_tree, None)
         cut: bytes | None = None
@@ -555,7 +581,7 @@ class Backup:
         taken: list[Record] | None = None if diff else []  # a full manifest lists the unchanged entries too
         walk = iter(source)
         while True:
-            if p is not None and trust_stat and (diff or not pending):  # a full's records wait for none before them
+            if p is not None and take_unseen and (diff or not pending):  # a full's records wait for none before them
                 files, dirs, links, size, p = source.skip_unchanged(p, parent_tree, taken, OP_ENTRY, T_FILE,
                                                                     T_DIR, T_SYMLINK, ignore)
                 if files or dirs or links:
@@ -584,7 +610,7 @@ class Backup:
             if p is not None and p.path == rel:  # same path, same sort key
                 prev = p.entry
                 p = next(parent_tree, None)
-            if prev is not None and trust_stat and _unchanged_file(prev, st, ignore):
+            if prev is not None and take_unseen and _unchanged_file(prev, st, ignore):
                 same_files += 1
                 same_bytes += prev.size
                 if progress:
@@ -700,6 +726,9 @@ class Backup:
             self.warnings.append("no parent snapshot: made a full snapshot")
         if parent_tree is None:
             parent_tree = repo.tree(parent, snapshots) if parent is not None else iter(())
+        # A parent taken without extended attributes (or, for --no-xattrs, with them) has entries whose
+        # attributes say nothing about the files': none is taken from it unseen (each is read once).
+        self._xattrs_known = parent is None or parent.stats.get("xattrs", False) == self.opt.xattrs
         stats = ManifestStats()
         self.writer = CountingWriter(repo) if self.opt.dry_run else repo.writer()
         try:
@@ -733,7 +762,7 @@ class Backup:
         snap = Snapshot(
             time=now_iso(), kind=kind, parent=parent.id if kind == KIND_DIFF and parent else None, host=host,
             paths=paths, tags=list(self.opt.tags), manifest=[i.hex() for i in manifest_ids],
-            manifest_starts=mw.starts,
+            manifest_starts=mw.starts, version=mw.version,
             stdin_name=stdin_name,
             stats={
                 "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes,
@@ -744,7 +773,7 @@ class Backup:
                 "whole_stored_bytes": w.stored_bytes - w.delta_bytes - mw.stored_bytes,
                 "manifest_bytes": mw.stored_bytes, "manifest_records": mw.records,
                 "chain_length": len(chain) + 1 if kind == KIND_DIFF else 1,
-                "unreadable": self.unreadable, "warnings": len(self.warnings),
+                "unreadable": self.unreadable, "warnings": len(self.warnings), "xattrs": self.opt.xattrs,
                 "duration": round(time.monotonic() - started, 3),
             },
         )

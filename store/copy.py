@@ -143,7 +143,7 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                     continue
                 copy = Snapshot(time=snap.time, kind=snap.kind, parent=parent, host=snap.host, paths=list(snap.paths),
                                 tags=list(snap.tags), manifest=[i.hex() for i in manifest],
-                                manifest_starts=mw.starts,
+                                manifest_starts=mw.starts, version=mw.version,
                                 stats={**snap.stats, COPIED_FROM: snap.id}, stdin_name=snap.stdin_name)
                 dst.save_snapshot(copy)
                 done[snap.id] = copy.id

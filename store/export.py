@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 MAGIC = b"CVBACKUP"
-VERSION = 1
+VERSION = 2  # 2: records may carry extended attributes; 1 is read too
 HEADER = struct.Struct("<8sHH16sBBBB16s16s16s")  # magic version flags file_id kdf log_n r p salt check sum
 HEADER_SIZE = HEADER.size  # 80
 KDF_SCRYPT = 1
@@ -137,7 +137,7 @@ def decode_header(data: bytes, what: str) -> Header:
     (version,) = struct.unpack_from("<H", data, 8)
     if version > VERSION:
         raise UnsupportedFormat(f"{what} was written by a newer chunkvault (export format {version})")
-    if version != VERSION:
+    if version < 1:
         raise UnsupportedFormat(f"{what} has an unknown export format version {version}")
     if len(data) < HEADER_SIZE:
         raise CorruptObject(what, "truncated inside the header")
@@ -722,7 +722,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
             snap = Snapshot(
                 time=src.time, kind=KIND_FULL, parent=None, host=src.host, paths=list(src.paths),
                 tags=list(src.tags), manifest=[i.hex() for i in manifest], manifest_starts=mw.starts,
-                stdin_name=src.stdin_name,
+                version=mw.version, stdin_name=src.stdin_name,
                 stats={
                     "files": counts.files, "dirs": counts.dirs, "bytes": counts.bytes,
                     "added_blobs": added["blobs"], "added_raw_bytes": added["raw"],

@@ -88,6 +88,7 @@ def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep) -> Snapshot:
     snap.parent = step.new_parent
     snap.manifest = [i.hex() for i in ids]
     snap.manifest_starts = mw.starts
+    snap.version = mw.version
     snap.stats = {**snap.stats, "manifest_records": mw.records, "rebased": True,
                   "manifest_bytes": snap.stats.get("manifest_bytes", 0) + mw.stored_bytes}
     return repo.save_snapshot(snap, replace=True)
@@ -126,6 +127,7 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
         snap.parent = None
         snap.manifest = [i.hex() for i in ids]
         snap.manifest_starts = mw.starts
+        snap.version = mw.version
         snap.stats = {**snap.stats, "manifest_records": mw.records, "aggregated": True, "chain_length": 1,
                       "manifest_bytes": snap.stats.get("manifest_bytes", 0) + mw.stored_bytes}
         repo.save_snapshot(snap, replace=True)

@@ -35,6 +35,9 @@ TYPE_NAMES = {T_FILE: "file", T_DIR: "dir", T_SYMLINK: "symlink", T_HARDLINK: "h
 F_UNREADABLE = 1
 #: Entry flag: the file changed while it was read; its data is what was read.
 F_CHANGED_DURING_READ = 2
+#: Record flag on the wire only: extended attributes follow the chunk ids (``Entry.xattrs`` holds them;
+#: an Entry's ``flags`` never carries this bit).
+F_XATTRS = 4
 
 _FIXED = struct.Struct("<BBIIIqQqQQQ")
 _HEAD = struct.Struct("<BI")
@@ -63,6 +66,7 @@ class Entry:
     digest: bytes = b""
     chunks: bytes = b""  # concatenated 32-byte blob ids
     flags: int = 0
+    xattrs: bytes = b""  # extended attributes, encoded (store/xattrs.py); b"" when none
 
     def chunk_ids(self) -> list[bytes]:
         c = self.chunks
@@ -71,9 +75,9 @@ class Entry:
     def same_content(self, other: "Entry") -> bool:
         """Equal as a restore would produce them (ignores ctime/inode/device ids)."""
         return (self.path, self.type, self.mode, self.uid, self.gid, self.mtime_ns, self.size,
-                self.rdev, self.target, self.digest, self.chunks) == (
+                self.rdev, self.target, self.digest, self.chunks, self.xattrs) == (
                 other.path, other.type, other.mode, other.uid, other.gid, other.mtime_ns, other.size,
-                other.rdev, other.target, other.digest, other.chunks)
+                other.rdev, other.target, other.digest, other.chunks, other.xattrs)
 
 
 class Record(NamedTuple):
@@ -100,11 +104,13 @@ def encode_record(rec: Record) -> bytes:
         return out
     e = rec.entry
     assert e is not None
+    flags = e.flags | F_XATTRS if e.xattrs else e.flags
     return b"".join((
         out,
-        _FIXED.pack(e.type, e.flags, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.ctime_ns, e.ino, e.dev, e.rdev),
+        _FIXED.pack(e.type, flags, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.ctime_ns, e.ino, e.dev, e.rdev),
         struct.pack("<IB", len(e.target), len(e.digest)), e.target, e.digest,
         struct.pack("<I", len(e.chunks) // 32), e.chunks,
+        struct.pack("<I", len(e.xattrs)) + e.xattrs if e.xattrs else b"",
     ))
 
 
@@ -159,10 +165,21 @@ def decode_records_reference(buf: bytes | memoryview, what: str) -> tuple[list[R
             return out, start
         chunks = buf[pos:end]
         pos = end
+        xattrs = b""
+        if flags & F_XATTRS:
+            if pos + 4 > n:
+                return out, start
+            (xlen,) = _COUNT.unpack_from(buf, pos)
+            pos += 4
+            if pos + xlen > n:
+                return out, start
+            xattrs = buf[pos : pos + xlen]
+            pos += xlen
+            flags &= ~F_XATTRS
         if etype not in TYPE_NAMES:
             raise CorruptObject(what, f"unknown entry type {etype}")
         append(Record(op, path, Entry(path, etype, mode, uid, gid, mtime, size, ctime, ino, dev, rdev,
-                                      target, digest, chunks, flags)))
+                                      target, digest, chunks, flags, xattrs)))
 
 
 _MAX_TYPE = max(TYPE_NAMES)

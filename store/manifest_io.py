@@ -10,6 +10,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Iterable
 
 from .manifest import Record, encode_record
+from .snapshot import SNAPSHOT_VERSION
 
 if TYPE_CHECKING:
     from .repository import BlobWriter, Repo
@@ -27,12 +28,15 @@ class ManifestWriter:
         self._record_starts: deque[int] = deque()  # stream offsets of the records still in buf
         self.stored_bytes = 0
         self.records = 0
+        self.version = 1  # the snapshot version its records need (SNAPSHOT_VERSION once one has xattrs)
         self._flush_at = 2 * repo.chunker_params.max_size
 
     def add(self, rec: Record) -> None:
         self._record_starts.append(self._buf_offset + len(self.buf))
         self.buf += encode_record(rec)
         self.records += 1
+        if rec.entry is not None and rec.entry.xattrs:
+            self.version = SNAPSHOT_VERSION
         if len(self.buf) >= self._flush_at:
             self._emit(final=False)
 

@@ -224,6 +224,7 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
             ids, mw = store_manifest(repo, records)
             snap.manifest = [i.hex() for i in ids]
             snap.manifest_starts = mw.starts
+            snap.version = mw.version
             snap.stats = {**snap.stats, "repaired": True, "manifest_records": mw.records}
             repo.save_snapshot(snap, replace=True)
             report.rewritten.append(snap.id)

@@ -27,6 +27,7 @@ from .manifest import (
 from .blob import Plaintext
 from .chain import ancestors
 from .repository import Repo
+from .xattrs import write_xattrs
 
 
 _ZEROS = bytes(1 << 20)
@@ -55,6 +56,7 @@ class RestoreOptions:
     delta: bool = False  # in place: rewrite only files, and chunk ranges of files, whose content differs
     delete: bool = False  # in place: remove what the snapshot does not have
     owners: bool | None = None  # restore uid/gid; default: when running as root
+    xattrs: bool = True  # restore extended attributes (ACLs, capabilities, labels, user.*)
     window_bytes: int = 16 << 20
     fetch_threads: int = 3  # threads reading and decoding chunks ahead of the writer
     progress: Callable[[int, int], None] | None = None  # (files, bytes) so far
@@ -595,8 +597,9 @@ class Restorer:
             raise ChunkvaultError(f"cannot restore {os.fsdecode(e.path)}: {exc.strerror or exc}") from None
 
     def _apply_meta(self, dst: bytes, e: Entry, fd: int | None = None) -> None:
-        """Owner, mode and mtime, in that order (a chown clears set-id bits); through ``fd`` when
-        the file is still open, which saves three path lookups."""
+        """Owner, extended attributes, mode and mtime, in that order (a chown clears set-id bits and file
+        capabilities); through ``fd`` when the file is still open, which saves path lookups.  In a target
+        that was not empty, attributes the entry lacks are removed."""
         link = e.type == T_SYMLINK
         if self.owners:
             try:
@@ -606,6 +609,11 @@ class Restorer:
                     os.lchown(dst, e.uid, e.gid)
             except OSError as exc:
                 self.result.warnings.append(f"cannot set owner of {os.fsdecode(e.path)}: {exc.strerror}")
+        if self.opt.xattrs and (e.xattrs or not self._fresh):
+            failed = write_xattrs(dst if fd is None else fd, e.xattrs, replace=not self._fresh)
+            if failed:
+                self.result.warnings.append(f"cannot set extended attributes of {os.fsdecode(e.path)}: "
+                                            + "; ".join(failed))
         if not link:
             os.chmod(dst if fd is None else fd, e.mode)
         if fd is not None:

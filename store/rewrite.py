@@ -127,6 +127,7 @@ def rewrite_snapshots(repo: Repo, ids: Iterable[str], globs: list[str], *, dry_r
             blob_ids, mw = store_manifest(repo, plan.records)
             snap.manifest = [i.hex() for i in blob_ids]
             snap.manifest_starts = mw.starts
+            snap.version = mw.version
             snap.stats = {**snap.stats, "rewritten": True, "manifest_records": mw.records}
             _save_counts(repo, snap, plan.stats)
         for snap in inherited:

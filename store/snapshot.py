@@ -20,6 +20,9 @@ from .crypto import AuthenticationFailed, Sealer
 SNAPSHOT_AD = b"chunkvault snapshot v1"
 KIND_FULL = "full"
 KIND_DIFF = "diff"
+# 2: the manifest's records may carry extended attributes (store/FORMAT.md); a snapshot whose records
+# have none stays 1, readable by every chunkvault.
+SNAPSHOT_VERSION = 2
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Snapshot:
     manifest_starts: list[int] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     stdin_name: str | None = None
+    version: int = 1  # of the snapshot object: what its manifest's records may hold (see SNAPSHOT_VERSION)
     id: str = ""  # random, stable for the snapshot's life (a rebase rewrites the object, not the id)
 
     @property
@@ -55,7 +59,6 @@ class Snapshot:
             raise ValueError("a snapshot needs its id before it is encoded")
         body = asdict(self)
         body.pop("id")
-        body["version"] = 1
         plain = json.dumps(body, sort_keys=True, ensure_ascii=True).encode()
         return sealer.seal(zstandard.ZstdCompressor(level=3).compress(plain), SNAPSHOT_AD + self.id.encode())
 
@@ -70,8 +73,11 @@ class Snapshot:
             raise CorruptObject(what, "authentication failed") from None
         except (zstandard.ZstdError, ValueError, UnicodeDecodeError):
             raise CorruptObject(what, "undecodable") from None
-        if not isinstance(body, dict) or body.pop("version", None) != 1:
+        version = body.get("version") if isinstance(body, dict) else None
+        if type(version) is not int or version < 1:
             raise CorruptObject(what, "unsupported snapshot version")
+        if version > SNAPSHOT_VERSION:
+            raise CorruptObject(what, f"written by a newer chunkvault (snapshot version {version}); upgrade chunkvault")
         try:
             snap = cls(**body, id=name)
             snap.datetime  # noqa: B018 - validates the timestamp

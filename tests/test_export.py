@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from chunkvault import Repository
 from chunkvault.errors import CorruptObject, UnsupportedFormat, UsageError, WrongPassword
 from chunkvault.store.export import (
-    HEADER_SIZE, S_BLOB, S_END, S_META, S_RECORDS, ExportFile, blob_ref, export, import_backup, open_export,
+    HEADER_SIZE, S_BLOB, S_END, S_META, S_RECORDS, VERSION, ExportFile, blob_ref, export, import_backup, open_export,
     restore_from_file,
 )
 from chunkvault.store.manifest import T_DIR, T_FILE
@@ -333,7 +333,7 @@ def test_empty_garbage_and_foreign_files_are_refused(tmp_path, exported):
     bad.write_bytes(b"CVBACK")
     assert_refused(bad, tmp_path, CorruptObject)
     newer = bytearray(path.read_bytes())
-    newer[8:10] = struct.pack("<H", 2)
+    newer[8:10] = struct.pack("<H", VERSION + 1)
     bad.write_bytes(newer)
     assert "newer" in str(assert_refused(bad, tmp_path, UnsupportedFormat))
     assert_refused(tmp_path / "missing.backup", tmp_path, UsageError)

@@ -13,8 +13,9 @@ from chunkvault.store.crypto import (
     BlobHasher, Sealer, content_name, derive_argon2id, derive_secret_kek, encode_secret, is_secret,
 )
 from chunkvault.store.indexfile import decode_index
-from chunkvault.store.manifest import OP_DELETE, OP_ENTRY, T_FILE, decode_records
+from chunkvault.store.manifest import OP_DELETE, OP_ENTRY, T_DIR, T_FILE, decode_records, decode_records_reference
 from chunkvault.store.pack import read_pack
+from chunkvault.store.xattrs import decode_xattrs
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "store" / "FORMAT.md"
 
@@ -86,6 +87,19 @@ def test_manifest_records(v):
         T_FILE, 0o644, 1000, 1000, 1_700_000_000_000_000_000, 4, 1_700_000_000_000_000_001, 42, 7)
     assert e.digest == b"\x11" * 32 and e.chunk_ids() == [v["raw_id"]]
     assert b.op == OP_DELETE and b.path == b"gone" and b.entry is None
+
+
+def test_extended_attributes_record(v):
+    raw = v["xattr_record"]
+    assert raw[5 + 3 + 1] & 4  # op, path length, "bin", type: the flags byte says attributes follow
+    for decode in (decode_records, decode_records_reference):
+        records, used = decode(raw, "vector manifest")
+        assert used == len(raw)
+        (rec,) = records
+        e = rec.entry
+        assert (rec.op, rec.path, e.type, e.mode, e.uid, e.ino, e.dev, e.flags) == (OP_ENTRY, b"bin", T_DIR, 0o755,
+                                                                                   0, 43, 7, 0)
+        assert decode_xattrs(e.xattrs) == {b"security.selinux": b"bin_t", b"user.note": b"kept"}
 
 
 def test_key_secret(v):

@@ -4,8 +4,8 @@ from hypothesis import given, settings, strategies as st
 
 from chunkvault.errors import CorruptObject
 from chunkvault.store import manifest
-from chunkvault.store.manifest import (OP_DELETE, OP_ENTRY, OP_FRESH, TYPE_NAMES, Entry, Record, decode_records,
-                                       decode_records_reference, encode_record)
+from chunkvault.store.manifest import (F_XATTRS, OP_DELETE, OP_ENTRY, OP_FRESH, TYPE_NAMES, Entry, Record,
+                                       decode_records, decode_records_reference, encode_record)
 
 pytestmark = pytest.mark.skipif(manifest._decode_c is None, reason="the C decoder is not built")
 
@@ -17,7 +17,8 @@ entries = st.builds(
     Entry, path=st.binary(max_size=40), type=st.sampled_from(sorted(TYPE_NAMES)), mode=u32, uid=u32, gid=u32,
     mtime_ns=i64, size=u64, ctime_ns=i64, ino=u64, dev=u64, rdev=u64, target=st.binary(max_size=30),
     digest=st.binary(max_size=32), chunks=st.lists(st.binary(min_size=32, max_size=32), max_size=4).map(b"".join),
-    flags=st.integers(0, 255))
+    flags=st.integers(0, 255).map(lambda f: f & ~F_XATTRS),  # the wire's bit, never an entry's
+    xattrs=st.one_of(st.just(b""), st.binary(min_size=1, max_size=40)))  # opaque to the decoders
 records = st.one_of(
     st.builds(lambda e, op: Record(op, e.path, e), entries, st.sampled_from([OP_ENTRY, OP_FRESH])),
     st.binary(max_size=40).map(lambda p: Record(OP_DELETE, p, None)))

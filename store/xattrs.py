@@ -1,0 +1,108 @@
+"""Extended attributes: their encoding in a manifest record, and reading and setting them on disk.
+
+They carry what mode bits cannot: POSIX ACLs (``system.posix_acl_*``), file
+capabilities (``security.capability``), SELinux labels and user metadata.
+A record holds them as one byte string (store/FORMAT.md, "Manifest stream"):
+``(name_len u8 | value_len u32 | name | value)*``, names sorted, so equal
+attribute sets encode equally and an entry compares equal to its parent's
+when nothing changed.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+_PAIR = struct.Struct("<BI")
+
+# Where a file system keeps no extended attributes (or none of a namespace), reading finds none.
+_UNSUPPORTED = {errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def encode_xattrs(pairs: dict[bytes, bytes]) -> bytes:
+    """The record form of ``pairs`` (name -> value); b"" when there are none."""
+    out = []
+    for name in sorted(pairs):
+        value = pairs[name]
+        if not 0 < len(name) < 256:
+            raise ValueError(f"extended attribute name of {len(name)} bytes")
+        out.append(_PAIR.pack(len(name), len(value)) + name + value)
+    return b"".join(out)
+
+
+def decode_xattrs(raw: bytes | memoryview) -> dict[bytes, bytes]:
+    """name -> value of an encoded set; ValueError when malformed."""
+    raw = bytes(raw)
+    out: dict[bytes, bytes] = {}
+    pos = 0
+    last = b""
+    while pos < len(raw):
+        if pos + _PAIR.size > len(raw):
+            raise ValueError("extended attributes end inside a header")
+        nlen, vlen = _PAIR.unpack_from(raw, pos)
+        pos += _PAIR.size
+        if not nlen or pos + nlen + vlen > len(raw):
+            raise ValueError("extended attribute runs past its record")
+        name = raw[pos : pos + nlen]
+        if name <= last:
+            raise ValueError("extended attribute names out of order")
+        out[name] = raw[pos + nlen : pos + nlen + vlen]
+        last = name
+        pos += nlen + vlen
+    return out
+
+
+def read_xattrs(target: bytes | int) -> bytes:
+    """The encoded extended attributes of a path (not followed if a symbolic link) or an open fd.
+
+    A file system without them gives b""; FileNotFoundError passes up (the entry
+    vanished); other errors raise OSError for the caller to report.
+    """
+    follow = isinstance(target, int)
+    try:
+        names = os.listxattr(target, follow_symlinks=follow)
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED:
+            return b""
+        raise
+    if not names:
+        return b""
+    pairs = {}
+    for name in names:
+        try:
+            pairs[os.fsencode(name)] = os.getxattr(target, name, follow_symlinks=follow)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:  # removed between the listing and the read
+                continue
+            raise
+    return encode_xattrs(pairs)
+
+
+def write_xattrs(target: bytes | int, raw: bytes, replace: bool) -> list[str]:
+    """Set the attributes encoded in ``raw`` on a path (not followed) or open fd; with ``replace``, also
+    remove those it has that ``raw`` lacks.  Returns one line per attribute that could not be set."""
+    follow = isinstance(target, int)
+    try:
+        wanted = decode_xattrs(raw) if raw else {}
+    except ValueError as exc:
+        return [f"recorded malformed ({exc})"]
+    failed = []
+    if replace:
+        try:
+            present = [os.fsencode(n) for n in os.listxattr(target, follow_symlinks=follow)]
+        except OSError as exc:
+            present = []
+            if exc.errno not in _UNSUPPORTED:
+                failed.append(f"listing: {exc.strerror}")
+        for name in present:
+            if name not in wanted:
+                try:
+                    os.removexattr(target, name, follow_symlinks=follow)
+                except OSError as exc:
+                    failed.append(f"removing {os.fsdecode(name)}: {exc.strerror}")
+    for name, value in wanted.items():
+        try:
+            os.setxattr(target, name, value, follow_symlinks=follow)
+        except OSError as exc:
+            failed.append(f"{os.fsdecode(name)}: {exc.strerror}")
+    return failed

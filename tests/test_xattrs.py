@@ -1,0 +1,254 @@
+"""Extended attributes: recorded by backups, set by restores, compared by verification, shown by mount."""
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+import pytest
+from hypothesis import given, strategies as st
+
+from chunkvault import Repository
+from chunkvault.errors import CorruptObject
+from chunkvault.store import xattrs as xattrs_mod
+from chunkvault.store.crypto import Sealer
+from chunkvault.store.manifest import T_HARDLINK
+from chunkvault.store.snapshot import SNAPSHOT_VERSION, Snapshot
+from chunkvault.store.xattrs import decode_xattrs, encode_xattrs
+from chunkvault.verify import compare_tree
+from conftest import PASSWORD
+
+ROOT = os.geteuid() == 0
+# security.capability of cap_net_raw+ep (revision 2): what `setcap cap_net_raw+ep` writes.
+CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
+
+names = st.binary(min_size=1, max_size=40).map(lambda b: b"user." + b)
+sets = st.dictionaries(names, st.binary(max_size=300), max_size=6)
+
+
+@given(sets, st.randoms())
+def test_the_encoding_round_trips_and_depends_only_on_the_set(pairs, rnd):
+    shuffled = list(pairs.items())
+    rnd.shuffle(shuffled)
+    raw = encode_xattrs(pairs)
+    assert raw == encode_xattrs(dict(shuffled))
+    assert decode_xattrs(raw) == pairs
+    assert (raw == b"") == (not pairs)
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"\x05\x01\x00\x00", "inside a header"),
+    (struct.pack("<BI", 6, 9) + b"user.a" + b"short", "past its record"),
+    (struct.pack("<BI", 0, 0), "past its record"),
+    (struct.pack("<BI", 6, 0) + b"user.b" + struct.pack("<BI", 6, 0) + b"user.a", "out of order"),
+    (struct.pack("<BI", 6, 0) + b"user.a" + struct.pack("<BI", 6, 0) + b"user.a", "out of order"),
+])
+def test_malformed_sets_are_refused(raw, why):
+    with pytest.raises(ValueError, match=why):
+        decode_xattrs(raw)
+
+
+def xattrs_of(root) -> dict[bytes, dict[bytes, bytes]]:
+    """Relative path -> its extended attributes (symbolic links not followed), for every path under root."""
+    root = os.fsencode(root)
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            out[os.path.relpath(full, root)] = {
+                os.fsencode(n): os.getxattr(full, n, follow_symlinks=False)
+                for n in os.listxattr(full, follow_symlinks=False)}
+    return out
+
+
+@pytest.fixture
+def source(tmp_path):
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "app.conf").write_text("port = 6362\n")
+    (src / "plain.txt").write_text("no attributes\n")
+    (src / "big.bin").write_bytes(os.urandom(300_000))
+    (src / "link").symlink_to("etc/app.conf")
+    os.link(src / "big.bin", src / "big-link.bin")
+    try:
+        os.setxattr(src / "etc" / "app.conf", "user.origin", b"config management")
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            pytest.skip("the test directory's file system keeps no user extended attributes")
+        raise
+    os.setxattr(src / "etc" / "app.conf", "user.binary", bytes(range(256)))
+    os.setxattr(src / "etc", "user.dir", b"")
+    os.setxattr(src / "big.bin", "user.checked", b"2026-11-30")
+    if ROOT:
+        os.setxattr(src / "big.bin", "security.capability", CAP_NET_RAW)
+        os.setxattr(src / "link", "trusted.link", b"on the link itself", follow_symlinks=False)
+    return src
+
+
+@pytest.fixture
+def repo(new_repo):
+    return new_repo()
+
+
+def test_backup_and_restore_keep_them(repo, source, tmp_path):
+    snap = repo.backup([str(source)]).snapshot
+    assert snap.version == SNAPSHOT_VERSION
+    entries = {e.path: e for e in repo.tree(snap)}
+    assert decode_xattrs(entries[b"etc/app.conf"].xattrs) == {
+        b"user.binary": bytes(range(256)), b"user.origin": b"config management"}
+    assert entries[b"plain.txt"].xattrs == b""
+    assert entries[b"big.bin"].type == T_HARDLINK and entries[b"big.bin"].xattrs == b""  # its first link has them
+    assert b"user.checked" in decode_xattrs(entries[b"big-link.bin"].xattrs)
+    out = tmp_path / "out"
+    repo.restore(snap, str(out), verify=True)
+    assert xattrs_of(out) == xattrs_of(source)
+    if ROOT:  # set after the owner: a chown clears file capabilities
+        assert os.getxattr(out / "big.bin", "security.capability") == CAP_NET_RAW
+
+
+def test_a_change_of_attributes_alone_makes_a_differential(repo, source, tmp_path):
+    first = repo.backup([str(source)]).snapshot
+    before = xattrs_of(source)
+    assert repo.backup([str(source)], skip_if_unchanged=True).skipped  # kept from the parent, not seen as changes
+    os.setxattr(source / "plain.txt", "user.new", b"1")
+    os.removexattr(source / "etc", "user.dir")
+    second = repo.backup([str(source)]).snapshot
+    assert second.kind == "diff" and second.stats["manifest_records"] == 2
+    assert [(kind, a.path, a.xattrs, b.xattrs) for kind, a, b in repo.diff(first, second)] == [
+        ("modified", b"etc", encode_xattrs({b"user.dir": b""}), b""),
+        ("modified", b"plain.txt", b"", encode_xattrs({b"user.new": b"1"}))]
+    for snap, want in ((first, before), (second, xattrs_of(source))):
+        out = tmp_path / f"out-{snap.short_id}"
+        repo.restore(snap, str(out))
+        assert xattrs_of(out) == want
+
+
+def test_without_attributes_a_snapshot_stays_version_1_and_none_are_set(repo, source, tmp_path):
+    bare = repo.backup([str(source)], xattrs=False).snapshot
+    assert bare.version == 1 and all(not e.xattrs for e in repo.tree(bare))
+    full = repo.backup([str(source)], kind="full").snapshot
+    out = tmp_path / "out"
+    repo.restore(full, str(out), xattrs=False, verify=True)
+    assert all(not attrs for attrs in xattrs_of(out).values())
+
+
+def test_a_parent_taken_under_the_other_rule_is_not_trusted_for_them(repo, source):
+    """After a backup without attributes (or by a chunkvault that kept none), unchanged files get theirs
+    read, their data still not; and the other way round a backup without them keeps none of the parent's."""
+    repo.backup([str(source)], xattrs=False)
+    with_them = repo.backup([str(source)])
+    snap = with_them.snapshot
+    assert snap.kind == "diff" and snap.stats["read_bytes"] == 0 and snap.stats["changed_files"] == 2  # by attributes
+    assert {e.path: decode_xattrs(e.xattrs) for e in repo.tree(snap) if e.xattrs} == {
+        path: attrs for path, attrs in xattrs_of(source).items() if attrs and path != b"big.bin"}
+    assert repo.backup([str(source)], skip_if_unchanged=True).skipped  # and from then on taken unseen
+    without = repo.backup([str(source)], xattrs=False).snapshot
+    assert without.version == 1 and not any(e.xattrs for e in repo.tree(without))
+
+
+def test_a_restore_in_place_removes_attributes_the_snapshot_lacks(repo, source, tmp_path):
+    snap = repo.backup([str(source)]).snapshot
+    out = tmp_path / "out"
+    repo.restore(snap, str(out))
+    os.setxattr(out / "plain.txt", "user.stray", b"x")
+    os.setxattr(out / "etc" / "app.conf", "user.origin", b"edited")
+    repo.restore(snap, str(out), force=True, delta=True)
+    assert xattrs_of(out) == xattrs_of(source)
+
+
+def test_verification_names_an_attribute_that_differs(repo, source, tmp_path):
+    snap = repo.backup([str(source)]).snapshot
+    out = tmp_path / "out"
+    repo.restore(snap, str(out))
+    os.removexattr(out / "etc" / "app.conf", "user.origin")
+    os.setxattr(out / "plain.txt", "user.extra", b"x")
+    found = compare_tree((e for e in repo.tree(snap)), out)
+    assert sorted((m.path, m.kind, m.expected, m.actual) for m in found.mismatches) == [
+        ("etc/app.conf", "xattrs", "user.origin", "none"), ("plain.txt", "xattrs", "none", "user.extra")]
+    assert not compare_tree((e for e in repo.tree(snap)), out, xattrs=False).mismatches
+
+
+def test_attributes_that_cannot_be_read_are_a_warning(repo, source, monkeypatch):
+    real = os.listxattr
+
+    def refuse(target, *args, **kwargs):
+        if isinstance(target, bytes) and target.endswith(b"etc") or isinstance(target, int):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(xattrs_mod.os, "listxattr", refuse)
+    result = repo.backup([str(source)])
+    entries = {e.path: e for e in repo.tree(result.snapshot)}
+    assert entries[b"etc"].xattrs == b"" and entries[b"big.bin"].xattrs == b""  # read through its open fd
+    assert entries[b"etc/app.conf"].xattrs  # read by path: a small file
+    warned = [w for w in result.warnings if "cannot read extended attributes" in w]
+    assert len(warned) == 2 and any(w.endswith("etc: Permission denied") for w in warned)
+
+
+def test_attributes_a_target_cannot_take_are_a_warning(repo, source, tmp_path, monkeypatch):
+    snap = repo.backup([str(source)]).snapshot
+
+    def unsupported(*args, **kwargs):
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    monkeypatch.setattr(xattrs_mod.os, "setxattr", unsupported)
+    out = tmp_path / "out"
+    result = repo.restore(snap, str(out), processes=1)
+    assert (out / "etc" / "app.conf").read_text() == "port = 6362\n"
+    warned = [w for w in result.warnings if "cannot set extended attributes" in w]
+    assert any("etc/app.conf: user.binary: Operation not supported; user.origin" in w for w in warned)
+    assert len(warned) == 3 + ROOT  # app.conf, etc, big-link.bin (and, as root, the link)
+
+
+def test_mount_lists_and_reads_them(repo, source):
+    from chunkvault.mount import SnapshotFS
+    from chunkvault.mountview import Layout
+
+    snap = repo.backup([str(source)]).snapshot
+    fs = SnapshotFS(repo)
+    root = f"/snapshots/{Layout([snap]).names[snap.id]}"
+    assert sorted(fs.listxattr(f"{root}/etc/app.conf")) == ["user.binary", "user.origin"]
+    assert fs.getxattr(f"{root}/etc/app.conf", "user.origin") == b"config management"
+    assert fs.getxattr(f"{root}/big-link.bin", "user.checked") == b"2026-11-30"  # a hard link reads as its file
+    assert fs.listxattr(f"{root}/plain.txt") == [] and fs.listxattr("/snapshots") == []
+    with pytest.raises(OSError) as exc:
+        fs.getxattr(f"{root}/plain.txt", "user.origin")
+    assert exc.value.errno == errno.ENODATA
+
+
+def test_copy_export_and_import_keep_them(repo, new_repo, source, tmp_path):
+    snap = repo.backup([str(source)]).snapshot
+    other = new_repo()
+    repo.copy_to(other)
+    path = str(tmp_path / "one.backup")
+    repo.export(snap, path, "export password", kdf_seconds=0)
+    third = new_repo()
+    imported = third.import_backup(path, "export password")
+    for r, s in ((other, other.snapshot()), (third, imported)):
+        assert s.version == SNAPSHOT_VERSION
+        out = tmp_path / f"out-{s.short_id}"
+        r.restore(s, str(out))
+        assert xattrs_of(out) == xattrs_of(source)
+
+
+def test_a_snapshot_of_a_newer_version_is_refused_by_name():
+    sealer = Sealer(bytes(32))
+    snap = Snapshot(time="2026-11-30T12:00:00+00:00", kind="full", parent=None, host="h", paths=["/a"],
+                    version=SNAPSHOT_VERSION + 1, id="ab" * 32)
+    with pytest.raises(CorruptObject, match=f"newer chunkvault \\(snapshot version {SNAPSHOT_VERSION + 1}\\)"):
+        Snapshot.decode(sealer, snap.id, snap.encode(sealer))
+    snap.version = 1
+    assert Snapshot.decode(sealer, snap.id, snap.encode(sealer)).version == 1
+
+
+def test_the_command_line_turns_them_off(cli, source, tmp_path):
+    repo = str(tmp_path / "cli-repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, "--no-xattrs", str(source))
+    cli("backup", "-r", repo, "--type", "full", str(source))
+    cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "a"), "--no-xattrs")
+    cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "b"))
+    assert all(not attrs for attrs in xattrs_of(tmp_path / "a").values())
+    assert xattrs_of(tmp_path / "b") == xattrs_of(source)
+    with Repository.open(repo, PASSWORD) as r:
+        assert [s.version for s in r.snapshots()] == [1, SNAPSHOT_VERSION]
