@@ -95,11 +95,11 @@ def _remote_options(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
 def _open(args: argparse.Namespace) -> Any:
     from .connection import connect, key_ahead_path
-    from .errors import ObjectNotFound, RepositoryNotFound
+    from .errors import ObjectNotFound
     from .remotes import url_scheme
     from .store.config import peek_config
     from .store.keyahead import KeyAhead
-    from .store.unlock import unlock
+    from .store.unlock import missing_config, unlock
 
     url = _repo_url(args)
     given = passwords.REPOSITORY.given(args) if url_scheme(url) != "file" else None
@@ -108,7 +108,7 @@ def _open(args: argparse.Namespace) -> Any:
     try:  # a missing or newer-format repository is reported before any password is asked
         peek_config(remote.get("config"))
     except ObjectNotFound:
-        raise RepositoryNotFound(f"no repository at {remote.display_url}") from None
+        raise missing_config(remote) from None
     password = ahead.password if ahead is not None else passwords.REPOSITORY.get(args)
     key = unlock(remote, password, ahead)  # before the store's modules load: see store/unlock.py
     from .repository import Repository

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 import blake3
@@ -297,6 +297,17 @@ class Backup:
             self._inflight.popleft().result()
 
     # --- file data -----------------------------------------------------------------
+
+    def _with_data_indexed(self, records: Iterator[Record]) -> Iterator[Record]:
+        """The parent's records, an entry whose chunks are not all in the index (a repair dropped a damaged
+        blob) marked as read while changing, so that its file is read again: a backup never records a
+        file by reference to data that is gone."""
+        indexed = self.repo.all_indexed
+        for rec in records:
+            e = rec.entry
+            if e is not None and e.chunks and not indexed(e.chunks):
+                rec = Record(rec.op, rec.path, replace(e, flags=e.flags | F_CHANGED_DURING_READ))
+            yield rec
 
     def _delta_bases(self, rel: bytes, prev: Entry | None) -> list[tuple[int, int, bytes]] | None:
         """(start, end, base id) of the parent version's chunks, for delta encoding.
@@ -726,6 +737,7 @@ class Backup:
             self.warnings.append("no parent snapshot: made a full snapshot")
         if parent_tree is None:
             parent_tree = repo.tree(parent, snapshots) if parent is not None else iter(())
+        parent_tree = self._with_data_indexed(parent_tree)
         # A parent taken without extended attributes (or, for --no-xattrs, with them) has entries whose
         # attributes say nothing about the files': none is taken from it unseen (each is read once).
         self._xattrs_known = parent is None or parent.stats.get("xattrs", False) == self.opt.xattrs

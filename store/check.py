@@ -246,8 +246,8 @@ class Checker:
             self.report.warnings.append(
                 f"{pack_key(pid)} is in no readable index (an index object is damaged: `repair index` adds it)"
                 if self.index_damaged else
-                f"{pack_key(pid)} is in no index (left by an interrupted backup; `repair index` adds it, prune "
-                "removes it)")
+                f"{pack_key(pid)} is in no index (left by an interrupted backup, or its index object is lost: "
+                "`repair index` adds it; prune deletes it only while no snapshot misses a blob)")
         todo = []
         for pid, entries in indexed.items():
             if pid not in stored:
@@ -344,7 +344,8 @@ class Checker:
         for s in snapshots:
             missing = [h for h in s.manifest if bytes.fromhex(h) not in index]
             if missing:
-                p = self.problem(f"snapshots/{s.id}", f"{len(missing)} manifest blob(s) not in the index")
+                p = self.problem(f"snapshots/{s.id}", f"{len(missing)} manifest blob(s) not in the index "
+                                                      "(`repair index` finds those a pack holds)")
                 p.snapshots.append(s.id)
                 self.bad_manifests[s.id] = p
                 continue
@@ -365,7 +366,8 @@ class Checker:
         while i >= 0:
             cid = ids[32 * i : 32 * i + 32]
             if cid not in self.bad_blobs:
-                self.bad_blobs[cid] = self.problem(f"blob {cid.hex()}", "not in the index")
+                self.bad_blobs[cid] = self.problem(f"blob {cid.hex()}", "not in the index (`repair index` finds it if a "
+                                                                        "pack holds it)")
             i = found.find(0, i + 1)
 
     def _bad(self, blob_id: bytes) -> Problem | None:

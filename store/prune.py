@@ -70,10 +70,28 @@ class PrunePlan:
 
 def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], used: set[bytes],
                  max_unused: float) -> PrunePlan:
-    """Pure: which packs to delete, repack or keep, given the used blob ids.
+    """Pure: which packs to delete, repack or keep, given the used blob ids (with their bases).
 
     A blob stored in several packs counts as live in the first that holds it.
+    A kept pack stays indexed whole, its unused blobs too (a later backup may
+    deduplicate against them), so the bases of its unused deltas are kept as
+    if used: every blob the new index lists can be read.
     """
+    known = {e.blob_id: e for entries in packs.values() for e in entries}
+    used = set(used)
+    while True:
+        plan = _select_once(packs, sizes, used, max_unused)
+        needed = {e.base_id for use in plan.keep for e in use.entries
+                  if e.kind == KIND_DELTA and e.base_id is not None and e.blob_id not in used}
+        grown = with_bases(needed, lambda b: known[b].base_id if b in known and known[b].kind == KIND_DELTA
+                           else None) - used
+        if not grown:
+            return plan
+        used |= grown
+
+
+def _select_once(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], used: set[bytes],
+                 max_unused: float) -> PrunePlan:
     plan = PrunePlan()
     placed: set[bytes] = set()
     for pid in sorted(packs):

@@ -37,7 +37,7 @@ from .manifest_seek import ManifestSeeker, segments
 from .pack import PackBuffers, PackBuilder
 from .packranges import RecentRanges
 from .snapshot import Snapshot
-from .unlock import Unlocked, unlock
+from .unlock import Unlocked, repository_objects, unlock
 
 IndexT = TypeVar("IndexT", IndexData, IndexColumns)
 
@@ -135,6 +135,10 @@ class Repo:
             raise UsageError("an empty password is not allowed")
         if remote.stat("config") is not None:
             raise RepositoryExists(f"a repository already exists at {remote.display_url}")
+        leftovers = repository_objects(remote)
+        if leftovers:
+            raise RepositoryExists(f"{remote.display_url} holds repository objects ({', '.join(leftovers)}) but "
+                                   "no config: a repository lost its config there; not creating one over it")
         if settings is None:
             settings = Settings(chunker=ChunkerParams().to_dict())
         ChunkerParams.from_dict(settings.chunker)  # validates
@@ -211,6 +215,12 @@ class Repo:
         index = self.index
         with self._index_lock:
             return index.get(blob_id)
+
+    def all_indexed(self, ids: bytes) -> bool:
+        """Whether every blob of ``ids`` (concatenated 32-byte ids) is in the index (thread-safe)."""
+        index = self.index
+        with self._index_lock:
+            return 0 not in index.contains_many(ids)
 
     def pack_no(self, pack_id: bytes | None) -> int:
         with self._lock:

@@ -27,6 +27,24 @@ class Unlocked(NamedTuple):
     key_name: str
 
 
+REPOSITORY_DIRS = ("keys/", "data/", "index/", "snapshots/")
+
+
+def repository_objects(remote: Remote) -> list[str]:
+    """Which of a repository's directories hold objects (each listed until its first object)."""
+    return [d for d in REPOSITORY_DIRS if next(iter(remote.list(d)), None) is not None]
+
+
+def missing_config(remote: Remote) -> Exception:
+    """The error for a location without a config: no repository, or one that lost its config (then
+    nothing must be created over it, and no hint may lead to deleting what it holds)."""
+    found = repository_objects(remote)
+    if not found:
+        return RepositoryNotFound(f"no repository at {remote.display_url}")
+    return CorruptObject("config", f"missing at {remote.display_url}, which holds repository objects "
+                                   f"({', '.join(found)}); put back a copy of the config file")
+
+
 def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Unlocked:
     """Try each key file with ``password``; errors say whether the password or the repository is wrong.
 
@@ -34,7 +52,7 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
     try:
         raw_config = remote.get("config")
     except ObjectNotFound:
-        raise RepositoryNotFound(f"no repository at {remote.display_url}") from None
+        raise missing_config(remote) from None
     clear = peek_config(raw_config)
     key_names = sorted(o.key.split("/", 1)[1] for o in remote.list("keys/"))
     if not key_names:

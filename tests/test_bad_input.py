@@ -34,6 +34,7 @@ from chunkvault.store.manifest import (
 )
 from chunkvault.store.pack import HEADER_AD, open_header
 from chunkvault.store.snapshot import SNAPSHOT_AD, Snapshot
+from conftest import PASSWORD
 from treeutil import describe, threads, walked_ahead
 
 PASSWORD = crashkit.PASSWORD
@@ -79,6 +80,28 @@ def _bump_format(repo_path: str, version: int = 2) -> None:
     cfg["format"] = version
     with open(os.path.join(repo_path, "config"), "w") as f:
         json.dump(cfg, f)
+
+
+def test_a_repository_that_lost_its_config_is_named_and_not_overwritten(tmp_path, cli, new_repo):
+    """Not "no repository": the objects are there (its key file too), and `init` must not build a second
+    repository among them, whose warnings would then call every old snapshot unreadable."""
+    repo = new_repo(str(tmp_path / "repo"))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_text("data\n")
+    repo.backup([str(tmp_path / "src")])
+    os.unlink(tmp_path / "repo" / "config")
+    keys = sorted(os.listdir(tmp_path / "repo" / "keys"))
+    r = cli("snapshots", "-r", str(tmp_path / "repo"), check=13)
+    assert r.stderr.decode().strip().endswith(
+        "config: missing at " + str(tmp_path / "repo") + ", which holds repository objects (keys/, data/, index/, "
+        "snapshots/); put back a copy of the config file")
+    r = cli("init", "-r", str(tmp_path / "repo"), check=10)
+    assert "lost its config there; not creating one over it" in r.stderr.decode()
+    assert sorted(os.listdir(tmp_path / "repo" / "keys")) == keys and not (tmp_path / "repo" / "config").exists()
+    with pytest.raises(CorruptObject, match="config"):
+        Repository.open(str(tmp_path / "repo"), PASSWORD)
+    assert cli("snapshots", "-r", str(tmp_path / "nothing"), check=10).stderr.decode().strip().endswith(
+        "no repository at " + str(tmp_path / "nothing"))
 
 
 def test_repository_of_a_newer_format(repo_path):

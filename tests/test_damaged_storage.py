@@ -392,6 +392,24 @@ def test_copy_goes_on_past_a_snapshot_damaged_in_the_source(tmp_path, new_repo, 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "c"]
 
 
+def test_a_backup_after_a_repair_reads_again_the_files_whose_data_it_lost(small_files, tmp_path):
+    """The source is intact and unchanged, but the parent's record of f5 names a blob the repair dropped:
+    the next backup reads f5 again and stores it, instead of recording it by reference to nothing (which
+    heals the earlier snapshot too: its blob id is the same)."""
+    repo_dir, repo, snap, files = small_files
+    (victim,) = chunk_ids(repo, snap, "f5")
+    path = pack_path(repo_dir, repo, victim)
+    loc = repo.store.locate(victim)
+    flip(path, loc.offset + loc.length // 2)
+    repo.repair_packs([path.name], dry_run=False)
+    after = repo.backup([str(tmp_path / "src")]).snapshot
+    assert after.kind == "diff" and after.stats["read_bytes"] == len(files["f5"])
+    assert after.stats["added_stored_bytes"] > 0
+    repo.restore(after, str(tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == files
+    assert repo.check(read_data=True).ok
+
+
 def damage_blob(repo_dir, repo: Repository, blob_id: bytes) -> None:
     loc = repo.store.locate(blob_id)
     flip(pack_path(repo_dir, repo, blob_id), loc.offset + loc.length // 2)
