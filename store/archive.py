@@ -2,9 +2,10 @@
 
 Written front to back, so the output may be a pipe (``dump latest srv/www | ssh host tar x``).
 Names are relative to the snapshot's root, as a restore lays them out. tar (POSIX pax) keeps modes,
-owners, nanosecond mtimes, symlinks, hard links, devices and FIFOs, and any byte in a name; zip
-keeps modes, mtimes (two-second steps, from 1980) and symlinks, stores a hard link as a copy of its
-file, and has no devices or FIFOs (each left out is a warning).
+owners, nanosecond mtimes, symlinks, hard links, devices and FIFOs, extended attributes (as GNU tar
+and bsdtar write them: ``SCHILY.xattr.NAME`` records; ``tar --xattrs`` sets them), and any byte in a
+name; zip keeps modes, mtimes (two-second steps, from 1980) and symlinks, stores a hard link as a
+copy of its file, and has no devices, FIFOs (each left out is a warning) or extended attributes.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import zipfile
 from typing import BinaryIO, Callable, Iterable
 
 from .manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry
+from .xattrs import decode_xattrs
 
 ARCHIVES = ("tar", "zip")
 
@@ -64,7 +66,15 @@ class _Tar:
     def _info(self, e: Entry, kind: bytes) -> tarfile.TarInfo:
         info = tarfile.TarInfo(os.fsdecode(e.path))
         info.type, info.mode, info.uid, info.gid = kind, e.mode, e.uid, e.gid
-        info.mtime = e.mtime_ns / 1e9 if e.mtime_ns % 1_000_000_000 else e.mtime_ns // 1_000_000_000
+        info.mtime = e.mtime_ns // 1_000_000_000
+        pax = {}
+        if e.mtime_ns % 1_000_000_000:  # exact, in decimal: a float would be off by up to a few hundred ns
+            ns = abs(e.mtime_ns)
+            pax["mtime"] = f"{'-' if e.mtime_ns < 0 else ''}{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+        if e.xattrs:
+            for name, value in decode_xattrs(e.xattrs).items():
+                pax["SCHILY.xattr." + os.fsdecode(name)] = value.decode("utf-8", "surrogateescape")
+        info.pax_headers = pax
         return info
 
     def file(self, e: Entry, data: BinaryIO) -> None:

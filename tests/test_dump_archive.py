@@ -57,9 +57,36 @@ def test_tar_of_the_whole_snapshot_unpacks_to_the_source(backed_up, tree, tmp_pa
     want, got = describe(tree, times=False), describe(tmp_path / "out", times=False)
     del want[b"."], got[b"."]  # the root itself is not in the archive
     assert got == want
-    assert os.stat(tmp_path / "out" / "a" / "one").st_mtime_ns // 1000 == 1_700_000_000_123_456  # to the microsecond
+    assert os.stat(tmp_path / "out" / "a" / "one").st_mtime_ns == 1_700_000_000_123_456_789  # to the nanosecond
     names = tarfile.open(fileobj=io.BytesIO(data)).getnames()
     assert names[:2] == ["a", "a/empty"] and all(not n.startswith(("/", "./")) for n in names)
+
+
+def test_tar_keeps_exact_times_and_extended_attributes(new_repo, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "old").write_text("before 1970\n")
+    (src / "tagged").write_text("with attributes\n")
+    os.utime(src / "old", ns=(-4_876_543_211, -4_876_543_211))
+    os.utime(src / "tagged", ns=(1_796_040_000_123_456_789,) * 2)
+    try:
+        os.setxattr(src / "tagged", "user.origin", b"config")
+        os.setxattr(src / "tagged", "user.raw", bytes(range(200, 256)))
+    except OSError:
+        pytest.skip("the test directory's file system keeps no user extended attributes")
+    repo = new_repo()
+    data, _ = dumped(repo, repo.backup([str(src)]).snapshot, "/")
+    members = {m.name: m for m in tarfile.open(fileobj=io.BytesIO(data), encoding="utf-8", errors="surrogateescape")}
+    assert members["old"].pax_headers["mtime"] == "-4.876543211"
+    assert members["tagged"].pax_headers["mtime"] == "1796040000.123456789"
+    assert members["tagged"].pax_headers["SCHILY.xattr.user.origin"] == "config"
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-x", "-f", "-", "-C", str(out)], input=data, check=True)
+    for name in ("old", "tagged"):
+        assert os.stat(out / name).st_mtime_ns == os.stat(src / name).st_mtime_ns
+    assert {n: os.getxattr(out / "tagged", n) for n in os.listxattr(out / "tagged")} == {
+        "user.origin": b"config", "user.raw": bytes(range(200, 256))}
 
 
 def test_tar_of_a_subtree_copies_a_hard_link_whose_file_is_outside(backed_up, tree, tmp_path):
