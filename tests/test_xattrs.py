@@ -231,6 +231,25 @@ def test_copy_export_and_import_keep_them(repo, new_repo, source, tmp_path):
         assert xattrs_of(out) == xattrs_of(source)
 
 
+@pytest.mark.parametrize("how", ["aggregate", "forget the full"])
+def test_a_differential_made_whole_takes_the_version_its_records_need(repo, source, tmp_path, how):
+    """A differential that changes no attribute is version 1; merged with its full (aggregate, or the
+    rebase a forget makes) its manifest carries the full's attributes, and its version says so."""
+    full = repo.backup([str(source)]).snapshot
+    (source / "plain.txt").write_text("changed\n")
+    diff = repo.backup([str(source)]).snapshot
+    assert (full.version, diff.kind, diff.version) == (SNAPSHOT_VERSION, "diff", 1)
+    if how == "aggregate":
+        repo.aggregate(diff)
+    else:
+        repo.forget([full.id])
+    whole = repo.snapshot(diff.id)
+    assert (whole.kind, whole.version) == ("full", SNAPSHOT_VERSION)
+    out = tmp_path / "out"
+    repo.restore(whole, str(out))
+    assert xattrs_of(out) == xattrs_of(source)
+
+
 def test_a_snapshot_of_a_newer_version_is_refused_by_name():
     sealer = Sealer(bytes(32))
     snap = Snapshot(time="2026-11-30T12:00:00+00:00", kind="full", parent=None, host="h", paths=["/a"],
