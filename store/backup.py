@@ -480,7 +480,7 @@ class Backup:
             after = os.fstat(fd)
         finally:
             os.close(fd)
-        if (after.st_dev, after.st_ino) != (st.st_dev, st.st_ino) and not self._ignore & IGNORE_INODE:
+        if st.st_nlink > 1 and (after.st_dev, after.st_ino) != (st.st_dev, st.st_ino):
             e.flags |= F_CHANGED_DURING_READ
             notes.append(f"replaced while being read (stored as read): {os.fsdecode(path)}")
             return _FileRead(e, notes, same_file=False)
