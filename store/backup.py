@@ -11,6 +11,7 @@ Per-byte work is native; Python only routes chunks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import itertools
 import os
@@ -22,7 +23,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 import blake3
 
@@ -41,7 +42,7 @@ from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, now_iso
-from .source import SourceWalk, open_source_file, read_whole
+from .source import SourceWalk, StatFailed, open_source_file, read_whole
 from .xattrs import read_xattrs
 
 BATCH_BYTES = 1 << 20  # new chunks go to the compression pool in batches of about this size...
@@ -130,6 +131,30 @@ def _cannot_read(path: bytes, exc: OSError) -> str:
     return f"cannot read {os.fsdecode(path)}: {exc.strerror or exc}"
 
 
+def _vanished(path: bytes) -> str:
+    return f"vanished during backup: {os.fsdecode(path)}"
+
+
+class _FileRead(NamedTuple):
+    """What reading a file gave: its entry (None: it vanished), its warnings, and whether the file read is
+    the one the walk stat'ed, not one put in its place since: only then may its other links name it."""
+
+    entry: Entry | None
+    notes: list[str]
+    same_file: bool = True
+
+
+class _Link:
+    """The paths of one multiply-linked file: ``first``, the one walked first, which the later ones name
+    while they wait, and ``holder``, the path whose file entry holds the data once one has settled."""
+
+    __slots__ = ("first", "holder")
+
+    def __init__(self, first: bytes):
+        self.first = first
+        self.holder: bytes | None = None
+
+
 class _ReadRun:
     """Files one reader reads in a row (``Backup._read_run``); ``future`` is set once a reader has it."""
 
@@ -138,7 +163,7 @@ class _ReadRun:
     def __init__(self) -> None:
         self.files: list[tuple[Entry, bytes, os.stat_result, Entry | None]] = []
         self.size = 0
-        self.future: Future[list[tuple[Entry | None, list[str]]]] | None = None
+        self.future: Future[list[_FileRead]] | None = None
 
 
 class _Waiting:
@@ -246,7 +271,9 @@ class Backup:
         self._count_lock = threading.Lock()  # readers add to read_bytes
         self.counts = {"new_files": 0, "changed_files": 0, "unchanged_files": 0, "deleted": 0,
                        "read_bytes": 0}
-        self._hardlinks: dict[tuple[int, int], bytes] = {}
+        self._hardlinks: dict[tuple[int, int], _Link] = {}  # (device, inode) of each multiply-linked file walked
+        self._links_waiting: dict[bytes, tuple[_Link, os.stat_result]] = {}  # its paths not settled yet, their lstat
+        self._unread: set[bytes] = set()  # paths not read, kept from the parent, to list unreadable when settled
         self._uid_ok = os.geteuid() == 0 if hasattr(os, "geteuid") else False
         self._last_progress = 0.0
         self._sequence = 0
@@ -397,12 +424,7 @@ class Backup:
         """The entry of a regular file: the parent's data when its stat fields say so, else the run of files
         to read it joins (the last of its files)."""
         e = self._base_entry(rel, st, T_FILE, prev)
-        if (prev is not None and not self.opt.reread and prev.type == T_FILE
-                and not prev.flags & (F_UNREADABLE | F_CHANGED_DURING_READ)
-                and prev.size == st.st_size and prev.mtime_ns == st.st_mtime_ns
-                and prev.ctime_ns == e.ctime_ns and prev.ino == e.ino):
-            e.digest, e.chunks, e.size = prev.digest, prev.chunks, prev.size
-            e.xattrs = self._xattrs(path, path, st, T_FILE, prev, notes)
+        if self._kept_file(e, path, st, prev, notes):
             return e
         run = self._run_filling
         if run is None:
@@ -413,14 +435,24 @@ class Backup:
             self._start_run()
         return run
 
+    def _kept_file(self, e: Entry, path: bytes, st: os.stat_result, prev: Entry | None, notes: list[str]) -> bool:
+        """Whether the file's stat fields say its data is the parent's: then ``e`` takes it, unread."""
+        if (prev is None or self.opt.reread or prev.type != T_FILE
+                or prev.flags & (F_UNREADABLE | F_CHANGED_DURING_READ)
+                or prev.size != st.st_size or prev.mtime_ns != st.st_mtime_ns
+                or prev.ctime_ns != e.ctime_ns or prev.ino != e.ino):
+            return False
+        e.digest, e.chunks, e.size = prev.digest, prev.chunks, prev.size
+        e.xattrs = self._xattrs(path, path, st, T_FILE, prev, notes)
+        return True
+
     def _start_run(self) -> None:
         """Hand the run being filled to a reader."""
         run, self._run_filling = self._run_filling, None
         if run is not None:
             run.future = self._readers.submit(self._read_run, run.files)
 
-    def _read_run(self, files: list[tuple[Entry, bytes, os.stat_result, Entry | None]]
-                  ) -> list[tuple[Entry | None, list[str]]]:
+    def _read_run(self, files: list[tuple[Entry, bytes, os.stat_result, Entry | None]]) -> list[_FileRead]:
         out = []
         for e, path, st, prev in files:
             if self._abort.is_set():
@@ -428,24 +460,25 @@ class Backup:
             out.append(self._read_file(e, path, st, prev))
         return out
 
-    def _read_file(self, e: Entry, path: bytes, st: os.stat_result, prev: Entry | None
-                   ) -> tuple[Entry | None, list[str]]:
+    def _read_file(self, e: Entry, path: bytes, st: os.stat_result, prev: Entry | None) -> _FileRead:
         """On a reader thread: fill in ``e`` from the file's bytes.  Its warnings are returned, to be
-        reported when the entry takes its place in the manifest."""
+        reported when the entry takes its place in the manifest.  A multiply-linked file is read through a
+        descriptor, whose fstat tells whether it is still the file the walk saw."""
         notes: list[str] = []
-        if st.st_size <= self.repo.chunker_params.min_size and not _matches(e.path, self.opt.fixed_chunks):
+        if (st.st_nlink == 1 and st.st_size <= self.repo.chunker_params.min_size
+                and not _matches(e.path, self.opt.fixed_chunks)):
             small = self._read_small(e, path, st, prev, notes)
             if small is not None:
-                return small, notes
+                return _FileRead(small, notes)
         try:
             fd = open_source_file(path)
         except FileNotFoundError:
-            return None, [f"vanished during backup: {os.fsdecode(path)}"]
+            return _FileRead(None, [_vanished(path)])
         except OSError as exc:
             notes.append(_cannot_read(path, exc))
             e.flags |= F_UNREADABLE
             e.size = 0
-            return e, notes
+            return _FileRead(e, notes)
         try:
             e.xattrs = self._xattrs(fd, path, st, T_FILE, prev, notes)
             try:
@@ -454,12 +487,16 @@ class Backup:
                 notes.append(_cannot_read(path, exc))
                 e.flags |= F_UNREADABLE
                 e.digest, e.chunks, e.size = b"", b"", 0
-                return e, notes
+                return _FileRead(e, notes)
             after = os.fstat(fd)
         finally:
             os.close(fd)
+        if st.st_nlink > 1 and (after.st_dev, after.st_ino) != (st.st_dev, st.st_ino):
+            e.flags |= F_CHANGED_DURING_READ
+            notes.append(f"replaced while being read (stored as read): {os.fsdecode(path)}")
+            return _FileRead(e, notes, same_file=False)
         self._check_unchanged(e, path, st, (after.st_size, after.st_mtime_ns, after.st_ctime_ns), notes)
-        return e, notes
+        return _FileRead(e, notes)
 
     def _read_small(self, e: Entry, path: bytes, st: os.stat_result, prev: Entry | None, notes: list[str]
                     ) -> Entry | None:
@@ -521,7 +558,33 @@ class Backup:
 
     def _entry(self, rel: bytes, path: bytes, st: os.stat_result, ok: bool, prev: Entry | None,
                notes: list[str]) -> Entry | _ReadRun | None:
-        """The entry for a walked path (None: skipped, with a note why); a file to read joins a run."""
+        """The entry for a walked path (None: skipped, with a note why); a file to read joins a run.  A path
+        that cannot be read now, its lstat or another call on it failing, is one warning, never the end of
+        the backup; FileNotFoundError when it vanished."""
+        if isinstance(st, StatFailed):  # the walk warned
+            return self._kept_entry(rel, prev)
+        try:
+            return self._typed_entry(rel, path, st, ok, prev, notes)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            notes.append(_cannot_read(path, exc))
+            return self._kept_entry(rel, prev)
+
+    def _kept_entry(self, rel: bytes, prev: Entry | None) -> Entry | None:
+        """What a path that cannot be read now keeps: the parent's entry, since an error that may pass is no
+        reason to record it deleted, the path listed unreadable.  A directory's is flagged unreadable: what
+        is below it was not walked.  A hard link is not kept: the path it names may be gone."""
+        self._unread.add(rel)
+        if prev is None or prev.type == T_HARDLINK:
+            return None
+        if prev.type == T_DIR:
+            return replace(prev, flags=prev.flags | F_UNREADABLE)
+        return prev
+
+    def _typed_entry(self, rel: bytes, path: bytes, st: os.stat_result, ok: bool, prev: Entry | None,
+                     notes: list[str]) -> Entry | _ReadRun | None:
+        """``_entry`` by the file type the walk's lstat gave."""
         mode = st.st_mode
         if stat.S_ISDIR(mode):
             e = self._base_entry(rel, st, T_DIR, prev)
@@ -531,17 +594,18 @@ class Backup:
             return e
         if stat.S_ISREG(mode):
             if st.st_nlink > 1:
-                first = self._hardlinks.setdefault((st.st_dev, st.st_ino), rel)
-                if first != rel:
-                    e = self._base_entry(rel, st, T_HARDLINK)
-                    e.target = first
-                    e.size = st.st_size
-                    return e
+                return self._linked_entry(rel, path, st, prev, notes)
             return self._file_entry(rel, path, st, prev, notes)
         if stat.S_ISLNK(mode):
+            try:
+                target = os.readlink(path)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                return self._replaced_symlink(rel, path, prev, notes)
             e = self._base_entry(rel, st, T_SYMLINK, prev)
-            e.target = os.readlink(path)
-            e.size = len(e.target)
+            e.target = target
+            e.size = len(target)
         elif stat.S_ISFIFO(mode):
             e = self._base_entry(rel, st, T_FIFO)
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -552,6 +616,63 @@ class Backup:
             return None
         e.xattrs = self._xattrs(path, path, st, e.type, prev, notes)
         return e
+
+    def _replaced_symlink(self, rel: bytes, path: bytes, prev: Entry | None, notes: list[str]
+                          ) -> Entry | _ReadRun | None:
+        """The entry of a symlink replaced since the walk's lstat: what the path is now, or nothing (as if it
+        had vanished) when that is a directory, whose contents were not walked, or a symlink again."""
+        now = os.lstat(path)
+        if stat.S_ISDIR(now.st_mode) or stat.S_ISLNK(now.st_mode):
+            notes.append(f"changed type during backup (left out until the next backup): {os.fsdecode(path)}")
+            return None
+        notes.append(f"changed type during backup (recorded as it is now): {os.fsdecode(path)}")
+        return self._typed_entry(rel, path, now, True, prev, notes)
+
+    def _linked_entry(self, rel: bytes, path: bytes, st: os.stat_result, prev: Entry | None, notes: list[str]
+                      ) -> Entry | _ReadRun:
+        """A path of a multiply-linked file: the first walked is read as the file, the later ones are hard
+        links to it until their turn in the manifest (``_settle_link``) tells which path holds the data."""
+        key = (st.st_dev, st.st_ino)
+        link = self._hardlinks.get(key)
+        if link is None:
+            link = self._hardlinks[key] = _Link(rel)
+            self._links_waiting[rel] = (link, st)
+            return self._file_entry(rel, path, st, prev, notes)
+        self._links_waiting[rel] = (link, st)
+        e = self._base_entry(rel, st, T_HARDLINK)
+        e.target = link.first
+        e.size = st.st_size
+        return e
+
+    def _settle_link(self, item: _Waiting, diff: bool, same_file: bool) -> None:
+        """Settle a path of a multiply-linked file in manifest order.  The first whose entry holds the file's
+        data (its file entry read, or kept from the parent) is what the later ones name.  When the path
+        walked first vanished, was replaced or could not be read, the next link is read as the file."""
+        link, st = self._links_waiting.pop(item.rel)
+        e = item.entry
+        if e is not None and e.type == T_HARDLINK:
+            if link.holder is not None:
+                if e.target != link.holder:
+                    e.target = link.holder
+                    item.settle(e, diff)
+                return
+            read = self._read_link(item, st)
+            item.notes += read.notes
+            item.settle(read.entry, diff)
+            e, same_file = read.entry, read.same_file
+        if e is not None and e.type == T_FILE and not e.flags & F_UNREADABLE and same_file:
+            link.holder = item.rel
+
+    def _read_link(self, item: _Waiting, st: os.stat_result) -> _FileRead:
+        """A later link read as the file itself, on this thread: a race that leaves no reader to wait for."""
+        e = self._base_entry(item.rel, st, T_FILE, item.prev)
+        notes: list[str] = []
+        try:
+            if self._kept_file(e, item.path, st, item.prev, notes):
+                return _FileRead(e, notes)
+        except FileNotFoundError:
+            return _FileRead(None, [_vanished(item.path)])
+        return self._read_file(e, item.path, st, item.prev)
 
     def _maybe_progress(self, unchanged: int = 0) -> None:
         """Report the counts at most twice a second (from the main thread only); ``unchanged``: files not
@@ -675,25 +796,31 @@ class Backup:
         be), with its counts and warnings; ``unchanged``: the unchanged files not yet counted, for progress."""
         if isinstance(item, Record):
             return item
+        same_file = True  # the file read is the one walked (see _FileRead)
         if item.run is not None:
             if item.run.future is None:  # the run still filling: a reader takes it now
                 self._start_run()
             assert item.run.future is not None
             while True:
                 try:
-                    e, notes = item.run.future.result(timeout=0.5)[item.index]
+                    read = item.run.future.result(timeout=0.5)[item.index]
                     break
                 except FutureTimeout:
                     self._maybe_progress(unchanged)
-            item.notes += notes
-            item.settle(e, diff)
+            item.notes += read.notes
+            item.settle(read.entry, diff)
+            same_file = read.same_file
+        if self._links_waiting and item.rel in self._links_waiting:
+            self._settle_link(item, diff, same_file)
         self.warnings += item.notes
         e = item.entry
+        unread = bool(self._unread) and item.rel in self._unread
+        if unread or e is not None and e.flags & F_UNREADABLE:
+            self._unread.discard(item.rel)
+            self.unreadable.append(os.fsdecode(item.rel) or ".")
         if e is None:
             return item.record
         stats.count_entry(e)
-        if e.flags & F_UNREADABLE:
-            self.unreadable.append(os.fsdecode(e.path) or ".")
         if e.type == T_FILE:
             prev = item.prev
             self.counts["unchanged_files" if item.same else "changed_files" if prev is not None else "new_files"] += 1

@@ -24,7 +24,8 @@ from typing import Any, Iterator
 
 from chunkvault.errors import UsageError
 
-#: One source entry: manifest path, path on disk, its lstat, and whether a directory could be listed.
+#: One source entry: manifest path, path on disk, its lstat (a ``StatFailed`` when that failed), and whether it
+#: could be read (a directory listed).
 SourceItem = tuple[bytes, bytes, "os.stat_result | FileStat", bool]
 #: A directory entry as a scan returns it: name, the errno of its lstat (0: none), and the lstat's fields
 #: (mode, ino, dev, nlink, uid, gid, size, mtime_ns, ctime_ns, rdev) or None.
@@ -206,8 +207,22 @@ class FileStat:
         return self
 
 
+class StatFailed(FileStat):
+    """What the walk yields for an entry whose lstat failed other than by its vanishing (``error``: the
+    errno), instead of leaving it out: a backup lists it unreadable and keeps the parent's entry for it.
+    Every field is 0, no file type, so it matches no recorded entry."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: int):
+        for name in FileStat.__slots__:
+            setattr(self, name, 0)
+        self.error = error
+
+
 class SourceWalk:
-    """Entries in manifest order (depth first, names sorted); errors become warnings, never abort.
+    """Entries in manifest order (depth first, names sorted); errors become warnings, never abort.  An
+    entry whose lstat fails, other than by vanishing, comes with a ``StatFailed`` for its stat.
 
     Iterate it once.  ``start()`` first to walk ahead on a thread (at most
     ``ahead`` entries) until iteration begins.  A walk ahead older than
@@ -329,18 +344,21 @@ class SourceWalk:
         base = s.rsplit("/", 1)[-1]
         return any(fnmatch.fnmatchcase(s, g) or fnmatch.fnmatchcase(base, g) for g in self.excludes)
 
-    def _lstat(self, path: bytes) -> os.stat_result | None:
+    @staticmethod
+    def _lstat(path: bytes) -> tuple[os.stat_result | None, int]:
+        """The path's lstat, or None and the errno."""
         try:
-            return os.lstat(path)
+            return os.lstat(path), 0
         except OSError as exc:
-            self._stat_failed(path, exc.errno or errno.EIO)
-        return None
+            return None, exc.errno or errno.EIO
 
-    def _stat_failed(self, path: bytes, err: int) -> None:
+    def _stat_failed(self, path: bytes, err: int) -> StatFailed | None:
+        """The warning for a failed lstat, and what stands for the entry (None: it vanished, left out)."""
         if err == errno.ENOENT:
             self.warnings.append(f"vanished during backup: {os.fsdecode(path)}")
-        else:
-            self.warnings.append(f"cannot stat {os.fsdecode(path)}: {os.strerror(err)}")
+            return None
+        self.warnings.append(f"cannot stat {os.fsdecode(path)}: {os.strerror(err)}")
+        return StatFailed(err)
 
     def _scan(self, path: bytes) -> tuple[list[ScanItem], bool]:
         try:
@@ -356,7 +374,7 @@ class SourceWalk:
         bottom iterator and are never excluded."""
         isdir, excludes = stat.S_ISDIR, self.excludes
         stack: list[Iterator[tuple[bytes, bytes, os.stat_result | FileStat | None, int]]] = [
-            ((rel, path, self._lstat(path), 0) for rel, path in self.roots)]
+            ((rel, path, *self._lstat(path)) for rel, path in self.roots)]
         while stack:
             item = next(stack[-1], None)
             if item is None:
@@ -366,8 +384,9 @@ class SourceWalk:
             if excludes and len(stack) > 1 and self.excluded(rel):
                 continue
             if st is None:
-                if err:
-                    self._stat_failed(path, err)
+                failed = self._stat_failed(path, err)
+                if failed is not None:
+                    yield rel, path, failed, False
                 continue
             if len(stack) == 1:
                 self._root_dev = st.st_dev
@@ -406,23 +425,23 @@ class SourceWalk:
                     rel, path, st, err, list_err = item
                     if cut is not None and rel.startswith(cut):
                         continue
-                    if st is None:
-                        if err:
-                            self._stat_failed(path, err)
-                            continue
+                    ok = not list_err
+                    if st is None and not err:
                         st = root_st
-                    elif time.monotonic() - scanned > restat_after:
+                    elif st is not None and time.monotonic() - scanned > restat_after:
                         was_dir = isdir(st.st_mode)
-                        st = self._lstat(path)  # a warning when it fails
+                        st, err = self._lstat(path)
                         if was_dir and (st is None or not isdir(st.st_mode)):
                             cut = rel + b"/"
+                    if st is None:
+                        st, ok = self._stat_failed(path, err), False
                         if st is None:
                             continue
                     if list_err:
                         self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {os.strerror(list_err)}")
                     if item is last and cut is None:  # what comes next is still in the walker's queue
                         self._between_batches = walker
-                    yield rel, path, st, not list_err
+                    yield rel, path, st, ok
                     self._between_batches = None
         finally:
             self._between_batches = None

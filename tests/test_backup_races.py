@@ -1,0 +1,434 @@
+"""A source tree that changes under a running backup: each race is one warning, never a failed backup,
+and never loses what did not change.  Races are made deterministic by running the change at the moment it
+must happen (between the walk's lstat and the backup's next call on the path), on real files."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from chunkvault import Repository
+from chunkvault.store import backup, source
+from chunkvault.store.manifest import F_CHANGED_DURING_READ, F_UNREADABLE, T_DIR, T_FILE, T_HARDLINK, sort_key
+from chunkvault.store.source import StatFailed, SourceWalk
+from conftest import PASSWORD
+
+
+def tree_of(repo, snap) -> dict[bytes, object]:
+    return {e.path: e for e in repo.tree(snap)}
+
+
+def assert_links_name_earlier_files(repo, snap) -> None:
+    """Manifest order as the format has it: a hard link names a file entry recorded before it."""
+    seen: dict[bytes, int] = {}
+    for e in repo.tree(snap):
+        if e.type == T_HARDLINK:
+            assert seen.get(e.target) == T_FILE, (e.path, e.target)
+        seen[e.path] = e.type
+    keys = [sort_key(p) for p in seen]
+    assert keys == sorted(keys)
+
+
+def before_call(monkeypatch, module, name: str, victim: str, change) -> list[str]:
+    """Run ``change(path)`` once, right before ``module.name`` is first called on a path named ``victim``."""
+    real = getattr(module, name)
+    fired: list[str] = []
+
+    def hooked(path, *args, **kwargs):
+        if not fired and os.path.basename(os.fsdecode(path)) == victim:
+            fired.append(os.fsdecode(path))
+            change(os.fsdecode(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, hooked)
+    return fired
+
+
+# --- symbolic links replaced between the walk's lstat and readlink ----------------------------------------
+
+def to_file(path: str) -> None:
+    os.unlink(path)
+    with open(path, "wb") as f:
+        f.write(b"a file now")
+
+
+def to_dir(path: str) -> None:
+    os.unlink(path)
+    os.mkdir(path)
+    with open(os.path.join(path, "inside"), "wb") as f:
+        f.write(b"inside")
+
+
+def test_a_symlink_replaced_before_readlink_is_recorded_as_what_it_is_now(tmp_path, new_repo, monkeypatch):
+    """Replaced by a file: the file; by a directory (not walked): left out until the next backup; removed:
+    vanished.  Each a warning; the snapshot is saved and complete otherwise."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    for name in ("tofile", "todir", "gone", "kept"):
+        os.symlink("a", src / name)
+    repo = new_repo()
+    changes = {"tofile": to_file, "todir": to_dir, "gone": os.unlink}
+    real = os.readlink
+
+    def racing_readlink(path, *args, **kwargs):
+        change = changes.pop(os.path.basename(os.fsdecode(path)), None)
+        if change is not None:
+            change(os.fsdecode(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(backup.os, "readlink", racing_readlink)
+    result = repo.backup([str(src)])
+    monkeypatch.undo()
+    assert not changes and not result.partial
+    tree = tree_of(repo, result.snapshot)
+    assert tree[b"tofile"].type == T_FILE and b"todir" not in tree and b"gone" not in tree
+    assert tree[b"kept"].target == b"a"
+    with repo.open_file(result.snapshot, "tofile") as f:
+        assert f.read() == b"a file now"
+    assert sum("changed type during backup" in w for w in result.warnings) == 2
+    assert any(w.startswith("vanished during backup") and w.endswith("/gone") for w in result.warnings)
+    after = repo.backup([str(src)])  # the directory is recorded once it is walked
+    assert tree_of(repo, after.snapshot)[b"todir/inside"].type == T_FILE
+
+
+def test_a_symlink_retargeted_in_a_differential_and_replaced_by_a_file_meanwhile(tmp_path, new_repo, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    os.symlink("old", src / "link")
+    repo = new_repo()
+    repo.backup([str(src)])
+    os.unlink(src / "link")
+    os.symlink("new", src / "link")
+    before_call(monkeypatch, backup.os, "readlink", "link", to_file)
+    diff = repo.backup([str(src)], kind="diff")
+    monkeypatch.undo()
+    assert diff.snapshot.kind == "diff"
+    out = tmp_path / "out"
+    repo.restore(diff.snapshot, str(out))
+    assert (out / "link").read_bytes() == b"a file now" and not (out / "link").is_symlink()
+
+
+def test_a_symlink_that_cannot_be_read_keeps_the_parents_entry_and_is_listed_unreadable(
+        tmp_path, new_repo, monkeypatch):
+    """Any other error of readlink is a warning for that path, not an internal error ending the backup."""
+    src = tmp_path / "src"
+    src.mkdir()
+    os.symlink("target-1", src / "link")
+    (src / "f").write_bytes(b"f")
+    repo = new_repo()
+    repo.backup([str(src)])
+    os.unlink(src / "link")
+    os.symlink("target-2", src / "link")
+    real = os.readlink
+
+    def failing_readlink(path, *args, **kwargs):
+        if os.path.basename(os.fsdecode(path)) == "link":
+            raise OSError(errno.EIO, "Input/output error", os.fsdecode(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(backup.os, "readlink", failing_readlink)
+    diff = repo.backup([str(src)], kind="diff")
+    monkeypatch.undo()
+    assert diff.partial and diff.snapshot.stats["unreadable"] == ["link"]
+    assert any(w.startswith("cannot read") and "Input/output error" in w for w in diff.warnings)
+    assert tree_of(repo, diff.snapshot)[b"link"].target == b"target-1"
+
+
+# --- hard links whose first path changes before it is read ---------------------------------------------
+
+def unlink(path: str) -> None:
+    os.unlink(path)
+
+
+def to_symlink(path: str) -> None:
+    os.unlink(path)
+    os.symlink("elsewhere", path)
+
+
+def to_other_file(path: str) -> None:
+    with open(path + ".new", "wb") as f:
+        f.write(b"another file")
+    os.rename(path + ".new", path)
+
+
+def race_reading(monkeypatch, victim: str, change) -> list[str]:
+    """``change`` the file named ``victim`` right before the backup opens it (whichever way it reads it)."""
+    fired = before_call(monkeypatch, backup, "open_source_file", victim, change)
+    real = backup.read_whole
+
+    def hooked(path, *args):
+        if not fired and os.path.basename(os.fsdecode(path)) == victim:
+            fired.append(os.fsdecode(path))
+            change(os.fsdecode(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(backup, "read_whole", hooked)
+    return fired
+
+
+def linked_tree(src, size: int) -> bytes:
+    """a/victim with two more links, b/other and c/third; its data."""
+    data = os.urandom(size)
+    for d in "abc":
+        (src / d).mkdir(parents=True)
+    (src / "a" / "victim").write_bytes(data)
+    os.link(src / "a" / "victim", src / "b" / "other")
+    os.link(src / "a" / "victim", src / "c" / "third")
+    return data
+
+
+def assert_restored_links(repo, snap, out, data: bytes) -> None:
+    repo.restore(snap, str(out))
+    assert (out / "b" / "other").read_bytes() == data and (out / "c" / "third").read_bytes() == data
+    assert os.stat(out / "b" / "other").st_ino == os.stat(out / "c" / "third").st_ino
+
+
+@pytest.mark.parametrize("size", [5000, 300_000])
+@pytest.mark.parametrize("change", [unlink, to_dir, to_symlink, to_other_file])
+def test_hard_links_keep_their_data_when_the_first_link_changes_before_it_is_read(
+        tmp_path, new_repo, monkeypatch, change, size):
+    """The next link holds the file's data, the one after names it; a/victim is what it became."""
+    src = tmp_path / "src"
+    data = linked_tree(src, size)
+    repo = new_repo()
+    fired = race_reading(monkeypatch, "victim", change)
+    result = repo.backup([str(src)])
+    monkeypatch.undo()
+    assert fired
+    tree = tree_of(repo, result.snapshot)
+    assert tree[b"b/other"].type == T_FILE and tree[b"b/other"].size == size
+    assert tree[b"c/third"].type == T_HARDLINK and tree[b"c/third"].target == b"b/other"
+    assert_links_name_earlier_files(repo, result.snapshot)
+    if change is unlink:
+        assert b"a/victim" not in tree and not result.partial
+    elif change is to_other_file:
+        assert tree[b"a/victim"].type == T_FILE and tree[b"a/victim"].flags & F_CHANGED_DURING_READ
+        assert any(w.startswith("replaced while being read") for w in result.warnings)
+    else:  # a directory or a symlink in its place cannot be read as the file
+        assert result.snapshot.stats["unreadable"] == ["a/victim"]
+    out = tmp_path / "out"
+    assert_restored_links(repo, result.snapshot, out, data)
+    if change is to_other_file:
+        assert (out / "a" / "victim").read_bytes() == b"another file"
+
+
+def test_hard_links_keep_their_data_when_the_first_link_cannot_be_read(tmp_path, new_repo, monkeypatch,
+                                                                     python_file_reads):
+    src = tmp_path / "src"
+    data = linked_tree(src, 5000)
+    real_open = os.open
+
+    def failing_open(path, flags, *args):
+        if os.path.basename(os.fsdecode(path)) == "victim":  # root reads every file: the error is simulated
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args)
+
+    repo = new_repo()
+    monkeypatch.setattr(backup.os, "open", failing_open)
+    result = repo.backup([str(src)])
+    monkeypatch.undo()
+    assert result.snapshot.stats["unreadable"] == ["a/victim"]
+    tree = tree_of(repo, result.snapshot)
+    assert tree[b"a/victim"].flags & F_UNREADABLE and tree[b"b/other"].type == T_FILE
+    assert tree[b"c/third"].target == b"b/other"
+    assert_restored_links(repo, result.snapshot, tmp_path / "out", data)
+
+
+def test_the_last_link_holds_the_data_when_the_two_before_it_vanish(tmp_path, new_repo, monkeypatch):
+    src = tmp_path / "src"
+    data = linked_tree(src, 5000)
+    repo = new_repo()
+
+    def both_gone(path: str) -> None:
+        os.unlink(path)
+        os.unlink(src / "b" / "other")
+
+    race_reading(monkeypatch, "victim", both_gone)
+    result = repo.backup([str(src)])
+    monkeypatch.undo()
+    tree = tree_of(repo, result.snapshot)
+    assert b"a/victim" not in tree and b"b/other" not in tree
+    assert tree[b"c/third"].type == T_FILE
+    with repo.open_file(result.snapshot, "c/third") as f:
+        assert f.read() == data
+    assert sum(w.startswith("vanished during backup") for w in result.warnings) == 2
+
+
+def test_a_differential_moves_the_data_to_the_next_link(tmp_path, new_repo, monkeypatch):
+    """The parent recorded b/other and c/third as links to a/victim; the file changed, and a/victim
+    vanishes before it is read: the differential records b/other as the file and c/third as its link."""
+    src = tmp_path / "src"
+    linked_tree(src, 5000)
+    repo = new_repo()
+    full = tree_of(repo, repo.backup([str(src)]).snapshot)  # no race: the links name the path walked first
+    assert full[b"b/other"].target == full[b"c/third"].target == b"a/victim"
+    data = os.urandom(7000)
+    (src / "a" / "victim").write_bytes(data)
+    race_reading(monkeypatch, "victim", unlink)
+    diff = repo.backup([str(src)], kind="diff")
+    monkeypatch.undo()
+    assert diff.snapshot.kind == "diff"
+    tree = tree_of(repo, diff.snapshot)
+    assert b"a/victim" not in tree and tree[b"b/other"].type == T_FILE
+    assert_links_name_earlier_files(repo, diff.snapshot)
+    assert_restored_links(repo, diff.snapshot, tmp_path / "out", data)
+
+
+# --- paths whose lstat fails ------------------------------------------------------------------------------
+
+class walk_kind:
+    """Within it, walks take the per-directory path (``c`` the C walker, ``dirs`` a C scan per directory,
+    ``python`` the Python reference of that scan)."""
+
+    def __init__(self, monkeypatch, kind: str):
+        if kind != "c":
+            monkeypatch.setattr(source, "Walker", None)
+        if kind == "python":
+            monkeypatch.setattr(source, "scan_dir", source.scan_dir_reference)
+
+
+def failing_lstat(monkeypatch, name: str) -> None:
+    """lstat of a path named ``name`` fails as in a directory that may be listed but not searched."""
+    real = os.lstat
+
+    def lstat(path, *args, **kwargs):
+        if os.path.basename(os.fsdecode(path)) == name:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(source.os, "lstat", lstat)
+
+
+def test_an_entry_whose_lstat_fails_is_yielded_not_left_out(tmp_path, monkeypatch):
+    (tmp_path / "a").write_bytes(b"a")
+    (tmp_path / "b").write_bytes(b"b")
+    walk_kind(monkeypatch, "python")
+    failing_lstat(monkeypatch, "a")
+    walk = SourceWalk.of_paths([str(tmp_path)])
+    items = [(rel, type(st), ok) for rel, _, st, ok in walk]
+    assert items[1] == (b"a", StatFailed, False) and items[2][0] == b"b" and items[2][2]
+    assert walk.warnings == [f"cannot stat {tmp_path}/a: Permission denied"]
+
+
+def test_an_entry_whose_lstat_fails_is_unreadable_and_a_differential_keeps_it(tmp_path, new_repo, monkeypatch):
+    """Listed unreadable (the backup is partial: exit 3); the parent's entry stays, data and all, and a
+    directory's is flagged, as one that could not be listed."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "x").write_bytes(b"x")
+    (src / "file").write_bytes(b"old data")
+    (src / "new").write_bytes(b"new")
+    repo = new_repo()
+    repo.backup([str(src)])
+    (src / "file").write_bytes(b"new data")
+    (src / "other").write_bytes(b"other")
+    walk_kind(monkeypatch, "python")
+    failing = {"file", "sub", "other"}
+    real = os.lstat
+
+    def lstat(path, *args, **kwargs):
+        if os.path.basename(os.fsdecode(path)) in failing:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(source.os, "lstat", lstat)
+    diff = repo.backup([str(src)], kind="diff")
+    monkeypatch.undo()
+    assert diff.partial and diff.snapshot.stats["unreadable"] == ["file", "other", "sub"]
+    tree = tree_of(repo, diff.snapshot)
+    assert b"other" not in tree and tree[b"new"].type == T_FILE
+    assert tree[b"sub"].type == T_DIR and tree[b"sub"].flags & F_UNREADABLE
+    with repo.open_file(diff.snapshot, "file") as f:
+        assert f.read() == b"old data"
+    full = repo.backup([str(src)], kind="full")  # once it can be read again
+    with repo.open_file(full.snapshot, "file") as f:
+        assert f.read() == b"new data"
+
+
+SETPRIV = shutil.which("setpriv")
+needs_no_dac_override = pytest.mark.skipif(
+    os.geteuid() == 0 and SETPRIV is None, reason="root reads every directory, and setpriv is not here to stop it")
+
+
+def unprivileged(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``args`` run as this user, but without overriding file permissions (root included)."""
+    prefix = [SETPRIV, "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    return subprocess.run(prefix + args, capture_output=True, timeout=300, **kwargs)
+
+
+WALKS = """
+import json, sys
+from chunkvault.store import source
+out = {}
+for kind in ("c", "dirs", "python"):
+    if kind != "c":
+        source.Walker = None
+    if kind == "python":
+        source.scan_dir = source.scan_dir_reference
+    walk = source.SourceWalk.of_paths([sys.argv[1]])
+    items = [(rel.decode(), getattr(st, "error", 0), ok) for rel, _, st, ok in walk]
+    out[kind] = [items, walk.warnings]
+print(json.dumps(out))
+"""
+
+
+def searchable_not(src) -> None:
+    """``src/listonly`` may be listed but not searched: lstat of what is in it fails (EACCES)."""
+    (src / "listonly" / "sub").mkdir(parents=True)
+    (src / "listonly" / "in").write_bytes(b"in")
+    (src / "listonly" / "sub" / "deep").write_bytes(b"deep")
+    (src / "z").write_bytes(b"z")
+    os.chmod(src / "listonly", 0o444)
+
+
+@needs_no_dac_override
+def test_the_walks_agree_on_entries_whose_lstat_fails(tmp_path):
+    """The C walker, the per-directory walk and its Python reference: the same items and warnings."""
+    src = tmp_path / "src"
+    searchable_not(src)
+    try:
+        proc = unprivileged([sys.executable, "-c", WALKS, str(src)], check=True)
+    finally:
+        os.chmod(src / "listonly", 0o755)
+    walks = json.loads(proc.stdout)
+    assert walks["c"] == walks["dirs"] == walks["python"]
+    items, warnings = walks["c"]
+    assert items == [["", 0, True], ["listonly", 0, True], ["listonly/in", errno.EACCES, False],
+                     ["listonly/sub", errno.EACCES, False], ["z", 0, True]]
+    assert warnings == [f"cannot stat {src}/listonly/{n}: Permission denied" for n in ("in", "sub")]
+
+
+@needs_no_dac_override
+def test_a_backup_of_entries_whose_lstat_fails_exits_3_and_keeps_the_parents(tmp_path, new_repo):
+    src = tmp_path / "src"
+    searchable_not(src)
+    os.chmod(src / "listonly", 0o755)
+    repo = new_repo()
+    repo.backup([str(src)])
+    os.chmod(src / "listonly", 0o444)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env.update(CHUNKVAULT_PASSWORD=PASSWORD, CHUNKVAULT_REPOSITORY=str(tmp_path / "repo0"))
+    try:
+        proc = unprivileged([sys.executable, "-m", "chunkvault.cli", "backup", str(src), "--type", "diff"], env=env)
+    finally:
+        os.chmod(src / "listonly", 0o755)
+    assert proc.returncode == 3, proc.stderr.decode()
+    assert b"cannot stat" in proc.stderr
+    again = Repository.open(str(tmp_path / "repo0"), PASSWORD)
+    try:
+        snap = again.snapshots()[-1]
+        assert snap.kind == "diff" and snap.stats["unreadable"] == ["listonly/in", "listonly/sub"]
+        tree = tree_of(again, snap)
+        assert tree[b"listonly/in"].type == T_FILE and tree[b"listonly/sub"].flags & F_UNREADABLE
+        with again.open_file(snap, "listonly/in") as f:
+            assert f.read() == b"in"
+        assert stat.S_ISREG(os.lstat(src / "z").st_mode) and tree[b"z"].type == T_FILE
+    finally:
+        again.close()
