@@ -23,6 +23,7 @@ import time
 from typing import Any, Iterator
 
 from chunkvault.errors import UsageError
+from .manifest import sort_key
 
 #: One source entry: manifest path, path on disk, its lstat (a ``StatFailed`` when that failed), and whether it
 #: could be read (a directory listed).
@@ -166,22 +167,32 @@ except ImportError:
 
 
 def root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:
-    """(manifest prefix, absolute path) per source; one directory backs up as the root itself."""
+    """(manifest prefix, absolute path) per source, in manifest order, and the absolute paths.
+
+    One directory backs up as the root itself (a restore into T makes T's
+    contents the directory's).  Several sources each keep their absolute path
+    without the leading "/", as restic and borg keep them, so any list fits
+    (a ``find`` of files that share names too); a path given twice counts
+    once, and a source inside another is left to it.
+    """
     if not paths:
         raise UsageError("nothing to back up: give at least one path")
-    absolute = [os.path.abspath(p) for p in paths]
+    absolute = sorted({os.path.abspath(p) for p in paths})
     for p in absolute:
         if not os.path.lexists(p):
             raise UsageError(f"source path does not exist: {p}")
-    if len(absolute) == 1 and os.path.isdir(absolute[0]) and not os.path.islink(absolute[0]):
-        return [(b"", os.fsencode(absolute[0]))], absolute
-    roots: dict[bytes, bytes] = {}
-    for p in absolute:
-        name = os.fsencode(os.path.basename(p.rstrip("/")) or "root")
-        if name in roots:
-            raise UsageError(f"two sources share the name {os.fsdecode(name)!r}; back them up separately")
-        roots[name] = os.fsencode(p)
-    return sorted(roots.items()), sorted(absolute)
+    outer = [p for p in absolute if not any(q != p and _inside(p, q) for q in absolute)]
+    if len(outer) == 1 and os.path.isdir(outer[0]) and not os.path.islink(outer[0]):
+        return [(b"", os.fsencode(outer[0]))], absolute
+    if len(outer) == 1:  # one file (or symbolic link): under its name
+        return [(os.fsencode(os.path.basename(outer[0])), os.fsencode(outer[0]))], absolute
+    roots = sorted(((os.fsencode(p.lstrip("/")), os.fsencode(p)) for p in outer), key=lambda r: sort_key(r[0]))
+    return roots, absolute
+
+
+def _inside(path: str, other: str) -> bool:
+    """Whether ``path`` lies below the directory ``other`` (both absolute and normalized)."""
+    return path.startswith(other.rstrip("/") + "/")
 
 
 class FileStat:

@@ -58,18 +58,29 @@ def test_roundtrip_all_entry_types(tmp_path, new_repo):
     assert os.stat(out / "small.txt").st_ino == os.stat(out / "dir" / "hardlink.txt").st_ino
 
 
-def test_several_paths_land_under_their_basenames(tmp_path, new_repo):
+def test_several_paths_land_under_their_full_paths(tmp_path, new_repo):
+    """As restic and borg keep them: files that share a name fit (a list from find), a path given twice
+    counts once, and a source inside another is left to it."""
     a, b = tmp_path / "alpha", tmp_path / "beta.txt"
-    a.mkdir()
+    (a / "x").mkdir(parents=True)
+    (a / "y").mkdir()
     (a / "f").write_bytes(b"x" * 1000)
+    (a / "x" / "app.conf").write_text("x\n")
+    (a / "y" / "app.conf").write_text("y\n")
     b.write_bytes(b"beta")
     repo = new_repo()
-    repo.backup([str(b), str(a)])
+    snap = repo.backup([str(b), str(a), str(a / "f"), str(b)]).snapshot
+    assert snap.paths == sorted([str(a), str(a / "f"), str(b)])
+    rel = os.fsencode(str(tmp_path).lstrip("/"))
+    paths = [e.path for e in repo.tree(snap)]
+    assert paths == sorted(paths, key=lambda p: p.replace(b"/", b"\0")) and len(set(paths)) == len(paths)
+    assert {rel + b"/beta.txt", rel + b"/alpha/f", rel + b"/alpha/x/app.conf"} <= set(paths)
     out = tmp_path / "out"
     repo.restore("latest", str(out))
-    assert sorted(os.listdir(out)) == ["alpha", "beta.txt"]
-    assert (out / "alpha" / "f").read_bytes() == b"x" * 1000
-    assert (out / "beta.txt").read_bytes() == b"beta"
+    assert (out / str(a).lstrip("/") / "f").read_bytes() == b"x" * 1000
+    assert (out / str(b).lstrip("/")).read_bytes() == b"beta"
+    files = repo.backup([str(a / "x" / "app.conf"), str(a / "y" / "app.conf")]).snapshot
+    assert sorted(e.path for e in repo.tree(files)) == [rel + b"/alpha/x/app.conf", rel + b"/alpha/y/app.conf"]
 
 
 def test_target_not_empty_refused_without_force(tmp_path, new_repo):
