@@ -103,6 +103,13 @@ class StorageFull(RemoteError):
     """No space left on the device or quota exhausted."""
 
 
+class TargetUnwritable(ChunkvaultError):
+    """A restore could not write into its target (permission, a read-only file system, a name too long):
+    the exit code of a storage failure, since the target is where the restore stores its data."""
+
+    exit_code = 14
+
+
 class Locked(ChunkvaultError):
     exit_code = 15
 

@@ -452,7 +452,7 @@ class Repository:
             snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until)
             opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
                                   delta=delta, delete=delete, progress=progress, xattrs=xattrs)
-            restorer = Restorer(self._repo, target, opts)
+            restorer = Restorer(self._repo, target, opts, lookup=lambda path: self._repo.lookup(snap, path))
             if delete and os.path.isdir(target):
                 restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
             if processes is None:

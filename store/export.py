@@ -48,7 +48,7 @@ from .locks import SHARED, RepoLock
 from .manifest import OP_ENTRY, ManifestStats, Record, decode_records, encode_record, sort_key
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, Repo
-from .restore import Restorer, RestoreOptions, RestoreResult
+from .restore import Restorer, RestoreOptions, RestoreResult, lookup_by_scan
 from .snapshot import KIND_FULL, Snapshot, now_iso
 
 __all__ = [
@@ -751,7 +751,7 @@ def restore_from_file(path: str, password: bytes, target: str, *, includes: list
         assert info is not None
         opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
                               delete=delete, progress=progress)
-        restorer = Restorer(ef, target, opts)
+        restorer = Restorer(ef, target, opts, lookup=lookup_by_scan(ef.records))
         if delete and os.path.isdir(target):
             restorer.delete_extra(ef.records())
         return info, restorer.run(ef.records())

@@ -2,14 +2,19 @@
 
 Blobs are fetched ahead in parallel (a bounded window across files), written
 with holes where a chunk is all zeros, and every file's digest is checked
-while it is written: a mismatch is an error naming the file.
+while it is written: a mismatch is an error naming the file.  A file cut
+short (no space, an error, an interruption) is removed, never left
+half-written under its name; an entry the target does not take is noted and
+the rest restored, and the restore then fails naming them.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fnmatch
 import os
 import re
+import secrets
 import shutil
 import stat
 from collections import deque
@@ -19,7 +24,9 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import blake3
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, MissingObject, StorageFull, TargetNotEmpty, UsageError
+from chunkvault.errors import (
+    ChunkvaultError, CorruptObject, MissingObject, StorageFull, TargetNotEmpty, TargetUnwritable, UsageError,
+)
 
 from .manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, Record, sort_key,
@@ -31,6 +38,8 @@ from .xattrs import write_xattrs
 
 
 _ZEROS = bytes(1 << 20)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)  # the target will not take writes, whatever is written
 
 
 def _all_zeros(data: Plaintext) -> bool:
@@ -76,17 +85,79 @@ class RestoreResult:
     # Files not restored because their data is damaged in the repository: (path, object, reason, missing).
     # Plain values, not the errors themselves: worker processes send their results back pickled.
     damaged: list[tuple[str, str, str, bool]] = field(default_factory=list)
+    # Entries the target would not take (permission, a read-only file system, a name too long): (path, reason).
+    unwritten: list[tuple[str, str]] = field(default_factory=list)
+    full: str = ""  # the file being written when the target ran out of space (removed); the restore stopped there
 
-    def raise_for_damage(self) -> None:
-        """After everything else was restored: the first damaged file's error, naming how many there are."""
-        if not self.damaged:
-            return
-        path, obj, reason, missing = self.damaged[0]
-        names = ", ".join(d[0] for d in self.damaged[:5])
-        if len(self.damaged) > 5:
-            names += f" and {len(self.damaged) - 5} more"
-        cls = MissingObject if missing else CorruptObject
-        raise cls(obj, f"{reason}; {len(self.damaged)} file(s) not restored: {names} (everything else was)")
+    def raise_for_problems(self) -> None:
+        """After everything else was restored: the target's failures first (exit 14: it ran out of space, or
+        would not take some entries), else the first damaged file's error; each names how many there are."""
+        n = len(self.unwritten)
+        unwritten = f"{n} entr{'y' if n == 1 else 'ies'} could not be written: " + _named(
+            [f"{path} ({why})" for path, why in self.unwritten], 3)
+        damaged = f"{len(self.damaged)} file(s) not restored: " + _named([d[0] for d in self.damaged])
+        also = ([unwritten] if self.unwritten else []) + ([damaged + " (damaged data)"] if self.damaged else [])
+        if self.full:
+            raise StorageFull("; ".join([f"no space left on the restore target while writing {self.full} "
+                                         "(removed, not left half-written; the restore stopped there)", *also]))
+        if self.unwritten:
+            raise TargetUnwritable("; ".join(["restore incomplete: " + also[0], *also[1:]])
+                                   + " (everything else was restored)")
+        if self.damaged:
+            path, obj, reason, missing = self.damaged[0]
+            cls = MissingObject if missing else CorruptObject
+            raise cls(obj, f"{reason}; {damaged} (everything else was)")
+
+
+def _named(names: list[str], shown: int = 5) -> str:
+    """The first few of ``names``, and how many more there are."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _reason(exc: OSError | ChunkvaultError) -> str:
+    return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+
+
+def _remove(path: bytes) -> None:
+    """Remove a file that was not written whole: it must not keep its name.  Best effort: the error that
+    cut it short is what the caller reports."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _regular_links(path: bytes) -> int:
+    """How many links the regular file at ``path`` has; 0 when there is none (nothing, or something else)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    return st.st_nlink if stat.S_ISREG(st.st_mode) else 0
+
+
+def _target_error(what: str, exc: OSError) -> ChunkvaultError:
+    """A failure to make or read the target itself: a storage failure when the target takes no writes or
+    space, a usage error when it names something else (a file, a path below one)."""
+    message = f"{what}: {exc.strerror or exc}"
+    if exc.errno in _FULL:
+        return StorageFull(message)
+    if exc.errno in _REFUSED:
+        return TargetUnwritable(message)
+    return UsageError(message)
+
+
+def lookup_by_scan(tree: Callable[[], Iterator[Record]]) -> Callable[[bytes], Record | None]:
+    """A path's record, found by reading ``tree`` again up to it: for a tree that cannot seek (an export
+    file).  A restore asks only for the left-out first path of a hard-linked file it restores."""
+    def lookup(path: bytes) -> Record | None:
+        key = sort_key(path)
+        for rec in tree():
+            if rec.key >= key:
+                return rec if rec.key == key else None
+        return None
+    return lookup
 
 
 class _Globs:
@@ -121,6 +192,10 @@ class Selection:
     def __init__(self, includes: list[str], excludes: list[str]):
         self.includes = _Globs(includes) if includes else None
         self.excludes = _Globs(excludes) if excludes else None
+
+    @property
+    def everything(self) -> bool:
+        return self.includes is None and self.excludes is None
 
     def __call__(self, path: bytes) -> bool:
         if path == b"" or (self.includes is None and self.excludes is None):
@@ -262,15 +337,19 @@ class _Prefetcher:
             raise chunk
         return chunk
 
-    def chunks(self, n: int) -> Iterator[Plaintext]:
-        """A file's ``n`` chunks; one damaged raises, and ``skip_rest`` then takes the ones after it."""
-        self._left = n
+    def begin(self, e: Entry) -> None:
+        """``e`` is restored next: a file's chunks are the next ones fetched (``chunks`` gives them, and
+        ``skip_rest`` takes those left when it is not written), so the next file gets its own."""
+        self._left = len(e.chunks) // 32 if self.prefetch and e.type == T_FILE else 0
+
+    def chunks(self) -> Iterator[Plaintext]:
+        """The current file's chunks; one damaged raises, and ``skip_rest`` then takes the ones after it."""
         while self._left:
             self._left -= 1
             yield self.next_chunk()
 
     def skip_rest(self) -> None:
-        """Take the rest of a damaged file's chunks, so the next file gets its own."""
+        """Take the rest of the chunks of a file not written (damaged, or refused by the target)."""
         left, self._left = self._left, 0
         for _ in range(left):
             try:
@@ -285,7 +364,11 @@ class _Prefetcher:
 
 
 class Restorer:
-    def __init__(self, repo: Repo | BlobSource, target: str, options: RestoreOptions):
+    """Restores records into a target.  ``lookup`` finds a path's record in the tree being restored: a
+    selection that leaves out the first path of a hard-linked file restores its data at a selected link."""
+
+    def __init__(self, repo: Repo | BlobSource, target: str, options: RestoreOptions,
+                 lookup: Callable[[bytes], Record | None] | None = None):
         if options.delta and not isinstance(repo, Repo):
             raise UsageError("--delta compares chunks by their repository ids: it needs a repository")
         self.repo = repo
@@ -295,6 +378,7 @@ class Restorer:
         self.owners = options.owners if options.owners is not None else (os.geteuid() == 0)
         self.result = RestoreResult()
         self.selected = Selection(options.includes, options.excludes)
+        self.lookup = lookup
         self._dirs: list[tuple[bytes, bytes, Entry]] = []  # open directories: (key prefix, path, entry)
         self._fresh = False  # the target was empty: nothing in it needs to be looked at or made room for
         self._present: set[bytes] = set()  # directories known to exist in the target
@@ -320,7 +404,7 @@ class Restorer:
                 os.makedirs(t)
                 self._fresh = True
         except OSError as exc:
-            raise UsageError(f"cannot restore into {os.fsdecode(t)}: {exc.strerror or exc}") from None
+            raise _target_error(f"cannot restore into {os.fsdecode(t)}", exc) from None
         self._present.add(t)
         self._real_target = os.path.realpath(t)
 
@@ -328,11 +412,11 @@ class Restorer:
         return self._target_prefix + safe_relpath(rel) if rel else self.target
 
     def run(self, records: Iterator[Record]) -> RestoreResult:
-        """Restore into an empty target (or in place); files whose data is damaged are left out, and then
-        reported by CorruptObject (``RestoreResult.raise_for_damage``)."""
+        """Restore into an empty target (or in place); what the target does not take and files whose data is
+        damaged are left out, and then reported (``RestoreResult.raise_for_problems``)."""
         self.check_target()
         self.restore_records(self.selected_records(records))
-        self.result.raise_for_damage()
+        self.result.raise_for_problems()
         return self.result
 
     @property
@@ -341,7 +425,40 @@ class Restorer:
         return self._fresh
 
     def selected_records(self, records: Iterator[Record]) -> Iterator[Record]:
-        return (r for r in _confined(records) if self.selected(r.path))
+        """The records a restore takes.  Narrowed by a selection, these are the selected ones, each after
+        the directories above it that the selection leaves out (restored too, for their recorded metadata,
+        as restic does), and hard links whose first path is left out stand in for it (``_linked``)."""
+        confined = _confined(records)
+        return confined if self.selected.everything else self._narrowed(confined)
+
+    def _narrowed(self, records: Iterator[Record]) -> Iterator[Record]:
+        above: list[Record] = []  # directories left out on the way down to the current record, not yet given
+        moved: dict[bytes, bytes] = {}  # a left-out first path of a hard-linked file -> the link holding its data
+        for rec in records:
+            while above and not rec.path.startswith(above[-1].path + b"/"):
+                above.pop()
+            if not self.selected(rec.path):
+                if rec.entry is not None and rec.entry.type == T_DIR:
+                    above.append(rec)
+                continue
+            yield from above
+            above.clear()
+            yield self._linked(rec, moved)
+
+    def _linked(self, rec: Record, moved: dict[bytes, bytes]) -> Record:
+        """A selected hard link whose target (the file's first path) is left out: the first such link becomes
+        the file, with its data, and the others link to it.  Every process of a restore (store/restore_workers.py)
+        walks the same records, so they agree on which path holds the data."""
+        e = rec.entry
+        if e is None or e.type != T_HARDLINK or self.selected(e.target):
+            return rec
+        if e.target in moved:
+            return rec._replace(entry=dataclasses.replace(e, target=moved[e.target]))
+        first = self.lookup(e.target) if self.lookup is not None else None
+        if first is None or first.entry is None or first.entry.type != T_FILE:
+            return rec  # restored as before: a warning that its target was not restored
+        moved[e.target] = e.path
+        return rec._replace(entry=dataclasses.replace(first.entry, path=e.path))
 
     def defer_directories(self) -> None:
         """Keep directories' metadata until ``finish_directories``: other processes still write into them."""
@@ -349,47 +466,71 @@ class Restorer:
 
     def finish_directories(self) -> None:
         for dpath, e in self._deferred or ():
-            self._apply_meta(dpath, e)
+            self._finish_directory(dpath, e)
         self._deferred = None
 
     def restore_records(self, records: Iterator[Record]) -> None:
-        """Restore ``records`` (sorted, selected) into the checked target."""
+        """Restore ``records`` (sorted, selected) into the checked target.  An entry the target does not take
+        is noted (``RestoreResult.unwritten``, with what lies below a directory it would not make) and the
+        rest is restored; when the target runs out of space the restore stops (``RestoreResult.full``)."""
         remote = getattr(self.repo, "remote", None)
         pf = _Prefetcher(self.repo, records, self.opt.window_bytes, self.opt.fetch_threads, prefetch=not self.opt.delta,
                          far=remote is not None and not remote.cheap_ranges)
+        refused: bytes | None = None  # key of a directory that could not be made, and a separator: its subtree
         try:
             while True:
                 rec = pf.next_record()
                 if rec is None:
                     break
                 assert rec.entry is not None
+                pf.begin(rec.entry)
                 self._close_dirs_until(rec.path)
+                if refused is not None and rec.key.startswith(refused):
+                    pf.skip_rest()
+                    self._not_written(rec.path, "its directory could not be made")
+                    continue
                 try:
                     self._restore_entry(rec.entry, pf)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise StorageFull(f"no space left on the restore target while writing {os.fsdecode(rec.path)}") from None
-                    raise ChunkvaultError(f"cannot restore {os.fsdecode(rec.path) or '.'}: {exc.strerror or exc}") from None
+                except (OSError, TargetUnwritable) as exc:
+                    pf.skip_rest()
+                    if isinstance(exc, OSError) and exc.errno in _FULL:
+                        self.result.full = os.fsdecode(rec.path) or "."
+                        return
+                    self._not_written(rec.path, _reason(exc))
+                    if rec.entry.type == T_DIR:
+                        refused = rec.key + b"\x00"
             self._close_dirs_until(None)
         finally:
             pf.close()
 
+    def _not_written(self, path: bytes, reason: str) -> None:
+        self.result.unwritten.append((os.fsdecode(path) or ".", reason))
+
     def delete_extra(self, records: Iterator[Record]) -> None:
-        """--delete: remove what lies in the target but not in the snapshot (a second, merged walk)."""
+        """--delete: remove what lies in the target but not in the snapshot (a second, merged walk).  What
+        lies below a directory whose listing failed at backup time is kept: the snapshot does not know it."""
         from .source import SourceWalk
 
-        keys = (r.key for r in records)
-        want = next(keys, None)
+        recs = iter(records)
+        want = next(recs, None)
         skip: bytes | None = None
+        kept: bytes | None = None  # key of the unlisted directory we are in, and a separator
         doomed: list[bytes] = []
         walk = SourceWalk([(b"", self.target)], warnings=self.result.warnings)
         for rel, path, _st, _ok in walk:
             key = sort_key(rel)
             if rel == b"" or (skip is not None and key.startswith(skip + b"\x00")):
                 continue
-            while want is not None and want < key:
-                want = next(keys, None)
-            if want == key or not self.selected(rel):
+            if kept is not None and key.startswith(kept):
+                continue
+            while want is not None and want.key < key:
+                want = next(recs, None)
+            if want is not None and want.key == key:
+                e = want.entry
+                if e is not None and e.type == T_DIR and e.flags & F_UNREADABLE:
+                    kept = key + b"\x00"
+                continue
+            if not self.selected(rel):
                 continue
             doomed.append(path)
             skip = key
@@ -410,10 +551,17 @@ class Restorer:
             if self._deferred is not None:
                 self._deferred.append((dpath, e))
             else:
-                self._apply_meta(dpath, e)
+                self._finish_directory(dpath, e)
+
+    def _finish_directory(self, dpath: bytes, e: Entry) -> None:
+        try:
+            self._apply_meta(dpath, e)
+        except OSError as exc:
+            self._not_written(e.path, _reason(exc))
 
     def _update_file(self, dst: bytes, e: Entry) -> None:
-        """--delta: keep what is already right; rewrite only the chunk ranges that differ."""
+        """--delta: keep what is already right; rewrite only the chunk ranges that differ.  A file cut short
+        (no space, say) is removed: neither what it was nor what the snapshot holds."""
         assert isinstance(self.repo, Repo)
         with open(dst, "rb") as f:
             hasher = blake3.blake3()
@@ -440,10 +588,26 @@ class Restorer:
                 hasher.update(data)
                 pos += len(data)
             os.ftruncate(fd, pos)
-        finally:
+        except BaseException:
             os.close(fd)
+            _remove(dst)
+            raise
+        os.close(fd)
         if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
             raise CorruptObject(f"file {os.fsdecode(e.path)}", "restored content does not match its digest")
+
+    def _replace_file(self, dst: bytes, e: Entry) -> None:
+        """--delta over a file with other links (some perhaps out of the target): a new file is written beside
+        it and renamed over it, so no other link sees the snapshot's content or metadata."""
+        assert isinstance(self.repo, Repo)
+        repo = self.repo
+        tmp = os.path.join(os.path.dirname(dst), b".chunkvault-restore-" + secrets.token_hex(8).encode())
+        try:
+            self._write_file(tmp, e, (repo.read_blob(c) for c in e.chunk_ids()))
+            os.rename(tmp, dst)
+        except BaseException:
+            _remove(tmp)
+            raise
 
     def _make_room(self, dst: bytes, is_dir: bool, keep_file: bool = False) -> None:
         """Make sure ``dst``'s parent exists and nothing else is in its place.
@@ -461,8 +625,8 @@ class Restorer:
         if dst != self.target and parent not in self._inside:
             real = os.path.realpath(parent)
             if real != self._real_target and not real.startswith(self._real_target + b"/"):
-                raise ChunkvaultError(f"cannot restore {os.fsdecode(dst)}: a symbolic link in the target leads "
-                                      f"its directory out of the target (to {os.fsdecode(real)}); not written through")
+                raise TargetUnwritable(f"a symbolic link in the target leads its directory out of the target "
+                                       f"(to {os.fsdecode(real)}); not written through")
             self._inside.add(parent)
         if not os.path.lexists(dst):
             if not os.path.isdir(parent):
@@ -477,9 +641,24 @@ class Restorer:
         else:
             os.unlink(dst)
 
+    def _kept_in_place(self, dst: bytes, e: Entry) -> bool:
+        """In a target that was not empty, what is left as it is: a file that was unreadable at backup time
+        (the snapshot has no data for it, so the live one is not emptied), and a symbolic link where a
+        directory the selection leaves out lies above selected paths (followed within the target, as it
+        always was; one out of it is refused below)."""
+        if self._fresh:
+            return False
+        if e.type == T_FILE and e.flags & F_UNREADABLE and os.path.lexists(dst):
+            self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: "
+                                        "what the target holds there was left as it is")
+            return True
+        return e.type == T_DIR and not self.selected(e.path) and os.path.islink(dst)
+
     def _restore_entry(self, e: Entry, pf: _Prefetcher) -> None:
         dst = self.dest(e.path)
         t = e.type
+        if self._kept_in_place(dst, e):
+            return
         self._make_room(dst, t == T_DIR, keep_file=t == T_FILE and self.opt.delta)
         if t == T_DIR:
             if not (dst in self._present or (not self._fresh and os.path.isdir(dst))):
@@ -493,30 +672,7 @@ class Restorer:
             self.result.dirs += 1
             return
         if t == T_FILE:
-            part = self.parts.pop(id(e), None)
-            try:
-                if self.opt.delta and os.path.isfile(dst) and not os.path.islink(dst):
-                    self._update_file(dst, e)
-                    self._apply_meta(dst, e)
-                elif part is not None:
-                    self._write_part(dst, e, part[1], pf.chunks(len(e.chunks) // 32))
-                elif pf.prefetch:
-                    self._write_file(dst, e, pf.chunks(len(e.chunks) // 32))
-                else:
-                    self._write_file(dst, e, (self.repo.read_blob(c) for c in e.chunk_ids()))
-            except CorruptObject as exc:  # this file's data is damaged: the others are still restored
-                pf.skip_rest()
-                self.result.damaged.append((os.fsdecode(e.path), exc.object_name, exc.reason,
-                                            isinstance(exc, MissingObject)))
-                if part is None and os.path.lexists(dst):  # a part's file is removed once every part is in
-                    os.unlink(dst)
-                return
-            self.result.files += int(part is None or part[1] == 0)  # a file written in parts counts once
-            self.result.bytes += e.size
-            if self.opt.progress is not None:
-                self.opt.progress(self.result.files, self.result.bytes)
-            if e.flags & F_UNREADABLE:
-                self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: restored empty")
+            self._restore_file(dst, e, pf)
         elif t == T_HARDLINK:
             src = self.dest(e.target)
             if os.path.lexists(src):
@@ -538,7 +694,38 @@ class Restorer:
             os.mknod(dst, (stat.S_IFCHR if t == T_CHARDEV else stat.S_IFBLK) | 0o600, e.rdev)
             self._apply_meta(dst, e)
 
+    def _restore_file(self, dst: bytes, e: Entry, pf: _Prefetcher) -> None:
+        part = self.parts.pop(id(e), None)
+        try:
+            links = _regular_links(dst) if self.opt.delta else 0
+            if links > 1:
+                self._replace_file(dst, e)
+            elif links == 1:
+                self._update_file(dst, e)
+                self._apply_meta(dst, e)
+            elif part is not None:
+                self._write_part(dst, e, part[1], pf.chunks())
+            elif pf.prefetch:
+                self._write_file(dst, e, pf.chunks())
+            else:
+                self._write_file(dst, e, (self.repo.read_blob(c) for c in e.chunk_ids()))
+        except CorruptObject as exc:  # this file's data is damaged: the others are still restored
+            pf.skip_rest()
+            self.result.damaged.append((os.fsdecode(e.path), exc.object_name, exc.reason,
+                                        isinstance(exc, MissingObject)))
+            if part is None and os.path.lexists(dst):  # a part's file is removed once every part is in
+                os.unlink(dst)
+            return
+        self.result.files += int(part is None or part[1] == 0)  # a file written in parts counts once
+        self.result.bytes += e.size
+        if self.opt.progress is not None:
+            self.opt.progress(self.result.files, self.result.bytes)
+        if e.flags & F_UNREADABLE:
+            self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: restored empty")
+
     def _write_file(self, dst: bytes, e: Entry, chunks: Iterator[Plaintext]) -> None:
+        """Write a new file; one cut short (no space, an error, an interruption) is removed, never left
+        half-written under its name."""
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             hasher = blake3.blake3()
@@ -558,14 +745,18 @@ class Restorer:
             if hole or pos != e.size:
                 os.ftruncate(fd, pos)
             self._apply_meta(dst, e, fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            _remove(dst)
+            raise
+        os.close(fd)
         if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
             raise CorruptObject(f"file {os.fsdecode(e.path)}", "restored content does not match its digest")
 
     def _write_part(self, dst: bytes, e: Entry, offset: int, chunks: Iterator[Plaintext]) -> None:
         """One stretch of a file that several processes write: no process sees the whole file to check
-        its digest, so each chunk is checked against its id.  ``finish_parts`` completes the file."""
+        its digest, so each chunk is checked against its id.  ``finish_parts`` completes the file, or the
+        process that shared them out removes it when a part was not written."""
         assert isinstance(self.repo, Repo)
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
@@ -594,7 +785,8 @@ class Restorer:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise ChunkvaultError(f"cannot restore {os.fsdecode(e.path)}: {exc.strerror or exc}") from None
+            _remove(dst)
+            self._not_written(e.path, _reason(exc))
 
     def _apply_meta(self, dst: bytes, e: Entry, fd: int | None = None) -> None:
         """Owner, extended attributes, mode and mtime, in that order (a chown clears set-id bits and file

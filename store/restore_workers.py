@@ -7,7 +7,9 @@ seventh of all CPU.  Here each worker process restores the files of every n-th s
 file is written in parts, cut at its chunks) while this process makes the
 directories, symbolic links and special files, then, once the workers are
 done, completes the files written in parts and makes the hard links, and
-applies the directories' metadata last.
+applies the directories' metadata last.  What a worker could not write
+comes back in its result; when the target runs out of space each process
+stops, and the files written in parts, none of them completed, are removed.
 
 Where forking is not safe (``forked.can_fork``) the restore runs in this
 process as before.
@@ -52,13 +54,13 @@ def restore(restorer: Restorer, tree: Callable[[], Iterator[Record]], processes:
     if (processes < 2 or not restorer.fresh or restorer.opt.delta or not isinstance(restorer.repo, Repo)
             or not forked.can_fork(restorer.repo.remote)):
         restorer.restore_records(restorer.selected_records(tree()))
-        restorer.result.raise_for_damage()
+        restorer.result.raise_for_problems()
         return restorer.result
     if entries is not None and entries <= SHARED_TREE_ENTRIES:
         records = list(tree())
         tree = lambda: iter(records)  # noqa: E731
     result = _Coordinator(restorer, tree, processes).run()
-    result.raise_for_damage()
+    result.raise_for_problems()
     return result
 
 
@@ -131,26 +133,50 @@ class _Coordinator:
             links: list[Record] = []
             split_files: list[Entry] = []
             r.defer_directories()
-            r.restore_records(self._own(links, split_files))
+            own = self._own(links, split_files)
+            r.restore_records(own)
+            for _ in own:  # stopped short (no space): every file written in parts is still to be known
+                pass
             results = workers.wait(None if progress is None else lambda states: progress(
                 sum(s[0] for s in states if s), sum(s[1] for s in states if s)))
-        damaged = {d[0] for res in results for d in res.damaged}
-        for e in split_files:
-            if os.fsdecode(e.path) in damaged:  # a part of it is damaged: not restored
-                os.unlink(r.dest(e.path))
-            else:
-                r.finish_parts(e)
-        r.restore_records(iter(links))
-        r.finish_directories()
-        for res in results:
-            r.result.files += res.files
-            r.result.bytes += res.bytes
-            r.result.warnings.extend(res.warnings)
-            r.result.damaged.extend(d for d in res.damaged if d not in r.result.damaged)
+        self._merge(results)
+        self._finish(links, split_files)
         if progress is not None:
             progress(r.result.files, r.result.bytes)
         r.result.processes = self.n
         return r.result
+
+    def _merge(self, results: list[RestoreResult]) -> None:
+        """The workers' counts and problems added to this process's; a file written in parts by several of
+        them is named once."""
+        r = self.restorer.result
+        unwritten = set(r.unwritten)
+        for res in results:
+            r.files += res.files
+            r.bytes += res.bytes
+            r.warnings.extend(res.warnings)
+            r.damaged.extend(d for d in res.damaged if d not in r.damaged)
+            for u in res.unwritten:
+                if u not in unwritten:
+                    unwritten.add(u)
+                    r.unwritten.append(u)
+            r.full = r.full or res.full
+
+    def _finish(self, links: list[Record], split_files: list[Entry]) -> None:
+        """After the workers: the files they wrote in parts completed (or removed, when a part was not
+        written), then the hard links and the directories' metadata; only the removals when the target
+        ran out of space, since the restore stops there."""
+        r = self.restorer
+        broken = {d[0] for d in r.result.damaged} | {u[0] for u in r.result.unwritten}
+        for e in split_files:
+            if r.result.full or os.fsdecode(e.path) in broken:
+                if os.path.lexists(r.dest(e.path)):
+                    os.unlink(r.dest(e.path))
+            else:
+                r.finish_parts(e)
+        if not r.result.full:
+            r.restore_records(iter(links))
+            r.finish_directories()
 
     def _chunk_length(self, cid: bytes) -> int | None:
         loc = self.restorer.repo.locate(cid)  # type: ignore[union-attr]

@@ -1,0 +1,421 @@
+"""Restores that keep what they must: hard links a selection splits, files linked elsewhere, data the
+snapshot could not read, ancestors' metadata; and a target that refuses writes or runs out of space is
+reported entry by entry, with no file left half-written under its name.
+
+Permissions are enforced on root by dropping its DAC capabilities (``setpriv``); a full or read-only file
+system is a small tmpfs.  Tests that need either are skipped where they are not allowed.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from chunkvault.errors import StorageFull, TargetUnwritable
+from treeutil import describe
+
+PASSWORD = "correct horse battery staple"
+UNPRIVILEGED = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+
+
+def _cli(*args: str, ok: tuple[int, ...] = (0,), unprivileged: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    cmd = [*(UNPRIVILEGED if unprivileged else []), sys.executable, "-m", "chunkvault.cli", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode in ok, f"exit {proc.returncode}: {proc.stderr}"
+    return proc
+
+
+def _one_line(proc: subprocess.CompletedProcess) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def unprivileged():
+    """Root without the capabilities that bypass file permissions, for the commands a test runs."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv")
+    if subprocess.run([*UNPRIVILEGED, "true"]).returncode != 0:
+        pytest.skip("setpriv cannot drop capabilities here")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A factory of small tmpfs mounts (size in KiB), unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(name: str, kib: int) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(where)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _backed_up(tmp_path: Path, new_repo, make) -> tuple[object, str, Path]:
+    src = tmp_path / "src"
+    src.mkdir()
+    make(src)
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    repo.backup([str(src)])
+    return repo, url, src
+
+
+# --- hard links a selection splits --------------------------------------------------------------------
+
+def _linked_tree(src: Path) -> None:
+    (src / "a").mkdir()
+    (src / "b").mkdir()
+    (src / "c").mkdir()
+    (src / "a" / "file").write_bytes(b"precious" * 40_000)  # several chunks: written in parts by workers
+    os.link(src / "a" / "file", src / "b" / "link")
+    os.link(src / "a" / "file", src / "b" / "link2")
+    (src / "c" / "other").write_bytes(b"other")
+
+
+def _check_links(out: Path, src: Path) -> None:
+    data = (src / "a" / "file").read_bytes()
+    assert (out / "b" / "link").read_bytes() == data
+    assert os.stat(out / "b" / "link").st_ino == os.stat(out / "b" / "link2").st_ino
+    assert os.stat(out / "b" / "link").st_nlink == 2
+    assert os.stat(out / "b" / "link").st_mtime_ns == os.stat(src / "a" / "file").st_mtime_ns
+    assert not (out / "a" / "file").exists()
+
+
+@pytest.mark.parametrize("selection", [{"includes": ["b/*"]}, {"excludes": ["a"]}], ids=["include", "exclude"])
+def test_a_selection_without_a_hard_links_first_path_restores_the_other_links(tmp_path, new_repo, selection):
+    repo, _, src = _backed_up(tmp_path, new_repo, _linked_tree)
+    result = repo.restore("latest", str(tmp_path / "out"), processes=1, verify=True, **selection)
+    _check_links(tmp_path / "out", src)
+    assert not any("hard link" in w for w in result.warnings), result.warnings
+    assert result.links == 1
+
+
+def test_worker_processes_restore_the_other_links_too(tmp_path, new_repo):
+    _, url, src = _backed_up(tmp_path, new_repo, _linked_tree)
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import json
+        import chunkvault.store.restore_workers as workers
+        from chunkvault import Repository
+        workers.STRIPE_BYTES = 64 << 10
+        repo = Repository.open({url!r}, {PASSWORD!r}, ledger=False)
+        r = repo.restore("latest", {str(out)!r}, includes=["b/*"], processes=2)
+        print(json.dumps({{"processes": r.processes, "warnings": r.warnings}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"processes": 2, "warnings": []}
+    _check_links(out, src)
+
+
+def test_a_restore_from_an_export_file_restores_the_other_links(tmp_path, new_repo):
+    from chunkvault.store.export import restore_from_file
+
+    repo, _, src = _backed_up(tmp_path, new_repo, _linked_tree)
+    repo.export("latest", str(tmp_path / "x.backup"), PASSWORD, kdf_seconds=0)
+    restore_from_file(str(tmp_path / "x.backup"), PASSWORD.encode(), str(tmp_path / "out"), includes=["b/*"])
+    _check_links(tmp_path / "out", src)
+
+
+# --- --delta never writes through a hard link -----------------------------------------------------------
+
+def test_delta_replaces_a_file_with_other_links_and_leaves_them_alone(tmp_path, new_repo):
+    def make(src: Path) -> None:
+        (src / "f").write_bytes(b"SNAPSHOT")
+        (src / "a").write_bytes(b"AAAA")
+        (src / "b").write_bytes(b"BBBB")
+    repo, _, src = _backed_up(tmp_path, new_repo, make)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "important").write_bytes(b"OUTSIDE-DATA")
+    os.chmod(outside / "important", 0o640)
+    os.utime(outside / "important", ns=(10**18, 10**18))
+    target = tmp_path / "target"
+    target.mkdir()
+    os.link(outside / "important", target / "f")
+    (target / "a").write_bytes(b"old")
+    os.link(target / "a", target / "b")
+    repo.restore("latest", str(target), force=True, delta=True, verify=True)
+    st = os.stat(outside / "important")
+    assert (outside / "important").read_bytes() == b"OUTSIDE-DATA"
+    assert (st.st_mode & 0o7777, st.st_mtime_ns, st.st_nlink) == (0o640, 10**18, 1)
+    assert describe(target) == describe(src)  # each with its own content, no link between a and b
+    assert sorted(os.listdir(target)) == ["a", "b", "f"]  # nothing left beside them
+
+
+# --- in place, what was unreadable at backup time stays --------------------------------------------------
+
+def test_in_place_restore_keeps_what_was_unreadable_at_backup_time(tmp_path, unprivileged):
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo)
+    src = tmp_path / "src"
+    (src / "lockeddir").mkdir(parents=True)
+    (src / "secret").write_bytes(b"important")
+    (src / "lockeddir" / "inner").write_bytes(b"inner")
+    (src / "plain").write_bytes(b"plain")
+    os.chmod(src / "secret", 0)
+    os.chmod(src / "lockeddir", 0)
+    try:
+        _cli("backup", "-r", repo, str(src), ok=(3,), unprivileged=True)
+    finally:
+        os.chmod(src / "secret", 0o600)
+        os.chmod(src / "lockeddir", 0o700)
+    for extra in ([], ["--delta", "--delete"]):
+        live = tmp_path / f"live{len(extra)}"
+        shutil.copytree(src, live, symlinks=True)
+        (live / "plain").write_bytes(b"changed")
+        proc = _cli("restore", "-r", repo, "latest", "--target", str(live), "--confirm", "RESTORE", *extra)
+        assert (live / "secret").read_bytes() == b"important", extra
+        assert (live / "lockeddir" / "inner").read_bytes() == b"inner", extra
+        assert (live / "plain").read_bytes() == b"plain", extra
+        assert "secret was unreadable at backup time: what the target holds there was left as it is" in proc.stderr
+    fresh = tmp_path / "fresh"
+    proc = _cli("restore", "-r", repo, "latest", "--target", str(fresh))
+    assert (fresh / "secret").read_bytes() == b""  # into an empty target: an empty stand-in, as before
+    assert "secret was unreadable at backup time: restored empty" in proc.stderr
+
+
+# --- entries the target does not take -----------------------------------------------------------------
+
+def test_an_entry_the_target_does_not_take_is_reported_and_the_rest_restored(tmp_path, new_repo):
+    """A path that grows too long below a deeper target: the rest is restored, and one line names it."""
+    src = tmp_path / "src"
+    deep = src
+    while len(os.fsencode(deep)) < 3700:
+        deep = deep / ("d" * 200)
+    deep.mkdir(parents=True)
+    (deep / "deep").write_bytes(b"deep")
+    (src / "zzz_after").write_bytes(b"after")
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo)
+    _cli("backup", "-r", repo, str(src))
+    target = tmp_path / ("t" * 250) / ("u" * 250)
+    proc = _cli("restore", "-r", repo, "latest", "--target", str(target), ok=(14,))
+    line = _one_line(proc)
+    assert "restore incomplete:" in line and "could not be written" in line and "File name too long" in line
+    assert "(everything else was restored)" in line
+    assert (target / "zzz_after").read_bytes() == b"after"
+
+
+def test_a_read_only_directory_in_place_is_reported_and_the_rest_restored(tmp_path, unprivileged):
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo)
+    src = tmp_path / "src"
+    (src / "rodir").mkdir(parents=True)
+    (src / "rodir" / "f").write_bytes(b"snapshot")
+    (src / "zzz_after").write_bytes(b"after")
+    os.chmod(src / "rodir", 0o555)
+    try:
+        _cli("backup", "-r", repo, str(src))
+        live = tmp_path / "live"
+        shutil.copytree(src, live, symlinks=True)
+    finally:
+        os.chmod(src / "rodir", 0o755)
+    (live / "zzz_after").write_bytes(b"changed")
+    try:
+        proc = _cli("restore", "-r", repo, "latest", "--target", str(live), "--confirm", "RESTORE", ok=(14,),
+                    unprivileged=True)
+    finally:
+        os.chmod(live / "rodir", 0o755)
+    line = _one_line(proc)
+    assert "1 entry could not be written: rodir/f (Permission denied)" in line
+    assert (live / "zzz_after").read_bytes() == b"after"
+    assert (live / "rodir" / "f").read_bytes() == b"snapshot"  # never removed: it could not be replaced
+
+
+def test_a_read_only_file_system_is_one_line_and_the_same_exit_code_for_a_new_or_an_empty_target(tmp_path, tmpfs):
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo)
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"f")
+    _cli("backup", "-r", repo, str(src))
+    ro = tmpfs("ro", 1024)
+    (ro / "empty").mkdir()
+    if subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True).returncode != 0:
+        pytest.skip("cannot remount read-only here")
+    for target in (ro / "empty", ro / "new"):
+        line = _one_line(_cli("restore", "-r", repo, "latest", "--target", str(target), ok=(14,)))
+        assert "Read-only file system" in line, line
+
+
+# --- a full target ------------------------------------------------------------------------------------
+
+def _files(src: Path) -> None:
+    for i in range(8):
+        (src / f"f{i}").write_bytes(os.urandom(300_000))
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_full_target_leaves_no_file_half_written(tmp_path, new_repo, tmpfs, processes):
+    _, url, src = _backed_up(tmp_path, new_repo, _files)
+    target = tmpfs("small", 1024) / "r"
+    line = _one_line(_cli("restore", "-r", url, "latest", "--target", str(target), "--processes", processes,
+                          ok=(14,)))
+    assert "no space left on the restore target while writing f" in line
+    named = line.split("while writing ")[1].split(" ")[0]
+    assert not (target / named).exists()
+    left = [p for p in target.iterdir()]
+    assert left, "some files fit"
+    for p in left:  # every file there is whole
+        assert p.read_bytes() == (src / p.name).read_bytes(), p.name
+
+
+def test_a_full_target_leaves_no_file_written_in_parts_by_workers(tmp_path, new_repo, tmpfs):
+    _, url, src = _backed_up(tmp_path, new_repo, _files)
+    target = tmpfs("small", 1024) / "r"
+    script = textwrap.dedent(f"""
+        import json
+        import chunkvault.store.restore_workers as workers
+        from chunkvault import Repository
+        from chunkvault.errors import StorageFull
+        workers.STRIPE_BYTES = 64 << 10
+        repo = Repository.open({url!r}, {PASSWORD!r}, ledger=False)
+        try:
+            repo.restore("latest", {str(target)!r}, processes=2)
+        except StorageFull as exc:
+            print(json.dumps(str(exc)))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "no space left on the restore target" in json.loads(proc.stdout)
+    for p in target.iterdir():  # every file there is whole
+        assert p.read_bytes() == (src / p.name).read_bytes(), p.name
+
+
+def test_a_full_target_while_making_a_directory_leaves_no_file_written_in_parts(tmp_path, new_repo):
+    """The process that makes the directories stops at a full target before it met the files the
+    workers write in parts: it still removes them, since none is completed."""
+    def make(src: Path) -> None:
+        (src / "a").mkdir()
+        _files(src)
+    _, url, src = _backed_up(tmp_path, new_repo, make)
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import errno, json, os
+        import chunkvault.store.restore_workers as workers
+        from chunkvault import Repository
+        from chunkvault.errors import StorageFull
+        workers.STRIPE_BYTES = 64 << 10
+        real = os.mkdir
+        def full(path, *a, **k):
+            if os.fsencode(path).endswith(b"/a"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, *a, **k)
+        os.mkdir = full
+        repo = Repository.open({url!r}, {PASSWORD!r}, ledger=False)
+        try:
+            repo.restore("latest", {str(out)!r}, processes=2)
+        except StorageFull as exc:
+            print(json.dumps(str(exc)))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "no space left on the restore target while writing a " in json.loads(proc.stdout)
+    assert os.listdir(out) == []
+
+
+def _failing_on(monkeypatch, name: str, target: Path, after: int) -> None:
+    """``os.<name>`` fails with ENOSPC on a file below ``target`` once ``after`` calls succeeded there."""
+    real = getattr(os, name)
+    calls = {"n": 0}
+
+    def write(fd, *args):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(target)):
+            calls["n"] += 1
+            if calls["n"] > after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, *args)
+
+    monkeypatch.setattr(os, name, write)
+
+
+def test_no_space_while_writing_a_file_removes_it(tmp_path, new_repo, monkeypatch):
+    repo, _, src = _backed_up(tmp_path, new_repo, lambda s: (s / "big").write_bytes(os.urandom(3 << 20)))
+    target = tmp_path / "out"
+    _failing_on(monkeypatch, "write", target, after=1)
+    with pytest.raises(StorageFull, match="while writing big"):
+        repo.restore("latest", str(target), processes=1)
+    assert os.listdir(target) == []
+
+
+def test_no_space_while_updating_a_file_in_place_removes_it(tmp_path, new_repo, monkeypatch):
+    repo, _, src = _backed_up(tmp_path, new_repo, lambda s: (s / "big").write_bytes(os.urandom(3 << 20)))
+    target = tmp_path / "live"
+    shutil.copytree(src, target)
+    with open(target / "big", "r+b") as f:  # the first chunk and a later one differ
+        f.write(b"X" * 100)
+        f.seek(2 << 20)
+        f.write(b"X" * 100)
+    _failing_on(monkeypatch, "pwrite", target, after=1)
+    with pytest.raises(StorageFull, match="while writing big"):
+        repo.restore("latest", str(target), force=True, delta=True)
+    assert os.listdir(target) == []
+
+
+def test_workers_report_what_the_target_does_not_take(tmp_path, new_repo):
+    """A worker's file that cannot be written comes back in its result: reported with the others."""
+    _, url, _ = _backed_up(tmp_path, new_repo, _files)
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import errno, json, os
+        import chunkvault.store.restore_workers as workers
+        from chunkvault import Repository
+        from chunkvault.errors import ChunkvaultError
+        real = os.open
+        def refusing(path, *a, **k):
+            if os.fsencode(path).endswith(b"/f3"):
+                raise OSError(errno.EACCES, "Permission denied")
+            return real(path, *a, **k)
+        os.open = refusing
+        repo = Repository.open({url!r}, {PASSWORD!r}, ledger=False)
+        try:
+            repo.restore("latest", {str(out)!r}, processes=2)
+        except ChunkvaultError as exc:
+            print(json.dumps([type(exc).__name__, exc.exit_code, str(exc)]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    name, code, message = json.loads(proc.stdout)
+    assert (name, code) == (TargetUnwritable.__name__, 14)
+    assert "1 entry could not be written: f3 (Permission denied)" in message
+    assert sorted(os.listdir(out)) == [f"f{i}" for i in range(8) if i != 3]
+
+
+# --- ancestors of selected paths ----------------------------------------------------------------------
+
+def test_an_include_gives_the_selected_paths_ancestors_their_recorded_metadata(tmp_path, new_repo):
+    def make(src: Path) -> None:
+        (src / "private" / "sub").mkdir(parents=True)
+        (src / "private" / "sub" / "key").write_bytes(b"k")
+        (src / "private" / "other").write_bytes(b"left out")
+        os.chmod(src / "private", 0o700)
+        os.chown(src / "private", 1234, 2345)
+        os.utime(src / "private" / "sub", ns=(978_307_200 * 10**9, 978_307_200 * 10**9))
+        os.utime(src / "private", ns=(978_307_201 * 10**9, 978_307_201 * 10**9))
+    repo, _, src = _backed_up(tmp_path, new_repo, make)
+    out = tmp_path / "out"
+    repo.restore("latest", str(out), includes=["private/sub/key"])
+    for d in ("private", "private/sub"):
+        want, got = os.stat(src / d), os.stat(out / d)
+        assert (got.st_mode, got.st_mtime_ns) == (want.st_mode, want.st_mtime_ns), d
+    assert (os.stat(out / "private").st_uid, os.stat(out / "private").st_gid) == (1234, 2345)
+    assert sorted(os.listdir(out / "private")) == ["sub"]
