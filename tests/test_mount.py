@@ -246,20 +246,24 @@ def test_a_damaged_chunk_is_an_io_error_for_its_file_only(repo_with, tmp_path):
 
 
 def test_a_snapshot_of_several_paths_shows_a_root_without_an_entry(repo_with, source, tmp_path):
+    """Several sources keep their absolute paths: the directories above them have no entries of their own."""
     from chunkvault import Repository
     from chunkvault.mount import SnapshotFS
 
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "x").write_bytes(b"x\n")
+    for name in ("other", "more"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x").write_bytes(name.encode() + b"\n")
     repo = Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0)
-    snap = repo.backup([str(source / "etc"), str(other)]).snapshot
+    snap = repo.backup([str(tmp_path / "other"), str(tmp_path / "more")]).snapshot
     fs = SnapshotFS(repo)
     root = f"/snapshots/{Layout(repo.snapshots()).names[snap.id]}"
-    assert fs.getattr(root)["st_mode"] & 0o170000 == 0o040000
-    assert fs.readdir(root) == [".", "..", "etc", "other"]
-    fh = fs.open(f"{root}/other/x", os.O_RDONLY)
-    assert fs.read("", 10, 0, fh) == b"x\n"
+    top = str(tmp_path).lstrip("/")
+    for d in (root, f"{root}/{top.split('/')[0]}", f"{root}/{top}"):
+        assert fs.getattr(d)["st_mode"] & 0o170000 == 0o040000
+    assert fs.readdir(root) == [".", "..", top.split("/")[0]]
+    assert fs.readdir(f"{root}/{top}") == [".", "..", "more", "other"]
+    fh = fs.open(f"{root}/{top}/other/x", os.O_RDONLY)
+    assert fs.read("", 10, 0, fh) == b"other\n"
     fs.destroy("/")
 
 

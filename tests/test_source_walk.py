@@ -88,13 +88,15 @@ def test_walked_ahead_entries_carry_what_a_backup_records(tmp_path):
     assert fields(items[b"f"]) == fields(os.lstat(src / "f"))
 
 
-def test_several_roots_are_named_by_their_last_component(tmp_path):
-    for d in ("one", "two"):
+def test_several_roots_keep_their_absolute_paths_in_manifest_order(tmp_path):
+    for d in ("one", "two", "one-b"):
         (tmp_path / d / "sub").mkdir(parents=True)
         (tmp_path / d / "sub" / "f").write_bytes(b"1")
-    walk = SourceWalk.of_paths([str(tmp_path / "two"), str(tmp_path / "one")])
-    assert [rel for rel, *_ in walk] == [b"one", b"one/sub", b"one/sub/f", b"two", b"two/sub", b"two/sub/f"]
-    assert walk.paths == [str(tmp_path / "one"), str(tmp_path / "two")]
+    walk = SourceWalk.of_paths([str(tmp_path / "two"), str(tmp_path / "one-b"), str(tmp_path / "one")])
+    top = os.fsencode(str(tmp_path).lstrip("/")) + b"/"
+    assert [rel for rel, *_ in walk] == [top + p for p in (
+        b"one", b"one/sub", b"one/sub/f", b"one-b", b"one-b/sub", b"one-b/sub/f", b"two", b"two/sub", b"two/sub/f")]
+    assert walk.paths == [str(tmp_path / d) for d in ("one", "one-b", "two")]
 
 
 def test_excludes_prune_whole_directories(tmp_path):
