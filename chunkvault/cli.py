@@ -77,7 +77,7 @@ def _repo_url(args: argparse.Namespace) -> str:
     return url
 
 
-def _remote_options(args: argparse.Namespace, url: str) -> dict[str, Any]:
+def remote_options(args: argparse.Namespace, url: str) -> dict[str, Any]:
     """Backend options for ``url`` from ``-o SCHEME.NAME=VALUE`` and the --s3-* shortcuts."""
     from .remotes import options_for_url
 
@@ -104,7 +104,7 @@ def _open(args: argparse.Namespace) -> Any:
     url = _repo_url(args)
     given = passwords.REPOSITORY.given(args) if url_scheme(url) != "file" else None
     ahead = KeyAhead.start(key_ahead_path(url), given) if given else None  # derive while connecting
-    remote = connect(url, **_remote_options(args, url))
+    remote = connect(url, **remote_options(args, url))
     try:  # a missing or newer-format repository is reported before any password is asked
         peek_config(remote.get("config"))
     except ObjectNotFound:
@@ -160,7 +160,7 @@ def _open_other(args: argparse.Namespace, url: str, source: passwords.PasswordSo
     """Open a second repository (copy destination or chunker source) with its own password."""
     from .repository import Repository
 
-    return Repository.open(url, source.get(args), **_remote_options(args, url))
+    return Repository.open(url, source.get(args), **remote_options(args, url))
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -177,7 +177,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     repo = _with_new_key(args, False, lambda password: Repository.init(
         url, password, kdf_seconds=args.kdf_time, chunker=chunker, compression_level=args.compression,
         pack_size=args.pack_size, full_every=args.full_every, max_diff_share=args.max_diff_share,
-        copy_chunker_from=source, **_remote_options(args, url)))
+        copy_chunker_from=source, **remote_options(args, url)))
     cfg = repo.store.config
     if args.json:
         _emit_json({"id": cfg.repo_id, "url": repo.store.remote.display_url, "chunker": cfg.settings.chunker})
@@ -251,7 +251,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
             print(f"nothing changed since snapshot {snap.short_id}: no snapshot {would}saved")
         return 0
     if args.json:
-        _emit_json({**_snapshot_json(snap), "warnings": result.warnings, "dry_run": args.dry_run})
+        saved = {"id": None, "short_id": None} if args.dry_run else {}  # a dry run's snapshot has no id
+        _emit_json({**_snapshot_json(snap), **saved, "skipped": False, "warnings": result.warnings,
+                    "dry_run": args.dry_run})
     elif not args.quiet:
         for w in result.warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -340,22 +342,34 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if (args.delta or args.delete) and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
         raise UsageError("--delta and --delete work in place: add --confirm RESTORE")
     bar = _progress(args, "restore", snap.stats.get("bytes"))
-    result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude, force=in_place,
-                          delta=args.delta, delete=args.delete, progress=bar, processes=args.processes,
-                          verify=args.verify, xattrs=not args.no_xattrs)
-    bar.done()
+    try:
+        result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude, force=in_place,
+                              delta=args.delta, delete=args.delete, progress=bar, processes=args.processes,
+                              verify=args.verify, xattrs=not args.no_xattrs)
+    except CorruptObject as exc:
+        if args.json and exc.partial is not None:  # the rest was restored: say so, then fail
+            _emit_json(_restore_json(args, snap, exc.partial))
+        raise
+    finally:
+        bar.done()
     if args.json:
-        _emit_json({"snapshot": snap.id, "target": os.path.abspath(args.target), "files": result.files,
-                    "dirs": result.dirs, "links": result.links, "bytes": result.bytes,
-                    "unchanged_files": result.unchanged_files, "rewritten_bytes": result.rewritten_bytes,
-                    "deleted": result.deleted, "processes": result.processes, "warnings": result.warnings,
-                    "verified": args.verify})
+        _emit_json(_restore_json(args, snap, result))
     elif not args.quiet:
         for w in result.warnings:
             print(f"warning: {w}", file=sys.stderr)
         print(f"restored snapshot {snap.short_id} ({snap.time}) to {args.target}: {result.files} files, "
               f"{result.dirs} dirs, {_human(result.bytes)}" + ("; read back and verified" if args.verify else ""))
     return 0
+
+
+def _restore_json(args: argparse.Namespace, snap: Snapshot, result: Any) -> dict[str, Any]:
+    """A restore's result; ``not_restored`` lists the files left out because their data is damaged."""
+    return {"snapshot": snap.id, "target": os.path.abspath(args.target), "files": result.files,
+            "dirs": result.dirs, "links": result.links, "bytes": result.bytes,
+            "unchanged_files": result.unchanged_files, "rewritten_bytes": result.rewritten_bytes,
+            "deleted": result.deleted, "processes": result.processes, "warnings": result.warnings,
+            "verified": args.verify and not result.damaged,
+            "not_restored": [{"path": path, "object": obj, "reason": reason} for path, obj, reason, _ in result.damaged]}
 
 
 def _local_time(s: Snapshot) -> str:
@@ -441,7 +455,8 @@ def _tags(groups: list[str]) -> list[str]:
 def cmd_tag(args: argparse.Namespace) -> int:
     repo = _open(args)
     changed = repo.tag(args.snapshots or None, add=_tags(args.add), remove=_tags(args.remove),
-                       set_to=_tags(args.set) if args.set else None, hosts=args.host, tags=args.tag, paths=args.path)
+                       set_to=_tags(args.set) if args.set else None, hosts=args.host, tags=args.tag, paths=args.path,
+                       wait=args.wait)
     if args.json:
         _emit_json([_snapshot_json(s) for s in changed])
     elif not args.quiet:
@@ -455,8 +470,8 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     from .store.source import excludes_of
 
     repo = _open(args)
-    report = repo.rewrite(excludes_of(args.exclude, args.exclude_file), args.snapshots or None, hosts=args.host, tags=args.tag, paths=args.path,
-                          dry_run=args.confirm != "REWRITE")
+    report = repo.rewrite(excludes_of(args.exclude, args.exclude_file), args.snapshots or None, hosts=args.host,
+                          tags=args.tag, paths=args.path, dry_run=args.confirm != "REWRITE", wait=args.wait)
     if args.json:
         _emit_json(report.to_dict())
     elif not args.quiet:
@@ -480,6 +495,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     repo = _open(args)
     snap = repo.snapshot(args.snapshot)
     prefix = os.fsencode(args.path).strip(b"/") if args.path else b""
+    if prefix:
+        repo.find_entry(snap, prefix)  # UsageError for a path the snapshot lacks, as dump says
     out = []
     for e in repo.tree(snap):
         if prefix and not (e.path == prefix or e.path.startswith(prefix + b"/")):
@@ -686,13 +703,13 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if args.packs and args.what != "packs":
         raise UsageError("pack ids go with `repair packs` only")
     if args.what == "index":
-        report = repo.repair_index()
+        report = repo.repair_index(wait=args.wait)
     elif args.what == "packs":
         if not args.packs:
             raise UsageError("repair packs: name the damaged packs (ids or unique prefixes, as `check` reports them)")
-        report = repo.repair_packs(args.packs, dry_run=args.confirm != "REPAIR")
+        report = repo.repair_packs(args.packs, dry_run=args.confirm != "REPAIR", wait=args.wait)
     else:
-        report = repo.repair_snapshots(dry_run=args.confirm != "REPAIR")
+        report = repo.repair_snapshots(dry_run=args.confirm != "REPAIR", wait=args.wait)
     if args.json:
         _emit_json(report.to_dict())
     elif not args.quiet:
@@ -737,19 +754,24 @@ def cmd_key(args: argparse.Namespace) -> int:
                     f"{k['created'][:19]}  {k['user']}@{k['host']}"))
     elif args.key_cmd == "add":
         name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
-        if not args.quiet:
-            print(f"added key {name[:12]}")
+        _report_key(args, {"id": name}, f"added key {name[:12]}")
     elif args.key_cmd == "remove":
         repo.remove_key(args.key_id)
-        if not args.quiet:
-            print(f"removed key {args.key_id}")
+        _report_key(args, {"removed": args.key_id}, f"removed key {args.key_id}")
     elif args.key_cmd == "passwd":
         old = repo.store.key_name
         name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
         repo.store.remote.delete(f"keys/{old}")
-        if not args.quiet:
-            print(f"password changed (key {old[:12]} replaced by {name[:12]})")
+        _report_key(args, {"id": name, "removed": old}, f"password changed (key {old[:12]} replaced by {name[:12]})")
     return 0
+
+
+def _report_key(args: argparse.Namespace, obj: dict[str, str], line: str) -> None:
+    """A key command's outcome: one JSON object with --json, else one line (none with --quiet)."""
+    if args.json:
+        _emit_json(obj)
+    elif not args.quiet:
+        print(line)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -771,6 +793,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # --- parser -------------------------------------------------------------------------------
+
+
+def _wait_option(parser: argparse.ArgumentParser, default: float, what: str) -> None:
+    """``--wait SECONDS`` of a command that takes the exclusive lock: how long it waits for ``what``."""
+    parser.add_argument("--wait", type=_seconds, default=default, metavar="SECONDS",
+                        help=f"wait this long for {what} to end (default {default:g})")
 
 
 def _size(text: str) -> int:
@@ -802,6 +830,51 @@ def _positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return n
+
+
+def _argument(check: Callable[[Any], None], convert: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type: ``convert``, then ``check`` (a UsageError of either is the option's error)."""
+
+    def parse(text: str) -> T:
+        try:
+            value = convert(text)
+            check(value)
+        except (UsageError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, UsageError) else f"not a number: {text!r}")
+        return value
+
+    return parse
+
+
+def _check_chunk_avg(avg: int) -> None:
+    from .chunker import ChunkerParams
+
+    try:
+        ChunkerParams(avg // 4, avg, avg * 8)
+    except ValueError:
+        raise UsageError(f"not a usable average chunk size: {avg} (a power of two from {CHUNK_AVG_MIN} "
+                         f"to {CHUNK_AVG_MAX >> 20}M, e.g. 256K or 1M)") from None
+
+
+def _check_compression(level: int) -> None:
+    from .store.config import MAX_COMPRESSION_LEVEL
+
+    if not 0 <= level <= MAX_COMPRESSION_LEVEL:
+        raise UsageError(f"not a zstd level: {level} (0 = off, 1 to {MAX_COMPRESSION_LEVEL})")
+
+
+def _check_not_negative(value: float) -> None:
+    if not 0 <= value < float("inf"):
+        raise UsageError(f"must be 0 or more: {value}")
+
+
+def _seconds(text: str) -> float:
+    return _argument(_check_not_negative, float)(text)
+
+
+# The --chunk-avg values init accepts: min = avg/4 and max = avg*8 must fit the chunker's bounds too.
+CHUNK_AVG_MIN = 256
+CHUNK_AVG_MAX = 8 << 20
 
 
 class _Ignored:
@@ -856,17 +929,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = _OnlyCommand(p.add_subparsers(dest="command", required=True, parser_class=_Parser), only)
 
     s = sub.add_parser("init", parents=[common], help="create a repository")
-    s.add_argument("--kdf-time", type=float, default=0.5, help=KDF_TIME_HELP)
+    s.add_argument("--kdf-time", type=_seconds, default=0.5, metavar="SECONDS", help=KDF_TIME_HELP)
     s.add_argument("--generate-secret", metavar="FILE", help=GENERATE_SECRET_HELP)
-    s.add_argument("--chunk-avg", type=_size, help="average chunk size (min = avg/4, max = avg*8)")
-    s.add_argument("--compression", type=int, default=3, help="zstd level, 0 = off (default 3)")
+    s.add_argument("--chunk-avg", type=_argument(_check_chunk_avg, _size), metavar="SIZE",
+                   help=f"average chunk size, a power of two from {CHUNK_AVG_MIN} to {CHUNK_AVG_MAX >> 20}M "
+                        "(min = avg/4, max = avg*8; default 256K)")
+    s.add_argument("--compression", type=_argument(_check_compression, int), default=3, metavar="LEVEL",
+                   help="zstd level 1 to 22, 0 = off (default 3)")
     s.add_argument("--pack-size", type=_size, default=None, help="target pack size (default 16 MiB)")
-    s.add_argument("--full-every", type=int, default=None, help="--type auto: a full after this many differentials (default 23)")
+    s.add_argument("--full-every", type=_argument(_check_not_negative, int), default=None, metavar="N",
+                   help="--type auto: a full after this many differentials (default 23)")
     s.add_argument("--copy-chunker-params-from", metavar="URL",
                    help="use another repository's chunker parameters and secret, so copies between them dedup")
     passwords.FROM.add_options(s, "that repository's password")
-    s.add_argument("--max-diff-share", type=float, default=None,
-                   help="--type auto: a full once a chain's differentials added this share of the full's size (default 0.5)")
+    s.add_argument("--max-diff-share", type=_share, default=None, metavar="SHARE",
+                   help="--type auto: a full once a chain's differentials added this share of the full's size "
+                        "(0 to 1 or a percentage; default 0.5)")
     s.set_defaults(func=cmd_init)
 
     exclusion = _Parser(add_help=False)
@@ -882,10 +960,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="back up the paths listed in FILE, one a line (# comments, blank lines skipped; - is stdin)")
     s.add_argument("--files-from-raw", action="append", default=[], metavar="FILE",
                    help="likewise, NUL-separated and taken as they are (find -print0)")
-    s.add_argument("--type", choices=["auto", "full", "diff"], default="auto")
+    s.add_argument("--type", choices=["auto", "full", "diff"], default="auto",
+                   help="full, differential, or (auto, the default) a full when the chain is long (init --full-every, "
+                        "--max-diff-share)")
     s.add_argument("--tag", action="append", default=[], metavar="TAG[,TAG...]",
                    help="tag the snapshot (repeatable; commas separate tags)")
-    s.add_argument("--host")
+    s.add_argument("--host", help="record this host name (default: this machine's)")
     s.add_argument("--exclude-if-present", action="append", default=[], metavar="NAME[:HEADER]",
                    help="of a directory holding a file NAME (starting with HEADER), keep only that file")
     s.add_argument("--exclude-caches", action="store_true",
@@ -945,15 +1025,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("tag", parents=[common, select], help="add, remove or set the tags of snapshots")
     s.add_argument("snapshots", nargs="*", help="these snapshots (default: all the filters select)")
-    s.add_argument("--add", action="append", default=[], metavar="TAG[,TAG...]")
-    s.add_argument("--remove", action="append", default=[], metavar="TAG[,TAG...]")
+    s.add_argument("--add", action="append", default=[], metavar="TAG[,TAG...]", help="add these tags")
+    s.add_argument("--remove", action="append", default=[], metavar="TAG[,TAG...]", help="remove these tags")
     s.add_argument("--set", action="append", default=[], metavar="TAG[,TAG...]", help="replace the tags")
+    _wait_option(s, 3600.0, "running backups and reads")
     s.set_defaults(func=cmd_tag)
 
     s = sub.add_parser("rewrite", parents=[common, select, exclusion],
                        help="remove paths from existing snapshots (same ids, chains kept); prune then frees them")
     s.add_argument("snapshots", nargs="*", help="only these snapshots (default: all the filters select)")
     s.add_argument("--confirm", metavar="REWRITE", help="type REWRITE to change the snapshots (else a dry run)")
+    _wait_option(s, 3600.0, "running backups and reads")
     s.set_defaults(func=cmd_rewrite)
 
     s = sub.add_parser("stats", parents=[common, reading, select],
@@ -970,15 +1052,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="glob matched against the path below a snapshot's root, or against the name")
     s.add_argument("--snapshot", "-s", action="append", default=[], metavar="ID",
                    help="only in this snapshot (repeatable; default: all)")
-    s.add_argument("--ignore-case", "-i", action="store_true")
+    s.add_argument("--ignore-case", "-i", action="store_true", help="match the patterns ignoring case")
     s.set_defaults(func=cmd_find, read_lock="find")
 
     s = sub.add_parser("restore", parents=[common, reading], help="restore a snapshot into a directory")
     s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest")
-    s.add_argument("--target", "-t", required=True)
+    s.add_argument("--target", "-t", required=True, help="the directory to restore into (made if missing)")
     s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
-    s.add_argument("--include", action="append", default=[], metavar="GLOB")
-    s.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    s.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="restore only paths (or names) matching GLOB, with their subtrees (repeatable)")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out paths (or names) matching GLOB, with their subtrees (repeatable)")
     s.add_argument("--confirm", metavar="RESTORE", help="confirm overwriting a non-empty target in place")
     s.add_argument("--delta", action="store_true",
                    help="in place: rewrite only files and chunk ranges whose content differs (by digest)")
@@ -1014,7 +1098,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if "within" in name:
             s.add_argument(flag, metavar="DURATION", help="e.g. 30d, 2w, 1y6m, 12h")
         else:
-            s.add_argument(flag, type=int, metavar="N")
+            period = name.removeprefix("keep_")
+            s.add_argument(flag, type=int, metavar="N",
+                           help="keep the last N snapshots" if period == "last" else
+                           f"keep the newest snapshot of each of the last N {period.removesuffix('ly').replace('dai', 'day')}s")
     s.add_argument("--keep-tag", action="append", default=[], metavar="TAGS", help="keep snapshots with these tags (a,b)")
     s.add_argument("--group-by", metavar="host,paths,tags", help="group snapshots before applying rules")
     s.add_argument("--preset", help="a named retention preset from --config")
@@ -1024,19 +1111,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="let a retention policy remove every snapshot of a group (refused otherwise)")
     s.add_argument("--prune", action="store_true", help="prune afterwards")
     s.add_argument("--max-unused", type=_share, default=0.05, help="repack packs with more unused than this (default 5%%)")
-    s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for running backups")
+    _wait_option(s, 0.0, "running backups and reads")
     s.set_defaults(func=cmd_forget)
 
     s = sub.add_parser("prune", parents=[common], help="delete data no snapshot needs, compact packs and index")
     s.add_argument("--dry-run", "-n", action="store_true", help="report what would be removed and freed")
     s.add_argument("--max-unused", type=_share, default=0.05, help="repack packs with more unused than this (default 5%%)")
-    s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for running backups")
+    _wait_option(s, 0.0, "running backups and reads")
     s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("aggregate", parents=[common], help="turn a differential into a synthetic full snapshot")
     s.add_argument("snapshot")
     s.add_argument("--retire", action="store_true", help="forget the chain it replaces")
-    s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for running backups")
+    _wait_option(s, 0.0, "running backups and reads")
     s.set_defaults(func=cmd_aggregate)
 
     s = sub.add_parser("copy", parents=[common, reading, select], help="copy snapshots to another repository")
@@ -1058,17 +1145,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("what", choices=["index", "packs", "snapshots"])
     s.add_argument("packs", nargs="*", metavar="PACK", help="repair packs: the damaged packs' ids (or prefixes)")
     s.add_argument("--confirm", metavar="REPAIR", help="repair packs or snapshots: really do it")
+    _wait_option(s, 3600.0, "running backups and reads")
     s.set_defaults(func=cmd_repair)
 
     s = sub.add_parser("key", parents=[common], help="manage the passwords of a repository")
-    ks = s.add_subparsers(dest="key_cmd", required=True, parser_class=_Parser)
+    ks = s.add_subparsers(dest="key_cmd", required=True, parser_class=_Parser, metavar="{list,add,remove,passwd}")
     for name in ("list", "add", "remove", "passwd"):
         k = ks.add_parser(name, parents=[common])
         if name in ("add", "passwd"):
             new_key = k.add_mutually_exclusive_group()
             passwords.NEW.add_options(new_key, "the new password")
             new_key.add_argument("--generate-secret", metavar="FILE", help=GENERATE_SECRET_HELP)
-            k.add_argument("--kdf-time", type=float, default=0.5, help=KDF_TIME_HELP)
+            k.add_argument("--kdf-time", type=_seconds, default=0.5, metavar="SECONDS", help=KDF_TIME_HELP)
         if name == "remove":
             k.add_argument("key_id")
     s.set_defaults(func=cmd_key)
@@ -1119,7 +1207,21 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         parser = build_parser(first)
         if parser._subparsers is not None and first in _subcommands(parser):
             return parser.parse_args(argv)
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    _refuse_options_before_command(argv, parser)
+    return parser.parse_args(argv)
+
+
+def _refuse_options_before_command(argv: list[str], parser: argparse.ArgumentParser) -> None:
+    """``chunkvault -r REPO snapshots``: say that options follow the command (argparse would call REPO an
+    invalid command), showing the line as it should be."""
+    if not argv or not argv[0].startswith("-") or argv[0] in ("-h", "--help", "--version"):
+        return
+    commands = _subcommands(parser)
+    at = next((i for i, word in enumerate(argv) if word in commands), None)
+    if at is not None:
+        fixed = " ".join([argv[at], *argv[:at], *argv[at + 1:]])
+        raise UsageError(f"options go after the command: chunkvault {fixed}")
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, Any]:

@@ -7,6 +7,8 @@ of the public interface and never change meaning.
 """
 from __future__ import annotations
 
+from typing import Any
+
 
 class ChunkvaultError(Exception):
     """Base of every error chunkvault raises on purpose."""
@@ -50,6 +52,9 @@ class CorruptObject(ChunkvaultError):
     """An object failed authentication, decoding or hashing; names the object."""
 
     exit_code = 13
+    #: What the operation did before it raised this, when it went on past the damage (a restore's
+    #: RestoreResult, listing the files not restored): a caller can still report it.
+    partial: Any = None
 
     def __init__(self, object_name: str, reason: str):
         super().__init__(f"corrupt object {object_name}: {reason}")
@@ -119,7 +124,8 @@ class TargetNotEmpty(ChunkvaultError):
 
 
 class UnsupportedFormat(ChunkvaultError):
-    """Written by a newer chunkvault or not a chunkvault object at all."""
+    """Written by a newer chunkvault, or not a chunkvault object at all (e.g. a file given to ``import``
+    that is no export file)."""
 
     exit_code = 17
 

@@ -13,15 +13,15 @@ import warnings
 from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
-from .errors import (CorruptObject, PermissionDenied, RollbackDetected, SnapshotNotFound, StorageFull, UsageError,
-                     VerificationFailed)
+from .errors import (CorruptObject, PermissionDenied, RollbackDetected, SnapshotNotFound, StorageFull, TargetNotEmpty,
+                     UsageError, VerificationFailed)
 from .ledger import Ledger, RepositoryStateWarning, present_of
 from .connection import connect, key_ahead_path
 from .remotes import Remote, url_scheme
 from .chunker import FIXED_CHUNK_SIZE
 from .store.backup import Backup, BackupOptions, BackupResult
 from .store.chain import broken_chains, lineage
-from .store.config import Settings
+from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import Repo
 from .store.restore import Restorer, RestoreOptions, RestoreResult
@@ -47,7 +47,34 @@ __all__ = ["Repository", "Snapshot", "Entry", "SourceWalk"]
 
 
 def _password(password: str | bytes) -> bytes:
-    return password.encode() if isinstance(password, str) else password
+    if isinstance(password, str):
+        return password.encode()
+    if not isinstance(password, bytes):
+        raise UsageError(f"a password is a str or bytes, not {type(password).__name__}")
+    return password
+
+
+def _listed(value: Any) -> list[Any]:
+    """A list of what ``value`` holds; a single string (or Snapshot) is one item. Iterating a string would
+    make each character a glob, tag or id: ``includes="etc/*"`` would restore nearly everything."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, os.PathLike, Snapshot)):
+        return [value]
+    return list(value)
+
+
+def _named(snapshots: Any) -> list[Any] | None:
+    """The snapshots named (``_listed``), or None for none named (then the filters alone choose)."""
+    return None if snapshots is None else _listed(snapshots)
+
+
+def _check_remote_options(options: Mapping[str, Any]) -> None:
+    """UsageError for a rate limit that is not a positive number of bytes per second."""
+    for name in ("limit_upload", "limit_download"):
+        rate = options.get(name)
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
+            raise UsageError(f"{name} must be a positive number of bytes per second, not {rate!r}")
 
 
 def _ledger_for(repo: Repo, where: bool | str | os.PathLike[str]) -> Ledger | None:
@@ -79,9 +106,10 @@ class Repository:
              full_every: int | None = None, max_diff_share: float | None = None,
              chunker_secret: bytes | None = None, copy_chunker_from: "Repository | None" = None,
              ledger: bool | str | os.PathLike[str] = True, **remote_options: Any) -> "Repository":
+        """Create a repository at ``url``; a setting no repository can work with is a UsageError, raised
+        before anything is written."""
         from .chunker import ChunkerParams
 
-        remote = connect(url, **remote_options)
         if copy_chunker_from is not None:
             chunker = copy_chunker_from._repo.config.settings.chunker
             chunker_secret = copy_chunker_from._repo.material.chunker_secret
@@ -92,6 +120,10 @@ class Repository:
             settings.full_every = full_every
         if max_diff_share is not None:
             settings.max_diff_share = max_diff_share
+        check_settings(settings)
+        check_kdf_seconds(kdf_seconds)
+        _check_remote_options(remote_options)
+        remote = connect(url, **remote_options)
         repo = Repo.init(remote, _password(password), settings=settings, kdf_seconds=kdf_seconds,
                          chunker_secret=chunker_secret)
         return cls(repo, _ledger_for(repo, ledger))
@@ -106,6 +138,7 @@ class Repository:
         Off local disk, a password's key is derived from the key file that opened ``url`` last time while
         the remote connects (``store/keyahead.py``; not with ``cache=False``, which keeps nothing locally).
         """
+        _check_remote_options(remote_options)
         if isinstance(password, Unlocked):
             key = password
             remote = connect(url, **remote_options)
@@ -237,8 +270,8 @@ class Repository:
         ``walk``: a ``SourceWalk.of_paths(...).start()`` of the same paths and rules, begun
         before the repository was opened, so the walk overlaps the key derivation.
         """
-        if isinstance(paths, str):
-            paths = [paths]
+        paths, tags, excludes = _listed(paths), _listed(tags), _listed(excludes)
+        no_delta, fixed_chunks, exclude_if_present = _listed(no_delta), _listed(fixed_chunks), _listed(exclude_if_present)
         # Held open since an earlier backup, another client may have rebased since (the index is read
         # afresh by every backup).
         self._repo.drop_stale(index=False)
@@ -274,8 +307,8 @@ class Repository:
         ``fixed_chunks``: globs; when one matches ``name`` the stream is cut at fixed offsets.
         ``dry_run``: as for ``backup``.
         """
-        opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, delta=delta,
-                             fixed_chunks=list(fixed_chunks or []), fixed_chunk_size=fixed_chunk_size, dry_run=dry_run)
+        opts = BackupOptions(kind=kind, tags=_listed(tags), host=host, delta=delta,
+                             fixed_chunks=_listed(fixed_chunks), fixed_chunk_size=fixed_chunk_size, dry_run=dry_run)
         return self._backup_stream(lambda: contextlib.nullcontext(fileobj), name, opts)
 
     def backup_command(self, argv: Sequence[str], name: str, *, kind: str = "auto", tags: list[str] | None = None,
@@ -289,8 +322,9 @@ class Repository:
         less any variable holding a password; its stderr goes to ``stderr`` (a file; default: ours)."""
         from .store.command_stream import CommandStream
 
-        opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, delta=delta,
-                             fixed_chunks=list(fixed_chunks or []), fixed_chunk_size=fixed_chunk_size, dry_run=dry_run)
+        argv = _listed(argv)
+        opts = BackupOptions(kind=kind, tags=_listed(tags), host=host, delta=delta,
+                             fixed_chunks=_listed(fixed_chunks), fixed_chunk_size=fixed_chunk_size, dry_run=dry_run)
         return self._backup_stream(lambda: CommandStream(argv, cwd=cwd, env=env, stderr=stderr), name, opts)
 
     def _backup_stream(self, open_stream: Callable[[], ContextManager[Any]], name: str,
@@ -343,7 +377,7 @@ class Repository:
                   latest: int | None = None, group_by: str | Iterable[str] = "host,paths") -> list[Snapshot]:
         """The snapshots, oldest first; filtered as ``select_snapshots`` does when a filter is given; with
         ``latest``, only that many of the newest of each group (by host and paths, or ``group_by``)."""
-        chosen = select_snapshots(self._list(), hosts=hosts, tags=tags, paths=paths)
+        chosen = select_snapshots(self._list(), hosts=_listed(hosts), tags=_listed(tags), paths=_listed(paths))
         if latest is None:
             return chosen
         from .store.retention import newest_of_groups, parse_group_by
@@ -386,10 +420,10 @@ class Repository:
     def _chosen(self, every: list[Snapshot], snapshots: Iterable[str | Snapshot] | None, hosts: Iterable[str],
                 tags: Iterable[str], paths: Iterable[str]) -> list[Snapshot]:
         """The snapshots the filters select, and of them those named (all, when none are)."""
-        chosen = select_snapshots(every, hosts=hosts, tags=tags, paths=paths)
+        chosen = select_snapshots(every, hosts=_listed(hosts), tags=_listed(tags), paths=_listed(paths))
         if snapshots is None:
             return chosen
-        named = {(s if isinstance(s, Snapshot) else find_snapshot(every, s)).id for s in snapshots}
+        named = {(s if isinstance(s, Snapshot) else find_snapshot(every, s)).id for s in _listed(snapshots)}
         return [s for s in chosen if s.id in named]
 
     def find(self, patterns: list[str], *, snapshots: Iterable[str | Snapshot] | None = None,
@@ -401,6 +435,7 @@ class Repository:
         once (``store/find.py``)."""
         from .store.find import matches_by_snapshot, path_matcher, versions
 
+        patterns = _listed(patterns)
         if not patterns:
             raise UsageError("find needs at least one pattern")
         with self.reading("find"):
@@ -421,7 +456,7 @@ class Repository:
                  host: str | None = None, paths: list[str] | None = None) -> Snapshot:
         """An id, unique prefix or ``latest``; with ``until`` the newest at or before that time."""
         t = parse_time(until) if isinstance(until, str) else until
-        return find_snapshot(self._list(), spec, until=t, host=host, filter_paths=paths)
+        return find_snapshot(self._list(), spec, until=t, host=host, filter_paths=_listed(paths) or None)
 
     def tree(self, snapshot: str | Snapshot = "latest") -> Iterator[Entry]:
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
@@ -448,9 +483,13 @@ class Repository:
         ``security.*`` as another user than root, or on a file system without them)."""
         from .store import restore_workers
 
+        includes, excludes = _listed(includes), _listed(excludes)
+        if not force and _is_nonempty_dir(target):
+            raise TargetNotEmpty(f"restore target {os.fsdecode(target)} is not empty (force=True restores "
+                                 "into it in place)")
         with self.reading("restore"):
             snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until)
-            opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
+            opts = RestoreOptions(includes=includes, excludes=excludes, force=force,
                                   delta=delta, delete=delete, progress=progress, xattrs=xattrs)
             restorer = Restorer(self._repo, target, opts, lookup=lambda path: self._repo.lookup(snap, path))
             if delete and os.path.isdir(target):
@@ -458,7 +497,12 @@ class Repository:
             if processes is None:
                 processes = 1 if includes else restore_workers.auto_processes(snap.stats.get("bytes"))
             entries = snap.stats.get("files", 0) + snap.stats.get("dirs", 0) if "files" in snap.stats else None
-            result = restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes, entries)
+            try:
+                result = restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes, entries)
+            except CorruptObject as exc:
+                if restorer.result.damaged:  # everything else was restored: the caller may report it
+                    exc.partial = restorer.result
+                raise
             if verify:
                 self._verify_restored(restorer, snap, target, xattrs)
             return result
@@ -556,7 +600,7 @@ class Repository:
         from .store.lifecycle import apply_forget
         from .store.locks import EXCLUSIVE, RepoLock
 
-        snapshots = list(snapshots)
+        snapshots, hosts, tags, paths = _listed(snapshots), _listed(hosts), _listed(tags), _listed(paths)
         if dry_run:
             return self._plan_forget(self._list(), snapshots, policy, now, hosts, tags, paths, allow_remove_all)[0]
         with RepoLock(self._repo.remote, EXCLUSIVE, "forget", wait=wait):
@@ -672,7 +716,7 @@ class Repository:
 
         with self.reading("copy"):
             snaps = self._list()
-            snapshots, hosts, tags, paths = list(snapshots), list(hosts), list(tags), list(paths)
+            snapshots, hosts, tags, paths = _listed(snapshots), _listed(hosts), _listed(tags), _listed(paths)
             ids = ([s.id for s in self._chosen(snaps, snapshots or None, hosts, tags, paths)]
                    if snapshots or hosts or tags or paths else None)
             destination._guard()
@@ -680,27 +724,27 @@ class Repository:
             destination._wrote(*(destination._repo.load_snapshot(d) for _, d in result.copied))
         return result
 
-    def repair_index(self) -> RepairReport:
-        """Rebuild the index from the pack headers."""
+    def repair_index(self, *, wait: float = 0.0) -> RepairReport:
+        """Rebuild the index from the pack headers (waiting up to ``wait`` seconds for the exclusive lock)."""
         from .store.repair import repair_index
 
-        return repair_index(self._repo)
+        return repair_index(self._repo, wait=wait)
 
-    def repair_packs(self, packs: list[str], *, dry_run: bool = True) -> RepairReport:
+    def repair_packs(self, packs: list[str], *, dry_run: bool = True, wait: float = 3600.0) -> RepairReport:
         """Salvage damaged packs (ids or unique prefixes): copy what still verifies, drop the packs."""
         from .store.repair import repair_packs
 
         if not dry_run:
             self._guard()
-        return repair_packs(self._repo, packs, dry_run=dry_run)
+        return repair_packs(self._repo, _listed(packs), dry_run=dry_run, wait=wait)
 
-    def repair_snapshots(self, *, dry_run: bool = True) -> RepairReport:
+    def repair_snapshots(self, *, dry_run: bool = True, wait: float = 3600.0) -> RepairReport:
         """Drop (list, and with ``dry_run=False`` rewrite) files whose data is gone."""
         from .store.repair import repair_snapshots
 
         if not dry_run:
             self._guard()
-        return repair_snapshots(self._repo, dry_run=dry_run)
+        return repair_snapshots(self._repo, dry_run=dry_run, wait=wait)
 
     def tag(self, snapshots: Iterable[str | Snapshot] | None = None, *, add: Iterable[str] = (),
             remove: Iterable[str] = (), set_to: Iterable[str] | None = None, hosts: Iterable[str] = (),
@@ -710,12 +754,12 @@ class Repository:
         under its id (its data untouched); returns those changed."""
         from .store.rewrite import retag_snapshots
 
-        add, remove = list(add), list(remove)
+        add, remove = _listed(add), _listed(remove)
         if set_to is None and not add and not remove:
             raise UsageError("tag: give --add, --remove or --set")
         chosen = self._chosen(self._guard(), snapshots, hosts, tags, paths)
         return retag_snapshots(self._repo, [s.id for s in chosen], add=add, remove=remove,
-                               set_to=None if set_to is None else list(set_to), wait=wait)
+                               set_to=None if set_to is None else _listed(set_to), wait=wait)
 
     def rewrite(self, excludes: list[str], snapshots: Iterable[str | Snapshot] | None = None, *,
                 hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
@@ -727,7 +771,7 @@ class Repository:
 
         every = self._list() if dry_run else self._guard()
         chosen = self._chosen(every, snapshots, hosts, tags, paths)
-        return rewrite_snapshots(self._repo, [s.id for s in chosen], list(excludes), dry_run=dry_run, wait=wait)
+        return rewrite_snapshots(self._repo, [s.id for s in chosen], _listed(excludes), dry_run=dry_run, wait=wait)
 
     def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,
                overwrite: bool = False) -> ExportStats:
@@ -751,6 +795,7 @@ class Repository:
 
     def add_key(self, password: str | bytes, *, kdf_seconds: float = 0.5) -> str:
         """A new key file for ``password``; a ``chunkvault.new_secret()`` gets one that opens without stretching."""
+        check_kdf_seconds(kdf_seconds)
         return self._repo.add_key(_password(password), kdf_seconds=kdf_seconds)
 
     def remove_key(self, name: str) -> None:
@@ -762,6 +807,17 @@ class Repository:
                  "current": k.name == self._repo.key_name} for k in readable] + [
                 {"id": name, "kdf": "damaged", "created": "", "host": "", "user": "", "current": False,
                  "problem": exc.reason} for name, exc in damaged.items()]
+
+
+def _is_nonempty_dir(path: str | os.PathLike[str]) -> bool:
+    """A real directory (not a link to one) holding an entry; what cannot be read is left to the restore."""
+    if os.path.islink(path):
+        return False
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False
 
 
 class _ChunkStream(io.RawIOBase):

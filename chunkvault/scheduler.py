@@ -476,6 +476,9 @@ class Daemon:
                 self.log(report.summary())
             except Locked as exc:
                 self.log(f"run skipped: {exc}")
+            except UsageError as exc:  # a bad option or URL fails every slot alike: stop, exit 2
+                self.log(f"run failed: {exc}")
+                raise
             except ChunkvaultError as exc:
                 self.log(f"run failed: {exc}")
             except Exception as exc:  # survive a bug in one run; the next slot tries again
@@ -537,7 +540,18 @@ def _runner(args: argparse.Namespace, stop: threading.Event | None, log: Callabl
     if not url:
         raise UsageError(f"no repository: set repository in {args.config}, or use -r/--repo")
     lock = policy.lock_file or os.path.abspath(args.config) + ".lock"
-    return Runner(policy, _password(args, policy), url=url, stop=stop, log=log, lock_file=lock)
+    return Runner(policy, _password(args, policy), url=url, stop=stop, log=log, lock_file=lock,
+                  opener=_opener(args, url))
+
+
+def _opener(args: argparse.Namespace, url: str) -> Callable[[str, bytes], Any]:
+    """``Repository.open`` with the command line's remote options (-o, --s3-*, --limit-*), as every other
+    command applies them: the policy file has no place for them."""
+    from .cli import remote_options
+    from .repository import Repository
+
+    options = remote_options(args, url)
+    return lambda where, password: Repository.open(where, password, **options)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -142,7 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description="Serve a repository directory to chunkvault clients over HTTP(S).")
     p.add_argument("--listen", metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_LISTEN}; [::1]:PORT for IPv6)")
     p.add_argument("--path", metavar="DIR", help="the repository directory to serve")
-    p.add_argument("--tokens", metavar="FILE", help="'MODE TOKEN' per line, MODE one of read-only, append-only, full (mode 0600)")
+    p.add_argument("--tokens", metavar="FILE",
+                   help="'MODE TOKEN' per line, MODE one of read-only, append-only, full; each TOKEN at least "
+                        f"{MIN_TOKEN_LENGTH} printable ASCII characters (file mode 0600)")
     p.add_argument("--append-only", action="store_true", default=None,
                    help="cap every token at append-only: no overwrites, deletes only under locks/")
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate chain (PEM)")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from chunkvault.errors import CorruptObject, UnsupportedFormat, WrongPassword
+from chunkvault.errors import CorruptObject, UnsupportedFormat, UsageError, WrongPassword
 
 from .crypto import (
     SCRYPT_P, SCRYPT_R, AuthenticationFailed, KeyMaterial, Sealer, content_name, derive_argon2id, derive_kek,
@@ -63,6 +63,41 @@ class Settings:
     #: ... or when the chain's differentials add more than this share of the full's stored bytes.
     max_diff_share: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: zstd's levels: 0 stores blobs uncompressed, 22 is zstd's strongest.
+MAX_COMPRESSION_LEVEL = 22
+
+
+def check_settings(settings: Settings) -> None:
+    """UsageError for settings no repository can work with, before anything is written: a bad value given
+    to ``init`` is the caller's mistake, not an internal error."""
+    from chunkvault.chunker import ChunkerParams
+
+    try:
+        ChunkerParams.from_dict(settings.chunker)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    if _not_int(settings.compression_level) or not 0 <= settings.compression_level <= MAX_COMPRESSION_LEVEL:
+        raise UsageError(f"compression level must be 0 (off) to {MAX_COMPRESSION_LEVEL}, "
+                         f"not {settings.compression_level!r}")
+    if _not_int(settings.pack_size) or settings.pack_size < 1:
+        raise UsageError(f"pack size must be at least 1 byte, not {settings.pack_size!r}")
+    if _not_int(settings.full_every) or settings.full_every < 0:
+        raise UsageError(f"full_every must be 0 or more differentials, not {settings.full_every!r}")
+    share = settings.max_diff_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise UsageError(f"max_diff_share must be a share from 0 to 1, not {share!r}")
+
+
+def check_kdf_seconds(seconds: float) -> None:
+    """UsageError unless ``seconds`` is a CPU time a key derivation can be tuned to (0: the cheapest)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+        raise UsageError(f"key derivation time must be 0 or more seconds, not {seconds!r}")
+
+
+def _not_int(value: Any) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
 
 
 @dataclass

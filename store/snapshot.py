@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import zstandard
 
-from chunkvault.errors import AmbiguousSnapshot, CorruptObject, SnapshotNotFound
+from chunkvault.errors import AmbiguousSnapshot, CorruptObject, SnapshotNotFound, UsageError
 
 from .crypto import AuthenticationFailed, Sealer
 
@@ -98,11 +98,12 @@ def now_iso() -> str:
 
 
 def parse_time(text: str) -> datetime:
-    """ISO 8601; a time without zone is local time, as a user typing it means."""
+    """ISO 8601; a time without zone is local time, as a user typing it means.  Text that is no time
+    is a bad argument (UsageError), not a snapshot that was not found."""
     try:
         t = datetime.fromisoformat(text)
-    except ValueError:
-        raise SnapshotNotFound(f"cannot parse time {text!r} (use ISO 8601, e.g. 2026-11-28T14:00)") from None
+    except (TypeError, ValueError):
+        raise UsageError(f"cannot parse time {text!r} (use ISO 8601, e.g. 2026-11-28T14:00)") from None
     if t.tzinfo is None:
         t = t.astimezone()
     return t.astimezone(timezone.utc)
@@ -123,14 +124,18 @@ def select_snapshots(snapshots: Iterable[Snapshot], *, hosts: Iterable[str] = ()
 
 def find_snapshot(snapshots: Iterable[Snapshot], spec: str, *, until: datetime | None = None,
                   filter_paths: list[str] | None = None, host: str | None = None) -> Snapshot:
-    """Resolve an id, unique id prefix or ``latest`` (newest at or before ``until``)."""
+    """Resolve an id, unique id prefix or ``latest`` (newest at or before ``until``).  An empty spec is a
+    usage error, never ``latest``: it is what an unset shell variable gives, and ``forget "$ID"`` must not
+    take the newest snapshot for it."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(f"a snapshot is named by an id, a unique prefix or latest, not {spec!r}")
     snaps = list(snapshots)
     if host is not None:
         snaps = [s for s in snaps if s.host == host]
     if filter_paths:
         wanted = sorted(os.path.abspath(p) if not p.startswith("stdin:") else p for p in filter_paths)
         snaps = [s for s in snaps if sorted(s.paths) == wanted]
-    if spec in ("latest", ""):
+    if spec == "latest":
         candidates = [s for s in snaps if until is None or s.datetime <= until]
         if not candidates:
             raise SnapshotNotFound("no snapshot" + (f" at or before {until.isoformat()}" if until else ""))

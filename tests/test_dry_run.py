@@ -73,5 +73,5 @@ def test_the_cli_dry_run_says_so_and_leaves_the_repository_as_it_was(tmp_path):
     out = crashkit.run_cli("backup", "-r", repo, str(src), "--dry-run").stdout.decode().splitlines()
     assert out[0] == "dry run: would save a full snapshot" and out[2].startswith("  would add: ")
     info = json.loads(crashkit.run_cli("backup", "-r", repo, str(src), "-n", "--json").stdout)
-    assert info["dry_run"] is True and info["id"] == "" and info["stats"]["new_files"] == 1
+    assert info["dry_run"] is True and info["id"] is None and info["stats"]["new_files"] == 1
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "repo").rglob("*")) == before

@@ -1,0 +1,323 @@
+"""The command line and the Python API agree with each other and with the README: exit codes, one-line
+usage errors, --json on stdout, options each command documents and applies."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chunkvault import Repository
+from chunkvault.errors import TargetNotEmpty, UsageError
+from test_corruption import flip
+from test_damaged_storage import chunk_ids, damage_blob
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.fixture
+def setup(tmp_path, cli):
+    """A repository with one snapshot of a small tree."""
+    repo = str(tmp_path / "repo")
+    src = tmp_path / "data"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha\n")
+    (src / "sub" / "b.txt").write_text("beta\n")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, str(src), "--tag", "nightly")
+    return repo, src
+
+
+def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
+    """The stderr of a command that failed with ``code``: one line, no traceback."""
+    assert proc.returncode == code, proc.stderr.decode()
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err, err
+    return err
+
+
+def exit_codes() -> dict[str, str]:
+    table = README.read_text().split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+    return dict(re.findall(r"^\| (\d+) \| (.*) \|$", table, re.M))
+
+
+# --- exit codes ---------------------------------------------------------------------------------------
+
+
+def test_exit_code_table_names_how_restore_overwrites(setup, cli, tmp_path):
+    repo, _ = setup
+    codes = exit_codes()
+    assert "--confirm RESTORE" in codes["16"] and "--force" not in codes["16"] and "force=True" in codes["16"]
+    assert "export" in codes["17"] and "interrupted" in codes["130"]
+    target = tmp_path / "full"
+    target.mkdir()
+    (target / "x").write_text("x")
+    err = one_line_error(cli("restore", "-r", repo, "latest", "--target", str(target), check=False), 16)
+    assert "--confirm RESTORE" in err
+
+
+def test_api_target_not_empty_names_the_keyword(setup, tmp_path, password):
+    repo, _ = setup
+    target = tmp_path / "full"
+    target.mkdir()
+    (target / "x").write_text("x")
+    with Repository.open(repo, password) as r, pytest.raises(TargetNotEmpty) as info:
+        r.restore("latest", str(target))
+    assert "force=True" in str(info.value) and "--force" not in str(info.value)
+
+
+def test_not_an_export_file_exits_17_as_documented(setup, cli, tmp_path):
+    repo, _ = setup
+    junk = tmp_path / "junk"
+    junk.write_text("not an export\n")
+    one_line_error(cli("import", "-r", repo, str(junk), env={"CHUNKVAULT_EXPORT_PASSWORD": "x"}, check=False), 17)
+
+
+# --- init settings ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", [["--chunk-avg", "1000"], ["--chunk-avg", "300K"], ["--chunk-avg", "64M"],
+                                    ["--compression", "99"], ["--compression", "-1"], ["--full-every", "-1"],
+                                    ["--kdf-time", "-1"], ["--max-diff-share", "5"]])
+def test_init_refuses_impossible_settings_as_usage_errors(tmp_path, cli, option):
+    repo = tmp_path / "repo"
+    err = one_line_error(cli("init", "-r", str(repo), *option, check=False), 2)
+    assert option[0] in err
+    assert not repo.exists()
+
+
+def test_init_help_says_what_chunk_avg_takes(cli):
+    assert "power of two" in cli("init", "--help").stdout.decode()
+
+
+@pytest.mark.parametrize("settings", [{"chunker": {"min_size": 250, "avg_size": 1000, "max_size": 8000}},
+                                      {"compression_level": 99}, {"full_every": -1}, {"max_diff_share": 5.0},
+                                      {"kdf_seconds": -1}, {"pack_size": 0}])
+def test_api_init_refuses_impossible_settings_as_usage_errors(tmp_path, settings):
+    settings.setdefault("kdf_seconds", 0)
+    with pytest.raises(UsageError):
+        Repository.init(str(tmp_path / "repo"), "pw", **settings)
+    assert not (tmp_path / "repo" / "config").exists()
+
+
+def test_key_add_refuses_a_negative_kdf_time(setup, cli, tmp_path):
+    repo, _ = setup
+    new = tmp_path / "new-pw"
+    new.write_text("another password\n")
+    one_line_error(cli("key", "add", "-r", repo, "--new-password-file", str(new), "--kdf-time", "-1",
+                       check=False), 2)
+
+
+# --- run and daemon apply the remote options -----------------------------------------------------------
+
+
+@pytest.fixture
+def policy(tmp_path, setup):
+    repo, src = setup
+    path = tmp_path / "policy.toml"
+    path.write_text(f'repository = {json.dumps(repo)}\nfull = "hourly"\n\n'
+                    f'[[source]]\nname = "data"\npaths = [{json.dumps(str(src))}]\n')
+    return path
+
+
+def test_run_refuses_a_bad_remote_option(policy, cli):
+    assert "foo" in one_line_error(cli("run", "--config", str(policy), "-o", "file.foo=bar", check=False), 2)
+
+
+def test_daemon_stops_on_a_bad_remote_option(policy, cli):
+    """It would fail at every slot alike: the daemon ends with the usage error (its log says so first)."""
+    proc = cli("daemon", "--config", str(policy), "-o", "file.foo=bar", check=2)
+    assert proc.stderr.decode().splitlines()[-1].startswith("chunkvault: unknown option 'foo'")
+
+
+def test_run_opens_the_repository_with_the_remote_options(policy, password, monkeypatch):
+    from chunkvault import cli
+
+    seen: list[dict] = []
+    real_open = Repository.open.__func__
+
+    def recording_open(cls, url, pw, **options):
+        seen.append(options)
+        return real_open(cls, url, pw, **options)
+
+    monkeypatch.setattr(Repository, "open", classmethod(recording_open))
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", password)
+    assert cli.main(["run", "--config", str(policy), "-q", "-o", "file.direct-io=no", "--limit-upload", "2M",
+                     "--limit-download", "512"]) == 0
+    assert seen and all(o.get("limit_upload") == 2 << 20 and o.get("limit_download") == 512 << 10 for o in seen)
+    assert all(len(o) == 3 for o in seen)  # and the -o option
+
+
+# --- --json ---------------------------------------------------------------------------------------------
+
+
+def test_key_commands_print_one_json_object(setup, cli, tmp_path):
+    repo, _ = setup
+    new, newer = tmp_path / "new-pw", tmp_path / "newer-pw"
+    new.write_text("another password\n")
+    newer.write_text("yet another password\n")
+    added = json.loads(cli("key", "add", "-r", repo, "--new-password-file", str(new), "--kdf-time", "0",
+                           "--json").stdout)
+    assert set(added) == {"id"}
+    changed = json.loads(cli("key", "passwd", "-r", repo, "--password-file", str(new), "--new-password-file",
+                             str(newer), "--kdf-time", "0", "--json", password=None).stdout)
+    assert changed["removed"] == added["id"] and changed["id"] != added["id"]
+    removed = json.loads(cli("key", "remove", "-r", repo, changed["id"], "--json").stdout)
+    assert removed == {"removed": changed["id"]}
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_restore_json_lists_the_damaged_files_before_failing(tmp_path, new_repo, password, cli, processes):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"f{i}").write_bytes(os.urandom(50_000))
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    damage_blob(tmp_path / "repo", repo, chunk_ids(repo, snap, "f2")[0])
+    proc = cli("restore", "-r", str(tmp_path / "repo"), snap.id, "--target", str(tmp_path / "out"), "--json",
+               "--processes", processes, check=13)
+    out = json.loads(proc.stdout)
+    assert [d["path"] for d in out["not_restored"]] == ["f2"] and out["files"] == 5
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0", "f1", "f3", "f4", "f5"]
+
+
+def test_restore_json_of_a_clean_restore_has_an_empty_not_restored(setup, cli, tmp_path):
+    repo, _ = setup
+    out = json.loads(cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "out"), "--json").stdout)
+    assert out["not_restored"] == [] and out["files"] == 2
+
+
+def test_backup_json_says_skipped_and_a_dry_run_has_no_id(setup, cli):
+    repo, src = setup
+    dry = json.loads(cli("backup", "-r", repo, str(src), "--dry-run", "--json").stdout)
+    assert dry["id"] is None and dry["short_id"] is None and dry["skipped"] is False
+    skipped = json.loads(cli("backup", "-r", repo, str(src), "--skip-if-unchanged", "--json").stdout)
+    assert skipped["skipped"] is True and skipped["id"] is None
+
+
+# --- times and snapshot ids ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["restore", "latest", "--target", "{tmp}/t", "--until", "garbage"],
+                                  ["restore", "latest", "--target", "{tmp}/t", "--until", "2026-13-45T99:00"],
+                                  ["verify-restore", "--all-since", "bogus"]])
+def test_an_unparsable_time_is_a_usage_error(setup, cli, args, tmp_path):
+    repo, _ = setup
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert "cannot parse time" in one_line_error(cli(*args, "-r", repo, check=False), 2)
+
+
+def test_api_unparsable_time_is_a_usage_error(setup, password):
+    repo, _ = setup
+    with Repository.open(repo, password) as r, pytest.raises(UsageError, match="cannot parse time"):
+        r.snapshot("latest", until="garbage")
+
+
+@pytest.mark.parametrize("args", [["forget", ""], ["tag", "", "--add", "oops"], ["forget", " "],
+                                  ["restore", "", "--target", "{tmp}/t"], ["ls", ""], ["dump", "", "a.txt"],
+                                  ["aggregate", ""], ["rewrite", "", "--exclude", "a.txt", "--confirm", "REWRITE"]])
+def test_an_empty_snapshot_id_is_a_usage_error_and_changes_nothing(setup, cli, args, tmp_path):
+    repo, _ = setup
+    args = [a.format(tmp=tmp_path) for a in args]
+    before = json.loads(cli("snapshots", "-r", repo, "--json").stdout)
+    one_line_error(cli(*args, "-r", repo, check=False), 2)
+    assert json.loads(cli("snapshots", "-r", repo, "--json").stdout) == before
+
+
+# --- --wait on every command that waits for the exclusive lock -------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["tag", "latest", "--add", "x"], ["rewrite", "--exclude", "a.txt", "--confirm",
+                                                                     "REWRITE"], ["repair", "index"],
+                                  ["repair", "snapshots", "--confirm", "REPAIR"]])
+def test_exclusive_commands_take_the_wait_they_suggest(setup, cli, password, args):
+    repo, _ = setup
+    with Repository.open(repo, password) as r, r.reading("mount"):
+        err = one_line_error(cli(*args, "-r", repo, "--wait", "0", check=False), 15)
+    assert "--wait" in err
+    cli(*args, "-r", repo, "--wait", "0")
+
+
+# --- parsing -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["-r", "somewhere", "snapshots"], ["--json", "snapshots"]])
+def test_options_before_the_command_are_explained(cli, args):
+    err = one_line_error(cli(*args, check=False), 2)
+    assert "options go after the command: chunkvault snapshots " in err
+
+
+def test_a_missing_key_subcommand_names_the_choices(cli):
+    assert "{list,add,remove,passwd}" in one_line_error(cli("key", check=False), 2)
+
+
+def test_ls_of_a_path_the_snapshot_lacks_fails_as_dump_does(setup, cli):
+    repo, _ = setup
+    ls = one_line_error(cli("ls", "-r", repo, "latest", "no/such/dir", check=False), 2)
+    dump = one_line_error(cli("dump", "-r", repo, "latest", "no/such/dir", check=False), 2)
+    assert ls == dump
+    assert [e["path"] for e in json.loads(cli("ls", "-r", repo, "latest", "sub", "--json").stdout)] == [
+        "sub", "sub/b.txt"]
+
+
+def test_serve_help_states_the_token_minimum(cli):
+    assert "at least 16" in " ".join(cli("serve", "--help").stdout.decode().split())
+    assert "at least 16 printable ASCII characters" in " ".join(README.read_text().split())
+
+
+# --- the Python API ---------------------------------------------------------------------------------------------
+
+
+def test_api_takes_a_single_string_as_one_item(setup, tmp_path, password):
+    repo, _ = setup
+    with Repository.open(repo, password) as r:
+        assert len(r.snapshots(tags="nightly")) == len(r.snapshots(tags=["nightly"])) == 1
+        one = r.restore("latest", str(tmp_path / "one"), includes="sub/*")
+        listed = r.restore("latest", str(tmp_path / "listed"), includes=["sub/*"])
+        assert one.files == listed.files == 1
+        assert [f.path for f in r.find("b.txt")] == [f.path for f in r.find(["b.txt"])] != []
+        assert [s.id for s in r.tag("latest", add="pinned")] == [r.snapshot().id]
+        assert r.snapshot().tags == ["nightly", "pinned"]
+
+
+def test_api_bad_open_arguments_are_usage_errors(setup, password):
+    repo, _ = setup
+    with pytest.raises(UsageError):
+        Repository.open(repo, None)
+    with pytest.raises(UsageError):
+        Repository.open(repo, password, limit_upload=-1)
+
+
+def readme_example() -> str:
+    return README.read_text().split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_python_example_runs_top_to_bottom(tmp_path):
+    """The README's example, run as written with every absolute path placed under a scratch directory and a
+    stand-in pg_dump on PATH."""
+    root = tmp_path / "root"
+    for d in ("var/lib/db", "var/lib/postgresql/15/main/base", "home/u", "etc/nginx"):
+        (root / d).mkdir(parents=True)
+    (root / "var/lib/db/table").write_bytes(os.urandom(70_000))
+    (root / "var/lib/postgresql/15/main/base/1").write_bytes(os.urandom(30_000))
+    (root / "home/u/notes.tmp").write_text("left out\n")
+    (root / "etc/nginx/nginx.conf").write_text("worker_processes 1;\n")
+    (root / "srv/backup").mkdir(parents=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "dump.sql").write_text("CREATE TABLE t (x int);\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pg_dump").write_text("#!/bin/sh\necho \"-- dump of $1\"\n")
+    (bin_dir / "pg_dump").chmod(0o755)
+    code = re.sub(r'"/(?=\w)', f'"{root}/', readme_example())
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (root / "tmp/restore/base/1").exists() and (root / "tmp/then/table").exists()
+    assert (work / "etc.tar").stat().st_size > 0
+    assert proc.stdout.rstrip().endswith("True")  # verify_restore's report
