@@ -906,7 +906,7 @@ class Backup:
             stats={
                 "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes,
                 **self.counts,
-                "added_blobs": w.new_blobs, "added_raw_bytes": w.new_raw_bytes,
+                "added_blobs": w.new_blobs - mw.new_blobs, "added_raw_bytes": w.new_raw_bytes - mw.new_raw_bytes,
                 "added_stored_bytes": w.stored_bytes - mw.stored_bytes,
                 "delta_blobs": w.delta_blobs, "delta_stored_bytes": w.delta_bytes,
                 "whole_stored_bytes": w.stored_bytes - w.delta_bytes - mw.stored_bytes,

@@ -26,7 +26,8 @@ class ManifestWriter:
         self.starts: list[int] = []
         self._buf_offset = 0  # stream offset of buf[0]
         self._record_starts: deque[int] = deque()  # stream offsets of the records still in buf
-        self.stored_bytes = 0
+        self.stored_bytes = 0  # envelopes of the new blobs it stored
+        self.new_blobs = self.new_raw_bytes = 0  # those blobs and their plaintext: not the backup's new data
         self.records = 0
         self.version = 1  # the snapshot version its records need (SNAPSHOT_VERSION once one has xattrs)
         self._flush_at = 2 * repo.chunker_params.max_size
@@ -46,6 +47,8 @@ class ManifestWriter:
         if self.writer.claim(bid):
             blob = self.repo.prepare_blob(bid, piece)
             self.stored_bytes += len(blob.envelope)
+            self.new_blobs += 1
+            self.new_raw_bytes += len(piece)
             self.writer.store(blob)
 
     def _emit(self, final: bool) -> None:

@@ -396,8 +396,8 @@ class Restorer:
                     raise UsageError(f"restore target is not a directory: {os.fsdecode(t)}")
                 if os.listdir(t):
                     if not self.opt.force:
-                        raise TargetNotEmpty(f"restore target {os.fsdecode(t)} is not empty "
-                                             "(use --force to restore into it)")
+                        raise TargetNotEmpty(f"restore target {os.fsdecode(t)} is not empty (a restore in place "
+                                             "must be asked for)")
                 else:
                     self._fresh = True
             else:

@@ -114,6 +114,20 @@ def test_unchanged_tree_writes_empty_differential(tmp_path, new_repo):
     assert describe(out) == describe(src)
 
 
+def test_added_data_counts_the_files_not_the_manifest(tmp_path, new_repo):
+    """The new manifest blobs are the snapshot's own bookkeeping (``manifest_bytes``), not new data: a
+    differential that adds one 3-byte file reports 3 bytes added, in one blob."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_rich_tree(src)
+    repo = new_repo()
+    repo.backup([str(src)])
+    (src / "new.txt").write_bytes(b"abc")
+    st = repo.backup([str(src)]).snapshot.stats
+    assert (st["added_blobs"], st["added_raw_bytes"], st["manifest_records"]) == (1, 3, 2)  # the file, its dir
+    assert st["manifest_bytes"] > 0 and st["added_stored_bytes"] < 200
+
+
 def test_known_chunks_are_not_stored_twice(tmp_path, new_repo):
     src = tmp_path / "src"
     src.mkdir()
