@@ -329,7 +329,7 @@ class Backup:
         """The parent's records, an entry whose chunks are not all in the index (a repair dropped a damaged
         blob) marked as read while changing, so that its file is read again: a backup never records a
         file by reference to data that is gone."""
-        indexed = self.repo.all_indexed
+        indexed = self.repo.index.has_all
         for rec in records:
             e = rec.entry
             if e is not None and e.chunks and not indexed(e.chunks):

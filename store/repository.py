@@ -216,12 +216,6 @@ class Repo:
         with self._index_lock:
             return index.get(blob_id)
 
-    def all_indexed(self, ids: bytes) -> bool:
-        """Whether every blob of ``ids`` (concatenated 32-byte ids) is in the index (thread-safe)."""
-        index = self.index
-        with self._index_lock:
-            return 0 not in index.contains_many(ids)
-
     def pack_no(self, pack_id: bytes | None) -> int:
         with self._lock:
             if pack_id is not None and pack_id in self._pack_nos:
