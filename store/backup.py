@@ -330,11 +330,13 @@ class Backup:
         blob) marked as read while changing, so that its file is read again: a backup never records a
         file by reference to data that is gone."""
         indexed = self.repo.index.has_all
-        for rec in records:
-            e = rec.entry
-            if e is not None and e.chunks and not indexed(e.chunks):
-                rec = Record(rec.op, rec.path, replace(e, flags=e.flags | F_CHANGED_DURING_READ))
-            yield rec
+        records = iter(records)
+        while batch := list(itertools.islice(records, 1024)):  # one native call for a thousand records
+            if not indexed(b"".join(r.entry.chunks for r in batch if r.entry is not None)):
+                batch = [Record(r.op, r.path, replace(r.entry, flags=r.entry.flags | F_CHANGED_DURING_READ))
+                         if r.entry is not None and r.entry.chunks and not indexed(r.entry.chunks) else r
+                         for r in batch]
+            yield from batch
 
     def _delta_bases(self, rel: bytes, prev: Entry | None) -> list[tuple[int, int, bytes]] | None:
         """(start, end, base id) of the parent version's chunks, for delta encoding.
