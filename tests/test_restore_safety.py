@@ -301,6 +301,34 @@ def test_a_full_target_leaves_no_file_written_in_parts_by_workers(tmp_path, new_
         assert p.read_bytes() == (src / p.name).read_bytes(), p.name
 
 
+def _restored_in_workers_failing(url: str, out: Path, call: str, suffix: bytes, error: str,
+                                 stripe: int | None = None) -> tuple[str, int, str]:
+    """(error class name, exit code, message) of a restore by two worker processes, in a process of its
+    own, in which ``os.<call>`` fails with ``errno.<error>`` on every path ending in ``suffix``."""
+    script = textwrap.dedent(f"""
+        import errno, json, os
+        import chunkvault.store.restore_workers as workers
+        from chunkvault import Repository
+        from chunkvault.errors import ChunkvaultError
+        if {stripe!r} is not None:
+            workers.STRIPE_BYTES = {stripe!r}
+        real = os.{call}
+        def failing(path, *a, **k):
+            if os.fsencode(path).endswith({suffix!r}):
+                raise OSError(errno.{error}, os.strerror(errno.{error}))
+            return real(path, *a, **k)
+        os.{call} = failing
+        repo = Repository.open({url!r}, {PASSWORD!r}, ledger=False)
+        try:
+            repo.restore("latest", {str(out)!r}, processes=2)
+        except ChunkvaultError as exc:
+            print(json.dumps([type(exc).__name__, exc.exit_code, str(exc)]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout, proc.stderr
+    return tuple(json.loads(proc.stdout))
+
+
 def test_a_full_target_while_making_a_directory_leaves_no_file_written_in_parts(tmp_path, new_repo):
     """The process that makes the directories stops at a full target before it met the files the
     workers write in parts: it still removes them, since none is completed."""
@@ -309,27 +337,9 @@ def test_a_full_target_while_making_a_directory_leaves_no_file_written_in_parts(
         _files(src)
     _, url, src = _backed_up(tmp_path, new_repo, make)
     out = tmp_path / "out"
-    script = textwrap.dedent(f"""
-        import errno, json, os
-        import chunkvault.store.restore_workers as workers
-        from chunkvault import Repository
-        from chunkvault.errors import StorageFull
-        workers.STRIPE_BYTES = 64 << 10
-        real = os.mkdir
-        def full(path, *a, **k):
-            if os.fsencode(path).endswith(b"/a"):
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real(path, *a, **k)
-        os.mkdir = full
-        repo = Repository.open({url!r}, {PASSWORD!r}, ledger=False)
-        try:
-            repo.restore("latest", {str(out)!r}, processes=2)
-        except StorageFull as exc:
-            print(json.dumps(str(exc)))
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "no space left on the restore target while writing a " in json.loads(proc.stdout)
+    name, code, message = _restored_in_workers_failing(url, out, "mkdir", b"/a", "ENOSPC", stripe=64 << 10)
+    assert (name, code) == ("StorageFull", 14)
+    assert "no space left on the restore target while writing a " in message
     assert os.listdir(out) == []
 
 
@@ -375,26 +385,7 @@ def test_workers_report_what_the_target_does_not_take(tmp_path, new_repo):
     """A worker's file that cannot be written comes back in its result: reported with the others."""
     _, url, _ = _backed_up(tmp_path, new_repo, _files)
     out = tmp_path / "out"
-    script = textwrap.dedent(f"""
-        import errno, json, os
-        import chunkvault.store.restore_workers as workers
-        from chunkvault import Repository
-        from chunkvault.errors import ChunkvaultError
-        real = os.open
-        def refusing(path, *a, **k):
-            if os.fsencode(path).endswith(b"/f3"):
-                raise OSError(errno.EACCES, "Permission denied")
-            return real(path, *a, **k)
-        os.open = refusing
-        repo = Repository.open({url!r}, {PASSWORD!r}, ledger=False)
-        try:
-            repo.restore("latest", {str(out)!r}, processes=2)
-        except ChunkvaultError as exc:
-            print(json.dumps([type(exc).__name__, exc.exit_code, str(exc)]))
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    name, code, message = json.loads(proc.stdout)
+    name, code, message = _restored_in_workers_failing(url, out, "open", b"/f3", "EACCES")
     assert (name, code) == (TargetUnwritable.__name__, 14)
     assert "1 entry could not be written: f3 (Permission denied)" in message
     assert sorted(os.listdir(out)) == [f"f{i}" for i in range(8) if i != 3]
