@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from chunkvault.errors import StorageFull, TargetUnwritable
-from treeutil import describe
+from treeutil import backed_up, describe
 
 PASSWORD = "correct horse battery staple"
 UNPRIVILEGED = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
@@ -68,16 +68,6 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-def _backed_up(tmp_path: Path, new_repo, make) -> tuple[object, str, Path]:
-    src = tmp_path / "src"
-    src.mkdir()
-    make(src)
-    url = str(tmp_path / "repo")
-    repo = new_repo(url)
-    repo.backup([str(src)])
-    return repo, url, src
-
-
 # --- hard links a selection splits --------------------------------------------------------------------
 
 def _linked_tree(src: Path) -> None:
@@ -101,7 +91,7 @@ def _check_links(out: Path, src: Path) -> None:
 
 @pytest.mark.parametrize("selection", [{"includes": ["b/*"]}, {"excludes": ["a"]}], ids=["include", "exclude"])
 def test_a_selection_without_a_hard_links_first_path_restores_the_other_links(tmp_path, new_repo, selection):
-    repo, _, src = _backed_up(tmp_path, new_repo, _linked_tree)
+    repo, _, src = backed_up(tmp_path, new_repo, _linked_tree)
     result = repo.restore("latest", str(tmp_path / "out"), processes=1, verify=True, **selection)
     _check_links(tmp_path / "out", src)
     assert not any("hard link" in w for w in result.warnings), result.warnings
@@ -109,7 +99,7 @@ def test_a_selection_without_a_hard_links_first_path_restores_the_other_links(tm
 
 
 def test_worker_processes_restore_the_other_links_too(tmp_path, new_repo):
-    _, url, src = _backed_up(tmp_path, new_repo, _linked_tree)
+    _, url, src = backed_up(tmp_path, new_repo, _linked_tree)
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         import json
@@ -129,7 +119,7 @@ def test_worker_processes_restore_the_other_links_too(tmp_path, new_repo):
 def test_a_restore_from_an_export_file_restores_the_other_links(tmp_path, new_repo):
     from chunkvault.store.export import restore_from_file
 
-    repo, _, src = _backed_up(tmp_path, new_repo, _linked_tree)
+    repo, _, src = backed_up(tmp_path, new_repo, _linked_tree)
     repo.export("latest", str(tmp_path / "x.backup"), PASSWORD, kdf_seconds=0)
     restore_from_file(str(tmp_path / "x.backup"), PASSWORD.encode(), str(tmp_path / "out"), includes=["b/*"])
     _check_links(tmp_path / "out", src)
@@ -142,7 +132,7 @@ def test_delta_replaces_a_file_with_other_links_and_leaves_them_alone(tmp_path, 
         (src / "f").write_bytes(b"SNAPSHOT")
         (src / "a").write_bytes(b"AAAA")
         (src / "b").write_bytes(b"BBBB")
-    repo, _, src = _backed_up(tmp_path, new_repo, make)
+    repo, _, src = backed_up(tmp_path, new_repo, make)
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "important").write_bytes(b"OUTSIDE-DATA")
@@ -266,7 +256,7 @@ def _files(src: Path) -> None:
 
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_a_full_target_leaves_no_file_half_written(tmp_path, new_repo, tmpfs, processes):
-    _, url, src = _backed_up(tmp_path, new_repo, _files)
+    _, url, src = backed_up(tmp_path, new_repo, _files)
     target = tmpfs("small", 1024) / "r"
     line = _one_line(_cli("restore", "-r", url, "latest", "--target", str(target), "--processes", processes,
                           ok=(14,)))
@@ -280,7 +270,7 @@ def test_a_full_target_leaves_no_file_half_written(tmp_path, new_repo, tmpfs, pr
 
 
 def test_a_full_target_leaves_no_file_written_in_parts_by_workers(tmp_path, new_repo, tmpfs):
-    _, url, src = _backed_up(tmp_path, new_repo, _files)
+    _, url, src = backed_up(tmp_path, new_repo, _files)
     target = tmpfs("small", 1024) / "r"
     script = textwrap.dedent(f"""
         import json
@@ -335,7 +325,7 @@ def test_a_full_target_while_making_a_directory_leaves_no_file_written_in_parts(
     def make(src: Path) -> None:
         (src / "a").mkdir()
         _files(src)
-    _, url, src = _backed_up(tmp_path, new_repo, make)
+    _, url, src = backed_up(tmp_path, new_repo, make)
     out = tmp_path / "out"
     name, code, message = _restored_in_workers_failing(url, out, "mkdir", b"/a", "ENOSPC", stripe=64 << 10)
     assert (name, code) == ("StorageFull", 14)
@@ -359,7 +349,7 @@ def _failing_on(monkeypatch, name: str, target: Path, after: int) -> None:
 
 
 def test_no_space_while_writing_a_file_removes_it(tmp_path, new_repo, monkeypatch):
-    repo, _, src = _backed_up(tmp_path, new_repo, lambda s: (s / "big").write_bytes(os.urandom(3 << 20)))
+    repo, _, src = backed_up(tmp_path, new_repo, lambda s: (s / "big").write_bytes(os.urandom(3 << 20)))
     target = tmp_path / "out"
     _failing_on(monkeypatch, "write", target, after=1)
     with pytest.raises(StorageFull, match="while writing big"):
@@ -368,7 +358,7 @@ def test_no_space_while_writing_a_file_removes_it(tmp_path, new_repo, monkeypatc
 
 
 def test_no_space_while_updating_a_file_in_place_removes_it(tmp_path, new_repo, monkeypatch):
-    repo, _, src = _backed_up(tmp_path, new_repo, lambda s: (s / "big").write_bytes(os.urandom(3 << 20)))
+    repo, _, src = backed_up(tmp_path, new_repo, lambda s: (s / "big").write_bytes(os.urandom(3 << 20)))
     target = tmp_path / "live"
     shutil.copytree(src, target)
     with open(target / "big", "r+b") as f:  # the first chunk and a later one differ
@@ -383,7 +373,7 @@ def test_no_space_while_updating_a_file_in_place_removes_it(tmp_path, new_repo, 
 
 def test_workers_report_what_the_target_does_not_take(tmp_path, new_repo):
     """A worker's file that cannot be written comes back in its result: reported with the others."""
-    _, url, _ = _backed_up(tmp_path, new_repo, _files)
+    _, url, _ = backed_up(tmp_path, new_repo, _files)
     out = tmp_path / "out"
     name, code, message = _restored_in_workers_failing(url, out, "open", b"/f3", "EACCES")
     assert (name, code) == (TargetUnwritable.__name__, 14)
@@ -402,7 +392,7 @@ def test_an_include_gives_the_selected_paths_ancestors_their_recorded_metadata(t
         os.chown(src / "private", 1234, 2345)
         os.utime(src / "private" / "sub", ns=(978_307_200 * 10**9, 978_307_200 * 10**9))
         os.utime(src / "private", ns=(978_307_201 * 10**9, 978_307_201 * 10**9))
-    repo, _, src = _backed_up(tmp_path, new_repo, make)
+    repo, _, src = backed_up(tmp_path, new_repo, make)
     out = tmp_path / "out"
     repo.restore("latest", str(out), includes=["private/sub/key"])
     for d in ("private", "private/sub"):

@@ -18,7 +18,7 @@ from chunkvault.errors import CorruptObject
 from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, T_SYMLINK, Entry, entry_record
 from chunkvault.store.restore_workers import STRIPE_BYTES, _share, auto_processes, split
 from test_backup_restore import make_rich_tree
-from treeutil import describe
+from treeutil import backed_up, describe
 
 PASSWORD = "correct horse battery staple"
 
@@ -48,16 +48,6 @@ def _restore_in_child(repo: str, target: str, *, processes: int, stripe: int = 6
     return json.loads(proc.stdout)
 
 
-def _backed_up(tmp_path, new_repo, make_tree) -> tuple[str, object]:
-    src = tmp_path / "src"
-    src.mkdir()
-    make_tree(src)
-    url = str(tmp_path / "repo")
-    repo = new_repo(url)
-    repo.backup([str(src)])
-    return url, src
-
-
 def _many_files(root) -> None:
     """Directories of files of many sizes (several stripes of 64 KiB), a read-only directory, links across stripes."""
     make_rich_tree(root)
@@ -82,7 +72,7 @@ def _counting_trees(counter: str, shared_entries: int) -> str:
 
 @pytest.mark.parametrize("shared", [True, False], ids=["tree shared", "tree walked by each process"])
 def test_workers_restore_the_same_tree(tmp_path, new_repo, shared):
-    url, src = _backed_up(tmp_path, new_repo, _many_files)
+    _, url, src = backed_up(tmp_path, new_repo, _many_files)
     counter = str(tmp_path / "trees")
     try:
         out = tmp_path / "out"
@@ -119,7 +109,7 @@ def _corrupt_largest_pack(url: str) -> None:
 
 
 def test_a_workers_error_comes_back_as_itself(tmp_path, new_repo):
-    url, src = _backed_up(tmp_path, new_repo, lambda root: [
+    _, url, src = backed_up(tmp_path, new_repo, lambda root: [
         (root / f"f{i}").write_bytes(os.urandom(200_000)) for i in range(20)])
     _corrupt_largest_pack(url)
     r = _restore_in_child(url, str(tmp_path / "out"), processes=2)
@@ -128,7 +118,7 @@ def test_a_workers_error_comes_back_as_itself(tmp_path, new_repo):
 
 
 def test_a_worker_that_dies_is_an_error_not_a_partial_success(tmp_path, new_repo):
-    url, _ = _backed_up(tmp_path, new_repo, lambda root: [
+    _, url, _ = backed_up(tmp_path, new_repo, lambda root: [
         (root / f"f{i}").write_bytes(os.urandom(100_000)) for i in range(20)])
     die = ("import os\n        from chunkvault.store.restore import Restorer\n"
            "        Restorer._write_file = Restorer._write_part = lambda *a: os._exit(3)")
@@ -138,7 +128,7 @@ def test_a_worker_that_dies_is_an_error_not_a_partial_success(tmp_path, new_repo
 
 
 def test_one_process_where_forking_is_not_safe(tmp_path, new_repo):
-    url, src = _backed_up(tmp_path, new_repo, lambda root: (root / "f").write_bytes(os.urandom(300_000)))
+    _, url, src = backed_up(tmp_path, new_repo, lambda root: (root / "f").write_bytes(os.urandom(300_000)))
     other_thread = ("import threading\n        threading.Thread(target=threading.Event().wait, daemon=True).start()")
     r = _restore_in_child(url, str(tmp_path / "out"), processes=2, before=other_thread)
     assert r["processes"] == 1
@@ -146,7 +136,7 @@ def test_one_process_where_forking_is_not_safe(tmp_path, new_repo):
 
 
 def test_cli_restores_with_processes(tmp_path, new_repo, cli):
-    url, src = _backed_up(tmp_path, new_repo, _many_files)
+    _, url, src = backed_up(tmp_path, new_repo, _many_files)
     try:
         out = tmp_path / "out"
         r = json.loads(cli("restore", "-r", url, "--target", str(out), "--processes", "2", "--json").stdout)

@@ -50,6 +50,18 @@ def describe(root: str | bytes, *, owners: bool = False, times: bool = True) -> 
     return out
 
 
+def backed_up(tmp_path: Path, new_repo, make) -> tuple[object, str, Path]:
+    """(repository, its URL, the source): a tree ``make`` fills under tmp_path/src, backed up once into a
+    new repository under tmp_path/repo."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make(src)
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    repo.backup([str(src)])
+    return repo, url, src
+
+
 def threads() -> frozenset[str]:
     """The process's threads by id, C walkers' own among them (Python knows only its own); none without
     /proc.  ``threads() <= before`` holds once every thread started since ``before`` has ended, whichever
