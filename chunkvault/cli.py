@@ -153,6 +153,11 @@ def _ns_iso(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat()
 
 
+def _ns_local(ns: int) -> str:
+    """A file time for people: local time, as ``snapshots`` shows snapshot times."""
+    return datetime.fromtimestamp(ns // 10**9).strftime("%Y-%m-%d %H:%M:%S")
+
+
 # --- commands --------------------------------------------------------------------------
 
 
@@ -343,33 +348,43 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise UsageError("--delta and --delete work in place: add --confirm RESTORE")
     bar = _progress(args, "restore", snap.stats.get("bytes"))
     try:
-        result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude, force=in_place,
-                              delta=args.delta, delete=args.delete, progress=bar, processes=args.processes,
-                              verify=args.verify, xattrs=not args.no_xattrs)
-    except CorruptObject as exc:
-        if args.json and exc.partial is not None:  # the rest was restored: say so, then fail
-            _emit_json(_restore_json(args, snap, exc.partial))
+        try:
+            result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude, force=in_place,
+                                  delta=args.delta, delete=args.delete, progress=bar, processes=args.processes,
+                                  verify=args.verify, xattrs=not args.no_xattrs)
+        finally:
+            bar.done()
+    except ChunkvaultError as exc:
+        if exc.partial is not None:  # the rest was restored: say what was, then fail
+            _report_restore(args, snap, exc.partial, verified=False)
         raise
-    finally:
-        bar.done()
-    if args.json:
-        _emit_json(_restore_json(args, snap, result))
-    elif not args.quiet:
-        for w in result.warnings:
-            print(f"warning: {w}", file=sys.stderr)
+    if _report_restore(args, snap, result, verified=args.verify):
         print(f"restored snapshot {snap.short_id} ({snap.time}) to {args.target}: {result.files} files, "
               f"{result.dirs} dirs, {_human(result.bytes)}" + ("; read back and verified" if args.verify else ""))
     return 0
 
 
-def _restore_json(args: argparse.Namespace, snap: Snapshot, result: Any) -> dict[str, Any]:
-    """A restore's result; ``not_restored`` lists the files left out because their data is damaged."""
-    return {"snapshot": snap.id, "target": os.path.abspath(args.target), "files": result.files,
+def _report_restore(args: argparse.Namespace, snap: Snapshot, result: Any, verified: bool) -> bool:
+    """A restore's JSON, or its warnings on stderr; whether a summary line is still to be printed."""
+    if args.json:
+        _emit_json(_restore_json(snap, result, args.target, verified))
+        return False
+    if not args.quiet:
+        for w in result.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    return not args.quiet
+
+
+def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool) -> dict[str, Any]:
+    """A restore's result; ``not_restored`` lists the files left out because their data is damaged,
+    ``not_written`` the entries the target would not take."""
+    return {"snapshot": snap.id, "target": os.path.abspath(target), "files": result.files,
             "dirs": result.dirs, "links": result.links, "bytes": result.bytes,
             "unchanged_files": result.unchanged_files, "rewritten_bytes": result.rewritten_bytes,
             "deleted": result.deleted, "processes": result.processes, "warnings": result.warnings,
-            "verified": args.verify and not result.damaged,
-            "not_restored": [{"path": path, "object": obj, "reason": reason} for path, obj, reason, _ in result.damaged]}
+            "verified": verified,
+            "not_restored": [{"path": path, "object": obj, "reason": reason} for path, obj, reason, _ in result.damaged],
+            "not_written": [{"path": path, "reason": reason} for path, reason in result.unwritten]}
 
 
 def _local_time(s: Snapshot) -> str:
@@ -394,7 +409,7 @@ def cmd_find(args: argparse.Namespace) -> int:
             if len(v.snapshots) > 1:
                 where += f" .. {last.short_id} ({_local_time(last)}), {len(v.snapshots)} snapshots"
             extra = f" -> {os.fsdecode(e.target)}" if e.target else ""
-            print(f"  {TYPE_NAMES[e.type]:8} {_human(e.size):>10}  modified {_ns_iso(e.mtime_ns)[:19]}  in {where}{extra}")
+            print(f"  {TYPE_NAMES[e.type]:8} {_human(e.size):>10}  modified {_ns_local(e.mtime_ns)}  in {where}{extra}")
     if not args.quiet:
         print(f"{len(found)} paths, {sum(len(f.versions) for f in found)} versions")
     return 0
@@ -506,7 +521,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         else:
             name = os.fsdecode(e.path) or "."
             extra = f" -> {os.fsdecode(e.target)}" if e.target else ""
-            print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {e.size:>12}  {_ns_iso(e.mtime_ns)[:19]}  {name}{extra}")
+            print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {e.size:>12}  {_ns_local(e.mtime_ns)}  {name}{extra}")
     if args.json:
         _emit_json(out)
     return 0
@@ -717,6 +732,10 @@ def cmd_repair(args: argparse.Namespace) -> int:
             print(f"warning: {problem}", file=sys.stderr)
         if args.what == "index":
             print(f"index rebuilt from {report.packs} pack headers ({report.blobs} blobs)")
+            if report.baseless_packs:
+                print(f"warning: {len(report.baseless_packs)} pack(s) hold deltas whose base is lost: "
+                      "`repair packs " + " ".join(p[:12] for p in report.baseless_packs) + " --confirm REPAIR` "
+                      "drops them, and the next backup of their data stores it again", file=sys.stderr)
         elif args.what == "packs":
             done = args.confirm == "REPAIR"
             for p in report.salvaged:

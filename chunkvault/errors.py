@@ -14,6 +14,9 @@ class ChunkvaultError(Exception):
     """Base of every error chunkvault raises on purpose."""
 
     exit_code = 1
+    #: What the operation did before it raised this, when it went on past the problem (a restore's
+    #: RestoreResult, listing the files not restored and its warnings): a caller can still report it.
+    partial: Any = None
 
 
 class UsageError(ChunkvaultError):
@@ -52,9 +55,6 @@ class CorruptObject(ChunkvaultError):
     """An object failed authentication, decoding or hashing; names the object."""
 
     exit_code = 13
-    #: What the operation did before it raised this, when it went on past the damage (a restore's
-    #: RestoreResult, listing the files not restored): a caller can still report it.
-    partial: Any = None
 
     def __init__(self, object_name: str, reason: str):
         super().__init__(f"corrupt object {object_name}: {reason}")

@@ -497,12 +497,7 @@ class Repository:
             if processes is None:
                 processes = 1 if includes else restore_workers.auto_processes(snap.stats.get("bytes"))
             entries = snap.stats.get("files", 0) + snap.stats.get("dirs", 0) if "files" in snap.stats else None
-            try:
-                result = restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes, entries)
-            except CorruptObject as exc:
-                if restorer.result.damaged:  # everything else was restored: the caller may report it
-                    exc.partial = restorer.result
-                raise
+            result = restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes, entries)
             if verify:
                 self._verify_restored(restorer, snap, target, xattrs)
             return result

@@ -899,6 +899,7 @@ class Backup:
             self.writer.close()
         if source is not None:
             self.warnings[:0] = source.warnings
+            self.unreadable += [os.fsdecode(rel) or "." for rel in source.missing]
         w = self.writer
         snap = Snapshot(
             time=now_iso(), kind=kind, parent=parent.id if kind == KIND_DIFF and parent else None, host=host,

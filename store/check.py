@@ -20,7 +20,7 @@ from . import forked
 from .blob import KIND_DELTA, open_blob
 from .config import KeyFile
 from .indexfile import IndexData
-from .pack import PackEntry, fetch_header, read_windows
+from .pack import PackEntry, fetch_header, read_windows, readable_ids
 from .repository import WORKERS, Repo, pack_key
 from .snapshot import Snapshot
 
@@ -153,11 +153,15 @@ class Checker:
                     packs.setdefault(pid, []).extend(entries)
         repo.load_index(skip_unreadable=True)
         self.report.blobs = len(repo.index)
+        readable = readable_ids(e for entries in packs.values() for e in entries)
         for pid, entries in packs.items():
             for e in entries:
-                if e.kind == KIND_DELTA and e.base_id not in repo.index:
+                if e.kind == KIND_DELTA and e.base_id not in readable:
                     self.bad_blobs.setdefault(e.blob_id, self.problem(
-                        f"blob {e.blob_id.hex()}", f"delta base {e.base_id.hex()} is not in the index"))  # type: ignore[union-attr]
+                        f"blob {e.blob_id.hex()}",
+                        f"its delta base {e.base_id.hex()} cannot be read (not in the index, or a delta on one "  # type: ignore[union-attr]
+                        f"that is not): `repair packs {pid.hex()[:12]}` drops it, and the next backup of its "
+                        "data stores it again"))
                 elif e.kind == KIND_DELTA and repo.delta_depth(e.blob_id) > repo.max_delta_depth:
                     self.bad_blobs.setdefault(e.blob_id, self.problem(
                         f"blob {e.blob_id.hex()}", f"its delta chain is longer than {repo.max_delta_depth}"))

@@ -37,6 +37,26 @@ class PackEntry(NamedTuple):
     base_id: bytes | None = None
 
 
+def readable_ids(entries: Iterable[PackEntry]) -> set[bytes]:
+    """Pure: the blob ids these entries can give back: a whole blob's, and a delta's whose base is one of
+    them, down its chain.  A delta entry whose ``base_id`` is not in the set has lost its base (stored in
+    a pack that is gone): indexed, it would let a backup deduplicate against data nothing can read."""
+    readable: set[bytes] = set()
+    waiting: dict[bytes, list[bytes]] = {}  # base id -> ids of deltas on it
+    for e in entries:
+        if e.kind != KIND_DELTA:
+            readable.add(e.blob_id)
+        else:
+            waiting.setdefault(e.base_id, []).append(e.blob_id)  # type: ignore[arg-type]
+    todo = list(readable)
+    while todo:
+        for blob_id in waiting.pop(todo.pop(), ()):
+            if blob_id not in readable:
+                readable.add(blob_id)
+                todo.append(blob_id)
+    return readable
+
+
 def encode_entries(entries: Iterable[PackEntry]) -> bytes:
     out = bytearray()
     for e in entries:

@@ -21,7 +21,7 @@ from .indexfile import IndexData
 from .locks import EXCLUSIVE, RepoLock
 from .manifest import Record, delete_record
 from .manifest_io import store_manifest
-from .pack import PackEntry, fetch_header
+from .pack import PackEntry, fetch_header, readable_ids
 from .prune import indexed_packs, replace_index, store_envelopes
 from .repository import PreparedBlob, Repo, pack_key
 from .snapshot import KIND_FULL
@@ -36,9 +36,11 @@ class RepairReport:
     rewritten: list[str] = field(default_factory=list)
     unrestorable: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, why): forget them
     salvaged: list[PackSalvage] = field(default_factory=list)
+    baseless_packs: list[str] = field(default_factory=list)  # packs holding deltas whose base is lost
 
     def to_dict(self) -> dict:
         return {"packs": self.packs, "blobs": self.blobs, "unreadable_packs": self.unreadable_packs,
+                "baseless_packs": self.baseless_packs,
                 "dropped": [{"snapshot": s, "path": p} for s, p in self.dropped], "rewritten": self.rewritten,
                 "unrestorable": [{"snapshot": s, "reason": r} for s, r in self.unrestorable],
                 "salvaged": [p.to_dict() for p in self.salvaged]}
@@ -73,6 +75,9 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
                 continue
             report.packs += 1
             report.blobs += len(index.packs[pid])
+        readable = readable_ids(e for entries in index.packs.values() for e in entries)
+        report.baseless_packs = sorted(pid.hex() for pid, entries in index.packs.items()
+                                       if any(e.kind == KIND_DELTA and e.base_id not in readable for e in entries))
         index.supersedes = [bytes.fromhex(n) for n in old]
         repo.write_index(index)
         for name in old:
@@ -117,49 +122,71 @@ def _resolve_packs(specs: list[str], known: Iterable[bytes]) -> list[bytes]:
 def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: float = 3600.0) -> RepairReport:
     """Salvage the named packs (damaged, as `check --read-data` reports): every blob that still verifies is
     copied unchanged into a new pack, then one index replaces the old ones without the named packs, then
-    those are deleted.  A pack already gone loses every blob it held.  Killed at any point, every blob
-    that could be read still is.  The files that needed a lost blob are then `repair snapshots`' to drop.
+    those are deleted.  A pack already gone loses every blob it held.  A delta whose base is lost (with
+    these packs or before) is lost too, and the packs that hold such deltas are salvaged the same way:
+    indexed, a delta nothing can read would let a backup deduplicate against it, where without it the
+    next backup of its data stores it again.  Killed at any point, every blob that could be read still
+    is.  The files that needed a lost blob are then `repair snapshots`' to drop.
     """
     report = RepairReport()
     with RepoLock(repo.remote, EXCLUSIVE, "repair packs", wait=wait):
         names, packs = indexed_packs(repo)
         stored = repo.stored_packs()
-        chosen = _resolve_packs(specs, packs.keys() | stored.keys())
-        elsewhere = {e.blob_id for pid, entries in packs.items() if pid not in chosen for e in entries}
+        named = _resolve_packs(specs, packs.keys() | stored.keys())
+        read: dict[bytes, tuple[PackSalvage, list[PackEntry], dict[PackEntry, bytes]]] = {}
+        todo = named
+        while todo:
+            for pid in todo:
+                read[pid] = _read_intact(repo, pid, packs.get(pid), stored)
+                if pid not in named and not read[pid][0].problem:
+                    read[pid][0].problem = "holds deltas whose base is lost"
+            readable = readable_ids([e for pid, entries in packs.items() if pid not in read for e in entries]
+                                    + [e for _, _, intact in read.values() for e in intact])
+            todo = [pid for pid, entries in packs.items() if pid not in read
+                    and any(e.kind == KIND_DELTA and e.base_id not in readable for e in entries)]
+        elsewhere = {e.blob_id for pid, entries in packs.items() if pid not in read for e in entries}
         salvage: list[PreparedBlob] = []
-        for pid in chosen:
-            key = pack_key(pid)
-            found = PackSalvage(key)
+        for found, entries, intact in read.values():
             report.salvaged.append(found)
-            entries = packs.get(pid)
-            try:
-                if entries is None:  # in no index: its own header says what it holds
-                    entries = _read_header(repo, key, stored[pid])
-                data = repo.remote.get(key) if pid in stored else b""
-            except (ChunkvaultError, ValueError) as exc:
-                found.problem = str(exc)
-                entries, data = entries or [], b""
-            if pid not in stored:
-                found.problem = "pack is missing"
             for e in entries:
-                env = data[e.offset : e.offset + e.length]
                 if e.blob_id in elsewhere:  # another pack holds it: nothing to copy, nothing lost
                     continue
-                if _intact(repo, e, env):
+                env = intact.get(e)
+                if env is not None and (e.kind != KIND_DELTA or e.base_id in readable):
                     found.salvaged += 1
+                    elsewhere.add(e.blob_id)  # once, if several of these packs hold it
                     salvage.append(PreparedBlob(e.blob_id, e.kind, env, e.raw_length, e.base_id))
-                elif e.blob_id not in elsewhere:
+                else:
                     found.lost.append(e.blob_id)
         if dry_run:
             return report
-        new_index = IndexData({pid: entries for pid, entries in packs.items() if pid not in chosen})
+        new_index = IndexData({pid: entries for pid, entries in packs.items() if pid not in read})
         new_index.packs.update(store_envelopes(repo, salvage).packs)
         replace_index(repo, new_index, names)
-        for pid in chosen:
+        for pid in read:
             if pid in stored:
                 repo.remote.delete(pack_key(pid))
         repo.load_index()
     return report
+
+
+def _read_intact(repo: Repo, pid: bytes, entries: list[PackEntry] | None, stored: dict[bytes, int]
+                 ) -> tuple[PackSalvage, list[PackEntry], dict[PackEntry, bytes]]:
+    """A pack to salvage: what it holds (its index entries, else its own header) and the envelopes of
+    those that still verify."""
+    key = pack_key(pid)
+    found = PackSalvage(key)
+    try:
+        if entries is None:  # in no index: its own header says what it holds
+            entries = _read_header(repo, key, stored[pid])
+        data = repo.remote.get(key) if pid in stored else b""
+    except (ChunkvaultError, ValueError) as exc:
+        found.problem = str(exc)
+        entries, data = entries or [], b""
+    if pid not in stored:
+        found.problem = "pack is missing"
+    intact = {e: data[e.offset : e.offset + e.length] for e in entries}
+    return found, entries, {e: env for e, env in intact.items() if _intact(repo, e, env)}
 
 
 def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) -> RepairReport:

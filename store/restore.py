@@ -91,22 +91,30 @@ class RestoreResult:
 
     def raise_for_problems(self) -> None:
         """After everything else was restored: the target's failures first (exit 14: it ran out of space, or
-        would not take some entries), else the first damaged file's error; each names how many there are."""
+        would not take some entries), else the first damaged file's error; each names how many there are
+        and carries this result as its ``partial``."""
+        error = self._problem()
+        if error is not None:
+            error.partial = self
+            raise error
+
+    def _problem(self) -> ChunkvaultError | None:
         n = len(self.unwritten)
         unwritten = f"{n} entr{'y' if n == 1 else 'ies'} could not be written: " + _named(
             [f"{path} ({why})" for path, why in self.unwritten], 3)
         damaged = f"{len(self.damaged)} file(s) not restored: " + _named([d[0] for d in self.damaged])
         also = ([unwritten] if self.unwritten else []) + ([damaged + " (damaged data)"] if self.damaged else [])
+        rest = "everything else was restored" if self.files + self.dirs + self.links else "nothing was restored"
         if self.full:
-            raise StorageFull("; ".join([f"no space left on the restore target while writing {self.full} "
-                                         "(removed, not left half-written; the restore stopped there)", *also]))
+            return StorageFull("; ".join([f"no space left on the restore target while writing {self.full} "
+                                          "(removed, not left half-written; the restore stopped there)", *also]))
         if self.unwritten:
-            raise TargetUnwritable("; ".join(["restore incomplete: " + also[0], *also[1:]])
-                                   + " (everything else was restored)")
+            return TargetUnwritable("; ".join(["restore incomplete: " + also[0], *also[1:]]) + f" ({rest})")
         if self.damaged:
             path, obj, reason, missing = self.damaged[0]
             cls = MissingObject if missing else CorruptObject
-            raise cls(obj, f"{reason}; {damaged} (everything else was)")
+            return cls(obj, f"{reason}; {damaged} ({rest})")
+        return None
 
 
 def _named(names: list[str], shown: int = 5) -> str:
@@ -557,6 +565,7 @@ class Restorer:
         try:
             self._apply_meta(dpath, e)
         except OSError as exc:
+            self.result.dirs -= 1  # counted when made; not restored as recorded after all
             self._not_written(e.path, _reason(exc))
 
     def _update_file(self, dst: bytes, e: Entry) -> None:
@@ -800,7 +809,9 @@ class Restorer:
                 else:
                     os.lchown(dst, e.uid, e.gid)
             except OSError as exc:
-                self.result.warnings.append(f"cannot set owner of {os.fsdecode(e.path)}: {exc.strerror}")
+                if exc.errno == errno.EROFS:  # nothing else will be set either: the entry is not written
+                    raise
+                self.result.warnings.append(f"cannot set owner of {os.fsdecode(e.path) or '.'}: {exc.strerror}")
         if self.opt.xattrs and (e.xattrs or not self._fresh):
             failed = write_xattrs(dst if fd is None else fd, e.xattrs, replace=not self._fresh)
             if failed:

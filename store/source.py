@@ -173,14 +173,16 @@ def root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:
     contents the directory's).  Several sources each keep their absolute path
     without the leading "/", as restic and borg keep them, so any list fits
     (a ``find`` of files that share names too); a path given twice counts
-    once, and a source inside another is left to it.
+    once, and a source inside another is left to it.  A source that does not
+    exist keeps its place in the layout (the walk skips it with a warning), so
+    the next backup, when it is back, lays the others out the same way.
     """
     if not paths:
         raise UsageError("nothing to back up: give at least one path")
     absolute = sorted({os.path.abspath(p) for p in paths})
-    for p in absolute:
-        if not os.path.lexists(p):
-            raise UsageError(f"source path does not exist: {p}")
+    if not any(os.path.lexists(p) for p in absolute):
+        raise UsageError(f"source path does not exist: {absolute[0]}" if len(absolute) == 1
+                         else f"none of the {len(absolute)} source paths exists")
     outer = [p for p in absolute if not any(q != p and _inside(p, q) for q in absolute)]
     if len(outer) == 1 and os.path.isdir(outer[0]) and not os.path.islink(outer[0]):
         return [(b"", os.fsencode(outer[0]))], absolute
@@ -271,6 +273,7 @@ class SourceWalk:
         self._c_excludes = ([os.fsencode(g) for g in self.excludes]
                             if not any("?" in g or "[" in g for g in self.excludes) else None)
         self.warnings = warnings if warnings is not None else []
+        self.missing: list[bytes] = []  # the manifest paths of sources that did not exist
         self._ahead = ahead
         self._walking_ahead = False
         self._between_batches: "Walker | None" = None
@@ -336,6 +339,7 @@ class SourceWalk:
             self._end_walk_ahead()
             if time.monotonic() - self._started > self.STALE_AFTER:
                 del self.warnings[self._prefetch_warnings:]
+                self.missing.clear()
                 self._buffered, self._error = [], None
                 self._walk.close()
                 self._walk = self._entries()
@@ -393,6 +397,10 @@ class SourceWalk:
                 continue
             rel, path, st, err = item
             if excludes and len(stack) > 1 and self.excluded(rel):
+                continue
+            if st is None and len(stack) == 1 and err == errno.ENOENT:
+                self.warnings.append(f"source path does not exist, skipped: {os.fsdecode(path)}")
+                self.missing.append(rel)
                 continue
             if st is None:
                 failed = self._stat_failed(path, err)

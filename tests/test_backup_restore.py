@@ -1,5 +1,6 @@
 """Backup then restore gives back the same tree: bytes and metadata."""
 import os
+import shutil
 import stat
 
 import pytest
@@ -81,6 +82,34 @@ def test_several_paths_land_under_their_full_paths(tmp_path, new_repo):
     assert (out / str(b).lstrip("/")).read_bytes() == b"beta"
     files = repo.backup([str(a / "x" / "app.conf"), str(a / "y" / "app.conf")]).snapshot
     assert sorted(e.path for e in repo.tree(files)) == [rel + b"/alpha/x/app.conf", rel + b"/alpha/y/app.conf"]
+
+
+def test_a_source_that_does_not_exist_is_skipped_with_a_warning(tmp_path, new_repo):
+    """As restic does: the others are saved and the backup is partial; the layout stays that of all the
+    sources, so the next backup, with the path back, is laid out the same way."""
+    a, b = tmp_path / "alpha", tmp_path / "beta"
+    a.mkdir()
+    (a / "f").write_bytes(b"alpha")
+    b.mkdir()
+    (b / "g").write_bytes(b"beta")
+    repo = new_repo()
+    rel = str(tmp_path).lstrip("/")
+    first = repo.backup([str(a), str(b)]).snapshot
+    shutil.rmtree(b)
+    result = repo.backup([str(a), str(b)])
+    assert result.partial and result.snapshot.kind == "diff"
+    assert f"source path does not exist, skipped: {b}" in result.warnings
+    assert result.snapshot.stats["unreadable"] == [f"{rel}/beta"]
+    assert [e.path for e in repo.tree(result.snapshot)] == [os.fsencode(f"{rel}/alpha"), os.fsencode(f"{rel}/alpha/f")]
+    assert result.snapshot.stats["deleted"] == 2  # beta and beta/g
+    b.mkdir()
+    (b / "g").write_bytes(b"beta")
+    back = repo.backup([str(a), str(b)]).snapshot
+    assert {e.path for e in repo.tree(back)} == {e.path for e in repo.tree(first)}
+    with pytest.raises(UsageError, match="source path does not exist"):
+        repo.backup([str(tmp_path / "nope")])
+    with pytest.raises(UsageError, match="none of the 2 source paths exists"):
+        repo.backup([str(tmp_path / "nope"), str(tmp_path / "nope2")])
 
 
 def test_target_not_empty_refused_without_force(tmp_path, new_repo):

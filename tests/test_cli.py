@@ -127,6 +127,15 @@ def test_unreadable_directory_gives_partial_exit_code(tmp_path, cli, setup):
         os.chmod(locked, 0o700)
 
 
+def test_a_missing_source_path_gives_the_partial_exit_code(tmp_path, cli, setup):
+    repo, src = setup
+    proc = cli("backup", "-r", repo, str(src), str(tmp_path / "gone"), check=3)
+    lines = proc.stderr.decode().splitlines()
+    assert f"warning: source path does not exist, skipped: {tmp_path / 'gone'}" in lines
+    assert lines[-1].endswith("but 1 path(s) could not be read")
+    cli("backup", "-r", repo, str(tmp_path / "gone"), check=2)
+
+
 def test_keys(tmp_path, cli, setup):
     repo, src = setup
     cli("key", "add", "-r", repo, "--kdf-time", "0", env={"CHUNKVAULT_NEW_PASSWORD": "second"})

@@ -184,10 +184,25 @@ def test_restore_json_lists_the_damaged_files_before_failing(tmp_path, new_repo,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0", "f1", "f3", "f4", "f5"]
 
 
+def test_a_failing_restore_prints_its_warnings_before_the_error(tmp_path, new_repo, cli):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data").write_bytes(os.urandom(50_000))
+    os.link(src / "data", src / "link")
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    damage_blob(tmp_path / "repo", repo, chunk_ids(repo, snap, "data")[0])
+    lines = cli("restore", "-r", str(tmp_path / "repo"), snap.id, "--target", str(tmp_path / "out"),
+                check=13).stderr.decode().splitlines()
+    assert lines[0] == "warning: hard link link: its target data was not restored"
+    assert lines[-1].startswith("chunkvault: corrupt object ") and lines[-1].endswith("(everything else was restored)")
+
+
 def test_restore_json_of_a_clean_restore_has_an_empty_not_restored(setup, cli, tmp_path):
     repo, _ = setup
     out = json.loads(cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "out"), "--json").stdout)
-    assert out["not_restored"] == [] and out["files"] == 2
+    assert out["not_restored"] == [] and out["not_written"] == [] and out["files"] == 2
+    assert out["verified"] is False
 
 
 def test_backup_json_says_skipped_and_a_dry_run_has_no_id(setup, cli):
@@ -321,3 +336,18 @@ def test_readme_python_example_runs_top_to_bottom(tmp_path):
     assert (root / "tmp/restore/base/1").exists() and (root / "tmp/then/table").exists()
     assert (work / "etc.tar").stat().st_size > 0
     assert proc.stdout.rstrip().endswith("True")  # verify_restore's report
+
+
+def test_ls_and_find_show_file_times_in_local_time_as_snapshots_shows_its_times(tmp_path, cli):
+    repo = str(tmp_path / "repo")
+    src = tmp_path / "data"
+    src.mkdir()
+    (src / "f").write_text("x")
+    os.utime(src / "f", (978_307_200, 978_307_200))  # 2001-01-01 00:00:00 UTC
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, str(src))
+    tokyo = {"TZ": "Asia/Tokyo"}
+    assert "2001-01-01 09:00:00  f" in cli("ls", "-r", repo, "latest", env=tokyo).stdout.decode()
+    assert "modified 2001-01-01 09:00:00" in cli("find", "-r", repo, "f", env=tokyo).stdout.decode()
+    listed = json.loads(cli("ls", "-r", repo, "latest", "--json", env=tokyo).stdout)
+    assert listed[1]["mtime"] == "2001-01-01T00:00:00+00:00"

@@ -440,7 +440,7 @@ def test_restore_writes_every_file_it_can_and_names_the_damaged_ones(tmp_path, n
         damage_blob(tmp_path / "repo", repo, chunk_ids(repo, snap, name)[index])
 
     repo = Repository.open(str(tmp_path / "repo"), password)
-    with pytest.raises(CorruptObject, match=r"3 file\(s\) not restored: .*\(everything else was\)") as info:
+    with pytest.raises(CorruptObject, match=r"3 file\(s\) not restored: .*\(everything else was restored\)") as info:
         repo.restore(snap.id, str(tmp_path / "out"), processes=processes)
     for name in ("big", "f3", "mid"):
         assert name in str(info.value)

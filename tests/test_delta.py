@@ -116,6 +116,75 @@ def test_missing_base_is_an_error_naming_both(tmp_path, new_repo):
     del first
 
 
+def test_deltas_that_lost_their_base_are_dropped_so_that_backups_store_their_data_again(tmp_path, new_repo):
+    """A pack of bases is lost: `check` names the deltas on them, `repair index` the packs that hold those,
+    `repair packs` drops them (salvaging the rest), and backups of the data heal every snapshot."""
+    rnd = random.Random(8)
+    src = tmp_path / "db"
+    src.mkdir()
+    page_file(src / "table", 256, rnd)
+    v1 = (src / "table").read_bytes()
+    repo = new_repo(pack_size=64 * 1024)
+    first = repo.backup([str(src)]).snapshot
+    touch_pages(src / "table", 0.9, rnd)
+    v2 = (src / "table").read_bytes()
+    second = repo.backup([str(src)]).snapshot
+    store = repo.store
+    deltas = [c for c in repo.find_entry(second, "table").chunk_ids() if store.delta_base(c)]
+    base_pack = store.pack_ids[store.index.get(store.delta_base(deltas[0])).pack_no]
+    on_lost = [d for d in deltas if store.pack_ids[store.index.get(store.delta_base(d)).pack_no] == base_pack]
+    os.remove(tmp_path / "repo0" / "data" / base_pack.hex()[:2] / base_pack.hex())
+    assert any("pack is missing" in p.problem for p in repo.check().problems)
+
+    rebuilt = repo.repair_index()
+    holders = sorted({store.pack_ids[store.index.get(d).pack_no].hex() for d in on_lost})
+    assert rebuilt.baseless_packs == holders
+    found = {p.object: p.problem for p in repo.check().problems if "cannot be read" in p.problem}
+    assert found.keys() == {f"blob {d.hex()}" for d in on_lost}
+    for d in on_lost:  # each names the pack that holds it
+        assert f"repair packs {store.pack_ids[store.index.get(d).pack_no].hex()[:12]}`" in found[f"blob {d.hex()}"]
+
+    dry = repo.repair_packs(holders[:1], dry_run=True)
+    assert dry.salvaged[0].lost and store.index.get(on_lost[0]) is not None
+    repaired = repo.repair_packs(holders[:1], dry_run=False)
+    assert {d for s in repaired.salvaged for d in s.lost} == set(on_lost)
+    assert all(store.index.get(d) is None for d in on_lost)
+    assert not [p for p in repo.check().problems if "cannot be read" in p.problem]
+    for content in (v1, v2):  # the lost data comes back: stored again, not deduplicated away
+        (src / "table").write_bytes(content)
+        repo.backup([str(src)])
+    assert repo.check(read_data=True).ok
+    for snap, content in ((first, v1), (second, v2)):
+        out = tmp_path / f"restored-{snap.id[:8]}"
+        repo.restore(snap.id, str(out))
+        assert (out / "table").read_bytes() == content
+
+
+def test_repairing_a_pack_of_bases_drops_the_deltas_on_them_from_the_packs_that_hold_them(tmp_path, new_repo):
+    rnd = random.Random(9)
+    src = tmp_path / "db"
+    src.mkdir()
+    page_file(src / "table", 256, rnd)
+    repo = new_repo(pack_size=64 * 1024)
+    repo.backup([str(src)])
+    touch_pages(src / "table", 0.9, rnd)
+    second = repo.backup([str(src)]).snapshot
+    store = repo.store
+    deltas = [c for c in repo.find_entry(second, "table").chunk_ids() if store.delta_base(c)]
+    base_pack = store.pack_ids[store.index.get(store.delta_base(deltas[0])).pack_no].hex()
+    on_lost = {d for d in deltas if store.pack_ids[store.index.get(store.delta_base(d)).pack_no].hex() == base_pack}
+    holders = {store.pack_ids[store.index.get(d).pack_no].hex() for d in on_lost}
+    os.remove(tmp_path / "repo0" / "data" / base_pack[:2] / base_pack)
+    report = repo.repair_packs([base_pack], dry_run=False)
+    by_pack = {s.pack.rsplit("/", 1)[1]: s for s in report.salvaged}
+    assert by_pack.keys() == {base_pack} | holders
+    assert by_pack[base_pack].problem == "pack is missing"
+    for h in holders:
+        assert by_pack[h].problem == "holds deltas whose base is lost" and set(by_pack[h].lost) <= on_lost
+    assert all(store.index.get(d) is None for d in on_lost)
+    assert not [p for p in repo.check().problems if "cannot be read" in p.problem]
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from(["edit", "insert", "truncate", "forget"]), st.integers(0, 2**32)),
                 min_size=2, max_size=6))

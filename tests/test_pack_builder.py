@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from chunkvault.store.blob import KIND_DELTA, KIND_ZSTD
 from chunkvault.store.crypto import Sealer
-from chunkvault.store.pack import PackBuffers, PackBuilder, read_pack
+from chunkvault.store.pack import PackBuffers, PackBuilder, PackEntry, read_pack, readable_ids
 
 SEALER = Sealer(bytes(range(32)))
 
@@ -83,3 +83,32 @@ def test_read_windows_cover_a_pack_in_order_with_whole_blobs(lengths, limit, tai
         assert all(start <= e.offset and e.offset + e.length <= end for e in w)
         if len(w) > 1:
             assert w[-1].offset + w[-1].length - start <= limit
+
+
+def _entry(blob_id: int, base: int | None) -> PackEntry:
+    i = blob_id.to_bytes(32, "big")
+    if base is None:
+        return PackEntry(i, KIND_ZSTD, 0, 1, 1)
+    return PackEntry(i, KIND_DELTA, 0, 1, 1, base.to_bytes(32, "big"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.none() | st.integers(0, 40)), max_size=40))
+def test_readable_ids_are_those_whose_chain_ends_in_a_whole_blob(specs):
+    """Against a direct definition: an id is readable when some entry of it is whole, or a delta whose
+    base is readable (checked by walking each chain, at most as deep as there are entries)."""
+    entries = [_entry(b, base) for b, base in specs]
+    bases: dict[int, set[int | None]] = {}
+    for b, base in specs:
+        bases.setdefault(b, set()).add(base)
+
+    def readable(b: int, depth: int) -> bool:
+        return depth >= 0 and b in bases and any(x is None or readable(x, depth - 1) for x in bases[b])
+
+    want = {b.to_bytes(32, "big") for b in bases if readable(b, len(specs))}
+    assert readable_ids(entries) == want
+
+
+def test_a_delta_whose_base_is_lost_takes_the_deltas_on_it_along():
+    entries = [_entry(1, None), _entry(2, 1), _entry(3, 2), _entry(5, 4), _entry(6, 5), _entry(6, 3)]
+    assert readable_ids(entries) == {i.to_bytes(32, "big") for i in (1, 2, 3, 6)}

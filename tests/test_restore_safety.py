@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from chunkvault.errors import StorageFull, TargetUnwritable
+from chunkvault.errors import MissingObject, StorageFull, TargetUnwritable
+from chunkvault.store.restore import RestoreResult
 from treeutil import backed_up, describe
 
 PASSWORD = "correct horse battery staple"
@@ -245,6 +246,9 @@ def test_a_read_only_file_system_is_one_line_and_the_same_exit_code_for_a_new_or
     for target in (ro / "empty", ro / "new"):
         line = _one_line(_cli("restore", "-r", repo, "latest", "--target", str(target), ok=(14,)))
         assert "Read-only file system" in line, line
+    assert line.startswith("chunkvault: cannot restore into ")  # the new target: it could not be made
+    line = _one_line(_cli("restore", "-r", repo, "latest", "--target", str(ro / "empty"), ok=(14,)))
+    assert line.endswith("(nothing was restored)"), line
 
 
 # --- a full target ------------------------------------------------------------------------------------
@@ -400,3 +404,15 @@ def test_an_include_gives_the_selected_paths_ancestors_their_recorded_metadata(t
         assert (got.st_mode, got.st_mtime_ns) == (want.st_mode, want.st_mtime_ns), d
     assert (os.stat(out / "private").st_uid, os.stat(out / "private").st_gid) == (1234, 2345)
     assert sorted(os.listdir(out / "private")) == ["sub"]
+
+
+def test_a_restores_problem_carries_what_was_restored_and_says_whether_anything_was():
+    nothing = RestoreResult(unwritten=[("f", "Permission denied")])
+    with pytest.raises(TargetUnwritable, match=r"f \(Permission denied\) \(nothing was restored\)$") as caught:
+        nothing.raise_for_problems()
+    assert caught.value.partial is nothing
+    some = RestoreResult(files=2, damaged=[("g", "blob 00", "missing", True)])
+    with pytest.raises(MissingObject, match=r"g \(everything else was restored\)$") as caught:
+        some.raise_for_problems()
+    assert caught.value.partial is some
+    RestoreResult(files=3, warnings=["w"]).raise_for_problems()

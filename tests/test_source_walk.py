@@ -422,9 +422,15 @@ def test_a_walk_ahead_that_went_stale_starts_again(tmp_path):
     assert list(items) == [b"", b"a", b"b"] and items[b"a"].st_size == 6
 
 
-def test_missing_source_path_is_a_usage_error(tmp_path):
+def test_missing_source_path_is_a_usage_error_only_when_none_exists(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         SourceWalk.of_paths([str(tmp_path / "nope")])
+    (tmp_path / "here").write_bytes(b"x")
+    walk = SourceWalk.of_paths([str(tmp_path / "nope"), str(tmp_path / "here")])
+    rel = os.fsencode(str(tmp_path).lstrip("/"))
+    assert [r for r, *_ in walk] == [rel + b"/here"]
+    assert walk.missing == [rel + b"/nope"]
+    assert walk.warnings == [f"source path does not exist, skipped: {tmp_path / 'nope'}"]
 
 
 def test_backup_with_a_walk_started_before_open_equals_a_plain_backup(tmp_path):
