@@ -274,6 +274,7 @@ class SourceWalk:
                             if not any("?" in g or "[" in g for g in self.excludes) else None)
         self.warnings = warnings if warnings is not None else []
         self.missing: list[bytes] = []  # the manifest paths of sources that did not exist
+        self._ancestors: set[bytes] = set()  # the manifest paths of directories above several sources
         self._ahead = ahead
         self._walking_ahead = False
         self._between_batches: "Walker | None" = None
@@ -389,7 +390,7 @@ class SourceWalk:
         bottom iterator and are never excluded."""
         isdir, excludes = stat.S_ISDIR, self.excludes
         stack: list[Iterator[tuple[bytes, bytes, os.stat_result | FileStat | None, int]]] = [
-            ((rel, path, *self._lstat(path)) for rel, path in self.roots)]
+            ((rel, path, *self._lstat(path)) for rel, path in self._with_ancestors())]
         while stack:
             item = next(stack[-1], None)
             if item is None:
@@ -397,6 +398,12 @@ class SourceWalk:
                 continue
             rel, path, st, err = item
             if excludes and len(stack) > 1 and self.excluded(rel):
+                continue
+            if len(stack) == 1 and rel in self._ancestors:
+                if st is not None and not isdir(st.st_mode):
+                    st, err = self._dir_stat(path)
+                if st is not None:
+                    yield rel, path, st, True
                 continue
             if st is None and len(stack) == 1 and err == errno.ENOENT:
                 self.warnings.append(f"source path does not exist, skipped: {os.fsdecode(path)}")
@@ -420,6 +427,31 @@ class SourceWalk:
             listing, ok = self._scan(path)
             yield rel, path, st, ok
             stack.append(self._children(rel + b"/" if rel else b"", os.path.join(path, b""), listing))
+
+    def _with_ancestors(self) -> Iterator[tuple[bytes, bytes]]:
+        """The roots, each after those of its ancestors not yet given: several sources lie under their
+        absolute paths, and the directories above them are recorded too (not listed: only their own
+        metadata), as restic records them, so a restore gives them their modes, owners and times."""
+        given: set[bytes] = set()
+        for rel, path in self.roots:
+            parts = rel.split(b"/") if path.endswith(b"/" + rel) else [rel]
+            for i in range(1, len(parts)):
+                ancestor = b"/".join(parts[:i])
+                if ancestor not in given:
+                    given.add(ancestor)
+                    self._ancestors.add(ancestor)
+                    yield ancestor, b"/" + ancestor
+            yield rel, path
+
+    @staticmethod
+    def _dir_stat(path: bytes) -> tuple[os.stat_result | None, int]:
+        """An ancestor that is a symbolic link: the directory it leads to stands in for it (the tree has
+        entries below it), or nothing when it leads to none."""
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            return None, exc.errno or errno.EIO
+        return (st, 0) if stat.S_ISDIR(st.st_mode) else (None, errno.ENOTDIR)
 
     def _tree(self, rel: bytes, path: bytes, root_st: os.stat_result) -> Iterator[SourceItem | None]:
         """The directory at ``path`` and its subtree, walked in C: what the per-directory walk above

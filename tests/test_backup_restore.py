@@ -6,6 +6,7 @@ import stat
 import pytest
 
 from chunkvault.errors import TargetNotEmpty, UsageError
+from chunkvault.store.manifest import T_DIR
 from treeutil import describe
 
 
@@ -81,7 +82,26 @@ def test_several_paths_land_under_their_full_paths(tmp_path, new_repo):
     assert (out / str(a).lstrip("/") / "f").read_bytes() == b"x" * 1000
     assert (out / str(b).lstrip("/")).read_bytes() == b"beta"
     files = repo.backup([str(a / "x" / "app.conf"), str(a / "y" / "app.conf")]).snapshot
-    assert sorted(e.path for e in repo.tree(files)) == [rel + b"/alpha/x/app.conf", rel + b"/alpha/y/app.conf"]
+    parts = (rel + b"/alpha/x").split(b"/")
+    ancestors = [b"/".join(parts[:i]) for i in range(1, len(parts) + 1)] + [rel + b"/alpha/y"]
+    assert [e.path for e in repo.tree(files)] == sorted(
+        ancestors + [rel + b"/alpha/x/app.conf", rel + b"/alpha/y/app.conf"], key=lambda p: p.replace(b"/", b"\0"))
+    assert all(e.type == T_DIR for e in repo.tree(files) if e.path in ancestors)
+
+
+def test_the_directories_above_several_sources_are_restored_with_their_metadata(tmp_path, new_repo):
+    """As restic records them: a restore gives them their recorded modes and times, not 0755 and now."""
+    top = tmp_path / "top"
+    (top / "mid" / "a").mkdir(parents=True)
+    (top / "mid" / "b").mkdir()
+    os.chmod(top / "mid", 0o710)
+    os.utime(top / "mid", ns=(1_500_000_000 * 10**9, 1_500_000_000 * 10**9))
+    repo = new_repo()
+    repo.backup([str(top / "mid" / "a"), str(top / "mid" / "b")])
+    out = tmp_path / "out"
+    repo.restore("latest", str(out))
+    got = os.stat(out / str(top / "mid").lstrip("/"))
+    assert (stat.S_IMODE(got.st_mode), got.st_mtime_ns) == (0o710, 1_500_000_000 * 10**9)
 
 
 def test_a_source_that_does_not_exist_is_skipped_with_a_warning(tmp_path, new_repo):
@@ -100,7 +120,7 @@ def test_a_source_that_does_not_exist_is_skipped_with_a_warning(tmp_path, new_re
     assert result.partial and result.snapshot.kind == "diff"
     assert f"source path does not exist, skipped: {b}" in result.warnings
     assert result.snapshot.stats["unreadable"] == [f"{rel}/beta"]
-    assert [e.path for e in repo.tree(result.snapshot)] == [os.fsencode(f"{rel}/alpha"), os.fsencode(f"{rel}/alpha/f")]
+    assert [e.path for e in repo.tree(result.snapshot)][-2:] == [os.fsencode(f"{rel}/alpha"), os.fsencode(f"{rel}/alpha/f")]
     assert result.snapshot.stats["deleted"] == 2  # beta and beta/g
     b.mkdir()
     (b / "g").write_bytes(b"beta")

@@ -245,8 +245,9 @@ def test_a_damaged_chunk_is_an_io_error_for_its_file_only(repo_with, tmp_path):
     fs.destroy("/")
 
 
-def test_a_snapshot_of_several_paths_shows_a_root_without_an_entry(repo_with, source, tmp_path):
-    """Several sources keep their absolute paths: the directories above them have no entries of their own."""
+def test_a_snapshot_of_several_paths_shows_the_directories_above_them(repo_with, source, tmp_path):
+    """Several sources keep their absolute paths: the directories above them are recorded too, and the
+    snapshot's root, which has no entry, reads as a plain directory."""
     from chunkvault import Repository
     from chunkvault.mount import SnapshotFS
 
@@ -262,6 +263,7 @@ def test_a_snapshot_of_several_paths_shows_a_root_without_an_entry(repo_with, so
         assert fs.getattr(d)["st_mode"] & 0o170000 == 0o040000
     assert fs.readdir(root) == [".", "..", top.split("/")[0]]
     assert fs.readdir(f"{root}/{top}") == [".", "..", "more", "other"]
+    assert fs.getattr(f"{root}/{top}")["st_mode"] == os.stat(tmp_path).st_mode
     fh = fs.open(f"{root}/{top}/other/x", os.O_RDONLY)
     assert fs.read("", 10, 0, fh) == b"other\n"
     fs.destroy("/")

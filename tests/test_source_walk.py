@@ -94,9 +94,24 @@ def test_several_roots_keep_their_absolute_paths_in_manifest_order(tmp_path):
         (tmp_path / d / "sub" / "f").write_bytes(b"1")
     walk = SourceWalk.of_paths([str(tmp_path / "two"), str(tmp_path / "one-b"), str(tmp_path / "one")])
     top = os.fsencode(str(tmp_path).lstrip("/")) + b"/"
-    assert [rel for rel, *_ in walk] == [top + p for p in (
+    parts = top.rstrip(b"/").split(b"/")
+    ancestors = [b"/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    items = {rel: st for rel, _, st, _ in walk}
+    assert list(items) == ancestors + [top + p for p in (
         b"one", b"one/sub", b"one/sub/f", b"one-b", b"one-b/sub", b"one-b/sub/f", b"two", b"two/sub", b"two/sub/f")]
     assert walk.paths == [str(tmp_path / d) for d in ("one", "one-b", "two")]
+    assert items[ancestors[-1]].st_ino == os.stat(tmp_path).st_ino  # its own metadata, not listed
+
+
+def test_an_ancestor_that_is_a_symbolic_link_stands_for_the_directory_it_leads_to(tmp_path):
+    (tmp_path / "real" / "a").mkdir(parents=True)
+    (tmp_path / "real" / "b").mkdir()
+    os.symlink("real", tmp_path / "link")
+    walk = SourceWalk.of_paths([str(tmp_path / "link" / "a"), str(tmp_path / "link" / "b")])
+    top = os.fsencode(str(tmp_path).lstrip("/"))
+    items = {rel: st for rel, _, st, _ in walk}
+    assert stat.S_ISDIR(items[top + b"/link"].st_mode) and items[top + b"/link"].st_ino == os.stat(tmp_path / "real").st_ino
+    assert list(items)[-2:] == [top + b"/link/a", top + b"/link/b"]
 
 
 def test_excludes_prune_whole_directories(tmp_path):
@@ -428,7 +443,7 @@ def test_missing_source_path_is_a_usage_error_only_when_none_exists(tmp_path):
     (tmp_path / "here").write_bytes(b"x")
     walk = SourceWalk.of_paths([str(tmp_path / "nope"), str(tmp_path / "here")])
     rel = os.fsencode(str(tmp_path).lstrip("/"))
-    assert [r for r, *_ in walk] == [rel + b"/here"]
+    assert [r for r, *_ in walk][-2:] == [rel, rel + b"/here"]
     assert walk.missing == [rel + b"/nope"]
     assert walk.warnings == [f"source path does not exist, skipped: {tmp_path / 'nope'}"]
 
