@@ -775,6 +775,8 @@ class Backup:
                     if item.record is not None and item.record.op != OP_ENTRY:
                         cut = key or sort_key(rel)
                 pending.append(item)
+                if not ok and e is not None and e.type == T_DIR and p is not None:
+                    p = self._keep_unlisted(item, p, parent_tree, pending, stats, diff)
             while pending and (len(pending) > WINDOW or _ready(pending[0])):
                 rec = self._settle(pending.popleft(), diff, stats, same_files)
                 if rec is not None:
@@ -792,6 +794,30 @@ class Backup:
                 cut = pkey
                 yield delete_record(p.path)
             p = next(parent_tree, None)
+
+    def _keep_unlisted(self, item: _Waiting, p: Record | None, parent_tree: Iterator[Record],
+                       pending: deque[Record | _Waiting], stats: ManifestStats, diff: bool) -> Record | None:
+        """A directory that cannot be listed now keeps what the parent recorded below it, as an unreadable
+        file keeps its parent entry: an error that may pass is no reason to record its contents deleted.
+        A file whose data is no longer indexed is the exception (recorded deleted: nothing could restore
+        it).  Returns the parent's next record after them."""
+        prefix = item.rel + b"/" if item.rel else b""
+        kept = 0
+        while p is not None and p.path.startswith(prefix):
+            e = p.entry
+            if e is not None and e.chunks and not self.repo.index.has_all(e.chunks):
+                self.counts["deleted"] += 1
+                if diff:
+                    pending.append(delete_record(p.path))
+            elif e is not None:
+                kept += 1
+                stats.count_entry(e)
+                if not diff:
+                    pending.append(Record(OP_ENTRY, p.path, e))
+            p = next(parent_tree, None)
+        if kept:
+            item.notes.append(f"kept the {kept} entries the parent snapshot has below {os.fsdecode(item.rel) or '.'}")
+        return p
 
     def _settle(self, item: Record | _Waiting, diff: bool, stats: ManifestStats, unchanged: int) -> Record | None:
         """The record ``item`` adds to the manifest, once it is its turn (waiting for its reader if need

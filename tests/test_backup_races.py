@@ -18,6 +18,7 @@ from chunkvault.store import backup, source
 from chunkvault.store.manifest import F_CHANGED_DURING_READ, F_UNREADABLE, T_DIR, T_FILE, T_HARDLINK, sort_key
 from chunkvault.store.source import StatFailed, SourceWalk
 from conftest import PASSWORD
+from test_damaged_storage import damage_blob, pack_path
 
 
 def tree_of(repo, snap) -> dict[bytes, object]:
@@ -344,12 +345,51 @@ def test_an_entry_whose_lstat_fails_is_unreadable_and_a_differential_keeps_it(tm
     assert diff.partial and diff.snapshot.stats["unreadable"] == ["file", "other", "sub"]
     tree = tree_of(repo, diff.snapshot)
     assert b"other" not in tree and tree[b"new"].type == T_FILE
-    assert tree[b"sub"].type == T_DIR and tree[b"sub"].flags & F_UNREADABLE
+    assert tree[b"sub"].type == T_DIR and tree[b"sub"].flags & F_UNREADABLE and tree[b"sub/x"].type == T_FILE
     with repo.open_file(diff.snapshot, "file") as f:
         assert f.read() == b"old data"
     full = repo.backup([str(src)], kind="full")  # once it can be read again
     with repo.open_file(full.snapshot, "file") as f:
         assert f.read() == b"new data"
+
+
+@pytest.mark.parametrize("kind", ["diff", "full"])
+def test_a_directory_that_cannot_be_listed_keeps_what_the_parent_has_below_it(tmp_path, new_repo, monkeypatch, kind):
+    """As an unreadable file keeps its parent entry: its contents are not recorded deleted, except a file
+    whose data the index no longer has (nothing could restore it)."""
+    src = tmp_path / "src"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "sub" / "x").write_bytes(b"x" * 5000)
+    (src / "sub" / "deeper" / "y").write_bytes(b"y" * 5000)
+    (src / "sub" / "lost").write_bytes(os.urandom(5000))
+    (src / "after").write_bytes(b"after")
+    repo = new_repo()
+    first = repo.backup([str(src)]).snapshot
+    lost = tree_of(repo, first)[b"sub/lost"].chunk_ids()[0]
+    damage_blob(tmp_path / "repo0", repo, lost)  # and a repair drops it
+    repo.repair_packs([pack_path(tmp_path / "repo0", repo, lost).name], dry_run=False)
+    (src / "after").write_bytes(b"changed")
+    walk_kind(monkeypatch, "python")
+    real = source.scan_dir
+
+    def scan(path):
+        if os.path.basename(path) == b"sub":
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real(path)
+
+    monkeypatch.setattr(source, "scan_dir", scan)
+    result = repo.backup([str(src)], kind=kind)
+    monkeypatch.undo()
+    assert result.partial and result.snapshot.stats["unreadable"] == ["sub"]
+    assert "kept the 3 entries the parent snapshot has below sub" in result.warnings
+    tree = tree_of(repo, result.snapshot)
+    assert tree[b"sub"].flags & F_UNREADABLE and b"sub/lost" not in tree
+    assert {p for p in tree if p.startswith(b"sub/")} == {b"sub/x", b"sub/deeper", b"sub/deeper/y"}
+    with repo.open_file(result.snapshot, "sub/deeper/y") as f:
+        assert f.read() == b"y" * 5000
+    with repo.open_file(result.snapshot, "after") as f:
+        assert f.read() == b"changed"
+    assert result.snapshot.stats["files"] == 3 and result.snapshot.stats["dirs"] == 3
 
 
 SETPRIV = shutil.which("setpriv")
@@ -432,3 +472,27 @@ def test_a_backup_of_entries_whose_lstat_fails_exits_3_and_keeps_the_parents(tmp
         assert stat.S_ISREG(os.lstat(src / "z").st_mode) and tree[b"z"].type == T_FILE
     finally:
         again.close()
+
+
+@needs_no_dac_override
+def test_a_directory_that_cannot_be_listed_keeps_its_contents_in_a_real_backup(tmp_path, new_repo):
+    """The same with the C walker and a real permission error, from the command line."""
+    src = tmp_path / "src"
+    (src / "closed" / "sub").mkdir(parents=True)
+    (src / "closed" / "sub" / "f").write_bytes(b"kept")
+    repo = new_repo()
+    repo.backup([str(src)])
+    os.chmod(src / "closed", 0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env.update(CHUNKVAULT_PASSWORD=PASSWORD, CHUNKVAULT_REPOSITORY=str(tmp_path / "repo0"))
+    try:
+        proc = unprivileged([sys.executable, "-m", "chunkvault.cli", "backup", str(src)], env=env)
+    finally:
+        os.chmod(src / "closed", 0o755)
+    assert proc.returncode == 3, proc.stderr.decode()
+    assert b"kept the 2 entries the parent snapshot has below closed" in proc.stderr
+    with Repository.open(str(tmp_path / "repo0"), PASSWORD) as again:
+        snap = again.snapshots()[-1]
+        assert snap.stats["unreadable"] == ["closed"]
+        with again.open_file(snap, "closed/sub/f") as f:
+            assert f.read() == b"kept"
