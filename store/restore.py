@@ -34,7 +34,7 @@ from .manifest import (
 from .blob import Plaintext
 from .chain import ancestors
 from .repository import Repo
-from .xattrs import write_xattrs
+from .xattrs import read_xattrs, write_xattrs
 
 
 _ZEROS = bytes(1 << 20)
@@ -571,29 +571,16 @@ class Restorer:
     def _update_file(self, dst: bytes, e: Entry) -> None:
         """--delta: keep what is already right; rewrite only the chunk ranges that differ.  A file cut short
         (no space, say) is removed: neither what it was nor what the snapshot holds."""
-        assert isinstance(self.repo, Repo)
-        with open(dst, "rb") as f:
-            hasher = blake3.blake3()
-            while block := f.read(1 << 20):
-                hasher.update(block)
-            size = f.tell()
-        if size == e.size and hasher.digest() == e.digest:
+        if self._holds(dst, e):
             self.result.unchanged_files += 1
             return
         fd = os.open(dst, os.O_RDWR | os.O_NOFOLLOW)
         try:
             hasher = blake3.blake3()
             pos = 0
-            for cid in e.chunk_ids():
-                loc = self.repo.locate(cid)
-                length = loc.raw_length if loc is not None else 0
-                current = os.pread(fd, length, pos) if length else b""
-                if length and len(current) == length and self.repo.blob_id(current) == cid:
-                    data = current
-                else:
-                    data = self.repo.read_blob(cid)
+            for data, held in self._chunks_held_or_read(fd, e):
+                if not held:
                     os.pwrite(fd, data, pos)
-                    self.result.rewritten_bytes += len(data)
                 hasher.update(data)
                 pos += len(data)
             os.ftruncate(fd, pos)
@@ -607,16 +594,55 @@ class Restorer:
 
     def _replace_file(self, dst: bytes, e: Entry) -> None:
         """--delta over a file with other links (some perhaps out of the target): a new file is written beside
-        it and renamed over it, so no other link sees the snapshot's content or metadata."""
-        assert isinstance(self.repo, Repo)
-        repo = self.repo
+        it and renamed over it, so no other link sees the snapshot's content or metadata.  Its chunks that
+        the old file holds at their offsets are copied from it, not read from the repository; a file that
+        is right already, metadata and all, is left as it is."""
+        if self._holds(dst, e) and self._meta_matches(dst, e):
+            self.result.unchanged_files += 1
+            return
         tmp = os.path.join(os.path.dirname(dst), b".chunkvault-restore-" + secrets.token_hex(8).encode())
+        fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            self._write_file(tmp, e, (repo.read_blob(c) for c in e.chunk_ids()))
+            self._write_file(tmp, e, (data for data, _ in self._chunks_held_or_read(fd, e)))
             os.rename(tmp, dst)
         except BaseException:
             _remove(tmp)
             raise
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _holds(dst: bytes, e: Entry) -> bool:
+        """Whether the file at ``dst`` holds exactly the entry's content (size and digest)."""
+        with open(dst, "rb") as f:
+            hasher = blake3.blake3()
+            while block := f.read(1 << 20):
+                hasher.update(block)
+            return f.tell() == e.size and hasher.digest() == e.digest
+
+    def _meta_matches(self, dst: bytes, e: Entry) -> bool:
+        """Whether what a restore sets on the file (mode, time, owner, attributes) is already so."""
+        st = os.lstat(dst)
+        return (stat.S_IMODE(st.st_mode) == stat.S_IMODE(e.mode) and st.st_mtime_ns == e.mtime_ns
+                and (not self.owners or (st.st_uid, st.st_gid) == (e.uid, e.gid))
+                and (not self.opt.xattrs or read_xattrs(dst) == e.xattrs))
+
+    def _chunks_held_or_read(self, fd: int, e: Entry) -> Iterator[tuple[bytes, bool]]:
+        """The entry's chunks in order, each with whether the file open at ``fd`` already holds it at its
+        offset (then read from there) or not (read from the repository, and counted as rewritten)."""
+        assert isinstance(self.repo, Repo)
+        pos = 0
+        for cid in e.chunk_ids():
+            loc = self.repo.locate(cid)
+            length = loc.raw_length if loc is not None else 0
+            current = os.pread(fd, length, pos) if length else b""
+            if length and len(current) == length and self.repo.blob_id(current) == cid:
+                data, held = current, True
+            else:
+                data, held = self.repo.read_blob(cid), False
+                self.result.rewritten_bytes += len(data)
+            yield data, held
+            pos += len(data)
 
     def _make_room(self, dst: bytes, is_dir: bool, keep_file: bool = False) -> None:
         """Make sure ``dst``'s parent exists and nothing else is in its place.

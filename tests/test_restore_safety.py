@@ -152,6 +152,31 @@ def test_delta_replaces_a_file_with_other_links_and_leaves_them_alone(tmp_path, 
     assert sorted(os.listdir(target)) == ["a", "b", "f"]  # nothing left beside them
 
 
+def test_delta_over_a_file_with_other_links_reads_only_the_chunks_it_lacks(tmp_path, new_repo):
+    """The replacement copies the chunks the old file holds at their offsets: only the changed ones come
+    from the repository; a file right already, metadata and all, keeps its inode and its links."""
+    data = os.urandom(6 << 20)
+
+    def make(src: Path) -> None:
+        (src / "big").write_bytes(data)
+        (src / "same").write_bytes(b"same content")
+        os.chmod(src / "same", 0o600)
+    repo, _, src = backed_up(tmp_path, new_repo, make)
+    target = tmp_path / "target"
+    shutil.copytree(src, target)
+    with open(target / "big", "r+b") as f:
+        f.seek(3 << 20)
+        f.write(b"X" * 100)
+    os.link(target / "big", tmp_path / "other-link")
+    os.link(target / "same", tmp_path / "same-link")
+    before = os.stat(target / "same").st_ino
+    result = repo.restore("latest", str(target), force=True, delta=True, verify=True)
+    assert (target / "big").read_bytes() == data and (tmp_path / "other-link").read_bytes()[3 << 20:][:100] == b"X" * 100
+    assert 0 < result.rewritten_bytes < 3 << 20  # the chunk with the change, not the whole file
+    assert os.stat(target / "same").st_ino == before and os.stat(target / "same").st_nlink == 2
+    assert result.unchanged_files == 1
+
+
 # --- in place, what was unreadable at backup time stays --------------------------------------------------
 
 def test_in_place_restore_keeps_what_was_unreadable_at_backup_time(tmp_path, unprivileged):

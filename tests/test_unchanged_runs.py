@@ -105,8 +105,14 @@ def test_runs_matched_in_c_decide_what_one_at_a_time_decides(tmp_path_factory, m
             in_runs = repo.backup(paths, kind=kind, parent=parent.id, excludes=excludes, **ignore).snapshot
             one_at_a_time(m)
             singly = repo.backup(paths, kind=kind, parent=parent.id, excludes=excludes, **ignore).snapshot
-        assert list(repo._repo.manifest_records(in_runs)) == list(repo._repo.manifest_records(singly))
-        assert {k: in_runs.stats[k] for k in COUNTED} == {k: singly.stats[k] for k in COUNTED}
+        # The directories above several roots change as other tests make theirs: only the tree is compared.
+        below = os.fsencode(src.lstrip("/"))
+
+        def tree(snap):
+            return [r for r in repo._repo.manifest_records(snap) if len(roots) == 1 or r.path.startswith(below)]
+        assert tree(in_runs) == tree(singly)
+        counted = COUNTED if len(roots) == 1 else COUNTED[:-1]  # manifest_records: the tree above is compared
+        assert {k: in_runs.stats[k] for k in counted} == {k: singly.stats[k] for k in counted}
     finally:
         repo.close()
 
