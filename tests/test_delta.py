@@ -95,8 +95,10 @@ def test_stream_deltas_against_previous_stream(tmp_path, new_repo):
         assert f.read() == data
 
 
-def test_missing_base_is_an_error_naming_both(tmp_path, new_repo):
-    rnd = random.Random(6)
+def two_versions(tmp_path, new_repo, seed):
+    """A page file backed up, 90 % of its pages touched, backed up again, in small packs: the repository,
+    the source, both snapshots and the second's delta chunks."""
+    rnd = random.Random(seed)
     src = tmp_path / "db"
     src.mkdir()
     page_file(src / "table", 256, rnd)
@@ -104,45 +106,45 @@ def test_missing_base_is_an_error_naming_both(tmp_path, new_repo):
     first = repo.backup([str(src)]).snapshot
     touch_pages(src / "table", 0.9, rnd)
     second = repo.backup([str(src)]).snapshot
+    deltas = [c for c in repo.find_entry(second, "table").chunk_ids() if repo.store.delta_base(c)]
+    return repo, src, first, second, deltas
+
+
+def pack_of(repo, blob_id: bytes) -> str:
+    return repo.store.pack_ids[repo.store.index.get(blob_id).pack_no].hex()
+
+
+def test_missing_base_is_an_error_naming_both(tmp_path, new_repo):
+    repo, _, _, _, deltas = two_versions(tmp_path, new_repo, 6)
     store = repo.store
-    delta_id = next(c for c in repo.find_entry(second, "table").chunk_ids() if store.delta_base(c))
+    delta_id = deltas[0]
     base_id = store.delta_base(delta_id)
-    loc = store.index.get(base_id)
-    pack = store.pack_ids[loc.pack_no].hex()
+    pack = pack_of(repo, base_id)
     os.remove(tmp_path / "repo0" / "data" / pack[:2] / pack)
     with pytest.raises(CorruptObject) as info:
         store.read_blob(delta_id)
     assert delta_id.hex() in str(info.value) and base_id.hex() in str(info.value)
-    del first
 
 
 def test_deltas_that_lost_their_base_are_dropped_so_that_backups_store_their_data_again(tmp_path, new_repo):
     """A pack of bases is lost: `check` names the deltas on them, `repair index` the packs that hold those,
     `repair packs` drops them (salvaging the rest), and backups of the data heal every snapshot."""
-    rnd = random.Random(8)
-    src = tmp_path / "db"
-    src.mkdir()
-    page_file(src / "table", 256, rnd)
-    v1 = (src / "table").read_bytes()
-    repo = new_repo(pack_size=64 * 1024)
-    first = repo.backup([str(src)]).snapshot
-    touch_pages(src / "table", 0.9, rnd)
-    v2 = (src / "table").read_bytes()
-    second = repo.backup([str(src)]).snapshot
+    repo, src, first, second, deltas = two_versions(tmp_path, new_repo, 8)
     store = repo.store
-    deltas = [c for c in repo.find_entry(second, "table").chunk_ids() if store.delta_base(c)]
-    base_pack = store.pack_ids[store.index.get(store.delta_base(deltas[0])).pack_no]
-    on_lost = [d for d in deltas if store.pack_ids[store.index.get(store.delta_base(d)).pack_no] == base_pack]
-    os.remove(tmp_path / "repo0" / "data" / base_pack.hex()[:2] / base_pack.hex())
+    v2 = (src / "table").read_bytes()
+    v1 = b"".join(store.read_blob(c) for c in repo.find_entry(first, "table").chunk_ids())
+    base_pack = pack_of(repo, store.delta_base(deltas[0]))
+    on_lost = [d for d in deltas if pack_of(repo, store.delta_base(d)) == base_pack]
+    os.remove(tmp_path / "repo0" / "data" / base_pack[:2] / base_pack)
     assert any("pack is missing" in p.problem for p in repo.check().problems)
 
     rebuilt = repo.repair_index()
-    holders = sorted({store.pack_ids[store.index.get(d).pack_no].hex() for d in on_lost})
+    holders = sorted({pack_of(repo, d) for d in on_lost})
     assert rebuilt.baseless_packs == holders
     found = {p.object: p.problem for p in repo.check().problems if "cannot be read" in p.problem}
     assert found.keys() == {f"blob {d.hex()}" for d in on_lost}
     for d in on_lost:  # each names the pack that holds it
-        assert f"repair packs {store.pack_ids[store.index.get(d).pack_no].hex()[:12]}`" in found[f"blob {d.hex()}"]
+        assert f"repair packs {pack_of(repo, d)[:12]}`" in found[f"blob {d.hex()}"]
 
     dry = repo.repair_packs(holders[:1], dry_run=True)
     assert dry.salvaged[0].lost and store.index.get(on_lost[0]) is not None
@@ -161,19 +163,11 @@ def test_deltas_that_lost_their_base_are_dropped_so_that_backups_store_their_dat
 
 
 def test_repairing_a_pack_of_bases_drops_the_deltas_on_them_from_the_packs_that_hold_them(tmp_path, new_repo):
-    rnd = random.Random(9)
-    src = tmp_path / "db"
-    src.mkdir()
-    page_file(src / "table", 256, rnd)
-    repo = new_repo(pack_size=64 * 1024)
-    repo.backup([str(src)])
-    touch_pages(src / "table", 0.9, rnd)
-    second = repo.backup([str(src)]).snapshot
+    repo, _, _, _, deltas = two_versions(tmp_path, new_repo, 9)
     store = repo.store
-    deltas = [c for c in repo.find_entry(second, "table").chunk_ids() if store.delta_base(c)]
-    base_pack = store.pack_ids[store.index.get(store.delta_base(deltas[0])).pack_no].hex()
-    on_lost = {d for d in deltas if store.pack_ids[store.index.get(store.delta_base(d)).pack_no].hex() == base_pack}
-    holders = {store.pack_ids[store.index.get(d).pack_no].hex() for d in on_lost}
+    base_pack = pack_of(repo, store.delta_base(deltas[0]))
+    on_lost = {d for d in deltas if pack_of(repo, store.delta_base(d)) == base_pack}
+    holders = {pack_of(repo, d) for d in on_lost}
     os.remove(tmp_path / "repo0" / "data" / base_pack[:2] / base_pack)
     report = repo.repair_packs([base_pack], dry_run=False)
     by_pack = {s.pack.rsplit("/", 1)[1]: s for s in report.salvaged}
