@@ -258,6 +258,7 @@ typedef struct {
     size_t sub_off, sub_len;
     ssize_t target_len;  /* a symlink's target, after its path in the arena; -1: none, or not read */
     int error, list_error, root;
+    int dropped;  /* below a directory that was none any more when stat'ed again: not handed over */
 } queued_t;
 
 /* Entries in walk order: the walking side's queue, or the batch side's share of it (from head). */
@@ -303,6 +304,10 @@ typedef struct {
     off_t max_size;
     char *scratch;  /* an entry's path below the walk's top, to match against the globs; a link's on disk */
     size_t scratch_cap;
+    char *restat_path;  /* batch()'s: the path on disk of an entry stat'ed again */
+    size_t restat_cap;
+    char *cut;  /* batch()'s: "sub/" of a directory stat'ed again as a non-directory, whose subtree is left out */
+    size_t cut_len, cut_cap;
     int started, busy;
     /* The walking thread, and what it shares with batch() under mu. */
     pthread_t thread;
@@ -759,13 +764,75 @@ static int enter(WalkerObject *w) {
     return 0;
 }
 
-static PyObject *walker_batch(WalkerObject *w, PyObject *arg) {
-    Py_ssize_t max = PyLong_AsSsize_t(arg);
+/* Keep room for n bytes at *buf (of *cap); 0, or -1 out of memory. */
+static int reserve(char **buf, size_t *cap, size_t n) {
+    if (n <= *cap)
+        return 0;
+    char *grown = realloc(*buf, n);
+    if (grown == NULL)
+        return -1;
+    *buf = grown;
+    *cap = n;
+    return 0;
+}
+
+/* Stat again, with no GIL held, the taken entries [head, head + n) stat'ed more than restat_after seconds
+ * ago (their walk ran ahead of the backup): their fields, or their errno, as they are now.  A directory
+ * that is none any more leaves out what was walked below it (in this batch and the next ones).  0, or -1
+ * out of memory. */
+static int restat(WalkerObject *w, size_t n, double restat_after) {
+    double now = monotonic_seconds();
+    for (size_t i = 0; i < n; i++) {
+        queued_t *e = &w->taken.q[w->taken.head + i];
+        const char *sub = w->taken.arena + e->sub_off;
+        if (w->cut_len) {
+            if (!e->root && e->sub_len >= w->cut_len && !memcmp(sub, w->cut, w->cut_len)) {
+                e->dropped = 1;
+                continue;
+            }
+            w->cut_len = 0;  /* depth first: past the subtree, nothing more of it comes */
+        }
+        if (e->root || e->error || now - e->scanned <= restat_after)
+            continue;
+        if (reserve(&w->restat_path, &w->restat_cap, w->path_dir_len + e->sub_len + 1) < 0)
+            return -1;
+        memcpy(w->restat_path, w->path_dir, w->path_dir_len);
+        memcpy(w->restat_path + w->path_dir_len, sub, e->sub_len);
+        w->restat_path[w->path_dir_len + e->sub_len] = 0;
+        int was_dir = S_ISDIR(e->f.mode);
+        struct stat st;
+        if (lstat(w->restat_path, &st) == 0) {
+            fields_of(&st, &e->f);
+            e->scanned = now;
+        } else {
+            e->error = errno ? errno : EIO;
+        }
+        if (was_dir && (e->error || !S_ISDIR(e->f.mode))) {
+            if (reserve(&w->cut, &w->cut_cap, e->sub_len + 1) < 0)
+                return -1;
+            memcpy(w->cut, sub, e->sub_len);
+            w->cut[e->sub_len] = '/';
+            w->cut_len = e->sub_len + 1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *walker_batch(WalkerObject *w, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "batch(max_entries, restat_after=-1.0)");
+        return NULL;
+    }
+    Py_ssize_t max = PyLong_AsSsize_t(args[0]);
     if (max <= 0) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "max_entries must be positive");
         return NULL;
     }
+    double restat_after = nargs > 1 ? PyFloat_AsDouble(args[1]) : -1.0;
+    if (restat_after == -1.0 && PyErr_Occurred())
+        return NULL;
+again:
     if (enter(w) < 0)
         return NULL;
     int status = 0;
@@ -776,28 +843,42 @@ static PyObject *walker_batch(WalkerObject *w, PyObject *arg) {
         status = refill(w, (size_t)max, 1);
         Py_END_ALLOW_THREADS
     }
-    w->busy = 0;
-    if (status < 0 && refill_error(status) < 0)
-        return NULL;
     size_t n = w->taken.len - w->taken.head;
     if (n > (size_t)max)
         n = (size_t)max;
-    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (!status && restat_after >= 0 && n) {
+        Py_BEGIN_ALLOW_THREADS
+        status = restat(w, n, restat_after);
+        Py_END_ALLOW_THREADS
+    }
+    w->busy = 0;
+    if (status < 0 && refill_error(status) < 0)
+        return NULL;
+    size_t kept = 0;
+    for (size_t i = 0; i < n; i++)
+        kept += !w->taken.q[w->taken.head + i].dropped;
+    PyObject *list = PyList_New((Py_ssize_t)kept);
     double oldest = 0;
-    for (size_t i = 0; list != NULL && i < n; i++) {
+    for (size_t i = 0, k = 0; list != NULL && i < n; i++) {
         const queued_t *e = &w->taken.q[w->taken.head + i];
-        if (i == 0 || e->scanned < oldest)
+        if (e->dropped)
+            continue;
+        if (k == 0 || e->scanned < oldest)
             oldest = e->scanned;
         PyObject *t = queued_tuple(w, e);
         if (t == NULL)
             Py_CLEAR(list);
         else
-            PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+            PyList_SET_ITEM(list, (Py_ssize_t)k++, t);
     }
     if (list == NULL)
         return NULL;
     w->taken.head += n;
-    w->age = n ? monotonic_seconds() - oldest : 0;
+    w->age = kept ? monotonic_seconds() - oldest : 0;
+    if (kept == 0 && n > 0) {  /* all of it below a directory gone: the next entries, not an end */
+        Py_DECREF(list);
+        goto again;
+    }
     return list;
 }
 
@@ -930,6 +1011,9 @@ static PyObject *walker_skip_unchanged(WalkerObject *w, PyObject *const *args, P
         const queued_t *e = &w->taken.q[w->taken.head];
         if (now - e->scanned > restat_after)
             break;
+        if (w->cut_len && !e->root && e->sub_len >= w->cut_len
+            && !memcmp(w->taken.arena + e->sub_off, w->cut, w->cut_len))
+            break;  /* below a directory gone: batch() leaves it out */
         int kind = unchanged(w, e, rec, op_entry, t_file, t_dir, t_link, ignore);
         if (!kind)
             break;
@@ -1123,6 +1207,8 @@ static void walker_dealloc(WalkerObject *w) {
     free(w->stack);
     queue_free(&w->walked);
     queue_free(&w->taken);
+    free(w->restat_path);
+    free(w->cut);
     free(w->rel);
     free(w->rel_dir);
     free(w->path_dir);
@@ -1147,8 +1233,10 @@ static PyMethodDef walker_methods[] = {
     {"start", (PyCFunction)(void (*)(void))walker_start, METH_FASTCALL,
      "start(ahead, steady) -> bool: walk on a thread, up to ahead entries queued before the first batch, "
      "steady after."},
-    {"batch", (PyCFunction)walker_batch, METH_O,
-     "batch(max_entries) -> [(rel, path, stat | None, errno, list_errno)]; [] when the walk is done."},
+    {"batch", (PyCFunction)(void (*)(void))walker_batch, METH_FASTCALL,
+     "batch(max_entries, restat_after=-1.0) -> [(rel, path, stat | None, errno, list_errno)]; [] when the "
+     "walk is done.  Entries stat'ed more than restat_after seconds ago (if not negative) are stat'ed again, "
+     "and what lies below a directory that is none any more then is left out."},
     {"skip_unchanged", (PyCFunction)(void (*)(void))walker_skip_unchanged, METH_FASTCALL,
      "skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, t_symlink, taken, limit, ignore) -> "
      "(files, dirs, symlinks, bytes, record): take the queued entries the parent's records (record, then "

@@ -144,6 +144,7 @@ def test_entries_vanishing_after_a_late_restat_are_warnings(tmp_path, monkeypatc
     for i in range(50):
         (tmp_path / f"f{i:02}").write_bytes(b"1")
     monkeypatch.setattr(SourceWalk, "RESTAT_AFTER", 0.0)
+    monkeypatch.setattr(SourceWalk, "BATCH", 1)  # a batch is stat'ed again when it is taken
     walk = SourceWalk.of_paths([str(tmp_path)])
     it = iter(walk)
     assert next(it)[0] == b""  # the root is scanned; now its files vanish
@@ -229,10 +230,13 @@ def test_globs_matching_characters_take_the_per_directory_walk(tmp_path):
 def test_a_directory_replaced_before_it_is_reached_leaves_out_its_old_subtree(tmp_path, monkeypatch):
     """The C walk lists a directory's subtree ahead; stat'ed again late, the directory is now a symlink
     to where it went: its old entries, still there through the link, are not entries of the symlink."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x").write_bytes(b"1")
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    for i in range(40):  # a subtree over several batches, some of them all below "a"
+        (tmp_path / "a" / f"x{i:02}").write_bytes(b"1")
+        (tmp_path / "a" / "sub" / f"y{i:02}").write_bytes(b"1")
     (tmp_path / "b").write_bytes(b"2")
     monkeypatch.setattr(SourceWalk, "RESTAT_AFTER", 0.0)
+    monkeypatch.setattr(SourceWalk, "BATCH", 1)  # each batch is stat'ed again when it is taken
     walk = SourceWalk.of_paths([str(tmp_path)])
     it = iter(walk)
     assert next(it)[0] == b""  # the whole tree is walked: "a" was a directory
