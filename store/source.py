@@ -432,13 +432,12 @@ class SourceWalk:
         """The roots, each after those of its ancestors not yet given: several sources lie under their
         absolute paths, and the directories above them are recorded too (not listed: only their own
         metadata), as restic records them, so a restore gives them their modes, owners and times."""
-        given: set[bytes] = set()
+        self._ancestors.clear()  # a walk started again (see __iter__) gives them again
         for rel, path in self.roots:
             parts = rel.split(b"/") if path.endswith(b"/" + rel) else [rel]
             for i in range(1, len(parts)):
                 ancestor = b"/".join(parts[:i])
-                if ancestor not in given:
-                    given.add(ancestor)
+                if ancestor not in self._ancestors:
                     self._ancestors.add(ancestor)
                     yield ancestor, b"/" + ancestor
             yield rel, path
