@@ -5,11 +5,15 @@
  *       is negative), fewer only at the end of the file.  OSError with the
  *       path when the file cannot be opened or read.  The local remote's get.
  *
- *   read_whole(path, limit) -> (data, size, mtime_ns, ctime_ns)
- *       a small file's first ``limit`` bytes (all of it, when it is shorter)
+ *   read_small_files(paths, limits, probe_xattrs) -> list
+ *       per path, its first ``limit`` bytes (all of it, when it is shorter)
  *       and its fstat fields after reading, opened without following a
- *       symlink and (where allowed) without touching its atime.  A backup's
- *       read of a file of at most one chunk.
+ *       symlink and (where allowed) without touching its atime:
+ *       (data, size, mtime_ns, ctime_ns, xattrs), ``xattrs`` 0 when the file
+ *       has no extended attributes (or its file system none), 1 when it has
+ *       some, -1 when not asked or the probe failed; or the OSError (with the
+ *       path) that opening or reading it raised.  A backup's read of a run
+ *       of files of at most one chunk each, the GIL released once for all.
  *
  * A thread that gives up the GIL for a short system call waits to get it
  * back behind the threads compressing and hashing.  With os.open, os.pread
@@ -22,8 +26,12 @@
 #include <Python.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/xattr.h>
+#endif
 
 #ifdef __APPLE__
 #define MTIME(st) ((st).st_mtimespec)
@@ -140,7 +148,21 @@ static PyObject *read_range(PyObject *self, PyObject *args) {
     return result(data, got, err, arg);
 }
 
-static int read_file(const char *path, char *buf, Py_ssize_t limit, Py_ssize_t *got, struct stat *st) {
+/* Whether an open file has extended attributes: 1, 0 (none, or none supported there), -1 (unknown). */
+static int xattr_state(int fd) {
+#ifdef __linux__
+    ssize_t n = flistxattr(fd, NULL, 0);
+    if (n >= 0)
+        return n > 0;
+    return errno == ENOTSUP || errno == EOPNOTSUPP ? 0 : -1;
+#else
+    (void)fd;
+    return -1;
+#endif
+}
+
+static int read_file(const char *path, char *buf, Py_ssize_t limit, Py_ssize_t *got, struct stat *st,
+                     int probe, int *xattrs) {
     int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | NOATIME);
     if (fd < 0 && errno == EPERM && NOATIME)  /* O_NOATIME only for files we own (or as root) */
         fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
@@ -149,46 +171,96 @@ static int read_file(const char *path, char *buf, Py_ssize_t limit, Py_ssize_t *
     int err = read_fully(fd, buf, limit, -1, got);
     if (!err && fstat(fd, st) != 0)
         err = errno;
+    *xattrs = !err && probe ? xattr_state(fd) : -1;
     close(fd);
     return err;
 }
 
-static PyObject *read_whole(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *arg, *encoded = NULL;
-    Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "On", &arg, &limit))
-        return NULL;
-    if (limit < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative limit");
-        return NULL;
-    }
-    if (!PyUnicode_FSConverter(arg, &encoded))
-        return NULL;
-    PyObject *data = PyBytes_FromStringAndSize(NULL, limit);
-    if (data == NULL) {
-        Py_DECREF(encoded);
-        return NULL;
-    }
-    Py_ssize_t got = 0;
+typedef struct {
+    PyObject *encoded;  /* the path as bytes */
+    PyObject *data;     /* its buffer, ``limit`` bytes until cut to what was read */
+    Py_ssize_t limit, got;
+    int err, xattrs;
     struct stat st;
-    int err;
-    Py_BEGIN_ALLOW_THREADS
-    err = read_file(PyBytes_AS_STRING(encoded), PyBytes_AS_STRING(data), limit, &got, &st);
-    Py_END_ALLOW_THREADS
-    Py_DECREF(encoded);
-    if ((data = result(data, got, err, arg)) == NULL)
+} small_read;
+
+static void release_reads(small_read *reads, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_XDECREF(reads[i].encoded);
+        Py_XDECREF(reads[i].data);
+    }
+    PyMem_Free(reads);
+}
+
+/* One file's result: its tuple, or the OSError its read raised (NULL on a Python error). */
+static PyObject *read_result(small_read *r, PyObject *path) {
+    if (r->err)
+        return PyObject_CallFunction(PyExc_OSError, "isO", r->err, strerror(r->err), path);
+    if (r->got < PyBytes_GET_SIZE(r->data) && _PyBytes_Resize(&r->data, r->got) < 0)
         return NULL;
-    long long mtime = (long long)MTIME(st).tv_sec * 1000000000LL + MTIME(st).tv_nsec;
-    long long ctime = (long long)CTIME(st).tv_sec * 1000000000LL + CTIME(st).tv_nsec;
-    return Py_BuildValue("(NLLL)", data, (long long)st.st_size, mtime, ctime);
+    long long mtime = (long long)MTIME(r->st).tv_sec * 1000000000LL + MTIME(r->st).tv_nsec;
+    long long ctime = (long long)CTIME(r->st).tv_sec * 1000000000LL + CTIME(r->st).tv_nsec;
+    PyObject *out = Py_BuildValue("(OLLLi)", r->data, (long long)r->st.st_size, mtime, ctime, r->xattrs);
+    Py_CLEAR(r->data);
+    return out;
+}
+
+static PyObject *read_small_files(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *paths, *limits, *out = NULL;
+    int probe;
+    if (!PyArg_ParseTuple(args, "O!O!p", &PyList_Type, &paths, &PyList_Type, &limits, &probe))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(paths);
+    if (PyList_GET_SIZE(limits) != n) {
+        PyErr_SetString(PyExc_ValueError, "paths and limits differ in length");
+        return NULL;
+    }
+    small_read *reads = PyMem_Calloc(n ? n : 1, sizeof(small_read));
+    if (reads == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        small_read *r = &reads[i];
+        r->limit = PyLong_AsSsize_t(PyList_GET_ITEM(limits, i));
+        if (r->limit == -1 && PyErr_Occurred())
+            goto done;
+        if (r->limit < 0) {
+            PyErr_SetString(PyExc_ValueError, "negative limit");
+            goto done;
+        }
+        if (!PyUnicode_FSConverter(PyList_GET_ITEM(paths, i), &r->encoded))
+            goto done;
+        if ((r->data = PyBytes_FromStringAndSize(NULL, r->limit)) == NULL)
+            goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        small_read *r = &reads[i];
+        r->err = read_file(PyBytes_AS_STRING(r->encoded), PyBytes_AS_STRING(r->data), r->limit, &r->got, &r->st,
+                           probe, &r->xattrs);
+    }
+    Py_END_ALLOW_THREADS
+    if ((out = PyList_New(n)) == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = read_result(&reads[i], PyList_GET_ITEM(paths, i));
+        if (item == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+done:
+    release_reads(reads, n);
+    return out;
 }
 
 static PyMethodDef methods[] = {
     {"read_range", read_range, METH_VARARGS,
      "read_range(path, start, length) -> bytes: length bytes from start (to the end when negative)."},
-    {"read_whole", read_whole, METH_VARARGS,
-     "read_whole(path, limit) -> (first limit bytes, size, mtime_ns, ctime_ns after reading)."},
+    {"read_small_files", read_small_files, METH_VARARGS,
+     "read_small_files(paths, limits, probe_xattrs) -> per path (first limit bytes, size, mtime_ns, ctime_ns, "
+     "xattrs) or its OSError."},
     {NULL, NULL, 0, NULL},
 };
 

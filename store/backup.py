@@ -42,7 +42,7 @@ from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, now_iso
-from .source import SourceWalk, StatFailed, open_source_file, read_whole
+from .source import SmallRead, SourceWalk, StatFailed, open_source_file, read_small_files
 from .xattrs import read_xattrs
 
 BATCH_BYTES = 1 << 20  # new chunks go to the compression pool in batches of about this size...
@@ -455,23 +455,36 @@ class Backup:
             run.future = self._readers.submit(self._read_run, run.files)
 
     def _read_run(self, files: list[tuple[Entry, bytes, os.stat_result, Entry | None]]) -> list[_FileRead]:
+        """Read a run: its files of at most one chunk in one native call first (a system call each that gave
+        up the interpreter lock waited to get it back behind the busy threads), then each file's entry."""
+        small = [i for i, (e, _, st, _) in enumerate(files) if self._small(e, st)]
+        reads: dict[int, SmallRead] = {}
+        if small:
+            got = read_small_files([files[i][1] for i in small], [files[i][2].st_size + 1 for i in small],
+                                   self.opt.xattrs)
+            reads = dict(zip(small, got))
         out = []
-        for e, path, st, prev in files:
+        for i, (e, path, st, prev) in enumerate(files):
             if self._abort.is_set():
                 raise _Stopped
-            out.append(self._read_file(e, path, st, prev))
+            out.append(self._read_file(e, path, st, prev, reads.get(i)))
         return out
 
-    def _read_file(self, e: Entry, path: bytes, st: os.stat_result, prev: Entry | None) -> _FileRead:
-        """On a reader thread: fill in ``e`` from the file's bytes.  Its warnings are returned, to be
-        reported when the entry takes its place in the manifest.  A multiply-linked file is read through a
-        descriptor, whose fstat tells whether it is still the file the walk saw."""
+    def _small(self, e: Entry, st: os.stat_result) -> bool:
+        """Whether a file is read whole, as one chunk: at most the least chunk size, one link (a multiply-linked
+        file is read through a descriptor whose fstat tells whether it is the file the walk saw)."""
+        return (st.st_nlink == 1 and st.st_size <= self.repo.chunker_params.min_size
+                and not _matches(e.path, self.opt.fixed_chunks))
+
+    def _read_file(self, e: Entry, path: bytes, st: os.stat_result, prev: Entry | None,
+                   small: SmallRead | None = None) -> _FileRead:
+        """On a reader thread: fill in ``e`` from the file's bytes (``small``: read already, whole).  Its
+        warnings are returned, to be reported when the entry takes its place in the manifest."""
         notes: list[str] = []
-        if (st.st_nlink == 1 and st.st_size <= self.repo.chunker_params.min_size
-                and not _matches(e.path, self.opt.fixed_chunks)):
-            small = self._read_small(e, path, st, prev, notes)
-            if small is not None:
-                return _FileRead(small, notes)
+        if small is not None:
+            whole = self._read_small(e, path, st, prev, notes, small)
+            if whole is not None:
+                return _FileRead(whole, notes)
         try:
             fd = open_source_file(path)
         except FileNotFoundError:
@@ -500,24 +513,26 @@ class Backup:
         self._check_unchanged(e, path, st, (after.st_size, after.st_mtime_ns, after.st_ctime_ns), notes)
         return _FileRead(e, notes)
 
-    def _read_small(self, e: Entry, path: bytes, st: os.stat_result, prev: Entry | None, notes: list[str]
-                    ) -> Entry | None:
-        """A file of at most one chunk read in one call (``read_whole``); None when it is gone, or grew past
+    def _read_small(self, e: Entry, path: bytes, st: os.stat_result, prev: Entry | None, notes: list[str],
+                    small: SmallRead) -> Entry | None:
+        """A file of at most one chunk from what ``read_small_files`` gave; None when it is gone, or grew past
         the size the walk saw (then read as a stream, like any other file)."""
-        try:
-            e.xattrs = self._xattrs(path, path, st, T_FILE, prev, notes)
-            data, *after = read_whole(path, st.st_size + 1)
-        except FileNotFoundError:
+        if isinstance(small, FileNotFoundError):
             return None
-        except OSError as exc:
-            notes.append(_cannot_read(path, exc))
+        if isinstance(small, OSError):
+            notes.append(_cannot_read(path, small))
             e.flags |= F_UNREADABLE
             e.size = 0
             return e
+        data, size, mtime_ns, ctime_ns, xattrs = small
         if len(data) > st.st_size:
             return None
+        try:
+            e.xattrs = b"" if xattrs == 0 else self._xattrs(path, path, st, T_FILE, prev, notes)
+        except FileNotFoundError:
+            return None
         e.digest, e.chunks, e.size = self._take_chunks((data,) if data else (), e.path, prev, report=False)
-        self._check_unchanged(e, path, st, tuple(after), notes)
+        self._check_unchanged(e, path, st, (size, mtime_ns, ctime_ns), notes)
         return e
 
     @staticmethod

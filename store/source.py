@@ -122,20 +122,43 @@ def open_source_file(path: bytes) -> int:
         return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
 
 
-def read_whole_reference(path: bytes, limit: int) -> tuple[bytes, int, int, int]:
-    """A small file's first ``limit`` bytes and (size, mtime_ns, ctime_ns) after reading: ``read_whole`` in Python."""
-    fd = open_source_file(path)
+#: A small file as ``read_small_files`` gives it: (data, size, mtime_ns, ctime_ns after reading, xattrs: 1 it has
+#: extended attributes, 0 none, -1 unknown), or the OSError opening or reading it raised.
+SmallRead = tuple[bytes, int, int, int, int] | OSError
+
+
+def _xattr_state(fd: int) -> int:
     try:
-        data = os.read(fd, limit)
-        while 0 < len(data) < limit:
-            part = os.read(fd, limit - len(data))
-            if not part:
-                break
-            data += part
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
-    return data, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+        return 1 if os.listxattr(fd) else 0
+    except OSError as exc:
+        return 0 if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) else -1
+
+
+def read_small_files_reference(paths: list[bytes], limits: list[int], probe_xattrs: bool) -> list[SmallRead]:
+    """Each file's first ``limit`` bytes, fstat fields after reading and whether it has extended attributes
+    (``read_small_files``, which does all of it with the GIL released once, in Python)."""
+    if len(paths) != len(limits):
+        raise ValueError("paths and limits differ in length")
+    out: list[SmallRead] = []
+    for path, limit in zip(paths, limits):
+        try:
+            fd = open_source_file(path)
+            try:
+                data = os.read(fd, limit)
+                while 0 < len(data) < limit:
+                    part = os.read(fd, limit - len(data))
+                    if not part:
+                        break
+                    data += part
+                st = os.fstat(fd)
+                xattrs = _xattr_state(fd) if probe_xattrs else -1
+            finally:
+                os.close(fd)
+        except OSError as exc:  # naming the path whichever call failed (os.read names none)
+            out.append(OSError(exc.errno, exc.strerror, path))
+            continue
+        out.append((data, st.st_size, st.st_mtime_ns, st.st_ctime_ns, xattrs))
+    return out
 
 
 def scan_dir_reference(path: bytes) -> list[ScanItem]:
@@ -160,10 +183,10 @@ try:  # whole subtrees, thousands of entries per call (see _tree)
     from ._scandir import Walker
 except ImportError:
     Walker = None
-try:  # open, read, fstat and close with the GIL released once
-    from chunkvault.remotes._fileio import read_whole
+try:  # open, read, fstat, a probe of the extended attributes and close of a run of files, the GIL released once
+    from chunkvault.remotes._fileio import read_small_files
 except ImportError:
-    read_whole = read_whole_reference
+    read_small_files = read_small_files_reference
 
 
 def root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:

@@ -27,11 +27,11 @@ def _state_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def python_file_reads(monkeypatch):
-    """Small files read through ``os.open``/``os.read`` (``read_whole``'s Python reference, not the C call),
-    so that a test can make those calls fail, return short or change the file."""
+    """Small files read through ``os.open``/``os.read`` (``read_small_files``'s Python reference, not the C
+    call), so that a test can make those calls fail, return short or change the file."""
     from chunkvault.store import backup, source
 
-    monkeypatch.setattr(backup, "read_whole", source.read_whole_reference)
+    monkeypatch.setattr(backup, "read_small_files", source.read_small_files_reference)
 
 
 @pytest.fixture

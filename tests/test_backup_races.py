@@ -162,15 +162,16 @@ def to_other_file(path: str) -> None:
 def race_reading(monkeypatch, victim: str, change) -> list[str]:
     """``change`` the file named ``victim`` right before the backup opens it (whichever way it reads it)."""
     fired = before_call(monkeypatch, backup, "open_source_file", victim, change)
-    real = backup.read_whole
+    real = backup.read_small_files
 
-    def hooked(path, *args):
-        if not fired and os.path.basename(os.fsdecode(path)) == victim:
-            fired.append(os.fsdecode(path))
-            change(os.fsdecode(path))
-        return real(path, *args)
+    def hooked(paths, *args):
+        for path in paths:
+            if not fired and os.path.basename(os.fsdecode(path)) == victim:
+                fired.append(os.fsdecode(path))
+                change(os.fsdecode(path))
+        return real(paths, *args)
 
-    monkeypatch.setattr(backup, "read_whole", hooked)
+    monkeypatch.setattr(backup, "read_small_files", hooked)
     return fired
 
 

@@ -347,9 +347,9 @@ def test_files_read_in_parallel_land_in_manifest_order(tmp_path, new_repo, monke
             raise FileNotFoundError(2, "No such file or directory")
         return real_open(path, flags, *args)
 
-    def slow_read(self, e, path, st, prev):
+    def slow_read(self, *args):
         time.sleep(rnd.choice((0, 0, 0, 0.001, 0.005)))
-        return real_read(self, e, path, st, prev)
+        return real_read(self, *args)
 
     monkeypatch.setattr("chunkvault.store.backup.os.open", failing_open)
     monkeypatch.setattr(backup.Backup, "_read_file", slow_read)

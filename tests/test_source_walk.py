@@ -372,21 +372,27 @@ def test_the_scanner_lists_and_stats_as_python_does(tmp_path):
             scan_dir_reference(os.fsencode(bad))
 
 
-def test_a_small_file_is_read_whole_as_python_reads_it(tmp_path):
-    """``read_whole`` (C) against its Python reference: the first ``limit`` bytes or all of a shorter file,
-    the fstat fields after reading; the same OSError for a missing file, a directory, a symlink (never
-    followed) and, where it applies, a file without read permission."""
-    from chunkvault.store.source import read_whole, read_whole_reference
+def _outcome(r):
+    """A read's result, its OSError as (type, errno, filename) so that the C and the Python ones compare."""
+    return (type(r), r.errno, r.filename) if isinstance(r, OSError) else r
 
+
+def test_small_files_are_read_as_python_reads_them(tmp_path):
+    """``read_small_files`` (C) against its Python reference, in one call over many files: the first ``limit``
+    bytes or all of a shorter file, the fstat fields after reading, whether it has extended attributes; the
+    same OSError, naming the path, for a missing file, a directory, a symlink (never followed) and, where it
+    applies, a file without read permission, each in its place among files read."""
+    from chunkvault.store.source import read_small_files, read_small_files_reference
+
+    paths, limits, expected = [], [], []
     for size in (0, 1, 4095, 4096, 70_000):
         p = tmp_path / f"f{size}"
         p.write_bytes(os.urandom(size))
         os.utime(p, ns=(1_600_000_000_123_456_789, 1_600_000_000_987_654_321))
         for limit in (0, 1, size, size + 1, size + 4096):
-            got = read_whole(os.fsencode(p), limit)
-            assert got == read_whole_reference(os.fsencode(p), limit)
-            st_ = os.stat(p)
-            assert got == (p.read_bytes()[:limit], size, 1_600_000_000_987_654_321, st_.st_ctime_ns)
+            paths.append(os.fsencode(p))
+            limits.append(limit)
+            expected.append((p.read_bytes()[:limit], size, 1_600_000_000_987_654_321, os.stat(p).st_ctime_ns))
     os.symlink(tmp_path / "f1", tmp_path / "link")
     os.mkdir(tmp_path / "dir")
     cases = [(tmp_path / "missing", FileNotFoundError), (tmp_path / "dir", IsADirectoryError),
@@ -396,12 +402,42 @@ def test_a_small_file_is_read_whole_as_python_reads_it(tmp_path):
         locked.write_bytes(b"x")
         locked.chmod(0)
         cases.append((locked, PermissionError))
-    for path, error in cases:
-        with pytest.raises(error) as c_error:
-            read_whole(os.fsencode(path), 10)
-        with pytest.raises(error) as py_error:
-            read_whole_reference(os.fsencode(path), 10)
-        assert (c_error.value.errno, c_error.value.filename) == (py_error.value.errno, os.fsencode(path))
+    for i, (path, error) in enumerate(cases):
+        at = 3 * i + 1
+        paths.insert(at, os.fsencode(path))
+        limits.insert(at, 10)
+        expected.insert(at, error)
+    for probe in (False, True):
+        got = read_small_files(paths, limits, probe)
+        assert list(map(_outcome, got)) == list(map(_outcome, read_small_files_reference(paths, limits, probe)))
+        for path, r, want in zip(paths, got, expected):
+            if isinstance(want, type):
+                assert isinstance(r, want) and r.filename == path
+            else:
+                assert r[:4] == want and r[4] == (-1 if not probe else _has_xattrs(path))
+    assert read_small_files([], [], True) == []
+    with pytest.raises(ValueError):
+        read_small_files(paths[:2], limits[:1], True)
+
+
+def _has_xattrs(path: bytes) -> int:
+    try:
+        return 1 if os.listxattr(path) else 0
+    except OSError:
+        return 0
+
+
+def test_the_extended_attribute_probe_sees_attributes(tmp_path):
+    from chunkvault.store.source import read_small_files, read_small_files_reference
+
+    p = tmp_path / "tagged"
+    p.write_bytes(b"data")
+    try:
+        os.setxattr(p, "user.origin", b"camera")
+    except OSError:
+        pytest.skip("no user extended attributes on this file system")
+    for read in (read_small_files, read_small_files_reference):
+        assert read([os.fsencode(p)], [5], True)[0][4] == 1
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
