@@ -177,6 +177,7 @@ static int read_file(const char *path, char *buf, Py_ssize_t limit, Py_ssize_t *
 }
 
 typedef struct {
+    PyObject *path;     /* as given, for an OSError's filename */
     PyObject *encoded;  /* the path as bytes */
     PyObject *data;     /* its buffer, ``limit`` bytes until cut to what was read */
     Py_ssize_t limit, got;
@@ -186,6 +187,7 @@ typedef struct {
 
 static void release_reads(small_read *reads, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) {
+        Py_XDECREF(reads[i].path);
         Py_XDECREF(reads[i].encoded);
         Py_XDECREF(reads[i].data);
     }
@@ -193,9 +195,9 @@ static void release_reads(small_read *reads, Py_ssize_t n) {
 }
 
 /* One file's result: its tuple, or the OSError its read raised (NULL on a Python error). */
-static PyObject *read_result(small_read *r, PyObject *path) {
+static PyObject *read_result(small_read *r) {
     if (r->err)
-        return PyObject_CallFunction(PyExc_OSError, "isO", r->err, strerror(r->err), path);
+        return PyObject_CallFunction(PyExc_OSError, "isO", r->err, strerror(r->err), r->path);
     if (r->got < PyBytes_GET_SIZE(r->data) && _PyBytes_Resize(&r->data, r->got) < 0)
         return NULL;
     long long mtime = (long long)MTIME(r->st).tv_sec * 1000000000LL + MTIME(r->st).tv_nsec;
@@ -228,7 +230,8 @@ static PyObject *read_small_files(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "negative limit");
             goto done;
         }
-        if (!PyUnicode_FSConverter(PyList_GET_ITEM(paths, i), &r->encoded))
+        r->path = Py_NewRef(PyList_GET_ITEM(paths, i));
+        if (!PyUnicode_FSConverter(r->path, &r->encoded))
             goto done;
         if ((r->data = PyBytes_FromStringAndSize(NULL, r->limit)) == NULL)
             goto done;
@@ -243,7 +246,7 @@ static PyObject *read_small_files(PyObject *self, PyObject *args) {
     if ((out = PyList_New(n)) == NULL)
         goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = read_result(&reads[i], PyList_GET_ITEM(paths, i));
+        PyObject *item = read_result(&reads[i]);
         if (item == NULL) {
             Py_CLEAR(out);
             goto done;
