@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 from chunkvault.errors import UsageError
 from .manifest import sort_key
+from .xattrs import UNSUPPORTED_ERRNOS
 
 #: One source entry: manifest path, path on disk, its lstat (a ``StatFailed`` when that failed), and whether it
 #: could be read (a directory listed).
@@ -131,7 +132,7 @@ def _xattr_state(fd: int) -> int:
     try:
         return 1 if os.listxattr(fd) else 0
     except OSError as exc:
-        return 0 if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) else -1
+        return 0 if exc.errno in UNSUPPORTED_ERRNOS else -1
 
 
 def read_small_files_reference(paths: list[bytes], limits: list[int], probe_xattrs: bool) -> list[SmallRead]:

@@ -16,7 +16,7 @@ import struct
 _PAIR = struct.Struct("<BI")
 
 # Where a file system keeps no extended attributes (or none of a namespace), reading finds none.
-_UNSUPPORTED = {errno.ENOTSUP, errno.EOPNOTSUPP}
+UNSUPPORTED_ERRNOS = {errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 def encode_xattrs(pairs: dict[bytes, bytes]) -> bytes:
@@ -62,7 +62,7 @@ def read_xattrs(target: bytes | int) -> bytes:
     try:
         names = os.listxattr(target, follow_symlinks=follow)
     except OSError as exc:
-        if exc.errno in _UNSUPPORTED:
+        if exc.errno in UNSUPPORTED_ERRNOS:
             return b""
         raise
     if not names:
@@ -92,7 +92,7 @@ def write_xattrs(target: bytes | int, raw: bytes, replace: bool) -> list[str]:
             present = [os.fsencode(n) for n in os.listxattr(target, follow_symlinks=follow)]
         except OSError as exc:
             present = []
-            if exc.errno not in _UNSUPPORTED:
+            if exc.errno not in UNSUPPORTED_ERRNOS:
                 failed.append(f"listing: {exc.strerror}")
         for name in present:
             if name not in wanted:
