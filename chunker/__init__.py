@@ -170,11 +170,16 @@ class Chunker:
             return Stream(ReferenceStream(self._gear, self.params), True)
         return Stream(self._cutter.stream(), False)
 
-    def chunks(self, fileobj: BinaryIO, bufsize: int = 8 << 20, size_hint: int | None = None) -> Iterator[bytes]:
+    def chunks(self, fileobj: BinaryIO, bufsize: int = 8 << 20, size_hint: int | None = None,
+               buffer: bytearray | None = None) -> Iterator[bytes]:
         """Each chunk of a binary stream, read in bounded memory (about bufsize + max_size).
 
         Cuts equal ``cut_points`` of the whole stream.  ``size_hint`` (e.g. a
-        file's size) shrinks the read buffer for small files.
+        file's size) shrinks the read buffer for small files.  ``buffer``: the
+        read buffer to use when it holds that many bytes (its contents are
+        overwritten), so that a thread cutting file after file does not
+        allocate and zero one per file, with the interpreter lock held; only
+        one stream at a time may use it.
         """
         if not isinstance(bufsize, int) or isinstance(bufsize, bool) or bufsize <= 0:
             raise ValueError(f"bufsize must be a positive int, got {bufsize!r}")
@@ -184,8 +189,8 @@ class Chunker:
         if readinto is None:
             raise TypeError(f"chunks() needs a binary stream with readinto(), not {type(fileobj).__name__}")
         stream = self.stream()
-        buf = bytearray(bufsize)
-        view = memoryview(buf)
+        view = memoryview(buffer)[:bufsize] if buffer is not None and len(buffer) >= bufsize else memoryview(
+            bytearray(bufsize))
         carry = bytearray()  # the unfinished chunk's bytes from earlier buffers
         while True:
             n = readinto(view)

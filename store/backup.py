@@ -44,6 +44,7 @@ from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, now_iso
 from .source import SmallRead, SourceWalk, StatFailed, open_source_file, read_small_files
 from .xattrs import read_xattrs
+from .zstdbuf import empty_buffer
 
 BATCH_BYTES = 1 << 20  # new chunks go to the compression pool in batches of about this size...
 BATCH_CHUNKS = 64  # ...or this many, so a tree of small files does not cost a task per file
@@ -62,6 +63,7 @@ WINDOW = 1024  # entries waiting for their place in the manifest behind a file s
 # (a future, a queue round, a wake-up) cost more of the interpreter's time than reading the file.
 READ_RUN_FILES = 64
 READ_RUN_BYTES = 1 << 20
+CHUNKER_READ_BYTES = 8 << 20  # the chunker's read buffer (each reading thread keeps one)
 
 
 @dataclass
@@ -261,6 +263,7 @@ class Backup:
         self._readers = ThreadPoolExecutor(READERS)
         self._run_filling: _ReadRun | None = None
         self._abort = threading.Event()  # set when the backup fails: a reader stops inside a long file
+        self._read_buffers = threading.local()  # each reading thread's chunker buffer, reused file after file
         self._inflight: deque[Future[None]] = deque()
         self._slots = threading.Semaphore(2 * WORKERS + 2)
         self._slots_lock = threading.Lock()
@@ -419,7 +422,10 @@ class Backup:
                     yield data
                 return
             f.seek(0)
-        yield from self.repo.chunker.chunks(f, size_hint=size_hint)
+        buffer = getattr(self._read_buffers, "buffer", None)
+        if buffer is None:
+            buffer = self._read_buffers.buffer = empty_buffer(CHUNKER_READ_BYTES)  # pages resident as used
+        yield from self.repo.chunker.chunks(f, CHUNKER_READ_BYTES, size_hint, buffer)
 
     def _file_entry(self, rel: bytes, path: bytes, st: os.stat_result, prev: Entry | None, notes: list[str]
                     ) -> Entry | _ReadRun:

@@ -178,6 +178,22 @@ def test_chunks_with_size_hint_and_unbuffered_reads(tmp_path):
     assert list(c.chunks(io.BytesIO(b"abc"))) == [b"abc"]
 
 
+def test_chunks_reuse_a_given_buffer(tmp_path):
+    """A buffer given for the reads serves stream after stream, whatever it held; one too small for the
+    reads is left alone."""
+    c = Chunker(SECRET, SMALL)
+    buffer = bytearray(b"\xff" * 70_000)
+    for i, length in enumerate([300_000, 5_000, 0, 123_457, 64 << 10]):
+        blob = xof(f"reuse{i}", length)
+        pieces = list(c.chunks(io.BytesIO(blob), bufsize=65_536, buffer=buffer))
+        assert [len(x) for x in pieces] == lengths_of(c.cut_points(blob)) and b"".join(pieces) == blob
+    assert buffer[65_536:] == b"\xff" * (70_000 - 65_536)  # reads go to the first bufsize bytes only
+    small = bytearray(100)
+    blob = xof("small", 200_000)
+    assert b"".join(c.chunks(io.BytesIO(blob), bufsize=4096, buffer=small)) == blob
+    assert small == bytes(100)
+
+
 class Trickle(io.RawIOBase):
     """A stream that returns at most ``step`` bytes per read, as a pipe may."""
 
