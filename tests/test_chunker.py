@@ -178,7 +178,7 @@ def test_chunks_with_size_hint_and_unbuffered_reads(tmp_path):
     assert list(c.chunks(io.BytesIO(b"abc"))) == [b"abc"]
 
 
-def test_chunks_reuse_a_given_buffer(tmp_path):
+def test_chunks_reuse_a_given_buffer():
     """A buffer given for the reads serves stream after stream, whatever it held; one too small for the
     reads is left alone."""
     c = Chunker(SECRET, SMALL)
