@@ -23,6 +23,7 @@ __all__ = [
     "ChunkerParams",
     "DEFAULT_PARAMS",
     "GEAR_CONTEXT",
+    "READ_BYTES",
     "Stream",
     "StreamChunker",
     "UNKEYED_SECRET",
@@ -113,6 +114,7 @@ StreamChunker = Stream
 
 # Default and bounds of ``fixed_chunks``' size: chosen by measurement (bench/RESULTS.md, "Database differentials").
 FIXED_CHUNK_SIZE = 1 << 20
+READ_BYTES = 8 << 20  # what ``Chunker.chunks`` reads at a time, at most
 FIXED_CHUNK_SIZES = (4 << 10, 16 << 20)
 
 
@@ -170,7 +172,7 @@ class Chunker:
             return Stream(ReferenceStream(self._gear, self.params), True)
         return Stream(self._cutter.stream(), False)
 
-    def chunks(self, fileobj: BinaryIO, bufsize: int = 8 << 20, size_hint: int | None = None,
+    def chunks(self, fileobj: BinaryIO, bufsize: int = READ_BYTES, size_hint: int | None = None,
                buffer: bytearray | None = None) -> Iterator[bytes]:
         """Each chunk of a binary stream, read in bounded memory (about bufsize + max_size).
 

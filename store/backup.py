@@ -27,7 +27,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 import blake3
 
-from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, fixed_chunks
+from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, READ_BYTES, fixed_chunks
 from chunkvault.errors import CorruptObject, MissingObject, UsageError
 
 from .chain import broken_chains
@@ -63,7 +63,6 @@ WINDOW = 1024  # entries waiting for their place in the manifest behind a file s
 # (a future, a queue round, a wake-up) cost more of the interpreter's time than reading the file.
 READ_RUN_FILES = 64
 READ_RUN_BYTES = 1 << 20
-CHUNKER_READ_BYTES = 8 << 20  # the chunker's read buffer (each reading thread keeps one)
 
 
 @dataclass
@@ -424,8 +423,8 @@ class Backup:
             f.seek(0)
         buffer = getattr(self._read_buffers, "buffer", None)
         if buffer is None:
-            buffer = self._read_buffers.buffer = empty_buffer(CHUNKER_READ_BYTES)  # pages resident as used
-        yield from self.repo.chunker.chunks(f, CHUNKER_READ_BYTES, size_hint, buffer)
+            buffer = self._read_buffers.buffer = empty_buffer(READ_BYTES)  # pages resident as used
+        yield from self.repo.chunker.chunks(f, READ_BYTES, size_hint, buffer)
 
     def _file_entry(self, rel: bytes, path: bytes, st: os.stat_result, prev: Entry | None, notes: list[str]
                     ) -> Entry | _ReadRun:
