@@ -1,4 +1,4 @@
-"""Build the C chunker, directory scanner, manifest decoder, delta match finder and file reads.
+"""Build the C chunker, directory scanner, manifest decoder, delta match finder, file reads and writes.
 
 All other metadata lives in pyproject.toml.
 """
@@ -30,6 +30,11 @@ setup(
             "chunkvault.store._deltamatch",
             sources=["store/_deltamatch.c"],
             extra_compile_args=["-O3", "-Wall", "-Wextra"],
+        ),
+        Extension(
+            "chunkvault.store._writefiles",
+            sources=["store/_writefiles.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
         Extension(
             "chunkvault.remotes._fileio",

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunkvault.errors import ChunkvaultError
-from chunkvault.store.restore import Selection, _all_zeros
+from chunkvault.store.restore import Selection
+from chunkvault.store.writefiles import all_zeros
 from treeutil import describe
 
 
@@ -135,6 +136,45 @@ def test_read_ahead_is_counted_in_bytes_whatever_the_chunk_size():
         assert src.most * chunk <= (16 << 20) + 2 * _Prefetcher.BATCH_BYTES
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_files_of_one_chunk_are_written_a_run_at_a_time(tmp_path, new_repo, monkeypatch, processes):
+    """Small files across directories go through ``write_small_files`` in runs of several, bounded by
+    RUN_FILES; larger files, links and directories do not; the tree restores exactly (directories'
+    times set after their files)."""
+    from chunkvault.store import restore as restore_module, writefiles
+
+    rnd = random.Random(5)
+    src = tmp_path / "src"
+    for d in range(3):
+        for i in range(150):
+            path = src / f"d{d}" / f"sub{i % 4}" / f"f{i}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(rnd.randbytes(rnd.randrange(0, 5000)))
+    (src / "d1" / "large").write_bytes(rnd.randbytes(3 << 20))
+    (src / "d1" / "zeros").write_bytes(bytes(100_000))
+    (src / "d2" / "link").symlink_to("sub0/f0")
+    os.link(src / "d0" / "sub1" / "f1", src / "d2" / "hard")
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    log = tmp_path / "runs"  # worker processes write here too
+    real = writefiles.write_small_files
+
+    def counted(files, owners):
+        with open(log, "a") as f:
+            f.write(" ".join(os.fsdecode(os.path.basename(file[0])) for file in files) + "\n")
+        return real(files, owners)
+    monkeypatch.setattr(writefiles, "write_small_files", counted)
+    monkeypatch.setattr(restore_module, "RUN_FILES", 100)
+    repo.restore("latest", str(tmp_path / "out"), processes=processes)
+    assert describe(tmp_path / "out") == describe(src)
+    runs = [line.split() for line in log.read_text().splitlines()]
+    written = [name for run in runs for name in run]
+    assert sorted(written) == sorted([f"f{i}" for i in range(150)] * 3 + ["zeros"])
+    # One process writes a directory's files in a run (its time is set when it is left: 37 or 38 each); workers make
+    # no directories, so their runs span them.
+    assert max(map(len, runs)) == (38 if processes == 1 else 100)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, (3 << 20) + 5), st.one_of(st.none(), st.integers(0, (3 << 20) + 4)))
 def test_zero_chunk_test_matches_counting(n, nonzero_at):
@@ -143,7 +183,7 @@ def test_zero_chunk_test_matches_counting(n, nonzero_at):
     if nonzero_at is not None and nonzero_at < n:
         data[nonzero_at] = 1
     data = bytes(data)
-    assert _all_zeros(data) == (data.count(0) == n)
+    assert all_zeros(data) == (data.count(0) == n)
 
 
 def _selected_model(path: bytes, includes: list[str], excludes: list[str]) -> bool:

@@ -7,6 +7,7 @@ system is a small tmpfs.  Tests that need either are skipped where they are not 
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from chunkvault.errors import MissingObject, StorageFull, TargetUnwritable
+from chunkvault.errors import CorruptObject, MissingObject, StorageFull, TargetUnwritable
+from chunkvault.store.manifest import entry_record
+from chunkvault.store.repository import Repo
 from chunkvault.store.restore import RestoreResult
 from treeutil import backed_up, describe
 
@@ -283,9 +286,16 @@ def _files(src: Path) -> None:
         (src / f"f{i}").write_bytes(os.urandom(300_000))
 
 
+def _small_files(src: Path) -> None:
+    """Files of one chunk each: written a run at a time."""
+    for i in range(100):
+        (src / f"f{i:03}").write_bytes(os.urandom(30_000))
+
+
 @pytest.mark.parametrize("processes", ["1", "2"])
-def test_a_full_target_leaves_no_file_half_written(tmp_path, new_repo, tmpfs, processes):
-    _, url, src = backed_up(tmp_path, new_repo, _files)
+@pytest.mark.parametrize("make", [_files, _small_files])
+def test_a_full_target_leaves_no_file_half_written(tmp_path, new_repo, tmpfs, processes, make):
+    _, url, src = backed_up(tmp_path, new_repo, make)
     target = tmpfs("small", 1024) / "r"
     line = _one_line(_cli("restore", "-r", url, "latest", "--target", str(target), "--processes", processes,
                           ok=(14,)))
@@ -323,12 +333,15 @@ def test_a_full_target_leaves_no_file_written_in_parts_by_workers(tmp_path, new_
 def _restored_in_workers_failing(url: str, out: Path, call: str, suffix: bytes, error: str,
                                  stripe: int | None = None) -> tuple[str, int, str]:
     """(error class name, exit code, message) of a restore by two worker processes, in a process of its
-    own, in which ``os.<call>`` fails with ``errno.<error>`` on every path ending in ``suffix``."""
+    own, in which ``os.<call>`` fails with ``errno.<error>`` on every path ending in ``suffix`` (small files
+    written a run at a time too: they are written by the reference, through ``os``)."""
     script = textwrap.dedent(f"""
         import errno, json, os
         import chunkvault.store.restore_workers as workers
         from chunkvault import Repository
         from chunkvault.errors import ChunkvaultError
+        from chunkvault.store import writefiles
+        writefiles.write_small_files = writefiles.write_small_files_reference  # its calls fail too
         if {stripe!r} is not None:
             workers.STRIPE_BYTES = {stripe!r}
         real = os.{call}
@@ -408,6 +421,55 @@ def test_workers_report_what_the_target_does_not_take(tmp_path, new_repo):
     assert (name, code) == (TargetUnwritable.__name__, 14)
     assert "1 entry could not be written: f3 (Permission denied)" in message
     assert sorted(os.listdir(out)) == [f"f{i}" for i in range(8) if i != 3]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_file_whose_content_does_not_match_its_digest_is_reported_and_not_left(tmp_path, new_repo, monkeypatch,
+                                                                                processes):
+    """A tree whose digests do not match its chunks (a small file, written in a run, and a larger one):
+    neither is left in the target, and the other files are restored."""
+    def make(src: Path) -> None:
+        (src / "a").write_bytes(b"a" * 100)
+        (src / "b").write_bytes(os.urandom(3 << 20))
+        (src / "c").write_bytes(b"c")
+    repo, _, _ = backed_up(tmp_path, new_repo, make)
+    real = Repo.tree
+
+    def tree(self, snap):
+        for rec in real(self, snap):
+            if rec.entry is not None and rec.path in (b"a", b"b"):
+                rec = entry_record(dataclasses.replace(rec.entry, digest=bytes(32)))
+            yield rec
+    monkeypatch.setattr(Repo, "tree", tree)
+    out = tmp_path / "out"
+    with pytest.raises(CorruptObject, match="restored content does not match its digest; 2 file"):
+        repo.restore("latest", str(out), processes=processes)
+    assert os.listdir(out) == ["c"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_owners_that_cannot_be_given_are_warned_about_and_the_files_restored(tmp_path, new_repo):
+    """Root without CAP_CHOWN restores files owned by others (a small one, written in a run, and a larger
+    one): each is whole, with its mode and time, and a warning names it."""
+    def make(src: Path) -> None:
+        (src / "small").write_bytes(b"small")
+        (src / "large").write_bytes(os.urandom(3 << 20))
+        for name in ("small", "large"):
+            os.chown(src / name, 4321, 4321)
+    _, url, src = backed_up(tmp_path, new_repo, make)
+    out = tmp_path / "out"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}, "CHUNKVAULT_PASSWORD": PASSWORD}
+    proc = subprocess.run(["setpriv", "--inh-caps=-chown", "--bounding-set=-chown", sys.executable, "-m",
+                           "chunkvault.cli", "restore", "-r", url, "latest", "--target", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "setpriv" in proc.stderr:
+        pytest.skip(f"setpriv cannot drop capabilities here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("small", "large"):
+        assert f"cannot set owner of {name}: Operation not permitted" in proc.stderr
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+        st, was = os.lstat(out / name), os.lstat(src / name)
+        assert (st.st_uid, st.st_mode, st.st_mtime_ns) == (0, was.st_mode, was.st_mtime_ns)
 
 
 # --- ancestors of selected paths ----------------------------------------------------------------------

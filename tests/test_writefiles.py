@@ -1,0 +1,134 @@
+"""A restore's writes of a run of small files: the native call and its Python reference do the same.
+
+Each file is created, filled (zeros as a hole), given owner, mode and times;
+a file an error stops is removed and the run goes on, except after no space,
+where it stops.  A full file system is a small tmpfs (skipped where it
+cannot be mounted); a refused chown is root without CAP_CHOWN (``setpriv``).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from chunkvault.store import writefiles
+from treeutil import mounted_tmpfs
+
+IMPLEMENTATIONS = {"reference": writefiles.write_small_files_reference}
+try:
+    from chunkvault.store._writefiles import write_small_files as native
+    IMPLEMENTATIONS["native"] = native
+except ImportError:  # pragma: no cover - the extension is built by the install
+    pass
+
+MTIME = 1_600_000_000_123_456_789
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def write(request):
+    return IMPLEMENTATIONS[request.param]
+
+
+def _file(path: Path, data: bytes | memoryview, mode: int = 0o640, uid: int | None = None,
+          gid: int | None = None, mtime_ns: int = MTIME) -> tuple:
+    return (os.fsencode(path), data, mode, os.getuid() if uid is None else uid,
+            os.getgid() if gid is None else gid, mtime_ns)
+
+
+def test_the_native_call_is_built():
+    assert writefiles.write_small_files is IMPLEMENTATIONS["native"]
+
+
+def test_files_are_written_with_their_content_mode_and_times(write, tmp_path):
+    files = {"a": b"alpha" * 1000, "empty": b"", "odd": bytes(range(256)) * 3, "few-zeros": bytes(100)}
+    modes = {"a": 0o644, "empty": 0o600, "odd": 0o4755, "few-zeros": 0o400}
+    out = write([_file(tmp_path / name, data, modes[name]) for name, data in files.items()], False)
+    assert out == [(0, 0)] * len(files)
+    for name, data in files.items():
+        st = os.lstat(tmp_path / name)
+        assert (tmp_path / name).read_bytes() == data
+        assert (st.st_mode & 0o7777, st.st_mtime_ns, st.st_atime_ns) == (modes[name], MTIME, MTIME)
+
+
+def test_content_may_be_any_buffer_and_times_before_1970(write, tmp_path):
+    data = bytearray(b"0123456789" * 10)
+    out = write([_file(tmp_path / "view", memoryview(data)[10:30], mtime_ns=-1_500_000_001)], False)
+    assert out == [(0, 0)]
+    assert (tmp_path / "view").read_bytes() == bytes(data[10:30])
+    assert os.lstat(tmp_path / "view").st_mtime_ns == -1_500_000_001
+
+
+def test_a_file_of_zeros_is_a_hole(write, tmp_path):
+    size = 256 << 10
+    assert write([_file(tmp_path / "zeros", bytes(size)), _file(tmp_path / "almost", bytes(size - 1) + b"x")],
+                 False) == [(0, 0), (0, 0)]
+    zeros, almost = os.lstat(tmp_path / "zeros"), os.lstat(tmp_path / "almost")
+    assert (tmp_path / "zeros").read_bytes() == bytes(size) and zeros.st_size == size
+    assert zeros.st_blocks * 512 < size <= almost.st_blocks * 512
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root gives files to other owners")
+def test_owners_are_set_when_asked(write, tmp_path):
+    out = write([_file(tmp_path / "owned", b"x", uid=12345, gid=23456)], True)
+    assert out == [(0, 0)]
+    st = os.lstat(tmp_path / "owned")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (12345, 23456, 0o640)
+    write([_file(tmp_path / "not-owned", b"x", uid=12345, gid=23456)], False)
+    assert os.lstat(tmp_path / "not-owned").st_uid == os.getuid()
+
+
+def test_a_file_that_cannot_be_made_is_named_and_the_run_goes_on(write, tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    out = write([_file(tmp_path / "no-dir" / "f", b"x"), _file(tmp_path / "link", b"x"),
+                 _file(tmp_path / "after", b"after")], False)
+    assert out == [(errno.ENOENT, 0), (errno.ELOOP, 0), (0, 0)]
+    assert (tmp_path / "link").is_symlink() and not (tmp_path / "elsewhere").exists()  # nothing followed
+    assert (tmp_path / "after").read_bytes() == b"after"
+
+
+def test_no_space_removes_the_file_and_stops_the_run(write, tmp_path):
+    target = tmp_path / "small"
+    target.mkdir()
+    with mounted_tmpfs(str(target), "256k"):
+        big = os.urandom(200 << 10)
+        out = write([_file(target / "first", big), _file(target / "second", big), _file(target / "third", b"3")],
+                    False)
+        assert out == [(0, 0), (errno.ENOSPC, 0)]
+        assert sorted(os.listdir(target)) == ["first"]
+        assert (target / "first").read_bytes() == big
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
+def test_a_refused_owner_is_reported_and_the_file_still_written(tmp_path, name):
+    """Without CAP_CHOWN, root may not give a file away: the file is whole, with its mode and times."""
+    script = textwrap.dedent(f"""
+        import json
+        from test_writefiles import IMPLEMENTATIONS, _file
+        from pathlib import Path
+        print(json.dumps(IMPLEMENTATIONS[{name!r}]([_file(Path({str(tmp_path)!r}) / "f", b"data", uid=4321)], True)))
+    """)
+    proc = subprocess.run(["setpriv", "--inh-caps=-chown", "--bounding-set=-chown", sys.executable, "-c", script],
+                          capture_output=True, text=True, cwd=Path(__file__).parent, timeout=60)
+    if proc.returncode != 0 and "setpriv" in proc.stderr:
+        pytest.skip(f"setpriv cannot drop capabilities here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"[[0, {errno.EPERM}]]"
+    st = os.lstat(tmp_path / "f")
+    assert (tmp_path / "f").read_bytes() == b"data"
+    assert (st.st_uid, st.st_mode & 0o7777, st.st_mtime_ns) == (0, 0o640, MTIME)
+
+
+@pytest.mark.parametrize("bad", [[("path-not-bytes", b"", 0o600, 0, 0, 0)], [(b"p", 42, 0o600, 0, 0, 0)],
+                                 [(b"p", b"", 0o600, 0, 0)], [b"not a tuple"]])
+def test_malformed_input_is_a_type_error_and_writes_nothing(tmp_path, bad, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError):
+        IMPLEMENTATIONS["native"](bad, False)
+    assert os.listdir(tmp_path) == []
