@@ -4,6 +4,7 @@ Forking needs a process with no other thread, which a test session is not
 sure to be: each restore here runs in a fresh interpreter (``_restore_in_child``).
 """
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -16,7 +17,8 @@ from hypothesis import strategies as st
 
 from chunkvault.errors import CorruptObject
 from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, T_SYMLINK, Entry, entry_record
-from chunkvault.store.restore_workers import STRIPE_BYTES, _share, auto_processes, split
+from chunkvault.store import restore_workers
+from chunkvault.store.restore_workers import STRIPE_BYTES, StripeClaims, _share, auto_processes, split
 from test_backup_restore import make_rich_tree
 from treeutil import backed_up, describe
 
@@ -160,19 +162,35 @@ def _file(path: bytes, lengths: list[int], known: dict[bytes, int]) -> Entry:
     return Entry(path=path, type=T_FILE, size=sum(lengths), chunks=b"".join(ids))
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(st.lists(st.integers(0, STRIPE_BYTES), max_size=8), st.none()), max_size=40),
-       st.integers(1, 5))
-def test_shares_cover_every_byte_once_by_stripe(files, n):
-    known: dict[bytes, int] = {}
+def _tree(files: list[list[int] | None], known: dict[bytes, int]) -> list:
+    """Records of a root directory and, per item, a file of chunks of those lengths (or a symbolic link)."""
     records = [entry_record(Entry(path=b"", type=T_DIR))]
-    records += [entry_record(Entry(path=b"p%04d" % i, type=T_SYMLINK) if lengths is None
-                             else _file(b"p%04d" % i, lengths, known)) for i, lengths in enumerate(files)]
+    return records + [entry_record(Entry(path=b"p%04d" % i, type=T_SYMLINK) if lengths is None
+                                    else _file(b"p%04d" % i, lengths, known)) for i, lengths in enumerate(files)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.lists(st.integers(0, 3 * STRIPE_BYTES), max_size=8), st.none()), max_size=40),
+       st.integers(1, 5), st.randoms(use_true_random=False))
+def test_shares_cover_every_byte_once_by_stripe(files, n, rnd):
+    """However the workers' walks interleave, every byte is written once, and everything beginning in a
+    stripe by the one worker that took it; chunks up to three stripes long leave stripes in which nothing
+    begins."""
+    known: dict[bytes, int] = {}
+    records = _tree(files, known)
+    take = itertools.count().__next__  # the counter the workers share
+    walks = {k: _share(iter(records), StripeClaims(take), known.get) for k in range(n)}
     got: dict[bytes, list[tuple[int, int, int]]] = {}  # path -> (offset, size, worker)
-    for k in range(n):
-        for e, offset in _share(iter(records), k, n, known.get):
-            got.setdefault(e.path, []).append((offset or 0, e.size, k))
-            assert offset is not None or e.size <= STRIPE_BYTES or not e.chunks
+    while walks:
+        k = rnd.choice(sorted(walks))
+        piece = next(walks[k], None)
+        if piece is None:
+            del walks[k]
+            continue
+        e, offset = piece
+        got.setdefault(e.path, []).append((offset or 0, e.size, k))
+        assert offset is not None or e.size <= STRIPE_BYTES or not e.chunks
+    taker: dict[int, int] = {}  # stripe -> worker
     before = 0
     for r in records:
         e = r.entry
@@ -182,10 +200,41 @@ def test_shares_cover_every_byte_once_by_stripe(files, n):
         pieces = sorted(got.pop(e.path))
         assert [p[0] for p in pieces] == [0] + [p[0] + p[1] for p in pieces[:-1]]  # contiguous, in order
         assert sum(p[1] for p in pieces) == e.size
-        for offset, _, k in pieces:  # each piece belongs to the worker of the stripe it begins in
-            assert k == ((before + offset) // STRIPE_BYTES) % n
+        for offset, _, k in pieces:
+            assert taker.setdefault((before + offset) // STRIPE_BYTES, k) == k
         before += e.size
     assert not got
+
+
+def test_a_worker_that_gets_ahead_takes_the_stripes_the_others_have_not_reached():
+    known: dict[bytes, int] = {}
+    records = _tree([[STRIPE_BYTES // 2]] * 8, known)  # two files per stripe, four stripes
+    take = itertools.count().__next__
+    fast, slow = (_share(iter(records), StripeClaims(take), known.get) for _ in range(2))
+    assert [e.path for e, _ in itertools.islice(slow, 2)] == [b"p0000", b"p0001"]  # stripe 0
+    assert [e.path for e, _ in fast] == [b"p0002", b"p0003", b"p0004", b"p0005", b"p0006", b"p0007"]
+    assert list(slow) == []
+
+
+def test_the_stripe_counter_is_shared_by_forked_processes():
+    counter = restore_workers._SharedCounter()
+    rfd, wfd = os.pipe()
+    pids = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.write(wfd, json.dumps([counter() for _ in range(500)]).encode() + b"\n")
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    os.close(wfd)
+    with os.fdopen(rfd) as f:
+        taken = [n for line in f for n in json.loads(line)]
+    for pid in pids:
+        os.waitpid(pid, 0)
+    assert sorted(taken) == list(range(1000))
+    assert counter() == 1000
 
 
 def test_a_file_whose_chunks_are_unknown_is_restored_whole():
