@@ -1,8 +1,9 @@
 """Restoring a snapshot's resolved tree into a directory.
 
 Blobs are fetched ahead in parallel (a bounded window across files), written
-with holes where a chunk is all zeros, and every file's digest is checked
-while it is written: a mismatch is an error naming the file.  A file cut
+with holes where a chunk is all zeros (files of one chunk a run at a time,
+``writefiles``), and every file's digest is checked, before a small file is
+written and while a larger one is: a mismatch is an error naming the file.  A file cut
 short (no space, an error, an interruption) is removed, never left
 half-written under its name; an entry the target does not take is noted and
 the rest restored, and the restore then fails naming them.
