@@ -37,10 +37,9 @@ from .chain import ancestors
 from .repository import Repo
 from .xattrs import read_xattrs, write_xattrs
 from . import writefiles
-from .writefiles import HOLE_MIN, all_zeros
+from .writefiles import HOLE_MIN, NO_SPACE as _FULL, all_zeros
 
 
-_FULL = (errno.ENOSPC, errno.EDQUOT)
 _REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)  # the target will not take writes, whatever is written
 # Files of one chunk are written a run at a time (writefiles): at most this many files and bytes per run.
 RUN_FILES = 256

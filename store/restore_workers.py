@@ -18,6 +18,7 @@ process as before.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from typing import Callable, Iterator
 
@@ -123,7 +124,8 @@ class StripeClaims:
 
 
 class _SharedCounter:
-    """0, 1, 2, ... across forked processes (made before forking)."""
+    """0, 1, 2, ... across forked processes (made before forking).  OSError where no semaphore can be made
+    (no /dev/shm): each worker then takes every n-th stripe."""
 
     def __init__(self) -> None:
         from multiprocessing import Value  # only a restore in worker processes needs it
@@ -158,7 +160,10 @@ class _Coordinator:
         self.restorer = restorer
         self.tree = tree
         self.n = processes
-        self.stripes = _SharedCounter()
+        try:
+            self.stripes: _SharedCounter | None = _SharedCounter()
+        except OSError:
+            self.stripes = None
 
     def run(self) -> RestoreResult:
         r = self.restorer
@@ -238,12 +243,13 @@ class _Coordinator:
         r.opt.progress = lambda files, nbytes: reporter.progress((files, nbytes))
         r.opt.fetch_threads = WORKER_FETCH_THREADS
         r.opt.window_bytes = min(r.opt.window_bytes, WORKER_WINDOW_BYTES)
-        r.restore_records(self._mine())
+        r.restore_records(self._mine(k))
         return r.result
 
-    def _mine(self) -> Iterator[Record]:
+    def _mine(self, k: int) -> Iterator[Record]:
         r = self.restorer
-        for e, offset in _share(r.selected_records(self.tree()), StripeClaims(self.stripes), self._chunk_length):
+        take = self.stripes if self.stripes is not None else itertools.count(k, self.n).__next__
+        for e, offset in _share(r.selected_records(self.tree()), StripeClaims(take), self._chunk_length):
             if offset is not None:
                 r.parts[id(e)] = (e, offset)
             yield entry_record(e)

@@ -16,7 +16,7 @@ from chunkvault.store.blob import Plaintext
 SmallFile = tuple[bytes, Plaintext, int, int, int, int]
 
 HOLE_MIN = 4096  # a file of at least this many zero bytes is written as a hole
-_FULL = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # errors after which a run stops
 _ZEROS = bytes(1 << 20)
 
 
@@ -34,7 +34,7 @@ def write_small_files_reference(files: Sequence[SmallFile], owners: bool) -> lis
     for path, data, mode, uid, gid, mtime_ns in files:
         error, owner_error = _write_one(path, data, mode, uid, gid, mtime_ns, owners)
         out.append((error, owner_error))
-        if error in _FULL:
+        if error in NO_SPACE:
             break
     return out
 

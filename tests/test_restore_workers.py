@@ -151,6 +151,21 @@ def test_cli_restores_with_processes(tmp_path, new_repo, cli):
             os.chmod(tmp_path / "out" / "d3", 0o755)
 
 
+def test_without_a_shared_counter_each_worker_takes_every_nth_stripe(tmp_path, new_repo):
+    """Where no semaphore can be made for the stripe counter (no /dev/shm), the restore is the same."""
+    _, url, src = backed_up(tmp_path, new_repo, _many_files)
+    out = tmp_path / "out"
+    try:
+        r = _restore_in_child(url, str(out), processes=2, before="workers._SharedCounter = lambda: (_ for _ in ())"
+                                                                 ".throw(OSError(38, 'no semaphores'))")
+        assert r["processes"] == 2, r
+        assert describe(out) == describe(src)
+    finally:
+        for d in (src / "d3", out / "d3"):
+            if d.exists():
+                os.chmod(d, 0o755)
+
+
 def test_small_restores_stay_in_one_process():
     assert auto_processes(1 << 20) == 1
     assert auto_processes(None) == auto_processes(1 << 40) == min(4, len(os.sched_getaffinity(0)))
