@@ -50,6 +50,8 @@ static int write_fully(int fd, const char *p, Py_ssize_t n) {
                 continue;
             return errno;
         }
+        if (w == 0)  /* no progress: never loop on it */
+            return EIO;
         p += w;
         n -= w;
     }
