@@ -4,9 +4,11 @@ Marks every blob reachable from the snapshots (manifest blobs, chunks, and
 the bases of live deltas all the way down their chains), then deletes packs with no live blob, repacks
 packs whose unused share exceeds ``max_unused`` (envelopes move unchanged:
 they are sealed to their blob id, not to a pack), and writes one compact
-index that supersedes all others.  Order makes every interruption safe: new
-packs, then the new index, then deletions — killed at any point, every
-snapshot restores and the next prune finishes the job.
+index that supersedes all others.  Order makes every interruption safe, and
+frees space before it needs any: packs no index names, index objects that
+name only packs to delete and then those packs, new packs, the new index,
+then the other deletions — killed at any point, every snapshot restores and
+the next prune finishes the job.
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ class PrunePlan:
     keep: list[PackUse] = field(default_factory=list)
     orphans: list[tuple[str, int]] = field(default_factory=list)  # packs in no index: (key, size)
     index_names: list[str] = field(default_factory=list)
+    dead_indexes: list[str] = field(default_factory=list)  # index objects naming only packs to delete
+    freed_early: set[bytes] = field(default_factory=set)  # packs that deleting those leaves in no index
     live_blobs: int = 0
     unused_blobs: int = 0
 
@@ -143,15 +147,42 @@ def add_bases(used: set[bytes], known: dict[bytes, PackEntry]) -> None:
 
 def indexed_packs(repo: Repo) -> tuple[list[str], dict[bytes, list[PackEntry]]]:
     """The names of the index objects, and the entries of every pack the live (not superseded) ones list."""
+    names, live = live_index_objects(repo)
+    return names, packs_of(live)
+
+
+def packs_of(live: dict[str, IndexData]) -> dict[bytes, list[PackEntry]]:
+    """The entries of every pack the given index objects list (a pack listed twice: the first listing)."""
+    packs: dict[bytes, list[PackEntry]] = {}
+    for d in live.values():
+        for pid, entries in d.packs.items():
+            packs.setdefault(pid, entries)
+    return packs
+
+
+def live_index_objects(repo: Repo) -> tuple[list[str], dict[str, IndexData]]:
+    """The names of all index objects, and the contents of the live (not superseded) ones."""
     names = repo.index_names()
     datas = {name: repo.read_index_object(name) for name in names}
     superseded = {s.hex() for d in datas.values() for s in d.supersedes}
-    packs: dict[bytes, list[PackEntry]] = {}
-    for name, d in datas.items():
-        if name not in superseded:
-            for pid, entries in d.packs.items():
-                packs.setdefault(pid, entries)
-    return names, packs
+    return names, {name: d for name, d in datas.items() if name not in superseded}
+
+
+def dead_index_objects(live: dict[str, IndexData], names: Iterable[str],
+                       dead_packs: set[bytes]) -> tuple[list[str], set[bytes]]:
+    """Pure: the live index objects that name only packs about to be deleted and supersede no index object
+    that still exists, and the packs no other live index object names.
+
+    Deleting such an object first leaves its packs in no index, so they can go at once: a prune on a full
+    disk (failed backups leave index objects that name only their own packs) frees space before it writes
+    the new index.  Killed in between, the packs are orphans the next prune deletes.
+    """
+    existing = {bytes.fromhex(n) for n in names}
+    dead = [name for name, d in live.items()
+            if not existing.intersection(d.supersedes) and all(pid in dead_packs for pid in d.packs)]
+    still_named = {pid for name, d in live.items() if name not in dead for pid in d.packs}
+    freed = {pid for name in dead for pid in live[name].packs if pid not in still_named}
+    return dead, freed
 
 
 def store_envelopes(repo: Repo, blobs: Iterable[PreparedBlob]) -> IndexData:
@@ -178,7 +209,8 @@ def replace_index(repo: Repo, new_index: IndexData, old_names: list[str]) -> Non
 
 
 def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
-    names, packs = indexed_packs(repo)
+    names, live = live_index_objects(repo)
+    packs = packs_of(live)
     used = used_blobs(repo)
     known = {e.blob_id: e for entries in packs.values() for e in entries}
     missing = [b for b in used if b not in known]
@@ -196,6 +228,7 @@ def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
                                                   "take down, `repair index` drops them from the index")
     plan.orphans = orphans
     plan.index_names = names
+    plan.dead_indexes, plan.freed_early = dead_index_objects(live, names, {p.pack_id for p in plan.delete})
     return plan
 
 
@@ -215,6 +248,13 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     for key, _ in plan.orphans:
         repo.remote.delete(key)
         step(moved)
+    # Then index objects naming only packs to delete, and the packs that leaves in no index.
+    for name in plan.dead_indexes:
+        repo.remote.delete(f"index/{name}")
+    for use in plan.delete:
+        if use.pack_id in plan.freed_early:
+            repo.remote.delete(pack_key(use.pack_id))
+            step(moved)
     # The age limit spares any write still in progress.
     repo.remote.cleanup_temp(TEMP_AGE)
     new_index = IndexData()
@@ -234,10 +274,11 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
 
     if plan.repack:
         new_index.packs.update(store_envelopes(repo, live_envelopes()).packs)
-    replace_index(repo, new_index, plan.index_names)
+    replace_index(repo, new_index, [n for n in plan.index_names if n not in plan.dead_indexes])
     for use in plan.delete + plan.repack:
-        repo.remote.delete(pack_key(use.pack_id))
-        step(moved)
+        if use.pack_id not in plan.freed_early:
+            repo.remote.delete(pack_key(use.pack_id))
+            step(moved)
     repo.load_index()
 
 

@@ -6,6 +6,7 @@ concurrency from real CLI processes on one repository.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -262,6 +263,24 @@ def tmpfs():
         os.rmdir(d)
 
 
+def fill_up(directory, leave):
+    """Fill the file system of ``directory`` to ``leave`` bytes; returns the filler's path."""
+    path = os.path.join(directory, "filler")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        block = b"x" * (1 << 16)
+        while True:
+            try:
+                os.write(fd, block)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+        os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
+    finally:
+        os.close(fd)
+    return path
+
+
 def test_full_repository_disk(tmpfs, tmp_path):
     path = os.path.join(tmpfs, "repo")
     crashkit.init_repo(path, compression=3)
@@ -286,14 +305,47 @@ def test_full_repository_disk(tmpfs, tmp_path):
         # What the failed backups uploaded after their last index object (nothing, when the disk filled up
         # right after one): check reports it, and prune frees exactly that.
         reported = any("in no index" in w for w in report.warnings)
+        # The disk full to the last page but one (the lock's): prune deletes before it writes.
+        filler = fill_up(tmpfs, leave=4096)
         plan = repo.prune()
+        os.unlink(filler)
         assert bool(plan.orphans) == reported
+        assert plan.orphans or plan.dead_indexes
         assert not any("in no index" in w for w in repo.check().warnings)
         tree.mutate()
         snap = repo.backup([str(src)]).snapshot
         states[snap.id] = tree.state()
         assert repo.check(read_data=True).ok
     crashkit.verify_restores(path, states, str(tmp_path), crashkit.Figures("enospc"))
+
+
+def test_prune_after_forget_on_a_full_disk(tmpfs, tmp_path):
+    """No pack of failed backups to delete first, the disk full: the forgotten snapshot's own index object
+    and packs go before the new index is written (restic needs free space or an unsafe flag here)."""
+    path = os.path.join(tmpfs, "repo")
+    crashkit.init_repo(path, compression=3)
+    src = tmp_path / "src"
+    tree = crashkit.SourceTree(str(src), random.Random(5), target_bytes=1 << 20)
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(4):
+        (big / f"r{i}").write_bytes(os.urandom(1 << 20))
+    with Repository.open(path, PASSWORD) as repo:
+        states = {repo.backup([str(src)]).snapshot.id: tree.state()}
+        gone = repo.backup([str(big)]).snapshot.id
+        repo.forget([gone])
+    filler = fill_up(tmpfs, leave=4096)
+    with Repository.open(path, PASSWORD) as repo:
+        with pytest.raises(StorageFull):
+            repo.backup([str(big)])
+    out = json.loads(crashkit.run_cli("prune", "-r", path, "--json").stdout)
+    assert out["freed_bytes"] >= 4 << 20 and out["orphan_packs"] == 0, out
+    os.unlink(filler)
+    with Repository.open(path, PASSWORD) as repo:
+        assert repo.check(read_data=True).ok
+        tree.mutate()
+        states[repo.backup([str(src)]).snapshot.id] = tree.state()
+    crashkit.verify_restores(path, states, str(tmp_path), crashkit.Figures("enospc-prune"))
 
 
 def test_full_restore_target(tmpfs, tmp_path):

@@ -222,3 +222,38 @@ def test_add_bases_keeps_whole_chains_and_names_a_base_in_no_index():
     with pytest.raises(CorruptObject, match="its delta base 0909.* is in no index") as info:
         add_bases({x}, known)
     assert x.hex() in str(info.value)
+
+
+def _live(objects):
+    superseded = {s for d in objects.values() for s in d.supersedes}
+    return {name: d for name, d in objects.items() if bytes.fromhex(name) not in superseded}
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_index_objects_dropped_before_the_new_index_leave_every_needed_pack_indexed(data):
+    """Deleting the dead index objects and then their packs never unlists a pack that is not being deleted,
+    never brings a superseded index object back, and deletes only packs no remaining index names."""
+    from chunkvault.store.indexfile import IndexData
+    from chunkvault.store.prune import dead_index_objects
+
+    names = [bytes([0xA0 + i]) * 32 for i in range(data.draw(st.integers(1, 6)))]
+    pack_ids = [bytes([i]) * 32 for i in range(6)]
+    objects = {}
+    for name in names:
+        packs = data.draw(st.lists(st.sampled_from(pack_ids), max_size=4, unique=True))
+        supersedes = data.draw(st.lists(st.sampled_from(names + [b"\xff" * 32]), max_size=2, unique=True))
+        objects[name.hex()] = IndexData({p: [] for p in packs}, [s for s in supersedes if s != name])
+    dead_packs = set(data.draw(st.lists(st.sampled_from(pack_ids), unique=True)))
+    live = _live(objects)
+    dead, freed = dead_index_objects(live, objects, dead_packs)
+    assert set(dead) <= set(live) and freed <= dead_packs
+    remaining = {n: d for n, d in objects.items() if n not in dead}
+    assert set(_live(remaining)) == set(live) - set(dead)
+    indexed_before = {p for d in live.values() for p in d.packs}
+    indexed_after = {p for d in _live(remaining).values() for p in d.packs}
+    assert indexed_after == indexed_before - freed
+    assert indexed_before - indexed_after <= dead_packs
+    for name, d in live.items():  # and nothing that could go is left for later
+        if set(d.packs) <= dead_packs and not {bytes.fromhex(n) for n in objects} & set(d.supersedes):
+            assert name in dead
