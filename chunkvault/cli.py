@@ -12,7 +12,8 @@ from typing import Any, Callable, TypeVar
 
 from . import __version__, passwords
 from .progress import JsonProgress, Progress
-from .errors import ChunkvaultError, CorruptObject, PartialBackup, TargetNotEmpty, UsageError, VerificationFailed
+from .errors import (ChunkvaultError, CorruptObject, PartialBackup, TargetNotEmpty, UsageError, VerificationFailed,
+                     output_error)
 from .store.manifest import T_DIR, TYPE_NAMES, Entry
 from .store.snapshot import Snapshot
 
@@ -553,8 +554,13 @@ def cmd_dump(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     if out.isatty() and repo.find_entry(snap, args.path).type == T_DIR:
         raise UsageError(f"a directory is written as a {args.archive} archive: redirect it to a file or a pipe")
-    warnings = repo.dump(snap, args.path, out, archive=args.archive)
-    out.flush()
+    try:
+        warnings = repo.dump(snap, args.path, out, archive=args.archive)
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise output_error("writing to standard output", exc) from None
     if not args.quiet:
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)

@@ -7,6 +7,7 @@ of the public interface and never change meaning.
 """
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -113,6 +114,14 @@ class TargetUnwritable(ChunkvaultError):
     the exit code of a storage failure, since the target is where the restore stores its data."""
 
     exit_code = 14
+
+
+def output_error(what: str, exc: OSError) -> ChunkvaultError:
+    """The error for a command's output that could not be written (an export file, standard output):
+    no space is a storage failure, anything else a target that takes no writes."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"no space left on device while {what}")
+    return TargetUnwritable(f"{what}: {exc.strerror or exc}")
 
 
 class Locked(ChunkvaultError):

@@ -43,6 +43,7 @@ from chunkvault.errors import (
 )
 
 from .base import ObjectInfo, Remote, validate_key, validate_prefix
+from .sftp_client import StatusError
 from .sftp_sessions import OpenSSHSessions, ParamikoSessions, SSHTarget, openssh_settings, resolve_transport
 
 TEMP_PREFIX = ".tmp-"
@@ -72,6 +73,17 @@ def parse_sftp_url(url: str) -> tuple[str | None, str, int | None, str]:
 
 def _is_missing(exc: OSError) -> bool:
     return exc.errno == errno.ENOENT or isinstance(exc, FileNotFoundError)
+
+
+def _raise_if_full(sftp: Any, directory: str, size: int, what: str) -> None:
+    """StorageFull if the server's file system under ``directory`` has no room for ``size`` more bytes
+    (a block of slack for rounding) or no free inode: a failed write's only other word is "Failure"."""
+    try:
+        free = sftp.free_space(directory)
+    except StatusError:
+        return
+    if free is not None and (free[0] < size + 8192 or free[1] == 0):
+        raise StorageFull(f"no space left on the SFTP server while {what} ({free[0]} bytes free there)")
 
 
 def _info(key: str, attr: Any) -> ObjectInfo:
@@ -280,11 +292,13 @@ class SFTPRemote(Remote):
                 else:
                     self._outdate(sftp, tmp, final)
                     sftp.posix_rename(tmp, final)
-            except BaseException:
+            except BaseException as exc:
                 try:
                     sftp.remove(tmp)
                 except Exception:
                     pass
+                if isinstance(exc, StatusError) and exc.errno is None:
+                    _raise_if_full(sftp, d, len(data), f"writing {key}")
                 raise
 
         self._call(f"writing {key}", None, run)

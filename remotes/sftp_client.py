@@ -276,6 +276,16 @@ class SFTPClient:
             raise OSError(f"the SFTP server cannot replace {new} by renaming (no posix-rename@openssh.com)")
         self._request(_EXTENDED, _string(b"posix-rename@openssh.com") + _string(old) + _string(new), _STATUS)
 
+    def free_space(self, path: str) -> tuple[int, int] | None:
+        """(bytes, inodes) free to the login user on the file system holding ``path``, per OpenSSH's
+        ``statvfs@openssh.com``; None where the server does not offer it.  Version 3 has no status for a
+        full disk (the server says only "Failure"), so a failed write asks this to tell one apart."""
+        if b"statvfs@openssh.com" not in self.extensions:
+            return None
+        r = _Reader(self._request(_EXTENDED, _string(b"statvfs@openssh.com") + _string(path), _EXTENDED_REPLY))
+        _bsize, frsize, _blocks, _bfree, bavail, _files, _ffree, favail = (r.u64() for _ in range(8))
+        return frsize * bavail, favail
+
     def listdir_attr(self, path: str) -> list[Attributes]:
         """The entries of directory ``path``, without ``.`` and ``..``."""
         entries = self.listdirs([path])[path]

@@ -39,7 +39,7 @@ import blake3
 import zstandard
 
 from chunkvault.chunker import ChunkerParams
-from chunkvault.errors import CorruptObject, UnsupportedFormat, UsageError, WrongPassword
+from chunkvault.errors import CorruptObject, UnsupportedFormat, UsageError, WrongPassword, output_error
 
 from .blob import KIND_ZSTD, compress
 from .blobindex import BlobIndex
@@ -341,7 +341,10 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
     level = repo.config.settings.compression_level
     stats = ExportStats(out_path, snapshot.id, "")
     tmp = os.path.join(directory, f".{base}.tmp-{os.urandom(6).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise output_error(f"creating the export file in {directory}", exc) from None
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as f:
             w = ExportWriter(f, password, snapshot_metadata(repo, snapshot, len(chain)), log_n=log_n, p=p,
@@ -352,17 +355,22 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out_path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise output_error(f"writing the export {out_path} (nothing was left of it)", exc) from None
         raise
-    dfd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        raise output_error(f"flushing the directory of the export {out_path}", exc) from None
     stats.file_bytes = w.bytes_written
     stats.records = w.records
     stats.blobs = w.counts[S_BLOB]

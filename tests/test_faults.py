@@ -23,6 +23,8 @@ from chunkvault.errors import RemoteUnavailable, StorageFull
 from chunkvault.remotes.layer import RetryingRemote
 from chunkvault.remotes.local import LocalRemote
 from faults import FaultyRemote
+from servers_http import FULL_TOKEN, serve_factory, write_tokens  # noqa: F401
+from servers_ssh import sshd  # noqa: F401
 from treeutil import describe, mounted_tmpfs
 
 PASSWORD = crashkit.PASSWORD
@@ -346,6 +348,66 @@ def test_prune_after_forget_on_a_full_disk(tmpfs, tmp_path):
         tree.mutate()
         states[repo.backup([str(src)]).snapshot.id] = tree.state()
     crashkit.verify_restores(path, states, str(tmp_path), crashkit.Figures("enospc-prune"))
+
+
+@pytest.mark.parametrize("kind", ["sftp", "http"])
+def test_full_remote_disk(kind, tmpfs, tmp_path, request):
+    """The off-site server's disk fills up: one clear line and exit 14, the repository as it was, and the
+    space back once prune has run."""
+    path = os.path.join(tmpfs, "repo")
+    env = {"CHUNKVAULT_CACHE_DIR": str(tmp_path / "cache")}
+    if kind == "sftp":
+        server = request.getfixturevalue("sshd")
+        url = server.url(path)
+        env.update(server.env)
+    else:
+        os.mkdir(path)
+        served = request.getfixturevalue("serve_factory")("--tokens", str(write_tokens(tmp_path)), path=path)
+        url = served.url
+        env["CHUNKVAULT_HTTP_TOKEN"] = FULL_TOKEN
+    env = crashkit.cli_env(env)
+    crashkit.run_cli("init", "-r", url, "--kdf-time", "0", "--pack-size", "1m", env=env)
+    src = tmp_path / "src"
+    tree = crashkit.SourceTree(str(src), random.Random(7), target_bytes=1 << 20)
+    crashkit.run_cli("backup", "-r", url, str(src), env=env)
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(12):
+        (big / f"r{i}").write_bytes(os.urandom(1 << 20))
+    err = crashkit.run_cli("backup", "-r", url, str(big), env=env, ok=(14,)).stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and ("no space left on the SFTP server" in err if kind == "sftp"
+                                           else "is out of space" in err), err
+    assert len(json.loads(crashkit.run_cli("snapshots", "-r", url, "--json", env=env).stdout)) == 1
+    crashkit.run_cli("check", "-r", url, "--read-data", env=env)
+    crashkit.run_cli("prune", "-r", url, env=env)
+    tree.mutate()
+    crashkit.run_cli("backup", "-r", url, str(src), env=env)
+    crashkit.run_cli("restore", "-r", url, "latest", "--target", str(tmp_path / "out"), env=env)
+    assert describe(tmp_path / "out") == describe(src)
+
+
+def test_export_and_dump_onto_a_full_disk(tmpfs, tmp_path):
+    """The output, not the repository, runs out of space: one line, exit 14, no partial export left."""
+    path = str(tmp_path / "repo")
+    crashkit.init_repo(path)
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "r").write_bytes(os.urandom(12 << 20))
+    crashkit.run_cli("backup", "-r", path, str(big))
+    (tmp_path / "pw").write_text("export password\n")
+    export = ["export", "-r", path, "latest", "--export-password-file", str(tmp_path / "pw"), "--kdf-time", "0",
+              "--output"]
+    err = crashkit.run_cli(*export, os.path.join(tmpfs, "x.backup"), ok=(14,)).stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "no space left" in err and "x.backup" in err, err
+    assert os.listdir(tmpfs) == []
+    subprocess.run(["mount", "-o", "remount,ro", tmpfs], check=True)
+    err = crashkit.run_cli(*export, os.path.join(tmpfs, "x.backup"), ok=(14,)).stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "Read-only file system" in err and tmpfs in err, err
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(crashkit.cli_argv("dump", "-r", path, "latest", "/r"), env=crashkit.cli_env(),
+                              stdout=full, stderr=subprocess.PIPE, timeout=300)
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 14 and err == "chunkvault: no space left on device while writing to standard output"
 
 
 def test_full_restore_target(tmpfs, tmp_path):

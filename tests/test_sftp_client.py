@@ -347,3 +347,15 @@ def test_a_whole_file_ended_early_is_an_error_and_a_range_is_what_there_is(relay
     with pytest.raises(ProtocolError, match="after"):
         c.read_file(str(tmp_path / "x"))
     assert c.read_file(str(tmp_path / "x"), len(data) - 10, 100) == data[-10:]
+
+
+def test_free_space_is_what_the_servers_file_system_says(relay, tmp_path):
+    c = relay()
+    free_bytes, free_inodes = c.free_space(str(tmp_path))
+    st = os.statvfs(tmp_path)
+    assert abs(free_bytes - st.f_frsize * st.f_bavail) <= 64 << 20  # other writers come and go meanwhile
+    assert free_inodes > 0
+    with pytest.raises(StatusError) as info:
+        c.free_space(str(tmp_path / "missing"))
+    assert info.value.errno == errno.ENOENT
+    assert relay(renaming_extension(b"statvfs@openssh.com", b"statvfs@example.org")).free_space(str(tmp_path)) is None
