@@ -5,7 +5,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
@@ -216,7 +218,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
                    "fixed_chunks": args.fixed_chunks, "fixed_chunk_size": args.fixed_chunk_size,
                    "dry_run": args.dry_run}
         if args.stdin:
-            result = repo.backup_stream(sys.stdin.buffer, args.stdin_name, **options)
+            from .store.command_stream import PipeStream
+
+            result = repo.backup_stream(PipeStream(sys.stdin.fileno()), args.stdin_name, **options)
         else:
             result = repo.backup_command(args.paths, args.stdin_name, **options)
     else:
@@ -1253,6 +1257,15 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, Any]:
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager stopping the job, a timeout): the command stops as on Ctrl-C, its locks
+    released and what it stored whole indexed, instead of dying where it stands."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     from .memory import tune_allocator, tune_gc
 
@@ -1260,6 +1273,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # a process of its own, not a caller's (tests call main with arguments)
         tune_gc()
     args: argparse.Namespace | None = None
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     try:
         args = _parse(sys.argv[1:] if argv is None else argv)
         with warnings.catch_warnings(), contextlib.ExitStack() as args.held:
@@ -1268,6 +1283,9 @@ def main(argv: list[str] | None = None) -> int:
     except ChunkvaultError as exc:
         print(f"chunkvault: {exc}", file=sys.stderr)
         return exc.exit_code
+    except _Terminated:
+        print("chunkvault: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("chunkvault: interrupted", file=sys.stderr)
         return 130
@@ -1278,6 +1296,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"chunkvault: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

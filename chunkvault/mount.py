@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import errno
 import os
+import signal
 import stat
 import threading
 import time
@@ -295,7 +296,14 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
     with repo.reading("mount", wait=wait):
         ops = SnapshotFS(repo, refresh, on_mounted)
         options = {"allow_other": True, "default_permissions": True} if allow_other else {}
+        # libfuse unmounts on SIGTERM with handlers of its own, which it installs only over the default
+        # (the command line's handler raises in Python code, which does not run while libfuse serves).
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, signal.SIG_DFL) if on_main_thread else None
         try:
             fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="chunkvault", **options)
         except RuntimeError as exc:  # libfuse could not mount (no /dev/fuse, no permission, ...)
             raise MountFailed(f"cannot mount at {mountpoint}: {exc}") from None
+        finally:
+            if on_main_thread:
+                signal.signal(signal.SIGTERM, previous)

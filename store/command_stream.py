@@ -9,6 +9,7 @@ read that found the end, so the backup stops before it writes a snapshot.
 from __future__ import annotations
 
 import os
+import select
 import shlex
 import subprocess
 from typing import IO, Mapping, Sequence
@@ -16,6 +17,31 @@ from typing import IO, Mapping, Sequence
 from chunkvault.errors import SourceCommandFailed
 
 STOP_GRACE = 5.0  # seconds a command interrupted by a failed backup gets to end after SIGTERM
+WAKE_EVERY = 0.5  # seconds a read waits on a silent pipe before the interpreter gets to handle signals
+
+
+def wait_readable(fd: int) -> None:
+    """Wait until ``fd`` has data or its end, in slices of ``WAKE_EVERY``.  A signal meant to stop the
+    process (SIGTERM, Ctrl-C) may be delivered to any of its threads; Python handles it on the main
+    thread once that runs Python code again, which a read blocked on a silent pipe would not do."""
+    while not select.select([fd], [], [], WAKE_EVERY)[0]:
+        pass
+
+
+class PipeStream:
+    """A backup's stream read straight from a file descriptor (standard input), waiting as ``wait_readable``
+    does."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    def read(self, n: int) -> bytes:
+        wait_readable(self._fd)
+        return os.read(self._fd, n)
+
+    def readinto(self, buf: memoryview) -> int:
+        wait_readable(self._fd)
+        return os.readv(self._fd, [buf])
 
 
 class CommandStream:
@@ -42,12 +68,14 @@ class CommandStream:
         self.returncode: int | None = None
 
     def read(self, n: int) -> bytes:
+        wait_readable(self._fd)
         data = os.read(self._fd, n)
         if not data:
             self._ended()
         return data
 
     def readinto(self, buf: memoryview) -> int:
+        wait_readable(self._fd)
         got = os.readv(self._fd, [buf])
         if not got:
             self._ended()

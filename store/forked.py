@@ -193,7 +193,8 @@ class Workers(Generic[T]):
 def _live(k: int, work: Callable[[int, Reporter], Any], fd: int, parent: int) -> int:
     """A worker's life: do its share, send the result or the error, exit."""
     gc.freeze()  # its collections leave the objects it shares with its parent (and their pages) alone
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which ends the workers
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a service manager stopping the whole group,
+        signal.signal(signum, signal.SIG_IGN)        # reaches the parent too, which ends the workers
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return 1

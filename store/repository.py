@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 from chunkvault.chunker import Chunker, ChunkerParams
 from chunkvault.errors import (
+    ChunkvaultError,
     CorruptObject,
     MissingObject,
     ObjectExists,
@@ -917,8 +918,18 @@ class BlobWriter:
             return self._take_index()
 
     def close(self) -> None:
+        """Wait for the uploads in flight; then index every pack that was stored whole but not yet indexed
+        (only left when the work stopped short: an interruption, a failure), so that running it again stores
+        them no second time.  Best effort: the error that stopped the work is the one that counts."""
         self._uploads.shutdown(wait=True)
         self._buffers.clear()
+        with self._lock:
+            batch = self._take_index() if self._unindexed.packs else None
+        if batch is not None:
+            try:
+                self.index_names.append(self.repo.write_index(batch))
+            except ChunkvaultError:
+                pass
 
     def __enter__(self) -> "BlobWriter":
         return self

@@ -139,6 +139,7 @@ def test_pack_without_index_is_a_warning_then_repaired_or_pruned(history, tmp_pa
             blob = os.urandom(5000)
             writer.add(store.blob_id(blob), blob)
             writer.flush(write_index=False)
+            writer.take_index()  # ...and died: its index never written
     stray = [k for k in crashkit.object_listing(repo_path) if k.startswith("data/")]
     with crashkit.open_repo(repo_path) as repo:
         report = repo.check()

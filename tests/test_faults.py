@@ -6,11 +6,13 @@ concurrency from real CLI processes on one repository.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -19,7 +21,7 @@ import pytest
 
 import crashkit
 from chunkvault import Repository
-from chunkvault.errors import RemoteUnavailable, StorageFull
+from chunkvault.errors import PermissionDenied, RemoteUnavailable, StorageFull
 from chunkvault.remotes.layer import RetryingRemote
 from chunkvault.remotes.local import LocalRemote
 from faults import FaultyRemote
@@ -235,6 +237,86 @@ def test_remote_going_down_mid_backup(one_snapshot, tmp_path):
         repo.backup([str(src)])
     assert crashkit.snapshot_ids(path) == set(states)
     _still_valid(path, src, states, tmp_path)
+
+
+def stored_packs(path: str) -> set[bytes]:
+    return {bytes.fromhex(n) for _, _, names in os.walk(os.path.join(path, "data")) for n in names
+            if not n.startswith(".")}
+
+
+def test_a_failed_backup_indexes_the_packs_it_stored(tmp_path):
+    """Whatever stops a backup, the packs it stored whole are indexed on the way out: `check` finds none in
+    no index, and running it again stores none of their blobs a second time."""
+    path = str(tmp_path / "repo")
+    crashkit.init_repo(path, compression=3)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"f{i}").write_bytes(os.urandom(100_000))
+    faulty, remote = flaky(path, 3)
+    real_put = faulty.inner.put
+    packs_put = []
+
+    def put(key, data, *, if_absent=False):
+        if key.startswith("data/"):
+            packs_put.append(key)
+            if len(packs_put) == 6:
+                raise PermissionDenied("the sixth pack is refused")
+        real_put(key, data, if_absent=if_absent)
+
+    faulty.inner.put = put  # type: ignore[method-assign]
+    with pytest.raises(PermissionDenied):
+        Repository.open(remote, PASSWORD).backup([str(src)])
+    with Repository.open(path, PASSWORD) as repo:
+        assert len(stored_packs(path)) >= 5
+        assert {p for packs in crashkit.indexed_blobs(repo.store).values() for p, _ in packs} == stored_packs(path)
+        assert not any("in no index" in w for w in repo.check().warnings)
+        indexed = len(crashkit.indexed_blobs(repo.store))
+        assert repo.backup([str(src)]).snapshot.stats["added_blobs"] < indexed
+        assert all(len(packs) == 1 for packs in crashkit.indexed_blobs(repo.store).values())  # none stored twice
+        assert repo.check(read_data=True).ok
+
+
+def tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to one thread of another process (the kernel otherwise picks any thread)."""
+    number = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
+    if number is None:
+        pytest.skip("tgkill's system call number is not known for this machine")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(number, pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+@pytest.mark.parametrize("to_worker", [False, True], ids=["process", "worker-thread"])
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_stopped_backup_releases_its_lock_and_indexes_what_it_stored(sig, code, said, to_worker, tmp_path):
+    """SIGTERM (a service manager, a timeout) stops a backup as Ctrl-C does: one line, 128 + the signal,
+    its lock gone, its packs indexed, no snapshot; also when the signal lands on a worker thread while the
+    main thread waits for a silent stream."""
+    path = str(tmp_path / "repo")
+    crashkit.init_repo(path, compression=3)
+    proc = subprocess.Popen(crashkit.cli_argv("backup", "-r", path, "--stdin", "--stdin-name", "db"),
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=crashkit.cli_env())
+    try:
+        proc.stdin.write(os.urandom(12 << 20))  # the stream stays open: the backup waits for more
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while len(stored_packs(path)) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(stored_packs(path)) >= 8
+        if to_worker:
+            tgkill(proc.pid, max(int(t) for t in os.listdir(f"/proc/{proc.pid}/task")), sig)
+        else:
+            proc.send_signal(sig)
+        assert proc.wait(60) == code
+    finally:
+        proc.kill()
+        proc.stdin.close()
+    assert proc.stderr.read().decode().strip() == f"chunkvault: {said}"
+    assert os.listdir(os.path.join(path, "locks")) == [] and crashkit.snapshot_ids(path) == set()
+    with Repository.open(path, PASSWORD) as repo:
+        assert {p for packs in crashkit.indexed_blobs(repo.store).values() for p, _ in packs} == stored_packs(path)
+        assert repo.check(read_data=True).ok
 
 
 def _still_valid(path: str, src, states: dict, tmp_path) -> None:
