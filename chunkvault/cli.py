@@ -126,6 +126,33 @@ def _open(args: argparse.Namespace) -> Any:
 # --- output helpers ------------------------------------------------------------------
 
 
+class _GuardedOutput:
+    """Standard output whose failed writes (a full disk, an I/O error) are one clear error with exit 14,
+    not an internal one; a closed pipe stays BrokenPipeError (its reader has what it wanted)."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise output_error("writing to standard output", exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise output_error("writing to standard output", exc) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _emit_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=1, sort_keys=True, default=str)
     sys.stdout.write("\n")
@@ -1275,11 +1302,17 @@ def main(argv: list[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
+    stdout = sys.stdout
+    if stdout is not None:
+        sys.stdout = _GuardedOutput(stdout)  # type: ignore[assignment]
     try:
         args = _parse(sys.argv[1:] if argv is None else argv)
         with warnings.catch_warnings(), contextlib.ExitStack() as args.held:
             warnings.showwarning = _warning_printer(warnings.showwarning)
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            if sys.stdout is not None:
+                sys.stdout.flush()  # here, where a failure is reported, not at the interpreter's exit
+            return code
     except ChunkvaultError as exc:
         print(f"chunkvault: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -1297,6 +1330,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chunkvault: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
         return EXIT_INTERNAL
     finally:
+        sys.stdout = stdout
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
 

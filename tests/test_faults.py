@@ -469,7 +469,8 @@ def test_full_remote_disk(kind, tmpfs, tmp_path, request):
 
 
 def test_export_and_dump_onto_a_full_disk(tmpfs, tmp_path):
-    """The output, not the repository, runs out of space: one line, exit 14, no partial export left."""
+    """The output, not the repository, runs out of space (an export file, standard output): one line,
+    exit 14, no partial export left."""
     path = str(tmp_path / "repo")
     crashkit.init_repo(path)
     big = tmp_path / "big"
@@ -485,11 +486,12 @@ def test_export_and_dump_onto_a_full_disk(tmpfs, tmp_path):
     subprocess.run(["mount", "-o", "remount,ro", tmpfs], check=True)
     err = crashkit.run_cli(*export, os.path.join(tmpfs, "x.backup"), ok=(14,)).stderr.decode().strip()
     assert len(err.splitlines()) == 1 and "Read-only file system" in err and tmpfs in err, err
-    with open("/dev/full", "wb") as full:
-        proc = subprocess.run(crashkit.cli_argv("dump", "-r", path, "latest", "/r"), env=crashkit.cli_env(),
-                              stdout=full, stderr=subprocess.PIPE, timeout=300)
-    err = proc.stderr.decode().strip()
-    assert proc.returncode == 14 and err == "chunkvault: no space left on device while writing to standard output"
+    for command in (["dump", "latest", "/r"], ["snapshots", "--json"], ["ls", "latest"]):
+        with open("/dev/full", "wb") as full:
+            proc = subprocess.run(crashkit.cli_argv(command[0], "-r", path, *command[1:]), env=crashkit.cli_env(),
+                                  stdout=full, stderr=subprocess.PIPE, timeout=300)
+        err = proc.stderr.decode().strip()
+        assert (proc.returncode, err) == (14, "chunkvault: no space left on device while writing to standard output")
 
 
 def test_full_restore_target(tmpfs, tmp_path):
