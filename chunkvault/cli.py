@@ -10,7 +10,7 @@ import sys
 import threading
 import warnings
 from datetime import datetime, timezone
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from . import __version__, passwords
 from .progress import JsonProgress, Progress
@@ -134,23 +134,26 @@ class _GuardedOutput:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        try:
+        with _stdout_errors():
             return self._stream.write(text)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise output_error("writing to standard output", exc) from None
 
     def flush(self) -> None:
-        try:
+        with _stdout_errors():
             self._stream.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise output_error("writing to standard output", exc) from None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _stdout_errors() -> Iterator[None]:
+    """Failed writes to standard output as ``output_error``s, but for a closed pipe."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise output_error("writing to standard output", exc) from None
 
 
 def _emit_json(obj: Any) -> None:
@@ -585,13 +588,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     if out.isatty() and repo.find_entry(snap, args.path).type == T_DIR:
         raise UsageError(f"a directory is written as a {args.archive} archive: redirect it to a file or a pipe")
-    try:
+    with _stdout_errors():
         warnings = repo.dump(snap, args.path, out, archive=args.archive)
         out.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise output_error("writing to standard output", exc) from None
     if not args.quiet:
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
