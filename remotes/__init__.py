@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlparse
 
 from chunkvault.errors import UsageError
 
@@ -68,6 +69,11 @@ def open_remote(url: str, **options: Any) -> Remote:
     if not url:
         raise UsageError("no repository given (use -r/--repo or CHUNKVAULT_REPOSITORY)")
     scheme = url_scheme(url)
+    if scheme != "file":
+        try:
+            urlparse(url)
+        except ValueError as exc:  # an unclosed [ (not echoed: the URL may hold a secret)
+            raise UsageError(f"malformed {scheme} repository URL: {exc}") from None
     if scheme == "file":
         from .local import LocalRemote
 

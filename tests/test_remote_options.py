@@ -33,3 +33,12 @@ def test_malformed_options_are_refused(bad):
 def test_secrets_and_paths_are_not_converted():
     got = options_for_url("http://h/", ["http.token=1e5", "http.ca-file=007", "http.read-timeout=5"])
     assert got == {"token": "1e5", "ca_file": "007", "read_timeout": 5}
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "https://tok@[::1/", "s3://[bucket/p", "sftp://u@[::1/x"])
+def test_a_url_the_parser_refuses_is_a_usage_error_that_does_not_echo_it(url):
+    from chunkvault.remotes import open_remote
+
+    with pytest.raises(UsageError, match="malformed .* repository URL") as info:
+        open_remote(url)
+    assert url not in str(info.value) and "tok" not in str(info.value)
