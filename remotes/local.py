@@ -40,6 +40,8 @@ def _os_error(exc: OSError, what: str) -> RemoteError:
         return StorageFull(f"no space left on device while {what}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return PermissionDenied(f"permission denied while {what}: {exc.strerror}")
+    if exc.errno == errno.ENOTDIR:  # say where: a file stands where the repository needs a directory
+        return RemoteError(f"{what}: {exc.strerror} ({exc.filename} lies below a file)")
     return RemoteError(f"{what}: {exc.strerror or exc}")
 
 
@@ -195,7 +197,7 @@ class LocalRemote(Remote):
         # made from Python a wait to get the GIL back.
         try:
             return read_range(self._path(key), start or 0, -1 if length is None else length)
-        except (FileNotFoundError, IsADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # a file where a directory was named
             raise ObjectNotFound(key) from None
         except OSError as exc:
             raise _os_error(exc, f"reading {key}") from None
@@ -225,7 +227,7 @@ class LocalRemote(Remote):
     def delete(self, key: str) -> None:
         try:
             os.unlink(self._path(key))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return
         except OSError as exc:
             raise _os_error(exc, f"deleting {key}") from None
@@ -233,7 +235,7 @@ class LocalRemote(Remote):
     def stat(self, key: str) -> ObjectInfo | None:
         try:
             st = os.stat(self._path(key))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             raise _os_error(exc, f"stat {key}") from None

@@ -158,6 +158,23 @@ def test_bad_urls():
         open_remote("gopher://x/y")
 
 
+def test_a_file_where_the_repository_should_be(tmp_path, cli):
+    """Reads find nothing there (no repository), writes say which path lies below a file."""
+    from chunkvault.errors import ObjectNotFound, RemoteError
+
+    (tmp_path / "f").write_text("not a directory")
+    remote = LocalRemote(str(tmp_path / "f"))
+    with pytest.raises(ObjectNotFound):
+        remote.get("config")
+    assert remote.stat("config") is None
+    remote.delete("keys/x")
+    with pytest.raises(RemoteError, match=f"{tmp_path}/f/keys lies below a file"):
+        remote.put("keys/x", b"data")
+    said = cli("snapshots", "-r", str(tmp_path / "f"), check=10).stderr.decode().strip()
+    assert said == f"chunkvault: no repository at {tmp_path}/f"
+    assert b"lies below a file" in cli("init", "-r", str(tmp_path / "f"), "--kdf-time", "0", check=14).stderr
+
+
 def test_file_url_option_errors(tmp_path):
     assert open_remote(str(tmp_path), direct_io=False).direct_io is False
     with pytest.raises(UsageError, match="unknown option 'speed'"):
