@@ -418,12 +418,11 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
             code: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            _kill_group(proc)
             code = None
+        except BaseException:  # interrupted: the command must not go on in a scratch directory about to go
+            _kill_group(proc)
+            raise
         seconds = time.monotonic() - started
         size = out.seek(0, os.SEEK_END)
         out.seek(max(0, size - OUTPUT_TAIL))
@@ -431,6 +430,14 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
     if code is not None and code < 0:  # killed by a signal: report it the way a shell would
         code = 128 - code
     return CommandResult(command, code, timed_out, round(seconds, 3), tail)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _make_scratch(parent: str | None) -> str:

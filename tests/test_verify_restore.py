@@ -154,6 +154,46 @@ def test_command_is_killed_after_the_timeout(repo_with_tree, tmp_path, run_cli):
     assert c["timed_out"] is True and c["exit_code"] is None
 
 
+def test_a_stopped_verification_ends_its_command_and_removes_its_scratch(repo_with_tree, tmp_path):
+    """SIGTERM while the command runs (in a session of its own, out of reach of the signal): the command's
+    whole group is ended with it, and the scratch directory removed."""
+    import signal
+    import subprocess
+
+    scratch = scratch_dir(tmp_path)
+    started = tmp_path / "started"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "verify-restore", "-r", str(tmp_path / "repo"),
+                             "--scratch", str(scratch), "--then", f"sleep 60 & echo $$ > {started}; wait"],
+                            env={**env, "CHUNKVAULT_PASSWORD": PASSWORD}, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (started.exists() and started.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    group = int(started.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 143
+    assert proc.stderr.read().decode().strip() == "chunkvault: terminated"
+    deadline = time.monotonic() + 10
+    while living_members(group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert living_members(group) == []
+    assert os.listdir(scratch) == []
+
+
+def living_members(group: int) -> list[int]:
+    """The processes of a process group that are not zombies (which only wait to be reaped)."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if name.isdigit() and int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(name))
+    return found
+
+
 # --- what it must catch ------------------------------------------------------------------------------
 
 
