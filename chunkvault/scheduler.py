@@ -51,6 +51,7 @@ from datetime import datetime, timezone
 from typing import IO, Any, Callable, Iterator, TextIO
 
 from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
+from .processes import kill_group
 from .schedule import Policy, Source, decide, next_wakeup, parse_policy
 from .schedulecli import add_commands
 from .store.source import excludes_of
@@ -194,10 +195,10 @@ def run_hook(command: str | tuple[str, ...], env: dict[str, str], cwd: str, time
             rc = proc.wait(timeout=timeout)
             error = None if rc == 0 else f"{label} hook exited {rc}"
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc)
             rc, error = -signal.SIGKILL, f"{label} hook timed out after {timeout:g} s"
         except BaseException:
-            _kill_group(proc)
+            kill_group(proc)
             raise
         _log_output(out, log, label)
     return rc, error
@@ -211,14 +212,6 @@ def _log_output(out: IO[bytes], log: Callable[[str], None], label: str) -> None:
         text = "..." + text[-HOOK_OUTPUT_LIMIT:]
     for line in text.splitlines():
         log(f"{label}: {line}")
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    proc.wait()
 
 
 @contextmanager

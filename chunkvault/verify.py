@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import blake3
 
 from .errors import CorruptObject, SnapshotNotFound, UsageError, VerificationFailed
+from .processes import kill_group
 from .store.manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key,
 )
@@ -418,10 +418,10 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
             code: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc)
+            kill_group(proc)
             code = None
         except BaseException:  # interrupted: the command must not go on in a scratch directory about to go
-            _kill_group(proc)
+            kill_group(proc)
             raise
         seconds = time.monotonic() - started
         size = out.seek(0, os.SEEK_END)
@@ -430,14 +430,6 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
     if code is not None and code < 0:  # killed by a signal: report it the way a shell would
         code = 128 - code
     return CommandResult(command, code, timed_out, round(seconds, 3), tail)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def _make_scratch(parent: str | None) -> str:
