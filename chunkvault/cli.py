@@ -134,8 +134,12 @@ class _GuardedOutput:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        with _stdout_errors():
+        try:
             return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _stdout_error(exc) from None
 
     def flush(self) -> None:
         with _stdout_errors():
@@ -153,12 +157,26 @@ def _stdout_errors() -> Iterator[None]:
     except BrokenPipeError:
         raise
     except OSError as exc:
-        raise output_error("writing to standard output", exc) from None
+        raise _stdout_error(exc) from None
+
+
+def _stdout_error(exc: OSError) -> ChunkvaultError:
+    return output_error("writing to standard output", exc)
 
 
 def _emit_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=1, sort_keys=True, default=str)
-    sys.stdout.write("\n")
+    """Written in pieces of about 1 MiB: ``json.dump`` to the stream wrote each token on its own (2.5
+    million writes for a listing of 48,000 files), one string would hold it all in memory at once."""
+    pieces: list[str] = []
+    size = 0
+    for piece in json.JSONEncoder(indent=1, sort_keys=True, default=str).iterencode(obj):
+        pieces.append(piece)
+        size += len(piece)
+        if size >= 1 << 20:
+            sys.stdout.write("".join(pieces))
+            pieces, size = [], 0
+    pieces.append("\n")
+    sys.stdout.write("".join(pieces))
 
 
 def _human(n: float) -> str:
