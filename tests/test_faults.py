@@ -284,7 +284,19 @@ def tgkill(pid: int, tid: int, sig: int) -> None:
         pytest.skip("tgkill's system call number is not known for this machine")
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.syscall(number, pid, tid, sig) != 0:
-        raise OSError(ctypes.get_errno(), "tgkill")
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def signal_a_worker_thread(pid: int, sig: int) -> None:
+    """``sig`` to one of the process's threads other than the main one (the newest still alive)."""
+    for tid in sorted((int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid), reverse=True):
+        try:
+            tgkill(pid, tid, sig)
+            return
+        except ProcessLookupError:
+            continue  # that thread ended meanwhile
+    raise AssertionError("no worker thread to signal")
 
 
 @pytest.mark.parametrize("to_worker", [False, True], ids=["process", "worker-thread"])
@@ -305,7 +317,7 @@ def test_a_stopped_backup_releases_its_lock_and_indexes_what_it_stored(sig, code
             time.sleep(0.05)
         assert len(stored_packs(path)) >= 8
         if to_worker:
-            tgkill(proc.pid, max(int(t) for t in os.listdir(f"/proc/{proc.pid}/task")), sig)
+            signal_a_worker_thread(proc.pid, sig)
         else:
             proc.send_signal(sig)
         assert proc.wait(60) == code
