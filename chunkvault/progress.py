@@ -28,7 +28,7 @@ class Progress:
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.interval = interval
         self.start = time.monotonic()
-        self.last = 0.0
+        self.last = float("-inf")  # the first report is shown whatever the monotonic clock's origin
         self.shown = False
 
     def line(self, files: int, nbytes: int, now: float) -> str:

@@ -277,7 +277,7 @@ class Backup:
         self._links_waiting: dict[bytes, tuple[_Link, os.stat_result]] = {}  # its paths not settled yet, their lstat
         self._unread: set[bytes] = set()  # paths not read, kept from the parent, to list unreadable when settled
         self._uid_ok = os.geteuid() == 0 if hasattr(os, "geteuid") else False
-        self._last_progress = 0.0
+        self._last_progress = float("-inf")
         self._sequence = 0
 
     # --- parallel chunk storage ---------------------------------------------------

@@ -77,7 +77,7 @@ class Reporter:
 
     def __init__(self, fd: int):
         self.fd = fd
-        self.last = 0.0
+        self.last = float("-inf")
 
     def progress(self, state: Any) -> None:
         now = time.monotonic()

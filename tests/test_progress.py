@@ -33,7 +33,8 @@ def test_unit_and_late_total():
     assert p.line(2, 100, p.start + 1) == "check: 2 packs, 100 B of 400 B (25%), 100 B/s, ETA 0:03"
 
 
-def test_json_lines_at_most_once_an_interval_and_a_final_one():
+def test_json_lines_at_most_once_an_interval_and_a_final_one(monkeypatch):
+    monkeypatch.setattr("chunkvault.progress.time.monotonic", lambda: 5.0)  # a machine started 5 s ago
     out = io.StringIO()
     p = JsonProgress("restore", 1000, stream=out, interval=3600, unit="files")
     p(1, 100)  # the first report is written, the next within the interval are not
