@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -193,10 +194,26 @@ def _snapshot_json(s: Snapshot) -> dict[str, Any]:
             "size": s.stats.get("bytes", 0), "files": s.stats.get("files", 0), "stats": s.stats}
 
 
+def _name_json(key: str, name: bytes | str | None) -> dict[str, Any]:
+    """A path or link target for JSON: ``key`` holds it as text, and a name that is not UTF-8 also its exact
+    bytes in base64 under ``<key>_b64``.  In the text, each byte that does not decode stands as a lone
+    surrogate (U+DC80-U+DCFF, Python's ``os.fsencode`` gives the bytes back); a parser in another
+    language may turn those into U+FFFD, so a program that must name the file exactly reads ``_b64``."""
+    if name is None:
+        return {key: None}
+    raw = os.fsencode(name)
+    out: dict[str, Any] = {key: os.fsdecode(raw)}
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        out[key + "_b64"] = base64.b64encode(raw).decode("ascii")
+    return out
+
+
 def _entry_json(e: Entry) -> dict[str, Any]:
-    return {"path": os.fsdecode(e.path), "type": TYPE_NAMES[e.type], "mode": oct(e.mode), "uid": e.uid,
+    return {**_name_json("path", e.path), "type": TYPE_NAMES[e.type], "mode": oct(e.mode), "uid": e.uid,
             "gid": e.gid, "size": e.size, "mtime": _ns_iso(e.mtime_ns),
-            "target": os.fsdecode(e.target) if e.target else None,
+            **_name_json("target", e.target or None),
             "digest": e.digest.hex() if e.digest else None, "chunks": len(e.chunks) // 32}
 
 
@@ -436,8 +453,9 @@ def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool) -> d
             "unchanged_files": result.unchanged_files, "rewritten_bytes": result.rewritten_bytes,
             "deleted": result.deleted, "processes": result.processes, "warnings": result.warnings,
             "verified": verified,
-            "not_restored": [{"path": path, "object": obj, "reason": reason} for path, obj, reason, _ in result.damaged],
-            "not_written": [{"path": path, "reason": reason} for path, reason in result.unwritten]}
+            "not_restored": [{**_name_json("path", path), "object": obj, "reason": reason}
+                             for path, obj, reason, _ in result.damaged],
+            "not_written": [{**_name_json("path", path), "reason": reason} for path, reason in result.unwritten]}
 
 
 def _local_time(s: Snapshot) -> str:
@@ -449,8 +467,8 @@ def cmd_find(args: argparse.Namespace) -> int:
     found = repo.find(args.patterns, snapshots=args.snapshot or None, hosts=args.host, tags=args.tag,
                       paths=args.path, ignore_case=args.ignore_case)
     if args.json:
-        _emit_json([{"host": f.host, "paths": f.paths, "path": os.fsdecode(f.path),
-                     "versions": [{**{k: v for k, v in _entry_json(v.entry).items() if k != "path"},
+        _emit_json([{"host": f.host, "paths": f.paths, **_name_json("path", f.path),
+                     "versions": [{**{k: v for k, v in _entry_json(v.entry).items() if k not in ("path", "path_b64")},
                                    "snapshots": [s.id for s in v.snapshots]} for v in f.versions]}
                     for f in found])
         return 0
@@ -584,7 +602,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     repo = _open(args)
     changes = list(repo.diff(args.snap1, args.snap2))
     if args.json:
-        _emit_json([{"change": c, "path": os.fsdecode((new or old).path),  # type: ignore[union-attr]
+        _emit_json([{"change": c, **_name_json("path", (new or old).path),  # type: ignore[union-attr]
                      "old_size": old.size if old else None, "new_size": new.size if new else None}
                     for c, old, new in changes])
         return 0

@@ -1,4 +1,5 @@
 """The command line end to end: real processes, exit codes, one-line errors."""
+import base64
 import json
 import os
 
@@ -40,6 +41,33 @@ def test_tour(tmp_path, cli, setup):
     cli("restore", "-r", repo, out["id"], "--target", str(target))
     assert (target / "a.txt").read_text() == "alpha\n"
     assert (target / "sub" / "b.bin").exists()
+
+
+def test_json_names_that_are_not_utf8_carry_their_bytes(tmp_path, cli, setup):
+    repo, src = setup
+    latin1 = b"caf\xe9"
+    with open(os.path.join(os.fsencode(src), latin1), "wb") as f:
+        f.write(b"x")
+    os.symlink(latin1, os.path.join(os.fsencode(src), b"link"))
+    (src / "\u00e9t\u00e9").write_text("utf-8 name")
+    first = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"]
+    os.remove(os.path.join(os.fsencode(src), latin1))
+    second = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"]
+
+    def exact(obj, key):
+        raw = base64.b64decode(obj[key + "_b64"]) if key + "_b64" in obj else obj[key].encode()
+        assert os.fsencode(obj[key]) == raw  # the text carries the bytes too, for Python's os.fsencode
+        return raw
+
+    listing = {exact(e, "path"): e for e in json.loads(cli("ls", "-r", repo, first, "--json").stdout)}
+    assert set(listing) == {b"", b"a.txt", b"sub", b"sub/b.bin", latin1, b"link", "\u00e9t\u00e9".encode()}
+    assert exact(listing[b"link"], "target") == latin1
+    assert "path_b64" not in listing["\u00e9t\u00e9".encode()] and "target_b64" not in listing[latin1]
+    found = json.loads(cli("find", "-r", repo, "caf*", "--json").stdout)
+    assert [exact(f, "path") for f in found] == [latin1]
+    assert all("path" not in v and "path_b64" not in v for v in found[0]["versions"])
+    changes = json.loads(cli("diff", "-r", repo, first, second, "--json").stdout)
+    assert {(c["change"], exact(c, "path")) for c in changes} >= {("removed", latin1)}
 
 
 def test_repository_from_environment_and_password_file(tmp_path, cli, setup):
