@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from hypothesis import given, strategies as st
 
 from chunkvault.errors import UsageError
 
@@ -227,3 +228,16 @@ def test_each_command_parses_with_its_own_parser_alone():
     assert _parse(["restore", "-r", "x", "-t", "out", "--from-file", "f.backup"]).from_file == "f.backup"
     with pytest.raises(UsageError, match="invalid choice: 'no-such-command' \\(choose from 'init', 'backup'"):
         _parse(["no-such-command"])  # the whole parser names every command
+
+
+@given(st.binary(max_size=40))
+def test_a_json_name_gives_back_its_exact_bytes(raw):
+    from chunkvault.cli import _name_json
+
+    out = _name_json("path", raw)
+    assert os.fsencode(out["path"]) == raw
+    try:
+        raw.decode("utf-8")
+        assert "path_b64" not in out and out["path"] == raw.decode("utf-8")
+    except UnicodeDecodeError:
+        assert base64.b64decode(out["path_b64"]) == raw
