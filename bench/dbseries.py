@@ -319,8 +319,10 @@ def report(series: Series, names: list[str]) -> list[str]:
         lines.append(f"{name} differential versions: {byte_ratio:.3f}x restic's bytes (worst {worst_bytes:.3f}; "
                      f"target <= 0.15: {'met' if byte_ratio <= 0.15 else 'NOT met'} over the series, "
                      f"{'met' if worst_bytes <= 0.15 else 'NOT met'} by every version), "
-                     f"{time_ratio:.2f}x restic's time (worst {worst_time:.2f}; target <= 0.5: "
-                     f"{'met' if worst_time <= 0.5 else 'NOT met'}), {cpu_ratio:.2f}x restic's CPU time")
+                     f"{time_ratio:.3f}x restic's time (worst {worst_time:.2f}; target <= 0.5: "
+                     f"{'met' if time_ratio <= 0.5 else 'NOT met'} over the series, "
+                     f"{'met' if worst_time <= 0.5 else 'NOT met'} by every version), "
+                     f"{cpu_ratio:.2f}x restic's CPU time")
         for s in series.steps[name]:
             lines.append(f"  {name} v{s.version}: {s.note}")
     if series.restores:
