@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, TypeVar
 
 from . import __version__, passwords
+from .display import one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .errors import (ChunkvaultError, CorruptObject, PartialBackup, TargetNotEmpty, UsageError, VerificationFailed,
                      output_error)
@@ -148,6 +149,15 @@ class _GuardedOutput:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+def _never_strict(stream: Any) -> None:
+    """Text still holding a byte that is not UTF-8 (a path given on the command line, say) is written escaped
+    on a stream a strict UTF-8 locale set up, not refused with an internal error; names in listings are
+    escaped before (``display.shown_name``)."""
+    if getattr(stream, "errors", None) == "strict":
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
 
 
 @contextlib.contextmanager
@@ -321,7 +331,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                         "dry_run": args.dry_run})
         elif not args.quiet:
             for w in result.warnings:
-                print(f"warning: {w}", file=sys.stderr)
+                warn(w)
             would = "would be " if args.dry_run else ""
             print(f"nothing changed since snapshot {snap.short_id}: no snapshot {would}saved")
         return 0
@@ -331,7 +341,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                     "dry_run": args.dry_run})
     elif not args.quiet:
         for w in result.warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            warn(w)
         parent = f" (parent {snap.parent[:8]})" if snap.parent else ""
         print(f"dry run: would save a {snap.kind} snapshot{parent}" if args.dry_run
               else f"{snap.kind} snapshot {snap.short_id} saved{parent}")
@@ -377,9 +387,9 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':8}  {'time':19}  {'type':4}  {'parent':8}  {'host':12}  {'size':>10}  {'files':>7}  tags / paths")
     for s in snaps:
-        print(f"{s.short_id:8}  {_local_time(s):19}  {s.kind:4}  {(s.parent or '')[:8]:8}  {s.host[:12]:12}  "
+        print(f"{s.short_id:8}  {_local_time(s):19}  {s.kind:4}  {(s.parent or '')[:8]:8}  {one_line(s.host)[:12]:12}  "
               f"{_human(s.stats.get('bytes', 0)):>10}  {s.stats.get('files', 0):>7}  "
-              f"{','.join(s.tags)} {' '.join(s.paths)}")
+              f"{one_line(','.join(s.tags))} {' '.join(map(shown_name, s.paths))}")
     if not args.quiet:
         print(f"{len(snaps)} snapshots")
     return 0
@@ -441,7 +451,7 @@ def _report_restore(args: argparse.Namespace, snap: Snapshot, result: Any, verif
         return False
     if not args.quiet:
         for w in result.warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            warn(w)
     return not args.quiet
 
 
@@ -473,13 +483,13 @@ def cmd_find(args: argparse.Namespace) -> int:
                     for f in found])
         return 0
     for f in found:
-        print(f"{os.fsdecode(f.path) or '.'}  ({f.host}: {' '.join(f.paths)})")
+        print(f"{shown_name(f.path) or '.'}  ({one_line(f.host)}: {' '.join(map(shown_name, f.paths))})")
         for v in f.versions:
             e, first, last = v.entry, v.snapshots[0], v.snapshots[-1]
             where = f"{first.short_id} ({_local_time(first)})"
             if len(v.snapshots) > 1:
                 where += f" .. {last.short_id} ({_local_time(last)}), {len(v.snapshots)} snapshots"
-            extra = f" -> {os.fsdecode(e.target)}" if e.target else ""
+            extra = f" -> {shown_name(e.target)}" if e.target else ""
             print(f"  {TYPE_NAMES[e.type]:8} {_human(e.size):>10}  modified {_ns_local(e.mtime_ns)}  in {where}{extra}")
     if not args.quiet:
         print(f"{len(found)} paths, {sum(len(f.versions) for f in found)} versions")
@@ -562,7 +572,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         _emit_json(report.to_dict())
     elif not args.quiet:
         for sid, path in report.removed:
-            print(f"{'would remove' if report.dry_run else 'removed'} {sid[:8]}:{path}")
+            print(f"{'would remove' if report.dry_run else 'removed'} {sid[:8]}:{shown_name(path)}")
         if not report.rewritten:
             print("no snapshot holds a path these globs match")
         elif report.dry_run:
@@ -590,8 +600,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if args.json:
             out.append(_entry_json(e))
         else:
-            name = os.fsdecode(e.path) or "."
-            extra = f" -> {os.fsdecode(e.target)}" if e.target else ""
+            name = shown_name(e.path) or "."
+            extra = f" -> {shown_name(e.target)}" if e.target else ""
             print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {e.size:>12}  {_ns_local(e.mtime_ns)}  {name}{extra}")
     if args.json:
         _emit_json(out)
@@ -611,7 +621,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         e = new or old
         assert e is not None
         sizes = f"{old.size if old else ''} -> {new.size if new else ''}"
-        print(f"{sign[c]} {os.fsdecode(e.path) or '.'}  ({sizes})")
+        print(f"{sign[c]} {shown_name(e.path) or '.'}  ({sizes})")
     if not args.quiet:
         counts = {k: sum(1 for c, _, _ in changes if c == k) for k in sign}
         print(f"{counts['added']} added, {counts['removed']} removed, {counts['modified']} modified")
@@ -629,7 +639,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
         out.flush()
     if not args.quiet:
         for w in warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            warn(w)
     return 0
 
 
@@ -645,13 +655,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         _emit_json(report.to_dict())
     elif not args.quiet:
         for w in report.warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            warn(w)
         for p in report.problems:
-            print(f"error: {p.object}: {p.problem}")
+            print(f"error: {one_line(p.object)}: {one_line(p.problem)}")
             if p.snapshots:
                 print(f"  affects snapshots: {' '.join(s[:8] for s in p.snapshots)}")
             for f in p.files[:20]:
-                print(f"  affects file {f}")
+                print(f"  affects file {shown_name(f)}")
         print(f"checked {report.snapshots} snapshots, {report.packs} packs, {report.blobs} blobs"
               + (f"; read {report.packs_read} packs ({_human(report.bytes_read)}), {report.blobs_read} blobs"
                  if report.packs_read else "")
@@ -776,7 +786,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
         for a, b in result.copied:
             print(f"copied {a[:8]} -> {b[:8]}")
         for a, reason in result.failed:
-            print(f"not copied {a[:8]}: {reason}", file=sys.stderr)
+            print(f"not copied {a[:8]}: {one_line(reason)}", file=sys.stderr)
         print(f"{len(result.copied)} snapshot(s) copied, {len(result.skipped)} already there; "
               f"{result.blobs_sent} blobs ({_human(result.bytes_sent)}) sent")
     if result.failed:
@@ -801,7 +811,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         _emit_json(report.to_dict())
     elif not args.quiet:
         for problem in report.unreadable_packs:
-            print(f"warning: {problem}", file=sys.stderr)
+            warn(problem)
         if args.what == "index":
             print(f"index rebuilt from {report.packs} pack headers ({report.blobs} blobs)")
             if report.baseless_packs:
@@ -812,14 +822,14 @@ def cmd_repair(args: argparse.Namespace) -> int:
             done = args.confirm == "REPAIR"
             for p in report.salvaged:
                 print(f"{p.pack}: {p.salvaged} blob(s) {'salvaged' if done else 'can be salvaged'}, "
-                      f"{len(p.lost)} lost{': ' + p.problem if p.problem else ''}")
+                      f"{len(p.lost)} lost{': ' + one_line(p.problem) if p.problem else ''}")
             print("packs replaced: `repair snapshots` lists the files that needed a lost blob" if done else
                   "nothing changed: add --confirm REPAIR to copy what verifies and delete these packs")
         else:
             for sid, path in report.dropped:
-                print(f"{'dropped' if report.rewritten else 'would drop'} {sid[:8]}:{path}")
+                print(f"{'dropped' if report.rewritten else 'would drop'} {sid[:8]}:{shown_name(path)}")
             for sid, reason in report.unrestorable:
-                print(f"cannot repair {sid[:8]}: {reason}")
+                print(f"cannot repair {sid[:8]}: {one_line(reason)}")
             if report.rewritten:
                 print(f"rewrote {len(report.rewritten)} snapshot(s)")
             elif report.dropped:
@@ -1283,7 +1293,7 @@ def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
 
     def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
         if issubclass(category, RepositoryStateWarning):
-            print(f"warning: {message}", file=sys.stderr)
+            warn(message)
         else:
             fallback(message, category, *rest, **kw)
 
@@ -1339,6 +1349,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     stdout = sys.stdout
     if stdout is not None:
+        _never_strict(stdout)
         sys.stdout = _GuardedOutput(stdout)  # type: ignore[assignment]
     try:
         args = _parse(sys.argv[1:] if argv is None else argv)
@@ -1349,7 +1360,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.flush()  # here, where a failure is reported, not at the interpreter's exit
             return code
     except ChunkvaultError as exc:
-        print(f"chunkvault: {exc}", file=sys.stderr)
+        print(f"chunkvault: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except _Terminated:
         print("chunkvault: terminated", file=sys.stderr)
@@ -1362,7 +1373,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, unless --debug
         if args is not None and getattr(args, "debug", False):
             raise
-        print(f"chunkvault: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
+        print(f"chunkvault: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for details)",
+              file=sys.stderr)
         return EXIT_INTERNAL
     finally:
         sys.stdout = stdout

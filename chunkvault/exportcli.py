@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
 from . import passwords
+from .display import warn
 from .errors import UsageError
 
 
@@ -83,7 +83,7 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
                         "warnings": result.warnings})
     elif not args.quiet:
         for w in result.warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            warn(w)
         print(f"restored snapshot {snap.short_id} ({snap.time}) from {args.from_file} to {args.target}: "
               f"{result.files} files, {result.dirs} dirs, {cli._human(result.bytes)}")
     return 0

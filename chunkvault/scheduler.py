@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, Iterator, TextIO
 
+from .display import one_line
 from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
 from .processes import kill_group
 from .schedule import Policy, Source, decide, next_wakeup, parse_policy
@@ -509,6 +510,7 @@ class _Log:
         self.also = also
 
     def __call__(self, line: str) -> None:
+        line = one_line(line)  # a name or a command's output may hold control characters
         self.file.write(f"{_iso(self.clock())} {line}\n")
         self.file.flush()
         if self.also is not None:
@@ -554,7 +556,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if log is not None:
         emit: Callable[[str], None] = log
     elif plain:
-        emit = print
+        emit = lambda line: print(one_line(line))  # noqa: E731
     else:
         emit = lambda line: None  # noqa: E731
     try:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import blake3
 
+from .display import one_line, warn
 from .errors import CorruptObject, SnapshotNotFound, UsageError, VerificationFailed
 from .processes import kill_group
 from .store.manifest import (
@@ -517,11 +518,11 @@ def _print_report(r: VerifyReport, limit: int = 50) -> None:
           f"{r.links} links, {_human(r.bytes)}; restored in {r.restore_seconds:.2f} s, "
           f"compared in {r.compare_seconds:.2f} s")
     for w in r.warnings:
-        print(f"  warning: {w}", file=sys.stderr)
+        warn(w, prefix="  warning: ")
     if r.error:
-        print(f"  error: {r.error}")
+        print(f"  error: {one_line(r.error)}")
     for m in r.mismatches[:limit]:
-        print(f"  mismatch: {m}")
+        print(f"  mismatch: {one_line(m)}")
     if r.mismatch_count > min(limit, len(r.mismatches)):
         print(f"  ... {r.mismatch_count - min(limit, len(r.mismatches))} more (--json lists up to {MAX_LISTED})")
     c = r.command

@@ -71,6 +71,35 @@ def test_json_names_that_are_not_utf8_carry_their_bytes(tmp_path, cli, setup):
     assert {(c["change"], exact(c, "path")) for c in changes} >= {("removed", latin1)}
 
 
+def test_text_output_shows_every_name_on_one_line_escaped(tmp_path, cli, setup):
+    """A name with a line break, an escape sequence, a byte that is not UTF-8 or a backslash lists as one
+    escaped line, also on a strict UTF-8 stream; an error naming such a path is one line."""
+    repo, src = setup
+    names = {b"new\nline": "new\\nline", b"esc\x1b[31mred": "esc\\x1b[31mred", b"caf\xe9": "caf\\xe9",
+             b"back\\slash": "back\\\\slash"}
+    for name in names:
+        with open(os.path.join(os.fsencode(src), name), "wb") as f:
+            f.write(b"x")
+    os.symlink(b"esc\x1b[31mred", os.path.join(os.fsencode(src), b"link"))
+    strict = {"PYTHONIOENCODING": "utf-8", "PYTHONUTF8": "0"}
+    first = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"]
+    for name in names:
+        os.remove(os.path.join(os.fsencode(src), name))
+    second = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"]
+
+    listing = cli("ls", "-r", repo, first, env=strict).stdout.decode("utf-8").splitlines()
+    assert len(listing) == 1 + 3 + len(names) + 1  # the root, a.txt, sub, sub/b.bin, the names, the link
+    assert {line.rsplit("  ", 1)[1] for line in listing} >= set(names.values()) | {"link -> esc\\x1b[31mred"}
+    found = cli("find", "-r", repo, "caf*", env=strict).stdout.decode("utf-8").splitlines()
+    assert found[0].startswith("caf\\xe9  (")
+    diff = cli("diff", "-r", repo, first, second, env=strict).stdout.decode("utf-8").splitlines()
+    assert {line.split("  (")[0] for line in diff if line.startswith("- ")} == {f"- {s}" for s in names.values()}
+    for out in (listing, found, diff):
+        assert not any(c in "".join(out) for c in "\x1b\x7f")
+    err = cli("ls", "-r", repo, first, "no\nsuch\x1b[2J", env=strict, check=2).stderr.decode("utf-8")
+    assert err.count("\n") == 1 and "\x1b" not in err and "no\\nsuch\\x1b[2J" in err
+
+
 def test_repository_from_environment_and_password_file(tmp_path, cli, setup):
     repo, src = setup
     pwfile = tmp_path / "pw"
