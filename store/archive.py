@@ -5,7 +5,9 @@ Names are relative to the snapshot's root, as a restore lays them out. tar (POSI
 owners, nanosecond mtimes, symlinks, hard links, devices and FIFOs, extended attributes (as GNU tar
 and bsdtar write them: ``SCHILY.xattr.NAME`` records; ``tar --xattrs`` sets them), and any byte in a
 name; zip keeps modes, mtimes (two-second steps, from 1980) and symlinks, stores a hard link as a
-copy of its file, and has no devices, FIFOs (each left out is a warning) or extended attributes.
+copy of its file, and has no devices, FIFOs (each left out is a warning) or extended attributes; a
+name that is not UTF-8 has U+FFFD for each byte that does not decode there (a warning too: its zip
+name may even be another file's).
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes
         for e in entries:
             if not in_subtree(e.path, root) or e.path == b"":
                 continue
+            if not writer.exact_names and not _is_utf8(e.path):
+                warnings.append(f"{os.fsdecode(e.path)}: the name is not UTF-8; the {fmt} names it "
+                                f"{e.path.decode('utf-8', 'replace')} (a tar keeps its bytes)")
             if e.type == T_HARDLINK and not (writer.hard_links and in_subtree(e.target, root)):
                 e = dataclasses.replace(linked(e.target), path=e.path)  # a copy of the file it names
             if e.type == T_FILE:
@@ -56,8 +61,17 @@ def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes
 _KIND_NAMES = {T_FIFO: "FIFO", T_CHARDEV: "character device", T_BLOCKDEV: "block device"}
 
 
+def _is_utf8(name: bytes) -> bool:
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class _Tar:
     hard_links = True
+    exact_names = True
 
     def __init__(self, out: BinaryIO):
         self.tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
@@ -99,6 +113,7 @@ class _Tar:
 
 class _Zip:
     hard_links = False
+    exact_names = False
 
     def __init__(self, out: BinaryIO):
         self.zip = zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED)

@@ -106,7 +106,8 @@ def test_tar_of_a_subtree_copies_a_hard_link_whose_file_is_outside(backed_up, tr
 def test_zip_keeps_files_dirs_modes_and_symlinks_and_names_what_it_cannot_hold(backed_up, tree):
     repo, snap = backed_up
     data, warnings = dumped(repo, snap, "/", archive="zip")
-    assert warnings == ["b/pipe: a FIFO cannot be stored in a zip"]
+    assert warnings == ["b/pipe: a FIFO cannot be stored in a zip",
+                        "caf\udce9: the name is not UTF-8; the zip names it caf\ufffd (a tar keeps its bytes)"]
     z = zipfile.ZipFile(io.BytesIO(data))
     assert z.testzip() is None
     info = {i.filename: i for i in z.infolist()}
