@@ -544,3 +544,15 @@ def test_a_source_compares_as_its_policy_says(tmp_path, repo_url, tree, fake_tim
     assert (result.status, result.kind) == ("ok", "diff")
     (diff,) = [s for s in snapshots(repo_url) if s.id == result.snapshot_id]
     assert diff.stats["read_bytes"] == 0 and diff.stats["unchanged_files"] == 2
+
+
+def test_log_lines_stay_one_line(tmp_path):
+    """A hook's output or a file name with a line break or a terminal escape is one escaped log line."""
+    from chunkvault.scheduler import _Log
+
+    path = tmp_path / "run.log"
+    log = _Log(str(path), lambda: datetime(2026, 3, 1, 2, 0, tzinfo=UTC))
+    log("db: warning: cannot read caf" + os.fsdecode(b"\xe9") + "\nnext\x1b[2J")
+    log.close()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1 and lines[0].endswith("db: warning: cannot read caf\\xe9\\nnext\\x1b[2J")
