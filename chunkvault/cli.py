@@ -557,7 +557,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
         _emit_json([_snapshot_json(s) for s in changed])
     elif not args.quiet:
         for s in changed:
-            print(f"{s.short_id}  {','.join(s.tags)}")
+            print(f"{s.short_id}  {one_line(','.join(s.tags))}")
         print(f"changed the tags of {len(changed)} snapshot(s)")
     return 0
 
@@ -849,10 +849,10 @@ def cmd_key(args: argparse.Namespace) -> int:
         if args.json:
             _emit_json(keys)
         else:
-            for k in keys:
-                print(f"{'*' if k['current'] else ' '} {k['id'][:12]}  {k['kdf']:8}  " + (
+            for k in keys:  # a key file's fields are not sealed: anyone who can write the storage chooses them
+                print(one_line(f"{'*' if k['current'] else ' '} {k['id'][:12]}  {k['kdf']:8}  " + (
                     f"{k['problem']} (`key remove {k['id'][:12]}`)" if "problem" in k else
-                    f"{k['created'][:19]}  {k['user']}@{k['host']}"))
+                    f"{k['created'][:19]}  {k['user']}@{k['host']}")))
     elif args.key_cmd == "add":
         name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
         _report_key(args, {"id": name}, f"added key {name[:12]}")

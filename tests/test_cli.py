@@ -3,6 +3,7 @@ import base64
 import json
 import os
 
+import blake3
 import pytest
 from hypothesis import given, strategies as st
 
@@ -98,6 +99,22 @@ def test_text_output_shows_every_name_on_one_line_escaped(tmp_path, cli, setup):
         assert not any(c in "".join(out) for c in "\x1b\x7f")
     err = cli("ls", "-r", repo, first, "no\nsuch\x1b[2J", env=strict, check=2).stderr.decode("utf-8")
     assert err.count("\n") == 1 and "\x1b" not in err and "no\\nsuch\\x1b[2J" in err
+
+
+def test_key_list_shows_a_key_file_s_fields_on_one_line(tmp_path, cli, setup):
+    """A key file's host and user are not sealed: whoever can write the storage can plant a key file naming
+    any, which the listing shows escaped, never as terminal control sequences."""
+    repo, _ = setup
+    (key,) = os.listdir(os.path.join(repo, "keys"))
+    path = os.path.join(repo, "keys", key)
+    with open(path) as f:
+        doc = json.load(f)
+    doc["host"] = "evil\x1b]0;owned\x07\nhost"
+    planted = json.dumps(doc).encode()
+    with open(os.path.join(repo, "keys", blake3.blake3(planted).hexdigest()), "wb") as f:
+        f.write(planted)  # named by its content, as a key file is
+    out = cli("key", "list", "-r", repo).stdout.decode("utf-8")
+    assert out.count("\n") == 2 and "\x1b" not in out and "@evil\\x1b]0;owned\\x07\\nhost" in out
 
 
 def test_repository_from_environment_and_password_file(tmp_path, cli, setup):
