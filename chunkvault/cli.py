@@ -683,14 +683,9 @@ def _policy(args: argparse.Namespace) -> Any:
     if args.preset:
         if not args.config:
             raise UsageError("--preset needs --config FILE")
-        import tomllib
+        from .tomlfile import read_toml
 
-        try:
-            with open(args.config, "rb") as f:
-                config = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise UsageError(f"cannot read config {args.config}: {exc}") from None
-        base = load_preset(config, args.preset)
+        base = load_preset(read_toml(args.config, "config"), args.preset)
         table = {k: v for k, v in vars(base).items() if v not in (None, (), frozenset())}
     for name in RETENTION_FLAGS:
         value = getattr(args, name)

@@ -44,7 +44,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -55,6 +54,7 @@ from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
 from .processes import kill_group
 from .schedule import Policy, Source, decide, next_wakeup, parse_policy
 from .schedulecli import add_commands
+from .tomlfile import read_toml
 from .store.source import excludes_of
 
 __all__ = ["Daemon", "Runner", "RunReport", "SourceResult", "add_commands", "cmd_daemon", "cmd_run",
@@ -77,13 +77,7 @@ def _iso(t: datetime | None) -> str | None:
 
 def load_policy(path: str) -> Policy:
     """Read and validate a policy file; every problem is one UsageError line naming the file."""
-    try:
-        with open(path, "rb") as f:
-            config = tomllib.load(f)
-    except OSError as exc:
-        raise UsageError(f"cannot read policy {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"policy {path} is not valid TOML: {exc}") from None
+    config = read_toml(path, "policy")
     try:
         return parse_policy(config, os.path.dirname(os.path.abspath(path)))
     except UsageError as exc:

@@ -22,13 +22,13 @@ import ssl
 import stat
 import sys
 import threading
-import tomllib
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote
 
 from chunkvault.errors import ObjectExists, PermissionDenied, RemoteError, StorageFull, UsageError
+from chunkvault.tomlfile import read_toml
 from chunkvault.units import parse_size
 
 from .base import _KEY_SEGMENT, validate_key, validate_prefix
@@ -156,13 +156,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_config(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            config = tomllib.load(f)
-    except OSError as exc:
-        raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config {path} is not valid TOML: {exc}") from None
+    config = read_toml(path, "config")
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise UsageError(f"config {path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(CONFIG_KEYS)})")

@@ -307,6 +307,19 @@ def test_config_disabled_exits_without_listening(tmp_path):
     assert not listening(port)
 
 
+@pytest.mark.parametrize("body, expected", [
+    (b'listen = "127.0.0.1:1"\npath = "/srv/\xe9"\n', "is not UTF-8 text (line 2)"),
+    (b'listen = "127.0.0.1:1\n', "is not valid TOML"),
+])
+def test_bad_config_file_is_one_clear_line(tmp_path, body, expected):
+    config = tmp_path / "serve.toml"
+    config.write_bytes(body)
+    result = run_serve("--config", str(config))
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"chunkvault serve: config {config} {expected}")
+
+
 def test_config_listen_and_path_and_flag_overrides(serve_factory, tmp_path):
     dir_a, dir_b = tmp_path / "a", tmp_path / "b"
     dir_a.mkdir()

@@ -396,11 +396,12 @@ def test_overlapping_runs_are_refused(tmp_path, repo_url, tree, monkeypatch, cap
     ('repository = "/x"\nfull = "daily"\n[[source]]\nname = "db"\npaths = ["/"]\nexclude-larger-than = "big"\n',
      "source 'db': not a size: 'big'"),
     ('repository = "/x\nfull = 3', "is not valid TOML"),
+    (b'repository = "/x"\nfull = "daily\xff"\n', "is not UTF-8 text (line 2)"),
 ])
 def test_bad_policy_file_is_one_clear_line(tmp_path, monkeypatch, capsys, body, fragment):
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
     path = tmp_path / "bad.toml"
-    path.write_text(body)
+    path.write_bytes(body if isinstance(body, bytes) else body.encode())
     for command in ("run", "daemon"):
         assert cli_main([command, "--config", str(path)]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -1,0 +1,22 @@
+"""Reading a TOML settings file (a policy, a retention preset, the server's config): one UsageError line
+naming the file for anything wrong with it, including bytes that are not UTF-8, which TOML requires."""
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+from .errors import UsageError
+
+
+def read_toml(path: str, what: str) -> dict[str, Any]:
+    """The table in the file at ``path``; ``what`` names the file in errors ("policy", "config")."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise UsageError(f"{what} {path} is not UTF-8 text (line {line})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{what} {path} is not valid TOML: {exc}") from None
