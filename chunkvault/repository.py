@@ -519,7 +519,7 @@ class Repository:
         rec = self._repo.lookup(snap, want)
         if rec is not None and rec.entry is not None:
             return rec.entry
-        raise UsageError(f"no {os.fsdecode(want)!r} in snapshot {snap.short_id}")
+        raise UsageError(f"no '{os.fsdecode(want)}' in snapshot {snap.short_id}")  # the CLI escapes it
 
     def open_file(self, snapshot: str | Snapshot, path: str | bytes) -> BinaryIO:
         """A readable stream of one file's content, fetched chunk by chunk."""
