@@ -531,7 +531,7 @@ class Repository:
         if e.type == T_HARDLINK:
             e = self.find_entry(snap, e.target)
         if e.type != T_FILE:
-            raise UsageError(f"{os.fsdecode(e.path)!r} is not a regular file")
+            raise UsageError(f"'{os.fsdecode(e.path)}' is not a regular file")
         return self._content(e)
 
     def _content(self, e: Entry) -> BinaryIO:
