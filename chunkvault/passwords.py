@@ -58,7 +58,7 @@ class PasswordSource:
             if command:
                 return self._nonempty(run_password_command(command, run_in), f"from `{command}`")
         if self.env in os.environ:
-            return self._nonempty(os.environ[self.env].encode(), f"in {self.env}")
+            return self._nonempty(os.fsencode(os.environ[self.env]), f"in {self.env}")  # its bytes, as a file gives
         return None
 
     def get(self, args: argparse.Namespace, *, confirm: bool = False,
@@ -120,7 +120,7 @@ def run_password_command(command: str, cwd: str | None = None) -> bytes:
 def prompt(text: str, confirm: bool) -> bytes:
     import getpass
 
-    pw = getpass.getpass(text).encode()
-    if confirm and getpass.getpass("enter it again: ").encode() != pw:
+    pw = os.fsencode(getpass.getpass(text))
+    if confirm and os.fsencode(getpass.getpass("enter it again: ")) != pw:
         raise UsageError("passwords do not match")
     return pw

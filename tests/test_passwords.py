@@ -44,6 +44,18 @@ def test_order_options_then_policy_then_environment(env, tmp_path):
     assert src.given(args(password_file=str(f))) == b"from-file"
 
 
+def test_a_password_that_is_not_utf8_is_the_same_from_the_environment_and_a_file(cli, tmp_path):
+    """The environment's value is taken as its bytes, as a file's are: it was an internal error."""
+    raw = b"caf\xe9 pw"
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0", password=None, env={"CHUNKVAULT_PASSWORD": os.fsdecode(raw)})
+    (tmp_path / "pw").write_bytes(raw + b"\n")
+    cli("snapshots", "-r", repo, "--password-file", str(tmp_path / "pw"), password=None)
+    wrong = cli("snapshots", "-r", repo, password=None, env={"CHUNKVAULT_PASSWORD": os.fsdecode(b"caf\xe8 pw")},
+                check=11)
+    assert wrong.stderr.decode().startswith("chunkvault: wrong password")
+
+
 def test_a_file_and_a_command_at_one_level_are_refused(env, tmp_path):
     f = tmp_path / "pw"
     f.write_text("x")
