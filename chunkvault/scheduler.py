@@ -54,8 +54,8 @@ from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
 from .processes import kill_group
 from .schedule import Policy, Source, decide, next_wakeup, parse_policy
 from .schedulecli import add_commands
-from .tomlfile import read_toml
 from .store.source import excludes_of
+from .tomlfile import read_toml
 
 __all__ = ["Daemon", "Runner", "RunReport", "SourceResult", "add_commands", "cmd_daemon", "cmd_run",
            "load_policy"]
