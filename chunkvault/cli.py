@@ -11,7 +11,7 @@ import sys
 import threading
 import warnings
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from . import __version__, passwords
 from .display import one_line, shown_name, warn
@@ -20,6 +20,9 @@ from .errors import (ChunkvaultError, CorruptObject, PartialBackup, TargetNotEmp
                      output_error)
 from .store.manifest import T_DIR, TYPE_NAMES, Entry
 from .store.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from .store.retention import RebaseStep
 
 EXIT_INTERNAL = 1
 T = TypeVar("T")
@@ -737,15 +740,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
         _emit_json({"dry_run": args.dry_run, "frees_stored_bytes": frees,
                     "decisions": [{"id": d.snapshot_id, "keep": d.keep, "reasons": list(d.reasons)}
                                   for d in plan.decisions],
-                    "rebased": [{"id": r.diff_id, "merged": r.merge_ids, "new_parent": r.new_parent}
-                                for r in plan.rebases],
+                    "rebased": _rebases_json(plan.rebases),
                     "prune": pruned.to_dict() if pruned is not None else None})
     elif not args.quiet:
         for d in plan.decisions:
             print(f"{'keep  ' if d.keep else 'remove'}  {d.snapshot_id[:8]}  {', '.join(d.reasons)}")
-        for r in plan.rebases:
-            target = f"onto {r.new_parent[:8]}" if r.new_parent else "as a full snapshot"
-            print(f"rebase  {r.diff_id[:8]}  {target}, merging {' '.join(m[:8] for m in r.merge_ids)}")
+        _print_rebases(plan.rebases)
         verb = "would remove" if args.dry_run else "removed"
         print(f"{verb} {len(removed)} snapshot(s), {'would rebase' if args.dry_run else 'rebased'} {len(plan.rebases)}"
               + (f"; a prune then frees about {_human(frees)} (data only they need)" if frees is not None else ""))
@@ -754,14 +754,29 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rebases_json(rebases: list[RebaseStep]) -> list[dict]:
+    return [{"id": r.diff_id, "merged": r.merge_ids, "new_parent": r.new_parent} for r in rebases]
+
+
+def _print_rebases(rebases: list[RebaseStep]) -> None:
+    for r in rebases:
+        target = f"onto {r.new_parent[:8]}" if r.new_parent else "as a full snapshot"
+        print(f"rebase  {r.diff_id[:8]}  {target}, merging {' '.join(m[:8] for m in r.merge_ids)}")
+
+
 def cmd_aggregate(args: argparse.Namespace) -> int:
     repo = _open(args)
-    snap = repo.aggregate(args.snapshot, retire=args.retire, wait=args.wait)
+    done = repo.aggregate(args.snapshot, retire=args.retire, wait=args.wait)
     if args.json:
-        _emit_json(_snapshot_json(snap))
+        _emit_json({**_snapshot_json(done.snapshot), "retired": done.retired,
+                    "rebased": _rebases_json(done.rebases)})
     elif not args.quiet:
-        print(f"snapshot {snap.short_id} is now a full snapshot"
-              + (" (its former chain retired)" if args.retire else ""))
+        for sid in done.retired:
+            print(f"remove  {sid[:8]}  its former chain")
+        _print_rebases(done.rebases)
+        print(f"snapshot {done.snapshot.short_id} is now a full snapshot"
+              + (f"; retired its former chain: {len(done.retired)} snapshot(s) removed, {len(done.rebases)} rebased"
+                 if args.retire else ""))
     return 0
 
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # the modules of other commands load when used: a backup need
     from .store.check import CheckReport
     from .store.copy import CopyResult
     from .store.export import ExportStats
-    from .store.lifecycle import ForgetPlan
+    from .store.lifecycle import Aggregated, ForgetPlan
     from .store.prune import PrunePlan
     from .store.repair import RepairReport
     from .store.retention import RetentionPolicy
@@ -671,7 +671,7 @@ class Repository:
                                                (n for n in self._repo.unreadable_snapshots if n not in gone)))
         return out
 
-    def aggregate(self, snapshot: str | Snapshot, *, retire: bool = False, wait: float = 3600.0) -> Snapshot:
+    def aggregate(self, snapshot: str | Snapshot, *, retire: bool = False, wait: float = 3600.0) -> Aggregated:
         """Turn a differential into a synthetic full (same id, same tree); ``retire`` forgets its old chain.
         Under the exclusive lock, as forget is."""
         from .store.lifecycle import aggregate
@@ -683,7 +683,7 @@ class Repository:
             snap = find_snapshot(snaps, spec)
             chain = [s.id for s in self._repo.chain_of(snap, snaps)[:-1]] if retire else []
             self._repo.load_index()
-            return self._forgetting(snaps, chain, lambda: aggregate(self._repo, snap, snaps, retire=retire))[0]
+            return self._forgetting(snaps, chain, lambda: aggregate(self._repo, snap, snaps, retire=retire))
 
     def prune(self, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0,
               progress: Callable[[int, int, int], None] | None = None) -> PrunePlan:

@@ -45,6 +45,16 @@ class ForgetPlan:
     rebases: list[RebaseStep] = field(default_factory=list)
 
 
+@dataclass
+class Aggregated:
+    """What ``aggregate`` did: the snapshot, now a full, and, with ``retire``, the former chain's
+    snapshots it forgot and the differentials that still needed part of that chain, rebased."""
+
+    snapshot: Snapshot
+    retired: list[str] = field(default_factory=list)
+    rebases: list[RebaseStep] = field(default_factory=list)
+
+
 NOT_SELECTED = "not selected (--host, --tag, --path)"
 
 
@@ -109,8 +119,7 @@ def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan) -> lis
     return rebased
 
 
-def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: bool = False
-              ) -> tuple[Snapshot, ForgetPlan | None]:
+def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: bool = False) -> Aggregated:
     """Make ``snap`` a synthetic full: its resolved tree as a full manifest, under the same id.
 
     No source is read and no data moves: only a manifest is written.  Snapshots
@@ -131,8 +140,8 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
         snap.stats = {**snap.stats, "manifest_records": mw.records, "aggregated": True, "chain_length": 1,
                       "manifest_bytes": snap.stats.get("manifest_bytes", 0) + mw.stored_bytes}
         repo.save_snapshot(snap, replace=True)
-    plan = None
-    if retire and chain_ids:
-        plan = plan_forget(snapshots, ids=chain_ids)
-        apply_forget(repo, snapshots, plan)
-    return snap, plan
+    if not (retire and chain_ids):
+        return Aggregated(snap)
+    plan = plan_forget(snapshots, ids=chain_ids)
+    apply_forget(repo, snapshots, plan)
+    return Aggregated(snap, plan.remove, plan.rebases)

@@ -247,6 +247,30 @@ def test_forget_dry_run_and_policy(tmp_path, cli, setup):
     assert cli("forget", "-r", repo, check=2).returncode == 2
 
 
+def test_aggregate_retire_names_what_it_forgot_and_rebased(tmp_path, cli, setup):
+    repo, src = setup
+    ids = []
+    for i in range(3):
+        (src / f"n{i}").write_text(str(i))
+        ids.append(json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"])
+    (src / "branch").write_text("b")
+    branch = json.loads(cli("backup", "-r", repo, str(src), "--parent", ids[1], "--json").stdout)
+    assert branch["parent"] == ids[1]
+    text = cli("aggregate", "-r", repo, ids[2][:8], "--retire").stdout.decode().splitlines()
+    assert text == [f"remove  {ids[0][:8]}  its former chain", f"remove  {ids[1][:8]}  its former chain",
+                    f"rebase  {branch['id'][:8]}  as a full snapshot, merging {ids[0][:8]} {ids[1][:8]}",
+                    f"snapshot {ids[2][:8]} is now a full snapshot; retired its former chain: "
+                    "2 snapshot(s) removed, 1 rebased"]
+    left = {s["id"]: s for s in json.loads(cli("snapshots", "-r", repo, "--json").stdout)}
+    assert set(left) == {ids[2], branch["id"]} and {s["type"] for s in left.values()} == {"full"}
+    (src / "n3").write_text("3")
+    newer = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"]
+    out = json.loads(cli("aggregate", "-r", repo, newer, "--retire", "--json").stdout)
+    assert out["id"] == newer and out["type"] == "full"
+    assert out["retired"] == [branch["id"]] and out["rebased"] == []
+    assert json.loads(cli("aggregate", "-r", repo, newer, "--json").stdout)["retired"] == []
+
+
 def test_forget_preset_from_config(tmp_path, cli, setup):
     repo, src = setup
     cli("backup", "-r", repo, str(src))

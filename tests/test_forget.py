@@ -120,7 +120,7 @@ def test_aggregate_makes_a_synthetic_full(tmp_path, new_repo):
         states[repo.backup([str(src)]).snapshot.id] = describe(src)
     ids = list(states)
     data_before = sum(p.stat().st_size for p in (tmp_path / "repo0" / "data").rglob("*") if p.is_file())
-    snap = repo.aggregate(ids[3])
+    snap = repo.aggregate(ids[3]).snapshot
     assert snap.id == ids[3] and snap.kind == "full" and snap.parent is None
     data_after = sum(p.stat().st_size for p in (tmp_path / "repo0" / "data").rglob("*") if p.is_file())
     assert data_after - data_before < 20_000  # a manifest, no data moved
@@ -128,7 +128,8 @@ def test_aggregate_makes_a_synthetic_full(tmp_path, new_repo):
         out = tmp_path / f"agg-{sid[:8]}"
         repo.restore(sid, str(out))
         assert describe(out) == state
-    repo.aggregate(ids[4], retire=True)  # its chain is now ids[3] (a full since the aggregation above)
+    done = repo.aggregate(ids[4], retire=True)  # its chain is now ids[3] (a full since the aggregation above)
+    assert done.snapshot.id == ids[4] and done.retired == [ids[3]] and done.rebases == []
     assert [s.id for s in repo.snapshots()] == ids[:3] + ids[4:]
     repo.prune()
     for sid in ids[:3] + ids[4:]:
