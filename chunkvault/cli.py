@@ -597,9 +597,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if prefix:
         repo.find_entry(snap, prefix)  # UsageError for a path the snapshot lacks, as dump says
     out = []
-    for e in repo.tree(snap):
-        if prefix and not (e.path == prefix or e.path.startswith(prefix + b"/")):
-            continue
+    for e in repo.tree(snap, prefix):
         if args.json:
             out.append(_entry_json(e))
         else:

@@ -458,9 +458,16 @@ class Repository:
         t = parse_time(until) if isinstance(until, str) else until
         return find_snapshot(self._list(), spec, until=t, host=host, filter_paths=_listed(paths) or None)
 
-    def tree(self, snapshot: str | Snapshot = "latest") -> Iterator[Entry]:
+    def tree(self, snapshot: str | Snapshot = "latest", path: str | bytes | None = None) -> Iterator[Entry]:
+        """The snapshot's entries in order; with ``path``, those of that path and below it, reading only
+        the manifest blobs that hold them."""
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
-        return (r.entry for r in self._repo.tree(snap) if r.entry is not None)
+        within = os.fsencode(path).strip(b"/") if path is not None else b""
+        if not within:
+            return (r.entry for r in self._repo.tree(snap) if r.entry is not None)
+        below = within + b"/"
+        return (r.entry for r in self._repo.tree_within(snap, within)
+                if r.entry is not None and (r.path == within or r.path.startswith(below)))
 
     def restore(self, snapshot: str | Snapshot, target: str, *, until: str | datetime | None = None,
                 includes: list[str] | None = None, excludes: list[str] | None = None,
@@ -497,15 +504,22 @@ class Repository:
             if processes is None:
                 processes = 1 if includes else restore_workers.auto_processes(snap.stats.get("bytes"))
             entries = snap.stats.get("files", 0) + snap.stats.get("dirs", 0) if "files" in snap.stats else None
-            result = restore_workers.restore(restorer, lambda: self._repo.tree(snap), processes, entries)
+            within = restorer.selected.directory
+
+            def tree() -> Iterator[Record]:
+                """What the selection can take: with includes that name a directory, only its part of the tree."""
+                return self._repo.tree(snap) if within is None else self._repo.tree_within(snap, within)
+
+            result = restore_workers.restore(restorer, tree, processes, entries)
             if verify:
-                self._verify_restored(restorer, snap, target, xattrs)
+                self._verify_restored(restorer, snap, tree(), target, xattrs)
             return result
 
-    def _verify_restored(self, restorer: Restorer, snap: Snapshot, target: str, xattrs: bool) -> None:
+    def _verify_restored(self, restorer: Restorer, snap: Snapshot, records: Iterator[Record], target: str,
+                         xattrs: bool) -> None:
         from .verify import compare_tree
 
-        restored = (r.entry for r in restorer.selected_records(self._repo.tree(snap)) if r.entry is not None)
+        restored = (r.entry for r in restorer.selected_records(records) if r.entry is not None)
         found = compare_tree(restored, target, extras=False, max_listed=3, xattrs=xattrs)
         if found.mismatch_count:
             more = found.mismatch_count - len(found.mismatches)
@@ -553,7 +567,7 @@ class Repository:
                     while block := f.read(1 << 20):
                         out.write(block)
                 return []
-            return write_archive(out, archive, self.tree(snap), e.path, self._content,
+            return write_archive(out, archive, self.tree(snap, e.path), e.path, self._content,
                                  lambda target: self.find_entry(snap, target))
 
     def diff(self, a: str | Snapshot, b: str | Snapshot) -> Iterator[tuple[str, Entry | None, Entry | None]]:

@@ -102,6 +102,15 @@ def ancestors(path: bytes) -> list[bytes]:
     return [b"/".join(parts[:i]) for i in range(1, len(parts))]
 
 
+def on_way_to(path: bytes, directory: bytes) -> bool:
+    """Whether ``path`` is ``directory``, lies below it, or is a directory above it (the root included).
+
+    Such paths are closed under taking ancestors, so merging only their records of each layer gives
+    the resolved tree's records of them: a differential's DELETE or FRESH that cuts a subtree holding
+    one of them names the subtree's root, itself such a path (``tree_within``)."""
+    return path == directory or path.startswith(directory + b"/") or directory.startswith(path + b"/") or not path
+
+
 def lookup(path: bytes, layers: Sequence[Callable[[bytes], Record | None]]) -> Record | None:
     """The resolved record of one path, reading only the records of it and its ancestors.
 

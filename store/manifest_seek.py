@@ -14,6 +14,7 @@ from typing import Callable, Iterator, NamedTuple
 
 from chunkvault.errors import CorruptObject
 
+from .chain import ancestors
 from .manifest import _HEAD, Record, iter_records, sort_key
 
 _CACHED_BLOBS = 16
@@ -87,6 +88,22 @@ class ManifestSeeker:
             if k > key:
                 break
         return None
+
+    def within(self, directory: bytes) -> Iterator[Record]:
+        """This manifest's own records of the paths ``chain.on_way_to(path, directory)`` holds, in order:
+        those of the directories above it found one by one, then the run of it and its subtree."""
+        for above in [b"", *ancestors(directory)]:
+            rec = self.find(above)
+            if rec is not None:
+                yield rec
+        key = sort_key(directory)
+        below = key + b"\x00"
+        for rec in self._records_from(key):
+            k = sort_key(rec.path)
+            if k == key or k.startswith(below):
+                yield rec
+            elif k > key:
+                return
 
 
 class Segment(NamedTuple):

@@ -711,11 +711,21 @@ class Repo:
 
     def lookup(self, snap: Snapshot, path: bytes, snapshots: Iterable[Snapshot] | None = None) -> Record | None:
         """One path's resolved record, reading only the manifest blobs that can hold it (and its parents)."""
+        return chain.lookup(path, [seeker.find for _, seeker in self._seekers(snap, snapshots)])
+
+    def tree_within(self, snap: Snapshot, directory: bytes, snapshots: Iterable[Snapshot] | None = None
+                    ) -> Iterator[Record]:
+        """The records of ``tree`` of ``directory``, its subtree and the directories above it, reading only
+        the manifest blobs that hold them: a restore of a few files from a large tree reads no more."""
+        (_, full), *diffs = self._seekers(snap, snapshots)
+        return chain.resolve(full.within(directory), [seeker.within(directory) for s, seeker in diffs if s.manifest])
+
+    def _seekers(self, snap: Snapshot, snapshots: Iterable[Snapshot] | None) -> list[tuple[Snapshot, ManifestSeeker]]:
+        """A seeker in each manifest of ``snap``'s chain, the full first."""
         self.index  # loaded here: its own damage is not a manifest's
-        layers = [ManifestSeeker(self._manifest_reader(s, snap), [bytes.fromhex(h) for h in s.manifest],
-                                 s.manifest_starts, _manifest_name(s, snap)).find
-                  for s in self.chain_of(snap, snapshots)]
-        return chain.lookup(path, layers)
+        return [(s, ManifestSeeker(self._manifest_reader(s, snap), [bytes.fromhex(h) for h in s.manifest],
+                                   s.manifest_starts, _manifest_name(s, snap)))
+                for s in self.chain_of(snap, snapshots)]
 
     def _manifest_reader(self, snap: Snapshot, needed_by: Snapshot) -> Callable[[bytes], Plaintext]:
         def read(blob_id: bytes) -> Plaintext:

@@ -199,12 +199,42 @@ class _Globs:
         return known
 
 
+_GLOB_MAGIC = re.compile(r"[*?[]")
+
+
+def include_directory(includes: list[str]) -> bytes | None:
+    """A directory below which lies every path that ``includes`` select, or None when they may select
+    paths anywhere.
+
+    A glob with a ``/`` before its first wildcard matches no base name, so the paths it selects (and
+    those below them) begin with that literal part: they lie below its directory, or, for a glob
+    without wildcards, are that path and the paths below it.  The directory of several globs is the
+    deepest one they share.
+    """
+    common: list[bytes] | None = None
+    for glob in includes:
+        m = _GLOB_MAGIC.search(glob)
+        literal = glob if m is None else glob[: m.start()]
+        if "/" not in literal:
+            return None
+        parts = os.fsencode(literal).split(b"/")
+        if m is not None:
+            parts.pop()
+        if common is not None:
+            n = next((i for i, (a, b) in enumerate(zip(common, parts)) if a != b), min(len(common), len(parts)))
+            parts = parts[:n]
+        common = parts
+    return b"/".join(common) if common and all(common) else None
+
+
 class Selection:
-    """Which paths a restore takes: ``includes`` (all when empty) less ``excludes``; the root always."""
+    """Which paths a restore takes: ``includes`` (all when empty) less ``excludes``; the root always.
+    ``directory``: where the selected paths lie, when the includes say (``include_directory``)."""
 
     def __init__(self, includes: list[str], excludes: list[str]):
         self.includes = _Globs(includes) if includes else None
         self.excludes = _Globs(excludes) if excludes else None
+        self.directory = include_directory(includes) if includes else None
 
     @property
     def everything(self) -> bool:

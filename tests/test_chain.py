@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 import pytest
 
 from chunkvault.store import chain as chain_module
-from chunkvault.store.chain import ancestors, apply, chain_to_base, compose, lineage, lookup, resolve
+from chunkvault.store.chain import ancestors, apply, chain_to_base, compose, lineage, lookup, on_way_to, resolve
 from chunkvault.store.manifest import (
     OP_DELETE, OP_ENTRY, OP_FRESH, T_FILE, Entry, Record, sort_key,
 )
@@ -163,6 +163,22 @@ def test_lookup_of_one_path_matches_resolve(tree, chain, probe):
             assert got is not None and got.op == OP_ENTRY and got.entry.size == expected[path]
         else:
             assert got is None
+
+
+@settings(max_examples=400)
+@given(full_trees(), st.lists(diffs(), max_size=5), paths)
+def test_resolving_the_records_on_the_way_to_a_directory_gives_the_tree_s(tree, chain, directory):
+    """What ``tree_within`` relies on: each layer's records of the paths on the way to a directory (above
+    it, it, below it) resolve to the resolved tree's records of those paths."""
+    layers = [as_records(tree)] + chain
+    near = [[r for r in layer if on_way_to(r.path, directory)] for layer in layers]
+    expected = {p: v for p, v in as_tree(resolve(layers[0], layers[1:])).items() if on_way_to(p, directory)}
+    assert as_tree(resolve(near[0], near[1:])) == expected
+
+
+def test_on_way_to():
+    assert [p for p in [b"", b"a", b"a/b", b"a/b/c", b"a/b/c/d", b"a/bc", b"a/b.c", b"a/x", b"b"]
+            if on_way_to(p, b"a/b")] == [b"", b"a", b"a/b", b"a/b/c", b"a/b/c/d"]
 
 
 def test_ancestors():

@@ -7,6 +7,7 @@ import pytest
 from chunkvault.errors import CorruptObject, UsageError
 from chunkvault.store.manifest import OP_ENTRY, T_FILE, Entry, Record, sort_key
 from chunkvault.store.manifest_io import store_manifest
+from chunkvault.store.chain import on_way_to
 from chunkvault.store.manifest_seek import ManifestSeeker
 from chunkvault.store.snapshot import KIND_FULL, Snapshot
 
@@ -52,6 +53,24 @@ def test_seeker_agrees_with_a_scan_and_reads_few_blobs(new_repo):
         assert slow.find(recs[-1].path) == recs[-1] and slow.find(b"zzz") is None
 
 
+def test_records_on_the_way_to_a_directory_agree_with_a_scan_and_read_few_blobs(new_repo):
+    repo = new_repo(chunker=SMALL).store
+    recs = _records(random.Random(6), 1500)
+    ids, mw = store_manifest(repo, recs)
+    assert len(ids) > 2000
+    reads = []
+    seeker = ManifestSeeker(lambda bid: reads.append(bid) or repo.read_blob(bid), ids, mw.starts, "test manifest")
+    dirs = {p for r in recs for p in [r.path.rsplit(b"/", 1)[0], r.path]} | {b"zzz", b"a0/none", b"\x00"}
+    for directory in sorted(dirs)[::7]:
+        reads.clear()
+        seeker._blobs.clear()
+        assert list(seeker.within(directory)) == [r for r in recs if on_way_to(r.path, directory)]
+        near = sum(on_way_to(r.path, directory) for r in recs)
+        assert len(reads) < 80 + 15 * near, (directory, len(reads))  # seeks, not a scan of the blobs
+    slow = ManifestSeeker(repo.read_blob, ids, [], "test manifest")  # without offsets: by scanning
+    assert list(slow.within(recs[700].path)) == [r for r in recs if on_way_to(r.path, recs[700].path)]
+
+
 def test_snapshot_with_bad_offsets_is_refused(new_repo):
     repo = new_repo().store
     for starts in ([0], [-2, 0], ["0", 0]):
@@ -85,8 +104,38 @@ def test_find_entry_through_a_chain(tmp_path, new_repo):
         repo.find_entry(second, "d7/f5")
     assert repo.open_file(second, "/d29/f29/").read() == (src / "d29" / "f29").read_bytes()
     for snap in (first, second):
-        for rec in repo.store.tree(snap):
+        tree = list(repo.store.tree(snap))
+        for rec in tree:
             assert repo.find_entry(snap, rec.path) == rec.entry
+        for directory in (b"d3", b"d7", b"d7/f5", b"d29/f29", b"none"):
+            assert list(repo.store.tree_within(snap, directory)) == [r for r in tree if on_way_to(r.path, directory)]
+        assert [e.path for e in repo.tree(snap, "/d3/")] == [b"d3"] + [b"d3/f%d" % f for f in sorted(range(30), key=str)]
+
+
+def test_restoring_one_file_reads_only_the_manifest_blobs_that_hold_it(tmp_path, new_repo, monkeypatch):
+    repo = new_repo(chunker=SMALL)
+    src = tmp_path / "src"
+    rnd = random.Random(10)
+    for d in range(40):
+        (src / f"d{d:02}").mkdir(parents=True)
+        for f in range(20):
+            (src / f"d{d:02}" / f"f{f}").write_bytes(rnd.randbytes(rnd.randrange(1, 300)))
+    repo.backup([str(src)])
+    (src / "d20" / "f3").write_bytes(b"changed")
+    snap = repo.backup([str(src)]).snapshot
+    manifests = {bytes.fromhex(h) for s in repo.store.chain_of(snap) for h in s.manifest}
+    assert len(manifests) > 40
+    store = repo.store
+    read = []
+    real = store.read_blob
+    monkeypatch.setattr(store, "read_blob", lambda bid, **kw: read.append(bid) or real(bid, **kw))
+    for n, (include, restored) in enumerate([(["d20/f3"], {"d20/f3": b"changed"}), (["d31/f*"], None)]):
+        read.clear()
+        out = tmp_path / f"out{n}"
+        repo.restore(snap, str(out), includes=include)
+        assert len(manifests.intersection(read)) < 25
+        got = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert got == (restored or {f"d31/f{f}": (src / "d31" / f"f{f}").read_bytes() for f in range(20)})
 
 
 # --- segments: decoding shared parts of manifests once --------------------------------------

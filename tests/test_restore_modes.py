@@ -213,6 +213,33 @@ def test_selection_matches_the_rule(paths, includes, excludes):
         assert sel(path) == _selected_model(path, includes, excludes), (p, includes, excludes)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_segment, min_size=1, max_size=4).map("/".join), max_size=30),
+       st.lists(_glob, min_size=1, max_size=3), st.sampled_from(["a/", "a/b/", "b/.", ""]))
+def test_a_selection_s_directory_holds_every_path_it_selects(paths, includes, lead):
+    """A restore reads only the part of the tree below ``Selection.directory``: nothing selected may lie
+    elsewhere (globs led by a literal directory, as `--include base/16384/*` is, give one)."""
+    includes = [lead + g for g in includes]
+    sel = Selection(includes, [])
+    if sel.directory is None:
+        return
+    below = sel.directory + b"/"
+    for p in set(paths) | {lead + p for p in paths}:
+        path = p.encode()
+        if sel(path):
+            assert path == sel.directory or path.startswith(below), (p, includes, sel.directory)
+
+
+def test_selection_directories():
+    def directory(*includes):
+        return Selection(list(includes), []).directory
+
+    assert directory("base/16384/2619") == b"base/16384/2619"
+    assert directory("base/16384/*") == directory("base/16384/[0-9]*") == b"base/16384"
+    assert directory("base/163*") == directory("base/16384/1", "base/1/2") == b"base"
+    assert directory("pg_hba.conf") is directory("*/x") is directory("a/b", "c/d") is directory("/abs") is None
+
+
 def test_in_place_restore_does_not_write_through_a_symbolic_link_out_of_the_target(tmp_path, new_repo):
     src = tmp_path / "src"
     (src / "a").mkdir(parents=True)
