@@ -112,14 +112,19 @@ def test_find_entry_through_a_chain(tmp_path, new_repo):
         assert [e.path for e in repo.tree(snap, "/d3/")] == [b"d3"] + [b"d3/f%d" % f for f in sorted(range(30), key=str)]
 
 
-def test_restoring_one_file_reads_only_the_manifest_blobs_that_hold_it(tmp_path, new_repo, monkeypatch):
-    repo = new_repo(chunker=SMALL)
-    src = tmp_path / "src"
-    rnd = random.Random(10)
+def small_files(src, seed: int):
+    """40 directories of 20 small files each."""
+    rnd = random.Random(seed)
     for d in range(40):
         (src / f"d{d:02}").mkdir(parents=True)
         for f in range(20):
             (src / f"d{d:02}" / f"f{f}").write_bytes(rnd.randbytes(rnd.randrange(1, 300)))
+    return src
+
+
+def test_restoring_one_file_reads_only_the_manifest_blobs_that_hold_it(tmp_path, new_repo, monkeypatch):
+    repo = new_repo(chunker=SMALL)
+    src = small_files(tmp_path / "src", 10)
     repo.backup([str(src)])
     (src / "d20" / "f3").write_bytes(b"changed")
     snap = repo.backup([str(src)]).snapshot
@@ -190,12 +195,7 @@ def test_segments_refuse_starts_that_cannot_be_right():
 
 def test_full_snapshots_of_an_unchanged_tree_are_decoded_once(tmp_path, new_repo, monkeypatch):
     repo = new_repo(chunker=SMALL)
-    src = tmp_path / "src"
-    rnd = random.Random(5)
-    for d in range(40):
-        (src / f"d{d:02}").mkdir(parents=True)
-        for f in range(20):
-            (src / f"d{d:02}" / f"f{f}").write_bytes(rnd.randbytes(rnd.randrange(1, 300)))
+    src = small_files(tmp_path / "src", 5)
     snaps = [repo.backup([str(src)], kind="full").snapshot for _ in range(3)]
     (src / "d20" / "f3").write_bytes(b"changed")
     snaps.append(repo.backup([str(src)], kind="full").snapshot)
