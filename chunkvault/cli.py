@@ -294,7 +294,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         repo = _open(args)
         options = {"kind": args.type, "tags": args.tag, "host": args.host, "delta": not args.no_delta,
                    "fixed_chunks": args.fixed_chunks, "fixed_chunk_size": args.fixed_chunk_size,
-                   "dry_run": args.dry_run}
+                   "dry_run": args.dry_run, "time": args.time}
         if args.stdin:
             from .store.command_stream import PipeStream
 
@@ -324,7 +324,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         result = repo.backup(args.paths, kind=args.type, tags=args.tag, host=args.host, excludes=excludes,
                              delta=not args.no_delta, no_delta=args.no_delta_path, fixed_chunks=args.fixed_chunks,
                              fixed_chunk_size=args.fixed_chunk_size, progress=_backup_progress(bar), walk=walk,
-                             dry_run=args.dry_run, parent=args.parent, **compare, **rules)
+                             dry_run=args.dry_run, parent=args.parent, time=args.time, **compare, **rules)
         bar.done()
     snap = result.snapshot
     st = snap.stats
@@ -1088,6 +1088,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--parent", metavar="SNAPSHOT",
                    help="compare with (and build a differential on) this snapshot instead of the newest of the "
                         "same host and paths")
+    s.add_argument("--time", metavar="TIME",
+                   help="the snapshot's time instead of now (ISO 8601, local unless it names a zone; not in the "
+                        "future): when the data was taken, e.g. a file system snapshot's time; the default parent "
+                        "is then the newest snapshot at or before it")
     s.add_argument("--force", action="store_true",
                    help="read every file, even those whose size, times and inode say unchanged")
     s.add_argument("--ignore-inode", action="store_true",

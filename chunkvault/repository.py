@@ -10,7 +10,7 @@ import contextlib
 import io
 import os
 import warnings
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
 from .errors import (CorruptObject, PermissionDenied, RollbackDetected, SnapshotNotFound, StorageFull, TargetNotEmpty,
@@ -52,6 +52,13 @@ def _password(password: str | bytes) -> bytes:
     if not isinstance(password, bytes):
         raise UsageError(f"a password is a str or bytes, not {type(password).__name__}")
     return password
+
+
+def _time(value: str | datetime | None) -> datetime | None:
+    """A time given as text (ISO 8601) or as a datetime; local time when it has no zone."""
+    if isinstance(value, str):
+        return parse_time(value)
+    return value.astimezone(timezone.utc) if value is not None else None
 
 
 def _listed(value: Any) -> list[Any]:
@@ -240,7 +247,8 @@ class Repository:
                one_file_system: bool = False, exclude_if_present: list[str] | None = None,
                exclude_caches: bool = False, exclude_larger_than: int | None = None, dry_run: bool = False,
                reread: bool = False, skip_if_unchanged: bool = False, ignore_inode: bool = False,
-               ignore_ctime: bool = False, xattrs: bool = True, walk: SourceWalk | None = None) -> BackupResult:
+               ignore_ctime: bool = False, xattrs: bool = True, walk: SourceWalk | None = None,
+               time: str | datetime | None = None) -> BackupResult:
         """Back up files and directories; one directory is stored as the snapshot's root.
 
         ``dry_run``: read, chunk, compress and count as a backup would, and write nothing (the
@@ -267,6 +275,11 @@ class Repository:
         attributes alone goes unseen too). ``xattrs``: record extended attributes (ACLs, file
         capabilities, SELinux labels, ``user.*``).
 
+        ``time``: the snapshot's time instead of now (ISO 8601 text, local when it has no zone, or an aware
+        datetime; not in the future): when the data was taken, e.g. the time of the file system snapshot
+        ``paths`` lie in, so that ``restore(until=...)`` finds it. The default parent is then the newest
+        snapshot at or before it.
+
         ``walk``: a ``SourceWalk.of_paths(...).start()`` of the same paths and rules, begun
         before the repository was opened, so the walk overlaps the key derivation.
         """
@@ -283,7 +296,7 @@ class Repository:
                                  fixed_chunk_size=fixed_chunk_size, progress=progress, dry_run=dry_run,
                                  parent=find_snapshot(snaps, parent) if parent else None, reread=reread,
                                  skip_if_unchanged=skip_if_unchanged, ignore_inode=ignore_inode,
-                                 ignore_ctime=ignore_ctime, xattrs=xattrs)
+                                 ignore_ctime=ignore_ctime, xattrs=xattrs, time=_time(time))
         except BaseException:
             if walk is not None:
                 walk.close()
@@ -301,30 +314,33 @@ class Repository:
 
     def backup_stream(self, fileobj: BinaryIO, name: str, *, kind: str = "auto", tags: list[str] | None = None,
                       host: str | None = None, delta: bool = True, fixed_chunks: list[str] | None = None,
-                      fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False) -> BackupResult:
+                      fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False,
+                      time: str | datetime | None = None) -> BackupResult:
         """Store a stream (e.g. a dump on stdin) as the single file ``name``.
 
         ``fixed_chunks``: globs; when one matches ``name`` the stream is cut at fixed offsets.
-        ``dry_run``: as for ``backup``.
+        ``dry_run``, ``time``: as for ``backup``.
         """
-        opts = BackupOptions(kind=kind, tags=_listed(tags), host=host, delta=delta,
-                             fixed_chunks=_listed(fixed_chunks), fixed_chunk_size=fixed_chunk_size, dry_run=dry_run)
+        opts = BackupOptions(kind=kind, tags=_listed(tags), host=host, delta=delta, fixed_chunks=_listed(fixed_chunks),
+                             fixed_chunk_size=fixed_chunk_size, dry_run=dry_run, time=_time(time))
         return self._backup_stream(lambda: contextlib.nullcontext(fileobj), name, opts)
 
     def backup_command(self, argv: Sequence[str], name: str, *, kind: str = "auto", tags: list[str] | None = None,
                        host: str | None = None, delta: bool = True, fixed_chunks: list[str] | None = None,
                        fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False, cwd: str | None = None,
-                       env: Mapping[str, str] | None = None, stderr: IO[bytes] | None = None) -> BackupResult:
+                       env: Mapping[str, str] | None = None, stderr: IO[bytes] | None = None,
+                       time: str | datetime | None = None) -> BackupResult:
         """Store the standard output of the command ``argv`` (e.g. ``["pg_dump", "app"]``) as the single
         file ``name``, as ``backup_stream`` does. The snapshot is saved only if the command exits with
         status 0 (else SourceCommandFailed); a backup that fails first stops the command. The command
         starts once the repository has agreed to the backup, in ``cwd`` with ``env`` (default: ours),
-        less any variable holding a password; its stderr goes to ``stderr`` (a file; default: ours)."""
+        less any variable holding a password; its stderr goes to ``stderr`` (a file; default: ours).
+        ``time``: as for ``backup``."""
         from .store.command_stream import CommandStream
 
         argv = _listed(argv)
-        opts = BackupOptions(kind=kind, tags=_listed(tags), host=host, delta=delta,
-                             fixed_chunks=_listed(fixed_chunks), fixed_chunk_size=fixed_chunk_size, dry_run=dry_run)
+        opts = BackupOptions(kind=kind, tags=_listed(tags), host=host, delta=delta, fixed_chunks=_listed(fixed_chunks),
+                             fixed_chunk_size=fixed_chunk_size, dry_run=dry_run, time=_time(time))
         return self._backup_stream(lambda: CommandStream(argv, cwd=cwd, env=env, stderr=stderr), name, opts)
 
     def _backup_stream(self, open_stream: Callable[[], ContextManager[Any]], name: str,
@@ -455,7 +471,7 @@ class Repository:
     def snapshot(self, spec: str = "latest", *, until: str | datetime | None = None,
                  host: str | None = None, paths: list[str] | None = None) -> Snapshot:
         """An id, unique prefix or ``latest``; with ``until`` the newest at or before that time."""
-        t = parse_time(until) if isinstance(until, str) else until
+        t = _time(until)
         return find_snapshot(self._list(), spec, until=t, host=host, filter_paths=_listed(paths) or None)
 
     def tree(self, snapshot: str | Snapshot = "latest", path: str | bytes | None = None) -> Iterator[Entry]:

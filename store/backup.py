@@ -23,6 +23,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 import blake3
@@ -41,7 +42,7 @@ from .deltabase import restart_turns
 from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
-from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, now_iso
+from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, iso, now_iso
 from .source import SmallRead, SourceWalk, StatFailed, open_source_file, read_small_files
 from .xattrs import read_xattrs
 from .zstdbuf import empty_buffer
@@ -56,6 +57,7 @@ DELTA_BATCH_BYTES = 4 << 20
 # with the parent and keeps the records in order: reading, chunking and both hashes are a core's worth of
 # work, and the compressing workers waited for it when the main thread did it too.
 READERS = 2
+FUTURE_SLACK = timedelta(minutes=5)  # a snapshot time given may be this far ahead (another machine's clock)
 WINDOW = 1024  # entries waiting for their place in the manifest behind a file still being read: 16 runs of
 # small files; with 4 the readers sat idle a third of a backup of small files, the main thread waiting for the
 # oldest run while the window was full
@@ -85,11 +87,17 @@ class BackupOptions:
     ignore_ctime: bool = False  # likewise the change time (file systems that do not keep it)
     skip_if_unchanged: bool = False  # a differential with no change is not saved (the result: its parent)
     xattrs: bool = True  # record extended attributes (ACLs, capabilities, SELinux labels, user.*)
+    # The snapshot's time (default: when it is saved): when the data it reads was taken, e.g. a file system
+    # snapshot's time, so that a restore of a point in time finds it.  The default parent is then the newest
+    # snapshot at or before it.
+    time: datetime | None = None
 
     def __post_init__(self) -> None:
         low, high = FIXED_CHUNK_SIZES
         if not low <= self.fixed_chunk_size <= high:
             raise UsageError(f"fixed chunk size must be between {low >> 10} KiB and {high >> 20} MiB")
+        if self.time is not None and self.time > datetime.now(timezone.utc) + FUTURE_SLACK:
+            raise UsageError(f"snapshot time {self.time.isoformat()} is in the future")
 
 
 @dataclass
@@ -895,7 +903,7 @@ class Backup:
         host = self.opt.host or socket.gethostname()
         snapshots = repo.snapshots()
         same = [s for s in snapshots if s.host == host and sorted(s.paths) == sorted(paths)
-                and s.stdin_name == stdin_name]
+                and s.stdin_name == stdin_name and (self.opt.time is None or s.datetime <= self.opt.time)]
         self._sequence = len(same)  # this backup's number in its series: sets whose turn it is to restart
         parent = self.opt.parent
         parent_tree: Iterator[Record] | None = None
@@ -948,7 +956,7 @@ class Backup:
             self.unreadable += [os.fsdecode(rel) or "." for rel in source.missing]
         w = self.writer
         snap = Snapshot(
-            time=now_iso(), kind=kind, parent=parent.id if kind == KIND_DIFF and parent else None, host=host,
+            time=now_iso() if self.opt.time is None else iso(self.opt.time), kind=kind, parent=parent.id if kind == KIND_DIFF and parent else None, host=host,
             paths=paths, tags=list(self.opt.tags), manifest=[i.hex() for i in manifest_ids],
             manifest_starts=mw.starts, version=mw.version,
             stdin_name=stdin_name,

@@ -93,8 +93,13 @@ class Snapshot:
         return snap
 
 
+def iso(t: datetime) -> str:
+    """A snapshot's time as it is stored: UTC, to the microsecond."""
+    return t.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return iso(datetime.now(timezone.utc))
 
 
 def parse_time(text: str) -> datetime:

@@ -1,11 +1,14 @@
-"""backup --force (read every file), --parent (choose the snapshot to compare with), --skip-if-unchanged."""
+"""backup --force (read every file), --parent (choose the snapshot to compare with), --skip-if-unchanged,
+--time (the time the data was taken)."""
+import io
 import json
 import os
 import shutil
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from chunkvault.errors import SnapshotNotFound
+from chunkvault.errors import SnapshotNotFound, UsageError
 
 
 @pytest.fixture
@@ -68,6 +71,36 @@ def test_parent_chooses_what_a_differential_builds_on(new_repo, tree):
         repo.backup([str(tree)], parent="ffffffff")
 
 
+def test_time_dates_the_snapshot_and_backfills_on_the_snapshot_before_it(new_repo, tree, tmp_path):
+    """A backup of a file system snapshot taken earlier is dated when its data was taken: a restore of a
+    point in time finds it, and it builds on the snapshot before that time, not on a newer one."""
+    repo = new_repo()
+    now = datetime.now(timezone.utc)
+    first = repo.backup([str(tree)], time=now - timedelta(hours=3)).snapshot
+    (tree / "d0" / "f0").write_bytes(b"at two hours ago")
+    backfill_state = (tree / "d0" / "f0").read_bytes()
+    (tree / "d1" / "f1").write_bytes(b"changed later")
+    newest = repo.backup([str(tree)]).snapshot
+    (tree / "d1" / "f1").unlink()
+    earlier = repo.backup([str(tree)], time=(now - timedelta(hours=2)).astimezone().strftime("%Y-%m-%dT%H:%M:%S"))
+    snap = earlier.snapshot
+    assert snap.parent == first.id and newest.parent == first.id
+    assert abs(snap.datetime - (now - timedelta(hours=2))) < timedelta(seconds=1)  # local time without a zone
+    assert first.datetime == now - timedelta(hours=3)
+    assert [s.id for s in repo.snapshots()] == [first.id, snap.id, newest.id]  # in the order of their times
+    assert repo.snapshot("latest", until=now - timedelta(minutes=90)).id == snap.id
+    out = tmp_path / "out"
+    repo.restore("latest", str(out), until=now - timedelta(minutes=90))
+    assert (out / "d0" / "f0").read_bytes() == backfill_state and not (out / "d1" / "f1").exists()
+    with pytest.raises(UsageError, match="in the future"):
+        repo.backup([str(tree)], time=now + timedelta(hours=1))
+    with pytest.raises(UsageError, match="cannot parse time"):
+        repo.backup([str(tree)], time="yesterday")
+    assert len(repo.snapshots()) == 3
+    dump = repo.backup_stream(io.BytesIO(b"dump"), "app.sql", time=now - timedelta(days=1)).snapshot
+    assert dump.datetime == now - timedelta(days=1)
+
+
 def test_skip_if_unchanged_saves_no_empty_differential(new_repo, tree):
     repo = new_repo()
     first = repo.backup([str(tree)]).snapshot
@@ -98,3 +131,10 @@ def test_cli_options(cli, tmp_path, tree):
     assert len(json.loads(cli("snapshots", "-r", repo, "--json").stdout)) == 3
     proc = cli("backup", "-r", repo, "--stdin", "--stdin-name", "x", "--force", input=b"x", check=2)
     assert "apply to paths" in proc.stderr.decode()
+    dated = json.loads(cli("backup", "-r", repo, str(tree), "--time", "2026-01-02T03:04:05.5+01:00", "--json").stdout)
+    assert dated["time"] == "2026-01-02T02:04:05.500000+00:00" and dated["parent"] is None and dated["type"] == "full"
+    piped = json.loads(cli("backup", "-r", repo, "--stdin", "--stdin-name", "x", "--time", "2026-01-02T03:00Z",
+                           "--json", input=b"x").stdout)
+    assert piped["time"] == "2026-01-02T03:00:00.000000+00:00"
+    proc = cli("backup", "-r", repo, str(tree), "--time", "2999-01-01", check=2)
+    assert proc.stderr.decode().count("\n") == 1 and "in the future" in proc.stderr.decode()
