@@ -421,6 +421,7 @@ class Restorer:
         self.owners = options.owners if options.owners is not None else (os.geteuid() == 0)
         self.result = RestoreResult()
         self.selected = Selection(options.includes, options.excludes)
+        self.matched = 0  # entries below the root the selection took (``note_unmatched``)
         self.lookup = lookup
         self._dirs: list[tuple[bytes, bytes, Entry]] = []  # open directories: (key prefix, path, entry)
         self._fresh = False  # the target was empty: nothing in it needs to be looked at or made room for
@@ -461,8 +462,19 @@ class Restorer:
         damaged are left out, and then reported (``RestoreResult.raise_for_problems``)."""
         self.check_target()
         self.restore_records(self.selected_records(records))
+        self.note_unmatched()
         self.result.raise_for_problems()
         return self.result
+
+    def note_unmatched(self) -> None:
+        """A warning when the includes took nothing: they name paths as `ls` lists them, relative to the
+        snapshot's root, and a path given as it was on the backed-up machine would restore nothing, silently
+        (call once the whole tree has been walked)."""
+        if not self.opt.includes or self.matched:
+            return
+        hint = " (without the leading /)" if any(g.startswith("/") for g in self.opt.includes) else ""
+        self.result.warnings.append(f"nothing matched --include {', '.join(self.opt.includes)}: includes are "
+                                    f"paths as `ls` lists them, relative to the snapshot's root{hint}")
 
     @property
     def fresh(self) -> bool:
@@ -486,6 +498,7 @@ class Restorer:
                 if rec.entry is not None and rec.entry.type == T_DIR:
                     above.append(rec)
                 continue
+            self.matched += bool(rec.path)
             yield from above
             above.clear()
             yield self._linked(rec, moved)

@@ -230,6 +230,19 @@ def test_a_selection_s_directory_holds_every_path_it_selects(paths, includes, le
             assert path == sel.directory or path.startswith(below), (p, includes, sel.directory)
 
 
+def test_an_include_that_matches_nothing_is_a_warning(snapshot_of_tree, tmp_path):
+    repo, snap, src, _ = snapshot_of_tree
+    for n, processes in enumerate([1, 2]):
+        res = repo.restore(snap, str(tmp_path / f"none{n}"), includes=[str(src / "small")], processes=processes)
+        assert res.files == 0 and res.warnings == [
+            f"nothing matched --include {src / 'small'}: includes are paths as `ls` lists them, relative to the "
+            "snapshot's root (without the leading /)"]
+    res = repo.restore(snap, str(tmp_path / "some"), includes=["small", "nothing"], processes=2)
+    assert res.files == 1 and res.warnings == []
+    res = repo.restore(snap, str(tmp_path / "dir"), includes=["base"], excludes=["rel*"])
+    assert (res.files, res.dirs, res.warnings) == (0, 2, [])  # the root and base: a directory matched
+
+
 def test_selection_directories():
     def directory(*includes):
         return Selection(list(includes), []).directory
