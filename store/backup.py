@@ -956,7 +956,8 @@ class Backup:
             self.unreadable += [os.fsdecode(rel) or "." for rel in source.missing]
         w = self.writer
         snap = Snapshot(
-            time=now_iso() if self.opt.time is None else iso(self.opt.time), kind=kind, parent=parent.id if kind == KIND_DIFF and parent else None, host=host,
+            time=now_iso() if self.opt.time is None else iso(self.opt.time), kind=kind,
+            parent=parent.id if kind == KIND_DIFF and parent else None, host=host,
             paths=paths, tags=list(self.opt.tags), manifest=[i.hex() for i in manifest_ids],
             manifest_starts=mw.starts, version=mw.version,
             stdin_name=stdin_name,
