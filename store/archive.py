@@ -7,18 +7,21 @@ and bsdtar write them: ``SCHILY.xattr.NAME`` records; ``tar --xattrs`` sets them
 name; zip keeps modes, mtimes (two-second steps, from 1980) and symlinks, stores a hard link as a
 copy of its file, and has no devices, FIFOs (each left out is a warning) or extended attributes; a
 name that is not UTF-8 has U+FFFD for each byte that does not decode there (a warning too: its zip
-name may even be another file's).
+name may even be another file's). A tar cut short by an error gets no end-of-archive blocks: the
+tar reading it then fails too (ended anyway, the zeros of the end passed for a small file's data).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import stat
-import tarfile
 import time
 import zipfile
 from typing import BinaryIO, Callable, Iterable
 
+from chunkvault.errors import CorruptObject
+
+from . import tarformat
 from .manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry
 from .xattrs import decode_xattrs
 
@@ -39,6 +42,7 @@ def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes
         raise ValueError(f"unknown archive format {fmt!r}")
     warnings: list[str] = []
     writer = _Tar(out) if fmt == "tar" else _Zip(out)
+    complete = False
     try:
         for e in entries:
             if not in_subtree(e.path, root) or e.path == b"":
@@ -53,8 +57,9 @@ def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes
                     writer.file(e, data)
             elif not writer.other(e):
                 warnings.append(f"{os.fsdecode(e.path)}: a {_KIND_NAMES[e.type]} cannot be stored in a {fmt}")
+        complete = True
     finally:
-        writer.close()
+        writer.close(complete)
     return warnings
 
 
@@ -72,43 +77,44 @@ def _is_utf8(name: bytes) -> bool:
 class _Tar:
     hard_links = True
     exact_names = True
+    _KINDS = {T_DIR: tarformat.DIRECTORY, T_SYMLINK: tarformat.SYMLINK, T_HARDLINK: tarformat.HARD_LINK,
+              T_FIFO: tarformat.FIFO, T_CHARDEV: tarformat.CHAR_DEVICE, T_BLOCKDEV: tarformat.BLOCK_DEVICE}
 
     def __init__(self, out: BinaryIO):
-        self.tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
-                                errors="surrogateescape")
+        self.out = out
+        self.written = 0
 
-    def _info(self, e: Entry, kind: bytes) -> tarfile.TarInfo:
-        info = tarfile.TarInfo(os.fsdecode(e.path))
-        info.type, info.mode, info.uid, info.gid = kind, e.mode, e.uid, e.gid
-        info.mtime = e.mtime_ns // 1_000_000_000
-        pax = {}
-        if e.mtime_ns % 1_000_000_000:  # exact, in decimal: a float would be off by up to a few hundred ns
-            ns = abs(e.mtime_ns)
-            pax["mtime"] = f"{'-' if e.mtime_ns < 0 else ''}{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
-        if e.xattrs:
-            for name, value in decode_xattrs(e.xattrs).items():
-                pax["SCHILY.xattr." + os.fsdecode(name)] = value.decode("utf-8", "surrogateescape")
-        info.pax_headers = pax
-        return info
+    def _write(self, data: bytes | memoryview) -> None:
+        self.out.write(data)
+        self.written += len(data)
+
+    def _header(self, e: Entry, kind: bytes, size: int = 0) -> None:
+        link = e.target if e.type in (T_SYMLINK, T_HARDLINK) else b""
+        device = e.type in (T_CHARDEV, T_BLOCKDEV)
+        self._write(tarformat.header(kind, e.path, mode=e.mode, uid=e.uid, gid=e.gid, size=size,
+                                     mtime_ns=e.mtime_ns, link=link, major=os.major(e.rdev) if device else 0,
+                                     minor=os.minor(e.rdev) if device else 0,
+                                     xattrs=decode_xattrs(e.xattrs) if e.xattrs else None))
 
     def file(self, e: Entry, data: BinaryIO) -> None:
-        info = self._info(e, tarfile.REGTYPE)
-        info.size = e.size
-        self.tar.addfile(info, data)
+        self._header(e, tarformat.REGULAR, e.size)
+        left = e.size
+        while left:
+            block = data.read(min(left, 1 << 20))
+            if not block:
+                raise CorruptObject(f"file {os.fsdecode(e.path)}", f"its chunks hold {e.size - left} bytes, "
+                                                                 f"not the {e.size} its entry records")
+            self._write(block)
+            left -= len(block)
+        self._write(tarformat.padding(e.size))
 
     def other(self, e: Entry) -> bool:
-        kind = {T_DIR: tarfile.DIRTYPE, T_SYMLINK: tarfile.SYMTYPE, T_HARDLINK: tarfile.LNKTYPE,
-                T_FIFO: tarfile.FIFOTYPE, T_CHARDEV: tarfile.CHRTYPE, T_BLOCKDEV: tarfile.BLKTYPE}[e.type]
-        info = self._info(e, kind)
-        if e.type in (T_SYMLINK, T_HARDLINK):
-            info.linkname = os.fsdecode(e.target)
-        if e.type in (T_CHARDEV, T_BLOCKDEV):
-            info.devmajor, info.devminor = os.major(e.rdev), os.minor(e.rdev)
-        self.tar.addfile(info)
+        self._header(e, self._KINDS[e.type])
         return True
 
-    def close(self) -> None:
-        self.tar.close()
+    def close(self, complete: bool) -> None:
+        if complete:  # an archive cut short by an error has no end: `tar x` then says it is truncated
+            self._write(tarformat.end(self.written))
 
 
 class _Zip:
@@ -143,5 +149,5 @@ class _Zip:
             return False
         return True
 
-    def close(self) -> None:
+    def close(self, complete: bool) -> None:
         self.zip.close()

@@ -103,6 +103,30 @@ def test_tar_of_a_subtree_copies_a_hard_link_whose_file_is_outside(backed_up, tr
     assert kinds["a/link"] == tarfile.SYMTYPE
 
 
+def test_a_tar_cut_short_by_damaged_data_does_not_end_as_a_whole_archive(backed_up, tmp_path, monkeypatch):
+    """Ending it anyway made `tar x` of a pipe succeed: a small file whose data failed came out as zeros."""
+    from chunkvault.errors import CorruptObject
+
+    repo, snap = backed_up
+    bad = repo.find_entry(snap, "a/sub/deep.txt").chunk_ids()[0]
+    real = repo.store.read_blob
+
+    def read_blob(blob_id, **kw):
+        if blob_id == bad:
+            raise CorruptObject(f"blob {blob_id.hex()}", "damaged (planted)")
+        return real(blob_id, **kw)
+
+    monkeypatch.setattr(repo.store, "read_blob", read_blob)
+    out = io.BytesIO()
+    with pytest.raises(CorruptObject, match="planted"):
+        repo.dump(snap, "/", out)
+    assert b"a/sub/deep.txt" in out.getvalue()
+    into = tmp_path / "into"
+    into.mkdir()
+    proc = subprocess.run(["tar", "-x", "-f", "-", "-C", str(into)], input=out.getvalue(), capture_output=True)
+    assert proc.returncode != 0 and b"Unexpected EOF" in proc.stderr
+
+
 def test_zip_keeps_files_dirs_modes_and_symlinks_and_names_what_it_cannot_hold(backed_up, tree):
     repo, snap = backed_up
     data, warnings = dumped(repo, snap, "/", archive="zip")

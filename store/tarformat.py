@@ -1,0 +1,108 @@
+"""POSIX tar (pax) headers, encoded directly: what ``dump`` writes for a directory.
+
+Python's ``tarfile`` builds each header through several layers of dictionaries and checks: about
+100 µs an entry, most of a dump of a tree of small files (5 of 13 s for 48,000 files).  This
+encodes the same format in one pass: a ustar header, preceded by a pax extended header when a
+field does not fit ustar (a name or link target longer than its field or not ASCII, a size or id
+too large, a negative or fractional time) or for extended attributes (``SCHILY.xattr.NAME``
+records, as GNU tar and bsdtar write them).  A value that is not UTF-8 is written as its bytes,
+under ``hdrcharset=BINARY``.
+"""
+from __future__ import annotations
+
+import struct
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # an archive ends padded to whole records, as tar writes them
+REGULAR, HARD_LINK, SYMLINK, CHAR_DEVICE, BLOCK_DEVICE, DIRECTORY, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
+_PAX = b"x"
+_PAX_NAME = b"././@PaxHeader"
+_HEADER = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12s")
+
+
+def _numeric(value: int, width: int, key: bytes, pax: list[bytes]) -> bytes:
+    """A ustar numeric field: octal digits and a NUL; a value that does not fit goes to ``pax``."""
+    if 0 <= value < 8 ** (width - 1):
+        return b"%0*o\0" % (width - 1, value)
+    pax.append(record(key, b"%d" % value))
+    return b"%0*o\0" % (width - 1, 0)
+
+
+def _text(value: bytes, width: int, key: bytes, pax: list[bytes]) -> bytes:
+    """A ustar name field; a value longer than it, or not ASCII, goes to ``pax`` (the field keeps a prefix)."""
+    if len(value) > width or not value.isascii():
+        pax.append(record(key, value))
+    return value[:width]
+
+
+def record(key: bytes, value: bytes) -> bytes:
+    """One pax record: ``LENGTH KEY=VALUE\\n``, the length counting its own digits."""
+    body = b" " + key + b"=" + value + b"\n"
+    digits = len(b"%d" % len(body))
+    while len(b"%d" % (len(body) + digits)) != digits:
+        digits += 1
+    return b"%d" % (len(body) + digits) + body
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def exact_time(ns: int) -> bytes:
+    """Nanoseconds since the epoch as pax writes a time: exact decimal seconds (a float would be off by
+    up to a few hundred ns)."""
+    whole, frac = divmod(abs(ns), 1_000_000_000)
+    return b"%s%d.%09d" % (b"-" if ns < 0 else b"", whole, frac)
+
+
+def _block(kind: bytes, name: bytes, mode: bytes, uid: bytes, gid: bytes, size: bytes, mtime: bytes,
+           link: bytes = b"", major: bytes = b"", minor: bytes = b"") -> bytes:
+    """One ustar header block from its encoded fields, with its checksum."""
+    block = bytearray(_HEADER.pack(name, mode, uid, gid, size, mtime, b" " * 8, kind, link, b"ustar\0", b"00",
+                                   b"", b"", major, minor, b"", b""))
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: int = 0, size: int = 0,
+           mtime_ns: int = 0, link: bytes = b"", major: int = 0, minor: int = 0,
+           xattrs: dict[bytes, bytes] | None = None) -> bytes:
+    """The header blocks of one member (a pax extended header first when needed); a file's data follows,
+    padded to a whole block (``padding``). A directory's name gets its trailing slash here."""
+    if kind == DIRECTORY and not name.endswith(b"/"):
+        name += b"/"
+    xattrs = xattrs or {}
+    pax: list[bytes] = []
+    name_field = _text(name, 100, b"path", pax)
+    link_field = _text(link, 100, b"linkpath", pax)
+    seconds, frac = divmod(mtime_ns, 1_000_000_000)
+    if frac:
+        pax.append(record(b"mtime", exact_time(mtime_ns)))
+        seconds = seconds if 0 <= seconds < 8 ** 11 else 0
+    main = _block(kind, name_field, b"%07o\0" % (mode & 0o7777), _numeric(uid, 8, b"uid", pax),
+                  _numeric(gid, 8, b"gid", pax), _numeric(size, 12, b"size", pax),
+                  _numeric(seconds, 12, b"mtime", pax), link_field, _numeric(major, 8, b"", []),
+                  _numeric(minor, 8, b"", []))
+    pax += [record(b"SCHILY.xattr." + key, value) for key, value in xattrs.items()]
+    if not pax:
+        return main
+    if not all(_is_utf8(v) for v in (name, link, *xattrs, *xattrs.values())):
+        pax.insert(0, record(b"hdrcharset", b"BINARY"))
+    records = b"".join(pax)
+    zero = b"%07o\0" % 0
+    extended = _block(_PAX, _PAX_NAME, b"%07o\0" % 0o644, zero, zero, b"%011o\0" % len(records), b"%011o\0" % 0)
+    return extended + records + padding(len(records)) + main
+
+
+def padding(size: int) -> bytes:
+    """The NULs that fill a member's data of ``size`` bytes to a whole block."""
+    return bytes(-size % BLOCK)
+
+
+def end(written: int) -> bytes:
+    """The end of an archive of ``written`` bytes so far: two zero blocks, then zeros to a whole record."""
+    return bytes(2 * BLOCK + -(written + 2 * BLOCK) % RECORD)
