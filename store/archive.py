@@ -47,7 +47,7 @@ def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes
         for e in entries:
             if not in_subtree(e.path, root) or e.path == b"":
                 continue
-            if not writer.exact_names and not _is_utf8(e.path):
+            if not writer.exact_names and not tarformat.is_utf8(e.path):
                 warnings.append(f"{os.fsdecode(e.path)}: the name is not UTF-8; the {fmt} names it "
                                 f"{e.path.decode('utf-8', 'replace')} (a tar keeps its bytes)")
             if e.type == T_HARDLINK and not (writer.hard_links and in_subtree(e.target, root)):
@@ -64,14 +64,6 @@ def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes
 
 
 _KIND_NAMES = {T_FIFO: "FIFO", T_CHARDEV: "character device", T_BLOCKDEV: "block device"}
-
-
-def _is_utf8(name: bytes) -> bool:
-    try:
-        name.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 class _Tar:

@@ -44,7 +44,7 @@ def record(key: bytes, value: bytes) -> bytes:
     return b"%d" % (len(body) + digits) + body
 
 
-def _is_utf8(value: bytes) -> bool:
+def is_utf8(value: bytes) -> bool:
     try:
         value.decode("utf-8")
     except UnicodeDecodeError:
@@ -90,7 +90,7 @@ def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: in
     pax += [record(b"SCHILY.xattr." + key, value) for key, value in xattrs.items()]
     if not pax:
         return main
-    if not all(_is_utf8(v) for v in (name, link, *xattrs, *xattrs.values())):
+    if not all(is_utf8(v) for v in (name, link, *xattrs, *xattrs.values())):
         pax.insert(0, record(b"hdrcharset", b"BINARY"))
     records = b"".join(pax)
     zero = b"%07o\0" % 0
