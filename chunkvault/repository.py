@@ -24,7 +24,7 @@ from .store.chain import broken_chains, lineage
 from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import Repo
-from .store.restore import Restorer, RestoreOptions, RestoreResult
+from .store.restore import Restorer, RestoreOptions, RestoreResult, include_directory
 from .store.snapshot import Snapshot, find_snapshot, parse_time, select_snapshots
 from .store.source import SourceWalk, markers_of
 from .store.keyahead import KeyAhead
@@ -448,7 +448,8 @@ class Repository:
         """Every distinct version of each path matching a glob of ``patterns`` (against the path below a
         snapshot's root, or its name), with the snapshots holding it: in all snapshots, or in those named
         and those the filters select.  Each full manifest is read once, each differential's own records
-        once (``store/find.py``)."""
+        once (``store/find.py``); patterns that all start with a directory (``etc/postgresql/*``) read only
+        that directory's part of each manifest."""
         from .store.find import matches_by_snapshot, path_matcher, versions
 
         patterns = _listed(patterns)
@@ -461,7 +462,10 @@ class Repository:
             parents = {s.id: s.parent for s in every}
             needed = {sid: by_id[sid] for s in chosen for sid in lineage(s.id, parents)}
             match = path_matcher(patterns, ignore_case)
-            matches = matches_by_snapshot(needed.values(), self._repo.manifest_records, match)
+            within = None if ignore_case else include_directory(patterns)
+            own: Callable[[Snapshot], Iterator[Record]] = self._repo.manifest_records if within is None else (
+                lambda s: self._repo.manifest_records_within(s, within))
+            matches = matches_by_snapshot(needed.values(), own, match)
             for s in chosen:
                 if s.id not in matches:
                     warnings.warn(f"snapshot {s.short_id} is not searched: its chain does not reach a full snapshot "

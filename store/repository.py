@@ -720,12 +720,19 @@ class Repo:
         (_, full), *diffs = self._seekers(snap, snapshots)
         return chain.resolve(full.within(directory), [seeker.within(directory) for s, seeker in diffs if s.manifest])
 
+    def manifest_records_within(self, snap: Snapshot, directory: bytes) -> Iterator[Record]:
+        """The records of ``manifest_records`` on the way to ``directory`` (``chain.on_way_to``), found by
+        seeking: what ``find`` needs of each manifest when its patterns name a directory."""
+        return self._seeker(snap, snap).within(directory)
+
     def _seekers(self, snap: Snapshot, snapshots: Iterable[Snapshot] | None) -> list[tuple[Snapshot, ManifestSeeker]]:
         """A seeker in each manifest of ``snap``'s chain, the full first."""
+        return [(s, self._seeker(s, snap)) for s in self.chain_of(snap, snapshots)]
+
+    def _seeker(self, snap: Snapshot, needed_by: Snapshot) -> ManifestSeeker:
         self.index  # loaded here: its own damage is not a manifest's
-        return [(s, ManifestSeeker(self._manifest_reader(s, snap), [bytes.fromhex(h) for h in s.manifest],
-                                   s.manifest_starts, _manifest_name(s, snap)))
-                for s in self.chain_of(snap, snapshots)]
+        return ManifestSeeker(self._manifest_reader(snap, needed_by), [bytes.fromhex(h) for h in snap.manifest],
+                              snap.manifest_starts, _manifest_name(snap, needed_by))
 
     def _manifest_reader(self, snap: Snapshot, needed_by: Snapshot) -> Callable[[bytes], Plaintext]:
         def read(blob_id: bytes) -> Plaintext:

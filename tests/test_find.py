@@ -80,7 +80,8 @@ def brute_force(repo: Repository, snaps: list[Snapshot], match) -> list[tuple]:
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 2**32 - 1), patterns=st.sampled_from([["*"], ["*.a"], ["d*"], ["d0/*"], ["f1*", "*.b"]]))
+@given(seed=st.integers(0, 2**32 - 1), patterns=st.sampled_from([["*"], ["*.a"], ["d*"], ["d0/*"], ["f1*", "*.b"], ["d1/d0/*"],
+                                                                  ["d0/f1.a", "d0/x*"], ["d1/y"]]))
 def test_find_equals_the_versions_read_from_every_whole_tree(tmp_path_factory, seed, patterns):
     """Random trees over a series of fulls and differentials (some aggregated, some forgotten): find
     reads each full once and each differential's own records, yet says what every resolved tree says."""

@@ -122,7 +122,7 @@ def small_files(src, seed: int):
     return src
 
 
-def test_restoring_one_file_reads_only_the_manifest_blobs_that_hold_it(tmp_path, new_repo, monkeypatch):
+def test_restoring_or_finding_one_file_reads_only_the_manifest_blobs_that_hold_it(tmp_path, new_repo, monkeypatch):
     repo = new_repo(chunker=SMALL)
     src = small_files(tmp_path / "src", 10)
     repo.backup([str(src)])
@@ -141,6 +141,10 @@ def test_restoring_one_file_reads_only_the_manifest_blobs_that_hold_it(tmp_path,
         assert len(manifests.intersection(read)) < 25
         got = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
         assert got == (restored or {f"d31/f{f}": (src / "d31" / f"f{f}").read_bytes() for f in range(20)})
+    read.clear()
+    found = repo.find(["d31/f1*"])  # find too, in every snapshot of the chain
+    assert sorted(f.path for f in found) == sorted([b"d31/f1"] + [b"d31/f1%d" % i for i in range(10)])
+    assert len(manifests.intersection(read)) < 25
 
 
 # --- segments: decoding shared parts of manifests once --------------------------------------
