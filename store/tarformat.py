@@ -20,12 +20,17 @@ _PAX_NAME = b"././@PaxHeader"
 _HEADER = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12s")
 
 
+def _octal(value: int, width: int) -> bytes:
+    """A ustar numeric field holding ``value``, which fits it: octal digits and a NUL."""
+    return b"%0*o\0" % (width - 1, value)
+
+
 def _numeric(value: int, width: int, key: bytes, pax: list[bytes]) -> bytes:
-    """A ustar numeric field: octal digits and a NUL; a value that does not fit goes to ``pax``."""
+    """A ustar numeric field; a value that does not fit it goes to ``pax`` (the field then holds 0)."""
     if 0 <= value < 8 ** (width - 1):
-        return b"%0*o\0" % (width - 1, value)
+        return _octal(value, width)
     pax.append(record(key, b"%d" % value))
-    return b"%0*o\0" % (width - 1, 0)
+    return _octal(0, width)
 
 
 def _text(value: bytes, width: int, key: bytes, pax: list[bytes]) -> bytes:
@@ -83,18 +88,17 @@ def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: in
     if frac:
         pax.append(record(b"mtime", exact_time(mtime_ns)))
         seconds = seconds if 0 <= seconds < 8 ** 11 else 0
-    main = _block(kind, name_field, b"%07o\0" % (mode & 0o7777), _numeric(uid, 8, b"uid", pax),
+    main = _block(kind, name_field, _octal(mode & 0o7777, 8), _numeric(uid, 8, b"uid", pax),
                   _numeric(gid, 8, b"gid", pax), _numeric(size, 12, b"size", pax),
-                  _numeric(seconds, 12, b"mtime", pax), link_field, _numeric(major, 8, b"", []),
-                  _numeric(minor, 8, b"", []))
+                  _numeric(seconds, 12, b"mtime", pax), link_field, _octal(major, 8), _octal(minor, 8))
     pax += [record(b"SCHILY.xattr." + key, value) for key, value in xattrs.items()]
     if not pax:
         return main
     if not all(is_utf8(v) for v in (name, link, *xattrs, *xattrs.values())):
         pax.insert(0, record(b"hdrcharset", b"BINARY"))
     records = b"".join(pax)
-    zero = b"%07o\0" % 0
-    extended = _block(_PAX, _PAX_NAME, b"%07o\0" % 0o644, zero, zero, b"%011o\0" % len(records), b"%011o\0" % 0)
+    extended = _block(_PAX, _PAX_NAME, _octal(0o644, 8), _octal(0, 8), _octal(0, 8), _octal(len(records), 12),
+                      _octal(0, 12))
     return extended + records + padding(len(records)) + main
 
 
