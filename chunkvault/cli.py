@@ -8,12 +8,11 @@ import json
 import os
 import signal
 import sys
-import threading
 import warnings
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
-from . import __version__, passwords
+from . import __version__, interrupts, passwords
 from .display import one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .errors import (ChunkvaultError, CorruptObject, PartialBackup, TargetNotEmpty, UsageError, VerificationFailed,
@@ -1346,8 +1345,8 @@ class _Terminated(KeyboardInterrupt):
     released and what it stored whole indexed, instead of dying where it stands."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated
+def _stop(signum: int) -> None:
+    raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1357,20 +1356,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # a process of its own, not a caller's (tests call main with arguments)
         tune_gc()
     args: argparse.Namespace | None = None
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     stdout = sys.stdout
     if stdout is not None:
         _never_strict(stdout)
         sys.stdout = _GuardedOutput(stdout)  # type: ignore[assignment]
     try:
-        args = _parse(sys.argv[1:] if argv is None else argv)
-        with warnings.catch_warnings(), contextlib.ExitStack() as args.held:
-            warnings.showwarning = _warning_printer(warnings.showwarning)
-            code = int(args.func(args) or 0)
-            if sys.stdout is not None:
-                sys.stdout.flush()  # here, where a failure is reported, not at the interpreter's exit
-            return code
+        with interrupts.handled({signal.SIGINT: _stop, signal.SIGTERM: _stop}):
+            args = _parse(sys.argv[1:] if argv is None else argv)
+            with warnings.catch_warnings(), contextlib.ExitStack() as args.held:
+                warnings.showwarning = _warning_printer(warnings.showwarning)
+                code = int(args.func(args) or 0)
+                if sys.stdout is not None:
+                    sys.stdout.flush()  # here, where a failure is reported, not at the interpreter's exit
+        return code
     except ChunkvaultError as exc:
         print(f"chunkvault: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
@@ -1390,8 +1388,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
     finally:
         sys.stdout = stdout
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

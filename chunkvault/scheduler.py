@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, Iterator, TextIO
 
+from . import interrupts
 from .display import one_line
 from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
 from .processes import kill_group
@@ -572,7 +573,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     log = _Log(args.log, utc_now)
     signals_seen: list[int] = []
 
-    def on_signal(signum: int, frame: Any) -> None:
+    def on_signal(signum: int) -> None:
         if stop.is_set():
             raise KeyboardInterrupt  # second signal: abort the step in progress
         signals_seen.append(signum)
@@ -583,11 +584,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             sys.stdout.write(json.dumps(report.to_dict(), sort_keys=True) + "\n")
             sys.stdout.flush()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        runner = _runner(args, stop, log if not args.quiet else _quiet(log))
-        daemon = Daemon(runner, log=log, verbose=not args.quiet, on_report=on_report)
-        code = daemon.serve()
+        with interrupts.handled({signal.SIGTERM: on_signal, signal.SIGINT: on_signal}):
+            runner = _runner(args, stop, log if not args.quiet else _quiet(log))
+            daemon = Daemon(runner, log=log, verbose=not args.quiet, on_report=on_report)
+            code = daemon.serve()
         if signals_seen:
             log(f"stopped by {signal.Signals(signals_seen[0]).name}")
         return code
@@ -595,8 +596,6 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         log("aborted by a second signal")
         return 130
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
         log.close()
 
 

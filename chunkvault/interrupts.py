@@ -1,0 +1,115 @@
+"""Stop signals (Ctrl-C, SIGTERM) handled where handling them cannot leave a lock held.
+
+Python runs a signal's handler on the main thread between two bytecodes, wherever that thread is.  A
+handler that raises inside the standard library's thread synchronisation (a ``Condition`` entered but
+not yet set up to be left, a ``Future``'s bookkeeping, a waiter listed but not yet waited on) leaves
+that lock held or that waiter listed for good: a worker that later completes the future blocks on its
+lock forever, and so does the command's clean-up, which waits for its workers.  A Ctrl-C that lands
+while the main thread looks at a future does that about one time in three.
+
+``handled`` runs the given handlers at once when the main thread is anywhere else, or blocked waiting
+inside the ``try`` that the standard library's waits keep for such exceptions (so that Ctrl-C still
+stops a long wait); when it is inside that code elsewhere, the handler is run a few milliseconds later
+(an interval timer), once the thread has left it.
+"""
+from __future__ import annotations
+
+import concurrent.futures._base
+import concurrent.futures.thread
+import contextlib
+import dis
+import queue
+import signal
+import threading
+from types import CodeType, FrameType
+from typing import Callable, Iterator, Mapping
+
+RETRY_SECONDS = 0.005
+
+_SYNC_FILES = frozenset(m.__file__ for m in (threading, queue, concurrent.futures._base,
+                                               concurrent.futures.thread))
+
+Handler = Callable[[int], None]
+
+
+def _calls_in_try(code: CodeType, attribute: str, in_try: bool) -> set[int]:
+    """The lines of ``code`` that load ``attribute`` (a method about to be called), only inside a ``try``
+    block when ``in_try``."""
+    bytecode = dis.Bytecode(code)
+    guarded = [(e.start, e.end) for e in bytecode.exception_entries]
+    return {i.positions.lineno for i in bytecode
+            if i.argval == attribute and i.opname in ("LOAD_ATTR", "LOAD_METHOD")
+            and i.positions is not None and i.positions.lineno is not None
+            and (not in_try or any(start <= i.offset < end for start, end in guarded))}
+
+
+def _blocking_waits() -> frozenset[tuple[CodeType, int]]:
+    """(code, line) where the main thread blocks in a wait that an exception leaves in good order: a
+    ``Condition``'s wait inside its ``try`` (every Event, Semaphore, queue and Future waits there), and a
+    thread's join."""
+    found: set[tuple[CodeType, int]] = set()
+    places: list[tuple[Callable, str, bool]] = [(threading.Condition.wait, "acquire", True),
+                                                (threading.Thread.join, "join", False)]
+    if hasattr(threading.Thread, "_wait_for_tstate_lock"):  # before Python 3.13
+        places.append((threading.Thread._wait_for_tstate_lock, "acquire", True))
+    for func, attribute, in_try in places:
+        code = func.__code__
+        found |= {(code, line) for line in _calls_in_try(code, attribute, in_try)}
+    return frozenset(found)
+
+
+_WAITS = _blocking_waits()
+
+
+def safe_to_interrupt(frame: FrameType | None) -> bool:
+    """False while ``frame`` (the main thread's, as a handler gets it) or a caller of it is inside the
+    standard library's synchronisation code, but for its blocking waits."""
+    if frame is not None and (frame.f_code, frame.f_lineno) in _WAITS:
+        return True
+    while frame is not None:
+        if frame.f_code.co_filename in _SYNC_FILES:
+            return False
+        frame = frame.f_back
+    return True
+
+
+@contextlib.contextmanager
+def handled(handlers: Mapping[int, Handler]) -> Iterator[None]:
+    """Within the block, run ``handlers[signum](signum)`` for those signals at a point where the main
+    thread may raise.  A signal still waiting for such a point when the block ends is handled then.
+    Off the main thread (a caller's thread), signals cannot be handled: the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    waiting: list[int] = []
+
+    def run(signum: int) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        waiting.clear()
+        handlers[signum](signum)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if safe_to_interrupt(frame):
+            run(signum)
+        elif not waiting:
+            waiting.append(signum)
+            signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
+
+    def on_retry(_signum: int, frame: FrameType | None) -> None:
+        if not waiting:
+            return
+        if safe_to_interrupt(frame):
+            run(waiting[0])
+        else:
+            signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
+
+    previous = {s: signal.signal(s, on_signal) for s in handlers}
+    previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, on_retry)
+    try:
+        yield
+        if waiting:
+            run(waiting[0])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, h in previous.items():
+            signal.signal(s, h)
