@@ -81,15 +81,22 @@ def handled(handlers: Mapping[int, Handler]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    waiting: list[int] = []
+    waiting: list[int] = []  # a signal that came where it could not be handled yet
 
     def run(signum: int) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        waiting.clear()
         handlers[signum](signum)
+
+    def run_waiting() -> None:
+        try:
+            signum = waiting.pop()
+        except IndexError:  # a handler can be interrupted too: another signal's ran meanwhile
+            return
+        run(signum)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if safe_to_interrupt(frame):
+            waiting.clear()
             run(signum)
         elif not waiting:
             waiting.append(signum)
@@ -99,7 +106,7 @@ def handled(handlers: Mapping[int, Handler]) -> Iterator[None]:
         if not waiting:
             return
         if safe_to_interrupt(frame):
-            run(waiting[0])
+            run_waiting()
         else:
             signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
 
@@ -107,8 +114,7 @@ def handled(handlers: Mapping[int, Handler]) -> Iterator[None]:
     previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, on_retry)
     try:
         yield
-        if waiting:
-            run(waiting[0])
+        run_waiting()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for s, h in previous.items():

@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote
 
+from chunkvault import interrupts
 from chunkvault.errors import ObjectExists, PermissionDenied, RemoteError, StorageFull, UsageError
 from chunkvault.tomlfile import read_toml
 from chunkvault.units import parse_size
@@ -688,23 +689,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="serve", daemon=True)
-    thread.start()
-    threading.Thread(target=server.remove_unfinished_uploads, name="cleanup", daemon=True).start()
-    if settings.tokens is None:
-        server.log("warning: no --tokens: every local user and program can read, overwrite and delete "
-                   "this repository", always=True)
-    extra = ", append-only" if settings.append_only else ""
-    server.log(f"listening on {server.url} (repository {settings.path}{extra})", always=True)
-    try:
-        while thread.is_alive() and not stop.wait(0.5):
-            pass
-    finally:
-        server.shutdown()
-        server.wait_idle(10.0)
-        server.server_close()
+    # Run where setting the event cannot find its lock held by the main thread's own wait on it.
+    with interrupts.handled({signal.SIGTERM: lambda _: stop.set(), signal.SIGINT: lambda _: stop.set()}):
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="serve",
+                                  daemon=True)
+        thread.start()
+        threading.Thread(target=server.remove_unfinished_uploads, name="cleanup", daemon=True).start()
+        if settings.tokens is None:
+            server.log("warning: no --tokens: every local user and program can read, overwrite and delete "
+                       "this repository", always=True)
+        extra = ", append-only" if settings.append_only else ""
+        server.log(f"listening on {server.url} (repository {settings.path}{extra})", always=True)
+        try:
+            while thread.is_alive() and not stop.wait(0.5):
+                pass
+        finally:
+            server.shutdown()
+            server.wait_idle(10.0)
+            server.server_close()
     server.log("stopped", always=True)
     return 0

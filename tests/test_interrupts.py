@@ -68,6 +68,36 @@ def test_ctrl_c_never_leaves_a_future_that_nobody_can_complete():
     assert out.stdout.split() == ["60", "0"]
 
 
+EVENT_STORM = """
+import os, signal, threading, time
+from chunkvault.interrupts import handled
+
+ev, done = threading.Event(), threading.Event()
+def storm():
+    while not done.is_set():
+        time.sleep(0.0005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+with handled({signal.SIGINT: lambda signum: ev.set()}):
+    stormer = threading.Thread(target=storm, daemon=True)
+    stormer.start()
+    for _ in range(100):
+        ev.clear()
+        while not ev.wait(0):  # the main thread holds the event's lock most of the time
+            pass
+    done.set()
+    stormer.join()
+print("ok")
+"""
+
+
+def test_a_handler_that_sets_an_event_never_waits_for_its_own_thread():
+    """``serve`` and ``daemon`` stop by setting an event their main thread waits on: run where Python puts
+    it, the handler can find that event's lock held by the very thread it interrupted, and wait for ever."""
+    out = subprocess.run([sys.executable, "-c", EVENT_STORM], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout.strip()) == (0, "ok"), out.stderr[-2000:]
+
+
 WAIT = """
 import os, queue, signal, sys, threading, time
 from concurrent.futures import Future
