@@ -144,8 +144,14 @@ class RepoLock:
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait
         while True:
-            self._write()
-            conflicts = self._conflicts()
+            try:
+                self._write()
+                conflicts = self._conflicts()
+            except BaseException:
+                # A write whose reply was lost may have landed, and a failed listing leaves ours there:
+                # removed now if the remote lets us, instead of holding others off until it goes stale.
+                self._remove_quietly()
+                raise
             if not conflicts:
                 break
             self.remote.delete(self.key)
@@ -165,6 +171,12 @@ class RepoLock:
                     self._write()
                 except Exception:  # a failed refresh only risks staleness; the next one may succeed
                     continue
+
+    def _remove_quietly(self) -> None:
+        try:
+            self.remote.delete(self.key)
+        except RemoteError:
+            pass
 
     def release(self) -> None:
         self._stop.set()

@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from chunkvault.errors import Locked
+from chunkvault.errors import Locked, RemoteUnavailable
 from chunkvault.remotes.local import LocalRemote
 from chunkvault.store.locks import EXCLUSIVE, SHARED, RepoLock, boot_id, list_locks, process_start
+from faults import FaultyRemote
 
 needs_proc = pytest.mark.skipif(boot_id() is None or process_start(os.getpid()) is None,
                                 reason="no /proc boot id and process start times here")
@@ -88,3 +89,16 @@ def test_locks_name_their_process(remote):
         assert info.key == lock.key and info.pid == os.getpid()
         assert info.boot == boot_id() and info.start == process_start(os.getpid())
         assert not info.stale(time.time())
+
+
+@pytest.mark.parametrize("op, after", [("put", True), ("list", False)])
+def test_a_lock_that_could_not_be_taken_is_not_left_behind(remote, op, after):
+    """A write whose reply was lost landed, or the listing after it failed: the lock is removed on the way
+    out, not left to hold off other hosts' commands until it goes stale."""
+    faulty = FaultyRemote(remote, seed=0)
+    faulty.inject(op, 1, after=after)
+    with pytest.raises(RemoteUnavailable):
+        RepoLock(faulty, EXCLUSIVE, "prune").acquire()
+    assert list_locks(remote) == []
+    with RepoLock(faulty, EXCLUSIVE, "prune"):  # and the next one is taken
+        assert len(list_locks(remote)) == 1
