@@ -25,7 +25,7 @@ from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import Repo
 from .store.restore import Restorer, RestoreOptions, RestoreResult, include_directory
-from .store.snapshot import Snapshot, find_snapshot, parse_time, select_snapshots
+from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, select_snapshots
 from .store.source import SourceWalk, markers_of
 from .store.keyahead import KeyAhead
 from .store.unlock import Unlocked, unlock
@@ -421,8 +421,7 @@ class Repository:
             every = self._list()
             chosen = self._chosen(every, snapshots, hosts, tags, paths)
             repo = self._repo
-            out = usage(every, chosen, repo.manifest_records, repo.locate, repo.delta_base,
-                        lambda s: repo.chain_of(s, every))
+            out = usage(every, chosen, repo.manifest_records, repo.locate, repo.delta_base, repo.chains(every))
             out.not_resolved += sorted(repo.unreadable_snapshots)
             if out.not_resolved:
                 warnings.warn(f"{len(out.not_resolved)} snapshot(s) cannot be read in full (`check` says why): "
@@ -439,7 +438,8 @@ class Repository:
         chosen = select_snapshots(every, hosts=_listed(hosts), tags=_listed(tags), paths=_listed(paths))
         if snapshots is None:
             return chosen
-        named = {(s if isinstance(s, Snapshot) else find_snapshot(every, s)).id for s in _listed(snapshots)}
+        find = SnapshotFinder(every)
+        named = {(s if isinstance(s, Snapshot) else find(s)).id for s in _listed(snapshots)}
         return [s for s in chosen if s.id in named]
 
     def find(self, patterns: list[str], *, snapshots: Iterable[str | Snapshot] | None = None,
@@ -649,7 +649,8 @@ class Repository:
         from .store.retention import Decision
 
         damaged = self._repo.unreadable_snapshots
-        ids = [self._forget_id(spec, snaps, damaged) for spec in specs]
+        find = SnapshotFinder(snaps)
+        ids = [self._forget_id(spec, find, damaged) for spec in specs]
         if policy is None and not ids:
             raise UsageError("nothing to forget: name snapshots or give a retention policy")
         hosts, tags, paths = list(hosts), list(tags), list(paths)
@@ -682,11 +683,11 @@ class Repository:
         return plan, whole
 
     @staticmethod
-    def _forget_id(spec: str, snaps: list[Snapshot], damaged: dict[str, CorruptObject]) -> str:
+    def _forget_id(spec: str, find: SnapshotFinder, damaged: dict[str, CorruptObject]) -> str:
         """A snapshot to forget: a readable one as ``find_snapshot`` resolves it, or an unreadable one by
         its id or a unique prefix."""
         try:
-            return find_snapshot(snaps, spec).id
+            return find(spec).id
         except SnapshotNotFound:
             found = [n for n in damaged if spec and n.startswith(spec.lower())]
             if len(found) != 1:

@@ -7,7 +7,7 @@ folds a chain.  Everything streams: memory does not grow with the tree.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from .manifest import OP_DELETE, OP_ENTRY, OP_FRESH, Record, sort_key
 
@@ -132,7 +132,7 @@ def lookup(path: bytes, layers: Sequence[Callable[[bytes], Record | None]]) -> R
     return None
 
 
-def chain_to_base(snapshot_id: str, parents: dict[str, str | None]) -> list[str]:
+def chain_to_base(snapshot_id: str, parents: Mapping[str, str | None]) -> list[str]:
     """Ids from the full base to ``snapshot_id`` (oldest first); raises KeyError/ValueError when broken."""
     chain = [snapshot_id]
     seen = {snapshot_id}

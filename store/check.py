@@ -175,9 +175,10 @@ class Checker:
             except ChunkvaultError as exc:
                 self.problem(f"snapshots/{name}", str(exc)).snapshots.append(name)
         self.report.snapshots = len(snaps)
+        chain_of = self.repo.chains(snaps)
         for s in snaps:
             try:
-                self.repo.chain_of(s, snaps)
+                chain_of(s)
             except ChunkvaultError as exc:
                 self.problem(f"snapshots/{s.id}", f"chain does not resolve: {exc}").snapshots.append(s.id)
         return snaps
@@ -393,9 +394,10 @@ class Checker:
                 if p is not None:
                     _name(p, s.id)
                     damaged.setdefault(s.id, p)
+        chain_of = self.repo.chains(snapshots)
         for s in snapshots:
             try:
-                broken = [damaged[m.id] for m in self.repo.chain_of(s, snapshots) if m.id in damaged]
+                broken = [damaged[m.id] for m in chain_of(s) if m.id in damaged]
                 for p in broken:
                     _name(p, s.id)
                 if s.id in damaged:

@@ -226,11 +226,12 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
                 continue
             if paths:
                 damaged_paths[snap.id] = paths
+        chain_of = repo.chains(snapshots)
         for snap in snapshots:
             reason = unreadable.get(snap.id)
             if reason is None:
                 try:
-                    below = [m.id for m in repo.chain_of(snap, snapshots) if m.id in unreadable]
+                    below = [m.id for m in chain_of(snap) if m.id in unreadable]
                     if below:
                         reason = f"it is a differential on {below[0][:8]}, whose manifest is unreadable"
                 except ChunkvaultError as exc:

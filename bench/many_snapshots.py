@@ -1,0 +1,84 @@
+"""Commands over a repository of many snapshots: a year of hourly ones is 8,760.
+
+    python bench/many_snapshots.py [--count 8760] [--dir DIR]
+
+Backs up a small tree once, then writes ``count - 1`` more snapshots of it through
+the API (the same tree, one an hour further back each: what the commands read
+is the snapshot objects, whatever their trees), and times the commands that
+read every snapshot: the listing, a backup (which looks for its parent), a
+retention dry run, a check, a find.  Seconds per command, fastest of
+``--repeat``; none should grow faster than the number of snapshots.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from chunkvault import Repository  # noqa: E402
+
+PASSWORD = "bench many snapshots"
+COMMANDS = [
+    ["snapshots"],
+    ["backup", "{src}"],
+    ["forget", "--keep-hourly", "24", "--keep-daily", "30", "--keep-monthly", "12", "--dry-run"],
+    ["check"],
+    ["find", "f1"],
+]
+
+
+def build(repo_dir: str, src: str, count: int) -> None:
+    os.makedirs(src)
+    for i in range(20):
+        with open(os.path.join(src, f"f{i}"), "wb") as f:
+            f.write(os.urandom(1000))
+    with Repository.init(repo_dir, PASSWORD, kdf_seconds=0.05) as repo:
+        first = repo.backup([src]).snapshot
+        start = datetime.datetime.fromisoformat(first.time)
+        for i in range(1, count):
+            t = (start - datetime.timedelta(hours=i)).isoformat()
+            repo.store.save_snapshot(dataclasses.replace(first, time=t, id=""))
+
+
+def timed(argv: list[str], env: dict[str, str], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-m", "chunkvault.cli", *argv], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        best = min(best, time.monotonic() - started)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--count", type=int, default=8760)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", help="work directory (default: a temporary one, removed)")
+    args = ap.parse_args()
+    work = args.dir or tempfile.mkdtemp(prefix="many-snapshots-")
+    repo_dir, src = os.path.join(work, "repo"), os.path.join(work, "src")
+    try:
+        started = time.monotonic()
+        build(repo_dir, src, args.count)
+        print(f"{args.count} snapshots written in {time.monotonic() - started:.1f} s")
+        env = {**os.environ, "CHUNKVAULT_PASSWORD": PASSWORD, "CHUNKVAULT_REPOSITORY": repo_dir,
+               "CHUNKVAULT_CACHE_DIR": os.path.join(work, "cache")}
+        for argv in COMMANDS:
+            argv = [a.format(src=src) for a in argv]
+            print(f"{' '.join(argv):70} {timed(argv, env, args.repeat):6.2f} s")
+    finally:
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

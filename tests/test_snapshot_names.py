@@ -1,0 +1,59 @@
+"""Naming snapshots: SnapshotFinder answers as find_snapshot does, for any listing and any name."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from chunkvault.errors import ChunkvaultError, MissingObject
+from chunkvault.store.snapshot import Snapshot, SnapshotFinder, find_snapshot
+
+HEX = "0123456789abcdef"
+
+
+def snap(sid: str, hour: int) -> Snapshot:
+    return Snapshot(time=f"2026-01-01T{hour % 24:02}:00:00+00:00", kind="full", parent=None, host="h",
+                    paths=["/a"], id=sid)
+
+
+def answer(find, snaps, spec):
+    try:
+        return find(snaps, spec).id
+    except ChunkvaultError as exc:
+        return type(exc).__name__, str(exc)
+
+
+# Ids sharing prefixes (a small alphabet at the start), names that are prefixes of them, their upper case,
+# others, "latest", empty and blank.
+ids = st.lists(st.text("01", min_size=1, max_size=3).flatmap(
+    lambda head: st.text(HEX, min_size=4, max_size=4).map(lambda tail: head + tail)), unique=True, max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=ids, data=st.data())
+def test_the_finder_answers_as_find_snapshot_does(ids, data):
+    snaps = [snap(sid, i) for i, sid in enumerate(ids)]
+    finder = SnapshotFinder(snaps)
+    prefixes = [sid[:n] for sid in ids for n in range(1, len(sid) + 1)]
+    specs = data.draw(st.lists(st.one_of(
+        st.sampled_from(prefixes) if prefixes else st.nothing(),
+        st.sampled_from(prefixes).map(str.upper) if prefixes else st.nothing(),
+        st.text("01ab\u00ff\U0010ffff", max_size=6),
+        st.sampled_from(["latest", "", "  "])), max_size=10))
+    for spec in specs:
+        assert answer(lambda _snaps, s: finder(s), snaps, spec) == answer(find_snapshot, snaps, spec), spec
+
+
+def test_chains_take_the_snapshot_as_given_and_name_a_missing_parent(new_repo):
+    """``Repo.chains`` indexes one listing for many snapshots; the snapshot asked about counts as given (a
+    rebased one, a new one not yet listed), the listing for the rest."""
+    chains = new_repo().store.chains
+    a = snap("a" * 8, 0)
+    b = dataclasses.replace(snap("b" * 8, 1), kind="diff", parent=a.id)
+    c = dataclasses.replace(snap("c" * 8, 2), kind="diff", parent=b.id)
+    of = chains([a, b])
+    assert of(b) == [a, b] and of(c) == [a, b, c]
+    assert of(dataclasses.replace(b, kind="full", parent=None)) == [dataclasses.replace(b, kind="full", parent=None)]
+    with pytest.raises(MissingObject, match="bbbbbbbb"):
+        chains([a])(c)
