@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -235,7 +236,13 @@ def _ns_iso(ns: int) -> str:
 
 def _ns_local(ns: int) -> str:
     """A file time for people: local time, as ``snapshots`` shows snapshot times."""
-    return datetime.fromtimestamp(ns // 10**9).strftime("%Y-%m-%d %H:%M:%S")
+    return _local_second(ns // 10**9)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _local_second(seconds: int) -> str:
+    """Files written together share their second: formatting each was two fifths of `ls`."""
+    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
 
 
 # --- commands --------------------------------------------------------------------------
