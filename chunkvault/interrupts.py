@@ -21,6 +21,7 @@ import dis
 import queue
 import signal
 import threading
+import time
 from types import CodeType, FrameType
 from typing import Callable, Iterator, Mapping
 
@@ -77,14 +78,36 @@ def safe_to_interrupt(frame: FrameType | None) -> bool:
 def handled(handlers: Mapping[int, Handler]) -> Iterator[None]:
     """Within the block, run ``handlers[signum](signum)`` for those signals at a point where the main
     thread may raise.  A signal still waiting for such a point when the block ends is handled then.
-    Off the main thread (a caller's thread), signals cannot be handled: the block runs as it is."""
+    Off the main thread (a caller's thread), signals cannot be handled: the block runs as it is.
+
+    The retries borrow the interval timer (SIGALRM): a timer someone else had set (a test runner's
+    timeout) is put back when they end, and an alarm of theirs meanwhile reaches their handler."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     waiting: list[int] = []  # a signal that came where it could not be handled yet
+    armed: list[bool] = []  # our retry holds the timer
+    theirs: list[tuple[float, float]] = []  # the timer it replaced: (deadline, interval)
+
+    def arm() -> None:
+        delay, interval = signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
+        if not armed:
+            armed.append(True)
+            if delay > 0:
+                theirs.append((time.monotonic() + delay, interval))
+
+    def disarm() -> None:
+        if not armed:
+            return
+        armed.clear()
+        if theirs:
+            deadline, interval = theirs.pop()
+            signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 1e-6), interval)
+        else:
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
     def run(signum: int) -> None:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        disarm()
         handlers[signum](signum)
 
     def run_waiting() -> None:
@@ -100,22 +123,26 @@ def handled(handlers: Mapping[int, Handler]) -> Iterator[None]:
             run(signum)
         elif not waiting:
             waiting.append(signum)
-            signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
+            arm()
 
-    def on_retry(_signum: int, frame: FrameType | None) -> None:
-        if not waiting:
-            return
-        if safe_to_interrupt(frame):
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        if not armed:  # not ours
+            if callable(their_alarm):
+                their_alarm(signum, frame)
+        elif not waiting:
+            disarm()
+        elif safe_to_interrupt(frame):
             run_waiting()
         else:
-            signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
+            arm()
 
+    their_alarm = signal.getsignal(signal.SIGALRM)  # known before an alarm can reach on_alarm
     previous = {s: signal.signal(s, on_signal) for s in handlers}
-    previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, on_retry)
+    previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, on_alarm)
     try:
         yield
         run_waiting()
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        disarm()
         for s, h in previous.items():
             signal.signal(s, h)

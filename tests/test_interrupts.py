@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -175,3 +176,31 @@ def test_the_blocking_waits_are_found_in_this_python():
     """Without them Ctrl-C would wait for every wait to end: each kind must be known."""
     names = {code.co_name for code, _ in interrupts._WAITS}
     assert "wait" in names and names & {"_wait_for_tstate_lock", "join"}
+
+
+def test_a_timer_set_before_is_kept_and_its_alarms_reach_their_handler():
+    """The retries borrow the interval timer: a test runner's timeout set before (pytest-timeout's, say)
+    still fires, during the block and after a retry put it aside."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are handled on the main thread only")
+    alarms: list[float] = []
+    before = signal.signal(signal.SIGALRM, lambda signum, frame: alarms.append(time.monotonic()))
+    saved = signal.setitimer(signal.ITIMER_REAL, 0)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with interrupts.handled({signal.SIGUSR1: lambda s: None}):
+            time.sleep(0.2)  # their alarm comes inside the block
+        assert len(alarms) == 1
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with interrupts.handled({signal.SIGUSR1: lambda s: None}):
+            fut: Future = Future()
+            fut.set_result(None)
+            fut.add_done_callback(lambda _f: signal.raise_signal(signal.SIGUSR1))  # a retry takes the timer
+        assert 0.1 < signal.getitimer(signal.ITIMER_REAL)[0] <= 0.3  # theirs is back, its time running
+        time.sleep(0.5)
+        assert len(alarms) == 2
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        if saved[0] > 0:
+            signal.setitimer(signal.ITIMER_REAL, *saved)
