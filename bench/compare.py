@@ -519,25 +519,29 @@ def main() -> None:
     limits = kernel_limits(data)
     names = [t.name for t in tools]
     ops = list(results[names[0]])
-    ratio = "restic" in names and "chunkvault" in names
-    header = f"{'operation':32}" + "".join(f"{n:>14}" for n in names)
-    print(header + (f"{'ratio to restic':>18}" if ratio else "") + f"{'kernel limit':>14}")
+    # A ratio to restic for every other tool (e.g. chunkvault with a password and with a key secret).
+    ratios = [n for n in names if n != "restic"] if "restic" in names else []
+    width = {n: max(14, len(n) + 2) for n in names}
+    rwidth = {n: max(14, len(n) + 11) for n in ratios}
+
+    def header(last: str) -> str:
+        return (f"{'operation':32}" + "".join(f"{n:>{width[n]}}" for n in names)
+                + "".join(f"{n + ' / restic':>{rwidth[n]}}" for n in ratios) + last)
+
+    def row(op: str, label: str, field: int, scale: float, digits: int, least: float) -> str:
+        return (f"{label:32}" + "".join(f"{results[n][op][field] / scale:>{width[n]}.{digits}f}" for n in names)
+                + "".join(f"{results[n][op][field] / max(results['restic'][op][field], least):>{rwidth[n]}.2f}"
+                          for n in ratios))
+
+    print(header(f"{'kernel limit':>14}"))
     for op in ops:
         unit = "MiB" if op == "repository size" else "s"
-        row = f"{op + ' (' + unit + ')':32}" + "".join(f"{results[n][op][0]:>14.2f}" for n in names)
-        if ratio:
-            row += f"{results['chunkvault'][op][0] / max(results['restic'][op][0], 1e-9):>18.2f}"
-        row += f"{limits[op]:>14.2f}" if op in limits else f"{'':>14}"
-        print(row)
+        print(row(op, f"{op} ({unit})", 0, 1, 2, 1e-9) + (f"{limits[op]:>14.2f}" if op in limits else ""))
     print("\npeak memory (MiB; RSS, or the summed PSS of a command's concurrent processes)")
-    print(header + (f"{'ratio to restic':>18}" if ratio else ""))
+    print(header(""))
     for op in ops:
-        if op == "repository size":
-            continue
-        row = f"{op:32}" + "".join(f"{results[n][op][1] / 1024:>14.0f}" for n in names)
-        if ratio:
-            row += f"{results['chunkvault'][op][1] / max(results['restic'][op][1], 1):>18.2f}"
-        print(row)
+        if op != "repository size":
+            print(row(op, op, 1, 1024, 0, 1))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
