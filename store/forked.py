@@ -24,6 +24,7 @@ import signal
 import struct
 import sys
 import time
+import warnings
 from typing import Any, Callable, Generic, TypeVar
 
 from chunkvault.errors import ChunkvaultError
@@ -145,7 +146,11 @@ class Workers(Generic[T]):
     def _fork(self, k: int, work: Callable[[int, Reporter], T]) -> _Worker[T]:
         parent = os.getpid()
         rfd, wfd = os.pipe()
-        with FORK_GUARD:
+        with FORK_GUARD, warnings.catch_warnings():
+            # Python 3.12+ warns, in the parent, of a fork with other threads alive.  Ours are quiet ones
+            # (see forksafe.py); and where warnings are errors, the warning would be raised from a fork
+            # that happened, its child left at work with no parent reading it.
+            warnings.filterwarnings("ignore", r"This process .* is multi-threaded, use of fork\(\)", DeprecationWarning)
             pid = os.fork()
         if pid == 0:
             code = 1

@@ -97,6 +97,25 @@ _CASES = {
         loud.join()
         print(json.dumps({"quiet": quiet_ok, "loud": loud_ok, "forked_after_work": child_time - start}))
     """,
+    "warnings_are_errors": """
+        import os, threading, warnings
+        from chunkvault.store.forksafe import start_quiet_thread
+        real_fork = os.fork
+        def fork_as_3_12():  # what Python 3.12+ does in the parent when other threads are alive
+            pid = real_fork()
+            if pid and threading.active_count() > 1:
+                warnings.warn(f"This process (pid={os.getpid()}) is multi-threaded, use of fork() may lead "
+                              "to deadlocks in the child.", DeprecationWarning, stacklevel=2)
+            return pid
+        os.fork = fork_as_3_12
+        stop = threading.Event()
+        start_quiet_thread(stop.wait, "quiet")
+        warnings.simplefilter("error")
+        with forked.Workers(2, lambda k, rep: k * 10) as w:
+            out = w.wait()
+        stop.set()
+        print(json.dumps({"results": out, "filters_kept": warnings.filters[0][0] == "error"}))
+    """,
 }
 
 
@@ -136,3 +155,10 @@ def test_a_quiet_thread_lets_workers_fork_but_never_mid_work():
     r = _run("quiet_thread")
     assert r["quiet"] is True and r["loud"] is False
     assert r["forked_after_work"] >= 0.3
+
+
+def test_forking_beside_a_quiet_thread_where_warnings_are_errors():
+    """A program that turns warnings into errors still gets its workers: Python 3.12+ warns of any fork
+    with another thread alive, in the parent, after the child has started."""
+    assert _run("warnings_are_errors") == {"results": [0, 10], "filters_kept": True}
+
