@@ -9,7 +9,7 @@ at once, their summed proportional set sizes if larger: see TreeMemory).
 Prints figures and ratios to restic.
 
     python bench/compare.py [--size-mb 2000] [--repeat 3] [--tools chunkvault,restic,borg] [--work DIR] [--keep]
-                            [--restore-into DIR] [--cold] [--lean-cache]
+                            [--restore-into DIR] [--cold] [--lean-cache] [--small-files N]
 
 ``--tools`` may add ``chunkvault+secret``: chunkvault opened with a generated
 key secret (``init --generate-secret``) instead of a password, so no command
@@ -22,6 +22,9 @@ the fastest run counts: on a shared machine that filters out other load.
 ``--cold`` (root, Linux) adds an initial backup into a second repository and a
 full restore, each started with the page cache emptied: read from the disk,
 as a first backup of a machine or a restore after a while are.
+
+``--small-files N`` replaces the real files with N small ones of 0-8 KiB, a
+thousand to a directory: where the cost is per file, not per byte.
 
 ``--lean-cache`` (root, Linux): each restore and check starts with the page
 cache emptied and then only the tool's repository and caches read back in
@@ -185,7 +188,31 @@ def build_dataset(dest: str, size_mb: int) -> tuple[int, int]:
     return files, total
 
 
-def fresh_dataset(work: str, size_mb: int, repeat: int) -> tuple[str, str]:
+def build_small_files(dest: str, count: int, seed: int = 1) -> tuple[int, int]:
+    """``count`` files of 0-8 KiB, a thousand to a directory (a mail spool, a source tree, a cache), each a
+    stretch of the Python standard library's sources, so they compress as real text does; (files, bytes)."""
+    pool = bytearray()
+    for dirpath, dirnames, filenames in os.walk(os.path.dirname(os.__file__)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.endswith(".py") and len(pool) < 32 << 20:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    pool += f.read()
+    rnd = random.Random(seed)
+    total = 0
+    for i in range(count):
+        if i % 1000 == 0:
+            d = os.path.join(dest, f"d{i // 1000:04d}")
+            os.makedirs(d)
+        size = rnd.randrange(8 << 10)
+        start = rnd.randrange(len(pool) - size)
+        with open(os.path.join(d, f"f{i:07d}"), "wb") as f:
+            f.write(pool[start:start + size])
+        total += size
+    return count, total
+
+
+def fresh_dataset(work: str, size_mb: int, repeat: int, small_files: int = 0) -> tuple[str, str]:
     """(work directory, data set in it): the tools installed, ``work`` emptied, the data set built and
     described."""
     ensure_tools()
@@ -193,7 +220,7 @@ def fresh_dataset(work: str, size_mb: int, repeat: int) -> tuple[str, str]:
     shutil.rmtree(work, ignore_errors=True)
     data = os.path.join(work, "data")
     os.makedirs(data)
-    files, total = build_dataset(data, size_mb)
+    files, total = build_small_files(data, small_files) if small_files else build_dataset(data, size_mb)
     print(f"data set: {files} files, {total / 2**20:.0f} MiB; {os.cpu_count()} cores; best of {repeat}")
     return work, data
 
@@ -467,9 +494,11 @@ def main() -> None:
     ap.add_argument("--lean-cache", action="store_true",
                     help="start each restore and check with only the tool's repository and caches in the page "
                          "cache (root)")
+    ap.add_argument("--small-files", type=int, default=0, metavar="N",
+                    help="instead of real files, N small ones (0-8 KiB of text, a thousand to a directory)")
     args = ap.parse_args()
     lean = (lambda t: t.lean_cache()) if args.lean_cache else (lambda t: None)
-    work, data = fresh_dataset(args.work, args.size_mb, args.repeat)
+    work, data = fresh_dataset(args.work, args.size_mb, args.repeat, args.small_files)
     classes = {"chunkvault": Chunkvault, "restic": Restic, "borg": Borg}
     tools = [Chunkvault(work, secret=True) if t == "chunkvault" + SECRET_SUFFIX else classes[t](work)
              for t in args.tools.split(",")]
