@@ -290,10 +290,6 @@ class Repo:
             index.add_entries(d.plain, start, count, self.pack_no(pack_id))
         self._delta_bases.update(d.delta_bases)
 
-    def delta_base(self, blob_id: bytes) -> bytes | None:
-        """The base a delta blob was stored against (None for whole blobs)."""
-        return self._delta_bases.get(blob_id)
-
     def delta_chain(self, blob_id: bytes) -> list[bytes]:
         """The bases below a blob per the index, nearest first (stops past the depth bound)."""
         out: list[bytes] = []
