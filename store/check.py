@@ -21,7 +21,7 @@ from .blob import KIND_DELTA, open_blob
 from .config import KeyFile
 from .indexfile import IndexColumns
 from .pack import PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
-from .repository import WORKERS, Repo, pack_key
+from .repository import OBJECT_READERS, WORKERS, Repo, pack_key
 from .snapshot import Snapshot
 
 
@@ -143,20 +143,28 @@ class Checker:
         """Every pack the (non-superseded) index objects list, with where its entries lie; each delta whose
         base cannot be read, or whose chain is too long, is a problem."""
         repo = self.repo
-        datas: list[tuple[str, IndexColumns]] = []
-        for name in repo.index_names():
+        names = repo.index_names()
+
+        def read(name: str) -> IndexColumns | ChunkvaultError:
             try:
-                datas.append((name, repo.read_index_columns(name)))
+                return repo.read_index_columns(name)
             except (CorruptObject, ObjectNotFound) as exc:
-                self.problem(f"index/{name}", str(exc))
-                self.index_damaged = True
-        superseded = {s.hex() for _, d in datas for s in d.supersedes}
-        live = [d for name, d in datas if name not in superseded]
+                return exc
+
+        datas: list[tuple[str, IndexColumns]] = []
+        with ThreadPoolExecutor(OBJECT_READERS) as pool:
+            for name, got in zip(names, pool.map(read, names)):
+                if isinstance(got, ChunkvaultError):
+                    self.problem(f"index/{name}", str(got))
+                    self.index_damaged = True
+                else:
+                    datas.append((name, got))
+        # Read once: the repository's index is made from the same objects.
+        live = repo.install_index(names, datas)
         packs: dict[bytes, EntrySources] = {}
         for d in live:
             for pid, count, start in zip(d.pack_ids, d.counts, d.starts):
                 packs.setdefault(pid, []).append((d, count, start))
-        repo.load_index(skip_unreadable=True)
         self.report.blobs = len(repo.index)
         bases = {base for d in live for base in d.delta_bases.values()}
         deltas, readable = delta_entries_and_readable_bases(

@@ -43,6 +43,7 @@ from .unlock import Unlocked, repository_objects, unlock
 IndexT = TypeVar("IndexT", IndexData, IndexColumns)
 
 WORKERS = max(2, os.cpu_count() or 2)
+OBJECT_READERS = 8  # small objects (index, snapshots) read at once: on a remote, each read waits a round trip
 # A delta under this share of the whole blob's stored size skips the plain compression it is
 # weighed against: a chunk that similar never compressed to near half its base (store/FORMAT.md).
 SKIP_PLAIN_SHARE = 0.5
@@ -275,15 +276,21 @@ class Repo:
                     return None
                 raise
 
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(OBJECT_READERS) as pool:
             pairs = [(n, d) for n, d in zip(names, pool.map(read, names)) if d is not None]
-        superseded = {s.hex() for _, d in pairs for s in d.supersedes}
-        live = [(n, d) for n, d in pairs if n not in superseded]
-        index = BlobIndex(sum(d.entry_count for _, d in live))
-        for _, d in live:
+        self.install_index(names, pairs)
+
+    def install_index(self, names: list[str], objects: list[tuple[str, IndexColumns]]) -> list[IndexColumns]:
+        """Make the index from these objects, read already (``names``: every index object listed, the
+        unreadable ones too), leaving out those another supersedes; returns those it used."""
+        superseded = {s.hex() for _, d in objects for s in d.supersedes}
+        live = [d for n, d in objects if n not in superseded]
+        index = BlobIndex(sum(d.entry_count for d in live))
+        for d in live:
             self._add_columns(d, index)
         # Published only when complete: other threads never see a half-loaded index.
         self._index, self._index_names = index, set(names)
+        return live
 
     def _add_columns(self, d: IndexColumns, index: BlobIndex) -> None:
         for pack_id, count, start in zip(d.pack_ids, d.counts, d.starts):
@@ -590,7 +597,7 @@ class Repo:
         # each small read to the pool cost more than the reads.
         per_task = max(1, len(names) // 64)
         batches = [names[i:i + per_task] for i in range(0, len(names), per_task)]
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(OBJECT_READERS) as pool:
             loaded = [x for batch in pool.map(lambda b: [load(n) for n in b], batches) for x in batch]
         self.unreadable_snapshots = {n: x for n, x in zip(names, loaded) if isinstance(x, CorruptObject)}
         return sorted((x for x in loaded if isinstance(x, Snapshot)), key=lambda s: (s.time, s.id))

@@ -32,6 +32,24 @@ def test_clean_repository(repo_with_data):
     assert r.ok and r.blobs_read == r.blobs and r.packs_read == r.packs
 
 
+def test_each_index_object_is_read_once(repo_with_data, password, monkeypatch):
+    """check makes the repository's index from the index objects it reads itself: on a remote each
+    read is a round trip, and a large index decoded twice is held twice."""
+    from collections import Counter
+
+    from chunkvault.remotes.local import LocalRemote
+
+    repo_dir, _, _, _ = repo_with_data
+    names = sorted(p.name for p in (repo_dir / "index").iterdir())
+    assert len(names) >= 2
+    gets: Counter[str] = Counter()
+    real_get = LocalRemote.get
+    monkeypatch.setattr(LocalRemote, "get", lambda self, key, *a: gets.update([key]) or real_get(self, key, *a))
+    r = Repository.open(str(repo_dir), password).check()
+    assert r.ok and r.blobs > 0
+    assert {k: n for k, n in gets.items() if k.startswith("index/")} == {f"index/{n}": 1 for n in names}
+
+
 def test_subsets_cover_everything_once(repo_with_data):
     _, repo, _, _ = repo_with_data
     total = sum(repo.check(subset=f"{n}/3").packs_read for n in (1, 2, 3))
