@@ -14,14 +14,14 @@ from typing import Callable
 
 import blake3
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, UsageError
+from chunkvault.errors import ChunkvaultError, CorruptObject, UsageError
 
 from . import forked
 from .blob import KIND_DELTA, open_blob
 from .config import KeyFile
 from .indexfile import IndexColumns
 from .pack import PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
-from .repository import OBJECT_READERS, WORKERS, Repo, pack_key
+from .repository import WORKERS, Repo, pack_key
 from .snapshot import Snapshot
 
 
@@ -144,21 +144,13 @@ class Checker:
         base cannot be read, or whose chain is too long, is a problem."""
         repo = self.repo
         names = repo.index_names()
-
-        def read(name: str) -> IndexColumns | ChunkvaultError:
-            try:
-                return repo.read_index_columns(name)
-            except (CorruptObject, ObjectNotFound) as exc:
-                return exc
-
         datas: list[tuple[str, IndexColumns]] = []
-        with ThreadPoolExecutor(OBJECT_READERS) as pool:
-            for name, got in zip(names, pool.map(read, names)):
-                if isinstance(got, ChunkvaultError):
-                    self.problem(f"index/{name}", str(got))
-                    self.index_damaged = True
-                else:
-                    datas.append((name, got))
+        for name, got in repo.read_index_objects(names):
+            if isinstance(got, IndexColumns):
+                datas.append((name, got))
+            else:
+                self.problem(f"index/{name}", str(got))
+                self.index_damaged = True
         # Read once: the repository's index is made from the same objects.
         live = repo.install_index(names, datas)
         packs: dict[bytes, EntrySources] = {}

@@ -264,21 +264,26 @@ class Repo:
     def index_names(self) -> list[str]:
         return [o.key.split("/", 1)[1] for o in self.remote.list("index/")]
 
-    def load_index(self, *, skip_unreadable: bool = False) -> None:
-        """Read every index object; ``skip_unreadable`` leaves out damaged ones (check reports them)."""
-        names = self.index_names()
-
-        def read(name: str) -> IndexColumns | None:
+    def read_index_objects(self, names: list[str]) -> list[tuple[str, IndexColumns | CorruptObject | ObjectNotFound]]:
+        """Each index object named, decoded, or why it cannot be: read ``OBJECT_READERS`` at a time."""
+        def read(name: str) -> IndexColumns | CorruptObject | ObjectNotFound:
             try:
                 return self.read_index_columns(name)
-            except (CorruptObject, ObjectNotFound):
-                if skip_unreadable:
-                    return None
-                raise
+            except (CorruptObject, ObjectNotFound) as exc:
+                return exc
 
         with ThreadPoolExecutor(OBJECT_READERS) as pool:
-            pairs = [(n, d) for n, d in zip(names, pool.map(read, names)) if d is not None]
-        self.install_index(names, pairs)
+            return list(zip(names, pool.map(read, names)))
+
+    def load_index(self) -> None:
+        """Read every index object; a damaged one is an error (check reports it and goes on)."""
+        names = self.index_names()
+        objects = []
+        for name, got in self.read_index_objects(names):
+            if not isinstance(got, IndexColumns):
+                raise got
+            objects.append((name, got))
+        self.install_index(names, objects)
 
     def install_index(self, names: list[str], objects: list[tuple[str, IndexColumns]]) -> list[IndexColumns]:
         """Make the index from these objects, read already (``names``: every index object listed, the
