@@ -108,8 +108,11 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+_KIND_BYTES = [bytes((kind,)) for kind in range(256)]
+
+
 def blob_ad(kind: int, blob_id: bytes, base_id: bytes | None) -> bytes:
-    return BLOB_AD + bytes((kind,)) + blob_id + (base_id or b"")
+    return BLOB_AD + _KIND_BYTES[kind] + blob_id + (base_id or b"")
 
 
 Payload = Any  # what is sealed, any bytes-like object: the data itself when raw, or a view of a zstd frame
@@ -408,6 +411,14 @@ def seal_blob(sealer: Sealer, blob_id: bytes, kind: int, payload: bytes | memory
     if (kind == KIND_DELTA) != (base_id is not None):
         raise ValueError("a delta blob needs a base id, and only a delta blob")
     return sealer.seal_after(bytes((kind,)) + (base_id or b""), payload, blob_ad(kind, blob_id, base_id))
+
+
+def seal_whole_blobs(sealer: Sealer, blobs: list[tuple[bytes, int, bytes | memoryview]]) -> list[bytes | bytearray]:
+    """``seal_blob`` of each (blob id, kind, payload) of blobs stored whole, sealed in one loop."""
+    if any(kind == KIND_DELTA for _, kind, _ in blobs):
+        raise ValueError("a delta blob needs a base id, and only a delta blob")
+    return sealer.seal_many_after([(_KIND_BYTES[kind], payload, blob_ad(kind, blob_id, None))
+                                   for blob_id, kind, payload in blobs])
 
 
 def envelope_base(envelope: bytes | memoryview) -> bytes | None:

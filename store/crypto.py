@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import blake3
 
@@ -76,10 +77,23 @@ class _Nonces(threading.local):
     def take(self) -> bytes:
         pool = self.pool
         if not pool or self.drawn_in != _Nonces.generation:
-            raw = os.urandom(NONCE_SIZE * NONCE_BATCH)
-            pool[:] = [raw[i : i + NONCE_SIZE] for i in range(0, len(raw), NONCE_SIZE)]
-            self.drawn_in = _Nonces.generation
+            self._refill(NONCE_BATCH)
         return pool.pop()
+
+    def take_many(self, n: int) -> list[bytes]:
+        """``n`` nonces, none ever handed out before."""
+        pool = self.pool
+        if len(pool) < n or self.drawn_in != _Nonces.generation:
+            self._refill(max(n, NONCE_BATCH))
+        taken = pool[len(pool) - n :]
+        del pool[len(pool) - n :]
+        return taken
+
+    def _refill(self, n: int) -> None:
+        """A fresh pool of ``n`` (what is left of the old one is dropped: drawn in another process, maybe)."""
+        raw = os.urandom(NONCE_SIZE * n)
+        self.pool[:] = [raw[i : i + NONCE_SIZE] for i in range(0, len(raw), NONCE_SIZE)]
+        self.drawn_in = _Nonces.generation
 
 
 def _forget_nonces() -> None:
@@ -120,12 +134,17 @@ class Sealer:
         encrypt_into = getattr(self._aead, "encrypt_into", None)  # cryptography 44 and later
         if encrypt_into is None:
             return head + nonce + self._aead.encrypt(nonce, plaintext, ad)
-        start = len(head) + NONCE_SIZE
-        out = _buffer(start + len(plaintext) + TAG_SIZE)
-        out[: len(head)] = head
-        out[len(head) : start] = nonce
-        encrypt_into(nonce, plaintext, ad, memoryview(out)[start:])
-        return out
+        return _sealed_into(encrypt_into, head, nonce, plaintext, ad)
+
+    def seal_many_after(self, messages: list[tuple[bytes, bytes | memoryview, bytes]]) -> list[bytes | bytearray]:
+        """``seal_after`` of each (head, plaintext, associated data), in one loop: a backup of small files
+        seals tens of thousands of blobs, and the per-call layers around the cipher held the interpreter
+        lock about as long as the cipher itself (cryptography's AES-GCM keeps it too)."""
+        encrypt_into = getattr(self._aead, "encrypt_into", None)
+        if encrypt_into is None:
+            return [self.seal_after(head, plaintext, ad) for head, plaintext, ad in messages]
+        return [_sealed_into(encrypt_into, head, nonce, plaintext, ad)
+                for (head, plaintext, ad), nonce in zip(messages, self._nonces.take_many(len(messages)))]
 
     def open(self, sealed: bytes | memoryview, ad: bytes) -> bytes:
         if len(sealed) < NONCE_SIZE + TAG_SIZE:
@@ -135,6 +154,16 @@ class Sealer:
             return self._aead.decrypt(bytes(sealed[:NONCE_SIZE]), sealed[NONCE_SIZE:], ad)
         except self._invalid_tag:
             raise AuthenticationFailed("authentication tag mismatch") from None
+
+
+def _sealed_into(encrypt_into: Callable[..., None], head: bytes, nonce: bytes, plaintext: bytes | memoryview,
+                 ad: bytes) -> bytearray:
+    """``head``, ``nonce``, then the ciphertext and tag, encrypted into one new buffer."""
+    start = len(head) + NONCE_SIZE
+    out = _buffer(start + len(plaintext) + TAG_SIZE)
+    out[:start] = head + nonce
+    encrypt_into(nonce, plaintext, ad, memoryview(out)[start:])
+    return out
 
 
 class BlobHasher:

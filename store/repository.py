@@ -27,7 +27,7 @@ from chunkvault.remotes import Remote
 
 from . import chain
 from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_many, delta_compress, envelope_base,
-                   open_chain, sampled_size, seal_blob)
+                   open_chain, sampled_size, seal_blob, seal_whole_blobs)
 from .blobindex import BlobIndex, BlobLocation
 from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
@@ -538,15 +538,16 @@ class Repo:
         blobs without a base are compressed in one native call (``compress_many``)."""
         plain = [i for i, (_, _, b) in enumerate(batch) if b is None or bases.get(b) is None]
         level = self.config.settings.compression_level
-        compressed = dict(zip(plain, compress_many([batch[i][1] for i in plain], level)))
-        out = []
-        for i, (blob_id, data, base_id) in enumerate(batch):
-            if i in compressed:
-                out.append(self._sealed_whole(blob_id, *compressed[i], len(data)))
-            else:
-                out.append(self.prepare_blob(blob_id, data, base_id=base_id, base_plain=bases[base_id],
-                                             delta_margin=delta_margin))
-        return out
+        compressed = compress_many([batch[i][1] for i in plain], level)
+        envelopes = seal_whole_blobs(self.sealer, [(batch[i][0], kind, payload)
+                                                   for i, (kind, payload) in zip(plain, compressed)])
+        whole = {i: PreparedBlob(batch[i][0], kind, envelope, len(batch[i][1]), None)
+                 for i, (kind, _), envelope in zip(plain, compressed, envelopes)}
+        if len(whole) == len(batch):
+            return list(whole.values())
+        return [whole[i] if i in whole else self.prepare_blob(blob_id, data, base_id=base_id,
+                                                              base_plain=bases[base_id], delta_margin=delta_margin)
+                for i, (blob_id, data, base_id) in enumerate(batch)]
 
     def _sealed_whole(self, blob_id: bytes, kind: int, payload: bytes, raw_length: int) -> PreparedBlob:
         return PreparedBlob(blob_id, kind, seal_blob(self.sealer, blob_id, kind, payload), raw_length, None)
@@ -867,20 +868,34 @@ class BlobWriter:
             raise self._error
         full = []
         index = self.repo.index
+        blobs = iter(blobs)
         with self._lock, self.repo._index_lock:
-            for blob in blobs:
+            while True:  # the blobs that go into one pack, indexed in one call
+                builder = self._builder
+                offsets: list[int] = []
+                placed: list[PreparedBlob] = []
+                for blob in blobs:
+                    offsets.append(len(builder))
+                    placed.append(blob)
+                    builder.add(blob.blob_id, blob.kind, blob.envelope, blob.raw_length, blob.base_id)
+                    if len(builder) >= self.pack_size:
+                        break
+                if not placed:
+                    break
                 if self._builder_no is None:
                     self._builder_no = self.repo.pack_no(None)
-                offset = len(self._builder)
-                self._builder.add(blob.blob_id, blob.kind, blob.envelope, blob.raw_length, blob.base_id)
-                index.add(blob.blob_id, self._builder_no, offset, len(blob.envelope), blob.raw_length, blob.kind)
-                self._pending.discard(blob.blob_id)
-                self._count(blob)
-                if blob.kind == KIND_DELTA:
-                    assert blob.base_id is not None
-                    self.repo._delta_bases[blob.blob_id] = blob.base_id
-                if len(self._builder) >= self.pack_size:
-                    full.append(self._take_builder())
+                index.add_many([b.blob_id for b in placed], self._builder_no, offsets,
+                               [len(b.envelope) for b in placed], [b.raw_length for b in placed],
+                               [b.kind for b in placed])
+                for blob in placed:
+                    self._pending.discard(blob.blob_id)
+                    self._count(blob)
+                    if blob.kind == KIND_DELTA:
+                        assert blob.base_id is not None
+                        self.repo._delta_bases[blob.blob_id] = blob.base_id
+                if len(builder) < self.pack_size:
+                    break
+                full.append(self._take_builder())
         for builder, pack_no in full:
             self._submit(builder, pack_no)
 

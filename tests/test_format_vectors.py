@@ -7,7 +7,7 @@ import pytest
 from chunkvault.errors import CorruptObject
 from chunkvault.store.blob import (
     DELTA_BLOCKS, DELTA_DICT, KIND_DELTA, KIND_RAW, KIND_ZSTD, envelope_base, open_blob, open_envelope,
-    seal_blob,
+    seal_blob, seal_whole_blobs,
 )
 from chunkvault.store.crypto import (
     BlobHasher, Sealer, content_name, derive_argon2id, derive_secret_kek, encode_secret, is_secret,
@@ -138,22 +138,20 @@ def test_envelopes_open_the_same_whichever_way_they_are_sealed(in_place):
         assert open_envelope(s, blob_id, env) == (kind, payload)
         with pytest.raises(CorruptObject):  # the id and base stay bound to the sealed bytes
             open_envelope(s, b"\x01" * 32, env)
+    batch = [(bytes([i]) * 32, kind, payload[: 10 * i]) for i, kind in enumerate((KIND_ZSTD, KIND_RAW) * 3)]
+    for (blob_id, kind, data), env in zip(batch, seal_whole_blobs(s, batch)):  # sealed in one loop
+        assert envelope_base(env) is None
+        assert open_envelope(s, blob_id, env) == (kind, data)
+    with pytest.raises(ValueError):
+        seal_whole_blobs(s, [(blob_id, KIND_DELTA, b"")])
 
 
-def test_nonces_never_repeat_across_threads_or_a_fork():
-    """Nonces are drawn in batches per thread; a forked child must not take the ones its parent holds."""
+def _in_forked_child(nonces) -> list[bytes]:
+    """What ``nonces()`` returns when called in a forked child of this process."""
     import os
-    import threading
 
-    from chunkvault.store.crypto import NONCE_BATCH, NONCE_SIZE
+    from chunkvault.store.crypto import NONCE_SIZE
 
-    s = Sealer(bytes(range(32)))
-    count = NONCE_BATCH + 50  # past one batch: a second draw
-
-    def nonces() -> list[bytes]:
-        return [s.seal(b"m", b"")[:NONCE_SIZE] for _ in range(count)]
-
-    parent_first = nonces()  # this thread now holds a part-used batch
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -165,7 +163,23 @@ def test_nonces_never_repeat_across_threads_or_a_fork():
     with os.fdopen(read_end, "rb") as f:
         raw = f.read()
     os.waitpid(pid, 0)
-    child = [raw[i : i + NONCE_SIZE] for i in range(0, len(raw), NONCE_SIZE)]
+    return [raw[i : i + NONCE_SIZE] for i in range(0, len(raw), NONCE_SIZE)]
+
+
+def test_nonces_never_repeat_across_threads_or_a_fork():
+    """Nonces are drawn in batches per thread; a forked child must not take the ones its parent holds."""
+    import threading
+
+    from chunkvault.store.crypto import NONCE_BATCH, NONCE_SIZE
+
+    s = Sealer(bytes(range(32)))
+    count = NONCE_BATCH + 50  # past one batch: a second draw
+
+    def nonces() -> list[bytes]:
+        return [s.seal(b"m", b"")[:NONCE_SIZE] for _ in range(count)]
+
+    parent_first = nonces()  # this thread now holds a part-used batch
+    child = _in_forked_child(nonces)
     assert len(child) == count
     in_threads: list[list[bytes]] = [[], []]
     threads = [threading.Thread(target=lambda out=out: out.extend(nonces())) for out in in_threads]
@@ -175,3 +189,26 @@ def test_nonces_never_repeat_across_threads_or_a_fork():
         t.join()
     everything = parent_first + nonces() + child + in_threads[0] + in_threads[1]
     assert len(set(everything)) == len(everything) == 5 * count
+
+
+def test_nonces_drawn_for_a_batch_of_seals_never_repeat():
+    """A batch takes its nonces from the thread's pool at once: larger than the pool, or than what is left
+    of it, the pool is drawn afresh; in a forked child, never what the parent holds."""
+    from chunkvault.store.crypto import NONCE_BATCH, NONCE_SIZE
+
+    s = Sealer(bytes(range(32)))
+
+    def nonces(sizes) -> list[bytes]:
+        out = []
+        for n in sizes:
+            sealed = s.seal_many_after([(b"h", b"m", b"")] * n)
+            assert [bytes(x[:1]) for x in sealed] == [b"h"] * n
+            out += [bytes(x[1 : 1 + NONCE_SIZE]) for x in sealed]
+            out.append(s.seal(b"m", b"")[:NONCE_SIZE])  # one at a time in between
+        return out
+
+    sizes = [1, NONCE_BATCH - 5, 10, 2 * NONCE_BATCH + 3, 0, 7]
+    parent = nonces(sizes)
+    child = _in_forked_child(lambda: nonces(sizes))
+    everything = parent + nonces(sizes) + child
+    assert len(set(everything)) == len(everything) == 3 * (sum(sizes) + len(sizes))

@@ -68,3 +68,20 @@ def test_read_blobs_names_damage(stored, password):
     os.remove(path)
     with pytest.raises(MissingObject):
         repo.read_blobs(ids)
+
+
+def test_a_batch_stored_across_packs_is_indexed_where_each_blob_lies(tmp_path, new_repo):
+    """store_many fills a pack, starts the next and indexes each pack's part of the batch in one call: every
+    blob must be found in the pack and at the offset it went to, including one stored twice in the batch."""
+    repo = new_repo(str(tmp_path / "repo"), pack_size=200_000).store
+    datas = [os.urandom(30_000 + i) for i in range(20)]  # about three packs' worth, incompressible
+    batch = [(repo.blob_id(d), d, None) for d in datas]
+    prepared = repo.prepare_blobs(batch + batch[3:4], {})
+    with repo.writer() as w:
+        w.store_many(prepared)
+        w.flush()
+    packs = {repo.locate(bid).pack_no for bid, _, _ in batch}
+    assert len(packs) >= 3
+    assert repo.read_blobs([bid for bid, _, _ in batch]) == datas
+    for bid, data, _ in batch:
+        assert repo.read_blob(bid) == data
