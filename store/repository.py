@@ -543,8 +543,6 @@ class Repo:
                                                    for i, (kind, payload) in zip(plain, compressed)])
         whole = {i: PreparedBlob(batch[i][0], kind, envelope, len(batch[i][1]), None)
                  for i, (kind, _), envelope in zip(plain, compressed, envelopes)}
-        if len(whole) == len(batch):
-            return list(whole.values())
         return [whole[i] if i in whole else self.prepare_blob(blob_id, data, base_id=base_id,
                                                               base_plain=bases[base_id], delta_margin=delta_margin)
                 for i, (blob_id, data, base_id) in enumerate(batch)]
