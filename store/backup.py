@@ -503,6 +503,8 @@ class Backup:
         """On a reader thread: fill in ``e`` from the file's bytes (``small``: read already, whole).  Its
         warnings are returned, to be reported when the entry takes its place in the manifest."""
         notes: list[str] = []
+        if isinstance(small, OSError) and not isinstance(small, FileNotFoundError):
+            return self._unreadable_file(e, path, prev, notes, small)
         if small is not None:
             whole = self._read_small(e, path, st, prev, notes, small)
             if whole is not None:
@@ -512,19 +514,13 @@ class Backup:
         except FileNotFoundError:
             return _FileRead(None, [_vanished(path)])
         except OSError as exc:
-            notes.append(_cannot_read(path, exc))
-            e.flags |= F_UNREADABLE
-            e.size = 0
-            return _FileRead(e, notes)
+            return self._unreadable_file(e, path, prev, notes, exc)
         try:
             e.xattrs = self._xattrs(fd, path, st, T_FILE, prev, notes)
             try:
                 e.digest, e.chunks, e.size = self._read_stream(_FdReader(fd), e.path, prev, st.st_size, report=False)
             except OSError as exc:
-                notes.append(_cannot_read(path, exc))
-                e.flags |= F_UNREADABLE
-                e.digest, e.chunks, e.size = b"", b"", 0
-                return _FileRead(e, notes)
+                return self._unreadable_file(e, path, prev, notes, exc)
             after = os.fstat(fd)
         finally:
             os.close(fd)
@@ -539,13 +535,8 @@ class Backup:
                     small: SmallRead) -> Entry | None:
         """A file of at most one chunk from what ``read_small_files`` gave; None when it is gone, or grew past
         the size the walk saw (then read as a stream, like any other file)."""
-        if isinstance(small, FileNotFoundError):
-            return None
         if isinstance(small, OSError):
-            notes.append(_cannot_read(path, small))
-            e.flags |= F_UNREADABLE
-            e.size = 0
-            return e
+            return None
         data, size, mtime_ns, ctime_ns, xattrs = small
         if len(data) > st.st_size:
             return None
@@ -556,6 +547,29 @@ class Backup:
         e.digest, e.chunks, e.size = self._take_chunks((data,) if data else (), e.path, prev, report=False)
         self._check_unchanged(e, path, st, (size, mtime_ns, ctime_ns), notes)
         return e
+
+    def _unreadable_file(self, e: Entry, path: bytes, prev: Entry | None, notes: list[str], exc: OSError
+                         ) -> _FileRead:
+        """A file that could not be opened or read to the end: the parent's entry when it had one, listed
+        unreadable (as ``_kept_entry``: an error that may pass is no reason to lose the last good copy), else
+        an empty entry flagged unreadable.  A path that is no longer a regular file changed type since the walk
+        saw it: left out until the next backup, as a replaced symbolic link is."""
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:
+            return _FileRead(None, [*notes, _vanished(path)])
+        except OSError:
+            now = None
+        if now is not None and not stat.S_ISREG(now.st_mode):
+            return _FileRead(None, [*notes, f"changed type during backup (left out until the next backup): "
+                                           f"{os.fsdecode(path)}"])
+        notes.append(_cannot_read(path, exc))
+        if prev is not None and prev.type == T_FILE:
+            self._unread.add(e.path)
+            return _FileRead(prev, notes)
+        e.flags |= F_UNREADABLE
+        e.digest, e.chunks, e.size = b"", b"", 0
+        return _FileRead(e, notes)
 
     @staticmethod
     def _check_unchanged(e: Entry, path: bytes, st: os.stat_result, after: tuple[int, int, int],

@@ -400,13 +400,25 @@ class SourceWalk:
         self.warnings.append(f"cannot stat {os.fsdecode(path)}: {os.strerror(err)}")
         return StatFailed(err)
 
-    def _scan(self, path: bytes) -> tuple[list[ScanItem], bool]:
+    def _scan(self, path: bytes) -> tuple[list[ScanItem], bool | None]:
+        """The directory's listing, and whether it could be listed: None when it is gone (``_unlisted``)."""
         try:
             listing = scan_dir(path)
             return (keep_marked(path, listing, self.markers) if self.markers else listing), True
         except OSError as exc:
-            self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {exc.strerror}")
-            return [], False
+            return [], self._unlisted(path, exc.errno or errno.EIO)
+
+    def _unlisted(self, path: bytes, err: int) -> bool | None:
+        """The warning for a directory that could not be listed; None when it vanished or is no longer a
+        directory since its lstat (left out, as a vanished file is), else False (kept, unreadable)."""
+        if err == errno.ENOENT:
+            self.warnings.append(f"vanished during backup: {os.fsdecode(path)}")
+            return None
+        if err == errno.ENOTDIR:
+            self.warnings.append(f"changed type during backup (left out until the next backup): {os.fsdecode(path)}")
+            return None
+        self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {os.strerror(err)}")
+        return False
 
     def _entries(self) -> Iterator[SourceItem | None]:
         """An explicit stack of iterators over (manifest path, disk path, lstat or None, errno), not
@@ -449,6 +461,8 @@ class SourceWalk:
                 yield from self._tree(rel, path, st)
                 continue
             listing, ok = self._scan(path)
+            if ok is None:
+                continue
             yield rel, path, st, ok
             stack.append(self._children(rel + b"/" if rel else b"", os.path.join(path, b""), listing))
 
@@ -503,8 +517,8 @@ class SourceWalk:
                         st, ok = self._stat_failed(path, err), False
                         if st is None:
                             continue
-                    if list_err:
-                        self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {os.strerror(list_err)}")
+                    if list_err and self._unlisted(path, list_err) is None:
+                        continue
                     if item is last:  # what comes next is still in the walker's queue
                         self._between_batches = walker
                     yield rel, path, st, ok

@@ -213,8 +213,9 @@ def test_hard_links_keep_their_data_when_the_first_link_changes_before_it_is_rea
     elif change is to_other_file:
         assert tree[b"a/victim"].type == T_FILE and tree[b"a/victim"].flags & F_CHANGED_DURING_READ
         assert any(w.startswith("replaced while being read") for w in result.warnings)
-    else:  # a directory or a symlink in its place cannot be read as the file
-        assert result.snapshot.stats["unreadable"] == ["a/victim"]
+    else:  # a directory or a symlink in its place: left out until the next backup, as if it had vanished
+        assert b"a/victim" not in tree and not result.partial
+        assert any(w.startswith("changed type during backup") for w in result.warnings)
     out = tmp_path / "out"
     assert_restored_links(repo, result.snapshot, out, data)
     if change is to_other_file:
@@ -391,6 +392,60 @@ def test_a_directory_that_cannot_be_listed_keeps_what_the_parent_has_below_it(tm
     with repo.open_file(result.snapshot, "after") as f:
         assert f.read() == b"changed"
     assert result.snapshot.stats["files"] == 3 and result.snapshot.stats["dirs"] == 3
+
+
+class _ListingFails:
+    """The C walker, but the directory ``sub`` fails to be listed with ``err`` (as it does when it goes or
+    becomes a file between the walker's lstat and its listing): its subtree is not given."""
+
+    real = source.Walker
+    err = 0
+
+    def __init__(self, *args):
+        self.inner = self.real(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def batch(self, *args):
+        while batch := self.inner.batch(*args):
+            kept = [(rel, path, st, err, self.err if rel == b"sub" else list_err)
+                    for rel, path, st, err, list_err in batch if not rel.startswith(b"sub/")]
+            if kept:
+                return kept
+        return batch
+
+
+@pytest.mark.parametrize("walk", ["c", "python"])
+@pytest.mark.parametrize("becomes", ["nothing", "a file"])
+def test_a_directory_gone_or_replaced_before_it_is_listed_is_left_out(tmp_path, new_repo, monkeypatch, walk, becomes):
+    """Not kept as unreadable with what the parent had below it: it vanished, as a vanished file does."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "x").write_bytes(b"x")
+    (src / "z").write_bytes(b"z")
+    repo = new_repo()
+    repo.backup([str(src)])
+
+    def change(path: str) -> None:
+        shutil.rmtree(path)
+        if becomes == "a file":
+            with open(path, "wb") as f:
+                f.write(b"now a file")
+
+    if walk == "python":
+        walk_kind(monkeypatch, "python")
+        before_call(monkeypatch, source, "scan_dir", "sub", change)
+    else:
+        (src / "sub" / "x").unlink()  # the walker's lstat sees a directory; its listing fails as the race would have it
+        monkeypatch.setattr(_ListingFails, "err", errno.ENOENT if becomes == "nothing" else errno.ENOTDIR)
+        monkeypatch.setattr(source, "Walker", _ListingFails)
+    result = repo.backup([str(src)])
+    monkeypatch.undo()
+    assert not result.partial
+    warned = "vanished during backup" if becomes == "nothing" else "changed type during backup"
+    assert any(warned in w and w.endswith("sub") for w in result.warnings), result.warnings
+    assert set(tree_of(repo, result.snapshot)) == {b"", b"z"}
 
 
 SETPRIV = shutil.which("setpriv")

@@ -253,6 +253,82 @@ def test_unreadable_file_is_recorded_and_backup_goes_on(tmp_path, new_repo, monk
         assert f.read() == b"no"
 
 
+def test_a_file_that_cannot_be_opened_or_read_now_keeps_its_parents_data(tmp_path, new_repo, monkeypatch,
+                                                                        python_file_reads):
+    """Neither a refused open (small file or large) nor a read failing part-way records the file empty: the
+    snapshot keeps the last good copy, lists the path unreadable, and the next backup reads it again."""
+    src = tmp_path / "src"
+    src.mkdir()
+    big = os.urandom(3 << 20)
+    (src / "small").write_bytes(b"first small")
+    (src / "big").write_bytes(big)
+    (src / "torn").write_bytes(big[::-1])
+    repo = new_repo()
+    repo.backup([str(src)])
+    (src / "small").write_bytes(b"second small")
+    (src / "big").write_bytes(big[:-5] + b"later")
+    (src / "torn").write_bytes(big)
+    real_open, real_readv = os.open, os.readv
+    torn_fds: set[int] = set()
+
+    def failing_open(path, flags, *args):
+        name = os.path.basename(os.fsdecode(path))
+        if name in ("small", "big"):
+            raise PermissionError(13, "Permission denied")
+        fd = real_open(path, flags, *args)
+        if name == "torn":
+            torn_fds.add(fd)
+        return fd
+
+    def failing_readv(fd, buffers):
+        if fd in torn_fds and os.lseek(fd, 0, os.SEEK_CUR) >= 1 << 20:
+            raise OSError(5, "Input/output error")
+        return real_readv(fd, buffers)
+
+    monkeypatch.setattr("chunkvault.store.backup.os.open", failing_open)
+    monkeypatch.setattr("chunkvault.store.backup.os.readv", failing_readv)
+    result = repo.backup([str(src)])
+    monkeypatch.undo()
+    assert result.partial
+    assert sorted(result.snapshot.stats["unreadable"]) == ["big", "small", "torn"]
+    out = tmp_path / "out"
+    repo.restore(result.snapshot, str(out))
+    assert (out / "small").read_bytes() == b"first small"
+    assert (out / "big").read_bytes() == big
+    assert (out / "torn").read_bytes() == big[::-1]
+    again = repo.backup([str(src)])
+    assert not again.partial
+    with repo.open_file(again.snapshot, "big") as f:
+        assert f.read() == big[:-5] + b"later"
+    with repo.open_file(again.snapshot, "small") as f:
+        assert f.read() == b"second small"
+
+
+def test_a_file_that_became_a_directory_before_it_was_read_is_left_out_until_the_next_backup(
+        tmp_path, new_repo, monkeypatch, python_file_reads):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"a file")
+    real_open = os.open
+
+    def swap_then_open(path, flags, *args):
+        if os.path.basename(os.fsdecode(path)) == "f" and (src / "f").is_file():
+            (src / "f").unlink()
+            (src / "f").mkdir()
+            (src / "f" / "inside").write_bytes(b"x")
+        return real_open(path, flags, *args)
+
+    repo = new_repo()
+    monkeypatch.setattr("chunkvault.store.backup.os.open", swap_then_open)
+    result = repo.backup([str(src)])
+    monkeypatch.undo()
+    assert any("changed type" in w and "f" in w for w in result.warnings)
+    assert b"f" not in {e.path for e in repo.tree(result.snapshot)}
+    assert not result.partial
+    later = {e.path: e.type for e in repo.tree(repo.backup([str(src)]).snapshot)}
+    assert later[b"f"] == T_DIR and b"f/inside" in later
+
+
 def test_special_and_odd_entries_modes(tmp_path, new_repo):
     src = tmp_path / "src"
     src.mkdir()
@@ -363,7 +439,7 @@ def test_files_read_in_parallel_land_in_manifest_order(tmp_path, new_repo, monke
     keys = [sort_key(r.path) for r in records]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     assert {r.path for r in records if r.op == OP_DELETE} == {os.fsencode(p) for p in vanished}
-    assert [r.path for r in records if r.op == OP_FRESH and r.entry.size == 0] == [os.fsencode(p) for p in unreadable]
+    assert not [r.path for r in records if r.op == OP_FRESH and r.entry.size == 0]  # kept, not recorded empty
     tree = {e.path: e for e in repo.tree(diff.snapshot)}
     assert b"swap/inner" not in tree and b"swap/inner/x" not in tree and tree[b"swap"].size == len(b"a file now")
     expected = sorted((p for p in src.rglob("*") if p.relative_to(src).as_posix() not in vanished),
@@ -374,7 +450,7 @@ def test_files_read_in_parallel_land_in_manifest_order(tmp_path, new_repo, monke
     for p in expected:
         rel = p.relative_to(src).as_posix()
         if p.is_file():
-            assert (out / rel).read_bytes() == (b"" if rel in unreadable else p.read_bytes()), rel
+            assert (out / rel).read_bytes() == (p.read_bytes()[:-1] if rel in unreadable else p.read_bytes()), rel
 
 
 def test_a_failed_backup_stops_its_readers_inside_a_long_file(tmp_path, new_repo, monkeypatch):
