@@ -1,6 +1,7 @@
 """Object storage backends, chosen by URL. Knows nothing of chunks or crypto."""
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlparse
 
@@ -59,6 +60,24 @@ def options_for_url(url: str, pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+# Schemes of ours and of restic's repository strings: "NAME:" with no "//" after it is a mistyped URL (or
+# restic's "sftp:user@host:/path"), not a local directory to be made beside the current one.
+_URL_LIKE = re.compile(r"(?i)(file|s3|sftp|https?|rest|b2|gs|azure|swift|rclone):(?!//)")
+
+
+def _refuse_scheme_without_slashes(url: str) -> None:
+    m = _URL_LIKE.match(url)
+    if m is None:
+        return
+    name = m.group(1).lower()
+    forms = {"s3": "s3://bucket/prefix", "sftp": "sftp://user@host[:port]/path", "http": "http://host[:port]/",
+             "https": "https://host[:port]/", "file": "file:///path or /path"}
+    form = forms.get(name)
+    hint = f"write {form}" if form else f"chunkvault has no {name!r} remote (s3://, sftp://, http(s)://, local paths)"
+    raise UsageError(f"the repository looks like a {m.group(1)}: URL without '//': {hint} (for a local "
+                     f"directory whose name begins {m.group(0)!r}, put ./ before it)")
+
+
 def open_remote(url: str, **options: Any) -> Remote:
     """Open the remote a URL names.
 
@@ -69,6 +88,7 @@ def open_remote(url: str, **options: Any) -> Remote:
     if not url:
         raise UsageError("no repository given (use -r/--repo or CHUNKVAULT_REPOSITORY)")
     scheme = url_scheme(url)
+    _refuse_scheme_without_slashes(url)
     if scheme != "file":
         try:
             urlparse(url)

@@ -42,3 +42,17 @@ def test_a_url_the_parser_refuses_is_a_usage_error_that_does_not_echo_it(url):
     with pytest.raises(UsageError, match="malformed .* repository URL") as info:
         open_remote(url)
     assert url not in str(info.value) and "tok" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["s3:/bucket/x", "sftp:user@host:/srv/repo", "HTTP:host/", "file:/x", "rest:/srv/x"])
+def test_a_scheme_without_slashes_is_a_usage_error_not_a_local_directory(url, tmp_path, monkeypatch, capsys):
+    """restic's sftp:user@host:/path, or a URL missing its slashes, would otherwise make a directory of that
+    name here and put the repository in it."""
+    from chunkvault import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", "pw")
+    assert cli.main(["init", "-r", url, "--kdf-time", "0"]) == 2
+    assert "URL without '//'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main(["init", "-r", "./" + url, "--kdf-time", "0"]) == 0  # a directory of that name, when asked for
