@@ -404,15 +404,23 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     return 0
 
 
+def _confirmed(args: argparse.Namespace, word: str) -> bool:
+    """Whether ``--confirm`` gave ``word``; any other word is a usage error (exit 2), never a quiet dry run."""
+    if args.confirm is None:
+        return False
+    if args.confirm != word:
+        raise UsageError(f"--confirm takes the word {word}")
+    return True
+
+
 def _confirm_in_place(args: argparse.Namespace) -> bool:
     """A non-empty target is restored in place only after RESTORE is confirmed."""
     target = args.target
+    confirmed = _confirmed(args, "RESTORE")
     if not (os.path.isdir(target) and os.listdir(target)):
         return False
-    if args.confirm == "RESTORE":
+    if confirmed:
         return True
-    if args.confirm is not None:
-        raise UsageError("--confirm takes the word RESTORE")
     if sys.stdin.isatty() and sys.stderr.isatty():
         sys.stderr.write(f"{target} is not empty: restoring overwrites it in place. Type RESTORE to continue: ")
         sys.stderr.flush()
@@ -574,9 +582,10 @@ def cmd_tag(args: argparse.Namespace) -> int:
 def cmd_rewrite(args: argparse.Namespace) -> int:
     from .store.source import excludes_of
 
+    confirmed = _confirmed(args, "REWRITE")
     repo = _open(args)
     report = repo.rewrite(excludes_of(args.exclude, args.exclude_file), args.snapshots or None, hosts=args.host,
-                          tags=args.tag, paths=args.path, dry_run=args.confirm != "REWRITE", wait=args.wait)
+                          tags=args.tag, paths=args.path, dry_run=not confirmed, wait=args.wait)
     if args.json:
         _emit_json(report.to_dict())
     elif not args.quiet:
@@ -810,6 +819,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
+    done = _confirmed(args, "REPAIR")
     repo = _open(args)
     if args.packs and args.what != "packs":
         raise UsageError("pack ids go with `repair packs` only")
@@ -818,9 +828,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
     elif args.what == "packs":
         if not args.packs:
             raise UsageError("repair packs: name the damaged packs (ids or unique prefixes, as `check` reports them)")
-        report = repo.repair_packs(args.packs, dry_run=args.confirm != "REPAIR", wait=args.wait)
+        report = repo.repair_packs(args.packs, dry_run=not done, wait=args.wait)
     else:
-        report = repo.repair_snapshots(dry_run=args.confirm != "REPAIR", wait=args.wait)
+        report = repo.repair_snapshots(dry_run=not done, wait=args.wait)
     if args.json:
         _emit_json(report.to_dict())
     elif not args.quiet:
@@ -833,7 +843,6 @@ def cmd_repair(args: argparse.Namespace) -> int:
                       "`repair packs " + " ".join(p[:12] for p in report.baseless_packs) + " --confirm REPAIR` "
                       "drops them, and the next backup of their data stores it again", file=sys.stderr)
         elif args.what == "packs":
-            done = args.confirm == "REPAIR"
             for p in report.salvaged:
                 print(f"{p.pack}: {p.salvaged} blob(s) {'salvaged' if done else 'can be salvaged'}, "
                       f"{len(p.lost)} lost{': ' + one_line(p.problem) if p.problem else ''}")

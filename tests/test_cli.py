@@ -311,3 +311,20 @@ def test_a_json_name_gives_back_its_exact_bytes(raw):
         assert "path_b64" not in out and out["path"] == raw.decode("utf-8")
     except UnicodeDecodeError:
         assert base64.b64decode(out["path_b64"]) == raw
+
+
+@pytest.mark.parametrize("command", [["rewrite", "--exclude", "a.txt"], ["repair", "snapshots"],
+                                     ["restore", "latest", "--target", "{target}"]])
+def test_a_wrong_confirmation_word_is_a_usage_error_and_changes_nothing(tmp_path, cli, setup, command):
+    """Not a dry run that exits 0: a script that typed the word wrong must hear of it."""
+    repo, src = setup
+    cli("backup", "-r", repo, str(src))
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep").write_text("mine")
+    before = cli("snapshots", "-r", repo, "--json").stdout
+    args = [a.format(target=target) for a in command]
+    proc = cli(*args, "-r", repo, "--confirm", "yes", check=2)
+    assert b"--confirm takes the word " in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert cli("snapshots", "-r", repo, "--json").stdout == before
+    assert [p.name for p in target.iterdir()] == ["keep"]
