@@ -74,19 +74,21 @@ class PrunePlan:
 
 def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], used: set[bytes],
                  max_unused: float) -> PrunePlan:
-    """Pure: which packs to delete, repack or keep, given the used blob ids (with their bases).
+    """Pure: which packs to delete, repack or keep, given the used blob ids (with the bases of the copies
+    ``kept_copies`` chooses).
 
-    A blob stored in several packs counts as live in the first that holds it.
-    A kept pack stays indexed whole, its unused blobs too (a later backup may
-    deduplicate against them), so the bases of its unused deltas are kept as
-    if used: every blob the new index lists can be read.
+    A blob stored in several packs (two backups at once may both store it,
+    one as a delta and one whole) is live in the copy ``kept_copies`` chooses.
+    A kept pack stays indexed whole, its unused blobs and other copies too (a
+    later backup may deduplicate against them), so the bases of every delta
+    it holds are kept as if used: every blob the new index lists can be read.
     """
-    known = {e.blob_id: e for entries in packs.values() for e in entries}
+    known = kept_copies(packs)
     used = set(used)
     while True:
-        plan = _select_once(packs, sizes, used, max_unused)
+        plan = _select_once(packs, sizes, used, max_unused, known)
         needed = {e.base_id for use in plan.keep for e in use.entries
-                  if e.kind == KIND_DELTA and e.base_id is not None and e.blob_id not in used}
+                  if e.kind == KIND_DELTA and e.base_id is not None} - used
         grown = with_bases(needed, lambda b: known[b].base_id if b in known and known[b].kind == KIND_DELTA
                            else None) - used
         if not grown:
@@ -94,17 +96,24 @@ def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], u
         used |= grown
 
 
+def kept_copies(packs: dict[bytes, list[PackEntry]]) -> dict[bytes, PackEntry]:
+    """Pure: for each blob, the copy a prune keeps live: the first stored whole (in pack id order), else the
+    first delta.  Marking the bases of one copy while keeping another lost a kept snapshot's data."""
+    copies: dict[bytes, PackEntry] = {}
+    for pid in sorted(packs):
+        for e in packs[pid]:
+            held = copies.get(e.blob_id)
+            if held is None or (held.kind == KIND_DELTA and e.kind != KIND_DELTA):
+                copies[e.blob_id] = e
+    return copies
+
+
 def _select_once(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], used: set[bytes],
-                 max_unused: float) -> PrunePlan:
+                 max_unused: float, known: dict[bytes, PackEntry]) -> PrunePlan:
     plan = PrunePlan()
-    placed: set[bytes] = set()
     for pid in sorted(packs):
         entries = packs[pid]
-        live = []
-        for e in entries:
-            if e.blob_id in used and e.blob_id not in placed:
-                placed.add(e.blob_id)
-                live.append(e)
+        live = [e for e in entries if e.blob_id in used and known[e.blob_id] is e]
         plan.live_blobs += len(live)
         plan.unused_blobs += len(entries) - len(live)
         use = PackUse(pid, entries, live, sizes.get(pid, 0))
@@ -212,7 +221,7 @@ def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
     names, live = live_index_objects(repo)
     packs = packs_of(live)
     used = used_blobs(repo)
-    known = {e.blob_id: e for entries in packs.values() for e in entries}
+    known = kept_copies(packs)
     missing = [b for b in used if b not in known]
     if missing:
         raise CorruptObject(f"blob {missing[0].hex()}",

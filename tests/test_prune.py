@@ -11,9 +11,10 @@ from hypothesis import given, settings, strategies as st
 
 from chunkvault import Repository
 from chunkvault.errors import Locked
+from chunkvault.store.blob import KIND_DELTA, KIND_ZSTD
 from chunkvault.store.locks import SHARED, RepoLock
 from chunkvault.store.pack import PackEntry
-from chunkvault.store.prune import select_packs
+from chunkvault.store.prune import add_bases, kept_copies, select_packs
 from treeutil import describe
 
 
@@ -115,6 +116,58 @@ def test_every_blob_the_new_index_lists_can_be_read(data):
     assert all(base_of[b] in listed for b in listed if base_of[b] is not None)
 
 
+@settings(max_examples=300)
+@given(st.data())
+def test_with_blobs_stored_twice_every_copy_the_new_index_lists_can_be_read(data):
+    """As above, with some blobs stored more than once, whole or as deltas against different bases (backups
+    running at once): the copy prune keeps live and every copy a kept pack still lists can be read."""
+    n = data.draw(st.integers(1, 10))
+    ids = [bytes([i]) * 32 for i in range(n)]
+    packs: dict[bytes, list[PackEntry]] = {}
+    for i in range(n):
+        for _ in range(data.draw(st.integers(1, 3))):
+            base = data.draw(st.sampled_from([None, *ids[:i]]))
+            e = PackEntry(ids[i], KIND_ZSTD if base is None else KIND_DELTA, 0, data.draw(st.integers(1, 100)), 100,
+                          base)
+            packs.setdefault(bytes([data.draw(st.integers(0, 5))]) * 32, []).append(e)
+    used = set(data.draw(st.lists(st.sampled_from(ids), max_size=n)))
+    add_bases(used, kept_copies(packs))
+    plan = select_packs(packs, {}, used, max_unused=data.draw(st.sampled_from([0.0, 0.3, 0.9])))
+    listed = [e for use in plan.keep for e in use.entries] + [e for use in plan.repack for e in use.live]
+    listed_ids = {e.blob_id for e in listed}
+    assert used <= listed_ids
+    assert all(e.base_id in listed_ids for e in listed if e.kind == KIND_DELTA)
+
+
+def test_a_chunk_two_backups_stored_at_once_keeps_the_base_of_the_copy_prune_keeps(tmp_path, new_repo, password,
+                                                                                   monkeypatch):
+    """Two backups at once each store a changed chunk: one as a delta against its parent's chunk, the other
+    whole.  Forgetting the snapshots the bases served and pruning must leave the other snapshot whole,
+    whichever pack of the two copies comes first."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = bytearray(os.urandom(2 << 20))
+    (src / "db").write_bytes(data)
+    repo = new_repo(str(tmp_path / "repo"), pack_size=1)  # a pack per blob: the copies' packs fall in any order
+    cut = {"fixed_chunks": ["db"], "fixed_chunk_size": 64 << 10}
+    full = repo.backup([str(src)], kind="full", **cut).snapshot
+    for at in range(0, len(data), 64 << 10):
+        data[at + 100:at + 200] = os.urandom(100)
+    (src / "db").write_bytes(data)
+    beside = Repository.open(str(tmp_path / "repo"), password)
+    beside.store.load_index()  # as a backup running beside the next one: it read the index before that stored
+    monkeypatch.setattr(beside.store, "load_index", lambda: None)
+    diff = repo.backup([str(src)], kind="diff", **cut).snapshot
+    whole = beside.backup([str(src)], kind="full", delta=False, host="other", **cut).snapshot
+    beside.close()
+    assert diff.stats["delta_blobs"] >= 16 and whole.stats["added_blobs"] >= diff.stats["delta_blobs"]
+    repo.forget([full.id, diff.id])
+    repo.prune(max_unused=0.05)
+    repo.restore(whole.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "db").read_bytes() == bytes(data)
+    assert not repo.check(read_data=True).problems
+
+
 def test_an_unused_delta_in_a_kept_pack_keeps_its_base(tmp_path, new_repo):
     """Its base, alone in a pack that is repacked, moves with the live blobs instead of being dropped:
     a file that comes back to that version later is stored by reference to a delta that still reads."""
@@ -208,9 +261,6 @@ def test_prune_deletes_unindexed_packs_before_it_writes(tmp_path, new_repo):
 
 def test_add_bases_keeps_whole_chains_and_names_a_base_in_no_index():
     from chunkvault.errors import CorruptObject
-    from chunkvault.store.blob import KIND_DELTA, KIND_ZSTD
-    from chunkvault.store.pack import PackEntry
-    from chunkvault.store.prune import add_bases
 
     a, b, c, d, x = (bytes([i]) * 32 for i in range(5))
     known = {a: PackEntry(a, KIND_ZSTD, 0, 10, 100), b: PackEntry(b, KIND_DELTA, 10, 5, 100, a),
