@@ -1116,7 +1116,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--no-xattrs", action="store_true",
                    help="record no extended attributes (ACLs, file capabilities, SELinux labels, user.*)")
     s.add_argument("--skip-if-unchanged", action="store_true",
-                   help="save no snapshot when nothing changed since the parent (a differential without changes)")
+                   help="save no snapshot when nothing changed since the parent (nor a full that --type auto "
+                        "made due; one asked for with --type full is saved)")
     s.add_argument("--stdin", action="store_true", help="back up standard input")
     s.add_argument("--stdin-from-command", action="store_true",
                    help="back up the standard output of the command given after the options (-- pg_dump app); "

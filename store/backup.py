@@ -85,7 +85,9 @@ class BackupOptions:
     reread: bool = False  # read every file, even one whose stat fields match the parent's entry
     ignore_inode: bool = False  # inode and device numbers change on every mount (snapshots, network file systems)
     ignore_ctime: bool = False  # likewise the change time (file systems that do not keep it)
-    skip_if_unchanged: bool = False  # a differential with no change is not saved (the result: its parent)
+    # A differential, or a full that policy made due (not one asked for), with no change since its parent is not
+    # saved (the result: the parent).
+    skip_if_unchanged: bool = False
     xattrs: bool = True  # record extended attributes (ACLs, capabilities, SELinux labels, user.*)
     # The snapshot's time (default: when it is saved): when the data it reads was taken, e.g. a file system
     # snapshot's time, so that a restore of a point in time finds it.  The default parent is then the newest
@@ -267,6 +269,7 @@ class Backup:
         self._xattrs_known = True  # the parent's entries hold the attributes this backup records (set by _run)
         self.warnings: list[str] = []
         self.unreadable: list[str] = []
+        self.changed = False  # an entry differs from the parent's (or is new): a full then holds a change
         self.writer: BlobWriter | None = None
         self._pool = ThreadPoolExecutor(WORKERS)
         self._readers = ThreadPoolExecutor(READERS)
@@ -892,6 +895,8 @@ class Backup:
             same_file = read.same_file
         if self._links_waiting and item.rel in self._links_waiting:
             self._settle_link(item, diff, same_file)
+        if not item.same and (item.entry is not None or item.prev is not None):
+            self.changed = True
         self.warnings += item.notes
         e = item.entry
         unread = bool(self._unread) and item.rel in self._unread
@@ -963,8 +968,10 @@ class Backup:
             self._drain()
             if self.opt.progress is not None:  # the final counts (reports in between are rate-limited)
                 self.opt.progress(dict(self.counts))
-            if self.opt.skip_if_unchanged and kind == KIND_DIFF and not mw.records:
-                assert parent is not None
+            if self.opt.skip_if_unchanged and parent is not None and (
+                    not mw.records if kind == KIND_DIFF
+                    else self.opt.kind == "auto" and stream is None and not self.changed
+                    and not self.counts["deleted"]):
                 return BackupResult(parent, self.warnings + (source.warnings if source is not None else []),
                                     skipped=True)
             manifest_ids = mw.finish()

@@ -110,10 +110,34 @@ def test_skip_if_unchanged_saves_no_empty_differential(new_repo, tree):
     os.utime(tree / "d2" / "f3", ns=(1, 1))  # metadata alone is a change
     changed = repo.backup([str(tree)], skip_if_unchanged=True)
     assert not changed.skipped and changed.snapshot.parent == first.id
-    full = repo.backup([str(tree)], skip_if_unchanged=True, kind="full")  # a full starts a chain: always saved
+    full = repo.backup([str(tree)], skip_if_unchanged=True, kind="full")  # a full asked for starts a chain: saved
     assert not full.skipped and full.snapshot.kind == "full"
     assert len(repo.snapshots()) == 3
     assert repo.check(read_data=True).ok
+
+
+@pytest.mark.parametrize("change", [None, "touch", "remove", "add"])
+def test_skip_if_unchanged_saves_no_full_that_policy_made_due_when_nothing_changed(new_repo, tree, change):
+    """With a full due after every differential, `auto` would save a full listing the parent's entries."""
+    repo = new_repo(full_every=1)
+    first = repo.backup([str(tree)]).snapshot
+    (tree / "new").write_bytes(b"new")
+    diff = repo.backup([str(tree)]).snapshot
+    assert diff.kind == "diff"
+    if change == "touch":
+        os.utime(tree / "d2" / "f3", ns=(1, 1))
+    elif change == "remove":  # seen by what is gone, not by its directory's times
+        st = os.stat(tree)
+        os.remove(tree / "new")
+        os.utime(tree, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif change == "add":
+        (tree / "d2" / "another").write_bytes(b"x")
+    result = repo.backup([str(tree)], skip_if_unchanged=True, ignore_ctime=True)
+    if change is None:
+        assert result.skipped and result.snapshot.id == diff.id
+        assert [s.id for s in repo.snapshots()] == [first.id, diff.id]
+    else:
+        assert not result.skipped and result.snapshot.kind == "full"
 
 
 def test_cli_options(cli, tmp_path, tree):
