@@ -128,6 +128,10 @@ class Locked(ChunkvaultError):
     exit_code = 15
 
 
+class LockLost(Locked):
+    """A command's own lock went stale while it ran (it was paused or cut off): it stopped before relying on it."""
+
+
 class TargetNotEmpty(ChunkvaultError):
     exit_code = 16
 

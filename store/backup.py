@@ -39,7 +39,7 @@ from .manifest import (
 )
 from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH
 from .deltabase import restart_turns
-from .locks import SHARED, RepoLock
+from .locks import SHARED, LockInfo, RepoLock
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, iso, now_iso
@@ -80,6 +80,7 @@ class BackupOptions:
     fixed_chunk_size: int = FIXED_CHUNK_SIZE
     delta_margin: float = 0.1
     lock_wait: float = 3600.0  # how long to wait for a running prune
+    on_lock_wait: Callable[[LockInfo], None] | None = None  # told once, before waiting, who holds the lock
     progress: Callable[[dict], None] | None = None
     dry_run: bool = False  # read, chunk and compress as a backup would; write nothing (no lock either)
     reread: bool = False  # read every file, even one whose stat fields match the parent's entry
@@ -269,6 +270,7 @@ class Backup:
         self._xattrs_known = True  # the parent's entries hold the attributes this backup records (set by _run)
         self.warnings: list[str] = []
         self.unreadable: list[str] = []
+        self._lock: RepoLock | None = None
         self.changed = False  # an entry differs from the parent's (or is new): a full then holds a change
         self.writer: BlobWriter | None = None
         self._pool = ThreadPoolExecutor(WORKERS)
@@ -915,7 +917,9 @@ class Backup:
     def run(self, source: SourceWalk | None, paths: list[str], *,
             stream: BinaryIO | None = None, stdin_name: str | None = None) -> BackupResult:
         lock = (contextlib.nullcontext() if self.opt.dry_run
-                else RepoLock(self.repo.remote, SHARED, "backup", wait=self.opt.lock_wait))
+                else RepoLock(self.repo.remote, SHARED, "backup", wait=self.opt.lock_wait,
+                              on_wait=self.opt.on_lock_wait))
+        self._lock = lock if isinstance(lock, RepoLock) else None
         try:
             with lock:
                 # Read the index only under the lock: a prune cannot drop what this backup dedups against.
@@ -976,6 +980,7 @@ class Backup:
                                     skipped=True)
             manifest_ids = mw.finish()
             self._drain()
+            self._ensure_lock_held()
             self.writer.flush()
         finally:
             self._abort.set()  # a no-op when all went well: the readers are idle by then
@@ -1006,8 +1011,15 @@ class Backup:
             },
         )
         if not self.opt.dry_run:
+            self._ensure_lock_held()
             repo.save_snapshot(snap)
         return BackupResult(snap, self.warnings)
+
+    def _ensure_lock_held(self) -> None:
+        """A backup whose lock went stale (paused, cut off) may dedup against data a prune has deleted since:
+        it saves no snapshot (its packs are left for the next prune)."""
+        if self._lock is not None:
+            self._lock.ensure_held()
 
     def _usable_parent(self, same: list[Snapshot], snapshots: list[Snapshot]
                        ) -> tuple[Snapshot | None, Iterator[Record]]:

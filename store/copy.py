@@ -121,7 +121,7 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
     result = CopyResult()
     src_snaps = src.snapshots()
     wanted = set(spec_ids) if spec_ids is not None else {s.id for s in src_snaps}
-    with RepoLock(dst.remote, SHARED, "copy"):
+    with RepoLock(dst.remote, SHARED, "copy") as lock:
         dst.load_index()
         done = {s.stats.get(COPIED_FROM): s.id for s in dst.snapshots() if s.stats.get(COPIED_FROM)}
         with dst.writer() as writer:
@@ -145,6 +145,7 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                                 tags=list(snap.tags), manifest=[i.hex() for i in manifest],
                                 manifest_starts=mw.starts, version=mw.version,
                                 stats={**snap.stats, COPIED_FROM: snap.id}, stdin_name=snap.stdin_name)
+                lock.ensure_held()  # a prune that took it for stale may have deleted what this copy reuses
                 dst.save_snapshot(copy)
                 done[snap.id] = copy.id
                 result.copied.append((snap.id, copy.id))

@@ -674,7 +674,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
     with open_export(path, password) as ef:
         info = ef.info
         assert info is not None
-        with RepoLock(repo.remote, SHARED, "import", wait=lock_wait):
+        with RepoLock(repo.remote, SHARED, "import", wait=lock_wait) as repo_lock:
             repo.load_index()
             dest = bytearray(32 * info.blobs)
             counts = ManifestStats()
@@ -742,6 +742,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                     IMPORTED_FROM: src.id, "imported_file": info.file_id,
                 },
             )
+            repo_lock.ensure_held()  # a prune that took it for stale may have deleted what this import reuses
             return repo.save_snapshot(snap)
 
 

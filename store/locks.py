@@ -26,13 +26,17 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from chunkvault.errors import Locked, ObjectNotFound, RemoteError
+from chunkvault.errors import Locked, LockLost, ObjectNotFound, RemoteError
 from chunkvault.remotes import Remote
 
 from .forksafe import FORK_GUARD, start_quiet_thread
 
 REFRESH_EVERY = 60.0
 STALE_AFTER = 300.0
+# A lock not written for this long may have been judged stale by another command (a paused or suspended
+# process, a remote out of reach): its holder no longer trusts it (``RepoLock.ensure_held``).  Below
+# STALE_AFTER by a margin for clocks that disagree a little.
+LOST_AFTER = STALE_AFTER - REFRESH_EVERY
 SHARED = "shared"
 EXCLUSIVE = "exclusive"
 
@@ -68,7 +72,7 @@ class LockInfo:
     start: int | None = None
 
     def stale(self, now: float) -> bool:
-        if now - self.time > STALE_AFTER:
+        if abs(now - self.time) > STALE_AFTER:  # not refreshed, or dated far ahead (a clock, or a forged lock)
             return True
         if self.host != socket.gethostname() or self.pid == os.getpid():
             return False
@@ -118,11 +122,32 @@ class RepoLock:
         self.key = f"locks/{os.urandom(16).hex()}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._written = 0.0  # when the lock was last written (wall clock, as other commands judge it)
+        self._lost = False
 
     def _write(self) -> None:
+        now = time.time()
+        if self._written and now - self._written > LOST_AFTER:
+            self._lost = True  # sticky: writing it again now does not undo what others may have done meanwhile
         body = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(), "purpose": self.purpose,
-                "time": time.time(), "boot": boot_id(), "start": process_start(os.getpid())}
+                "time": now, "boot": boot_id(), "start": process_start(os.getpid())}
         self.remote.put(self.key, json.dumps(body).encode())
+        self._written = now
+
+    def ensure_held(self) -> None:
+        """Before a step that relies on the lock (a backup saving its index and snapshot, a prune deleting):
+        LockLost when it may have been judged stale meanwhile, or is gone.  Another command may then have
+        pruned what a backup refers to, or built on what a prune is about to delete."""
+        gap = time.time() - self._written
+        if self._lost or gap > LOST_AFTER:
+            self._lost = True
+            raise LockLost(f"this {self.purpose}'s repository lock was not refreshed for {gap:.0f} s or more (the "
+                           "process was paused, or the repository out of reach), so other commands may have "
+                           f"taken it for stale; stopped before relying on it: run the {self.purpose} again")
+        if not self.remote.exists(self.key):
+            self._lost = True
+            raise LockLost(f"this {self.purpose}'s repository lock was removed by another command; stopped before "
+                           f"relying on it: run the {self.purpose} again")
 
     def _conflicts(self) -> list[LockInfo]:
         now = time.time()

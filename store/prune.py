@@ -241,8 +241,11 @@ def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
     return plan
 
 
-def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], None] | None = None) -> None:
-    """Carry out ``plan``; ``progress(packs done, bytes repacked, bytes to repack)`` as it goes."""
+def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], None] | None = None,
+            ensure_held: Callable[[], None] = lambda: None) -> None:
+    """Carry out ``plan``; ``progress(packs done, bytes repacked, bytes to repack)`` as it goes.
+    ``ensure_held`` raises when the lock may have gone stale (a paused prune): then a backup may have
+    started meanwhile and deduplicated against what the plan deletes, so nothing more is deleted."""
     done = 0
 
     def step(nbytes: int) -> None:
@@ -252,6 +255,7 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
             progress(done, nbytes, plan.repacked_bytes)
 
     moved = 0
+    ensure_held()
     # First what no index names (packs of failed or killed backups, unfinished writes):
     # deleting them needs no new index, and frees the space a full disk needs for one.
     for key, _ in plan.orphans:
@@ -283,7 +287,9 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
 
     if plan.repack:
         new_index.packs.update(store_envelopes(repo, live_envelopes()).packs)
+    ensure_held()
     replace_index(repo, new_index, [n for n in plan.index_names if n not in plan.dead_indexes])
+    ensure_held()
     for use in plan.delete + plan.repack:
         if use.pack_id not in plan.freed_early:
             repo.remote.delete(pack_key(use.pack_id))
@@ -299,8 +305,11 @@ def _split(index: IndexData, packs_per_part: int) -> list[IndexData]:
 
 def prune(repo: Repo, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0,
           progress: Callable[[int, int, int], None] | None = None) -> PrunePlan:
-    with RepoLock(repo.remote, EXCLUSIVE, "prune", wait=wait):
+    with RepoLock(repo.remote, EXCLUSIVE, "prune", wait=wait) as lock:
+        # What backups saved since this process read the index (a forget --prune ran in between) is known
+        # only to the index objects listed now: a manifest blob absent from the old index is not damage.
+        repo.drop_stale()
         plan = plan_prune(repo, max_unused)
         if not dry_run:
-            execute(repo, plan, progress)
+            execute(repo, plan, progress, lock.ensure_held)
     return plan

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -102,3 +103,140 @@ def test_a_lock_that_could_not_be_taken_is_not_left_behind(remote, op, after):
     assert list_locks(remote) == []
     with RepoLock(faulty, EXCLUSIVE, "prune"):  # and the next one is taken
         assert len(list_locks(remote)) == 1
+
+
+def test_a_lock_dated_far_ahead_is_stale(remote, sleeper):
+    """A clock far ahead, or a lock object written by hand: otherwise it would hold every command off forever."""
+    body = {"kind": EXCLUSIVE, "host": "elsewhere", "pid": 1, "purpose": "prune", "time": time.time() + 3600}
+    remote.put("locks/" + "f" * 32, json.dumps(body).encode())
+    with RepoLock(remote, SHARED, "backup"):
+        pass
+    assert remote.stat("locks/" + "f" * 32) is None
+
+
+class _Clock:
+    """time.time() of the lock module, moved on at will (a process paused, then continued)."""
+
+    def __init__(self, monkeypatch):
+        from chunkvault.store import locks
+
+        self.offset = 0.0
+        monkeypatch.setattr(locks.time, "time", lambda: time.monotonic() + 1.7e9 + self.offset)
+
+
+@pytest.mark.parametrize("refreshed_after", [False, True])
+def test_a_lock_not_refreshed_for_longer_than_others_trust_it_is_lost_for_good(remote, monkeypatch, refreshed_after):
+    from chunkvault.errors import LockLost
+    from chunkvault.store.locks import LOST_AFTER
+
+    clock = _Clock(monkeypatch)
+    with RepoLock(remote, SHARED, "backup") as lock:
+        lock.ensure_held()
+        clock.offset += LOST_AFTER / 2
+        lock._write()  # a refresh in time
+        clock.offset += LOST_AFTER / 2
+        lock.ensure_held()
+        clock.offset += LOST_AFTER + 1  # paused past what other commands wait before taking it for stale
+        if refreshed_after:
+            lock._write()  # the refresh thread woke first and wrote it again: that undoes nothing
+        with pytest.raises(LockLost, match="not refreshed for .* run the backup again"):
+            lock.ensure_held()
+
+
+def test_a_lock_another_command_removed_is_lost(remote):
+    from chunkvault.errors import LockLost
+
+    with RepoLock(remote, EXCLUSIVE, "prune") as lock:
+        remote.delete(lock.key)
+        with pytest.raises(LockLost, match="removed by another command"):
+            lock.ensure_held()
+        with pytest.raises(LockLost):
+            lock.ensure_held()
+
+
+def _remove_locks(remote) -> None:
+    """What another command does on finding this one's lock stale."""
+    for lk in list_locks(remote):
+        remote.delete(lk.key)
+
+
+def test_a_backup_whose_lock_was_taken_for_stale_saves_no_snapshot(tmp_path, new_repo, monkeypatch):
+    """Meanwhile a prune may have deleted what it deduplicated against: its snapshot would name lost data."""
+    from chunkvault.errors import LockLost
+    from chunkvault.store import backup
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(100_000))
+    repo = new_repo()
+    first = repo.backup([str(src)]).snapshot
+    (src / "g").write_bytes(os.urandom(100_000))
+    real = backup.Backup._drain
+
+    def drain_then_lose_the_lock(self, *args):
+        real(self, *args)
+        _remove_locks(repo.store.remote)
+
+    monkeypatch.setattr(backup.Backup, "_drain", drain_then_lose_the_lock)
+    with pytest.raises(LockLost):
+        repo.backup([str(src)])
+    monkeypatch.undo()
+    assert [s.id for s in repo.snapshots()] == [first.id]
+    assert list_locks(repo.store.remote) == []
+    again = repo.backup([str(src)])
+    assert repo.check(read_data=True).ok and again.snapshot.parent == first.id
+
+
+def test_a_prune_whose_lock_was_taken_for_stale_deletes_nothing(tmp_path, new_repo, monkeypatch):
+    """Meanwhile a backup may have started and deduplicated against what the plan deletes."""
+    from chunkvault.errors import LockLost
+    from chunkvault.store import prune
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(100_000))
+    repo = new_repo()
+    first = repo.backup([str(src)]).snapshot
+    (src / "f").write_bytes(os.urandom(100_000))
+    repo.backup([str(src)])
+    repo.forget([first.id])
+    real = prune.plan_prune
+
+    def plan_then_lose_the_lock(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        _remove_locks(repo.store.remote)
+        return plan
+
+    monkeypatch.setattr(prune, "plan_prune", plan_then_lose_the_lock)
+    packs = sorted(o.key for o in repo.store.remote.list("data/"))
+    with pytest.raises(LockLost):
+        repo.prune(max_unused=0)
+    assert sorted(o.key for o in repo.store.remote.list("data/")) == packs
+    monkeypatch.undo()
+    assert repo.prune(max_unused=0).delete
+    assert repo.check(read_data=True).ok
+
+
+def test_a_backup_waiting_for_an_exclusive_lock_says_whom_it_waits_for(tmp_path, new_repo, sleeper):
+    """As the reads do: a backup behind a prune is not silent for up to an hour."""
+    from conftest import PASSWORD
+
+    repo = new_repo()
+    repo.close()
+    remote = LocalRemote(str(tmp_path / "repo0"))
+    key = plant(remote, "a" * 32, sleeper.pid, boot=boot_id(), start=process_start(sleeper.pid))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}, "CHUNKVAULT_PASSWORD": PASSWORD}
+    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "backup", "-r", str(tmp_path / "repo0"),
+                             str(src)], stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        ready, _, _ = select.select([proc.stderr], [], [], 60)
+        line = proc.stderr.readline().decode() if ready else ""
+        assert "waiting up to 3600 s: repository is locked by prune" in line and f"pid {sleeper.pid}" in line
+        remote.delete(key)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+        proc.wait()

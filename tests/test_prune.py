@@ -307,3 +307,25 @@ def test_index_objects_dropped_before_the_new_index_leave_every_needed_pack_inde
     for name, d in live.items():  # and nothing that could go is left for later
         if set(d.packs) <= dead_packs and not {bytes.fromhex(n) for n in objects} & set(d.supersedes):
             assert name in dead
+
+
+def test_a_prune_after_a_forget_sees_what_a_backup_saved_in_between(tmp_path, new_repo, password):
+    """`forget --prune`: the index this process read for the forget lacks the new snapshot's manifest blobs,
+    which is no damage (it was reported as a corrupt object)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(50_000))
+    repo = new_repo(str(tmp_path / "repo"))
+    first = repo.backup([str(src)]).snapshot
+    (src / "f").write_bytes(os.urandom(50_000))
+    repo.backup([str(src)])
+    repo.forget([first.id])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "g").write_bytes(os.urandom(50_000))
+    with Repository.open(str(tmp_path / "repo"), password) as beside:
+        saved = beside.backup([str(other)]).snapshot
+    repo.prune(max_unused=0)
+    repo.restore(saved.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "g").read_bytes() == (other / "g").read_bytes()
+    assert repo.check(read_data=True).ok
