@@ -84,6 +84,12 @@ def _check_remote_options(options: Mapping[str, Any]) -> None:
             raise UsageError(f"{name} must be a positive number of bytes per second, not {rate!r}")
 
 
+def _waiting_warning(wait: float) -> Callable[[Any], None]:
+    """What a command says once, before it waits for another's lock (``holder``: a LockInfo)."""
+    return lambda holder: warnings.warn(f"waiting up to {wait:g} s: repository is locked by {holder.describe()}",
+                                        RepositoryStateWarning, stacklevel=4)
+
+
 def _ledger_for(repo: Repo, where: bool | str | os.PathLike[str]) -> Ledger | None:
     """True: the default location ($XDG_STATE_HOME/chunkvault/ledger); a path: that directory; False: none."""
     if where is False:
@@ -308,6 +314,7 @@ class Repository:
         elif not walk.same_rules(list(paths), excludes, one_file_system, markers, exclude_larger_than):
             walk.close()
             raise UsageError("the given walk is of other paths or exclusion rules than the backup")
+        opts.on_lock_wait = _waiting_warning(opts.lock_wait)
         result = Backup(self._repo, opts).run(walk, walk.paths)
         if not dry_run and not result.skipped:
             self._wrote(result.snapshot)
@@ -349,6 +356,7 @@ class Repository:
         self._repo.drop_stale(index=False)
         if not opts.dry_run:
             self._guard()
+        opts.on_lock_wait = _waiting_warning(opts.lock_wait)
         with open_stream() as stream:
             result = Backup(self._repo, opts).run(None, [name], stream=stream, stdin_name=name)
         if not opts.dry_run:
@@ -372,9 +380,7 @@ class Repository:
         with contextlib.ExitStack() as held:
             if self.lock_reads and not self._reading_depth:
                 lock = RepoLock(self._repo.remote, SHARED, purpose, wait=wait, wait_option=True,
-                                on_wait=lambda holder: warnings.warn(
-                                    f"waiting up to {wait:g} s: repository is locked by {holder.describe()}",
-                                    RepositoryStateWarning, stacklevel=4))
+                                on_wait=_waiting_warning(wait))
                 try:
                     lock.acquire()
                 except (PermissionDenied, StorageFull) as exc:
