@@ -82,7 +82,9 @@ def blocking(found: Collection[Finding], forgetting: Collection[str] = ()) -> li
 def observe(state: LedgerState, present: Mapping[str, datetime]) -> LedgerState:
     """After a listing: pending forgets resolve (gone: confirmed; present: the forget never
     happened) and the high-water mark rises to the newest present snapshot not forgotten.
-    An unresolved rollback keeps its mark, so the evidence stays until it is accepted."""
+    An unresolved rollback keeps its mark, so the evidence stays until it is accepted; and the
+    mark never falls while its snapshot is present: one that does not load is listed with the
+    earliest time, and deleting it afterwards must still show as a rollback."""
     forgotten = dict(state.forgotten)
     for sid, when in state.pending.items():
         if sid not in present:
@@ -90,7 +92,11 @@ def observe(state: LedgerState, present: Mapping[str, datetime]) -> LedgerState:
     state = replace(state, forgotten=_capped(forgotten), pending={})
     if any(f.kind == ROLLED_BACK for f in findings(state, present)):
         return state
-    return replace(state, newest=_newest(present, state.forgotten))
+    newest = _newest(present, state.forgotten)
+    hw = state.newest
+    if hw is not None and hw.id in present and hw.id not in state.forgotten and (newest is None or hw > newest):
+        newest = hw
+    return replace(state, newest=newest)
 
 
 def forgetting(state: LedgerState, ids: Collection[str], now: datetime) -> LedgerState:

@@ -174,3 +174,14 @@ def test_forgotten_ids_are_capped_to_the_most_recent(monkeypatch):
 def test_malformed_documents_are_refused_with_a_reason(doc):
     with pytest.raises(ValueError):
         L.from_json(doc, "r1")
+
+
+def test_a_newest_snapshot_that_does_not_load_keeps_the_mark_so_deleting_it_shows():
+    """A listing gives an unreadable snapshot the earliest time: damaging the newest first, then deleting
+    it, must not roll the repository back unseen."""
+    from chunkvault.ledger import EARLIEST
+
+    state = L.wrote(LedgerState(), {"a": T0, "b": T0 + timedelta(1)})
+    state = L.observe(state, {"a": T0, "b": EARLIEST})
+    assert state.newest == Mark(T0 + timedelta(1), "b") and L.findings(state, {"a": T0, "b": EARLIEST}) == []
+    assert [(f.kind, f.snapshot_id) for f in L.findings(state, {"a": T0})] == [(ROLLED_BACK, "b")]
