@@ -48,6 +48,7 @@ LOCKS_PREFIX = "locks/"
 # gets to read our answer; beyond it the connection is closed.
 DRAIN_LIMIT = 64 * MiB
 COPY_CHUNK = 1 * MiB
+BODY_PIECE = 1 * MiB  # an upload's buffer grows by at most this much per read (see _read_body)
 IDLE_TIMEOUT = 120.0
 LINGER_TIMEOUT = 2.0
 CONFIG_KEYS = ("enabled", "listen", "path", "tokens", "append_only", "tls_cert", "tls_key", "max_object_size", "quiet")
@@ -624,20 +625,20 @@ class Handler(BaseHTTPRequestHandler):
         self._reply(201, received=length)
 
     def _read_body(self, length: int) -> bytearray | None:
-        buf = bytearray(length)
-        view = memoryview(buf)
-        got = 0
+        """The body, or None when the client stops short.  The buffer grows with what arrives, a piece at a
+        time: allocating the declared length at once let a client that declares large objects and sends
+        nothing hold the server's memory."""
+        buf = bytearray()
         try:
-            while got < length:
-                n = self.rfile.readinto(view[got:])
-                if not n:
+            while len(buf) < length:
+                piece = self.rfile.read1(min(length - len(buf), BODY_PIECE))
+                if not piece:
                     return None
-                got += n
+                buf += piece
         except OSError:
             return None
         finally:
-            view.release()
-            self._unread = length - got
+            self._unread = length - len(buf)
         return buf
 
     def _delete(self, key: str, mode: str) -> None:

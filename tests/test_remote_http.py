@@ -242,6 +242,28 @@ def test_upload_cut_short_stores_nothing(http_server):
     assert files_under(http_server.path) == []
 
 
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's RSS from /proc")
+def test_uploads_that_declare_large_bodies_and_send_little_hold_no_memory_for_them(http_server):
+    """An append-only client declaring 200 MiB bodies on four connections and sending three bytes each: the
+    server's memory follows what arrives, not what is declared."""
+    before = _rss_kib(http_server.proc.pid)
+    conns = [socket.create_connection(("127.0.0.1", http_server.port)) for _ in range(4)]
+    try:
+        for i, c in enumerate(conns):
+            c.sendall(f"PUT /objects/data/ab/{i:064x} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {APPEND_TOKEN}"
+                      f"\r\nContent-Length: {200 << 20}\r\n\r\nabc".encode())
+        time.sleep(1.0)  # each handler has read the headers and what followed them
+        assert _rss_kib(http_server.proc.pid) - before < 100 << 10
+    finally:
+        for c in conns:
+            c.close()
+
+
 def test_body_above_the_limit(serve_factory, tmp_path):
     server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--max-object-size", "1M")
     with HTTPRemote.from_url(server.url, token=FULL_TOKEN) as remote:
