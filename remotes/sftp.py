@@ -75,15 +75,21 @@ def _is_missing(exc: OSError) -> bool:
     return exc.errno == errno.ENOENT or isinstance(exc, FileNotFoundError)
 
 
-def _raise_if_full(sftp: Any, directory: str, size: int, what: str) -> None:
-    """StorageFull if the server's file system under ``directory`` has no room for ``size`` more bytes
-    (a block of slack for rounding) or no free inode: a failed write's only other word is "Failure"."""
+def _explain_failed_write(sftp: Any, directory: str, size: int, what: str) -> None:
+    """PermissionDenied if the server's file system under ``directory`` is mounted read-only, StorageFull if
+    it has no room for ``size`` more bytes (a block of slack for rounding) or no free inode: a failed
+    write's only word is "Failure"."""
     try:
-        free = sftp.free_space(directory)
+        state = sftp.free_space(directory)
     except StatusError:
         return
-    if free is not None and (free[0] < size + 8192 or free[1] == 0):
-        raise StorageFull(f"no space left on the SFTP server while {what} ({free[0]} bytes free there)")
+    if state is None:
+        return
+    free_bytes, free_inodes, read_only = state
+    if read_only:
+        raise PermissionDenied(f"the SFTP server's file system is read-only: {what} failed")
+    if free_bytes < size + 8192 or free_inodes == 0:
+        raise StorageFull(f"no space left on the SFTP server while {what} ({free_bytes} bytes free there)")
 
 
 def _info(key: str, attr: Any) -> ObjectInfo:
@@ -279,7 +285,12 @@ class SFTPRemote(Remote):
         tmp = f"{d}/{TEMP_PREFIX}{secrets.token_hex(8)}"
 
         def run(sftp: Any) -> None:
-            self._ensure_dir(sftp, d)
+            try:
+                self._ensure_dir(sftp, d)
+            except StatusError as exc:
+                if exc.errno is None:
+                    _explain_failed_write(sftp, self._root, 0, f"writing {key}")
+                raise
             try:
                 sftp.write_file(tmp, data)
                 if if_absent:
@@ -298,7 +309,7 @@ class SFTPRemote(Remote):
                 except Exception:
                     pass
                 if isinstance(exc, StatusError) and exc.errno is None:
-                    _raise_if_full(sftp, d, len(data), f"writing {key}")
+                    _explain_failed_write(sftp, d, len(data), f"writing {key}")
                 raise
 
         self._call(f"writing {key}", None, run)

@@ -36,6 +36,7 @@ _OK, _EOF, _NO_SUCH_FILE, _PERMISSION_DENIED = 0, 1, 2, 3
 _READ_FLAG, _WRITE_FLAG, _CREATE_FLAG, _TRUNCATE_FLAG = 0x01, 0x02, 0x08, 0x10
 
 _ATTR_SIZE, _ATTR_UIDGID, _ATTR_PERMISSIONS, _ATTR_ACMODTIME, _ATTR_EXTENDED = 0x1, 0x2, 0x4, 0x8, 0x80000000
+_ST_RDONLY = 0x1  # statvfs@openssh.com's flag of a file system mounted read-only
 
 # What every server takes (the draft's minimum packet); larger only when the server says so.
 DEFAULT_TRANSFER = 32 * 1024
@@ -276,15 +277,16 @@ class SFTPClient:
             raise OSError(f"the SFTP server cannot replace {new} by renaming (no posix-rename@openssh.com)")
         self._request(_EXTENDED, _string(b"posix-rename@openssh.com") + _string(old) + _string(new), _STATUS)
 
-    def free_space(self, path: str) -> tuple[int, int] | None:
-        """(bytes, inodes) free to the login user on the file system holding ``path``, per OpenSSH's
-        ``statvfs@openssh.com``; None where the server does not offer it.  Version 3 has no status for a
-        full disk (the server says only "Failure"), so a failed write asks this to tell one apart."""
+    def free_space(self, path: str) -> tuple[int, int, bool] | None:
+        """(bytes, inodes) free to the login user on the file system holding ``path``, and whether it is
+        mounted read-only, per OpenSSH's ``statvfs@openssh.com``; None where the server does not offer it.
+        Version 3 has no status for a full disk or a read-only one (the server says only "Failure"), so a
+        failed write asks this to tell them apart."""
         if b"statvfs@openssh.com" not in self.extensions:
             return None
         r = _Reader(self._request(_EXTENDED, _string(b"statvfs@openssh.com") + _string(path), _EXTENDED_REPLY))
-        _bsize, frsize, _blocks, _bfree, bavail, _files, _ffree, favail = (r.u64() for _ in range(8))
-        return frsize * bavail, favail
+        _bsize, frsize, _blocks, _bfree, bavail, _files, _ffree, favail, _fsid, flag = (r.u64() for _ in range(10))
+        return frsize * bavail, favail, bool(flag & _ST_RDONLY)
 
     def listdir_attr(self, path: str) -> list[Attributes]:
         """The entries of directory ``path``, without ``.`` and ``..``."""

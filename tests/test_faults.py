@@ -480,6 +480,28 @@ def test_full_remote_disk(kind, tmpfs, tmp_path, request):
     assert describe(tmp_path / "out") == describe(src)
 
 
+def test_a_read_only_sftp_repository_is_read_with_a_warning_and_refuses_writes_clearly(tmpfs, tmp_path, sshd):
+    """The server's file system mounted read-only answers a write with a bare "Failure": the reads go ahead
+    unlocked (as with a read-only token), a backup fails with one line that says why."""
+    path = os.path.join(tmpfs, "repo")
+    env = crashkit.cli_env({"CHUNKVAULT_CACHE_DIR": str(tmp_path / "cache"), **sshd.env})
+    url = sshd.url(path)
+    crashkit.run_cli("init", "-r", url, "--kdf-time", "0", env=env)
+    src = tmp_path / "src"
+    tree = crashkit.SourceTree(str(src), random.Random(3), target_bytes=256 << 10)
+    crashkit.run_cli("backup", "-r", url, str(src), env=env)
+    subprocess.run(["mount", "-o", "remount,ro", tmpfs], check=True)
+    try:
+        done = crashkit.run_cli("restore", "-r", url, "latest", "--target", str(tmp_path / "out"), env=env)
+        assert "reading without a lock" in done.stderr.decode() and "read-only" in done.stderr.decode()
+        assert describe(tmp_path / "out") == describe(src)
+        tree.mutate()
+        err = crashkit.run_cli("backup", "-r", url, str(src), env=env, ok=(14,)).stderr.decode().strip()
+        assert len(err.splitlines()) == 1 and "the SFTP server's file system is read-only" in err, err
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", tmpfs], check=True)
+
+
 def test_export_and_dump_onto_a_full_disk(tmpfs, tmp_path):
     """The output, not the repository, runs out of space (an export file, standard output): one line,
     exit 14, no partial export left."""

@@ -351,10 +351,10 @@ def test_a_whole_file_ended_early_is_an_error_and_a_range_is_what_there_is(relay
 
 def test_free_space_is_what_the_servers_file_system_says(relay, tmp_path):
     c = relay()
-    free_bytes, free_inodes = c.free_space(str(tmp_path))
+    free_bytes, free_inodes, read_only = c.free_space(str(tmp_path))
     st = os.statvfs(tmp_path)
     assert abs(free_bytes - st.f_frsize * st.f_bavail) <= 64 << 20  # other writers come and go meanwhile
-    assert free_inodes > 0
+    assert free_inodes > 0 and read_only == bool(st.f_flag & os.ST_RDONLY)
     with pytest.raises(StatusError) as info:
         c.free_space(str(tmp_path / "missing"))
     assert info.value.errno == errno.ENOENT
