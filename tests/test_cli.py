@@ -328,3 +328,25 @@ def test_a_wrong_confirmation_word_is_a_usage_error_and_changes_nothing(tmp_path
     assert b"--confirm takes the word " in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert cli("snapshots", "-r", repo, "--json").stdout == before
     assert [p.name for p in target.iterdir()] == ["keep"]
+
+
+@pytest.mark.parametrize("signame, code, said", [("SIGINT", 130, b"chunkvault: interrupted"),
+                                                 ("SIGTERM", 143, b"chunkvault: terminated")])
+def test_a_stop_signal_while_the_command_is_still_loading_ends_it_as_later(signame, code, said):
+    """The signal lands while the command's modules are imported (here: when the entry point asks for them)."""
+    import subprocess
+    import sys
+
+    program = f"""
+import os, signal, sys, time, types
+import chunkvault.console as console
+loading = types.ModuleType("chunkvault.cli")
+def __getattr__(name):
+    os.kill(os.getpid(), signal.{signame})
+    time.sleep(30)
+loading.__getattr__ = __getattr__
+sys.modules["chunkvault.cli"] = loading
+sys.exit(console.main())
+"""
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60)
+    assert proc.returncode == code and proc.stderr.strip() == said, proc.stderr

@@ -1,0 +1,31 @@
+"""The ``chunkvault`` command's entry point.
+
+Importing the command takes about a tenth of a second; a Ctrl-C or SIGTERM then
+ended it with a traceback (or no word at all) instead of the line and exit code
+it gives once running.  Nothing has been touched by then, so it stops at once.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from types import FrameType
+
+_SAID = {signal.SIGINT: b"chunkvault: interrupted\n", signal.SIGTERM: b"chunkvault: terminated\n"}
+
+
+def _stop_now(signum: int, frame: FrameType | None) -> None:
+    os.write(2, _SAID[signum])
+    os._exit(128 + signum)
+
+
+def main() -> int:
+    for signum in _SAID:
+        signal.signal(signum, _stop_now)
+    from .cli import main as run  # installs its own handlers while the command runs
+
+    return run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
