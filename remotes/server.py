@@ -101,6 +101,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _host_of(header: str) -> str:
+    """The host of a Host header (``name``, ``name:port``, ``[v6]:port``), without port or brackets."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
 def load_tokens(path: str) -> list[tuple[bytes, str]]:
     """``MODE TOKEN`` per line; refuses a file others can read, since it holds secrets."""
     try:
@@ -499,6 +507,13 @@ class Handler(BaseHTTPRequestHandler):
         """The request's mode (capped by --append-only), or None after answering 401."""
         tokens = self.server.settings.tokens
         if tokens is None:
+            host = _host_of(self.headers.get("Host", ""))
+            if host and not is_loopback(host):
+                # A web page whose name was rebound to 127.0.0.1 reaches a service without tokens: its requests
+                # name that page's host, never a loopback one.
+                self._fail(403, "a service without tokens answers only requests addressed to a loopback name "
+                                "(127.0.0.1, ::1, localhost); give it --tokens to serve others")
+                return None
             mode = "full"
         else:
             scheme, _, value = self.headers.get("Authorization", "").partition(" ")

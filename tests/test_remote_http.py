@@ -419,6 +419,14 @@ def test_loopback_without_tokens_warns(serve_factory):
     with HTTPRemote.from_url(server.url) as remote:
         remote.put("config", b"c")
         remote.delete("config")
+    # DNS rebinding: a web page's name pointed at 127.0.0.1 reaches the service, naming the page's host
+    for host in ("rebind.attacker.example", f"rebind.attacker.example:{server.port}", "10.0.0.1:80"):
+        status, reply = raw_request(server.port, "PUT", "/objects/config", b"x", token=None, headers={"Host": host})
+        assert status == 403 and "loopback" in reply["error"], (host, status)
+    assert not (server.path / "config").exists()
+    for host in (f"localhost:{server.port}", f"127.0.0.1:{server.port}", f"[::1]:{server.port}", "127.0.0.1"):
+        status, _ = raw_request(server.port, "PUT", "/objects/config", b"x", token=None, headers={"Host": host})
+        assert status == 201, (host, status)
 
 
 # --- failures and shutdown --------------------------------------------------------------
