@@ -18,6 +18,7 @@ from .display import one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .errors import (ChunkvaultError, CorruptObject, PartialBackup, TargetNotEmpty, UsageError, VerificationFailed,
                      output_error)
+from .store.chain import lineage
 from .store.manifest import T_DIR, TYPE_NAMES, Entry
 from .store.snapshot import Snapshot
 
@@ -201,10 +202,11 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _snapshot_json(s: Snapshot) -> dict[str, Any]:
+def _snapshot_json(s: Snapshot, chain_length: int | None = None) -> dict[str, Any]:
+    stats = s.stats if chain_length is None else {**s.stats, "chain_length": chain_length}
     return {"id": s.id, "short_id": s.short_id, "time": s.time, "type": s.kind, "parent": s.parent,
             "host": s.host, "tags": s.tags, "paths": s.paths, "stdin_name": s.stdin_name,
-            "size": s.stats.get("bytes", 0), "files": s.stats.get("files", 0), "stats": s.stats}
+            "size": s.stats.get("bytes", 0), "files": s.stats.get("files", 0), "stats": stats}
 
 
 def _name_json(key: str, name: bytes | str | None) -> dict[str, Any]:
@@ -392,7 +394,9 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     snaps = repo.snapshots(hosts=args.host, tags=args.tag, paths=args.path, latest=args.latest,
                            group_by=args.group_by)
     if args.json:
-        _emit_json([_snapshot_json(s) for s in snaps])
+        # The chain as it is now: a forget's rebase or an aggregate shortens chains after the backup recorded them.
+        parents = {s.id: s.parent for s in repo.snapshots()}
+        _emit_json([_snapshot_json(s, len(lineage(s.id, parents))) for s in snaps])
         return 0
     print(f"{'ID':8}  {'time':19}  {'type':4}  {'parent':8}  {'host':12}  {'size':>10}  {'files':>7}  tags / paths")
     for s in snaps:

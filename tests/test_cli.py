@@ -350,3 +350,23 @@ sys.exit(console.main())
 """
     proc = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60)
     assert proc.returncode == code and proc.stderr.strip() == said, proc.stderr
+
+
+def test_snapshots_json_gives_each_chain_as_it_is_now(tmp_path, cli, setup):
+    """After a forget rebases the differentials (or an aggregate), their recorded chain lengths are stale."""
+    repo, src = setup
+    ids = []
+    for i in range(4):
+        (src / "a.txt").write_text(f"version {i}\n")
+        ids.append(json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"])
+    before = {s["id"]: s["stats"]["chain_length"] for s in json.loads(cli("snapshots", "-r", repo, "--json").stdout)}
+    assert [before[i] for i in ids] == [1, 2, 3, 4]
+    cli("forget", "-r", repo, ids[0])
+    snaps = json.loads(cli("snapshots", "-r", repo, "--json").stdout)
+    parents = {s["id"]: s["parent"] for s in snaps}
+    for s in snaps:
+        length, at = 1, s["id"]
+        while parents[at] is not None:
+            length, at = length + 1, parents[at]
+        assert s["stats"]["chain_length"] == length
+    assert [s["stats"]["chain_length"] for s in snaps] == [1, 2, 3]
