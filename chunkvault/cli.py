@@ -179,9 +179,14 @@ def _stdout_error(exc: OSError) -> ChunkvaultError:
     return output_error("writing to standard output", exc)
 
 
+_json_emitted = False  # this command printed its JSON document (main: an error then prints none)
+
+
 def _emit_json(obj: Any) -> None:
     """Written in pieces of about 1 MiB: ``json.dump`` to the stream wrote each token on its own (2.5
     million writes for a listing of 48,000 files), one string would hold it all in memory at once."""
+    global _json_emitted
+    _json_emitted = True
     pieces: list[str] = []
     size = 0
     for piece in json.JSONEncoder(indent=1, sort_keys=True, default=str).iterencode(obj):
@@ -1370,8 +1375,21 @@ def _stop(signum: int) -> None:
     raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
+def _emit_error_json(exc: ChunkvaultError) -> None:
+    """With --json, a command that fails before its document still prints one: what failed, for a program
+    to read instead of parsing the line on stderr."""
+    try:
+        _emit_json({"error": {"type": type(exc).__name__, "exit_code": exc.exit_code, "message": one_line(exc)}})
+        sys.stdout.flush()
+    except (OSError, ChunkvaultError):
+        pass  # standard output is what failed: the line on stderr says it
+
+
 def main(argv: list[str] | None = None) -> int:
     from .memory import tune_allocator, tune_gc
+
+    global _json_emitted
+    _json_emitted = False
 
     tune_allocator()
     if argv is None:  # a process of its own, not a caller's (tests call main with arguments)
@@ -1392,6 +1410,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except ChunkvaultError as exc:
         print(f"chunkvault: {one_line(exc)}", file=sys.stderr)
+        if args is not None and getattr(args, "json", False) and not _json_emitted:
+            _emit_error_json(exc)
         return exc.exit_code
     except _Terminated:
         print("chunkvault: terminated", file=sys.stderr)

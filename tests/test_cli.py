@@ -370,3 +370,21 @@ def test_snapshots_json_gives_each_chain_as_it_is_now(tmp_path, cli, setup):
             length, at = length + 1, parents[at]
         assert s["stats"]["chain_length"] == length
     assert [s["stats"]["chain_length"] for s in snaps] == [1, 2, 3]
+
+
+def test_with_json_a_command_that_fails_before_its_document_prints_an_error_document(tmp_path, cli, setup):
+    repo, src = setup
+    wrong = cli("snapshots", "-r", repo, "--json", password="wrong", check=11)
+    assert json.loads(wrong.stdout) == {"error": {"type": "WrongPassword", "exit_code": 11,
+                                                  "message": json.loads(wrong.stdout)["error"]["message"]}}
+    assert wrong.stderr.decode().startswith("chunkvault: ") and len(wrong.stderr.splitlines()) == 1
+    missing = json.loads(cli("ls", "-r", repo, "deadbeef", "--json", check=12).stdout)["error"]
+    assert missing["exit_code"] == 12 and "deadbeef" in missing["message"]
+    # one document: a command that printed its own before failing prints no second one
+    small = str(tmp_path / "small-packs")
+    cli("init", "-r", small, "--kdf-time", "0", "--pack-size", "1")  # a pack per blob: the largest is b.bin's
+    cli("backup", "-r", small, str(src))
+    max((p for p in (tmp_path / "small-packs" / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+        ).unlink()
+    out = cli("restore", "-r", small, "latest", "--target", str(tmp_path / "out"), "--json", check=13).stdout
+    assert "error" not in json.loads(out) and json.loads(out)["not_restored"]
