@@ -435,6 +435,9 @@ class Restorer:
         self._run_bytes = 0
 
     def check_target(self) -> None:
+        if os.path.islink(self.target) and os.path.isdir(self.target):  # named by the user: followed, as a path
+            self.target = os.path.realpath(self.target)                  # through links above it is
+            self._target_prefix = os.path.join(self.target, b"")
         t = self.target
         try:
             if os.path.lexists(t):

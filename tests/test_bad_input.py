@@ -620,3 +620,11 @@ def test_a_restore_target_that_cannot_be_made_or_listed_is_one_line(tmp_path):
         proc = crashkit.run_cli("restore", "-r", repo, "latest", "--target", str(target), ok=(2,))
         err = proc.stderr.decode().strip().splitlines()
         assert len(err) == 1 and fragment in err[0] and str(target) in err[0], err
+    # a symbolic link the user names is followed to its directory, as links above the target are
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    crashkit.run_cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "link"))
+    assert (tmp_path / "real" / "f").read_bytes() == b"f" and (tmp_path / "link").is_symlink()
+    (tmp_path / "dangling").symlink_to("nowhere")
+    proc = crashkit.run_cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "dangling"), ok=(2,))
+    assert "restore target is not a directory" in proc.stderr.decode()
