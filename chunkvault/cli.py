@@ -615,9 +615,11 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from .repository import snapshot_path
+
     repo = _open(args)
     snap = repo.snapshot(args.snapshot)
-    prefix = os.fsencode(args.path).strip(b"/") if args.path else b""
+    prefix = snapshot_path(args.path) if args.path else b""
     if prefix:
         repo.find_entry(snap, prefix)  # UsageError for a path the snapshot lacks, as dump says
     out = []
@@ -1145,7 +1147,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     reading.add_argument("--no-lock", action="store_true",
                          help="read without the shared lock (e.g. a read-only remote); a prune running "
                               "meanwhile can make the read fail")
-    reading.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS",
+    reading.add_argument("--wait", type=_seconds, default=3600.0, metavar="SECONDS",
                          help="wait this long for a running prune, forget or repair (default 3600)")
 
     select = _Parser(add_help=False)

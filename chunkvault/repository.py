@@ -84,6 +84,13 @@ def _check_remote_options(options: Mapping[str, Any]) -> None:
             raise UsageError(f"{name} must be a positive number of bytes per second, not {rate!r}")
 
 
+def snapshot_path(path: str | bytes) -> bytes:
+    """A path as a user gives it (``/etc/x``, ``etc/x/``, ``./etc//x``) as the snapshot names it (``etc/x``;
+    the root is empty).  A snapshot's paths hold no "." or ".." components, so normalising changes no name."""
+    norm = os.path.normpath(os.fsencode(path) or b".").strip(b"/")
+    return b"" if norm == b"." else norm
+
+
 def _waiting_warning(wait: float) -> Callable[[Any], None]:
     """What a command says once, before it waits for another's lock (``holder``: a LockInfo)."""
     return lambda holder: warnings.warn(f"waiting up to {wait:g} s: repository is locked by {holder.describe()}",
@@ -489,7 +496,7 @@ class Repository:
         """The snapshot's entries in order; with ``path``, those of that path and below it, reading only
         the manifest blobs that hold them."""
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
-        within = os.fsencode(path).strip(b"/") if path is not None else b""
+        within = snapshot_path(path) if path is not None else b""
         if not within:
             return (r.entry for r in self._repo.tree(snap) if r.entry is not None)
         below = within + b"/"
@@ -556,7 +563,7 @@ class Repository:
 
     def find_entry(self, snapshot: str | Snapshot, path: str | bytes) -> Entry:
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
-        want = os.fsencode(path).strip(b"/")
+        want = snapshot_path(path)
         rec = self._repo.lookup(snap, want)
         if rec is not None and rec.entry is not None:
             return rec.entry

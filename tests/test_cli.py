@@ -388,3 +388,18 @@ def test_with_json_a_command_that_fails_before_its_document_prints_an_error_docu
         ).unlink()
     out = cli("restore", "-r", small, "latest", "--target", str(tmp_path / "out"), "--json", check=13).stdout
     assert "error" not in json.loads(out) and json.loads(out)["not_restored"]
+
+
+@pytest.mark.parametrize("given_as", ["sub/b.bin", "/sub/b.bin", "./sub/b.bin", "sub//b.bin", "/sub/./b.bin/"])
+def test_a_path_in_a_snapshot_may_be_given_as_a_shell_writes_it(tmp_path, cli, setup, given_as):
+    repo, src = setup
+    cli("backup", "-r", repo, str(src))
+    assert cli("dump", "-r", repo, "latest", given_as).stdout == (src / "sub" / "b.bin").read_bytes()
+    listed = json.loads(cli("ls", "-r", repo, "latest", given_as, "--json").stdout)
+    assert [e["path"] for e in listed] == ["sub/b.bin"]
+
+
+def test_a_negative_wait_is_refused(tmp_path, cli, setup):
+    repo, _ = setup
+    proc = cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "t"), "--wait", "-1", check=2)
+    assert b"--wait: must be 0 or more" in proc.stderr
