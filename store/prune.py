@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from chunkvault.errors import CorruptObject
+from chunkvault.errors import CorruptObject, StorageFull
 
 from .blob import KIND_DELTA
 from .indexfile import IndexData
@@ -311,5 +311,11 @@ def prune(repo: Repo, *, max_unused: float = 0.05, dry_run: bool = False, wait: 
         repo.drop_stale()
         plan = plan_prune(repo, max_unused)
         if not dry_run:
-            execute(repo, plan, progress, lock.ensure_held)
+            try:
+                execute(repo, plan, progress, lock.ensure_held)
+            except StorageFull as exc:
+                if not plan.repack:
+                    raise
+                raise StorageFull(f"{exc} (repacking needs room for what it keeps; `prune --max-unused 100%` "
+                                  "first deletes only what it can without repacking)") from None
     return plan

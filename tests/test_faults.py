@@ -502,6 +502,26 @@ def test_a_read_only_sftp_repository_is_read_with_a_warning_and_refuses_writes_c
         subprocess.run(["mount", "-o", "remount,rw", tmpfs], check=True)
 
 
+def test_a_prune_that_must_repack_on_a_full_disk_says_how_to_free_space_first(tmpfs, tmp_path):
+    path = os.path.join(tmpfs, "repo")
+    crashkit.init_repo(path, compression=3)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "kept").write_bytes(os.urandom(1 << 20))
+    (src / "dropped").write_bytes(os.urandom(1 << 20))
+    with Repository.open(path, PASSWORD) as repo:
+        first = repo.backup([str(src)]).snapshot.id  # one pack: both files
+        (src / "dropped").unlink()
+        repo.backup([str(src)])
+        repo.forget([first])
+    filler = fill_up(tmpfs, leave=4096)
+    err = crashkit.run_cli("prune", "-r", path, ok=(14,)).stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "`prune --max-unused 100%`" in err, err
+    os.unlink(filler)
+    with Repository.open(path, PASSWORD) as repo:
+        assert repo.check(read_data=True).ok
+
+
 def test_export_and_dump_onto_a_full_disk(tmpfs, tmp_path):
     """The output, not the repository, runs out of space (an export file, standard output): one line,
     exit 14, no partial export left."""
