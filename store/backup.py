@@ -959,6 +959,8 @@ class Backup:
         self._xattrs_known = parent is None or parent.stats.get("xattrs", False) == self.opt.xattrs
         stats = ManifestStats()
         self.writer = CountingWriter(repo) if self.opt.dry_run else repo.writer()
+        if self._lock is not None:
+            self.writer.guard = self._lock.ensure_held
         try:
             if stream is not None:
                 assert stdin_name is not None

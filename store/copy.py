@@ -125,6 +125,7 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
         dst.load_index()
         done = {s.stats.get(COPIED_FROM): s.id for s in dst.snapshots() if s.stats.get(COPIED_FROM)}
         with dst.writer() as writer:
+            writer.guard = lock.ensure_held
             mapper = _BlobMapper(src, dst, writer, progress)
             for snap in copy_order(src_snaps, wanted):
                 if snap.id in done:

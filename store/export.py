@@ -694,6 +694,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                         added["stored"] += len(blob.envelope)
 
             with repo.writer() as writer, ThreadPoolExecutor(WORKERS) as pool:
+                writer.guard = repo_lock.ensure_held
                 mw = ManifestWriter(repo, writer)
                 cursor = _RecordCursor(ef.what)
                 inflight: deque[Future[None]] = deque()

@@ -839,6 +839,10 @@ class BlobWriter:
         self.delta_bytes = 0
         self.index_names: list[str] = []
         self._error: BaseException | None = None
+        # Called before each index object is written; raises when the command's lock may have gone stale
+        # (``RepoLock.ensure_held``): a prune may have deleted the packs as unindexed meanwhile, and an index
+        # naming them would have later backups deduplicate against data that is gone.
+        self.guard: Callable[[], None] = lambda: None
 
     def claim(self, blob_id: bytes) -> bool:
         """True when the caller must store this blob (not in the repository, not in flight)."""
@@ -934,7 +938,7 @@ class BlobWriter:
                        or time.monotonic() - self._last_index > self.INDEX_EVERY_SECONDS)
                 batch = self._take_index() if due else None
             if batch is not None:
-                self.index_names.append(self.repo.write_index(batch))
+                self._write_index(batch)
         except BaseException as exc:
             self._error = exc
             raise
@@ -945,6 +949,10 @@ class BlobWriter:
         batch, self._unindexed = self._unindexed, IndexData()
         self._last_index = time.monotonic()
         return batch
+
+    def _write_index(self, batch: IndexData) -> None:
+        self.guard()
+        self.index_names.append(self.repo.write_index(batch))
 
     def flush(self, *, write_index: bool = True) -> None:
         """Upload the partial pack and wait for every upload; write the remaining index (or keep it for ``take_index``)."""
@@ -961,7 +969,7 @@ class BlobWriter:
         with self._lock:
             batch = self._take_index() if self._unindexed.packs else None
         if batch is not None:
-            self.index_names.append(self.repo.write_index(batch))
+            self._write_index(batch)
 
     def take_index(self) -> IndexData:
         """The index entries of uploaded packs not yet written to an index object."""
@@ -978,7 +986,7 @@ class BlobWriter:
             batch = self._take_index() if self._unindexed.packs else None
         if batch is not None:
             try:
-                self.index_names.append(self.repo.write_index(batch))
+                self._write_index(batch)
             except ChunkvaultError:
                 pass
 

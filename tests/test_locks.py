@@ -168,7 +168,7 @@ def test_a_backup_whose_lock_was_taken_for_stale_saves_no_snapshot(tmp_path, new
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(os.urandom(100_000))
-    repo = new_repo()
+    repo = new_repo(pack_size=1)  # a pack per blob: the backup's packs are stored before its end
     first = repo.backup([str(src)]).snapshot
     (src / "g").write_bytes(os.urandom(100_000))
     real = backup.Backup._drain
@@ -178,10 +178,14 @@ def test_a_backup_whose_lock_was_taken_for_stale_saves_no_snapshot(tmp_path, new
         _remove_locks(repo.store.remote)
 
     monkeypatch.setattr(backup.Backup, "_drain", drain_then_lose_the_lock)
+    indexes = sorted(o.key for o in repo.store.remote.list("index/"))
     with pytest.raises(LockLost):
         repo.backup([str(src)])
     monkeypatch.undo()
     assert [s.id for s in repo.snapshots()] == [first.id]
+    # nor an index of its packs: a prune may have deleted them as unindexed, and later backups would dedup
+    # against them
+    assert sorted(o.key for o in repo.store.remote.list("index/")) == indexes
     assert list_locks(repo.store.remote) == []
     again = repo.backup([str(src)])
     assert repo.check(read_data=True).ok and again.snapshot.parent == first.id
