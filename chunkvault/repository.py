@@ -646,13 +646,13 @@ class Repository:
         snapshots, hosts, tags, paths = _listed(snapshots), _listed(hosts), _listed(tags), _listed(paths)
         if dry_run:
             return self._plan_forget(self._list(), snapshots, policy, now, hosts, tags, paths, allow_remove_all)[0]
-        with RepoLock(self._repo.remote, EXCLUSIVE, "forget", wait=wait):
+        with RepoLock(self._repo.remote, EXCLUSIVE, "forget", wait=wait) as lock:
             snaps = self._repo.reload_snapshots()
             plan, whole = self._plan_forget(snaps, snapshots, policy, now, hosts, tags, paths, allow_remove_all)
             # Forgetting a replayed snapshot again, by id, is allowed: it is the natural fix.
             self._guard(snaps, forgetting=plan.remove if policy is None else ())
             self._repo.load_index()
-            self._forgetting(snaps, plan.remove, lambda: apply_forget(self._repo, whole, plan))
+            self._forgetting(snaps, plan.remove, lambda: apply_forget(self._repo, whole, plan, lock.ensure_held))
         return plan
 
     def _plan_forget(self, snaps: list[Snapshot], specs: list[str], policy: RetentionPolicy | None,
@@ -727,12 +727,13 @@ class Repository:
         from .store.locks import EXCLUSIVE, RepoLock
 
         spec = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
-        with RepoLock(self._repo.remote, EXCLUSIVE, "aggregate", wait=wait):
+        with RepoLock(self._repo.remote, EXCLUSIVE, "aggregate", wait=wait) as lock:
             snaps = self._guard(self._repo.reload_snapshots())
             snap = find_snapshot(snaps, spec)
             chain = [s.id for s in self._repo.chain_of(snap, snaps)[:-1]] if retire else []
             self._repo.load_index()
-            return self._forgetting(snaps, chain, lambda: aggregate(self._repo, snap, snaps, retire=retire))
+            return self._forgetting(snaps, chain, lambda: aggregate(self._repo, snap, snaps, retire=retire,
+                                                                    ensure_held=lock.ensure_held))
 
     def prune(self, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0,
               progress: Callable[[int, int, int], None] | None = None) -> PrunePlan:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import reduce
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 from chunkvault.errors import CorruptObject
 
@@ -104,9 +104,11 @@ def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep) -> Snapshot:
     return repo.save_snapshot(snap, replace=True)
 
 
-def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan) -> list[Snapshot]:
+def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan,
+                 ensure_held: Callable[[], None] = lambda: None) -> list[Snapshot]:
     """Rebase, then delete. Returns the rebased snapshots.  The caller holds the exclusive lock and made
-    ``plan`` under it, from ``snapshots`` read under it."""
+    ``plan`` under it, from ``snapshots`` read under it; ``ensure_held`` raises when that lock may have gone
+    stale before the deletions (a backup may have started on a snapshot about to go)."""
     rebased = []
     for step in plan.rebases:
         try:
@@ -114,12 +116,15 @@ def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan) -> lis
         except CorruptObject as exc:
             raise exc.explained(f"; so {step.diff_id[:8]} cannot be rebased: forget it too (`repair snapshots` "
                                 "lists every snapshot a damaged manifest takes down)") from None
+    if plan.remove:
+        ensure_held()
     for sid in plan.remove:
         repo.delete_snapshot(sid)
     return rebased
 
 
-def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: bool = False) -> Aggregated:
+def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: bool = False,
+              ensure_held: Callable[[], None] = lambda: None) -> Aggregated:
     """Make ``snap`` a synthetic full: its resolved tree as a full manifest, under the same id.
 
     No source is read and no data moves: only a manifest is written.  Snapshots
@@ -143,5 +148,5 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
     if not (retire and chain_ids):
         return Aggregated(snap)
     plan = plan_forget(snapshots, ids=chain_ids)
-    apply_forget(repo, snapshots, plan)
+    apply_forget(repo, snapshots, plan, ensure_held)
     return Aggregated(snap, plan.remove, plan.rebases)

@@ -169,11 +169,11 @@ def test_a_forget_killed_before_or_after_deleting_is_no_finding(chain, monkeypat
 
     real = lifecycle.apply_forget
 
-    def killed_before(repo, snaps, plan, **kw):
+    def killed_before(repo, snaps, plan, *args, **kw):
         raise KeyboardInterrupt
 
-    def killed_after(repo, snaps, plan, **kw):
-        real(repo, snaps, plan, **kw)
+    def killed_after(repo, snaps, plan, *args, **kw):
+        real(repo, snaps, plan, *args, **kw)
         raise KeyboardInterrupt
 
     with crashkit.open_repo(path) as repo:

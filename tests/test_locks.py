@@ -244,3 +244,32 @@ def test_a_backup_waiting_for_an_exclusive_lock_says_whom_it_waits_for(tmp_path,
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_forget_whose_lock_was_taken_for_stale_deletes_no_snapshot(tmp_path, new_repo, monkeypatch):
+    """Meanwhile a backup may have started on the snapshot about to go: its differential would lose its parent."""
+    from chunkvault.errors import LockLost
+    from chunkvault.store import lifecycle
+
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo()
+    ids = []
+    for i in range(3):
+        (src / "f").write_bytes(os.urandom(10_000))
+        ids.append(repo.backup([str(src)]).snapshot.id)
+    real = lifecycle.rebase
+
+    def rebase_then_lose_the_lock(*args, **kwargs):
+        out = real(*args, **kwargs)
+        _remove_locks(repo.store.remote)
+        return out
+
+    monkeypatch.setattr(lifecycle, "rebase", rebase_then_lose_the_lock)
+    with pytest.raises(LockLost):
+        repo.forget([ids[0]])
+    monkeypatch.undo()
+    assert sorted(s.id for s in repo.snapshots()) == sorted(ids)
+    assert repo.check(read_data=True).ok
+    repo.forget([ids[0]])
+    assert sorted(s.id for s in repo.snapshots()) == sorted(ids[1:]) and repo.check(read_data=True).ok
