@@ -154,10 +154,17 @@ def test_a_lock_another_command_removed_is_lost(remote):
             lock.ensure_held()
 
 
-def _remove_locks(remote) -> None:
-    """What another command does on finding this one's lock stale."""
-    for lk in list_locks(remote):
-        remote.delete(lk.key)
+def _lose_the_lock_after(monkeypatch, owner, name: str, remote) -> None:
+    """``owner.name`` runs, then every lock is removed, as another command does on finding one stale."""
+    real = getattr(owner, name)
+
+    def then_lose_it(*args, **kwargs):
+        out = real(*args, **kwargs)
+        for lk in list_locks(remote):
+            remote.delete(lk.key)
+        return out
+
+    monkeypatch.setattr(owner, name, then_lose_it)
 
 
 def test_a_backup_whose_lock_was_taken_for_stale_saves_no_snapshot(tmp_path, new_repo, monkeypatch):
@@ -171,13 +178,7 @@ def test_a_backup_whose_lock_was_taken_for_stale_saves_no_snapshot(tmp_path, new
     repo = new_repo(pack_size=1)  # a pack per blob: the backup's packs are stored before its end
     first = repo.backup([str(src)]).snapshot
     (src / "g").write_bytes(os.urandom(100_000))
-    real = backup.Backup._drain
-
-    def drain_then_lose_the_lock(self, *args):
-        real(self, *args)
-        _remove_locks(repo.store.remote)
-
-    monkeypatch.setattr(backup.Backup, "_drain", drain_then_lose_the_lock)
+    _lose_the_lock_after(monkeypatch, backup.Backup, "_drain", repo.store.remote)
     indexes = sorted(o.key for o in repo.store.remote.list("index/"))
     with pytest.raises(LockLost):
         repo.backup([str(src)])
@@ -204,14 +205,7 @@ def test_a_prune_whose_lock_was_taken_for_stale_deletes_nothing(tmp_path, new_re
     (src / "f").write_bytes(os.urandom(100_000))
     repo.backup([str(src)])
     repo.forget([first.id])
-    real = prune.plan_prune
-
-    def plan_then_lose_the_lock(*args, **kwargs):
-        plan = real(*args, **kwargs)
-        _remove_locks(repo.store.remote)
-        return plan
-
-    monkeypatch.setattr(prune, "plan_prune", plan_then_lose_the_lock)
+    _lose_the_lock_after(monkeypatch, prune, "plan_prune", repo.store.remote)
     packs = sorted(o.key for o in repo.store.remote.list("data/"))
     with pytest.raises(LockLost):
         repo.prune(max_unused=0)
@@ -258,14 +252,7 @@ def test_a_forget_whose_lock_was_taken_for_stale_deletes_no_snapshot(tmp_path, n
     for i in range(3):
         (src / "f").write_bytes(os.urandom(10_000))
         ids.append(repo.backup([str(src)]).snapshot.id)
-    real = lifecycle.rebase
-
-    def rebase_then_lose_the_lock(*args, **kwargs):
-        out = real(*args, **kwargs)
-        _remove_locks(repo.store.remote)
-        return out
-
-    monkeypatch.setattr(lifecycle, "rebase", rebase_then_lose_the_lock)
+    _lose_the_lock_after(monkeypatch, lifecycle, "rebase", repo.store.remote)
     with pytest.raises(LockLost):
         repo.forget([ids[0]])
     monkeypatch.undo()
