@@ -281,12 +281,12 @@ class Repository:
         ``parent``: the snapshot (id or prefix) to compare with and build a differential on, instead of
         the newest of the same host and paths. ``reread``: read every file, even one whose size, times
         and inode match the parent's entry (content still deduplicates). ``skip_if_unchanged``: when
-        nothing changed since the parent (a differential would hold no record, or a full that ``auto`` made
-        due would list the parent's entries; a full asked for is saved), save nothing (the result is ``skipped``, its snapshot the
-        parent). ``ignore_inode``, ``ignore_ctime``: a file whose other stat fields match
-        is unchanged even if its inode and device numbers (which a file system snapshot or a network
-        file system mounts anew each time), or its change time, differ (then a change of extended
-        attributes alone goes unseen too). ``xattrs``: record extended attributes (ACLs, file
+        nothing changed since the parent (a differential would hold no record, or a full that ``auto``
+        made due would list the parent's entries; a full asked for is saved), save nothing (the result
+        is ``skipped``, its snapshot the parent). ``ignore_inode``, ``ignore_ctime``: a file whose other
+        stat fields match is unchanged even if its inode and device numbers (which a file system snapshot
+        or a network file system mounts anew each time), or its change time, differ (then a change of
+        extended attributes alone goes unseen too). ``xattrs``: record extended attributes (ACLs, file
         capabilities, SELinux labels, ``user.*``).
 
         ``time``: the snapshot's time instead of now (ISO 8601 text, local when it has no zone, or an aware
