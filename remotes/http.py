@@ -127,13 +127,18 @@ def _transport_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
     cause: BaseException | None = exc
     while cause is not None:
-        if isinstance(cause, ssl.SSLCertVerificationError):
+        if isinstance(cause, ssl.SSLError):
             return cause
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+def _cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    cause = _ssl_cause(exc)
+    return cause if isinstance(cause, ssl.SSLCertVerificationError) else None
 
 
 class HTTPRemote(Remote):
@@ -198,6 +203,10 @@ class HTTPRemote(Remote):
                     f"TLS certificate of {self.display_url} not trusted: {failure.verify_message or 'verification failed'} "
                     f"(to trust a private CA or self-signed certificate, set {CA_FILE_ENV} or -o http.ca-file=FILE)"
                 ) from None
+            cause = _ssl_cause(exc)
+            if cause is not None and cause.reason == "WRONG_VERSION_NUMBER":  # what a plain HTTP server answers
+                raise RemoteError(f"{self.display_url} does not answer in TLS: if the service runs without "
+                                  "--tls-cert, its URL is http://") from None
             raise RemoteUnavailable(f"TLS failure talking to {self.display_url} for {op} {what}: {_transport_reason(exc)}") from None
         except (u3.HTTPError, OSError) as exc:
             raise RemoteUnavailable(f"cannot reach {self.display_url} for {op} {what}: {_transport_reason(exc)}") from None

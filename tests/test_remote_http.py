@@ -316,6 +316,14 @@ def test_tls_with_self_signed_certificate(serve_factory, tmp_path, monkeypatch):
     assert "TLS handshake failed" in server.log()
 
 
+def test_https_against_a_plain_service_says_so_at_once(http_server):
+    """Not eight retries ending in an OpenSSL reason: the URL's scheme is what is wrong."""
+    with HTTPRemote.from_url(http_server.url.replace("http:", "https:"), token=FULL_TOKEN) as remote:
+        with pytest.raises(RemoteError, match="does not answer in TLS: .* its URL is http://") as info:
+            remote.stat(KEY)
+        assert not isinstance(info.value, RemoteUnavailable)
+
+
 # --- settings ---------------------------------------------------------------------------
 
 
