@@ -138,8 +138,10 @@ class _GuardedOutput:
 
     def __init__(self, stream: Any):
         self._stream = stream
+        self.written = False  # the command printed something (with --json: its document)
 
     def write(self, text: str) -> int:
+        self.written = self.written or bool(text)
         try:
             return self._stream.write(text)
         except BrokenPipeError:
@@ -179,14 +181,9 @@ def _stdout_error(exc: OSError) -> ChunkvaultError:
     return output_error("writing to standard output", exc)
 
 
-_json_emitted = False  # this command printed its JSON document (main: an error then prints none)
-
-
 def _emit_json(obj: Any) -> None:
     """Written in pieces of about 1 MiB: ``json.dump`` to the stream wrote each token on its own (2.5
     million writes for a listing of 48,000 files), one string would hold it all in memory at once."""
-    global _json_emitted
-    _json_emitted = True
     pieces: list[str] = []
     size = 0
     for piece in json.JSONEncoder(indent=1, sort_keys=True, default=str).iterencode(obj):
@@ -1377,6 +1374,13 @@ def _stop(signum: int) -> None:
     raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
+def _wants_json(args: argparse.Namespace | None, argv: list[str] | None) -> bool:
+    """--json was given: by the parsed arguments, or, when parsing failed, by the words themselves."""
+    if args is not None:
+        return bool(getattr(args, "json", False))
+    return "--json" in (sys.argv[1:] if argv is None else argv)
+
+
 def _emit_error_json(exc: ChunkvaultError) -> None:
     """With --json, a command that fails before its document still prints one: what failed, for a program
     to read instead of parsing the line on stderr."""
@@ -1389,9 +1393,6 @@ def _emit_error_json(exc: ChunkvaultError) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .memory import tune_allocator, tune_gc
-
-    global _json_emitted
-    _json_emitted = False
 
     tune_allocator()
     if argv is None:  # a process of its own, not a caller's (tests call main with arguments)
@@ -1412,7 +1413,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except ChunkvaultError as exc:
         print(f"chunkvault: {one_line(exc)}", file=sys.stderr)
-        if args is not None and getattr(args, "json", False) and not _json_emitted:
+        if _wants_json(args, argv) and not getattr(sys.stdout, "written", True):
             _emit_error_json(exc)
         return exc.exit_code
     except _Terminated:

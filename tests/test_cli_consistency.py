@@ -351,3 +351,16 @@ def test_ls_and_find_show_file_times_in_local_time_as_snapshots_shows_its_times(
     assert "modified 2001-01-01 09:00:00" in cli("find", "-r", repo, "f", env=tokyo).stdout.decode()
     listed = json.loads(cli("ls", "-r", repo, "latest", "--json", env=tokyo).stdout)
     assert listed[1]["mtime"] == "2001-01-01T00:00:00+00:00"
+
+
+def test_run_json_with_a_failing_source_is_one_document(tmp_path, setup, cli):
+    """Its report, with ok false, and exit 1: not the report and then an error document."""
+    repo, _ = setup
+    path = tmp_path / "failing.toml"
+    path.write_text(f'repository = {json.dumps(repo)}\nfull = "hourly"\n\n'
+                    f'[[source]]\nname = "gone"\npaths = [{json.dumps(str(tmp_path / "does-not-exist"))}]\n')
+    proc = cli("run", "--config", str(path), "--json", check=False)
+    assert proc.returncode != 0
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False and "error" not in report
+    assert json.loads(cli("snapshots", "--json", "--bogus", check=2).stdout)["error"]["exit_code"] == 2
