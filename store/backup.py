@@ -29,7 +29,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 import blake3
 
 from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, READ_BYTES, fixed_chunks
-from chunkvault.errors import CorruptObject, MissingObject, UsageError
+from chunkvault.errors import CorruptObject, LockLost, MissingObject, UsageError
 
 from .chain import broken_chains
 from .manifest import (
@@ -1015,6 +1015,11 @@ class Backup:
         if not self.opt.dry_run:
             self._ensure_lock_held()
             repo.save_snapshot(snap)
+            try:
+                self._ensure_lock_held()  # and after: the pause may fall within the save itself
+            except LockLost:
+                repo.delete_snapshot(snap.id)
+                raise
         return BackupResult(snap, self.warnings)
 
     def _ensure_lock_held(self) -> None:

@@ -88,8 +88,10 @@ def _composed(repo: Repo, by_id: dict[str, Snapshot], step: RebaseStep) -> tuple
     return KIND_DIFF, reduce(chain.compose, merged + [own])
 
 
-def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep) -> Snapshot:
-    """Rewrite one kept differential against its new parent; returns the rewritten snapshot."""
+def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep,
+           ensure_held: Callable[[], None] = lambda: None) -> Snapshot:
+    """Rewrite one kept differential against its new parent; returns the rewritten snapshot.  ``ensure_held``:
+    before it is rewritten (a forget that took this lock for stale may have removed it meanwhile)."""
     by_id = {s.id: s for s in snapshots}
     snap = by_id[step.diff_id]
     kind, records = _composed(repo, by_id, step)
@@ -101,6 +103,7 @@ def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep) -> Snapshot:
     snap.version = mw.version
     snap.stats = {**snap.stats, "manifest_records": mw.records, "rebased": True,
                   "manifest_bytes": snap.stats.get("manifest_bytes", 0) + mw.stored_bytes}
+    ensure_held()
     return repo.save_snapshot(snap, replace=True)
 
 
@@ -108,17 +111,16 @@ def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan,
                  ensure_held: Callable[[], None] = lambda: None) -> list[Snapshot]:
     """Rebase, then delete. Returns the rebased snapshots.  The caller holds the exclusive lock and made
     ``plan`` under it, from ``snapshots`` read under it; ``ensure_held`` raises when that lock may have gone
-    stale before the deletions (a backup may have started on a snapshot about to go)."""
+    stale, before each rewrite and deletion (a backup may have started on a snapshot about to go)."""
     rebased = []
     for step in plan.rebases:
         try:
-            rebased.append(rebase(repo, snapshots, step))
+            rebased.append(rebase(repo, snapshots, step, ensure_held))
         except CorruptObject as exc:
             raise exc.explained(f"; so {step.diff_id[:8]} cannot be rebased: forget it too (`repair snapshots` "
                                 "lists every snapshot a damaged manifest takes down)") from None
-    if plan.remove:
-        ensure_held()
     for sid in plan.remove:
+        ensure_held()
         repo.delete_snapshot(sid)
     return rebased
 
@@ -144,6 +146,7 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
         snap.version = mw.version
         snap.stats = {**snap.stats, "manifest_records": mw.records, "aggregated": True, "chain_length": 1,
                       "manifest_bytes": snap.stats.get("manifest_bytes", 0) + mw.stored_bytes}
+        ensure_held()
         repo.save_snapshot(snap, replace=True)
     if not (retire and chain_ids):
         return Aggregated(snap)

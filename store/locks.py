@@ -19,6 +19,7 @@ would keep its lock alive until it expires.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -97,13 +98,21 @@ def list_locks(remote: Remote) -> list[LockInfo]:
     out = []
     for o in remote.list("locks/"):
         try:
-            d = json.loads(remote.get(o.key))
-            start = d.get("start")
-            out.append(LockInfo(o.key, d["kind"], d["host"], int(d["pid"]), d.get("purpose", "?"), float(d["time"]),
-                                d.get("boot") or None, int(start) if start is not None else None))
-        except (ObjectNotFound, ValueError, KeyError, TypeError):
+            lock = _parsed_lock(o.key, json.loads(remote.get(o.key)))
+        except (ObjectNotFound, ValueError, KeyError, TypeError, AttributeError):
             continue  # vanished, or not ours: a lock never parses into something it is not
+        out.append(lock)
     return out
+
+
+def _parsed_lock(key: str, d: dict) -> LockInfo:
+    """A lock object's fields, each of the kind it must be (ValueError, TypeError or KeyError otherwise): a
+    time that is no number, or a pid no process can have, would hold every command off for ever."""
+    pid, when, start = int(d["pid"]), float(d["time"]), d.get("start")
+    if not (0 < pid < 1 << 31) or not math.isfinite(when):
+        raise ValueError("not a lock")
+    return LockInfo(key, str(d["kind"]), str(d["host"]), pid, str(d.get("purpose", "?")), when,
+                    d.get("boot") or None, int(start) if start is not None else None)
 
 
 class RepoLock:
@@ -123,31 +132,38 @@ class RepoLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._written = 0.0  # when the lock was last written (wall clock, as other commands judge it)
-        self._lost = False
+        self._lost = 0.0  # the gap (s) that made it lost, once one did: sticky
+        self._looked = 0.0  # when ensure_held last saw the lock object on the remote
 
     def _write(self) -> None:
         now = time.time()
         if self._written and now - self._written > LOST_AFTER:
-            self._lost = True  # sticky: writing it again now does not undo what others may have done meanwhile
+            self._lost = now - self._written  # sticky: writing it again does not undo what others did meanwhile
         body = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(), "purpose": self.purpose,
                 "time": now, "boot": boot_id(), "start": process_start(os.getpid())}
         self.remote.put(self.key, json.dumps(body).encode())
         self._written = now
 
     def ensure_held(self) -> None:
-        """Before a step that relies on the lock (a backup saving its index and snapshot, a prune deleting):
-        LockLost when it may have been judged stale meanwhile, or is gone.  Another command may then have
-        pruned what a backup refers to, or built on what a prune is about to delete."""
-        gap = time.time() - self._written
-        if self._lost or gap > LOST_AFTER:
-            self._lost = True
-            raise LockLost(f"this {self.purpose}'s repository lock was not refreshed for {gap:.0f} s or more (the "
+        """Before each step that relies on the lock (a backup saving an index object or its snapshot, a prune
+        deleting an object): LockLost when it may have been judged stale meanwhile, or is gone.  Another
+        command may then have pruned what a backup refers to, or built on what a prune is about to delete.
+        Cheap enough to call before every deletion: the remote is asked at most every REFRESH_EVERY / 2 s
+        (another command removes a lock only once it looks stale, which the clock here tells first)."""
+        now = time.time()
+        if not self._lost and now - self._written > LOST_AFTER:
+            self._lost = now - self._written
+        if self._lost:
+            raise LockLost(f"this {self.purpose}'s repository lock went {self._lost:.0f} s without a refresh (the "
                            "process was paused, or the repository out of reach), so other commands may have "
                            f"taken it for stale; stopped before relying on it: run the {self.purpose} again")
+        if now - self._looked < REFRESH_EVERY / 2:
+            return
         if not self.remote.exists(self.key):
-            self._lost = True
+            self._lost = now - self._written
             raise LockLost(f"this {self.purpose}'s repository lock was removed by another command; stopped before "
                            f"relying on it: run the {self.purpose} again")
+        self._looked = now
 
     def _conflicts(self) -> list[LockInfo]:
         now = time.time()

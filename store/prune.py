@@ -206,14 +206,16 @@ def store_envelopes(repo: Repo, blobs: Iterable[PreparedBlob]) -> IndexData:
         return writer.take_index()
 
 
-def replace_index(repo: Repo, new_index: IndexData, old_names: list[str]) -> None:
+def replace_index(repo: Repo, new_index: IndexData, old_names: list[str],
+                  ensure_held: Callable[[], None] = lambda: None) -> None:
     """Write ``new_index`` in parts, then delete ``old_names``: the part that supersedes them is written
-    last, so no reader sees a new index that is not complete."""
+    last, so no reader sees a new index that is not complete.  ``ensure_held``: before each deletion."""
     parts = _split(new_index, 4096)
     parts[0].supersedes = [bytes.fromhex(n) for n in old_names]
     for part in parts[1:] + parts[:1]:
         repo.write_index(part)
     for name in old_names:
+        ensure_held()
         repo.remote.delete(f"index/{name}")
 
 
@@ -255,18 +257,22 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
             progress(done, nbytes, plan.repacked_bytes)
 
     moved = 0
-    ensure_held()
+
+    def delete(key: str) -> None:  # each deletion checks the lock: a pause may fall between any two
+        ensure_held()
+        repo.remote.delete(key)
+
     # First what no index names (packs of failed or killed backups, unfinished writes):
     # deleting them needs no new index, and frees the space a full disk needs for one.
     for key, _ in plan.orphans:
-        repo.remote.delete(key)
+        delete(key)
         step(moved)
     # Then index objects naming only packs to delete, and the packs that leaves in no index.
     for name in plan.dead_indexes:
-        repo.remote.delete(f"index/{name}")
+        delete(f"index/{name}")
     for use in plan.delete:
         if use.pack_id in plan.freed_early:
-            repo.remote.delete(pack_key(use.pack_id))
+            delete(pack_key(use.pack_id))
             step(moved)
     # The age limit spares any write still in progress.
     repo.remote.cleanup_temp(TEMP_AGE)
@@ -288,11 +294,10 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     if plan.repack:
         new_index.packs.update(store_envelopes(repo, live_envelopes()).packs)
     ensure_held()
-    replace_index(repo, new_index, [n for n in plan.index_names if n not in plan.dead_indexes])
-    ensure_held()
+    replace_index(repo, new_index, [n for n in plan.index_names if n not in plan.dead_indexes], ensure_held)
     for use in plan.delete + plan.repack:
         if use.pack_id not in plan.freed_early:
-            repo.remote.delete(pack_key(use.pack_id))
+            delete(pack_key(use.pack_id))
             step(moved)
     repo.load_index()
 

@@ -139,15 +139,18 @@ def test_a_lock_not_refreshed_for_longer_than_others_trust_it_is_lost_for_good(r
         clock.offset += LOST_AFTER + 1  # paused past what other commands wait before taking it for stale
         if refreshed_after:
             lock._write()  # the refresh thread woke first and wrote it again: that undoes nothing
-        with pytest.raises(LockLost, match="not refreshed for .* run the backup again"):
-            lock.ensure_held()
+        with pytest.raises(LockLost, match=f"went {LOST_AFTER * 1.5 + 1:.0f} s without a refresh .* run the backup"):
+            lock.ensure_held()  # the gap that lost it, not the one since the refresh that came after
 
 
 def test_a_lock_another_command_removed_is_lost(remote):
     from chunkvault.errors import LockLost
 
     with RepoLock(remote, EXCLUSIVE, "prune") as lock:
+        lock.ensure_held()
         remote.delete(lock.key)
+        lock.ensure_held()  # the remote is asked at most every half refresh interval
+        lock._looked = 0.0
         with pytest.raises(LockLost, match="removed by another command"):
             lock.ensure_held()
         with pytest.raises(LockLost):
@@ -155,11 +158,16 @@ def test_a_lock_another_command_removed_is_lost(remote):
 
 
 def _lose_the_lock_after(monkeypatch, owner, name: str, remote) -> None:
-    """``owner.name`` runs, then every lock is removed, as another command does on finding one stale."""
+    """``owner.name`` runs, then the process is paused past the lock's staleness and every lock is removed,
+    as another command does on finding one stale."""
+    from chunkvault.store.locks import STALE_AFTER
+
     real = getattr(owner, name)
+    clock = _Clock(monkeypatch)
 
     def then_lose_it(*args, **kwargs):
         out = real(*args, **kwargs)
+        clock.offset += STALE_AFTER + 10
         for lk in list_locks(remote):
             remote.delete(lk.key)
         return out
@@ -260,3 +268,60 @@ def test_a_forget_whose_lock_was_taken_for_stale_deletes_no_snapshot(tmp_path, n
     assert repo.check(read_data=True).ok
     repo.forget([ids[0]])
     assert sorted(s.id for s in repo.snapshots()) == sorted(ids[1:]) and repo.check(read_data=True).ok
+
+
+@pytest.mark.parametrize("body", [b"null", b"[]", b'"text"', b'{"kind": "exclusive", "host": "x", "pid": 1, "time": NaN}',
+                                  b'{"kind": "exclusive", "host": "x", "pid": 1, "time": Infinity}',
+                                  b'{"kind": "exclusive", "host": "x", "pid": 99999999999, "time": 1e9}',
+                                  b'{"kind": "exclusive", "host": "x", "pid": -4, "time": 1e9}'])
+def test_a_lock_object_that_is_no_lock_blocks_nothing_and_breaks_nothing(remote, body):
+    remote.put("locks/" + "9" * 32, body)
+    assert list_locks(remote) == []
+    with RepoLock(remote, EXCLUSIVE, "prune"):
+        pass
+
+
+def test_a_prune_paused_between_two_deletions_deletes_nothing_more(tmp_path, new_repo, monkeypatch):
+    """A pause may fall anywhere in the deletions: each one checks the lock."""
+    from chunkvault.errors import LockLost
+    from chunkvault.store import locks
+
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo(pack_size=1)
+    ids = []
+    for i in range(3):
+        (src / "f").write_bytes(os.urandom(50_000))
+        ids.append(repo.backup([str(src)]).snapshot.id)
+    repo.forget(ids[:2])
+    remote = repo.store.remote
+    real_delete = remote.delete
+    deleted: list[str] = []
+    clock = _Clock(monkeypatch)
+
+    def delete_then_pause(key):
+        real_delete(key)
+        if not key.startswith("locks/"):
+            deleted.append(key)
+            clock.offset += locks.STALE_AFTER + 10  # stopped (SIGSTOP, a suspend) right after the first one
+
+    monkeypatch.setattr(remote, "delete", delete_then_pause)
+    with pytest.raises(LockLost, match="went 3.. s without a refresh"):
+        repo.prune(max_unused=0)
+    assert len(deleted) == 1
+
+
+def test_a_backup_paused_while_it_saves_its_snapshot_takes_it_back(tmp_path, new_repo, monkeypatch):
+    from chunkvault.errors import LockLost
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(10_000))
+    repo = new_repo()
+    first = repo.backup([str(src)]).snapshot
+    (src / "g").write_bytes(os.urandom(10_000))
+    _lose_the_lock_after(monkeypatch, repo.store, "save_snapshot", repo.store.remote)
+    with pytest.raises(LockLost):
+        repo.backup([str(src)])
+    monkeypatch.undo()
+    assert [o.key for o in repo.store.remote.list("snapshots/")] == [f"snapshots/{first.id}"]
