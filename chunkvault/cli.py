@@ -893,7 +893,7 @@ def cmd_key(args: argparse.Namespace) -> int:
     elif args.key_cmd == "passwd":
         old = repo.store.key_name
         name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
-        repo.store.remote.delete(f"keys/{old}")
+        repo.store.remove_key(old, own=True)
         _report_key(args, {"id": name, "removed": old}, f"password changed (key {old[:12]} replaced by {name[:12]})")
     return 0
 

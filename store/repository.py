@@ -184,15 +184,26 @@ class Repo:
         self.remote.put(f"keys/{name}", data, if_absent=True)
         return name
 
-    def remove_key(self, name: str) -> None:
-        readable, damaged = self.list_keys()
-        keys = [k.name for k in readable] + list(damaged)
-        matches = [k for k in keys if k.startswith(name)]
-        if len(matches) != 1:
-            raise UsageError(f"no unique key {name!r}")
-        if matches[0] == self.key_name:
-            raise UsageError("refusing to remove the key this repository was opened with (use another password)")
-        self.remote.delete(f"keys/{matches[0]}")
+    def remove_key(self, name: str, *, own: bool = False) -> None:
+        """Remove a key file (``own``: the one this repository was opened with, once another replaces it).
+        Under the exclusive lock, and only while the opening key is still there and another readable key
+        remains: two removals at once each took the other's key, and no key opened the repository again."""
+        from .locks import EXCLUSIVE, RepoLock
+
+        with RepoLock(self.remote, EXCLUSIVE, "key remove"):
+            readable, damaged = self.list_keys()
+            names = [k.name for k in readable]
+            matches = [k for k in names + list(damaged) if k.startswith(name)]
+            if len(matches) != 1:
+                raise UsageError(f"no unique key {name!r}")
+            if matches[0] == self.key_name and not own:
+                raise UsageError("refusing to remove the key this repository was opened with (use another password)")
+            if self.key_name not in names:
+                raise UsageError("the key this repository was opened with is gone (another command removed it): "
+                                 "nothing removed")
+            if not [k for k in names if k != matches[0]]:
+                raise UsageError("refusing to remove the last key that opens the repository")
+            self.remote.delete(f"keys/{matches[0]}")
 
     def save_settings(self, settings: Settings) -> None:
         """Rewrite the config (the only object ever replaced)."""

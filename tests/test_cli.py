@@ -403,3 +403,25 @@ def test_a_negative_wait_is_refused(tmp_path, cli, setup):
     repo, _ = setup
     proc = cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "t"), "--wait", "-1", check=2)
     assert b"--wait: must be 0 or more" in proc.stderr
+
+
+def test_two_key_removals_at_once_cannot_remove_every_key(tmp_path, new_repo, password):
+    """Each opened with its own key removes the other's: the second, once the first is done, finds its own key
+    gone and removes nothing (without the lock both went through and no key opened the repository again)."""
+    from chunkvault import Repository
+    from chunkvault.store.locks import EXCLUSIVE, RepoLock
+
+    repo = new_repo(str(tmp_path / "repo"))
+    second = repo.add_key("second password", kdf_seconds=0)
+    first = repo.store.key_name
+    with Repository.open(str(tmp_path / "repo"), "second password") as other:
+        with RepoLock(repo.store.remote, EXCLUSIVE, "key remove"):  # the other's removal is under way
+            with pytest.raises(Exception, match="locked by key remove"):
+                other.remove_key(first)
+        repo.remove_key(second)
+        with pytest.raises(UsageError, match="opened with is gone"):
+            other.remove_key(first)
+    with Repository.open(str(tmp_path / "repo"), password) as again:
+        assert [k["id"] for k in again.keys()] == [first]
+        with pytest.raises(UsageError, match="refusing to remove the key this repository was opened with"):
+            again.remove_key(first)
