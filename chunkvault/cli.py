@@ -262,6 +262,10 @@ def _open_other(args: argparse.Namespace, url: str, source: passwords.PasswordSo
 def cmd_init(args: argparse.Namespace) -> int:
     from .repository import Repository
 
+    if args.generate_secret and (getattr(args, "password_file", None) or getattr(args, "password_command", None)):
+        raise UsageError("--generate-secret makes the repository's only key: give it or a password, not both")
+    if args.copy_chunker_params_from and args.chunk_avg:
+        raise UsageError("--copy-chunker-params-from and --chunk-avg both set the chunker: give one")
     source = None
     if args.copy_chunker_params_from:
         source = _open_other(args, args.copy_chunker_params_from, passwords.FROM)

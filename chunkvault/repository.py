@@ -759,6 +759,9 @@ class Repository:
         """
         from .store.copy import copy_snapshots
 
+        if destination._repo.config.repo_id == self._repo.config.repo_id:
+            raise UsageError("copy's destination is this same repository (its copies would be copied again "
+                             "by every run)")
         with self.reading("copy"):
             snaps = self._list()
             snapshots, hosts, tags, paths = _listed(snapshots), _listed(hosts), _listed(tags), _listed(paths)

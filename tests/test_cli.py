@@ -425,3 +425,23 @@ def test_two_key_removals_at_once_cannot_remove_every_key(tmp_path, new_repo, pa
         assert [k["id"] for k in again.keys()] == [first]
         with pytest.raises(UsageError, match="refusing to remove the key this repository was opened with"):
             again.remove_key(first)
+
+
+def test_copy_into_its_own_repository_is_refused(tmp_path, cli, setup):
+    repo, src = setup
+    cli("backup", "-r", repo, str(src))
+    from conftest import PASSWORD
+
+    proc = cli("copy", "-r", repo, "--to", repo, env={"CHUNKVAULT_TO_PASSWORD": PASSWORD}, check=2)
+    assert b"same repository" in proc.stderr
+    assert len(json.loads(cli("snapshots", "-r", repo, "--json").stdout)) == 1
+
+
+@pytest.mark.parametrize("extra", [["--generate-secret", "{dir}/secret", "--password-file", "{dir}/pw"],
+                                   ["--copy-chunker-params-from", "{dir}/other", "--chunk-avg", "1M"]])
+def test_init_refuses_options_that_contradict_each_other(tmp_path, cli, extra):
+    """Not one of them silently ignored (a password that then opens nothing, a chunk size not used)."""
+    (tmp_path / "pw").write_text("password\n")
+    proc = cli("init", "-r", str(tmp_path / "repo"), "--kdf-time", "0", *(a.format(dir=tmp_path) for a in extra),
+               check=2)
+    assert b"give" in proc.stderr and not (tmp_path / "repo").exists() and not (tmp_path / "secret").exists()
