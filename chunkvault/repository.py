@@ -27,7 +27,9 @@ from .store.repository import Repo
 from .store.restore import Restorer, RestoreOptions, RestoreResult, include_directory
 from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, select_snapshots
 from .store.source import SourceWalk, markers_of
+from .store import locks
 from .store.keyahead import KeyAhead
+from .store.locks import LockInfo
 from .store.unlock import Unlocked, unlock
 
 if TYPE_CHECKING:  # the modules of other commands load when used: a backup need not import them
@@ -91,10 +93,13 @@ def snapshot_path(path: str | bytes) -> bytes:
     return b"" if norm == b"." else norm
 
 
-def _waiting_warning(wait: float) -> Callable[[Any], None]:
-    """What a command says once, before it waits for another's lock (``holder``: a LockInfo)."""
-    return lambda holder: warnings.warn(f"waiting up to {wait:g} s: repository is locked by {holder.describe()}",
-                                        RepositoryStateWarning, stacklevel=4)
+def _announce_wait(holder: LockInfo, wait: float) -> None:
+    """What a command says once, before it waits for another's lock."""
+    warnings.warn(f"waiting up to {wait:g} s: repository is locked by {holder.describe()}", RepositoryStateWarning,
+                  stacklevel=4)
+
+
+locks.announce_wait = _announce_wait
 
 
 def _ledger_for(repo: Repo, where: bool | str | os.PathLike[str]) -> Ledger | None:
@@ -321,7 +326,6 @@ class Repository:
         elif not walk.same_rules(list(paths), excludes, one_file_system, markers, exclude_larger_than):
             walk.close()
             raise UsageError("the given walk is of other paths or exclusion rules than the backup")
-        opts.on_lock_wait = _waiting_warning(opts.lock_wait)
         result = Backup(self._repo, opts).run(walk, walk.paths)
         if not dry_run and not result.skipped:
             self._wrote(result.snapshot)
@@ -363,7 +367,6 @@ class Repository:
         self._repo.drop_stale(index=False)
         if not opts.dry_run:
             self._guard()
-        opts.on_lock_wait = _waiting_warning(opts.lock_wait)
         with open_stream() as stream:
             result = Backup(self._repo, opts).run(None, [name], stream=stream, stdin_name=name)
         if not opts.dry_run:
@@ -386,8 +389,7 @@ class Repository:
 
         with contextlib.ExitStack() as held:
             if self.lock_reads and not self._reading_depth:
-                lock = RepoLock(self._repo.remote, SHARED, purpose, wait=wait, wait_option=True,
-                                on_wait=_waiting_warning(wait))
+                lock = RepoLock(self._repo.remote, SHARED, purpose, wait=wait, wait_option=True)
                 try:
                     lock.acquire()
                 except (PermissionDenied, StorageFull) as exc:

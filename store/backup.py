@@ -39,7 +39,7 @@ from .manifest import (
 )
 from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH
 from .deltabase import restart_turns
-from .locks import SHARED, LockInfo, RepoLock
+from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, iso, now_iso
@@ -80,7 +80,6 @@ class BackupOptions:
     fixed_chunk_size: int = FIXED_CHUNK_SIZE
     delta_margin: float = 0.1
     lock_wait: float = 3600.0  # how long to wait for a running prune
-    on_lock_wait: Callable[[LockInfo], None] | None = None  # told once, before waiting, who holds the lock
     progress: Callable[[dict], None] | None = None
     dry_run: bool = False  # read, chunk and compress as a backup would; write nothing (no lock either)
     reread: bool = False  # read every file, even one whose stat fields match the parent's entry
@@ -917,8 +916,7 @@ class Backup:
     def run(self, source: SourceWalk | None, paths: list[str], *,
             stream: BinaryIO | None = None, stdin_name: str | None = None) -> BackupResult:
         lock = (contextlib.nullcontext() if self.opt.dry_run
-                else RepoLock(self.repo.remote, SHARED, "backup", wait=self.opt.lock_wait,
-                              on_wait=self.opt.on_lock_wait))
+                else RepoLock(self.repo.remote, SHARED, "backup", wait=self.opt.lock_wait))
         self._lock = lock if isinstance(lock, RepoLock) else None
         try:
             with lock:

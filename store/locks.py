@@ -41,6 +41,10 @@ LOST_AFTER = STALE_AFTER - REFRESH_EVERY
 SHARED = "shared"
 EXCLUSIVE = "exclusive"
 
+#: Told once, before a lock waits for another command's, who holds it and how long it will wait: the
+#: command layer sets it (a warning on stderr), so that no command, whichever takes a lock, waits in silence.
+announce_wait: "Callable[[LockInfo, float], None] | None" = None
+
 
 def boot_id() -> str | None:
     """This boot of this machine (Linux), so a pid is only compared within the boot that issued it."""
@@ -119,9 +123,8 @@ class RepoLock:
     """A lock object held for the duration of a ``with`` block, refreshed in the background."""
 
     def __init__(self, remote: Remote, kind: str, purpose: str, *, wait: float = 0.0, poll: float = 2.0,
-                 on_wait: Callable[[LockInfo], None] | None = None, wait_option: bool | None = None):
+                 wait_option: bool | None = None):
         self.remote = remote
-        self.on_wait = on_wait  # told once, before the first wait, who holds the lock
         # Whether the refusal names --wait: the exclusive commands and the reads have it.
         self.wait_option = kind == EXCLUSIVE if wait_option is None else wait_option
         self.kind = kind
@@ -184,6 +187,7 @@ class RepoLock:
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait
+        announced = False
         while True:
             try:
                 self._write()
@@ -199,9 +203,9 @@ class RepoLock:
             if time.monotonic() >= deadline:
                 raise Locked(f"repository is locked by {conflicts[0].describe()}; try again later"
                              + (" or use --wait" if self.wait_option else ""))
-            if self.on_wait is not None:
-                self.on_wait(conflicts[0])
-                self.on_wait = None
+            if announce_wait is not None and not announced:
+                announce_wait(conflicts[0], self.wait)
+                announced = True
             time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())) + os.urandom(1)[0] / 2550)
         self._thread = start_quiet_thread(self._refresh, "lock-refresh")
 

@@ -234,10 +234,11 @@ def open_repo(path: str, password: str = PASSWORD, *, ledger: bool | str = True)
 def init_repo(path: str, *, copy_from: str | None = None, compression: int = COMPRESSION) -> None:
     """A repository with small packs and chunks, so a few MB make many objects; a slow zstd
     level widens the window in which a kill lands while data is being written."""
-    args = ["init", "-r", path, "--pack-size", PACK_SIZE, "--kdf-time", "0", "--chunk-avg", "64k", "-q",
-            "--compression", str(compression)]
+    args = ["init", "-r", path, "--pack-size", PACK_SIZE, "--kdf-time", "0", "-q", "--compression", str(compression)]
     env = None
-    if copy_from is not None:
+    if copy_from is None:
+        args += ["--chunk-avg", "64k"]
+    else:  # the chunker of that repository
         args += ["--copy-chunker-params-from", copy_from]
         env = cli_env({"CHUNKVAULT_FROM_PASSWORD": PASSWORD})
     run_cli(*args, env=env)

@@ -223,24 +223,29 @@ def test_a_prune_whose_lock_was_taken_for_stale_deletes_nothing(tmp_path, new_re
     assert repo.check(read_data=True).ok
 
 
-def test_a_backup_waiting_for_an_exclusive_lock_says_whom_it_waits_for(tmp_path, new_repo, sleeper):
-    """As the reads do: a backup behind a prune is not silent for up to an hour."""
+@pytest.mark.parametrize("command, holder", [("backup", {"kind": EXCLUSIVE, "purpose": "prune"}),
+                                             ("tag", {"kind": SHARED, "purpose": "mount"})])
+def test_a_command_waiting_for_a_lock_says_whom_it_waits_for(tmp_path, new_repo, sleeper, command, holder):
+    """As the reads do: a backup behind a prune, or a tag behind a mount, is not silent for up to an hour."""
     from conftest import PASSWORD
 
     repo = new_repo()
-    repo.close()
-    remote = LocalRemote(str(tmp_path / "repo0"))
-    key = plant(remote, "a" * 32, sleeper.pid, boot=boot_id(), start=process_start(sleeper.pid))
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"data")
+    repo.backup([str(src)])
+    repo.close()
+    remote = LocalRemote(str(tmp_path / "repo0"))
+    key = plant(remote, "a" * 32, sleeper.pid, boot=boot_id(), start=process_start(sleeper.pid), **holder)
+    args = [str(src)] if command == "backup" else ["latest", "--add", "t"]
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}, "CHUNKVAULT_PASSWORD": PASSWORD}
-    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "backup", "-r", str(tmp_path / "repo0"),
-                             str(src)], stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", command, "-r", str(tmp_path / "repo0"), *args],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     try:
         ready, _, _ = select.select([proc.stderr], [], [], 60)
         line = proc.stderr.readline().decode() if ready else ""
-        assert "waiting up to 3600 s: repository is locked by prune" in line and f"pid {sleeper.pid}" in line
+        assert (f"waiting up to 3600 s: repository is locked by {holder['purpose']}" in line
+                and f"pid {sleeper.pid}" in line), line
         remote.delete(key)
         assert proc.wait(timeout=120) == 0
     finally:
