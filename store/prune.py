@@ -73,7 +73,7 @@ class PrunePlan:
 
 
 def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], used: set[bytes],
-                 max_unused: float) -> PrunePlan:
+                 max_unused: float, known: dict[bytes, PackEntry] | None = None) -> PrunePlan:
     """Pure: which packs to delete, repack or keep, given the used blob ids (with the bases of the copies
     ``kept_copies`` chooses).
 
@@ -81,9 +81,10 @@ def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], u
     one as a delta and one whole) is live in the copy ``kept_copies`` chooses.
     A kept pack stays indexed whole, its unused blobs and other copies too (a
     later backup may deduplicate against them), so the bases of every delta
-    it holds are kept as if used: every blob the new index lists can be read.
+    it holds are kept as if used: every blob the new index lists can be read.  ``known``: ``kept_copies(packs)``,
+    when the caller has it already.
     """
-    known = kept_copies(packs)
+    known = kept_copies(packs) if known is None else known
     used = set(used)
     while True:
         plan = _select_once(packs, sizes, used, max_unused, known)
@@ -232,7 +233,7 @@ def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
     add_bases(used, known)
     sizes = repo.stored_packs()
     orphans = [(pack_key(pid), size) for pid, size in sizes.items() if pid not in packs]
-    plan = select_packs(packs, sizes, used, max_unused)
+    plan = select_packs(packs, sizes, used, max_unused, known)
     lost = [p for p in packs if p not in sizes]
     if lost:
         raise CorruptObject(pack_key(lost[0]), f"{len(lost)} indexed pack(s) are missing; `check` names what they "
