@@ -91,11 +91,12 @@ def _composed(repo: Repo, by_id: dict[str, Snapshot], step: RebaseStep) -> tuple
 def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep,
            ensure_held: Callable[[], None] = lambda: None) -> Snapshot:
     """Rewrite one kept differential against its new parent; returns the rewritten snapshot.  ``ensure_held``:
-    before it is rewritten (a forget that took this lock for stale may have removed it meanwhile)."""
+    before its manifest's index and before it is rewritten (a forget that took this lock for stale may
+    have removed it meanwhile, a prune the packs of its new manifest)."""
     by_id = {s.id: s for s in snapshots}
     snap = by_id[step.diff_id]
     kind, records = _composed(repo, by_id, step)
-    ids, mw = store_manifest(repo, records)
+    ids, mw = store_manifest(repo, records, ensure_held)
     snap.kind = kind
     snap.parent = step.new_parent
     snap.manifest = [i.hex() for i in ids]
@@ -138,7 +139,7 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
     chain_ids = [s.id for s in repo.chain_of(snap, snapshots)[:-1]]
     if snap.kind != KIND_FULL:
         records = repo.tree(snap, snapshots)
-        ids, mw = store_manifest(repo, records)
+        ids, mw = store_manifest(repo, records, ensure_held)
         snap.kind = KIND_FULL
         snap.parent = None
         snap.manifest = [i.hex() for i in ids]

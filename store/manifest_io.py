@@ -7,7 +7,7 @@ held whole in memory.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .manifest import Record, encode_record
 from .snapshot import SNAPSHOT_VERSION
@@ -75,9 +75,13 @@ class ManifestWriter:
         return self.ids
 
 
-def store_manifest(repo: "Repo", records: Iterable[Record]) -> tuple[list[bytes], "ManifestWriter"]:
-    """Write a record stream as manifest blobs, durably: (blob ids, the writer with its counts)."""
+def store_manifest(repo: "Repo", records: Iterable[Record], ensure_held: Callable[[], None] = lambda: None
+                   ) -> tuple[list[bytes], "ManifestWriter"]:
+    """Write a record stream as manifest blobs, durably: (blob ids, the writer with its counts).
+    ``ensure_held`` guards each index object (``BlobWriter.guard``): a command paused past its lock's
+    staleness must not index packs a prune may have deleted meanwhile."""
     with repo.writer() as writer:
+        writer.guard = ensure_held
         mw = ManifestWriter(repo, writer)
         for rec in records:
             mw.add(rec)

@@ -210,10 +210,12 @@ def store_envelopes(repo: Repo, blobs: Iterable[PreparedBlob]) -> IndexData:
 def replace_index(repo: Repo, new_index: IndexData, old_names: list[str],
                   ensure_held: Callable[[], None] = lambda: None) -> None:
     """Write ``new_index`` in parts, then delete ``old_names``: the part that supersedes them is written
-    last, so no reader sees a new index that is not complete.  ``ensure_held``: before each deletion."""
+    last, so no reader sees a new index that is not complete.  ``ensure_held``: before each part and each
+    deletion (a prune that took the lock for stale may have deleted the new packs as unindexed)."""
     parts = _split(new_index, 4096)
     parts[0].supersedes = [bytes.fromhex(n) for n in old_names]
     for part in parts[1:] + parts[:1]:
+        ensure_held()
         repo.write_index(part)
     for name in old_names:
         ensure_held()

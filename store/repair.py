@@ -63,7 +63,7 @@ class PackSalvage:
 
 def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
     report = RepairReport()
-    with RepoLock(repo.remote, EXCLUSIVE, "repair index", wait=wait):
+    with RepoLock(repo.remote, EXCLUSIVE, "repair index", wait=wait) as lock:
         old = repo.index_names()
         index = IndexData()
         for o in repo.remote.list("data/"):
@@ -79,8 +79,10 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
         report.baseless_packs = sorted(pid.hex() for pid, entries in index.packs.items()
                                        if any(e.kind == KIND_DELTA and e.base_id not in readable for e in entries))
         index.supersedes = [bytes.fromhex(n) for n in old]
+        lock.ensure_held()  # a prune that took the lock for stale may have deleted packs listed here
         repo.write_index(index)
         for name in old:
+            lock.ensure_held()
             repo.remote.delete(f"index/{name}")
         repo.load_index()
     return report
@@ -129,7 +131,7 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
     is.  The files that needed a lost blob are then `repair snapshots`' to drop.
     """
     report = RepairReport()
-    with RepoLock(repo.remote, EXCLUSIVE, "repair packs", wait=wait):
+    with RepoLock(repo.remote, EXCLUSIVE, "repair packs", wait=wait) as lock:
         names, packs = indexed_packs(repo)
         stored = repo.stored_packs()
         named = _resolve_packs(specs, packs.keys() | stored.keys())
@@ -162,9 +164,10 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
             return report
         new_index = IndexData({pid: entries for pid, entries in packs.items() if pid not in read})
         new_index.packs.update(store_envelopes(repo, salvage).packs)
-        replace_index(repo, new_index, names)
+        replace_index(repo, new_index, names, lock.ensure_held)
         for pid in read:
             if pid in stored:
+                lock.ensure_held()
                 repo.remote.delete(pack_key(pid))
         repo.load_index()
     return report
@@ -197,7 +200,7 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
     differential built on it (its chain needs that manifest): those are listed, to be forgotten.
     """
     report = RepairReport()
-    with RepoLock(repo.remote, EXCLUSIVE, "repair snapshots", wait=wait):
+    with RepoLock(repo.remote, EXCLUSIVE, "repair snapshots", wait=wait) as lock:
         repo.load_index()
         index = repo.index
         stored = repo.stored_packs()
@@ -249,11 +252,12 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
                     records.append(rec)
                 elif snap.kind != KIND_FULL:  # the parent's version of the file must not show through
                     records.append(delete_record(rec.path))
-            ids, mw = store_manifest(repo, records)
+            ids, mw = store_manifest(repo, records, lock.ensure_held)
             snap.manifest = [i.hex() for i in ids]
             snap.manifest_starts = mw.starts
             snap.version = mw.version
             snap.stats = {**snap.stats, "repaired": True, "manifest_records": mw.records}
+            lock.ensure_held()
             repo.save_snapshot(snap, replace=True)
             report.rewritten.append(snap.id)
     return report

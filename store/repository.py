@@ -190,7 +190,7 @@ class Repo:
         remains: two removals at once each took the other's key, and no key opened the repository again."""
         from .locks import EXCLUSIVE, RepoLock
 
-        with RepoLock(self.remote, EXCLUSIVE, "key remove"):
+        with RepoLock(self.remote, EXCLUSIVE, "key remove") as lock:
             readable, damaged = self.list_keys()
             names = [k.name for k in readable]
             matches = [k for k in names + list(damaged) if k.startswith(name)]
@@ -203,6 +203,7 @@ class Repo:
                                  "nothing removed")
             if not [k for k in names if k != matches[0]]:
                 raise UsageError("refusing to remove the last key that opens the repository")
+            lock.ensure_held()
             self.remote.delete(f"keys/{matches[0]}")
 
     def save_settings(self, settings: Settings) -> None:

@@ -105,7 +105,7 @@ def rewrite_snapshots(repo: Repo, ids: Iterable[str], globs: list[str], *, dry_r
         raise UsageError("rewrite needs at least one --exclude")
     excluded = excluded_by(globs)
     report = RewriteReport(dry_run)
-    with contextlib.nullcontext() if dry_run else RepoLock(repo.remote, EXCLUSIVE, "rewrite", wait=wait):
+    with contextlib.nullcontext() if dry_run else RepoLock(repo.remote, EXCLUSIVE, "rewrite", wait=wait) as lock:
         repo.load_index()
         every, chosen = _under_lock(repo, ids)
         plans = []
@@ -124,23 +124,24 @@ def rewrite_snapshots(repo: Repo, ids: Iterable[str], globs: list[str], *, dry_r
         if dry_run:
             return report
         for snap, plan in plans:
-            blob_ids, mw = store_manifest(repo, plan.records)
+            blob_ids, mw = store_manifest(repo, plan.records, lock.ensure_held)
             snap.manifest = [i.hex() for i in blob_ids]
             snap.manifest_starts = mw.starts
             snap.version = mw.version
             snap.stats = {**snap.stats, "rewritten": True, "manifest_records": mw.records}
-            _save_counts(repo, snap, plan.stats)
+            _save_counts(repo, snap, plan.stats, lock)
         for snap in inherited:
             stats = ManifestStats()
             for rec in repo.tree(snap, every):
                 assert rec.entry is not None
                 stats.count_entry(rec.entry)
-            _save_counts(repo, snap, stats)
+            _save_counts(repo, snap, stats, lock)
     return report
 
 
-def _save_counts(repo: Repo, snap: Snapshot, stats: ManifestStats) -> None:
+def _save_counts(repo: Repo, snap: Snapshot, stats: ManifestStats, lock: RepoLock) -> None:
     snap.stats = {**snap.stats, "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes}
+    lock.ensure_held()  # a forget that took the lock for stale may have removed it meanwhile
     repo.save_snapshot(snap, replace=True)
 
 
@@ -149,12 +150,13 @@ def retag_snapshots(repo: Repo, ids: Iterable[str], *, add: list[str], remove: l
     """Change the tags of the snapshots of ``ids``: ``set_to`` replaces them, then ``remove`` and
     ``add`` apply; each changed object is written again under its id.  Returns those changed."""
     changed = []
-    with RepoLock(repo.remote, EXCLUSIVE, "tag", wait=wait):
+    with RepoLock(repo.remote, EXCLUSIVE, "tag", wait=wait) as lock:
         for snap in _under_lock(repo, ids)[1]:
             new = list(snap.tags) if set_to is None else list(dict.fromkeys(set_to))
             new = [t for t in new if t not in remove] + [t for t in dict.fromkeys(add) if t not in new + remove]
             if new != snap.tags:
                 snap.tags = new
+                lock.ensure_held()
                 repo.save_snapshot(snap, replace=True)
                 changed.append(snap)
     return changed

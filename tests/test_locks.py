@@ -330,3 +330,47 @@ def test_a_backup_paused_while_it_saves_its_snapshot_takes_it_back(tmp_path, new
         repo.backup([str(src)])
     monkeypatch.undo()
     assert [o.key for o in repo.store.remote.list("snapshots/")] == [f"snapshots/{first.id}"]
+
+
+def _damage_one_file(repo, src) -> None:
+    """Delete the pack holding ``src/b``'s data, so ``repair snapshots`` has a manifest to rewrite."""
+    from chunkvault.store.prune import pack_key
+
+    store = repo.store
+    store.load_index()
+    snap = store.load_snapshot(repo.snapshots()[-1].id)
+    rec = next(r for r in store.manifest_records(snap) if r.path == b"b")
+    store.remote.delete(pack_key(store.pack_ids[store.index.get(rec.entry.chunk_ids()[0]).pack_no]))
+
+
+@pytest.mark.parametrize("command", ["aggregate", "forget", "rewrite", "repair snapshots"])
+def test_a_command_paused_while_it_writes_a_manifest_indexes_nothing_and_rewrites_nothing(
+        tmp_path, new_repo, monkeypatch, command):
+    """A prune that took the lock for stale meanwhile may have deleted the new manifest's packs as unindexed:
+    an index naming them, or a snapshot naming that manifest, would be data that is gone."""
+    from chunkvault.errors import LockLost
+    from chunkvault.store.manifest_io import ManifestWriter
+
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo(pack_size=1)
+    ids = []
+    for i in range(3):
+        (src / "a").write_bytes(os.urandom(10_000))
+        (src / "b").write_bytes(os.urandom(10_000))
+        ids.append(repo.backup([str(src)], kind="full" if i == 0 else "diff").snapshot.id)
+    if command == "repair snapshots":
+        _damage_one_file(repo, src)
+    remote = repo.store.remote
+    before = {o.key: remote.get(o.key) for prefix in ("index/", "snapshots/") for o in remote.list(prefix)}
+    _lose_the_lock_after(monkeypatch, ManifestWriter, "finish", remote)
+    run = {"aggregate": lambda: repo.aggregate(ids[2]),
+           "forget": lambda: repo.forget([ids[1]]),
+           "rewrite": lambda: repo.rewrite(["a"], dry_run=False),
+           "repair snapshots": lambda: repo.repair_snapshots(dry_run=False)}[command]
+    with pytest.raises(LockLost):
+        run()
+    monkeypatch.undo()
+    assert {o.key: remote.get(o.key) for prefix in ("index/", "snapshots/") for o in remote.list(prefix)} == before
+    run()
+    assert command == "repair snapshots" or repo.check(read_data=True).ok
