@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import select
 import shlex
+import signal
 import subprocess
+import time
 from typing import IO, Mapping, Sequence
 
 from chunkvault.errors import SourceCommandFailed
@@ -26,6 +28,55 @@ def wait_readable(fd: int) -> None:
     thread once that runs Python code again, which a read blocked on a silent pipe would not do."""
     while not select.select([fd], [], [], WAKE_EVERY)[0]:
         pass
+
+
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), None once it is gone or a zombie: with the pid, it
+    names one process, not whichever reuses its number."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == b"Z" else int(fields[19])
+
+
+def descendants(pid: int) -> list[tuple[int, int]]:
+    """The processes ``pid`` started, and theirs, as (pid, start time); none where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            start = _start_time(child)
+            if start is not None:
+                found.append((child, start))
+                todo.append(child)
+    return found
+
+
+def _signal(procs: list[tuple[int, int]], sig: int) -> bool:
+    """Send ``sig`` to each of ``procs`` still running (0: only ask); whether any was."""
+    alive = False
+    for pid, start in procs:
+        if _start_time(pid) == start:
+            alive = True
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+    return alive
 
 
 class PipeStream:
@@ -90,15 +141,22 @@ class CommandStream:
             raise SourceCommandFailed(f"`{self.shown}` {how}: no snapshot saved")
 
     def close(self) -> None:
-        """Stop the command if it still runs (the backup failed or was interrupted), then reap it."""
+        """Stop the command if it still runs (the backup failed or was interrupted), with what it started
+        (``sh -c 'pg_dump | gzip'``: a shell passes no SIGTERM on), then reap it."""
         proc = self._proc
         if proc.poll() is None:
+            started = descendants(proc.pid)
             proc.terminate()
+            _signal(started, signal.SIGTERM)
             try:
                 proc.wait(STOP_GRACE)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            deadline = time.monotonic() + STOP_GRACE
+            while _signal(started, 0) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            _signal(started, signal.SIGKILL)
         self.returncode = proc.returncode
         assert proc.stdout is not None
         proc.stdout.close()

@@ -24,11 +24,12 @@ def numbered(lines: int) -> bytes:
 
 
 def gone(pid: int) -> bool:
+    """Ended: no such process, or a zombie its new parent has yet to reap."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except FileNotFoundError:
         return True
-    return False
 
 
 def test_output_is_stored_and_each_run_is_a_differential_of_the_last(new_repo):
@@ -93,6 +94,19 @@ def test_closing_early_terminates_the_command_and_reaps_it():
     with CommandStream(["sh", "-c", "exec yes"]) as stream:
         assert stream.read(4) == b"y\ny\n"
     assert stream.returncode == -signal.SIGTERM
+
+
+def test_closing_early_stops_what_a_shell_command_started(tmp_path):
+    """A shell passes no SIGTERM on to its pipeline: a dump waiting on a database lock would run on."""
+    from chunkvault.store.command_stream import CommandStream
+
+    pidfile = tmp_path / "pid"
+    with CommandStream(["sh", "-c", f"sleep 300 & echo $! > {pidfile}; wait; echo late"]) as stream:
+        while not pidfile.exists() or not pidfile.read_text().endswith("\n"):
+            time.sleep(0.01)
+        sleeper = int(pidfile.read_text())
+        assert not gone(sleeper)
+    assert gone(sleeper)
 
 
 def test_dry_run_runs_the_command_and_writes_nothing(new_repo):
