@@ -290,6 +290,10 @@ def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None) ->
 # --- the HTTP side --------------------------------------------------------------------
 
 
+class PlainHTTPOnTLS(Exception):
+    """A plain HTTP request reached the HTTPS port (and was answered so)."""
+
+
 class BadRequest(Exception):
     """A request we answer with 400 and this reason."""
 
@@ -342,7 +346,9 @@ class BackupServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
-        if isinstance(exc, ssl.SSLError):
+        if isinstance(exc, PlainHTTPOnTLS):
+            self.log(f"{client_address[0]} plain HTTP request refused: this service speaks HTTPS")
+        elif isinstance(exc, ssl.SSLError):
             self.log(f"{client_address[0]} TLS handshake failed: {getattr(exc, 'reason', None) or exc}")
         elif isinstance(exc, OSError):
             self.log(f"{client_address[0]} connection lost: {exc.strerror or type(exc).__name__}")
@@ -390,7 +396,21 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         if isinstance(self.connection, ssl.SSLSocket):
+            self._refuse_plain_http()
             self.connection.do_handshake()
+
+    def _refuse_plain_http(self) -> None:
+        """A client that speaks plain HTTP to the HTTPS port gets one plain answer saying so (as nginx does),
+        not a dropped connection it would retry as a network fault."""
+        first = socket.socket.recv(self.connection, 1, socket.MSG_PEEK)  # the TCP bytes, under the TLS layer
+        if not first or first == b"\x16":  # a TLS handshake record
+            return
+        said = f"this backup service speaks HTTPS: its URL is {self.server.url}/"
+        body = json.dumps({"error": said}).encode()  # the reason phrase says it too, for a HEAD request
+        head = (f"HTTP/1.1 400 {said}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n").encode()
+        socket.socket.sendall(self.connection, head + body)
+        raise PlainHTTPOnTLS()
 
     # -- plumbing -----------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -308,12 +309,18 @@ def test_tls_with_self_signed_certificate(serve_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("CHUNKVAULT_HTTP_CA_FILE", str(cert))
     with HTTPRemote.from_url(server.url, token=FULL_TOKEN) as remote:
         remote.delete(KEY)
-    # plain HTTP against the TLS port fails as a transport error, not a crash
+    # plain HTTP against the TLS port is told so at once (not a dropped connection, retried 8 times)
     with HTTPRemote.from_url(server.url.replace("https:", "http:"), token=FULL_TOKEN) as plain:
-        with pytest.raises(RemoteError):
-            plain.stat(KEY)
+        for ask in (plain.stat, plain.get):
+            with pytest.raises(RemoteError, match=f"speaks HTTPS: its URL is {re.escape(server.url.rstrip('/'))}/$") as info:
+                ask(KEY)
+            assert not isinstance(info.value, RemoteUnavailable)
+    with socket.create_connection(("127.0.0.1", int(server.url.rstrip("/").rsplit(":", 1)[1]))) as raw:
+        raw.sendall(b"\x16\x03\x01\x00\x05hello")  # a handshake nobody finishes
+        raw.shutdown(socket.SHUT_WR)
+        raw.recv(100)
     assert server.running
-    assert "TLS handshake failed" in server.log()
+    assert "plain HTTP request refused" in server.log() and "TLS handshake failed" in server.log()
 
 
 def test_https_against_a_plain_service_says_so_at_once(http_server):
