@@ -207,7 +207,7 @@ def _human(n: float) -> str:
 def _snapshot_json(s: Snapshot, chain_length: int | None = None) -> dict[str, Any]:
     stats = s.stats if chain_length is None else {**s.stats, "chain_length": chain_length}
     return {"id": s.id, "short_id": s.short_id, "time": s.time, "type": s.kind, "parent": s.parent,
-            "host": s.host, "tags": s.tags, "paths": s.paths, "stdin_name": s.stdin_name,
+            "host": s.host, "tags": s.tags, **_names_json("paths", s.paths), "stdin_name": s.stdin_name,
             "size": s.stats.get("bytes", 0), "files": s.stats.get("files", 0), "stats": stats}
 
 
@@ -224,6 +224,16 @@ def _name_json(key: str, name: bytes | str | None) -> dict[str, Any]:
         raw.decode("utf-8")
     except UnicodeDecodeError:
         out[key + "_b64"] = base64.b64encode(raw).decode("ascii")
+    return out
+
+
+def _names_json(key: str, names: list[str]) -> dict[str, Any]:
+    """A list of paths for JSON, as ``_name_json`` gives one: ``<key>_b64`` (each path's bytes, in order)
+    only when one of them is not UTF-8."""
+    parts = [_name_json(key, name) for name in names]
+    out: dict[str, Any] = {key: [part[key] for part in parts]}
+    if any(key + "_b64" in part for part in parts):
+        out[key + "_b64"] = [base64.b64encode(os.fsencode(name)).decode("ascii") for name in names]
     return out
 
 
@@ -504,7 +514,7 @@ def cmd_find(args: argparse.Namespace) -> int:
     found = repo.find(args.patterns, snapshots=args.snapshot or None, hosts=args.host, tags=args.tag,
                       paths=args.path, ignore_case=args.ignore_case)
     if args.json:
-        _emit_json([{"host": f.host, "paths": f.paths, **_name_json("path", f.path),
+        _emit_json([{"host": f.host, **_names_json("paths", f.paths), **_name_json("path", f.path),
                      "versions": [{**{k: v for k, v in _entry_json(v.entry).items() if k not in ("path", "path_b64")},
                                    "snapshots": [s.id for s in v.snapshots]} for v in f.versions]}
                     for f in found])

@@ -445,3 +445,21 @@ def test_init_refuses_options_that_contradict_each_other(tmp_path, cli, extra):
     proc = cli("init", "-r", str(tmp_path / "repo"), "--kdf-time", "0", *(a.format(dir=tmp_path) for a in extra),
                check=2)
     assert b"give" in proc.stderr and not (tmp_path / "repo").exists() and not (tmp_path / "secret").exists()
+
+
+def test_json_snapshot_paths_that_are_not_utf8_carry_their_bytes(tmp_path, cli):
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo)
+    raw = os.fsencode(tmp_path) + b"/d\xff"
+    os.mkdir(raw)
+    with open(raw + b"/f", "wb") as f:
+        f.write(b"x")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for where in (raw, os.fsencode(plain)):
+        cli("backup", "-r", repo, os.fsdecode(where))
+    shown = {s["paths"][0]: s for s in json.loads(cli("snapshots", "-r", repo, "--json").stdout)}
+    assert [base64.b64decode(p) for p in shown[os.fsdecode(raw)]["paths_b64"]] == [raw]
+    assert "paths_b64" not in shown[str(plain)]
+    (found,) = json.loads(cli("find", "-r", repo, "f", "--json").stdout)
+    assert [base64.b64decode(p) for p in found["paths_b64"]] == [raw]
