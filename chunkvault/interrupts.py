@@ -85,7 +85,7 @@ def handled(handlers: Mapping[int, Handler]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    waiting: list[int] = []  # a signal that came where it could not be handled yet
+    waiting: list[int] = []  # signals that came where they could not be handled yet, in order
     armed: list[bool] = []  # our retry holds the timer
     theirs: list[tuple[float, float]] = []  # the timer it replaced: (deadline, interval)
 
@@ -111,18 +111,19 @@ def handled(handlers: Mapping[int, Handler]) -> Iterator[None]:
         handlers[signum](signum)
 
     def run_waiting() -> None:
-        try:
-            signum = waiting.pop()
-        except IndexError:  # a handler can be interrupted too: another signal's ran meanwhile
-            return
-        run(signum)
+        while waiting:
+            try:
+                signum = waiting.pop(0)
+            except IndexError:  # a handler can be interrupted too: another signal's ran meanwhile
+                return
+            run(signum)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        if safe_to_interrupt(frame):
-            waiting.clear()
-            run(signum)
-        elif not waiting:
+        if signum not in waiting:  # a repeat of one still waiting is one signal; another kind is not lost
             waiting.append(signum)
+        if safe_to_interrupt(frame):
+            run_waiting()
+        else:
             arm()
 
     def on_alarm(signum: int, frame: FrameType | None) -> None:

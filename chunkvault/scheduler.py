@@ -436,23 +436,56 @@ def _describe(r: SourceResult) -> str:
 
 
 class Daemon:
-    """Runs a policy at every slot until ``stop`` is set."""
+    """Runs a policy at every slot until ``stop`` is set.  ``reload`` makes the runner of the policy file
+    as it is now (with the same ``stop``): ``ask_reload`` (SIGHUP) has it called once no run is in
+    progress; a policy that does not load leaves the one in use."""
 
     def __init__(self, runner: Runner, *, clock: Clock = utc_now, sleep: Sleep | None = None,
                  log: Callable[[str], None] | None = None, max_sleep: float = 60.0, verbose: bool = True,
-                 on_report: Callable[[RunReport], None] | None = None):
+                 on_report: Callable[[RunReport], None] | None = None,
+                 reload: Callable[[], Runner] | None = None):
         self.runner = runner
         self.clock = clock
         self.stop = runner.stop
-        self.sleep = sleep or (lambda seconds: self.stop.wait(seconds))
+        self.woken = threading.Event()  # set to cut a sleep short: a stop or a reload was asked
+        self.sleep = sleep or self._sleep
         self.log = log or (lambda line: None)
         self.max_sleep = max_sleep
         self.verbose = verbose
         self.on_report = on_report
+        self.reload = reload
+        self.reload_asked = False
         self.runs = 0
 
+    def _sleep(self, seconds: float) -> None:
+        self.woken.wait(seconds)
+        self.woken.clear()
+
+    def ask_reload(self) -> None:
+        self.reload_asked = True
+        self.woken.set()
+
+    def _reload(self) -> None:
+        self.reload_asked = False
+        if self.reload is None:
+            return
+        try:
+            runner = self.reload()
+        except (ChunkvaultError, OSError) as exc:
+            self.log(f"policy not reloaded, the one loaded before stays in use: {exc}")
+            return
+        self.runner = runner
+        self.log(f"policy reloaded: {len(runner.policy.sources)} source(s)")
+
+    def _next_slot(self, started: datetime) -> datetime | None:
+        wake = next_wakeup([c for s in self.runner.policy.sources for c in s.cadences()], started)
+        if wake is None:
+            self.log("no slot is ever due again; waiting for a stop signal")
+        elif self.verbose:
+            self.log(f"next run at {_iso(wake)}")
+        return wake
+
     def serve(self) -> int:
-        cadences = [c for s in self.runner.policy.sources for c in s.cadences()]
         self.log(f"daemon started: {len(self.runner.policy.sources)} source(s)")
         while not self.stop.is_set():
             started = self.clock()
@@ -474,12 +507,12 @@ class Daemon:
                 self.log(f"run failed: internal error: {type(exc).__name__}: {exc}")
             if self.stop.is_set():
                 break
-            wake = next_wakeup(cadences, started)
-            if wake is None:
-                self.log("no slot is ever due again; waiting for a stop signal")
-            elif self.verbose:
-                self.log(f"next run at {_iso(wake)}")
+            wake = self._next_slot(started)
             while not self.stop.is_set():
+                if self.reload_asked:
+                    self._reload()
+                    wake = self._next_slot(started)
+                    continue
                 now = self.clock()
                 if wake is not None and now >= wake:
                     break
@@ -572,12 +605,19 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     stop = threading.Event()
     log = _Log(args.log, utc_now)
     signals_seen: list[int] = []
+    daemons: list[Daemon] = []
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
             raise KeyboardInterrupt  # second signal: abort the step in progress
         signals_seen.append(signum)
         stop.set()
+        for d in daemons:
+            d.woken.set()
+
+    def on_hangup(signum: int) -> None:
+        for d in daemons:
+            d.ask_reload()
 
     def on_report(report: RunReport) -> None:
         if args.json:
@@ -585,10 +625,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
     try:
-        with interrupts.handled({signal.SIGTERM: on_signal, signal.SIGINT: on_signal}):
-            runner = _runner(args, stop, log if not args.quiet else _quiet(log))
-            daemon = Daemon(runner, log=log, verbose=not args.quiet, on_report=on_report)
-            code = daemon.serve()
+        with interrupts.handled({signal.SIGTERM: on_signal, signal.SIGINT: on_signal, signal.SIGHUP: on_hangup}):
+            runner_log = log if not args.quiet else _quiet(log)
+            daemons.append(Daemon(_runner(args, stop, runner_log), log=log, verbose=not args.quiet,
+                                  on_report=on_report, reload=lambda: _runner(args, stop, runner_log)))
+            code = daemons[0].serve()
         if signals_seen:
             log(f"stopped by {signal.Signals(signals_seen[0]).name}")
         return code

@@ -158,6 +158,24 @@ def test_a_signal_inside_the_synchronisation_code_is_handled_once_it_is_left():
     assert inside == [[]] and seen == [signal.SIGUSR1]
 
 
+def test_signals_of_two_kinds_inside_the_synchronisation_code_are_both_handled_once_it_is_left():
+    """A daemon's SIGHUP (reload) waiting there must not swallow the SIGTERM that follows; a repeat of
+    one kind is one signal."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are handled on the main thread only")
+    seen: list[int] = []
+
+    def callback(_fut: Future) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGUSR1):
+            signal.raise_signal(sig)
+
+    with interrupts.handled({signal.SIGUSR1: seen.append, signal.SIGUSR2: seen.append}):
+        fut: Future = Future()
+        fut.set_result(None)
+        fut.add_done_callback(callback)
+    assert seen == [signal.SIGUSR1, signal.SIGUSR2]
+
+
 def test_off_the_main_thread_nothing_is_installed():
     before = signal.getsignal(signal.SIGUSR1)
     during: list[object] = []

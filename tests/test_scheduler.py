@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -557,3 +558,29 @@ def test_log_lines_stay_one_line(tmp_path):
     log.close()
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 1 and lines[0].endswith("db: warning: cannot read caf\\xe9\\nnext\\x1b[2J")
+
+
+def test_daemon_process_reads_its_policy_again_on_sighup(tmp_path, repo_url, tree):
+    """As a service manager's reload does; a policy that does not load leaves the one in use."""
+    log = tmp_path / "daemon.log"
+    sources = [{"name": "db", "paths": [str(tree)]}]
+    policy = write_policy(tmp_path / "p.toml", repo_url, sources, top='full = "0 0 1 1 *"\n')
+    proc = start_daemon(policy, log)
+    try:
+        wait_for(lambda: log.exists() and "next run at" in log.read_text(), proc, "first run")
+        write_policy(policy, repo_url, sources, top='full = "0 0 1 6 *"\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "policy reloaded: 1 source(s)" in log.read_text(), proc, "the reload")
+        wait_for(lambda: re.search(r"policy reloaded.*\n.*next run at \d{4}-06-01", log.read_text()), proc,
+                 "the new slot")
+        policy.write_text("full = [\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "policy not reloaded, the one loaded before stays in use" in log.read_text(), proc,
+                 "the refusal")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "stopped by SIGTERM" in log.read_text()
+    assert [s.kind for s in snapshots(repo_url)] == ["full"]  # a reload is no run
