@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import threading
 import warnings
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
@@ -121,7 +122,7 @@ class Repository:
         self._repo = repo
         self._ledger = ledger
         self.lock_reads = lock_reads
-        self._reading_depth = 0
+        self._reading_depth = threading.local()  # per thread: one thread's read ending must not end another's lock
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -383,12 +384,13 @@ class Repository:
 
         ``restore``, ``find``, ``usage``, ``check``, ``export``, ``copy_to`` and ``verify_restore`` hold it themselves;
         a caller of the lazy readers (``tree``, ``diff``, ``open_file``) holds it around its use.  Nested uses share the
-        outer lock.  With ``lock_reads`` off, or when the remote refuses to store the lock (a read-only
+        outer lock (each thread takes its own).  With ``lock_reads`` off, or when the remote refuses to store the lock (a read-only
         token or mount, a full disk), the read goes ahead unlocked (the latter with a warning)."""
         from .store.locks import SHARED, RepoLock
 
         with contextlib.ExitStack() as held:
-            if self.lock_reads and not self._reading_depth:
+            depth = getattr(self._reading_depth, "n", 0)
+            if self.lock_reads and not depth:
                 lock = RepoLock(self._repo.remote, SHARED, purpose, wait=wait, wait_option=True)
                 try:
                     lock.acquire()
@@ -399,11 +401,11 @@ class Repository:
                 else:
                     held.push(lock)  # released (its __exit__) when the read ends
                     self._repo.drop_stale()
-            self._reading_depth += 1
+            self._reading_depth.n = depth + 1
             try:
                 yield
             finally:
-                self._reading_depth -= 1
+                self._reading_depth.n = depth
 
     def snapshots(self, *, hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
                   latest: int | None = None, group_by: str | Iterable[str] = "host,paths") -> list[Snapshot]:

@@ -119,6 +119,9 @@ def _parsed_lock(key: str, d: dict) -> LockInfo:
                     d.get("boot") or None, int(start) if start is not None else None)
 
 
+_HELD_BY_THREAD: dict[str, int] = {}  # lock key -> the thread of this process that holds it
+
+
 class RepoLock:
     """A lock object held for the duration of a ``with`` block, refreshed in the background."""
 
@@ -137,6 +140,7 @@ class RepoLock:
         self._written = 0.0  # when the lock was last written (wall clock, as other commands judge it)
         self._lost = 0.0  # the gap (s) that made it lost, once one did: sticky
         self._looked = 0.0  # when ensure_held last saw the lock object on the remote
+        self._pid = os.getpid()  # a child forked while it is held must not remove it on leaving the block
 
     def _write(self) -> None:
         now = time.time()
@@ -200,6 +204,10 @@ class RepoLock:
             if not conflicts:
                 break
             self.remote.delete(self.key)
+            mine = [lk for lk in conflicts if _HELD_BY_THREAD.get(lk.key) == threading.get_ident()]
+            if mine:  # waiting for it would wait for ourselves
+                raise Locked(f"this thread holds the repository's {mine[0].kind} lock ({mine[0].purpose}): "
+                             f"a {self.purpose} cannot run inside it")
             if time.monotonic() >= deadline:
                 raise Locked(f"repository is locked by {conflicts[0].describe()}; try again later"
                              + (" or use --wait" if self.wait_option else ""))
@@ -208,6 +216,7 @@ class RepoLock:
                 announced = True
             time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())) + os.urandom(1)[0] / 2550)
         self._thread = start_quiet_thread(self._refresh, "lock-refresh")
+        _HELD_BY_THREAD[self.key] = threading.get_ident()
 
     def _refresh(self) -> None:
         while not self._stop.wait(REFRESH_EVERY):
@@ -225,6 +234,9 @@ class RepoLock:
 
     def release(self) -> None:
         self._stop.set()
+        if os.getpid() != self._pid:  # a forked child: the lock is its parent's, still held there
+            return
+        _HELD_BY_THREAD.pop(self.key, None)
         if self._thread is not None:
             self._thread.join()
         self.remote.delete(self.key)

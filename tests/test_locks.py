@@ -374,3 +374,59 @@ def test_a_command_paused_while_it_writes_a_manifest_indexes_nothing_and_rewrite
     assert {o.key: remote.get(o.key) for prefix in ("index/", "snapshots/") for o in remote.list(prefix)} == before
     run()
     assert command == "repair snapshots" or repo.check(read_data=True).ok
+
+
+def test_each_thread_reading_holds_its_own_lock(tmp_path, new_repo):
+    """One thread's read ending must not leave another's read unlocked: a prune could delete what it reads."""
+    import threading
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    repo = new_repo()
+    repo.backup([str(src)])
+    remote = repo.store.remote
+    inside, first_done, checked = threading.Event(), threading.Event(), []
+
+    def long_read():
+        with repo.reading("long"):
+            inside.set()
+            first_done.wait(30)
+            checked.append([lk.purpose for lk in list_locks(remote)])
+
+    t = threading.Thread(target=long_read)
+    t.start()
+    inside.wait(30)
+    with repo.reading("short"):
+        assert sorted(lk.purpose for lk in list_locks(remote)) == ["long", "short"]
+    first_done.set()
+    t.join()
+    assert checked == [["long"]] and list_locks(remote) == []
+
+
+def test_an_exclusive_command_inside_a_read_of_the_same_thread_fails_at_once(tmp_path, new_repo):
+    """It would wait an hour for its own thread's lock."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    repo = new_repo()
+    snap = repo.backup([str(src)]).snapshot
+    started = time.monotonic()
+    with repo.reading("mine"):
+        with pytest.raises(Locked, match=r"this thread holds the repository's shared lock \(mine\): a forget"):
+            repo.forget([snap.id])
+    assert time.monotonic() - started < 30
+    assert [s.id for s in repo.snapshots()] == [snap.id]
+
+
+def test_a_child_forked_while_a_lock_is_held_leaves_it_to_the_parent(remote):
+    with RepoLock(remote, SHARED, "parent") as lock:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                lock.release()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert [lk.key for lk in list_locks(remote)] == [lock.key]
+    assert list_locks(remote) == []
