@@ -636,12 +636,14 @@ class Repository:
     def forget(self, snapshots: Iterable[str] = (), *, policy: RetentionPolicy | None = None,
                dry_run: bool = False, now: datetime | None = None, hosts: Iterable[str] = (),
                tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0,
-               allow_remove_all: bool = False) -> ForgetPlan:
+               allow_remove_all: bool = False,
+               scope: Callable[[list[Snapshot]], Iterable[Snapshot]] | None = None) -> ForgetPlan:
         """Remove snapshots (named, or by a retention policy); kept differentials are rebased first.
         A policy that would keep none of a group's snapshots is refused unless ``allow_remove_all``.
 
         ``hosts``, ``tags``, ``paths``: the policy applies to the snapshots these select
-        (``select_snapshots``) and keeps every other.  The plan is made and carried out under the
+        (``select_snapshots``) and keeps every other; ``scope`` narrows that further, given the
+        listing read under the lock (a policy file's source: its own history).  The plan is made and carried out under the
         exclusive lock (waiting up to ``wait`` seconds for running backups): a backup must not
         build on a snapshot being forgotten, nor another forget rebase what this one plans from."""
         from .store.lifecycle import apply_forget
@@ -649,10 +651,12 @@ class Repository:
 
         snapshots, hosts, tags, paths = _listed(snapshots), _listed(hosts), _listed(tags), _listed(paths)
         if dry_run:
-            return self._plan_forget(self._list(), snapshots, policy, now, hosts, tags, paths, allow_remove_all)[0]
+            return self._plan_forget(self._list(), snapshots, policy, now, hosts, tags, paths, allow_remove_all,
+                                     scope)[0]
         with RepoLock(self._repo.remote, EXCLUSIVE, "forget", wait=wait) as lock:
             snaps = self._repo.reload_snapshots()
-            plan, whole = self._plan_forget(snaps, snapshots, policy, now, hosts, tags, paths, allow_remove_all)
+            plan, whole = self._plan_forget(snaps, snapshots, policy, now, hosts, tags, paths, allow_remove_all,
+                                            scope)
             # Forgetting a replayed snapshot again, by id, is allowed: it is the natural fix.
             self._guard(snaps, forgetting=plan.remove if policy is None else ())
             self._repo.load_index()
@@ -661,7 +665,8 @@ class Repository:
 
     def _plan_forget(self, snaps: list[Snapshot], specs: list[str], policy: RetentionPolicy | None,
                      now: datetime | None, hosts: Iterable[str], tags: Iterable[str], paths: Iterable[str],
-                     allow_remove_all: bool) -> tuple[ForgetPlan, list[Snapshot]]:
+                     allow_remove_all: bool, scope: Callable[[list[Snapshot]], Iterable[Snapshot]] | None = None
+                     ) -> tuple[ForgetPlan, list[Snapshot]]:
         """What forget does with this listing: the plan, and the snapshots whose chains are whole."""
         from .store.lifecycle import plan_forget
         from .store.retention import Decision
@@ -672,7 +677,7 @@ class Repository:
         if policy is None and not ids:
             raise UsageError("nothing to forget: name snapshots or give a retention policy")
         hosts, tags, paths = list(hosts), list(tags), list(paths)
-        filtered = bool(hosts or tags or paths)
+        filtered = bool(hosts or tags or paths) or scope is not None
         if filtered and policy is None:
             raise UsageError("--host, --tag and --path select the snapshots a retention policy applies to; "
                              "give one (snapshots named by id need no selection)")
@@ -693,6 +698,9 @@ class Repository:
         whole = [s for s in snaps if s.id not in broken]
         selected = ({s.id for s in select_snapshots(whole, hosts=hosts, tags=tags, paths=paths)}
                     if filtered else None)
+        if scope is not None:
+            assert selected is not None
+            selected &= {s.id for s in scope(whole)}
         plan = plan_forget(whole, policy=policy, ids=[i for i in ids if i not in lost], now=now, selected=selected,
                            allow_remove_all=allow_remove_all)
         direct = [i for i in ids if i in lost]

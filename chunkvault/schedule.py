@@ -366,11 +366,16 @@ class Due:
     reason: str
 
 
+AHEAD = timedelta(minutes=5)  # as far ahead as a backup accepts a snapshot's time (another machine's clock)
+
+
 def decide(full: Cadence, diff: Cadence | None, now: datetime,
            history: Iterable[tuple[datetime, str]]) -> Due:
-    """Apply the due rule (module docstring) to one source's snapshot history."""
+    """Apply the due rule (module docstring) to one source's snapshot history.  A snapshot dated more than
+    ``AHEAD`` after ``now`` (taken while the clock was ahead) serves no slot: it would hold every backup
+    off until then."""
     now = _aware(now, "now")
-    snaps = [(_aware(t, "snapshot time"), k) for t, k in history]
+    snaps = [(t, k) for t, k in ((_aware(t, "snapshot time"), k) for t, k in history) if t <= now + AHEAD]
     full_slot = full.prev(now)
     last_full = max((t for t, k in snaps if k == KIND_FULL), default=None)
     if last_full is None:
@@ -619,7 +624,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
             elif "paths" not in s:
                 raise UsageError("no paths: set paths = [\"/var/lib/db\"] (or command and stdin-name)")
             else:
-                paths = tuple(_path(base_dir, p) for p in _str_list(s["paths"], "paths", required=True))
+                paths = tuple(dict.fromkeys(_path(base_dir, p) for p in _str_list(s["paths"], "paths", required=True)))
             host = s.get("host", top.get("host"))
             if host is not None and (not isinstance(host, str) or not host):
                 raise UsageError(f"host must be a non-empty string, got {host!r}")
@@ -648,6 +653,12 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                             retention=retention, hook_timeout=hook_timeout)
         except UsageError as exc:
             raise UsageError(f"source {name!r}: {exc}") from None
+        twin = next((t for t in sources if (t.host, sorted(t.paths), t.stdin_name) == (host, sorted(paths), stdin_name)),
+                    None)
+        if twin is not None:
+            raise UsageError(f"sources {twin.name!r} and {name!r} back up the same {'paths' if paths else 'stdin-name'} "
+                             "on the same host: their snapshots could not be told apart (each would take the "
+                             "other's for its own, and its retention remove them); give one another host")
         sources.append(source)
     return Policy(sources=tuple(sources), repository=repo, password_file=password_file,
                   password_command=password_command, timezone=tz_name,

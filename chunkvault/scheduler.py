@@ -50,6 +50,7 @@ from datetime import datetime, timezone
 from typing import IO, Any, Callable, Iterator, TextIO
 
 from . import interrupts
+from .store import locks
 from .display import one_line
 from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
 from .processes import kill_group
@@ -300,7 +301,10 @@ class Runner:
                     continue
                 removed_any |= bool(result.retention.removed)
             if self.policy.prune and removed_any and not self.stop.is_set():
-                self._prune(repo, report)
+                if report.dry_run:
+                    self.log("prune: would run once retention removed those")
+                else:
+                    self._prune(repo, report)
         finally:
             close = getattr(repo, "close", None)
             if close is not None:
@@ -386,19 +390,19 @@ class Runner:
             result.status = OK
 
     def _retention(self, repo: Any, src: Source, dry_run: bool) -> RetentionResult:
-        from .store.lifecycle import plan_forget
+        """The source's retention, as ``forget`` with a policy applies it (planned under the lock, from
+        every snapshot, a replayed one refused), to the source's own history."""
+        from .store.lifecycle import NOT_SELECTED
 
         assert src.retention is not None
-        scoped = src.history(repo.snapshots(), self._host(src))
-        if not scoped:
-            return RetentionResult([], [], 0)
-        plan = plan_forget(scoped, policy=src.retention, now=self.clock())
+        host = self._host(src)
+        plan = repo.forget(policy=src.retention, scope=lambda snaps: src.history(snaps, host), now=self.clock(),
+                           dry_run=dry_run)
         reasons = {d.snapshot_id: ", ".join(d.reasons) for d in plan.decisions if not d.keep}
-        out = RetentionResult(list(plan.remove), [r.diff_id for r in plan.rebases],
-                              len(scoped) - len(plan.remove), reasons)
-        if plan.remove and not dry_run:
-            applied = repo.forget(plan.remove)
-            out.rebased = [r.diff_id for r in applied.rebases]
+        kept = sum(1 for d in plan.decisions if d.keep and d.reasons != (NOT_SELECTED,))
+        out = RetentionResult(list(plan.remove), [r.diff_id for r in plan.rebases], kept, reasons)
+        if not plan.remove and not kept:
+            return out
         verb = "would remove" if dry_run else "removed"
         if dry_run:
             for sid in out.removed:
@@ -612,6 +616,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt  # second signal: abort the step in progress
         signals_seen.append(signum)
         stop.set()
+        locks.stop_waiting.set()  # a retention waiting for a lock stops waiting
         for d in daemons:
             d.woken.set()
 
@@ -637,6 +642,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         log("aborted by a second signal")
         return 130
     finally:
+        locks.stop_waiting.clear()
         log.close()
 
 

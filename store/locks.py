@@ -44,6 +44,9 @@ EXCLUSIVE = "exclusive"
 #: Told once, before a lock waits for another command's, who holds it and how long it will wait: the
 #: command layer sets it (a warning on stderr), so that no command, whichever takes a lock, waits in silence.
 announce_wait: "Callable[[LockInfo, float], None] | None" = None
+# Set (by a daemon told to stop) to end every wait for a lock at once, with Locked: its first SIGTERM
+# must not wait an hour behind a long restore.
+stop_waiting = threading.Event()
 
 
 def boot_id() -> str | None:
@@ -208,13 +211,14 @@ class RepoLock:
             if mine:  # waiting for it would wait for ourselves
                 raise Locked(f"this thread holds the repository's {mine[0].kind} lock ({mine[0].purpose}): "
                              f"a {self.purpose} cannot run inside it")
-            if time.monotonic() >= deadline:
-                raise Locked(f"repository is locked by {conflicts[0].describe()}; try again later"
-                             + (" or use --wait" if self.wait_option else ""))
+            if time.monotonic() >= deadline or stop_waiting.is_set():
+                raise Locked(f"repository is locked by {conflicts[0].describe()}; "
+                             + ("stopped waiting" if stop_waiting.is_set() else "try again later"
+                                + (" or use --wait" if self.wait_option else "")))
             if announce_wait is not None and not announced:
                 announce_wait(conflicts[0], self.wait)
                 announced = True
-            time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())) + os.urandom(1)[0] / 2550)
+            stop_waiting.wait(min(self.poll, max(0.0, deadline - time.monotonic())) + os.urandom(1)[0] / 2550)
         self._thread = start_quiet_thread(self._refresh, "lock-refresh")
         _HELD_BY_THREAD[self.key] = threading.get_ident()
 

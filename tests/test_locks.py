@@ -430,3 +430,18 @@ def test_a_child_forked_while_a_lock_is_held_leaves_it_to_the_parent(remote):
         os.waitpid(pid, 0)
         assert [lk.key for lk in list_locks(remote)] == [lock.key]
     assert list_locks(remote) == []
+
+
+def test_a_wait_for_a_lock_ends_at_once_when_told_to_stop(remote, sleeper):
+    """A daemon's SIGTERM: its retention must not wait an hour behind a long restore."""
+    from chunkvault.store import locks
+
+    plant(remote, "b" * 32, sleeper.pid, boot=boot_id(), start=process_start(sleeper.pid))
+    locks.stop_waiting.set()
+    try:
+        started = time.monotonic()
+        with pytest.raises(Locked, match="stopped waiting"):
+            RepoLock(remote, EXCLUSIVE, "forget", wait=3600).acquire()
+        assert time.monotonic() - started < 30
+    finally:
+        locks.stop_waiting.clear()

@@ -584,3 +584,69 @@ def test_daemon_process_reads_its_policy_again_on_sighup(tmp_path, repo_url, tre
         proc.wait()
     assert "stopped by SIGTERM" in log.read_text()
     assert [s.kind for s in snapshots(repo_url)] == ["full"]  # a reload is no run
+
+
+def _retention_policy(tmp_path, repo_url, tree, extra: str = ""):
+    return load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                                        top='full = "daily 02:00"\ndiff = "hourly"\nprune = true\n'
+                                            f'max-unused = "0%"\n{extra}[retention]\nkeep-last = 1\n')))
+
+
+def test_a_dry_run_removes_nothing_and_prunes_nothing(tmp_path, repo_url, tree, fake_time):
+    clock = fake_time(FakeClock(datetime(2026, 5, 1, 10, 0, tzinfo=UTC)))
+    with Repository.open(repo_url, PASSWORD) as r:
+        ids = []
+        for _ in range(3):
+            (tree / "base.bin").write_bytes(os.urandom(50_000))
+            ids.append(r.backup([str(tree)]).snapshot.id)
+            clock.t += timedelta(minutes=10)
+        r.forget([ids[1]])  # its data is unused now: a prune would delete it
+    packs = sorted(os.listdir(os.path.join(repo_url, "data")))
+    runner = Runner(_retention_policy(tmp_path, repo_url, tree), PASSWORD.encode(), clock=clock,
+                    lock_file=str(tmp_path / "l"))
+    report = runner.run(dry_run=True)
+    assert report.sources[0].retention.removed == [ids[0]] and report.prune is None
+    assert sorted(os.listdir(os.path.join(repo_url, "data"))) == packs
+    assert [s.id for s in snapshots(repo_url)] == [ids[0], ids[2]]
+
+
+def test_retention_refuses_a_replayed_snapshot_as_forget_does(tmp_path, repo_url, tree, fake_time):
+    """Removing it again by itself would bury the evidence: forget with a policy refuses, and so does a run."""
+    clock = fake_time(FakeClock(datetime(2026, 5, 1, 10, 0, tzinfo=UTC)))
+    runner = Runner(_retention_policy(tmp_path, repo_url, tree), PASSWORD.encode(), clock=clock,
+                    lock_file=str(tmp_path / "l"))
+    first = runner.run().sources[0].snapshot_id
+    saved = Path(repo_url, "snapshots", first).read_bytes()
+    clock.t += timedelta(hours=1)
+    assert runner.run().sources[0].retention.removed == [first]
+    Path(repo_url, "snapshots", first).write_bytes(saved)  # an attacker puts the old snapshot back
+    result = runner.run().sources[0]  # nothing due (a backup would refuse): retention only
+    assert result.status == "idle" and "replayed" in result.retention_error and first in [s.id for s in snapshots(repo_url)]
+
+
+def test_retention_of_a_differential_on_another_source_s_snapshot(tmp_path, repo_url, tree, fake_time):
+    """Made with backup --parent: its chain leaves the source's history, which retention must follow."""
+    clock = fake_time(FakeClock(datetime(2026, 5, 1, 10, 0, tzinfo=UTC)))
+    other = tmp_path / "other"
+    shutil.copytree(tree, other)
+    with Repository.open(repo_url, PASSWORD) as r:
+        base = r.backup([str(other)]).snapshot
+        clock.t += timedelta(minutes=10)
+        mine = r.backup([str(tree)], kind="diff", parent=base.id).snapshot
+    clock.t += timedelta(hours=1)
+    runner = Runner(_retention_policy(tmp_path, repo_url, tree), PASSWORD.encode(), clock=clock,
+                    lock_file=str(tmp_path / "l"))
+    result = runner.run().sources[0]
+    assert result.retention_error is None and result.retention.removed == [mine.id]
+    assert {s.id for s in snapshots(repo_url)} == {base.id, result.snapshot_id}
+
+
+def test_a_policy_whose_sources_could_not_be_told_apart_is_refused(tmp_path, repo_url, tree):
+    path = write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "hourly", "paths": [str(tree)], "tags": ["hourly"]},
+        {"name": "archive", "paths": [str(tree) + "/"], "tags": ["archive"]}], top='full = "daily 02:00"\n')
+    with pytest.raises(ChunkvaultError, match="sources 'hourly' and 'archive' back up the same paths"):
+        load_policy(str(path))
+    once = load_policy(str(write_policy(tmp_path / "q.toml", repo_url, [
+        {"name": "db", "paths": [str(tree), str(tree) + "/"]}], top='full = "daily 02:00"\n')))
+    assert once.sources[0].paths == (str(tree),)  # else no snapshot's paths ever matched: a full every run
