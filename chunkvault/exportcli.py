@@ -91,13 +91,15 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argparse.ArgumentParser) -> None:
     """Register ``export`` and ``import``; add ``--from-file`` to an existing ``restore`` parser."""
+    from .cli import _seconds
+
     s = subparsers.add_parser("export", parents=[common, reading],
                               help="write one snapshot (chain resolved) into a self-contained encrypted .backup file")
     s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest")
     s.add_argument("--output", required=True, metavar="FILE.backup")
     s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
     passwords.EXPORT.add_options(s, "the export password")
-    s.add_argument("--kdf-time", type=float, default=0.5,
+    s.add_argument("--kdf-time", type=_seconds, default=0.5, metavar="SECONDS",
                    help="seconds the export password's derivation should take (default 0.5)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output file")
     s.set_defaults(func=cmd_export, read_lock="export")

@@ -90,10 +90,13 @@ def check_settings(settings: Settings) -> None:
         raise UsageError(f"max_diff_share must be a share from 0 to 1, not {share!r}")
 
 
+MAX_KDF_SECONDS = 60.0  # beyond, the memory a derivation is tuned to would grow past what readers accept
+
+
 def check_kdf_seconds(seconds: float) -> None:
     """UsageError unless ``seconds`` is a CPU time a key derivation can be tuned to (0: the cheapest)."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
-        raise UsageError(f"key derivation time must be 0 or more seconds, not {seconds!r}")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_KDF_SECONDS:
+        raise UsageError(f"key derivation time must be from 0 to {MAX_KDF_SECONDS:g} seconds, not {seconds!r}")
 
 
 def _not_int(value: Any) -> bool:

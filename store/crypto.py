@@ -187,7 +187,7 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 MAX_P = 64  # the most lanes a key file may ask for: bounds what a planted one can make us compute
 MIN_LOG_N = 10
-MAX_LOG_N = 22
+MAX_LOG_N = 19  # 512 MiB a lane: hashlib's scrypt takes no more than 2 GiB of working memory (256 * r * N)
 
 
 def derive_kek(password: bytes, salt: bytes, log_n: int, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
@@ -274,13 +274,14 @@ def _lane_seconds(log_n: int, samples: int = 3, lanes: int = 2) -> float:
     return sorted(times)[samples // 2] / lanes
 
 
-def tune_scrypt(target_seconds: float) -> tuple[int, int]:
+def tune_scrypt(target_seconds: float, max_p: int = MAX_P) -> tuple[int, int]:
     """(log2 N, p) so that a derivation takes about ``target_seconds`` here.
 
     N grows first, up to 32 MiB of memory (restic's bound as well); beyond
     that the time comes from p, lanes computed one after another, which cost
     time but no more memory, so opening a repository does not set a
-    command's peak memory.  Only a target beyond 64 lanes grows N further.
+    command's peak memory.  Only a target beyond ``max_p`` lanes (what the
+    format's readers accept) grows N further.
     """
     log_n = MIN_LOG_N
     start = time.perf_counter()
@@ -292,10 +293,10 @@ def tune_scrypt(target_seconds: float) -> tuple[int, int]:
     if log_n < MEMORY_LOG_N or elapsed * 2 > target_seconds:
         return log_n, 1
     elapsed = _lane_seconds(log_n)
-    while log_n < MAX_LOG_N and elapsed * MAX_P < target_seconds:
+    while log_n < MAX_LOG_N and elapsed * max_p < target_seconds:
         log_n += 1
         elapsed *= 2
-    return log_n, max(1, min(MAX_P, round(target_seconds / elapsed)))
+    return log_n, max(1, min(max_p, round(target_seconds / elapsed)))
 
 
 # --- password-based key derivation: Argon2id (new key files) ---------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import stat
 import struct
 import threading
 import time
@@ -43,7 +44,9 @@ from chunkvault.errors import CorruptObject, UnsupportedFormat, UsageError, Wron
 
 from .blob import KIND_ZSTD, compress
 from .blobindex import BlobIndex
-from .crypto import NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Sealer, derive_kek, tune_scrypt
+from .config import check_kdf_seconds
+from .crypto import (MAX_LOG_N, MIN_LOG_N, NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Sealer, derive_kek,
+                     tune_scrypt)
 from .locks import SHARED, RepoLock
 from .manifest import OP_ENTRY, ManifestStats, Record, decode_records, encode_record, sort_key
 from .manifest_io import ManifestWriter
@@ -146,7 +149,7 @@ def decode_header(data: bytes, what: str) -> Header:
         raise CorruptObject(what, "header checksum mismatch (the header is damaged)")
     if flags != 0 or kdf != KDF_SCRYPT:
         raise CorruptObject(what, "header names unknown flags or key derivation")
-    if not (10 <= log_n <= 22 and 1 <= r <= MAX_SCRYPT_R and 1 <= p <= MAX_SCRYPT_P):
+    if not (MIN_LOG_N <= log_n <= MAX_LOG_N and 1 <= r <= MAX_SCRYPT_R and 1 <= p <= MAX_SCRYPT_P):
         raise CorruptObject(what, f"scrypt parameters out of range (log_n {log_n}, r {r}, p {p})")
     return Header(file_id, log_n, r, p, salt, check)
 
@@ -328,7 +331,13 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
     started = time.monotonic()
     if not password:
         raise UsageError("an empty export password is not allowed")
+    check_kdf_seconds(kdf_seconds)
+    if out_path == "-":
+        raise UsageError("an export is written to a file, not to standard output: name one (--output FILE.backup)")
     out_path = os.path.abspath(out_path)
+    if os.path.lexists(out_path) and not stat.S_ISREG(os.lstat(out_path).st_mode):
+        # written beside it, then renamed over it: a symlink (/dev/stdout), a pipe or a device would be replaced
+        raise UsageError(f"{out_path} is not a regular file: an export is written to a new or regular file")
     if os.path.lexists(out_path) and not overwrite:
         raise UsageError(f"{out_path} exists (remove it, or ask to overwrite it: --force)")
     directory, base = os.path.split(out_path)
@@ -337,7 +346,7 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
     snapshots = repo.snapshots()
     chain = repo.chain_of(snapshot, snapshots)
     records = repo.tree(snapshot, snapshots)
-    log_n, p = (kdf_log_n, 1) if kdf_log_n is not None else tune_scrypt(kdf_seconds)
+    log_n, p = (kdf_log_n, 1) if kdf_log_n is not None else tune_scrypt(kdf_seconds, max_p=MAX_SCRYPT_P)
     level = repo.config.settings.compression_level
     stats = ExportStats(out_path, snapshot.id, "")
     tmp = os.path.join(directory, f".{base}.tmp-{os.urandom(6).hex()}")
@@ -487,7 +496,11 @@ class ExportFile:
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
         try:
-            self.size = os.fstat(self._f.fileno()).st_size
+            st = os.fstat(self._f.fileno())
+            if not stat.S_ISREG(st.st_mode):  # a pipe: the file is read twice, and at random
+                raise UsageError(f"{path} is not a regular file: a .backup file is read at random and twice "
+                                 "(to authenticate it, then to restore); save it to a file first")
+            self.size = st.st_size
             self.header = decode_header(os.pread(self._f.fileno(), HEADER_SIZE, 0), self.what)
             enc_key, check = derive_keys(password, self.header.salt, self.header.log_n, self.header.r,
                                          self.header.p)

@@ -204,6 +204,40 @@ def test_export_refuses_to_overwrite_and_leaves_nothing_on_failure(tmp_path, cha
     fresh.close()
 
 
+def test_export_replaces_only_regular_files(tmp_path, chain):
+    """It writes beside the output and renames over it: /dev/stdout (a symlink), a pipe or a directory
+    would be replaced, for the whole machine."""
+    repo, diff, _src = chain
+    (tmp_path / "target").write_bytes(b"x")
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    for name in ("link", "fifo", "dir"):
+        with pytest.raises(UsageError, match="not a regular file"):
+            export(repo.store, diff, str(tmp_path / name), EXPORT_PW, kdf_log_n=10, overwrite=True)
+    assert os.path.islink(tmp_path / "link") and (tmp_path / "target").read_bytes() == b"x"
+    with pytest.raises(UsageError, match="not to standard output"):
+        export(repo.store, diff, "-", EXPORT_PW, kdf_log_n=10)
+
+
+def test_a_slow_export_password_derivation_stays_readable(tmp_path, chain, monkeypatch):
+    """Where one scrypt lane is fast, a long --kdf-time asked for more lanes (or more memory) than
+    readers accept: tuned to the format's bounds, N grows instead, up to what scrypt can compute."""
+    from chunkvault.store import crypto
+    from chunkvault.store.export import MAX_SCRYPT_P
+
+    monkeypatch.setattr(crypto, "derive_kek", lambda *args: b"")  # the first, small derivations: instant
+    for lane in (0.0001, 0.001, 0.05, 0.5):
+        monkeypatch.setattr(crypto, "_lane_seconds", lambda log_n, lane=lane: lane * 2 ** (log_n - 15))
+        for target in (0.5, 3, 10, 60):
+            log_n, p = crypto.tune_scrypt(target, max_p=MAX_SCRYPT_P)
+            assert crypto.MIN_LOG_N <= log_n <= crypto.MAX_LOG_N and 1 <= p <= MAX_SCRYPT_P, (lane, target)
+    monkeypatch.undo()
+    repo, diff, _src = chain
+    with pytest.raises(UsageError, match="from 0 to 60 seconds"):
+        export(repo.store, diff, str(tmp_path / "x.backup"), EXPORT_PW, kdf_seconds=float("inf"))
+
+
 # --- refusing bad files ------------------------------------------------------------------
 
 
@@ -338,6 +372,10 @@ def test_empty_garbage_and_foreign_files_are_refused(tmp_path, exported):
     assert "newer" in str(assert_refused(bad, tmp_path, UnsupportedFormat))
     assert_refused(tmp_path / "missing.backup", tmp_path, UsageError)
     assert_refused(tmp_path, tmp_path, UsageError)
+    read, write = os.pipe()
+    os.close(write)
+    assert "not a regular file" in str(assert_refused(f"/dev/fd/{read}", tmp_path, UsageError))
+    os.close(read)
 
 
 def test_a_file_changed_after_verification_is_caught_while_reading(tmp_path, exported):
