@@ -29,7 +29,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 import blake3
 
 from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, READ_BYTES, fixed_chunks
-from chunkvault.errors import CorruptObject, LockLost, MissingObject, UsageError
+from chunkvault.errors import CorruptObject, LockLost, MissingObject, SnapshotNotFound, UsageError
 
 from .chain import broken_chains
 from .manifest import (
@@ -921,6 +921,9 @@ class Backup:
         try:
             with lock:
                 # Read the index only under the lock: a prune cannot drop what this backup dedups against.
+                # Snapshot objects read before it (a forget rebasing, a rewrite) are read again: a parent
+                # as it was would leave out of this snapshot what a rewrite removed from the parent's.
+                self.repo.drop_stale()
                 self.repo.load_index()
                 return self._run(source, paths, stream=stream, stdin_name=stdin_name)
         finally:
@@ -937,6 +940,10 @@ class Backup:
                 and s.stdin_name == stdin_name and (self.opt.time is None or s.datetime <= self.opt.time)]
         self._sequence = len(same)  # this backup's number in its series: sets whose turn it is to restart
         parent = self.opt.parent
+        if parent is not None:  # as it is now (read again under the lock), or gone: a forget took it meanwhile
+            parent = next((s for s in snapshots if s.id == parent.id), None)
+            if parent is None:
+                raise SnapshotNotFound(f"the parent snapshot {self.opt.parent.id[:8]} was removed meanwhile")
         parent_tree: Iterator[Record] | None = None
         if parent is None and same:
             parent, parent_tree = self._usable_parent(same, snapshots)

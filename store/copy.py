@@ -21,7 +21,7 @@ from .locks import SHARED, RepoLock
 from .manifest import Record
 from .manifest_io import ManifestWriter
 from .repository import BlobWriter, Repo
-from .snapshot import KIND_DIFF, Snapshot
+from .snapshot import KIND_DIFF, KIND_FULL, Snapshot
 
 COPIED_FROM = "copied_from"
 
@@ -99,13 +99,13 @@ def _chunk_ids(records: Iterable[Record]) -> Iterator[bytes]:
             yield from rec.entry.chunk_ids()
 
 
-def _copy_manifest(src: Repo, dst: Repo, writer: BlobWriter, mapper: _BlobMapper,
-                   snap: Snapshot) -> tuple[list[bytes], ManifestWriter]:
-    """The snapshot's chunks and manifest stored in the destination (flushed: everything the snapshot
-    references is stored before it is written); the manifest's blob ids and writer."""
-    mapper.ensure(_chunk_ids(src.manifest_records(snap)))
+def _copy_manifest(dst: Repo, writer: BlobWriter, mapper: _BlobMapper,
+                   records: Callable[[], Iterable[Record]]) -> tuple[list[bytes], ManifestWriter]:
+    """The chunks and manifest of ``records()`` (read twice) stored in the destination (flushed: everything
+    the snapshot references is stored before it is written); the manifest's blob ids and writer."""
+    mapper.ensure(_chunk_ids(records()))
     mw = ManifestWriter(dst, writer)
-    for rec in src.manifest_records(snap):
+    for rec in records():
         e = rec.entry
         if e is not None and e.chunks:
             rec = Record(rec.op, rec.path, replace(e, chunks=b"".join(mapper.map[c] for c in e.chunk_ids())))
@@ -113,6 +113,12 @@ def _copy_manifest(src: Repo, dst: Repo, writer: BlobWriter, mapper: _BlobMapper
     manifest = mw.finish()
     writer.flush()
     return manifest, mw
+
+
+def _same_tree(source: Snapshot, copied: Snapshot) -> bool:
+    """Whether a snapshot copied earlier still has its source's tree, as far as their objects tell: a
+    rewrite or a repair of either since changed the counts or left its mark."""
+    return all(source.stats.get(k) == copied.stats.get(k) for k in ("files", "dirs", "bytes", "rewritten", "repaired"))
 
 
 def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
@@ -137,12 +143,17 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                     result.failed.append((snap.id, f"its parent {snap.parent} " + (
                         "was not copied" if failed else "is not in the source (unreadable or gone)")))
                     continue
+                kind = snap.kind
+                if parent is not None and not _same_tree(src.load_snapshot(snap.parent), dst.load_snapshot(parent)):
+                    kind, parent = KIND_FULL, None  # its copied parent was rewritten since: resolved, as a full
                 try:
-                    manifest, mw = _copy_manifest(src, dst, writer, mapper, snap)
+                    manifest, mw = _copy_manifest(dst, writer, mapper,
+                                                  (lambda s=snap: src.manifest_records(s)) if kind == snap.kind
+                                                  else (lambda s=snap: src.tree(s, src_snaps)))
                 except CorruptObject as exc:  # damaged in the source: the other snapshots still go
                     result.failed.append((snap.id, f"{exc.object_name}: {exc.reason}"))
                     continue
-                copy = Snapshot(time=snap.time, kind=snap.kind, parent=parent, host=snap.host, paths=list(snap.paths),
+                copy = Snapshot(time=snap.time, kind=kind, parent=parent, host=snap.host, paths=list(snap.paths),
                                 tags=list(snap.tags), manifest=[i.hex() for i in manifest],
                                 manifest_starts=mw.starts, version=mw.version,
                                 stats={**snap.stats, COPIED_FROM: snap.id}, stdin_name=snap.stdin_name)

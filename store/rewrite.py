@@ -79,8 +79,8 @@ class RewriteReport:
     dry_run: bool
     removed: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, path)
     rewritten: list[str] = field(default_factory=list)
-    # Differentials not chosen but built on a rewritten snapshot: their trees lose what it lost, unless
-    # they hold their own version of it (their counts are brought up to date).
+    # Differentials built on a rewritten snapshot whose own records hold nothing excluded: their trees
+    # lose what it lost (their counts are brought up to date).  Those that do hold some are rewritten.
     inherited: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -108,17 +108,22 @@ def rewrite_snapshots(repo: Repo, ids: Iterable[str], globs: list[str], *, dry_r
     with contextlib.nullcontext() if dry_run else RepoLock(repo.remote, EXCLUSIVE, "rewrite", wait=wait) as lock:
         repo.load_index()
         every, chosen = _under_lock(repo, ids)
+        # A differential built on a chosen snapshot loses the excluded paths with it, its own records of
+        # them too: else its tree would keep a file whose directories went with the parent's records.
+        picked = {s.id for s in chosen}
+        parents = {s.id: s.parent for s in every}
+        below = [s for s in every if s.id not in picked and not picked.isdisjoint(lineage(s.id, parents))]
         plans = []
-        for snap in chosen:
+        for snap in chosen + below:
             own = list(repo.manifest_records(snap))
-            plan = plan_rewrite(own, repo.tree(snap, every), snap.kind == KIND_FULL, excluded,
-                                f"snapshot {snap.short_id}")
+            # One below a chosen snapshot needs no deletions: the chosen one's cover its ancestors' paths.
+            without_deletions = snap.kind == KIND_FULL or snap.id not in picked
+            plan = plan_rewrite(own, repo.tree(snap, every), without_deletions, excluded, f"snapshot {snap.short_id}")
             if plan.records != own:
                 plans.append((snap, plan))
-                report.removed += [(snap.id, p.decode("utf-8", "backslashreplace")) for p in plan.removed]
+            report.removed += [(snap.id, p.decode("utf-8", "backslashreplace")) for p in plan.removed]
         report.rewritten = [s.id for s, _ in plans]
         done = set(report.rewritten)
-        parents = {s.id: s.parent for s in every}
         inherited = [s for s in every if s.id not in done and not done.isdisjoint(lineage(s.id, parents))]
         report.inherited = [s.id for s in inherited]
         if dry_run:

@@ -100,3 +100,24 @@ def test_copy_takes_the_snapshots_the_filters_select_with_their_chains(tmp_path,
     newest = src.snapshots()[-1]
     assert [a for a, _ in result.copied][-1] == newest.id  # with the chain it needs, oldest first
     assert {s.stats["copied_from"] for s in dst.snapshots()} == {s.id for s in src.store.chain_of(newest)}
+
+
+def test_a_differential_copied_onto_a_parent_rewritten_since_is_copied_whole(tmp_path, new_repo):
+    """Its parent's copy lost a path to a rewrite: built on it, the copy would lack what its source has."""
+    src = new_repo(str(tmp_path / "src-repo"))
+    tree = tmp_path / "src"
+    tree.mkdir()
+    (tree / "a.txt").write_text("a")
+    (tree / "s.cfg").write_text("s")
+    full = src.backup([str(tree)]).snapshot
+    (tree / "b.txt").write_text("b")
+    diff = src.backup([str(tree)]).snapshot
+    dst = Repository.init(str(tmp_path / "dst"), "other password", kdf_seconds=0, copy_chunker_from=src)
+    src.copy_to(dst, [full.id])
+    dst.rewrite(["s.cfg"], dry_run=False)
+    (copied,) = [d for s, d in src.copy_to(dst).copied if s == diff.id]
+    again = dst.snapshot(copied)
+    assert again.kind == "full" and again.parent is None
+    dst.restore(copied, str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(tree)
+    assert dst.check(read_data=True).ok
