@@ -6,6 +6,7 @@ on it.  It talks to any Remote and never to the file system directly.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections import ChainMap, Counter, OrderedDict
@@ -99,6 +100,9 @@ class _LRU:
             while self.size > self.max_bytes:
                 _, old = self.items.popitem(last=False)
                 self.size -= len(old)
+
+
+_OBJECT_ID = re.compile("[0-9a-f]{64}")
 
 
 class Repo:
@@ -274,7 +278,10 @@ class Repo:
         return out
 
     def index_names(self) -> list[str]:
-        return [o.key.split("/", 1)[1] for o in self.remote.list("index/")]
+        """Every index object's name; objects not named as one (another repository nested below, a stray
+        file, an object an append-only client planted) are left out, as ``stored_packs`` leaves them:
+        reported as damaged index objects, they stopped every backup, and `repair index` with them."""
+        return [name for o in self.remote.list("index/") if _OBJECT_ID.fullmatch(name := o.key.split("/", 1)[1])]
 
     def read_index_objects(self, names: list[str]) -> list[tuple[str, IndexColumns | CorruptObject | ObjectNotFound]]:
         """Each index object named, decoded, or why it cannot be: read ``OBJECT_READERS`` at a time."""

@@ -474,3 +474,25 @@ def test_backups_go_on_when_the_parents_manifest_is_damaged(chain, tmp_path, pas
     repo.restore(result.snapshot.id, str(tmp_path / "out"))
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == {
         p.name: p.read_bytes() for p in src.iterdir()}
+
+
+@pytest.mark.parametrize("name", ["junk", "nested/index/" + "a" * 64, "config"])
+def test_objects_under_index_not_named_as_one_stop_nothing(tmp_path, new_repo, name):
+    """A stray file, another repository nested below, or what an append-only client planted: each stopped
+    every backup as a damaged index object, and `repair index` (the fix the message named) crashed."""
+    path = tmp_path / "repo"
+    repo = new_repo(str(path))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    repo.backup([str(src)])
+    planted = path / "index" / name
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_bytes(b"not an index")
+    with Repository.open(str(path), "correct horse battery staple") as again:
+        (src / "g").write_bytes(b"more")
+        again.backup([str(src)])
+        assert again.check(read_data=True).ok
+        again.repair_index()
+        assert again.check(read_data=True).ok and len(again.snapshots()) == 2
+    assert planted.read_bytes() == b"not an index"  # not ours to delete
