@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import blake3
 
 from .display import one_line, warn
-from .errors import CorruptObject, SnapshotNotFound, UsageError, VerificationFailed
+from .errors import CorruptObject, SnapshotNotFound, StorageFull, UsageError, VerificationFailed
 from .processes import kill_group
 from .store.manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key,
@@ -50,6 +51,7 @@ __all__ = ["Mismatch", "VerifyReport", "verify_restore", "compare_tree", "snapsh
 MAX_LISTED = 1000
 #: How much of the command's combined output a report keeps (its tail).
 OUTPUT_TAIL = 16 << 10
+LEFTOVER_GRACE = 5.0  # seconds what a command left running gets to end after SIGTERM
 _READ_BLOCK = 4 << 20
 
 
@@ -89,6 +91,7 @@ class CommandResult:
     timed_out: bool
     seconds: float
     output: str  # the tail of stdout and stderr, interleaved
+    leftovers: bool = False  # it left processes running in its group (they were stopped)
 
 
 @dataclass
@@ -404,8 +407,32 @@ def _restore(repo: "Repository", snap: Snapshot, target: str) -> RestoreResult:
     return repo.restore(snap, target)
 
 
-def run_command(command: str, env: dict[str, str], *, timeout: float | None = None) -> CommandResult:
-    """Run ``command`` through the shell in its own process group; the group is killed after ``timeout``.
+def _end_leftovers(group: int) -> bool:
+    """Stop what is left of a process group whose leader exited (SIGTERM, then SIGKILL after
+    ``LEFTOVER_GRACE`` s); whether anything was."""
+    try:
+        os.killpg(group, signal.SIGTERM)
+    except OSError:
+        return False
+    deadline = time.monotonic() + LEFTOVER_GRACE
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except OSError:
+            return True
+        time.sleep(0.05)
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+    return True
+
+
+def run_command(command: str, env: dict[str, str], *, timeout: float | None = None,
+                end_leftovers: bool = True) -> CommandResult:
+    """Run ``command`` through the shell in its own process group; the group is killed after ``timeout``,
+    and, with ``end_leftovers``, what the command left running once it exits (a database it started
+    must not go on in a scratch directory about to be removed).
 
     Output goes to a temporary file, not a pipe: a command that leaves a daemon
     behind (``pg_ctl start``) must not keep us waiting for the pipe's end.
@@ -425,12 +452,13 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
             kill_group(proc)
             raise
         seconds = time.monotonic() - started
+        left = end_leftovers and not timed_out and _end_leftovers(proc.pid)
         size = out.seek(0, os.SEEK_END)
         out.seek(max(0, size - OUTPUT_TAIL))
         tail = out.read().decode(errors="replace")
     if code is not None and code < 0:  # killed by a signal: report it the way a shell would
         code = 128 - code
-    return CommandResult(command, code, timed_out, round(seconds, 3), tail)
+    return CommandResult(command, code, timed_out, round(seconds, 3), tail, left)
 
 
 def _make_scratch(parent: str | None) -> str:
@@ -441,8 +469,12 @@ def _make_scratch(parent: str | None) -> str:
     """
     if parent is not None and not os.path.isdir(parent):
         raise UsageError(f"scratch directory does not exist: {parent}")
-    path = tempfile.mkdtemp(prefix="chunkvault-verify-", dir=parent)
-    os.chmod(path, 0o711)
+    try:  # absolute: the command's CHUNKVAULT_RESTORE_DIR must hold wherever it changes directory to
+        path = tempfile.mkdtemp(prefix="chunkvault-verify-", dir=os.path.abspath(parent or tempfile.gettempdir()))
+        os.chmod(path, 0o711)
+    except OSError as exc:
+        raise UsageError(f"cannot make a scratch directory in {parent or tempfile.gettempdir()}: "
+                         f"{exc.strerror or exc}") from None
     return path
 
 
@@ -481,7 +513,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
         try:
             try:
                 _restore(repo, snap, target)
-            except CorruptObject as exc:
+            except (CorruptObject, StorageFull) as exc:  # this snapshot fails; a run over several goes on
                 report.error = f"restore failed: {exc}"
             report.restore_seconds = round(time.monotonic() - started, 3)
             if report.error is None:
@@ -493,17 +525,24 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 report.mismatches, report.mismatch_count = result.mismatches, result.mismatch_count
                 report.warnings = result.warnings
             if then is not None and report.ok:
-                cmd_env = dict(os.environ if env is None else env)
+                cmd_env = {k: v for k, v in (os.environ if env is None else env).items()
+                           if not (k.startswith("CHUNKVAULT_") and "PASSWORD" in k)}  # a server it starts keeps them
                 cmd_env.update(CHUNKVAULT_RESTORE_DIR=target, CHUNKVAULT_SNAPSHOT_ID=snap.id,
                                CHUNKVAULT_SNAPSHOT_TIME=snap.time, CHUNKVAULT_SNAPSHOT_KIND=snap.kind)
-                report.command = run_command(then, cmd_env, timeout=timeout)
+                report.command = run_command(then, cmd_env, timeout=timeout, end_leftovers=not keep)
+                if report.command.leftovers:
+                    report.warnings.append("the command left processes running in its group: they were stopped")
             elif then is not None:
                 report.warnings.append("the command was not run: the restored tree is not what the snapshot holds")
         finally:
             if keep:
                 report.kept_at = target
             elif os.path.lexists(base):
-                remove_tree(base)
+                try:
+                    remove_tree(base)
+                except OSError as exc:  # the verdict stands; what is left is said
+                    report.warnings.append(f"the scratch directory {base} could not be removed: "
+                                           f"{exc.strerror or exc}")
             report.duration = round(time.monotonic() - started, 3)
         return report
 
@@ -551,17 +590,26 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
         raise UsageError(f"scratch directory does not exist: {args.scratch}")
     repo = _open(args)
     reports: list[VerifyReport] = []
+    listed = repo.snapshots()
+    # A snapshot object that does not load cannot be dated, nor restored: it fails a run over a span, and
+    # one for the latest (it may be the newest: a nightly check must not go green past it).
+    unreadable = [VerifyReport(name, "time unknown", "unreadable",
+                               error=f"the snapshot object is unreadable: {exc.object_name}: {exc.reason}")
+                  for name, exc in repo.store.unreadable_snapshots.items()]
     if args.all_since is not None:
         since = parse_since(args.all_since)
-        snaps = snapshots_since(repo.snapshots(), since)
-        # A snapshot object that does not load cannot be dated, nor restored: it fails the run.
-        reports += [VerifyReport(name, "time unknown", "unreadable", error=f"the snapshot object is unreadable: "
-                                 f"{exc.object_name}: {exc.reason}")
-                    for name, exc in repo.store.unreadable_snapshots.items()]
+        snaps = snapshots_since(listed, since)
+        reports += unreadable
         if not snaps and not reports:
             raise SnapshotNotFound(f"no snapshot at or after {since.isoformat()}")
+    elif args.snapshot in (None, "latest"):
+        reports += unreadable
+        snaps = [repo.snapshot("latest")] if listed or not reports else []
     else:
-        snaps = [repo.snapshot(args.snapshot or "latest")]
+        named = [r for r in unreadable if args.snapshot and r.snapshot_id.startswith(args.snapshot.lower())]
+        if len(named) == 1 and not [s for s in listed if s.id.startswith(args.snapshot.lower())]:
+            raise CorruptObject(f"snapshots/{named[0].snapshot_id}", named[0].error or "unreadable")
+        snaps = [repo.snapshot(args.snapshot)]
     for r in reports:
         if not args.json:
             _print_report(r)

@@ -146,6 +146,30 @@ def test_command_sees_the_restored_tree_and_its_exit_code_counts(repo_with_tree,
     assert json.loads(out)["snapshots"][0]["command"]["exit_code"] == 0
 
 
+def test_what_the_command_leaves_running_is_stopped_and_it_gets_no_password(repo_with_tree, tmp_path, run_cli,
+                                                                            monkeypatch):
+    """A database it started would go on in a removed directory, with the repository password in its
+    environment; a relative --scratch gives it a directory it can reach from anywhere."""
+    repo, snap, src = repo_with_tree
+    pidfile, seen = tmp_path / "pid", tmp_path / "seen"
+    scratch_dir(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cmd = (f'sleep 300 & echo $! > {shlex.quote(str(pidfile))}; '
+           f'cd / && test -f "$CHUNKVAULT_RESTORE_DIR/a/b" && echo "${{CHUNKVAULT_PASSWORD:-none}}" > {shlex.quote(str(seen))}')
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json", "--scratch", "scratch",
+                             "--then", cmd)
+    assert code == 0, err
+    (report,) = json.loads(out)["snapshots"]
+    assert "the command left processes running in its group: they were stopped" in report["warnings"]
+    assert seen.read_text() == "none\n"
+    sleeper = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{sleeper}") and open(f"/proc/{sleeper}/stat").read().split(")")[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the command's background process is still running"
+        time.sleep(0.05)
+    assert os.listdir(tmp_path / "scratch") == []
+
+
 def test_command_is_killed_after_the_timeout(repo_with_tree, tmp_path, run_cli):
     code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json", "--then",
                              "sleep 60 & sleep 60", "--timeout", "0.5")
@@ -366,7 +390,7 @@ def test_api_runs_the_command_with_a_given_environment(repo_with_tree, tmp_path)
 
 
 @pytest.mark.filterwarnings("ignore::chunkvault.ledger.RepositoryStateWarning")
-def test_all_since_fails_on_a_snapshot_object_that_does_not_load(tmp_path, new_repo, tree, run_cli):
+def test_a_snapshot_object_that_does_not_load_fails_the_run(tmp_path, new_repo, tree, run_cli):
     """It cannot be dated, so it may be in the range: a verification run that skipped it would prove less
     than it says."""
     repo = new_repo(str(tmp_path / "repo"))
@@ -377,8 +401,11 @@ def test_all_since_fails_on_a_snapshot_object_that_does_not_load(tmp_path, new_r
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 1
     path.write_bytes(bytes(data))
-    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json", "--all-since", "2000-01-01")
-    assert code == 18, err
-    reports = {r["snapshot_id"]: r for r in json.loads(out)["snapshots"]}
-    assert reports[first.id]["ok"] and not reports[second.id]["ok"]
-    assert "the snapshot object is unreadable" in reports[second.id]["error"]
+    for span in (["--all-since", "2000-01-01"], [], ["latest"]):  # the latest may be the one that does not load
+        code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json", *span)
+        assert code == 18, err
+        reports = {r["snapshot_id"]: r for r in json.loads(out)["snapshots"]}
+        assert reports[first.id]["ok"] and not reports[second.id]["ok"]
+        assert "the snapshot object is unreadable" in reports[second.id]["error"]
+    code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), second.id[:8])
+    assert code == 13 and "unreadable" in err  # damaged, not "no such snapshot"
