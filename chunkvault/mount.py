@@ -134,6 +134,8 @@ class SnapshotFS:
     def _layout_now(self) -> Layout:
         with self._lock:
             if time.monotonic() - self._listed > self.refresh:
+                # the index too, once backups added to it: a new snapshot's chunks are in no index read before
+                self.repo.store.drop_stale()
                 self._layout = Layout(self.repo.snapshots())
                 self._listed = time.monotonic()
             return self._layout
@@ -160,7 +162,10 @@ class SnapshotFS:
     def _in_snapshot(self, node: InSnapshot) -> tuple[SnapshotTree, Entry | None]:
         """The snapshot's tree and the entry at the node (None: a directory without an entry of its own,
         as the root of a snapshot of several paths)."""
-        tree = self._tree(node.snapshot)
+        try:
+            tree = self._tree(node.snapshot)
+        except ChunkvaultError:  # damaged, or gone with a prune that ran unlocked (--no-lock)
+            raise _error(errno.EIO) from None
         e = tree.content_entry(node.rel)
         if e is None and not tree.is_dir(node.rel):  # not there, or a hard link whose file is not
             raise _error(errno.ENOENT)
@@ -232,7 +237,10 @@ class SnapshotFS:
             raise _error(errno.EISDIR)
         if e.type != T_FILE:
             raise _error(errno.ENXIO)
-        f = _File(e, self._chunks)
+        try:
+            f = _File(e, self._chunks)
+        except ChunkvaultError:
+            raise _error(errno.EIO) from None
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1

@@ -128,8 +128,9 @@ class Layout:
 
 
 def _safe(name: str) -> str:
-    """A host or tag as one path component."""
-    return name.replace("/", "_") or "_"
+    """A host or tag as one path component (``.`` and ``..`` name directories already there)."""
+    name = name.replace("/", "_")
+    return name if name not in ("", ".", "..") else name.replace(".", "_") or "_"
 
 
 class SnapshotTree:

@@ -26,6 +26,12 @@ def snap(sid: str, t: str, host: str = "h", tags: tuple[str, ...] = ()) -> Snaps
 # --- the layout, without FUSE ---------------------------------------------------------------------
 
 
+def test_tags_and_hosts_named_dot_or_dot_dot_are_directories_of_their_own():
+    lay = Layout([snap("a" * 64, "2026-01-01T00:00:00+00:00", host="..", tags=(".", "..", "x/y"))])
+    assert sorted(lay.resolve("/tags").names) == ["_", "__", "x_y"]
+    assert list(lay.resolve("/hosts").names) == ["__"]
+
+
 def test_layout_names_snapshots_by_time_and_links_everything_else_to_them():
     a = snap("aa11" + "0" * 60, "2026-11-30T07:52:31.5+00:00", tags=("daily",))
     b = snap("bb22" + "0" * 60, "2026-11-30T08:52:31+01:00", host="db/1")  # the same second as a, in UTC
@@ -158,6 +164,30 @@ def test_new_snapshots_show_up_after_the_refresh_interval(repo_with, source):
     assert Layout(repo.snapshots()).names[new.id] in fs.readdir("/snapshots")
     assert len(fs.readdir("/snapshots")) == len(before) + 1
     assert "extra" in fs.readdir("/tags")
+    repo.forget([new.id])
+
+
+def test_a_snapshot_another_command_made_reads_after_the_refresh(repo_with, source):
+    """Its chunks are in index objects written after the mount read the index: they are read then too
+    (the snapshot showed, and each of its files failed with EINVAL until a remount)."""
+    from chunkvault import Repository
+    from chunkvault.mount import SnapshotFS
+
+    repo, url, *_ = repo_with
+    fs = SnapshotFS(repo, refresh=0.0)
+    fs.readdir("/snapshots")
+    data = random.Random(9).randbytes(300_000)
+    (source / "new.bin").write_bytes(data)
+    try:
+        with Repository.open(url, PASSWORD) as other:
+            new = other.backup([str(source)]).snapshot
+        path = f"/snapshots/{Layout(repo.snapshots()).names[new.id]}/new.bin"
+        assert fs.getattr(path)["st_size"] == len(data)
+        fh = fs.open(path, os.O_RDONLY)
+        assert fs.read(path, len(data), 0, fh) == data
+        fs.release(path, fh)
+    finally:
+        os.remove(source / "new.bin")
     repo.forget([new.id])
 
 
