@@ -25,6 +25,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -40,6 +41,16 @@
 #define MTIME(st) ((st).st_mtim)
 #define CTIME(st) ((st).st_ctim)
 #endif
+
+/* Nanoseconds since the epoch as the format holds them (int64: 1677 to 2262); a time beyond is held at
+ * the nearest end, not wrapped around (tv_sec * 1e9 overflowed: 2300 came back as 1715). */
+static long long ns_of(struct timespec t) {
+    if (t.tv_sec > 9223372035LL)
+        return LLONG_MAX;
+    if (t.tv_sec < -9223372035LL)
+        return LLONG_MIN;
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
 
 #ifdef O_NOATIME
 #define NOATIME O_NOATIME
@@ -200,8 +211,8 @@ static PyObject *read_result(small_read *r) {
         return PyObject_CallFunction(PyExc_OSError, "isO", r->err, strerror(r->err), r->path);
     if (r->got < PyBytes_GET_SIZE(r->data) && _PyBytes_Resize(&r->data, r->got) < 0)
         return NULL;
-    long long mtime = (long long)MTIME(r->st).tv_sec * 1000000000LL + MTIME(r->st).tv_nsec;
-    long long ctime = (long long)CTIME(r->st).tv_sec * 1000000000LL + CTIME(r->st).tv_nsec;
+    long long mtime = ns_of(MTIME(r->st));
+    long long ctime = ns_of(CTIME(r->st));
     PyObject *out = Py_BuildValue("(OLLLi)", r->data, (long long)r->st.st_size, mtime, ctime, r->xattrs);
     Py_CLEAR(r->data);
     return out;

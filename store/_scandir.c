@@ -16,6 +16,7 @@
 #include <structmember.h>
 #include <dirent.h>
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -31,6 +32,16 @@
 #define MTIME(st) ((st).st_mtim)
 #define CTIME(st) ((st).st_ctim)
 #endif
+
+/* Nanoseconds since the epoch as the format holds them (int64: 1677 to 2262); a time beyond is held at
+ * the nearest end, not wrapped around (tv_sec * 1e9 overflowed: 2300 came back as 1715). */
+static long long ns_of(struct timespec t) {
+    if (t.tv_sec > 9223372035LL)
+        return LLONG_MAX;
+    if (t.tv_sec < -9223372035LL)
+        return LLONG_MIN;
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
 
 typedef struct {
     char *name;
@@ -114,8 +125,8 @@ static int read_dir(const char *path, item **out, size_t *count) {
 }
 
 static PyObject *fields(const struct stat *st) {
-    long long mtime = (long long)MTIME(*st).tv_sec * 1000000000LL + MTIME(*st).tv_nsec;
-    long long ctime = (long long)CTIME(*st).tv_sec * 1000000000LL + CTIME(*st).tv_nsec;
+    long long mtime = ns_of(MTIME(*st));
+    long long ctime = ns_of(CTIME(*st));
     return Py_BuildValue("(kKKKkkLLLK)", (unsigned long)st->st_mode, (unsigned long long)st->st_ino,
                          (unsigned long long)st->st_dev, (unsigned long long)st->st_nlink,
                          (unsigned long)st->st_uid, (unsigned long)st->st_gid, (long long)st->st_size, mtime,
@@ -241,8 +252,8 @@ static void fields_of(const struct stat *st, fields_t *f) {
     f->gid = st->st_gid;
     f->rdev = st->st_rdev;
     f->size = st->st_size;
-    f->mtime_ns = (long long)MTIME(*st).tv_sec * 1000000000LL + MTIME(*st).tv_nsec;
-    f->ctime_ns = (long long)CTIME(*st).tv_sec * 1000000000LL + CTIME(*st).tv_nsec;
+    f->mtime_ns = ns_of(MTIME(*st));
+    f->ctime_ns = ns_of(CTIME(*st));
 }
 
 static double monotonic_seconds(void) {

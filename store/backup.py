@@ -35,7 +35,7 @@ from .chain import broken_chains
 from .manifest import (
     F_CHANGED_DURING_READ, F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH,
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK,
-    Entry, ManifestStats, Record, delete_record, sort_key,
+    Entry, ManifestStats, Record, delete_record, held_ns, sort_key,
 )
 from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH
 from .deltabase import restart_turns
@@ -604,8 +604,8 @@ class Backup:
     def _base_entry(self, rel: bytes, st: os.stat_result, etype: int, prev: Entry | None = None) -> Entry:
         """The entry's stat fields; those the backup ignores are kept from ``prev`` (of the same type), so
         an entry they alone would change compares equal to it."""
-        e = Entry(rel, etype, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
-                  0, st.st_ctime_ns, st.st_ino, st.st_dev, 0)
+        e = Entry(rel, etype, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, held_ns(st.st_mtime_ns),
+                  0, held_ns(st.st_ctime_ns), st.st_ino, st.st_dev, 0)
         if self._ignore and prev is not None and prev.type == etype:
             if self._ignore & IGNORE_INODE:
                 e.ino, e.dev = prev.ino, prev.dev

@@ -98,6 +98,15 @@ def delete_record(path: bytes) -> Record:
     return Record(OP_DELETE, path, None)
 
 
+NS_MIN, NS_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def held_ns(ns: int) -> int:
+    """A time in nanoseconds as an entry holds it (int64: 1677 to 2262); beyond, the nearest end, as the
+    native stat readers give it."""
+    return NS_MIN if ns < NS_MIN else NS_MAX if ns > NS_MAX else ns
+
+
 def encode_record(rec: Record) -> bytes:
     out = _HEAD.pack(rec.op, len(rec.path)) + rec.path
     if rec.op == OP_DELETE:

@@ -23,7 +23,7 @@ import time
 from typing import Any, Iterator
 
 from chunkvault.errors import UsageError
-from .manifest import sort_key
+from .manifest import held_ns, sort_key
 from .xattrs import UNSUPPORTED_ERRNOS
 
 #: One source entry: manifest path, path on disk, its lstat (a ``StatFailed`` when that failed), and whether it
@@ -158,7 +158,7 @@ def read_small_files_reference(paths: list[bytes], limits: list[int], probe_xatt
         except OSError as exc:  # naming the path whichever call failed (os.read names none)
             out.append(OSError(exc.errno, exc.strerror, path))
             continue
-        out.append((data, st.st_size, st.st_mtime_ns, st.st_ctime_ns, xattrs))
+        out.append((data, st.st_size, held_ns(st.st_mtime_ns), held_ns(st.st_ctime_ns), xattrs))
     return out
 
 

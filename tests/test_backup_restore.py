@@ -512,3 +512,21 @@ def test_progress_moves_while_a_reader_is_inside_one_long_file(tmp_path, new_rep
     result = repo.backup([str(src)], progress=lambda counts: seen.append(counts["read_bytes"]))
     assert result.snapshot.stats["read_bytes"] == size
     assert any(0 < n < size for n in seen) and seen == sorted(seen)
+
+
+def test_times_beyond_what_the_format_holds_are_held_at_its_end_not_wrapped(tmp_path, new_repo):
+    """int64 nanoseconds end in 2262: a file dated 2300 came back dated 1715 (then 1901 on disk)."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"x")
+    (src / "small").write_bytes(b"y")
+    far = 10_500_000_000 * 10**9  # the year 2302
+    for p in (src / "d" / "f", src / "small", src / "d"):
+        os.utime(p, ns=(far, far))
+    repo = new_repo()
+    snap = repo.backup([str(src)]).snapshot
+    with repo.reading():
+        times = {e.path: e.mtime_ns for e in repo.tree(snap) if e.path}
+    assert set(times.values()) == {(1 << 63) - 1}, times
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert os.stat(tmp_path / "out" / "d" / "f").st_mtime_ns // 10**9 == ((1 << 63) - 1) // 10**9
