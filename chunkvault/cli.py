@@ -631,16 +631,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
     repo = _open(args)
     snap = repo.snapshot(args.snapshot)
     prefix = snapshot_path(args.path) if args.path else b""
-    if prefix:
-        repo.find_entry(snap, prefix)  # UsageError for a path the snapshot lacks, as dump says
     out = []
+    listed = False
     for e in repo.tree(snap, prefix):
+        listed = True
         if args.json:
             out.append(_entry_json(e))
         else:
             name = shown_name(e.path) or "."
             extra = f" -> {shown_name(e.target)}" if e.target else ""
             print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {e.size:>12}  {_ns_local(e.mtime_ns)}  {name}{extra}")
+    if prefix and not listed:  # nothing there (a directory without an entry of its own lists what it holds)
+        repo.find_entry(snap, prefix)
     if args.json:
         _emit_json(out)
     return 0

@@ -599,13 +599,21 @@ class Repository:
             raise UsageError(f"unknown archive format {archive!r} (tar or zip)")
         with self.reading("dump"):
             snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
-            e = self.find_entry(snap, path)
-            if e.type != T_DIR:
+            want = snapshot_path(path)
+            try:
+                e: Entry | None = self.find_entry(snap, want)
+            except UsageError:
+                # A directory with no entry of its own: the root of a snapshot of several paths, or one
+                # above a --stdin-name with a directory in it.  It is one if something lies below it.
+                if want and next(iter(self.tree(snap, want)), None) is None:
+                    raise
+                e = None
+            if e is not None and e.type != T_DIR:
                 with self._file_content(snap, e) as f:
                     while block := f.read(1 << 20):
                         out.write(block)
                 return []
-            return write_archive(out, archive, self.tree(snap, e.path), e.path, self._content,
+            return write_archive(out, archive, self.tree(snap, want), want, self._content,
                                  lambda target: self.find_entry(snap, target))
 
     def diff(self, a: str | Snapshot, b: str | Snapshot) -> Iterator[tuple[str, Entry | None, Entry | None]]:

@@ -167,3 +167,30 @@ def test_cli_dump_of_a_directory(cli, tree, tmp_path):
         os.close(follower)
         os.close(leader)
     assert done.returncode == 2 and b"redirect it to a file or a pipe" in done.stderr
+    cli("backup", "-r", repo, "--stdin", "--stdin-name", "db/all.sql", input=b"select 1;\n")
+    assert cli("ls", "-r", repo, "latest", "db").stdout.decode().split()[-1] == "db/all.sql"
+    assert b"no 'dbx'" in cli("ls", "-r", repo, "latest", "dbx", check=2).stderr
+
+
+def test_directories_without_an_entry_of_their_own_dump_and_list_what_they_hold(new_repo, tmp_path):
+    """The root of a snapshot of several paths, and the directory of a --stdin-name, are directories the
+    restore makes: `dump /` and `ls` of them said they were not there."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_bytes(b"1")
+    (tmp_path / "b").write_bytes(b"2")
+    repo = new_repo()
+    several = repo.backup([str(tmp_path / "a"), str(tmp_path / "b")]).snapshot
+    streamed = repo.backup_stream(io.BytesIO(b"select 1;\n"), "dump/x.sql").snapshot
+    for snap, members in ((several, {"a/x": b"1", "b": b"2"}), (streamed, {"dump/x.sql": b"select 1;\n"})):
+        out = io.BytesIO()
+        repo.dump(snap, "/", out)
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+            got = {m.name.split(str(tmp_path).lstrip("/") + "/")[-1]: tar.extractfile(m).read()
+                   for m in tar.getmembers() if m.isfile()}
+        assert got == members
+    out = io.BytesIO()
+    repo.dump(streamed, "dump", out)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        assert [m.name for m in tar.getmembers()] == ["dump/x.sql"]
+    with pytest.raises(Exception, match="no 'dumpx'"):
+        repo.dump(streamed, "dumpx", io.BytesIO())
