@@ -28,6 +28,7 @@ from .base import ObjectInfo, Remote, number_option, validate_key, validate_pref
 
 MiB = 1024 * 1024
 DATA_PREFIX = "data/"
+ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})  # an object there must be restored before a read
 ADDRESSING_STYLES = ("auto", "path", "virtual")
 STORAGE_CLASSES = frozenset(
     {
@@ -141,6 +142,10 @@ class S3Remote(Remote):
             data_storage_class = data_storage_class.upper()
             if data_storage_class not in STORAGE_CLASSES:
                 raise UsageError(f"unknown S3 storage class {data_storage_class!r}")
+            if data_storage_class in ARCHIVE_CLASSES:  # data packs are read back at every backup
+                raise UsageError(f"S3 storage class {data_storage_class} cannot be read without a restore, and data "
+                                 "packs are read at every backup (the manifests, the bases of deltas): use "
+                                 "GLACIER_IR, or a lifecycle rule that archives what no backup reads")
         self.data_storage_class = data_storage_class
         self.multipart_threshold = _int_option("multipart_threshold", multipart_threshold, 1)
         self.multipart_part_size = _int_option("multipart_part_size", multipart_part_size, 1)
@@ -203,12 +208,12 @@ class S3Remote(Remote):
                 return RepositoryNotFound(f"S3 bucket {self.bucket!r} does not exist ({self.display_url})")
             if key is not None and (code in _NOT_FOUND or status == 404):
                 return ObjectNotFound(key)
+            if code == "InvalidObjectState":  # S3 answers it with 403 too: no permission is missing
+                return RemoteError(f"S3 {op} {where}: object is in an archive storage class; restore it first")
             if code in _DENIED or status == 403:
                 return PermissionDenied(f"S3 denied {op} {where}: {message}")
             if code in _TRANSIENT or status >= 500 or status in (408, 429):
                 return RemoteUnavailable(f"S3 {op} {where} failed, try again: {code or status} {message}")
-            if code == "InvalidObjectState":
-                return RemoteError(f"S3 {op} {where}: object is in an archive storage class; restore it first")
             return RemoteError(f"S3 {op} {where} failed: {code or status}: {message}")
         if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError, bce.CredentialRetrievalError)):
             return PermissionDenied(

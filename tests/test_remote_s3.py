@@ -122,6 +122,22 @@ def test_unknown_storage_class_is_refused(s3_bucket):
         _open(s3_bucket, data_storage_class="COLD_AS_ICE")
 
 
+@pytest.mark.parametrize("archive", ["glacier", "DEEP_ARCHIVE"])
+def test_an_archive_storage_class_is_refused_and_an_archived_object_named_so(s3_bucket, archive):
+    """Backups read data packs back (manifests, delta bases): after one backup into GLACIER every later
+    one failed, saying S3 denied it (S3 answers InvalidObjectState with 403)."""
+    import botocore.exceptions
+
+    with pytest.raises(UsageError, match=f"{archive.upper()} cannot be read without a restore"):
+        _open(s3_bucket, data_storage_class=archive)
+    with _open(s3_bucket) as remote:
+        archived = botocore.exceptions.ClientError(
+            {"Error": {"Code": "InvalidObjectState", "Message": "not valid for the object's storage class"},
+             "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject")
+        err = remote._error(archived, "get", "data/ab/x", where="data/ab/x")
+        assert not isinstance(err, PermissionDenied) and "archive storage class; restore it first" in str(err)
+
+
 @pytest.mark.parametrize("style", ["path", "auto"])
 def test_addressing_styles_on_ip_endpoint(s3_bucket, style):
     with _open(s3_bucket, addressing_style=style) as remote:
