@@ -909,7 +909,15 @@ def cmd_key(args: argparse.Namespace) -> int:
     elif args.key_cmd == "passwd":
         old = repo.store.key_name
         name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
-        repo.store.remove_key(old, own=True)
+        try:
+            repo.store.remove_key(old, own=True)
+        except ChunkvaultError as exc:  # e.g. an append-only token: the new key is taken back if it can be
+            try:
+                repo.store.remote.delete(f"keys/{name}")
+                left = "the password is unchanged"
+            except ChunkvaultError:
+                left = f"both passwords open the repository now (key {name[:12]} added): `key remove` one"
+            raise (exc.explained(f"; {left}") if isinstance(exc, CorruptObject) else type(exc)(f"{exc}; {left}")) from None
         _report_key(args, {"id": name, "removed": old}, f"password changed (key {old[:12]} replaced by {name[:12]})")
     return 0
 

@@ -81,6 +81,11 @@ def test_append_only_token_backs_up_but_cannot_forget_or_prune(tmp_path, http_se
         assert len(lines) == 1 and "append-only" in lines[0], result.stderr
         assert APPEND_TOKEN not in lines[0]
     assert sorted(p.name for p in (http_server.path / "snapshots").iterdir()) == before
+    keys = sorted(p.name for p in (http_server.path / "keys").iterdir())
+    result = cli("key", "passwd", "-r", url, "--kdf-time", "0", env={**appender, "CHUNKVAULT_NEW_PASSWORD": "new one"},
+                 check=14)  # it may add the new key, not remove the old: both would open the repository
+    assert "both passwords open the repository now" in result.stderr.decode()
+    assert len(list((http_server.path / "keys").iterdir())) == len(keys) + 1
 
     with Repository.open(url, password, token=FULL_TOKEN, cache=False) as repo:
         for snap in repo.snapshots():
