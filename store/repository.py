@@ -942,6 +942,8 @@ class BlobWriter:
 
     def _upload(self, builder: PackBuilder, pack_no: int) -> None:
         try:
+            if self._error is not None:  # one upload failed: the packs queued behind it are not tried too,
+                raise self._error        # each for its whole retry time (minutes, with small packs)
             data = builder.finish(self.repo.sealer)
             pack_id = bytes.fromhex(content_name(data))
             try:

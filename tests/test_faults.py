@@ -612,3 +612,20 @@ def test_two_backups_and_a_prune_at_once(tmp_path):
     print(f"concurrency: {len(written)} snapshots kept and verified, prune {prune_outcomes}")
     crashkit.check_clean(path, crashkit.Figures("concurrency"), read_data=True)
     crashkit.verify_restores(path, written, str(tmp_path), crashkit.Figures("concurrency"))
+
+
+def test_once_an_upload_failed_for_good_the_packs_queued_behind_it_are_not_tried(tmp_path):
+    """Each would spend its whole retry time first: with small packs a backup took 5-10 minutes to fail."""
+    path = str(tmp_path / "repo")
+    Repository.init(path, PASSWORD, kdf_seconds=0, pack_size=64 * 1024, chunker={
+        "min_size": 4096, "avg_size": 16384, "max_size": 65536}).close()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(8 << 20))  # about 128 packs
+    faulty, remote = flaky(path, 3)
+    faulty.fail_after = 6  # the lock, then a few packs: then down for good
+    repo = Repository.open(remote, PASSWORD)
+    with pytest.raises(RemoteUnavailable):
+        repo.backup([str(src)])
+    # the retries of the uploads already running when the first gave up, not of every pack queued
+    assert faulty.calls["put"] < 10 * 12, faulty.calls
