@@ -10,6 +10,7 @@ from typing import Any
 
 import blake3
 
+from .errors import UsageError
 from .remotes import Remote, open_remote
 from .remotes.local import LocalRemote
 from .remotes.throttle import ThrottledRemote
@@ -21,6 +22,10 @@ def connect(url: str | Remote, *, cache: bool = True, limit_upload: float | None
     ``limit_download`` (bytes per second) hold its transfers to those rates (``remotes/throttle.py``)."""
     if isinstance(url, Remote):
         return url
+    if isinstance(url, os.PathLike):
+        url = os.fspath(url)
+    if not isinstance(url, str) or not url:
+        raise UsageError(f"a repository is named by a URL or a path (a str), not {url!r}")
     remote = open_remote(url, **options)
     local = isinstance(remote, LocalRemote)
     if limit_upload or limit_download:

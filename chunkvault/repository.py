@@ -71,7 +71,41 @@ def _listed(value: Any) -> list[Any]:
         return []
     if isinstance(value, (str, bytes, os.PathLike, Snapshot)):
         return [value]
-    return list(value)
+    try:
+        return list(value)
+    except TypeError:
+        raise UsageError(f"expected a string or a list of them, not {value!r}") from None
+
+
+def _texts(values: Any, what: str) -> list[str]:
+    """``_listed``, each a non-empty str: a tag or host of another type was stored, and then broke every
+    listing of the repository."""
+    out = _listed(values)
+    for v in out:
+        if not isinstance(v, str) or not v:
+            raise UsageError(f"each {what} must be a non-empty string, not {v!r}")
+        if what == "tag" and "," in v:
+            raise UsageError(f"a tag cannot hold a comma ({v!r}): the command line takes a,b as two tags")
+    return out
+
+
+def _host(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise UsageError(f"host must be a non-empty string, not {value!r}")
+    return value
+
+
+def _paths(values: Any) -> list[str]:
+    """Source paths as str (bytes and path objects too: a bytes path was read and stored in full, and then
+    the snapshot could not be saved)."""
+    out = []
+    for v in _listed(values):
+        if isinstance(v, (bytes, os.PathLike)):
+            v = os.fsdecode(v)
+        if not isinstance(v, str) or not v:
+            raise UsageError(f"a path to back up must be a non-empty string, bytes or path, not {v!r}")
+        out.append(v)
+    return out
 
 
 def _named(snapshots: Any) -> list[Any] | None:
@@ -303,7 +337,7 @@ class Repository:
         ``walk``: a ``SourceWalk.of_paths(...).start()`` of the same paths and rules, begun
         before the repository was opened, so the walk overlaps the key derivation.
         """
-        paths, tags, excludes = _listed(paths), _listed(tags), _listed(excludes)
+        paths, tags, excludes, host = _paths(paths), _texts(tags, "tag"), _texts(excludes, "exclude"), _host(host)
         no_delta, fixed_chunks, exclude_if_present = _listed(no_delta), _listed(fixed_chunks), _listed(exclude_if_present)
         # Held open since an earlier backup, another client may have rebased since (the index is read
         # afresh by every backup).
@@ -341,7 +375,8 @@ class Repository:
         ``fixed_chunks``: globs; when one matches ``name`` the stream is cut at fixed offsets.
         ``dry_run``, ``time``: as for ``backup``.
         """
-        opts = BackupOptions(kind=kind, tags=_listed(tags), host=host, delta=delta, fixed_chunks=_listed(fixed_chunks),
+        opts = BackupOptions(kind=kind, tags=_texts(tags, "tag"), host=_host(host), delta=delta,
+                             fixed_chunks=_listed(fixed_chunks),
                              fixed_chunk_size=fixed_chunk_size, dry_run=dry_run, time=_time(time))
         return self._backup_stream(lambda: contextlib.nullcontext(fileobj), name, opts)
 
@@ -359,7 +394,8 @@ class Repository:
         from .store.command_stream import CommandStream
 
         argv = _listed(argv)
-        opts = BackupOptions(kind=kind, tags=_listed(tags), host=host, delta=delta, fixed_chunks=_listed(fixed_chunks),
+        opts = BackupOptions(kind=kind, tags=_texts(tags, "tag"), host=_host(host), delta=delta,
+                             fixed_chunks=_listed(fixed_chunks),
                              fixed_chunk_size=fixed_chunk_size, dry_run=dry_run, time=_time(time))
         return self._backup_stream(lambda: CommandStream(argv, cwd=cwd, env=env, stderr=stderr), name, opts)
 
@@ -529,6 +565,9 @@ class Repository:
         from .store import restore_workers
 
         includes, excludes = _listed(includes), _listed(excludes)
+        if not isinstance(target, (str, bytes, os.PathLike)) or not os.fspath(target):
+            # "" was the current directory, where delete=True then deleted nothing it should have
+            raise UsageError(f"a restore target must be a directory path, not {target!r} (\".\" for here)")
         if not force and _is_nonempty_dir(target):
             raise TargetNotEmpty(f"restore target {os.fsdecode(target)} is not empty (force=True restores "
                                  "into it in place)")
@@ -822,12 +861,12 @@ class Repository:
         under its id (its data untouched); returns those changed."""
         from .store.rewrite import retag_snapshots
 
-        add, remove = _listed(add), _listed(remove)
+        add, remove = _texts(add, "tag"), _texts(remove, "tag")
         if set_to is None and not add and not remove:
             raise UsageError("tag: give --add, --remove or --set")
         chosen = self._chosen(self._guard(), snapshots, hosts, tags, paths)
         return retag_snapshots(self._repo, [s.id for s in chosen], add=add, remove=remove,
-                               set_to=None if set_to is None else _listed(set_to), wait=wait)
+                               set_to=None if set_to is None else _texts(set_to, "tag"), wait=wait)
 
     def rewrite(self, excludes: list[str], snapshots: Iterable[str | Snapshot] | None = None, *,
                 hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),

@@ -628,3 +628,33 @@ def test_a_restore_target_that_cannot_be_made_or_listed_is_one_line(tmp_path):
     (tmp_path / "dangling").symlink_to("nowhere")
     proc = crashkit.run_cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "dangling"), ok=(2,))
     assert "restore target is not a directory" in proc.stderr.decode()
+
+
+def test_the_api_refuses_arguments_of_the_wrong_kind_with_one_clear_error(tmp_path, new_repo):
+    """A tag or host of another type was stored and broke every listing; a bytes path was read in full and
+    then not saved; "a,b" was one tag no filter could select; "" restored into the current directory."""
+    from chunkvault import Repository
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    repo = new_repo()
+    for bad in ({"tags": [5]}, {"tags": ["a,b"]}, {"tags": [""]}, {"host": 5}, {"excludes": [None]}, {"tags": 5}):
+        with pytest.raises(UsageError):
+            repo.backup([str(src)], **bad)
+    with pytest.raises(UsageError):
+        repo.backup(5)
+    snap = repo.backup([os.fsencode(src)]).snapshot  # bytes and path objects name paths too
+    assert snap.paths == [str(src)] and repo.backup([src]).snapshot.parent == snap.id
+    for bad in ({"add": [5]}, {"add": ["x,y"]}, {"set_to": [None]}):
+        with pytest.raises(UsageError):
+            repo.tag([snap.id], **bad)
+    for target in ("", None, 5):
+        with pytest.raises(UsageError):
+            repo.restore(snap.id, target, force=True, delete=True)
+    for url in (5, None, ""):
+        with pytest.raises(UsageError):
+            Repository.open(url, "pw")
+    with Repository.open(tmp_path / "repo0", "correct horse battery staple") as again:  # a path object
+        assert [s.id for s in again.snapshots()][0] == snap.id
+    assert [s.tags for s in repo.snapshots()] == [[], []]
