@@ -284,6 +284,8 @@ class Interval:
             raise ValueError("an interval looks like 'every 15m', 'every 1h30m', 'every 2d' (units w, d, h, m = minutes)")
         if total < 60:
             raise ValueError("an interval must be at least one minute")
+        if total > 100 * 366 * 86400:  # datetime arithmetic ends in the year 9999
+            raise ValueError("an interval must be at most 100 years")
         return cls(text.strip(), total)
 
     def prev(self, at: datetime) -> datetime | None:

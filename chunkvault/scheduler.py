@@ -138,6 +138,7 @@ class RunReport:
     prune: dict[str, Any] | None = None
     prune_error: str | None = None
     stopped: bool = False
+    error: str | None = None  # the run ended before any source (the repository out of reach, locked)
 
     @property
     def failed(self) -> list[SourceResult]:
@@ -149,12 +150,12 @@ class RunReport:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.partial and self.prune_error is None
+        return not self.failed and not self.partial and self.prune_error is None and self.error is None
 
     def to_dict(self) -> dict[str, Any]:
         return {"started": _iso(self.started), "dry_run": self.dry_run, "ok": self.ok, "stopped": self.stopped,
                 "sources": [r.to_dict() for r in self.sources], "prune": self.prune,
-                "prune_error": self.prune_error}
+                "prune_error": self.prune_error, "run_error": self.error}
 
     def summary(self) -> str:
         made = [r for r in self.sources if r.status in (OK, PARTIAL)]
@@ -461,6 +462,12 @@ class Daemon:
         self.reload_asked = False
         self.runs = 0
 
+    def _no_report(self, started: datetime, error: str) -> None:
+        """A run that ended before its report (the repository out of reach, locked): a report of nothing
+        done, with the error, so that whoever reads one line per run sees it too."""
+        if self.on_report is not None:
+            self.on_report(RunReport(started, False, error=error))
+
     def _sleep(self, seconds: float) -> None:
         self.woken.wait(seconds)
         self.woken.clear()
@@ -502,13 +509,17 @@ class Daemon:
                 self.log(report.summary())
             except Locked as exc:
                 self.log(f"run skipped: {exc}")
+                self._no_report(started, f"skipped: {exc}")
             except UsageError as exc:  # a bad option or URL fails every slot alike: stop, exit 2
                 self.log(f"run failed: {exc}")
+                self._no_report(started, str(exc))
                 raise
             except ChunkvaultError as exc:
                 self.log(f"run failed: {exc}")
+                self._no_report(started, str(exc))
             except Exception as exc:  # survive a bug in one run; the next slot tries again
                 self.log(f"run failed: internal error: {type(exc).__name__}: {exc}")
+                self._no_report(started, f"internal error: {type(exc).__name__}: {exc}")
             if self.stop.is_set():
                 break
             wake = self._next_slot(started)

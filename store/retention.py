@@ -233,6 +233,8 @@ class RetentionPolicy:
         for ts in tags_in:
             if isinstance(ts, str):
                 ts = [t for t in ts.split(",") if t]
+            if not isinstance(ts, (list, tuple, set, frozenset)):
+                raise UsageError(f"a tag set must be \"a,b\" or a list of tags, got {ts!r}")
             ts = frozenset(ts)
             if not all(isinstance(t, str) and t for t in ts):
                 raise UsageError(f"tags must be non-empty strings, got {sorted(ts, key=repr)!r}")
@@ -301,6 +303,8 @@ def policy_from_dict(d: Mapping[str, Any]) -> RetentionPolicy:
                 value = [value]
             if not isinstance(value, (list, tuple)):
                 raise UsageError(f"keep-tags must be a list, got {value!r}")
+            if not all(isinstance(v, (str, list, tuple)) for v in value):  # {a=1} was read as the tag "a"
+                raise UsageError(f"keep-tags must list tag sets (\"a,b\" or [\"a\", \"b\"]), got {value!r}")
             value = tuple(v if isinstance(v, str) else tuple(v) for v in value)
         elif key != "group_by" and not isinstance(value, (str, Duration, timedelta)):
             raise UsageError(f"{raw_key} must be a duration string like '30d', got {value!r}")
@@ -356,7 +360,12 @@ def _utc(t: Any, sid: str) -> datetime:
 
 def parse_group_by(value: str | Iterable[str]) -> frozenset[str]:
     """``host,paths`` (or a list of those words) as a set; UsageError naming an unknown word."""
-    words = [g.strip() for g in value.split(",") if g.strip()] if isinstance(value, str) else list(value)
+    if isinstance(value, str):
+        words = [g.strip() for g in value.split(",") if g.strip()]
+    elif isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(w, str) for w in value):
+        words = list(value)
+    else:
+        raise UsageError(f"group-by must be words such as \"host,paths\", got {value!r}")
     gb = frozenset(words)
     unknown = gb - GROUP_KEYS
     if unknown:

@@ -482,3 +482,18 @@ def test_source_history_is_host_and_paths():
     snaps = [S("h", ["/a", "/b"]), S("h", ["/b", "/a"]), S("x", ["/a", "/b"]), S("h", ["/a"]),
              S("h", ["/a", "/b"], "dump.sql")]
     assert source_history(snaps, "h", ["/a", "/b"]) == snaps[:2]
+
+
+@pytest.mark.parametrize("retention", [{"keep-last": 1, "group-by": 5}, {"keep-last": 1, "group-by": [5]},
+                                       {"keep-tags": [5]}, {"keep-tags": [{"a": 1}]}])
+def test_retention_values_of_the_wrong_kind_are_one_usage_error(retention):
+    """They crashed with a TypeError (and {a=1} was read as the tag "a")."""
+    from chunkvault.store.retention import policy_from_dict
+
+    with pytest.raises(UsageError):
+        policy_from_dict(retention)
+
+
+def test_an_interval_past_what_dates_can_hold_is_refused():
+    with pytest.raises(UsageError, match="at most 100 years"):
+        parse_cadence("every 99999999999999999999w")

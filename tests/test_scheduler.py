@@ -195,6 +195,8 @@ def test_daemon_catches_up_once_after_a_suspend_and_survives_failed_runs(tmp_pat
     assert Daemon(runner, clock=clock, sleep=clock.sleep, log=log.append, on_report=reports.append).serve() == 0
 
     assert any(line.startswith("run failed:") and "later-repo" in line for line in log)  # no repository yet
+    assert not reports[0].ok and "later-repo" in reports[0].to_dict()["run_error"] and not reports[0].sources
+    reports = reports[1:]  # a JSON line for it too, as for every run
     statuses = [(r.started.strftime("%H:%M"), r.sources[0].status, r.sources[0].kind) for r in reports]
     assert statuses[0] == ("04:00", "failed", "full")  # pre hook exited 7: still due at the next slot
     assert statuses[1] == ("05:00", "ok", "full")
