@@ -87,7 +87,7 @@ def parse_listen(text: str) -> tuple[str, int]:
         host, port_text = text, str(DEFAULT_PORT)
     if not host:
         raise UsageError(f"bad listen address {text!r}: no host (use 0.0.0.0 for every interface)")
-    if not port_text.isdigit() or int(port_text) > 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise UsageError(f"bad port in listen address {text!r}")
     return host, int(port_text)
 
@@ -221,9 +221,19 @@ def parse_settings(argv: list[str]) -> Settings | None:
         append_only=bool(pick("append_only", False)),
         tls_cert=tls_cert,
         tls_key=tls_key,
-        max_object_size=parse_size(pick("max_object_size", DEFAULT_MAX_OBJECT_SIZE)),
+        max_object_size=_max_object_size(pick("max_object_size", DEFAULT_MAX_OBJECT_SIZE)),
         quiet=bool(pick("quiet", False)),
     )
+
+
+MIN_OBJECT_SIZE = 1 << 20  # a key file, a lock, a snapshot must fit: below, every command would fail
+
+
+def _max_object_size(value: Any) -> int:
+    size = parse_size(value)
+    if size < MIN_OBJECT_SIZE:
+        raise UsageError(f"max_object_size must be at least 1M (keys, locks and snapshots must fit), not {value!r}")
+    return size
 
 
 def _tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -490,11 +500,14 @@ class Handler(BaseHTTPRequestHandler):
             self.server.request_done()
 
     def _route(self) -> None:
-        length = self.headers.get("Content-Length")
+        lengths = self.headers.get_all("Content-Length") or []
+        length = lengths[0] if lengths else None
         if self.headers.get("Transfer-Encoding"):
             return self._fail(411, "send the body with Content-Length, not Transfer-Encoding", close=True)
         if length is not None:
-            if not length.isdigit():
+            # ASCII digits only ("²" is a digit to str.isdigit), and one length: with two, the rest of a
+            # body was read as the next request
+            if len(lengths) > 1 or not (length.isascii() and length.isdigit()):
                 return self._fail(400, "bad Content-Length", close=True)
             self._unread = int(length)
         path, _, query = self.path.partition("?")

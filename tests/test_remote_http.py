@@ -224,6 +224,19 @@ def test_traversal_keys_are_rejected(http_server):
     assert files_under(http_server.path) == []
 
 
+@pytest.mark.parametrize("lengths", [["\u00b2"], ["1", "1"], ["1", "5"]])
+def test_a_content_length_that_is_no_single_ascii_number_is_refused(http_server, lengths):
+    """"²" passes str.isdigit (the connection was dropped, "internal error" logged); with two lengths the
+    first won and the rest of the body was read as the next request."""
+    head = f"PUT /objects/{KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n".encode()
+    head += b"".join(b"Content-Length: " + n.encode("latin-1") + b"\r\n" for n in lengths)
+    with socket.create_connection(("127.0.0.1", http_server.port), timeout=10) as s:
+        s.sendall(head + b"\r\nxGET /objects/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = s.recv(1000)
+    assert reply.startswith(b"HTTP/1.1 400") and reply.count(b"HTTP/1.1") == 1, reply
+    assert files_under(http_server.path) == [] and "internal error" not in http_server.log()
+
+
 def test_unknown_endpoint_is_not_a_missing_object(http_server):
     remote = HTTPRemote.from_url(http_server.url.rstrip("/") + "/not/the/service/", token=FULL_TOKEN)
     with pytest.raises(RemoteError, match="no chunkvault backup service") as info:
@@ -420,6 +433,8 @@ def test_refuses_open_network_without_tokens_and_bad_flags(tmp_path):
     assert result.returncode == 2 and "--path" in result.stderr
     result = run_serve("--path", str(tmp_path), "--max-object-size", "lots")
     assert result.returncode == 2 and "not a size" in result.stderr
+    result = run_serve("--path", str(tmp_path), "--max-object-size", "5")  # no lock would fit
+    assert result.returncode == 2 and "at least 1M" in result.stderr
 
 
 def test_serve_help():
