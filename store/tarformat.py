@@ -91,7 +91,9 @@ def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: in
     main = _block(kind, name_field, _octal(mode & 0o7777, 8), _numeric(uid, 8, b"uid", pax),
                   _numeric(gid, 8, b"gid", pax), _numeric(size, 12, b"size", pax),
                   _numeric(seconds, 12, b"mtime", pax), link_field, _octal(major, 8), _octal(minor, 8))
-    pax += [record(b"SCHILY.xattr." + key, value) for key, value in xattrs.items()]
+    # a keyword ends at its "=": GNU tar writes "%" and "=" in a name as %25 and %3D, and reads them back
+    pax += [record(b"SCHILY.xattr." + key.replace(b"%", b"%25").replace(b"=", b"%3D"), value)
+            for key, value in xattrs.items()]
     if not pax:
         return main
     if not all(is_utf8(v) for v in (name, link, *xattrs, *xattrs.values())):
