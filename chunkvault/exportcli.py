@@ -43,7 +43,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     repo = cli._open(args)
     password = passwords.EXPORT.get(args)
-    snap = repo.import_backup(args.file, password)
+    snap = repo.import_backup(args.file, password, wait=args.wait)
     st = snap.stats
     if args.json:
         cli._emit_json(cli._snapshot_json(snap))
@@ -91,7 +91,7 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argparse.ArgumentParser) -> None:
     """Register ``export`` and ``import``; add ``--from-file`` to an existing ``restore`` parser."""
-    from .cli import _seconds
+    from .cli import _seconds, _wait_option
 
     s = subparsers.add_parser("export", parents=[common, reading],
                               help="write one snapshot (chain resolved) into a self-contained encrypted .backup file")
@@ -107,6 +107,7 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argp
     s = subparsers.add_parser("import", parents=[common], help="bring a .backup file in as a full snapshot")
     s.add_argument("file", metavar="FILE.backup")
     passwords.EXPORT.add_options(s, "the export password")
+    _wait_option(s, 3600.0, "a running prune, forget or repair (as a backup waits)")
     s.set_defaults(func=cmd_import)
 
     restore = subparsers.choices.get("restore")

@@ -889,12 +889,13 @@ class Repository:
             snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
             return export(self._repo, snap, path, _password(password), kdf_seconds=kdf_seconds, overwrite=overwrite)
 
-    def import_backup(self, path: str, password: str | bytes) -> Snapshot:
-        """Bring a .backup file in as a new full snapshot; chunks already here are not stored again."""
+    def import_backup(self, path: str, password: str | bytes, *, wait: float = 3600.0) -> Snapshot:
+        """Bring a .backup file in as a new full snapshot; chunks already here are not stored again.  Waits
+        up to ``wait`` seconds for a prune, forget or repair, as a backup does."""
         from .store.export import import_backup
 
         self._guard()
-        snap = import_backup(self._repo, path, _password(password))
+        snap = import_backup(self._repo, path, _password(password), lock_wait=wait)
         self._wrote(snap)
         return snap
 

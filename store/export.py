@@ -687,7 +687,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
     with open_export(path, password) as ef:
         info = ef.info
         assert info is not None
-        with RepoLock(repo.remote, SHARED, "import", wait=lock_wait) as repo_lock:
+        with RepoLock(repo.remote, SHARED, "import", wait=lock_wait, wait_option=True) as repo_lock:
             repo.load_index()
             dest = bytearray(32 * info.blobs)
             counts = ManifestStats()

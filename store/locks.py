@@ -210,7 +210,7 @@ class RepoLock:
             mine = [lk for lk in conflicts if _HELD_BY_THREAD.get(lk.key) == threading.get_ident()]
             if mine:  # waiting for it would wait for ourselves
                 raise Locked(f"this thread holds the repository's {mine[0].kind} lock ({mine[0].purpose}): "
-                             f"a {self.purpose} cannot run inside it")
+                             f"this {self.purpose} cannot run inside it")
             if time.monotonic() >= deadline or stop_waiting.is_set():
                 raise Locked(f"repository is locked by {conflicts[0].describe()}; "
                              + ("stopped waiting" if stop_waiting.is_set() else "try again later"

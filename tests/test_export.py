@@ -502,3 +502,30 @@ def test_cli_export_import_restore_from_file(tmp_path, chain, cli):
     assert "cut.backup" in proc.stderr.decode()
     assert not bad_target.exists()
     shutil.rmtree(target)
+
+
+def test_import_waits_for_a_prune_as_a_backup_does(tmp_path, exported):
+    """A scheduled import right after a nightly prune failed at once."""
+    import threading
+
+    from chunkvault.store.locks import EXCLUSIVE, RepoLock
+
+    repo, diff, src, path, _stats = exported
+    target = other_repo(tmp_path)
+    held, done = threading.Event(), threading.Event()
+
+    def prune_for(seconds: float) -> None:  # another command's prune
+        with RepoLock(target.store.remote, EXCLUSIVE, "prune"):
+            held.set()
+            done.wait(seconds)
+
+    holder = threading.Thread(target=prune_for, args=(60,))
+    holder.start()
+    held.wait(30)
+    with pytest.raises(Exception, match="locked by prune.*--wait"):
+        target.import_backup(str(path), EXPORT_PW, wait=0)
+    threading.Timer(2.0, done.set).start()
+    with pytest.warns(Warning, match="waiting up to 60 s: repository is locked by prune"):
+        snap = target.import_backup(str(path), EXPORT_PW, wait=60)
+    holder.join()
+    assert snap.kind == "full"

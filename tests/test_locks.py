@@ -413,7 +413,7 @@ def test_an_exclusive_command_inside_a_read_of_the_same_thread_fails_at_once(tmp
     snap = repo.backup([str(src)]).snapshot
     started = time.monotonic()
     with repo.reading("mine"):
-        with pytest.raises(Locked, match=r"this thread holds the repository's shared lock \(mine\): a forget"):
+        with pytest.raises(Locked, match=r"this thread holds the repository's shared lock \(mine\): this forget"):
             repo.forget([snap.id])
     assert time.monotonic() - started < 30
     assert [s.id for s in repo.snapshots()] == [snap.id]
