@@ -129,6 +129,12 @@ class Header:
     check: bytes
 
 
+def _header_checks(data: bytes, version: int) -> bool:
+    """Whether the header's checksum holds with ``version`` in its version field."""
+    body = data[:8] + struct.pack("<H", version) + data[10 : HEADER_SIZE - 16]
+    return blake3.blake3(body).digest()[:16] == data[HEADER_SIZE - 16 : HEADER_SIZE]
+
+
 def decode_header(data: bytes, what: str) -> Header:
     """The clear header; UnsupportedFormat for a foreign or newer file, CorruptObject for damage."""
     if not data:
@@ -138,14 +144,18 @@ def decode_header(data: bytes, what: str) -> Header:
     if len(data) < 10 or data[:8] != MAGIC:
         raise UnsupportedFormat(f"{what} is not a chunkvault export (.backup) file")
     (version,) = struct.unpack_from("<H", data, 8)
-    if version > VERSION:
-        raise UnsupportedFormat(f"{what} was written by a newer chunkvault (export format {version})")
-    if version < 1:
+    if not 1 <= version <= VERSION:
+        if len(data) >= HEADER_SIZE and any(_header_checks(data, v) for v in range(1, VERSION + 1)):
+            raise CorruptObject(what, f"header damaged: its version field reads {version}, but the header checks "
+                                "out as this format's")
+        if version > VERSION:
+            raise UnsupportedFormat(f"{what} was written by a newer chunkvault (export format {version}), or its "
+                                    "header is damaged")
         raise UnsupportedFormat(f"{what} has an unknown export format version {version}")
     if len(data) < HEADER_SIZE:
         raise CorruptObject(what, "truncated inside the header")
     _, _, flags, file_id, kdf, log_n, r, p, salt, check, checksum = HEADER.unpack_from(data)
-    if blake3.blake3(data[: HEADER_SIZE - 16]).digest()[:16] != checksum:
+    if not _header_checks(data, version):
         raise CorruptObject(what, "header checksum mismatch (the header is damaged)")
     if flags != 0 or kdf != KDF_SCRYPT:
         raise CorruptObject(what, "header names unknown flags or key derivation")
