@@ -498,7 +498,7 @@ def _hook(value: Any, what: str) -> str | tuple[str, ...] | None:
         return None
     if isinstance(value, str) and value.strip():
         return value
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value) and value[0]:
         return tuple(value)
     raise UsageError(f"{what} must be a shell command string or a non-empty argument list, got {value!r}")
 
@@ -512,6 +512,8 @@ def _seconds(value: Any, what: str) -> float | None:
 
 
 def _share(value: Any) -> float:
+    if isinstance(value, bool):  # true read as 100 %
+        raise UsageError(f"max-unused must be a share like 0.05 or '5%', got {value!r}")
     try:
         v = float(value[:-1]) / 100 if isinstance(value, str) and value.endswith("%") else float(value)
     except (TypeError, ValueError):
@@ -616,6 +618,9 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                     raise UsageError("paths and command both given: a source backs up files or a command's output")
                 if not isinstance(stdin_name, str) or not stdin_name:
                     raise UsageError("command needs stdin-name, the file name its output is stored under")
+                from .store.backup import check_stdin_name
+
+                check_stdin_name(stdin_name)  # now, not at every run
                 ruled = [k for k in ("excludes", "exclude_files", "exclude_if_present", "exclude_caches",
                                      "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime") if k in s]
                 if ruled:

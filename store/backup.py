@@ -261,6 +261,14 @@ def _unchanged_file(prev: Entry, st: os.stat_result, ignore: int) -> bool:
             and st.st_mode == stat.S_IFREG | prev.mode and st.st_uid == prev.uid and st.st_gid == prev.gid)
 
 
+def check_stdin_name(name: str) -> bytes:
+    """A stream's name as a path below the snapshot's root; UsageError for one that leaves it or is empty."""
+    rel = os.fsencode(name)
+    if not rel or rel.startswith(b"/") or b"\x00" in rel or any(p in (b"", b".", b"..") for p in rel.split(b"/")):
+        raise UsageError(f"invalid --stdin-name {name!r}: a relative path without . or .. in it")
+    return rel
+
+
 class Backup:
     def __init__(self, repo: Repo, options: BackupOptions):
         self.repo = repo
@@ -1064,9 +1072,7 @@ class Backup:
             yield rec
 
     def _stream_source(self, stream: BinaryIO, name: str, parent_tree: Iterator[Record], kind: str) -> Iterator[Record]:
-        rel = os.fsencode(name)
-        if not rel or rel.startswith(b"/") or b"\x00" in rel or any(p in (b"", b".", b"..") for p in rel.split(b"/")):
-            raise UsageError(f"invalid --stdin-name {name!r}")
+        rel = check_stdin_name(name)
         prev = next((r.entry for r in parent_tree if r.path == rel), None)
         now = time.time_ns()
         e = Entry(rel, T_FILE, 0o600, os.getuid(), os.getgid(), now, 0, now)

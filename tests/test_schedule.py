@@ -497,3 +497,14 @@ def test_retention_values_of_the_wrong_kind_are_one_usage_error(retention):
 def test_an_interval_past_what_dates_can_hold_is_refused():
     with pytest.raises(UsageError, match="at most 100 years"):
         parse_cadence("every 99999999999999999999w")
+
+
+@pytest.mark.parametrize("source, top", [({"command": "echo", "stdin-name": "../evil"}, {}),
+                                         ({"paths": ["/x"], "pre": [""]}, {}),
+                                         ({"paths": ["/x"]}, {"max-unused": True})])
+def test_a_policy_value_that_would_fail_every_run_is_refused_when_it_loads(source, top):
+    """They loaded, then failed at every run (or true was read as 100 %)."""
+    from chunkvault.schedule import parse_policy
+
+    with pytest.raises(UsageError):
+        parse_policy({"repository": "/r", "full": "daily 02:00", **top, "source": [{"name": "s", **source}]})
