@@ -14,6 +14,7 @@ setup(
         Extension(
             "chunkvault.store._scandir",
             sources=["store/_scandir.c"],
+            depends=["store/_stat_ns.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
         Extension(
@@ -39,6 +40,7 @@ setup(
         Extension(
             "chunkvault.remotes._fileio",
             sources=["remotes/_fileio.c"],
+            depends=["store/_stat_ns.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
     ]

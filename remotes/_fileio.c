@@ -25,7 +25,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
-#include <limits.h>
 #include <fcntl.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -34,23 +33,7 @@
 #include <sys/xattr.h>
 #endif
 
-#ifdef __APPLE__
-#define MTIME(st) ((st).st_mtimespec)
-#define CTIME(st) ((st).st_ctimespec)
-#else
-#define MTIME(st) ((st).st_mtim)
-#define CTIME(st) ((st).st_ctim)
-#endif
-
-/* Nanoseconds since the epoch as the format holds them (int64: 1677 to 2262); a time beyond is held at
- * the nearest end, not wrapped around (tv_sec * 1e9 overflowed: 2300 came back as 1715). */
-static long long ns_of(struct timespec t) {
-    if (t.tv_sec > 9223372035LL)
-        return LLONG_MAX;
-    if (t.tv_sec < -9223372035LL)
-        return LLONG_MIN;
-    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
-}
+#include "../store/_stat_ns.h"
 
 #ifdef O_NOATIME
 #define NOATIME O_NOATIME

@@ -16,7 +16,6 @@
 #include <structmember.h>
 #include <dirent.h>
 #include <errno.h>
-#include <limits.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -25,23 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#ifdef __APPLE__
-#define MTIME(st) ((st).st_mtimespec)
-#define CTIME(st) ((st).st_ctimespec)
-#else
-#define MTIME(st) ((st).st_mtim)
-#define CTIME(st) ((st).st_ctim)
-#endif
-
-/* Nanoseconds since the epoch as the format holds them (int64: 1677 to 2262); a time beyond is held at
- * the nearest end, not wrapped around (tv_sec * 1e9 overflowed: 2300 came back as 1715). */
-static long long ns_of(struct timespec t) {
-    if (t.tv_sec > 9223372035LL)
-        return LLONG_MAX;
-    if (t.tv_sec < -9223372035LL)
-        return LLONG_MIN;
-    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
-}
+#include "_stat_ns.h"
 
 typedef struct {
     char *name;
