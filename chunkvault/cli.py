@@ -575,8 +575,9 @@ def _usage(args: argparse.Namespace) -> int:
         print(f"delta bases    {u.bases.blobs} blobs below those deltas, stored as {_human(u.bases.stored_bytes)}")
     print(f"manifests      {_human(u.manifest_stored_bytes)} in {u.manifest_blobs} blobs")
     print(f"data needed    {_human(u.stored_bytes)} stored in all: what restoring or copying them reads")
-    print(f"only these     {_human(u.only.stored_bytes)} stored in {u.only.blobs} blobs{deltas(u.only)}: what "
-          f"forgetting them, then prune, frees")
+    print(f"only these     {_human(u.only.stored_bytes + u.only_manifests.stored_bytes)} stored in "
+          f"{u.only.blobs + u.only_manifests.blobs} blobs{deltas(u.only)} ({_human(u.only_manifests.stored_bytes)} "
+          "of manifests): what forgetting them, then prune, frees")
     return 0
 
 

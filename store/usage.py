@@ -55,6 +55,9 @@ class SnapshotUsage:
     manifest_blobs: int = 0  # the manifests of the selection's chains
     manifest_stored_bytes: int = 0
     only: BlobTotals = field(default_factory=BlobTotals)  # of chunks and bases, what no other snapshot needs
+    # the selection's own manifest blobs no other snapshot names (a forget rebasing a differential on one
+    # writes that differential's anew)
+    only_manifests: BlobTotals = field(default_factory=BlobTotals)
     missing_blobs: int = 0  # named by a tree or a delta, but in no index (`check` says more)
     not_resolved: list[str] = field(default_factory=list)  # ids whose chain does not reach a full
 
@@ -161,4 +164,10 @@ def usage(every: list[Snapshot], chosen: list[Snapshot], own_records: Callable[[
             continue
         out.manifest_blobs += 1
         out.manifest_stored_bytes += loc.length
+    # the selection's own manifests go with it (a snapshot of many small files is mostly manifest)
+    others = {h for s in every if s.id not in chosen_ids for h in s.manifest}
+    for h in {h for s in chosen for h in s.manifest} - others:
+        loc = locate(bytes.fromhex(h))
+        if loc is not None:
+            out.only_manifests.add(loc)
     return out

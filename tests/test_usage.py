@@ -164,3 +164,23 @@ def test_forget_dry_run_says_what_the_prune_after_it_frees(tmp_path, day):
     crashkit.run_cli("forget", "-r", str(copy), "--keep-last", "2", "--group-by", "paths", "--prune",
                      "--max-unused", "0")
     assert before - data() == plan["frees_stored_bytes"]
+
+
+def test_only_these_counts_the_manifests_that_go_with_them(tmp_path, new_repo):
+    """A snapshot of many empty files is mostly manifest: "only these" said 0 B where a prune freed it all."""
+    repo = new_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3000):
+        (src / f"empty-{i:05}").touch()
+    keep_dir = tmp_path / "other"
+    keep_dir.mkdir()
+    (keep_dir / "f").write_bytes(b"x")
+    snap = repo.backup([str(src)]).snapshot
+    repo.backup([str(keep_dir)])
+    u = repo.usage([snap.id])
+    assert u.only.blobs == 0 and u.only_manifests.blobs == len(snap.manifest)
+    before = sum(loc.length for _, loc in repo.store.index.items())
+    repo.forget([snap.id])
+    repo.prune(max_unused=0.0)
+    assert before - sum(loc.length for _, loc in repo.store.index.items()) == u.only_manifests.stored_bytes
