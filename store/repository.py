@@ -127,6 +127,7 @@ class Repo:
         self._read_gap = READ_GAP_LOCAL if remote.cheap_ranges else READ_GAP_REMOTE
         self._recent = None if remote.cheap_ranges else RecentRanges(RECENT_RANGES_BYTES)
         self._snapshots: dict[str, Snapshot] = {}
+        self._snapshot_sizes: dict[str, int] = {}  # of each object read: another command's rewrite shows in it
         self.unreadable_snapshots: dict[str, CorruptObject] = {}  # as of the last listing (``snapshots``)
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
         self._delta_bases: dict[bytes, bytes] = {}
@@ -596,6 +597,7 @@ class Repo:
             raise MissingObject(f"snapshots/{name}") from None
         snap = Snapshot.decode(self.sealer, name, data)
         self._snapshots[name] = snap
+        self._snapshot_sizes[name] = len(data)
         return snap
 
     def snapshot_names(self) -> list[str]:
@@ -606,7 +608,11 @@ class Repo:
         key) is left out and kept in ``unreadable_snapshots`` (name -> error), for the caller to report,
         or to refuse on with ``require_readable`` where it must see every snapshot; one deleted since
         the listing is simply gone."""
-        names = self.snapshot_names()
+        listed = {o.key.split("/", 1)[1]: o.size for o in self.remote.list("snapshots/")}
+        names = list(listed)
+        for name, size in listed.items():  # rewritten meanwhile by another command (a rebase, a tag, a rewrite)
+            if self._snapshot_sizes.get(name, size) != size:
+                self._snapshots.pop(name, None)
 
         def load(name: str) -> Snapshot | CorruptObject | None:
             try:
@@ -654,8 +660,10 @@ class Repo:
             snap.id = os.urandom(32).hex()
         elif not snap.id:
             raise ValueError("replacing a snapshot needs its id")
-        self.remote.put(f"snapshots/{snap.id}", snap.encode(self.sealer), if_absent=not replace)
+        data = snap.encode(self.sealer)
+        self.remote.put(f"snapshots/{snap.id}", data, if_absent=not replace)
         self._snapshots[snap.id] = snap
+        self._snapshot_sizes[snap.id] = len(data)
         return snap
 
     def delete_snapshot(self, name: str) -> None:

@@ -270,3 +270,23 @@ def test_a_long_open_repository_backs_up_onto_the_chain_another_client_rebased(t
         assert repo.check(read_data=True).ok
         repo.restore(result.snapshot.id, str(tmp_path / "out"))
     assert (tmp_path / "out" / "f").read_bytes() == b"hour four"
+
+
+def test_a_repository_held_open_lists_snapshots_another_client_rebased_as_they_are_now(tmp_path, new_repo):
+    """It listed the differential with a parent that was gone, until some read dropped its cache."""
+    from chunkvault import Repository
+    from conftest import PASSWORD
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"one")
+    held = new_repo(str(tmp_path / "repo"))
+    full = held.backup([str(src)]).snapshot
+    (src / "f").write_bytes(b"two")
+    diff = held.backup([str(src)]).snapshot
+    assert {s.id: s.kind for s in held.snapshots()} == {full.id: "full", diff.id: "diff"}
+    with Repository.open(str(tmp_path / "repo"), PASSWORD) as other:
+        other.forget([full.id])
+    (now,) = held.snapshots()
+    assert (now.id, now.kind, now.parent) == (diff.id, "full", None)
+    assert held.snapshot("latest").kind == "full"
