@@ -929,9 +929,11 @@ class Backup:
         try:
             with lock:
                 # Read the index only under the lock: a prune cannot drop what this backup dedups against.
-                # Snapshot objects read before it (a forget rebasing, a rewrite) are read again: a parent
-                # as it was would leave out of this snapshot what a rewrite removed from the parent's.
-                self.repo.drop_stale()
+                # Snapshot objects read before a wait for another command's lock (a forget rebasing, a
+                # rewrite) are read again: a parent as it was would leave out of this snapshot what a
+                # rewrite removed from the parent's.
+                if self._lock is not None and self._lock.waited:
+                    self.repo.drop_stale(index=False)
                 self.repo.load_index()
                 return self._run(source, paths, stream=stream, stdin_name=stdin_name)
         finally:

@@ -144,6 +144,7 @@ class RepoLock:
         self._lost = 0.0  # the gap (s) that made it lost, once one did: sticky
         self._looked = 0.0  # when ensure_held last saw the lock object on the remote
         self._pid = os.getpid()  # a child forked while it is held must not remove it on leaving the block
+        self.waited = False  # another command held the repository first: what was read before may be stale
 
     def _write(self) -> None:
         now = time.time()
@@ -206,6 +207,7 @@ class RepoLock:
                 raise
             if not conflicts:
                 break
+            self.waited = True
             self.remote.delete(self.key)
             mine = [lk for lk in conflicts if _HELD_BY_THREAD.get(lk.key) == threading.get_ident()]
             if mine:  # waiting for it would wait for ourselves
