@@ -18,6 +18,8 @@ from typing import IO, Mapping, Sequence
 
 from chunkvault.errors import SourceCommandFailed
 
+from .locks import process_start
+
 STOP_GRACE = 5.0  # seconds a command interrupted by a failed backup gets to end after SIGTERM
 WAKE_EVERY = 0.5  # seconds a read waits on a silent pipe before the interpreter gets to handle signals
 
@@ -30,15 +32,11 @@ def wait_readable(fd: int) -> None:
         pass
 
 
-def _start_time(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot), None once it is gone or a zombie: with the pid, it
-    names one process, not whichever reuses its number."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == b"Z" else int(fields[19])
+def without_passwords(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without chunkvault's password settings (``CHUNKVAULT_PASSWORD``, ``..._FILE``,
+    ``CHUNKVAULT_TO_PASSWORD``, ...): a command we start, and what it starts, gets none (a ``PGPASSWORD``
+    stays)."""
+    return {k: v for k, v in env.items() if not (k.startswith("CHUNKVAULT_") and "PASSWORD" in k)}
 
 
 def descendants(pid: int) -> list[tuple[int, int]]:
@@ -59,7 +57,7 @@ def descendants(pid: int) -> list[tuple[int, int]]:
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), ()):
-            start = _start_time(child)
+            start = process_start(child, running=True)
             if start is not None:
                 found.append((child, start))
                 todo.append(child)
@@ -70,7 +68,7 @@ def _signal(procs: list[tuple[int, int]], sig: int) -> bool:
     """Send ``sig`` to each of ``procs`` still running (0: only ask); whether any was."""
     alive = False
     for pid, start in procs:
-        if _start_time(pid) == start:
+        if process_start(pid, running=True) == start:
             alive = True
             try:
                 os.kill(pid, sig)
@@ -107,8 +105,7 @@ class CommandStream:
             raise SourceCommandFailed("no command given")
         self.argv = list(argv)
         self.shown = shlex.join(self.argv)
-        env = {k: v for k, v in (os.environ if env is None else env).items()
-               if not (k.startswith("CHUNKVAULT_") and k.endswith("PASSWORD"))}
+        env = without_passwords(os.environ if env is None else env)
         try:
             self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=0,
                                           stderr=stderr, cwd=cwd, env=env)

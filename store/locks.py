@@ -58,12 +58,13 @@ def boot_id() -> str | None:
         return None
 
 
-def process_start(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot; Linux), or None if unknown or gone."""
+def process_start(pid: int, *, running: bool = False) -> int | None:
+    """When process ``pid`` started (clock ticks since boot; Linux), or None if unknown or gone (with
+    ``running``, also once it is a zombie: it has ended, its parent has yet to reap it)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-        return int(fields[19])
+        return None if running and fields[0] == b"Z" else int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
 
