@@ -56,6 +56,7 @@ from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
 from .processes import kill_group
 from .schedule import Policy, Source, decide, next_wakeup, parse_policy
 from .schedulecli import add_commands
+from .store.command_stream import without_passwords
 from .store.source import excludes_of
 from .tomlfile import read_toml
 
@@ -333,7 +334,7 @@ class Runner:
         env = dict(os.environ)
         env.update(CHUNKVAULT_SOURCE=src.name, CHUNKVAULT_KIND=due.kind, CHUNKVAULT_SLOT=_iso(due.slot) or "",
                    CHUNKVAULT_PATHS=os.pathsep.join(src.paths))
-        env.pop("CHUNKVAULT_PASSWORD", None)  # hooks get no secret
+        env = without_passwords(env)  # hooks get no secret
         pre_ok = True
         if src.pre is not None:
             result.pre_exit, error = run_hook(src.pre, env, self.policy.base_dir, src.hook_timeout,
