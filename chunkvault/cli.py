@@ -30,8 +30,23 @@ T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
+    _intermixing = False
+
     def error(self, message: str) -> None:  # one line, exit code 2, like every usage error
         raise UsageError(message)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """A command's options may come between its arguments (``ls SNAP --json PATH``, ``forget A --prune B``):
+        plain argparse takes the arguments only up to the first option and calls the rest unrecognized."""
+        positionals = self._get_positional_actions()
+        if (self._intermixing or self._subparsers is not None or not positionals
+                or any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in positionals)):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 # --- passwords -------------------------------------------------------------------

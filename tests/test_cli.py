@@ -300,6 +300,26 @@ def test_each_command_parses_with_its_own_parser_alone():
         _parse(["no-such-command"])  # the whole parser names every command
 
 
+def test_options_may_come_between_a_command_s_arguments():
+    """As restic's and borg's: ``ls SNAP --json PATH`` and ``forget A --prune B`` mean what they would with
+    the options last; a missing or surplus argument is still one usage error."""
+    from chunkvault.cli import _parse
+
+    args = _parse(["ls", "latest", "--json", "sub/b.bin", "-r", "x"])
+    assert (args.snapshot, args.path, args.json, args.repo) == ("latest", "sub/b.bin", True, "x")
+    args = _parse(["forget", "aa", "--prune", "bb", "--keep-last", "2", "cc"])
+    assert (args.snapshots, args.prune, args.keep_last) == (["aa", "bb", "cc"], True, 2)
+    args = _parse(["backup", "d1", "--tag", "t", "d2", "-r", "x"])
+    assert (args.paths, args.tag) == (["d1", "d2"], ["t"])
+    assert _parse(["restore", "--target", "out"]).snapshot == "latest"
+    assert _parse(["dump", "-r", "x", "s", "--archive", "zip", "/"]).path == "/"
+    assert _parse(["key", "add", "-r", "x"]).command == "key"
+    with pytest.raises(UsageError, match="unrecognized arguments: c"):
+        _parse(["ls", "a", "--json", "b", "c"])
+    with pytest.raises(UsageError, match="required: snapshot"):
+        _parse(["ls", "--json"])
+
+
 @given(st.binary(max_size=40))
 def test_a_json_name_gives_back_its_exact_bytes(raw):
     from chunkvault.cli import _name_json
