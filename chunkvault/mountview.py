@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Iterable
 
 from .store.manifest import T_DIR, T_HARDLINK, Entry
+from .store.chronology import chronological_key
 from .store.snapshot import Snapshot
 
 TOP = ("snapshots", "ids", "hosts", "tags")
@@ -70,7 +71,7 @@ class Layout:
     groups: dict[str, dict[str, list[Snapshot]]] = field(init=False)  # "hosts"/"tags" -> key -> snapshots
 
     def __post_init__(self) -> None:
-        snaps = sorted(self.snapshots, key=lambda s: (s.time, s.id))
+        snaps = sorted(self.snapshots, key=chronological_key(self.snapshots))
         self.snapshots = snaps
         first = defaultdict(list)
         for s in snaps:

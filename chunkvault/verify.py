@@ -37,6 +37,7 @@ from .store.command_stream import without_passwords
 from .store.manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key,
 )
+from .store.chronology import chronological_key
 from .store.snapshot import Snapshot, parse_time
 from .store.xattrs import decode_xattrs, read_xattrs
 
@@ -204,7 +205,8 @@ def merge_by_path(expected: Iterable[Entry], observed: Iterable[tuple[bytes, os.
 
 def snapshots_since(snapshots: Iterable[Snapshot], since: datetime) -> list[Snapshot]:
     """Every snapshot taken at or after ``since``, oldest first."""
-    return sorted((s for s in snapshots if s.datetime >= since), key=lambda s: (s.time, s.id))
+    snapshots = list(snapshots)
+    return sorted((s for s in snapshots if s.datetime >= since), key=chronological_key(snapshots))
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:

@@ -21,6 +21,7 @@ from .locks import SHARED, RepoLock
 from .manifest import Record
 from .manifest_io import ManifestWriter
 from .repository import BlobWriter, Repo
+from .chronology import chronological_key
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot
 
 COPIED_FROM = "copied_from"
@@ -44,7 +45,7 @@ def copy_order(snapshots: Iterable[Snapshot], wanted: set[str]) -> list[Snapshot
         while cur is not None and cur in by_id and cur not in need:
             need.add(cur)
             cur = by_id[cur].parent
-    return sorted((by_id[i] for i in need), key=lambda s: (s.time, s.id))
+    return sorted((by_id[i] for i in need), key=chronological_key(by_id.values()))
 
 
 class _BlobMapper:

@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 from . import chain
 from .chain import lineage
 from .manifest import Entry, Record
+from .chronology import chronological_key
 from .snapshot import Snapshot
 
 
@@ -89,7 +90,8 @@ def versions(snapshots: Iterable[Snapshot], matches: dict[str, list[Record]]) ->
     found: dict[tuple, Found] = {}
     last_seen: dict[tuple, str] = {}
     previous: dict[tuple[str, tuple[str, ...]], str] = {}
-    for s in sorted((s for s in snapshots if s.id in matches), key=lambda s: (s.time, s.id)):
+    snapshots = list(snapshots)
+    for s in sorted((s for s in snapshots if s.id in matches), key=chronological_key(snapshots)):
         source = (s.host, tuple(sorted(s.paths)))
         before = previous.get(source)
         previous[source] = s.id

@@ -38,6 +38,7 @@ from .manifest import Record, decode_records, iter_records
 from .manifest_seek import ManifestSeeker, segments
 from .pack import PackBuffers, PackBuilder
 from .packranges import RecentRanges
+from .chronology import chronological_key
 from .snapshot import Snapshot
 from .unlock import Unlocked, repository_objects, unlock
 
@@ -629,7 +630,8 @@ class Repo:
         with ThreadPoolExecutor(OBJECT_READERS) as pool:
             loaded = [x for batch in pool.map(lambda b: [load(n) for n in b], batches) for x in batch]
         self.unreadable_snapshots = {n: x for n, x in zip(names, loaded) if isinstance(x, CorruptObject)}
-        return sorted((x for x in loaded if isinstance(x, Snapshot)), key=lambda s: (s.time, s.id))
+        snapshots = [x for x in loaded if isinstance(x, Snapshot)]
+        return sorted(snapshots, key=chronological_key(snapshots))
 
     def drop_stale(self, *, index: bool = True) -> None:
         """Forget what another command may have changed before this one took its lock: the snapshot

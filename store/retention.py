@@ -43,6 +43,8 @@ from typing import Any, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 from chunkvault.errors import CorruptObject, MissingObject, SnapshotNotFound, UsageError
 
+from .chronology import chronological_key
+
 __all__ = [
     "Decision",
     "Duration",
@@ -398,7 +400,7 @@ def newest_of_groups(snapshots: Iterable[SnapshotLike], n: int, group_by: frozen
     for s in snaps:
         groups.setdefault(group_key(s, group_by), []).append(s)
     kept = {s.id for members in groups.values()
-            for s in sorted(members, key=lambda s: (_utc(s.time, s.id), s.id), reverse=True)[:n]}
+            for s in sorted(members, key=chronological_key(snaps, lambda s: _utc(s.time, s.id)), reverse=True)[:n]}
     return [s for s in snaps if s.id in kept]
 
 
@@ -424,12 +426,13 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
     _check_ids(snaps)
     now = _utc(now, "now")
     times = {s.id: _utc(s.time, s.id) for s in snaps}
+    order = chronological_key(snaps, lambda s: times[s.id])
     groups: dict[tuple, list[SnapshotLike]] = {}
     for s in snaps:
         groups.setdefault(group_key(s, policy.group_by), []).append(s)
     reasons: dict[str, list[str]] = {}
     for members in groups.values():
-        members.sort(key=lambda s: (times[s.id], s.id), reverse=True)
+        members.sort(key=order, reverse=True)
         _apply_group(members, times, policy, now, reasons)
         if not allow_remove_all and not any(s.id in reasons for s in members):
             raise UsageError(f"the retention policy keeps none of the {len(members)} snapshot(s) of "

@@ -16,6 +16,7 @@ import zstandard
 
 from chunkvault.errors import AmbiguousSnapshot, CorruptObject, SnapshotNotFound, UsageError
 
+from .chronology import chronological_key
 from .crypto import AuthenticationFailed, Sealer
 
 SNAPSHOT_AD = b"chunkvault snapshot v1"
@@ -165,7 +166,7 @@ def find_snapshot(snapshots: Iterable[Snapshot], spec: str, *, until: datetime |
         candidates = [s for s in snaps if until is None or s.datetime <= until]
         if not candidates:
             raise SnapshotNotFound("no snapshot" + (f" at or before {until.isoformat()}" if until else ""))
-        return max(candidates, key=lambda s: (s.time, s.id))
+        return max(candidates, key=chronological_key(candidates))
     matches = [s for s in snaps if s.id.startswith(spec.lower())]
     if not matches:
         raise SnapshotNotFound(f"no snapshot {spec!r}")

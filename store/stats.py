@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 from .blob import KIND_DELTA
 from .blobindex import BlobLocation
+from .chronology import chronological_key
 from .snapshot import KIND_FULL, Snapshot
 
 
@@ -55,12 +56,13 @@ def summarize(snapshots: Iterable[Snapshot], blobs: Iterable[tuple[bytes, BlobLo
     newest: dict[tuple, Snapshot] = {}
     snapshots = list(snapshots)
     manifest_ids = {bytes.fromhex(h) for s in snapshots for h in s.manifest}
+    later = chronological_key(snapshots)
     for s in snapshots:
         out.snapshots += 1
         out.full_snapshots += s.kind == KIND_FULL
         out.all_bytes += s.stats.get("bytes", 0)
         key = (s.host, tuple(sorted(s.paths)), s.stdin_name)
-        if key not in newest or (s.time, s.id) > (newest[key].time, newest[key].id):
+        if key not in newest or later(s) > later(newest[key]):
             newest[key] = s
     out.sources = len(newest)
     out.newest_bytes = sum(s.stats.get("bytes", 0) for s in newest.values())

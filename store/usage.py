@@ -20,6 +20,7 @@ from . import chain
 from .blob import KIND_DELTA
 from .blobindex import BlobLocation
 from .manifest import Record
+from .chronology import chronological_key
 from .snapshot import KIND_FULL, Snapshot
 
 ID_SIZE = 32
@@ -73,7 +74,8 @@ class SnapshotUsage:
 def chains_down(snapshots: Iterable[Snapshot]) -> tuple[list[Snapshot], dict[str, list[Snapshot]]]:
     """(full snapshots, the children of each snapshot), oldest first; a differential whose parent is not
     among ``snapshots`` is in neither."""
-    snaps = sorted(snapshots, key=lambda s: (s.time, s.id))
+    snaps = list(snapshots)
+    snaps.sort(key=chronological_key(snaps))
     ids = {s.id for s in snaps}
     roots = []
     children: dict[str, list[Snapshot]] = defaultdict(list)

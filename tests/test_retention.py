@@ -59,9 +59,20 @@ def model_bucket(rule, t):
     }[rule]
 
 
+def model_age(s, by_id):
+    """How many ancestors of ``s`` have its very time (a chain dated one instant): they come before it."""
+    n, cur, seen = 0, s, set()
+    while cur.parent in by_id and by_id[cur.parent].time == cur.time and cur.parent not in seen:
+        seen.add(cur.parent)
+        cur = by_id[cur.parent]
+        n += 1
+    return n
+
+
 def model(snaps, policy, now):
     """id -> set of rule categories that keep it (empty set: removed)."""
     why = {s.id: set() for s in snaps}
+    by_id = {s.id: s for s in snaps}
     groups = {}
     for s in snaps:
         key = tuple(
@@ -69,7 +80,7 @@ def model(snaps, policy, now):
             for g in sorted(policy.group_by))
         groups.setdefault(key, []).append(s)
     for members in groups.values():
-        order = sorted(members, key=lambda s: (s.time, s.id))  # oldest first
+        order = sorted(members, key=lambda s: (s.time, model_age(s, by_id), s.id))  # oldest first
         newest_first = order[::-1]
         not_future = [s.time for s in members if s.time <= now]
         latest = max(not_future) if not_future else now
@@ -92,7 +103,7 @@ def model(snaps, policy, now):
             newest_in_bucket = {}
             for s in order:  # later ones overwrite: ends with the newest of each bucket
                 newest_in_bucket[model_bucket(rule, s.time)] = s
-            ranked = sorted(newest_in_bucket.values(), key=lambda s: (s.time, s.id), reverse=True)
+            ranked = sorted(newest_in_bucket.values(), key=lambda s: (s.time, model_age(s, by_id), s.id), reverse=True)
             for s in (ranked if n == -1 else ranked[:n]):
                 why[s.id].add(rule)
             buckets_before_oldest = {model_bucket(rule, s.time) for s in order[1:]}
