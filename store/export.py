@@ -23,8 +23,10 @@ flight; a reader keeps 12 bytes per chunk (where each one is in the file).
 """
 from __future__ import annotations
 
+import fcntl
 import hmac
 import json
+import re
 import os
 import stat
 import struct
@@ -359,9 +361,11 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
     log_n, p = (kdf_log_n, 1) if kdf_log_n is not None else tune_scrypt(kdf_seconds, max_p=MAX_SCRYPT_P)
     level = repo.config.settings.compression_level
     stats = ExportStats(out_path, snapshot.id, "")
+    _remove_abandoned(directory, base)
     tmp = os.path.join(directory, f".{base}.tmp-{os.urandom(6).hex()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while written: see _remove_abandoned
     except OSError as exc:
         raise output_error(f"creating the export file in {directory}", exc) from None
     try:
@@ -395,6 +399,36 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
     stats.blobs = w.counts[S_BLOB]
     stats.duration = round(time.monotonic() - started, 3)
     return stats
+
+
+ABANDONED_AFTER = 60.0  # seconds since a temporary export file was last written
+
+
+def _remove_abandoned(directory: str, base: str) -> None:
+    """Remove the temporary files of exports to ``base`` whose writer died (SIGKILL, a power cut), which
+    would otherwise stay hidden beside the output, as large as the export got. A writer holds a lock on its
+    file until it renames it; one not written for a minute whose lock is free has no writer left."""
+    pattern = re.compile(re.escape(f".{base}.tmp-") + "[0-9a-f]{12}")
+    try:
+        names = [n for n in os.listdir(directory) if pattern.fullmatch(n)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < ABANDONED_AFTER:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+        except OSError:  # its writer still holds it, or it went meanwhile
+            continue
+        finally:
+            os.close(fd)
 
 
 def _write_tree(repo: Repo, w: ExportWriter, records: Iterator[Record], level: int, stats: ExportStats,

@@ -95,6 +95,30 @@ def sections(data: bytes):
 # --- round trips ---------------------------------------------------------------------
 
 
+def test_an_export_removes_what_a_killed_export_of_that_name_left(tmp_path, chain):
+    """A SIGKILLed export leaves its hidden temporary file, as large as it got: the next export to that name
+    removes it, but not one whose writer still runs (holding its lock), nor one written less than a minute
+    ago (just created, not locked yet), nor files of other names."""
+    import fcntl
+
+    repo, diff, src = chain
+    old = os.path.getmtime(src) - 3600
+    left = {}
+    for name in (".x.backup.tmp-0123456789ab", ".x.backup.tmp-aaaaaaaaaaaa", ".x.backup.tmp-cccccccccccc",
+                 ".x.backup.tmp-zz", ".y.backup.tmp-dddddddddddd", ".x.backup.tmp-0123456789ab.tmp-ffffffffffff"):
+        left[name] = tmp_path / name
+        left[name].write_bytes(b"part of an export")
+        if name != ".x.backup.tmp-cccccccccccc":
+            os.utime(left[name], (old, old))
+    with open(left[".x.backup.tmp-aaaaaaaaaaaa"], "rb") as running:
+        fcntl.flock(running, fcntl.LOCK_EX)
+        export(repo.store, diff, str(tmp_path / "x.backup"), EXPORT_PW, kdf_log_n=10)
+        assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == sorted(set(left) - {
+            ".x.backup.tmp-0123456789ab"})
+    export(repo.store, diff, str(tmp_path / "x.backup"), EXPORT_PW, kdf_log_n=10, overwrite=True)
+    assert ".x.backup.tmp-aaaaaaaaaaaa" not in os.listdir(tmp_path)
+
+
 def test_export_of_a_differential_imports_as_a_full_snapshot_elsewhere(tmp_path, exported):
     repo, diff, src, path, stats = exported
     assert stats.snapshot_id == diff.id and stats.file_bytes == path.stat().st_size
