@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import warnings
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from . import __version__, interrupts, passwords
@@ -254,13 +254,19 @@ def _names_json(key: str, names: list[str]) -> dict[str, Any]:
 
 def _entry_json(e: Entry) -> dict[str, Any]:
     return {**_name_json("path", e.path), "type": TYPE_NAMES[e.type], "mode": oct(e.mode), "uid": e.uid,
-            "gid": e.gid, "size": e.size, "mtime": _ns_iso(e.mtime_ns),
+            "gid": e.gid, "size": e.size, "mtime": _ns_iso(e.mtime_ns), "mtime_ns": e.mtime_ns,
             **_name_json("target", e.target or None),
             "digest": e.digest.hex() if e.digest else None, "chunks": len(e.chunks) // 32}
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def _ns_iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat()
+    """To the microsecond below (``mtime_ns`` gives the nanoseconds): through a float, a time could come
+    out a microsecond later than the file's."""
+    seconds, ns = divmod(ns, 10**9)
+    return (_EPOCH + timedelta(seconds=seconds, microseconds=ns // 1000)).isoformat()
 
 
 def _ns_local(ns: int) -> str:

@@ -343,14 +343,16 @@ def test_ls_and_find_show_file_times_in_local_time_as_snapshots_shows_its_times(
     src = tmp_path / "data"
     src.mkdir()
     (src / "f").write_text("x")
-    os.utime(src / "f", (978_307_200, 978_307_200))  # 2001-01-01 00:00:00 UTC
+    os.utime(src / "f", ns=(978_307_200_999_999_999, 978_307_200_999_999_999))  # 2001-01-01 00:00:00.999999999 UTC
     cli("init", "-r", repo, "--kdf-time", "0")
     cli("backup", "-r", repo, str(src))
     tokyo = {"TZ": "Asia/Tokyo"}
     assert "2001-01-01 09:00:00  f" in cli("ls", "-r", repo, "latest", env=tokyo).stdout.decode()
     assert "modified 2001-01-01 09:00:00" in cli("find", "-r", repo, "f", env=tokyo).stdout.decode()
     listed = json.loads(cli("ls", "-r", repo, "latest", "--json", env=tokyo).stdout)
-    assert listed[1]["mtime"] == "2001-01-01T00:00:00+00:00"
+    assert listed[1]["mtime"] == "2001-01-01T00:00:00.999999+00:00" and listed[1]["mtime_ns"] == 978_307_200_999_999_999
+    assert json.loads(cli("find", "-r", repo, "f", "--json").stdout)[0]["versions"][0]["mtime_ns"] == \
+        978_307_200_999_999_999
 
 
 def test_run_json_with_a_failing_source_is_one_document(tmp_path, setup, cli):
