@@ -882,6 +882,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
     elif not args.quiet:
         for problem in report.unreadable_packs:
             warn(problem)
+        for kept in report.kept_packs:
+            warn(f"{kept}: kept the blobs the old index lists for it (`repair packs` salvages those that verify)")
         if args.what == "index":
             print(f"index rebuilt from {report.packs} pack headers ({report.blobs} blobs)")
             if report.baseless_packs:

@@ -21,7 +21,7 @@ from .blob import KIND_DELTA, open_blob
 from .config import KeyFile
 from .indexfile import IndexColumns
 from .pack import PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
-from .repository import WORKERS, Repo, pack_key
+from .repository import OBJECT_ID, WORKERS, Repo, pack_key
 from .snapshot import Snapshot
 
 
@@ -101,6 +101,7 @@ class Checker:
         self.select = parse_subset(subset)
         self.report = CheckReport()
         self.bad_blobs: dict[bytes, Problem] = {}
+        self._baseless: list[tuple[Problem, bytes, bytes]] = []  # (problem, base, pack of the delta)
         self.bad_manifests: dict[str, Problem] = {}  # snapshot id -> its manifest's problem
         self.index_damaged = False  # an index object did not load: unindexed packs may be its
         self._lock = threading.Lock()
@@ -163,11 +164,9 @@ class Checker:
             lambda: ((pid, e) for pid, sources in packs.items() for e in _entries(sources)), bases)
         for pid, e in deltas:
             if e.base_id not in readable:
-                self.bad_blobs.setdefault(e.blob_id, self.problem(
-                    f"blob {e.blob_id.hex()}",
-                    f"its delta base {e.base_id.hex()} cannot be read (not in the index, or a delta on one "  # type: ignore[union-attr]
-                    f"that is not): `repair packs {pid.hex()[:12]}` drops it, and the next backup of its "
-                    "data stores it again"))
+                p = self.problem(f"blob {e.blob_id.hex()}", _baseless(e.base_id, pid, 0))
+                self._baseless.append((p, e.base_id, pid))
+                self.bad_blobs.setdefault(e.blob_id, p)
             elif repo.delta_depth(e.blob_id) > repo.max_delta_depth:
                 self.bad_blobs.setdefault(e.blob_id, self.problem(
                     f"blob {e.blob_id.hex()}", f"its delta chain is longer than {repo.max_delta_depth}"))
@@ -248,12 +247,15 @@ class Checker:
         stored = {}
         for o in repo.remote.list("data/"):
             name = o.key.rsplit("/", 1)[1]
-            try:
+            if OBJECT_ID.fullmatch(name):
                 stored[bytes.fromhex(name)] = o.size
-            except ValueError:
+            else:
                 self.report.warnings.append(f"unexpected object {o.key}")
         self.report.packs = len(stored)
-        for pid in stored.keys() - indexed.keys():
+        unindexed = stored.keys() - indexed.keys()
+        for p, base, pid in self._baseless if unindexed else ():
+            p.problem = _baseless(base, pid, len(unindexed))
+        for pid in unindexed:
             self.report.warnings.append(
                 f"{pack_key(pid)} is in no readable index (an index object is damaged: `repair index` adds it)"
                 if self.index_damaged else
@@ -439,3 +441,13 @@ def _not_its_name(pid: bytes) -> str:
 def _name(p: Problem, snapshot_id: str) -> None:
     if snapshot_id not in p.snapshots:
         p.snapshots.append(snapshot_id)
+
+
+def _baseless(base: bytes, pid: bytes, unindexed: int) -> str:
+    """A delta's base that no index lists: while packs no index lists are stored, it may be in one (an
+    index object lost), and `repair packs` would drop a delta whose base can be read."""
+    if unindexed:
+        return (f"its delta base {base.hex()} is in no index, and {unindexed} stored pack(s) are in none: "
+                "`repair index` first (the base may be in one of them), then `check` again")
+    return (f"its delta base {base.hex()} cannot be read (not in the index, or a delta on one that is not): "
+            f"`repair packs {pid.hex()[:12]}` drops it, and the next backup of its data stores it again")

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from typing import Iterable
+from typing import Callable, Iterable
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, UsageError
+from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, UsageError
 
 from .blob import KIND_DELTA, open_blob, open_envelope
 from .indexfile import IndexData
 from .locks import EXCLUSIVE, RepoLock
-from .manifest import Record, delete_record
+from .manifest import T_HARDLINK, Record, delete_record, sort_key
 from .manifest_io import store_manifest
 from .pack import PackEntry, fetch_header, readable_ids
 from .prune import indexed_packs, replace_index, store_envelopes
-from .repository import PreparedBlob, Repo, pack_key
+from .repository import OBJECT_ID, PreparedBlob, Repo, pack_key
 from .snapshot import KIND_FULL
 
 
@@ -37,10 +37,11 @@ class RepairReport:
     unrestorable: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, why): forget them
     salvaged: list[PackSalvage] = field(default_factory=list)
     baseless_packs: list[str] = field(default_factory=list)  # packs holding deltas whose base is lost
+    kept_packs: list[str] = field(default_factory=list)  # header unreadable: the old index's entries kept
 
     def to_dict(self) -> dict:
         return {"packs": self.packs, "blobs": self.blobs, "unreadable_packs": self.unreadable_packs,
-                "baseless_packs": self.baseless_packs,
+                "kept_packs": self.kept_packs, "baseless_packs": self.baseless_packs,
                 "dropped": [{"snapshot": s, "path": p} for s, p in self.dropped], "rewritten": self.rewritten,
                 "unrestorable": [{"snapshot": s, "reason": r} for s, r in self.unrestorable],
                 "salvaged": [p.to_dict() for p in self.salvaged]}
@@ -62,17 +63,28 @@ class PackSalvage:
 
 
 def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
+    """A pack whose header cannot be read keeps the entries an old index object gives it (they are the only
+    record of where its blobs sit: `repair packs` salvages them from there); one no old index lists is
+    left out and reported."""
     report = RepairReport()
     with RepoLock(repo.remote, EXCLUSIVE, "repair index", wait=wait) as lock:
         old = repo.index_names()
+        listed = _readable_entries(repo, old)
         index = IndexData()
         for o in repo.remote.list("data/"):
-            try:
-                pid = bytes.fromhex(o.key.rsplit("/", 1)[1])
-                index.packs[pid] = _read_header(repo, o.key, o.size)
-            except (ChunkvaultError, ValueError) as exc:
-                report.unreadable_packs.append(f"{o.key}: {exc}")
+            name = o.key.rsplit("/", 1)[1]
+            if not OBJECT_ID.fullmatch(name):
+                report.unreadable_packs.append(f"{o.key}: not a pack (its name is not a pack id)")
                 continue
+            pid = bytes.fromhex(name)
+            try:
+                index.packs[pid] = _read_header(repo, o.key, o.size)
+            except ChunkvaultError as exc:
+                if not listed.get(pid):
+                    report.unreadable_packs.append(f"{o.key}: {exc}")
+                    continue
+                index.packs[pid] = listed[pid]
+                report.kept_packs.append(f"{o.key}: {exc}")
             report.packs += 1
             report.blobs += len(index.packs[pid])
         readable = readable_ids(e for entries in index.packs.values() for e in entries)
@@ -86,6 +98,33 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
             repo.remote.delete(f"index/{name}")
         repo.load_index()
     return report
+
+
+def _links_to_damaged(tree: Iterable[Record], damaged: Callable[[Record], bool]) -> list[bytes]:
+    """The hard links of a snapshot's tree whose target is a file dropped as damaged: left in, each would
+    restore to nothing, and `verify-restore` would fail on it every time."""
+    gone: set[bytes] = set()
+    links: list[tuple[bytes, bytes]] = []
+    for rec in tree:
+        e = rec.entry
+        if e is not None and e.type == T_HARDLINK:
+            links.append((rec.path, e.target))
+        elif damaged(rec):
+            gone.add(rec.path)
+    return [path for path, target in links if target in gone]
+
+
+def _readable_entries(repo: Repo, names: list[str]) -> dict[bytes, list[PackEntry]]:
+    """Every pack's entries as the index objects that still read give them."""
+    packs: dict[bytes, list[PackEntry]] = {}
+    for name in names:
+        try:
+            data = repo.read_index_object(name)
+        except (CorruptObject, ObjectNotFound):
+            continue
+        for pid, entries in data.packs.items():
+            packs.setdefault(pid, entries)
+    return packs
 
 
 def _read_header(repo: Repo, key: str, size: int) -> list[PackEntry]:
@@ -135,6 +174,11 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
         names, packs = indexed_packs(repo)
         stored = repo.stored_packs()
         named = _resolve_packs(specs, packs.keys() | stored.keys())
+        unindexed = sorted(stored.keys() - packs.keys() - set(named))
+        if unindexed:  # they may hold the bases of deltas this would drop as baseless
+            raise UsageError(f"{len(unindexed)} stored pack(s) are in no index ({pack_key(unindexed[0])}"
+                             f"{', ...' if len(unindexed) > 1 else ''}): run `repair index` first, so that what "
+                             "they hold counts as readable")
         read: dict[bytes, tuple[PackSalvage, list[PackEntry], dict[PackEntry, bytes]]] = {}
         todo = named
         while todo:
@@ -243,15 +287,20 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
                 report.unrestorable.append((snap.id, reason))
                 continue
             paths = damaged_paths.get(snap.id, [])
-            report.dropped += [(snap.id, path.decode("utf-8", "backslashreplace")) for path in paths]
-            if not paths or dry_run:
+            links = _links_to_damaged(repo.tree(snap, snapshots), damaged) if damaged_paths else []
+            report.dropped += [(snap.id, path.decode("utf-8", "backslashreplace")) for path in paths + links]
+            if not (paths or links) or dry_run:
                 continue
+            dropped = set(links)
             records: list[Record] = []
             for rec in repo.manifest_records(snap):
-                if not damaged(rec):
+                if not (damaged(rec) or rec.path in dropped):
                     records.append(rec)
                 elif snap.kind != KIND_FULL:  # the parent's version of the file must not show through
                     records.append(delete_record(rec.path))
+                dropped.discard(rec.path)
+            if snap.kind != KIND_FULL:  # links the parent holds, to a file this differential loses
+                records = sorted(records + [delete_record(p) for p in dropped], key=lambda r: sort_key(r.path))
             ids, mw = store_manifest(repo, records, lock.ensure_held)
             snap.manifest = [i.hex() for i in ids]
             snap.manifest_starts = mw.starts

@@ -103,7 +103,7 @@ class _LRU:
                 self.size -= len(old)
 
 
-_OBJECT_ID = re.compile("[0-9a-f]{64}")
+OBJECT_ID = re.compile("[0-9a-f]{64}")  # the name of a pack or an index object
 
 
 class Repo:
@@ -271,19 +271,14 @@ class Repo:
 
     def stored_packs(self) -> dict[bytes, int]:
         """Pack id -> size of every pack stored under data/ (objects not named by a pack id left out)."""
-        out = {}
-        for o in self.remote.list("data/"):
-            try:
-                out[bytes.fromhex(o.key.rsplit("/", 1)[1])] = o.size
-            except ValueError:
-                continue
-        return out
+        return {bytes.fromhex(name): o.size for o in self.remote.list("data/")
+                if OBJECT_ID.fullmatch(name := o.key.rsplit("/", 1)[1])}
 
     def index_names(self) -> list[str]:
         """Every index object's name; objects not named as one (another repository nested below, a stray
         file, an object an append-only client planted) are left out, as ``stored_packs`` leaves them:
         reported as damaged index objects, they stopped every backup, and `repair index` with them."""
-        return [name for o in self.remote.list("index/") if _OBJECT_ID.fullmatch(name := o.key.split("/", 1)[1])]
+        return [name for o in self.remote.list("index/") if OBJECT_ID.fullmatch(name := o.key.split("/", 1)[1])]
 
     def read_index_objects(self, names: list[str]) -> list[tuple[str, IndexColumns | CorruptObject | ObjectNotFound]]:
         """Each index object named, decoded, or why it cannot be: read ``OBJECT_READERS`` at a time."""

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chunkvault import Repository
-from chunkvault.errors import CorruptObject, MissingObject
+from chunkvault.errors import CorruptObject, MissingObject, UsageError
 
 from test_check import packs, repo_with_data  # noqa: F401 (a fixture)
 from test_corruption import flip
@@ -496,3 +496,73 @@ def test_objects_under_index_not_named_as_one_stop_nothing(tmp_path, new_repo, n
         again.repair_index()
         assert again.check(read_data=True).ok and len(again.snapshots()) == 2
     assert planted.read_bytes() == b"not an index"  # not ours to delete
+
+
+def test_repair_index_keeps_the_entries_of_a_pack_whose_header_alone_is_damaged(small_files, tmp_path):
+    """The old index is the only record of where such a pack's blobs sit: `repair index` keeps it (and says
+    so), every file still restores, and `repair packs` then salvages every blob into a pack that reads."""
+    repo_dir, repo, snap, files = small_files
+    (pid,) = repo.store.stored_packs()
+    path = repo_dir / "data" / pid.hex()[:2] / pid.hex()
+    flip(path, path.stat().st_size - 40)  # inside the sealed header at the pack's end
+    assert not repo.check().ok
+    report = repo.repair_index()
+    assert len(report.kept_packs) == 1 and not report.unreadable_packs and "authentic" in report.kept_packs[0]
+    repo.restore(snap, str(tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == files
+    salvage = repo.repair_packs([pid.hex()], dry_run=False)
+    assert [(p.salvaged, p.lost) for p in salvage.salvaged] == [(report.blobs, [])]  # the files' and the tree's
+    assert repo.check(read_data=True).ok
+    repo.restore(snap, str(tmp_path / "again"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "again").iterdir()} == files
+
+
+def test_repair_packs_refuses_while_packs_no_index_lists_may_hold_delta_bases(chain, tmp_path):
+    """An index object lost: the deltas' bases are in packs no index lists, not gone. check says to run
+    `repair index` first; `repair packs` refuses (it would drop those deltas with their packs for good);
+    `repair index` alone restores everything."""
+    repo_dir, repo, full, diff, src = chain
+    base_packs = {repo.store.pack_ids[repo.store.locate(c).pack_no] for c in chunk_ids(repo, full, "db")}
+    (lost,) = [n for n in repo.store.index_names() if base_packs & set(repo.store.read_index_object(n).packs)]
+    delta_pack = repo.store.pack_ids[repo.store.locate(chunk_ids(repo, diff, "db")[0]).pack_no]
+    os.unlink(repo_dir / "index" / lost)
+    reopened = Repository.open(str(repo_dir), "correct horse battery staple")
+    problems = [p.problem for p in reopened.check().problems if "delta base" in p.problem]
+    assert problems and all("`repair index` first" in p and "repair packs" not in p for p in problems)
+    stored_before = sorted(os.listdir(repo_dir / "data"))
+    with pytest.raises(UsageError, match="no index.*`repair index` first"):
+        reopened.repair_packs([delta_pack.hex()], dry_run=False)
+    assert sorted(os.listdir(repo_dir / "data")) == stored_before
+    reopened.repair_index()
+    reopened.restore(diff, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "db").read_bytes() == (src / "db").read_bytes()
+    assert reopened.check(read_data=True).ok
+    reopened.close()
+
+
+def test_repair_snapshots_drops_the_hard_links_to_a_file_it_drops(tmp_path, new_repo):
+    """A hard link left to a dropped file restores to nothing and fails every verify-restore: it goes with
+    it, from a full and (as a deletion) from a differential."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(11)
+    (src / "a").write_bytes(rnd.randbytes(256 * 1024))
+    os.link(src / "a", src / "b")
+    (src / "c").write_bytes(rnd.randbytes(256 * 1024))
+    repo = new_repo(str(tmp_path / "repo"), pack_size=16 * 1024)  # a chunk per pack: every chunk is larger
+    every = {"fixed_chunks": ["*"], "fixed_chunk_size": 64 * 1024}
+    full = repo.backup([str(src)], **every).snapshot
+    with open(src / "a", "r+b") as f:  # b, the same inode, changes with it
+        f.write(rnd.randbytes(256 * 1024))
+    diff = repo.backup([str(src)], **every).snapshot
+    assert diff.kind == "diff"
+    for c in chunk_ids(repo, full, "a") + chunk_ids(repo, diff, "a"):
+        os.unlink(pack_path(tmp_path / "repo", repo, c))
+    repo.repair_index()
+    report = repo.repair_snapshots(dry_run=False)
+    assert sorted(report.dropped) == sorted([(full.id, "a"), (full.id, "b"), (diff.id, "a"), (diff.id, "b")])
+    for snap in (repo.snapshot(full.id), repo.snapshot(diff.id)):
+        assert sorted(e.path for e in repo.tree(snap)) == [b"", b"c"]
+        restored = repo.restore(snap, str(tmp_path / snap.id))
+        assert os.listdir(tmp_path / snap.id) == ["c"] and not restored.warnings
+    assert repo.check(read_data=True).ok
