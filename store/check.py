@@ -21,7 +21,7 @@ from .blob import KIND_DELTA, open_blob
 from .config import KeyFile
 from .indexfile import IndexColumns
 from .pack import PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
-from .repository import OBJECT_ID, WORKERS, Repo, pack_key
+from .repository import OBJECT_ID, WORKERS, Repo, pack_key, superseded_names
 from .snapshot import Snapshot
 
 
@@ -145,10 +145,15 @@ class Checker:
         base cannot be read, or whose chain is too long, is a problem."""
         repo = self.repo
         names = repo.index_names()
-        datas: list[tuple[str, IndexColumns]] = []
-        for name, got in repo.read_index_objects(names):
+        read = repo.read_index_objects(names)
+        datas = [(name, got) for name, got in read if isinstance(got, IndexColumns)]
+        superseded = superseded_names(got for _, got in datas)
+        for name, got in read:
             if isinstance(got, IndexColumns):
-                datas.append((name, got))
+                continue
+            if name in superseded:  # a repair or prune stopped before deleting it: nothing reads it
+                self.report.warnings.append(f"index/{name} is superseded and does not read ({got}); "
+                                            "`repair index` deletes it")
             else:
                 self.problem(f"index/{name}", str(got))
                 self.index_damaged = True

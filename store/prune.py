@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from chunkvault.errors import CorruptObject, StorageFull
+from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, StorageFull
 
 from .blob import KIND_DELTA
 from .indexfile import IndexData
@@ -171,10 +171,20 @@ def packs_of(live: dict[str, IndexData]) -> dict[bytes, list[PackEntry]]:
 
 
 def live_index_objects(repo: Repo) -> tuple[list[str], dict[str, IndexData]]:
-    """The names of all index objects, and the contents of the live (not superseded) ones."""
+    """The names of all index objects, and the contents of the live (not superseded) ones; one that does
+    not read stops this unless another supersedes it (a repair or prune stopped before deleting it)."""
     names = repo.index_names()
-    datas = {name: repo.read_index_object(name) for name in names}
+    datas: dict[str, IndexData] = {}
+    failed: dict[str, ChunkvaultError] = {}
+    for name in names:
+        try:
+            datas[name] = repo.read_index_object(name)
+        except (CorruptObject, ObjectNotFound) as exc:
+            failed[name] = exc
     superseded = {s.hex() for d in datas.values() for s in d.supersedes}
+    for name, exc in failed.items():
+        if name not in superseded:
+            raise exc
     return names, {name: d for name, d in datas.items() if name not in superseded}
 
 

@@ -106,6 +106,11 @@ class _LRU:
 OBJECT_ID = re.compile("[0-9a-f]{64}")  # the name of a pack or an index object
 
 
+def superseded_names(objects: Iterable[IndexColumns]) -> set[str]:
+    """The names of the index objects these supersede."""
+    return {s.hex() for d in objects for s in d.supersedes}
+
+
 class Repo:
     max_delta_depth = MAX_DELTA_DEPTH  # reads refuse longer chains; backups never write them
 
@@ -292,19 +297,21 @@ class Repo:
             return list(zip(names, pool.map(read, names)))
 
     def load_index(self) -> None:
-        """Read every index object; a damaged one is an error (check reports it and goes on)."""
+        """Read every index object; a damaged one is an error (check reports it and goes on), unless one
+        that reads supersedes it (a repair or prune stopped before deleting it: it lists nothing live)."""
         names = self.index_names()
-        objects = []
-        for name, got in self.read_index_objects(names):
-            if not isinstance(got, IndexColumns):
+        read = self.read_index_objects(names)
+        objects = [(name, got) for name, got in read if isinstance(got, IndexColumns)]
+        superseded = superseded_names(got for _, got in objects)
+        for name, got in read:
+            if not isinstance(got, IndexColumns) and name not in superseded:
                 raise got
-            objects.append((name, got))
         self.install_index(names, objects)
 
     def install_index(self, names: list[str], objects: list[tuple[str, IndexColumns]]) -> list[IndexColumns]:
         """Make the index from these objects, read already (``names``: every index object listed, the
         unreadable ones too), leaving out those another supersedes; returns those it used."""
-        superseded = {s.hex() for _, d in objects for s in d.supersedes}
+        superseded = superseded_names(d for _, d in objects)
         live = [d for n, d in objects if n not in superseded]
         index = BlobIndex(sum(d.entry_count for d in live))
         for d in live:

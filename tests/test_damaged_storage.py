@@ -566,3 +566,25 @@ def test_repair_snapshots_drops_the_hard_links_to_a_file_it_drops(tmp_path, new_
         restored = repo.restore(snap, str(tmp_path / snap.id))
         assert os.listdir(tmp_path / snap.id) == ["c"] and not restored.warnings
     assert repo.check(read_data=True).ok
+
+
+def test_a_damaged_index_object_another_supersedes_stops_nothing(repo_with_data, password, tmp_path):
+    """A repair (or prune) killed after writing its new index and before deleting the old objects leaves
+    them; one of those damaged lists nothing live: reads, backups, prune and check go on (check warns),
+    and `repair index` deletes it."""
+    repo_dir, repo, s1, s2 = repo_with_data
+    old = {p.name: p.read_bytes() for p in (repo_dir / "index").iterdir()}
+    repo.repair_index()
+    name = sorted(old)[0]
+    (repo_dir / "index" / name).write_bytes(old[name])
+    flip(repo_dir / "index" / name)
+    repo = Repository.open(str(repo_dir), password)
+    repo.restore(s2.id, str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["a", "b", "c"]
+    assert repo.backup([str(tmp_path / "src")]).snapshot.parent == s2.id
+    report = repo.check()
+    assert report.ok and any(f"index/{name} is superseded" in w for w in report.warnings)
+    repo.prune()
+    repo.repair_index()
+    assert name not in os.listdir(repo_dir / "index")
+    assert repo.check(read_data=True).ok
