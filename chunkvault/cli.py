@@ -844,7 +844,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
     dst = _open_other(args, args.to, passwords.TO)
     bar = _progress(args, "copy", unit="blobs")
     try:
-        result = src.copy_to(dst, args.snapshots, progress=bar, hosts=args.host, tags=args.tag, paths=args.path)
+        result = src.copy_to(dst, args.snapshots, progress=bar, hosts=args.host, tags=args.tag, paths=args.path,
+                             wait=args.wait)
     finally:
         bar.done()
     if args.json:

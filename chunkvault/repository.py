@@ -128,9 +128,9 @@ def snapshot_path(path: str | bytes) -> bytes:
     return b"" if norm == b"." else norm
 
 
-def _announce_wait(holder: LockInfo, wait: float) -> None:
+def _announce_wait(holder: LockInfo, wait: float, label: str = "repository") -> None:
     """What a command says once, before it waits for another's lock."""
-    warnings.warn(f"waiting up to {wait:g} s: repository is locked by {holder.describe()}", RepositoryStateWarning,
+    warnings.warn(f"waiting up to {wait:g} s: {label} is locked by {holder.describe()}", RepositoryStateWarning,
                   stacklevel=4)
 
 
@@ -810,9 +810,10 @@ class Repository:
 
     def copy_to(self, destination: "Repository", snapshots: Iterable[str] = (),
                 progress: Callable[[int, int], None] | None = None, *, hosts: Iterable[str] = (),
-                tags: Iterable[str] = (), paths: Iterable[str] = ()) -> CopyResult:
+                tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0) -> CopyResult:
         """Copy snapshots (default: all; or those named and those the filters select) with their chains;
-        only what the destination lacks is sent.
+        only what the destination lacks is sent. ``wait``: seconds to wait for a prune, forget or repair
+        running on either repository.
 
         ``progress(blobs sent, bytes sent)`` is called as blobs arrive.
         """
@@ -821,13 +822,13 @@ class Repository:
         if destination._repo.config.repo_id == self._repo.config.repo_id:
             raise UsageError("copy's destination is this same repository (its copies would be copied again "
                              "by every run)")
-        with self.reading("copy"):
+        with self.reading("copy", wait=wait):
             snaps = self._list()
             snapshots, hosts, tags, paths = _listed(snapshots), _listed(hosts), _listed(tags), _listed(paths)
             ids = ([s.id for s in self._chosen(snaps, snapshots or None, hosts, tags, paths)]
                    if snapshots or hosts or tags or paths else None)
             destination._guard()
-            result = copy_snapshots(self._repo, destination._repo, ids, progress=progress)
+            result = copy_snapshots(self._repo, destination._repo, ids, progress=progress, wait=wait)
             destination._wrote(*(destination._repo.load_snapshot(d) for _, d in result.copied))
         return result
 

@@ -37,7 +37,8 @@ class CopyResult:
 
 
 def copy_order(snapshots: Iterable[Snapshot], wanted: set[str]) -> list[Snapshot]:
-    """Pure: the wanted snapshots plus every ancestor they need (that is there), parents before children."""
+    """Pure: the wanted snapshots plus every ancestor they need (that is there), oldest first but every
+    parent before its children (``backup --time --parent`` may date a differential before its parent)."""
     by_id = {s.id: s for s in snapshots}
     need: set[str] = set()
     for sid in wanted:
@@ -45,7 +46,17 @@ def copy_order(snapshots: Iterable[Snapshot], wanted: set[str]) -> list[Snapshot
         while cur is not None and cur in by_id and cur not in need:
             need.add(cur)
             cur = by_id[cur].parent
-    return sorted((by_id[i] for i in need), key=chronological_key(by_id.values()))
+    out: list[Snapshot] = []
+    placed: set[str] = set()
+    for snap in sorted((by_id[i] for i in need), key=chronological_key(by_id.values())):
+        line: list[Snapshot] = []  # snap and its ancestors not placed yet, newest first
+        cur: Snapshot | None = snap
+        while cur is not None and cur.id not in placed:
+            line.append(cur)
+            placed.add(cur.id)
+            cur = by_id.get(cur.parent) if cur.parent in need else None
+        out += reversed(line)
+    return out
 
 
 class _BlobMapper:
@@ -123,12 +134,13 @@ def _same_tree(source: Snapshot, copied: Snapshot) -> bool:
 
 
 def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> CopyResult:
+                   progress: Callable[[int, int], None] | None = None, wait: float = 3600.0) -> CopyResult:
     """Copy snapshots with their chains; ``progress(blobs sent, bytes sent)`` as it goes."""
     result = CopyResult()
     src_snaps = src.snapshots()
     wanted = set(spec_ids) if spec_ids is not None else {s.id for s in src_snaps}
-    with RepoLock(dst.remote, SHARED, "copy") as lock:
+    with RepoLock(dst.remote, SHARED, "copy", wait=wait, wait_option=True,
+                  label="the destination repository") as lock:
         dst.load_index()
         done = {s.stats.get(COPIED_FROM): s.id for s in dst.snapshots() if s.stats.get(COPIED_FROM)}
         with dst.writer() as writer:

@@ -43,7 +43,7 @@ EXCLUSIVE = "exclusive"
 
 #: Told once, before a lock waits for another command's, who holds it and how long it will wait: the
 #: command layer sets it (a warning on stderr), so that no command, whichever takes a lock, waits in silence.
-announce_wait: "Callable[[LockInfo, float], None] | None" = None
+announce_wait: "Callable[[LockInfo, float, str], None] | None" = None
 # Set (by a daemon told to stop) to end every wait for a lock at once, with Locked: its first SIGTERM
 # must not wait an hour behind a long restore.
 stop_waiting = threading.Event()
@@ -130,12 +130,13 @@ class RepoLock:
     """A lock object held for the duration of a ``with`` block, refreshed in the background."""
 
     def __init__(self, remote: Remote, kind: str, purpose: str, *, wait: float = 0.0, poll: float = 2.0,
-                 wait_option: bool | None = None):
+                 wait_option: bool | None = None, label: str = "repository"):
         self.remote = remote
         # Whether the refusal names --wait: the exclusive commands and the reads have it.
         self.wait_option = kind == EXCLUSIVE if wait_option is None else wait_option
         self.kind = kind
         self.purpose = purpose
+        self.label = label  # what messages call the repository (copy: "the destination repository")
         self.wait = wait
         self.poll = poll
         self.key = f"locks/{os.urandom(16).hex()}"
@@ -215,11 +216,11 @@ class RepoLock:
                 raise Locked(f"this thread holds the repository's {mine[0].kind} lock ({mine[0].purpose}): "
                              f"this {self.purpose} cannot run inside it")
             if time.monotonic() >= deadline or stop_waiting.is_set():
-                raise Locked(f"repository is locked by {conflicts[0].describe()}; "
+                raise Locked(f"{self.label} is locked by {conflicts[0].describe()}; "
                              + ("stopped waiting" if stop_waiting.is_set() else "try again later"
                                 + (" or use --wait" if self.wait_option else "")))
             if announce_wait is not None and not announced:
-                announce_wait(conflicts[0], self.wait)
+                announce_wait(conflicts[0], self.wait, self.label)
                 announced = True
             stop_waiting.wait(min(self.poll, max(0.0, deadline - time.monotonic())) + os.urandom(1)[0] / 2550)
         self._thread = start_quiet_thread(self._refresh, "lock-refresh")

@@ -4,6 +4,7 @@ import os
 import random
 
 import pytest
+from hypothesis import given, strategies as st
 
 from chunkvault import Repository
 from chunkvault.errors import RemoteUnavailable
@@ -121,3 +122,80 @@ def test_a_differential_copied_onto_a_parent_rewritten_since_is_copied_whole(tmp
     dst.restore(copied, str(tmp_path / "out"))
     assert describe(tmp_path / "out") == describe(tree)
     assert dst.check(read_data=True).ok
+
+
+def test_a_differential_dated_before_its_parent_is_copied_after_it(tmp_path, new_repo):
+    """`backup --time` may date a chain one instant, and with --parent a differential before its parent:
+    one copy takes the whole chain, each parent first (ordered by time, a child came first and was
+    reported as damaged)."""
+    src_repo, dst_repo = new_repo(), new_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    made = []
+    for i in range(4):
+        (src / f"f{i}").write_bytes(b"%d" % i * 1000)
+        made.append(src_repo.backup([str(src)], kind="diff" if i else "full", time="2026-01-02T03:00:00Z",
+                                    parent=made[-1].id if made else None).snapshot)
+    (src / "late").write_bytes(b"x")
+    early = src_repo.backup([str(src)], kind="diff", parent=made[-1].id, time="2026-01-01T00:00:00Z").snapshot
+    result = src_repo.copy_to(dst_repo)
+    assert not result.failed and len(result.copied) == 5
+    copies = dict(result.copied)
+    dst_repo.restore(copies[early.id], str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(src)
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(-1, 12)), min_size=1, max_size=12),
+       st.sets(st.integers(0, 11)))
+def test_copy_order_puts_every_parent_before_its_children(specs, wanted):
+    """Each needed snapshot once, its ancestors among the source's snapshots first, whatever the times."""
+    from types import SimpleNamespace
+
+    from chunkvault.store.copy import copy_order
+
+    snaps = [SimpleNamespace(id=f"{i:02d}", time=t, parent=f"{p:02d}" if 0 <= p < i else None)
+             for i, (t, p) in enumerate(specs)]
+    by_id = {s.id: s for s in snaps}
+    want = {f"{w:02d}" for w in wanted if w < len(snaps)}
+    order = copy_order(snaps, want)
+    need = set()
+    for sid in want:
+        while sid is not None:
+            need.add(sid)
+            sid = by_id[sid].parent
+    assert sorted(s.id for s in order) == sorted(need)
+    place = {s.id: n for n, s in enumerate(order)}
+    assert all(place[s.parent] < place[s.id] for s in order if s.parent)
+
+
+def test_copy_waits_for_a_prune_on_the_destination_and_says_which(tmp_path, new_repo):
+    """--wait holds for both repositories; the message names the destination."""
+    import threading
+    import time
+
+    from chunkvault.errors import Locked
+    from chunkvault.store.locks import EXCLUSIVE, RepoLock
+
+    src_repo, dst_repo = new_repo(), new_repo()
+    history(tmp_path, src_repo, n=2)
+    held, release = threading.Event(), threading.Event()
+
+    def prune() -> None:  # another thread's lock, as another process's
+        with RepoLock(dst_repo.store.remote, EXCLUSIVE, "prune"):
+            held.set()
+            release.wait(60)
+
+    pruning = threading.Thread(target=prune)
+    pruning.start()
+    held.wait(10)
+    with pytest.raises(Locked, match="^the destination repository is locked by prune .* or use --wait"):
+        src_repo.copy_to(dst_repo, wait=0)
+    done = {}
+    worker = threading.Thread(target=lambda: done.setdefault("copy", src_repo.copy_to(dst_repo, wait=60)))
+    worker.start()
+    time.sleep(1)
+    assert worker.is_alive() and not dst_repo.snapshots()
+    release.set()
+    pruning.join(10)
+    worker.join(60)
+    assert len(done["copy"].copied) == 2
