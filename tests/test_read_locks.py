@@ -137,14 +137,18 @@ def test_cli_read_refused_or_unlocked_while_a_prune_runs(tmp_path, cli, exclusiv
     assert len(os.listdir(os.path.join(path, "locks"))) == 1  # only the holder's: --no-lock wrote none
 
 
-def test_cli_read_waits_and_says_for_whom(tmp_path, cli):
+def test_cli_read_waits_and_says_for_whom(tmp_path):
+    """The prune's lock is released only once the restore said it waits (a timer raced the command's
+    start on a loaded machine)."""
     path, src, snaps = _history(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")} | {"CHUNKVAULT_PASSWORD": PW}
     with Repository.open(path, PW, ledger=False) as repo:
-        lock = RepoLock(repo.store.remote, EXCLUSIVE, "prune")
-        lock.acquire()
-        threading.Timer(1.0, lock.release).start()
-        out = cli("restore", "-r", path, "latest", "-t", str(tmp_path / "out"), "--wait", "60")
-    assert "warning: waiting up to 60 s: repository is locked by prune" in out.stderr.decode()
+        with RepoLock(repo.store.remote, EXCLUSIVE, "prune"):
+            proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "restore", "-r", path, "latest", "-t",
+                                     str(tmp_path / "out"), "--wait", "60"], env=env, stderr=subprocess.PIPE)
+            said = proc.stderr.readline().decode()
+        assert proc.wait(120) == 0
+    assert said.startswith("warning: waiting up to 60 s: repository is locked by prune"), said
     assert describe(tmp_path / "out") == describe(src)
 
 
