@@ -531,7 +531,7 @@ def test_cli_export_import_restore_from_file(tmp_path, chain, cli):
     shutil.rmtree(target)
 
 
-def test_import_waits_for_a_prune_as_a_backup_does(tmp_path, exported):
+def test_import_waits_for_a_prune_as_a_backup_does(tmp_path, exported, monkeypatch):
     """A scheduled import right after a nightly prune failed at once."""
     import threading
 
@@ -551,7 +551,15 @@ def test_import_waits_for_a_prune_as_a_backup_does(tmp_path, exported):
     held.wait(30)
     with pytest.raises(Exception, match="locked by prune.*--wait"):
         target.import_backup(str(path), EXPORT_PW, wait=0)
-    threading.Timer(2.0, done.set).start()
+    from chunkvault.store import locks
+
+    said = locks.announce_wait
+
+    def announce_then_end_the_prune(*args):  # not on a timer: under load the import may start waiting late
+        said(*args)
+        threading.Timer(1.0, done.set).start()
+
+    monkeypatch.setattr(locks, "announce_wait", announce_then_end_the_prune)
     with pytest.warns(Warning, match="waiting up to 60 s: repository is locked by prune"):
         snap = target.import_backup(str(path), EXPORT_PW, wait=60)
     holder.join()
