@@ -275,6 +275,8 @@ def _confined(records: Iterator[Record]) -> Iterator[Record]:
         if link is not None and key.startswith(link):
             raise CorruptObject("manifest", f"{os.fsdecode(rec.path)!r} lies below a symbolic link")
         e = rec.entry
+        if rec.path == b"" and e is not None and e.type != T_DIR:  # it would take the target's place
+            raise CorruptObject("manifest", "the snapshot's root is not a directory")
         if e is not None and e.type == T_SYMLINK:
             link = key + b"\x00"
             links.add(rec.path)
@@ -434,10 +436,15 @@ class Restorer:
         self._run: list[tuple[bytes, Plaintext, Entry]] = []  # small files waiting to be written: (dst, data, entry)
         self._run_bytes = 0
 
-    def check_target(self) -> None:
-        if os.path.islink(self.target) and os.path.isdir(self.target):  # named by the user: followed, as a path
-            self.target = os.path.realpath(self.target)                  # through links above it is
+    def _follow_target(self) -> None:
+        """A target that is a symbolic link to a directory, named by the user, is followed, as a path
+        through links above it is."""
+        if os.path.islink(self.target) and os.path.isdir(self.target):
+            self.target = os.path.realpath(self.target)
             self._target_prefix = os.path.join(self.target, b"")
+
+    def check_target(self) -> None:
+        self._follow_target()
         t = self.target
         try:
             if os.path.lexists(t):
@@ -626,7 +633,8 @@ class Restorer:
         lies below a directory whose listing failed at backup time is kept: the snapshot does not know it."""
         from .source import SourceWalk
 
-        recs = iter(records)
+        self._follow_target()  # else the walk would see a link and nothing below it
+        recs = _confined(records)
         want = next(recs, None)
         skip: bytes | None = None
         kept: bytes | None = None  # key of the unlisted directory we are in, and a separator
@@ -765,12 +773,9 @@ class Restorer:
                 self._present.add(parent)
             return
         parent = os.path.dirname(dst)
-        if dst != self.target and parent not in self._inside:
-            real = os.path.realpath(parent)
-            if real != self._real_target and not real.startswith(self._real_target + b"/"):
-                raise TargetUnwritable(f"a symbolic link in the target leads its directory out of the target "
-                                       f"(to {os.fsdecode(real)}); not written through")
-            self._inside.add(parent)
+        if dst != self.target and not self._within_target(parent):
+            raise TargetUnwritable(f"a symbolic link in the target leads its directory out of the target "
+                                   f"(to {os.fsdecode(os.path.realpath(parent))}); not written through")
         if not os.path.lexists(dst):
             if not os.path.isdir(parent):
                 os.makedirs(parent, exist_ok=True)
@@ -783,6 +788,15 @@ class Restorer:
             shutil.rmtree(dst)
         else:
             os.unlink(dst)
+
+    def _within_target(self, directory: bytes) -> bool:
+        """Whether a directory of a target that was not empty resolves inside it (each asked once)."""
+        if directory not in self._inside:
+            real = os.path.realpath(directory)
+            if real != self._real_target and not real.startswith(self._real_target + b"/"):
+                return False
+            self._inside.add(directory)
+        return True
 
     def _kept_in_place(self, dst: bytes, e: Entry) -> bool:
         """In a target that was not empty, what is left as it is: a file that was unreadable at backup time
@@ -818,6 +832,9 @@ class Restorer:
             self._restore_file(dst, e, pf)
         elif t == T_HARDLINK:
             src = self.dest(e.target)
+            if not self._fresh and not self._within_target(os.path.dirname(src)):
+                raise TargetUnwritable(f"a symbolic link in the target leads the directory of its target "
+                                       f"{os.fsdecode(e.target)} out of the target; not linked to through it")
             if os.path.lexists(src):
                 os.link(src, dst)
                 self.result.links += 1

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunkvault.errors import CorruptObject
+from chunkvault.errors import CorruptObject, TargetUnwritable
 from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, T_SYMLINK, Entry, entry_record
 from chunkvault.store import restore_workers
 from chunkvault.store.restore_workers import STRIPE_BYTES, StripeClaims, _share, auto_processes, split
@@ -347,3 +347,58 @@ def test_a_crafted_path_out_of_the_target_is_refused(tmp_path, new_repo, path):
     with pytest.raises(CorruptObject, match="unsafe path"):
         repo.restore("latest", str(tmp_path / "out" / "deep"))
     assert not (tmp_path / "escape").exists() and not (tmp_path / "out" / "escape").exists()
+
+
+@pytest.mark.parametrize("root", [Entry(path=b"", type=T_FILE, mode=0o644, chunks=b"i am the root\n"),
+                                  Entry(path=b"", type=T_SYMLINK, target=b"/etc")])
+def test_a_root_that_is_not_a_directory_is_refused_and_the_target_kept(tmp_path, new_repo, root):
+    """A crafted root record in place of the target's directory: an in-place restore removed the whole target
+    to put a file (or a link to /etc, which the next restore into it would follow) there."""
+    from chunkvault.store.export import export, restore_from_file
+
+    repo = new_repo()
+    _crafted(repo, [root])
+    target = tmp_path / "target"
+    (target / "sub").mkdir(parents=True)
+    (target / "precious").write_bytes(b"keep")
+    with pytest.raises(CorruptObject, match="root is not a directory"):
+        repo.restore("latest", str(target), force=True, delete=True)
+    export(repo.store, repo.snapshot("latest"), str(tmp_path / "x.backup"), b"pw", kdf_log_n=10)
+    with pytest.raises(CorruptObject, match="root is not a directory"):
+        restore_from_file(str(tmp_path / "x.backup"), b"pw", str(target), force=True, delete=True)
+    assert target.is_dir() and not target.is_symlink() and (target / "precious").read_bytes() == b"keep"
+
+
+def test_a_hard_link_is_not_made_to_a_file_through_a_link_out_of_the_target(tmp_path, new_repo):
+    """In place, with a selection: the target's d1 is a symbolic link out of it, so d1/a is refused, and its
+    hard link d2/c must not be made to the file outside (writing to it would change that file)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a").write_bytes(b"outside secret")
+    repo = new_repo()
+    _crafted(repo, [_root(), Entry(path=b"d1", type=T_DIR, mode=0o755),
+                    Entry(path=b"d1/a", type=T_FILE, mode=0o644, chunks=b"snapshot data"),
+                    Entry(path=b"d2", type=T_DIR, mode=0o755), Entry(path=b"d2/c", type=T_HARDLINK, target=b"d1/a")])
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "d1").symlink_to(outside)
+    with pytest.raises(TargetUnwritable) as raised:
+        repo.restore("latest", str(target), force=True, includes=["d1/a", "d2"])
+    assert "d2/c" in str(raised.value)
+    assert not (target / "d2" / "c").exists() or not os.path.samefile(target / "d2" / "c", outside / "a")
+    assert (outside / "a").read_bytes() == b"outside secret"
+
+
+def test_delete_through_a_target_that_is_a_symbolic_link(tmp_path, new_repo):
+    """A target named through a link to a directory is followed for --delete as for the restore."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    repo = new_repo()
+    repo.backup([str(src)])
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "stale").write_bytes(b"not in the snapshot")
+    (tmp_path / "link").symlink_to(real)
+    result = repo.restore("latest", str(tmp_path / "link"), force=True, delete=True)
+    assert result.deleted == 1 and sorted(os.listdir(real)) == ["f"]
