@@ -35,6 +35,7 @@ from .forksafe import FORK_GUARD, loud_threads
 T = TypeVar("T")
 
 MAX_PROCESSES = 4
+STOP_GRACE = 10.0  # seconds a worker asked to stop has to clean up (remove what it left half-written)
 PROGRESS_EVERY = 0.1  # seconds between a worker's progress messages
 _PR_SET_PDEATHSIG = 1
 _HEADER = struct.Struct("<I")
@@ -114,20 +115,38 @@ class _Worker(Generic[T]):
                 self.error = _rebuild(*message[1:])
 
     def reap(self, kill: bool) -> None:
+        """``kill``: the worker is first asked to stop (SIGUSR1: it unwinds as on Ctrl-C, removing what it
+        left half-written), and killed only if it has not ended within STOP_GRACE seconds."""
         if self.reaped:
             return
+        status = None
         if kill:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        _, status = os.waitpid(self.pid, 0)
+            status = self._stop()
+        if status is None:
+            _, status = os.waitpid(self.pid, 0)
         self.reaped = True
         os.close(self.fd)
         if not self.done and self.error is None:
             code = os.waitstatus_to_exitcode(status)
             how = f"signal {-code}" if code < 0 else f"exit code {code}"
             self.error = ChunkvaultError(f"a worker process ended ({how}) before it was done")
+
+    def _stop(self) -> int | None:
+        """Ask the worker to stop, then kill it if it has not within STOP_GRACE; its wait status, if ended."""
+        for sig, grace in ((signal.SIGUSR1, STOP_GRACE), (signal.SIGKILL, None)):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                return None
+            if grace is None:
+                return None
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    return status
+                time.sleep(0.01)
+        return None
 
 
 class Workers(Generic[T]):
@@ -195,11 +214,16 @@ class Workers(Generic[T]):
         return [w.result for w in self.workers]  # type: ignore[misc]
 
 
+def _asked_to_stop(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def _live(k: int, work: Callable[[int, Reporter], Any], fd: int, parent: int) -> int:
     """A worker's life: do its share, send the result or the error, exit."""
     gc.freeze()  # its collections leave the objects it shares with its parent (and their pages) alone
     for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a service manager stopping the whole group,
-        signal.signal(signum, signal.SIG_IGN)        # reaches the parent too, which ends the workers
+        signal.signal(signum, signal.SIG_IGN)        # reaches the parent too, which ends the workers:
+    signal.signal(signal.SIGUSR1, _asked_to_stop)    # with this one
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return 1

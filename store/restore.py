@@ -128,7 +128,7 @@ def _reason(exc: OSError | ChunkvaultError) -> str:
     return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
 
 
-def _remove(path: bytes) -> None:
+def remove_quietly(path: bytes) -> None:
     """Remove a file that was not written whole: it must not keep its name.  Best effort: the error that
     cut it short is what the caller reports."""
     try:
@@ -433,6 +433,7 @@ class Restorer:
         self._deferred: list[tuple[bytes, Entry]] | None = None  # left directories whose metadata waits
         # Entries that stand for one stretch of a larger file, by id(entry): (entry, offset in the file).
         self.parts: dict[int, tuple[Entry, int]] = {}
+        self.parts_written: set[bytes] = set()  # the files this process wrote a part of
         self._run: list[tuple[bytes, Plaintext, Entry]] = []  # small files waiting to be written: (dst, data, entry)
         self._run_bytes = 0
 
@@ -702,7 +703,7 @@ class Restorer:
             os.ftruncate(fd, pos)
         except BaseException:
             os.close(fd)
-            _remove(dst)
+            remove_quietly(dst)
             raise
         os.close(fd)
         if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
@@ -722,7 +723,7 @@ class Restorer:
             self._write_file(tmp, e, (data for data, _ in self._chunks_held_or_read(fd, e)))
             os.rename(tmp, dst)
         except BaseException:
-            _remove(tmp)
+            remove_quietly(tmp)
             raise
         finally:
             os.close(fd)
@@ -906,7 +907,7 @@ class Restorer:
             self._apply_meta(dst, e, fd)
         except BaseException:
             os.close(fd)
-            _remove(dst)
+            remove_quietly(dst)
             raise
         os.close(fd)
         if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
@@ -921,6 +922,7 @@ class Restorer:
         process that shared them out removes it when a part was not written."""
         assert isinstance(self.repo, Repo)
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        self.parts_written.add(dst)
         try:
             pos = offset
             for cid, data in zip(e.chunk_ids(), chunks):
@@ -947,7 +949,7 @@ class Restorer:
             finally:
                 os.close(fd)
         except OSError as exc:
-            _remove(dst)
+            remove_quietly(dst)
             self._not_written(e.path, _reason(exc))
 
     def _apply_meta(self, dst: bytes, e: Entry, fd: int | None = None) -> None:

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 from . import forked
 from .manifest import T_FILE, T_HARDLINK, Entry, Record, entry_record
 from .repository import Repo
-from .restore import Restorer, RestoreResult
+from .restore import Restorer, RestoreResult, remove_quietly
 
 STRIPE_BYTES = 16 << 20
 AUTO_MIN_BYTES = 64 << 20  # below this, forking and decoding the tree once per worker is not worth it
@@ -172,18 +172,22 @@ class _Coordinator:
         progress = r.opt.progress
         assert isinstance(r.repo, Repo)
         r.repo.index  # loaded once here and shared, not once per worker: 13 MiB less in all for 2 GB
-        with forked.Workers(self.n, self._work) as workers:
-            links: list[Record] = []
-            split_files: list[Entry] = []
-            r.defer_directories()
-            own = self._own(links, split_files)
-            r.restore_records(own)
-            for _ in own:  # stopped short (no space): every file written in parts is still to be known
-                pass
-            results = workers.wait(None if progress is None else lambda states: progress(
-                sum(s[0] for s in states if s), sum(s[1] for s in states if s)))
-        self._merge(results)
-        self._finish(links, split_files)
+        links: list[Record] = []
+        split_files: list[Entry] = []
+        try:
+            with forked.Workers(self.n, self._work) as workers:
+                r.defer_directories()
+                own = self._own(links, split_files)
+                r.restore_records(own)
+                for _ in own:  # stopped short (no space): every file written in parts is still to be known
+                    pass
+                results = workers.wait(None if progress is None else lambda states: progress(
+                    sum(s[0] for s in states if s), sum(s[1] for s in states if s)))
+            self._merge(results)
+            self._finish(links, split_files)
+        except BaseException:  # interrupted, or a worker failed: a file written in parts is whole only once
+            self._remove(split_files)  # every part is and it is finished (the workers remove theirs too)
+            raise
         if progress is not None:
             progress(r.result.files, r.result.bytes)
         r.result.processes = self.n
@@ -211,15 +215,18 @@ class _Coordinator:
         ran out of space, since the restore stops there."""
         r = self.restorer
         broken = {d[0] for d in r.result.damaged} | {u[0] for u in r.result.unwritten}
+        self._remove([e for e in split_files if r.result.full or os.fsdecode(e.path) in broken])
         for e in split_files:
-            if r.result.full or os.fsdecode(e.path) in broken:
-                if os.path.lexists(r.dest(e.path)):
-                    os.unlink(r.dest(e.path))
-            else:
+            if not (r.result.full or os.fsdecode(e.path) in broken):
                 r.finish_parts(e)
         if not r.result.full:
             r.restore_records(iter(links))
             r.finish_directories()
+
+    def _remove(self, files: list[Entry]) -> None:
+        for e in files:
+            if os.path.lexists(self.restorer.dest(e.path)):
+                os.unlink(self.restorer.dest(e.path))
 
     def _chunk_length(self, cid: bytes) -> int | None:
         loc = self.restorer.repo.locate(cid)  # type: ignore[union-attr]
@@ -245,7 +252,12 @@ class _Coordinator:
         r.opt.progress = lambda files, nbytes: reporter.progress((files, nbytes))
         r.opt.fetch_threads = WORKER_FETCH_THREADS
         r.opt.window_bytes = min(r.opt.window_bytes, WORKER_WINDOW_BYTES)
-        r.restore_records(self._mine(k))
+        try:
+            r.restore_records(self._mine(k))
+        except BaseException:  # stopped (Ctrl-C in the parent, another worker failed): no file written in
+            for path in r.parts_written:  # parts is whole yet, and each may be one this worker created
+                remove_quietly(path)
+            raise
         return r.result
 
     def _mine(self, k: int) -> Iterator[Record]:

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -402,3 +403,43 @@ def test_delete_through_a_target_that_is_a_symbolic_link(tmp_path, new_repo):
     (tmp_path / "link").symlink_to(real)
     result = repo.restore("latest", str(tmp_path / "link"), force=True, delete=True)
     assert result.deleted == 1 and sorted(os.listdir(real)) == ["f"]
+
+
+@pytest.mark.parametrize("stripe", [1 << 20, 64 << 20], ids=["files written in parts", "files written whole"])
+def test_an_interrupted_restore_with_workers_leaves_no_file_cut_short(tmp_path, new_repo, stripe):
+    """Ctrl-C in the middle: the workers are asked to stop (not killed outright), each removing the file it
+    was writing and every file it wrote a part of; the parent removes the files written in parts. What is
+    left under a name is that file, whole."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(4)
+    for i in range(6):
+        (src / f"big{i}").write_bytes(rnd.randbytes(3 << 20))
+        (src / f"mid{i}").write_bytes(rnd.randbytes(200_000))
+    new_repo(str(tmp_path / "repo")).backup([str(src)])
+    target = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import json, time
+        import chunkvault.store.restore as R
+        import chunkvault.store.restore_workers as workers
+        from chunkvault import Repository
+        workers.STRIPE_BYTES = {stripe}
+        chunk = R._Prefetcher.next_chunk
+        R._Prefetcher.next_chunk = lambda self: (time.sleep(0.02), chunk(self))[1]  # slow enough to stop midway
+
+        def interrupt(files, nbytes):  # in the parent, as Ctrl-C, once the workers are well under way
+            if nbytes > 4 << 20:
+                raise KeyboardInterrupt
+
+        repo = Repository.open({str(tmp_path / "repo")!r}, {PASSWORD!r}, ledger=False)
+        try:
+            repo.restore("latest", {str(target)!r}, processes=2, progress=interrupt)
+            print(json.dumps("finished"))
+        except KeyboardInterrupt:
+            print(json.dumps("interrupted"))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == "interrupted"
+    for path in target.iterdir():
+        assert path.read_bytes() == (src / path.name).read_bytes(), path.name
