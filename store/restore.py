@@ -679,8 +679,18 @@ class Restorer:
                 self._finish_directory(dpath, e)
 
     def _finish_directory(self, dpath: bytes, e: Entry) -> None:
+        """Through the directory itself, opened without following a link: one swapped for a symbolic link
+        while the restore ran would otherwise give its destination the directory's owner, mode and times."""
         try:
-            self._apply_meta(dpath, e)
+            try:
+                fd = os.open(dpath, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except PermissionError:  # a directory its owner may not read, kept in place: by its path
+                self._apply_meta(dpath, e)
+                return
+            try:
+                self._apply_meta(dpath, e, fd)
+            finally:
+                os.close(fd)
         except OSError as exc:
             self.result.dirs -= 1  # counted when made; not restored as recorded after all
             self._not_written(e.path, _reason(exc))

@@ -503,3 +503,35 @@ def test_a_restores_problem_carries_what_was_restored_and_says_whether_anything_
         some.raise_for_problems()
     assert caught.value.partial is some
     RestoreResult(files=3, warnings=["w"]).raise_for_problems()
+
+
+def test_a_directory_swapped_for_a_link_during_the_restore_does_not_pass_its_metadata_on(tmp_path, new_repo,
+                                                                                        monkeypatch):
+    """Whoever can write into the target may swap a restored directory for a symbolic link before the
+    restore gives the directory its mode and times, applied last: they are not given to the link's
+    destination, and the directory is reported."""
+    from chunkvault.store.restore import Restorer
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_bytes(b"f")
+    os.chmod(src / "sub", 0o777)
+    os.utime(src / "sub", (1_000_000_000, 1_000_000_000))
+    repo = new_repo()
+    repo.backup([str(src)])
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o700)
+    before = outside.stat()
+    finish = Restorer._finish_directory
+
+    def swapped_first(self, dpath, e):
+        if e.path == b"sub":
+            os.rename(dpath, dpath + b".moved")
+            os.symlink(outside, dpath)
+        finish(self, dpath, e)
+
+    monkeypatch.setattr(Restorer, "_finish_directory", swapped_first)
+    with pytest.raises(TargetUnwritable, match="sub"):
+        repo.restore("latest", str(tmp_path / "out"), processes=1)
+    after = outside.stat()
+    assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
