@@ -57,6 +57,9 @@ def parse_sftp_url(url: str) -> tuple[str | None, str, int | None, str]:
         raise UsageError(f"not an SFTP URL (sftp://user@host[:port]/path): {url!r}")
     if parsed.password is not None:
         raise UsageError("SFTP URLs take no password; use SSH keys or the SSH agent")
+    if parsed.params or parsed.query or parsed.fragment or url.endswith(("?", "#")):
+        # cut off, the rest would name another directory (db;v2 and db;v3 the same repository)
+        raise UsageError(f"an SFTP URL's path takes ';', '?' and '#' only percent-encoded (%3B, %3F, %23): {url!r}")
     try:
         port = parsed.port
     except ValueError:
@@ -219,6 +222,8 @@ class SFTPRemote(Remote):
             keep = True
         except Exception as exc:
             keep = _session_survives(exc)
+            if isinstance(exc, socket.timeout):
+                self._sessions.stalled(sftp)
             raise
         finally:
             with self._lock:
@@ -253,12 +258,13 @@ class SFTPRemote(Remote):
         return f"{self._root}/{validate_key(key)}"
 
     def _ensure_dir(self, sftp: Any, d: str) -> None:
-        """Create ``d`` and its missing parents (up to the repository root) once per connection."""
+        """Create ``d`` and its missing parents (the repository root's too, as `init` on local disk makes
+        them) once per connection."""
         if d in self._known_dirs:
             return
         if not self._exists(sftp, d):
             parent = d.rsplit("/", 1)[0]
-            if d != self._root and parent:
+            if parent:
                 self._ensure_dir(sftp, parent)
             try:
                 sftp.mkdir(d)

@@ -33,6 +33,10 @@ from .sftp_client import SFTPClient
 
 TRANSPORTS = ("auto", "openssh", "paramiko")
 KEEPALIVE_SECONDS = 30
+# A paramiko channel that has moved no byte for this long is taken for a server that stopped answering (as
+# OpenSSH's client gives up after ServerAliveCountMax unanswered keepalives): paramiko's keepalive detects
+# nothing, and reads and writes would wait forever.
+STALL_SECONDS = KEEPALIVE_SECONDS * 4
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,8 @@ def unknown_host(target: SSHTarget, fingerprint: str | None) -> PermissionDenied
     seen = f" ({fingerprint})" if fingerprint else ""
     return PermissionDenied(
         f"unknown SSH host key for {target.where()}{seen}: not in {target.known_hosts_name()}; "
-        "add it (ssh-keyscan) or accept it once with accept_new_host_key / CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY=1")
+        "add it (ssh-keyscan) or accept it once with -o sftp.accept-new-host-key=yes "
+        "(CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY=1, accept_new_host_key=True in the API)")
 
 
 def changed_host(target: SSHTarget, fingerprint: str | None) -> PermissionDenied:
@@ -198,6 +203,15 @@ class OpenSSHSessions:
     def __init__(self, target: SSHTarget, program: str = "ssh"):
         self.target = target
         self.command = openssh_command(target, program)
+        for key in target.key_files:  # ssh only warns, then reports a refused login
+            if not os.path.exists(os.path.expanduser(key)):
+                raise UsageError(f"SSH key file {key} does not exist")
+        if target.accept_new_host_key and target.known_hosts:  # ssh would trust the host, record nothing, say nothing
+            try:
+                os.makedirs(os.path.dirname(os.path.expanduser(target.known_hosts)) or ".", mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"cannot make the directory of known_hosts file {target.known_hosts}: "
+                                 f"{exc.strerror or exc}") from None
 
     def open(self) -> Any:
         ours, theirs = socket.socketpair()
@@ -229,6 +243,9 @@ class OpenSSHSessions:
     @staticmethod
     def alive(sftp: Any) -> bool:
         return sftp.sock.alive()
+
+    def stalled(self, sftp: Any) -> None:
+        """Nothing is shared between sessions: closing the stalled one ends its ssh client."""
 
     def close(self) -> None:
         """Sessions end when closed; nothing is shared between them."""
@@ -296,16 +313,33 @@ class ParamikoSessions:
                 self._client = self._connect()
             client = self._client
         try:
-            channel = client.get_transport().open_session()
+            channel = client.get_transport().open_session(timeout=self.target.connect_timeout)
+            channel.settimeout(STALL_SECONDS)
             channel.invoke_subsystem("sftp")
             return SFTPClient(channel)
         except (self._paramiko.SSHException, OSError, EOFError) as exc:
-            raise RemoteUnavailable(f"cannot open SFTP channel on {self.target.where()}: {exc}") from None
+            self._drop(client)
+            raise RemoteUnavailable(f"cannot open SFTP channel on {self.target.where()}: "
+                                    f"{exc or type(exc).__name__}") from None
 
     @staticmethod
     def alive(sftp: Any) -> bool:
         channel = sftp.sock
         return not channel.closed and channel.get_transport().is_active()
+
+    def stalled(self, sftp: Any) -> None:
+        """A session timed out: its connection is dropped, so the next session reconnects (paramiko would
+        still call it active, and open every new channel on it)."""
+        with self._lock:
+            client = self._client
+        if client is not None and client.get_transport() is sftp.sock.get_transport():
+            self._drop(client)
+
+    def _drop(self, client: Any) -> None:
+        with self._lock:
+            if self._client is client:
+                self._client = None
+        client.close()
 
     def transport(self) -> Any:
         return self._client.get_transport() if self._client else None

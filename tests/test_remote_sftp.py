@@ -31,7 +31,9 @@ def test_parse_url():
     assert parse_sftp_url("sftp://backup@host.example:2222/srv/repo") == ("backup", "host.example", 2222, "/srv/repo")
     assert parse_sftp_url("sftp://host/srv/repo/") == (None, "host", None, "/srv/repo")
     assert parse_sftp_url("sftp://u@h/~/repos/a") == ("u", "h", None, "~/repos/a")
-    for bad in ("sftp://u@h/", "sftp://u@h/~", "sftp:///x", "sftp://u:secret@h/x", "sftp://h:99999999/x"):
+    assert parse_sftp_url("sftp://h/x/db%3Bv2%3Fa%23b") == (None, "h", None, "/x/db;v2?a#b")
+    for bad in ("sftp://u@h/", "sftp://u@h/~", "sftp:///x", "sftp://u:secret@h/x", "sftp://h:99999999/x",
+                "sftp://h/x/db;v2", "sftp://h/x/a?b", "sftp://h/x/a#b", "sftp://h/x/a?", "sftp://h/x/a#"):
         with pytest.raises(UsageError):
             parse_sftp_url(bad)
 
@@ -53,7 +55,7 @@ def transport(request) -> str:
 
 
 def test_unknown_host_is_refused_unless_accepted(sshd, sftp_repo, tmp_path, transport):
-    known = tmp_path / "known_hosts"
+    known = tmp_path / "not-made-yet" / "known_hosts"  # accepting makes it: else ssh trusts and records nothing
     with pytest.raises(PermissionDenied, match="unknown SSH host key") as info:
         open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), transport=transport)
     if transport == "paramiko":  # OpenSSH's client names no fingerprint when it refuses an unknown host
@@ -261,3 +263,80 @@ def test_openssh_sessions_leave_paramiko_unloaded(sftp_repo):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, todo = [], [pid]
+    while todo:
+        pid = todo.pop()
+        children = [p for p, parent in parents.items() if parent == pid]
+        found += children
+        todo += children
+    return found
+
+
+def test_a_paramiko_session_whose_server_stops_answering_times_out_and_the_next_reconnects(tmp_path, monkeypatch):
+    """A server that stops answering (its session process stopped, a link that drops every packet): paramiko
+    would wait forever in a read, and every later channel would be opened on the dead connection. The read
+    gives up, and the next request connects again."""
+    import signal
+    import threading
+
+    from chunkvault.remotes import sftp_sessions
+    from servers_ssh import SSHServer, require_sshd
+
+    require_sshd()
+    monkeypatch.setattr(sftp_sessions, "STALL_SECONDS", 2)
+    server = SSHServer(str(tmp_path))
+    server.start()
+    stopped: list[int] = []
+    try:
+        (tmp_path / "repo").mkdir()
+        with open_remote(server.url(str(tmp_path / "repo")), **server.options, transport="paramiko") as remote:
+            remote.put("keys/a", b"x" * 100)
+            stopped = _descendants(server.proc.pid)
+            assert stopped
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            outcome: list[BaseException | bytes] = []
+
+            def read() -> None:
+                try:
+                    outcome.append(remote.get("keys/a"))
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            reader.join(30)
+            assert outcome and isinstance(outcome[0], RemoteUnavailable)
+            assert remote.get("keys/a") == b"x" * 100  # a new connection, to a new session process
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        server.stop()
+
+
+def test_init_makes_the_repository_directory_s_missing_parents(sftp_repo, cli):
+    """As on local disk (it failed with "writing keys/...: No such file")."""
+    url = sftp_repo.url + "/new/a/b/repo"
+    cli("init", "-r", url, "--kdf-time", "0", env=sftp_repo.env)
+    assert os.path.isfile(os.path.join(sftp_repo.path, "new/a/b/repo/config"))
+
+
+def test_a_missing_key_file_is_named(sftp_repo):
+    """OpenSSH's client only warns of it, then reports a login refused for want of an accepted key."""
+    with pytest.raises(UsageError, match="SSH key file /no/such/key does not exist"):
+        open_remote(sftp_repo.url, key_file="/no/such/key", known_hosts=sftp_repo.options["known_hosts"],
+                    transport="openssh")
