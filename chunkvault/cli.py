@@ -1430,11 +1430,14 @@ def _wants_json(args: argparse.Namespace | None, argv: list[str] | None) -> bool
     return "--json" in (sys.argv[1:] if argv is None else argv)
 
 
-def _emit_error_json(exc: ChunkvaultError) -> None:
-    """With --json, a command that fails before its document still prints one: what failed, for a program
-    to read instead of parsing the line on stderr."""
+def _emit_error_json(args: argparse.Namespace | None, argv: list[str] | None, kind: str, code: int,
+                     message: str) -> None:
+    """With --json, a command that fails (or is stopped) before its document still prints one: what failed,
+    for a program to read instead of parsing the line on stderr."""
+    if not _wants_json(args, argv) or getattr(sys.stdout, "written", True):
+        return
     try:
-        _emit_json({"error": {"type": type(exc).__name__, "exit_code": exc.exit_code, "message": one_line(exc)}})
+        _emit_json({"error": {"type": kind, "exit_code": code, "message": message}})
         sys.stdout.flush()
     except (OSError, ChunkvaultError):
         pass  # standard output is what failed: the line on stderr says it
@@ -1462,14 +1465,15 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except ChunkvaultError as exc:
         print(f"chunkvault: {one_line(exc)}", file=sys.stderr)
-        if _wants_json(args, argv) and not getattr(sys.stdout, "written", True):
-            _emit_error_json(exc)
+        _emit_error_json(args, argv, type(exc).__name__, exc.exit_code, one_line(exc))
         return exc.exit_code
     except _Terminated:
         print("chunkvault: terminated", file=sys.stderr)
+        _emit_error_json(args, argv, "Terminated", 128 + signal.SIGTERM, "terminated")
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("chunkvault: interrupted", file=sys.stderr)
+        _emit_error_json(args, argv, "Interrupted", 130, "interrupted")
         return 130
     except BrokenPipeError:
         return 0

@@ -410,6 +410,30 @@ def test_with_json_a_command_that_fails_before_its_document_prints_an_error_docu
     assert "error" not in json.loads(out) and json.loads(out)["not_restored"]
 
 
+@pytest.mark.parametrize("signame, code, kind", [("SIGINT", 130, "Interrupted"), ("SIGTERM", 143, "Terminated")])
+def test_with_json_a_command_stopped_by_a_signal_prints_an_error_document(tmp_path, setup, password, signame, code,
+                                                                         kind):
+    """Stopped while it waits for a prune's lock, the command still gives a program its one document."""
+    import signal
+    import subprocess
+    import sys
+
+    from chunkvault import Repository
+    from chunkvault.store.locks import EXCLUSIVE, RepoLock
+
+    repo, src = setup
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")} | {"CHUNKVAULT_PASSWORD": password}
+    with Repository.open(repo, password, ledger=False) as held, RepoLock(held.store.remote, EXCLUSIVE, "prune"):
+        proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "restore", "-r", repo, "latest", "--target",
+                                 str(tmp_path / "out"), "--json", "--wait", "60"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stderr.readline().startswith(b"warning: waiting up to 60 s")
+        proc.send_signal(getattr(signal, signame))
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert json.loads(out) == {"error": {"type": kind, "exit_code": code, "message": kind.lower()}}
+
+
 @pytest.mark.parametrize("given_as", ["sub/b.bin", "/sub/b.bin", "./sub/b.bin", "sub//b.bin", "/sub/./b.bin/"])
 def test_a_path_in_a_snapshot_may_be_given_as_a_shell_writes_it(tmp_path, cli, setup, given_as):
     repo, src = setup
