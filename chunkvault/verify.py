@@ -518,6 +518,10 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 _restore(repo, snap, target)
             except (CorruptObject, StorageFull) as exc:  # this snapshot fails; a run over several goes on
                 report.error = f"restore failed: {exc}"
+                partial = getattr(exc, "partial", None)  # what it did restore, for the report's counts
+                if partial is not None:
+                    report.files, report.dirs, report.links = partial.files, partial.dirs, partial.links
+                    report.bytes = partial.bytes
             report.restore_seconds = round(time.monotonic() - started, 3)
             if report.error is None:
                 t = time.monotonic()

@@ -326,6 +326,7 @@ def test_corrupt_repository_data_fails_the_run(repo_with_tree, tmp_path, run_cli
     assert code == 18
     r = json.loads(out)["snapshots"][0]
     assert r["error"] and "corrupt" in r["error"]
+    assert 0 < r["files"] < snap.stats["files"] and r["dirs"] > 0  # what the restore did write, not 0
     assert os.listdir(tmp_path / "scratch") == []
 
 
