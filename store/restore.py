@@ -37,7 +37,7 @@ from .chain import ancestors
 from .repository import Repo
 from .xattrs import read_xattrs, write_xattrs
 from . import writefiles
-from .writefiles import HOLE_MIN, NO_SPACE as _FULL, all_zeros
+from .writefiles import HOLE_MIN, NO_SPACE as _FULL, all_zeros, punch_hole
 
 
 _REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)  # the target will not take writes, whatever is written
@@ -705,8 +705,11 @@ class Restorer:
         try:
             hasher = blake3.blake3()
             pos = 0
+            size = os.fstat(fd).st_size
             for data, held in self._chunks_held_or_read(fd, e):
-                if not held:
+                # zeros the file lacks stay a hole: past its end one already, inside it one punched
+                if not held and not (len(data) >= HOLE_MIN and all_zeros(data) and (
+                        pos >= size or punch_hole(fd, pos, min(len(data), size - pos)))):
                     os.pwrite(fd, data, pos)
                 hasher.update(data)
                 pos += len(data)

@@ -27,6 +27,22 @@ def all_zeros(data: Plaintext) -> bool:
     return all(_ZEROS.startswith(view[i : i + len(_ZEROS)]) for i in range(0, len(view), len(_ZEROS)))
 
 
+_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE (Linux)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Make ``length`` bytes at ``offset`` a hole (they read as zeros, and take no space), where the system
+    and file system can; False where not (the caller writes the zeros)."""
+    import ctypes
+
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return False
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fallocate(fd, _PUNCH_HOLE, offset, length) == 0
+
+
 def write_small_files_reference(files: Sequence[SmallFile], owners: bool) -> list[tuple[int, int]]:
     """Per file written, (error, owner_error): see ``_writefiles``.  A file stopped by an error is removed;
     the run stops after one that found no space."""

@@ -321,3 +321,27 @@ def test_restore_verify_on_the_command_line(tmp_path, cli):
     assert "read back and verified" in out
     cli("restore", "-r", repo, "-t", str(tmp_path / "x"), "--from-file", str(tmp_path / "none.backup"), "--verify",
         check=2)
+
+
+def test_delta_keeps_a_sparse_file_sparse(tmp_path, new_repo):
+    """--delta over a partial copy of a sparse image (as it finishes an interrupted restore): the zero
+    chunks it lacks become holes, inside the old length (punched) and past it, not written zeros."""
+    src = tmp_path / "src"
+    src.mkdir()
+    image = src / "image"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+        for at in (0, 40 << 20):
+            f.seek(at)
+            f.write(os.urandom(100_000))
+    repo = new_repo()
+    snap = repo.backup([str(src)]).snapshot
+    target = tmp_path / "target"
+    target.mkdir()
+    with open(target / "image", "wb") as f:  # what a restore cut short may leave: data in place of a hole
+        f.write(random.Random(3).randbytes(24 << 20))
+    repo.restore(snap, str(target), force=True, delta=True)
+    assert (target / "image").read_bytes() == image.read_bytes()
+    repo.restore(snap, str(tmp_path / "fresh"))
+    fresh = os.stat(tmp_path / "fresh" / "image").st_blocks
+    assert fresh < 16384 and os.stat(target / "image").st_blocks <= fresh + 256  # as sparse as a fresh restore
