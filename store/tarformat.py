@@ -5,7 +5,7 @@ Python's ``tarfile`` builds each header through several layers of dictionaries a
 encodes the same format in one pass: a ustar header, preceded by a pax extended header when a
 field does not fit ustar (a name or link target longer than its field or not ASCII, a size or id
 too large, a negative or fractional time) or for extended attributes (``SCHILY.xattr.NAME``
-records, as GNU tar and bsdtar write them).  A value that is not UTF-8 is written as its bytes,
+records, as GNU tar and bsdtar write them; POSIX ACLs as ``SCHILY.acl.access`` and ``.default``).  A value that is not UTF-8 is written as its bytes,
 under ``hdrcharset=BINARY``.
 """
 from __future__ import annotations
@@ -91,9 +91,12 @@ def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: in
     main = _block(kind, name_field, _octal(mode & 0o7777, 8), _numeric(uid, 8, b"uid", pax),
                   _numeric(gid, 8, b"gid", pax), _numeric(size, 12, b"size", pax),
                   _numeric(seconds, 12, b"mtime", pax), link_field, _octal(major, 8), _octal(minor, 8))
-    # a keyword ends at its "=": GNU tar writes "%" and "=" in a name as %25 and %3D, and reads them back
-    pax += [record(b"SCHILY.xattr." + key.replace(b"%", b"%25").replace(b"=", b"%3D"), value)
-            for key, value in xattrs.items()]
+    for key, value in xattrs.items():
+        acl = acl_text(value) if key in _ACL_KEYS else None
+        if acl is not None:  # GNU tar takes ACLs from these records only, and skips them as attributes
+            pax.append(record(_ACL_KEYS[key], acl))
+        else:  # a keyword ends at its "=": GNU tar writes "%" and "=" in a name as %25 and %3D, and reads them back
+            pax.append(record(b"SCHILY.xattr." + key.replace(b"%", b"%25").replace(b"=", b"%3D"), value))
     if not pax:
         return main
     if not all(is_utf8(v) for v in (name, link, *xattrs, *xattrs.values())):
@@ -102,6 +105,26 @@ def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: in
     extended = _block(_PAX, _PAX_NAME, _octal(0o644, 8), _octal(0, 8), _octal(0, 8), _octal(len(records), 12),
                       _octal(0, 12))
     return extended + records + padding(len(records)) + main
+
+
+_ACL_KEYS = {b"system.posix_acl_access": b"SCHILY.acl.access", b"system.posix_acl_default": b"SCHILY.acl.default"}
+_ACL_ENTRY = struct.Struct("<HHI")  # tag, permissions, user or group id: Linux's binary form, after a version
+_ACL_TAGS = {0x01: b"user:", 0x02: b"user:%d", 0x04: b"group:", 0x08: b"group:%d", 0x10: b"mask:", 0x20: b"other:"}
+
+
+def acl_text(value: bytes) -> bytes | None:
+    """A POSIX ACL in Linux's extended attribute form as the short text form (``user::rw-,user:1000:r--,...``,
+    ids as numbers, as ``acl_from_text`` reads them); None for a value that is not one."""
+    if len(value) < 4 or (len(value) - 4) % _ACL_ENTRY.size or struct.unpack_from("<I", value)[0] != 2:
+        return None
+    entries = []
+    for offset in range(4, len(value), _ACL_ENTRY.size):
+        tag, perm, qualifier = _ACL_ENTRY.unpack_from(value, offset)
+        if tag not in _ACL_TAGS or perm > 7:
+            return None
+        who = _ACL_TAGS[tag] % qualifier if b"%d" in _ACL_TAGS[tag] else _ACL_TAGS[tag]
+        entries.append(who + b":" + bytes(b"rwx"[i] if perm & (4 >> i) else ord("-") for i in range(3)))
+    return b",".join(entries)
 
 
 def padding(size: int) -> bytes:

@@ -90,6 +90,43 @@ def test_tar_keeps_exact_times_and_extended_attributes(new_repo, tmp_path):
         "user.origin": b"config", "user.raw": bytes(range(200, 256)), "user.a=b%c": b"val=ue"}
 
 
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """Linux's binary form of a POSIX ACL: (tag, permissions, id) entries after the version."""
+    import struct
+
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_tar_carries_acls_as_gnu_tar_reads_them(new_repo, tmp_path):
+    """GNU tar takes ACLs from SCHILY.acl.access/.default (text) and skips system.posix_acl_* attributes:
+    given as attributes, every ACL was lost on extraction."""
+    src = tmp_path / "src"
+    (src / "shared").mkdir(parents=True)
+    (src / "shared" / "f").write_text("f\n")
+    access = _acl((0x01, 6, 0xFFFFFFFF), (0x02, 5, 1234), (0x04, 4, 0xFFFFFFFF), (0x10, 5, 0xFFFFFFFF),
+                  (0x20, 4, 0xFFFFFFFF))
+    default = _acl((0x01, 7, 0xFFFFFFFF), (0x04, 5, 0xFFFFFFFF), (0x08, 7, 4321), (0x10, 7, 0xFFFFFFFF),
+                   (0x20, 0, 0xFFFFFFFF))
+    try:
+        os.setxattr(src / "shared" / "f", "system.posix_acl_access", access)
+        os.setxattr(src / "shared", "system.posix_acl_default", default)
+    except OSError:
+        pytest.skip("the test directory's file system keeps no POSIX ACLs")
+    repo = new_repo()
+    data, _ = dumped(repo, repo.backup([str(src)]).snapshot, "/")
+    members = {m.name: m.pax_headers for m in tarfile.open(fileobj=io.BytesIO(data))}
+    assert members["shared/f"]["SCHILY.acl.access"] == "user::rw-,user:1234:r-x,group::r--,mask::r-x,other::r--"
+    assert members["shared"]["SCHILY.acl.default"] == "user::rwx,group::r-x,group:4321:rwx,mask::rwx,other::---"
+    assert not any(k.startswith("SCHILY.xattr.system.posix_acl") for h in members.values() for k in h)
+    if b"--acls" not in subprocess.run(["tar", "--help"], capture_output=True).stdout:
+        return
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["tar", "--acls", "-x", "-f", "-", "-C", str(out)], input=data, check=True)
+    assert os.getxattr(out / "shared" / "f", "system.posix_acl_access") == access
+    assert os.getxattr(out / "shared", "system.posix_acl_default") == default
+
+
 def test_tar_of_a_subtree_copies_a_hard_link_whose_file_is_outside(backed_up, tree, tmp_path):
     repo, snap = backed_up
     data, _ = dumped(repo, snap, "b/")
