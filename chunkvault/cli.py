@@ -37,9 +37,11 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         """A command's options may come between its arguments (``ls SNAP --json PATH``, ``forget A --prune B``):
-        plain argparse takes the arguments only up to the first option and calls the rest unrecognized."""
+        plain argparse takes the arguments only up to the first option and calls the rest unrecognized.
+        After ``--`` (``--stdin-from-command -- pg_dump -Fc``, ``backup -- -dir``) nothing is an option:
+        intermixed parsing would drop the ``--``, so such a line is parsed as before."""
         positionals = self._get_positional_actions()
-        if (self._intermixing or self._subparsers is not None or not positionals
+        if (self._intermixing or self._subparsers is not None or not positionals or "--" in (args or ())
                 or any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in positionals)):
             return super().parse_known_args(args, namespace)
         self._intermixing = True

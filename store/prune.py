@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator
 from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, StorageFull
 
 from .blob import KIND_DELTA
+from .chain import broken_chains
 from .indexfile import IndexData
 from .locks import EXCLUSIVE, RepoLock
 from .pack import PackEntry
@@ -134,6 +135,12 @@ def used_blobs(repo: Repo) -> set[bytes]:
     # manifest blobs, and a stale object would have them deleted.
     snapshots = repo.reload_snapshots()
     repo.require_readable("prune")  # what an unreadable snapshot needs cannot be known: nothing may go
+    broken = broken_chains({s.id: s.parent for s in snapshots})
+    if broken:  # a parent object lost for now: what it needs, its differentials need, and it may come back
+        sid = min(broken)
+        raise CorruptObject(f"snapshots/{sid}", f"a differential on {broken[sid][:8]}, which is missing: prune "
+                            "needs every chain whole (`check` names them); forget such snapshots by id first "
+                            "if their parents are gone for good")
     for snap in snapshots:
         used.update(bytes.fromhex(h) for h in snap.manifest)
     for _, refs in repo.manifest_chunk_refs(snapshots):

@@ -314,6 +314,9 @@ def test_options_may_come_between_a_command_s_arguments():
     assert _parse(["restore", "--target", "out"]).snapshot == "latest"
     assert _parse(["dump", "-r", "x", "s", "--archive", "zip", "/"]).path == "/"
     assert _parse(["key", "add", "-r", "x"]).command == "key"
+    assert _parse(["backup", "--stdin-from-command", "--stdin-name", "a", "--", "pg_dump", "-Fc", "app"]
+                  ).paths == ["pg_dump", "-Fc", "app"]
+    assert _parse(["backup", "-r", "x", "--", "-data", "--tag"]).paths == ["-data", "--tag"]
     with pytest.raises(UsageError, match="unrecognized arguments: c"):
         _parse(["ls", "a", "--json", "b", "c"])
     with pytest.raises(UsageError, match="required: snapshot"):

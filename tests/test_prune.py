@@ -330,3 +330,31 @@ def test_a_prune_after_a_forget_sees_what_a_backup_saved_in_between(tmp_path, ne
     repo.restore(saved.id, str(tmp_path / "out"))
     assert (tmp_path / "out" / "g").read_bytes() == (other / "g").read_bytes()
     assert repo.check(read_data=True).ok
+
+
+def test_prune_refuses_while_a_differential_s_parent_object_is_missing(tmp_path, new_repo, password):
+    """A snapshot object the storage lost for now (or an older copy of a rebased differential, naming a
+    forgotten parent): forget already refused; prune deleted the parent's data, so the chain stayed lost
+    when the object came back."""
+    from chunkvault.errors import CorruptObject
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3_000_000))
+    (src / "small").write_bytes(b"a")
+    repo = new_repo(str(tmp_path / "repo"))
+    full = repo.backup([str(src)]).snapshot
+    (src / "small").write_bytes(b"ab")
+    diff = repo.backup([str(src)]).snapshot
+    assert diff.parent == full.id
+    saved = (tmp_path / "repo" / "snapshots" / full.id).read_bytes()
+    (tmp_path / "repo" / "snapshots" / full.id).unlink()
+    before = sorted(p.name for p in (tmp_path / "repo" / "data").rglob("*"))
+    again = Repository.open(str(tmp_path / "repo"), password)
+    with pytest.raises(CorruptObject, match=f"{diff.id[:8]}.*{full.id[:8]}, which is missing.*forget"):
+        again.prune()
+    assert sorted(p.name for p in (tmp_path / "repo" / "data").rglob("*")) == before
+    (tmp_path / "repo" / "snapshots" / full.id).write_bytes(saved)
+    again = Repository.open(str(tmp_path / "repo"), password)
+    again.restore(diff.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "big").read_bytes() == (src / "big").read_bytes()
