@@ -157,12 +157,20 @@ static int xattr_state(int fd) {
 
 static int read_file(const char *path, char *buf, Py_ssize_t limit, Py_ssize_t *got, struct stat *st,
                      int probe, int *xattrs) {
-    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | NOATIME);
+    /* O_NONBLOCK: a FIFO put in the file's place since the walk would wait for a writer for ever; anything
+     * but a regular file is refused as source.py's open_source_file does (ENXIO, EISDIR) */
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | NOATIME);
     if (fd < 0 && errno == EPERM && NOATIME)  /* O_NOATIME only for files we own (or as root) */
-        fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0)
         return errno;
-    int err = read_fully(fd, buf, limit, -1, got);
+    int err = 0;
+    if (fstat(fd, st) != 0)
+        err = errno;
+    else if (!S_ISREG(st->st_mode))
+        err = S_ISDIR(st->st_mode) ? EISDIR : ENXIO;
+    if (!err)
+        err = read_fully(fd, buf, limit, -1, got);
     if (!err && fstat(fd, st) != 0)
         err = errno;
     *xattrs = !err && probe ? xattr_state(fd) : -1;

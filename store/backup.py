@@ -43,7 +43,7 @@ from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, iso, now_iso
-from .source import SmallRead, SourceWalk, StatFailed, open_source_file, read_small_files
+from .source import NOT_REGULAR_ERRNOS, SmallRead, SourceWalk, StatFailed, open_source_file, read_small_files
 from .xattrs import read_xattrs
 from .zstdbuf import empty_buffer
 
@@ -572,7 +572,7 @@ class Backup:
             return _FileRead(None, [*notes, _vanished(path)])
         except OSError:
             now = None
-        if now is not None and not stat.S_ISREG(now.st_mode):
+        if exc.errno in NOT_REGULAR_ERRNOS or now is not None and not stat.S_ISREG(now.st_mode):
             return _FileRead(None, [*notes, f"changed type during backup (left out until the next backup): "
                                            f"{os.fsdecode(path)}"])
         notes.append(_cannot_read(path, exc))

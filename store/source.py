@@ -115,12 +115,29 @@ def _starts_with(path: bytes, header: bytes) -> bool:
     return data == header
 
 
+#: What opening a file the walk saw as regular gives when something else took its place since (a FIFO, whose
+#: open would wait for a writer for ever without O_NONBLOCK; a device; a directory): never a regular file's.
+NOT_REGULAR_ERRNOS = (errno.ENXIO, errno.EISDIR)
+
+
 def open_source_file(path: bytes) -> int:
-    """A file of the source, opened to be read (not following a symlink put in its place)."""
+    """A file of the source, opened to be read: not following a symlink put in its place, not waiting on a
+    FIFO, and refused (``NOT_REGULAR_ERRNOS``) when no longer a regular file."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | O_NOATIME)
+        fd = os.open(path, flags | O_NOATIME)
     except PermissionError:  # O_NOATIME only for files we own (or as root)
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        code = errno.EISDIR if stat.S_ISDIR(mode) else errno.ENXIO
+        raise OSError(code, "no longer a regular file", path)
+    return fd
 
 
 #: A small file as ``read_small_files`` gives it: (data, size, mtime_ns, ctime_ns after reading, xattrs: 1 it has

@@ -552,3 +552,38 @@ def test_a_directory_that_cannot_be_listed_keeps_its_contents_in_a_real_backup(t
         assert snap.stats["unreadable"] == ["closed"]
         with again.open_file(snap, "closed/sub/f") as f:
             assert f.read() == b"kept"
+
+
+@pytest.mark.parametrize("size", [1000, 3 << 20], ids=["read with the small files", "read as a stream"])
+def test_a_file_replaced_by_a_fifo_before_it_is_read_is_left_out(tmp_path, new_repo, monkeypatch, size):
+    """Between the walk's lstat and the read, a FIFO takes the file's place: opening it waited for a writer
+    for ever (SIGTERM too waited). It is left out as a file that changed type, and the backup ends."""
+    import threading
+
+    from chunkvault.store import backup as backup_module
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(size))
+    (src / "g").write_bytes(b"stays")
+    repo = new_repo()
+    fifo = src / "f"
+
+    def swap() -> None:
+        if not stat.S_ISFIFO(os.lstat(fifo).st_mode):
+            fifo.unlink()
+            os.mkfifo(fifo)
+
+    hooked = "read_small_files" if size < 4096 else "open_source_file"
+    real = getattr(backup_module, hooked)
+    monkeypatch.setattr(backup_module, hooked, lambda *a, **k: (swap(), real(*a, **k))[1])
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(repo.backup([str(src)])), daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():  # blocked in the FIFO's open: a writer ends it, so the test run goes on
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the backup waited on the FIFO")
+    (result,) = done
+    assert any("changed type during backup" in w and "src/f" in w for w in result.warnings)
+    assert [e.path for e in repo.tree(result.snapshot) if e.path] == [b"g"]
