@@ -568,7 +568,7 @@ class Backup:
         saw it: left out until the next backup, as a replaced symbolic link is."""
         try:
             now = os.lstat(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # gone, or its directory replaced by a file
             return _FileRead(None, [*notes, _vanished(path)])
         except OSError:
             now = None
@@ -989,7 +989,10 @@ class Backup:
             self._drain()
             if self.opt.progress is not None:  # the final counts (reports in between are rate-limited)
                 self.opt.progress(dict(self.counts))
-            if self.opt.skip_if_unchanged and parent is not None and (
+            # What could not be read (or a source path missing) is no sign of nothing changed: such a run
+            # saves its snapshot and says so (exit 3), as without the option.
+            if self.opt.skip_if_unchanged and parent is not None and not self.unreadable and not (
+                    source is not None and source.missing) and (
                     not mw.records if kind == KIND_DIFF
                     else self.opt.kind == "auto" and stream is None and not self.changed
                     and not self.counts["deleted"]):

@@ -410,8 +410,9 @@ class SourceWalk:
             return None, exc.errno or errno.EIO
 
     def _stat_failed(self, path: bytes, err: int) -> StatFailed | None:
-        """The warning for a failed lstat, and what stands for the entry (None: it vanished, left out)."""
-        if err == errno.ENOENT:
+        """The warning for a failed lstat, and what stands for the entry (None: it vanished, left out; so did
+        a path whose directory became a file since it was listed)."""
+        if err in (errno.ENOENT, errno.ENOTDIR):
             self.warnings.append(f"vanished during backup: {os.fsdecode(path)}")
             return None
         self.warnings.append(f"cannot stat {os.fsdecode(path)}: {os.strerror(err)}")

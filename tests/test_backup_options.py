@@ -162,3 +162,15 @@ def test_cli_options(cli, tmp_path, tree):
     assert piped["time"] == "2026-01-02T03:00:00.000000+00:00"
     proc = cli("backup", "-r", repo, str(tree), "--time", "2999-01-01", check=2)
     assert proc.stderr.decode().count("\n") == 1 and "in the future" in proc.stderr.decode()
+
+
+def test_skip_if_unchanged_skips_nothing_it_could_not_read(new_repo, tree, tmp_path):
+    """A source path missing (or a file unreadable) is no sign that nothing changed: the run saves its
+    snapshot and is partial (exit 3), as without the option; skipped, it exited 0."""
+    repo = new_repo()
+    gone = str(tmp_path / "unmounted")
+    first = repo.backup([str(tree), gone])
+    assert first.snapshot.stats["unreadable"]
+    again = repo.backup([str(tree), gone], skip_if_unchanged=True)
+    assert not again.skipped and again.snapshot.id != first.snapshot.id
+    assert again.snapshot.stats["unreadable"] == first.snapshot.stats["unreadable"]

@@ -587,3 +587,29 @@ def test_a_file_replaced_by_a_fifo_before_it_is_read_is_left_out(tmp_path, new_r
     (result,) = done
     assert any("changed type during backup" in w and "src/f" in w for w in result.warnings)
     assert [e.path for e in repo.tree(result.snapshot) if e.path] == [b"g"]
+
+
+def test_files_of_a_directory_replaced_by_a_file_before_they_are_read_vanished(tmp_path, new_repo, monkeypatch):
+    """Listed, then their directory became a file: they are gone (left out, as vanished), not unreadable
+    (the run was partial, exit 3, and recorded five empty files)."""
+    from chunkvault.store import backup as backup_module
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(5):
+        (src / "d" / f"f{i}").write_bytes(os.urandom(1000))
+    (src / "keep").write_bytes(b"keep")
+    repo = new_repo()
+    real = backup_module.read_small_files
+
+    def swapped_first(*args, **kwargs):
+        if (src / "d").is_dir():
+            shutil.rmtree(src / "d")
+            (src / "d").write_bytes(b"now a file")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backup_module, "read_small_files", swapped_first)
+    result = repo.backup([str(src)])
+    assert not result.partial and result.snapshot.stats["unreadable"] == []
+    assert sum("vanished during backup" in w for w in result.warnings) == 5
+    assert not [e.path for e in repo.tree(result.snapshot) if e.path.startswith(b"d/")]
