@@ -292,14 +292,30 @@ class _Comparer:
         list_errors: list[tuple[bytes, str]] = []
         observed = walk_sorted(self.root, list_errors)
         reported_errors = 0
+        # A directory the manifest lacks above entries it has (``--stdin-name dumps/app.sql``) is made by the
+        # restore to hold them: extra only if no entry lies below it.
+        directories: set[bytes] = set()
+        above_entries: set[bytes] = set()
+        extra_directories: list[tuple[bytes, os.stat_result]] = []
         for e, o in merge_by_path(entries, observed):
             while reported_errors < len(list_errors):
                 rel, why = list_errors[reported_errors]
                 self.add(Mismatch(os.fsdecode(rel), "unreadable", "a listable directory", why))
                 reported_errors += 1
+            if e is not None:
+                if e.type == T_DIR:
+                    directories.add(e.path)
+                parent = os.path.dirname(e.path)
+                while parent and parent not in directories and parent not in above_entries:
+                    above_entries.add(parent)
+                    parent = os.path.dirname(parent)
             if e is None:
                 assert o is not None
-                if self.extras and o[0] != b"":  # the root is compared only if the snapshot has a root entry
+                if not self.extras or o[0] == b"":  # the root is compared only if the snapshot has a root entry
+                    continue
+                if stat.S_ISDIR(o[1].st_mode):
+                    extra_directories.append(o)
+                else:
                     self.add(Mismatch(os.fsdecode(o[0]), "extra", None, _type_name(o[1].st_mode)))
             elif o is None:
                 if e.type in (T_CHARDEV, T_BLOCKDEV) and not self.owners:
@@ -310,6 +326,9 @@ class _Comparer:
                 self.entry(e, o[1])
         for rel, why in list_errors[reported_errors:]:
             self.add(Mismatch(os.fsdecode(rel), "unreadable", "a listable directory", why))
+        for rel, st in extra_directories:
+            if rel not in above_entries:
+                self.add(Mismatch(os.fsdecode(rel), "extra", None, _type_name(st.st_mode)))
         return self.result
 
     def entry(self, e: Entry, st: os.stat_result) -> None:

@@ -410,3 +410,18 @@ def test_a_snapshot_object_that_does_not_load_fails_the_run(tmp_path, new_repo, 
         assert "the snapshot object is unreadable" in reports[second.id]["error"]
     code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), second.id[:8])
     assert code == 13 and "unreadable" in err  # damaged, not "no such snapshot"
+
+
+def test_a_stream_stored_below_a_directory_verifies(tmp_path, new_repo, monkeypatch):
+    """`--stdin-name dumps/app.sql`: the restore makes dumps/ to hold it, which the manifest does not list;
+    it is not an extra (a correct snapshot failed every run), but a directory with nothing of the snapshot
+    below it still is."""
+    import io
+
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup_stream(io.BytesIO(b"hello\n"), "dumps/daily/app.sql").snapshot
+    report = verify_restore(repo, snap.id, scratch=str(scratch_dir(tmp_path)))
+    assert report.ok and report.mismatch_count == 0, report.mismatches
+    corrupting(monkeypatch, lambda target: os.mkdir(os.path.join(target, "dumps", "stray")))
+    report = verify_restore(repo, snap.id, scratch=str(scratch_dir(tmp_path)))
+    assert [(m.kind, m.path) for m in report.mismatches] == [("extra", "dumps/stray")]
