@@ -224,7 +224,7 @@ class HTTPRemote(Remote):
             message = json.loads(response.data)["error"]
             if isinstance(message, str):
                 return _clean(message)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             pass
         text = _clean(response.data.decode("utf-8", "replace"), 200) if response.data else ""
         return text or (response.reason or f"HTTP {response.status}")
@@ -313,7 +313,7 @@ class HTTPRemote(Remote):
                 page = json.loads(response.data)
                 items = [(str(k), int(s), str(v[0]) if v else None) for k, s, *v in page["objects"]]
                 after = page.get("next") or ""
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise RemoteError(f"{self.display_url} sent a listing that is not chunkvault's JSON") from None
             for key, size, version in items:  # a server older than versions sends none
                 if key.startswith(prefix):

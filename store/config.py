@@ -44,7 +44,7 @@ def _unb64(s: Any, what: str) -> bytes:
 def _json(data: bytes, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the parser's depth: not ours either
         raise CorruptObject(what, "not valid JSON") from None
     if not isinstance(obj, dict):
         raise CorruptObject(what, "not a JSON object")

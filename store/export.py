@@ -516,7 +516,7 @@ def _parse_metadata(plain: bytes, what: str, file_id: bytes) -> ExportInfo:
         chunker = ChunkerParams.from_dict(meta["source"]["chunker"])
         return ExportInfo(file_id.hex(), snap, str(meta["exported"]), str(meta["source"]["repository"]), chunker,
                           metadata=meta)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise CorruptObject(what, f"metadata section is malformed ({type(exc).__name__}: {exc})") from None
 
 

@@ -107,7 +107,7 @@ def list_locks(remote: Remote) -> list[LockInfo]:
     for o in remote.list("locks/"):
         try:
             lock = _parsed_lock(o.key, json.loads(remote.get(o.key)))
-        except (ObjectNotFound, ValueError, KeyError, TypeError, AttributeError):
+        except (ObjectNotFound, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             continue  # vanished, or not ours: a lock never parses into something it is not
         out.append(lock)
     return out

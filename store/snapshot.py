@@ -73,7 +73,7 @@ class Snapshot:
             body = json.loads(plain)
         except AuthenticationFailed:
             raise CorruptObject(what, "authentication failed") from None
-        except (zstandard.ZstdError, ValueError, UnicodeDecodeError):
+        except (zstandard.ZstdError, ValueError, UnicodeDecodeError, RecursionError):
             raise CorruptObject(what, "undecodable") from None
         version = body.get("version") if isinstance(body, dict) else None
         if type(version) is not int or version < 1:

@@ -298,3 +298,25 @@ def test_deleted_newest_snapshots_are_detected_as_a_rollback(chain, tmp_path, de
 
 
 # Exported `.backup` files: flips, truncations, swapped and spliced sections are in tests/test_export.py.
+
+
+def test_json_nested_past_the_parser_s_depth_is_damage_not_a_crash(pristine, tmp_path):
+    """Whoever writes the storage can plant JSON nested 100,000 deep: a lock object of it is not a lock
+    (every backup, check and prune stopped with RecursionError), a config or key file of it is damaged."""
+    import blake3
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    work = _copy(pristine, tmp_path)
+    os.makedirs(os.path.join(work, "locks"), exist_ok=True)
+    with open(os.path.join(work, "locks", "0" * 32), "wb") as f:
+        f.write(deep)
+    with crashkit.open_repo(work, ledger=False) as repo:
+        assert repo.check().ok
+        repo.prune()
+    with open(os.path.join(work, "keys", blake3.blake3(deep).hexdigest()[:32]), "wb") as f:
+        f.write(deep)
+    assert any("keys/" in p.object and "JSON" in p.problem for p in crashkit.open_repo(work, ledger=False).check().problems)
+    with open(os.path.join(work, "config"), "wb") as f:
+        f.write(deep)
+    with pytest.raises(CorruptObject, match="config.*not valid JSON"):
+        crashkit.open_repo(work, ledger=False)
