@@ -90,9 +90,13 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
         return unlocked
     if corrupt is not None and len(key_names) == 1:
         raise corrupt
-    if unsupported is not None:
-        raise unsupported
-    if other_ids:
+    if unsupported is not None:  # the key this password opens may be that one: an upgrade would tell
+        raise UnsupportedFormat(f"{unsupported} (a newer chunkvault's key, or not chunkvault's): no other key "
+                                "opens with this password, so it is the password's key or the password is wrong")
+    # Another repository's key file, planted or copied here, says nothing against the password while this
+    # repository's own keys are there: they refused it.
+    own = [kf for kf in keys if not kf.repo or kf.repo == clear["id"]]
+    if other_ids and not own:
         raise CorruptObject("config", "its id does not match the key files' (the config is damaged, "
                                       "or the keys belong to another repository)")
     if corrupt is not None:  # the key this password opens may be the damaged one

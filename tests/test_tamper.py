@@ -320,3 +320,32 @@ def test_json_nested_past_the_parser_s_depth_is_damage_not_a_crash(pristine, tmp
         f.write(deep)
     with pytest.raises(CorruptObject, match="config.*not valid JSON"):
         crashkit.open_repo(work, ledger=False)
+
+
+def test_a_key_planted_from_elsewhere_leaves_a_wrong_password_a_wrong_password(pristine, tmp_path):
+    """Beside this repository's own key, another repository's key file: the right password still opens; a
+    wrong one is a wrong password (exit 11), not a damaged config (13). One of an unknown derivation may be
+    the wrong password's key (a newer chunkvault's): 17, saying both."""
+    import blake3
+
+    from chunkvault.errors import UnsupportedFormat
+
+    work = _copy(pristine, tmp_path)
+    other = str(tmp_path / "other")
+    crashkit.init_repo(other)
+    for name in os.listdir(os.path.join(other, "keys")):
+        shutil.copy(os.path.join(other, "keys", name), os.path.join(work, "keys", name))
+    with pytest.raises(WrongPassword):
+        crashkit.open_repo(work, "not the password", ledger=False)
+    crashkit.open_repo(work, ledger=False).close()
+    unknown = json.dumps({"version": 1, "kdf": "pbkdf2"}).encode()
+    with open(os.path.join(work, "keys", blake3.blake3(unknown).hexdigest()[:32]), "wb") as f:
+        f.write(unknown)
+    with pytest.raises(UnsupportedFormat, match="pbkdf2.*or the password is wrong"):
+        crashkit.open_repo(work, "not the password", ledger=False)
+    crashkit.open_repo(work, ledger=False).close()
+    for name in os.listdir(os.path.join(work, "keys")):  # only keys of elsewhere left: that is damage
+        if name not in os.listdir(os.path.join(other, "keys")):
+            os.remove(os.path.join(work, "keys", name))
+    with pytest.raises((CorruptObject, UnsupportedFormat)):
+        crashkit.open_repo(work, "not the password", ledger=False)
