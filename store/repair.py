@@ -191,17 +191,21 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
             todo = [pid for pid, entries in packs.items() if pid not in read
                     and any(e.kind == KIND_DELTA and e.base_id not in readable for e in entries)]
         elsewhere = {e.blob_id for pid, entries in packs.items() if pid not in read for e in entries}
+        # A blob that verifies anywhere among these packs is kept, wherever it was meant to be: two packs'
+        # files swapped hold each other's blobs, found through their own headers.
+        pooled = {e.blob_id: (e, env) for _, _, intact in read.values() for e, env in intact.items()}
         salvage: list[PreparedBlob] = []
-        for found, entries, intact in read.values():
+        for found, entries, _ in read.values():
             report.salvaged.append(found)
             for e in entries:
                 if e.blob_id in elsewhere:  # another pack holds it: nothing to copy, nothing lost
                     continue
-                env = intact.get(e)
-                if env is not None and (e.kind != KIND_DELTA or e.base_id in readable):
+                hit = pooled.get(e.blob_id)
+                if hit is not None and (e.kind != KIND_DELTA or e.base_id in readable):
                     found.salvaged += 1
                     elsewhere.add(e.blob_id)  # once, if several of these packs hold it
-                    salvage.append(PreparedBlob(e.blob_id, e.kind, env, e.raw_length, e.base_id))
+                    kept, env = hit
+                    salvage.append(PreparedBlob(kept.blob_id, kept.kind, env, kept.raw_length, kept.base_id))
                 else:
                     found.lost.append(e.blob_id)
         if dry_run:
@@ -219,21 +223,29 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
 
 def _read_intact(repo: Repo, pid: bytes, entries: list[PackEntry] | None, stored: dict[bytes, int]
                  ) -> tuple[PackSalvage, list[PackEntry], dict[PackEntry, bytes]]:
-    """A pack to salvage: what it holds (its index entries, else its own header) and the envelopes of
-    those that still verify."""
+    """A pack to salvage: what it holds (its index entries, else its own header) and the envelopes that still
+    verify, where the index places them and where the file's own header does (the file may hold another
+    pack's content: one whose header authenticates says where its blobs are)."""
     key = pack_key(pid)
     found = PackSalvage(key)
+    own: list[PackEntry] = []
     try:
+        if pid in stored:
+            try:
+                own = _read_header(repo, key, stored[pid])
+            except (ChunkvaultError, ValueError):
+                if entries is None:
+                    raise
         if entries is None:  # in no index: its own header says what it holds
-            entries = _read_header(repo, key, stored[pid])
+            entries = own
         data = repo.remote.get(key) if pid in stored else b""
     except (ChunkvaultError, ValueError) as exc:
         found.problem = str(exc)
         entries, data = entries or [], b""
     if pid not in stored:
         found.problem = "pack is missing"
-    intact = {e: data[e.offset : e.offset + e.length] for e in entries}
-    return found, entries, {e: env for e, env in intact.items() if _intact(repo, e, env)}
+    candidates = {e: data[e.offset : e.offset + e.length] for e in [*entries, *own]}
+    return found, entries, {e: env for e, env in candidates.items() if _intact(repo, e, env)}
 
 
 def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) -> RepairReport:

@@ -588,3 +588,29 @@ def test_a_damaged_index_object_another_supersedes_stops_nothing(repo_with_data,
     repo.repair_index()
     assert name not in os.listdir(repo_dir / "index")
     assert repo.check(read_data=True).ok
+
+
+def test_repair_packs_salvages_two_packs_whose_files_were_swapped(tmp_path, new_repo, password):
+    """Each file holds the other pack's blobs, every one intact, with its own header saying where: check
+    --read-data names both packs, and `repair packs` of both (as it advises) keeps every blob (it lost them
+    all, and deleted both files)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(9)
+    for i in range(3):
+        (src / f"f{i}").write_bytes(rnd.randbytes(900_000))
+    repo = new_repo(str(tmp_path / "repo"), pack_size=1_000_000)
+    snap = repo.backup([str(src)]).snapshot
+    a, b = sorted(p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file())[:2]
+    swapped_a, swapped_b = b.read_bytes(), a.read_bytes()
+    a.write_bytes(swapped_a)
+    b.write_bytes(swapped_b)
+    repo = Repository.open(str(tmp_path / "repo"), password)
+    named = {p.object for p in repo.check(read_data=True).problems}
+    assert {f"data/{a.parent.name}/{a.name}", f"data/{b.parent.name}/{b.name}"} <= named
+    report = repo.repair_packs([a.name, b.name], dry_run=False)
+    assert all(not p.lost for p in report.salvaged) and sum(p.salvaged for p in report.salvaged) > 0
+    assert repo.check(read_data=True).ok
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == \
+        {p.name: p.read_bytes() for p in src.iterdir()}
