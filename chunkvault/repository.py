@@ -14,8 +14,8 @@ import warnings
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
-from .errors import (CorruptObject, PermissionDenied, RollbackDetected, SnapshotNotFound, StorageFull, TargetNotEmpty,
-                     UsageError, VerificationFailed)
+from .errors import (AmbiguousSnapshot, CorruptObject, PermissionDenied, RollbackDetected, SnapshotNotFound,
+                     StorageFull, TargetNotEmpty, UsageError, VerificationFailed)
 from .ledger import Ledger, RepositoryStateWarning, present_of
 from .connection import connect, key_ahead_path
 from .remotes import Remote, url_scheme
@@ -528,9 +528,19 @@ class Repository:
 
     def snapshot(self, spec: str = "latest", *, until: str | datetime | None = None,
                  host: str | None = None, paths: list[str] | None = None) -> Snapshot:
-        """An id, unique prefix or ``latest``; with ``until`` the newest at or before that time."""
+        """An id, unique prefix or ``latest``; with ``until`` the newest at or before that time.  An id of a
+        snapshot object that does not load raises its CorruptObject: it is there, damaged, not unknown."""
         t = _time(until)
-        return find_snapshot(self._list(), spec, until=t, host=host, filter_paths=_listed(paths) or None)
+        snaps = self._list()
+        try:
+            return find_snapshot(snaps, spec, until=t, host=host, filter_paths=_listed(paths) or None)
+        except SnapshotNotFound as exc:
+            if not isinstance(exc, AmbiguousSnapshot) and isinstance(spec, str) and spec.strip() and spec != "latest":
+                damaged = [exc for name, exc in self._repo.unreadable_snapshots.items()
+                           if name.startswith(spec.lower())]
+                if len(damaged) == 1:
+                    raise damaged[0] from None
+            raise
 
     def tree(self, snapshot: str | Snapshot = "latest", path: str | bytes | None = None) -> Iterator[Entry]:
         """The snapshot's entries in order; with ``path``, those of that path and below it, reading only

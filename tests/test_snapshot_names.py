@@ -57,3 +57,25 @@ def test_chains_take_the_snapshot_as_given_and_name_a_missing_parent(new_repo):
     assert of(dataclasses.replace(b, kind="full", parent=None)) == [dataclasses.replace(b, kind="full", parent=None)]
     with pytest.raises(MissingObject, match="bbbbbbbb"):
         chains([a])(c)
+
+
+def test_a_snapshot_named_whose_object_does_not_load_is_damaged_not_unknown(tmp_path, new_repo, cli, password):
+    """`restore ID` of a snapshot whose object is damaged said "no snapshot" (exit 12): it is there, and
+    corrupt (13), as `check` says."""
+    from chunkvault import Repository
+    from chunkvault.errors import CorruptObject
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    obj = tmp_path / "repo" / "snapshots" / snap.id
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 1
+    obj.write_bytes(bytes(data))
+    with pytest.raises(CorruptObject, match=f"snapshot {snap.id}"), pytest.warns(Warning, match="unreadable"):
+        Repository.open(str(tmp_path / "repo"), password, ledger=False).snapshot(snap.id[:8])
+    proc = cli("restore", "-r", str(tmp_path / "repo"), snap.id[:8], "--target", str(tmp_path / "out"), check=13)
+    assert "authentication failed" in proc.stderr.decode()
+    cli("restore", "-r", str(tmp_path / "repo"), "feedbeef", "--target", str(tmp_path / "out"), check=12)
