@@ -196,6 +196,16 @@ class KeyFile:
         except (KeyError, ValueError, TypeError):
             raise CorruptObject(what, "malformed key file") from None
 
+    @property
+    def work(self) -> int:
+        """Roughly what deriving its key costs, in KiB of memory passed over: to try cheap keys first."""
+        c = self.cost
+        if self.kdf == KDF_ARGON2ID:
+            return c["t"] * c["m"]
+        if self.kdf == KDF_SCRYPT:
+            return (1 << c["log_n"]) * c["r"] * c["p"] // 4
+        return 0
+
     def unwrap(self, password: bytes, repo_id: str) -> KeyMaterial:
         """The key material, or WrongPassword."""
         return self.open_with(self.kek(password), repo_id)

@@ -349,3 +349,18 @@ def test_a_key_planted_from_elsewhere_leaves_a_wrong_password_a_wrong_password(p
             os.remove(os.path.join(work, "keys", name))
     with pytest.raises((CorruptObject, UnsupportedFormat)):
         crashkit.open_repo(work, "not the password", ledger=False)
+
+
+def test_this_repository_s_cheapest_keys_are_tried_first(tmp_path, new_repo, derivations, password):
+    """Key files copied in from other repositories (each a derivation to pay for, up to a minute for one
+    planted with the largest cost) are tried after this repository's own."""
+    repo = new_repo(str(tmp_path / "repo"))
+    for i in range(8):
+        other = new_repo(str(tmp_path / f"other{i}"))
+        for name in os.listdir(tmp_path / f"other{i}" / "keys"):
+            shutil.copy(tmp_path / f"other{i}" / "keys" / name, tmp_path / "repo" / "keys" / name)
+        other.close()
+    derivations.clear()
+    Repository.open(str(tmp_path / "repo"), password, ledger=False).close()
+    assert len(derivations) == 1
+    repo.close()
