@@ -750,7 +750,10 @@ def _policy(args: argparse.Namespace) -> Any:
         from .tomlfile import read_toml
 
         base = load_preset(read_toml(args.config, "config"), args.preset)
-        table = {k: v for k, v in vars(base).items() if v not in (None, (), frozenset())}
+        # as a table again, flags then override its keys: tag sets as lists (a frozenset is not a table's),
+        # and the grouping even when empty (grouping nothing is a setting)
+        table = {k: v for k, v in vars(base).items() if v not in (None, ())}
+        table["keep_tags"] = [sorted(ts) for ts in base.keep_tags]
     for name in RETENTION_FLAGS:
         value = getattr(args, name)
         if value is not None:

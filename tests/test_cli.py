@@ -282,6 +282,20 @@ def test_forget_preset_from_config(tmp_path, cli, setup):
     assert cli("forget", "-r", repo, "--preset", "nope", "--config", str(cfg), check=2).returncode == 2
 
 
+def test_a_preset_keeps_its_tag_sets_and_its_grouping_by_nothing(tmp_path, cli, setup):
+    """keep-tags in a preset failed every forget (its sets came back as frozensets); an empty group-by fell back
+    to the default grouping by host and paths."""
+    repo, src = setup
+    other = tmp_path / "other"
+    other.mkdir()
+    ids = [json.loads(cli("backup", "-r", repo, str(path), *tags, "--json").stdout)["id"]
+           for path, tags in ((src, ("--tag", "pinned")), (src, ()), (other, ()))]
+    cfg = tmp_path / "retention.toml"
+    cfg.write_text('[presets.p]\nkeep-last = 1\nkeep-tags = ["pinned"]\ngroup-by = ""\n')
+    out = json.loads(cli("forget", "-r", repo, "--preset", "p", "--config", str(cfg), "--dry-run", "--json").stdout)
+    assert sorted(d["id"] for d in out["decisions"] if d["keep"]) == sorted([ids[0], ids[2]])
+
+
 def test_each_command_parses_with_its_own_parser_alone():
     """A command line is parsed by a parser holding only its command (the rest are not built): that
     parser must know every option and default the whole parser's does."""
