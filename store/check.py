@@ -119,8 +119,10 @@ class Checker:
                 KeyFile.decode(k.key.split("/", 1)[1], repo.remote.get(k.key))
             except ChunkvaultError as exc:
                 self.problem(k.key, str(exc))
-        indexed = self._load_index()
+        # Snapshots before the index, the index before the packs: a backup running meanwhile (it takes a shared
+        # lock too) indexes its blobs before it saves its snapshot, so what these snapshots need is indexed.
         snapshots = self._load_snapshots()
+        indexed = self._load_index()
         todo, to_read = self._pack_todo(indexed)
         if to_read >= FORK_MIN_BYTES and forked.cores() > 1 and forked.can_fork(repo.remote):
             self._check_packs_forked(todo, to_read, snapshots)

@@ -209,3 +209,33 @@ def test_forked_read_data_reports_what_threads_report(repo_with_data, password, 
     assert forks == threads
     assert any(p[0].startswith("blob ") and p[2] for p in forks[0])  # a bad blob, attributed to snapshots
     assert any(p[1].startswith("pack is missing") for p in forks[0])
+
+
+def test_a_backup_saved_while_check_loads_the_repository_is_no_problem(repo_with_data, password, monkeypatch,
+                                                                       tmp_path):
+    """Backups and check both take a shared lock: one that saves its snapshot between check's reading of the
+    index and of the snapshots made check report its manifest as in no index (exit 18)."""
+    from chunkvault.store.check import Checker
+
+    repo_dir, repo, _, _ = repo_with_data
+    (tmp_path / "src" / "new").write_bytes(os.urandom(10_000))
+    steps: list[str] = []
+
+    def then_a_backup(name):
+        real = getattr(Checker, name)
+
+        def step(self, *args):
+            out = real(self, *args)
+            steps.append(name)
+            if len(steps) == 1:
+                with Repository.open(str(repo_dir), password, ledger=False) as other:
+                    other.backup([str(tmp_path / "src")])
+            return out
+
+        monkeypatch.setattr(Checker, name, step)
+
+    then_a_backup("_load_index")
+    then_a_backup("_load_snapshots")
+    with Repository.open(str(repo_dir), password, ledger=False) as checking:
+        report = checking.check()
+    assert len(steps) == 2 and report.ok, report.problems
