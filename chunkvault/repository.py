@@ -235,8 +235,11 @@ class Repository:
 
     def _list(self) -> list[Snapshot]:
         """Every readable snapshot (one warning per unreadable one); the ledger notes them (and warns once
-        about a replay or rollback)."""
+        about a replay or rollback, confirmed on a second listing as ``_guard`` does: another command of this
+        client may have saved a snapshot, and noted it, after the first was made)."""
         snaps = self._repo.snapshots()
+        if self._ledger is not None and self._ledger.findings(present_of(snaps, self._repo.unreadable_snapshots)):
+            snaps = self._repo.snapshots()
         present = self._present(snaps)
         if self._ledger is not None:
             self._ledger.observe(present)

@@ -275,3 +275,34 @@ def test_a_snapshot_stored_after_a_listing_by_another_command_is_no_rollback(cha
         os.remove(os.path.join(path, "snapshots", stored.id))
         with pytest.raises(RollbackDetected, match=stored.id):
             second._guard(stale)
+
+
+def test_a_snapshot_another_command_of_this_client_saves_during_a_listing_is_no_rollback(tmp_path):
+    """One Repository lists while another command of the same client (a thread, or a process sharing the
+    ledger) saves a backup and notes it: the listing, made just before, lacks the newest snapshot the ledger
+    knows. A second listing has it: no warning."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"one")
+    ledger = str(tmp_path / "ledger")
+    path = str(tmp_path / "repo")
+    Repository.init(path, PW, kdf_seconds=0, ledger=ledger).close()
+    with Repository.open(path, PW, ledger=ledger) as lister, Repository.open(path, PW, ledger=ledger) as writer:
+        writer.backup([str(src)])
+        lister.snapshots()
+        real = lister.store.snapshots
+        calls = []
+
+        def listed_then_a_backup():
+            out = real()
+            if not calls:
+                (src / "f").write_bytes(b"two")
+                writer.backup([str(src)])
+            calls.append(len(out))
+            return out
+
+        lister.store.snapshots = listed_then_a_backup  # type: ignore[method-assign]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RepositoryStateWarning)
+            assert len(lister.snapshots()) == 2
+        assert calls == [1, 2]
