@@ -1424,7 +1424,19 @@ class _Terminated(KeyboardInterrupt):
     released and what it stored whole indexed, instead of dying where it stands."""
 
 
+_STOPPED_BY: list[int] = []  # the stop signals received: what else the command then raises is their doing
+
+
+def _stopped(args: argparse.Namespace | None, argv: list[str] | None, *, terminated: bool) -> int:
+    """What a command stopped by SIGTERM (143) or Ctrl-C (130) says, on stderr and, with --json, stdout."""
+    word, code = ("terminated", 128 + signal.SIGTERM) if terminated else ("interrupted", 130)
+    print(f"chunkvault: {word}", file=sys.stderr)
+    _emit_error_json(args, argv, word.capitalize(), code, word)
+    return code
+
+
 def _stop(signum: int) -> None:
+    _STOPPED_BY.append(signum)
     raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
@@ -1473,16 +1485,14 @@ def main(argv: list[str] | None = None) -> int:
         _emit_error_json(args, argv, type(exc).__name__, exc.exit_code, one_line(exc))
         return exc.exit_code
     except _Terminated:
-        print("chunkvault: terminated", file=sys.stderr)
-        _emit_error_json(args, argv, "Terminated", 128 + signal.SIGTERM, "terminated")
-        return 128 + signal.SIGTERM
+        return _stopped(args, argv, terminated=True)
     except KeyboardInterrupt:
-        print("chunkvault: interrupted", file=sys.stderr)
-        _emit_error_json(args, argv, "Interrupted", 130, "interrupted")
-        return 130
+        return _stopped(args, argv, terminated=False)
     except BrokenPipeError:
         return 0
     except Exception as exc:  # a bug: still one line, unless --debug
+        if _STOPPED_BY:  # the stop raised inside native code (an import, say), which wrapped it in its own error
+            return _stopped(args, argv, terminated=signal.SIGTERM in _STOPPED_BY)
         if args is not None and getattr(args, "debug", False):
             raise
         print(f"chunkvault: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for details)",

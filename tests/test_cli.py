@@ -524,3 +524,26 @@ def test_json_snapshot_paths_that_are_not_utf8_carry_their_bytes(tmp_path, cli):
     assert "paths_b64" not in shown[str(plain)]
     (found,) = json.loads(cli("find", "-r", repo, "f", "--json").stdout)
     assert [base64.b64decode(p) for p in found["paths_b64"]] == [raw]
+
+
+def test_a_stop_signal_that_native_code_wraps_in_its_own_error_still_ends_as_a_stop(tmp_path):
+    """SIGTERM landing inside an import (C code) came out as ImportError or RuntimeError: an internal error,
+    exit 1. A command stopped by a signal exits 143 (130 for Ctrl-C) whatever the error it unwinds as."""
+    import subprocess
+    import sys
+
+    program = """
+import os, signal, sys, time
+import chunkvault.cli as cli
+def command(args):
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    except BaseException as exc:  # as C code importing a module does
+        raise RuntimeError("Error calling __set_name__") from exc
+cli.cmd_snapshots = command
+sys.exit(cli.main(["snapshots", "-r", sys.argv[1], "--json"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", program, str(tmp_path / "none")], capture_output=True, timeout=60)
+    assert (proc.returncode, proc.stderr.strip()) == (143, b"chunkvault: terminated"), proc.stderr
+    assert json.loads(proc.stdout)["error"]["type"] == "Terminated"
