@@ -314,6 +314,10 @@ class SourceWalk:
         self._c_excludes = ([os.fsencode(g) for g in self.excludes]
                             if not any("?" in g or "[" in g for g in self.excludes) else None)
         self.warnings = warnings if warnings is not None else []
+        # What a restic or gitignore habit writes, and never matches here: said, not silently backed up.
+        self.warnings += [f"exclude pattern {g!r} matches nothing: patterns match a path below a source "
+                          f"('sub/dir') or a name ('dir'), without a leading '/' or './' or a trailing '/'"
+                          for g in self.excludes if g.startswith(("/", "./")) or g.endswith("/")]
         self.missing: list[bytes] = []  # the manifest paths of sources that did not exist
         self._ancestors: set[bytes] = set()  # the manifest paths of directories above several sources
         self._ahead = ahead

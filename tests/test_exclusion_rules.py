@@ -142,3 +142,16 @@ def test_paths_from_list_files(tmp_path, repo):
     proc = crashkit.run_cli("backup", "-r", repo, "--files-from", str(tmp_path / "missing"), ok=(2,))
     assert proc.stderr.decode().strip() == f"chunkvault: cannot read list of files {tmp_path / 'missing'}: " \
                                            "No such file or directory"
+
+
+def test_an_exclude_pattern_that_can_never_match_is_said(tmp_path, new_repo):
+    """An absolute path, "./x" or "dir/" (restic and gitignore habits) matches no path below a source nor any
+    name: the backup says so instead of quietly keeping what the user meant to leave out."""
+    src = tmp_path / "src"
+    (src / "cache").mkdir(parents=True)
+    (src / "cache" / "f").write_bytes(b"x")
+    repo = new_repo()
+    result = repo.backup([str(src)], excludes=[str(src / "cache"), "./cache", "cache/", "*.tmp"])
+    said = [w for w in result.warnings if "matches nothing" in w]
+    assert len(said) == 3 and not any("*.tmp" in w for w in said)
+    assert [e.path for e in repo.tree(result.snapshot) if e.path] == [b"cache", b"cache/f"]
