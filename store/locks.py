@@ -193,7 +193,7 @@ class RepoLock:
                 pass
         if self.kind == EXCLUSIVE:
             return others
-        return [lk for lk in others if lk.kind == EXCLUSIVE]
+        return [lk for lk in others if lk.kind != SHARED]  # an unknown kind (a newer chunkvault's) as exclusive
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait

@@ -445,3 +445,18 @@ def test_a_wait_for_a_lock_ends_at_once_when_told_to_stop(remote, sleeper):
         assert time.monotonic() - started < 30
     finally:
         locks.stop_waiting.clear()
+
+
+def test_a_lock_of_a_kind_this_version_does_not_know_holds_off_everyone(tmp_path):
+    """A newer chunkvault's kind of lock is taken as exclusive by every command (a shared one went ahead),
+    until it goes stale as any lock does."""
+    remote = LocalRemote(str(tmp_path))
+    remote.put("locks/" + "ab" * 16, json.dumps({"kind": "migrate", "host": "elsewhere", "pid": 4242,
+                                                 "purpose": "migrate", "time": time.time()}).encode())
+    for kind in (SHARED, EXCLUSIVE):
+        with pytest.raises(Locked, match="locked by migrate on elsewhere"):
+            RepoLock(remote, kind, "backup").acquire()
+    remote.put("locks/" + "ab" * 16, json.dumps({"kind": "migrate", "host": "elsewhere", "pid": 4242,
+                                                 "purpose": "migrate", "time": time.time() - 400}).encode())
+    with RepoLock(remote, SHARED, "backup"):
+        pass
