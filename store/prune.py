@@ -22,7 +22,7 @@ from .chain import broken_chains
 from .indexfile import IndexData
 from .locks import EXCLUSIVE, RepoLock
 from .pack import PackEntry
-from .repository import PreparedBlob, Repo, pack_key
+from .repository import PreparedBlob, Repo, pack_key, superseded_names
 from .usage import with_bases
 
 
@@ -188,7 +188,7 @@ def live_index_objects(repo: Repo) -> tuple[list[str], dict[str, IndexData]]:
             datas[name] = repo.read_index_object(name)
         except (CorruptObject, ObjectNotFound) as exc:
             failed[name] = exc
-    superseded = {s.hex() for d in datas.values() for s in d.supersedes}
+    superseded = superseded_names(datas.values())
     for name, exc in failed.items():
         if name not in superseded:
             raise exc

@@ -106,7 +106,7 @@ class _LRU:
 OBJECT_ID = re.compile("[0-9a-f]{64}")  # the name of a pack or an index object
 
 
-def superseded_names(objects: Iterable[IndexColumns]) -> set[str]:
+def superseded_names(objects: Iterable[IndexColumns | IndexData]) -> set[str]:
     """The names of the index objects these supersede."""
     return {s.hex() for d in objects for s in d.supersedes}
 
