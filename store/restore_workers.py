@@ -215,9 +215,10 @@ class _Coordinator:
         ran out of space, since the restore stops there."""
         r = self.restorer
         broken = {d[0] for d in r.result.damaged} | {u[0] for u in r.result.unwritten}
-        self._remove([e for e in split_files if r.result.full or os.fsdecode(e.path) in broken])
         for e in split_files:
-            if not (r.result.full or os.fsdecode(e.path) in broken):
+            if r.result.full or os.fsdecode(e.path) in broken:
+                remove_quietly(r.dest(e.path))
+            else:
                 r.finish_parts(e)
         if not r.result.full:
             r.restore_records(iter(links))
@@ -225,8 +226,7 @@ class _Coordinator:
 
     def _remove(self, files: list[Entry]) -> None:
         for e in files:
-            if os.path.lexists(self.restorer.dest(e.path)):
-                os.unlink(self.restorer.dest(e.path))
+            remove_quietly(self.restorer.dest(e.path))
 
     def _chunk_length(self, cid: bytes) -> int | None:
         loc = self.restorer.repo.locate(cid)  # type: ignore[union-attr]
