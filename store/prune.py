@@ -181,6 +181,16 @@ def live_index_objects(repo: Repo) -> tuple[list[str], dict[str, IndexData]]:
     """The names of all index objects, and the contents of the live (not superseded) ones; one that does
     not read stops this unless another supersedes it (a repair or prune stopped before deleting it)."""
     names = repo.index_names()
+    datas, failed = read_index_data(repo, names)
+    superseded = superseded_names(datas.values())
+    for name, exc in failed.items():
+        if name not in superseded:
+            raise exc
+    return names, {name: d for name, d in datas.items() if name not in superseded}
+
+
+def read_index_data(repo: Repo, names: Iterable[str]) -> tuple[dict[str, IndexData], dict[str, ChunkvaultError]]:
+    """The index objects named that read, and why each other does not (damaged, or gone since listed)."""
     datas: dict[str, IndexData] = {}
     failed: dict[str, ChunkvaultError] = {}
     for name in names:
@@ -188,11 +198,7 @@ def live_index_objects(repo: Repo) -> tuple[list[str], dict[str, IndexData]]:
             datas[name] = repo.read_index_object(name)
         except (CorruptObject, ObjectNotFound) as exc:
             failed[name] = exc
-    superseded = superseded_names(datas.values())
-    for name, exc in failed.items():
-        if name not in superseded:
-            raise exc
-    return names, {name: d for name, d in datas.items() if name not in superseded}
+    return datas, failed
 
 
 def dead_index_objects(live: dict[str, IndexData], names: Iterable[str],

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from typing import Callable, Iterable
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, UsageError
+from chunkvault.errors import ChunkvaultError, CorruptObject, UsageError
 
 from .blob import KIND_DELTA, open_blob, open_envelope
 from .indexfile import IndexData
@@ -22,7 +22,7 @@ from .locks import EXCLUSIVE, RepoLock
 from .manifest import T_HARDLINK, Record, delete_record, sort_key
 from .manifest_io import store_manifest
 from .pack import PackEntry, fetch_header, readable_ids
-from .prune import indexed_packs, replace_index, store_envelopes
+from .prune import indexed_packs, packs_of, read_index_data, replace_index, store_envelopes
 from .repository import OBJECT_ID, PreparedBlob, Repo, pack_key
 from .snapshot import KIND_FULL
 
@@ -69,7 +69,7 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
     report = RepairReport()
     with RepoLock(repo.remote, EXCLUSIVE, "repair index", wait=wait) as lock:
         old = repo.index_names()
-        listed = _readable_entries(repo, old)
+        listed = packs_of(read_index_data(repo, old)[0])  # every pack's entries, as the objects that read give them
         index = IndexData()
         for o in repo.remote.list("data/"):
             name = o.key.rsplit("/", 1)[1]
@@ -112,19 +112,6 @@ def _links_to_damaged(tree: Iterable[Record], damaged: Callable[[Record], bool])
         elif damaged(rec):
             gone.add(rec.path)
     return [path for path, target in links if target in gone]
-
-
-def _readable_entries(repo: Repo, names: list[str]) -> dict[bytes, list[PackEntry]]:
-    """Every pack's entries as the index objects that still read give them."""
-    packs: dict[bytes, list[PackEntry]] = {}
-    for name in names:
-        try:
-            data = repo.read_index_object(name)
-        except (CorruptObject, ObjectNotFound):
-            continue
-        for pid, entries in data.packs.items():
-            packs.setdefault(pid, entries)
-    return packs
 
 
 def _read_header(repo: Repo, key: str, size: int) -> list[PackEntry]:
