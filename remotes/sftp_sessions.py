@@ -318,7 +318,8 @@ class ParamikoSessions:
             channel.invoke_subsystem("sftp")
             return SFTPClient(channel)
         except (self._paramiko.SSHException, OSError, EOFError) as exc:
-            self._drop(client)
+            if not isinstance(exc, self._paramiko.ChannelException):  # a refused channel (MaxSessions) leaves
+                self._drop(client)                                     # the connection's other sessions be
             raise RemoteUnavailable(f"cannot open SFTP channel on {self.target.where()}: "
                                     f"{exc or type(exc).__name__}") from None
 
