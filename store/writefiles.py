@@ -7,8 +7,9 @@ where the extension is not built.  Both take and give the same things.
 from __future__ import annotations
 
 import errno
+import functools
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 from chunkvault.store.blob import Plaintext
 
@@ -30,17 +31,24 @@ def all_zeros(data: Plaintext) -> bool:
 _PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE (Linux)
 
 
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Make ``length`` bytes at ``offset`` a hole (they read as zeros, and take no space), where the system
-    and file system can; False where not (the caller writes the zeros)."""
+@functools.cache
+def _fallocate() -> Callable[..., int] | None:
+    """libc's fallocate, looked up once (None where there is none)."""
     import ctypes
 
     try:
         fallocate = ctypes.CDLL(None, use_errno=True).fallocate
     except (OSError, AttributeError):
-        return False
+        return None
     fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    return fallocate(fd, _PUNCH_HOLE, offset, length) == 0
+    return fallocate
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Make ``length`` bytes at ``offset`` a hole (they read as zeros, and take no space), where the system
+    and file system can; False where not (the caller writes the zeros)."""
+    fallocate = _fallocate()
+    return fallocate is not None and fallocate(fd, _PUNCH_HOLE, offset, length) == 0
 
 
 def write_small_files_reference(files: Sequence[SmallFile], owners: bool) -> list[tuple[int, int]]:
