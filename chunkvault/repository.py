@@ -539,7 +539,7 @@ class Repository:
             return find_snapshot(snaps, spec, until=t, host=host, filter_paths=_listed(paths) or None)
         except SnapshotNotFound as exc:
             if not isinstance(exc, AmbiguousSnapshot) and isinstance(spec, str) and spec.strip() and spec != "latest":
-                damaged = [exc for name, exc in self._repo.unreadable_snapshots.items()
+                damaged = [why for name, why in self._repo.unreadable_snapshots.items()
                            if name.startswith(spec.lower())]
                 if len(damaged) == 1:
                     raise damaged[0] from None
