@@ -38,6 +38,11 @@ _TYPE_BITS = {T_FILE: stat.S_IFREG, T_HARDLINK: stat.S_IFREG, T_DIR: stat.S_IFDI
               T_FIFO: stat.S_IFIFO, T_CHARDEV: stat.S_IFCHR, T_BLOCKDEV: stat.S_IFBLK}
 
 
+# What libfuse 3's fuse_main returns when its loop ended with an error, which is how a stop signal ends it
+# (libfuse 2 returned 0 then).
+_LOOP_ENDED_BY_SIGNAL = 8
+
+
 def _fuse() -> Any:
     try:
         import mfusepy
@@ -120,6 +125,7 @@ class SnapshotFS:
         self.repo = repo
         self.refresh = refresh
         self.on_mounted = on_mounted
+        self.served = False  # the kernel mounted it (``init``): an end after that is an unmount
         self._lock = threading.Lock()
         self._layout = Layout(repo.snapshots())
         self._listed = time.monotonic()
@@ -175,6 +181,7 @@ class SnapshotFS:
 
     def init(self, path: str) -> None:
         """The kernel has mounted the file system."""
+        self.served = True
         if self.on_mounted is not None:
             self.on_mounted()
 
@@ -311,6 +318,8 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
         try:
             fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="chunkvault", **options)
         except RuntimeError as exc:  # libfuse could not mount (no /dev/fuse, no permission, ...)
+            if ops.served and exc.args == (_LOOP_ENDED_BY_SIGNAL,):
+                return  # libfuse 3 unmounted on SIGTERM or SIGINT, as asked
             raise MountFailed(f"cannot mount at {mountpoint}: {exc}") from None
         finally:
             if on_main_thread:
