@@ -589,8 +589,6 @@ class Repository:
             opts = RestoreOptions(includes=includes, excludes=excludes, force=force,
                                   delta=delta, delete=delete, progress=progress, xattrs=xattrs)
             restorer = Restorer(self._repo, target, opts, lookup=lambda path: self._repo.lookup(snap, path))
-            if delete and os.path.isdir(target):
-                restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
             if processes is None:
                 processes = 1 if includes else restore_workers.auto_processes(snap.stats.get("bytes"))
             entries = snap.stats.get("files", 0) + snap.stats.get("dirs", 0) if "files" in snap.stats else None
@@ -600,7 +598,10 @@ class Repository:
                 """What the selection can take: with includes that name a directory, only its part of the tree."""
                 return self._repo.tree(snap) if within is None else self._repo.tree_within(snap, within)
 
-            result = restore_workers.restore(restorer, tree, processes, entries)
+            with restorer:
+                if delete and os.path.isdir(target):
+                    restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
+                result = restore_workers.restore(restorer, tree, processes, entries)
             if verify:
                 self._verify_restored(restorer, snap, tree(), target, xattrs)
             return result

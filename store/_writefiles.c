@@ -1,9 +1,9 @@
 /* A restore's writes of a run of small files, the GIL released once for the whole run.
  *
  *   write_small_files(files, owners) -> list of (error, owner_error)
- *       files: a list of (path: bytes, data: buffer, mode, uid, gid, mtime_ns).
- *       Each file is created (truncated if it is there, never through a
- *       symbolic link), written (at least 4096 zero bytes as a hole), its owner
+ *       files: a list of (dirfd, name: bytes, data: buffer, mode, uid, gid,
+ *       mtime_ns).  Each file is created in the directory open at dirfd
+ *       (truncated if it is there, never through a symbolic link), written (at least 4096 zero bytes as a hole), its owner
  *       set when ``owners``, its mode and its mtime (atime too), and closed.
  *       error: 0, or the errno that stopped the file, which is then removed,
  *       never left half-written under its name.  owner_error: the errno of a
@@ -28,7 +28,8 @@
 #define HOLE_MIN 4096
 
 typedef struct {
-    PyObject *path;  /* bytes */
+    int dirfd;       /* the directory the file is made in */
+    PyObject *name;  /* bytes: its name there */
     Py_buffer data;
     int have_data;
     mode_t mode;
@@ -60,8 +61,8 @@ static int write_fully(int fd, const char *p, Py_ssize_t n) {
 
 /* Create, fill and finish one file; on an error the file is removed. */
 static void write_one(small_write *w, int owners) {
-    const char *path = PyBytes_AS_STRING(w->path);
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+    const char *name = PyBytes_AS_STRING(w->name);
+    int fd = openat(w->dirfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) {
         w->err = errno;
         return;
@@ -96,14 +97,14 @@ static void write_one(small_write *w, int owners) {
     if (close(fd) != 0 && !err && errno != EINTR)
         err = errno;
     if (err) {
-        unlink(path);
+        unlinkat(w->dirfd, name, 0);
         w->err = err;
     }
 }
 
 static void release_writes(small_write *writes, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) {
-        Py_XDECREF(writes[i].path);
+        Py_XDECREF(writes[i].name);
         if (writes[i].have_data)
             PyBuffer_Release(&writes[i].data);
     }
@@ -111,19 +112,24 @@ static void release_writes(small_write *writes, Py_ssize_t n) {
 }
 
 static int parse_file(PyObject *item, small_write *w) {
-    PyObject *path, *data;
+    PyObject *name, *data;
     unsigned int mode;
     long long uid, gid;
     if (!PyTuple_Check(item)) {
-        PyErr_SetString(PyExc_TypeError, "each file is a tuple (path, data, mode, uid, gid, mtime_ns)");
+        PyErr_SetString(PyExc_TypeError, "each file is a tuple (dirfd, name, data, mode, uid, gid, mtime_ns)");
         return -1;
     }
-    if (!PyArg_ParseTuple(item, "O!OILLL", &PyBytes_Type, &path, &data, &mode, &uid, &gid, &w->mtime_ns))
+    if (!PyArg_ParseTuple(item, "iO!OILLL", &w->dirfd, &PyBytes_Type, &name, &data, &mode, &uid, &gid,
+                          &w->mtime_ns))
         return -1;
     if (PyObject_GetBuffer(data, &w->data, PyBUF_SIMPLE) < 0)
         return -1;
     w->have_data = 1;
-    w->path = Py_NewRef(path);
+    if (strlen(PyBytes_AS_STRING(name)) != (size_t)PyBytes_GET_SIZE(name) || PyBytes_GET_SIZE(name) == 0) {
+        PyErr_SetString(PyExc_ValueError, "a file name is not empty and holds no NUL");
+        return -1;
+    }
+    w->name = Py_NewRef(name);
     w->mode = (mode_t)mode;
     w->uid = (uid_t)uid;
     w->gid = (gid_t)gid;

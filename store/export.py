@@ -818,7 +818,7 @@ def restore_from_file(path: str, password: bytes, target: str, *, includes: list
         assert info is not None
         opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
                               delete=delete, progress=progress)
-        restorer = Restorer(ef, target, opts, lookup=lookup_by_scan(ef.records))
-        if delete and os.path.isdir(target):
-            restorer.delete_extra(ef.records())
-        return info, restorer.run(ef.records())
+        with Restorer(ef, target, opts, lookup=lookup_by_scan(ef.records)) as restorer:
+            if delete and os.path.isdir(target):
+                restorer.delete_extra(ef.records())
+            return info, restorer.run(ef.records())

@@ -35,6 +35,7 @@ from .manifest import (
 from .blob import Plaintext
 from .chain import ancestors
 from .repository import Repo
+from .target_dirs import TargetDirs, proc_path
 from .xattrs import read_xattrs, write_xattrs
 from . import writefiles
 from .writefiles import HOLE_MIN, NO_SPACE as _FULL, all_zeros, punch_hole
@@ -128,22 +129,12 @@ def _reason(exc: OSError | ChunkvaultError) -> str:
     return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
 
 
-def remove_quietly(path: bytes) -> None:
-    """Remove a file that was not written whole: it must not keep its name.  Best effort: the error that
-    cut it short is what the caller reports."""
+def _lstat(pfd: int, name: bytes) -> os.stat_result | None:
+    """What is at ``name`` in the directory open at ``pfd``, not followed; None when nothing is."""
     try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _regular_links(path: bytes) -> int:
-    """How many links the regular file at ``path`` has; 0 when there is none (nothing, or something else)."""
-    try:
-        st = os.lstat(path)
+        return os.stat(name, dir_fd=pfd, follow_symlinks=False)
     except FileNotFoundError:
-        return 0
-    return st.st_nlink if stat.S_ISREG(st.st_mode) else 0
+        return None
 
 
 def _digest_mismatch(e: Entry) -> CorruptObject:
@@ -418,31 +409,64 @@ class Restorer:
             raise UsageError("--delta compares chunks by their repository ids: it needs a repository")
         self.repo = repo
         self.target = os.fsencode(os.path.abspath(target))
-        self._target_prefix = os.path.join(self.target, b"")  # what dest() puts before a safe relative path
         self.opt = options
         self.owners = options.owners if options.owners is not None else (os.geteuid() == 0)
         self.result = RestoreResult()
         self.selected = Selection(options.includes, options.excludes)
         self.matched = 0  # entries below the root the selection took (``note_unmatched``)
         self.lookup = lookup
-        self._dirs: list[tuple[bytes, bytes, Entry]] = []  # open directories: (key prefix, path, entry)
+        self._dirs: list[Entry] = []  # the directories the walk is in, whose metadata waits for their children
         self._fresh = False  # the target was empty: nothing in it needs to be looked at or made room for
-        self._present: set[bytes] = set()  # directories known to exist in the target
-        self._inside: set[bytes] = set()  # directories of a non-empty target known to lie inside it
-        self._real_target = b""
-        self._deferred: list[tuple[bytes, Entry]] | None = None  # left directories whose metadata waits
+        self._target_dirs: TargetDirs | None = None
+        self._deferred: list[Entry] | None = None  # left directories whose metadata waits
         # Entries that stand for one stretch of a larger file, by id(entry): (entry, offset in the file).
         self.parts: dict[int, tuple[Entry, int]] = {}
-        self.parts_written: set[bytes] = set()  # the files this process wrote a part of
-        self._run: list[tuple[bytes, Plaintext, Entry]] = []  # small files waiting to be written: (dst, data, entry)
+        self.parts_written: set[bytes] = set()  # the files (paths in the snapshot) this process wrote a part of
+        # small files waiting to be written: (directory descriptor, name, data, entry)
+        self._run: list[tuple[int, bytes, Plaintext, Entry]] = []
         self._run_bytes = 0
+
+    def __enter__(self) -> Restorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Let go of the target's directory descriptors."""
+        if self._target_dirs is not None:
+            self._target_dirs.close()
+            self._target_dirs = None
+
+    @property
+    def dirs(self) -> TargetDirs:
+        """The target's directories, opened from the target once it is made and final."""
+        if self._target_dirs is None:
+            self._target_dirs = TargetDirs(self.target)
+        return self._target_dirs
+
+    def at(self, rel: bytes, make: bool = False) -> tuple[int, bytes]:
+        """Where a path of the snapshot lies in the target: its directory's descriptor and its name."""
+        return self.dirs.at(safe_relpath(rel), make)
+
+    def remove_quietly(self, rel: bytes) -> None:
+        """Remove a file that was not written whole: it must not keep its name.  Best effort: the error that
+        cut it short is what the caller reports."""
+        try:
+            pfd, name = self.at(rel)
+            os.unlink(name, dir_fd=pfd)
+        except (OSError, ChunkvaultError):
+            pass
+
+    def _open(self, rel: bytes, flags: int, mode: int = 0o600) -> int:
+        pfd, name = self.at(rel)
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=pfd)
 
     def _follow_target(self) -> None:
         """A target that is a symbolic link to a directory, named by the user, is followed, as a path
         through links above it is."""
         if os.path.islink(self.target) and os.path.isdir(self.target):
             self.target = os.path.realpath(self.target)
-            self._target_prefix = os.path.join(self.target, b"")
 
     def check_target(self) -> None:
         self._follow_target()
@@ -462,17 +486,14 @@ class Restorer:
                 self._fresh = True
         except OSError as exc:
             raise _target_error(f"cannot restore into {os.fsdecode(t)}", exc) from None
-        self._present.add(t)
-        self._real_target = os.path.realpath(t)
-
-    def dest(self, rel: bytes) -> bytes:
-        return self._target_prefix + safe_relpath(rel) if rel else self.target
+        self.dirs  # opened now, before any worker process is forked: they share it
 
     def run(self, records: Iterator[Record]) -> RestoreResult:
         """Restore into an empty target (or in place); what the target does not take and files whose data is
         damaged are left out, and then reported (``RestoreResult.raise_for_problems``)."""
-        self.check_target()
-        self.restore_records(self.selected_records(records))
+        with self:
+            self.check_target()
+            self.restore_records(self.selected_records(records))
         self.note_unmatched()
         self.result.raise_for_problems()
         return self.result
@@ -534,8 +555,8 @@ class Restorer:
         self._deferred = []
 
     def finish_directories(self) -> None:
-        for dpath, e in self._deferred or ():
-            self._finish_directory(dpath, e)
+        for e in self._deferred or ():
+            self._finish_directory(e)
         self._deferred = None
 
     def restore_records(self, records: Iterator[Record]) -> None:
@@ -591,8 +612,7 @@ class Restorer:
 
     def _add_to_run(self, e: Entry, pf: _Prefetcher) -> None:
         """Take a small file's chunk and check it against the file's digest; the run is written when full."""
-        dst = self.dest(e.path)
-        self._make_room(dst, False)
+        pfd, name = self._make_room(e.path, False)
         try:
             data = next(pf.chunks())
             if blake3.blake3(data).digest() != e.digest:
@@ -600,7 +620,7 @@ class Restorer:
         except CorruptObject as exc:
             self._damaged(e, exc)
             return
-        self._run.append((dst, data, e))
+        self._run.append((pfd, name, data, e))
         self._run_bytes += len(data)
         if len(self._run) >= RUN_FILES or self._run_bytes >= RUN_BYTES:
             self._write_run()
@@ -608,11 +628,14 @@ class Restorer:
     def _write_run(self) -> None:
         """Write the small files waiting, in one call (``writefiles``); _TargetFull when one found no space."""
         run, self._run, self._run_bytes = self._run, [], 0
-        if not run:
-            return
-        results = writefiles.write_small_files(
-            [(dst, data, e.mode, e.uid, e.gid, e.mtime_ns) for dst, data, e in run], self.owners)
-        for (_, _, e), (error, owner_error) in zip(run, results):
+        try:
+            if not run:
+                return
+            results = writefiles.write_small_files(
+                [(pfd, name, data, e.mode, e.uid, e.gid, e.mtime_ns) for pfd, name, data, e in run], self.owners)
+        finally:
+            self.dirs.release()  # the directories let go of while the run waited: nothing else holds one
+        for (_, _, _, e), (error, owner_error) in zip(run, results):
             if error in _FULL:
                 self.result.full = os.fsdecode(e.path)
                 raise _TargetFull
@@ -641,7 +664,7 @@ class Restorer:
         kept: bytes | None = None  # key of the unlisted directory we are in, and a separator
         doomed: list[bytes] = []
         walk = SourceWalk([(b"", self.target)], warnings=self.result.warnings)
-        for rel, path, _st, _ok in walk:
+        for rel, _path, _st, _ok in walk:
             key = sort_key(rel)
             if rel == b"" or (skip is not None and key.startswith(skip + b"\x00")):
                 continue
@@ -656,52 +679,57 @@ class Restorer:
                 continue
             if not self.selected(rel):
                 continue
-            doomed.append(path)
+            doomed.append(rel)
             skip = key
-        for path in doomed:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
+        for rel in doomed:
+            pfd, name = self.at(rel)
+            st = _lstat(pfd, name)
+            if st is None:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(name, dir_fd=pfd)
             else:
-                os.unlink(path)
-        self.result.deleted += len(doomed)
+                os.unlink(name, dir_fd=pfd)
+            self.dirs.forget(rel)
+            self.result.deleted += 1
 
     def _close_dirs_until(self, path: bytes | None) -> None:
         """Apply metadata to directories we have left (after their children are written)."""
         while self._dirs:
-            prefix, dpath, e = self._dirs[-1]
-            if path is not None and (prefix == b"" or path.startswith(prefix + b"/")):
+            e = self._dirs[-1]
+            if path is not None and (e.path == b"" or path.startswith(e.path + b"/")):
                 return
             self._write_run()  # children first
             self._dirs.pop()
             if self._deferred is not None:
-                self._deferred.append((dpath, e))
+                self._deferred.append(e)
             else:
-                self._finish_directory(dpath, e)
+                self._finish_directory(e)
 
-    def _finish_directory(self, dpath: bytes, e: Entry) -> None:
+    def _finish_directory(self, e: Entry) -> None:
         """Through the directory itself, opened without following a link: one swapped for a symbolic link
         while the restore ran would otherwise give its destination the directory's owner, mode and times."""
         try:
             try:
-                fd = os.open(dpath, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            except PermissionError:  # a directory its owner may not read, kept in place: by its path
-                self._apply_meta(dpath, e)
+                fd = self._open(e.path, os.O_RDONLY | os.O_DIRECTORY)
+            except PermissionError:  # a directory its owner may not read, kept in place
+                self._apply_meta(e)
                 return
             try:
-                self._apply_meta(dpath, e, fd)
+                self._apply_meta(e, fd)
             finally:
                 os.close(fd)
-        except OSError as exc:
+        except (OSError, TargetUnwritable) as exc:
             self.result.dirs -= 1  # counted when made; not restored as recorded after all
             self._not_written(e.path, _reason(exc))
 
-    def _update_file(self, dst: bytes, e: Entry) -> None:
+    def _update_file(self, e: Entry) -> None:
         """--delta: keep what is already right; rewrite only the chunk ranges that differ.  A file cut short
         (no space, say) is removed: neither what it was nor what the snapshot holds."""
-        if self._holds(dst, e):
+        if self._holds(e):
             self.result.unchanged_files += 1
             return
-        fd = os.open(dst, os.O_RDWR | os.O_NOFOLLOW)
+        fd = self._open(e.path, os.O_RDWR)
         try:
             hasher = blake3.blake3()
             pos = 0
@@ -716,46 +744,47 @@ class Restorer:
             os.ftruncate(fd, pos)
         except BaseException:
             os.close(fd)
-            remove_quietly(dst)
+            self.remove_quietly(e.path)
             raise
         os.close(fd)
         if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
             raise _digest_mismatch(e)
 
-    def _replace_file(self, dst: bytes, e: Entry) -> None:
+    def _replace_file(self, e: Entry) -> None:
         """--delta over a file with other links (some perhaps out of the target): a new file is written beside
         it and renamed over it, so no other link sees the snapshot's content or metadata.  Its chunks that
         the old file holds at their offsets are copied from it, not read from the repository; a file that
         is right already, metadata and all, is left as it is."""
-        if self._holds(dst, e) and self._meta_matches(dst, e):
+        if self._holds(e) and self._meta_matches(e):
             self.result.unchanged_files += 1
             return
-        tmp = os.path.join(os.path.dirname(dst), b".chunkvault-restore-" + secrets.token_hex(8).encode())
-        fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW)
+        pfd, name = self.at(e.path)
+        tmp = os.path.join(os.path.dirname(e.path), b".chunkvault-restore-" + secrets.token_hex(8).encode())
+        fd = self._open(e.path, os.O_RDONLY)
         try:
             self._write_file(tmp, e, (data for data, _ in self._chunks_held_or_read(fd, e)))
-            os.rename(tmp, dst)
+            os.rename(os.path.basename(tmp), name, src_dir_fd=pfd, dst_dir_fd=pfd)
         except BaseException:
-            remove_quietly(tmp)
+            self.remove_quietly(tmp)
             raise
         finally:
             os.close(fd)
 
-    @staticmethod
-    def _holds(dst: bytes, e: Entry) -> bool:
-        """Whether the file at ``dst`` holds exactly the entry's content (size and digest)."""
-        with open(dst, "rb") as f:
+    def _holds(self, e: Entry) -> bool:
+        """Whether the file at the entry's path holds exactly its content (size and digest)."""
+        with os.fdopen(self._open(e.path, os.O_RDONLY), "rb") as f:
             hasher = blake3.blake3()
             while block := f.read(1 << 20):
                 hasher.update(block)
             return f.tell() == e.size and hasher.digest() == e.digest
 
-    def _meta_matches(self, dst: bytes, e: Entry) -> bool:
+    def _meta_matches(self, e: Entry) -> bool:
         """Whether what a restore sets on the file (mode, time, owner, attributes) is already so."""
-        st = os.lstat(dst)
+        pfd, name = self.at(e.path)
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         return (stat.S_IMODE(st.st_mode) == stat.S_IMODE(e.mode) and st.st_mtime_ns == e.mtime_ns
                 and (not self.owners or (st.st_uid, st.st_gid) == (e.uid, e.gid))
-                and (not self.opt.xattrs or read_xattrs(dst) == e.xattrs))
+                and (not self.opt.xattrs or read_xattrs(proc_path(pfd, name)) == e.xattrs))
 
     def _chunks_held_or_read(self, fd: int, e: Entry) -> Iterator[tuple[bytes, bool]]:
         """The entry's chunks in order, each with whether the file open at ``fd`` already holds it at its
@@ -774,120 +803,112 @@ class Restorer:
             yield data, held
             pos += len(data)
 
-    def _make_room(self, dst: bytes, is_dir: bool, keep_file: bool = False) -> None:
-        """Make sure ``dst``'s parent exists and nothing else is in its place.
+    def _make_room(self, rel: bytes, is_dir: bool, keep_file: bool = False) -> tuple[int, bytes]:
+        """Make sure ``rel``'s directory exists and nothing else is in its place; where it lies (``at``).
 
-        In a target that was empty, nothing is: two path lookups per file saved.  In one that was
-        not, a directory the snapshot does not restore may be a symbolic link out of the target:
-        nothing is written through it."""
+        In a target that was empty, nothing is: a path lookup per file saved.  In one that was not, a
+        directory the snapshot does not restore may be a symbolic link: followed inside the target,
+        refused (TargetUnwritable) out of it."""
+        pfd, name = self.at(rel, make=True)
         if self._fresh:
-            parent = os.path.dirname(dst)
-            if parent not in self._present:
-                os.makedirs(parent, exist_ok=True)
-                self._present.add(parent)
-            return
-        parent = os.path.dirname(dst)
-        if dst != self.target and not self._within_target(parent):
-            raise TargetUnwritable(f"a symbolic link in the target leads its directory out of the target "
-                                   f"(to {os.fsdecode(os.path.realpath(parent))}); not written through")
-        if not os.path.lexists(dst):
-            if not os.path.isdir(parent):
-                os.makedirs(parent, exist_ok=True)
-            return
-        if is_dir and os.path.isdir(dst) and not os.path.islink(dst):
-            return
-        if keep_file and os.path.isfile(dst) and not os.path.islink(dst):
-            return
-        if os.path.isdir(dst) and not os.path.islink(dst):
-            shutil.rmtree(dst)
+            return pfd, name
+        st = _lstat(pfd, name)
+        if st is None or (is_dir and stat.S_ISDIR(st.st_mode)) or (keep_file and stat.S_ISREG(st.st_mode)):
+            return pfd, name
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=pfd)
         else:
-            os.unlink(dst)
+            os.unlink(name, dir_fd=pfd)
+        self.dirs.forget(rel)
+        return pfd, name
 
-    def _within_target(self, directory: bytes) -> bool:
-        """Whether a directory of a target that was not empty resolves inside it (each asked once)."""
-        if directory not in self._inside:
-            real = os.path.realpath(directory)
-            if real != self._real_target and not real.startswith(self._real_target + b"/"):
-                return False
-            self._inside.add(directory)
-        return True
-
-    def _kept_in_place(self, dst: bytes, e: Entry) -> bool:
+    def _kept_in_place(self, e: Entry) -> bool:
         """In a target that was not empty, what is left as it is: a file that was unreadable at backup time
         (the snapshot has no data for it, so the live one is not emptied), and a symbolic link where a
         directory the selection leaves out lies above selected paths (followed within the target, as it
-        always was; one out of it is refused below)."""
+        always was; one out of it is refused, ``TargetDirs``)."""
         if self._fresh:
             return False
-        if e.type == T_FILE and e.flags & F_UNREADABLE and os.path.lexists(dst):
+        st = _lstat(*self.at(e.path, make=True))
+        if st is None:
+            return False
+        if e.type == T_FILE and e.flags & F_UNREADABLE:
             self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: "
                                         "what the target holds there was left as it is")
             return True
-        return e.type == T_DIR and not self.selected(e.path) and os.path.islink(dst)
+        return e.type == T_DIR and not self.selected(e.path) and stat.S_ISLNK(st.st_mode)
 
     def _restore_entry(self, e: Entry, pf: _Prefetcher) -> None:
-        dst = self.dest(e.path)
         t = e.type
-        if self._kept_in_place(dst, e):
+        if self._kept_in_place(e):
             return
-        self._make_room(dst, t == T_DIR, keep_file=t == T_FILE and self.opt.delta)
+        pfd, name = self._make_room(e.path, t == T_DIR, keep_file=t == T_FILE and self.opt.delta)
         if t == T_DIR:
-            if not (dst in self._present or (not self._fresh and os.path.isdir(dst))):
-                try:
-                    os.mkdir(dst, 0o700)
-                except FileExistsError:  # a worker process made it as a file's parent
-                    if not os.path.isdir(dst) or os.path.islink(dst):
-                        raise
-            self._present.add(dst)
-            self._dirs.append((e.path, dst, e))
+            try:
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            except FileExistsError:  # in place, or a worker process made it as a file's parent
+                st = _lstat(pfd, name)
+                if st is None or not stat.S_ISDIR(st.st_mode):
+                    raise
+            self._dirs.append(e)
             self.result.dirs += 1
             return
         if t == T_FILE:
-            self._restore_file(dst, e, pf)
+            self._restore_file(e, pf)
         elif t == T_HARDLINK:
-            src = self.dest(e.target)
-            if not self._fresh and not self._within_target(os.path.dirname(src)):
+            try:
+                spfd, sname = self.at(e.target)
+                present = _lstat(spfd, sname) is not None
+            except (FileNotFoundError, NotADirectoryError):
+                present = False
+            except TargetUnwritable:
                 raise TargetUnwritable(f"a symbolic link in the target leads the directory of its target "
-                                       f"{os.fsdecode(e.target)} out of the target; not linked to through it")
-            if os.path.lexists(src):
-                os.link(src, dst)
+                                       f"{os.fsdecode(e.target)} out of the target; not linked to through it") from None
+            if present:
+                os.link(sname, name, src_dir_fd=spfd, dst_dir_fd=pfd, follow_symlinks=False)
                 self.result.links += 1
             else:
                 self.result.warnings.append(f"hard link {os.fsdecode(e.path)}: its target {os.fsdecode(e.target)} was not restored")
         elif t == T_SYMLINK:
-            os.symlink(e.target, dst)
-            self._apply_meta(dst, e)
+            os.symlink(e.target, name, dir_fd=pfd)
+            self._apply_meta(e)
             self.result.links += 1
         elif t == T_FIFO:
-            os.mkfifo(dst, 0o600)
-            self._apply_meta(dst, e)
+            os.mkfifo(name, 0o600, dir_fd=pfd)
+            self._apply_meta(e)
         elif t in (T_CHARDEV, T_BLOCKDEV):
             if not self.owners:
                 self.result.warnings.append(f"device {os.fsdecode(e.path)} not restored (needs root)")
                 return
-            os.mknod(dst, (stat.S_IFCHR if t == T_CHARDEV else stat.S_IFBLK) | 0o600, e.rdev)
-            self._apply_meta(dst, e)
+            os.mknod(name, (stat.S_IFCHR if t == T_CHARDEV else stat.S_IFBLK) | 0o600, e.rdev, dir_fd=pfd)
+            self._apply_meta(e)
 
-    def _restore_file(self, dst: bytes, e: Entry, pf: _Prefetcher) -> None:
+    def _regular_links(self, e: Entry) -> int:
+        """How many links the regular file at the entry's path has; 0 when there is none (nothing, or
+        something else)."""
+        st = _lstat(*self.at(e.path))
+        return st.st_nlink if st is not None and stat.S_ISREG(st.st_mode) else 0
+
+    def _restore_file(self, e: Entry, pf: _Prefetcher) -> None:
         part = self.parts.pop(id(e), None)
         try:
-            links = _regular_links(dst) if self.opt.delta else 0
+            links = self._regular_links(e) if self.opt.delta else 0
             if links > 1:
-                self._replace_file(dst, e)
+                self._replace_file(e)
             elif links == 1:
-                self._update_file(dst, e)
-                self._apply_meta(dst, e)
+                self._update_file(e)
+                self._apply_meta(e)
             elif part is not None:
-                self._write_part(dst, e, part[1], pf.chunks())
+                self._write_part(e, part[1], pf.chunks())
             elif pf.prefetch:
-                self._write_file(dst, e, pf.chunks())
+                self._write_file(e.path, e, pf.chunks())
             else:
-                self._write_file(dst, e, (self.repo.read_blob(c) for c in e.chunk_ids()))
+                self._write_file(e.path, e, (self.repo.read_blob(c) for c in e.chunk_ids()))
         except CorruptObject as exc:  # this file's data is damaged: the others are still restored
             pf.skip_rest()
             self._damaged(e, exc)
-            if part is None and os.path.lexists(dst):  # a part's file is removed once every part is in
-                os.unlink(dst)
+            if part is None:  # a part's file is removed once every part is in
+                self.remove_quietly(e.path)
             return
         self.result.files += int(part is None or part[1] == 0)  # a file written in parts counts once
         self.result.bytes += e.size
@@ -896,10 +917,10 @@ class Restorer:
         if e.flags & F_UNREADABLE:
             self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: restored empty")
 
-    def _write_file(self, dst: bytes, e: Entry, chunks: Iterator[Plaintext]) -> None:
-        """Write a new file; one cut short (no space, an error, an interruption) is removed, never left
-        half-written under its name."""
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    def _write_file(self, rel: bytes, e: Entry, chunks: Iterator[Plaintext]) -> None:
+        """Write a new file at ``rel``; one cut short (no space, an error, an interruption) is removed,
+        never left half-written under its name."""
+        fd = self._open(rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
             hasher = blake3.blake3()
             pos = 0
@@ -917,10 +938,10 @@ class Restorer:
                 pos += n
             if hole or pos != e.size:
                 os.ftruncate(fd, pos)
-            self._apply_meta(dst, e, fd)
+            self._apply_meta(e, fd)
         except BaseException:
             os.close(fd)
-            remove_quietly(dst)
+            self.remove_quietly(rel)
             raise
         os.close(fd)
         if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
@@ -929,13 +950,13 @@ class Restorer:
     def _damaged(self, e: Entry, exc: CorruptObject) -> None:
         self.result.damaged.append((os.fsdecode(e.path), exc.object_name, exc.reason, isinstance(exc, MissingObject)))
 
-    def _write_part(self, dst: bytes, e: Entry, offset: int, chunks: Iterator[Plaintext]) -> None:
+    def _write_part(self, e: Entry, offset: int, chunks: Iterator[Plaintext]) -> None:
         """One stretch of a file that several processes write: no process sees the whole file to check
         its digest, so each chunk is checked against its id.  ``finish_parts`` completes the file, or the
         process that shared them out removes it when a part was not written."""
         assert isinstance(self.repo, Repo)
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        self.parts_written.add(dst)
+        fd = self._open(e.path, os.O_WRONLY | os.O_CREAT)
+        self.parts_written.add(e.path)
         try:
             pos = offset
             for cid, data in zip(e.chunk_ids(), chunks):
@@ -953,44 +974,60 @@ class Restorer:
 
     def finish_parts(self, e: Entry) -> None:
         """A file written in parts by other processes: its length (a hole at its end) and metadata."""
-        dst = self.dest(e.path)
         try:
-            fd = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW)
+            fd = self._open(e.path, os.O_WRONLY)
             try:
                 os.ftruncate(fd, e.size)
-                self._apply_meta(dst, e, fd)
+                self._apply_meta(e, fd)
             finally:
                 os.close(fd)
-        except OSError as exc:
-            remove_quietly(dst)
+        except (OSError, TargetUnwritable) as exc:
+            self.remove_quietly(e.path)
             self._not_written(e.path, _reason(exc))
 
-    def _apply_meta(self, dst: bytes, e: Entry, fd: int | None = None) -> None:
+    def _apply_meta(self, e: Entry, fd: int | None = None) -> None:
         """Owner, extended attributes, mode and mtime, in that order (a chown clears set-id bits and file
         capabilities); through ``fd`` when the file is still open, which saves path lookups.  In a target
-        that was not empty, attributes the entry lacks are removed."""
-        link = e.type == T_SYMLINK
+        that was not empty, attributes the entry lacks are removed.  Without ``fd``, the entry is reached
+        through its directory's descriptor and never followed if a link: one put in its place while the
+        restore ran must not pass the entry's owner or mode on to where it leads."""
+        if fd is None:
+            pfd, name = self.at(e.path)
+            if e.type == T_SYMLINK:
+                self._set_meta(e, proc_path(pfd, name), link=True)
+                return
+            # the entry itself, opened without following: a mode is set through its descriptor's path
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                if stat.S_ISLNK(os.fstat(fd).st_mode):
+                    raise TargetUnwritable("a symbolic link took its place while the restore ran")
+                self._set_meta(e, proc_path(fd), link=False)
+            finally:
+                os.close(fd)
+            return
+        self._set_meta(e, fd, link=False)
+
+    def _set_meta(self, e: Entry, where: bytes | int, link: bool) -> None:
+        """``_apply_meta`` on an open descriptor, or on a path that reaches the entry without walking a
+        directory by name (``proc_path``), a link's own (not followed) or an object's."""
         if self.owners:
             try:
-                if fd is not None:
-                    os.fchown(fd, e.uid, e.gid)
+                if isinstance(where, int):
+                    os.fchown(where, e.uid, e.gid)
                 else:
-                    os.lchown(dst, e.uid, e.gid)
+                    os.chown(where, e.uid, e.gid, follow_symlinks=not link)
             except OSError as exc:
                 if exc.errno == errno.EROFS:  # nothing else will be set either: the entry is not written
                     raise
                 self._owner_not_set(e, exc.strerror)
         if self.opt.xattrs and (e.xattrs or not self._fresh):
-            failed = write_xattrs(dst if fd is None else fd, e.xattrs, replace=not self._fresh)
+            failed = write_xattrs(where, e.xattrs, replace=not self._fresh, follow=not link)
             if failed:
                 self.result.warnings.append(f"cannot set extended attributes of {os.fsdecode(e.path)}: "
                                             + "; ".join(failed))
         if not link:
-            os.chmod(dst if fd is None else fd, e.mode)
-        if fd is not None:
-            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
-        else:
-            os.utime(dst, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=not link)
+            os.chmod(where, e.mode)
+        os.utime(where, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=not link)
 
     def _owner_not_set(self, e: Entry, reason: str) -> None:
         self.result.warnings.append(f"cannot set owner of {os.fsdecode(e.path) or '.'}: {reason}")

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 from . import forked
 from .manifest import T_FILE, T_HARDLINK, Entry, Record, entry_record
 from .repository import Repo
-from .restore import Restorer, RestoreResult, remove_quietly
+from .restore import Restorer, RestoreResult
 
 STRIPE_BYTES = 16 << 20
 AUTO_MIN_BYTES = 64 << 20  # below this, forking and decoding the tree once per worker is not worth it
@@ -217,7 +217,7 @@ class _Coordinator:
         broken = {d[0] for d in r.result.damaged} | {u[0] for u in r.result.unwritten}
         for e in split_files:
             if r.result.full or os.fsdecode(e.path) in broken:
-                remove_quietly(r.dest(e.path))
+                r.remove_quietly(e.path)
             else:
                 r.finish_parts(e)
         if not r.result.full:
@@ -226,7 +226,7 @@ class _Coordinator:
 
     def _remove(self, files: list[Entry]) -> None:
         for e in files:
-            remove_quietly(self.restorer.dest(e.path))
+            self.restorer.remove_quietly(e.path)
 
     def _chunk_length(self, cid: bytes) -> int | None:
         loc = self.restorer.repo.locate(cid)  # type: ignore[union-attr]
@@ -256,7 +256,7 @@ class _Coordinator:
             r.restore_records(self._mine(k))
         except BaseException:  # stopped (Ctrl-C in the parent, another worker failed): no file written in
             for path in r.parts_written:  # parts is whole yet, and each may be one this worker created
-                remove_quietly(path)
+                r.remove_quietly(path)
             raise
         return r.result
 

@@ -13,8 +13,9 @@ from typing import Callable, Sequence
 
 from chunkvault.store.blob import Plaintext
 
-#: A file to write: (path, its content, mode, uid, gid, mtime in nanoseconds).
-SmallFile = tuple[bytes, Plaintext, int, int, int, int]
+#: A file to write: (descriptor of its directory, its name there, its content, mode, uid, gid, mtime in
+#: nanoseconds).  Named in a directory held open, not by a path: see store/target_dirs.py.
+SmallFile = tuple[int, bytes, Plaintext, int, int, int, int]
 
 HOLE_MIN = 4096  # a file of at least this many zero bytes is written as a hole
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # errors after which a run stops
@@ -55,18 +56,20 @@ def write_small_files_reference(files: Sequence[SmallFile], owners: bool) -> lis
     """Per file written, (error, owner_error): see ``_writefiles``.  A file stopped by an error is removed;
     the run stops after one that found no space."""
     out: list[tuple[int, int]] = []
-    for path, data, mode, uid, gid, mtime_ns in files:
-        error, owner_error = _write_one(path, data, mode, uid, gid, mtime_ns, owners)
+    for dirfd, name, data, mode, uid, gid, mtime_ns in files:
+        if not name or b"\x00" in name:
+            raise ValueError("a file name is not empty and holds no NUL")
+        error, owner_error = _write_one(dirfd, name, data, mode, uid, gid, mtime_ns, owners)
         out.append((error, owner_error))
         if error in NO_SPACE:
             break
     return out
 
 
-def _write_one(path: bytes, data: Plaintext, mode: int, uid: int, gid: int, mtime_ns: int,
+def _write_one(dirfd: int, name: bytes, data: Plaintext, mode: int, uid: int, gid: int, mtime_ns: int,
                owners: bool) -> tuple[int, int]:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
     except OSError as exc:
         return exc.errno or errno.EIO, 0
     owner_error = 0
@@ -91,7 +94,7 @@ def _write_one(path: bytes, data: Plaintext, mode: int, uid: int, gid: int, mtim
             os.close(fd)
     except OSError as exc:
         try:
-            os.unlink(path)
+            os.unlink(name, dir_fd=dirfd)
         except OSError:
             pass
         return exc.errno or errno.EIO, owner_error

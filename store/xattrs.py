@@ -78,10 +78,11 @@ def read_xattrs(target: bytes | int) -> bytes:
     return encode_xattrs(pairs)
 
 
-def write_xattrs(target: bytes | int, raw: bytes, replace: bool) -> list[str]:
-    """Set the attributes encoded in ``raw`` on a path (not followed) or open fd; with ``replace``, also
-    remove those it has that ``raw`` lacks.  Returns one line per attribute that could not be set."""
-    follow = isinstance(target, int)
+def write_xattrs(target: bytes | int, raw: bytes, replace: bool, follow: bool | None = None) -> list[str]:
+    """Set the attributes encoded in ``raw`` on a path (not followed, unless ``follow``) or open fd; with
+    ``replace``, also remove those it has that ``raw`` lacks.  Returns one line per attribute that could
+    not be set."""
+    follow = isinstance(target, int) if follow is None else follow
     try:
         wanted = decode_xattrs(raw) if raw else {}
     except ValueError as exc:

@@ -161,7 +161,7 @@ def test_files_of_one_chunk_are_written_a_run_at_a_time(tmp_path, new_repo, monk
 
     def counted(files, owners):
         with open(log, "a") as f:
-            f.write(" ".join(os.fsdecode(os.path.basename(file[0])) for file in files) + "\n")
+            f.write(" ".join(os.fsdecode(file[1]) for file in files) + "\n")
         return real(files, owners)
     monkeypatch.setattr(writefiles, "write_small_files", counted)
     monkeypatch.setattr(restore_module, "RUN_FILES", 100)

@@ -214,8 +214,10 @@ def test_in_place_restore_keeps_what_was_unreadable_at_backup_time(tmp_path, unp
 
 # --- entries the target does not take -----------------------------------------------------------------
 
-def test_an_entry_the_target_does_not_take_is_reported_and_the_rest_restored(tmp_path, new_repo):
-    """A path that grows too long below a deeper target: the rest is restored, and one line names it."""
+def test_a_path_longer_than_the_system_takes_is_restored_below_a_deep_target(tmp_path, new_repo):
+    """Each directory is reached from its parent's descriptor (store/target_dirs.py), never by its whole
+    path: a tree whose paths grow past PATH_MAX below a deep target restores whole (it had been refused:
+    "File name too long")."""
     src = tmp_path / "src"
     deep = src
     while len(os.fsencode(deep)) < 3700:
@@ -227,11 +229,19 @@ def test_an_entry_the_target_does_not_take_is_reported_and_the_rest_restored(tmp
     _cli("init", "-r", repo)
     _cli("backup", "-r", repo, str(src))
     target = tmp_path / ("t" * 250) / ("u" * 250)
-    proc = _cli("restore", "-r", repo, "latest", "--target", str(target), ok=(14,))
-    line = _one_line(proc)
-    assert "restore incomplete:" in line and "could not be written" in line and "File name too long" in line
-    assert "(everything else was restored)" in line
+    _cli("restore", "-r", repo, "latest", "--target", str(target))
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in deep.relative_to(src).parts:
+            next_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        with open(os.open("deep", os.O_RDONLY, dir_fd=fd), "rb") as f:
+            assert f.read() == b"deep"
+    finally:
+        os.close(fd)
     assert (target / "zzz_after").read_bytes() == b"after"
+    _cli("restore", "-r", repo, "latest", "--target", str(target), "--delta", "--confirm", "RESTORE")  # in place
 
 
 def test_a_read_only_directory_in_place_is_reported_and_the_rest_restored(tmp_path, unprivileged):
@@ -346,7 +356,7 @@ def _restored_in_workers_failing(url: str, out: Path, call: str, suffix: bytes, 
             workers.STRIPE_BYTES = {stripe!r}
         real = os.{call}
         def failing(path, *a, **k):
-            if os.fsencode(path).endswith({suffix!r}):
+            if (b"/" + os.fsencode(path)).endswith({suffix!r}):  # a whole path, or a name in a directory
                 raise OSError(errno.{error}, os.strerror(errno.{error}))
             return real(path, *a, **k)
         os.{call} = failing
@@ -524,14 +534,100 @@ def test_a_directory_swapped_for_a_link_during_the_restore_does_not_pass_its_met
     before = outside.stat()
     finish = Restorer._finish_directory
 
-    def swapped_first(self, dpath, e):
+    def swapped_first(self, e):
         if e.path == b"sub":
+            dpath = os.path.join(self.target, b"sub")
             os.rename(dpath, dpath + b".moved")
             os.symlink(outside, dpath)
-        finish(self, dpath, e)
+        finish(self, e)
 
     monkeypatch.setattr(Restorer, "_finish_directory", swapped_first)
     with pytest.raises(TargetUnwritable, match="sub"):
         repo.restore("latest", str(tmp_path / "out"), processes=1)
     after = outside.stat()
+    assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("when", ["made", "written"])
+def test_a_directory_swapped_for_a_link_while_its_files_are_written_is_not_written_through(
+        tmp_path, new_repo, monkeypatch, when):
+    """Whoever can write into the target may swap a directory the restore made for a symbolic link out of
+    the target (to /etc, for a restore run as root) before or while its files are written.  Nothing is
+    written through it: a directory is reached from its parent's descriptor, never by its path; one not
+    yet opened is refused where a link leads out, and one already open keeps taking its files where it
+    went.  What could not be written is reported."""
+    from chunkvault.store.restore import Restorer
+
+    src = tmp_path / "src"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "sub" / "a_large").write_bytes(os.urandom(3 << 20))  # several chunks: written on its own
+    (src / "sub" / "b_small").write_bytes(b"small")  # one chunk: written in a run
+    (src / "sub" / "c_fifo_later").write_bytes(b"c")
+    (src / "sub" / "deeper" / "d").write_bytes(b"d")
+    os.mkfifo(src / "sub" / "fifo")
+    os.link(src / "sub" / "b_small", src / "sub" / "hard")
+    repo = new_repo()
+    repo.backup([str(src)])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "out"
+
+    def swap():
+        dpath = target / "sub"
+        os.rename(dpath, target / "sub.moved")
+        os.symlink(outside, dpath)
+
+    if when == "made":
+        restore_entry = Restorer._restore_entry
+
+        def swapped_when_made(self, e, pf):
+            restore_entry(self, e, pf)
+            if e.path == b"sub":
+                swap()
+        monkeypatch.setattr(Restorer, "_restore_entry", swapped_when_made)
+    else:
+        write_file = Restorer._write_file
+
+        def swapped_when_written(self, rel, e, chunks):
+            write_file(self, rel, e, chunks)
+            if e.path == b"sub/a_large":
+                swap()
+        monkeypatch.setattr(Restorer, "_write_file", swapped_when_written)
+    with pytest.raises(TargetUnwritable, match="sub"):
+        repo.restore("latest", str(target), processes=1)
+    assert list(outside.iterdir()) == []
+    if when == "written":  # the directory it had open took the rest of its files where it was moved
+        moved = target / "sub.moved"
+        assert sorted(p.name for p in moved.iterdir()) == ["a_large", "b_small", "c_fifo_later", "deeper",
+                                                          "fifo", "hard"]
+        assert (moved / "deeper" / "d").read_bytes() == b"d"
+
+
+def test_a_special_file_swapped_for_a_link_before_its_metadata_does_not_pass_it_on(tmp_path, new_repo,
+                                                                                   monkeypatch):
+    """A FIFO's mode and times are set after it is made, through the FIFO itself: a link put in its place
+    meanwhile does not give them to the file it leads to (chmod would follow it)."""
+    from chunkvault.store.restore import Restorer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    os.mkfifo(src / "fifo", 0o666)
+    repo = new_repo()
+    repo.backup([str(src)])
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"x")
+    victim.chmod(0o600)
+    before = victim.stat()
+    apply_meta = Restorer._apply_meta
+
+    def swapped(self, e, fd=None):
+        if e.path == b"fifo":
+            os.unlink(os.path.join(self.target, b"fifo"))
+            os.symlink(victim, os.path.join(self.target, b"fifo"))
+        apply_meta(self, e, fd)
+
+    monkeypatch.setattr(Restorer, "_apply_meta", swapped)
+    with pytest.raises(TargetUnwritable, match="fifo"):
+        repo.restore("latest", str(tmp_path / "out"), processes=1)
+    after = victim.stat()
     assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)

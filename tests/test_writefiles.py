@@ -35,10 +35,24 @@ def write(request):
     return IMPLEMENTATIONS[request.param]
 
 
+_DIRS: dict[bytes, int] = {}  # directories held open for the files named in them, as a restore holds them
+
+
 def _file(path: Path, data: bytes | memoryview, mode: int = 0o640, uid: int | None = None,
           gid: int | None = None, mtime_ns: int = MTIME) -> tuple:
-    return (os.fsencode(path), data, mode, os.getuid() if uid is None else uid,
+    parent = os.fsencode(path.parent)
+    if parent not in _DIRS:
+        _DIRS[parent] = os.open(parent, os.O_PATH | os.O_DIRECTORY)
+    return (_DIRS[parent], os.fsencode(path.name), data, mode, os.getuid() if uid is None else uid,
             os.getgid() if gid is None else gid, mtime_ns)
+
+
+@pytest.fixture(autouse=True)
+def _close_dirs():
+    yield
+    for fd in _DIRS.values():
+        os.close(fd)
+    _DIRS.clear()
 
 
 def test_the_native_call_is_built():
@@ -85,8 +99,10 @@ def test_owners_are_set_when_asked(write, tmp_path):
 
 def test_a_file_that_cannot_be_made_is_named_and_the_run_goes_on(write, tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
-    out = write([_file(tmp_path / "no-dir" / "f", b"x"), _file(tmp_path / "link", b"x"),
-                 _file(tmp_path / "after", b"after")], False)
+    (tmp_path / "gone").mkdir()
+    in_gone = _file(tmp_path / "gone" / "f", b"x")
+    (tmp_path / "gone").rmdir()  # removed while the run waited: nothing can be made in it
+    out = write([in_gone, _file(tmp_path / "link", b"x"), _file(tmp_path / "after", b"after")], False)
     assert out == [(errno.ENOENT, 0), (errno.ELOOP, 0), (0, 0)]
     assert (tmp_path / "link").is_symlink() and not (tmp_path / "elsewhere").exists()  # nothing followed
     assert (tmp_path / "after").read_bytes() == b"after"
