@@ -187,7 +187,8 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 MAX_P = 64  # the most lanes a key file may ask for: bounds what a planted one can make us compute
 MIN_LOG_N = 10
-MAX_LOG_N = 19  # 512 MiB a lane: hashlib's scrypt takes no more than 2 GiB of working memory (256 * r * N)
+MAX_LOG_N = 19  # 512 MiB with r = 8
+SCRYPT_MAX_MEMORY = (1 << 31) - 1 - (1 << 20)  # hashlib's scrypt takes a maxmem below 2 GiB
 
 
 def derive_kek(password: bytes, salt: bytes, log_n: int, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
@@ -196,9 +197,12 @@ def derive_kek(password: bytes, salt: bytes, log_n: int, r: int = SCRYPT_R, p: i
     if not (1 <= r <= 32 and 1 <= p <= MAX_P):
         raise ValueError(f"scrypt r={r} p={p} out of range")
     n = 1 << log_n
+    need = 128 * r * (n + p + 2)  # what OpenSSL's scrypt allocates: N blocks of 128 r bytes, and p more
+    if need > SCRYPT_MAX_MEMORY:
+        raise ValueError(f"scrypt r={r} with N=2**{log_n} needs {need >> 20} MiB, more than it can be given")
     import hashlib  # here: OpenSSL's hashlib costs 5 ms at every command, and only older key files use scrypt
 
-    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=256 * r * n + (1 << 20), dklen=KEY_SIZE)
+    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=need + (1 << 20), dklen=KEY_SIZE)
 
 
 # --- generated key secrets (no stretching needed) -------------------------------

@@ -509,10 +509,9 @@ def _parse_metadata(plain: bytes, what: str, file_id: bytes) -> ExportInfo:
     try:
         meta = json.loads(plain)
         s = meta["snapshot"]
-        snap = Snapshot(time=s["time"], kind=s["kind"], parent=s["parent"], host=s["host"], paths=list(s["paths"]),
-                        tags=list(s["tags"]), manifest=[], stats=dict(s["stats"]), stdin_name=s["stdin_name"],
-                        id=s["id"])
-        snap.datetime  # noqa: B018 - validates the timestamp
+        snap = Snapshot(time=s["time"], kind=s["kind"], parent=s["parent"], host=s["host"], paths=s["paths"],
+                        tags=s["tags"], manifest=[], stats=s["stats"], stdin_name=s["stdin_name"], id=s["id"])
+        snap.check_fields()  # before anything is imported: a repository lists, sorts and prints it
         chunker = ChunkerParams.from_dict(meta["source"]["chunker"])
         return ExportInfo(file_id.hex(), snap, str(meta["exported"]), str(meta["source"]["repository"]), chunker,
                           metadata=meta)

@@ -47,6 +47,23 @@ class Snapshot:
     def datetime(self) -> datetime:
         return datetime.fromisoformat(self.time)
 
+    def check_fields(self) -> None:
+        """ValueError unless each field holds what it should: strings where strings go, a time with its
+        zone, a kind its parent agrees with.  What lists, sorts, prints or compares snapshots counts on it;
+        one time without a zone among the others made every later listing fail."""
+        def strings(v: object) -> bool:
+            return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+        if not (isinstance(self.time, str) and isinstance(self.kind, str) and isinstance(self.host, str)
+                and isinstance(self.id, str) and strings(self.paths) and strings(self.tags)
+                and strings(self.manifest) and isinstance(self.stats, dict)
+                and all(x is None or isinstance(x, str) for x in (self.parent, self.stdin_name))):
+            raise ValueError("a field holds the wrong type")
+        if self.datetime.tzinfo is None:
+            raise ValueError(f"time {self.time!r} has no zone")
+        if self.kind not in (KIND_FULL, KIND_DIFF) or (self.kind == KIND_DIFF) != (self.parent is not None):
+            raise ValueError("inconsistent kind/parent")
+
     @property
     def short_id(self) -> str:
         return self.id[:8]
@@ -82,11 +99,9 @@ class Snapshot:
             raise CorruptObject(what, f"written by a newer chunkvault (snapshot version {version}); upgrade chunkvault")
         try:
             snap = cls(**body, id=name)
-            snap.datetime  # noqa: B018 - validates the timestamp
-        except (TypeError, ValueError):
-            raise CorruptObject(what, "malformed snapshot") from None
-        if snap.kind not in (KIND_FULL, KIND_DIFF) or (snap.kind == KIND_DIFF) != (snap.parent is not None):
-            raise CorruptObject(what, "inconsistent kind/parent")
+            snap.check_fields()
+        except (TypeError, ValueError) as exc:
+            raise CorruptObject(what, f"malformed snapshot ({exc})") from None
         starts = snap.manifest_starts
         if not isinstance(starts, list) or (starts and (
                 len(starts) != len(snap.manifest)

@@ -564,3 +564,64 @@ def test_import_waits_for_a_prune_as_a_backup_does(tmp_path, exported, monkeypat
         snap = target.import_backup(str(path), EXPORT_PW, wait=60)
     holder.join()
     assert snap.kind == "full"
+
+
+def _sealed_export(path, **snapshot_fields):
+    """A well-sealed one-file export whose metadata names the given snapshot fields (as a crafted or
+    foreign writer could): only the reader's checks stand between it and a repository."""
+    from chunkvault.store.export import ExportWriter
+    from chunkvault.store.manifest import OP_ENTRY, Entry, Record
+
+    meta = {"snapshot": {"id": "ab" * 32, "time": "2026-01-01T00:00:00+00:00", "kind": "full", "parent": None,
+                         "host": "h", "paths": ["/x"], "tags": [], "stdin_name": None, "stats": {},
+                         **snapshot_fields},
+            "source": {"repository": "00" * 16,
+                       "chunker": {"min_size": 65536, "avg_size": 262144, "max_size": 2097152}},
+            "exported": "2026-01-01T00:00:00+00:00"}
+    data = b"hello\n"
+    with open(path, "wb") as f:
+        w = ExportWriter(f, EXPORT_PW, meta, log_n=10)
+        ref = w.add_blob(data)
+        w.add_record(Record(OP_ENTRY, b"", Entry(b"", T_DIR, mode=0o755, mtime_ns=10**18)))
+        w.add_record(Record(OP_ENTRY, b"a", Entry(b"a", T_FILE, mode=0o644, mtime_ns=10**18, size=len(data),
+                                                  digest=blake3.blake3(data).digest(), chunks=ref)))
+        w.finish()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("time", "2026-01-01T00:00:00"), ("time", 5), ("host", 1), ("tags", [1, 2]), ("paths", [1]),
+    ("paths", "/abc"), ("id", 7), ("stats", []), ("kind", "diff"), ("stdin_name", 3)])
+def test_an_export_whose_snapshot_fields_are_malformed_is_refused_before_anything_is_imported(
+        tmp_path, new_repo, field, value):
+    """A time without a zone, imported, had made every later listing of the repository fail (naive and
+    aware times do not compare), and check said nothing; a number where a string goes broke find or
+    snapshots.  Such a file is damaged: refused before anything is stored."""
+    _sealed_export(tmp_path / "good.backup")
+    _sealed_export(tmp_path / "bad.backup", **{field: value})
+    repo = new_repo(str(tmp_path / "repo"))
+    import_backup(repo.store, str(tmp_path / "good.backup"), EXPORT_PW)
+    with pytest.raises(CorruptObject, match="metadata section is malformed"):
+        import_backup(repo.store, str(tmp_path / "bad.backup"), EXPORT_PW)
+    assert len(repo.snapshots()) == 1
+    assert repo.check().ok and [s.host for s in repo.snapshots()] == ["h"]
+
+
+def test_scrypt_is_given_the_memory_its_parameters_need_and_refused_beyond_what_it_can_have(monkeypatch):
+    """An export header may ask for log_n 19 with r 16 (1 GiB): hashlib was asked for twice that, over its
+    limit, and the import died with an internal error.  Parameters past the limit are a ValueError,
+    which readers report as damage."""
+    import hashlib
+
+    from chunkvault.store import crypto
+
+    asked = {}
+
+    def scrypt(password, *, salt, n, r, p, maxmem, dklen):
+        asked["maxmem"] = maxmem
+        return bytes(dklen)
+
+    monkeypatch.setattr(hashlib, "scrypt", scrypt)
+    crypto.derive_kek(b"pw", b"s" * 16, 19, 16, 16)
+    assert 128 * 16 * ((1 << 19) + 16 + 2) <= asked["maxmem"] < 2**31 - 1
+    with pytest.raises(ValueError, match="more than it can be given"):
+        crypto.derive_kek(b"pw", b"s" * 16, 19, 32, 1)
