@@ -26,13 +26,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import blake3
 
 from .display import one_line, warn
 from .errors import CorruptObject, SnapshotNotFound, StorageFull, UsageError, VerificationFailed
-from .processes import kill_group
+from .processes import become_subreaper, children, kill_group
 from .store.command_stream import without_passwords
 from .store.manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key,
@@ -93,7 +93,7 @@ class CommandResult:
     timed_out: bool
     seconds: float
     output: str  # the tail of stdout and stderr, interleaved
-    leftovers: bool = False  # it left processes running in its group (they were stopped)
+    leftovers: bool = False  # it left processes running, in its group or detached from it (they were stopped)
 
 
 @dataclass
@@ -429,25 +429,44 @@ def _restore(repo: "Repository", snap: Snapshot, target: str) -> RestoreResult:
     return repo.restore(snap, target)
 
 
-def _end_leftovers(group: int) -> bool:
-    """Stop what is left of a process group whose leader exited (SIGTERM, then SIGKILL after
-    ``LEFTOVER_GRACE`` s); whether anything was."""
+def _signal(send: Callable[[int, int], None], target: int, sig: int) -> bool:
     try:
-        os.killpg(group, signal.SIGTERM)
+        send(target, sig)
+        return True
     except OSError:
         return False
-    deadline = time.monotonic() + LEFTOVER_GRACE
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except OSError:
-            return True
+
+
+def _end_leftovers(group: int, before: set[int], grace: float = LEFTOVER_GRACE) -> bool:
+    """Stop what a command left running once its shell exited: the rest of its process group, and the
+    processes that left the group (a daemon in a session of its own) and came to us when their parent
+    exited (``become_subreaper``), that is our children that were not before it ran.  SIGTERM, then
+    SIGKILL after ``grace`` s; whether anything was left."""
+    found = False
+    sent: dict[int, int] = {}  # process (or -group) -> the last signal sent to it
+    deadline = time.monotonic() + grace
+    while True:
+        now = time.monotonic()
+        if now > deadline + LEFTOVER_GRACE:  # even SIGKILL did not end them (not ours to signal, say)
+            return found
+        sig = signal.SIGKILL if now >= deadline else signal.SIGTERM
+        orphans = children() - before
+        group_alive = _signal(os.killpg, group, 0)
+        if not orphans and not group_alive:
+            return found
+        found = True
+        if group_alive and sent.get(-group) != sig:
+            sent[-group] = sig
+            _signal(os.killpg, group, sig)
+        for pid in orphans:
+            if sent.get(pid) != sig:
+                sent[pid] = sig
+                _signal(os.kill, pid, sig)
+            try:
+                os.waitpid(pid, os.WNOHANG)  # ours now: an ended one is reaped, not left a zombie
+            except ChildProcessError:
+                pass
         time.sleep(0.05)
-    try:
-        os.killpg(group, signal.SIGKILL)
-    except OSError:
-        pass
-    return True
 
 
 def run_command(command: str, env: dict[str, str], *, timeout: float | None = None,
@@ -460,24 +479,32 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
     behind (``pg_ctl start``) must not keep us waiting for the pipe's end.
     """
     started = time.monotonic()
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(command, shell=True, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        timed_out = False
-        try:
-            code: int | None = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            kill_group(proc)
-            code = None
-        except BaseException:  # interrupted: the command must not go on in a scratch directory about to go
-            kill_group(proc)
-            raise
-        seconds = time.monotonic() - started
-        left = end_leftovers and not timed_out and _end_leftovers(proc.pid)
-        size = out.seek(0, os.SEEK_END)
-        out.seek(max(0, size - OUTPUT_TAIL))
-        tail = out.read().decode(errors="replace")
+    before = children()
+    reaping = end_leftovers and become_subreaper(True)
+    try:
+        with tempfile.TemporaryFile() as out:
+            proc = subprocess.Popen(command, shell=True, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            timed_out = False
+            try:
+                code: int | None = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                kill_group(proc)
+                code = None
+            except BaseException:  # interrupted: the command must not go on in a scratch directory about to go
+                kill_group(proc)
+                if end_leftovers:
+                    _end_leftovers(proc.pid, before, grace=0)
+                raise
+            seconds = time.monotonic() - started
+            left = end_leftovers and _end_leftovers(proc.pid, before) and not timed_out
+            size = out.seek(0, os.SEEK_END)
+            out.seek(max(0, size - OUTPUT_TAIL))
+            tail = out.read().decode(errors="replace")
+    finally:
+        if reaping:
+            become_subreaper(False)
     if code is not None and code < 0:  # killed by a signal: report it the way a shell would
         code = 128 - code
     return CommandResult(command, code, timed_out, round(seconds, 3), tail, left)
@@ -556,7 +583,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                                CHUNKVAULT_SNAPSHOT_TIME=snap.time, CHUNKVAULT_SNAPSHOT_KIND=snap.kind)
                 report.command = run_command(then, cmd_env, timeout=timeout, end_leftovers=not keep)
                 if report.command.leftovers:
-                    report.warnings.append("the command left processes running in its group: they were stopped")
+                    report.warnings.append("the command left processes running: they were stopped")
             elif then is not None:
                 report.warnings.append("the command was not run: the restored tree is not what the snapshot holds")
         finally:
@@ -666,7 +693,8 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argp
     s.add_argument("--then", metavar="CMD",
                    help="shell command run on each restore that matched its manifest (non-zero exit: failed); "
                         "it gets CHUNKVAULT_RESTORE_DIR, CHUNKVAULT_SNAPSHOT_ID, CHUNKVAULT_SNAPSHOT_TIME, "
-                        "CHUNKVAULT_SNAPSHOT_KIND")
+                        "CHUNKVAULT_SNAPSHOT_KIND; what it leaves running (a database it started, even in a "
+                        "session of its own) is stopped when it exits, unless --keep")
     s.add_argument("--timeout", type=float, metavar="SECONDS", help="kill CMD (and its children) after this long")
     s.add_argument("--scratch", metavar="DIR", help="make the scratch directory under DIR (default: the temp dir)")
     s.add_argument("--keep", action="store_true", help="keep the restored tree (its path is reported)")

@@ -160,7 +160,7 @@ def test_what_the_command_leaves_running_is_stopped_and_it_gets_no_password(repo
                              "--then", cmd)
     assert code == 0, err
     (report,) = json.loads(out)["snapshots"]
-    assert "the command left processes running in its group: they were stopped" in report["warnings"]
+    assert "the command left processes running: they were stopped" in report["warnings"]
     assert seen.read_text() == "none\n"
     sleeper = int(pidfile.read_text())
     deadline = time.monotonic() + 10
@@ -425,3 +425,37 @@ def test_a_stream_stored_below_a_directory_verifies(tmp_path, new_repo, monkeypa
     corrupting(monkeypatch, lambda target: os.mkdir(os.path.join(target, "dumps", "stray")))
     report = verify_restore(repo, snap.id, scratch=str(scratch_dir(tmp_path)))
     assert [(m.kind, m.path) for m in report.mismatches] == [("extra", "dumps/stray")]
+
+
+def _ended(pid: int, within: float = 10.0) -> bool:
+    """Whether process ``pid`` is gone (or a zombie) within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", ["setsid", "orphaned in its group"])
+@pytest.mark.parametrize("timeout", [None, 1.0])
+def test_a_daemon_the_command_detached_from_its_group_is_stopped_too(tmp_path, how, timeout):
+    """`pg_ctl start` runs the server in a session of its own: killing the command's process group missed
+    it, and the database went on in the removed scratch directory, holding its port for the next run.
+    Whatever the command detached comes to us when its parent exits, and is stopped with the rest, after
+    a timeout too."""
+    from chunkvault.verify import run_command
+
+    pidfile = shlex.quote(str(tmp_path / "pid"))
+    detach = {"setsid": f"setsid sleep 300 >/dev/null 2>&1 < /dev/null & echo $! > {pidfile}",
+              "orphaned in its group": f"(sh -c 'sleep 300 & echo $! > {pidfile}' &)"}[how]
+    rest = "sleep 30" if timeout else "sleep 0.3"
+    result = run_command(f"{detach}; {rest}", dict(os.environ), timeout=timeout)
+    assert result.timed_out == bool(timeout)
+    assert result.leftovers != bool(timeout)  # reported when the command ended on its own
+    daemon = int((tmp_path / "pid").read_text())
+    assert _ended(daemon, within=0.5), f"{how}: the detached process still runs"
