@@ -50,10 +50,10 @@ from .config import check_kdf_seconds
 from .crypto import (MAX_LOG_N, MIN_LOG_N, NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Sealer, derive_kek,
                      tune_scrypt)
 from .locks import SHARED, RepoLock
-from .manifest import OP_ENTRY, ManifestStats, Record, decode_records, encode_record, sort_key
+from .manifest import OP_ENTRY, ManifestStats, Record, decode_records, encode_record
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, Repo
-from .restore import Restorer, RestoreOptions, RestoreResult, lookup_by_scan
+from .restore import Confinement, Restorer, RestoreOptions, RestoreResult, lookup_by_scan
 from .snapshot import KIND_FULL, Snapshot, now_iso
 
 __all__ = [
@@ -193,20 +193,13 @@ def decode_payload(plain: bytes, what: str) -> bytes:
         raise CorruptObject(what, f"bad compressed payload: {exc}") from None
 
 
-def _safe_path(path: bytes) -> bool:
-    if path == b"":
-        return True
-    parts = path.split(b"/")
-    return not (path.startswith(b"/") or any(p in (b"", b".", b"..") or b"\x00" in p for p in parts))
-
-
 class _RecordCursor:
     """Decodes the record stream piece by piece and checks what a resolved tree must be."""
 
     def __init__(self, what: str):
         self.what = what
         self.pending = b""
-        self.last_key: bytes | None = None
+        self.confinement = Confinement()
         self.count = 0
 
     def feed(self, piece: bytes, blobs_before: int, where: str) -> list[Record]:
@@ -221,12 +214,10 @@ class _RecordCursor:
     def _check(self, rec: Record, blobs_before: int, where: str) -> None:
         if rec.op != OP_ENTRY or rec.entry is None:
             raise CorruptObject(self.what, f"{where}: a record other than an entry")
-        key = sort_key(rec.path)
-        if self.last_key is not None and key <= self.last_key:
-            raise CorruptObject(self.what, f"{where}: records out of order at {rec.path!r}")
-        self.last_key = key
-        if not _safe_path(rec.path):
-            raise CorruptObject(self.what, f"{where}: unsafe path {rec.path!r}")
+        try:
+            self.confinement.check(rec)
+        except ValueError as exc:
+            raise CorruptObject(self.what, f"{where}: {exc}") from None
         if rec.entry.chunks:
             if any(n >= blobs_before or x or y or z for n, x, y, z in _REF.iter_unpack(rec.entry.chunks)):
                 raise CorruptObject(self.what, f"{where}: {rec.path!r} refers to a chunk not stored before it")

@@ -240,40 +240,67 @@ class Selection:
         return self.excludes is None or not self.excludes(s)
 
 
-def safe_relpath(path: bytes) -> bytes:
-    """``path`` if it stays below the target: relative, no NUL, no empty, "." or ".." component.
+def _is_safe(path: bytes) -> bool:
+    """Whether ``path`` stays below the target: relative, no NUL, no empty, "." or ".." component.
     Searched for as byte strings, not split into components: a restore asks once per entry."""
     if path == b"":
-        return path
+        return True
     framed = b"/" + path + b"/"
-    if path[:1] == b"/" or b"\x00" in path or b"//" in framed or b"/./" in framed or b"/../" in framed:
+    return not (path[:1] == b"/" or b"\x00" in path or b"//" in framed or b"/./" in framed or b"/../" in framed)
+
+
+def safe_relpath(path: bytes) -> bytes:
+    """``path`` if it stays below the target (CorruptObject if not)."""
+    if not _is_safe(path):
         raise CorruptObject("manifest", f"unsafe path {path!r}")
     return path
 
 
-def _confined(records: Iterator[Record]) -> Iterator[Record]:
-    """``records``, refused (CorruptObject) if they would lead a restore out of its target: out of
-    order, or naming a path (or a hard link's target) below a symbolic link of the same tree, which
-    the restore would have made and would then follow.  A tree read from a directory has neither;
-    only a crafted manifest (a .backup file from elsewhere, say) could."""
-    previous: bytes | None = None
-    link: bytes | None = None  # the newest symbolic link's key and separator: its subtree follows it
-    links: set[bytes] = set()
-    for rec in records:
+class Confinement:
+    """What keeps a tree's records inside a restore's target, checked record by record (``check`` raises
+    ValueError naming what is wrong): in order, on safe paths, none below a symbolic link of the same tree
+    (which the restore would have made and would then follow), no hard link to such a path or out of the
+    tree, and a root that is a directory (else it would take the target's place).  A tree read from a
+    directory has none of these faults; only a crafted manifest or ``.backup`` file could, and an import
+    refuses one as a restore does."""
+
+    def __init__(self) -> None:
+        self.previous: bytes | None = None
+        self.link: bytes | None = None  # the newest symbolic link's key and separator: its subtree follows it
+        self.links: set[bytes] = set()
+
+    def check(self, rec: Record) -> None:
         key = rec.key
-        if previous is not None and key <= previous:
-            raise CorruptObject("manifest", f"records out of order at {os.fsdecode(rec.path)!r}")
-        if link is not None and key.startswith(link):
-            raise CorruptObject("manifest", f"{os.fsdecode(rec.path)!r} lies below a symbolic link")
+        if self.previous is not None and key <= self.previous:
+            raise ValueError(f"records out of order at {os.fsdecode(rec.path)!r}")
+        self.previous = key
+        if not _is_safe(rec.path):
+            raise ValueError(f"unsafe path {rec.path!r}")
+        if self.link is not None and key.startswith(self.link):
+            raise ValueError(f"{os.fsdecode(rec.path)!r} lies below a symbolic link")
         e = rec.entry
-        if rec.path == b"" and e is not None and e.type != T_DIR:  # it would take the target's place
-            raise CorruptObject("manifest", "the snapshot's root is not a directory")
-        if e is not None and e.type == T_SYMLINK:
-            link = key + b"\x00"
-            links.add(rec.path)
-        elif e is not None and e.type == T_HARDLINK and links.intersection(ancestors(e.target)):
-            raise CorruptObject("manifest", f"hard link {os.fsdecode(rec.path)!r} points below a symbolic link")
-        previous = key
+        if e is None:
+            return
+        if rec.path == b"" and e.type != T_DIR:
+            raise ValueError("the snapshot's root is not a directory")
+        if e.type == T_SYMLINK:
+            self.link = key + b"\x00"
+            self.links.add(rec.path)
+        elif e.type == T_HARDLINK:
+            if not e.target or not _is_safe(e.target):
+                raise ValueError(f"hard link {os.fsdecode(rec.path)!r} points out of the tree")
+            if self.links.intersection(ancestors(e.target)):
+                raise ValueError(f"hard link {os.fsdecode(rec.path)!r} points below a symbolic link")
+
+
+def _confined(records: Iterator[Record]) -> Iterator[Record]:
+    """``records``, refused (CorruptObject) if they would lead a restore out of its target (``Confinement``)."""
+    confinement = Confinement()
+    for rec in records:
+        try:
+            confinement.check(rec)
+        except ValueError as exc:
+            raise CorruptObject("manifest", str(exc)) from None
         yield rec
 
 

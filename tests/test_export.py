@@ -24,7 +24,7 @@ from chunkvault.store.export import (
     HEADER_SIZE, S_BLOB, S_END, S_META, S_RECORDS, VERSION, ExportFile, blob_ref, export, import_backup, open_export,
     restore_from_file,
 )
-from chunkvault.store.manifest import T_DIR, T_FILE
+from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, T_SYMLINK
 from chunkvault.store.restore import Restorer, RestoreOptions
 from treeutil import describe
 
@@ -566,9 +566,10 @@ def test_import_waits_for_a_prune_as_a_backup_does(tmp_path, exported, monkeypat
     assert snap.kind == "full"
 
 
-def _sealed_export(path, **snapshot_fields):
-    """A well-sealed one-file export whose metadata names the given snapshot fields (as a crafted or
-    foreign writer could): only the reader's checks stand between it and a repository."""
+def _sealed_export(path, extra_records=(), **snapshot_fields):
+    """A well-sealed one-file export whose metadata names the given snapshot fields, and with records
+    after its file (as a crafted or foreign writer could): only the reader's checks stand between it and
+    a repository."""
     from chunkvault.store.export import ExportWriter
     from chunkvault.store.manifest import OP_ENTRY, Entry, Record
 
@@ -585,6 +586,8 @@ def _sealed_export(path, **snapshot_fields):
         w.add_record(Record(OP_ENTRY, b"", Entry(b"", T_DIR, mode=0o755, mtime_ns=10**18)))
         w.add_record(Record(OP_ENTRY, b"a", Entry(b"a", T_FILE, mode=0o644, mtime_ns=10**18, size=len(data),
                                                   digest=blake3.blake3(data).digest(), chunks=ref)))
+        for rec in extra_records:
+            w.add_record(rec)
         w.finish()
 
 
@@ -625,3 +628,31 @@ def test_scrypt_is_given_the_memory_its_parameters_need_and_refused_beyond_what_
     assert 128 * 16 * ((1 << 19) + 16 + 2) <= asked["maxmem"] < 2**31 - 1
     with pytest.raises(ValueError, match="more than it can be given"):
         crypto.derive_kek(b"pw", b"s" * 16, 19, 32, 1)
+
+
+def _entry_record(path: bytes, kind: int, target: bytes = b""):
+    from chunkvault.store.manifest import OP_ENTRY, Entry, Record
+
+    return Record(OP_ENTRY, path, Entry(path, kind, mode=0o644, mtime_ns=10**18, target=target))
+
+
+@pytest.mark.parametrize("records,reason", [
+    ([(b"h", T_HARDLINK, b"../etc/passwd")], "points out of the tree"),
+    ([(b"h", T_HARDLINK, b"/etc/passwd")], "points out of the tree"),
+    ([(b"l", T_SYMLINK, b"/etc"), (b"l/x", T_DIR, b"")], "lies below a symbolic link"),
+    ([(b"l", T_SYMLINK, b"/etc"), (b"z", T_HARDLINK, b"l/passwd")], "points below a symbolic link"),
+])
+def test_an_export_whose_tree_would_lead_a_restore_out_of_its_target_is_refused_by_import_too(
+        tmp_path, new_repo, records, reason):
+    """Such a tree was imported, check found nothing, and every restore of it then failed; a restore
+    straight from the file made its target first.  Both refuse it now, before anything is stored or made."""
+    from chunkvault.store.export import restore_from_file
+
+    _sealed_export(tmp_path / "bad.backup", extra_records=[_entry_record(*r) for r in records])
+    repo = new_repo(str(tmp_path / "repo"))
+    with pytest.raises(CorruptObject, match=reason):
+        import_backup(repo.store, str(tmp_path / "bad.backup"), EXPORT_PW)
+    assert repo.snapshots() == []
+    with pytest.raises(CorruptObject, match=reason):
+        restore_from_file(str(tmp_path / "bad.backup"), EXPORT_PW, str(tmp_path / "target"))
+    assert not (tmp_path / "target").exists()
