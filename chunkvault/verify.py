@@ -113,7 +113,9 @@ class VerifyReport:
     mismatches: list[Mismatch] = field(default_factory=list)
     mismatch_count: int = 0
     warnings: list[str] = field(default_factory=list)
-    error: str | None = None  # the restore itself failed (corrupt or missing data)
+    error: str | None = None  # the restore itself failed (corrupt or missing data, or no space to restore)
+    # "damaged": the snapshot's data is; "no_space": the scratch directory ran out, nothing is known of the data
+    error_kind: str | None = None
     command: CommandResult | None = None
     kept_at: str | None = None  # the scratch directory, when kept
 
@@ -564,6 +566,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 _restore(repo, snap, target)
             except (CorruptObject, StorageFull) as exc:  # this snapshot fails; a run over several goes on
                 report.error = f"restore failed: {exc}"
+                report.error_kind = "no_space" if isinstance(exc, StorageFull) else "damaged"
                 partial = getattr(exc, "partial", None)  # what it did restore, for the report's counts
                 if partial is not None:
                     report.files, report.dirs, report.links = partial.files, partial.dirs, partial.links
@@ -585,7 +588,8 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 if report.command.leftovers:
                     report.warnings.append("the command left processes running: they were stopped")
             elif then is not None:
-                report.warnings.append("the command was not run: the restored tree is not what the snapshot holds")
+                report.warnings.append("the command was not run: " + (
+                    "the restore failed" if report.error else "the restored tree is not what the snapshot holds"))
         finally:
             if keep:
                 report.kept_at = target
@@ -675,6 +679,9 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
         _emit_json({"ok": not failed, "snapshots": [r.to_dict() for r in reports]})
     elif not args.quiet:
         print(f"verified {len(reports)} snapshot(s): " + ("all OK" if not failed else f"{len(failed)} failed"))
+    if failed and all(r.error_kind == "no_space" for r in failed):  # nothing found wrong with the backups
+        raise StorageFull(f"verify-restore: no space left in the scratch directory to restore {len(failed)} of "
+                          f"{len(reports)} snapshot(s): " + " ".join(r.snapshot_id[:8] for r in failed))
     if failed:
         raise VerificationFailed(f"verify-restore: {len(failed)} of {len(reports)} snapshot(s) failed: "
                                  + " ".join(r.snapshot_id[:8] for r in failed))

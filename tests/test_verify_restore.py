@@ -459,3 +459,26 @@ def test_a_daemon_the_command_detached_from_its_group_is_stopped_too(tmp_path, h
     assert result.leftovers != bool(timeout)  # reported when the command ended on its own
     daemon = int((tmp_path / "pid").read_text())
     assert _ended(daemon, within=0.5), f"{how}: the detached process still runs"
+
+
+def test_a_scratch_directory_without_space_is_exit_14_not_a_failed_verification(tmp_path, new_repo, run_cli):
+    """A full scratch disk says nothing about the backups: monitoring must tell it from a damaged
+    snapshot (18).  The report names it, and the command it would have run is said not to have run
+    because the restore failed."""
+    from treeutil import mounted_tmpfs
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    scratch = scratch_dir(tmp_path)
+    with mounted_tmpfs(str(scratch), size="1m"):
+        code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json", "--scratch",
+                                 str(scratch), "--then", "true")
+        assert code == 14, err
+        (report,) = json.loads(out)["snapshots"]
+        assert report["error_kind"] == "no_space" and not report["ok"]
+        assert "the command was not run: the restore failed" in report["warnings"]
+        assert "no space left in the scratch directory" in err
+        assert os.listdir(scratch) == []
