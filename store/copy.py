@@ -18,6 +18,8 @@ from chunkvault.errors import CorruptObject
 from chunkvault.remotes.layer import parallel_map
 
 from .locks import SHARED, RepoLock
+
+COPY_INTO = "copy into"  # the destination's lock: shared with backups and reads, not with another copy into it
 from .manifest import Record
 from .manifest_io import ManifestWriter
 from .repository import BlobWriter, Repo
@@ -139,8 +141,8 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
     result = CopyResult()
     src_snaps = src.snapshots()
     wanted = set(spec_ids) if spec_ids is not None else {s.id for s in src_snaps}
-    with RepoLock(dst.remote, SHARED, "copy", wait=wait, wait_option=True,
-                  label="the destination repository") as lock:
+    with RepoLock(dst.remote, SHARED, COPY_INTO, wait=wait, wait_option=True,
+                  label="the destination repository", alone=True) as lock:
         dst.load_index()
         done = {s.stats.get(COPIED_FROM): s.id for s in dst.snapshots() if s.stats.get(COPIED_FROM)}
         with dst.writer() as writer:

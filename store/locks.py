@@ -130,8 +130,11 @@ class RepoLock:
     """A lock object held for the duration of a ``with`` block, refreshed in the background."""
 
     def __init__(self, remote: Remote, kind: str, purpose: str, *, wait: float = 0.0, poll: float = 2.0,
-                 wait_option: bool | None = None, label: str = "repository"):
+                 wait_option: bool | None = None, label: str = "repository", alone: bool = False):
         self.remote = remote
+        # A shared lock that another of the same purpose also excludes: two copies into one repository
+        # would each send every snapshot the other sends, and leave both.
+        self.alone = alone
         # Whether the refusal names --wait: the exclusive commands and the reads have it.
         self.wait_option = kind == EXCLUSIVE if wait_option is None else wait_option
         self.kind = kind
@@ -193,7 +196,8 @@ class RepoLock:
                 pass
         if self.kind == EXCLUSIVE:
             return others
-        return [lk for lk in others if lk.kind != SHARED]  # an unknown kind (a newer chunkvault's) as exclusive
+        # an unknown kind (a newer chunkvault's) counts as exclusive
+        return [lk for lk in others if lk.kind != SHARED or (self.alone and lk.purpose == self.purpose)]
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait

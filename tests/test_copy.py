@@ -199,3 +199,47 @@ def test_copy_waits_for_a_prune_on_the_destination_and_says_which(tmp_path, new_
     pruning.join(10)
     worker.join(60)
     assert len(done["copy"].copied) == 2
+
+
+def test_two_copies_into_one_repository_take_turns_and_backups_go_on_beside_them(tmp_path, new_repo):
+    """Two copies at once each sent every snapshot: the destination held each twice, and prune freed half.
+    A copy into a repository now waits for another copy into it (and then finds the snapshots there), while
+    backups and reads share the repository with it as before."""
+    import threading
+
+    from chunkvault.errors import Locked
+    from chunkvault.store.copy import COPY_INTO
+    from chunkvault.store.locks import SHARED, RepoLock
+
+    src_repo, dst_repo = new_repo(), new_repo()
+    history(tmp_path, src_repo, n=3)
+    held, release = threading.Event(), threading.Event()
+
+    def other_copy() -> None:  # another thread's lock, as another process's
+        with RepoLock(dst_repo.store.remote, SHARED, COPY_INTO, alone=True):
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=other_copy)
+    holder.start()
+    held.wait(10)
+    try:
+        with pytest.raises(Locked, match="^the destination repository is locked by copy into .* or use --wait"):
+            src_repo.copy_to(dst_repo, wait=0)
+        own = tmp_path / "own"
+        own.mkdir()
+        (own / "f").write_bytes(b"backed up beside a copy")
+        dst_repo.backup([str(own)])  # a backup is not held off
+    finally:
+        release.set()
+        holder.join(10)
+    results: list = []
+    copies = [threading.Thread(target=lambda: results.append(src_repo.copy_to(dst_repo, wait=60)))
+              for _ in range(2)]
+    for t in copies:
+        t.start()
+    for t in copies:
+        t.join(120)
+    assert len(results) == 2
+    copied = [s for s in dst_repo.snapshots() if s.paths != [str(own)]]
+    assert len(copied) == len(src_repo.snapshots()) == 3
