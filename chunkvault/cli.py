@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from . import __version__, interrupts, passwords
 from .display import one_line, shown_name, warn
 from .progress import JsonProgress, Progress
-from .errors import (ChunkvaultError, CorruptObject, PartialBackup, TargetNotEmpty, UsageError, VerificationFailed,
-                     output_error)
+from .errors import (ChunkvaultError, CorruptObject, OutputClosed, PartialBackup, TargetNotEmpty, TargetUnwritable,
+                     UsageError, VerificationFailed, output_error)
 from .store.chain import lineage
 from .store.manifest import T_DIR, TYPE_NAMES, Entry
 from .store.snapshot import Snapshot
@@ -631,7 +631,8 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     report = repo.rewrite(excludes_of(args.exclude, args.exclude_file), args.snapshots or None, hosts=args.host,
                           tags=args.tag, paths=args.path, dry_run=not confirmed, wait=args.wait)
     if args.json:
-        _emit_json(report.to_dict())
+        _emit_json({**report.to_dict(),
+                    "removed": [{"snapshot": sid, **_name_json("path", p)} for sid, p in report.removed]})
     elif not args.quiet:
         for sid, path in report.removed:
             print(f"{'would remove' if report.dry_run else 'removed'} {sid[:8]}:{shown_name(path)}")
@@ -644,7 +645,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
             print(f"rewrote {len(report.rewritten)} snapshot(s); prune frees the data they no longer reference")
         if report.inherited:
             print(f"{len(report.inherited)} differential(s) built on them {'would ' if report.dry_run else ''}lose "
-                  "the same paths (unless they hold their own version): "
+                  "the same paths: "
                   + " ".join(sid[:8] for sid in report.inherited))
     return 0
 
@@ -693,14 +694,19 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:
+        raise TargetUnwritable("dump: standard output is closed: redirect it to a file or a pipe")
     repo = _open(args)
     snap = repo.snapshot(args.snapshot)
-    out = sys.stdout.buffer
     if out.isatty() and repo.find_entry(snap, args.path).type == T_DIR:
         raise UsageError(f"a directory is written as a {args.archive} archive: redirect it to a file or a pipe")
-    with _stdout_errors():
-        warnings = repo.dump(snap, args.path, out, archive=args.archive)
-        out.flush()
+    try:
+        with _stdout_errors():
+            warnings = repo.dump(snap, args.path, out, archive=args.archive)
+            out.flush()
+    except BrokenPipeError:  # what it was piped into has not got the whole file or archive: not a success
+        raise OutputClosed("dump: the reader of standard output closed it before the dump was complete") from None
     if not args.quiet:
         for w in warnings:
             warn(w)

@@ -124,6 +124,13 @@ def output_error(what: str, exc: OSError) -> ChunkvaultError:
     return TargetUnwritable(f"{what}: {exc.strerror or exc}")
 
 
+class OutputClosed(ChunkvaultError):
+    """What a command's output was piped into went away before it had all of it (``dump | head``): the
+    data was not delivered.  The shell's code for a command ended by SIGPIPE, as ``cat`` gives."""
+
+    exit_code = 141
+
+
 class Locked(ChunkvaultError):
     exit_code = 15
 

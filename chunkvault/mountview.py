@@ -129,9 +129,11 @@ class Layout:
 
 
 def _safe(name: str) -> str:
-    """A host or tag as one path component (``.`` and ``..`` name directories already there)."""
-    name = name.replace("/", "_")
-    return name if name not in ("", ".", "..") else name.replace(".", "_") or "_"
+    """A host or tag as one path component, each its own: ``%`` and ``/`` percent-encoded, and the names
+    ``.`` and ``..`` (directories already there) and the empty one too.  With ``/`` made ``_``, hosts
+    ``a/b`` and ``a_b`` were one directory, holding both hosts' snapshots."""
+    name = name.replace("%", "%25").replace("/", "%2F")
+    return name if name not in ("", ".", "..") else name.replace(".", "%2E") or "%"
 
 
 class SnapshotTree:

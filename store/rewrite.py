@@ -10,6 +10,7 @@ written, so rewriting a parent and its differentials together gives the same tre
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -62,8 +63,8 @@ def plan_rewrite(own: Iterable[Record], tree: Iterable[Record], full: bool,
             continue
         e = rec.entry
         if e.type == T_HARDLINK and excluded(e.target):
-            raise UsageError(f"{name}: {e.path.decode('utf-8', 'backslashreplace')} is a hard link to "
-                             f"{e.target.decode('utf-8', 'backslashreplace')}, which would go: exclude both")
+            raise UsageError(f"{name}: {os.fsdecode(e.path)} is a hard link to {os.fsdecode(e.target)}, "
+                             "which would go: exclude both")
         stats.count_entry(e)
     # A deletion of the differential's own stays: it only removes, and without it the parent's version
     # of that path would show through.
@@ -77,7 +78,7 @@ def plan_rewrite(own: Iterable[Record], tree: Iterable[Record], full: bool,
 @dataclass
 class RewriteReport:
     dry_run: bool
-    removed: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, path)
+    removed: list[tuple[str, bytes]] = field(default_factory=list)  # (snapshot id, path)
     rewritten: list[str] = field(default_factory=list)
     # Differentials built on a rewritten snapshot whose own records hold nothing excluded: their trees
     # lose what it lost (their counts are brought up to date).  Those that do hold some are rewritten.
@@ -85,7 +86,7 @@ class RewriteReport:
 
     def to_dict(self) -> dict:
         return {"dry_run": self.dry_run, "rewritten": self.rewritten, "inherited": self.inherited,
-                "removed": [{"snapshot": s, "path": p} for s, p in self.removed]}
+                "removed": [{"snapshot": s, "path": os.fsdecode(p)} for s, p in self.removed]}
 
 
 def _under_lock(repo: Repo, ids: Iterable[str]) -> tuple[list[Snapshot], list[Snapshot]]:
@@ -121,7 +122,7 @@ def rewrite_snapshots(repo: Repo, ids: Iterable[str], globs: list[str], *, dry_r
             plan = plan_rewrite(own, repo.tree(snap, every), without_deletions, excluded, f"snapshot {snap.short_id}")
             if plan.records != own:
                 plans.append((snap, plan))
-            report.removed += [(snap.id, p.decode("utf-8", "backslashreplace")) for p in plan.removed]
+            report.removed += [(snap.id, p) for p in plan.removed]
         report.rewritten = [s.id for s, _ in plans]
         done = set(report.rewritten)
         inherited = [s for s in every if s.id not in done and not done.isdisjoint(lineage(s.id, parents))]

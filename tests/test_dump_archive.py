@@ -232,3 +232,28 @@ def test_directories_without_an_entry_of_their_own_dump_and_list_what_they_hold(
         assert [m.name for m in tar.getmembers()] == ["dump/x.sql"]
     with pytest.raises(Exception, match="no 'dumpx'"):
         repo.dump(streamed, "dumpx", io.BytesIO())
+
+
+@pytest.mark.parametrize("path", ["big", "/"])
+def test_a_dump_whose_reader_goes_away_is_no_success(cli, tmp_path, path):
+    """`dump | head -c 10` exited 0, so `set -o pipefail` could not tell a delivered dump from a cut one:
+    it now ends as `cat` does there (141), saying so.  Closed standard output is exit 14, not an internal
+    error."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(8 << 20))
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, str(src))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    cmd = [sys.executable, "-m", "chunkvault.cli", "dump", "-r", repo, "latest", path]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert len(proc.stdout.read(10)) == 10
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 141, err
+    assert err == "chunkvault: dump: the reader of standard output closed it before the dump was complete\n"
+    closed = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: os.close(1), timeout=120)
+    assert closed.returncode == 14 and b"standard output is closed" in closed.stderr

@@ -28,8 +28,18 @@ def snap(sid: str, t: str, host: str = "h", tags: tuple[str, ...] = ()) -> Snaps
 
 def test_tags_and_hosts_named_dot_or_dot_dot_are_directories_of_their_own():
     lay = Layout([snap("a" * 64, "2026-01-01T00:00:00+00:00", host="..", tags=(".", "..", "x/y"))])
-    assert sorted(lay.resolve("/tags").names) == ["_", "__", "x_y"]
-    assert list(lay.resolve("/hosts").names) == ["__"]
+    assert sorted(lay.resolve("/tags").names) == ["%2E", "%2E%2E", "x%2Fy"]
+    assert list(lay.resolve("/hosts").names) == ["%2E%2E"]
+
+
+def test_hosts_and_tags_that_differ_only_where_a_path_cannot_hold_them_stay_apart():
+    """With / made _, hosts a/b and a_b were one directory, whose latest was the other host's snapshot."""
+    names = ["a/b", "a_b", "a%2Fb", "%", "", ".", "..", "%2E"]
+    lay = Layout([snap(f"{i:02x}" * 32, f"2026-01-0{i + 1}T00:00:00+00:00", host=h, tags=(h,))
+                  for i, h in enumerate(names)])
+    for top in ("/hosts", "/tags"):
+        listed = list(lay.resolve(top).names)
+        assert len(set(listed)) == len(names) and all(n and "/" not in n and n not in (".", "..") for n in listed)
 
 
 def test_layout_names_snapshots_by_time_and_links_everything_else_to_them():
@@ -47,7 +57,7 @@ def test_layout_names_snapshots_by_time_and_links_everything_else_to_them():
     assert lay.resolve(f"/snapshots/{nb}/x/y") == InSnapshot(b, b"x/y")
     assert lay.resolve("/ids") == VirtualDir(("aa110000", "bb220000", "aa120000"))
     assert lay.resolve("/ids/bb220000") == Link(f"../snapshots/{nb}")
-    assert lay.resolve("/hosts") == VirtualDir(("db_1", "h"))
+    assert lay.resolve("/hosts") == VirtualDir(("db%2F1", "h"))
     assert lay.resolve("/hosts/h") == VirtualDir((na, nc, "latest"))
     assert lay.resolve("/hosts/h/latest") == Link(nc)
     assert lay.resolve(f"/hosts/h/{na}") == Link(f"../../snapshots/{na}")

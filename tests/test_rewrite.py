@@ -121,6 +121,26 @@ def test_rewrite_on_the_command_line_is_a_dry_run_until_confirmed(tmp_path):
     assert proc.stderr.decode().strip() == "chunkvault: rewrite needs at least one --exclude"
 
 
+def test_rewrite_names_a_path_that_is_not_utf8_as_the_other_commands_do(tmp_path):
+    """Its text escaped the name twice (a literal backslash, then xe9) and its JSON gave no ``path_b64``,
+    so a file really called ``n\\xe9`` could not be told from it."""
+    import base64
+
+    repo = str(tmp_path / "repo")
+    crashkit.init_repo(repo)
+    src = tmp_path / "src"
+    src.mkdir()
+    name = b"n\xe9"
+    with open(os.path.join(os.fsencode(src), name), "wb") as f:
+        f.write(b"x")
+    crashkit.run_cli("backup", "-r", repo, str(src))
+    glob = os.fsdecode(name)
+    out = crashkit.run_cli("rewrite", "-r", repo, "--exclude", glob).stdout.decode()
+    assert out.splitlines()[0].endswith(":n\\xe9")  # one escape: as ls and find show it
+    (removed,) = json.loads(crashkit.run_cli("rewrite", "-r", repo, "--exclude", glob, "--json").stdout)["removed"]
+    assert base64.b64decode(removed["path_b64"]) == name
+
+
 def test_tags_are_added_removed_and_set_without_touching_the_data(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -180,7 +200,7 @@ def test_a_rewrite_dry_run_takes_no_lock(tmp_path):
     with Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0, ledger=False) as repo:
         snap = repo.backup([str(src)]).snapshot
         with RepoLock(repo.store.remote, SHARED, "backup"):  # a backup running
-            assert repo.rewrite(["*.key"], wait=0).removed == [(snap.id, "a.key")]
+            assert repo.rewrite(["*.key"], wait=0).removed == [(snap.id, b"a.key")]
 
 
 def test_a_damaged_chain_elsewhere_does_not_stop_a_rewrite(tmp_path):
