@@ -536,6 +536,10 @@ def cmd_find(args: argparse.Namespace) -> int:
     repo = _open(args)
     found = repo.find(args.patterns, snapshots=args.snapshot or None, hosts=args.host, tags=args.tag,
                       paths=args.path, ignore_case=args.ignore_case)
+    led = [p for p in args.patterns if p.startswith(("/", "./"))]
+    if not found and led:  # as restore --include says: a path as it was on the backed-up machine finds nothing
+        warn(f"nothing matched {', '.join(led)}: patterns are paths as `ls` lists them, relative to the "
+             "snapshot's root (without a leading / or ./)")
     if args.json:
         _emit_json([{"host": f.host, **_names_json("paths", f.paths), **_name_json("path", f.path),
                      "versions": [{**{k: v for k, v in _entry_json(v.entry).items() if k not in ("path", "path_b64")},

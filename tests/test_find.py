@@ -146,6 +146,9 @@ def test_find_and_snapshot_filters_on_the_command_line(tmp_path):
     assert ", 2 snapshots" not in text[2] and text[-1] == "2 paths, 3 versions"  # beta's source is another
     proc = crashkit.run_cli("find", "-r", repo, ok=(2,))
     assert b"PATTERN" in proc.stderr
+    lost = crashkit.run_cli("find", "-r", repo, "/conf/*")  # a path as on the machine: said, not silent
+    assert b"relative to the snapshot's root (without a leading / or ./)" in lost.stderr
+    assert lost.stdout.decode().splitlines() == ["0 paths, 0 versions"]
 
 
 def test_find_skips_a_differential_whose_chain_is_broken_with_a_warning(tmp_path):
