@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import hashlib
 import os
 import signal
 import stat
@@ -25,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import ChunkvaultError, MountFailed, UsageError
-from .mountview import InSnapshot, Layout, Link, SnapshotTree, VirtualDir
+from .mountview import InSnapshot, Layout, Link, Node, SnapshotTree, VirtualDir
 from .repository import Repository
 from .store.manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry
 from .store.snapshot import Snapshot
@@ -36,6 +37,13 @@ TREES_KEPT = 8  # resolved trees held at once (each about 200 bytes per entry)
 
 _TYPE_BITS = {T_FILE: stat.S_IFREG, T_HARDLINK: stat.S_IFREG, T_DIR: stat.S_IFDIR, T_SYMLINK: stat.S_IFLNK,
               T_FIFO: stat.S_IFIFO, T_CHARDEV: stat.S_IFCHR, T_BLOCKDEV: stat.S_IFBLK}
+
+
+def _inode(snapshot_id: str, path: str) -> int:
+    """A node's inode number: stable, nonzero, the same for every name of a hard-linked file (its first
+    path), and, at 63 bits of a hash, another for every other node."""
+    digest = hashlib.blake2b(f"{snapshot_id}\0{path}".encode(errors="surrogateescape"), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 1) or 1
 
 
 # What libfuse 3's fuse_main returns when its loop ended with an error, which is how a stop signal ends it
@@ -191,18 +199,35 @@ class SnapshotFS:
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         node = self._node(path)
+        ino = self._inode(path, node)
         if isinstance(node, VirtualDir):
-            return self._virtual(stat.S_IFDIR | 0o555, 2)
+            return {**self._virtual(stat.S_IFDIR | 0o555, 2), "st_ino": ino}
         if isinstance(node, Link):
-            return {**self._virtual(stat.S_IFLNK | 0o777, 1), "st_size": len(os.fsencode(node.target))}
-        _, e = self._in_snapshot(node)
+            return {**self._virtual(stat.S_IFLNK | 0o777, 1), "st_size": len(os.fsencode(node.target)),
+                    "st_ino": ino}
+        tree, e = self._in_snapshot(node)
+        names = tree.linked(node.rel)[1]
         if e is None:  # a directory without an entry of its own
-            return self._virtual(stat.S_IFDIR | 0o555, 2)
+            return {**self._virtual(stat.S_IFDIR | 0o555, 2), "st_ino": ino}
         ns = e.mtime_ns
-        return {"st_mode": _TYPE_BITS.get(e.type, stat.S_IFREG) | e.mode, "st_nlink": 2 if e.type == T_DIR else 1,
+        return {"st_mode": _TYPE_BITS.get(e.type, stat.S_IFREG) | e.mode, "st_ino": ino,
+                "st_nlink": 2 if e.type == T_DIR else names,
                 "st_uid": e.uid, "st_gid": e.gid, "st_size": e.size if e.type == T_FILE else len(e.target),
                 "st_rdev": e.rdev, "st_mtime": ns, "st_atime": ns, "st_ctime": e.ctime_ns or ns,
                 "st_blocks": (e.size + 511) // 512 if e.type == T_FILE else 0}
+
+    def _inode(self, path: str, node: Node) -> int:
+        """The node's inode number (``_inode``): the same from getattr and from its directory's listing."""
+        if not isinstance(node, InSnapshot):
+            return _inode("", path)
+        tree, _ = self._in_snapshot(node)
+        return _inode(node.snapshot.id, os.fsdecode(tree.linked(node.rel)[0]))
+
+    def _dirent(self, path: str, name: str) -> tuple[str, dict[str, int], int]:
+        """A directory's entry as readdir gives it: with its inode number (one of 0 is not listed at all)."""
+        child = path.rstrip("/") + "/" + name if name not in (".", "..") else (
+            path if name == "." else (path.rstrip("/").rpartition("/")[0] or "/"))
+        return name, {"st_ino": self._inode(child, self._node(child))}, 0
 
     def _virtual(self, mode: int, nlink: int) -> dict[str, Any]:
         """Attributes of a directory or link above the snapshots' files: the mounting user's, dated by the
@@ -212,16 +237,18 @@ class SnapshotFS:
         return {"st_mode": mode, "st_nlink": nlink, "st_uid": self.uid, "st_gid": self.gid, "st_size": 0,
                 "st_mtime": t, "st_atime": t, "st_ctime": t}
 
-    def readdir(self, path: str, fh: int | None = None) -> list[str]:
+    def readdir(self, path: str, fh: int | None = None) -> list[tuple[str, dict[str, int], int]]:
         node = self._node(path)
         if isinstance(node, VirtualDir):
-            return [".", "..", *node.names]
-        if not isinstance(node, InSnapshot):
+            names = list(node.names)
+        elif not isinstance(node, InSnapshot):
             raise _error(errno.ENOTDIR)
-        tree, _ = self._in_snapshot(node)
-        if not tree.is_dir(node.rel):
-            raise _error(errno.ENOTDIR)
-        return [".", "..", *(os.fsdecode(n) for n in tree.children[node.rel])]
+        else:
+            tree, _ = self._in_snapshot(node)
+            if not tree.is_dir(node.rel):
+                raise _error(errno.ENOTDIR)
+            names = [os.fsdecode(n) for n in tree.children[node.rel]]
+        return [self._dirent(path, name) for name in (".", "..", *names)]
 
     def readlink(self, path: str) -> str:
         node = self._node(path)
@@ -310,7 +337,9 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
     fuse = _fuse()
     with repo.reading("mount", wait=wait):
         ops = SnapshotFS(repo, refresh, on_mounted)
-        options = {"allow_other": True, "default_permissions": True} if allow_other else {}
+        options: dict[str, bool] = {"use_ino": True}  # getattr's inode numbers: hard links share theirs
+        if allow_other:
+            options.update(allow_other=True, default_permissions=True)
         # libfuse unmounts on SIGTERM with handlers of its own, which it installs only over the default
         # (the command line's handler raises in Python code, which does not run while libfuse serves).
         on_main_thread = threading.current_thread() is threading.main_thread()

@@ -143,8 +143,11 @@ class SnapshotTree:
         self.entries: dict[bytes, Entry] = {}
         self.children: dict[bytes, list[bytes]] = defaultdict(list)
         self.children[b""]  # the root lists its children even when the snapshot has no entry for it
+        self._links: dict[bytes, int] = defaultdict(int)  # a file's path -> how many hard links name it
         for e in entries:
             self.entries[e.path] = e
+            if e.type == T_HARDLINK:
+                self._links[e.target] += 1
             if e.path:
                 parent, _, name = e.path.rpartition(b"/")
                 self.children[parent].append(name)
@@ -167,6 +170,13 @@ class SnapshotTree:
 
     def entry(self, rel: bytes) -> Entry | None:
         return self.entries.get(rel)
+
+    def linked(self, rel: bytes) -> tuple[bytes, int]:
+        """The path that holds ``rel``'s data (a hard link's target, else ``rel``) and how many names the
+        file has: one inode and link count for all of them, so that ``cp -a`` and ``rsync -H`` keep them."""
+        e = self.entries.get(rel)
+        first = e.target if e is not None and e.type == T_HARDLINK else rel
+        return first, 1 + self._links.get(first, 0)
 
     def content_entry(self, rel: bytes) -> Entry | None:
         """The entry whose data ``rel`` reads: a hard link's target (hard links are shown as the file)."""

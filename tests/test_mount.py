@@ -76,6 +76,7 @@ def test_snapshot_tree_lists_children_and_reads_hard_links_as_their_file():
     assert tree.children[b""] == [b"d", b"e"] and tree.children[b"d"] == [b"f", b"h"] and tree.children[b"e"] == []
     assert tree.content_entry(b"d/h") is f and tree.entry(b"d/h").type == T_HARDLINK
     assert tree.is_dir(b"e") and not tree.is_dir(b"d/f") and tree.content_entry(b"nope") is None
+    assert tree.linked(b"d/h") == tree.linked(b"d/f") == (b"d/f", 2) and tree.linked(b"e") == (b"e", 1)
     several = SnapshotTree([Entry(b"a", T_DIR), Entry(b"b", T_DIR)])  # several paths: no root entry
     assert several.is_dir(b"") and several.children[b""] == [b"a", b"b"]
     # a differential can keep a path whose directories a rewrite removed from its parent: they are listed
@@ -85,6 +86,16 @@ def test_snapshot_tree_lists_children_and_reads_hard_links_as_their_file():
 
 
 # --- the operations, called directly -------------------------------------------------------------
+
+
+def listing(fs, path: str) -> list[str]:
+    """The names readdir gives, each with the inode number getattr gives it (a 0 would hide it)."""
+    out = fs.readdir(path)
+    for name, attrs, _ in out:
+        child = path if name in (".", "..") else path.rstrip("/") + "/" + name
+        assert attrs["st_ino"] > 0 and (name == ".." or attrs["st_ino"] == fs.getattr(child)["st_ino"]), (path, name)
+    return [name for name, _, _ in out]
+
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
@@ -121,8 +132,8 @@ def test_operations_show_each_snapshot_as_it_was(repo_with, source):
     fs = SnapshotFS(repo)
     lay = Layout(repo.snapshots())
     root = f"/snapshots/{lay.names[second.id]}"
-    assert fs.readdir("/") == [".", "..", *TOP]
-    assert sorted(fs.readdir(root)[2:]) == sorted(os.fsdecode(n) for n in os.listdir(os.fsencode(source)))
+    assert listing(fs, "/") == [".", "..", *TOP]
+    assert sorted(listing(fs, root)[2:]) == sorted(os.fsdecode(n) for n in os.listdir(os.fsencode(source)))
     st = fs.getattr(f"{root}/etc/app.conf")
     src = os.lstat(source / "etc" / "app.conf")
     assert (st["st_mode"], st["st_size"], st["st_mtime"], st["st_uid"]) == (
@@ -160,7 +171,7 @@ def test_operations_show_each_snapshot_as_it_was(repo_with, source):
     assert code(lambda: fs.getattr("/snapshots/nope")) == errno.ENOENT
     assert code(lambda: fs.open(f"{root}/empty", os.O_WRONLY)) == errno.EROFS
     assert code(lambda: fs.open(f"{root}/etc", os.O_RDONLY)) == errno.EISDIR
-    assert code(lambda: fs.readdir(f"{root}/empty")) == errno.ENOTDIR
+    assert code(lambda: listing(fs, f"{root}/empty")) == errno.ENOTDIR
     fs.destroy("/")
 
 
@@ -169,11 +180,11 @@ def test_new_snapshots_show_up_after_the_refresh_interval(repo_with, source):
 
     repo, *_ = repo_with
     fs = SnapshotFS(repo, refresh=0.0)
-    before = fs.readdir("/snapshots")
+    before = listing(fs, "/snapshots")
     new = repo.backup([str(source)], tags=["extra"]).snapshot
-    assert Layout(repo.snapshots()).names[new.id] in fs.readdir("/snapshots")
-    assert len(fs.readdir("/snapshots")) == len(before) + 1
-    assert "extra" in fs.readdir("/tags")
+    assert Layout(repo.snapshots()).names[new.id] in listing(fs, "/snapshots")
+    assert len(listing(fs, "/snapshots")) == len(before) + 1
+    assert "extra" in listing(fs, "/tags")
     repo.forget([new.id])
 
 
@@ -185,7 +196,7 @@ def test_a_snapshot_another_command_made_reads_after_the_refresh(repo_with, sour
 
     repo, url, *_ = repo_with
     fs = SnapshotFS(repo, refresh=0.0)
-    fs.readdir("/snapshots")
+    listing(fs, "/snapshots")
     data = random.Random(9).randbytes(300_000)
     (source / "new.bin").write_bytes(data)
     try:
@@ -230,6 +241,11 @@ def test_a_mounted_repository_reads_like_the_source_and_unmounts_on_sigterm(repo
         want = {k: v[:5] for k, v in describe(source).items() if k != b"."}
         got = {k: v[:5] for k, v in describe(latest).items() if k != b"."}
         assert got == want
+        # a hard-linked file's names share one inode and count each other, so cp -a keeps them linked
+        hard, conf, other = (os.stat(latest / p) for p in ("hard", "etc/app.conf", "empty"))
+        assert hard.st_ino == conf.st_ino != other.st_ino and hard.st_nlink == 2 and other.st_nlink == 1
+        subprocess.run(["cp", "-a", str(latest) + "/.", str(tmp_path / "copied")], check=True)
+        assert os.stat(tmp_path / "copied" / "hard").st_ino == os.stat(tmp_path / "copied" / "etc" / "app.conf").st_ino
         ids = os.listdir(mnt / "ids")
         assert first.id[:8] in ids and (mnt / "ids" / first.id[:8] / "etc" / "app.conf").read_bytes() == b"key = value\n"
         assert (mnt / "tags" / "daily" / "latest" / "etc" / "app.conf").read_bytes() == b"key = value\n"
@@ -281,7 +297,7 @@ def test_a_damaged_chunk_is_an_io_error_for_its_file_only(repo_with, tmp_path):
     assert info.value.errno == errno.EIO
     other = fs.open(f"{root}/etc/app.conf", os.O_RDONLY)
     assert fs.read("", 100, 0, other) == b"key = other\n"
-    assert "etc" in fs.readdir(root)
+    assert "etc" in listing(fs, root)
     fs.destroy("/")
 
 
@@ -301,8 +317,8 @@ def test_a_snapshot_of_several_paths_shows_the_directories_above_them(repo_with,
     top = str(tmp_path).lstrip("/")
     for d in (root, f"{root}/{top.split('/')[0]}", f"{root}/{top}"):
         assert fs.getattr(d)["st_mode"] & 0o170000 == 0o040000
-    assert fs.readdir(root) == [".", "..", top.split("/")[0]]
-    assert fs.readdir(f"{root}/{top}") == [".", "..", "more", "other"]
+    assert listing(fs, root) == [".", "..", top.split("/")[0]]
+    assert listing(fs, f"{root}/{top}") == [".", "..", "more", "other"]
     assert fs.getattr(f"{root}/{top}")["st_mode"] == os.stat(tmp_path).st_mode
     fh = fs.open(f"{root}/{top}/other/x", os.O_RDONLY)
     assert fs.read("", 10, 0, fh) == b"other\n"
@@ -318,8 +334,8 @@ def test_a_directory_kept_only_by_the_paths_below_it_reads_as_a_plain_directory(
     fs = SnapshotFS(repo)
     fs._trees[second.id] = SnapshotTree([Entry(b"", T_DIR), Entry(b"gone/kept", T_FILE, mode=0o644)])
     root = f"/snapshots/{Layout(repo.snapshots()).names[second.id]}"
-    assert fs.readdir(root) == [".", "..", "gone"]
+    assert listing(fs, root) == [".", "..", "gone"]
     assert fs.getattr(f"{root}/gone")["st_mode"] & 0o170000 == 0o040000
-    assert fs.readdir(f"{root}/gone") == [".", "..", "kept"]
+    assert listing(fs, f"{root}/gone") == [".", "..", "kept"]
     assert fs.getattr(f"{root}/gone/kept")["st_mode"] == 0o100644
     fs.destroy("/")
