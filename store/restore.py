@@ -751,11 +751,17 @@ class Restorer:
             self._not_written(e.path, _reason(exc))
 
     def _update_file(self, e: Entry) -> None:
-        """--delta: keep what is already right; rewrite only the chunk ranges that differ.  A file cut short
-        (no space, say) is removed: neither what it was nor what the snapshot holds."""
-        if self._holds(e):
-            self.result.unchanged_files += 1
-            return
+        """--delta: keep what is already right; rewrite only the chunk ranges that differ, then give it the
+        entry's metadata.  A file cut short (no space, say) is removed: neither what it was nor what the
+        snapshot holds."""
+        fd = self._open(e.path, os.O_RDONLY)  # one that holds the content may not be writable, and need not be
+        try:
+            if self._holds(fd, e):
+                self.result.unchanged_files += 1
+                self._apply_meta(e, fd)
+                return
+        finally:
+            os.close(fd)
         fd = self._open(e.path, os.O_RDWR)
         try:
             hasher = blake3.blake3()
@@ -769,6 +775,7 @@ class Restorer:
                 hasher.update(data)
                 pos += len(data)
             os.ftruncate(fd, pos)
+            self._apply_meta(e, fd)
         except BaseException:
             os.close(fd)
             self.remove_quietly(e.path)
@@ -782,13 +789,13 @@ class Restorer:
         it and renamed over it, so no other link sees the snapshot's content or metadata.  Its chunks that
         the old file holds at their offsets are copied from it, not read from the repository; a file that
         is right already, metadata and all, is left as it is."""
-        if self._holds(e) and self._meta_matches(e):
-            self.result.unchanged_files += 1
-            return
         pfd, name = self.at(e.path)
         tmp = os.path.join(os.path.dirname(e.path), b".chunkvault-restore-" + secrets.token_hex(8).encode())
         fd = self._open(e.path, os.O_RDONLY)
         try:
+            if self._holds(fd, e) and self._meta_matches(e):
+                self.result.unchanged_files += 1
+                return
             self._write_file(tmp, e, (data for data, _ in self._chunks_held_or_read(fd, e)))
             os.rename(os.path.basename(tmp), name, src_dir_fd=pfd, dst_dir_fd=pfd)
         except BaseException:
@@ -797,13 +804,15 @@ class Restorer:
         finally:
             os.close(fd)
 
-    def _holds(self, e: Entry) -> bool:
-        """Whether the file at the entry's path holds exactly its content (size and digest)."""
-        with os.fdopen(self._open(e.path, os.O_RDONLY), "rb") as f:
-            hasher = blake3.blake3()
-            while block := f.read(1 << 20):
-                hasher.update(block)
-            return f.tell() == e.size and hasher.digest() == e.digest
+    @staticmethod
+    def _holds(fd: int, e: Entry) -> bool:
+        """Whether the file open at ``fd`` holds exactly the entry's content (size and digest)."""
+        hasher = blake3.blake3()
+        pos = 0
+        while block := os.pread(fd, 1 << 20, pos):
+            hasher.update(block)
+            pos += len(block)
+        return pos == e.size and hasher.digest() == e.digest
 
     def _meta_matches(self, e: Entry) -> bool:
         """Whether what a restore sets on the file (mode, time, owner, attributes) is already so."""
@@ -856,14 +865,16 @@ class Restorer:
         always was; one out of it is refused, ``TargetDirs``)."""
         if self._fresh:
             return False
-        st = _lstat(*self.at(e.path, make=True))
-        if st is None:
-            return False
         if e.type == T_FILE and e.flags & F_UNREADABLE:
+            if _lstat(*self.at(e.path, make=True)) is None:
+                return False
             self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: "
                                         "what the target holds there was left as it is")
             return True
-        return e.type == T_DIR and not self.selected(e.path) and stat.S_ISLNK(st.st_mode)
+        if e.type == T_DIR and not self.selected(e.path):
+            st = _lstat(*self.at(e.path, make=True))
+            return st is not None and stat.S_ISLNK(st.st_mode)
+        return False
 
     def _restore_entry(self, e: Entry, pf: _Prefetcher) -> None:
         t = e.type
@@ -924,7 +935,6 @@ class Restorer:
                 self._replace_file(e)
             elif links == 1:
                 self._update_file(e)
-                self._apply_meta(e)
             elif part is not None:
                 self._write_part(e, part[1], pf.chunks())
             elif pf.prefetch:
