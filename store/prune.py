@@ -208,14 +208,32 @@ def dead_index_objects(live: dict[str, IndexData], names: Iterable[str],
 
     Deleting such an object first leaves its packs in no index, so they can go at once: a prune on a full
     disk (failed backups leave index objects that name only their own packs) frees space before it writes
-    the new index.  Killed in between, the packs are orphans the next prune deletes.
+    the new index.  Killed in between, the packs are orphans the next prune deletes.  An object that holds
+    the delta base of a blob the other objects keep listing until the new index replaces them (an unused
+    delta in a pack to repack) is not one of them: killed in between, that delta would be indexed with its
+    base in no index, and a later backup would deduplicate against it, saving a snapshot that cannot be read.
     """
     existing = {bytes.fromhex(n) for n in names}
-    dead = [name for name, d in live.items()
-            if not existing.intersection(d.supersedes) and all(pid in dead_packs for pid in d.packs)]
+    dead = {name for name, d in live.items()
+            if not existing.intersection(d.supersedes) and all(pid in dead_packs for pid in d.packs)}
+    while dead:
+        listed, bases = set(), set()
+        for name, d in live.items():
+            if name not in dead:
+                for entries in d.packs.values():
+                    for e in entries:
+                        listed.add(e.blob_id)
+                        if e.base_id is not None:
+                            bases.add(e.base_id)
+        unlisted = bases - listed
+        holding = {name for name in dead
+                   if any(e.blob_id in unlisted for entries in live[name].packs.values() for e in entries)}
+        if not holding:
+            break
+        dead -= holding  # kept until the new index: then they name what it leaves out, and go with it
     still_named = {pid for name, d in live.items() if name not in dead for pid in d.packs}
     freed = {pid for name in dead for pid in live[name].packs if pid not in still_named}
-    return dead, freed
+    return [name for name in live if name in dead], freed
 
 
 def store_envelopes(repo: Repo, blobs: Iterable[PreparedBlob]) -> IndexData:

@@ -288,13 +288,20 @@ def test_index_objects_dropped_before_the_new_index_leave_every_needed_pack_inde
     from chunkvault.store.indexfile import IndexData
     from chunkvault.store.prune import dead_index_objects
 
+    from chunkvault.store.pack import PackEntry
+
     names = [bytes([0xA0 + i]) * 32 for i in range(data.draw(st.integers(1, 6)))]
     pack_ids = [bytes([i]) * 32 for i in range(6)]
+    blob_ids = [bytes([0xB0 + i]) * 32 for i in range(8)]
+    # each pack's blobs, some of them deltas on another blob (that pack's copy of a blob, or another's)
+    contents = {p: [PackEntry(b, 1, 0, 1, 1, data.draw(st.one_of(st.none(), st.sampled_from(blob_ids))))
+                    for b in data.draw(st.lists(st.sampled_from(blob_ids), max_size=3, unique=True))]
+                for p in pack_ids}
     objects = {}
     for name in names:
         packs = data.draw(st.lists(st.sampled_from(pack_ids), max_size=4, unique=True))
         supersedes = data.draw(st.lists(st.sampled_from(names + [b"\xff" * 32]), max_size=2, unique=True))
-        objects[name.hex()] = IndexData({p: [] for p in packs}, [s for s in supersedes if s != name])
+        objects[name.hex()] = IndexData({p: contents[p] for p in packs}, [s for s in supersedes if s != name])
     dead_packs = set(data.draw(st.lists(st.sampled_from(pack_ids), unique=True)))
     live = _live(objects)
     dead, freed = dead_index_objects(live, objects, dead_packs)
@@ -305,8 +312,19 @@ def test_index_objects_dropped_before_the_new_index_leave_every_needed_pack_inde
     indexed_after = {p for d in _live(remaining).values() for p in d.packs}
     assert indexed_after == indexed_before - freed
     assert indexed_before - indexed_after <= dead_packs
-    for name, d in live.items():  # and nothing that could go is left for later
-        if set(d.packs) <= dead_packs and not {bytes.fromhex(n) for n in objects} & set(d.supersedes):
+
+    def blobs(packs):
+        return {e.blob_id for p in packs for e in contents[p]}
+
+    # a delta still listed in between finds every base it found before (killed there, it stays readable)
+    for p in indexed_after:
+        for e in contents[p]:
+            if e.base_id in blobs(indexed_before):
+                assert e.base_id in blobs(indexed_after), (e, dead)
+    for name, d in live.items():  # and nothing that could go is left for later, unless it may hold a base
+        others = {p for n, o in live.items() if n != name for p in o.packs}
+        if (set(d.packs) <= dead_packs and not {bytes.fromhex(n) for n in objects} & set(d.supersedes)
+                and not blobs(set(d.packs)) & {e.base_id for p in others for e in contents[p]}):
             assert name in dead
 
 
@@ -358,3 +376,41 @@ def test_prune_refuses_while_a_differential_s_parent_object_is_missing(tmp_path,
     again = Repository.open(str(tmp_path / "repo"), password)
     again.restore(diff.id, str(tmp_path / "out"))
     assert (tmp_path / "out" / "big").read_bytes() == (src / "big").read_bytes()
+
+
+def test_a_prune_stopped_before_its_new_index_leaves_no_delta_without_its_base(tmp_path, new_repo, monkeypatch):
+    """An unused delta waiting in a pack to repack stays indexed until the new index replaces the old: its
+    base's pack had gone early with an index object that named nothing else, so a prune stopped in between
+    (SIGKILL, Ctrl-C) left it unreadable, check failed, and a later backup deduplicated against it and saved
+    a snapshot that could not be restored.  That index object now waits for the new index."""
+    from chunkvault.store import prune as prune_mod
+
+    src = tmp_path / "src"
+    src.mkdir()
+    a = bytearray(os.urandom(4_000_000))
+    (src / "A").write_bytes(a)
+    repo = new_repo(str(tmp_path / "repo"))
+    first = repo.backup([str(src)]).snapshot
+    a[1_000_000:1_003_000] = os.urandom(3000)  # one chunk changed a little: stored as a delta on the first's
+    (src / "A").write_bytes(a)
+    (src / "B").write_bytes(os.urandom(3_000_000))
+    second = repo.backup([str(src)]).snapshot
+    assert second.stats["delta_blobs"] >= 1
+    os.remove(src / "A")
+    repo.backup([str(src)])
+    repo.forget([first.id, second.id])
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prune_mod, "replace_index", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        repo.prune(max_unused=0)
+    monkeypatch.undo()
+    assert repo.check(read_data=True).ok
+    (src / "A").write_bytes(a)  # that version comes back: deduplicated against what the index lists
+    again = repo.backup([str(src)]).snapshot
+    repo.restore(again.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "A").read_bytes() == bytes(a)
+    repo.prune(max_unused=0)
+    assert repo.check(read_data=True).ok
