@@ -335,26 +335,40 @@ class Runner:
         env.update(CHUNKVAULT_SOURCE=src.name, CHUNKVAULT_KIND=due.kind, CHUNKVAULT_SLOT=_iso(due.slot) or "",
                    CHUNKVAULT_PATHS=os.pathsep.join(src.paths))
         env = without_passwords(env)  # hooks get no secret
-        pre_ok = True
-        if src.pre is not None:
-            result.pre_exit, error = run_hook(src.pre, env, self.policy.base_dir, src.hook_timeout,
-                                              self._prefixed(src.name), "pre")
-            if error:
-                pre_ok = False
-                result.error = error
-        if pre_ok:
-            self._backup(repo, src, due.kind, result, env)
-        if src.post is not None:
-            post_env = dict(env, CHUNKVAULT_RESULT=result.status, CHUNKVAULT_SNAPSHOT_ID=result.snapshot_id or "",
-                            CHUNKVAULT_ERROR=result.error or "")
-            result.post_exit, error = run_hook(src.post, post_env, self.policy.base_dir, src.hook_timeout,
-                                               self._prefixed(src.name), "post")
-            if error:
-                result.status = FAILED
-                result.error = "; ".join(filter(None, [result.error, error]))
+        try:
+            pre_ok = True
+            if src.pre is not None:
+                result.pre_exit, error = run_hook(src.pre, env, self.policy.base_dir, src.hook_timeout,
+                                                  self._prefixed(src.name), "pre")
+                if error:
+                    pre_ok = False
+                    result.error = error
+            if pre_ok:
+                self._backup(repo, src, due.kind, result, env)
+        except BaseException as exc:  # stopped (SIGTERM, Ctrl-C): what the pre hook set up is still undone
+            result.status = FAILED
+            result.error = f"stopped ({type(exc).__name__})"
+            self.log(f"{src.name}: stopped; running its post hook before stopping" if src.post else
+                     f"{src.name}: stopped")
+            self._post(src, env, result)
+            raise
+        self._post(src, env, result)
         result.duration = time.monotonic() - started
         self.log(_describe(result))
         return result
+
+    def _post(self, src: Source, env: dict[str, str], result: SourceResult) -> None:
+        """The post hook, told how the backup went: it runs whenever the pre hook was started (it may have
+        put a database into backup mode, or mounted a file system snapshot), a stopped run included."""
+        if src.post is None:
+            return
+        post_env = dict(env, CHUNKVAULT_RESULT=result.status, CHUNKVAULT_SNAPSHOT_ID=result.snapshot_id or "",
+                        CHUNKVAULT_ERROR=result.error or "")
+        result.post_exit, error = run_hook(src.post, post_env, self.policy.base_dir, src.hook_timeout,
+                                           self._prefixed(src.name), "post")
+        if error:
+            result.status = FAILED
+            result.error = "; ".join(filter(None, [result.error, error]))
 
     def _backup(self, repo: Any, src: Source, kind: str, result: SourceResult, env: dict[str, str]) -> None:
         try:
@@ -561,6 +575,14 @@ class _Log:
             self.also.write(line + "\n")
             self.also.flush()
 
+    def from_signal(self, line: str) -> None:
+        """A line written from a signal handler: straight to the descriptor, past the file object's buffer
+        and its lock, which the interrupted code may be holding (each line is flushed as written)."""
+        try:
+            os.write(self.file.fileno(), f"{_iso(self.clock())} {one_line(line)}\n".encode("utf-8", "replace"))
+        except (OSError, ValueError):
+            pass
+
     def close(self) -> None:
         if self.owned:
             self.file.close()
@@ -627,6 +649,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         if stop.is_set():
             raise KeyboardInterrupt  # second signal: abort the step in progress
         signals_seen.append(signum)
+        log.from_signal(f"{signal.Signals(signum).name} received: stopping after the step in progress "
+                        "(the same signal again stops at once)")
         stop.set()
         locks.stop_waiting.set()  # a retention waiting for a lock stops waiting
         for d in daemons:

@@ -287,6 +287,31 @@ def test_post_hook_gets_the_snapshot_and_its_failure_counts(tmp_path, repo_url, 
         report.raise_for_status()
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_run_stopped_during_its_backup_still_runs_the_post_hook(tmp_path, repo_url, tree, monkeypatch, stop):
+    """The pre hook may have put a database into backup mode or mounted a snapshot: a run stopped by Ctrl-C
+    or SIGTERM (a second one to the daemon) had left it so.  The post hook runs, told the run failed, and
+    the stop goes on."""
+    from chunkvault import scheduler
+
+    mounted, env_out = tmp_path / "snapshot-mounted", tmp_path / "post.env"
+    policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "db", "paths": [str(tree)], "pre": f"touch {q(str(mounted))}",
+         "post": f"rm {q(str(mounted))}; env | grep ^CHUNKVAULT_ | sort > {q(str(env_out))}"}],
+        top='full = "daily 02:00"\n')))
+
+    def stopped(*args, **kwargs):
+        assert mounted.exists()
+        raise stop
+
+    monkeypatch.setattr(scheduler.Runner, "_backup", stopped)
+    with pytest.raises(stop):
+        Runner(policy, PASSWORD.encode(), lock_file=str(tmp_path / "l")).run()
+    assert not mounted.exists()
+    env = dict(line.split("=", 1) for line in env_out.read_text().splitlines())
+    assert env["CHUNKVAULT_RESULT"] == "failed" and env["CHUNKVAULT_ERROR"] == f"stopped ({stop.__name__})"
+
+
 def test_hook_timeout_kills_the_hook(tmp_path, repo_url, tree):
     policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [
         {"name": "db", "paths": [str(tree)], "pre": "sleep 30"}],
@@ -470,6 +495,9 @@ def test_daemon_process_finishes_the_current_backup_on_sigterm(tmp_path, repo_ur
     assert proc.wait(timeout=60) == 0
     text = log.read_text()
     assert "other: skipped, stopping" in text and "daemon stopped" in text
+    # said when it came: a backup may take hours, and a service manager's stop timeout is shorter
+    said = text.index("SIGTERM received: stopping after the step in progress (the same signal again stops at once)")
+    assert said < text.index("other: skipped, stopping")
     (snap,) = snapshots(repo_url)  # db's backup completed, other's never started
     assert snap.paths == [str(tree)]
     assert restore_text(repo_url, snap.id, tmp_path / "r", "notes.txt") == "hello\n"
