@@ -214,8 +214,9 @@ def _log_output(out: IO[bytes], log: Callable[[str], None], label: str) -> None:
 
 
 @contextmanager
-def policy_lock(path: str) -> Iterator[None]:
-    """Exclusive advisory lock for one run of a policy; Locked if another run holds it."""
+def policy_lock(path: str, held_by: str = "another run of this policy is in progress") -> Iterator[None]:
+    """Exclusive advisory lock for one run of a policy (or one daemon); Locked, saying ``held_by``, if
+    another holds it."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
@@ -225,7 +226,7 @@ def policy_lock(path: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise Locked(f"another run of this policy is in progress (lock {path})") from None
+                raise Locked(f"{held_by} (lock {path})") from None
             raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -668,9 +669,12 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     try:
         with interrupts.handled({signal.SIGTERM: on_signal, signal.SIGINT: on_signal, signal.SIGHUP: on_hangup}):
             runner_log = log if not args.quiet else _quiet(log)
-            daemons.append(Daemon(_runner(args, stop, runner_log), log=log, verbose=not args.quiet,
+            first = _runner(args, stop, runner_log)
+            daemons.append(Daemon(first, log=log, verbose=not args.quiet,
                                   on_report=on_report, reload=lambda: _runner(args, stop, runner_log)))
-            code = daemons[0].serve()
+            # A second daemon of the policy would skip every slot the first runs, logging so, for ever.
+            with policy_lock(f"{first.lock_file}.daemon", "a daemon of this policy is running already"):
+                code = daemons[0].serve()
         if signals_seen:
             log(f"stopped by {signal.Signals(signals_seen[0]).name}")
         return code

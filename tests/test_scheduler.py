@@ -471,6 +471,9 @@ def test_daemon_process_stops_on_sigterm_while_sleeping(tmp_path, repo_url, tree
                           top='full = "0 0 1 1 *"\n')
     proc = start_daemon(policy, log)
     wait_for(lambda: log.exists() and "next run at" in log.read_text(), proc, "first run")
+    second = start_daemon(policy, tmp_path / "second.log")  # would skip every slot the first runs, for ever
+    assert second.wait(timeout=60) == 15
+    assert "a daemon of this policy is running already" in second.stderr.read().decode()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     text = log.read_text()
