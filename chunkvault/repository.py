@@ -879,9 +879,10 @@ class Repository:
         add, remove = _texts(add, "tag"), _texts(remove, "tag")
         if set_to is None and not add and not remove:
             raise UsageError("tag: give --add, --remove or --set")
-        chosen = self._chosen(self._guard(), snapshots, hosts, tags, paths)
-        return retag_snapshots(self._repo, [s.id for s in chosen], add=add, remove=remove,
-                               set_to=None if set_to is None else _texts(set_to, "tag"), wait=wait)
+        self._guard()
+        return retag_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
+                               add=add, remove=remove, set_to=None if set_to is None else _texts(set_to, "tag"),
+                               wait=wait)
 
     def rewrite(self, excludes: list[str], snapshots: Iterable[str | Snapshot] | None = None, *,
                 hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
@@ -891,9 +892,9 @@ class Repository:
         would go until ``dry_run=False``; ``prune`` then frees the data nothing references."""
         from .store.rewrite import rewrite_snapshots
 
-        every = self._list() if dry_run else self._guard()
-        chosen = self._chosen(every, snapshots, hosts, tags, paths)
-        return rewrite_snapshots(self._repo, [s.id for s in chosen], _listed(excludes), dry_run=dry_run, wait=wait)
+        self._list() if dry_run else self._guard()
+        return rewrite_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
+                                 _listed(excludes), dry_run=dry_run, wait=wait)
 
     def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,
                overwrite: bool = False) -> ExportStats:

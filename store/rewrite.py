@@ -89,17 +89,21 @@ class RewriteReport:
                 "removed": [{"snapshot": s, "path": os.fsdecode(p)} for s, p in self.removed]}
 
 
-def _under_lock(repo: Repo, ids: Iterable[str]) -> tuple[list[Snapshot], list[Snapshot]]:
-    """(every snapshot, those of ``ids`` still there), read again now that the exclusive lock is held:
-    a forget's rebase may have rewritten one since it was listed."""
+#: Which snapshots a command takes, chosen from every snapshot as read under its lock.
+Selection = Callable[[list[Snapshot]], list[Snapshot]]
+
+
+def _under_lock(repo: Repo, select: Selection) -> tuple[list[Snapshot], list[Snapshot]]:
+    """(every snapshot, those ``select`` takes of them), read again now that the exclusive lock is held:
+    a forget's rebase may have rewritten one since it was listed, and a backup that held the lock off
+    may have saved one that the filters take."""
     every = repo.reload_snapshots()
-    wanted = set(ids)
-    return every, [s for s in every if s.id in wanted]
+    return every, select(every)
 
 
-def rewrite_snapshots(repo: Repo, ids: Iterable[str], globs: list[str], *, dry_run: bool = True,
+def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_run: bool = True,
                       wait: float = 3600.0) -> RewriteReport:
-    """Rewrite each snapshot of ``ids`` without the paths ``globs`` exclude (``excluded_by``); a dry
+    """Rewrite each snapshot ``select`` takes without the paths ``globs`` exclude (``excluded_by``); a dry
     run plans and reports only, and takes no lock.  Under the exclusive lock: no backup may build on a
     manifest being replaced, no forget rebase one."""
     if not globs:
@@ -108,7 +112,7 @@ def rewrite_snapshots(repo: Repo, ids: Iterable[str], globs: list[str], *, dry_r
     report = RewriteReport(dry_run)
     with contextlib.nullcontext() if dry_run else RepoLock(repo.remote, EXCLUSIVE, "rewrite", wait=wait) as lock:
         repo.load_index()
-        every, chosen = _under_lock(repo, ids)
+        every, chosen = _under_lock(repo, select)
         # A differential built on a chosen snapshot loses the excluded paths with it, its own records of
         # them too: else its tree would keep a file whose directories went with the parent's records.
         picked = {s.id for s in chosen}
@@ -151,13 +155,13 @@ def _save_counts(repo: Repo, snap: Snapshot, stats: ManifestStats, lock: RepoLoc
     repo.save_snapshot(snap, replace=True)
 
 
-def retag_snapshots(repo: Repo, ids: Iterable[str], *, add: list[str], remove: list[str],
+def retag_snapshots(repo: Repo, select: Selection, *, add: list[str], remove: list[str],
                     set_to: list[str] | None, wait: float = 3600.0) -> list[Snapshot]:
-    """Change the tags of the snapshots of ``ids``: ``set_to`` replaces them, then ``remove`` and
+    """Change the tags of the snapshots ``select`` takes: ``set_to`` replaces them, then ``remove`` and
     ``add`` apply; each changed object is written again under its id.  Returns those changed."""
     changed = []
     with RepoLock(repo.remote, EXCLUSIVE, "tag", wait=wait) as lock:
-        for snap in _under_lock(repo, ids)[1]:
+        for snap in _under_lock(repo, select)[1]:
             new = list(snap.tags) if set_to is None else list(dict.fromkeys(set_to))
             new = [t for t in new if t not in remove] + [t for t in dict.fromkeys(add) if t not in new + remove]
             if new != snap.tags:

@@ -245,3 +245,49 @@ def test_a_backup_after_a_rewrite_by_another_command_keeps_what_the_source_still
         monkeypatch.undo()
         with first.reading():
             assert sorted(r.path for r in first.tree(after)) == [b"", b"a.txt", b"app.cfg"]
+
+
+@pytest.mark.parametrize("command", ["tag", "rewrite"])
+def test_tag_and_rewrite_choose_their_snapshots_once_they_hold_the_lock(tmp_path, new_repo, command, monkeypatch):
+    """A snapshot a backup saved while they waited for the lock was left out: they chose before waiting."""
+    import threading
+
+    from chunkvault.store import locks
+    from chunkvault.store.locks import SHARED, RepoLock
+
+    waiting = threading.Event()
+    monkeypatch.setattr(locks, "announce_wait", lambda *args: waiting.set())
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "secret").write_text("s")
+    (src / "data").write_bytes(os.urandom(1000))
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    held, release = threading.Event(), threading.Event()
+
+    def other_backup() -> None:  # holds the tag or rewrite off, as a running backup does
+        with RepoLock(repo.store.remote, SHARED, "backup"):
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=other_backup)
+    holder.start()
+    held.wait(10)
+    done: list = []
+    if command == "tag":
+        worker = threading.Thread(target=lambda: done.append(repo.tag(add=["kept"], wait=60)))
+    else:
+        worker = threading.Thread(target=lambda: done.append(repo.rewrite(["secret"], dry_run=False, wait=60)))
+    worker.start()
+    assert waiting.wait(30)
+    (src / "data").write_bytes(os.urandom(1000))
+    saved = repo.backup([str(src)], kind="full").snapshot  # while the command waits
+    release.set()
+    holder.join(10)
+    worker.join(60)
+    assert done
+    if command == "tag":
+        assert all(s.tags == ["kept"] for s in repo.snapshots())
+    else:
+        assert repo.find(["secret"]) == [] and saved.id in done[0].rewritten
