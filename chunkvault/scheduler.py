@@ -56,7 +56,7 @@ from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
 from .processes import kill_group
 from .schedule import Policy, Source, decide, next_wakeup, parse_policy
 from .schedulecli import add_commands
-from .store.command_stream import without_passwords
+from .store.command_stream import without_secrets
 from .store.source import excludes_of
 from .tomlfile import read_toml
 
@@ -335,7 +335,7 @@ class Runner:
         env = dict(os.environ)
         env.update(CHUNKVAULT_SOURCE=src.name, CHUNKVAULT_KIND=due.kind, CHUNKVAULT_SLOT=_iso(due.slot) or "",
                    CHUNKVAULT_PATHS=os.pathsep.join(src.paths))
-        env = without_passwords(env)  # hooks get no secret
+        env = without_secrets(env)  # hooks get no secret
         try:
             pre_ok = True
             if src.pre is not None:

@@ -33,7 +33,7 @@ import blake3
 from .display import one_line, warn
 from .errors import CorruptObject, SnapshotNotFound, StorageFull, UsageError, VerificationFailed
 from .processes import become_subreaper, children, kill_group
-from .store.command_stream import without_passwords
+from .store.command_stream import without_secrets
 from .store.manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key,
 )
@@ -581,7 +581,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 report.mismatches, report.mismatch_count = result.mismatches, result.mismatch_count
                 report.warnings = result.warnings
             if then is not None and report.ok:
-                cmd_env = without_passwords(os.environ if env is None else env)  # a server it starts keeps them
+                cmd_env = without_secrets(os.environ if env is None else env)  # a server it starts keeps them
                 cmd_env.update(CHUNKVAULT_RESTORE_DIR=target, CHUNKVAULT_SNAPSHOT_ID=snap.id,
                                CHUNKVAULT_SNAPSHOT_TIME=snap.time, CHUNKVAULT_SNAPSHOT_KIND=snap.kind)
                 report.command = run_command(then, cmd_env, timeout=timeout, end_leftovers=not keep)

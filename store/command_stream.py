@@ -32,11 +32,15 @@ def wait_readable(fd: int) -> None:
         pass
 
 
-def without_passwords(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` without chunkvault's password settings (``CHUNKVAULT_PASSWORD``, ``..._FILE``,
-    ``CHUNKVAULT_TO_PASSWORD``, ...): a command we start, and what it starts, gets none (a ``PGPASSWORD``
-    stays)."""
-    return {k: v for k, v in env.items() if not (k.startswith("CHUNKVAULT_") and "PASSWORD" in k)}
+_SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET")
+
+
+def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without chunkvault's credentials (``CHUNKVAULT_PASSWORD``, ``..._FILE``,
+    ``CHUNKVAULT_TO_PASSWORD``, ``CHUNKVAULT_HTTP_TOKEN``, ...): a command we start, and what it starts,
+    gets none, and cannot write one into what it backs up (a ``PGPASSWORD`` stays: it is the command's)."""
+    return {k: v for k, v in env.items()
+            if not (k.startswith("CHUNKVAULT_") and any(w in k for w in _SECRET_WORDS))}
 
 
 def descendants(pid: int) -> list[tuple[int, int]]:
@@ -105,7 +109,7 @@ class CommandStream:
             raise SourceCommandFailed("no command given")
         self.argv = list(argv)
         self.shown = shlex.join(self.argv)
-        env = without_passwords(os.environ if env is None else env)
+        env = without_secrets(os.environ if env is None else env)
         try:
             self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=0,
                                           stderr=stderr, cwd=cwd, env=env)

@@ -67,6 +67,9 @@ class Settings:
 
 #: zstd's levels: 0 stores blobs uncompressed, 22 is zstd's strongest.
 MAX_COMPRESSION_LEVEL = 22
+#: The largest pack a writer fills: each pack in flight is a buffer of this size and a quarter more (a 64 GiB
+#: pack size made every backup fail for memory), and a pack's offsets are 32-bit.
+MAX_PACK_SIZE = 256 << 20
 
 
 def check_settings(settings: Settings) -> None:
@@ -81,8 +84,8 @@ def check_settings(settings: Settings) -> None:
     if _not_int(settings.compression_level) or not 0 <= settings.compression_level <= MAX_COMPRESSION_LEVEL:
         raise UsageError(f"compression level must be 0 (off) to {MAX_COMPRESSION_LEVEL}, "
                          f"not {settings.compression_level!r}")
-    if _not_int(settings.pack_size) or settings.pack_size < 1:
-        raise UsageError(f"pack size must be at least 1 byte, not {settings.pack_size!r}")
+    if _not_int(settings.pack_size) or not 1 <= settings.pack_size <= MAX_PACK_SIZE:
+        raise UsageError(f"pack size must be 1 byte to {MAX_PACK_SIZE >> 20} MiB, not {settings.pack_size!r}")
     if _not_int(settings.full_every) or settings.full_every < 0:
         raise UsageError(f"full_every must be 0 or more differentials, not {settings.full_every!r}")
     share = settings.max_diff_share

@@ -30,7 +30,7 @@ from . import chain
 from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_many, delta_compress, envelope_base,
                    open_chain, sampled_size, seal_blob, seal_whole_blobs)
 from .blobindex import BlobIndex, BlobLocation
-from .config import KeyFile, RepoConfig, Settings, make_key_file, new_config
+from .config import MAX_PACK_SIZE, KeyFile, RepoConfig, Settings, make_key_file, new_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
 from .deltabase import choose_base
 from .indexfile import IndexColumns, IndexData, decode_index, decode_index_columns, encode_index
@@ -851,7 +851,7 @@ class BlobWriter:
 
     def __init__(self, repo: Repo, upload_workers: int = 2):
         self.repo = repo
-        self.pack_size = repo.config.settings.pack_size
+        self.pack_size = min(repo.config.settings.pack_size, MAX_PACK_SIZE)  # one set larger before the bound
         self._lock = threading.Lock()
         self._pending: set[bytes] = set()
         # One buffer per pack in flight and one filling; a large envelope can push a pack past pack_size.

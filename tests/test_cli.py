@@ -418,6 +418,8 @@ def test_with_json_a_command_that_fails_before_its_document_prints_an_error_docu
     missing = json.loads(cli("ls", "-r", repo, "deadbeef", "--json", check=12).stdout)["error"]
     assert missing["exit_code"] == 12 and "deadbeef" in missing["message"]
     # one document: a command that printed its own before failing prints no second one
+    huge = cli("init", "-r", str(tmp_path / "huge"), "--kdf-time", "0", "--pack-size", "64G", check=2)
+    assert b"pack size must be 1 byte to 256 MiB" in huge.stderr  # every backup had failed for memory
     small = str(tmp_path / "small-packs")
     cli("init", "-r", small, "--kdf-time", "0", "--pack-size", "1")  # a pack per blob: the largest is b.bin's
     cli("backup", "-r", small, str(src))

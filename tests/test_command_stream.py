@@ -81,11 +81,14 @@ def test_the_command_gets_the_environment_without_chunkvault_s_passwords(new_rep
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", "repository secret")
     monkeypatch.setenv("CHUNKVAULT_TO_PASSWORD", "other secret")
     monkeypatch.setenv("PGPASSWORD", "the database's own")
+    monkeypatch.setenv("CHUNKVAULT_HTTP_TOKEN", "the backup server's")  # it had been backed up with the output
+    monkeypatch.setenv("CHUNKVAULT_HTTP_TOKEN_FILE", "/where/it/lies")
     repo = new_repo()
-    shown = 'echo "${CHUNKVAULT_PASSWORD:-none} ${CHUNKVAULT_TO_PASSWORD:-none} $PGPASSWORD $(pwd)"'
+    shown = ('echo "${CHUNKVAULT_PASSWORD:-none} ${CHUNKVAULT_TO_PASSWORD:-none} ${CHUNKVAULT_HTTP_TOKEN:-none} '
+             '${CHUNKVAULT_HTTP_TOKEN_FILE:-none} $PGPASSWORD $(pwd)"')
     snap = repo.backup_command(["sh", "-c", shown], "env.txt", cwd=str(tmp_path)).snapshot
     with repo.open_file(snap, "env.txt") as f:
-        assert f.read() == f"none none the database's own {tmp_path}\n".encode()
+        assert f.read() == f"none none none none the database's own {tmp_path}\n".encode()
 
 
 def test_closing_early_terminates_the_command_and_reaps_it():
