@@ -2,8 +2,10 @@
  *
  *   write_small_files(files, owners) -> list of (error, owner_error)
  *       files: a list of (dirfd, name: bytes, data: buffer, mode, uid, gid,
- *       mtime_ns).  Each file is created in the directory open at dirfd
- *       (truncated if it is there, never through a symbolic link), written (at least 4096 zero bytes as a hole), its owner
+ *       mtime_ns).  Each file is made new in the directory open at dirfd
+ *       (EEXIST if anything is at its name: a restore into an empty target
+ *       writes into nothing it did not make, a hard link or FIFO put there
+ *       meanwhile included), written (at least 4096 zero bytes as a hole), its owner
  *       set when ``owners``, its mode and its mtime (atime too), and closed.
  *       error: 0, or the errno that stopped the file, which is then removed,
  *       never left half-written under its name.  owner_error: the errno of a
@@ -62,7 +64,7 @@ static int write_fully(int fd, const char *p, Py_ssize_t n) {
 /* Create, fill and finish one file; on an error the file is removed. */
 static void write_one(small_write *w, int owners) {
     const char *name = PyBytes_AS_STRING(w->name);
-    int fd = openat(w->dirfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+    int fd = openat(w->dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
     if (fd < 0) {
         w->err = errno;
         return;

@@ -16,7 +16,6 @@ import fnmatch
 import os
 import re
 import secrets
-import shutil
 import stat
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +34,7 @@ from .manifest import (
 from .blob import Plaintext
 from .chain import ancestors
 from .repository import Repo
-from .target_dirs import TargetDirs, proc_path
+from .target_dirs import TargetDirs, proc_path, remove_tree
 from .xattrs import read_xattrs, write_xattrs
 from . import writefiles
 from .writefiles import HOLE_MIN, NO_SPACE as _FULL, all_zeros, punch_hole
@@ -486,8 +485,21 @@ class Restorer:
             pass
 
     def _open(self, rel: bytes, flags: int, mode: int = 0o600) -> int:
+        """Open ``rel`` in its directory, never through a link, and never waiting: a FIFO put in a file's
+        place while the restore runs would hold an open for writing (or reading) for ever."""
         pfd, name = self.at(rel)
-        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=pfd)
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=pfd)
+
+    @staticmethod
+    def _regular(fd: int, rel: bytes, made_here: bool = False) -> os.stat_result:
+        """TargetUnwritable unless ``fd`` is a regular file, and, ``made_here``, one this restore made: no
+        other link, this user's (a file someone else put in its place and holds open must not receive the
+        entry's data, owner and set-id bits)."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (made_here and (st.st_nlink != 1 or st.st_uid != os.geteuid())):
+            raise TargetUnwritable(f"something else was put in the place of {os.fsdecode(rel)} while the restore "
+                                   "ran; not written")
+        return st
 
     def _follow_target(self) -> None:
         """A target that is a symbolic link to a directory, named by the user, is followed, as a path
@@ -584,6 +596,7 @@ class Restorer:
     def finish_directories(self) -> None:
         for e in self._deferred or ():
             self._finish_directory(e)
+            self.dirs.release()
         self._deferred = None
 
     def restore_records(self, records: Iterator[Record]) -> None:
@@ -601,6 +614,7 @@ class Restorer:
                     break
                 e = rec.entry
                 assert e is not None
+                self.dirs.release()  # between entries: only a queued run of small files holds a directory
                 pf.begin(e)
                 small = self._small(e, pf)
                 if not small:
@@ -648,6 +662,7 @@ class Restorer:
             self._damaged(e, exc)
             return
         self._run.append((pfd, name, data, e))
+        self.dirs.pin(pfd)
         self._run_bytes += len(data)
         if len(self._run) >= RUN_FILES or self._run_bytes >= RUN_BYTES:
             self._write_run()
@@ -655,13 +670,14 @@ class Restorer:
     def _write_run(self) -> None:
         """Write the small files waiting, in one call (``writefiles``); _TargetFull when one found no space."""
         run, self._run, self._run_bytes = self._run, [], 0
+        if not run:
+            return
         try:
-            if not run:
-                return
             results = writefiles.write_small_files(
                 [(pfd, name, data, e.mode, e.uid, e.gid, e.mtime_ns) for pfd, name, data, e in run], self.owners)
         finally:
-            self.dirs.release()  # the directories let go of while the run waited: nothing else holds one
+            for pfd, _, _, _ in run:
+                self.dirs.unpin(pfd)
         for (_, _, _, e), (error, owner_error) in zip(run, results):
             if error in _FULL:
                 self.result.full = os.fsdecode(e.path)
@@ -709,16 +725,21 @@ class Restorer:
             doomed.append(rel)
             skip = key
         for rel in doomed:
-            pfd, name = self.at(rel)
-            st = _lstat(pfd, name)
-            if st is None:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(name, dir_fd=pfd)
-            else:
-                os.unlink(name, dir_fd=pfd)
-            self.dirs.forget(rel)
-            self.result.deleted += 1
+            try:
+                pfd, name = self.at(rel)
+                st = _lstat(pfd, name)
+                if st is None:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    remove_tree(pfd, name)
+                else:
+                    os.unlink(name, dir_fd=pfd)
+                self.result.deleted += 1
+            except (OSError, TargetUnwritable) as exc:  # a read-only target, say: named, and the restore goes on
+                self._not_written(rel, f"not deleted: {_reason(exc)}")
+            finally:
+                self.dirs.forget(rel)
+                self.dirs.release()
 
     def _close_dirs_until(self, path: bytes | None) -> None:
         """Apply metadata to directories we have left (after their children are written)."""
@@ -732,6 +753,7 @@ class Restorer:
                 self._deferred.append(e)
             else:
                 self._finish_directory(e)
+                self.dirs.release()
 
     def _finish_directory(self, e: Entry) -> None:
         """Through the directory itself, opened without following a link: one swapped for a symbolic link
@@ -756,6 +778,7 @@ class Restorer:
         snapshot holds."""
         fd = self._open(e.path, os.O_RDONLY)  # one that holds the content may not be writable, and need not be
         try:
+            self._regular(fd, e.path)
             if self._holds(fd, e):
                 self.result.unchanged_files += 1
                 self._apply_meta(e, fd)
@@ -793,6 +816,7 @@ class Restorer:
         tmp = os.path.join(os.path.dirname(e.path), b".chunkvault-restore-" + secrets.token_hex(8).encode())
         fd = self._open(e.path, os.O_RDONLY)
         try:
+            self._regular(fd, e.path)
             if self._holds(fd, e) and self._meta_matches(e):
                 self.result.unchanged_files += 1
                 return
@@ -852,7 +876,7 @@ class Restorer:
         if st is None or (is_dir and stat.S_ISDIR(st.st_mode)) or (keep_file and stat.S_ISREG(st.st_mode)):
             return pfd, name
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(name, dir_fd=pfd)
+            remove_tree(pfd, name)
         else:
             os.unlink(name, dir_fd=pfd)
         self.dirs.forget(rel)
@@ -921,6 +945,16 @@ class Restorer:
             os.mknod(name, (stat.S_IFCHR if t == T_CHARDEV else stat.S_IFBLK) | 0o600, e.rdev, dir_fd=pfd)
             self._apply_meta(e)
 
+    def _grants(self, e: Entry) -> bool:
+        """Whether updating the file in place would give it another owner or set-id bits it lacks: then it is
+        written anew and renamed over, so that whoever holds it open for writing (its owner, say, who may
+        write the target) does not keep a descriptor on a file that is now root's, or set-uid."""
+        st = _lstat(*self.at(e.path))
+        if st is None:
+            return False
+        return ((self.owners and (st.st_uid, st.st_gid) != (e.uid, e.gid))
+                or bool(e.mode & 0o6000 & ~st.st_mode))
+
     def _regular_links(self, e: Entry) -> int:
         """How many links the regular file at the entry's path has; 0 when there is none (nothing, or
         something else)."""
@@ -931,7 +965,7 @@ class Restorer:
         part = self.parts.pop(id(e), None)
         try:
             links = self._regular_links(e) if self.opt.delta else 0
-            if links > 1:
+            if links > 1 or (links == 1 and self._grants(e)):
                 self._replace_file(e)
             elif links == 1:
                 self._update_file(e)
@@ -957,7 +991,9 @@ class Restorer:
     def _write_file(self, rel: bytes, e: Entry, chunks: Iterator[Plaintext]) -> None:
         """Write a new file at ``rel``; one cut short (no space, an error, an interruption) is removed,
         never left half-written under its name."""
-        fd = self._open(rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        # a new file, made here: whatever is at its name was removed (``_make_room``) or never was, so one that
+        # appeared meanwhile (a hard link to a file out of the target, a FIFO) is refused, not written into
+        fd = self._open(rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             hasher = blake3.blake3()
             pos = 0
@@ -992,9 +1028,10 @@ class Restorer:
         its digest, so each chunk is checked against its id.  ``finish_parts`` completes the file, or the
         process that shared them out removes it when a part was not written."""
         assert isinstance(self.repo, Repo)
-        fd = self._open(e.path, os.O_WRONLY | os.O_CREAT)
+        fd = self._open(e.path, os.O_WRONLY | os.O_CREAT)  # the first of the processes to get here makes it
         self.parts_written.add(e.path)
         try:
+            self._regular(fd, e.path, made_here=True)
             pos = offset
             for cid, data in zip(e.chunk_ids(), chunks):
                 if self.repo.blob_id(data) != cid:
@@ -1014,6 +1051,7 @@ class Restorer:
         try:
             fd = self._open(e.path, os.O_WRONLY)
             try:
+                self._regular(fd, e.path, made_here=True)
                 os.ftruncate(fd, e.size)
                 self._apply_meta(e, fd)
             finally:

@@ -6,8 +6,9 @@ symbolic link met on the way is followed only when what it leads to lies
 inside the target.  A path walked by the kernel at every call would follow
 a directory that someone who can write the target swapped for a link out of
 it while the restore ran (to /etc, for a restore run as root), and write
-there.  Descriptors are kept for the directories the restore is in, and
-closed once it has moved on and nothing waits to be written through them.
+there.  Descriptors are kept for the directories the restore is in (at most
+KEPT_DIRS), and closed once it has moved on (``release``, between entries) and
+nothing queued to be written names them (``pin``).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class TargetDirs:
         self._real = os.path.realpath(root)
         self._fds: dict[bytes, int] = {b"": os.open(root, _DIR_FLAGS)}
         self._retired: list[int] = []
+        self._pinned: dict[int, int] = {}  # descriptor -> how many queued writes name it
 
     def at(self, rel: bytes, make: bool = False) -> tuple[int, bytes]:
         """The descriptor of the directory holding ``rel`` (relative to the root, checked safe), and
@@ -54,13 +56,34 @@ class TargetDirs:
         fd = self._fds.get(rel)
         if fd is not None:
             return fd
-        parent, _, name = rel.rpartition(b"/")
-        pfd = self.dir(parent, make)
-        fd = self._open(pfd, name, rel, make)
-        if len(self._fds) >= KEPT_DIRS:
-            self._retire_off(rel)
-        self._fds[rel] = fd
+        below: list[bytes] = []  # the names from the nearest directory held open down to ``rel``
+        held = rel
+        while held not in self._fds:
+            held, _, name = held.rpartition(b"/")
+            below.append(name)
+        fd = self._fds[held]
+        opened: set[int] = set()  # by this call: no caller holds them, so they close at once when let go of
+        for name in reversed(below):
+            held = held + b"/" + name if held else name
+            fd = self._open(fd, name, held, make)
+            opened.add(fd)
+            self._fds[held] = fd
+            if len(self._fds) > KEPT_DIRS:
+                self._let_go(held, opened)
         return fd
+
+    def _let_go(self, rel: bytes, opened: set[int]) -> None:
+        """Bring the descriptors held below KEPT_DIRS: those off ``rel``'s path first, then the shallowest
+        on it (a deep walk keeps the directories nearest to where it is)."""
+        keys = [k for k in self._fds if k and k != rel]
+        off = [k for k in keys if not rel.startswith(k + b"/")]
+        on = sorted((k for k in keys if rel.startswith(k + b"/")), key=len)
+        for key in (off + on)[: len(self._fds) - KEPT_DIRS // 2]:
+            fd = self._fds.pop(key)
+            if fd in opened:
+                os.close(fd)
+            else:
+                self._retired.append(fd)
 
     def _open(self, pfd: int, name: bytes, rel: bytes, make: bool) -> int:
         try:
@@ -94,18 +117,56 @@ class TargetDirs:
             if key:
                 self._retired.append(self._fds.pop(key))
 
-    def _retire_off(self, rel: bytes) -> None:
-        """Let go of the descriptors of directories that do not lie above ``rel``."""
-        for key in [k for k in self._fds if k and not (rel == k or rel.startswith(k + b"/"))]:
-            self._retired.append(self._fds.pop(key))
+    def pin(self, fd: int) -> None:
+        """A write queued for later names ``fd``: it stays open until ``unpin``."""
+        self._pinned[fd] = self._pinned.get(fd, 0) + 1
+
+    def unpin(self, fd: int) -> None:
+        if self._pinned[fd] == 1:
+            del self._pinned[fd]
+        else:
+            self._pinned[fd] -= 1
 
     def release(self) -> None:
-        """Close the descriptors let go of: call when nothing queued to be written uses them."""
+        """Close the descriptors let go of that no queued write names: call between entries, when no
+        caller holds one from ``at`` or ``dir``."""
+        kept = []
         for fd in self._retired:
-            os.close(fd)
-        self._retired.clear()
+            if fd in self._pinned:
+                kept.append(fd)
+            else:
+                os.close(fd)
+        self._retired = kept
 
     def close(self) -> None:
+        self._pinned.clear()
         self._retired.extend(self._fds.values())
         self._fds.clear()
         self.release()
+
+
+def remove_tree(parent_fd: int, name: bytes) -> None:
+    """Remove directory ``name`` (in the directory open at ``parent_fd``) and all below it, never following
+    a link, as ``shutil.rmtree`` does with descriptors, but walking with a list, not recursion: a tree
+    deeper than Python's recursion limit (a thousand levels) raised RecursionError."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    stack = [(parent_fd, name, os.open(name, flags, dir_fd=parent_fd))]
+    try:
+        while stack:
+            pfd, here, fd = stack[-1]
+            deeper = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        deeper = entry.name
+                        break
+                    os.unlink(entry.name, dir_fd=fd)
+            if deeper is not None:
+                stack.append((fd, os.fsencode(deeper), os.open(deeper, flags, dir_fd=fd)))
+                continue
+            stack.pop()
+            os.close(fd)
+            os.rmdir(here, dir_fd=pfd)
+    finally:
+        for _, _, fd in stack:
+            os.close(fd)

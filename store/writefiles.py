@@ -69,7 +69,7 @@ def write_small_files_reference(files: Sequence[SmallFile], owners: bool) -> lis
 def _write_one(dirfd: int, name: bytes, data: Plaintext, mode: int, uid: int, gid: int, mtime_ns: int,
                owners: bool) -> tuple[int, int]:
     try:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
     except OSError as exc:
         return exc.errno or errno.EIO, 0
     owner_error = 0

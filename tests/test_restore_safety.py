@@ -631,3 +631,110 @@ def test_a_special_file_swapped_for_a_link_before_its_metadata_does_not_pass_it_
         repo.restore("latest", str(tmp_path / "out"), processes=1)
     after = victim.stat()
     assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+
+
+def test_a_restore_in_worker_processes_holds_few_descriptors_however_many_and_deep_its_directories(
+        tmp_path, new_repo):
+    """Directory descriptors let go of were closed only after a run of small files, which the directories'
+    metadata, applied after the workers, never wrote: 1,500 directories under `ulimit -n 1024` were left
+    at mode 0700 ("Too many open files").  A deep tree kept one open per level."""
+    src = tmp_path / "src"
+    for i in range(600):
+        (src / f"d{i}" / "s").mkdir(parents=True)
+        os.chmod(src / f"d{i}" / "s", 0o750)
+        os.chmod(src / f"d{i}", 0o750)
+    deep = str(src)
+    for _ in range(300):
+        deep = os.path.join(deep, "d")
+        os.mkdir(deep)
+    with open(os.path.join(deep, "f"), "wb") as f:
+        f.write(b"deep")
+    (src / "big").write_bytes(os.urandom(20 << 20))  # several stripes: files written by two workers
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    script = textwrap.dedent(f"""
+        import resource
+        from chunkvault import Repository
+        from chunkvault.store import restore_workers
+        restore_workers.STRIPE_BYTES = 1 << 20
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+        Repository.open({str(tmp_path / "repo")!r}, {PASSWORD!r}, ledger=False).restore("latest", {str(tmp_path / "out")!r},
+                                                                           processes=2)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert describe(tmp_path / "out") == describe(src)
+
+
+def test_a_fifo_put_at_a_files_name_during_the_restore_is_refused_not_waited_on(tmp_path, new_repo, monkeypatch):
+    """Whoever can write the target could make a restore run as root block for ever on a FIFO's open."""
+    import signal
+
+    from chunkvault.store.restore import Restorer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 << 20))  # several chunks: written on its own, not in a run
+    (src / "small").write_bytes(b"small")
+    repo = new_repo()
+    repo.backup([str(src)])
+    make_room = Restorer._make_room
+
+    def planted(self, rel, *args, **kwargs):
+        where = make_room(self, rel, *args, **kwargs)
+        if rel in (b"big", b"small"):
+            os.mkfifo(os.path.join(self.target, rel))
+        return where
+
+    monkeypatch.setattr(Restorer, "_make_room", planted)
+    signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.alarm(60)  # a hang fails the test instead of the whole run
+    try:
+        with pytest.raises(TargetUnwritable, match="big .*small|small .*big"):
+            repo.restore("latest", str(tmp_path / "out"), processes=1)
+    finally:
+        signal.alarm(0)
+
+
+def test_delete_names_what_it_cannot_remove_and_the_restore_goes_on(tmp_path, new_repo, monkeypatch):
+    """An extra entry --delete cannot remove (a read-only target, no permission) was an internal error,
+    and nothing was restored."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"snapshot")
+    repo = new_repo()
+    repo.backup([str(src)])
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "extra").write_bytes(b"not in the snapshot")
+    real_unlink = os.unlink
+
+    def refused(path, *args, **kwargs):
+        if path == b"extra":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(TargetUnwritable, match=r"extra \(not deleted: Read-only file system\)"):
+        repo.restore("latest", str(target), force=True, delete=True)
+    assert (target / "f").read_bytes() == b"snapshot" and (target / "extra").exists()
+
+
+def test_target_directories_past_the_recursion_limit_are_reached_and_removed(tmp_path):
+    """A tree 1,100 directories deep raised RecursionError on its way down (TargetDirs.dir) and in
+    shutil.rmtree (--delete, an in-place restore replacing a directory)."""
+    from chunkvault.store.target_dirs import KEPT_DIRS, TargetDirs, remove_tree
+
+    dirs = TargetDirs(os.fsencode(tmp_path))
+    try:
+        rel = b"/".join([b"d"] * 1500)
+        fd = dirs.dir(rel, make=True)
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+        assert len(dirs._fds) <= KEPT_DIRS + 1 and len(dirs._retired) == 0  # not one per level
+        os.symlink(tmp_path / "outside", os.path.join(os.fsencode(tmp_path), rel, b"link"))
+        (tmp_path / "outside").mkdir()
+        (tmp_path / "outside" / "kept").write_bytes(b"x")
+        remove_tree(dirs.dir(b""), b"d")
+        assert sorted(os.listdir(tmp_path)) == ["outside"] and (tmp_path / "outside" / "kept").exists()
+    finally:
+        dirs.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -103,9 +104,22 @@ def test_a_file_that_cannot_be_made_is_named_and_the_run_goes_on(write, tmp_path
     in_gone = _file(tmp_path / "gone" / "f", b"x")
     (tmp_path / "gone").rmdir()  # removed while the run waited: nothing can be made in it
     out = write([in_gone, _file(tmp_path / "link", b"x"), _file(tmp_path / "after", b"after")], False)
-    assert out == [(errno.ENOENT, 0), (errno.ELOOP, 0), (0, 0)]
+    assert out == [(errno.ENOENT, 0), (errno.EEXIST, 0), (0, 0)]
     assert (tmp_path / "link").is_symlink() and not (tmp_path / "elsewhere").exists()  # nothing followed
     assert (tmp_path / "after").read_bytes() == b"after"
+
+
+def test_nothing_already_at_a_name_is_written_into_or_waited_on(write, tmp_path):
+    """A restore into an empty target makes each file new: a FIFO put at a name would hold the open for
+    ever, and a hard link put there would take the file's data, owner and mode to the file it links."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "elsewhere").write_bytes(b"kept")
+    os.link(tmp_path / "elsewhere", tmp_path / "linked")
+    out = write([_file(tmp_path / "fifo", b"x"), _file(tmp_path / "linked", b"x", mode=0o4755),
+                 _file(tmp_path / "after", b"after")], False)
+    assert out == [(errno.EEXIST, 0), (errno.EEXIST, 0), (0, 0)]
+    assert (tmp_path / "elsewhere").read_bytes() == b"kept" and not (tmp_path / "elsewhere").stat().st_mode & 0o4000
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode)
 
 
 def test_no_space_removes_the_file_and_stops_the_run(write, tmp_path):
