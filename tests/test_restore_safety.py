@@ -738,3 +738,36 @@ def test_target_directories_past_the_recursion_limit_are_reached_and_removed(tmp
         assert sorted(os.listdir(tmp_path)) == ["outside"] and (tmp_path / "outside" / "kept").exists()
     finally:
         dirs.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files to another owner: needs root")
+def test_an_in_place_update_that_would_grant_an_owner_or_set_id_bits_writes_a_new_file(tmp_path, new_repo):
+    """Whoever owns a file in the target may hold it open for writing: updated in place, it would become
+    root's, or set-uid, with their descriptor still on it.  Such a file is written anew and renamed over;
+    one that only changes content keeps its inode."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("owned", "setuid", "plain"):
+        (src / name).write_bytes(os.urandom(3 << 20))
+    os.chmod(src / "setuid", 0o4755)
+    repo = new_repo()
+    repo.backup([str(src)])
+    target = tmp_path / "target"
+    shutil.copytree(src, target)
+    os.chown(target / "owned", 4321, 4321)  # someone else's now, as a user's own file in a live tree
+    os.chmod(target / "setuid", 0o755)
+    for name in ("owned", "setuid", "plain"):
+        with open(target / name, "r+b") as f:
+            f.write(b"changed")
+    before = {name: os.stat(target / name).st_ino for name in ("owned", "setuid", "plain")}
+    holder = os.open(target / "owned", os.O_WRONLY)  # the owner's descriptor, kept
+    try:
+        repo.restore("latest", str(target), force=True, delta=True)
+        os.write(holder, b"after")  # lands in the old inode, no longer at the name
+    finally:
+        os.close(holder)
+    after = {name: os.stat(target / name) for name in ("owned", "setuid", "plain")}
+    assert after["owned"].st_ino != before["owned"] and after["owned"].st_uid == os.getuid()
+    assert after["setuid"].st_ino != before["setuid"] and after["setuid"].st_mode & 0o4000
+    assert after["plain"].st_ino == before["plain"]
+    assert describe(target) == describe(src)
