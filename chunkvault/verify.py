@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 import blake3
 
 from .display import one_line, warn
-from .errors import CorruptObject, SnapshotNotFound, StorageFull, UsageError, VerificationFailed
+from .errors import ChunkvaultError, CorruptObject, SnapshotNotFound, StorageFull, UsageError, VerificationFailed
 from .processes import become_subreaper, children, kill_group
 from .store.command_stream import without_secrets
 from .store.manifest import (
@@ -39,6 +39,7 @@ from .store.manifest import (
 )
 from .store.chronology import chronological_key
 from .store.snapshot import Snapshot, parse_time
+from .store.target_dirs import LongPaths
 from .store.xattrs import decode_xattrs, read_xattrs
 
 if TYPE_CHECKING:
@@ -235,29 +236,33 @@ def walk_sorted(root: bytes, errors: list[tuple[bytes, str]]) -> Iterator[tuple[
     yield b"", st
     if not stat.S_ISDIR(st.st_mode):
         return
-    stack: list[tuple[bytes, bytes, Iterator[bytes]]] = []
+    stack: list[tuple[bytes, Iterator[bytes]]] = []
+    path_of = LongPaths(root)  # a restore writes paths longer than the system takes: they are read back
 
-    def push(path: bytes, rel: bytes) -> None:
+    def push(rel: bytes) -> None:
         try:
-            names = sorted(os.listdir(path))
-        except OSError as exc:
-            errors.append((rel, exc.strerror or str(exc)))
+            names = sorted(os.listdir(path_of(rel)))
+        except (OSError, ChunkvaultError) as exc:
+            errors.append((rel, getattr(exc, "strerror", None) or str(exc)))
             return
-        stack.append((path, rel, iter(names)))
+        stack.append((rel, iter(names)))
 
-    push(root, b"")
-    while stack:
-        path, rel, names = stack[-1]
-        name = next(names, None)
-        if name is None:
-            stack.pop()
-            continue
-        child = os.path.join(path, name)
-        child_rel = rel + b"/" + name if rel else name
-        cst = os.lstat(child)
-        yield child_rel, cst
-        if stat.S_ISDIR(cst.st_mode):
-            push(child, child_rel)
+    try:
+        push(b"")
+        while stack:
+            rel, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
+            child_rel = rel + b"/" + name if rel else name
+            cst = os.lstat(path_of(child_rel))
+            path_of.release()
+            yield child_rel, cst
+            if stat.S_ISDIR(cst.st_mode):
+                push(child_rel)
+    finally:
+        path_of.close()
 
 
 def file_digest(path: bytes) -> bytes:
@@ -284,6 +289,7 @@ class _Comparer:
         self.extras = extras
         self.result = CompareResult()
         self.inodes: dict[tuple[int, int], bytes] = {}  # files with several links: inode -> first path
+        self.path_of = LongPaths(self.root)
 
     def add(self, m: Mismatch) -> None:
         self.result.mismatch_count += 1
@@ -331,16 +337,25 @@ class _Comparer:
         for rel, st in extra_directories:
             if rel not in above_entries:
                 self.add(Mismatch(os.fsdecode(rel), "extra", None, _type_name(st.st_mode)))
+        self.path_of.close()
         return self.result
 
     def entry(self, e: Entry, st: os.stat_result) -> None:
+        try:
+            self._entry(e, st)
+        except ChunkvaultError as exc:  # a directory on its way that leads out of the tree
+            self.add(Mismatch(os.fsdecode(e.path), "unreadable", "readable", str(exc)))
+        finally:
+            self.path_of.release()
+
+    def _entry(self, e: Entry, st: os.stat_result) -> None:
         r = self.result
         found = compare_meta(e, st, owners=self.owners)
         for m in found:
             self.add(m)
         if found and found[0].kind == "type":
             return
-        path = os.path.join(self.root, e.path) if e.path else self.root
+        path = self.path_of(e.path)
         if self.xattrs and e.type != T_HARDLINK:
             self.extended_attributes(e, path)
         if e.type == T_DIR:
@@ -399,10 +414,9 @@ class _Comparer:
             self.add(Mismatch(os.fsdecode(e.path), "hardlink", "a separate file", f"a link to {os.fsdecode(first)}"))
 
     def hardlink(self, e: Entry, st: os.stat_result) -> None:
-        target = os.path.join(self.root, e.target)
         try:
-            tst = os.lstat(target)
-        except OSError:
+            tst = os.lstat(self.path_of(e.target))
+        except (OSError, ChunkvaultError):
             tst = None
         if tst is None or not os.path.samestat(st, tst):
             self.add(Mismatch(os.fsdecode(e.path), "hardlink", f"a link to {os.fsdecode(e.target)}",

@@ -170,3 +170,33 @@ def remove_tree(parent_fd: int, name: bytes) -> None:
     finally:
         for _, _, fd in stack:
             os.close(fd)
+
+
+SHORT_PATH = 3072  # bytes: a longer path below a root is reached through its directory's descriptor
+
+
+class LongPaths:
+    """Paths below ``root`` for calls that take a path: as they are when short, through the descriptor of
+    their directory (``proc_path``) when longer than the system takes (PATH_MAX): a tree a restore wrote
+    can be read back whatever its depth.  ``release`` between entries, ``close`` at the end."""
+
+    def __init__(self, root: bytes):
+        self.root = root
+        self._dirs: TargetDirs | None = None
+
+    def __call__(self, rel: bytes) -> bytes:
+        full = os.path.join(self.root, rel) if rel else self.root
+        if len(full) < SHORT_PATH:
+            return full
+        if self._dirs is None:
+            self._dirs = TargetDirs(self.root)
+        return proc_path(*self._dirs.at(rel))
+
+    def release(self) -> None:
+        if self._dirs is not None:
+            self._dirs.release()
+
+    def close(self) -> None:
+        if self._dirs is not None:
+            self._dirs.close()
+            self._dirs = None

@@ -771,3 +771,24 @@ def test_an_in_place_update_that_would_grant_an_owner_or_set_id_bits_writes_a_ne
     assert after["setuid"].st_ino != before["setuid"] and after["setuid"].st_mode & 0o4000
     assert after["plain"].st_ino == before["plain"]
     assert describe(target) == describe(src)
+
+
+def test_restore_verify_reads_back_paths_longer_than_the_system_takes(tmp_path, new_repo):
+    """The restore wrote them below a deep target (each directory from its parent's descriptor); --verify's
+    walk and compare took whole paths, and failed with "File name too long" (an internal error)."""
+    src = tmp_path / "s"
+    src.mkdir()
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    for i in range(19):  # 3.8 KB below the source: a path backup takes
+        name = b"%03d" % i + b"d" * 197
+        os.mkdir(name, 0o750, dir_fd=fd)
+        fd, parent = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+        os.close(parent)
+    with open(os.open(b"f", os.O_WRONLY | os.O_CREAT, 0o640, dir_fd=fd), "wb") as f:
+        f.write(b"deep")
+    os.close(fd)
+    repo = new_repo()
+    repo.backup([str(src)])
+    target = tmp_path / ("t" * 250) / ("u" * 250)  # below it, the deepest file lies past 4 KB
+    result = repo.restore("latest", str(target), verify=True)
+    assert (result.files, result.dirs) == (1, 20)
