@@ -954,7 +954,9 @@ def cmd_key(args: argparse.Namespace) -> int:
         except ChunkvaultError as exc:  # e.g. an append-only token: the new key is taken back if it can be
             try:
                 repo.store.remote.delete(f"keys/{name}")
-                left = "the password is unchanged"
+                left = ("the password is unchanged" if repo.store.remote.exists(f"keys/{old}") else
+                        f"key {name[:12]} taken back; the old password no longer opens the repository (another "
+                        "command replaced its key): use the password that command set")
             except ChunkvaultError:
                 left = f"both passwords open the repository now (key {name[:12]} added): `key remove` one"
             raise (exc.explained(f"; {left}") if isinstance(exc, CorruptObject) else type(exc)(f"{exc}; {left}")) from None

@@ -46,6 +46,9 @@ class PasswordSource:
               cwd: str | None = None) -> bytes | None:
         """The password from an option, else ``fallback`` (a policy's file and command; a command runs
         in ``cwd``), else the environment; None when none of them gives one."""
+        for kind in ("file", "command"):
+            if self._args(args, kind) == "":  # given, and empty: not the environment's password silently instead
+                raise UsageError(f"{self.option}-{kind} is empty")
         tiers = ((self._args(args, "file"), self._args(args, "command"), f"{self.option}-file and -command", None),
                  (*fallback, "password-file and password-command", cwd),
                  (os.environ.get(self.env + "_FILE"), os.environ.get(self.env + "_COMMAND"),

@@ -204,14 +204,14 @@ class Repo:
         with RepoLock(self.remote, EXCLUSIVE, "key remove") as lock:
             readable, damaged = self.list_keys()
             names = [k.name for k in readable]
+            if self.key_name not in names:  # first: the key named may be that one (a password change)
+                raise UsageError("the key this repository was opened with is gone (another command removed it): "
+                                 "nothing removed")
             matches = [k for k in names + list(damaged) if k.startswith(name)]
             if len(matches) != 1:
                 raise UsageError(f"no unique key {name!r}")
             if matches[0] == self.key_name and not own:
                 raise UsageError("refusing to remove the key this repository was opened with (use another password)")
-            if self.key_name not in names:
-                raise UsageError("the key this repository was opened with is gone (another command removed it): "
-                                 "nothing removed")
             if not [k for k in names if k != matches[0]]:
                 raise UsageError("refusing to remove the last key that opens the repository")
             lock.ensure_held()

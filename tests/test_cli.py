@@ -490,6 +490,21 @@ def test_two_key_removals_at_once_cannot_remove_every_key(tmp_path, new_repo, pa
             again.remove_key(first)
 
 
+def test_two_password_changes_at_once_tell_the_loser_what_opens_the_repository(tmp_path, new_repo, password):
+    """Both opened with one key and each replaced it: the second found it gone, but said "no unique key"
+    and "the password is unchanged", while the old password opened nothing any more."""
+    from chunkvault import Repository
+
+    repo = new_repo(str(tmp_path / "repo"))
+    old = repo.store.key_name
+    with Repository.open(str(tmp_path / "repo"), password) as other:
+        repo.add_key("first's new", kdf_seconds=0)
+        repo.store.remove_key(old, own=True)  # the first change is done
+        other.add_key("second's new", kdf_seconds=0)
+        with pytest.raises(UsageError, match="the key this repository was opened with is gone"):
+            other.store.remove_key(old, own=True)
+
+
 def test_copy_into_its_own_repository_is_refused(tmp_path, cli, setup):
     repo, src = setup
     cli("backup", "-r", repo, str(src))

@@ -68,6 +68,14 @@ def test_a_file_and_a_command_at_one_level_are_refused(env, tmp_path):
     assert passwords.REPOSITORY.given(args(password_file=str(f))) == b"x"  # an option settles it
 
 
+@pytest.mark.parametrize("kind", ["file", "command"])
+def test_an_empty_option_is_refused_not_passed_over_for_the_environment(env, kind):
+    """`--password-file ""` (an unset shell variable, say) took CHUNKVAULT_PASSWORD instead, silently."""
+    env.setenv("CHUNKVAULT_PASSWORD", "from-env")
+    with pytest.raises(UsageError, match=f"^--password-{kind} is empty$"):
+        passwords.REPOSITORY.given(args(**{f"password_{kind}": ""}))
+
+
 def test_command_output_keeps_its_inner_bytes(env):
     out = passwords.REPOSITORY.given(args(password_command=printing(" two words \t")))
     assert out == b" two words \t"  # only the line break goes: spaces may be part of a password
