@@ -602,7 +602,7 @@ def _usage(args: argparse.Namespace) -> int:
         print(f"delta bases    {u.bases.blobs} blobs below those deltas, stored as {_human(u.bases.stored_bytes)}")
     print(f"manifests      {_human(u.manifest_stored_bytes)} in {u.manifest_blobs} blobs")
     print(f"data needed    {_human(u.stored_bytes)} stored in all: what restoring or copying them reads")
-    print(f"only these     {_human(u.only.stored_bytes + u.only_manifests.stored_bytes)} stored in "
+    print(f"only these     {_human(u.frees_stored_bytes)} stored in "
           f"{u.only.blobs + u.only_manifests.blobs} blobs{deltas(u.only)} ({_human(u.only_manifests.stored_bytes)} "
           "of manifests): what forgetting them, then prune, frees")
     return 0
@@ -809,7 +809,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     pruned = _prune_with_progress(args, repo) if args.prune else None
     removed = set(plan.remove)
     # What a prune after this forget would free: only a dry run can tell, the snapshots are still there.
-    frees = repo.usage(removed).only.stored_bytes if args.dry_run and removed else None
+    frees = repo.usage(removed).frees_stored_bytes if args.dry_run and removed else None
     if args.json:
         _emit_json({"dry_run": args.dry_run, "frees_stored_bytes": frees,
                     "decisions": [{"id": d.snapshot_id, "keep": d.keep, "reasons": list(d.reasons)}

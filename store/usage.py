@@ -56,8 +56,8 @@ class SnapshotUsage:
     manifest_blobs: int = 0  # the manifests of the selection's chains
     manifest_stored_bytes: int = 0
     only: BlobTotals = field(default_factory=BlobTotals)  # of chunks and bases, what no other snapshot needs
-    # the selection's own manifest blobs no other snapshot names (a forget rebasing a differential on one
-    # writes that differential's anew)
+    # the own manifest blobs of those selected that no kept snapshot builds on (one a kept differential builds
+    # on is merged into its new manifest when a forget rebases it: about as many bytes written as freed)
     only_manifests: BlobTotals = field(default_factory=BlobTotals)
     missing_blobs: int = 0  # named by a tree or a delta, but in no index (`check` says more)
     not_resolved: list[str] = field(default_factory=list)  # ids whose chain does not reach a full
@@ -67,8 +67,13 @@ class SnapshotUsage:
         """What restoring the selection reads at most: its chunks, their bases and its manifests."""
         return self.chunks.stored_bytes + self.bases.stored_bytes + self.manifest_stored_bytes
 
+    @property
+    def frees_stored_bytes(self) -> int:
+        """What forgetting the selection, then prune, frees: the data and the manifests only it needs."""
+        return self.only.stored_bytes + self.only_manifests.stored_bytes
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "stored_bytes": self.stored_bytes}
+        return {**asdict(self), "stored_bytes": self.stored_bytes, "frees_stored_bytes": self.frees_stored_bytes}
 
 
 def chains_down(snapshots: Iterable[Snapshot]) -> tuple[list[Snapshot], dict[str, list[Snapshot]]]:
@@ -166,9 +171,11 @@ def usage(every: list[Snapshot], chosen: list[Snapshot], own_records: Callable[[
             continue
         out.manifest_blobs += 1
         out.manifest_stored_bytes += loc.length
-    # the selection's own manifests go with it (a snapshot of many small files is mostly manifest)
+    # the selection's own manifests go with it (a snapshot of many small files is mostly manifest), but for
+    # those a kept differential builds on: forget rebases it, writing what they held into its manifest
+    built_on = {a.id for s in every if s.id not in chosen_ids and s.id in resolved for a in chain_of(s)}
     others = {h for s in every if s.id not in chosen_ids for h in s.manifest}
-    for h in {h for s in chosen for h in s.manifest} - others:
+    for h in {h for s in chosen if s.id not in built_on for h in s.manifest} - others:
         loc = locate(bytes.fromhex(h))
         if loc is not None:
             out.only_manifests.add(loc)

@@ -158,12 +158,30 @@ def test_forget_dry_run_says_what_the_prune_after_it_frees(tmp_path, day):
     plan = json.loads(crashkit.run_cli("forget", "-r", str(copy), "--keep-last", "2", "--group-by", "paths",
                                        "--dry-run", "--json").stdout)
     assert plan["frees_stored_bytes"] > 0
+    removed = [d["id"] for d in plan["decisions"] if not d["keep"]]
+    u = crashkit.open_repo(str(copy), ledger=False).usage(removed)
+    assert plan["frees_stored_bytes"] == u.frees_stored_bytes  # the figure stats gives for them
     text = crashkit.run_cli("forget", "-r", str(copy), "--keep-last", "2", "--group-by", "paths", "--dry-run")
     assert b"a prune then frees about" in text.stdout
     before = data()
     crashkit.run_cli("forget", "-r", str(copy), "--keep-last", "2", "--group-by", "paths", "--prune",
                      "--max-unused", "0")
-    assert before - data() == plan["frees_stored_bytes"]
+    assert before - data() == u.only.stored_bytes
+
+
+def test_only_these_leaves_out_the_manifests_a_kept_differential_builds_on(tmp_path, new_repo):
+    """Forgetting a full that kept differentials build on rebases them: its manifest's records are written
+    into theirs, about as many bytes as go.  "only these" counted them freed (6.5 MiB where 600 B went)."""
+    repo = new_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3000):
+        (src / f"empty-{i:05}").touch()
+    full = repo.backup([str(src)]).snapshot
+    (src / "new").write_bytes(b"x")
+    repo.backup([str(src)])  # a differential on it, kept
+    u = repo.usage([full.id])
+    assert u.only_manifests.blobs == 0 and u.frees_stored_bytes == u.only.stored_bytes
 
 
 def test_only_these_counts_the_manifests_that_go_with_them(tmp_path, new_repo):
