@@ -287,9 +287,14 @@ def _local_second(seconds: int) -> str:
 
 def _open_other(args: argparse.Namespace, url: str, source: passwords.PasswordSource) -> Any:
     """Open a second repository (copy destination or chunker source) with its own password."""
+    from .errors import WrongPassword
     from .repository import Repository
 
-    return Repository.open(url, source.get(args), **remote_options(args, url))
+    try:
+        return Repository.open(url, source.get(args), **remote_options(args, url))
+    except WrongPassword as exc:  # which of the two repositories, and where its password came from
+        raise WrongPassword(f"{exc}: the {source.what} ({source.option}-file, -command or {source.env}) "
+                            f"does not open {url}") from None
 
 
 def cmd_init(args: argparse.Namespace) -> int:

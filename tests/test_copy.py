@@ -88,6 +88,10 @@ def test_cli_copy(tmp_path, new_repo, cli, password):
                          env={"CHUNKVAULT_TO_PASSWORD": password}).stdout)
     assert len(out["copied"]) == 2
     assert cli("copy", "-r", str(tmp_path / "src-repo"), "--to", dst, check=2).returncode == 2
+    wrong = cli("copy", "-r", str(tmp_path / "src-repo"), "--to", dst, env={"CHUNKVAULT_TO_PASSWORD": "nope"},
+                check=11).stderr.decode()  # which repository: the source's password is right
+    assert "the password of the to repository (--to-password-file, -command or CHUNKVAULT_TO_PASSWORD)" in wrong
+    assert f"does not open {dst}" in wrong
 
 
 def test_copy_takes_the_snapshots_the_filters_select_with_their_chains(tmp_path, new_repo):
