@@ -682,20 +682,34 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _what_changed(old: Entry | None, new: Entry | None) -> str | None:
+    """Of a modified entry, what changed: its "type", its "content" (data, link target, device), or only
+    its "metadata" (mode, owner, time, attributes); None for an added or removed one."""
+    if old is None or new is None:
+        return None
+    if old.type != new.type:
+        return "type"
+    if (old.size, old.digest, old.target, old.rdev) != (new.size, new.digest, new.target, new.rdev):
+        return "content"
+    return "metadata"
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     repo = _open(args)
     changes = list(repo.diff(args.snap1, args.snap2))
     if args.json:
-        _emit_json([{"change": c, **_name_json("path", (new or old).path),  # type: ignore[union-attr]
+        _emit_json([{"change": c, "what": _what_changed(old, new),
+                     **_name_json("path", (new or old).path),  # type: ignore[union-attr]
                      "old_size": old.size if old else None, "new_size": new.size if new else None}
                     for c, old, new in changes])
         return 0
     sign = {"added": "+", "removed": "-", "modified": "M"}
+    marks = {None: "", "content": "M", "type": "T", "metadata": "U"}  # as restic marks them
     for c, old, new in changes:
         e = new or old
         assert e is not None
         sizes = f"{old.size if old else ''} -> {new.size if new else ''}"
-        print(f"{sign[c]} {shown_name(e.path) or '.'}  ({sizes})")
+        print(f"{marks[_what_changed(old, new)] or sign[c]} {shown_name(e.path) or '.'}  ({sizes})")
     if not args.quiet:
         counts = {k: sum(1 for c, _, _ in changes if c == k) for k in sign}
         print(f"{counts['added']} added, {counts['removed']} removed, {counts['modified']} modified")

@@ -36,8 +36,14 @@ def test_tour(tmp_path, cli, setup):
     listing = json.loads(cli("ls", "-r", repo, out["id"][:8], "--json").stdout)
     assert {e["path"] for e in listing} == {"", "a.txt", "sub", "sub/b.bin"}
     changes = json.loads(cli("diff", "-r", repo, out["id"], out2["id"], "--json").stdout)
-    assert {(c["change"], c["path"]) for c in changes} >= {
-        ("modified", "a.txt"), ("added", "c.txt"), ("removed", "sub/b.bin")}
+    assert {(c["change"], c["what"], c["path"]) for c in changes} >= {
+        ("modified", "content", "a.txt"), ("added", None, "c.txt"), ("removed", None, "sub/b.bin")}
+    os.chmod(src / "c.txt", 0o600)  # metadata alone, and a type: as restic marks them, U and T
+    os.remove(src / "a.txt")
+    os.symlink("c.txt", src / "a.txt")
+    out3 = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)
+    lines = cli("diff", "-r", repo, out2["id"], out3["id"]).stdout.decode().splitlines()
+    assert "T a.txt  (8 -> 5)" in lines and "U c.txt  (4 -> 4)" in lines
     assert cli("dump", "-r", repo, out["id"], "a.txt").stdout == b"alpha\n"
     target = tmp_path / "restored"
     cli("restore", "-r", repo, out["id"], "--target", str(target))
