@@ -159,11 +159,12 @@ class _Link:
     """The paths of one multiply-linked file: ``first``, the one walked first, which the later ones name
     while they wait, and ``holder``, the path whose file entry holds the data once one has settled."""
 
-    __slots__ = ("first", "holder")
+    __slots__ = ("first", "holder", "held")
 
     def __init__(self, first: bytes):
         self.first = first
         self.holder: bytes | None = None
+        self.held: Entry | None = None  # the holder's entry: the file as it was read
 
 
 class _ReadRun:
@@ -717,8 +718,13 @@ class Backup:
         e = item.entry
         if e is not None and e.type == T_HARDLINK:
             if link.holder is not None:
-                if e.target != link.holder:
-                    e.target = link.holder
+                # the file as it was read, not as this path was walked (it may have grown in between):
+                # a link restores the holder's data, and is verified against it
+                held = link.held
+                assert held is not None
+                like = (link.holder, held.size, held.mode, held.uid, held.gid, held.mtime_ns)
+                if (e.target, e.size, e.mode, e.uid, e.gid, e.mtime_ns) != like:
+                    e.target, e.size, e.mode, e.uid, e.gid, e.mtime_ns = like
                     item.settle(e, diff)
                 return
             read = self._read_link(item, st)
@@ -726,7 +732,7 @@ class Backup:
             item.settle(read.entry, diff)
             e, same_file = read.entry, read.same_file
         if e is not None and e.type == T_FILE and not e.flags & F_UNREADABLE and same_file:
-            link.holder = item.rel
+            link.holder, link.held = item.rel, e
 
     def _read_link(self, item: _Waiting, st: os.stat_result) -> _FileRead:
         """A later link read as the file itself, on this thread: a race that leaves no reader to wait for."""

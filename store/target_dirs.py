@@ -19,7 +19,7 @@ import stat
 from chunkvault.errors import TargetUnwritable
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-KEPT_DIRS = 64  # descriptors held before those off the current path are let go
+KEPT_DIRS = 64  # descriptors held at most: those off the current path go first, then the shallowest on it
 
 
 def proc_path(fd: int, name: bytes | None = None) -> bytes:

@@ -613,3 +613,29 @@ def test_files_of_a_directory_replaced_by_a_file_before_they_are_read_vanished(t
     assert not result.partial and result.snapshot.stats["unreadable"] == []
     assert sum("vanished during backup" in w for w in result.warnings) == 5
     assert not [e.path for e in repo.tree(result.snapshot) if e.path.startswith(b"d/")]
+
+
+@pytest.mark.parametrize("size", [5000, 300_000])
+def test_a_hard_link_records_the_file_as_it_was_read_not_as_the_link_was_walked(tmp_path, new_repo, monkeypatch,
+                                                                               size):
+    """The file grew between the walk and its read: its links kept the size their own walk saw, so `ls`
+    disagreed with itself and a restore of the healthy snapshot failed its --verify."""
+    src = tmp_path / "src"
+    linked_tree(src, size)
+
+    def grow(path: str) -> None:
+        with open(path, "ab") as f:
+            f.write(b"more" * 1000)
+        os.chmod(path, 0o600)
+
+    repo = new_repo()
+    fired = race_reading(monkeypatch, "victim", grow)
+    result = repo.backup([str(src)])
+    monkeypatch.undo()
+    assert fired
+    tree = tree_of(repo, result.snapshot)
+    holder = tree[b"a/victim"]
+    for link in (b"b/other", b"c/third"):
+        assert tree[link].type == T_HARDLINK
+        assert (tree[link].size, tree[link].mode, tree[link].mtime_ns) == (holder.size, holder.mode, holder.mtime_ns)
+    repo.restore(result.snapshot, str(tmp_path / "out"), verify=True)

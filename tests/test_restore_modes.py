@@ -2,6 +2,7 @@
 import fnmatch
 import json
 import os
+import shutil
 import random
 
 import pytest
@@ -345,3 +346,24 @@ def test_delta_keeps_a_sparse_file_sparse(tmp_path, new_repo):
     repo.restore(snap, str(tmp_path / "fresh"))
     fresh = os.stat(tmp_path / "fresh" / "image").st_blocks
     assert fresh < 16384 and os.stat(target / "image").st_blocks <= fresh + 256  # as sparse as a fresh restore
+
+
+def test_an_in_place_delta_restore_separates_files_the_target_has_linked(tmp_path, new_repo):
+    """The target holds two names of one file, the snapshot two separate files with the same content and
+    metadata: the restore left them linked (exit 0), so a write to one changed the other."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"hello\n")
+    os.link(src / "a", src / "b")
+    repo = new_repo()
+    linked = repo.backup([str(src)]).snapshot
+    shutil.copy2(src / "a", src / "b.tmp")  # the link broken: same content and times
+    os.replace(src / "b.tmp", src / "b")
+    separate = repo.backup([str(src)]).snapshot
+    target = tmp_path / "target"
+    repo.restore(linked.id, str(target))
+    assert os.stat(target / "a").st_ino == os.stat(target / "b").st_ino
+    repo.restore(separate.id, str(target), force=True, delta=True, delete=True, verify=True)
+    assert os.stat(target / "a").st_ino != os.stat(target / "b").st_ino
+    repo.restore(linked.id, str(target), force=True, delta=True, delete=True, verify=True)  # and back
+    assert os.stat(target / "a").st_ino == os.stat(target / "b").st_ino
