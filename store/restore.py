@@ -35,7 +35,7 @@ from .blob import Plaintext
 from .chain import ancestors
 from .repository import Repo
 from .target_dirs import TargetDirs, proc_path, remove_tree
-from .xattrs import write_xattrs
+from .xattrs import read_xattrs, write_xattrs
 from . import writefiles
 from .writefiles import HOLE_MIN, NO_SPACE as _FULL, all_zeros, punch_hole
 
@@ -451,6 +451,7 @@ class Restorer:
         # small files waiting to be written: (directory descriptor, name, data, entry)
         self._run: list[tuple[int, bytes, Plaintext, Entry]] = []
         self._run_bytes = 0
+        self._kept_linked: set[tuple[int, int]] = set()  # --delta: files with other links kept as they were
 
     def __enter__(self) -> Restorer:
         return self
@@ -810,15 +811,19 @@ class Restorer:
     def _replace_file(self, e: Entry) -> None:
         """--delta over a file with other links (some perhaps out of the target), or one an update in place
         would grant an owner or set-id bits (``_grants``): a new file is written beside it and renamed over
-        it, so no other link sees the snapshot's content or metadata, and the snapshot's separate file is
-        separate (left in place, right as it was, it stayed linked: a write to one changed the other; the
-        snapshot's own hard links are made to it after).  Its chunks that the old file holds at their
-        offsets are copied from it, not read from the repository."""
+        it, so no other link sees the snapshot's content or metadata.  Its chunks that the old file holds at
+        their offsets are copied from it, not read from the repository.  A file right already, metadata and
+        all, keeps its inode and its links, unless another path of this restore kept that inode: the
+        snapshot has them as separate files (left linked, a write to one changed the other)."""
         pfd, name = self.at(e.path)
         tmp = os.path.join(os.path.dirname(e.path), b".chunkvault-restore-" + secrets.token_hex(8).encode())
         fd = self._open(e.path, os.O_RDONLY)
         try:
-            self._regular(fd, e.path)
+            st = self._regular(fd, e.path)
+            if (st.st_dev, st.st_ino) not in self._kept_linked and self._holds(fd, e) and self._meta_matches(e):
+                self._kept_linked.add((st.st_dev, st.st_ino))
+                self.result.unchanged_files += 1
+                return
             self._write_file(tmp, e, (data for data, _ in self._chunks_held_or_read(fd, e)))
             os.rename(os.path.basename(tmp), name, src_dir_fd=pfd, dst_dir_fd=pfd)
         except BaseException:
@@ -836,6 +841,14 @@ class Restorer:
             hasher.update(block)
             pos += len(block)
         return pos == e.size and hasher.digest() == e.digest
+
+    def _meta_matches(self, e: Entry) -> bool:
+        """Whether what a restore sets on the file (mode, time, owner, attributes) is already so."""
+        pfd, name = self.at(e.path)
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        return (stat.S_IMODE(st.st_mode) == stat.S_IMODE(e.mode) and st.st_mtime_ns == e.mtime_ns
+                and (not self.owners or (st.st_uid, st.st_gid) == (e.uid, e.gid))
+                and (not self.opt.xattrs or read_xattrs(proc_path(pfd, name)) == e.xattrs))
 
     def _chunks_held_or_read(self, fd: int, e: Entry) -> Iterator[tuple[bytes, bool]]:
         """The entry's chunks in order, each with whether the file open at ``fd`` already holds it at its
