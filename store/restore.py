@@ -775,18 +775,27 @@ class Restorer:
 
     def _update_file(self, e: Entry) -> None:
         """--delta: keep what is already right; rewrite only the chunk ranges that differ, then give it the
-        entry's metadata.  A file cut short (no space, say) is removed: neither what it was nor what the
-        snapshot holds."""
+        entry's metadata.  Judged by the file the descriptor holds, never by a second lookup of its name: a
+        hard link put there meanwhile (to a file out of the target) must get neither the snapshot's data nor
+        its owner.  One with other links, or one the update would grant an owner or set-id bits, is written
+        anew instead (``_replace_file``).  A file cut short (no space, say) is removed: neither what it was
+        nor what the snapshot holds."""
         fd = self._open(e.path, os.O_RDONLY)  # one that holds the content may not be writable, and need not be
         try:
-            self._regular(fd, e.path)
-            if self._holds(fd, e):
+            st = self._regular(fd, e.path)
+            anew = st.st_nlink > 1 or self._grants(st, e)
+            if not anew and self._holds(fd, e):
                 self.result.unchanged_files += 1
                 self._apply_meta(e, fd)
                 return
+            # the same file for writing, reopened through its descriptor, not by its name
+            wfd = -1 if anew else os.open(proc_path(fd), os.O_RDWR | os.O_CLOEXEC)
         finally:
             os.close(fd)
-        fd = self._open(e.path, os.O_RDWR)
+        if anew:
+            self._replace_file(e)
+            return
+        fd = wfd
         try:
             hasher = blake3.blake3()
             pos = 0
@@ -811,7 +820,8 @@ class Restorer:
     def _replace_file(self, e: Entry) -> None:
         """--delta over a file with other links (some perhaps out of the target), or one an update in place
         would grant an owner or set-id bits (``_grants``): a new file is written beside it and renamed over
-        it, so no other link sees the snapshot's content or metadata.  Its chunks that the old file holds at
+        it, so no other link sees the snapshot's content or metadata (what it opens by name is only read,
+        and each chunk taken from it is checked against its id).  Its chunks that the old file holds at
         their offsets are copied from it, not read from the repository.  A file right already, metadata and
         all, keeps its inode and its links, unless another path of this restore kept that inode: the
         snapshot has them as separate files (left linked, a write to one changed the other)."""
@@ -949,13 +959,11 @@ class Restorer:
             os.mknod(name, (stat.S_IFCHR if t == T_CHARDEV else stat.S_IFBLK) | 0o600, e.rdev, dir_fd=pfd)
             self._apply_meta(e)
 
-    def _grants(self, e: Entry) -> bool:
-        """Whether updating the file in place would give it another owner or set-id bits it lacks: then it is
-        written anew and renamed over, so that whoever holds it open for writing (its owner, say, who may
-        write the target) does not keep a descriptor on a file that is now root's, or set-uid."""
-        st = _lstat(*self.at(e.path))
-        if st is None:
-            return False
+    def _grants(self, st: os.stat_result, e: Entry) -> bool:
+        """Whether updating the file ``st`` describes in place would give it another owner or set-id bits it
+        lacks: then it is written anew and renamed over, so that whoever holds it open for writing (its
+        owner, say, who may write the target) does not keep a descriptor on a file that is now root's, or
+        set-uid."""
         return ((self.owners and (st.st_uid, st.st_gid) != (e.uid, e.gid))
                 or bool(e.mode & 0o6000 & ~st.st_mode))
 
@@ -968,10 +976,7 @@ class Restorer:
     def _restore_file(self, e: Entry, pf: _Prefetcher) -> None:
         part = self.parts.pop(id(e), None)
         try:
-            links = self._regular_links(e) if self.opt.delta else 0
-            if links > 1 or (links == 1 and self._grants(e)):
-                self._replace_file(e)
-            elif links == 1:
+            if self.opt.delta and self._regular_links(e):
                 self._update_file(e)
             elif part is not None:
                 self._write_part(e, part[1], pf.chunks())

@@ -792,3 +792,37 @@ def test_restore_verify_reads_back_paths_longer_than_the_system_takes(tmp_path, 
     target = tmp_path / ("t" * 250) / ("u" * 250)  # below it, the deepest file lies past 4 KB
     result = repo.restore("latest", str(target), verify=True)
     assert (result.files, result.dirs) == (1, 20)
+
+
+def test_delta_writes_into_the_file_it_judged_not_into_a_link_put_at_its_name(tmp_path, new_repo, monkeypatch):
+    """It opened the file to compare, then again by name to write: a hard link to a file out of the target
+    put there in between got the snapshot's data, owner and mode."""
+    from chunkvault.store.restore import Restorer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(3 << 20)
+    (src / "big").write_bytes(data)
+    repo = new_repo()
+    repo.backup([str(src)])
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "big").write_bytes(data[:-100] + b"X" * 100)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not the restore's")
+    os.chmod(victim, 0o640)
+    before = victim.stat()
+    holds = Restorer._holds
+
+    def swapped(fd, e):
+        found = holds(fd, e)
+        os.rename(target / "big", target / "big.moved")
+        os.link(victim, target / "big")
+        return found
+
+    monkeypatch.setattr(Restorer, "_holds", staticmethod(swapped))
+    repo.restore("latest", str(target), force=True, delta=True)
+    after = victim.stat()
+    assert victim.read_bytes() == b"not the restore's" and (after.st_mode, after.st_uid) == (before.st_mode,
+                                                                                                 before.st_uid)
+    assert (target / "big.moved").read_bytes() == data  # what it judged got the snapshot's content
