@@ -220,6 +220,8 @@ class SnapshotFS:
         """The node's inode number (``_inode``): the same from getattr and from its directory's listing."""
         if not isinstance(node, InSnapshot):
             return _inode("", path)
+        if not node.rel:  # a snapshot's root: listing snapshots/ decodes no tree (one damaged failed it all)
+            return _inode(node.snapshot.id, "")
         tree, _ = self._in_snapshot(node)
         return _inode(node.snapshot.id, os.fsdecode(tree.linked(node.rel)[0]))
 

@@ -44,6 +44,7 @@ _REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)  # the target will not take 
 # Files of one chunk are written a run at a time (writefiles): at most this many files and bytes per run.
 RUN_FILES = 256
 RUN_BYTES = 4 << 20
+RUN_DIRS = 32  # and files of at most this many directories, whose descriptors the run keeps open
 
 
 class _TargetFull(Exception):
@@ -665,7 +666,7 @@ class Restorer:
         self._run.append((pfd, name, data, e))
         self.dirs.pin(pfd)
         self._run_bytes += len(data)
-        if len(self._run) >= RUN_FILES or self._run_bytes >= RUN_BYTES:
+        if len(self._run) >= RUN_FILES or self._run_bytes >= RUN_BYTES or self.dirs.pinned >= RUN_DIRS:
             self._write_run()
 
     def _write_run(self) -> None:

@@ -121,6 +121,11 @@ class TargetDirs:
         """A write queued for later names ``fd``: it stays open until ``unpin``."""
         self._pinned[fd] = self._pinned.get(fd, 0) + 1
 
+    @property
+    def pinned(self) -> int:
+        """How many descriptors queued writes name."""
+        return len(self._pinned)
+
     def unpin(self, fd: int) -> None:
         if self._pinned[fd] == 1:
             del self._pinned[fd]
@@ -147,28 +152,40 @@ class TargetDirs:
 
 def remove_tree(parent_fd: int, name: bytes) -> None:
     """Remove directory ``name`` (in the directory open at ``parent_fd``) and all below it, never following
-    a link, as ``shutil.rmtree`` does with descriptors, but walking with a list, not recursion: a tree
-    deeper than Python's recursion limit (a thousand levels) raised RecursionError."""
+    a link, as ``shutil.rmtree`` does with descriptors, but with one descriptor open and no recursion: a
+    tree deeper than Python's recursion limit (a thousand levels) raised RecursionError, and one deeper
+    than the descriptors a process may hold failed too.  A directory emptied is left through its "..",
+    which is never a link."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    stack = [(parent_fd, name, os.open(name, flags, dir_fd=parent_fd))]
+    names = [name]  # the path from ``name`` down to the directory open at ``fd``
+    fd = os.open(name, flags, dir_fd=parent_fd)
     try:
-        while stack:
-            pfd, here, fd = stack[-1]
+        while True:
             deeper = None
             with os.scandir(fd) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
-                        deeper = entry.name
+                        deeper = os.fsencode(entry.name)
                         break
                     os.unlink(entry.name, dir_fd=fd)
             if deeper is not None:
-                stack.append((fd, os.fsencode(deeper), os.open(deeper, flags, dir_fd=fd)))
+                child = os.open(deeper, flags, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                names.append(deeper)
                 continue
-            stack.pop()
+            emptied = names.pop()
+            if not names:
+                os.close(fd)
+                fd = -1
+                os.rmdir(emptied, dir_fd=parent_fd)
+                return
+            up = os.open(b"..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
             os.close(fd)
-            os.rmdir(here, dir_fd=pfd)
+            fd = up
+            os.rmdir(emptied, dir_fd=fd)
     finally:
-        for _, _, fd in stack:
+        if fd >= 0:
             os.close(fd)
 
 

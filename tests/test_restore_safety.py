@@ -734,7 +734,14 @@ def test_target_directories_past_the_recursion_limit_are_reached_and_removed(tmp
         os.symlink(tmp_path / "outside", os.path.join(os.fsencode(tmp_path), rel, b"link"))
         (tmp_path / "outside").mkdir()
         (tmp_path / "outside" / "kept").write_bytes(b"x")
-        remove_tree(dirs.dir(b""), b"d")
+        import resource
+
+        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, limits[1]))  # fewer than the tree's levels
+        try:
+            remove_tree(dirs.dir(b""), b"d")
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
         assert sorted(os.listdir(tmp_path)) == ["outside"] and (tmp_path / "outside" / "kept").exists()
     finally:
         dirs.close()
