@@ -17,25 +17,51 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+_PR_GET_CHILD_SUBREAPER = 37
 
 
-def become_subreaper(on: bool) -> bool:
-    """Linux: while on, a process among our descendants whose parent exits is given to this process, not
-    to init, so that what a command left running detached from its group (``pg_ctl start`` puts the
-    server in a session of its own) can still be found (``children``) and ended.  False where the
-    system has no such thing."""
+def become_subreaper() -> bool:
+    """Linux: from now on, a process among our descendants whose parent exits is given to this process,
+    not to init, so that what a command left running detached from its group (``pg_ctl start`` puts the
+    server in a session of its own) can still be found (``children``) and ended.  True when this call
+    made it so (then ``stop_being_subreaper`` undoes it); False where it was so already, or the system
+    has no such thing."""
     try:
         import ctypes
 
-        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        was = ctypes.c_int(0)
+        if prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0) != 0 or was.value:
+            return False
+        return prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
 
 
-def children() -> set[int]:
-    """The ids of this process's child processes, read from /proc (empty where there is none)."""
+def stop_being_subreaper() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def carries(pid: int, marker: bytes) -> bool:
+    """Whether process ``pid``'s environment holds ``marker`` (a ``NAME=value`` its starter set, which
+    its descendants inherit); False where it cannot be read (another user's, or gone)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def children() -> dict[int, tuple[bytes, int]]:
+    """This process's child processes, read from /proc (none where there is none): id -> (state, such as
+    b"Z" for one that ended and awaits its parent, and process group)."""
     me = os.getpid()
-    found = set()
+    found: dict[int, tuple[bytes, int]] = {}
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -49,6 +75,6 @@ def children() -> set[int]:
         except OSError:  # ended meanwhile
             continue
         fields = stat_line[stat_line.rfind(b")") + 2:].split()  # after the command name, which may hold anything
-        if len(fields) > 1 and fields[1] == str(me).encode():
-            found.add(int(name))
+        if len(fields) > 2 and fields[1] == str(me).encode():
+            found[int(name)] = (fields[0], int(fields[2]))
     return found

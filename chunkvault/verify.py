@@ -16,6 +16,7 @@ trees of millions of files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -32,7 +33,7 @@ import blake3
 
 from .display import one_line, warn
 from .errors import ChunkvaultError, CorruptObject, SnapshotNotFound, StorageFull, UsageError, VerificationFailed
-from .processes import become_subreaper, children, kill_group
+from .processes import become_subreaper, carries, children, kill_group, stop_being_subreaper
 from .store.command_stream import without_secrets
 from .store.manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key,
@@ -453,12 +454,15 @@ def _signal(send: Callable[[int, int], None], target: int, sig: int) -> bool:
         return False
 
 
-def _end_leftovers(group: int, before: set[int], grace: float = LEFTOVER_GRACE) -> bool:
+def _end_leftovers(group: int, before: Iterable[int], marker: bytes, grace: float = LEFTOVER_GRACE) -> bool:
     """Stop what a command left running once its shell exited: the rest of its process group, and the
     processes that left the group (a daemon in a session of its own) and came to us when their parent
-    exited (``become_subreaper``), that is our children that were not before it ran.  SIGTERM, then
-    SIGKILL after ``grace`` s; whether anything was left."""
+    exited (``become_subreaper``): our children that were not before it ran and carry the command's
+    ``marker`` in their environment (a child another thread of ours started meanwhile does not).  SIGTERM,
+    then SIGKILL after ``grace`` s; whether anything was left."""
     found = False
+    before = set(before)
+    ours: set[int] = set()  # the command's processes that came to us: of its group, or carrying its marker
     sent: dict[int, int] = {}  # process (or -group) -> the last signal sent to it
     deadline = time.monotonic() + grace
     while True:
@@ -466,7 +470,15 @@ def _end_leftovers(group: int, before: set[int], grace: float = LEFTOVER_GRACE) 
         if now > deadline + LEFTOVER_GRACE:  # even SIGKILL did not end them (not ours to signal, say)
             return found
         sig = signal.SIGKILL if now >= deadline else signal.SIGTERM
-        orphans = children() - before
+        new = {pid: v for pid, v in children().items() if pid not in before}
+        ours.update(pid for pid, (_, pgrp) in new.items() if pgrp == group or pid in ours or carries(pid, marker))
+        orphans = []
+        for pid in ours & new.keys():
+            if new[pid][0] == b"Z":  # ended: reaped, not left a zombie (one keeps its group alive, too)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            else:
+                orphans.append(pid)
         group_alive = _signal(os.killpg, group, 0)
         if not orphans and not group_alive:
             return found
@@ -478,10 +490,6 @@ def _end_leftovers(group: int, before: set[int], grace: float = LEFTOVER_GRACE) 
             if sent.get(pid) != sig:
                 sent[pid] = sig
                 _signal(os.kill, pid, sig)
-            try:
-                os.waitpid(pid, os.WNOHANG)  # ours now: an ended one is reaped, not left a zombie
-            except ChildProcessError:
-                pass
         time.sleep(0.05)
 
 
@@ -496,7 +504,9 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
     """
     started = time.monotonic()
     before = children()
-    reaping = end_leftovers and become_subreaper(True)
+    reaping = end_leftovers and become_subreaper()
+    marker = b"CHUNKVAULT_COMMAND_RUN=" + os.urandom(8).hex().encode()
+    env = {**env, "CHUNKVAULT_COMMAND_RUN": marker.split(b"=", 1)[1].decode()}
     try:
         with tempfile.TemporaryFile() as out:
             proc = subprocess.Popen(command, shell=True, env=env, stdin=subprocess.DEVNULL, stdout=out,
@@ -511,16 +521,16 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
             except BaseException:  # interrupted: the command must not go on in a scratch directory about to go
                 kill_group(proc)
                 if end_leftovers:
-                    _end_leftovers(proc.pid, before, grace=0)
+                    _end_leftovers(proc.pid, before, marker, grace=0)
                 raise
             seconds = time.monotonic() - started
-            left = end_leftovers and _end_leftovers(proc.pid, before) and not timed_out
+            left = end_leftovers and _end_leftovers(proc.pid, before, marker) and not timed_out
             size = out.seek(0, os.SEEK_END)
             out.seek(max(0, size - OUTPUT_TAIL))
             tail = out.read().decode(errors="replace")
     finally:
         if reaping:
-            become_subreaper(False)
+            stop_being_subreaper()
     if code is not None and code < 0:  # killed by a signal: report it the way a shell would
         code = 128 - code
     return CommandResult(command, code, timed_out, round(seconds, 3), tail, left)

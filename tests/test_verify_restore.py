@@ -482,3 +482,22 @@ def test_a_scratch_directory_without_space_is_exit_14_not_a_failed_verification(
         assert "the command was not run: the restore failed" in report["warnings"]
         assert "no space left in the scratch directory" in err
         assert os.listdir(scratch) == []
+
+
+def test_a_child_another_thread_starts_while_the_command_runs_is_not_taken_for_its_leftover():
+    """Every new child of this process was taken for one: a program calling verify_restore lost its own."""
+    import subprocess
+    import threading
+
+    from chunkvault.verify import run_command
+
+    mine: list[subprocess.Popen] = []
+    started = threading.Timer(0.3, lambda: mine.append(subprocess.Popen(["sleep", "5"])))
+    started.start()
+    result = run_command("sleep 1", dict(os.environ))
+    started.join()
+    try:
+        assert mine and mine[0].poll() is None and not result.leftovers
+    finally:
+        mine[0].kill()
+        mine[0].wait()
