@@ -501,6 +501,10 @@ class Daemon:
         except (ChunkvaultError, OSError) as exc:
             self.log(f"policy not reloaded, the one loaded before stays in use: {exc}")
             return
+        if runner.lock_file != self.runner.lock_file:  # the daemon's own lock is beside the one it started with
+            self.log(f"policy not reloaded, the one loaded before stays in use: its lock file changed (to "
+                     f"{runner.lock_file}); restart the daemon to change it")
+            return
         self.runner = runner
         self.log(f"policy reloaded: {len(runner.policy.sources)} source(s)")
 

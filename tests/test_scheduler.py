@@ -606,10 +606,13 @@ def test_daemon_process_reads_its_policy_again_on_sighup(tmp_path, repo_url, tre
         wait_for(lambda: "policy reloaded: 1 source(s)" in log.read_text(), proc, "the reload")
         wait_for(lambda: re.search(r"policy reloaded.*\n.*next run at \d{4}-06-01", log.read_text()), proc,
                  "the new slot")
+        write_policy(policy, repo_url, sources, top=f'full = "0 0 1 7 *"\nlock-file = "{tmp_path / "other.lock"}"\n')
+        proc.send_signal(signal.SIGHUP)  # a second daemon would take the new lock file's: refused
+        wait_for(lambda: "its lock file changed" in log.read_text(), proc, "the lock file's refusal")
         policy.write_text("full = [\n")
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "policy not reloaded, the one loaded before stays in use" in log.read_text(), proc,
-                 "the refusal")
+        wait_for(lambda: log.read_text().count("policy not reloaded, the one loaded before stays in use") == 2,
+                 proc, "the refusal")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
