@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from typing import Any
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -20,31 +21,35 @@ _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 _PR_GET_CHILD_SUBREAPER = 37
 
 
+def _prctl() -> Any:
+    """libc's prctl (Linux), or None where there is none."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def become_subreaper() -> bool:
     """Linux: from now on, a process among our descendants whose parent exits is given to this process,
     not to init, so that what a command left running detached from its group (``pg_ctl start`` puts the
     server in a session of its own) can still be found (``children``) and ended.  True when this call
     made it so (then ``stop_being_subreaper`` undoes it); False where it was so already, or the system
     has no such thing."""
-    try:
-        import ctypes
+    import ctypes
 
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-        was = ctypes.c_int(0)
-        if prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0) != 0 or was.value:
-            return False
-        return prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
+    prctl = _prctl()
+    was = ctypes.c_int(0)
+    if prctl is None or prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0) != 0 or was.value:
         return False
+    return prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def stop_being_subreaper() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def carries(pid: int, marker: bytes) -> bool:

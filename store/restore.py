@@ -968,16 +968,15 @@ class Restorer:
         return ((self.owners and (st.st_uid, st.st_gid) != (e.uid, e.gid))
                 or bool(e.mode & 0o6000 & ~st.st_mode))
 
-    def _regular_links(self, e: Entry) -> int:
-        """How many links the regular file at the entry's path has; 0 when there is none (nothing, or
-        something else)."""
+    def _regular_file_there(self, e: Entry) -> bool:
+        """Whether a regular file is at the entry's path (--delta then updates it)."""
         st = _lstat(*self.at(e.path))
-        return st.st_nlink if st is not None and stat.S_ISREG(st.st_mode) else 0
+        return st is not None and stat.S_ISREG(st.st_mode)
 
     def _restore_file(self, e: Entry, pf: _Prefetcher) -> None:
         part = self.parts.pop(id(e), None)
         try:
-            if self.opt.delta and self._regular_links(e):
+            if self.opt.delta and self._regular_file_there(e):
                 self._update_file(e)
             elif part is not None:
                 self._write_part(e, part[1], pf.chunks())
