@@ -9,6 +9,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from chunkvault.errors import CorruptObject, MissingObject, SnapshotNotFound, UsageError
+from chunkvault.store.chronology import chronological_key
 from chunkvault.store.retention import (
     Decision, Duration, RetentionPolicy, chain_dependencies, load_preset, newest_of_groups, parse_duration,
     parse_group_by, policy_from_dict, presets_from_dict, rebase_plan, select,
@@ -238,11 +239,20 @@ def test_keep_last_keeps_exactly_the_newest_per_group(history, n, group_by):
                sorted(s.tags) if "tags" in group_by else "")
         groups.setdefault(repr(key), []).append(s)
     want = set()
+    newest_first = chronological_key(snaps)  # by time; at one instant a differential after its parent, then id
     for members in groups.values():
-        members.sort(key=lambda s: (s.time, s.id), reverse=True)
+        members.sort(key=newest_first, reverse=True)
         assert len(members[:n]) == min(n, len(members))
         want |= {s.id for s in members[:n]}
     assert kept(decisions) == want
+
+
+def test_keep_last_at_one_instant_keeps_the_differential_not_its_parent():
+    """A full and its differential dated one instant: the differential is the newer (the model sorted by id)."""
+    t = datetime(2021, 1, 1, tzinfo=timezone.utc)
+    full = Snap("000000010000", t)
+    diff = Snap("000000000001", t, kind="diff", parent=full.id)
+    assert kept(select([full, diff], RetentionPolicy(keep_last=1), t + timedelta(hours=3))) == {diff.id}
 
 
 @settings(max_examples=150, deadline=None)
