@@ -1000,10 +1000,11 @@ class Restorer:
     def _write_file(self, rel: bytes, e: Entry, chunks: Iterator[Plaintext]) -> None:
         """Write a new file at ``rel``; one cut short (no space, an error, an interruption) is removed,
         never left half-written under its name."""
-        # a new file, made here: whatever is at its name was removed (``_make_room``) or never was, so one that
-        # appeared meanwhile (a hard link to a file out of the target, a FIFO) is refused, not written into
-        fd = self._open(rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        fd = -1
         try:
+            # a new file, made here: whatever is at its name was removed (``_make_room``) or never was, so one
+            # that appeared meanwhile (a hard link to a file out of the target, a FIFO) is refused, not written
+            fd = self._open(rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             hasher = blake3.blake3()
             pos = 0
             hole = False
@@ -1021,9 +1022,13 @@ class Restorer:
             if hole or pos != e.size:
                 os.ftruncate(fd, pos)
             self._apply_meta(e, fd)
-        except BaseException:
-            os.close(fd)
-            self.remove_quietly(rel)
+        except BaseException as exc:
+            if fd >= 0:
+                os.close(fd)
+            # an open refused (something at the name) leaves what is there; a stop that came while the file
+            # was being made (a worker told to stop), or anything after, takes it away
+            if fd >= 0 or not isinstance(exc, OSError):
+                self.remove_quietly(rel)
             raise
         os.close(fd)
         if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
