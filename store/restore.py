@@ -598,7 +598,6 @@ class Restorer:
     def finish_directories(self) -> None:
         for e in self._deferred or ():
             self._finish_directory(e)
-            self.dirs.release()
         self._deferred = None
 
     def restore_records(self, records: Iterator[Record]) -> None:
@@ -730,17 +729,12 @@ class Restorer:
             try:
                 pfd, name = self.at(rel)
                 st = _lstat(pfd, name)
-                if st is None:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    remove_tree(pfd, name)
-                else:
-                    os.unlink(name, dir_fd=pfd)
-                self.result.deleted += 1
+                if st is not None:
+                    self._remove(rel, pfd, name, st)
+                    self.result.deleted += 1
             except (OSError, TargetUnwritable) as exc:  # a read-only target, say: named, and the restore goes on
                 self._not_written(rel, f"not deleted: {_reason(exc)}")
             finally:
-                self.dirs.forget(rel)
                 self.dirs.release()
 
     def _close_dirs_until(self, path: bytes | None) -> None:
@@ -755,11 +749,11 @@ class Restorer:
                 self._deferred.append(e)
             else:
                 self._finish_directory(e)
-                self.dirs.release()
 
     def _finish_directory(self, e: Entry) -> None:
         """Through the directory itself, opened without following a link: one swapped for a symbolic link
-        while the restore ran would otherwise give its destination the directory's owner, mode and times."""
+        while the restore ran would otherwise give its destination the directory's owner, mode and times.
+        Its callers hold no directory descriptor and have no run queued: those let go of are closed after."""
         try:
             try:
                 fd = self._open(e.path, os.O_RDONLY | os.O_DIRECTORY)
@@ -773,6 +767,8 @@ class Restorer:
         except (OSError, TargetUnwritable) as exc:
             self.result.dirs -= 1  # counted when made; not restored as recorded after all
             self._not_written(e.path, _reason(exc))
+        finally:
+            self.dirs.release()
 
     def _update_file(self, e: Entry) -> None:
         """--delta: keep what is already right; rewrite only the chunk ranges that differ, then give it the
@@ -890,12 +886,18 @@ class Restorer:
         st = _lstat(pfd, name)
         if st is None or (is_dir and stat.S_ISDIR(st.st_mode)) or (keep_file and stat.S_ISREG(st.st_mode)):
             return pfd, name
-        if stat.S_ISDIR(st.st_mode):
-            remove_tree(pfd, name)
-        else:
-            os.unlink(name, dir_fd=pfd)
-        self.dirs.forget(rel)
+        self._remove(rel, pfd, name, st)
         return pfd, name
+
+    def _remove(self, rel: bytes, pfd: int, name: bytes, st: os.stat_result) -> None:
+        """Remove what ``st`` found at ``rel`` (a directory with all below it), never through a link."""
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                remove_tree(pfd, name)
+            else:
+                os.unlink(name, dir_fd=pfd)
+        finally:
+            self.dirs.forget(rel)
 
     def _kept_in_place(self, e: Entry) -> bool:
         """In a target that was not empty, what is left as it is: a file that was unreadable at backup time
