@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from . import __version__, interrupts, passwords
 from .display import one_line, shown_name, warn
 from .progress import JsonProgress, Progress
+from .remotes.layer import stop_request
 from .errors import (ChunkvaultError, CorruptObject, OutputClosed, PartialBackup, TargetNotEmpty, TargetUnwritable,
                      UsageError, VerificationFailed, output_error)
 from .store.chain import lineage
@@ -1468,6 +1469,7 @@ def _stopped(args: argparse.Namespace | None, argv: list[str] | None, *, termina
 
 def _stop(signum: int) -> None:
     _STOPPED_BY.append(signum)
+    stop_request.request()  # uploads in flight, which the command waits for, retry no longer
     raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
@@ -1531,6 +1533,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
     finally:
         sys.stdout = stdout
+        stop_request.clear()
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from .store import locks
 from .display import one_line
 from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
 from .processes import kill_group
+from .remotes.layer import stop_request
 from .schedule import Policy, Source, decide, next_wakeup, parse_policy
 from .schedulecli import add_commands
 from .store.command_stream import without_secrets
@@ -652,6 +653,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
+            stop_request.request()  # its uploads in flight retry no longer
             raise KeyboardInterrupt  # second signal: abort the step in progress
         signals_seen.append(signum)
         log.from_signal(f"{signal.Signals(signum).name} received: stopping after the step in progress "
@@ -687,6 +689,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         return 130
     finally:
         locks.stop_waiting.clear()
+        stop_request.clear()
         log.close()
 
 

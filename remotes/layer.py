@@ -34,6 +34,45 @@ def backoff_delay(attempt: int, base_delay: float, max_delay: float, rng: random
     return rng.uniform(0.0, min(max_delay, base_delay * (2**attempt)))
 
 
+class StopRequest:
+    """A command told to stop (Ctrl-C, SIGTERM) retries no longer for minutes.  Its uploads in flight are
+    waited for before its lock is released, and a remote that stalls had them retry for up to ``timeout``
+    each: past a service manager's stop timeout, into SIGKILL.  Once requested, a wait between attempts
+    ends at once, and attempts are started for ``grace`` seconds only (time for the lock's removal and the
+    index of what was stored whole, on a remote that answers)."""
+
+    def __init__(self, grace: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.grace = grace
+        self._clock = clock
+        self._event = threading.Event()
+        self._at = 0.0
+
+    def request(self) -> None:
+        if not self._event.is_set():
+            self._at = self._clock()
+            self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def left(self) -> float | None:
+        """Seconds of retrying left since the stop was requested; None when none was."""
+        if not self._event.is_set():
+            return None
+        return self.grace - (self._clock() - self._at)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, or less once a stop is requested meanwhile."""
+        if not self._event.is_set():
+            self._event.wait(seconds)
+        else:
+            time.sleep(max(0.0, min(seconds, self.left() or 0.0)))
+
+
+#: The process's stop request: the command layer makes it when told to stop, and clears it when done.
+stop_request = StopRequest()
+
+
 class RetryingRemote(Remote):
     """Retries transient failures of ``inner`` with exponential backoff and full jitter.
 
@@ -54,9 +93,10 @@ class RetryingRemote(Remote):
         max_delay: float = 15.0,
         timeout: float | None = 300.0,
         verify_reads: bool = True,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        stop: StopRequest | None = None,
     ):
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
@@ -69,7 +109,8 @@ class RetryingRemote(Remote):
         self.max_delay = max_delay
         self.timeout = timeout
         self.verify_reads = verify_reads
-        self._sleep = sleep
+        self.stop = stop_request if stop is None else stop
+        self._sleep = self.stop.sleep if sleep is None else sleep
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()
         self._clock = clock
@@ -85,6 +126,9 @@ class RetryingRemote(Remote):
         last: BaseException | None = None
         made = 0
         for attempt in range(self.attempts):
+            left = self.stop.left()
+            if left is not None and left <= 0:
+                break  # each attempt may take the socket timeouts: none is started past the grace
             made = attempt + 1
             try:
                 return fn(attempt)
@@ -95,10 +139,18 @@ class RetryingRemote(Remote):
             delay = self._delay(attempt)
             if deadline is not None and self._clock() + delay > deadline:
                 break
+            left = self.stop.left()
+            if left is not None:
+                if left <= 0:
+                    break
+                delay = min(delay, left)
             with self._rng_lock:
                 self.retries += 1
             self._sleep(delay)
         what = f"{op} {key}" if key else op
+        if self.stop.left() is not None:
+            raise RemoteUnavailable(f"{what} on {self.display_url} given up after {made} attempt(s): the command "
+                                    f"was told to stop" + (f"; last error: {last}" if last else "")) from last
         raise RemoteUnavailable(
             f"{self.display_url} is unavailable: {what} failed {made} time(s), giving up; last error: {last}"
         ) from last
@@ -154,6 +206,9 @@ class RetryingRemote(Remote):
     def stat(self, key: str) -> ObjectInfo | None:
         validate_key(key)
         return self._run("stat", key, lambda _: self.inner.stat(key))
+
+    def cleanup_temp(self, older_than: float = 3600.0) -> int:
+        return self._run("cleanup of unfinished writes", "", lambda _: self.inner.cleanup_temp(older_than))
 
     def close(self) -> None:
         self.inner.close()
@@ -332,6 +387,9 @@ class CachingRemote(Remote):
 
     def stat(self, key: str) -> ObjectInfo | None:
         return self.inner.stat(key)
+
+    def cleanup_temp(self, older_than: float = 3600.0) -> int:
+        return self.inner.cleanup_temp(older_than)
 
     def close(self) -> None:
         self.inner.close()

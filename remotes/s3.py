@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import time
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
@@ -356,6 +357,35 @@ class S3Remote(Remote):
         except ObjectNotFound:
             return None
         return ObjectInfo(key, int(head["ContentLength"]))
+
+    def cleanup_temp(self, older_than: float = 3600.0) -> int:
+        """Abort multipart uploads begun more than ``older_than`` seconds ago: a process killed mid-upload
+        leaves its parts stored, and billed, invisible to listings, until they are aborted."""
+        import botocore.exceptions as bce
+
+        cutoff = time.time() - older_than
+        stale = []
+        try:
+            for page in self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                       Prefix=self.prefix):
+                for upload in page.get("Uploads", ()):
+                    try:
+                        validate_key(upload["Key"][len(self.prefix):])
+                    except UsageError:
+                        continue
+                    if upload["Initiated"].timestamp() < cutoff:
+                        stale.append((upload["Key"], upload["UploadId"]))
+        except (bce.BotoCoreError, bce.ClientError) as exc:
+            raise self._error(exc, "list of unfinished uploads", None) from None
+        removed = 0
+        for full_key, upload_id in stale:
+            try:
+                self._call("abort of the upload of", full_key[len(self.prefix):],
+                           self._client.abort_multipart_upload, Key=full_key, UploadId=upload_id)
+            except ObjectNotFound:
+                continue  # finished or aborted meanwhile
+            removed += 1
+        return removed
 
     def storage_class(self, key: str) -> str:
         """The storage class S3 reports for an object (STANDARD when it reports none)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, StorageFull
+from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, PermissionDenied, StorageFull
 
 from .blob import KIND_DELTA
 from .chain import broken_chains
@@ -318,8 +318,12 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
         if use.pack_id in plan.freed_early:
             delete(pack_key(use.pack_id))
             step(moved)
-    # The age limit spares any write still in progress.
-    repo.remote.cleanup_temp(TEMP_AGE)
+    # The age limit spares any write still in progress.  An S3 policy may allow deleting objects but not
+    # listing unfinished uploads: they are then left to a lifecycle rule, and the prune goes on.
+    try:
+        repo.remote.cleanup_temp(TEMP_AGE)
+    except PermissionDenied:
+        pass
     new_index = IndexData()
     for use in plan.keep:
         new_index.packs[use.pack_id] = use.entries

@@ -22,6 +22,7 @@ from chunkvault.remotes.base import ObjectInfo, Remote
 from chunkvault.remotes.layer import (
     CachingRemote,
     RetryingRemote,
+    StopRequest,
     backoff_delay,
     decode_cache_entry,
     encode_cache_entry,
@@ -148,6 +149,64 @@ def test_timeout_bounds_total_retry_time(tmp_path):
         remote.get("config")
     assert now[0] <= 30.0
     assert 1 < faulty.calls["get"] < 100
+
+
+def test_a_stop_request_ends_retrying_after_its_grace(tmp_path):
+    """Told to stop, an upload against a stalled remote gives up within the grace, not the timeout."""
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731
+    stop = StopRequest(grace=10.0, clock=clock)
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    faulty = FaultyRemote(_local(tmp_path), seed=1, down=True, sleep=sleep, delay=2.0)  # each attempt takes 2 s
+    remote = RetryingRemote(faulty, attempts=1000, base_delay=1.0, max_delay=15.0, timeout=300.0, sleep=sleep,
+                            rng=random.Random(1), clock=clock, stop=stop)
+    real_sleep = faulty._sleep
+
+    def stop_at_50(seconds: float) -> None:
+        real_sleep(seconds)
+        if now[0] >= 50.0:
+            stop.request()
+
+    faulty._sleep = stop_at_50
+    with pytest.raises(RemoteUnavailable, match="told to stop"):
+        remote.put("data/ab/cafe", b"x")
+    stopped_at = stop._at
+    assert stopped_at >= 50.0
+    assert now[0] <= stopped_at + 10.0 + 2.0  # the grace, and the attempt under way when it ran out
+    stop.clear()
+    faulty._sleep = real_sleep
+    with pytest.raises(RemoteUnavailable, match="giving up"):
+        remote.put("data/ab/cafe", b"x")
+    assert now[0] - stopped_at > 250.0  # cleared: the whole timeout again
+
+
+def test_a_stop_request_cuts_a_wait_between_attempts_short(tmp_path):
+    class Longest(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return b
+
+    stop = StopRequest(grace=0.0)
+    faulty = FaultyRemote(_local(tmp_path), seed=1, down=True)
+    remote = RetryingRemote(faulty, attempts=5, base_delay=600.0, max_delay=600.0, timeout=None, rng=Longest(), stop=stop)
+    failed: list[BaseException] = []
+
+    def put() -> None:
+        try:
+            remote.put("data/ab/cafe", b"x")
+        except RemoteUnavailable as exc:
+            failed.append(exc)
+
+    worker = threading.Thread(target=put)
+    worker.start()
+    while not remote.retries:  # waiting its first 600 s
+        time.sleep(0.01)
+    stop.request()
+    worker.join(60)  # a hang guard, far below the 600 s it would wait
+    assert not worker.is_alive() and "told to stop" in str(failed[0])
+    assert faulty.calls["put"] == 1  # the grace is 0: no attempt is started after the stop
 
 
 def test_remote_going_away_mid_upload(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import botocore.exceptions
 import pytest
@@ -350,3 +351,37 @@ def test_server_going_away_gives_one_clear_error(s3_credentials):
             remote.put("data/ab/two", b"2")
     finally:
         server.stop()
+
+
+def test_cleanup_aborts_only_old_unfinished_uploads_of_this_repository(s3_bucket, moto_s3):
+    """A process killed mid-upload leaves its parts stored (and billed) until the upload is aborted."""
+    client = moto_s3.client()
+
+    def begin(key):
+        return client.create_multipart_upload(Bucket=s3_bucket.name, Key=key)["UploadId"]
+
+    def open_uploads():
+        return sorted(u["Key"] for u in client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", ()))
+
+    begin("repo/data/ab/killed")
+    begin("other/data/ab/theirs")  # another repository's prefix in the same bucket
+    # moto dates every upload alike (and in the past): the age limit is set around the date it gives
+    initiated = client.list_multipart_uploads(Bucket=s3_bucket.name)["Uploads"][0]["Initiated"].timestamp()
+    age = time.time() - initiated
+    with _open(s3_bucket) as remote:
+        assert remote.cleanup_temp(older_than=age + 3600) == 0  # younger than that: maybe still in progress
+        assert open_uploads() == ["other/data/ab/theirs", "repo/data/ab/killed"]
+        assert remote.cleanup_temp(older_than=age - 3600) == 1
+    assert open_uploads() == ["other/data/ab/theirs"]
+
+
+def test_prune_over_s3_aborts_old_unfinished_uploads(tmp_path, s3_bucket, moto_s3, monkeypatch, password):
+    from chunkvault import Repository
+
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    repo = Repository.init(s3_bucket.url, password, kdf_seconds=0, **s3_bucket.options)
+    client = moto_s3.client()
+    client.create_multipart_upload(Bucket=s3_bucket.name, Key="repo/data/cd/killed")
+    repo.prune()  # moto dates every upload years back
+    repo.close()
+    assert not client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads")

@@ -107,3 +107,40 @@ def test_a_second_client_sees_snapshots_another_rewrote(tmp_path, http_server, m
 
     gets = count_snapshot_gets(monkeypatch, HTTPRemote)
     run_rewritten_elsewhere(http_server.url, tmp_path, monkeypatch, gets, token=FULL_TOKEN)
+
+
+def test_a_backup_told_to_stop_while_the_server_stalls_exits_in_seconds(tmp_path, http_server, cli):
+    """Ctrl-C waits for the uploads in flight; against a server that answers nothing they gave up only
+    after 5 minutes of retries each, past any service manager's stop timeout."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, **_env(tmp_path, FULL_TOKEN), "CHUNKVAULT_PASSWORD": "pw"}
+    url = http_server.url
+    cli("init", "-r", url, "--kdf-time", "0", "--pack-size", "256k", env=env, password="pw")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(random.Random(3).randbytes(40_000_000))
+    backup = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "backup", "-r", url, str(src),
+                               "-o", "http.read-timeout=2", "-o", "http.connect-timeout=2", "--limit-upload", "2M"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        data = http_server.path / "data"
+        while backup.poll() is None and not (data.is_dir() and any(data.rglob("*"))):
+            time.sleep(0.05)
+        http_server.proc.send_signal(signal.SIGSTOP)  # the kernel still accepts connections; nothing answers
+        time.sleep(1.5)  # uploads under way, stalled
+        backup.send_signal(signal.SIGINT)
+        # Told to stop, attempts go on for 10 s (2 s each here): about 12 s.  Retrying as if not told,
+        # 8 attempts per upload in flight, then the index and the lock: about 85 s.
+        _, err = backup.communicate(timeout=60)
+    finally:
+        http_server.proc.send_signal(signal.SIGCONT)
+        if backup.poll() is None:
+            backup.kill()
+            backup.wait()
+    assert backup.returncode == 130, err.decode()
+    assert err.decode().strip().splitlines()[-1] == "chunkvault: interrupted"

@@ -1,4 +1,5 @@
 """The store over SFTP (a real sshd on 127.0.0.1): lifecycle, CLI, copy off-site."""
+import os
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,21 @@ def test_api_derives_the_key_while_connecting_unless_told_to_keep_nothing(tmp_pa
     monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "elsewhere"))
     Repository.open(sftp_repo.url, PASSWORD, cache=False, **sftp_repo.options).close()
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_prune_removes_old_unfinished_uploads_through_the_retry_layer(tmp_path, sftp_repo, monkeypatch):
+    """Prune's clean-up reaches the SFTP remote under the retry and cache layers: a temp file a killed
+    upload left is removed once old, one in progress is not."""
+    from chunkvault.remotes.sftp import TEMP_PREFIX
+
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    repo = Repository.init(sftp_repo.url, PASSWORD, kdf_seconds=0, **sftp_repo.options)
+    stale = Path(sftp_repo.path, "data", TEMP_PREFIX + "killed")
+    fresh = Path(sftp_repo.path, "data", TEMP_PREFIX + "writing")
+    for p in (stale, fresh):
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"half a pack")
+    os.utime(stale, (0, 0))
+    repo.prune()
+    repo.close()
+    assert not stale.exists() and fresh.exists()
