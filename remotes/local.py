@@ -29,6 +29,11 @@ from chunkvault.errors import (
 from .base import ObjectInfo, Remote, validate_key, validate_prefix
 
 TEMP_PREFIX = ".tmp-"
+# Space kept back so that a lock can still be written on a full disk: forget and prune, the commands that
+# free space, take one before they delete anything.  Not an object: never listed.
+RESERVE_NAME = ".reserve"
+RESERVE_SIZE = 1 << 20
+LOCK_PREFIX = "locks/"  # the one kind of key a full disk must still take
 _O_DIRECT = getattr(os, "O_DIRECT", 0) if sys.platform.startswith("linux") else 0
 DIRECT_IO_MIN = 1 << 20
 # O_DIRECT wants buffer address, length and file offset aligned to the device's logical block (512 or 4096).
@@ -128,6 +133,7 @@ class LocalRemote(Remote):
         self.fsync = fsync
         self.direct_io = direct_io and bool(_O_DIRECT)
         self._known_dirs: set[str] = set()
+        self._reserve_kept = False  # this process saw the reserve in place, or made it
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "LocalRemote":
@@ -157,6 +163,50 @@ class LocalRemote(Remote):
         self._known_dirs.add(d)
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        try:
+            self._put(key, data, if_absent)
+        except StorageFull:
+            if not key.startswith(LOCK_PREFIX) or not self._release_reserve():
+                raise
+            self._put(key, data, if_absent)
+
+    def _release_reserve(self) -> bool:
+        """Free the reserve for a lock a full disk refused; True when there was one."""
+        self._reserve_kept = False
+        try:
+            os.unlink(os.path.join(self.root, RESERVE_NAME))
+        except OSError:
+            return False
+        return True
+
+    def keep_reserve(self) -> None:
+        """Make the reserve where it is missing and the disk has room (after a deletion, once per process
+        until it is used): best effort, a disk too full for it is no error."""
+        if self._reserve_kept:
+            return
+        path = os.path.join(self.root, RESERVE_NAME)
+        if os.path.exists(path):
+            self._reserve_kept = True
+            return
+        tmp = os.path.join(self.root, TEMP_PREFIX + os.urandom(8).hex())
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                # written, not fallocated: a copy-on-write or compressing file system would keep no room
+                _write_all(fd, memoryview(os.urandom(RESERVE_SIZE)))
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            self._reserve_kept = True
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def _put(self, key: str, data: bytes, if_absent: bool) -> None:
         final = self._path(key)
         d = os.path.dirname(final)
         tmp = os.path.join(d, TEMP_PREFIX + os.urandom(8).hex())
@@ -214,7 +264,7 @@ class LocalRemote(Remote):
             rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
             dirnames[:] = [d for d in dirnames if (rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/")]
             for name in filenames:
-                if name.startswith(TEMP_PREFIX):
+                if name.startswith(TEMP_PREFIX) or (not rel and name == RESERVE_NAME):
                     continue
                 key = rel + name
                 if key.startswith(prefix):
@@ -231,6 +281,8 @@ class LocalRemote(Remote):
             return
         except OSError as exc:
             raise _os_error(exc, f"deleting {key}") from None
+        if key.startswith(LOCK_PREFIX):  # a command ends: what it wrote is there, what it freed is free
+            self.keep_reserve()
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:

@@ -113,6 +113,8 @@ def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan,
     """Rebase, then delete. Returns the rebased snapshots.  The caller holds the exclusive lock and made
     ``plan`` under it, from ``snapshots`` read under it; ``ensure_held`` raises when that lock may have gone
     stale, before each rewrite and deletion (a backup may have started on a snapshot about to go)."""
+    if plan.remove:
+        repo.require_deletes(f"snapshots/{bytes(32).hex()}", "forget")
     rebased = []
     for step in plan.rebases:
         try:

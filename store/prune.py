@@ -292,6 +292,7 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     """Carry out ``plan``; ``progress(packs done, bytes repacked, bytes to repack)`` as it goes.
     ``ensure_held`` raises when the lock may have gone stale (a paused prune): then a backup may have
     started meanwhile and deduplicated against what the plan deletes, so nothing more is deleted."""
+    repo.require_deletes(pack_key(bytes(32)), "prune")
     done = 0
 
     def step(nbytes: int) -> None:

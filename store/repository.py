@@ -21,6 +21,7 @@ from chunkvault.errors import (
     MissingObject,
     ObjectExists,
     ObjectNotFound,
+    PermissionDenied,
     RepositoryExists,
     UsageError,
 )
@@ -669,6 +670,17 @@ class Repo:
         self._snapshots[snap.id] = snap
         self._snapshot_sizes[snap.id] = len(data)
         return snap
+
+    def require_deletes(self, key: str, purpose: str) -> None:
+        """Refuse before any work where the remote will refuse the deletions ``purpose`` needs (an
+        append-only token, a bucket policy without delete): deleting ``key``, which no object has, is
+        answered by the permission alone.  Found at the first deletion, a prune had uploaded its repack
+        and a forget its rebased manifests, for nothing."""
+        try:
+            self.remote.delete(key)
+        except PermissionDenied as exc:
+            raise PermissionDenied(f"{purpose} deletes objects, and {self.remote.display_url} does not allow "
+                                   f"it: {exc}") from None
 
     def delete_snapshot(self, name: str) -> None:
         self.remote.delete(f"snapshots/{name}")

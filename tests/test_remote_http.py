@@ -35,7 +35,8 @@ KEY = "data/ab/" + "ab" * 32
 
 
 def files_under(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """The objects stored under ``root``: its files but the space kept back for a full disk."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p != root / ".reserve")
 
 
 def raw_request(port: int, method: str, path: str, body: bytes | None = None, token: str | None = FULL_TOKEN,

@@ -294,3 +294,48 @@ def test_large_aligned_object_on_tmpfs(monkeypatch):
         data = os.urandom((1 << 20) + 12345)
         remote.put("data/t", _aligned(data))
         assert remote.get("data/t") == data
+
+
+def test_a_lock_takes_the_reserve_on_a_full_disk_and_nothing_else_does(tmp_path, monkeypatch):
+    """The reserve is what lets forget and prune lock a full repository: a pack must not eat it."""
+    remote = LocalRemote(str(tmp_path))
+    remote.put("locks/a", b"lock")
+    remote.delete("locks/a")  # a command ends: the reserve is made
+    reserve = tmp_path / local_module.RESERVE_NAME
+    assert reserve.stat().st_size == local_module.RESERVE_SIZE
+    assert [i.key for i in remote.list()] == []  # no object: its name is no key
+    real_write_all = local_module._write_all
+
+    def full_while_reserved(fd, view):  # the disk: full until the reserve is gone
+        if reserve.exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write_all(fd, view)
+
+    monkeypatch.setattr(local_module, "_write_all", full_while_reserved)
+    with pytest.raises(StorageFull):
+        remote.put("data/ab/pack", b"p" * 5000)
+    with pytest.raises(StorageFull):
+        remote.put("snapshots/s", b"s")
+    assert reserve.exists()
+    remote.put("locks/b", b"lock")
+    assert not reserve.exists() and remote.get("locks/b") == b"lock"
+    monkeypatch.undo()
+    remote.delete("locks/b")
+    assert reserve.stat().st_size == local_module.RESERVE_SIZE  # put back once there is room
+    assert list(remote.temp_files()) == []
+
+
+def test_a_disk_too_full_for_the_reserve_is_no_error(tmp_path, monkeypatch):
+    remote = LocalRemote(str(tmp_path))
+    remote.put("locks/a", b"lock")
+
+    def full(fd, view):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(local_module, "_write_all", full)
+    remote.delete("locks/a")
+    monkeypatch.undo()
+    assert not (tmp_path / local_module.RESERVE_NAME).exists() and list(remote.temp_files()) == []
+    remote.put("locks/b", b"lock")
+    remote.delete("locks/b")  # tried again by the next command's end
+    assert (tmp_path / local_module.RESERVE_NAME).exists()

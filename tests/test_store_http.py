@@ -74,13 +74,22 @@ def test_append_only_token_backs_up_but_cannot_forget_or_prune(tmp_path, http_se
 
     before = sorted(p.name for p in (http_server.path / "snapshots").iterdir())
     assert len(before) == 3
+
+    def stored():
+        return sorted(str(p.relative_to(http_server.path)) for p in http_server.path.rglob("*")
+                      if p.is_file() and not p.name.startswith(".") and p.parts[-2] != "locks")
+
+    # A full token forgets the first full: its packs, shared with the others, are now repacked by a prune.
+    cli("forget", "-r", url, before[0], env=_env(tmp_path, FULL_TOKEN))
+    before = sorted(p.name for p in (http_server.path / "snapshots").iterdir())
+    objects = stored()
     for args in (("forget", "-r", url, "--keep-last", "1", "--prune"), ("forget", "-r", url, before[0]),
-                 ("prune", "-r", url)):
+                 ("prune", "-r", url, "--max-unused", "0")):
         result = cli(*args, env=appender, check=14)
         lines = result.stderr.decode().strip().splitlines()
         assert len(lines) == 1 and "append-only" in lines[0], result.stderr
         assert APPEND_TOKEN not in lines[0]
-    assert sorted(p.name for p in (http_server.path / "snapshots").iterdir()) == before
+        assert stored() == objects  # refused before anything was written: no repack, no rebased manifest
     keys = sorted(p.name for p in (http_server.path / "keys").iterdir())
     result = cli("key", "passwd", "-r", url, "--kdf-time", "0", env={**appender, "CHUNKVAULT_NEW_PASSWORD": "new one"},
                  check=14)  # it may add the new key, not remove the old: both would open the repository
