@@ -69,6 +69,7 @@ class Settings:
     tls_key: str | None = None
     max_object_size: int = DEFAULT_MAX_OBJECT_SIZE
     quiet: bool = False
+    tokens_file: str | None = None  # read again on SIGHUP (a token revoked), as the TLS files are
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -223,6 +224,7 @@ def parse_settings(argv: list[str]) -> Settings | None:
         tls_key=tls_key,
         max_object_size=_max_object_size(pick("max_object_size", DEFAULT_MAX_OBJECT_SIZE)),
         quiet=bool(pick("quiet", False)),
+        tokens_file=tokens_file,
     )
 
 
@@ -364,6 +366,25 @@ class BackupServer(ThreadingHTTPServer):
             self.log(f"{client_address[0]} connection lost: {exc.strerror or type(exc).__name__}")
         else:
             self.log(f"{client_address[0]} internal error: {type(exc).__name__}: {exc}")
+
+    def reload(self) -> None:
+        """Read the tokens file and the TLS certificate again (SIGHUP): a revoked token is refused from the
+        next request on, a renewed certificate served from the next connection on, without a restart that
+        would cut the backups under way.  A file that no longer loads keeps what was loaded, and says so."""
+        settings = self.settings
+        try:
+            tokens = load_tokens(settings.tokens_file) if settings.tokens_file else None
+            tls = _tls_context(settings.tls_cert, settings.tls_key) if self.tls is not None else None
+        except UsageError as exc:
+            self.log(f"reload failed, serving with the settings loaded before: {exc}", always=True)
+            return
+        if tokens is not None:
+            settings.tokens = tokens
+        if tls is not None:
+            self.tls = tls
+        loaded = [f"{len(tokens)} token(s)"] if tokens is not None else []
+        self.log(f"reloaded {' and '.join(loaded + (['the TLS certificate'] if tls is not None else [])) or 'nothing'}",
+                 always=True)
 
     def remove_unfinished_uploads(self) -> None:
         """Temp files a crash of this server left behind (an hour old, so never a live upload)."""
@@ -716,7 +737,8 @@ def _match(tokens: list[tuple[bytes, str]], offered: bytes) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the service until SIGTERM or SIGINT; 0 then, 2 for bad settings."""
+    """Run the service until SIGTERM or SIGINT (0 then; 2 for bad settings); SIGHUP reloads the tokens and
+    the TLS certificate."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--"]:  # "chunkvault serve -- --listen ..." hands the separator through
         argv = argv[1:]
@@ -738,8 +760,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     stop = threading.Event()
+    reload = threading.Event()
+
     # Run where setting the event cannot find its lock held by the main thread's own wait on it.
-    with interrupts.handled({signal.SIGTERM: lambda _: stop.set(), signal.SIGINT: lambda _: stop.set()}):
+    with interrupts.handled({signal.SIGTERM: lambda _: stop.set(), signal.SIGINT: lambda _: stop.set(),
+                             signal.SIGHUP: lambda _: reload.set()}):
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="serve",
                                   daemon=True)
         thread.start()
@@ -751,7 +776,9 @@ def main(argv: list[str] | None = None) -> int:
         server.log(f"listening on {server.url} (repository {settings.path}{extra})", always=True)
         try:
             while thread.is_alive() and not stop.wait(0.5):
-                pass
+                if reload.is_set():
+                    reload.clear()
+                    server.reload()
         finally:
             server.shutdown()
             server.wait_idle(10.0)

@@ -522,3 +522,48 @@ def test_old_unfinished_uploads_are_removed_at_start(serve_factory, tmp_path):
     assert not old.exists() and fresh.exists()
     with HTTPRemote.from_url(server.url) as remote:
         assert list(remote.list()) == []
+
+
+def test_sighup_reloads_the_tokens_and_the_certificate_and_keeps_them_when_the_files_are_bad(
+        serve_factory, tmp_path, monkeypatch):
+    """A token revoked, a certificate renewed: taken from the next request or connection on, without a
+    restart that would cut the backups under way."""
+    monkeypatch.delenv("CHUNKVAULT_HTTP_CA_FILE", raising=False)
+    cert, key = make_self_signed(tmp_path)
+    tokens = write_tokens(tmp_path)
+    server = serve_factory("--tokens", str(tokens), "--tls-cert", str(cert), "--tls-key", str(key), tls=True)
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN, ca_file=str(cert)) as remote:
+        remote.put(KEY, b"before")
+    renewed = tmp_path / "renewed"
+    renewed.mkdir()
+    new_cert, new_key = make_self_signed(renewed)
+    old_cert = tmp_path / "old.pem"
+    old_cert.write_bytes(cert.read_bytes())
+    cert.write_bytes(new_cert.read_bytes())
+    key.write_bytes(new_key.read_bytes())
+    new_token = "a-new-token-0123456789"
+    write_tokens(tmp_path, {"full": new_token})
+
+    def hangup_and_wait(line: str) -> None:
+        count = server.log().count(line)
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while server.log().count(line) == count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.log().count(line) == count + 1, server.log()
+
+    hangup_and_wait("reloaded 1 token(s) and the TLS certificate")
+    with HTTPRemote.from_url(server.url, token=new_token, ca_file=str(new_cert)) as remote:
+        assert remote.get(KEY) == b"before"
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN, ca_file=str(new_cert)) as revoked:
+        with pytest.raises(PermissionDenied, match="token"):
+            revoked.get(KEY)
+    with HTTPRemote.from_url(server.url, token=new_token, ca_file=str(old_cert)) as old:
+        with pytest.raises(RemoteError, match="certificate"):
+            old.get(KEY)
+    tokens.chmod(0o644)  # readable by others: refused, as at start
+    hangup_and_wait("reload failed, serving with the settings loaded before")
+    assert "accessible by group or others" in server.log()
+    with HTTPRemote.from_url(server.url, token=new_token, ca_file=str(new_cert)) as remote:
+        assert remote.get(KEY) == b"before"
+    assert server.running
