@@ -12,7 +12,8 @@
  *   t.add(id, pack, offset, length, raw, flags) -> bool (False: present, nothing changed)
  *   t.add_many(ids, packs, offsets, lengths, raws, flags) -> number added; each column a C-contiguous
  *       buffer of integers (any width, signed or not) of one value per id, or of one value for all
- *   t.add_entries(buf, pos, count, pack) -> number added: index-object entries (see scan_entries)
+ *   t.add_entries(buf, pos, count, pack) -> number added: index-object entries (see scan_entries); an entry
+ *       stored whole takes the place of a delta of the same id (which a lost base may have left unreadable)
  *   t.contains_many(ids) -> bytes, 1 where present
  *   t.remove_packs(packs) -> number removed (packs: sorted, distinct uint32 buffer)
  *   t.rows(a, b) -> (ids, fields, flags) of entries a..b-1 as bytes
@@ -437,8 +438,16 @@ static PyObject *Table_add_entries(Table *t, PyObject *args) {
         const uint8_t *p = (const uint8_t *)buf.buf + pos;
         Py_ssize_t slot;
         pos += ENTRY_SIZE + (p[0] == KIND_DELTA ? ID_SIZE : 0);
-        if (find(t, p + 1, &slot) >= 0) continue;
         uint32_t f[FIELDS] = {(uint32_t)pack, le32(p + 1 + ID_SIZE), le32(p + 5 + ID_SIZE), le32(p + 9 + ID_SIZE)};
+        Py_ssize_t e = find(t, p + 1, &slot);
+        if (e >= 0) {
+            if (t->flags[e] == KIND_DELTA && p[0] != KIND_DELTA) { /* a copy stored whole needs no base */
+                memcpy(t->fields + (size_t)e * FIELDS, f, sizeof f);
+                t->flags[e] = p[0];
+                t->version++;
+            }
+            continue;
+        }
         if (append(t, p + 1, f, p[0], slot, count - i - 1) < 0) goto fail;
         added++;
     }

@@ -406,7 +406,7 @@ class Backup:
             ids += bid
             if self.writer.claim(bid):
                 base_id = None
-                if bases:
+                if bases and bid not in self._lost_deltas:
                     mid = pos + n // 2
                     while bi < len(bases) and bases[bi][1] <= mid:
                         bi += 1
@@ -980,6 +980,8 @@ class Backup:
         self._xattrs_known = parent is None or parent.stats.get("xattrs", False) == self.opt.xattrs
         stats = ManifestStats()
         self.writer = CountingWriter(repo) if self.opt.dry_run else repo.writer()
+        # Deltas a lost base left unreadable: a chunk of theirs is stored again whole, which readers prefer.
+        self._lost_deltas = repo.withhold_unreadable_deltas()
         if self._lock is not None:
             self.writer.guard = self._lock.ensure_held
         try:

@@ -141,7 +141,9 @@ class BlobIndex:
 
     def add_entries(self, buf: bytes, pos: int, count: int, pack_no: int) -> int:
         """Record ``count`` entries of an index object (``store/FORMAT.md``) starting at ``pos``, all in pack
-        number ``pack_no``, their kind as flags; returns how many were new."""
+        number ``pack_no``, their kind as flags; returns how many were new.  A blob stored whole replaces a
+        delta of the same id already recorded, whatever the order the index objects come in: a delta whose
+        base was lost, stored again whole by a later backup, is then read from the new copy."""
         return self._t.add_entries(buf, pos, count, _check_u32("pack_no", pack_no))
 
     def contains_many(self, ids: bytes | Sequence[bytes]) -> bytes:

@@ -173,7 +173,9 @@ class Checker:
             if e.base_id not in readable:
                 p = self.problem(f"blob {e.blob_id.hex()}", _baseless(e.base_id, pid, 0))
                 self._baseless.append((p, e.base_id, pid))
-                self.bad_blobs.setdefault(e.blob_id, p)
+                loc = repo.locate(e.blob_id)
+                if loc is None or loc.flags == KIND_DELTA:  # no copy stored whole to read instead
+                    self.bad_blobs.setdefault(e.blob_id, p)
             elif repo.delta_depth(e.blob_id) > repo.max_delta_depth:
                 self.bad_blobs.setdefault(e.blob_id, self.problem(
                     f"blob {e.blob_id.hex()}", f"its delta chain is longer than {repo.max_delta_depth}"))

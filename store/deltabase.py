@@ -23,6 +23,8 @@ instead of 1.0-1.2.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import blake3
 
 
@@ -52,3 +54,34 @@ def choose_base(chain: list[bytes], bound: int, turn: bool) -> int:
     if depth >= bound or (turn and depth > 0):
         return depth
     return 0
+
+
+def unreadable_deltas(bases: dict[bytes, bytes], indexed_kind: Callable[[bytes], int | None],
+                      delta_kind: int) -> set[bytes]:
+    """Pure: the blobs the index holds as deltas whose chain of bases does not reach a blob it holds whole.
+
+    ``bases``: delta id -> base id, as the index objects give them; ``indexed_kind``: the kind of the copy
+    the index holds of an id, None when it holds none.  A damaged repository can index such a delta (its
+    base's pack lost, the index rebuilt from the packs that remain): a backup that deduplicated against
+    it, or kept a file by reference to it, would save a snapshot nothing can restore.  A chain that loops
+    back on itself (damage too) counts as unreadable."""
+    readable: dict[bytes, bool] = {}
+    for start in bases:
+        path: list[bytes] = []
+        cur: bytes | None = start
+        verdict = False
+        while cur is not None:
+            if cur in readable:
+                verdict = readable[cur]
+                break
+            kind = indexed_kind(cur)
+            if kind is None or cur in path:
+                break
+            if kind != delta_kind:
+                verdict = True
+                break
+            path.append(cur)
+            cur = bases.get(cur)
+        for b in path:
+            readable[b] = verdict
+    return {b for b, ok in readable.items() if not ok}

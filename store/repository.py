@@ -33,7 +33,7 @@ from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_ma
 from .blobindex import BlobIndex, BlobLocation
 from .config import MAX_PACK_SIZE, KeyFile, RepoConfig, Settings, make_key_file, new_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
-from .deltabase import choose_base
+from .deltabase import choose_base, unreadable_deltas
 from .indexfile import IndexColumns, IndexData, decode_index, decode_index_columns, encode_index
 from .manifest import Record, decode_records, iter_records
 from .manifest_seek import ManifestSeeker, segments
@@ -138,6 +138,7 @@ class Repo:
         self.unreadable_snapshots: dict[str, CorruptObject] = {}  # as of the last listing (``snapshots``)
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
         self._delta_bases: dict[bytes, bytes] = {}
+        self._withheld: set[bytes] | None = None  # deltas left out of the index for a writer: not yet known
 
     # --- creation and opening -------------------------------------------------
 
@@ -315,16 +316,55 @@ class Repo:
         superseded = superseded_names(d for _, d in objects)
         live = [d for n, d in objects if n not in superseded]
         index = BlobIndex(sum(d.entry_count for d in live))
-        for d in live:
-            self._add_columns(d, index)
+        added = sum(self._add_columns(d, index) for d in live)
+        if added < sum(d.entry_count for d in live):  # blobs stored twice (rare): bases as the index has them
+            self._match_delta_bases(live, index)
         # Published only when complete: other threads never see a half-loaded index.
-        self._index, self._index_names = index, set(names)
+        self._index, self._index_names, self._withheld = index, set(names), None
         return live
 
-    def _add_columns(self, d: IndexColumns, index: BlobIndex) -> None:
-        for pack_id, count, start in zip(d.pack_ids, d.counts, d.starts):
-            index.add_entries(d.plain, start, count, self.pack_no(pack_id))
+    def withhold_unreadable_deltas(self) -> set[bytes]:
+        """Leave out of the index the deltas whose chain of bases it does not hold (``unreadable_deltas``),
+        before anything deduplicates against it: a backup then stores such a chunk again, and reads again a
+        file whose data is among them.  The other readers keep them, to name both ids when one is read.
+        Costs one native lookup of every base when nothing is missing; returns the ids left out."""
+        with self._index_lock:
+            index = self.index
+            if self._withheld is not None:
+                return self._withheld
+            withheld: set[bytes] = set()
+            if not index.has_all(b"".join(self._delta_bases.values())):
+                def kind(b: bytes) -> int | None:
+                    loc = index.get(b)
+                    return None if loc is None else loc.flags
+
+                withheld = unreadable_deltas(self._delta_bases, kind, KIND_DELTA)
+                if withheld:
+                    kept = BlobIndex(len(index))
+                    for blob_id, loc in index.items():
+                        if blob_id not in withheld:
+                            kept.add(blob_id, loc.pack_no, loc.offset, loc.length, loc.raw_length, loc.flags)
+                    self._index = kept
+            self._withheld = withheld
+            return withheld
+
+    def _add_columns(self, d: IndexColumns, index: BlobIndex) -> int:
+        """Add one index object's entries; returns how many were new."""
+        added = sum(index.add_entries(d.plain, start, count, self.pack_no(pack_id))
+                    for pack_id, count, start in zip(d.pack_ids, d.counts, d.starts))
         self._delta_bases.update(d.delta_bases)
+        return added
+
+    def _match_delta_bases(self, live: list[IndexColumns], index: BlobIndex) -> None:
+        """Delta bases of the copies the index holds, where blobs are stored twice: the first delta of an id
+        (as the index keeps it), and none for a blob held whole (which the index prefers).  A base of a copy
+        the index does not hold may be lost: reads, new deltas and check follow only the held copy's."""
+        first: dict[bytes, bytes] = {}
+        for d in live:
+            for blob_id, base in d.delta_bases.items():
+                first.setdefault(blob_id, base)
+        held = {b: base for b, base in first.items() if (loc := index.get(b)) is not None and loc.flags == KIND_DELTA}
+        self._delta_bases = held
 
     def delta_chain(self, blob_id: bytes) -> list[bytes]:
         """The bases below a blob per the index, nearest first (stops past the depth bound)."""
@@ -862,6 +902,7 @@ class BlobWriter:
     INDEX_EVERY_SECONDS = 120.0
 
     def __init__(self, repo: Repo, upload_workers: int = 2):
+        repo.withhold_unreadable_deltas()
         self.repo = repo
         self.pack_size = min(repo.config.settings.pack_size, MAX_PACK_SIZE)  # one set larger before the bound
         self._lock = threading.Lock()
@@ -1047,6 +1088,7 @@ class CountingWriter(BlobWriter):
     and stores nothing: no pack, no index entry."""
 
     def __init__(self, repo: Repo):  # no buffers, no upload threads: nothing is written
+        repo.withhold_unreadable_deltas()
         self.repo = repo
         self._lock = threading.Lock()
         self._pending = set()

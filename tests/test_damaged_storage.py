@@ -92,6 +92,69 @@ def test_lost_delta_base_is_named_and_repaired(chain, tmp_path, cli, password):
     assert repo.check(read_data=True).ok
 
 
+@pytest.mark.parametrize("after", ["repair index"])
+@pytest.mark.parametrize("kind", ["diff", "full"])
+def test_a_backup_after_a_delta_base_is_lost_stores_what_it_needs_again(chain, tmp_path, password, after, kind):
+    """The index still holds the deltas whose base went with a lost pack: a backup of the same data must
+    not keep the file by reference to them, nor deduplicate against them, and save a snapshot nothing can
+    restore while exiting 0.  It stores those chunks again."""
+    repo_dir, repo, full, diff, src = chain
+    base = chunk_ids(repo, full, "db")[0]
+    victim = pack_path(repo_dir, repo, base)
+    manifests = {bytes.fromhex(h) for s in (full, diff) for h in s.manifest}
+    assert all(pack_path(repo_dir, repo, m) != victim for m in manifests)
+    os.remove(victim)
+    if after == "repair index":
+        repo.repair_index()
+    repo = Repository.open(str(repo_dir), password)
+    snap = repo.backup([str(src)], fixed_chunks=["db"], kind=kind).snapshot
+    assert snap.stats["added_blobs"] >= 1
+    repo = Repository.open(str(repo_dir), password)  # the index as any reader loads it: the copy stored whole
+    out = tmp_path / "out"
+    repo.restore(snap.id, str(out))
+    assert (out / "db").read_bytes() == (src / "db").read_bytes()
+    report = repo.check(read_data=True)
+    named = {s for p in report.problems for s in p.snapshots}
+    # The differential's chunk is read from the copy stored whole now; the full's lost chunk is lost.
+    assert named == {full.id}, report.problems
+
+
+def test_a_chunk_of_a_delta_whose_base_is_lost_is_stored_again_whole_even_where_a_delta_would_do(
+        chain, tmp_path, password):
+    """The chunk comes back in another file whose parent version has readable chunks to delta against: as
+    a second delta, it would sit beside the unreadable one, and a reader could take either."""
+    repo_dir, repo, full, diff, src = chain
+    lost = chunk_ids(repo, diff, "db")[0]
+    os.remove(pack_path(repo_dir, repo, chunk_ids(repo, full, "db")[0]))
+    repo.repair_index()
+    repo = Repository.open(str(repo_dir), password)
+    version2 = (src / "db").read_bytes()
+    (src / "db").unlink()
+    near = bytearray(version2)  # a version whose chunks a delta of version 2's would take few bytes against
+    for at in range(5000, len(near), 64 * 1024):
+        near[at : at + 8] = b"patched!"
+    (src / "db2").write_bytes(near)
+    repo.backup([str(src)], fixed_chunks=["db*"])
+    (src / "db2").write_bytes(version2)
+    snap = repo.backup([str(src)], fixed_chunks=["db*"]).snapshot
+    assert lost in chunk_ids(repo, snap, "db2")
+    assert snap.stats["added_blobs"] == 1 and snap.stats["delta_blobs"] == 0
+    repo = Repository.open(str(repo_dir), password)
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "db2").read_bytes() == version2
+
+
+def test_unreadable_deltas_are_those_whose_chain_misses_a_whole_blob():
+    from chunkvault.store.deltabase import unreadable_deltas
+
+    whole, delta = 1, 2
+    kinds = {b"w": whole, b"d1": delta, b"d2": delta, b"x1": delta, b"x2": delta, b"dup": whole,
+             b"loop1": delta, b"loop2": delta}
+    bases = {b"d1": b"w", b"d2": b"d1", b"x1": b"gone", b"x2": b"x1", b"dup": b"gone", b"loop1": b"loop2",
+             b"loop2": b"loop1", b"unindexed": b"w"}
+    assert unreadable_deltas(bases, kinds.get, delta) == {b"x1", b"x2", b"loop1", b"loop2"}
+
+
 def test_lost_full_manifest_takes_its_differentials_down(chain, tmp_path, cli, password):
     repo_dir, repo, full, diff, _ = chain
     victim = pack_path(repo_dir, repo, bytes.fromhex(full.manifest[0]))
