@@ -279,6 +279,7 @@ class Backup:
         self.warnings: list[str] = []
         self.unreadable: list[str] = []
         self._lock: RepoLock | None = None
+        self._damaged: set[bytes] = set()  # manifest blobs of a parent's chain that do not read
         self.changed = False  # an entry differs from the parent's (or is new): a full then holds a change
         self.writer: BlobWriter | None = None
         self._pool = ThreadPoolExecutor(WORKERS)
@@ -980,6 +981,9 @@ class Backup:
         self._xattrs_known = parent is None or parent.stats.get("xattrs", False) == self.opt.xattrs
         stats = ManifestStats()
         self.writer = CountingWriter(repo) if self.opt.dry_run else repo.writer()
+        # A manifest the search for a parent found damaged: the same records make the same blob, which must
+        # not refer to the damaged copy.
+        self.writer.damaged = self._damaged
         # Deltas a lost base left unreadable: a chunk of theirs is stored again whole, which readers prefer.
         self._lost_deltas = repo.withhold_unreadable_deltas()
         if self._lock is not None:
@@ -1074,9 +1078,18 @@ class Backup:
             except MissingObject:  # an indexed pack is gone: dedup against that index would reference it
                 raise
             except CorruptObject:
+                self._damaged |= {b for m in self.repo.chain_of(snap, snapshots) for b in map(bytes.fromhex, m.manifest)
+                                  if not self._reads(b)}
                 continue
             return snap, itertools.chain(() if head is None else (head,), tree)
         return None, iter(())
+
+    def _reads(self, blob_id: bytes) -> bool:
+        try:
+            self.repo.read_blob(blob_id, verify=True)
+        except CorruptObject:
+            return False
+        return True
 
     def _count(self, records: Iterator[Record], stats: ManifestStats) -> Iterator[Record]:
         for rec in records:

@@ -927,12 +927,19 @@ class BlobWriter:
         # (``RepoLock.ensure_held``): a prune may have deleted the packs as unindexed meanwhile, and an index
         # naming them would have later backups deduplicate against data that is gone.
         self.guard: Callable[[], None] = lambda: None
+        self.damaged: set[bytes] = set()  # blobs the command found unreadable: never deduplicated against
 
     def claim(self, blob_id: bytes) -> bool:
-        """True when the caller must store this blob (not in the repository, not in flight)."""
+        """True when the caller must store this blob (not in the repository, not in flight).  One found
+        damaged meanwhile (``damaged``) is an error: its id would refer to the damaged copy, which readers
+        may take over any other."""
         index = self.repo.index
         with self._lock, self.repo._index_lock:
             if blob_id in self._pending or blob_id in index:
+                if blob_id in self.damaged:
+                    raise CorruptObject(f"blob {blob_id.hex()}", "is damaged in the repository, and this would "
+                                        "refer to it again: run `chunkvault check --read-data`, then `repair "
+                                        "packs` for the packs it names, and back up again")
                 return False
             self._pending.add(blob_id)
             return True
@@ -1095,6 +1102,7 @@ class CountingWriter(BlobWriter):
         self.new_blobs = self.new_raw_bytes = self.stored_bytes = self.delta_blobs = self.delta_bytes = 0
         self.index_names = []
         self._error = None
+        self.damaged = set()
 
     def store_many(self, blobs: Iterable[PreparedBlob]) -> None:
         with self._lock:

@@ -539,6 +539,25 @@ def test_backups_go_on_when_the_parents_manifest_is_damaged(chain, tmp_path, pas
         p.name: p.read_bytes() for p in src.iterdir()}
 
 
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_backup_that_would_make_the_damaged_manifest_again_stops(chain, tmp_path, password, cli, damage):
+    """The newest snapshot's manifest is damaged; the backup builds on the one before, finds the same
+    changes, and so makes the same manifest blob: deduplicated against the damaged copy, its snapshot
+    would not restore, night after night, each run exiting 0.  It stops instead, pointing to the repair."""
+    repo_dir, repo, full, diff, src = chain
+    manifest = bytes.fromhex(diff.manifest[0])
+    if damage == "flipped":
+        damage_blob(repo_dir, repo, manifest)
+    else:
+        pack = pack_path(repo_dir, repo, manifest)
+        os.truncate(pack, 100)
+    before = sorted(p.name for p in (repo_dir / "snapshots").iterdir())
+    result = cli("backup", "-r", str(repo_dir), str(src), "--fixed-chunks", "db", password=password, check=13)
+    err = result.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and manifest.hex() in err and "repair packs" in err, err
+    assert sorted(p.name for p in (repo_dir / "snapshots").iterdir()) == before
+
+
 @pytest.mark.parametrize("name", ["junk", "nested/index/" + "a" * 64, "config"])
 def test_objects_under_index_not_named_as_one_stop_nothing(tmp_path, new_repo, name):
     """A stray file, another repository nested below, or what an append-only client planted: each stopped
