@@ -17,7 +17,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from chunkvault.errors import ObjectExists, ObjectNotFound, RemoteUnavailable
+from chunkvault.errors import ChunkvaultError, ObjectExists, ObjectNotFound, RemoteUnavailable
 
 from .base import ObjectInfo, Remote, validate_key
 
@@ -38,8 +38,10 @@ class StopRequest:
     """A command told to stop (Ctrl-C, SIGTERM) retries no longer for minutes.  Its uploads in flight are
     waited for before its lock is released, and a remote that stalls had them retry for up to ``timeout``
     each: past a service manager's stop timeout, into SIGKILL.  Once requested, a wait between attempts
-    ends at once, and attempts are started for ``grace`` seconds only (time for the lock's removal and the
-    index of what was stored whole, on a remote that answers)."""
+    ends at once, and attempts are started only within ``grace`` seconds of the request or of the last
+    operation that succeeded since: a remote that answers, however slowly, still gets the index of what
+    was stored whole and the lock's removal; one that has answered nothing for ``grace`` seconds gets no
+    new attempt."""
 
     def __init__(self, grace: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.grace = grace
@@ -54,6 +56,11 @@ class StopRequest:
 
     def clear(self) -> None:
         self._event.clear()
+
+    def answered(self) -> None:
+        """An operation succeeded: the remote still answers, so the grace starts again."""
+        if self._event.is_set():
+            self._at = self._clock()
 
     def left(self) -> float | None:
         """Seconds of retrying left since the stop was requested; None when none was."""
@@ -131,9 +138,15 @@ class RetryingRemote(Remote):
                 break  # each attempt may take the socket timeouts: none is started past the grace
             made = attempt + 1
             try:
-                return fn(attempt)
+                done = fn(attempt)
             except TRANSIENT_ERRORS as exc:
                 last = exc
+            except ChunkvaultError:  # an answer all the same (not found, refused)
+                self.stop.answered()
+                raise
+            else:
+                self.stop.answered()
+                return done
             if attempt + 1 == self.attempts:
                 break
             delay = self._delay(attempt)

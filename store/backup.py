@@ -1014,6 +1014,9 @@ class Backup:
             self._drain()
             self._ensure_lock_held()
             self.writer.flush()
+        except BaseException:
+            self.writer.abandon()
+            raise
         finally:
             self._abort.set()  # a no-op when all went well: the readers are idle by then
             self._readers.shutdown(wait=True, cancel_futures=True)

@@ -460,6 +460,11 @@ class Repo:
                                                              f"{exc.object_name}: {exc.reason}") from None
             chain.append((cur, env, raw_length))
             base = envelope_base(env)
+            indexed = self._delta_bases.get(cur)
+            if indexed is not None and base != indexed:  # the envelope's header, not yet authenticated
+                what = f"blob {cur.hex()}" if cur == blob_id else f"its delta base {cur.hex()}"
+                raise CorruptObject(f"blob {blob_id.hex()}", f"{what} is damaged: its envelope names the base "
+                                    f"{base.hex() if base else '(none)'}, the index {indexed.hex()}")
             if base is None:
                 return chain, None
             self._check_depth(blob_id, chain, 0)
@@ -928,6 +933,7 @@ class BlobWriter:
         # naming them would have later backups deduplicate against data that is gone.
         self.guard: Callable[[], None] = lambda: None
         self.damaged: set[bytes] = set()  # blobs the command found unreadable: never deduplicated against
+        self._abandoned = False
 
     def claim(self, blob_id: bytes) -> bool:
         """True when the caller must store this blob (not in the repository, not in flight).  One found
@@ -1006,8 +1012,19 @@ class BlobWriter:
         assert no is not None
         return b, no
 
+    def abandon(self) -> None:
+        """The work stopped short (a failure, Ctrl-C): packs not yet handed to an upload are dropped, their
+        blobs left to the next run, so that a stop on a slow link waits for the uploads under way only,
+        not for every pack the pipeline still fills.  What was uploaded is indexed by ``close``."""
+        self._abandoned = True
+
     def _submit(self, builder: PackBuilder, pack_no: int) -> None:
+        if self._abandoned:
+            return
         self._slots.acquire()  # bounds packs held in memory
+        if self._abandoned:  # while this waited for a slot
+            self._slots.release()
+            return
         fut = self._uploads.submit(self._upload, builder, pack_no)
         with self._lock:
             self._in_flight = [f for f in self._in_flight if not f.done()] + [fut]

@@ -183,6 +183,26 @@ def test_a_stop_request_ends_retrying_after_its_grace(tmp_path):
     assert now[0] - stopped_at > 250.0  # cleared: the whole timeout again
 
 
+def test_a_remote_that_still_answers_after_a_stop_keeps_getting_attempts(tmp_path):
+    """Uploads that take longer than the grace to finish on a slow link must not leave the index of what
+    they stored, nor the lock's removal, unattempted: each answer starts the grace again."""
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731
+    stop = StopRequest(grace=10.0, clock=clock)
+    remote = RetryingRemote(_local(tmp_path), sleep=RecordingSleep(), clock=clock, stop=stop)
+    stop.request()
+    for _ in range(5):  # slow uploads, each answered 8 s after the last: 40 s past the request
+        now[0] += 8.0
+        remote.put("data/ab/" + os.urandom(32).hex(), b"pack")
+    now[0] += 8.0
+    remote.put("index/" + "1" * 64, b"index")
+    remote.delete("locks/" + "2" * 32)
+    now[0] += 10.5  # then nothing answered for longer than the grace: no new attempt
+    with pytest.raises(RemoteUnavailable, match="told to stop"):
+        remote.put("locks/" + "3" * 32, b"lock")
+    assert remote.inner.stat("locks/" + "3" * 32) is None
+
+
 def test_a_stop_request_cuts_a_wait_between_attempts_short(tmp_path):
     class Longest(random.Random):
         def uniform(self, a: float, b: float) -> float:

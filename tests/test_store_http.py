@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+
+import pytest
 import random
 
 from chunkvault import Repository
@@ -153,3 +155,35 @@ def test_a_backup_told_to_stop_while_the_server_stalls_exits_in_seconds(tmp_path
             backup.wait()
     assert backup.returncode == 130, err.decode()
     assert err.decode().strip().splitlines()[-1] == "chunkvault: interrupted"
+
+
+@pytest.mark.slow
+def test_a_backup_stopped_on_a_slow_link_still_indexes_what_it_stored_and_removes_its_lock(tmp_path, http_server,
+                                                                                            cli):
+    """The uploads under way take longer than the grace a stop leaves for retries: the remote answers all
+    the while, so the index of the packs they stored and the lock's removal are still attempted, and the
+    next backup sends none of those packs again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, **_env(tmp_path, FULL_TOKEN), "CHUNKVAULT_PASSWORD": "pw"}
+    url = http_server.url
+    cli("init", "-r", url, "--kdf-time", "0", "--pack-size", "256k", env=env, password="pw")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(random.Random(4).randbytes(3_000_000))
+    backup = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "backup", "-r", url, str(src),
+                               "--limit-upload", "24", "--fixed-chunks", "big", "--fixed-chunk-size", "128k"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(3)  # two packs under way, about 20 s from done at 24 KiB/s
+    backup.send_signal(signal.SIGINT)
+    _, err = backup.communicate(timeout=120)
+    assert backup.returncode == 130, err.decode()
+    assert not list((http_server.path / "locks").glob("*")), "the lock was left"
+    stored = [p for p in (http_server.path / "data").rglob("*") if p.is_file()]
+    assert stored and list((http_server.path / "index").glob("*")), "the packs stored were not indexed"
+    again = json.loads(cli("backup", "-r", url, str(src), "--fixed-chunks", "big", "--fixed-chunk-size", "128k",
+                           "--json", env=env, password="pw").stdout)
+    assert again["stats"]["added_stored_bytes"] <= 3_000_000 - len(stored) * 200_000
