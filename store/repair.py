@@ -161,7 +161,14 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
         names, packs = indexed_packs(repo)
         stored = repo.stored_packs()
         named = _resolve_packs(specs, packs.keys() | stored.keys())
-        unindexed = sorted(stored.keys() - packs.keys() - set(named))
+        unindexed = []
+        for pid in sorted(stored.keys() - packs.keys() - set(named)):
+            try:
+                _read_header(repo, pack_key(pid), stored[pid])
+            except ChunkvaultError as exc:  # nothing in it can be found: no obstacle (name it to delete it)
+                report.unreadable_packs.append(f"{pack_key(pid)}: in no index, and {exc}: left as it is")
+                continue
+            unindexed.append(pid)
         if unindexed:  # they may hold the bases of deltas this would drop as baseless
             raise UsageError(f"{len(unindexed)} stored pack(s) are in no index ({pack_key(unindexed[0])}"
                              f"{', ...' if len(unindexed) > 1 else ''}): run `repair index` first, so that what "

@@ -155,6 +155,47 @@ def test_unreadable_deltas_are_those_whose_chain_misses_a_whole_blob():
     assert unreadable_deltas(bases, kinds.get, delta) == {b"x1", b"x2", b"loop1", b"loop2"}
 
 
+def test_a_delta_whose_header_names_another_base_is_named_damaged_itself(chain, tmp_path, password):
+    """A bit flipped in the base id a delta's envelope carries (before it is authenticated): the error is
+    the delta's, not a base one bit away from the real one that sends the user to `repair index`."""
+    repo_dir, repo, full, diff, src = chain
+    delta = chunk_ids(repo, diff, "db")[0]
+    base = repo.store.delta_base(delta)
+    loc = repo.store.locate(delta)
+    with open(pack_path(repo_dir, repo, delta), "r+b") as f:
+        f.seek(loc.offset + 1 + 5)  # kind, then the base id
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    repo = Repository.open(str(repo_dir), password)
+    with pytest.raises(CorruptObject) as info:
+        repo.restore(diff.id, str(tmp_path / "out"))
+    message = str(info.value)
+    assert f"blob {delta.hex()} is damaged" in message and f"the index {base.hex()}" in message, message
+    assert "not in the index" not in message
+
+
+def test_repair_packs_goes_on_beside_a_file_no_index_lists_and_nothing_reads(small_files, cli, password):
+    """A file named like a pack that is none (copied from another repository, say) blocked `repair packs`
+    for good: it asked for `repair index` first, which cannot add it.  It is left where it is, and said."""
+    repo_dir, repo, snap, files = small_files
+    (victim,) = chunk_ids(repo, snap, "f5")
+    path = pack_path(repo_dir, repo, victim)
+    loc = repo.store.locate(victim)
+    flip(path, loc.offset + loc.length // 2)
+    foreign = repo_dir / "data" / "ee" / ("ee" * 32)
+    foreign.parent.mkdir(exist_ok=True)
+    foreign.write_bytes(random.Random(5).randbytes(100_000))
+    cli("repair", "-r", str(repo_dir), "index")
+    done = cli("repair", "-r", str(repo_dir), "packs", path.name[:12], "--confirm", "REPAIR")
+    assert "1 lost" in done.stdout.decode() and not path.exists()
+    assert f"data/ee/{'ee' * 32}: in no index" in done.stderr.decode() and foreign.exists()
+    repo = Repository.open(str(repo_dir), password)
+    assert repo.repair_snapshots(dry_run=False).dropped == [(snap.id, "f5")]
+    repo.restore(snap.id, str(repo_dir.parent / "out"))
+    assert {p.name for p in (repo_dir.parent / "out").iterdir()} == set(files) - {"f5"}
+
+
 def test_lost_full_manifest_takes_its_differentials_down(chain, tmp_path, cli, password):
     repo_dir, repo, full, diff, _ = chain
     victim = pack_path(repo_dir, repo, bytes.fromhex(full.manifest[0]))
