@@ -857,7 +857,11 @@ def _report_prune(args: argparse.Namespace, plan: Any) -> None:
         verb = "would" if args.dry_run else "did"
         print(f"prune {verb} delete {len(plan.delete)} pack(s) and {len(plan.orphans)} unindexed pack(s), "
               f"repack {len(plan.repack)} ({_human(plan.repacked_bytes)} moved), keep {len(plan.keep)}; "
-              f"frees {_human(plan.freed_bytes)}; {plan.live_blobs} blobs live, {plan.unused_blobs} unused")
+              f"frees {_human(plan.freed_bytes)}; {plan.live_blobs} blobs live, {plan.unused_blobs} unused"
+              + (f"; removed {plan.unfinished_removed} unfinished write(s) left by killed commands"
+                 if plan.unfinished_removed else ""))
+        if plan.unfinished_error:
+            warn(f"unfinished writes not cleaned up (the prune went on): {plan.unfinished_error}")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

@@ -29,6 +29,8 @@ from .base import ObjectInfo, Remote, number_option, validate_key, validate_pref
 
 MiB = 1024 * 1024
 DATA_PREFIX = "data/"
+# Where objects large enough to go up in parts live: a prune aborts only those uploads.
+LARGE_OBJECT_PREFIXES = (DATA_PREFIX, "index/")
 ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})  # an object there must be restored before a read
 ADDRESSING_STYLES = ("auto", "path", "virtual")
 STORAGE_CLASSES = frozenset(
@@ -213,6 +215,8 @@ class S3Remote(Remote):
                 return RemoteError(f"S3 {op} {where}: object is in an archive storage class; restore it first")
             if code in _DENIED or status == 403:
                 return PermissionDenied(f"S3 denied {op} {where}: {message}")
+            if code == "NotImplemented" or status == 501:  # an S3-compatible store without that request
+                return RemoteError(f"S3 {op} {where}: not supported by this store ({code or status}: {message})")
             if code in _TRANSIENT or status >= 500 or status in (408, 429):
                 return RemoteUnavailable(f"S3 {op} {where} failed, try again: {code or status} {message}")
             return RemoteError(f"S3 {op} {where} failed: {code or status}: {message}")
@@ -369,9 +373,12 @@ class S3Remote(Remote):
             for page in self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
                                                                                        Prefix=self.prefix):
                 for upload in page.get("Uploads", ()):
+                    key = upload["Key"][len(self.prefix):]
                     try:
-                        validate_key(upload["Key"][len(self.prefix):])
+                        validate_key(key)
                     except UsageError:
+                        continue
+                    if not key.startswith(LARGE_OBJECT_PREFIXES):  # another tool's, in a bucket shared at its root
                         continue
                     if upload["Initiated"].timestamp() < cutoff:
                         stale.append((upload["Key"], upload["UploadId"]))

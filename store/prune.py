@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, PermissionDenied, StorageFull
+from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, RemoteError, StorageFull
 
 from .blob import KIND_DELTA
 from .chain import broken_chains
@@ -56,6 +56,8 @@ class PrunePlan:
     freed_early: set[bytes] = field(default_factory=set)  # packs that deleting those leaves in no index
     live_blobs: int = 0
     unused_blobs: int = 0
+    unfinished_removed: int = 0  # writes killed half-way, an hour old: temp files, S3 multipart uploads
+    unfinished_error: str | None = None  # why they could not be listed or removed (the prune went on)
 
     @property
     def freed_bytes(self) -> int:
@@ -70,7 +72,8 @@ class PrunePlan:
         return {"delete_packs": len(self.delete), "repack_packs": len(self.repack), "keep_packs": len(self.keep),
                 "orphan_packs": len(self.orphans), "live_blobs": self.live_blobs,
                 "unused_blobs": self.unused_blobs, "freed_bytes": self.freed_bytes,
-                "repacked_bytes": self.repacked_bytes}
+                "repacked_bytes": self.repacked_bytes, "unfinished_removed": self.unfinished_removed,
+                "unfinished_error": self.unfinished_error}
 
 
 def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], used: set[bytes],
@@ -319,12 +322,13 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
         if use.pack_id in plan.freed_early:
             delete(pack_key(use.pack_id))
             step(moved)
-    # The age limit spares any write still in progress.  An S3 policy may allow deleting objects but not
-    # listing unfinished uploads: they are then left to a lifecycle rule, and the prune goes on.
+    # The age limit spares any write still in progress.  Best effort: an S3 policy may allow deleting
+    # objects but not listing unfinished uploads, an S3-compatible store may not know the request; they are
+    # then left to a lifecycle rule, and the prune goes on.
     try:
-        repo.remote.cleanup_temp(TEMP_AGE)
-    except PermissionDenied:
-        pass
+        plan.unfinished_removed = repo.remote.cleanup_temp(TEMP_AGE)
+    except RemoteError as exc:
+        plan.unfinished_error = str(exc)
     new_index = IndexData()
     for use in plan.keep:
         new_index.packs[use.pack_id] = use.entries
