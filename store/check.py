@@ -105,6 +105,7 @@ class Checker:
         self.bad_manifests: dict[str, Problem] = {}  # snapshot id -> its manifest's problem
         self.index_damaged = False  # an index object did not load: unindexed packs may be its
         self._lock = threading.Lock()
+        self._stop = threading.Event()  # the check was stopped: the packs not yet begun are not read
 
     def problem(self, obj: str, what: str) -> Problem:
         p = Problem(obj, what)
@@ -134,8 +135,11 @@ class Checker:
             packs.start()
             try:
                 self._check_references(snapshots)
-            finally:
                 packs.join()
+            except BaseException:  # Ctrl-C, say: the packs not yet begun are left, the one in hand finished
+                self._stop.set()
+                packs.join()
+                raise
             if packs_error:
                 raise packs_error[0]
         if self.bad_blobs or self.bad_manifests:
@@ -202,7 +206,7 @@ class Checker:
             # One pack in flight per core: the work is CPU-bound (decompress, re-hash) and each
             # thread holds a window of its pack; more threads only add memory.
             with ThreadPoolExecutor(WORKERS) as pool:
-                for done, _ in enumerate(pool.map(lambda t: self._check_pack(*t), todo), 1):
+                for done, _ in enumerate(pool.map(lambda t: self._stop.is_set() or self._check_pack(*t), todo), 1):
                     if self.progress is not None:
                         self.progress(done, self.report.bytes_read, to_read)
         except BaseException as exc:  # re-raised by the caller's thread

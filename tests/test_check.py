@@ -239,3 +239,31 @@ def test_a_backup_saved_while_check_loads_the_repository_is_no_problem(repo_with
     with Repository.open(str(repo_dir), password, ledger=False) as checking:
         report = checking.check()
     assert len(steps) == 2 and report.ok, report.problems
+
+
+def test_check_read_data_told_to_stop_reads_no_more_packs(tmp_path, new_repo):
+    """Ctrl-C printed "interrupted" at once, then the pack thread went on reading every pack left (minutes on
+    a slow link, ten on a stalled one) while the process waited for it to exit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(16):
+        (src / f"f{i}").write_bytes(os.urandom(1 << 20))
+    repo = new_repo(str(tmp_path / "repo"), pack_size=512 * 1024)
+    repo.backup([str(src)])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = "correct horse battery staple"
+    check = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "check", "-r", str(tmp_path / "repo"),
+                              "--read-data", "--limit-download", "256"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(2)
+    check.send_signal(signal.SIGINT)
+    try:  # the packs in hand, a few seconds at 256 KiB/s; reading all 16 MiB would take a minute more
+        _, err = check.communicate(timeout=30)
+    finally:
+        check.kill()
+    assert check.returncode == 130 and err.decode().strip() == "chunkvault: interrupted", err
