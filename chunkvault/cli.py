@@ -513,6 +513,20 @@ def _confirm_in_place(args: argparse.Namespace) -> bool:
     raise TargetNotEmpty(f"restore target {target} is not empty: to overwrite it in place, add --confirm RESTORE")
 
 
+def add_snapshot_choice(s: argparse.ArgumentParser) -> None:
+    """Which snapshot ``latest`` (or ``--until``) names, where a repository holds several sources."""
+    s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
+    s.add_argument("--host", help="only snapshots of this host (latest and --until pick among those)")
+    s.add_argument("--path", action="append", default=[], metavar="PATH",
+                   help="only snapshots of exactly these backed-up paths (repeatable)")
+
+
+def chosen_snapshot(repo: Any, args: argparse.Namespace) -> Snapshot:
+    """The snapshot ``add_snapshot_choice``'s options and the SNAPSHOT argument name: with two databases in
+    one repository, ``latest`` alone is the newest of either."""
+    return repo.snapshot(args.snapshot, until=args.until, host=args.host, paths=args.path or None)
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     from .memory import RESTORE_TRIM_THRESHOLD, tune_allocator
 
@@ -522,7 +536,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
         return restore_from_file_cli(args)
     repo = _open(args)
-    snap = repo.snapshot(args.snapshot, until=args.until)
+    snap = chosen_snapshot(repo, args)
     in_place = _confirm_in_place(args)
     if (args.delta or args.delete) and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
         raise UsageError("--delta and --delete work in place: add --confirm RESTORE")
@@ -1329,7 +1343,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("restore", parents=[common, reading], help="restore a snapshot into a directory")
     s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest")
     s.add_argument("--target", "-t", required=True, help="the directory to restore into (made if missing)")
-    s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
+    add_snapshot_choice(s)
     s.add_argument("--include", action="append", default=[], metavar="GLOB",
                    help="restore only paths (or names) matching GLOB, with their subtrees (repeatable)")
     s.add_argument("--exclude", action="append", default=[], metavar="GLOB",

@@ -22,7 +22,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .store.export import export
 
     repo = cli._open(args)
-    snap = repo.snapshot(args.snapshot, until=args.until)
+    snap = cli.chosen_snapshot(repo, args)
     password = passwords.EXPORT.get(args, confirm=True)
     stats = export(repo.store, snap, args.output, password, kdf_seconds=args.kdf_time, overwrite=args.force)
     if args.json:
@@ -62,8 +62,8 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
 
     if args.snapshot not in (None, "", "latest"):
         raise UsageError("--from-file restores the snapshot in the file: give no SNAPSHOT")
-    if args.until:
-        raise UsageError("--until selects among a repository's snapshots: not with --from-file")
+    if args.until or args.host or args.path:
+        raise UsageError("--until, --host and --path select among a repository's snapshots: not with --from-file")
     if args.delta or args.verify:
         raise UsageError(f"--{'delta' if args.delta else 'verify'} needs a repository: not with --from-file "
                          "(verify-restore checks an imported snapshot)")
@@ -91,13 +91,13 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argparse.ArgumentParser) -> None:
     """Register ``export`` and ``import``; add ``--from-file`` to an existing ``restore`` parser."""
-    from .cli import _seconds, _wait_option
+    from .cli import _seconds, _wait_option, add_snapshot_choice
 
     s = subparsers.add_parser("export", parents=[common, reading],
                               help="write one snapshot (chain resolved) into a self-contained encrypted .backup file")
     s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest")
     s.add_argument("--output", required=True, metavar="FILE.backup")
-    s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
+    add_snapshot_choice(s)
     passwords.EXPORT.add_options(s, "the export password")
     s.add_argument("--kdf-time", type=_seconds, default=0.5, metavar="SECONDS",
                    help="seconds the export password's derivation should take (default 0.5)")

@@ -557,6 +557,7 @@ class Repository:
                 if r.entry is not None and (r.path == within or r.path.startswith(below)))
 
     def restore(self, snapshot: str | Snapshot, target: str, *, until: str | datetime | None = None,
+                host: str | None = None, paths: list[str] | None = None,
                 includes: list[str] | None = None, excludes: list[str] | None = None,
                 force: bool = False, delta: bool = False, delete: bool = False,
                 progress: Any = None, processes: int | None = None, verify: bool = False,
@@ -574,7 +575,8 @@ class Repository:
         the whole tree to find the few files it writes.
 
         ``xattrs``: set the recorded extended attributes (one that cannot be set is a warning, e.g.
-        ``security.*`` as another user than root, or on a file system without them)."""
+        ``security.*`` as another user than root, or on a file system without them).  ``host`` and ``paths``
+        narrow what ``latest`` and ``until`` choose among, as in ``snapshot``."""
         from .store import restore_workers
 
         includes, excludes = _listed(includes), _listed(excludes)
@@ -585,7 +587,8 @@ class Repository:
             raise TargetNotEmpty(f"restore target {os.fsdecode(target)} is not empty (force=True restores "
                                  "into it in place)")
         with self.reading("restore"):
-            snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until)
+            snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until, host=host,
+                                                                                 paths=paths)
             opts = RestoreOptions(includes=includes, excludes=excludes, force=force,
                                   delta=delta, delete=delete, progress=progress, xattrs=xattrs)
             restorer = Restorer(self._repo, target, opts, lookup=lambda path: self._repo.lookup(snap, path))

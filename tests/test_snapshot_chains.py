@@ -1,4 +1,5 @@
 """A chain of full and differential snapshots restores every point in time exactly."""
+import json
 import os
 import shutil
 import time
@@ -238,3 +239,29 @@ def test_chronological_order_puts_a_parent_before_its_differentials_of_the_same_
         p = by_id.get(s.parent)
         if p is not None and p.time == s.time and not in_a_cycle(s):
             assert place[p.id] < place[s.id]
+
+
+def test_latest_and_until_pick_among_one_host_and_paths(tmp_path, new_repo, cli):
+    """Two databases in one repository: `restore --until` alone takes the newest of either, so it is
+    narrowed by --host and --path, as `latest` is (export too)."""
+    repo = new_repo()
+    url = str(repo.store.remote.display_url)
+    pg, mysql = tmp_path / "pg", tmp_path / "mysql"
+    pg.mkdir()
+    mysql.mkdir()
+    (pg / "base").write_text("pgdata")
+    (mysql / "ibdata").write_text("mydata")
+    repo.backup([str(pg)], host="db1", time="2026-01-01T00:00:00Z")
+    repo.backup([str(mysql)], host="db2", time="2026-01-01T00:05:00Z")
+    until = ("--until", "2026-01-01T00:30:00Z")
+    cli("restore", "-r", url, *until, "--host", "db1", "--target", str(tmp_path / "by-host"))
+    assert [p.name for p in (tmp_path / "by-host").iterdir()] == ["base"]
+    cli("restore", "-r", url, "latest", "--path", str(pg), "--target", str(tmp_path / "by-path"))
+    assert [p.name for p in (tmp_path / "by-path").iterdir()] == ["base"]
+    missing = cli("restore", "-r", url, *until, "--host", "db3", "--target", str(tmp_path / "none"), check=False)
+    assert missing.returncode != 0 and "no snapshot" in missing.stderr.decode()
+    out = json.loads(cli("export", "-r", url, "--host", "db1", "--output", str(tmp_path / "pg.backup"), "--json",
+                         env={"CHUNKVAULT_EXPORT_PASSWORD": "export pw"}).stdout)
+    assert out["snapshot"] == repo.snapshot("latest", host="db1").id
+    repo.restore("latest", str(tmp_path / "api"), until="2026-01-01T00:30:00Z", host="db1")
+    assert [p.name for p in (tmp_path / "api").iterdir()] == ["base"]
