@@ -125,7 +125,8 @@ def choose_kind(requested: str, chain: list[Snapshot], full_every: int, max_diff
     if len(diffs) >= full_every:
         return KIND_FULL
     full_size = max(int(chain[0].stats.get("bytes", 0)), 1)
-    added = sum(int(s.stats.get("added_stored_bytes", 0)) + int(s.stats.get("manifest_bytes", 0)) for s in diffs)
+    added = sum(int(s.stats.get("added_stored_bytes", 0)) + int(s.stats.get("absorbed_stored_bytes", 0))
+                + int(s.stats.get("manifest_bytes", 0)) for s in diffs)
     return KIND_FULL if added > max_diff_share * full_size else KIND_DIFF
 
 

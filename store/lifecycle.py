@@ -102,10 +102,19 @@ def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep,
     snap.manifest = [i.hex() for i in ids]
     snap.manifest_starts = mw.starts
     snap.version = mw.version
-    snap.stats = {**snap.stats, "manifest_records": mw.records, "rebased": True,
-                  "manifest_bytes": snap.stats.get("manifest_bytes", 0) + mw.stored_bytes}
+    # Its manifest is the new one; the data the merged differentials added is its chain's now, which
+    # ``--type auto`` weighs against the full (``absorbed_stored_bytes``).
+    absorbed = sum(int(by_id[i].stats.get("added_stored_bytes", 0)) + int(by_id[i].stats.get("absorbed_stored_bytes", 0))
+                   for i in step.merge_ids if by_id[i].kind != KIND_FULL)
+    snap.stats = {**snap.stats, "manifest_records": mw.records, "rebased": True, "manifest_bytes": _stored(repo, ids),
+                  "absorbed_stored_bytes": int(snap.stats.get("absorbed_stored_bytes", 0)) + absorbed}
     ensure_held()
     return repo.save_snapshot(snap, replace=True)
+
+
+def _stored(repo: Repo, blob_ids: list[bytes]) -> int:
+    """What a manifest takes in the repository, blobs it shares with another manifest included."""
+    return sum(loc.length for b in blob_ids if (loc := repo.locate(b)) is not None)
 
 
 def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan,
@@ -148,7 +157,7 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
         snap.manifest_starts = mw.starts
         snap.version = mw.version
         snap.stats = {**snap.stats, "manifest_records": mw.records, "aggregated": True, "chain_length": 1,
-                      "manifest_bytes": snap.stats.get("manifest_bytes", 0) + mw.stored_bytes}
+                      "manifest_bytes": _stored(repo, ids)}
         ensure_held()
         repo.save_snapshot(snap, replace=True)
     if not (retire and chain_ids):

@@ -290,3 +290,33 @@ def test_a_repository_held_open_lists_snapshots_another_client_rebased_as_they_a
     (now,) = held.snapshots()
     assert (now.id, now.kind, now.parent) == (diff.id, "full", None)
     assert held.snapshot("latest").kind == "full"
+
+
+def test_a_rebased_differential_counts_its_new_manifest_and_the_data_it_absorbed(tmp_path, new_repo):
+    """Rebases added the new manifest's size to the old one's, rebase after rebase, while the data of the
+    merged differentials, now its chain's, counted nowhere: ``--type auto`` weighed neither as it is."""
+    from chunkvault.store.backup import choose_kind
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i}").write_bytes(os.urandom(2000))
+    repo = new_repo(str(tmp_path / "repo"))
+    snaps = [repo.backup([str(src)], kind="full").snapshot]
+    for n in range(4):
+        for i in range(40):
+            (src / f"f{i}").write_bytes(os.urandom(2000))
+        snaps.append(repo.backup([str(src)], kind="diff").snapshot)
+    added = {s.id: s.stats["added_stored_bytes"] for s in snaps}
+    for gone in snaps[1:4]:  # the second-newest, three times over
+        repo.forget([gone.id])
+    (last,) = [s for s in repo.snapshots() if s.id == snaps[4].id]
+    stored = sum(repo.store.locate(bytes.fromhex(h)).length for h in last.manifest)
+    assert last.stats["manifest_bytes"] == stored
+    assert last.stats["absorbed_stored_bytes"] == sum(added[s.id] for s in snaps[1:4])
+    chain = repo.store.chain_of(last, repo.snapshots())
+    assert chain[0].id == snaps[0].id and len(chain) == 2
+    full_bytes = chain[0].stats["bytes"]
+    weighed = last.stats["added_stored_bytes"] + last.stats["absorbed_stored_bytes"] + stored
+    assert choose_kind("auto", chain, 100, (weighed - 1) / full_bytes) == "full"
+    assert choose_kind("auto", chain, 100, (weighed + 1) / full_bytes) == "diff"
