@@ -1596,6 +1596,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sys.stdout = stdout
         stop_request.clear()
+        _STOPPED_BY.clear()  # a caller's next command in this process was not stopped
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from chunkvault.errors import (
     RepositoryNotFound,
     UsageError,
 )
+from chunkvault.units import parse_size
 
 from .base import ObjectInfo, Remote, number_option, validate_key, validate_prefix
 
@@ -82,6 +83,14 @@ _TRANSIENT = {
 
 def _int_option(name: str, value: Any, minimum: int) -> int:
     return int(number_option("S3", name, value, minimum, int))
+
+
+def _size_option(name: str, value: Any) -> int:
+    """A size in bytes, or with a unit as ``--pack-size`` takes it (``16M``)."""
+    try:
+        return parse_size(value)
+    except UsageError:
+        raise UsageError(f"S3 option {name} must be a size (bytes, or e.g. 16M), not {value!r}") from None
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -150,8 +159,8 @@ class S3Remote(Remote):
                                  "packs are read at every backup (the manifests, the bases of deltas): use "
                                  "GLACIER_IR, or a lifecycle rule that archives what no backup reads")
         self.data_storage_class = data_storage_class
-        self.multipart_threshold = _int_option("multipart_threshold", multipart_threshold, 1)
-        self.multipart_part_size = _int_option("multipart_part_size", multipart_part_size, 1)
+        self.multipart_threshold = _size_option("multipart_threshold", multipart_threshold)
+        self.multipart_part_size = _size_option("multipart_part_size", multipart_part_size)
         endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
         if endpoint_url:
             ep = urlparse(endpoint_url)

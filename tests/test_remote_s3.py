@@ -320,6 +320,9 @@ def test_display_url_and_options(moto_s3):
         open_remote("s3://bkt/repo", fsync=False)
     with pytest.raises(UsageError, match="multipart_part_size"):
         open_remote("s3://bkt/repo", multipart_part_size="big")
+    sized = open_remote("s3://bkt/repo", endpoint_url=moto_s3.endpoint, multipart_threshold="5M",
+                        multipart_part_size="5242880")  # as -o s3.multipart-threshold=5M gives them
+    assert (sized.multipart_threshold, sized.multipart_part_size) == (5 * MiB, 5 * MiB)
 
 
 def test_retry_layer_over_s3_with_injected_faults(s3_bucket):
