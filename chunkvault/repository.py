@@ -522,9 +522,14 @@ class Repository:
             within = None if ignore_case else include_directory(patterns)
             own: Callable[[Snapshot], Iterator[Record]] = self._repo.manifest_records if within is None else (
                 lambda s: self._repo.manifest_records_within(s, within))
-            matches = matches_by_snapshot(needed.values(), own, match)
+            damaged: dict[str, CorruptObject] = {}
+            matches = matches_by_snapshot(needed.values(), own, match, damaged)
             for s in chosen:
-                if s.id not in matches:
+                if s.id in damaged:
+                    warnings.warn(f"snapshot {s.short_id} is not searched: a manifest of its chain is damaged "
+                                  f"({damaged[s.id]}; `check` names what it takes down)",
+                                  RepositoryStateWarning, stacklevel=2)
+                elif s.id not in matches:
                     warnings.warn(f"snapshot {s.short_id} is not searched: its chain does not reach a full snapshot "
                                   f"(`check` says why)", RepositoryStateWarning, stacklevel=2)
             return versions(chosen, matches)

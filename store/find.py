@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from chunkvault.errors import CorruptObject
+
 from . import chain
 from .chain import lineage
 from .manifest import Entry, Record
@@ -49,15 +51,25 @@ def chain_order(snapshots: Iterable[Snapshot]) -> list[Snapshot]:
 
 
 def matches_by_snapshot(snapshots: Iterable[Snapshot], own_records: Callable[[Snapshot], Iterable[Record]],
-                        match: Callable[[bytes], bool]) -> dict[str, list[Record]]:
+                        match: Callable[[bytes], bool], damaged: dict[str, CorruptObject] | None = None
+                        ) -> dict[str, list[Record]]:
     """Snapshot id -> the records of its resolved tree whose path ``match`` accepts (sorted), for every
-    snapshot of ``chain_order(snapshots)``; ``own_records(s)``: the records of s's own manifest."""
+    snapshot of ``chain_order(snapshots)``; ``own_records(s)``: the records of s's own manifest.  With
+    ``damaged``, a snapshot whose manifest does not read is left out with its differentials, and its error
+    noted there, instead of failing the search of every other snapshot."""
     out: dict[str, list[Record]] = {}
     for s in chain_order(snapshots):
-        if s.parent is None:
-            out[s.id] = [r for r in own_records(s) if match(r.path)]
-        else:
-            out[s.id] = [r for r in chain.apply(out[s.parent], own_records(s)) if match(r.path)]
+        try:
+            if s.parent is None:
+                out[s.id] = [r for r in own_records(s) if match(r.path)]
+            elif s.parent in out:
+                out[s.id] = [r for r in chain.apply(out[s.parent], own_records(s)) if match(r.path)]
+            elif damaged is not None and s.parent in damaged:
+                damaged[s.id] = damaged[s.parent]
+        except CorruptObject as exc:
+            if damaged is None:
+                raise
+            damaged[s.id] = exc
     return out
 
 

@@ -171,3 +171,31 @@ def test_find_skips_a_differential_whose_chain_is_broken_with_a_warning(tmp_path
                    for w in caught)
         with pytest.raises(UsageError, match="at least one pattern"):
             repo.find([])
+
+
+def test_a_damaged_manifest_leaves_out_its_chain_and_the_rest_is_searched(tmp_path, new_repo, cli, password):
+    """One snapshot's manifest damaged: find failed with nothing for any snapshot; now the others are
+    searched, and the ones not searched are named."""
+    from test_damaged_storage import damage_blob
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f1.txt").write_text("one")
+    repo = new_repo(str(tmp_path / "repo"))
+    first = repo.backup([str(src)], kind="full").snapshot
+    (src / "f1.txt").write_text("two")
+    second = repo.backup([str(src)], kind="full").snapshot
+    (src / "f1.txt").write_text("three")
+    third = repo.backup([str(src)], kind="diff").snapshot
+    assert third.parent == second.id
+    damage_blob(tmp_path / "repo", repo, bytes.fromhex(second.manifest[0]))
+    repo = Repository.open(str(tmp_path / "repo"), password)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        found = repo.find(["f1.txt"])
+    assert [[s.id for s in v.snapshots] for f in found for v in f.versions] == [[first.id]]
+    named = " ".join(str(w.message) for w in seen if issubclass(w.category, RepositoryStateWarning))
+    assert f"snapshot {second.short_id} is not searched" in named and f"snapshot {third.short_id}" in named
+    result = cli("find", "-r", str(tmp_path / "repo"), "f1.txt", "--json", password=password)
+    assert [v["snapshots"] for f in json.loads(result.stdout) for v in f["versions"]] == [[first.id]]
+    assert "a manifest of its chain is damaged" in result.stderr.decode()
