@@ -32,10 +32,13 @@ class RetentionView(NamedTuple):
     host: str
     paths: tuple[str, ...]
     tags: tuple[str, ...]
+    follows: str | None = None  # the snapshot it was made on, where its parent no longer says (aggregate)
 
 
 def view(s: Snapshot) -> RetentionView:
-    return RetentionView(s.id, s.datetime, s.kind, s.parent, s.host, tuple(s.paths), tuple(s.tags))
+    follows = s.stats.get("follows")
+    return RetentionView(s.id, s.datetime, s.kind, s.parent, s.host, tuple(s.paths), tuple(s.tags),
+                         follows if isinstance(follows, str) else None)
 
 
 @dataclass
@@ -152,6 +155,7 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
         records = repo.tree(snap, snapshots)
         ids, mw = store_manifest(repo, records, ensure_held)
         snap.kind = KIND_FULL
+        snap.stats = {**snap.stats, "follows": snap.parent}  # dated as its parent, it still sorts after it
         snap.parent = None
         snap.manifest = [i.hex() for i in ids]
         snap.manifest_starts = mw.starts

@@ -265,3 +265,39 @@ def test_latest_and_until_pick_among_one_host_and_paths(tmp_path, new_repo, cli)
     assert out["snapshot"] == repo.snapshot("latest", host="db1").id
     repo.restore("latest", str(tmp_path / "api"), until="2026-01-01T00:30:00Z", host="db1")
     assert [p.name for p in (tmp_path / "api").iterdir()] == ["base"]
+
+
+def test_an_aggregated_differential_stays_after_the_snapshot_it_was_made_on(tmp_path, new_repo, cli):
+    """A chain dated one instant: its latest is the differential, and stays so once aggregated (a full,
+    with no parent to say so): `latest`, `--until`, `--keep-last` and the next backup's parent took the
+    older full about half the time, as ids fell."""
+    from types import SimpleNamespace
+
+    from chunkvault.store.chronology import chronological_key
+    from chunkvault.store.lifecycle import view
+
+    when = "2026-01-01T00:00:00+00:00"
+    full = SimpleNamespace(id="ff" * 32, time=when, parent=None, stats={})
+    aggregated = SimpleNamespace(id="00" * 32, time=when, parent=None, stats={"follows": full.id})
+    assert max([full, aggregated], key=chronological_key([full, aggregated])) is aggregated
+
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo()
+    for n in range(6):  # several chains, so that ids fall both ways
+        (src / "x").write_text(f"v{n}a")
+        f = repo.backup([str(src)], kind="full", time=f"2026-01-0{n + 1}T00:00:00Z").snapshot
+        (src / "x").write_text(f"v{n}b")
+        d = repo.backup([str(src)], kind="diff", time=f"2026-01-0{n + 1}T00:00:00Z").snapshot
+        repo.aggregate(d.id)
+        out = tmp_path / f"out{n}"
+        repo.restore("latest", str(out))
+        assert (out / "x").read_text() == f"v{n}b"
+        (latest,) = [s for s in repo.snapshots() if s.id == d.id]
+        assert latest.kind == "full" and latest.stats["follows"] == f.id
+        views = [view(s) for s in repo.snapshots()]
+        assert max(views, key=chronological_key(views)).id == d.id
+    from chunkvault.store.retention import RetentionPolicy
+
+    plan = repo.forget(policy=RetentionPolicy(keep_last=1), dry_run=True)
+    assert [d.snapshot_id for d in plan.decisions if d.keep] == [d.id]
