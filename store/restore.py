@@ -921,7 +921,7 @@ class Restorer:
         t = e.type
         if self._kept_in_place(e):
             return
-        pfd, name = self._make_room(e.path, t == T_DIR, keep_file=t == T_FILE and self.opt.delta)
+        pfd, name = self._make_room(e.path, t == T_DIR, keep_file=t == T_FILE)
         if t == T_DIR:
             try:
                 os.mkdir(name, 0o700, dir_fd=pfd)
@@ -971,26 +971,31 @@ class Restorer:
                 or bool(e.mode & 0o6000 & ~st.st_mode))
 
     def _regular_file_there(self, e: Entry) -> bool:
-        """Whether a regular file is at the entry's path (--delta then updates it)."""
+        """Whether a regular file is at the entry's path (--delta then updates it, else a new one replaces
+        it once whole)."""
         st = _lstat(*self.at(e.path))
         return st is not None and stat.S_ISREG(st.st_mode)
 
     def _restore_file(self, e: Entry, pf: _Prefetcher) -> None:
         part = self.parts.pop(id(e), None)
+        there = part is None and not self._fresh and self._regular_file_there(e)
+        def content() -> Iterator[Plaintext]:
+            return pf.chunks() if pf.prefetch else (self.repo.read_blob(c) for c in e.chunk_ids())
+
         try:
-            if self.opt.delta and self._regular_file_there(e):
+            if there and self.opt.delta:
                 self._update_file(e)
+            elif there:
+                self._write_beside(e, content())
             elif part is not None:
                 self._write_part(e, part[1], pf.chunks())
-            elif pf.prefetch:
-                self._write_file(e.path, e, pf.chunks())
             else:
-                self._write_file(e.path, e, (self.repo.read_blob(c) for c in e.chunk_ids()))
+                self._write_file(e.path, e, content())
         except CorruptObject as exc:  # this file's data is damaged: the others are still restored
             pf.skip_rest()
             self._damaged(e, exc)
-            if part is None:  # a part's file is removed once every part is in
-                self.remove_quietly(e.path)
+            if part is None and not (there and not self.opt.delta):  # a part's file goes once every part is
+                self.remove_quietly(e.path)                           # in; a file written beside was not here
             return
         self.result.files += int(part is None or part[1] == 0)  # a file written in parts counts once
         self.result.bytes += e.size
@@ -998,6 +1003,19 @@ class Restorer:
             self.opt.progress(self.result.files, self.result.bytes)
         if e.flags & F_UNREADABLE:
             self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: restored empty")
+
+    def _write_beside(self, e: Entry, chunks: Iterator[Plaintext]) -> None:
+        """In place, over a file the target has: the new one is written under a temporary name beside it
+        and renamed over it once whole, so a file whose data turns out damaged (or a full disk) leaves the
+        target's file as it was, not removed."""
+        pfd, name = self.at(e.path)
+        tmp = os.path.join(os.path.dirname(e.path), b".chunkvault-restore-" + secrets.token_hex(8).encode())
+        try:
+            self._write_file(tmp, e, chunks)
+            os.rename(os.path.basename(tmp), name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        except BaseException:
+            self.remove_quietly(tmp)
+            raise
 
     def _write_file(self, rel: bytes, e: Entry, chunks: Iterator[Plaintext]) -> None:
         """Write a new file at ``rel``; one cut short (no space, an error, an interruption) is removed,

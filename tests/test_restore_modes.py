@@ -367,3 +367,32 @@ def test_an_in_place_delta_restore_separates_files_the_target_has_linked(tmp_pat
     assert os.stat(target / "a").st_ino != os.stat(target / "b").st_ino
     repo.restore(linked.id, str(target), force=True, delta=True, delete=True, verify=True)  # and back
     assert os.stat(target / "a").st_ino == os.stat(target / "b").st_ino
+
+
+def test_an_in_place_restore_leaves_a_file_as_it_was_when_the_snapshot_s_copy_is_damaged(tmp_path, new_repo,
+                                                                                         password):
+    """Over a target's file, the snapshot's version is written beside it and renamed over it once whole:
+    damaged data (or a full disk) no longer costs the target the file it had."""
+    from chunkvault import Repository
+    from chunkvault.errors import CorruptObject
+    from test_damaged_storage import damage_blob
+
+    src = tmp_path / "src"
+    src.mkdir()
+    old = os.urandom(300_000)
+    (src / "db").write_bytes(old)
+    (src / "other").write_text("v1")
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    live = tmp_path / "live"
+    shutil.copytree(src, live)
+    (src / "db").write_bytes(os.urandom(300_000))
+    (src / "other").write_text("v2")
+    snap = repo.backup([str(src)]).snapshot
+    (entry,) = [e for e in repo.tree(snap) if e.path == b"db"]
+    damage_blob(tmp_path / "repo", repo, entry.chunk_ids()[0])
+    repo = Repository.open(str(tmp_path / "repo"), password)
+    with pytest.raises(CorruptObject, match="db"):
+        repo.restore(snap.id, str(live), force=True)
+    assert (live / "db").read_bytes() == old and (live / "other").read_text() == "v2"
+    assert sorted(p.name for p in live.iterdir()) == ["db", "other"]  # no temporary file left
