@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-import random
 
 from chunkvault import Repository
 from lifecycle_scenario import count_snapshot_gets, run_rewritten_elsewhere
@@ -120,24 +125,25 @@ def test_a_second_client_sees_snapshots_another_rewrote(tmp_path, http_server, m
     run_rewritten_elsewhere(http_server.url, tmp_path, monkeypatch, gets, token=FULL_TOKEN)
 
 
+def _cli_env(tmp_path) -> dict[str, str]:
+    return {**os.environ, **_env(tmp_path, FULL_TOKEN), "CHUNKVAULT_PASSWORD": "pw"}
+
+
+def _backup_started(tmp_path, http_server, cli, size: int, *flags: str) -> subprocess.Popen:
+    """A new repository on the server and a backup of ``size`` random bytes into it, running (256k packs)."""
+    cli("init", "-r", http_server.url, "--kdf-time", "0", "--pack-size", "256k", env=_cli_env(tmp_path), password="pw")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(random.Random(size).randbytes(size))
+    return subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "backup", "-r", http_server.url, str(src),
+                             *flags], env=_cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def test_a_backup_told_to_stop_while_the_server_stalls_exits_in_seconds(tmp_path, http_server, cli):
     """Ctrl-C waits for the uploads in flight; against a server that answers nothing they gave up only
     after 5 minutes of retries each, past any service manager's stop timeout."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    env = {**os.environ, **_env(tmp_path, FULL_TOKEN), "CHUNKVAULT_PASSWORD": "pw"}
-    url = http_server.url
-    cli("init", "-r", url, "--kdf-time", "0", "--pack-size", "256k", env=env, password="pw")
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "big").write_bytes(random.Random(3).randbytes(40_000_000))
-    backup = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "backup", "-r", url, str(src),
-                               "-o", "http.read-timeout=2", "-o", "http.connect-timeout=2", "--limit-upload", "2M"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    backup = _backup_started(tmp_path, http_server, cli, 40_000_000, "-o", "http.read-timeout=2", "-o",
+                             "http.connect-timeout=2", "--limit-upload", "2M")
     try:
         data = http_server.path / "data"
         while backup.poll() is None and not (data.is_dir() and any(data.rglob("*"))):
@@ -163,20 +169,9 @@ def test_a_backup_stopped_on_a_slow_link_still_indexes_what_it_stored_and_remove
     """The uploads under way take longer than the grace a stop leaves for retries: the remote answers all
     the while, so the index of the packs they stored and the lock's removal are still attempted, and the
     next backup sends none of those packs again."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    env = {**os.environ, **_env(tmp_path, FULL_TOKEN), "CHUNKVAULT_PASSWORD": "pw"}
-    url = http_server.url
-    cli("init", "-r", url, "--kdf-time", "0", "--pack-size", "256k", env=env, password="pw")
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "big").write_bytes(random.Random(4).randbytes(3_000_000))
-    backup = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "backup", "-r", url, str(src),
-                               "--limit-upload", "24", "--fixed-chunks", "big", "--fixed-chunk-size", "128k"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chunks = ("--fixed-chunks", "big", "--fixed-chunk-size", "128k")
+    backup = _backup_started(tmp_path, http_server, cli, 3_000_000, "--limit-upload", "24", *chunks)
+    url, env, src = http_server.url, _cli_env(tmp_path), tmp_path / "src"
     time.sleep(3)  # two packs under way, about 20 s from done at 24 KiB/s
     backup.send_signal(signal.SIGINT)
     _, err = backup.communicate(timeout=120)
@@ -184,6 +179,5 @@ def test_a_backup_stopped_on_a_slow_link_still_indexes_what_it_stored_and_remove
     assert not list((http_server.path / "locks").glob("*")), "the lock was left"
     stored = [p for p in (http_server.path / "data").rglob("*") if p.is_file()]
     assert stored and list((http_server.path / "index").glob("*")), "the packs stored were not indexed"
-    again = json.loads(cli("backup", "-r", url, str(src), "--fixed-chunks", "big", "--fixed-chunk-size", "128k",
-                           "--json", env=env, password="pw").stdout)
+    again = json.loads(cli("backup", "-r", url, str(src), *chunks, "--json", env=env, password="pw").stdout)
     assert again["stats"]["added_stored_bytes"] <= 3_000_000 - len(stored) * 200_000
