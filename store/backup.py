@@ -37,7 +37,7 @@ from .manifest import (
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK,
     Entry, ManifestStats, Record, delete_record, held_ns, sort_key,
 )
-from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH
+from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH, Plaintext
 from .deltabase import restart_turns
 from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
@@ -311,8 +311,28 @@ class Backup:
         """Compress and store a batch; its delta bases are read together (neighbours in a pack coalesced)."""
         assert self.writer is not None
         base_ids = [b for _, _, b in batch if b is not None]
-        bases = dict(zip(base_ids, self.repo.read_blobs(base_ids))) if base_ids else {}
+        try:
+            bases = dict(zip(base_ids, self.repo.read_blobs(base_ids))) if base_ids else {}
+        except MissingObject:  # a pack the index lists is gone: `repair index` first, as for a parent
+            raise
+        except CorruptObject:
+            bases = self._readable_bases(base_ids)
         self.writer.store_many(self.repo.prepare_blobs(batch, bases, self.opt.delta_margin))
+
+    def _readable_bases(self, base_ids: list[bytes]) -> dict[bytes, Plaintext]:
+        """The bases that read; a damaged one's chunks are stored whole (``prepare_blobs``), with a warning:
+        the chunk is at hand, and a delta was only to make it smaller."""
+        bases: dict[bytes, Plaintext] = {}
+        for b in dict.fromkeys(base_ids):
+            try:
+                bases[b] = self.repo.read_blob(b)
+            except MissingObject:
+                raise
+            except CorruptObject as exc:
+                self.warnings.append(f"delta base {b.hex()} is damaged ({exc.reason}): the chunk that would have "
+                                     "been stored against it is stored whole; `chunkvault check --read-data` "
+                                     "names what the damage takes down")
+        return bases
 
     def _submit(self, blob_id: bytes, data: bytes, base_id: bytes | None) -> None:
         """Queue a new chunk for compression and sealing; small chunks travel in batches."""

@@ -155,6 +155,21 @@ def test_unreadable_deltas_are_those_whose_chain_misses_a_whole_blob():
     assert unreadable_deltas(bases, kinds.get, delta) == {b"x1", b"x2", b"loop1", b"loop2"}
 
 
+def test_a_backup_whose_delta_base_is_damaged_stores_that_chunk_whole_and_goes_on(chain, tmp_path, password):
+    """The base a changed chunk would be stored against does not read (bit rot): the chunk is at hand, so it
+    is stored whole, with a warning, where the backup stopped (exit 13) until a repair."""
+    repo_dir, repo, full, diff, src = chain
+    damage_blob(repo_dir, repo, chunk_ids(repo, full, "db")[0])  # under the differential's delta
+    db = bytearray((src / "db").read_bytes())
+    db[70_000:70_016] = b"changed again..."
+    (src / "db").write_bytes(db)
+    repo = Repository.open(str(repo_dir), password)
+    result = repo.backup([str(src)], fixed_chunks=["db"])
+    assert any("is damaged" in w and "stored whole" in w for w in result.warnings), result.warnings
+    repo.restore(result.snapshot.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "db").read_bytes() == bytes(db)
+
+
 def test_a_delta_whose_header_names_another_base_is_named_damaged_itself(chain, tmp_path, password):
     """A bit flipped in the base id a delta's envelope carries (before it is authenticated): the error is
     the delta's, not a base one bit away from the real one that sends the user to `repair index`."""
