@@ -822,8 +822,6 @@ class Restorer:
         their offsets are copied from it, not read from the repository.  A file right already, metadata and
         all, keeps its inode and its links, unless another path of this restore kept that inode: the
         snapshot has them as separate files (left linked, a write to one changed the other)."""
-        pfd, name = self.at(e.path)
-        tmp = os.path.join(os.path.dirname(e.path), b".chunkvault-restore-" + secrets.token_hex(8).encode())
         fd = self._open(e.path, os.O_RDONLY)
         try:
             st = self._regular(fd, e.path)
@@ -831,11 +829,7 @@ class Restorer:
                 self._kept_linked.add((st.st_dev, st.st_ino))
                 self.result.unchanged_files += 1
                 return
-            self._write_file(tmp, e, (data for data, _ in self._chunks_held_or_read(fd, e)))
-            os.rename(os.path.basename(tmp), name, src_dir_fd=pfd, dst_dir_fd=pfd)
-        except BaseException:
-            self.remove_quietly(tmp)
-            raise
+            self._write_beside(e, (data for data, _ in self._chunks_held_or_read(fd, e)))
         finally:
             os.close(fd)
 
@@ -994,8 +988,9 @@ class Restorer:
         except CorruptObject as exc:  # this file's data is damaged: the others are still restored
             pf.skip_rest()
             self._damaged(e, exc)
-            if part is None and not (there and not self.opt.delta):  # a part's file goes once every part is
-                self.remove_quietly(e.path)                           # in; a file written beside was not here
+            # A part's file goes once every part is in; one written beside leaves the target's as it was.
+            if part is None and (self.opt.delta or not there):
+                self.remove_quietly(e.path)
             return
         self.result.files += int(part is None or part[1] == 0)  # a file written in parts counts once
         self.result.bytes += e.size

@@ -417,20 +417,28 @@ def test_full_repository_disk(tmpfs, tmp_path):
     crashkit.verify_restores(path, states, str(tmp_path), crashkit.Figures("enospc"))
 
 
-def test_prune_after_forget_on_a_full_disk(tmpfs, tmp_path):
-    """No pack of failed backups to delete first, the disk full: the forgotten snapshot's own index object
-    and packs go before the new index is written (restic needs free space or an unsafe flag here)."""
+def _a_small_and_a_big_snapshot(tmpfs, tmp_path, seed, big_mib):
+    """A repository on the tmpfs with a snapshot of a 1 MiB tree (``states``: its state) and one of
+    ``big_mib`` MiB of random files (``gone``: its id, for a forget to free)."""
     path = os.path.join(tmpfs, "repo")
     crashkit.init_repo(path, compression=3)
     src = tmp_path / "src"
-    tree = crashkit.SourceTree(str(src), random.Random(5), target_bytes=1 << 20)
+    tree = crashkit.SourceTree(str(src), random.Random(seed), target_bytes=1 << 20)
     big = tmp_path / "big"
     big.mkdir()
-    for i in range(4):
+    for i in range(big_mib):
         (big / f"r{i}").write_bytes(os.urandom(1 << 20))
     with Repository.open(path, PASSWORD) as repo:
         states = {repo.backup([str(src)]).snapshot.id: tree.state()}
         gone = repo.backup([str(big)]).snapshot.id
+    return path, src, tree, big, states, gone
+
+
+def test_prune_after_forget_on_a_full_disk(tmpfs, tmp_path):
+    """No pack of failed backups to delete first, the disk full: the forgotten snapshot's own index object
+    and packs go before the new index is written (restic needs free space or an unsafe flag here)."""
+    path, src, tree, big, states, gone = _a_small_and_a_big_snapshot(tmpfs, tmp_path, 5, 4)
+    with Repository.open(path, PASSWORD) as repo:
         repo.forget([gone])
     filler = fill_up(tmpfs, leave=4096)
     with Repository.open(path, PASSWORD) as repo:
@@ -451,17 +459,7 @@ def test_forget_and_prune_on_a_disk_full_to_the_last_byte(tmpfs, tmp_path):
     commands that free space can run; it is put back once there is room."""
     from chunkvault.remotes.local import RESERVE_NAME
 
-    path = os.path.join(tmpfs, "repo")
-    crashkit.init_repo(path, compression=3)
-    src = tmp_path / "src"
-    tree = crashkit.SourceTree(str(src), random.Random(9), target_bytes=1 << 20)
-    big = tmp_path / "big"
-    big.mkdir()
-    for i in range(3):
-        (big / f"r{i}").write_bytes(os.urandom(1 << 20))
-    with Repository.open(path, PASSWORD) as repo:
-        states = {repo.backup([str(src)]).snapshot.id: tree.state()}
-        gone = repo.backup([str(big)]).snapshot.id
+    path, src, tree, _big, states, gone = _a_small_and_a_big_snapshot(tmpfs, tmp_path, 9, 3)
     reserve = os.path.join(path, RESERVE_NAME)
     assert os.path.getsize(reserve) == 1 << 20
     filler = fill_up(tmpfs, leave=0)
