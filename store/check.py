@@ -287,8 +287,9 @@ class Checker:
         return todo, sum(size for _, size, _, read_all in todo if read_all)
 
     def _check_pack(self, pid: bytes, size: int, sources: EntrySources, read_all: bool) -> None:
-        """One pack: its header against the index; with ``read_all`` every blob opened and re-hashed,
-        and the pack's bytes against its name.  A blob that fails is bad alone: the others verified."""
+        """One pack: its header against the index; with ``read_all`` (or when the header does not read)
+        every blob opened and re-hashed, and the pack's bytes against its name.  A blob that fails is bad
+        alone: the others verified."""
         repo = self.repo
         entries = _entries(sources)
         key = pack_key(pid)
@@ -299,9 +300,10 @@ class Checker:
             try:
                 header, body, sealed_header, tail = fetch_header(repo.sealer, fetch, size, key)
             except CorruptObject as exc:
+                # The header or trailer is damaged, not necessarily the blobs: the index says where they lie,
+                # and a check without --read-data reads this pack too, to name only what the damage reaches.
                 if not read_all:
-                    raise
-                # The header or trailer is damaged, not necessarily the blobs: the index says where they lie.
+                    fetch, size = self._pack_reader(key, size, True)
                 inside = [e for e in entries if e.offset + e.length <= size]
                 found, named = self._read_in_windows(key, pid, fetch, read_windows(inside, size, window), ())
                 found += [(e.blob_id, "lies past the pack's end") for e in entries if e.offset + e.length > size]

@@ -171,6 +171,36 @@ def test_read_data_in_windows_smaller_than_a_pack(repo_with_data, password, monk
     assert Repository.open(str(repo_dir), password).check(read_data=True).ok
 
 
+@pytest.mark.parametrize("cheap_ranges", [True, False])
+def test_plain_check_reads_a_pack_whose_header_is_damaged(repo_with_data, password, monkeypatch, cheap_ranges):
+    """A damaged pack header says nothing of the blobs (a restore finds them by the index): a check without
+    --read-data reads that one pack and names only the snapshots and files the damage reaches, as
+    --read-data does, where it named every snapshot holding any of the pack's blobs."""
+    from chunkvault.remotes.local import LocalRemote
+
+    monkeypatch.setattr(LocalRemote, "cheap_ranges", cheap_ranges)
+    repo_dir, _, _, _ = repo_with_data
+    victim = max(packs(repo_dir), key=lambda p: p.stat().st_size)
+    good = victim.read_bytes()
+    bad = bytearray(good)
+    bad[len(good) - 20] ^= 0x40  # the sealed header
+    victim.write_bytes(bytes(bad))
+
+    def outcome(**kw):
+        r = Repository.open(str(repo_dir), password, ledger=False).check(**kw)
+        return r, [(p.object, p.problem, sorted(p.snapshots), sorted(p.files)) for p in r.problems]
+
+    r, found = outcome()
+    assert found == [(f"data/{victim.parent.name}/{victim.name}", "content does not match its name "
+                      f"(`repair packs {victim.name[:12]}` keeps what of it still verifies)", [], [])]
+    assert r.packs_read == 1 and 0 < r.blobs_read < r.blobs
+    bad[len(good) // 2] ^= 0x40  # and a blob
+    victim.write_bytes(bytes(bad))
+    r, found = outcome()
+    assert len(found) == 2 and found[1][2] and found[1][3]
+    assert found == outcome(read_data=True)[1]
+
+
 def test_forked_read_data_reports_what_threads_report(repo_with_data, password, monkeypatch):
     """Large checks on local disk read packs in one forked worker per core: their problems, the blobs
     each names, and the snapshots and files those take down come back exactly as the threads' do."""
