@@ -59,6 +59,11 @@ class BlobSource(Protocol):
     def read_blobs(self, blob_ids: list[bytes]) -> Sequence[Plaintext]: ...
 
 
+# --delta holds up to this much of a file's changed chunks until the whole file is read and checked, so damaged
+# data leaves the file as it was (its prefetch window is idle: the chunks are read as each is compared).
+DELTA_HOLD_BYTES = 16 << 20
+
+
 @dataclass
 class RestoreOptions:
     includes: list[str] = field(default_factory=list)
@@ -139,6 +144,15 @@ def _lstat(pfd: int, name: bytes) -> os.stat_result | None:
 
 def _digest_mismatch(e: Entry) -> CorruptObject:
     return CorruptObject(f"file {os.fsdecode(e.path)}", "restored content does not match its digest")
+
+
+def _write_ranges(fd: int, ranges: list[tuple[int, Plaintext]], size: int) -> None:
+    """Write chunks at their offsets into a file of ``size`` bytes; zeros it lacks stay a hole (past
+    its end one already, inside it one punched)."""
+    for pos, data in ranges:
+        if not (len(data) >= HOLE_MIN and all_zeros(data) and (
+                pos >= size or punch_hole(fd, pos, min(len(data), size - pos)))):
+            os.pwrite(fd, data, pos)
 
 
 def _target_error(what: str, exc: OSError) -> ChunkvaultError:
@@ -775,7 +789,9 @@ class Restorer:
         entry's metadata.  Judged by the file the descriptor holds, never by a second lookup of its name: a
         hard link put there meanwhile (to a file out of the target) must get neither the snapshot's data nor
         its owner.  One with other links, or one the update would grant an owner or set-id bits, is written
-        anew instead (``_replace_file``).  A file cut short (no space, say) is removed: neither what it was
+        anew instead (``_replace_file``).  The ranges to rewrite are held until the whole file is read and
+        checked, up to ``DELTA_HOLD_BYTES``: damaged data found before the first write leaves the file as it
+        was.  A file cut short once written to (no space, say) is removed: neither what it was
         nor what the snapshot holds."""
         fd = self._open(e.path, os.O_RDONLY)  # one that holds the content may not be writable, and need not be
         try:
@@ -793,26 +809,35 @@ class Restorer:
             self._replace_file(e)
             return
         fd = wfd
+        pending: list[tuple[int, Plaintext]] = []  # (offset, chunk) still to write
+        held_back = 0
+        written = False
         try:
             hasher = blake3.blake3()
             pos = 0
             size = os.fstat(fd).st_size
             for data, held in self._chunks_held_or_read(fd, e):
-                # zeros the file lacks stay a hole: past its end one already, inside it one punched
-                if not held and not (len(data) >= HOLE_MIN and all_zeros(data) and (
-                        pos >= size or punch_hole(fd, pos, min(len(data), size - pos)))):
-                    os.pwrite(fd, data, pos)
+                if not held:
+                    pending.append((pos, data))
+                    held_back += len(data)
+                    if held_back > DELTA_HOLD_BYTES:
+                        written = True
+                        _write_ranges(fd, pending, size)
+                        pending, held_back = [], 0
                 hasher.update(data)
                 pos += len(data)
+            if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
+                raise _digest_mismatch(e)
+            written = True
+            _write_ranges(fd, pending, size)
             os.ftruncate(fd, pos)
             self._apply_meta(e, fd)
         except BaseException:
             os.close(fd)
-            self.remove_quietly(e.path)
+            if written:
+                self.remove_quietly(e.path)
             raise
         os.close(fd)
-        if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
-            raise _digest_mismatch(e)
 
     def _replace_file(self, e: Entry) -> None:
         """--delta over a file with other links (some perhaps out of the target), or one an update in place
@@ -988,8 +1013,9 @@ class Restorer:
         except CorruptObject as exc:  # this file's data is damaged: the others are still restored
             pf.skip_rest()
             self._damaged(e, exc)
-            # A part's file goes once every part is in; one written beside leaves the target's as it was.
-            if part is None and (self.opt.delta or not there):
+            # A part's file goes once every part is in; one written beside, or updated in place (which
+            # removes it itself once written to), leaves the target's as it was.
+            if part is None and not there:
                 self.remove_quietly(e.path)
             return
         self.result.files += int(part is None or part[1] == 0)  # a file written in parts counts once

@@ -396,3 +396,45 @@ def test_an_in_place_restore_leaves_a_file_as_it_was_when_the_snapshot_s_copy_is
         repo.restore(snap.id, str(live), force=True)
     assert (live / "db").read_bytes() == old and (live / "other").read_text() == "v2"
     assert sorted(p.name for p in live.iterdir()) == ["db", "other"]  # no temporary file left
+
+
+@pytest.mark.parametrize("window", [None, 1])  # bytes held back: as set, or none
+def test_a_delta_restore_leaves_a_file_as_it_was_when_damage_shows_before_its_first_write(
+        tmp_path, new_repo, password, monkeypatch, window):
+    """--delta holds a file's changed ranges until every one is read and the whole checked: a damaged
+    chunk found among them leaves the target's file as it was (it was removed).  Changes larger than what
+    is held back are written as they come: such a file, half-updated, is still removed."""
+    from chunkvault import Repository
+    from chunkvault.errors import CorruptObject
+    from chunkvault.store import restore
+    from test_damaged_storage import damage_blob
+
+    if window is not None:
+        monkeypatch.setattr(restore, "DELTA_HOLD_BYTES", window)
+    rnd = random.Random(3)
+    src = tmp_path / "src"
+    src.mkdir()
+    old = bytearray(rnd.randbytes(8 * 65536))
+    (src / "db").write_bytes(old)
+    (src / "other").write_text("v1")
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)], fixed_chunks=["db"], fixed_chunk_size=65536)
+    live = tmp_path / "live"
+    shutil.copytree(src, live)
+    new = bytearray(old)
+    for chunk in (1, 4, 6):  # the damaged one comes after a changed one
+        new[chunk * 65536 + 100 : chunk * 65536 + 164] = rnd.randbytes(64)
+    (src / "db").write_bytes(new)
+    (src / "other").write_text("v2")
+    snap = repo.backup([str(src)], fixed_chunks=["db"], fixed_chunk_size=65536).snapshot
+    (entry,) = [e for e in repo.tree(snap) if e.path == b"db"]
+    damage_blob(tmp_path / "repo", repo, entry.chunk_ids()[4])
+    repo = Repository.open(str(tmp_path / "repo"), password)
+    with pytest.raises(CorruptObject, match="db"):
+        repo.restore(snap.id, str(live), force=True, delta=True, processes=1)
+    assert (live / "other").read_text() == "v2"
+    if window is None:
+        assert (live / "db").read_bytes() == old
+    else:
+        assert not (live / "db").exists()
+    assert sorted(p.name for p in live.iterdir()) == (["db", "other"] if window is None else ["other"])
