@@ -35,7 +35,7 @@ from .chain import broken_chains
 from .manifest import (
     F_CHANGED_DURING_READ, F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH,
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK,
-    Entry, ManifestStats, Record, delete_record, held_ns, sort_key,
+    NS_MAX, Entry, ManifestStats, Record, delete_record, held_ns, sort_key,
 )
 from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH, Plaintext
 from .deltabase import restart_turns
@@ -249,18 +249,44 @@ class _FdReader:
 
 IGNORE_INODE = 1  # the fields a backup may be told not to compare (SourceWalk.skip_unchanged's ``ignore``)
 IGNORE_CTIME = 2
+# A change made in the same clock tick as the one a backup saw leaves a file's times as they were: an entry
+# whose times lie this close before the start of the parent's walk, or after it, is read again, not taken on
+# its times.  Times with sub-second digits come from a file system keeping fine times, stamped from the
+# kernel's coarse clock (milliseconds behind); whole seconds from one that keeps no finer (FAT: 2 s).
+RACY_FINE_NS = 100_000_000
+RACY_COARSE_NS = 2_000_000_000
+NEVER_RACY = (NS_MAX, NS_MAX)
 
 
-def _unchanged_file(prev: Entry, st: os.stat_result, ignore: int) -> bool:
-    """A single-link regular file whose every recorded field (but those ``ignore`` names) matches ``prev``:
-    ``prev`` is its entry.
+def racy_from(parent: Snapshot | None) -> tuple[int, int]:
+    """The times from which the parent's entries are not taken on their times (for times with sub-second
+    digits, for whole seconds): none for a parent that did not record when its walk began."""
+    began = parent.stats.get("started_ns") if parent is not None else None
+    if type(began) is not int:
+        return NEVER_RACY
+    return began - RACY_FINE_NS, began - RACY_COARSE_NS
+
+
+def _settled(st: os.stat_result, ignore: int, bounds: tuple[int, int]) -> bool:
+    """Whether a stat's times are old enough to vouch for an unchanged entry (C: ``racy`` in _scandir.c)."""
+    return not _racy(st.st_mtime_ns, bounds) and bool(ignore & IGNORE_CTIME or not _racy(st.st_ctime_ns, bounds))
+
+
+def _racy(ns: int, bounds: tuple[int, int]) -> bool:
+    return ns >= (bounds[0] if ns % 1_000_000_000 else bounds[1])
+
+
+def _unchanged_file(prev: Entry, st: os.stat_result, ignore: int, bounds: tuple[int, int]) -> bool:
+    """A single-link regular file whose every recorded field (but those ``ignore`` names) matches ``prev``,
+    with times older than ``bounds``: ``prev`` is its entry.
 
     The common case of a repeated backup, decided without building an entry.
     """
     return (prev.type == T_FILE and not prev.flags and st.st_nlink == 1 and st.st_mtime_ns == prev.mtime_ns
             and (st.st_ctime_ns == prev.ctime_ns or ignore & IGNORE_CTIME) and st.st_size == prev.size
             and (st.st_ino == prev.ino and st.st_dev == prev.dev or ignore & IGNORE_INODE)
-            and st.st_mode == stat.S_IFREG | prev.mode and st.st_uid == prev.uid and st.st_gid == prev.gid)
+            and st.st_mode == stat.S_IFREG | prev.mode and st.st_uid == prev.uid and st.st_gid == prev.gid
+            and _settled(st, ignore, bounds))
 
 
 def check_stdin_name(name: str) -> bytes:
@@ -277,6 +303,7 @@ class Backup:
         self.opt = options
         self._ignore = (IGNORE_INODE if options.ignore_inode else 0) | (IGNORE_CTIME if options.ignore_ctime else 0)
         self._xattrs_known = True  # the parent's entries hold the attributes this backup records (set by _run)
+        self._racy_from = NEVER_RACY  # the parent's times from which its entries are not taken on them (by _run)
         self.warnings: list[str] = []
         self.unreadable: list[str] = []
         self._lock: RepoLock | None = None
@@ -492,7 +519,8 @@ class Backup:
         if (prev is None or self.opt.reread or prev.type != T_FILE
                 or prev.flags & (F_UNREADABLE | F_CHANGED_DURING_READ)
                 or prev.size != st.st_size or prev.mtime_ns != st.st_mtime_ns
-                or prev.ctime_ns != e.ctime_ns or prev.ino != e.ino):
+                or prev.ctime_ns != e.ctime_ns or prev.ino != e.ino
+                or not _settled(st, self._ignore, self._racy_from)):
             return False
         e.digest, e.chunks, e.size = prev.digest, prev.chunks, prev.size
         e.xattrs = self._xattrs(path, path, st, T_FILE, prev, notes)
@@ -622,7 +650,7 @@ class Backup:
         if not self.opt.xattrs:
             return b""
         if (prev is not None and prev.type == etype and prev.ctime_ns == st.st_ctime_ns and self._xattrs_known
-                and not self._ignore & IGNORE_CTIME):
+                and not self._ignore & IGNORE_CTIME and not _racy(st.st_ctime_ns, self._racy_from)):
             return prev.xattrs
         try:
             return read_xattrs(target)
@@ -798,7 +826,7 @@ class Backup:
         progress = self.opt.progress is not None
         # Entries taken from the parent unseen: only when its attributes are this backup's.
         take_unseen = not self.opt.reread and self._xattrs_known
-        ignore = self._ignore
+        ignore, racy = self._ignore, self._racy_from
         p = next(parent_tree, None)
         cut: bytes | None = None
         same_files = same_bytes = 0
@@ -808,7 +836,7 @@ class Backup:
         while True:
             if p is not None and take_unseen and (diff or not pending):  # a full's records wait for none before them
                 files, dirs, links, size, p = source.skip_unchanged(p, parent_tree, taken, OP_ENTRY, T_FILE,
-                                                                    T_DIR, T_SYMLINK, ignore)
+                                                                    T_DIR, T_SYMLINK, ignore, racy)
                 if files or dirs or links:
                     same_files += files
                     same_bytes += size
@@ -835,7 +863,7 @@ class Backup:
             if p is not None and p.path == rel:  # same path, same sort key
                 prev = p.entry
                 p = next(parent_tree, None)
-            if prev is not None and take_unseen and _unchanged_file(prev, st, ignore):
+            if prev is not None and take_unseen and _unchanged_file(prev, st, ignore, racy):
                 same_files += 1
                 same_bytes += prev.size
                 if progress:
@@ -1000,6 +1028,7 @@ class Backup:
         # A parent taken without extended attributes (or, for --no-xattrs, with them) has entries whose
         # attributes say nothing about the files': none is taken from it unseen (each is read once).
         self._xattrs_known = parent is None or parent.stats.get("xattrs", False) == self.opt.xattrs
+        self._racy_from = racy_from(parent)
         stats = ManifestStats()
         self.writer = CountingWriter(repo) if self.opt.dry_run else repo.writer()
         # A manifest the search for a parent found damaged: the same records make the same blob, which must
@@ -1064,6 +1093,7 @@ class Backup:
                 "chain_length": len(chain) + 1 if kind == KIND_DIFF else 1,
                 "unreadable": self.unreadable, "warnings": len(self.warnings), "xattrs": self.opt.xattrs,
                 "duration": round(time.monotonic() - started, 3),
+                **({"started_ns": source.began_ns} if source is not None else {}),
             },
         )
         if not self.opt.dry_run:

@@ -3,6 +3,11 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import settings
+
+# Speed is measured in bench/, not asserted: an example slowed by a busy machine is no failure.
+settings.register_profile("suite", deadline=None)
+settings.load_profile("suite")
 
 PASSWORD = "correct horse battery staple"
 

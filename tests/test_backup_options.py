@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from chunkvault.errors import SnapshotNotFound, UsageError
+from treeutil import settle
 
 
 @pytest.fixture
@@ -20,6 +21,7 @@ def tree(tmp_path):
             (src / f"d{d}" / f"f{f}").write_bytes(os.urandom(3_000 + f * 100))
     (src / "big").write_bytes(os.urandom(2_000_000))
     os.symlink("big", src / "link")
+    settle()
     return src
 
 
@@ -49,6 +51,7 @@ def test_ignore_inode_and_ctime_keep_files_copied_with_their_times_unchanged(new
             shutil.copy2(p, str(p) + ".tmp")
             os.replace(str(p) + ".tmp", p)
     (tree / "d0" / "f0").write_bytes(b"really changed")
+    settle()
     assert repo.backup([str(tree)], ignore_inode=True, dry_run=True).snapshot.stats["read_bytes"] > 0  # ctime
     st = repo.backup([str(tree)], ignore_inode=True, ignore_ctime=True).snapshot.stats
     assert st["read_bytes"] == len(b"really changed") and st["changed_files"] == 1

@@ -7,7 +7,7 @@ import pytest
 
 from chunkvault.errors import TargetNotEmpty, UsageError
 from chunkvault.store.manifest import T_DIR
-from treeutil import describe
+from treeutil import describe, settle
 
 
 def make_rich_tree(root):
@@ -151,6 +151,7 @@ def test_unchanged_tree_writes_empty_differential(tmp_path, new_repo):
     src = tmp_path / "src"
     src.mkdir()
     make_rich_tree(src)
+    settle()
     repo = new_repo()
     first = repo.backup([str(src)]).snapshot
     second = repo.backup([str(src)]).snapshot

@@ -17,6 +17,7 @@ from chunkvault.errors import CorruptObject, MissingObject, UsageError
 
 from test_check import packs, repo_with_data  # noqa: F401 (a fixture)
 from test_corruption import flip
+from treeutil import settle
 
 MiB = 1 << 20
 
@@ -323,6 +324,7 @@ def small_files(tmp_path, new_repo):
     files = {f"f{i}": rnd.randbytes(rnd.randrange(1000, 50_000)) for i in range(12)}
     for name, content in files.items():
         (src / name).write_bytes(content)
+    settle()  # for the next backup to take them unread
     repo = new_repo(str(tmp_path / "repo"))
     return tmp_path / "repo", repo, repo.backup([str(src)]).snapshot, files
 

@@ -19,6 +19,7 @@ from chunkvault import Repository
 from chunkvault.errors import ChunkvaultError, Locked, PartialBackup
 from chunkvault.scheduler import (Daemon, Runner, RunReport, SourceResult, load_policy,
                                   policy_lock)
+from treeutil import settle
 
 UTC = timezone.utc
 PASSWORD = "scheduled secret"
@@ -570,6 +571,7 @@ def test_a_source_compares_as_its_policy_says(tmp_path, repo_url, tree, fake_tim
     clock = fake_time(FakeClock(datetime(2026, 3, 1, 2, 0, tzinfo=UTC)))
     runner = Runner(load_policy(str(policy_path)), PASSWORD.encode(), clock=clock, log=lambda line: None,
                     lock_file=str(tmp_path / "policy.lock"))
+    settle()
     assert runner.run().sources[0].status == "ok"
     for p in tree.iterdir():
         shutil.copy2(p, str(p) + ".tmp")

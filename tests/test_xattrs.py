@@ -17,6 +17,7 @@ from chunkvault.store.snapshot import SNAPSHOT_VERSION, Snapshot
 from chunkvault.store.xattrs import decode_xattrs, encode_xattrs
 from chunkvault.verify import compare_tree
 from conftest import PASSWORD
+from treeutil import settle
 
 ROOT = os.geteuid() == 0
 # security.capability of cap_net_raw+ep (revision 2): what `setcap cap_net_raw+ep` writes.
@@ -135,6 +136,7 @@ def test_without_attributes_a_snapshot_stays_version_1_and_none_are_set(repo, so
 def test_a_parent_taken_under_the_other_rule_is_not_trusted_for_them(repo, source):
     """After a backup without attributes (or by a chunkvault that kept none), unchanged files get theirs
     read, their data still not; and the other way round a backup without them keeps none of the parent's."""
+    settle()
     repo.backup([str(source)], xattrs=False)
     with_them = repo.backup([str(source)])
     snap = with_them.snapshot
