@@ -1026,13 +1026,13 @@ def cmd_key(args: argparse.Namespace) -> int:
         name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
         _report_key(args, {"id": name}, f"added key {name[:12]}")
     elif args.key_cmd == "remove":
-        repo.remove_key(args.key_id)
+        repo.remove_key(args.key_id, wait=args.wait)
         _report_key(args, {"removed": args.key_id}, f"removed key {args.key_id}")
     elif args.key_cmd == "passwd":
         old = repo.store.key_name
         name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
         try:
-            repo.store.remove_key(old, own=True)
+            repo.store.remove_key(old, own=True, wait=args.wait)
         except ChunkvaultError as exc:  # e.g. an append-only token: the new key is taken back if it can be
             try:
                 repo.store.remote.delete(f"keys/{name}")
@@ -1042,6 +1042,9 @@ def cmd_key(args: argparse.Namespace) -> int:
             except ChunkvaultError:
                 left = f"both passwords open the repository now (key {name[:12]} added): `key remove` one"
             raise (exc.explained(f"; {left}") if isinstance(exc, CorruptObject) else type(exc)(f"{exc}; {left}")) from None
+        except BaseException:  # stopped, most likely while it waited for the lock: nothing is taken back
+            warn(f"stopped with key {name[:12]} added: both passwords open the repository (`key remove` one)")
+            raise
         _report_key(args, {"id": name, "removed": old}, f"password changed (key {old[:12]} replaced by {name[:12]})")
     return 0
 
@@ -1444,6 +1447,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             k.add_argument("--kdf-time", type=_seconds, default=0.5, metavar="SECONDS", help=KDF_TIME_HELP)
         if name == "remove":
             k.add_argument("key_id")
+        if name in ("remove", "passwd"):
+            _wait_option(k, 3600.0, "running backups and reads")
     s.set_defaults(func=cmd_key)
 
     from . import exportcli

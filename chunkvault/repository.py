@@ -755,10 +755,11 @@ class Repository:
         broken = broken_chains({s.id: s.parent for s in snaps})  # readable, built on what is not: id -> that
         lost = set(damaged) | set(broken)
         if policy is not None and lost:
-            name = min(lost)
-            raise CorruptObject(f"snapshots/{name}", "unreadable, or a differential on one that is: retention "
-                                "needs every chain whole; forget such snapshots by id first (`repair "
-                                "snapshots` lists them)")
+            named = sorted(lost)
+            listed = " ".join(sid[:8] for sid in named[:10]) + (" ..." if len(named) > 10 else "")
+            raise CorruptObject(f"snapshots/{named[0]}", f"unreadable, or a differential on one that is "
+                                f"({len(named)} such: {listed}): retention needs every chain whole; forget them "
+                                "by id first (`repair snapshots` lists them)")
         stranded = [(sid, below) for sid, below in broken.items() if below in ids and sid not in ids]
         if stranded:
             sid, below = stranded[0]
@@ -930,8 +931,10 @@ class Repository:
         check_kdf_seconds(kdf_seconds)
         return self._repo.add_key(_password(password), kdf_seconds=kdf_seconds)
 
-    def remove_key(self, name: str) -> None:
-        self._repo.remove_key(name)
+    def remove_key(self, name: str, *, wait: float = 3600.0) -> None:
+        """Remove the key ``name`` (an id or unique prefix); waits up to ``wait`` seconds for running
+        backups and reads to end."""
+        self._repo.remove_key(name, wait=wait)
 
     def keys(self) -> list[dict[str, Any]]:
         readable, damaged = self._repo.list_keys()

@@ -171,3 +171,10 @@ def broken_chains(parents: dict[str, str | None]) -> dict[str, str]:
         except ValueError:
             continue
     return out
+
+
+def children_first(ids: Iterable[str], parents: dict[str, str | None]) -> list[str]:
+    """``ids`` ordered so that each comes before every ancestor of it among them: deleted in that order,
+    a run stopped between two deletions leaves no differential whose parent is gone (the kept ones were
+    rebased off those going first)."""
+    return sorted(ids, key=lambda sid: len(lineage(sid, parents)), reverse=True)

@@ -134,7 +134,7 @@ def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan,
         except CorruptObject as exc:
             raise exc.explained(f"; so {step.diff_id[:8]} cannot be rebased: forget it too (`repair snapshots` "
                                 "lists every snapshot a damaged manifest takes down)") from None
-    for sid in plan.remove:
+    for sid in chain.children_first(plan.remove, {s.id: s.parent for s in snapshots}):
         ensure_held()
         repo.delete_snapshot(sid)
     return rebased

@@ -197,13 +197,14 @@ class Repo:
         self.remote.put(f"keys/{name}", data, if_absent=True)
         return name
 
-    def remove_key(self, name: str, *, own: bool = False) -> None:
+    def remove_key(self, name: str, *, own: bool = False, wait: float = 0.0) -> None:
         """Remove a key file (``own``: the one this repository was opened with, once another replaces it).
-        Under the exclusive lock, and only while the opening key is still there and another readable key
-        remains: two removals at once each took the other's key, and no key opened the repository again."""
+        Under the exclusive lock (waiting up to ``wait`` seconds for it), and only while the opening key is
+        still there and another readable key remains: two removals at once each took the other's key, and
+        no key opened the repository again."""
         from .locks import EXCLUSIVE, RepoLock
 
-        with RepoLock(self.remote, EXCLUSIVE, "key remove") as lock:
+        with RepoLock(self.remote, EXCLUSIVE, "key remove", wait=wait) as lock:
             readable, damaged = self.list_keys()
             names = [k.name for k in readable]
             if self.key_name not in names:  # first: the key named may be that one (a password change)

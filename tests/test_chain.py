@@ -192,3 +192,22 @@ def test_lineage_walks_up_to_a_missing_parent_or_a_cycle_without_raising():
     assert lineage("f", parents) == ["f"]
     assert lineage("o", parents) == ["o"]
     assert lineage("x", parents) == ["x", "y"]
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_children_first_leaves_no_orphan_at_any_point(data):
+    """Deleting snapshots in ``children_first`` order, stopped after any number of them: no snapshot still
+    there, of those to delete, has its parent gone (those kept were rebased off them beforehand)."""
+    from chunkvault.store.chain import children_first
+
+    n = data.draw(st.integers(1, 12))
+    parents: dict = {}
+    for i in range(n):  # each a full, or a differential on an earlier snapshot
+        parents[f"s{i}"] = data.draw(st.one_of(st.none(), st.sampled_from([f"s{j}" for j in range(i)] or [None])))
+    going = data.draw(st.lists(st.sampled_from(sorted(parents)), unique=True))
+    order = children_first(going, parents)
+    assert sorted(order) == sorted(going)
+    for k in range(len(order) + 1):
+        gone = set(order[:k])
+        assert not any(parents[s] in gone for s in order[k:])

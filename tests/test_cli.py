@@ -486,7 +486,7 @@ def test_two_key_removals_at_once_cannot_remove_every_key(tmp_path, new_repo, pa
     with Repository.open(str(tmp_path / "repo"), "second password") as other:
         with RepoLock(repo.store.remote, EXCLUSIVE, "key remove"):  # the other's removal is under way
             with pytest.raises(Exception, match="lock.*key remove"):
-                other.remove_key(first)
+                other.remove_key(first, wait=0)
         repo.remove_key(second)
         with pytest.raises(UsageError, match="opened with is gone"):
             other.remove_key(first)
@@ -494,6 +494,32 @@ def test_two_key_removals_at_once_cannot_remove_every_key(tmp_path, new_repo, pa
         assert [k["id"] for k in again.keys()] == [first]
         with pytest.raises(UsageError, match="refusing to remove the key this repository was opened with"):
             again.remove_key(first)
+
+
+def test_key_remove_and_passwd_wait_for_running_backups(tmp_path, new_repo, cli, password):
+    """As the other commands that take the exclusive lock: they wait for a backup's lock (--wait 0
+    refuses at once, the password unchanged), and go on once it is gone."""
+    import threading
+
+    from chunkvault import Repository
+    from chunkvault.store.locks import SHARED, RepoLock
+
+    repo = new_repo(str(tmp_path / "repo"))
+    r = str(tmp_path / "repo")
+    extra = repo.add_key("extra password", kdf_seconds=0)
+    (tmp_path / "new").write_text("new password\n")
+    passwd = ("key", "passwd", "-r", r, "--new-password-file", str(tmp_path / "new"), "--kdf-time", "0")
+    lock = RepoLock(repo.store.remote, SHARED, "backup")
+    with lock:
+        assert b"locked by backup" in cli("key", "remove", "-r", r, extra[:12], "--wait", "0", check=15).stderr
+        assert b"the password is unchanged" in cli(*passwd, "--wait", "0", check=15).stderr
+        threading.Timer(1.0, lock.release).start()
+        cli("key", "remove", "-r", r, extra[:12])
+    cli(*passwd)
+    with Repository.open(r, "new password") as changed:
+        assert len(changed.keys()) == 1
+    with pytest.raises(Exception):
+        Repository.open(r, password)
 
 
 def test_two_password_changes_at_once_tell_the_loser_what_opens_the_repository(tmp_path, new_repo, password):

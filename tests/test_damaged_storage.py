@@ -407,8 +407,9 @@ def test_unreadable_snapshot_object_is_left_out_and_forgotten_with_what_builds_o
     assert result.snapshot.parent == full.id and any(d2.id[:8] in w for w in result.warnings)
     with pytest.raises(CorruptObject, match="prune needs every snapshot"):
         repo.prune()
-    with pytest.raises(CorruptObject, match="retention needs every chain whole"):
+    with pytest.raises(CorruptObject, match="retention needs every chain whole") as info:
         repo.forget(policy=RetentionPolicy(keep_last=1))
+    assert f"(2 such: {' '.join(sorted([d1.id[:8], d2.id[:8]]))})" in str(info.value)
     with pytest.raises(CorruptObject, match=f"{d2.id}: a differential on {d1.id[:8]}"):
         repo.forget([d1.id[:8]])
     assert sorted(s for s, _ in repo.repair_snapshots().unrestorable) == sorted([d1.id, d2.id])

@@ -320,3 +320,42 @@ def test_a_rebased_differential_counts_its_new_manifest_and_the_data_it_absorbed
     weighed = last.stats["added_stored_bytes"] + last.stats["absorbed_stored_bytes"] + stored
     assert choose_kind("auto", chain, 100, (weighed - 1) / full_bytes) == "full"
     assert choose_kind("auto", chain, 100, (weighed + 1) / full_bytes) == "diff"
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 2])
+def test_a_forget_stopped_between_deletions_leaves_every_chain_whole(tmp_path, new_repo, monkeypatch, stop_after):
+    """Snapshots go newest first along each chain: a forget stopped between two deletions (killed, its lock
+    lost, the remote failing) leaves no differential whose parent is gone, and run again it finishes."""
+    from chunkvault.store.repository import Repo
+
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo()
+    states = {}
+    for i in range(5):
+        (src / f"f{i}").write_bytes(os.urandom(1000))
+        snap = repo.backup([str(src)], kind="full" if i == 0 else "diff").snapshot
+        states[snap.id] = describe(src)
+    real = Repo.delete_snapshot
+    deleted = []
+
+    def delete_then_stop(self, sid):
+        if len(deleted) == stop_after:
+            raise KeyboardInterrupt
+        deleted.append(sid)
+        real(self, sid)
+
+    monkeypatch.setattr(Repo, "delete_snapshot", delete_then_stop)
+    policy = RetentionPolicy(keep_last=1)
+    with pytest.raises(KeyboardInterrupt):
+        repo.forget(policy=policy)
+    monkeypatch.undo()
+    repo = Repository.open(str(tmp_path / "repo0"), PASSWORD)
+    assert repo.check().ok
+    for s in repo.snapshots():
+        out = tmp_path / f"out-{s.id[:8]}-{len(deleted)}"
+        repo.restore(s.id, str(out))
+        assert describe(out) == states[s.id]
+    repo.forget(policy=policy)
+    (kept,) = repo.snapshots()
+    assert kept.id == list(states)[-1] and repo.check().ok
