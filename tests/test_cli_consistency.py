@@ -314,10 +314,10 @@ def test_readme_python_example_runs_top_to_bottom(tmp_path):
     """The README's example, run as written with every absolute path placed under a scratch directory and a
     stand-in pg_dump on PATH."""
     root = tmp_path / "root"
-    for d in ("var/lib/db", "var/lib/postgresql/15/main/base", "home/u", "etc/nginx"):
+    for d in ("var/lib/db", "var/backups/pg/copy/base", "home/u", "etc/nginx"):
         (root / d).mkdir(parents=True)
     (root / "var/lib/db/table").write_bytes(os.urandom(70_000))
-    (root / "var/lib/postgresql/15/main/base/1").write_bytes(os.urandom(30_000))
+    (root / "var/backups/pg/copy/base/1").write_bytes(os.urandom(30_000))
     (root / "home/u/notes.tmp").write_text("left out\n")
     (root / "etc/nginx/nginx.conf").write_text("worker_processes 1;\n")
     (root / "srv/backup").mkdir(parents=True)
