@@ -518,7 +518,8 @@ def add_snapshot_choice(s: argparse.ArgumentParser) -> None:
     s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
     s.add_argument("--host", help="only snapshots of this host (latest and --until pick among those)")
     s.add_argument("--path", action="append", default=[], metavar="PATH",
-                   help="only snapshots of exactly these backed-up paths (repeatable)")
+                   help="only snapshots of exactly these backed-up paths (repeatable), or of the stream of this "
+                        "--stdin-name")
 
 
 def chosen_snapshot(repo: Any, args: argparse.Namespace) -> Snapshot:

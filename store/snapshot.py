@@ -166,7 +166,8 @@ class SnapshotFinder:
 
 def find_snapshot(snapshots: Iterable[Snapshot], spec: str, *, until: datetime | None = None,
                   filter_paths: list[str] | None = None, host: str | None = None) -> Snapshot:
-    """Resolve an id, unique id prefix or ``latest`` (newest at or before ``until``).  An empty spec is a
+    """Resolve an id, unique id prefix or ``latest`` (newest at or before ``until``), among the snapshots
+    of ``host`` and of exactly ``filter_paths`` (or of the stream so named) when given.  An empty spec is a
     usage error, never ``latest``: it is what an unset shell variable gives, and ``forget "$ID"`` must not
     take the newest snapshot for it."""
     if not isinstance(spec, str) or not spec.strip():
@@ -175,8 +176,9 @@ def find_snapshot(snapshots: Iterable[Snapshot], spec: str, *, until: datetime |
     if host is not None:
         snaps = [s for s in snaps if s.host == host]
     if filter_paths:
-        wanted = sorted(os.path.abspath(p) if not p.startswith("stdin:") else p for p in filter_paths)
-        snaps = [s for s in snaps if sorted(s.paths) == wanted]
+        wanted = sorted(os.path.abspath(p) for p in filter_paths)
+        snaps = [s for s in snaps if (filter_paths == [s.stdin_name] if s.stdin_name is not None
+                                      else sorted(s.paths) == wanted)]
     if spec == "latest":
         candidates = [s for s in snaps if until is None or s.datetime <= until]
         if not candidates:

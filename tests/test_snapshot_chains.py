@@ -1,4 +1,5 @@
 """A chain of full and differential snapshots restores every point in time exactly."""
+import io
 import json
 import os
 import shutil
@@ -265,6 +266,12 @@ def test_latest_and_until_pick_among_one_host_and_paths(tmp_path, new_repo, cli)
     assert out["snapshot"] == repo.snapshot("latest", host="db1").id
     repo.restore("latest", str(tmp_path / "api"), until="2026-01-01T00:30:00Z", host="db1")
     assert [p.name for p in (tmp_path / "api").iterdir()] == ["base"]
+    # a stream's snapshots go by its name, as `snapshots --path` lists them
+    repo.backup_stream(io.BytesIO(b"-- dump"), "app.sql", host="db1", time="2026-01-01T00:10:00Z")
+    cli("restore", "-r", url, *until, "--path", "app.sql", "--target", str(tmp_path / "dump"))
+    assert [p.name for p in (tmp_path / "dump").iterdir()] == ["app.sql"]
+    cli("restore", "-r", url, *until, "--host", "db1", "--path", str(pg), "--target", str(tmp_path / "files"))
+    assert [p.name for p in (tmp_path / "files").iterdir()] == ["base"]
 
 
 def test_an_aggregated_differential_stays_after_the_snapshot_it_was_made_on(tmp_path, new_repo, cli):
