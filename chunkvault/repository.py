@@ -36,7 +36,7 @@ from .store.unlock import Unlocked, unlock
 if TYPE_CHECKING:  # the modules of other commands load when used: a backup need not import them
     from .store.check import CheckReport
     from .store.copy import CopyResult
-    from .store.export import ExportStats
+    from .store.export import ExportStats, ImportResult
     from .store.lifecycle import Aggregated, ForgetPlan
     from .store.prune import PrunePlan
     from .store.repair import RepairReport
@@ -914,15 +914,18 @@ class Repository:
             snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
             return export(self._repo, snap, path, _password(password), kdf_seconds=kdf_seconds, overwrite=overwrite)
 
-    def import_backup(self, path: str, password: str | bytes, *, wait: float = 3600.0) -> Snapshot:
-        """Bring a .backup file in as a new full snapshot; chunks already here are not stored again.  Waits
-        up to ``wait`` seconds for a prune, forget or repair, as a backup does."""
+    def import_backup(self, path: str, password: str | bytes, *, wait: float = 3600.0) -> ImportResult:
+        """Bring a .backup file in as a new full snapshot; chunks already here are not stored again, and
+        a snapshot already here (the exported one, or one imported from it before) is not imported again:
+        ``skipped``, and ``snapshot`` is that one.  Waits up to ``wait`` seconds for a prune, forget or
+        repair, as a backup does."""
         from .store.export import import_backup
 
         self._guard()
-        snap = import_backup(self._repo, path, _password(password), lock_wait=wait)
-        self._wrote(snap)
-        return snap
+        result = import_backup(self._repo, path, _password(password), lock_wait=wait)
+        if not result.skipped:
+            self._wrote(result.snapshot)
+        return result
 
     # --- keys ----------------------------------------------------------------------
 

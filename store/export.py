@@ -36,7 +36,7 @@ from array import array
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import blake3
 import zstandard
@@ -710,8 +710,22 @@ def open_export(path: str, password: bytes) -> ExportFile:
 IMPORTED_FROM = "imported_from"
 
 
-def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 0.0) -> Snapshot:
-    """Bring an export into ``repo`` as a new full snapshot; chunks it already has are not stored again.
+@dataclass
+class ImportResult:
+    snapshot: Snapshot  # when ``skipped``, the one the repository had
+    skipped: bool = False
+
+
+def already_here(snapshots: Iterable[Snapshot], exported: Snapshot) -> Snapshot | None:
+    """The snapshot an export brings, if the repository has it: the exported one itself (this is the
+    repository it came from), or one imported from it before.  Another copy would take a retention slot
+    and be the next backup's parent, for nothing."""
+    return next((s for s in snapshots if s.id == exported.id or s.stats.get(IMPORTED_FROM) == exported.id), None)
+
+
+def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 0.0) -> ImportResult:
+    """Bring an export into ``repo`` as a new full snapshot; chunks it already has are not stored again,
+    and a snapshot it already has (``already_here``) is not imported again.
 
     The file is verified whole before anything is stored; then a second pass
     stores its chunks under ids re-derived with this repository's key and
@@ -722,6 +736,9 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
         info = ef.info
         assert info is not None
         with RepoLock(repo.remote, SHARED, "import", wait=lock_wait, wait_option=True) as repo_lock:
+            present = already_here(repo.snapshots(), info.snapshot)
+            if present is not None:
+                return ImportResult(present, skipped=True)
             repo.load_index()
             dest = bytearray(32 * info.blobs)
             counts = ManifestStats()
@@ -791,7 +808,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                 },
             )
             repo_lock.ensure_held()  # a prune that took it for stale may have deleted what this import reuses
-            return repo.save_snapshot(snap)
+            return ImportResult(repo.save_snapshot(snap))
 
 
 def restore_from_file(path: str, password: bytes, target: str, *, includes: list[str] | None = None,

@@ -512,7 +512,7 @@ def test_export_and_import_of_a_mostly_delta_snapshot(tmp_path, new_repo):
     path = str(tmp_path / "last.backup")
     repo.export(last, path, "export pw", kdf_seconds=0)
     other = new_repo(chunker=SMALL)
-    imported = other.import_backup(path, "export pw")
+    imported = other.import_backup(path, "export pw").snapshot
     out = tmp_path / "out"
     other.restore(imported.id, str(out))
     assert describe(out) == tree
@@ -603,7 +603,7 @@ def test_fixed_cut_chains_grow_deeper_than_content_defined_ones(tmp_path, new_re
     path = str(tmp_path / "deep.backup")
     repo.export(deep, path, "export pw", kdf_seconds=0)
     other = Repository.init(str(tmp_path / "other"), "pw3", kdf_seconds=0)
-    imported = other.import_backup(path, "export pw")
+    imported = other.import_backup(path, "export pw").snapshot
     for dst, snap in ((copy, copied), (other, imported)):
         out = tmp_path / f"out-{dst.store.config.repo_id[:6]}"
         dst.restore(snap.id, str(out))

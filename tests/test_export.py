@@ -5,6 +5,7 @@ spliced in from another file) is refused before anything is written.
 """
 import argparse
 import hashlib
+import json
 import os
 import pathlib
 import random
@@ -124,7 +125,7 @@ def test_export_of_a_differential_imports_as_a_full_snapshot_elsewhere(tmp_path,
     assert stats.snapshot_id == diff.id and stats.file_bytes == path.stat().st_size
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
     dst = other_repo(tmp_path)
-    snap = import_backup(dst.store, str(path), EXPORT_PW)
+    snap = import_backup(dst.store, str(path), EXPORT_PW).snapshot
     assert snap.kind == "full" and snap.parent is None
     assert snap.stats["imported_from"] == diff.id
     assert (snap.time, snap.host, snap.paths, snap.tags) == (diff.time, diff.host, diff.paths, diff.tags)
@@ -154,28 +155,32 @@ def test_each_distinct_chunk_is_written_once(exported):
     assert counts[S_META] == 1 and counts[S_END] == 1 and counts[S_BLOB] == len(distinct) and counts[S_RECORDS] >= 1
 
 
-def test_importing_twice_adds_no_data(tmp_path, exported):
-    _repo, _diff, src, path, _ = exported
+def test_importing_twice_imports_once(tmp_path, exported, cli):
+    """The snapshot an export brings is imported once: again (or into the repository it came from) it is
+    found there and nothing is stored, where a second copy took a retention slot and became the next
+    backup's parent."""
+    repo, diff, src, path, _ = exported
     dst = other_repo(tmp_path)
     first = import_backup(dst.store, str(path), EXPORT_PW)
-    assert first.stats["added_blobs"] > 0
+    assert not first.skipped and first.snapshot.stats["added_blobs"] > 0
     before = data_files(dst)
     second = import_backup(dst.store, str(path), EXPORT_PW)
-    after = data_files(dst)
-    assert second.stats["added_blobs"] == 0 and second.stats["added_stored_bytes"] == 0
-    new = sorted(set(after) - set(before))
-    assert [name.split("/")[0] for name, _ in new] == ["snapshots"]  # the snapshot object only
-    assert second.manifest == first.manifest
-    out = tmp_path / "out"
-    dst.restore(second.id, str(out))
-    assert describe(out) == describe(src)
-
-
-def test_import_into_the_source_repository_stores_no_chunk(exported):
-    repo, diff, _src, path, _ = exported
-    snap = import_backup(repo.store, str(path), EXPORT_PW)
-    assert snap.stats["added_blobs"] == 0
-    assert [e.chunks for e in repo.tree(snap)] == [e.chunks for e in repo.tree(diff)]
+    assert second.skipped and second.snapshot.id == first.snapshot.id
+    assert data_files(dst) == before and len(dst.snapshots()) == 1
+    back = import_backup(repo.store, str(path), EXPORT_PW)
+    assert back.skipped and back.snapshot.id == diff.id
+    env = {"CHUNKVAULT_EXPORT_PASSWORD": EXPORT_PW.decode()}
+    out = json.loads(cli("import", "-r", str(tmp_path / "other"), str(path), "--json", env=env,
+                         password="a different password").stdout)
+    assert out["skipped"] is True and out["id"] == first.snapshot.id
+    err = cli("import", "-r", str(tmp_path / "other"), str(path), env=env,
+              password="a different password").stderr.decode()
+    assert f"its snapshot {diff.id[:8]} is in this repository already (imported as {first.snapshot.short_id})" in err
+    dst.forget([first.snapshot.id])  # forgotten, it comes in again
+    again = import_backup(dst.store, str(path), EXPORT_PW)
+    assert not again.skipped
+    dst.restore(again.snapshot.id, str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(src)
 
 
 def test_restore_from_file_equals_the_source(tmp_path, exported):
@@ -561,7 +566,7 @@ def test_import_waits_for_a_prune_as_a_backup_does(tmp_path, exported, monkeypat
 
     monkeypatch.setattr(locks, "announce_wait", announce_then_end_the_prune)
     with pytest.warns(Warning, match="waiting up to 60 s: repository is locked by prune"):
-        snap = target.import_backup(str(path), EXPORT_PW, wait=60)
+        snap = target.import_backup(str(path), EXPORT_PW, wait=60).snapshot
     holder.join()
     assert snap.kind == "full"
 

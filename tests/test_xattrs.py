@@ -225,7 +225,7 @@ def test_copy_export_and_import_keep_them(repo, new_repo, source, tmp_path):
     path = str(tmp_path / "one.backup")
     repo.export(snap, path, "export password", kdf_seconds=0)
     third = new_repo()
-    imported = third.import_backup(path, "export password")
+    imported = third.import_backup(path, "export password").snapshot
     for r, s in ((other, other.snapshot()), (third, imported)):
         assert s.version == SNAPSHOT_VERSION
         out = tmp_path / f"out-{s.short_id}"
