@@ -21,7 +21,7 @@ from .blob import KIND_DELTA
 from .chain import broken_chains
 from .indexfile import IndexData
 from .locks import EXCLUSIVE, RepoLock
-from .pack import PackEntry
+from .pack import ENTRY_SIZE, PackEntry
 from .repository import PreparedBlob, Repo, pack_key, superseded_names
 from .usage import with_bases
 
@@ -44,6 +44,11 @@ class PackUse:
     def live_bytes(self) -> int:
         return sum(e.length for e in self.live)
 
+    @property
+    def live_entry_bytes(self) -> int:
+        """What the live blobs' entries take in the header of the pack they are moved into."""
+        return sum(ENTRY_SIZE + (len(e.base_id) if e.kind == KIND_DELTA and e.base_id else 0) for e in self.live)
+
 
 @dataclass
 class PrunePlan:
@@ -61,7 +66,7 @@ class PrunePlan:
 
     @property
     def freed_bytes(self) -> int:
-        return (sum(p.size for p in self.delete) + sum(p.size - p.live_bytes for p in self.repack)
+        return (sum(p.size for p in self.delete) + sum(p.size - p.live_bytes - p.live_entry_bytes for p in self.repack)
                 + sum(size for _, size in self.orphans))
 
     @property
