@@ -509,7 +509,7 @@ def _confirm_in_place(args: argparse.Namespace) -> bool:
         sys.stderr.flush()
         if sys.stdin.readline().strip() == "RESTORE":
             return True
-        raise UsageError("restore not confirmed")
+        raise TargetNotEmpty(f"restore target {target} is not empty, and RESTORE was not typed: nothing restored")
     raise TargetNotEmpty(f"restore target {target} is not empty: to overwrite it in place, add --confirm RESTORE")
 
 
