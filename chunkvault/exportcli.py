@@ -49,9 +49,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.json:
         cli._emit_json({**cli._snapshot_json(snap), "skipped": result.skipped})
     elif result.skipped:
-        exported = st.get(IMPORTED_FROM, snap.id)
+        exported = result.exported_id
         warn(f"{args.file}: its snapshot {exported[:8]} is in this repository already"
-             + (f" (imported as {snap.short_id})" if exported != snap.id else "") + ": nothing imported")
+             + (f" (as {snap.short_id})" if exported != snap.id else "") + ": nothing imported")
     elif not args.quiet:
         print(f"imported {args.file} as full snapshot {snap.short_id} ({snap.time}, exported from "
               f"{st[IMPORTED_FROM][:8]}): {st['files']} files, {st['dirs']} dirs, {cli._human(st['bytes'])}; "

@@ -47,6 +47,7 @@ from chunkvault.errors import CorruptObject, UnsupportedFormat, UsageError, Wron
 from .blob import KIND_ZSTD, compress
 from .blobindex import BlobIndex
 from .config import check_kdf_seconds
+from .copy import COPIED_FROM
 from .crypto import (MAX_LOG_N, MIN_LOG_N, NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Sealer, derive_kek,
                      tune_scrypt)
 from .locks import SHARED, RepoLock
@@ -713,14 +714,16 @@ IMPORTED_FROM = "imported_from"
 @dataclass
 class ImportResult:
     snapshot: Snapshot  # when ``skipped``, the one the repository had
+    exported_id: str  # the snapshot's id in the repository it was exported from
     skipped: bool = False
 
 
 def already_here(snapshots: Iterable[Snapshot], exported: Snapshot) -> Snapshot | None:
     """The snapshot an export brings, if the repository has it: the exported one itself (this is the
-    repository it came from), or one imported from it before.  Another copy would take a retention slot
-    and be the next backup's parent, for nothing."""
-    return next((s for s in snapshots if s.id == exported.id or s.stats.get(IMPORTED_FROM) == exported.id), None)
+    repository it came from), or one imported or copied from it before.  Another copy would take a
+    retention slot and be the next backup's parent, for nothing."""
+    return next((s for s in snapshots if exported.id in (s.id, s.stats.get(IMPORTED_FROM), s.stats.get(COPIED_FROM))),
+                None)
 
 
 def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 0.0) -> ImportResult:
@@ -738,7 +741,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
         with RepoLock(repo.remote, SHARED, "import", wait=lock_wait, wait_option=True) as repo_lock:
             present = already_here(repo.snapshots(), info.snapshot)
             if present is not None:
-                return ImportResult(present, skipped=True)
+                return ImportResult(present, info.snapshot.id, skipped=True)
             repo.load_index()
             dest = bytearray(32 * info.blobs)
             counts = ManifestStats()
@@ -808,7 +811,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                 },
             )
             repo_lock.ensure_held()  # a prune that took it for stale may have deleted what this import reuses
-            return ImportResult(repo.save_snapshot(snap))
+            return ImportResult(repo.save_snapshot(snap), src.id)
 
 
 def restore_from_file(path: str, password: bytes, target: str, *, includes: list[str] | None = None,

@@ -175,7 +175,11 @@ def test_importing_twice_imports_once(tmp_path, exported, cli):
     assert out["skipped"] is True and out["id"] == first.snapshot.id
     err = cli("import", "-r", str(tmp_path / "other"), str(path), env=env,
               password="a different password").stderr.decode()
-    assert f"its snapshot {diff.id[:8]} is in this repository already (imported as {first.snapshot.short_id})" in err
+    assert f"its snapshot {diff.id[:8]} is in this repository already (as {first.snapshot.short_id})" in err
+    copied = other_repo(tmp_path, "copied")
+    repo.copy_to(copied, [diff.id])
+    skipped = import_backup(copied.store, str(path), EXPORT_PW)  # a copy of it is there too
+    assert skipped.skipped and skipped.snapshot.stats["copied_from"] == diff.id and len(copied.snapshots()) == 2
     dst.forget([first.snapshot.id])  # forgotten, it comes in again
     again = import_backup(dst.store, str(path), EXPORT_PW)
     assert not again.skipped
