@@ -183,11 +183,11 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
  *       list_errno is a directory's listing error (0 for other entries).
  *       RuntimeError once a walk stopped before its end is drained.
  *   .skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, t_symlink, taken, limit, ignore,
- *                   fine_from, coarse_from)
+ *                   fine_from, fine_to, coarse_from, coarse_to)
  *       -> (files, dirs, symlinks, bytes, record)  take queued entries while they are
  *       what the parent snapshot's records say, unchanged (below; ``ignore``: fields not
  *       compared, IGNORE_INODE for inode and device, IGNORE_CTIME for the change time),
- *       and their times are older than the bounds (``racy``)
+ *       and their times lie out of the racy window (``racy``)
  *   .age     seconds since the oldest entry of the last batch was stat'ed
  *   .stop()  end the thread at its next entry (a walk that will not be consumed)
  *   .queued  entries walked and not yet handed over
@@ -935,22 +935,22 @@ static int attr_bytes_are(PyObject *obj, PyObject *name, const char *want, size_
 enum { UNCHANGED_FILE = 1, UNCHANGED_DIR, UNCHANGED_LINK };
 enum { IGNORE_INODE = 1, IGNORE_CTIME = 2 };  /* as store/backup.py's */
 
-/* Whether a time is too recent for an entry's times to vouch for it: a change made in the same clock tick
- * as the one the parent's backup saw leaves them as they were.  A time with sub-second digits is bounded by
- * fine_from, one of whole seconds (a file system keeping no finer) by coarse_from (see store/backup.py). */
-static int racy(long long ns, long long fine_from, long long coarse_from) {
-    return ns >= (ns % 1000000000LL ? fine_from : coarse_from);
+/* Whether a time lies where an entry's times cannot vouch for it: a change made in the same clock tick as
+ * the one the parent's backup saw leaves them as they were.  ``window``: from and to for a time with
+ * sub-second digits, then for one of whole seconds (a file system keeping no finer; see store/backup.py). */
+static int racy(long long ns, const long long *window) {
+    const long long *w = ns % 1000000000LL ? window : window + 2;
+    return w[0] <= ns && ns <= w[1];
 }
 
 static int unchanged(WalkerObject *w, const queued_t *e, PyObject *rec, long op_entry, long t_file, long t_dir,
-                     long t_link, long ignore, long long fine_from, long long coarse_from) {
+                     long t_link, long ignore, const long long *window) {
     const fields_t *f = &e->f;
     int file = S_ISREG(f->mode) && f->nlink == 1, dir = S_ISDIR(f->mode);
     int link = S_ISLNK(f->mode) && e->target_len >= 0;
     if (e->root || e->error || e->list_error || !(file || dir || link))
         return 0;
-    if (racy(f->mtime_ns, fine_from, coarse_from)
-        || (!(ignore & IGNORE_CTIME) && racy(f->ctime_ns, fine_from, coarse_from)))
+    if (racy(f->mtime_ns, window) || (!(ignore & IGNORE_CTIME) && racy(f->ctime_ns, window)))
         return 0;
     if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) != 3)
         return 0;
@@ -985,9 +985,10 @@ static int unchanged(WalkerObject *w, const queued_t *e, PyObject *rec, long op_
 }
 
 static PyObject *walker_skip_unchanged(WalkerObject *w, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 12) {
+    if (nargs != 14) {
         PyErr_SetString(PyExc_TypeError, "skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, "
-                                         "t_symlink, taken, limit, ignore, fine_from, coarse_from)");
+                                         "t_symlink, taken, limit, ignore, fine_from, fine_to, coarse_from, "
+                                         "coarse_to)");
         return NULL;
     }
     PyObject *rec = args[0], *records = args[1], *taken = args[7];
@@ -996,7 +997,9 @@ static PyObject *walker_skip_unchanged(WalkerObject *w, PyObject *const *args, P
     long t_link = PyLong_AsLong(args[6]);
     Py_ssize_t limit = PyLong_AsSsize_t(args[8]);
     long ignore = PyLong_AsLong(args[9]);
-    long long fine_from = PyLong_AsLongLong(args[10]), coarse_from = PyLong_AsLongLong(args[11]);
+    long long window[4];
+    for (int i = 0; i < 4; i++)
+        window[i] = PyLong_AsLongLong(args[10 + i]);
     if (PyErr_Occurred())
         return NULL;
     if (!PyIter_Check(records) || (taken != Py_None && !PyList_Check(taken))) {
@@ -1021,7 +1024,7 @@ static PyObject *walker_skip_unchanged(WalkerObject *w, PyObject *const *args, P
         if (w->cut_len && !e->root && e->sub_len >= w->cut_len
             && !memcmp(w->taken.arena + e->sub_off, w->cut, w->cut_len))
             break;  /* below a directory gone: batch() leaves it out */
-        int kind = unchanged(w, e, rec, op_entry, t_file, t_dir, t_link, ignore, fine_from, coarse_from);
+        int kind = unchanged(w, e, rec, op_entry, t_file, t_dir, t_link, ignore, window);
         if (!kind)
             break;
         if (taken != Py_None && PyList_Append(taken, rec) < 0)
@@ -1246,9 +1249,9 @@ static PyMethodDef walker_methods[] = {
      "and what lies below a directory that is none any more then is left out."},
     {"skip_unchanged", (PyCFunction)(void (*)(void))walker_skip_unchanged, METH_FASTCALL,
      "skip_unchanged(record, records, restat_after, op_entry, t_file, t_dir, t_symlink, taken, limit, ignore, "
-     "fine_from, coarse_from) -> (files, dirs, symlinks, bytes, record): take the queued entries the parent's "
-     "records (record, then those of the iterator records) give as unchanged, and whose times are older than "
-     "the bounds, up to limit; taken (a list or None) gets their records."},
+     "fine_from, fine_to, coarse_from, coarse_to) -> (files, dirs, symlinks, bytes, record): take the queued "
+     "entries the parent's records (record, then those of the iterator records) give as unchanged, and whose "
+     "times lie out of the racy window, up to limit; taken (a list or None) gets their records."},
     {"stop", (PyCFunction)walker_stop, METH_NOARGS, "End the walking thread at its next entry."},
     {NULL, NULL, 0, NULL},
 };

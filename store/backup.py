@@ -250,35 +250,41 @@ class _FdReader:
 IGNORE_INODE = 1  # the fields a backup may be told not to compare (SourceWalk.skip_unchanged's ``ignore``)
 IGNORE_CTIME = 2
 # A change made in the same clock tick as the one a backup saw leaves a file's times as they were: an entry
-# whose times lie this close before the start of the parent's walk, or after it, is read again, not taken on
-# its times.  Times with sub-second digits come from a file system keeping fine times, stamped from the
-# kernel's coarse clock (milliseconds behind); whole seconds from one that keeps no finer (FAT: 2 s).
+# whose times lie within the parent's walk, widened by this margin, is read again, not taken on its times (a
+# time past that was not stamped while the parent read, and no later change stamps it again).  Times with
+# sub-second digits come from a file system keeping fine times, stamped from the kernel's coarse clock
+# (milliseconds behind); whole seconds from one that keeps no finer (FAT: 2 s).
 RACY_FINE_NS = 100_000_000
 RACY_COARSE_NS = 2_000_000_000
-NEVER_RACY = (NS_MAX, NS_MAX)
+Window = tuple[int, int, int, int]  # (from, to) for times with sub-second digits, then for whole seconds
+NEVER_RACY: Window = (1, 0, 1, 0)
 
 
-def racy_from(parent: Snapshot | None) -> tuple[int, int]:
-    """The times from which the parent's entries are not taken on their times (for times with sub-second
-    digits, for whole seconds): none for a parent that did not record when its walk began."""
+def racy_window(parent: Snapshot | None) -> Window:
+    """The times within which the parent's entries are not taken on their times: none for a parent that
+    did not record when its walk began (one that did not record its end: from its start on)."""
     began = parent.stats.get("started_ns") if parent is not None else None
-    if type(began) is not int:
+    ended = parent.stats.get("finished_ns", NS_MAX) if parent is not None else None
+    if type(began) is not int or type(ended) is not int:
         return NEVER_RACY
-    return began - RACY_FINE_NS, began - RACY_COARSE_NS
+    return (began - RACY_FINE_NS, min(ended + RACY_FINE_NS, NS_MAX),
+            began - RACY_COARSE_NS, min(ended + RACY_COARSE_NS, NS_MAX))
 
 
-def _settled(st: os.stat_result, ignore: int, bounds: tuple[int, int]) -> bool:
-    """Whether a stat's times are old enough to vouch for an unchanged entry (C: ``racy`` in _scandir.c)."""
-    return not _racy(st.st_mtime_ns, bounds) and bool(ignore & IGNORE_CTIME or not _racy(st.st_ctime_ns, bounds))
+def _settled(st: os.stat_result, ignore: int, window: Window) -> bool:
+    """Whether a stat's times lie out of the window, so they vouch for an unchanged entry (C: ``racy`` in
+    _scandir.c)."""
+    return not _racy(st.st_mtime_ns, window) and bool(ignore & IGNORE_CTIME or not _racy(st.st_ctime_ns, window))
 
 
-def _racy(ns: int, bounds: tuple[int, int]) -> bool:
-    return ns >= (bounds[0] if ns % 1_000_000_000 else bounds[1])
+def _racy(ns: int, window: Window) -> bool:
+    lo, hi = window[:2] if ns % 1_000_000_000 else window[2:]
+    return lo <= ns <= hi
 
 
-def _unchanged_file(prev: Entry, st: os.stat_result, ignore: int, bounds: tuple[int, int]) -> bool:
+def _unchanged_file(prev: Entry, st: os.stat_result, ignore: int, window: Window) -> bool:
     """A single-link regular file whose every recorded field (but those ``ignore`` names) matches ``prev``,
-    with times older than ``bounds``: ``prev`` is its entry.
+    with times out of the racy ``window``: ``prev`` is its entry.
 
     The common case of a repeated backup, decided without building an entry.
     """
@@ -286,7 +292,7 @@ def _unchanged_file(prev: Entry, st: os.stat_result, ignore: int, bounds: tuple[
             and (st.st_ctime_ns == prev.ctime_ns or ignore & IGNORE_CTIME) and st.st_size == prev.size
             and (st.st_ino == prev.ino and st.st_dev == prev.dev or ignore & IGNORE_INODE)
             and st.st_mode == stat.S_IFREG | prev.mode and st.st_uid == prev.uid and st.st_gid == prev.gid
-            and _settled(st, ignore, bounds))
+            and _settled(st, ignore, window))
 
 
 def check_stdin_name(name: str) -> bytes:
@@ -303,7 +309,8 @@ class Backup:
         self.opt = options
         self._ignore = (IGNORE_INODE if options.ignore_inode else 0) | (IGNORE_CTIME if options.ignore_ctime else 0)
         self._xattrs_known = True  # the parent's entries hold the attributes this backup records (set by _run)
-        self._racy_from = NEVER_RACY  # the parent's times from which its entries are not taken on them (by _run)
+        self._racy = NEVER_RACY  # the times within which the parent's entries are not taken on them (by _run)
+        self.racy_reads = 0  # files read again only for their racy times
         self.warnings: list[str] = []
         self.unreadable: list[str] = []
         self._lock: RepoLock | None = None
@@ -519,8 +526,10 @@ class Backup:
         if (prev is None or self.opt.reread or prev.type != T_FILE
                 or prev.flags & (F_UNREADABLE | F_CHANGED_DURING_READ)
                 or prev.size != st.st_size or prev.mtime_ns != st.st_mtime_ns
-                or prev.ctime_ns != e.ctime_ns or prev.ino != e.ino
-                or not _settled(st, self._ignore, self._racy_from)):
+                or prev.ctime_ns != e.ctime_ns or prev.ino != e.ino):
+            return False
+        if not _settled(st, self._ignore, self._racy):
+            self.racy_reads += 1
             return False
         e.digest, e.chunks, e.size = prev.digest, prev.chunks, prev.size
         e.xattrs = self._xattrs(path, path, st, T_FILE, prev, notes)
@@ -650,7 +659,7 @@ class Backup:
         if not self.opt.xattrs:
             return b""
         if (prev is not None and prev.type == etype and prev.ctime_ns == st.st_ctime_ns and self._xattrs_known
-                and not self._ignore & IGNORE_CTIME and not _racy(st.st_ctime_ns, self._racy_from)):
+                and not self._ignore & IGNORE_CTIME and not _racy(st.st_ctime_ns, self._racy)):
             return prev.xattrs
         try:
             return read_xattrs(target)
@@ -826,7 +835,7 @@ class Backup:
         progress = self.opt.progress is not None
         # Entries taken from the parent unseen: only when its attributes are this backup's.
         take_unseen = not self.opt.reread and self._xattrs_known
-        ignore, racy = self._ignore, self._racy_from
+        ignore, racy = self._ignore, self._racy
         p = next(parent_tree, None)
         cut: bytes | None = None
         same_files = same_bytes = 0
@@ -1028,7 +1037,7 @@ class Backup:
         # A parent taken without extended attributes (or, for --no-xattrs, with them) has entries whose
         # attributes say nothing about the files': none is taken from it unseen (each is read once).
         self._xattrs_known = parent is None or parent.stats.get("xattrs", False) == self.opt.xattrs
-        self._racy_from = racy_from(parent)
+        self._racy = racy_window(parent)
         stats = ManifestStats()
         self.writer = CountingWriter(repo) if self.opt.dry_run else repo.writer()
         # A manifest the search for a parent found damaged: the same records make the same blob, which must
@@ -1049,12 +1058,14 @@ class Backup:
             for rec in stats_iter:
                 mw.add(rec)
             self._drain()
+            walked_ns = time.time_ns()  # every file read: the end of the window the next backup reads again
             if self.opt.progress is not None:  # the final counts (reports in between are rate-limited)
                 self.opt.progress(dict(self.counts))
             # What could not be read (or a source path missing) is no sign of nothing changed: such a run
-            # saves its snapshot and says so (exit 3), as without the option.
-            if self.opt.skip_if_unchanged and parent is not None and not self.unreadable and not (
-                    source is not None and source.missing) and (
+            # saves its snapshot and says so (exit 3), as without the option.  Nor is a file read again for its
+            # racy times: skipped, the run would leave the window as it was, and the next read it again too.
+            seen_whole = not self.unreadable and not self.racy_reads and not (source is not None and source.missing)
+            if self.opt.skip_if_unchanged and parent is not None and seen_whole and (
                     not mw.records if kind == KIND_DIFF
                     else self.opt.kind == "auto" and stream is None and not self.changed
                     and not self.counts["deleted"]):
@@ -1093,7 +1104,7 @@ class Backup:
                 "chain_length": len(chain) + 1 if kind == KIND_DIFF else 1,
                 "unreadable": self.unreadable, "warnings": len(self.warnings), "xattrs": self.opt.xattrs,
                 "duration": round(time.monotonic() - started, 3),
-                **({"started_ns": source.began_ns} if source is not None else {}),
+                **({"started_ns": source.began_ns, "finished_ns": walked_ns} if source is not None else {}),
             },
         )
         if not self.opt.dry_run:

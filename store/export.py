@@ -42,7 +42,8 @@ import blake3
 import zstandard
 
 from chunkvault.chunker import ChunkerParams
-from chunkvault.errors import CorruptObject, UnsupportedFormat, UsageError, WrongPassword, output_error
+from chunkvault.errors import (ChunkvaultError, CorruptObject, MissingObject, UnsupportedFormat, UsageError,
+                               WrongPassword, output_error)
 
 from .blob import KIND_ZSTD, compress
 from .blobindex import BlobIndex
@@ -53,7 +54,7 @@ from .crypto import (MAX_LOG_N, MIN_LOG_N, NONCE_SIZE, TAG_SIZE, AuthenticationF
 from .locks import SHARED, RepoLock
 from .manifest import OP_ENTRY, ManifestStats, Record, decode_records, encode_record
 from .manifest_io import ManifestWriter
-from .repository import WORKERS, Repo
+from .repository import OBJECT_ID, WORKERS, Repo, pack_key
 from .restore import Confinement, Restorer, RestoreOptions, RestoreResult, lookup_by_scan
 from .snapshot import KIND_FULL, Snapshot, now_iso
 
@@ -726,6 +727,43 @@ def already_here(snapshots: Iterable[Snapshot], exported: Snapshot) -> Snapshot 
                 None)
 
 
+def holds_whole(repo: Repo, snap: Snapshot, exported: Snapshot, snapshots: list[Snapshot]) -> bool:
+    """Whether the repository's copy of an exported snapshot still holds all of it: as many files and
+    bytes (a repair or a rewrite drops some), and its chain's manifests and every chunk they name indexed.
+    One that does not is imported again: the export is what heals it.  One whose pack the index lists but
+    that is gone is MissingObject: an import would deduplicate against that index (`repair index` first)."""
+    if any(snap.stats.get(k) != exported.stats.get(k) for k in ("files", "bytes")):
+        return False
+    stored = {bytes.fromhex(name) for o in repo.remote.list("data/")
+              if OBJECT_ID.fullmatch(name := o.key.rsplit("/", 1)[1])}
+    def indexed(refs: bytes) -> bool:
+        for i in range(0, len(refs), 32):
+            loc = repo.locate(refs[i : i + 32])
+            if loc is None:
+                return False
+            if repo.pack_ids[loc.pack_no] not in stored:
+                raise MissingObject(pack_key(repo.pack_ids[loc.pack_no]), "pack is missing, and the index lists it: "
+                                    "`repair index` first, then import again")
+        return True
+
+    try:
+        chain = repo.chain_of(snap, snapshots)
+    except ChunkvaultError:
+        return False
+    if not indexed(b"".join(bytes.fromhex(h) for s in chain for h in s.manifest)):
+        return False
+    pieces = repo.manifest_chunk_refs(chain)
+    while True:
+        try:
+            piece = next(pieces, None)
+        except ChunkvaultError:  # a manifest that does not decode
+            return False
+        if piece is None:
+            return True
+        if not indexed(piece[1]):
+            return False
+
+
 def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 0.0) -> ImportResult:
     """Bring an export into ``repo`` as a new full snapshot; chunks it already has are not stored again,
     and a snapshot it already has (``already_here``) is not imported again.
@@ -739,10 +777,11 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
         info = ef.info
         assert info is not None
         with RepoLock(repo.remote, SHARED, "import", wait=lock_wait, wait_option=True) as repo_lock:
-            present = already_here(repo.snapshots(), info.snapshot)
-            if present is not None:
-                return ImportResult(present, info.snapshot.id, skipped=True)
             repo.load_index()
+            snapshots = repo.snapshots()
+            present = already_here(snapshots, info.snapshot)
+            if present is not None and holds_whole(repo, present, info.snapshot, snapshots):
+                return ImportResult(present, info.snapshot.id, skipped=True)
             dest = bytearray(32 * info.blobs)
             counts = ManifestStats()
             added = {"blobs": 0, "raw": 0, "stored": 0}
@@ -808,6 +847,8 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                     "unreadable": [os.fsdecode(p) or "." for p in counts.unreadable], "warnings": 0,
                     "duration": round(time.monotonic() - started, 3),
                     IMPORTED_FROM: src.id, "imported_file": info.file_id,
+                    # what the next backup of its paths on the same host compares by
+                    **{k: src.stats[k] for k in ("xattrs", "started_ns", "finished_ns") if k in src.stats},
                 },
             )
             repo_lock.ensure_held()  # a prune that took it for stale may have deleted what this import reuses

@@ -221,8 +221,10 @@ class RepoLock:
                              f"this {self.purpose} cannot run inside it")
             if time.monotonic() >= deadline or stop_waiting.is_set():
                 raise Locked(f"{self.label} is locked by {conflicts[0].describe()}; "
-                             + ("stopped waiting" if stop_waiting.is_set() else "try again later"
-                                + (" or use --wait" if self.wait_option else "")))
+                             + ("stopped waiting" if stop_waiting.is_set() else
+                                f"waited {self.wait:g} s; try again later" if self.wait else "try again later")
+                             + (" or use --wait" if self.wait_option and not self.wait
+                                and not stop_waiting.is_set() else ""))
             if announce_wait is not None and not announced:
                 announce_wait(conflicts[0], self.wait, self.label)
                 announced = True

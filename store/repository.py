@@ -204,7 +204,7 @@ class Repo:
         no key opened the repository again."""
         from .locks import EXCLUSIVE, RepoLock
 
-        with RepoLock(self.remote, EXCLUSIVE, "key remove", wait=wait) as lock:
+        with RepoLock(self.remote, EXCLUSIVE, "key passwd" if own else "key remove", wait=wait) as lock:
             readable, damaged = self.list_keys()
             names = [k.name for k in readable]
             if self.key_name not in names:  # first: the key named may be that one (a password change)
@@ -317,11 +317,14 @@ class Repo:
         superseded = superseded_names(d for _, d in objects)
         live = [d for n, d in objects if n not in superseded]
         index = BlobIndex(sum(d.entry_count for d in live))
-        added = sum(self._add_columns(d, index) for d in live)
+        # The bases of this index's deltas alone: those of an index before it (a prune since dropped a
+        # delta, say) would make a copy of that blob stored whole later read as a delta.
+        bases: dict[bytes, bytes] = {}
+        added = sum(self._add_columns(d, index, bases) for d in live)
         if added < sum(d.entry_count for d in live):  # blobs stored twice (rare): bases as the index has them
-            self._match_delta_bases(live, index)
+            bases = self._match_delta_bases(live, index)
         # Published only when complete: other threads never see a half-loaded index.
-        self._index, self._index_names, self._withheld = index, set(names), None
+        self._index, self._delta_bases, self._index_names, self._withheld = index, bases, set(names), None
         return live
 
     def withhold_unreadable_deltas(self) -> set[bytes]:
@@ -349,14 +352,14 @@ class Repo:
             self._withheld = withheld
             return withheld
 
-    def _add_columns(self, d: IndexColumns, index: BlobIndex) -> int:
-        """Add one index object's entries; returns how many were new."""
+    def _add_columns(self, d: IndexColumns, index: BlobIndex, bases: dict[bytes, bytes]) -> int:
+        """Add one index object's entries, and its deltas' bases; returns how many entries were new."""
         added = sum(index.add_entries(d.plain, start, count, self.pack_no(pack_id))
                     for pack_id, count, start in zip(d.pack_ids, d.counts, d.starts))
-        self._delta_bases.update(d.delta_bases)
+        bases.update(d.delta_bases)
         return added
 
-    def _match_delta_bases(self, live: list[IndexColumns], index: BlobIndex) -> None:
+    def _match_delta_bases(self, live: list[IndexColumns], index: BlobIndex) -> dict[bytes, bytes]:
         """Delta bases of the copies the index holds, where blobs are stored twice: the first delta of an id
         (as the index keeps it), and none for a blob held whole (which the index prefers).  A base of a copy
         the index does not hold may be lost: reads, new deltas and check follow only the held copy's."""
@@ -364,8 +367,7 @@ class Repo:
         for d in live:
             for blob_id, base in d.delta_bases.items():
                 first.setdefault(blob_id, base)
-        held = {b: base for b, base in first.items() if (loc := index.get(b)) is not None and loc.flags == KIND_DELTA}
-        self._delta_bases = held
+        return {b: base for b, base in first.items() if (loc := index.get(b)) is not None and loc.flags == KIND_DELTA}
 
     def delta_chain(self, blob_id: bytes) -> list[bytes]:
         """The bases below a blob per the index, nearest first (stops past the depth bound)."""
@@ -993,6 +995,8 @@ class BlobWriter:
                     if blob.kind == KIND_DELTA:
                         assert blob.base_id is not None
                         self.repo._delta_bases[blob.blob_id] = blob.base_id
+                    else:  # stored again whole, where a delta of it was withheld: read as the index has it
+                        self.repo._delta_bases.pop(blob.blob_id, None)
                 if len(builder) < self.pack_size:
                     break
                 full.append(self._take_builder())

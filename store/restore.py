@@ -791,8 +791,8 @@ class Restorer:
         its owner.  One with other links, or one the update would grant an owner or set-id bits, is written
         anew instead (``_replace_file``).  The ranges to rewrite are held until the whole file is read and
         checked, up to ``DELTA_HOLD_BYTES``: damaged data found before the first write leaves the file as it
-        was.  A file cut short once written to (no space, say) is removed: neither what it was
-        nor what the snapshot holds."""
+        was.  A file cut short once written to (no space, damaged data past that) is removed: neither what it
+        was nor what the snapshot holds; one a stop cut short is left for a rerun to finish."""
         fd = self._open(e.path, os.O_RDONLY)  # one that holds the content may not be writable, and need not be
         try:
             st = self._regular(fd, e.path)
@@ -832,9 +832,9 @@ class Restorer:
             _write_ranges(fd, pending, size)
             os.ftruncate(fd, pos)
             self._apply_meta(e, fd)
-        except BaseException:
+        except BaseException as exc:
             os.close(fd)
-            if written:
+            if written and not isinstance(exc, KeyboardInterrupt):
                 self.remove_quietly(e.path)
             raise
         os.close(fd)

@@ -23,7 +23,7 @@ import time
 from typing import Any, Iterator
 
 from chunkvault.errors import UsageError
-from .manifest import NS_MAX, held_ns, sort_key
+from .manifest import held_ns, sort_key
 from .xattrs import UNSUPPORTED_ERRNOS
 
 #: One source entry: manifest path, path on disk, its lstat (a ``StatFailed`` when that failed), and whether it
@@ -553,19 +553,20 @@ class SourceWalk:
 
     def skip_unchanged(self, record: Any, records: Iterator[Any], taken: list | None, op_entry: int,
                        t_file: int, t_dir: int, t_symlink: int, ignore: int = 0,
-                       racy_from: tuple[int, int] = (NS_MAX, NS_MAX)) -> tuple[int, int, int, int, Any]:
+                       racy: tuple[int, int, int, int] = (1, 0, 1, 0)) -> tuple[int, int, int, int, Any]:
         """Take the next entries of the walk while they are what the parent's records say, unchanged
         (``record``, then those ``records`` yields, in step): (files, directories, symlinks, bytes of the
         files, the first record not taken).  Only files with one link, directories that could be listed
         and symlinks count, and only right after the last entry of a C walk's batch, before the next is
         asked for; elsewhere nothing is taken.  ``taken`` (a list or None) gets the records of the
-        entries taken.  ``ignore``: fields not compared, 1 inode and device, 2 change time.  ``racy_from``:
-        times from which an entry is not taken, for times with sub-second digits and for whole seconds."""
+        entries taken.  ``ignore``: fields not compared, 1 inode and device, 2 change time.  ``racy``: the
+        times within which an entry is not taken (from, to: for times with sub-second digits, then for whole
+        seconds; by default none)."""
         walker = self._between_batches
         if walker is None:
             return 0, 0, 0, 0, record
         return walker.skip_unchanged(record, records, self.RESTAT_AFTER, op_entry, t_file, t_dir, t_symlink,
-                                     taken, self.SKIP_LIMIT, ignore, *racy_from)
+                                     taken, self.SKIP_LIMIT, ignore, *racy)
 
     def _children(self, rel_prefix: bytes, path_prefix: bytes, listing: list[ScanItem]
                   ) -> Iterator[tuple[bytes, bytes, FileStat | os.stat_result | None, int]]:

@@ -125,6 +125,7 @@ def test_skip_if_unchanged_saves_no_full_that_policy_made_due_when_nothing_chang
     repo = new_repo(full_every=1)
     first = repo.backup([str(tree)]).snapshot
     (tree / "new").write_bytes(b"new")
+    settle()
     diff = repo.backup([str(tree)]).snapshot
     assert diff.kind == "diff"
     if change == "touch":

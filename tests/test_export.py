@@ -665,3 +665,37 @@ def test_an_export_whose_tree_would_lead_a_restore_out_of_its_target_is_refused_
     with pytest.raises(CorruptObject, match=reason):
         restore_from_file(str(tmp_path / "bad.backup"), EXPORT_PW, str(tmp_path / "target"))
     assert not (tmp_path / "target").exists()
+
+
+def test_an_export_heals_the_snapshot_a_repository_lost_data_of(tmp_path, exported):
+    """The repository's copy of the file's snapshot no longer restores whole (a pack is gone): once the
+    index is repaired (before, an import would deduplicate against it, and it is refused), the file is
+    imported again and restores exactly."""
+    from chunkvault.errors import MissingObject
+
+    _repo, diff, src, path, _ = exported
+    dst = other_repo(tmp_path)
+    first = import_backup(dst.store, str(path), EXPORT_PW).snapshot
+    root = tmp_path / "other"
+    largest = max((p for p in (root / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest.unlink()
+    with pytest.raises(MissingObject, match="`repair index` first, then import again"):
+        import_backup(dst.store, str(path), EXPORT_PW)
+    assert len(dst.snapshots()) == 1
+    dst.repair_index()
+    dst.repair_snapshots(dry_run=False)
+    dst = Repository.open(str(root), "a different password")
+    again = import_backup(dst.store, str(path), EXPORT_PW)
+    assert not again.skipped and again.snapshot.id != first.id
+    dst.restore(again.snapshot.id, str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(src)
+    assert import_backup(dst.store, str(path), EXPORT_PW).skipped  # now it is whole here
+
+
+def test_an_imported_snapshot_keeps_what_the_next_backup_compares_by(tmp_path, exported):
+    """Its walk's times and whether it kept extended attributes: without them the next backup of the same
+    paths read every file again, or took a racy one on its times."""
+    _repo, diff, _src, path, _ = exported
+    snap = import_backup(other_repo(tmp_path).store, str(path), EXPORT_PW).snapshot
+    assert {k: snap.stats.get(k) for k in ("xattrs", "started_ns", "finished_ns")} == {
+        k: diff.stats[k] for k in ("xattrs", "started_ns", "finished_ns")}

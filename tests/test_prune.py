@@ -454,3 +454,28 @@ def test_the_space_a_prune_frees_is_what_it_said(tmp_path, new_repo):
     assert plan.repack
     written = set(p.name for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file()) - packs_before
     assert 0 <= plan.freed_bytes - (before - du(tmp_path / "repo" / "data")) <= 64 * len(written)
+
+
+def test_a_chunk_whose_delta_a_prune_dropped_stored_whole_later_reads_in_the_same_process(tmp_path, new_repo):
+    """A Repository kept open (a backup tool's, the scheduler's) loads the index again after a prune: the
+    delta bases of the index before it went too.  One left behind made a chunk stored whole after its delta
+    was dropped read as that delta: the restore in the same process called it damaged."""
+    src, other = tmp_path / "src", tmp_path / "other"
+    src.mkdir()
+    other.mkdir()
+    repo = new_repo()
+    v1 = bytearray(os.urandom(4 * 65536))
+    (src / "f").write_bytes(v1)
+    repo.backup([str(src)], fixed_chunks=["f"], fixed_chunk_size=65536)
+    v2 = bytearray(v1)
+    v2[65536 + 7] ^= 1
+    (src / "f").write_bytes(v2)
+    second = repo.backup([str(src)], fixed_chunks=["f"], fixed_chunk_size=65536).snapshot
+    assert second.stats["delta_blobs"] == 1
+    repo.forget([second.id])
+    repo.prune(max_unused=0.0)
+    (other / "f").write_bytes(v2)
+    third = repo.backup([str(other)], fixed_chunks=["f"], fixed_chunk_size=65536).snapshot
+    assert third.stats["delta_blobs"] == 0 and third.stats["added_blobs"] == 1  # the changed chunk, whole
+    repo.restore(third, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "f").read_bytes() == v2

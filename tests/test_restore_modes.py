@@ -474,3 +474,45 @@ def test_the_restore_prompt_declined_is_a_target_not_empty(tmp_path, new_repo):
         os.close(master)
         assert proc.returncode == code, said
         assert b"Type RESTORE to continue" in said and (target / "f").read_text() == content
+
+
+def test_a_delta_restore_stopped_mid_file_leaves_it_for_the_rerun(tmp_path, new_repo, monkeypatch):
+    """Ctrl-C or SIGTERM after a file's changes began to be written (more than is held back) leaves that
+    file as it is, not removed: a rerun with --delta finishes it, rewriting only what still differs."""
+    from chunkvault.store import restore
+    from chunkvault.store.repository import Repo
+
+    rnd = random.Random(4)
+    src = tmp_path / "src"
+    src.mkdir()
+    old = bytearray(rnd.randbytes(8 * 65536))
+    (src / "db").write_bytes(old)
+    repo = new_repo()
+    repo.backup([str(src)], fixed_chunks=["db"], fixed_chunk_size=65536)
+    live = tmp_path / "live"
+    shutil.copytree(src, live)
+    new = bytearray(old)
+    for chunk in range(8):
+        new[chunk * 65536 + 10 : chunk * 65536 + 20] = rnd.randbytes(10)
+    (src / "db").write_bytes(new)
+    snap = repo.backup([str(src)], fixed_chunks=["db"], fixed_chunk_size=65536).snapshot
+    monkeypatch.setattr(restore, "DELTA_HOLD_BYTES", 1)  # every changed chunk written as it comes
+    real = Repo.read_blob
+    reads = []
+
+    def stop_at_the_fourth(self, blob_id, **kw):
+        reads.append(blob_id)
+        if len(reads) == 4:
+            raise KeyboardInterrupt
+        return real(self, blob_id, **kw)
+
+    monkeypatch.setattr(Repo, "read_blob", stop_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        repo.restore(snap.id, str(live), force=True, delta=True, processes=1)
+    monkeypatch.setattr(Repo, "read_blob", real)
+    half = (live / "db").read_bytes()
+    done = sum(half[k : k + 65536] == new[k : k + 65536] for k in range(0, len(new), 65536))
+    assert 0 < done < 8 and all(half[k : k + 65536] in (old[k : k + 65536], new[k : k + 65536])
+                                for k in range(0, len(new), 65536))
+    result = repo.restore(snap.id, str(live), force=True, delta=True, processes=1)
+    assert (live / "db").read_bytes() == new and result.rewritten_bytes == (8 - done) * 65536

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from chunkvault import Repository
 from chunkvault.store import source
-from chunkvault.store.manifest import OP_ENTRY, OP_FRESH, T_DIR, T_FILE, T_HARDLINK, T_SYMLINK
+from chunkvault.store.manifest import NS_MAX, OP_ENTRY, OP_FRESH, T_DIR, T_FILE, T_HARDLINK, T_SYMLINK
 from chunkvault.store.backup import IGNORE_CTIME, IGNORE_INODE, NEVER_RACY
 from chunkvault.store.source import SourceWalk
 from treeutil import settle, wait_for
@@ -170,14 +170,14 @@ def entry_of(rel: bytes, st_, etype: int, target: bytes = b""):
                  target)
 
 
-def taken_by_the_walker(root: bytes, records: list, ignore: int = 0, racy_from: tuple = NEVER_RACY) -> tuple:
+def taken_by_the_walker(root: bytes, records: list, ignore: int = 0, racy: tuple = NEVER_RACY) -> tuple:
     """What ``skip_unchanged`` takes of a walk of ``root`` (past its root entry) against ``records``."""
     w = source.Walker(b"", root)
     w.start(100, 100)
     assert w.batch(1)[0][0] == b""  # the root, never taken
     wait_for(lambda: w.queued == len(os.listdir(root)))  # skip_unchanged takes what is walked, never waits
     out = w.skip_unchanged(records[0], iter(records[1:]), 60.0, OP_ENTRY, T_FILE, T_DIR, T_SYMLINK, [], 100, ignore,
-                           *racy_from)
+                           *racy)
     return out[:4]
 
 
@@ -219,15 +219,15 @@ def test_any_recorded_field_that_differs_ends_a_run(tmp_path, kind):
             assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", bad)], other) == (0, 0, 0, 0), field
     for rec in (Record(OP_ENTRY, b"y", dataclasses.replace(good, path=b"y")), Record(OP_FRESH, b"x", good)):
         assert taken_by_the_walker(root, [rec]) == (0, 0, 0, 0)
-    # times from the bound on are not vouched for (the change time's only when it is compared)
+    # times within the racy window are not vouched for (the change time only when it is compared)
     rec = Record(OP_ENTRY, b"x", good)
     for t, ignore in ((good.mtime_ns, IGNORE_CTIME), (good.ctime_ns, 0)):
-        assert taken_by_the_walker(root, [rec], ignore, (t, t)) == (0, 0, 0, 0)
-        assert taken_by_the_walker(root, [rec], ignore, (t + 1, t + 1)) != (0, 0, 0, 0)
-    if good.mtime_ns % 10**9 and good.ctime_ns % 10**9:  # times with sub-second digits: the first bound is theirs
-        late = max(good.mtime_ns, good.ctime_ns) + 1
-        assert taken_by_the_walker(root, [rec], 0, (late, 0)) != (0, 0, 0, 0)
-        assert taken_by_the_walker(root, [rec], 0, (0, late)) == (0, 0, 0, 0)
+        assert taken_by_the_walker(root, [rec], ignore, (t, t, t, t)) == (0, 0, 0, 0)
+        assert taken_by_the_walker(root, [rec], ignore, (t + 1, t + 2) * 2) != (0, 0, 0, 0)  # before it
+        assert taken_by_the_walker(root, [rec], ignore, (t - 2, t - 1) * 2) != (0, 0, 0, 0)  # after it
+    if good.mtime_ns % 10**9 and good.ctime_ns % 10**9:  # times with sub-second digits: the first pair is theirs
+        assert taken_by_the_walker(root, [rec], 0, (0, NS_MAX, 1, 0)) == (0, 0, 0, 0)
+        assert taken_by_the_walker(root, [rec], 0, (1, 0, 0, NS_MAX)) != (0, 0, 0, 0)
     if kind == "file":
         os.link(target, tmp_path / "x2")  # two links now: compared one at a time
         st_ = os.lstat(target)
@@ -237,11 +237,15 @@ def test_any_recorded_field_that_differs_ends_a_run(tmp_path, kind):
 @pytest.mark.parametrize("way", ["in runs", "one at a time", "linked"])
 def test_a_change_hidden_in_the_parent_s_clock_tick_is_read(tmp_path, monkeypatch, way):
     """A file changed again in the clock tick its times were stamped in, after the backup read it, keeps
-    its times: an entry whose times are not older than the parent backup's walk (by a margin) is read
+    its times: an entry whose times lie within the parent backup's walk, widened by a margin, is read
     again, not taken on them, whichever way entries are compared (runs in C, one at a time, a file with
-    other links).  Shown with --ignore-ctime, so that times set back with utime are all that compare,
-    and a modification time in the future, which no margin makes old; a file with settled times is
-    taken unread (--ignore-ctime's documented trade-off)."""
+    other links).  Shown with --ignore-ctime, so that times set back with utime are all that compare, and a
+    margin of an hour, so that a file written now is within it whatever the machine's speed; times an hour
+    before or after the walk are out of it, and taken unread (--ignore-ctime's documented trade-off)."""
+    from chunkvault.store import backup
+
+    monkeypatch.setattr(backup, "RACY_FINE_NS", 3600 * 10**9)
+    monkeypatch.setattr(backup, "RACY_COARSE_NS", 3600 * 10**9)
     if way == "one at a time":
         one_at_a_time(monkeypatch)
     taken = []
@@ -250,24 +254,64 @@ def test_a_change_hidden_in_the_parent_s_clock_tick_is_read(tmp_path, monkeypatc
     monkeypatch.setattr(SourceWalk, "BATCH", 1)
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("new", "old"):
+    now = time.time_ns()
+    for name, when in (("after", now + 7200 * 10**9), ("before", now - 7200 * 10**9), ("now", None)):
         (src / name).write_bytes(b"A" * 5)
+        if when is not None:
+            os.utime(src / name, ns=(when, when))
         if way == "linked":
             os.link(src / name, src / f"{name}-link")
-    future = time.time_ns() + 3600 * 10**9
-    os.utime(src / "new", ns=(future, future))
-    settle()  # old's times now lie before the margin
     with Repository.init(str(tmp_path / "repo"), "pw", kdf_seconds=0) as repo:
         first = repo.backup([str(src)], ignore_ctime=True).snapshot
-        assert "started_ns" in first.stats
-        for name in ("new", "old"):
+        assert first.stats["started_ns"] <= now + 10**9 and first.stats["finished_ns"] >= first.stats["started_ns"]
+        for name in ("after", "before", "now"):
             st_ = os.stat(src / name)
             (src / name).write_bytes(b"B" * 5)
             os.utime(src / name, ns=(st_.st_atime_ns, st_.st_mtime_ns))
         taken.clear()
         snap = repo.backup([str(src)], ignore_ctime=True).snapshot
         assert snap.stats["read_bytes"] == 5
-        assert sum(t[0] for t in taken) == (1 if way == "in runs" else 0)  # old, unread
+        assert sum(t[0] for t in taken) == (2 if way == "in runs" else 0)  # after and before, unread
         repo.restore(snap, str(tmp_path / "out"))
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if "link" not in p.name} == {
-        "new": b"B" * 5, "old": b"A" * 5}
+        "after": b"A" * 5, "before": b"A" * 5, "now": b"B" * 5}
+
+
+def test_the_racy_window_is_the_parent_s_walk_widened_by_its_margin():
+    from types import SimpleNamespace
+
+    from chunkvault.store.backup import RACY_COARSE_NS, RACY_FINE_NS, _racy, racy_window
+
+    def parent(**stats):
+        return SimpleNamespace(stats=stats)
+
+    w = racy_window(parent(started_ns=10**12, finished_ns=2 * 10**12))
+    assert w == (10**12 - RACY_FINE_NS, 2 * 10**12 + RACY_FINE_NS, 10**12 - RACY_COARSE_NS, 2 * 10**12 + RACY_COARSE_NS)
+    fine, whole = 10**12 - RACY_FINE_NS + 1, 10**12 - RACY_COARSE_NS  # a time of whole seconds gets the wider margin
+    assert _racy(fine, w) and _racy(whole, w) and not _racy(whole - 1, w) and not _racy(fine - 2, w)
+    assert _racy(2 * 10**12 + RACY_FINE_NS - 1, w) and not _racy(2 * 10**12 + RACY_FINE_NS + 1, w)
+    for no_window in (parent(), parent(started_ns="x"), None, parent(started_ns=1, finished_ns=None)):
+        assert not any(_racy(t, racy_window(no_window)) for t in (NS_MAX, 0, -1, 10**18, 10**18 + 1))
+    assert racy_window(parent(started_ns=10**12))[1::2] == (NS_MAX, NS_MAX)  # no end recorded: from the start on
+    assert racy_window(parent(started_ns=0, finished_ns=NS_MAX))[1::2] == (NS_MAX, NS_MAX)
+
+
+def test_a_run_that_read_racy_files_again_is_saved_though_nothing_changed(tmp_path, monkeypatch):
+    """--skip-if-unchanged: a run that read files again only for their racy times saves its (empty)
+    differential, so that the window moves on and the next run takes them unread; skipped, every run
+    read them again."""
+    from chunkvault.store import backup
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "db").write_bytes(os.urandom(50_000))
+    st_ = os.stat(src / "db")
+    times = iter([(st_.st_mtime_ns, st_.st_mtime_ns) * 2, backup.NEVER_RACY, backup.NEVER_RACY])
+    with Repository.init(str(tmp_path / "repo"), "pw", kdf_seconds=0) as repo:
+        first = repo.backup([str(src)]).snapshot
+        monkeypatch.setattr(backup, "racy_window", lambda parent: next(times))
+        second = repo.backup([str(src)], skip_if_unchanged=True)
+        assert not second.skipped and second.snapshot.stats["read_bytes"] == 50_000
+        assert second.snapshot.parent == first.id and second.snapshot.stats["manifest_records"] == 0
+        third = repo.backup([str(src)], skip_if_unchanged=True)
+        assert third.skipped and third.snapshot.id == second.snapshot.id

@@ -108,6 +108,7 @@ def test_backup_and_restore_keep_them(repo, source, tmp_path):
 
 
 def test_a_change_of_attributes_alone_makes_a_differential(repo, source, tmp_path):
+    settle()
     first = repo.backup([str(source)]).snapshot
     before = xattrs_of(source)
     assert repo.backup([str(source)], skip_if_unchanged=True).skipped  # kept from the parent, not seen as changes
