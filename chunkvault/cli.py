@@ -1044,7 +1044,14 @@ def cmd_key(args: argparse.Namespace) -> int:
                 left = f"both passwords open the repository now (key {name[:12]} added): `key remove` one"
             raise (exc.explained(f"; {left}") if isinstance(exc, CorruptObject) else type(exc)(f"{exc}; {left}")) from None
         except BaseException:  # stopped, most likely while it waited for the lock: nothing is taken back
-            warn(f"stopped with key {name[:12]} added: both passwords open the repository (`key remove` one)")
+            try:
+                old_there: bool | None = repo.store.remote.exists(f"keys/{old}")
+            except BaseException:
+                old_there = None
+            warn(f"stopped with key {name[:12]} added: " + (
+                "both passwords open the repository (`key remove` one)" if old_there else
+                "the old key was removed: only the new password opens the repository" if old_there is False else
+                "the old password may no longer open the repository (`key list` says which keys are left)"))
             raise
         _report_key(args, {"id": name, "removed": old}, f"password changed (key {old[:12]} replaced by {name[:12]})")
     return 0

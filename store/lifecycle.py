@@ -155,7 +155,9 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
         records = repo.tree(snap, snapshots)
         ids, mw = store_manifest(repo, records, ensure_held)
         snap.kind = KIND_FULL
-        snap.stats = {**snap.stats, "follows": snap.parent}  # dated as its parent, it still sorts after it
+        # dated as its parent, it still sorts after it; and a run stopped before it retired the chain it
+        # replaced leaves the chain's ids for the next to retire
+        snap.stats = {**snap.stats, "follows": snap.parent, "former_chain": chain_ids}
         snap.parent = None
         snap.manifest = [i.hex() for i in ids]
         snap.manifest_starts = mw.starts
@@ -164,6 +166,10 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
                       "manifest_bytes": _stored(repo, ids)}
         ensure_held()
         repo.save_snapshot(snap, replace=True)
+    else:  # made a full already: what of the chain it replaced is left
+        former = snap.stats.get("former_chain")
+        present = {s.id for s in snapshots}
+        chain_ids = [i for i in former if i in present] if isinstance(former, list) else []
     if not (retire and chain_ids):
         return Aggregated(snap)
     plan = plan_forget(snapshots, ids=chain_ids)

@@ -598,3 +598,36 @@ sys.exit(cli.main(["snapshots", "-r", sys.argv[1], "--json"]))
     proc = subprocess.run([sys.executable, "-c", program, str(tmp_path / "none")], capture_output=True, timeout=60)
     assert (proc.returncode, proc.stderr.strip()) == (143, b"chunkvault: terminated"), proc.stderr
     assert json.loads(proc.stdout)["error"]["type"] == "Terminated"
+
+
+@pytest.mark.parametrize("after_delete", [False, True])
+def test_a_password_change_stopped_says_which_passwords_open_the_repository(tmp_path, new_repo, password, monkeypatch,
+                                                                            capsys, after_delete):
+    """Stopped with the new key added: both passwords open it, or, stopped once the old key was removed, only
+    the new one (it said both, and a user who kept only the old lost the repository)."""
+    from chunkvault import Repository, cli
+    from chunkvault.store.repository import Repo
+
+    repo = new_repo(str(tmp_path / "repo"))
+    (tmp_path / "new").write_text("new password\n")
+    real = Repo.remove_key
+
+    def stopped(self, name, **kw):
+        if after_delete:
+            real(self, name, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Repo, "remove_key", stopped)
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", password)
+    code = cli.main(["key", "passwd", "-r", str(tmp_path / "repo"), "--new-password-file", str(tmp_path / "new"),
+                     "--kdf-time", "0"])
+    assert code == 130
+    err = capsys.readouterr().err
+    if after_delete:
+        assert "only the new password opens the repository" in err
+        with pytest.raises(Exception):
+            Repository.open(repo.store.remote.display_url, password)
+    else:
+        assert "both passwords open the repository" in err
+        Repository.open(repo.store.remote.display_url, password).close()
+    Repository.open(repo.store.remote.display_url, "new password").close()

@@ -64,15 +64,41 @@ def test_random_removals_keep_every_kept_tree(tmp_path_factory, history, data):
     assert repo.check().ok
 
 
-def test_forget_by_policy_and_restore(tmp_path, new_repo):
+def backups_of_a_growing_tree(tmp_path, repo, n, kind=lambda i: "auto"):
+    """``n`` backups, a file added before each: each snapshot's id -> the tree it holds."""
     src = tmp_path / "src"
     src.mkdir()
-    repo = new_repo()
     states = {}
-    for i in range(6):
+    for i in range(n):
         (src / f"f{i}").write_bytes(os.urandom(1000))
-        snap = repo.backup([str(src)]).snapshot
-        states[snap.id] = describe(src)
+        states[repo.backup([str(src)], kind=kind(i)).snapshot.id] = describe(src)
+    return states
+
+
+def deletions_stopped_after(monkeypatch, count):
+    """Snapshot deletions that stop (Ctrl-C) once ``count`` went; the ids deleted."""
+    from chunkvault.store.repository import Repo
+
+    real = Repo.delete_snapshot
+    deleted = []
+
+    def delete_then_stop(self, sid):
+        if len(deleted) == count:
+            raise KeyboardInterrupt
+        deleted.append(sid)
+        real(self, sid)
+
+    monkeypatch.setattr(Repo, "delete_snapshot", delete_then_stop)
+    return deleted
+
+
+def full_then_diffs(i):
+    return "full" if i == 0 else "diff"
+
+
+def test_forget_by_policy_and_restore(tmp_path, new_repo):
+    repo = new_repo()
+    states = backups_of_a_growing_tree(tmp_path, repo, 6)
     dry = repo.forget(policy=RetentionPolicy(keep_last=2), dry_run=True)
     assert len(dry.remove) == 4 and len(repo.snapshots()) == 6
     repo.forget(policy=RetentionPolicy(keep_last=2))
@@ -326,26 +352,9 @@ def test_a_rebased_differential_counts_its_new_manifest_and_the_data_it_absorbed
 def test_a_forget_stopped_between_deletions_leaves_every_chain_whole(tmp_path, new_repo, monkeypatch, stop_after):
     """Snapshots go newest first along each chain: a forget stopped between two deletions (killed, its lock
     lost, the remote failing) leaves no differential whose parent is gone, and run again it finishes."""
-    from chunkvault.store.repository import Repo
-
-    src = tmp_path / "src"
-    src.mkdir()
     repo = new_repo()
-    states = {}
-    for i in range(5):
-        (src / f"f{i}").write_bytes(os.urandom(1000))
-        snap = repo.backup([str(src)], kind="full" if i == 0 else "diff").snapshot
-        states[snap.id] = describe(src)
-    real = Repo.delete_snapshot
-    deleted = []
-
-    def delete_then_stop(self, sid):
-        if len(deleted) == stop_after:
-            raise KeyboardInterrupt
-        deleted.append(sid)
-        real(self, sid)
-
-    monkeypatch.setattr(Repo, "delete_snapshot", delete_then_stop)
+    states = backups_of_a_growing_tree(tmp_path, repo, 5, full_then_diffs)
+    deleted = deletions_stopped_after(monkeypatch, stop_after)
     policy = RetentionPolicy(keep_last=1)
     with pytest.raises(KeyboardInterrupt):
         repo.forget(policy=policy)
@@ -359,3 +368,23 @@ def test_a_forget_stopped_between_deletions_leaves_every_chain_whole(tmp_path, n
     repo.forget(policy=policy)
     (kept,) = repo.snapshots()
     assert kept.id == list(states)[-1] and repo.check().ok
+
+
+def test_an_aggregate_stopped_before_it_retired_the_chain_retires_it_when_run_again(tmp_path, new_repo, monkeypatch):
+    """Stopped once the snapshot was saved as a full, before the chain it replaced was forgotten: run
+    again, it forgets what is left of that chain, where it said "0 snapshot(s) removed" and left it."""
+    repo = new_repo()
+    states = backups_of_a_growing_tree(tmp_path, repo, 3, full_then_diffs)
+    ids = list(states)
+    deleted = deletions_stopped_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        repo.aggregate(ids[-1], retire=True)
+    monkeypatch.undo()
+    repo = Repository.open(str(tmp_path / "repo0"), PASSWORD)
+    assert len(repo.snapshots()) == 2 and repo.check().ok
+    done = repo.aggregate(ids[-1], retire=True)
+    assert sorted(done.retired) == sorted(set(ids[:-1]) - set(deleted))
+    (left,) = repo.snapshots()
+    assert left.id == ids[-1] and left.kind == "full"
+    repo.restore(left.id, str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == states[ids[-1]] and repo.check().ok

@@ -84,26 +84,17 @@ def test_check_copy_and_prune_report_progress(tmp_path, new_repo):
 def test_cli_shows_progress_on_a_terminal_only(tmp_path, new_repo):
     """check on a pseudo-terminal prints the status line; piped output stays clean."""
     import os
-    import pty
     import subprocess
     import sys
+
+    from treeutil import on_terminal
 
     repo = new_repo(pack_size=100_000)
     _history(tmp_path, repo)
     url = repo.store.remote.display_url
     env = {**os.environ, "CHUNKVAULT_PASSWORD": "correct horse battery staple"}
     for cmd in (["check", "--read-data"], ["prune", "--max-unused", "0"]):
-        master, slave = pty.openpty()
-        proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", *cmd, "-r", url], env=env,
-                              stdout=subprocess.PIPE, stderr=slave, timeout=120)
-        os.close(slave)
-        out = b""
-        try:
-            while chunk := os.read(master, 65536):
-                out += chunk
-        except OSError:
-            pass
-        os.close(master)
+        proc, out = on_terminal([*cmd, "-r", url], env)
         assert proc.returncode == 0
         assert b"\r\x1b[K" not in proc.stdout
         if cmd[0] == "check":

@@ -443,11 +443,8 @@ def test_a_delta_restore_leaves_a_file_as_it_was_when_damage_shows_before_its_fi
 def test_the_restore_prompt_declined_is_a_target_not_empty(tmp_path, new_repo):
     """On a terminal, a restore into a non-empty target asks for RESTORE: any other answer is refused as
     without a terminal (exit 16, the target as it was), not as a usage error."""
-    import pty
-    import subprocess
-    import sys
-
     from conftest import PASSWORD
+    from treeutil import on_terminal
 
     src = tmp_path / "src"
     src.mkdir()
@@ -459,19 +456,8 @@ def test_the_restore_prompt_declined_is_a_target_not_empty(tmp_path, new_repo):
     (target / "f").write_text("mine")
     env = {**os.environ, "CHUNKVAULT_PASSWORD": PASSWORD}
     for answer, code, content in ((b"no\n", 16, "mine"), (b"RESTORE\n", 0, "snapshot")):
-        master, slave = pty.openpty()
-        os.write(master, answer)
-        proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", "restore", "latest", "-r",
-                               repo.store.remote.display_url, "--target", str(target)],
-                              env=env, stdin=slave, stderr=slave, stdout=subprocess.PIPE, timeout=120)
-        os.close(slave)
-        said = b""
-        try:
-            while chunk := os.read(master, 65536):
-                said += chunk
-        except OSError:
-            pass
-        os.close(master)
+        proc, said = on_terminal(["restore", "latest", "-r", repo.store.remote.display_url, "--target", str(target)],
+                                 env, typed=answer)
         assert proc.returncode == code, said
         assert b"Type RESTORE to continue" in said and (target / "f").read_text() == content
 

@@ -14,6 +14,29 @@ from typing import Iterator
 import pytest
 
 
+def on_terminal(args: list[str], env: dict[str, str], *, typed: bytes | None = None
+                ) -> tuple[subprocess.CompletedProcess, bytes]:
+    """Run the `chunkvault` command with stderr (and, when ``typed`` is given, stdin fed with it) on a
+    pseudo-terminal: the finished process (stdout captured) and what it wrote to the terminal."""
+    import pty
+    import sys
+
+    master, slave = pty.openpty()
+    if typed is not None:
+        os.write(master, typed)
+    proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", *args], env=env, stdout=subprocess.PIPE,
+                          stderr=slave, stdin=slave if typed is not None else None, timeout=120)
+    os.close(slave)
+    said = b""
+    try:
+        while chunk := os.read(master, 65536):
+            said += chunk
+    except OSError:  # the terminal's other end closed: all read
+        pass
+    os.close(master)
+    return proc, said
+
+
 def settle() -> None:
     """Wait until the times of what was just written lie before a backup's racy margin: the next backup's
     walk then begins late enough for the one after it to take those entries unread."""
