@@ -916,8 +916,8 @@ class Repository:
 
     def import_backup(self, path: str, password: str | bytes, *, wait: float = 3600.0) -> ImportResult:
         """Bring a .backup file in as a new full snapshot; chunks already here are not stored again, and
-        a snapshot already here (the exported one, or one imported from it before) is not imported again:
-        ``skipped``, and ``snapshot`` is that one.  Waits up to ``wait`` seconds for a prune, forget or
+        a snapshot already here whole (the exported one, or one imported or copied from it) is not imported
+        again: ``skipped``, and ``snapshot`` is that one.  Waits up to ``wait`` seconds for a prune, forget or
         repair, as a backup does."""
         from .store.export import import_backup
 

@@ -272,8 +272,8 @@ class Checker:
             self.report.warnings.append(
                 f"{pack_key(pid)} is in no readable index (an index object is damaged: `repair index` adds it)"
                 if self.index_damaged else
-                f"{pack_key(pid)} is in no index (left by an interrupted backup, copy or import, or its index object is lost: "
-                "`repair index` adds it; prune deletes it only while no snapshot misses a blob)")
+                f"{pack_key(pid)} is in no index (left by an interrupted backup, copy or import, or its index "
+                "object is lost: `repair index` adds it; prune deletes it only while no snapshot misses a blob)")
         todo = []
         for pid, sources in indexed.items():
             if pid not in stored:

@@ -723,8 +723,8 @@ def already_here(snapshots: Iterable[Snapshot], exported: Snapshot) -> Snapshot 
     """The snapshot an export brings, if the repository has it: the exported one itself (this is the
     repository it came from), or one imported or copied from it before.  Another copy would take a
     retention slot and be the next backup's parent, for nothing."""
-    return next((s for s in snapshots if exported.id in (s.id, s.stats.get(IMPORTED_FROM), s.stats.get(COPIED_FROM))),
-                None)
+    return next((s for s in snapshots
+                 if exported.id in (s.id, s.stats.get(IMPORTED_FROM), s.stats.get(COPIED_FROM))), None)
 
 
 def holds_whole(repo: Repo, snap: Snapshot, exported: Snapshot, snapshots: list[Snapshot]) -> bool:
@@ -736,14 +736,15 @@ def holds_whole(repo: Repo, snap: Snapshot, exported: Snapshot, snapshots: list[
         return False
     stored = {bytes.fromhex(name) for o in repo.remote.list("data/")
               if OBJECT_ID.fullmatch(name := o.key.rsplit("/", 1)[1])}
+
     def indexed(refs: bytes) -> bool:
         for i in range(0, len(refs), 32):
             loc = repo.locate(refs[i : i + 32])
             if loc is None:
                 return False
             if repo.pack_ids[loc.pack_no] not in stored:
-                raise MissingObject(pack_key(repo.pack_ids[loc.pack_no]), "pack is missing, and the index lists it: "
-                                    "`repair index` first, then import again")
+                raise MissingObject(pack_key(repo.pack_ids[loc.pack_no]), "pack is missing, and the index lists "
+                                    "it: `repair index` first, then import again")
         return True
 
     try:
