@@ -92,6 +92,12 @@ def _with_new_key(args: argparse.Namespace, new: bool, make: Callable[[bytes], T
         raise
 
 
+KEY_HELP = {
+    "export": "write the key this password opens and the repository's config to a file to keep elsewhere: "
+              "every object is sealed under the secret they hold",
+    "import": "put back the key and config of a key export that the repository lost or holds damaged "
+              "(opens with the export's password)",
+}
 KDF_TIME_HELP = ("CPU seconds one password derivation costs (default 0.5; its two lanes run in parallel, "
                  "so on two or more cores opening takes about half)")
 GENERATE_SECRET_HELP = ("instead of a password, a generated key secret, written to FILE (mode 0600); "
@@ -1013,8 +1019,12 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_key(args: argparse.Namespace) -> int:
+    if args.key_cmd == "import":
+        return _key_import(args)
     repo = _open(args)
-    if args.key_cmd == "list":
+    if args.key_cmd == "export":
+        _key_export(args, repo.export_key())
+    elif args.key_cmd == "list":
         keys = repo.keys()
         if args.json:
             _emit_json(keys)
@@ -1057,7 +1067,57 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_key(args: argparse.Namespace, obj: dict[str, str], line: str) -> None:
+def _key_export(args: argparse.Namespace, data: bytes) -> None:
+    """The export on standard output, or in a file written whole or not at all (mode 0600)."""
+    if args.file in (None, "-"):
+        with _stdout_errors():
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        return
+    path = os.path.abspath(args.file)
+    if os.path.lexists(path) and not (args.force and os.path.isfile(path) and not os.path.islink(path)):
+        raise UsageError(f"{path} exists (remove it, or ask to overwrite it: --force)" if os.path.isfile(path)
+                         else f"{path} exists and is not a regular file")
+    directory = os.path.dirname(path)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.urandom(6).hex()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise output_error(f"writing the key export {path}", exc) from None
+    _report_key(args, {"file": path}, f"key exported to {path}: keep it away from the repository; "
+                                      "`key import` puts the repository's key and config back from it")
+
+
+def _key_import(args: argparse.Namespace) -> int:
+    from .repository import Repository
+
+    url = _repo_url(args)
+    what = "standard input" if args.file == "-" else args.file
+    try:
+        if args.file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(args.file, "rb") as f:
+                data = f.read(1 << 20)
+    except OSError as exc:
+        raise UsageError(f"cannot read the key export {what}: {exc.strerror}") from None
+    result = Repository.import_key(url, data, passwords.REPOSITORY.get(args), what=what,
+                                   **remote_options(args, url))
+    _report_key(args, {"id": result.key, "restored": result.restored},
+                f"put back {', '.join(result.restored)}" if result.restored else
+                f"nothing to put back: key {result.key[:12]} and the config are whole")
+    return 0
+
+
+def _report_key(args: argparse.Namespace, obj: dict[str, Any], line: str) -> None:
     """A key command's outcome: one JSON object with --json, else one line (none with --quiet)."""
     if args.json:
         _emit_json(obj)
@@ -1445,9 +1505,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_repair)
 
     s = sub.add_parser("key", parents=[common], help="manage the passwords of a repository")
-    ks = s.add_subparsers(dest="key_cmd", required=True, parser_class=_Parser, metavar="{list,add,remove,passwd}")
-    for name in ("list", "add", "remove", "passwd"):
-        k = ks.add_parser(name, parents=[common])
+    ks = s.add_subparsers(dest="key_cmd", required=True, parser_class=_Parser,
+                          metavar="{list,add,remove,passwd,export,import}")
+    for name in ("list", "add", "remove", "passwd", "export", "import"):
+        k = ks.add_parser(name, parents=[common], help=KEY_HELP.get(name))
         if name in ("add", "passwd"):
             new_key = k.add_mutually_exclusive_group()
             passwords.NEW.add_options(new_key, "the new password")
@@ -1457,6 +1518,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             k.add_argument("key_id")
         if name in ("remove", "passwd"):
             _wait_option(k, 3600.0, "running backups and reads")
+        if name == "export":
+            k.add_argument("file", nargs="?", metavar="FILE", help="where to write it (default: standard output)")
+            k.add_argument("--force", action="store_true", help="replace FILE if it exists")
+        if name == "import":
+            k.add_argument("file", metavar="FILE", help="a key export (- for standard input)")
     s.set_defaults(func=cmd_key)
 
     from . import exportcli

@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # the modules of other commands load when used: a backup need
     from .store.repair import RepairReport
     from .store.retention import RetentionPolicy
     from .store.find import Found
+    from .store.keyexport import KeyImport
     from .store.rewrite import RewriteReport
     from .store.stats import RepositoryStats
     from .store.usage import SnapshotUsage
@@ -938,6 +939,31 @@ class Repository:
         """Remove the key ``name`` (an id or unique prefix); waits up to ``wait`` seconds for running
         backups and reads to end."""
         self._repo.remove_key(name, wait=wait)
+
+    def export_key(self) -> bytes:
+        """A key export: the key this repository was opened with and the config, as stored.  Kept away
+        from the repository, it lets ``import_key`` open it again after its key files or config are lost
+        or damaged (every object is sealed under the secret they hold).  It opens with the same password."""
+        from .store.keyexport import export_key
+
+        return export_key(self._repo.remote, self._repo.key_name).encode()
+
+    @staticmethod
+    def import_key(url: str | Remote, export: bytes, password: str | bytes, *,
+                   what: str = "key export", **remote_options: Any) -> "KeyImport":
+        """Put back the key file and config of ``export`` (what ``export_key`` returned) that the repository
+        at ``url`` lacks or holds damaged, once ``password`` has opened the exported key: a repository whose
+        keys are gone cannot be opened to do it.  ``what`` names the export in errors."""
+        from .store.keyexport import KeyExport, import_key
+
+        _check_remote_options(remote_options)
+        kit = KeyExport.decode(export, what)
+        remote = connect(url, **remote_options)
+        try:
+            return import_key(remote, kit, _password(password), what)
+        finally:
+            if remote is not url:
+                remote.close()
 
     def keys(self) -> list[dict[str, Any]]:
         readable, damaged = self._repo.list_keys()

@@ -27,6 +27,9 @@ class Unlocked(NamedTuple):
     key_name: str
 
 
+#: Where a key file or the config is lost or damaged: the way back, for whoever kept a key export.
+KEY_IMPORT_HINT = "; a key export of this repository puts it back (`key import FILE`)"
+
 REPOSITORY_DIRS = ("keys/", "data/", "index/", "snapshots/")
 
 
@@ -42,7 +45,7 @@ def missing_config(remote: Remote) -> Exception:
     if not found:
         return RepositoryNotFound(f"no repository at {remote.display_url}")
     return CorruptObject("config", f"missing at {remote.display_url}, which holds repository objects "
-                                   f"({', '.join(found)}); put back a copy of the config file")
+                                   f"({', '.join(found)}); put back a copy of the config file{KEY_IMPORT_HINT}")
 
 
 def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Unlocked:
@@ -56,7 +59,8 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
     clear = peek_config(raw_config)
     key_names = sorted(o.key.split("/", 1)[1] for o in remote.list("keys/"))
     if not key_names:
-        raise CorruptObject("keys", "the repository has no key files")
+        raise CorruptObject("keys", "the repository has no key files; a key export of this repository puts one back "
+                                    "(`key import FILE`)")
     corrupt: CorruptObject | None = None
     other_ids = set()
     unsupported: UnsupportedFormat | None = None
@@ -91,7 +95,7 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
             ahead.remember(raws[kf.name])
         return unlocked
     if corrupt is not None and len(key_names) == 1:
-        raise corrupt
+        raise corrupt.explained(KEY_IMPORT_HINT)
     if unsupported is not None:  # the key this password opens may be that one: an upgrade would tell
         raise UnsupportedFormat(f"{unsupported} (a newer chunkvault's key, or not chunkvault's): no other key "
                                 "opens with this password, so it is the password's key or the password is wrong")
@@ -103,5 +107,5 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
                                       "or the keys belong to another repository)")
     if corrupt is not None:  # the key this password opens may be the damaged one
         raise WrongPassword(f"wrong password, or the key it opens is damaged (no other key of this repository "
-                            f"opens with it; {corrupt.object_name}: {corrupt.reason})")
+                            f"opens with it; {corrupt.object_name}: {corrupt.reason}){KEY_IMPORT_HINT}")
     raise WrongPassword("wrong password (no key of this repository opens with it)")

@@ -268,7 +268,7 @@ def test_options_before_the_command_are_explained(cli, args):
 
 
 def test_a_missing_key_subcommand_names_the_choices(cli):
-    assert "{list,add,remove,passwd}" in one_line_error(cli("key", check=False), 2)
+    assert "{list,add,remove,passwd,export,import}" in one_line_error(cli("key", check=False), 2)
 
 
 def test_ls_of_a_path_the_snapshot_lacks_fails_as_dump_does(setup, cli):

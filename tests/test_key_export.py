@@ -1,0 +1,220 @@
+"""Key exports: a repository whose key files or config are lost or damaged opens again from one kept elsewhere."""
+import json
+import os
+import stat
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chunkvault import Repository, new_secret
+from chunkvault.errors import (ChunkvaultError, CorruptObject, RepositoryNotFound, UnsupportedFormat, UsageError,
+                               WrongPassword)
+from chunkvault.store.config import FORMAT_VERSION
+from chunkvault.store.keyexport import EXPORT_MAGIC, KeyExport
+from servers_http import FULL_TOKEN, http_server, serve_factory  # noqa: F401
+from treeutil import describe
+
+PASSWORD = b"pw"
+
+
+@pytest.fixture
+def backed_up(tmp_path):
+    """A repository with one backup, its export, and the tree it holds."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(300_000))
+    (src / "b").write_text("b\n")
+    repo = Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0)
+    repo.backup([str(src)])
+    kit = repo.export_key()
+    repo.close()
+    return tmp_path / "repo", kit, src
+
+
+def objects(path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def restores_exactly(path, src, tmp_path, password=PASSWORD) -> bool:
+    with Repository.open(str(path), password) as repo:
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        repo.restore("latest", str(out))
+        return describe(out) == describe(src) and repo.check(read_data=True).ok
+
+
+@pytest.mark.parametrize("damage", ["key garbage", "key deleted", "config deleted", "config garbage",
+                                    "config tampered", "both deleted"])
+def test_an_import_puts_back_what_was_lost_or_damaged_and_the_repository_opens_again(backed_up, tmp_path, damage):
+    path, kit, src = backed_up
+    (key,) = (path / "keys").iterdir()
+    if "key" in damage or "both" in damage:
+        key.unlink() if "deleted" in damage else key.write_bytes(b"garbage")
+    if "config" in damage or "both" in damage:
+        config = path / "config"
+        if "deleted" in damage:
+            config.unlink()
+        elif "tampered" in damage:
+            doc = json.loads(config.read_bytes())
+            doc["sealed"] = doc["sealed"][:-8] + ("A" * 8 if not doc["sealed"].endswith("A" * 8) else "B" * 8)
+            config.write_text(json.dumps(doc))
+        else:
+            config.write_bytes(b"\x00garbage")
+    with pytest.raises(ChunkvaultError):
+        Repository.open(str(path), PASSWORD)
+    result = Repository.import_key(str(path), kit, PASSWORD)
+    expected = ([] if "config" not in damage and "both" not in damage else ["config"]) + (
+        [f"keys/{key.name}"] if "key" in damage or "both" in damage else [])
+    assert result.restored == expected and result.key == key.name
+    assert restores_exactly(path, src, tmp_path)
+    assert Repository.import_key(str(path), kit, PASSWORD).restored == []  # run again: all whole
+
+
+def test_a_whole_repository_is_left_as_it_is_and_a_config_changed_since_the_export_is_kept(backed_up):
+    path, kit, _ = backed_up
+    with Repository.open(str(path), PASSWORD) as repo:
+        settings_ = repo.store.config.settings
+        settings_.compression_level = 9
+        repo.store.save_settings(settings_)
+    before = objects(path)
+    assert Repository.import_key(str(path), kit, PASSWORD).restored == []
+    assert objects(path) == before
+    with Repository.open(str(path), PASSWORD) as repo:
+        assert repo.store.config.settings.compression_level == 9
+
+
+def test_a_wrong_password_another_repository_or_no_repository_imports_nothing(backed_up, tmp_path):
+    path, kit, _ = backed_up
+    (path / "config").unlink()
+    before = objects(path)
+    with pytest.raises(WrongPassword, match="does not open with it"):
+        Repository.import_key(str(path), kit, b"not it")
+    other = Repository.init(str(tmp_path / "other"), PASSWORD, kdf_seconds=0)
+    other.close()
+    other_before = objects(tmp_path / "other")
+    with pytest.raises(UsageError, match="belongs to repository"):
+        Repository.import_key(str(tmp_path / "other"), kit, PASSWORD)
+    assert objects(tmp_path / "other") == other_before
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RepositoryNotFound):
+        Repository.import_key(str(tmp_path / "empty"), kit, PASSWORD)
+    assert not list((tmp_path / "empty").iterdir())
+    assert objects(path) == before
+
+
+def test_a_newer_format_config_is_not_replaced_by_an_older_export(backed_up):
+    path, kit, _ = backed_up
+    doc = json.loads((path / "config").read_bytes())
+    doc["format"] = FORMAT_VERSION + 1
+    (path / "config").write_text(json.dumps(doc))
+    before = objects(path)
+    with pytest.raises(UnsupportedFormat):
+        Repository.import_key(str(path), kit, PASSWORD)
+    assert objects(path) == before
+
+
+def test_an_export_of_a_key_secret_opens_with_the_secret(tmp_path):
+    secret = new_secret()
+    repo = Repository.init(str(tmp_path / "repo"), secret)
+    kit = repo.export_key()
+    repo.close()
+    for key in (tmp_path / "repo" / "keys").iterdir():
+        key.unlink()
+    with pytest.raises(WrongPassword):
+        Repository.import_key(str(tmp_path / "repo"), kit, PASSWORD)
+    assert Repository.import_key(str(tmp_path / "repo"), kit, secret).restored[0].startswith("keys/")
+    Repository.open(str(tmp_path / "repo"), secret).close()
+
+
+def test_the_export_holds_the_opening_key_only(tmp_path):
+    repo = Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0)
+    repo.add_key(b"second", kdf_seconds=0)
+    repo.close()
+    with Repository.open(str(tmp_path / "repo"), b"second") as repo:
+        kit = KeyExport.decode(repo.export_key(), "kit")
+        assert kit.key_name == repo.store.key_name
+    with pytest.raises(WrongPassword):
+        kit.unlock(PASSWORD, "kit")
+    kit.unlock(b"second", "kit")
+
+
+def _mutations(kit: bytes) -> list[bytes]:
+    doc = json.loads(kit)
+    out = [b"", b"[]", b"{}", kit[:-40], b"\xff" * 10, b"[" * 100_000]
+    for field in ("repository", "config", "key"):
+        out.append(json.dumps({**doc, field: None}).encode())
+        out.append(json.dumps({**doc, field: doc[field][:-3]}).encode())
+        out.append(json.dumps({**doc, field: doc[field] + "\u00e9"}).encode())
+    out.append(json.dumps({**doc, "repository": "0" * 32}).encode())
+    return out
+
+
+def test_a_damaged_export_is_refused_naming_it(backed_up):
+    _, kit, _ = backed_up
+    for data in _mutations(kit):
+        with pytest.raises(CorruptObject) as err:
+            KeyExport.decode(data, "the kit")
+        assert err.value.object_name == "the kit"
+    doc = json.loads(kit)
+    with pytest.raises(UnsupportedFormat, match="upgrade"):
+        KeyExport.decode(json.dumps({**doc, EXPORT_MAGIC: 2}).encode(), "the kit")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.integers(0, 2000))
+def test_any_bytes_decode_or_are_refused_as_damage(junk, cut):
+    kit = KeyExport("ab" * 16, b'{"format": 1, "id": "' + b"ab" * 16 + b'", "sealed": "AAAA"}', b"{}").encode()
+    for data in (junk, kit[:cut] + junk):
+        try:
+            KeyExport.decode(data, "kit")
+        except (CorruptObject, UnsupportedFormat):
+            pass
+
+
+def test_cli_export_to_a_file_or_standard_output_and_import_from_either(backed_up, tmp_path, cli):
+    path, _, src = backed_up
+    kit = tmp_path / "kit.json"
+    cli("key", "export", "-r", str(path), str(kit), password="pw")
+    assert stat.S_IMODE(kit.stat().st_mode) == 0o600
+    assert KeyExport.decode(kit.read_bytes(), "kit").repo_id == json.loads(kit.read_bytes())["repository"]
+    r = cli("key", "export", "-r", str(path), str(kit), password="pw", check=2)
+    assert "exists" in r.stderr.decode() and "--force" in r.stderr.decode()
+    cli("key", "export", "-r", str(path), str(kit), "--force", password="pw")
+    piped = cli("key", "export", "-r", str(path), password="pw").stdout
+    assert piped == kit.read_bytes()
+    (key,) = (path / "keys").iterdir()
+    key.write_bytes(b"garbage")
+    (path / "config").unlink()
+    r = cli("snapshots", "-r", str(path), password="pw", check=13)
+    assert "`key import FILE`" in r.stderr.decode()
+    r = cli("key", "import", "-r", str(path), str(kit), password="wrong", check=11)
+    assert "does not open with it" in r.stderr.decode()
+    r = cli("key", "import", "-r", str(path), str(tmp_path / "nope"), password="pw", check=2)
+    assert "cannot read the key export" in r.stderr.decode()
+    (tmp_path / "bad.json").write_text("{}")
+    r = cli("key", "import", "-r", str(path), str(tmp_path / "bad.json"), password="pw", check=13)
+    assert "bad.json" in r.stderr.decode()
+    r = cli("key", "import", "-r", str(path), "-", "--json", input=piped, password="pw")
+    assert json.loads(r.stdout) == {"id": key.name, "restored": ["config", f"keys/{key.name}"]}
+    r = cli("key", "import", "-r", str(path), str(kit), password="pw")
+    assert "nothing to put back" in r.stdout.decode()
+    assert restores_exactly(path, src, tmp_path)
+
+
+def test_import_over_the_backup_service(tmp_path, http_server, monkeypatch):
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(100_000))
+    with Repository.init(http_server.url, PASSWORD, kdf_seconds=0, token=FULL_TOKEN) as repo:
+        repo.backup([str(src)])
+        kit = repo.export_key()
+    for key in (http_server.path / "keys").iterdir():
+        key.write_bytes(b"garbage")
+    (http_server.path / "config").unlink()
+    result = Repository.import_key(http_server.url, kit, PASSWORD, token=FULL_TOKEN)
+    assert sorted(result.restored) == ["config", f"keys/{result.key}"]
+    with Repository.open(http_server.url, PASSWORD, token=FULL_TOKEN) as repo:
+        out = tmp_path / "out"
+        repo.restore("latest", str(out))
+        assert describe(out) == describe(src)
