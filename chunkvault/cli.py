@@ -861,14 +861,12 @@ def _policy(args: argparse.Namespace) -> Any:
 
 
 def _share(text: str) -> float:
-    t = text.strip()
+    from .units import parse_share
+
     try:
-        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a share: {text!r} (e.g. 5% or 0.05)") from None
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"share out of range: {text!r}")
-    return v
+        return parse_share(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _report_prune(args: argparse.Namespace, plan: Any) -> None:

@@ -9,15 +9,18 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import threading
 import warnings
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
-from .errors import (AmbiguousSnapshot, CorruptObject, PermissionDenied, RollbackDetected, SnapshotNotFound,
-                     StorageFull, TargetNotEmpty, UsageError, VerificationFailed)
+from .errors import (AmbiguousSnapshot, CorruptObject, OutputClosed, PermissionDenied, RollbackDetected,
+                     SnapshotNotFound, StorageFull, TargetNotEmpty, TargetUnwritable, UsageError, VerificationFailed,
+                     output_error)
 from .ledger import Ledger, RepositoryStateWarning, present_of
 from .connection import connect, key_ahead_path
+from .units import parse_share, parse_size
 from .remotes import Remote, url_scheme
 from .chunker import FIXED_CHUNK_SIZE
 from .store.backup import Backup, BackupOptions, BackupResult
@@ -58,11 +61,21 @@ def _password(password: str | bytes) -> bytes:
     return password
 
 
-def _time(value: str | datetime | None) -> datetime | None:
-    """A time given as text (ISO 8601) or as a datetime; local time when it has no zone."""
+def _time(value: str | datetime | float | None) -> datetime | None:
+    """A time given as text (ISO 8601), as a datetime (local time when it has no zone), or as seconds
+    since the epoch (``time.time()``)."""
+    if value is None:
+        return None
     if isinstance(value, str):
         return parse_time(value)
-    return value.astimezone(timezone.utc) if value is not None else None
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(value, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise UsageError(f"{value!r} seconds since the epoch is no time this system can hold") from None
+    raise UsageError(f"a time is an ISO 8601 string, a datetime or seconds since the epoch, not {value!r}")
 
 
 def _listed(value: Any) -> list[Any]:
@@ -90,6 +103,18 @@ def _texts(values: Any, what: str) -> list[str]:
     return out
 
 
+def _globs(values: Any, what: str) -> list[str]:
+    """Globs as str (bytes and path objects decoded as file names are)."""
+    out = []
+    for v in _listed(values):
+        if isinstance(v, (bytes, os.PathLike)):
+            v = os.fsdecode(v)
+        if not isinstance(v, str):
+            raise UsageError(f"each {what} is a glob (a str or bytes), not {v!r}")
+        out.append(v)
+    return out
+
+
 def _host(value: Any) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
         raise UsageError(f"host must be a non-empty string, not {value!r}")
@@ -109,6 +134,11 @@ def _paths(values: Any) -> list[str]:
     return out
 
 
+def _spec(snapshot: Any) -> Any:
+    """A snapshot named by a Snapshot object, as by its id."""
+    return snapshot.id if isinstance(snapshot, Snapshot) else snapshot
+
+
 def _named(snapshots: Any) -> list[Any] | None:
     """The snapshots named (``_listed``), or None for none named (then the filters alone choose)."""
     return None if snapshots is None else _listed(snapshots)
@@ -125,6 +155,8 @@ def _check_remote_options(options: Mapping[str, Any]) -> None:
 def snapshot_path(path: str | bytes) -> bytes:
     """A path as a user gives it (``/etc/x``, ``etc/x/``, ``./etc//x``) as the snapshot names it (``etc/x``;
     the root is empty).  A snapshot's paths hold no "." or ".." components, so normalising changes no name."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise UsageError(f"a path in a snapshot is a str or bytes, not {path!r}")
     norm = os.path.normpath(os.fsencode(path) or b".").strip(b"/")
     return b"" if norm == b"." else norm
 
@@ -343,6 +375,9 @@ class Repository:
         """
         paths, tags, excludes, host = _paths(paths), _texts(tags, "tag"), _texts(excludes, "exclude"), _host(host)
         no_delta, fixed_chunks, exclude_if_present = _listed(no_delta), _listed(fixed_chunks), _listed(exclude_if_present)
+        fixed_chunk_size = parse_size(fixed_chunk_size)
+        if exclude_larger_than is not None:
+            exclude_larger_than = parse_size(exclude_larger_than)
         # Held open since an earlier backup, another client may have rebased since (the index is read
         # afresh by every backup).
         self._repo.drop_stale(index=False)
@@ -352,7 +387,7 @@ class Repository:
             opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, excludes=list(excludes or []),
                                  delta=delta, no_delta=list(no_delta or []), fixed_chunks=list(fixed_chunks or []),
                                  fixed_chunk_size=fixed_chunk_size, progress=progress, dry_run=dry_run,
-                                 parent=find_snapshot(snaps, parent) if parent else None, reread=reread,
+                                 parent=find_snapshot(snaps, _spec(parent)) if parent else None, reread=reread,
                                  skip_if_unchanged=skip_if_unchanged, ignore_inode=ignore_inode,
                                  ignore_ctime=ignore_ctime, xattrs=xattrs, time=_time(time))
         except BaseException:
@@ -381,8 +416,9 @@ class Repository:
         """
         opts = BackupOptions(kind=kind, tags=_texts(tags, "tag"), host=_host(host), delta=delta,
                              fixed_chunks=_listed(fixed_chunks),
-                             fixed_chunk_size=fixed_chunk_size, dry_run=dry_run, time=_time(time))
-        return self._backup_stream(lambda: contextlib.nullcontext(fileobj), name, opts)
+                             fixed_chunk_size=parse_size(fixed_chunk_size), dry_run=dry_run, time=_time(time))
+        source = _BinarySource(fileobj)
+        return self._backup_stream(lambda: contextlib.nullcontext(source), name, opts)
 
     def backup_command(self, argv: Sequence[str], name: str, *, kind: str = "auto", tags: list[str] | None = None,
                        host: str | None = None, delta: bool = True, fixed_chunks: list[str] | None = None,
@@ -400,11 +436,15 @@ class Repository:
         argv = _listed(argv)
         opts = BackupOptions(kind=kind, tags=_texts(tags, "tag"), host=_host(host), delta=delta,
                              fixed_chunks=_listed(fixed_chunks),
-                             fixed_chunk_size=fixed_chunk_size, dry_run=dry_run, time=_time(time))
+                             fixed_chunk_size=parse_size(fixed_chunk_size), dry_run=dry_run, time=_time(time))
         return self._backup_stream(lambda: CommandStream(argv, cwd=cwd, env=env, stderr=stderr), name, opts)
 
-    def _backup_stream(self, open_stream: Callable[[], ContextManager[Any]], name: str,
+    def _backup_stream(self, open_stream: Callable[[], ContextManager[Any]], name: str | bytes,
                        opts: BackupOptions) -> BackupResult:
+        if isinstance(name, (bytes, os.PathLike)):
+            name = os.fsdecode(name)
+        if not isinstance(name, str):
+            raise UsageError(f"a stream's name is a str or bytes, not {name!r}")
         self._repo.drop_stale(index=False)
         if not opts.dry_run:
             self._guard()
@@ -430,6 +470,7 @@ class Repository:
 
         with contextlib.ExitStack() as held:
             depth = getattr(self._reading_depth, "n", 0)
+            locked = False
             if self.lock_reads and not depth:
                 lock = RepoLock(self._repo.remote, SHARED, purpose, wait=wait, wait_option=True)
                 try:
@@ -440,12 +481,21 @@ class Repository:
                                   stacklevel=3)
                 else:
                     held.push(lock)  # released (its __exit__) when the read ends
+                    locked = True
                     self._repo.drop_stale()
+            if not depth and not locked:
+                self._follow_others()
             self._reading_depth.n = depth + 1
             try:
                 yield
             finally:
                 self._reading_depth.n = depth
+
+    def _follow_others(self) -> None:
+        """Before a read outside ``reading`` (or one without the lock): drop an index that other commands
+        have replaced or added to since it was read (a backup's new snapshot would be called damaged)."""
+        if not getattr(self._reading_depth, "n", 0):
+            self._repo.refresh_index()
 
     def snapshots(self, *, hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
                   latest: int | None = None, group_by: str | Iterable[str] = "host,paths") -> list[Snapshot]:
@@ -510,7 +560,7 @@ class Repository:
         that directory's part of each manifest."""
         from .store.find import matches_by_snapshot, path_matcher, versions
 
-        patterns = _listed(patterns)
+        patterns = _globs(patterns, "pattern")
         if not patterns:
             raise UsageError("find needs at least one pattern")
         with self.reading("find"):
@@ -541,6 +591,7 @@ class Repository:
         snapshot object that does not load raises its CorruptObject: it is there, damaged, not unknown."""
         t = _time(until)
         snaps = self._list()
+        spec = _spec(spec)
         try:
             return find_snapshot(snaps, spec, until=t, host=host, filter_paths=_listed(paths) or None)
         except SnapshotNotFound as exc:
@@ -554,6 +605,7 @@ class Repository:
     def tree(self, snapshot: str | Snapshot = "latest", path: str | bytes | None = None) -> Iterator[Entry]:
         """The snapshot's entries in order; with ``path``, those of that path and below it, reading only
         the manifest blobs that hold them."""
+        self._follow_others()
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
         within = snapshot_path(path) if path is not None else b""
         if not within:
@@ -585,7 +637,7 @@ class Repository:
         narrow what ``latest`` and ``until`` choose among, as in ``snapshot``."""
         from .store import restore_workers
 
-        includes, excludes = _listed(includes), _listed(excludes)
+        includes, excludes = _globs(includes, "include"), _globs(excludes, "exclude")
         if not isinstance(target, (str, bytes, os.PathLike)) or not os.fspath(target):
             # "" was the current directory, where delete=True then deleted nothing it should have
             raise UsageError(f"a restore target must be a directory path, not {target!r} (\".\" for here)")
@@ -628,6 +680,7 @@ class Repository:
                                      + (f"; and {more} more" if more else ""))
 
     def find_entry(self, snapshot: str | Snapshot, path: str | bytes) -> Entry:
+        self._follow_others()
         snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
         want = snapshot_path(path)
         rec = self._repo.lookup(snap, want)
@@ -659,6 +712,7 @@ class Repository:
 
         if archive not in ARCHIVES:
             raise UsageError(f"unknown archive format {archive!r} (tar or zip)")
+        out = _WholeWrites(out)
         with self.reading("dump"):
             snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
             want = snapshot_path(path)
@@ -680,6 +734,7 @@ class Repository:
 
     def diff(self, a: str | Snapshot, b: str | Snapshot) -> Iterator[tuple[str, Entry | None, Entry | None]]:
         """(change, old, new) for every path that differs: added, removed, modified."""
+        self._follow_others()
         sa = a if isinstance(a, Snapshot) else self.snapshot(a)
         sb = b if isinstance(b, Snapshot) else self.snapshot(b)
         return diff_trees(self._repo.tree(sa), self._repo.tree(sb))
@@ -719,7 +774,7 @@ class Repository:
         from .store.lifecycle import apply_forget
         from .store.locks import EXCLUSIVE, RepoLock
 
-        snapshots, hosts, tags, paths = _listed(snapshots), _listed(hosts), _listed(tags), _listed(paths)
+        snapshots, hosts, tags, paths = [_spec(s) for s in _listed(snapshots)], _listed(hosts), _listed(tags), _listed(paths)
         if dry_run:
             return self._plan_forget(self._list(), snapshots, policy, now, hosts, tags, paths, allow_remove_all,
                                      scope)[0]
@@ -830,6 +885,7 @@ class Repository:
             self._list()
         else:
             self._guard()
+        max_unused = parse_share(max_unused)
         return prune(self._repo, max_unused=max_unused, dry_run=dry_run, wait=wait, progress=progress)
 
     def copy_to(self, destination: "Repository", snapshots: Iterable[str] = (),
@@ -904,7 +960,7 @@ class Repository:
 
         self._list() if dry_run else self._guard()
         return rewrite_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
-                                 _listed(excludes), dry_run=dry_run, wait=wait)
+                                 _globs(excludes, "exclude"), dry_run=dry_run, wait=wait)
 
     def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,
                overwrite: bool = False) -> ExportStats:
@@ -982,6 +1038,73 @@ def _is_nonempty_dir(path: str | os.PathLike[str]) -> bool:
             return next(entries, None) is not None
     except OSError:
         return False
+
+
+class _BinarySource(io.RawIOBase):
+    """``backup_stream``'s source: any object with a binary ``readinto`` or ``read``; what is not one is a
+    UsageError before anything is stored, what turns out not to be one (text, a non-blocking stream) one
+    while reading."""
+
+    def __init__(self, source: Any):
+        super().__init__()
+        if isinstance(source, io.TextIOBase):
+            raise UsageError("backup_stream reads bytes: open the stream in binary mode")
+        if not callable(getattr(source, "readinto", None)) and not callable(getattr(source, "read", None)):
+            raise UsageError(f"backup_stream needs a binary stream (with read or readinto), not {source!r}")
+        if getattr(source, "closed", False) is True:
+            raise UsageError("backup_stream: the stream is closed")
+        self._source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        into = getattr(self._source, "readinto", None)
+        if callable(into):
+            n = into(b)
+            if n is None:
+                raise UsageError("backup_stream needs a blocking stream: its readinto returned None")
+            return n
+        data = self._source.read(len(b))
+        if data is None:
+            raise UsageError("backup_stream needs a blocking stream: its read returned None")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise UsageError(f"backup_stream reads bytes: the stream's read returned {type(data).__name__}")
+        n = len(data)
+        if n > len(b):
+            raise UsageError("backup_stream: the stream's read returned more bytes than asked for")
+        b[:n] = data
+        return n
+
+
+class _WholeWrites:
+    """``dump``'s output: each write taken whole (a raw stream or socket may take part of it), and a
+    failed one a ChunkvaultError, as the command line reports it; the rest of the stream as it is."""
+
+    def __init__(self, out: Any):
+        if isinstance(out, io.TextIOBase) or not callable(getattr(out, "write", None)):
+            raise UsageError("dump writes bytes: give a binary stream (open(path, 'wb'), sys.stdout.buffer)")
+        if getattr(out, "closed", False):
+            raise UsageError("dump: the output stream is closed")
+        self._out = out
+        self._name = "standard output" if out is getattr(sys.stdout, "buffer", None) else "the output"
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                n = self._out.write(view)
+                if not n:  # None: a non-blocking stream that is full; 0: one that takes nothing
+                    raise TargetUnwritable("dump: the output took no more bytes (a non-blocking stream?)")
+                view = view[n:]
+        except BrokenPipeError:
+            raise OutputClosed(f"dump: the reader of {self._name} closed it before the dump was complete") from None
+        except OSError as exc:
+            raise output_error(f"writing to {self._name}", exc) from None
+        return len(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._out, name)
 
 
 class _ChunkStream(io.RawIOBase):

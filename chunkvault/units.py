@@ -22,3 +22,18 @@ def parse_size(text: Any) -> int:
     if number < 1:
         raise UsageError(f"size must be at least 1 byte, not {text!r}")
     return number
+
+
+def parse_share(value: Any) -> float:
+    """A share from 0 to 1, as a fraction (0.05) or a percentage (``"5%"``); UsageError for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        t = str(value).strip()
+        try:
+            v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+        except ValueError:
+            raise UsageError(f"not a share: {value!r} (e.g. 5% or 0.05)") from None
+    if not 0 <= v <= 1:
+        raise UsageError(f"share out of range (0 to 1, or 0% to 100%): {value!r}")
+    return v

@@ -123,6 +123,12 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def file_version(st: os.stat_result) -> str:
+    """An object's version: its file's modification time and inode, which every write changes (an object
+    is written beside its name, then renamed over it)."""
+    return f"{st.st_mtime_ns:x}.{st.st_ino:x}"
+
+
 class LocalRemote(Remote):
     fork_safe = True  # each read opens, preads and closes
     cheap_ranges = True
@@ -269,10 +275,10 @@ class LocalRemote(Remote):
                 key = rel + name
                 if key.startswith(prefix):
                     try:
-                        size = os.stat(os.path.join(dirpath, name)).st_size
+                        st = os.stat(os.path.join(dirpath, name))
                     except FileNotFoundError:
                         continue
-                    yield ObjectInfo(key, size)
+                    yield ObjectInfo(key, st.st_size, file_version(st))
 
     def delete(self, key: str) -> None:
         try:
@@ -291,7 +297,7 @@ class LocalRemote(Remote):
             return None
         except OSError as exc:
             raise _os_error(exc, f"stat {key}") from None
-        return ObjectInfo(key, st.st_size)
+        return ObjectInfo(key, st.st_size, file_version(st))
 
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         cutoff = time.time() - older_than

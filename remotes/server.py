@@ -34,7 +34,7 @@ from chunkvault.units import parse_size
 
 from .base import _KEY_SEGMENT, validate_key, validate_prefix
 from .http import DEFAULT_PORT, LIMIT_HEADER, MISSING_HEADER
-from .local import TEMP_PREFIX, LocalRemote
+from .local import TEMP_PREFIX, LocalRemote, file_version
 
 PROG = "chunkvault serve"
 MiB = 1 << 20
@@ -296,7 +296,7 @@ def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None) ->
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            yield key, st.st_size, f"{st.st_mtime_ns:x}.{st.st_ino:x}"
+            yield key, st.st_size, file_version(st)
 
 
 # --- the HTTP side --------------------------------------------------------------------

@@ -43,6 +43,7 @@ from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, iso, now_iso
+from .unlock import require_openable
 from .source import NOT_REGULAR_ERRNOS, SmallRead, SourceWalk, StatFailed, open_source_file, read_small_files
 from .xattrs import read_xattrs
 from .zstdbuf import empty_buffer
@@ -999,6 +1000,8 @@ class Backup:
                 # rewrite removed from the parent's.
                 if self._lock is not None and self._lock.waited:
                     self.repo.drop_stale(index=False)
+                if not self.opt.dry_run:
+                    require_openable(self.repo.remote)
                 self.repo.load_index()
                 return self._run(source, paths, stream=stream, stdin_name=stdin_name)
         finally:

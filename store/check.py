@@ -14,15 +14,16 @@ from typing import Callable
 
 import blake3
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, UsageError
+from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, UsageError
 
 from . import forked
 from .blob import KIND_DELTA, open_blob
-from .config import KeyFile
+from .config import KeyFile, open_config
 from .indexfile import IndexColumns
 from .pack import PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
 from .repository import OBJECT_ID, WORKERS, Repo, pack_key, superseded_names
 from .snapshot import Snapshot
+from .unlock import KEY_IMPORT_HINT
 
 
 #: Where a pack's index entries lie: (an index object's columns, entries, start) for each object listing it.
@@ -115,11 +116,7 @@ class Checker:
 
     def run(self) -> CheckReport:
         repo = self.repo
-        for k in repo.remote.list("keys/"):
-            try:
-                KeyFile.decode(k.key.split("/", 1)[1], repo.remote.get(k.key))
-            except ChunkvaultError as exc:
-                self.problem(k.key, str(exc))
+        self._check_config_and_keys()
         # Snapshots before the index, the index before the packs: a backup running meanwhile (it takes a shared
         # lock too) indexes its blobs before it saves its snapshot, so what these snapshots need is indexed.
         snapshots = self._load_snapshots()
@@ -145,6 +142,29 @@ class Checker:
         if self.bad_blobs or self.bad_manifests:
             self._attribute(snapshots)
         return self.report
+
+    def _check_config_and_keys(self) -> None:
+        """The objects that open the repository, read again: a Repository kept open since (a service's)
+        would otherwise go on checking and backing up a repository that nothing opens any more."""
+        repo = self.repo
+        try:
+            config = open_config(repo.remote.get("config"), repo.sealer)
+            if config.repo_id != repo.config.repo_id:
+                self.problem("config", "another repository's config")
+        except ObjectNotFound:
+            self.problem("config", f"missing: nothing opens the repository without it{KEY_IMPORT_HINT}")
+        except ChunkvaultError as exc:
+            self.problem("config", (exc.reason if isinstance(exc, CorruptObject) else str(exc)) + KEY_IMPORT_HINT)
+        readable = 0
+        for k in repo.remote.list("keys/"):
+            try:
+                kf = KeyFile.decode(k.key.split("/", 1)[1], repo.remote.get(k.key))
+            except ChunkvaultError as exc:
+                self.problem(k.key, str(exc))
+            else:
+                readable += not kf.repo or kf.repo == repo.config.repo_id
+        if not readable:
+            self.problem("keys", f"no key file of this repository is left: nothing opens it{KEY_IMPORT_HINT}")
 
     def _load_index(self) -> dict[bytes, EntrySources]:
         """Every pack the (non-superseded) index objects list, with where its entries lie; each delta whose

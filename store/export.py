@@ -344,7 +344,7 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
         # written beside it, then renamed over it: a symlink (/dev/stdout), a pipe or a device would be replaced
         raise UsageError(f"{out_path} is not a regular file: an export is written to a new or regular file")
     if os.path.lexists(out_path) and not overwrite:
-        raise UsageError(f"{out_path} exists (remove it, or ask to overwrite it: --force)")
+        raise UsageError(f"{out_path} exists (remove it, or ask to overwrite it: --force, overwrite=True in the API)")
     directory, base = os.path.split(out_path)
     if not os.path.isdir(directory):
         raise UsageError(f"no directory {directory} for the export file")

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from chunkvault.errors import Locked, LockLost, ObjectNotFound, RemoteError
+from chunkvault.errors import Locked, LockLost, ObjectNotFound, RemoteError, UsageError
 from chunkvault.remotes import Remote
 
 from .forksafe import FORK_GUARD, start_quiet_thread
@@ -140,6 +140,8 @@ class RepoLock:
         self.kind = kind
         self.purpose = purpose
         self.label = label  # what messages call the repository (copy: "the destination repository")
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
+            raise UsageError(f"a lock wait is a number of seconds, 0 or more, not {wait!r}")
         self.wait = wait
         self.poll = poll
         self.key = f"locks/{os.urandom(16).hex()}"

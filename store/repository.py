@@ -134,7 +134,9 @@ class Repo:
         self._read_gap = READ_GAP_LOCAL if remote.cheap_ranges else READ_GAP_REMOTE
         self._recent = None if remote.cheap_ranges else RecentRanges(RECENT_RANGES_BYTES)
         self._snapshots: dict[str, Snapshot] = {}
-        self._snapshot_sizes: dict[str, int] = {}  # of each object read: another command's rewrite shows in it
+        # (size, version) of each snapshot object read: another command's rewrite (a rebase, a tag) shows in
+        # the listing's version, or where the remote gives none, in most cases in its size.
+        self._snapshot_seen: dict[str, tuple[int, str | None]] = {}
         self.unreadable_snapshots: dict[str, CorruptObject] = {}  # as of the last listing (``snapshots``)
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
         self._delta_bases: dict[bytes, bytes] = {}
@@ -649,7 +651,7 @@ class Repo:
             raise MissingObject(f"snapshots/{name}") from None
         snap = Snapshot.decode(self.sealer, name, data)
         self._snapshots[name] = snap
-        self._snapshot_sizes[name] = len(data)
+        self._snapshot_seen[name] = (len(data), None)
         return snap
 
     def snapshot_names(self) -> list[str]:
@@ -660,15 +662,19 @@ class Repo:
         key) is left out and kept in ``unreadable_snapshots`` (name -> error), for the caller to report,
         or to refuse on with ``require_readable`` where it must see every snapshot; one deleted since
         the listing is simply gone."""
-        listed = {o.key.split("/", 1)[1]: o.size for o in self.remote.list("snapshots/")}
+        listed = {o.key.split("/", 1)[1]: (o.size, o.version) for o in self.remote.list("snapshots/")}
         names = list(listed)
-        for name, size in listed.items():  # rewritten meanwhile by another command (a rebase, a tag, a rewrite)
-            if self._snapshot_sizes.get(name, size) != size:
+        for name, seen in listed.items():  # rewritten meanwhile by another command (a rebase, a tag, a rewrite)
+            if self._snapshot_seen.get(name, seen) != seen:
                 self._snapshots.pop(name, None)
 
         def load(name: str) -> Snapshot | CorruptObject | None:
             try:
-                return self.load_snapshot(name)
+                fresh = name not in self._snapshots
+                snap = self.load_snapshot(name)
+                if fresh and self._snapshot_seen[name][0] == listed[name][0]:  # read as listed, most likely:
+                    self._snapshot_seen[name] = listed[name]  # else the next listing reads it again
+                return snap
             except MissingObject:
                 return None
             except CorruptObject as exc:
@@ -689,8 +695,12 @@ class Repo:
         objects read (forget rebases differentials) and, with ``index``, the index if its objects are no
         longer the ones it was loaded from (prune and the repairs replace them; read again when needed)."""
         self._snapshots.clear()
-        if not index:
-            return
+        if index:
+            self.refresh_index()
+
+    def refresh_index(self) -> None:
+        """Drop the index if its objects are no longer those it was loaded from (another command's backup
+        added one, a prune or repair replaced them): it is read again when next needed."""
         with self._index_lock:
             if self._index is not None and set(self.index_names()) != self._index_names:
                 self._index = None
@@ -716,7 +726,7 @@ class Repo:
         data = snap.encode(self.sealer)
         self.remote.put(f"snapshots/{snap.id}", data, if_absent=not replace)
         self._snapshots[snap.id] = snap
-        self._snapshot_sizes[snap.id] = len(data)
+        self._snapshot_seen[snap.id] = (len(data), None)
         return snap
 
     def require_deletes(self, key: str, purpose: str) -> None:

@@ -48,6 +48,20 @@ def missing_config(remote: Remote) -> Exception:
                                    f"({', '.join(found)}); put back a copy of the config file{KEY_IMPORT_HINT}")
 
 
+def no_key_files() -> CorruptObject:
+    return CorruptObject("keys", "the repository has no key files; a key export of this repository puts one back "
+                                 "(`key import FILE`)")
+
+
+def require_openable(remote: Remote) -> None:
+    """CorruptObject when the config or every key file is gone: what a process holding the repository
+    open since would store could never be read again."""
+    if remote.stat("config") is None:
+        raise missing_config(remote)
+    if next(iter(remote.list("keys/")), None) is None:
+        raise no_key_files()
+
+
 def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Unlocked:
     """Try each key file with ``password``; errors say whether the password or the repository is wrong.
 
@@ -59,8 +73,7 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
     clear = peek_config(raw_config)
     key_names = sorted(o.key.split("/", 1)[1] for o in remote.list("keys/"))
     if not key_names:
-        raise CorruptObject("keys", "the repository has no key files; a key export of this repository puts one back "
-                                    "(`key import FILE`)")
+        raise no_key_files()
     corrupt: CorruptObject | None = None
     other_ids = set()
     unsupported: UnsupportedFormat | None = None

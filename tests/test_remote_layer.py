@@ -374,19 +374,18 @@ def test_cache_is_write_through_for_metadata_only(tmp_path):
     assert not (tmp_path / "cache" / "data").exists() and not (tmp_path / "cache" / "config").exists()
 
 
-class VersionedLocal(LocalRemote):
-    """Local disk whose listing names each file's identity, as S3's ETag or the HTTP service's version do."""
+class UnversionedLocal(LocalRemote):
+    """Local disk whose listing names no versions, as some S3-compatible stores' listings give no ETag."""
 
     def list(self, prefix: str = ""):
         for info in super().list(prefix):
-            st = os.stat(os.path.join(self.root, *info.key.split("/")))
-            yield ObjectInfo(info.key, info.size, f"{st.st_mtime_ns}.{st.st_ino}")
+            yield ObjectInfo(info.key, info.size)
 
 
 def test_a_rewritable_object_is_cached_by_the_version_its_listing_gives(tmp_path):
     """Snapshots are rewritten in place by other clients: a cached copy is served only for the version the
     latest listing names; without versions in the listing they are always fetched."""
-    other = VersionedLocal(str(tmp_path / "repo"))
+    other = LocalRemote(str(tmp_path / "repo"))  # its listing names each file's identity
     faulty = FaultyRemote(other, seed=1)
     remote = CachingRemote(faulty, tmp_path / "cache")
     other.put("snapshots/s1", b"first")
@@ -405,7 +404,8 @@ def test_a_rewritable_object_is_cached_by_the_version_its_listing_gives(tmp_path
     remote.delete("snapshots/s1")
     assert not os.listdir(tmp_path / "cache" / "snapshots")
 
-    unversioned, counted = _cached(tmp_path / "plain")
+    counted = FaultyRemote(UnversionedLocal(str(tmp_path / "plain")), seed=1)
+    unversioned = CachingRemote(counted, tmp_path / "plain-cache")
     counted.inner.put("snapshots/s2", b"x")
     list(unversioned.list("snapshots/"))
     assert [unversioned.get("snapshots/s2") for _ in range(2)] == [b"x", b"x"] and inner_gets(counted) == 2
@@ -414,7 +414,7 @@ def test_a_rewritable_object_is_cached_by_the_version_its_listing_gives(tmp_path
 def test_a_complete_listing_drops_entries_of_objects_gone_from_the_remote(tmp_path):
     """Another machine's prune replaces the index and a forget removes snapshots: once this machine lists
     them, their cache entries go, so the cache does not grow with every prune done elsewhere."""
-    other = VersionedLocal(str(tmp_path / "repo"))
+    other = LocalRemote(str(tmp_path / "repo"))  # its listing names each file's identity
     remote = CachingRemote(other, tmp_path / "cache")
     for key in ("index/i1", "index/i2", "snapshots/s1", "snapshots/s2"):
         other.put(key, key.encode())

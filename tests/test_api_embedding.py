@@ -1,0 +1,191 @@
+"""The Python API as a backup tool embeds it: one Repository kept open while other commands change the
+repository, arguments in the forms a caller has at hand, and every failure a ChunkvaultError."""
+import datetime
+import errno
+import io
+import os
+
+import pytest
+
+from chunkvault import Repository
+from chunkvault.errors import (CorruptObject, OutputClosed, StorageFull, TargetUnwritable, UsageError)
+from conftest import PASSWORD
+from treeutil import describe
+
+
+@pytest.fixture
+def tree(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(200_000))
+    (src / "b").write_text("b\n")
+    return src
+
+
+def test_an_object_kept_open_reads_what_another_command_stored_since(tmp_path, tree, new_repo, cli):
+    path = str(tmp_path / "repo")
+    new_repo(path).backup([str(tree)])
+    for lock_reads in (False, True):
+        kept = Repository.open(path, PASSWORD, lock_reads=lock_reads)
+        kept.restore("latest", str(tmp_path / f"first-{lock_reads}"))
+        first = kept.snapshot("latest")
+        (tree / "a").write_bytes(os.urandom(200_000))
+        cli("backup", "-r", path, str(tree))
+        out = tmp_path / f"second-{lock_reads}"
+        kept.restore("latest", str(out))
+        assert describe(out) == describe(tree)
+        latest = kept.snapshot("latest")
+        with kept.open_file(latest, "a") as f:  # the lazy readers, outside reading()
+            assert f.read() == (tree / "a").read_bytes()
+        assert [e.path for e in kept.tree(latest)] == [e.path for e in kept.tree(first)]
+        assert [change for change, _, _ in kept.diff(first, latest)] == ["modified"]
+        kept.close()
+
+
+def test_an_object_kept_open_sees_tags_another_command_set(tmp_path, tree, new_repo, cli):
+    path = str(tmp_path / "repo")
+    kept = new_repo(path)
+    snap = kept.backup([str(tree)], tags=["aaaa"]).snapshot
+    for old, new in [("aaaa", "bbbb"), ("bbbb", "cccc"), ("cccc", "dddd")]:
+        assert [s.id for s in kept.snapshots(tags=old)] == [snap.id]
+        cli("tag", "-r", path, "--set", new, snap.id)
+        assert [s.id for s in kept.snapshots(tags=new)] == [snap.id]
+        assert kept.snapshot(snap.id).tags == [new]
+
+
+@pytest.mark.parametrize("lost", ["config", "keys"])
+def test_an_object_kept_open_finds_its_repository_unopenable_and_stores_nothing_more(tmp_path, tree, new_repo,
+                                                                                     lost):
+    path = tmp_path / "repo"
+    kept = new_repo(str(path))
+    kept.backup([str(tree)])
+    if lost == "config":
+        (path / "config").unlink()
+    else:
+        for key in (path / "keys").iterdir():
+            key.unlink()
+    problems = kept.check().problems
+    assert [p.object for p in problems] == [lost] and "key import" in problems[0].problem
+    packs = sorted((path / "data").rglob("*"))
+    (tree / "a").write_bytes(os.urandom(200_000))
+    with pytest.raises(CorruptObject, match="key import"):
+        kept.backup([str(tree)])
+    with pytest.raises(CorruptObject):
+        kept.backup_stream(io.BytesIO(b"x" * 1000), "s")
+    assert sorted((path / "data").rglob("*")) == packs and len(kept.snapshots()) == 1
+
+
+def test_check_names_a_damaged_config(tmp_path, tree, new_repo):
+    path = tmp_path / "repo"
+    kept = new_repo(str(path))
+    kept.backup([str(tree)])
+    (path / "config").write_bytes((path / "config").read_bytes().replace(b'"sealed": "', b'"sealed": "AAAA'))
+    assert [p.object for p in kept.check().problems] == ["config"]
+
+
+class _Trickle(io.RawIOBase):
+    """A raw writer that takes at most ``step`` bytes a call (a socket, a pipe), or fails as told."""
+
+    def __init__(self, step: int = 1000, fail: BaseException | None = None, none: bool = False):
+        self.data = bytearray()
+        self.step, self.fail, self.none = step, fail, none
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b):
+        if self.fail is not None and len(self.data) >= 3000:
+            raise self.fail
+        if self.none:
+            return None
+        n = min(len(b), self.step)
+        self.data += bytes(b[:n])
+        return n
+
+
+def test_dump_writes_everything_into_a_writer_that_takes_part_of_each_write(tmp_path, tree, new_repo):
+    repo = new_repo()
+    snap = repo.backup([str(tree)]).snapshot
+    out = _Trickle()
+    assert repo.dump(snap, "a", out) == []
+    assert bytes(out.data) == (tree / "a").read_bytes()
+    for archive in ("tar", "zip"):
+        out = _Trickle(step=777)
+        repo.dump(snap, "/", out, archive=archive)
+        assert len(out.data) > 200_000
+    for fail, error in [(BrokenPipeError(), OutputClosed), (OSError(errno.ENOSPC, "full"), StorageFull),
+                        (OSError(errno.EIO, "io"), TargetUnwritable)]:
+        with pytest.raises(error):
+            repo.dump(snap, "a", _Trickle(fail=fail))
+    with pytest.raises(TargetUnwritable):
+        repo.dump(snap, "a", _Trickle(none=True))
+    with pytest.raises(UsageError, match="binary"):
+        repo.dump(snap, "a", io.StringIO())
+    closed = io.BytesIO()
+    closed.close()
+    with pytest.raises(UsageError, match="closed"):
+        repo.dump(snap, "a", closed)
+
+
+class _ReadOnly:
+    """A source with read() alone, giving short reads."""
+
+    def __init__(self, data: bytes, text: bool = False):
+        self.data, self.text = data, text
+
+    def read(self, n: int = -1):
+        part, self.data = self.data[:min(n, 5000)], self.data[min(n, 5000):]
+        return part.decode("latin-1") if self.text else part
+
+
+def test_backup_stream_takes_any_binary_reader_and_refuses_others_before_storing(tmp_path, new_repo):
+    repo = new_repo(str(tmp_path / "repo"))
+    payload = os.urandom(300_000)
+    snap = repo.backup_stream(_ReadOnly(payload), b"dump.sql").snapshot
+    with repo.open_file(snap, "dump.sql") as f:
+        assert f.read() == payload
+    packs = sorted((tmp_path / "repo" / "data").rglob("*"))
+    for source, name, match in [(io.StringIO("text"), "x", "binary mode"), (iter([b"a"]), "x", "binary stream"),
+                                (None, "x", "binary stream"), (io.BytesIO(b"x"), 5, "stream's name"),
+                                (io.BytesIO(b"x"), "../up", "relative path")]:
+        with pytest.raises(UsageError, match=match):
+            repo.backup_stream(source, name)
+    closed = io.BytesIO(b"x")
+    closed.close()
+    with pytest.raises(UsageError, match="closed"):
+        repo.backup_stream(closed, "x")
+    with pytest.raises(UsageError, match="returned str"):
+        repo.backup_stream(_ReadOnly(b"abc" * 1000, text=True), "x")
+    nonblocking = io.BufferedReader(io.BytesIO(b""))
+    nonblocking.readinto = lambda b: None
+    with pytest.raises(UsageError, match="blocking"):
+        repo.backup_stream(nonblocking, "x")
+    assert sorted((tmp_path / "repo" / "data").rglob("*")) == packs and len(repo.snapshots()) == 1
+
+
+def test_arguments_in_the_forms_a_caller_has_at_hand(tmp_path, tree, new_repo):
+    repo = new_repo()
+    first = repo.backup([str(tree)], exclude_larger_than="1M", fixed_chunk_size="1M", fixed_chunks=["a"]).snapshot
+    taken = datetime.datetime.fromisoformat(first.time).timestamp()
+    second = repo.backup([str(tree)], parent=first, time=taken + 1).snapshot
+    assert second.parent == first.id
+    assert repo.snapshot(first) == first
+    assert repo.snapshot("latest", until=taken + 0.5).id == first.id
+    assert repo.snapshot("latest", until=taken + 0.9).id == first.id
+    out = tmp_path / "out"
+    repo.restore(second, str(out), includes=b"b")
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["b"]
+    assert [f.path for f in repo.find([b"b"])] == [b"b"]
+    repo.prune(max_unused="5%")
+    for call in [lambda: repo.snapshot("latest", until=datetime.date.today()),
+                 lambda: repo.snapshot("latest", until=[1]),
+                 lambda: repo.prune(max_unused=-1), lambda: repo.prune(max_unused="lots"),
+                 lambda: repo.backup([str(tree)], fixed_chunk_size="huge"),
+                 lambda: list(repo.tree(first, 5)), lambda: repo.reading(wait="x").__enter__(),
+                 lambda: repo.forget([first], wait=-1), lambda: repo.restore(first, str(tmp_path / "o"), includes=[5])]:
+        with pytest.raises(UsageError):
+            call()
+    plan = repo.forget([second])
+    assert plan.remove == [second.id] and [s.id for s in repo.snapshots()] == [first.id]
+    repo.forget(first)
+    assert repo.snapshots() == []
