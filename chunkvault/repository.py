@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import io
 import os
@@ -15,9 +16,9 @@ import warnings
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
-from .errors import (AmbiguousSnapshot, CorruptObject, OutputClosed, PermissionDenied, RollbackDetected,
-                     SnapshotNotFound, StorageFull, TargetNotEmpty, TargetUnwritable, UsageError, VerificationFailed,
-                     output_error)
+from .errors import (AmbiguousSnapshot, CorruptObject, MissingObject, OutputClosed, PermissionDenied,
+                     RollbackDetected, SnapshotNotFound, StorageFull, TargetNotEmpty, TargetUnwritable, UsageError,
+                     VerificationFailed, output_error)
 from .ledger import Ledger, RepositoryStateWarning, present_of
 from .connection import connect, key_ahead_path
 from .units import parse_share, parse_size
@@ -702,7 +703,7 @@ class Repository:
         return self._content(e)
 
     def _content(self, e: Entry) -> BinaryIO:
-        return io.BufferedReader(_ChunkStream(self._repo, e.chunk_ids()), buffer_size=1 << 20)
+        return io.BufferedReader(_ChunkStream(self._repo, e.chunk_ids(), os.fsdecode(e.path)), buffer_size=1 << 20)
 
     def dump(self, snapshot: str | Snapshot, path: str | bytes, out: BinaryIO, *, archive: str = "tar") -> list[str]:
         """Write ``path`` of the snapshot to ``out``: a file's content, or a directory's subtree (``/``: the
@@ -1108,25 +1109,70 @@ class _WholeWrites:
 
 
 class _ChunkStream(io.RawIOBase):
-    def __init__(self, repo: Repo, ids: list[bytes]):
+    """A file's content, fetched a chunk at a time; seekable (the index knows each chunk's length), so a
+    caller can read any part of a large file without the parts before it."""
+
+    def __init__(self, repo: Repo, ids: list[bytes], name: str = ""):
         self.repo = repo
         self.ids = ids
-        self.i = 0
+        self.name = name
+        self.i = 0  # the next chunk to fetch
+        self.skip = 0  # bytes of it before the position (after a seek)
+        self.pos = 0
         self.buf = memoryview(b"")
+        self._starts: list[int] | None = None
 
     def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
         return True
 
     def readinto(self, b: Any) -> int:
         while not self.buf:
             if self.i >= len(self.ids):
                 return 0
-            self.buf = memoryview(self.repo.read_blob(self.ids[self.i]))
+            self.buf = memoryview(self.repo.read_blob(self.ids[self.i]))[self.skip:]
             self.i += 1
+            self.skip = 0
         n = min(len(b), len(self.buf))
         b[:n] = self.buf[:n]
         self.buf = self.buf[n:]
+        self.pos += n
         return n
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            target = offset
+        elif whence == io.SEEK_CUR:
+            target = self.pos + offset
+        elif whence == io.SEEK_END:
+            target = self.starts()[-1] + offset
+        else:
+            raise ValueError(f"invalid whence ({whence})")
+        if target < 0:
+            raise ValueError(f"negative seek position {target}")
+        starts = self.starts()
+        self.i = min(bisect.bisect_right(starts, target) - 1, len(self.ids))
+        self.skip = target - starts[self.i] if self.i < len(self.ids) else 0
+        self.buf = memoryview(b"")
+        self.pos = target
+        return target
+
+    def starts(self) -> list[int]:
+        """Where each chunk starts, and the end: from the index's plaintext lengths."""
+        if self._starts is None:
+            starts = [0]
+            for blob_id in self.ids:
+                loc = self.repo.locate(blob_id)
+                if loc is None:
+                    raise MissingObject(f"blob {blob_id.hex()}", "not in the index")
+                starts.append(starts[-1] + loc.raw_length)
+            self._starts = starts
+        return self._starts
 
 
 def diff_trees(old: Iterator[Record], new: Iterator[Record]) -> Iterator[tuple[str, Entry | None, Entry | None]]:

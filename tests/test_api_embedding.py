@@ -189,3 +189,29 @@ def test_arguments_in_the_forms_a_caller_has_at_hand(tmp_path, tree, new_repo):
     assert plan.remove == [second.id] and [s.id for s in repo.snapshots()] == [first.id]
     repo.forget(first)
     assert repo.snapshots() == []
+
+
+def test_open_file_seeks_to_any_offset(tmp_path, new_repo):
+    import random
+
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(3 << 20)
+    (src / "big").write_bytes(data)
+    repo = new_repo()
+    snap = repo.backup([str(src)]).snapshot
+    rnd = random.Random(5)
+    with repo.open_file(snap, "big") as f:
+        assert f.seekable() and f.name == "big" and f.tell() == 0
+        assert f.read(10) == data[:10] and f.tell() == 10
+        for _ in range(40):
+            where = rnd.randrange(len(data) + 10)
+            n = rnd.randrange(1, 300_000)
+            assert f.seek(where) == where
+            got = f.read(n)
+            assert got == data[where:where + n] and f.tell() == where + len(got)
+        assert f.seek(-100, io.SEEK_END) == len(data) - 100 and f.read() == data[-100:]
+        f.seek(1000)
+        assert f.seek(500, io.SEEK_CUR) == 1500 and f.read(7) == data[1500:1507]
+        with pytest.raises((ValueError, OSError)):
+            f.seek(-1)
