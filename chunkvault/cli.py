@@ -1040,27 +1040,7 @@ def cmd_key(args: argparse.Namespace) -> int:
     elif args.key_cmd == "passwd":
         old = repo.store.key_name
         name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
-        try:
-            repo.store.remove_key(old, own=True, wait=args.wait)
-        except ChunkvaultError as exc:  # e.g. an append-only token: the new key is taken back if it can be
-            try:
-                repo.store.remote.delete(f"keys/{name}")
-                left = ("the password is unchanged" if repo.store.remote.exists(f"keys/{old}") else
-                        f"key {name[:12]} taken back; the old password no longer opens the repository (another "
-                        "command replaced its key): use the password that command set")
-            except ChunkvaultError:
-                left = f"both passwords open the repository now (key {name[:12]} added): `key remove` one"
-            raise (exc.explained(f"; {left}") if isinstance(exc, CorruptObject) else type(exc)(f"{exc}; {left}")) from None
-        except BaseException:  # stopped, most likely while it waited for the lock: nothing is taken back
-            try:
-                old_there: bool | None = repo.store.remote.exists(f"keys/{old}")
-            except BaseException:
-                old_there = None
-            warn(f"stopped with key {name[:12]} added: " + (
-                "both passwords open the repository (`key remove` one)" if old_there else
-                "the old key was removed: only the new password opens the repository" if old_there is False else
-                "the old password may no longer open the repository (`key list` says which keys are left)"))
-            raise
+        repo.retire_key(old, name, wait=args.wait)
         _report_key(args, {"id": name, "removed": old}, f"password changed (key {old[:12]} replaced by {name[:12]})")
     return 0
 

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from chunkvault import Repository
-from chunkvault.errors import (CorruptObject, OutputClosed, StorageFull, TargetUnwritable, UsageError)
+from chunkvault.errors import CorruptObject, OutputClosed, StorageFull, TargetUnwritable, UsageError, WrongPassword
 from conftest import PASSWORD
 from treeutil import describe
 
@@ -215,3 +215,13 @@ def test_open_file_seeks_to_any_offset(tmp_path, new_repo):
         assert f.seek(500, io.SEEK_CUR) == 1500 and f.read(7) == data[1500:1507]
         with pytest.raises((ValueError, OSError)):
             f.seek(-1)
+
+
+def test_change_password_replaces_the_opening_key(tmp_path, new_repo):
+    path = str(tmp_path / "repo")
+    repo = new_repo(path)
+    new, old = repo.change_password("another one", kdf_seconds=0)
+    assert [k["id"] for k in repo.keys()] == [new] and new != old
+    Repository.open(path, "another one").close()
+    with pytest.raises(WrongPassword):
+        Repository.open(path, PASSWORD)
