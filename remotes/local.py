@@ -14,7 +14,7 @@ import errno
 import os
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 from chunkvault.errors import (
@@ -36,6 +36,7 @@ RESERVE_SIZE = 1 << 20
 LOCK_PREFIX = "locks/"  # the one kind of key a full disk must still take
 _O_DIRECT = getattr(os, "O_DIRECT", 0) if sys.platform.startswith("linux") else 0
 DIRECT_IO_MIN = 1 << 20
+STREAM_PIECE = 1 << 20  # put_stream asks its source for at most this much at a time
 # O_DIRECT wants buffer address, length and file offset aligned to the device's logical block (512 or 4096).
 _DIRECT_ALIGN = 4096
 
@@ -139,6 +140,7 @@ class LocalRemote(Remote):
         self.fsync = fsync
         self.direct_io = direct_io and bool(_O_DIRECT)
         self._known_dirs: set[str] = set()
+        self._writing: set[str] = set()  # temp files being written now: never removed as abandoned
         self._reserve_kept = False  # this process saw the reserve in place, or made it
 
     @classmethod
@@ -213,39 +215,88 @@ class LocalRemote(Remote):
                 pass
 
     def _put(self, key: str, data: bytes, if_absent: bool) -> None:
+        view = memoryview(data).cast("B")
+
+        def write(fd: int) -> bool:
+            if self.direct_io and len(view) >= DIRECT_IO_MIN:
+                _write_direct(fd, view)
+            else:
+                _write_all(fd, view)
+            return True
+
+        self._write_object(key, write, if_absent)
+
+    def put_stream(self, key: str, read: Callable[[int], bytes], length: int, *, if_absent: bool = False) -> bool:
+        """Store the ``length`` bytes ``read(n)`` hands over a piece at a time (an upload as it arrives), holding
+        none of them: they go into the temp file as they come, which is renamed into place only once all are
+        in.  False, with nothing stored, when ``read`` gives b"" before the end (the sender stopped short)."""
+
+        def write(fd: int) -> bool:
+            left = length
+            while left:
+                piece = read(min(left, STREAM_PIECE))
+                if not piece:
+                    return False
+                _write_all(fd, memoryview(piece))
+                left -= len(piece)
+            return True
+
+        return self._write_object(key, write, if_absent)
+
+    def _write_object(self, key: str, write: Callable[[int], bool], if_absent: bool) -> bool:
+        """Temp file, ``write`` into it, fsync, rename (or link, for ``if_absent``), directory fsync; False when
+        ``write`` says the data was incomplete (the temp file is removed, nothing is stored)."""
         final = self._path(key)
         d = os.path.dirname(final)
-        tmp = os.path.join(d, TEMP_PREFIX + os.urandom(8).hex())
+        tmp: str | None = None
         try:
-            self._ensure_dir(d)
-            view = memoryview(data).cast("B")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            tmp, fd = self._create_temp(d)
             try:
-                if self.direct_io and len(view) >= DIRECT_IO_MIN:
-                    _write_direct(fd, view)
-                else:
-                    _write_all(fd, view)
-                if self.fsync:
+                complete = write(fd)
+                if complete and self.fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            if not complete:
+                return False
             if if_absent:
                 try:
                     os.link(tmp, final)
                 except FileExistsError:
                     raise ObjectExists(key) from None
-                finally:
-                    os.unlink(tmp)
             else:
                 os.replace(tmp, final)
+                self._writing.discard(tmp)
+                tmp = None
             if self.fsync:
                 _fsync_dir(d)
+            return True
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise _os_error(exc, f"writing {key}") from None
+        finally:
+            if tmp is not None:
+                self._writing.discard(tmp)
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+    def _create_temp(self, d: str) -> tuple[str, int]:
+        """A new temp file in directory ``d`` (made when missing), open for writing.  A directory this process
+        made before and that is gone (the tree emptied under a running service) is made again, once."""
+        tmp = os.path.join(d, TEMP_PREFIX + os.urandom(8).hex())
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        self._ensure_dir(d)
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:
+            if d not in self._known_dirs:
+                raise
+            self._known_dirs.discard(d)
+            self._ensure_dir(d)
+            fd = os.open(tmp, flags, 0o600)
+        self._writing.add(tmp)
+        return tmp, fd
 
     def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
         # One C call, not a file object: restores and differentials make tens of thousands of ranged reads;
@@ -303,6 +354,8 @@ class LocalRemote(Remote):
         cutoff = time.time() - older_than
         removed = 0
         for path in list(self.temp_files()):
+            if path in self._writing:
+                continue
             try:
                 if os.lstat(path).st_mtime < cutoff:
                     os.unlink(path)

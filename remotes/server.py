@@ -6,11 +6,16 @@ an object behind.  The protocol is described in ``remotes.http``.  Tokens carry
 a mode: ``read-only`` (get, stat, list), ``append-only`` (also create objects;
 overwrite and delete only under ``locks/``) or ``full``; ``--append-only`` caps
 every token at append-only, so a compromised client cannot destroy backups.
+Connections are capped in total and per client address, a request's head has
+a deadline and idle connections are closed, uploads stream into their temp
+file: a client that misbehaves holds neither threads nor memory for long.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import hmac
+import io
 import ipaddress
 import json
 import os
@@ -22,6 +27,7 @@ import ssl
 import stat
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
@@ -49,10 +55,29 @@ LOCKS_PREFIX = "locks/"
 DRAIN_LIMIT = 64 * MiB
 COPY_CHUNK = 1 * MiB
 BODY_PIECE = 1 * MiB  # an upload's buffer grows by at most this much per read (see _read_body)
-IDLE_TIMEOUT = 120.0
+# Bodies up to this size are taken into memory (a lock, which a full disk must still take from the space kept
+# back for it); larger ones go straight into the temp file they are stored through.
+SMALL_BODY = 64 << 10
+READ_TIMEOUT = 120.0  # each read of a request's body, and each write of an answer
 LINGER_TIMEOUT = 2.0
-CONFIG_KEYS = ("enabled", "listen", "path", "tokens", "append_only", "tls_cert", "tls_key", "max_object_size", "quiet")
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 64
+DEFAULT_HEADER_TIMEOUT = 30.0
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_CLEANUP_INTERVAL = 3600.0
+UNFINISHED_AGE = 3600.0  # a temp file this old is an abandoned upload (reads time out after READ_TIMEOUT)
+ACCEPT_BACKOFF = 0.5  # out of file descriptors: wait this long before accepting again
+REPEAT_LOG_EVERY = 60.0  # a refusal or an accept failure is logged at most this often
+DEFAULT_PACK_SIZE = 16 * MiB  # what a repository's packs grow to unless it was made with another size
+PACK_ROOM = DEFAULT_PACK_SIZE + 3 * MiB  # such a pack, one more chunk (2 MiB at most by default) and its header
+CONFIG_KEYS = ("enabled", "listen", "path", "tokens", "append_only", "tls_cert", "tls_key", "max_object_size", "quiet",
+               "max_connections", "max_connections_per_client", "header_timeout", "idle_timeout", "cleanup_interval")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+# The objects a repository is made of (store/FORMAT.md): anything else is refused, so that no client can put a
+# file where the layout needs a directory ("data/ab" in the way of every pack under data/ab/).
+_LAYOUT_KEY = re.compile(r"^(config|(keys|locks|index|snapshots)/[^/]+|data/[0-9a-f]{2}/[^/]+)$")
+# A Host header's host (name, IPv4, [IPv6]) and port, for the URL a plain HTTP client is pointed to.
+_HOST_HEADER = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))(:[0-9]{1,5})?$")
 
 
 # --- settings -------------------------------------------------------------------------
@@ -70,6 +95,11 @@ class Settings:
     max_object_size: int = DEFAULT_MAX_OBJECT_SIZE
     quiet: bool = False
     tokens_file: str | None = None  # read again on SIGHUP (a token revoked), as the TLS files are
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -161,6 +191,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate chain (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     p.add_argument("--max-object-size", metavar="SIZE", help="largest object accepted (default 256M; suffixes k, M, G)")
+    p.add_argument("--max-connections", metavar="N",
+                   help=f"connections served at once; more are refused (default {DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--max-connections-per-client", metavar="N",
+                   help=f"connections from one address at once (default {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})")
+    p.add_argument("--header-timeout", metavar="SECONDS",
+                   help=f"time a client has to send a request's line and headers (default {DEFAULT_HEADER_TIMEOUT:g})")
+    p.add_argument("--idle-timeout", metavar="SECONDS",
+                   help=f"an idle connection is closed after this long (default {DEFAULT_IDLE_TIMEOUT:g})")
+    p.add_argument("--cleanup-interval", metavar="SECONDS",
+                   help="how often uploads abandoned for an hour (a crash's temp files) are removed "
+                        f"(default {DEFAULT_CLEANUP_INTERVAL:g})")
     p.add_argument("--config", metavar="FILE", help="TOML file with these settings; flags override it")
     p.add_argument("--quiet", action="store_true", default=None, help="no per-request log lines")
     return p
@@ -225,7 +266,26 @@ def parse_settings(argv: list[str]) -> Settings | None:
         max_object_size=_max_object_size(pick("max_object_size", DEFAULT_MAX_OBJECT_SIZE)),
         quiet=bool(pick("quiet", False)),
         tokens_file=tokens_file,
+        max_connections=int(_number("max_connections", pick("max_connections", DEFAULT_MAX_CONNECTIONS), 1, int)),
+        max_connections_per_client=int(_number("max_connections_per_client", pick(
+            "max_connections_per_client", DEFAULT_MAX_CONNECTIONS_PER_CLIENT), 1, int)),
+        header_timeout=_number("header_timeout", pick("header_timeout", DEFAULT_HEADER_TIMEOUT), 0.1),
+        idle_timeout=_number("idle_timeout", pick("idle_timeout", DEFAULT_IDLE_TIMEOUT), 0.1),
+        cleanup_interval=_number("cleanup_interval", pick("cleanup_interval", DEFAULT_CLEANUP_INTERVAL), 0.1),
     )
+
+
+def _number(name: str, value: Any, minimum: float, kind: type = float) -> float:
+    """A numeric setting from a flag (text) or the config file (a TOML number), with one clear error line."""
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+            raise ValueError
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {value!r}") from None
+    if not minimum <= number <= 1e9:  # NaN and infinity too
+        raise UsageError(f"{name} must be at least {minimum:g} (and at most 1e9), not {value!r}")
+    return number
 
 
 MIN_OBJECT_SIZE = 1 << 20  # a key file, a lock, a snapshot must fit: below, every command would fail
@@ -321,10 +381,19 @@ def _key_from_path(raw: str) -> str:
         raise BadRequest(f"invalid object key {key!r}") from None
 
 
+def _printable(text: str) -> str:
+    """``text`` with what a terminal would act on (control characters, escapes, bidirectional overrides)
+    written as escapes: request lines and keys come from anyone who can connect."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class BackupServer(ThreadingHTTPServer):
-    """One repository directory behind HTTP(S); a thread per connection."""
+    """One repository directory behind HTTP(S); a thread per connection, up to the connection limits."""
 
     daemon_threads = True
+    request_queue_size = socket.SOMAXCONN  # the default 5 made a burst of connections wait for SYN retransmits
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -334,6 +403,11 @@ class BackupServer(ThreadingHTTPServer):
         self._log_lock = threading.Lock()
         self._active = 0
         self._idle = threading.Condition()
+        self._connections_lock = threading.Lock()
+        self._connections = 0
+        self._per_client: dict[str, int] = {}
+        self._last_said: dict[str, float] = {}  # what is logged at most every REPEAT_LOG_EVERY: when it last was
+        self._unsaid: dict[str, int] = {}  # and how often it happened since
         super().__init__((settings.host, settings.port), Handler)
 
     def server_bind(self) -> None:
@@ -347,7 +421,16 @@ class BackupServer(ThreadingHTTPServer):
         return f"{'https' if self.tls else 'http'}://{host}:{self.server_port}"
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = super().get_request()
+        try:
+            sock, addr = super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # The connection stays queued and the listening socket readable: accepting again at once
+                # spun the serving thread at full speed, saying nothing.
+                self.log_now_and_then("accept", f"cannot accept connections: {exc.strerror}; pausing "
+                                      f"(raise the open files limit, or lower max_connections)")
+                time.sleep(ACCEPT_BACKOFF)
+            raise
         # Headers and body go out in separate writes: without this, Nagle's
         # algorithm and delayed ACKs add ~40 ms to every answer with a body.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -355,6 +438,57 @@ class BackupServer(ThreadingHTTPServer):
             # The handshake happens in the connection's own thread (Handler.setup), not here.
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Take a connection the limits leave room for (counted until its thread ends); refuse one they do
+        not, at once and cheaply: threads held by idle or slow clients were the service's only limit."""
+        client = client_address[0]
+        with self._connections_lock:
+            if self._connections >= self.settings.max_connections:
+                why = f"{self.settings.max_connections} connections at once (max_connections)"
+            elif self._per_client.get(client, 0) >= self.settings.max_connections_per_client:
+                why = f"{self.settings.max_connections_per_client} connections from one address " \
+                      "(max_connections_per_client)"
+            else:
+                self._connections += 1
+                self._per_client[client] = self._per_client.get(client, 0) + 1
+                return True
+        self._refuse(request, why)
+        self.log_now_and_then("refused", f"{client} connection refused: the service serves at most {why}")
+        return False
+
+    def _refuse(self, request: Any, why: str) -> None:
+        """One 503 answer where it fits into the socket's buffer at once (over TLS, none: the handshake is not
+        made for it); the caller closes the connection."""
+        if isinstance(request, ssl.SSLSocket):
+            return
+        body = json.dumps({"error": f"too many connections: the service serves at most {why}; try again"}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+                f"\r\n{LIMIT_HEADER}: {self.settings.max_object_size}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n")
+        try:
+            request.send(head.encode() + body, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(client_address[0])  # no thread started, so none will release it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(client_address[0])
+
+    def _release(self, client: str) -> None:
+        with self._connections_lock:
+            self._connections -= 1
+            left = self._per_client.pop(client, 1) - 1
+            if left:
+                self._per_client[client] = left
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
@@ -387,20 +521,42 @@ class BackupServer(ThreadingHTTPServer):
                  always=True)
 
     def remove_unfinished_uploads(self) -> None:
-        """Temp files a crash of this server left behind (an hour old, so never a live upload)."""
+        """Temp files a crash of this server left behind, or an upload stopped in a way that left one (an hour
+        old: a live upload writes at least every READ_TIMEOUT, and the ones being written are skipped)."""
         try:
-            removed = self.remote.cleanup_temp()
+            removed = self.remote.cleanup_temp(UNFINISHED_AGE)
         except RemoteError as exc:
             self.log(f"cannot remove unfinished uploads: {exc}", always=True)
             return
         if removed:
             self.log(f"removed {removed} unfinished upload(s)", always=True)
 
+    def clean_up_now_and_then(self, stop: threading.Event) -> None:
+        """Remove abandoned uploads at start and every ``cleanup_interval`` seconds after, until ``stop``:
+        once at start left those of a crash until the next restart."""
+        while True:
+            self.remove_unfinished_uploads()
+            if stop.wait(self.settings.cleanup_interval):
+                return
+
     def log(self, line: str, *, always: bool = False) -> None:
         if always or not self.settings.quiet:
+            line = _printable(line)
             with self._log_lock:
                 sys.stderr.write(f"{PROG}: {line}\n")
                 sys.stderr.flush()
+
+    def log_now_and_then(self, what: str, line: str) -> None:
+        """Log ``line`` unless a line of this ``what`` went out less than REPEAT_LOG_EVERY ago (then count it):
+        a flood of refused connections must not flood the log too."""
+        now = time.monotonic()
+        with self._connections_lock:
+            if now - self._last_said.get(what, -REPEAT_LOG_EVERY) < REPEAT_LOG_EVERY:
+                self._unsaid[what] = self._unsaid.get(what, 0) + 1
+                return
+            self._last_said[what] = now
+            unsaid = self._unsaid.pop(what, 0)
+        self.log(line + (f" ({unsaid} more like it since the last such line)" if unsaid else ""), always=True)
 
     def request_started(self) -> None:
         with self._idle:
@@ -417,18 +573,96 @@ class BackupServer(ThreadingHTTPServer):
             return self._idle.wait_for(lambda: self._active == 0, timeout)
 
 
+class _DeadlineReader(socket.SocketIO):
+    """A connection's reads, each allowed only the time left to its handler's deadline (``Handler._timeout``):
+    a timeout per read alone let a client that sends a byte a second hold its connection for ever."""
+
+    def __init__(self, sock: socket.socket, handler: "Handler"):
+        super().__init__(sock, "rb")
+        self._handler = handler
+
+    def readinto(self, b: Any) -> int | None:
+        self._handler._arm_timeout()
+        n = super().readinto(b)
+        if n:
+            self._handler._received()
+        return n
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "chunkvault-serve"
     sys_version = ""
-    timeout = IDLE_TIMEOUT
+    timeout = READ_TIMEOUT
     server: BackupServer
+    # What the connection waits for: "idle" (a request's first byte, idle_timeout), "head" (the rest of its
+    # line and headers, header_timeout from the first byte), "body" (each read READ_TIMEOUT), "linger".
+    _phase = "head"
+    _deadline: float | None = None
+    _timeout_set: float | None = None
+    _expecting = False  # the client waits for "100 Continue" before it sends the body
 
     def setup(self) -> None:
         super().setup()
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
         if isinstance(self.connection, ssl.SSLSocket):
+            # The handshake (and a plain request's head) get the time a request's head gets: CPython bounds
+            # the whole handshake, not each read in it, by the socket's timeout.
+            self._deadline = time.monotonic() + self.server.settings.header_timeout
+            self._arm_timeout()
             self._refuse_plain_http()
             self.connection.do_handshake()
+
+    def _arm_timeout(self) -> None:
+        """Before each read: the socket's timeout is what is left to the deadline, or READ_TIMEOUT."""
+        timeout = READ_TIMEOUT
+        if self._deadline is not None:
+            timeout = self._deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeoutError("deadline passed")
+        if timeout != self._timeout_set:
+            self.connection.settimeout(timeout)
+            self._timeout_set = timeout
+
+    def _received(self) -> None:
+        """Bytes arrived: an idle connection's request has begun, and its head now has header_timeout."""
+        if self._phase == "idle":
+            self._phase = "head"
+            self._deadline = time.monotonic() + self.server.settings.header_timeout
+
+    def handle_one_request(self) -> None:
+        self._phase, self._expecting = "idle", False
+        self._deadline = time.monotonic() + self.server.settings.idle_timeout
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self._phase, self._deadline = "body", None  # the head is in; the body's reads get READ_TIMEOUT each
+        self._arm_timeout()  # and so do the answer's writes
+        return parsed
+
+    def handle_expect_100(self) -> bool:
+        """Say "100 Continue" only once the token, the key and the length passed (``_continue``), so that a
+        refused upload is not sent at all."""
+        self._expecting = True
+        return True
+
+    def _continue(self) -> None:
+        if self._expecting:
+            self._expecting = False
+            self.send_response_only(100)
+            self.end_headers()
+
+    def log_error(self, format: str, *args: Any) -> None:
+        if format.startswith("Request timed out"):
+            if self._phase == "idle":
+                return  # an idle connection closed: nothing went wrong
+            if self._phase == "head":
+                self.server.log(f"{self.client_address[0]} connection closed: the request's line and headers did "
+                                f"not arrive within {self.server.settings.header_timeout:g} s (header_timeout)")
+                return
+        super().log_error(format, *args)
 
     def _refuse_plain_http(self) -> None:
         """A client that speaks plain HTTP to the HTTPS port gets one plain answer saying so (as nginx does),
@@ -436,12 +670,41 @@ class Handler(BaseHTTPRequestHandler):
         first = socket.socket.recv(self.connection, 1, socket.MSG_PEEK)  # the TCP bytes, under the TLS layer
         if not first or first == b"\x16":  # a TLS handshake record
             return
-        said = f"this backup service speaks HTTPS: its URL is {self.server.url}/"
+        said = f"this backup service speaks HTTPS: its URL is {self._https_url(self._plain_head())}"
         body = json.dumps({"error": said}).encode()  # the reason phrase says it too, for a HEAD request
         head = (f"HTTP/1.1 400 {said}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n").encode()
         socket.socket.sendall(self.connection, head + body)
         raise PlainHTTPOnTLS()
+
+    def _plain_head(self) -> bytes:
+        """The head of the plain HTTP request on the HTTPS port, as far as it arrives in time (at most 8 KiB)."""
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head and len(head) < 8192:
+                self._arm_timeout()
+                piece = socket.socket.recv(self.connection, 8192 - len(head))
+                if not piece:
+                    break
+                head += piece
+        except OSError:
+            pass
+        return head
+
+    def _https_url(self, head: bytes) -> str:
+        """The service's https:// URL under the name the client used (its Host header, when that is a host
+        name or address with an optional port), else under the address it connected to."""
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"host":
+                host = value.strip().decode("latin-1")
+                match = _HOST_HEADER.match(host)
+                if match:
+                    return f"https://{host if match.group(3) else f'{host}:{self.server.server_port}'}/"
+                break
+        address = self.connection.getsockname()[0]
+        address = f"[{address}]" if ":" in address else address
+        return f"https://{address}:{self.server.server_port}/"
 
     # -- plumbing -----------------------------------------------------------
 
@@ -476,14 +739,18 @@ class Handler(BaseHTTPRequestHandler):
         self._log(status, received or (len(body) if self.command != "HEAD" else 0))
 
     def _fail(self, status: int, reason: str, *, headers: dict[str, str] | None = None, close: bool = False) -> None:
-        """An error answer; a body we will not use is dropped (or the connection closed)."""
+        """An error answer; a body we will not use is dropped (or the connection closed).  A client waiting
+        for "100 Continue" has not sent its body: the connection is closed, in case it sends it after all."""
         unread = self._unread
+        if self._expecting:
+            self._expecting, unread, self._unread = False, 0, 0
+            close = True
         close = close or unread > DRAIN_LIMIT
         body = json.dumps({"error": reason}).encode() + b"\n"
         self._reply(status, body, headers={"Content-Type": "application/json", **(headers or {})}, close=close)
         if unread:
             if close:  # linger briefly, so a client still sending can read the answer
-                self.connection.settimeout(LINGER_TIMEOUT)
+                self._phase, self._deadline = "linger", time.monotonic() + LINGER_TIMEOUT
             self._discard(min(unread, DRAIN_LIMIT))
 
     def _discard(self, n: int) -> None:
@@ -551,6 +818,9 @@ class Handler(BaseHTTPRequestHandler):
             reason = str(exc) if isinstance(exc, BadRequest) else "object key is not valid UTF-8"
             return self._fail(400, reason)
         self._what = key
+        if self.command == "PUT" and not _LAYOUT_KEY.match(key):
+            return self._fail(400, f"{key} is not an object of a repository (config, keys/NAME, locks/NAME, "
+                                   "index/NAME, snapshots/NAME, data/XX/NAME with XX two hex digits)")
         if self.command in ("GET", "HEAD"):
             return self._get(key)
         if self.command == "PUT":
@@ -594,7 +864,7 @@ class Handler(BaseHTTPRequestHandler):
                 validate_key(after)
         except UsageError as exc:
             return self._fail(400, str(exc))
-        if not limit_text.isdigit() or int(limit_text) < 1:
+        if not (limit_text.isascii() and limit_text.isdigit()) or int(limit_text) < 1:  # "²" is a digit too
             return self._fail(400, "limit must be a positive number")
         self._what = f"list prefix={prefix!r}"
         try:
@@ -664,6 +934,8 @@ class Handler(BaseHTTPRequestHandler):
         self._log(status, sent)
 
     def _put(self, key: str, mode: str) -> None:
+        """Everything that can refuse the upload is checked before its body is asked for ("100 Continue")
+        or read."""
         if self.headers.get("Content-Length") is None:
             return self._fail(411, "PUT needs a Content-Length", close=True)
         if mode == "read-only":
@@ -672,26 +944,75 @@ class Handler(BaseHTTPRequestHandler):
         limit = self.server.settings.max_object_size
         if length > limit:
             return self._fail(413, f"object of {length} bytes is above the server's limit of {limit} bytes (--max-object-size)")
-        body = self._read_body(length)
-        if body is None:
-            self.close_connection = True
-            self.server.log(f"{self.client_address[0]} PUT {key}: upload cut short, nothing stored")
-            return None
+        collision = self._collision(key)
+        if collision:
+            return self._fail(409, collision)
         if_absent = self.headers.get("If-None-Match", "").strip() == "*"
         guarded = mode == "append-only" and not key.startswith(LOCKS_PREFIX)
+        if (if_absent or guarded) and os.path.lexists(self._object_path(key)):
+            return self._exists(key, if_absent)
+        self._continue()
         try:
-            self.server.remote.put(key, body, if_absent=if_absent or guarded)
+            stored = self._store(key, length, if_absent or guarded)
         except ObjectExists:
-            if if_absent:
-                return self._fail(412, f"object already exists: {key}")
-            return self._fail(403, f"append-only: existing object {key} may not be overwritten (only locks/ may)")
+            return self._exists(key, if_absent)
         except StorageFull as exc:
             return self._fail(507, str(exc))
         except PermissionDenied as exc:
             return self._fail(403, f"the server cannot write: {exc}")
         except RemoteError as exc:
-            return self._fail(500, str(exc))
+            collision = self._collision(key)  # made by another upload meanwhile
+            return self._fail(409, collision) if collision else self._fail(500, str(exc))
+        if not stored:
+            self.close_connection = True
+            self.server.log(f"{self.client_address[0]} PUT {key}: upload cut short, nothing stored")
+            return None
         self._reply(201, received=length)
+
+    def _store(self, key: str, length: int, if_absent: bool) -> bool:
+        """Store the body under ``key``; False when the client stopped short.  A large body goes straight into
+        the temp file it is stored through, never whole into memory: uploads at once from clients with
+        append-only tokens ran the server out of memory."""
+        if length > SMALL_BODY:
+            return self.server.remote.put_stream(key, self._receive, length, if_absent=if_absent)
+        body = self._read_body(length)
+        if body is None:
+            return False
+        self.server.remote.put(key, body, if_absent=if_absent)
+        return True
+
+    def _receive(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the body as they arrive; b"" when the client stopped or fell silent."""
+        try:
+            piece = self.rfile.read1(n)
+        except OSError:
+            piece = b""
+        if not piece:
+            self.close_connection = True
+        self._unread -= len(piece)
+        return piece
+
+    def _exists(self, key: str, if_absent: bool) -> None:
+        if if_absent:
+            return self._fail(412, f"object already exists: {key}")
+        return self._fail(403, f"append-only: existing object {key} may not be overwritten (only locks/ may)")
+
+    def _collision(self, key: str) -> str | None:
+        """Why ``key`` cannot be stored, when a file stands where its path needs a directory or a directory
+        where it needs a file: permanent, unlike a failing disk, so the client is told not to retry."""
+        parts = key.split("/")
+        for depth in range(1, len(parts) + 1):
+            try:
+                st = os.lstat(os.path.join(self.server.settings.path, *parts[:depth]))
+            except OSError:
+                return None
+            where = "/".join(parts[:depth])
+            if depth < len(parts) and not stat.S_ISDIR(st.st_mode):
+                return f"cannot store {key}: {where} is a file where the repository needs a directory " \
+                       "(the service's operator must remove it)"
+            if depth == len(parts) and stat.S_ISDIR(st.st_mode):
+                return f"cannot store {key}: a directory stands in its place (the service's operator must remove it)"
+        return None
 
     def _read_body(self, length: int) -> bytearray | None:
         """The body, or None when the client stops short.  The buffer grows with what arrives, a piece at a
@@ -736,6 +1057,31 @@ def _match(tokens: list[tuple[bytes, str]], offered: bytes) -> str | None:
 # --- main -----------------------------------------------------------------------------
 
 
+def _warnings(settings: Settings) -> list[str]:
+    """What the settings will cost the clients, said once at start.  Raises the open files limit (soft, up to
+    the hard one) to what the connection limits need, so that they, not the kernel, are what refuses."""
+    warnings = []
+    if settings.max_object_size < PACK_ROOM:
+        warnings.append(f"max_object_size of {settings.max_object_size} bytes is below the {DEFAULT_PACK_SIZE >> 20} "
+                        "MiB packs repositories make by default (plus a chunk): clients make smaller packs to fit "
+                        "it, and a chunk larger than it cannot be stored")
+    try:
+        import resource
+
+        needed = 2 * settings.max_connections + 64  # a socket and an upload's temp file each, and the rest
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            if raised < needed:
+                warnings.append(f"the open files limit ({raised}) is below the {needed} that max_connections "
+                                f"{settings.max_connections} needs: raise it (LimitNOFILE=, ulimit -n) or lower "
+                                "max_connections")
+    except (ImportError, ValueError, OSError):
+        pass
+    return warnings
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the service until SIGTERM or SIGINT (0 then; 2 for bad settings); SIGHUP reloads the tokens and
     the TLS certificate."""
@@ -756,9 +1102,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return UsageError.exit_code
-    except OSError as exc:
+    except OSError as exc:  # in use, a privileged port, an address not this machine's: the --listen given
         print(f"{PROG}: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return UsageError.exit_code
     stop = threading.Event()
     reload = threading.Event()
 
@@ -768,10 +1114,12 @@ def main(argv: list[str] | None = None) -> int:
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="serve",
                                   daemon=True)
         thread.start()
-        threading.Thread(target=server.remove_unfinished_uploads, name="cleanup", daemon=True).start()
+        threading.Thread(target=server.clean_up_now_and_then, args=(stop,), name="cleanup", daemon=True).start()
         if settings.tokens is None:
             server.log("warning: no --tokens: every local user and program can read, overwrite and delete "
                        "this repository", always=True)
+        for warning in _warnings(settings):
+            server.log(f"warning: {warning}", always=True)
         extra = ", append-only" if settings.append_only else ""
         server.log(f"listening on {server.url} (repository {settings.path}{extra})", always=True)
         try:

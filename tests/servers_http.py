@@ -92,13 +92,14 @@ class ServeProcess:
     """One ``chunkvault serve`` child process and its captured stderr."""
 
     def __init__(self, path: Path, flags: tuple[str, ...], *, port: int | None, add_listen: bool, add_path: bool,
-                 scheme: str = "http"):
+                 scheme: str = "http", preexec_fn: Callable[[], None] | None = None):
         self.path = path
         self.flags = flags
         self.port = port or 0
         self.scheme = scheme
         self.add_listen = add_listen
         self.add_path = add_path
+        self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen | None = None
         self.returncode: int | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="serve-", suffix=".log", delete=False)
@@ -124,7 +125,8 @@ class ServeProcess:
             argv += self.flags
             self._log.truncate(0)
             self._log.seek(0)
-            self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=_env())
+            self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=_env(),
+                                         preexec_fn=self.preexec_fn)
             deadline = time.monotonic() + startup_timeout
             while time.monotonic() < deadline and self.proc.poll() is None:
                 if listening(self.port) and "listening on" in self.log():  # bound, and said so
@@ -162,7 +164,7 @@ class ServeProcess:
 
 @pytest.fixture
 def serve_factory(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
-    """``start(*flags, path=None, port=None, add_listen=True, add_path=True, tls=False)``.
+    """``start(*flags, path=None, port=None, add_listen=True, add_path=True, tls=False, preexec_fn=None)``.
 
     ``path`` defaults to a fresh directory; stopped with SIGTERM at teardown,
     each server must exit 0.
@@ -170,12 +172,12 @@ def serve_factory(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     started: list[ServeProcess] = []
 
     def start(*flags: str, path: Path | None = None, port: int | None = None, add_listen: bool = True,
-              add_path: bool = True, tls: bool = False) -> ServeProcess:
+              add_path: bool = True, tls: bool = False, preexec_fn: Callable[[], None] | None = None) -> ServeProcess:
         if path is None:
             path = tmp_path / f"served{len(started)}" / "repo"
             path.mkdir(parents=True)
         server = ServeProcess(path, flags, port=port, add_listen=add_listen, add_path=add_path,
-                              scheme="https" if tls else "http")
+                              scheme="https" if tls else "http", preexec_fn=preexec_fn)
         started.append(server)
         return server.start()
 

@@ -567,3 +567,275 @@ def test_sighup_reloads_the_tokens_and_the_certificate_and_keeps_them_when_the_f
     with HTTPRemote.from_url(server.url, token=new_token, ca_file=str(new_cert)) as remote:
         assert remote.get(KEY) == b"before"
     assert server.running
+
+
+# --- limits: connections, request heads, uploads ---------------------------------------
+
+
+def wait_for(predicate, bound: float = 30.0) -> bool:
+    """Poll ``predicate`` until it holds or ``bound`` seconds pass (a generous bound, not a timing claim)."""
+    deadline = time.monotonic() + bound
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def closed_by_server(s: socket.socket, drip: bytes | None = None, bound: float = 30.0) -> bool:
+    """Whether the server closes ``s`` within ``bound`` seconds, while the client sends ``drip`` every 0.2 s."""
+    s.settimeout(0.2)
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        try:
+            if drip:
+                s.send(drip)
+            if s.recv(4096) == b"":
+                return True
+        except socket.timeout:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_a_request_head_sent_a_byte_at_a_time_and_an_idle_connection_are_closed(serve_factory, tmp_path):
+    """Each read had its own 120 s: a client sending a header byte a second held its connection (and
+    thread) for ever, and enough of them took every connection the process could have."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--header-timeout", "1", "--idle-timeout", "1")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as idle:
+        slow.sendall(b"GET /objects/config HTTP/1.1\r\n")
+        assert closed_by_server(slow, drip=b"X")
+        assert closed_by_server(idle)
+    assert wait_for(lambda: "did not arrive within 1 s" in server.log())
+    assert server.log().count("did not arrive within") == 1  # an idle connection closed is no news
+    assert raw_request(server.port, "GET", "/objects/config")[0] == 404  # and the service goes on
+
+
+def test_connections_beyond_the_limits_are_refused_and_others_served(serve_factory, tmp_path):
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--max-connections", "5",
+                           "--max-connections-per-client", "3")
+
+    def connect(source: str) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=(source, 0))
+
+    def refused(s: socket.socket) -> bool:
+        try:
+            s.sendall(b"GET /objects/config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + FULL_TOKEN.encode()
+                      + b"\r\n\r\n")
+            reply = s.recv(1000)
+        except OSError:
+            return True  # closed before the answer was read
+        return reply == b"" or reply.startswith(b"HTTP/1.1 503")
+
+    held = [connect("127.0.0.2") for _ in range(3)]
+    try:
+        for s in held:  # each answered: counted, and served
+            s.sendall(f"HEAD /objects/config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n\r\n".encode())
+            assert s.recv(1000).startswith(b"HTTP/1.1 404")
+        with connect("127.0.0.2") as fourth:
+            assert refused(fourth)  # one address's share
+        assert raw_request(server.port, "GET", "/objects/config")[0] == 404  # another address is served
+        held += [connect("127.0.0.3") for _ in range(2)]
+        for s in held[3:]:
+            s.sendall(f"HEAD /objects/config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n\r\n".encode())
+            assert s.recv(1000).startswith(b"HTTP/1.1 404")
+        with connect("127.0.0.1") as sixth:
+            assert refused(sixth)  # all of them
+        held.pop(0).close()
+        assert wait_for(lambda: raw_request(server.port, "GET", "/objects/config")[0] == 404)
+    finally:
+        for s in held:
+            s.close()
+    log = server.log()
+    assert "connection refused: the service serves at most 3 connections from one address" in log
+    assert log.count("connection refused") == 1  # said once a minute at most, the rest counted
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the server's CPU time from /proc")
+def test_running_out_of_file_descriptors_pauses_accepting_instead_of_spinning(serve_factory):
+    import resource
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    server = serve_factory(preexec_fn=few_files)
+    assert "the open files limit (48) is below" in server.log()
+
+    def cpu_seconds() -> float:
+        with open(f"/proc/{server.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    conns = []
+    try:
+        for _ in range(80):  # more than the server has descriptors for: the kernel queues the rest
+            conns.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        assert wait_for(lambda: "cannot accept connections" in server.log())
+        before = cpu_seconds()
+        time.sleep(2)
+        assert cpu_seconds() - before < 0.5  # accepting in a loop took a whole core
+    finally:
+        for c in conns:
+            c.close()
+    assert wait_for(lambda: raw_request(server.port, "GET", "/objects/config", token=None)[0] == 404)
+    assert server.log().count("cannot accept connections") == 1
+
+
+def test_a_burst_of_connections_is_queued_by_the_kernel(http_server):
+    """The listen backlog was 5: while the server was busy, the sixth connection waited for SYN retransmits."""
+    http_server.proc.send_signal(signal.SIGSTOP)
+    conns = []
+    try:
+        for _ in range(32):
+            conns.append(socket.create_connection(("127.0.0.1", http_server.port), timeout=10))
+    finally:
+        http_server.proc.send_signal(signal.SIGCONT)
+        for c in conns:
+            c.close()
+    assert len(conns) == 32
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's RSS from /proc")
+def test_large_uploads_under_way_are_not_held_in_memory(http_server):
+    """Four uploads of 40 MiB each, all but the last MiB sent: the bytes wait in temp files, not in the
+    server's memory; cut off, they leave nothing."""
+    before = _rss_kib(http_server.proc.pid)
+    size = 40 << 20
+    conns = [socket.create_connection(("127.0.0.1", http_server.port)) for _ in range(4)]
+    try:
+        for i, c in enumerate(conns):
+            c.sendall(f"PUT /objects/data/ab/{i:064x} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {APPEND_TOKEN}"
+                      f"\r\nContent-Length: {size}\r\n\r\n".encode())
+        piece = b"\0" * (1 << 20)
+        for c in conns:
+            for _ in range(39):
+                c.sendall(piece)
+        temps = lambda: [p for p in http_server.path.rglob(TEMP_PREFIX + "*") if p.stat().st_size > (30 << 20)]
+        assert wait_for(lambda: len(temps()) == 4)
+        assert _rss_kib(http_server.proc.pid) - before < 40 << 10  # held whole, 150 MiB
+    finally:
+        for c in conns:
+            c.close()
+    assert wait_for(lambda: http_server.log().count("upload cut short") == 4)
+    assert files_under(http_server.path) == []
+
+
+def test_only_keys_of_the_repository_layout_are_stored(http_server):
+    """An append-only client stored data/ab where the pack directory data/ab/ goes: every later pack under
+    it failed with 500, retried as temporary, and no backup finished."""
+    for key in ("data/ab", "data/zz/" + "0" * 64, "data/ab/cd/ef", "other/x", "keys", "config/x", "locks"):
+        status, reply = raw_request(http_server.port, "PUT", f"/objects/{key}", b"x", token=APPEND_TOKEN)
+        assert status == 400 and "not an object of a repository" in reply["error"], (key, status, reply)
+    assert files_under(http_server.path) == []
+    with HTTPRemote.from_url(http_server.url, token=FULL_TOKEN) as remote:
+        for key in ("config", "keys/k1", "locks/" + "1" * 32, "index/" + "2" * 64, "snapshots/" + "3" * 64, KEY):
+            remote.put(key, b"fits")
+        # what such a file left by an older server, or the operator, does: a permanent error, named
+        (http_server.path / "data" / "cd").write_bytes(b"in the way")
+        (http_server.path / "data" / "ef" / ("e" * 64)).mkdir(parents=True)
+        for key, where in (("data/cd/" + "c" * 64, "data/cd is a file"), ("data/ef/" + "e" * 64, "a directory")):
+            with pytest.raises(RemoteError, match=where) as info:
+                remote.put(key, b"pack" * 100_000)
+            assert not isinstance(info.value, RemoteUnavailable)
+            assert raw_request(http_server.port, "PUT", f"/objects/{key}", b"x")[0] == 409
+    assert "internal error" not in http_server.log()
+
+
+def test_a_served_tree_emptied_while_the_service_runs_takes_objects_again(http_server):
+    import shutil
+
+    with HTTPRemote.from_url(http_server.url, token=FULL_TOKEN) as remote:
+        remote.put(KEY, b"before")
+        remote.put("locks/" + "1" * 32, b"lock")
+        for child in http_server.path.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        remote.put(KEY, b"after")
+        remote.put("locks/" + "1" * 32, b"lock again")
+        assert remote.get(KEY) == b"after"
+
+
+def test_abandoned_uploads_are_removed_while_the_service_runs(serve_factory):
+    server = serve_factory("--cleanup-interval", "0.2")
+    data = server.path / "data" / "ab"
+    data.mkdir(parents=True)
+    old, fresh = data / (TEMP_PREFIX + "old"), data / (TEMP_PREFIX + "fresh")
+    old.write_bytes(b"left by a crash after the service started")
+    fresh.write_bytes(b"maybe still being written")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert wait_for(lambda: not old.exists())
+    assert fresh.exists()
+    assert "removed 1 unfinished upload" in server.log()
+
+
+@pytest.mark.parametrize("limit", ["%C2%B2", "%E2%91%A0", "-1", "0", "x"])
+def test_a_listing_limit_that_is_no_ascii_number_is_refused(http_server, limit):
+    status, reply = raw_request(http_server.port, "GET", f"/objects/?limit={limit}")
+    assert status == 400 and "limit" in reply["error"]
+    assert "internal error" not in http_server.log()
+
+
+def test_what_the_request_brings_is_logged_without_control_characters(http_server):
+    with socket.create_connection(("127.0.0.1", http_server.port), timeout=10) as s:
+        s.sendall(b"GET /x\x1b[2J\x1b]0;owned\x07\xc2\x9b HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                  + FULL_TOKEN.encode() + b"\r\n\r\n")
+        assert s.recv(1000).startswith(b"HTTP/1.1 404")
+    with socket.create_connection(("127.0.0.1", http_server.port), timeout=10) as s:
+        s.sendall(b"GET /objects/a\x1bb\r HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.recv(1000)
+    assert wait_for(lambda: http_server.log().count("\\x1b") >= 2)
+    log = http_server.log()
+    assert not any(c in log for c in "\x1b\x07\x9b\r"), log[-1000:]
+
+
+def _expecting(port: int, token: str | None, key: str, length: int, *, body: bytes = b"") -> bytes:
+    """A PUT with ``Expect: 100-continue``: the first answer, and with ``body`` the one after sending it."""
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"PUT /objects/{key} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {length}\r\n"
+                  "Expect: 100-continue\r\n\r\n".encode())
+        first = s.recv(1000)
+        if not body:
+            return first
+        s.sendall(body)
+        return first + s.recv(1000)
+
+
+def test_continue_is_said_only_to_an_upload_that_will_be_taken(serve_factory, tmp_path):
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--max-object-size", "1M")
+    assert _expecting(server.port, "wrong-token-0123456789abcdef", KEY, 10).startswith(b"HTTP/1.1 401")
+    assert _expecting(server.port, READ_TOKEN, KEY, 10).startswith(b"HTTP/1.1 403")
+    assert _expecting(server.port, FULL_TOKEN, KEY, 2 << 20).startswith(b"HTTP/1.1 413")
+    assert _expecting(server.port, FULL_TOKEN, "data/ab", 10).startswith(b"HTTP/1.1 400")
+    reply = _expecting(server.port, APPEND_TOKEN, KEY, 5, body=b"first")
+    assert reply.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201"), reply
+    assert _expecting(server.port, APPEND_TOKEN, KEY, 6).startswith(b"HTTP/1.1 403")  # no overwrite
+    assert (server.path / KEY).read_bytes() == b"first"
+
+
+def test_plain_http_on_the_tls_port_is_told_the_url_under_the_name_it_used(serve_factory, tmp_path):
+    cert, key = make_self_signed(tmp_path)
+    port = free_port()
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--tls-cert", str(cert), "--tls-key", str(key),
+                           "--listen", f"0.0.0.0:{port}", port=port, add_listen=False, tls=True)
+    with HTTPRemote.from_url(f"http://localhost:{port}/", token=FULL_TOKEN) as plain:
+        with pytest.raises(RemoteError, match=f"its URL is https://localhost:{port}/$"):
+            plain.stat(KEY)
+    for host, expected in ((b"backup.example:6362", "https://backup.example:6362/"),
+                           (b"backup.example", f"https://backup.example:{port}/"),
+                           (b"bad host\x1b", f"https://127.0.0.1:{port}/"), (None, f"https://127.0.0.1:{port}/")):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"HEAD /objects/config HTTP/1.1\r\n" + (b"Host: " + host + b"\r\n" if host else b"") + b"\r\n")
+            reply = s.recv(1000).decode("latin-1")
+        assert f"its URL is {expected}" in reply, (host, reply)
+
+
+def test_serve_on_an_address_in_use_is_one_line_and_exit_2(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_serve("--listen", f"127.0.0.1:{port}", "--path", str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [f"chunkvault serve: cannot listen on 127.0.0.1:{port}: "
+                                                  "Address already in use"]
+
