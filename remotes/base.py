@@ -102,6 +102,12 @@ class Remote(ABC):
     def stat(self, key: str) -> ObjectInfo | None:
         """Size of the object, or None when absent."""
 
+    @property
+    def max_object_size(self) -> int | None:
+        """The largest object the storage takes, where it has a limit a writer must plan for (the HTTP
+        service's --max-object-size): packs are made to fit under it.  None: no such limit."""
+        return None
+
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         """Remove unfinished writes (temporary objects) older than ``older_than`` seconds; returns how many.
 

@@ -33,9 +33,12 @@ tokens).  Errors have a JSON body ``{"error": "reason"}``: 400 bad key or
 request, 401 no or unknown token, 403 refused by the token's mode or the
 server's append-only setting, 404 no such object (marked with the header
 ``Chunkvault-Object: missing``; a 404 without it means the URL does not lead
-to the service), 412 exists, 413 too large, 507 storage full, 5xx transient.
-Responses carry ``Chunkvault-Max-Object-Size`` so the client refuses too-large
-objects before sending them.  Keys are checked with ``validate_key`` on both
+to the service), 409 a file or directory of the served tree in the key's way,
+412 exists, 413 too large, 503 too many connections (transient), 507 storage
+full, 5xx transient.  PUT takes only keys of a repository's layout (400 for
+others).  Responses carry ``Chunkvault-Max-Object-Size`` so the client refuses
+too-large objects before sending them (and the store makes packs that fit); a
+2xx answer without it comes from some other web server.  Keys are checked with ``validate_key`` on both
 sides.  Retries live in the layer above (``remotes.layer``): this module only
 sorts failures into permanent and transient (``RemoteUnavailable``) ones.
 """
@@ -211,8 +214,14 @@ class HTTPRemote(Remote):
         except (u3.HTTPError, OSError) as exc:
             raise RemoteUnavailable(f"cannot reach {self.display_url} for {op} {what}: {_transport_reason(exc)}") from None
         limit = response.headers.get(LIMIT_HEADER)
-        if limit and limit.isdigit():
+        if limit and limit.isascii() and limit.isdigit():
             self._limit = int(limit)
+        elif 200 <= response.status < 300:
+            # Some other web server (every answer of the service names its limit): its pages are no objects,
+            # and taken for them they made the repository look damaged.
+            raise RemoteError(f"no chunkvault backup service at {self.display_url}: HTTP {response.status} for "
+                              f"{op} {what} without the service's {LIMIT_HEADER} header (another web server "
+                              "answers at this URL)")
         return response
 
     def _object_path(self, key: str) -> str:
@@ -258,6 +267,16 @@ class HTTPRemote(Remote):
         if 300 <= status < 400:
             return RemoteError(f"{op} {where}: unexpected redirect (HTTP {status}); use the service's own URL")
         return RemoteError(f"{op} {where} failed: HTTP {status}: {reason}")
+
+    @property
+    def max_object_size(self) -> int | None:
+        """The service's --max-object-size, which every answer names; asked for once when none came yet."""
+        if self._limit is None and not self._closed:
+            try:
+                self.stat("config")
+            except RemoteError:
+                pass
+        return self._limit
 
     # -- the interface ------------------------------------------------------
 

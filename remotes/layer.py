@@ -220,6 +220,10 @@ class RetryingRemote(Remote):
         validate_key(key)
         return self._run("stat", key, lambda _: self.inner.stat(key))
 
+    @property
+    def max_object_size(self) -> int | None:
+        return self.inner.max_object_size
+
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         return self._run("cleanup of unfinished writes", "", lambda _: self.inner.cleanup_temp(older_than))
 
@@ -400,6 +404,10 @@ class CachingRemote(Remote):
 
     def stat(self, key: str) -> ObjectInfo | None:
         return self.inner.stat(key)
+
+    @property
+    def max_object_size(self) -> int | None:
+        return self.inner.max_object_size
 
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         return self.inner.cleanup_temp(older_than)

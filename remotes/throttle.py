@@ -101,6 +101,10 @@ class ThrottledRemote(Remote):
     def stat(self, key: str) -> ObjectInfo | None:
         return self.inner.stat(key)
 
+    @property
+    def max_object_size(self) -> int | None:
+        return self.inner.max_object_size
+
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         return self.inner.cleanup_temp(older_than)
 

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, NamedTuple
 from chunkvault.errors import CorruptObject
 
 from .blob import ID_SIZE, KIND_DELTA, KINDS
-from .crypto import AuthenticationFailed, Sealer
+from .crypto import NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Sealer
 
 PACK_MAGIC = b"CVP1"
 TRAILER = struct.Struct("<I4s")
@@ -26,6 +26,9 @@ HEADER_AD = b"chunkvault pack header v1"
 _ENTRY = struct.Struct("<B32sIII")
 ENTRY_SIZE = _ENTRY.size
 MAX_PACK_SIZE = (1 << 32) - 1
+# What a finished pack holds besides its envelopes and its entries: the sealed header's version and count, its
+# nonce and tag, and the trailer.
+PACK_FIXED_OVERHEAD = 5 + NONCE_SIZE + TAG_SIZE + TRAILER.size
 
 
 class PackEntry(NamedTuple):
@@ -78,6 +81,11 @@ def delta_entries_and_readable_bases(entries: Callable[[], Iterable[tuple[bytes,
     if missed:
         wholes += [e for _, e in entries() if e.kind != KIND_DELTA and e.blob_id in missed]
     return deltas, readable_ids([*wholes, *(e for _, e in deltas)])
+
+
+def entry_bytes(kind: int) -> int:
+    """The bytes one entry of ``kind`` takes in a pack's header (a delta's names its base too)."""
+    return _ENTRY.size + (ID_SIZE if kind == KIND_DELTA else 0)
 
 
 def encode_entries(entries: Iterable[PackEntry]) -> bytes:
@@ -228,6 +236,7 @@ class PackBuilder:
         self.buf: mmap.mmap | None = None
         self.size = 0
         self.entries: list[PackEntry] = []
+        self._entry_bytes = 0  # of the entries in the sealed header
 
     def _room(self, end: int) -> mmap.mmap:
         buf = self.buf
@@ -242,7 +251,14 @@ class PackBuilder:
 
     def add(self, blob_id: bytes, kind: int, envelope: bytes, raw_length: int, base_id: bytes | None = None) -> None:
         self.entries.append(PackEntry(blob_id, kind, self.size, len(envelope), raw_length, base_id))
+        self._entry_bytes += entry_bytes(kind)
         self._append(envelope)
+
+    def finished_size(self, more: int = 0, kind: int | None = None) -> int:
+        """The pack's size once finished, with one more envelope of ``more`` bytes and ``kind`` when given:
+        what must fit under a remote's limit on the size of an object."""
+        extra = 0 if kind is None else entry_bytes(kind)
+        return self.size + more + self._entry_bytes + extra + PACK_FIXED_OVERHEAD
 
     def _append(self, data: bytes) -> None:
         end = self.size + len(data)

@@ -5,6 +5,7 @@ on it.  It talks to any Remote and never to the file system directly.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import threading
@@ -22,6 +23,7 @@ from chunkvault.errors import (
     ObjectExists,
     ObjectNotFound,
     PermissionDenied,
+    RemoteError,
     RepositoryExists,
     UsageError,
 )
@@ -923,6 +925,11 @@ class BlobWriter:
         repo.withhold_unreadable_deltas()
         self.repo = repo
         self.pack_size = min(repo.config.settings.pack_size, MAX_PACK_SIZE)  # one set larger before the bound
+        # The storage's limit on an object's size (the HTTP service's --max-object-size): packs close before
+        # they would outgrow it, where a backup's every large file failed at the upload of its first pack.
+        self.max_object_size = repo.remote.max_object_size
+        if self.max_object_size is not None:
+            self.pack_size = max(1, min(self.pack_size, self.max_object_size))
         self._lock = threading.Lock()
         self._pending: set[bytes] = set()
         # One buffer per pack in flight and one filling; a large envelope can push a pack past pack_size.
@@ -979,39 +986,61 @@ class BlobWriter:
         if self._error is not None:
             raise self._error
         full = []
-        index = self.repo.index
+        limit = self.max_object_size
         blobs = iter(blobs)
         with self._lock, self.repo._index_lock:
             while True:  # the blobs that go into one pack, indexed in one call
                 builder = self._builder
                 offsets: list[int] = []
                 placed: list[PreparedBlob] = []
+                carried = None  # a blob the pack has no room for under the storage's limit: the next one's first
                 for blob in blobs:
+                    if limit is not None and not self._fits(builder, blob, limit):
+                        carried = blob
+                        break
                     offsets.append(len(builder))
                     placed.append(blob)
                     builder.add(blob.blob_id, blob.kind, blob.envelope, blob.raw_length, blob.base_id)
                     if len(builder) >= self.pack_size:
                         break
-                if not placed:
-                    break
-                if self._builder_no is None:
-                    self._builder_no = self.repo.pack_no(None)
-                index.add_many([b.blob_id for b in placed], self._builder_no, offsets,
-                               [len(b.envelope) for b in placed], [b.raw_length for b in placed],
-                               [b.kind for b in placed])
-                for blob in placed:
-                    self._pending.discard(blob.blob_id)
-                    self._count(blob)
-                    if blob.kind == KIND_DELTA:
-                        assert blob.base_id is not None
-                        self.repo._delta_bases[blob.blob_id] = blob.base_id
-                    else:  # stored again whole, where a delta of it was withheld: read as the index has it
-                        self.repo._delta_bases.pop(blob.blob_id, None)
-                if len(builder) < self.pack_size:
+                if placed:
+                    self._place(placed, offsets)
+                if carried is None and len(builder) < self.pack_size:
                     break
                 full.append(self._take_builder())
+                if carried is not None:
+                    blobs = itertools.chain((carried,), blobs)
         for builder, pack_no in full:
             self._submit(builder, pack_no)
+
+    def _place(self, placed: list[PreparedBlob], offsets: list[int]) -> None:
+        """Index blobs just added to the pack being built (at ``offsets``), under the writer's lock."""
+        index = self.repo.index
+        if self._builder_no is None:
+            self._builder_no = self.repo.pack_no(None)
+        index.add_many([b.blob_id for b in placed], self._builder_no, offsets,
+                       [len(b.envelope) for b in placed], [b.raw_length for b in placed],
+                       [b.kind for b in placed])
+        for blob in placed:
+            self._pending.discard(blob.blob_id)
+            self._count(blob)
+            if blob.kind == KIND_DELTA:
+                assert blob.base_id is not None
+                self.repo._delta_bases[blob.blob_id] = blob.base_id
+            else:  # stored again whole, where a delta of it was withheld: read as the index has it
+                self.repo._delta_bases.pop(blob.blob_id, None)
+
+    def _fits(self, builder: PackBuilder, blob: PreparedBlob, limit: int) -> bool:
+        """Whether ``blob`` still fits into the pack under the storage's ``limit`` on an object's size; one
+        that fits in no pack is an error that names the limit it needs."""
+        if builder.finished_size(len(blob.envelope), blob.kind) <= limit:
+            return True
+        if builder.entries:
+            return False
+        needed = PackBuilder().finished_size(len(blob.envelope), blob.kind)
+        raise RemoteError(f"{self.repo.remote.display_url} takes objects of at most {limit} bytes, and a pack "
+                          f"holding one chunk of this backup needs {needed}: raise that limit (the service's "
+                          "--max-object-size)")
 
     def _count(self, blob: PreparedBlob) -> None:
         self.new_blobs += 1

@@ -839,3 +839,42 @@ def test_serve_on_an_address_in_use_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().splitlines() == [f"chunkvault serve: cannot listen on 127.0.0.1:{port}: "
                                                   "Address already in use"]
 
+
+def test_another_web_server_at_the_url_is_no_damaged_repository(tmp_path, cli):
+    """A web application answering 200 to everything: "corrupt object config" (exit 13) sent people to
+    repair a repository that was never there."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Welcome(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b"<html>welcome</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_HEAD = do_DELETE = answer
+
+    web = ThreadingHTTPServer(("127.0.0.1", 0), Welcome)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{web.server_address[1]}/"
+    try:
+        with HTTPRemote.from_url(url, token=FULL_TOKEN) as remote:
+            for call in (lambda: remote.get("config"), lambda: remote.stat("config"), lambda: list(remote.list())):
+                with pytest.raises(RemoteError, match="no chunkvault backup service at .*another web server") as info:
+                    call()
+                assert not isinstance(info.value, RemoteUnavailable)
+        result = cli("snapshots", "-r", url, env={"CHUNKVAULT_HTTP_TOKEN": FULL_TOKEN,
+                                                  "CHUNKVAULT_PASSWORD": "pw",
+                                                  "CHUNKVAULT_CACHE_DIR": str(tmp_path / "cache")}, check=14)
+        assert "no chunkvault backup service" in result.stderr.decode()
+    finally:
+        web.shutdown()
+        web.server_close()

@@ -181,3 +181,31 @@ def test_a_backup_stopped_on_a_slow_link_still_indexes_what_it_stored_and_remove
     assert stored and list((http_server.path / "index").glob("*")), "the packs stored were not indexed"
     again = json.loads(cli("backup", "-r", url, str(src), *chunks, "--json", env=env, password="pw").stdout)
     assert again["stats"]["added_stored_bytes"] <= 3_000_000 - len(stored) * 200_000
+
+
+def test_packs_fit_under_the_services_limit_on_object_size(tmp_path, serve_factory, monkeypatch, password):
+    """A service with --max-object-size below the repository's 16 MiB packs: every backup of a large file
+    failed at its first pack (exit 14); the packs are now made to fit."""
+    from chunkvault.errors import RemoteError
+
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    server = serve_factory("--max-object-size", "3M")
+    assert "warning: max_object_size of 3145728 bytes is below the 16 MiB packs" in server.log()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(random.Random(5).randbytes(12 << 20))
+    with Repository.init(server.url, password, kdf_seconds=0) as repo:
+        repo.backup([str(src)])
+        assert repo.check(read_data=True).ok
+        repo.restore("latest", str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(src)
+    packs = [p.stat().st_size for p in (server.path / "data").rglob("*") if p.is_file()]
+    assert len(packs) >= 4 and max(packs) <= 3 << 20
+
+    # a chunk that fits in no pack under the limit: said so, with the limit to raise
+    small = serve_factory("--max-object-size", "1M")
+    chunker = {"min_size": 1536 << 10, "avg_size": 2 << 20, "max_size": 4 << 20}
+    with Repository.init(small.url, password, kdf_seconds=0, chunker=chunker) as repo:
+        with pytest.raises(RemoteError, match="takes objects of at most 1048576 bytes, and a pack holding one "
+                                              "chunk of this backup needs .*--max-object-size"):
+            repo.backup([str(src)])
