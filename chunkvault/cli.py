@@ -1053,9 +1053,11 @@ def _key_export(args: argparse.Namespace, data: bytes) -> None:
             sys.stdout.buffer.flush()
         return
     path = os.path.abspath(args.file)
-    if os.path.lexists(path) and not (args.force and os.path.isfile(path) and not os.path.islink(path)):
-        raise UsageError(f"{path} exists (remove it, or ask to overwrite it: --force)" if os.path.isfile(path)
-                         else f"{path} exists and is not a regular file")
+    if os.path.lexists(path):
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise UsageError(f"{path} exists and is not a regular file (a link, a directory): name another file")
+        if not args.force:
+            raise UsageError(f"{path} exists (remove it, or ask to overwrite it: --force)")
     directory = os.path.dirname(path)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.urandom(6).hex()}")
     try:
@@ -1087,10 +1089,13 @@ def _key_import(args: argparse.Namespace) -> int:
                 data = f.read(1 << 20)
     except OSError as exc:
         raise UsageError(f"cannot read the key export {what}: {exc.strerror}") from None
-    result = Repository.import_key(url, data, passwords.REPOSITORY.get(args), what=what,
+    result = Repository.import_key(url, data, passwords.REPOSITORY.get(args), what=what, wait=args.wait,
                                    **remote_options(args, url))
-    _report_key(args, {"id": result.key, "restored": result.restored},
+    if result.note and not args.quiet:
+        warn(result.note)
+    _report_key(args, {"id": result.key, "restored": result.restored, "note": result.note},
                 f"put back {', '.join(result.restored)}" if result.restored else
+                "nothing put back" if result.note else
                 f"nothing to put back: key {result.key[:12]} and the config are whole")
     return 0
 
@@ -1494,7 +1499,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             k.add_argument("--kdf-time", type=_seconds, default=0.5, metavar="SECONDS", help=KDF_TIME_HELP)
         if name == "remove":
             k.add_argument("key_id")
-        if name in ("remove", "passwd"):
+        if name in ("remove", "passwd", "import"):
             _wait_option(k, 3600.0, "running backups and reads")
         if name == "export":
             k.add_argument("file", nargs="?", metavar="FILE", help="where to write it (default: standard output)")

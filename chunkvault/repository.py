@@ -514,6 +514,7 @@ class Repository:
         the index and a listing of the packs (no manifest is read)."""
         from .store.stats import summarize
 
+        self._follow_others()
         snaps = self._list()
         repo = self._repo
         return summarize(snaps, repo.index.items(), repo.stored_packs().values())
@@ -695,15 +696,17 @@ class Repository:
         return self._file_content(snap, self.find_entry(snap, path))
 
     def _file_content(self, snap: Snapshot, e: Entry) -> BinaryIO:
-        """The content of the file ``e`` names (itself, or the file a hard link names)."""
+        """The content of the file ``e`` names (itself, or the file a hard link names), named as ``e``."""
+        name = e.path
         if e.type == T_HARDLINK:
             e = self.find_entry(snap, e.target)
         if e.type != T_FILE:
             raise UsageError(f"'{os.fsdecode(e.path)}' is not a regular file")
-        return self._content(e)
+        return self._content(e, name)
 
-    def _content(self, e: Entry) -> BinaryIO:
-        return io.BufferedReader(_ChunkStream(self._repo, e.chunk_ids(), os.fsdecode(e.path)), buffer_size=1 << 20)
+    def _content(self, e: Entry, name: bytes | None = None) -> BinaryIO:
+        raw = _ChunkStream(self._repo, e.chunk_ids(), os.fsdecode(e.path if name is None else name))
+        return io.BufferedReader(raw, buffer_size=1 << 20)
 
     def dump(self, snapshot: str | Snapshot, path: str | bytes, out: BinaryIO, *, archive: str = "tar") -> list[str]:
         """Write ``path`` of the snapshot to ``out``: a file's content, or a directory's subtree (``/``: the
@@ -1011,6 +1014,7 @@ class Repository:
         remote = self._repo.remote
         try:
             self._repo.remove_key(old, own=True, wait=wait)
+            self._repo.key_name = new  # what this object opens with from now on (export_key, keys' current)
         except ChunkvaultError as exc:  # e.g. an append-only token: the new key is taken back if it can be
             try:
                 remote.delete(f"keys/{new}")
@@ -1046,18 +1050,20 @@ class Repository:
         return export_key(self._repo.remote, self._repo.key_name).encode()
 
     @staticmethod
-    def import_key(url: str | Remote, export: bytes, password: str | bytes, *,
-                   what: str = "key export", **remote_options: Any) -> "KeyImport":
-        """Put back the key file and config of ``export`` (what ``export_key`` returned) that the repository
-        at ``url`` lacks or holds damaged, once ``password`` has opened the exported key: a repository whose
-        keys are gone cannot be opened to do it.  ``what`` names the export in errors."""
+    def import_key(url: str | Remote, export: bytes, password: str | bytes, *, what: str = "key export",
+                   wait: float = 3600.0, **remote_options: Any) -> "KeyImport":
+        """Put back the config of ``export`` (what ``export_key`` returned) where the repository at ``url``
+        lacks it or holds it damaged, and its key where that is damaged or no key is left (a key simply absent
+        beside others was removed: ``note`` says so), once ``password`` has opened the exported key: a
+        repository whose keys are gone cannot be opened to do it.  ``what`` names the export in errors;
+        ``wait``: for running backups and reads (the exclusive lock)."""
         from .store.keyexport import KeyExport, import_key
 
         _check_remote_options(remote_options)
         kit = KeyExport.decode(export, what)
         remote = connect(url, **remote_options)
         try:
-            return import_key(remote, kit, _password(password), what)
+            return import_key(remote, kit, _password(password), what, wait=wait)
         finally:
             if remote is not url:
                 remote.close()
@@ -1129,13 +1135,16 @@ class _WholeWrites:
             raise UsageError("dump: the output stream is closed")
         self._out = out
         self._name = "standard output" if out is getattr(sys.stdout, "buffer", None) else "the output"
+        self._raw = isinstance(out, io.RawIOBase)  # whose write may take part, or (None) nothing yet
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
         try:
             while view:
                 n = self._out.write(view)
-                if not n:  # None: a non-blocking stream that is full; 0: one that takes nothing
+                if n is None and not self._raw:  # many writers return nothing (paramiko's files, responses)
+                    break
+                if not n:  # a raw stream's None: non-blocking and full; 0: a stream that takes nothing
                     raise TargetUnwritable("dump: the output took no more bytes (a non-blocking stream?)")
                 view = view[n:]
         except BrokenPipeError:

@@ -1001,7 +1001,7 @@ class Backup:
                 if self._lock is not None and self._lock.waited:
                     self.repo.drop_stale(index=False)
                 if not self.opt.dry_run:
-                    require_openable(self.repo.remote)
+                    require_openable(self.repo.remote, self.repo.config.repo_id)
                 self.repo.load_index()
                 return self._run(source, paths, stream=stream, stdin_name=stdin_name)
         finally:

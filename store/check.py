@@ -18,7 +18,7 @@ from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, Us
 
 from . import forked
 from .blob import KIND_DELTA, open_blob
-from .config import KeyFile, open_config
+from .config import KeyFile, open_config, peek_config
 from .indexfile import IndexColumns
 from .pack import PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
 from .repository import OBJECT_ID, WORKERS, Repo, pack_key, superseded_names
@@ -148,9 +148,13 @@ class Checker:
         would otherwise go on checking and backing up a repository that nothing opens any more."""
         repo = self.repo
         try:
-            config = open_config(repo.remote.get("config"), repo.sealer)
-            if config.repo_id != repo.config.repo_id:
-                self.problem("config", "another repository's config")
+            raw = repo.remote.get("config")
+            stored = peek_config(raw)["id"]
+            if stored != repo.config.repo_id:
+                self.problem("config", f"another repository's (id {stored[:16]}, not {repo.config.repo_id[:16]}): "
+                                       "one made anew at this place, or a config copied from another")
+            else:
+                open_config(raw, repo.sealer)
         except ObjectNotFound:
             self.problem("config", f"missing: nothing opens the repository without it{KEY_IMPORT_HINT}")
         except ChunkvaultError as exc:

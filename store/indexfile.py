@@ -16,7 +16,7 @@ from chunkvault.errors import CorruptObject
 from .crypto import AuthenticationFailed, Sealer
 from .blob import ID_SIZE
 from . import _blobtable
-from .pack import PackEntry, decode_entries, encode_entries
+from .pack import PackEntry, decode_entries, encode_entries, entry_bytes
 
 INDEX_AD = b"chunkvault index v1"
 MAX_INDEX_PLAIN = 1 << 31
@@ -26,6 +26,35 @@ MAX_INDEX_PLAIN = 1 << 31
 class IndexData:
     packs: dict[bytes, list[PackEntry]] = field(default_factory=dict)
     supersedes: list[bytes] = field(default_factory=list)
+
+
+#: An index object's bytes beyond its packs' plaintext: the header, zstd's frame (its worst case for bytes
+#: that do not compress, as pack and blob ids do not, is well under this), the nonce and the tag.
+INDEX_SLACK = 4096
+#: Packs per index object: a prune or repair writes the index it makes in such parts.
+PACKS_PER_INDEX = 4096
+
+
+def pack_index_bytes(entries: list[PackEntry]) -> int:
+    """What one pack takes in an index object's plaintext."""
+    return 32 + 4 + sum(entry_bytes(e.kind) for e in entries)
+
+
+def split_index(index: IndexData, max_bytes: int | None = None) -> list[IndexData]:
+    """``index`` as parts of at most PACKS_PER_INDEX packs each and, with ``max_bytes`` (a remote's limit on
+    an object's size), each small enough to store; ``supersedes`` is left to the caller."""
+    parts: list[IndexData] = []
+    budget = None if max_bytes is None else max(1, max_bytes - INDEX_SLACK - 32 * len(index.supersedes))
+    size = 0
+    for pack_id, entries in index.packs.items():
+        need = pack_index_bytes(entries)
+        if not parts or len(parts[-1].packs) >= PACKS_PER_INDEX or (
+                budget is not None and size + need > budget and parts[-1].packs):
+            parts.append(IndexData())
+            size = 0
+        parts[-1].packs[pack_id] = entries
+        size += need
+    return parts or [IndexData()]
 
 
 def encode_index(sealer: Sealer, index: IndexData) -> bytes:

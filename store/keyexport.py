@@ -10,6 +10,7 @@ as secret as the key file it holds (the password protects both).
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 
@@ -18,6 +19,9 @@ from chunkvault.remotes import Remote
 
 from .config import KeyFile, RepoConfig, open_config, peek_config
 from .crypto import KeyMaterial, Sealer, content_name
+from .indexfile import decode_index_columns
+from .locks import EXCLUSIVE, RepoLock
+from .snapshot import Snapshot
 from .unlock import missing_config, repository_objects
 
 EXPORT_MAGIC = "chunkvault key export"
@@ -91,38 +95,98 @@ def export_key(remote: Remote, key_name: str) -> KeyExport:
 
 @dataclass(frozen=True)
 class KeyImport:
-    """What ``import_key`` put back: ``restored`` names the objects written (none when all were whole)."""
+    """What ``import_key`` put back: ``restored`` names the objects written (none when all were whole);
+    ``note`` says why the key was not put back where it was simply absent beside other keys."""
 
     key: str
     restored: list[str]
+    note: str = ""
 
 
-def import_key(remote: Remote, export: KeyExport, password: bytes, what: str) -> KeyImport:
-    """Put back the exported key file and config where the repository at ``remote`` lacks them or holds
-    them damaged.  Refuses a repository with another id, and a location without repository objects (an
-    export alone makes no repository)."""
+#: Snapshot or index objects tried, each, for a sign that the repository is the export's.
+EVIDENCE_OBJECTS = 3
+
+
+def import_key(remote: Remote, export: KeyExport, password: bytes, what: str, *, wait: float = 3600.0) -> KeyImport:
+    """Put back the exported config where the repository at ``remote`` lacks it or holds it damaged, and the
+    exported key where it is damaged or no key of the repository is left.  Refuses a repository that is
+    not the export's (another id; objects that do not open under the exported key), and a location without
+    repository objects (an export alone makes no repository).  Under the exclusive lock, as key passwd."""
     material, _ = export.unlock(password, what)
-    restored = []
-    try:
-        stored_config: bytes | None = remote.get("config")
-    except ObjectNotFound:
-        if not repository_objects(remote):
-            raise missing_config(remote) from None
-        stored_config = None
-    if stored_config is not None and not _config_whole(stored_config, export, material, remote.display_url):
-        stored_config = None
-    if stored_config is None:
-        remote.put("config", export.config)
-        restored.append("config")
-    key = f"keys/{export.key_name}"
-    try:
-        whole = remote.get(key) == export.key
-    except ObjectNotFound:
-        whole = False
-    if not whole:
-        remote.put(key, export.key)
-        restored.append(key)
-    return KeyImport(export.key_name, restored)
+    if remote.stat("config") is None and not repository_objects(remote):
+        raise missing_config(remote)  # before the lock, which would be the first object there
+    with RepoLock(remote, EXCLUSIVE, "key import", wait=wait):
+        restored = []
+        try:
+            stored_config: bytes | None = remote.get("config")
+        except ObjectNotFound:
+            stored_config = None
+        if stored_config is not None and not _config_whole(stored_config, export, material, remote.display_url):
+            stored_config = None
+        if stored_config is None:
+            _require_same_repository(remote, export, material, what)
+            remote.put("config", export.config)
+            restored.append("config")
+        key = f"keys/{export.key_name}"
+        try:
+            stored_key: bytes | None = remote.get(key)
+        except ObjectNotFound:
+            stored_key = None
+        note = ""
+        if stored_key != export.key:
+            others = _own_keys(remote, export.repo_id) - {export.key_name}
+            if stored_key is None and others:
+                note = (f"key {export.key_name[:12]} not put back: the repository has {len(others)} other key(s), "
+                        "so it was removed (key remove, key passwd); `key add` makes a key for a password")
+            else:
+                remote.put(key, export.key)
+                restored.append(key)
+        return KeyImport(export.key_name, restored, note)
+
+
+def _own_keys(remote: Remote, repo_id: str) -> set[str]:
+    """The key files that decode and name ``repo_id`` (or no repository, as the oldest do)."""
+    out = set()
+    for o in remote.list("keys/"):
+        name = o.key.split("/", 1)[1]
+        try:
+            kf = KeyFile.decode(name, remote.get(o.key))
+        except (CorruptObject, UnsupportedFormat, ObjectNotFound):
+            continue
+        if not kf.repo or kf.repo == repo_id:
+            out.add(name)
+    return out
+
+
+def _require_same_repository(remote: Remote, export: KeyExport, material: KeyMaterial, what: str) -> None:
+    """Before a config is put where there is none (or a damaged one): the repository's own objects must open
+    under the exported key, or where it has none to try, its key files must name the export's repository.
+    Two repositories often share a password: another's export put its config here, and then nothing read."""
+    sealer = Sealer(material.enc_key)
+    tried = 0
+    for prefix, opens in (("snapshots/", lambda name, data: Snapshot.decode(sealer, name, data)),
+                          ("index/", lambda name, data: decode_index_columns(sealer, data, f"index/{name}"))):
+        for o in itertools.islice(remote.list(prefix), EVIDENCE_OBJECTS):
+            name = o.key.split("/", 1)[1]
+            tried += 1
+            try:
+                opens(name, remote.get(o.key))
+                return
+            except (CorruptObject, ObjectNotFound):
+                continue
+    others = set()
+    for o in remote.list("keys/"):
+        try:
+            kf = KeyFile.decode(o.key.split("/", 1)[1], remote.get(o.key))
+        except (CorruptObject, UnsupportedFormat, ObjectNotFound):
+            continue
+        if kf.repo and kf.repo != export.repo_id:
+            others.add(kf.repo)
+    if tried or others:
+        why = (f"its key files name repository {sorted(others)[0][:16]}" if others else
+               f"none of {tried} of its snapshot and index objects opens under the exported key")
+        raise UsageError(f"{what} is not this repository's key export ({why}; the export is of "
+                         f"{export.repo_id[:16]}): nothing imported")
 
 
 def _config_whole(stored: bytes, export: KeyExport, material: KeyMaterial, where: str) -> bool:

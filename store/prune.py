@@ -19,7 +19,7 @@ from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, Re
 
 from .blob import KIND_DELTA
 from .chain import broken_chains
-from .indexfile import IndexData
+from .indexfile import IndexData, split_index
 from .locks import EXCLUSIVE, RepoLock
 from .pack import ENTRY_SIZE, PackEntry
 from .repository import PreparedBlob, Repo, pack_key, superseded_names
@@ -261,7 +261,7 @@ def replace_index(repo: Repo, new_index: IndexData, old_names: list[str],
     """Write ``new_index`` in parts, then delete ``old_names``: the part that supersedes them is written
     last, so no reader sees a new index that is not complete.  ``ensure_held``: before each part and each
     deletion (a prune that took the lock for stale may have deleted the new packs as unindexed)."""
-    parts = _split(new_index, 4096)
+    parts = split_index(new_index, repo.remote.max_object_size)
     parts[0].supersedes = [bytes.fromhex(n) for n in old_names]
     for part in parts[1:] + parts[:1]:
         ensure_held()
@@ -358,12 +358,6 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
             delete(pack_key(use.pack_id))
             step(moved)
     repo.load_index()
-
-
-def _split(index: IndexData, packs_per_part: int) -> list[IndexData]:
-    items = list(index.packs.items())
-    parts = [IndexData(dict(items[i : i + packs_per_part])) for i in range(0, len(items), packs_per_part)]
-    return parts or [IndexData()]
 
 
 def prune(repo: Repo, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0,

@@ -90,12 +90,9 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
         readable = readable_ids(e for entries in index.packs.values() for e in entries)
         report.baseless_packs = sorted(pid.hex() for pid, entries in index.packs.items()
                                        if any(e.kind == KIND_DELTA and e.base_id not in readable for e in entries))
-        index.supersedes = [bytes.fromhex(n) for n in old]
-        lock.ensure_held()  # a prune that took the lock for stale may have deleted packs listed here
-        repo.write_index(index)
-        for name in old:
-            lock.ensure_held()
-            repo.remote.delete(f"index/{name}")
+        # In parts a remote takes (the one that supersedes the old objects last); before each part and each
+        # deletion the lock is checked: a prune that took it for stale may have deleted packs listed here.
+        replace_index(repo, index, old, lock.ensure_held)
         repo.load_index()
     return report
 

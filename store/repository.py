@@ -36,7 +36,8 @@ from .blobindex import BlobIndex, BlobLocation
 from .config import MAX_PACK_SIZE, KeyFile, RepoConfig, Settings, make_key_file, new_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
 from .deltabase import choose_base, unreadable_deltas
-from .indexfile import IndexColumns, IndexData, decode_index, decode_index_columns, encode_index
+from .indexfile import (INDEX_SLACK, IndexColumns, IndexData, decode_index, decode_index_columns, encode_index,
+                        pack_index_bytes)
 from .manifest import Record, decode_records, iter_records
 from .manifest_seek import ManifestSeeker, segments
 from .pack import PackBuffers, PackBuilder
@@ -940,6 +941,7 @@ class BlobWriter:
         self._in_flight: list[Future[None]] = []
         self._slots = threading.Semaphore(upload_workers)
         self._unindexed = IndexData()
+        self._unindexed_bytes = 0  # its packs' share of an index object's plaintext
         self._last_index = time.monotonic()
         self.new_blobs = 0
         self.new_raw_bytes = 0
@@ -1086,13 +1088,20 @@ class BlobWriter:
             del data
             builder.release()  # only once stored: a failed upload's buffer is left to the garbage collector
             self.repo.set_pack_id(pack_no, pack_id)
+            need = pack_index_bytes(builder.entries)
             with self._lock:
+                # Many small blobs in small packs: an index object must still fit under the storage's limit.
+                full = (self.max_object_size is not None and self._unindexed.packs
+                        and self._unindexed_bytes + need > self.max_object_size - INDEX_SLACK)
+                before = self._take_index() if full else None
                 self._unindexed.packs[pack_id] = list(builder.entries)
+                self._unindexed_bytes += need
                 due = (len(self._unindexed.packs) >= self.INDEX_EVERY_PACKS
                        or time.monotonic() - self._last_index > self.INDEX_EVERY_SECONDS)
                 batch = self._take_index() if due else None
-            if batch is not None:
-                self._write_index(batch)
+            for done in (before, batch):
+                if done is not None:
+                    self._write_index(done)
         except BaseException as exc:
             self._error = exc
             raise
@@ -1100,7 +1109,7 @@ class BlobWriter:
             self._slots.release()
 
     def _take_index(self) -> IndexData:
-        batch, self._unindexed = self._unindexed, IndexData()
+        batch, self._unindexed, self._unindexed_bytes = self._unindexed, IndexData(), 0
         self._last_index = time.monotonic()
         return batch
 

@@ -53,11 +53,19 @@ def no_key_files() -> CorruptObject:
                                  "(`key import FILE`)")
 
 
-def require_openable(remote: Remote) -> None:
-    """CorruptObject when the config or every key file is gone: what a process holding the repository
-    open since would store could never be read again."""
-    if remote.stat("config") is None:
-        raise missing_config(remote)
+def require_openable(remote: Remote, repo_id: str) -> None:
+    """CorruptObject when the config or every key file is gone, or the config is another repository's (one
+    made anew at the same place): what a process holding the repository open since would store could never
+    be read again."""
+    try:
+        stored = peek_config(remote.get("config"))["id"]
+    except ObjectNotFound:
+        raise missing_config(remote) from None
+    except CorruptObject as exc:
+        raise exc.explained(KEY_IMPORT_HINT) from None
+    if stored != repo_id:
+        raise CorruptObject("config", f"names repository {stored[:16]}, not {repo_id[:16]}: another repository "
+                                      f"was made at {remote.display_url} since this one was opened")
     if next(iter(remote.list("keys/")), None) is None:
         raise no_key_files()
 

@@ -4,6 +4,7 @@ import datetime
 import errno
 import io
 import os
+import shutil
 
 import pytest
 
@@ -40,6 +41,29 @@ def test_an_object_kept_open_reads_what_another_command_stored_since(tmp_path, t
         assert [e.path for e in kept.tree(latest)] == [e.path for e in kept.tree(first)]
         assert [change for change, _, _ in kept.diff(first, latest)] == ["modified"]
         kept.close()
+
+
+def test_stats_of_an_object_kept_open_count_what_another_command_stored(tmp_path, tree, new_repo, cli):
+    path = str(tmp_path / "repo")
+    kept = new_repo(path)
+    kept.backup([str(tree)])
+    before = kept.stats()
+    (tree / "c").write_bytes(os.urandom(300_000))
+    cli("backup", "-r", path, str(tree))
+    after = kept.stats()
+    assert after.snapshots == 2 and after.blob_raw_bytes >= before.blob_raw_bytes + 300_000
+
+
+def test_an_object_kept_open_stores_nothing_into_a_repository_made_anew_at_its_place(tmp_path, tree, new_repo):
+    path = tmp_path / "repo"
+    kept = new_repo(str(path), ledger=False)  # else its ledger alone refuses (the snapshots it saw are gone)
+    kept.backup([str(tree)])
+    shutil.rmtree(path)
+    new_repo(str(path))
+    with pytest.raises(CorruptObject, match="another repository was made"):
+        kept.backup([str(tree)])
+    assert [p.problem for p in kept.check().problems if p.object == "config"] != []
+    assert Repository.open(str(path), PASSWORD).snapshots() == []
 
 
 def test_an_object_kept_open_sees_tags_another_command_set(tmp_path, tree, new_repo, cli):
@@ -119,6 +143,17 @@ def test_dump_writes_everything_into_a_writer_that_takes_part_of_each_write(tmp_
             repo.dump(snap, "a", _Trickle(fail=fail))
     with pytest.raises(TargetUnwritable):
         repo.dump(snap, "a", _Trickle(none=True))
+
+    class Quiet:  # a writer that returns nothing, as paramiko's files and many response objects do
+        def __init__(self):
+            self.data = bytearray()
+
+        def write(self, b):
+            self.data += b
+
+    quiet = Quiet()
+    repo.dump(snap, "a", quiet)
+    assert bytes(quiet.data) == (tree / "a").read_bytes()
     with pytest.raises(UsageError, match="binary"):
         repo.dump(snap, "a", io.StringIO())
     closed = io.BytesIO()
@@ -198,6 +233,7 @@ def test_open_file_seeks_to_any_offset(tmp_path, new_repo):
     src.mkdir()
     data = os.urandom(3 << 20)
     (src / "big").write_bytes(data)
+    os.link(src / "big", src / "link")
     repo = new_repo()
     snap = repo.backup([str(src)]).snapshot
     rnd = random.Random(5)
@@ -215,13 +251,17 @@ def test_open_file_seeks_to_any_offset(tmp_path, new_repo):
         assert f.seek(500, io.SEEK_CUR) == 1500 and f.read(7) == data[1500:1507]
         with pytest.raises((ValueError, OSError)):
             f.seek(-1)
+    with repo.open_file(snap, "link") as f:
+        assert f.name == "link" and f.read() == data
 
 
 def test_change_password_replaces_the_opening_key(tmp_path, new_repo):
     path = str(tmp_path / "repo")
     repo = new_repo(path)
     new, old = repo.change_password("another one", kdf_seconds=0)
-    assert [k["id"] for k in repo.keys()] == [new] and new != old
-    Repository.open(path, "another one").close()
+    assert [(k["id"], k["current"]) for k in repo.keys()] == [(new, True)] and new != old
+    assert repo.change_password("a third", kdf_seconds=0)[1] == new  # the object opens with the new key now
+    Repository.import_key(path, repo.export_key(), "a third")
+    Repository.open(path, "a third").close()
     with pytest.raises(WrongPassword):
         Repository.open(path, PASSWORD)

@@ -1,6 +1,7 @@
 """Key exports: a repository whose key files or config are lost or damaged opens again from one kept elsewhere."""
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -33,7 +34,9 @@ def backed_up(tmp_path):
 
 
 def objects(path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    """The repository's objects (not the space a local repository keeps back for locks)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != ".reserve"}
 
 
 def restores_exactly(path, src, tmp_path, password=PASSWORD) -> bool:
@@ -195,7 +198,7 @@ def test_cli_export_to_a_file_or_standard_output_and_import_from_either(backed_u
     r = cli("key", "import", "-r", str(path), str(tmp_path / "bad.json"), password="pw", check=13)
     assert "bad.json" in r.stderr.decode()
     r = cli("key", "import", "-r", str(path), "-", "--json", input=piped, password="pw")
-    assert json.loads(r.stdout) == {"id": key.name, "restored": ["config", f"keys/{key.name}"]}
+    assert json.loads(r.stdout) == {"id": key.name, "restored": ["config", f"keys/{key.name}"], "note": ""}
     r = cli("key", "import", "-r", str(path), str(kit), password="pw")
     assert "nothing to put back" in r.stdout.decode()
     assert restores_exactly(path, src, tmp_path)
@@ -218,3 +221,39 @@ def test_import_over_the_backup_service(tmp_path, http_server, monkeypatch):
         out = tmp_path / "out"
         repo.restore("latest", str(out))
         assert describe(out) == describe(src)
+
+
+@pytest.mark.parametrize("evidence", ["snapshots", "keys"])
+def test_another_repositorys_export_puts_no_config_where_the_config_is_lost(backed_up, tmp_path, evidence):
+    """Two repositories often share a password: the other's export opened with it, and its config made this
+    one's snapshots unreadable (and the right export was refused after)."""
+    path, kit, src = backed_up
+    other = Repository.init(str(tmp_path / "other"), PASSWORD, kdf_seconds=0)
+    wrong = other.export_key()
+    other.close()
+    (path / "config").unlink()
+    target = path
+    if evidence == "keys":  # nothing sealed to try there: the key files' clear repository id tells
+        target = tmp_path / "bare"
+        shutil.copytree(path, target)
+        shutil.rmtree(target / "snapshots")
+        shutil.rmtree(target / "index")
+    before = objects(target)
+    with pytest.raises(UsageError, match="not this repository's key export"):
+        Repository.import_key(str(target), wrong, PASSWORD)
+    assert objects(target) == before
+    for where in {target, path}:
+        assert Repository.import_key(str(where), kit, PASSWORD).restored == ["config"]
+    assert restores_exactly(path, src, tmp_path)
+
+
+def test_an_old_export_does_not_bring_back_a_key_a_password_change_retired(backed_up, tmp_path):
+    path, kit, src = backed_up
+    with Repository.open(str(path), PASSWORD) as repo:
+        repo.change_password("new one", kdf_seconds=0)
+        assert Repository.import_key(str(path), repo.export_key(), "new one").restored == []
+    before = objects(path)
+    result = Repository.import_key(str(path), kit, PASSWORD)
+    assert result.restored == [] and "not put back" in result.note and objects(path) == before
+    with pytest.raises(WrongPassword):
+        Repository.open(str(path), PASSWORD)
