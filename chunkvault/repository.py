@@ -16,9 +16,9 @@ import warnings
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
-from .errors import (AmbiguousSnapshot, CorruptObject, MissingObject, OutputClosed, PermissionDenied,
-                     RollbackDetected, SnapshotNotFound, StorageFull, TargetNotEmpty, TargetUnwritable, UsageError,
-                     VerificationFailed, output_error)
+from .errors import (AmbiguousSnapshot, ChunkvaultError, CorruptObject, MissingObject, OutputClosed,
+                     PermissionDenied, RollbackDetected, SnapshotNotFound, StorageFull, TargetNotEmpty,
+                     TargetUnwritable, UsageError, VerificationFailed, output_error)
 from .ledger import Ledger, RepositoryStateWarning, present_of
 from .connection import connect, key_ahead_path
 from .units import parse_share, parse_size
@@ -778,7 +778,8 @@ class Repository:
         from .store.lifecycle import apply_forget
         from .store.locks import EXCLUSIVE, RepoLock
 
-        snapshots, hosts, tags, paths = [_spec(s) for s in _listed(snapshots)], _listed(hosts), _listed(tags), _listed(paths)
+        snapshots = [_spec(s) for s in _listed(snapshots)]
+        hosts, tags, paths = _listed(hosts), _listed(tags), _listed(paths)
         if dry_run:
             return self._plan_forget(self._list(), snapshots, policy, now, hosts, tags, paths, allow_remove_all,
                                      scope)[0]
@@ -885,11 +886,11 @@ class Repository:
         """
         from .store.prune import prune
 
+        max_unused = parse_share(max_unused)
         if dry_run:
             self._list()
         else:
             self._guard()
-        max_unused = parse_share(max_unused)
         return prune(self._repo, max_unused=max_unused, dry_run=dry_run, wait=wait, progress=progress)
 
     def copy_to(self, destination: "Repository", snapshots: Iterable[str] = (),
@@ -1009,8 +1010,6 @@ class Repository:
     def retire_key(self, old: str, new: str, *, wait: float = 3600.0) -> None:
         """``change_password``'s second half: remove ``old``, the key this repository was opened with, now
         that ``new`` is stored (a caller that keeps the new key's secret in a file keeps it from here on)."""
-        from .errors import ChunkvaultError
-
         remote = self._repo.remote
         try:
             self._repo.remove_key(old, own=True, wait=wait)
@@ -1023,7 +1022,8 @@ class Repository:
                         "command replaced its key): use the password that command set")
             except ChunkvaultError:
                 left = f"both passwords open the repository now (key {new[:12]} added): `key remove` one"
-            raise (exc.explained(f"; {left}") if isinstance(exc, CorruptObject) else type(exc)(f"{exc}; {left}")) from None
+            raise (exc.explained(f"; {left}") if isinstance(exc, CorruptObject) else
+                   type(exc)(f"{exc}; {left}")) from None
         except BaseException:  # stopped, most likely while it waited for the lock: nothing is taken back
             try:
                 old_there: bool | None = remote.exists(f"keys/{old}")

@@ -94,7 +94,8 @@ def test_a_repository_that_lost_its_config_is_named_and_not_overwritten(tmp_path
     r = cli("snapshots", "-r", str(tmp_path / "repo"), check=13)
     assert r.stderr.decode().strip().endswith(
         "config: missing at " + str(tmp_path / "repo") + ", which holds repository objects (keys/, data/, index/, "
-        "snapshots/); put back a copy of the config file; a key export of this repository puts it back (`key import FILE`)")
+        "snapshots/); put back a copy of the config file; a key export of this repository puts it back "
+        "(`key import FILE`)")
     r = cli("init", "-r", str(tmp_path / "repo"), check=10)
     assert "lost its config there; not creating one over it" in r.stderr.decode()
     assert sorted(os.listdir(tmp_path / "repo" / "keys")) == keys and not (tmp_path / "repo" / "config").exists()
