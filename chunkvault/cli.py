@@ -821,6 +821,9 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"  affects snapshots: {' '.join(s[:8] for s in p.snapshots)}")
             for f in p.files[:20]:
                 print(f"  affects file {shown_name(f)}")
+            if len(p.files) + p.more_files > 20:
+                print(f"  and {len(p.files) + p.more_files - 20} more files"
+                      + (f" (--json names {len(p.files)})" if len(p.files) > 20 else ""))
         print(f"checked {report.snapshots} snapshots, {report.packs} packs, {report.blobs} blobs"
               + (f"; read {report.packs_read} packs ({_human(report.bytes_read)}), {report.blobs_read} blobs"
                  if report.packs_read else "")
@@ -1095,7 +1098,6 @@ def _key_import(args: argparse.Namespace) -> int:
         warn(result.note)
     _report_key(args, {"id": result.key, "restored": result.restored, "note": result.note},
                 f"put back {', '.join(result.restored)}" if result.restored else
-                "nothing put back" if result.note else
                 f"nothing to put back: key {result.key[:12]} and the config are whole")
     return 0
 

@@ -28,7 +28,7 @@ from .store.backup import Backup, BackupOptions, BackupResult
 from .store.chain import broken_chains, lineage
 from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record
-from .store.repository import Repo
+from .store.repository import NOT_INDEXED, Repo
 from .store.restore import Restorer, RestoreOptions, RestoreResult, include_directory
 from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, select_snapshots
 from .store.source import SourceWalk, markers_of
@@ -1052,10 +1052,10 @@ class Repository:
     @staticmethod
     def import_key(url: str | Remote, export: bytes, password: str | bytes, *, what: str = "key export",
                    wait: float = 3600.0, **remote_options: Any) -> "KeyImport":
-        """Put back the config of ``export`` (what ``export_key`` returned) where the repository at ``url``
-        lacks it or holds it damaged, and its key where that is damaged or no key is left (a key simply absent
-        beside others was removed: ``note`` says so), once ``password`` has opened the exported key: a
-        repository whose keys are gone cannot be opened to do it.  ``what`` names the export in errors;
+        """Put back the config and key of ``export`` (what ``export_key`` returned) that the repository at
+        ``url`` lacks or holds damaged (a key absent beside others: ``note`` warns it may have been retired),
+        once ``password`` has opened the exported key: a repository whose keys are gone cannot be opened to
+        do it.  ``what`` names the export in errors;
         ``wait``: for running backups and reads (the exclusive lock)."""
         from .store.keyexport import KeyExport, import_key
 
@@ -1218,7 +1218,7 @@ class _ChunkStream(io.RawIOBase):
             for blob_id in self.ids:
                 loc = self.repo.locate(blob_id)
                 if loc is None:
-                    raise MissingObject(f"blob {blob_id.hex()}", "not in the index")
+                    raise MissingObject(f"blob {blob_id.hex()}", NOT_INDEXED)
                 starts.append(starts[-1] + loc.raw_length)
             self._starts = starts
         return self._starts

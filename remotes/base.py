@@ -108,6 +108,11 @@ class Remote(ABC):
         service's --max-object-size): packs are made to fit under it.  None: no such limit."""
         return None
 
+    def uncached(self) -> "Remote":
+        """This remote without a local cache in front: what ``check`` reads the stored copies through (a
+        cached copy, read once and kept, would hide damage done to the stored one since)."""
+        return self
+
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         """Remove unfinished writes (temporary objects) older than ``older_than`` seconds; returns how many.
 

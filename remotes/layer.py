@@ -409,6 +409,9 @@ class CachingRemote(Remote):
     def max_object_size(self) -> int | None:
         return self.inner.max_object_size
 
+    def uncached(self) -> Remote:
+        return self.inner.uncached()
+
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         return self.inner.cleanup_temp(older_than)
 

@@ -21,7 +21,7 @@ from .blob import KIND_DELTA, open_blob
 from .config import KeyFile, open_config, peek_config
 from .indexfile import IndexColumns
 from .pack import PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
-from .repository import OBJECT_ID, WORKERS, Repo, pack_key, superseded_names
+from .repository import NOT_INDEXED, OBJECT_ID, WORKERS, Repo, pack_key, superseded_names
 from .snapshot import Snapshot
 from .unlock import KEY_IMPORT_HINT
 
@@ -46,10 +46,16 @@ class Problem:
     object: str
     problem: str
     snapshots: list[str] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # the first MAX_FILES ("id8:path")
+    more_files: int = 0  # and how many more it takes down
 
     def to_dict(self) -> dict:
-        return {"object": self.object, "problem": self.problem, "snapshots": self.snapshots, "files": self.files}
+        return {"object": self.object, "problem": self.problem, "snapshots": self.snapshots, "files": self.files,
+                "more_files": self.more_files}
+
+
+#: Files a problem names; beyond them, only their number.
+MAX_FILES = 100
 
 
 @dataclass
@@ -175,7 +181,7 @@ class Checker:
         base cannot be read, or whose chain is too long, is a problem."""
         repo = self.repo
         names = repo.index_names()
-        read = repo.read_index_objects(names)
+        read = repo.read_index_objects(names, fresh=True)  # the stored copies: a cached one hides their damage
         datas = [(name, got) for name, got in read if isinstance(got, IndexColumns)]
         superseded = superseded_names(got for _, got in datas)
         for name, got in read:
@@ -419,8 +425,7 @@ class Checker:
         while i >= 0:
             cid = ids[32 * i : 32 * i + 32]
             if cid not in self.bad_blobs:
-                self.bad_blobs[cid] = self.problem(f"blob {cid.hex()}", "not in the index (`repair index` finds it if a "
-                                                                        "pack holds it)")
+                self.bad_blobs[cid] = self.problem(f"blob {cid.hex()}", NOT_INDEXED)
             i = found.find(0, i + 1)
 
     def _bad(self, blob_id: bytes) -> Problem | None:
@@ -443,6 +448,7 @@ class Checker:
                     _name(p, s.id)
                     damaged.setdefault(s.id, p)
         chain_of = self.repo.chains(snapshots)
+        last: dict[int, str] = {}  # problem -> the file it was last found in
         for s in snapshots:
             try:
                 broken = [damaged[m.id] for m in chain_of(s) if m.id in damaged]
@@ -459,8 +465,13 @@ class Checker:
                         if p is not None:
                             _name(p, s.id)
                             label = f"{s.id[:8]}:{rec.path.decode('utf-8', 'backslashreplace')}"
-                            if len(p.files) < 100 and label not in p.files:
+                            if label in p.files or last.get(id(p)) == label:
+                                continue
+                            last[id(p)] = label  # a file's other bad chunks come next: counted once
+                            if len(p.files) < MAX_FILES:
                                 p.files.append(label)
+                            else:
+                                p.more_files += 1
             except ChunkvaultError:
                 continue
 

@@ -96,7 +96,7 @@ def export_key(remote: Remote, key_name: str) -> KeyExport:
 @dataclass(frozen=True)
 class KeyImport:
     """What ``import_key`` put back: ``restored`` names the objects written (none when all were whole);
-    ``note`` says why the key was not put back where it was simply absent beside other keys."""
+    ``note`` warns of a key put back where it was absent beside other keys (retired on purpose?)."""
 
     key: str
     restored: list[str]
@@ -108,8 +108,8 @@ EVIDENCE_OBJECTS = 3
 
 
 def import_key(remote: Remote, export: KeyExport, password: bytes, what: str, *, wait: float = 3600.0) -> KeyImport:
-    """Put back the exported config where the repository at ``remote`` lacks it or holds it damaged, and the
-    exported key where it is damaged or no key of the repository is left.  Refuses a repository that is
+    """Put back the exported config and key where the repository at ``remote`` lacks them or holds them
+    damaged (a key absent beside other keys with a note: it may have been retired).  Refuses a repository that is
     not the export's (another id; objects that do not open under the exported key), and a location without
     repository objects (an export alone makes no repository).  Under the exclusive lock, as key passwd."""
     material, _ = export.unlock(password, what)
@@ -134,13 +134,13 @@ def import_key(remote: Remote, export: KeyExport, password: bytes, what: str, *,
             stored_key = None
         note = ""
         if stored_key != export.key:
-            others = _own_keys(remote, export.repo_id) - {export.key_name}
-            if stored_key is None and others:
-                note = (f"key {export.key_name[:12]} not put back: the repository has {len(others)} other key(s), "
-                        "so it was removed (key remove, key passwd); `key add` makes a key for a password")
-            else:
-                remote.put(key, export.key)
-                restored.append(key)
+            if stored_key is None and _own_keys(remote, export.repo_id):
+                # Lost, or removed on purpose: the export and its password read every snapshot either way, so
+                # a key left out would protect nothing, and leave whoever has only that password locked out.
+                note = (f"key {export.key_name[:12]} was not there beside the repository's other keys: if `key "
+                        f"passwd` or `key remove` retired it, `key remove {export.key_name[:12]}` again")
+            remote.put(key, export.key)
+            restored.append(key)
         return KeyImport(export.key_name, restored, note)
 
 

@@ -158,18 +158,8 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
         names, packs = indexed_packs(repo)
         stored = repo.stored_packs()
         named = _resolve_packs(specs, packs.keys() | stored.keys())
-        unindexed = []
-        for pid in sorted(stored.keys() - packs.keys() - set(named)):
-            try:
-                _read_header(repo, pack_key(pid), stored[pid])
-            except ChunkvaultError as exc:  # nothing in it can be found: no obstacle (name it to delete it)
-                report.unreadable_packs.append(f"{pack_key(pid)}: in no index, and {exc}: left as it is")
-                continue
-            unindexed.append(pid)
-        if unindexed:  # they may hold the bases of deltas this would drop as baseless
-            raise UsageError(f"{len(unindexed)} stored pack(s) are in no index ({pack_key(unindexed[0])}"
-                             f"{', ...' if len(unindexed) > 1 else ''}): run `repair index` first, so that what "
-                             "they hold counts as readable")
+        # Unindexed packs may hold the bases of deltas this would drop as baseless.
+        _require_indexed(repo, stored, packs.keys() | set(named), report)
         read: dict[bytes, tuple[PackSalvage, list[PackEntry], dict[PackEntry, bytes]]] = {}
         todo = named
         while todo:
@@ -239,6 +229,24 @@ def _read_intact(repo: Repo, pid: bytes, entries: list[PackEntry] | None, stored
     return found, entries, {e: env for e, env in candidates.items() if _intact(repo, e, env)}
 
 
+def _require_indexed(repo: Repo, stored: dict[bytes, int], indexed: Iterable[bytes], report: RepairReport) -> None:
+    """UsageError naming `repair index` when a stored pack whose header reads is in no index: what it holds
+    counts as lost until then, and a repair would drop (or advise forgetting) what is only unindexed.  One
+    whose header does not read is noted in ``report`` and left as it is."""
+    unindexed = []
+    for pid in sorted(stored.keys() - set(indexed)):
+        try:
+            _read_header(repo, pack_key(pid), stored[pid])
+        except ChunkvaultError as exc:  # nothing in it can be found: no obstacle (name it to delete it)
+            report.unreadable_packs.append(f"{pack_key(pid)}: in no index, and {exc}: left as it is")
+            continue
+        unindexed.append(pid)
+    if unindexed:
+        raise UsageError(f"{len(unindexed)} stored pack(s) are in no index ({pack_key(unindexed[0])}"
+                         f"{', ...' if len(unindexed) > 1 else ''}): run `repair index` first, so that what "
+                         "they hold counts as readable")
+
+
 def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) -> RepairReport:
     """Drop the files whose data is gone; list the snapshots nothing can repair.
 
@@ -251,6 +259,7 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
         repo.load_index()
         index = repo.index
         stored = repo.stored_packs()
+        _require_indexed(repo, stored, (pid for pid in repo.pack_ids if pid is not None), report)
 
         def gone(blob_id: bytes) -> bool:
             for b in (blob_id, *repo.delta_chain(blob_id)):

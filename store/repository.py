@@ -65,6 +65,10 @@ READ_GAP_REMOTE = 1 << 20
 RECENT_RANGES_BYTES = 32 << 20
 
 
+#: A blob the index does not list: lost, or in a pack whose index object was lost.
+NOT_INDEXED = "not in the index (`repair index` finds it if a pack holds it)"
+
+
 def pack_key(pack_id: bytes) -> str:
     h = pack_id.hex()
     return f"data/{h[:2]}/{h}"
@@ -264,8 +268,8 @@ class Repo:
             self.pack_ids[pack_no] = pack_id
             self._pack_nos.setdefault(pack_id, pack_no)
 
-    def _index_bytes(self, name: str) -> bytes:
-        data = self.remote.get(f"index/{name}")
+    def _index_bytes(self, name: str, fresh: bool = False) -> bytes:
+        data = (self.remote.uncached() if fresh else self.remote).get(f"index/{name}")
         if content_name(data) != name:
             raise CorruptObject(f"index/{name}", "content does not match its name")
         return data
@@ -273,12 +277,13 @@ class Repo:
     def read_index_object(self, name: str) -> IndexData:
         return self._index_object(name, decode_index)
 
-    def read_index_columns(self, name: str) -> IndexColumns:
-        return self._index_object(name, decode_index_columns)
+    def read_index_columns(self, name: str, fresh: bool = False) -> IndexColumns:
+        return self._index_object(name, decode_index_columns, fresh)
 
-    def _index_object(self, name: str, decode: Callable[[Sealer, bytes, str], IndexT]) -> IndexT:
+    def _index_object(self, name: str, decode: Callable[[Sealer, bytes, str], IndexT],
+                      fresh: bool = False) -> IndexT:
         try:
-            return decode(self.sealer, self._index_bytes(name), f"index/{name}")
+            return decode(self.sealer, self._index_bytes(name, fresh), f"index/{name}")
         except CorruptObject as exc:
             raise exc.explained("; `repair index` rebuilds the index from the packs") from None
 
@@ -293,11 +298,13 @@ class Repo:
         reported as damaged index objects, they stopped every backup, and `repair index` with them."""
         return [name for o in self.remote.list("index/") if OBJECT_ID.fullmatch(name := o.key.split("/", 1)[1])]
 
-    def read_index_objects(self, names: list[str]) -> list[tuple[str, IndexColumns | CorruptObject | ObjectNotFound]]:
-        """Each index object named, decoded, or why it cannot be: read ``OBJECT_READERS`` at a time."""
+    def read_index_objects(self, names: list[str], *, fresh: bool = False
+                           ) -> list[tuple[str, IndexColumns | CorruptObject | ObjectNotFound]]:
+        """Each index object named, decoded, or why it cannot be: read ``OBJECT_READERS`` at a time; ``fresh``:
+        the stored copies, past any local cache (``check``)."""
         def read(name: str) -> IndexColumns | CorruptObject | ObjectNotFound:
             try:
-                return self.read_index_columns(name)
+                return self.read_index_columns(name, fresh)
             except (CorruptObject, ObjectNotFound) as exc:
                 return exc
 
@@ -413,7 +420,7 @@ class Repo:
     def read_envelope(self, blob_id: bytes) -> tuple[bytes, int]:
         loc = self.locate(blob_id)
         if loc is None:
-            raise MissingObject(f"blob {blob_id.hex()}", "not in the index")
+            raise MissingObject(f"blob {blob_id.hex()}", NOT_INDEXED)
         pack_id = self.pack_ids[loc.pack_no]
         if pack_id is None:
             raise MissingObject(f"blob {blob_id.hex()}", "its pack is not stored yet")

@@ -111,7 +111,11 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
         except CorruptObject as exc:
             corrupt = exc
             continue
-        unlocked = Unlocked(material, open_config(raw_config, Sealer(material.enc_key)), kf.name)
+        try:
+            config = open_config(raw_config, Sealer(material.enc_key))
+        except CorruptObject as exc:
+            raise exc.explained(KEY_IMPORT_HINT) from None
+        unlocked = Unlocked(material, config, kf.name)
         if ahead is not None and kf.kdf != KDF_SECRET:
             ahead.remember(raws[kf.name])
         return unlocked
@@ -129,4 +133,5 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
     if corrupt is not None:  # the key this password opens may be the damaged one
         raise WrongPassword(f"wrong password, or the key it opens is damaged (no other key of this repository "
                             f"opens with it; {corrupt.object_name}: {corrupt.reason}){KEY_IMPORT_HINT}")
-    raise WrongPassword("wrong password (no key of this repository opens with it)")
+    raise WrongPassword("wrong password (no key of this repository opens with it; if its key file was lost, a "
+                        "key export of it puts it back: `key import FILE`)")

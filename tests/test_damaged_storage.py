@@ -469,7 +469,7 @@ def test_damaged_key_file_is_named_when_no_key_opens(tmp_path, new_repo, passwor
     assert [(k["id"], k["kdf"]) for k in repo.keys() if not k["current"]] == [(other, "damaged")]
     repo.remove_key(other[:8])
     assert repo.check().ok
-    with pytest.raises(WrongPassword, match=r"^wrong password \(no key of this repository opens with it\)$"):
+    with pytest.raises(WrongPassword, match=r"^wrong password \(no key of this repository opens with it; if its key "):
         Repository.open(str(tmp_path / "repo"), "second password")
 
 
@@ -755,3 +755,47 @@ def test_repair_packs_salvages_two_packs_whose_files_were_swapped(tmp_path, new_
     repo.restore(snap.id, str(tmp_path / "out"))
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == \
         {p.name: p.read_bytes() for p in src.iterdir()}
+
+
+def test_repair_snapshots_with_a_lost_index_object_points_to_repair_index_not_to_forget(tmp_path, new_repo, cli):
+    """Every pack there, one index object gone: the snapshots it indexed were called beyond repair, and the
+    advised forget and prune then deleted the pack that `repair index` would have indexed again."""
+    path = tmp_path / "repo"
+    repo = new_repo(str(path))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("one\n")
+    repo.backup([str(src)])
+    first = set(os.listdir(path / "index"))
+    (src / "b").write_bytes(os.urandom(100_000))
+    repo.backup([str(src)])
+    for name in set(os.listdir(path / "index")) - first:
+        os.unlink(path / "index" / name)
+    for args in (["repair", "snapshots"], ["repair", "snapshots", "--confirm", "REPAIR"]):
+        r = cli(*args, "-r", str(path), check=2)
+        assert "in no index" in r.stderr.decode() and "`repair index` first" in r.stderr.decode()
+    cli("repair", "index", "-r", str(path))
+    out = tmp_path / "out"
+    cli("restore", "latest", "-r", str(path), "--target", str(out))
+    assert (out / "b").read_bytes() == (src / "b").read_bytes()
+
+
+def test_check_counts_the_files_a_problem_takes_down_beyond_those_it_names(tmp_path, new_repo, cli):
+    """A lost pack of many small files: check named the first 20 (100 in JSON) and said nothing of the rest."""
+    path = tmp_path / "repo"
+    repo = new_repo(str(path))
+    src = tmp_path / "src"
+    src.mkdir()
+    same = os.urandom(2000)
+    for i in range(130):  # one chunk: losing it takes every file down
+        (src / f"f{i:03}").write_bytes(same)
+    repo.backup([str(src)])
+    (first,) = [p for p in (path / "data").rglob("*") if p.is_file()]
+    (src / "other").write_text("x")
+    repo.backup([str(src)], kind="full")  # its manifest in another pack: its files are what is named
+    first.unlink()
+    doc = json.loads(cli("check", "-r", str(path), "--json", check=18).stdout)
+    (lost,) = [p for p in doc["problems"] if p["files"]]
+    assert len(lost["files"]) == 100 and lost["more_files"] == 30
+    text = cli("check", "-r", str(path), check=18).stdout.decode()
+    assert text.count("  affects file ") == 20 and "  and 110 more files (--json names 100)" in text

@@ -209,3 +209,22 @@ def test_packs_fit_under_the_services_limit_on_object_size(tmp_path, serve_facto
         with pytest.raises(RemoteError, match="takes objects of at most 1048576 bytes, and a pack holding one "
                                               "chunk of this backup needs .*--max-object-size"):
             repo.backup([str(src)])
+
+
+def test_check_reads_the_stored_index_objects_past_the_local_cache(tmp_path, http_server, monkeypatch, password):
+    """Index objects are named by their content and cached for good: check read the cached copy, and said
+    "no problems" about a stored one damaged since."""
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    make_tree(src, 3)
+    with Repository.init(http_server.url, password, kdf_seconds=0, token=FULL_TOKEN) as repo:
+        repo.backup([str(src)])
+    with Repository.open(http_server.url, password, token=FULL_TOKEN) as repo:
+        repo.restore("latest", str(tmp_path / "out"))  # the index objects read, and cached
+        assert repo.check().ok
+    (stored,) = (http_server.path / "index").iterdir()
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 1
+    stored.write_bytes(bytes(data))
+    with Repository.open(http_server.url, password, token=FULL_TOKEN) as repo:
+        assert f"index/{stored.name}" in [p.object for p in repo.check().problems]
