@@ -29,10 +29,10 @@ def test_index_loads_once_and_whole_when_many_threads_ask(stored, password, monk
     real = repo.read_index_columns
     calls = []
 
-    def slow(name):
+    def slow(name, fresh=False):
         calls.append(name)
         time.sleep(0.05)
-        return real(name)
+        return real(name, fresh)
 
     monkeypatch.setattr(repo, "read_index_columns", slow)
     barrier = threading.Barrier(8)
