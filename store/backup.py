@@ -1008,6 +1008,16 @@ class Backup:
             if source is not None:
                 source.close()
 
+    def _unindexed_note(self) -> str:
+        """Where the parent cannot be read: stored packs in no index (their index objects lost?) are named,
+        with what finds their blobs again; this backup stores what it reads of them once more."""
+        indexed = {pid for pid in self.repo.pack_ids if pid is not None}
+        unindexed = len(self.repo.stored_packs().keys() - indexed)
+        if not unindexed:
+            return ""
+        return (f"; {unindexed} stored pack(s) are in no index (another backup's in flight, or their index "
+                "objects lost: `repair index` finds what they hold, and this backup stores it again meanwhile)")
+
     def _run(self, source: SourceWalk | None, paths: list[str], *,
              stream: BinaryIO | None, stdin_name: str | None) -> BackupResult:
         started = time.monotonic()
@@ -1028,7 +1038,8 @@ class Backup:
             if parent is not same[-1]:
                 self.warnings.append(f"snapshot {same[-1].id[:8]} cannot be read in full (a snapshot or manifest "
                                      f"of its chain is damaged: see `check`): the parent is "
-                                     f"{parent.id[:8] if parent else 'none (a full snapshot is made)'}")
+                                     f"{parent.id[:8] if parent else 'none (a full snapshot is made)'}"
+                                     + self._unindexed_note())
         chain = repo.chain_of(parent, snapshots) if parent is not None else []
         s = repo.config.settings
         kind = choose_kind(self.opt.kind, chain, s.full_every, s.max_diff_share)

@@ -799,3 +799,16 @@ def test_check_counts_the_files_a_problem_takes_down_beyond_those_it_names(tmp_p
     assert len(lost["files"]) == 100 and lost["more_files"] == 30
     text = cli("check", "-r", str(path), check=18).stdout.decode()
     assert text.count("  affects file ") == 20 and "  and 110 more files (--json names 100)" in text
+
+
+def test_a_backup_after_every_index_object_is_lost_names_repair_index(chain, password):
+    """Its parent unreadable (no index lists its manifest), it made a full and stored everything again, and
+    its warning pointed to the snapshots alone."""
+    repo_dir, repo, full, diff, src = chain
+    for name in os.listdir(repo_dir / "index"):
+        os.unlink(repo_dir / "index" / name)
+    repo = Repository.open(str(repo_dir), password)
+    warnings = repo.backup([str(src)], fixed_chunks=["db"]).warnings
+    assert any("in no index" in w and "`repair index` finds what they hold" in w for w in warnings), warnings
+    repo.repair_index()
+    assert repo.check().ok
