@@ -24,7 +24,7 @@ from .manifest_io import store_manifest
 from .pack import PackEntry, fetch_header, readable_ids
 from .prune import indexed_packs, packs_of, read_index_data, replace_index, store_envelopes
 from .repository import OBJECT_ID, PreparedBlob, Repo, pack_key
-from .snapshot import KIND_FULL
+from .snapshot import KIND_FULL, Snapshot
 
 
 @dataclass
@@ -97,18 +97,20 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
     return report
 
 
-def _links_to_damaged(tree: Iterable[Record], damaged: Callable[[Record], bool]) -> list[bytes]:
-    """The hard links of a snapshot's tree whose target is a file dropped as damaged: left in, each would
-    restore to nothing, and `verify-restore` would fail on it every time."""
-    gone: set[bytes] = set()
+def _damage_in_tree(tree: Iterable[Record], damaged: Callable[[Record], bool]) -> tuple[list[bytes], list[bytes]]:
+    """Of a snapshot's resolved tree: the damaged files (a differential's own, and those it inherits from
+    its chain), and the hard links whose target is one of them (left in, each would restore to nothing,
+    and `verify-restore` would fail on it every time)."""
+    gone: list[bytes] = []
     links: list[tuple[bytes, bytes]] = []
     for rec in tree:
         e = rec.entry
         if e is not None and e.type == T_HARDLINK:
             links.append((rec.path, e.target))
         elif damaged(rec):
-            gone.add(rec.path)
-    return [path for path, target in links if target in gone]
+            gone.append(rec.path)
+    lost = set(gone)
+    return gone, [path for path, target in links if target in lost]
 
 
 def _read_header(repo: Repo, key: str, size: int) -> list[PackEntry]:
@@ -286,6 +288,9 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
             if paths:
                 damaged_paths[snap.id] = paths
         chain_of = repo.chains(snapshots)
+        # Every tree is read before any manifest is rewritten: a differential's files lost with its parent's
+        # (inherited, not in its own manifest) are named too, and the same with --confirm as without.
+        plans: list[tuple[Snapshot, list[bytes], list[bytes]]] = []
         for snap in snapshots:
             reason = unreadable.get(snap.id)
             if reason is None:
@@ -299,8 +304,12 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
                 report.unrestorable.append((snap.id, reason))
                 continue
             paths = damaged_paths.get(snap.id, [])
-            links = _links_to_damaged(repo.tree(snap, snapshots), damaged) if damaged_paths else []
-            report.dropped += [(snap.id, path.decode("utf-8", "backslashreplace")) for path in paths + links]
+            lost, links = _damage_in_tree(repo.tree(snap, snapshots), damaged) if damaged_paths else ([], [])
+            own = set(paths)
+            report.dropped += [(snap.id, path.decode("utf-8", "backslashreplace"))
+                               for path in paths + [p for p in lost if p not in own] + links]
+            plans.append((snap, paths, links))
+        for snap, paths, links in plans:
             if not (paths or links) or dry_run:
                 continue
             dropped = set(links)

@@ -812,3 +812,26 @@ def test_a_backup_after_every_index_object_is_lost_names_repair_index(chain, pas
     assert any("in no index" in w and "`repair index` finds what they hold" in w for w in warnings), warnings
     repo.repair_index()
     assert repo.check().ok
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_repair_snapshots_names_the_files_a_differential_loses_with_its_parents(tmp_path, new_repo, dry_run):
+    """A differential restores the files it inherits from its parent: those its parent loses, it loses too,
+    and its restore then lacked them unnamed."""
+    path = tmp_path / "repo"
+    repo = new_repo(str(path))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(300_000))
+    (src / "b").write_text("one\n")
+    repo.backup([str(src)])
+    (first,) = [p for p in (path / "data").rglob("*") if p.is_file()]
+    (src / "b").write_text("two\n")
+    full = repo.backup([str(src)], kind="full").snapshot  # a's chunk deduplicates into the first pack
+    (src / "b").write_text("three\n")
+    diff = repo.backup([str(src)], kind="diff").snapshot
+    assert diff.parent == full.id
+    first.unlink()
+    repo.repair_index()
+    report = repo.repair_snapshots(dry_run=dry_run)
+    assert sorted((s, p) for s, p in report.dropped) == sorted([(full.id, "a"), (diff.id, "a")])
