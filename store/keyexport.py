@@ -109,9 +109,10 @@ EVIDENCE_OBJECTS = 3
 
 def import_key(remote: Remote, export: KeyExport, password: bytes, what: str, *, wait: float = 3600.0) -> KeyImport:
     """Put back the exported config and key where the repository at ``remote`` lacks them or holds them
-    damaged (a key absent beside other keys with a note: it may have been retired).  Refuses a repository that is
-    not the export's (another id; objects that do not open under the exported key), and a location without
-    repository objects (an export alone makes no repository).  Under the exclusive lock, as key passwd."""
+    damaged (a key absent beside other keys with a note: it may have been retired).  Refuses a repository
+    that is not the export's (another id; objects that do not open under the exported key), and a location
+    without repository objects (an export alone makes no repository).  Under the exclusive lock, as key
+    passwd."""
     material, _ = export.unlock(password, what)
     if remote.stat("config") is None and not repository_objects(remote):
         raise missing_config(remote)  # before the lock, which would be the first object there
@@ -144,18 +145,20 @@ def import_key(remote: Remote, export: KeyExport, password: bytes, what: str, *,
         return KeyImport(export.key_name, restored, note)
 
 
-def _own_keys(remote: Remote, repo_id: str) -> set[str]:
-    """The key files that decode and name ``repo_id`` (or no repository, as the oldest do)."""
-    out = set()
+def _key_files(remote: Remote) -> list[KeyFile]:
+    """The repository's key files that decode."""
+    out = []
     for o in remote.list("keys/"):
-        name = o.key.split("/", 1)[1]
         try:
-            kf = KeyFile.decode(name, remote.get(o.key))
+            out.append(KeyFile.decode(o.key.split("/", 1)[1], remote.get(o.key)))
         except (CorruptObject, UnsupportedFormat, ObjectNotFound):
             continue
-        if not kf.repo or kf.repo == repo_id:
-            out.add(name)
     return out
+
+
+def _own_keys(remote: Remote, repo_id: str) -> set[str]:
+    """The key files that decode and name ``repo_id`` (or no repository, as the oldest do)."""
+    return {kf.name for kf in _key_files(remote) if not kf.repo or kf.repo == repo_id}
 
 
 def _require_same_repository(remote: Remote, export: KeyExport, material: KeyMaterial, what: str) -> None:
@@ -174,14 +177,7 @@ def _require_same_repository(remote: Remote, export: KeyExport, material: KeyMat
                 return
             except (CorruptObject, ObjectNotFound):
                 continue
-    others = set()
-    for o in remote.list("keys/"):
-        try:
-            kf = KeyFile.decode(o.key.split("/", 1)[1], remote.get(o.key))
-        except (CorruptObject, UnsupportedFormat, ObjectNotFound):
-            continue
-        if kf.repo and kf.repo != export.repo_id:
-            others.add(kf.repo)
+    others = {kf.repo for kf in _key_files(remote) if kf.repo and kf.repo != export.repo_id}
     if tried or others:
         why = (f"its key files name repository {sorted(others)[0][:16]}" if others else
                f"none of {tried} of its snapshot and index objects opens under the exported key")
