@@ -42,19 +42,20 @@ def pack_index_bytes(entries: list[PackEntry]) -> int:
 
 def split_index(index: IndexData, max_bytes: int | None = None) -> list[IndexData]:
     """``index`` as parts of at most PACKS_PER_INDEX packs each and, with ``max_bytes`` (a remote's limit on
-    an object's size), each small enough to store; ``supersedes`` is left to the caller."""
-    parts: list[IndexData] = []
-    budget = None if max_bytes is None else max(1, max_bytes - INDEX_SLACK - 32 * len(index.supersedes))
-    size = 0
+    an object's size), each small enough to store; the first part carries ``index.supersedes``, with room
+    for them (a prune or repair replacing many index objects names them all)."""
+    parts = [IndexData(supersedes=list(index.supersedes))]
+    budget = None if max_bytes is None else max(1, max_bytes - INDEX_SLACK)
+    size = 32 * len(index.supersedes)
     for pack_id, entries in index.packs.items():
         need = pack_index_bytes(entries)
-        if not parts or len(parts[-1].packs) >= PACKS_PER_INDEX or (
-                budget is not None and size + need > budget and parts[-1].packs):
+        if parts[-1].packs and (len(parts[-1].packs) >= PACKS_PER_INDEX
+                                or (budget is not None and size + need > budget)):
             parts.append(IndexData())
             size = 0
         parts[-1].packs[pack_id] = entries
         size += need
-    return parts or [IndexData()]
+    return parts
 
 
 def encode_index(sealer: Sealer, index: IndexData) -> bytes:

@@ -261,8 +261,8 @@ def replace_index(repo: Repo, new_index: IndexData, old_names: list[str],
     """Write ``new_index`` in parts, then delete ``old_names``: the part that supersedes them is written
     last, so no reader sees a new index that is not complete.  ``ensure_held``: before each part and each
     deletion (a prune that took the lock for stale may have deleted the new packs as unindexed)."""
-    parts = split_index(new_index, repo.remote.max_object_size)
-    parts[0].supersedes = [bytes.fromhex(n) for n in old_names]
+    superseding = IndexData(new_index.packs, [bytes.fromhex(n) for n in old_names])
+    parts = split_index(superseding, repo.remote.max_object_size)
     for part in parts[1:] + parts[:1]:
         ensure_held()
         repo.write_index(part)

@@ -56,15 +56,18 @@ def test_index_objects_of_many_small_blobs_fit_through_backup_prune_and_repair(t
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 5)), max_size=60), st.integers(100, 5000))
-def test_split_index_keeps_every_pack_in_order_and_each_part_under_the_budget(packs, limit):
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 5)), max_size=60), st.integers(100, 5000),
+       st.integers(0, 20))
+def test_split_index_keeps_every_pack_in_order_and_each_part_under_the_budget(packs, limit, superseded):
     index = IndexData({bytes([i % 256, i // 256]) * 16: [PackEntry(os.urandom(32), KIND_DELTA if j < deltas else 0,
                                                                     0, 1, 1, os.urandom(32) if j < deltas else None)
                                                           for j in range(n)]
-                       for i, (n, deltas) in enumerate(packs)})
+                       for i, (n, deltas) in enumerate(packs)}, [os.urandom(32) for _ in range(superseded)])
     parts = split_index(index, limit + INDEX_SLACK)
     assert [p for part in parts for p in part.packs] == list(index.packs)
+    assert parts[0].supersedes == index.supersedes and not any(part.supersedes for part in parts[1:])
     for part in parts:
-        size = sum(pack_index_bytes(e) for e in part.packs.values())
-        assert size <= limit or len(part.packs) == 1
+        size = sum(pack_index_bytes(e) for e in part.packs.values()) + 32 * len(part.supersedes)
+        # over the budget only with one pack, or none beside superseded names that alone exceed it
+        assert size <= limit or len(part.packs) == 1 or (not part.packs and 32 * len(part.supersedes) > limit)
     assert len(split_index(index)) == 1
