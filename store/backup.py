@@ -1011,8 +1011,7 @@ class Backup:
     def _unindexed_note(self) -> str:
         """Where the parent cannot be read: stored packs in no index (their index objects lost?) are named,
         with what finds their blobs again; this backup stores what it reads of them once more."""
-        indexed = {pid for pid in self.repo.pack_ids if pid is not None}
-        unindexed = len(self.repo.stored_packs().keys() - indexed)
+        unindexed = len(self.repo.unindexed_packs())
         if not unindexed:
             return ""
         return (f"; {unindexed} stored pack(s) are in no index (another backup's in flight, or their index "

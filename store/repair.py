@@ -161,7 +161,8 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
         stored = repo.stored_packs()
         named = _resolve_packs(specs, packs.keys() | stored.keys())
         # Unindexed packs may hold the bases of deltas this would drop as baseless.
-        _require_indexed(repo, stored, packs.keys() | set(named), report)
+        _require_indexed(repo, {pid: size for pid, size in stored.items() if pid not in packs and pid not in named},
+                         report)
         read: dict[bytes, tuple[PackSalvage, list[PackEntry], dict[PackEntry, bytes]]] = {}
         todo = named
         while todo:
@@ -231,14 +232,14 @@ def _read_intact(repo: Repo, pid: bytes, entries: list[PackEntry] | None, stored
     return found, entries, {e: env for e, env in candidates.items() if _intact(repo, e, env)}
 
 
-def _require_indexed(repo: Repo, stored: dict[bytes, int], indexed: Iterable[bytes], report: RepairReport) -> None:
-    """UsageError naming `repair index` when a stored pack whose header reads is in no index: what it holds
-    counts as lost until then, and a repair would drop (or advise forgetting) what is only unindexed.  One
-    whose header does not read is noted in ``report`` and left as it is."""
+def _require_indexed(repo: Repo, unlisted: dict[bytes, int], report: RepairReport) -> None:
+    """UsageError naming `repair index` when a stored pack no index lists (``unlisted``: id -> size) has a
+    header that reads: what it holds counts as lost until then, and a repair would drop (or advise forgetting)
+    what is only unindexed.  One whose header does not read is noted in ``report`` and left as it is."""
     unindexed = []
-    for pid in sorted(stored.keys() - set(indexed)):
+    for pid in sorted(unlisted):
         try:
-            _read_header(repo, pack_key(pid), stored[pid])
+            _read_header(repo, pack_key(pid), unlisted[pid])
         except ChunkvaultError as exc:  # nothing in it can be found: no obstacle (name it to delete it)
             report.unreadable_packs.append(f"{pack_key(pid)}: in no index, and {exc}: left as it is")
             continue
@@ -261,7 +262,7 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
         repo.load_index()
         index = repo.index
         stored = repo.stored_packs()
-        _require_indexed(repo, stored, (pid for pid in repo.pack_ids if pid is not None), report)
+        _require_indexed(repo, repo.unindexed_packs(stored), report)
 
         def gone(blob_id: bytes) -> bool:
             for b in (blob_id, *repo.delta_chain(blob_id)):

@@ -287,6 +287,13 @@ class Repo:
         except CorruptObject as exc:
             raise exc.explained("; `repair index` rebuilds the index from the packs") from None
 
+    def unindexed_packs(self, stored: dict[bytes, int] | None = None) -> dict[bytes, int]:
+        """The stored packs (``stored``, else listed now) that the loaded index lists nothing of: another
+        backup's in flight, or packs whose index objects were lost."""
+        stored = self.stored_packs() if stored is None else stored
+        indexed = set(self.pack_ids)
+        return {pid: size for pid, size in stored.items() if pid not in indexed}
+
     def stored_packs(self) -> dict[bytes, int]:
         """Pack id -> size of every pack stored under data/ (objects not named by a pack id left out)."""
         return {bytes.fromhex(name): o.size for o in self.remote.list("data/")
