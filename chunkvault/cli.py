@@ -18,7 +18,7 @@ from . import __version__, interrupts, passwords
 from .display import one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .remotes.layer import stop_request
-from .errors import (ChunkvaultError, CorruptObject, OutputClosed, PartialBackup, TargetNotEmpty, TargetUnwritable,
+from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, OutputClosed, PartialBackup, TargetNotEmpty, TargetUnwritable,
                      UsageError, VerificationFailed, output_error)
 from .store.chain import lineage
 from .store.manifest import T_DIR, TYPE_NAMES, Entry
@@ -1245,7 +1245,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     common.add_argument("-o", "--option", action="append", metavar="SCHEME.NAME=VALUE",
                         help="remote option, repeatable: s3.region=R, s3.addressing-style=path, "
                              "sftp.accept-new-host-key=yes, sftp.key-file=F, sftp.transport=paramiko, http.token-file=F, http.ca-file=F, "
-                             "file.direct-io=no")
+                             "file.direct-io=no, s3.read-timeout=S, http.connect-timeout=S (README: Remote URLs)")
     common.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (or AWS_ENDPOINT_URL)")
     common.add_argument("--s3-storage-class", metavar="CLASS",
                         help="storage class of data packs, e.g. STANDARD_IA (metadata stays STANDARD)")
@@ -1536,11 +1536,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
-    """A warning about the repository's state is one line on stderr, never on stdout (--json)."""
-    from .ledger import RepositoryStateWarning
-
+    """chunkvault's own warnings are one line on stderr, never on stdout (--json)."""
     def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
-        if issubclass(category, RepositoryStateWarning):
+        if issubclass(category, ChunkvaultWarning):
             warn(message)
         else:
             fallback(message, category, *rest, **kw)

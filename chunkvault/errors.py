@@ -11,6 +11,14 @@ import errno
 from typing import Any
 
 
+class ChunkvaultWarning(UserWarning):
+    """Base of the warnings chunkvault gives: the CLI prints each as one line on stderr."""
+
+
+class RemoteRetryWarning(ChunkvaultWarning):
+    """A remote operation failed transiently and is tried again (at most one a few seconds per remote)."""
+
+
 class ChunkvaultError(Exception):
     """Base of every error chunkvault raises on purpose."""
 

@@ -22,13 +22,13 @@ import warnings
 from datetime import datetime, timezone
 from typing import Callable, Collection, Iterable
 
-from .errors import RollbackDetected
+from .errors import ChunkvaultWarning, RollbackDetected
 from .store import ledger as logic
 from .store.ledger import REPLAYED, Finding, LedgerState
 from .store.snapshot import Snapshot
 
 
-class RepositoryStateWarning(UserWarning):
+class RepositoryStateWarning(ChunkvaultWarning):
     """The repository contradicts this client's ledger, the ledger file is unusable, or a snapshot object
     does not load (it is left out)."""
 

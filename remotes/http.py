@@ -53,6 +53,7 @@ from typing import Any, Iterator
 from urllib.parse import quote, urlencode, urlparse
 
 import urllib3
+import urllib3.connection
 import urllib3.exceptions as u3
 
 from chunkvault.errors import (
@@ -144,6 +145,36 @@ def _cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
     return cause if isinstance(cause, ssl.SSLCertVerificationError) else None
 
 
+SEND_BLOCK = 64 * 1024
+
+
+def _pool_classes(send_timeout: float) -> dict[str, type]:
+    """Connection pools whose connections send under ``send_timeout`` per block once connected.
+
+    urllib3 sends a request under the connect timeout, and ``sendall`` counts it over the whole
+    body since Python 3.5: a 16 MiB pack then failed on any link slower than 1.6 MB/s.  Here a
+    body goes out in ``SEND_BLOCK`` pieces, each given the read timeout (the time a stalled
+    link is waited for), while connecting keeps the connect timeout."""
+    def timed_send(base: type) -> type:
+        def send(self: Any, data: Any) -> None:
+            if self.sock is None:
+                self.connect()
+            self.sock.settimeout(send_timeout)
+            base.send(self, data)
+        return type(f"Timed{base.__name__}", (base,), {"send": send})
+
+    return {"http": type("TimedHTTPPool", (urllib3.HTTPConnectionPool,),
+                         {"ConnectionCls": timed_send(urllib3.connection.HTTPConnection)}),
+            "https": type("TimedHTTPSPool", (urllib3.HTTPSConnectionPool,),
+                          {"ConnectionCls": timed_send(urllib3.connection.HTTPSConnection)})}
+
+
+def _blocks(body: bytes) -> Iterator[memoryview]:
+    view = memoryview(body)
+    for start in range(0, len(view), SEND_BLOCK):
+        yield view[start : start + SEND_BLOCK]
+
+
 class HTTPRemote(Remote):
     """Objects on a ``chunkvault serve`` service; one thread-safe connection pool per remote."""
 
@@ -172,6 +203,7 @@ class HTTPRemote(Remote):
         if self._origin.startswith("https:"):
             tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(ca_file) if ca_file else None}
         self._pool = urllib3.PoolManager(num_pools=1, maxsize=pool_size, block=True, timeout=timeout, retries=False, **tls)
+        self._pool.pool_classes_by_scheme = _pool_classes(self.read_timeout)
         from chunkvault import __version__
 
         self._headers = {"User-Agent": f"chunkvault/{__version__}"}
@@ -191,7 +223,7 @@ class HTTPRemote(Remote):
 
     # -- transport ----------------------------------------------------------
 
-    def _request(self, method: str, path: str, op: str, what: str, *, body: bytes | None = None,
+    def _request(self, method: str, path: str, op: str, what: str, *, body: Any = None,
                  headers: dict[str, str] | None = None) -> Any:
         if self._closed:
             raise RemoteError(f"{self.display_url} is closed")
@@ -292,7 +324,7 @@ class HTTPRemote(Remote):
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
         if if_absent:
             headers["If-None-Match"] = "*"
-        response = self._request("PUT", self._object_path(key), "put", key, body=body, headers=headers)
+        response = self._request("PUT", self._object_path(key), "put", key, body=_blocks(body), headers=headers)
         if not 200 <= response.status < 300:
             raise self._error(response, "put", key)
 

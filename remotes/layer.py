@@ -13,11 +13,12 @@ import secrets
 import struct
 import threading
 import time
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from chunkvault.errors import ChunkvaultError, ObjectExists, ObjectNotFound, RemoteUnavailable
+from chunkvault.errors import ChunkvaultError, ObjectExists, ObjectNotFound, RemoteRetryWarning, RemoteUnavailable
 
 from .base import ObjectInfo, Remote, validate_key
 
@@ -79,6 +80,9 @@ class StopRequest:
 #: The process's stop request: the command layer makes it when told to stop, and clears it when done.
 stop_request = StopRequest()
 
+#: Seconds between two retry warnings of one remote: a remote that is down fails on every thread at once.
+RETRY_WARNING_INTERVAL = 10.0
+
 
 class RetryingRemote(Remote):
     """Retries transient failures of ``inner`` with exponential backoff and full jitter.
@@ -122,6 +126,22 @@ class RetryingRemote(Remote):
         self._rng_lock = threading.Lock()
         self._clock = clock
         self.retries = 0  # transient failures absorbed so far (all threads)
+        self._warned_at: float | None = None
+        self._unreported = 0  # retries since the last warning
+
+    def _report(self, what: str, made: int, delay: float, error: BaseException) -> None:
+        """Say that the remote fails and is tried again: a stalled remote otherwise kept a command silent
+        for the minutes its retries may take."""
+        now = self._clock()
+        with self._rng_lock:
+            if self._warned_at is not None and now - self._warned_at < RETRY_WARNING_INTERVAL:
+                self._unreported += 1
+                return
+            self._warned_at, others, self._unreported = now, self._unreported, 0
+        more = f"; {others} other retr{'y' if others == 1 else 'ies'} since the last message" if others else ""
+        where = "" if self.display_url in str(error) else f"{self.display_url}: "
+        warnings.warn(f"{where}{what} failed ({error}); retrying in {delay:.1f} s "
+                      f"(attempt {made + 1} of {self.attempts}){more}", RemoteRetryWarning, stacklevel=4)
 
     def _delay(self, attempt: int) -> float:
         with self._rng_lock:
@@ -159,6 +179,7 @@ class RetryingRemote(Remote):
                 delay = min(delay, left)
             with self._rng_lock:
                 self.retries += 1
+            self._report(f"{op} {key}" if key else op, made, delay, last)
             self._sleep(delay)
         what = f"{op} {key}" if key else op
         if self.stop.left() is not None:

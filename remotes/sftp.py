@@ -134,7 +134,7 @@ class SFTPRemote(Remote):
         self.user = user or cfg.get("user") or _login_name()
         self.channels = max(1, channels)
         port_part = f":{self.port}" if self.port != 22 else ""
-        self.display_url = f"sftp://{self.user}@{host}{port_part}/{path.lstrip('/') if path.startswith('~') else path}"
+        self.display_url = f"sftp://{self.user}@{host}{port_part}{path if path.startswith('/') else '/' + path}"
         if self.transport == "paramiko":
             files = [os.path.expanduser(f) for f in cfg.get("identityfile") or []]
             key_files = [key_file] if key_file else [f for f in files if os.path.exists(f)]
@@ -146,13 +146,17 @@ class SFTPRemote(Remote):
         self._pool: list[Any] = []
         self._known_dirs: set[str] = set()
         self._closed = False
-        sftp = self._sessions.open()  # fails here, at once, on a bad host key or login
+        self._resolved_root: str | None = None if path.startswith("~") else path.rstrip("/") or "/"
         try:
-            self._root = self._resolve_root(sftp)
-        except BaseException:
-            _close_quietly(sftp)
-            raise
+            sftp = self._sessions.open()  # fails here, at once, on a bad host key or login
+        except RemoteUnavailable:
+            return  # a server restarting: the first operation connects again, under the retry layer
         self._pool.append(sftp)
+        try:
+            self._root  # a ~ path is resolved with that session
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "SFTPRemote":
@@ -193,12 +197,13 @@ class SFTPRemote(Remote):
         except Exception as exc:  # a broken ssh config is the user's to fix, with a clear line
             raise UsageError(f"cannot read SSH config {path}: {exc}") from None
 
-    def _resolve_root(self, sftp: Any) -> str:
-        spec = self._path_spec
-        if spec.startswith("~"):
-            home = sftp.normalize(".")
-            spec = home.rstrip("/") + "/" + spec[1:].lstrip("/")
-        return spec.rstrip("/") or "/"
+    @property
+    def _root(self) -> str:
+        """The repository's absolute path on the server: a ``~`` path asks the server for the home directory."""
+        if self._resolved_root is None:
+            home = self._call("finding the home directory", None, lambda sftp: sftp.normalize("."))
+            self._resolved_root = (home.rstrip("/") + "/" + self._path_spec[1:].lstrip("/")).rstrip("/") or "/"
+        return self._resolved_root
 
     @contextmanager
     def _sftp(self) -> Iterator[Any]:

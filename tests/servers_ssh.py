@@ -75,11 +75,12 @@ LogLevel ERROR
 """)
         return path
 
-    def start(self, startup_timeout: float = 20.0) -> None:
+    def start(self, startup_timeout: float = 20.0, port: int | None = None) -> None:
+        """On a free port, or on ``port`` (a restart where clients expect it)."""
         if os.geteuid() == 0:  # sshd started by root needs its privilege-separation directory
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        for _ in range(3):
-            self.port = free_port()
+        for _ in range(1 if port else 3):
+            self.port = port or free_port()
             self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", self._config()],
                                          stdout=self._log, stderr=subprocess.STDOUT)
             if wait_listening(self.port, self.proc, time.monotonic() + startup_timeout):

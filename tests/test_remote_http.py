@@ -475,6 +475,48 @@ def test_server_stopping_midway_is_transient(http_server):
     remote.close()
 
 
+def _put_while_the_server_pauses(server, remote, body: bytes, pause: float) -> tuple[BaseException | None, float]:
+    """Put ``body`` while the server process is stopped for ``pause`` seconds: the kernel takes the
+    connection and fills the socket buffers, then the upload waits for the server to read on."""
+    outcome: list[BaseException | None] = []
+
+    def put() -> None:
+        try:
+            remote.put(KEY, body)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    server.proc.send_signal(signal.SIGSTOP)
+    started = time.monotonic()
+    thread = threading.Thread(target=put, daemon=True)
+    thread.start()
+    try:
+        thread.join(pause)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    thread.join(30)
+    assert outcome, "the put did not return"
+    return outcome[0], time.monotonic() - started
+
+
+def test_an_upload_slower_than_the_connect_timeout_goes_through(http_server):
+    """The connect timeout bounds connecting, not sending: a 32 MiB pack over a link that takes
+    it in more than the connect timeout's seconds must arrive (it failed at 10 s before)."""
+    body = os.urandom(32 << 20)
+    with HTTPRemote.from_url(http_server.url, token=FULL_TOKEN, connect_timeout=0.3, read_timeout=20) as remote:
+        error, _ = _put_while_the_server_pauses(http_server, remote, body, 1.5)
+        assert error is None
+        assert remote.get(KEY) == body
+
+
+def test_an_upload_over_a_stalled_link_fails_after_the_read_timeout(http_server):
+    with HTTPRemote.from_url(http_server.url, token=FULL_TOKEN, connect_timeout=5, read_timeout=0.5) as remote:
+        error, took = _put_while_the_server_pauses(http_server, remote, os.urandom(32 << 20), 4)
+        assert isinstance(error, RemoteUnavailable)
+        assert took < 4
+
+
 def test_truncated_body_is_transient():
     """A server whose answer ends before its Content-Length: the read must not pass as complete."""
     listener = socket.create_server(("127.0.0.1", 0))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 
@@ -14,6 +15,7 @@ from chunkvault.errors import (
     ObjectNotFound,
     PermissionDenied,
     RemoteError,
+    RemoteRetryWarning,
     RemoteUnavailable,
     StorageFull,
     UsageError,
@@ -289,6 +291,36 @@ def test_transient_errors_are_retried(exc):
     with pytest.raises(RemoteUnavailable, match="test://raising"):
         remote.get("k")
     assert inner.calls == 3
+
+
+def test_retries_are_said_at_most_once_per_interval_with_a_count_of_the_others():
+    """A stalled remote kept a command silent for the minutes of its retries; every thread failing at
+    once must not flood stderr either."""
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    inner = RaisingRemote(RemoteUnavailable("connection refused"))
+    remote = RetryingRemote(inner, attempts=8, base_delay=2.0, max_delay=2.0, timeout=None, sleep=sleep,
+                            rng=random.Random(3), clock=lambda: now[0])
+    with pytest.warns(RemoteRetryWarning) as seen, pytest.raises(RemoteUnavailable, match="giving up"):
+        remote.get("index/ab")
+    lines = [str(w.message) for w in seen]
+    assert len(lines) < remote.retries == 7
+    first = lines[0]
+    assert first.startswith("test://raising: get index/ab failed (connection refused); retrying in ")
+    assert first.endswith("(attempt 2 of 8)")
+    assert all(int(re.search(r"; (\d+) other retr", line).group(1)) > 0 for line in lines[1:])
+    reported = len(lines) + sum(int(re.search(r"; (\d+) other", line).group(1)) for line in lines[1:])
+    assert reported <= remote.retries
+
+
+def test_a_failure_that_names_the_remote_is_not_prefixed_with_it_again(tmp_path):
+    inner = RaisingRemote(RemoteUnavailable("test://raising is down"))
+    with pytest.warns(RemoteRetryWarning, match=r"^stat k failed \(test://raising is down\)"):
+        with pytest.raises(RemoteUnavailable):
+            _retrying(inner, attempts=2).stat("k")
 
 
 def test_ambiguous_if_absent_put_that_landed_is_success(tmp_path):

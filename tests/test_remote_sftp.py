@@ -5,11 +5,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from chunkvault.errors import ObjectExists, ObjectNotFound, PermissionDenied, RemoteUnavailable, UsageError
 from chunkvault.remotes import open_remote
+from chunkvault.remotes.layer import RetryingRemote
 from chunkvault.remotes.sftp import TEMP_PREFIX, parse_sftp_url
 from chunkvault.remotes.sftp_sessions import resolve_transport
 from remote_contract import check_remote_contract
@@ -107,8 +109,41 @@ def test_wrong_user_key_is_refused(sshd, sftp_repo, tmp_path, transport):
 
 def test_no_server_is_unavailable(sshd, tmp_path, transport):
     url = f"sftp://{sshd.user}@127.0.0.1:{free_port()}{tmp_path}/repo"
+    remote = open_remote(url, **sshd.options, connect_timeout=5, transport=transport)
     with pytest.raises(RemoteUnavailable, match="cannot connect"):
-        open_remote(url, **sshd.options, connect_timeout=5, transport=transport)
+        remote.stat("config")
+    remote.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("path", ["/abs", "~"])
+def test_a_server_restarting_when_the_command_starts_is_retried(tmp_path, transport, path):
+    """A scheduled job starting while sshd restarts must wait for it, as over S3 and HTTP."""
+    from servers_ssh import SSHServer, require_sshd
+
+    require_sshd()
+    (tmp_path / "srv").mkdir()
+    server = SSHServer(str(tmp_path / "srv"))
+    server.start()
+    port = server.port
+    server.stop()
+    where = f"{tmp_path}/repo" if path == "/abs" else f"/~/{tmp_path.name}-repo"
+    remote = RetryingRemote(open_remote(server.url(where), **server.options, connect_timeout=5, transport=transport),
+                            base_delay=0.5, max_delay=1.0, timeout=60)
+    restart = threading.Timer(1.5, server.start, kwargs={"port": port})
+    restart.start()
+    in_home = os.path.join(os.path.expanduser("~"), f"{tmp_path.name}-repo")
+    try:
+        remote.put("config", b"x")
+        assert remote.get("config") == b"x"
+        assert remote.retries > 0
+        if path == "~":
+            assert os.path.isfile(os.path.join(in_home, "config"))
+    finally:
+        restart.join()
+        remote.close()
+        server.stop()
+        shutil.rmtree(in_home, ignore_errors=True)
 
 
 def test_writes_go_through_temp_names(sftp_repo):
@@ -249,7 +284,7 @@ def test_a_host_alias_of_the_ssh_config_names_its_user_and_port(sshd, tmp_path, 
     url = f"sftp://backup-alias{tmp_path}/repo"
     with open_remote(url, known_hosts=sshd.known_hosts, ssh_config=str(config), transport=transport) as remote:
         remote.put("config", b"x")
-        assert remote.display_url == f"sftp://{sshd.user}@backup-alias:{sshd.port}/{tmp_path}/repo"
+        assert remote.display_url == f"sftp://{sshd.user}@backup-alias:{sshd.port}{tmp_path}/repo"
     assert (tmp_path / "repo" / "config").read_bytes() == b"x"
 
 
