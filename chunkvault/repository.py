@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import io
 import os
 import sys
@@ -741,7 +742,14 @@ class Repository:
         self._follow_others()
         sa = a if isinstance(a, Snapshot) else self.snapshot(a)
         sb = b if isinstance(b, Snapshot) else self.snapshot(b)
-        return diff_trees(self._repo.tree(sa), self._repo.tree(sb))
+
+        def holder(snap: Snapshot) -> Callable[[bytes], Entry | None]:
+            def find(path: bytes) -> Entry | None:
+                rec = self._repo.lookup(snap, path)
+                return None if rec is None else rec.entry
+            return find
+
+        return diff_trees(self._repo.tree(sa), self._repo.tree(sb), holder(sa), holder(sb))
 
     def check(self, *, read_data: bool = False, subset: str | None = None,
               progress: Callable[[int, int, int], None] | None = None, accept_state: bool = False) -> CheckReport:
@@ -1224,8 +1232,13 @@ class _ChunkStream(io.RawIOBase):
         return self._starts
 
 
-def diff_trees(old: Iterator[Record], new: Iterator[Record]) -> Iterator[tuple[str, Entry | None, Entry | None]]:
-    """Pure merge of two sorted resolved trees."""
+def diff_trees(old: Iterator[Record], new: Iterator[Record],
+               holder_old: Callable[[bytes], Entry | None] | None = None,
+               holder_new: Callable[[bytes], Entry | None] | None = None,
+               ) -> Iterator[tuple[str, Entry | None, Entry | None]]:
+    """Pure merge of two sorted resolved trees.  A path of a multiply-linked file is compared by the file
+    it names (``holder_*`` find it by path): which of its links holds the data follows the order of the
+    paths, so a new link sorting first turned an unchanged file into a hard link, reported as a type change."""
     a = next(old, None)
     b = next(new, None)
     while a is not None or b is not None:
@@ -1238,8 +1251,16 @@ def diff_trees(old: Iterator[Record], new: Iterator[Record]) -> Iterator[tuple[s
         else:
             ea, eb = a.entry, b.entry
             assert ea is not None and eb is not None
+            if not ea.same_content(eb) and T_HARDLINK in (ea.type, eb.type):
+                ea, eb = _as_file(ea, holder_old), _as_file(eb, holder_new)
             if not ea.same_content(eb):
                 yield "modified", ea, eb
             a, b = next(old, None), next(new, None)
 
 
+def _as_file(e: Entry, holder: Callable[[bytes], Entry | None] | None) -> Entry:
+    """A hard link as the file it names, under its own path (itself when that is not found)."""
+    if e.type != T_HARDLINK or holder is None:
+        return e
+    held = holder(e.target)
+    return e if held is None or held.type != T_FILE else dataclasses.replace(held, path=e.path)

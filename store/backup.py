@@ -35,7 +35,7 @@ from .chain import broken_chains
 from .manifest import (
     F_CHANGED_DURING_READ, F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH,
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK,
-    NS_MAX, Entry, ManifestStats, Record, delete_record, held_ns, sort_key,
+    NS_MAX, NS_MIN, Entry, ManifestStats, Record, delete_record, held_ns, sort_key,
 )
 from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH, Plaintext
 from .deltabase import restart_turns
@@ -689,6 +689,9 @@ class Backup:
         the backup; FileNotFoundError when it vanished."""
         if isinstance(st, StatFailed):  # the walk warned
             return self._kept_entry(rel, prev)
+        if not NS_MIN < st.st_mtime_ns < NS_MAX:
+            notes.append(f"modification time before 1677 or after 2262, stored as the nearest of those ends: "
+                         f"{os.fsdecode(path)}")
         try:
             return self._typed_entry(rel, path, st, ok, prev, notes)
         except FileNotFoundError:

@@ -51,6 +51,26 @@ def test_tour(tmp_path, cli, setup):
     assert (target / "sub" / "b.bin").exists()
 
 
+def test_diff_compares_the_paths_of_a_multiply_linked_file_by_the_file(tmp_path, cli, setup):
+    """Which link holds the data follows the order of the paths: a new link sorting before an unchanged
+    file made that file a hard link, and diff called it a type change."""
+    repo, src = setup
+    first = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"]
+    os.link(src / "sub" / "b.bin", src / "a-link")  # sorts before sub/b.bin, which becomes the link
+    second = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"]
+    changes = json.loads(cli("diff", "-r", repo, first, second, "--json").stdout)
+    assert [c for c in changes if c["path"]] == [  # the root's mtime moved with the new link
+        {"change": "added", "what": None, "path": "a-link", "old_size": None, "new_size": 100_000}]
+    (src / "sub" / "b.bin").write_bytes(b"rewritten")  # both links change; the file is the first one
+    third = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"]
+    changes = json.loads(cli("diff", "-r", repo, first, third, "--json").stdout)
+    assert {(c["change"], c["what"], c["path"]) for c in changes if c["path"]} == {
+        ("added", None, "a-link"), ("modified", "content", "sub/b.bin")}
+    lines = cli("diff", "-r", repo, second, third).stdout.decode().splitlines()
+    assert sorted(line.split("  ")[0] for line in lines[:-1]) == ["M a-link", "M sub/b.bin"]
+    assert lines[-1] == "0 added, 0 removed, 2 modified"
+
+
 def test_json_names_that_are_not_utf8_carry_their_bytes(tmp_path, cli, setup):
     repo, src = setup
     latin1 = b"caf\xe9"
