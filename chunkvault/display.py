@@ -12,7 +12,9 @@ that is not UTF-8 is ``\\xHH`` of that byte; a C1 control, a line or
 paragraph separator or a bidirectional override is ``\\uHHHH``.  Every
 name then shows as a different line, and the name can be read back from it.
 Messages (errors, warnings) get the same escapes but for the backslash: they
-stay one line, and a name inside them reads as it does in a listing.
+stay one line, and a name inside them reads as in a listing unless it holds a
+backslash (shown as itself there, so ``\\x41`` in a message may be four
+characters of a name); ``--json`` lists are where names are exact.
 """
 from __future__ import annotations
 

@@ -1129,7 +1129,7 @@ def main(argv: list[str] | None = None) -> int:
                     server.reload()
         finally:
             server.shutdown()
+            server.server_close()  # the port is free at once: a new service may take it while these finish
             server.wait_idle(10.0)
-            server.server_close()
     server.log("stopped", always=True)
     return 0

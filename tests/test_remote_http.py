@@ -537,6 +537,30 @@ def test_truncated_body_is_transient():
     listener.close()
 
 
+def test_a_stopping_service_frees_its_port_while_it_finishes_an_upload(http_server):
+    """A restarted service must be able to listen at once: the old one finishing its uploads held the port."""
+    body = os.urandom(200_000)
+    conn = socket.create_connection(("127.0.0.1", http_server.port), timeout=10)
+    conn.sendall(f"PUT /objects/{KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1000])
+    time.sleep(0.5)
+    http_server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while listening(http_server.port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert http_server.proc.poll() is None  # still finishing the upload
+    successor = socket.socket()
+    successor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    successor.bind(("127.0.0.1", http_server.port))  # raised EADDRINUSE
+    successor.listen()
+    successor.close()
+    conn.sendall(body[1000:])
+    assert conn.recv(100).startswith(b"HTTP/1.1 201")
+    conn.close()
+    assert http_server.stop() == 0
+    assert (http_server.path / KEY).read_bytes() == body
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_with_idle_connection(http_server, sig):
     with HTTPRemote.from_url(http_server.url, token=FULL_TOKEN) as remote:
