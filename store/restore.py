@@ -1,8 +1,9 @@
 """Restoring a snapshot's resolved tree into a directory.
 
 Blobs are fetched ahead in parallel (a bounded window across files), written
-with holes where a chunk is all zeros (files of one chunk a run at a time,
-``writefiles``), and every file's digest is checked, before a small file is
+with every 4096-byte block of zeros (aligned on file offsets) left a hole,
+wherever it lies in a chunk (``writefiles.write_sparse``; files of one chunk
+a run at a time, ``writefiles.write_small_files``), and every file's digest is checked, before a small file is
 written and while a larger one is: a mismatch is an error naming the file.  A file cut
 short (no space, an error, an interruption) is removed, never left
 half-written under its name; an entry the target does not take is noted and
@@ -37,7 +38,7 @@ from .repository import Repo
 from .target_dirs import TargetDirs, proc_path, remove_tree
 from .xattrs import read_xattrs, write_xattrs
 from . import writefiles
-from .writefiles import HOLE_MIN, NO_SPACE as _FULL, all_zeros, punch_hole
+from .writefiles import NO_SPACE as _FULL, write_sparse
 
 
 _REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)  # the target will not take writes, whatever is written
@@ -147,12 +148,10 @@ def _digest_mismatch(e: Entry) -> CorruptObject:
 
 
 def _write_ranges(fd: int, ranges: list[tuple[int, Plaintext]], size: int) -> None:
-    """Write chunks at their offsets into a file of ``size`` bytes; zeros it lacks stay a hole (past
-    its end one already, inside it one punched)."""
+    """Write chunks at their offsets into a file of ``size`` bytes; their blocks of zeros stay holes (past
+    its end ones already, inside it ones punched: ``write_sparse``)."""
     for pos, data in ranges:
-        if not (len(data) >= HOLE_MIN and all_zeros(data) and (
-                pos >= size or punch_hole(fd, pos, min(len(data), size - pos)))):
-            os.pwrite(fd, data, pos)
+        write_sparse(fd, data, pos, size)
 
 
 def _target_error(what: str, exc: OSError) -> ChunkvaultError:
@@ -1051,15 +1050,8 @@ class Restorer:
             hole = False
             for data in chunks:
                 hasher.update(data)
-                n = len(data)
-                if n >= HOLE_MIN and all_zeros(data):
-                    os.lseek(fd, n, os.SEEK_CUR)
-                    hole = True
-                else:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                pos += n
+                hole = bool(write_sparse(fd, data, pos, 0)) or hole  # its blocks of zeros left holes
+                pos += len(data)
             if hole or pos != e.size:
                 os.ftruncate(fd, pos)
             self._apply_meta(e, fd)
@@ -1091,13 +1083,8 @@ class Restorer:
             for cid, data in zip(e.chunk_ids(), chunks):
                 if self.repo.blob_id(data) != cid:
                     raise CorruptObject(f"blob {cid.hex()}", f"its content in {os.fsdecode(e.path)} does not match its id")
-                n = len(data)
-                if n < HOLE_MIN or not all_zeros(data):
-                    view, at = memoryview(data), pos
-                    while view:
-                        written = os.pwrite(fd, view, at)
-                        view, at = view[written:], at + written
-                pos += n
+                write_sparse(fd, data, pos, 0)  # a file this restore made: its blocks of zeros left holes
+                pos += len(data)
         finally:
             os.close(fd)
 

@@ -1,8 +1,15 @@
-"""A restore's writes of a run of small files: each created, filled, given its metadata and closed.
+"""A restore's writes: a run of small files, each created, filled, given its metadata and closed; and a
+chunk's data written at its offset with its blocks of zeros left holes (``write_sparse``).
 
-The native version (``_writefiles``) releases the GIL once for the whole run;
-this module's reference does the same calls one at a time and is what runs
-where the extension is not built.  Both take and give the same things.
+The native versions (``_writefiles``) release the GIL, once for a whole run
+of files; this module's references do the same calls one at a time and are
+what runs where the extension is not built.  Both take and give the same
+things.
+
+Holes are kept at block granularity, as GNU tar's ``-S`` keeps them: a file
+is cut in ``HOLE_MIN``-byte blocks aligned on file offsets, and a block that
+is all zeros is never written (in a file the restore made) or is punched (in
+one it writes in place), wherever it lies in a chunk.
 """
 from __future__ import annotations
 
@@ -17,16 +24,9 @@ from chunkvault.store.blob import Plaintext
 #: nanoseconds).  Named in a directory held open, not by a path: see store/target_dirs.py.
 SmallFile = tuple[int, bytes, Plaintext, int, int, int, int]
 
-HOLE_MIN = 4096  # a file of at least this many zero bytes is written as a hole
+HOLE_MIN = 4096  # the granularity of holes: a block of zeros this size, aligned on file offsets, is a hole
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # errors after which a run stops
-_ZEROS = bytes(1 << 20)
-
-
-def all_zeros(data: Plaintext) -> bool:
-    """Whether ``data`` is all zeros (a hole).  A compare against zeros stops at the first other byte;
-    ``bytes.count`` read every byte of every chunk with the GIL held, a seventh of a restore's CPU."""
-    view = memoryview(data)
-    return all(_ZEROS.startswith(view[i : i + len(_ZEROS)]) for i in range(0, len(view), len(_ZEROS)))
+_ZEROS = bytes(HOLE_MIN)
 
 
 _PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE (Linux)
@@ -52,6 +52,44 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     return fallocate is not None and fallocate(fd, _PUNCH_HOLE, offset, length) == 0
 
 
+def write_sparse_reference(fd: int, data: Plaintext, offset: int, zeros_from: int) -> int:
+    """Write ``data`` at file offset ``offset`` with one pwrite per stretch of blocks that are not all zeros;
+    return how many of its bytes were left holes.  Blocks are ``HOLE_MIN`` bytes aligned on file offsets
+    (partial at the data's ends).  A block of zeros at or past ``zeros_from`` (where the file reads as zeros
+    already: 0 for a file the restore made, the old length for one written in place) is skipped; a whole
+    one before it is punched, or written where the file system cannot punch; a partial one is written.
+    The file's length is the caller's to set (a hole at its end is made by ``ftruncate``)."""
+    if offset < 0:
+        raise ValueError("negative offset")
+    view = memoryview(data).cast("B")
+    n, holes, can_punch = len(view), 0, True
+    runs: list[list[int]] = []  # [kind, start, end]: 0 write, 1 skip, 2 punch
+    i = 0
+    while i < n:
+        at = offset + i
+        end = min(n, i + HOLE_MIN - at % HOLE_MIN)
+        kind = 0
+        if _ZEROS.startswith(view[i:end]):
+            kind = 1 if at >= zeros_from else 2 if end - i == HOLE_MIN else 0
+        if runs and runs[-1][0] == kind:
+            runs[-1][2] = end
+        else:
+            runs.append([kind, i, end])
+        i = end
+    for kind, start, end in runs:
+        if kind == 1 or (kind == 2 and can_punch and punch_hole(fd, offset + start, end - start)):
+            holes += end - start
+            continue
+        can_punch = can_punch and kind != 2
+        part, at = view[start:end], offset + start
+        while part:
+            written = os.pwrite(fd, part, at)
+            if not written:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            part, at = part[written:], at + written
+    return holes
+
+
 def write_small_files_reference(files: Sequence[SmallFile], owners: bool) -> list[tuple[int, int]]:
     """Per file written, (error, owner_error): see ``_writefiles``.  A file stopped by an error is removed;
     the run stops after one that found no space."""
@@ -75,12 +113,8 @@ def _write_one(dirfd: int, name: bytes, data: Plaintext, mode: int, uid: int, gi
     owner_error = 0
     try:
         try:
-            view = memoryview(data)
-            if len(view) >= HOLE_MIN and all_zeros(view):
-                os.ftruncate(fd, len(view))
-            else:
-                while view:
-                    view = view[os.write(fd, view):]
+            if write_sparse_reference(fd, data, 0, 0):
+                os.ftruncate(fd, len(memoryview(data)))  # a hole at its end
             if owners:
                 try:
                     os.fchown(fd, uid, gid)
@@ -102,6 +136,6 @@ def _write_one(dirfd: int, name: bytes, data: Plaintext, mode: int, uid: int, gi
 
 
 try:
-    from chunkvault.store._writefiles import write_small_files
+    from chunkvault.store._writefiles import write_small_files, write_sparse
 except ImportError:
-    write_small_files = write_small_files_reference
+    write_small_files, write_sparse = write_small_files_reference, write_sparse_reference

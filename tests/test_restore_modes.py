@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 
 from chunkvault.errors import ChunkvaultError
 from chunkvault.store.restore import Selection
-from chunkvault.store.writefiles import all_zeros
-from treeutil import describe
+from treeutil import HOLE_FILES, assert_holes_kept, describe, make_holes_inside_chunks, makes_holes
 
 
 @pytest.fixture
@@ -176,17 +175,6 @@ def test_files_of_one_chunk_are_written_a_run_at_a_time(tmp_path, new_repo, monk
     assert max(map(len, runs)) == (38 if processes == 1 else 100)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(0, (3 << 20) + 5), st.one_of(st.none(), st.integers(0, (3 << 20) + 4)))
-def test_zero_chunk_test_matches_counting(n, nonzero_at):
-    """Holes are chunks of zeros only; the fast test agrees with counting, across its buffer's size."""
-    data = bytearray(n)
-    if nonzero_at is not None and nonzero_at < n:
-        data[nonzero_at] = 1
-    data = bytes(data)
-    assert all_zeros(data) == (data.count(0) == n)
-
-
 def _selected_model(path: bytes, includes: list[str], excludes: list[str]) -> bool:
     """The selection rule spelled out: a glob matches the path, its base name, or any ancestor."""
     def matches(p: str, globs: list[str]) -> bool:
@@ -346,6 +334,32 @@ def test_delta_keeps_a_sparse_file_sparse(tmp_path, new_repo):
     repo.restore(snap, str(tmp_path / "fresh"))
     fresh = os.stat(tmp_path / "fresh" / "image").st_blocks
     assert fresh < 16384 and os.stat(target / "image").st_blocks <= fresh + 256  # as sparse as a fresh restore
+
+
+@pytest.mark.parametrize("mode", ["into an empty target", "--delta over data"])
+def test_blocks_of_zeros_inside_chunks_are_holes(tmp_path, new_repo, mode):
+    """Every 4096-byte block of zeros is left a hole, not only a chunk all zeros: restored into an empty
+    target (one process), or with --delta over files holding data where the holes go (punched)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_holes_inside_chunks(src)
+    if not makes_holes(tmp_path):
+        pytest.skip("this file system makes no holes")
+    repo = new_repo()
+    snap = repo.backup([str(src)]).snapshot
+    target = tmp_path / "target"
+    target.mkdir()
+    if mode == "--delta over data":
+        rnd = random.Random(4)
+        for name in HOLE_FILES:
+            (target / name).write_bytes(rnd.randbytes(os.path.getsize(src / name)))
+        result = repo.restore(snap, str(target), force=True, delta=True)
+        assert result.unchanged_files == 0
+        # a partial block of zeros where two chunks meet is written, not punched: at most one per chunk
+        assert_holes_kept(target, src, slack=40 * 4096)
+    else:
+        repo.restore(snap, str(target), processes=1)
+        assert_holes_kept(target, src, slack=4 * 4096)
 
 
 def test_an_in_place_delta_restore_separates_files_the_target_has_linked(tmp_path, new_repo):

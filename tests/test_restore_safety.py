@@ -385,9 +385,12 @@ def test_a_full_target_while_making_a_directory_leaves_no_file_written_in_parts(
     assert os.listdir(out) == []
 
 
-def _failing_on(monkeypatch, name: str, target: Path, after: int) -> None:
-    """``os.<name>`` fails with ENOSPC on a file below ``target`` once ``after`` calls succeeded there."""
-    real = getattr(os, name)
+def _failing_on(monkeypatch, target: Path, after: int) -> None:
+    """The restore's writes of file data (``write_sparse``) fail with ENOSPC on a file below ``target`` once
+    ``after`` calls succeeded there."""
+    from chunkvault.store import restore as restore_module
+
+    real = restore_module.write_sparse
     calls = {"n": 0}
 
     def write(fd, *args):
@@ -397,13 +400,13 @@ def _failing_on(monkeypatch, name: str, target: Path, after: int) -> None:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, *args)
 
-    monkeypatch.setattr(os, name, write)
+    monkeypatch.setattr(restore_module, "write_sparse", write)
 
 
 def test_no_space_while_writing_a_file_removes_it(tmp_path, new_repo, monkeypatch):
     repo, _, src = backed_up(tmp_path, new_repo, lambda s: (s / "big").write_bytes(os.urandom(3 << 20)))
     target = tmp_path / "out"
-    _failing_on(monkeypatch, "write", target, after=1)
+    _failing_on(monkeypatch, target, after=1)
     with pytest.raises(StorageFull, match="while writing big"):
         repo.restore("latest", str(target), processes=1)
     assert os.listdir(target) == []
@@ -417,7 +420,7 @@ def test_no_space_while_updating_a_file_in_place_removes_it(tmp_path, new_repo, 
         f.write(b"X" * 100)
         f.seek(2 << 20)
         f.write(b"X" * 100)
-    _failing_on(monkeypatch, "pwrite", target, after=1)
+    _failing_on(monkeypatch, target, after=1)
     with pytest.raises(StorageFull, match="while writing big"):
         repo.restore("latest", str(target), force=True, delta=True)
     assert os.listdir(target) == []

@@ -21,7 +21,7 @@ from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, T_SYMLINK, Entr
 from chunkvault.store import restore_workers
 from chunkvault.store.restore_workers import STRIPE_BYTES, StripeClaims, _share, auto_processes, split
 from test_backup_restore import make_rich_tree
-from treeutil import backed_up, describe
+from treeutil import assert_holes_kept, backed_up, describe, make_holes_inside_chunks, makes_holes
 
 PASSWORD = "correct horse battery staple"
 
@@ -99,6 +99,18 @@ def test_workers_restore_the_same_tree(tmp_path, new_repo, shared):
         for d in ("out", "one"):
             if (tmp_path / d / "d3").exists():
                 os.chmod(tmp_path / d / "d3", 0o755)
+
+
+@pytest.mark.parametrize("stripe", [1 << 20, 256 << 20], ids=["files written in parts", "files written whole"])
+def test_workers_leave_blocks_of_zeros_inside_chunks_holes(tmp_path, new_repo, stripe):
+    """Worker processes keep holes at block granularity as one process does: in a file whose stripes several
+    processes write, and in one a worker writes whole."""
+    _, url, src = backed_up(tmp_path, new_repo, make_holes_inside_chunks)
+    if not makes_holes(tmp_path):
+        pytest.skip("this file system makes no holes")
+    out = tmp_path / "out"
+    assert _restore_in_child(url, str(out), processes=2, stripe=stripe)["processes"] == 2
+    assert_holes_kept(out, src, slack=4 * 4096)
 
 
 def _corrupt_largest_pack(url: str) -> None:

@@ -8,23 +8,29 @@ cannot be mounted); a refused chown is root without CAP_CHOWN (``setpriv``).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chunkvault.store import writefiles
 from treeutil import mounted_tmpfs
 
 IMPLEMENTATIONS = {"reference": writefiles.write_small_files_reference}
+SPARSE = {"reference": writefiles.write_sparse_reference}
 try:
-    from chunkvault.store._writefiles import write_small_files as native
+    from chunkvault.store._writefiles import write_small_files as native, write_sparse as native_sparse
     IMPLEMENTATIONS["native"] = native
+    SPARSE["native"] = native_sparse
 except ImportError:  # pragma: no cover - the extension is built by the install
     pass
 
@@ -58,6 +64,7 @@ def _close_dirs():
 
 def test_the_native_call_is_built():
     assert writefiles.write_small_files is IMPLEMENTATIONS["native"]
+    assert writefiles.write_sparse is SPARSE["native"]
 
 
 def test_files_are_written_with_their_content_mode_and_times(write, tmp_path):
@@ -79,13 +86,26 @@ def test_content_may_be_any_buffer_and_times_before_1970(write, tmp_path):
     assert os.lstat(tmp_path / "view").st_mtime_ns == -1_500_000_001
 
 
-def test_a_file_of_zeros_is_a_hole(write, tmp_path):
+def test_blocks_of_zeros_are_holes(write, tmp_path):
+    """Every 4096-byte block of zeros is a hole, not only a file all zeros: one with a last byte set takes
+    one block, one with zeros between data takes the blocks the data touches."""
     size = 256 << 10
-    assert write([_file(tmp_path / "zeros", bytes(size)), _file(tmp_path / "almost", bytes(size - 1) + b"x")],
-                 False) == [(0, 0), (0, 0)]
-    zeros, almost = os.lstat(tmp_path / "zeros"), os.lstat(tmp_path / "almost")
-    assert (tmp_path / "zeros").read_bytes() == bytes(size) and zeros.st_size == size
-    assert zeros.st_blocks * 512 < size <= almost.st_blocks * 512
+    inside = bytearray(size)
+    inside[:5000] = b"d" * 5000  # blocks 0 and 1
+    inside[100_000:100_010] = b"e" * 10  # block 24
+    files = {"zeros": bytes(size), "almost": bytes(size - 1) + b"x", "inside": bytes(inside),
+             "short-zeros": bytes(100), "dense": os.urandom(size)}
+    assert write([_file(tmp_path / name, data) for name, data in files.items()], False) == [(0, 0)] * len(files)
+    for name, data in files.items():
+        assert (tmp_path / name).read_bytes() == data and os.lstat(tmp_path / name).st_size == len(data)
+    allocated = {name: os.lstat(tmp_path / name).st_blocks * 512 for name in files}
+    if allocated["dense"] < size:
+        pytest.skip("this file system reports no allocation")
+    if allocated["almost"] >= size:
+        pytest.skip("this file system makes no holes")
+    assert allocated["zeros"] == allocated["short-zeros"] == 0
+    assert allocated["almost"] <= 4096
+    assert allocated["inside"] <= 3 * 4096
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root gives files to other owners")
@@ -162,3 +182,67 @@ def test_malformed_input_is_a_type_error_and_writes_nothing(tmp_path, bad, monke
     with pytest.raises(TypeError):
         IMPLEMENTATIONS["native"](bad, False)
     assert os.listdir(tmp_path) == []
+
+
+_BLOCK = writefiles.HOLE_MIN
+_runs = st.lists(st.tuples(st.booleans(), st.integers(1, 3 * _BLOCK)), max_size=8)
+
+
+@functools.cache
+def _punches(directory: str) -> bool:
+    with tempfile.TemporaryFile(dir=directory) as f:
+        f.write(b"x" * 2 * _BLOCK)
+        f.flush()
+        return writefiles.punch_hole(f.fileno(), 0, _BLOCK)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_runs, st.integers(0, 3 * _BLOCK), st.integers(0, 2 * _BLOCK), st.sampled_from(["fresh", "old", "past"]))
+def test_write_sparse_writes_the_data_and_leaves_its_blocks_of_zeros_holes(runs, offset, old_len, where):
+    """The data reads back at its offset over what the file held (``old`` bytes before ``zeros_from``, zeros
+    after), and the bytes left holes are those of its blocks (aligned on file offsets, partial at its ends)
+    that are zeros: at or past ``zeros_from`` skipped, whole ones before it punched; native and reference
+    alike."""
+    data = b"".join(os.urandom(n).replace(b"\0", b"\1") if filled else bytes(n) for filled, n in runs)
+    zeros_from = {"fresh": 0, "old": offset + old_len, "past": offset + len(data) + old_len}[where]
+    old = bytes([0xAA]) * zeros_from
+    punches = _punches(tempfile.gettempdir())
+    expected_holes = 0
+    i = 0
+    while i < len(data):
+        end = min(len(data), i + _BLOCK - (offset + i) % _BLOCK)
+        if not any(data[i:end]) and (offset + i >= zeros_from or (punches and end - i == _BLOCK)):
+            expected_holes += end - i
+        i = end
+    for name, write_sparse in SPARSE.items():
+        with tempfile.TemporaryFile() as f:
+            f.write(old)
+            f.flush()
+            assert write_sparse(f.fileno(), data, offset, zeros_from) == expected_holes, name
+            size = max(zeros_from, offset + len(data))
+            os.ftruncate(f.fileno(), size)
+            f.seek(0)
+            want = bytearray(old.ljust(size, b"\0"))
+            want[offset:offset + len(data)] = data
+            assert f.read() == want, name
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_write_sparse_takes_any_buffer_and_reports_errors(name, tmp_path):
+    write_sparse = SPARSE[name]
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        assert write_sparse(fd, memoryview(bytearray(b"ab" * 5000))[1:], 10, 0) == 0
+        assert write_sparse(fd, bytearray(3 * _BLOCK), 20_000, 0) == 3 * _BLOCK  # past what it holds
+        with pytest.raises(ValueError):
+            write_sparse(fd, b"x", -1, 0)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == bytes(10) + b"ba" * 4999 + b"b"
+    ro = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            write_sparse(ro, b"x", 0, 0)
+        assert info.value.errno == errno.EBADF
+    finally:
+        os.close(ro)

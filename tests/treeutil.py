@@ -147,3 +147,61 @@ def change_small_tree(src: Path, rng: random.Random, step: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(rng.choice([b"", b"1", b"22", rng.randbytes(40), rng.randbytes(3000)]))
         os.utime(path, ns=(step * 10**9, rng.choice([1, 2]) * 10**9))
+
+
+BLOCK = 4096  # the granularity of a restore's holes
+
+#: Files whose zeros share chunks (64 KiB-2 MiB) with data, made by ``make_holes_inside_chunks``.
+HOLE_FILES = ("middle", "head", "tail", "unaligned")
+
+
+def make_holes_inside_chunks(root: Path) -> None:
+    """Data, a 64 MiB hole, data; a hole at the start; one at the end; a long zero run that is not aligned on
+    blocks, and one shorter than a block (which stays data).  In each the chunk where data and zeros meet is
+    mostly zeros: restored a whole chunk of zeros at a time, each took megabytes it should not."""
+    rnd = random.Random(7)
+
+    def sparse(name: str, size: int, pieces: list[tuple[int, bytes]]) -> None:
+        with open(root / name, "wb") as f:
+            f.truncate(size)
+            for at, data in pieces:
+                f.seek(at)
+                f.write(data)
+
+    hole = 64 << 20
+    sparse("middle", 100_000 + hole + 100_000, [(0, rnd.randbytes(100_000)), (100_000 + hole, rnd.randbytes(100_000))])
+    head = (5 << 20) + 12345
+    sparse("head", head + 50_000, [(head, rnd.randbytes(50_000))])
+    sparse("tail", 50_000 + (5 << 20) + 777, [(0, rnd.randbytes(50_000))])
+    data = bytearray(rnd.randbytes(3 << 20))
+    data[1_001_234:2_101_234] = bytes(1_100_000)  # starts and ends inside a block
+    data[611 * BLOCK:611 * BLOCK + 3000] = bytes(3000)  # aligned, shorter than a block
+    (root / "unaligned").write_bytes(data)
+
+
+def makes_holes(directory: Path) -> bool:
+    """Whether the file system of ``directory`` leaves a hole where a file was never written."""
+    probe = directory / ".hole-probe"
+    with open(probe, "wb") as f:
+        f.truncate(1 << 20)
+        f.seek((1 << 20) - 1)
+        f.write(b"x")
+    try:
+        return os.stat(probe).st_blocks * 512 < 1 << 20
+    finally:
+        os.remove(probe)
+
+
+def data_blocks(data: bytes) -> int:
+    """Bytes of the ``BLOCK``-byte blocks of ``data`` (aligned on its start) that hold a byte other than zero."""
+    zero, view = bytes(BLOCK), memoryview(data)
+    return sum(BLOCK for i in range(0, len(view), BLOCK) if not zero.startswith(view[i:i + BLOCK]))
+
+
+def assert_holes_kept(restored: Path, src: Path, slack: int) -> None:
+    """Each of ``HOLE_FILES`` restored byte for byte, taking no more than its blocks of data and ``slack``."""
+    for name in HOLE_FILES:
+        data = (src / name).read_bytes()
+        assert (restored / name).read_bytes() == data, name
+        allocated = os.stat(restored / name).st_blocks * 512
+        assert allocated <= data_blocks(data) + slack, (name, allocated, data_blocks(data))
