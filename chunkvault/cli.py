@@ -302,6 +302,11 @@ def _entry_json(e: Entry) -> dict[str, Any]:
             "digest": e.digest.hex() if e.digest else None, "chunks": len(e.chunks) // 32}
 
 
+def _listed_json(e: Entry, names: tuple[dict[int, str], dict[int, str]]) -> dict[str, Any]:
+    """An entry as `ls --json` lists it: with its owner's names, as the backup recorded them."""
+    return {**_entry_json(e), "user": names[0].get(e.uid), "group": names[1].get(e.gid)}
+
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -552,7 +557,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         try:
             result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude, force=in_place,
                                   delta=args.delta, delete=args.delete, progress=bar, processes=args.processes,
-                                  verify=args.verify, xattrs=not args.no_xattrs)
+                                  verify=args.verify, xattrs=not args.no_xattrs,
+                                  numeric_owner=args.numeric_owner)
         finally:
             bar.done()
     except ChunkvaultError as exc:
@@ -560,9 +566,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
             _report_restore(args, snap, exc.partial, verified=False)
         raise
     if _report_restore(args, snap, result, verified=args.verify):
-        print(f"restored snapshot {snap.short_id} ({snap.time}) to {args.target}: {result.files} files, "
-              f"{result.dirs} dirs, {_human(result.bytes)}" + ("; read back and verified" if args.verify else ""))
+        print(f"restored snapshot {snap.short_id} ({snap.time}) to {args.target}: {_restored(result)}"
+              + ("; read back and verified" if args.verify else ""))
     return 0
+
+
+def _restored(result: Any) -> str:
+    """A restore's counts for its summary line."""
+    return (f"{result.files} files, {result.dirs} dirs, "
+            + (f"{result.specials} FIFOs and devices, " if result.specials else "") + _human(result.bytes))
 
 
 def _report_restore(args: argparse.Namespace, snap: Snapshot, result: Any, verified: bool) -> bool:
@@ -580,7 +592,7 @@ def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool) -> d
     """A restore's result; ``not_restored`` lists the files left out because their data is damaged,
     ``not_written`` the entries the target would not take."""
     return {"snapshot": snap.id, "target": os.path.abspath(target), "files": result.files,
-            "dirs": result.dirs, "links": result.links, "bytes": result.bytes,
+            "dirs": result.dirs, "links": result.links, "specials": result.specials, "bytes": result.bytes,
             "unchanged_files": result.unchanged_files, "rewritten_bytes": result.rewritten_bytes,
             "deleted": result.deleted, "processes": result.processes, "warnings": result.warnings,
             "verified": verified,
@@ -727,7 +739,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     prefix = snapshot_path(args.path) if args.path else b""
     entries = _listed_entries(repo, snap, prefix)
     if args.json:
-        _emit_json_array(_entry_json(e) for e in entries)
+        names = repo.owner_names(snap)
+        _emit_json_array(_listed_json(e, names) for e in entries)
         return 0
     for e in entries:
         name = shown_name(e.path) or "."
@@ -1413,6 +1426,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true",
                    help="then read every restored file back and compare it with the snapshot (exit 18 if any differs)")
     s.add_argument("--no-xattrs", action="store_true", help="set no extended attributes")
+    s.add_argument("--numeric-owner", action="store_true",
+                   help="as root, set owners by their recorded ids, not by the user and group names the "
+                        "backup recorded")
     s.set_defaults(func=cmd_restore, read_lock="restore")
 
     s = sub.add_parser("ls", parents=[common, reading], help="list a snapshot's entries")

@@ -78,19 +78,20 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
         raise UsageError("--delete works in place: add --confirm RESTORE")
     bar = cli._progress(args, "restore")
     info, result = restore_from_file(args.from_file, password, args.target, includes=args.include,
-                                     excludes=args.exclude, force=in_place, delete=args.delete, progress=bar)
+                                     excludes=args.exclude, force=in_place, delete=args.delete, progress=bar,
+                                     numeric_owner=args.numeric_owner)
     bar.done()
     snap = info.snapshot
     if args.json:
         cli._emit_json({"file": os.path.abspath(args.from_file), "snapshot": snap.id, "time": snap.time,
                         "target": os.path.abspath(args.target), "files": result.files, "dirs": result.dirs,
-                        "links": result.links, "bytes": result.bytes, "deleted": result.deleted,
+                        "links": result.links, "specials": result.specials, "bytes": result.bytes, "deleted": result.deleted,
                         "warnings": result.warnings})
     elif not args.quiet:
         for w in result.warnings:
             warn(w)
         print(f"restored snapshot {snap.short_id} ({snap.time}) from {args.from_file} to {args.target}: "
-              f"{result.files} files, {result.dirs} dirs, {cli._human(result.bytes)}")
+              f"{cli._restored(result)}")
     return 0
 
 

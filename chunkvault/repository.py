@@ -31,6 +31,7 @@ from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import NOT_INDEXED, Repo
 from .store.restore import Restorer, RestoreOptions, RestoreResult, include_directory
+from .store.owners import OwnerMap, chain_names
 from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, select_snapshots
 from .store.source import SourceWalk, markers_of
 from .store import locks
@@ -622,7 +623,7 @@ class Repository:
                 includes: list[str] | None = None, excludes: list[str] | None = None,
                 force: bool = False, delta: bool = False, delete: bool = False,
                 progress: Any = None, processes: int | None = None, verify: bool = False,
-                xattrs: bool = True) -> RestoreResult:
+                xattrs: bool = True, numeric_owner: bool = False) -> RestoreResult:
         """Restore into ``target``: empty, or in place with ``force`` (``delta``: rewrite only what
         differs, checked by digest; ``delete``: remove what the snapshot does not have).
 
@@ -637,7 +638,10 @@ class Repository:
 
         ``xattrs``: set the recorded extended attributes (one that cannot be set is a warning, e.g.
         ``security.*`` as another user than root, or on a file system without them).  ``host`` and ``paths``
-        narrow what ``latest`` and ``until`` choose among, as in ``snapshot``."""
+        narrow what ``latest`` and ``until`` choose among, as in ``snapshot``.
+
+        Owners are set when running as root: by the user and group names the snapshot recorded, where this
+        machine knows them (``owner_map``), else by number; ``numeric_owner``: by number only."""
         from .store import restore_workers
 
         includes, excludes = _globs(includes, "include"), _globs(excludes, "exclude")
@@ -651,7 +655,8 @@ class Repository:
             snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until, host=host,
                                                                                  paths=paths)
             opts = RestoreOptions(includes=includes, excludes=excludes, force=force,
-                                  delta=delta, delete=delete, progress=progress, xattrs=xattrs)
+                                  delta=delta, delete=delete, progress=progress, xattrs=xattrs,
+                                  owner_map=None if numeric_owner else self.owner_map(snap))
             restorer = Restorer(self._repo, target, opts, lookup=lambda path: self._repo.lookup(snap, path))
             if processes is None:
                 processes = 1 if includes else restore_workers.auto_processes(snap.stats.get("bytes"))
@@ -669,6 +674,16 @@ class Repository:
             if verify:
                 self._verify_restored(restorer, snap, tree(), target, xattrs)
             return result
+
+    def owner_names(self, snapshot: str | Snapshot) -> tuple[dict[int, str], dict[int, str]]:
+        """(users, groups): the names the backups of ``snapshot``'s chain recorded for its owner ids."""
+        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+        return chain_names(s.stats for s in ([snap] if snap.kind_full else self._repo.chain_of(snap)))
+
+    def owner_map(self, snapshot: str | Snapshot) -> OwnerMap:
+        """The ids a restore of ``snapshot`` gives its entries' recorded owner ids on this machine: those
+        whose user or group name, as the backup recorded it, is known here under another id."""
+        return OwnerMap.from_names(*self.owner_names(snapshot))
 
     def _verify_restored(self, restorer: Restorer, snap: Snapshot, records: Iterator[Record], target: str,
                          xattrs: bool) -> None:
@@ -735,7 +750,7 @@ class Repository:
                         out.write(block)
                 return []
             return write_archive(out, archive, self.tree(snap, want), want, self._content,
-                                 lambda target: self.find_entry(snap, target))
+                                 lambda target: self.find_entry(snap, target), self.owner_names(snap))
 
     def diff(self, a: str | Snapshot, b: str | Snapshot) -> Iterator[tuple[str, Entry | None, Entry | None]]:
         """(change, old, new) for every path that differs: added, removed, modified."""

@@ -441,9 +441,9 @@ def compare_tree(entries: Iterable[Entry], root: str | bytes, *, owners: bool | 
 # --- the run -----------------------------------------------------------------------------------
 
 
-def _restore(repo: "Repository", snap: Snapshot, target: str) -> RestoreResult:
+def _restore(repo: "Repository", snap: Snapshot, target: str, numeric_owner: bool = False) -> RestoreResult:
     """The restore step of a verification run (one place, so it can be observed or replaced)."""
-    return repo.restore(snap, target)
+    return repo.restore(snap, target, numeric_owner=numeric_owner)
 
 
 def _signal(send: Callable[[int, int], None], target: int, sig: int) -> bool:
@@ -567,7 +567,7 @@ def remove_tree(path: str) -> None:
 def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, then: str | None = None,
                    timeout: float | None = None, scratch: str | None = None, keep: bool = False,
                    owners: bool | None = None, max_listed: int = MAX_LISTED,
-                   env: dict[str, str] | None = None) -> VerifyReport:
+                   env: dict[str, str] | None = None, numeric_owner: bool = False) -> VerifyReport:
     """Restore ``snapshot`` into a scratch directory, compare it with the manifest, run ``then``.
 
     ``then`` runs through the shell with ``CHUNKVAULT_RESTORE_DIR``,
@@ -576,6 +576,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
     environment), and only when the comparison found nothing wrong.  Corrupt or
     missing data is reported in ``error``; other failures (an unreachable
     remote) propagate.  The scratch directory is removed unless ``keep``.
+    Owners are restored and compared as ``Repository.restore`` sets them (``numeric_owner``).
     """
     with repo.reading("verify-restore"):
         snap = snapshot if isinstance(snapshot, Snapshot) else repo.snapshot(snapshot)
@@ -587,7 +588,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
         target = os.path.join(base, "restore")
         try:
             try:
-                _restore(repo, snap, target)
+                _restore(repo, snap, target, numeric_owner)
             except (CorruptObject, StorageFull) as exc:  # this snapshot fails; a run over several goes on
                 report.error = f"restore failed: {exc}"
                 report.error_kind = "no_space" if isinstance(exc, StorageFull) else "damaged"
@@ -598,7 +599,10 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
             report.restore_seconds = round(time.monotonic() - started, 3)
             if report.error is None:
                 t = time.monotonic()
-                result = compare_tree(repo.tree(snap), target, owners=owners, max_listed=max_listed)
+                tree = repo.tree(snap)
+                if owners and not numeric_owner:  # as the restore set them: by name where known here
+                    tree = repo.owner_map(snap).entries(tree)
+                result = compare_tree(tree, target, owners=owners, max_listed=max_listed)
                 report.compare_seconds = round(time.monotonic() - t, 3)
                 report.files, report.dirs, report.links = result.files, result.dirs, result.links
                 report.bytes = result.bytes
@@ -694,7 +698,8 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
         if not args.json:
             _print_report(r)
     for snap in snaps:
-        r = verify_restore(repo, snap, then=args.then, timeout=args.timeout, scratch=args.scratch, keep=args.keep)
+        r = verify_restore(repo, snap, then=args.then, timeout=args.timeout, scratch=args.scratch, keep=args.keep,
+                           numeric_owner=args.numeric_owner)
         reports.append(r)
         if not args.json and not (args.quiet and r.ok):
             _print_report(r)
@@ -729,4 +734,6 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argp
     s.add_argument("--timeout", type=float, metavar="SECONDS", help="kill CMD (and its children) after this long")
     s.add_argument("--scratch", metavar="DIR", help="make the scratch directory under DIR (default: the temp dir)")
     s.add_argument("--keep", action="store_true", help="keep the restored tree (its path is reported)")
+    s.add_argument("--numeric-owner", action="store_true",
+                   help="as root, set and compare owners by their recorded ids, not by the recorded names")
     s.set_defaults(func=cmd_verify_restore, read_lock="verify-restore")

@@ -17,7 +17,7 @@ import os
 import stat
 import time
 import zipfile
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO, Callable, Iterable, Mapping
 
 from chunkvault.errors import CorruptObject
 
@@ -33,15 +33,16 @@ def in_subtree(path: bytes, root: bytes) -> bool:
 
 
 def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes,
-                  content: Callable[[Entry], BinaryIO], linked: Callable[[bytes], Entry]) -> list[str]:
+                  content: Callable[[Entry], BinaryIO], linked: Callable[[bytes], Entry],
+                  names: tuple[Mapping[int, str], Mapping[int, str]] = ({}, {})) -> list[str]:
     """Write the entries below ``root`` (``entries``: a snapshot's tree in order; ``b""``: all of it) to
     ``out`` as ``fmt``; returns warnings (what the format cannot hold). ``content(entry)`` streams a
     file's bytes; ``linked(path)`` is the file entry a hard link names (for a link whose file lies
-    outside the subtree, or in a zip)."""
+    outside the subtree, or in a zip); ``names``: the user and group names of owner ids, for a tar."""
     if fmt not in ARCHIVES:
         raise ValueError(f"unknown archive format {fmt!r}")
     warnings: list[str] = []
-    writer = _Tar(out) if fmt == "tar" else _Zip(out)
+    writer = _Tar(out, names) if fmt == "tar" else _Zip(out)
     complete = False
     try:
         for e in entries:
@@ -72,9 +73,10 @@ class _Tar:
     _KINDS = {T_DIR: tarformat.DIRECTORY, T_SYMLINK: tarformat.SYMLINK, T_HARDLINK: tarformat.HARD_LINK,
               T_FIFO: tarformat.FIFO, T_CHARDEV: tarformat.CHAR_DEVICE, T_BLOCKDEV: tarformat.BLOCK_DEVICE}
 
-    def __init__(self, out: BinaryIO):
+    def __init__(self, out: BinaryIO, names: tuple[Mapping[int, str], Mapping[int, str]]):
         self.out = out
         self.written = 0
+        self.users, self.groups = names
 
     def _write(self, data: bytes | memoryview) -> None:
         self.out.write(data)
@@ -86,7 +88,8 @@ class _Tar:
         self._write(tarformat.header(kind, e.path, mode=e.mode, uid=e.uid, gid=e.gid, size=size,
                                      mtime_ns=e.mtime_ns, link=link, major=os.major(e.rdev) if device else 0,
                                      minor=os.minor(e.rdev) if device else 0,
-                                     xattrs=decode_xattrs(e.xattrs) if e.xattrs else None))
+                                     xattrs=decode_xattrs(e.xattrs) if e.xattrs else None,
+                                     uname=self.users.get(e.uid, ""), gname=self.groups.get(e.gid, "")))
 
     def file(self, e: Entry, data: BinaryIO) -> None:
         self._header(e, tarformat.REGULAR, e.size)

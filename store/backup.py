@@ -41,6 +41,7 @@ from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH, Plaintext
 from .deltabase import restart_turns
 from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
+from .owners import OWNERS_KEY, names_of
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, iso, now_iso
 from .unlock import require_openable
@@ -1071,8 +1072,13 @@ class Backup:
                 assert source is not None
                 stats_iter = self.records(source, parent_tree, kind, stats)
             mw = ManifestWriter(repo, self.writer)
+            uids: set[int] = set()
+            gids: set[int] = set()
             for rec in stats_iter:
                 mw.add(rec)
+                if rec.entry is not None:
+                    uids.add(rec.entry.uid)
+                    gids.add(rec.entry.gid)
             self._drain()
             walked_ns = time.time_ns()  # every file read: the end of the window the next backup reads again
             if self.opt.progress is not None:  # the final counts (reports in between are rate-limited)
@@ -1120,6 +1126,7 @@ class Backup:
                 "chain_length": len(chain) + 1 if kind == KIND_DIFF else 1,
                 "unreadable": self.unreadable, "warnings": len(self.warnings), "xattrs": self.opt.xattrs,
                 "duration": round(time.monotonic() - started, 3),
+                OWNERS_KEY: names_of(uids, gids, parent.stats if kind == KIND_DIFF and parent else None),
                 **({"started_ns": source.began_ns, "finished_ns": walked_ns} if source is not None else {}),
             },
         )

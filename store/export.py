@@ -54,6 +54,7 @@ from .crypto import (MAX_LOG_N, MIN_LOG_N, NONCE_SIZE, TAG_SIZE, AuthenticationF
 from .locks import SHARED, RepoLock
 from .manifest import OP_ENTRY, ManifestStats, Record, decode_records, encode_record
 from .manifest_io import ManifestWriter
+from .owners import OWNERS_KEY, OwnerMap, chain_owners
 from .repository import OBJECT_ID, WORKERS, Repo, pack_key
 from .restore import Confinement, Restorer, RestoreOptions, RestoreResult, lookup_by_scan
 from .snapshot import KIND_FULL, Snapshot, now_iso
@@ -312,11 +313,14 @@ class ExportStats:
     duration: float = 0.0
 
 
-def snapshot_metadata(repo: Repo, snap: Snapshot, chain_length: int) -> dict[str, Any]:
+def snapshot_metadata(repo: Repo, snap: Snapshot, chain: list[Snapshot]) -> dict[str, Any]:
+    """The export's description of ``snap`` (the last of ``chain``): its owners' names are its whole
+    chain's, as the tree the file holds is."""
+    stats = {**snap.stats, OWNERS_KEY: chain_owners(s.stats for s in chain)}
     return {
         "snapshot": {"id": snap.id, "time": snap.time, "kind": snap.kind, "parent": snap.parent, "host": snap.host,
                      "paths": list(snap.paths), "tags": list(snap.tags), "stdin_name": snap.stdin_name,
-                     "stats": snap.stats, "chain_length": chain_length},
+                     "stats": stats, "chain_length": len(chain)},
         "source": {"repository": repo.config.repo_id, "chunker": repo.chunker_params.to_dict()},
         "exported": now_iso(),
     }
@@ -363,7 +367,7 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
         raise output_error(f"creating the export file in {directory}", exc) from None
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-            w = ExportWriter(f, password, snapshot_metadata(repo, snapshot, len(chain)), log_n=log_n, p=p,
+            w = ExportWriter(f, password, snapshot_metadata(repo, snapshot, chain), log_n=log_n, p=p,
                              level=level)
             stats.file_id = w.file_id.hex()
             _write_tree(repo, w, records, level, stats)
@@ -849,7 +853,8 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                     "duration": round(time.monotonic() - started, 3),
                     IMPORTED_FROM: src.id, "imported_file": info.file_id,
                     # what the next backup of its paths on the same host compares by
-                    **{k: src.stats[k] for k in ("xattrs", "started_ns", "finished_ns") if k in src.stats},
+                    **{k: src.stats[k] for k in ("xattrs", "started_ns", "finished_ns", OWNERS_KEY)
+                       if k in src.stats},
                 },
             )
             repo_lock.ensure_held()  # a prune that took it for stale may have deleted what this import reuses
@@ -858,18 +863,21 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
 
 def restore_from_file(path: str, password: bytes, target: str, *, includes: list[str] | None = None,
                       excludes: list[str] | None = None, force: bool = False, delete: bool = False,
-                      progress: Callable[[int, int], None] | None = None) -> tuple[ExportInfo, RestoreResult]:
+                      progress: Callable[[int, int], None] | None = None, numeric_owner: bool = False
+                      ) -> tuple[ExportInfo, RestoreResult]:
     """Restore an export's snapshot straight from the file, no repository involved.
 
     The file is verified whole first: a damaged or truncated file is refused
     before the target is created or touched.  Every file's digest is checked
-    as it is written, as in any restore.
+    as it is written, as in any restore.  Owners as in a restore from a
+    repository: by the recorded names where known here, unless ``numeric_owner``.
     """
     with open_export(path, password) as ef:
         info = ef.info
         assert info is not None
         opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
-                              delete=delete, progress=progress)
+                              delete=delete, progress=progress,
+                              owner_map=None if numeric_owner else OwnerMap.for_names([info.snapshot.stats]))
         with Restorer(ef, target, opts, lookup=lookup_by_scan(ef.records)) as restorer:
             if delete and os.path.isdir(target):
                 restorer.delete_extra(ef.records())

@@ -17,6 +17,7 @@ from chunkvault.errors import CorruptObject
 from . import chain
 from .manifest import Record
 from .manifest_io import store_manifest
+from .owners import OWNERS_KEY, chain_owners
 from .repository import Repo
 from .retention import Decision, RebaseStep, RetentionPolicy, rebase_plan, select
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot
@@ -110,7 +111,8 @@ def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep,
     absorbed = sum(int(by_id[i].stats.get("added_stored_bytes", 0)) + int(by_id[i].stats.get("absorbed_stored_bytes", 0))
                    for i in step.merge_ids if by_id[i].kind != KIND_FULL)
     snap.stats = {**snap.stats, "manifest_records": mw.records, "rebased": True, "manifest_bytes": _stored(repo, ids),
-                  "absorbed_stored_bytes": int(snap.stats.get("absorbed_stored_bytes", 0)) + absorbed}
+                  "absorbed_stored_bytes": int(snap.stats.get("absorbed_stored_bytes", 0)) + absorbed,
+                  OWNERS_KEY: chain_owners([by_id[i].stats for i in step.merge_ids] + [snap.stats])}
     ensure_held()
     return repo.save_snapshot(snap, replace=True)
 
@@ -150,14 +152,16 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
     any other snapshot that still needed part of it.  The caller holds the
     exclusive lock, and read ``snapshots`` under it.
     """
-    chain_ids = [s.id for s in repo.chain_of(snap, snapshots)[:-1]]
+    its_chain = repo.chain_of(snap, snapshots)
+    chain_ids = [s.id for s in its_chain[:-1]]
     if snap.kind != KIND_FULL:
         records = repo.tree(snap, snapshots)
         ids, mw = store_manifest(repo, records, ensure_held)
         snap.kind = KIND_FULL
         # dated as its parent, it still sorts after it; and a run stopped before it retired the chain it
         # replaced leaves the chain's ids for the next to retire
-        snap.stats = {**snap.stats, "follows": snap.parent, "former_chain": chain_ids}
+        snap.stats = {**snap.stats, "follows": snap.parent, "former_chain": chain_ids,
+                      OWNERS_KEY: chain_owners(s.stats for s in its_chain)}
         snap.parent = None
         snap.manifest = [i.hex() for i in ids]
         snap.manifest_starts = mw.starts

@@ -34,6 +34,7 @@ from .manifest import (
 )
 from .blob import Plaintext
 from .chain import ancestors
+from .owners import OwnerMap
 from .repository import Repo
 from .target_dirs import TargetDirs, proc_path, remove_tree
 from .xattrs import read_xattrs, write_xattrs
@@ -73,6 +74,7 @@ class RestoreOptions:
     delta: bool = False  # in place: rewrite only files, and chunk ranges of files, whose content differs
     delete: bool = False  # in place: remove what the snapshot does not have
     owners: bool | None = None  # restore uid/gid; default: when running as root
+    owner_map: OwnerMap | None = None  # recorded owner ids -> this machine's ids for their names (store/owners.py)
     xattrs: bool = True  # restore extended attributes (ACLs, capabilities, labels, user.*)
     window_bytes: int = 16 << 20
     fetch_threads: int = 3  # threads reading and decoding chunks ahead of the writer
@@ -84,6 +86,7 @@ class RestoreResult:
     files: int = 0
     dirs: int = 0
     links: int = 0
+    specials: int = 0  # FIFOs and device nodes
     bytes: int = 0
     unchanged_files: int = 0  # --delta: files already right
     rewritten_bytes: int = 0  # --delta: bytes written into existing files
@@ -572,7 +575,9 @@ class Restorer:
         the directories above it that the selection leaves out (restored too, for their recorded metadata,
         as restic does), and hard links whose first path is left out stand in for it (``_linked``)."""
         confined = _confined(records)
-        return confined if self.selected.everything else self._narrowed(confined)
+        chosen = confined if self.selected.everything else self._narrowed(confined)
+        mapped = self.opt.owner_map
+        return mapped.records(chosen) if mapped and self.owners else chosen
 
     def _narrowed(self, records: Iterator[Record]) -> Iterator[Record]:
         above: list[Record] = []  # directories left out on the way down to the current record, not yet given
@@ -973,12 +978,14 @@ class Restorer:
         elif t == T_FIFO:
             os.mkfifo(name, 0o600, dir_fd=pfd)
             self._apply_meta(e)
+            self.result.specials += 1
         elif t in (T_CHARDEV, T_BLOCKDEV):
             if not self.owners:
                 self.result.warnings.append(f"device {os.fsdecode(e.path)} not restored (needs root)")
                 return
             os.mknod(name, (stat.S_IFCHR if t == T_CHARDEV else stat.S_IFBLK) | 0o600, e.rdev, dir_fd=pfd)
             self._apply_meta(e)
+            self.result.specials += 1
 
     def _grants(self, st: os.stat_result, e: Entry) -> bool:
         """Whether updating the file ``st`` describes in place would give it another owner or set-id bits it

@@ -10,6 +10,7 @@ under ``hdrcharset=BINARY``.
 """
 from __future__ import annotations
 
+import os
 import struct
 
 BLOCK = 512
@@ -65,19 +66,21 @@ def exact_time(ns: int) -> bytes:
 
 
 def _block(kind: bytes, name: bytes, mode: bytes, uid: bytes, gid: bytes, size: bytes, mtime: bytes,
-           link: bytes = b"", major: bytes = b"", minor: bytes = b"") -> bytes:
+           link: bytes = b"", major: bytes = b"", minor: bytes = b"", uname: bytes = b"", gname: bytes = b""
+           ) -> bytes:
     """One ustar header block from its encoded fields, with its checksum."""
     block = bytearray(_HEADER.pack(name, mode, uid, gid, size, mtime, b" " * 8, kind, link, b"ustar\0", b"00",
-                                   b"", b"", major, minor, b"", b""))
+                                   uname, gname, major, minor, b"", b""))
     block[148:156] = b"%06o\0 " % sum(block)
     return bytes(block)
 
 
 def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: int = 0, size: int = 0,
            mtime_ns: int = 0, link: bytes = b"", major: int = 0, minor: int = 0,
-           xattrs: dict[bytes, bytes] | None = None) -> bytes:
+           xattrs: dict[bytes, bytes] | None = None, uname: str = "", gname: str = "") -> bytes:
     """The header blocks of one member (a pax extended header first when needed); a file's data follows,
-    padded to a whole block (``padding``). A directory's name gets its trailing slash here."""
+    padded to a whole block (``padding``). A directory's name gets its trailing slash here.  ``uname`` and
+    ``gname``, the owner's names, are what `tar x` as root sets owners by (empty: by the ids)."""
     if kind == DIRECTORY and not name.endswith(b"/"):
         name += b"/"
     xattrs = xattrs or {}
@@ -90,7 +93,8 @@ def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: in
         seconds = seconds if 0 <= seconds < 8 ** 11 else 0
     main = _block(kind, name_field, _octal(mode & 0o7777, 8), _numeric(uid, 8, b"uid", pax),
                   _numeric(gid, 8, b"gid", pax), _numeric(size, 12, b"size", pax),
-                  _numeric(seconds, 12, b"mtime", pax), link_field, _octal(major, 8), _octal(minor, 8))
+                  _numeric(seconds, 12, b"mtime", pax), link_field, _octal(major, 8), _octal(minor, 8),
+                  _text(os.fsencode(uname), 31, b"uname", pax), _text(os.fsencode(gname), 31, b"gname", pax))
     for key, value in xattrs.items():
         acl = acl_text(value) if key in _ACL_KEYS else None
         if acl is not None:  # GNU tar takes ACLs from these records only, and skips them as attributes

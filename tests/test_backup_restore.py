@@ -52,8 +52,9 @@ def test_roundtrip_all_entry_types(tmp_path, new_repo):
     assert result.snapshot.kind == "full"
     assert not result.partial
     out = tmp_path / "out"
-    repo.restore("latest", str(out))
+    restored = repo.restore("latest", str(out))
     assert describe(out) == describe(src)
+    assert (restored.links, restored.specials) == (3, 1)  # two symbolic links and a hard link; the FIFO
     # sparse file came back sparse
     assert os.stat(out / "sparse").st_blocks * 512 < 1024 * 1024
     # hardlink came back as a hardlink

@@ -96,7 +96,7 @@ def test_small_repository_listings_match_and_are_written_while_entries_come(tmp_
     os.rename(os.fsencode(src) + b"/caf\xe9", os.fsencode(src) + b"/caf\xe9\xe9")
     second = repo.backup([str(src)]).snapshot
     url = str(repo.store.remote.display_url)
-    expected_ls = _dumped([cvcli._entry_json(e) for e in repo.tree(first)])
+    expected_ls = _dumped([cvcli._listed_json(e, repo.owner_names(first)) for e in repo.tree(first)])
     assert any("path_b64" in e for e in json.loads(expected_ls))
 
     produced = [0]  # entries (or found paths) taken from the repository so far

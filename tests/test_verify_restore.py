@@ -225,8 +225,8 @@ def corrupting(monkeypatch, damage):
     """Let the real restore run, then damage what it wrote (the repository itself refuses corrupt data)."""
     real = verify_mod._restore
 
-    def restore(repo, snap, target):
-        result = real(repo, snap, target)
+    def restore(repo, snap, target, numeric_owner=False):
+        result = real(repo, snap, target, numeric_owner)
         damage(target)
         return result
 

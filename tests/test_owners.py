@@ -1,0 +1,269 @@
+"""Owners by name: a snapshot records its owner ids' user and group names, and a restore as root on a
+machine where those names have other ids gives the entries the local ids (as tar and borg do).
+
+A machine whose user database differs is simulated on the backup side only: the backup looks names up
+through ``owners.user_name``/``group_name``, replaced here by a table in which ``nobody`` has uid 4242 and
+``nogroup`` gid 4343.  The restore then looks the names up in this machine's real database, where they
+have other ids, so the restore runs as it would on a second machine."""
+import grp
+import io
+import json
+import os
+import pwd
+import subprocess
+import tarfile
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chunkvault.store import owners
+from chunkvault.store.manifest import OP_DELETE, OP_ENTRY, T_FILE, Entry, Record
+from chunkvault.store.owners import OwnerMap, chain_names, names_of, stored_names
+from chunkvault.verify import verify_restore
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="sets owners: needs root")
+
+BACKUP_UID, BACKUP_GID = 4242, 4343  # the ids "nobody" and "nogroup" have on the backed-up machine
+
+
+def _local(name_of, name):
+    try:
+        return name_of(name)
+    except KeyError:
+        return None
+
+
+USER = "nobody"
+GROUP = next(g for g in ("nogroup", "nobody") if _local(grp.getgrnam, g) is not None)
+LOCAL_UID, LOCAL_GID = pwd.getpwnam(USER).pw_uid, grp.getgrnam(GROUP).gr_gid
+
+
+@pytest.fixture
+def other_machine_names(monkeypatch):
+    """The backup's name lookups answer as the backed-up machine would."""
+    real_user, real_group = owners.user_name, owners.group_name
+    monkeypatch.setattr(owners, "user_name", lambda uid: USER if uid == BACKUP_UID else real_user(uid))
+    monkeypatch.setattr(owners, "group_name", lambda gid: GROUP if gid == BACKUP_GID else real_group(gid))
+
+
+# --- pure logic --------------------------------------------------------------------------------------------
+
+
+def test_names_of_records_what_is_known_over_what_the_parent_recorded():
+    users = {1000: "alice", 0: "root"}
+    got = names_of([1000, 0, 77], [50], {"owners": {"users": {"1000": "old", "9": "bob"}, "groups": {}}},
+                   user=users.get, group={50: "staff"}.get)
+    assert got == {"users": {"0": "root", "9": "bob", "1000": "alice"}, "groups": {"50": "staff"}}
+
+
+def test_stored_names_ignore_what_is_not_an_id_and_a_name():
+    stats = {"owners": {"users": {"1": "a", "x": "b", "2": 3, "3": ""}, "groups": ["1"]}}
+    assert stored_names(stats) == ({1: "a"}, {})
+    assert stored_names({}) == ({}, {}) and stored_names({"owners": "junk"}) == ({}, {})
+
+
+def test_a_later_snapshot_of_a_chain_names_an_id_last():
+    older = {"owners": {"users": {"1": "a", "2": "b"}, "groups": {"1": "g"}}}
+    newer = {"owners": {"users": {"2": "c"}, "groups": {}}}
+    assert chain_names([older, {}, newer]) == ({1: "a", 2: "c"}, {1: "g"})
+
+
+def test_only_names_known_here_under_another_id_move_an_owner():
+    here = {"alice": 1000, "bob": 7}.get
+    m = OwnerMap.from_names({1000: "alice", 5: "bob", 6: "carol"}, {5: "bob"}, user=here, group=here)
+    assert m.users == {5: 7} and m.groups == {5: 7}
+    moved = m.entry(Entry(b"f", T_FILE, uid=5, gid=5))
+    assert (moved.uid, moved.gid) == (7, 7)
+    kept = Entry(b"g", T_FILE, uid=6, gid=1000)
+    assert m.entry(kept) is kept
+    assert not OwnerMap.from_names({1000: "alice"}, {}, user=here, group=here)
+
+
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), max_size=30),
+       st.dictionaries(st.integers(0, 20), st.sampled_from(["a", "b", "c", "d"])),
+       st.dictionaries(st.sampled_from(["a", "b", "c"]), st.integers(0, 20)))
+def test_mapped_records_take_the_local_id_of_their_recorded_name_or_keep_theirs(owned, recorded, local):
+    m = OwnerMap.from_names(recorded, recorded, user=local.get, group=local.get)
+    records = [Record(OP_ENTRY, b"f%d" % i, Entry(b"f%d" % i, T_FILE, uid=u, gid=g)) for i, (u, g) in enumerate(owned)]
+    records.append(Record(OP_DELETE, b"gone", None))
+    before = [(r.entry.uid, r.entry.gid) for r in records[:-1]]
+    out = list(m.records(iter(records)))
+    assert [r.path for r in out] == [r.path for r in records] and out[-1].entry is None
+    for (u, g), r in zip(owned, out):
+        expect = [local.get(recorded[i], i) if i in recorded else i for i in (u, g)]
+        assert [r.entry.uid, r.entry.gid] == expect
+    assert [(r.entry.uid, r.entry.gid) for r in records[:-1]] == before  # the tree's entries stay as they were
+
+
+# --- a backup on one machine, restored on another --------------------------------------------------------
+
+
+def _tree(tmp_path):
+    src = tmp_path / "src"
+    (src / "db").mkdir(parents=True)
+    (src / "db" / "table").write_bytes(b"rows" * 1000)
+    (src / "mine").write_bytes(b"root's")
+    os.chown(src / "db", BACKUP_UID, BACKUP_GID)
+    os.chown(src / "db" / "table", BACKUP_UID, BACKUP_GID)
+    return src
+
+
+def _owner(path):
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid
+
+
+@needs_root
+def test_a_restore_as_root_gives_owners_the_local_ids_of_their_recorded_names(tmp_path, new_repo,
+                                                                             other_machine_names):
+    repo = new_repo()
+    src = _tree(tmp_path)
+    snap = repo.backup([str(src)]).snapshot
+    assert snap.stats["owners"]["users"][str(BACKUP_UID)] == USER
+    assert snap.stats["owners"]["groups"][str(BACKUP_GID)] == GROUP
+    assert snap.stats["owners"]["users"]["0"] == "root"
+    (src / "db" / "table").write_bytes(b"more rows" * 1000)
+    os.chown(src / "db" / "table", BACKUP_UID, BACKUP_GID)
+    diff = repo.backup([str(src)], kind="diff").snapshot
+    assert diff.kind == "diff" and diff.stats["owners"]["users"][str(BACKUP_UID)] == USER
+
+    for i, (which, numeric) in enumerate([(snap, False), (diff, False), (diff, True)]):
+        out = tmp_path / f"out{i}"
+        repo.restore(which, str(out), numeric_owner=numeric, verify=True, processes=1 + i % 2)
+        want = (BACKUP_UID, BACKUP_GID) if numeric else (LOCAL_UID, LOCAL_GID)
+        assert _owner(out / "db") == want and _owner(out / "db" / "table") == want
+        assert _owner(out / "mine") == (0, 0)
+    again = repo.restore(diff, str(tmp_path / "out1"), force=True, delta=True)  # in place: owners already right
+    assert again.unchanged_files == 2 and again.rewritten_bytes == 0
+    assert _owner(tmp_path / "out1" / "db" / "table") == (LOCAL_UID, LOCAL_GID)
+
+    report = verify_restore(repo, diff)
+    assert report.ok, report.mismatches
+    assert verify_restore(repo, diff, numeric_owner=True).ok
+
+
+@needs_root
+def test_a_differential_on_a_parent_without_names_names_the_ids_it_reads(tmp_path, new_repo,
+                                                                        other_machine_names):
+    """A snapshot made before names were recorded names none: a restore keeps its ids.  A differential
+    over it names the ids of what it reads, and a name is an id's, so an unchanged entry of the same
+    owner moves with it."""
+    repo = new_repo()
+    src = _tree(tmp_path)
+    (src / "db" / "index").write_bytes(b"i")
+    os.chown(src / "db" / "index", BACKUP_UID, BACKUP_GID)
+    full = repo.backup([str(src)]).snapshot
+    full.stats.pop("owners")
+    repo.store.save_snapshot(full, replace=True)
+    repo.restore(full, str(tmp_path / "unnamed"))
+    assert _owner(tmp_path / "unnamed" / "db" / "index") == (BACKUP_UID, BACKUP_GID)
+    (src / "db" / "table").write_bytes(b"other rows")  # read again, and its owner's names recorded
+    diff = repo.backup([str(src)], kind="diff").snapshot
+    assert diff.stats["owners"]["users"] == {str(BACKUP_UID): USER}
+    repo.restore(diff, str(tmp_path / "named"))
+    assert _owner(tmp_path / "named" / "db" / "table") == (LOCAL_UID, LOCAL_GID)
+    assert _owner(tmp_path / "named" / "db" / "index") == (LOCAL_UID, LOCAL_GID)
+
+
+@needs_root
+def test_the_cli_restore_maps_owners_and_numeric_owner_keeps_the_ids(tmp_path, new_repo, other_machine_names, cli):
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    src = _tree(tmp_path)
+    repo.backup([str(src)])
+    cli("restore", "latest", "--target", str(tmp_path / "byname"), "-r", url)
+    cli("restore", "latest", "--target", str(tmp_path / "bynumber"), "--numeric-owner", "-r", url)
+    rel = "db/table"
+    assert _owner(tmp_path / "byname" / rel) == (LOCAL_UID, LOCAL_GID)
+    assert _owner(tmp_path / "bynumber" / rel) == (BACKUP_UID, BACKUP_GID)
+    out = cli("verify-restore", "latest", "--json", "-r", url)
+    assert json.loads(out.stdout)["ok"]
+    listing = {e["path"]: e for e in json.loads(cli("ls", "latest", "--json", "-r", url).stdout)}
+    assert (listing["db/table"]["uid"], listing["db/table"]["user"], listing["db/table"]["group"]) == (
+        BACKUP_UID, USER, GROUP)
+    assert listing["mine"]["user"] == "root"
+
+
+@needs_root
+def test_an_export_carries_the_names_to_its_import_and_to_a_restore_from_the_file(tmp_path, new_repo,
+                                                                                  other_machine_names):
+    from chunkvault.store.export import restore_from_file
+
+    repo = new_repo()
+    src = _tree(tmp_path)
+    repo.backup([str(src)])
+    (src / "db" / "table").write_bytes(b"changed")
+    os.chown(src / "db" / "table", BACKUP_UID, BACKUP_GID)
+    diff = repo.backup([str(src)], kind="diff").snapshot
+    path = str(tmp_path / "x.backup")
+    repo.export(diff, path, "export pw", kdf_seconds=0)
+    rel = "db/table"
+    restore_from_file(path, b"export pw", str(tmp_path / "fromfile"))
+    assert _owner(tmp_path / "fromfile" / rel) == (LOCAL_UID, LOCAL_GID)
+    restore_from_file(path, b"export pw", str(tmp_path / "numeric"), numeric_owner=True)
+    assert _owner(tmp_path / "numeric" / rel) == (BACKUP_UID, BACKUP_GID)
+    other = new_repo()
+    imported = other.import_backup(path, "export pw").snapshot
+    assert imported.stats["owners"]["users"][str(BACKUP_UID)] == USER
+    other.restore(imported, str(tmp_path / "imported"))
+    assert _owner(tmp_path / "imported" / rel) == (LOCAL_UID, LOCAL_GID)
+
+
+def test_a_dumped_tar_names_the_owners_and_gnu_tar_extracts_by_name(tmp_path, new_repo, other_machine_names):
+    if os.geteuid() != 0:
+        pytest.skip("gives files to another owner: needs root")
+    repo = new_repo()
+    src = _tree(tmp_path)
+    repo.backup([str(src)])
+    buf = io.BytesIO()
+    repo.dump("latest", "/", buf)
+    members = {m.name: m for m in tarfile.open(fileobj=io.BytesIO(buf.getvalue()))}
+    table = members["db/table"]
+    assert (table.uid, table.gid, table.uname, table.gname) == (BACKUP_UID, BACKUP_GID, USER, GROUP)
+    assert members["mine"].uname == "root"
+    out = tmp_path / "untarred"
+    out.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(out)], input=buf.getvalue(), check=True)
+    assert _owner(out / "db/table") == (LOCAL_UID, LOCAL_GID)
+
+
+def test_a_long_owner_name_goes_to_a_pax_record():
+    from chunkvault.store import tarformat
+
+    long_name = "u" * 40
+    data = tarformat.header(tarformat.REGULAR, b"f", uid=5, gid=6, uname=long_name, gname="g") + tarformat.end(0)
+    member = tarfile.open(fileobj=io.BytesIO(data)).getmembers()[0]
+    assert (member.uname, member.gname, member.uid, member.gid) == (long_name, "g", 5, 6)
+
+
+def test_a_snapshot_restored_on_its_own_machine_moves_no_owner(tmp_path, new_repo):
+    repo = new_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    snap = repo.backup([str(src)]).snapshot
+    assert snap.stats["owners"]["users"][str(os.getuid())] == pwd.getpwuid(os.getuid()).pw_name
+    assert not repo.owner_map(snap)
+
+
+@pytest.mark.parametrize("how", ["forget", "aggregate"])
+def test_a_differential_made_a_full_keeps_its_chain_s_names(tmp_path, new_repo, other_machine_names, how):
+    """A differential that names nothing (an earlier chunkvault's) takes its chain's names when it becomes
+    a full: rebased by a forget of its parent, or aggregated."""
+    repo = new_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    full = repo.backup([str(src)]).snapshot
+    (src / "g").write_bytes(b"y")
+    diff = repo.backup([str(src)], kind="diff").snapshot
+    diff.stats.pop("owners")
+    repo.store.save_snapshot(diff, replace=True)
+    if how == "forget":
+        repo.forget([full.id])
+    else:
+        repo.aggregate(diff.id)
+    (made,) = [s for s in repo.snapshots() if s.id == diff.id]
+    assert made.kind == "full"
+    assert made.stats["owners"] == full.stats["owners"] and made.stats["owners"]["users"]
