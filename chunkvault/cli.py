@@ -428,7 +428,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     st = snap.stats
     if result.skipped:
         if args.json:
-            _emit_json({"skipped": True, "id": None, "parent": snap.id, "warnings": result.warnings,
+            _emit_json({"skipped": True, "id": None, "parent": snap.id, **_names_json("warnings", result.warnings),
                         "dry_run": args.dry_run})
         elif not args.quiet:
             for w in result.warnings:
@@ -438,7 +438,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         return 0
     if args.json:
         saved = {"id": None, "short_id": None} if args.dry_run else {}  # a dry run's snapshot has no id
-        _emit_json({**_snapshot_json(snap), **saved, "skipped": False, "warnings": result.warnings,
+        _emit_json({**_snapshot_json(snap), **saved, "skipped": False, **_names_json("warnings", result.warnings),
                     "dry_run": args.dry_run})
     elif not args.quiet:
         for w in result.warnings:
@@ -594,7 +594,7 @@ def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool) -> d
     return {"snapshot": snap.id, "target": os.path.abspath(target), "files": result.files,
             "dirs": result.dirs, "links": result.links, "specials": result.specials, "bytes": result.bytes,
             "unchanged_files": result.unchanged_files, "rewritten_bytes": result.rewritten_bytes,
-            "deleted": result.deleted, "processes": result.processes, "warnings": result.warnings,
+            "deleted": result.deleted, "processes": result.processes, **_names_json("warnings", result.warnings),
             "verified": verified,
             "not_restored": [{**_name_json("path", path), "object": obj, "reason": reason}
                              for path, obj, reason, _ in result.damaged],

@@ -86,7 +86,7 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
         cli._emit_json({"file": os.path.abspath(args.from_file), "snapshot": snap.id, "time": snap.time,
                         "target": os.path.abspath(args.target), "files": result.files, "dirs": result.dirs,
                         "links": result.links, "specials": result.specials, "bytes": result.bytes, "deleted": result.deleted,
-                        "warnings": result.warnings})
+                        **cli._names_json("warnings", result.warnings)})
     elif not args.quiet:
         for w in result.warnings:
             warn(w)

@@ -651,3 +651,17 @@ def test_a_password_change_stopped_says_which_passwords_open_the_repository(tmp_
         assert "both passwords open the repository" in err
         Repository.open(repo.store.remote.display_url, password).close()
     Repository.open(repo.store.remote.display_url, "new password").close()
+
+
+def test_json_warnings_naming_a_name_that_is_not_utf8_carry_their_bytes(tmp_path, cli, setup):
+    repo, src = setup
+    odd = os.path.join(os.fsencode(src), b"late-\xff")
+    with open(odd, "wb") as f:
+        f.write(b"x")
+    os.utime(odd, ns=(10**19, 10**19))  # after 2262: stored as that end, with a warning naming the file
+    out = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)
+    (warning,) = [w for w in out["warnings"] if "2262" in w]
+    (raw,) = [base64.b64decode(b) for w, b in zip(out["warnings"], out["warnings_b64"]) if w == warning]
+    assert odd in raw and os.fsencode(warning) == raw
+    plain = json.loads(cli("backup", "-r", repo, str(src / "sub"), "--json").stdout)
+    assert "warnings_b64" not in plain
