@@ -55,7 +55,7 @@ def _table(stored: object) -> dict[int, str]:
     out: dict[int, str] = {}
     if isinstance(stored, Mapping):
         for k, v in stored.items():
-            if isinstance(k, str) and k.isdigit() and isinstance(v, str) and v:
+            if isinstance(k, str) and k.isascii() and k.isdigit() and isinstance(v, str) and v:
                 out[int(k)] = v
     return out
 

@@ -58,7 +58,7 @@ def test_names_of_records_what_is_known_over_what_the_parent_recorded():
 
 
 def test_stored_names_ignore_what_is_not_an_id_and_a_name():
-    stats = {"owners": {"users": {"1": "a", "x": "b", "2": 3, "3": ""}, "groups": ["1"]}}
+    stats = {"owners": {"users": {"1": "a", "x": "b", "2": 3, "3": "", "\uff14": "d"}, "groups": ["1"]}}
     assert stored_names(stats) == ({1: "a"}, {})
     assert stored_names({}) == ({}, {}) and stored_names({"owners": "junk"}) == ({}, {})
 
