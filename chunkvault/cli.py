@@ -1131,7 +1131,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             print(f"snapshots mounted at {args.mountpoint}: browse snapshots/, ids/, hosts/, tags/; "
                   f"unmount with `fusermount -u {args.mountpoint}` or Ctrl-C", file=sys.stderr, flush=True)
 
-    mount(_open(args), args.mountpoint, allow_other=args.allow_other, wait=args.wait, on_mounted=mounted)
+    mount(_open(args), args.mountpoint, allow_other=args.allow_other, wait=args.wait, on_mounted=mounted,
+          numeric_owner=args.numeric_owner)
     return 0
 
 
@@ -1542,6 +1543,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--allow-other", action="store_true",
                    help="let other users look too, held to the recorded owners and modes (needs "
                         "user_allow_other in /etc/fuse.conf unless root)")
+    s.add_argument("--numeric-owner", action="store_true",
+                   help="show owners by their recorded ids, not as the local ids of the recorded names")
     s.set_defaults(func=cmd_mount)
 
     s = sub.add_parser("serve", help="run the HTTP backup service (default 127.0.0.1:6362)", add_help=False,

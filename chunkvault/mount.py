@@ -29,6 +29,7 @@ from .errors import ChunkvaultError, MountFailed, UsageError
 from .mountview import InSnapshot, Layout, Link, Node, SnapshotTree, VirtualDir
 from .repository import Repository
 from .store.manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry
+from .store.owners import OwnerMap
 from .store.snapshot import Snapshot
 from .store.xattrs import decode_xattrs
 
@@ -129,8 +130,11 @@ class SnapshotFS:
 
     use_ns = True
 
-    def __init__(self, repo: Repository, refresh: float = REFRESH_SECONDS, on_mounted: Any = None):
+    def __init__(self, repo: Repository, refresh: float = REFRESH_SECONDS, on_mounted: Any = None,
+                 numeric_owner: bool = False):
         self.repo = repo
+        self.numeric_owner = numeric_owner
+        self._owner_maps: dict[str, OwnerMap] = {}  # snapshot id -> its owners' local ids (``_owner``)
         self.refresh = refresh
         self.on_mounted = on_mounted
         self.served = False  # the kernel mounted it (``init``): an end after that is an unmount
@@ -173,6 +177,21 @@ class SnapshotFS:
             raise _error(errno.ENOENT)
         return node
 
+    def _owner(self, snap: Snapshot, e: Entry) -> tuple[int, int]:
+        """The owner a restore would give ``e``: the local ids of its recorded names (``OwnerMap``)."""
+        if self.numeric_owner:
+            return e.uid, e.gid
+        with self._lock:
+            owners = self._owner_maps.get(snap.id)
+        if owners is None:
+            try:
+                owners = self.repo.owner_map(snap)
+            except ChunkvaultError:  # its chain unreadable now: its tree is too, and says so
+                owners = OwnerMap()
+            with self._lock:
+                self._owner_maps[snap.id] = owners
+        return owners.users.get(e.uid, e.uid), owners.groups.get(e.gid, e.gid)
+
     def _in_snapshot(self, node: InSnapshot) -> tuple[SnapshotTree, Entry | None]:
         """The snapshot's tree and the entry at the node (None: a directory without an entry of its own,
         as the root of a snapshot of several paths)."""
@@ -210,9 +229,10 @@ class SnapshotFS:
         if e is None:  # a directory without an entry of its own
             return {**self._virtual(stat.S_IFDIR | 0o555, 2), "st_ino": ino}
         ns = e.mtime_ns
+        uid, gid = self._owner(node.snapshot, e)
         return {"st_mode": _TYPE_BITS.get(e.type, stat.S_IFREG) | e.mode, "st_ino": ino,
                 "st_nlink": 2 if e.type == T_DIR else names,
-                "st_uid": e.uid, "st_gid": e.gid, "st_size": e.size if e.type == T_FILE else len(e.target),
+                "st_uid": uid, "st_gid": gid, "st_size": e.size if e.type == T_FILE else len(e.target),
                 "st_rdev": e.rdev, "st_mtime": ns, "st_atime": ns, "st_ctime": e.ctime_ns or ns,
                 "st_blocks": (e.size + 511) // 512 if e.type == T_FILE else 0}
 
@@ -328,17 +348,18 @@ def _error(code: int) -> OSError:
 
 
 def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait: float = 3600.0,
-          refresh: float = REFRESH_SECONDS, on_mounted: Any = None) -> None:
+          refresh: float = REFRESH_SECONDS, on_mounted: Any = None, numeric_owner: bool = False) -> None:
     """Mount the repository's snapshots read-only at ``mountpoint`` until it is unmounted (``fusermount -u``,
     or SIGINT/SIGTERM to this process); ``on_mounted()`` is called once it is.  ``allow_other``: other users may look too, each held to the
-    recorded owners and modes (without it only the mounting user can, and reads every file)."""
+    recorded owners and modes (without it only the mounting user can, and reads every file).  Owners show
+    as a restore would set them: the local ids of their recorded names, unless ``numeric_owner``."""
     if not os.path.isdir(mountpoint):
         raise UsageError(f"{mountpoint} is not a directory")
     if os.listdir(mountpoint):
         raise UsageError(f"{mountpoint} is not empty")
     fuse = _fuse()
     with repo.reading("mount", wait=wait):
-        ops = SnapshotFS(repo, refresh, on_mounted)
+        ops = SnapshotFS(repo, refresh, on_mounted, numeric_owner)
         options: dict[str, bool] = {"use_ino": True}  # getattr's inode numbers: hard links share theirs
         if allow_other:
             options.update(allow_other=True, default_permissions=True)

@@ -11,7 +11,8 @@
  *       error: 0, or the errno that stopped the file, which is then removed,
  *       never left half-written under its name.  owner_error: the errno of a
  *       failed chown that did not stop the file (it stops it only on a
- *       read-only file system, where nothing else would be set either).
+ *       read-only file system, where nothing else would be set either); the
+ *       file then gets its mode without the set-user-ID and set-group-ID bits.
  *       The run stops after a file that found no space (ENOSPC, EDQUOT): the
  *       list is then shorter than ``files``, the rest not attempted.
  *
@@ -154,7 +155,8 @@ static void write_one(small_write *w, int owners) {
         else
             w->owner_err = errno;
     }
-    if (!err && fchmod(fd, w->mode & 07777) != 0)
+    /* set-id bits only for the owner they were recorded with: never for whoever the file is left to */
+    if (!err && fchmod(fd, w->mode & (w->owner_err ? 01777 : 07777)) != 0)
         err = errno;
     if (!err) {
         struct timespec times[2];

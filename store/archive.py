@@ -76,7 +76,7 @@ class _Tar:
     def __init__(self, out: BinaryIO, names: tuple[Mapping[int, str], Mapping[int, str]]):
         self.out = out
         self.written = 0
-        self.users, self.groups = names
+        self.names = names
 
     def _write(self, data: bytes | memoryview) -> None:
         self.out.write(data)
@@ -88,8 +88,7 @@ class _Tar:
         self._write(tarformat.header(kind, e.path, mode=e.mode, uid=e.uid, gid=e.gid, size=size,
                                      mtime_ns=e.mtime_ns, link=link, major=os.major(e.rdev) if device else 0,
                                      minor=os.minor(e.rdev) if device else 0,
-                                     xattrs=decode_xattrs(e.xattrs) if e.xattrs else None,
-                                     uname=self.users.get(e.uid, ""), gname=self.groups.get(e.gid, "")))
+                                     xattrs=decode_xattrs(e.xattrs) if e.xattrs else None, names=self.names))
 
     def file(self, e: Entry, data: BinaryIO) -> None:
         self._header(e, tarformat.REGULAR, e.size)

@@ -41,7 +41,7 @@ from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH, Plaintext
 from .deltabase import restart_turns
 from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
-from .owners import OWNERS_KEY, names_of
+from .owners import OWNERS_KEY, names_of, note_ids
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, iso, now_iso
 from .unlock import require_openable
@@ -1077,8 +1077,7 @@ class Backup:
             for rec in stats_iter:
                 mw.add(rec)
                 if rec.entry is not None:
-                    uids.add(rec.entry.uid)
-                    gids.add(rec.entry.gid)
+                    note_ids(rec.entry, uids, gids)
             self._drain()
             walked_ns = time.time_ns()  # every file read: the end of the window the next backup reads again
             if self.opt.progress is not None:  # the final counts (reports in between are rate-limited)

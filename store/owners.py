@@ -15,6 +15,8 @@ from dataclasses import replace
 from typing import Callable, Iterable, Mapping
 
 from .manifest import Entry, Record
+from .posix_acl import ACL_KEYS, acl_ids, mapped_acl
+from .xattrs import decode_xattrs, encode_xattrs
 
 OWNERS_KEY = "owners"  # in a snapshot's stats: {"users": {"1000": "alice"}, "groups": {"1000": "staff"}}
 IdName = Callable[[int], "str | None"]
@@ -73,30 +75,50 @@ def _stored_form(users: Mapping[int, str], groups: Mapping[int, str]) -> dict[st
             "groups": {str(i): n for i, n in sorted(groups.items())}}
 
 
+def note_ids(e: Entry, uids: set[int], gids: set[int]) -> None:
+    """Add the user and group ids ``e`` names to ``uids`` and ``gids``: its owner's, and its ACLs' entries'."""
+    uids.add(e.uid)
+    gids.add(e.gid)
+    if e.xattrs:
+        for value in _acls(e.xattrs).values():
+            u, g = acl_ids(value)
+            uids |= u
+            gids |= g
+
+
+def _acls(raw: bytes) -> dict[bytes, bytes]:
+    try:
+        pairs = decode_xattrs(raw)
+    except ValueError:  # not for names to mend: check reports it
+        return {}
+    return {k: v for k, v in pairs.items() if k in ACL_KEYS}
+
+
 def names_of(uids: Iterable[int], gids: Iterable[int], inherited: Mapping[str, object] | None = None, *,
              user: IdName | None = None, group: IdName | None = None) -> dict[str, dict[str, str]]:
-    """The ``stats["owners"]`` of a snapshot whose new entries have ``uids`` and ``gids``: their names here
-    (``user``, ``group``: how an id's name is looked up), over those ``inherited`` (a differential's
-    parent's stats: its unchanged entries are not seen again)."""
-    users, groups = stored_names(inherited or {})
-    for table, ids, name_of in ((users, uids, user or user_name), (groups, gids, group or group_name)):
-        for i in set(ids):
-            name = name_of(i)
-            if name is not None:
-                table[i] = name
-    return _stored_form(users, groups)
+    """The ``stats["owners"]`` of a snapshot whose new entries have ``uids`` and ``gids``, with the ids
+    ``inherited`` (a differential's parent's stats: its unchanged entries are not seen again): each id's
+    name here and now (``user``, ``group``: how an id's name is looked up), as a full taken at the same
+    moment records it; an id with no name now has none (a deleted user's, or one whose id went to another)."""
+    old_users, old_groups = stored_names(inherited or {})
+
+    def named(ids: Iterable[int], name_of: IdName) -> dict[int, str]:
+        return {i: name for i in ids if (name := name_of(i)) is not None}
+
+    tables = (named(set(uids) | set(old_users), user or user_name),
+              named(set(gids) | set(old_groups), group or group_name))
+    return _stored_form(*tables)
 
 
 def chain_names(chain_stats: Iterable[Mapping[str, object]]) -> tuple[dict[int, str], dict[int, str]]:
-    """(users, groups) of a snapshot from the stats of its chain, oldest first: a later snapshot's name for
-    an id wins, and one that kept none (made before names were kept) takes its parent's."""
-    users: dict[int, str] = {}
-    groups: dict[int, str] = {}
+    """(users, groups) of a snapshot from the stats of its chain, oldest first: the newest table there is,
+    which covers the chain (``names_of``); a snapshot that kept none (made before names were kept) takes
+    its parent's."""
+    found: Mapping[str, object] = {}
     for stats in chain_stats:
-        u, g = stored_names(stats)
-        users.update(u)
-        groups.update(g)
-    return users, groups
+        if isinstance(stats.get(OWNERS_KEY), Mapping):
+            found = stats
+    return stored_names(found)
 
 
 def chain_owners(chain_stats: Iterable[Mapping[str, object]]) -> dict[str, dict[str, str]]:
@@ -135,9 +157,22 @@ class OwnerMap:
         return cls(moved(users, user or user_id), moved(groups, group or group_id))
 
     def entry(self, e: Entry) -> Entry:
-        """``e`` with its owner mapped: a copy where it moves (a tree's entries are never changed)."""
+        """``e`` with its owner and its ACLs' entries mapped: a copy where one moves (a tree's entries are
+        never changed)."""
+        if not self:
+            return e
         uid, gid = self.users.get(e.uid, e.uid), self.groups.get(e.gid, e.gid)
-        return e if (uid, gid) == (e.uid, e.gid) else replace(e, uid=uid, gid=gid)
+        xattrs = self._xattrs(e.xattrs) if e.xattrs else e.xattrs
+        if (uid, gid, xattrs) == (e.uid, e.gid, e.xattrs):
+            return e
+        return replace(e, uid=uid, gid=gid, xattrs=xattrs)
+
+    def _xattrs(self, raw: bytes) -> bytes:
+        acls = _acls(raw)
+        moved = {k: mapped_acl(v, self.users, self.groups) for k, v in acls.items()}
+        if moved == acls:
+            return raw
+        return encode_xattrs({**decode_xattrs(raw), **moved})
 
     def entries(self, entries: Iterable[Entry]) -> Iterable[Entry]:
         return map(self.entry, entries) if self else entries

@@ -1134,6 +1134,7 @@ class Restorer:
     def _set_meta(self, e: Entry, where: bytes | int, link: bool) -> None:
         """``_apply_meta`` on an open descriptor, or on a path that reaches the entry without walking a
         directory by name (``proc_path``), a link's own (not followed) or an object's."""
+        mode = e.mode
         if self.owners:
             try:
                 if isinstance(where, int):
@@ -1144,14 +1145,16 @@ class Restorer:
                 if exc.errno == errno.EROFS:  # nothing else will be set either: the entry is not written
                     raise
                 self._owner_not_set(e, exc.strerror)
+                mode &= 0o1777  # set-id bits for their owner only, never for whoever the entry is left to
         if self.opt.xattrs and (e.xattrs or not self._fresh):
             failed = write_xattrs(where, e.xattrs, replace=not self._fresh, follow=not link)
             if failed:
                 self.result.warnings.append(f"cannot set extended attributes of {os.fsdecode(e.path)}: "
                                             + "; ".join(failed))
         if not link:
-            os.chmod(where, e.mode)
+            os.chmod(where, mode)
         os.utime(where, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=not link)
 
     def _owner_not_set(self, e: Entry, reason: str) -> None:
-        self.result.warnings.append(f"cannot set owner of {os.fsdecode(e.path) or '.'}: {reason}")
+        self.result.warnings.append(f"cannot set owner of {os.fsdecode(e.path) or '.'}: {reason}"
+                                    + ("; restored without its set-user/group-ID bits" if e.mode & 0o6000 else ""))

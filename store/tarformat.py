@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Mapping
+
+from .posix_acl import GROUP, GROUP_OBJ, MASK, OTHER, USER, USER_OBJ, acl_entries
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # an archive ends padded to whole records, as tar writes them
@@ -77,10 +80,12 @@ def _block(kind: bytes, name: bytes, mode: bytes, uid: bytes, gid: bytes, size: 
 
 def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: int = 0, size: int = 0,
            mtime_ns: int = 0, link: bytes = b"", major: int = 0, minor: int = 0,
-           xattrs: dict[bytes, bytes] | None = None, uname: str = "", gname: str = "") -> bytes:
+           xattrs: dict[bytes, bytes] | None = None,
+           names: tuple[Mapping[int, str], Mapping[int, str]] = ({}, {})) -> bytes:
     """The header blocks of one member (a pax extended header first when needed); a file's data follows,
-    padded to a whole block (``padding``). A directory's name gets its trailing slash here.  ``uname`` and
-    ``gname``, the owner's names, are what `tar x` as root sets owners by (empty: by the ids)."""
+    padded to a whole block (``padding``). A directory's name gets its trailing slash here.  ``names``:
+    the user and group names of ids, which `tar -x` as root sets owners (and ACL entries) by."""
+    users, groups = names
     if kind == DIRECTORY and not name.endswith(b"/"):
         name += b"/"
     xattrs = xattrs or {}
@@ -94,16 +99,19 @@ def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: in
     main = _block(kind, name_field, _octal(mode & 0o7777, 8), _numeric(uid, 8, b"uid", pax),
                   _numeric(gid, 8, b"gid", pax), _numeric(size, 12, b"size", pax),
                   _numeric(seconds, 12, b"mtime", pax), link_field, _octal(major, 8), _octal(minor, 8),
-                  _text(os.fsencode(uname), 31, b"uname", pax), _text(os.fsencode(gname), 31, b"gname", pax))
+                  _text(os.fsencode(users.get(uid, "")), 31, b"uname", pax),
+                  _text(os.fsencode(groups.get(gid, "")), 31, b"gname", pax))
+    raw = [name, link]  # what goes into the records as it is: the hdrcharset record says when it is not UTF-8
     for key, value in xattrs.items():
-        acl = acl_text(value) if key in _ACL_KEYS else None
+        acl = acl_text(value, users, groups) if key in _ACL_KEYS else None
         if acl is not None:  # GNU tar takes ACLs from these records only, and skips them as attributes
             pax.append(record(_ACL_KEYS[key], acl))
         else:  # a keyword ends at its "=": GNU tar writes "%" and "=" in a name as %25 and %3D, and reads them back
             pax.append(record(b"SCHILY.xattr." + key.replace(b"%", b"%25").replace(b"=", b"%3D"), value))
+            raw += (key, value)
     if not pax:
         return main
-    if not all(is_utf8(v) for v in (name, link, *xattrs, *xattrs.values())):
+    if not all(is_utf8(v) for v in raw):
         pax.insert(0, record(b"hdrcharset", b"BINARY"))
     records = b"".join(pax)
     extended = _block(_PAX, _PAX_NAME, _octal(0o644, 8), _octal(0, 8), _octal(0, 8), _octal(len(records), 12),
@@ -112,23 +120,28 @@ def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: in
 
 
 _ACL_KEYS = {b"system.posix_acl_access": b"SCHILY.acl.access", b"system.posix_acl_default": b"SCHILY.acl.default"}
-_ACL_ENTRY = struct.Struct("<HHI")  # tag, permissions, user or group id: Linux's binary form, after a version
-_ACL_TAGS = {0x01: b"user:", 0x02: b"user:%d", 0x04: b"group:", 0x08: b"group:%d", 0x10: b"mask:", 0x20: b"other:"}
+_ACL_WHO = {USER_OBJ: b"user:", GROUP_OBJ: b"group:", MASK: b"mask:", OTHER: b"other:"}
 
 
-def acl_text(value: bytes) -> bytes | None:
-    """A POSIX ACL in Linux's extended attribute form as the short text form (``user::rw-,user:1000:r--,...``,
-    ids as numbers, as ``acl_from_text`` reads them); None for a value that is not one."""
-    if len(value) < 4 or (len(value) - 4) % _ACL_ENTRY.size or struct.unpack_from("<I", value)[0] != 2:
+def acl_text(value: bytes, users: Mapping[int, str] | None = None, groups: Mapping[int, str] | None = None
+             ) -> bytes | None:
+    """A POSIX ACL in Linux's extended attribute form as the short text form (``user::rw-,user:bob:r--,...``,
+    as ``acl_from_text`` reads it): a named entry by the name ``users``/``groups`` give its id (GNU tar
+    writes names too, and `tar -x --acls` as root maps them as it maps owners), else by number; None for a
+    value that is not one."""
+    entries = acl_entries(value)
+    if entries is None:
         return None
-    entries = []
-    for offset in range(4, len(value), _ACL_ENTRY.size):
-        tag, perm, qualifier = _ACL_ENTRY.unpack_from(value, offset)
-        if tag not in _ACL_TAGS or perm > 7:
-            return None
-        who = _ACL_TAGS[tag] % qualifier if b"%d" in _ACL_TAGS[tag] else _ACL_TAGS[tag]
-        entries.append(who + b":" + bytes(b"rwx"[i] if perm & (4 >> i) else ord("-") for i in range(3)))
-    return b",".join(entries)
+    out = []
+    for tag, perm, qualifier in entries:
+        if tag in (USER, GROUP):
+            name = ((users if tag == USER else groups) or {}).get(qualifier)
+            who = (b"user:" if tag == USER else b"group:") + (
+                os.fsencode(name) if name and not set(name) & set(":,\n ") else b"%d" % qualifier)
+        else:
+            who = _ACL_WHO[tag]
+        out.append(who + b":" + bytes(b"rwx"[i] if perm & (4 >> i) else ord("-") for i in range(3)))
+    return b",".join(out)
 
 
 def padding(size: int) -> bytes:

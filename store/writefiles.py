@@ -122,7 +122,7 @@ def _write_one(dirfd: int, name: bytes, data: Plaintext, mode: int, uid: int, gi
                     if exc.errno == errno.EROFS:
                         raise
                     owner_error = exc.errno or errno.EIO
-            os.fchmod(fd, mode & 0o7777)
+            os.fchmod(fd, mode & (0o1777 if owner_error else 0o7777))  # set-id bits for their owner only
             os.utime(fd, ns=(mtime_ns, mtime_ns))
         finally:
             os.close(fd)

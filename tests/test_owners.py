@@ -10,14 +10,17 @@ import io
 import json
 import os
 import pwd
+import stat
+import struct
 import subprocess
+import sys
 import tarfile
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chunkvault.store import owners
+from chunkvault.store import owners, posix_acl
 from chunkvault.store.manifest import OP_DELETE, OP_ENTRY, T_FILE, Entry, Record
 from chunkvault.store.owners import OwnerMap, chain_names, names_of, stored_names
 from chunkvault.verify import verify_restore
@@ -50,11 +53,14 @@ def other_machine_names(monkeypatch):
 # --- pure logic --------------------------------------------------------------------------------------------
 
 
-def test_names_of_records_what_is_known_over_what_the_parent_recorded():
-    users = {1000: "alice", 0: "root"}
-    got = names_of([1000, 0, 77], [50], {"owners": {"users": {"1000": "old", "9": "bob"}, "groups": {}}},
-                   user=users.get, group={50: "staff"}.get)
-    assert got == {"users": {"0": "root", "9": "bob", "1000": "alice"}, "groups": {"50": "staff"}}
+def test_names_of_names_every_id_as_it_is_named_now_the_parent_s_included():
+    """As a full taken at the same moment would: an inherited id renamed since takes its new name, one
+    that has none now (its user deleted) is dropped, and the parent's ids are looked up again."""
+    users = {1000: "alice", 0: "root", 8: "mallory"}
+    got = names_of([1000, 0, 77], [50], {"owners": {"users": {"1000": "old", "9": "bob", "8": "carol"},
+                                                    "groups": {"51": "gone", "52": "kept"}}},
+                   user=users.get, group={50: "staff", 52: "kept"}.get)
+    assert got == {"users": {"0": "root", "8": "mallory", "1000": "alice"}, "groups": {"50": "staff", "52": "kept"}}
 
 
 def test_stored_names_ignore_what_is_not_an_id_and_a_name():
@@ -63,10 +69,13 @@ def test_stored_names_ignore_what_is_not_an_id_and_a_name():
     assert stored_names({}) == ({}, {}) and stored_names({"owners": "junk"}) == ({}, {})
 
 
-def test_a_later_snapshot_of_a_chain_names_an_id_last():
+def test_the_newest_table_of_a_chain_names_its_ids():
+    """Each table covers its chain (``names_of``): an id the newest leaves out has no name any more."""
     older = {"owners": {"users": {"1": "a", "2": "b"}, "groups": {"1": "g"}}}
     newer = {"owners": {"users": {"2": "c"}, "groups": {}}}
-    assert chain_names([older, {}, newer]) == ({1: "a", 2: "c"}, {1: "g"})
+    assert chain_names([older, {}, newer]) == ({2: "c"}, {})
+    assert chain_names([older, {"files": 3}]) == ({1: "a", 2: "b"}, {1: "g"})  # a newer one kept none
+    assert chain_names([{}, {}]) == ({}, {})
 
 
 def test_only_names_known_here_under_another_id_move_an_owner():
@@ -232,7 +241,7 @@ def test_a_long_owner_name_goes_to_a_pax_record():
     from chunkvault.store import tarformat
 
     long_name = "u" * 40
-    data = tarformat.header(tarformat.REGULAR, b"f", uid=5, gid=6, uname=long_name, gname="g") + tarformat.end(0)
+    data = tarformat.header(tarformat.REGULAR, b"f", uid=5, gid=6, names=({5: long_name}, {6: "g"})) + tarformat.end(0)
     member = tarfile.open(fileobj=io.BytesIO(data)).getmembers()[0]
     assert (member.uname, member.gname, member.uid, member.gid) == (long_name, "g", 5, 6)
 
@@ -267,3 +276,129 @@ def test_a_differential_made_a_full_keeps_its_chain_s_names(tmp_path, new_repo, 
     (made,) = [s for s in repo.snapshots() if s.id == diff.id]
     assert made.kind == "full"
     assert made.stats["owners"] == full.stats["owners"] and made.stats["owners"]["users"]
+
+
+@needs_root
+def test_a_differential_names_an_unchanged_file_s_owner_as_it_is_named_now(tmp_path, new_repo, monkeypatch):
+    """uid 4242 was carol's when the full was taken, then carol was deleted and the id given to mallory:
+    the differential names it as a full taken then would, whatever file changed."""
+    names = {BACKUP_UID: "carol"}
+    monkeypatch.setattr(owners, "user_name", names.get)
+    repo = new_repo()
+    src = _tree(tmp_path)
+    full = repo.backup([str(src)]).snapshot
+    assert full.stats["owners"]["users"] == {str(BACKUP_UID): "carol"}
+    names[BACKUP_UID] = USER
+    (src / "mine").write_bytes(b"changed")  # not the file of uid 4242
+    diff = repo.backup([str(src)], kind="diff").snapshot
+    assert diff.stats["owners"]["users"] == {str(BACKUP_UID): USER}
+    repo.restore(diff, str(tmp_path / "out"))
+    assert _owner(tmp_path / "out" / "db" / "table")[0] == LOCAL_UID
+    del names[BACKUP_UID]  # deleted, no new owner: no name, so a restore keeps the number
+    (src / "mine").write_bytes(b"changed again")
+    assert repo.backup([str(src)], kind="diff").snapshot.stats["owners"]["users"] == {}
+
+
+def _user_namespaces() -> bool:
+    return subprocess.run(["unshare", "-Ur", "true"], capture_output=True).returncode == 0
+
+
+@needs_root
+@pytest.mark.skipif(not _user_namespaces(), reason="needs user namespaces (unshare -Ur)")
+def test_an_owner_that_cannot_be_set_takes_the_set_id_bits_with_it(tmp_path, new_repo, cli):
+    """Root in a user namespace cannot give a file to an id outside it: the restore warns, and the file,
+    left to the restoring user, must not keep set-user/group-ID bits recorded for another owner."""
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    src = _tree(tmp_path)
+    small, big, shared = src / "suid-small", src / "suid-big", src / "shared"
+    small.write_bytes(b"#!/bin/sh\n")
+    big.write_bytes(os.urandom(3 << 20))
+    shared.mkdir()
+    for path, mode in ((small, 0o6755), (big, 0o4755), (shared, 0o2775)):
+        os.chown(path, BACKUP_UID, BACKUP_GID)
+        os.chmod(path, mode)
+    repo.backup([str(src)])
+    subprocess.run(["chmod", "-R", "a+rwX", str(tmp_path)], check=True)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = "correct horse battery staple"
+    proc = subprocess.run(["unshare", "-Ur", sys.executable, "-m", "chunkvault.cli", "restore", "latest",
+                           "--target", str(out), "-r", url, "--processes", "1"],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name, mode in (("suid-small", 0o755), ("suid-big", 0o755), ("shared", 0o775), ("db", 0o755)):
+        assert stat.S_IMODE(os.stat(out / name).st_mode) == mode, name
+    assert "suid-small: Invalid argument; restored without its set-user/group-ID bits" in proc.stderr
+    assert "shared: Invalid argument; restored without its set-user/group-ID bits" in proc.stderr
+
+
+# --- ACL entries name users and groups too ----------------------------------------------------------------
+
+
+def _acl(*entries):
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+ANY = 0xFFFFFFFF
+
+
+def test_an_acl_s_named_entries_move_with_their_names():
+    value = _acl((0x01, 6, ANY), (0x02, 4, 7), (0x02, 5, 8), (0x04, 4, ANY), (0x08, 7, 7), (0x10, 7, ANY),
+                 (0x20, 0, ANY))
+    assert posix_acl.acl_ids(value) == ({7, 8}, {7})
+    moved = posix_acl.mapped_acl(value, {7: 70}, {7: 71})
+    assert posix_acl.acl_entries(moved) == [(0x01, 6, ANY), (0x02, 4, 70), (0x02, 5, 8), (0x04, 4, ANY),
+                                           (0x08, 7, 71), (0x10, 7, ANY), (0x20, 0, ANY)]
+    assert posix_acl.mapped_acl(value, {9: 90}, {}) is value
+    assert posix_acl.mapped_acl(b"not an acl", {7: 70}, {}) == b"not an acl"
+
+
+@needs_root
+def test_acl_entries_are_restored_and_dumped_by_name(tmp_path, new_repo, other_machine_names):
+    """A grant to the user named nobody on the backed-up machine (uid 4242 there) is a grant to nobody here,
+    as tar --acls and borg give it, not to whoever holds 4242 here."""
+    repo = new_repo()
+    src = tmp_path / "src"
+    (src / "shared").mkdir(parents=True)
+    (src / "shared" / "f").write_bytes(b"x")
+    access = _acl((0x01, 6, ANY), (0x02, 4, BACKUP_UID), (0x04, 4, ANY), (0x10, 4, ANY), (0x20, 0, ANY))
+    default = _acl((0x01, 7, ANY), (0x04, 5, ANY), (0x08, 5, BACKUP_GID), (0x10, 5, ANY), (0x20, 0, ANY))
+    try:
+        os.setxattr(src / "shared" / "f", "system.posix_acl_access", access)
+        os.setxattr(src / "shared", "system.posix_acl_default", default)
+    except OSError:
+        pytest.skip("the test directory's file system keeps no POSIX ACLs")
+    snap = repo.backup([str(src)]).snapshot
+    assert snap.stats["owners"]["users"][str(BACKUP_UID)] == USER  # named by the ACL alone
+    assert snap.stats["owners"]["groups"][str(BACKUP_GID)] == GROUP
+    repo.restore(snap, str(tmp_path / "out"), verify=True)
+    got = posix_acl.acl_entries(os.getxattr(tmp_path / "out" / "shared" / "f", "system.posix_acl_access"))
+    assert (0x02, 4, LOCAL_UID) in got
+    got = posix_acl.acl_entries(os.getxattr(tmp_path / "out" / "shared", "system.posix_acl_default"))
+    assert (0x08, 5, LOCAL_GID) in got
+    repo.restore(snap, str(tmp_path / "numeric"), numeric_owner=True)
+    got = posix_acl.acl_entries(os.getxattr(tmp_path / "numeric" / "shared" / "f", "system.posix_acl_access"))
+    assert (0x02, 4, BACKUP_UID) in got
+    assert verify_restore(repo, snap).ok
+    buf = io.BytesIO()
+    repo.dump(snap, "/", buf)
+    members = {m.name: m.pax_headers for m in tarfile.open(fileobj=io.BytesIO(buf.getvalue()))}
+    assert f"user:{USER}:r--" in members["shared/f"]["SCHILY.acl.access"]
+    assert f"group:{GROUP}:r-x" in members["shared"]["SCHILY.acl.default"]
+
+
+def test_the_mounted_tree_shows_owners_as_a_restore_sets_them(tmp_path, new_repo, other_machine_names):
+    if os.geteuid() != 0:
+        pytest.skip("gives files to another owner: needs root")
+    from chunkvault.mount import SnapshotFS
+    from chunkvault.mountview import Layout
+
+    repo = new_repo()
+    src = _tree(tmp_path)
+    snap = repo.backup([str(src)]).snapshot
+    path = f"/snapshots/{Layout(repo.snapshots()).names[snap.id]}/db/table"
+    st = SnapshotFS(repo).getattr(path)
+    assert (st["st_uid"], st["st_gid"]) == (LOCAL_UID, LOCAL_GID)
+    st = SnapshotFS(repo, numeric_owner=True).getattr(path)
+    assert (st["st_uid"], st["st_gid"]) == (BACKUP_UID, BACKUP_GID)
