@@ -699,7 +699,7 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
             _print_report(r)
     for snap in snaps:
         r = verify_restore(repo, snap, then=args.then, timeout=args.timeout, scratch=args.scratch, keep=args.keep,
-                           numeric_owner=args.numeric_owner)
+                           numeric_owner=args.numeric_owner, owners=False if args.ignore_owners else None)
         reports.append(r)
         if not args.json and not (args.quiet and r.ok):
             _print_report(r)
@@ -736,4 +736,6 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argp
     s.add_argument("--keep", action="store_true", help="keep the restored tree (its path is reported)")
     s.add_argument("--numeric-owner", action="store_true",
                    help="as root, set and compare owners by their recorded ids, not by the recorded names")
+    s.add_argument("--ignore-owners", action="store_true",
+                   help="compare no owners (as root in a user namespace, which cannot give files to ids outside it)")
     s.set_defaults(func=cmd_verify_restore, read_lock="verify-restore")

@@ -402,3 +402,24 @@ def test_the_mounted_tree_shows_owners_as_a_restore_sets_them(tmp_path, new_repo
     assert (st["st_uid"], st["st_gid"]) == (LOCAL_UID, LOCAL_GID)
     st = SnapshotFS(repo, numeric_owner=True).getattr(path)
     assert (st["st_uid"], st["st_gid"]) == (BACKUP_UID, BACKUP_GID)
+
+
+@needs_root
+@pytest.mark.skipif(not _user_namespaces(), reason="needs user namespaces (unshare -Ur)")
+def test_verify_restore_in_a_user_namespace_can_leave_owners_out(tmp_path, new_repo):
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    _tree(tmp_path)
+    repo.backup([str(tmp_path / "src")])
+    subprocess.run(["chmod", "-R", "a+rwX", str(tmp_path)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env.update(CHUNKVAULT_PASSWORD="correct horse battery staple", TMPDIR=str(tmp_path))
+
+    def verify(*extra):
+        return subprocess.run(["unshare", "-Ur", sys.executable, "-m", "chunkvault.cli", "verify-restore", "-r", url,
+                               "--json", *extra], env=env, capture_output=True, text=True)
+
+    owned = verify()
+    assert owned.returncode == 18 and '"kind": "owner"' in owned.stdout
+    left_out = verify("--ignore-owners")
+    assert left_out.returncode == 0, left_out.stdout + left_out.stderr
