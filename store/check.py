@@ -14,7 +14,7 @@ from typing import Callable
 
 import blake3
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, UsageError
+from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, RemoteUnavailable, UsageError
 
 from . import forked
 from .blob import KIND_DELTA, open_blob
@@ -345,6 +345,8 @@ class Checker:
                                                          (sealed_header, tail))
                     if not named:
                         self.problem(key, _not_its_name(pid))
+        except RemoteUnavailable:  # the remote gave up, not the pack: no damage to report, nothing more to read
+            raise
         except ChunkvaultError as exc:
             p = self.problem(key, str(exc) if not isinstance(exc, CorruptObject) else exc.reason)
             for e in entries:
@@ -386,6 +388,8 @@ class Checker:
                     if e.kind != KIND_DELTA and repo.blob_id(plain) != e.blob_id:
                         raise CorruptObject(f"blob {e.blob_id.hex()}", "content does not hash to its id")
                     opened += 1
+                except RemoteUnavailable:
+                    raise
                 except ChunkvaultError as exc:
                     found.append((e.blob_id, str(exc)))
         for piece in rest:

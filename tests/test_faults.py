@@ -667,3 +667,29 @@ def test_once_an_upload_failed_for_good_the_packs_queued_behind_it_are_not_tried
         repo.backup([str(src)])
     # the retries of the uploads already running when the first gave up, not of every pack queued
     assert faulty.calls["put"] < 10 * 12, faulty.calls
+
+
+def test_a_remote_gone_during_check_read_data_is_a_remote_failure_not_damage(tmp_path):
+    """Packs the remote stopped delivering are not damaged packs: the check stops with the remote's error
+    (exit 14) at once, instead of listing every pack as a problem (exit 18) after retrying each blob."""
+    path = str(tmp_path / "repo")
+    faulty, remote = flaky(path, 5)
+    tree = crashkit.SourceTree(str(tmp_path / "src"), random.Random(5), target_bytes=2 << 20)
+    with Repository.init(remote, PASSWORD, kdf_seconds=0, chunker=SMALL, pack_size=64 << 10) as repo:
+        repo.backup([tree.root])
+        tree.mutate()
+        repo.backup([tree.root])
+        real_get, data_gets = faulty.get, []
+
+        def get(key, *args, **kwargs):  # the packs stop coming; everything else still answers
+            if key.startswith("data/"):
+                data_gets.append(key)
+                raise RemoteUnavailable("connection reset")
+            return real_get(key, *args, **kwargs)
+
+        faulty.get = get
+        with pytest.raises(RemoteUnavailable):
+            repo.check(read_data=True)
+        assert len(data_gets) <= 10 * 8  # a retry cycle (10 attempts) per pack worker at most, not one per blob
+        faulty.get = real_get
+        assert repo.check(read_data=True).ok
