@@ -190,7 +190,7 @@ class SnapshotFS:
                 owners = OwnerMap()
             with self._lock:
                 self._owner_maps[snap.id] = owners
-        return owners.users.get(e.uid, e.uid), owners.groups.get(e.gid, e.gid)
+        return owners.ids(e.uid, e.gid)
 
     def _in_snapshot(self, node: InSnapshot) -> tuple[SnapshotTree, Entry | None]:
         """The snapshot's tree and the entry at the node (None: a directory without an entry of its own,

@@ -161,11 +161,15 @@ class OwnerMap:
         never changed)."""
         if not self:
             return e
-        uid, gid = self.users.get(e.uid, e.uid), self.groups.get(e.gid, e.gid)
+        uid, gid = self.ids(e.uid, e.gid)
         xattrs = self._xattrs(e.xattrs) if e.xattrs else e.xattrs
         if (uid, gid, xattrs) == (e.uid, e.gid, e.xattrs):
             return e
         return replace(e, uid=uid, gid=gid, xattrs=xattrs)
+
+    def ids(self, uid: int, gid: int) -> tuple[int, int]:
+        """The local ids of a recorded owner."""
+        return self.users.get(uid, uid), self.groups.get(gid, gid)
 
     def _xattrs(self, raw: bytes) -> bytes:
         acls = _acls(raw)
