@@ -163,12 +163,16 @@ class Checker:
                 open_config(raw, repo.sealer)
         except ObjectNotFound:
             self.problem("config", f"missing: nothing opens the repository without it{KEY_IMPORT_HINT}")
+        except RemoteUnavailable:  # here and below: the remote gave up, which says nothing of the object
+            raise
         except ChunkvaultError as exc:
             self.problem("config", (exc.reason if isinstance(exc, CorruptObject) else str(exc)) + KEY_IMPORT_HINT)
         readable = 0
         for k in repo.remote.list("keys/"):
             try:
                 kf = KeyFile.decode(k.key.split("/", 1)[1], repo.remote.get(k.key))
+            except RemoteUnavailable:
+                raise
             except ChunkvaultError as exc:
                 self.problem(k.key, str(exc))
             else:
@@ -220,6 +224,8 @@ class Checker:
         for name in self.repo.snapshot_names():
             try:
                 snaps.append(self.repo.load_snapshot(name))
+            except RemoteUnavailable:
+                raise
             except ChunkvaultError as exc:
                 self.problem(f"snapshots/{name}", str(exc)).snapshots.append(name)
         self.report.snapshots = len(snaps)
@@ -227,6 +233,8 @@ class Checker:
         for s in snaps:
             try:
                 chain_of(s)
+            except RemoteUnavailable:
+                raise
             except ChunkvaultError as exc:
                 self.problem(f"snapshots/{s.id}", f"chain does not resolve: {exc}").snapshots.append(s.id)
         return snaps
@@ -415,6 +423,8 @@ class Checker:
             try:
                 for _, refs in self.repo.manifest_chunk_refs([s], seen):
                     self._report_unindexed(refs)
+            except RemoteUnavailable:
+                raise
             except ChunkvaultError as exc:
                 p = self.problem(f"snapshots/{s.id}", f"manifest unreadable: {exc}")
                 p.snapshots.append(s.id)
@@ -476,6 +486,8 @@ class Checker:
                                 p.files.append(label)
                             else:
                                 p.more_files += 1
+            except RemoteUnavailable:
+                raise
             except ChunkvaultError:
                 continue
 

@@ -669,9 +669,10 @@ def test_once_an_upload_failed_for_good_the_packs_queued_behind_it_are_not_tried
     assert faulty.calls["put"] < 10 * 12, faulty.calls
 
 
-def test_a_remote_gone_during_check_read_data_is_a_remote_failure_not_damage(tmp_path):
-    """Packs the remote stopped delivering are not damaged packs: the check stops with the remote's error
-    (exit 14) at once, instead of listing every pack as a problem (exit 18) after retrying each blob."""
+@pytest.mark.parametrize("gone", ["data/", "config", "keys/", "snapshots/"])
+def test_a_remote_gone_during_check_read_data_is_a_remote_failure_not_damage(tmp_path, gone):
+    """Objects the remote stopped delivering are not damaged objects: the check stops with the remote's
+    error (exit 14) at once, instead of listing each as a problem (exit 18), after retrying each blob."""
     path = str(tmp_path / "repo")
     faulty, remote = flaky(path, 5)
     tree = crashkit.SourceTree(str(tmp_path / "src"), random.Random(5), target_bytes=2 << 20)
@@ -682,7 +683,7 @@ def test_a_remote_gone_during_check_read_data_is_a_remote_failure_not_damage(tmp
         real_get, data_gets = faulty.get, []
 
         def get(key, *args, **kwargs):  # the packs stop coming; everything else still answers
-            if key.startswith("data/"):
+            if key.startswith(gone):
                 data_gets.append(key)
                 raise RemoteUnavailable("connection reset")
             return real_get(key, *args, **kwargs)
