@@ -1643,6 +1643,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # a process of its own, not a caller's (tests call main with arguments)
         tune_gc()
     args: argparse.Namespace | None = None
+    # Cleared here, not on the way out: threads a stopped command left behind (a second signal ended its
+    # wait for them) must go on retrying no longer while the interpreter waits for them to end.
+    stop_request.clear()
     stdout = sys.stdout
     if stdout is not None:
         _never_strict(stdout)
@@ -1676,7 +1679,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
     finally:
         sys.stdout = stdout
-        stop_request.clear()
         _STOPPED_BY.clear()  # a caller's next command in this process was not stopped
 
 

@@ -61,5 +61,5 @@ def one_line(message: object) -> str:
 
 
 def warn(message: object, prefix: str = "warning: ") -> None:
-    """A warning on standard error, one line."""
-    print(prefix + one_line(message), file=sys.stderr)
+    """A warning on standard error, one line, written whole (workers warn while the main thread prints)."""
+    sys.stderr.write(f"{prefix}{one_line(message)}\n")

@@ -672,6 +672,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             sys.stdout.write(json.dumps(report.to_dict(), sort_keys=True) + "\n")
             sys.stdout.flush()
 
+    stop_request.clear()  # as in the command line's main: not on the way out, where steps may still retry
     try:
         with interrupts.handled({signal.SIGTERM: on_signal, signal.SIGINT: on_signal, signal.SIGHUP: on_hangup}):
             runner_log = log if not args.quiet else _quiet(log)
@@ -689,7 +690,6 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         return 130
     finally:
         locks.stop_waiting.clear()
-        stop_request.clear()
         log.close()
 
 

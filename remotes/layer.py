@@ -131,7 +131,10 @@ class RetryingRemote(Remote):
 
     def _report(self, what: str, made: int, delay: float, error: BaseException) -> None:
         """Say that the remote fails and is tried again: a stalled remote otherwise kept a command silent
-        for the minutes its retries may take."""
+        for the minutes its retries may take.  Silent once a stop is requested: the command says how it
+        ended, and a thread it left retrying would print the warning past it, raw, past its printer."""
+        if self.stop.left() is not None:
+            return
         now = self._clock()
         with self._rng_lock:
             if self._warned_at is not None and now - self._warned_at < RETRY_WARNING_INTERVAL:

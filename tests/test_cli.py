@@ -620,6 +620,53 @@ sys.exit(cli.main(["snapshots", "-r", sys.argv[1], "--json"]))
     assert json.loads(proc.stdout)["error"]["type"] == "Terminated"
 
 
+def test_a_thread_left_retrying_by_a_second_stop_signal_gives_up_within_the_grace(tmp_path):
+    """A second SIGTERM ended the command's wait for a worker still retrying; the command then cleared the
+    stop request on its way out, and the worker went back to retrying for minutes, the process with it,
+    printing raw warnings. The worker now gives up within the stop's grace, silently."""
+    import subprocess
+    import sys
+
+    program = """
+import os, signal, sys, threading, time
+import chunkvault.cli as cli
+from chunkvault.errors import ChunkvaultError, RemoteUnavailable
+from chunkvault.remotes.layer import RetryingRemote, stop_request
+
+stop_request.grace = 0.5
+
+class Down:
+    display_url, fork_safe, cheap_ranges = "down://", True, True
+
+    def get(self, key, start=None, length=None):
+        raise RemoteUnavailable("connection refused")
+
+def work():
+    try:
+        RetryingRemote(Down(), attempts=100000, max_delay=0.2, timeout=None, verify_reads=False).get("data/x")
+    except ChunkvaultError as exc:
+        print(exc, file=sys.stderr)
+
+def command(args):
+    worker = threading.Thread(target=work)
+    worker.start()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)  # the second: the wait for the worker ends as well
+        worker.join()
+
+cli.cmd_snapshots = command
+sys.exit(cli.main(["snapshots", "-r", sys.argv[1]]))
+"""
+    proc = subprocess.run([sys.executable, "-c", program, str(tmp_path / "none")], capture_output=True, timeout=60)
+    assert proc.returncode == 143, proc.stderr
+    lines = proc.stderr.decode().splitlines()
+    assert "chunkvault: terminated" in lines and not any("RemoteRetryWarning" in line for line in lines), lines
+    assert "the command was told to stop" in lines[-1], lines
+
+
 @pytest.mark.parametrize("after_delete", [False, True])
 def test_a_password_change_stopped_says_which_passwords_open_the_repository(tmp_path, new_repo, password, monkeypatch,
                                                                             capsys, after_delete):
