@@ -18,6 +18,7 @@ from .manifest import Entry, Record
 from .posix_acl import ACL_KEYS, acl_ids, mapped_acl
 from .xattrs import decode_xattrs, encode_xattrs
 
+MISSED_SHOWN = 10  # unknown names a restore's warning lists
 OWNERS_KEY = "owners"  # in a snapshot's stats: {"users": {"1000": "alice"}, "groups": {"1000": "staff"}}
 IdName = Callable[[int], "str | None"]
 NameId = Callable[[str], "int | None"]
@@ -127,14 +128,23 @@ def chain_owners(chain_stats: Iterable[Mapping[str, object]]) -> dict[str, dict[
 
 
 class OwnerMap:
-    """Recorded id -> local id, for the ids whose recorded name is known here under another id."""
+    """Recorded id -> local id, for the ids whose recorded name is known here under another id.
 
-    def __init__(self, users: Mapping[int, int] | None = None, groups: Mapping[int, int] | None = None):
+    The recorded names not known here are kept too (``unknown_users``, ``unknown_groups``): an entry owned
+    by one keeps its number, which may be another local user's, and ``missed`` says which of them the
+    entries mapped so far named, for the restore to report."""
+
+    def __init__(self, users: Mapping[int, int] | None = None, groups: Mapping[int, int] | None = None,
+                 unknown_users: Mapping[int, str] | None = None, unknown_groups: Mapping[int, str] | None = None):
         self.users = dict(users or {})
         self.groups = dict(groups or {})
+        self.unknown_users = dict(unknown_users or {})
+        self.unknown_groups = dict(unknown_groups or {})
+        self.missed_users: set[int] = set()
+        self.missed_groups: set[int] = set()
 
     def __bool__(self) -> bool:
-        return bool(self.users or self.groups)
+        return bool(self.users or self.groups or self.unknown_users or self.unknown_groups)
 
     @classmethod
     def for_names(cls, chain_stats: Iterable[Mapping[str, object]]) -> "OwnerMap":
@@ -146,15 +156,18 @@ class OwnerMap:
                    group: NameId | None = None) -> "OwnerMap":
         """From the recorded names of owner ids; ``user`` and ``group`` look a name up here."""
 
-        def moved(names: Mapping[int, str], local: NameId) -> dict[int, int]:
-            out = {}
+        def moved(names: Mapping[int, str], local: NameId) -> tuple[dict[int, int], dict[int, str]]:
+            out, unknown = {}, {}
             for i, name in names.items():
                 here = local(name)
-                if here is not None and here != i:
+                if here is None:
+                    unknown[i] = name
+                elif here != i:
                     out[i] = here
-            return out
+            return out, unknown
 
-        return cls(moved(users, user or user_id), moved(groups, group or group_id))
+        (u, unknown_u), (g, unknown_g) = moved(users, user or user_id), moved(groups, group or group_id)
+        return cls(u, g, unknown_u, unknown_g)
 
     def entry(self, e: Entry) -> Entry:
         """``e`` with its owner and its ACLs' entries mapped: a copy where one moves (a tree's entries are
@@ -162,6 +175,8 @@ class OwnerMap:
         if not self:
             return e
         uid, gid = self.ids(e.uid, e.gid)
+        if self.unknown_users or self.unknown_groups:
+            self._note_missed({e.uid}, {e.gid})
         xattrs = self._xattrs(e.xattrs) if e.xattrs else e.xattrs
         if (uid, gid, xattrs) == (e.uid, e.gid, e.xattrs):
             return e
@@ -171,8 +186,25 @@ class OwnerMap:
         """The local ids of a recorded owner."""
         return self.users.get(uid, uid), self.groups.get(gid, gid)
 
+    def missed(self) -> str | None:
+        """The recorded names not known here that the entries mapped so far named, as a warning."""
+        if not (self.missed_users or self.missed_groups):
+            return None
+        named = [f"user {self.unknown_users[i]} ({i})" for i in sorted(self.missed_users)]
+        named += [f"group {self.unknown_groups[i]} ({i})" for i in sorted(self.missed_groups)]
+        more = f" and {len(named) - MISSED_SHOWN} more" if len(named) > MISSED_SHOWN else ""
+        return (f"owner names unknown on this machine, set by their recorded ids instead: "
+                f"{', '.join(named[:MISSED_SHOWN])}{more}")
+
+    def _note_missed(self, uids: Iterable[int], gids: Iterable[int]) -> None:
+        self.missed_users.update(i for i in uids if i in self.unknown_users)
+        self.missed_groups.update(i for i in gids if i in self.unknown_groups)
+
     def _xattrs(self, raw: bytes) -> bytes:
         acls = _acls(raw)
+        if self.unknown_users or self.unknown_groups:
+            for value in acls.values():
+                self._note_missed(*acl_ids(value))
         moved = {k: mapped_acl(v, self.users, self.groups) for k, v in acls.items()}
         if moved == acls:
             return raw

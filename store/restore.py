@@ -551,14 +551,21 @@ class Restorer:
         with self:
             self.check_target()
             self.restore_records(self.selected_records(records))
-        self.note_unmatched()
+        self.note_walked()
         self.result.raise_for_problems()
         return self.result
 
-    def note_unmatched(self) -> None:
-        """A warning when the includes took nothing: they name paths as `ls` lists them, relative to the
-        snapshot's root, and a path given as it was on the backed-up machine would restore nothing, silently
-        (call once the whole tree has been walked)."""
+    def note_walked(self) -> None:
+        """The warnings known once the whole tree has been walked (through ``selected_records``): the owner
+        names this machine does not know, and includes that took nothing."""
+        missed = self.opt.owner_map.missed() if self.opt.owner_map is not None and self.owners else None
+        if missed is not None:
+            self.result.warnings.append(missed)
+        self._note_unmatched()
+
+    def _note_unmatched(self) -> None:
+        """Includes name paths as `ls` lists them, relative to the snapshot's root: a path given as it was
+        on the backed-up machine would restore nothing, silently."""
         if not self.opt.includes or self.matched:
             return
         hint = " (without the leading /)" if any(g.startswith("/") for g in self.opt.includes) else ""

@@ -56,14 +56,14 @@ def restore(restorer: Restorer, tree: Callable[[], Iterator[Record]], processes:
     if (processes < 2 or not restorer.fresh or restorer.opt.delta or not isinstance(restorer.repo, Repo)
             or not forked.can_fork(restorer.repo.remote)):
         restorer.restore_records(restorer.selected_records(tree()))
-        restorer.note_unmatched()
+        restorer.note_walked()
         restorer.result.raise_for_problems()
         return restorer.result
     if entries is not None and entries <= SHARED_TREE_ENTRIES:
         records = list(tree())
         tree = lambda: iter(records)  # noqa: E731
     result = _Coordinator(restorer, tree, processes).run()
-    restorer.note_unmatched()  # this process walked the whole tree: the workers' counts are their stripes'
+    restorer.note_walked()  # this process walked the whole tree: the workers' counts are their stripes'
     result.raise_for_problems()
     return result
 

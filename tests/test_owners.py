@@ -89,6 +89,23 @@ def test_only_names_known_here_under_another_id_move_an_owner():
     assert not OwnerMap.from_names({1000: "alice"}, {}, user=here, group=here)
 
 
+def test_the_names_not_known_here_that_mapped_entries_named_are_listed():
+    here = {"alice": 1000}.get
+    m = OwnerMap.from_names({1000: "alice", 5: "bob", 6: "carol"}, {7: "dev", 8: "ops"}, user=here, group=here)
+    assert m and not m.users and not m.groups and m.missed() is None
+    kept = Entry(b"f", T_FILE, uid=5, gid=0)
+    assert m.entry(kept) is kept  # its number stays: the name is unknown here
+    acl = _acl((posix_acl.USER_OBJ, 6, ANY), (posix_acl.GROUP, 4, 8), (posix_acl.MASK, 6, ANY),
+               (posix_acl.OTHER, 0, ANY))
+    m.entry(Entry(b"g", T_FILE, uid=1000, gid=1000, xattrs=owners.encode_xattrs({posix_acl.ACL_KEYS[0]: acl})))
+    assert m.missed() == ("owner names unknown on this machine, set by their recorded ids instead: "
+                          "user bob (5), group ops (8)")  # carol and dev own nothing mapped
+    many = OwnerMap.from_names({i: f"u{i}" for i in range(20)}, {}, user=here, group=here)
+    for i in range(20):
+        many.entry(Entry(b"f", T_FILE, uid=i, gid=0))
+    assert many.missed().endswith("user u9 (9) and 10 more")
+
+
 @given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), max_size=30),
        st.dictionaries(st.integers(0, 20), st.sampled_from(["a", "b", "c", "d"])),
        st.dictionaries(st.sampled_from(["a", "b", "c"]), st.integers(0, 20)))
@@ -150,6 +167,25 @@ def test_a_restore_as_root_gives_owners_the_local_ids_of_their_recorded_names(tm
     report = verify_restore(repo, diff)
     assert report.ok, report.mismatches
     assert verify_restore(repo, diff, numeric_owner=True).ok
+
+
+@needs_root
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_restore_names_the_owner_names_this_machine_does_not_know(tmp_path, new_repo, monkeypatch, processes):
+    """Their entries keep the recorded numbers, which may be another local user's: said, not silent."""
+    gone = "cv-no-such-user"
+    real_user = owners.user_name
+    monkeypatch.setattr(owners, "user_name", lambda uid: gone if uid == BACKUP_UID else real_user(uid))
+    repo = new_repo()
+    src = _tree(tmp_path)
+    repo.backup([str(src)])
+    said = f"owner names unknown on this machine, set by their recorded ids instead: user {gone} ({BACKUP_UID})"
+    result = repo.restore("latest", str(tmp_path / "all"), processes=processes)
+    assert said in result.warnings and _owner(tmp_path / "all" / "db" / "table")[0] == BACKUP_UID
+    mine = repo.restore("latest", str(tmp_path / "mine"), includes=["mine"], processes=processes)
+    assert not any("unknown on this machine" in w for w in mine.warnings)  # restored nothing of theirs
+    numeric = repo.restore("latest", str(tmp_path / "numeric"), numeric_owner=True, processes=processes)
+    assert not any("unknown on this machine" in w for w in numeric.warnings)
 
 
 @needs_root
