@@ -614,7 +614,14 @@ def cmd_find(args: argparse.Namespace) -> int:
         warn(f"nothing matched {', '.join(led)}: patterns are paths as `ls` lists them, relative to the "
              "snapshot's root (without a leading / or ./)")
     if args.json:
-        _emit_json_array(_found_json(f) for f in found)
+        tables: dict[str, tuple[dict[int, str], dict[int, str]]] = {}  # per snapshot: versions share them
+
+        def names(snap: Snapshot) -> tuple[dict[int, str], dict[int, str]]:
+            if snap.id not in tables:
+                tables[snap.id] = repo.owner_names(snap)
+            return tables[snap.id]
+
+        _emit_json_array(_found_json(f, names) for f in found)
         return 0
     for f in found:
         print(f"{shown_name(f.path) or '.'}  ({one_line(f.host)}: {' '.join(map(shown_name, f.paths))})")
@@ -630,10 +637,12 @@ def cmd_find(args: argparse.Namespace) -> int:
     return 0
 
 
-def _found_json(f: Any) -> dict[str, Any]:
-    """One path of ``find --json`` with its versions (a ``store.find.Found``)."""
+def _found_json(f: Any, owner_names: Callable[[Snapshot], tuple[dict[int, str], dict[int, str]]]) -> dict[str, Any]:
+    """One path of ``find --json`` with its versions (a ``store.find.Found``); a version's owner names are
+    those its newest snapshot recorded."""
     return {"host": f.host, **_names_json("paths", f.paths), **_name_json("path", f.path),
-            "versions": [{**{k: v for k, v in _entry_json(v.entry).items() if k not in ("path", "path_b64")},
+            "versions": [{**{k: v for k, v in _listed_json(v.entry, owner_names(v.snapshots[-1])).items()
+                             if k not in ("path", "path_b64")},
                           "snapshots": [s.id for s in v.snapshots]} for v in f.versions]}
 
 
@@ -738,14 +747,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     snap = repo.snapshot(args.snapshot)
     prefix = snapshot_path(args.path) if args.path else b""
     entries = _listed_entries(repo, snap, prefix)
+    names = repo.owner_names(snap)
     if args.json:
-        names = repo.owner_names(snap)
         _emit_json_array(_listed_json(e, names) for e in entries)
         return 0
     for e in entries:
         name = shown_name(e.path) or "."
         extra = f" -> {shown_name(e.target)}" if e.target else ""
-        print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {e.size:>12}  {_ns_local(e.mtime_ns)}  {name}{extra}")
+        owner = f"{one_line(names[0].get(e.uid, e.uid))}/{one_line(names[1].get(e.gid, e.gid))}"
+        print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {e.size:>12}  {_ns_local(e.mtime_ns)}  "
+              f"{name}{extra}")
     return 0
 
 

@@ -228,6 +228,10 @@ def test_the_cli_restore_maps_owners_and_numeric_owner_keeps_the_ids(tmp_path, n
     assert (listing["db/table"]["uid"], listing["db/table"]["user"], listing["db/table"]["group"]) == (
         BACKUP_UID, USER, GROUP)
     assert listing["mine"]["user"] == "root"
+    text = {line.rsplit("  ", 1)[1]: line.split() for line in cli("ls", "latest", "-r", url).stdout.decode().splitlines()}
+    assert text["db/table"][2] == f"{USER}/{GROUP}" and text["mine"][2] == "root/root"
+    found = json.loads(cli("find", "table", "--json", "-r", url).stdout)
+    assert [(v["uid"], v["user"], v["group"]) for v in found[0]["versions"]] == [(BACKUP_UID, USER, GROUP)]
 
 
 @needs_root
