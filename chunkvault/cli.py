@@ -1153,6 +1153,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return server.main(args.serve_args)
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    from .completion import bash_script, commands
+    from .remotes import server
+
+    root = commands(build_parser())
+    root.subcommands["serve"] = commands(server._parser())  # it parses its own arguments
+    sys.stdout.write(bash_script(root))
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -1562,6 +1572,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                        prefix_chars="+")
     s.add_argument("serve_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_serve, json=False, quiet=False, debug=False)
+
+    s = sub.add_parser("completion", help="print a shell completion script: source <(chunkvault completion bash)")
+    s.add_argument("shell", choices=["bash"])
+    s.set_defaults(func=cmd_completion, json=False, quiet=False, debug=False)
     return p
 
 
