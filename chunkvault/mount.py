@@ -134,7 +134,7 @@ class SnapshotFS:
                  numeric_owner: bool = False):
         self.repo = repo
         self.numeric_owner = numeric_owner
-        self._owner_maps: dict[str, OwnerMap] = {}  # snapshot id -> its owners' local ids (``_owner``)
+        self._owner_maps: dict[str, OwnerMap] = {}  # snapshot id -> its owners' local ids (``_owners``)
         self.refresh = refresh
         self.on_mounted = on_mounted
         self.served = False  # the kernel mounted it (``init``): an end after that is an unmount
@@ -177,10 +177,11 @@ class SnapshotFS:
             raise _error(errno.ENOENT)
         return node
 
-    def _owner(self, snap: Snapshot, e: Entry) -> tuple[int, int]:
-        """The owner a restore would give ``e``: the local ids of its recorded names (``OwnerMap``)."""
+    def _owners(self, snap: Snapshot) -> OwnerMap:
+        """The owners (and ACL entries) a restore would give the snapshot's entries: the local ids of their
+        recorded names (``OwnerMap``), or the recorded ids with ``numeric_owner``."""
         if self.numeric_owner:
-            return e.uid, e.gid
+            return OwnerMap()
         with self._lock:
             owners = self._owner_maps.get(snap.id)
         if owners is None:
@@ -190,7 +191,7 @@ class SnapshotFS:
                 owners = OwnerMap()
             with self._lock:
                 self._owner_maps[snap.id] = owners
-        return owners.ids(e.uid, e.gid)
+        return owners
 
     def _in_snapshot(self, node: InSnapshot) -> tuple[SnapshotTree, Entry | None]:
         """The snapshot's tree and the entry at the node (None: a directory without an entry of its own,
@@ -229,7 +230,7 @@ class SnapshotFS:
         if e is None:  # a directory without an entry of its own
             return {**self._virtual(stat.S_IFDIR | 0o555, 2), "st_ino": ino}
         ns = e.mtime_ns
-        uid, gid = self._owner(node.snapshot, e)
+        uid, gid = self._owners(node.snapshot).ids(e.uid, e.gid)
         return {"st_mode": _TYPE_BITS.get(e.type, stat.S_IFREG) | e.mode, "st_ino": ino,
                 "st_nlink": 2 if e.type == T_DIR else names,
                 "st_uid": uid, "st_gid": gid, "st_size": e.size if e.type == T_FILE else len(e.target),
@@ -326,7 +327,7 @@ class SnapshotFS:
         if e is None or not e.xattrs:
             return {}
         try:
-            return decode_xattrs(e.xattrs)
+            return decode_xattrs(self._owners(node.snapshot).entry(e).xattrs)
         except ValueError:
             raise _error(errno.EIO) from None
 

@@ -41,6 +41,7 @@ from .store.manifest import (
 from .store.chronology import chronological_key
 from .store.snapshot import Snapshot, parse_time
 from .store.target_dirs import LongPaths
+from .store.posix_acl import ACL_KEYS, acl_ids
 from .store.xattrs import decode_xattrs, read_xattrs
 
 if TYPE_CHECKING:
@@ -175,7 +176,10 @@ def compare_meta(e: Entry, st: os.stat_result, *, owners: bool) -> list[Mismatch
         return out
     if e.type == T_FILE and st.st_size != e.size:
         out.append(Mismatch(path, "size", str(e.size), str(st.st_size)))
-    if e.type != T_SYMLINK and stat.S_IMODE(st.st_mode) != e.mode:
+    # Without owners, the set-user/group-ID bits are not compared either: they follow the owner, and a
+    # restore that cannot set it (as another user than root, or in a user namespace) drops them.
+    bits = 0o7777 if owners else 0o1777
+    if e.type != T_SYMLINK and stat.S_IMODE(st.st_mode) & bits != e.mode & bits:
         out.append(Mismatch(path, "mode", oct(e.mode), oct(stat.S_IMODE(st.st_mode))))
     if st.st_mtime_ns != e.mtime_ns:
         out.append(Mismatch(path, "mtime", _ns(e.mtime_ns), _ns(st.st_mtime_ns)))
@@ -184,6 +188,14 @@ def compare_meta(e: Entry, st: os.stat_result, *, owners: bool) -> list[Mismatch
     if e.type in (T_CHARDEV, T_BLOCKDEV) and st.st_rdev != e.rdev:
         out.append(Mismatch(path, "device", hex(e.rdev), hex(st.st_rdev)))
     return out
+
+
+def _unsettable_without_owners(name: bytes, wanted: dict[bytes, bytes], found: dict[bytes, bytes]) -> bool:
+    """An attribute that a restore setting no owners may not set: one of the root-only namespaces, or an
+    ACL naming users or groups (root in a user namespace cannot name ids outside it) that is not there."""
+    if name.startswith((b"security.", b"trusted.")):
+        return True
+    return name in ACL_KEYS and name in wanted and name not in found and any(acl_ids(wanted[name]))
 
 
 def merge_by_path(expected: Iterable[Entry], observed: Iterable[tuple[bytes, os.stat_result]]
@@ -391,8 +403,8 @@ class _Comparer:
             self.add(Mismatch(os.fsdecode(e.path), "content", e.digest.hex(), got.hex()))
 
     def extended_attributes(self, e: Entry, path: bytes) -> None:
-        """The names whose values differ; as another user than root, ``security.*`` and ``trusted.*``
-        are left out (a restore could not set them)."""
+        """The names whose values differ, each with how; without owners, those a restore could not set are
+        left out (``_unsettable_without_owners``)."""
         try:
             found = decode_xattrs(read_xattrs(path))
             wanted = decode_xattrs(e.xattrs)
@@ -401,11 +413,13 @@ class _Comparer:
             return
         names = {n for n in found.keys() | wanted.keys() if found.get(n) != wanted.get(n)}
         if not self.owners:
-            names = {n for n in names if not n.startswith((b"security.", b"trusted."))}
+            names = {n for n in names if not _unsettable_without_owners(n, wanted, found)}
         if names:
+            said = {n: "missing" if n not in found else "not in the snapshot" if n not in wanted else "another value"
+                    for n in names}
             self.add(Mismatch(os.fsdecode(e.path), "xattrs", ", ".join(sorted(os.fsdecode(n) for n in names
                                                                            if n in wanted)) or "none",
-                              ", ".join(sorted(os.fsdecode(n) for n in names if n in found)) or "none"))
+                              ", ".join(f"{os.fsdecode(n)}: {said[n]}" for n in sorted(names))))
 
     def separate_file(self, e: Entry, st: os.stat_result) -> None:
         """A file the snapshot holds on its own must not share its inode with another path."""
@@ -600,8 +614,8 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
             if report.error is None:
                 t = time.monotonic()
                 tree = repo.tree(snap)
-                if owners and not numeric_owner:  # as the restore set them: by name where known here
-                    tree = repo.owner_map(snap).entries(tree)
+                if os.geteuid() == 0 and not numeric_owner:  # as the restore set owners and ACLs: by name
+                    tree = repo.owner_map(snap).entries(tree)  # where known here, compared or not
                 result = compare_tree(tree, target, owners=owners, max_listed=max_listed)
                 report.compare_seconds = round(time.monotonic() - t, 3)
                 report.files, report.dirs, report.links = result.files, result.dirs, result.links

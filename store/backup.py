@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import blake3
 
@@ -1021,6 +1021,21 @@ class Backup:
         return (f"; {unindexed} stored pack(s) are in no index (another backup's in flight, or their index "
                 "objects lost: `repair index` finds what they hold, and this backup stores it again meanwhile)")
 
+    def _owner_ids_inherited(self, parent: Snapshot | None, snapshots: list[Snapshot], uids: set[int],
+                             gids: set[int]) -> dict | None:
+        """The stats whose owner table a differential takes over for the entries it does not read again:
+        its parent's, which covers the parent's chain.  A parent made before owner tables were kept has
+        none: the ids of its whole tree are added to ``uids`` and ``gids`` instead, read once (the
+        differentials after this one inherit them)."""
+        if parent is None:
+            return None
+        if isinstance(parent.stats.get(OWNERS_KEY), Mapping):
+            return parent.stats
+        for rec in self.repo.tree(parent, snapshots):
+            if rec.entry is not None:
+                note_ids(rec.entry, uids, gids)
+        return None
+
     def _run(self, source: SourceWalk | None, paths: list[str], *,
              stream: BinaryIO | None, stdin_name: str | None) -> BackupResult:
         started = time.monotonic()
@@ -1125,7 +1140,8 @@ class Backup:
                 "chain_length": len(chain) + 1 if kind == KIND_DIFF else 1,
                 "unreadable": self.unreadable, "warnings": len(self.warnings), "xattrs": self.opt.xattrs,
                 "duration": round(time.monotonic() - started, 3),
-                OWNERS_KEY: names_of(uids, gids, parent.stats if kind == KIND_DIFF and parent else None),
+                OWNERS_KEY: names_of(uids, gids, self._owner_ids_inherited(parent if kind == KIND_DIFF else None,
+                                                                           snapshots, uids, gids)),
                 **({"started_ns": source.began_ns, "finished_ns": walked_ns} if source is not None else {}),
             },
         )

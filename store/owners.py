@@ -54,11 +54,11 @@ def group_id(name: str) -> int | None:
 
 def _table(stored: object) -> dict[int, str]:
     """A stored id -> name table as ints and strings; whatever else it holds is left out (a snapshot's
-    names only refine a restore, they never stop one)."""
+    names only refine a restore, they never stop one), a name no user database holds (with a NUL) too."""
     out: dict[int, str] = {}
     if isinstance(stored, Mapping):
         for k, v in stored.items():
-            if isinstance(k, str) and k.isascii() and k.isdigit() and isinstance(v, str) and v:
+            if isinstance(k, str) and k.isascii() and k.isdigit() and isinstance(v, str) and v and "\x00" not in v:
                 out[int(k)] = v
     return out
 

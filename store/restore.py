@@ -456,7 +456,8 @@ class Restorer:
         self.owners = options.owners if options.owners is not None else (os.geteuid() == 0)
         self.result = RestoreResult()
         self.selected = Selection(options.includes, options.excludes)
-        self.matched = 0  # entries below the root the selection took (``note_unmatched``)
+        self.matched = 0  # entries below the root the selection took (``note_walked``)
+        self.setid_dropped = 0  # entries whose set-id bits were for other owners (``_setid_for_owner_only``)
         self.lookup = lookup
         self._dirs: list[Entry] = []  # the directories the walk is in, whose metadata waits for their children
         self._fresh = False  # the target was empty: nothing in it needs to be looked at or made room for
@@ -561,6 +562,10 @@ class Restorer:
         missed = self.opt.owner_map.missed() if self.opt.owner_map is not None and self.owners else None
         if missed is not None:
             self.result.warnings.append(missed)
+        if self.setid_dropped:
+            n = self.setid_dropped
+            self.result.warnings.append(f"{n} entr{'y' if n == 1 else 'ies'} restored without their set-user/group-ID "
+                                        "bits: recorded for other owners, which only a restore as root sets")
         self._note_unmatched()
 
     def _note_unmatched(self) -> None:
@@ -583,8 +588,24 @@ class Restorer:
         as restic does), and hard links whose first path is left out stand in for it (``_linked``)."""
         confined = _confined(records)
         chosen = confined if self.selected.everything else self._narrowed(confined)
+        if not self.owners:
+            return self._setid_for_owner_only(chosen)
         mapped = self.opt.owner_map
-        return mapped.records(chosen) if mapped and self.owners else chosen
+        return mapped.records(chosen) if mapped else chosen
+
+    def _setid_for_owner_only(self, records: Iterator[Record]) -> Iterator[Record]:
+        """A restore that sets no owners leaves each entry to whoever restores it: set-user/group-ID bits
+        recorded for another user or group would grant their rights to that one, so they are dropped (as
+        GNU tar does for a user other than root), and counted (``note_walked``)."""
+        uid, gid = os.geteuid(), os.getegid()
+        for rec in records:
+            e = rec.entry
+            if e is not None and e.mode & 0o6000 and e.type != T_HARDLINK:
+                mode = e.mode & ~(stat.S_ISUID if e.uid != uid else 0) & ~(stat.S_ISGID if e.gid != gid else 0)
+                if mode != e.mode:
+                    self.setid_dropped += 1
+                    rec = rec._replace(entry=dataclasses.replace(e, mode=mode))
+            yield rec
 
     def _narrowed(self, records: Iterator[Record]) -> Iterator[Record]:
         above: list[Record] = []  # directories left out on the way down to the current record, not yet given

@@ -5,6 +5,7 @@ A machine whose user database differs is simulated on the backup side only: the 
 through ``owners.user_name``/``group_name``, replaced here by a table in which ``nobody`` has uid 4242 and
 ``nogroup`` gid 4343.  The restore then looks the names up in this machine's real database, where they
 have other ids, so the restore runs as it would on a second machine."""
+import contextlib
 import grp
 import io
 import json
@@ -64,7 +65,8 @@ def test_names_of_names_every_id_as_it_is_named_now_the_parent_s_included():
 
 
 def test_stored_names_ignore_what_is_not_an_id_and_a_name():
-    stats = {"owners": {"users": {"1": "a", "x": "b", "2": 3, "3": "", "\uff14": "d"}, "groups": ["1"]}}
+    stats = {"owners": {"users": {"1": "a", "x": "b", "2": 3, "3": "", "\uff14": "d", "5": "ro\x00ot"},
+                        "groups": ["1"]}}
     assert stored_names(stats) == ({1: "a"}, {})
     assert stored_names({}) == ({}, {}) and stored_names({"owners": "junk"}) == ({}, {})
 
@@ -189,26 +191,36 @@ def test_a_restore_names_the_owner_names_this_machine_does_not_know(tmp_path, ne
 
 
 @needs_root
-def test_a_differential_on_a_parent_without_names_names_the_ids_it_reads(tmp_path, new_repo,
-                                                                        other_machine_names):
+def test_a_differential_on_a_parent_without_names_names_the_ids_of_its_whole_tree(tmp_path, new_repo,
+                                                                                 other_machine_names):
     """A snapshot made before names were recorded names none: a restore keeps its ids.  A differential
-    over it names the ids of what it reads, and a name is an id's, so an unchanged entry of the same
-    owner moves with it."""
+    over it names every id of its tree, those of entries it does not read again too (``www``, whose
+    owner nothing read names), and so does one over a differential that kept no names."""
     repo = new_repo()
     src = _tree(tmp_path)
     (src / "db" / "index").write_bytes(b"i")
     os.chown(src / "db" / "index", BACKUP_UID, BACKUP_GID)
+    (src / "www").write_bytes(b"page")
+    os.chown(src / "www", BACKUP_UID, 0)
+    os.chown(src / "db" / "table", 0, BACKUP_GID)
+    os.chown(src / "db", 0, BACKUP_GID)
     full = repo.backup([str(src)]).snapshot
     full.stats.pop("owners")
     repo.store.save_snapshot(full, replace=True)
     repo.restore(full, str(tmp_path / "unnamed"))
     assert _owner(tmp_path / "unnamed" / "db" / "index") == (BACKUP_UID, BACKUP_GID)
-    (src / "db" / "table").write_bytes(b"other rows")  # read again, and its owner's names recorded
-    diff = repo.backup([str(src)], kind="diff").snapshot
-    assert diff.stats["owners"]["users"] == {str(BACKUP_UID): USER}
-    repo.restore(diff, str(tmp_path / "named"))
-    assert _owner(tmp_path / "named" / "db" / "table") == (LOCAL_UID, LOCAL_GID)
-    assert _owner(tmp_path / "named" / "db" / "index") == (LOCAL_UID, LOCAL_GID)
+    for i in range(2):
+        (src / "db" / "table").write_bytes(b"other rows %d" % i)  # read again: only gid BACKUP_GID among them
+        os.chown(src / "db" / "table", 0, BACKUP_GID)
+        diff = repo.backup([str(src)], kind="diff").snapshot
+        assert diff.stats["owners"]["users"] == {"0": "root", str(BACKUP_UID): USER}
+        out = tmp_path / f"named{i}"
+        repo.restore(diff, str(out))
+        assert _owner(out / "db" / "table") == (0, LOCAL_GID)
+        assert _owner(out / "db" / "index") == (LOCAL_UID, LOCAL_GID)
+        assert _owner(out / "www") == (LOCAL_UID, 0)
+        diff.stats.pop("owners")  # the next one's parent kept none either
+        repo.store.save_snapshot(diff, replace=True)
 
 
 @needs_root
@@ -373,6 +385,33 @@ def test_an_owner_that_cannot_be_set_takes_the_set_id_bits_with_it(tmp_path, new
     assert "shared: Invalid argument; restored without its set-user/group-ID bits" in proc.stderr
 
 
+@needs_root
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_restore_as_another_user_keeps_set_id_bits_only_for_that_user(tmp_path, new_repo, monkeypatch, processes):
+    """The entries are left to whoever restores them: a set-uid-root file must not come back set-uid for
+    that user (GNU tar as another user than root drops the bits too).  The restore runs as root here,
+    told it is "nobody": it then sets no owners, as it would as that user."""
+    repo = new_repo()
+    src = tmp_path / "src"
+    (src / "shared").mkdir(parents=True)
+    for name, owner in (("root-tool", (0, 0)), ("own-tool", (LOCAL_UID, LOCAL_GID))):
+        (src / name).write_bytes(b"#!/bin/sh\n")
+        os.chown(src / name, *owner)
+        os.chmod(src / name, 0o6755)
+    os.chmod(src / "shared", 0o2775)
+    snap = repo.backup([str(src)]).snapshot
+    monkeypatch.setattr(os, "geteuid", lambda: LOCAL_UID)
+    monkeypatch.setattr(os, "getegid", lambda: LOCAL_GID)
+    out = tmp_path / "out"
+    result = repo.restore(snap, str(out), processes=processes)
+    modes = {name: stat.S_IMODE(os.stat(out / name).st_mode) for name in ("root-tool", "own-tool", "shared")}
+    assert modes == {"root-tool": 0o755, "own-tool": 0o6755, "shared": 0o775}
+    assert ("2 entries restored without their set-user/group-ID bits: recorded for other owners, which only a "
+            "restore as root sets") in result.warnings
+    report = verify_restore(repo, snap)
+    assert report.ok, report.mismatches
+
+
 # --- ACL entries name users and groups too ----------------------------------------------------------------
 
 
@@ -421,6 +460,14 @@ def test_acl_entries_are_restored_and_dumped_by_name(tmp_path, new_repo, other_m
     got = posix_acl.acl_entries(os.getxattr(tmp_path / "numeric" / "shared" / "f", "system.posix_acl_access"))
     assert (0x02, 4, BACKUP_UID) in got
     assert verify_restore(repo, snap).ok
+    assert verify_restore(repo, snap, owners=False).ok  # the ACLs still compared as the restore mapped them
+    assert verify_restore(repo, snap, numeric_owner=True).ok
+    from chunkvault.mount import SnapshotFS
+    from chunkvault.mountview import Layout
+
+    mounted = f"/snapshots/{Layout(repo.snapshots()).names[snap.id]}/shared/f"
+    for fs, uid in ((SnapshotFS(repo), LOCAL_UID), (SnapshotFS(repo, numeric_owner=True), BACKUP_UID)):
+        assert (0x02, 4, uid) in posix_acl.acl_entries(fs.getxattr(mounted, "system.posix_acl_access"))
     buf = io.BytesIO()
     repo.dump(snap, "/", buf)
     members = {m.name: m.pax_headers for m in tarfile.open(fileobj=io.BytesIO(buf.getvalue()))}
@@ -447,10 +494,20 @@ def test_the_mounted_tree_shows_owners_as_a_restore_sets_them(tmp_path, new_repo
 @needs_root
 @pytest.mark.skipif(not _user_namespaces(), reason="needs user namespaces (unshare -Ur)")
 def test_verify_restore_in_a_user_namespace_can_leave_owners_out(tmp_path, new_repo):
+    """With the owners left out go what follows them: the set-id bits, and ACLs naming ids outside the
+    namespace, which the restore cannot set there."""
     url = str(tmp_path / "repo")
     repo = new_repo(url)
-    _tree(tmp_path)
-    repo.backup([str(tmp_path / "src")])
+    src = _tree(tmp_path)
+    (src / "tool").write_bytes(b"#!/bin/sh\n")
+    (src / "shared").mkdir()
+    for path, mode in ((src / "tool", 0o4755), (src / "shared", 0o2775)):
+        os.chown(path, BACKUP_UID, BACKUP_GID)
+        os.chmod(path, mode)
+    with contextlib.suppress(OSError):  # where the file system keeps POSIX ACLs
+        os.setxattr(src / "mine", "system.posix_acl_access",
+                    _acl((0x01, 6, ANY), (0x02, 4, BACKUP_UID), (0x04, 4, ANY), (0x10, 4, ANY), (0x20, 0, ANY)))
+    repo.backup([str(src)])
     subprocess.run(["chmod", "-R", "a+rwX", str(tmp_path)], check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
     env.update(CHUNKVAULT_PASSWORD="correct horse battery staple", TMPDIR=str(tmp_path))
