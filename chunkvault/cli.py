@@ -304,7 +304,7 @@ def _entry_json(e: Entry) -> dict[str, Any]:
 
 def _listed_json(e: Entry, names: tuple[dict[int, str], dict[int, str]]) -> dict[str, Any]:
     """An entry as `ls --json` lists it: with its owner's names, as the backup recorded them."""
-    return {**_entry_json(e), "user": names[0].get(e.uid), "group": names[1].get(e.gid)}
+    return {**_entry_json(e), **_name_json("user", names[0].get(e.uid)), **_name_json("group", names[1].get(e.gid))}
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

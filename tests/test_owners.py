@@ -520,3 +520,13 @@ def test_verify_restore_in_a_user_namespace_can_leave_owners_out(tmp_path, new_r
     assert owned.returncode == 18 and '"kind": "owner"' in owned.stdout
     left_out = verify("--ignore-owners")
     assert left_out.returncode == 0, left_out.stdout + left_out.stderr
+
+
+def test_ls_json_gives_a_name_that_is_not_utf8_in_base64_too():
+    from chunkvault.cli import _listed_json
+
+    e = Entry(b"f", T_FILE, uid=7, gid=8)
+    listed = _listed_json(e, ({7: os.fsdecode(b"caf\xe9")}, {8: "staff"}))
+    assert listed["user"] == "caf\udce9" and listed["user_b64"] == "Y2Fm6Q=="
+    assert listed["group"] == "staff" and "group_b64" not in listed
+    assert _listed_json(e, ({}, {}))["user"] is None
