@@ -175,8 +175,10 @@ class OwnerMap:
         if not self:
             return e
         uid, gid = self.ids(e.uid, e.gid)
-        if self.unknown_users or self.unknown_groups:
-            self._note_missed({e.uid}, {e.gid})
+        if e.uid in self.unknown_users:
+            self.missed_users.add(e.uid)
+        if e.gid in self.unknown_groups:
+            self.missed_groups.add(e.gid)
         xattrs = self._xattrs(e.xattrs) if e.xattrs else e.xattrs
         if (uid, gid, xattrs) == (e.uid, e.gid, e.xattrs):
             return e
@@ -196,15 +198,13 @@ class OwnerMap:
         return (f"owner names unknown on this machine, set by their recorded ids instead: "
                 f"{', '.join(named[:MISSED_SHOWN])}{more}")
 
-    def _note_missed(self, uids: Iterable[int], gids: Iterable[int]) -> None:
-        self.missed_users.update(i for i in uids if i in self.unknown_users)
-        self.missed_groups.update(i for i in gids if i in self.unknown_groups)
-
     def _xattrs(self, raw: bytes) -> bytes:
         acls = _acls(raw)
         if self.unknown_users or self.unknown_groups:
             for value in acls.values():
-                self._note_missed(*acl_ids(value))
+                uids, gids = acl_ids(value)
+                self.missed_users |= uids & self.unknown_users.keys()
+                self.missed_groups |= gids & self.unknown_groups.keys()
         moved = {k: mapped_acl(v, self.users, self.groups) for k, v in acls.items()}
         if moved == acls:
             return raw
