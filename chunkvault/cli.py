@@ -18,8 +18,8 @@ from . import __version__, interrupts, passwords
 from .display import one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .remotes.layer import stop_request
-from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, OutputClosed, PartialBackup, TargetNotEmpty, TargetUnwritable,
-                     UsageError, VerificationFailed, output_error)
+from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, OutputClosed, PartialBackup, SnapshotNotFound,
+                     TargetNotEmpty, TargetUnwritable, UsageError, VerificationFailed, output_error)
 from .store.chain import lineage
 from .store.manifest import T_DIR, TYPE_NAMES, Entry
 from .store.snapshot import Snapshot
@@ -528,15 +528,16 @@ def add_snapshot_choice(s: argparse.ArgumentParser) -> None:
     """Which snapshot ``latest`` (or ``--until``) names, where a repository holds several sources."""
     s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
     s.add_argument("--host", help="only snapshots of this host (latest and --until pick among those)")
-    s.add_argument("--path", action="append", default=[], metavar="PATH",
+    s.add_argument("--path", action="append", default=[], metavar="PATH", dest="snapshot_paths",
                    help="only snapshots of exactly these backed-up paths (repeatable), or of the stream of this "
                         "--stdin-name")
 
 
-def chosen_snapshot(repo: Any, args: argparse.Namespace) -> Snapshot:
-    """The snapshot ``add_snapshot_choice``'s options and the SNAPSHOT argument name: with two databases in
-    one repository, ``latest`` alone is the newest of either."""
-    return repo.snapshot(args.snapshot, until=args.until, host=args.host, paths=args.path or None)
+def chosen_snapshot(repo: Any, args: argparse.Namespace, spec: str | None = None) -> Snapshot:
+    """The snapshot ``add_snapshot_choice``'s options and the SNAPSHOT argument (or ``spec``) name: with two
+    databases in one repository, ``latest`` alone is the newest of either."""
+    return repo.snapshot(args.snapshot if spec is None else spec, until=args.until, host=args.host,
+                         paths=args.snapshot_paths or None)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -672,7 +673,7 @@ def _usage(args: argparse.Namespace) -> int:
     with repo.reading("stats", wait=args.wait):
         u = repo.usage(args.snapshots or None, hosts=args.host, tags=args.tag, paths=args.path)
     if not u.snapshots:
-        raise UsageError("no snapshot matches")
+        raise SnapshotNotFound("no snapshot matches the given snapshots, --host, --tag and --path")
     if args.json:
         _emit_json(u.to_dict())
         return 0
@@ -744,7 +745,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from .repository import snapshot_path
 
     repo = _open(args)
-    snap = repo.snapshot(args.snapshot)
+    snap = chosen_snapshot(repo, args)
     prefix = snapshot_path(args.path) if args.path else b""
     entries = _listed_entries(repo, snap, prefix)
     names = repo.owner_names(snap)
@@ -785,7 +786,8 @@ def _what_changed(old: Entry | None, new: Entry | None) -> str | None:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     repo = _open(args)
-    changes = repo.diff(args.snap1, args.snap2)  # a merge of the two trees: streams, as the output does
+    # a merge of the two trees: streams, as the output does
+    changes = repo.diff(chosen_snapshot(repo, args, args.snap1), chosen_snapshot(repo, args, args.snap2))
     if args.json:
         _emit_json_array({"change": c, "what": _what_changed(old, new),
                           **_name_json("path", (new or old).path),  # type: ignore[union-attr]
@@ -811,7 +813,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     if out is None:
         raise TargetUnwritable("dump: standard output is closed: redirect it to a file or a pipe")
     repo = _open(args)
-    snap = repo.snapshot(args.snapshot)
+    snap = chosen_snapshot(repo, args)
     if out.isatty() and repo.find_entry(snap, args.path).type == T_DIR:
         raise UsageError(f"a directory is written as a {args.archive} archive: redirect it to a file or a pipe")
     try:
@@ -1456,11 +1458,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("ls", parents=[common, reading], help="list a snapshot's entries")
     s.add_argument("snapshot")
     s.add_argument("path", nargs="?")
+    add_snapshot_choice(s)
     s.set_defaults(func=cmd_ls, read_lock="ls")
 
     s = sub.add_parser("diff", parents=[common, reading], help="what changed between two snapshots")
     s.add_argument("snap1")
     s.add_argument("snap2")
+    add_snapshot_choice(s)
     s.set_defaults(func=cmd_diff, read_lock="diff")
 
     s = sub.add_parser("dump", parents=[common, reading],
@@ -1468,6 +1472,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("snapshot")
     s.add_argument("path", help="a file, or a directory (/ for the whole snapshot)")
     s.add_argument("--archive", choices=["tar", "zip"], default="tar", help="a directory's format (default tar)")
+    add_snapshot_choice(s)
     s.set_defaults(func=cmd_dump, read_lock="dump")
 
     s = sub.add_parser("forget", parents=[common, select], help="remove snapshots by id or retention policy")

@@ -29,7 +29,7 @@ def _value_kind(action: argparse.Action) -> str | tuple[str, ...]:
     shown = str(action.metavar or action.dest).upper()
     if shown == "DIR" or action.dest == "target":
         return DIR
-    if "FILE" in shown or shown in ("PATH", "URL") or action.dest == "repo":
+    if "FILE" in shown or shown == "PATH" or action.dest == "repo":
         return FILE  # a repository URL is most often a local path
     return VALUE
 
@@ -92,7 +92,7 @@ _FN_() {
     local cur="${COMP_WORDS[COMP_CWORD]}" cmd="" word kind i skip=0 given=0
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
-        if ((skip)); then skip=0; continue; fi
+        if ((skip)); then [[ $word == = ]] || skip=0; continue; fi  # bash splits --opt=value at the =
         if [[ $word == -* ]]; then
             [[ $word != *=* && -n ${_FN__kinds["@$cmd $word"]+set} ]] && skip=1
         elif [[ " ${_FN__subs["@$cmd"]} " == *" $word "* ]]; then
@@ -101,10 +101,12 @@ _FN_() {
             given=$((given + 1))
         fi
     done
-    local prefix=""
+    local prefix="" opt="${COMP_WORDS[COMP_CWORD-1]}"
     if ((skip)); then
-        kind="${_FN__kinds["@$cmd ${COMP_WORDS[COMP_CWORD-1]}"]}"
-    elif [[ $cur == --*=* ]]; then
+        [[ $opt == = ]] && opt="${COMP_WORDS[COMP_CWORD-2]}"
+        [[ $cur == = ]] && cur=""
+        kind="${_FN__kinds["@$cmd $opt"]}"
+    elif [[ $cur == --*=* ]]; then  # where COMP_WORDBREAKS holds no =, the word is whole
         kind="${_FN__kinds["@$cmd ${cur%%=*}"]}"
         prefix="${cur%%=*}="
         cur="${cur#*=}"

@@ -67,7 +67,7 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
 
     if args.snapshot not in (None, "", "latest"):
         raise UsageError("--from-file restores the snapshot in the file: give no SNAPSHOT")
-    if args.until or args.host or args.path:
+    if args.until or args.host or args.snapshot_paths:
         raise UsageError("--until, --host and --path select among a repository's snapshots: not with --from-file")
     if args.delta or args.verify:
         raise UsageError(f"--{'delta' if args.delta else 'verify'} needs a repository: not with --from-file "

@@ -39,7 +39,7 @@ from .store.manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key,
 )
 from .store.chronology import chronological_key
-from .store.snapshot import Snapshot, parse_time
+from .store.snapshot import Snapshot, of_source, parse_time
 from .store.target_dirs import LongPaths
 from .store.posix_acl import ACL_KEYS, acl_ids
 from .store.xattrs import decode_xattrs, read_xattrs
@@ -676,19 +676,19 @@ def _print_report(r: VerifyReport, limit: int = 50) -> None:
 
 def cmd_verify_restore(args: argparse.Namespace) -> int:
     """``chunkvault verify-restore``: exit 0 only if every chosen snapshot verified and its command passed."""
-    from .cli import _emit_json, _open
+    from .cli import _emit_json, _open, chosen_snapshot
     from .memory import RESTORE_TRIM_THRESHOLD, tune_allocator
 
     tune_allocator(trim_threshold=RESTORE_TRIM_THRESHOLD)
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be positive")
-    if args.all_since is not None and args.snapshot is not None:
-        raise UsageError("give a snapshot or --all-since, not both")
+    if args.all_since is not None and (args.snapshot is not None or args.until is not None):
+        raise UsageError(f"give {'--until' if args.until is not None else 'a snapshot'} or --all-since, not both")
     if args.scratch is not None and not os.path.isdir(args.scratch):
         raise UsageError(f"scratch directory does not exist: {args.scratch}")
     repo = _open(args)
     reports: list[VerifyReport] = []
-    listed = repo.snapshots()
+    listed = of_source(repo.snapshots(), args.host, args.snapshot_paths)  # one source's, with --host/--path
     # A snapshot object that does not load cannot be dated, nor restored: it fails a run over a span, and
     # one for the latest (it may be the newest: a nightly check must not go green past it).
     unreadable = [VerifyReport(name, "time unknown", "unreadable",
@@ -702,12 +702,12 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
             raise SnapshotNotFound(f"no snapshot at or after {since.isoformat()}")
     elif args.snapshot in (None, "latest"):
         reports += unreadable
-        snaps = [repo.snapshot("latest")] if listed or not reports else []
+        snaps = [chosen_snapshot(repo, args, "latest")] if listed or not reports else []
     else:
         named = [r for r in unreadable if args.snapshot and r.snapshot_id.startswith(args.snapshot.lower())]
         if len(named) == 1 and not [s for s in listed if s.id.startswith(args.snapshot.lower())]:
             raise CorruptObject(f"snapshots/{named[0].snapshot_id}", named[0].error or "unreadable")
-        snaps = [repo.snapshot(args.snapshot)]
+        snaps = [chosen_snapshot(repo, args, args.snapshot)]
     for r in reports:
         if not args.json:
             _print_report(r)
@@ -733,6 +733,8 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argparse.ArgumentParser) -> None:
     """Register ``verify-restore``."""
+    from .cli import add_snapshot_choice
+
     s = subparsers.add_parser(
         "verify-restore", parents=[common, reading],
         help="restore snapshots into a scratch directory, compare them with their manifests, run a check")
@@ -744,7 +746,8 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argp
                    help="shell command run on each restore that matched its manifest (non-zero exit: failed); "
                         "it gets CHUNKVAULT_RESTORE_DIR, CHUNKVAULT_SNAPSHOT_ID, CHUNKVAULT_SNAPSHOT_TIME, "
                         "CHUNKVAULT_SNAPSHOT_KIND; what it leaves running (a database it started, even in a "
-                        "session of its own) is stopped when it exits, unless --keep")
+                        "session of its own) is stopped when it exits, unless --keep; its output is shown when it fails (with --json: "
+                        "always, as output)")
     s.add_argument("--timeout", type=float, metavar="SECONDS", help="kill CMD (and its children) after this long")
     s.add_argument("--scratch", metavar="DIR", help="make the scratch directory under DIR (default: the temp dir)")
     s.add_argument("--keep", action="store_true", help="keep the restored tree (its path is reported)")
@@ -752,4 +755,5 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argp
                    help="as root, set and compare owners by their recorded ids, not by the recorded names")
     s.add_argument("--ignore-owners", action="store_true",
                    help="compare no owners (as root in a user namespace, which cannot give files to ids outside it)")
+    add_snapshot_choice(s)
     s.set_defaults(func=cmd_verify_restore, read_lock="verify-restore")

@@ -164,6 +164,27 @@ class SnapshotFinder:
         return find_snapshot(self._by_id[first:end], spec)  # its answers: none, ambiguous, the one
 
 
+def of_source(snapshots: Iterable[Snapshot], host: str | None = None,
+              filter_paths: list[str] | None = None) -> list[Snapshot]:
+    """The snapshots of ``host`` and of exactly ``filter_paths`` (or of the stream so named), where given:
+    one source's series, which ``latest`` picks from."""
+    snaps = list(snapshots)
+    if host is not None:
+        snaps = [s for s in snaps if s.host == host]
+    if filter_paths:
+        wanted = sorted(os.path.abspath(p) for p in filter_paths)
+        snaps = [s for s in snaps if (filter_paths == [s.stdin_name] if s.stdin_name is not None
+                                      else sorted(s.paths) == wanted)]
+    return snaps
+
+
+def _source_named(host: str | None, filter_paths: list[str] | None) -> str:
+    """How an error names the source ``of_source`` chose (nothing when none was)."""
+    said = ([f"host {host}"] if host is not None else []) + (
+        [f"paths {', '.join(filter_paths)}"] if filter_paths else [])
+    return f" of {' and '.join(said)}" if said else ""
+
+
 def find_snapshot(snapshots: Iterable[Snapshot], spec: str, *, until: datetime | None = None,
                   filter_paths: list[str] | None = None, host: str | None = None) -> Snapshot:
     """Resolve an id, unique id prefix or ``latest`` (newest at or before ``until``), among the snapshots
@@ -172,21 +193,16 @@ def find_snapshot(snapshots: Iterable[Snapshot], spec: str, *, until: datetime |
     take the newest snapshot for it."""
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(f"a snapshot is named by an id, a unique prefix or latest, not {spec!r}")
-    snaps = list(snapshots)
-    if host is not None:
-        snaps = [s for s in snaps if s.host == host]
-    if filter_paths:
-        wanted = sorted(os.path.abspath(p) for p in filter_paths)
-        snaps = [s for s in snaps if (filter_paths == [s.stdin_name] if s.stdin_name is not None
-                                      else sorted(s.paths) == wanted)]
+    snaps = of_source(snapshots, host, filter_paths)
+    of = _source_named(host, filter_paths)
     if spec == "latest":
         candidates = [s for s in snaps if until is None or s.datetime <= until]
         if not candidates:
-            raise SnapshotNotFound("no snapshot" + (f" at or before {until.isoformat()}" if until else ""))
+            raise SnapshotNotFound("no snapshot" + of + (f" at or before {until.isoformat()}" if until else ""))
         return max(candidates, key=chronological_key(candidates))
     matches = [s for s in snaps if s.id.startswith(spec.lower())]
     if not matches:
-        raise SnapshotNotFound(f"no snapshot {spec!r}")
+        raise SnapshotNotFound(f"no snapshot {spec!r}{of}")
     if len(matches) > 1:
         raise AmbiguousSnapshot(f"snapshot prefix {spec!r} is ambiguous ({len(matches)} matches)")
     snap = matches[0]

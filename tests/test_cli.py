@@ -712,3 +712,24 @@ def test_json_warnings_naming_a_name_that_is_not_utf8_carry_their_bytes(tmp_path
     assert odd in raw and os.fsencode(warning) == raw
     plain = json.loads(cli("backup", "-r", repo, str(src / "sub"), "--json").stdout)
     assert "warnings_b64" not in plain
+
+
+def test_latest_of_one_source_for_ls_dump_diff_and_verify_restore(tmp_path, cli, setup):
+    """With a stream and a directory in one repository, ``latest`` alone is whichever came last: --path
+    (and --host) pick one source's newest, as restore and export take them."""
+    repo, src = setup
+    first_dir = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"]
+    (src / "a.txt").write_text("beta\n")
+    cli("backup", "-r", repo, str(src))
+    cli("backup", "-r", repo, "--stdin", "--stdin-name", "app.sql", input=b"select 1;\n")
+    assert cli("dump", "-r", repo, "latest", "a.txt", check=2).returncode == 2  # latest is the stream
+    assert cli("dump", "-r", repo, "latest", "a.txt", "--path", str(src)).stdout == b"beta\n"
+    assert cli("dump", "-r", repo, "latest", "app.sql", "--path", "app.sql").stdout == b"select 1;\n"
+    listed = json.loads(cli("ls", "-r", repo, "latest", "--path", str(src), "--json").stdout)
+    assert "sub/b.bin" in {e["path"] for e in listed}
+    changed = json.loads(cli("diff", "-r", repo, first_dir, "latest", "--path", str(src), "--json").stdout)
+    assert [(c["change"], c["path"]) for c in changed] == [("modified", "a.txt")]
+    verified = json.loads(cli("verify-restore", "-r", repo, "--path", str(src), "--json").stdout)
+    assert verified["ok"] and verified["snapshots"][0]["files"] == 2
+    missing = cli("ls", "-r", repo, "latest", "--host", "nohost", check=12)
+    assert "no snapshot of host nohost" in missing.stderr.decode()
