@@ -507,8 +507,10 @@ def _confirmed(args: argparse.Namespace, word: str) -> bool:
     return True
 
 
-def _confirm_in_place(args: argparse.Namespace) -> bool:
-    """A non-empty target is restored in place only after RESTORE is confirmed."""
+def _confirm_in_place(args: argparse.Namespace, what: str) -> bool:
+    """A non-empty target is restored in place only after RESTORE is confirmed; the prompt names ``what``
+    would overwrite it (a snapshot of another source, picked by ``latest``, is not what one means to type
+    RESTORE for)."""
     target = args.target
     confirmed = _confirmed(args, "RESTORE")
     if not (os.path.isdir(target) and os.listdir(target)):
@@ -516,7 +518,8 @@ def _confirm_in_place(args: argparse.Namespace) -> bool:
     if confirmed:
         return True
     if sys.stdin.isatty() and sys.stderr.isatty():
-        sys.stderr.write(f"{target} is not empty: restoring overwrites it in place. Type RESTORE to continue: ")
+        sys.stderr.write(f"{target} is not empty: restoring {one_line(what)} overwrites it in place. "
+                         "Type RESTORE to continue: ")
         sys.stderr.flush()
         if sys.stdin.readline().strip() == "RESTORE":
             return True
@@ -550,7 +553,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return restore_from_file_cli(args)
     repo = _open(args)
     snap = chosen_snapshot(repo, args)
-    in_place = _confirm_in_place(args)
+    in_place = _confirm_in_place(args, f"snapshot {snap.short_id} of {snap.host}:{','.join(snap.paths) or snap.stdin_name} "
+                                       f"({_local_time(snap)})")
     if (args.delta or args.delete) and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
         raise UsageError("--delta and --delete work in place: add --confirm RESTORE")
     bar = _progress(args, "restore", snap.stats.get("bytes"))

@@ -73,7 +73,7 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
         raise UsageError(f"--{'delta' if args.delta else 'verify'} needs a repository: not with --from-file "
                          "(verify-restore checks an imported snapshot)")
     password = passwords.EXPORT.get(args)
-    in_place = cli._confirm_in_place(args)
+    in_place = cli._confirm_in_place(args, f"the snapshot in {args.from_file}")
     if args.delete and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
         raise UsageError("--delete works in place: add --confirm RESTORE")
     bar = cli._progress(args, "restore")

@@ -827,6 +827,12 @@ class Handler(BaseHTTPRequestHandler):
             return self._put(key, mode)
         return self._delete(key, mode)
 
+    def _append_only(self) -> str:
+        """Why a request is held to append-only: a full token can do more where the service is not capped."""
+        if self.server.settings.append_only:
+            return "append-only (the service runs with --append-only, which caps every token)"
+        return "append-only token"
+
     def _authorize(self) -> str | None:
         """The request's mode (capped by --append-only), or None after answering 401."""
         tokens = self.server.settings.tokens
@@ -995,7 +1001,7 @@ class Handler(BaseHTTPRequestHandler):
     def _exists(self, key: str, if_absent: bool) -> None:
         if if_absent:
             return self._fail(412, f"object already exists: {key}")
-        return self._fail(403, f"append-only: existing object {key} may not be overwritten (only locks/ may)")
+        return self._fail(403, f"{self._append_only()}: existing object {key} may not be overwritten (only locks/ may)")
 
     def _collision(self, key: str) -> str | None:
         """Why ``key`` cannot be stored, when a file stands where its path needs a directory or a directory
@@ -1035,7 +1041,7 @@ class Handler(BaseHTTPRequestHandler):
         if mode == "read-only":
             return self._fail(403, "read-only token: deleting is not allowed")
         if mode == "append-only" and not key.startswith(LOCKS_PREFIX):
-            return self._fail(403, f"append-only: deleting {key} is not allowed (only locks/ may be deleted)")
+            return self._fail(403, f"{self._append_only()}: deleting {key} is not allowed (only locks/ may be deleted)")
         try:
             self.server.remote.delete(key)
         except PermissionDenied as exc:

@@ -36,6 +36,7 @@ then weeks, days and hours are subtracted as exact 24 h / 1 h steps (UTC).
 from __future__ import annotations
 
 import calendar
+import difflib
 import re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
@@ -296,7 +297,10 @@ def policy_from_dict(d: Mapping[str, Any]) -> RetentionPolicy:
     for raw_key, value in d.items():
         key = str(raw_key).replace("-", "_")
         if key not in _POLICY_KEYS:
-            raise UsageError(f"unknown retention setting {raw_key!r}")
+            close = difflib.get_close_matches(key, _POLICY_KEYS, n=1)
+            hint = (f" (did you mean {close[0].replace('_', '-')}?)" if close else
+                    "; the settings are " + ", ".join(sorted(k.replace("_", "-") for k in _POLICY_KEYS)))
+            raise UsageError(f"unknown retention setting {raw_key!r}{hint}")
         if key in {f"keep_{r}" for r in _COUNT_RULES}:
             if isinstance(value, str) and value.strip().lower() == "unlimited":
                 value = UNLIMITED

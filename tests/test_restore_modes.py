@@ -464,7 +464,7 @@ def test_the_restore_prompt_declined_is_a_target_not_empty(tmp_path, new_repo):
     src.mkdir()
     (src / "f").write_text("snapshot")
     repo = new_repo()
-    repo.backup([str(src)])
+    snap = repo.backup([str(src)]).snapshot
     target = tmp_path / "target"
     target.mkdir()
     (target / "f").write_text("mine")
@@ -474,6 +474,7 @@ def test_the_restore_prompt_declined_is_a_target_not_empty(tmp_path, new_repo):
                                  env, typed=answer)
         assert proc.returncode == code, said
         assert b"Type RESTORE to continue" in said and (target / "f").read_text() == content
+        assert f"restoring snapshot {snap.short_id} of {snap.host}:{src} (".encode() in said  # which one overwrites it
 
 
 def test_a_delta_restore_stopped_mid_file_leaves_it_for_the_rerun(tmp_path, new_repo, monkeypatch):

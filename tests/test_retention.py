@@ -595,3 +595,10 @@ def test_long_chain_is_not_recursive():
     assert len(deps["s1999"]) == 1999 and deps["s1999"][0] == "s0"
     plan = rebase_plan(snaps, {f"s{i}" for i in range(0, 1999)})
     assert plan == [("s1999", [f"s{i}" for i in range(1999)], None)]
+
+
+def test_an_unknown_setting_names_the_one_meant_or_lists_them():
+    with pytest.raises(UsageError, match=r"'keep-tag' \(did you mean keep-tags\?\)"):
+        policy_from_dict({"keep-daily": 7, "keep-tag": ["pinned"]})
+    with pytest.raises(UsageError, match=r"the settings are group-by, keep-daily, .*keep-yearly$"):
+        policy_from_dict({"forever": True})
