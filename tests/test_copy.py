@@ -251,3 +251,31 @@ def test_two_copies_into_one_repository_take_turns_and_backups_go_on_beside_them
     assert len(results) == 2
     copied = [s for s in dst_repo.snapshots() if s.paths != [str(own)]]
     assert len(copied) == len(src_repo.snapshots()) == 3
+
+
+def test_copy_reads_the_source_pack_by_pack_not_blob_by_blob(tmp_path, new_repo):
+    """From S3 or an HTTP service, a request per chunk is what a copy costs: neighbours in a pack come with
+    one ranged get, as a restore reads them."""
+    src_path = str(tmp_path / "src-repo")
+    src = new_repo(src_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    rnd = random.Random(5)
+    for i in range(300):  # small files: a chunk each, many to a pack
+        (data / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(1000, 20_000)))
+    src.backup([str(data)])
+    for i in range(0, 300, 7):
+        (data / f"f{i}").write_bytes(rnd.randbytes(3000))
+    src.backup([str(data)], kind="diff")
+    counted = FaultyRemote(LocalRemote(src_path), seed=1)
+    source = Repository.open(counted, "correct horse battery staple")
+    dst = Repository.init(str(tmp_path / "dst"), "other password", kdf_seconds=0, copy_chunker_from=src)
+    counted.calls.clear()
+    result = source.copy_to(dst)
+    assert len(result.copied) == 2 and result.blobs_sent >= 300
+    data_gets = counted.calls["get"] - sum(1 for _ in LocalRemote(src_path).list("snapshots/"))
+    assert data_gets < result.blobs_sent / 10, (data_gets, result.blobs_sent)
+    for s in dst.snapshots():
+        dst.restore(s.id, str(tmp_path / s.id[:8]))
+    assert describe(tmp_path / dst.snapshots()[-1].id[:8]) == describe(data)
+    assert dst.check(read_data=True).ok

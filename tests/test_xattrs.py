@@ -167,7 +167,8 @@ def test_verification_names_an_attribute_that_differs(repo, source, tmp_path):
     os.setxattr(out / "plain.txt", "user.extra", b"x")
     found = compare_tree((e for e in repo.tree(snap)), out)
     assert sorted((m.path, m.kind, m.expected, m.actual) for m in found.mismatches) == [
-        ("etc/app.conf", "xattrs", "user.origin", "none"), ("plain.txt", "xattrs", "none", "user.extra")]
+        ("etc/app.conf", "xattrs", "user.origin", "user.origin: missing"),
+        ("plain.txt", "xattrs", "none", "user.extra: not in the snapshot")]
     assert not compare_tree((e for e in repo.tree(snap)), out, xattrs=False).mismatches
 
 
