@@ -906,10 +906,11 @@ def _report_prune(args: argparse.Namespace, plan: Any) -> None:
     if args.json:
         _emit_json({"dry_run": args.dry_run, **plan.to_dict()})
     elif not args.quiet:
-        verb = "would" if args.dry_run else "did"
-        print(f"prune {verb} delete {len(plan.delete)} pack(s) and {len(plan.orphans)} unindexed pack(s), "
-              f"repack {len(plan.repack)} ({_human(plan.repacked_bytes)} moved), keep {len(plan.keep)}; "
-              f"frees {_human(plan.freed_bytes)}; {plan.live_blobs} blobs live, {plan.unused_blobs} unused"
+        delete, repack, keep, frees = (("would delete", "repack", "keep", "frees") if args.dry_run
+                                       else ("deleted", "repacked", "kept", "freed"))
+        print(f"prune {delete} {len(plan.delete)} pack(s) and {len(plan.orphans)} unindexed pack(s), "
+              f"{repack} {len(plan.repack)} ({_human(plan.repacked_bytes)} moved), {keep} {len(plan.keep)}; "
+              f"{frees} {_human(plan.freed_bytes)}; {plan.live_blobs} blobs live, {plan.unused_blobs} unused"
               + (f"; removed {plan.unfinished_removed} unfinished write(s) left by killed commands"
                  if plan.unfinished_removed else ""))
         if plan.unfinished_error:

@@ -151,12 +151,14 @@ class Ledger:
         return cls(LedgerFile(where or default_dir(), repo_id))
 
     def observe(self, present: dict[str, datetime], *, warn: bool = True) -> list[Finding]:
-        """After a listing: update the ledger; each finding is one warning (once per Ledger)."""
+        """After a listing: update the ledger; the findings not warned about yet (by this Ledger) are one
+        warning: the first, and how many more (a repository put back from an old copy may replay hundreds)."""
         found = self._update(lambda s: logic.observe(s, present), present)
-        for f in found:
-            if warn and f not in self._warned:
-                self._warned.add(f)
-                _warn(f.message())
+        new = [f for f in found if f not in self._warned]
+        if warn and new:
+            self._warned.update(new)
+            more = f" (and {len(new) - 1} more: `chunkvault check` lists them)" if len(new) > 1 else ""
+            _warn(new[0].message() + more)
         return found
 
     def findings(self, present: dict[str, datetime]) -> list[Finding]:

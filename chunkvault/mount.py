@@ -34,7 +34,10 @@ from .store.snapshot import Snapshot
 from .store.xattrs import decode_xattrs
 
 REFRESH_SECONDS = 30.0
-TREES_KEPT = 8  # resolved trees held at once (each about 200 bytes per entry)
+# Resolved trees held at once, besides the one in use: at most this many, of at most this many entries in all
+# (each about 650 bytes: a tree of a million files takes 650 MB).
+TREES_KEPT = 8
+TREE_ENTRIES_KEPT = 1_000_000
 
 _TYPE_BITS = {T_FILE: stat.S_IFREG, T_HARDLINK: stat.S_IFREG, T_DIR: stat.S_IFDIR, T_SYMLINK: stat.S_IFLNK,
               T_FIFO: stat.S_IFIFO, T_CHARDEV: stat.S_IFCHR, T_BLOCKDEV: stat.S_IFBLK}
@@ -167,7 +170,8 @@ class SnapshotFS:
         tree = SnapshotTree(self.repo.tree(snap))  # outside the lock: other reads go on meanwhile
         with self._lock:
             self._trees[snap.id] = tree
-            while len(self._trees) > TREES_KEPT:
+            while len(self._trees) > 1 and (len(self._trees) > TREES_KEPT or sum(
+                    len(t.entries) for t in self._trees.values()) > TREE_ENTRIES_KEPT):
                 self._trees.popitem(last=False)
         return tree
 

@@ -59,6 +59,23 @@ def test_the_ledger_is_one_private_file_named_by_the_repository_id(chain):
     assert not [n for n in os.listdir(os.path.dirname(file)) if n.startswith(".tmp-")]
 
 
+def test_many_replayed_snapshots_are_one_warning(chain):
+    """An old copy of the repository put back replays every snapshot forgotten since: one line says so,
+    not one per snapshot (a restore printed 91)."""
+    path, _, states, raw = chain
+    a, b, c = states
+    with crashkit.open_repo(path) as repo:
+        repo.forget([b, c])
+    for sid in (b, c):
+        crashkit.put_snapshot_back(path, sid, raw)
+    with crashkit.open_repo(path) as repo, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        repo.snapshots()
+        repo.snapshots()
+    lines = [str(w.message) for w in said if issubclass(w.category, RepositoryStateWarning)]
+    assert len(lines) == 1 and "replayed" in lines[0] and "(and 1 more: `chunkvault check` lists them)" in lines[0]
+
+
 def test_replayed_snapshot_is_reported_warned_refused_and_forgotten_again(chain, tmp_path):
     path, tree, states, raw = chain
     a, b, c = states

@@ -339,3 +339,19 @@ def test_a_directory_kept_only_by_the_paths_below_it_reads_as_a_plain_directory(
     assert listing(fs, f"{root}/gone") == [".", "..", "kept"]
     assert fs.getattr(f"{root}/gone/kept")["st_mode"] == 0o100644
     fs.destroy("/")
+
+
+def test_the_trees_kept_are_bounded_by_their_entries(repo_with, monkeypatch):
+    """Each resolved tree costs about 650 bytes per entry: a count of trees alone let a mount of large
+    snapshots grow to gigabytes.  The tree in use is kept whatever its size."""
+    from chunkvault import mount
+
+    repo, _, first, second = repo_with
+    fs = mount.SnapshotFS(repo)
+    size = len(fs._tree(first).entries)
+    monkeypatch.setattr(mount, "TREE_ENTRIES_KEPT", size)  # room for one tree
+    fs._tree(second)
+    assert list(fs._trees) == [second.id]
+    monkeypatch.setattr(mount, "TREE_ENTRIES_KEPT", 2 * size + 10)
+    fs._tree(first)
+    assert list(fs._trees) == [second.id, first.id]
