@@ -943,7 +943,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         _print_rebases(plan.rebases)
         verb = "would remove" if args.dry_run else "removed"
         print(f"{verb} {len(removed)} snapshot(s), {'would rebase' if args.dry_run else 'rebased'} {len(plan.rebases)}"
-              + (f"; a prune then frees about {_human(frees)} (data only they need)" if frees is not None else ""))
+              + (f"; a prune then frees about {_human(frees)} (data only they need) besides what is unused already"
+                 if frees is not None else ""))
         if pruned is not None:
             _report_prune(args, pruned)
     return 0
