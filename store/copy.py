@@ -65,7 +65,7 @@ def copy_order(snapshots: Iterable[Snapshot], wanted: set[str]) -> list[Snapshot
 
 #: Plaintext one worker reads with one call: the blobs in pack order, so that neighbours come with one ranged
 #: get (one request per blob cost a copy from S3 a request per chunk).
-BATCH_RAW_BYTES = 8 << 20
+BATCH_RAW_BYTES = 4 << 20
 COPY_WORKERS = 4
 
 
