@@ -96,12 +96,14 @@ def resolved_trees(snapshots: Iterable[Snapshot], own_records: Callable[[Snapsho
                    ) -> Iterator[tuple[Snapshot, list[Record]]]:
     """(snapshot, its resolved tree) for each snapshot whose chain reaches a full among ``snapshots``,
     depth first down each chain: a tree is held only until its children are resolved (two trees at a
-    time along a chain without branches)."""
+    time along a chain without branches).  A record's entry is only its chunk list here (the merge of a
+    chain looks at paths and operations alone): whole entries made a forget's dry run of a tree of 300,000
+    files take 500 MB."""
     roots, children = chains_down(snapshots)
     stack: list[tuple[Snapshot, list[Record] | None]] = [(s, None) for s in reversed(roots)]
     while stack:
         snap, parent_tree = stack.pop()
-        own = own_records(snap)
+        own = (Record(r.op, r.path, r.entry.chunks if r.entry is not None else None) for r in own_records(snap))
         tree = list(own) if parent_tree is None else list(chain.apply(parent_tree, own))
         yield snap, tree
         stack.extend((c, tree) for c in reversed(children.get(snap.id, ())))
@@ -111,11 +113,10 @@ def _chunk_ids(tree: list[Record], seen: set[bytes], into: set[bytes]) -> None:
     """Add the chunk ids of ``tree``'s files to ``into``; a chunk list already in ``seen`` (an unchanged
     file passes from a parent's tree to its children's as the same bytes) is skipped."""
     for rec in tree:
-        e = rec.entry
-        if e is None or not e.chunks or e.chunks in seen:
+        c = rec.entry  # its chunk list (``resolved_trees``)
+        if not c or c in seen:
             continue
-        seen.add(e.chunks)
-        c = e.chunks
+        seen.add(c)
         into.update(c[i : i + ID_SIZE] for i in range(0, len(c), ID_SIZE))
 
 
