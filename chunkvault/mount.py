@@ -274,7 +274,12 @@ class SnapshotFS:
             tree, _ = self._in_snapshot(node)
             if not tree.is_dir(node.rel):
                 raise _error(errno.ENOTDIR)
-            names = [os.fsdecode(n) for n in tree.children[node.rel]]
+            # The children's inode numbers from the tree at hand: resolving each child's path again was a
+            # third of a mounted tree's traversal.
+            sid, under = node.snapshot.id, node.rel + b"/" if node.rel else b""
+            return [self._dirent(path, "."), self._dirent(path, ".."),
+                    *((os.fsdecode(n), {"st_ino": _inode(sid, os.fsdecode(tree.linked(under + n)[0]))}, 0)
+                      for n in tree.children[node.rel])]
         return [self._dirent(path, name) for name in (".", "..", *names)]
 
     def readlink(self, path: str) -> str:
