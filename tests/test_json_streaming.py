@@ -1,5 +1,5 @@
-"""``ls --json``, ``diff --json`` and ``find --json`` write their array as the entries come: the same bytes as
-``json.dumps`` of the whole list, in memory that does not grow with the listing (backup tools read these
+"""``ls --json``, ``diff --json`` and ``find --json`` write their array as the entries come, one to a line,
+in memory that does not grow with the listing (backup tools read these
 commands' output as their interface, and a snapshot may hold ten million files)."""
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ BIG = 100_000  # files in the large snapshot: a list of its JSON entries took ab
 
 
 def _dumped(items: list[Any]) -> str:
-    """What the commands printed when they built the whole list first."""
-    return json.dumps(items, indent=1, sort_keys=True, default=str) + "\n"
+    """A list as the commands print it: one item to a line."""
+    if not items:
+        return "[]\n"
+    return "[\n" + ",\n".join(json.dumps(i, sort_keys=True, default=str) for i in items) + "\n]\n"
 
 
 class _Recorder(io.TextIOBase):
