@@ -1467,7 +1467,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     add_snapshot_choice(s)
     s.set_defaults(func=cmd_ls, read_lock="ls")
 
-    s = sub.add_parser("diff", parents=[common, reading], help="what changed between two snapshots")
+    s = sub.add_parser("diff", parents=[common, reading], help="what changed between two snapshots",
+                       description="What changed between two snapshots; --until, --host and --path apply to both "
+                                   "(latest latest --until T compares a snapshot with itself: name the older by id)")
     s.add_argument("snap1")
     s.add_argument("snap2")
     add_snapshot_choice(s)

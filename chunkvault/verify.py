@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -40,6 +41,7 @@ from .store.manifest import (
 )
 from .store.chronology import chronological_key
 from .store.snapshot import Snapshot, of_source, parse_time
+from .store.restore import setid_bits_for_others
 from .store.target_dirs import LongPaths
 from .store.posix_acl import ACL_KEYS, acl_ids
 from .store.xattrs import decode_xattrs, read_xattrs
@@ -176,11 +178,12 @@ def compare_meta(e: Entry, st: os.stat_result, *, owners: bool) -> list[Mismatch
         return out
     if e.type == T_FILE and st.st_size != e.size:
         out.append(Mismatch(path, "size", str(e.size), str(st.st_size)))
-    # Without owners, the set-user/group-ID bits are not compared either: they follow the owner, and a
-    # restore that cannot set it (as another user than root, or in a user namespace) drops them.
-    bits = 0o7777 if owners else 0o1777
-    if e.type != T_SYMLINK and stat.S_IMODE(st.st_mode) & bits != e.mode & bits:
-        out.append(Mismatch(path, "mode", oct(e.mode), oct(stat.S_IMODE(st.st_mode))))
+    got = stat.S_IMODE(st.st_mode)
+    # Without owners, a set-user/group-ID bit recorded for another owner may be missing: a restore that
+    # does not set owners (as another user than root, or in a user namespace) drops it.  Never one extra.
+    missing_ok = 0 if owners else setid_bits_for_others(e, os.geteuid(), os.getegid())
+    if e.type != T_SYMLINK and got | (e.mode & missing_ok) != e.mode:
+        out.append(Mismatch(path, "mode", oct(e.mode), oct(got)))
     if st.st_mtime_ns != e.mtime_ns:
         out.append(Mismatch(path, "mtime", _ns(e.mtime_ns), _ns(st.st_mtime_ns)))
     if owners and (st.st_uid, st.st_gid) != (e.uid, e.gid):
@@ -192,10 +195,29 @@ def compare_meta(e: Entry, st: os.stat_result, *, owners: bool) -> list[Mismatch
 
 def _unsettable_without_owners(name: bytes, wanted: dict[bytes, bytes], found: dict[bytes, bytes]) -> bool:
     """An attribute that a restore setting no owners may not set: one of the root-only namespaces, or an
-    ACL naming users or groups (root in a user namespace cannot name ids outside it) that is not there."""
+    ACL that is not there and names a user or group outside this user namespace (which no one in it can
+    name: the restore could not set it)."""
     if name.startswith((b"security.", b"trusted.")):
         return True
-    return name in ACL_KEYS and name in wanted and name not in found and any(acl_ids(wanted[name]))
+    if name not in ACL_KEYS or name not in wanted or name in found:
+        return False
+    uids, gids = acl_ids(wanted[name])
+    return any(not _mapped(i, "uid") for i in uids) or any(not _mapped(i, "gid") for i in gids)
+
+
+@functools.lru_cache(maxsize=2)
+def _id_ranges(kind: str) -> tuple[tuple[int, int], ...]:
+    """The ids this process's user namespace maps (``/proc/self/uid_map``, ``gid_map``): all of them
+    outside a user namespace."""
+    try:
+        with open(f"/proc/self/{kind}_map") as f:
+            return tuple((int(inside), int(inside) + int(count)) for inside, _, count in map(str.split, f))
+    except (OSError, ValueError):
+        return ((0, 1 << 32),)
+
+
+def _mapped(i: int, kind: str) -> bool:
+    return any(start <= i < end for start, end in _id_ranges(kind))
 
 
 def merge_by_path(expected: Iterable[Entry], observed: Iterable[tuple[bytes, os.stat_result]]
@@ -600,9 +622,10 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
         started = time.monotonic()
         base = _make_scratch(scratch)
         target = os.path.join(base, "restore")
+        restore_warnings: list[str] = []
         try:
             try:
-                _restore(repo, snap, target, numeric_owner)
+                restore_warnings = _restore(repo, snap, target, numeric_owner).warnings
             except (CorruptObject, StorageFull) as exc:  # this snapshot fails; a run over several goes on
                 report.error = f"restore failed: {exc}"
                 report.error_kind = "no_space" if isinstance(exc, StorageFull) else "damaged"
@@ -621,7 +644,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 report.files, report.dirs, report.links = result.files, result.dirs, result.links
                 report.bytes = result.bytes
                 report.mismatches, report.mismatch_count = result.mismatches, result.mismatch_count
-                report.warnings = result.warnings
+                report.warnings = restore_warnings + result.warnings  # what the restore left out, said
             if then is not None and report.ok:
                 cmd_env = without_secrets(os.environ if env is None else env)  # a server it starts keeps them
                 cmd_env.update(CHUNKVAULT_RESTORE_DIR=target, CHUNKVAULT_SNAPSHOT_ID=snap.id,

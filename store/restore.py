@@ -442,6 +442,14 @@ class _Prefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def setid_bits_for_others(e: Entry, uid: int, gid: int) -> int:
+    """The set-user/group-ID bits of ``e`` that would grant another user's or group's rights to ``uid`` and
+    ``gid``, who get the entry when its owner is not set.  A directory's set-group-ID bit grants nothing
+    (new files there take the directory's group): it stays."""
+    return ((stat.S_ISUID if e.uid != uid else 0)
+            | (stat.S_ISGID if e.gid != gid and e.type != T_DIR else 0)) & e.mode
+
+
 class Restorer:
     """Restores records into a target.  ``lookup`` finds a path's record in the tree being restored: a
     selection that leaves out the first path of a hard-linked file restores its data at a selected link."""
@@ -601,7 +609,7 @@ class Restorer:
         for rec in records:
             e = rec.entry
             if e is not None and e.mode & 0o6000 and e.type != T_HARDLINK:
-                mode = e.mode & ~(stat.S_ISUID if e.uid != uid else 0) & ~(stat.S_ISGID if e.gid != gid else 0)
+                mode = e.mode & ~setid_bits_for_others(e, uid, gid)
                 if mode != e.mode:
                     self.setid_dropped += 1
                     rec = rec._replace(entry=dataclasses.replace(e, mode=mode))
@@ -1172,8 +1180,8 @@ class Restorer:
             except OSError as exc:
                 if exc.errno == errno.EROFS:  # nothing else will be set either: the entry is not written
                     raise
-                self._owner_not_set(e, exc.strerror)
-                mode &= 0o1777  # set-id bits for their owner only, never for whoever the entry is left to
+                # set-id bits for their owner only, never for whoever the entry is left to
+                mode &= ~self._owner_not_set(e, exc.strerror)
         if self.opt.xattrs and (e.xattrs or not self._fresh):
             failed = write_xattrs(where, e.xattrs, replace=not self._fresh, follow=not link)
             if failed:
@@ -1183,6 +1191,10 @@ class Restorer:
             os.chmod(where, mode)
         os.utime(where, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=not link)
 
-    def _owner_not_set(self, e: Entry, reason: str) -> None:
+    def _owner_not_set(self, e: Entry, reason: str) -> int:
+        """Warn that ``e``'s owner was not set; the set-id bits it loses for that (``setid_bits_for_others``:
+        whoever restores holds it now)."""
+        dropped = setid_bits_for_others(e, -1, -1)
         self.result.warnings.append(f"cannot set owner of {os.fsdecode(e.path) or '.'}: {reason}"
-                                    + ("; restored without its set-user/group-ID bits" if e.mode & 0o6000 else ""))
+                                    + ("; restored without its set-user/group-ID bits" if dropped else ""))
+        return dropped
