@@ -40,7 +40,8 @@ _CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPO
 
 
 class MotoServer:
-    """moto_server as a child process on a free 127.0.0.1 port."""
+    """moto_server as a child process on a free 127.0.0.1 port, its conditional writes atomic as S3's are
+    (``moto_atomic.py``)."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
@@ -58,7 +59,8 @@ class MotoServer:
         for _ in range(3):  # the free port may be taken before the server binds it
             self.port = free_port()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "moto_atomic.py"),
+                 "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 env=env,
