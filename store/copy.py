@@ -143,10 +143,31 @@ class _BlobMapper:
         """Copy what the destination lacks.  Snapshots come parents first, so a chunk's base (the
         parent version's chunk) is usually there already and its delta stays a delta."""
         todo = [i for i in dict.fromkeys(ids) if i not in self.map]
-        for pairs in parallel_map(self._copy_batch, self._batches(todo), workers=COPY_WORKERS):
-            self.map.update(pairs)
-            if self.progress is not None:
-                self.progress(self.sent, self.sent_bytes)
+        for level in self._levels(todo):
+            for pairs in parallel_map(self._copy_batch, self._batches(level), workers=COPY_WORKERS):
+                self.map.update(pairs)
+                if self.progress is not None:
+                    self.progress(self.sent, self.sent_bytes)
+
+    def _levels(self, todo: list[bytes]) -> list[list[bytes]]:
+        """``todo`` in rounds, a delta after the base it is stored against when that is copied too (a
+        snapshot holding a file and an old copy of it): in the same round, in pack order, the base may come
+        later, and the delta was stored whole."""
+        pending = set(todo)
+        depth: dict[bytes, int] = {}
+
+        def level(i: bytes) -> int:
+            if i not in depth:
+                base = next((b for b in self.src.delta_chain(i) if b in pending), None)
+                depth[i] = 0 if base is None else 1 + level(base)
+            return depth[i]
+
+        rounds: list[list[bytes]] = []
+        for i in todo:
+            n = level(i)
+            rounds.extend([] for _ in range(n + 1 - len(rounds)))
+            rounds[n].append(i)
+        return rounds
 
 
 def _chunk_ids(records: Iterable[Record]) -> Iterator[bytes]:

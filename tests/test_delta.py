@@ -682,3 +682,30 @@ def test_neighbouring_delta_chunks_travel_together_and_share_their_base_reads(tm
     assert max(reads) > 1  # several bases asked for at once, level by level
     assert snap.stats["delta_blobs"] == 16
     assert_all_restore(repo, trees, tmp_path)
+
+
+def test_a_copy_of_one_snapshot_holding_a_base_and_its_delta_keeps_the_delta(tmp_path, new_repo, monkeypatch):
+    """A full snapshot of a table and an old copy of it holds the table's deltas and their bases: copied on
+    its own, the bases go first, whatever order their packs have, and the deltas stay deltas."""
+    from chunkvault.store import copy as copy_mod
+
+    rnd = random.Random(23)
+    src = tmp_path / "db"
+    src.mkdir()
+    page_file(src / "table", 256, rnd)  # 2 MiB
+    repo = new_repo()
+    repo.backup([str(src)])
+    (src / "old").write_bytes((src / "table").read_bytes())
+    touch_pages(src / "table", 0.5, rnd)
+    assert repo.backup([str(src)]).snapshot.stats["delta_blobs"] > 0
+    both = repo.backup([str(src)], kind="full").snapshot
+    monkeypatch.setattr(copy_mod, "BATCH_RAW_BYTES", 1)  # a blob to a batch, the last stored first
+    in_order = copy_mod._BlobMapper._batches
+    monkeypatch.setattr(copy_mod._BlobMapper, "_batches", lambda self, ids: reversed(list(in_order(self, ids))))
+    dst = Repository.init(str(tmp_path / "dst"), "pw2", kdf_seconds=0, copy_chunker_from=repo)
+    sent = repo.copy_to(dst, [both.id])
+    assert sent.copied and dst.stats().delta_blobs == repo.stats().delta_blobs
+    out = tmp_path / "out"
+    dst.restore(dst.snapshots()[-1].id, str(out))
+    assert describe(out) == describe(src)
+    assert dst.check(read_data=True).ok
