@@ -50,6 +50,11 @@ def _inode(snapshot_id: str, path: str) -> int:
     return (int.from_bytes(digest, "little") >> 1) or 1
 
 
+def _file_inode(snapshot_id: str, tree: SnapshotTree, rel: bytes) -> int:
+    """The inode number of ``rel`` in a snapshot's tree: its file's, whichever of its names it is."""
+    return _inode(snapshot_id, os.fsdecode(tree.linked(rel)[0]))
+
+
 # What libfuse 3's fuse_main returns when its loop ended with an error, which is how a stop signal ends it
 # (libfuse 2 returned 0 then).
 _LOOP_ENDED_BY_SIGNAL = 8
@@ -248,7 +253,7 @@ class SnapshotFS:
         if not node.rel:  # a snapshot's root: listing snapshots/ decodes no tree (one damaged failed it all)
             return _inode(node.snapshot.id, "")
         tree, _ = self._in_snapshot(node)
-        return _inode(node.snapshot.id, os.fsdecode(tree.linked(node.rel)[0]))
+        return _file_inode(node.snapshot.id, tree, node.rel)
 
     def _dirent(self, path: str, name: str) -> tuple[str, dict[str, int], int]:
         """A directory's entry as readdir gives it: with its inode number (one of 0 is not listed at all)."""
@@ -278,7 +283,7 @@ class SnapshotFS:
             # third of a mounted tree's traversal.
             sid, under = node.snapshot.id, node.rel + b"/" if node.rel else b""
             return [self._dirent(path, "."), self._dirent(path, ".."),
-                    *((os.fsdecode(n), {"st_ino": _inode(sid, os.fsdecode(tree.linked(under + n)[0]))}, 0)
+                    *((os.fsdecode(n), {"st_ino": _file_inode(sid, tree, under + n)}, 0)
                       for n in tree.children[node.rel])]
         return [self._dirent(path, name) for name in (".", "..", *names)]
 

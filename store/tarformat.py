@@ -14,7 +14,7 @@ import os
 import struct
 from typing import Mapping
 
-from .posix_acl import GROUP, GROUP_OBJ, MASK, OTHER, USER, USER_OBJ, acl_entries
+from .posix_acl import ACL_KEYS, GROUP, GROUP_OBJ, MASK, OTHER, USER, USER_OBJ, acl_entries
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # an archive ends padded to whole records, as tar writes them
@@ -119,7 +119,7 @@ def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: in
     return extended + records + padding(len(records)) + main
 
 
-_ACL_KEYS = {b"system.posix_acl_access": b"SCHILY.acl.access", b"system.posix_acl_default": b"SCHILY.acl.default"}
+_ACL_KEYS = dict(zip(ACL_KEYS, (b"SCHILY.acl.access", b"SCHILY.acl.default")))  # the attribute -> its pax record
 _ACL_WHO = {USER_OBJ: b"user:", GROUP_OBJ: b"group:", MASK: b"mask:", OTHER: b"other:"}
 
 
