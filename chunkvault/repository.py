@@ -670,7 +670,7 @@ class Repository:
             with restorer:
                 if delete and os.path.isdir(target):
                     restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
-                result = restore_workers.restore(restorer, tree, processes, entries)
+                result = restore_workers.restore(restorer, tree, processes, entries, snap.stats.get("bytes"))
             if verify:
                 self._verify_restored(restorer, snap, tree(), target, xattrs)
             return result

@@ -28,6 +28,13 @@ from .repository import Repo
 from .restore import Restorer, RestoreResult
 
 STRIPE_BYTES = 16 << 20
+# A file larger than a stripe is written in parts, by several workers, only when it is a large share of the
+# restore (more than 1/SPLIT_SHARE of its bytes): the kernel serialises writes to one file on its inode's lock,
+# so two workers in one file took turns, the waiting one spinning.  On the 2 GB system tree, whose 25 files
+# over 16 MiB hold 1.1 GB, that spinning was 6 % of the restore's CPU.  Written whole, a file delays the end
+# by at most its own writing time; in parts, one that is most of the restore (a database's table) is still
+# decoded by every worker.
+SPLIT_SHARE = 8
 AUTO_MIN_BYTES = 64 << 20  # below this, forking and decoding the tree once per worker is not worth it
 # A worker decodes on one thread beside its writer, 4 MiB ahead: on 2 cores, more threads or a larger window
 # made the restore no faster (2.6-2.9 s against 2.5-2.7 s for 2 GB) and each worker 10-20 MiB larger.
@@ -49,9 +56,10 @@ def auto_processes(expected_bytes: int | None) -> int:
 
 
 def restore(restorer: Restorer, tree: Callable[[], Iterator[Record]], processes: int,
-            entries: int | None = None) -> RestoreResult:
+            entries: int | None = None, expected_bytes: int | None = None) -> RestoreResult:
     """``restorer.run(tree())``, with ``processes`` workers when the target is empty and forking is safe.
-    ``entries``: how many the tree holds, where known (see SHARED_TREE_ENTRIES)."""
+    ``entries``, ``expected_bytes``: how many entries and file bytes the tree holds, where known (see
+    SHARED_TREE_ENTRIES and SPLIT_SHARE)."""
     restorer.check_target()
     if (processes < 2 or not restorer.fresh or restorer.opt.delta or not isinstance(restorer.repo, Repo)
             or not forked.can_fork(restorer.repo.remote)):
@@ -62,18 +70,24 @@ def restore(restorer: Restorer, tree: Callable[[], Iterator[Record]], processes:
     if entries is not None and entries <= SHARED_TREE_ENTRIES:
         records = list(tree())
         tree = lambda: iter(records)  # noqa: E731
-    result = _Coordinator(restorer, tree, processes).run()
+    result = _Coordinator(restorer, tree, processes, split_above(expected_bytes)).run()
     restorer.note_walked()  # this process walked the whole tree: the workers' counts are their stripes'
     result.raise_for_problems()
     return result
 
 
-def split(e: Entry, start: int, chunk_length: Callable[[bytes], int | None]) -> list[tuple[Entry, int]] | None:
-    """A file larger than a stripe, lying at ``start`` in the restore, cut where its chunks cross into
-    another stripe: one entry per part (its chunks, its size) and the part's offset in the file.  None
-    for a file restored whole: a small one, or one whose chunks the index does not know or whose
-    lengths do not add up (its reader reports that)."""
-    if e.type != T_FILE or not e.chunks or e.size <= STRIPE_BYTES:
+def split_above(expected_bytes: int | None) -> int:
+    """The size above which a file is written in parts, for a restore of ``expected_bytes`` (see SPLIT_SHARE)."""
+    return STRIPE_BYTES if expected_bytes is None else max(STRIPE_BYTES, expected_bytes // SPLIT_SHARE)
+
+
+def split(e: Entry, start: int, chunk_length: Callable[[bytes], int | None],
+          above: int = STRIPE_BYTES) -> list[tuple[Entry, int]] | None:
+    """A file larger than ``above`` (at least a stripe), lying at ``start`` in the restore, cut where its
+    chunks cross into another stripe: one entry per part (its chunks, its size) and the part's offset in
+    the file.  None for a file restored whole: a smaller one, or one whose chunks the index does not know
+    or whose lengths do not add up (its reader reports that)."""
+    if e.type != T_FILE or not e.chunks or e.size <= above:
         return None
     cuts: list[tuple[int, int]] = []  # (first chunk, offset)
     offset = 0
@@ -91,7 +105,7 @@ def split(e: Entry, start: int, chunk_length: Callable[[bytes], int | None]) -> 
             for (i, at), (j, end) in zip(cuts, ends)]
 
 
-def _placed(records: Iterator[Record], chunk_length: Callable[[bytes], int | None]
+def _placed(records: Iterator[Record], chunk_length: Callable[[bytes], int | None], above: int
             ) -> Iterator[tuple[Record, int, list[tuple[Entry, int]] | None]]:
     """Each record with, for a file, where it starts in the restore (file sizes summed in tree order)
     and its parts (``split``); -1 and None for anything else.  The parent and every worker place
@@ -102,7 +116,7 @@ def _placed(records: Iterator[Record], chunk_length: Callable[[bytes], int | Non
         if e is None or e.type != T_FILE:
             yield rec, -1, None
             continue
-        yield rec, before, split(e, before, chunk_length)
+        yield rec, before, split(e, before, chunk_length, above)
         before += e.size
 
 
@@ -141,11 +155,11 @@ class _SharedCounter:
             return n
 
 
-def _share(records: Iterator[Record], claims: StripeClaims,
-           chunk_length: Callable[[bytes], int | None]) -> Iterator[tuple[Entry, int | None]]:
-    """What the worker holding ``claims`` writes: the files, and the parts of larger files (with their
-    offsets), that begin in its stripes."""
-    for rec, start, parts in _placed(records, chunk_length):
+def _share(records: Iterator[Record], claims: StripeClaims, chunk_length: Callable[[bytes], int | None],
+           above: int = STRIPE_BYTES) -> Iterator[tuple[Entry, int | None]]:
+    """What the worker holding ``claims`` writes: the files, and the parts of files larger than ``above``
+    (with their offsets), that begin in its stripes."""
+    for rec, start, parts in _placed(records, chunk_length, above):
         if start < 0:
             continue
         if parts is None:
@@ -158,10 +172,11 @@ def _share(records: Iterator[Record], claims: StripeClaims,
 
 
 class _Coordinator:
-    def __init__(self, restorer: Restorer, tree: Callable[[], Iterator[Record]], processes: int):
+    def __init__(self, restorer: Restorer, tree: Callable[[], Iterator[Record]], processes: int, split_above: int):
         self.restorer = restorer
         self.tree = tree
         self.n = processes
+        self.split_above = split_above
         try:
             self.stripes: _SharedCounter | None = _SharedCounter()
         except OSError:
@@ -235,7 +250,8 @@ class _Coordinator:
     def _own(self, links: list[Record], split_files: list[Entry]) -> Iterator[Record]:
         """What this process restores: everything but files; hard links kept for after the workers,
         and the files they write in parts noted, to be completed after them."""
-        for rec, start, parts in _placed(self.restorer.selected_records(self.tree()), self._chunk_length):
+        for rec, start, parts in _placed(self.restorer.selected_records(self.tree()), self._chunk_length,
+                                         self.split_above):
             e = rec.entry
             assert e is not None
             if start >= 0:
@@ -263,7 +279,8 @@ class _Coordinator:
     def _mine(self, k: int) -> Iterator[Record]:
         r = self.restorer
         take = self.stripes if self.stripes is not None else itertools.count(k, self.n).__next__
-        for e, offset in _share(r.selected_records(self.tree()), StripeClaims(take), self._chunk_length):
+        for e, offset in _share(r.selected_records(self.tree()), StripeClaims(take), self._chunk_length,
+                                self.split_above):
             if offset is not None:
                 r.parts[id(e)] = (e, offset)
             yield entry_record(e)

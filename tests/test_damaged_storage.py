@@ -547,6 +547,7 @@ def test_restore_writes_every_file_it_can_and_names_the_damaged_ones(tmp_path, n
     from chunkvault.store import restore_workers
 
     monkeypatch.setattr(restore_workers, "STRIPE_BYTES", 1 << 20)
+    monkeypatch.setattr(restore_workers, "SPLIT_SHARE", 1 << 40)  # every file over a stripe in parts
     src = tmp_path / "src"
     src.mkdir()
     rnd = random.Random(5)

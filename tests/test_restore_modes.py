@@ -282,8 +282,8 @@ def test_restore_verify_reads_back_what_it_wrote(tmp_path, new_repo, monkeypatch
     repo.restore("latest", str(tmp_path / "a"), force=True, verify=True)
     real = restore_workers.restore
 
-    def meddled(restorer, tree, processes, entries):
-        done = real(restorer, tree, processes, entries)
+    def meddled(restorer, tree, processes, *counts):
+        done = real(restorer, tree, processes, *counts)
         victim = os.path.join(restorer.target, b"d", b"f3")
         with open(victim, "r+b") as f:
             first = f.read(1)

@@ -110,6 +110,7 @@ def test_worker_processes_restore_the_other_links_too(tmp_path, new_repo):
         import chunkvault.store.restore_workers as workers
         from chunkvault import Repository
         workers.STRIPE_BYTES = 64 << 10
+        workers.SPLIT_SHARE = 1 << 40  # every file over a stripe in parts
         repo = Repository.open({url!r}, {PASSWORD!r}, ledger=False)
         r = repo.restore("latest", {str(out)!r}, includes=["b/*"], processes=2)
         print(json.dumps({{"processes": r.processes, "warnings": r.warnings}}))
@@ -327,6 +328,7 @@ def test_a_full_target_leaves_no_file_written_in_parts_by_workers(tmp_path, new_
         from chunkvault import Repository
         from chunkvault.errors import StorageFull
         workers.STRIPE_BYTES = 64 << 10
+        workers.SPLIT_SHARE = 1 << 40  # every file over a stripe in parts
         repo = Repository.open({url!r}, {PASSWORD!r}, ledger=False)
         try:
             repo.restore("latest", {str(target)!r}, processes=2)
@@ -354,6 +356,7 @@ def _restored_in_workers_failing(url: str, out: Path, call: str, suffix: bytes, 
         writefiles.write_small_files = writefiles.write_small_files_reference  # its calls fail too
         if {stripe!r} is not None:
             workers.STRIPE_BYTES = {stripe!r}
+            workers.SPLIT_SHARE = 1 << 40  # every file over a stripe in parts
         real = os.{call}
         def failing(path, *a, **k):
             if (b"/" + os.fsencode(path)).endswith({suffix!r}):  # a whole path, or a name in a directory
@@ -660,6 +663,7 @@ def test_a_restore_in_worker_processes_holds_few_descriptors_however_many_and_de
         from chunkvault import Repository
         from chunkvault.store import restore_workers
         restore_workers.STRIPE_BYTES = 1 << 20
+        restore_workers.SPLIT_SHARE = 1 << 40  # every file over a stripe in parts
         resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
         Repository.open({str(tmp_path / "repo")!r}, {PASSWORD!r}, ledger=False).restore("latest", {str(tmp_path / "out")!r},
                                                                            processes=2)

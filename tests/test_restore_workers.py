@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from chunkvault.errors import CorruptObject, TargetUnwritable
 from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, T_SYMLINK, Entry, entry_record
 from chunkvault.store import restore_workers
-from chunkvault.store.restore_workers import STRIPE_BYTES, StripeClaims, _share, auto_processes, split
+from chunkvault.store.restore_workers import (STRIPE_BYTES, StripeClaims, _share, auto_processes, split,
+                                              split_above)
 from test_backup_restore import make_rich_tree
 from treeutil import assert_holes_kept, backed_up, describe, make_holes_inside_chunks, makes_holes
 
@@ -34,6 +35,7 @@ def _restore_in_child(repo: str, target: str, *, processes: int, stripe: int = 6
         import chunkvault.store.restore_workers as workers
         from chunkvault import Repository
         workers.STRIPE_BYTES = {stripe}
+        workers.SPLIT_SHARE = 1 << 40  # every file over a stripe in parts
         {before}
         calls = []
         repo = Repository.open({repo!r}, {PASSWORD!r}, ledger=False)
@@ -199,15 +201,16 @@ def _tree(files: list[list[int] | None], known: dict[bytes, int]) -> list:
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(st.lists(st.integers(0, 3 * STRIPE_BYTES), max_size=8), st.none()), max_size=40),
-       st.integers(1, 5), st.randoms(use_true_random=False))
-def test_shares_cover_every_byte_once_by_stripe(files, n, rnd):
+       st.integers(1, 5), st.randoms(use_true_random=False), st.integers(1, 6))
+def test_shares_cover_every_byte_once_by_stripe(files, n, rnd, stripes_whole):
     """However the workers' walks interleave, every byte is written once, and everything beginning in a
     stripe by the one worker that took it; chunks up to three stripes long leave stripes in which nothing
-    begins."""
+    begins.  Files up to ``stripes_whole`` stripes long are written whole, by one worker."""
     known: dict[bytes, int] = {}
     records = _tree(files, known)
+    above = stripes_whole * STRIPE_BYTES
     take = itertools.count().__next__  # the counter the workers share
-    walks = {k: _share(iter(records), StripeClaims(take), known.get) for k in range(n)}
+    walks = {k: _share(iter(records), StripeClaims(take), known.get, above) for k in range(n)}
     got: dict[bytes, list[tuple[int, int, int]]] = {}  # path -> (offset, size, worker)
     while walks:
         k = rnd.choice(sorted(walks))
@@ -216,8 +219,7 @@ def test_shares_cover_every_byte_once_by_stripe(files, n, rnd):
             del walks[k]
             continue
         e, offset = piece
-        got.setdefault(e.path, []).append((offset or 0, e.size, k))
-        assert offset is not None or e.size <= STRIPE_BYTES or not e.chunks
+        got.setdefault(e.path, []).append((offset or 0, e.size, k, offset is None))
     taker: dict[int, int] = {}  # stripe -> worker
     before = 0
     for r in records:
@@ -226,9 +228,10 @@ def test_shares_cover_every_byte_once_by_stripe(files, n, rnd):
             assert e.path not in got
             continue
         pieces = sorted(got.pop(e.path))
+        assert [p[3] for p in pieces] == ([True] if e.size <= above or not e.chunks else [False] * len(pieces))
         assert [p[0] for p in pieces] == [0] + [p[0] + p[1] for p in pieces[:-1]]  # contiguous, in order
         assert sum(p[1] for p in pieces) == e.size
-        for offset, _, k in pieces:
+        for offset, _, k, _ in pieces:
             assert taker.setdefault((before + offset) // STRIPE_BYTES, k) == k
         before += e.size
     assert not got
@@ -263,6 +266,27 @@ def test_the_stripe_counter_is_shared_by_forked_processes():
         os.waitpid(pid, 0)
     assert sorted(taken) == list(range(1000))
     assert counter() == 1000
+
+
+def test_only_a_file_that_is_a_large_share_of_the_restore_is_written_in_parts():
+    """Two workers in one file take turns on its lock: a file is split only when it is over a stripe and
+    over 1/SPLIT_SHARE of the restore."""
+    known: dict[bytes, int] = {}
+    e = _file(b"big", [STRIPE_BYTES, STRIPE_BYTES, 5], known)
+    assert split_above(None) == STRIPE_BYTES  # the restore's size unknown
+    assert split_above(e.size) == split_above(2 * e.size) == STRIPE_BYTES
+    assert split(e, 0, known.get, split_above(8 * e.size)) is None
+    assert len(split(e, 0, known.get, split_above(8 * e.size - 8)) or []) == 3
+
+
+def test_a_restore_splits_files_by_the_share_of_the_snapshots_bytes(tmp_path, new_repo, monkeypatch):
+    repo, _, _ = backed_up(tmp_path, new_repo, _many_files)
+    snap = repo.snapshot("latest")
+    seen = set()
+    monkeypatch.setattr(restore_workers, "split",
+                        lambda e, start, length, above=STRIPE_BYTES: seen.add(above))  # in this process
+    assert repo.restore("latest", str(tmp_path / "out"), processes=2).processes == 2
+    assert seen == {split_above(snap.stats["bytes"])}
 
 
 def test_a_file_whose_chunks_are_unknown_is_restored_whole():
@@ -436,6 +460,7 @@ def test_an_interrupted_restore_with_workers_leaves_no_file_cut_short(tmp_path, 
         import chunkvault.store.restore_workers as workers
         from chunkvault import Repository
         workers.STRIPE_BYTES = {stripe}
+        workers.SPLIT_SHARE = 1 << 40  # every file over a stripe in parts
         chunk = R._Prefetcher.next_chunk
         R._Prefetcher.next_chunk = lambda self: (time.sleep(0.02), chunk(self))[1]  # slow enough to stop midway
 
