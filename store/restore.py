@@ -146,8 +146,16 @@ def _lstat(pfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def _digest_mismatch(e: Entry) -> CorruptObject:
-    return CorruptObject(f"file {os.fsdecode(e.path)}", "restored content does not match its digest")
+def _check_content(e: Entry, size: int, digest: bytes) -> None:
+    """A file's restored content against its entry: its size (the digest alone let a crafted entry claim
+    any size, reported as restored), then its digest.  A file unreadable at backup time has neither."""
+    if e.flags & F_UNREADABLE:
+        return
+    if size != e.size:
+        raise CorruptObject(f"file {os.fsdecode(e.path)}", f"its chunks hold {size} bytes, not the {e.size} "
+                            "its entry records")
+    if digest != e.digest:
+        raise CorruptObject(f"file {os.fsdecode(e.path)}", "restored content does not match its digest")
 
 
 def _write_ranges(fd: int, ranges: list[tuple[int, Plaintext]], size: int) -> None:
@@ -711,8 +719,7 @@ class Restorer:
         pfd, name = self._make_room(e.path, False)
         try:
             data = next(pf.chunks())
-            if blake3.blake3(data).digest() != e.digest:
-                raise _digest_mismatch(e)
+            _check_content(e, len(data), blake3.blake3(data).digest())
         except CorruptObject as exc:
             self._damaged(e, exc)
             return
@@ -866,8 +873,7 @@ class Restorer:
                         pending, held_back = [], 0
                 hasher.update(data)
                 pos += len(data)
-            if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
-                raise _digest_mismatch(e)
+            _check_content(e, pos, hasher.digest())
             written = True
             _write_ranges(fd, pending, size)
             os.ftruncate(fd, pos)
@@ -1107,8 +1113,7 @@ class Restorer:
                 self.remove_quietly(rel)
             raise
         os.close(fd)
-        if not e.flags & F_UNREADABLE and hasher.digest() != e.digest:
-            raise _digest_mismatch(e)
+        _check_content(e, pos, hasher.digest())
 
     def _damaged(self, e: Entry, exc: CorruptObject) -> None:
         self.result.damaged.append((os.fsdecode(e.path), exc.object_name, exc.reason, isinstance(exc, MissingObject)))

@@ -18,7 +18,6 @@ process as before.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 from typing import Callable, Iterator
 
@@ -122,35 +121,43 @@ def _placed(records: Iterator[Record], chunk_length: Callable[[bytes], int | Non
 
 class StripeClaims:
     """Which stripes one worker writes.  Stripes are handed out in order, each to the first worker that asks
-    for it or a later one (``take``: the next stripe not yet handed out, from a counter the workers share):
-    one that is done with its stripes takes the next instead of idling.  With every n-th stripe fixed per
-    worker, one of two workers ended 0.25-0.45 s before the other in a 5 s restore.
+    for it or a later one (``take(s)``: the next stripe not yet handed out and at least ``s``, from a counter
+    the workers share): one that is done with its stripes takes the next instead of idling.  With every n-th
+    stripe fixed per worker, one of two workers ended 0.25-0.45 s before the other in a 5 s restore.
 
     Every worker walks the same tree and asks, in increasing order, about each stripe something begins in;
-    so a stripe handed out while its taker asks about a later one has nothing beginning in it."""
+    so the stripes a worker passes over when it asks about a later one have nothing beginning in them, and
+    the counter skips them in one step (taken one by one, a crafted entry claiming 2**62 bytes had the
+    workers count to 2**38)."""
 
-    def __init__(self, take: Callable[[], int]):
+    def __init__(self, take: Callable[[int], int]):
         self._take = take
         self._held = -1
 
     def mine(self, stripe: int) -> bool:
-        while self._held < stripe:
-            self._held = self._take()
+        if self._held < stripe:
+            self._held = self._take(stripe)
         return self._held == stripe
 
 
+def every_nth(k: int, n: int) -> Callable[[int], int]:
+    """``take`` for worker ``k`` of ``n`` where no counter can be shared: the stripes k, k + n, ..."""
+    return lambda at_least: at_least + (k - at_least) % n
+
+
 class _SharedCounter:
-    """0, 1, 2, ... across forked processes (made before forking).  OSError where no semaphore can be made
-    (no /dev/shm): each worker then takes every n-th stripe."""
+    """``take`` shared by forked processes (made before forking): 0, 1, 2, ..., each call skipping to its
+    argument if that is further.  OSError where no semaphore can be made (no /dev/shm): each worker then
+    takes every n-th stripe."""
 
     def __init__(self) -> None:
         from multiprocessing import Value  # only a restore in worker processes needs it
 
         self._value = Value("q", 0)
 
-    def __call__(self) -> int:
+    def __call__(self, at_least: int = 0) -> int:
         with self._value.get_lock():
-            n = self._value.value
+            n = max(self._value.value, at_least)
             self._value.value = n + 1
             return n
 
@@ -278,7 +285,7 @@ class _Coordinator:
 
     def _mine(self, k: int) -> Iterator[Record]:
         r = self.restorer
-        take = self.stripes if self.stripes is not None else itertools.count(k, self.n).__next__
+        take = self.stripes if self.stripes is not None else every_nth(k, self.n)
         for e, offset in _share(r.selected_records(self.tree()), StripeClaims(take), self._chunk_length,
                                 self.split_above):
             if offset is not None:

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from chunkvault.errors import CorruptObject, TargetUnwritable
 from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, T_SYMLINK, Entry, entry_record
 from chunkvault.store import restore_workers
-from chunkvault.store.restore_workers import (STRIPE_BYTES, StripeClaims, _share, auto_processes, split,
-                                              split_above)
+from chunkvault.store.restore_workers import (STRIPE_BYTES, StripeClaims, _share, auto_processes, every_nth,
+                                              split, split_above)
 from test_backup_restore import make_rich_tree
 from treeutil import assert_holes_kept, backed_up, describe, make_holes_inside_chunks, makes_holes
 
@@ -209,7 +209,7 @@ def test_shares_cover_every_byte_once_by_stripe(files, n, rnd, stripes_whole):
     known: dict[bytes, int] = {}
     records = _tree(files, known)
     above = stripes_whole * STRIPE_BYTES
-    take = itertools.count().__next__  # the counter the workers share
+    take = restore_workers._SharedCounter()  # the counter the workers share
     walks = {k: _share(iter(records), StripeClaims(take), known.get, above) for k in range(n)}
     got: dict[bytes, list[tuple[int, int, int]]] = {}  # path -> (offset, size, worker)
     while walks:
@@ -240,11 +240,18 @@ def test_shares_cover_every_byte_once_by_stripe(files, n, rnd, stripes_whole):
 def test_a_worker_that_gets_ahead_takes_the_stripes_the_others_have_not_reached():
     known: dict[bytes, int] = {}
     records = _tree([[STRIPE_BYTES // 2]] * 8, known)  # two files per stripe, four stripes
-    take = itertools.count().__next__
+    take = restore_workers._SharedCounter()
     fast, slow = (_share(iter(records), StripeClaims(take), known.get) for _ in range(2))
     assert [e.path for e, _ in itertools.islice(slow, 2)] == [b"p0000", b"p0001"]  # stripe 0
     assert [e.path for e, _ in fast] == [b"p0002", b"p0003", b"p0004", b"p0005", b"p0006", b"p0007"]
     assert list(slow) == []
+
+
+def test_a_worker_asking_about_a_far_stripe_takes_it_in_one_step():
+    counter = restore_workers._SharedCounter()
+    claims = StripeClaims(counter)
+    assert claims.mine(1 << 40) and counter() == (1 << 40) + 1  # a crafted size: no count to 2**40
+    assert [every_nth(1, 3)(s) for s in range(7)] == [1, 1, 4, 4, 4, 7, 7]
 
 
 def test_the_stripe_counter_is_shared_by_forked_processes():
@@ -317,7 +324,7 @@ def _crafted(repo, entries: list[Entry]) -> None:
                 bid = st.blob_id(data)
                 if writer.claim(bid):
                     writer.store(st.prepare_blob(bid, data))
-                e = dataclasses.replace(e, chunks=bid, size=len(data), digest=blake3.blake3(data).digest())
+                e = dataclasses.replace(e, chunks=bid, size=e.size or len(data), digest=blake3.blake3(data).digest())
             mw.add(entry_record(e))
         ids = mw.finish()
         writer.flush()
@@ -384,6 +391,25 @@ def test_a_crafted_path_out_of_the_target_is_refused(tmp_path, new_repo, path):
     with pytest.raises(CorruptObject, match="unsafe path"):
         repo.restore("latest", str(tmp_path / "out" / "deep"))
     assert not (tmp_path / "escape").exists() and not (tmp_path / "out" / "escape").exists()
+
+
+@pytest.mark.parametrize("mode", ["empty target", "in place", "in place, --delta", "workers"])
+def test_a_file_whose_chunks_do_not_hold_its_recorded_size_is_not_restored(tmp_path, new_repo, mode):
+    """A crafted entry that claims 2**62 bytes over one chunk of 11 whose digest it gives: restore reported
+    the 4 EiB restored."""
+    repo = new_repo()
+    _crafted(repo, [_root(), Entry(path=b"big", type=T_FILE, mode=0o644, size=1 << 62, chunks=b"eleven byte"),
+                    Entry(path=b"ok", type=T_FILE, mode=0o644, chunks=b"fine")])
+    target = tmp_path / "out"
+    if mode.startswith("in place"):
+        target.mkdir()
+        (target / "big").write_bytes(b"the target's own")
+    with pytest.raises(CorruptObject, match=r"file big: its chunks hold 11 bytes, not the 4611686018427387904 its "
+                                            r"entry records; 1 file\(s\) not restored: big"):
+        repo.restore("latest", str(target), force=mode.startswith("in place"), delta=mode.endswith("--delta"),
+                     processes=2 if mode == "workers" else 1)
+    assert (target / "ok").read_bytes() == b"fine"
+    assert not (target / "big").exists() or (target / "big").read_bytes() == b"the target's own"
 
 
 @pytest.mark.parametrize("root", [Entry(path=b"", type=T_FILE, mode=0o644, chunks=b"i am the root\n"),
