@@ -30,7 +30,7 @@ from .store.chain import broken_chains, lineage
 from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import NOT_INDEXED, Repo
-from .store.restore import Restorer, RestoreOptions, RestoreResult, include_directory
+from .store.restore import Restorer, RestoreOptions, RestoreResult, confined, include_directory
 from .store.owners import OwnerMap, chain_names
 from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, select_snapshots
 from .store.source import SourceWalk, markers_of
@@ -728,7 +728,7 @@ class Repository:
         """Write ``path`` of the snapshot to ``out``: a file's content, or a directory's subtree (``/``: the
         whole snapshot) as a tar or zip ``archive`` with names relative to the snapshot's root. Returns
         warnings (entries a zip cannot hold)."""
-        from .store.archive import ARCHIVES, write_archive
+        from .store.archive import ARCHIVES, in_subtree, write_archive
 
         if archive not in ARCHIVES:
             raise UsageError(f"unknown archive format {archive!r} (tar or zip)")
@@ -749,7 +749,10 @@ class Repository:
                     while block := f.read(1 << 20):
                         out.write(block)
                 return []
-            return write_archive(out, archive, self.tree(snap, want), want, self._content,
+            # refused as a restore refuses them: paths out of the archive's root, links out of the tree
+            records = confined(self._repo.tree(snap) if not want else self._repo.tree_within(snap, want))
+            entries = (r.entry for r in records if r.entry is not None and in_subtree(r.path, want))
+            return write_archive(out, archive, entries, want, self._content,
                                  lambda target: self.find_entry(snap, target), self.owner_names(snap))
 
     def diff(self, a: str | Snapshot, b: str | Snapshot) -> Iterator[tuple[str, Entry | None, Entry | None]]:

@@ -317,7 +317,7 @@ class Confinement:
                 raise ValueError(f"hard link {os.fsdecode(rec.path)!r} points below a symbolic link")
 
 
-def _confined(records: Iterator[Record]) -> Iterator[Record]:
+def confined(records: Iterator[Record]) -> Iterator[Record]:
     """``records``, refused (CorruptObject) if they would lead a restore out of its target (``Confinement``)."""
     confinement = Confinement()
     for rec in records:
@@ -602,8 +602,8 @@ class Restorer:
         """The records a restore takes.  Narrowed by a selection, these are the selected ones, each after
         the directories above it that the selection leaves out (restored too, for their recorded metadata,
         as restic does), and hard links whose first path is left out stand in for it (``_linked``)."""
-        confined = _confined(records)
-        chosen = confined if self.selected.everything else self._narrowed(confined)
+        safe = confined(records)
+        chosen = safe if self.selected.everything else self._narrowed(safe)
         if not self.owners:
             return self._setid_for_owner_only(chosen)
         mapped = self.opt.owner_map
@@ -763,7 +763,7 @@ class Restorer:
         from .source import SourceWalk
 
         self._follow_target()  # else the walk would see a link and nothing below it
-        recs = _confined(records)
+        recs = confined(records)
         want = next(recs, None)
         skip: bytes | None = None
         kept: bytes | None = None  # key of the unlisted directory we are in, and a separator

@@ -4,6 +4,7 @@ Forking needs a process with no other thread, which a test session is not
 sure to be: each restore here runs in a fresh interpreter (``_restore_in_child``).
 """
 import dataclasses
+import io
 import itertools
 import json
 import os
@@ -348,6 +349,22 @@ def test_a_file_below_a_restored_symbolic_link_is_refused(tmp_path, new_repo, pr
     with pytest.raises(CorruptObject, match="below a symbolic link"):
         repo.restore("latest", str(tmp_path / "out"), processes=processes)
     assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("archive", ["tar", "zip"])
+@pytest.mark.parametrize("crafted, refused", [
+    ([Entry(path=b"../escape", type=T_FILE, mode=0o644, chunks=b"out")], "unsafe path"),
+    ([Entry(path=b"/abs/escape", type=T_FILE, mode=0o644, chunks=b"out")], "unsafe path"),
+    ([Entry(path=b"a", type=T_SYMLINK, target=b"/tmp"), Entry(path=b"a/escape", type=T_FILE, chunks=b"out")],
+     "below a symbolic link"),
+    ([Entry(path=b"link", type=T_HARDLINK, target=b"/etc/passwd")], "points out of the tree"),
+], ids=["dot-dot", "absolute", "below a symlink", "hard link out"])
+def test_dump_refuses_what_restore_refuses(tmp_path, new_repo, crafted, refused, archive):
+    """An archive whose names lead out of where it is extracted: Python's tarfile wrote them there."""
+    repo = new_repo()
+    _crafted(repo, [_root()] + crafted)
+    with pytest.raises(CorruptObject, match=refused):
+        repo.dump("latest", "/", io.BytesIO(), archive=archive)
 
 
 def test_records_out_of_order_are_refused(tmp_path, new_repo):
