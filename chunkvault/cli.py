@@ -1039,6 +1039,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
                 print(f"{'dropped' if report.rewritten else 'would drop'} {sid[:8]}:{shown_name(path)}")
             for sid, reason in report.unrestorable:
                 print(f"cannot repair {sid[:8]}: {one_line(reason)}")
+            for sid in report.newer:
+                print(f"not looked at {sid[:8]}: written by a newer chunkvault (upgrade chunkvault to repair it)")
             if report.rewritten:
                 print(f"rewrote {len(report.rewritten)} snapshot(s)")
             elif report.dropped:

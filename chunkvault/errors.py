@@ -76,6 +76,18 @@ class CorruptObject(ChunkvaultError):
         return type(self)(self.object_name, self.reason + more)
 
 
+class NewerObject(CorruptObject):
+    """An object a newer chunkvault wrote (a snapshot of a later version): not damage, so never to be
+    forgotten for it; what reads it must be upgraded.  Left out of listings as an unreadable one is."""
+
+    exit_code = 17  # as UnsupportedFormat
+
+    def __init__(self, object_name: str, reason: str):
+        ChunkvaultError.__init__(self, f"{object_name}: {reason}")
+        self.object_name = object_name
+        self.reason = reason
+
+
 class MissingObject(CorruptObject):
     """An object that something references is not in the repository."""
 

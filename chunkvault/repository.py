@@ -17,7 +17,7 @@ import warnings
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
-from .errors import (AmbiguousSnapshot, ChunkvaultError, CorruptObject, MissingObject, OutputClosed,
+from .errors import (AmbiguousSnapshot, ChunkvaultError, CorruptObject, MissingObject, NewerObject, OutputClosed,
                      PermissionDenied, RollbackDetected, SnapshotNotFound, StorageFull, TargetNotEmpty,
                      TargetUnwritable, UsageError, VerificationFailed, output_error)
 from .ledger import Ledger, RepositoryStateWarning, present_of
@@ -285,6 +285,9 @@ class Repository:
         """The ledger's view of a listing (an unreadable snapshot is there, not rolled back); one warning
         per unreadable snapshot."""
         for name, exc in self._repo.unreadable_snapshots.items():
+            if isinstance(exc, NewerObject):
+                warnings.warn(f"snapshot {name[:8]} is left out: {exc.reason}", RepositoryStateWarning, stacklevel=3)
+                continue
             warnings.warn(f"snapshot {name[:8]} is unreadable and left out ({exc.object_name}: {exc.reason}); "
                           f"`check` names what it takes down, `forget {name[:8]}` removes it",
                           RepositoryStateWarning, stacklevel=3)
@@ -841,6 +844,9 @@ class Repository:
         # nor rebased: they go by id, without rebases, and one built on a snapshot that goes must go too.
         broken = broken_chains({s.id: s.parent for s in snaps})  # readable, built on what is not: id -> that
         lost = set(damaged) | set(broken)
+        newer = [exc for exc in damaged.values() if isinstance(exc, NewerObject)]
+        if policy is not None and newer:
+            raise newer[0].explained("; retention needs every snapshot")
         if policy is not None and lost:
             named = sorted(lost)
             listed = " ".join(sid[:8] for sid in named[:10]) + (" ..." if len(named) > 10 else "")

@@ -14,7 +14,7 @@ from typing import Callable
 
 import blake3
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, RemoteUnavailable, UsageError
+from chunkvault.errors import ChunkvaultError, CorruptObject, NewerObject, ObjectNotFound, RemoteUnavailable, UsageError
 
 from . import forked
 from .blob import KIND_DELTA, open_blob
@@ -226,6 +226,8 @@ class Checker:
                 snaps.append(self.repo.load_snapshot(name))
             except RemoteUnavailable:
                 raise
+            except NewerObject as exc:  # not damage: this version cannot check it
+                self.report.warnings.append(f"{exc}; not checked")
             except ChunkvaultError as exc:
                 self.problem(f"snapshots/{name}", str(exc)).snapshots.append(name)
         self.report.snapshots = len(snaps)

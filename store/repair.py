@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from typing import Callable, Iterable
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, UsageError
+from chunkvault.errors import ChunkvaultError, CorruptObject, NewerObject, UsageError
 
 from .blob import KIND_DELTA, open_blob, open_envelope
 from .indexfile import IndexData
@@ -35,6 +35,7 @@ class RepairReport:
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, path)
     rewritten: list[str] = field(default_factory=list)
     unrestorable: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, why): forget them
+    newer: list[str] = field(default_factory=list)  # snapshots a newer chunkvault wrote: not looked at
     salvaged: list[PackSalvage] = field(default_factory=list)
     baseless_packs: list[str] = field(default_factory=list)  # packs holding deltas whose base is lost
     kept_packs: list[str] = field(default_factory=list)  # header unreadable: the old index's entries kept
@@ -43,7 +44,7 @@ class RepairReport:
         return {"packs": self.packs, "blobs": self.blobs, "unreadable_packs": self.unreadable_packs,
                 "kept_packs": self.kept_packs, "baseless_packs": self.baseless_packs,
                 "dropped": [{"snapshot": s, "path": p} for s, p in self.dropped], "rewritten": self.rewritten,
-                "unrestorable": [{"snapshot": s, "reason": r} for s, r in self.unrestorable],
+                "unrestorable": [{"snapshot": s, "reason": r} for s, r in self.unrestorable], "newer": self.newer,
                 "salvaged": [p.to_dict() for p in self.salvaged]}
 
 
@@ -277,7 +278,8 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
 
         snapshots = repo.reload_snapshots()  # what a forget's rebase wrote before the lock is read anew
         report.unrestorable += [(name, f"the snapshot itself is unreadable ({exc.object_name}: {exc.reason})")
-                                for name, exc in repo.unreadable_snapshots.items()]
+                                for name, exc in repo.unreadable_snapshots.items() if not isinstance(exc, NewerObject)]
+        report.newer += [name for name, exc in repo.unreadable_snapshots.items() if isinstance(exc, NewerObject)]
         unreadable: dict[str, str] = {}
         damaged_paths: dict[str, list[bytes]] = {}
         for snap in snapshots:

@@ -20,6 +20,7 @@ from chunkvault.errors import (
     ChunkvaultError,
     CorruptObject,
     MissingObject,
+    NewerObject,
     ObjectExists,
     ObjectNotFound,
     PermissionDenied,
@@ -731,6 +732,8 @@ class Repo:
     def require_readable(self, what: str) -> None:
         """CorruptObject naming an unreadable snapshot, for ``what`` that must see every snapshot."""
         for name, exc in self.unreadable_snapshots.items():
+            if isinstance(exc, NewerObject):  # not damage: forgetting it would delete another client's snapshot
+                raise exc.explained(f"; {what} needs every snapshot")
             raise exc.explained(f"; {what} needs every snapshot: forget it by id first (`repair snapshots` "
                                 "lists what it takes down)")
 

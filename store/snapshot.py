@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import zstandard
 
-from chunkvault.errors import AmbiguousSnapshot, CorruptObject, SnapshotNotFound, UsageError
+from chunkvault.errors import AmbiguousSnapshot, CorruptObject, NewerObject, SnapshotNotFound, UsageError
 
 from .chronology import chronological_key
 from .crypto import AuthenticationFailed, Sealer
@@ -96,7 +96,8 @@ class Snapshot:
         if type(version) is not int or version < 1:
             raise CorruptObject(what, "unsupported snapshot version")
         if version > SNAPSHOT_VERSION:
-            raise CorruptObject(what, f"written by a newer chunkvault (snapshot version {version}); upgrade chunkvault")
+            raise NewerObject(what, f"written by a newer chunkvault (snapshot version {version}); upgrade chunkvault "
+                                    "to read it")
         try:
             snap = cls(**body, id=name)
             snap.check_fields()

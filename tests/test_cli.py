@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from chunkvault.errors import UsageError
+from conftest import PASSWORD
 
 
 @pytest.fixture
@@ -209,6 +210,35 @@ def test_newer_format_refused_before_password(tmp_path, cli, setup):
     json.dump(cfg, open(cfg_path, "w"))
     err = cli("snapshots", "-r", repo, password="wrong anyway", check=17).stderr.decode()
     assert "newer" in err
+
+
+def test_a_snapshot_a_newer_chunkvault_wrote_is_never_called_damage_to_forget(tmp_path, cli, setup):
+    """Hosts sharing a repository upgrade one at a time: an older one leaves the newer one's snapshot out
+    and says to upgrade (exit 17), never that it is corrupt and should be forgotten."""
+    from chunkvault import Repository
+    from chunkvault.store.snapshot import SNAPSHOT_VERSION
+
+    repo, src = setup
+    cli("backup", "-r", repo, str(src))
+    newer = json.loads(cli("backup", "-r", repo, "--type", "full", str(src), "--json").stdout)["id"]
+    store = Repository.open(repo, PASSWORD, ledger=False).store
+    snap = store.load_snapshot(newer)
+    snap.version = SNAPSHOT_VERSION + 1
+    store.save_snapshot(snap, replace=True)
+
+    err = cli("restore", "-r", repo, newer[:8], "--target", str(tmp_path / "out"), check=17).stderr.decode()
+    assert "newer chunkvault" in err and "upgrade" in err and "forget" not in err
+    listing = cli("snapshots", "-r", repo)
+    assert "left out: written by a newer chunkvault" in listing.stderr.decode()
+    assert newer[:8] not in listing.stdout.decode()
+    check = cli("check", "-r", repo)  # nothing damaged: the newer snapshot is not checked
+    assert "not checked" in check.stdout.decode() + check.stderr.decode()
+    for command in (["forget", "--keep-last", "1"], ["prune"]):
+        err = cli(*command, "-r", repo, check=17).stderr.decode()
+        assert "newer chunkvault" in err and "forget it" not in err, command
+    out = cli("repair", "snapshots", "-r", repo).stdout.decode()
+    assert f"not looked at {newer[:8]}" in out and "forget" not in out
+    assert len(Repository.open(repo, PASSWORD, ledger=False).store.snapshot_names()) == 2
 
 
 def test_unreadable_directory_gives_partial_exit_code(tmp_path, cli, setup):
