@@ -262,15 +262,35 @@ Window = tuple[int, int, int, int]  # (from, to) for times with sub-second digit
 NEVER_RACY: Window = (1, 0, 1, 0)
 
 
+UNTIMED_WALK_NS = 86_400 * 10**9  # how long a parent that recorded neither its walk's times nor its duration took
+
+
 def racy_window(parent: Snapshot | None) -> Window:
-    """The times within which the parent's entries are not taken on their times: none for a parent that
-    did not record when its walk began (one that did not record its end: from its start on)."""
-    began = parent.stats.get("started_ns") if parent is not None else None
-    ended = parent.stats.get("finished_ns", NS_MAX) if parent is not None else None
+    """The times within which the parent's entries are not taken on their times (from its start on, for
+    one that did not record its end).  A parent from before walks were timed has the window from its time
+    (when it was saved) less its duration on: with none, a file it read in the tick it was changed in was
+    taken unchanged by every backup after it.  None for a parent whose times are malformed."""
+    if parent is None:
+        return NEVER_RACY
+    began = parent.stats.get("started_ns")
+    ended = parent.stats.get("finished_ns", NS_MAX)
+    if "started_ns" not in parent.stats:
+        began, ended = _untimed_walk(parent)
     if type(began) is not int or type(ended) is not int:
         return NEVER_RACY
     return (began - RACY_FINE_NS, min(ended + RACY_FINE_NS, NS_MAX),
             began - RACY_COARSE_NS, min(ended + RACY_COARSE_NS, NS_MAX))
+
+
+def _untimed_walk(parent: Snapshot) -> tuple[int | None, int]:
+    """(start, end) of the walk of a parent that did not record them: from its time less its duration on."""
+    try:
+        saved = parent.datetime
+    except (AttributeError, TypeError, ValueError):
+        return None, NS_MAX
+    duration = parent.stats.get("duration")
+    took = duration * 1e9 if isinstance(duration, (int, float)) and 0 <= duration < 1e9 else UNTIMED_WALK_NS
+    return int(saved.timestamp() * 1e9 - took) - 10**9, NS_MAX  # a second's slack for the float
 
 
 def _settled(st: os.stat_result, ignore: int, window: Window) -> bool:

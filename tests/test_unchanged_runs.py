@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from datetime import datetime, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -290,10 +291,25 @@ def test_the_racy_window_is_the_parent_s_walk_widened_by_its_margin():
     fine, whole = 10**12 - RACY_FINE_NS + 1, 10**12 - RACY_COARSE_NS  # a time of whole seconds gets the wider margin
     assert _racy(fine, w) and _racy(whole, w) and not _racy(whole - 1, w) and not _racy(fine - 2, w)
     assert _racy(2 * 10**12 + RACY_FINE_NS - 1, w) and not _racy(2 * 10**12 + RACY_FINE_NS + 1, w)
-    for no_window in (parent(), parent(started_ns="x"), None, parent(started_ns=1, finished_ns=None)):
+    for no_window in (parent(), parent(started_ns="x"), None, parent(started_ns=1, finished_ns=None)):  # no time
         assert not any(_racy(t, racy_window(no_window)) for t in (NS_MAX, 0, -1, 10**18, 10**18 + 1))
     assert racy_window(parent(started_ns=10**12))[1::2] == (NS_MAX, NS_MAX)  # no end recorded: from the start on
     assert racy_window(parent(started_ns=0, finished_ns=NS_MAX))[1::2] == (NS_MAX, NS_MAX)
+
+
+def test_a_parent_from_before_walks_were_timed_gets_a_window_from_its_time_less_its_duration():
+    """Its files changed in the tick it read them were taken unchanged by every backup after it."""
+    from types import SimpleNamespace
+
+    from chunkvault.store.backup import UNTIMED_WALK_NS, _racy, racy_window
+
+    saved = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
+    at = int(saved.timestamp()) * 10**9
+    timed = SimpleNamespace(stats={"duration": 30.0}, datetime=saved)
+    w = racy_window(timed)
+    assert _racy(at - 30 * 10**9, w) and _racy(at, w) and _racy(NS_MAX, w) and not _racy(at - 40 * 10**9, w)
+    untimed = racy_window(SimpleNamespace(stats={}, datetime=saved))
+    assert _racy(at - UNTIMED_WALK_NS + 5 * 10**9, untimed) and not _racy(at - UNTIMED_WALK_NS - 9 * 10**9, untimed)
 
 
 def test_a_run_that_read_racy_files_again_is_saved_though_nothing_changed(tmp_path, monkeypatch):
