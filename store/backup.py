@@ -1095,6 +1095,7 @@ class Backup:
         # A manifest the search for a parent found damaged: the same records make the same blob, which must
         # not refer to the damaged copy.
         self.writer.damaged = self._damaged
+        self.writer.damaged_packs = {loc.pack_no: b for b in self._damaged if (loc := repo.locate(b)) is not None}
         # Deltas a lost base left unreadable: a chunk of theirs is stored again whole, which readers prefer.
         self._lost_deltas = repo.withhold_unreadable_deltas()
         if self._lock is not None:

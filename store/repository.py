@@ -972,6 +972,7 @@ class BlobWriter:
         # naming them would have later backups deduplicate against data that is gone.
         self.guard: Callable[[], None] = lambda: None
         self.damaged: set[bytes] = set()  # blobs the command found unreadable: never deduplicated against
+        self.damaged_packs: dict[int, bytes] = {}  # packs it found them in (-> one of them): nor their other blobs
         self._abandoned = False
 
     def claim(self, blob_id: bytes) -> bool:
@@ -985,6 +986,14 @@ class BlobWriter:
                     raise CorruptObject(f"blob {blob_id.hex()}", "is damaged in the repository, and this would "
                                         "refer to it again: run `chunkvault check --read-data`, then `repair "
                                         "packs` for the packs it names, and back up again")
+                loc = index.get(blob_id) if self.damaged_packs and blob_id not in self._pending else None
+                if loc is not None and loc.pack_no in self.damaged_packs:
+                    pack_id = self.repo.pack_ids[loc.pack_no]
+                    raise CorruptObject(pack_key(pack_id) if pack_id else f"blob {blob_id.hex()}",
+                                        f"is damaged (blob {self.damaged_packs[loc.pack_no].hex()} there does not "
+                                        f"read), and this would refer to blob {blob_id.hex()} in it again: run "
+                                        "`chunkvault check --read-data`, then `repair packs` for the packs it "
+                                        "names, and back up again")
                 return False
             self._pending.add(blob_id)
             return True

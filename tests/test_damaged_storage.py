@@ -618,6 +618,34 @@ def test_a_backup_that_would_make_the_damaged_manifest_again_stops(chain, tmp_pa
     assert sorted(p.name for p in (repo_dir / "snapshots").iterdir()) == before
 
 
+def test_a_backup_that_found_a_pack_damaged_does_not_refer_to_its_other_blobs(tmp_path, new_repo, password):
+    """The newest pack holds a file's chunk and the newest manifest, and is zeroed: the backup builds on the
+    snapshot before, and would take that file's chunk from the damaged pack (exit 0, a snapshot that does
+    not restore).  It stops, pointing to the repair; after the repair a backup stores the chunk again."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(200_000))
+    repo_dir = tmp_path / "repo"
+    repo = new_repo(str(repo_dir))
+    repo.backup([str(src)])
+    (src / "g.bin").write_bytes(os.urandom(200_000))
+    snap = repo.backup([str(src)]).snapshot
+    pack = pack_path(repo_dir, repo, chunk_ids(repo, snap, "g.bin")[0])
+    assert pack == pack_path(repo_dir, repo, bytes.fromhex(snap.manifest[0]))
+    pack.write_bytes(bytes(pack.stat().st_size))
+    os.utime(src / "g.bin")
+    repo = Repository.open(str(repo_dir), password)
+    before = repo.snapshots()
+    with pytest.raises(CorruptObject, match=f"{pack.name}: is damaged .*refer to blob .*repair packs"):
+        repo.backup([str(src)])
+    assert [s.id for s in repo.snapshots()] == [s.id for s in before]
+    repo.repair_packs([pack.name], dry_run=False)
+    repo = Repository.open(str(repo_dir), password)
+    repo.backup([str(src)])
+    repo.restore("latest", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "g.bin").read_bytes() == (src / "g.bin").read_bytes()
+
+
 @pytest.mark.parametrize("name", ["junk", "nested/index/" + "a" * 64, "config"])
 def test_objects_under_index_not_named_as_one_stop_nothing(tmp_path, new_repo, name):
     """A stray file, another repository nested below, or what an append-only client planted: each stopped
