@@ -58,6 +58,7 @@ class PrunePlan:
     orphans: list[tuple[str, int]] = field(default_factory=list)  # packs in no index: (key, size)
     index_names: list[str] = field(default_factory=list)
     dead_indexes: list[str] = field(default_factory=list)  # index objects naming only packs to delete
+    superseded: set[bytes] = field(default_factory=set)  # what the live index objects supersede (carried_forward)
     freed_early: set[bytes] = field(default_factory=set)  # packs that deleting those leaves in no index
     live_blobs: int = 0
     unused_blobs: int = 0
@@ -170,10 +171,18 @@ def add_bases(used: set[bytes], known: dict[bytes, PackEntry]) -> None:
     used.update(with_bases(used, base_of))
 
 
-def indexed_packs(repo: Repo) -> tuple[list[str], dict[bytes, list[PackEntry]]]:
-    """The names of the index objects, and the entries of every pack the live (not superseded) ones list."""
+def indexed_packs(repo: Repo) -> tuple[list[str], dict[bytes, list[PackEntry]], set[bytes]]:
+    """The names of the index objects, the entries of every pack the live (not superseded) ones list, and
+    what those supersede (``carried_forward``)."""
     names, live = live_index_objects(repo)
-    return names, packs_of(live)
+    return names, packs_of(live), carried_forward(live.values())
+
+
+def carried_forward(live: Iterable[IndexData]) -> set[bytes]:
+    """The index objects the live ones supersede: an index that replaces them supersedes these too.  Deleted
+    long ago, such an object put back (by whoever holds the storage, or a restore of its old state) would
+    otherwise count again, naming packs a prune deleted, and a backup would deduplicate against them."""
+    return {s for d in live for s in d.supersedes}
 
 
 def packs_of(live: dict[str, IndexData]) -> dict[bytes, list[PackEntry]]:
@@ -257,11 +266,12 @@ def store_envelopes(repo: Repo, blobs: Iterable[PreparedBlob]) -> IndexData:
 
 
 def replace_index(repo: Repo, new_index: IndexData, old_names: list[str],
-                  ensure_held: Callable[[], None] = lambda: None) -> None:
-    """Write ``new_index`` in parts, then delete ``old_names``: the part that supersedes them is written
-    last, so no reader sees a new index that is not complete.  ``ensure_held``: before each part and each
-    deletion (a prune that took the lock for stale may have deleted the new packs as unindexed)."""
-    superseding = IndexData(new_index.packs, [bytes.fromhex(n) for n in old_names])
+                  ensure_held: Callable[[], None] = lambda: None, gone: Iterable[bytes] = ()) -> None:
+    """Write ``new_index`` in parts, then delete ``old_names``: the part that supersedes them (and ``gone``,
+    index objects deleted before, which must never count again) is written last, so no reader sees a new
+    index that is not complete.  ``ensure_held``: before each part and each deletion (a prune that took the
+    lock for stale may have deleted the new packs as unindexed)."""
+    superseding = IndexData(new_index.packs, sorted({bytes.fromhex(n) for n in old_names} | set(gone)))
     parts = split_index(superseding, repo.remote.max_object_size)
     for part in parts[1:] + parts[:1]:
         ensure_held()
@@ -292,6 +302,7 @@ def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
     plan.orphans = orphans
     plan.index_names = names
     plan.dead_indexes, plan.freed_early = dead_index_objects(live, names, {p.pack_id for p in plan.delete})
+    plan.superseded = carried_forward(live.values())
     return plan
 
 
@@ -352,7 +363,8 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     if plan.repack:
         new_index.packs.update(store_envelopes(repo, live_envelopes()).packs)
     ensure_held()
-    replace_index(repo, new_index, [n for n in plan.index_names if n not in plan.dead_indexes], ensure_held)
+    replace_index(repo, new_index, [n for n in plan.index_names if n not in plan.dead_indexes], ensure_held,
+                  plan.superseded | {bytes.fromhex(n) for n in plan.dead_indexes})
     for use in plan.delete + plan.repack:
         if use.pack_id not in plan.freed_early:
             delete(pack_key(use.pack_id))

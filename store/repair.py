@@ -22,7 +22,7 @@ from .locks import EXCLUSIVE, RepoLock
 from .manifest import T_HARDLINK, Record, delete_record, sort_key
 from .manifest_io import store_manifest
 from .pack import PackEntry, fetch_header, readable_ids
-from .prune import indexed_packs, packs_of, read_index_data, replace_index, store_envelopes
+from .prune import carried_forward, indexed_packs, packs_of, read_index_data, replace_index, store_envelopes
 from .repository import OBJECT_ID, PreparedBlob, Repo, pack_key
 from .snapshot import KIND_FULL, Snapshot
 
@@ -70,7 +70,8 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
     report = RepairReport()
     with RepoLock(repo.remote, EXCLUSIVE, "repair index", wait=wait) as lock:
         old = repo.index_names()
-        listed = packs_of(read_index_data(repo, old)[0])  # every pack's entries, as the objects that read give them
+        datas = read_index_data(repo, old)[0]
+        listed = packs_of(datas)  # every pack's entries, as the objects that read give them
         index = IndexData()
         for o in repo.remote.list("data/"):
             name = o.key.rsplit("/", 1)[1]
@@ -93,7 +94,7 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
                                        if any(e.kind == KIND_DELTA and e.base_id not in readable for e in entries))
         # In parts a remote takes (the one that supersedes the old objects last); before each part and each
         # deletion the lock is checked: a prune that took it for stale may have deleted packs listed here.
-        replace_index(repo, index, old, lock.ensure_held)
+        replace_index(repo, index, old, lock.ensure_held, carried_forward(datas.values()))
         repo.load_index()
     return report
 
@@ -158,7 +159,7 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
     """
     report = RepairReport()
     with RepoLock(repo.remote, EXCLUSIVE, "repair packs", wait=wait) as lock:
-        names, packs = indexed_packs(repo)
+        names, packs, superseded = indexed_packs(repo)
         stored = repo.stored_packs()
         named = _resolve_packs(specs, packs.keys() | stored.keys())
         # Unindexed packs may hold the bases of deltas this would drop as baseless.
@@ -197,7 +198,7 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
             return report
         new_index = IndexData({pid: entries for pid, entries in packs.items() if pid not in read})
         new_index.packs.update(store_envelopes(repo, salvage).packs)
-        replace_index(repo, new_index, names, lock.ensure_held)
+        replace_index(repo, new_index, names, lock.ensure_held, superseded)
         for pid in read:
             if pid in stored:
                 lock.ensure_held()

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from chunkvault import Repository
+from conftest import PASSWORD
 from chunkvault.errors import Locked
 from chunkvault.store.blob import KIND_DELTA, KIND_ZSTD
 from chunkvault.store.locks import SHARED, RepoLock
@@ -479,3 +480,40 @@ def test_a_chunk_whose_delta_a_prune_dropped_stored_whole_later_reads_in_the_sam
     assert third.stats["delta_blobs"] == 0 and third.stats["added_blobs"] == 1  # the changed chunk, whole
     repo.restore(third, str(tmp_path / "out"))
     assert (tmp_path / "out" / "f").read_bytes() == v2
+
+
+@pytest.mark.parametrize("prunes_after", [0, 1, 2])
+def test_an_index_object_a_prune_deleted_put_back_counts_no_more(tmp_path, new_repo, prunes_after):
+    """Whoever holds the storage keeps an index object and puts it back after a prune deleted it (and its
+    packs): it named data that is gone, and the next backup of the same files deduplicated against it
+    (0 B added, exit 0, a snapshot that did not restore).  Every index that replaces it supersedes it, so
+    it counts no more, however many prunes later it comes back."""
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.bin").write_bytes(os.urandom(300_000))
+    repo_dir = tmp_path / "repo"
+    repo = new_repo(str(repo_dir), ledger=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "y").write_bytes(b"kept")
+    repo.backup([str(tmp_path / "other")])  # a snapshot that stays, so every prune writes an index
+    first = repo.backup([str(src)]).snapshot
+    saved = tmp_path / "saved-index"
+    shutil.copytree(repo_dir / "index", saved)
+    repo.forget([first.id])
+    repo.prune()
+    for i in range(prunes_after):  # more history, more prunes: the replaced index objects go too
+        (tmp_path / "other" / f"n{i}").write_bytes(os.urandom(1000))
+        repo.backup([str(tmp_path / "other")], kind="full")
+        repo.forget([repo.snapshots()[0].id])
+        repo.prune()
+    for old in saved.iterdir():
+        if not (repo_dir / "index" / old.name).exists():
+            shutil.copy(old, repo_dir / "index" / old.name)
+
+    repo = Repository.open(str(repo_dir), PASSWORD, ledger=False)
+    assert repo.backup([str(src)]).snapshot.stats["added_raw_bytes"] >= 300_000  # stored again, not found in the put-back index
+    repo.restore("latest", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "x.bin").read_bytes() == (src / "x.bin").read_bytes()
+    assert not repo.check(read_data=True).problems
