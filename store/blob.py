@@ -40,6 +40,7 @@ ENVELOPE_OVERHEAD = 1 + NONCE_SIZE + TAG_SIZE
 DELTA_DICT = 0  # zstd frame, the base's plaintext as raw-content dictionary
 DELTA_BLOCKS = 1  # changed blocks only, the base's counterparts as dictionary
 DELTA_METHODS = (DELTA_DICT, DELTA_BLOCKS)
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a frame's first bytes: no method byte is one of them
 BLOCK_SIZE = 1024
 # At most this many deltas in a row: reading any blob reads at most MAX_DELTA_DEPTH + 1
 # envelopes, and refuses longer chains.  Backups write shorter ones: chunks cut at fixed
@@ -393,6 +394,8 @@ def _apply_blocks_reference(payload: memoryview, plain: _Plain) -> None:
 def _apply_delta(payload: bytes | memoryview, plain: _Plain) -> _Plain:
     """The delta's plaintext, made from the base's (updated in place or replaced); ValueError when malformed."""
     payload = memoryview(payload)
+    if payload[:4] == ZSTD_MAGIC:  # the first releases' method 0, without its method byte (store/FORMAT.md)
+        return _Plain.decompressed(payload, plain.view())
     if not payload or payload[0] not in DELTA_METHODS:
         raise ValueError("unknown delta method")
     if payload[0] == DELTA_BLOCKS:

@@ -62,6 +62,18 @@ def test_delta_payload_methods(v):
         open_blob(s, v["long_delta_id"], v["long_delta_envelope"], base_plain=v["long_base_plain"][:2047])
 
 
+def test_a_bare_frame_is_the_first_releases_method_0(v):
+    """Delta payloads of the first releases had no method byte: the dictionary frame alone."""
+    s = Sealer(v["enc_key"])
+    _, payload = open_envelope(s, v["delta_id"], v["delta_envelope"])
+    bare = seal_blob(s, v["delta_id"], KIND_DELTA, payload[1:], v["base_id"])
+    assert bytes(payload[1:5]) == b"\x28\xb5\x2f\xfd"
+    assert open_blob(s, v["delta_id"], bare, base_plain=v["base_plain"]) == v["delta_plain"]
+    with pytest.raises(CorruptObject, match="unknown delta method"):
+        open_blob(s, v["delta_id"], seal_blob(s, v["delta_id"], KIND_DELTA, b"\x07" + payload[1:], v["base_id"]),
+                  base_plain=v["base_plain"])
+
+
 def test_pack_and_index(v):
     s = Sealer(v["enc_key"])
     assert bytes.fromhex(content_name(v["pack"])) == v["pack_id"]
