@@ -17,6 +17,8 @@ import warnings
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
+import blake3
+
 from .errors import (AmbiguousSnapshot, ChunkvaultError, CorruptObject, MissingObject, NewerObject, OutputClosed,
                      PermissionDenied, RollbackDetected, SnapshotNotFound, StorageFull, TargetNotEmpty,
                      TargetUnwritable, UsageError, VerificationFailed, output_error)
@@ -30,7 +32,7 @@ from .store.chain import broken_chains, lineage
 from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import NOT_INDEXED, Repo
-from .store.restore import Restorer, RestoreOptions, RestoreResult, confined, include_directory
+from .store.restore import Restorer, RestoreOptions, RestoreResult, check_content, confined, include_directory
 from .store.owners import OwnerMap, chain_names
 from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, select_snapshots
 from .store.source import SourceWalk, markers_of
@@ -171,6 +173,11 @@ def _announce_wait(holder: LockInfo, wait: float, label: str = "repository") -> 
 
 
 locks.announce_wait = _announce_wait
+
+
+def _count(value: Any) -> int | None:
+    """A count a snapshot's stats give, if it is one (the stats are only ever advisory)."""
+    return value if type(value) is int and value >= 0 else None
 
 
 def _ledger_for(repo: Repo, where: bool | str | os.PathLike[str]) -> Ledger | None:
@@ -661,9 +668,10 @@ class Repository:
                                   delta=delta, delete=delete, progress=progress, xattrs=xattrs,
                                   owner_map=None if numeric_owner else self.owner_map(snap))
             restorer = Restorer(self._repo, target, opts, lookup=lambda path: self._repo.lookup(snap, path))
+            expected, files, dirs = (_count(snap.stats.get(k)) for k in ("bytes", "files", "dirs"))
             if processes is None:
-                processes = 1 if includes else restore_workers.auto_processes(snap.stats.get("bytes"))
-            entries = snap.stats.get("files", 0) + snap.stats.get("dirs", 0) if "files" in snap.stats else None
+                processes = 1 if includes else restore_workers.auto_processes(expected)
+            entries = files + (dirs or 0) if files is not None else None
             within = restorer.selected.directory
 
             def tree() -> Iterator[Record]:
@@ -673,7 +681,7 @@ class Repository:
             with restorer:
                 if delete and os.path.isdir(target):
                     restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
-                result = restore_workers.restore(restorer, tree, processes, entries, snap.stats.get("bytes"))
+                result = restore_workers.restore(restorer, tree, processes, entries, expected)
             if verify:
                 self._verify_restored(restorer, snap, tree(), target, xattrs)
             return result
@@ -724,7 +732,7 @@ class Repository:
         return self._content(e, name)
 
     def _content(self, e: Entry, name: bytes | None = None) -> BinaryIO:
-        raw = _ChunkStream(self._repo, e.chunk_ids(), os.fsdecode(e.path if name is None else name))
+        raw = _ChunkStream(self._repo, e.chunk_ids(), os.fsdecode(e.path if name is None else name), e)
         return io.BufferedReader(raw, buffer_size=1 << 20)
 
     def dump(self, snapshot: str | Snapshot, path: str | bytes, out: BinaryIO, *, archive: str = "tar") -> list[str]:
@@ -845,8 +853,8 @@ class Repository:
         broken = broken_chains({s.id: s.parent for s in snaps})  # readable, built on what is not: id -> that
         lost = set(damaged) | set(broken)
         newer = [exc for exc in damaged.values() if isinstance(exc, NewerObject)]
-        if policy is not None and newer:
-            raise newer[0].explained("; retention needs every snapshot")
+        if newer:  # it may build on what goes: it could neither be rebased nor be told from an unrelated one
+            raise newer[0].explained("; forget needs every snapshot")
         if policy is not None and lost:
             named = sorted(lost)
             listed = " ".join(sid[:8] for sid in named[:10]) + (" ..." if len(named) > 10 else "")
@@ -1193,10 +1201,14 @@ class _ChunkStream(io.RawIOBase):
     """A file's content, fetched a chunk at a time; seekable (the index knows each chunk's length), so a
     caller can read any part of a large file without the parts before it."""
 
-    def __init__(self, repo: Repo, ids: list[bytes], name: str = ""):
+    def __init__(self, repo: Repo, ids: list[bytes], name: str = "", entry: Entry | None = None):
         self.repo = repo
         self.ids = ids
         self.name = name
+        # read from the start to the end without a seek, the content is checked against ``entry``'s size and
+        # digest (``check_content``) as it ends, as a restore checks it: an archive of it is then not complete
+        self.entry = entry
+        self._hasher = blake3.blake3() if entry is not None else None
         self.i = 0  # the next chunk to fetch
         self.skip = 0  # bytes of it before the position (after a seek)
         self.pos = 0
@@ -1212,12 +1224,17 @@ class _ChunkStream(io.RawIOBase):
     def readinto(self, b: Any) -> int:
         while not self.buf:
             if self.i >= len(self.ids):
+                if self._hasher is not None and self.entry is not None:
+                    hasher, self._hasher = self._hasher, None
+                    check_content(self.entry, self.pos, hasher.digest())
                 return 0
             self.buf = memoryview(self.repo.read_blob(self.ids[self.i]))[self.skip:]
             self.i += 1
             self.skip = 0
         n = min(len(b), len(self.buf))
         b[:n] = self.buf[:n]
+        if self._hasher is not None:
+            self._hasher.update(self.buf[:n])
         self.buf = self.buf[n:]
         self.pos += n
         return n
@@ -1236,6 +1253,8 @@ class _ChunkStream(io.RawIOBase):
             raise ValueError(f"invalid whence ({whence})")
         if target < 0:
             raise ValueError(f"negative seek position {target}")
+        if target != self.pos:
+            self._hasher = None  # no longer read in order: not checked
         starts = self.starts()
         self.i = min(bisect.bisect_right(starts, target) - 1, len(self.ids))
         self.skip = target - starts[self.i] if self.i < len(self.ids) else 0

@@ -100,6 +100,9 @@ class _Tar:
                                                                  f"not the {e.size} its entry records")
             self._write(block)
             left -= len(block)
+        if data.read(1):  # to the end: the reader checks the content against the entry's digest there
+            raise CorruptObject(f"file {os.fsdecode(e.path)}", f"its chunks hold more than the {e.size} bytes its "
+                                "entry records")
         self._write(tarformat.padding(e.size))
 
     def other(self, e: Entry) -> bool:

@@ -321,6 +321,7 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
             progress(done, nbytes, plan.repacked_bytes)
 
     moved = 0
+    dead_names = {bytes.fromhex(n) for n in plan.dead_indexes}
 
     def delete(key: str) -> None:  # each deletion checks the lock: a pause may fall between any two
         ensure_held()
@@ -331,7 +332,17 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     for key, _ in plan.orphans:
         delete(key)
         step(moved)
-    # Then index objects naming only packs to delete, and the packs that leaves in no index.
+    # Then index objects naming only packs to delete, and the packs that leaves in no index; first an index
+    # of nothing that supersedes them and what they superseded: killed before the new index, the next
+    # prune carries that forward (``carried_forward``), where their names would have been lost.  On a disk
+    # too full for it, they go without: the space is what this step is for.
+    marker: list[str] = []
+    if plan.dead_indexes:
+        ensure_held()
+        try:
+            marker.append(repo.write_index(IndexData({}, sorted(plan.superseded | dead_names))))
+        except StorageFull:
+            pass
     for name in plan.dead_indexes:
         delete(f"index/{name}")
     for use in plan.delete:
@@ -363,8 +374,8 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     if plan.repack:
         new_index.packs.update(store_envelopes(repo, live_envelopes()).packs)
     ensure_held()
-    replace_index(repo, new_index, [n for n in plan.index_names if n not in plan.dead_indexes], ensure_held,
-                  plan.superseded | {bytes.fromhex(n) for n in plan.dead_indexes})
+    replace_index(repo, new_index, [n for n in plan.index_names if n not in plan.dead_indexes] + marker,
+                  ensure_held, plan.superseded | dead_names)
     for use in plan.delete + plan.repack:
         if use.pack_id not in plan.freed_early:
             delete(pack_key(use.pack_id))

@@ -972,31 +972,43 @@ class BlobWriter:
         # naming them would have later backups deduplicate against data that is gone.
         self.guard: Callable[[], None] = lambda: None
         self.damaged: set[bytes] = set()  # blobs the command found unreadable: never deduplicated against
-        self.damaged_packs: dict[int, bytes] = {}  # packs it found them in (-> one of them): nor their other blobs
+        self.damaged_packs: dict[int, bytes] = {}  # packs it found them in (-> one of them): their others are read
+        self._verified: dict[bytes, bool] = {}  # blobs of those packs read whole (``_reads``)
         self._abandoned = False
 
     def claim(self, blob_id: bytes) -> bool:
         """True when the caller must store this blob (not in the repository, not in flight).  One found
         damaged meanwhile (``damaged``) is an error: its id would refer to the damaged copy, which readers
-        may take over any other."""
+        may take over any other.  So is one in a pack found damaged (``damaged_packs``) that does not read
+        whole now (read once: a flipped byte elsewhere in the pack costs it nothing)."""
         index = self.repo.index
         with self._lock, self.repo._index_lock:
-            if blob_id in self._pending or blob_id in index:
-                if blob_id in self.damaged:
-                    raise CorruptObject(f"blob {blob_id.hex()}", "is damaged in the repository, and this would "
-                                        "refer to it again: run `chunkvault check --read-data`, then `repair "
-                                        "packs` for the packs it names, and back up again")
-                loc = index.get(blob_id) if self.damaged_packs and blob_id not in self._pending else None
-                if loc is not None and loc.pack_no in self.damaged_packs:
-                    pack_id = self.repo.pack_ids[loc.pack_no]
-                    raise CorruptObject(pack_key(pack_id) if pack_id else f"blob {blob_id.hex()}",
-                                        f"is damaged (blob {self.damaged_packs[loc.pack_no].hex()} there does not "
-                                        f"read), and this would refer to blob {blob_id.hex()} in it again: run "
-                                        "`chunkvault check --read-data`, then `repair packs` for the packs it "
-                                        "names, and back up again")
-                return False
-            self._pending.add(blob_id)
-            return True
+            if blob_id not in self._pending and blob_id not in index:
+                self._pending.add(blob_id)
+                return True
+            if blob_id in self.damaged:
+                raise CorruptObject(f"blob {blob_id.hex()}", "is damaged in the repository, and this would "
+                                    "refer to it again: run `chunkvault check --read-data`, then `repair "
+                                    "packs` for the packs it names, and back up again")
+            loc = index.get(blob_id) if self.damaged_packs and blob_id not in self._pending else None
+        if loc is not None and loc.pack_no in self.damaged_packs and not self._reads(blob_id):
+            pack_id = self.repo.pack_ids[loc.pack_no]
+            raise CorruptObject(pack_key(pack_id) if pack_id else f"blob {blob_id.hex()}",
+                                f"is damaged (blob {self.damaged_packs[loc.pack_no].hex()} there does not read, "
+                                f"nor does blob {blob_id.hex()}, which this would refer to again): run "
+                                "`chunkvault check --read-data`, then `repair packs` for the packs it names, "
+                                "and back up again")
+        return False
+
+    def _reads(self, blob_id: bytes) -> bool:
+        """Whether a blob (and its delta bases) reads and verifies, asked once per blob."""
+        if blob_id not in self._verified:
+            try:
+                self.repo.read_blob(blob_id, verify=True)
+                self._verified[blob_id] = True
+            except CorruptObject:
+                self._verified[blob_id] = False
+        return self._verified[blob_id]
 
     def add(self, blob_id: bytes, data: bytes | memoryview) -> bool:
         if not self.claim(blob_id):

@@ -146,7 +146,7 @@ def _lstat(pfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def _check_content(e: Entry, size: int, digest: bytes) -> None:
+def check_content(e: Entry, size: int, digest: bytes) -> None:
     """A file's restored content against its entry: its size (the digest alone let a crafted entry claim
     any size, reported as restored), then its digest.  A file unreadable at backup time has neither."""
     if e.flags & F_UNREADABLE:
@@ -719,7 +719,7 @@ class Restorer:
         pfd, name = self._make_room(e.path, False)
         try:
             data = next(pf.chunks())
-            _check_content(e, len(data), blake3.blake3(data).digest())
+            check_content(e, len(data), blake3.blake3(data).digest())
         except CorruptObject as exc:
             self._damaged(e, exc)
             return
@@ -873,7 +873,7 @@ class Restorer:
                         pending, held_back = [], 0
                 hasher.update(data)
                 pos += len(data)
-            _check_content(e, pos, hasher.digest())
+            check_content(e, pos, hasher.digest())
             written = True
             _write_ranges(fd, pending, size)
             os.ftruncate(fd, pos)
@@ -1113,7 +1113,7 @@ class Restorer:
                 self.remove_quietly(rel)
             raise
         os.close(fd)
-        _check_content(e, pos, hasher.digest())
+        check_content(e, pos, hasher.digest())
 
     def _damaged(self, e: Entry, exc: CorruptObject) -> None:
         self.result.damaged.append((os.fsdecode(e.path), exc.object_name, exc.reason, isinstance(exc, MissingObject)))

@@ -220,11 +220,12 @@ def test_a_snapshot_a_newer_chunkvault_wrote_is_never_called_damage_to_forget(tm
 
     repo, src = setup
     cli("backup", "-r", repo, str(src))
-    newer = json.loads(cli("backup", "-r", repo, "--type", "full", str(src), "--json").stdout)["id"]
+    newer = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"]  # a differential on the first
     store = Repository.open(repo, PASSWORD, ledger=False).store
     snap = store.load_snapshot(newer)
     snap.version = SNAPSHOT_VERSION + 1
     store.save_snapshot(snap, replace=True)
+    snaps = [s for s in store.snapshot_names() if s != newer]
 
     err = cli("restore", "-r", repo, newer[:8], "--target", str(tmp_path / "out"), check=17).stderr.decode()
     assert "newer chunkvault" in err and "upgrade" in err and "forget" not in err
@@ -233,7 +234,7 @@ def test_a_snapshot_a_newer_chunkvault_wrote_is_never_called_damage_to_forget(tm
     assert newer[:8] not in listing.stdout.decode()
     check = cli("check", "-r", repo)  # nothing damaged: the newer snapshot is not checked
     assert "not checked" in check.stdout.decode() + check.stderr.decode()
-    for command in (["forget", "--keep-last", "1"], ["prune"]):
+    for command in (["forget", "--keep-last", "1"], ["forget", snaps[0]], ["prune"]):
         err = cli(*command, "-r", repo, check=17).stderr.decode()
         assert "newer chunkvault" in err and "forget it" not in err, command
     out = cli("repair", "snapshots", "-r", repo).stdout.decode()

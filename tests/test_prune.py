@@ -517,3 +517,43 @@ def test_an_index_object_a_prune_deleted_put_back_counts_no_more(tmp_path, new_r
     repo.restore("latest", str(tmp_path / "out"))
     assert (tmp_path / "out" / "x.bin").read_bytes() == (src / "x.bin").read_bytes()
     assert not repo.check(read_data=True).problems
+
+
+def test_a_prune_killed_after_deleting_dead_index_objects_still_supersedes_them(tmp_path, new_repo, monkeypatch):
+    """Index objects naming only packs to delete go first (room on a full disk); killed before the new
+    index, their names, and what they superseded, must still be carried forward by the next prune."""
+    import shutil
+
+    from chunkvault.store import prune as prune_module
+
+    for d in ("src", "other"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "src" / "x.bin").write_bytes(os.urandom(300_000))
+    (tmp_path / "other" / "y").write_bytes(os.urandom(5000))
+    repo_dir = tmp_path / "repo"
+    repo = new_repo(str(repo_dir), ledger=False)
+    other = repo.backup([str(tmp_path / "other")]).snapshot
+    first = repo.backup([str(tmp_path / "src")]).snapshot
+    shutil.copytree(repo_dir / "index", tmp_path / "saved-index")
+    repo.forget([first.id])
+    repo.prune()
+    (tmp_path / "other" / "y").write_bytes(os.urandom(5000))
+    repo.backup([str(tmp_path / "other")], kind="full")
+    repo.forget([other.id])  # its index object now names only a pack to delete
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(prune_module, "replace_index", killed)
+        with pytest.raises(KeyboardInterrupt):
+            repo.prune()
+    repo = Repository.open(str(repo_dir), PASSWORD, ledger=False)
+    repo.prune()
+    for old in (tmp_path / "saved-index").iterdir():
+        if not (repo_dir / "index" / old.name).exists():
+            shutil.copy(old, repo_dir / "index" / old.name)
+    repo = Repository.open(str(repo_dir), PASSWORD, ledger=False)
+    assert repo.backup([str(tmp_path / "src")]).snapshot.stats["added_raw_bytes"] >= 300_000
+    repo.restore("latest", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "x.bin").read_bytes() == (tmp_path / "src" / "x.bin").read_bytes()

@@ -325,7 +325,8 @@ def _crafted(repo, entries: list[Entry]) -> None:
                 bid = st.blob_id(data)
                 if writer.claim(bid):
                     writer.store(st.prepare_blob(bid, data))
-                e = dataclasses.replace(e, chunks=bid, size=e.size or len(data), digest=blake3.blake3(data).digest())
+                e = dataclasses.replace(e, chunks=bid, size=e.size or len(data),
+                                        digest=e.digest or blake3.blake3(data).digest())
             mw.add(entry_record(e))
         ids = mw.finish()
         writer.flush()
@@ -427,6 +428,25 @@ def test_a_file_whose_chunks_do_not_hold_its_recorded_size_is_not_restored(tmp_p
                      processes=2 if mode == "workers" else 1)
     assert (target / "ok").read_bytes() == b"fine"
     assert not (target / "big").exists() or (target / "big").read_bytes() == b"the target's own"
+
+
+@pytest.mark.parametrize("archive", ["tar", "zip", "file"])
+@pytest.mark.parametrize("size, digest_of", [(5, b"eleven byte"), (100, b"eleven byte"), (11, b"ELEVEN BYTE")],
+                         ids=["shorter", "longer", "another digest"])
+def test_dump_checks_a_files_size_and_digest_as_restore_does(tmp_path, new_repo, archive, size, digest_of):
+    """A tar of the first bytes of a file that holds more, or of a file whose digest is another's, exited 0."""
+    import blake3
+
+    repo = new_repo()
+    _crafted(repo, [_root(), Entry(path=b"f", type=T_FILE, mode=0o644, size=size, chunks=b"eleven byte",
+                                   digest=blake3.blake3(digest_of).digest())])
+    with pytest.raises(CorruptObject, match="its chunks hold|does not match its digest"):
+        repo.dump("latest", "f" if archive == "file" else "/", io.BytesIO(), archive="tar" if archive == "file" else archive)
+    good = new_repo()
+    _crafted(good, [_root(), Entry(path=b"f", type=T_FILE, mode=0o644, chunks=b"eleven byte")])
+    out = io.BytesIO()
+    good.dump("latest", "f", out)
+    assert out.getvalue() == b"eleven byte"
 
 
 @pytest.mark.parametrize("root", [Entry(path=b"", type=T_FILE, mode=0o644, chunks=b"i am the root\n"),
