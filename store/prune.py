@@ -19,7 +19,7 @@ from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, Re
 
 from .blob import KIND_DELTA
 from .chain import broken_chains
-from .indexfile import IndexData, split_index
+from .indexfile import INDEX_SLACK, IndexData, split_index
 from .locks import EXCLUSIVE, RepoLock
 from .pack import ENTRY_SIZE, PackEntry
 from .repository import PreparedBlob, Repo, pack_key, superseded_names
@@ -265,15 +265,27 @@ def store_envelopes(repo: Repo, blobs: Iterable[PreparedBlob]) -> IndexData:
         return writer.take_index()
 
 
+def superseding_parts(names: Iterable[bytes], limit: int | None) -> list[IndexData]:
+    """Index objects of nothing that supersede ``names``, each within a remote's ``limit`` on object size."""
+    ordered = sorted(names)
+    per_part = (len(ordered) or 1) if limit is None else max(1, (limit - INDEX_SLACK) // 32)
+    return [IndexData(supersedes=ordered[i:i + per_part]) for i in range(0, len(ordered), per_part)]
+
+
 def replace_index(repo: Repo, new_index: IndexData, old_names: list[str],
                   ensure_held: Callable[[], None] = lambda: None, gone: Iterable[bytes] = ()) -> None:
     """Write ``new_index`` in parts, then delete ``old_names``: the part that supersedes them (and ``gone``,
     index objects deleted before, which must never count again) is written last, so no reader sees a new
     index that is not complete.  ``ensure_held``: before each part and each deletion (a prune that took the
     lock for stale may have deleted the new packs as unindexed)."""
-    superseding = IndexData(new_index.packs, sorted({bytes.fromhex(n) for n in old_names} | set(gone)))
-    parts = split_index(superseding, repo.remote.max_object_size)
-    for part in parts[1:] + parts[:1]:
+    old = {bytes.fromhex(n) for n in old_names}
+    carried = sorted(set(gone) - old)
+    limit = repo.remote.max_object_size
+    extra: list[IndexData] = []
+    if limit is not None and 32 * (len(old) + len(carried)) > limit - INDEX_SLACK:  # in parts of their own, first
+        extra, carried = superseding_parts(carried, limit), []
+    parts = split_index(IndexData(new_index.packs, sorted(old) + carried), limit)
+    for part in extra + parts[1:] + parts[:1]:
         ensure_held()
         repo.write_index(part)
     for name in old_names:
@@ -338,9 +350,10 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     # too full for it, they go without: the space is what this step is for.
     marker: list[str] = []
     if plan.dead_indexes:
-        ensure_held()
         try:
-            marker.append(repo.write_index(IndexData({}, sorted(plan.superseded | dead_names))))
+            for part in superseding_parts(plan.superseded | dead_names, repo.remote.max_object_size):
+                ensure_held()
+                marker.append(repo.write_index(part))
         except StorageFull:
             pass
     for name in plan.dead_indexes:

@@ -1,5 +1,6 @@
 """The command line end to end: real processes, exit codes, one-line errors."""
 import base64
+import dataclasses
 import json
 import os
 
@@ -240,6 +241,10 @@ def test_a_snapshot_a_newer_chunkvault_wrote_is_never_called_damage_to_forget(tm
     out = cli("repair", "snapshots", "-r", repo).stdout.decode()
     assert f"not looked at {newer[:8]}" in out and "forget" not in out
     assert len(Repository.open(repo, PASSWORD, ledger=False).store.snapshot_names()) == 2
+    child = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"]  # on the older one, as latest
+    store.save_snapshot(dataclasses.replace(store.load_snapshot(child), parent=newer), replace=True)
+    check = cli("check", "-r", repo)  # a differential on the newer snapshot: not damage either
+    assert f"built on snapshot {newer[:8]}, which a newer chunkvault wrote" in check.stdout.decode() + check.stderr.decode()
 
 
 def test_unreadable_directory_gives_partial_exit_code(tmp_path, cli, setup):

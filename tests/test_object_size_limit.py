@@ -71,3 +71,29 @@ def test_split_index_keeps_every_pack_in_order_and_each_part_under_the_budget(pa
         # over the budget only with one pack, or none beside superseded names that alone exceed it
         assert size <= limit or len(part.packs) == 1 or (not part.packs and 32 * len(part.supersedes) > limit)
     assert len(split_index(index)) == 1
+
+
+def test_index_objects_superseded_long_ago_fit_however_many(tmp_path):
+    """Every index that replaces others supersedes all those deleted before it (a list that only grows): past
+    what one object holds, the names go in objects of their own, still honoured by the next prune."""
+    from chunkvault.store.prune import live_index_objects, packs_of, replace_index
+    from chunkvault.store.repository import superseded_names
+
+    remote = LimitedRemote(str(tmp_path / "repo"))
+    repo = Repository.init(remote, "pw", kdf_seconds=0)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"data")
+    repo.backup([str(tmp_path / "src")])
+    store = repo.store
+    long_ago = {os.urandom(32).hex() for _ in range(2 * ((LIMIT - INDEX_SLACK) // 32) + 5)}  # three objects' worth
+
+    def superseded() -> set[str]:
+        return superseded_names(store.read_index_object(n) for n in store.index_names())
+
+    names, live = live_index_objects(store)
+    replace_index(store, IndexData(packs_of(live)), names, gone=[bytes.fromhex(n) for n in long_ago])
+    assert long_ago <= superseded() and max(o.size for o in remote.list("index/")) <= LIMIT
+    repo.prune()
+    assert long_ago <= superseded() and max(o.size for o in remote.list("index/")) <= LIMIT
+    repo.restore("latest", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "f").read_bytes() == b"data"
