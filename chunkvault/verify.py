@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 import blake3
 
 from .display import one_line, warn
-from .errors import ChunkvaultError, CorruptObject, SnapshotNotFound, StorageFull, UsageError, VerificationFailed
+from .errors import (ChunkvaultError, CorruptObject, NewerObject, SnapshotNotFound, StorageFull, UsageError,
+                     VerificationFailed)
 from .processes import become_subreaper, carries, children, kill_group, stop_being_subreaper
 from .store.command_stream import without_secrets
 from .store.manifest import (
@@ -713,7 +714,12 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
     reports: list[VerifyReport] = []
     listed = of_source(repo.snapshots(), args.host, args.snapshot_paths)  # one source's, with --host/--path
     # A snapshot object that does not load cannot be dated, nor restored: it fails a run over a span, and
-    # one for the latest (it may be the newest: a nightly check must not go green past it).
+    # one for the latest (it may be the newest: a nightly check must not go green past it).  One a newer
+    # chunkvault wrote is no failure of the repository's: such a run stops, asking for the upgrade.
+    newer = [(name, exc) for name, exc in repo.store.unreadable_snapshots.items() if isinstance(exc, NewerObject)]
+    for name, exc in newer:
+        if args.snapshot in (None, "latest") or args.all_since is not None or name.startswith(args.snapshot.lower()):
+            raise exc.explained("; this chunkvault cannot verify it")
     unreadable = [VerifyReport(name, "time unknown", "unreadable",
                                error=f"the snapshot object is unreadable: {exc.object_name}: {exc.reason}")
                   for name, exc in repo.store.unreadable_snapshots.items()]

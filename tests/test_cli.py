@@ -234,6 +234,9 @@ def test_a_snapshot_a_newer_chunkvault_wrote_is_never_called_damage_to_forget(tm
     assert "left out: written by a newer chunkvault" in listing.stderr.decode()
     assert newer[:8] not in listing.stdout.decode()
     check = cli("check", "-r", repo)  # nothing damaged: the newer snapshot is not checked
+    for spec in ("latest", newer[:8]):  # this version cannot verify it: neither passed nor failed
+        err = cli("verify-restore", "-r", repo, spec, check=17).stderr.decode()
+        assert "newer chunkvault" in err and "cannot verify it" in err, spec
     assert "not checked" in check.stdout.decode() + check.stderr.decode()
     for command in (["forget", "--keep-last", "1"], ["forget", snaps[0]], ["prune"]):
         err = cli(*command, "-r", repo, check=17).stderr.decode()

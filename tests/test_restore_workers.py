@@ -441,7 +441,8 @@ def test_dump_checks_a_files_size_and_digest_as_restore_does(tmp_path, new_repo,
     _crafted(repo, [_root(), Entry(path=b"f", type=T_FILE, mode=0o644, size=size, chunks=b"eleven byte",
                                    digest=blake3.blake3(digest_of).digest())])
     with pytest.raises(CorruptObject, match="its chunks hold|does not match its digest"):
-        repo.dump("latest", "f" if archive == "file" else "/", io.BytesIO(), archive="tar" if archive == "file" else archive)
+        repo.dump("latest", "f" if archive == "file" else "/", io.BytesIO(),
+                  archive="tar" if archive == "file" else archive)
     good = new_repo()
     _crafted(good, [_root(), Entry(path=b"f", type=T_FILE, mode=0o644, chunks=b"eleven byte")])
     out = io.BytesIO()
