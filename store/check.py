@@ -14,10 +14,12 @@ from typing import Callable
 
 import blake3
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, NewerObject, ObjectNotFound, RemoteUnavailable, UsageError
+from chunkvault.errors import (ChunkvaultError, CorruptObject, NewerObject, ObjectNotFound, RemoteUnavailable,
+                               UsageError)
 
 from . import forked
 from .blob import KIND_DELTA, open_blob
+from .chain import broken_chains
 from .config import KeyFile, open_config, peek_config
 from .indexfile import IndexColumns
 from .pack import PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
@@ -234,17 +236,14 @@ class Checker:
                 self.problem(f"snapshots/{name}", str(exc)).snapshots.append(name)
         self.report.snapshots = len(snaps)
         chain_of = self.repo.chains(snaps)
-        parent_of = {s.id: s.parent for s in snaps}
+        unreached = broken_chains({s.id: s.parent for s in snaps})  # -> the ancestor not loaded
         for s in snaps:
             try:
                 chain_of(s)
             except RemoteUnavailable:
                 raise
             except ChunkvaultError as exc:
-                above, seen = s.parent, set()
-                while above in parent_of and above not in seen:  # a loop is damage too
-                    seen.add(above)
-                    above = parent_of[above]
+                above = unreached.get(s.id)
                 if above in newer:
                     self.report.warnings.append(f"snapshots/{s.id}: built on snapshot {above[:8]}, which a newer "
                                                 "chunkvault wrote; not checked")
@@ -406,8 +405,8 @@ class Checker:
                 try:
                     plain = repo.read_blob(e.blob_id, verify=True) if e.kind == KIND_DELTA else open_blob(
                         repo.sealer, e.blob_id, view[e.offset - start : e.offset - start + e.length], e.raw_length)
-                    if e.kind != KIND_DELTA and repo.blob_id(plain) != e.blob_id:
-                        raise CorruptObject(f"blob {e.blob_id.hex()}", "content does not hash to its id")
+                    if e.kind != KIND_DELTA:
+                        repo.check_id(e.blob_id, plain)
                     opened += 1
                 except RemoteUnavailable:
                     raise

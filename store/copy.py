@@ -108,8 +108,7 @@ class _BlobMapper:
         done: dict[bytes, bytes] = {}
         for sid in batch:
             data = known[sid]
-            if self.src.blob_id(data) != sid:
-                raise CorruptObject(f"blob {sid.hex()}", "content does not hash to its id")
+            self.src.check_id(sid, data)
             did = self.dst.blob_id(data)
             if self.writer.claim(did):
                 base_id, base_plain = self._base_at_destination(sid, known, done)

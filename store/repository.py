@@ -447,11 +447,16 @@ class Repo:
         if cached is not None:
             return cached
         data = self._resolve(blob_id, {}, {}, set())
-        if verify and self.blob_id(data) != blob_id:
-            raise CorruptObject(f"blob {blob_id.hex()}", "content does not hash to its id")
+        if verify:
+            self.check_id(blob_id, data)
         if cache:
             self._cache.put(blob_id, data)
         return data
+
+    def check_id(self, blob_id: bytes, plain: Plaintext) -> None:
+        """CorruptObject unless ``plain`` hashes to ``blob_id`` (what the AEAD cannot tell: a writer's bug)."""
+        if self.blob_id(plain) != blob_id:
+            raise CorruptObject(f"blob {blob_id.hex()}", "content does not hash to its id")
 
     def _known(self, blob_id: bytes, memo: dict[bytes, Plaintext]) -> tuple[Plaintext, int] | None:
         """(plaintext, delta depth) of a blob already decoded in this call or cached."""
