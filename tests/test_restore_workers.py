@@ -290,11 +290,14 @@ def test_only_a_file_that_is_a_large_share_of_the_restore_is_written_in_parts():
 def test_a_restore_splits_files_by_the_share_of_the_snapshots_bytes(tmp_path, new_repo, monkeypatch):
     repo, _, _ = backed_up(tmp_path, new_repo, _many_files)
     snap = repo.snapshot("latest")
+    monkeypatch.setattr(restore_workers, "STRIPE_BYTES", 64 << 10)  # so that an eighth of the snapshot is more
+    share = split_above(snap.stats["bytes"])
+    assert share == snap.stats["bytes"] // 8 > 64 << 10
     seen = set()
     monkeypatch.setattr(restore_workers, "split",
                         lambda e, start, length, above=STRIPE_BYTES: seen.add(above))  # in this process
     assert repo.restore("latest", str(tmp_path / "out"), processes=2).processes == 2
-    assert seen == {split_above(snap.stats["bytes"])}
+    assert seen == {share}
 
 
 def test_a_file_whose_chunks_are_unknown_is_restored_whole():
