@@ -300,6 +300,19 @@ def test_a_restore_splits_files_by_the_share_of_the_snapshots_bytes(tmp_path, ne
     assert seen == {share}
 
 
+def test_a_narrowed_restore_splits_files_by_the_share_of_the_selections_bytes(tmp_path, new_repo, monkeypatch):
+    """A file that is most of what --include selects is written in parts, though a small share of the snapshot."""
+    repo, _, src = backed_up(tmp_path, new_repo, _many_files)
+    monkeypatch.setattr(restore_workers, "STRIPE_BYTES", 8 << 10)
+    chosen = sum(f.stat().st_size for f in (src / "d1").iterdir())
+    assert chosen // 8 > 8 << 10 and chosen < repo.snapshot("latest").stats["bytes"] // 4
+    seen = set()
+    monkeypatch.setattr(restore_workers, "split",
+                        lambda e, start, length, above=STRIPE_BYTES: seen.add(above))
+    assert repo.restore("latest", str(tmp_path / "out"), includes=["d1"], processes=2).processes == 2
+    assert seen == {chosen // 8}
+
+
 def test_a_file_whose_chunks_are_unknown_is_restored_whole():
     known: dict[bytes, int] = {}
     e = _file(b"big", [STRIPE_BYTES, STRIPE_BYTES, 5], known)
