@@ -58,7 +58,7 @@ def restore(restorer: Restorer, tree: Callable[[], Iterator[Record]], processes:
             entries: int | None = None, expected_bytes: int | None = None) -> RestoreResult:
     """``restorer.run(tree())``, with ``processes`` workers when the target is empty and forking is safe.
     ``entries``, ``expected_bytes``: how many entries and file bytes the tree holds, where known (see
-    SHARED_TREE_ENTRIES and SPLIT_SHARE); a narrowed selection's bytes are counted by a walk of its own."""
+    SHARED_TREE_ENTRIES and SPLIT_SHARE); the bytes --include selects are counted by a walk of their own."""
     restorer.check_target()
     if (processes < 2 or not restorer.fresh or restorer.opt.delta or not isinstance(restorer.repo, Repo)
             or not forked.can_fork(restorer.repo.remote)):
@@ -69,7 +69,7 @@ def restore(restorer: Restorer, tree: Callable[[], Iterator[Record]], processes:
     if entries is not None and entries <= SHARED_TREE_ENTRIES:
         records = list(tree())
         tree = lambda: iter(records)  # noqa: E731
-    if not restorer.selected.everything:
+    if restorer.selected.includes is not None:  # excludes alone leave most of the snapshot: its bytes do
         expected_bytes = selected_bytes(restorer, tree())
     result = _Coordinator(restorer, tree, processes, split_above(expected_bytes)).run()
     restorer.note_walked()  # this process walked the whole tree: the workers' counts are their stripes'
@@ -78,8 +78,8 @@ def restore(restorer: Restorer, tree: Callable[[], Iterator[Record]], processes:
 
 
 def selected_bytes(restorer: Restorer, records: Iterator[Record]) -> int:
-    """The file bytes a narrowed restore writes: a file that is most of the selection is written in
-    parts even when it is a small share of the snapshot."""
+    """The file bytes a restore narrowed by includes writes: a file that is most of the selection is
+    written in parts even when it is a small share of the snapshot."""
     return sum(rec.entry.size for rec in restorer.selected_records(records)
                if rec.entry is not None and rec.entry.type == T_FILE)
 
