@@ -1066,7 +1066,8 @@ def cmd_key(args: argparse.Namespace) -> int:
         else:
             for k in keys:  # a key file's fields are not sealed: anyone who can write the storage chooses them
                 print(one_line(f"{'*' if k['current'] else ' '} {k['id'][:12]}  {k['kdf']:8}  " + (
-                    f"{k['problem']} (`key remove {k['id'][:12]}`)" if "problem" in k else
+                    k["problem"] + (f" (`key remove {k['id'][:12]}`)" if k["kdf"] == "damaged" else "")
+                    if "problem" in k else
                     f"{k['created'][:19]}  {k['user']}@{k['host']}")))
     elif args.key_cmd == "add":
         name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))

@@ -1112,8 +1112,8 @@ class Repository:
         readable, damaged = self._repo.list_keys()
         return [{"id": k.name, "kdf": k.kdf, "created": k.created, "host": k.host, "user": k.user,
                  "current": k.name == self._repo.key_name} for k in readable] + [
-                {"id": name, "kdf": "damaged", "created": "", "host": "", "user": "", "current": False,
-                 "problem": exc.reason} for name, exc in damaged.items()]
+                {"id": name, "kdf": "newer" if isinstance(exc, NewerObject) else "damaged", "created": "", "host": "",
+                 "user": "", "current": False, "problem": exc.reason} for name, exc in damaged.items()]
 
 
 def _is_nonempty_dir(path: str | os.PathLike[str]) -> bool:

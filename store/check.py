@@ -175,8 +175,10 @@ class Checker:
                 kf = KeyFile.decode(k.key.split("/", 1)[1], repo.remote.get(k.key))
             except RemoteUnavailable:
                 raise
+            except NewerObject as exc:  # a host that upgraded added it: not damage
+                self.report.warnings.append(f"{exc}; not checked")
             except ChunkvaultError as exc:
-                self.problem(k.key, str(exc))
+                self.problem(k.key, exc.reason if isinstance(exc, CorruptObject) else str(exc))
             else:
                 readable += not kf.repo or kf.repo == repo.config.repo_id
         if not readable:

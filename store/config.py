@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from chunkvault.errors import CorruptObject, UnsupportedFormat, UsageError, WrongPassword
+from chunkvault.errors import CorruptObject, NewerObject, UnsupportedFormat, UsageError, WrongPassword
 
 from .crypto import (
     SCRYPT_P, SCRYPT_R, AuthenticationFailed, KeyMaterial, Sealer, content_name, derive_argon2id, derive_kek,
@@ -189,7 +189,8 @@ class KeyFile:
             raise CorruptObject(what, "malformed key file")
         kdf = obj["kdf"]
         if not isinstance(kdf, str) or kdf not in KDF_COST_FIELDS:
-            raise UnsupportedFormat(f"{what}: unknown key derivation {kdf!r}")
+            raise NewerObject(what, f"unknown key derivation {kdf!r}: a newer chunkvault's key (upgrade chunkvault "
+                                    "to use it) or not chunkvault's")
         try:
             cost = {f: obj[f] for f in KDF_COST_FIELDS[kdf]}
             if any(type(v) is not int for v in cost.values()):  # not a bool, float or string

@@ -151,7 +151,7 @@ def _key_files(remote: Remote) -> list[KeyFile]:
     for o in remote.list("keys/"):
         try:
             out.append(KeyFile.decode(o.key.split("/", 1)[1], remote.get(o.key)))
-        except (CorruptObject, UnsupportedFormat, ObjectNotFound):
+        except (CorruptObject, ObjectNotFound):
             continue
     return out
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from chunkvault.errors import CorruptObject, ObjectNotFound, RepositoryNotFound, UnsupportedFormat, WrongPassword
+from chunkvault.errors import (CorruptObject, NewerObject, ObjectNotFound, RepositoryNotFound, UnsupportedFormat,
+                               WrongPassword)
 from chunkvault.remotes import Remote
 
 from .config import KDF_SECRET, KeyFile, RepoConfig, open_config, peek_config
@@ -84,18 +85,18 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
         raise no_key_files()
     corrupt: CorruptObject | None = None
     other_ids = set()
-    unsupported: UnsupportedFormat | None = None
+    unsupported: NewerObject | None = None
     keys = []
     raws: dict[str, bytes] = {}
     for name in key_names:
         try:
             raws[name] = remote.get(f"keys/{name}")
             kf = KeyFile.decode(name, raws[name])
+        except NewerObject as exc:  # a key of a newer version: another key may still open
+            unsupported = exc
+            continue
         except (CorruptObject, ObjectNotFound) as exc:
             corrupt = exc if isinstance(exc, CorruptObject) else None
-            continue
-        except UnsupportedFormat as exc:  # a key of a newer version: another key may still open
-            unsupported = exc
             continue
         if kf.repo and kf.repo != clear["id"]:
             other_ids.add(kf.repo)
@@ -122,8 +123,8 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
     if corrupt is not None and len(key_names) == 1:
         raise corrupt.explained(KEY_IMPORT_HINT)
     if unsupported is not None:  # the key this password opens may be that one: an upgrade would tell
-        raise UnsupportedFormat(f"{unsupported} (a newer chunkvault's key, or not chunkvault's): no other key "
-                                "opens with this password, so it is the password's key or the password is wrong")
+        raise UnsupportedFormat(f"{unsupported}: no other key opens with this password, so it is the password's "
+                                "key or the password is wrong")
     # Another repository's key file, planted or copied here, says nothing against the password while this
     # repository's own keys are there: they refused it.
     own = [kf for kf in keys if not kf.repo or kf.repo == clear["id"]]

@@ -162,6 +162,30 @@ def test_a_key_file_of_a_newer_kind_does_not_stop_another_from_opening(tmp_path)
         Repository.open(url, "another")
 
 
+def test_a_key_file_of_a_newer_kind_is_listed_checked_and_kept_apart_not_called_damage(tmp_path, cli):
+    """A host that upgraded adds a key of a kind this version does not know: the other keys are still
+    listed, changed and removed, and check says "not checked" instead of failing."""
+    from chunkvault.store.crypto import content_name
+
+    url = str(tmp_path / "repo")
+    repo = Repository.init(url, "pw", kdf_seconds=0)
+    future = json.dumps({"kdf": "argon3", "salt": "AAAA", "data": "AAAA"}).encode()
+    newer = content_name(future)[:32]
+    repo.store.remote.put(f"keys/{newer}", future)
+    listed = {k["id"]: k for k in Repository.open(url, "pw").keys()}
+    assert listed[newer]["kdf"] == "newer" and "upgrade chunkvault" in listed[newer]["problem"]
+    env = {"CHUNKVAULT_PASSWORD": "pw"}
+    out = cli("key", "list", "-r", url, env=env).stdout.decode()
+    assert newer[:12] in out and "upgrade chunkvault" in out and "key remove" not in out
+    added = Repository.open(url, "pw").add_key("second", kdf_seconds=0)
+    Repository.open(url, "pw").remove_key(added)
+    name, _ = Repository.open(url, "pw").change_password("pw2", kdf_seconds=0)
+    assert Repository.open(url, "pw2").store.key_name == name
+    report = Repository.open(url, "pw2").check()
+    assert report.ok and any(f"keys/{newer}" in w and "not checked" in w for w in report.warnings)
+    assert newer in {k["id"] for k in Repository.open(url, "pw2").keys()}
+
+
 def test_a_scrypt_key_file_made_before_argon2id_still_opens(tmp_path):
     from chunkvault.store.crypto import content_name
 
