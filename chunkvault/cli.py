@@ -400,6 +400,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         else:
             result = repo.backup_command(args.paths, args.stdin_name, **options)
     else:
+        if args.stdin_name:
+            raise UsageError("--stdin-name names a stream: give --stdin or --stdin-from-command with it")
         for listing, raw in [(f, False) for f in args.files_from] + [(f, True) for f in args.files_from_raw]:
             args.paths += read_list_file(listing, "list of files", raw=raw)
         if not args.paths:
@@ -1495,8 +1497,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         else:
             period = name.removeprefix("keep_")
             s.add_argument(flag, type=int, metavar="N",
-                           help="keep the last N snapshots" if period == "last" else
-                           f"keep the newest snapshot of each of the last N {period.removesuffix('ly').replace('dai', 'day')}s")
+                           help=("keep the last N snapshots" if period == "last" else
+                                 f"keep the newest snapshot of each of the last N "
+                                 f"{period.removesuffix('ly').replace('dai', 'day')}s") + " (-1: all)")
     s.add_argument("--keep-tag", action="append", default=[], metavar="TAGS", help="keep snapshots with these tags (a,b)")
     s.add_argument("--group-by", metavar="host,paths,tags", help="group snapshots before applying rules")
     s.add_argument("--preset", help="a named retention preset from --config")

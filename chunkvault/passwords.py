@@ -49,7 +49,7 @@ class PasswordSource:
         for kind in ("file", "command"):
             if self._args(args, kind) == "":  # given, and empty: not the environment's password silently instead
                 raise UsageError(f"{self.option}-{kind} is empty")
-        tiers = ((self._args(args, "file"), self._args(args, "command"), f"{self.option}-file and -command", None),
+        tiers = ((self._args(args, "file"), self._args(args, "command"), f"{self.option}-file and {self.option}-command", None),
                  (*fallback, "password-file and password-command", cwd),
                  (os.environ.get(self.env + "_FILE"), os.environ.get(self.env + "_COMMAND"),
                   f"{self.env}_FILE and _COMMAND", None))
@@ -72,7 +72,7 @@ class PasswordSource:
             return pw
         if not sys.stdin.isatty():
             raise UsageError(f"no {self.what}: use {self.option}-file or {self.option}-command, "
-                             f"or set {self.env}")
+                             f"or set {self.env}_FILE, {self.env}_COMMAND or {self.env}")
         return self._nonempty(prompt(f"{self.what}: ", confirm), "at the prompt")
 
     def _nonempty(self, pw: bytes, where: str) -> bytes:

@@ -24,10 +24,12 @@ from .snapshot import Snapshot
 
 def path_matcher(patterns: list[str], ignore_case: bool = False) -> Callable[[bytes], bool]:
     """A test of a path below a snapshot's root: a glob matches the whole path or its last name
-    (as ``backup --exclude`` matches)."""
+    (as ``backup --exclude`` matches).  The root itself has neither: ``*`` does not list it."""
     globs = [p.lower() for p in patterns] if ignore_case else list(patterns)
 
     def match(path: bytes) -> bool:
+        if not path:
+            return False
         s = os.fsdecode(path)
         if ignore_case:
             s = s.lower()

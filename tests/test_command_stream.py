@@ -135,6 +135,7 @@ def test_cli_stdin_from_command(cli, tmp_path):
                           (["--stdin-from-command", "--", "true"], "--stdin-from-command needs --stdin-name NAME"),
                           (["--stdin", "--stdin-from-command", "--stdin-name", "x", "--", "true"], "give one"),
                           (["--stdin-from-command", "--stdin-name", "x", "--exclude", "*", "--", "true"],
-                           "takes no exclusion rules")):
+                           "takes no exclusion rules"),
+                          (["--stdin-name", "x", str(tmp_path)], "give --stdin or --stdin-from-command with it")):
         proc = cli("backup", "-r", repo, *args, check=2)
         assert message in proc.stderr.decode()

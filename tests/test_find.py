@@ -57,6 +57,7 @@ def test_patterns_match_the_path_or_the_name():
     assert path_matcher(["README*"], ignore_case=True)(b"docs/readme.md")
     assert not path_matcher(["README*"])(b"docs/readme.md")
     assert path_matcher(["*"])(b"\xff\xfe")
+    assert not path_matcher(["*"])(b"")  # the root: no path below it, no name
 
 
 def brute_force(repo: Repository, snaps: list[Snapshot], match) -> list[tuple]:

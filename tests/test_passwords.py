@@ -59,7 +59,7 @@ def test_a_password_that_is_not_utf8_is_the_same_from_the_environment_and_a_file
 def test_a_file_and_a_command_at_one_level_are_refused(env, tmp_path):
     f = tmp_path / "pw"
     f.write_text("x")
-    with pytest.raises(UsageError, match="--password-file and -command both given"):
+    with pytest.raises(UsageError, match="--password-file and --password-command both given"):
         passwords.REPOSITORY.given(args(password_file=str(f), password_command="true"))
     env.setenv("CHUNKVAULT_PASSWORD_FILE", str(f))
     env.setenv("CHUNKVAULT_PASSWORD_COMMAND", "true")
@@ -109,7 +109,8 @@ def test_without_a_terminal_a_missing_password_names_every_way_to_give_one(env, 
     with pytest.raises(UsageError) as e:
         passwords.TO.get(argparse.Namespace())
     assert str(e.value) == ("no password of the to repository: use --to-password-file or --to-password-command, "
-                            "or set CHUNKVAULT_TO_PASSWORD")
+                            "or set CHUNKVAULT_TO_PASSWORD_FILE, CHUNKVAULT_TO_PASSWORD_COMMAND or "
+                            "CHUNKVAULT_TO_PASSWORD")
 
 
 def test_cli_commands_take_every_password_from_commands(cli, tmp_path):
