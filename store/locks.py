@@ -12,9 +12,13 @@ by a process on this host that no longer exists, is stale: it is ignored and
 removed (a killed prune or backup never wedges the repository).
 
 A lock names its process by host, pid, and (where the system tells them) the
-boot id and the process's start time, because pids are reused: a killed
-prune's pid may belong to an unrelated process minutes later, and a pid alone
-would keep its lock alive until it expires.
+boot id, the process's start time and its pid namespace, because pids are
+reused: a killed prune's pid may belong to an unrelated process minutes
+later, and a pid alone would keep its lock alive until it expires.  A
+container that shares the host's name and boot (Docker's ``--uts host`` or
+``--network host``, Kubernetes' ``hostNetwork``) numbers its processes
+apart: its backup's pid means nothing in the host's namespace, so a lock
+from another namespace is judged by its age only.
 """
 from __future__ import annotations
 
@@ -58,6 +62,14 @@ def boot_id() -> str | None:
         return None
 
 
+def pid_namespace() -> str | None:
+    """This process's pid namespace (Linux: e.g. ``pid:[4026531836]``), within which its pid means it."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def process_start(pid: int, *, running: bool = False) -> int | None:
     """When process ``pid`` started (clock ticks since boot; Linux), or None if unknown or gone (with
     ``running``, also once it is a zombie: it has ended, its parent has yet to reap it)."""
@@ -79,11 +91,16 @@ class LockInfo:
     time: float
     boot: str | None = None
     start: int | None = None
+    pidns: str | None = None
 
     def stale(self, now: float) -> bool:
         if abs(now - self.time) > STALE_AFTER:  # not refreshed, or dated far ahead (a clock, or a forged lock)
             return True
-        if self.host != socket.gethostname() or self.pid == os.getpid():
+        if self.host != socket.gethostname():
+            return False
+        if self.pidns is not None and self.pidns != pid_namespace():
+            return False  # a container of the same name: its pid is not one of ours (see the module docstring)
+        if self.pid == os.getpid():
             return False
         if self.boot is not None and self.start is not None:
             if self.boot != boot_id():
@@ -120,7 +137,8 @@ def _parsed_lock(key: str, d: dict) -> LockInfo:
     if not (0 < pid < 1 << 31) or not math.isfinite(when):
         raise ValueError("not a lock")
     return LockInfo(key, str(d["kind"]), str(d["host"]), pid, str(d.get("purpose", "?")), when,
-                    d.get("boot") or None, int(start) if start is not None else None)
+                    d.get("boot") or None, int(start) if start is not None else None,
+                    str(d["pidns"]) if d.get("pidns") else None)
 
 
 _HELD_BY_THREAD: dict[str, int] = {}  # lock key -> the thread of this process that holds it
@@ -149,6 +167,7 @@ class RepoLock:
         self._thread: threading.Thread | None = None
         self._written = 0.0  # when the lock was last written (wall clock, as other commands judge it)
         self._lost = 0.0  # the gap (s) that made it lost, once one did: sticky
+        self._removed = False  # another command removed it (found by ensure_held or a refresh): sticky
         self._looked = 0.0  # when ensure_held last saw the lock object on the remote
         self._pid = os.getpid()  # a child forked while it is held must not remove it on leaving the block
         self.waited = False  # another command held the repository first: what was read before may be stale
@@ -158,7 +177,7 @@ class RepoLock:
         if self._written and now - self._written > LOST_AFTER:
             self._lost = now - self._written  # sticky: writing it again does not undo what others did meanwhile
         body = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(), "purpose": self.purpose,
-                "time": now, "boot": boot_id(), "start": process_start(os.getpid())}
+                "time": now, "boot": boot_id(), "start": process_start(os.getpid()), "pidns": pid_namespace()}
         self.remote.put(self.key, json.dumps(body).encode())
         self._written = now
 
@@ -171,6 +190,8 @@ class RepoLock:
         now = time.time()
         if not self._lost and now - self._written > LOST_AFTER:
             self._lost = now - self._written
+        if self._removed:
+            raise self._removed_error()
         if self._lost:
             raise LockLost(f"this {self.purpose}'s repository lock went {self._lost:.0f} s without a refresh (the "
                            "process was paused, or the repository out of reach), so other commands may have "
@@ -179,9 +200,13 @@ class RepoLock:
             return
         if not self.remote.exists(self.key):
             self._lost = now - self._written
-            raise LockLost(f"this {self.purpose}'s repository lock was removed by another command; stopped before "
-                           f"relying on it: run the {self.purpose} again")
+            self._removed = True
+            raise self._removed_error()
         self._looked = now
+
+    def _removed_error(self) -> LockLost:
+        return LockLost(f"this {self.purpose}'s repository lock was removed by another command; stopped before "
+                        f"relying on it: run the {self.purpose} again")
 
     def _conflicts(self) -> list[LockInfo]:
         now = time.time()
@@ -237,10 +262,21 @@ class RepoLock:
     def _refresh(self) -> None:
         while not self._stop.wait(REFRESH_EVERY):
             with FORK_GUARD:  # a restore's workers fork while this lock is held: never mid-write
-                try:
-                    self._write()
-                except Exception:  # a failed refresh only risks staleness; the next one may succeed
-                    continue
+                if not self.refresh():
+                    return
+
+    def refresh(self) -> bool:
+        """Write the lock again, unless another command removed it (it took it for stale): then it stays
+        gone, for ``ensure_held`` to find, and False; written back, the loss would go unnoticed."""
+        try:
+            if not self.remote.exists(self.key):
+                self._lost = self._lost or max(time.time() - self._written, 1.0)
+                self._removed = True
+                return False
+            self._write()
+        except Exception:  # a failed refresh only risks staleness; the next one may succeed
+            pass
+        return True
 
     def _remove_quietly(self) -> None:
         try:

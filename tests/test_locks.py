@@ -13,7 +13,7 @@ import pytest
 
 from chunkvault.errors import Locked, RemoteUnavailable
 from chunkvault.remotes.local import LocalRemote
-from chunkvault.store.locks import EXCLUSIVE, SHARED, RepoLock, boot_id, list_locks, process_start
+from chunkvault.store.locks import EXCLUSIVE, SHARED, RepoLock, boot_id, list_locks, pid_namespace, process_start
 from faults import FaultyRemote
 
 needs_proc = pytest.mark.skipif(boot_id() is None or process_start(os.getpid()) is None,
@@ -84,11 +84,39 @@ def test_a_lock_from_another_boot_is_judged_by_its_age_only(remote, sleeper):
         pass
 
 
+@needs_proc
+def test_a_lock_from_another_pid_namespace_is_judged_by_its_age_only(remote):
+    """A container sharing the host's name and boot: its backup's pid names no process here, or another one;
+    taken for stale, its lock was removed and a prune deleted the packs the backup was writing."""
+    if pid_namespace() is None:
+        pytest.skip("no pid namespace in /proc here")
+    gone = dead_pid()
+    plant(remote, "f" * 32, gone, boot=boot_id(), start=12345, pidns="pid:[1]")
+    with pytest.raises(Locked, match=f"pid {gone}"):
+        RepoLock(remote, EXCLUSIVE, "prune").acquire()
+    key = plant(remote, "f" * 32, gone, boot=boot_id(), start=12345, pidns=pid_namespace())
+    with RepoLock(remote, EXCLUSIVE, "prune"):  # the same namespace: the pid says the holder is gone
+        assert remote.stat(key) is None
+
+
+def test_a_refresh_does_not_write_back_a_lock_another_command_removed(remote):
+    from chunkvault.errors import LockLost
+
+    with RepoLock(remote, SHARED, "backup") as lock:
+        assert lock.refresh()
+        remote.delete(lock.key)
+        assert not lock.refresh()
+        assert remote.stat(lock.key) is None
+        with pytest.raises(LockLost, match="removed by another command"):
+            lock.ensure_held()
+
+
 def test_locks_name_their_process(remote):
     with RepoLock(remote, SHARED, "backup") as lock:
         (info,) = list_locks(remote)
         assert info.key == lock.key and info.pid == os.getpid()
         assert info.boot == boot_id() and info.start == process_start(os.getpid())
+        assert info.pidns == pid_namespace()
         assert not info.stale(time.time())
 
 
