@@ -182,6 +182,35 @@ class _GuardedOutput:
         return getattr(self._stream, name)
 
 
+class _BestEffortErrors:
+    """Standard error whose failed writes (a full disk, a closed pipe: cron's log) are dropped: the exit code
+    still tells what happened, where the failure to tell it became an internal error (exit 1)."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self._lost = False
+
+    def write(self, text: str) -> int:
+        if not self._lost:
+            try:
+                n = self._stream.write(text)
+                self._stream.flush()
+                return n
+            except (OSError, ValueError):  # ValueError: closed
+                self._lost = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._lost:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._lost = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _never_strict(stream: Any) -> None:
     """Text still holding a byte that is not UTF-8 (a path given on the command line, say) is written escaped
     on a stream a strict UTF-8 locale set up, not refused with an internal error; names in listings are
@@ -203,7 +232,11 @@ def _stdout_errors() -> Iterator[None]:
 
 
 def _stdout_error(exc: OSError) -> ChunkvaultError:
-    return output_error("writing to standard output", exc)
+    """Its exit code is a storage failure's (14); its words say that what the command had done before (a
+    snapshot saved, say) stays done: only its report was cut short."""
+    error = output_error("writing to standard output", exc)
+    return type(error)(f"{error} (the command stopped there; what it had done stays done, only its report "
+                       "is lost or cut short)")
 
 
 _JSON = json.JSONEncoder(indent=1, sort_keys=True, default=str)
@@ -466,10 +499,19 @@ def _progress(args: argparse.Namespace, what: str, total: int | None = None, uni
     return Progress(what, total, enabled=False if (args.quiet or args.json or mode == "none") else None, unit=unit)
 
 
+def _prune_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-unused", type=_share, default=0.05,
+                        help="repack packs with more unused than this (default 5%%)")
+    parser.add_argument("--max-repack-size", type=_size, metavar="SIZE",
+                        help="repack at most this much live data (e.g. 500M), the packs with most unused first; "
+                             "a later prune does the rest (a disk without room to repack everything at once)")
+
+
 def _prune_with_progress(args: argparse.Namespace, repo: Any) -> Any:
     bar = _progress(args, "prune", unit="packs")
     try:
-        return repo.prune(max_unused=args.max_unused, dry_run=args.dry_run, wait=args.wait, progress=bar)
+        return repo.prune(max_unused=args.max_unused, max_repack_size=args.max_repack_size, dry_run=args.dry_run,
+                          wait=args.wait, progress=bar)
     finally:
         bar.done()
 
@@ -1508,13 +1550,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--unsafe-allow-remove-all", action="store_true",
                    help="let a retention policy remove every snapshot of a group (refused otherwise)")
     s.add_argument("--prune", action="store_true", help="prune afterwards")
-    s.add_argument("--max-unused", type=_share, default=0.05, help="repack packs with more unused than this (default 5%%)")
+    _prune_options(s)
     _wait_option(s, 0.0, "running backups and reads")
     s.set_defaults(func=cmd_forget)
 
     s = sub.add_parser("prune", parents=[common], help="delete data no snapshot needs, compact packs and index")
     s.add_argument("--dry-run", "-n", action="store_true", help="report what would be removed and freed")
-    s.add_argument("--max-unused", type=_share, default=0.05, help="repack packs with more unused than this (default 5%%)")
+    _prune_options(s)
     _wait_option(s, 0.0, "running backups and reads")
     s.set_defaults(func=cmd_prune)
 
@@ -1690,10 +1732,12 @@ def main(argv: list[str] | None = None) -> int:
     # Cleared here, not on the way out: threads a stopped command left behind (a second signal ended its
     # wait for them) must go on retrying no longer while the interpreter waits for them to end.
     stop_request.clear()
-    stdout = sys.stdout
+    stdout, stderr = sys.stdout, sys.stderr
     if stdout is not None:
         _never_strict(stdout)
         sys.stdout = _GuardedOutput(stdout)  # type: ignore[assignment]
+    if stderr is not None:
+        sys.stderr = _BestEffortErrors(stderr)  # type: ignore[assignment]
     try:
         with interrupts.handled({signal.SIGINT: _stop, signal.SIGTERM: _stop}):
             args = _parse(sys.argv[1:] if argv is None else argv)
@@ -1722,7 +1766,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_INTERNAL
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = stdout, stderr
         _STOPPED_BY.clear()  # a caller's next command in this process was not stopped
 
 

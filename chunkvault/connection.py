@@ -11,6 +11,7 @@ from typing import Any
 import blake3
 
 from .errors import UsageError
+from .localfiles import user_dir
 from .remotes import Remote, open_remote
 from .remotes.local import LocalRemote
 from .remotes.throttle import ThrottledRemote
@@ -34,19 +35,25 @@ def connect(url: str | Remote, *, cache: bool = True, limit_upload: float | None
         return remote
     from .remotes.layer import wrap_remote  # off-site remotes only
 
-    cache_dir = os.path.join(cache_base(), url_digest(remote.display_url)) if cache else None
+    base = cache_base() if cache else None
+    cache_dir = os.path.join(base, url_digest(remote.display_url)) if base is not None else None
     return wrap_remote(remote, cache_dir=cache_dir)
 
 
-def cache_base() -> str:
-    return os.environ.get("CHUNKVAULT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "chunkvault")
+def cache_base() -> str | None:
+    """The local cache's directory; None when there is none to use (no home directory): commands then
+    read everything from the repository."""
+    if os.environ.get("CHUNKVAULT_CACHE_DIR"):
+        return os.environ["CHUNKVAULT_CACHE_DIR"]
+    base = user_dir("XDG_CACHE_HOME", ".cache")
+    return None if base is None else os.path.join(base, "chunkvault")
 
 
 def url_digest(url: str) -> str:
     return blake3.blake3(url.encode()).hexdigest()[:24]
 
 
-def key_ahead_path(url: str) -> str:
+def key_ahead_path(url: str) -> str | None:
     """Where the key file that last opened the repository at ``url`` (as given) is kept (store/keyahead.py)."""
-    return os.path.join(cache_base(), "key-ahead", url_digest(url))
+    base = cache_base()
+    return None if base is None else os.path.join(base, "key-ahead", url_digest(url))

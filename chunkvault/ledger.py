@@ -22,7 +22,8 @@ import warnings
 from datetime import datetime, timezone
 from typing import Callable, Collection, Iterable
 
-from .errors import ChunkvaultWarning, RollbackDetected
+from .errors import ChunkvaultWarning, RollbackDetected, output_error
+from .localfiles import read_regular, user_dir
 from .store import ledger as logic
 from .store.ledger import REPLAYED, Finding, LedgerState
 from .store.snapshot import Snapshot
@@ -33,9 +34,10 @@ class RepositoryStateWarning(ChunkvaultWarning):
     does not load (it is left out)."""
 
 
-def default_dir() -> str:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(base, "chunkvault", "ledger")
+def default_dir() -> str | None:
+    """$XDG_STATE_HOME/chunkvault/ledger; None when there is no home directory to keep it in."""
+    base = user_dir("XDG_STATE_HOME", os.path.join(".local", "state"))
+    return None if base is None else os.path.join(base, "chunkvault", "ledger")
 
 
 def _warn(message: str) -> None:
@@ -69,10 +71,9 @@ class LedgerFile:
     def _load(self) -> tuple[LedgerState, bool]:
         """(state, whether the file must be rewritten because it was unreadable)."""
         try:
-            with open(self.path, "rb") as f:
-                doc = json.loads(f.read())
+            doc = json.loads(read_regular(self.path))
             return logic.from_json(doc, self.repo_id), False
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             return LedgerState(), False
         except OSError as exc:
             self._warn_once(f"cannot read the ledger {self.path} ({exc.strerror}): "
@@ -82,26 +83,33 @@ class LedgerFile:
             self._warn_once(f"ledger {self.path} is unreadable ({exc}): starting a fresh one")
             return LedgerState(), True
 
-    def update(self, change: Callable[[LedgerState], LedgerState]) -> LedgerState:
-        """Apply ``change`` to the stored state and store the result (when it differs)."""
+    def update(self, change: Callable[[LedgerState], LedgerState], *, must_store: bool = False) -> LedgerState:
+        """Apply ``change`` to the stored state and store the result (when it differs).  A ledger that cannot
+        be written is a warning, or with ``must_store`` (what was asked is the change itself) an error."""
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             lock = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
+            if must_store:
+                raise output_error(f"writing the ledger in {self.directory}", exc) from None
             self._warn_once(f"cannot use the ledger in {self.directory} ({exc.strerror}): "
                             f"replayed or rolled-back snapshots go unnoticed")
             return change(self._load()[0])
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as exc:  # a file system without locks (NFS mounted nolock): each replace is whole
+                self._warn_once(f"cannot lock the ledger {self.path} ({exc.strerror}): commands that run at "
+                                "the same time may each miss what the other noted")
             old, rewrite = self._load()
             new = change(old)
             if rewrite or new != old:
-                self._save(new)
+                self._save(new, must_store)
             return new
         finally:
             os.close(lock)
 
-    def _save(self, state: LedgerState) -> None:
+    def _save(self, state: LedgerState, must_store: bool = False) -> None:
         data = json.dumps(logic.to_json(state, self.repo_id), indent=1).encode()
         try:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)  # mode 0600
@@ -120,6 +128,8 @@ class LedgerFile:
             finally:
                 os.close(dfd)
         except OSError as exc:
+            if must_store:
+                raise output_error(f"writing the ledger {self.path}", exc) from None
             self._warn_once(f"cannot write the ledger {self.path} ({exc.strerror})")
 
 
@@ -147,8 +157,15 @@ class Ledger:
         self._warned: set[Finding] = set()
 
     @classmethod
-    def at(cls, where: str | None, repo_id: str) -> "Ledger":
-        return cls(LedgerFile(where or default_dir(), repo_id))
+    def at(cls, where: str | None, repo_id: str) -> "Ledger | None":
+        """The ledger in directory ``where`` (None: ``default_dir``); None, with a warning, where there is
+        no home directory to keep it in."""
+        directory = where or default_dir()
+        if directory is None:
+            _warn("no home directory to keep the ledger in (HOME is not an absolute path; XDG_STATE_HOME can "
+                  "name one): replayed or rolled-back snapshots go unnoticed")
+            return None
+        return cls(LedgerFile(directory, repo_id))
 
     def observe(self, present: dict[str, datetime], *, warn: bool = True) -> list[Finding]:
         """After a listing: update the ledger; the findings not warned about yet (by this Ledger) are one
@@ -184,9 +201,10 @@ class Ledger:
 
     def accept(self, present: dict[str, datetime]) -> list[Finding]:
         """Take the repository as it is; returns the findings this clears."""
-        return self._update(lambda s: logic.accept(s, present), present)
+        return self._update(lambda s: logic.accept(s, present), present, must_store=True)
 
-    def _update(self, change: Callable[[LedgerState], LedgerState], present: dict[str, datetime]) -> list[Finding]:
+    def _update(self, change: Callable[[LedgerState], LedgerState], present: dict[str, datetime], *,
+                must_store: bool = False) -> list[Finding]:
         """Apply ``change``; the findings of the state it was applied to."""
         found: list[Finding] = []
 
@@ -194,7 +212,7 @@ class Ledger:
             found[:] = logic.findings(state, present)
             return change(state)
 
-        self.file.update(judged)
+        self.file.update(judged, must_store=must_store)
         return found
 
 

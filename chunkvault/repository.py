@@ -918,20 +918,24 @@ class Repository:
             return self._forgetting(snaps, chain, lambda: aggregate(self._repo, snap, snaps, retire=retire,
                                                                     ensure_held=lock.ensure_held))
 
-    def prune(self, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0,
-              progress: Callable[[int, int, int], None] | None = None) -> PrunePlan:
-        """Delete packs no snapshot needs; repack those more than ``max_unused`` unused.
+    def prune(self, *, max_unused: float = 0.05, max_repack_size: int | str | None = None, dry_run: bool = False,
+              wait: float = 0.0, progress: Callable[[int, int, int], None] | None = None) -> PrunePlan:
+        """Delete packs no snapshot needs; repack those more than ``max_unused`` unused, at most
+        ``max_repack_size`` bytes of their live data (e.g. ``"100M"``; the packs with most unused first; the
+        rest is left for a later prune: on a disk without room to repack everything at once).
 
         ``progress(pack operations done, bytes repacked, bytes to repack)`` is called as it goes.
         """
         from .store.prune import prune
 
         max_unused = parse_share(max_unused)
+        max_repack = None if max_repack_size is None else parse_size(max_repack_size)
         if dry_run:
             self._list()
         else:
             self._guard()
-        return prune(self._repo, max_unused=max_unused, dry_run=dry_run, wait=wait, progress=progress)
+        return prune(self._repo, max_unused=max_unused, max_repack=max_repack, dry_run=dry_run, wait=wait,
+                     progress=progress)
 
     def copy_to(self, destination: "Repository", snapshots: Iterable[str] = (),
                 progress: Callable[[int, int], None] | None = None, *, hosts: Iterable[str] = (),

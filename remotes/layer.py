@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from chunkvault.errors import ChunkvaultError, ObjectExists, ObjectNotFound, RemoteRetryWarning, RemoteUnavailable
+from chunkvault.localfiles import read_regular
 
 from .base import ObjectInfo, Remote, validate_key
 
@@ -323,10 +324,7 @@ class CachingRemote(Remote):
 
     def _load(self, path: str) -> bytes | None:
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return None
+            raw = read_regular(path)
         except OSError:
             return None
         data = decode_cache_entry(raw)

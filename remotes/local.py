@@ -33,7 +33,11 @@ TEMP_PREFIX = ".tmp-"
 # free space, take one before they delete anything.  Not an object: never listed.
 RESERVE_NAME = ".reserve"
 RESERVE_SIZE = 1 << 20
-LOCK_PREFIX = "locks/"  # the one kind of key a full disk must still take
+LOCK_PREFIX = "locks/"
+# The one kind of key a full disk must still take: an exclusive lock (store/locks.py names them so).  A
+# backup's shared lock took the reserve too, and the backup then filled it with data: forget and prune
+# found none left.
+EXCLUSIVE_LOCK_PREFIX = "locks/x-"
 _O_DIRECT = getattr(os, "O_DIRECT", 0) if sys.platform.startswith("linux") else 0
 DIRECT_IO_MIN = 1 << 20
 STREAM_PIECE = 1 << 20  # put_stream asks its source for at most this much at a time
@@ -174,12 +178,12 @@ class LocalRemote(Remote):
         try:
             self._put(key, data, if_absent)
         except StorageFull:
-            if not key.startswith(LOCK_PREFIX) or not self._release_reserve():
+            if not key.startswith(EXCLUSIVE_LOCK_PREFIX) or not self._release_reserve():
                 raise
             self._put(key, data, if_absent)
 
     def _release_reserve(self) -> bool:
-        """Free the reserve for a lock a full disk refused; True when there was one."""
+        """Free the reserve for an exclusive lock a full disk refused; True when there was one."""
         self._reserve_kept = False
         try:
             os.unlink(os.path.join(self.root, RESERVE_NAME))

@@ -362,9 +362,12 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
     tmp = os.path.join(directory, f".{base}.tmp-{os.urandom(6).hex()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while written: see _remove_abandoned
     except OSError as exc:
         raise output_error(f"creating the export file in {directory}", exc) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while written: see _remove_abandoned
+    except OSError:
+        pass  # a file system without locks (NFS mounted nolock): no cleanup can take a file it cannot lock
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as f:
             w = ExportWriter(f, password, snapshot_metadata(repo, snapshot, chain), log_n=log_n, p=p,

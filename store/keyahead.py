@@ -17,6 +17,7 @@ import os
 import threading
 
 from chunkvault.errors import ChunkvaultError
+from chunkvault.localfiles import read_regular
 
 from .config import KDF_SECRET, KeyFile
 from .crypto import content_name
@@ -27,7 +28,7 @@ MAX_KEY_FILE = 64 << 10  # key files are a few hundred bytes; anything larger is
 class KeyAhead:
     """A derivation started early from the key file remembered at ``path``; see the module docstring."""
 
-    def __init__(self, path: str, password: bytes):
+    def __init__(self, path: str | None, password: bytes):
         self.path = path
         self.password = password
         self.raw: bytes | None = None
@@ -36,9 +37,10 @@ class KeyAhead:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def start(cls, path: str, password: bytes) -> "KeyAhead":
+    def start(cls, path: str | None, password: bytes) -> "KeyAhead":
+        """``path``: None where there is no cache to keep the key file in."""
         ahead = cls(path, password)
-        raw = _read_small(path)
+        raw = None if path is None else _read_small(path)
         if raw is None:
             return ahead
         try:
@@ -67,23 +69,28 @@ class KeyAhead:
 
     def remember(self, raw: bytes) -> None:
         """Keep ``raw``, the key file that opened the repository, for the next command (best effort)."""
-        if raw == self.raw:
+        if raw == self.raw or self.path is None:
             return
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             tmp = f"{self.path}.{os.getpid()}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError:
+            return  # a read-only or full cache costs the next command its head start, nothing more
+        try:
             with os.fdopen(fd, "wb") as f:
                 f.write(raw)
             os.replace(tmp, self.path)
         except OSError:
-            pass  # a read-only or full cache costs the next command its head start, nothing more
+            try:
+                os.unlink(tmp)  # not one left behind by every command while the cache is full
+            except OSError:
+                pass
 
 
 def _read_small(path: str) -> bytes | None:
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_KEY_FILE + 1)
+        raw = read_regular(path, MAX_KEY_FILE + 1)
     except OSError:
         return None
     return raw if 0 < len(raw) <= MAX_KEY_FILE else None

@@ -162,7 +162,9 @@ class RepoLock:
             raise UsageError(f"a lock wait is a number of seconds, 0 or more, not {wait!r}")
         self.wait = wait
         self.poll = poll
-        self.key = f"locks/{os.urandom(16).hex()}"
+        # Named by kind: on a full disk, a local repository frees its reserve for an exclusive lock only
+        # (remotes/local.py), the one that forget and prune, which free space, take.
+        self.key = f"locks/{'x-' if kind == EXCLUSIVE else ''}{os.urandom(16).hex()}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._written = 0.0  # when the lock was last written (wall clock, as other commands judge it)

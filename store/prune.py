@@ -83,7 +83,8 @@ class PrunePlan:
 
 
 def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], used: set[bytes],
-                 max_unused: float, known: dict[bytes, PackEntry] | None = None) -> PrunePlan:
+                 max_unused: float, known: dict[bytes, PackEntry] | None = None,
+                 max_repack: int | None = None) -> PrunePlan:
     """Pure: which packs to delete, repack or keep, given the used blob ids (with the bases of the copies
     ``kept_copies`` chooses).
 
@@ -92,12 +93,14 @@ def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], u
     A kept pack stays indexed whole, its unused blobs and other copies too (a
     later backup may deduplicate against them), so the bases of every delta
     it holds are kept as if used: every blob the new index lists can be read.  ``known``: ``kept_copies(packs)``,
-    when the caller has it already.
+    when the caller has it already.  ``max_repack``: at most that many live bytes are repacked, from the
+    packs with the largest unused share on; the others are kept for a later prune (a disk without room to
+    repack everything at once is pruned a part at a time).
     """
     known = kept_copies(packs) if known is None else known
     used = set(used)
     while True:
-        plan = _select_once(packs, sizes, used, max_unused, known)
+        plan = _select_once(packs, sizes, used, max_unused, known, max_repack)
         needed = {e.base_id for use in plan.keep for e in use.entries
                   if e.kind == KIND_DELTA and e.base_id is not None} - used
         grown = with_bases(needed, lambda b: known[b].base_id if b in known and known[b].kind == KIND_DELTA
@@ -120,7 +123,7 @@ def kept_copies(packs: dict[bytes, list[PackEntry]]) -> dict[bytes, PackEntry]:
 
 
 def _select_once(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], used: set[bytes],
-                 max_unused: float, known: dict[bytes, PackEntry]) -> PrunePlan:
+                 max_unused: float, known: dict[bytes, PackEntry], max_repack: int | None) -> PrunePlan:
     plan = PrunePlan()
     for pid in sorted(packs):
         entries = packs[pid]
@@ -130,11 +133,26 @@ def _select_once(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], u
         use = PackUse(pid, entries, live, sizes.get(pid, 0))
         if not live:
             plan.delete.append(use)
-        elif use.total_bytes and (use.total_bytes - use.live_bytes) / use.total_bytes > max_unused:
+        elif use.total_bytes and _unused_share(use) > max_unused:
             plan.repack.append(use)
         else:
             plan.keep.append(use)
+    if max_repack is not None:
+        budget = max_repack
+        chosen = []
+        for use in sorted(plan.repack, key=lambda u: (-_unused_share(u), u.pack_id)):
+            if use.live_bytes <= budget:
+                budget -= use.live_bytes
+                chosen.append(use)
+            else:
+                plan.keep.append(use)
+        plan.repack = sorted(chosen, key=lambda u: u.pack_id)
+        plan.keep.sort(key=lambda u: u.pack_id)
     return plan
+
+
+def _unused_share(use: PackUse) -> float:
+    return (use.total_bytes - use.live_bytes) / use.total_bytes
 
 
 def used_blobs(repo: Repo) -> set[bytes]:
@@ -293,7 +311,7 @@ def replace_index(repo: Repo, new_index: IndexData, old_names: list[str],
         repo.remote.delete(f"index/{name}")
 
 
-def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
+def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = None) -> PrunePlan:
     names, live = live_index_objects(repo)
     packs = packs_of(live)
     used = used_blobs(repo)
@@ -306,7 +324,7 @@ def plan_prune(repo: Repo, max_unused: float = 0.05) -> PrunePlan:
     add_bases(used, known)
     sizes = repo.stored_packs()
     orphans = [(pack_key(pid), size) for pid, size in sizes.items() if pid not in packs]
-    plan = select_packs(packs, sizes, used, max_unused, known)
+    plan = select_packs(packs, sizes, used, max_unused, known, max_repack)
     lost = [p for p in packs if p not in sizes]
     if lost:
         raise CorruptObject(pack_key(lost[0]), f"{len(lost)} indexed pack(s) are missing; `check` names what they "
@@ -396,13 +414,13 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     repo.load_index()
 
 
-def prune(repo: Repo, *, max_unused: float = 0.05, dry_run: bool = False, wait: float = 0.0,
-          progress: Callable[[int, int, int], None] | None = None) -> PrunePlan:
+def prune(repo: Repo, *, max_unused: float = 0.05, max_repack: int | None = None, dry_run: bool = False,
+          wait: float = 0.0, progress: Callable[[int, int, int], None] | None = None) -> PrunePlan:
     with RepoLock(repo.remote, EXCLUSIVE, "prune", wait=wait) as lock:
         # What backups saved since this process read the index (a forget --prune ran in between) is known
         # only to the index objects listed now: a manifest blob absent from the old index is not damage.
         repo.drop_stale()
-        plan = plan_prune(repo, max_unused)
+        plan = plan_prune(repo, max_unused, max_repack)
         if not dry_run:
             try:
                 execute(repo, plan, progress, lock.ensure_held)
@@ -410,5 +428,6 @@ def prune(repo: Repo, *, max_unused: float = 0.05, dry_run: bool = False, wait: 
                 if not plan.repack:
                     raise
                 raise StorageFull(f"{exc} (repacking needs room for what it keeps; `prune --max-unused 100%` "
-                                  "first deletes only what it can without repacking)") from None
+                                  "first deletes only what it can without repacking, and `--max-repack-size` "
+                                  "repacks a part at a time)") from None
     return plan

@@ -118,7 +118,8 @@ class RestoreResult:
         rest = "everything else was restored" if self.files + self.dirs + self.links else "nothing was restored"
         if self.full:
             return StorageFull("; ".join([f"no space left on the restore target while writing {self.full} "
-                                          "(removed, not left half-written; the restore stopped there)", *also]))
+                                          "(not left half-written: what was written of it is removed, and a file "
+                                          "it was to replace kept as it was; the restore stopped there)", *also]))
         if self.unwritten:
             return TargetUnwritable("; ".join(["restore incomplete: " + also[0], *also[1:]]) + f" ({rest})")
         if self.damaged:

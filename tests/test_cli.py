@@ -276,6 +276,22 @@ def test_a_missing_source_path_gives_the_partial_exit_code(tmp_path, cli, setup)
     cli("backup", "-r", repo, str(tmp_path / "gone"), check=2)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_an_unwritable_stderr_leaves_the_exit_codes_as_they_are(tmp_path, setup):
+    """cron's log on a full disk: what could not be said is lost, the exit code still tells (it was 1)."""
+    import subprocess
+    import sys
+
+    repo, src = setup
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}, "CHUNKVAULT_PASSWORD": PASSWORD}
+    with open("/dev/full", "w") as full:
+        for args, code in ((["backup", "-r", repo, str(src), str(tmp_path / "gone")], 3),
+                           (["snapshots", "-r", str(tmp_path / "none")], 10)):
+            proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", *args], env=env, stdout=subprocess.PIPE,
+                                  stderr=full, timeout=120)
+            assert proc.returncode == code, args
+
+
 def test_keys(tmp_path, cli, setup):
     repo, src = setup
     cli("key", "add", "-r", repo, "--kdf-time", "0", env={"CHUNKVAULT_NEW_PASSWORD": "second"})

@@ -73,6 +73,20 @@ def test_an_unwritable_cache_only_loses_the_head_start(repo_dir, tmp_path):
     assert not os.path.exists(kept)
 
 
+def test_a_fifo_in_the_kept_key_files_place_costs_the_head_start_not_a_hang(repo_dir, tmp_path):
+    kept = tmp_path / "kept"
+    os.mkfifo(kept)
+    unlocked = unlock(open_remote(repo_dir), PASSWORD, KeyAhead.start(str(kept), PASSWORD))
+    assert unlocked.material == unlock(open_remote(repo_dir), PASSWORD).material
+
+
+def test_a_key_file_that_could_not_be_kept_leaves_no_temporary_file(repo_dir, tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()  # the rename onto it fails, after the temporary file was written
+    unlock(open_remote(repo_dir), PASSWORD, KeyAhead.start(str(kept), PASSWORD))
+    assert sorted(os.listdir(tmp_path)) == ["kept", "repo"]
+
+
 def test_a_key_secret_is_not_kept(tmp_path):
     from chunkvault.store.crypto import new_secret
 

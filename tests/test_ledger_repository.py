@@ -226,9 +226,54 @@ def test_an_unwritable_ledger_never_stops_a_backup(chain, tmp_path):
     path, tree, _, _ = chain
     blocker = tmp_path / "not-a-dir"
     blocker.write_bytes(b"")
-    with pytest.warns(RepositoryStateWarning, match="cannot use the ledger"):
+    with pytest.warns(RepositoryStateWarning, match="cannot (read|use) the ledger"):
         with Repository.open(path, PW, ledger=str(blocker / "ledger")) as repo:
             repo.backup([tree.root])
+
+
+def test_accepting_the_state_into_a_ledger_that_cannot_be_written_fails_and_check_warns(chain, tmp_path):
+    from chunkvault.errors import TargetUnwritable
+
+    path, _, _, _ = chain
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")
+    with Repository.open(path, PW, ledger=str(blocker / "ledger")) as repo:
+        with pytest.warns(RepositoryStateWarning, match="cannot read the ledger"):
+            assert repo.check().ok
+        with pytest.raises(TargetUnwritable, match="writing the ledger"):
+            repo.check(accept_state=True)
+
+
+def test_a_fifo_in_the_ledgers_place_warns_instead_of_hanging(chain, tmp_path):
+    path, tree, _, _ = chain
+    ledger = tmp_path / "ledger"
+    with Repository.open(path, PW, ledger=str(ledger)) as repo:
+        repo.snapshots()
+        file = ledger / f"{repo.store.config.repo_id}.json"
+    file.unlink()
+    os.mkfifo(file)
+    with pytest.warns(RepositoryStateWarning, match="not a regular file"):
+        with Repository.open(path, PW, ledger=str(ledger)) as repo:
+            repo.backup([tree.root])
+
+
+def test_a_ledger_on_a_file_system_without_locks_is_still_kept(chain, tmp_path, monkeypatch):
+    """NFS mounted nolock: flock fails with ENOLCK; the ledger is written without the lock, with a warning."""
+    import errno
+    import fcntl
+
+    path, tree, states, _ = chain
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ledger = tmp_path / "ledger"
+    with pytest.warns(RepositoryStateWarning, match="cannot lock the ledger"):
+        with Repository.open(path, PW, ledger=str(ledger)) as repo:
+            sid = repo.backup([tree.root]).snapshot.id
+            file = ledger / f"{repo.store.config.repo_id}.json"
+    assert json.loads(file.read_bytes())["newest"]["id"] == sid
 
 
 # --- the command line -----------------------------------------------------------------------

@@ -91,6 +91,45 @@ def test_select_packs_is_exact():
     assert plan.live_blobs == 2 and plan.unused_blobs == 3
 
 
+def test_a_repack_size_limit_takes_the_most_unused_packs_first_and_keeps_the_rest():
+    def entry(i, length):
+        return PackEntry(bytes([i]) * 32, 1, 0, length, length)
+
+    packs = {bytes([p]) * 32: [entry(p, 10), entry(100 + p, unused)]
+             for p, unused in ((1, 20), (2, 90), (3, 40), (4, 0))}
+    used = {bytes([p]) * 32 for p in (1, 2, 3, 4)}
+    whole = select_packs(packs, {}, used, max_unused=0.05)
+    assert [u.pack_id[0] for u in whole.repack] == [1, 2, 3] and whole.repacked_bytes == 30
+    part = select_packs(packs, {}, used, max_unused=0.05, max_repack=25)
+    assert [u.pack_id[0] for u in part.repack] == [2, 3]  # 90 % and 80 % unused; then 10 bytes were left
+    assert [u.pack_id[0] for u in part.keep] == [1, 4]
+    assert select_packs(packs, {}, used, max_unused=0.05, max_repack=0).repack == []
+
+
+def test_a_prune_limited_in_what_it_repacks_finishes_over_several_runs(tmp_path, new_repo):
+    """A disk without room to repack everything at once: each prune repacks a part, every snapshot kept
+    restores after each, and the last leaves nothing to repack."""
+    repo, states = build_history(tmp_path, new_repo, n=6)
+    ids = list(states)
+    repo.forget(ids[::2])
+    whole = repo.prune(dry_run=True, max_unused=0.0)
+    assert len(whole.repack) >= 2
+    limit = max(u.live_bytes for u in whole.repack)
+    runs = 0
+    while True:
+        plan = repo.prune(max_unused=0.0, max_repack_size=limit)
+        assert plan.repacked_bytes <= limit
+        runs += 1
+        assert repo.check(read_data=True).ok
+        if not plan.repack:
+            break
+    assert runs >= 2
+    for sid in ids[1::2]:
+        out = tmp_path / f"out-{sid[:8]}-{runs}"
+        repo.restore(sid, str(out))
+        assert describe(out) == states[sid]
+
+
 @settings(max_examples=300)
 @given(st.data())
 def test_every_blob_the_new_index_lists_can_be_read(data):
@@ -110,11 +149,15 @@ def test_every_blob_the_new_index_lists_can_be_read(data):
         while base_of[b] is not None:  # prune's add_bases: used deltas come with their chains
             b = base_of[b]
             used.add(b)
-    plan = select_packs(packs, {}, used, max_unused=data.draw(st.sampled_from([0.0, 0.3, 0.9])))
+    max_repack = data.draw(st.sampled_from([None, 0, 50, 200]))
+    plan = select_packs(packs, {}, used, max_unused=data.draw(st.sampled_from([0.0, 0.3, 0.9])),
+                        max_repack=max_repack)
     listed = {e.blob_id for use in plan.keep for e in use.entries} | {e.blob_id for use in plan.repack
                                                                         for e in use.live}
     assert used <= listed
     assert all(base_of[b] in listed for b in listed if base_of[b] is not None)
+    assert max_repack is None or plan.repacked_bytes <= max_repack
+    assert sorted(u.pack_id for u in plan.keep + plan.repack + plan.delete) == sorted(packs)
 
 
 @settings(max_examples=300)

@@ -515,6 +515,15 @@ def test_corrupt_cache_entry_is_discarded_and_refetched(tmp_path, damage):
     assert inner.calls["get"] == 1
 
 
+def test_a_fifo_in_a_cache_entrys_place_is_a_miss_not_a_hang(tmp_path):
+    remote, inner = _cached(tmp_path)
+    remote.put("index/i1", b"the real index")
+    path = tmp_path / "cache" / "index" / "i1"
+    path.unlink()
+    os.mkfifo(path)
+    assert remote.get("index/i1") == b"the real index" and inner.calls["get"] == 1
+
+
 def test_cache_entries_are_written_atomically(tmp_path, monkeypatch):
     remote, inner = _cached(tmp_path)
 

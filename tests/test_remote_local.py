@@ -296,8 +296,9 @@ def test_large_aligned_object_on_tmpfs(monkeypatch):
         assert remote.get("data/t") == data
 
 
-def test_a_lock_takes_the_reserve_on_a_full_disk_and_nothing_else_does(tmp_path, monkeypatch):
-    """The reserve is what lets forget and prune lock a full repository: a pack must not eat it."""
+def test_an_exclusive_lock_takes_the_reserve_on_a_full_disk_and_nothing_else_does(tmp_path, monkeypatch):
+    """The reserve is what lets forget and prune lock a full repository: a pack must not eat it, nor a
+    backup's shared lock (the backup then filled the freed space with data)."""
     remote = LocalRemote(str(tmp_path))
     remote.put("locks/a", b"lock")
     remote.delete("locks/a")  # a command ends: the reserve is made
@@ -316,11 +317,13 @@ def test_a_lock_takes_the_reserve_on_a_full_disk_and_nothing_else_does(tmp_path,
         remote.put("data/ab/pack", b"p" * 5000)
     with pytest.raises(StorageFull):
         remote.put("snapshots/s", b"s")
+    with pytest.raises(StorageFull):
+        remote.put("locks/" + "c" * 32, b"a shared lock")
     assert reserve.exists()
-    remote.put("locks/b", b"lock")
-    assert not reserve.exists() and remote.get("locks/b") == b"lock"
+    remote.put("locks/x-b", b"lock")
+    assert not reserve.exists() and remote.get("locks/x-b") == b"lock"
     monkeypatch.undo()
-    remote.delete("locks/b")
+    remote.delete("locks/x-b")
     assert reserve.stat().st_size == local_module.RESERVE_SIZE  # put back once there is room
     assert list(remote.temp_files()) == []
 

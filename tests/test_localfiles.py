@@ -1,0 +1,40 @@
+"""Where per-user files go, and reading them without waiting on what is not a regular file."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+from chunkvault.connection import cache_base, key_ahead_path
+from chunkvault.ledger import Ledger, RepositoryStateWarning
+from chunkvault.localfiles import read_regular, user_dir
+
+
+def test_read_regular_reads_files_and_refuses_the_rest_without_waiting(tmp_path):
+    (tmp_path / "f").write_bytes(b"abcdef")
+    assert read_regular(str(tmp_path / "f")) == b"abcdef" and read_regular(str(tmp_path / "f"), 4) == b"abcd"
+    os.mkfifo(tmp_path / "fifo")
+    for other in ("fifo", "."):
+        with pytest.raises(OSError, match="not a regular file"):
+            read_regular(str(tmp_path / other))
+    with pytest.raises(FileNotFoundError):
+        read_regular(str(tmp_path / "none"))
+
+
+def test_a_relative_xdg_directory_is_ignored_and_no_home_means_none(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/state")
+    assert user_dir("XDG_STATE_HOME", ".local/state") == str(tmp_path / ".local/state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "abs"))
+    assert user_dir("XDG_STATE_HOME", ".local/state") == str(tmp_path / "abs")
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("CHUNKVAULT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", "not-absolute")  # where "~" became a directory of that name in the working one
+    assert user_dir("XDG_STATE_HOME", ".local/state") is None
+    assert cache_base() is None and key_ahead_path("sftp://h/r") is None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert Ledger.at(None, "0" * 32) is None
+    assert [w.category for w in seen] == [RepositoryStateWarning] and "no home directory" in str(seen[0].message)
