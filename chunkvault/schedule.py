@@ -37,6 +37,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import UsageError
 from .store.retention import RetentionPolicy, load_preset, policy_from_dict
+from .units import parse_size
 from .store.source import markers_of
 from .units import parse_size
 
@@ -454,6 +455,7 @@ class Policy:
     timezone: str = "UTC"
     prune: bool = False
     max_unused: float = 0.05
+    max_repack_size: int | None = None
     lock_file: str | None = None
     base_dir: str = "."
 
@@ -465,7 +467,7 @@ class Policy:
 
 
 _TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "full", "diff", "retention", "presets",
-             "prune", "max_unused", "lock_file", "hook_timeout", "source", "tags", "host"}
+             "prune", "max_unused", "max_repack_size", "lock_file", "hook_timeout", "source", "tags", "host"}
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "exclude_if_present", "exclude_caches",
                 "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime", "fixed_chunks", "command",
                 "stdin_name", "pre", "post", "full", "diff", "retention", "timezone", "hook_timeout"}
@@ -509,6 +511,13 @@ def _seconds(value: Any, what: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise UsageError(f"{what} must be a positive number of seconds, got {value!r}")
     return float(value)
+
+
+def _repack_size(value: Any) -> int | None:
+    try:
+        return None if value is None else parse_size(value)
+    except UsageError as exc:
+        raise UsageError(f"max-repack-size: {exc}") from None
 
 
 def _share(value: Any) -> float:
@@ -669,7 +678,8 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
         sources.append(source)
     return Policy(sources=tuple(sources), repository=repo, password_file=password_file,
                   password_command=password_command, timezone=tz_name,
-                  prune=prune, max_unused=_share(top.get("max_unused", 0.05)), lock_file=lock_file,
+                  prune=prune, max_unused=_share(top.get("max_unused", 0.05)),
+                  max_repack_size=_repack_size(top.get("max_repack_size")), lock_file=lock_file,
                   base_dir=base_dir)
 
 

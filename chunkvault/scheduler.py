@@ -431,7 +431,7 @@ class Runner:
 
     def _prune(self, repo: Any, report: RunReport) -> None:
         try:
-            plan = repo.prune(max_unused=self.policy.max_unused)
+            plan = repo.prune(max_unused=self.policy.max_unused, max_repack_size=self.policy.max_repack_size)
         except Locked as exc:
             self.log(f"prune skipped: {exc}")
             return

@@ -415,6 +415,7 @@ def test_policy_parses_with_defaults_and_overrides():
     assert parse_policy(_with(repository="s3://bucket/x"), "/srv").repository == "s3://bucket/x"
     by_command = parse_policy(_with(repository={"url": "/r", "password-command": "pass show db"}), "/srv")
     assert by_command.password_command == "pass show db" and by_command.password_file is None
+    assert p.max_repack_size is None and parse_policy(_with(**{"max-repack-size": "2M"}), "/srv").max_repack_size == 2 << 20
 
 
 def _with(**changes):
@@ -453,6 +454,8 @@ def _with(**changes):
     ({"src_hook-timeout": -1}, "positive number"),
     ({"prune": "yes"}, "true or false"),
     ({"max-unused": "lots"}, "share"),
+    ({"max-repack-size": "lots"}, "max-repack-size: not a size"),
+    ({"max-repack-size": True}, "max-repack-size: not a size"),
     ({"repository": 7}, "URL string"),
     ({"password-command": "pass show db"}, "password-file and password-command both given"),
     ({"repository": {"url": "/r", "password-command": ""}}, "password-command must be a command line"),
