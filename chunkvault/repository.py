@@ -680,6 +680,7 @@ class Repository:
 
             with restorer:
                 if delete and os.path.isdir(target):
+                    restorer.check_target()  # refused before anything is deleted, not after
                     restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
                 result = restore_workers.restore(restorer, tree, processes, entries, expected)
             if verify:
@@ -1121,9 +1122,8 @@ class Repository:
 
 
 def _is_nonempty_dir(path: str | os.PathLike[str]) -> bool:
-    """A real directory (not a link to one) holding an entry; what cannot be read is left to the restore."""
-    if os.path.islink(path):
-        return False
+    """A directory holding an entry, or a symbolic link to one (the restore follows a target named so);
+    what cannot be read is left to the restore."""
     try:
         with os.scandir(path) as entries:
             return next(entries, None) is not None

@@ -102,6 +102,26 @@ def test_a_selection_without_a_hard_links_first_path_restores_the_other_links(tm
     assert result.links == 1
 
 
+@pytest.mark.parametrize("also", [False, True], ids=["other files", "a file the snapshot has too"])
+def test_a_restore_with_delete_into_a_link_to_a_full_directory_deletes_nothing_without_force(tmp_path, new_repo,
+                                                                                           also):
+    """The target named by a symbolic link to a directory that holds files: refused before anything is
+    deleted (it deleted the directory's files, or deleted and then refused)."""
+    from chunkvault.errors import TargetNotEmpty
+
+    repo, _, src = backed_up(tmp_path, new_repo, _files)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "precious").write_bytes(b"keep me")
+    if also:
+        shutil.copy(src / sorted(os.listdir(src))[0], data)
+    before = describe(data)
+    os.symlink(data, tmp_path / "link")
+    with pytest.raises(TargetNotEmpty):
+        repo.restore("latest", str(tmp_path / "link"), delete=True)
+    assert describe(data) == before
+
+
 def test_worker_processes_restore_the_other_links_too(tmp_path, new_repo):
     _, url, src = backed_up(tmp_path, new_repo, _linked_tree)
     out = tmp_path / "out"
