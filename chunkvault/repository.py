@@ -30,6 +30,7 @@ from .chunker import FIXED_CHUNK_SIZE
 from .store.backup import Backup, BackupOptions, BackupResult
 from .store.chain import broken_chains, lineage
 from .store.config import Settings, check_kdf_seconds, check_settings
+from .store.crypto import KEY_SIZE
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import NOT_INDEXED, Repo
 from .store.restore import Restorer, RestoreOptions, RestoreResult, check_content, confined, include_directory
@@ -225,6 +226,9 @@ class Repository:
             settings.max_diff_share = max_diff_share
         check_settings(settings)
         check_kdf_seconds(kdf_seconds)
+        if chunker_secret is not None and (not isinstance(chunker_secret, bytes) or len(chunker_secret) != KEY_SIZE):
+            raise UsageError(f"chunker_secret must be {KEY_SIZE} bytes (a repository's own, to copy its chunk "
+                             "boundaries: copy_chunker_from gives it)")
         _check_remote_options(remote_options)
         remote = connect(url, **remote_options)
         repo = Repo.init(remote, _password(password), settings=settings, kdf_seconds=kdf_seconds,
@@ -1155,6 +1159,9 @@ class _BinarySource(io.RawIOBase):
             n = into(b)
             if n is None:
                 raise UsageError("backup_stream needs a blocking stream: its readinto returned None")
+            if type(n) is not int or not 0 <= n <= len(b):  # else the buffer's old bytes were stored as its
+                raise UsageError(f"backup_stream: the stream's readinto returned {n!r} for a buffer of "
+                                 f"{len(b)} bytes")
             return n
         data = self._source.read(len(b))
         if data is None:

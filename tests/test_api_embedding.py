@@ -195,7 +195,20 @@ def test_backup_stream_takes_any_binary_reader_and_refuses_others_before_storing
     nonblocking.readinto = lambda b: None
     with pytest.raises(UsageError, match="blocking"):
         repo.backup_stream(nonblocking, "x")
+    for count in (lambda b: len(b) + 5, lambda b: -1, lambda b: 2.0):  # else the buffer's old bytes were stored
+        lying = io.BufferedReader(io.BytesIO(b""))
+        lying.readinto = count
+        with pytest.raises(UsageError, match="readinto returned"):
+            repo.backup_stream(lying, "x")
     assert sorted((tmp_path / "repo" / "data").rglob("*")) == packs and len(repo.snapshots()) == 1
+
+
+def test_a_chunker_secret_of_the_wrong_size_is_refused_before_anything_is_written(tmp_path):
+
+    for secret in (b"short", "x" * 32, bytes(33)):
+        with pytest.raises(UsageError, match="chunker_secret must be 32 bytes"):
+            Repository.init(str(tmp_path / "r"), "pw", kdf_seconds=0, chunker_secret=secret)
+        assert not (tmp_path / "r" / "config").exists() and not (tmp_path / "r" / "keys").exists()
 
 
 def test_arguments_in_the_forms_a_caller_has_at_hand(tmp_path, tree, new_repo):
