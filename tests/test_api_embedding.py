@@ -204,7 +204,6 @@ def test_backup_stream_takes_any_binary_reader_and_refuses_others_before_storing
 
 
 def test_a_chunker_secret_of_the_wrong_size_is_refused_before_anything_is_written(tmp_path):
-
     for secret in (b"short", "x" * 32, bytes(33)):
         with pytest.raises(UsageError, match="chunker_secret must be 32 bytes"):
             Repository.init(str(tmp_path / "r"), "pw", kdf_seconds=0, chunker_secret=secret)
