@@ -127,17 +127,24 @@ def _host(value: Any) -> str | None:
     return value
 
 
-def _paths(values: Any) -> list[str]:
-    """Source paths as str (bytes and path objects too: a bytes path was read and stored in full, and then
-    the snapshot could not be saved)."""
+def _paths(values: Any, what: str = "path to back up") -> list[str]:
+    """Paths as str (bytes and path objects too: a bytes path was read and stored in full, and then the
+    snapshot could not be saved; as a filter, one selected nothing)."""
     out = []
     for v in _listed(values):
         if isinstance(v, (bytes, os.PathLike)):
             v = os.fsdecode(v)
         if not isinstance(v, str) or not v:
-            raise UsageError(f"a path to back up must be a non-empty string, bytes or path, not {v!r}")
+            raise UsageError(f"a {what} must be a non-empty string, bytes or path, not {v!r}")
         out.append(v)
     return out
+
+
+def _filters(hosts: Any, tags: Any, paths: Any) -> dict[str, list[str]]:
+    """``select_snapshots``' filters, checked: hosts and tag groups ("a,b": both) as str, paths as ``_paths``
+    (a bytes path selected nothing, and a retention policy then kept everything)."""
+    return {"hosts": _texts(hosts, "host"), "tags": _texts(tags, "tag group"),
+            "paths": _paths(paths, "path to select by")}
 
 
 def _spec(snapshot: Any) -> Any:
@@ -181,6 +188,16 @@ def _count(value: Any) -> int | None:
     return value if type(value) is int and value >= 0 else None
 
 
+def _check_ledger(where: Any) -> None:
+    if not isinstance(where, (bool, str, os.PathLike)) or where == "":
+        raise UsageError(f"ledger is True, False or a directory, not {where!r}")
+
+
+def _file_path(path: Any, what: str) -> None:
+    if not isinstance(path, (str, bytes, os.PathLike)) or not os.fspath(path):
+        raise UsageError(f"the {what} is named by a path, not {path!r}")
+
+
 def _ledger_for(repo: Repo, where: bool | str | os.PathLike[str]) -> Ledger | None:
     """True: the default location ($XDG_STATE_HOME/chunkvault/ledger); a path: that directory; False: none."""
     if where is False:
@@ -214,6 +231,9 @@ class Repository:
         before anything is written."""
         from .chunker import ChunkerParams
 
+        _check_ledger(ledger)
+        if copy_chunker_from is not None and not isinstance(copy_chunker_from, Repository):
+            raise UsageError(f"copy_chunker_from is an open Repository, not {copy_chunker_from!r}")
         if copy_chunker_from is not None:
             chunker = copy_chunker_from._repo.config.settings.chunker
             chunker_secret = copy_chunker_from._repo.material.chunker_secret
@@ -246,6 +266,7 @@ class Repository:
         the remote connects (``store/keyahead.py``; not with ``cache=False``, which keeps nothing locally).
         """
         _check_remote_options(remote_options)
+        _check_ledger(ledger)
         if isinstance(password, Unlocked):
             key = password
             remote = connect(url, **remote_options)
@@ -390,8 +411,11 @@ class Repository:
         ``walk``: a ``SourceWalk.of_paths(...).start()`` of the same paths and rules, begun
         before the repository was opened, so the walk overlaps the key derivation.
         """
-        paths, tags, excludes, host = _paths(paths), _texts(tags, "tag"), _texts(excludes, "exclude"), _host(host)
-        no_delta, fixed_chunks, exclude_if_present = _listed(no_delta), _listed(fixed_chunks), _listed(exclude_if_present)
+        paths, tags, excludes, host = _paths(paths), _texts(tags, "tag"), _globs(excludes, "exclude"), _host(host)
+        if progress is not None and not callable(progress):
+            raise UsageError(f"progress is a function, not {progress!r}")
+        no_delta, fixed_chunks = _globs(no_delta, "no_delta"), _globs(fixed_chunks, "fixed_chunks")
+        exclude_if_present = _globs(exclude_if_present, "exclude_if_present")
         fixed_chunk_size = parse_size(fixed_chunk_size)
         if exclude_larger_than is not None:
             exclude_larger_than = parse_size(exclude_larger_than)
@@ -432,7 +456,7 @@ class Repository:
         ``dry_run``, ``time``: as for ``backup``.
         """
         opts = BackupOptions(kind=kind, tags=_texts(tags, "tag"), host=_host(host), delta=delta,
-                             fixed_chunks=_listed(fixed_chunks),
+                             fixed_chunks=_globs(fixed_chunks, "fixed_chunks"),
                              fixed_chunk_size=parse_size(fixed_chunk_size), dry_run=dry_run, time=_time(time))
         source = _BinarySource(fileobj)
         return self._backup_stream(lambda: contextlib.nullcontext(source), name, opts)
@@ -452,7 +476,7 @@ class Repository:
 
         argv = _listed(argv)
         opts = BackupOptions(kind=kind, tags=_texts(tags, "tag"), host=_host(host), delta=delta,
-                             fixed_chunks=_listed(fixed_chunks),
+                             fixed_chunks=_globs(fixed_chunks, "fixed_chunks"),
                              fixed_chunk_size=parse_size(fixed_chunk_size), dry_run=dry_run, time=_time(time))
         return self._backup_stream(lambda: CommandStream(argv, cwd=cwd, env=env, stderr=stderr), name, opts)
 
@@ -518,7 +542,9 @@ class Repository:
                   latest: int | None = None, group_by: str | Iterable[str] = "host,paths") -> list[Snapshot]:
         """The snapshots, oldest first; filtered as ``select_snapshots`` does when a filter is given; with
         ``latest``, only that many of the newest of each group (by host and paths, or ``group_by``)."""
-        chosen = select_snapshots(self._list(), hosts=_listed(hosts), tags=_listed(tags), paths=_listed(paths))
+        if latest is not None and (type(latest) is not int or latest < 0):
+            raise UsageError(f"latest is a count of snapshots, not {latest!r}")
+        chosen = select_snapshots(self._list(), **_filters(hosts, tags, paths))
         if latest is None:
             return chosen
         from .store.retention import newest_of_groups, parse_group_by
@@ -561,7 +587,7 @@ class Repository:
     def _chosen(self, every: list[Snapshot], snapshots: Iterable[str | Snapshot] | None, hosts: Iterable[str],
                 tags: Iterable[str], paths: Iterable[str]) -> list[Snapshot]:
         """The snapshots the filters select, and of them those named (all, when none are)."""
-        chosen = select_snapshots(every, hosts=_listed(hosts), tags=_listed(tags), paths=_listed(paths))
+        chosen = select_snapshots(every, **_filters(hosts, tags, paths))
         if snapshots is None:
             return chosen
         find = SnapshotFinder(every)
@@ -603,15 +629,19 @@ class Repository:
                                   f"(`check` says why)", RepositoryStateWarning, stacklevel=2)
             return versions(chosen, matches)
 
-    def snapshot(self, spec: str = "latest", *, until: str | datetime | None = None,
+    def snapshot(self, spec: str | Snapshot = "latest", *, until: str | datetime | None = None,
                  host: str | None = None, paths: list[str] | None = None) -> Snapshot:
         """An id, unique prefix or ``latest``; with ``until`` the newest at or before that time.  An id of a
-        snapshot object that does not load raises its CorruptObject: it is there, damaged, not unknown."""
+        snapshot object that does not load raises its CorruptObject: it is there, damaged, not unknown.
+        A Snapshot object is looked up by its id, as the repository holds it now: another command may have
+        rebased, rewritten or aggregated it since it was read (or forgotten it: SnapshotNotFound), and
+        what it named then may be pruned."""
         t = _time(until)
         snaps = self._list()
         spec = _spec(spec)
         try:
-            return find_snapshot(snaps, spec, until=t, host=host, filter_paths=_listed(paths) or None)
+            return find_snapshot(snaps, spec, until=t, host=_host(host),
+                                 filter_paths=_paths(paths, "path to select by") or None)
         except SnapshotNotFound as exc:
             if not isinstance(exc, AmbiguousSnapshot) and isinstance(spec, str) and spec.strip() and spec != "latest":
                 damaged = [why for name, why in self._repo.unreadable_snapshots.items()
@@ -624,7 +654,7 @@ class Repository:
         """The snapshot's entries in order; with ``path``, those of that path and below it, reading only
         the manifest blobs that hold them."""
         self._follow_others()
-        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+        snap = self.snapshot(snapshot)
         within = snapshot_path(path) if path is not None else b""
         if not within:
             return (r.entry for r in self._repo.tree(snap) if r.entry is not None)
@@ -659,6 +689,10 @@ class Repository:
         from .store import restore_workers
 
         includes, excludes = _globs(includes, "include"), _globs(excludes, "exclude")
+        if processes is not None and (type(processes) is not int or processes < 1):
+            raise UsageError(f"processes is a count, 1 or more, not {processes!r}")
+        if progress is not None and not callable(progress):
+            raise UsageError(f"progress is a function (files, bytes), not {progress!r}")
         if not isinstance(target, (str, bytes, os.PathLike)) or not os.fspath(target):
             # "" was the current directory, where delete=True then deleted nothing it should have
             raise UsageError(f"a restore target must be a directory path, not {target!r} (\".\" for here)")
@@ -666,8 +700,7 @@ class Repository:
             raise TargetNotEmpty(f"restore target {os.fsdecode(target)} is not empty (force=True restores "
                                  "into it in place)")
         with self.reading("restore"):
-            snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot, until=until, host=host,
-                                                                                 paths=paths)
+            snap = self.snapshot(snapshot, until=until, host=host, paths=paths)
             opts = RestoreOptions(includes=includes, excludes=excludes, force=force,
                                   delta=delta, delete=delete, progress=progress, xattrs=xattrs,
                                   owner_map=None if numeric_owner else self.owner_map(snap))
@@ -693,7 +726,7 @@ class Repository:
 
     def owner_names(self, snapshot: str | Snapshot) -> tuple[dict[int, str], dict[int, str]]:
         """(users, groups): the names the backups of ``snapshot``'s chain recorded for its owner ids."""
-        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+        snap = self.snapshot(snapshot)
         return chain_names(s.stats for s in ([snap] if snap.kind_full else self._repo.chain_of(snap)))
 
     def owner_map(self, snapshot: str | Snapshot) -> OwnerMap:
@@ -715,7 +748,7 @@ class Repository:
 
     def find_entry(self, snapshot: str | Snapshot, path: str | bytes) -> Entry:
         self._follow_others()
-        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+        snap = self.snapshot(snapshot)
         want = snapshot_path(path)
         rec = self._repo.lookup(snap, want)
         if rec is not None and rec.entry is not None:
@@ -724,7 +757,7 @@ class Repository:
 
     def open_file(self, snapshot: str | Snapshot, path: str | bytes) -> BinaryIO:
         """A readable stream of one file's content, fetched chunk by chunk."""
-        snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+        snap = self.snapshot(snapshot)
         return self._file_content(snap, self.find_entry(snap, path))
 
     def _file_content(self, snap: Snapshot, e: Entry) -> BinaryIO:
@@ -750,7 +783,7 @@ class Repository:
             raise UsageError(f"unknown archive format {archive!r} (tar or zip)")
         out = _WholeWrites(out)
         with self.reading("dump"):
-            snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+            snap = self.snapshot(snapshot)
             want = snapshot_path(path)
             try:
                 e: Entry | None = self.find_entry(snap, want)
@@ -774,8 +807,7 @@ class Repository:
     def diff(self, a: str | Snapshot, b: str | Snapshot) -> Iterator[tuple[str, Entry | None, Entry | None]]:
         """(change, old, new) for every path that differs: added, removed, modified."""
         self._follow_others()
-        sa = a if isinstance(a, Snapshot) else self.snapshot(a)
-        sb = b if isinstance(b, Snapshot) else self.snapshot(b)
+        sa, sb = self.snapshot(a), self.snapshot(b)
 
         def holder(snap: Snapshot) -> Callable[[bytes], Entry | None]:
             def find(path: bytes) -> Entry | None:
@@ -795,6 +827,8 @@ class Repository:
         """
         from .store.check import Checker, Problem
 
+        if subset is not None and not isinstance(subset, str):
+            raise UsageError(f"a check subset is text like \"1/7\" or \"10%\", not {subset!r}")
         with self.reading("check"):
             report = Checker(self._repo, read_data=read_data, subset=subset, progress=progress).run()
             accepted = self.accept_state() if accept_state else []  # after the check: its snapshots are loaded
@@ -819,9 +853,12 @@ class Repository:
         build on a snapshot being forgotten, nor another forget rebase what this one plans from."""
         from .store.lifecycle import apply_forget
         from .store.locks import EXCLUSIVE, RepoLock
+        from .store.retention import RetentionPolicy
 
         snapshots = [_spec(s) for s in _listed(snapshots)]
-        hosts, tags, paths = _listed(hosts), _listed(tags), _listed(paths)
+        if policy is not None and not isinstance(policy, RetentionPolicy):
+            raise UsageError(f"policy is a RetentionPolicy, not {policy!r}")
+        hosts, tags, paths = _filters(hosts, tags, paths).values()
         if dry_run:
             return self._plan_forget(self._list(), snapshots, policy, now, hosts, tags, paths, allow_remove_all,
                                      scope)[0]
@@ -953,12 +990,15 @@ class Repository:
         """
         from .store.copy import copy_snapshots
 
+        if not isinstance(destination, Repository):
+            raise UsageError(f"copy_to needs a destination Repository, not {destination!r}")
         if destination._repo.config.repo_id == self._repo.config.repo_id:
             raise UsageError("copy's destination is this same repository (its copies would be copied again "
                              "by every run)")
         with self.reading("copy", wait=wait):
             snaps = self._list()
-            snapshots, hosts, tags, paths = _listed(snapshots), _listed(hosts), _listed(tags), _listed(paths)
+            snapshots = _listed(snapshots)
+            hosts, tags, paths = _filters(hosts, tags, paths).values()
             ids = ([s.id for s in self._chosen(snaps, snapshots or None, hosts, tags, paths)]
                    if snapshots or hosts or tags or paths else None)
             destination._guard()
@@ -1021,8 +1061,9 @@ class Repository:
         """Write one snapshot (its chain resolved) into a self-contained encrypted .backup file."""
         from .store.export import export
 
+        _file_path(path, "export file")
         with self.reading("export"):
-            snap = snapshot if isinstance(snapshot, Snapshot) else self.snapshot(snapshot)
+            snap = self.snapshot(snapshot)
             return export(self._repo, snap, path, _password(password), kdf_seconds=kdf_seconds, overwrite=overwrite)
 
     def import_backup(self, path: str, password: str | bytes, *, wait: float = 3600.0) -> ImportResult:
@@ -1032,6 +1073,7 @@ class Repository:
         repair, as a backup does."""
         from .store.export import import_backup
 
+        _file_path(path, ".backup file")
         self._guard()
         result = import_backup(self._repo, path, _password(password), lock_wait=wait)
         if not result.skipped:
@@ -1088,6 +1130,8 @@ class Repository:
     def remove_key(self, name: str, *, wait: float = 3600.0) -> None:
         """Remove the key ``name`` (an id or unique prefix); waits up to ``wait`` seconds for running
         backups and reads to end."""
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"a key is named by its id or a unique prefix, not {name!r}")
         self._repo.remove_key(name, wait=wait)
 
     def export_key(self) -> bytes:

@@ -616,7 +616,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
     Owners are restored and compared as ``Repository.restore`` sets them (``numeric_owner``).
     """
     with repo.reading("verify-restore"):
-        snap = snapshot if isinstance(snapshot, Snapshot) else repo.snapshot(snapshot)
+        snap = repo.snapshot(snapshot)  # a Snapshot object as it is now (see Repository.snapshot)
         if owners is None:
             owners = os.geteuid() == 0
         report = VerifyReport(snap.id, snap.time, snap.kind)

@@ -43,6 +43,31 @@ def test_an_object_kept_open_reads_what_another_command_stored_since(tmp_path, t
         kept.close()
 
 
+def test_a_snapshot_object_kept_from_before_another_command_rebased_it_reads_as_it_is_now(tmp_path, tree, new_repo,
+                                                                                           cli):
+    """A differential read, then its parent forgotten and pruned by another command (which rebased it): the
+    object names manifests that are gone, and was taken for damage (MissingObject, `repair index`)."""
+    from chunkvault.errors import SnapshotNotFound
+
+    path = str(tmp_path / "repo")
+    kept = new_repo(path)
+    first = kept.backup([str(tree)]).snapshot
+    (tree / "a").write_bytes(os.urandom(200_000))
+    second = kept.backup([str(tree)]).snapshot
+    assert second.parent == first.id
+    state = describe(tree)
+    cli("forget", "-r", path, first.id)
+    cli("prune", "-r", path)
+    out = tmp_path / "restored"
+    kept.restore(second, str(out))
+    assert describe(out) == state
+    assert [e.path for e in kept.tree(second)] == [e.path for e in kept.tree(second.id)]
+    with kept.open_file(second, "a") as f:
+        assert f.read() == (tree / "a").read_bytes()
+    with pytest.raises(SnapshotNotFound):  # forgotten: as its id says
+        kept.restore(first, str(tmp_path / "gone"))
+
+
 def test_stats_of_an_object_kept_open_count_what_another_command_stored(tmp_path, tree, new_repo, cli):
     path = str(tmp_path / "repo")
     kept = new_repo(path)
@@ -201,6 +226,46 @@ def test_backup_stream_takes_any_binary_reader_and_refuses_others_before_storing
         with pytest.raises(UsageError, match="readinto returned"):
             repo.backup_stream(lying, "x")
     assert sorted((tmp_path / "repo" / "data").rglob("*")) == packs and len(repo.snapshots()) == 1
+
+
+def test_paths_and_globs_as_bytes_select_and_exclude_as_str_do(tmp_path, tree, new_repo):
+    """A bytes path as a filter selected nothing (and a retention policy then kept everything); bytes globs
+    were refused, or failed part-way through a later backup."""
+    repo = new_repo()
+    snap = repo.backup([bytes(tree)], excludes=[b"b"], fixed_chunks=[b"a"], no_delta=[b"x*"],
+                       exclude_if_present=[b".nobackup"]).snapshot
+    assert sorted(e.path for e in repo.tree(snap)) == [b"", b"a"]
+    for paths in ([bytes(tree)], [tree], str(tree)):
+        assert [s.id for s in repo.snapshots(paths=paths)] == [snap.id]
+        assert repo.snapshot("latest", paths=paths).id == snap.id
+    from chunkvault.store.retention import RetentionPolicy
+
+    plan = repo.forget(policy=RetentionPolicy(keep_last=1), paths=[bytes(tree)], dry_run=True)
+    assert [d.snapshot_id for d in plan.decisions if d.keep] == [snap.id]
+    for call in (lambda: repo.snapshots(tags=[5]), lambda: repo.snapshots(hosts=[5]),
+                 lambda: repo.snapshots(paths=[5]), lambda: repo.snapshot("latest", paths=[5]),
+                 lambda: repo.backup([str(tree)], fixed_chunks=[5])):
+        with pytest.raises(UsageError):
+            call()
+
+
+def test_each_bad_argument_is_a_usage_error_before_any_work(tmp_path, tree, new_repo):
+    """Each was a bare TypeError, AttributeError or ValueError from deep inside, some mid-backup."""
+    repo = new_repo()
+    snap = repo.backup([str(tree)]).snapshot
+    for call in (lambda: repo.snapshots(latest="x"), lambda: repo.check(subset=5), lambda: repo.forget(policy=5),
+                 lambda: repo.export(snap, None, "pw"), lambda: repo.import_backup(None, "pw"),
+                 lambda: repo.remove_key(5), lambda: repo.remove_key(""), lambda: repo.copy_to(5),
+                 lambda: Repository.init(str(tmp_path / "r2"), "pw", kdf_seconds=0, copy_chunker_from=5),
+                 lambda: Repository.init(str(tmp_path / "r3"), "pw", kdf_seconds=0, ledger=5),
+                 lambda: repo.restore(snap, str(tmp_path / "o"), processes="2"),
+                 lambda: repo.restore(snap, str(tmp_path / "o"), processes=2.5),
+                 lambda: repo.restore(snap, str(tmp_path / "o"), progress=5),
+                 lambda: repo.backup([str(tree)], progress=5), lambda: repo.backup([str(tree)], exclude_if_present=[5])):
+        with pytest.raises(UsageError):
+            call()
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists() and not (tmp_path / "o").exists()
+    assert [s.id for s in repo.snapshots()] == [snap.id]
 
 
 def test_a_chunker_secret_of_the_wrong_size_is_refused_before_anything_is_written(tmp_path):
