@@ -8,6 +8,7 @@ read that found the end, so the backup stops before it writes a snapshot.
 """
 from __future__ import annotations
 
+import io
 import os
 import select
 import shlex
@@ -16,7 +17,7 @@ import subprocess
 import time
 from typing import IO, Mapping, Sequence
 
-from chunkvault.errors import SourceCommandFailed
+from chunkvault.errors import SourceCommandFailed, UsageError
 
 from .locks import process_start
 
@@ -105,16 +106,24 @@ class CommandStream:
 
     def __init__(self, argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None,
                  stderr: IO[bytes] | None = None):
-        if not argv:
-            raise SourceCommandFailed("no command given")
-        self.argv = list(argv)
+        if isinstance(argv, (str, bytes)) or not argv:
+            raise UsageError(f"a command is a list of its program and arguments, not {argv!r}")
+        if not all(isinstance(a, (str, bytes, os.PathLike)) for a in argv):
+            raise UsageError(f"a command's program and arguments are strings, not {list(argv)!r}")
+        self.argv = [os.fsdecode(a) for a in argv]
         self.shown = shlex.join(self.argv)
         env = without_secrets(os.environ if env is None else env)
         try:
             self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=0,
                                           stderr=stderr, cwd=cwd, env=env)
+        except io.UnsupportedOperation:
+            raise UsageError(f"cannot run `{self.shown}`: its stderr must be a file with a descriptor, "
+                             f"not {stderr!r}") from None
         except OSError as exc:
-            raise SourceCommandFailed(f"cannot run `{self.shown}`: {exc.strerror}") from None
+            where = f" in {os.fsdecode(cwd)}" if cwd is not None and not os.path.isdir(cwd) else ""
+            raise SourceCommandFailed(f"cannot run `{self.shown}`{where}: {exc.strerror or exc}") from None
+        except (TypeError, ValueError) as exc:  # an argument or variable of another type, a stderr with no fd
+            raise UsageError(f"cannot run `{self.shown}`: {exc}") from None
         assert self._proc.stdout is not None
         self._fd = self._proc.stdout.fileno()
         self.returncode: int | None = None

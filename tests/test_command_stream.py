@@ -61,6 +61,21 @@ def test_a_failed_command_saves_no_snapshot(new_repo, command, message):
     assert repo.backup_command(emit(100), "app.sql").snapshot.parent == kept.id
 
 
+def test_a_command_that_cannot_be_run_as_given_says_why(new_repo, tmp_path):
+    import io
+
+    from chunkvault.errors import UsageError
+
+    repo = new_repo()
+    with pytest.raises(SourceCommandFailed, match=f"cannot run `true` in {tmp_path / 'gone'}: No such file"):
+        repo.backup_command(["true"], "x", cwd=str(tmp_path / "gone"))  # the directory is what is missing
+    for argv, kwargs, message in ((["true"], {"stderr": io.BytesIO()}, "stderr must be a file with a descriptor"),
+                                  ([5], {}, "are strings"), ([], {}, "a list of its program"), (["true"], {"env": {"A": 5}}, "cannot run")):
+        with pytest.raises(UsageError, match=message):
+            repo.backup_command(argv, "x", **kwargs)
+    assert repo.snapshots() == []
+
+
 def test_a_backup_that_fails_stops_its_command(tmp_path):
     """The repository goes away while a dump streams: the dump is stopped, not left writing to a dead pipe."""
     path = str(tmp_path / "repo")
