@@ -40,7 +40,7 @@ from .store.source import SourceWalk, markers_of
 from .store import locks
 from .store.keyahead import KeyAhead
 from .store.locks import LockInfo
-from .store.unlock import Unlocked, unlock
+from .store.unlock import Unlocked, require_openable, unlock
 
 if TYPE_CHECKING:  # the modules of other commands load when used: a backup need not import them
     from .store.check import CheckReport
@@ -340,7 +340,11 @@ class Repository:
             except RollbackDetected:
                 snaps = self._repo.snapshots()
                 present = self._present(snaps)
-                self._ledger.guard(present, forgetting=set(forgetting))
+                try:
+                    self._ledger.guard(present, forgetting=set(forgetting))
+                except RollbackDetected:  # or a repository made anew at its place, which that error names
+                    require_openable(self._repo.remote, self._repo.config.repo_id)
+                    raise
             self._ledger.observe(present, warn=False)
         return snaps
 

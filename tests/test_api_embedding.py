@@ -79,9 +79,12 @@ def test_stats_of_an_object_kept_open_count_what_another_command_stored(tmp_path
     assert after.snapshots == 2 and after.blob_raw_bytes >= before.blob_raw_bytes + 300_000
 
 
-def test_an_object_kept_open_stores_nothing_into_a_repository_made_anew_at_its_place(tmp_path, tree, new_repo):
+@pytest.mark.parametrize("ledger", [False, True])
+def test_an_object_kept_open_stores_nothing_into_a_repository_made_anew_at_its_place(tmp_path, tree, new_repo,
+                                                                                      ledger):
+    """With its ledger too: the snapshots it saw are gone, and the error says why instead of 'rolled back'."""
     path = tmp_path / "repo"
-    kept = new_repo(str(path), ledger=False)  # else its ledger alone refuses (the snapshots it saw are gone)
+    kept = new_repo(str(path), ledger=str(tmp_path / "ledger") if ledger else False)
     kept.backup([str(tree)])
     shutil.rmtree(path)
     new_repo(str(path))
