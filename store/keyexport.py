@@ -47,13 +47,16 @@ class KeyExport:
 
     @classmethod
     def decode(cls, data: bytes, what: str) -> "KeyExport":
-        """The export in ``data``; CorruptObject names ``what`` (the file) for anything else."""
+        """The export in ``data``; UnsupportedFormat for a file that is no key export (as ``import`` calls a
+        file that is no export file, exit 17), CorruptObject naming ``what`` (the file) for a damaged one."""
         try:
             obj = json.loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError):
-            raise CorruptObject(what, "not a chunkvault key export (not JSON)") from None
+            if EXPORT_MAGIC.encode() in data[:200]:  # the start of one, cut short or damaged after it
+                raise CorruptObject(what, "damaged key export (not whole JSON)") from None
+            raise UnsupportedFormat(f"{what} is not a chunkvault key export (not JSON)") from None
         if not isinstance(obj, dict) or EXPORT_MAGIC not in obj:
-            raise CorruptObject(what, "not a chunkvault key export")
+            raise UnsupportedFormat(f"{what} is not a chunkvault key export")
         if obj[EXPORT_MAGIC] != EXPORT_VERSION:
             raise UnsupportedFormat(f"{what}: key export version {obj[EXPORT_MAGIC]!r} is not one this "
                                     "chunkvault reads; upgrade chunkvault")
