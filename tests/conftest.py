@@ -85,6 +85,18 @@ def cli(tmp_path):
 
 
 @pytest.fixture
+def no_flock(monkeypatch):
+    """A file system without locks (NFS mounted nolock): every flock fails with ENOLCK."""
+    import errno
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+
+
+@pytest.fixture
 def derivations(monkeypatch):
     """Counts password derivations (the costly step)."""
     from chunkvault.store import config as config_mod

@@ -203,12 +203,17 @@ def test_a_forget_killed_before_or_after_deleting_is_no_finding(chain, monkeypat
         assert c not in {s.id for s in repo.snapshots()} and _problems(repo) == []
 
 
+def _ledger_file(path: str, ledger) -> "os.PathLike[str]":
+    """The ledger file of the repository at ``path``, in directory ``ledger``, written by a first listing."""
+    with Repository.open(path, PW, ledger=str(ledger)) as repo:
+        repo.snapshots()
+        return ledger / f"{repo.store.config.repo_id}.json"
+
+
 def test_corrupt_ledger_file_warns_once_and_starts_afresh(chain, tmp_path):
     path, _, states, _ = chain
     ledger = tmp_path / "ledger"
-    with Repository.open(path, PW, ledger=str(ledger)) as repo:
-        repo.snapshots()
-        file = ledger / f"{repo.store.config.repo_id}.json"
+    file = _ledger_file(path, ledger)
     for garbage in (b"\x00not json", b'{"version": 1, "repository": "another"}', b"[]"):
         file.write_bytes(garbage)
         with warnings.catch_warnings(record=True) as seen:
@@ -247,9 +252,7 @@ def test_accepting_the_state_into_a_ledger_that_cannot_be_written_fails_and_chec
 def test_a_fifo_in_the_ledgers_place_warns_instead_of_hanging(chain, tmp_path):
     path, tree, _, _ = chain
     ledger = tmp_path / "ledger"
-    with Repository.open(path, PW, ledger=str(ledger)) as repo:
-        repo.snapshots()
-        file = ledger / f"{repo.store.config.repo_id}.json"
+    file = _ledger_file(path, ledger)
     file.unlink()
     os.mkfifo(file)
     with pytest.warns(RepositoryStateWarning, match="not a regular file"):
@@ -257,17 +260,9 @@ def test_a_fifo_in_the_ledgers_place_warns_instead_of_hanging(chain, tmp_path):
             repo.backup([tree.root])
 
 
-def test_a_ledger_on_a_file_system_without_locks_is_still_kept(chain, tmp_path, monkeypatch):
+def test_a_ledger_on_a_file_system_without_locks_is_still_kept(chain, tmp_path, no_flock):
     """NFS mounted nolock: flock fails with ENOLCK; the ledger is written without the lock, with a warning."""
-    import errno
-    import fcntl
-
     path, tree, states, _ = chain
-
-    def no_locks(fd, op):
-        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-
-    monkeypatch.setattr(fcntl, "flock", no_locks)
     ledger = tmp_path / "ledger"
     with pytest.warns(RepositoryStateWarning, match="cannot lock the ledger"):
         with Repository.open(path, PW, ledger=str(ledger)) as repo:
