@@ -49,7 +49,8 @@ class PasswordSource:
         for kind in ("file", "command"):
             if self._args(args, kind) == "":  # given, and empty: not the environment's password silently instead
                 raise UsageError(f"{self.option}-{kind} is empty")
-        tiers = ((self._args(args, "file"), self._args(args, "command"), f"{self.option}-file and {self.option}-command", None),
+        tiers = ((self._args(args, "file"), self._args(args, "command"),
+                  f"{self.option}-file and {self.option}-command", None),
                  (*fallback, "password-file and password-command", cwd),
                  (os.environ.get(self.env + "_FILE"), os.environ.get(self.env + "_COMMAND"),
                   f"{self.env}_FILE and _COMMAND", None))

@@ -1207,7 +1207,7 @@ class _BinarySource(io.RawIOBase):
             n = into(b)
             if n is None:
                 raise UsageError("backup_stream needs a blocking stream: its readinto returned None")
-            if type(n) is not int or not 0 <= n <= len(b):  # else the buffer's old bytes were stored as its
+            if type(n) is not int or not 0 <= n <= len(b):  # else the buffer's old bytes were stored as data
                 raise UsageError(f"backup_stream: the stream's readinto returned {n!r} for a buffer of "
                                  f"{len(b)} bytes")
             return n
