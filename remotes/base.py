@@ -108,6 +108,10 @@ class Remote(ABC):
         service's --max-object-size): packs are made to fit under it.  None: no such limit."""
         return None
 
+    def drop_cached(self, key: str) -> None:
+        """Forget a local copy of ``key`` that turned out not to be the stored object (it does not decode, or
+        is not what its name says): the next ``get`` reads the stored one.  Nothing, where nothing is kept."""
+
     def uncached(self) -> "Remote":
         """This remote without a local cache in front: what ``check`` reads the stored copies through (a
         cached copy, read once and kept, would hide damage done to the stored one since)."""

@@ -359,6 +359,12 @@ class CachingRemote(Remote):
         if self.cacheable(key) and not key.startswith(self.rewritable):
             self._store(self._path(key), bytes(data))
 
+    def drop_cached(self, key: str) -> None:
+        if self.cacheable(validate_key(key)):
+            self._count("discarded")
+            self._remove(self._path(key))
+            self._drop_versions(key)
+
     def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
         if not self.cacheable(validate_key(key)):
             return self.inner.get(key, start, length)

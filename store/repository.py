@@ -270,9 +270,13 @@ class Repo:
             self._pack_nos.setdefault(pack_id, pack_no)
 
     def _index_bytes(self, name: str, fresh: bool = False) -> bytes:
-        data = (self.remote.uncached() if fresh else self.remote).get(f"index/{name}")
+        key = f"index/{name}"
+        data = (self.remote.uncached() if fresh else self.remote).get(key)
+        if content_name(data) != name and not fresh:  # a local copy that is not it: the stored one decides
+            self.remote.drop_cached(key)
+            data = self.remote.get(key)
         if content_name(data) != name:
-            raise CorruptObject(f"index/{name}", "content does not match its name")
+            raise CorruptObject(key, "content does not match its name")
         return data
 
     def read_index_object(self, name: str) -> IndexData:
@@ -668,11 +672,17 @@ class Repo:
         snap = self._snapshots.get(name)
         if snap is not None:
             return snap
+        key = f"snapshots/{name}"
         try:
-            data = self.remote.get(f"snapshots/{name}")
+            data = self.remote.get(key)
+            try:
+                snap = Snapshot.decode(self.sealer, name, data)
+            except CorruptObject:  # a local copy that is not it (another's, planted): the stored one decides
+                self.remote.drop_cached(key)
+                data = self.remote.get(key)
+                snap = Snapshot.decode(self.sealer, name, data)
         except ObjectNotFound:
-            raise MissingObject(f"snapshots/{name}") from None
-        snap = Snapshot.decode(self.sealer, name, data)
+            raise MissingObject(key) from None
         self._snapshots[name] = snap
         self._snapshot_seen[name] = (len(data), None)
         return snap

@@ -864,3 +864,36 @@ def test_repair_snapshots_names_the_files_a_differential_loses_with_its_parents(
     repo.repair_index()
     report = repo.repair_snapshots(dry_run=dry_run)
     assert sorted((s, p) for s, p in report.dropped) == sorted([(full.id, "a"), (diff.id, "a")])
+
+
+def test_a_local_copy_that_is_not_the_stored_object_is_dropped_and_the_stored_one_read(tmp_path):
+    """A cache entry whose framing checks but that holds another object (another cache's, planted): the
+    snapshots were left out and check advised forgetting them, while the repository was whole."""
+    import warnings
+
+    from chunkvault.remotes.layer import wrap_remote
+    from chunkvault.remotes.local import LocalRemote
+
+    path, cache = str(tmp_path / "repo"), tmp_path / "cache"
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = Repository.init(path, "pw", kdf_seconds=0, ledger=False)
+    ids = []
+    for i in range(2):
+        (src / f"f{i}").write_bytes(os.urandom(5000))
+        ids.append(repo.backup([str(src)]).snapshot.id)
+    with Repository.open(wrap_remote(LocalRemote(path), cache_dir=cache), "pw", ledger=False) as cached:
+        cached.restore("latest", str(tmp_path / "first"))  # every snapshot and index object now in the cache
+    for kind in ("snapshots", "index"):
+        entries = sorted(p for p in (cache / kind).iterdir())
+        assert len(entries) >= 2, entries
+        first, second = entries[0].read_bytes(), entries[1].read_bytes()
+        entries[0].write_bytes(second)
+        entries[1].write_bytes(first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no snapshot left out as unreadable
+        with Repository.open(wrap_remote(LocalRemote(path), cache_dir=cache), "pw", ledger=False) as cached:
+            assert [s.id for s in cached.snapshots()] == ids
+            assert cached.check().ok
+            cached.restore("latest", str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["f0", "f1"]
