@@ -243,7 +243,12 @@ class SFTPRemote(Remote):
         lost = self._sessions.lost_errors
         try:
             with self._sftp() as sftp:
-                return fn(sftp)
+                try:
+                    return fn(sftp)
+                except OSError as exc:  # paramiko's "Socket is closed" has no errno: the link dropped, a retry may
+                    if exc.errno is None and not self._sessions.alive(sftp):  # reach it again
+                        raise RemoteUnavailable(f"SFTP {what} on {self.display_url}: connection lost ({exc})") from None
+                    raise
         except (ObjectExists, ObjectNotFound, RemoteError, UsageError):
             raise
         except OSError as exc:

@@ -220,6 +220,25 @@ def test_reconnects_after_the_connection_drops(sftp_repo, transport):
         assert {i.key for i in remote.list()} == {"config", "index/" + "b" * 64}
 
 
+def test_a_connection_lost_in_the_middle_of_a_call_is_unavailable_so_it_is_retried(sftp_repo, transport):
+    """paramiko says "Socket is closed" with no errno: it was taken for a permanent failure, and a backup whose
+    link dropped while it wrote a pack stopped at once."""
+    with open_remote(sftp_repo.url, **sftp_repo.options, transport=transport) as remote:
+        remote.put("config", b"x")
+
+        def cut_then_ask(sftp):
+            if transport == "paramiko":
+                drop_connections(remote)
+            else:  # the session in use, not in the pool meanwhile
+                sftp.sock.proc.kill()
+                sftp.sock.proc.wait()
+            sftp.mkdir(remote._path("index"))
+
+        with pytest.raises(RemoteUnavailable):
+            remote._call("making index/", None, cut_then_ask)
+        assert remote.get("config") == b"x"  # and the next call reconnects
+
+
 def test_an_error_answer_keeps_the_session(sftp_repo, transport):
     with open_remote(sftp_repo.url, **sftp_repo.options, transport=transport) as remote:
         remote.put("config", b"x")
