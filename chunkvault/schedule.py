@@ -302,7 +302,7 @@ class Interval:
 
 # --------------------------------------------------------------------------- cadence parsing
 
-_HHMM_RE = re.compile(r"^(\d{1,2}):(\d{2})$")
+_HHMM_RE = re.compile(r"^(\d{1,2}):(\d{2})\Z")
 _CADENCE_HELP = ("expected a cron expression like '0 2 * * *', 'hourly', 'daily [HH:MM]', "
                  "'weekly [DAY] [HH:MM]', 'monthly [HH:MM]' or an interval like 'every 15m'")
 
@@ -471,7 +471,7 @@ _TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "ful
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "exclude_if_present", "exclude_caches",
                 "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime", "fixed_chunks", "command",
                 "stdin_name", "pre", "post", "full", "diff", "retention", "timezone", "hook_timeout"}
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
 def _norm_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from chunkvault.errors import ObjectNotFound, UsageError
 # Keys are relative, slash-separated, made of [A-Za-z0-9._-] segments; no "..",
 # no leading slash, no empty segment.  Every remote (and the HTTP server) checks
 # this, so a key can never escape the repository.
-_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}\Z")
 
 
 def validate_key(key: str) -> str:

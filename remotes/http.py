@@ -74,7 +74,7 @@ MISSING_HEADER = "Chunkvault-Object"
 TOKEN_ENV = "CHUNKVAULT_HTTP_TOKEN"
 TOKEN_FILE_ENV = "CHUNKVAULT_HTTP_TOKEN_FILE"
 CA_FILE_ENV = "CHUNKVAULT_HTTP_CA_FILE"
-_TOKEN = re.compile(r"^[\x21-\x7e]+$")
+_TOKEN = re.compile(r"^[\x21-\x7e]+\Z")
 _PRINTABLE = re.compile(r"[^\x20-\x7e]+")
 
 

@@ -72,12 +72,12 @@ DEFAULT_PACK_SIZE = 16 * MiB  # what a repository's packs grow to unless it was 
 PACK_ROOM = DEFAULT_PACK_SIZE + 3 * MiB  # such a pack, one more chunk (2 MiB at most by default) and its header
 CONFIG_KEYS = ("enabled", "listen", "path", "tokens", "append_only", "tls_cert", "tls_key", "max_object_size", "quiet",
                "max_connections", "max_connections_per_client", "header_timeout", "idle_timeout", "cleanup_interval")
-_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)\Z")
 # The objects a repository is made of (store/FORMAT.md): anything else is refused, so that no client can put a
 # file where the layout needs a directory ("data/ab" in the way of every pack under data/ab/).
-_LAYOUT_KEY = re.compile(r"^(config|(keys|locks|index|snapshots)/[^/]+|data/[0-9a-f]{2}/[^/]+)$")
+_LAYOUT_KEY = re.compile(r"^(config|(keys|locks|index|snapshots)/[^/]+|data/[0-9a-f]{2}/[^/]+)\Z")
 # A Host header's host (name, IPv4, [IPv6]) and port, for the URL a plain HTTP client is pointed to.
-_HOST_HEADER = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))(:[0-9]{1,5})?$")
+_HOST_HEADER = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))(:[0-9]{1,5})?\Z")
 
 
 # --- settings -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from chunkvault.errors import ObjectExists, ObjectNotFound, UsageError
 from chunkvault.remotes.base import ObjectInfo, Remote
 
-INVALID_KEYS = ("../x", "/abs", "a//b", "", "a/../b", "a/", "./a", "a\\b", "a b")
+INVALID_KEYS = ("../x", "/abs", "a//b", "", "a/../b", "a/", "./a", "a\\b", "a b", "snapshots/abc\n")
 
 
 def _blob(rng: random.Random, size: int) -> bytes:

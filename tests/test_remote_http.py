@@ -203,6 +203,7 @@ TRAVERSALS = [
     "/objects/./config",
     "/objects/data/ab/",
     "/objects/%252e%252e/x",
+    "/objects/snapshots/abc%0A",  # one final line feed: a `$` in the key patterns let it through
 ]
 
 
