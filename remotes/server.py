@@ -59,6 +59,9 @@ BODY_PIECE = 1 * MiB  # an upload's buffer grows by at most this much per read (
 # back for it); larger ones go straight into the temp file they are stored through.
 SMALL_BODY = 64 << 10
 READ_TIMEOUT = 120.0  # each read of a request's body, and each write of an answer
+# A body's whole time: the header timeout, and a second for each MIN_BODY_RATE bytes it declares.  A client
+# sending a byte every few seconds, each read within READ_TIMEOUT, held its connection for as long as it liked.
+MIN_BODY_RATE = 8 << 10
 LINGER_TIMEOUT = 2.0
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 64
@@ -599,6 +602,7 @@ class Handler(BaseHTTPRequestHandler):
     # line and headers, header_timeout from the first byte), "body" (each read READ_TIMEOUT), "linger".
     _phase = "head"
     _deadline: float | None = None
+    _body_deadline: float | None = None  # while a body is read: when it must all be in
     _timeout_set: float | None = None
     _expecting = False  # the client waits for "100 Continue" before it sends the body
 
@@ -619,8 +623,10 @@ class Handler(BaseHTTPRequestHandler):
         timeout = READ_TIMEOUT
         if self._deadline is not None:
             timeout = self._deadline - time.monotonic()
-            if timeout <= 0:
-                raise TimeoutError("deadline passed")
+        if self._body_deadline is not None and getattr(self, "_unread", 0) > 0:
+            timeout = min(timeout, self._body_deadline - time.monotonic())
+        if timeout <= 0:
+            raise TimeoutError("deadline passed")
         if timeout != self._timeout_set:
             self.connection.settimeout(timeout)
             self._timeout_set = timeout
@@ -632,7 +638,7 @@ class Handler(BaseHTTPRequestHandler):
             self._deadline = time.monotonic() + self.server.settings.header_timeout
 
     def handle_one_request(self) -> None:
-        self._phase, self._expecting = "idle", False
+        self._phase, self._expecting, self._body_deadline = "idle", False, None
         self._deadline = time.monotonic() + self.server.settings.idle_timeout
         super().handle_one_request()
 
@@ -798,6 +804,8 @@ class Handler(BaseHTTPRequestHandler):
             if len(lengths) > 1 or not (length.isascii() and length.isdigit()):
                 return self._fail(400, "bad Content-Length", close=True)
             self._unread = int(length)
+            self._body_deadline = (time.monotonic() + self.server.settings.header_timeout
+                                   + self._unread / MIN_BODY_RATE)
         path, _, query = self.path.partition("?")
         self._what = path
         mode = self._authorize()

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from chunkvault.errors import Locked, LockLost, ObjectNotFound, RemoteError, UsageError
+from chunkvault.errors import Locked, LockLost, ObjectNotFound, RemoteError, RemoteUnavailable, UsageError
 from chunkvault.remotes import Remote
 
 from .forksafe import FORK_GUARD, start_quiet_thread
@@ -286,22 +286,27 @@ class RepoLock:
         except RemoteError:
             pass
 
-    def release(self) -> None:
+    def release(self, *, remove: bool = True) -> None:
+        """Stop refreshing the lock and remove it (``remove``); one left goes stale by itself."""
         self._stop.set()
         if os.getpid() != self._pid:  # a forked child: the lock is its parent's, still held there
             return
         _HELD_BY_THREAD.pop(self.key, None)
         if self._thread is not None:
             self._thread.join()
-        self.remote.delete(self.key)
+        if remove:
+            self.remote.delete(self.key)
 
     def __enter__(self) -> "RepoLock":
         self.acquire()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
-            self.release()
+            # After the remote stopped answering for a whole retry window, removing the lock would retry for
+            # another (an HTTP service frozen mid-backup kept the command 11 minutes, saying only "retrying"):
+            # it is left to go stale, and a command on this host removes it at once (its process is gone).
+            self.release(remove=not isinstance(exc, RemoteUnavailable))
         except RemoteError:
             # The work is done (or its own error propagates); a lock left behind goes stale by itself.
             pass

@@ -111,6 +111,21 @@ def test_a_refresh_does_not_write_back_a_lock_another_command_removed(remote):
             lock.ensure_held()
 
 
+def test_a_command_the_remote_stopped_answering_leaves_its_lock_to_go_stale(remote):
+    """Removing it would retry for another whole window (11 minutes against a frozen service); a later
+    command on this host removes it at once, its process being gone."""
+    from chunkvault.errors import RemoteUnavailable
+
+    with pytest.raises(RemoteUnavailable):
+        with RepoLock(remote, SHARED, "backup") as lock:
+            raise RemoteUnavailable("no answer")
+    assert [lk.key for lk in list_locks(remote)] == [lock.key]
+    with pytest.raises(ValueError):
+        with RepoLock(remote, SHARED, "backup") as other:
+            raise ValueError("any other failure")
+    assert remote.stat(other.key) is None
+
+
 def test_locks_name_their_process(remote):
     with RepoLock(remote, SHARED, "backup") as lock:
         (info,) = list_locks(remote)

@@ -682,6 +682,21 @@ def test_a_request_head_sent_a_byte_at_a_time_and_an_idle_connection_are_closed(
     assert raw_request(server.port, "GET", "/objects/config")[0] == 404  # and the service goes on
 
 
+def test_an_upload_sent_a_byte_at_a_time_is_cut_off_and_stores_nothing(serve_factory, tmp_path):
+    """Each read of a body within its 120 s: a client sending a byte every few seconds held its connection
+    (and an upload in flight) for as long as it liked.  The body now has the header timeout and a second for
+    each 8 KiB it declares."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--header-timeout", "1")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.sendall(b"PUT /objects/index/" + b"a" * 64 + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + FULL_TOKEN.encode() + b"\r\nContent-Length: 8192\r\n\r\n")
+        started = time.monotonic()
+        assert closed_by_server(slow, drip=b"x", bound=20)
+        assert time.monotonic() - started < 10
+    assert files_under(server.path) == []
+    assert raw_request(server.port, "GET", "/objects/config")[0] == 404  # and the service goes on
+
+
 def test_connections_beyond_the_limits_are_refused_and_others_served(serve_factory, tmp_path):
     server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--max-connections", "5",
                            "--max-connections-per-client", "3")
