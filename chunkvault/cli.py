@@ -23,6 +23,7 @@ from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, OutputCl
 from .store.chain import lineage
 from .store.manifest import T_DIR, TYPE_NAMES, Entry
 from .store.snapshot import Snapshot
+from .units import format_size
 
 if TYPE_CHECKING:
     from .store.retention import RebaseStep
@@ -287,14 +288,6 @@ def _json_array_pieces(items: Iterable[Any]) -> Iterator[str]:
     yield "\n]\n" if opened else "[]\n"
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _snapshot_json(s: Snapshot, chain_length: int | None = None) -> dict[str, Any]:
     stats = s.stats if chain_length is None else {**s.stats, "chain_length": chain_length}
     return {"id": s.id, "short_id": s.short_id, "time": s.time, "type": s.kind, "parent": s.parent,
@@ -482,10 +475,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
         print(f"dry run: would save a {snap.kind} snapshot{parent}" if args.dry_run
               else f"{snap.kind} snapshot {snap.short_id} saved{parent}")
         print(f"  files: {st['new_files']} new, {st['changed_files']} changed, {st['unchanged_files']} unchanged, "
-              f"{st['deleted']} removed; {st['files']} files, {st['dirs']} dirs, {_human(st['bytes'])}")
-        print(f"  {'would add' if args.dry_run else 'added'}: {_human(st['added_raw_bytes'])} of new data, stored as "
-              f"{_human(st['added_stored_bytes'])} ({_human(st['delta_stored_bytes'])} as deltas, "
-              f"{_human(st['whole_stored_bytes'])} whole) in {st['duration']:.2f} s")
+              f"{st['deleted']} removed; {st['files']} files, {st['dirs']} dirs, {format_size(st['bytes'])}")
+        print(f"  {'would add' if args.dry_run else 'added'}: {format_size(st['added_raw_bytes'])} of new data, "
+              f"stored as "
+              f"{format_size(st['added_stored_bytes'])} ({format_size(st['delta_stored_bytes'])} as deltas, "
+              f"{format_size(st['whole_stored_bytes'])} whole) in {st['duration']:.2f} s")
     if result.partial:
         what = "dry run" if args.dry_run else f"snapshot {snap.short_id} saved"
         raise PartialBackup(f"{what}, but {len(st['unreadable'])} path(s) could not be read")
@@ -535,7 +529,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     print(f"{'ID':8}  {'time':19}  {'type':4}  {'parent':8}  {'host':12}  {'size':>10}  {'files':>7}  tags / paths")
     for s in snaps:
         print(f"{s.short_id:8}  {_local_time(s):19}  {s.kind:4}  {(s.parent or '')[:8]:8}  {one_line(s.host)[:12]:12}  "
-              f"{_human(s.stats.get('bytes', 0)):>10}  {s.stats.get('files', 0):>7}  "
+              f"{format_size(s.stats.get('bytes', 0)):>10}  {s.stats.get('files', 0):>7}  "
               f"{one_line(','.join(s.tags))} {' '.join(map(shown_name, s.paths))}")
     if not args.quiet:
         print(f"{len(snaps)} snapshots")
@@ -623,7 +617,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def _restored(result: Any) -> str:
     """A restore's counts for its summary line."""
     return (f"{result.files} files, {result.dirs} dirs, "
-            + (f"{result.specials} FIFOs and devices, " if result.specials else "") + _human(result.bytes))
+            + (f"{result.specials} FIFOs and devices, " if result.specials else "") + format_size(result.bytes))
 
 
 def _report_restore(args: argparse.Namespace, snap: Snapshot, result: Any, verified: bool) -> bool:
@@ -680,7 +674,8 @@ def cmd_find(args: argparse.Namespace) -> int:
             if len(v.snapshots) > 1:
                 where += f" .. {last.short_id} ({_local_time(last)}), {len(v.snapshots)} snapshots"
             extra = f" -> {shown_name(e.target)}" if e.target else ""
-            print(f"  {TYPE_NAMES[e.type]:8} {_human(e.size):>10}  modified {_ns_local(e.mtime_ns)}  in {where}{extra}")
+            print(f"  {TYPE_NAMES[e.type]:8} {format_size(e.size):>10}  modified {_ns_local(e.mtime_ns)}  "
+                  f"in {where}{extra}")
     if not args.quiet:
         print(f"{len(found)} paths, {sum(len(f.versions) for f in found)} versions")
     return 0
@@ -704,13 +699,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0
     print(f"snapshots      {st.snapshots} ({st.full_snapshots} full, {st.snapshots - st.full_snapshots} differential) "
           f"of {st.sources} source(s)")
-    print(f"files          {_human(st.newest_bytes)} in each source's newest snapshot, "
-          f"{_human(st.all_bytes)} in all snapshots")
-    print(f"distinct data  {_human(st.blob_raw_bytes)} in {st.blobs} blobs, stored as {_human(st.blob_stored_bytes)}"
-          + (f" ({st.delta_blobs} deltas: {_human(st.delta_raw_bytes)} as {_human(st.delta_stored_bytes)})"
+    print(f"files          {format_size(st.newest_bytes)} in each source's newest snapshot, "
+          f"{format_size(st.all_bytes)} in all snapshots")
+    print(f"distinct data  {format_size(st.blob_raw_bytes)} in {st.blobs} blobs, "
+          f"stored as {format_size(st.blob_stored_bytes)}"
+          + (f" ({st.delta_blobs} deltas: {format_size(st.delta_raw_bytes)} as {format_size(st.delta_stored_bytes)})"
              if st.delta_blobs else ""))
-    print(f"manifests      {_human(st.manifest_stored_bytes)} in {st.manifest_blobs} blobs")
-    print(f"packs          {_human(st.pack_bytes)} in {st.packs} packs")
+    print(f"manifests      {format_size(st.manifest_stored_bytes)} in {st.manifest_blobs} blobs")
+    print(f"packs          {format_size(st.pack_bytes)} in {st.packs} packs")
     print(f"ratios         deduplication {st.dedup_ratio:.2f}x, compression and deltas {st.compression_ratio:.2f}x, "
           f"all snapshots' files to packs {st.overall_ratio:.2f}x")
     return 0
@@ -727,18 +723,20 @@ def _usage(args: argparse.Namespace) -> int:
         return 0
 
     def deltas(t: Any) -> str:
-        return f" ({t.delta_blobs} deltas as {_human(t.delta_stored_bytes)})" if t.delta_blobs else ""
+        return f" ({t.delta_blobs} deltas as {format_size(t.delta_stored_bytes)})" if t.delta_blobs else ""
 
     print(f"snapshots      {u.snapshots} ({u.full_snapshots} full, {u.snapshots - u.full_snapshots} differential)")
-    print(f"files          {u.files} files, {_human(u.bytes)} (restore size{', summed' if u.snapshots > 1 else ''})")
-    print(f"chunks         {_human(u.chunks.raw_bytes)} in {u.chunks.blobs} distinct chunks, stored as "
-          f"{_human(u.chunks.stored_bytes)}{deltas(u.chunks)}")
+    print(f"files          {u.files} files, {format_size(u.bytes)} "
+          f"(restore size{', summed' if u.snapshots > 1 else ''})")
+    print(f"chunks         {format_size(u.chunks.raw_bytes)} in {u.chunks.blobs} distinct chunks, stored as "
+          f"{format_size(u.chunks.stored_bytes)}{deltas(u.chunks)}")
     if u.bases.blobs:
-        print(f"delta bases    {u.bases.blobs} blobs below those deltas, stored as {_human(u.bases.stored_bytes)}")
-    print(f"manifests      {_human(u.manifest_stored_bytes)} in {u.manifest_blobs} blobs")
-    print(f"data needed    {_human(u.stored_bytes)} stored in all: what restoring or copying them reads")
-    print(f"only these     {_human(u.frees_stored_bytes)} stored in "
-          f"{u.only.blobs + u.only_manifests.blobs} blobs{deltas(u.only)} ({_human(u.only_manifests.stored_bytes)} "
+        print(f"delta bases    {u.bases.blobs} blobs below those deltas, stored as {format_size(u.bases.stored_bytes)}")
+    print(f"manifests      {format_size(u.manifest_stored_bytes)} in {u.manifest_blobs} blobs")
+    print(f"data needed    {format_size(u.stored_bytes)} stored in all: what restoring or copying them reads")
+    print(f"only these     {format_size(u.frees_stored_bytes)} stored in "
+          f"{u.only.blobs + u.only_manifests.blobs} blobs{deltas(u.only)} "
+          f"({format_size(u.only_manifests.stored_bytes)} "
           "of manifests): what forgetting them, then prune, frees")
     return 0
 
@@ -899,7 +897,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"  and {len(p.files) + p.more_files - 20} more files"
                       + (f" (--json names {len(p.files)})" if len(p.files) > 20 else ""))
         print(f"checked {report.snapshots} snapshots, {report.packs} packs, {report.blobs} blobs"
-              + (f"; read {report.packs_read} packs ({_human(report.bytes_read)}), {report.blobs_read} blobs"
+              + (f"; read {report.packs_read} packs ({format_size(report.bytes_read)}), {report.blobs_read} blobs"
                  if report.packs_read else "")
               + (": no problems" if report.ok else f": {len(report.problems)} problem(s)"))
     if not report.ok:
@@ -953,8 +951,8 @@ def _report_prune(args: argparse.Namespace, plan: Any) -> None:
         delete, repack, keep, frees = (("would delete", "repack", "keep", "frees") if args.dry_run
                                        else ("deleted", "repacked", "kept", "freed"))
         print(f"prune {delete} {len(plan.delete)} pack(s) and {len(plan.orphans)} unindexed pack(s), "
-              f"{repack} {len(plan.repack)} ({_human(plan.repacked_bytes)} moved), {keep} {len(plan.keep)}; "
-              f"{frees} {_human(plan.freed_bytes)}; {plan.live_blobs} blobs live, {plan.unused_blobs} unused"
+              f"{repack} {len(plan.repack)} ({format_size(plan.repacked_bytes)} moved), {keep} {len(plan.keep)}; "
+              f"{frees} {format_size(plan.freed_bytes)}; {plan.live_blobs} blobs live, {plan.unused_blobs} unused"
               + (f"; removed {plan.unfinished_removed} unfinished write(s) left by killed commands"
                  if plan.unfinished_removed else ""))
         if plan.unfinished_error:
@@ -987,7 +985,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         _print_rebases(plan.rebases)
         verb = "would remove" if args.dry_run else "removed"
         print(f"{verb} {len(removed)} snapshot(s), {'would rebase' if args.dry_run else 'rebased'} {len(plan.rebases)}"
-              + (f"; a prune then frees about {_human(frees)} (data only they need) besides what is unused already"
+              + (f"; a prune then frees about {format_size(frees)} (data only they need) besides what is unused already"
                  if frees is not None else ""))
         if pruned is not None:
             _report_prune(args, pruned)
@@ -1014,7 +1012,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
         for sid in done.retired:
             print(f"remove  {sid[:8]}  its former chain")
         _print_rebases(done.rebases)
-        print(f"snapshot {done.snapshot.short_id} is now a full snapshot"
+        print(f"snapshot {done.snapshot.short_id} {'is now' if done.made_full else 'was already'} a full snapshot"
               + (f"; retired its former chain: {len(done.retired)} snapshot(s) removed, {len(done.rebases)} rebased"
                  if args.retire else ""))
     return 0
@@ -1039,7 +1037,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
         for a, reason in result.failed:
             print(f"not copied {a[:8]}: {one_line(reason)}", file=sys.stderr)
         print(f"{len(result.copied)} snapshot(s) copied, {len(result.skipped)} already there; "
-              f"{result.blobs_sent} blobs ({_human(result.bytes_sent)}) sent")
+              f"{result.blobs_sent} blobs ({format_size(result.bytes_sent)}) sent")
     if result.failed:
         raise CorruptObject("source repository", f"{len(result.failed)} snapshot(s) not copied: damaged there "
                                                  "(`check` there names what; the others were copied)")

@@ -15,6 +15,7 @@ from typing import Any
 from . import passwords
 from .display import warn
 from .errors import UsageError
+from .units import format_size
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -32,8 +33,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                         "duration": stats.duration})
     elif not args.quiet:
         print(f"exported {snap.kind} snapshot {snap.short_id} ({snap.time}) to {stats.path}: {stats.files} files, "
-              f"{stats.dirs} dirs, {cli._human(stats.bytes)}; {stats.blobs} chunks, "
-              f"file {cli._human(stats.file_bytes)} in {stats.duration:.2f} s")
+              f"{stats.dirs} dirs, {format_size(stats.bytes)}; {stats.blobs} chunks, "
+              f"file {format_size(stats.file_bytes)} in {stats.duration:.2f} s")
     return 0
 
 
@@ -54,9 +55,9 @@ def cmd_import(args: argparse.Namespace) -> int:
              + (f" (as {snap.short_id})" if exported != snap.id else "") + ": nothing imported")
     elif not args.quiet:
         print(f"imported {args.file} as full snapshot {snap.short_id} ({snap.time}, exported from "
-              f"{st[IMPORTED_FROM][:8]}): {st['files']} files, {st['dirs']} dirs, {cli._human(st['bytes'])}; "
-              f"added {cli._human(st['added_raw_bytes'])} of new data, stored as "
-              f"{cli._human(st['added_stored_bytes'])}")
+              f"{st[IMPORTED_FROM][:8]}): {st['files']} files, {st['dirs']} dirs, {format_size(st['bytes'])}; "
+              f"added {format_size(st['added_raw_bytes'])} of new data, stored as "
+              f"{format_size(st['added_stored_bytes'])}")
     return 0
 
 

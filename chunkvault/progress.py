@@ -7,13 +7,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from .units import format_size
 
 
 class Progress:
@@ -34,10 +28,10 @@ class Progress:
     def line(self, files: int, nbytes: int, now: float) -> str:
         elapsed = max(now - self.start, 1e-6)
         rate = nbytes / elapsed
-        text = f"{self.what}: {files} {self.unit}, {_human(nbytes)}"
+        text = f"{self.what}: {files} {self.unit}, {format_size(nbytes)}"
         if self.total:
-            text += f" of {_human(self.total)} ({min(100.0, 100.0 * nbytes / self.total):.0f}%)"
-        text += f", {_human(rate)}/s"
+            text += f" of {format_size(self.total)} ({min(100.0, 100.0 * nbytes / self.total):.0f}%)"
+        text += f", {format_size(rate)}/s"
         if self.total and rate > 0 and nbytes < self.total:
             eta = (self.total - nbytes) / rate
             text += f", ETA {int(eta // 60)}:{int(eta % 60):02d}"

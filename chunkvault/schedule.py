@@ -37,7 +37,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import UsageError
 from .store.retention import RetentionPolicy, load_preset, policy_from_dict
-from .units import parse_size
 from .store.source import markers_of
 from .units import parse_size
 

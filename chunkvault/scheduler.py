@@ -57,6 +57,7 @@ from .processes import kill_group
 from .remotes.layer import stop_request
 from .schedule import Policy, Source, decide, next_wakeup, parse_policy
 from .schedulecli import add_commands
+from .units import format_size
 from .store.command_stream import without_secrets
 from .store.source import excludes_of
 from .tomlfile import read_toml
@@ -441,7 +442,7 @@ class Runner:
             return
         report.prune = plan.to_dict()
         self.log(f"prune: deleted {len(plan.delete)} pack(s), repacked {len(plan.repack)}, "
-                 f"freed {plan.freed_bytes} bytes")
+                 f"freed {format_size(plan.freed_bytes)}")
 
 
 def _describe(r: SourceResult) -> str:

@@ -1,4 +1,4 @@
-"""Sizes as people write them: ``256M``, ``1.5G``, ``512k``, ``64MiB``, ``1048576``."""
+"""Sizes as people write them (``256M``, ``1.5G``, ``512k``, ``64MiB``, ``1048576``), and as they are shown."""
 from __future__ import annotations
 
 import re
@@ -37,3 +37,12 @@ def parse_share(value: Any) -> float:
     if not 0 <= v <= 1:
         raise UsageError(f"share out of range (0 to 1, or 0% to 100%): {value!r}")
     return v
+
+
+def format_size(n: float) -> str:
+    """``n`` bytes in binary units: ``512 B``, ``1.5 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -673,10 +673,10 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
 
 
 def _print_report(r: VerifyReport, limit: int = 50) -> None:
-    from .cli import _human
+    from .units import format_size
 
     print(f"snapshot {r.snapshot_id[:8]} ({r.snapshot_time}, {r.snapshot_kind}): {r.files} files, {r.dirs} dirs, "
-          f"{r.links} links, {_human(r.bytes)}; restored in {r.restore_seconds:.2f} s, "
+          f"{r.links} links, {format_size(r.bytes)}; restored in {r.restore_seconds:.2f} s, "
           f"compared in {r.compare_seconds:.2f} s")
     for w in r.warnings:
         warn(w, prefix="  warning: ")

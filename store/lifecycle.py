@@ -57,6 +57,7 @@ class Aggregated:
     snapshot: Snapshot
     retired: list[str] = field(default_factory=list)
     rebases: list[RebaseStep] = field(default_factory=list)
+    made_full: bool = True  # False: it was a full already (this call at most retired what was left of its chain)
 
 
 NOT_SELECTED = "not selected (--host, --tag, --path)"
@@ -154,7 +155,8 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
     """
     its_chain = repo.chain_of(snap, snapshots)
     chain_ids = [s.id for s in its_chain[:-1]]
-    if snap.kind != KIND_FULL:
+    made_full = snap.kind != KIND_FULL
+    if made_full:
         records = repo.tree(snap, snapshots)
         ids, mw = store_manifest(repo, records, ensure_held)
         snap.kind = KIND_FULL
@@ -175,7 +177,7 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
         present = {s.id for s in snapshots}
         chain_ids = [i for i in former if i in present] if isinstance(former, list) else []
     if not (retire and chain_ids):
-        return Aggregated(snap)
+        return Aggregated(snap, made_full=made_full)
     plan = plan_forget(snapshots, ids=chain_ids)
     apply_forget(repo, snapshots, plan, ensure_held)
-    return Aggregated(snap, plan.remove, plan.rebases)
+    return Aggregated(snap, plan.remove, plan.rebases, made_full)

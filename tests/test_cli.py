@@ -350,6 +350,7 @@ def test_aggregate_retire_names_what_it_forgot_and_rebased(tmp_path, cli, setup)
     assert out["id"] == newer and out["type"] == "full"
     assert out["retired"] == [branch["id"]] and out["rebased"] == []
     assert json.loads(cli("aggregate", "-r", repo, newer, "--json").stdout)["retired"] == []
+    assert cli("aggregate", "-r", repo, newer).stdout.decode() == f"snapshot {newer[:8]} was already a full snapshot\n"
 
 
 def test_forget_preset_from_config(tmp_path, cli, setup):
