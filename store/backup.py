@@ -1070,6 +1070,10 @@ class Backup:
             parent = next((s for s in snapshots if s.id == parent.id), None)
             if parent is None:
                 raise SnapshotNotFound(f"the parent snapshot {self.opt.parent.id[:8]} was removed meanwhile")
+            if self.opt.time is not None and parent.datetime > self.opt.time:
+                self.warnings.append(f"the parent snapshot {parent.id[:8]} ({parent.time}) is newer than this "
+                                     f"one's time ({iso(self.opt.time)}): a restore --until between the two "
+                                     "finds this one")
         parent_tree: Iterator[Record] | None = None
         if parent is None and same:
             parent, parent_tree = self._usable_parent(same, snapshots)

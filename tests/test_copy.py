@@ -145,7 +145,9 @@ def test_a_differential_dated_before_its_parent_is_copied_after_it(tmp_path, new
         made.append(src_repo.backup([str(src)], kind="diff" if i else "full", time="2026-01-02T03:00:00Z",
                                     parent=made[-1].id if made else None).snapshot)
     (src / "late").write_bytes(b"x")
-    early = src_repo.backup([str(src)], kind="diff", parent=made[-1].id, time="2026-01-01T00:00:00Z").snapshot
+    result = src_repo.backup([str(src)], kind="diff", parent=made[-1].id, time="2026-01-01T00:00:00Z")
+    early = result.snapshot
+    assert [w for w in result.warnings if "is newer than this one's time" in w]  # said, and done as asked
     result = src_repo.copy_to(dst_repo)
     assert not result.failed and len(result.copied) == 5
     copies = dict(result.copied)
