@@ -426,6 +426,8 @@ class Runner:
         if dry_run:
             for sid in out.removed:
                 self.log(f"{src.name}: would remove {sid[:8]} ({reasons[sid]})")
+            for sid in out.rebased:
+                self.log(f"{src.name}: would rebase {sid[:8]} (its parent goes)")
         self.log(f"{src.name}: retention {verb} {len(out.removed)} snapshot(s), "
                  f"{'would rebase' if dry_run else 'rebased'} {len(out.rebased)}, kept {out.kept}")
         return out

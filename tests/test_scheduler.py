@@ -648,6 +648,22 @@ def test_a_dry_run_removes_nothing_and_prunes_nothing(tmp_path, repo_url, tree, 
     assert [s.id for s in snapshots(repo_url)] == [ids[0], ids[2]]
 
 
+def test_a_dry_run_names_the_differentials_retention_would_rebase(tmp_path, repo_url, tree, fake_time):
+    clock = fake_time(FakeClock(datetime(2026, 5, 1, 10, 0, tzinfo=UTC)))
+    with Repository.open(repo_url, PASSWORD) as r:
+        ids = []
+        for i in range(3):
+            (tree / "small.txt").write_text(str(i))  # differentials: each stores little
+            ids.append(r.backup([str(tree)]).snapshot.id)
+            clock.t += timedelta(minutes=10)
+    lines: list[str] = []
+    runner = Runner(_retention_policy(tmp_path, repo_url, tree), PASSWORD.encode(), clock=clock,
+                    lock_file=str(tmp_path / "l"), log=lines.append)
+    retention = runner.run(dry_run=True).sources[0].retention
+    assert retention.removed == ids[:2] and retention.rebased == [ids[2]]
+    assert f"db: would rebase {ids[2][:8]} (its parent goes)" in lines  # named, as forget --dry-run does
+
+
 def test_retention_refuses_a_replayed_snapshot_as_forget_does(tmp_path, repo_url, tree, fake_time):
     """Removing it again by itself would bury the evidence: forget with a policy refuses, and so does a run."""
     clock = fake_time(FakeClock(datetime(2026, 5, 1, 10, 0, tzinfo=UTC)))
