@@ -969,7 +969,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
     repo = _open(args)
     plan = repo.forget(args.snapshots, policy=_policy(args), dry_run=args.dry_run, hosts=args.host,
                        tags=args.tag, paths=args.path, wait=args.wait, allow_remove_all=args.unsafe_allow_remove_all)
-    pruned = _prune_with_progress(args, repo) if args.prune else None
+    pruned, prune_error = None, None
+    if args.prune:  # the forget is done, whatever the prune does: reported first, then the prune's error
+        try:
+            pruned = _prune_with_progress(args, repo)
+        except ChunkvaultError as exc:
+            prune_error = exc
     removed = set(plan.remove)
     # What a prune after this forget would free: only a dry run can tell, the snapshots are still there.
     frees = repo.usage(removed).frees_stored_bytes if args.dry_run and removed else None
@@ -978,9 +983,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
                     "decisions": [{"id": d.snapshot_id, "keep": d.keep, "reasons": list(d.reasons)}
                                   for d in plan.decisions],
                     "rebased": _rebases_json(plan.rebases),
-                    "prune": pruned.to_dict() if pruned is not None else None})
+                    "prune": pruned.to_dict() if pruned is not None else None,
+                    "prune_error": None if prune_error is None else one_line(prune_error)})
     elif not args.quiet:
         for d in plan.decisions:
+            if d.keep and not d.reasons:  # forget by id: every other snapshot, kept for no rule's sake
+                continue
             print(f"{'keep  ' if d.keep else 'remove'}  {d.snapshot_id[:8]}  {', '.join(d.reasons)}")
         _print_rebases(plan.rebases)
         verb = "would remove" if args.dry_run else "removed"
@@ -989,7 +997,17 @@ def cmd_forget(args: argparse.Namespace) -> int:
                  if frees is not None else ""))
         if pruned is not None:
             _report_prune(args, pruned)
+    if prune_error is not None:
+        raise _after_forget(prune_error, removed)
     return 0
+
+
+def _after_forget(error: ChunkvaultError, removed: set[str]) -> ChunkvaultError:
+    """The prune's error, saying that the forget before it was done: a caller that saw only the error took
+    the snapshots for still there, and forgetting them again by id failed (12)."""
+    error.args = (f"{error}; the forget was done ({len(removed)} snapshot(s) removed): only the prune failed, "
+                  "run it again with `chunkvault prune`",)
+    return error
 
 
 def _rebases_json(rebases: list[RebaseStep]) -> list[dict]:

@@ -324,8 +324,9 @@ class Checker:
             self.report.warnings.append(
                 f"{pack_key(pid)} is in no readable index (an index object is damaged: `repair index` adds it)"
                 if self.index_damaged else
-                f"{pack_key(pid)} is in no index (left by an interrupted backup, copy or import, or its index "
-                "object is lost: `repair index` adds it; prune deletes it only while no snapshot misses a blob)")
+                f"{pack_key(pid)} is in no index (a backup, copy or import running now, or one interrupted, "
+                "or a prune's new pack whose index it did not get to write, or its index object is lost: "
+                "`repair index` adds it; prune deletes it only while no snapshot misses a blob)")
         todo = []
         for pid, sources in indexed.items():
             if pid not in stored:

@@ -388,3 +388,30 @@ def test_an_aggregate_stopped_before_it_retired_the_chain_retires_it_when_run_ag
     assert left.id == ids[-1] and left.kind == "full"
     repo.restore(left.id, str(tmp_path / "out"))
     assert describe(tmp_path / "out") == states[ids[-1]] and repo.check().ok
+
+
+def test_forget_prune_reports_the_forget_when_the_prune_then_fails(tmp_path, cli):
+    """The forget is done before the prune: a failing prune printed only its own error (or, with --json,
+    only an error document), and a caller took the snapshots for still there."""
+    import json
+
+    repo, src = str(tmp_path / "repo"), tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    ids = {}
+    for host in ("A", "B", "C"):
+        ids[host] = json.loads(cli("backup", "-r", repo, str(src), "--host", host, "--json").stdout)["id"]
+    damaged = tmp_path / "repo" / "snapshots" / ids["A"]  # prune needs every snapshot: it refuses (13)
+    raw = bytearray(damaged.read_bytes())
+    raw[40] ^= 1
+    damaged.write_bytes(bytes(raw))
+    out = cli("forget", "-r", repo, ids["B"][:8], "--prune", "--json", check=13)
+    doc = json.loads(out.stdout)
+    assert [d["id"] for d in doc["decisions"] if not d["keep"]] == [ids["B"]]
+    assert doc["prune"] is None and "prune needs every snapshot" in doc["prune_error"]
+    assert "the forget was done (1 snapshot(s) removed)" in out.stderr.decode()
+    listed = {s["id"] for s in json.loads(cli("snapshots", "-r", repo, "--json").stdout)}
+    assert listed == {ids["C"]}  # A unreadable, B forgotten
+    text = cli("forget", "-r", repo, ids["C"][:8], "--prune", check=13).stdout.decode().splitlines()
+    assert text == [f"remove  {ids['C'][:8]}  named on the command line", "removed 1 snapshot(s), rebased 0"]
