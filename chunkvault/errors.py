@@ -73,7 +73,9 @@ class CorruptObject(ChunkvaultError):
     def explained(self, more: str) -> CorruptObject:
         """The same error (missing or corrupt, the same object) with ``more`` appended to its reason: what a
         caller knows about it, e.g. the snapshot whose manifest needed the object."""
-        return type(self)(self.object_name, self.reason + more)
+        error = type(self)(self.object_name, self.reason + more)
+        error.partial = self.partial
+        return error
 
 
 class NewerObject(CorruptObject):

@@ -530,9 +530,16 @@ class Repository:
                     self._repo.drop_stale()
             if not depth and not locked:
                 self._follow_others()
+            unlocked_index = None if depth or locked else set(self._repo.index_names())
             self._reading_depth.n = depth + 1
             try:
                 yield
+            except CorruptObject as exc:
+                if unlocked_index is not None and set(self._repo.index_names()) != unlocked_index:
+                    # a prune (or repair) replaced the index meanwhile: what it removed is gone, not damaged
+                    raise exc.explained(f"; the index changed while this {purpose} read without a lock (a prune "
+                                        "ran meanwhile?): run it again before repairing anything") from None
+                raise
             finally:
                 self._reading_depth.n = depth
 

@@ -345,3 +345,28 @@ def test_change_password_replaces_the_opening_key(tmp_path, new_repo):
     Repository.open(path, "a third").close()
     with pytest.raises(WrongPassword):
         Repository.open(path, PASSWORD)
+
+
+def test_a_read_without_a_lock_that_a_prune_overtook_says_so_instead_of_calling_for_repairs(tmp_path, tree,
+                                                                                             new_repo):
+    """A read-only token cannot store a lock: a prune ran meanwhile, and the restore ended in "corrupt object
+    ... `repair index`" on a whole repository."""
+    path = str(tmp_path / "repo")
+    repo = new_repo(path)
+    first = repo.backup([str(tree)]).snapshot
+    (tree / "a").write_bytes(os.urandom(200_000))
+    repo.backup([str(tree)])
+    unlocked = Repository.open(path, PASSWORD, lock_reads=False)
+    with pytest.raises(CorruptObject) as untouched:
+        with unlocked.reading("restore"):
+            raise CorruptObject("data/ab/x", "pack is missing")
+    assert "read without a lock" not in str(untouched.value)
+    with pytest.raises(CorruptObject, match="the index changed while this restore read without a lock") as info:
+        with unlocked.reading("restore"):
+            repo.forget([first])
+            repo.prune(max_unused=0)
+            error = CorruptObject("data/ab/x", "pack is missing")
+            error.partial = "what was restored"
+            raise error
+    assert info.value.partial == "what was restored"
+    unlocked.close()
