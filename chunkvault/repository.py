@@ -530,18 +530,25 @@ class Repository:
                     self._repo.drop_stale()
             if not depth and not locked:
                 self._follow_others()
-            unlocked_index = None if depth or locked else set(self._repo.index_names())
             self._reading_depth.n = depth + 1
             try:
                 yield
             except CorruptObject as exc:
-                if unlocked_index is not None and set(self._repo.index_names()) != unlocked_index:
-                    # a prune (or repair) replaced the index meanwhile: what it removed is gone, not damaged
+                if not depth and not locked and self._index_replaced_meanwhile():
+                    # a prune (or repair) replaced the index the read followed: what it removed is gone, not damaged
                     raise exc.explained(f"; the index changed while this {purpose} read without a lock (a prune "
                                         "ran meanwhile?): run it again before repairing anything") from None
                 raise
             finally:
                 self._reading_depth.n = depth
+
+    def _index_replaced_meanwhile(self) -> bool:
+        """Whether the index a read without a lock followed was replaced since (a failure to list says no:
+        the read's own error is the one to report)."""
+        try:
+            return self._repo.index_replaced()
+        except ChunkvaultError:
+            return False
 
     def _follow_others(self) -> None:
         """Before a read outside ``reading`` (or one without the lock): drop an index that other commands

@@ -677,6 +677,8 @@ class Repo:
             data = self.remote.get(key)
             try:
                 snap = Snapshot.decode(self.sealer, name, data)
+            except NewerObject:  # authentic (read past the AEAD): no copy of it reads otherwise
+                raise
             except CorruptObject:  # a local copy that is not it (another's, planted): the stored one decides
                 self.remote.drop_cached(key)
                 data = self.remote.get(key)
@@ -731,11 +733,15 @@ class Repo:
         if index:
             self.refresh_index()
 
+    def index_replaced(self) -> bool:
+        """Whether the loaded index's objects are no longer those listed now (another command's backup added
+        one, a prune or repair replaced them); False while none is loaded."""
+        return self._index is not None and set(self.index_names()) != self._index_names
+
     def refresh_index(self) -> None:
-        """Drop the index if its objects are no longer those it was loaded from (another command's backup
-        added one, a prune or repair replaced them): it is read again when next needed."""
+        """Drop the index if it was replaced (``index_replaced``): it is read again when next needed."""
         with self._index_lock:
-            if self._index is not None and set(self.index_names()) != self._index_names:
+            if self.index_replaced():
                 self._index = None
 
     def reload_snapshots(self) -> list[Snapshot]:

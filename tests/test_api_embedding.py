@@ -363,6 +363,7 @@ def test_a_read_without_a_lock_that_a_prune_overtook_says_so_instead_of_calling_
     assert "read without a lock" not in str(untouched.value)
     with pytest.raises(CorruptObject, match="the index changed while this restore read without a lock") as info:
         with unlocked.reading("restore"):
+            unlocked.store.index  # the read follows the index as it was
             repo.forget([first])
             repo.prune(max_unused=0)
             error = CorruptObject("data/ab/x", "pack is missing")
