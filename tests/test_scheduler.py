@@ -221,6 +221,26 @@ def test_sleep_is_computed_not_polled(tmp_path, repo_url, tree):
     assert len(clock.sleeps) == 18 and all(s == 600 for s in clock.sleeps)
 
 
+def test_a_policys_repack_limit_reaches_the_prune_of_a_run(tmp_path, repo_url, tree, fake_time, monkeypatch):
+    asked: dict = {}
+    real = Repository.prune
+
+    def prune(self, **options):
+        asked.update(options)
+        return real(self, **options)
+
+    monkeypatch.setattr(Repository, "prune", prune)
+    policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                                          top='full = "daily 02:00"\ndiff = "hourly"\nprune = true\n'
+                                              'max-repack-size = "2M"\n[retention]\nkeep-last = 1\n')))
+    clock = fake_time(FakeClock(datetime(2026, 5, 1, 10, 0, tzinfo=UTC)))
+    runner = Runner(policy, PASSWORD.encode(), clock=clock, lock_file=str(tmp_path / "l"))
+    runner.run()
+    clock.t += timedelta(hours=1)
+    assert runner.run().prune is not None
+    assert asked["max_repack_size"] == 2 << 20
+
+
 def test_retention_then_prune_frees_what_the_forgotten_full_held(tmp_path, repo_url, tree, fake_time):
     policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
                                           top='full = "daily 02:00"\ndiff = "hourly"\nprune = true\n'
