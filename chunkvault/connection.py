@@ -17,27 +17,50 @@ from .remotes.local import LocalRemote
 from .remotes.throttle import ThrottledRemote
 
 
+#: Seconds an off-site remote that answered before is waited for when it stops answering (``-o SCHEME.retry-time``).
+RETRY_TIME_ENV = "CHUNKVAULT_RETRY_TIME"
+
+
 def connect(url: str | Remote, *, cache: bool = True, limit_upload: float | None = None,
-            limit_download: float | None = None, **options: Any) -> Remote:
+            limit_download: float | None = None, retry_time: float | None = None, **options: Any) -> Remote:
     """Open a remote by URL; off-site remotes get retries and a local metadata cache.  ``limit_upload`` and
-    ``limit_download`` (bytes per second) hold its transfers to those rates (``remotes/throttle.py``)."""
+    ``limit_download`` (bytes per second) hold its transfers to those rates (``remotes/throttle.py``);
+    ``retry_time`` (else $CHUNKVAULT_RETRY_TIME, else 15 minutes) is how long one operation keeps retrying
+    a remote that has answered before (``remotes/layer.py``)."""
     if isinstance(url, Remote):
         return url
     if isinstance(url, os.PathLike):
         url = os.fspath(url)
     if not isinstance(url, str) or not url:
         raise UsageError(f"a repository is named by a URL or a path (a str), not {url!r}")
+    outage = _retry_time(retry_time)
     remote = open_remote(url, **options)
     local = isinstance(remote, LocalRemote)
     if limit_upload or limit_download:
         remote = ThrottledRemote(remote, upload=limit_upload, download=limit_download)
     if local:
+        if retry_time is not None:
+            raise UsageError("retry-time applies to off-site remotes: a local repository is not retried")
         return remote
     from .remotes.layer import wrap_remote  # off-site remotes only
 
     base = cache_base() if cache else None
     cache_dir = os.path.join(base, url_digest(remote.display_url)) if base is not None else None
-    return wrap_remote(remote, cache_dir=cache_dir)
+    return wrap_remote(remote, cache_dir=cache_dir, **({} if outage is None else {"outage": outage}))
+
+
+def _retry_time(given: Any) -> float | None:
+    """The retry time given (option, else environment), checked; None: the default."""
+    text, what = (given, "retry-time") if given is not None else (os.environ.get(RETRY_TIME_ENV), RETRY_TIME_ENV)
+    if text is None or text == "":
+        return None
+    try:
+        seconds = float(text)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if isinstance(text, bool) or not 0 <= seconds < float("inf"):
+        raise UsageError(f"{what} takes seconds (0 or more), not {text!r}")
+    return seconds
 
 
 def cache_base() -> str | None:

@@ -81,6 +81,10 @@ class StopRequest:
 #: The process's stop request: the command layer makes it when told to stop, and clears it when done.
 stop_request = StopRequest()
 
+#: Seconds one operation keeps retrying a remote that answered before (restic's window too): the restart of a
+#: router, a service or a NAT gateway, not a remote gone for good.
+OUTAGE_SECONDS = 900.0
+
 #: Seconds between two retry warnings of one remote: a remote that is down fails on every thread at once.
 RETRY_WARNING_INTERVAL = 10.0
 
@@ -89,9 +93,14 @@ class RetryingRemote(Remote):
     """Retries transient failures of ``inner`` with exponential backoff and full jitter.
 
     Only transient errors are retried; ObjectNotFound, ObjectExists, PermissionDenied,
-    StorageFull, UsageError and the like pass straight through.  ``timeout`` bounds
-    the total time one operation may spend (attempts plus waits); each attempt's
-    own duration is bounded by the backend's socket timeouts.  With ``verify_reads``
+    StorageFull, UsageError and the like pass straight through.  An operation gives up
+    after ``attempts`` attempts or ``timeout`` seconds (attempts plus waits), whichever
+    comes first: a remote that is wrongly named or down is said so within a minute.
+    Once the remote has answered, an operation also keeps trying for ``outage``
+    seconds from its start: a link that drops in the middle of an hours-long upload is
+    waited for (the minutes a router or a service takes to restart) instead of failing
+    the command, which would start again from its last index.  Each attempt's own
+    duration is bounded by the backend's socket timeouts.  With ``verify_reads``
     a read shorter than the object is treated as a cut-off transfer and retried
     (costs one stat per whole-object read, and one per short ranged read).
     """
@@ -104,6 +113,7 @@ class RetryingRemote(Remote):
         base_delay: float = 0.2,
         max_delay: float = 15.0,
         timeout: float | None = 300.0,
+        outage: float | None = 0.0,
         verify_reads: bool = True,
         sleep: Callable[[float], None] | None = None,
         rng: random.Random | None = None,
@@ -120,6 +130,8 @@ class RetryingRemote(Remote):
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.timeout = timeout
+        self.outage = outage
+        self.answered = False  # the remote has answered an operation of this process: its outages are waited for
         self.verify_reads = verify_reads
         self.stop = stop_request if stop is None else stop
         self._sleep = self.stop.sleep if sleep is None else sleep
@@ -130,7 +142,29 @@ class RetryingRemote(Remote):
         self._warned_at: float | None = None
         self._unreported = 0  # retries since the last warning
 
-    def _report(self, what: str, made: int, delay: float, error: BaseException) -> None:
+    def _gives_up(self, made: int, start: float, at: float) -> bool:
+        """Whether an operation started at ``start`` that has failed ``made`` times stops retrying rather than
+        try again at ``at``: past its attempts or its timeout, and, once the remote has answered, past the
+        outage it is waited for too."""
+        spent = made >= self.attempts or (self.timeout is not None and at > start + self.timeout)
+        if not spent or not self.answered:
+            return spent
+        return self.outage is not None and at > start + self.outage
+
+    def _outage_left(self, start: float, now: float) -> float | None:
+        """Seconds an operation started at ``start`` keeps retrying an outage from ``now`` (inf: for ever);
+        None while its attempts decide instead."""
+        if not self.answered:
+            return None
+        if self.outage is None:
+            return float("inf")
+        return start + self.outage - now if start + self.outage > now else None
+
+    def _answer(self) -> None:
+        self.answered = True
+        self.stop.answered()
+
+    def _report(self, what: str, made: int, delay: float, error: BaseException, left: float | None) -> None:
         """Say that the remote fails and is tried again: a stalled remote otherwise kept a command silent
         for the minutes its retries may take.  Silent once a stop is requested: the command says how it
         ended, and a thread it left retrying would print the warning past it, raw, past its printer."""
@@ -144,8 +178,14 @@ class RetryingRemote(Remote):
             self._warned_at, others, self._unreported = now, self._unreported, 0
         more = f"; {others} other retr{'y' if others == 1 else 'ies'} since the last message" if others else ""
         where = "" if self.display_url in str(error) else f"{self.display_url}: "
-        warnings.warn(f"{where}{what} failed ({error}); retrying in {delay:.1f} s "
-                      f"(attempt {made + 1} of {self.attempts}){more}", RemoteRetryWarning, stacklevel=4)
+        if left is None:
+            budget = f"attempt {made + 1} of {self.attempts}"
+        elif left == float("inf"):
+            budget = f"attempt {made + 1}, without end"
+        else:
+            budget = f"attempt {made + 1}; giving up in {f'{left / 60:.0f} min' if left >= 90 else f'{left:.0f} s'}"
+        warnings.warn(f"{where}{what} failed ({error}); retrying in {delay:.1f} s ({budget}){more}",
+                      RemoteRetryWarning, stacklevel=4)
 
     def _delay(self, attempt: int) -> float:
         with self._rng_lock:
@@ -153,28 +193,28 @@ class RetryingRemote(Remote):
 
     def _run(self, op: str, key: str, fn: Callable[[int], T]) -> T:
         """Call ``fn(attempt)`` until it succeeds, a permanent error occurs, or we give up."""
-        deadline = None if self.timeout is None else self._clock() + self.timeout
+        start = self._clock()
         last: BaseException | None = None
         made = 0
-        for attempt in range(self.attempts):
+        while True:
             left = self.stop.left()
             if left is not None and left <= 0:
                 break  # each attempt may take the socket timeouts: none is started past the grace
-            made = attempt + 1
             try:
-                done = fn(attempt)
+                done = fn(made)
             except TRANSIENT_ERRORS as exc:
                 last = exc
             except ChunkvaultError:  # an answer all the same (not found, refused)
-                self.stop.answered()
+                self._answer()
                 raise
             else:
-                self.stop.answered()
+                self._answer()
                 return done
-            if attempt + 1 == self.attempts:
-                break
-            delay = self._delay(attempt)
-            if deadline is not None and self._clock() + delay > deadline:
+            finally:
+                made += 1
+            delay = self._delay(min(made - 1, 62))
+            now = self._clock()
+            if self._gives_up(made, start, now + delay):
                 break
             left = self.stop.left()
             if left is not None:
@@ -183,7 +223,7 @@ class RetryingRemote(Remote):
                 delay = min(delay, left)
             with self._rng_lock:
                 self.retries += 1
-            self._report(f"{op} {key}" if key else op, made, delay, last)
+            self._report(f"{op} {key}" if key else op, made, delay, last, self._outage_left(start, now))
             self._sleep(delay)
         what = f"{op} {key}" if key else op
         if self.stop.left() is not None:
@@ -538,6 +578,7 @@ def wrap_remote(
     base_delay: float = 0.2,
     max_delay: float = 15.0,
     timeout: float | None = 300.0,
+    outage: float | None = OUTAGE_SECONDS,
     verify_reads: bool | None = None,
 ) -> Remote:
     """The stack the store uses: retries around the backend, the cache (if any) on top,
@@ -545,7 +586,8 @@ def wrap_remote(
     if verify_reads is None:
         verify_reads = not remote.checks_read_length
     wrapped: Remote = RetryingRemote(
-        remote, attempts=attempts, base_delay=base_delay, max_delay=max_delay, timeout=timeout, verify_reads=verify_reads
+        remote, attempts=attempts, base_delay=base_delay, max_delay=max_delay, timeout=timeout, outage=outage,
+        verify_reads=verify_reads,
     )
     if cache_dir is not None:
         wrapped = CachingRemote(wrapped, cache_dir, prefixes=cache_prefixes)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 import re
 import threading
 import time
@@ -151,6 +152,79 @@ def test_timeout_bounds_total_retry_time(tmp_path):
         remote.get("config")
     assert now[0] <= 30.0
     assert 1 < faulty.calls["get"] < 100
+
+
+class Outage:
+    """A fake clock, and a remote that is down from ``at`` for ``lasting`` seconds of it (None: for good)."""
+
+    def __init__(self, tmp_path, at: float = 0.0, lasting: float | None = None):
+        self.now = 0.0
+        self.at, self.lasting = at, lasting
+        self.faulty = FaultyRemote(_local(tmp_path), seed=1)
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.faulty.down = self.at <= self.now and (self.lasting is None or self.now < self.at + self.lasting)
+
+    def remote(self, **kw) -> RetryingRemote:
+        kw.setdefault("rng", random.Random(1))
+        return RetryingRemote(self.faulty, sleep=self.sleep, clock=lambda: self.now, **kw)
+
+
+def test_a_remote_that_never_answered_is_given_up_after_its_attempts(tmp_path):
+    """A wrong URL or a server that is down says so within about half a minute, however long an outage of
+    a remote that answered before is waited for."""
+    outage = Outage(tmp_path)
+    outage.faulty.down = True
+    remote = outage.remote(outage=900.0)
+    with pytest.raises(RemoteUnavailable, match="failed 8 time"):
+        remote.get("config")
+    assert outage.now < 30.0
+
+
+@pytest.mark.parametrize("lasting", [60.0, 600.0, 890.0])
+def test_a_remote_that_answered_is_waited_for_through_an_outage(tmp_path, lasting):
+    outage = Outage(tmp_path, lasting=lasting)
+    remote = outage.remote(outage=900.0)
+    remote.put("data/ab/cafe", b"x")  # answered
+    outage.faulty.down = True
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert remote.get("data/ab/cafe") == b"x"
+    assert lasting <= outage.now <= lasting + 15.0  # back within one wait of the remote's return
+    assert outage.faulty.calls["get"] > 8
+    assert "giving up in 15 min" in str(said[0].message)
+
+
+def test_an_outage_longer_than_the_window_is_given_up_at_its_end(tmp_path):
+    outage = Outage(tmp_path)
+    remote = outage.remote(outage=900.0)
+    remote.put("data/ab/cafe", b"x")
+    outage.faulty.down = True
+    with pytest.raises(RemoteUnavailable, match="giving up"):
+        remote.get("data/ab/cafe")
+    assert 885.0 <= outage.now <= 900.0
+
+
+def test_without_an_outage_window_an_answered_remote_gets_its_attempts_only(tmp_path):
+    outage = Outage(tmp_path)
+    remote = outage.remote(outage=0.0)
+    remote.put("data/ab/cafe", b"x")
+    outage.faulty.down = True
+    with pytest.raises(RemoteUnavailable, match="failed 8 time"):
+        remote.get("data/ab/cafe")
+
+
+def test_an_unbounded_outage_window_retries_until_the_remote_is_back(tmp_path):
+    outage = Outage(tmp_path, lasting=7200.0)
+    remote = outage.remote(outage=None)
+    remote.put("data/ab/cafe", b"x")
+    outage.faulty.down = True
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert remote.get("data/ab/cafe") == b"x"
+    assert outage.now >= 7200.0
+    assert "without end" in str(said[0].message)
 
 
 def test_a_stop_request_ends_retrying_after_its_grace(tmp_path):
@@ -562,6 +636,35 @@ def test_wrap_remote_stacks_cache_over_retries(tmp_path):
         assert remote.get(f"index/{i:064x}") == b"i%d" % i
     assert faulty.faults["error"] > 0 and remote.hits == 20
     assert isinstance(wrap_remote(faulty), RetryingRemote)
+
+
+def test_the_retry_time_is_an_option_or_the_environment(tmp_path, monkeypatch, cli):
+    from chunkvault.connection import connect
+    from chunkvault.errors import UsageError
+
+    def outage(**options):
+        remote = connect("http://127.0.0.1:9/", cache=False, **options)
+        assert isinstance(remote, RetryingRemote)
+        return remote.outage
+
+    monkeypatch.delenv("CHUNKVAULT_RETRY_TIME", raising=False)
+    assert outage() == 900.0
+    assert outage(retry_time=60) == 60.0
+    monkeypatch.setenv("CHUNKVAULT_RETRY_TIME", "0")
+    assert outage() == 0.0
+    assert outage(retry_time=30.5) == 30.5  # the option before the environment
+    for bad in ("-1", "soon", "inf", "nan"):
+        monkeypatch.setenv("CHUNKVAULT_RETRY_TIME", bad)
+        with pytest.raises(UsageError, match="CHUNKVAULT_RETRY_TIME takes seconds"):
+            outage()
+    monkeypatch.delenv("CHUNKVAULT_RETRY_TIME")
+    for bad in (True, "x", -5):
+        with pytest.raises(UsageError, match="retry-time takes seconds"):
+            outage(retry_time=bad)
+    with pytest.raises(UsageError, match="off-site"):
+        connect(str(tmp_path / "repo"), retry_time=5)
+    said = cli("snapshots", "-r", "http://127.0.0.1:9/", "-o", "http.retry-time=soon", check=2).stderr.decode()
+    assert said.strip() == "chunkvault: retry-time takes seconds (0 or more), not 'soon'"
 
 
 # -- transfer pool ---------------------------------------------------------

@@ -183,6 +183,33 @@ def test_a_backup_stopped_on_a_slow_link_still_indexes_what_it_stored_and_remove
     assert again["stats"]["added_stored_bytes"] <= 3_000_000 - len(stored) * 200_000
 
 
+@pytest.mark.slow
+def test_a_backup_waits_out_a_restart_of_the_service(tmp_path, http_server, cli):
+    """The service is away for longer than the retries of a remote that never answered (at most about 25 s of
+    waits): the backup, which had reached it, waits for it to come back and completes."""
+    backup = _backup_started(tmp_path, http_server, cli, 3_000_000, "--limit-upload", "200k",
+                             "-o", "http.retry-time=120", "-o", "http.connect-timeout=2")
+    url, env, src = http_server.url, _cli_env(tmp_path), tmp_path / "src"
+    try:
+        data = http_server.path / "data"
+        while backup.poll() is None and not (data.is_dir() and any(p.is_file() for p in data.rglob("*"))):
+            time.sleep(0.05)
+        http_server.stop()
+        time.sleep(35)
+        http_server.start()  # on the same port
+        _, err = backup.communicate(timeout=180)
+    finally:
+        if backup.poll() is None:
+            backup.kill()
+            backup.wait()
+    assert backup.returncode == 0, err.decode()
+    assert "giving up in 2 min" in err.decode()
+    cli("restore", "-r", url, "latest", "--target", str(tmp_path / "out"), env=env, password="pw")
+    [restored] = (tmp_path / "out").rglob("big")
+    assert restored.read_bytes() == (src / "big").read_bytes()
+    cli("check", "-r", url, "--read-data", env=env, password="pw")
+
+
 def test_packs_fit_under_the_services_limit_on_object_size(tmp_path, serve_factory, monkeypatch, password):
     """A service with --max-object-size below the repository's 16 MiB packs: every backup of a large file
     failed at its first pack (exit 14); the packs are now made to fit."""
