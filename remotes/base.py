@@ -19,12 +19,13 @@ from chunkvault.errors import ObjectNotFound, UsageError
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}\Z")
 
 
+def is_key(key: object) -> bool:
+    return isinstance(key, str) and 0 < len(key) <= 1024 and all(_KEY_SEGMENT.match(seg) for seg in key.split("/"))
+
+
 def validate_key(key: str) -> str:
-    if not isinstance(key, str) or not key or len(key) > 1024:
+    if not is_key(key):
         raise UsageError(f"invalid object key: {key!r}")
-    for seg in key.split("/"):
-        if not _KEY_SEGMENT.match(seg):
-            raise UsageError(f"invalid object key: {key!r}")
     return key
 
 

@@ -66,7 +66,7 @@ from chunkvault.errors import (
     UsageError,
 )
 
-from .base import ObjectInfo, Remote, number_option, validate_key, validate_prefix
+from .base import ObjectInfo, Remote, is_key, number_option, validate_key, validate_prefix
 
 DEFAULT_PORT = 6362
 LIMIT_HEADER = "Chunkvault-Max-Object-Size"
@@ -367,8 +367,8 @@ class HTTPRemote(Remote):
             except (ValueError, KeyError, TypeError, RecursionError):
                 raise RemoteError(f"{self.display_url} sent a listing that is not chunkvault's JSON") from None
             for key, size, version in items:  # a server older than versions sends none
-                if key.startswith(prefix):
-                    yield ObjectInfo(validate_key(key), size, version)
+                if key.startswith(prefix) and is_key(key):
+                    yield ObjectInfo(key, size, version)
             if not after:
                 return
 

@@ -26,7 +26,7 @@ from chunkvault.errors import (
     UsageError,
 )
 
-from .base import ObjectInfo, Remote, validate_key, validate_prefix
+from .base import ObjectInfo, Remote, is_key, validate_key, validate_prefix
 
 TEMP_PREFIX = ".tmp-"
 # Space kept back so that a lock can still be written on a full disk: forget and prune, the commands that
@@ -328,7 +328,7 @@ class LocalRemote(Remote):
                 if name.startswith(TEMP_PREFIX) or (not rel and name == RESERVE_NAME):
                     continue
                 key = rel + name
-                if key.startswith(prefix):
+                if key.startswith(prefix) and is_key(key):  # not a name of ours (a desktop's .DS_Store): left alone
                     try:
                         st = os.stat(os.path.join(dirpath, name))
                     except FileNotFoundError:

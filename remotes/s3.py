@@ -26,7 +26,7 @@ from chunkvault.errors import (
 )
 from chunkvault.units import parse_size
 
-from .base import ObjectInfo, Remote, number_option, validate_key, validate_prefix
+from .base import ObjectInfo, Remote, is_key, number_option, validate_key, validate_prefix
 
 MiB = 1024 * 1024
 DATA_PREFIX = "data/"
@@ -351,9 +351,7 @@ class S3Remote(Remote):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", ()):
                     key = item["Key"][skip:]
-                    try:
-                        validate_key(key)
-                    except UsageError:
+                    if not is_key(key):
                         continue  # not ours (e.g. a console's folder marker)
                     yield ObjectInfo(key, int(item["Size"]), item.get("ETag") or None)
         except (bce.BotoCoreError, bce.ClientError) as exc:

@@ -42,7 +42,7 @@ from chunkvault.errors import (
     UsageError,
 )
 
-from .base import ObjectInfo, Remote, validate_key, validate_prefix
+from .base import ObjectInfo, Remote, is_key, validate_key, validate_prefix
 from .sftp_client import StatusError
 from .sftp_sessions import OpenSSHSessions, ParamikoSessions, SSHTarget, openssh_settings, resolve_transport
 
@@ -367,7 +367,7 @@ class SFTPRemote(Remote):
 
             for rel, attr in self._tree(sftp, head + "/" if head else "", descend):
                 key = f"{rel}{attr.filename}"
-                if not attr.filename.startswith(TEMP_PREFIX) and key.startswith(prefix):
+                if not attr.filename.startswith(TEMP_PREFIX) and key.startswith(prefix) and is_key(key):
                     found.append(_info(key, attr))
 
         self._call(f"listing {prefix or '/'}", None, walk)

@@ -22,8 +22,8 @@ from .blob import KIND_DELTA, open_blob
 from .chain import broken_chains
 from .config import KeyFile, open_config, peek_config
 from .indexfile import IndexColumns
-from .pack import PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
-from .repository import NOT_INDEXED, OBJECT_ID, WORKERS, Repo, pack_key, superseded_names
+from .pack import PACK_FIXED_OVERHEAD, PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
+from .repository import NOT_INDEXED, WORKERS, Repo, pack_id_of, pack_key, superseded_names
 from .snapshot import Snapshot
 from .unlock import KEY_IMPORT_HINT
 
@@ -311,16 +311,20 @@ class Checker:
         repo = self.repo
         stored = {}
         for o in repo.remote.list("data/"):
-            name = o.key.rsplit("/", 1)[1]
-            if OBJECT_ID.fullmatch(name):
-                stored[bytes.fromhex(name)] = o.size
+            pid = pack_id_of(o.key)
+            if pid is not None:
+                stored[pid] = o.size
             else:
-                self.report.warnings.append(f"unexpected object {o.key}")
+                self.report.warnings.append(f"unexpected object {o.key} (no pack is kept under that name)")
         self.report.packs = len(stored)
         unindexed = stored.keys() - indexed.keys()
         for p, base, pid in self._baseless if unindexed else ():
             p.problem = _baseless(base, pid, len(unindexed))
         for pid in unindexed:
+            if stored[pid] < PACK_FIXED_OVERHEAD:
+                self.report.warnings.append(f"{pack_key(pid)} is in no index and too short to be a pack "
+                                            f"({stored[pid]} bytes): an interrupted copy? prune deletes it")
+                continue
             self.report.warnings.append(
                 f"{pack_key(pid)} is in no readable index (an index object is damaged: `repair index` adds it)"
                 if self.index_damaged else

@@ -55,7 +55,7 @@ from .locks import SHARED, RepoLock
 from .manifest import OP_ENTRY, ManifestStats, Record, decode_records, encode_record
 from .manifest_io import ManifestWriter
 from .owners import OWNERS_KEY, OwnerMap, chain_owners
-from .repository import OBJECT_ID, WORKERS, Repo, pack_key
+from .repository import WORKERS, Repo, pack_key
 from .restore import Confinement, Restorer, RestoreOptions, RestoreResult, lookup_by_scan
 from .snapshot import KIND_FULL, Snapshot, now_iso
 
@@ -741,8 +741,7 @@ def holds_whole(repo: Repo, snap: Snapshot, exported: Snapshot, snapshots: list[
     that is gone is MissingObject: an import would deduplicate against that index (`repair index` first)."""
     if any(snap.stats.get(k) != exported.stats.get(k) for k in ("files", "bytes")):
         return False
-    stored = {bytes.fromhex(name) for o in repo.remote.list("data/")
-              if OBJECT_ID.fullmatch(name := o.key.rsplit("/", 1)[1])}
+    stored = set(repo.stored_packs())
 
     def indexed(refs: bytes) -> bool:
         for i in range(0, len(refs), 32):

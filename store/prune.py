@@ -319,8 +319,9 @@ def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = No
     missing = [b for b in used if b not in known]
     if missing:
         raise CorruptObject(f"blob {missing[0].hex()}",
-                            f"{len(missing)} blob(s) that snapshots need are in no index; run `check` and "
-                            "`repair index` before pruning")
+                            f"{len(missing)} blob(s) that snapshots need are in no index; before pruning, "
+                            "`repair index` finds those a pack still holds, then `repair snapshots` drops the "
+                            "files that need the others (`check` names them)")
     add_bases(used, known)
     sizes = repo.stored_packs()
     orphans = [(pack_key(pid), size) for pid, size in sizes.items() if pid not in packs]

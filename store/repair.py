@@ -17,13 +17,15 @@ from typing import Callable, Iterable
 from chunkvault.errors import ChunkvaultError, CorruptObject, NewerObject, UsageError
 
 from .blob import KIND_DELTA, open_blob, open_envelope
+from .crypto import content_name
 from .indexfile import IndexData
 from .locks import EXCLUSIVE, RepoLock
 from .manifest import T_HARDLINK, Record, delete_record, sort_key
 from .manifest_io import store_manifest
 from .pack import PackEntry, fetch_header, readable_ids
 from .prune import carried_forward, indexed_packs, packs_of, read_index_data, replace_index, store_envelopes
-from .repository import OBJECT_ID, PreparedBlob, Repo, pack_key
+from .repository import PreparedBlob, Repo, pack_id_of, pack_key
+from .rewrite import count_tree, save_counts
 from .snapshot import KIND_FULL, Snapshot
 
 
@@ -73,12 +75,13 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
         datas = read_index_data(repo, old)[0]
         listed = packs_of(datas)  # every pack's entries, as the objects that read give them
         index = IndexData()
+        sizes = {}
         for o in repo.remote.list("data/"):
-            name = o.key.rsplit("/", 1)[1]
-            if not OBJECT_ID.fullmatch(name):
-                report.unreadable_packs.append(f"{o.key}: not a pack (its name is not a pack id)")
+            pid = pack_id_of(o.key)
+            if pid is None:
+                report.unreadable_packs.append(f"{o.key}: not a pack (no pack is kept under that name)")
                 continue
-            pid = bytes.fromhex(name)
+            sizes[pid] = o.size
             try:
                 index.packs[pid] = _read_header(repo, o.key, o.size)
             except ChunkvaultError as exc:
@@ -87,8 +90,12 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
                     continue
                 index.packs[pid] = listed[pid]
                 report.kept_packs.append(f"{o.key}: {exc}")
-            report.packs += 1
-            report.blobs += len(index.packs[pid])
+        for pid in _misnamed_copies(repo, index.packs, sizes):
+            report.unreadable_packs.append(f"{pack_key(pid)}: its content does not match its name (a copy of "
+                                           "another pack under a new name?)")
+            del index.packs[pid]
+        report.packs = len(index.packs)
+        report.blobs = sum(len(entries) for entries in index.packs.values())
         readable = readable_ids(e for entries in index.packs.values() for e in entries)
         report.baseless_packs = sorted(pid.hex() for pid, entries in index.packs.items()
                                        if any(e.kind == KIND_DELTA and e.base_id not in readable for e in entries))
@@ -97,6 +104,17 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
         replace_index(repo, index, old, lock.ensure_held, carried_forward(datas.values()))
         repo.load_index()
     return report
+
+
+def _misnamed_copies(repo: Repo, packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int]) -> list[bytes]:
+    """Of packs whose headers list the very same blobs at the same places, those whose bytes do not hash to
+    their name: a pack copied under another name (by hand, or a sync tool) reads as well as the pack itself,
+    and indexed, it failed every `check --read-data` after.  Only such look-alikes are read whole."""
+    alike: dict[tuple, list[bytes]] = {}
+    for pid, entries in packs.items():
+        alike.setdefault((sizes[pid], tuple(entries)), []).append(pid)
+    return [pid for group in alike.values() if len(group) > 1 for pid in group
+            if content_name(repo.remote.get(pack_key(pid))) != pid.hex()]
 
 
 def _damage_in_tree(tree: Iterable[Record], damaged: Callable[[Record], bool]) -> tuple[list[bytes], list[bytes]]:
@@ -294,7 +312,7 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
         chain_of = repo.chains(snapshots)
         # Every tree is read before any manifest is rewritten: a differential's files lost with its parent's
         # (inherited, not in its own manifest) are named too, and the same with --confirm as without.
-        plans: list[tuple[Snapshot, list[bytes], list[bytes]]] = []
+        plans: list[tuple[Snapshot, list[bytes], list[bytes], list[bytes]]] = []
         for snap in snapshots:
             reason = unreadable.get(snap.id)
             if reason is None:
@@ -312,9 +330,11 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
             own = set(paths)
             report.dropped += [(snap.id, path.decode("utf-8", "backslashreplace"))
                                for path in paths + [p for p in lost if p not in own] + links]
-            plans.append((snap, paths, links))
-        for snap, paths, links in plans:
-            if not (paths or links) or dry_run:
+            plans.append((snap, paths, links, lost))
+        if dry_run:
+            return report
+        for snap, paths, links, _ in plans:
+            if not (paths or links):
                 continue
             dropped = set(links)
             records: list[Record] = []
@@ -331,7 +351,10 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
             snap.manifest_starts = mw.starts
             snap.version = mw.version
             snap.stats = {**snap.stats, "repaired": True, "manifest_records": mw.records}
-            lock.ensure_held()
-            repo.save_snapshot(snap, replace=True)
             report.rewritten.append(snap.id)
+        # Saved once every manifest is rewritten, with the counts of the trees as they resolve now: a
+        # differential that only inherits lost files loses them from its counts too.
+        for snap, paths, links, lost in plans:
+            if paths or links or lost:
+                save_counts(repo, snap, count_tree(repo, snap, snapshots), lock)
     return report

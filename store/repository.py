@@ -67,12 +67,22 @@ RECENT_RANGES_BYTES = 32 << 20
 
 
 #: A blob the index does not list: lost, or in a pack whose index object was lost.
-NOT_INDEXED = "not in the index (`repair index` finds it if a pack holds it)"
+NOT_INDEXED = ("not in the index (`repair index` finds it if a pack still holds it; if none does, `repair "
+               "snapshots` drops the files that need it)")
 
 
 def pack_key(pack_id: bytes) -> str:
     h = pack_id.hex()
     return f"data/{h[:2]}/{h}"
+
+
+def pack_id_of(key: str) -> bytes | None:
+    """The pack a ``data/`` key holds; None for any other object (a stray file, or a pack's copy in another
+    folder, which a listing by name alone had counted as the pack itself)."""
+    name = key.rsplit("/", 1)[-1]
+    if not OBJECT_ID.fullmatch(name) or key != pack_key(pid := bytes.fromhex(name)):
+        return None
+    return pid
 
 
 class PreparedBlob(NamedTuple):
@@ -300,9 +310,9 @@ class Repo:
         return {pid: size for pid, size in stored.items() if pid not in indexed}
 
     def stored_packs(self) -> dict[bytes, int]:
-        """Pack id -> size of every pack stored under data/ (objects not named by a pack id left out)."""
-        return {bytes.fromhex(name): o.size for o in self.remote.list("data/")
-                if OBJECT_ID.fullmatch(name := o.key.rsplit("/", 1)[1])}
+        """Pack id -> size of every pack stored under data/ (objects not named by a pack id, or not where a
+        pack of that name is kept, left out: ``pack_id_of``)."""
+        return {pid: o.size for o in self.remote.list("data/") if (pid := pack_id_of(o.key)) is not None}
 
     def index_names(self) -> list[str]:
         """Every index object's name; objects not named as one (another repository nested below, a stray

@@ -139,17 +139,23 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
             snap.manifest_starts = mw.starts
             snap.version = mw.version
             snap.stats = {**snap.stats, "rewritten": True, "manifest_records": mw.records}
-            _save_counts(repo, snap, plan.stats, lock)
+            save_counts(repo, snap, plan.stats, lock)
         for snap in inherited:
-            stats = ManifestStats()
-            for rec in repo.tree(snap, every):
-                assert rec.entry is not None
-                stats.count_entry(rec.entry)
-            _save_counts(repo, snap, stats, lock)
+            save_counts(repo, snap, count_tree(repo, snap, every), lock)
     return report
 
 
-def _save_counts(repo: Repo, snap: Snapshot, stats: ManifestStats, lock: RepoLock) -> None:
+def count_tree(repo: Repo, snap: Snapshot, every: list[Snapshot]) -> ManifestStats:
+    """The files, directories and bytes of ``snap``'s tree as its chain resolves now."""
+    stats = ManifestStats()
+    for rec in repo.tree(snap, every):
+        assert rec.entry is not None
+        stats.count_entry(rec.entry)
+    return stats
+
+
+def save_counts(repo: Repo, snap: Snapshot, stats: ManifestStats, lock: RepoLock) -> None:
+    """Write ``snap`` again with the counts its listing and ``--type auto`` read from it."""
     snap.stats = {**snap.stats, "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes}
     lock.ensure_held()  # a forget that took the lock for stale may have removed it meanwhile
     repo.save_snapshot(snap, replace=True)

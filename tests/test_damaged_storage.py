@@ -866,6 +866,82 @@ def test_repair_snapshots_names_the_files_a_differential_loses_with_its_parents(
     assert sorted((s, p) for s, p in report.dropped) == sorted([(full.id, "a"), (diff.id, "a")])
 
 
+def test_repair_snapshots_counts_what_each_snapshot_still_holds(tmp_path, new_repo):
+    """The listing and `--type auto` read a snapshot's counts: after a repair they still gave the files it
+    dropped, so nothing looked lost, in the snapshot that lost them or in a differential inheriting them."""
+    path = tmp_path / "repo"
+    repo = new_repo(str(path))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(300_000))
+    repo.backup([str(src)])
+    (first,) = [p for p in (path / "data").rglob("*") if p.is_file()]
+    (src / "b").write_text("one\n")
+    full = repo.backup([str(src)], kind="full").snapshot  # a's chunk deduplicates into the first pack
+    (src / "b").write_text("two\n")
+    diff = repo.backup([str(src)], kind="diff").snapshot
+    assert (full.stats["files"], full.stats["bytes"]) == (2, 300_004)
+    first.unlink()
+    repo.repair_index()
+    repo.repair_snapshots(dry_run=False)
+    for snap in (full, diff):
+        again = repo.snapshot(snap.id)
+        assert (again.stats["files"], again.stats["bytes"]) == (1, 4), snap.kind
+    repo.forget([s.id for s in repo.snapshots() if s.id not in (full.id, diff.id)])
+    assert repo.check(read_data=True).ok
+
+
+def test_a_pack_copied_under_another_name_or_into_another_folder_is_not_taken_for_a_pack(small_files, tmp_path):
+    """A sync tool's or a hand's copy of a pack: `check` passed it over or advised `repair index`, which
+    indexed a copy whose name is not its content's (every `check --read-data` failed after), or counted a
+    copy in another folder as the pack itself, that nothing ever named."""
+    path, repo, snap, files = small_files
+    (pack,) = [p for p in (path / "data").rglob("*") if p.is_file()]
+    renamed = path / "data" / "ab" / ("ab" + "c" * 62)
+    renamed.parent.mkdir()
+    renamed.write_bytes(pack.read_bytes())
+    elsewhere = path / "data" / "00" / pack.name
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(pack.read_bytes())
+    empty = path / "data" / "11" / ("1" * 64)
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    report = repo.check()
+    assert report.ok
+    said = "\n".join(report.warnings)
+    assert f"unexpected object data/00/{pack.name} (no pack is kept under that name)" in said
+    assert f"data/11/{'1' * 64} is in no index and too short to be a pack (0 bytes)" in said
+    repaired = repo.repair_index()
+    assert repaired.packs == 1
+    assert any(u.startswith(f"data/ab/{renamed.name}: its content does not match its name")
+               for u in repaired.unreadable_packs), repaired.unreadable_packs
+    assert any(u.startswith(f"data/00/{pack.name}: not a pack") for u in repaired.unreadable_packs)
+    assert repo.check(read_data=True).ok
+    repo.prune()
+    assert not renamed.exists() and not empty.exists() and elsewhere.exists()  # not ours to delete
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == files
+
+
+@pytest.mark.parametrize("where", ["snapshots", "keys", "locks", "index", "data", "data/ab", ""])
+@pytest.mark.parametrize("name", [".DS_Store", "notes~", "a b"])
+def test_a_file_whose_name_no_object_has_is_left_alone(small_files, tmp_path, cli, where, name):
+    """A desktop's .DS_Store, an editor's backup: listed, such a name stopped every command (exit 2, "invalid
+    object key"), restore and check included."""
+    path, repo, snap, files = small_files
+    stray = path / where / name
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"x")
+    with Repository.open(str(path), "correct horse battery staple") as again:
+        assert [s.id for s in again.snapshots()] == [snap.id]
+        again.restore(snap.id, str(tmp_path / "out"))
+        assert again.check(read_data=True).ok
+        again.backup([str(tmp_path / "src")])
+        again.forget([snap.id])
+        again.prune()
+    assert stray.read_bytes() == b"x"
+
+
 def test_a_local_copy_that_is_not_the_stored_object_is_dropped_and_the_stored_one_read(tmp_path):
     """A cache entry whose framing checks but that holds another object (another cache's, planted): the
     snapshots were left out and check advised forgetting them, while the repository was whole."""

@@ -201,6 +201,16 @@ def test_reads_across_request_boundaries(sftp_repo, transport):
             assert remote.get("data/cd/" + "c" * 64, start, length) == data[start:end], (start, length)
 
 
+def test_a_file_whose_name_no_object_has_is_not_listed(sftp_repo, transport):
+    """A desktop's .DS_Store beside the objects: listed, its name stopped every command as an invalid key."""
+    with open_remote(sftp_repo.url, **sftp_repo.options, transport=transport) as remote:
+        remote.put("snapshots/" + "a" * 64, b"snap")
+        for name in ("snapshots/.DS_Store", "snapshots/notes~", ".DS_Store"):
+            with open(os.path.join(sftp_repo.path, name), "wb") as f:
+                f.write(b"x")
+        assert [i.key for i in remote.list()] == ["snapshots/" + "a" * 64]
+
+
 def drop_connections(remote) -> None:
     """Cut every connection the remote holds, as a network failure or a server restart would."""
     if remote.transport == "paramiko":
