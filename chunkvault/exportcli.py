@@ -40,7 +40,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from . import cli
-    from .store.export import IMPORTED_FROM
+    from .store.copy import IMPORTED_FROM
 
     repo = cli._open(args)
     password = passwords.EXPORT.get(args)

@@ -223,4 +223,6 @@ def refusal(found: list[Finding]) -> str:
     fix = (f"forget it again (`chunkvault forget {first.snapshot_id[:8]}`) or accept"
            if first.kind == REPLAYED else "if this is expected, accept")
     return (f"{first.message()}{more}; refusing to write: inspect the storage, then {fix} the repository "
-            f"as it is with `chunkvault check --accept-state`")
+            f"as it is with `chunkvault check --accept-state` (a file-level copy of this repository, a mirror "
+            f"kept by rsync say, shares its id and so this client's ledger: what was done in one is "
+            f"expected in the other)")

@@ -33,7 +33,8 @@ from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.crypto import KEY_SIZE
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record
 from .store.repository import NOT_INDEXED, Repo
-from .store.restore import Restorer, RestoreOptions, RestoreResult, check_content, confined, include_directory
+from .store.restore import (Restorer, RestoreOptions, RestoreResult, check_content, confined, include_directory,
+                            refuse_overlap)
 from .store.owners import OwnerMap, chain_names
 from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, select_snapshots
 from .store.source import SourceWalk, markers_of
@@ -717,6 +718,7 @@ class Repository:
         if not force and _is_nonempty_dir(target):
             raise TargetNotEmpty(f"restore target {os.fsdecode(target)} is not empty (force=True restores "
                                  "into it in place)")
+        refuse_overlap(target, delete, [(root, "the repository") for root in _local_roots(self._repo.remote)])
         with self.reading("restore"):
             snap = self.snapshot(snapshot, until=until, host=host, paths=paths)
             opts = RestoreOptions(includes=includes, excludes=excludes, force=force,
@@ -1011,8 +1013,9 @@ class Repository:
         if not isinstance(destination, Repository):
             raise UsageError(f"copy_to needs a destination Repository, not {destination!r}")
         if destination._repo.config.repo_id == self._repo.config.repo_id:
-            raise UsageError("copy's destination is this same repository (its copies would be copied again "
-                             "by every run)")
+            raise UsageError("copy's destination has this repository's id: it is this repository, or a "
+                             "file-level copy of it (a mirror kept by rsync, which stays in step by copying its "
+                             "files; `init` a repository to copy snapshots into)")
         with self.reading("copy", wait=wait):
             snaps = self._list()
             snapshots = _listed(snapshots)
@@ -1185,6 +1188,16 @@ class Repository:
                  "current": k.name == self._repo.key_name} for k in readable] + [
                 {"id": name, "kdf": "newer" if isinstance(exc, NewerObject) else "damaged", "created": "", "host": "",
                  "user": "", "current": False, "problem": exc.reason} for name, exc in damaged.items()]
+
+
+def _local_roots(remote: Remote) -> list[str]:
+    """The directory a repository on this machine's disk keeps its objects in (below any wrapping layer);
+    none for one off-site."""
+    from .remotes.local import LocalRemote
+
+    while not isinstance(remote, LocalRemote) and isinstance(getattr(remote, "inner", None), Remote):
+        remote = remote.inner  # type: ignore[attr-defined]
+    return [remote.root] if isinstance(remote, LocalRemote) else []
 
 
 def _is_nonempty_dir(path: str | os.PathLike[str]) -> bool:

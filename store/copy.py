@@ -29,6 +29,14 @@ from .chronology import chronological_key
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot
 
 COPIED_FROM = "copied_from"
+IMPORTED_FROM = "imported_from"
+
+
+def origins(snap: Snapshot) -> set[str]:
+    """The ids a snapshot is known by: its own, and the one it was copied or imported from.  Two snapshots
+    that share one hold the same tree: a repository seeded by `export`/`import` and then kept by `copy`
+    must not receive the seeded snapshot a second time."""
+    return {i for i in (snap.id, snap.stats.get(COPIED_FROM), snap.stats.get(IMPORTED_FROM)) if i}
 
 
 @dataclass
@@ -206,12 +214,17 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
     with RepoLock(dst.remote, SHARED, COPY_INTO, wait=wait, wait_option=True,
                   label="the destination repository", alone=True) as lock:
         dst.load_index()
-        done = {s.stats.get(COPIED_FROM): s.id for s in dst.snapshots() if s.stats.get(COPIED_FROM)}
+        done: dict[str, str] = {}  # an id a source snapshot may be known by -> the destination's snapshot
+        for have in dst.snapshots():
+            for known in origins(have):
+                done.setdefault(known, have.id)
         with dst.writer() as writer:
             writer.guard = lock.ensure_held
             mapper = _BlobMapper(src, dst, writer, progress)
             for snap in copy_order(src_snaps, wanted):
-                if snap.id in done:
+                there = next((done[i] for i in sorted(origins(snap)) if i in done), None)
+                if there is not None:
+                    done[snap.id] = there  # its differentials build on that one
                     result.skipped.append(snap.id)
                     continue
                 parent = done.get(snap.parent) if snap.kind == KIND_DIFF else None

@@ -48,7 +48,7 @@ from chunkvault.errors import (ChunkvaultError, CorruptObject, MissingObject, Un
 from .blob import KIND_ZSTD, compress
 from .blobindex import BlobIndex
 from .config import check_kdf_seconds
-from .copy import COPIED_FROM
+from .copy import IMPORTED_FROM, origins
 from .crypto import (MAX_LOG_N, MIN_LOG_N, NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Sealer, derive_kek,
                      tune_scrypt)
 from .locks import SHARED, RepoLock
@@ -56,7 +56,7 @@ from .manifest import OP_ENTRY, ManifestStats, Record, decode_records, encode_re
 from .manifest_io import ManifestWriter
 from .owners import OWNERS_KEY, OwnerMap, chain_owners
 from .repository import WORKERS, Repo, pack_key
-from .restore import Confinement, Restorer, RestoreOptions, RestoreResult, lookup_by_scan
+from .restore import Confinement, Restorer, RestoreOptions, RestoreResult, lookup_by_scan, refuse_overlap
 from .snapshot import KIND_FULL, Snapshot, now_iso
 
 __all__ = [
@@ -530,8 +530,8 @@ class ExportFile:
     def __init__(self, path: str, password: bytes):
         self.path = path
         self.what = f"export file {path}"
-        try:
-            self._f = open(path, "rb", buffering=0)
+        try:  # without waiting: a FIFO no one writes to held the open until Ctrl-C, before the check below
+            self._f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb", buffering=0)
         except FileNotFoundError:
             raise UsageError(f"no file {path}") from None
         except IsADirectoryError:
@@ -716,7 +716,6 @@ def open_export(path: str, password: bytes) -> ExportFile:
 # --- import and restore ------------------------------------------------------------------
 
 
-IMPORTED_FROM = "imported_from"
 
 
 @dataclass
@@ -730,8 +729,8 @@ def already_here(snapshots: Iterable[Snapshot], exported: Snapshot) -> Snapshot 
     """The snapshot an export brings, if the repository has it: the exported one itself (this is the
     repository it came from), or one imported or copied from it before.  Another copy would take a
     retention slot and be the next backup's parent, for nothing."""
-    return next((s for s in snapshots
-                 if exported.id in (s.id, s.stats.get(IMPORTED_FROM), s.stats.get(COPIED_FROM))), None)
+    known = origins(exported)
+    return next((s for s in snapshots if not known.isdisjoint(origins(s))), None)
 
 
 def holds_whole(repo: Repo, snap: Snapshot, exported: Snapshot, snapshots: list[Snapshot]) -> bool:
@@ -783,7 +782,9 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
     with open_export(path, password) as ef:
         info = ef.info
         assert info is not None
-        with RepoLock(repo.remote, SHARED, "import", wait=lock_wait, wait_option=True) as repo_lock:
+        # Alone among imports (as copies are): two imports of one file at once each found it absent, and
+        # both stored it.
+        with RepoLock(repo.remote, SHARED, "import", wait=lock_wait, wait_option=True, alone=True) as repo_lock:
             repo.load_index()
             snapshots = repo.snapshots()
             present = already_here(snapshots, info.snapshot)
@@ -874,6 +875,7 @@ def restore_from_file(path: str, password: bytes, target: str, *, includes: list
     as it is written, as in any restore.  Owners as in a restore from a
     repository: by the recorded names where known here, unless ``numeric_owner``.
     """
+    refuse_overlap(target, delete, [(path, "the .backup file")])
     with open_export(path, password) as ef:
         info = ef.info
         assert info is not None

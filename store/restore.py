@@ -147,6 +147,21 @@ def _lstat(pfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
+def refuse_overlap(target: str | bytes, delete: bool, kept: Sequence[tuple[str | bytes, str]]) -> None:
+    """UsageError, before anything is written, for a restore whose target holds what it reads from (``kept``:
+    (path, what it is)) where ``delete`` would remove it (a restore with --delete into a directory holding
+    its repository deleted the repository, pack by pack as it read them), or that would write into it."""
+    real = os.path.realpath(os.fsencode(target)).rstrip(b"/") + b"/"
+    for path, what in kept:
+        inside = os.path.realpath(os.fsencode(path)).rstrip(b"/") + b"/"
+        shown = os.fsdecode(path)
+        if inside.startswith(real) and delete:
+            raise UsageError(f"{what} {shown} lies inside the restore target {os.fsdecode(target)}: a restore "
+                             "that deletes what the snapshot lacks would delete it; restore elsewhere")
+        if real.startswith(inside):
+            raise UsageError(f"the restore target {os.fsdecode(target)} lies inside {what} {shown}")
+
+
 def check_content(e: Entry, size: int, digest: bytes) -> None:
     """A file's restored content against its entry: its size (the digest alone let a crafted entry claim
     any size, reported as restored), then its digest.  A file unreadable at backup time has neither."""

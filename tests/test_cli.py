@@ -621,7 +621,7 @@ def test_copy_into_its_own_repository_is_refused(tmp_path, cli, setup):
     from conftest import PASSWORD
 
     proc = cli("copy", "-r", repo, "--to", repo, env={"CHUNKVAULT_TO_PASSWORD": PASSWORD}, check=2)
-    assert b"same repository" in proc.stderr
+    assert b"has this repository's id" in proc.stderr
     assert len(json.loads(cli("snapshots", "-r", repo, "--json").stdout)) == 1
 
 

@@ -48,6 +48,31 @@ def test_copy_keeps_chains_and_is_incremental(tmp_path, new_repo):
     assert dst.check(read_data=True).ok
 
 
+def test_a_repository_seeded_by_export_and_import_gets_only_what_came_since_from_copy(tmp_path, new_repo):
+    """The first full shipped as a `.backup` file, then nightly copies: copy knew only what it had copied
+    itself, so it sent the seeded full again (a second full taking a retention slot, the chain built on it);
+    and copying imported snapshots back to where they came from duplicated them there too."""
+    src = new_repo(str(tmp_path / "src-repo"))
+    states = history(tmp_path, src, n=3)
+    first, second, third = src.snapshots()
+    dst = Repository.init(str(tmp_path / "dst"), "other password", kdf_seconds=0)
+    src.export(first.id, str(tmp_path / "seed.backup"), "export pw", kdf_seconds=0)
+    seeded = dst.import_backup(str(tmp_path / "seed.backup"), "export pw").snapshot
+    result = src.copy_to(dst)
+    assert result.skipped == [first.id] and [s for s, _ in result.copied] == [second.id, third.id]
+    assert len(dst.snapshots()) == 3
+    copied_second = next(s for s in dst.snapshots() if s.stats.get("copied_from") == second.id)
+    assert copied_second.parent == seeded.id
+    for snap in dst.snapshots():
+        out = tmp_path / f"out-{snap.id[:8]}"
+        dst.restore(snap.id, str(out))
+        origin = snap.stats.get("copied_from") or snap.stats.get("imported_from")
+        assert describe(out) == states[origin]
+    back = dst.copy_to(src)
+    assert not back.copied and len(back.skipped) == 3 and len(src.snapshots()) == 3
+    assert dst.check(read_data=True).ok
+
+
 def test_same_chunker_secret_dedups_across_repositories(tmp_path, new_repo):
     src = new_repo(str(tmp_path / "src-repo"))
     history(tmp_path, src, 2)

@@ -426,6 +426,8 @@ def test_empty_garbage_and_foreign_files_are_refused(tmp_path, exported):
     os.close(write)
     assert "not a regular file" in str(assert_refused(f"/dev/fd/{read}", tmp_path, UsageError))
     os.close(read)
+    os.mkfifo(tmp_path / "fifo.backup")  # no one writes to it: opening it waited for ever
+    assert "not a regular file" in str(assert_refused(tmp_path / "fifo.backup", tmp_path, UsageError))
 
 
 def test_a_file_changed_after_verification_is_caught_while_reading(tmp_path, exported):
@@ -552,6 +554,21 @@ def test_cli_export_import_restore_from_file(tmp_path, chain, cli):
     assert "cut.backup" in proc.stderr.decode()
     assert not bad_target.exists()
     shutil.rmtree(target)
+
+
+def test_two_imports_of_one_file_at_once_import_it_once(tmp_path, exported):
+    """Each found the snapshot absent and stored it: two snapshots, and the data twice until a prune."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, _, _, path, _ = exported
+    other_repo(tmp_path).close()
+    opened = [Repository.open(str(tmp_path / "other"), "a different password", ledger=False) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda r: r.import_backup(str(path), EXPORT_PW, wait=60), opened))
+    assert sorted(r.skipped for r in results) == [False, True]
+    assert len({r.snapshot.id for r in results}) == 1 and len(opened[0].snapshots()) == 1
+    for r in opened:
+        r.close()
 
 
 def test_import_waits_for_a_prune_as_a_backup_does(tmp_path, exported, monkeypatch):

@@ -122,6 +122,31 @@ def test_a_restore_with_delete_into_a_link_to_a_full_directory_deletes_nothing_w
     assert describe(data) == before
 
 
+def test_a_restore_never_deletes_or_writes_into_what_it_reads_from(tmp_path, new_repo, cli):
+    """A restore with --delete into a directory holding its repository deleted the repository, pack by pack
+    as it read them (and then failed on a missing pack); one from a `.backup` file deleted the file."""
+    from chunkvault.errors import UsageError
+
+    repo, url, src = backed_up(tmp_path, new_repo, _files)
+    before = describe(tmp_path / "repo")
+    for target, delete in ((tmp_path, True), (tmp_path / "repo", False), (tmp_path / "repo" / "data", False)):
+        with pytest.raises(UsageError, match="restore target"):
+            repo.restore("latest", str(target), force=True, delete=delete)
+    with pytest.raises(UsageError, match="restore target"):  # through another name of the same directory
+        os.symlink(tmp_path, tmp_path / "link")
+        repo.restore("latest", str(tmp_path / "link"), force=True, delete=True)
+    assert describe(tmp_path / "repo") == before
+    repo.restore("latest", str(tmp_path / "beside"), delete=True)  # beside the repository: as ever
+    assert repo.check(read_data=True).ok
+    backup = tmp_path / "out" / "x.backup"
+    backup.parent.mkdir()
+    repo.export("latest", str(backup), "export pw", kdf_seconds=0)
+    said = cli("restore", "--from-file", str(backup), "--target", str(tmp_path / "out"), "--delete", "--confirm",
+               "RESTORE", env={"CHUNKVAULT_EXPORT_PASSWORD": "export pw"}, check=2).stderr.decode()
+    assert said.startswith(f"chunkvault: the .backup file {backup} lies inside the restore target")
+    assert backup.is_file()
+
+
 def test_worker_processes_restore_the_other_links_too(tmp_path, new_repo):
     _, url, src = backed_up(tmp_path, new_repo, _linked_tree)
     out = tmp_path / "out"
