@@ -656,14 +656,14 @@ def cmd_find(args: argparse.Namespace) -> int:
     if not found and led:  # as restore --include says: a path as it was on the backed-up machine finds nothing
         warn(f"nothing matched {', '.join(led)}: patterns are paths as `ls` lists them, relative to the "
              "snapshot's root (without a leading / or ./)")
+    tables: dict[str, tuple[dict[int, str], dict[int, str]]] = {}  # per snapshot: versions share them
+
+    def names(snap: Snapshot) -> tuple[dict[int, str], dict[int, str]]:
+        if snap.id not in tables:
+            tables[snap.id] = repo.owner_names(snap)
+        return tables[snap.id]
+
     if args.json:
-        tables: dict[str, tuple[dict[int, str], dict[int, str]]] = {}  # per snapshot: versions share them
-
-        def names(snap: Snapshot) -> tuple[dict[int, str], dict[int, str]]:
-            if snap.id not in tables:
-                tables[snap.id] = repo.owner_names(snap)
-            return tables[snap.id]
-
         _emit_json_array(_found_json(f, names) for f in found)
         return 0
     for f in found:
@@ -674,8 +674,10 @@ def cmd_find(args: argparse.Namespace) -> int:
             if len(v.snapshots) > 1:
                 where += f" .. {last.short_id} ({_local_time(last)}), {len(v.snapshots)} snapshots"
             extra = f" -> {shown_name(e.target)}" if e.target else ""
-            print(f"  {TYPE_NAMES[e.type]:8} {format_size(e.size):>10}  modified {_ns_local(e.mtime_ns)}  "
-                  f"in {where}{extra}")
+            users, groups = names(last)
+            owner = f"{one_line(users.get(e.uid, e.uid))}/{one_line(groups.get(e.gid, e.gid))}"
+            print(f"  {TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {format_size(e.size):>10}  "
+                  f"modified {_ns_local(e.mtime_ns)}  in {where}{extra}")
     if not args.quiet:
         print(f"{len(found)} paths, {sum(len(f.versions) for f in found)} versions")
     return 0

@@ -36,7 +36,7 @@ from .store.repository import NOT_INDEXED, Repo
 from .store.restore import (Restorer, RestoreOptions, RestoreResult, check_content, confined, include_directory,
                             refuse_overlap)
 from .store.owners import OwnerMap, chain_names
-from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, select_snapshots
+from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, parse_until, select_snapshots
 from .store.source import SourceWalk, markers_of
 from .store import locks
 from .store.keyahead import KeyAhead
@@ -654,8 +654,9 @@ class Repository:
         snapshot object that does not load raises its CorruptObject: it is there, damaged, not unknown.
         A Snapshot object is looked up by its id, as the repository holds it now: another command may have
         rebased, rewritten or aggregated it since it was read (or forgotten it: SnapshotNotFound), and
-        what it named then may be pruned."""
-        t = _time(until)
+        what it named then may be pruned.  ``until`` as text given to the second names the whole second
+        (``parse_until``)."""
+        t = parse_until(until) if isinstance(until, str) else _time(until)
         snaps = self._list()
         spec = _spec(spec)
         try:

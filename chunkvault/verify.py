@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import functools
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -591,14 +590,15 @@ def _make_scratch(parent: str | None) -> str:
 
 
 def remove_tree(path: str) -> None:
-    """Remove a scratch tree, even one whose restored modes forbid us to list or write it."""
-    if os.geteuid() != 0:
-        for dirpath, dirnames, _ in os.walk(path):
-            for d in dirnames:
-                p = os.path.join(dirpath, d)
-                if not os.path.islink(p):
-                    os.chmod(p, 0o700)
-    shutil.rmtree(path)
+    """Remove a scratch tree, even one whose restored modes forbid us to list or write it, at any depth (by
+    descriptors: a path longer than the system takes failed to be made writable, and the tree stayed)."""
+    from .store.target_dirs import remove_tree as remove_below
+
+    parent = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        remove_below(parent, os.path.basename(os.path.abspath(path)), unlock=os.geteuid() != 0)
+    finally:
+        os.close(parent)
 
 
 def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, then: str | None = None,

@@ -94,13 +94,14 @@ class Found:
 
 
 def _state(e: Entry) -> tuple:
-    return (e.type, e.mode, e.size, e.mtime_ns, e.target, e.digest)
+    """What a restore of the entry gives back (its owner and attributes too: a version lists one owner)."""
+    return (e.type, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.rdev, e.target, e.digest, e.xattrs)
 
 
 def versions(snapshots: Iterable[Snapshot], matches: dict[str, list[Record]]) -> list[Found]:
     """Group the matches of each source's snapshots (taken oldest first) into versions: a path's entry
-    starts a new version where its type, mode, size, mtime, link target or content differ from the
-    one before (or it reappears after an absence)."""
+    starts a new version where its type, mode, owner, size, mtime, device, link target, content or
+    extended attributes differ from the one before (or it reappears after an absence)."""
     found: dict[tuple, Found] = {}
     last_seen: dict[tuple, str] = {}
     previous: dict[tuple[str, tuple[str, ...]], str] = {}

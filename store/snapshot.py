@@ -8,8 +8,9 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
 
 import zstandard
@@ -130,6 +131,20 @@ def parse_time(text: str) -> datetime:
     if t.tzinfo is None:
         t = t.astimezone()
     return t.astimezone(timezone.utc)
+
+
+_TO_THE_SECOND = re.compile(r".*[T ]\d{2}:?\d{2}:?\d{2}(?![.,\d]).*", re.DOTALL)
+
+
+def parse_until(text: str) -> datetime:
+    """A time as ``--until`` takes it: one given to the second (as listings show times) names the whole
+    second, so that a time copied from a listing finds the snapshot it was copied from, whose time has
+    microseconds.  A time to the minute stays its first instant: what was taken after it may hold what
+    the restore is meant to go back before."""
+    start = parse_time(text)
+    if _TO_THE_SECOND.fullmatch(text.strip()):
+        return start + timedelta(seconds=1) - timedelta(microseconds=1)
+    return start
 
 
 def select_snapshots(snapshots: Iterable[Snapshot], *, hosts: Iterable[str] = (), tags: Iterable[str] = (),

@@ -150,15 +150,15 @@ class TargetDirs:
         self.release()
 
 
-def remove_tree(parent_fd: int, name: bytes) -> None:
+def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> None:
     """Remove directory ``name`` (in the directory open at ``parent_fd``) and all below it, never following
     a link, as ``shutil.rmtree`` does with descriptors, but with one descriptor open and no recursion: a
     tree deeper than Python's recursion limit (a thousand levels) raised RecursionError, and one deeper
     than the descriptors a process may hold failed too.  A directory emptied is left through its "..",
-    which is never a link."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    names = [name]  # the path from ``name`` down to the directory open at ``fd``
-    fd = os.open(name, flags, dir_fd=parent_fd)
+    which is never a link.  ``unlock``: each directory is made ours to list and empty first (mode 0700), for
+    a tree restored with the modes it had, by a process that is not root."""
+    names = [os.fsencode(name)]  # the path from ``name`` down to the directory open at ``fd``
+    fd = _open_to_empty(names[0], parent_fd, unlock)
     try:
         while True:
             deeper = None
@@ -169,7 +169,7 @@ def remove_tree(parent_fd: int, name: bytes) -> None:
                         break
                     os.unlink(entry.name, dir_fd=fd)
             if deeper is not None:
-                child = os.open(deeper, flags, dir_fd=fd)
+                child = _open_to_empty(deeper, fd, unlock)
                 os.close(fd)
                 fd = child
                 names.append(deeper)
@@ -187,6 +187,16 @@ def remove_tree(parent_fd: int, name: bytes) -> None:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _open_to_empty(name: bytes, dir_fd: int, unlock: bool) -> int:
+    if unlock:  # through a descriptor that reaches the directory without reading it, never a link
+        reach = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.chmod(proc_path(reach), 0o700)
+        finally:
+            os.close(reach)
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
 
 SHORT_PATH = 3072  # bytes: a longer path below a root is reached through its directory's descriptor

@@ -62,7 +62,8 @@ def test_patterns_match_the_path_or_the_name():
 
 def brute_force(repo: Repository, snaps: list[Snapshot], match) -> list[tuple]:
     """What find must say, from each snapshot's whole resolved tree: (path, [(state, [snapshot ids])])."""
-    state = lambda e: (e.type, e.mode, e.size, e.mtime_ns, e.target, e.digest)  # noqa: E731
+    state = lambda e: (e.type, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.rdev, e.target, e.digest,  # noqa: E731
+                       e.xattrs)
     out: dict[bytes, list] = {}
     last: dict[bytes, str | None] = {}
     prev = None
@@ -102,13 +103,37 @@ def test_find_equals_the_versions_read_from_every_whole_tree(tmp_path_factory, s
                 repo.forget([rng.choice(repo.snapshots()).id])
         snaps = repo.snapshots()
         found = repo.find(patterns)
-        got = sorted((f.path, [((v.entry.type, v.entry.mode, v.entry.size, v.entry.mtime_ns, v.entry.target,
-                                 v.entry.digest), [s.id for s in v.snapshots]) for v in f.versions]) for f in found)
+        got = sorted((f.path, [((v.entry.type, v.entry.mode, v.entry.uid, v.entry.gid, v.entry.size,
+                                 v.entry.mtime_ns, v.entry.rdev, v.entry.target, v.entry.digest, v.entry.xattrs),
+                                [s.id for s in v.snapshots]) for v in f.versions]) for f in found)
         assert got == brute_force(repo, snaps, path_matcher(patterns))
         one = rng.choice(snaps)
         only = repo.find(patterns, snapshots=[one.id[:10]])
         assert sorted((f.path, [s.id for v in f.versions for s in v.snapshots]) for f in only) == sorted(
             (p, [i for _, ids in vs for i in ids]) for p, vs in brute_force(repo, [one], path_matcher(patterns)))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changes a file's owner")
+def test_a_change_of_owner_or_attributes_alone_is_a_new_version(tmp_path, new_repo, cli):
+    """Versions split only on type, mode, size, time and content: one merged over an owner's change gave
+    every snapshot of it the newest owner."""
+    src = tmp_path / "src"
+    src.mkdir()
+    f = src / "f"
+    f.write_bytes(b"same")
+    repo = new_repo(str(tmp_path / "repo"))
+    first = repo.backup([str(src)], host="h").snapshot
+    mtime = f.stat().st_mtime_ns
+    os.chown(f, 12345, 12346)
+    second = repo.backup([str(src)], host="h").snapshot
+    os.setxattr(f, "user.note", b"x")
+    os.utime(f, ns=(mtime, mtime))
+    third = repo.backup([str(src)], host="h").snapshot  # the change of ctime has it read again
+    (found,) = repo.find(["f"])
+    assert [([s.id for s in v.snapshots], v.entry.uid, v.entry.gid) for v in found.versions] == [
+        ([first.id], 0, 0), ([second.id], 12345, 12346), ([third.id], 12345, 12346)]
+    listed = cli("find", "-r", str(tmp_path / "repo"), "f").stdout.decode().splitlines()
+    assert [line.split()[2] for line in listed[1:4]] == ["root/root", "12345/12346", "12345/12346"]
 
 
 def test_find_and_snapshot_filters_on_the_command_line(tmp_path):
@@ -143,7 +168,7 @@ def test_find_and_snapshot_filters_on_the_command_line(tmp_path):
             for f in out] == [("conf/App.conf", [2, 9], [1, 1])]
     text = crashkit.run_cli("find", "-r", repo, "conf/*").stdout.decode().splitlines()
     assert text[0].startswith("conf/App.conf  (alpha: ") and text[3].startswith("conf/App.conf  (beta: ")
-    assert [line.split()[1:3] for line in text if line.startswith("  ")] == [["2", "B"], ["9", "B"], ["9", "B"]]
+    assert [line.split()[3:5] for line in text if line.startswith("  ")] == [["2", "B"], ["9", "B"], ["9", "B"]]
     assert ", 2 snapshots" not in text[2] and text[-1] == "2 paths, 3 versions"  # beta's source is another
     proc = crashkit.run_cli("find", "-r", repo, ok=(2,))
     assert b"PATTERN" in proc.stderr

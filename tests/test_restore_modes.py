@@ -176,7 +176,15 @@ def test_files_of_one_chunk_are_written_a_run_at_a_time(tmp_path, new_repo, monk
 
 
 def _selected_model(path: bytes, includes: list[str], excludes: list[str]) -> bool:
-    """The selection rule spelled out: a glob matches the path, its base name, or any ancestor."""
+    """The selection rule spelled out: a glob matches the path, its base name, or any ancestor; a glob led
+    by ``./`` or ending in ``/`` is the glob without them."""
+    def plain(g: str) -> str:
+        while g.startswith("./"):
+            g = g[2:].lstrip("/")
+        return g.rstrip("/") or g
+
+    includes, excludes = [plain(g) for g in includes], [plain(g) for g in excludes]
+
     def matches(p: str, globs: list[str]) -> bool:
         parts = p.split("/")
         return any(fnmatch.fnmatchcase("/".join(parts[:i]), g) or fnmatch.fnmatchcase(parts[i - 1], g)
@@ -230,6 +238,8 @@ def test_an_include_that_matches_nothing_is_a_warning(snapshot_of_tree, tmp_path
     assert res.files == 1 and res.warnings == []
     res = repo.restore(snap, str(tmp_path / "dir"), includes=["base"], excludes=["rel*"])
     assert (res.files, res.dirs, res.warnings) == (0, 2, [])  # the root and base: a directory matched
+    res = repo.restore(snap, str(tmp_path / "completed"), includes=["./small/"])  # as a shell completes it
+    assert res.files == 1 and res.warnings == []
 
 
 def test_selection_directories():

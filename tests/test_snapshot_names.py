@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from chunkvault.errors import ChunkvaultError, MissingObject
+from chunkvault.errors import ChunkvaultError, MissingObject, SnapshotNotFound
 from chunkvault.store.snapshot import Snapshot, SnapshotFinder, find_snapshot
 
 HEX = "0123456789abcdef"
@@ -79,3 +79,27 @@ def test_a_snapshot_named_whose_object_does_not_load_is_damaged_not_unknown(tmp_
     proc = cli("restore", "-r", str(tmp_path / "repo"), snap.id[:8], "--target", str(tmp_path / "out"), check=13)
     assert "authentication failed" in proc.stderr.decode()
     cli("restore", "-r", str(tmp_path / "repo"), "feedbeef", "--target", str(tmp_path / "out"), check=12)
+
+
+def test_until_to_the_second_finds_the_snapshot_whose_listed_time_it_is(tmp_path, new_repo):
+    """Listings show times to the second and snapshot times have microseconds: a time copied from
+    `snapshots` into --until found the snapshot before the one it was copied from."""
+    from datetime import timezone
+
+    from chunkvault.store.snapshot import parse_until
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("one")
+    repo = new_repo(str(tmp_path / "repo"))
+    first = repo.backup([str(src)], time="2026-11-28T14:00:05.250+00:00").snapshot
+    (src / "f").write_text("two")
+    second = repo.backup([str(src)], time="2026-11-28T14:00:07.750+00:00").snapshot
+    for until, found in [("2026-11-28T14:00:07+00:00", second), ("2026-11-28 14:00:06Z", first),
+                         ("2026-11-28T14:00:05+00:00", first), ("2026-11-28T14:00:07.5+00:00", first),
+                         ("20261128T140007Z", second)]:
+        assert repo.snapshot(until=until).id == found.id, until
+    with pytest.raises(SnapshotNotFound):
+        repo.snapshot(until="2026-11-28T14:00+00:00")  # to the minute: its first instant, before both
+    assert parse_until("2026-11-28T14:00:05+01:00").astimezone(timezone.utc).isoformat() == \
+        "2026-11-28T13:00:05.999999+00:00"

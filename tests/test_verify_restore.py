@@ -501,3 +501,35 @@ def test_a_child_another_thread_starts_while_the_command_runs_is_not_taken_for_i
     finally:
         mine[0].kill()
         mine[0].wait()
+
+
+def test_a_scratch_tree_that_denies_its_owner_and_runs_past_path_max_is_removed(tmp_path):
+    """Run as another user than root, verify-restore made the restored directories writable by their full
+    paths: one longer than the system takes failed, and the whole scratch copy stayed behind."""
+    import shutil
+    import subprocess
+    import sys
+
+    setpriv = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or subprocess.run([*setpriv, "true"]).returncode:
+        pytest.skip("needs root and setpriv, to be denied as another user would be")
+    top = tmp_path / "scratch"
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    modes = []
+    for level in range(30):  # 30 levels of 200-byte names: a path of about 6 KB
+        name = f"{level:03}" + "d" * 197
+        os.mkdir(name, dir_fd=fd)
+        with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o400, dir_fd=fd), "wb") as f:
+            f.write(b"x")
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        modes.append((fd, [0o500, 0o000, 0o300][level % 3]))
+        fd = child
+    os.close(fd)
+    for dir_fd, mode in reversed(modes):  # deepest first: each is reached through its parent's descriptor
+        os.chmod(f"/proc/self/fd/{dir_fd}", mode)
+        os.close(dir_fd)
+    script = "import os, sys; os.geteuid = lambda: 1000; from chunkvault.verify import remove_tree; remove_tree(sys.argv[1])"
+    done = subprocess.run([*setpriv, sys.executable, "-c", script, str(top)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not top.exists()
