@@ -4,8 +4,9 @@ Written front to back, so the output may be a pipe (``dump latest srv/www | ssh 
 Names are relative to the snapshot's root, as a restore lays them out. tar (POSIX pax) keeps modes,
 owners, nanosecond mtimes, symlinks, hard links, devices and FIFOs, extended attributes (as GNU tar
 and bsdtar write them: ``SCHILY.xattr.NAME`` records; ``tar --xattrs`` sets them), and any byte in a
-name; zip keeps modes, mtimes (two-second steps, from 1980) and symlinks, stores a hard link as a
-copy of its file, and has no devices, FIFOs (each left out is a warning) or extended attributes; a
+name (a file whose first name lies outside the subtree has its data under its first name inside);
+zip keeps modes, mtimes (to the second, in Info-ZIP's extended timestamp) and symlinks, stores a hard
+link as a copy of its file, and has no devices, FIFOs (each left out is a warning) or extended attributes; a
 name that is not UTF-8 has U+FFFD for each byte that does not decode there (a warning too: its zip
 name may even be another file's). A tar cut short by an error gets no end-of-archive blocks: the
 tar reading it then fails too (ended anyway, the zeros of the end passed for a small file's data).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import struct
 import time
 import zipfile
 from typing import BinaryIO, Callable, Iterable, Mapping
@@ -44,6 +46,9 @@ def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes
     warnings: list[str] = []
     writer = _Tar(out, names) if fmt == "tar" else _Zip(out)
     complete = False
+    # A file whose first path lies outside the subtree: its first link inside carries the data, and the
+    # others link to that one (each carried a copy of the data).
+    stand_ins: dict[bytes, bytes] = {}
     try:
         for e in entries:
             if not in_subtree(e.path, root) or e.path == b"":
@@ -51,7 +56,10 @@ def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes
             if not writer.exact_names and not tarformat.is_utf8(e.path):
                 warnings.append(f"{os.fsdecode(e.path)}: the name is not UTF-8; the {fmt} names it "
                                 f"{e.path.decode('utf-8', 'replace')} (a tar keeps its bytes)")
-            if e.type == T_HARDLINK and not (writer.hard_links and in_subtree(e.target, root)):
+            if e.type == T_HARDLINK and writer.hard_links and e.target in stand_ins:
+                e = dataclasses.replace(e, target=stand_ins[e.target])
+            elif e.type == T_HARDLINK and not (writer.hard_links and in_subtree(e.target, root)):
+                stand_ins.setdefault(e.target, e.path)
                 e = dataclasses.replace(linked(e.target), path=e.path)  # a copy of the file it names
             if e.type == T_FILE:
                 with content(e) as data:
@@ -128,6 +136,9 @@ class _Zip:
         info.create_system = 3  # Unix: the mode below is read
         info.external_attr = (kind | e.mode) << 16 | (0x10 if kind == stat.S_IFDIR else 0)
         info.compress_type = zipfile.ZIP_DEFLATED
+        # The extended timestamp (Info-ZIP's "UT" field): the modification time in UTC seconds, which unzip
+        # restores exactly; the DOS time above has 2-second steps, local time and the years 1980-2107 only.
+        info.extra = struct.pack("<HHBi", 0x5455, 5, 1, min(max(seconds, -(1 << 31)), (1 << 31) - 1))
         return info
 
     def file(self, e: Entry, data: BinaryIO) -> None:

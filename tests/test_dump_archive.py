@@ -1,5 +1,6 @@
 """dump of a directory: a tar or zip stream that unpacks to what a restore would write."""
 import io
+import struct
 import os
 import pty
 import stat
@@ -166,6 +167,24 @@ def test_a_tar_cut_short_by_damaged_data_does_not_end_as_a_whole_archive(backed_
     assert proc.returncode != 0 and b"Unexpected EOF" in proc.stderr
 
 
+def test_tar_of_a_subtree_links_the_names_of_a_file_whose_first_name_is_outside(new_repo, tmp_path):
+    """Each such name carried its own copy of the data, and the extracted tree held that many files."""
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a" / "first").write_bytes(os.urandom(200_000))
+    for name in ("x", "y", "z"):
+        os.link(src / "a" / "first", src / "b" / name)
+    repo = new_repo()
+    snap = repo.backup([str(src)]).snapshot
+    data, _ = dumped(repo, snap, "b")
+    kinds = {m.name: (m.type, m.linkname) for m in tarfile.open(fileobj=io.BytesIO(data))}
+    assert [kinds[f"b/{n}"] for n in "xyz"] == [(tarfile.REGTYPE, ""), (tarfile.LNKTYPE, "b/x"), (tarfile.LNKTYPE, "b/x")]
+    untar(data, tmp_path / "out")
+    assert os.stat(tmp_path / "out" / "b" / "z").st_nlink == 3
+    assert (tmp_path / "out" / "b" / "y").read_bytes() == (src / "a" / "first").read_bytes()
+
+
 def test_zip_keeps_files_dirs_modes_and_symlinks_and_names_what_it_cannot_hold(backed_up, tree):
     repo, snap = backed_up
     data, warnings = dumped(repo, snap, "/", archive="zip")
@@ -180,6 +199,10 @@ def test_zip_keeps_files_dirs_modes_and_symlinks_and_names_what_it_cannot_hold(b
     assert info["a/sub/"].is_dir() and stat.S_IMODE(info["a/sub/deep.txt"].external_attr >> 16) == 0o640
     assert z.read("caf\ufffd") == b"latin-1 name"
     assert "b/pipe" not in info
+    for name, i in info.items():  # the exact second in UTC ("UT" field), beside DOS's local 2-second steps
+        (mtime,) = struct.unpack("<i", i.extra[5:9])
+        assert i.extra[:5] == struct.pack("<HHB", 0x5455, 5, 1)
+        assert mtime == os.lstat(tree / name.replace("\ufffd", "\udce9").rstrip("/")).st_mtime_ns // 10**9, name
 
 
 def test_a_file_is_dumped_as_its_content(backed_up, tree):
