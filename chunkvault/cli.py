@@ -222,20 +222,23 @@ def _never_strict(stream: Any) -> None:
 
 
 @contextlib.contextmanager
-def _stdout_errors() -> Iterator[None]:
-    """Failed writes to standard output as ``output_error``s, but for a closed pipe."""
+def _stdout_errors(product: str | None = None) -> Iterator[None]:
+    """Failed writes to standard output as ``output_error``s, but for a closed pipe.  ``product``: what the
+    output is (a dump, a key export), where it is no report of work done elsewhere."""
     try:
         yield
     except BrokenPipeError:
         raise
     except OSError as exc:
-        raise _stdout_error(exc) from None
+        raise _stdout_error(exc, product) from None
 
 
-def _stdout_error(exc: OSError) -> ChunkvaultError:
+def _stdout_error(exc: OSError, product: str | None = None) -> ChunkvaultError:
     """Its exit code is a storage failure's (14); its words say that what the command had done before (a
-    snapshot saved, say) stays done: only its report was cut short."""
+    snapshot saved, say) stays done: only its report was cut short; or that the product is incomplete."""
     error = output_error("writing to standard output", exc)
+    if product is not None:
+        return type(error)(f"{error} (the {product} written there is incomplete)")
     return type(error)(f"{error} (the command stopped there; what it had done stays done, only its report "
                        "is lost or cut short)")
 
@@ -617,7 +620,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def _restored(result: Any) -> str:
     """A restore's counts for its summary line."""
     return (f"{result.files} files, {result.dirs} dirs, "
-            + (f"{result.specials} FIFOs and devices, " if result.specials else "") + format_size(result.bytes))
+            + (f"{result.specials} FIFOs and devices, " if result.specials else "") + format_size(result.bytes)
+            + (f"; {result.deleted} entries the snapshot lacks deleted" if result.deleted else ""))
 
 
 def _report_restore(args: argparse.Namespace, snap: Snapshot, result: Any, verified: bool) -> bool:
@@ -865,7 +869,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     if out.isatty() and repo.find_entry(snap, args.path).type == T_DIR:
         raise UsageError(f"a directory is written as a {args.archive} archive: redirect it to a file or a pipe")
     try:
-        with _stdout_errors():
+        with _stdout_errors("dump"):
             warnings = repo.dump(snap, args.path, out, archive=args.archive)
             out.flush()
     except BrokenPipeError:  # what it was piped into has not got the whole file or archive: not a success
@@ -1148,7 +1152,7 @@ def cmd_key(args: argparse.Namespace) -> int:
 def _key_export(args: argparse.Namespace, data: bytes) -> None:
     """The export on standard output, or in a file written whole or not at all (mode 0600)."""
     if args.file in (None, "-"):
-        with _stdout_errors():
+        with _stdout_errors("key export"):
             sys.stdout.buffer.write(data)
             sys.stdout.buffer.flush()
         return

@@ -68,6 +68,8 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
 
     if args.snapshot not in (None, "", "latest"):
         raise UsageError("--from-file restores the snapshot in the file: give no SNAPSHOT")
+    if args.repo:  # given on the command line (CHUNKVAULT_REPOSITORY may be set for other commands)
+        raise UsageError("--from-file restores from the file alone: give no -r/--repo (import brings it into one)")
     if args.until or args.host or args.snapshot_paths:
         raise UsageError("--until, --host and --path select among a repository's snapshots: not with --from-file")
     if args.delta or args.verify:

@@ -292,6 +292,22 @@ def test_an_unwritable_stderr_leaves_the_exit_codes_as_they_are(tmp_path, setup)
             assert proc.returncode == code, args
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_a_key_export_to_a_full_stdout_says_the_export_is_incomplete(tmp_path, setup):
+    """It said "only its report is lost": the export is the product, and a script must not keep it."""
+    import subprocess
+    import sys
+
+    repo, _ = setup
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}, "CHUNKVAULT_PASSWORD": PASSWORD}
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", "key", "export", "-r", repo], env=env,
+                              stdout=full, stderr=subprocess.PIPE, timeout=120)
+    assert proc.returncode == 14
+    assert proc.stderr.decode().strip() == ("chunkvault: no space left on device while writing to standard output "
+                                            "(the key export written there is incomplete)")
+
+
 def test_keys(tmp_path, cli, setup):
     repo, src = setup
     cli("key", "add", "-r", repo, "--kdf-time", "0", env={"CHUNKVAULT_NEW_PASSWORD": "second"})

@@ -318,8 +318,12 @@ def test_restore_verify_on_the_command_line(tmp_path, cli):
     cli("backup", "-r", repo, str(src))
     out = cli("restore", "-r", repo, "latest", "-t", str(tmp_path / "out"), "--verify").stdout.decode()
     assert "read back and verified" in out
-    cli("restore", "-r", repo, "-t", str(tmp_path / "x"), "--from-file", str(tmp_path / "none.backup"), "--verify",
-        check=2)
+    said = cli("restore", "-t", str(tmp_path / "x"), "--from-file", str(tmp_path / "none.backup"), "--verify",
+               check=2).stderr.decode()
+    assert "--verify needs a repository" in said
+    said = cli("restore", "-r", repo, "-t", str(tmp_path / "x"), "--from-file", str(tmp_path / "none.backup"),
+               check=2).stderr.decode()
+    assert "give no -r/--repo" in said
 
 
 def test_delta_keeps_a_sparse_file_sparse(tmp_path, new_repo):
