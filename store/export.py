@@ -42,8 +42,8 @@ import blake3
 import zstandard
 
 from chunkvault.chunker import ChunkerParams
-from chunkvault.errors import (ChunkvaultError, CorruptObject, MissingObject, UnsupportedFormat, UsageError,
-                               WrongPassword, output_error)
+from chunkvault.errors import (ChunkvaultError, CorruptObject, MissingObject, NewerObject, UnsupportedFormat,
+                               UsageError, WrongPassword, output_error)
 
 from .blob import KIND_ZSTD, compress
 from .blobindex import BlobIndex
@@ -385,6 +385,10 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
             pass
         if isinstance(exc, OSError):
             raise output_error(f"writing the export {out_path} (nothing was left of it)", exc) from None
+        if isinstance(exc, CorruptObject) and not isinstance(exc, NewerObject):  # it named a blob or a pack only
+            raise exc.explained(f"; snapshot {snapshot.short_id} cannot be exported whole: `check --read-data` "
+                                "names the files it takes down, `repair` the way back (no export file was "
+                                "left)") from None
         raise
     try:
         dfd = os.open(directory, os.O_RDONLY)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chunkvault import Repository
-from chunkvault.errors import CorruptObject, UnsupportedFormat, UsageError, WrongPassword
+from chunkvault.errors import CorruptObject, MissingObject, UnsupportedFormat, UsageError, WrongPassword
 from chunkvault.store.export import (
     HEADER_SIZE, S_BLOB, S_END, S_META, S_RECORDS, VERSION, ExportFile, blob_ref, export, import_backup, open_export,
     restore_from_file,
@@ -569,6 +569,17 @@ def test_two_imports_of_one_file_at_once_import_it_once(tmp_path, exported):
     assert len({r.snapshot.id for r in results}) == 1 and len(opened[0].snapshots()) == 1
     for r in opened:
         r.close()
+
+
+def test_an_export_that_meets_damaged_data_names_the_snapshot_and_the_way_on(tmp_path, chain):
+    """It named a blob id alone."""
+    repo, diff, _src = chain
+    packs = [p for p in pathlib.Path(repo.store.remote.root, "data").rglob("*") if p.is_file()]
+    max(packs, key=lambda p: p.stat().st_size).unlink()  # a data pack's, not only a manifest's
+    with pytest.raises(MissingObject, match=f"snapshot {diff.short_id} cannot be exported whole: `check "
+                                            "--read-data` names the files it takes down"):
+        export(repo.store, diff, str(tmp_path / "x.backup"), EXPORT_PW, kdf_log_n=10)
+    assert not [p for p in tmp_path.iterdir() if "x.backup" in p.name]
 
 
 def test_import_waits_for_a_prune_as_a_backup_does(tmp_path, exported, monkeypatch):
