@@ -19,6 +19,11 @@ class RemoteRetryWarning(ChunkvaultWarning):
     """A remote operation failed transiently and is tried again (at most one a few seconds per remote)."""
 
 
+class RepositoryStateWarning(ChunkvaultWarning):
+    """The repository contradicts this client's ledger, the ledger file is unusable, or a snapshot or index
+    object does not load (it is left out)."""
+
+
 class ChunkvaultError(Exception):
     """Base of every error chunkvault raises on purpose."""
 

@@ -22,16 +22,11 @@ import warnings
 from datetime import datetime, timezone
 from typing import Callable, Collection, Iterable
 
-from .errors import ChunkvaultWarning, RollbackDetected, output_error
+from .errors import RepositoryStateWarning, RollbackDetected, output_error
 from .localfiles import read_regular, user_dir
 from .store import ledger as logic
 from .store.ledger import REPLAYED, Finding, LedgerState
 from .store.snapshot import Snapshot
-
-
-class RepositoryStateWarning(ChunkvaultWarning):
-    """The repository contradicts this client's ledger, the ledger file is unusable, or a snapshot object
-    does not load (it is left out)."""
 
 
 def default_dir() -> str | None:

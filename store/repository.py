@@ -10,6 +10,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from collections import ChainMap, Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
@@ -26,6 +27,7 @@ from chunkvault.errors import (
     PermissionDenied,
     RemoteError,
     RepositoryExists,
+    RepositoryStateWarning,
     UsageError,
 )
 from chunkvault.remotes import Remote
@@ -156,6 +158,8 @@ class Repo:
         # the listing's version, or where the remote gives none, in most cases in its size.
         self._snapshot_seen: dict[str, tuple[int, str | None]] = {}
         self.unreadable_snapshots: dict[str, CorruptObject] = {}  # as of the last listing (``snapshots``)
+        self.unreadable_indexes: dict[str, CorruptObject] = {}  # left out of the index last loaded
+        self._warned_indexes: set[str] = set()
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
         self._delta_bases: dict[bytes, bytes] = {}
         self._withheld: set[bytes] | None = None  # deltas left out of the index for a writer: not yet known
@@ -334,15 +338,26 @@ class Repo:
             return list(zip(names, pool.map(read, names)))
 
     def load_index(self) -> None:
-        """Read every index object; a damaged one is an error (check reports it and goes on), unless one
-        that reads supersedes it (a repair or prune stopped before deleting it: it lists nothing live)."""
+        """Read every index object.  One that does not (damaged, or planted: a client with an append-only
+        token can store any bytes under a new name) is left out with a warning, unless one that reads
+        supersedes it (a repair or prune stopped before deleting it: it lists nothing live): what the others
+        list still restores, and a backup stores again what only it listed.  What deletes packs by the index
+        (prune, the repairs) reads the index objects itself and stops on such an object; one a newer
+        chunkvault wrote stops every command (an upgrade reads it)."""
         names = self.index_names()
         read = self.read_index_objects(names)
         objects = [(name, got) for name, got in read if isinstance(got, IndexColumns)]
         superseded = superseded_names(got for _, got in objects)
-        for name, got in read:
-            if not isinstance(got, IndexColumns) and name not in superseded:
+        unreadable = {name: got for name, got in read if not isinstance(got, IndexColumns) and name not in superseded}
+        for got in unreadable.values():
+            if isinstance(got, NewerObject) or not isinstance(got, CorruptObject):  # newer, or gone since listed
                 raise got
+        for name, got in unreadable.items():
+            if name not in self._warned_indexes:
+                self._warned_indexes.add(name)
+                warnings.warn(f"index/{name[:12]} does not load and is left out ({got.reason}); `check` says "
+                              "what it takes down", RepositoryStateWarning, stacklevel=2)
+        self.unreadable_indexes = {name: got for name, got in unreadable.items() if isinstance(got, CorruptObject)}
         self.install_index(names, objects)
 
     def install_index(self, names: list[str], objects: list[tuple[str, IndexColumns]]) -> list[IndexColumns]:

@@ -433,19 +433,24 @@ def test_a_snapshot_forgotten_while_listing_is_simply_gone(repo_with_data, monke
 
 
 def test_damaged_index_object_points_to_repair_index(repo_with_data, password, tmp_path):
-    """Reads, backups and prune stop at a damaged index object (a backup cannot trust what it would
-    dedup against), each saying which command rebuilds it; check does not advise pruning the packs it
-    listed; after `repair index` everything works and nothing was lost."""
+    """A damaged index object is left out with a warning naming `repair index`: a read fails only where it
+    needs what that object alone listed (naming `repair index` too), a backup stores that again, and prune
+    stops; check does not advise pruning the packs it listed; after `repair index` everything works and
+    nothing was lost."""
+    from chunkvault.errors import RepositoryStateWarning
+
     repo_dir, _, s1, s2 = repo_with_data
     idx = sorted((repo_dir / "index").iterdir())[0]
     flip(idx)
     repo = Repository.open(str(repo_dir), password)
-    hint = f"index/{idx.name}: .*; `repair index` rebuilds the index from the packs$"
-    for attempt in (lambda: repo.restore(s2.id, str(tmp_path / "r")), lambda: repo.find_entry(s1.id, "a"),
-                    lambda: repo.backup([str(tmp_path / "src")]), lambda: repo.prune()):
-        with pytest.raises(CorruptObject, match=hint):
+    for attempt in (lambda: repo.restore(s2.id, str(tmp_path / "r")), lambda: repo.find_entry(s1.id, "a")):
+        with pytest.warns(RepositoryStateWarning, match=f"index/{idx.name[:12]} does not load and is left out "
+                                                        r"\(.*`repair index` rebuilds the index from the packs"), \
+                pytest.raises(MissingObject, match="not in the index \\(`repair index` finds it"):
             attempt()
         repo = Repository.open(str(repo_dir), password)
+    with pytest.raises(CorruptObject, match=f"index/{idx.name}: .*; `repair index` rebuilds the index from the packs$"):
+        repo.prune()
     report = repo.check()
     assert any(p.object == f"index/{idx.name}" for p in report.problems)
     assert report.warnings and all("prune" not in w and "repair index" in w for w in report.warnings)
@@ -454,6 +459,28 @@ def test_damaged_index_object_points_to_repair_index(repo_with_data, password, t
     for snap in (s1, s2):
         repo.restore(snap.id, str(tmp_path / f"ok-{snap.id[:8]}"))
     assert repo.backup([str(tmp_path / "src")]).snapshot.parent == s2.id
+
+
+def test_an_index_object_planted_by_an_append_only_client_stops_no_restore(repo_with_data, password, tmp_path):
+    """Twelve bytes uploaded as a new index object (an append-only token can, with no password) made every
+    restore, listing and backup fail until `repair index`, which only a full token may run."""
+    import blake3
+
+    from chunkvault.errors import RepositoryStateWarning
+
+    repo_dir, _, s1, s2 = repo_with_data
+    junk = b"not an index"
+    (repo_dir / "index" / blake3.blake3(junk).hexdigest()).write_bytes(junk)  # even named by its content
+    repo = Repository.open(str(repo_dir), password)
+    with pytest.warns(RepositoryStateWarning, match="does not load and is left out"):
+        for snap in (s1, s2):
+            repo.restore(snap.id, str(tmp_path / f"r-{snap.id[:8]}"))
+        repo.backup([str(tmp_path / "src")])
+    assert not repo.check().ok
+    with pytest.raises(CorruptObject):
+        repo.prune()  # deletes by the index: not with an object it cannot read
+    repo.repair_index()
+    assert repo.check(read_data=True).ok
 
 
 def test_damaged_key_file_is_named_when_no_key_opens(tmp_path, new_repo, password):
