@@ -1703,25 +1703,42 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, Any]:
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a service manager stopping the job, a timeout): the command stops as on Ctrl-C, its locks
-    released and what it stored whole indexed, instead of dying where it stands."""
+    """SIGTERM (a service manager stopping the job, a timeout) or SIGHUP (the terminal or ssh session it
+    ran in closed): the command stops as on Ctrl-C, its locks released, what it stored whole indexed and a
+    scheduled run's post hook run, instead of dying where it stands."""
 
+    def __str__(self) -> str:
+        return STOP_WORDS.get(_STOPPED_BY[0] if _STOPPED_BY else signal.SIGTERM, "terminated")
+
+
+#: What a command stopped by each signal says (and a scheduled run's hooks are told).
+STOP_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
 
 _STOPPED_BY: list[int] = []  # the stop signals received: what else the command then raises is their doing
 
 
-def _stopped(args: argparse.Namespace | None, argv: list[str] | None, *, terminated: bool) -> int:
-    """What a command stopped by SIGTERM (143) or Ctrl-C (130) says, on stderr and, with --json, stdout."""
-    word, code = ("terminated", 128 + signal.SIGTERM) if terminated else ("interrupted", 130)
+def _stopped(args: argparse.Namespace | None, argv: list[str] | None) -> int:
+    """What a command stopped by SIGTERM (143), SIGHUP (129) or Ctrl-C (130) says, on stderr and, with
+    --json, stdout."""
+    signum = next((n for n in _STOPPED_BY if n != signal.SIGINT), signal.SIGINT)
+    word, code = STOP_WORDS[signum], 128 + signum
     print(f"chunkvault: {word}", file=sys.stderr)
-    _emit_error_json(args, argv, word.capitalize(), code, word)
+    _emit_error_json(args, argv, word.title().replace(" ", ""), code, word)
     return code
 
 
 def _stop(signum: int) -> None:
     _STOPPED_BY.append(signum)
     stop_request.request()  # uploads in flight, which the command waits for, retry no longer
-    raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
+
+
+def stop_signals() -> dict[int, Callable[[int], None]]:
+    """The signals that stop a command, each to ``_stop``: SIGHUP only where it is not ignored (``nohup``)."""
+    handlers = {signal.SIGINT: _stop, signal.SIGTERM: _stop}
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        handlers[signal.SIGHUP] = _stop
+    return handlers
 
 
 def _wants_json(args: argparse.Namespace | None, argv: list[str] | None) -> bool:
@@ -1761,7 +1778,7 @@ def main(argv: list[str] | None = None) -> int:
     if stderr is not None:
         sys.stderr = _BestEffortErrors(stderr)  # type: ignore[assignment]
     try:
-        with interrupts.handled({signal.SIGINT: _stop, signal.SIGTERM: _stop}):
+        with interrupts.handled(stop_signals()):
             args = _parse(sys.argv[1:] if argv is None else argv)
             with warnings.catch_warnings(), contextlib.ExitStack() as args.held:
                 warnings.showwarning = _warning_printer(warnings.showwarning)
@@ -1773,15 +1790,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chunkvault: {one_line(exc)}", file=sys.stderr)
         _emit_error_json(args, argv, type(exc).__name__, exc.exit_code, one_line(exc))
         return exc.exit_code
-    except _Terminated:
-        return _stopped(args, argv, terminated=True)
     except KeyboardInterrupt:
-        return _stopped(args, argv, terminated=False)
+        return _stopped(args, argv)
     except BrokenPipeError:
         return 0
     except Exception as exc:  # a bug: still one line, unless --debug
         if _STOPPED_BY:  # the stop raised inside native code (an import, say), which wrapped it in its own error
-            return _stopped(args, argv, terminated=signal.SIGTERM in _STOPPED_BY)
+            return _stopped(args, argv)
         if args is not None and getattr(args, "debug", False):
             raise
         print(f"chunkvault: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for details)",

@@ -11,7 +11,8 @@ import signal
 import sys
 from types import FrameType
 
-_SAID = {signal.SIGINT: b"chunkvault: interrupted\n", signal.SIGTERM: b"chunkvault: terminated\n"}
+_SAID = {signal.SIGINT: b"chunkvault: interrupted\n", signal.SIGTERM: b"chunkvault: terminated\n",
+         signal.SIGHUP: b"chunkvault: hung up\n"}
 
 
 def _stop_now(signum: int, frame: FrameType | None) -> None:
@@ -21,7 +22,8 @@ def _stop_now(signum: int, frame: FrameType | None) -> None:
 
 def main() -> int:
     for signum in _SAID:
-        signal.signal(signum, _stop_now)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # a hangup `nohup` ignores stays ignored
+            signal.signal(signum, _stop_now)
     from .cli import main as run  # installs its own handlers while the command runs
 
     return run()

@@ -365,7 +365,7 @@ def _error(code: int) -> OSError:
 def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait: float = 3600.0,
           refresh: float = REFRESH_SECONDS, on_mounted: Any = None, numeric_owner: bool = False) -> None:
     """Mount the repository's snapshots read-only at ``mountpoint`` until it is unmounted (``fusermount -u``,
-    or SIGINT/SIGTERM to this process); ``on_mounted()`` is called once it is.  ``allow_other``: other users may look too, each held to the
+    or SIGINT/SIGTERM/SIGHUP to this process); ``on_mounted()`` is called once it is.  ``allow_other``: other users may look too, each held to the
     recorded owners and modes (without it only the mounting user can, and reads every file).  Owners show
     as a restore would set them: the local ids of their recorded names, unless ``numeric_owner``."""
     if not os.path.isdir(mountpoint):
@@ -378,10 +378,11 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
         options: dict[str, bool] = {"use_ino": True}  # getattr's inode numbers: hard links share theirs
         if allow_other:
             options.update(allow_other=True, default_permissions=True)
-        # libfuse unmounts on SIGTERM with handlers of its own, which it installs only over the default
-        # (the command line's handler raises in Python code, which does not run while libfuse serves).
+        # libfuse unmounts on SIGTERM and SIGHUP with handlers of its own, which it installs only over the
+        # default (the command line's handler raises in Python code, which does not run while libfuse serves).
         on_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, signal.SIG_DFL) if on_main_thread else None
+        previous = {signum: signal.signal(signum, signal.SIG_DFL) for signum in (signal.SIGTERM, signal.SIGHUP)
+                    if on_main_thread and signal.getsignal(signum) is not signal.SIG_IGN}
         try:
             fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="chunkvault", **options)
         except RuntimeError as exc:  # libfuse could not mount (no /dev/fuse, no permission, ...)
@@ -389,5 +390,5 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
                 return  # libfuse 3 unmounted on SIGTERM or SIGINT, as asked
             raise MountFailed(f"cannot mount at {mountpoint}: {exc}") from None
         finally:
-            if on_main_thread:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)

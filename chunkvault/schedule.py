@@ -30,6 +30,7 @@ from __future__ import annotations
 import calendar
 import os
 import re
+import socket
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping, Protocol, Sequence
@@ -668,8 +669,9 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                             retention=retention, hook_timeout=hook_timeout)
         except UsageError as exc:
             raise UsageError(f"source {name!r}: {exc}") from None
-        twin = next((t for t in sources if (t.host, sorted(t.paths), t.stdin_name) == (host, sorted(paths), stdin_name)),
-                    None)
+        here = socket.gethostname()  # a host left out is this machine's, as a run names it
+        twin = next((t for t in sources if ((t.host or here), sorted(t.paths), t.stdin_name)
+                     == ((host or here), sorted(paths), stdin_name)), None)
         if twin is not None:
             raise UsageError(f"sources {twin.name!r} and {name!r} back up the same {'paths' if paths else 'stdin-name'} "
                              "on the same host: their snapshots could not be told apart (each would take the "

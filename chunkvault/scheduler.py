@@ -350,7 +350,8 @@ class Runner:
                 self._backup(repo, src, due.kind, result, env)
         except BaseException as exc:  # stopped (SIGTERM, Ctrl-C): what the pre hook set up is still undone
             result.status = FAILED
-            result.error = f"stopped ({type(exc).__name__})"
+            word = str(exc) or ("interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
+            result.error = f"stopped ({word})"
             self.log(f"{src.name}: stopped; running its post hook before stopping" if src.post else
                      f"{src.name}: stopped")
             self._post(src, env, result)
@@ -496,21 +497,23 @@ class Daemon:
         self.reload_asked = True
         self.woken.set()
 
-    def _reload(self) -> None:
+    def _reload(self) -> bool:
+        """Whether the policy file was read anew."""
         self.reload_asked = False
         if self.reload is None:
-            return
+            return False
         try:
             runner = self.reload()
         except (ChunkvaultError, OSError) as exc:
             self.log(f"policy not reloaded, the one loaded before stays in use: {exc}")
-            return
+            return False
         if runner.lock_file != self.runner.lock_file:  # the daemon's own lock is beside the one it started with
             self.log(f"policy not reloaded, the one loaded before stays in use: its lock file changed (to "
                      f"{runner.lock_file}); restart the daemon to change it")
-            return
+            return False
         self.runner = runner
         self.log(f"policy reloaded: {len(runner.policy.sources)} source(s)")
+        return True
 
     def _next_slot(self, started: datetime) -> datetime | None:
         wake = next_wakeup([c for s in self.runner.policy.sources for c in s.cadences()], started)
@@ -549,7 +552,8 @@ class Daemon:
             wake = self._next_slot(started)
             while not self.stop.is_set():
                 if self.reload_asked:
-                    self._reload()
+                    if self._reload():
+                        break  # a run at once: a source the new policy adds, or a cadence it changes, may be due
                     wake = self._next_slot(started)
                     continue
                 now = self.clock()

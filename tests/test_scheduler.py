@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -330,7 +331,33 @@ def test_a_run_stopped_during_its_backup_still_runs_the_post_hook(tmp_path, repo
         Runner(policy, PASSWORD.encode(), lock_file=str(tmp_path / "l")).run()
     assert not mounted.exists()
     env = dict(line.split("=", 1) for line in env_out.read_text().splitlines())
-    assert env["CHUNKVAULT_RESULT"] == "failed" and env["CHUNKVAULT_ERROR"] == f"stopped ({stop.__name__})"
+    word = {KeyboardInterrupt: "interrupted", SystemExit: "SystemExit"}[stop]
+    assert env["CHUNKVAULT_RESULT"] == "failed" and env["CHUNKVAULT_ERROR"] == f"stopped ({word})"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM])
+def test_a_run_whose_terminal_closes_stops_as_on_sigterm(tmp_path, repo_url, tree, signum):
+    """SIGHUP (the ssh session or terminal a run was started from closed) killed it outright: no post hook
+    (a database left in backup mode), the pre hook's process group left running, nothing said."""
+    started, env_out = tmp_path / "pre-started", tmp_path / "post.env"
+    policy = write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "db", "paths": [str(tree)], "pre": f"touch {q(str(started))}; exec sleep 120.{os.getpid()}{signum}",
+         "post": f"env | grep ^CHUNKVAULT_ | sort > {q(str(env_out))}"}], top='full = "daily 02:00"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "run", "--config", str(policy)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(started.exists, proc, "the pre hook")
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    word = {signal.SIGHUP: "hung up", signal.SIGTERM: "terminated"}[signum]
+    assert proc.returncode == 128 + signum and err.decode().strip().endswith(f"chunkvault: {word}"), err
+    posted = dict(line.split("=", 1) for line in env_out.read_text().splitlines())
+    assert posted["CHUNKVAULT_RESULT"] == "failed" and posted["CHUNKVAULT_ERROR"] == f"stopped ({word})"
+    assert subprocess.run(["pgrep", "-f", f"sleep 120.{os.getpid()}{signum}"]).returncode == 1  # its group killed
 
 
 def test_hook_timeout_kills_the_hook(tmp_path, repo_url, tree):
@@ -626,8 +653,8 @@ def test_daemon_process_reads_its_policy_again_on_sighup(tmp_path, repo_url, tre
         write_policy(policy, repo_url, sources, top='full = "0 0 1 6 *"\n')
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "policy reloaded: 1 source(s)" in log.read_text(), proc, "the reload")
-        wait_for(lambda: re.search(r"policy reloaded.*\n.*next run at \d{4}-06-01", log.read_text()), proc,
-                 "the new slot")
+        wait_for(lambda: re.search(r"policy reloaded[^\n]*\n(.*\n)*.*next run at \d{4}-06-01", log.read_text()),
+                 proc, "the new slot")
         write_policy(policy, repo_url, sources, top=f'full = "0 0 1 7 *"\nlock-file = "{tmp_path / "other.lock"}"\n')
         proc.send_signal(signal.SIGHUP)  # a second daemon would take the new lock file's: refused
         wait_for(lambda: "its lock file changed" in log.read_text(), proc, "the lock file's refusal")
@@ -642,6 +669,30 @@ def test_daemon_process_reads_its_policy_again_on_sighup(tmp_path, repo_url, tre
         proc.wait()
     assert "stopped by SIGTERM" in log.read_text()
     assert [s.kind for s in snapshots(repo_url)] == ["full"]  # a reload is no run
+
+
+def test_a_source_a_reload_adds_is_backed_up_at_once(tmp_path, repo_url, tree):
+    """The daemon slept on to the next slot of the policy it had: with weekly fulls, days without a backup
+    of the new source, which `run --dry-run` said was due."""
+    log = tmp_path / "daemon.log"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "f").write_text("x")
+    policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                          top='full = "weekly sun 03:00"\n')
+    proc = start_daemon(policy, log)
+    try:
+        wait_for(lambda: log.exists() and "next run at" in log.read_text(), proc, "first run")
+        write_policy(policy, repo_url, [{"name": "db", "paths": [str(tree)]}, {"name": "etc", "paths": [str(other)]}],
+                     top='full = "weekly sun 03:00"\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "etc: full snapshot" in log.read_text(), proc, "the new source's backup")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sorted(s.paths[0] for s in snapshots(repo_url)) == sorted([str(tree), str(other)])
 
 
 def _retention_policy(tmp_path, repo_url, tree, extra: str = ""):
@@ -721,6 +772,11 @@ def test_a_policy_whose_sources_could_not_be_told_apart_is_refused(tmp_path, rep
         {"name": "archive", "paths": [str(tree) + "/"], "tags": ["archive"]}], top='full = "daily 02:00"\n')
     with pytest.raises(ChunkvaultError, match="sources 'hourly' and 'archive' back up the same paths"):
         load_policy(str(path))
+    named = write_policy(tmp_path / "n.toml", repo_url, [  # this machine's name given to one, left out of the other
+        {"name": "short", "paths": [str(tree)]},
+        {"name": "archive", "paths": [str(tree)], "host": socket.gethostname()}], top='full = "daily 02:00"\n')
+    with pytest.raises(ChunkvaultError, match="sources 'short' and 'archive' back up the same paths"):
+        load_policy(str(named))
     once = load_policy(str(write_policy(tmp_path / "q.toml", repo_url, [
         {"name": "db", "paths": [str(tree), str(tree) + "/"]}], top='full = "daily 02:00"\n')))
     assert once.sources[0].paths == (str(tree),)  # else no snapshot's paths ever matched: a full every run
