@@ -40,7 +40,7 @@ from chunkvault.units import parse_size
 
 from .base import _KEY_SEGMENT, validate_key, validate_prefix
 from .http import DEFAULT_PORT, LIMIT_HEADER, MISSING_HEADER
-from .local import TEMP_PREFIX, LocalRemote, file_version
+from .local import EXCLUSIVE_LOCK_PREFIX, TEMP_PREFIX, LocalRemote, file_version
 
 PROG = "chunkvault serve"
 MiB = 1 << 20
@@ -225,6 +225,8 @@ def _load_config(path: str) -> dict[str, Any]:
     base = os.path.dirname(os.path.abspath(path))
     for name in ("path", "tokens", "tls_cert", "tls_key"):
         if name in config:
+            if not config[name].strip():  # joined to the config's directory, "" served it, tokens and key too
+                raise UsageError(f"config {path}: {name} is empty")
             config[name] = os.path.join(base, os.path.expanduser(config[name]))
     return config
 
@@ -328,6 +330,8 @@ def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[tupl
     marker = after.split("/") if after else None
     items: list[tuple[str, int, str]] = []
     for item in _walk(root, start, prefix, marker):
+        if not _LAYOUT_KEY.match(item[0]):  # a file beside the objects (a tokens file, a key) is not one
+            continue
         items.append(item)
         if len(items) == limit:
             return items, item[0]
@@ -401,6 +405,7 @@ class BackupServer(ThreadingHTTPServer):
     def __init__(self, settings: Settings):
         self.settings = settings
         self.remote = LocalRemote(settings.path)
+        self.remote.keep_reserve()  # the room a forget or prune takes on a full disk, there from the start
         self.tls = _tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         self._log_lock = threading.Lock()
@@ -826,9 +831,10 @@ class Handler(BaseHTTPRequestHandler):
             reason = str(exc) if isinstance(exc, BadRequest) else "object key is not valid UTF-8"
             return self._fail(400, reason)
         self._what = key
-        if self.command == "PUT" and not _LAYOUT_KEY.match(key):
-            return self._fail(400, f"{key} is not an object of a repository (config, keys/NAME, locks/NAME, "
-                                   "index/NAME, snapshots/NAME, data/XX/NAME with XX two hex digits)")
+        if not _LAYOUT_KEY.match(key):  # read, written or deleted: nothing else in the directory is served
+            return self._fail(404 if self.command in ("GET", "HEAD") else 400,
+                              f"{key} is not an object of a repository (config, keys/NAME, locks/NAME, "
+                              "index/NAME, snapshots/NAME, data/XX/NAME with XX two hex digits)")
         if self.command in ("GET", "HEAD"):
             return self._get(key)
         if self.command == "PUT":
@@ -954,6 +960,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._fail(411, "PUT needs a Content-Length", close=True)
         if mode == "read-only":
             return self._fail(403, "read-only token: writing is not allowed")
+        if mode != "full" and key.startswith(EXCLUSIVE_LOCK_PREFIX):
+            # Refused before anything else the command would store; and such a lock may take the disk's
+            # reserve, kept for the forget or prune that frees a full disk.
+            return self._fail(403, f"{self._append_only()}: an exclusive lock is for forget, prune, tag, rewrite "
+                                   "and the repairs, which change or delete what is stored")
         length = self._unread
         limit = self.server.settings.max_object_size
         if length > limit:
@@ -1054,8 +1065,10 @@ class Handler(BaseHTTPRequestHandler):
             self.server.remote.delete(key)
         except PermissionDenied as exc:
             return self._fail(403, f"the server cannot delete: {exc}")
-        except RemoteError as exc:
-            return self._fail(500, str(exc))
+        except RemoteError as exc:  # a directory in its place is permanent: a 500 was retried for minutes
+            collision = self._collision(key)
+            return self._fail(409, collision.replace("cannot store", "cannot delete", 1)) if collision \
+                else self._fail(500, str(exc))
         self._reply(204)
 
 

@@ -172,7 +172,7 @@ def test_append_only(serve_factory, tmp_path, how):
         with pytest.raises(PermissionDenied, match="append-only.*overwritten"):
             remote.put(KEY, b"evil")
         why = "the service runs with --append-only" if how == "server flag" else "append-only token"
-        for key in (KEY, other, "config-that-is-not-there"):
+        for key in (KEY, other, "index/" + "9" * 64):
             with pytest.raises(PermissionDenied, match=why):
                 remote.delete(key)
         # lock objects may be created, refreshed and removed
@@ -811,6 +811,51 @@ def test_large_uploads_under_way_are_not_held_in_memory(http_server):
             c.close()
     assert wait_for(lambda: http_server.log().count("upload cut short") == 4)
     assert files_under(http_server.path) == []
+
+
+def test_files_beside_the_objects_are_neither_served_nor_deleted(serve_factory, tmp_path):
+    """A config file's `path = ""` served the config's own directory, its tokens file and TLS key beside it:
+    a read-only token downloaded them.  Only the repository's objects are read, listed or deleted now, and
+    an empty path in a config file is refused."""
+    from servers_http import ServeProcess, write_tokens
+
+    tokens = write_tokens(tmp_path)
+    server = serve_factory("--tokens", str(tokens))
+    (server.path / "tokens").write_bytes(tokens.read_bytes())
+    (server.path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----")
+    (server.path / "index").mkdir()
+    (server.path / "index" / ("a" * 64)).write_bytes(b"an index")
+    for name in ("tokens", "key.pem"):
+        for method in ("GET", "HEAD", "DELETE"):
+            status, _ = raw_request(server.port, method, f"/objects/{name}", token=READ_TOKEN if method != "DELETE"
+                                    else FULL_TOKEN)
+            assert status in (400, 404), (method, name, status)
+        assert (server.path / name).exists()
+    status, reply = raw_request(server.port, "GET", "/objects?prefix=", token=READ_TOKEN)
+    assert status == 200 and [k for k, *_ in reply["objects"]] == ["index/" + "a" * 64]
+    config = tmp_path / "serve.toml"
+    config.write_text('path = ""\n')
+    bad = ServeProcess(tmp_path, ("--config", str(config)), port=None, add_listen=True, add_path=False)
+    with pytest.raises(RuntimeError, match="path is empty"):
+        bad.start(startup_timeout=10)
+    bad.close()
+
+
+def test_an_append_only_token_takes_no_exclusive_lock(http_server):
+    """Such a lock may take the disk's reserve, kept for the forget or prune that frees a full disk: an
+    append-only client used it up, and a prune could no longer start.  And tag or rewrite with such a token
+    stored a pack and an index before they were refused."""
+    status, reply = raw_request(http_server.port, "PUT", "/objects/locks/x-" + "1" * 32, b"{}", token=APPEND_TOKEN)
+    assert status == 403 and "an exclusive lock is for forget, prune" in reply["error"]
+    assert raw_request(http_server.port, "PUT", "/objects/locks/" + "1" * 32, b"{}", token=APPEND_TOKEN)[0] == 201
+    assert raw_request(http_server.port, "PUT", "/objects/locks/x-" + "2" * 32, b"{}", token=FULL_TOKEN)[0] == 201
+
+
+def test_a_delete_where_a_directory_stands_is_a_conflict_not_a_server_failure(http_server):
+    """A 500, which clients retry as temporary: for minutes."""
+    (http_server.path / "locks" / ("d" * 32)).mkdir(parents=True)
+    status, reply = raw_request(http_server.port, "DELETE", "/objects/locks/" + "d" * 32)
+    assert status == 409 and "a directory stands in its place" in reply["error"]
 
 
 def test_only_keys_of_the_repository_layout_are_stored(http_server):
