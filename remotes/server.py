@@ -725,8 +725,12 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         self.server.log(f"{self.client_address[0]} " + (format % args))
 
-    def _log(self, status: int, nbytes: int) -> None:
-        self.server.log(f"{self.client_address[0]} {self.command or '-'} {self._what} {status} {nbytes}")
+    def _log(self, status: int, nbytes: int, reason: str = "") -> None:
+        """One line per request; a refusal says why, and a failure of the server's own (a full or read-only
+        disk) is logged under --quiet too: it said only "507 124", or nothing."""
+        own = status >= 500 or reason.startswith("the server cannot")
+        self.server.log(f"{self.client_address[0]} {self.command or '-'} {self._what} {status} {nbytes}"
+                        + (f": {reason}" if reason else ""), always=own)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Malformed requests (bad request line, unknown method): JSON, then close."""
@@ -736,7 +740,8 @@ class Handler(BaseHTTPRequestHandler):
         self._fail(code, message or self.responses.get(code, ("error",))[0], close=True)
 
     def _reply(self, status: int, body: bytes = b"", *, length: int | None = None,
-               headers: dict[str, str] | None = None, close: bool = False, received: int = 0) -> None:
+               headers: dict[str, str] | None = None, close: bool = False, received: int = 0,
+               reason: str = "") -> None:
         self.send_response(status)
         self.send_header("Content-Length", str(len(body) if length is None else length))
         self.send_header(LIMIT_HEADER, str(self.server.settings.max_object_size))
@@ -747,7 +752,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if body and self.command != "HEAD":
             self.wfile.write(body)
-        self._log(status, received or (len(body) if self.command != "HEAD" else 0))
+        self._log(status, received or (len(body) if self.command != "HEAD" else 0), reason)
 
     def _fail(self, status: int, reason: str, *, headers: dict[str, str] | None = None, close: bool = False) -> None:
         """An error answer; a body we will not use is dropped (or the connection closed).  A client waiting
@@ -758,7 +763,8 @@ class Handler(BaseHTTPRequestHandler):
             close = True
         close = close or unread > DRAIN_LIMIT
         body = json.dumps({"error": reason}).encode() + b"\n"
-        self._reply(status, body, headers={"Content-Type": "application/json", **(headers or {})}, close=close)
+        self._reply(status, body, headers={"Content-Type": "application/json", **(headers or {})}, close=close,
+                    reason=reason)
         if unread:
             if close:  # linger briefly, so a client still sending can read the answer
                 self._phase, self._deadline = "linger", time.monotonic() + LINGER_TIMEOUT

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -839,6 +840,22 @@ def test_files_beside_the_objects_are_neither_served_nor_deleted(serve_factory, 
     with pytest.raises(RuntimeError, match="path is empty"):
         bad.start(startup_timeout=10)
     bad.close()
+
+
+def test_a_failure_of_the_servers_own_disk_is_logged_with_its_reason_even_when_quiet(serve_factory, tmp_path):
+    """A full disk showed as "PUT data/... 507 124", and under --quiet not at all."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        server = serve_factory("--quiet", path=disk)
+        status, _ = raw_request(server.port, "PUT", f"/objects/{KEY}", os.urandom(1 << 20))
+        assert status == 507
+        assert f"PUT {KEY} 507" in server.log() and "no space left on device" in server.log()
+        server.stop()
+    finally:
+        subprocess.run(["umount", str(disk)])
 
 
 def test_an_append_only_token_takes_no_exclusive_lock(http_server):
