@@ -36,7 +36,7 @@ from urllib.parse import parse_qs, unquote
 from chunkvault import interrupts
 from chunkvault.errors import ObjectExists, PermissionDenied, RemoteError, StorageFull, UsageError
 from chunkvault.tomlfile import read_toml
-from chunkvault.units import parse_size
+from chunkvault.units import format_size, parse_size
 
 from .base import _KEY_SEGMENT, validate_key, validate_prefix
 from .http import DEFAULT_PORT, LIMIT_HEADER, MISSING_HEADER
@@ -59,8 +59,9 @@ BODY_PIECE = 1 * MiB  # an upload's buffer grows by at most this much per read (
 # back for it); larger ones go straight into the temp file they are stored through.
 SMALL_BODY = 64 << 10
 READ_TIMEOUT = 120.0  # each read of a request's body, and each write of an answer
-# A body's whole time: the header timeout, and a second for each MIN_BODY_RATE bytes it declares.  A client
-# sending a byte every few seconds, each read within READ_TIMEOUT, held its connection for as long as it liked.
+# A body's whole time: the header timeout, and a second for each MIN_BODY_RATE bytes it declares (by default;
+# --min-upload-rate).  A client sending a byte every few seconds, each read within READ_TIMEOUT, held its
+# connection for as long as it liked.
 MIN_BODY_RATE = 8 << 10
 LINGER_TIMEOUT = 2.0
 DEFAULT_MAX_CONNECTIONS = 256
@@ -74,7 +75,8 @@ REPEAT_LOG_EVERY = 60.0  # a refusal or an accept failure is logged at most this
 DEFAULT_PACK_SIZE = 16 * MiB  # what a repository's packs grow to unless it was made with another size
 PACK_ROOM = DEFAULT_PACK_SIZE + 3 * MiB  # such a pack, one more chunk (2 MiB at most by default) and its header
 CONFIG_KEYS = ("enabled", "listen", "path", "tokens", "append_only", "tls_cert", "tls_key", "max_object_size", "quiet",
-               "max_connections", "max_connections_per_client", "header_timeout", "idle_timeout", "cleanup_interval")
+               "max_connections", "max_connections_per_client", "header_timeout", "idle_timeout", "cleanup_interval",
+               "min_upload_rate")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)\Z")
 # The objects a repository is made of (store/FORMAT.md): anything else is refused, so that no client can put a
 # file where the layout needs a directory ("data/ab" in the way of every pack under data/ab/).
@@ -103,6 +105,7 @@ class Settings:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL
+    min_upload_rate: int = MIN_BODY_RATE  # bytes per second an upload's body must average
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -205,6 +208,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cleanup-interval", metavar="SECONDS",
                    help="how often uploads abandoned for an hour (a crash's temp files) are removed "
                         f"(default {DEFAULT_CLEANUP_INTERVAL:g})")
+    p.add_argument("--min-upload-rate", metavar="RATE",
+                   help="bytes per second an upload must average after the header timeout, or its connection is "
+                        "closed (default 8K: 64 kbit/s; suffixes k, M)")
     p.add_argument("--config", metavar="FILE", help="TOML file with these settings; flags override it")
     p.add_argument("--quiet", action="store_true", default=None, help="no per-request log lines")
     return p
@@ -277,7 +283,18 @@ def parse_settings(argv: list[str]) -> Settings | None:
         header_timeout=_number("header_timeout", pick("header_timeout", DEFAULT_HEADER_TIMEOUT), 0.1),
         idle_timeout=_number("idle_timeout", pick("idle_timeout", DEFAULT_IDLE_TIMEOUT), 0.1),
         cleanup_interval=_number("cleanup_interval", pick("cleanup_interval", DEFAULT_CLEANUP_INTERVAL), 0.1),
+        min_upload_rate=_upload_rate(pick("min_upload_rate", MIN_BODY_RATE)),
     )
+
+
+def _upload_rate(value: Any) -> int:
+    try:
+        rate = parse_size(value)
+    except UsageError:
+        rate = 0
+    if rate < 1:
+        raise UsageError(f"min_upload_rate must be a rate in bytes per second (e.g. 2K), not {value!r}")
+    return rate
 
 
 def _number(name: str, value: Any, minimum: float, kind: type = float) -> float:
@@ -816,7 +833,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self._fail(400, "bad Content-Length", close=True)
             self._unread = int(length)
             self._body_deadline = (time.monotonic() + self.server.settings.header_timeout
-                                   + self._unread / MIN_BODY_RATE)
+                                   + self._unread / self.server.settings.min_upload_rate)
         path, _, query = self.path.partition("?")
         self._what = path
         mode = self._authorize()
@@ -996,7 +1013,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._fail(409, collision) if collision else self._fail(500, str(exc))
         if not stored:
             self.close_connection = True
-            self.server.log(f"{self.client_address[0]} PUT {key}: upload cut short, nothing stored")
+            late = self._body_deadline is not None and time.monotonic() >= self._body_deadline
+            why = (f"its {length} bytes did not arrive at {format_size(self.server.settings.min_upload_rate)}/s, "
+                   "the least --min-upload-rate accepts" if late else "the client stopped sending")
+            self.server.log(f"{self.client_address[0]} PUT {key}: upload cut short ({why}), nothing stored",
+                            always=late)
             return None
         self._reply(201, received=length)
 

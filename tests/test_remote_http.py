@@ -696,6 +696,21 @@ def test_an_upload_sent_a_byte_at_a_time_is_cut_off_and_stores_nothing(serve_fac
         assert time.monotonic() - started < 10
     assert files_under(server.path) == []
     assert raw_request(server.port, "GET", "/objects/config")[0] == 404  # and the service goes on
+    assert wait_for(lambda: "did not arrive at 8.0 KiB/s, the least --min-upload-rate accepts" in server.log())
+
+
+def test_a_slower_link_is_let_upload_at_the_rate_the_operator_sets(serve_factory, tmp_path):
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--header-timeout", "1", "--min-upload-rate", "100")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.sendall(b"PUT /objects/index/" + b"a" * 64 + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + FULL_TOKEN.encode() + b"\r\nContent-Length: 400\r\n\r\n")
+        for _ in range(4):  # 100 bytes a second: the 400 bytes have 1 + 4 s
+            slow.sendall(b"x" * 100)
+            time.sleep(0.8)
+        assert slow.recv(100).startswith(b"HTTP/1.1 201")
+    for bad in ("0", "fast"):
+        with pytest.raises(RuntimeError, match="min_upload_rate must be a rate"):
+            serve_factory("--min-upload-rate", bad)
 
 
 def test_connections_beyond_the_limits_are_refused_and_others_served(serve_factory, tmp_path):
