@@ -96,6 +96,8 @@ def _aware(t: datetime, what: str = "time") -> datetime:
 
 _MONTHS = {name.lower(): i for i, name in enumerate(calendar.month_abbr) if name}
 _DAYS = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
+_DAY_NAMES = {**{d: d for d in _DAYS}, **{full: full[:3] for full in (
+    "sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")}}
 
 # name, low, high, names
 _FIELDS: tuple[tuple[str, int, int, Mapping[str, int]], ...] = (
@@ -324,10 +326,11 @@ def _short_form(words: list[str]) -> str | None:
         return f"{m} {h} * * *"
     if head == "weekly" and len(rest) <= 2:
         day = "mon"
-        if rest and rest[0][:3] in _DAYS:
-            day = rest.pop(0)[:3]
-        if len(rest) > 1:
-            raise ValueError("weekly takes a day and a time, e.g. 'weekly sun 03:00'")
+        if rest and rest[0] in _DAY_NAMES:  # "sun" or "sunday"; "sunburn" was taken for Sunday
+            day = _DAY_NAMES[rest.pop(0)]
+        if len(rest) > 1 or (rest and ":" not in rest[0]):
+            raise ValueError("weekly takes a day (sun or sunday; mon when left out) and a time, e.g. "
+                             "'weekly sun 03:00'")
         h, m = _hhmm(rest[0]) if rest else (0, 0)
         return f"{m} {h} * * {_DAYS[day]}"
     if head == "monthly" and len(rest) <= 1:

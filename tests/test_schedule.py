@@ -82,6 +82,8 @@ def test_cron_names_and_sunday_seven():
     ("@fortnightly", "unknown alias"),
     ("daily 25:00", "time of day"),
     ("weekly sun 03:00 extra", "expected"),
+    ("weekly sunburn", "weekly takes a day (sun or sunday"),  # was Sunday, by its first three letters
+    ("weekly monkey 03:00", "weekly takes a day (sun or sunday"),
     ("every 30s", "every 15m"),
     ("every 0m", "at least one minute"),
     ("every", "every 15m"),
