@@ -300,6 +300,14 @@ class Runner:
                     continue
                 try:
                     result.retention = self._retention(repo, src, report.dry_run)
+                except Locked as exc:
+                    if self.stop.is_set():  # its wait for the lock ended by the stop: not a failure
+                        report.stopped = True
+                        self.log(f"{src.name}: retention skipped, stopping (the repository was locked)")
+                        continue
+                    result.retention_error = f"retention: {exc}"
+                    self.log(f"{src.name}: retention failed: {exc}")
+                    continue
                 except ChunkvaultError as exc:
                     result.retention_error = f"retention: {exc}"
                     self.log(f"{src.name}: retention failed: {exc}")

@@ -701,6 +701,41 @@ def _retention_policy(tmp_path, repo_url, tree, extra: str = ""):
                                             f'max-unused = "0%"\n{extra}[retention]\nkeep-last = 1\n')))
 
 
+def test_a_retention_whose_wait_for_the_lock_a_stop_ends_is_stopped_not_failed(tmp_path, repo_url, tree, fake_time):
+    """A daemon stopped while its retention waited behind a manual backup said "retention failed" and
+    reported the run as failed, not stopped."""
+    from chunkvault.store import locks
+
+    clock = fake_time(FakeClock(datetime(2026, 5, 1, 10, 0, tzinfo=UTC)))
+    stop, log = threading.Event(), []
+    runner = Runner(_retention_policy(tmp_path, repo_url, tree), PASSWORD.encode(), clock=clock, stop=stop,
+                    log=log.append, lock_file=str(tmp_path / "l"))
+    held, done = threading.Event(), threading.Event()
+
+    def manual_backup() -> None:  # another command's shared lock, in another thread
+        with Repository.open(repo_url, PASSWORD) as r, r.reading("a manual backup"):
+            held.set()
+            done.wait(60)
+
+    def stop_soon(*_):
+        stop.set()
+        locks.stop_waiting.set()
+
+    holder = threading.Thread(target=manual_backup)
+    holder.start()
+    held.wait(30)
+    previous, locks.announce_wait = locks.announce_wait, stop_soon  # stopped once it starts waiting
+    try:
+        report = runner.run()
+    finally:
+        locks.announce_wait = previous
+        locks.stop_waiting.clear()
+        done.set()
+        holder.join()
+    assert report.stopped and report.sources[0].retention_error is None
+    assert any("retention skipped, stopping (the repository was locked)" in line for line in log), log
+
+
 def test_a_dry_run_removes_nothing_and_prunes_nothing(tmp_path, repo_url, tree, fake_time):
     clock = fake_time(FakeClock(datetime(2026, 5, 1, 10, 0, tzinfo=UTC)))
     with Repository.open(repo_url, PASSWORD) as r:
