@@ -198,8 +198,9 @@ def run_hook(command: str | tuple[str, ...], env: dict[str, str], cwd: str, time
         except subprocess.TimeoutExpired:
             kill_group(proc)
             rc, error = -signal.SIGKILL, f"{label} hook timed out after {timeout:g} s"
-        except BaseException:
+        except BaseException:  # stopped: what it said so far is what the operator needs most
             kill_group(proc)
+            _log_output(out, log, label)
             raise
         _log_output(out, log, label)
     return rc, error

@@ -341,7 +341,7 @@ def test_a_run_whose_terminal_closes_stops_as_on_sigterm(tmp_path, repo_url, tre
     (a database left in backup mode), the pre hook's process group left running, nothing said."""
     started, env_out = tmp_path / "pre-started", tmp_path / "post.env"
     policy = write_policy(tmp_path / "p.toml", repo_url, [
-        {"name": "db", "paths": [str(tree)], "pre": f"touch {q(str(started))}; exec sleep 120.{os.getpid()}{signum}",
+        {"name": "db", "paths": [str(tree)], "pre": f"echo entering backup mode; touch {q(str(started))}; exec sleep 120.{os.getpid()}{signum}",
          "post": f"env | grep ^CHUNKVAULT_ | sort > {q(str(env_out))}"}], top='full = "daily 02:00"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
     env["CHUNKVAULT_PASSWORD"] = PASSWORD
@@ -350,11 +350,12 @@ def test_a_run_whose_terminal_closes_stops_as_on_sigterm(tmp_path, repo_url, tre
     try:
         wait_for(started.exists, proc, "the pre hook")
         proc.send_signal(signum)
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     word = {signal.SIGHUP: "hung up", signal.SIGTERM: "terminated"}[signum]
     assert proc.returncode == 128 + signum and err.decode().strip().endswith(f"chunkvault: {word}"), err
+    assert "db: pre: entering backup mode" in (out + err).decode()  # what the stopped hook said is kept
     posted = dict(line.split("=", 1) for line in env_out.read_text().splitlines())
     assert posted["CHUNKVAULT_RESULT"] == "failed" and posted["CHUNKVAULT_ERROR"] == f"stopped ({word})"
     assert subprocess.run(["pgrep", "-f", f"sleep 120.{os.getpid()}{signum}"]).returncode == 1  # its group killed
