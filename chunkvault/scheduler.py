@@ -703,6 +703,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         return code
     except KeyboardInterrupt:
         log("aborted by a second signal")
+        if args.json:  # a reader of the run lines learns how the last one ended, as any command's error says
+            sys.stdout.write(json.dumps({"error": {"type": "Interrupted", "exit_code": 130,
+                                                   "message": "aborted by a second signal"}}) + "\n")
+            sys.stdout.flush()
         return 130
     finally:
         locks.stop_waiting.clear()

@@ -672,6 +672,29 @@ def test_daemon_process_reads_its_policy_again_on_sighup(tmp_path, repo_url, tre
     assert [s.kind for s in snapshots(repo_url)] == ["full"]  # a reload is no run
 
 
+def test_a_daemon_aborted_by_a_second_signal_says_so_in_its_json_lines(tmp_path, repo_url, tree):
+    """Its standard output stayed empty: a reader of the run lines had no record of how it ended."""
+    started = tmp_path / "pre-started"
+    policy = write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "db", "paths": [str(tree)], "pre": f"touch {q(str(started))}; sleep 60"}],
+        top='full = "daily 02:00"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    proc = subprocess.Popen([sys.executable, "-c", DAEMON, "daemon", "--config", str(policy), "--json",
+                             "--log", str(tmp_path / "d.log")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(started.exists, proc, "the pre hook")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "SIGTERM received" in (tmp_path / "d.log").read_text(), proc, "the first signal's line")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert json.loads(out.decode().splitlines()[-1]) == {
+        "error": {"type": "Interrupted", "exit_code": 130, "message": "aborted by a second signal"}}
+
+
 def test_a_source_a_reload_adds_is_backed_up_at_once(tmp_path, repo_url, tree):
     """The daemon slept on to the next slot of the policy it had: with weekly fulls, days without a backup
     of the new source, which `run --dry-run` said was due."""
