@@ -190,8 +190,9 @@ def run_hook(command: str | tuple[str, ...], env: dict[str, str], cwd: str, time
             proc = subprocess.Popen(command, shell=isinstance(command, str), cwd=cwd, env=env,
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        except OSError as exc:
-            return 127, f"{label} hook could not start: {exc.strerror or exc}"
+        except OSError as exc:  # a list's program not found (a string runs through /bin/sh, which says so)
+            program = command if isinstance(command, str) else command[0]
+            return 127, f"{label} hook could not start {program!r}: {exc.strerror or exc}"
         try:
             rc = proc.wait(timeout=timeout)
             error = None if rc == 0 else f"{label} hook exited {rc}"

@@ -361,6 +361,15 @@ def test_a_run_whose_terminal_closes_stops_as_on_sigterm(tmp_path, repo_url, tre
     assert subprocess.run(["pgrep", "-f", f"sleep 120.{os.getpid()}{signum}"]).returncode == 1  # its group killed
 
 
+def test_a_hook_whose_program_is_missing_names_it(tmp_path, repo_url, tree):
+    policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "db", "paths": [str(tree)], "pre": ["no-such-program-here", "--flag"]}],
+        top='full = "daily 02:00"\n')))
+    report = Runner(policy, PASSWORD.encode(), lock_file=str(tmp_path / "l")).run()
+    assert report.sources[0].error == "pre hook could not start 'no-such-program-here': No such file or directory"
+    assert snapshots(repo_url) == []
+
+
 def test_hook_timeout_kills_the_hook(tmp_path, repo_url, tree):
     policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [
         {"name": "db", "paths": [str(tree)], "pre": "sleep 30"}],
