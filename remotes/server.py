@@ -390,6 +390,10 @@ class PlainHTTPOnTLS(Exception):
     """A plain HTTP request reached the HTTPS port (and was answered so)."""
 
 
+class TLSHandshakeLate(Exception):
+    """A TLS handshake did not end within the header timeout."""
+
+
 class BadRequest(Exception):
     """A request we answer with 400 and this reason."""
 
@@ -519,6 +523,9 @@ class BackupServer(ThreadingHTTPServer):
         exc = sys.exc_info()[1]
         if isinstance(exc, PlainHTTPOnTLS):
             self.log(f"{client_address[0]} plain HTTP request refused: this service speaks HTTPS")
+        elif isinstance(exc, TLSHandshakeLate):
+            self.log(f"{client_address[0]} connection closed: its TLS handshake did not end within "
+                     f"{self.settings.header_timeout:g} s (header_timeout)")
         elif isinstance(exc, ssl.SSLError):
             self.log(f"{client_address[0]} TLS handshake failed: {getattr(exc, 'reason', None) or exc}")
         elif isinstance(exc, OSError):
@@ -638,7 +645,10 @@ class Handler(BaseHTTPRequestHandler):
             self._deadline = time.monotonic() + self.server.settings.header_timeout
             self._arm_timeout()
             self._refuse_plain_http()
-            self.connection.do_handshake()
+            try:
+                self.connection.do_handshake()
+            except TimeoutError:
+                raise TLSHandshakeLate() from None
 
     def _arm_timeout(self) -> None:
         """Before each read: the socket's timeout is what is left to the deadline, or READ_TIMEOUT."""
@@ -696,7 +706,7 @@ class Handler(BaseHTTPRequestHandler):
         """A client that speaks plain HTTP to the HTTPS port gets one plain answer saying so (as nginx does),
         not a dropped connection it would retry as a network fault."""
         first = socket.socket.recv(self.connection, 1, socket.MSG_PEEK)  # the TCP bytes, under the TLS layer
-        if not first or first == b"\x16":  # a TLS handshake record
+        if not first or 0x14 <= first[0] <= 0x17:  # a TLS record (a handshake's, or an alert a client gave up with)
             return
         said = f"this backup service speaks HTTPS: its URL is {self._https_url(self._plain_head())}"
         body = json.dumps({"error": said}).encode()  # the reason phrase says it too, for a HEAD request

@@ -338,6 +338,23 @@ def test_tls_with_self_signed_certificate(serve_factory, tmp_path, monkeypatch):
         raw.recv(100)
     assert server.running
     assert "plain HTTP request refused" in server.log() and "TLS handshake failed" in server.log()
+    port = int(server.url.rstrip("/").rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as raw:  # a TLS alert: a client that gave up, no plain HTTP
+        raw.sendall(b"\x15\x03\x01\x00\x02\x02\x28")
+        raw.shutdown(socket.SHUT_WR)
+        assert not raw.recv(100).startswith(b"HTTP/1.1")
+    assert server.log().count("plain HTTP request refused") == 2  # the two plain requests above only
+
+
+def test_a_tls_handshake_that_stalls_is_logged_as_late(serve_factory, tmp_path):
+    """It was logged as "connection lost: TimeoutError"."""
+    cert, key = make_self_signed(tmp_path)
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--tls-cert", str(cert), "--tls-key", str(key),
+                           "--header-timeout", "1", tls=True)
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        raw.sendall(b"\x16\x03\x01")
+        assert wait_for(lambda: "its TLS handshake did not end within 1 s (header_timeout)" in server.log(), 10)
+    assert "TimeoutError" not in server.log()
 
 
 def test_https_against_a_plain_service_says_so_at_once(http_server):
