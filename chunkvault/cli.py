@@ -1405,7 +1405,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="*",
                    help="what to back up (with --stdin-from-command: -- the command and its arguments)")
     s.add_argument("--files-from", action="append", default=[], metavar="FILE",
-                   help="back up the paths listed in FILE, one a line (# comments, blank lines skipped; - is stdin)")
+                   help="back up the paths listed in FILE, one a line, trimmed of spaces at either end (# comments, "
+                        "blank lines skipped; - is stdin)")
     s.add_argument("--files-from-raw", action="append", default=[], metavar="FILE",
                    help="likewise, NUL-separated and taken as they are (find -print0)")
     s.add_argument("--type", choices=["auto", "full", "diff"], default="auto",
