@@ -976,7 +976,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     plan = repo.forget(args.snapshots, policy=_policy(args), dry_run=args.dry_run, hosts=args.host,
                        tags=args.tag, paths=args.path, wait=args.wait, allow_remove_all=args.unsafe_allow_remove_all)
     pruned, prune_error = None, None
-    if args.prune:  # the forget is done, whatever the prune does: reported first, then the prune's error
+    # A dry run's prune would see the snapshots still there: what it frees is the estimate below instead.
+    if args.prune and not args.dry_run:  # the forget is done, whatever the prune does: reported, then its error
         try:
             pruned = _prune_with_progress(args, repo)
         except ChunkvaultError as exc:

@@ -903,7 +903,20 @@ class Repository:
 
         damaged = self._repo.unreadable_snapshots
         find = SnapshotFinder(snaps)
-        ids = [self._forget_id(spec, find, damaged) for spec in specs]
+        if specs and policy is not None:  # the ids were dropped, and the policy applied to every snapshot
+            raise UsageError("give snapshot ids or a retention policy (--keep-*), not both")
+        ids, gone = [], []
+        for spec in specs:
+            try:
+                ids.append(self._forget_id(spec, find, damaged))
+            except AmbiguousSnapshot:
+                raise
+            except SnapshotNotFound as exc:  # a forget run again after it was stopped: the rest still go
+                gone.append(exc)
+        if gone and not ids:
+            raise gone[0]
+        for exc in gone:
+            warnings.warn(f"{exc}: left out (forgotten already?)", RepositoryStateWarning, stacklevel=4)
         if policy is None and not ids:
             raise UsageError("nothing to forget: name snapshots or give a retention policy")
         hosts, tags, paths = list(hosts), list(tags), list(paths)

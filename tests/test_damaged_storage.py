@@ -442,13 +442,17 @@ def test_damaged_index_object_points_to_repair_index(repo_with_data, password, t
     repo_dir, _, s1, s2 = repo_with_data
     idx = sorted((repo_dir / "index").iterdir())[0]
     flip(idx)
-    repo = Repository.open(str(repo_dir), password)
-    for attempt in (lambda: repo.restore(s2.id, str(tmp_path / "r")), lambda: repo.find_entry(s1.id, "a")):
-        with pytest.warns(RepositoryStateWarning, match=f"index/{idx.name[:12]} does not load and is left out "
-                                                        r"\(.*`repair index` rebuilds the index from the packs"), \
-                pytest.raises(MissingObject, match="not in the index \\(`repair index` finds it"):
-            attempt()
+    failed = 0
+    for snap in (s1, s2):  # the object lists what one of them stored: that one at least does not restore
         repo = Repository.open(str(repo_dir), password)
+        with pytest.warns(RepositoryStateWarning, match=f"index/{idx.name[:12]} does not load and is left out "
+                                                        r"\(.*`repair index` rebuilds the index from the packs"):
+            try:
+                repo.restore(snap.id, str(tmp_path / f"r-{snap.id[:8]}"))
+            except MissingObject as exc:
+                assert "not in the index (`repair index` finds it" in str(exc)
+                failed += 1
+    assert failed
     with pytest.raises(CorruptObject, match=f"index/{idx.name}: .*; `repair index` rebuilds the index from the packs$"):
         repo.prune()
     report = repo.check()

@@ -115,6 +115,33 @@ def test_forget_needs_something(new_repo):
         new_repo().forget()
 
 
+def test_ids_and_a_policy_together_are_refused(tmp_path, new_repo):
+    """The ids were dropped and the policy applied to every snapshot: `forget ID --keep-last 10` kept ID, and
+    `forget --keep-last 1 ID` removed snapshots never named."""
+    repo = new_repo()
+    backups_of_a_growing_tree(tmp_path, repo, 3)
+    first = repo.snapshots()[0]
+    with pytest.raises(UsageError, match="snapshot ids or a retention policy"):
+        repo.forget([first.id], policy=RetentionPolicy(keep_last=1))
+    assert len(repo.snapshots()) == 3
+
+
+def test_a_forget_by_id_run_again_removes_what_is_left_of_its_list(tmp_path, new_repo):
+    """Stopped after some deletions, run again with the same ids: one already gone stopped it (exit 12), and
+    none of the others went."""
+    from chunkvault.errors import RepositoryStateWarning, SnapshotNotFound
+
+    repo = new_repo()
+    backups_of_a_growing_tree(tmp_path, repo, 3)
+    a, b, c = (s.id for s in repo.snapshots())
+    repo.forget([c])
+    with pytest.warns(RepositoryStateWarning, match=f"no snapshot '{c[:12]}'.*left out \\(forgotten already\\?\\)"):
+        plan = repo.forget([c[:12], b])
+    assert plan.remove == [b] and [s.id for s in repo.snapshots()] == [a]
+    with pytest.raises(SnapshotNotFound):  # none of them there: the ids were mistyped
+        repo.forget([b, c])
+
+
 def test_a_policy_that_would_remove_a_whole_history_is_refused(tmp_path, new_repo, cli):
     """A misspelt --keep-tag would keep nothing: refused, nothing removed, unless asked for in so many words."""
     src = tmp_path / "src"
@@ -415,3 +442,21 @@ def test_forget_prune_reports_the_forget_when_the_prune_then_fails(tmp_path, cli
     assert listed == {ids["C"]}  # A unreadable, B forgotten
     text = cli("forget", "-r", repo, ids["C"][:8], "--prune", check=13).stdout.decode().splitlines()
     assert text == [f"remove  {ids['C'][:8]}  named on the command line", "removed 1 snapshot(s), rebased 0"]
+
+
+def test_a_dry_run_of_forget_with_prune_runs_no_prune_plan_of_the_snapshots_still_there(tmp_path, cli):
+    """It said "a prune then frees about 5.7 MiB", then "prune would delete 0 pack(s), frees 0 B": the prune's
+    plan was made with the snapshots to forget still there."""
+    import json
+
+    repo, src = str(tmp_path / "repo"), tmp_path / "src"
+    src.mkdir()
+    cli("init", "-r", repo, "--kdf-time", "0")
+    for i in range(2):
+        (src / f"f{i}").write_bytes(os.urandom(300_000))
+        cli("backup", "-r", repo, str(src), "--type", "full")
+        os.remove(src / f"f{i}")
+    doc = json.loads(cli("forget", "-r", repo, "--keep-last", "1", "--prune", "--dry-run", "--json").stdout)
+    assert doc["prune"] is None and doc["frees_stored_bytes"] >= 300_000
+    text = cli("forget", "-r", repo, "--keep-last", "1", "--prune", "--dry-run").stdout.decode()
+    assert "a prune then frees about" in text and "prune would" not in text
