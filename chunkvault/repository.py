@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import warnings
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
 import blake3
@@ -863,9 +863,12 @@ class Repository:
                dry_run: bool = False, now: datetime | None = None, hosts: Iterable[str] = (),
                tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0,
                allow_remove_all: bool = False,
-               scope: Callable[[list[Snapshot]], Iterable[Snapshot]] | None = None) -> ForgetPlan:
+               scope: Callable[[list[Snapshot]], Iterable[Snapshot]] | None = None,
+               tz: tzinfo | None = None) -> ForgetPlan:
         """Remove snapshots (named, or by a retention policy); kept differentials are rebased first.
         A policy that would keep none of a group's snapshots is refused unless ``allow_remove_all``.
+        The policy's days, weeks, months and years are those of ``tz`` (None: this machine's local time,
+        as restic's are).
 
         ``hosts``, ``tags``, ``paths``: the policy applies to the snapshots these select
         (``select_snapshots``) and keeps every other; ``scope`` narrows that further, given the
@@ -880,13 +883,15 @@ class Repository:
         if policy is not None and not isinstance(policy, RetentionPolicy):
             raise UsageError(f"policy is a RetentionPolicy, not {policy!r}")
         hosts, tags, paths = _filters(hosts, tags, paths).values()
+        if tz is not None and not isinstance(tz, tzinfo):
+            raise UsageError(f"tz is a datetime.tzinfo (or None for local time), not {tz!r}")
         if dry_run:
             return self._plan_forget(self._list(), snapshots, policy, now, hosts, tags, paths, allow_remove_all,
-                                     scope)[0]
+                                     scope, tz)[0]
         with RepoLock(self._repo.remote, EXCLUSIVE, "forget", wait=wait) as lock:
             snaps = self._repo.reload_snapshots()
             plan, whole = self._plan_forget(snaps, snapshots, policy, now, hosts, tags, paths, allow_remove_all,
-                                            scope)
+                                            scope, tz)
             # Forgetting a replayed snapshot again, by id, is allowed: it is the natural fix.
             self._guard(snaps, forgetting=plan.remove if policy is None else ())
             self._repo.load_index()
@@ -895,8 +900,8 @@ class Repository:
 
     def _plan_forget(self, snaps: list[Snapshot], specs: list[str], policy: RetentionPolicy | None,
                      now: datetime | None, hosts: Iterable[str], tags: Iterable[str], paths: Iterable[str],
-                     allow_remove_all: bool, scope: Callable[[list[Snapshot]], Iterable[Snapshot]] | None = None
-                     ) -> tuple[ForgetPlan, list[Snapshot]]:
+                     allow_remove_all: bool, scope: Callable[[list[Snapshot]], Iterable[Snapshot]] | None = None,
+                     tz: tzinfo | None = None) -> tuple[ForgetPlan, list[Snapshot]]:
         """What forget does with this listing: the plan, and the snapshots whose chains are whole."""
         from .store.lifecycle import plan_forget
         from .store.retention import Decision
@@ -949,7 +954,7 @@ class Repository:
             assert selected is not None
             selected &= {s.id for s in scope(whole)}
         plan = plan_forget(whole, policy=policy, ids=[i for i in ids if i not in lost], now=now, selected=selected,
-                           allow_remove_all=allow_remove_all)
+                           allow_remove_all=allow_remove_all, tz=tz)
         direct = [i for i in ids if i in lost]
         plan.decisions += [Decision(i, False, ("named on the command line",)) for i in direct]
         plan.remove += direct

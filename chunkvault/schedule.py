@@ -434,6 +434,7 @@ class Source:
     post: str | tuple[str, ...] | None = None
     retention: RetentionPolicy | None = None
     hook_timeout: float | None = None
+    tz: Any = UTC  # its time zone: its cadences' wall clock, and its retention's days
 
     def argv(self) -> list[str]:
         """The command as run: a string through the shell, as hooks are; a list as it is."""
@@ -669,7 +670,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                             fixed_chunks=fixed_chunks, command=command, stdin_name=stdin_name,
                             pre=_hook(s.get("pre"), "pre"),
                             post=_hook(s.get("post"), "post"),
-                            retention=retention, hook_timeout=hook_timeout)
+                            retention=retention, hook_timeout=hook_timeout, tz=s_tz)
         except UsageError as exc:
             raise UsageError(f"source {name!r}: {exc}") from None
         here = socket.gethostname()  # a host left out is this machine's, as a run names it

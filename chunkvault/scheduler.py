@@ -427,7 +427,7 @@ class Runner:
         assert src.retention is not None
         host = self._host(src)
         plan = repo.forget(policy=src.retention, scope=lambda snaps: src.history(snaps, host), now=self.clock(),
-                           dry_run=dry_run)
+                           dry_run=dry_run, tz=src.tz)
         reasons = {d.snapshot_id: ", ".join(d.reasons) for d in plan.decisions if not d.keep}
         kept = sum(1 for d in plan.decisions if d.keep and d.reasons != (NOT_SELECTED,))
         out = RetentionResult(list(plan.remove), [r.diff_id for r in plan.rebases], kept, reasons)

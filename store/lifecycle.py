@@ -8,7 +8,7 @@ point, every kept snapshot still restores exactly as before.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from functools import reduce
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -65,15 +65,17 @@ NOT_SELECTED = "not selected (--host, --tag, --path)"
 
 def plan_forget(snapshots: list[Snapshot], *, policy: RetentionPolicy | None = None,
                 ids: Iterable[str] = (), now: datetime | None = None,
-                selected: set[str] | None = None, allow_remove_all: bool = False) -> ForgetPlan:
+                selected: set[str] | None = None, allow_remove_all: bool = False,
+                tz: tzinfo | None = timezone.utc) -> ForgetPlan:
     """What forget would do: by policy (applied to the ``selected`` snapshots only, when given; the
-    others are kept; one that keeps nothing of a group needs ``allow_remove_all``), or the explicit
-    ``ids`` (already resolved).  Rebases consider every snapshot."""
+    others are kept; one that keeps nothing of a group needs ``allow_remove_all``; its days those of
+    ``tz``, None for local time), or the explicit ``ids`` (already resolved).  Rebases consider every
+    snapshot."""
     views = [view(s) for s in snapshots]
     if policy is not None:
         pool = [v for v in views if selected is None or v.id in selected]
         decided = {d.snapshot_id: d for d in select(pool, policy, now or datetime.now(timezone.utc),
-                                                    allow_remove_all=allow_remove_all)}
+                                                    allow_remove_all=allow_remove_all, tz=tz)}
         decisions = [decided.get(v.id) or Decision(v.id, True, (NOT_SELECTED,)) for v in views]
     else:
         chosen = set(ids)

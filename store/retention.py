@@ -39,7 +39,7 @@ import calendar
 import difflib
 import re
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 from chunkvault.errors import CorruptObject, MissingObject, SnapshotNotFound, UsageError
@@ -419,17 +419,18 @@ def _check_ids(snapshots: Sequence[SnapshotLike]) -> None:
 
 
 def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: datetime, *,
-           allow_remove_all: bool = False) -> list[Decision]:
+           allow_remove_all: bool = False, tz: tzinfo | None = timezone.utc) -> list[Decision]:
     """Apply ``policy`` to every group of ``snapshots``; one Decision per snapshot, in input order.
 
     A policy that keeps no snapshot of a group (``keep-tag`` alone, a tag misspelt) is refused unless
-    ``allow_remove_all``: a retention rule should thin a history, not end it."""
+    ``allow_remove_all``: a retention rule should thin a history, not end it.  Days, weeks, months and
+    years are those of ``tz`` (None: this machine's local time, as restic counts them)."""
     snaps = list(snapshots)
     if policy.is_empty():
         raise UsageError("refusing to forget with an empty retention policy; set at least one keep rule")
     _check_ids(snaps)
-    now = _utc(now, "now")
-    times = {s.id: _utc(s.time, s.id) for s in snaps}
+    now = _utc(now, "now").astimezone(tz)
+    times = {s.id: _utc(s.time, s.id).astimezone(tz) for s in snaps}
     order = chronological_key(snaps, lambda s: times[s.id])
     groups: dict[tuple, list[SnapshotLike]] = {}
     for s in snaps:

@@ -460,3 +460,28 @@ def test_a_dry_run_of_forget_with_prune_runs_no_prune_plan_of_the_snapshots_stil
     assert doc["prune"] is None and doc["frees_stored_bytes"] >= 300_000
     text = cli("forget", "-r", repo, "--keep-last", "1", "--prune", "--dry-run").stdout.decode()
     assert "a prune then frees about" in text and "prune would" not in text
+
+
+def test_retention_counts_days_in_local_time_as_restic_does(tmp_path, new_repo, monkeypatch):
+    """Days were UTC's, whatever the machine's zone (and a policy file's `timezone`)."""
+    import time
+    from datetime import datetime, timezone
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        repo = new_repo()
+        src = tmp_path / "src"
+        src.mkdir()
+        ids = []
+        for at in ("2026-11-30T21:00:00+00:00", "2026-11-30T22:00:00+00:00", "2026-11-30T23:30:00+00:00"):
+            (src / "f").write_text(at)  # Berlin: 22:00 and 23:00 on the 30th, 00:30 on 1 December
+            ids.append(repo.backup([str(src)], time=at, kind="full").snapshot.id)
+        now = datetime(2026, 12, 2, tzinfo=timezone.utc)
+        plan = repo.forget(policy=RetentionPolicy(keep_daily=2), now=now, dry_run=True)
+        assert plan.remove == [ids[0]]
+        utc = repo.forget(policy=RetentionPolicy(keep_daily=2), now=now, dry_run=True, tz=timezone.utc)
+        assert utc.remove == [ids[1]]
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

@@ -602,3 +602,26 @@ def test_an_unknown_setting_names_the_one_meant_or_lists_them():
         policy_from_dict({"keep-daily": 7, "keep-tag": ["pinned"]})
     with pytest.raises(UsageError, match=r"the settings are group-by, keep-daily, .*keep-yearly$"):
         policy_from_dict({"forever": True})
+
+
+def test_days_and_months_are_those_of_the_time_zone_given():
+    """Always UTC, unlike restic (local time) and the listing: in Berlin the 00:30 snapshot of the 1st of
+    December was taken for November's, and November's last one went."""
+    from zoneinfo import ZoneInfo
+
+    snaps = [Snap("a", datetime(2026, 11, 30, 22, 0, tzinfo=UTC)),   # Berlin: 23:00 on 30 November
+             Snap("b", datetime(2026, 11, 30, 23, 30, tzinfo=UTC))]  # Berlin: 00:30 on 1 December
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    policy = RetentionPolicy(keep_monthly=2)
+    berlin = {d.snapshot_id: d.keep for d in select(snaps, policy, now, tz=ZoneInfo("Europe/Berlin"))}
+    utc = {d.snapshot_id: d.keep for d in select(snaps, policy, now)}
+    assert berlin == {"a": True, "b": True} and utc == {"a": True, "b": True}  # utc: the oldest is kept too
+    daily = RetentionPolicy(keep_daily=1)
+    assert [d.keep for d in select(snaps, daily, now, tz=ZoneInfo("Europe/Berlin"))] == [False, True]
+    assert [d.keep for d in select(snaps, daily, now, tz=ZoneInfo("America/New_York"))] == [False, True]
+    three = snaps + [Snap("c", datetime(2026, 11, 30, 21, 0, tzinfo=UTC))]  # Berlin 22:00 on the 30th
+    two_days = RetentionPolicy(keep_daily=2)
+    in_berlin = {d.snapshot_id for d in select(three, two_days, now, tz=ZoneInfo("Europe/Berlin")) if d.keep}
+    assert in_berlin == {"b", "a"}  # 1 December's, then 30 November's newest
+    assert {d.snapshot_id for d in select(three, two_days, now) if d.keep} == {"b", "c"}  # one UTC day: its newest
+    # and, the rules' days left over, its oldest
