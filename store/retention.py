@@ -217,7 +217,8 @@ class RetentionPolicy:
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < UNLIMITED:
-                raise UsageError(f"keep_{rule} must be a non-negative integer or -1 (unlimited), got {v!r}")
+                raise UsageError(f"keep-{rule} (keep_{rule}) must be a non-negative integer or -1 (unlimited), "
+                                 f"got {v!r}")
         for name in self._duration_fields():
             v = getattr(self, name)
             if v is None:
