@@ -170,6 +170,13 @@ class Outage:
         kw.setdefault("rng", random.Random(1))
         return RetryingRemote(self.faulty, sleep=self.sleep, clock=lambda: self.now, **kw)
 
+    def answered_then_down(self, **kw) -> RetryingRemote:
+        """A remote that has answered once, and is down from now on."""
+        remote = self.remote(**kw)
+        remote.put("data/ab/cafe", b"x")
+        self.faulty.down = True
+        return remote
+
 
 def test_a_remote_that_never_answered_is_given_up_after_its_attempts(tmp_path):
     """A wrong URL or a server that is down says so within about half a minute, however long an outage of
@@ -185,9 +192,7 @@ def test_a_remote_that_never_answered_is_given_up_after_its_attempts(tmp_path):
 @pytest.mark.parametrize("lasting", [60.0, 600.0, 890.0])
 def test_a_remote_that_answered_is_waited_for_through_an_outage(tmp_path, lasting):
     outage = Outage(tmp_path, lasting=lasting)
-    remote = outage.remote(outage=900.0)
-    remote.put("data/ab/cafe", b"x")  # answered
-    outage.faulty.down = True
+    remote = outage.answered_then_down(outage=900.0)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         assert remote.get("data/ab/cafe") == b"x"
@@ -198,9 +203,7 @@ def test_a_remote_that_answered_is_waited_for_through_an_outage(tmp_path, lastin
 
 def test_an_outage_longer_than_the_window_is_given_up_at_its_end(tmp_path):
     outage = Outage(tmp_path)
-    remote = outage.remote(outage=900.0)
-    remote.put("data/ab/cafe", b"x")
-    outage.faulty.down = True
+    remote = outage.answered_then_down(outage=900.0)
     with pytest.raises(RemoteUnavailable, match="giving up"):
         remote.get("data/ab/cafe")
     assert 885.0 <= outage.now <= 900.0
@@ -208,18 +211,14 @@ def test_an_outage_longer_than_the_window_is_given_up_at_its_end(tmp_path):
 
 def test_without_an_outage_window_an_answered_remote_gets_its_attempts_only(tmp_path):
     outage = Outage(tmp_path)
-    remote = outage.remote(outage=0.0)
-    remote.put("data/ab/cafe", b"x")
-    outage.faulty.down = True
+    remote = outage.answered_then_down(outage=0.0)
     with pytest.raises(RemoteUnavailable, match="failed 8 time"):
         remote.get("data/ab/cafe")
 
 
 def test_an_unbounded_outage_window_retries_until_the_remote_is_back(tmp_path):
     outage = Outage(tmp_path, lasting=7200.0)
-    remote = outage.remote(outage=None)
-    remote.put("data/ab/cafe", b"x")
-    outage.faulty.down = True
+    remote = outage.answered_then_down(outage=None)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         assert remote.get("data/ab/cafe") == b"x"
