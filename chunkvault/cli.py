@@ -661,10 +661,12 @@ def cmd_find(args: argparse.Namespace) -> int:
         warn(f"nothing matched {', '.join(led)}: patterns are paths as `ls` lists them, relative to the "
              "snapshot's root (without a leading / or ./)")
     tables: dict[str, tuple[dict[int, str], dict[int, str]]] = {}  # per snapshot: versions share them
+    listing: list[Snapshot] = []  # read once, when a version first needs its owners' names
 
     def names(snap: Snapshot) -> tuple[dict[int, str], dict[int, str]]:
         if snap.id not in tables:
-            tables[snap.id] = repo.owner_names(snap)
+            listing[:] = listing or repo.snapshots()
+            tables[snap.id] = repo.owner_names(snap, snapshots=listing)
         return tables[snap.id]
 
     if args.json:

@@ -195,7 +195,7 @@ class SnapshotFS:
             owners = self._owner_maps.get(snap.id)
         if owners is None:
             try:
-                owners = self.repo.owner_map(snap)
+                owners = self.repo.owner_map(snap, snapshots=self._layout.snapshots)
             except ChunkvaultError:  # its chain unreadable now: its tree is too, and says so
                 owners = OwnerMap()
             with self._lock:

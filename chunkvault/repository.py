@@ -745,15 +745,22 @@ class Repository:
                 self._verify_restored(restorer, snap, tree(), target, xattrs)
             return result
 
-    def owner_names(self, snapshot: str | Snapshot) -> tuple[dict[int, str], dict[int, str]]:
-        """(users, groups): the names the backups of ``snapshot``'s chain recorded for its owner ids."""
-        snap = self.snapshot(snapshot)
-        return chain_names(s.stats for s in ([snap] if snap.kind_full else self._repo.chain_of(snap)))
+    def owner_names(self, snapshot: str | Snapshot, *, snapshots: list[Snapshot] | None = None
+                    ) -> tuple[dict[int, str], dict[int, str]]:
+        """(users, groups): the names the backups of ``snapshot``'s chain recorded for its owner ids.
+        ``snapshots``: a listing the caller holds (``snapshots()``), in which a Snapshot is taken as it is
+        there: asked for each version `find` gives or each snapshot a mount opens, listing the repository
+        each time made those quadratic in its snapshots."""
+        if snapshots is None or not isinstance(snapshot, Snapshot):
+            snap = self.snapshot(snapshot)
+        else:
+            snap = snapshot
+        return chain_names(s.stats for s in ([snap] if snap.kind_full else self._repo.chain_of(snap, snapshots)))
 
-    def owner_map(self, snapshot: str | Snapshot) -> OwnerMap:
+    def owner_map(self, snapshot: str | Snapshot, *, snapshots: list[Snapshot] | None = None) -> OwnerMap:
         """The ids a restore of ``snapshot`` gives its entries' recorded owner ids on this machine: those
         whose user or group name, as the backup recorded it, is known here under another id."""
-        return OwnerMap.from_names(*self.owner_names(snapshot))
+        return OwnerMap.from_names(*self.owner_names(snapshot, snapshots=snapshots))
 
     def _verify_restored(self, restorer: Restorer, snap: Snapshot, records: Iterator[Record], target: str,
                          xattrs: bool) -> None:
