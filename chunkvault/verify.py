@@ -37,11 +37,11 @@ from .errors import (ChunkvaultError, CorruptObject, NewerObject, SnapshotNotFou
 from .processes import become_subreaper, carries, children, kill_group, stop_being_subreaper
 from .store.command_stream import without_secrets
 from .store.manifest import (
-    F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key,
+    T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key,
 )
 from .store.chronology import chronological_key
 from .store.snapshot import Snapshot, of_source, parse_time
-from .store.restore import setid_bits_for_others
+from .store.restore import setid_bits_for_others, unread
 from .store.target_dirs import LongPaths
 from .store.posix_acl import ACL_KEYS, acl_ids
 from .store.xattrs import decode_xattrs, read_xattrs
@@ -363,6 +363,9 @@ class _Comparer:
             elif o is None:
                 if e.type in (T_CHARDEV, T_BLOCKDEV) and not self.owners:
                     self.result.warnings.append(f"device {os.fsdecode(e.path)} not restored (needs root)")
+                elif e.type == T_FILE and unread(e):
+                    self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: no backup "
+                                                "read its data")
                 else:
                     self.add(Mismatch(os.fsdecode(e.path), "missing", TYPE_NAMES[e.type], None))
             else:
@@ -413,7 +416,7 @@ class _Comparer:
             r.other += 1
 
     def content(self, e: Entry, path: bytes) -> None:
-        if e.flags & F_UNREADABLE:
+        if unread(e):
             self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: it has no data")
             return
         try:

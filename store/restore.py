@@ -162,10 +162,16 @@ def refuse_overlap(target: str | bytes, delete: bool, kept: Sequence[tuple[str |
             raise UsageError(f"the restore target {os.fsdecode(target)} lies inside {what} {shown}")
 
 
+def unread(e: Entry) -> bool:
+    """A file no backup could read: the snapshot has no data for it (one an earlier backup read keeps that
+    backup's data, and is restored with it)."""
+    return bool(e.flags & F_UNREADABLE) and not e.digest
+
+
 def check_content(e: Entry, size: int, digest: bytes) -> None:
     """A file's restored content against its entry: its size (the digest alone let a crafted entry claim
-    any size, reported as restored), then its digest.  A file unreadable at backup time has neither."""
-    if e.flags & F_UNREADABLE:
+    any size, reported as restored), then its digest.  A file no backup could read has neither."""
+    if unread(e):
         return
     if size != e.size:
         raise CorruptObject(f"file {os.fsdecode(e.path)}", f"its chunks hold {size} bytes, not the {e.size} "
@@ -1011,6 +1017,10 @@ class Restorer:
         t = e.type
         if self._kept_in_place(e):
             return
+        if t == T_FILE and unread(e):  # no backup read it: an empty file with its time passed for its content
+            self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: not restored "
+                                        "(no backup read its data)")
+            return
         pfd, name = self._make_room(e.path, t == T_DIR, keep_file=t == T_FILE)
         if t == T_DIR:
             try:
@@ -1021,6 +1031,9 @@ class Restorer:
                     raise
             self._dirs.append(e)
             self.result.dirs += 1
+            if e.flags & F_UNREADABLE:  # it came back empty, or with what an earlier backup listed, unsaid
+                self.result.warnings.append(f"{os.fsdecode(e.path) or '.'} could not be listed at backup time: "
+                                            "restored with what an earlier backup found in it, if any")
             return
         if t == T_FILE:
             self._restore_file(e, pf)
@@ -1096,7 +1109,8 @@ class Restorer:
         if self.opt.progress is not None:
             self.opt.progress(self.result.files, self.result.bytes)
         if e.flags & F_UNREADABLE:
-            self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: restored empty")
+            self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: restored as an "
+                                        "earlier backup read it")
 
     def _write_beside(self, e: Entry, chunks: Iterator[Plaintext]) -> None:
         """In place, over a file the target has: the new one is written under a temporary name beside it

@@ -242,8 +242,8 @@ def test_file_walked_ahead_and_gone_when_read_is_a_warning(repo_path, tmp_path):
         assert [e.path for e in repo.tree(result.snapshot.id)] == [b"", b"here"]
 
 
-def test_unreadable_file_gives_exit_3_and_restores_empty_with_a_warning(repo_path, tmp_path, monkeypatch, capsys,
-                                                                       python_file_reads):
+def test_unreadable_file_gives_exit_3_and_is_not_restored_with_a_warning(repo_path, tmp_path, monkeypatch, capsys,
+                                                                         python_file_reads):
     from chunkvault import cli
 
     src = tmp_path / "src"
@@ -267,10 +267,24 @@ def test_unreadable_file_gives_exit_3_and_restores_empty_with_a_warning(repo_pat
         snap = repo.snapshot("latest")
         assert snap.stats["unreadable"] == ["locked"]
         assert {e.path: e.flags for e in repo.tree(snap)}[b"locked"] & F_UNREADABLE
-        result = repo.restore(snap, str(tmp_path / "out"))
-    assert (tmp_path / "out" / "locked").read_bytes() == b""
-    assert any("unreadable at backup time" in w for w in result.warnings)
+        result = repo.restore(snap, str(tmp_path / "out"), verify=True)
+    # No backup read it: an empty file with its time would pass for its content (and was verified)
+    assert not (tmp_path / "out" / "locked").exists()
+    assert "locked was unreadable at backup time: not restored (no backup read its data)" in result.warnings
     assert (tmp_path / "out" / "ok").read_bytes() == b"fine"
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    assert cli.main(["backup", "-r", repo_path, str(src)]) == 0  # readable again
+    (src / "locked").write_bytes(b"secret, changed")
+    os.utime(src / "locked", ns=(1, 1))
+    from chunkvault.store import backup, source
+
+    monkeypatch.setattr(backup, "read_small_files", source.read_small_files_reference)  # as python_file_reads
+    monkeypatch.setattr("chunkvault.store.backup.os.open", refuse)
+    assert cli.main(["backup", "-r", repo_path, str(src)]) == 3  # unreadable again: the earlier data stays
+    monkeypatch.undo()
+    with Repository.open(repo_path, PASSWORD) as repo:
+        result = repo.restore("latest", str(tmp_path / "again"), verify=True)
+    assert (tmp_path / "again" / "locked").read_bytes() == b"secret"  # and verified
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="device nodes need root")

@@ -254,8 +254,10 @@ def test_in_place_restore_keeps_what_was_unreadable_at_backup_time(tmp_path, unp
         assert "secret was unreadable at backup time: what the target holds there was left as it is" in proc.stderr
     fresh = tmp_path / "fresh"
     proc = _cli("restore", "-r", repo, "latest", "--target", str(fresh))
-    assert (fresh / "secret").read_bytes() == b""  # into an empty target: an empty stand-in, as before
-    assert "secret was unreadable at backup time: restored empty" in proc.stderr
+    assert not (fresh / "secret").exists()  # an empty stand-in with its time passed for its content
+    assert "secret was unreadable at backup time: not restored (no backup read its data)" in proc.stderr
+    assert "lockeddir could not be listed at backup time: restored with what an earlier backup found in it" \
+        in proc.stderr and not os.listdir(fresh / "lockeddir")
 
 
 # --- entries the target does not take -----------------------------------------------------------------
