@@ -37,11 +37,11 @@ from .errors import (ChunkvaultError, CorruptObject, NewerObject, SnapshotNotFou
 from .processes import become_subreaper, carries, children, kill_group, stop_being_subreaper
 from .store.command_stream import without_secrets
 from .store.manifest import (
-    T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key,
+    T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key, unread,
 )
 from .store.chronology import chronological_key
 from .store.snapshot import Snapshot, of_source, parse_time
-from .store.restore import setid_bits_for_others, unread
+from .store.restore import setid_bits_for_others
 from .store.target_dirs import LongPaths
 from .store.posix_acl import ACL_KEYS, acl_ids
 from .store.xattrs import decode_xattrs, read_xattrs

@@ -24,7 +24,7 @@ from typing import BinaryIO, Callable, Iterable, Mapping
 from chunkvault.errors import CorruptObject
 
 from . import tarformat
-from .manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry
+from .manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, unread
 from .xattrs import decode_xattrs
 
 ARCHIVES = ("tar", "zip")
@@ -61,7 +61,9 @@ def write_archive(out: BinaryIO, fmt: str, entries: Iterable[Entry], root: bytes
             elif e.type == T_HARDLINK and not (writer.hard_links and in_subtree(e.target, root)):
                 stand_ins.setdefault(e.target, e.path)
                 e = dataclasses.replace(linked(e.target), path=e.path)  # a copy of the file it names
-            if e.type == T_FILE:
+            if e.type == T_FILE and unread(e):  # an empty file with its time would pass for its content
+                warnings.append(f"{os.fsdecode(e.path)}: unreadable at backup time, left out (no backup read it)")
+            elif e.type == T_FILE:
                 with content(e) as data:
                     writer.file(e, data)
             elif not writer.other(e):

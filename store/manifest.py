@@ -80,6 +80,12 @@ class Entry:
                 other.rdev, other.target, other.digest, other.chunks, other.xattrs)
 
 
+def unread(e: Entry) -> bool:
+    """A file no backup could read: the snapshot has no data for it (one an earlier backup read keeps that
+    backup's data, and is restored with it)."""
+    return bool(e.flags & F_UNREADABLE) and not e.digest
+
+
 class Record(NamedTuple):
     op: int
     path: bytes

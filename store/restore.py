@@ -30,7 +30,7 @@ from chunkvault.errors import (
 )
 
 from .manifest import (
-    F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, Record, sort_key,
+    F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, Record, sort_key, unread,
 )
 from .blob import Plaintext
 from .chain import ancestors
@@ -160,12 +160,6 @@ def refuse_overlap(target: str | bytes, delete: bool, kept: Sequence[tuple[str |
                              "that deletes what the snapshot lacks would delete it; restore elsewhere")
         if real.startswith(inside):
             raise UsageError(f"the restore target {os.fsdecode(target)} lies inside {what} {shown}")
-
-
-def unread(e: Entry) -> bool:
-    """A file no backup could read: the snapshot has no data for it (one an earlier backup read keeps that
-    backup's data, and is restored with it)."""
-    return bool(e.flags & F_UNREADABLE) and not e.digest
 
 
 def check_content(e: Entry, size: int, digest: bytes) -> None:

@@ -271,6 +271,14 @@ def test_unreadable_file_gives_exit_3_and_is_not_restored_with_a_warning(repo_pa
     # No backup read it: an empty file with its time would pass for its content (and was verified)
     assert not (tmp_path / "out" / "locked").exists()
     assert "locked was unreadable at backup time: not restored (no backup read its data)" in result.warnings
+    import io
+    import tarfile
+
+    with Repository.open(repo_path, PASSWORD) as repo:
+        out = io.BytesIO()
+        said = repo.dump("latest", "/", out, archive="tar")
+    assert [m.name for m in tarfile.open(fileobj=io.BytesIO(out.getvalue()))] == ["ok"]
+    assert said == ["locked: unreadable at backup time, left out (no backup read it)"]
     assert (tmp_path / "out" / "ok").read_bytes() == b"fine"
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
     assert cli.main(["backup", "-r", repo_path, str(src)]) == 0  # readable again
