@@ -463,8 +463,8 @@ def _describe(r: SourceResult) -> str:
     if r.status in (OK, PARTIAL):
         text = f"{r.name}: {r.kind} snapshot {r.snapshot_id[:8] if r.snapshot_id else '?'} saved ({slot}, {r.duration:.1f} s)"
         return text + (f"; partial: {r.error}" if r.status == PARTIAL else "")
-    if r.snapshot_id:  # saved, then the post hook failed
-        return f"{r.name}: {r.kind} snapshot {r.snapshot_id[:8]} saved ({slot}) but {r.error}"
+    if r.snapshot_id:  # saved, then the post hook failed: the source failed, as the summary counts it
+        return f"{r.name}: {r.kind} snapshot {r.snapshot_id[:8]} saved ({slot}), but the source failed: {r.error}"
     return f"{r.name}: {r.kind} backup failed ({slot}): {r.error}"
 
 

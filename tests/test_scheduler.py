@@ -296,8 +296,11 @@ def test_post_hook_gets_the_snapshot_and_its_failure_counts(tmp_path, repo_url, 
         {"name": "db", "paths": [str(tree)], "pre": "test -z \"$CHUNKVAULT_PASSWORD\"",
          "post": f"env | grep ^CHUNKVAULT_ > {q(str(env_out))}; exit 4"}],
         top='full = "daily 02:00"\n')))
-    report = Runner(policy, PASSWORD.encode(), lock_file=str(tmp_path / "l")).run()
+    log: list[str] = []
+    report = Runner(policy, PASSWORD.encode(), lock_file=str(tmp_path / "l"), log=log.append).run()
     (snap,) = snapshots(repo_url)
+    assert any(line.startswith(f"db: full snapshot {snap.id[:8]} saved (") and
+               line.endswith("), but the source failed: post hook exited 4") for line in log), log
     env = dict(line.split("=", 1) for line in env_out.read_text().splitlines())
     assert env["CHUNKVAULT_SNAPSHOT_ID"] == snap.id and env["CHUNKVAULT_RESULT"] == "ok"
     assert env["CHUNKVAULT_SOURCE"] == "db" and env["CHUNKVAULT_PATHS"] == str(tree)
