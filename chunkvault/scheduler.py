@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -52,7 +53,7 @@ from typing import IO, Any, Callable, Iterator, TextIO
 from . import interrupts
 from .store import locks
 from .display import one_line
-from .errors import ChunkvaultError, Locked, PartialBackup, UsageError
+from .errors import ChunkvaultError, ChunkvaultWarning, Locked, PartialBackup, UsageError
 from .processes import kill_group
 from .remotes.layer import stop_request
 from .schedule import Policy, Source, decide, next_wakeup, parse_policy
@@ -638,6 +639,27 @@ def _opener(args: argparse.Namespace, url: str) -> Callable[[str, bytes], Any]:
     return lambda where, password: Repository.open(where, password, **options)
 
 
+@contextmanager
+def _warnings_logged(log: "_Log | None") -> Iterator[None]:
+    """A command's warnings (a wait for the repository lock, a remote retried) go into a log file too,
+    timestamped: a scheduled run could wait an hour for a lock with nothing in its log."""
+    if log is None or not log.owned:
+        yield
+        return
+    shown = warnings.showwarning
+
+    def both(message: Any, category: type[Warning], *rest: Any) -> None:
+        if issubclass(category, ChunkvaultWarning):
+            log(f"warning: {message}")
+        shown(message, category, *rest)
+
+    warnings.showwarning = both
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``chunkvault run --config FILE``: whatever is due now, then retention."""
     plain = not (args.json or args.quiet)
@@ -649,8 +671,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         emit = lambda line: None  # noqa: E731
     try:
-        runner = _runner(args, None, emit)
-        report = runner.run(dry_run=args.dry_run, only=args.source or None)
+        with _warnings_logged(log):
+            runner = _runner(args, None, emit)
+            report = runner.run(dry_run=args.dry_run, only=args.source or None)
+    except KeyboardInterrupt as exc:  # the log says how the run ended, not only the terminal
+        if log is not None:
+            log(f"run stopped ({str(exc) or 'interrupted'})")
+        raise
     finally:
         if log is not None:
             log.close()
@@ -697,7 +724,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             daemons.append(Daemon(first, log=log, verbose=not args.quiet,
                                   on_report=on_report, reload=lambda: _runner(args, stop, runner_log)))
             # A second daemon of the policy would skip every slot the first runs, logging so, for ever.
-            with policy_lock(f"{first.lock_file}.daemon", "a daemon of this policy is running already"):
+            with policy_lock(f"{first.lock_file}.daemon", "a daemon of this policy is running already"), \
+                    _warnings_logged(log):
                 code = daemons[0].serve()
         if signals_seen:
             log(f"stopped by {signal.Signals(signals_seen[0]).name}")

@@ -364,6 +364,36 @@ def test_a_run_whose_terminal_closes_stops_as_on_sigterm(tmp_path, repo_url, tre
     assert subprocess.run(["pgrep", "-f", f"sleep 120.{os.getpid()}{signum}"]).returncode == 1  # its group killed
 
 
+def test_a_run_s_wait_for_the_lock_is_in_its_log_file(tmp_path, repo_url, tree, monkeypatch):
+    """The warning went to stderr only: a scheduled run could wait an hour with nothing in its log."""
+    from chunkvault import cli
+    from chunkvault.store.locks import EXCLUSIVE, RepoLock
+
+    policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                          top='full = "daily 02:00"\n')
+    held, done = threading.Event(), threading.Event()
+
+    def prune_for_a_while() -> None:
+        with Repository.open(repo_url, PASSWORD) as r, RepoLock(r.store.remote, EXCLUSIVE, "prune"):
+            held.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=prune_for_a_while)
+    holder.start()
+    held.wait(30)
+    threading.Timer(2.0, done.set).start()
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    log = tmp_path / "run.log"
+    try:
+        assert cli.main(["run", "--config", str(policy), "--log", str(log), "-q"]) == 0
+    finally:
+        done.set()
+        holder.join()
+    text = log.read_text()
+    assert re.search(r"^\S+ warning: waiting up to 3600 s: repository is locked by prune", text, re.M), text
+    assert "db: full snapshot" in text
+
+
 def test_a_hook_whose_program_is_missing_names_it(tmp_path, repo_url, tree):
     policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [
         {"name": "db", "paths": [str(tree)], "pre": ["no-such-program-here", "--flag"]}],
