@@ -268,7 +268,8 @@ class Runner:
         self.lock_file = lock_file or policy.lock_file
 
     def run(self, *, dry_run: bool = False, only: list[str] | None = None) -> RunReport:
-        sources = [self.policy.source(n) for n in only] if only else list(self.policy.sources)
+        # A source named twice runs once (its retention ran twice, and it was counted twice).
+        sources = [self.policy.source(n) for n in dict.fromkeys(only)] if only else list(self.policy.sources)
         report = RunReport(self.clock(), dry_run)
         if dry_run or not self.lock_file:
             self._run(report, sources)

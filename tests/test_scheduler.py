@@ -394,6 +394,13 @@ def test_a_run_s_wait_for_the_lock_is_in_its_log_file(tmp_path, repo_url, tree, 
     assert "db: full snapshot" in text
 
 
+def test_a_source_named_twice_runs_once(tmp_path, repo_url, tree):
+    policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                                          top='full = "daily 02:00"\n')))
+    report = Runner(policy, PASSWORD.encode(), lock_file=str(tmp_path / "l")).run(only=["db", "db"])
+    assert [r.name for r in report.sources] == ["db"] and len(snapshots(repo_url)) == 1
+
+
 def test_a_hook_whose_program_is_missing_names_it(tmp_path, repo_url, tree):
     policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [
         {"name": "db", "paths": [str(tree)], "pre": ["no-such-program-here", "--flag"]}],
