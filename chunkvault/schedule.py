@@ -658,7 +658,10 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
             ignore_inode = _flag(s.get("ignore_inode", False), "ignore-inode")
             ignore_ctime = _flag(s.get("ignore_ctime", False), "ignore-ctime")
             larger = s.get("exclude_larger_than")
-            exclude_larger_than = None if larger is None else parse_size(larger)
+            try:
+                exclude_larger_than = None if larger is None else parse_size(larger)
+            except UsageError as exc:
+                raise UsageError(f"exclude-larger-than: {exc}") from None
             fixed_chunks = _str_list(s.get("fixed_chunks", []), "fixed_chunks")
             ret_value = s.get("retention", top.get("retention"))
             retention = _retention(ret_value, config, "retention")

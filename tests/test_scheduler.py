@@ -520,7 +520,7 @@ def test_overlapping_runs_are_refused(tmp_path, repo_url, tree, monkeypatch, cap
     ('repository = "/x"\nfull = "daily"\n[[source]]\nname = "db"\npaths = ["/"]\nexclude-if-present = ["a/b"]\n',
      "source 'db': not a file name to exclude directories by: 'a/b'"),
     ('repository = "/x"\nfull = "daily"\n[[source]]\nname = "db"\npaths = ["/"]\nexclude-larger-than = "big"\n',
-     "source 'db': not a size: 'big'"),
+     "source 'db': exclude-larger-than: not a size: 'big'"),
     ('repository = "/x\nfull = 3', "is not valid TOML"),
     (b'repository = "/x"\nfull = "daily\xff"\n', "is not UTF-8 text (line 2)"),
 ])
