@@ -113,6 +113,8 @@ class ServeProcess:
             return f.read()
 
     def start(self, startup_timeout: float = 20.0) -> "ServeProcess":
+        """Start the server (again, after ``stop``: the fixture then stops this one too)."""
+        self.returncode = None
         fixed = bool(self.port)
         for _ in range(1 if fixed else 3):  # the free port may be taken before the server binds it
             if not fixed:
