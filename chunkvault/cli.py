@@ -661,11 +661,13 @@ def cmd_find(args: argparse.Namespace) -> int:
         warn(f"nothing matched {', '.join(led)}: patterns are paths as `ls` lists them, relative to the "
              "snapshot's root (without a leading / or ./)")
     tables: dict[str, tuple[dict[int, str], dict[int, str]]] = {}  # per snapshot: versions share them
-    listing: list[Snapshot] = []  # read once, when a version first needs its owners' names
+    listing: list[Snapshot] | None = None  # read once, when a version first needs its owners' names
 
     def names(snap: Snapshot) -> tuple[dict[int, str], dict[int, str]]:
+        nonlocal listing
         if snap.id not in tables:
-            listing[:] = listing or repo.snapshots()
+            if listing is None:
+                listing = repo.snapshots()
             tables[snap.id] = repo.owner_names(snap, snapshots=listing)
         return tables[snap.id]
 

@@ -720,8 +720,6 @@ def open_export(path: str, password: bytes) -> ExportFile:
 # --- import and restore ------------------------------------------------------------------
 
 
-
-
 @dataclass
 class ImportResult:
     snapshot: Snapshot  # when ``skipped``, the one the repository had

@@ -158,7 +158,6 @@ class Repo:
         # the listing's version, or where the remote gives none, in most cases in its size.
         self._snapshot_seen: dict[str, tuple[int, str | None]] = {}
         self.unreadable_snapshots: dict[str, CorruptObject] = {}  # as of the last listing (``snapshots``)
-        self.unreadable_indexes: dict[str, CorruptObject] = {}  # left out of the index last loaded
         self._warned_indexes: set[str] = set()
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
         self._delta_bases: dict[bytes, bytes] = {}
@@ -357,7 +356,6 @@ class Repo:
                 self._warned_indexes.add(name)
                 warnings.warn(f"index/{name[:12]} does not load and is left out ({got.reason}); `check` says "
                               "what it takes down", RepositoryStateWarning, stacklevel=2)
-        self.unreadable_indexes = {name: got for name, got in unreadable.items() if isinstance(got, CorruptObject)}
         self.install_index(names, objects)
 
     def install_index(self, names: list[str], objects: list[tuple[str, IndexColumns]]) -> list[IndexColumns]:
