@@ -874,10 +874,9 @@ def test_a_backup_after_every_index_object_is_lost_names_repair_index(chain, pas
     assert repo.check().ok
 
 
-@pytest.mark.parametrize("dry_run", [True, False])
-def test_repair_snapshots_names_the_files_a_differential_loses_with_its_parents(tmp_path, new_repo, dry_run):
-    """A differential restores the files it inherits from its parent: those its parent loses, it loses too,
-    and its restore then lacked them unnamed."""
+def _a_file_under_a_full_and_its_differential_in_one_pack(tmp_path, new_repo):
+    """(repository, full, differential on it, the pack file): file a's chunk lies only in the pack of a
+    backup before them (whose manifest goes with it), so deleting that pack takes a from both."""
     path = tmp_path / "repo"
     repo = new_repo(str(path))
     src = tmp_path / "src"
@@ -891,6 +890,14 @@ def test_repair_snapshots_names_the_files_a_differential_loses_with_its_parents(
     (src / "b").write_text("three\n")
     diff = repo.backup([str(src)], kind="diff").snapshot
     assert diff.parent == full.id
+    return repo, full, diff, first
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_repair_snapshots_names_the_files_a_differential_loses_with_its_parents(tmp_path, new_repo, dry_run):
+    """A differential restores the files it inherits from its parent: those its parent loses, it loses too,
+    and its restore then lacked them unnamed."""
+    repo, full, diff, first = _a_file_under_a_full_and_its_differential_in_one_pack(tmp_path, new_repo)
     first.unlink()
     repo.repair_index()
     report = repo.repair_snapshots(dry_run=dry_run)
@@ -900,24 +907,14 @@ def test_repair_snapshots_names_the_files_a_differential_loses_with_its_parents(
 def test_repair_snapshots_counts_what_each_snapshot_still_holds(tmp_path, new_repo):
     """The listing and `--type auto` read a snapshot's counts: after a repair they still gave the files it
     dropped, so nothing looked lost, in the snapshot that lost them or in a differential inheriting them."""
-    path = tmp_path / "repo"
-    repo = new_repo(str(path))
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a").write_bytes(os.urandom(300_000))
-    repo.backup([str(src)])
-    (first,) = [p for p in (path / "data").rglob("*") if p.is_file()]
-    (src / "b").write_text("one\n")
-    full = repo.backup([str(src)], kind="full").snapshot  # a's chunk deduplicates into the first pack
-    (src / "b").write_text("two\n")
-    diff = repo.backup([str(src)], kind="diff").snapshot
+    repo, full, diff, first = _a_file_under_a_full_and_its_differential_in_one_pack(tmp_path, new_repo)
     assert (full.stats["files"], full.stats["bytes"]) == (2, 300_004)
     first.unlink()
     repo.repair_index()
     repo.repair_snapshots(dry_run=False)
-    for snap in (full, diff):
+    for snap, left in ((full, (1, 4)), (diff, (1, 6))):  # b alone: "two\n", "three\n"
         again = repo.snapshot(snap.id)
-        assert (again.stats["files"], again.stats["bytes"]) == (1, 4), snap.kind
+        assert (again.stats["files"], again.stats["bytes"]) == left, snap.kind
     repo.forget([s.id for s in repo.snapshots() if s.id not in (full.id, diff.id)])
     assert repo.check(read_data=True).ok
 
