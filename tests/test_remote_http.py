@@ -883,8 +883,8 @@ def test_a_failure_of_the_servers_own_disk_is_logged_with_its_reason_even_when_q
     try:
         server = serve_factory("--quiet", path=disk)
         status, _ = raw_request(server.port, "PUT", f"/objects/{KEY}", os.urandom(1 << 20))
-        assert status == 507
-        assert f"PUT {KEY} 507" in server.log() and "no space left on device" in server.log()
+        assert status == 507  # the line is logged once the answer is sent: waited for
+        assert wait_for(lambda: f"PUT {KEY} 507" in server.log() and "no space left on device" in server.log())
         server.stop()
     finally:
         subprocess.run(["umount", str(disk)])
