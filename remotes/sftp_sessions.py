@@ -69,18 +69,28 @@ def resolve_transport(name: str) -> str:
     return name
 
 
-def unknown_host(target: SSHTarget, fingerprint: str | None) -> PermissionDenied:
+def unknown_host(target: SSHTarget, fingerprint: str | None, known_hosts: str | None = None) -> PermissionDenied:
+    """``known_hosts``: the files searched, where they are not ``target.known_hosts_name()``."""
     seen = f" ({fingerprint})" if fingerprint else ""
     return PermissionDenied(
-        f"unknown SSH host key for {target.where()}{seen}: not in {target.known_hosts_name()}; "
+        f"unknown SSH host key for {target.where()}{seen}: not in {known_hosts or target.known_hosts_name()}; "
         "add it (ssh-keyscan) or accept it once with -o sftp.accept-new-host-key=yes "
         "(CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY=1, accept_new_host_key=True in the API)")
 
 
-def changed_host(target: SSHTarget, fingerprint: str | None) -> PermissionDenied:
+def changed_host(target: SSHTarget, fingerprint: str | None, known_hosts: str | None = None) -> PermissionDenied:
     seen = f" (got {fingerprint})" if fingerprint else ""
     return PermissionDenied(
-        f"SSH host key for {target.where()} does not match {target.known_hosts_name()}{seen}: refusing to connect")
+        f"SSH host key for {target.where()} does not match {known_hosts or target.known_hosts_name()}{seen}: "
+        "refusing to connect")
+
+
+def openssh_known_hosts(target: SSHTarget) -> str | None:
+    """The known_hosts files OpenSSH's client reads for ``target``, as a message names them: an SSH
+    config's ``UserKnownHostsFile`` decides, not ``~/.ssh/known_hosts``.  None if ssh does not say."""
+    if target.known_hosts:
+        return None
+    return " or ".join(openssh_settings(target).get("userknownhostsfile", "").split()) or None
 
 
 def refused_login(target: SSHTarget, user: str | None) -> PermissionDenied:
@@ -98,9 +108,9 @@ def classify_ssh_failure(stderr: str, target: SSHTarget) -> ChunkvaultError:
     found = _FINGERPRINT.search(text)
     fingerprint = found.group(0) if found else None
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or re.search(r"Host key for \S+ has changed", text):
-        return changed_host(target, fingerprint)
+        return changed_host(target, fingerprint, openssh_known_hosts(target))
     if "host key is known for" in text or "Host key verification failed" in text:
-        return unknown_host(target, fingerprint)
+        return unknown_host(target, fingerprint, openssh_known_hosts(target))
     if "Permission denied" in text or "Too many authentication failures" in text:
         match = re.search(r"^(\S+)@\S+: Permission denied", text, re.M)
         return refused_login(target, match.group(1) if match else target.user)

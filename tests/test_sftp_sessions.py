@@ -47,9 +47,14 @@ def test_what_ssh_printed_becomes_one_clear_error(stderr, kind, words):
         assert word in message
 
 
-def test_unknown_host_without_a_known_hosts_option_names_the_default_file():
+def test_unknown_host_without_a_known_hosts_option_names_the_files_ssh_reads(tmp_path):
     target = SSHTarget("h", None, None, (), None, False, None, 15.0)
-    assert "not in ~/.ssh/known_hosts" in str(classify_ssh_failure(UNKNOWN, target))
+    assert "/.ssh/known_hosts or " in str(classify_ssh_failure(UNKNOWN, target))  # ssh's home: the account's
+    config = tmp_path / "config"
+    config.write_text(f"Host h\n  UserKnownHostsFile {tmp_path}/trusted\n")
+    target = SSHTarget("h", None, None, (), None, False, str(config), 15.0)
+    assert f"not in {tmp_path}/trusted;" in str(classify_ssh_failure(UNKNOWN, target))
+    assert f"does not match {tmp_path}/trusted " in str(classify_ssh_failure(CHANGED, target))
 
 
 def test_command_asks_nothing_forwards_nothing_and_checks_host_keys():
