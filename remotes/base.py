@@ -6,10 +6,11 @@ parallelism and caching live once, above this interface (``remotes.layer``).
 """
 from __future__ import annotations
 
+import inspect
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from chunkvault.errors import ObjectNotFound, UsageError
 
@@ -37,15 +38,40 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+#: What every off-site remote takes besides its backend's options: read by the connection's retry layer.
+OFFSITE_LAYER_OPTIONS = ("retry_time",)
+
+
+def spelled(option: str) -> str:
+    """An option as the README and the command line spell it (``-o s3.endpoint-url``); the API's keyword
+    (``endpoint_url``) has underscores."""
+    return option.replace("_", "-")
+
+
+def refuse_unknown_options(backend: str, given: Iterable[str], known: Iterable[str]) -> None:
+    """One error line naming the options not in ``known``, and every option there is."""
+    known = list(known)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        every = sorted(spelled(name) for name in (*known, *OFFSITE_LAYER_OPTIONS))
+        raise UsageError(f"unknown {backend} option(s): {', '.join(spelled(name) for name in unknown)} "
+                         f"(known: {', '.join(every)})")
+
+
+def keyword_options(function: Callable[..., Any]) -> list[str]:
+    """The keyword-only parameters of ``function``: a backend's options, named once, in its constructor."""
+    return [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
 def number_option(backend: str, name: str, value: object, minimum: float, kind: type = float) -> float:
     """A numeric backend option (``kind`` int or float), checked, with one clear error line."""
     try:
         number = kind(value)  # type: ignore[call-arg]
     except (TypeError, ValueError):
-        raise UsageError(f"{backend} option {name} must be {'an integer' if kind is int else 'a number'}, "
+        raise UsageError(f"{backend} option {spelled(name)} must be {'an integer' if kind is int else 'a number'}, "
                          f"not {value!r}") from None
     if number < minimum:
-        raise UsageError(f"{backend} option {name} must be at least {minimum:g}, not {number:g}")
+        raise UsageError(f"{backend} option {spelled(name)} must be at least {minimum:g}, not {number:g}")
     return number
 
 

@@ -44,7 +44,6 @@ sorts failures into permanent and transient (``RemoteUnavailable``) ones.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -66,7 +65,8 @@ from chunkvault.errors import (
     UsageError,
 )
 
-from .base import ObjectInfo, Remote, is_key, number_option, validate_key, validate_prefix
+from .base import (ObjectInfo, Remote, is_key, keyword_options, number_option, refuse_unknown_options, validate_key,
+                   validate_prefix)
 
 DEFAULT_PORT = 6362
 LIMIT_HEADER = "Chunkvault-Max-Object-Size"
@@ -96,7 +96,7 @@ def resolve_token(token: Any = None, token_file: str | None = None) -> str | Non
     if token is not None and token != "":
         text, source = str(token), "the token option"
     elif token_file:
-        text, source = _read_token_file(str(token_file), "the token_file option"), "token_file"
+        text, source = _read_token_file(str(token_file), "the token-file option"), "the token-file option"
     elif os.environ.get(TOKEN_ENV):
         text, source = os.environ[TOKEN_ENV].strip(), TOKEN_ENV
     elif os.environ.get(TOKEN_FILE_ENV):
@@ -215,10 +215,7 @@ class HTTPRemote(Remote):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "HTTPRemote":
         """Options: token, token_file, ca_file, connect_timeout, read_timeout, max_connections."""
-        known = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise UsageError(f"unknown HTTP option(s): {', '.join(unknown)} (known: {', '.join(known)})")
+        refuse_unknown_options("HTTP", options, keyword_options(cls.__init__))
         return cls(url, **{k: v for k, v in options.items() if v is not None})
 
     # -- transport ----------------------------------------------------------

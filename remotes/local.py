@@ -26,7 +26,7 @@ from chunkvault.errors import (
     UsageError,
 )
 
-from .base import ObjectInfo, Remote, is_key, validate_key, validate_prefix
+from .base import ObjectInfo, Remote, is_key, spelled, validate_key, validate_prefix
 
 TEMP_PREFIX = ".tmp-"
 # Space kept back so that a lock can still be written on a full disk: forget and prune, the commands that
@@ -159,9 +159,9 @@ class LocalRemote(Remote):
         flags = {"fsync": True, "direct_io": True}
         for name, value in options.items():
             if name not in flags:
-                raise UsageError(f"unknown option {name!r} for a local repository (known: fsync, direct-io)")
+                raise UsageError(f"unknown option {spelled(name)!r} for a local repository (known: fsync, direct-io)")
             if not isinstance(value, bool):
-                raise UsageError(f"option {name!r} of a local repository takes yes or no, not {value!r}")
+                raise UsageError(f"option {spelled(name)!r} of a local repository takes yes or no, not {value!r}")
             flags[name] = value
         return cls(path, **flags)
 

@@ -8,7 +8,6 @@ this module only sorts S3's failures into transient and permanent ones.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import time
@@ -26,7 +25,8 @@ from chunkvault.errors import (
 )
 from chunkvault.units import parse_size
 
-from .base import ObjectInfo, Remote, is_key, number_option, validate_key, validate_prefix
+from .base import (ObjectInfo, Remote, is_key, keyword_options, number_option, refuse_unknown_options, spelled,
+                   validate_key, validate_prefix)
 
 MiB = 1024 * 1024
 DATA_PREFIX = "data/"
@@ -90,7 +90,7 @@ def _size_option(name: str, value: Any) -> int:
     try:
         return parse_size(value)
     except UsageError:
-        raise UsageError(f"S3 option {name} must be a size (bytes, or e.g. 16M), not {value!r}") from None
+        raise UsageError(f"S3 option {spelled(name)} must be a size (bytes, or e.g. 16M), not {value!r}") from None
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -133,7 +133,7 @@ class S3Remote(Remote):
         region: str | None = None,
         profile: str | None = None,
         addressing_style: str = "auto",
-        data_storage_class: str | None = None,
+        storage_class: str | None = None,
         multipart_threshold: int = 64 * MiB,
         multipart_part_size: int = 16 * MiB,
         max_pool_connections: int = 16,
@@ -150,15 +150,15 @@ class S3Remote(Remote):
         self.display_url = f"s3://{bucket}/{prefix}"
         if addressing_style not in ADDRESSING_STYLES:
             raise UsageError(f"S3 addressing style must be one of {', '.join(ADDRESSING_STYLES)}, not {addressing_style!r}")
-        if data_storage_class is not None:
-            data_storage_class = data_storage_class.upper()
-            if data_storage_class not in STORAGE_CLASSES:
-                raise UsageError(f"unknown S3 storage class {data_storage_class!r}")
-            if data_storage_class in ARCHIVE_CLASSES:  # data packs are read back at every backup
-                raise UsageError(f"S3 storage class {data_storage_class} cannot be read without a restore, and data "
+        if storage_class is not None:
+            storage_class = storage_class.upper()
+            if storage_class not in STORAGE_CLASSES:
+                raise UsageError(f"unknown S3 storage class {storage_class!r}")
+            if storage_class in ARCHIVE_CLASSES:  # data packs are read back at every backup
+                raise UsageError(f"S3 storage class {storage_class} cannot be read without a restore, and data "
                                  "packs are read at every backup (the manifests, the bases of deltas): use "
                                  "GLACIER_IR, or a lifecycle rule that archives what no backup reads")
-        self.data_storage_class = data_storage_class
+        self.data_storage_class = storage_class  # for data packs only
         self.multipart_threshold = _size_option("multipart_threshold", multipart_threshold)
         self.multipart_part_size = _size_option("multipart_part_size", multipart_part_size)
         endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -190,16 +190,11 @@ class S3Remote(Remote):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "S3Remote":
-        """Options: endpoint_url, region, profile, addressing_style, data_storage_class,
+        """Options: endpoint_url, region, profile, addressing_style, storage_class,
         multipart_threshold, multipart_part_size, max_pool_connections,
         connect_timeout, read_timeout, client_attempts."""
         bucket, prefix = parse_s3_url(url)
-        if "storage_class" in options:
-            options["data_storage_class"] = options.pop("storage_class")
-        known = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise UsageError(f"unknown S3 option(s): {', '.join(unknown)} (known: {', '.join(known)})")
+        refuse_unknown_options("S3", options, keyword_options(cls.__init__))
         return cls(bucket, prefix, **{k: v for k, v in options.items() if v is not None})
 
     # -- error mapping ------------------------------------------------------

@@ -42,7 +42,7 @@ from chunkvault.errors import (
     UsageError,
 )
 
-from .base import ObjectInfo, Remote, is_key, validate_key, validate_prefix
+from .base import ObjectInfo, Remote, is_key, number_option, refuse_unknown_options, validate_key, validate_prefix
 from .sftp_client import StatusError
 from .sftp_sessions import OpenSSHSessions, ParamikoSessions, SSHTarget, openssh_settings, resolve_transport
 
@@ -120,6 +120,8 @@ class SFTPRemote(Remote):
         transport: str = "auto",
     ):
         self.transport = resolve_transport(transport)
+        connect_timeout = number_option("SFTP", "connect_timeout", connect_timeout, 0.1)
+        channels = int(number_option("SFTP", "channels", channels, 1, int))
         known = os.path.expanduser(known_hosts) if known_hosts else None
         if self.transport == "openssh":
             # ssh reads its configuration itself: it is given only what the URL and the options say, and
@@ -132,7 +134,7 @@ class SFTPRemote(Remote):
             cfg = self._ssh_config(host, ssh_config)
         self.port = int(port or cfg.get("port") or 22)
         self.user = user or cfg.get("user") or _login_name()
-        self.channels = max(1, channels)
+        self.channels = channels
         port_part = f":{self.port}" if self.port != 22 else ""
         self.display_url = f"sftp://{self.user}@{host}{port_part}{path if path.startswith('/') else '/' + path}"
         if self.transport == "paramiko":
@@ -166,11 +168,8 @@ class SFTPRemote(Remote):
         CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY=1, CHUNKVAULT_SFTP_TRANSPORT.
         """
         user, host, port, path = parse_sftp_url(url)
-        known = {"key_file", "known_hosts", "accept_new_host_key", "ssh_config", "connect_timeout", "channels",
-                 "transport"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise UsageError(f"unknown SFTP option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        refuse_unknown_options("SFTP", options, ["key_file", "known_hosts", "accept_new_host_key", "ssh_config",
+                                                 "connect_timeout", "channels", "transport"])
         env = os.environ
         options.setdefault("key_file", env.get("CHUNKVAULT_SFTP_KEY_FILE") or None)
         options.setdefault("known_hosts", env.get("CHUNKVAULT_SFTP_KNOWN_HOSTS") or None)

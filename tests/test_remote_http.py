@@ -105,7 +105,8 @@ def test_listing_is_paged(http_server):
 
 def test_options_and_urls(monkeypatch):
     monkeypatch.delenv("CHUNKVAULT_HTTP_TOKEN", raising=False)
-    with pytest.raises(UsageError, match="unknown HTTP option.*known: token, token_file, ca_file"):
+    with pytest.raises(UsageError, match="unknown HTTP option.s.: endpoint .known: ca-file, connect-timeout, "
+                                         "max-connections, read-timeout, retry-time, token, token-file.$"):
         HTTPRemote.from_url("http://127.0.0.1:1/", endpoint="x")
     with pytest.raises(UsageError) as info:
         HTTPRemote.from_url("http://user:secret-in-url@127.0.0.1:1/")

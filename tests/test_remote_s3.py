@@ -102,7 +102,7 @@ def test_if_absent_is_a_server_side_condition(s3_bucket, moto_s3):
 
 
 def test_data_storage_class_only_for_data(s3_bucket, moto_s3):
-    with _open(s3_bucket, data_storage_class="standard_ia", **SMALL_PARTS) as remote:
+    with _open(s3_bucket, storage_class="standard_ia", **SMALL_PARTS) as remote:
         remote.put("data/ab/pack", b"p" * 100)
         remote.put("data/ab/bigpack", b"q" * (6 * MiB))
         for key in ("config", "index/i1", "snapshots/s1", "keys/k1", "locks/l1"):
@@ -120,7 +120,7 @@ def test_data_storage_class_only_for_data(s3_bucket, moto_s3):
 
 def test_unknown_storage_class_is_refused(s3_bucket):
     with pytest.raises(UsageError, match="storage class"):
-        _open(s3_bucket, data_storage_class="COLD_AS_ICE")
+        _open(s3_bucket, storage_class="COLD_AS_ICE")
 
 
 @pytest.mark.parametrize("archive", ["glacier", "DEEP_ARCHIVE"])
@@ -130,7 +130,7 @@ def test_an_archive_storage_class_is_refused_and_an_archived_object_named_so(s3_
     import botocore.exceptions
 
     with pytest.raises(UsageError, match=f"{archive.upper()} cannot be read without a restore"):
-        _open(s3_bucket, data_storage_class=archive)
+        _open(s3_bucket, storage_class=archive)
     with _open(s3_bucket) as remote:
         archived = botocore.exceptions.ClientError(
             {"Error": {"Code": "InvalidObjectState", "Message": "not valid for the object's storage class"},
@@ -316,9 +316,10 @@ def test_display_url_and_options(moto_s3):
     assert remote.display_url == "s3://bkt/repo/"
     assert "secret" not in repr(remote).lower()
     assert remote.region == "eu-west-1"
-    with pytest.raises(UsageError, match="unknown S3 option"):
-        open_remote("s3://bkt/repo", fsync=False)
-    with pytest.raises(UsageError, match="multipart_part_size"):
+    with pytest.raises(UsageError, match="unknown S3 option.s.: fsync, max-size .known: .*region, retry-time, "
+                                         "storage-class\\)$") as info:
+        open_remote("s3://bkt/repo", fsync=False, max_size=1)
+    with pytest.raises(UsageError, match="multipart-part-size"):
         open_remote("s3://bkt/repo", multipart_part_size="big")
     sized = open_remote("s3://bkt/repo", endpoint_url=moto_s3.endpoint, multipart_threshold="5M",
                         multipart_part_size="5242880")  # as -o s3.multipart-threshold=5M gives them

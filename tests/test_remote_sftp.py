@@ -47,8 +47,19 @@ def test_password_in_url_is_refused_without_echoing_it():
 
 
 def test_unknown_options_are_named(sftp_repo):
-    with pytest.raises(UsageError, match="unknown SFTP option"):
+    with pytest.raises(UsageError, match="unknown SFTP option.s.: bogus .known: accept-new-host-key, .*retry-time"):
         open_remote(sftp_repo.url, bogus=1)
+
+
+@pytest.mark.parametrize("option, words", [
+    ({"connect_timeout": "soon"}, "SFTP option connect-timeout must be a number, not 'soon'"),
+    ({"connect_timeout": 0}, "SFTP option connect-timeout must be at least 0.1"),
+    ({"channels": 0}, "SFTP option channels must be at least 1"),
+    ({"channels": "2.5"}, "SFTP option channels must be an integer"),
+])
+def test_bad_numbers_are_usage_errors_before_connecting(option, words):
+    with pytest.raises(UsageError, match=words):
+        open_remote("sftp://u@127.0.0.1:1/x", **option)
 
 
 @pytest.fixture(params=TRANSPORTS)
