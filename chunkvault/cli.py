@@ -1616,7 +1616,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     _wait_option(s, 3600.0, "running backups and reads")
     s.set_defaults(func=cmd_repair)
 
-    s = sub.add_parser("key", parents=[common], help="manage the passwords of a repository")
+    s = sub.add_parser("key", help="manage the passwords of a repository")
     ks = s.add_subparsers(dest="key_cmd", required=True, parser_class=_Parser,
                           metavar="{list,add,remove,passwd,export,import}")
     for name in ("list", "add", "remove", "passwd", "export", "import"):
@@ -1685,23 +1685,29 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     first = argv[0] if argv and not argv[0].startswith("-") else None
     if first is not None:
         parser = build_parser(first)
-        if parser._subparsers is not None and first in _subcommands(parser):
+        commands = _subcommands(parser) if parser._subparsers is not None else {}
+        if first in commands:
+            if commands[first]._subparsers is not None:  # `key`: its options follow its own command
+                _refuse_options_before_command(argv[1:], commands[first], before=first + " ")
             return parser.parse_args(argv)
     parser = build_parser()
     _refuse_options_before_command(argv, parser)
     return parser.parse_args(argv)
 
 
-def _refuse_options_before_command(argv: list[str], parser: argparse.ArgumentParser) -> None:
-    """``chunkvault -r REPO snapshots``: say that options follow the command (argparse would call REPO an
-    invalid command), showing the line as it should be."""
+def _refuse_options_before_command(argv: list[str], parser: argparse.ArgumentParser, before: str = "") -> None:
+    """``chunkvault -r REPO snapshots``, ``chunkvault key -r REPO list``: say that options follow the command
+    (argparse would call REPO an invalid command, or let the command's defaults replace the options),
+    showing the line as it should be."""
     if not argv or not argv[0].startswith("-") or argv[0] in ("-h", "--help", "--version"):
         return
     commands = _subcommands(parser)
     at = next((i for i, word in enumerate(argv) if word in commands), None)
     if at is not None:
         fixed = " ".join([argv[at], *argv[:at], *argv[at + 1:]])
-        raise UsageError(f"options go after the command: chunkvault {fixed}")
+        raise UsageError(f"options go after the command: chunkvault {before}{fixed}")
+    if before:  # argparse would parse them and let the command's defaults replace them
+        raise UsageError(f"options go after the command: chunkvault {before}COMMAND {' '.join(argv)}")
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, Any]:

@@ -267,6 +267,18 @@ def test_options_before_the_command_are_explained(cli, args):
     assert "options go after the command: chunkvault snapshots " in err
 
 
+@pytest.mark.parametrize("args, fixed", [
+    (["key", "-r", "elsewhere", "--password-file", "pw", "passwd"], "key passwd -r elsewhere --password-file pw"),
+    (["key", "--json", "list"], "key list --json"),
+    (["key", "-q"], "key COMMAND -q"),
+])
+def test_options_between_key_and_its_command_are_explained_not_dropped(cli, args, fixed):
+    """They were parsed, then replaced by the subcommand's defaults: `key -r B passwd` changed the password
+    of the repository the environment named."""
+    err = one_line_error(cli(*args, check=False), 2)
+    assert err == f"chunkvault: options go after the command: chunkvault {fixed}\n"
+
+
 def test_a_missing_key_subcommand_names_the_choices(cli):
     assert "{list,add,remove,passwd,export,import}" in one_line_error(cli("key", check=False), 2)
 
