@@ -49,20 +49,28 @@ class PasswordSource:
         for kind in ("file", "command"):
             if self._args(args, kind) == "":  # given, and empty: not the environment's password silently instead
                 raise UsageError(f"{self.option}-{kind} is empty")
-        tiers = ((self._args(args, "file"), self._args(args, "command"),
-                  f"{self.option}-file and {self.option}-command", None),
-                 (*fallback, "password-file and password-command", cwd),
-                 (os.environ.get(self.env + "_FILE"), os.environ.get(self.env + "_COMMAND"),
-                  f"{self.env}_FILE and _COMMAND", None))
-        for file, command, where, run_in in tiers:
-            if file and command:
-                raise UsageError(f"{where} both given: use one")
-            if file:
-                return self._nonempty(read_password_file(file), f"in {file}")
-            if command:
-                return self._nonempty(run_password_command(command, run_in), f"from `{command}`")
-        if self.env in os.environ:
+        pw = (self._read(self._args(args, "file"), self._args(args, "command"),
+                         f"{self.option}-file and {self.option}-command")
+              or self._read(*fallback, "password-file and password-command", cwd))
+        if pw is not None:
+            return pw
+        file, command = os.environ.get(self.env + "_FILE"), os.environ.get(self.env + "_COMMAND")
+        for kind, value in (("FILE", file), ("COMMAND", command)):
+            if value == "":  # a unit file's unset variable, say: no password either, not a reason to look on
+                raise UsageError(f"{self.env}_{kind} is set but empty")
+        pw = self._read(file, command, f"{self.env}_FILE and _COMMAND")
+        if pw is None and self.env in os.environ:
             return self._nonempty(os.fsencode(os.environ[self.env]), f"in {self.env}")  # its bytes, as a file gives
+        return pw
+
+    def _read(self, file: str | None, command: str | None, where: str, cwd: str | None = None) -> bytes | None:
+        """The password in ``file`` or from ``command`` (one of them at most), None when neither is given."""
+        if file and command:
+            raise UsageError(f"{where} both given: use one")
+        if file:
+            return self._nonempty(read_password_file(file), f"in {file}")
+        if command:
+            return self._nonempty(run_password_command(command, cwd), f"from `{command}`")
         return None
 
     def get(self, args: argparse.Namespace, *, confirm: bool = False,
@@ -90,7 +98,7 @@ EXPORT = PasswordSource("export-password", "export password")
 
 
 def read_password_file(path: str) -> bytes:
-    """A file's bytes without its trailing line break."""
+    """A file's bytes without its trailing line breaks (LF or CR LF); spaces are the password's."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -100,8 +108,10 @@ def read_password_file(path: str) -> bytes:
 
 
 def run_password_command(command: str, cwd: str | None = None) -> bytes:
-    """The command's standard output without its trailing line break. It keeps the terminal and
-    stderr, so a command that asks for a passphrase (gpg's pinentry, a vault login) can."""
+    """The command's standard output without its trailing line breaks. It keeps the terminal and
+    stderr, so a command that asks for a passphrase (gpg's pinentry, a vault login) can; a standard input
+    that is no terminal is not its to read (``backup --stdin``'s data, ``key import -``'s export): it
+    reads nothing there."""
     import shlex
     import subprocess
 
@@ -112,13 +122,21 @@ def run_password_command(command: str, cwd: str | None = None) -> bytes:
     if not argv:
         raise UsageError("empty password command")
     try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, cwd=cwd, check=False)
+        done = subprocess.run(argv, stdout=subprocess.PIPE, cwd=cwd, check=False,
+                              stdin=None if _stdin_is_terminal() else subprocess.DEVNULL)
     except OSError as exc:
         raise UsageError(f"cannot run password command `{command}`: {exc.strerror}") from None
     if done.returncode != 0:
         how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
         raise UsageError(f"password command `{command}` failed ({how})")
     return done.stdout.rstrip(b"\r\n")
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return os.isatty(0)
+    except OSError:
+        return False
 
 
 def prompt(text: str, confirm: bool) -> bytes:

@@ -76,6 +76,17 @@ def test_an_empty_option_is_refused_not_passed_over_for_the_environment(env, kin
         passwords.REPOSITORY.given(args(**{f"password_{kind}": ""}))
 
 
+@pytest.mark.parametrize("kind", ["FILE", "COMMAND"])
+def test_an_empty_variable_is_refused_not_passed_over(env, kind, tmp_path):
+    """`CHUNKVAULT_PASSWORD_FILE=` (a unit file's unset variable) took CHUNKVAULT_PASSWORD instead."""
+    env.setenv("CHUNKVAULT_PASSWORD", "from-env")
+    env.setenv(f"CHUNKVAULT_PASSWORD_{kind}", "")
+    with pytest.raises(UsageError, match=f"^CHUNKVAULT_PASSWORD_{kind} is set but empty$"):
+        passwords.REPOSITORY.given(args())
+    (tmp_path / "pw").write_text("option")
+    assert passwords.REPOSITORY.given(args(password_file=str(tmp_path / "pw"))) == b"option"  # never looked at
+
+
 def test_command_output_keeps_its_inner_bytes(env):
     out = passwords.REPOSITORY.given(args(password_command=printing(" two words \t")))
     assert out == b" two words \t"  # only the line break goes: spaces may be part of a password
@@ -136,6 +147,19 @@ def test_cli_commands_take_every_password_from_commands(cli, tmp_path):
     assert (tmp_path / "r" / "f").read_bytes() == (src / "f").read_bytes()
     proc = cli("snapshots", "-r", repo, "--password-command", printing("wrong"), check=11, password=None)
     assert "wrong password" in proc.stderr.decode()
+
+
+def test_a_password_command_reads_no_data_given_on_standard_input(cli, tmp_path):
+    """It inherited the stream of `backup --stdin`: one that read from it (ssh without -n, a `read`) cut
+    the data short, and the backup saved the rest with exit 0."""
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    data = os.urandom(300_000)
+    eater = shlex.join([sys.executable, "-c",
+                        f"import sys; sys.stdin.buffer.read(); print({PASSWORD!r})"])
+    cli("backup", "-r", repo, "--stdin", "--stdin-name", "dump.sql", "-q", "--password-command", eater,
+        password=None, input=data)
+    assert cli("dump", "-r", repo, "latest", "dump.sql").stdout == data
 
 
 def test_cli_failing_command_is_one_line_and_exit_2(cli, tmp_path):
