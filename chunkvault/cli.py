@@ -1804,8 +1804,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return _stopped(args, argv)
-    except BrokenPipeError:
-        return 0
+    except BrokenPipeError:  # as `cat` ends there: what it had decided (check's 18, say) never reached anyone
+        return OutputClosed.exit_code
     except Exception as exc:  # a bug: still one line, unless --debug
         if _STOPPED_BY:  # the stop raised inside native code (an import, say), which wrapped it in its own error
             return _stopped(args, argv)

@@ -11,6 +11,7 @@ import pytest
 
 from chunkvault import Repository
 from chunkvault.errors import TargetNotEmpty, UsageError
+from conftest import PASSWORD
 from test_corruption import flip
 from test_damaged_storage import chunk_ids, damage_blob
 from treeutil import settle
@@ -256,6 +257,25 @@ def test_exclusive_commands_take_the_wait_they_suggest(setup, cli, password, arg
         err = one_line_error(cli(*args, "-r", repo, "--wait", "0", check=False), 15)
     assert "--wait" in err
     cli(*args, "-r", repo, "--wait", "0")
+
+
+def test_a_report_whose_reader_went_away_is_no_success(cli, tmp_path):
+    """`check --read-data | true` exited 0 where the check found damage (18): a closed pipe was taken for
+    a reader that had what it wanted.  It now ends as `cat` does there."""
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(os.urandom(5000))
+    cli("backup", "-r", repo, str(tmp_path / "src"), "-q")
+    flip(next(p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file()), 100)
+    env = {**os.environ, "CHUNKVAULT_PASSWORD": PASSWORD}
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", "check", "--read-data", "-r", repo],
+                          stdout=write, stderr=subprocess.PIPE, env=env, timeout=120)
+    os.close(write)
+    assert proc.returncode == 141, proc.stderr.decode()
+    assert b"Traceback" not in proc.stderr and b"Exception ignored" not in proc.stderr
 
 
 # --- parsing -------------------------------------------------------------------------------------------------
