@@ -79,9 +79,11 @@ def _generated_secret(path: str) -> bytes:
     return secret
 
 
-def _with_new_key(args: argparse.Namespace, new: bool, make: Callable[[bytes], T]) -> T:
+def _with_new_key(args: argparse.Namespace, new: bool, make: Callable[[bytes], T],
+                  kept: Callable[[], bool] = lambda: False) -> T:
     """Run ``make`` with the new key's password (``--generate-secret``: a secret written to that file,
-    removed again when no key is made; else the new password, or for ``init`` the password)."""
+    removed again when ``make`` fails, unless ``kept()`` says it left a key the secret opens; else the new
+    password, or for ``init`` the password)."""
     path = getattr(args, "generate_secret", None)
     if not path:
         return make(passwords.NEW.get(args, confirm=True) if new else passwords.REPOSITORY.get(args, confirm=True))
@@ -89,7 +91,8 @@ def _with_new_key(args: argparse.Namespace, new: bool, make: Callable[[bytes], T
     try:
         return make(secret)
     except BaseException:
-        os.unlink(path)
+        if not kept():
+            os.unlink(path)
         raise
 
 
@@ -1144,12 +1147,11 @@ def cmd_key(args: argparse.Namespace) -> int:
         name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
         _report_key(args, {"id": name}, f"added key {name[:12]}")
     elif args.key_cmd == "remove":
-        repo.remove_key(args.key_id, wait=args.wait)
-        _report_key(args, {"removed": args.key_id}, f"removed key {args.key_id}")
+        removed = repo.remove_key(args.key_id, wait=args.wait)
+        _report_key(args, {"removed": removed}, f"removed key {removed[:12]}")
     elif args.key_cmd == "passwd":
-        old = repo.store.key_name
-        name = _with_new_key(args, True, lambda password: repo.add_key(password, kdf_seconds=args.kdf_time))
-        repo.retire_key(old, name, wait=args.wait)
+        name, old = _with_new_key(args, True, lambda password: repo.change_password(
+            password, kdf_seconds=args.kdf_time, wait=args.wait), kept=lambda: repo.store.key_left is not None)
         _report_key(args, {"id": name, "removed": old}, f"password changed (key {old[:12]} replaced by {name[:12]})")
     return 0
 

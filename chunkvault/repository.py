@@ -1137,49 +1137,20 @@ class Repository:
     def change_password(self, new_password: str | bytes, *, kdf_seconds: float = 0.5,
                         wait: float = 3600.0) -> tuple[str, str]:
         """Replace the key this repository was opened with by one for ``new_password``: (new key, old key).
-        Once the new key is stored the old one is removed (waiting up to ``wait`` seconds for running
-        backups and reads); where that fails the new key is taken back if it can be, and the error says
-        which passwords open the repository; stopped meanwhile, a warning says so."""
+        Under the exclusive lock, taken first (waiting up to ``wait`` seconds for running backups and
+        reads); where the change fails once the new key is stored, that key is taken back unless the old
+        one is already gone, and the error says which passwords open the repository; stopped meanwhile, a
+        warning says so."""
+        check_kdf_seconds(kdf_seconds)
         old = self._repo.key_name
-        name = self.add_key(new_password, kdf_seconds=kdf_seconds)
-        self.retire_key(old, name, wait=wait)
-        return name, old
+        return self._repo.replace_key(_password(new_password), kdf_seconds=kdf_seconds, wait=wait), old
 
-    def retire_key(self, old: str, new: str, *, wait: float = 3600.0) -> None:
-        """``change_password``'s second half: remove ``old``, the key this repository was opened with, now
-        that ``new`` is stored (a caller that keeps the new key's secret in a file keeps it from here on)."""
-        remote = self._repo.remote
-        try:
-            self._repo.remove_key(old, own=True, wait=wait)
-            self._repo.key_name = new  # what this object opens with from now on (export_key, keys' current)
-        except ChunkvaultError as exc:  # e.g. an append-only token: the new key is taken back if it can be
-            try:
-                remote.delete(f"keys/{new}")
-                left = ("the password is unchanged" if remote.exists(f"keys/{old}") else
-                        f"key {new[:12]} taken back; the old password no longer opens the repository (another "
-                        "command replaced its key): use the password that command set")
-            except ChunkvaultError:
-                left = f"both passwords open the repository now (key {new[:12]} added): `key remove` one"
-            raise (exc.explained(f"; {left}") if isinstance(exc, CorruptObject) else
-                   type(exc)(f"{exc}; {left}")) from None
-        except BaseException:  # stopped, most likely while it waited for the lock: nothing is taken back
-            try:
-                old_there: bool | None = remote.exists(f"keys/{old}")
-            except BaseException:
-                old_there = None
-            warnings.warn(f"stopped with key {new[:12]} added: " + (
-                "both passwords open the repository (`key remove` one)" if old_there else
-                "the old key was removed: only the new password opens the repository" if old_there is False else
-                "the old password may no longer open the repository (`key list` says which keys are left)"),
-                RepositoryStateWarning, stacklevel=2)
-            raise
-
-    def remove_key(self, name: str, *, wait: float = 3600.0) -> None:
-        """Remove the key ``name`` (an id or unique prefix); waits up to ``wait`` seconds for running
-        backups and reads to end."""
+    def remove_key(self, name: str, *, wait: float = 3600.0) -> str:
+        """Remove the key ``name`` (an id or unique prefix) and return its id; waits up to ``wait`` seconds
+        for running backups and reads to end."""
         if not isinstance(name, str) or not name:
             raise UsageError(f"a key is named by its id or a unique prefix, not {name!r}")
-        self._repo.remove_key(name, wait=wait)
+        return self._repo.remove_key(name, wait=wait)
 
     def export_key(self) -> bytes:
         """A key export: the key this repository was opened with and the config, as stored.  Kept away

@@ -13,7 +13,7 @@ import time
 import warnings
 from collections import ChainMap, Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 
 from chunkvault.chunker import Chunker, ChunkerParams
@@ -48,6 +48,9 @@ from .packranges import RecentRanges
 from .chronology import chronological_key
 from .snapshot import Snapshot
 from .unlock import Unlocked, repository_objects, unlock
+
+if TYPE_CHECKING:
+    from .locks import RepoLock
 
 IndexT = TypeVar("IndexT", IndexData, IndexColumns)
 
@@ -140,6 +143,7 @@ class Repo:
         self.material = material
         self.config = config
         self.key_name = key_name
+        self.key_left: str | None = None  # a key a failed password change stored and did not take back
         self.sealer = Sealer(material.enc_key)
         self.blob_id = BlobHasher(material.id_key)
         self.chunker_params = ChunkerParams.from_dict(config.settings.chunker)
@@ -213,35 +217,95 @@ class Repo:
         return sorted(out, key=lambda k: (k.created, k.name)), damaged
 
     def add_key(self, password: bytes, *, kdf_seconds: float = 0.5, kdf_log_n: int | None = None) -> str:
-        if not password:
-            raise UsageError("an empty password is not allowed")
-        name, data = make_key_file(self.material, password, self.config.repo_id,
-                                   kdf_seconds=kdf_seconds, log_n=kdf_log_n)
+        name, data = self._key_file(password, kdf_seconds, kdf_log_n)
         self.remote.put(f"keys/{name}", data, if_absent=True)
         return name
 
-    def remove_key(self, name: str, *, own: bool = False, wait: float = 0.0) -> None:
-        """Remove a key file (``own``: the one this repository was opened with, once another replaces it).
-        Under the exclusive lock (waiting up to ``wait`` seconds for it), and only while the opening key is
-        still there and another readable key remains: two removals at once each took the other's key, and
-        no key opened the repository again."""
+    def _key_file(self, password: bytes, kdf_seconds: float, kdf_log_n: int | None = None) -> tuple[str, bytes]:
+        if not password:
+            raise UsageError("an empty password is not allowed")
+        return make_key_file(self.material, password, self.config.repo_id, kdf_seconds=kdf_seconds, log_n=kdf_log_n)
+
+    def remove_key(self, name: str, *, wait: float = 0.0) -> str:
+        """Remove the key file ``name`` (an id or unique prefix) and return its id.  Under the exclusive lock
+        (waiting up to ``wait`` seconds for it), and only while the opening key is still there and another
+        readable key remains: two removals at once each took the other's key, and no key opened the
+        repository again."""
         from .locks import EXCLUSIVE, RepoLock
 
-        with RepoLock(self.remote, EXCLUSIVE, "key passwd" if own else "key remove", wait=wait) as lock:
+        with RepoLock(self.remote, EXCLUSIVE, "key remove", wait=wait) as lock:
             readable, damaged = self.list_keys()
             names = [k.name for k in readable]
-            if self.key_name not in names:  # first: the key named may be that one (a password change)
+            if self.key_name not in names:
                 raise UsageError("the key this repository was opened with is gone (another command removed it): "
                                  "nothing removed")
             matches = [k for k in names + list(damaged) if k.startswith(name)]
-            if len(matches) != 1:
-                raise UsageError(f"no unique key {name!r}")
-            if matches[0] == self.key_name and not own:
+            if not matches:
+                raise UsageError(f"no key {name!r} (`key list` shows them)")
+            if len(matches) > 1:
+                raise UsageError(f"key {name!r} is ambiguous: {', '.join(sorted(k[:12] for k in matches))}")
+            if matches[0] == self.key_name:
                 raise UsageError("refusing to remove the key this repository was opened with (use another password)")
             if not [k for k in names if k != matches[0]]:
                 raise UsageError("refusing to remove the last key that opens the repository")
             lock.ensure_held()
             self.remote.delete(f"keys/{matches[0]}")
+            return matches[0]
+
+    def replace_key(self, password: bytes, *, kdf_seconds: float = 0.5, wait: float = 0.0) -> str:
+        """A key for ``password`` in place of the one this repository was opened with (a password change);
+        returns the new key's id.  The exclusive lock comes first (waiting up to ``wait`` seconds): a token
+        that may not take it (append-only) changes nothing, where the new key used to be added and could not
+        be taken back, leaving one more password that opens the repository.  Where the change fails or is
+        stopped once the new key is stored, it is taken back unless the old one is already gone; the error
+        (or, when stopped, a warning) says which passwords open the repository."""
+        from .locks import EXCLUSIVE, RepoLock
+
+        old = self.key_name
+        locked = False
+        try:
+            with RepoLock(self.remote, EXCLUSIVE, "key passwd", wait=wait) as lock:
+                locked = True
+                new = self._replace_key_locked(old, password, kdf_seconds, lock)
+        except ChunkvaultError as exc:
+            if locked:
+                raise
+            raise type(exc)(f"{exc}; the password is unchanged") from None  # locked, or a token that may not lock
+        self.key_name = new
+        return new
+
+    def _replace_key_locked(self, old: str, password: bytes, kdf_seconds: float, lock: RepoLock) -> str:
+        if old not in [k.name for k in self.list_keys()[0]]:
+            raise UsageError("the key this repository was opened with is gone (another command replaced it): "
+                             "nothing changed; use the password that command set")
+        new, data = self._key_file(password, kdf_seconds)
+        try:
+            self.remote.put(f"keys/{new}", data, if_absent=True)
+            lock.ensure_held()
+            self.remote.delete(f"keys/{old}")
+        except BaseException as exc:
+            left = self._undo_new_key(old, new)
+            if not isinstance(exc, ChunkvaultError):
+                warnings.warn(f"stopped: {left}", RepositoryStateWarning, stacklevel=3)
+                raise
+            raise (exc.explained(f"; {left}") if isinstance(exc, CorruptObject) else
+                   type(exc)(f"{exc}; {left}")) from None
+        return new
+
+    def _undo_new_key(self, old: str, new: str) -> str:
+        """After a password change failed with key ``new`` stored (or maybe stored): take it back while
+        ``old`` is there, and say which passwords open the repository."""
+        self.key_left = new
+        try:
+            if not self.remote.exists(f"keys/{old}"):
+                self.key_name = new
+                return f"the old key was removed: only the new password opens the repository (key {new[:12]})"
+            self.remote.delete(f"keys/{new}")
+        except BaseException:
+            return (f"key {new[:12]} was added and the old password may no longer open the repository "
+                    "(`key list` says which keys are left)")
+        self.key_left = None
+        return "the password is unchanged"
 
     def save_settings(self, settings: Settings) -> None:
         """Rewrite the config (the only object ever replaced)."""

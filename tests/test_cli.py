@@ -622,13 +622,12 @@ def test_two_password_changes_at_once_tell_the_loser_what_opens_the_repository(t
     from chunkvault import Repository
 
     repo = new_repo(str(tmp_path / "repo"))
-    old = repo.store.key_name
     with Repository.open(str(tmp_path / "repo"), password) as other:
-        repo.add_key("first's new", kdf_seconds=0)
-        repo.store.remove_key(old, own=True)  # the first change is done
-        other.add_key("second's new", kdf_seconds=0)
-        with pytest.raises(UsageError, match="the key this repository was opened with is gone"):
-            other.store.remove_key(old, own=True)
+        new, _ = repo.change_password("first's new", kdf_seconds=0)
+        with pytest.raises(UsageError, match="the key this repository was opened with is gone .* nothing changed; "
+                                             "use the password that command set"):
+            other.change_password("second's new", kdf_seconds=0)
+        assert [k["id"] for k in repo.keys()] == [new]  # the loser stored no key
 
 
 def test_copy_into_its_own_repository_is_refused(tmp_path, cli, setup):
@@ -742,21 +741,24 @@ sys.exit(cli.main(["snapshots", "-r", sys.argv[1]]))
 @pytest.mark.parametrize("after_delete", [False, True])
 def test_a_password_change_stopped_says_which_passwords_open_the_repository(tmp_path, new_repo, password, monkeypatch,
                                                                             capsys, after_delete):
-    """Stopped with the new key added: both passwords open it, or, stopped once the old key was removed, only
-    the new one (it said both, and a user who kept only the old lost the repository)."""
+    """Stopped with the new key added: it is taken back; stopped once the old key was removed, only the new
+    one opens the repository, and the warning says so (it said both, and a user who kept only the old lost
+    the repository)."""
     from chunkvault import Repository, cli
-    from chunkvault.store.repository import Repo
+    from chunkvault.remotes.local import LocalRemote
 
     repo = new_repo(str(tmp_path / "repo"))
     (tmp_path / "new").write_text("new password\n")
-    real = Repo.remove_key
+    old, real = repo.store.key_name, LocalRemote.delete
 
-    def stopped(self, name, **kw):
-        if after_delete:
-            real(self, name, **kw)
-        raise KeyboardInterrupt
+    def stopped(self, key):
+        if key == f"keys/{old}":
+            if after_delete:
+                real(self, key)
+            raise KeyboardInterrupt
+        real(self, key)
 
-    monkeypatch.setattr(Repo, "remove_key", stopped)
+    monkeypatch.setattr(LocalRemote, "delete", stopped)
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", password)
     code = cli.main(["key", "passwd", "-r", str(tmp_path / "repo"), "--new-password-file", str(tmp_path / "new"),
                      "--kdf-time", "0"])
@@ -766,10 +768,12 @@ def test_a_password_change_stopped_says_which_passwords_open_the_repository(tmp_
         assert "only the new password opens the repository" in err
         with pytest.raises(Exception):
             Repository.open(repo.store.remote.display_url, password)
-    else:
-        assert "both passwords open the repository" in err
+        Repository.open(repo.store.remote.display_url, "new password").close()
+    else:  # the new key is taken back: it said both passwords open the repository, and both did
+        assert "stopped: the password is unchanged" in err
         Repository.open(repo.store.remote.display_url, password).close()
-    Repository.open(repo.store.remote.display_url, "new password").close()
+        with pytest.raises(Exception):
+            Repository.open(repo.store.remote.display_url, "new password")
 
 
 def test_json_warnings_naming_a_name_that_is_not_utf8_carry_their_bytes(tmp_path, cli, setup):
