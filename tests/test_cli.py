@@ -3,6 +3,7 @@ import base64
 import dataclasses
 import json
 import os
+from collections import Counter
 
 import blake3
 import pytest
@@ -614,6 +615,27 @@ def test_key_remove_and_passwd_wait_for_running_backups(tmp_path, new_repo, cli,
         assert len(changed.keys()) == 1
     with pytest.raises(Exception):
         Repository.open(r, password)
+
+
+def test_a_refused_password_change_leaves_no_generated_secret_and_removals_name_their_key(tmp_path, new_repo, cli):
+    """The secret file of a `passwd --generate-secret` refused for the lock stayed, opening nothing, and a retry
+    refused it as existing; `key remove PREFIX` reported the prefix, and "no unique key" was said alike of
+    a prefix nothing has and of one two keys share."""
+    from chunkvault.store.locks import SHARED, RepoLock
+
+    repo = new_repo(str(tmp_path / "repo"))
+    r, secret = str(tmp_path / "repo"), tmp_path / "secret"
+    with RepoLock(repo.store.remote, SHARED, "backup"):
+        err = cli("key", "passwd", "-r", r, "--generate-secret", str(secret), "--wait", "0", check=15).stderr
+    assert b"the password is unchanged" in err and not secret.exists()
+    ids = [repo.add_key(f"pw {i}", kdf_seconds=0) for i in range(16)]  # 17 keys: two share a first digit
+    first = Counter(k[0] for k in ids + [repo.store.key_name]).most_common(1)[0][0]
+    shared = [k for k in ids + [repo.store.key_name] if k[0] == first]
+    err = cli("key", "remove", "-r", r, first, check=2).stderr.decode()
+    assert f"key '{first}' is ambiguous: " in err and all(k[:12] in err for k in shared)
+    assert b"no key 'zz'" in cli("key", "remove", "-r", r, "zz", check=2).stderr
+    out = json.loads(cli("key", "remove", "-r", r, ids[1][:6], "--json").stdout)
+    assert out == {"removed": ids[1]}
 
 
 def test_two_password_changes_at_once_tell_the_loser_what_opens_the_repository(tmp_path, new_repo, password):
