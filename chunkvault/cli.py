@@ -991,7 +991,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
             prune_error = exc
     removed = set(plan.remove)
     # What a prune after this forget would free: only a dry run can tell, the snapshots are still there.
-    frees = repo.usage(removed).frees_stored_bytes if args.dry_run and removed else None
+    frees = None
+    if args.dry_run and removed:
+        with repo.reading("forget --dry-run", wait=args.wait):  # behind a prune: as long as --wait says
+            frees = repo.usage(removed).frees_stored_bytes
     if args.json:
         _emit_json({"dry_run": args.dry_run, "frees_stored_bytes": frees,
                     "decisions": [{"id": d.snapshot_id, "keep": d.keep, "reasons": list(d.reasons)}

@@ -345,6 +345,20 @@ def test_forget_dry_run_and_policy(tmp_path, cli, setup):
     assert cli("forget", "-r", repo, check=2).returncode == 2
 
 
+def test_forget_dry_run_behind_a_prune_waits_only_as_long_as_wait_says(tmp_path, cli, setup):
+    """Its estimate of what a prune frees read the snapshots under a shared lock that waited an hour."""
+    from chunkvault import Repository
+    from chunkvault.store.locks import EXCLUSIVE, RepoLock
+
+    repo, src = setup
+    for i in range(3):
+        (src / f"n{i}").write_text(str(i))
+        cli("backup", "-r", repo, str(src), "-q")
+    with Repository.open(repo, PASSWORD) as r, RepoLock(r.store.remote, EXCLUSIVE, "prune"):
+        err = cli("forget", "-r", repo, "--keep-last", "1", "--dry-run", "--wait", "0", check=15).stderr
+    assert b"locked by prune" in err
+
+
 def test_aggregate_retire_names_what_it_forgot_and_rebased(tmp_path, cli, setup):
     repo, src = setup
     ids = []
