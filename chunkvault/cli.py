@@ -1542,7 +1542,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_restore, read_lock="restore")
 
     s = sub.add_parser("ls", parents=[common, reading], help="list a snapshot's entries")
-    s.add_argument("snapshot")
+    s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest (the default)")
     s.add_argument("path", nargs="?")
     add_snapshot_choice(s)
     s.set_defaults(func=cmd_ls, read_lock="ls")
@@ -1557,7 +1557,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("dump", parents=[common, reading],
                        help="write one file of a snapshot, or a directory as a tar or zip archive, to stdout")
-    s.add_argument("snapshot")
+    s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest (the default)")
     s.add_argument("path", help="a file, or a directory (/ for the whole snapshot)")
     s.add_argument("--archive", choices=["tar", "zip"], default="tar", help="a directory's format (default tar)")
     add_snapshot_choice(s)

@@ -272,6 +272,10 @@ def test_latest_and_until_pick_among_one_host_and_paths(tmp_path, new_repo, cli)
     assert [p.name for p in (tmp_path / "dump").iterdir()] == ["app.sql"]
     cli("restore", "-r", url, *until, "--host", "db1", "--path", str(pg), "--target", str(tmp_path / "files"))
     assert [p.name for p in (tmp_path / "files").iterdir()] == ["base"]
+    # ls and dump take latest when no snapshot is named, as restore does: `--until T` alone is enough
+    assert cli("dump", "-r", url, *until, "--path", "app.sql", "app.sql").stdout == b"-- dump"
+    listed = cli("ls", "-r", url, *until, "--host", "db1", "--path", str(pg)).stdout.decode()
+    assert listed.rstrip().endswith("  base")
 
 
 def test_an_aggregated_differential_stays_after_the_snapshot_it_was_made_on(tmp_path, new_repo, cli):
