@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import socket
 import stat as stat_mod
@@ -136,7 +137,8 @@ class SFTPRemote(Remote):
         self.user = user or cfg.get("user") or _login_name()
         self.channels = channels
         port_part = f":{self.port}" if self.port != 22 else ""
-        self.display_url = f"sftp://{self.user}@{host}{port_part}{path if path.startswith('/') else '/' + path}"
+        shown = re.sub(r"[%;?#]", lambda m: f"%{ord(m.group()):02X}", path)  # as a URL takes it again
+        self.display_url = f"sftp://{self.user}@{host}{port_part}{shown if shown.startswith('/') else '/' + shown}"
         if self.transport == "paramiko":
             files = [os.path.expanduser(f) for f in cfg.get("identityfile") or []]
             key_files = [key_file] if key_file else [f for f in files if os.path.exists(f)]

@@ -328,6 +328,18 @@ def test_a_host_alias_of_the_ssh_config_names_its_user_and_port(sshd, tmp_path, 
     assert (tmp_path / "repo" / "config").read_bytes() == b"x"
 
 
+def test_the_remote_names_itself_by_a_url_that_opens_it_again(sshd, tmp_path):
+    """A path with ; ? # or % was named decoded (`init` printed .../r;x), in a URL the parser refuses."""
+    url = sshd.url(f"{tmp_path}/r%3Bx%3Fy%23z%25")
+    with open_remote(url, **sshd.options) as remote:
+        remote.put("config", b"x")
+        named = remote.display_url
+    assert named.endswith(f"{tmp_path}/r%3Bx%3Fy%23z%25")
+    with open_remote(named, **sshd.options) as again:
+        assert again.get("config") == b"x"
+    assert (tmp_path / "r;x?y#z%" / "config").read_bytes() == b"x"
+
+
 def test_openssh_sessions_leave_paramiko_unloaded(sftp_repo):
     """Over OpenSSH's client, paramiko (0.1 s of imports) has nothing to do."""
     code = ("import sys\nfrom chunkvault.remotes import open_remote\n"
