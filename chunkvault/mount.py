@@ -25,10 +25,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
+from .display import shown_name, warn
 from .errors import ChunkvaultError, MountFailed, UsageError
 from .mountview import InSnapshot, Layout, Link, Node, SnapshotTree, VirtualDir
 from .repository import Repository
-from .store.manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry
+from .store.manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, unread
 from .store.owners import OwnerMap
 from .store.snapshot import Snapshot
 from .store.xattrs import decode_xattrs
@@ -105,7 +106,8 @@ class _Chunks:
 class _File:
     """An open file of a snapshot: where each of its chunks starts, for reads at any offset."""
 
-    def __init__(self, entry: Entry, chunks: _Chunks):
+    def __init__(self, path: str, entry: Entry, chunks: _Chunks):
+        self.path = path  # as the file system shows it, for messages
         self.chunks = chunks
         self.ids = entry.chunk_ids()
         self.asked_ahead = -1
@@ -147,6 +149,8 @@ class SnapshotFS:
         self.on_mounted = on_mounted
         self.served = False  # the kernel mounted it (``init``): an end after that is an unmount
         self._lock = threading.Lock()
+        self._refreshing = False
+        self._told: set[str] = set()  # what made a read fail, said once each on stderr
         self._layout = Layout(repo.snapshots())
         self._listed = time.monotonic()
         self._trees: OrderedDict[str, SnapshotTree] = OrderedDict()
@@ -158,13 +162,23 @@ class SnapshotFS:
     # --- lookups ------------------------------------------------------------------------
 
     def _layout_now(self) -> Layout:
+        """The layout, listed again once older than ``refresh``: by one thread, while the others go on with
+        the one at hand (built under the lock, it stood every operation still for a second at 2,000
+        snapshots)."""
         with self._lock:
-            if time.monotonic() - self._listed > self.refresh:
-                # the index too, once backups added to it: a new snapshot's chunks are in no index read before
-                self.repo.store.drop_stale()
-                self._layout = Layout(self.repo.snapshots())
-                self._listed = time.monotonic()
-            return self._layout
+            if self._refreshing or time.monotonic() - self._listed <= self.refresh:
+                return self._layout
+            self._refreshing = True
+        try:
+            # the index too, once backups added to it: a new snapshot's chunks are in no index read before
+            self.repo.store.drop_stale()
+            layout = Layout(self.repo.snapshots())
+        finally:
+            with self._lock:
+                self._refreshing = False
+        with self._lock:
+            self._layout, self._listed = layout, time.monotonic()
+        return layout
 
     def _tree(self, snap: Snapshot) -> SnapshotTree:
         with self._lock:
@@ -202,12 +216,22 @@ class SnapshotFS:
                 self._owner_maps[snap.id] = owners
         return owners
 
+    def _tell(self, message: str) -> None:
+        """Say once on stderr why a read failed with EIO: the error names the damaged or missing object, as
+        every other command's does (the file system can only answer EIO)."""
+        with self._lock:
+            if message in self._told:
+                return
+            self._told.add(message)
+        warn(message)
+
     def _in_snapshot(self, node: InSnapshot) -> tuple[SnapshotTree, Entry | None]:
         """The snapshot's tree and the entry at the node (None: a directory without an entry of its own,
         as the root of a snapshot of several paths)."""
         try:
             tree = self._tree(node.snapshot)
-        except ChunkvaultError:  # damaged, or gone with a prune that ran unlocked (--no-lock)
+        except ChunkvaultError as exc:  # damaged, or gone with a prune that ran unlocked (--no-lock)
+            self._tell(f"snapshot {node.snapshot.id[:8]}: {exc}")
             raise _error(errno.EIO) from None
         e = tree.content_entry(node.rel)
         if e is None and not tree.is_dir(node.rel):  # not there, or a hard link whose file is not
@@ -308,9 +332,13 @@ class SnapshotFS:
             raise _error(errno.EISDIR)
         if e.type != T_FILE:
             raise _error(errno.ENXIO)
+        if unread(e):  # no data: an empty file would pass for its content, as restore and dump know
+            self._tell(f"{shown_name(path)}: no backup could read this file; the snapshot holds no data for it")
+            raise _error(errno.EIO)
         try:
-            f = _File(e, self._chunks)
-        except ChunkvaultError:
+            f = _File(path, e, self._chunks)
+        except ChunkvaultError as exc:
+            self._tell(f"{shown_name(path)}: {exc}")
             raise _error(errno.EIO) from None
         with self._lock:
             fh = self._next_fh
@@ -324,7 +352,8 @@ class SnapshotFS:
             raise _error(errno.EBADF)
         try:
             return f.read(size, offset)
-        except ChunkvaultError:
+        except ChunkvaultError as exc:
+            self._tell(f"{shown_name(f.path)}: {exc}")
             raise _error(errno.EIO) from None
 
     def release(self, path: str, fh: int) -> int:
@@ -362,16 +391,32 @@ def _error(code: int) -> OSError:
     return _fuse().FuseOSError(code)
 
 
+def _check_mountpoint(mountpoint: str) -> None:
+    """An empty directory, or one clear line on what it is instead."""
+    try:
+        st = os.stat(mountpoint)
+        empty = not stat.S_ISDIR(st.st_mode) or not os.listdir(mountpoint)
+    except FileNotFoundError:
+        raise UsageError(f"{mountpoint} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:  # a FUSE mount whose process is gone (killed, out of memory)
+            raise UsageError(f"{mountpoint} is still mounted by a mount that is gone: unmount it first "
+                             f"(fusermount -u {mountpoint})") from None
+        raise UsageError(f"cannot use {mountpoint} as a mount point: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{mountpoint} is not a directory")
+    if not empty:
+        raise UsageError(f"{mountpoint} is not empty" + (" (a mount point already)" if os.path.ismount(mountpoint)
+                                                         else ""))
+
+
 def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait: float = 3600.0,
           refresh: float = REFRESH_SECONDS, on_mounted: Any = None, numeric_owner: bool = False) -> None:
     """Mount the repository's snapshots read-only at ``mountpoint`` until it is unmounted (``fusermount -u``,
     or SIGINT/SIGTERM/SIGHUP to this process); ``on_mounted()`` is called once it is.  ``allow_other``: other users may look too, each held to the
     recorded owners and modes (without it only the mounting user can, and reads every file).  Owners show
     as a restore would set them: the local ids of their recorded names, unless ``numeric_owner``."""
-    if not os.path.isdir(mountpoint):
-        raise UsageError(f"{mountpoint} is not a directory")
-    if os.listdir(mountpoint):
-        raise UsageError(f"{mountpoint} is not empty")
+    _check_mountpoint(mountpoint)
     fuse = _fuse()
     with repo.reading("mount", wait=wait):
         ops = SnapshotFS(repo, refresh, on_mounted, numeric_owner)

@@ -1,8 +1,8 @@
 """The directory layout ``chunkvault mount`` shows, as pure functions of the snapshot list and trees.
 
-    snapshots/<time>/...        each snapshot's files (time in UTC; two in one second get their id added)
+    snapshots/<time>/...        each snapshot's files (time in UTC; a second one in a second gets its id added)
     snapshots/latest            -> the newest snapshot
-    ids/<short id>              -> ../snapshots/<time>
+    ids/<short id>              -> ../snapshots/<time>  (the full id and longer prefixes resolve too)
     hosts/<host>/<time>, latest -> ../../snapshots/<time>
     tags/<tag>/<time>, latest   -> ../../snapshots/<time>
 
@@ -11,6 +11,7 @@ link, so one snapshot's tree is resolved once however many ways it is reached.
 """
 from __future__ import annotations
 
+import bisect
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -50,14 +51,21 @@ def snapshot_name(s: Snapshot) -> str:
 
 
 def _short_ids(snaps: list[Snapshot]) -> dict[str, Snapshot]:
-    """Each snapshot under the shortest id prefix (8 hex digits or more) that no other snapshot shares."""
-    out = {}
-    for s in snaps:
-        n = 8
-        while any(o is not s and o.id.startswith(s.id[:n]) for o in snaps):
-            n += 1
-        out[s.id[:n]] = s
-    return out
+    """Each snapshot under the shortest id prefix (8 hex digits or more) that no other snapshot shares: one
+    digit past what it shares with its neighbours in id order (comparing every pair took 12 s at a year of
+    hourly snapshots, and the mount stood still while it did)."""
+    ordered = sorted(s.id for s in snaps)
+    shared = [_common(a, b) for a, b in zip(ordered, ordered[1:])]
+    length = {sid: max(8, 1 + max(shared[i - 1] if i else 0, shared[i] if i < len(shared) else 0))
+              for i, sid in enumerate(ordered)}
+    return {s.id[:length[s.id]]: s for s in snaps}
+
+
+def _common(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 @dataclass
@@ -77,11 +85,13 @@ class Layout:
         for s in snaps:
             first[snapshot_name(s)].append(s)
         self.names = {}
-        for name, same in first.items():
-            for s in same:
-                self.names[s.id] = name if len(same) == 1 else f"{name}-{s.id[:8]}"
+        for name, same in first.items():  # the first of a second keeps its name when another joins it
+            for i, s in enumerate(same):
+                self.names[s.id] = name if i == 0 else f"{name}-{s.id[:8]}"
         self.by_name = {self.names[s.id]: s for s in snaps}
         self.ids = _short_ids(snaps)
+        self._sorted_ids = sorted(s.id for s in snaps)
+        self._by_id = {s.id: s for s in snaps}
         hosts, tags = defaultdict(list), defaultdict(list)
         for s in snaps:
             hosts[_safe(s.host)].append(s)
@@ -110,7 +120,7 @@ class Layout:
         if top == "ids":
             if not rest:
                 return VirtualDir(tuple(self.ids))
-            s = self.ids.get(rest[0])
+            s = self.ids.get(rest[0]) or self._by_prefix(rest[0])
             return Link(f"../snapshots/{self.names[s.id]}") if s is not None and len(rest) == 1 else None
         if top in self.groups:
             groups = self.groups[top]
@@ -126,6 +136,18 @@ class Layout:
             s = self.by_name.get(rest[1])
             return Link(f"../../snapshots/{rest[1]}") if s is not None and any(x.id == s.id for x in snaps) else None
         return None
+
+
+    def _by_prefix(self, prefix: str) -> Snapshot | None:
+        """The snapshot whose id ``prefix`` begins (the full id, or any unique prefix as long as the names
+        ``ids/`` lists), as every command takes one."""
+        if len(prefix) < 8:
+            return None
+        i = bisect.bisect_left(self._sorted_ids, prefix)
+        found = self._sorted_ids[i:i + 2]
+        if not found or not found[0].startswith(prefix) or (len(found) > 1 and found[1].startswith(prefix)):
+            return None
+        return self._by_id[found[0]]
 
 
 def _safe(name: str) -> str:

@@ -279,6 +279,18 @@ def test_unreadable_file_gives_exit_3_and_is_not_restored_with_a_warning(repo_pa
         said = repo.dump("latest", "/", out, archive="tar")
     assert [m.name for m in tarfile.open(fileobj=io.BytesIO(out.getvalue()))] == ["ok"]
     assert said == ["locked: unreadable at backup time, left out (no backup read it)"]
+    from chunkvault.mount import SnapshotFS
+
+    capsys.readouterr()
+    with Repository.open(repo_path, PASSWORD) as repo:  # mounted, it read as an empty file, exit 0
+        fs = SnapshotFS(repo)
+        root = f"/snapshots/{fs._layout.names[snap.id]}"
+        with pytest.raises(OSError) as info:
+            fs.open(f"{root}/locked", os.O_RDONLY)
+        assert info.value.errno == errno.EIO
+        assert fs.read("", 10, 0, fs.open(f"{root}/ok", os.O_RDONLY)) == b"fine"
+        fs.destroy("/")
+    assert "/locked: no backup could read this file" in capsys.readouterr().err
     assert (tmp_path / "out" / "ok").read_bytes() == b"fine"
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
     assert cli.main(["backup", "-r", repo_path, str(src)]) == 0  # readable again

@@ -48,7 +48,7 @@ def test_layout_names_snapshots_by_time_and_links_everything_else_to_them():
     c = snap("aa12" + "0" * 60, "2026-11-30T10:00:00+00:00", tags=("daily", "x"))
     lay = Layout([c, b, a])
     na, nb, nc = (lay.names[s.id] for s in (a, b, c))
-    assert (na, nb) == ("2026-11-30T07:52:31Z-aa110000", "2026-11-30T07:52:31Z-bb220000")
+    assert (na, nb) == ("2026-11-30T07:52:31Z", "2026-11-30T07:52:31Z-bb220000")  # the first keeps its name
     assert nc == snapshot_name(c) == "2026-11-30T10:00:00Z"
     assert lay.resolve("/") == VirtualDir(TOP)
     assert lay.resolve("/snapshots") == VirtualDir((na, nb, nc, "latest"))
@@ -57,6 +57,8 @@ def test_layout_names_snapshots_by_time_and_links_everything_else_to_them():
     assert lay.resolve(f"/snapshots/{nb}/x/y") == InSnapshot(b, b"x/y")
     assert lay.resolve("/ids") == VirtualDir(("aa110000", "bb220000", "aa120000"))
     assert lay.resolve("/ids/bb220000") == Link(f"../snapshots/{nb}")
+    assert lay.resolve(f"/ids/{b.id}") == lay.resolve("/ids/bb2200000") == Link(f"../snapshots/{nb}")  # as commands
+    assert lay.resolve("/ids/aa1") is None and lay.resolve("/ids/bb22") is None  # shorter than the names listed
     assert lay.resolve("/hosts") == VirtualDir(("db%2F1", "h"))
     assert lay.resolve("/hosts/h") == VirtualDir((na, nc, "latest"))
     assert lay.resolve("/hosts/h/latest") == Link(nc)
@@ -268,14 +270,16 @@ def test_mount_refuses_a_mountpoint_that_is_not_an_empty_directory(repo_with, tm
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_bytes(b"")
-    for where, says in ((full, "is not empty"), (tmp_path / "missing", "is not a directory")):
+    (tmp_path / "file").write_bytes(b"")
+    for where, says in ((full, "is not empty"), (tmp_path / "missing", "does not exist"),
+                        (tmp_path / "file", "is not a directory")):
         out = cli("mount", "-r", url, str(where), check=2)
         assert says in out.stderr.decode() and len(out.stderr.decode().strip().splitlines()) == 1
 
 
-def test_a_damaged_chunk_is_an_io_error_for_its_file_only(repo_with, tmp_path):
-    """Reading a file whose chunk no longer verifies fails with EIO (never other bytes); the tree and the
-    other files still read."""
+def test_a_damaged_chunk_is_an_io_error_for_its_file_only(repo_with, tmp_path, capsys):
+    """Reading a file whose chunk no longer verifies fails with EIO (never other bytes), said once on stderr
+    with the object's name; the tree and the other files still read."""
     from chunkvault.mount import SnapshotFS
     from test_damaged_storage import damage_blob
 
@@ -295,6 +299,11 @@ def test_a_damaged_chunk_is_an_io_error_for_its_file_only(repo_with, tmp_path):
     with pytest.raises(OSError) as info:
         fs.read("", 4096, start + 10, fh)
     assert info.value.errno == errno.EIO
+    with pytest.raises(OSError):
+        fs.read("", 4096, start + 10, fh)
+    told = capsys.readouterr().err.splitlines()
+    assert len(told) == 1 and told[0].startswith(f"warning: {root}/etc/deep/big.bin: ")
+    assert big.chunk_ids()[3].hex()[:12] in told[0] or "pack" in told[0]
     other = fs.open(f"{root}/etc/app.conf", os.O_RDONLY)
     assert fs.read("", 100, 0, other) == b"key = other\n"
     assert "etc" in listing(fs, root)
