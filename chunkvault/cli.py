@@ -632,9 +632,8 @@ def _report_restore(args: argparse.Namespace, snap: Snapshot, result: Any, verif
     if args.json:
         _emit_json(_restore_json(snap, result, args.target, verified))
         return False
-    if not args.quiet:
-        for w in result.warnings:
-            warn(w)
+    for w in result.warnings:  # under -q too: each says what of the snapshot the target lacks
+        warn(w)
     return not args.quiet
 
 
@@ -897,8 +896,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         bar.done()
     if args.json:
         _emit_json(report.to_dict())
-    elif not args.quiet:
-        for w in report.warnings:
+    else:  # -q: the problems alone, which are errors
+        for w in () if args.quiet else report.warnings:
             warn(w)
         for p in report.problems:
             print(f"error: {one_line(p.object)}: {one_line(p.problem)}")
@@ -909,6 +908,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             if len(p.files) + p.more_files > 20:
                 print(f"  and {len(p.files) + p.more_files - 20} more files"
                       + (f" (--json names {len(p.files)})" if len(p.files) > 20 else ""))
+    if not args.json and not args.quiet:
         print(f"checked {report.snapshots} snapshots, {report.packs} packs, {report.blobs} blobs"
               + (f"; read {report.packs_read} packs ({format_size(report.bytes_read)}), {report.blobs_read} blobs"
                  if report.packs_read else "")

@@ -446,8 +446,9 @@ def test_options_may_come_between_a_command_s_arguments():
     assert _parse(["backup", "-r", "x", "--", "-data", "--tag"]).paths == ["-data", "--tag"]
     with pytest.raises(UsageError, match="unrecognized arguments: c"):
         _parse(["ls", "a", "--json", "b", "c"])
-    with pytest.raises(UsageError, match="required: snapshot"):
-        _parse(["ls", "--json"])
+    assert _parse(["ls", "--json"]).snapshot == "latest"
+    with pytest.raises(UsageError, match="required: path"):
+        _parse(["dump", "--json"])
 
 
 @given(st.binary(max_size=40))

@@ -259,15 +259,31 @@ def test_exclusive_commands_take_the_wait_they_suggest(setup, cli, password, arg
     cli(*args, "-r", repo, "--wait", "0")
 
 
-def test_a_report_whose_reader_went_away_is_no_success(cli, tmp_path):
-    """`check --read-data | true` exited 0 where the check found damage (18): a closed pipe was taken for
-    a reader that had what it wanted.  It now ends as `cat` does there."""
+def _damaged_repository(cli, tmp_path) -> str:
+    """A repository of one snapshot of one file, whose one pack is damaged."""
     repo = str(tmp_path / "repo")
     cli("init", "-r", repo, "--kdf-time", "0")
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "f").write_bytes(os.urandom(5000))
     cli("backup", "-r", repo, str(tmp_path / "src"), "-q")
     flip(next(p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file()), 100)
+    return repo
+
+
+def test_quiet_still_names_what_is_wrong(cli, tmp_path):
+    """-q prints only errors: `check -q` printed no problem, only its exit code, and `restore -q` left a
+    damaged file out without a word."""
+    repo = _damaged_repository(cli, tmp_path)
+    checked = cli("check", "-r", repo, "--read-data", "-q", check=18)
+    assert checked.stdout.decode().startswith("error: ") and b"checked 1 snapshots" not in checked.stdout
+    restored = cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "out"), "-q", check=False)
+    assert restored.returncode != 0 and b"f" in restored.stderr and restored.stdout == b""
+
+
+def test_a_report_whose_reader_went_away_is_no_success(cli, tmp_path):
+    """`check --read-data | true` exited 0 where the check found damage (18): a closed pipe was taken for
+    a reader that had what it wanted.  It now ends as `cat` does there."""
+    repo = _damaged_repository(cli, tmp_path)
     env = {**os.environ, "CHUNKVAULT_PASSWORD": PASSWORD}
     read, write = os.pipe()
     os.close(read)
