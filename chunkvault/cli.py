@@ -895,7 +895,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     finally:
         bar.done()
     if args.json:
-        _emit_json(report.to_dict())
+        doc = report.to_dict()
+        for problem in doc["problems"]:  # a path that is not UTF-8 with its bytes, as ls and restore give it
+            problem.update(_names_json("files", problem["files"]))
+        _emit_json(doc)
     else:  # -q: the problems alone, which are errors
         for w in () if args.quiet else report.warnings:
             warn(w)

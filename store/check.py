@@ -6,6 +6,7 @@ affects, so an operator knows what a damaged repository still restores.
 """
 from __future__ import annotations
 
+import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +49,7 @@ class Problem:
     object: str
     problem: str
     snapshots: list[str] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)  # the first MAX_FILES ("id8:path")
+    files: list[str] = field(default_factory=list)  # the first MAX_FILES ("id8:path", the path as os.fsdecode gives it)
     more_files: int = 0  # and how many more it takes down
 
     def to_dict(self) -> dict:
@@ -497,7 +498,7 @@ class Checker:
                         p = self._bad(cid)
                         if p is not None:
                             _name(p, s.id)
-                            label = f"{s.id[:8]}:{rec.path.decode('utf-8', 'backslashreplace')}"
+                            label = f"{s.id[:8]}:{os.fsdecode(rec.path)}"  # its bytes, as os.fsencode gives back
                             if label in p.files or last.get(id(p)) == label:
                                 continue
                             last[id(p)] = label  # a file's other bad chunks come next: counted once

@@ -1,5 +1,6 @@
 """The command line and the Python API agree with each other and with the README: exit codes, one-line
 usage errors, --json on stdout, options each command documents and applies."""
+import base64
 import json
 import os
 import re
@@ -268,6 +269,28 @@ def _damaged_repository(cli, tmp_path) -> str:
     cli("backup", "-r", repo, str(tmp_path / "src"), "-q")
     flip(next(p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file()), 100)
     return repo
+
+
+def test_check_names_every_file_a_problem_takes_down_by_its_bytes(cli, tmp_path):
+    """A name with a byte that is no UTF-8 was labelled with backslash escapes, so it and a file whose name
+    holds those characters were one label, and one of them went unnamed."""
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(5000)
+    for name in (b"n\xffm", b"n\\xffm"):
+        with open(os.path.join(os.fsencode(src), name), "wb") as f:
+            f.write(data)
+    cli("backup", "-r", repo, str(src), "-q")
+    flip(next(p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file()), 100)
+    doc = json.loads(cli("check", "-r", repo, "--read-data", "--json", check=18).stdout)
+    named = [problem for problem in doc["problems"] if problem["files"]]
+    assert len(named) == 1 and len(named[0]["files"]) == 2
+    raw = sorted(base64.b64decode(b).split(b":", 1)[1] for b in named[0]["files_b64"])
+    assert raw == sorted([b"n\xffm", b"n\\xffm"])
+    text = cli("check", "-r", repo, "--read-data", check=18).stdout.decode()
+    assert "affects file " in text and text.count("n\\xffm") == 1 and text.count("n\\\\xffm") == 1
 
 
 def test_quiet_still_names_what_is_wrong(cli, tmp_path):
