@@ -1819,8 +1819,9 @@ def main(argv: list[str] | None = None) -> int:
             return _stopped(args, argv)
         if args is not None and getattr(args, "debug", False):
             raise
-        print(f"chunkvault: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for details)",
-              file=sys.stderr)
+        line = f"internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for details)"
+        print(f"chunkvault: {line}", file=sys.stderr)
+        _emit_error_json(args, argv, "InternalError", EXIT_INTERNAL, line)
         return EXIT_INTERNAL
     finally:
         sys.stdout, sys.stderr = stdout, stderr

@@ -293,6 +293,21 @@ def test_check_names_every_file_a_problem_takes_down_by_its_bytes(cli, tmp_path)
     assert "affects file " in text and text.count("n\\xffm") == 1 and text.count("n\\\\xffm") == 1
 
 
+def test_an_internal_error_under_json_still_prints_the_error_document(monkeypatch, capsys, tmp_path):
+    """A bug (exit 1) left standard output empty where --json promises a document."""
+    from chunkvault import cli as command_line
+
+    def broken(args):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(command_line, "cmd_snapshots", broken)
+    assert command_line.main(["snapshots", "-r", str(tmp_path), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["error"] == {"type": "InternalError", "exit_code": 1, "message":
+                                        "internal error: ValueError: a bug (rerun with --debug for details)"}
+    assert err == "chunkvault: internal error: ValueError: a bug (rerun with --debug for details)\n"
+
+
 def test_quiet_still_names_what_is_wrong(cli, tmp_path):
     """-q prints only errors: `check -q` printed no problem, only its exit code, and `restore -q` left a
     damaged file out without a word."""
