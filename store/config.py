@@ -22,7 +22,7 @@ from chunkvault.errors import CorruptObject, NewerObject, UnsupportedFormat, Usa
 
 from .crypto import (
     SCRYPT_P, SCRYPT_R, AuthenticationFailed, KeyMaterial, Sealer, content_name, derive_argon2id, derive_kek,
-    derive_secret_kek, is_secret, tune_argon2id,
+    as_secret, derive_secret_kek, is_secret, tune_argon2id,
 )
 
 FORMAT_VERSION = 1
@@ -249,6 +249,7 @@ def make_key_file(material: KeyMaterial, password: bytes, repo_id: str, *, kdf_s
     CPU (``tune_argon2id``), or scrypt at cost ``2**log_n`` when that is given.
     """
     salt = os.urandom(16)
+    password = as_secret(password)  # as unlock takes it: a secret copied with a blank opens its key
     if is_secret(password):
         kdf, cost = KDF_SECRET, {}
         kek = derive_secret_kek(password, salt)

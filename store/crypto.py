@@ -254,6 +254,23 @@ def is_secret(password: bytes) -> bool:
     return _secret_random(password) is not None
 
 
+def as_secret(password: bytes) -> bytes:
+    """``password``, or the secret it is once copied with surrounding blanks or in capitals (a secret has
+    neither, so no password is taken for another)."""
+    trimmed = password.strip()
+    if trimmed[:len(SECRET_PREFIX)].lower() == SECRET_PREFIX:
+        trimmed = SECRET_PREFIX + trimmed[len(SECRET_PREFIX):]
+        if not is_secret(password) and is_secret(trimmed):
+            return trimmed
+    return password
+
+
+def looks_like_secret(password: bytes) -> bool:
+    """A ``cvk1-`` string whose checksum fails: a generated secret mistyped or cut short, most likely."""
+    trimmed = password.strip()
+    return trimmed[:len(SECRET_PREFIX)].lower() == SECRET_PREFIX and not is_secret(as_secret(trimmed))
+
+
 def derive_secret_kek(secret: bytes, salt: bytes) -> bytes:
     """The key-encryption key of a generated secret: BLAKE3 in key-derivation mode, no stretching."""
     raw = _secret_random(secret)

@@ -16,7 +16,7 @@ from chunkvault.errors import (CorruptObject, NewerObject, ObjectNotFound, Repos
 from chunkvault.remotes import Remote
 
 from .config import KDF_SECRET, KeyFile, RepoConfig, open_config, peek_config
-from .crypto import KeyMaterial, Sealer
+from .crypto import KeyMaterial, Sealer, as_secret, looks_like_secret
 from .keyahead import KeyAhead
 
 
@@ -75,6 +75,7 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
     """Try each key file with ``password``; errors say whether the password or the repository is wrong.
 
     ``ahead``: a derivation already under way (``keyahead``); the key file that opens is remembered in it."""
+    password = as_secret(password)
     try:
         raw_config = remote.get("config")
     except ObjectNotFound:
@@ -134,5 +135,8 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
     if corrupt is not None:  # the key this password opens may be the damaged one
         raise WrongPassword(f"wrong password, or the key it opens is damaged (no other key of this repository "
                             f"opens with it; {corrupt.object_name}: {corrupt.reason}){KEY_IMPORT_HINT}")
+    if looks_like_secret(password):
+        raise WrongPassword("wrong password: it looks like a generated key secret (cvk1-...), but its checksum "
+                            "does not match: a character is wrong or missing")
     raise WrongPassword("wrong password (no key of this repository opens with it; if its key file was lost, a "
                         "key export of it puts it back: `key import FILE`)")

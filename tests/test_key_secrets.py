@@ -106,6 +106,25 @@ def test_a_repository_made_with_a_secret_backs_up_and_restores(tmp_path):
     assert [k["kdf"] for k in again.keys()] == [KDF_SECRET]
 
 
+def test_a_secret_copied_with_blanks_or_in_capitals_opens_and_a_mistyped_one_says_so(tmp_path):
+    """A cvk1- string that failed its checksum got the plain "wrong password", after a derivation against
+    every password key; one copied with a blank around it did not open."""
+    secret = new_secret()
+    Repository.init(str(tmp_path / "repo"), secret).close()
+    for copied in (b" " + secret + b" \t", secret.upper()):
+        Repository.open(str(tmp_path / "repo"), copied).close()
+    for typo in (secret[:-1], secret[:20] + (b"a" if secret[20:21] != b"a" else b"b") + secret[21:]):
+        with pytest.raises(WrongPassword, match="looks like a generated key secret .* checksum does not match"):
+            Repository.open(str(tmp_path / "repo"), typo)
+    with pytest.raises(WrongPassword, match="no key of this repository opens with it"):
+        Repository.open(str(tmp_path / "repo"), "an ordinary password")
+    with Repository.open(str(tmp_path / "repo"), secret) as repo:  # a key made from one copied so is the secret's
+        second = new_secret()
+        repo.add_key(second + b"\n ", kdf_seconds=0)
+        assert sorted(k["kdf"] for k in repo.keys()) == [KDF_SECRET, KDF_SECRET]
+    Repository.open(str(tmp_path / "repo"), second).close()
+
+
 def test_cli_generate_secret(tmp_path, cli):
     repo = str(tmp_path / "repo")
     secret_file = tmp_path / "secret"
