@@ -103,7 +103,8 @@ KEY_HELP = {
               "(opens with the export's password)",
 }
 KDF_TIME_HELP = ("CPU seconds one password derivation costs (default 0.5; its two lanes run in parallel, "
-                 "so on two or more cores opening takes about half)")
+                 "so on two or more cores opening takes about half; less makes guessing the password cheaper, "
+                 "0 is for tests)")
 GENERATE_SECRET_HELP = ("instead of a password, a generated key secret, written to FILE (mode 0600); "
                         "opening with it (--password-file FILE) skips the password's key derivation")
 
