@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import warnings
-from datetime import datetime, timezone, tzinfo
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
 import blake3
@@ -654,9 +654,11 @@ class Repository:
         snapshot object that does not load raises its CorruptObject: it is there, damaged, not unknown.
         A Snapshot object is looked up by its id, as the repository holds it now: another command may have
         rebased, rewritten or aggregated it since it was read (or forgotten it: SnapshotNotFound), and
-        what it named then may be pruned.  ``until`` as text given to the second names the whole second
-        (``parse_until``)."""
+        what it named then may be pruned.  ``until`` as text given to the second, or as whole seconds since
+        the epoch, names the whole second (``parse_until``)."""
         t = parse_until(until) if isinstance(until, str) else _time(until)
+        if isinstance(until, int) and not isinstance(until, bool) and t is not None:
+            t += timedelta(seconds=1) - timedelta(microseconds=1)
         snaps = self._list()
         spec = _spec(spec)
         try:

@@ -101,5 +101,10 @@ def test_until_to_the_second_finds_the_snapshot_whose_listed_time_it_is(tmp_path
         assert repo.snapshot(until=until).id == found.id, until
     with pytest.raises(SnapshotNotFound):
         repo.snapshot(until="2026-11-28T14:00+00:00")  # to the minute: its first instant, before both
+    from datetime import datetime
+
+    seven = int(datetime(2026, 11, 28, 14, 0, 7, tzinfo=timezone.utc).timestamp())
+    assert repo.snapshot(until=seven).id == second.id  # whole seconds since the epoch: that second, as text
+    assert repo.snapshot(until=float(seven)).id == first.id  # a float is an instant
     assert parse_until("2026-11-28T14:00:05+01:00").astimezone(timezone.utc).isoformat() == \
         "2026-11-28T13:00:05.999999+00:00"
