@@ -425,7 +425,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         repo = _open(args)
         options = {"kind": args.type, "tags": args.tag, "host": args.host, "delta": not args.no_delta,
                    "fixed_chunks": args.fixed_chunks, "fixed_chunk_size": args.fixed_chunk_size,
-                   "dry_run": args.dry_run, "time": args.time}
+                   "dry_run": args.dry_run, "time": args.time, "wait": args.wait}
         if args.stdin:
             from .store.command_stream import PipeStream
 
@@ -457,7 +457,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         result = repo.backup(args.paths, kind=args.type, tags=args.tag, host=args.host, excludes=excludes,
                              delta=not args.no_delta, no_delta=args.no_delta_path, fixed_chunks=args.fixed_chunks,
                              fixed_chunk_size=args.fixed_chunk_size, progress=_backup_progress(bar), walk=walk,
-                             dry_run=args.dry_run, parent=args.parent, time=args.time, **compare, **rules)
+                             dry_run=args.dry_run, parent=args.parent, time=args.time, wait=args.wait,
+                             **compare, **rules)
         bar.done()
     snap = result.snapshot
     st = snap.stats
@@ -1423,6 +1424,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "blank lines skipped; - is stdin)")
     s.add_argument("--files-from-raw", action="append", default=[], metavar="FILE",
                    help="likewise, NUL-separated and taken as they are (find -print0)")
+    _wait_option(s, 3600.0, "a running prune, forget or repair")
     s.add_argument("--type", choices=["auto", "full", "diff"], default="auto",
                    help="full, differential, or (auto, the default) a full when the chain is long (init --full-every, "
                         "--max-diff-share)")

@@ -85,6 +85,13 @@ def _time(value: str | datetime | float | None) -> datetime | None:
     raise UsageError(f"a time is an ISO 8601 string, a datetime or seconds since the epoch, not {value!r}")
 
 
+def _wait(value: Any) -> float:
+    """Seconds to wait for a lock, checked."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise UsageError(f"wait takes seconds (0 or more), not {value!r}")
+    return float(value)
+
+
 def _listed(value: Any) -> list[Any]:
     """A list of what ``value`` holds; a single string (or Snapshot) is one item. Iterating a string would
     make each character a glob, tag or id: ``includes="etc/*"`` would restore nearly everything."""
@@ -380,7 +387,7 @@ class Repository:
                exclude_caches: bool = False, exclude_larger_than: int | None = None, dry_run: bool = False,
                reread: bool = False, skip_if_unchanged: bool = False, ignore_inode: bool = False,
                ignore_ctime: bool = False, xattrs: bool = True, walk: SourceWalk | None = None,
-               time: str | datetime | None = None) -> BackupResult:
+               time: str | datetime | None = None, wait: float = 3600.0) -> BackupResult:
         """Back up files and directories; one directory is stored as the snapshot's root.
 
         ``dry_run``: read, chunk, compress and count as a backup would, and write nothing (the
@@ -415,6 +422,8 @@ class Repository:
 
         ``walk``: a ``SourceWalk.of_paths(...).start()`` of the same paths and rules, begun
         before the repository was opened, so the walk overlaps the key derivation.
+
+        ``wait``: seconds to wait for a running prune, forget or repair (exclusive) before Locked.
         """
         paths, tags, excludes, host = _paths(paths), _texts(tags, "tag"), _globs(excludes, "exclude"), _host(host)
         if progress is not None and not callable(progress):
@@ -435,7 +444,8 @@ class Repository:
                                  fixed_chunk_size=fixed_chunk_size, progress=progress, dry_run=dry_run,
                                  parent=find_snapshot(snaps, _spec(parent)) if parent else None, reread=reread,
                                  skip_if_unchanged=skip_if_unchanged, ignore_inode=ignore_inode,
-                                 ignore_ctime=ignore_ctime, xattrs=xattrs, time=_time(time))
+                                 ignore_ctime=ignore_ctime, xattrs=xattrs, time=_time(time),
+                                 lock_wait=_wait(wait))
         except BaseException:
             if walk is not None:
                 walk.close()
@@ -454,15 +464,16 @@ class Repository:
     def backup_stream(self, fileobj: BinaryIO, name: str, *, kind: str = "auto", tags: list[str] | None = None,
                       host: str | None = None, delta: bool = True, fixed_chunks: list[str] | None = None,
                       fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False,
-                      time: str | datetime | None = None) -> BackupResult:
+                      time: str | datetime | None = None, wait: float = 3600.0) -> BackupResult:
         """Store a stream (e.g. a dump on stdin) as the single file ``name``.
 
         ``fixed_chunks``: globs; when one matches ``name`` the stream is cut at fixed offsets.
-        ``dry_run``, ``time``: as for ``backup``.
+        ``dry_run``, ``time``, ``wait``: as for ``backup``.
         """
         opts = BackupOptions(kind=kind, tags=_texts(tags, "tag"), host=_host(host), delta=delta,
                              fixed_chunks=_globs(fixed_chunks, "fixed_chunks"),
-                             fixed_chunk_size=parse_size(fixed_chunk_size), dry_run=dry_run, time=_time(time))
+                             fixed_chunk_size=parse_size(fixed_chunk_size), dry_run=dry_run, time=_time(time),
+                             lock_wait=_wait(wait))
         source = _BinarySource(fileobj)
         return self._backup_stream(lambda: contextlib.nullcontext(source), name, opts)
 
@@ -470,19 +481,20 @@ class Repository:
                        host: str | None = None, delta: bool = True, fixed_chunks: list[str] | None = None,
                        fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False, cwd: str | None = None,
                        env: Mapping[str, str] | None = None, stderr: IO[bytes] | None = None,
-                       time: str | datetime | None = None) -> BackupResult:
+                       time: str | datetime | None = None, wait: float = 3600.0) -> BackupResult:
         """Store the standard output of the command ``argv`` (e.g. ``["pg_dump", "app"]``) as the single
         file ``name``, as ``backup_stream`` does. The snapshot is saved only if the command exits with
         status 0 (else SourceCommandFailed); a backup that fails first stops the command. The command
         starts once the repository has agreed to the backup, in ``cwd`` with ``env`` (default: ours),
         less any variable holding a password; its stderr goes to ``stderr`` (a file; default: ours).
-        ``time``: as for ``backup``."""
+        ``time``, ``wait``: as for ``backup``."""
         from .store.command_stream import CommandStream
 
         argv = _listed(argv)
         opts = BackupOptions(kind=kind, tags=_texts(tags, "tag"), host=_host(host), delta=delta,
                              fixed_chunks=_globs(fixed_chunks, "fixed_chunks"),
-                             fixed_chunk_size=parse_size(fixed_chunk_size), dry_run=dry_run, time=_time(time))
+                             fixed_chunk_size=parse_size(fixed_chunk_size), dry_run=dry_run, time=_time(time),
+                             lock_wait=_wait(wait))
         return self._backup_stream(lambda: CommandStream(argv, cwd=cwd, env=env, stderr=stderr), name, opts)
 
     def _backup_stream(self, open_stream: Callable[[], ContextManager[Any]], name: str | bytes,

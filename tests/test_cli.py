@@ -345,6 +345,22 @@ def test_forget_dry_run_and_policy(tmp_path, cli, setup):
     assert cli("forget", "-r", repo, check=2).returncode == 2
 
 
+def test_a_backup_behind_a_prune_waits_only_as_long_as_wait_says(tmp_path, cli, setup):
+    """It waited up to an hour, with no option to fail fast (every other locking command has --wait)."""
+    from chunkvault import Repository
+    from chunkvault.store.locks import EXCLUSIVE, RepoLock
+
+    repo, src = setup
+    with Repository.open(repo, PASSWORD) as r, RepoLock(r.store.remote, EXCLUSIVE, "prune"):
+        err = cli("backup", "-r", repo, str(src), "--wait", "0", check=15).stderr
+        assert b"locked by prune" in err
+        err = cli("backup", "-r", repo, "--stdin", "--stdin-name", "x", "--wait", "0", input=b"x", check=15).stderr
+        assert b"locked by prune" in err
+        with pytest.raises(Exception, match="wait takes seconds"):
+            r.backup([str(src)], wait=-1)
+    assert json.loads(cli("snapshots", "-r", repo, "--json").stdout) == []
+
+
 def test_forget_dry_run_behind_a_prune_waits_only_as_long_as_wait_says(tmp_path, cli, setup):
     """Its estimate of what a prune frees read the snapshots under a shared lock that waited an hour."""
     from chunkvault import Repository
