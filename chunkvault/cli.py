@@ -876,6 +876,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
     snap = chosen_snapshot(repo, args)
     if out.isatty() and repo.find_entry(snap, args.path).type == T_DIR:
         raise UsageError(f"a directory is written as a {args.archive} archive: redirect it to a file or a pipe")
+    if hasattr(sys.stdout, "written"):  # from here on standard output carries the data: no JSON after it
+        sys.stdout.written = True
     try:
         with _stdout_errors("dump"):
             warnings = repo.dump(snap, args.path, out, archive=args.archive)
@@ -1230,7 +1232,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from .mount import mount
 
     def mounted() -> None:
-        if not args.quiet:
+        if args.json:
+            _emit_json({"mountpoint": os.path.abspath(args.mountpoint), "mounted": True})
+            sys.stdout.flush()
+        elif not args.quiet:
             print(f"snapshots mounted at {args.mountpoint}: browse snapshots/, ids/, hosts/, tags/; "
                   f"unmount with `fusermount -u {args.mountpoint}` or Ctrl-C", file=sys.stderr, flush=True)
 

@@ -308,6 +308,29 @@ def test_an_internal_error_under_json_still_prints_the_error_document(monkeypatc
     assert err == "chunkvault: internal error: ValueError: a bug (rerun with --debug for details)\n"
 
 
+def test_a_dump_that_fails_once_its_data_began_adds_no_json_to_it(monkeypatch, capfdbinary, tmp_path, cli):
+    """The error document was appended to the half-written file or archive on standard output."""
+    from chunkvault import Repository
+    from chunkvault import cli as command_line
+    from chunkvault.errors import CorruptObject
+
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"data")
+    cli("backup", "-r", repo, str(tmp_path / "src"), "-q")
+
+    def failing(self, snap, path, out, archive="tar"):
+        out.write(b"half of it")
+        raise CorruptObject("data/ab", "damaged")
+
+    monkeypatch.setattr(Repository, "dump", failing)
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    assert command_line.main(["dump", "-r", repo, "latest", "f", "--json"]) == 13
+    out, err = capfdbinary.readouterr()
+    assert out == b"half of it" and err.startswith(b"chunkvault: corrupt object data/ab")
+
+
 def test_quiet_still_names_what_is_wrong(cli, tmp_path):
     """-q prints only errors: `check -q` printed no problem, only its exit code, and `restore -q` left a
     damaged file out without a word."""
