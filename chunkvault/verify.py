@@ -694,7 +694,8 @@ def _print_report(r: VerifyReport, limit: int = 50) -> None:
         status = f"killed after the timeout ({c.seconds:.1f} s)" if c.timed_out else f"exited {c.exit_code}"
         print(f"  command {status} in {c.seconds:.2f} s")
         if c.exit_code != 0 and c.output:
-            sys.stderr.write("  " + c.output.rstrip("\n").replace("\n", "\n  ") + "\n")
+            for line in c.output.rstrip("\n").split("\n"):  # each line made printable, as hook output is logged
+                sys.stderr.write(f"  {one_line(line)}\n")
     if r.kept_at:
         print(f"  kept at {r.kept_at}")
     verdict = "OK" if r.ok else "FAILED"

@@ -131,13 +131,14 @@ def test_command_sees_the_restored_tree_and_its_exit_code_counts(repo_with_tree,
     seen = tmp_path / "seen"
     cmd = (f'cat "$CHUNKVAULT_RESTORE_DIR/a/b" > {shlex.quote(str(seen))}; '
            f'echo " $CHUNKVAULT_SNAPSHOT_ID $CHUNKVAULT_SNAPSHOT_TIME" >> {shlex.quote(str(seen))}; '
-           'echo "the check failed"; exit 3')
+           'echo "the check failed"; printf "\\033]0;title\\007 forged\\n"; exit 3')
     code, out, err = run_cli("verify-restore", "latest", "-r", str(tmp_path / "repo"), "--then", cmd,
                              "--scratch", str(scratch_dir(tmp_path)))
     assert code == 18
     assert seen.read_text() == f"inside a {snap.id} {snap.time}\n"
     assert "command exited 3" in out and "FAILED" in out
     assert "the check failed" in err
+    assert "\x1b" not in err and "\x07" not in err and "  \\x1b]0;title\\x07 forged\n" in err  # shown, not run
     assert os.listdir(tmp_path / "scratch") == []
 
     code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--json", "--then",
