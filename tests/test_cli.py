@@ -519,6 +519,16 @@ sys.exit(console.main())
     assert proc.returncode == code and proc.stderr.strip() == said, proc.stderr
 
 
+def test_the_snapshots_table_shows_whole_host_names(tmp_path, cli, setup):
+    """Cut at 12 characters, db-production-server-01 and -02 both read db-productio."""
+    repo, src = setup
+    for host in ("db-production-server-01", "db-production-server-02"):
+        cli("backup", "-r", repo, str(src), "--host", host, "-q")
+    lines = cli("snapshots", "-r", repo).stdout.decode().splitlines()
+    assert [h for line in lines[1:3] for h in line.split() if h.startswith("db-")] == [
+        "db-production-server-01", "db-production-server-02"]
+
+
 def test_snapshots_json_gives_each_chain_as_it_is_now(tmp_path, cli, setup):
     """After a forget rebases the differentials (or an aggregate), their recorded chain lengths are stale."""
     repo, src = setup
