@@ -124,7 +124,7 @@ def remote_options(args: argparse.Namespace, url: str) -> dict[str, Any]:
     if getattr(args, "s3_endpoint", None):
         pairs.append(f"s3.endpoint-url={args.s3_endpoint}")
     if getattr(args, "s3_storage_class", None):
-        pairs.append(f"s3.data-storage-class={args.s3_storage_class}")
+        pairs.append(f"s3.storage-class={args.s3_storage_class}")
     options = options_for_url(url, pairs)
     for name in ("limit_upload", "limit_download"):
         if getattr(args, name, None):
