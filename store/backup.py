@@ -422,9 +422,16 @@ class Backup:
                 self._inflight.popleft().result()
 
     def _drain(self) -> None:
+        """Wait for every chunk sent to be stored (from the main thread), reporting progress meanwhile: the
+        uploads behind a slow link outlast the reading, and the counts went silent until the end."""
         self._flush_batch()
         while self._inflight:
-            self._inflight.popleft().result()
+            try:
+                self._inflight[0].result(timeout=0.5)
+            except FutureTimeout:
+                self._maybe_progress()
+                continue
+            self._inflight.popleft()
 
     # --- file data -----------------------------------------------------------------
 

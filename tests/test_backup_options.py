@@ -178,3 +178,25 @@ def test_skip_if_unchanged_skips_nothing_it_could_not_read(new_repo, tree, tmp_p
     again = repo.backup([str(tree), gone], skip_if_unchanged=True)
     assert not again.skipped and again.snapshot.id != first.snapshot.id
     assert again.snapshot.stats["unreadable"] == first.snapshot.stats["unreadable"]
+
+
+def test_progress_goes_on_while_the_stored_chunks_are_waited_for(tmp_path, new_repo, monkeypatch):
+    """Behind a slow link the uploads outlast the reading, and the counts went silent until the end."""
+    import time as time_module
+
+    from chunkvault.store.backup import Backup
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(100_000))
+    repo = new_repo(str(tmp_path / "repo"))
+    real = Backup._store_chunks
+
+    def slow(self, batch):
+        time_module.sleep(1.6)
+        real(self, batch)
+
+    monkeypatch.setattr(Backup, "_store_chunks", slow)
+    calls = []
+    repo.backup([str(src)], progress=calls.append)
+    assert len(calls) >= 3  # while waiting, twice a second; and the final counts
