@@ -7,6 +7,8 @@ of the public interface and never change meaning.
 """
 from __future__ import annotations
 
+import copy
+
 import errno
 from typing import Any
 
@@ -31,6 +33,13 @@ class ChunkvaultError(Exception):
     #: What the operation did before it raised this, when it went on past the problem (a restore's
     #: RestoreResult, listing the files not restored and its warnings): a caller can still report it.
     partial: Any = None
+
+    def explained(self, more: str) -> ChunkvaultError:
+        """The same error (its kind, its fields) with ``more`` appended to its message: what a caller knows
+        about it, e.g. which passwords open the repository after a password change failed."""
+        error = copy.copy(self)
+        error.args = (f"{self}{more}",)
+        return error
 
 
 class UsageError(ChunkvaultError):

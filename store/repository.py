@@ -270,7 +270,7 @@ class Repo:
         except ChunkvaultError as exc:
             if locked:
                 raise
-            raise type(exc)(f"{exc}; the password is unchanged") from None  # locked, or a token that may not lock
+            raise exc.explained("; the password is unchanged") from None  # locked, or a token that may not lock
         self.key_name = new
         return new
 
@@ -288,8 +288,7 @@ class Repo:
             if not isinstance(exc, ChunkvaultError):
                 warnings.warn(f"stopped: {left}", RepositoryStateWarning, stacklevel=3)
                 raise
-            raise (exc.explained(f"; {left}") if isinstance(exc, CorruptObject) else
-                   type(exc)(f"{exc}; {left}")) from None
+            raise exc.explained(f"; {left}") from None
         return new
 
     def _undo_new_key(self, old: str, new: str) -> str:
