@@ -75,7 +75,7 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
     """Try each key file with ``password``; errors say whether the password or the repository is wrong.
 
     ``ahead``: a derivation already under way (``keyahead``); the key file that opens is remembered in it."""
-    password = as_secret(password)
+    secret = as_secret(password)  # for key files of secrets only: a password key was made from the bytes given
     try:
         raw_config = remote.get("config")
     except ObjectNotFound:
@@ -107,7 +107,8 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
     for kf in sorted(keys, key=lambda k: (k.kdf != KDF_SECRET, bool(k.repo) and k.repo != clear["id"], k.work)):
         kek = ahead.kek_for(raws[kf.name]) if ahead is not None else None
         try:
-            material = kf.open_with(kek, clear["id"]) if kek is not None else kf.unwrap(password, clear["id"])
+            material = (kf.open_with(kek, clear["id"]) if kek is not None else
+                        kf.unwrap(secret if kf.kdf == KDF_SECRET else password, clear["id"]))
         except WrongPassword:
             continue
         except CorruptObject as exc:

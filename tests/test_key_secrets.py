@@ -125,6 +125,24 @@ def test_a_secret_copied_with_blanks_or_in_capitals_opens_and_a_mistyped_one_say
     Repository.open(str(tmp_path / "repo"), second).close()
 
 
+def test_a_password_key_made_from_a_secret_in_capitals_before_they_opened_as_one_still_opens(tmp_path,
+                                                                                           monkeypatch):
+    """Such a string used to get an Argon2id password key; taking every password for the secret it spells
+    would have left that key unopenable."""
+    secret = new_secret()
+    url = str(tmp_path / "repo")
+    with Repository.init(url, secret) as repo:
+        with monkeypatch.context() as before:
+            before.setattr(config_module, "as_secret", lambda password: password)
+            old = repo.add_key(secret.upper(), kdf_seconds=0)
+        secret_key = repo.store.key_name
+        repo.add_key("pw", kdf_seconds=0)
+    with Repository.open(url, "pw") as repo:
+        repo.remove_key(secret_key)
+    with Repository.open(url, secret.upper()) as repo:
+        assert [k["id"] for k in repo.keys() if k["current"]] == [old]
+
+
 def test_cli_generate_secret(tmp_path, cli):
     repo = str(tmp_path / "repo")
     secret_file = tmp_path / "secret"
