@@ -12,7 +12,7 @@ import signal
 import sys
 import warnings
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, TypeVar
 
 from . import __version__, interrupts, passwords
 from .display import one_line, shown_name, warn
@@ -871,6 +871,22 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DataOut:
+    """Standard output's binary stream for a dump: once a byte of data is written there, an error is said on
+    stderr alone, not as a JSON document after the data (``_emit_error_json``)."""
+
+    def __init__(self, out: BinaryIO):
+        self._out = out
+
+    def write(self, data: Any) -> int:
+        if not getattr(sys.stdout, "written", True):
+            sys.stdout.written = True  # type: ignore[union-attr]
+        return self._out.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._out, name)
+
+
 def cmd_dump(args: argparse.Namespace) -> int:
     out = getattr(sys.stdout, "buffer", None)
     if out is None:
@@ -879,11 +895,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
     snap = chosen_snapshot(repo, args)
     if out.isatty() and repo.find_entry(snap, args.path).type == T_DIR:
         raise UsageError(f"a directory is written as a {args.archive} archive: redirect it to a file or a pipe")
-    if hasattr(sys.stdout, "written"):  # from here on standard output carries the data: no JSON after it
-        sys.stdout.written = True
     try:
         with _stdout_errors("dump"):
-            warnings = repo.dump(snap, args.path, out, archive=args.archive)
+            warnings = repo.dump(snap, args.path, _DataOut(out), archive=args.archive)
             out.flush()
     except BrokenPipeError:  # what it was piped into has not got the whole file or archive: not a success
         raise OutputClosed("dump: the reader of standard output closed it before the dump was complete") from None

@@ -1271,7 +1271,8 @@ class _WholeWrites:
         if getattr(out, "closed", False):
             raise UsageError("dump: the output stream is closed")
         self._out = out
-        self._name = "standard output" if out is getattr(sys.stdout, "buffer", None) else "the output"
+        stdout = out is getattr(sys.stdout, "buffer", None) or getattr(out, "name", None) == "<stdout>"
+        self._name = "standard output" if stdout else "the output"
         self._raw = isinstance(out, io.RawIOBase)  # whose write may take part, or (None) nothing yet
 
     def write(self, data: bytes | memoryview) -> int:

@@ -324,8 +324,11 @@ def test_a_dump_that_fails_once_its_data_began_adds_no_json_to_it(monkeypatch, c
         out.write(b"half of it")
         raise CorruptObject("data/ab", "damaged")
 
-    monkeypatch.setattr(Repository, "dump", failing)
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    assert command_line.main(["dump", "-r", repo, "latest", "missing", "--json"]) == 2
+    out, _ = capfdbinary.readouterr()
+    assert json.loads(out)["error"]["exit_code"] == 2  # nothing written yet: the document
+    monkeypatch.setattr(Repository, "dump", failing)
     assert command_line.main(["dump", "-r", repo, "latest", "f", "--json"]) == 13
     out, err = capfdbinary.readouterr()
     assert out == b"half of it" and err.startswith(b"chunkvault: corrupt object data/ab")
