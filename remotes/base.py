@@ -7,6 +7,7 @@ parallelism and caching live once, above this interface (``remotes.layer``).
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -65,11 +66,14 @@ def keyword_options(function: Callable[..., Any]) -> list[str]:
 
 def number_option(backend: str, name: str, value: object, minimum: float, kind: type = float) -> float:
     """A numeric backend option (``kind`` int or float), checked, with one clear error line."""
+    what = "an integer" if kind is int else "a number"
     try:
-        number = kind(value)  # type: ignore[call-arg]
+        number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise UsageError(f"{backend} option {spelled(name)} must be {'an integer' if kind is int else 'a number'}, "
-                         f"not {value!r}") from None
+        number = float("nan")
+    if isinstance(value, bool) or not math.isfinite(number) or (kind is int and not number.is_integer()):
+        raise UsageError(f"{backend} option {spelled(name)} must be {what}, not {value!r}")
+    number = kind(number)
     if number < minimum:
         raise UsageError(f"{backend} option {spelled(name)} must be at least {minimum:g}, not {number:g}")
     return number

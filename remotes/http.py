@@ -198,7 +198,7 @@ class HTTPRemote(Remote):
             raise UsageError(f"HTTP CA file {ca_file} does not exist")
         self.read_timeout = _number_option("read_timeout", read_timeout, 0.1)
         timeout = urllib3.Timeout(connect=_number_option("connect_timeout", connect_timeout, 0.1), read=self.read_timeout)
-        pool_size = int(_number_option("max_connections", max_connections, 1))
+        pool_size = int(number_option("HTTP", "max_connections", max_connections, 1, int))
         tls: dict[str, Any] = {}
         if self._origin.startswith("https:"):
             tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(ca_file) if ca_file else None}

@@ -56,6 +56,9 @@ def test_unknown_options_are_named(sftp_repo):
     ({"connect_timeout": 0}, "SFTP option connect-timeout must be at least 0.1"),
     ({"channels": 0}, "SFTP option channels must be at least 1"),
     ({"channels": "2.5"}, "SFTP option channels must be an integer"),
+    ({"channels": 1.5}, "SFTP option channels must be an integer"),
+    ({"connect_timeout": float("inf")}, "SFTP option connect-timeout must be a number, not inf"),
+    ({"connect_timeout": "nan"}, "SFTP option connect-timeout must be a number"),
 ])
 def test_bad_numbers_are_usage_errors_before_connecting(option, words):
     with pytest.raises(UsageError, match=words):
