@@ -1737,7 +1737,11 @@ def _refuse_options_before_command(argv: list[str], parser: argparse.ArgumentPar
     commands = _subcommands(parser)
     at = next((i for i, word in enumerate(argv) if word in commands), None)
     if at is not None:
-        fixed = " ".join([argv[at], *argv[:at], *argv[at + 1:]])
+        command = commands[argv[at]]
+        end = at + 1  # `-r R key list`: the options after `key list`, where they go
+        if command._subparsers is not None and end < len(argv) and argv[end] in _subcommands(command):
+            end += 1
+        fixed = " ".join([*argv[at:end], *argv[:at], *argv[end:]])
         raise UsageError(f"options go after the command: chunkvault {before}{fixed}")
     if before:  # argparse would parse them and let the command's defaults replace them
         raise UsageError(f"options go after the command: chunkvault {before}COMMAND {' '.join(argv)}")

@@ -371,6 +371,7 @@ def test_options_before_the_command_are_explained(cli, args):
     (["key", "-r", "elsewhere", "--password-file", "pw", "passwd"], "key passwd -r elsewhere --password-file pw"),
     (["key", "--json", "list"], "key list --json"),
     (["key", "-q"], "key COMMAND -q"),
+    (["-r", "R", "key", "list"], "key list -r R"),
 ])
 def test_options_between_key_and_its_command_are_explained_not_dropped(cli, args, fixed):
     """They were parsed, then replaced by the subcommand's defaults: `key -r B passwd` changed the password
