@@ -18,8 +18,8 @@ from . import __version__, interrupts, passwords
 from .display import one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .remotes.layer import stop_request
-from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, OutputClosed, PartialBackup, SnapshotNotFound,
-                     TargetNotEmpty, TargetUnwritable, UsageError, VerificationFailed, output_error)
+from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, Locked, OutputClosed, PartialBackup,
+                     SnapshotNotFound, TargetNotEmpty, TargetUnwritable, UsageError, VerificationFailed, output_error)
 from .store.chain import lineage
 from .store.manifest import T_DIR, TYPE_NAMES, Entry
 from .store.snapshot import Snapshot
@@ -1017,8 +1017,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
     # What a prune after this forget would free: only a dry run can tell, the snapshots are still there.
     frees = None
     if args.dry_run and removed:
-        with repo.reading("forget --dry-run", wait=args.wait):  # behind a prune: as long as --wait says
-            frees = repo.usage(removed).frees_stored_bytes
+        try:
+            with repo.reading("forget --dry-run", wait=args.wait):  # behind a prune: as long as --wait says
+                frees = repo.usage(removed).frees_stored_bytes
+        except Locked as exc:  # the plan stands; only what a prune then frees is not known
+            warn(f"what a prune then frees is left out: {exc}")
     if args.json:
         _emit_json({"dry_run": args.dry_run, "frees_stored_bytes": frees,
                     "decisions": [{"id": d.snapshot_id, "keep": d.keep, "reasons": list(d.reasons)}
