@@ -400,14 +400,29 @@ def _check_mountpoint(mountpoint: str) -> None:
         raise UsageError(f"{mountpoint} does not exist") from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:  # a FUSE mount whose process is gone (killed, out of memory)
-            raise UsageError(f"{mountpoint} is still mounted by a mount that is gone: unmount it first "
-                             f"(fusermount -u {mountpoint})") from None
+            dead = _dead_mount(mountpoint)
+            raise UsageError(f"{dead} is still mounted by a mount that is gone: unmount it first "
+                             f"(fusermount -u {dead})") from None
         raise UsageError(f"cannot use {mountpoint} as a mount point: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{mountpoint} is not a directory")
     if not empty:
         raise UsageError(f"{mountpoint} is not empty" + (" (a mount point already)" if os.path.ismount(mountpoint)
                                                          else ""))
+
+
+def _dead_mount(path: str) -> str:
+    """The directory a dead FUSE mount is at: ``path`` or the highest of its parents that answers ENOTCONN."""
+    path = os.path.abspath(path)
+    while os.path.dirname(path) != path:
+        try:
+            os.stat(os.path.dirname(path))
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                path = os.path.dirname(path)
+                continue
+        break
+    return path
 
 
 def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait: float = 3600.0,
