@@ -1573,7 +1573,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_restore, read_lock="restore")
 
     s = sub.add_parser("ls", parents=[common, reading], help="list a snapshot's entries")
-    s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest (the default)")
+    s.add_argument("snapshot", nargs="?", default="latest",
+                   help="id, unique prefix, or latest (the default; with a PATH, name it: ls latest PATH)")
     s.add_argument("path", nargs="?")
     add_snapshot_choice(s)
     s.set_defaults(func=cmd_ls, read_lock="ls")
