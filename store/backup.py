@@ -841,12 +841,12 @@ class Backup:
         yet in them."""
         if self.opt.progress is None:
             return
-        now = time.monotonic()
-        if now - self._last_progress >= 0.5:
-            self._last_progress = now
+        if time.monotonic() - self._last_progress >= 0.5:
             counts = dict(self.counts)
             counts["unchanged_files"] += unchanged
             self.opt.progress(counts)
+            # From the callback's return: one that takes 0.5 s or more was called again for every file.
+            self._last_progress = time.monotonic()
 
     # --- the walk -------------------------------------------------------------------
 
