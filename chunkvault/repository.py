@@ -1291,6 +1291,13 @@ class _WholeWrites:
             raise output_error(f"writing to {self._name}", exc) from None
         return len(data)
 
+    def flush(self) -> None:
+        """The writer's own, where it has one (zipfile flushes what it writes to; a writer may have only
+        ``write``)."""
+        flush = getattr(self._out, "flush", None)
+        if flush is not None:
+            flush()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._out, name)
 

@@ -63,6 +63,26 @@ def test_tar_of_the_whole_snapshot_unpacks_to_the_source(backed_up, tree, tmp_pa
     assert names[:2] == ["a", "a/empty"] and all(not n.startswith(("/", "./")) for n in names)
 
 
+def test_any_binary_writer_takes_an_archive(backed_up):
+    """A writer with write() alone: zip's flush of it was an AttributeError."""
+    repo, snap = backed_up
+
+    class WriteOnly:
+        def __init__(self):
+            self.data = bytearray()
+
+        def write(self, b):
+            self.data += b
+            return len(b)
+
+    tar, zipped = WriteOnly(), WriteOnly()
+    repo.dump(snap, "/", tar, archive="tar")
+    repo.dump(snap, "/", zipped, archive="zip")  # not seekable: written with data descriptors
+    assert tar.data == dumped(repo, snap, "/", "tar")[0]
+    names = zipfile.ZipFile(io.BytesIO(dumped(repo, snap, "/", "zip")[0])).namelist()
+    assert zipfile.ZipFile(io.BytesIO(bytes(zipped.data))).namelist() == names
+
+
 def test_tar_keeps_exact_times_and_extended_attributes(new_repo, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
