@@ -50,11 +50,10 @@ def snapshot_name(s: Snapshot) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _short_ids(snaps: list[Snapshot]) -> dict[str, Snapshot]:
+def _short_ids(snaps: list[Snapshot], ordered: list[str]) -> dict[str, Snapshot]:
     """Each snapshot under the shortest id prefix (8 hex digits or more) that no other snapshot shares: one
     digit past what it shares with its neighbours in id order (comparing every pair took 12 s at a year of
-    hourly snapshots, and the mount stood still while it did)."""
-    ordered = sorted(s.id for s in snaps)
+    hourly snapshots, and the mount stood still while it did).  ``ordered``: their ids, sorted."""
     shared = [_common(a, b) for a, b in zip(ordered, ordered[1:])]
     length = {sid: max(8, 1 + max(shared[i - 1] if i else 0, shared[i] if i < len(shared) else 0))
               for i, sid in enumerate(ordered)}
@@ -89,8 +88,8 @@ class Layout:
             for i, s in enumerate(same):
                 self.names[s.id] = name if i == 0 else f"{name}-{s.id[:8]}"
         self.by_name = {self.names[s.id]: s for s in snaps}
-        self.ids = _short_ids(snaps)
         self._sorted_ids = sorted(s.id for s in snaps)
+        self.ids = _short_ids(snaps, self._sorted_ids)
         self._by_id = {s.id: s for s in snaps}
         hosts, tags = defaultdict(list), defaultdict(list)
         for s in snaps:

@@ -123,20 +123,13 @@ def run_password_command(command: str, cwd: str | None = None) -> bytes:
         raise UsageError("empty password command")
     try:
         done = subprocess.run(argv, stdout=subprocess.PIPE, cwd=cwd, check=False,
-                              stdin=None if _stdin_is_terminal() else subprocess.DEVNULL)
+                              stdin=None if os.isatty(0) else subprocess.DEVNULL)
     except OSError as exc:
         raise UsageError(f"cannot run password command `{command}`: {exc.strerror}") from None
     if done.returncode != 0:
         how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
         raise UsageError(f"password command `{command}` failed ({how})")
     return done.stdout.rstrip(b"\r\n")
-
-
-def _stdin_is_terminal() -> bool:
-    try:
-        return os.isatty(0)
-    except OSError:
-        return False
 
 
 def prompt(text: str, confirm: bool) -> bytes:
