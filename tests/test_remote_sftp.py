@@ -142,9 +142,20 @@ def test_a_server_restarting_when_the_command_starts_is_retried(tmp_path, transp
     port = server.port
     server.stop()
     where = f"{tmp_path}/repo" if path == "/abs" else f"/~/{tmp_path.name}-repo"
+    # the timeout decides, not a count of attempts: eight attempts a second apart at most (with jitter, often
+    # less) could all fail before a loaded machine has sshd listening again
     remote = RetryingRemote(open_remote(server.url(where), **server.options, connect_timeout=5, transport=transport),
-                            base_delay=0.5, max_delay=1.0, timeout=60)
-    restart = threading.Timer(1.5, server.start, kwargs={"port": port})
+                            attempts=10_000, base_delay=0.5, max_delay=1.0, timeout=60)
+    restarted: list[BaseException | None] = []
+
+    def restart_server() -> None:
+        try:
+            server.start(port=port)
+            restarted.append(None)
+        except BaseException as exc:  # shown by the test, not lost in the timer's thread
+            restarted.append(exc)
+
+    restart = threading.Timer(1.5, restart_server)
     restart.start()
     in_home = os.path.join(os.path.expanduser("~"), f"{tmp_path.name}-repo")
     try:
@@ -155,6 +166,7 @@ def test_a_server_restarting_when_the_command_starts_is_retried(tmp_path, transp
             assert os.path.isfile(os.path.join(in_home, "config"))
     finally:
         restart.join()
+        assert restarted == [None], f"sshd did not come back on port {port}: {restarted}"
         remote.close()
         server.stop()
         shutil.rmtree(in_home, ignore_errors=True)
