@@ -162,10 +162,16 @@ class Ledger:
             return None
         return cls(LedgerFile(directory, repo_id))
 
-    def observe(self, present: dict[str, datetime], *, warn: bool = True) -> list[Finding]:
+    def state(self) -> LedgerState:
+        """The state now: read before a listing, it is the ``before`` the listing is judged by (what other
+        commands of this client note while it is made cannot then be taken for a contradiction)."""
+        return self.file.read()
+
+    def observe(self, present: dict[str, datetime], *, before: LedgerState | None = None,
+                warn: bool = True) -> list[Finding]:
         """After a listing: update the ledger; the findings not warned about yet (by this Ledger) are one
         warning: the first, and how many more (a repository put back from an old copy may replay hundreds)."""
-        found = self._update(lambda s: logic.observe(s, present), present)
+        found = self._update(lambda s: logic.observe(s, present, before), present, before)
         new = [f for f in found if f not in self._warned]
         if warn and new:
             self._warned.update(new)
@@ -173,13 +179,14 @@ class Ledger:
             _warn(new[0].message() + more)
         return found
 
-    def findings(self, present: dict[str, datetime]) -> list[Finding]:
-        return logic.findings(self.file.read(), present)
+    def findings(self, present: dict[str, datetime], before: LedgerState | None = None) -> list[Finding]:
+        return logic.findings(self.file.read(), present, before)
 
-    def guard(self, present: dict[str, datetime], *, forgetting: Collection[str] = ()) -> None:
+    def guard(self, present: dict[str, datetime], *, before: LedgerState | None = None,
+              forgetting: Collection[str] = ()) -> None:
         """Refuse to write on top of a replayed or rolled-back repository: the write would bury
         the evidence (a new backup becomes the newest, a prune removes the replayed data)."""
-        found = logic.blocking(self.findings(present), forgetting)
+        found = logic.blocking(self.findings(present, before), forgetting)
         if found:
             raise RollbackDetected(refusal(found))
 
@@ -198,13 +205,13 @@ class Ledger:
         """Take the repository as it is; returns the findings this clears."""
         return self._update(lambda s: logic.accept(s, present), present, must_store=True)
 
-    def _update(self, change: Callable[[LedgerState], LedgerState], present: dict[str, datetime], *,
-                must_store: bool = False) -> list[Finding]:
+    def _update(self, change: Callable[[LedgerState], LedgerState], present: dict[str, datetime],
+                before: LedgerState | None = None, *, must_store: bool = False) -> list[Finding]:
         """Apply ``change``; the findings of the state it was applied to."""
         found: list[Finding] = []
 
         def judged(state: LedgerState) -> LedgerState:
-            found[:] = logic.findings(state, present)
+            found[:] = logic.findings(state, present, before)
             return change(state)
 
         self.file.update(judged, must_store=must_store)

@@ -311,14 +311,13 @@ class Repository:
 
     def _list(self) -> list[Snapshot]:
         """Every readable snapshot (one warning per unreadable one); the ledger notes them (and warns once
-        about a replay or rollback, confirmed on a second listing as ``_guard`` does: another command of this
-        client may have saved a snapshot, and noted it, after the first was made)."""
+        about a replay or rollback), judged by its state before the listing: another command of this
+        client may save a snapshot, and note it, while the listing is made."""
+        before = None if self._ledger is None else self._ledger.state()
         snaps = self._repo.snapshots()
-        if self._ledger is not None and self._ledger.findings(present_of(snaps, self._repo.unreadable_snapshots)):
-            snaps = self._repo.snapshots()
         present = self._present(snaps)
         if self._ledger is not None:
-            self._ledger.observe(present)
+            self._ledger.observe(present, before=before)
         return snaps
 
     def _present(self, snaps: list[Snapshot]) -> dict[str, datetime]:
@@ -336,24 +335,32 @@ class Repository:
     def _guard(self, snaps: list[Snapshot] | None = None, forgetting: Iterable[str] = ()) -> list[Snapshot]:
         """Before a write: RollbackDetected if the snapshot set contradicts the ledger.
 
-        A contradiction is confirmed on a second listing first: another command of this client
-        may have stored a snapshot, and raised the ledger's mark to it, after ``snaps`` was listed
-        (two backups started together); a real rollback is still missing from the second listing.
+        ``snaps``, a listing made earlier (under the exclusive lock, which no backup shares), is judged by
+        the ledger as it is now; should another command of this client have stored a snapshot, and noted
+        it, since that listing was made, a contradiction is confirmed on a listing made now, judged by the
+        ledger as it was before it (a real rollback is still missing from it).
         """
-        snaps = self._repo.snapshots() if snaps is None else snaps
+        forgetting = set(forgetting)
+        if snaps is not None:
+            present = self._present(snaps)
+            if self._ledger is None:
+                return snaps
+            try:
+                self._ledger.guard(present, forgetting=forgetting)
+                self._ledger.observe(present, warn=False)
+                return snaps
+            except RollbackDetected:
+                pass
+        before = None if self._ledger is None else self._ledger.state()
+        snaps = self._repo.snapshots()
         present = self._present(snaps)
         if self._ledger is not None:
             try:
-                self._ledger.guard(present, forgetting=set(forgetting))
-            except RollbackDetected:
-                snaps = self._repo.snapshots()
-                present = self._present(snaps)
-                try:
-                    self._ledger.guard(present, forgetting=set(forgetting))
-                except RollbackDetected:  # or a repository made anew at its place, which that error names
-                    require_openable(self._repo.remote, self._repo.config.repo_id)
-                    raise
-            self._ledger.observe(present, warn=False)
+                self._ledger.guard(present, before=before, forgetting=forgetting)
+            except RollbackDetected:  # or a repository made anew at its place, which that error names
+                require_openable(self._repo.remote, self._repo.config.repo_id)
+                raise
+            self._ledger.observe(present, before=before, warn=False)
         return snaps
 
     def _wrote(self, *snaps: Snapshot) -> None:
@@ -875,8 +882,10 @@ class Repository:
             report = Checker(self._repo, read_data=read_data, subset=subset, progress=progress).run()
             accepted = self.accept_state() if accept_state else []  # after the check: its snapshots are loaded
             if self._ledger is not None:
+                before = self._ledger.state()
+                found = self._ledger.findings(self._present_for_check(), before)
                 report.problems.extend(Problem(f"snapshots/{f.snapshot_id}", f.message(), snapshots=[f.snapshot_id])
-                                       for f in self._ledger.findings(self._present_for_check()))
+                                       for f in found)
             report.warnings.extend(f"accepted: {line}" for line in accepted)
         return report
 

@@ -59,9 +59,17 @@ class Finding:
                 f"as new is present (rolled back, unless another client forgot the newest snapshot by hand)")
 
 
-def findings(state: LedgerState, present: Mapping[str, datetime]) -> list[Finding]:
+def findings(state: LedgerState, present: Mapping[str, datetime], before: LedgerState | None = None) -> list[Finding]:
     """Replayed: a snapshot this client forgot is present.  Rolled back: the high-water snapshot
-    is gone, this client did not forget it, and no other present snapshot is at least as new."""
+    is gone, this client did not forget it, and no other present snapshot is at least as new.
+
+    ``before``: the state as read before ``present`` was listed, ``state`` being read after it.  Other
+    commands of this client may have stored snapshots, or forgotten some, while it was listed: the
+    listing is held to what was known when it began, and a forget noted by its end explains a
+    snapshot missing from it."""
+    if before is not None:
+        ended = {sid: t for sid, t in state.forgotten.items() if sid not in before.forgotten}
+        state = LedgerState(before.forgotten, {**before.pending, **state.pending, **ended}, before.newest)
     out = [Finding(REPLAYED, sid, state.forgotten[sid]) for sid in present if sid in state.forgotten]
     hw = state.newest
     if hw is not None and hw.id not in present and hw.id not in state.forgotten and hw.id not in state.pending:
@@ -79,22 +87,30 @@ def blocking(found: Collection[Finding], forgetting: Collection[str] = ()) -> li
     return sorted(found)
 
 
-def observe(state: LedgerState, present: Mapping[str, datetime]) -> LedgerState:
+def observe(state: LedgerState, present: Mapping[str, datetime], before: LedgerState | None = None) -> LedgerState:
     """After a listing: pending forgets resolve (gone: confirmed; present: the forget never
     happened) and the high-water mark rises to the newest present snapshot not forgotten.
     An unresolved rollback keeps its mark, so the evidence stays until it is accepted; and the
     mark never falls while its snapshot is present: one that does not load is listed with the
-    earliest time, and deleting it afterwards must still show as a rollback."""
+    earliest time, and deleting it afterwards must still show as a rollback.
+
+    ``before`` (as for ``findings``): a forget begun while the listing was made stays pending (the
+    listing may predate its deletions), and a mark another command raised meanwhile stays."""
+    known = state if before is None else before
     forgotten = dict(state.forgotten)
+    pending = {}
     for sid, when in state.pending.items():
-        if sid not in present:
+        if sid not in known.pending:
+            pending[sid] = when
+        elif sid not in present:
             forgotten[sid] = when
-    state = replace(state, forgotten=_capped(forgotten), pending={})
-    if any(f.kind == ROLLED_BACK for f in findings(state, present)):
+    state = replace(state, forgotten=_capped(forgotten), pending=pending)
+    if any(f.kind == ROLLED_BACK for f in findings(state, present, before)):
         return state
     newest = _newest(present, state.forgotten)
     hw = state.newest
-    if hw is not None and hw.id in present and hw.id not in state.forgotten and (newest is None or hw > newest):
+    if (hw is not None and (hw.id in present or hw != known.newest) and hw.id not in state.forgotten
+            and (newest is None or hw > newest)):
         newest = hw
     return replace(state, newest=newest)
 

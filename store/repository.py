@@ -782,7 +782,8 @@ class Repo:
         """Every snapshot that loads, oldest first.  One that does not (damaged, or written with another
         key) is left out and kept in ``unreadable_snapshots`` (name -> error), for the caller to report,
         or to refuse on with ``require_readable`` where it must see every snapshot; one deleted since
-        the listing is simply gone."""
+        the listing is simply gone.  A loaded index that other commands added to since is dropped (read
+        again when next needed), so that it holds the blobs of every snapshot listed."""
         listed = {o.key.split("/", 1)[1]: (o.size, o.version) for o in self.remote.list("snapshots/")}
         names = list(listed)
         for name, seen in listed.items():  # rewritten meanwhile by another command (a rebase, a tag, a rewrite)
@@ -809,6 +810,9 @@ class Repo:
             loaded = [x for batch in pool.map(lambda b: [load(n) for n in b], batches) for x in batch]
         self.unreadable_snapshots = {n: x for n, x in zip(names, loaded) if isinstance(x, CorruptObject)}
         snapshots = [x for x in loaded if isinstance(x, Snapshot)]
+        # A backup stores its index objects before its snapshot: an index loaded before this listing may
+        # lack what a snapshot listed here needs (another backup finished meanwhile), one listed after it not.
+        self.refresh_index()
         return sorted(snapshots, key=chronological_key(snapshots))
 
     def drop_stale(self, *, index: bool = True) -> None:

@@ -43,6 +43,29 @@ def test_an_object_kept_open_reads_what_another_command_stored_since(tmp_path, t
         kept.close()
 
 
+def test_a_backup_finishing_between_the_read_lock_and_the_listing_is_read_with_its_index(tmp_path, tree, new_repo):
+    """An object kept open loaded the index earlier; the read lock is taken (the index found current), then
+    another backup stores its index and snapshot before the listing: restoring that snapshot must find its
+    blobs, not call them missing from the index."""
+    path = str(tmp_path / "repo")
+    new_repo(path).backup([str(tree)])
+    with Repository.open(path, PASSWORD) as kept, Repository.open(path, PASSWORD) as job:
+        kept.restore("latest", str(tmp_path / "first"))  # index loaded
+        real = kept.store.snapshots
+
+        def a_backup_lands_first():
+            if not (tree / "new").exists():
+                (tree / "new").write_bytes(os.urandom(100_000))
+                job.backup([str(tree)])
+            return real()
+
+        kept.store.snapshots = a_backup_lands_first  # type: ignore[method-assign]
+        kept.restore("latest", str(tmp_path / "second"))
+        kept.store.snapshots = real  # type: ignore[method-assign]
+        assert describe(tmp_path / "second") == describe(tree)
+        assert [e.path for e in kept.find("new")] and not kept.check().problems
+
+
 def test_a_snapshot_object_kept_from_before_another_command_rebased_it_reads_as_it_is_now(tmp_path, tree, new_repo,
                                                                                            cli):
     """A differential read, then its parent forgotten and pruned by another command (which rebased it): the

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from typing import Iterator
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -41,24 +42,34 @@ class Model:
         return sorted({ids[i % len(ids)] for i in picks}) if ids else []
 
     def run(self, step: tuple) -> None:
+        for _ in self.phases(step):
+            pass
+
+    def phases(self, step: tuple) -> Iterator[None]:
+        """``step`` a change at a time: a listing by another command may fall between any two."""
         kind = step[0]
         if kind in ("backup", "forget", "killed forget"):  # a write lists the snapshots first
             self.state = L.observe(self.state, self.present)
+            yield
         if kind == "backup":
             written = {}
             for _ in range(step[1]):
                 self.n += 1
                 written[f"s{self.n:03d}"] = self._tick()
             self.present.update(written)
+            yield
             self.state = L.wrote(self.state, written)
         elif kind == "forget":
             ids = self._pick(step[1])
             self.state = L.forgetting(self.state, ids, self._tick())
+            yield
             self._delete(ids)
+            yield
             self.state = L.forgot(self.state, ids, self.present, self._tick())
         elif kind == "killed forget":
             ids = self._pick(step[1])
             self.state = L.forgetting(self.state, ids, self._tick())
+            yield
             if step[2]:  # killed after deleting, before the ledger heard of it
                 self._delete(ids)
         elif kind == "other client":  # its retention never removes the newest snapshot
@@ -66,6 +77,7 @@ class Model:
             gone = [i for i in self._pick(step[1]) if i != newest]
             for sid in gone:
                 del self.present[sid]
+            yield
             if step[2] and self.present:
                 self.n += 1
                 self.present[f"s{self.n:03d}"] = self._tick()
@@ -79,9 +91,7 @@ class Model:
 
 def _honest(steps: list[tuple]) -> Model:
     m = Model()
-    for s in steps:
-        m.run(s)
-        assert L.findings(m.state, m.present) == [], (s, m.state, m.present)
+    _honest_from(m, steps)
     m.state = L.observe(m.state, m.present)
     assert L.findings(m.state, m.present) == []
     return m
@@ -121,6 +131,62 @@ def test_deleting_the_newest_snapshots_is_a_rollback(steps, k, data):
     assert L.findings(L.observe(m.state, kept), kept) == found
     accepted = L.accept(m.state, kept)
     assert L.findings(accepted, kept) == [] and L.findings(L.observe(accepted, kept), kept) == []
+
+
+def _listed_meanwhile(m: Model, during: list[tuple], at: int) -> tuple[LedgerState, dict[str, datetime]]:
+    """Another command reads the ledger, then lists the snapshots after ``at`` changes of ``during`` (steps
+    of this client's other commands, run meanwhile); every step then ends.  Returns (before, listing)."""
+    before, listing, made = m.state, None, 0
+    for step in during:
+        for _ in m.phases(step):
+            made += 1
+            if made == at:
+                listing = dict(m.present)
+    return before, dict(m.present) if listing is None else listing
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(op, max_size=15), st.lists(op, max_size=5), st.integers(0, 12), st.lists(op, max_size=10))
+def test_a_listing_made_while_other_commands_of_this_client_run_is_never_suspicious(history, during, at, later):
+    """Backups and forgets of this client's other commands (threads, cron jobs) store snapshots, delete them
+    and note both in the ledger while a listing is made: judged by the ledger as it was when the listing
+    began, nothing is suspicious, and what observing it leaves behind stays clean."""
+    m = _honest(history)
+    before, listing = _listed_meanwhile(m, during, at)
+    assert L.findings(m.state, listing, before) == [], (before, m.state, listing)
+    m.state = L.observe(m.state, listing, before)
+    assert L.findings(m.state, m.present) == []
+    _honest_from(m, later)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(op, max_size=15), st.integers(1, 4), st.data(), st.integers(1, 3))
+def test_a_rollback_is_found_while_this_client_stores_snapshots_meanwhile(history, k, data, stored):
+    """The newest snapshots deleted behind the client's back, then listed while its other commands (past
+    their own checks already) store snapshots and note them: the mark known before the listing began is
+    missing from it, and is a rollback; observing the listing does not lower the mark."""
+    m = _honest(history + [("backup", k)])
+    by_age = sorted(m.present.items(), key=lambda kv: kv[1])
+    cut = data.draw(st.integers(1, len(by_age)))
+    newest = by_age[-1][0]
+    for sid, _ in by_age[-cut:]:
+        del m.present[sid]
+    before, listing = m.state, dict(m.present)
+    written = {}
+    for _ in range(stored):
+        m.n += 1
+        written[f"s{m.n:03d}"] = m._tick()
+    m.present.update(written)
+    m.state = L.wrote(m.state, written)
+    assert [(f.kind, f.snapshot_id) for f in L.findings(m.state, listing, before)] == [(ROLLED_BACK, newest)]
+    observed = L.observe(m.state, listing, before)
+    assert observed.newest == m.state.newest
+
+
+def _honest_from(m: Model, steps: list[tuple]) -> None:
+    for s in steps:
+        m.run(s)
+        assert L.findings(m.state, m.present) == [], (s, m.state, m.present)
 
 
 @settings(max_examples=300, deadline=None)

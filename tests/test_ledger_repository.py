@@ -337,7 +337,8 @@ def test_a_snapshot_stored_after_a_listing_by_another_command_is_no_rollback(cha
 def test_a_snapshot_another_command_of_this_client_saves_during_a_listing_is_no_rollback(tmp_path):
     """One Repository lists while another command of the same client (a thread, or a process sharing the
     ledger) saves a backup and notes it: the listing, made just before, lacks the newest snapshot the ledger
-    knows. A second listing has it: no warning."""
+    knows by the time the listing is judged. It is judged by the ledger as it was when it began: no warning,
+    and no second listing."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"one")
@@ -361,5 +362,36 @@ def test_a_snapshot_another_command_of_this_client_saves_during_a_listing_is_no_
         lister.store.snapshots = listed_then_a_backup  # type: ignore[method-assign]
         with warnings.catch_warnings():
             warnings.simplefilter("error", RepositoryStateWarning)
+            assert len(lister.snapshots()) == 1
+            assert calls == [1]
             assert len(lister.snapshots()) == 2
-        assert calls == [1, 2]
+
+
+def test_backups_of_this_client_finishing_during_every_listing_are_no_rollback(tmp_path):
+    """Parallel backups of one client: each listing another backup makes misses the snapshot a backup
+    finishing meanwhile noted in the ledger, however many finish.  No refusal and no warning."""
+    ledger = str(tmp_path / "ledger")
+    path = str(tmp_path / "repo")
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "f").write_bytes(os.urandom(1000))
+    Repository.init(path, PW, kdf_seconds=0, ledger=ledger).close()
+    with Repository.open(path, PW, ledger=ledger) as slow, Repository.open(path, PW, ledger=ledger) as fast:
+        fast.backup([str(tmp_path / "b")])
+        real = slow.store.snapshots
+
+        def listed_then_another_backup_ends():
+            out = real()
+            with open(tmp_path / "b" / "f", "ab") as f:
+                f.write(b"x")
+            fast.backup([str(tmp_path / "b")])
+            return out
+
+        slow.store.snapshots = listed_then_another_backup_ends  # type: ignore[method-assign]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RepositoryStateWarning)
+            slow.backup([str(tmp_path / "a")])
+            slow.snapshots()
+            slow.stats()
+        slow.store.snapshots = real  # type: ignore[method-assign]
+        assert not [p.problem for p in slow.check().problems]

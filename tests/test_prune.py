@@ -210,6 +210,7 @@ def test_a_chunk_two_backups_stored_at_once_keeps_the_base_of_the_copy_prune_kee
     beside.store.load_index()  # as a backup running beside the next one: it read the index before that stored
     monkeypatch.setattr(beside.store, "load_index", lambda: None)
     monkeypatch.setattr(beside.store, "drop_stale", lambda **kwargs: None)
+    monkeypatch.setattr(beside.store, "refresh_index", lambda: None)
     diff = repo.backup([str(src)], kind="diff", **cut).snapshot
     whole = beside.backup([str(src)], kind="full", delta=False, host="other", **cut).snapshot
     beside.close()
