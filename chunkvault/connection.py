@@ -6,7 +6,7 @@ storage (and unlock the key) before the store's heavier modules are imported.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
@@ -16,23 +16,28 @@ from .remotes import Remote, open_remote
 from .remotes.local import LocalRemote
 from .remotes.throttle import ThrottledRemote
 
+if TYPE_CHECKING:
+    from .remotes.layer import StopRequest
+
 
 #: Seconds an off-site remote that answered before is waited for when it stops answering (``-o SCHEME.retry-time``).
 RETRY_TIME_ENV = "CHUNKVAULT_RETRY_TIME"
 
 
 def connect(url: str | Remote, *, cache: bool = True, limit_upload: float | None = None,
-            limit_download: float | None = None, retry_time: float | None = None, **options: Any) -> Remote:
+            limit_download: float | None = None, retry_time: float | None = None,
+            stop: StopRequest | None = None, **options: Any) -> Remote:
     """Open a remote by URL; off-site remotes get retries and a local metadata cache.  ``limit_upload`` and
     ``limit_download`` (bytes per second) hold its transfers to those rates (``remotes/throttle.py``);
     ``retry_time`` (else $CHUNKVAULT_RETRY_TIME, else 15 minutes) is how long one operation keeps retrying
-    a remote that has answered before (``remotes/layer.py``)."""
+    a remote that has answered before, and ``stop`` (else the process's) what ends the retries sooner
+    (``remotes/layer.py``)."""
     if isinstance(url, Remote):
         return url
-    if isinstance(url, os.PathLike):
-        url = os.fspath(url)
+    if isinstance(url, (bytes, os.PathLike)):
+        url = os.fsdecode(url)
     if not isinstance(url, str) or not url:
-        raise UsageError(f"a repository is named by a URL or a path (a str), not {url!r}")
+        raise UsageError(f"a repository is named by a URL or a path (str or bytes), not {url!r}")
     outage = _retry_time(retry_time)
     remote = open_remote(url, **options)
     local = isinstance(remote, LocalRemote)
@@ -46,7 +51,7 @@ def connect(url: str | Remote, *, cache: bool = True, limit_upload: float | None
 
     base = cache_base() if cache else None
     cache_dir = os.path.join(base, url_digest(remote.display_url)) if base is not None else None
-    return wrap_remote(remote, cache_dir=cache_dir, **({} if outage is None else {"outage": outage}))
+    return wrap_remote(remote, cache_dir=cache_dir, stop=stop, **({} if outage is None else {"outage": outage}))
 
 
 def _retry_time(given: Any) -> float | None:

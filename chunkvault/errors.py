@@ -167,6 +167,14 @@ class OutputClosed(ChunkvaultError):
     exit_code = 141
 
 
+class Stopped(KeyboardInterrupt):
+    """An operation ``Repository.stop`` told to stop.  A KeyboardInterrupt, as Ctrl-C's is, not an error:
+    nothing that takes one file's failure for a warning takes it, and it leaves what Ctrl-C leaves (no
+    snapshot, the lock released, what was stored reused by the next backup)."""
+
+    exit_code = 130
+
+
 class Locked(ChunkvaultError):
     exit_code = 15
 

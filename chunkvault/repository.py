@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import functools
 import io
 import os
 import sys
@@ -20,12 +21,13 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, I
 import blake3
 
 from .errors import (AmbiguousSnapshot, ChunkvaultError, CorruptObject, MissingObject, NewerObject, OutputClosed,
-                     PermissionDenied, RollbackDetected, SnapshotNotFound, StorageFull, TargetNotEmpty,
+                     PermissionDenied, RollbackDetected, SnapshotNotFound, Stopped, StorageFull, TargetNotEmpty,
                      TargetUnwritable, UsageError, VerificationFailed, output_error)
 from .ledger import Ledger, RepositoryStateWarning, present_of
 from .connection import connect, key_ahead_path
 from .units import parse_share, parse_size
 from .remotes import Remote, url_scheme
+from .remotes.layer import StopRequest, stop_request
 from .chunker import FIXED_CHUNK_SIZE
 from .store.backup import Backup, BackupOptions, BackupResult
 from .store.chain import broken_chains, lineage
@@ -112,6 +114,8 @@ def _texts(values: Any, what: str) -> list[str]:
     for v in out:
         if not isinstance(v, str) or not v:
             raise UsageError(f"each {what} must be a non-empty string, not {v!r}")
+        if not v.isprintable():  # a line break would split a listing's row
+            raise UsageError(f"each {what} must be printable text, not {v!r}")
         if what == "tag" and "," in v:
             raise UsageError(f"a tag cannot hold a comma ({v!r}): the command line takes a,b as two tags")
     return out
@@ -132,6 +136,8 @@ def _globs(values: Any, what: str) -> list[str]:
 def _host(value: Any) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
         raise UsageError(f"host must be a non-empty string, not {value!r}")
+    if value is not None and not value.isprintable():  # a line break would split the snapshots table's row
+        raise UsageError(f"host must be printable text, not {value!r}")
     return value
 
 
@@ -213,6 +219,15 @@ def _ledger_for(repo: Repo, where: bool | str | os.PathLike[str]) -> Ledger | No
     return Ledger.at(None if where is True else os.fspath(where), repo.config.repo_id)
 
 
+def _stoppable(method: Callable[..., Any]) -> Callable[..., Any]:
+    """An operation: refused once the object is closed, stopped by ``Repository.stop`` (``_operation``)."""
+    @functools.wraps(method)
+    def run(self: "Repository", *args: Any, **kwargs: Any) -> Any:
+        with self._operation():
+            return method(self, *args, **kwargs)
+    return run
+
+
 class Repository:
     """An open chunkvault repository.
 
@@ -221,17 +236,26 @@ class Repository:
     (``RepositoryStateWarning``), writes raise ``RollbackDetected``, ``check`` reports them.
     """
 
-    def __init__(self, repo: Repo, ledger: Ledger | None = None, *, lock_reads: bool = True):
+    def __init__(self, repo: Repo, ledger: Ledger | None = None, *, lock_reads: bool = True,
+                 retry_stop: StopRequest | None = None):
         self._repo = repo
         self._ledger = ledger
         self.lock_reads = lock_reads
         self._reading_depth = threading.local()  # per thread: one thread's read ending must not end another's lock
+        # ``stop``: the operations running, whether they were told to stop, and what ends their remote's retries
+        # (the one ``connect`` was given).  Reentrant: ``stop`` may run in a signal handler on a thread inside
+        # ``_operation``.
+        self._closed = False
+        self._ops = 0
+        self._ops_lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._retry_stop = retry_stop or StopRequest(parent=stop_request)
 
     # --- lifecycle --------------------------------------------------------------
 
     @classmethod
     def init(cls, url: str | Remote, password: str | bytes, *, kdf_seconds: float = 0.5,
-             chunker: dict[str, int] | None = None, compression_level: int = 3, pack_size: int | None = None,
+             chunker: dict[str, int] | None = None, compression_level: int = 3, pack_size: int | str | None = None,
              full_every: int | None = None, max_diff_share: float | None = None,
              chunker_secret: bytes | None = None, copy_chunker_from: "Repository | None" = None,
              ledger: bool | str | os.PathLike[str] = True, **remote_options: Any) -> "Repository":
@@ -247,7 +271,7 @@ class Repository:
             chunker_secret = copy_chunker_from._repo.material.chunker_secret
         settings = Settings(chunker=chunker or ChunkerParams().to_dict(), compression_level=compression_level)
         if pack_size is not None:
-            settings.pack_size = pack_size
+            settings.pack_size = parse_size(pack_size) if isinstance(pack_size, str) else pack_size
         if full_every is not None:
             settings.full_every = full_every
         if max_diff_share is not None:
@@ -258,10 +282,11 @@ class Repository:
             raise UsageError(f"chunker_secret must be {KEY_SIZE} bytes (a repository's own, to copy its chunk "
                              "boundaries: copy_chunker_from gives it)")
         _check_remote_options(remote_options)
-        remote = connect(url, **remote_options)
+        retry_stop = StopRequest(parent=stop_request)
+        remote = connect(url, stop=retry_stop, **remote_options)
         repo = Repo.init(remote, _password(password), settings=settings, kdf_seconds=kdf_seconds,
                          chunker_secret=chunker_secret)
-        return cls(repo, _ledger_for(repo, ledger))
+        return cls(repo, _ledger_for(repo, ledger), retry_stop=retry_stop)
 
     @classmethod
     def open(cls, url: str | Remote, password: str | bytes | Unlocked, *,
@@ -275,15 +300,16 @@ class Repository:
         """
         _check_remote_options(remote_options)
         _check_ledger(ledger)
+        retry_stop = StopRequest(parent=stop_request)
         if isinstance(password, Unlocked):
             key = password
-            remote = connect(url, **remote_options)
+            remote = connect(url, stop=retry_stop, **remote_options)
         else:
             secret = _password(password)
             ahead = None
             if isinstance(url, str) and url_scheme(url) != "file" and remote_options.get("cache", True):
                 ahead = KeyAhead.start(key_ahead_path(url), secret)
-            remote = connect(url, **remote_options)
+            remote = connect(url, stop=retry_stop, **remote_options)
             try:
                 key = unlock(remote, secret, ahead)
             except BaseException:
@@ -291,10 +317,63 @@ class Repository:
                     remote.close()
                 raise
         repo = Repo.open(remote, key)
-        return cls(repo, _ledger_for(repo, ledger), lock_reads=lock_reads)
+        return cls(repo, _ledger_for(repo, ledger), lock_reads=lock_reads, retry_stop=retry_stop)
 
     def close(self) -> None:
+        """Close the connections; every later call is refused, whatever the storage (idempotent)."""
+        self._closed = True
         self._repo.remote.close()
+
+    # --- stopping ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Tell the operations this object runs now, in any thread, to stop (from another thread, or a signal
+        handler that ``chunkvault.interrupts.handled`` runs).
+
+        Each raises ``chunkvault.errors.Stopped`` (a KeyboardInterrupt) at its next progress point:
+        ``backup``, ``backup_stream``, ``backup_command``, ``restore``, ``check``, ``prune`` and ``copy_to`` within
+        about half a second, whether or not a progress callback was given.  A remote that stopped answering
+        is retried no longer (attempts start only within 10 s of the request or of its last answer, as after
+        Ctrl-C), so an operation waiting on one ends then too; the others end once their current remote
+        calls do.  What a stopped operation leaves is what Ctrl-C leaves: no snapshot, no lock, and what a
+        backup stored whole reused by the next one.  An operation started afterwards runs as usual."""
+        with self._ops_lock:
+            if self._ops:
+                self._stopping.set()
+                self._retry_stop.request()
+
+    @contextlib.contextmanager
+    def _operation(self) -> Iterator[None]:
+        """Count a running operation; the last to end withdraws a stop.  An error an operation raises once
+        told to stop (a remote call that was not retried, say) is the stop's doing: ``Stopped``."""
+        if self._closed:
+            raise UsageError(f"the repository {self._repo.remote.display_url} was closed (Repository.close)")
+        with self._ops_lock:
+            self._ops += 1
+        try:
+            yield
+        except Stopped:
+            raise
+        except BaseException as exc:
+            if self._stopping.is_set():
+                raise Stopped(f"stopped: {exc}") from exc
+            raise
+        finally:
+            with self._ops_lock:
+                self._ops -= 1
+                if not self._ops:
+                    self._stopping.clear()
+                    self._retry_stop.clear()
+
+    def _progress(self, progress: Callable[..., None] | None) -> Callable[..., None]:
+        """``progress``, after a look at whether ``stop`` was asked: where an operation reports progress, it
+        may stop."""
+        def report(*counts: Any) -> None:
+            if self._stopping.is_set():
+                raise Stopped("stopped")
+            if progress is not None:
+                progress(*counts)
+        return report
 
     def __enter__(self) -> "Repository":
         return self
@@ -386,6 +465,7 @@ class Repository:
 
     # --- backup -----------------------------------------------------------------
 
+    @_stoppable
     def backup(self, paths: list[str] | str, *, kind: str = "auto", tags: list[str] | None = None,
                host: str | None = None, excludes: list[str] | None = None, delta: bool = True,
                no_delta: list[str] | None = None, fixed_chunks: list[str] | None = None,
@@ -448,7 +528,7 @@ class Repository:
             snaps = self._list() if dry_run else self._guard()
             opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, excludes=list(excludes or []),
                                  delta=delta, no_delta=list(no_delta or []), fixed_chunks=list(fixed_chunks or []),
-                                 fixed_chunk_size=fixed_chunk_size, progress=progress, dry_run=dry_run,
+                                 fixed_chunk_size=fixed_chunk_size, progress=self._progress(progress), dry_run=dry_run,
                                  parent=find_snapshot(snaps, _spec(parent)) if parent else None, reread=reread,
                                  skip_if_unchanged=skip_if_unchanged, ignore_inode=ignore_inode,
                                  ignore_ctime=ignore_ctime, xattrs=xattrs, time=_time(time),
@@ -468,6 +548,7 @@ class Repository:
             self._wrote(result.snapshot)
         return result
 
+    @_stoppable
     def backup_stream(self, fileobj: BinaryIO, name: str, *, kind: str = "auto", tags: list[str] | None = None,
                       host: str | None = None, delta: bool = True, fixed_chunks: list[str] | None = None,
                       fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False,
@@ -484,6 +565,7 @@ class Repository:
         source = _BinarySource(fileobj)
         return self._backup_stream(lambda: contextlib.nullcontext(source), name, opts)
 
+    @_stoppable
     def backup_command(self, argv: Sequence[str], name: str, *, kind: str = "auto", tags: list[str] | None = None,
                        host: str | None = None, delta: bool = True, fixed_chunks: list[str] | None = None,
                        fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False, cwd: str | None = None,
@@ -513,6 +595,7 @@ class Repository:
         self._repo.drop_stale(index=False)
         if not opts.dry_run:
             self._guard()
+        opts.progress = self._progress(opts.progress)
         with open_stream() as stream:
             result = Backup(self._repo, opts).run(None, [name], stream=stream, stdin_name=name)
         if not opts.dry_run:
@@ -576,6 +659,7 @@ class Repository:
         if not getattr(self._reading_depth, "n", 0):
             self._repo.refresh_index()
 
+    @_stoppable
     def snapshots(self, *, hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
                   latest: int | None = None, group_by: str | Iterable[str] = "host,paths") -> list[Snapshot]:
         """The snapshots, oldest first; filtered as ``select_snapshots`` does when a filter is given; with
@@ -589,6 +673,7 @@ class Repository:
 
         return newest_of_groups(chosen, latest, parse_group_by(group_by))
 
+    @_stoppable
     def stats(self) -> RepositoryStats:
         """Snapshots, distinct data, deltas, packs and the ratios between them, from the snapshot objects,
         the index and a listing of the packs (no manifest is read)."""
@@ -599,6 +684,7 @@ class Repository:
         repo = self._repo
         return summarize(snaps, repo.index.items(), repo.stored_packs().values())
 
+    @_stoppable
     def usage(self, snapshots: Iterable[str | Snapshot] | None = None, *, hosts: Iterable[str] = (),
               tags: Iterable[str] = (), paths: Iterable[str] = ()) -> SnapshotUsage:
         """What the snapshots named and selected by the filters take: their files (restore size), the
@@ -632,6 +718,7 @@ class Repository:
         named = {(s if isinstance(s, Snapshot) else find(s)).id for s in _listed(snapshots)}
         return [s for s in chosen if s.id in named]
 
+    @_stoppable
     def find(self, patterns: list[str], *, snapshots: Iterable[str | Snapshot] | None = None,
              hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
              ignore_case: bool = False) -> list[Found]:
@@ -667,6 +754,7 @@ class Repository:
                                   f"(`check` says why)", RepositoryStateWarning, stacklevel=2)
             return versions(chosen, matches)
 
+    @_stoppable
     def snapshot(self, spec: str | Snapshot = "latest", *, until: str | datetime | None = None,
                  host: str | None = None, paths: list[str] | None = None) -> Snapshot:
         """An id, unique prefix or ``latest``; with ``until`` the newest at or before that time.  An id of a
@@ -703,6 +791,7 @@ class Repository:
         return (r.entry for r in self._repo.tree_within(snap, within)
                 if r.entry is not None and (r.path == within or r.path.startswith(below)))
 
+    @_stoppable
     def restore(self, snapshot: str | Snapshot, target: str, *, until: str | datetime | None = None,
                 host: str | None = None, paths: list[str] | None = None,
                 includes: list[str] | None = None, excludes: list[str] | None = None,
@@ -728,10 +817,11 @@ class Repository:
         Owners are set when running as root: by the user and group names the snapshot recorded, where this
         machine knows them (``owner_map``), else by number; ``numeric_owner``: by number only."""
         from .store import restore_workers
+        from .store.forked import MAX_REQUESTED
 
         includes, excludes = _globs(includes, "include"), _globs(excludes, "exclude")
-        if processes is not None and (type(processes) is not int or processes < 1):
-            raise UsageError(f"processes is a count, 1 or more, not {processes!r}")
+        if processes is not None and (type(processes) is not int or not 1 <= processes <= MAX_REQUESTED):
+            raise UsageError(f"processes is a count from 1 to {MAX_REQUESTED}, not {processes!r}")
         if progress is not None and not callable(progress):
             raise UsageError(f"progress is a function (files, bytes), not {progress!r}")
         if not isinstance(target, (str, bytes, os.PathLike)) or not os.fspath(target):
@@ -744,7 +834,7 @@ class Repository:
         with self.reading("restore"):
             snap = self.snapshot(snapshot, until=until, host=host, paths=paths)
             opts = RestoreOptions(includes=includes, excludes=excludes, force=force,
-                                  delta=delta, delete=delete, progress=progress, xattrs=xattrs,
+                                  delta=delta, delete=delete, progress=self._progress(progress), xattrs=xattrs,
                                   owner_map=None if numeric_owner else self.owner_map(snap))
             restorer = Restorer(self._repo, target, opts, lookup=lambda path: self._repo.lookup(snap, path))
             expected, files, dirs = (_count(snap.stats.get(k)) for k in ("bytes", "files", "dirs"))
@@ -822,6 +912,7 @@ class Repository:
         raw = _ChunkStream(self._repo, e.chunk_ids(), os.fsdecode(e.path if name is None else name), e)
         return io.BufferedReader(raw, buffer_size=1 << 20)
 
+    @_stoppable
     def dump(self, snapshot: str | Snapshot, path: str | bytes, out: BinaryIO, *, archive: str = "tar") -> list[str]:
         """Write ``path`` of the snapshot to ``out``: a file's content, or a directory's subtree (``/``: the
         whole snapshot) as a tar or zip ``archive`` with names relative to the snapshot's root. Returns
@@ -866,6 +957,7 @@ class Repository:
 
         return diff_trees(self._repo.tree(sa), self._repo.tree(sb), holder(sa), holder(sb))
 
+    @_stoppable
     def check(self, *, read_data: bool = False, subset: str | None = None,
               progress: Callable[[int, int, int], None] | None = None, accept_state: bool = False) -> CheckReport:
         """Verify structure; with ``read_data`` (or a ``subset`` like "1/7" or "10%") every blob too.
@@ -879,7 +971,7 @@ class Repository:
         if subset is not None and not isinstance(subset, str):
             raise UsageError(f"a check subset is text like \"1/7\" or \"10%\", not {subset!r}")
         with self.reading("check"):
-            report = Checker(self._repo, read_data=read_data, subset=subset, progress=progress).run()
+            report = Checker(self._repo, read_data=read_data, subset=subset, progress=self._progress(progress)).run()
             accepted = self.accept_state() if accept_state else []  # after the check: its snapshots are loaded
             if self._ledger is not None:
                 before = self._ledger.state()
@@ -889,6 +981,7 @@ class Repository:
             report.warnings.extend(f"accepted: {line}" for line in accepted)
         return report
 
+    @_stoppable
     def forget(self, snapshots: Iterable[str] = (), *, policy: RetentionPolicy | None = None,
                dry_run: bool = False, now: datetime | None = None, hosts: Iterable[str] = (),
                tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0,
@@ -1014,6 +1107,7 @@ class Repository:
                                                (n for n in self._repo.unreadable_snapshots if n not in gone)))
         return out
 
+    @_stoppable
     def aggregate(self, snapshot: str | Snapshot, *, retire: bool = False, wait: float = 3600.0) -> Aggregated:
         """Turn a differential into a synthetic full (same id, same tree); ``retire`` forgets its old chain.
         Under the exclusive lock, as forget is."""
@@ -1029,6 +1123,7 @@ class Repository:
             return self._forgetting(snaps, chain, lambda: aggregate(self._repo, snap, snaps, retire=retire,
                                                                     ensure_held=lock.ensure_held))
 
+    @_stoppable
     def prune(self, *, max_unused: float = 0.05, max_repack_size: int | str | None = None, dry_run: bool = False,
               wait: float = 0.0, progress: Callable[[int, int, int], None] | None = None) -> PrunePlan:
         """Delete packs no snapshot needs; repack those more than ``max_unused`` unused, at most
@@ -1046,8 +1141,9 @@ class Repository:
         else:
             self._guard()
         return prune(self._repo, max_unused=max_unused, max_repack=max_repack, dry_run=dry_run, wait=wait,
-                     progress=progress)
+                     progress=self._progress(progress))
 
+    @_stoppable
     def copy_to(self, destination: "Repository", snapshots: Iterable[str] = (),
                 progress: Callable[[int, int], None] | None = None, *, hosts: Iterable[str] = (),
                 tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0) -> CopyResult:
@@ -1072,16 +1168,18 @@ class Repository:
             ids = ([s.id for s in self._chosen(snaps, snapshots or None, hosts, tags, paths)]
                    if snapshots or hosts or tags or paths else None)
             destination._guard()
-            result = copy_snapshots(self._repo, destination._repo, ids, progress=progress, wait=wait)
+            result = copy_snapshots(self._repo, destination._repo, ids, progress=self._progress(progress), wait=wait)
             destination._wrote(*(destination._repo.load_snapshot(d) for _, d in result.copied))
         return result
 
+    @_stoppable
     def repair_index(self, *, wait: float = 0.0) -> RepairReport:
         """Rebuild the index from the pack headers (waiting up to ``wait`` seconds for the exclusive lock)."""
         from .store.repair import repair_index
 
         return repair_index(self._repo, wait=wait)
 
+    @_stoppable
     def repair_packs(self, packs: list[str], *, dry_run: bool = True, wait: float = 3600.0) -> RepairReport:
         """Salvage damaged packs (ids or unique prefixes): copy what still verifies, drop the packs."""
         from .store.repair import repair_packs
@@ -1090,6 +1188,7 @@ class Repository:
             self._guard()
         return repair_packs(self._repo, _listed(packs), dry_run=dry_run, wait=wait)
 
+    @_stoppable
     def repair_snapshots(self, *, dry_run: bool = True, wait: float = 3600.0) -> RepairReport:
         """Drop (list, and with ``dry_run=False`` rewrite) files whose data is gone."""
         from .store.repair import repair_snapshots
@@ -1098,6 +1197,7 @@ class Repository:
             self._guard()
         return repair_snapshots(self._repo, dry_run=dry_run, wait=wait)
 
+    @_stoppable
     def tag(self, snapshots: Iterable[str | Snapshot] | None = None, *, add: Iterable[str] = (),
             remove: Iterable[str] = (), set_to: Iterable[str] | None = None, hosts: Iterable[str] = (),
             tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0) -> list[Snapshot]:
@@ -1114,6 +1214,7 @@ class Repository:
                                add=add, remove=remove, set_to=None if set_to is None else _texts(set_to, "tag"),
                                wait=wait)
 
+    @_stoppable
     def rewrite(self, excludes: list[str], snapshots: Iterable[str | Snapshot] | None = None, *,
                 hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
                 dry_run: bool = True, wait: float = 3600.0) -> RewriteReport:
@@ -1126,6 +1227,7 @@ class Repository:
         return rewrite_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
                                  _globs(excludes, "exclude"), dry_run=dry_run, wait=wait)
 
+    @_stoppable
     def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,
                overwrite: bool = False) -> ExportStats:
         """Write one snapshot (its chain resolved) into a self-contained encrypted .backup file."""
@@ -1136,6 +1238,7 @@ class Repository:
             snap = self.snapshot(snapshot)
             return export(self._repo, snap, path, _password(password), kdf_seconds=kdf_seconds, overwrite=overwrite)
 
+    @_stoppable
     def import_backup(self, path: str, password: str | bytes, *, wait: float = 3600.0) -> ImportResult:
         """Bring a .backup file in as a new full snapshot; chunks already here are not stored again, and
         a snapshot already here whole (the exported one, or one imported or copied from it) is not imported
@@ -1152,11 +1255,13 @@ class Repository:
 
     # --- keys ----------------------------------------------------------------------
 
+    @_stoppable
     def add_key(self, password: str | bytes, *, kdf_seconds: float = 0.5) -> str:
         """A new key file for ``password``; a ``chunkvault.new_secret()`` gets one that opens without stretching."""
         check_kdf_seconds(kdf_seconds)
         return self._repo.add_key(_password(password), kdf_seconds=kdf_seconds)
 
+    @_stoppable
     def change_password(self, new_password: str | bytes, *, kdf_seconds: float = 0.5,
                         wait: float = 3600.0) -> tuple[str, str]:
         """Replace the key this repository was opened with by one for ``new_password``: (new key, old key).
@@ -1168,6 +1273,7 @@ class Repository:
         old = self._repo.key_name
         return self._repo.replace_key(_password(new_password), kdf_seconds=kdf_seconds, wait=wait), old
 
+    @_stoppable
     def remove_key(self, name: str, *, wait: float = 3600.0) -> str:
         """Remove the key ``name`` (an id or unique prefix) and return its id; waits up to ``wait`` seconds
         for running backups and reads to end."""
@@ -1175,6 +1281,7 @@ class Repository:
             raise UsageError(f"a key is named by its id or a unique prefix, not {name!r}")
         return self._repo.remove_key(name, wait=wait)
 
+    @_stoppable
     def export_key(self) -> bytes:
         """A key export: the key this repository was opened with and the config, as stored.  Kept away
         from the repository, it lets ``import_key`` open it again after its key files or config are lost
@@ -1202,6 +1309,7 @@ class Repository:
             if remote is not url:
                 remote.close()
 
+    @_stoppable
     def keys(self) -> list[dict[str, Any]]:
         readable, damaged = self._repo.list_keys()
         return [{"id": k.name, "kdf": k.kdf, "created": k.created, "host": k.host, "user": k.user,

@@ -8,6 +8,7 @@ from .errors import UsageError
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\Z", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MAX_SIZE = (1 << 63) - 1
 
 
 def parse_size(text: Any) -> int:
@@ -21,6 +22,8 @@ def parse_size(text: Any) -> int:
         number = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if number < 1:
         raise UsageError(f"size must be at least 1 byte, not {text!r}")
+    if number > MAX_SIZE:
+        raise UsageError(f"size must be at most 8 EiB (what a file offset holds), not {text!r}")
     return number
 
 

@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -45,19 +46,38 @@ class StopRequest:
     was stored whole and the lock's removal; one that has answered nothing for ``grace`` seconds gets no
     new attempt."""
 
-    def __init__(self, grace: float = 10.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, grace: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 parent: "StopRequest | None" = None):
+        """``parent``: a request of its (the process's, made on Ctrl-C) is this one's too; one of this one's
+        (one repository's operations told to stop) is not the parent's."""
         self.grace = grace
         self._clock = clock
         self._event = threading.Event()
         self._at = 0.0
+        self._parent = parent
+        self._children: weakref.WeakSet[StopRequest] = weakref.WeakSet()
+        if parent is not None:
+            parent._children.add(self)
+            if parent.requested():
+                self.request()
+
+    def requested(self) -> bool:
+        return self._event.is_set()
 
     def request(self) -> None:
         if not self._event.is_set():
             self._at = self._clock()
             self._event.set()
+        for child in list(self._children):
+            child.request()
 
     def clear(self) -> None:
-        self._event.clear()
+        """Withdraw the request, unless the parent's stands (threads a stopped command left behind go on
+        retrying no longer); the children's with it."""
+        if self._parent is None or not self._parent.requested():
+            self._event.clear()
+        for child in list(self._children):
+            child.clear()
 
     def answered(self) -> None:
         """An operation succeeded: the remote still answers, so the grace starts again."""
@@ -580,14 +600,16 @@ def wrap_remote(
     timeout: float | None = 300.0,
     outage: float | None = OUTAGE_SECONDS,
     verify_reads: bool | None = None,
+    stop: StopRequest | None = None,
 ) -> Remote:
     """The stack the store uses: retries around the backend, the cache (if any) on top,
-    so cache misses are retried and cache hits never touch the network."""
+    so cache misses are retried and cache hits never touch the network.  ``stop``: the request that ends
+    its retries (default: the process's)."""
     if verify_reads is None:
         verify_reads = not remote.checks_read_length
     wrapped: Remote = RetryingRemote(
         remote, attempts=attempts, base_delay=base_delay, max_delay=max_delay, timeout=timeout, outage=outage,
-        verify_reads=verify_reads,
+        verify_reads=verify_reads, stop=stop,
     )
     if cache_dir is not None:
         wrapped = CachingRemote(wrapped, cache_dir, prefixes=cache_prefixes)

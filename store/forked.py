@@ -34,7 +34,8 @@ from .forksafe import FORK_GUARD, loud_threads
 
 T = TypeVar("T")
 
-MAX_PROCESSES = 4
+MAX_PROCESSES = 4  # what one job starts by default (``cores``)
+MAX_REQUESTED = 64  # what one job may be asked to start: each is a pipe and a copy of the pages it touches
 STOP_GRACE = 10.0  # seconds a worker asked to stop has to clean up (remove what it left half-written)
 PROGRESS_EVERY = 0.1  # seconds between a worker's progress messages
 _PR_SET_PDEATHSIG = 1
@@ -159,18 +160,31 @@ class Workers(Generic[T]):
     def __init__(self, n: int, work: Callable[[int, Reporter], T]):
         self.workers: list[_Worker[T]] = []
         self.ok = False
-        for k in range(n):
-            self.workers.append(self._fork(k, work))
+        try:
+            for k in range(n):
+                self.workers.append(self._fork(k, work))
+        except BaseException as exc:  # no pipe or process left (EMFILE, EAGAIN), or interrupted: none stays
+            self.__exit__()
+            if isinstance(exc, OSError):
+                raise ChunkvaultError(f"could not start worker process {len(self.workers) + 1} of {n} "
+                                      f"({exc.strerror}); none is left running") from None
+            raise
 
     def _fork(self, k: int, work: Callable[[int, Reporter], T]) -> _Worker[T]:
         parent = os.getpid()
         rfd, wfd = os.pipe()
-        with FORK_GUARD, warnings.catch_warnings():
-            # Python 3.12+ warns, in the parent, of a fork with other threads alive.  Ours are quiet ones
-            # (see forksafe.py); and where warnings are errors, the warning would be raised from a fork
-            # that happened, its child left at work with no parent reading it.
-            warnings.filterwarnings("ignore", r"This process .* is multi-threaded, use of fork\(\)", DeprecationWarning)
-            pid = os.fork()
+        try:
+            with FORK_GUARD, warnings.catch_warnings():
+                # Python 3.12+ warns, in the parent, of a fork with other threads alive.  Ours are quiet ones
+                # (see forksafe.py); and where warnings are errors, the warning would be raised from a fork
+                # that happened, its child left at work with no parent reading it.
+                warnings.filterwarnings("ignore", r"This process .* is multi-threaded, use of fork\(\)",
+                                        DeprecationWarning)
+                pid = os.fork()
+        except BaseException:
+            os.close(rfd)
+            os.close(wfd)
+            raise
         if pid == 0:
             code = 1
             try:

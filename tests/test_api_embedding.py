@@ -286,6 +286,7 @@ def test_each_bad_argument_is_a_usage_error_before_any_work(tmp_path, tree, new_
                  lambda: Repository.init(str(tmp_path / "r3"), "pw", kdf_seconds=0, ledger=5),
                  lambda: repo.restore(snap, str(tmp_path / "o"), processes="2"),
                  lambda: repo.restore(snap, str(tmp_path / "o"), processes=2.5),
+                 lambda: repo.restore(snap, str(tmp_path / "o"), processes=10**6),
                  lambda: repo.restore(snap, str(tmp_path / "o"), progress=5),
                  lambda: repo.backup([str(tree)], progress=5), lambda: repo.backup([str(tree)], exclude_if_present=[5])):
         with pytest.raises(UsageError):
@@ -394,3 +395,26 @@ def test_a_read_without_a_lock_that_a_prune_overtook_says_so_instead_of_calling_
             raise error
     assert info.value.partial == "what was restored"
     unlocked.close()
+
+
+def test_a_closed_repository_refuses_every_call_on_any_storage(tmp_path, tree):
+    path = str(tmp_path / "repo")
+    with Repository.init(path, PASSWORD, kdf_seconds=0) as repo:
+        repo.backup([str(tree)])
+    repo.close()  # again: idempotent
+    for call in (lambda: repo.backup([str(tree)]), lambda: repo.restore("latest", str(tmp_path / "o")),
+                 repo.snapshots, repo.check):
+        with pytest.raises(UsageError, match="was closed"):
+            call()
+    assert len(os.listdir(os.path.join(path, "snapshots"))) == 1 and not (tmp_path / "o").exists()
+
+
+def test_values_in_the_forms_the_readme_names_and_out_of_range_ones(tmp_path, tree):
+    path = str(tmp_path / "repo")
+    with Repository.init(path, PASSWORD, kdf_seconds=0, pack_size="4M") as repo:
+        assert repo.store.config.settings.pack_size == 4 << 20
+    with Repository.open(os.fsencode(path), PASSWORD) as repo:  # a path as bytes, as paths elsewhere
+        for bad in ({"exclude_larger_than": 10**30}, {"host": "db\nfake row"}, {"tags": ["a\tb"]}):
+            with pytest.raises(UsageError):
+                repo.backup([str(tree)], **bad)
+        assert repo.snapshots() == []

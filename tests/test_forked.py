@@ -3,6 +3,7 @@
 Each case runs in a fresh interpreter: forking is for processes with no other thread.
 """
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -116,6 +117,25 @@ _CASES = {
         stop.set()
         print(json.dumps({"results": out, "filters_kept": warnings.filters[0][0] == "error"}))
     """,
+    "out_of_descriptors": """
+        import os, resource, time
+        from chunkvault.errors import ChunkvaultError
+        fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+        before = fds()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (before + 9, hard))  # pipes for some workers, not 20
+        try:
+            with forked.Workers(20, lambda k, rep: time.sleep(30)) as w:
+                w.wait()
+        except ChunkvaultError as exc:
+            text = str(exc)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        try:
+            left = os.waitpid(-1, os.WNOHANG)[0]
+        except ChildProcessError:
+            left = None
+        print(json.dumps({"text": text, "fds_left": fds() - before, "child_left": left}))
+    """,
 }
 
 
@@ -162,3 +182,12 @@ def test_forking_beside_a_quiet_thread_where_warnings_are_errors():
     with another thread alive, in the parent, after the child has started."""
     assert _run("warnings_are_errors") == {"results": [0, 10], "filters_kept": True}
 
+
+
+def test_workers_that_cannot_all_start_leave_no_process_nor_descriptor():
+    """Out of descriptors (or processes) part-way: the workers already started are ended and reaped, their
+    pipes closed, and the error says so, instead of a bare OSError with zombies and every descriptor held."""
+    r = _run("out_of_descriptors")
+    assert r["fds_left"] == 0 and r["child_left"] is None
+    assert re.fullmatch(r"could not start worker process \d+ of 20 \(Too many open files\); none is left running",
+                        r["text"]), r["text"]

@@ -258,6 +258,25 @@ def test_a_stop_request_ends_retrying_after_its_grace(tmp_path):
     assert now[0] - stopped_at > 250.0  # cleared: the whole timeout again
 
 
+def test_a_stop_request_of_the_process_is_every_repositorys_and_not_the_reverse():
+    """Ctrl-C stops every repository's retries; one repository's operations told to stop leave the others
+    retrying; and a repository's stop withdrawn while the process's stands leaves its retries stopped
+    (threads a stopped command left behind)."""
+    process = StopRequest()
+    one, other = StopRequest(parent=process), StopRequest(parent=process)
+    one.request()
+    assert one.left() is not None and other.left() is None and process.left() is None
+    one.clear()
+    assert one.left() is None
+    process.request()
+    late = StopRequest(parent=process)
+    assert all(s.left() is not None for s in (one, other, late))
+    one.clear()
+    assert one.left() is not None
+    process.clear()
+    assert all(s.left() is None for s in (process, one, other, late))
+
+
 def test_a_remote_that_still_answers_after_a_stop_keeps_getting_attempts(tmp_path):
     """Uploads that take longer than the grace to finish on a slow link must not leave the index of what
     they stored, nor the lock's removal, unattempted: each answer starts the grace again."""

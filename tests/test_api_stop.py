@@ -1,0 +1,122 @@
+"""Repository.stop: an operation running on another thread ends with Stopped, leaves what Ctrl-C leaves, and
+the next operation runs as usual; a remote that stopped answering is retried no longer."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from chunkvault import Repository
+from chunkvault.errors import Stopped
+from conftest import PASSWORD
+from servers_http import FULL_TOKEN, http_server, serve_factory  # noqa: F401
+from treeutil import describe
+
+
+class EndlessStream:
+    """A dump that never ends (a database too big to wait for), counting what was read."""
+
+    def __init__(self) -> None:
+        self.read_bytes = 0
+        self.enough = threading.Event()  # 2 MiB read: the backup is under way
+
+    def read(self, n: int = -1) -> bytes:
+        n = 64 << 10 if n is None or n < 0 else min(n, 64 << 10)
+        self.read_bytes += n
+        if self.read_bytes >= 2 << 20:
+            self.enough.set()
+        return os.urandom(n)
+
+
+def _in_thread(call) -> tuple[threading.Thread, list[BaseException | object]]:
+    out: list[BaseException | object] = []
+
+    def run() -> None:
+        try:
+            out.append(call())
+        except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _locks(path: str) -> list[str]:
+    return os.listdir(os.path.join(path, "locks")) if os.path.isdir(os.path.join(path, "locks")) else []
+
+
+def test_a_backup_on_another_thread_stops_without_a_progress_callback(tmp_path, new_repo):
+    path = str(tmp_path / "repo")
+    repo = new_repo(path)
+    stream = EndlessStream()
+    thread, out = _in_thread(lambda: repo.backup_stream(stream, "db.dump"))
+    assert stream.enough.wait(60)
+    repo.stop()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert len(out) == 1 and isinstance(out[0], Stopped) and isinstance(out[0], KeyboardInterrupt)
+    assert repo.snapshots() == [] and _locks(path) == []
+    # the stop is withdrawn: the next backup runs, and reuses nothing it should not
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(300_000))
+    repo.backup([str(src)])
+    repo.restore("latest", str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(src)
+    assert not repo.check(read_data=True).problems
+
+
+def test_a_stop_with_nothing_running_stops_nothing_later(tmp_path, new_repo):
+    repo = new_repo(str(tmp_path / "repo"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    repo.stop()
+    assert repo.backup([str(src)]).snapshot is not None
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_restore_and_a_check_stop_at_their_next_progress_point(tmp_path, new_repo, processes):
+    path = str(tmp_path / "repo")
+    repo = new_repo(path, pack_size=64 << 10)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(600):  # small files are written 256 at a time, each run a progress point
+        (src / f"f{i:03}").write_bytes(os.urandom(4 << 10))
+    repo.backup([str(src)])
+    calls = []
+
+    def stop_at_first(*counts):  # as a cancel button would, from the operation's own thread
+        calls.append(counts)
+        repo.stop()
+
+    with pytest.raises(Stopped):
+        repo.restore("latest", str(tmp_path / "out"), progress=stop_at_first, processes=processes)
+    assert len(calls) == 1 and _locks(path) == []
+    restored = sum(len(files) for _, _, files in os.walk(tmp_path / "out"))
+    assert restored < 600
+    calls.clear()
+    with pytest.raises(Stopped):
+        repo.check(read_data=True, progress=stop_at_first)
+    assert len(calls) == 1 and _locks(path) == []
+    repo.restore("latest", str(tmp_path / "again"), processes=processes)
+    assert describe(tmp_path / "again") == describe(src)
+
+
+@pytest.mark.slow
+def test_a_backup_waiting_on_a_remote_that_went_away_ends_once_stopped(tmp_path, http_server):  # noqa: F811
+    """Without the stop it would retry the dead service for 15 minutes; stopped, it starts no attempt past
+    the 10 s grace, and ends."""
+    repo = Repository.init(http_server.url, PASSWORD, kdf_seconds=0, token=FULL_TOKEN, cache=False)
+    stream = EndlessStream()
+    thread, out = _in_thread(lambda: repo.backup_stream(stream, "db.dump"))
+    assert stream.enough.wait(60)
+    http_server.stop(signal.SIGKILL)
+    repo.stop()
+    thread.join(120)
+    assert not thread.is_alive()
+    assert len(out) == 1 and isinstance(out[0], Stopped), out
+    repo.close()
