@@ -21,6 +21,7 @@ requests are our own (``sftp_client``): pipelined, as large as the server takes.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
@@ -129,8 +130,10 @@ class SFTPRemote(Remote):
             # asked (ssh -G) which user and port it will use, for the name in messages and the cache's.
             target = SSHTarget(host, port, user, (key_file,) if key_file else (), known, accept_new_host_key,
                                os.path.expanduser(ssh_config) if ssh_config else None, connect_timeout)
-            self._sessions: OpenSSHSessions | ParamikoSessions = OpenSSHSessions(target)
             cfg: dict[str, Any] = openssh_settings(target)
+            if cfg.get("port", "").isdigit():
+                target = dataclasses.replace(target, config_port=int(cfg["port"]))
+            self._sessions: OpenSSHSessions | ParamikoSessions = OpenSSHSessions(target)
         else:  # paramiko takes the configuration from us
             cfg = self._ssh_config(host, ssh_config)
         self.port = int(port or cfg.get("port") or 22)

@@ -51,9 +51,10 @@ class SSHTarget:
     accept_new_host_key: bool
     ssh_config: str | None
     connect_timeout: float
+    config_port: int | None = None  # the port an SSH config sets, where the URL names none (for messages)
 
     def where(self) -> str:
-        return f"{self.host}:{self.port or 22}"
+        return f"{self.host}:{self.port or self.config_port or 22}"
 
     def known_hosts_name(self) -> str:
         return self.known_hosts or "~/.ssh/known_hosts"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -341,6 +342,21 @@ def test_a_host_alias_of_the_ssh_config_names_its_user_and_port(sshd, tmp_path, 
         remote.put("config", b"x")
         assert remote.display_url == f"sftp://{sshd.user}@backup-alias:{sshd.port}{tmp_path}/repo"
     assert (tmp_path / "repo" / "config").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_failure_names_the_port_the_ssh_config_sets(sshd, tmp_path, transport):
+    """Nothing listens where the configuration leads: the error names that port, not 22."""
+    port = free_port()
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host backup-alias\n  HostName 127.0.0.1\n  Port {port}\n  User {sshd.user}\n"
+                      f"  IdentityFile {sshd.user_key}\n")
+    url = f"sftp://backup-alias{tmp_path}/repo"
+    with open_remote(url, known_hosts=sshd.known_hosts, ssh_config=str(config), transport=transport,
+                     connect_timeout=5) as remote:
+        with pytest.raises(RemoteUnavailable) as failed:
+            remote.put("config", b"x")
+    assert re.search(rf"SSH server \S+:{port}:", str(failed.value)), failed.value
 
 
 def test_the_remote_names_itself_by_a_url_that_opens_it_again(sshd, tmp_path):
