@@ -143,6 +143,8 @@ class SFTPRemote(Remote):
         shown = re.sub(r"[%;?#]", lambda m: f"%{ord(m.group()):02X}", path)  # as a URL takes it again
         self.display_url = f"sftp://{self.user}@{host}{port_part}{shown if shown.startswith('/') else '/' + shown}"
         if self.transport == "paramiko":
+            if known is None and cfg.get("userknownhostsfile"):  # as ssh reads it (the first file named)
+                known = os.path.expanduser(str(cfg["userknownhostsfile"]).split()[0])
             files = [os.path.expanduser(f) for f in cfg.get("identityfile") or []]
             key_files = [key_file] if key_file else [f for f in files if os.path.exists(f)]
             target = SSHTarget(cfg.get("hostname", host), self.port, self.user, tuple(key_files), known,

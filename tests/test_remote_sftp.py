@@ -345,6 +345,16 @@ def test_a_host_alias_of_the_ssh_config_names_its_user_and_port(sshd, tmp_path, 
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_known_hosts_file_an_ssh_config_names_is_the_one_read(sshd, tmp_path, transport):
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host backup-alias\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+                      f"  IdentityFile {sshd.user_key}\n  UserKnownHostsFile {sshd.known_hosts}\n")
+    with open_remote(f"sftp://backup-alias{tmp_path}/repo", ssh_config=str(config), transport=transport) as remote:
+        remote.put("config", b"x")
+    assert (tmp_path / "repo" / "config").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_failure_names_the_port_the_ssh_config_sets(sshd, tmp_path, transport):
     """Nothing listens where the configuration leads: the error names that port, not 22."""
     port = free_port()
