@@ -66,10 +66,13 @@ def findings(state: LedgerState, present: Mapping[str, datetime], before: Ledger
     ``before``: the state as read before ``present`` was listed, ``state`` being read after it.  Other
     commands of this client may have stored snapshots, or forgotten some, while it was listed: the
     listing is held to what was known when it began, and a forget noted by its end explains a
-    snapshot missing from it."""
+    snapshot missing from it.  A mark that moved meanwhile (this client stored, saw or forgot newer
+    snapshots) leaves the rollback to the next listing: the old mark may have gone as honestly as
+    when it is no longer the newest, and the new one may be missing only because it came late."""
     if before is not None:
         ended = {sid: t for sid, t in state.forgotten.items() if sid not in before.forgotten}
-        state = LedgerState(before.forgotten, {**before.pending, **state.pending, **ended}, before.newest)
+        newest = before.newest if state.newest == before.newest else None
+        state = LedgerState(before.forgotten, {**before.pending, **state.pending, **ended}, newest)
     out = [Finding(REPLAYED, sid, state.forgotten[sid]) for sid in present if sid in state.forgotten]
     hw = state.newest
     if hw is not None and hw.id not in present and hw.id not in state.forgotten and hw.id not in state.pending:
@@ -95,8 +98,10 @@ def observe(state: LedgerState, present: Mapping[str, datetime], before: LedgerS
     earliest time, and deleting it afterwards must still show as a rollback.
 
     ``before`` (as for ``findings``): a forget begun while the listing was made stays pending (the
-    listing may predate its deletions), and a mark another command raised meanwhile stays."""
+    listing may predate its deletions), and where the ledger changed at all meanwhile, the mark stays
+    as it is (what the listing shows may be gone since, honestly: the next listing raises it)."""
     known = state if before is None else before
+    quiet = state == known
     forgotten = dict(state.forgotten)
     pending = {}
     for sid, when in state.pending.items():
@@ -105,12 +110,11 @@ def observe(state: LedgerState, present: Mapping[str, datetime], before: LedgerS
         elif sid not in present:
             forgotten[sid] = when
     state = replace(state, forgotten=_capped(forgotten), pending=pending)
-    if any(f.kind == ROLLED_BACK for f in findings(state, present, before)):
+    if not quiet or any(f.kind == ROLLED_BACK for f in findings(state, present, before)):
         return state
     newest = _newest(present, state.forgotten)
     hw = state.newest
-    if (hw is not None and (hw.id in present or hw != known.newest) and hw.id not in state.forgotten
-            and (newest is None or hw > newest)):
+    if hw is not None and hw.id in present and hw.id not in state.forgotten and (newest is None or hw > newest):
         newest = hw
     return replace(state, newest=newest)
 

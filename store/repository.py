@@ -829,10 +829,36 @@ class Repo:
         return self._index is not None and set(self.index_names()) != self._index_names
 
     def refresh_index(self) -> None:
-        """Drop the index if it was replaced (``index_replaced``): it is read again when next needed."""
+        """Bring a loaded index up to the index objects stored now.  Objects only added since (other commands'
+        backups) are read and added to it; objects gone or replaced (a prune, a repair) drop it, to be read
+        again when next needed.  A service that keeps a repository open for months reads each backup's index
+        objects once, not the whole index again after every backup."""
         with self._index_lock:
-            if self.index_replaced():
+            if self._index is None:
+                return
+            listed = set(self.index_names())
+            if listed != self._index_names and not (
+                    self._index_names <= listed and self._add_index_objects(sorted(listed - self._index_names))):
                 self._index = None
+
+    def _add_index_objects(self, names: list[str]) -> bool:
+        """Add what these index objects list to the loaded index (under ``_index_lock``); False where they
+        cannot simply be added (one does not read, supersedes others, or lists a blob the index holds
+        already; or deltas were left out of the index: the whole index is then read again, as
+        ``load_index`` sorts such cases out)."""
+        assert self._index is not None
+        if self._withheld:  # deltas left out for want of a base, which an object added may bring
+            return False
+        read = self.read_index_objects(names)
+        objects = [got for _, got in read if isinstance(got, IndexColumns)]
+        if len(objects) < len(read) or superseded_names(objects):
+            return False
+        for d in objects:
+            if self._add_columns(d, self._index, self._delta_bases) < d.entry_count:
+                return False
+        self._index_names.update(names)
+        self._withheld = None  # the deltas added may need bases the index lacks: looked at again
+        return True
 
     def reload_snapshots(self) -> list[Snapshot]:
         """``snapshots()`` with every object read again: under the exclusive lock, the view that no other

@@ -66,6 +66,35 @@ def test_a_backup_finishing_between_the_read_lock_and_the_listing_is_read_with_i
         assert [e.path for e in kept.find("new")] and not kept.check().problems
 
 
+def test_an_object_kept_open_reads_only_the_index_objects_other_backups_added(tmp_path, tree, new_repo, cli):
+    """A service open for months must not read the whole index again after every backup another command
+    makes; after a prune (objects replaced) it reads it again, and finds what the prune moved."""
+    path = str(tmp_path / "repo")
+    new_repo(path).backup([str(tree)])
+    with Repository.open(path, PASSWORD) as kept:
+        kept.restore("latest", str(tmp_path / "first"))
+        real, read = kept.store.read_index_objects, []
+
+        def counted(names, **kw):
+            read.append(list(names))
+            return real(names, **kw)
+
+        kept.store.read_index_objects = counted  # type: ignore[method-assign]
+        before = set(kept.store.index_names())
+        for i in range(3):
+            (tree / f"n{i}").write_bytes(os.urandom(50_000))
+            cli("backup", "-r", path, str(tree))
+            kept.restore("latest", str(tmp_path / f"then{i}"))
+            assert describe(tmp_path / f"then{i}") == describe(tree)
+        added = set(kept.store.index_names()) - before
+        assert sorted(n for names in read for n in names) == sorted(added)
+        cli("forget", "-r", path, "--keep-last", "1", "--prune")
+        read.clear()
+        kept.restore("latest", str(tmp_path / "after-prune"))
+        assert describe(tmp_path / "after-prune") == describe(tree)
+        assert sorted(n for names in read for n in names) == sorted(kept.store.index_names())
+
+
 def test_a_snapshot_object_kept_from_before_another_command_rebased_it_reads_as_it_is_now(tmp_path, tree, new_repo,
                                                                                            cli):
     """A differential read, then its parent forgotten and pruned by another command (which rebased it): the

@@ -21,6 +21,10 @@ op = st.one_of(
     st.tuples(st.just("other client"), st.sets(st.integers(0, 30), max_size=3), st.booleans()),
     st.tuples(st.just("list"),),
 )
+forgets = st.one_of(
+    st.tuples(st.just("forget"), st.sets(st.integers(0, 30), max_size=4)),
+    st.tuples(st.just("killed forget"), st.sets(st.integers(0, 30), max_size=3), st.booleans()),
+)
 
 
 class Model:
@@ -160,27 +164,30 @@ def test_a_listing_made_while_other_commands_of_this_client_run_is_never_suspici
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(op, max_size=15), st.integers(1, 4), st.data(), st.integers(1, 3))
-def test_a_rollback_is_found_while_this_client_stores_snapshots_meanwhile(history, k, data, stored):
-    """The newest snapshots deleted behind the client's back, then listed while its other commands (past
-    their own checks already) store snapshots and note them: the mark known before the listing began is
-    missing from it, and is a rollback; observing the listing does not lower the mark."""
+@given(st.lists(op, max_size=15), st.integers(1, 4), st.data(), st.lists(forgets, max_size=4), st.integers(0, 12))
+def test_a_rollback_is_found_while_this_client_forgets_meanwhile(history, k, data, during, at):
+    """The newest snapshots deleted behind the client's back, then listed while its other commands forget
+    older ones: the mark, which no honest step lowers while it is missing, is a rollback."""
     m = _honest(history + [("backup", k)])
     by_age = sorted(m.present.items(), key=lambda kv: kv[1])
     cut = data.draw(st.integers(1, len(by_age)))
     newest = by_age[-1][0]
     for sid, _ in by_age[-cut:]:
         del m.present[sid]
-    before, listing = m.state, dict(m.present)
-    written = {}
-    for _ in range(stored):
-        m.n += 1
-        written[f"s{m.n:03d}"] = m._tick()
-    m.present.update(written)
-    m.state = L.wrote(m.state, written)
-    assert [(f.kind, f.snapshot_id) for f in L.findings(m.state, listing, before)] == [(ROLLED_BACK, newest)]
-    observed = L.observe(m.state, listing, before)
-    assert observed.newest == m.state.newest
+    before, listing = _listed_meanwhile(m, during, at)
+    assert (ROLLED_BACK, newest) in [(f.kind, f.snapshot_id) for f in L.findings(m.state, listing, before)]
+    assert L.observe(m.state, listing, before).newest == before.newest  # the evidence stays
+
+
+def test_a_mark_that_moved_during_the_listing_leaves_the_rollback_to_the_next_listing():
+    """This client stored a newer snapshot while the listing was made: the old newest may have gone as
+    honestly as it may once it is not the newest (another client's retention); the next listing judges."""
+    x, y = Mark(T0, "x"), Mark(T0 + timedelta(1), "y")
+    before = LedgerState(newest=x)
+    after = L.wrote(before, {"y": y.time})
+    assert L.findings(after, {}, before) == []
+    assert L.observe(after, {}, before) == after
+    assert [(f.kind, f.snapshot_id) for f in L.findings(after, {})] == [(ROLLED_BACK, "y")]
 
 
 def _honest_from(m: Model, steps: list[tuple]) -> None:
