@@ -171,7 +171,8 @@ class Ledger:
                 warn: bool = True) -> list[Finding]:
         """After a listing: update the ledger; the findings not warned about yet (by this Ledger) are one
         warning: the first, and how many more (a repository put back from an old copy may replay hundreds)."""
-        found = self._update(lambda s: logic.observe(s, present, before), present, before)
+        now = _now()
+        found = self._update(lambda s: logic.observe(s, present, before, now), present, before)
         new = [f for f in found if f not in self._warned]
         if warn and new:
             self._warned.update(new)

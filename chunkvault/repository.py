@@ -14,6 +14,7 @@ import io
 import os
 import sys
 import threading
+import unicodedata
 import warnings
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
@@ -114,8 +115,6 @@ def _texts(values: Any, what: str) -> list[str]:
     for v in out:
         if not isinstance(v, str) or not v:
             raise UsageError(f"each {what} must be a non-empty string, not {v!r}")
-        if not v.isprintable():  # a line break would split a listing's row
-            raise UsageError(f"each {what} must be printable text, not {v!r}")
         if what == "tag" and "," in v:
             raise UsageError(f"a tag cannot hold a comma ({v!r}): the command line takes a,b as two tags")
     return out
@@ -136,9 +135,15 @@ def _globs(values: Any, what: str) -> list[str]:
 def _host(value: Any) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
         raise UsageError(f"host must be a non-empty string, not {value!r}")
-    if value is not None and not value.isprintable():  # a line break would split the snapshots table's row
-        raise UsageError(f"host must be printable text, not {value!r}")
     return value
+
+
+def _one_line(values: Iterable[str], what: str) -> None:
+    """Refuse a tag or host to store that holds a control character or a line break: it would split a
+    listing's row (one stored before is still selected by it, and removed by ``tag``)."""
+    for v in values:
+        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in v):
+            raise UsageError(f"a {what} is one line of text without control characters, not {v!r}")
 
 
 def _paths(values: Any, what: str = "path to back up") -> list[str]:
@@ -219,6 +224,20 @@ def _ledger_for(repo: Repo, where: bool | str | os.PathLike[str]) -> Ledger | No
     return Ledger.at(None if where is True else os.fspath(where), repo.config.repo_id)
 
 
+class _Operation:
+    """One running call of the API (a thread's outermost), in each repository it uses: what ``stop`` marks."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self.repositories: list["Repository"] = []
+
+    def stop(self) -> None:
+        """Marked, it stops at its next progress point; the remotes of its repositories retry no longer."""
+        self.stopped = True
+        for repo in list(self.repositories):
+            repo._retry_stop.request()
+
+
 def _stoppable(method: Callable[..., Any]) -> Callable[..., Any]:
     """An operation: refused once the object is closed, stopped by ``Repository.stop`` (``_operation``)."""
     @functools.wraps(method)
@@ -242,13 +261,12 @@ class Repository:
         self._ledger = ledger
         self.lock_reads = lock_reads
         self._reading_depth = threading.local()  # per thread: one thread's read ending must not end another's lock
-        # ``stop``: the operations running, whether they were told to stop, and what ends their remote's retries
-        # (the one ``connect`` was given).  Reentrant: ``stop`` may run in a signal handler on a thread inside
-        # ``_operation``.
+        # ``stop``: the operations running, and what ends their remote's retries (the one ``connect`` was
+        # given).  Reentrant: ``stop`` may run in a signal handler on a thread inside ``_operation``.
         self._closed = False
-        self._ops = 0
+        self._running: set[_Operation] = set()
         self._ops_lock = threading.RLock()
-        self._stopping = threading.Event()
+        self._current = threading.local()  # the operation this thread runs (``_operation``)
         self._retry_stop = retry_stop or StopRequest(parent=stop_request)
 
     # --- lifecycle --------------------------------------------------------------
@@ -335,41 +353,57 @@ class Repository:
         about half a second, whether or not a progress callback was given.  A remote that stopped answering
         is retried no longer (attempts start only within 10 s of the request or of its last answer, as after
         Ctrl-C), so an operation waiting on one ends then too; the others end once their current remote
-        calls do.  What a stopped operation leaves is what Ctrl-C leaves: no snapshot, no lock, and what a
-        backup stored whole reused by the next one.  An operation started afterwards runs as usual."""
+        calls do.  ``copy_to`` stops by either repository's ``stop``, and both remotes' retries end.  What a
+        stopped operation leaves is what Ctrl-C leaves: no snapshot, no lock, and what a backup stored whole
+        reused by the next one.  An operation started afterwards runs as usual, beside stopped ones or not."""
         with self._ops_lock:
-            if self._ops:
-                self._stopping.set()
-                self._retry_stop.request()
+            running = list(self._running)
+        for op in running:
+            op.stop()
 
-    @contextlib.contextmanager
-    def _operation(self) -> Iterator[None]:
-        """Count a running operation; the last to end withdraws a stop.  An error an operation raises once
-        told to stop (a remote call that was not retried, say) is the stop's doing: ``Stopped``."""
+    def _refuse_if_closed(self) -> None:
         if self._closed:
             raise UsageError(f"the repository {self._repo.remote.display_url} was closed (Repository.close)")
+
+    @contextlib.contextmanager
+    def _operation(self, op: "_Operation | None" = None) -> Iterator[None]:
+        """Run a call as an operation ``stop`` can stop: this thread's own, or ``op`` (another object's that
+        this one serves: ``copy_to``'s destination), or, nested in one, that one.  An error an operation
+        raises once told to stop (a remote call that was not retried, say) is the stop's doing: ``Stopped``."""
+        self._refuse_if_closed()
+        if getattr(self._current, "op", None) is not None:
+            yield
+            return
+        op = op or _Operation()
         with self._ops_lock:
-            self._ops += 1
+            self._running.add(op)
+            op.repositories.append(self)
+        self._current.op = op
         try:
+            if op.stopped:
+                self._retry_stop.request()
             yield
         except Stopped:
             raise
         except BaseException as exc:
-            if self._stopping.is_set():
+            if op.stopped:
                 raise Stopped(f"stopped: {exc}") from exc
             raise
         finally:
+            self._current.op = None
             with self._ops_lock:
-                self._ops -= 1
-                if not self._ops:
-                    self._stopping.clear()
+                self._running.discard(op)
+                op.repositories.remove(self)
+                if not any(o.stopped for o in self._running):
                     self._retry_stop.clear()
 
     def _progress(self, progress: Callable[..., None] | None) -> Callable[..., None]:
-        """``progress``, after a look at whether ``stop`` was asked: where an operation reports progress, it
-        may stop."""
+        """``progress``, after a look at whether this thread's operation was told to stop: where an operation
+        reports progress, it may stop."""
+        op = getattr(self._current, "op", None)
+
         def report(*counts: Any) -> None:
-            if self._stopping.is_set():
+            if op is not None and op.stopped:
                 raise Stopped("stopped")
             if progress is not None:
                 progress(*counts)
@@ -417,7 +451,8 @@ class Repository:
         ``snaps``, a listing made earlier (under the exclusive lock, which no backup shares), is judged by
         the ledger as it is now; should another command of this client have stored a snapshot, and noted
         it, since that listing was made, a contradiction is confirmed on a listing made now, judged by the
-        ledger as it was before it (a real rollback is still missing from it).
+        ledger as it was before it (a real rollback is still missing from it).  Where the ledger's mark
+        moved while that listing was made, it is confirmed once more on the next.
         """
         forgetting = set(forgetting)
         if snaps is not None:
@@ -430,16 +465,24 @@ class Repository:
                 return snaps
             except RollbackDetected:
                 pass
-        before = None if self._ledger is None else self._ledger.state()
-        snaps = self._repo.snapshots()
-        present = self._present(snaps)
-        if self._ledger is not None:
+        if self._ledger is None:
+            snaps = self._repo.snapshots()
+            self._present(snaps)
+            return snaps
+        for _ in range(2):
+            before = self._ledger.state()
+            snaps = self._repo.snapshots()
+            present = self._present(snaps)
             try:
                 self._ledger.guard(present, before=before, forgetting=forgetting)
             except RollbackDetected:  # or a repository made anew at its place, which that error names
                 require_openable(self._repo.remote, self._repo.config.repo_id)
                 raise
-            self._ledger.observe(present, before=before, warn=False)
+            if self._ledger.state().newest == before.newest:
+                break
+            # This client noted a newer snapshot meanwhile, which the listing may lack: the rollback of it is
+            # judged on a listing made now (the write about to be made would bury it).
+        self._ledger.observe(present, before=before, warn=False)
         return snaps
 
     def _wrote(self, *snaps: Snapshot) -> None:
@@ -456,6 +499,7 @@ class Repository:
                 unreadable.append(name)
         return present_of(snaps, unreadable)
 
+    @_stoppable
     def accept_state(self) -> list[str]:
         """Accept the snapshot set as it is (after a replay or rollback was looked into);
         returns what the ledger had found, one line each."""
@@ -513,6 +557,8 @@ class Repository:
         ``wait``: seconds to wait for a running prune, forget or repair (exclusive) before Locked.
         """
         paths, tags, excludes, host = _paths(paths), _texts(tags, "tag"), _globs(excludes, "exclude"), _host(host)
+        _one_line(tags, "tag")
+        _one_line([host] if host else [], "host")
         if progress is not None and not callable(progress):
             raise UsageError(f"progress is a function, not {progress!r}")
         no_delta, fixed_chunks = _globs(no_delta, "no_delta"), _globs(fixed_chunks, "fixed_chunks")
@@ -592,6 +638,8 @@ class Repository:
             name = os.fsdecode(name)
         if not isinstance(name, str):
             raise UsageError(f"a stream's name is a str or bytes, not {name!r}")
+        _one_line(opts.tags, "tag")
+        _one_line([opts.host] if opts.host else [], "host")
         self._repo.drop_stale(index=False)
         if not opts.dry_run:
             self._guard()
@@ -616,6 +664,7 @@ class Repository:
         token or mount, a full disk), the read goes ahead unlocked (the latter with a warning)."""
         from .store.locks import SHARED, RepoLock
 
+        self._refuse_if_closed()
         with contextlib.ExitStack() as held:
             depth = getattr(self._reading_depth, "n", 0)
             locked = False
@@ -1167,9 +1216,11 @@ class Repository:
             hosts, tags, paths = _filters(hosts, tags, paths).values()
             ids = ([s.id for s in self._chosen(snaps, snapshots or None, hosts, tags, paths)]
                    if snapshots or hosts or tags or paths else None)
-            destination._guard()
-            result = copy_snapshots(self._repo, destination._repo, ids, progress=self._progress(progress), wait=wait)
-            destination._wrote(*(destination._repo.load_snapshot(d) for _, d in result.copied))
+            with destination._operation(self._current.op):  # either object's stop stops it
+                destination._guard()
+                result = copy_snapshots(self._repo, destination._repo, ids, progress=self._progress(progress),
+                                        wait=wait)
+                destination._wrote(*(destination._repo.load_snapshot(d) for _, d in result.copied))
         return result
 
     @_stoppable
@@ -1207,12 +1258,13 @@ class Repository:
         from .store.rewrite import retag_snapshots
 
         add, remove = _texts(add, "tag"), _texts(remove, "tag")
+        set_to = None if set_to is None else _texts(set_to, "tag")
         if set_to is None and not add and not remove:
             raise UsageError("tag: give --add, --remove or --set")
+        _one_line(add + (set_to or []), "tag")
         self._guard()
         return retag_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
-                               add=add, remove=remove, set_to=None if set_to is None else _texts(set_to, "tag"),
-                               wait=wait)
+                               add=add, remove=remove, set_to=set_to, wait=wait)
 
     @_stoppable
     def rewrite(self, excludes: list[str], snapshots: Iterable[str | Snapshot] | None = None, *,

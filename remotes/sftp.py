@@ -26,6 +26,7 @@ import errno
 import os
 import re
 import secrets
+import shlex
 import socket
 import stat as stat_mod
 import threading
@@ -103,6 +104,22 @@ def _info(key: str, attr: Any) -> ObjectInfo:
     return ObjectInfo(key, attr.st_size or 0, version)
 
 
+def _config_known_hosts(value: str, host: str, user: str) -> str | None:
+    """The known_hosts file an SSH config's ``UserKnownHostsFile`` names, as OpenSSH reads it: the first of
+    its (quoted) words, with ``%d`` ``%h`` ``%u`` ``%%`` and ``~`` expanded; ``none`` is no file (every host
+    then unknown); None where it names none."""
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        raise UsageError(f"the SSH config's UserKnownHostsFile does not parse: {value!r}") from None
+    if not words:
+        return None
+    if words[0].lower() == "none":
+        return os.devnull
+    tokens = {"%%": "%", "%d": os.path.expanduser("~"), "%h": host, "%u": user}
+    return os.path.expanduser(re.sub(r"%[%dhu]", lambda m: tokens[m.group()], words[0]))
+
+
 class SFTPRemote(Remote):
     checks_read_length = True  # a whole read ends where the open file's size says (sftp_client.read_file)
 
@@ -143,8 +160,8 @@ class SFTPRemote(Remote):
         shown = re.sub(r"[%;?#]", lambda m: f"%{ord(m.group()):02X}", path)  # as a URL takes it again
         self.display_url = f"sftp://{self.user}@{host}{port_part}{shown if shown.startswith('/') else '/' + shown}"
         if self.transport == "paramiko":
-            if known is None and cfg.get("userknownhostsfile"):  # as ssh reads it (the first file named)
-                known = os.path.expanduser(str(cfg["userknownhostsfile"]).split()[0])
+            if known is None and cfg.get("userknownhostsfile"):
+                known = _config_known_hosts(str(cfg["userknownhostsfile"]), cfg.get("hostname", host), self.user)
             files = [os.path.expanduser(f) for f in cfg.get("identityfile") or []]
             key_files = [key_file] if key_file else [f for f in files if os.path.exists(f)]
             target = SSHTarget(cfg.get("hostname", host), self.port, self.user, tuple(key_files), known,

@@ -1033,7 +1033,7 @@ class Backup:
                     self.repo.drop_stale(index=False)
                 if not self.opt.dry_run:
                     require_openable(self.repo.remote, self.repo.config.repo_id)
-                self.repo.load_index()
+                self.repo.fresh_index()
                 return self._run(source, paths, stream=stream, stdin_name=stdin_name)
         finally:
             if source is not None:

@@ -213,7 +213,7 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
     wanted = set(spec_ids) if spec_ids is not None else {s.id for s in src_snaps}
     with RepoLock(dst.remote, SHARED, COPY_INTO, wait=wait, wait_option=True,
                   label="the destination repository", alone=True) as lock:
-        dst.load_index()
+        dst.fresh_index()
         done: dict[str, str] = {}  # an id a source snapshot may be known by -> the destination's snapshot
         for have in dst.snapshots():
             for known in origins(have):

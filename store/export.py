@@ -787,7 +787,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
         # Alone among imports (as copies are): two imports of one file at once each found it absent, and
         # both stored it.
         with RepoLock(repo.remote, SHARED, "import", wait=lock_wait, wait_option=True, alone=True) as repo_lock:
-            repo.load_index()
+            repo.fresh_index()
             snapshots = repo.snapshots()
             present = already_here(snapshots, info.snapshot)
             if present is not None and holds_whole(repo, present, info.snapshot, snapshots):

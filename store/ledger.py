@@ -13,7 +13,7 @@ Pure: no I/O and no clock.  Callers pass the present snapshots as
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Collection, Mapping
 
 REPLAYED = "replayed"
@@ -22,6 +22,9 @@ LEDGER_VERSION = 1
 # Forgotten ids are remembered up to this many (the most recently forgotten): two years of
 # hourly snapshots, a file of about 2 MB.
 MAX_FORGOTTEN = 20_000
+# A forget noted as begun whose snapshot is still listed is taken for one killed before it deleted only
+# this long after it began: a forget rebasing a long chain over a slow link may still be under way.
+PENDING_KEPT = timedelta(hours=24)
 
 
 @dataclass(frozen=True, order=True)
@@ -90,9 +93,12 @@ def blocking(found: Collection[Finding], forgetting: Collection[str] = ()) -> li
     return sorted(found)
 
 
-def observe(state: LedgerState, present: Mapping[str, datetime], before: LedgerState | None = None) -> LedgerState:
-    """After a listing: pending forgets resolve (gone: confirmed; present: the forget never
-    happened) and the high-water mark rises to the newest present snapshot not forgotten.
+def observe(state: LedgerState, present: Mapping[str, datetime], before: LedgerState | None = None,
+            now: datetime | None = None) -> LedgerState:
+    """After a listing: pending forgets resolve (gone: confirmed; present ``PENDING_KEPT`` after the forget
+    began, or at once without ``now``: it never happened, killed before it deleted) and the high-water mark
+    rises to the newest present snapshot not forgotten.  A forget still under way may delete after the
+    listing: taken for one that never happened, the newest snapshot it then deletes would be a rollback.
     An unresolved rollback keeps its mark, so the evidence stays until it is accepted; and the
     mark never falls while its snapshot is present: one that does not load is listed with the
     earliest time, and deleting it afterwards must still show as a rollback.
@@ -105,7 +111,7 @@ def observe(state: LedgerState, present: Mapping[str, datetime], before: LedgerS
     forgotten = dict(state.forgotten)
     pending = {}
     for sid, when in state.pending.items():
-        if sid not in known.pending:
+        if sid not in known.pending or (sid in present and now is not None and now - when < PENDING_KEPT):
             pending[sid] = when
         elif sid not in present:
             forgotten[sid] = when
@@ -128,7 +134,7 @@ def forgot(state: LedgerState, ids: Collection[str], present: Mapping[str, datet
     """After deleting ``ids``; ``present`` is what remains."""
     pending = {sid: when for sid, when in state.pending.items() if sid not in ids}
     forgotten = {**state.forgotten, **{sid: now for sid in ids}}
-    return observe(replace(state, forgotten=forgotten, pending=pending), present)
+    return observe(replace(state, forgotten=forgotten, pending=pending), present, now=now)
 
 
 def wrote(state: LedgerState, written: Mapping[str, datetime]) -> LedgerState:

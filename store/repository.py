@@ -166,6 +166,7 @@ class Repo:
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
         self._delta_bases: dict[bytes, bytes] = {}
         self._withheld: set[bytes] | None = None  # deltas left out of the index for a writer: not yet known
+        self._writers = 0  # BlobWriters filling the index: it is not dropped meanwhile (``refresh_index``)
 
     # --- creation and opening -------------------------------------------------
 
@@ -415,11 +416,14 @@ class Repo:
             if isinstance(got, NewerObject) or not isinstance(got, CorruptObject):  # newer, or gone since listed
                 raise got
         for name, got in unreadable.items():
-            if name not in self._warned_indexes:
-                self._warned_indexes.add(name)
-                warnings.warn(f"index/{name[:12]} does not load and is left out ({got.reason}); `check` says "
-                              "what it takes down", RepositoryStateWarning, stacklevel=2)
+            self._warn_unreadable_index(name, got)
         self.install_index(names, objects)
+
+    def _warn_unreadable_index(self, name: str, got: CorruptObject) -> None:
+        if name not in self._warned_indexes:
+            self._warned_indexes.add(name)
+            warnings.warn(f"index/{name[:12]} does not load and is left out ({got.reason}); `check` says "
+                          "what it takes down", RepositoryStateWarning, stacklevel=3)
 
     def install_index(self, names: list[str], objects: list[tuple[str, IndexColumns]]) -> list[IndexColumns]:
         """Make the index from these objects, read already (``names``: every index object listed, the
@@ -830,35 +834,66 @@ class Repo:
 
     def refresh_index(self) -> None:
         """Bring a loaded index up to the index objects stored now.  Objects only added since (other commands'
-        backups) are read and added to it; objects gone or replaced (a prune, a repair) drop it, to be read
-        again when next needed.  A service that keeps a repository open for months reads each backup's index
-        objects once, not the whole index again after every backup."""
+        backups) are read and added to it: a service that keeps a repository open for months reads each
+        backup's index objects once, not the whole index after every backup.  Objects gone or replaced (a
+        prune, a repair) drop it, to be read again when next needed; but never while a writer of this
+        object fills it (its blobs not yet in an index object would be lost to the reads that follow):
+        then the next refresh does.  The listing and the reads hold no lock: a slow listing stalls no lookup."""
         with self._index_lock:
             if self._index is None:
                 return
-            listed = set(self.index_names())
-            if listed != self._index_names and not (
-                    self._index_names <= listed and self._add_index_objects(sorted(listed - self._index_names))):
+            known = set(self._index_names)
+        listed = set(self.index_names())
+        gone = known - listed
+        read = [] if gone else self.read_index_objects(sorted(listed - known))
+        with self._index_lock:
+            if self._index is None or (not gone and self._add_index_objects(read)):
+                return
+            if not self._writers:
                 self._index = None
 
-    def _add_index_objects(self, names: list[str]) -> bool:
-        """Add what these index objects list to the loaded index (under ``_index_lock``); False where they
-        cannot simply be added (one does not read, supersedes others, or lists a blob the index holds
-        already; or deltas were left out of the index: the whole index is then read again, as
-        ``load_index`` sorts such cases out)."""
+    def _add_index_objects(self, read: list[tuple[str, IndexColumns | CorruptObject | ObjectNotFound]]) -> bool:
+        """Add index objects read since the index was loaded (under ``_index_lock``); False where the whole
+        index must be read again instead: one supersedes others (a prune or repair), is gone since it was
+        listed or written by a newer chunkvault, or deltas were left out of the index for want of a base,
+        which an object added may bring."""
         assert self._index is not None
-        if self._withheld:  # deltas left out for want of a base, which an object added may bring
+        read = [(name, got) for name, got in read if name not in self._index_names]  # not written here meanwhile
+        if self._withheld or superseded_names(got for _, got in read if isinstance(got, IndexColumns)):
             return False
-        read = self.read_index_objects(names)
-        objects = [got for _, got in read if isinstance(got, IndexColumns)]
-        if len(objects) < len(read) or superseded_names(objects):
-            return False
-        for d in objects:
-            if self._add_columns(d, self._index, self._delta_bases) < d.entry_count:
+        for name, got in read:
+            if isinstance(got, NewerObject) or not isinstance(got, (IndexColumns, CorruptObject)):
                 return False
-        self._index_names.update(names)
-        self._withheld = None  # the deltas added may need bases the index lacks: looked at again
+        for name, got in read:
+            if isinstance(got, IndexColumns):
+                self._add_loaded(got)
+            else:
+                self._warn_unreadable_index(name, got)
+        self._index_names.update(name for name, _ in read)
+        self._withheld = None  # the deltas added: looked at again before a writer dedups against them
         return True
+
+    def _add_loaded(self, d: IndexColumns) -> None:
+        """Add one index object to the loaded index.  Of a blob stored twice the index keeps one copy (a
+        whole one before a delta): its delta base, or none, is that copy's, else a read calls it damaged."""
+        assert self._index is not None
+        self._add_columns(d, self._index, {})
+        for pack_id, entries in d.pack_entries().packs.items():
+            pack_no = self.pack_no(pack_id)
+            for e in entries:
+                loc = self._index.get(e.blob_id)
+                if loc is None or (loc.pack_no, loc.offset) != (pack_no, e.offset):
+                    continue  # another copy is kept, with its base
+                if e.kind == KIND_DELTA:
+                    self._delta_bases[e.blob_id] = d.delta_bases[e.blob_id]
+                else:
+                    self._delta_bases.pop(e.blob_id, None)
+
+    def fresh_index(self) -> BlobIndex:
+        """The index as stored now (for a command that holds a lock no prune shares): read if none is
+        loaded, else brought up to date (``refresh_index``)."""
+        self.refresh_index()
+        return self.index
 
     def reload_snapshots(self) -> list[Snapshot]:
         """``snapshots()`` with every object read again: under the exclusive lock, the view that no other
@@ -1112,6 +1147,9 @@ class BlobWriter:
         self.damaged_packs: dict[int, bytes] = {}  # packs it found them in (-> one of them): their others are read
         self._verified: dict[bytes, bool] = {}  # blobs of those packs read whole (``_reads``)
         self._abandoned = False
+        with repo._index_lock:  # the index holds what this writer stores until its index objects do
+            repo._writers += 1
+        self._counted = True
 
     def claim(self, blob_id: bytes) -> bool:
         """True when the caller must store this blob (not in the repository, not in flight).  One found
@@ -1318,15 +1356,21 @@ class BlobWriter:
         """Wait for the uploads in flight; then index every pack that was stored whole but not yet indexed
         (only left when the work stopped short: an interruption, a failure), so that running it again stores
         them no second time.  Best effort: the error that stopped the work is the one that counts."""
-        self._uploads.shutdown(wait=True)
-        self._buffers.clear()
-        with self._lock:
-            batch = self._take_index() if self._unindexed.packs else None
-        if batch is not None:
-            try:
-                self._write_index(batch)
-            except ChunkvaultError:
-                pass
+        try:
+            self._uploads.shutdown(wait=True)
+            self._buffers.clear()
+            with self._lock:
+                batch = self._take_index() if self._unindexed.packs else None
+            if batch is not None:
+                try:
+                    self._write_index(batch)
+                except ChunkvaultError:
+                    pass
+        finally:
+            with self.repo._index_lock:
+                if self._counted:
+                    self._counted = False
+                    self.repo._writers -= 1
 
     def __enter__(self) -> "BlobWriter":
         return self

@@ -5,6 +5,7 @@ import errno
 import io
 import os
 import shutil
+import threading
 
 import pytest
 
@@ -93,6 +94,83 @@ def test_an_object_kept_open_reads_only_the_index_objects_other_backups_added(tm
         kept.restore("latest", str(tmp_path / "after-prune"))
         assert describe(tmp_path / "after-prune") == describe(tree)
         assert sorted(n for names in read for n in names) == sorted(kept.store.index_names())
+
+
+def _hold_backup_at(read_bytes: int, until: threading.Event, started: threading.Event):
+    """A progress callback that holds its backup, part-way, until ``until`` is set."""
+    def progress(counts):
+        if not started.is_set() and counts.get("read_bytes", 0) > read_bytes:
+            started.set()
+            assert until.wait(60)
+    return progress
+
+
+@pytest.mark.parametrize("meanwhile", ["listing after another command's backup", "second backup"])
+def test_a_backup_in_one_thread_keeps_its_blobs_indexed_whatever_another_thread_does(tmp_path, new_repo, cli,
+                                                                                    meanwhile):
+    """One object, two threads: a backup part-way (blobs stored, not yet in an index object), while the other
+    thread lists snapshots after another command stored an index object, or makes a backup of its own.  The
+    object must still read what the first backup stored."""
+    path = str(tmp_path / "repo")
+    new_repo(path).close()
+    dirs = {}
+    for name, files in (("a", 120), ("b", 3), ("c", 3)):
+        dirs[name] = tmp_path / name
+        dirs[name].mkdir()
+        for i in range(files):
+            (dirs[name] / f"f{i:03}").write_bytes(os.urandom(64 << 10))
+    with Repository.open(path, PASSWORD) as repo:
+        repo.backup([str(dirs["b"])])  # the index is loaded
+        started, done = threading.Event(), threading.Event()
+
+        def other_thread():
+            assert started.wait(60)
+            try:
+                if meanwhile == "second backup":
+                    repo.backup([str(dirs["c"])])
+                else:
+                    cli("backup", "-r", path, str(dirs["c"]))
+                    repo.snapshots()
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        snap = repo.backup([str(dirs["a"])], progress=_hold_backup_at(2 << 20, done, started)).snapshot
+        thread.join(60)
+        repo.restore(snap.id, str(tmp_path / "out"))
+        assert describe(tmp_path / "out") == describe(dirs["a"])
+        assert not repo.check().problems
+
+
+def test_a_chunk_another_object_stored_again_whole_reads_in_an_object_kept_open(tmp_path, new_repo, password):
+    """The kept object stored a changed chunk as a delta; another object, unaware of it, stored the same
+    chunk whole.  The index prefers the whole copy: the kept object, adding the other's index object, must
+    read the chunk as that copy, not as a delta (its base then named by the index, not by the envelope)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = bytearray(os.urandom(1 << 20))
+    (src / "db").write_bytes(data)
+    path = str(tmp_path / "repo")
+    new_repo(path).close()
+    cut = {"fixed_chunks": ["db"], "fixed_chunk_size": 64 << 10}
+    with Repository.open(path, password) as kept, Repository.open(path, password) as other:
+        kept.backup([str(src)], kind="full", **cut)
+        other.store.load_index()  # read before the kept object's differential stores its deltas
+        for at in range(0, len(data), 64 << 10):
+            data[at + 100:at + 200] = os.urandom(100)
+        (src / "db").write_bytes(data)
+        diff = kept.backup([str(src)], kind="diff", **cut).snapshot
+        assert diff.stats.get("delta_blobs", 1)
+        real = other.store.refresh_index
+        other.store.refresh_index = lambda: None  # type: ignore[method-assign]  # as a backup begun before
+        whole = other.backup([str(src)], kind="full", delta=False, host="other", **cut).snapshot
+        other.store.refresh_index = real  # type: ignore[method-assign]
+        for snap in (diff, whole):
+            out = tmp_path / f"out-{snap.id[:8]}"
+            kept.restore(snap.id, str(out))
+            assert describe(out) == describe(src)
+        assert not kept.check(read_data=True).problems
 
 
 def test_a_snapshot_object_kept_from_before_another_command_rebased_it_reads_as_it_is_now(tmp_path, tree, new_repo,
@@ -432,7 +510,7 @@ def test_a_closed_repository_refuses_every_call_on_any_storage(tmp_path, tree):
         repo.backup([str(tree)])
     repo.close()  # again: idempotent
     for call in (lambda: repo.backup([str(tree)]), lambda: repo.restore("latest", str(tmp_path / "o")),
-                 repo.snapshots, repo.check):
+                 repo.snapshots, repo.check, repo.accept_state, lambda: repo.reading().__enter__()):
         with pytest.raises(UsageError, match="was closed"):
             call()
     assert len(os.listdir(os.path.join(path, "snapshots"))) == 1 and not (tmp_path / "o").exists()
@@ -443,7 +521,13 @@ def test_values_in_the_forms_the_readme_names_and_out_of_range_ones(tmp_path, tr
     with Repository.init(path, PASSWORD, kdf_seconds=0, pack_size="4M") as repo:
         assert repo.store.config.settings.pack_size == 4 << 20
     with Repository.open(os.fsencode(path), PASSWORD) as repo:  # a path as bytes, as paths elsewhere
-        for bad in ({"exclude_larger_than": 10**30}, {"host": "db\nfake row"}, {"tags": ["a\tb"]}):
+        for bad in ({"exclude_larger_than": 10**30}, {"host": "db\nfake row"}, {"tags": ["a\tb"]},
+                    {"tags": ["a\u2028b"]}):
             with pytest.raises(UsageError):
                 repo.backup([str(tree)], **bad)
         assert repo.snapshots() == []
+        snap = repo.backup([str(tree)], host="nuit\xa0blanche", tags=["été", "👨\u200d👩\u200d👧"]).snapshot
+        assert [s.id for s in repo.snapshots(hosts=["nuit\xa0blanche"], tags=["été"])] == [snap.id]
+        with pytest.raises(UsageError):
+            repo.tag(add=["x\ny"])
+        assert repo.snapshots(hosts=["db\n1"]) == []  # a filter may name what was stored before the check

@@ -120,3 +120,57 @@ def test_a_backup_waiting_on_a_remote_that_went_away_ends_once_stopped(tmp_path,
     assert not thread.is_alive()
     assert len(out) == 1 and isinstance(out[0], Stopped), out
     repo.close()
+
+
+def test_a_stop_leaves_calls_started_after_it_alone_while_others_still_run(tmp_path, new_repo):
+    """A forget waiting for a lock is running when a backup is stopped: the calls made after the stop run
+    as usual, and their errors stay what they are."""
+    from chunkvault.errors import SnapshotNotFound
+
+    path = str(tmp_path / "repo")
+    repo = new_repo(path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(10_000))
+    repo.backup([str(src)])
+    with Repository.open(path, PASSWORD) as reader, reader.reading("hold"):  # another program reads
+        forgetting, forgot = _in_thread(lambda: repo.forget(["latest"], wait=60))
+        stream = EndlessStream()
+        backing_up, backed_up = _in_thread(lambda: repo.backup_stream(stream, "db.dump"))
+        assert stream.enough.wait(60)
+        repo.stop()
+        backing_up.join(60)
+        assert isinstance(backed_up[0], Stopped)
+        assert forgetting.is_alive()  # still waiting for the lock
+        (src / "g").write_bytes(b"later")
+        assert repo.backup([str(src)]).snapshot is not None
+        with pytest.raises(SnapshotNotFound):
+            repo.snapshot("ffffffff")
+    forgetting.join(60)
+    assert not forgetting.is_alive() and not isinstance(forgot[0], BaseException), forgot
+
+
+@pytest.mark.slow
+def test_a_copy_to_a_destination_that_went_away_ends_once_either_side_is_stopped(tmp_path, new_repo,
+                                                                                 http_server):  # noqa: F811
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i}").write_bytes(os.urandom(256 << 10))
+    source = new_repo(str(tmp_path / "repo"), pack_size=256 << 10)
+    source.backup([str(src)])
+    destination = Repository.init(http_server.url, PASSWORD, kdf_seconds=0, token=FULL_TOKEN, cache=False)
+    first = threading.Event()
+
+    def kill_at_first(*counts):
+        if not first.is_set():
+            first.set()
+            http_server.stop(signal.SIGKILL)
+
+    copying, out = _in_thread(lambda: source.copy_to(destination, progress=kill_at_first))
+    assert first.wait(60)
+    source.stop()
+    copying.join(120)
+    assert not copying.is_alive()
+    assert len(out) == 1 and isinstance(out[0], Stopped), out
+    destination.close()

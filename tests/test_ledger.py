@@ -53,7 +53,7 @@ class Model:
         """``step`` a change at a time: a listing by another command may fall between any two."""
         kind = step[0]
         if kind in ("backup", "forget", "killed forget"):  # a write lists the snapshots first
-            self.state = L.observe(self.state, self.present)
+            self.state = L.observe(self.state, self.present, now=self.now)
             yield
         if kind == "backup":
             written = {}
@@ -86,7 +86,7 @@ class Model:
                 self.n += 1
                 self.present[f"s{self.n:03d}"] = self._tick()
         else:
-            self.state = L.observe(self.state, self.present)
+            self.state = L.observe(self.state, self.present, now=self.now)
 
     def _delete(self, ids: list[str]) -> None:
         for sid in ids:
@@ -160,6 +160,40 @@ def test_a_listing_made_while_other_commands_of_this_client_run_is_never_suspici
     assert L.findings(m.state, listing, before) == [], (before, m.state, listing)
     m.state = L.observe(m.state, listing, before)
     assert L.findings(m.state, m.present) == []
+    _honest_from(m, later)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(op, max_size=12), st.lists(op, min_size=1, max_size=3),
+       st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8)), min_size=1, max_size=3), st.lists(op, max_size=8))
+def test_listings_that_overlap_this_clients_other_commands_and_each_other_are_never_suspicious(history, during,
+                                                                                             listers, later):
+    """Several commands of this client list (each reads the ledger, lists, and later judges and notes what
+    it listed) while its other commands back up and forget, the newest snapshot too, some killed half-way."""
+    m = _honest(history)
+    starts = {p for p, _ in listers}
+    taken: dict[int, tuple[LedgerState, dict[str, datetime]]] = {}
+    made = 0
+
+    def at(phase: int) -> None:
+        for k, (p, q) in enumerate(listers):
+            if p == phase:
+                taken[k] = (m.state, dict(m.present))
+            if max(p, q) == phase and k in taken:
+                before, listing = taken.pop(k)
+                assert L.findings(m.state, listing, before) == [], (k, before, m.state, listing)
+                m.state = L.observe(m.state, listing, before, now=m.now)
+
+    at(0)
+    for step in during:
+        for _ in m.phases(step):
+            made += 1
+            at(made)
+    for k in sorted(taken):  # those that began or end past the last change
+        before, listing = taken.pop(k)
+        assert L.findings(m.state, listing, before) == []
+        m.state = L.observe(m.state, listing, before, now=m.now)
+    assert starts and L.findings(m.state, m.present) == []
     _honest_from(m, later)
 
 

@@ -395,3 +395,30 @@ def test_backups_of_this_client_finishing_during_every_listing_are_no_rollback(t
             slow.stats()
         slow.store.snapshots = real  # type: ignore[method-assign]
         assert not [p.problem for p in slow.check().problems]
+
+
+def test_a_snapshot_this_client_stored_during_a_check_and_deleted_behind_its_back_stops_the_write(tmp_path):
+    """Backup C reads the ledger; backup B of this client stores T and notes it; T is deleted by whoever can
+    write the storage; C's listing lacks T.  C must not store a newer snapshot over that evidence."""
+    ledger = str(tmp_path / "ledger")
+    path = str(tmp_path / "repo")
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "f").write_bytes(os.urandom(1000))
+    Repository.init(path, PW, kdf_seconds=0, ledger=ledger).close()
+    with Repository.open(path, PW, ledger=ledger) as c, Repository.open(path, PW, ledger=ledger) as b:
+        b.backup([str(tmp_path / "b")])
+        real, calls = c.store.snapshots, []
+
+        def a_snapshot_stored_then_deleted():
+            if not calls:
+                (tmp_path / "b" / "f").write_bytes(os.urandom(1000))
+                t = b.backup([str(tmp_path / "b")]).snapshot
+                os.remove(os.path.join(path, "snapshots", t.id))
+                calls.append(t.id)
+            return real()
+
+        c.store.snapshots = a_snapshot_stored_then_deleted  # type: ignore[method-assign]
+        with pytest.raises(RollbackDetected, match=calls[0] if calls else "rolled back"):
+            c.backup([str(tmp_path / "a")])
+        assert len(os.listdir(os.path.join(path, "snapshots"))) == 1

@@ -468,3 +468,16 @@ def test_a_missing_key_file_is_named(sftp_repo):
     with pytest.raises(UsageError, match="SSH key file /no/such/key does not exist"):
         open_remote(sftp_repo.url, key_file="/no/such/key", known_hosts=sftp_repo.options["known_hosts"],
                     transport="openssh")
+
+
+def test_an_ssh_configs_known_hosts_file_is_read_as_openssh_reads_it():
+    from chunkvault.remotes.sftp import _config_known_hosts
+
+    home = os.path.expanduser("~")
+    assert _config_known_hosts('"/srv/my dir/kh" ~/.ssh/other', "h", "u") == "/srv/my dir/kh"
+    assert _config_known_hosts("~/.ssh/known_hosts.d/%h-%u-100%%", "db.example", "backup") == \
+        f"{home}/.ssh/known_hosts.d/db.example-backup-100%"
+    assert _config_known_hosts("%d/kh", "h", "u") == f"{home}/kh"
+    assert _config_known_hosts("none", "h", "u") == os.devnull
+    with pytest.raises(UsageError, match="UserKnownHostsFile"):
+        _config_known_hosts('"unclosed', "h", "u")
