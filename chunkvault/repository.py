@@ -318,6 +318,8 @@ class Repository:
         """
         _check_remote_options(remote_options)
         _check_ledger(ledger)
+        if isinstance(url, (bytes, os.PathLike)):
+            url = os.fsdecode(url)
         retry_stop = StopRequest(parent=stop_request)
         if isinstance(password, Unlocked):
             key = password

@@ -64,11 +64,16 @@ class StopRequest:
     def requested(self) -> bool:
         return self._event.is_set()
 
+    def _live_children(self) -> list["StopRequest"]:
+        """The children now: a copy of the weak set's references taken in one step, safe while another thread
+        adds one (iterating the set then could fail, in a signal handler too)."""
+        return [child for ref in self._children.data.copy() if (child := ref()) is not None]
+
     def request(self) -> None:
         if not self._event.is_set():
             self._at = self._clock()
             self._event.set()
-        for child in list(self._children):
+        for child in self._live_children():
             child.request()
 
     def clear(self) -> None:
@@ -76,7 +81,7 @@ class StopRequest:
         retrying no longer); the children's with it."""
         if self._parent is None or not self._parent.requested():
             self._event.clear()
-        for child in list(self._children):
+        for child in self._live_children():
             child.clear()
 
     def answered(self) -> None:

@@ -167,6 +167,11 @@ class Repo:
         self._delta_bases: dict[bytes, bytes] = {}
         self._withheld: set[bytes] | None = None  # deltas left out of the index for a writer: not yet known
         self._writers = 0  # BlobWriters filling the index: it is not dropped meanwhile (``refresh_index``)
+        # One writer at a time (nested in one thread aside): one that stops short leaves in the index blobs
+        # that no index object lists, perhaps in packs never stored, which another deduplicating meanwhile
+        # would refer to.  Such a writer marks the index unsettled: it is read again before the next one.
+        self._writer_lock = threading.RLock()
+        self._index_unsettled = False
 
     # --- creation and opening -------------------------------------------------
 
@@ -840,6 +845,8 @@ class Repo:
         object fills it (its blobs not yet in an index object would be lost to the reads that follow):
         then the next refresh does.  The listing and the reads hold no lock: a slow listing stalls no lookup."""
         with self._index_lock:
+            if self._index is not None and self._index_unsettled and not self._writers:
+                self._index, self._index_unsettled = None, False
             if self._index is None:
                 return
             known = set(self._index_names)
@@ -1112,7 +1119,6 @@ class BlobWriter:
     INDEX_EVERY_SECONDS = 120.0
 
     def __init__(self, repo: Repo, upload_workers: int = 2):
-        repo.withhold_unreadable_deltas()
         self.repo = repo
         self.pack_size = min(repo.config.settings.pack_size, MAX_PACK_SIZE)  # one set larger before the bound
         # The storage's limit on an object's size (the HTTP service's --max-object-size): packs close before
@@ -1147,6 +1153,17 @@ class BlobWriter:
         self.damaged_packs: dict[int, bytes] = {}  # packs it found them in (-> one of them): their others are read
         self._verified: dict[bytes, bool] = {}  # blobs of those packs read whole (``_reads``)
         self._abandoned = False
+        self._settled = True  # every blob it placed is in an index object it wrote (or it placed none)
+        repo._writer_lock.acquire()  # after another thread's writer, if one runs
+        try:
+            with repo._index_lock:
+                if repo._index_unsettled and not repo._writers:  # one stopped short before: read again
+                    repo._index, repo._index_unsettled = None, False
+            repo.withhold_unreadable_deltas()
+        except BaseException:
+            repo._writer_lock.release()
+            self._uploads.shutdown(wait=False)
+            raise
         with repo._index_lock:  # the index holds what this writer stores until its index objects do
             repo._writers += 1
         self._counted = True
@@ -1236,6 +1253,7 @@ class BlobWriter:
         index.add_many([b.blob_id for b in placed], self._builder_no, offsets,
                        [len(b.envelope) for b in placed], [b.raw_length for b in placed],
                        [b.kind for b in placed])
+        self._settled = False
         for blob in placed:
             self._pending.discard(blob.blob_id)
             self._count(blob)
@@ -1346,6 +1364,7 @@ class BlobWriter:
             batch = self._take_index() if self._unindexed.packs else None
         if batch is not None:
             self._write_index(batch)
+        self._settled = True
 
     def take_index(self) -> IndexData:
         """The index entries of uploaded packs not yet written to an index object."""
@@ -1371,6 +1390,8 @@ class BlobWriter:
                 if self._counted:
                     self._counted = False
                     self.repo._writers -= 1
+                    self.repo._index_unsettled |= not self._settled
+                    self.repo._writer_lock.release()
 
     def __enter__(self) -> "BlobWriter":
         return self

@@ -96,12 +96,12 @@ def test_an_object_kept_open_reads_only_the_index_objects_other_backups_added(tm
         assert sorted(n for names in read for n in names) == sorted(kept.store.index_names())
 
 
-def _hold_backup_at(read_bytes: int, until: threading.Event, started: threading.Event):
-    """A progress callback that holds its backup, part-way, until ``until`` is set."""
+def _hold_backup_at(read_bytes: int, until: threading.Event, started: threading.Event, wait: float = 60):
+    """A progress callback that holds its backup, part-way, until ``until`` is set (or ``wait`` passed)."""
     def progress(counts):
         if not started.is_set() and counts.get("read_bytes", 0) > read_bytes:
             started.set()
-            assert until.wait(60)
+            assert until.wait(wait) or wait < 60
     return progress
 
 
@@ -109,8 +109,8 @@ def _hold_backup_at(read_bytes: int, until: threading.Event, started: threading.
 def test_a_backup_in_one_thread_keeps_its_blobs_indexed_whatever_another_thread_does(tmp_path, new_repo, cli,
                                                                                     meanwhile):
     """One object, two threads: a backup part-way (blobs stored, not yet in an index object), while the other
-    thread lists snapshots after another command stored an index object, or makes a backup of its own.  The
-    object must still read what the first backup stored."""
+    thread lists snapshots after another command stored an index object, or makes a backup of its own (which
+    waits for the first's writer).  The object must still read what both stored."""
     path = str(tmp_path / "repo")
     new_repo(path).close()
     dirs = {}
@@ -136,10 +136,15 @@ def test_a_backup_in_one_thread_keeps_its_blobs_indexed_whatever_another_thread_
 
         thread = threading.Thread(target=other_thread)
         thread.start()
-        snap = repo.backup([str(dirs["a"])], progress=_hold_backup_at(2 << 20, done, started)).snapshot
+        hold = 1.0 if meanwhile == "second backup" else 60  # that one waits for this backup to end
+        snap = repo.backup([str(dirs["a"])], progress=_hold_backup_at(2 << 20, done, started, hold)).snapshot
         thread.join(60)
+        assert not thread.is_alive()
         repo.restore(snap.id, str(tmp_path / "out"))
         assert describe(tmp_path / "out") == describe(dirs["a"])
+        if meanwhile == "second backup":
+            repo.restore("latest", str(tmp_path / "out-c"))
+            assert describe(tmp_path / "out-c") == describe(dirs["c"])
         assert not repo.check().problems
 
 

@@ -174,3 +174,39 @@ def test_a_copy_to_a_destination_that_went_away_ends_once_either_side_is_stopped
     assert not copying.is_alive()
     assert len(out) == 1 and isinstance(out[0], Stopped), out
     destination.close()
+
+
+def test_a_backup_stopped_beside_another_leaves_it_nothing_it_refers_to_and_lacks(tmp_path, new_repo):
+    """Thread A's backup is stopped part-way, its last packs never stored; thread B backs up the same data
+    meanwhile.  B must not refer to A's blobs that no index object lists: its snapshot restores whole."""
+    import random
+
+    data = random.Random(7).randbytes(6 << 20)
+
+    class SameData(EndlessStream):
+        def read(self, n: int = -1) -> bytes:
+            at = self.read_bytes % len(data)
+            out = data[at:at + min(64 << 10, len(data) - at)]
+            self.read_bytes += len(out)
+            if self.read_bytes >= 3 << 20:
+                self.enough.set()
+            return out
+
+    path = str(tmp_path / "repo")
+    repo = new_repo(path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "db.dump").write_bytes(data)
+    stream = SameData()
+    a, a_out = _in_thread(lambda: repo.backup_stream(stream, "db.dump"))
+    assert stream.enough.wait(60)
+    repo.stop()
+    b, b_out = _in_thread(lambda: repo.backup([str(src)]))  # while A unwinds, or just after
+    a.join(60)
+    b.join(120)
+    assert isinstance(a_out[0], Stopped)
+    snap = b_out[0].snapshot
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(src)
+    with Repository.open(path, PASSWORD) as fresh:
+        assert not fresh.check(read_data=True).problems
