@@ -1563,7 +1563,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="in place: rewrite only files and chunk ranges whose content differs (by digest)")
     s.add_argument("--delete", action="store_true", help="in place: remove files the snapshot does not have")
     s.add_argument("--processes", type=_positive_int, metavar="N",
-                   help="worker processes writing an empty target on local storage (default: one per core)")
+                   help="worker processes writing an empty target on local storage (default: one per core, "
+                        "at most 4; up to 64)")
     s.add_argument("--verify", action="store_true",
                    help="then read every restored file back and compare it with the snapshot (exit 18 if any differs)")
     s.add_argument("--no-xattrs", action="store_true", help="set no extended attributes")

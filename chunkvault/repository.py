@@ -230,12 +230,26 @@ class _Operation:
     def __init__(self) -> None:
         self.stopped = False
         self.repositories: list["Repository"] = []
+        self.on_stop: list[Callable[[], None]] = []  # what else a stop must end (the command a backup reads)
 
     def stop(self) -> None:
         """Marked, it stops at its next progress point; the remotes of its repositories retry no longer."""
         self.stopped = True
         for repo in list(self.repositories):
             repo._retry_stop.request()
+        for end in list(self.on_stop):
+            end()
+
+    @contextlib.contextmanager
+    def ending(self, end: Callable[[], None]) -> Iterator[None]:
+        """Within the block, a stop also calls ``end``."""
+        self.on_stop.append(end)
+        try:
+            if self.stopped:
+                end()
+            yield
+        finally:
+            self.on_stop.remove(end)
 
 
 def _stoppable(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -266,6 +280,7 @@ class Repository:
         self._closed = False
         self._running: set[_Operation] = set()
         self._ops_lock = threading.RLock()
+        self._ended = threading.Condition(self._ops_lock)  # notified as each operation ends (``close``)
         self._current = threading.local()  # the operation this thread runs (``_operation``)
         self._retry_stop = retry_stop or StopRequest(parent=stop_request)
 
@@ -340,8 +355,15 @@ class Repository:
         return cls(repo, _ledger_for(repo, ledger), lock_reads=lock_reads, retry_stop=retry_stop)
 
     def close(self) -> None:
-        """Close the connections; every later call is refused, whatever the storage (idempotent)."""
+        """Close the connections; every later call is refused, whatever the storage (idempotent).  Calls
+        running in other threads are stopped first (``stop``), and waited for: closed under them, the
+        remote would refuse the removal of their locks."""
         self._closed = True
+        mine = getattr(self._current, "op", None)
+        with self._ended:
+            for op in self._running:
+                op.stop()
+            self._ended.wait_for(lambda: not self._running - {mine})
         self._repo.remote.close()
 
     # --- stopping ------------------------------------------------------------------
@@ -350,14 +372,14 @@ class Repository:
         """Tell the operations this object runs now, in any thread, to stop (from another thread, or a signal
         handler that ``chunkvault.interrupts.handled`` runs).
 
-        Each raises ``chunkvault.errors.Stopped`` (a KeyboardInterrupt) at its next progress point:
-        ``backup``, ``backup_stream``, ``backup_command``, ``restore``, ``check``, ``prune`` and ``copy_to`` within
-        about half a second, whether or not a progress callback was given.  A remote that stopped answering
-        is retried no longer (attempts start only within 10 s of the request or of its last answer, as after
-        Ctrl-C), so an operation waiting on one ends then too; the others end once their current remote
-        calls do.  ``copy_to`` stops by either repository's ``stop``, and both remotes' retries end.  What a
-        stopped operation leaves is what Ctrl-C leaves: no snapshot, no lock, and what a backup stored whole
-        reused by the next one.  An operation started afterwards runs as usual, beside stopped ones or not."""
+        Each raises ``chunkvault.errors.Stopped`` (a KeyboardInterrupt) at its next progress point, with or
+        without a progress callback: ``backup`` and ``backup_stream`` between reads, ``backup_command`` at once
+        (its command is ended), ``restore`` between files, ``check`` and ``copy_to`` between packs, ``prune``
+        between repacks; a wait for a lock ends too.  The remotes of its repositories start attempts only within
+        10 s of the stop or of their last answer (as after Ctrl-C), so a call waiting on a dead one ends then
+        too; the others end once their current remote calls do.  ``copy_to`` stops by either repository's
+        ``stop``.  What a stopped operation leaves is what Ctrl-C leaves: no snapshot, no lock, and what a
+        backup stored whole reused by the next one.  An operation started afterwards runs as usual."""
         with self._ops_lock:
             running = list(self._running)
         for op in running:
@@ -384,7 +406,8 @@ class Repository:
         try:
             if op.stopped:
                 self._retry_stop.request()
-            yield
+            with locks.waits_end_when(lambda: op.stopped):
+                yield
         except Stopped:
             raise
         except BaseException as exc:
@@ -398,6 +421,7 @@ class Repository:
                 op.repositories.remove(self)
                 if not any(o.stopped for o in self._running):
                     self._retry_stop.clear()
+                self._ended.notify_all()
 
     def _progress(self, progress: Callable[..., None] | None) -> Callable[..., None]:
         """``progress``, after a look at whether this thread's operation was told to stop: where an operation
@@ -646,8 +670,11 @@ class Repository:
         if not opts.dry_run:
             self._guard()
         opts.progress = self._progress(opts.progress)
+        op = self._current.op
         with open_stream() as stream:
-            result = Backup(self._repo, opts).run(None, [name], stream=stream, stdin_name=name)
+            interrupt = getattr(stream, "interrupt", None)  # a command: a stop ends it, however silent it is
+            with op.ending(interrupt) if op is not None and interrupt is not None else contextlib.nullcontext():
+                result = Backup(self._repo, opts).run(None, [name], stream=stream, stdin_name=name)
         if not opts.dry_run:
             self._wrote(result.snapshot)
         return result

@@ -106,6 +106,7 @@ class StopRequest:
 #: The process's stop request: the command layer makes it when told to stop, and clears it when done.
 stop_request = StopRequest()
 
+
 #: Seconds one operation keeps retrying a remote that answered before (restic's window too): the restart of a
 #: router, a service or a NAT gateway, not a remote gone for good.
 OUTAGE_SECONDS = 900.0

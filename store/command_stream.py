@@ -150,6 +150,14 @@ class CommandStream:
             how = f"was killed by signal {-self.returncode}" if self.returncode < 0 else f"exited {self.returncode}"
             raise SourceCommandFailed(f"`{self.shown}` {how}: no snapshot saved")
 
+    def interrupt(self) -> None:
+        """Ask the command (and what it started) to end, at once and without waiting: a backup told to stop
+        while the command is silent then reads the end of its output, and ``close`` reaps it."""
+        if self._proc.poll() is None:
+            started = descendants(self._proc.pid)
+            self._proc.terminate()
+            _signal(started, signal.SIGTERM)
+
     def close(self) -> None:
         """Stop the command if it still runs (the backup failed or was interrupted), with what it started
         (``sh -c 'pg_dump | gzip'``: a shell passes no SIGTERM on), then reap it."""

@@ -22,6 +22,7 @@ from another namespace is judged by its age only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from chunkvault.errors import Locked, LockLost, ObjectNotFound, RemoteError, RemoteUnavailable, UsageError
 from chunkvault.remotes import Remote
@@ -51,6 +52,19 @@ announce_wait: "Callable[[LockInfo, float, str], None] | None" = None
 # Set (by a daemon told to stop) to end every wait for a lock at once, with Locked: its first SIGTERM
 # must not wait an hour behind a long restore.
 stop_waiting = threading.Event()
+_waits = threading.local()
+
+
+@contextlib.contextmanager
+def waits_end_when(stopped: Callable[[], bool]) -> Iterator[None]:
+    """Within the block, this thread's waits for a lock end (Locked, "stopped waiting") once ``stopped()``
+    says so, within a poll (``RepoLock.poll``)."""
+    outer = getattr(_waits, "stopped", None)
+    _waits.stopped = stopped
+    try:
+        yield
+    finally:
+        _waits.stopped = outer
 
 
 def boot_id() -> str | None:
@@ -231,6 +245,7 @@ class RepoLock:
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait
         announced = False
+        told = getattr(_waits, "stopped", None)  # this thread's operation told to stop (the API's ``stop``)
         while True:
             try:
                 self._write()
@@ -248,12 +263,12 @@ class RepoLock:
             if mine:  # waiting for it would wait for ourselves
                 raise Locked(f"this thread holds the repository's {mine[0].kind} lock ({mine[0].purpose}): "
                              f"this {self.purpose} cannot run inside it")
-            if time.monotonic() >= deadline or stop_waiting.is_set():
+            stopped = stop_waiting.is_set() or (told is not None and told())
+            if time.monotonic() >= deadline or stopped:
                 raise Locked(f"{self.label} is locked by {conflicts[0].describe()}; "
-                             + ("stopped waiting" if stop_waiting.is_set() else
+                             + ("stopped waiting" if stopped else
                                 f"waited {self.wait:g} s; try again later" if self.wait else "try again later")
-                             + (" or use --wait" if self.wait_option and not self.wait
-                                and not stop_waiting.is_set() else ""))
+                             + (" or use --wait" if self.wait_option and not self.wait and not stopped else ""))
             if announce_wait is not None and not announced:
                 announce_wait(conflicts[0], self.wait, self.label)
                 announced = True

@@ -444,6 +444,7 @@ class Repo:
             bases = self._match_delta_bases(live, index)
         # Published only when complete: other threads never see a half-loaded index.
         self._index, self._delta_bases, self._index_names, self._withheld = index, bases, set(names), None
+        self._index_unsettled = False
         return live
 
     def withhold_unreadable_deltas(self) -> set[bytes]:
@@ -791,8 +792,8 @@ class Repo:
         """Every snapshot that loads, oldest first.  One that does not (damaged, or written with another
         key) is left out and kept in ``unreadable_snapshots`` (name -> error), for the caller to report,
         or to refuse on with ``require_readable`` where it must see every snapshot; one deleted since
-        the listing is simply gone.  A loaded index that other commands added to since is dropped (read
-        again when next needed), so that it holds the blobs of every snapshot listed."""
+        the listing is simply gone.  A loaded index is then brought up to date (``refresh_index``), so that
+        it holds the blobs of every snapshot listed."""
         listed = {o.key.split("/", 1)[1]: (o.size, o.version) for o in self.remote.list("snapshots/")}
         names = list(listed)
         for name, seen in listed.items():  # rewritten meanwhile by another command (a rebase, a tag, a rewrite)
@@ -1154,7 +1155,7 @@ class BlobWriter:
         self._verified: dict[bytes, bool] = {}  # blobs of those packs read whole (``_reads``)
         self._abandoned = False
         self._settled = True  # every blob it placed is in an index object it wrote (or it placed none)
-        repo._writer_lock.acquire()  # after another thread's writer, if one runs
+        repo._writer_lock.acquire()  # after another thread's writer, if one runs (``close`` in this thread frees it)
         try:
             with repo._index_lock:
                 if repo._index_unsettled and not repo._writers:  # one stopped short before: read again

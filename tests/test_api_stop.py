@@ -210,3 +210,50 @@ def test_a_backup_stopped_beside_another_leaves_it_nothing_it_refers_to_and_lack
     assert describe(tmp_path / "out") == describe(src)
     with Repository.open(path, PASSWORD) as fresh:
         assert not fresh.check(read_data=True).problems
+
+
+def _running_commands(marker: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_a_silent_command_and_a_wait_for_a_lock_end_when_stopped(tmp_path, new_repo):
+    from chunkvault.store.locks import EXCLUSIVE, RepoLock
+
+    path = str(tmp_path / "repo")
+    repo = new_repo(path)
+    marker = f"sleep 300 # {tmp_path.name}"
+    command, out = _in_thread(lambda: repo.backup_command(["sh", "-c", marker], "dump.sql"))
+    while not _running_commands(marker):
+        command.join(0.05)
+    repo.stop()
+    command.join(60)
+    assert not command.is_alive() and isinstance(out[0], Stopped), out
+    assert _running_commands(marker) == [] and repo.snapshots() == []
+    with RepoLock(repo.store.remote, EXCLUSIVE, "prune"):  # another command's prune, for as long as it takes
+        src = tmp_path / "src"
+        src.mkdir()
+        waiting, out = _in_thread(lambda: repo.backup([str(src)], wait=600))
+        waiting.join(1.0)  # waiting by then (or not yet: a stop before the wait ends it as well)
+        repo.stop()
+        waiting.join(60)
+        assert not waiting.is_alive() and isinstance(out[0], Stopped), out
+
+
+def test_closing_from_another_thread_stops_what_runs_and_leaves_no_lock(tmp_path, new_repo):
+    path = str(tmp_path / "repo")
+    repo = new_repo(path)
+    stream = EndlessStream()
+    thread, out = _in_thread(lambda: repo.backup_stream(stream, "db.dump"))
+    assert stream.enough.wait(60)
+    repo.close()  # returns once the backup has ended
+    assert not thread.is_alive() and isinstance(out[0], Stopped), out
+    snapshots = os.path.join(path, "snapshots")
+    assert _locks(path) == [] and (not os.path.isdir(snapshots) or os.listdir(snapshots) == [])
