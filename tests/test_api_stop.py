@@ -44,6 +44,21 @@ def _in_thread(call) -> tuple[threading.Thread, list[BaseException | object]]:
     return thread, out
 
 
+def _endless_backup(repo: Repository) -> tuple[threading.Thread, list]:
+    """A backup of an endless stream on another thread, under way (2 MiB read) when this returns."""
+    stream = EndlessStream()
+    started = _in_thread(lambda: repo.backup_stream(stream, "db.dump"))
+    assert stream.enough.wait(60)
+    return started
+
+
+def _ends_stopped(thread: threading.Thread, out: list, timeout: float = 120) -> None:
+    """The call ``_in_thread`` runs ends, within ``timeout`` (a dead remote is retried 10 s more), stopped."""
+    thread.join(timeout)
+    assert not thread.is_alive()
+    assert len(out) == 1 and isinstance(out[0], Stopped), out
+
+
 def _locks(path: str) -> list[str]:
     return os.listdir(os.path.join(path, "locks")) if os.path.isdir(os.path.join(path, "locks")) else []
 
@@ -51,13 +66,10 @@ def _locks(path: str) -> list[str]:
 def test_a_backup_on_another_thread_stops_without_a_progress_callback(tmp_path, new_repo):
     path = str(tmp_path / "repo")
     repo = new_repo(path)
-    stream = EndlessStream()
-    thread, out = _in_thread(lambda: repo.backup_stream(stream, "db.dump"))
-    assert stream.enough.wait(60)
+    thread, out = _endless_backup(repo)
     repo.stop()
-    thread.join(60)
-    assert not thread.is_alive()
-    assert len(out) == 1 and isinstance(out[0], Stopped) and isinstance(out[0], KeyboardInterrupt)
+    _ends_stopped(thread, out, 60)
+    assert isinstance(out[0], KeyboardInterrupt)
     assert repo.snapshots() == [] and _locks(path) == []
     # the stop is withdrawn: the next backup runs, and reuses nothing it should not
     src = tmp_path / "src"
@@ -111,14 +123,10 @@ def test_a_backup_waiting_on_a_remote_that_went_away_ends_once_stopped(tmp_path,
     """Without the stop it would retry the dead service for 15 minutes; stopped, it starts no attempt past
     the 10 s grace, and ends."""
     repo = Repository.init(http_server.url, PASSWORD, kdf_seconds=0, token=FULL_TOKEN, cache=False)
-    stream = EndlessStream()
-    thread, out = _in_thread(lambda: repo.backup_stream(stream, "db.dump"))
-    assert stream.enough.wait(60)
+    thread, out = _endless_backup(repo)
     http_server.stop(signal.SIGKILL)
     repo.stop()
-    thread.join(120)
-    assert not thread.is_alive()
-    assert len(out) == 1 and isinstance(out[0], Stopped), out
+    _ends_stopped(thread, out)
     repo.close()
 
 
@@ -170,9 +178,7 @@ def test_a_copy_to_a_destination_that_went_away_ends_once_either_side_is_stopped
     copying, out = _in_thread(lambda: source.copy_to(destination, progress=kill_at_first))
     assert first.wait(60)
     source.stop()
-    copying.join(120)
-    assert not copying.is_alive()
-    assert len(out) == 1 and isinstance(out[0], Stopped), out
+    _ends_stopped(copying, out)
     destination.close()
 
 
@@ -250,9 +256,7 @@ def test_a_silent_command_and_a_wait_for_a_lock_end_when_stopped(tmp_path, new_r
 def test_closing_from_another_thread_stops_what_runs_and_leaves_no_lock(tmp_path, new_repo):
     path = str(tmp_path / "repo")
     repo = new_repo(path)
-    stream = EndlessStream()
-    thread, out = _in_thread(lambda: repo.backup_stream(stream, "db.dump"))
-    assert stream.enough.wait(60)
+    thread, out = _endless_backup(repo)
     repo.close()  # returns once the backup has ended
     assert not thread.is_alive() and isinstance(out[0], Stopped), out
     snapshots = os.path.join(path, "snapshots")

@@ -367,15 +367,22 @@ def test_a_snapshot_another_command_of_this_client_saves_during_a_listing_is_no_
             assert len(lister.snapshots()) == 2
 
 
-def test_backups_of_this_client_finishing_during_every_listing_are_no_rollback(tmp_path):
-    """Parallel backups of one client: each listing another backup makes misses the snapshot a backup
-    finishing meanwhile noted in the ledger, however many finish.  No refusal and no warning."""
+def _repository_and_two_sources(tmp_path) -> tuple[str, str]:
+    """A repository with a ledger directory of its own (two objects of one client share it), and the
+    sources ``a`` and ``b`` of a small file each."""
     ledger = str(tmp_path / "ledger")
     path = str(tmp_path / "repo")
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
         (tmp_path / d / "f").write_bytes(os.urandom(1000))
     Repository.init(path, PW, kdf_seconds=0, ledger=ledger).close()
+    return path, ledger
+
+
+def test_backups_of_this_client_finishing_during_every_listing_are_no_rollback(tmp_path):
+    """Parallel backups of one client: each listing another backup makes misses the snapshot a backup
+    finishing meanwhile noted in the ledger, however many finish.  No refusal and no warning."""
+    path, ledger = _repository_and_two_sources(tmp_path)
     with Repository.open(path, PW, ledger=ledger) as slow, Repository.open(path, PW, ledger=ledger) as fast:
         fast.backup([str(tmp_path / "b")])
         real = slow.store.snapshots
@@ -400,12 +407,7 @@ def test_backups_of_this_client_finishing_during_every_listing_are_no_rollback(t
 def test_a_snapshot_this_client_stored_during_a_check_and_deleted_behind_its_back_stops_the_write(tmp_path):
     """Backup C reads the ledger; backup B of this client stores T and notes it; T is deleted by whoever can
     write the storage; C's listing lacks T.  C must not store a newer snapshot over that evidence."""
-    ledger = str(tmp_path / "ledger")
-    path = str(tmp_path / "repo")
-    for d in ("a", "b"):
-        (tmp_path / d).mkdir()
-        (tmp_path / d / "f").write_bytes(os.urandom(1000))
-    Repository.init(path, PW, kdf_seconds=0, ledger=ledger).close()
+    path, ledger = _repository_and_two_sources(tmp_path)
     with Repository.open(path, PW, ledger=ledger) as c, Repository.open(path, PW, ledger=ledger) as b:
         b.backup([str(tmp_path / "b")])
         real, calls = c.store.snapshots, []
