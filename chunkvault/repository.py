@@ -374,7 +374,7 @@ class Repository:
 
         Each raises ``chunkvault.errors.Stopped`` (a KeyboardInterrupt) at its next progress point, with or
         without a progress callback: ``backup`` and ``backup_stream`` between reads, ``backup_command`` at once
-        (its command is ended), ``restore`` between files, ``check`` and ``copy_to`` between packs, ``prune``
+        (its command is ended), ``restore`` between batches of chunks, ``check`` and ``copy_to`` between packs, ``prune``
         between repacks; a wait for a lock ends too.  The remotes of its repositories start attempts only within
         10 s of the stop or of their last answer (as after Ctrl-C), so a call waiting on a dead one ends then
         too; the others end once their current remote calls do.  ``copy_to`` stops by either repository's
@@ -426,14 +426,22 @@ class Repository:
     def _progress(self, progress: Callable[..., None] | None) -> Callable[..., None]:
         """``progress``, after a look at whether this thread's operation was told to stop: where an operation
         reports progress, it may stop."""
-        op = getattr(self._current, "op", None)
+        checkpoint = self._checkpoint()
 
         def report(*counts: Any) -> None:
-            if op is not None and op.stopped:
-                raise Stopped("stopped")
+            checkpoint()
             if progress is not None:
                 progress(*counts)
         return report
+
+    def _checkpoint(self) -> Callable[[], None]:
+        """Raises ``Stopped`` once this thread's operation was told to stop."""
+        op = getattr(self._current, "op", None)
+
+        def check() -> None:
+            if op is not None and op.stopped:
+                raise Stopped("stopped")
+        return check
 
     def __enter__(self) -> "Repository":
         return self
@@ -912,7 +920,8 @@ class Repository:
         with self.reading("restore"):
             snap = self.snapshot(snapshot, until=until, host=host, paths=paths)
             opts = RestoreOptions(includes=includes, excludes=excludes, force=force,
-                                  delta=delta, delete=delete, progress=self._progress(progress), xattrs=xattrs,
+                                  delta=delta, delete=delete, progress=self._progress(progress),
+                                  checkpoint=self._checkpoint(), xattrs=xattrs,
                                   owner_map=None if numeric_owner else self.owner_map(snap))
             restorer = Restorer(self._repo, target, opts, lookup=lambda path: self._repo.lookup(snap, path))
             expected, files, dirs = (_count(snap.stats.get(k)) for k in ("bytes", "files", "dirs"))

@@ -79,6 +79,7 @@ class RestoreOptions:
     window_bytes: int = 16 << 20
     fetch_threads: int = 3  # threads reading and decoding chunks ahead of the writer
     progress: Callable[[int, int], None] | None = None  # (files, bytes) so far
+    checkpoint: Callable[[], None] | None = None  # called between batches of chunks: may raise to stop mid-file
 
 
 @dataclass
@@ -370,8 +371,9 @@ class _Prefetcher:
     FAR_BATCH_BYTES = 16 << 20
 
     def __init__(self, repo: BlobSource, records: Iterator[Record], window_bytes: int, workers: int = 3,
-                 prefetch: bool = True, far: bool = False):
+                 prefetch: bool = True, far: bool = False, checkpoint: Callable[[], None] | None = None):
         self.repo = repo
+        self.checkpoint = checkpoint
         self.batch_blobs, self.batch_bytes = ((self.FAR_BATCH_BLOBS, self.FAR_BATCH_BYTES) if far
                                               else (self.BATCH_BLOBS, self.BATCH_BYTES))
         self.prefetch = prefetch
@@ -439,6 +441,8 @@ class _Prefetcher:
     def next_chunk(self) -> Plaintext:
         """The next chunk in tree order; CorruptObject for a damaged one (taken all the same)."""
         if not self.current:
+            if self.checkpoint is not None:
+                self.checkpoint()
             self._fill()
             batch, size = self.batches.popleft()
             self.in_flight -= size
@@ -693,7 +697,7 @@ class Restorer:
         rest is restored; when the target runs out of space the restore stops (``RestoreResult.full``)."""
         remote = getattr(self.repo, "remote", None)
         pf = _Prefetcher(self.repo, records, self.opt.window_bytes, self.opt.fetch_threads, prefetch=not self.opt.delta,
-                         far=remote is not None and not remote.cheap_ranges)
+                         far=remote is not None and not remote.cheap_ranges, checkpoint=self.opt.checkpoint)
         refused: bytes | None = None  # key of a directory that could not be made, and a separator: its subtree
         try:
             while True:

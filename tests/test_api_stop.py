@@ -261,3 +261,22 @@ def test_closing_from_another_thread_stops_what_runs_and_leaves_no_lock(tmp_path
     assert not thread.is_alive() and isinstance(out[0], Stopped), out
     snapshots = os.path.join(path, "snapshots")
     assert _locks(path) == [] and (not os.path.isdir(snapshots) or os.listdir(snapshots) == [])
+
+
+def test_a_restore_stops_inside_a_large_file(tmp_path, new_repo):
+    """A database's one large file, read at 4 MiB/s: the stop is seen between batches of its chunks, not at
+    its end (seconds later)."""
+    path = str(tmp_path / "repo")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "base.db").write_bytes(os.urandom(24 << 20))
+    new_repo(path).backup([str(src)])
+    with Repository.open(path, PASSWORD, limit_download=4 << 20) as slow:
+        target = tmp_path / "out"
+        thread, out = _in_thread(lambda: slow.restore("latest", str(target), processes=1))
+        while not (target / "base.db").exists() and thread.is_alive():
+            thread.join(0.05)
+        slow.stop()
+        _ends_stopped(thread, out, 60)
+    written = (target / "base.db").stat().st_size if (target / "base.db").exists() else 0
+    assert written < 24 << 20  # six seconds of reading were left when it stopped
