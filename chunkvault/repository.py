@@ -138,10 +138,10 @@ def _host(value: Any) -> str | None:
     return value
 
 
-def _one_line(values: Iterable[str], what: str) -> None:
-    """Refuse a tag or host to store that holds a control character or a line break: it would split a
+def _one_line(tags: Iterable[str], host: str | None = None) -> None:
+    """Refuse tags or a host to store that hold a control character or a line break: they would split a
     listing's row (one stored before is still selected by it, and removed by ``tag``)."""
-    for v in values:
+    for what, v in [*(("tag", t) for t in tags), *([("host", host)] if host else [])]:
         if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in v):
             raise UsageError(f"a {what} is one line of text without control characters, not {v!r}")
 
@@ -488,21 +488,19 @@ class Repository:
         ledger as it was before it (a real rollback is still missing from it).  Where the ledger's mark
         moved while that listing was made, it is confirmed once more on the next.
         """
+        if self._ledger is None:
+            snaps = self._repo.snapshots() if snaps is None else snaps
+            self._present(snaps)
+            return snaps
         forgetting = set(forgetting)
         if snaps is not None:
             present = self._present(snaps)
-            if self._ledger is None:
-                return snaps
             try:
                 self._ledger.guard(present, forgetting=forgetting)
                 self._ledger.observe(present, warn=False)
                 return snaps
             except RollbackDetected:
                 pass
-        if self._ledger is None:
-            snaps = self._repo.snapshots()
-            self._present(snaps)
-            return snaps
         for _ in range(2):
             before = self._ledger.state()
             snaps = self._repo.snapshots()
@@ -591,8 +589,7 @@ class Repository:
         ``wait``: seconds to wait for a running prune, forget or repair (exclusive) before Locked.
         """
         paths, tags, excludes, host = _paths(paths), _texts(tags, "tag"), _globs(excludes, "exclude"), _host(host)
-        _one_line(tags, "tag")
-        _one_line([host] if host else [], "host")
+        _one_line(tags, host)
         if progress is not None and not callable(progress):
             raise UsageError(f"progress is a function, not {progress!r}")
         no_delta, fixed_chunks = _globs(no_delta, "no_delta"), _globs(fixed_chunks, "fixed_chunks")
@@ -672,8 +669,7 @@ class Repository:
             name = os.fsdecode(name)
         if not isinstance(name, str):
             raise UsageError(f"a stream's name is a str or bytes, not {name!r}")
-        _one_line(opts.tags, "tag")
-        _one_line([opts.host] if opts.host else [], "host")
+        _one_line(opts.tags, opts.host)
         self._repo.drop_stale(index=False)
         if not opts.dry_run:
             self._guard()
@@ -1299,7 +1295,7 @@ class Repository:
         set_to = None if set_to is None else _texts(set_to, "tag")
         if set_to is None and not add and not remove:
             raise UsageError("tag: give --add, --remove or --set")
-        _one_line(add + (set_to or []), "tag")
+        _one_line(add + (set_to or []))
         self._guard()
         return retag_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
                                add=add, remove=remove, set_to=set_to, wait=wait)

@@ -249,8 +249,9 @@ def make_key_file(material: KeyMaterial, password: bytes, repo_id: str, *, kdf_s
     CPU (``tune_argon2id``), or scrypt at cost ``2**log_n`` when that is given.
     """
     salt = os.urandom(16)
-    if is_secret(as_secret(password)):  # a secret copied with blanks or in capitals: the secret's key
-        password = as_secret(password)
+    secret = as_secret(password)
+    if is_secret(secret):  # a secret copied with blanks or in capitals: the secret's key
+        password = secret
         kdf, cost = KDF_SECRET, {}
         kek = derive_secret_kek(password, salt)
     else:

@@ -885,7 +885,10 @@ class Repo:
         """Add one index object to the loaded index.  Of a blob stored twice the index keeps one copy (a
         whole one before a delta): its delta base, or none, is that copy's, else a read calls it damaged."""
         assert self._index is not None
-        self._add_columns(d, self._index, {})
+        bases: dict[bytes, bytes] = {}
+        if self._add_columns(d, self._index, bases) == d.entry_count:  # every blob new: each base is its own
+            self._delta_bases.update(bases)
+            return
         for pack_id, entries in d.pack_entries().packs.items():
             pack_no = self.pack_no(pack_id)
             for e in entries:
