@@ -1841,8 +1841,9 @@ def main(argv: list[str] | None = None) -> int:
                     sys.stdout.flush()  # here, where a failure is reported, not at the interpreter's exit
         return code
     except ChunkvaultError as exc:
-        print(f"chunkvault: {one_line(exc)}", file=sys.stderr)
-        _emit_error_json(args, argv, type(exc).__name__, exc.exit_code, one_line(exc))
+        said = one_line(f"{exc}{exc.cli_hint}")
+        print(f"chunkvault: {said}", file=sys.stderr)
+        _emit_error_json(args, argv, type(exc).__name__, exc.exit_code, said)
         return exc.exit_code
     except KeyboardInterrupt:
         return _stopped(args, argv)

@@ -33,6 +33,9 @@ class ChunkvaultError(Exception):
     #: What the operation did before it raised this, when it went on past the problem (a restore's
     #: RestoreResult, listing the files not restored and its warnings): a caller can still report it.
     partial: Any = None
+    #: What the command line adds to the message: its own option that would have helped (" or use --wait").
+    #: The message alone is worded for every caller; an API caller never reads of options it cannot pass.
+    cli_hint: str = ""
 
     def explained(self, more: str) -> ChunkvaultError:
         """The same error (its kind, its fields) with ``more`` appended to its message: what a caller knows

@@ -60,7 +60,7 @@ class Aggregated:
     made_full: bool = True  # False: it was a full already (this call at most retired what was left of its chain)
 
 
-NOT_SELECTED = "not selected (--host, --tag, --path)"
+NOT_SELECTED = "not selected by the host, tag and path filters"
 
 
 def plan_forget(snapshots: list[Snapshot], *, policy: RetentionPolicy | None = None,

@@ -167,7 +167,7 @@ class RepoLock:
         # A shared lock that another of the same purpose also excludes: two copies into one repository
         # would each send every snapshot the other sends, and leave both.
         self.alone = alone
-        # Whether the refusal names --wait: the exclusive commands and the reads have it.
+        # Whether the command line's refusal names --wait: the exclusive commands and the reads have it.
         self.wait_option = kind == EXCLUSIVE if wait_option is None else wait_option
         self.kind = kind
         self.purpose = purpose
@@ -265,10 +265,12 @@ class RepoLock:
                              f"this {self.purpose} cannot run inside it")
             stopped = stop_waiting.is_set() or (told is not None and told())
             if time.monotonic() >= deadline or stopped:
-                raise Locked(f"{self.label} is locked by {conflicts[0].describe()}; "
-                             + ("stopped waiting" if stopped else
-                                f"waited {self.wait:g} s; try again later" if self.wait else "try again later")
-                             + (" or use --wait" if self.wait_option and not self.wait and not stopped else ""))
+                refused = Locked(f"{self.label} is locked by {conflicts[0].describe()}; "
+                                 + ("stopped waiting" if stopped else
+                                    f"waited {self.wait:g} s; try again later" if self.wait else "try again later"))
+                if self.wait_option and not self.wait and not stopped:
+                    refused.cli_hint = " or use --wait"
+                raise refused
             if announce_wait is not None and not announced:
                 announce_wait(conflicts[0], self.wait, self.label)
                 announced = True

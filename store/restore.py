@@ -494,7 +494,7 @@ class Restorer:
     def __init__(self, repo: Repo | BlobSource, target: str, options: RestoreOptions,
                  lookup: Callable[[bytes], Record | None] | None = None):
         if options.delta and not isinstance(repo, Repo):
-            raise UsageError("--delta compares chunks by their repository ids: it needs a repository")
+            raise UsageError("a delta restore compares chunks by their repository ids: it needs a repository")
         self.repo = repo
         self.target = os.fsencode(os.path.abspath(target))
         self.opt = options
@@ -619,7 +619,7 @@ class Restorer:
         if not self.opt.includes or self.matched:
             return
         hint = " (without the leading /)" if any(g.startswith("/") for g in self.opt.includes) else ""
-        self.result.warnings.append(f"nothing matched --include {', '.join(self.opt.includes)}: includes are "
+        self.result.warnings.append(f"nothing matched the includes {', '.join(self.opt.includes)}: includes are "
                                     f"paths as `ls` lists them, relative to the snapshot's root{hint}")
 
     @property

@@ -399,7 +399,7 @@ def _describe_group(s: SnapshotLike, group_by: frozenset[str]) -> str:
 def newest_of_groups(snapshots: Iterable[SnapshotLike], n: int, group_by: frozenset[str]) -> list[SnapshotLike]:
     """The ``n`` newest snapshots of each group (restic's ``snapshots --latest``), in the order given."""
     if n < 1:
-        raise UsageError(f"--latest must be at least 1, got {n}")
+        raise UsageError(f"the number of newest snapshots per group must be at least 1, got {n}")
     snaps = list(snapshots)
     groups: dict[tuple, list[SnapshotLike]] = {}
     for s in snaps:
@@ -443,7 +443,7 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
         if not allow_remove_all and not any(s.id in reasons for s in members):
             raise UsageError(f"the retention policy keeps none of the {len(members)} snapshot(s) of "
                              f"{_describe_group(members[0], policy.group_by)}: refusing to remove them all "
-                             "(--unsafe-allow-remove-all if that is meant)")
+                             "(`--unsafe-allow-remove-all`, API: `allow_remove_all=True`, if that is meant)")
     out = []
     for s in snaps:
         rs = reasons.get(s.id)

@@ -647,7 +647,8 @@ def test_key_remove_and_passwd_wait_for_running_backups(tmp_path, new_repo, cli,
     passwd = ("key", "passwd", "-r", r, "--new-password-file", str(tmp_path / "new"), "--kdf-time", "0")
     lock = RepoLock(repo.store.remote, SHARED, "backup")
     with lock:
-        assert b"locked by backup" in cli("key", "remove", "-r", r, extra[:12], "--wait", "0", check=15).stderr
+        refused = cli("key", "remove", "-r", r, extra[:12], "--wait", "0", check=15).stderr
+        assert b"locked by backup" in refused and refused.rstrip().endswith(b"try again later or use --wait")
         said = cli("key", "remove", "-r", r, extra[:12], "--wait", "0.5", check=15).stderr
         assert b"waited 0.5 s; try again later" in said and b"use --wait" not in said
         assert b"the password is unchanged" in cli(*passwd, "--wait", "0", check=15).stderr

@@ -223,7 +223,7 @@ def test_copy_waits_for_a_prune_on_the_destination_and_says_which(tmp_path, new_
     pruning = threading.Thread(target=prune)
     pruning.start()
     held.wait(10)
-    with pytest.raises(Locked, match="^the destination repository is locked by prune .* or use --wait"):
+    with pytest.raises(Locked, match="^the destination repository is locked by prune .*; try again later$"):
         src_repo.copy_to(dst_repo, wait=0)
     done = {}
     worker = threading.Thread(target=lambda: done.setdefault("copy", src_repo.copy_to(dst_repo, wait=60)))
@@ -259,7 +259,7 @@ def test_two_copies_into_one_repository_take_turns_and_backups_go_on_beside_them
     holder.start()
     held.wait(10)
     try:
-        with pytest.raises(Locked, match="^the destination repository is locked by copy into .* or use --wait"):
+        with pytest.raises(Locked, match="^the destination repository is locked by copy into .*; try again later$"):
             src_repo.copy_to(dst_repo, wait=0)
         own = tmp_path / "own"
         own.mkdir()

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chunkvault import Repository
-from chunkvault.errors import CorruptObject, MissingObject, UnsupportedFormat, UsageError, WrongPassword
+from chunkvault.errors import CorruptObject, Locked, MissingObject, UnsupportedFormat, UsageError, WrongPassword
 from chunkvault.store.export import (
     HEADER_SIZE, S_BLOB, S_END, S_META, S_RECORDS, VERSION, ExportFile, blob_ref, export, import_backup, open_export,
     restore_from_file,
@@ -225,7 +225,7 @@ def test_restore_from_file_partial_and_in_place(tmp_path, exported):
 
 def test_restore_from_file_refuses_delta(tmp_path, exported):
     path = exported[3]
-    with open_export(str(path), EXPORT_PW) as ef, pytest.raises(UsageError, match="--delta"):
+    with open_export(str(path), EXPORT_PW) as ef, pytest.raises(UsageError, match="a delta restore .* needs a repository"):
         Restorer(ef, str(tmp_path / "out"), RestoreOptions(delta=True))
 
 
@@ -600,8 +600,9 @@ def test_import_waits_for_a_prune_as_a_backup_does(tmp_path, exported, monkeypat
     holder = threading.Thread(target=prune_for, args=(60,))
     holder.start()
     held.wait(30)
-    with pytest.raises(Exception, match="locked by prune.*--wait"):
+    with pytest.raises(Locked, match="locked by prune.*; try again later$") as refused:
         target.import_backup(str(path), EXPORT_PW, wait=0)
+    assert refused.value.cli_hint == " or use --wait"  # the command line's option; the API's is wait=
     from chunkvault.store import locks
 
     said = locks.announce_wait

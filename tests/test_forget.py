@@ -203,7 +203,7 @@ def test_a_policy_applies_to_the_selected_snapshots_and_keeps_the_others(tmp_pat
         trees = {s.id: tree_of(repo, s.id) for s in repo.snapshots()}
         plan = repo.forget(policy=RetentionPolicy(keep_last=1), hosts=["a"], dry_run=True)
         assert [d.snapshot_id for d in plan.decisions if not d.keep] == [made[1].id, made[3].id]
-        assert all(d.reasons == ("not selected (--host, --tag, --path)",)
+        assert all(d.reasons == ("not selected by the host, tag and path filters",)
                    for d in plan.decisions if d.snapshot_id in {made[0].id, made[2].id, made[4].id})
         plan = repo.forget(policy=RetentionPolicy(keep_last=1), tags=["t"], hosts=["a", "b"])
         assert plan.remove == [made[0].id]  # the newest tagged one of each host stays

@@ -232,7 +232,7 @@ def test_an_include_that_matches_nothing_is_a_warning(snapshot_of_tree, tmp_path
     for n, processes in enumerate([1, 2]):
         res = repo.restore(snap, str(tmp_path / f"none{n}"), includes=[str(src / "small")], processes=processes)
         assert res.files == 0 and res.warnings == [
-            f"nothing matched --include {src / 'small'}: includes are paths as `ls` lists them, relative to the "
+            f"nothing matched the includes {src / 'small'}: includes are paths as `ls` lists them, relative to the "
             "snapshot's root (without the leading /)"]
     res = repo.restore(snap, str(tmp_path / "some"), includes=["small", "nothing"], processes=2)
     assert res.files == 1 and res.warnings == []
