@@ -37,6 +37,11 @@ class ChunkvaultError(Exception):
     #: The message alone is worded for every caller; an API caller never reads of options it cannot pass.
     cli_hint: str = ""
 
+    def hinting(self, cli_hint: str) -> "ChunkvaultError":
+        """This error, with ``cli_hint`` for the command line (``raise UsageError(...).hinting(" (--tag)")``)."""
+        self.cli_hint = cli_hint
+        return self
+
     def explained(self, more: str) -> ChunkvaultError:
         """The same error (its kind, its fields) with ``more`` appended to its message: what a caller knows
         about it, e.g. which passwords open the repository after a password change failed."""

@@ -1115,7 +1115,7 @@ class Repository:
         damaged = self._repo.unreadable_snapshots
         find = SnapshotFinder(snaps)
         if specs and policy is not None:  # the ids were dropped, and the policy applied to every snapshot
-            raise UsageError("give snapshot ids or a retention policy, not both")
+            raise UsageError("give snapshot ids or a retention policy, not both").hinting(" (--keep-*)")
         ids, gone = [], []
         for spec in specs:
             try:
@@ -1134,7 +1134,7 @@ class Repository:
         filtered = bool(hosts or tags or paths) or scope is not None
         if filtered and policy is None:
             raise UsageError("host, tag and path filters select the snapshots a retention policy applies to; "
-                             "give a policy (snapshots named by id need no selection)")
+                             "give a policy (snapshots named by id need no selection)").hinting(" (--keep-*)")
         # A snapshot that does not load, and every differential built on it, cannot be placed by retention
         # nor rebased: they go by id, without rebases, and one built on a snapshot that goes must go too.
         broken = broken_chains({s.id: s.parent for s in snaps})  # readable, built on what is not: id -> that
@@ -1294,7 +1294,7 @@ class Repository:
         add, remove = _texts(add, "tag"), _texts(remove, "tag")
         set_to = None if set_to is None else _texts(set_to, "tag")
         if set_to is None and not add and not remove:
-            raise UsageError("tag: give tags to add, to remove or to set")
+            raise UsageError("tag: give tags to add, to remove or to set").hinting(" (--add, --remove, --set)")
         _one_line(add + (set_to or []))
         self._guard()
         return retag_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),

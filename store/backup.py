@@ -321,7 +321,8 @@ def check_stdin_name(name: str) -> bytes:
     """A stream's name as a path below the snapshot's root; UsageError for one that leaves it or is empty."""
     rel = os.fsencode(name)
     if not rel or rel.startswith(b"/") or b"\x00" in rel or any(p in (b"", b".", b"..") for p in rel.split(b"/")):
-        raise UsageError(f"invalid stream name {name!r}: a relative path without . or .. in it")
+        raise UsageError(f"invalid stream name {name!r}: a relative path without . or .. in it").hinting(
+            " (--stdin-name)")
     return rel
 
 

@@ -98,7 +98,8 @@ def parse_subset(spec: str | None) -> Callable[[bytes], bool] | None:
         if not 1 <= n <= m:
             raise ValueError
     except ValueError:
-        raise UsageError(f"bad read-data subset {spec!r}: use n/m (1 <= n <= m) or a percentage like 10%") from None
+        raise UsageError(f"bad read-data subset {spec!r}: use n/m (1 <= n <= m) or a percentage like 10%").hinting(
+            " (--read-data-subset)") from None
     return lambda pack_id: int.from_bytes(pack_id[:4], "big") % m == n - 1
 
 

@@ -342,7 +342,8 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
         raise UsageError("an empty export password is not allowed")
     check_kdf_seconds(kdf_seconds)
     if out_path == "-":
-        raise UsageError("an export is written to a file, not to standard output: give a file name (NAME.backup)")
+        raise UsageError("an export is written to a file, not to standard output: give a file name "
+                         "(NAME.backup)").hinting(" with --output")
     out_path = os.path.abspath(out_path)
     if os.path.lexists(out_path) and not stat.S_ISREG(os.lstat(out_path).st_mode):
         # written beside it, then renamed over it: a symlink (/dev/stdout), a pipe or a device would be replaced

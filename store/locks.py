@@ -268,9 +268,7 @@ class RepoLock:
                 refused = Locked(f"{self.label} is locked by {conflicts[0].describe()}; "
                                  + ("stopped waiting" if stopped else
                                     f"waited {self.wait:g} s; try again later" if self.wait else "try again later"))
-                if self.wait_option and not self.wait and not stopped:
-                    refused.cli_hint = " or use --wait"
-                raise refused
+                raise refused.hinting(" or use --wait" if self.wait_option and not self.wait and not stopped else "")
             if announce_wait is not None and not announced:
                 announce_wait(conflicts[0], self.wait, self.label)
                 announced = True

@@ -399,7 +399,7 @@ def _describe_group(s: SnapshotLike, group_by: frozenset[str]) -> str:
 def newest_of_groups(snapshots: Iterable[SnapshotLike], n: int, group_by: frozenset[str]) -> list[SnapshotLike]:
     """The ``n`` newest snapshots of each group (restic's ``snapshots --latest``), in the order given."""
     if n < 1:
-        raise UsageError(f"the number of newest snapshots per group must be at least 1, got {n}")
+        raise UsageError(f"the number of newest snapshots per group must be at least 1, got {n}").hinting(" (--latest)")
     snaps = list(snapshots)
     groups: dict[tuple, list[SnapshotLike]] = {}
     for s in snaps:

@@ -107,7 +107,7 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
     run plans and reports only, and takes no lock.  Under the exclusive lock: no backup may build on a
     manifest being replaced, no forget rebase one."""
     if not globs:
-        raise UsageError("rewrite needs at least one exclude pattern")
+        raise UsageError("rewrite needs at least one exclude pattern").hinting(" (--exclude)")
     excluded = excluded_by(globs)
     report = RewriteReport(dry_run)
     with contextlib.nullcontext() if dry_run else RepoLock(repo.remote, EXCLUSIVE, "rewrite", wait=wait) as lock:

@@ -366,6 +366,32 @@ def test_backup_stream_takes_any_binary_reader_and_refuses_others_before_storing
     assert sorted((tmp_path / "repo" / "data").rglob("*")) == packs and len(repo.snapshots()) == 1
 
 
+def test_a_stream_that_fails_part_way_raises_its_own_error_and_saves_nothing(tmp_path, new_repo):
+    """The caller's error is the caller's to handle (a dropped connection, say): it comes out as it was
+    raised, with no snapshot saved and no lock left, and the next backup of that stream goes ahead."""
+    repo = new_repo(str(tmp_path / "repo"))
+
+    class Dropping(io.RawIOBase):
+        def __init__(self):
+            self.reads = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            self.reads += 1
+            if self.reads > 40:
+                raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+            b[:65536] = os.urandom(65536)
+            return 65536
+
+    with pytest.raises(ConnectionResetError):
+        repo.backup_stream(Dropping(), "db.sql")
+    assert repo.snapshots() == [] and os.listdir(tmp_path / "repo" / "locks") == []
+    assert repo.backup_stream(io.BytesIO(b"select 1;"), "db.sql").snapshot.kind == "full"
+    assert repo.check().ok
+
+
 def test_paths_and_globs_as_bytes_select_and_exclude_as_str_do(tmp_path, tree, new_repo):
     """A bytes path as a filter selected nothing (and a retention policy then kept everything); bytes globs
     were refused, or failed part-way through a later backup."""

@@ -1,6 +1,7 @@
 """The command line end to end: real processes, exit codes, one-line errors."""
 import base64
 import dataclasses
+import io
 import json
 import os
 from collections import Counter
@@ -875,3 +876,16 @@ def test_latest_of_one_source_for_ls_dump_diff_and_verify_restore(tmp_path, cli,
     assert verified["ok"] and verified["snapshots"][0]["files"] == 2
     missing = cli("ls", "-r", repo, "latest", "--host", "nohost", check=12)
     assert "no snapshot of host nohost" in missing.stderr.decode()
+
+
+def test_api_errors_read_without_options_and_the_command_line_names_its_own(tmp_path, new_repo, cli):
+    """A message worded for every caller; the command line adds the option that would have helped."""
+    repo = new_repo(str(tmp_path / "repo"))
+    r = str(tmp_path / "repo")
+    with pytest.raises(UsageError) as api:
+        repo.backup_stream(io.BytesIO(b"x"), "../up")
+    assert "--" not in str(api.value) and api.value.cli_hint == " (--stdin-name)"
+    said = cli("backup", "-r", r, "--stdin", "--stdin-name", "../up", input=b"x", check=2).stderr.decode().strip()
+    assert said == "chunkvault: invalid stream name '../up': a relative path without . or .. in it (--stdin-name)"
+    said = cli("check", "-r", r, "--read-data-subset", "4/3", check=2).stderr.decode().strip()
+    assert said.endswith("or a percentage like 10% (--read-data-subset)")

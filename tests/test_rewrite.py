@@ -118,7 +118,7 @@ def test_rewrite_on_the_command_line_is_a_dry_run_until_confirmed(tmp_path):
     assert not done["dry_run"] and len(done["rewritten"]) == len(done["inherited"]) == 1  # the full; its diff inherits
     assert json.loads(crashkit.run_cli("find", "-r", repo, "credentials", "--json").stdout) == []
     proc = crashkit.run_cli("rewrite", "-r", repo, ok=(2,))
-    assert proc.stderr.decode().strip() == "chunkvault: rewrite needs at least one exclude pattern"
+    assert proc.stderr.decode().strip() == "chunkvault: rewrite needs at least one exclude pattern (--exclude)"
 
 
 def test_rewrite_names_a_path_that_is_not_utf8_as_the_other_commands_do(tmp_path):
@@ -161,7 +161,7 @@ def test_tags_are_added_removed_and_set_without_touching_the_data(tmp_path):
     out = json.loads(crashkit.run_cli("tag", "-r", path, "--set", "p,q", "--remove", "q", "--json",
                                       env=crashkit.cli_env({"CHUNKVAULT_PASSWORD": PASSWORD})).stdout)
     assert [s["tags"] for s in out] == [["p"], ["p"]]
-    assert crashkit.run_cli("tag", "-r", path, ok=(2,)).stderr.strip() == b"chunkvault: tag: give tags to add, to remove or to set"
+    assert crashkit.run_cli("tag", "-r", path, ok=(2,)).stderr.strip() == b"chunkvault: tag: give tags to add, to remove or to set (--add, --remove, --set)"
 
 
 def test_tag_and_rewrite_read_snapshots_again_under_their_lock(tmp_path):
