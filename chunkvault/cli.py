@@ -1106,6 +1106,22 @@ def cmd_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_unlock(args: argparse.Namespace) -> int:
+    done = _open(args).unlock(remove_all=args.remove_all)
+    if args.json:
+        _emit_json(done.to_dict())
+        return 0
+    if not args.quiet:
+        for lock in done.removed:
+            print(f"removed {lock.kind} lock of {one_line(lock.describe())}")
+        for lock in done.kept:
+            print(f"held: {lock.kind} lock of {one_line(lock.describe())}")
+        print(f"{len(done.removed)} lock(s) removed, {len(done.kept)} held"
+              + ("; --remove-all removes live ones too, once their commands are known to be dead"
+                 if done.kept and not args.remove_all else ""))
+    return 0
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
     done = _confirmed(args, "REPAIR")
     repo = _open(args)
@@ -1653,6 +1669,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--confirm", metavar="REPAIR", help="repair packs or snapshots: really do it")
     _wait_option(s, 3600.0, "running backups and reads")
     s.set_defaults(func=cmd_repair)
+
+    s = sub.add_parser("unlock", parents=[common], help="remove stale locks now, and say who holds the others")
+    s.add_argument("--remove-all", action="store_true",
+                   help="remove live locks too (only for commands known to be dead or hung: README, Locks)")
+    s.set_defaults(func=cmd_unlock)
 
     s = sub.add_parser("key", help="manage the passwords of a repository")
     ks = s.add_subparsers(dest="key_cmd", required=True, parser_class=_Parser,

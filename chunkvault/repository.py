@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # the modules of other commands load when used: a backup need
     from .store.copy import CopyResult
     from .store.export import ExportStats, ImportResult
     from .store.lifecycle import Aggregated, ForgetPlan
+    from .store.locks import LocksRemoved
     from .store.prune import PrunePlan
     from .store.repair import RepairReport
     from .store.retention import RetentionPolicy
@@ -1281,6 +1282,17 @@ class Repository:
         if not dry_run:
             self._guard()
         return repair_snapshots(self._repo, dry_run=dry_run, wait=wait)
+
+    @_stoppable
+    def unlock(self, *, remove_all: bool = False) -> LocksRemoved:
+        """Remove the stale locks now (any command removes those it meets; this one tells what it removed and
+        who holds the rest).  ``remove_all``: live locks too, for commands known to be dead or hung on another
+        machine: a live command whose lock goes stops at its next step that relies on it (a backup saves no
+        snapshot), but may take half a minute to notice, in which a prune still deletes.  This process's own
+        locks always stay."""
+        from .store.locks import remove_locks
+
+        return remove_locks(self._repo.remote, remove_all=remove_all)
 
     @_stoppable
     def tag(self, snapshots: Iterable[str | Snapshot] | None = None, *, add: Iterable[str] = (),

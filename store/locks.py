@@ -129,8 +129,16 @@ class LockInfo:
         return False
 
     def describe(self) -> str:
-        age = max(0, int(time.time() - self.time))
-        return f"{self.purpose} on {self.host} (pid {self.pid}, refreshed {age} s ago)"
+        return f"{self.purpose} on {self.host} (pid {self.pid}, refreshed {self.age():.0f} s ago)"
+
+    def age(self) -> float:
+        """Seconds since it was last written (0 for one dated ahead)."""
+        return max(0.0, time.time() - self.time)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"id": self.key.split("/", 1)[-1], "kind": self.kind, "purpose": self.purpose, "host": self.host,
+                "pid": self.pid, "refreshed_seconds_ago": round(self.age(), 1),
+                "stale": self.stale(time.time())}
 
 
 def list_locks(remote: Remote) -> list[LockInfo]:
@@ -142,6 +150,33 @@ def list_locks(remote: Remote) -> list[LockInfo]:
             continue  # vanished, or not ours: a lock never parses into something it is not
         out.append(lock)
     return out
+
+
+@dataclass
+class LocksRemoved:
+    """What ``remove_locks`` did: the locks it removed, and those it left (live, or this process's own)."""
+
+    removed: list[LockInfo]
+    kept: list[LockInfo]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"removed": [lk.to_dict() for lk in self.removed], "kept": [lk.to_dict() for lk in self.kept]}
+
+
+def remove_locks(remote: Remote, *, remove_all: bool = False) -> LocksRemoved:
+    """Remove the stale locks, as any command removes those it meets, and with ``remove_all`` the live
+    ones too.  This process's own locks are always kept: removing them would only stop its own commands.
+    A lock that vanishes meanwhile counts as removed (its command ended, or another removed it)."""
+    now = time.time()
+    done = LocksRemoved([], [])
+    for lock in list_locks(remote):
+        if lock.key in _HELD_BY_THREAD or not (remove_all or lock.stale(now)):
+            done.kept.append(lock)
+            continue
+        with contextlib.suppress(ObjectNotFound):
+            remote.delete(lock.key)
+        done.removed.append(lock)
+    return done
 
 
 def _parsed_lock(key: str, d: dict) -> LockInfo:

@@ -503,3 +503,45 @@ def test_a_lock_of_a_kind_this_version_does_not_know_holds_off_everyone(tmp_path
                                                  "purpose": "migrate", "time": time.time() - 400}).encode())
     with RepoLock(remote, SHARED, "backup"):
         pass
+
+
+@needs_proc
+def test_unlock_removes_the_stale_locks_and_tells_who_holds_the_others(remote, sleeper):
+    from chunkvault.store.locks import remove_locks
+
+    with RepoLock(remote, SHARED, "restore") as own:
+        dead = plant(remote, "d" * 32, dead_pid())
+        old = plant(remote, "e" * 32, 42, host="another-host", time=time.time() - 1000)
+        live = plant(remote, "f" * 32, sleeper.pid, boot=boot_id(), start=process_start(sleeper.pid))
+        elsewhere = plant(remote, "a" * 32, 42, host="another-host", kind=SHARED, purpose="backup")
+        done = remove_locks(remote)
+        assert sorted(lk.key for lk in done.removed) == sorted([dead, old])
+        assert sorted(lk.key for lk in done.kept) == sorted([live, elsewhere, own.key])
+        assert sorted(o.key for o in remote.list("locks/")) == sorted([live, elsewhere, own.key])
+        doc = done.to_dict()
+        assert {d["id"] for d in doc["kept"]} == {k.split("/")[1] for k in (live, elsewhere, own.key)}
+        assert all(not d["stale"] for d in doc["kept"]) and all(d["stale"] for d in doc["removed"])
+        everything = remove_locks(remote, remove_all=True)  # the live ones too, never this process's own
+        assert sorted(lk.key for lk in everything.removed) == sorted([live, elsewhere])
+        assert [lk.key for lk in everything.kept] == [own.key]
+        assert [o.key for o in remote.list("locks/")] == [own.key]
+        own.ensure_held()
+    assert list_locks(remote) == []
+
+
+def test_unlock_from_the_command_line(tmp_path, new_repo, cli):
+    repo = new_repo(str(tmp_path / "repo"))
+    r = str(tmp_path / "repo")
+    remote = repo.store.remote
+    plant(remote, "e" * 32, 42, host="another-host", time=time.time() - 1000)
+    plant(remote, "a" * 32, 43, host="another-host", kind=SHARED, purpose="backup")
+    said = cli("unlock", "-r", r).stdout.decode().splitlines()
+    assert said[0].startswith("removed exclusive lock of prune on another-host (pid 42, refreshed 1000 s ago")
+    assert said[1].startswith("held: shared lock of backup on another-host (pid 43, refreshed ")
+    assert said[2].startswith("1 lock(s) removed, 1 held; --remove-all removes live ones too")
+    with pytest.raises(Locked, match="locked by backup on another-host"):
+        repo.prune(wait=0)
+    doc = json.loads(cli("unlock", "-r", r, "--remove-all", "--json").stdout)
+    assert [(d["purpose"], d["pid"], d["stale"]) for d in doc["removed"]] == [("backup", 43, False)]
+    assert doc["kept"] == [] and list_locks(remote) == []
+    repo.prune()
