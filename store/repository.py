@@ -439,9 +439,8 @@ class Repo:
         # The bases of this index's deltas alone: those of an index before it (a prune since dropped a
         # delta, say) would make a copy of that blob stored whole later read as a delta.
         bases: dict[bytes, bytes] = {}
-        added = sum(self._add_columns(d, index, bases) for d in live)
-        if added < sum(d.entry_count for d in live):  # blobs stored twice (rare): bases as the index has them
-            bases = self._match_delta_bases(live, index)
+        for d in live:
+            self._add_object(d, index, bases)
         # Published only when complete: other threads never see a half-loaded index.
         self._index, self._delta_bases, self._index_names, self._withheld = index, bases, set(names), None
         self._index_unsettled = False
@@ -472,22 +471,28 @@ class Repo:
             self._withheld = withheld
             return withheld
 
-    def _add_columns(self, d: IndexColumns, index: BlobIndex, bases: dict[bytes, bytes]) -> int:
-        """Add one index object's entries, and its deltas' bases; returns how many entries were new."""
+    def _add_object(self, d: IndexColumns, index: BlobIndex, bases: dict[bytes, bytes]) -> None:
+        """Add one index object's entries to ``index``, and to ``bases`` the delta bases of the copies it holds.
+
+        Of a blob stored twice (after two backups at once, or a copy) the index keeps one copy: a whole one
+        before a delta, else the first.  Its base, or none, is that copy's: a base of another copy, which
+        may be lost, makes a read call the blob damaged.  The copies may lie in one object (prune's and
+        repair's compact index lists every kept pack), so the base is matched to the held copy's entry."""
         added = sum(index.add_entries(d.plain, start, count, self.pack_no(pack_id))
                     for pack_id, count, start in zip(d.pack_ids, d.counts, d.starts))
-        bases.update(d.delta_bases)
-        return added
-
-    def _match_delta_bases(self, live: list[IndexColumns], index: BlobIndex) -> dict[bytes, bytes]:
-        """Delta bases of the copies the index holds, where blobs are stored twice: the first delta of an id
-        (as the index keeps it), and none for a blob held whole (which the index prefers).  A base of a copy
-        the index does not hold may be lost: reads, new deltas and check follow only the held copy's."""
-        first: dict[bytes, bytes] = {}
-        for d in live:
-            for blob_id, base in d.delta_bases.items():
-                first.setdefault(blob_id, base)
-        return {b: base for b, base in first.items() if (loc := index.get(b)) is not None and loc.flags == KIND_DELTA}
+        if added == d.entry_count:  # every blob new, once each (the usual case): each base is its own
+            bases.update(d.delta_bases)
+            return
+        for pack_id, entries in d.pack_entries().packs.items():
+            pack_no = self.pack_no(pack_id)
+            for e in entries:
+                loc = index.get(e.blob_id)
+                if loc is None or (loc.pack_no, loc.offset) != (pack_no, e.offset):
+                    continue  # another copy is kept, with its base
+                if e.kind == KIND_DELTA:
+                    bases[e.blob_id] = e.base_id  # type: ignore[assignment]
+                else:
+                    bases.pop(e.blob_id, None)
 
     def delta_chain(self, blob_id: bytes) -> list[bytes]:
         """The bases below a blob per the index, nearest first (stops past the depth bound)."""
@@ -874,31 +879,12 @@ class Repo:
                 return False
         for name, got in read:
             if isinstance(got, IndexColumns):
-                self._add_loaded(got)
+                self._add_object(got, self._index, self._delta_bases)
             else:
                 self._warn_unreadable_index(name, got)
         self._index_names.update(name for name, _ in read)
         self._withheld = None  # the deltas added: looked at again before a writer dedups against them
         return True
-
-    def _add_loaded(self, d: IndexColumns) -> None:
-        """Add one index object to the loaded index.  Of a blob stored twice the index keeps one copy (a
-        whole one before a delta): its delta base, or none, is that copy's, else a read calls it damaged."""
-        assert self._index is not None
-        bases: dict[bytes, bytes] = {}
-        if self._add_columns(d, self._index, bases) == d.entry_count:  # every blob new: each base is its own
-            self._delta_bases.update(bases)
-            return
-        for pack_id, entries in d.pack_entries().packs.items():
-            pack_no = self.pack_no(pack_id)
-            for e in entries:
-                loc = self._index.get(e.blob_id)
-                if loc is None or (loc.pack_no, loc.offset) != (pack_no, e.offset):
-                    continue  # another copy is kept, with its base
-                if e.kind == KIND_DELTA:
-                    self._delta_bases[e.blob_id] = d.delta_bases[e.blob_id]
-                else:
-                    self._delta_bases.pop(e.blob_id, None)
 
     def fresh_index(self) -> BlobIndex:
         """The index as stored now (for a command that holds a lock no prune shares): read if none is

@@ -222,6 +222,50 @@ def test_a_chunk_two_backups_stored_at_once_keeps_the_base_of_the_copy_prune_kee
     assert not repo.check(read_data=True).problems
 
 
+def test_a_chunk_stored_as_deltas_on_two_bases_reads_after_prune_lists_both_copies_in_one_index(
+        tmp_path, new_repo, password, monkeypatch):
+    """Two series' backups at once store one changed chunk each as a delta on its own parent's chunk.  A
+    prune that keeps both packs lists both copies in one index object: the index must pair the copy it
+    holds with that copy's base (it took the other copy's, and every read of the chunk failed as damaged)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    cut = {"fixed_chunks": ["db"], "fixed_chunk_size": 64 << 10}
+    repo = new_repo(str(tmp_path / "repo"))
+    data = bytearray(os.urandom(1 << 20))
+    (a / "db").write_bytes(data)
+    repo.backup([str(a)], host="A", **cut)
+    for at in range(0, len(data), 64 << 10):
+        data[at + 100:at + 200] = os.urandom(100)
+    (b / "db").write_bytes(data)
+    repo.backup([str(b)], host="B", **cut)
+    for at in range(0, len(data), 64 << 10):
+        data[at + 300:at + 400] = os.urandom(100)
+    for src in (a, b):
+        (src / "db").write_bytes(data)
+        (src / "big").write_bytes(os.urandom(3 << 20))  # other live data: prune keeps both new packs whole
+    beside = Repository.open(str(tmp_path / "repo"), password)
+    beside.store.load_index()  # as a backup running beside the next one: it read the index before that stored
+    monkeypatch.setattr(beside.store, "load_index", lambda: None)
+    monkeypatch.setattr(beside.store, "drop_stale", lambda **kwargs: None)
+    monkeypatch.setattr(beside.store, "refresh_index", lambda: None)
+    on_a = repo.backup([str(a)], host="A", **cut).snapshot
+    on_b = beside.backup([str(b)], host="B", **cut).snapshot
+    beside.close()
+    assert on_a.stats["delta_blobs"] >= 16 and on_b.stats["delta_blobs"] >= 16
+    plan = repo.prune()
+    assert not plan.repack and not plan.delete  # both copies stay, now in one index object
+    assert len(list(repo.store.remote.list("index/"))) == 1
+    for opened in (repo, Repository.open(str(tmp_path / "repo"), password)):  # the index refreshed, and read anew
+        for snap in (on_a, on_b):
+            out = tmp_path / f"out-{id(opened)}-{snap.id[:8]}"
+            opened.restore(snap.id, str(out))
+            assert (out / "db").read_bytes() == bytes(data)
+        assert opened.check(read_data=True).ok
+    repo.repair_index()
+    assert Repository.open(str(tmp_path / "repo"), password).check(read_data=True).ok
+
+
 def test_an_unused_delta_in_a_kept_pack_keeps_its_base(tmp_path, new_repo):
     """Its base, alone in a pack that is repacked, moves with the live blobs instead of being dropped:
     a file that comes back to that version later is stored by reference to a delta that still reads."""
