@@ -29,7 +29,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple
 import blake3
 
 from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, READ_BYTES, fixed_chunks
-from chunkvault.errors import CorruptObject, LockLost, MissingObject, SnapshotNotFound, UsageError
+from chunkvault.errors import CorruptObject, LockLost, MissingObject, RemoteUnavailable, SnapshotNotFound, UsageError
 
 from .chain import broken_chains
 from .manifest import (
@@ -1111,7 +1111,7 @@ class Backup:
         # Deltas a lost base left unreadable: a chunk of theirs is stored again whole, which readers prefer.
         self._lost_deltas = repo.withhold_unreadable_deltas()
         if self._lock is not None:
-            self.writer.guard = self._lock.ensure_held
+            self.writer.guard = self._ensure_lock_held
         try:
             if stream is not None:
                 assert stdin_name is not None
@@ -1186,13 +1186,15 @@ class Backup:
             except LockLost:
                 repo.delete_snapshot(snap.id)
                 raise
+            except RemoteUnavailable:  # gone once the snapshot was stored: the look before stands
+                pass  # (the lock is left to go stale: removing it would wait as long again)
         return BackupResult(snap, self.warnings)
 
     def _ensure_lock_held(self) -> None:
         """A backup whose lock went stale (paused, cut off) may dedup against data a prune has deleted since:
         it saves no snapshot (its packs are left for the next prune)."""
         if self._lock is not None:
-            self._lock.ensure_held()
+            self._lock.confirm()
 
     def _usable_parent(self, same: list[Snapshot], snapshots: list[Snapshot]
                        ) -> tuple[Snapshot | None, Iterator[Record]]:

@@ -219,7 +219,7 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
             for known in origins(have):
                 done.setdefault(known, have.id)
         with dst.writer() as writer:
-            writer.guard = lock.ensure_held
+            writer.guard = lock.confirm
             mapper = _BlobMapper(src, dst, writer, progress)
             for snap in copy_order(src_snaps, wanted):
                 there = next((done[i] for i in sorted(origins(snap)) if i in done), None)
@@ -247,7 +247,7 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                                 tags=list(snap.tags), manifest=[i.hex() for i in manifest],
                                 manifest_starts=mw.starts, version=mw.version,
                                 stats={**snap.stats, COPIED_FROM: snap.id}, stdin_name=snap.stdin_name)
-                lock.ensure_held()  # a prune that took it for stale may have deleted what this copy reuses
+                lock.confirm()  # a prune that took it for stale may have deleted what this copy reuses
                 dst.save_snapshot(copy)
                 done[snap.id] = copy.id
                 result.copied.append((snap.id, copy.id))

@@ -811,7 +811,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                         added["stored"] += len(blob.envelope)
 
             with repo.writer() as writer, ThreadPoolExecutor(WORKERS) as pool:
-                writer.guard = repo_lock.ensure_held
+                writer.guard = repo_lock.confirm
                 mw = ManifestWriter(repo, writer)
                 cursor = _RecordCursor(ef.what)
                 inflight: deque[Future[None]] = deque()
@@ -863,7 +863,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                        if k in src.stats},
                 },
             )
-            repo_lock.ensure_held()  # a prune that took it for stale may have deleted what this import reuses
+            repo_lock.confirm()  # a prune that took it for stale may have deleted what this import reuses
             return ImportResult(repo.save_snapshot(snap), src.id)
 
 

@@ -43,6 +43,9 @@ STALE_AFTER = 300.0
 # process, a remote out of reach): its holder no longer trusts it (``RepoLock.ensure_held``).  Below
 # STALE_AFTER by a margin for clocks that disagree a little.
 LOST_AFTER = STALE_AFTER - REFRESH_EVERY
+# How long ``ensure_held`` trusts its last look at the lock object.  A clock here that tells staleness first
+# is not enough: another host whose clock runs minutes ahead takes a fresh lock for stale and removes it.
+ASK_EVERY = 1.0
 SHARED = "shared"
 EXCLUSIVE = "exclusive"
 
@@ -220,6 +223,7 @@ class RepoLock:
         self._lost = 0.0  # the gap (s) that made it lost, once one did: sticky
         self._removed = False  # another command removed it (found by ensure_held or a refresh): sticky
         self._looked = 0.0  # when ensure_held last saw the lock object on the remote
+        self._unreachable = False  # a look failed for a whole retry window: removing it would wait as long
         self._pid = os.getpid()  # a child forked while it is held must not remove it on leaving the block
         self.waited = False  # another command held the repository first: what was read before may be stale
 
@@ -232,12 +236,12 @@ class RepoLock:
         self.remote.put(self.key, json.dumps(body).encode())
         self._written = now
 
-    def ensure_held(self) -> None:
+    def ensure_held(self, *, ask: bool = False) -> None:
         """Before each step that relies on the lock (a backup saving an index object or its snapshot, a prune
         deleting an object): LockLost when it may have been judged stale meanwhile, or is gone.  Another
         command may then have pruned what a backup refers to, or built on what a prune is about to delete.
-        Cheap enough to call before every deletion: the remote is asked at most every REFRESH_EVERY / 2 s
-        (another command removes a lock only once it looks stale, which the clock here tells first)."""
+        Cheap enough to call before every deletion: the remote is asked at most every ``ASK_EVERY`` s, and
+        every time with ``ask`` (the steps that commit: an index object, a snapshot, before and after)."""
         now = time.time()
         if not self._lost and now - self._written > LOST_AFTER:
             self._lost = now - self._written
@@ -247,13 +251,23 @@ class RepoLock:
             raise LockLost(f"this {self.purpose}'s repository lock went {self._lost:.0f} s without a refresh (the "
                            "process was paused, or the repository out of reach), so other commands may have "
                            f"taken it for stale; stopped before relying on it: run the {self.purpose} again")
-        if now - self._looked < REFRESH_EVERY / 2:
+        if not ask and now - self._looked < ASK_EVERY:
             return
-        if not self.remote.exists(self.key):
+        try:
+            there = self.remote.exists(self.key)
+        except RemoteUnavailable:
+            self._unreachable = True
+            raise
+        if not there:
             self._lost = now - self._written
             self._removed = True
             raise self._removed_error()
         self._looked = now
+
+    def confirm(self) -> None:
+        """``ensure_held`` asking the remote, before and after a step that commits (an index object, a
+        snapshot): guards for a writer."""
+        self.ensure_held(ask=True)
 
     def _removed_error(self) -> LockLost:
         return LockLost(f"this {self.purpose}'s repository lock was removed by another command; stopped before "
@@ -344,7 +358,7 @@ class RepoLock:
         _HELD_BY_THREAD.pop(self.key, None)
         if self._thread is not None:
             self._thread.join()
-        if remove:
+        if remove and not self._unreachable:
             self.remote.delete(self.key)
 
     def __enter__(self) -> "RepoLock":

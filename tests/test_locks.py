@@ -192,11 +192,10 @@ def test_a_lock_another_command_removed_is_lost(remote):
     with RepoLock(remote, EXCLUSIVE, "prune") as lock:
         lock.ensure_held()
         remote.delete(lock.key)
-        lock.ensure_held()  # the remote is asked at most every half refresh interval
-        lock._looked = 0.0
+        lock._looked = 0.0  # as a second after the last look
         with pytest.raises(LockLost, match="removed by another command"):
             lock.ensure_held()
-        with pytest.raises(LockLost):
+        with pytest.raises(LockLost):  # for good
             lock.ensure_held()
 
 
@@ -545,3 +544,51 @@ def test_unlock_from_the_command_line(tmp_path, new_repo, cli):
     assert [(d["purpose"], d["pid"], d["stale"]) for d in doc["removed"]] == [("backup", 43, False)]
     assert doc["kept"] == [] and list_locks(remote) == []
     repo.prune()
+
+
+def test_a_backup_whose_lock_is_removed_while_it_saves_its_snapshot_takes_it_back(tmp_path, new_repo, monkeypatch):
+    """Another host whose clock runs minutes ahead takes a fresh lock for stale and removes it, then may
+    prune what the backup refers to: the backup looks at its lock right after saving, however recently it
+    last looked, and takes its snapshot back."""
+    from chunkvault.errors import LockLost
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(100_000))
+    repo = new_repo()
+    first = repo.backup([str(src)]).snapshot
+    (src / "g").write_bytes(os.urandom(100_000))
+    save = repo.store.save_snapshot
+
+    def save_then_lose_the_lock(snap, **kwargs):
+        saved = save(snap, **kwargs)
+        for lk in list_locks(repo.store.remote):
+            repo.store.remote.delete(lk.key)
+        return saved
+
+    monkeypatch.setattr(repo.store, "save_snapshot", save_then_lose_the_lock)
+    with pytest.raises(LockLost, match="removed by another command"):
+        repo.backup([str(src)])
+    monkeypatch.undo()
+    assert [s.id for s in repo.snapshots()] == [first.id]
+    assert repo.backup([str(src)]).snapshot.parent == first.id
+
+
+def test_ensure_held_asks_the_remote_at_most_every_second_unless_told_to(remote, monkeypatch):
+    from chunkvault.store import locks
+
+    with RepoLock(remote, EXCLUSIVE, "prune") as lock:
+        asked = []
+        real = remote.exists
+        monkeypatch.setattr(remote, "exists", lambda key: asked.append(key) or real(key))
+        lock.ensure_held()
+        lock._looked = time.time() + 5  # as just looked (and a slow machine takes no second to come back)
+        lock.ensure_held()
+        assert len(asked) == 1  # a prune calls it before every deletion: one look serves a second of them
+        lock.confirm()
+        lock.confirm()
+        assert len(asked) == 3
+        monkeypatch.setattr(locks, "ASK_EVERY", 0.0)
+        before = len(asked)
+        lock.ensure_held()
+        assert len(asked) == before + 1
