@@ -992,6 +992,10 @@ def _report_prune(args: argparse.Namespace, plan: Any) -> None:
               f"{frees} {format_size(plan.freed_bytes)}; {plan.live_blobs} blobs live, {plan.unused_blobs} unused"
               + (f"; removed {plan.unfinished_removed} unfinished write(s) left by killed commands"
                  if plan.unfinished_removed else ""))
+        if plan.held_back:
+            print(f"{len(plan.held_back)} pack(s) worth repacking left for a later prune by --max-repack-size"
+                  + (f"; {plan.over_limit} of them hold more live data than the whole limit, which no prune with "
+                     "it repacks" if plan.over_limit else ""))
         if plan.unfinished_error:
             warn(f"unfinished writes not cleaned up (the prune went on): {plan.unfinished_error}")
 

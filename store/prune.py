@@ -55,6 +55,10 @@ class PrunePlan:
     delete: list[PackUse] = field(default_factory=list)
     repack: list[PackUse] = field(default_factory=list)
     keep: list[PackUse] = field(default_factory=list)
+    # Of ``keep``: packs worth repacking that ``max_repack`` left for a later prune, and how many of them
+    # hold more live data than the whole limit (no prune with that limit repacks those).
+    held_back: list[PackUse] = field(default_factory=list)
+    over_limit: int = 0
     orphans: list[tuple[str, int]] = field(default_factory=list)  # packs in no index: (key, size)
     index_names: list[str] = field(default_factory=list)
     dead_indexes: list[str] = field(default_factory=list)  # index objects naming only packs to delete
@@ -78,7 +82,8 @@ class PrunePlan:
         return {"delete_packs": len(self.delete), "repack_packs": len(self.repack), "keep_packs": len(self.keep),
                 "orphan_packs": len(self.orphans), "live_blobs": self.live_blobs,
                 "unused_blobs": self.unused_blobs, "freed_bytes": self.freed_bytes,
-                "repacked_bytes": self.repacked_bytes, "unfinished_removed": self.unfinished_removed,
+                "repacked_bytes": self.repacked_bytes, "held_back_packs": len(self.held_back),
+                "held_back_over_limit": self.over_limit, "unfinished_removed": self.unfinished_removed,
                 "unfinished_error": self.unfinished_error}
 
 
@@ -146,6 +151,8 @@ def _select_once(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], u
                 chosen.append(use)
             else:
                 plan.keep.append(use)
+                plan.held_back.append(use)
+                plan.over_limit += use.live_bytes > max_repack
         plan.repack = sorted(chosen, key=lambda u: u.pack_id)
         plan.keep.sort(key=lambda u: u.pack_id)
     return plan

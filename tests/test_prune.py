@@ -103,7 +103,11 @@ def test_a_repack_size_limit_takes_the_most_unused_packs_first_and_keeps_the_res
     part = select_packs(packs, {}, used, max_unused=0.05, max_repack=25)
     assert [u.pack_id[0] for u in part.repack] == [2, 3]  # 90 % and 80 % unused; then 10 bytes were left
     assert [u.pack_id[0] for u in part.keep] == [1, 4]
-    assert select_packs(packs, {}, used, max_unused=0.05, max_repack=0).repack == []
+    assert [u.pack_id[0] for u in part.held_back] == [1] and part.over_limit == 0  # a later run takes it
+    none = select_packs(packs, {}, used, max_unused=0.05, max_repack=9)
+    assert none.repack == [] and len(none.held_back) == 3 and none.over_limit == 3  # no run with 9 ever does
+    assert whole.held_back == [] and whole.to_dict()["held_back_packs"] == 0
+    assert none.to_dict()["held_back_packs"] == 3 and none.to_dict()["held_back_over_limit"] == 3
 
 
 def test_a_prune_limited_in_what_it_repacks_finishes_over_several_runs(tmp_path, new_repo):
@@ -136,6 +140,27 @@ def test_a_prune_limited_in_what_it_repacks_finishes_over_several_runs(tmp_path,
         if not plan.repack:
             break
     assert runs >= 3  # two packs' live data exceed the limit: a run each, and one that finds nothing left
+    assert not plan.held_back
+
+
+def test_prune_says_which_packs_its_repack_limit_left(tmp_path, new_repo, cli):
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo(str(tmp_path / "repo"))
+    for i in range(4):
+        (src / f"f{i}").write_bytes(os.urandom(700_000))
+    first = repo.backup([str(src)]).snapshot  # one pack
+    os.remove(src / "f0")
+    repo.backup([str(src)])
+    repo.forget([first.id])
+    r = str(tmp_path / "repo")
+    for _ in range(2):  # the pack's 2 MB of live data exceed the limit: this limit never repacks it
+        said = cli("prune", "-r", r, "--max-repack-size", "1M", "--max-unused", "0").stdout.decode()
+        assert "repacked 0 (0 B moved)" in said
+        assert ("1 pack(s) worth repacking left for a later prune by --max-repack-size; 1 of them hold more live "
+                "data than the whole limit, which no prune with it repacks") in said
+    doc = json.loads(cli("prune", "-r", r, "--max-unused", "0", "--json").stdout)
+    assert doc["repack_packs"] == 1 and doc["held_back_packs"] == 0
 
 
 @settings(max_examples=300)
