@@ -443,7 +443,8 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
         if not allow_remove_all and not any(s.id in reasons for s in members):
             raise UsageError(f"the retention policy keeps none of the {len(members)} snapshot(s) of "
                              f"{_describe_group(members[0], policy.group_by)}: refusing to remove them all "
-                             "(`--unsafe-allow-remove-all`, API: `allow_remove_all=True`, if that is meant)")
+                             "(leave that group out with a host, tag or path filter, or allow it: "
+                             "`--unsafe-allow-remove-all`, API: `allow_remove_all=True`)")
     out = []
     for s in snaps:
         rs = reasons.get(s.id)

@@ -369,6 +369,7 @@ def test_a_policy_that_keeps_nothing_of_a_group_is_refused_unless_allowed():
     with pytest.raises(UsageError) as e:
         select(snaps, typo, EPOCH)
     assert "keeps none of the 1 snapshot(s) of host " in str(e.value) and "--unsafe-allow-remove-all" in str(e.value)
+    assert "leave that group out with a host, tag or path filter" in str(e.value)
     assert kept(select(snaps, typo, EPOCH, allow_remove_all=True)) == set()
     assert kept(select(snaps, RetentionPolicy(keep_tags=(("prod",),), group_by=frozenset()), EPOCH)) == {"a"}
 
