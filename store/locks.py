@@ -29,10 +29,12 @@ import os
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from chunkvault.errors import Locked, LockLost, ObjectNotFound, RemoteError, RemoteUnavailable, UsageError
+from chunkvault.errors import (Locked, LockLost, ObjectNotFound, RemoteError, RemoteUnavailable, RepositoryStateWarning,
+                               UsageError)
 from chunkvault.remotes import Remote
 
 from .forksafe import FORK_GUARD, start_quiet_thread
@@ -46,6 +48,9 @@ LOST_AFTER = STALE_AFTER - REFRESH_EVERY
 # How long ``ensure_held`` trusts its last look at the lock object.  A clock here that tells staleness first
 # is not enough: another host whose clock runs minutes ahead takes a fresh lock for stale and removes it.
 ASK_EVERY = 1.0
+# A lock of another host dated further ahead than this tells of clocks out of step (warned once per host).
+SKEW_WARNING = 60.0
+_skew_told: set[str] = set()
 SHARED = "shared"
 EXCLUSIVE = "exclusive"
 
@@ -152,7 +157,20 @@ def list_locks(remote: Remote) -> list[LockInfo]:
         except (ObjectNotFound, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             continue  # vanished, or not ours: a lock never parses into something it is not
         out.append(lock)
+    _tell_skew(out, time.time())
     return out
+
+
+def _tell_skew(locks: list[LockInfo], now: float) -> None:
+    """Warn of a host whose locks are dated ahead of this machine's clock: past ``STALE_AFTER`` each takes
+    the other's fresh locks for stale and removes them, and a prune may then delete what a backup uses."""
+    for lock in locks:
+        ahead = lock.time - now
+        if ahead > SKEW_WARNING and lock.host != socket.gethostname() and lock.host not in _skew_told:
+            _skew_told.add(lock.host)
+            warnings.warn(f"a lock of {lock.host} is dated {ahead:.0f} s ahead of this machine's clock: one of the "
+                          f"two clocks is off; past {STALE_AFTER:.0f} s each host takes the other's locks for stale "
+                          "(keep the clocks in step, with NTP)", RepositoryStateWarning, stacklevel=2)
 
 
 @dataclass

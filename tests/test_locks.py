@@ -148,12 +148,17 @@ def test_a_lock_that_could_not_be_taken_is_not_left_behind(remote, op, after):
         assert len(list_locks(remote)) == 1
 
 
-def test_a_lock_dated_far_ahead_is_stale(remote, sleeper):
+def test_a_lock_dated_far_ahead_is_stale(remote, sleeper, monkeypatch):
     """A clock far ahead, or a lock object written by hand: otherwise it would hold every command off forever."""
+    from chunkvault.errors import RepositoryStateWarning
+    from chunkvault.store import locks
+
+    monkeypatch.setattr(locks, "_skew_told", set())
     body = {"kind": EXCLUSIVE, "host": "elsewhere", "pid": 1, "purpose": "prune", "time": time.time() + 3600}
     remote.put("locks/" + "f" * 32, json.dumps(body).encode())
-    with RepoLock(remote, SHARED, "backup"):
-        pass
+    with pytest.warns(RepositoryStateWarning, match="a lock of elsewhere is dated 3[56].. s ahead"):
+        with RepoLock(remote, SHARED, "backup"):
+            pass
     assert remote.stat("locks/" + "f" * 32) is None
 
 
@@ -592,3 +597,21 @@ def test_ensure_held_asks_the_remote_at_most_every_second_unless_told_to(remote,
         before = len(asked)
         lock.ensure_held()
         assert len(asked) == before + 1
+
+
+def test_a_lock_of_a_host_whose_clock_runs_ahead_is_warned_of_once(remote, monkeypatch):
+    import warnings
+
+    from chunkvault.errors import RepositoryStateWarning
+    from chunkvault.store import locks
+
+    monkeypatch.setattr(locks, "_skew_told", set())
+    plant(remote, "a" * 32, 42, host="fast-host", kind=SHARED, purpose="backup", time=time.time() + 200)
+    plant(remote, "b" * 32, 43, host="fast-host", kind=SHARED, purpose="backup", time=time.time() + 200)
+    plant(remote, "c" * 32, 44, host="steady-host", kind=SHARED, purpose="backup", time=time.time() + 5)
+    with pytest.warns(RepositoryStateWarning, match="a lock of fast-host is dated 2.. s ahead") as told:
+        list_locks(remote)
+    assert len([w for w in told if "ahead" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list_locks(remote)  # once per host
