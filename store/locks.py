@@ -303,7 +303,11 @@ class RepoLock:
             try:  # a stale lock is removed, so that a later pid reuse cannot bring it back to life
                 self.remote.delete(lk.key)
             except RemoteError:
-                pass
+                continue
+            if lk.host != socket.gethostname() and lk.time <= now:  # judged by this clock alone: say so
+                warnings.warn(f"removed the stale {lk.kind} lock of {lk.describe()}: its command was killed or "
+                              "cut off, or that host's clock is behind this one's", RepositoryStateWarning,
+                              stacklevel=2)
         if self.kind == EXCLUSIVE:
             return others
         # an unknown kind (a newer chunkvault's) counts as exclusive

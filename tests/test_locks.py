@@ -615,3 +615,9 @@ def test_a_lock_of_a_host_whose_clock_runs_ahead_is_warned_of_once(remote, monke
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         list_locks(remote)  # once per host
+    old = plant(remote, "d" * 32, 45, host="slow-host", time=time.time() - 400)
+    with pytest.warns(RepositoryStateWarning, match="removed the stale exclusive lock of prune on slow-host "
+                                                    r"\(pid 45, refreshed 4.. s ago\): its command was killed"):
+        with RepoLock(remote, SHARED, "backup"):
+            pass
+    assert remote.stat(old) is None
