@@ -216,6 +216,17 @@ def test_with_blobs_stored_twice_every_copy_the_new_index_lists_can_be_read(data
     assert all(e.base_id in listed_ids for e in listed if e.kind == KIND_DELTA)
 
 
+def _running_beside(url: str, password: str, monkeypatch) -> Repository:
+    """The repository opened as by a backup running beside the next one: it read the index before that one
+    stored anything, and does not read it again."""
+    beside = Repository.open(url, password)
+    beside.store.load_index()
+    monkeypatch.setattr(beside.store, "load_index", lambda: None)
+    monkeypatch.setattr(beside.store, "drop_stale", lambda **kwargs: None)
+    monkeypatch.setattr(beside.store, "refresh_index", lambda: None)
+    return beside
+
+
 def test_a_chunk_two_backups_stored_at_once_keeps_the_base_of_the_copy_prune_keeps(tmp_path, new_repo, password,
                                                                                    monkeypatch):
     """Two backups at once each store a changed chunk: one as a delta against its parent's chunk, the other
@@ -231,11 +242,7 @@ def test_a_chunk_two_backups_stored_at_once_keeps_the_base_of_the_copy_prune_kee
     for at in range(0, len(data), 64 << 10):
         data[at + 100:at + 200] = os.urandom(100)
     (src / "db").write_bytes(data)
-    beside = Repository.open(str(tmp_path / "repo"), password)
-    beside.store.load_index()  # as a backup running beside the next one: it read the index before that stored
-    monkeypatch.setattr(beside.store, "load_index", lambda: None)
-    monkeypatch.setattr(beside.store, "drop_stale", lambda **kwargs: None)
-    monkeypatch.setattr(beside.store, "refresh_index", lambda: None)
+    beside = _running_beside(str(tmp_path / "repo"), password, monkeypatch)
     diff = repo.backup([str(src)], kind="diff", **cut).snapshot
     whole = beside.backup([str(src)], kind="full", delta=False, host="other", **cut).snapshot
     beside.close()
@@ -269,11 +276,7 @@ def test_a_chunk_stored_as_deltas_on_two_bases_reads_after_prune_lists_both_copi
     for src in (a, b):
         (src / "db").write_bytes(data)
         (src / "big").write_bytes(os.urandom(3 << 20))  # other live data: prune keeps both new packs whole
-    beside = Repository.open(str(tmp_path / "repo"), password)
-    beside.store.load_index()  # as a backup running beside the next one: it read the index before that stored
-    monkeypatch.setattr(beside.store, "load_index", lambda: None)
-    monkeypatch.setattr(beside.store, "drop_stale", lambda **kwargs: None)
-    monkeypatch.setattr(beside.store, "refresh_index", lambda: None)
+    beside = _running_beside(str(tmp_path / "repo"), password, monkeypatch)
     on_a = repo.backup([str(a)], host="A", **cut).snapshot
     on_b = beside.backup([str(b)], host="B", **cut).snapshot
     beside.close()
