@@ -204,7 +204,8 @@ static PyObject *read_result(small_read *r) {
         return NULL;
     long long mtime = ns_of(MTIME(r->st));
     long long ctime = ns_of(CTIME(r->st));
-    PyObject *out = Py_BuildValue("(OLLLi)", r->data, (long long)r->st.st_size, mtime, ctime, r->xattrs);
+    PyObject *out = Py_BuildValue("(OLLLiKK)", r->data, (long long)r->st.st_size, mtime, ctime, r->xattrs,
+                                  (unsigned long long)r->st.st_dev, (unsigned long long)r->st.st_ino);
     Py_CLEAR(r->data);
     return out;
 }
@@ -265,7 +266,7 @@ static PyMethodDef methods[] = {
      "read_range(path, start, length) -> bytes: length bytes from start (to the end when negative)."},
     {"read_small_files", read_small_files, METH_VARARGS,
      "read_small_files(paths, limits, probe_xattrs) -> per path (first limit bytes, size, mtime_ns, ctime_ns, "
-     "xattrs) or its OSError."},
+     "xattrs, dev, ino) or its OSError."},
     {NULL, NULL, 0, NULL},
 };
 

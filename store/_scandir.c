@@ -48,11 +48,20 @@ static void release(item *items, size_t n) {
     free(items);
 }
 
-/* Read, sort and lstat; 0, or an errno with nothing left allocated. */
-static int read_dir(const char *path, item **out, size_t *count) {
-    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+/* Read, sort and lstat; 0, or an errno with nothing left allocated.  ``expect``: the lstat the walk saw of
+ * the directory (NULL: none, a root).  Opened by its path, the directory must be that one: one swapped for a
+ * symbolic link since (by whoever can write the tree), or reached through a directory above it swapped so,
+ * would have the walk list, and the backup read, what lies outside the tree.  Such a directory changed type
+ * since the walk saw it: ENOTDIR. */
+static int read_dir(const char *path, const struct stat *expect, item **out, size_t *count) {
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | (expect ? O_NOFOLLOW : 0));
     if (fd < 0)
-        return errno;
+        return expect && errno == ELOOP ? ENOTDIR : errno;
+    struct stat now;
+    if (expect && (fstat(fd, &now) != 0 || now.st_dev != expect->st_dev || now.st_ino != expect->st_ino)) {
+        close(fd);
+        return ENOTDIR;
+    }
     DIR *d = fdopendir(fd);
     if (d == NULL) {
         int e = errno;
@@ -116,16 +125,26 @@ static PyObject *fields(const struct stat *st) {
                          ctime, (unsigned long long)st->st_rdev);
 }
 
-static PyObject *scan(PyObject *self, PyObject *arg) {
+static PyObject *scan(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *encoded = NULL;
+    PyObject *arg, *encoded = NULL, *dev_ino = Py_None;
+    if (!PyArg_ParseTuple(args, "O|O", &arg, &dev_ino))
+        return NULL;
+    struct stat expect;
+    if (dev_ino != Py_None) {
+        unsigned long long dev, ino;
+        if (!PyArg_ParseTuple(dev_ino, "KK", &dev, &ino))
+            return NULL;
+        expect.st_dev = (dev_t)dev;
+        expect.st_ino = (ino_t)ino;
+    }
     if (!PyUnicode_FSConverter(arg, &encoded))
         return NULL;
     item *items = NULL;
     size_t n = 0;
     int err;
     Py_BEGIN_ALLOW_THREADS
-    err = read_dir(PyBytes_AS_STRING(encoded), &items, &n);
+    err = read_dir(PyBytes_AS_STRING(encoded), dev_ino != Py_None ? &expect : NULL, &items, &n);
     Py_END_ALLOW_THREADS
     if (err) {
         errno = err;
@@ -449,7 +468,7 @@ static void pop(WalkerObject *w) {
 
 /* Push the directory ``sub`` (below the root, ending in "/"; "" for the root) and list it: its listing's
  * errno, or -1 when out of memory. */
-static int push(WalkerObject *w, const char *sub, size_t sub_len) {
+static int push(WalkerObject *w, const char *sub, size_t sub_len, const struct stat *expect) {
     if (w->depth == w->cap) {
         size_t cap = w->cap ? 2 * w->cap : 16;
         frame *grown = realloc(w->stack, cap * sizeof(frame));
@@ -466,7 +485,7 @@ static int push(WalkerObject *w, const char *sub, size_t sub_len) {
         free(f.sub);
         return -1;
     }
-    int err = read_dir(f.path, &f.items, &f.n);
+    int err = read_dir(f.path, expect, &f.items, &f.n);
     if (!err && w->nmarks && keep_marked(w, &f) < 0)
         err = ENOMEM;
     w->stack[w->depth++] = f;
@@ -547,7 +566,7 @@ static int walk_some(WalkerObject *w, size_t max) {
     char target[4096];
     if (!w->started && max > 0) {
         w->started = 1;
-        int list_error = push(w, "", 0);
+        int list_error = push(w, "", 0, NULL);
         if (list_error < 0 || enqueue(w, NULL, w->stack[0].scanned, "", 0, "", 0, NULL, -1, 0, list_error, 1) < 0)
             return -1;
         k++;
@@ -577,7 +596,7 @@ static int walk_some(WalkerObject *w, size_t max) {
         int list_error = 0;
         if (!it->error && S_ISDIR(it->st.st_mode) && (!w->one_device || it->st.st_dev == w->device)) {
             char *child = concat(sub, sub_len, it->name, it->len, "/", 1);
-            list_error = child ? push(w, child, sub_len + it->len + 1) : -1;
+            list_error = child ? push(w, child, sub_len + it->len + 1, &it->st) : -1;
             free(child);
             if (list_error < 0)
                 return -1;
@@ -1277,7 +1296,9 @@ static PyTypeObject WalkerType = {
 };
 
 static PyMethodDef methods[] = {
-    {"scan", scan, METH_O, "scan(path) -> sorted [(name, errno, lstat fields or None)] of a directory."},
+    {"scan", scan, METH_VARARGS,
+     "scan(path, (dev, ino)=None) -> sorted [(name, errno, lstat fields or None)] of a directory; with (dev, ino), "
+     "ENOTDIR when the directory at path is no longer that one."},
     {NULL, NULL, 0, NULL},
 };
 

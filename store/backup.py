@@ -45,7 +45,8 @@ from .owners import OWNERS_KEY, names_of, note_ids
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, iso, now_iso
 from .unlock import require_openable
-from .source import NOT_REGULAR_ERRNOS, SmallRead, SourceWalk, StatFailed, open_source_file, read_small_files
+from .source import (NOT_REGULAR_ERRNOS, Replaced, SmallRead, SourceWalk, StatFailed, open_beneath, open_source_file,
+                     read_small_files)
 from .xattrs import read_xattrs
 from .zstdbuf import empty_buffer
 
@@ -358,6 +359,7 @@ class Backup:
         self._hardlinks: dict[tuple[int, int], _Link] = {}  # (device, inode) of each multiply-linked file walked
         self._links_waiting: dict[bytes, tuple[_Link, os.stat_result]] = {}  # its paths not settled yet, their lstat
         self._unread: set[bytes] = set()  # paths not read, kept from the parent, to list unreadable when settled
+        self._roots: list[bytes] = []  # the source roots on disk, longest first (``records``)
         self._uid_ok = os.geteuid() == 0 if hasattr(os, "geteuid") else False
         self._last_progress = float("-inf")
         self._sequence = 0
@@ -612,9 +614,14 @@ class Backup:
             if whole is not None:
                 return _FileRead(whole, notes)
         try:
-            fd = open_source_file(path)
+            fd = open_source_file(path, (st.st_dev, st.st_ino))
         except FileNotFoundError:
             return _FileRead(None, [_vanished(path)])
+        except Replaced:
+            beneath = self._open_beneath_root(path)
+            if beneath is None:
+                return self._replaced(path, prev, notes)
+            fd = beneath
         except OSError as exc:
             return self._unreadable_file(e, path, prev, notes, exc)
         try:
@@ -626,7 +633,7 @@ class Backup:
             after = os.fstat(fd)
         finally:
             os.close(fd)
-        if st.st_nlink > 1 and (after.st_dev, after.st_ino) != (st.st_dev, st.st_ino):
+        if (after.st_dev, after.st_ino) != (st.st_dev, st.st_ino):
             e.flags |= F_CHANGED_DURING_READ
             notes.append(f"replaced while being read (stored as read): {os.fsdecode(path)}")
             return _FileRead(e, notes, same_file=False)
@@ -639,8 +646,8 @@ class Backup:
         the size the walk saw (then read as a stream, like any other file)."""
         if isinstance(small, OSError):
             return None
-        data, size, mtime_ns, ctime_ns, xattrs = small
-        if len(data) > st.st_size:
+        data, size, mtime_ns, ctime_ns, xattrs, dev, ino = small
+        if len(data) > st.st_size or (dev, ino) != (st.st_dev, st.st_ino):  # read again to tell which
             return None
         try:
             e.xattrs = b"" if xattrs == 0 else self._xattrs(path, path, st, T_FILE, prev, notes)
@@ -649,6 +656,28 @@ class Backup:
         e.digest, e.chunks, e.size = self._take_chunks((data,) if data else (), e.path, prev, report=False)
         self._check_unchanged(e, path, st, (size, mtime_ns, ctime_ns), notes)
         return e
+
+    def _open_beneath_root(self, path: bytes) -> int | None:
+        """The file now at ``path``, which is not the one the walk saw there (saved by a rename since, say),
+        opened from its source root down without following a symbolic link; None where a directory between
+        is one now (swapped for one since: the path leads out of the tree) or it cannot be opened so."""
+        root = next((r for r in self._roots if path.startswith(r.rstrip(b"/") + b"/")), None)
+        if root is None:
+            return None
+        try:
+            return open_beneath(root, path)
+        except OSError:
+            return None
+
+    def _replaced(self, path: bytes, prev: Entry | None, notes: list[str]) -> _FileRead:
+        """The path holds another file than the one the walk saw, and leads out of the tree now (or cannot be
+        opened from its root down): not read.  The parent's copy stays, as the last backup found the file,
+        else it is left out; the next backup reads it, whatever it is then."""
+        if prev is not None and prev.type == T_FILE and not prev.flags & F_UNREADABLE:
+            return _FileRead(prev, [*notes, f"replaced during backup (kept as the last backup found it): "
+                                            f"{os.fsdecode(path)}"], same_file=False)
+        return _FileRead(None, [*notes, f"replaced during backup (left out until the next backup): "
+                                        f"{os.fsdecode(path)}"])
 
     def _unreadable_file(self, e: Entry, path: bytes, prev: Entry | None, notes: list[str], exc: OSError
                          ) -> _FileRead:
@@ -874,6 +903,8 @@ class Backup:
         same_files = same_bytes = 0
         pending: deque[Record | _Waiting] = deque()
         taken: list[Record] | None = None if diff else []  # a full manifest lists the unchanged entries too
+        # Longest first: a file is opened again from the root it lies below (``_open_beneath_root``).
+        self._roots = sorted((path for _, path in getattr(source, "roots", ())), key=len, reverse=True)
         walk = iter(source)
         while True:
             if p is not None and take_unseen and (diff or not pending):  # a full's records wait for none before them

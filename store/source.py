@@ -120,29 +120,56 @@ def _starts_with(path: bytes, header: bytes) -> bool:
 NOT_REGULAR_ERRNOS = (errno.ENXIO, errno.EISDIR)
 
 
-def open_source_file(path: bytes) -> int:
+class Replaced(OSError):
+    """The file at a path is not the one the walk saw there (``open_source_file``)."""
+
+
+def open_source_file(path: bytes, seen: tuple[int, int] | None = None, *, dir_fd: int | None = None) -> int:
     """A file of the source, opened to be read: not following a symlink put in its place, not waiting on a
-    FIFO, and refused (``NOT_REGULAR_ERRNOS``) when no longer a regular file."""
+    FIFO, and refused (``NOT_REGULAR_ERRNOS``) when no longer a regular file.  ``seen``: the (device, inode)
+    the walk saw at ``path``; another file there raises ``Replaced``.  It may have been saved by a rename
+    since, or reached through a directory above it swapped for a symbolic link: that would have the backup
+    read what lies outside the tree."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+    at = {} if dir_fd is None else {"dir_fd": dir_fd}
     try:
-        fd = os.open(path, flags | O_NOATIME)
+        fd = os.open(path, flags | O_NOATIME, **at)
     except PermissionError:  # O_NOATIME only for files we own (or as root)
-        fd = os.open(path, flags)
+        fd = os.open(path, flags, **at)
     try:
-        mode = os.fstat(fd).st_mode
+        st = os.fstat(fd)
     except OSError:
         os.close(fd)
         raise
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        code = errno.EISDIR if stat.S_ISDIR(mode) else errno.ENXIO
+        code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.ENXIO
         raise OSError(code, "no longer a regular file", path)
+    if seen is not None and (st.st_dev, st.st_ino) != seen:
+        os.close(fd)
+        raise Replaced(errno.ESTALE, "not the file the walk saw", path)
     return fd
 
 
+def open_beneath(root: bytes, path: bytes) -> int:
+    """``path``, a file below the directory ``root``, opened as ``open_source_file`` opens it, each directory
+    between opened from the one above it without following a symbolic link (OSError, ELOOP or ENOTDIR, where
+    one is one now): what lies there now, never outside the tree."""
+    parts = path[len(root.rstrip(b"/")) + 1:].split(b"/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            below = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        return open_source_file(parts[-1], dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 #: A small file as ``read_small_files`` gives it: (data, size, mtime_ns, ctime_ns after reading, xattrs: 1 it has
-#: extended attributes, 0 none, -1 unknown), or the OSError opening or reading it raised.
-SmallRead = tuple[bytes, int, int, int, int] | OSError
+#: extended attributes, 0 none, -1 unknown, device, inode), or the OSError opening or reading it raised.
+SmallRead = tuple[bytes, int, int, int, int, int, int] | OSError
 
 
 def _xattr_state(fd: int) -> int:
@@ -175,22 +202,40 @@ def read_small_files_reference(paths: list[bytes], limits: list[int], probe_xatt
         except OSError as exc:  # naming the path whichever call failed (os.read names none)
             out.append(OSError(exc.errno, exc.strerror, path))
             continue
-        out.append((data, st.st_size, held_ns(st.st_mtime_ns), held_ns(st.st_ctime_ns), xattrs))
+        out.append((data, st.st_size, held_ns(st.st_mtime_ns), held_ns(st.st_ctime_ns), xattrs, st.st_dev,
+                    st.st_ino))
     return out
 
 
-def scan_dir_reference(path: bytes) -> list[ScanItem]:
-    """A directory's entries, sorted, with their lstat fields: what the C scanner returns, in Python."""
-    out: list[ScanItem] = []
-    for name in sorted(os.listdir(path)):
-        try:
-            st = os.lstat(os.path.join(path, name))
-        except OSError as exc:
-            out.append((name, exc.errno or errno.EIO, None))
-            continue
-        out.append((name, 0, (st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
-                              st.st_mtime_ns, st.st_ctime_ns, st.st_rdev)))
-    return out
+def scan_dir_reference(path: bytes, dev_ino: tuple[int, int] | None = None) -> list[ScanItem]:
+    """A directory's entries, sorted, with their lstat fields: what the C scanner returns, in Python.
+
+    ``dev_ino``: what the walk saw of the directory.  Opened by its path, it must be that one: swapped for
+    a symbolic link since, or reached through a directory above swapped so, the walk would list what lies
+    outside the tree (ENOTDIR: it changed type since the walk saw it)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | (os.O_NOFOLLOW if dev_ino is not None else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if dev_ino is not None and exc.errno == errno.ELOOP:
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path) from None
+        raise
+    try:
+        now = os.fstat(fd)
+        if dev_ino is not None and (now.st_dev, now.st_ino) != dev_ino:
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+        out: list[ScanItem] = []
+        for name in sorted(os.fsencode(n) for n in os.listdir(fd)):
+            try:
+                st = os.lstat(name, dir_fd=fd)
+            except OSError as exc:
+                out.append((name, exc.errno or errno.EIO, None))
+                continue
+            out.append((name, 0, (st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
+                                  st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_rdev)))
+        return out
+    finally:
+        os.close(fd)
 
 
 try:  # one call per directory, the GIL released for its listing and every lstat
@@ -424,10 +469,11 @@ class SourceWalk:
         self.warnings.append(f"cannot stat {os.fsdecode(path)}: {os.strerror(err)}")
         return StatFailed(err)
 
-    def _scan(self, path: bytes) -> tuple[list[ScanItem], bool | None]:
-        """The directory's listing, and whether it could be listed: None when it is gone (``_unlisted``)."""
+    def _scan(self, path: bytes, st: os.stat_result | FileStat) -> tuple[list[ScanItem], bool | None]:
+        """The directory's listing, and whether it could be listed: None when it is gone, or is not the
+        directory ``st`` says the walk saw (``_unlisted``)."""
         try:
-            listing = scan_dir(path)
+            listing = scan_dir(path, (st.st_dev, st.st_ino))
             return (keep_marked(path, listing, self.markers) if self.markers else listing), True
         except OSError as exc:
             return [], self._unlisted(path, exc.errno or errno.EIO)
@@ -484,7 +530,7 @@ class SourceWalk:
             if Walker is not None and self._c_excludes is not None:
                 yield from self._tree(rel, path, st)
                 continue
-            listing, ok = self._scan(path)
+            listing, ok = self._scan(path, st)
             if ok is None:
                 continue
             yield rel, path, st, ok

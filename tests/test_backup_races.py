@@ -374,10 +374,10 @@ def test_a_directory_that_cannot_be_listed_keeps_what_the_parent_has_below_it(tm
     walk_kind(monkeypatch, "python")
     real = source.scan_dir
 
-    def scan(path):
+    def scan(path, seen=None):
         if os.path.basename(path) == b"sub":
             raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
-        return real(path)
+        return real(path, seen)
 
     monkeypatch.setattr(source, "scan_dir", scan)
     result = repo.backup([str(src)], kind=kind)
@@ -639,3 +639,72 @@ def test_a_hard_link_records_the_file_as_it_was_read_not_as_the_link_was_walked(
         assert tree[link].type == T_HARDLINK
         assert (tree[link].size, tree[link].mode, tree[link].mtime_ns) == (holder.size, holder.mode, holder.mtime_ns)
     repo.restore(result.snapshot, str(tmp_path / "out"), verify=True)
+
+
+@pytest.mark.parametrize("kind", ["python", "dirs"])
+def test_a_directory_swapped_for_a_symbolic_link_during_the_walk_is_never_walked_through(tmp_path, new_repo,
+                                                                                      monkeypatch, kind):
+    """By whoever can write the tree, to have a backup run as root store what lies outside it (/etc, say):
+    z is swapped for a link to outside/ once the walk has seen it, before it lists it.  Listed by its path,
+    z led there.  (The C walk lists with the same native code: test_source_walk holds it to the check.)"""
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "a").mkdir(parents=True)
+    (src / "z").mkdir()
+    (src / "a" / "f").write_text("a\n")
+    (src / "z" / "inside").write_text("inside\n")
+    outside.mkdir()
+    (outside / "secret").write_text("outside\n")
+    walk_kind(monkeypatch, kind)
+    real_scan = source.scan_dir
+
+    def scan(path, seen=None):
+        if os.path.basename(path) == b"z":
+            shutil.rmtree(src / "z")
+            os.symlink(outside, src / "z")
+        return real_scan(path, seen)
+
+    monkeypatch.setattr(source, "scan_dir", scan)
+    repo = new_repo()
+    result = repo.backup([str(src)])
+    monkeypatch.undo()
+    tree = tree_of(repo, result.snapshot)
+    assert b"z/secret" not in tree and b"z" not in tree and tree[b"a/f"].size == 2
+    assert any(w.startswith("changed type during backup") and w.endswith("/z") for w in result.warnings)
+    again = repo.backup([str(src)]).snapshot  # the next backup records the link as a link
+    assert tree_of(repo, again)[b"z"].type != T_DIR and b"z/secret" not in tree_of(repo, again)
+
+
+@pytest.mark.parametrize("parent", [False, True])
+def test_a_file_reached_through_a_directory_swapped_for_a_symbolic_link_is_not_read(tmp_path, new_repo,
+                                                                                    monkeypatch, parent):
+    """z/f was walked inside the tree; before it is read, z is swapped for a link to outside/, which holds an
+    f of its own.  Read by its path, that one was stored (flagged as changed while read).  Now the parent's
+    copy stays, or, without one, the file is left out until the next backup."""
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "z").mkdir(parents=True)
+    (src / "z" / "f").write_text("inside\n")
+    outside.mkdir()
+    (outside / "f").write_text("outside\n")
+    repo = new_repo()
+    if parent:
+        repo.backup([str(src)])
+        (src / "z" / "f").write_text("inside, changed\n")
+
+    def swap(path: str) -> None:
+        os.rename(src / "z", src / "z-was")
+        os.symlink(outside, src / "z")
+
+    fired = race_reading(monkeypatch, "f", swap)
+    result = repo.backup([str(src)])
+    monkeypatch.undo()
+    assert fired
+    tree = tree_of(repo, result.snapshot)
+    out = tmp_path / "out"
+    repo.restore(result.snapshot, str(out))
+    if parent:
+        assert (out / "z" / "f").read_text() == "inside\n"  # as the last backup found it
+        assert any(w.startswith("replaced during backup (kept as the last backup found it)") for w in result.warnings)
+    else:
+        assert b"z/f" not in tree
+        assert any(w.startswith("replaced during backup (left out until the next backup)") for w in result.warnings)
+    assert "outside" not in "".join(p.read_text() for p in out.rglob("*") if p.is_file())

@@ -207,8 +207,8 @@ def test_file_vanishing_during_backup_is_a_warning(repo_path, tmp_path, monkeypa
     (src / "here").write_bytes(b"here")
     real_scan = source.scan_dir
 
-    def scan_with_a_ghost(path):
-        listing = real_scan(path)
+    def scan_with_a_ghost(path, seen=None):
+        listing = real_scan(path, seen)
         if os.fsdecode(path) != str(src):
             return listing
         ghost = (b"gone-already", errno.ENOENT, None) if gone == "before its stat" else (b"gone-already", 0, listing[0][2])

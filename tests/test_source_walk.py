@@ -372,6 +372,30 @@ def test_the_scanner_lists_and_stats_as_python_does(tmp_path):
             scan_dir_reference(os.fsencode(bad))
 
 
+
+def test_a_directory_swapped_since_the_walk_saw_it_is_not_listed(tmp_path):
+    """By whoever can write the tree: a directory replaced by a symbolic link, or reached through a directory
+    above replaced so, would have the walk list what lies outside the tree.  Both scanners refuse it as a
+    directory that changed type (ENOTDIR), and list it as before when it is the one the walk saw."""
+    from chunkvault.store.source import scan_dir, scan_dir_reference
+
+    (tmp_path / "tree" / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "outside" / "sub").mkdir(parents=True)
+    (tmp_path / "outside" / "sub" / "secret").write_text("x")
+    d, sub = tmp_path / "tree" / "d", tmp_path / "tree" / "d" / "sub"
+    seen_d, seen_sub = ((st.st_dev, st.st_ino) for st in (os.lstat(d), os.lstat(sub)))
+    for scan in (scan_dir, scan_dir_reference):
+        assert scan(os.fsencode(d), seen_d) == scan(os.fsencode(d)) != []
+    os.rename(d, tmp_path / "tree" / "d-was")
+    os.symlink(tmp_path / "outside", d)
+    for scan in (scan_dir, scan_dir_reference):
+        with pytest.raises(NotADirectoryError):
+            scan(os.fsencode(d), seen_d)  # the directory itself swapped
+        with pytest.raises(NotADirectoryError):
+            scan(os.fsencode(sub), seen_sub)  # one above it swapped: sub is outside/sub
+        assert [n for n, _, _ in scan(os.fsencode(sub))] == [b"secret"]  # what an unchecked listing gave
+
+
 def _outcome(r):
     """A read's result, its OSError as (type, errno, filename) so that the C and the Python ones compare."""
     return (type(r), r.errno, r.filename) if isinstance(r, OSError) else r
