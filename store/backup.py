@@ -697,7 +697,7 @@ class Backup:
         notes.append(_cannot_read(path, exc))
         if prev is not None and prev.type == T_FILE:
             self._unread.add(e.path)
-            return _FileRead(prev, notes)
+            return _FileRead(prev, notes, same_file=False)  # the parent's data, not the file walked: no link names it
         e.flags |= F_UNREADABLE
         e.digest, e.chunks, e.size = b"", b"", 0
         return _FileRead(e, notes)
@@ -994,21 +994,27 @@ class Backup:
         A file whose data is no longer indexed is the exception (recorded deleted: nothing could restore
         it).  Returns the parent's next record after them."""
         prefix = item.rel + b"/" if item.rel else b""
-        kept = 0
+        kept: set[bytes] = set()
         while p is not None and p.path.startswith(prefix):
             e = p.entry
-            if e is not None and e.chunks and not self.repo.index.has_all(e.chunks):
+            # A hard link kept names its first path, and one outside this directory is recorded anew by this
+            # backup (another file there, or none): it would restore with that.  It goes, listed unreadable.
+            lost = e is not None and e.type == T_HARDLINK and e.target not in kept
+            if e is not None and (lost or e.chunks and not self.repo.index.has_all(e.chunks)):
                 self.counts["deleted"] += 1
+                if lost:
+                    self.unreadable.append(os.fsdecode(p.path))
                 if diff:
                     pending.append(delete_record(p.path))
             elif e is not None:
-                kept += 1
+                kept.add(p.path)
                 stats.count_entry(e)
                 if not diff:
                     pending.append(Record(OP_ENTRY, p.path, e))
             p = next(parent_tree, None)
         if kept:
-            item.notes.append(f"kept the {kept} entries the parent snapshot has below {os.fsdecode(item.rel) or '.'}")
+            item.notes.append(f"kept the {len(kept)} entries the parent snapshot has below "
+                              f"{os.fsdecode(item.rel) or '.'}")
         return p
 
     def _settle(self, item: Record | _Waiting, diff: bool, stats: ManifestStats, unchanged: int) -> Record | None:

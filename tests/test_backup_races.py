@@ -355,6 +355,19 @@ def test_an_entry_whose_lstat_fails_is_unreadable_and_a_differential_keeps_it(tm
         assert f.read() == b"new data"
 
 
+def unlistable(monkeypatch, name: bytes) -> None:
+    """The directory ``name`` cannot be listed (the per-directory walk's scan fails on it)."""
+    walk_kind(monkeypatch, "python")
+    real = source.scan_dir
+
+    def scan(path, seen=None):
+        if os.path.basename(path) == name:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real(path, seen)
+
+    monkeypatch.setattr(source, "scan_dir", scan)
+
+
 @pytest.mark.parametrize("kind", ["diff", "full"])
 def test_a_directory_that_cannot_be_listed_keeps_what_the_parent_has_below_it(tmp_path, new_repo, monkeypatch, kind):
     """As an unreadable file keeps its parent entry: its contents are not recorded deleted, except a file
@@ -371,15 +384,7 @@ def test_a_directory_that_cannot_be_listed_keeps_what_the_parent_has_below_it(tm
     damage_blob(tmp_path / "repo0", repo, lost)  # and a repair drops it
     repo.repair_packs([pack_path(tmp_path / "repo0", repo, lost).name], dry_run=False)
     (src / "after").write_bytes(b"changed")
-    walk_kind(monkeypatch, "python")
-    real = source.scan_dir
-
-    def scan(path, seen=None):
-        if os.path.basename(path) == b"sub":
-            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
-        return real(path, seen)
-
-    monkeypatch.setattr(source, "scan_dir", scan)
+    unlistable(monkeypatch, b"sub")
     result = repo.backup([str(src)], kind=kind)
     monkeypatch.undo()
     assert result.partial and result.snapshot.stats["unreadable"] == ["sub"]
@@ -708,3 +713,63 @@ def test_a_file_reached_through_a_directory_swapped_for_a_symbolic_link_is_not_r
         assert b"z/f" not in tree
         assert any(w.startswith("replaced during backup (left out until the next backup)") for w in result.warnings)
     assert "outside" not in "".join(p.read_text() for p in out.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("kind", ["diff", "full"])
+@pytest.mark.parametrize("first", ["replaced", "removed"])
+def test_a_directory_that_cannot_be_listed_keeps_no_hard_link_to_a_path_outside_it(tmp_path, new_repo,
+                                                                                   monkeypatch, kind, first):
+    """Its links name their first paths, and one outside it is recorded anew by this backup: kept, the link
+    restored with the new file's data, or with none.  It goes, listed unreadable; a link to a path kept
+    below it stays."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a").write_bytes(b"X" * 5000)
+    os.link(src / "a", src / "sub" / "y")
+    (src / "sub" / "p").write_bytes(b"P" * 5000)
+    os.link(src / "sub" / "p", src / "sub" / "q")
+    repo = new_repo()
+    repo.backup([str(src)])
+    os.unlink(src / "a")
+    if first == "replaced":
+        (src / "a").write_bytes(b"Z" * 9000)
+    unlistable(monkeypatch, b"sub")
+    result = repo.backup([str(src)], kind=kind)
+    monkeypatch.undo()
+    assert result.partial and sorted(result.snapshot.stats["unreadable"]) == ["sub", "sub/y"]
+    tree = tree_of(repo, result.snapshot)
+    assert b"sub/y" not in tree and tree[b"sub/q"].type == T_HARDLINK and tree[b"sub/q"].target == b"sub/p"
+    out = tmp_path / "out"
+    repo.restore(result.snapshot, str(out))
+    assert (out / "sub" / "q").read_bytes() == b"P" * 5000 and not (out / "sub" / "y").exists()
+    assert repo.check(read_data=True).ok
+
+
+def test_files_that_became_links_of_one_unreadable_file_keep_each_its_own_parent_entry(tmp_path, new_repo,
+                                                                                      monkeypatch, python_file_reads):
+    """a and b were two files; now they are two links of a file that cannot be read.  a keeps its parent
+    entry; b named it, and so restored a's old data.  Each keeps its own now, both listed unreadable."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"X" * 4000)
+    (src / "b").write_bytes(b"Y" * 4000)
+    repo = new_repo()
+    repo.backup([str(src)])
+    os.unlink(src / "a")
+    os.unlink(src / "b")
+    (src / "a").write_bytes(b"Z" * 4000)
+    os.link(src / "a", src / "b")
+    real_open = os.open
+
+    def failing_open(path, flags, *args, **kwargs):
+        if os.path.basename(os.fsdecode(path)) in ("a", "b"):  # root reads every file: the error is simulated
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(backup.os, "open", failing_open)
+    result = repo.backup([str(src)])
+    monkeypatch.undo()
+    assert sorted(result.snapshot.stats["unreadable"]) == ["a", "b"]
+    out = tmp_path / "out"
+    repo.restore(result.snapshot, str(out))
+    assert (out / "a").read_bytes() == b"X" * 4000 and (out / "b").read_bytes() == b"Y" * 4000
