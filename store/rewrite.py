@@ -121,10 +121,13 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
         plans = []
         for snap in chosen + below:
             own = list(repo.manifest_records(snap))
-            # One below a chosen snapshot needs no deletions: the chosen one's cover its ancestors' paths.
-            without_deletions = snap.kind == KIND_FULL or snap.id not in picked
-            plan = plan_rewrite(own, repo.tree(snap, every), without_deletions, excluded, f"snapshot {snap.short_id}")
-            if plan.records != own:
+            # Every differential rewritten deletes the excluded paths itself, so that its new tree does not
+            # wait for its parent's (see the writes below).  One below a chosen snapshot whose own records
+            # hold nothing excluded is left as it is: its tree loses what its parent's loses, when it does.
+            plan = plan_rewrite(own, repo.tree(snap, every), snap.kind == KIND_FULL, excluded,
+                                f"snapshot {snap.short_id}")
+            holds = snap.id in picked or any(r.op != OP_DELETE and excluded(r.path) for r in own)
+            if holds and plan.records != own:
                 plans.append((snap, plan))
             report.removed += [(snap.id, p) for p in plan.removed]
         report.rewritten = [s.id for s, _ in plans]
@@ -133,7 +136,11 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
         report.inherited = [s.id for s in inherited]
         if dry_run:
             return report
-        for snap, plan in plans:
+        # Children before their parents: killed at any point, a snapshot rewritten has its new tree, one
+        # not yet has its old one (its whole chain is not rewritten yet either).  Parents first, a killed
+        # rewrite left differentials whose own records of excluded files had lost their directories.
+        depth = {s.id: len(lineage(s.id, parents)) for s, _ in plans}
+        for snap, plan in sorted(plans, key=lambda planned: -depth[planned[0].id]):
             blob_ids, mw = store_manifest(repo, plan.records, lock.ensure_held)
             snap.manifest = [i.hex() for i in blob_ids]
             snap.manifest_starts = mw.starts

@@ -291,3 +291,74 @@ def test_tag_and_rewrite_choose_their_snapshots_once_they_hold_the_lock(tmp_path
         assert all(s.tags == ["kept"] for s in repo.snapshots())
     else:
         assert repo.find(["secret"]) == [] and saved.id in done[0].rewritten
+
+
+class _Killed(BaseException):
+    """The process killed: nothing catches it, nothing after it runs."""
+
+
+def test_a_rewrite_killed_at_any_write_leaves_each_snapshot_its_old_tree_or_its_new_one(tmp_path):
+    """Each differential deletes the excluded paths itself and is written before its parent.  Parents
+    first, a rewrite killed between them left differentials whose own records of excluded files had lost
+    their directories: restored, those came back under directories made up at restore time."""
+    import shutil
+
+    from chunkvault.remotes.local import LocalRemote
+    from treeutil import describe
+
+    src = tmp_path / "src"
+    (src / "secret" / ".aws").mkdir(parents=True)
+    (src / "keep").write_text("keep")
+    repo = Repository.init(str(tmp_path / "pristine"), "pw", kdf_seconds=0, ledger=False)
+    ids = []
+    for version in range(4):
+        (src / "secret" / ".aws" / "creds").write_text(f"secret {version}")
+        (src / f"v{version}").write_text(str(version))
+        ids.append(repo.backup([str(src)], kind="diff" if version else "full").snapshot.id)
+    old, new = {}, {}
+    for sid in ids:
+        out = tmp_path / "out" / sid
+        repo.restore(sid, str(out))
+        old[sid] = describe(out)
+        new[sid] = {p: v for p, v in old[sid].items() if p != b"secret" and not p.startswith(b"secret/")}
+    repo.close()
+
+    class KilledAfter(LocalRemote):
+        def __init__(self, root: str, writes: int):
+            super().__init__(root)
+            self.left = writes
+
+        def put(self, key, data, *, if_absent=False):
+            if not key.startswith("locks/"):
+                if not self.left:
+                    raise _Killed
+                self.left -= 1
+            return super().put(key, data, if_absent=if_absent)
+
+    writes = 0
+    while True:
+        shutil.rmtree(tmp_path / "repo", ignore_errors=True)
+        shutil.copytree(tmp_path / "pristine", tmp_path / "repo")
+        with Repository.open(KilledAfter(str(tmp_path / "repo"), writes), "pw", ledger=False) as killed:
+            try:
+                killed.rewrite(["secret"], [ids[0]], dry_run=False)
+                finished = True
+            except _Killed:
+                finished = False
+        again = Repository.open(str(tmp_path / "repo"), "pw", ledger=False)
+        for sid in ids:
+            out = tmp_path / f"after-{writes}" / sid
+            again.restore(sid, str(out))
+            got = describe(out)
+            assert got in (old[sid], new[sid]), (writes, sid)
+            assert not finished or got == new[sid]
+        again.rewrite(["secret"], [ids[0]], dry_run=False)  # run again, it finishes the job
+        for sid in ids:
+            out = tmp_path / f"again-{writes}" / sid
+            again.restore(sid, str(out))
+            assert describe(out) == new[sid]
+        again.close()
+        if finished:
+            break
+        writes += 1
+    assert writes >= 6  # a manifest and a snapshot object per snapshot rewritten, and more
