@@ -1024,8 +1024,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         try:
             with repo.reading("forget --dry-run", wait=args.wait):  # behind a prune: as long as --wait says
                 frees = repo.usage(removed).frees_stored_bytes
-        except Locked as exc:  # the plan stands; only what a prune then frees is not known
-            warn(f"what a prune then frees is left out: {exc}")
+        except (Locked, CorruptObject) as exc:  # the plan stands; only what a prune then frees is not known
+            warn(f"what a prune then frees is left out: {exc}")  # (damaged: what `repair snapshots` says to forget)
     if args.json:
         _emit_json({"dry_run": args.dry_run, "frees_stored_bytes": frees,
                     "decisions": [{"id": d.snapshot_id, "keep": d.keep, "reasons": list(d.reasons)}

@@ -1125,11 +1125,14 @@ class Repository:
                 raise
             except SnapshotNotFound as exc:  # a forget run again after it was stopped: the rest still go
                 gone.append(exc)
-        if gone and not ids:
+        # Every snapshot named gone, and forgotten by this client: a forget run again (after it was killed,
+        # say), whose --prune must still run.  Otherwise the ids were mistyped.
+        again = bool(gone) and not ids and self._forgotten_here(specs)
+        if gone and not ids and not again:
             raise gone[0]
         for exc in gone:
             warnings.warn(f"{exc}: left out (forgotten already?)", RepositoryStateWarning, stacklevel=4)
-        if policy is None and not ids:
+        if policy is None and not ids and not again:
             raise UsageError("nothing to forget: name snapshots or give a retention policy")
         hosts, tags, paths = list(hosts), list(tags), list(paths)
         filtered = bool(hosts or tags or paths) or scope is not None
@@ -1166,6 +1169,14 @@ class Repository:
         plan.decisions += [Decision(i, False, ("named on the command line",)) for i in direct]
         plan.remove += direct
         return plan, whole
+
+    def _forgotten_here(self, specs: list[str]) -> bool:
+        """Whether this client's ledger has each of these ids (or prefixes) forgotten, or being forgotten."""
+        if self._ledger is None:
+            return False
+        state = self._ledger.state()
+        known = [*state.forgotten, *state.pending]
+        return all(spec and any(sid.startswith(spec.lower()) for sid in known) for spec in specs)
 
     @staticmethod
     def _forget_id(spec: str, find: SnapshotFinder, damaged: dict[str, CorruptObject]) -> str:

@@ -138,8 +138,23 @@ def test_a_forget_by_id_run_again_removes_what_is_left_of_its_list(tmp_path, new
     with pytest.warns(RepositoryStateWarning, match=f"no snapshot '{c[:12]}'.*left out \\(forgotten already\\?\\)"):
         plan = repo.forget([c[:12], b])
     assert plan.remove == [b] and [s.id for s in repo.snapshots()] == [a]
-    with pytest.raises(SnapshotNotFound):  # none of them there: the ids were mistyped
-        repo.forget([b, c])
+    with pytest.warns(RepositoryStateWarning, match="forgotten already"):  # all gone, forgotten here: run again
+        assert repo.forget([b, c[:12]]).remove == []
+    with pytest.raises(SnapshotNotFound):  # one never there: mistyped
+        repo.forget([b, "0123abcd"])
+
+
+def test_forget_prune_run_again_after_its_snapshots_went_still_prunes(tmp_path, new_repo, cli):
+    """Killed between its deletions and its prune, run again: every id was gone (exit 12) and the prune
+    never ran."""
+    repo = new_repo(str(tmp_path / "repo"))
+    backups_of_a_growing_tree(tmp_path, repo, 3)
+    first = repo.snapshots()[0].id
+    repo.forget([first])  # as the killed run left it
+    assert repo.prune(dry_run=True).freed_bytes > 0
+    proc = cli("forget", "-r", str(tmp_path / "repo"), first, "--prune")
+    assert b"forgotten already" in proc.stderr
+    assert repo.prune(dry_run=True).freed_bytes == 0
 
 
 def test_a_policy_that_would_remove_a_whole_history_is_refused(tmp_path, new_repo, cli):
@@ -485,3 +500,18 @@ def test_retention_counts_days_in_local_time_as_restic_does(tmp_path, new_repo, 
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_a_dry_run_forget_of_a_snapshot_whose_manifest_is_damaged_shows_its_plan(tmp_path, new_repo, cli):
+    """What `repair snapshots` says to forget, previewed: the estimate of what a prune frees reads the
+    manifest, and its damage failed the whole dry run (exit 13, no plan)."""
+    from test_damaged_storage import damage_blob
+
+    repo = new_repo(str(tmp_path / "repo"))
+    backups_of_a_growing_tree(tmp_path, repo, 3)
+    middle = repo.snapshots()[1]
+    repo.store.load_index()
+    damage_blob(tmp_path / "repo", repo, bytes.fromhex(middle.manifest[0]))
+    proc = cli("forget", "-r", str(tmp_path / "repo"), middle.id, "--dry-run")
+    assert f"remove  {middle.id[:8]}  named on the command line" in proc.stdout.decode()
+    assert b"what a prune then frees is left out" in proc.stderr
