@@ -1498,7 +1498,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--ignore-inode", action="store_true",
                    help="a file is unchanged though its inode and device numbers differ (file system snapshots "
                         "and network file systems mounted anew for each backup)")
-    s.add_argument("--ignore-ctime", action="store_true", help="likewise though its change time differs")
+    s.add_argument("--ignore-ctime", action="store_true",
+                   help="likewise though its change time differs (a change of a file's extended attributes "
+                        "alone, or of its content with the mtime set back, then goes unseen)")
     s.add_argument("--no-xattrs", action="store_true",
                    help="record no extended attributes (ACLs, file capabilities, SELinux labels, user.*)")
     s.add_argument("--skip-if-unchanged", action="store_true",

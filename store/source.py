@@ -269,6 +269,11 @@ def root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:
     if not any(os.path.lexists(p) for p in absolute):
         raise UsageError(f"source path does not exist: {absolute[0]}" if len(absolute) == 1
                          else f"none of the {len(absolute)} source paths exists")
+    for p in absolute:  # a source "inside" one that is a symbolic link would be backed up by neither
+        link = next((q for q in absolute if q != p and _inside(p, q) and os.path.islink(q)), None)
+        if link is not None:
+            raise UsageError(f"{p} lies below {link}, a symbolic link, which is backed up as the link: name "
+                             "the directory it leads to instead, or leave one of the two out")
     outer = [p for p in absolute if not any(q != p and _inside(p, q) for q in absolute)]
     if len(outer) == 1 and os.path.isdir(outer[0]) and not os.path.islink(outer[0]):
         return [(b"", os.fsencode(outer[0]))], absolute

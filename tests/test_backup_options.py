@@ -220,3 +220,19 @@ def test_a_slow_progress_callback_is_not_called_for_every_file(tmp_path, new_rep
 
     repo.backup([str(src)], progress=slow)
     assert len(calls) <= 5
+
+
+def test_a_source_below_another_that_is_a_symbolic_link_is_refused(tmp_path, new_repo):
+    """`backup LINK LINK/file`: LINK is backed up as the link, and LINK/file was left to it, so nobody backed
+    it up (exit 0, no warning, though the snapshot's paths listed it)."""
+    from chunkvault.errors import UsageError
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "file").write_text("important")
+    os.symlink("real", tmp_path / "link")
+    repo = new_repo()
+    with pytest.raises(UsageError, match="lies below .*/link, a symbolic link"):
+        repo.backup([str(tmp_path / "link"), str(tmp_path / "link" / "file")])
+    assert repo.snapshots() == []
+    kept = repo.backup([str(tmp_path / "link"), str(tmp_path / "real" / "file")]).snapshot  # what it leads to
+    assert repo.find_entry(kept, os.path.relpath(tmp_path / "real" / "file", "/")).size == 9
