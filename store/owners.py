@@ -71,9 +71,27 @@ def stored_names(stats: Mapping[str, object]) -> tuple[dict[int, str], dict[int,
     return _table(owners.get("users")), _table(owners.get("groups"))
 
 
-def _stored_form(users: Mapping[int, str], groups: Mapping[int, str]) -> dict[str, dict[str, str]]:
-    return {"users": {str(i): n for i, n in sorted(users.items())},
-            "groups": {str(i): n for i, n in sorted(groups.items())}}
+def _unnamed(stats: Mapping[str, object]) -> tuple[set[int], set[int]]:
+    """(users, groups) ids a snapshot's stats list as having had no name (``names_of``)."""
+    owners = stats.get(OWNERS_KEY)
+    unnamed = owners.get("unnamed") if isinstance(owners, Mapping) else None
+    if not isinstance(unnamed, Mapping):
+        return set(), set()
+
+    def ids(listed: object) -> set[int]:
+        return {i for i in listed if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 32} \
+            if isinstance(listed, list) else set()
+
+    return ids(unnamed.get("users")), ids(unnamed.get("groups"))
+
+
+def _stored_form(users: Mapping[int, str], groups: Mapping[int, str], unnamed_users: Iterable[int] = (),
+                 unnamed_groups: Iterable[int] = ()) -> dict[str, object]:
+    out: dict[str, object] = {"users": {str(i): n for i, n in sorted(users.items())},
+                              "groups": {str(i): n for i, n in sorted(groups.items())}}
+    if unnamed_users or unnamed_groups:
+        out["unnamed"] = {"users": sorted(unnamed_users), "groups": sorted(unnamed_groups)}
+    return out
 
 
 def note_ids(e: Entry, uids: set[int], gids: set[int]) -> None:
@@ -96,35 +114,44 @@ def _acls(raw: bytes) -> dict[bytes, bytes]:
 
 
 def names_of(uids: Iterable[int], gids: Iterable[int], inherited: Mapping[str, object] | None = None, *,
-             user: IdName | None = None, group: IdName | None = None) -> dict[str, dict[str, str]]:
+             user: IdName | None = None, group: IdName | None = None) -> dict[str, object]:
     """The ``stats["owners"]`` of a snapshot whose new entries have ``uids`` and ``gids``, with the ids
     ``inherited`` (a differential's parent's stats: its unchanged entries are not seen again): each id's
     name here and now (``user``, ``group``: how an id's name is looked up), as a full taken at the same
     moment records it; an id with no name now has none (a deleted user's, or one whose id went to another)."""
     old_users, old_groups = stored_names(inherited or {})
+    unnamed_users, unnamed_groups = _unnamed(inherited or {})
 
     def named(ids: Iterable[int], name_of: IdName) -> dict[int, str]:
         return {i: name for i in ids if (name := name_of(i)) is not None}
 
-    tables = (named(set(uids) | set(old_users), user or user_name),
-              named(set(gids) | set(old_groups), group or group_name))
-    return _stored_form(*tables)
+    user_ids = set(uids) | set(old_users) | unnamed_users
+    group_ids = set(gids) | set(old_groups) | unnamed_groups
+    users, groups = named(user_ids, user or user_name), named(group_ids, group or group_name)
+    # The ids without a name are listed too: a differential looks them up again, as a full would, where an
+    # unchanged file's owner given a name since its parent went unnamed until the next full.
+    return _stored_form(users, groups, user_ids - users.keys(), group_ids - groups.keys())
 
 
-def chain_names(chain_stats: Iterable[Mapping[str, object]]) -> tuple[dict[int, str], dict[int, str]]:
-    """(users, groups) of a snapshot from the stats of its chain, oldest first: the newest table there is,
-    which covers the chain (``names_of``); a snapshot that kept none (made before names were kept) takes
-    its parent's."""
+def _newest_table(chain_stats: Iterable[Mapping[str, object]]) -> Mapping[str, object]:
+    """The stats of the newest snapshot of a chain (oldest first) that has an owners table: it covers the
+    chain (``names_of``); a snapshot that kept none (made before names were kept) takes its parent's."""
     found: Mapping[str, object] = {}
     for stats in chain_stats:
         if isinstance(stats.get(OWNERS_KEY), Mapping):
             found = stats
-    return stored_names(found)
+    return found
 
 
-def chain_owners(chain_stats: Iterable[Mapping[str, object]]) -> dict[str, dict[str, str]]:
-    """``chain_names`` as a snapshot's stats hold it: what an export carries for its one full snapshot."""
-    return _stored_form(*chain_names(chain_stats))
+def chain_names(chain_stats: Iterable[Mapping[str, object]]) -> tuple[dict[int, str], dict[int, str]]:
+    """(users, groups) of a snapshot from the stats of its chain, oldest first (``_newest_table``)."""
+    return stored_names(_newest_table(chain_stats))
+
+
+def chain_owners(chain_stats: Iterable[Mapping[str, object]]) -> dict[str, object]:
+    """The chain's table as a snapshot's stats hold it: what an export, a rebase or an aggregate keeps."""
+    found = _newest_table(chain_stats)
+    return _stored_form(*stored_names(found), *_unnamed(found))
 
 
 class OwnerMap:

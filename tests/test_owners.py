@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from chunkvault.store import owners, posix_acl
 from chunkvault.store.manifest import OP_DELETE, OP_ENTRY, T_FILE, Entry, Record
-from chunkvault.store.owners import OwnerMap, chain_names, names_of, stored_names
+from chunkvault.store.owners import OwnerMap, chain_names, chain_owners, names_of, stored_names
 from chunkvault.verify import compare_tree, verify_restore
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="sets owners: needs root")
@@ -61,7 +61,21 @@ def test_names_of_names_every_id_as_it_is_named_now_the_parent_s_included():
     got = names_of([1000, 0, 77], [50], {"owners": {"users": {"1000": "old", "9": "bob", "8": "carol"},
                                                     "groups": {"51": "gone", "52": "kept"}}},
                    user=users.get, group={50: "staff", 52: "kept"}.get)
-    assert got == {"users": {"0": "root", "8": "mallory", "1000": "alice"}, "groups": {"50": "staff", "52": "kept"}}
+    assert got == {"users": {"0": "root", "8": "mallory", "1000": "alice"}, "groups": {"50": "staff", "52": "kept"},
+                   "unnamed": {"users": [9, 77], "groups": [51]}}
+
+
+def test_an_id_without_a_name_is_looked_up_again_by_the_next_differential():
+    """An unchanged file's owner given a name after the parent was taken: a differential reads no unchanged
+    file, so it named only the ids its parent's table held, and that one went unnamed until the next full."""
+    parent = {"owners": names_of([0, 4321], [0], user={0: "root"}.get, group={0: "root"}.get)}
+    assert parent["owners"] == {"users": {"0": "root"}, "groups": {"0": "root"},
+                                "unnamed": {"users": [4321], "groups": []}}
+    later = names_of([], [], parent, user={0: "root", 4321: "carol"}.get, group={0: "root"}.get)
+    assert later == {"users": {"0": "root", "4321": "carol"}, "groups": {"0": "root"}}
+    assert chain_owners([parent]) == parent["owners"]  # kept by an export, a rebase or an aggregate
+    junk = {"owners": {"users": {}, "groups": {}, "unnamed": {"users": [True, -1, 1 << 40, "5", 6], "groups": "x"}}}
+    assert names_of([], [], junk, user={6: "six"}.get, group={}.get) == {"users": {"6": "six"}, "groups": {}}
 
 
 def test_stored_names_ignore_what_is_not_an_id_and_a_name():
