@@ -23,6 +23,7 @@ from .blob import KIND_DELTA, open_blob
 from .chain import broken_chains
 from .config import KeyFile, open_config, peek_config
 from .indexfile import IndexColumns
+from .manifest import T_HARDLINK
 from .pack import PACK_FIXED_OVERHEAD, PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
 from .repository import NOT_INDEXED, WORKERS, Repo, pack_id_of, pack_key, superseded_names
 from .snapshot import Snapshot
@@ -491,22 +492,27 @@ class Checker:
                     _name(p, s.id)
                 if s.id in damaged:
                     continue
+                hit: dict[bytes, list[Problem]] = {}  # path -> the problems of its data (its links share them)
                 for rec in self.repo.manifest_records(s) if broken else self.repo.tree(s, snapshots):
                     e = rec.entry
-                    if e is None or not e.chunks:
+                    if e is not None and e.type == T_HARDLINK and e.target in hit:
+                        problems = hit[e.target]
+                    elif e is None or not e.chunks:
                         continue
-                    for cid in e.chunk_ids():
-                        p = self._bad(cid)
-                        if p is not None:
-                            _name(p, s.id)
-                            label = f"{s.id[:8]}:{os.fsdecode(rec.path)}"  # its bytes, as os.fsencode gives back
-                            if label in p.files or last.get(id(p)) == label:
-                                continue
-                            last[id(p)] = label  # a file's other bad chunks come next: counted once
-                            if len(p.files) < MAX_FILES:
-                                p.files.append(label)
-                            else:
-                                p.more_files += 1
+                    else:
+                        problems = [p for cid in e.chunk_ids() if (p := self._bad(cid)) is not None]
+                        if problems:
+                            hit[rec.path] = problems
+                    for p in problems:
+                        _name(p, s.id)
+                        label = f"{s.id[:8]}:{os.fsdecode(rec.path)}"  # its bytes, as os.fsencode gives back
+                        if label in p.files or last.get(id(p)) == label:
+                            continue
+                        last[id(p)] = label  # a file's other bad chunks come next: counted once
+                        if len(p.files) < MAX_FILES:
+                            p.files.append(label)
+                        else:
+                            p.more_files += 1
             except RemoteUnavailable:
                 raise
             except ChunkvaultError:

@@ -1048,7 +1048,7 @@ class Restorer:
                 os.link(sname, name, src_dir_fd=spfd, dst_dir_fd=pfd, follow_symlinks=False)
                 self.result.links += 1
             else:
-                self.result.warnings.append(f"hard link {os.fsdecode(e.path)}: its target {os.fsdecode(e.target)} was not restored")
+                self._link_not_restored(e)
         elif t == T_SYMLINK:
             os.symlink(e.target, name, dir_fd=pfd)
             self._apply_meta(e)
@@ -1078,6 +1078,16 @@ class Restorer:
         it once whole)."""
         st = _lstat(*self.at(e.path))
         return st is not None and stat.S_ISREG(st.st_mode)
+
+    def _link_not_restored(self, e: Entry) -> None:
+        """A hard link whose target is not there: one whose data is damaged takes the link down with it (it
+        is named among the files not restored); otherwise a warning."""
+        target = os.fsdecode(e.target)
+        damage = next((d for d in self.result.damaged if d[0] == target), None)
+        if damage is not None:
+            self.result.damaged.append((os.fsdecode(e.path), *damage[1:]))
+        else:
+            self.result.warnings.append(f"hard link {os.fsdecode(e.path)}: its target {target} was not restored")
 
     def _restore_file(self, e: Entry, pf: _Prefetcher) -> None:
         part = self.parts.pop(id(e), None)

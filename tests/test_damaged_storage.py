@@ -1001,3 +1001,27 @@ def test_a_local_copy_that_is_not_the_stored_object_is_dropped_and_the_stored_on
             assert cached.check().ok
             cached.restore("latest", str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path / "out")) == ["f0", "f1"]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_links_of_a_damaged_file_are_named_among_the_files_not_restored(tmp_path, new_repo, processes):
+    """They were a warning each ("its target was not restored") while the error said everything else was."""
+    from chunkvault.errors import CorruptObject
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "h1").write_bytes(os.urandom(50_000))
+    os.link(src / "a" / "h1", src / "a" / "h2")
+    os.link(src / "a" / "h1", src / "b_h3")
+    (src / "ok").write_bytes(b"fine")
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    repo.store.load_index()
+    damage_blob(tmp_path / "repo", repo, repo.find_entry(snap, "a/h1").chunk_ids()[0])
+    with pytest.raises(CorruptObject, match=r"3 file\(s\) not restored: a/h1, a/h2, b_h3 "
+                                            r"\(everything else was restored\)") as info:
+        repo.restore(snap, str(tmp_path / "out"), processes=processes)
+    assert not any("hard link" in w for w in info.value.partial.warnings)
+    assert (tmp_path / "out" / "ok").read_bytes() == b"fine"
+    named = [f for p in repo.check(read_data=True).problems for f in p.files]
+    assert sorted(named) == [f"{snap.id[:8]}:{path}" for path in ("a/h1", "a/h2", "b_h3")]
