@@ -188,18 +188,34 @@ def test_restore_json_lists_the_damaged_files_before_failing(tmp_path, new_repo,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0", "f1", "f3", "f4", "f5"]
 
 
-def test_a_failing_restore_prints_its_warnings_before_the_error(tmp_path, new_repo, cli):
+def test_a_failing_restore_prints_its_warnings_before_the_error(tmp_path, new_repo, cli, monkeypatch,
+                                                                python_file_reads):
+    import errno
+
+    from chunkvault.store import backup
+
     src = tmp_path / "src"
     src.mkdir()
     (src / "data").write_bytes(os.urandom(50_000))
     os.link(src / "data", src / "link")
+    (src / "unread").write_bytes(b"x")
     repo = new_repo(str(tmp_path / "repo"))
+    real_open = os.open
+
+    def failing_open(path, flags, *args, **kwargs):
+        if os.path.basename(os.fsdecode(path)) == "unread":  # root reads every file: the error is simulated
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(backup.os, "open", failing_open)
     snap = repo.backup([str(src)]).snapshot
+    monkeypatch.undo()
     damage_blob(tmp_path / "repo", repo, chunk_ids(repo, snap, "data")[0])
     lines = cli("restore", "-r", str(tmp_path / "repo"), snap.id, "--target", str(tmp_path / "out"),
                 check=13).stderr.decode().splitlines()
-    assert lines[0] == "warning: hard link link: its target data was not restored"
-    assert lines[-1].startswith("chunkvault: corrupt object ") and lines[-1].endswith("(everything else was restored)")
+    assert lines[0] == "warning: unread was unreadable at backup time: not restored (no backup read its data)"
+    assert lines[-1].startswith("chunkvault: corrupt object ")
+    assert lines[-1].endswith("2 file(s) not restored: data, link (everything else was restored)")
 
 
 def test_restore_json_of_a_clean_restore_has_an_empty_not_restored(setup, cli, tmp_path):
