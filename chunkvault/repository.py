@@ -1124,13 +1124,15 @@ class Repository:
             except AmbiguousSnapshot:
                 raise
             except SnapshotNotFound as exc:  # a forget run again after it was stopped: the rest still go
-                gone.append(exc)
+                gone.append((spec, exc))
         # Every snapshot named gone, and forgotten by this client: a forget run again (after it was killed,
-        # say), whose --prune must still run.  Otherwise the ids were mistyped.
-        again = bool(gone) and not ids and self._forgotten_here(specs)
+        # say), whose --prune must still run.  Otherwise an id was mistyped: the error names one such.
+        forgotten = self._forgotten_here()
+        unknown = [exc for spec, exc in gone if not (spec and any(sid.startswith(spec.lower()) for sid in forgotten))]
+        again = bool(gone) and not ids and not unknown
         if gone and not ids and not again:
-            raise gone[0]
-        for exc in gone:
+            raise unknown[0]
+        for _, exc in gone:
             warnings.warn(f"{exc}: left out (forgotten already?)", RepositoryStateWarning, stacklevel=4)
         if policy is None and not ids and not again:
             raise UsageError("nothing to forget: name snapshots or give a retention policy")
@@ -1170,13 +1172,12 @@ class Repository:
         plan.remove += direct
         return plan, whole
 
-    def _forgotten_here(self, specs: list[str]) -> bool:
-        """Whether this client's ledger has each of these ids (or prefixes) forgotten, or being forgotten."""
+    def _forgotten_here(self) -> list[str]:
+        """The ids this client's ledger has forgotten, or being forgotten."""
         if self._ledger is None:
-            return False
+            return []
         state = self._ledger.state()
-        known = [*state.forgotten, *state.pending]
-        return all(spec and any(sid.startswith(spec.lower()) for sid in known) for spec in specs)
+        return [*state.forgotten, *state.pending]
 
     @staticmethod
     def _forget_id(spec: str, find: SnapshotFinder, damaged: dict[str, CorruptObject]) -> str:

@@ -51,8 +51,8 @@ static void release(item *items, size_t n) {
 /* Read, sort and lstat; 0, or an errno with nothing left allocated.  ``expect``: the lstat the walk saw of
  * the directory (NULL: none, a root).  Opened by its path, the directory must be that one: one swapped for a
  * symbolic link since (by whoever can write the tree), or reached through a directory above it swapped so,
- * would have the walk list, and the backup read, what lies outside the tree.  Such a directory changed type
- * since the walk saw it: ENOTDIR. */
+ * would have the walk list, and the backup read, what lies outside the tree: ENOTDIR for a symbolic link in
+ * its place (it changed type), ESTALE for another directory there (replaced, or reached through a link). */
 static int read_dir(const char *path, const struct stat *expect, item **out, size_t *count) {
     int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | (expect ? O_NOFOLLOW : 0));
     if (fd < 0)
@@ -60,7 +60,7 @@ static int read_dir(const char *path, const struct stat *expect, item **out, siz
     struct stat now;
     if (expect && (fstat(fd, &now) != 0 || now.st_dev != expect->st_dev || now.st_ino != expect->st_ino)) {
         close(fd);
-        return ENOTDIR;
+        return ESTALE;
     }
     DIR *d = fdopendir(fd);
     if (d == NULL) {
@@ -793,8 +793,10 @@ static int reserve(char **buf, size_t *cap, size_t n) {
 
 /* Stat again, with no GIL held, the taken entries [head, head + n) stat'ed more than restat_after seconds
  * ago (their walk ran ahead of the backup): their fields, or their errno, as they are now.  A directory
- * that is none any more leaves out what was walked below it (in this batch and the next ones).  0, or -1
- * out of memory. */
+ * that is none any more leaves out what was walked below it (in this batch and the next ones).  The stat
+ * is by path, which a directory above swapped for a symbolic link since leads out of the tree: fields of
+ * another file than the one listed (another device or inode) are not taken, so that the reads and listings
+ * checked against them still refuse what is not the entry walked.  0, or -1 out of memory. */
 static int restat(WalkerObject *w, size_t n, double restat_after) {
     double now = monotonic_seconds();
     for (size_t i = 0; i < n; i++) {
@@ -817,8 +819,10 @@ static int restat(WalkerObject *w, size_t n, double restat_after) {
         int was_dir = S_ISDIR(e->f.mode);
         struct stat st;
         if (lstat(w->restat_path, &st) == 0) {
-            fields_of(&st, &e->f);
-            e->scanned = now;
+            if ((unsigned long long)st.st_ino == e->f.ino && (unsigned long long)st.st_dev == e->f.dev) {
+                fields_of(&st, &e->f);
+                e->scanned = now;
+            }
         } else {
             e->error = errno ? errno : EIO;
         }
@@ -1298,7 +1302,7 @@ static PyTypeObject WalkerType = {
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(path, (dev, ino)=None) -> sorted [(name, errno, lstat fields or None)] of a directory; with (dev, ino), "
-     "ENOTDIR when the directory at path is no longer that one."},
+     "ENOTDIR when a symbolic link is at path, ESTALE when another directory is (or one reached through a link)."},
     {NULL, NULL, 0, NULL},
 };
 

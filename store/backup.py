@@ -29,7 +29,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple
 import blake3
 
 from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, READ_BYTES, fixed_chunks
-from chunkvault.errors import CorruptObject, LockLost, MissingObject, RemoteUnavailable, SnapshotNotFound, UsageError
+from chunkvault.errors import CorruptObject, MissingObject, SnapshotNotFound, UsageError
 
 from .chain import broken_chains
 from .manifest import (
@@ -613,6 +613,7 @@ class Backup:
             whole = self._read_small(e, path, st, prev, notes, small)
             if whole is not None:
                 return _FileRead(whole, notes)
+        replaced = False
         try:
             fd = open_source_file(path, (st.st_dev, st.st_ino))
         except FileNotFoundError:
@@ -621,7 +622,7 @@ class Backup:
             beneath = self._open_beneath_root(path)
             if beneath is None:
                 return self._replaced(path, prev, notes)
-            fd = beneath
+            fd, replaced = beneath, True
         except OSError as exc:
             return self._unreadable_file(e, path, prev, notes, exc)
         try:
@@ -634,8 +635,13 @@ class Backup:
         finally:
             os.close(fd)
         if (after.st_dev, after.st_ino) != (st.st_dev, st.st_ino):
+            if replaced:  # before it was opened (saved by a rename): recorded as the file it is now
+                e = replace(self._base_entry(e.path, after, T_FILE, prev), size=e.size, digest=e.digest,
+                            chunks=e.chunks, xattrs=e.xattrs, flags=e.flags)
+                notes.append(f"replaced during backup (stored as it is now): {os.fsdecode(path)}")
+            else:
+                notes.append(f"replaced while being read (stored as read): {os.fsdecode(path)}")
             e.flags |= F_CHANGED_DURING_READ
-            notes.append(f"replaced while being read (stored as read): {os.fsdecode(path)}")
             return _FileRead(e, notes, same_file=False)
         self._check_unchanged(e, path, st, (after.st_size, after.st_mtime_ns, after.st_ctime_ns), notes)
         return _FileRead(e, notes)
@@ -661,11 +667,11 @@ class Backup:
         """The file now at ``path``, which is not the one the walk saw there (saved by a rename since, say),
         opened from its source root down without following a symbolic link; None where a directory between
         is one now (swapped for one since: the path leads out of the tree) or it cannot be opened so."""
-        root = next((r for r in self._roots if path.startswith(r.rstrip(b"/") + b"/")), None)
-        if root is None:
-            return None
         try:
-            return open_beneath(root, path)
+            if path in self._roots:  # a file given as a source: its path is the tree
+                return open_source_file(path)
+            root = next((r for r in self._roots if path.startswith(r.rstrip(b"/") + b"/")), None)
+            return None if root is None else open_beneath(root, path)
         except OSError:
             return None
 
@@ -1216,15 +1222,8 @@ class Backup:
             },
         )
         if not self.opt.dry_run:
-            self._ensure_lock_held()
-            repo.save_snapshot(snap)
-            try:
-                self._ensure_lock_held()  # and after: the pause may fall within the save itself
-            except LockLost:
-                repo.delete_snapshot(snap.id)
-                raise
-            except RemoteUnavailable:  # gone once the snapshot was stored: the look before stands
-                pass  # (the lock is left to go stale: removing it would wait as long again)
+            assert self._lock is not None
+            repo.save_snapshot_held(snap, self._lock)
         return BackupResult(snap, self.warnings)
 
     def _ensure_lock_held(self) -> None:

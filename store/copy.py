@@ -247,8 +247,7 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                                 tags=list(snap.tags), manifest=[i.hex() for i in manifest],
                                 manifest_starts=mw.starts, version=mw.version,
                                 stats={**snap.stats, COPIED_FROM: snap.id}, stdin_name=snap.stdin_name)
-                lock.confirm()  # a prune that took it for stale may have deleted what this copy reuses
-                dst.save_snapshot(copy)
+                dst.save_snapshot_held(copy, lock)  # a prune that took it for stale may have deleted what it reuses
                 done[snap.id] = copy.id
                 result.copied.append((snap.id, copy.id))
             writer.flush()

@@ -863,8 +863,8 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                        if k in src.stats},
                 },
             )
-            repo_lock.confirm()  # a prune that took it for stale may have deleted what this import reuses
-            return ImportResult(repo.save_snapshot(snap), src.id)
+            # a prune that took its lock for stale may have deleted what this import reuses
+            return ImportResult(repo.save_snapshot_held(snap, repo_lock), src.id)
 
 
 def restore_from_file(path: str, password: bytes, target: str, *, includes: list[str] | None = None,

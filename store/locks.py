@@ -137,7 +137,9 @@ class LockInfo:
         return False
 
     def describe(self) -> str:
-        return f"{self.purpose} on {self.host} (pid {self.pid}, refreshed {self.age():.0f} s ago)"
+        ahead = self.time - time.time()
+        when = f"dated {ahead:.0f} s ahead" if ahead >= 1 else f"refreshed {self.age():.0f} s ago"
+        return f"{self.purpose} on {self.host} (pid {self.pid}, {when})"
 
     def age(self) -> float:
         """Seconds since it was last written (0 for one dated ahead)."""

@@ -20,12 +20,14 @@ from chunkvault.chunker import Chunker, ChunkerParams
 from chunkvault.errors import (
     ChunkvaultError,
     CorruptObject,
+    LockLost,
     MissingObject,
     NewerObject,
     ObjectExists,
     ObjectNotFound,
     PermissionDenied,
     RemoteError,
+    RemoteUnavailable,
     RepositoryExists,
     RepositoryStateWarning,
     UsageError,
@@ -928,6 +930,22 @@ class Repo:
         except PermissionDenied as exc:
             raise PermissionDenied(f"{purpose} deletes objects, and {self.remote.display_url} does not allow "
                                    f"it: {exc}") from None
+
+    def save_snapshot_held(self, snap: Snapshot, lock: "RepoLock") -> Snapshot:
+        """Store a new snapshot that refers to data this command's ``lock`` kept a prune from deleting: the
+        lock is looked at before and after (another host whose clock runs ahead may have taken it for stale,
+        then pruned), and the snapshot taken back (LockLost) when it is gone.  A remote out of reach once the
+        snapshot is stored leaves it: the look before stands."""
+        lock.confirm()
+        saved = self.save_snapshot(snap)
+        try:
+            lock.confirm()
+        except LockLost:
+            self.delete_snapshot(saved.id)
+            raise
+        except RemoteUnavailable:
+            pass  # and the lock is left to go stale: removing it would wait as long again
+        return saved
 
     def delete_snapshot(self, name: str) -> None:
         self.remote.delete(f"snapshots/{name}")

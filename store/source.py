@@ -212,7 +212,7 @@ def scan_dir_reference(path: bytes, dev_ino: tuple[int, int] | None = None) -> l
 
     ``dev_ino``: what the walk saw of the directory.  Opened by its path, it must be that one: swapped for
     a symbolic link since, or reached through a directory above swapped so, the walk would list what lies
-    outside the tree (ENOTDIR: it changed type since the walk saw it)."""
+    outside the tree (ENOTDIR for a link in its place, ESTALE for another directory there)."""
     flags = os.O_RDONLY | os.O_DIRECTORY | (os.O_NOFOLLOW if dev_ino is not None else 0)
     try:
         fd = os.open(path, flags)
@@ -223,7 +223,7 @@ def scan_dir_reference(path: bytes, dev_ino: tuple[int, int] | None = None) -> l
     try:
         now = os.fstat(fd)
         if dev_ino is not None and (now.st_dev, now.st_ino) != dev_ino:
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+            raise OSError(errno.ESTALE, "not the directory the walk saw", path)
         out: list[ScanItem] = []
         for name in sorted(os.fsencode(n) for n in os.listdir(fd)):
             try:
@@ -269,8 +269,8 @@ def root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:
     if not any(os.path.lexists(p) for p in absolute):
         raise UsageError(f"source path does not exist: {absolute[0]}" if len(absolute) == 1
                          else f"none of the {len(absolute)} source paths exists")
-    for p in absolute:  # a source "inside" one that is a symbolic link would be backed up by neither
-        link = next((q for q in absolute if q != p and _inside(p, q) and os.path.islink(q)), None)
+    for p in absolute:  # a source "inside" another through a symbolic link would be backed up by neither
+        link = next((link for q in absolute if q != p and _inside(p, q) and (link := _link_between(q, p))), None)
         if link is not None:
             raise UsageError(f"{p} lies below {link}, a symbolic link, which is backed up as the link: name "
                              "the directory it leads to instead, or leave one of the two out")
@@ -281,6 +281,16 @@ def root_specs(paths: list[str]) -> tuple[list[tuple[bytes, bytes]], list[str]]:
         return [(os.fsencode(os.path.basename(outer[0])), os.fsencode(outer[0]))], absolute
     roots = sorted(((os.fsencode(p.lstrip("/")), os.fsencode(p)) for p in outer), key=lambda r: sort_key(r[0]))
     return roots, absolute
+
+
+def _link_between(outer: str, inner: str) -> str | None:
+    """The first symbolic link among ``outer`` and the directories between it and ``inner`` (below it)."""
+    at = outer
+    for part in inner[len(outer.rstrip("/")) + 1:].split("/")[:-1]:
+        if os.path.islink(at):
+            return at
+        at = os.path.join(at, part)
+    return at if os.path.islink(at) else None
 
 
 def _inside(path: str, other: str) -> bool:
@@ -492,6 +502,10 @@ class SourceWalk:
         if err == errno.ENOTDIR:
             self.warnings.append(f"changed type during backup (left out until the next backup): {os.fsdecode(path)}")
             return None
+        if err == errno.ESTALE:  # another directory there now, or one reached through a symbolic link
+            self.warnings.append(f"replaced during backup (kept as the last backup found it, until the next "
+                                 f"backup): {os.fsdecode(path)}")
+            return False
         self.warnings.append(f"cannot read directory {os.fsdecode(path)}: {os.strerror(err)}")
         return False
 
@@ -627,8 +641,10 @@ class SourceWalk:
             path = path_prefix + name
             st: FileStat | os.stat_result | None = of_fields(fields) if fields is not None else None
             if time.monotonic() - scanned > self.RESTAT_AFTER:
-                try:
-                    st, err = os.lstat(path), 0
+                try:  # by path: another file's fields (see restat in _scandir.c) are not taken
+                    now = os.lstat(path)
+                    if st is None or (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                        st, err = now, 0
                 except OSError as exc:
                     st, err = None, exc.errno or errno.EIO
             yield rel_prefix + name, path, st, err

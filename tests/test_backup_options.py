@@ -234,5 +234,9 @@ def test_a_source_below_another_that_is_a_symbolic_link_is_refused(tmp_path, new
     with pytest.raises(UsageError, match="lies below .*/link, a symbolic link"):
         repo.backup([str(tmp_path / "link"), str(tmp_path / "link" / "file")])
     assert repo.snapshots() == []
+    (tmp_path / "top").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "top" / "inner")  # a link between the two sources, not one of them
+    with pytest.raises(UsageError, match="lies below .*/top/inner, a symbolic link"):
+        repo.backup([str(tmp_path / "top"), str(tmp_path / "top" / "inner" / "file")])
     kept = repo.backup([str(tmp_path / "link"), str(tmp_path / "real" / "file")]).snapshot  # what it leads to
     assert repo.find_entry(kept, os.path.relpath(tmp_path / "real" / "file", "/")).size == 9

@@ -210,9 +210,10 @@ def test_hard_links_keep_their_data_when_the_first_link_changes_before_it_is_rea
     assert_links_name_earlier_files(repo, result.snapshot)
     if change is unlink:
         assert b"a/victim" not in tree and not result.partial
-    elif change is to_other_file:
+    elif change is to_other_file:  # saved by a rename before it was opened: recorded as the file it is now
         assert tree[b"a/victim"].type == T_FILE and tree[b"a/victim"].flags & F_CHANGED_DURING_READ
-        assert any(w.startswith("replaced while being read") for w in result.warnings)
+        assert tree[b"a/victim"].ino == os.stat(src / "a" / "victim").st_ino
+        assert any(w.startswith("replaced during backup (stored as it is now)") for w in result.warnings)
     else:  # a directory or a symlink in its place: left out until the next backup, as if it had vanished
         assert b"a/victim" not in tree and not result.partial
         assert any(w.startswith("changed type during backup") for w in result.warnings)
@@ -773,3 +774,111 @@ def test_files_that_became_links_of_one_unreadable_file_keep_each_its_own_parent
     out = tmp_path / "out"
     repo.restore(result.snapshot, str(out))
     assert (out / "a").read_bytes() == b"X" * 4000 and (out / "b").read_bytes() == b"Y" * 4000
+
+
+def test_a_file_given_as_a_source_and_saved_by_a_rename_before_it_is_read_is_read(tmp_path, new_repo,
+                                                                                  monkeypatch):
+    """A log rotated, a dump written to a temporary name then renamed: the path is the tree."""
+    log = tmp_path / "app.log"
+    log.write_text("old")
+    repo = new_repo()
+    fired = race_reading(monkeypatch, "app.log", to_other_file)
+    result = repo.backup([str(log)])
+    monkeypatch.undo()
+    assert fired
+    with repo.open_file(result.snapshot, "app.log") as f:
+        assert f.read() == b"another file"
+
+
+@pytest.mark.parametrize("kind", ["python", "dirs"])
+def test_a_directory_replaced_by_another_keeps_what_the_parent_had_below_it(tmp_path, new_repo, monkeypatch,
+                                                                           kind):
+    """A deploy's `mv new current` between the walk's lstat and the listing: not the directory the walk
+    saw, so not listed (it could be reached through a link); as one that cannot be listed, it keeps the
+    parent's entries, listed unreadable, until the next backup."""
+    src = tmp_path / "src"
+    (src / "current").mkdir(parents=True)
+    (src / "current" / "app.conf").write_text("v1")
+    (src / "new").mkdir()
+    (src / "new" / "app.conf").write_text("v2")
+    repo = new_repo()
+    repo.backup([str(src)])
+    walk_kind(monkeypatch, kind)
+    real_scan = source.scan_dir
+
+    def scan(path, seen=None):
+        if os.path.basename(path) == b"current" and (src / "new").exists():
+            shutil.rmtree(src / "current")
+            os.rename(src / "new", src / "current")
+        return real_scan(path, seen)
+
+    monkeypatch.setattr(source, "scan_dir", scan)
+    result = repo.backup([str(src)])
+    monkeypatch.undo()
+    assert any(w.startswith("replaced during backup (kept as the last backup found it") for w in result.warnings)
+    assert result.partial and "current" in result.snapshot.stats["unreadable"]
+    with repo.open_file(result.snapshot, "current/app.conf") as f:
+        assert f.read() == b"v1"
+    with repo.open_file(repo.backup([str(src)]).snapshot, "current/app.conf") as f:
+        assert f.read() == b"v2"
+
+
+@pytest.mark.parametrize("kind", ["python", "c"])
+def test_a_late_stat_by_path_through_a_swapped_directory_is_not_taken(tmp_path, new_repo, monkeypatch, kind):
+    """Entries reached long after their directory was listed are stat'ed again, by path: with a directory
+    above swapped for a link since, that stat described the file outside, and the read's check against it
+    passed.  Another file's stat is not taken: the read is refused."""
+    import time
+
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "z").mkdir(parents=True)
+    (src / "a").write_text("a")
+    (src / "z" / "f").write_text("inside")
+    for i in range(40):  # the C walk's first batches hold z's first entries; f comes in a later one
+        (src / "z" / f"e{i:02}").write_text("e")
+    outside.mkdir()
+    (outside / "f").write_text("SECRET FROM OUTSIDE")
+
+    def swap() -> None:
+        os.rename(src / "z", src / "z-was")
+        os.symlink(outside, src / "z")
+
+    walk_kind(monkeypatch, kind)
+    monkeypatch.setattr(SourceWalk, "RESTAT_AFTER", 0.0)  # as for a walk running seconds ahead of the reads
+    if kind == "python":
+        real_scan = source.scan_dir
+
+        def scan(path, seen=None):
+            listed = real_scan(path, seen)
+            if os.path.basename(path) == b"z":
+                swap()  # listed as the walk saw it, swapped right after
+            return listed
+
+        monkeypatch.setattr(source, "scan_dir", scan)
+    else:
+        real_walker = source.Walker
+
+        class Walker:  # the second batch waits for the walk's thread to have listed z, then z is swapped
+            calls = 0
+
+            def __init__(self, *args):
+                self._walker = real_walker(*args)
+
+            def __getattr__(self, name):
+                return getattr(self._walker, name)
+
+            def batch(self, n, restat_after=-1.0):
+                Walker.calls += 1
+                if Walker.calls == 2:
+                    time.sleep(0.3)
+                    swap()
+                return self._walker.batch(n, restat_after)
+
+        monkeypatch.setattr(source, "Walker", Walker)
+    repo = new_repo()
+    result = repo.backup([str(src)])
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    repo.restore(result.snapshot, str(out))
+    assert not any("SECRET" in p.read_text() for p in out.rglob("*") if p.is_file() and not p.is_symlink())
+    assert any("z/f" in w and w.startswith("replaced during backup") for w in result.warnings)

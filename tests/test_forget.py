@@ -140,7 +140,7 @@ def test_a_forget_by_id_run_again_removes_what_is_left_of_its_list(tmp_path, new
     assert plan.remove == [b] and [s.id for s in repo.snapshots()] == [a]
     with pytest.warns(RepositoryStateWarning, match="forgotten already"):  # all gone, forgotten here: run again
         assert repo.forget([b, c[:12]]).remove == []
-    with pytest.raises(SnapshotNotFound):  # one never there: mistyped
+    with pytest.raises(SnapshotNotFound, match="0123abcd"):  # one never there: mistyped, and named
         repo.forget([b, "0123abcd"])
 
 

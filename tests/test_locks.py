@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import socket
 import subprocess
@@ -586,7 +587,9 @@ def test_a_lock_of_a_host_whose_clock_runs_ahead_is_warned_of_once(remote, monke
     plant(remote, "b" * 32, 43, host="fast-host", kind=SHARED, purpose="backup", time=time.time() + 200)
     plant(remote, "c" * 32, 44, host="steady-host", kind=SHARED, purpose="backup", time=time.time() + 5)
     with pytest.warns(RepositoryStateWarning, match="a lock of fast-host is dated 2.. s ahead") as told:
-        list_locks(remote)
+        found = list_locks(remote)
+    assert all(re.fullmatch(r"backup on fast-host \(pid 4[23], dated (199|200) s ahead\)", lk.describe())
+               for lk in found if lk.host == "fast-host")
     assert len([w for w in told if "ahead" in str(w.message)]) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -597,3 +600,27 @@ def test_a_lock_of_a_host_whose_clock_runs_ahead_is_warned_of_once(remote, monke
         with RepoLock(remote, SHARED, "backup"):
             pass
     assert remote.stat(old) is None
+
+
+@pytest.mark.parametrize("command", ["copy", "import"])
+def test_a_copy_or_import_whose_lock_is_removed_while_it_saves_its_snapshot_takes_it_back(tmp_path, new_repo,
+                                                                                         monkeypatch, command):
+    """As a backup does: a prune on a host that took the lock for stale may delete what it reuses."""
+    from chunkvault.errors import LockLost
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(10_000))
+    source_repo = new_repo(str(tmp_path / "from"))
+    snap = source_repo.backup([str(src)]).snapshot
+    target = new_repo(str(tmp_path / "to"))
+    if command == "import":
+        source_repo.export(snap, str(tmp_path / "s.backup"), "export pw", kdf_seconds=0)
+    _lose_the_lock_after(monkeypatch, target.store, "save_snapshot", target.store.remote, paused=False)
+    with pytest.raises(LockLost):
+        if command == "copy":
+            source_repo.copy_to(target)
+        else:
+            target.import_backup(str(tmp_path / "s.backup"), "export pw")
+    monkeypatch.undo()
+    assert target.snapshots() == []
