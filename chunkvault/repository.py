@@ -375,8 +375,8 @@ class Repository:
 
         Each raises ``chunkvault.errors.Stopped`` (a KeyboardInterrupt) at its next progress point, with or
         without a progress callback: ``backup`` and ``backup_stream`` between reads, ``backup_command`` at once
-        (its command is ended), ``restore`` between batches of chunks, ``check`` and ``copy_to`` between packs, ``prune``
-        between repacks; a wait for a lock ends too.  The remotes of its repositories start attempts only within
+        (its command is ended), ``restore`` between batches of chunks, ``check`` and ``copy_to`` between packs,
+        ``prune`` between repacks; a wait for a lock ends too.  The remotes of its repositories start attempts only within
         10 s of the stop or of their last answer (as after Ctrl-C), so a call waiting on a dead one ends then
         too; the others end once their current remote calls do.  ``copy_to`` stops by either repository's
         ``stop``.  What a stopped operation leaves is what Ctrl-C leaves: no snapshot, no lock, and what a
@@ -708,8 +708,8 @@ class Repository:
                     lock.acquire()
                 except (PermissionDenied, StorageFull) as exc:
                     warnings.warn(f"reading without a lock ({exc}): a prune running meanwhile could remove data "
-                                  f"this {purpose} needs; `--no-lock` (API: `lock_reads=False`) skips the lock", RepositoryStateWarning,
-                                  stacklevel=3)
+                                  f"this {purpose} needs; `--no-lock` (API: `lock_reads=False`) skips the lock",
+                                  RepositoryStateWarning, stacklevel=3)
                 else:
                     held.push(lock)  # released (its __exit__) when the read ends
                     locked = True
@@ -1128,13 +1128,12 @@ class Repository:
         # Every snapshot named gone, and forgotten by this client: a forget run again (after it was killed,
         # say), whose --prune must still run.  Otherwise an id was mistyped: the error names one such.
         forgotten = self._forgotten_here()
-        unknown = [exc for spec, exc in gone if not (spec and any(sid.startswith(spec.lower()) for sid in forgotten))]
-        again = bool(gone) and not ids and not unknown
-        if gone and not ids and not again:
+        unknown = [exc for spec, exc in gone if not any(spec and sid.startswith(spec.lower()) for sid in forgotten)]
+        if unknown and not ids:
             raise unknown[0]
         for _, exc in gone:
             warnings.warn(f"{exc}: left out (forgotten already?)", RepositoryStateWarning, stacklevel=4)
-        if policy is None and not ids and not again:
+        if policy is None and not ids and not gone:
             raise UsageError("nothing to forget: name snapshots or give a retention policy")
         hosts, tags, paths = list(hosts), list(tags), list(paths)
         filtered = bool(hosts or tags or paths) or scope is not None
@@ -1300,7 +1299,7 @@ class Repository:
         """Remove the stale locks now (any command removes those it meets; this one tells what it removed and
         who holds the rest).  ``remove_all``: live locks too, for commands known to be dead or hung on another
         machine: a live command whose lock goes stops at its next step that relies on it (a backup saves no
-        snapshot), but may take half a minute to notice, in which a prune still deletes.  This process's own
+        snapshot), but may take up to a second to notice, in which a prune still deletes.  This process's own
         locks always stay."""
         from .store.locks import remove_locks
 
