@@ -88,6 +88,10 @@ class ObjectInfo:
     #: where it says nothing exact: lets a cache trust an entry of an
     #: object that may be rewritten in place (a snapshot).  Not part of equality.
     version: str | None = field(default=None, compare=False)
+    #: When the object was last written, in Unix seconds by the storage's own clock, where a listing says
+    #: (S3's LastModified, the file's mtime on the disk, the SFTP host or the service): one clock for
+    #: every client, so locks are judged stale by it rather than by each host's.  Not part of equality.
+    modified: float | None = field(default=None, compare=False)
 
 
 class Remote(ABC):

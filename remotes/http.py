@@ -45,6 +45,7 @@ sorts failures into permanent and transient (``RemoteUnavailable``) ones.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import ssl
@@ -167,6 +168,13 @@ def _pool_classes(send_timeout: float) -> dict[str, type]:
                          {"ConnectionCls": timed_send(urllib3.connection.HTTPConnection)}),
             "https": type("TimedHTTPSPool", (urllib3.HTTPSConnectionPool,),
                           {"ConnectionCls": timed_send(urllib3.connection.HTTPSConnection)})}
+
+
+def _seconds(rest: list) -> float | None:
+    """A listing entry's modification time: a finite number of seconds, or None (a server older than it)."""
+    if not rest or isinstance(rest[0], bool) or not isinstance(rest[0], (int, float)) or not math.isfinite(rest[0]):
+        return None
+    return float(rest[0])
 
 
 def _blocks(body: bytes) -> Iterator[memoryview]:
@@ -359,13 +367,14 @@ class HTTPRemote(Remote):
                 raise self._error(response, "list", prefix)
             try:
                 page = json.loads(response.data)
-                items = [(str(k), int(s), str(v[0]) if v else None) for k, s, *v in page["objects"]]
+                items = [(str(k), int(s), str(v[0]) if v else None, _seconds(v[1:]))
+                         for k, s, *v in page["objects"]]
                 after = page.get("next") or ""
             except (ValueError, KeyError, TypeError, RecursionError):
                 raise RemoteError(f"{self.display_url} sent a listing that is not chunkvault's JSON") from None
-            for key, size, version in items:  # a server older than versions sends none
+            for key, size, version, modified in items:  # a server older than versions sends none
                 if key.startswith(prefix) and is_key(key):
-                    yield ObjectInfo(key, size, version)
+                    yield ObjectInfo(key, size, version, modified)
             if not after:
                 return
 

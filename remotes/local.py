@@ -333,7 +333,7 @@ class LocalRemote(Remote):
                         st = os.stat(os.path.join(dirpath, name))
                     except FileNotFoundError:
                         continue
-                    yield ObjectInfo(key, st.st_size, file_version(st))
+                    yield ObjectInfo(key, st.st_size, file_version(st), st.st_mtime)
 
     def delete(self, key: str) -> None:
         try:

@@ -348,7 +348,9 @@ class S3Remote(Remote):
                     key = item["Key"][skip:]
                     if not is_key(key):
                         continue  # not ours (e.g. a console's folder marker)
-                    yield ObjectInfo(key, int(item["Size"]), item.get("ETag") or None)
+                    modified = item.get("LastModified")
+                    yield ObjectInfo(key, int(item["Size"]), item.get("ETag") or None,
+                                     modified.timestamp() if modified is not None else None)
         except (bce.BotoCoreError, bce.ClientError) as exc:
             raise self._error(exc, "list", None, where=prefix) from None
 

@@ -334,10 +334,14 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
 # --- listing --------------------------------------------------------------------------
 
 
-def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[tuple[str, int, str]], str | None]:
-    """Up to ``limit`` objects under ``prefix`` that sort after ``after`` (key, size, version), and the next
-    marker.  The version names the file's modification time and inode: every write replaces the file by a
-    rename, so it changes whenever the object is written (clients cache rewritable objects by it).
+Listed = tuple[str, int, str, float]  # key, size, version, modification time
+
+
+def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[Listed], str | None]:
+    """Up to ``limit`` objects under ``prefix`` that sort after ``after`` (key, size, version, modification
+    time), and the next marker.  The version names the file's modification time and inode: every write
+    replaces the file by a rename, so it changes whenever the object is written (clients cache rewritable
+    objects by it).  The modification time is this host's clock, one for every client (locks go stale by it).
 
     Keys are ordered segment by segment (a depth-first walk in name order), so a
     page starts where the last one ended without listing what came before.
@@ -345,7 +349,7 @@ def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[tupl
     head = prefix.rpartition("/")[0]
     start = head.split("/") if head else []
     marker = after.split("/") if after else None
-    items: list[tuple[str, int, str]] = []
+    items: list[Listed] = []
     for item in _walk(root, start, prefix, marker):
         if not _LAYOUT_KEY.match(item[0]):  # a file beside the objects (a tokens file, a key) is not one
             continue
@@ -355,7 +359,7 @@ def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[tupl
     return items, None
 
 
-def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None) -> Iterator[tuple[str, int, str]]:
+def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None) -> Iterator[Listed]:
     try:
         with os.scandir(os.path.join(root, *parts)) as it:
             entries = sorted(it, key=lambda e: e.name)
@@ -380,7 +384,7 @@ def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None) ->
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            yield key, st.st_size, file_version(st)
+            yield key, st.st_size, file_version(st), st.st_mtime
 
 
 # --- the HTTP side --------------------------------------------------------------------
@@ -925,7 +929,7 @@ class Handler(BaseHTTPRequestHandler):
         except OSError as exc:
             return self._fail(500, f"cannot list {prefix!r}: {exc.strerror or exc}")
         if params.get("versions", [""])[0] != "1":  # clients that ask for no versions get [key, size] pairs
-            items = [(key, size) for key, size, _ in items]  # type: ignore[misc]
+            items = [(key, size) for key, size, *_ in items]  # type: ignore[misc]
         body = json.dumps({"objects": items, "next": next_after}, separators=(",", ":")).encode()
         self._reply(200, body, headers={"Content-Type": "application/json"})
 

@@ -101,7 +101,7 @@ def _explain_failed_write(sftp: Any, directory: str, size: int, what: str) -> No
 def _info(key: str, attr: Any) -> ObjectInfo:
     """An object as listed; its version is its mtime and size, which every rewrite changes (``_outdate``)."""
     version = None if attr.st_mtime is None else f"{attr.st_mtime}.{attr.st_size or 0}"
-    return ObjectInfo(key, attr.st_size or 0, version)
+    return ObjectInfo(key, attr.st_size or 0, version, None if attr.st_mtime is None else float(attr.st_mtime))
 
 
 def _config_known_hosts(value: str, host: str, user: str) -> str | None:

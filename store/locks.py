@@ -11,6 +11,12 @@ refreshed while held; one not refreshed for ``STALE_AFTER`` seconds, or held
 by a process on this host that no longer exists, is stale: it is ignored and
 removed (a killed prune or backup never wedges the repository).
 
+A lock's age is told by the storage's clock where the remote's listing dates its objects (every remote of
+ours does): the time the storage gave the lock's last write against the time it gave a lock this command
+has just written.  One clock for every host, so a host whose clock runs minutes ahead neither takes fresh
+locks for stale nor has its own taken so.  Where the listing dates nothing (an older service), the
+``time`` inside the lock is held against this host's clock.
+
 A lock names its process by host, pid, and (where the system tells them) the
 boot id, the process's start time and its pid namespace, because pids are
 reused: a killed prune's pid may belong to an unrelated process minutes
@@ -33,8 +39,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from chunkvault.errors import (Locked, LockLost, ObjectNotFound, RemoteError, RemoteUnavailable, RepositoryStateWarning,
-                               UsageError)
+from chunkvault.errors import (Locked, LockLost, ObjectNotFound, PermissionDenied, RemoteError, RemoteUnavailable,
+                               RepositoryStateWarning, StorageFull, UsageError)
 from chunkvault.remotes import Remote
 
 from .forksafe import FORK_GUARD, start_quiet_thread
@@ -43,10 +49,11 @@ REFRESH_EVERY = 60.0
 STALE_AFTER = 300.0
 # A lock not written for this long may have been judged stale by another command (a paused or suspended
 # process, a remote out of reach): its holder no longer trusts it (``RepoLock.ensure_held``).  Below
-# STALE_AFTER by a margin for clocks that disagree a little.
+# STALE_AFTER by a margin for a write that reaches the storage late, and for clocks that disagree a little.
 LOST_AFTER = STALE_AFTER - REFRESH_EVERY
-# How long ``ensure_held`` trusts its last look at the lock object.  A clock here that tells staleness first
-# is not enough: another host whose clock runs minutes ahead takes a fresh lock for stale and removes it.
+# How long ``ensure_held`` trusts its last look at the lock object.  Its own clock telling it fresh is not
+# enough: ``unlock --remove-all`` removes it, and so, where the listing dates nothing, does a host whose
+# clock runs minutes ahead.
 ASK_EVERY = 1.0
 # A lock of another host dated further ahead than this tells of clocks out of step (warned once per host).
 SKEW_WARNING = 60.0
@@ -114,9 +121,15 @@ class LockInfo:
     boot: str | None = None
     start: int | None = None
     pidns: str | None = None
+    #: Seconds since its last write by the storage's clock (see the module docstring), or None where the
+    #: listing gave no dates to tell it by.
+    stored_ago: float | None = None
 
     def stale(self, now: float) -> bool:
-        if abs(now - self.time) > STALE_AFTER:  # not refreshed, or dated far ahead (a clock, or a forged lock)
+        if self.stored_ago is not None:
+            if self.stored_ago > STALE_AFTER:
+                return True
+        elif abs(now - self.time) > STALE_AFTER:  # not refreshed, or dated far ahead (a clock, or a forged lock)
             return True
         if self.host != socket.gethostname():
             return False
@@ -138,12 +151,13 @@ class LockInfo:
 
     def describe(self) -> str:
         ahead = self.time - time.time()
-        when = f"dated {ahead:.0f} s ahead" if ahead >= 1 else f"refreshed {self.age():.0f} s ago"
+        when = (f"dated {ahead:.0f} s ahead" if ahead >= 1 and self.stored_ago is None
+                else f"refreshed {self.age():.0f} s ago")
         return f"{self.purpose} on {self.host} (pid {self.pid}, {when})"
 
     def age(self) -> float:
-        """Seconds since it was last written (0 for one dated ahead)."""
-        return max(0.0, time.time() - self.time)
+        """Seconds since it was last written, by the storage's clock where known (0 for one dated ahead)."""
+        return self.stored_ago if self.stored_ago is not None else max(0.0, time.time() - self.time)
 
     def to_dict(self) -> dict[str, object]:
         return {"id": self.key.split("/", 1)[-1], "kind": self.kind, "purpose": self.purpose, "host": self.host,
@@ -151,24 +165,32 @@ class LockInfo:
                 "stale": self.stale(time.time())}
 
 
-def list_locks(remote: Remote) -> list[LockInfo]:
+def list_locks(remote: Remote, reference: str | None = None) -> list[LockInfo]:
+    """The locks there, each aged by the storage's clock against ``reference``, the key of a lock this
+    process has just written, where the listing dates both."""
+    listed = list(remote.list("locks/"))
+    now = next((o.modified for o in listed if o.key == reference), None) if reference else None
     out = []
-    for o in remote.list("locks/"):
+    for o in listed:
         try:
             lock = _parsed_lock(o.key, json.loads(remote.get(o.key)))
         except (ObjectNotFound, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             continue  # vanished, or not ours: a lock never parses into something it is not
+        if now is not None and o.modified is not None:
+            lock.stored_ago = max(0.0, now - o.modified)  # one written after ours is as fresh as can be
         out.append(lock)
     _tell_skew(out, time.time())
     return out
 
 
 def _tell_skew(locks: list[LockInfo], now: float) -> None:
-    """Warn of a host whose locks are dated ahead of this machine's clock: past ``STALE_AFTER`` each takes
-    the other's fresh locks for stale and removes them, and a prune may then delete what a backup uses."""
+    """Warn of a host whose locks are dated ahead of this machine's clock, where the locks are judged by
+    the hosts' clocks: past ``STALE_AFTER`` each takes the other's fresh locks for stale and removes them,
+    and a prune may then delete what a backup uses."""
     for lock in locks:
         ahead = lock.time - now
-        if ahead > SKEW_WARNING and lock.host != socket.gethostname() and lock.host not in _skew_told:
+        if (ahead > SKEW_WARNING and lock.stored_ago is None and lock.host != socket.gethostname()
+                and lock.host not in _skew_told):
             _skew_told.add(lock.host)
             warnings.warn(f"a lock of {lock.host} is dated {ahead:.0f} s ahead of this machine's clock: one of the "
                           f"two clocks is off; past {STALE_AFTER:.0f} s each host takes the other's locks for stale "
@@ -189,17 +211,32 @@ class LocksRemoved:
 def remove_locks(remote: Remote, *, remove_all: bool = False) -> LocksRemoved:
     """Remove the stale locks, as any command removes those it meets, and with ``remove_all`` the live
     ones too.  This process's own locks are always kept: removing them would only stop its own commands.
-    A lock that vanishes meanwhile counts as removed (its command ended, or another removed it)."""
-    now = time.time()
-    done = LocksRemoved([], [])
-    for lock in list_locks(remote):
-        if lock.key in _HELD_BY_THREAD or not (remove_all or lock.stale(now)):
-            done.kept.append(lock)
-            continue
-        with contextlib.suppress(ObjectNotFound):
-            remote.delete(lock.key)
-        done.removed.append(lock)
-    return done
+    A lock that vanishes meanwhile counts as removed (its command ended, or another removed it).
+
+    A shared lock of its own, written first and removed at the end, dates the others by the storage's
+    clock, as a command that takes the lock would; where the remote refuses it, the hosts' clocks do."""
+    probe: str | None = _new_key(SHARED)
+    try:
+        remote.put(probe, _lock_body(SHARED, "unlock"))
+    except (PermissionDenied, StorageFull):
+        probe = None
+    try:
+        now = time.time()
+        done = LocksRemoved([], [])
+        for lock in list_locks(remote, probe):
+            if lock.key == probe:
+                continue
+            if lock.key in _HELD_BY_THREAD or not (remove_all or lock.stale(now)):
+                done.kept.append(lock)
+                continue
+            with contextlib.suppress(ObjectNotFound):
+                remote.delete(lock.key)
+            done.removed.append(lock)
+        return done
+    finally:
+        if probe is not None:
+            with contextlib.suppress(RemoteError):
+                remote.delete(probe)
 
 
 def _parsed_lock(key: str, d: dict) -> LockInfo:
@@ -211,6 +248,16 @@ def _parsed_lock(key: str, d: dict) -> LockInfo:
     return LockInfo(key, str(d["kind"]), str(d["host"]), pid, str(d.get("purpose", "?")), when,
                     d.get("boot") or None, int(start) if start is not None else None,
                     str(d["pidns"]) if d.get("pidns") else None)
+
+
+def _new_key(kind: str) -> str:
+    return f"locks/{'x-' if kind == EXCLUSIVE else ''}{os.urandom(16).hex()}"
+
+
+def _lock_body(kind: str, purpose: str, now: float | None = None) -> bytes:
+    return json.dumps({"kind": kind, "host": socket.gethostname(), "pid": os.getpid(), "purpose": purpose,
+                       "time": time.time() if now is None else now, "boot": boot_id(),
+                       "start": process_start(os.getpid()), "pidns": pid_namespace()}).encode()
 
 
 _HELD_BY_THREAD: dict[str, int] = {}  # lock key -> the thread of this process that holds it
@@ -236,7 +283,7 @@ class RepoLock:
         self.poll = poll
         # Named by kind: on a full disk, a local repository frees its reserve for an exclusive lock only
         # (remotes/local.py), the one that forget and prune, which free space, take.
-        self.key = f"locks/{'x-' if kind == EXCLUSIVE else ''}{os.urandom(16).hex()}"
+        self.key = _new_key(kind)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._written = 0.0  # when the lock was last written (wall clock, as other commands judge it)
@@ -251,9 +298,7 @@ class RepoLock:
         now = time.time()
         if self._written and now - self._written > LOST_AFTER:
             self._lost = now - self._written  # sticky: writing it again does not undo what others did meanwhile
-        body = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(), "purpose": self.purpose,
-                "time": now, "boot": boot_id(), "start": process_start(os.getpid()), "pidns": pid_namespace()}
-        self.remote.put(self.key, json.dumps(body).encode())
+        self.remote.put(self.key, _lock_body(self.kind, self.purpose, now))
         self._written = now
 
     def ensure_held(self, *, ask: bool = False) -> None:
@@ -296,7 +341,7 @@ class RepoLock:
     def _conflicts(self) -> list[LockInfo]:
         now = time.time()
         others = []
-        for lk in list_locks(self.remote):
+        for lk in list_locks(self.remote, self.key):
             if lk.key == self.key:
                 continue
             if not lk.stale(now):
@@ -306,7 +351,7 @@ class RepoLock:
                 self.remote.delete(lk.key)
             except RemoteError:
                 continue
-            if lk.host != socket.gethostname() and lk.time <= now:  # judged by this clock alone: say so
+            if lk.host != socket.gethostname() and lk.stored_ago is None and lk.time <= now:  # by this clock: say so
                 warnings.warn(f"removed the stale {lk.kind} lock of {lk.describe()}: its command was killed or "
                               "cut off, or that host's clock is behind this one's", RepositoryStateWarning,
                               stacklevel=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -63,6 +64,7 @@ def check_remote_contract(
     _check_overwrite_and_if_absent(remote, rng)
     _check_missing(remote)
     _check_list(remote, rng)
+    _check_dates(remote, rng)
     _check_delete(remote, rng)
     _check_invalid_keys(remote)
     _check_concurrency(remote, rng, threads, racing_creates)
@@ -209,6 +211,19 @@ def _check_list(remote: Remote, rng: random.Random) -> None:
         _keys(remote, "../")
     for key in written:
         remote.delete(key)
+
+
+def _check_dates(remote: Remote, rng: random.Random) -> None:
+    """A listing dates each object by the storage's clock (locks go stale by it); in the tests the storage
+    runs on this machine, so its clock is this one (give or take whole-second dates)."""
+    key = "locks/" + _hexkey(rng)
+    for _ in range(2):
+        before = time.time()
+        remote.put(key, b"{}")
+        (info,) = [i for i in remote.list("locks/") if i.key == key]
+        assert isinstance(info.modified, float), info.modified
+        assert before - 2 <= info.modified <= time.time() + 2, (before, info.modified)
+    remote.delete(key)
 
 
 def _check_delete(remote: Remote, rng: random.Random) -> None:

@@ -1,6 +1,7 @@
 """Lock staleness: a killed holder never wedges the repository, and a reused pid does not revive its lock."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -35,10 +36,21 @@ def sleeper():
 
 
 def plant(remote: LocalRemote, name: str, pid: int, **extra: object) -> str:
+    """A lock object as its holder wrote it; one dated in the past was last written then, by the storage's
+    clock too (its file's mtime), and one dated ahead was written now by a host whose clock runs ahead."""
     body = {"kind": EXCLUSIVE, "host": socket.gethostname(), "pid": pid, "purpose": "prune", "time": time.time(),
             **extra}
     remote.put(f"locks/{name}", json.dumps(body).encode())
+    written = min(float(body["time"]), time.time())  # type: ignore[arg-type]
+    os.utime(os.path.join(remote.root, "locks", name), (written, written))
     return f"locks/{name}"
+
+
+class Undated(LocalRemote):
+    """A remote whose listing dates nothing (a service older than dates): locks go by the hosts' clocks."""
+
+    def list(self, prefix: str = ""):
+        return (dataclasses.replace(o, modified=None) for o in super().list(prefix))
 
 
 def dead_pid() -> int:
@@ -78,9 +90,7 @@ def test_a_lock_from_another_boot_is_judged_by_its_age_only(remote, sleeper):
     plant(remote, "e" * 32, sleeper.pid, boot="another-boot", start=1)
     with pytest.raises(Locked):
         RepoLock(remote, SHARED, "backup").acquire()
-    expired = {"kind": EXCLUSIVE, "host": socket.gethostname(), "pid": sleeper.pid, "purpose": "prune",
-               "time": time.time() - 3600, "boot": "another-boot", "start": 1}
-    remote.put("locks/" + "e" * 32, json.dumps(expired).encode())
+    plant(remote, "e" * 32, sleeper.pid, boot="another-boot", start=1, time=time.time() - 3600)
     with RepoLock(remote, SHARED, "backup"):
         pass
 
@@ -149,12 +159,13 @@ def test_a_lock_that_could_not_be_taken_is_not_left_behind(remote, op, after):
         assert len(list_locks(remote)) == 1
 
 
-def test_a_lock_dated_far_ahead_is_stale(remote, sleeper, monkeypatch):
+def test_where_the_listing_dates_nothing_a_lock_dated_far_ahead_is_stale(tmp_path, monkeypatch):
     """A clock far ahead, or a lock object written by hand: otherwise it would hold every command off forever."""
     from chunkvault.errors import RepositoryStateWarning
     from chunkvault.store import locks
 
     monkeypatch.setattr(locks, "_skew_told", set())
+    remote = Undated(str(tmp_path / "repo"))
     body = {"kind": EXCLUSIVE, "host": "elsewhere", "pid": 1, "purpose": "prune", "time": time.time() + 3600}
     remote.put("locks/" + "f" * 32, json.dumps(body).encode())
     with pytest.warns(RepositoryStateWarning, match="a lock of elsewhere is dated 3[56].. s ahead"):
@@ -508,8 +519,7 @@ def test_a_lock_of_a_kind_this_version_does_not_know_holds_off_everyone(tmp_path
     for kind in (SHARED, EXCLUSIVE):
         with pytest.raises(Locked, match="locked by migrate on elsewhere"):
             RepoLock(remote, kind, "backup").acquire()
-    remote.put("locks/" + "ab" * 16, json.dumps({"kind": "migrate", "host": "elsewhere", "pid": 4242,
-                                                 "purpose": "migrate", "time": time.time() - 400}).encode())
+    plant(remote, "ab" * 16, 4242, kind="migrate", host="elsewhere", purpose="migrate", time=time.time() - 400)
     with RepoLock(remote, SHARED, "backup"):
         pass
 
@@ -583,6 +593,7 @@ def test_a_lock_of_a_host_whose_clock_runs_ahead_is_warned_of_once(remote, monke
     from chunkvault.store import locks
 
     monkeypatch.setattr(locks, "_skew_told", set())
+    remote = Undated(remote.root)  # with dates, the hosts' clocks decide nothing (the test below)
     plant(remote, "a" * 32, 42, host="fast-host", kind=SHARED, purpose="backup", time=time.time() + 200)
     plant(remote, "b" * 32, 43, host="fast-host", kind=SHARED, purpose="backup", time=time.time() + 200)
     plant(remote, "c" * 32, 44, host="steady-host", kind=SHARED, purpose="backup", time=time.time() + 5)
@@ -600,6 +611,50 @@ def test_a_lock_of_a_host_whose_clock_runs_ahead_is_warned_of_once(remote, monke
         with RepoLock(remote, SHARED, "backup"):
             pass
     assert remote.stat(old) is None
+
+
+def test_locks_are_aged_by_the_storages_clock_not_their_hosts(remote, monkeypatch):
+    """A host whose clock runs an hour ahead or behind holds its lock as long as it refreshes it (by the hosts'
+    clocks one of the two took the other's fresh lock for stale, and its prune deleted what the other's
+    backup used); a lock that names a fresh time but was last written long ago is stale."""
+    import warnings
+
+    from chunkvault.store import locks
+
+    monkeypatch.setattr(locks, "_skew_told", set())
+    for offset in (3600, -3600):
+        written = plant(remote, "a" * 32, 42, host="skewed-host", time=time.time() + offset)
+        os.utime(os.path.join(remote.root, written), None)  # written just now, by a clock that is off
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no skew warning either: the hosts' clocks decide nothing
+            with pytest.raises(Locked, match=r"locked by prune on skewed-host \(pid 42, refreshed [01] s ago\)"):
+                RepoLock(remote, SHARED, "backup").acquire()
+            assert [lk.key for lk in locks.remove_locks(remote).kept] == [written]
+    frozen = plant(remote, "a" * 32, 42, host="frozen-host")
+    old = time.time() - locks.STALE_AFTER - 30
+    os.utime(os.path.join(remote.root, frozen), (old, old))
+    assert "refreshed 33" in locks.remove_locks(remote).removed[0].describe()
+    plant(remote, "b" * 32, 43, host="frozen-host")
+    os.utime(os.path.join(remote.root, "locks", "b" * 32), (old, old))
+    with RepoLock(remote, SHARED, "backup"):
+        assert [lk.host for lk in list_locks(remote)] == [socket.gethostname()]
+
+
+def test_unlock_where_the_remote_refuses_its_own_lock_goes_by_the_hosts_clocks(remote):
+    """A read-only remote takes no lock of unlock's own to date the others by: the times inside them do."""
+    from chunkvault.errors import PermissionDenied
+    from chunkvault.store.locks import remove_locks
+
+    class ReadOnly(LocalRemote):
+        def put(self, key, data, *, if_absent=False):
+            raise PermissionDenied("read-only")
+
+    old = plant(remote, "e" * 32, 42, host="another-host", time=time.time() - 1000)
+    os.utime(os.path.join(remote.root, old), None)
+    live = plant(remote, "a" * 32, 43, host="another-host", kind=SHARED, purpose="backup")
+    done = remove_locks(ReadOnly(remote.root))
+    assert [lk.key for lk in done.removed] == [old] and [lk.key for lk in done.kept] == [live]
+    assert done.removed[0].stored_ago is None and "refreshed 1000 s ago" in done.removed[0].describe()
 
 
 @pytest.mark.parametrize("command", ["copy", "import"])
