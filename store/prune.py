@@ -12,12 +12,14 @@ the next prune finishes the job.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, ObjectNotFound, RemoteError, StorageFull
+from chunkvault.errors import (ChunkvaultError, CorruptObject, ObjectNotFound, RemoteError, RepositoryStateWarning,
+                               StorageFull)
 
-from .blob import KIND_DELTA
+from .blob import KIND_DELTA, open_blob, open_envelope
 from .chain import broken_chains
 from .indexfile import INDEX_SLACK, IndexData, split_index
 from .locks import EXCLUSIVE, RepoLock
@@ -115,16 +117,61 @@ def select_packs(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], u
         used |= grown
 
 
-def kept_copies(packs: dict[bytes, list[PackEntry]]) -> dict[bytes, PackEntry]:
+def kept_copies(packs: dict[bytes, list[PackEntry]], spurned: frozenset[tuple[bytes, int]] = frozenset()
+                ) -> dict[bytes, PackEntry]:
     """Pure: for each blob, the copy a prune keeps live: the first stored whole (in pack id order), else the
-    first delta.  Marking the bases of one copy while keeping another lost a kept snapshot's data."""
+    first delta; a copy ``spurned`` ((pack id, offset): it failed to verify) only where the blob has no
+    other.  Marking the bases of one copy while keeping another lost a kept snapshot's data."""
     copies: dict[bytes, PackEntry] = {}
+    rank: dict[bytes, tuple[bool, bool]] = {}
     for pid in sorted(packs):
         for e in packs[pid]:
-            held = copies.get(e.blob_id)
-            if held is None or (held.kind == KIND_DELTA and e.kind != KIND_DELTA):
-                copies[e.blob_id] = e
+            this = ((pid, e.offset) in spurned, e.kind == KIND_DELTA)
+            if e.blob_id not in copies or this < rank[e.blob_id]:
+                copies[e.blob_id], rank[e.blob_id] = e, this
     return copies
+
+
+def copy_intact(repo: Repo, e: PackEntry, envelope: bytes) -> bool:
+    """Whether a blob's envelope verifies: it authenticates (sealed to its id, and a delta to its base, by a
+    holder of the key) and a whole blob's content hashes to its id."""
+    if len(envelope) != e.length:
+        return False
+    try:
+        if e.kind == KIND_DELTA:  # its content needs its base: authentication is the check here
+            open_envelope(repo.sealer, e.blob_id, envelope)
+        elif repo.blob_id(open_blob(repo.sealer, e.blob_id, envelope, e.raw_length)) != e.blob_id:
+            return False
+    except ChunkvaultError:
+        return False
+    return True
+
+
+def _unverified_keeps(repo: Repo, packs: dict[bytes, list[PackEntry]], plan: PrunePlan, used: set[bytes],
+                      known: dict[bytes, PackEntry]) -> set[tuple[bytes, int]]:
+    """The kept copies ((pack id, offset)) that fail to verify, of the used blobs whose other copies the
+    plan deletes.  Index entries are trusted until read: a look-alike pack (another's header over other
+    bytes, stored by whoever holds the storage) lists the same blobs, and keeping its copy unread while
+    deleting the real one lost the data with every check clean.  Only blobs held twice are read."""
+    dropped = {e.blob_id for use in plan.delete + plan.repack for e in use.entries
+               if e.blob_id in used and known[e.blob_id] is not e}
+    if not dropped:
+        return set()
+    where = {id(e): pid for pid, entries in packs.items() for e in entries}
+    failed = set()
+    for blob_id in sorted(dropped):
+        e = known[blob_id]
+        pid = where[id(e)]
+        try:
+            envelope = repo.remote.get(pack_key(pid), e.offset, e.length)
+        except ObjectNotFound:
+            envelope = b""
+        if not copy_intact(repo, e, envelope):
+            warnings.warn(f"blob {blob_id.hex()}: its copy in {pack_key(pid)} does not verify (damaged, or not "
+                          "sealed with this repository's key); the prune keeps another copy",
+                          RepositoryStateWarning, stacklevel=2)
+            failed.add((pid, e.offset))
+    return failed
 
 
 def _select_once(packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int], used: set[bytes],
@@ -321,22 +368,29 @@ def replace_index(repo: Repo, new_index: IndexData, old_names: list[str],
 def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = None) -> PrunePlan:
     names, live = live_index_objects(repo)
     packs = packs_of(live)
-    used = used_blobs(repo)
-    known = kept_copies(packs)
-    missing = [b for b in used if b not in known]
-    if missing:
-        raise CorruptObject(f"blob {missing[0].hex()}",
-                            f"{len(missing)} blob(s) that snapshots need are in no index; before pruning, "
-                            "`repair index` finds those a pack still holds, then `repair snapshots` drops the "
-                            "files that need the others (`check` names them)")
-    add_bases(used, known)
+    needed = used_blobs(repo)
     sizes = repo.stored_packs()
-    orphans = [(pack_key(pid), size) for pid, size in sizes.items() if pid not in packs]
-    plan = select_packs(packs, sizes, used, max_unused, known, max_repack)
     lost = [p for p in packs if p not in sizes]
-    if lost:
-        raise CorruptObject(pack_key(lost[0]), f"{len(lost)} indexed pack(s) are missing; `check` names what they "
-                                                  "take down, `repair index` drops them from the index")
+    spurned: frozenset[tuple[bytes, int]] = frozenset()
+    while True:  # each round spurns copies that failed to verify; a blob held in n copies takes n rounds
+        known = kept_copies(packs, spurned)
+        missing = [b for b in needed if b not in known]
+        if missing:
+            raise CorruptObject(f"blob {missing[0].hex()}",
+                                f"{len(missing)} blob(s) that snapshots need are in no index; before pruning, "
+                                "`repair index` finds those a pack still holds, then `repair snapshots` drops "
+                                "the files that need the others (`check` names them)")
+        if lost:
+            raise CorruptObject(pack_key(lost[0]), f"{len(lost)} indexed pack(s) are missing; `check` names what "
+                                                   "they take down, `repair index` drops them from the index")
+        used = set(needed)
+        add_bases(used, known)
+        plan = select_packs(packs, sizes, used, max_unused, known, max_repack)
+        failed = _unverified_keeps(repo, packs, plan, used, known) - spurned
+        if not failed:
+            break
+        spurned |= failed
+    orphans = [(pack_key(pid), size) for pid, size in sizes.items() if pid not in packs]
     plan.orphans = orphans
     plan.index_names = names
     plan.dead_indexes, plan.freed_early = dead_index_objects(live, names, {p.pack_id for p in plan.delete})

@@ -16,14 +16,15 @@ from typing import Callable, Iterable
 
 from chunkvault.errors import ChunkvaultError, CorruptObject, NewerObject, UsageError
 
-from .blob import KIND_DELTA, open_blob, open_envelope
+from .blob import KIND_DELTA
 from .crypto import content_name
 from .indexfile import IndexData
 from .locks import EXCLUSIVE, RepoLock
 from .manifest import T_HARDLINK, Record, delete_record, sort_key
 from .manifest_io import store_manifest
 from .pack import PackEntry, fetch_header, readable_ids
-from .prune import carried_forward, indexed_packs, packs_of, read_index_data, replace_index, store_envelopes
+from .prune import (carried_forward, copy_intact, indexed_packs, packs_of, read_index_data, replace_index,
+                    store_envelopes)
 from .repository import PreparedBlob, Repo, pack_id_of, pack_key
 from .rewrite import count_tree, save_counts
 from .snapshot import KIND_FULL, Snapshot
@@ -94,6 +95,13 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
             report.unreadable_packs.append(f"{pack_key(pid)}: its content does not match its name (a copy of "
                                            "another pack under a new name?)")
             del index.packs[pid]
+        for pid, bad in _unverified_copies(repo, index.packs).items():
+            report.unreadable_packs.append(f"{pack_key(pid)}: {len(bad)} blob(s) that another pack also holds do "
+                                           "not verify here (damaged, or not sealed with this repository's key): "
+                                           "left out of the index")
+            index.packs[pid] = [e for e in index.packs[pid] if e not in bad]
+            if not index.packs[pid]:
+                del index.packs[pid]  # then no index names it: the next prune deletes it
         report.packs = len(index.packs)
         report.blobs = sum(len(entries) for entries in index.packs.values())
         readable = readable_ids(e for entries in index.packs.values() for e in entries)
@@ -117,6 +125,29 @@ def _misnamed_copies(repo: Repo, packs: dict[bytes, list[PackEntry]], sizes: dic
             if content_name(repo.remote.get(pack_key(pid))) != pid.hex()]
 
 
+def _unverified_copies(repo: Repo, packs: dict[bytes, list[PackEntry]]) -> dict[bytes, set[PackEntry]]:
+    """Of the blobs several packs hold, the copies that fail to verify where another copy verifies, by pack.
+    A header is sealed with the key but says nothing of the bytes beside it: a look-alike pack (a real
+    header over other bytes, named by their hash) lists the same blobs, and indexed, a prune kept its copies
+    and deleted the real ones.  Only copies of blobs held twice are read."""
+    first: dict[bytes, tuple[bytes, PackEntry]] = {}
+    held: dict[bytes, list[tuple[bytes, PackEntry]]] = {}
+    for pid, entries in packs.items():
+        for e in entries:
+            if e.blob_id in first:
+                held.setdefault(e.blob_id, [first[e.blob_id]]).append((pid, e))
+            else:
+                first[e.blob_id] = (pid, e)
+    bad: dict[bytes, set[PackEntry]] = {}
+    for copies in held.values():
+        failing = [(pid, e) for pid, e in copies
+                   if not copy_intact(repo, e, repo.remote.get(pack_key(pid), e.offset, e.length))]
+        if len(failing) < len(copies):
+            for pid, e in failing:
+                bad.setdefault(pid, set()).add(e)
+    return bad
+
+
 def _damage_in_tree(tree: Iterable[Record], damaged: Callable[[Record], bool]) -> tuple[list[bytes], list[bytes]]:
     """Of a snapshot's resolved tree: the damaged files (a differential's own, and those it inherits from
     its chain), and the hard links whose target is one of them (left in, each would restore to nothing,
@@ -135,21 +166,6 @@ def _damage_in_tree(tree: Iterable[Record], damaged: Callable[[Record], bool]) -
 
 def _read_header(repo: Repo, key: str, size: int) -> list[PackEntry]:
     return fetch_header(repo.sealer, lambda offset, length: repo.remote.get(key, offset, length), size, key).entries
-
-
-def _intact(repo: Repo, e: PackEntry, envelope: bytes) -> bool:
-    """Whether a blob's envelope still verifies: it authenticates (sealed to its id, and a delta to its
-    base, by a holder of the key) and a whole blob's content hashes to its id."""
-    if len(envelope) != e.length:
-        return False
-    try:
-        if e.kind == KIND_DELTA:  # its content needs its base: authentication is the check here
-            open_envelope(repo.sealer, e.blob_id, envelope)
-        elif repo.blob_id(open_blob(repo.sealer, e.blob_id, envelope, e.raw_length)) != e.blob_id:
-            return False
-    except ChunkvaultError:
-        return False
-    return True
 
 
 def _resolve_packs(specs: list[str], known: Iterable[bytes]) -> list[bytes]:
@@ -249,7 +265,7 @@ def _read_intact(repo: Repo, pid: bytes, entries: list[PackEntry] | None, stored
     if pid not in stored:
         found.problem = "pack is missing"
     candidates = {e: data[e.offset : e.offset + e.length] for e in [*entries, *own]}
-    return found, entries, {e: env for e, env in candidates.items() if _intact(repo, e, env)}
+    return found, entries, {e: env for e, env in candidates.items() if copy_intact(repo, e, env)}
 
 
 def _require_indexed(repo: Repo, unlisted: dict[bytes, int], report: RepairReport) -> None:

@@ -1025,3 +1025,69 @@ def test_the_links_of_a_damaged_file_are_named_among_the_files_not_restored(tmp_
     assert (tmp_path / "out" / "ok").read_bytes() == b"fine"
     named = [f for p in repo.check(read_data=True).problems for f in p.files]
     assert sorted(named) == [f"{snap.id[:8]}:{path}" for path in ("a/h1", "a/h2", "b_h3")]
+
+
+def _plant_look_alike(repo_dir, repo, snap) -> tuple:
+    """What whoever holds the storage can make without the key: a pack of other bytes under the real
+    pack's sealed header, named by its hash as every pack is, sorting before the real one.  The manifest's
+    blobs stay (a reader takes either copy, and does not yet try the other when one fails)."""
+    from chunkvault.store.crypto import content_name
+    from chunkvault.store.pack import fetch_header
+
+    (real,) = [p for p in (repo_dir / "data").rglob("*") if p.is_file()]
+    data = real.read_bytes()
+    entries = fetch_header(repo._repo.sealer, lambda offset, length: data[offset:offset + length], len(data),
+                           "pack").entries
+    kept = {bytes.fromhex(h) for h in snap.manifest}
+    for _ in range(256):
+        fake = bytearray(data)
+        for e in entries:
+            if e.blob_id not in kept:
+                fake[e.offset : e.offset + e.length] = os.urandom(e.length)
+        name = content_name(fake)
+        if name < real.name:
+            break
+    planted = repo_dir / "data" / name[:2] / name
+    planted.parent.mkdir(exist_ok=True)
+    planted.write_bytes(fake)
+    return real, planted, entries
+
+
+def test_repair_index_leaves_out_a_look_alike_pack_whose_copies_do_not_verify(small_files, tmp_path):
+    """A look-alike pack reads as the real one by its header: indexed, `check` passed it, and a prune kept
+    its copies (the lower pack id) and deleted the real pack."""
+    path, repo, snap, files = small_files
+    real, planted, entries = _plant_look_alike(path, repo, snap)
+    repaired = repo.repair_index()
+    assert repaired.blobs == len(entries) + len(snap.manifest)  # the look-alike's copies that verify stay
+    assert [u for u in repaired.unreadable_packs if "do not verify" in u] == [
+        f"data/{planted.parent.name}/{planted.name}: {len(entries) - len(snap.manifest)} blob(s) that another "
+        "pack also holds do not verify here (damaged, or not sealed with this repository's key): left out of "
+        "the index"]
+    repo.prune()
+    assert real.exists()
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == files
+    problems = repo.check(read_data=True).problems  # the look-alike is named: it holds what no key sealed
+    assert problems and all(planted.name in p.object + p.problem for p in problems)
+
+
+def test_prune_keeps_the_copy_that_verifies_of_a_blob_two_packs_hold(small_files, tmp_path, password):
+    """The look-alike already indexed (by an older `repair index`): the prune reads the copy it would keep
+    before deleting the other, and keeps the real one."""
+    from chunkvault.errors import RepositoryStateWarning
+    from chunkvault.store.indexfile import IndexData
+
+    path, repo, snap, files = small_files
+    real, planted, entries = _plant_look_alike(path, repo, snap)
+    index = IndexData()
+    index.packs[bytes.fromhex(planted.name)] = entries
+    repo._repo.write_index(index)
+    repo = Repository.open(str(path), password)
+    with pytest.warns(RepositoryStateWarning, match=f"its copy in data/{planted.parent.name}/{planted.name} does "
+                                                    "not verify"):
+        repo.prune()
+    assert real.exists()
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == files
+    assert repo.check(read_data=True).ok
