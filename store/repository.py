@@ -1160,6 +1160,10 @@ class BlobWriter:
         self.damaged: set[bytes] = set()  # blobs the command found unreadable: never deduplicated against
         self.damaged_packs: dict[int, bytes] = {}  # packs it found them in (-> one of them): their others are read
         self._verified: dict[bytes, bool] = {}  # blobs of those packs read whole (``_reads``)
+        # The packs of the blobs it deduplicated against, and a listing of data/ taken from the first on:
+        # ``flush`` checks they are stored (``_check_deduplicated``).
+        self._deduplicated: set[bytes] = set()
+        self._stored: Future[dict[bytes, int]] | None = None
         self._abandoned = False
         self._settled = True  # every blob it placed is in an index object it wrote (or it placed none)
         repo._writer_lock.acquire()  # after another thread's writer, if one runs (``close`` in this thread frees it)
@@ -1190,7 +1194,12 @@ class BlobWriter:
                 raise CorruptObject(f"blob {blob_id.hex()}", "is damaged in the repository, and this would "
                                     "refer to it again: run `chunkvault check --read-data`, then `repair "
                                     "packs` for the packs it names, and back up again")
-            loc = index.get(blob_id) if self.damaged_packs and blob_id not in self._pending else None
+            loc = index.get(blob_id) if blob_id not in self._pending else None
+            pack_id = self.repo.pack_ids[loc.pack_no] if loc is not None else None
+            if pack_id is not None:  # None: in flight from this process
+                self._deduplicated.add(pack_id)
+                if self._stored is None:
+                    self._stored = self._uploads.submit(self.repo.stored_packs)
         if loc is not None and loc.pack_no in self.damaged_packs and not self._reads(blob_id):
             pack_id = self.repo.pack_ids[loc.pack_no]
             raise CorruptObject(pack_key(pack_id) if pack_id else f"blob {blob_id.hex()}",
@@ -1347,6 +1356,20 @@ class BlobWriter:
         finally:
             self._slots.release()
 
+    def _check_deduplicated(self) -> None:
+        """MissingObject for a pack it deduplicated against that is not stored: the index lists a pack that
+        is gone (deleted by hand or a lifecycle rule, or an old index put back after a prune deleted it), and
+        a snapshot would refer to data no one can read, with every file saved as if stored."""
+        if self._stored is None:
+            return
+        stored = self._stored.result()
+        for pack_id in sorted(self._deduplicated - stored.keys()):
+            if self.repo.remote.stat(pack_key(pack_id)) is None:  # not one stored after the listing
+                raise MissingObject(pack_key(pack_id), "is listed by the index but not stored, and this would "
+                                    "refer to blobs it held: run `chunkvault repair index` (it drops the pack "
+                                    "from the index, and the next backup stores that data again)")
+        self._deduplicated.clear()
+
     def _take_index(self) -> IndexData:
         batch, self._unindexed, self._unindexed_bytes = self._unindexed, IndexData(), 0
         self._last_index = time.monotonic()
@@ -1366,6 +1389,7 @@ class BlobWriter:
             f.result()
         if self._error is not None:
             raise self._error
+        self._check_deduplicated()
         if not write_index:
             return
         with self._lock:

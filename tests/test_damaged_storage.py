@@ -1091,3 +1091,39 @@ def test_prune_keeps_the_copy_that_verifies_of_a_blob_two_packs_hold(small_files
     repo.restore(snap.id, str(tmp_path / "out"))
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == files
     assert repo.check(read_data=True).ok
+
+
+@pytest.mark.parametrize("how", ["deleted", "index rolled back"])
+def test_a_backup_that_would_refer_to_a_pack_that_is_gone_stops_and_names_repair_index(tmp_path, new_repo, how):
+    """New files whose data a pack no longer stored held: the backup said 0 B added and saved a snapshot no
+    restore could read.  Gone by hand, or by an old index put back after a prune deleted the pack."""
+    repo_dir = tmp_path / "repo"
+    repo = new_repo(str(repo_dir))
+    a, b, c = (tmp_path / name for name in ("a", "b", "c"))
+    for d in (a, b, c):
+        d.mkdir()
+    data = os.urandom(300_000)
+    (a / "one").write_bytes(data)
+    (b / "two").write_bytes(os.urandom(200_000))
+    first = repo.backup([str(a)]).snapshot
+    if how == "deleted":
+        (pack,) = [p for p in (repo_dir / "data").rglob("*") if p.is_file()]
+        pack.unlink()
+    else:
+        repo.backup([str(b)])
+        saved = {p.name: p.read_bytes() for p in (repo_dir / "index").iterdir()}
+        repo.forget([first.id])
+        repo.prune()
+        for p in (repo_dir / "index").iterdir():
+            p.unlink()
+        for name, body in saved.items():
+            (repo_dir / "index" / name).write_bytes(body)
+    (c / "again").write_bytes(data)
+    before = {s.id for s in repo.snapshots()}
+    with pytest.raises(MissingObject, match="is listed by the index but not stored.*`chunkvault repair index`"):
+        repo.backup([str(c)])
+    assert {s.id for s in repo.snapshots()} == before
+    repo.repair_index()
+    snap = repo.backup([str(c)]).snapshot
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "again").read_bytes() == data
