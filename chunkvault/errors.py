@@ -153,6 +153,11 @@ class StorageFull(RemoteError):
     """No space left on the device or quota exhausted."""
 
 
+class ObjectTooLarge(RemoteError):
+    """The storage takes no object this large (a service's --max-object-size, a file system's or a process's
+    file size limit): trying again would fail the same way."""
+
+
 class TargetUnwritable(ChunkvaultError):
     """A restore could not write into its target (permission, a read-only file system, a name too long):
     the exit code of a storage failure, since the target is where the restore stores its data."""

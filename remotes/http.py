@@ -59,6 +59,7 @@ import urllib3.exceptions as u3
 from chunkvault.errors import (
     ObjectExists,
     ObjectNotFound,
+    ObjectTooLarge,
     PermissionDenied,
     RemoteError,
     RemoteUnavailable,
@@ -296,7 +297,7 @@ class HTTPRemote(Remote):
         if status == 412:
             return ObjectExists(what)
         if status == 413:
-            return RemoteError(f"{self.display_url} refused {op} {what}: {reason}")
+            return ObjectTooLarge(f"{self.display_url} refused {op} {what}: {reason}")
         if status == 507:
             return StorageFull(f"{self.display_url} is out of space ({op} {what}): {reason}")
         if status in (408, 429) or status >= 500:

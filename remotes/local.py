@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 from chunkvault.errors import (
     ObjectExists,
     ObjectNotFound,
+    ObjectTooLarge,
     PermissionDenied,
     RemoteError,
     StorageFull,
@@ -48,6 +49,8 @@ _DIRECT_ALIGN = 4096
 def _os_error(exc: OSError, what: str) -> RemoteError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"no space left on device while {what}")
+    if exc.errno == errno.EFBIG:
+        return ObjectTooLarge(f"file too large for the file system or the file size limit while {what}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return PermissionDenied(f"permission denied while {what}: {exc.strerror}")
     if exc.errno == errno.ENOTDIR:  # say where: a file stands where the repository needs a directory

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote
 
 from chunkvault import interrupts
-from chunkvault.errors import ObjectExists, PermissionDenied, RemoteError, StorageFull, UsageError
+from chunkvault.errors import ObjectExists, ObjectTooLarge, PermissionDenied, RemoteError, StorageFull, UsageError
 from chunkvault.tomlfile import read_toml
 from chunkvault.units import format_size, parse_size
 
@@ -77,7 +77,7 @@ PACK_ROOM = DEFAULT_PACK_SIZE + 3 * MiB  # such a pack, one more chunk (2 MiB at
 CONFIG_KEYS = ("enabled", "listen", "path", "tokens", "append_only", "tls_cert", "tls_key", "max_object_size", "quiet",
                "max_connections", "max_connections_per_client", "header_timeout", "idle_timeout", "cleanup_interval",
                "min_upload_rate")
-_RANGE = re.compile(r"^bytes=(\d+)-(\d*)\Z")
+_RANGE = re.compile(r"^bytes=([0-9]{1,19})-([0-9]{0,19})\Z")  # ASCII, and numbers int() takes
 # The objects a repository is made of (store/FORMAT.md): anything else is refused, so that no client can put a
 # file where the layout needs a directory ("data/ab" in the way of every pack under data/ab/).
 _LAYOUT_KEY = re.compile(r"^(config|(keys|locks|index|snapshots)/[^/]+|data/[0-9a-f]{2}/[^/]+)\Z")
@@ -842,8 +842,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._fail(411, "send the body with Content-Length, not Transfer-Encoding", close=True)
         if length is not None:
             # ASCII digits only ("²" is a digit to str.isdigit), and one length: with two, the rest of a
-            # body was read as the next request
-            if len(lengths) > 1 or not (length.isascii() and length.isdigit()):
+            # body was read as the next request; beyond 19 digits no object's length (and past 4300, int()
+            # refuses the text: the connection dropped with no answer)
+            if len(lengths) > 1 or not (length.isascii() and length.isdigit()) or len(length) > 19:
                 return self._fail(400, "bad Content-Length", close=True)
             self._unread = int(length)
             self._body_deadline = (time.monotonic() + self.server.settings.header_timeout
@@ -893,7 +894,7 @@ class Handler(BaseHTTPRequestHandler):
                 # A web page whose name was rebound to 127.0.0.1 reaches a service without tokens: its requests
                 # name that page's host, never a loopback one.
                 self._fail(403, "a service without tokens answers only requests addressed to a loopback name "
-                                "(127.0.0.1, ::1, localhost); give it --tokens to serve others")
+                                "(127.0.0.1, ::1, localhost); give it --tokens to serve others", close=True)
                 return None
             mode = "full"
         else:
@@ -902,7 +903,9 @@ class Handler(BaseHTTPRequestHandler):
             if mode is None:
                 reason = ("the token is not in the server's tokens file" if scheme
                           else "this service requires a token (Authorization: Bearer TOKEN)")
-                self._fail(401, reason, headers={"WWW-Authenticate": 'Bearer realm="chunkvault"'})
+                # Closed, not drained: a body is read for no one without a token (its declared length set
+                # how long a drain may take, and a client trickling it held a connection for hours).
+                self._fail(401, reason, headers={"WWW-Authenticate": 'Bearer realm="chunkvault"'}, close=True)
                 return None
         if self.server.settings.append_only and mode == "full":
             mode = "append-only"
@@ -921,8 +924,8 @@ class Handler(BaseHTTPRequestHandler):
                 validate_key(after)
         except UsageError as exc:
             return self._fail(400, str(exc))
-        if not (limit_text.isascii() and limit_text.isdigit()) or int(limit_text) < 1:  # "²" is a digit too
-            return self._fail(400, "limit must be a positive number")
+        if not (limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 19) or int(limit_text) < 1:
+            return self._fail(400, "limit must be a positive number")  # "²" is a digit to isdigit() too
         self._what = f"list prefix={prefix!r}"
         try:
             items, next_after = list_page(self.server.settings.path, prefix, after, min(int(limit_text), PAGE_SIZE))
@@ -1020,6 +1023,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._exists(key, if_absent)
         except StorageFull as exc:
             return self._fail(507, str(exc))
+        except ObjectTooLarge as exc:  # the server's file size limit: answered as --max-object-size is
+            return self._fail(413, str(exc))
         except PermissionDenied as exc:
             return self._fail(403, f"the server cannot write: {exc}")
         except RemoteError as exc:

@@ -1064,3 +1064,50 @@ def test_another_web_server_at_the_url_is_no_damaged_repository(tmp_path, cli):
     finally:
         web.shutdown()
         web.server_close()
+
+
+@pytest.mark.parametrize("token", ["wrong-token-0123456789abcdef", None])
+def test_a_request_without_a_valid_token_is_answered_and_its_connection_closed(http_server, token):
+    """Its body is not drained: the length it declares set how long a drain might take, and a client that
+    sent a byte every two minutes held a connection for hours without a token."""
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    with socket.create_connection(("127.0.0.1", http_server.port), timeout=20) as s:
+        s.sendall(f"PUT /objects/{KEY} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 60000000\r\n\r\nx".encode())
+        started = time.monotonic()
+        said = b""
+        while chunk := s.recv(4096):
+            said += chunk
+    assert said.startswith(b"HTTP/1.1 401") and b"Connection: close" in said
+    assert time.monotonic() - started < 15  # a short linger for the answer to be read; not the 2 h a drain took
+
+
+@pytest.mark.parametrize("header", ["Content-Length: " + "9" * 5000, "Range: bytes=" + "1" * 5000 + "-"])
+def test_numbers_too_long_for_any_object_get_an_answer(http_server, header):
+    """Beyond 4300 digits int() refuses them: the connection dropped with no answer and an internal error."""
+    assert raw_request(http_server.port, "PUT", "/objects/config", body=b"stored")[0] in (200, 201, 204)
+    with socket.create_connection(("127.0.0.1", http_server.port), timeout=20) as s:
+        s.sendall(f"GET /objects/config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n{header}\r\n"
+                  "\r\n".encode())
+        said = s.recv(4096)
+    assert said.startswith(b"HTTP/1.1 400"), said
+    status, body = raw_request(http_server.port, "GET", "/objects/?limit=" + "7" * 5000)
+    assert status == 400 and "limit" in body["error"]
+
+
+def test_an_object_past_the_servers_file_size_limit_is_refused_for_good(serve_factory):
+    """A service under a file size limit (systemd's LimitFSIZE=, ulimit -f) answered 500, which clients retry
+    for their whole retry time (15 minutes by default)."""
+    import resource
+
+    from chunkvault.errors import ObjectTooLarge
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    server = serve_factory(preexec_fn=small_files)
+    with HTTPRemote.from_url(server.url) as remote:
+        with pytest.raises(ObjectTooLarge, match="file too large for the file system or the file size limit"):
+            remote.put("data/cd/" + "cd" * 32, os.urandom(2 << 20))
+        remote.put(KEY, b"small objects are still taken")
+        assert remote.get(KEY) == b"small objects are still taken"
+        assert [o.key for o in remote.list("data/")] == [KEY]  # the large one left nothing
