@@ -943,11 +943,13 @@ class Handler(BaseHTTPRequestHandler):
         self._fail(404, f"object not found: {key}", headers={MISSING_HEADER: "missing"})
 
     def _get(self, key: str) -> None:
-        try:
-            f = open(self._object_path(key), "rb")
+        try:  # an object is a file, never a link (listings leave links out: no object is served they hide)
+            f = open(self._object_path(key), "rb", opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return self._missing(key)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return self._missing(key)
             return self._fail(500, f"cannot read {key}: {exc.strerror}")
         with f:
             st = os.fstat(f.fileno())
@@ -1070,11 +1072,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _collision(self, key: str) -> str | None:
         """Why ``key`` cannot be stored, when a file stands where its path needs a directory or a directory
-        where it needs a file: permanent, unlike a failing disk, so the client is told not to retry."""
+        where it needs a file: permanent, unlike a failing disk, so the client is told not to retry.  A link
+        to a directory is one (an operator moved ``data`` to a larger disk): called a file, the message told
+        the operator to remove what held every pack."""
         parts = key.split("/")
         for depth in range(1, len(parts) + 1):
             try:
-                st = os.lstat(os.path.join(self.server.settings.path, *parts[:depth]))
+                path = os.path.join(self.server.settings.path, *parts[:depth])
+                st = os.stat(path) if depth < len(parts) else os.lstat(path)
             except OSError:
                 return None
             where = "/".join(parts[:depth])

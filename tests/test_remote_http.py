@@ -1111,3 +1111,24 @@ def test_an_object_past_the_servers_file_size_limit_is_refused_for_good(serve_fa
         remote.put(KEY, b"small objects are still taken")
         assert remote.get(KEY) == b"small objects are still taken"
         assert [o.key for o in remote.list("data/")] == [KEY]  # the large one left nothing
+
+
+def test_a_served_directory_that_is_a_link_takes_uploads_and_a_linked_object_is_not_served(serve_factory,
+                                                                                         tmp_path):
+    """An operator who moved data/ to a larger disk and linked it: every upload was refused, told to remove
+    "a file" that held every pack.  A link in an object's place is left out as listings leave it out."""
+    elsewhere = tmp_path / "bigger-disk"
+    elsewhere.mkdir()
+    server = serve_factory()
+    (server.path / "data").symlink_to(elsewhere)
+    secret = tmp_path / "not-an-object"
+    secret.write_bytes(b"outside the repository")
+    (server.path / "keys").mkdir()
+    (server.path / "keys" / ("ab" * 16)).symlink_to(secret)
+    with HTTPRemote.from_url(server.url) as remote:
+        remote.put(KEY, b"pack")
+        assert remote.get(KEY) == b"pack" and [o.key for o in remote.list("data/")] == [KEY]
+        assert (elsewhere / "ab" / ("ab" * 32)).read_bytes() == b"pack"
+        with pytest.raises(ObjectNotFound):
+            remote.get("keys/" + "ab" * 16)
+        assert remote.stat("keys/" + "ab" * 16) is None
