@@ -42,7 +42,10 @@ def connect(url: str | Remote, *, cache: bool = True, limit_upload: float | None
     remote = open_remote(url, **options)
     local = isinstance(remote, LocalRemote)
     if limit_upload or limit_download:
-        remote = ThrottledRemote(remote, upload=limit_upload, download=limit_download)
+        from .remotes.layer import stop_request
+
+        remote = ThrottledRemote(remote, upload=limit_upload, download=limit_download,
+                                 stop=stop if stop is not None else stop_request)
     if local:
         if retry_time is not None:
             raise UsageError("retry-time applies to off-site remotes: a local repository is not retried")
@@ -81,7 +84,13 @@ def url_digest(url: str) -> str:
     return blake3.blake3(url.encode()).hexdigest()[:24]
 
 
+def key_ahead_dir() -> str | None:
+    """Where the key files that last opened each repository are kept (store/keyahead.py)."""
+    base = cache_base()
+    return None if base is None else os.path.join(base, "key-ahead")
+
+
 def key_ahead_path(url: str) -> str | None:
     """Where the key file that last opened the repository at ``url`` (as given) is kept (store/keyahead.py)."""
-    base = cache_base()
-    return None if base is None else os.path.join(base, "key-ahead", url_digest(url))
+    directory = key_ahead_dir()
+    return None if directory is None else os.path.join(directory, url_digest(url))

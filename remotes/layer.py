@@ -95,6 +95,10 @@ class StopRequest:
             return None
         return self.grace - (self._clock() - self._at)
 
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True when a stop was requested (at once if it was before)."""
+        return self._event.wait(seconds)
+
     def sleep(self, seconds: float) -> None:
         """Sleep, or less once a stop is requested meanwhile."""
         if not self._event.is_set():

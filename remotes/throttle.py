@@ -9,28 +9,43 @@ seconds, and transfers never overlap more than their turns allow; within one
 object (a 16 MiB pack) the backend goes as fast as the link lets it, as the
 remote interface hands over whole objects.  A pause earns no credit: the
 rate is never exceeded to catch up.
+
+A command told to stop (Ctrl-C, SIGTERM) waits for no more turns: an upload of a pack whose turn had not
+come is refused (it is left to the next run, as a pack not yet handed over is), and what a stopping command
+still writes (an index object, its lock's removal) goes at once.  Otherwise the stop waited out every turn
+booked, minutes at a low rate, past a service manager's stop timeout.
 """
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
+
+from chunkvault.errors import Stopped
 
 from .base import ObjectInfo, Remote
 
+if TYPE_CHECKING:
+    from .layer import StopRequest
+
 T = TypeVar("T")
+
+#: An upload at least this large whose turn had not come when the stop was requested is refused (a pack);
+#: a smaller one (an index object, a lock) goes at once.
+STOP_REFUSES = 1 << 20
 
 
 class RateSchedule:
     """Turns on a link of ``rate`` bytes per second, handed out in order to the threads that ask."""
 
     def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, stop: "StopRequest | None" = None):
         if not rate > 0:
             raise ValueError(f"a rate must be positive, got {rate!r}")
         self.rate = float(rate)
         self._clock = clock
         self._sleep = sleep
+        self._stop = stop
         self._lock = threading.Lock()
         self._free_at = float("-inf")  # when the link's schedule is next free
 
@@ -42,15 +57,20 @@ class RateSchedule:
             self._free_at = end = start + n / self.rate
         return start, end
 
-    def sleep_until(self, t: float) -> None:
+    def sleep_until(self, t: float) -> bool:
+        """Wait for ``t`` on the clock; False when a stop request ended the wait (or came before it)."""
         delay = t - self._clock()
-        if delay > 0:
-            self._sleep(delay)
+        if self._stop is None:
+            if delay > 0:
+                self._sleep(delay)
+            return True
+        return not (self._stop.requested() or (delay > 0 and self._stop.wait(delay)))
 
     def send(self, n: int, transfer: Callable[[], T]) -> T:
         """``transfer()`` of ``n`` bytes, started at its turn and returning no earlier than the turn ends."""
         start, end = self.book(n)
-        self.sleep_until(start)
+        if not self.sleep_until(start) and n >= STOP_REFUSES:
+            raise Stopped("told to stop before this upload's turn under the rate limit: left to the next run")
         result = transfer()
         self.sleep_until(end)
         return result
@@ -73,14 +93,15 @@ class ThrottledRemote(Remote):
     Not fork-safe: forked workers would each keep their own schedule and together exceed it."""
 
     def __init__(self, inner: Remote, *, upload: float | None = None, download: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 stop: "StopRequest | None" = None):
         self.inner = inner
         self.display_url = inner.display_url
         self.checks_read_length = inner.checks_read_length
         self.cheap_ranges = inner.cheap_ranges
         self.fork_safe = False
-        self.upload = RateSchedule(upload, clock=clock, sleep=sleep) if upload else None
-        self.download = RateSchedule(download, clock=clock, sleep=sleep) if download else None
+        self.upload = RateSchedule(upload, clock=clock, sleep=sleep, stop=stop) if upload else None
+        self.download = RateSchedule(download, clock=clock, sleep=sleep, stop=stop) if download else None
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         if self.upload is None:

@@ -101,3 +101,35 @@ def test_limited_backup_and_restore_keep_to_the_rate(tmp_path, cli):
     cli("restore", "-r", repo, "latest", "-t", str(tmp_path / "out"), "--limit-download", "200K")
     assert time.monotonic() - started > 1.5
     assert describe(tmp_path / "out") == describe(src)
+
+
+def test_a_stop_ends_the_waits_and_refuses_the_uploads_whose_turn_had_not_come(tmp_path):
+    """A backup told to stop under --limit-upload stored packs that had not begun and waited out every turn
+    booked (a minute and more at a low rate, past a service manager's stop timeout)."""
+    from chunkvault.errors import Stopped
+    from chunkvault.remotes.layer import StopRequest
+
+    stop = StopRequest()
+    remote = ThrottledRemote(LocalRemote(str(tmp_path / "r")), upload=1 << 20, stop=stop)
+    outcome: dict[str, object] = {}
+
+    def put(key: str, size: int) -> None:
+        try:
+            remote.put(key, os.urandom(size))
+            outcome[key] = "stored"
+        except Stopped:
+            outcome[key] = "refused"
+
+    first = threading.Thread(target=put, args=("data/first", 3 << 20))  # its turn: 3 s from now
+    first.start()
+    time.sleep(0.2)
+    second = threading.Thread(target=put, args=("data/second", 2 << 20))  # its turn begins in about 3 s
+    second.start()
+    time.sleep(0.2)
+    stop.request()
+    first.join()
+    second.join()
+    remote.put("index/small", b"an index object goes at once")  # not after the 5 s the turns booked
+    assert remote.upload is not None and remote.upload._clock() < remote.upload._free_at
+    assert outcome == {"data/first": "stored", "data/second": "refused"}
+    assert remote.stat("data/second") is None and remote.get("index/small")
