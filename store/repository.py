@@ -1197,9 +1197,7 @@ class BlobWriter:
             loc = index.get(blob_id) if blob_id not in self._pending else None
             pack_id = self.repo.pack_ids[loc.pack_no] if loc is not None else None
             if pack_id is not None:  # None: in flight from this process
-                self._deduplicated.add(pack_id)
-                if self._stored is None:
-                    self._stored = self._uploads.submit(self.repo.stored_packs)
+                self._note_deduplicated(pack_id)
         if loc is not None and loc.pack_no in self.damaged_packs and not self._reads(blob_id):
             pack_id = self.repo.pack_ids[loc.pack_no]
             raise CorruptObject(pack_key(pack_id) if pack_id else f"blob {blob_id.hex()}",
@@ -1208,6 +1206,12 @@ class BlobWriter:
                                 "`chunkvault check --read-data`, then `repair packs` for the packs it names, "
                                 "and back up again")
         return False
+
+    def _note_deduplicated(self, pack_id: bytes) -> None:
+        """Remember a pack a blob was deduplicated against; the first one starts a listing of data/."""
+        self._deduplicated.add(pack_id)
+        if self._stored is None:
+            self._stored = self._uploads.submit(self.repo.stored_packs)
 
     def _reads(self, blob_id: bytes) -> bool:
         """Whether a blob (and its delta bases) reads and verifies, asked once per blob."""
@@ -1445,6 +1449,11 @@ class CountingWriter(BlobWriter):
         self.index_names = []
         self._error = None
         self.damaged = set()
+        self.damaged_packs = {}
+        self._verified = {}
+
+    def _note_deduplicated(self, pack_id: bytes) -> None:
+        pass  # nothing is written, so nothing would refer to a pack that is gone
 
     def store_many(self, blobs: Iterable[PreparedBlob]) -> None:
         with self._lock:
