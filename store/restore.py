@@ -788,7 +788,9 @@ class Restorer:
 
     def delete_extra(self, records: Iterator[Record]) -> None:
         """--delete: remove what lies in the target but not in the snapshot (a second, merged walk).  What
-        lies below a directory whose listing failed at backup time is kept: the snapshot does not know it."""
+        lies below a directory whose listing failed at backup time is kept: the snapshot does not know it.  So
+        is what another file system mounted in the target holds: a backup with --one-file-system records a
+        mount point as an empty directory, and put back in place, the whole of /home was deleted."""
         from .source import SourceWalk
 
         self._follow_target()  # else the walk would see a link and nothing below it
@@ -797,7 +799,7 @@ class Restorer:
         skip: bytes | None = None
         kept: bytes | None = None  # key of the unlisted directory we are in, and a separator
         doomed: list[bytes] = []
-        walk = SourceWalk([(b"", self.target)], warnings=self.result.warnings)
+        walk = SourceWalk([(b"", self.target)], warnings=self.result.warnings, one_file_system=True)
         for rel, _path, _st, _ok in walk:
             key = sort_key(rel)
             if rel == b"" or (skip is not None and key.startswith(skip + b"\x00")):

@@ -155,10 +155,17 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
     a link, as ``shutil.rmtree`` does with descriptors, but with one descriptor open and no recursion: a
     tree deeper than Python's recursion limit (a thousand levels) raised RecursionError, and one deeper
     than the descriptors a process may hold failed too.  A directory emptied is left through its "..",
-    which is never a link.  ``unlock``: each directory is made ours to list and empty first (mode 0700), for
-    a tree restored with the modes it had, by a process that is not root."""
+    which is never a link, but is the directory it came down from only while no one moved it: each ".."
+    must be the directory recorded on the way down (device and inode), else OSError (ESTALE) and nothing
+    more is removed.  Moved meanwhile (a rename by whoever owns a directory in the tree), a root process
+    otherwise went on emptying the directory it was moved into, /tmp say, and each parent above that it
+    could rmdir, up to /.  Nor is another file system entered (EXDEV): a restore's --delete emptied what
+    was mounted in the target.  ``unlock``: each directory is made ours to list and empty first (mode
+    0700), for a tree restored with the modes it had, by a process that is not root."""
     names = [os.fsencode(name)]  # the path from ``name`` down to the directory open at ``fd``
-    fd = _open_to_empty(names[0], parent_fd, unlock)
+    device = os.fstat(parent_fd).st_dev
+    fd = _open_to_empty(names[0], parent_fd, unlock, device)
+    seen = [_identity(fd)]  # (device, inode) of each directory in ``names``
     try:
         while True:
             deeper = None
@@ -169,12 +176,14 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
                         break
                     os.unlink(entry.name, dir_fd=fd)
             if deeper is not None:
-                child = _open_to_empty(deeper, fd, unlock)
+                child = _open_to_empty(deeper, fd, unlock, device)
                 os.close(fd)
                 fd = child
                 names.append(deeper)
+                seen.append(_identity(fd))
                 continue
             emptied = names.pop()
+            seen.pop()
             if not names:
                 os.close(fd)
                 fd = -1
@@ -183,20 +192,32 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
             up = os.open(b"..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
             os.close(fd)
             fd = up
+            if _identity(fd) != seen[-1]:
+                raise OSError(errno.ESTALE, "a directory in it was moved while it was removed: left as it is",
+                              os.fsdecode(b"/".join(names)))
             os.rmdir(emptied, dir_fd=fd)
     finally:
         if fd >= 0:
             os.close(fd)
 
 
-def _open_to_empty(name: bytes, dir_fd: int, unlock: bool) -> int:
-    if unlock:  # through a descriptor that reaches the directory without reading it, never a link
-        reach = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _open_to_empty(name: bytes, dir_fd: int, unlock: bool, device: int) -> int:
+    """The directory ``name`` opened to be emptied; OSError (EXDEV) for one on another file system (a mount
+    point: what is mounted there is not part of the tree), before it is changed."""
+    reach = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:  # through a descriptor that reaches the directory without reading it, never a link
+        if os.fstat(reach).st_dev != device:
+            raise OSError(errno.EXDEV, "another file system is mounted there: left as it is", os.fsdecode(name))
+        if unlock:
             os.chmod(proc_path(reach), 0o700)
-        finally:
-            os.close(reach)
-    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=reach)
+    finally:
+        os.close(reach)
 
 
 SHORT_PATH = 3072  # bytes: a longer path below a root is reached through its directory's descriptor

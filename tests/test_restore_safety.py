@@ -887,3 +887,58 @@ def test_delta_writes_into_the_file_it_judged_not_into_a_link_put_at_its_name(tm
     assert victim.read_bytes() == b"not the restore's" and (after.st_mode, after.st_uid) == (before.st_mode,
                                                                                                  before.st_uid)
     assert (target / "big.moved").read_bytes() == data  # what it judged got the snapshot's content
+
+
+def test_removing_a_tree_stops_where_a_directory_in_it_was_moved_out_meanwhile(tmp_path, monkeypatch):
+    """Whoever owns a directory in a tree a root restore removes (--delete, a directory replaced by a file,
+    verify-restore's scratch) moves it out while it is emptied: its ".." is then the directory it was moved
+    into, which the removal went on emptying (/tmp), and each parent above it that it could rmdir, up to /."""
+    import errno
+
+    from chunkvault.store.target_dirs import remove_tree
+
+    deep = tmp_path / "target" / "junk" / "x" / "y"
+    deep.mkdir(parents=True)
+    for i in range(5):
+        (deep / f"f{i}").write_bytes(b"theirs")
+    victim = tmp_path / "victim"
+    (victim / "keepdir").mkdir(parents=True)
+    (victim / "important").write_bytes(b"not the restore's to delete")
+    real_unlink = os.unlink
+    moved = []
+
+    def unlink_then_move(name, *, dir_fd=None):
+        real_unlink(name, dir_fd=dir_fd)
+        if not moved:
+            moved.append(os.rename(deep, victim / "y"))
+
+    monkeypatch.setattr(os, "unlink", unlink_then_move)
+    parent = os.open(tmp_path / "target", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError) as info:
+            remove_tree(parent, "junk")
+    finally:
+        os.close(parent)
+    assert info.value.errno == errno.ESTALE
+    assert (victim / "important").read_bytes() == b"not the restore's to delete" and (victim / "keepdir").is_dir()
+    assert (tmp_path / "target" / "junk" / "x").is_dir()
+
+
+def test_delete_leaves_what_is_mounted_in_the_target(tmp_path, new_repo, tmpfs):
+    """`backup / -x` records a mount point as an empty directory; put back in place with --delete, what was
+    mounted there (all of /home) was deleted, with exit 0.  One the snapshot lacks is named, not emptied."""
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "conf").write_bytes(b"conf")
+    home = tmpfs("src/home", 256)
+    (home / "thesis.tex").write_bytes(b"alice's thesis")
+    repo = new_repo()
+    snap = repo.backup([str(src)], one_file_system=True).snapshot
+    (src / "etc" / "conf").write_bytes(b"changed")
+    extra = tmpfs("src/extra", 256)
+    (extra / "data").write_bytes(b"mounted after the backup")
+    with pytest.raises(TargetUnwritable, match="extra .not deleted: another file system is mounted there"):
+        repo.restore(snap.id, str(src), force=True, delta=True, delete=True)
+    assert (home / "thesis.tex").read_bytes() == b"alice's thesis"
+    assert (extra / "data").read_bytes() == b"mounted after the backup"
+    assert (src / "etc" / "conf").read_bytes() == b"conf"
