@@ -25,7 +25,7 @@ from .errors import (AmbiguousSnapshot, ChunkvaultError, CorruptObject, MissingO
                      PermissionDenied, RollbackDetected, SnapshotNotFound, Stopped, StorageFull, TargetNotEmpty,
                      TargetUnwritable, UsageError, VerificationFailed, output_error)
 from .ledger import Ledger, RepositoryStateWarning, present_of
-from .connection import connect, key_ahead_path
+from .connection import connect, key_ahead_dir, key_ahead_path
 from .units import parse_share, parse_size
 from .remotes import Remote, url_scheme
 from .remotes.layer import StopRequest, stop_request
@@ -42,6 +42,7 @@ from .store.owners import OwnerMap, chain_names
 from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, parse_until, select_snapshots
 from .store.source import SourceWalk, markers_of
 from .store import locks
+from .store import keyahead
 from .store.keyahead import KeyAhead
 from .store.locks import LockInfo
 from .store.unlock import Unlocked, require_openable, unlock
@@ -1377,18 +1378,24 @@ class Repository:
         Under the exclusive lock, taken first (waiting up to ``wait`` seconds for running backups and
         reads); where the change fails once the new key is stored, that key is taken back unless the old
         one is already gone, and the error says which passwords open the repository; stopped meanwhile, a
-        warning says so."""
+        warning says so.  Once the old key is gone, this machine's cache keeps no copy of it."""
         check_kdf_seconds(kdf_seconds)
         old = self._repo.key_name
-        return self._repo.replace_key(_password(new_password), kdf_seconds=kdf_seconds, wait=wait), old
+        try:
+            return self._repo.replace_key(_password(new_password), kdf_seconds=kdf_seconds, wait=wait), old
+        finally:
+            if self._repo.key_name != old:  # the old key is gone from the repository, even where the change failed
+                keyahead.forget(key_ahead_dir(), [old])  # kept here, it would still open with the old password
 
     @_stoppable
     def remove_key(self, name: str, *, wait: float = 3600.0) -> str:
-        """Remove the key ``name`` (an id or unique prefix) and return its id; waits up to ``wait`` seconds
-        for running backups and reads to end."""
+        """Remove the key ``name`` (an id or unique prefix) and return its id, and any copy of it this
+        machine's cache keeps; waits up to ``wait`` seconds for running backups and reads to end."""
         if not isinstance(name, str) or not name:
             raise UsageError(f"a key is named by its id or a unique prefix, not {name!r}")
-        return self._repo.remove_key(name, wait=wait)
+        removed = self._repo.remove_key(name, wait=wait)
+        keyahead.forget(key_ahead_dir(), [removed])  # kept by this machine, it would still open with its password
+        return removed
 
     @_stoppable
     def export_key(self) -> bytes:

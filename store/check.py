@@ -11,7 +11,7 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import blake3
 
@@ -23,7 +23,7 @@ from .blob import KIND_DELTA, open_blob
 from .chain import broken_chains
 from .config import KeyFile, open_config, peek_config
 from .indexfile import IndexColumns
-from .manifest import T_HARDLINK
+from .manifest import T_FILE, T_HARDLINK, Record, unread
 from .pack import PACK_FIXED_OVERHEAD, PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
 from .repository import NOT_INDEXED, WORKERS, Repo, pack_id_of, pack_key, superseded_names
 from .snapshot import Snapshot
@@ -183,6 +183,10 @@ class Checker:
             except ChunkvaultError as exc:
                 self.problem(k.key, exc.reason if isinstance(exc, CorruptObject) else str(exc))
             else:
+                beyond = kf.cost_problem()
+                if beyond is not None:  # never derived: nothing opens with it
+                    self.problem(k.key, f"{beyond}: never derived, so nothing opens with it (`key remove` it)")
+                    continue
                 readable += not kf.repo or kf.repo == repo.config.repo_id
         if not readable:
             self.problem("keys", f"no key file of this repository is left: nothing opens it{KEY_IMPORT_HINT}")
@@ -443,14 +447,50 @@ class Checker:
                 self.bad_manifests[s.id] = p
                 continue
             try:
-                for _, refs in self.repo.manifest_chunk_refs([s], seen):
-                    self._report_unindexed(refs)
+                for _, records in self.repo.manifest_record_runs([s], seen):
+                    self._check_records(s, records)
             except RemoteUnavailable:
                 raise
             except ChunkvaultError as exc:
                 p = self.problem(f"snapshots/{s.id}", f"manifest unreadable: {exc}")
                 p.snapshots.append(s.id)
                 self.bad_manifests[s.id] = p
+
+    def _check_records(self, snap: Snapshot, records: Iterable[Record], batch: int = 4096) -> None:
+        """The chunks of ``records`` (of ``snap``'s own manifest) looked up in the index; with ``read_data``,
+        each file's recorded size against the lengths of its chunks, which every restore holds it to (the
+        index's lengths are the packs' headers', checked as the packs are read)."""
+        pending: list[bytes] = []
+        for rec in records:
+            e = rec.entry
+            if e is None:
+                continue
+            if e.chunks:
+                pending.append(e.chunks)
+                if len(pending) >= batch:
+                    self._report_unindexed(b"".join(pending))
+                    pending.clear()
+            if self.read_data and e.type == T_FILE and not unread(e):
+                self._check_size(snap, rec)
+        self._report_unindexed(b"".join(pending))
+
+    def _check_size(self, snap: Snapshot, rec: Record) -> None:
+        """A problem naming the file when its chunks hold another length than its entry records."""
+        e = rec.entry
+        assert e is not None
+        index = self.repo.index
+        held = 0
+        for cid in e.chunk_ids():
+            loc = index.get(cid)
+            if loc is None:  # not indexed: a problem of its own
+                return
+            held += loc.raw_length
+        if held != e.size:
+            path = os.fsdecode(rec.path)
+            p = self.problem(f"snapshots/{snap.id}", f"file {path!r} records a size of {e.size} bytes, and its "
+                                                     f"chunks hold {held}: no restore of it succeeds")
+            p.snapshots.append(snap.id)
+            p.files.append(f"{snap.id[:8]}:{path}")
 
     def _report_unindexed(self, ids: bytes) -> None:
         """Chunk ids (concatenated) looked up in one vectorised call; each one not indexed is a problem."""

@@ -21,8 +21,9 @@ from typing import Any
 from chunkvault.errors import CorruptObject, NewerObject, UnsupportedFormat, UsageError, WrongPassword
 
 from .crypto import (
-    SCRYPT_P, SCRYPT_R, AuthenticationFailed, KeyMaterial, Sealer, content_name, derive_argon2id, derive_kek,
-    as_secret, derive_secret_kek, is_secret, tune_argon2id,
+    ARGON2_MAX_MEMORY_KIB, ARGON2_MAX_WORK_KIB, MAX_LOG_N, MAX_P, MAX_R, MIN_LOG_N, SCRYPT_P, SCRYPT_R,
+    AuthenticationFailed, KeyMaterial, Sealer, content_name, derive_argon2id, derive_kek, as_secret, derive_secret_kek,
+    is_secret, scrypt_memory, tune_argon2id,
 )
 
 FORMAT_VERSION = 1
@@ -160,6 +161,11 @@ KDF_ARGON2ID = "argon2id"
 KDF_SCRYPT = "scrypt"
 KDF_SECRET = "secret"
 KDF_COST_FIELDS = {KDF_ARGON2ID: ("t", "m", "p"), KDF_SCRYPT: ("log_n", "r", "p"), KDF_SECRET: ()}
+#: The most an older key file's scrypt may ask for: what ``init`` wrote before Argon2id, never more (no key
+#: file is made with scrypt any longer).  r was 8; the first releases tuned N alone to the time (log_n up to
+#: 19, 512 MiB, on fast machines), later ones N to 32 MiB and up to 64 lanes, N growing only past 64 lanes.
+SCRYPT_KEY_MAX_MEMORY = scrypt_memory(MAX_LOG_N, SCRYPT_R)  # 512 MiB
+SCRYPT_KEY_MAX_WORK = MAX_P * SCRYPT_KEY_MAX_MEMORY  # 32 GiB over all lanes
 
 
 @dataclass
@@ -214,12 +220,39 @@ class KeyFile:
         """The key material, or WrongPassword."""
         return self.open_with(self.kek(password), repo_id)
 
+    def cost_problem(self) -> str | None:
+        """Why this key file's key is not to be derived, or None: parameters out of range, or a cost beyond
+        what ``init`` and ``key add`` write (``store/FORMAT.md``).  Every key file is tried with a mistyped
+        password, so one planted asking for more would make each such attempt pay it; it cannot be ours."""
+        c = self.cost
+        if self.kdf == KDF_ARGON2ID:
+            t, m, p = c["t"], c["m"], c["p"]
+            if not (1 <= p <= MAX_P and 8 * p <= m and 1 <= t):
+                return "key derivation parameters out of range"
+            if m > ARGON2_MAX_MEMORY_KIB or t * m > ARGON2_MAX_WORK_KIB:
+                return (f"its key derivation asks for Argon2id over {_mib(m << 10)}, {t} time(s), more than "
+                        f"chunkvault writes (at most {_mib(ARGON2_MAX_MEMORY_KIB << 10)}, and "
+                        f"{_mib(ARGON2_MAX_WORK_KIB << 10)} over all passes)")
+        elif self.kdf == KDF_SCRYPT:
+            log_n, r, p = c["log_n"], c["r"], c["p"]
+            if not (MIN_LOG_N <= log_n <= MAX_LOG_N and 1 <= r <= MAX_R and 1 <= p <= MAX_P):
+                return "key derivation parameters out of range"
+            memory = scrypt_memory(log_n, r)
+            if memory > SCRYPT_KEY_MAX_MEMORY or p * memory > SCRYPT_KEY_MAX_WORK:
+                return (f"its key derivation asks for scrypt over {_mib(memory)} in {p} lane(s), more than "
+                        f"chunkvault writes (at most {_mib(SCRYPT_KEY_MAX_MEMORY)}, and {_mib(SCRYPT_KEY_MAX_WORK)} "
+                        "over all lanes)")
+        return None
+
     def kek(self, password: bytes) -> bytes:
         """The key that wraps the key material, derived from ``password`` (the costly half of ``unwrap``)."""
         if self.kdf == KDF_SECRET:
             if not is_secret(password):
                 raise WrongPassword("this key opens with a generated key secret only")
             return derive_secret_kek(password, self.salt)
+        problem = self.cost_problem()
+        if problem is not None:  # refused before anything is derived
+            raise CorruptObject(f"keys/{self.name}", problem)
         try:
             return _password_kek(self.kdf, self.cost, password, self.salt)
         except ValueError:
@@ -232,6 +265,11 @@ class KeyFile:
         except AuthenticationFailed:
             raise WrongPassword("wrong password or no key found for it") from None
         return KeyMaterial.from_bytes(raw)
+
+
+def _mib(n: int) -> str:
+    """``n`` bytes in MiB, or GiB from 1 GiB on: how the bounds of key derivation are written."""
+    return f"{n >> 30} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
 
 
 def _password_kek(kdf: str, cost: dict[str, int], password: bytes, salt: bytes) -> bytes:

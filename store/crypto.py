@@ -186,15 +186,21 @@ def content_name(data: bytes | memoryview) -> str:
 SCRYPT_R = 8
 SCRYPT_P = 1
 MAX_P = 64  # the most lanes a key file may ask for: bounds what a planted one can make us compute
+MAX_R = 32
 MIN_LOG_N = 10
 MAX_LOG_N = 19  # 512 MiB with r = 8
 SCRYPT_MAX_MEMORY = (1 << 31) - 1 - (1 << 20)  # hashlib's scrypt takes a maxmem below 2 GiB
 
 
+def scrypt_memory(log_n: int, r: int) -> int:
+    """Bytes of scrypt's working memory with N = 2**log_n: N blocks of 128 r bytes (p lanes each reuse it)."""
+    return 128 * r << log_n
+
+
 def derive_kek(password: bytes, salt: bytes, log_n: int, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
     if not MIN_LOG_N <= log_n <= MAX_LOG_N:
         raise ValueError(f"scrypt cost 2**{log_n} out of range")
-    if not (1 <= r <= 32 and 1 <= p <= MAX_P):
+    if not (1 <= r <= MAX_R and 1 <= p <= MAX_P):
         raise ValueError(f"scrypt r={r} p={p} out of range")
     n = 1 << log_n
     need = 128 * r * (n + p + 2)  # what OpenSSL's scrypt allocates: N blocks of 128 r bytes, and p more
@@ -325,8 +331,10 @@ def tune_scrypt(target_seconds: float, max_p: int = MAX_P) -> tuple[int, int]:
 ARGON2_LANES = 2  # computed in parallel: on two cores a derivation takes half its CPU time
 ARGON2_MEMORY_KIB = 32 << 10  # scrypt's bound (and restic's): the peak memory of opening a repository
 ARGON2_LEAST_KIB = 1 << 10  # what a target below one pass over 32 MiB, or of 0, gets
-ARGON2_MAX_MEMORY_KIB = 1 << 22
-ARGON2_MAX_WORK_KIB = 1 << 26  # passes x memory a key file may ask for (about a minute of CPU)
+#: The memory a key file may ask for: twice what ``tune_argon2id`` ever gives, room for a later default.  Every
+#: key file is tried with a mistyped password: one planted asking for 4 GiB made that cost 4 GiB.
+ARGON2_MAX_MEMORY_KIB = 2 * ARGON2_MEMORY_KIB
+ARGON2_MAX_WORK_KIB = 1 << 26  # passes x memory a key file may ask for (about a minute of CPU): the tuner's cap
 
 
 def derive_argon2id(password: bytes, salt: bytes, t: int, m_kib: int, p: int) -> bytes:

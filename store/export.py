@@ -19,7 +19,8 @@ for a file that does not verify.
 
 Memory stays bounded for huge snapshots: the writer keeps a compact map of
 chunks already written (~60 bytes per distinct chunk) and a few batches in
-flight; a reader keeps 12 bytes per chunk (where each one is in the file).
+flight; a reader keeps 16 bytes per chunk (where each one is in the file, and
+its length, which every file record's size is checked against).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from array import array
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import blake3
@@ -45,14 +47,15 @@ from chunkvault.chunker import ChunkerParams
 from chunkvault.errors import (ChunkvaultError, CorruptObject, MissingObject, NewerObject, UnsupportedFormat,
                                UsageError, WrongPassword, output_error)
 
+from .backup import FUTURE_SLACK
 from .blob import KIND_ZSTD, compress
 from .blobindex import BlobIndex
 from .config import check_kdf_seconds
 from .copy import IMPORTED_FROM, origins
-from .crypto import (MAX_LOG_N, MIN_LOG_N, NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Sealer, derive_kek,
-                     tune_scrypt)
+from .crypto import (MAX_LOG_N, MIN_LOG_N, NONCE_SIZE, SCRYPT_R, TAG_SIZE, AuthenticationFailed, Sealer,
+                     derive_kek, scrypt_memory, tune_scrypt)
 from .locks import SHARED, RepoLock
-from .manifest import OP_ENTRY, ManifestStats, Record, decode_records, encode_record
+from .manifest import OP_ENTRY, T_FILE, ManifestStats, Record, decode_records, encode_record, unread
 from .manifest_io import ManifestWriter
 from .owners import OWNERS_KEY, OwnerMap, chain_owners
 from .repository import WORKERS, Repo, pack_key
@@ -92,6 +95,12 @@ MAX_SECTION = (64 << 20) + 4096
 RECORD_PIECE = 1 << 20
 MAX_SCRYPT_R = 16
 MAX_SCRYPT_P = 16
+#: The most scrypt memory (128 r N bytes) and work (p times that) a header may ask for: what ``export`` writes
+#: at most (r 8; N grows past 32 MiB only when 16 lanes over 32 MiB fall short of the longest --kdf-time, up to
+#: log_n 19), and so what files it wrote before need.  The header checksum is no secret: anyone can forge a
+#: header, and a reader derives before it can tell a wrong password from a forged cost.
+MAX_EXPORT_MEMORY = scrypt_memory(MAX_LOG_N, SCRYPT_R)  # 512 MiB
+MAX_EXPORT_WORK = MAX_SCRYPT_P * MAX_EXPORT_MEMORY  # 8 GiB
 
 
 # --- pure format helpers --------------------------------------------------------------
@@ -117,6 +126,19 @@ def derive_keys(password: bytes, salt: bytes, log_n: int, r: int, p: int) -> tup
     enc_key = blake3.blake3(ENC_KEY_CONTEXT, key=master).digest()
     check = blake3.blake3(CHECK_CONTEXT, key=master).digest()[:16]
     return enc_key, check
+
+
+def scrypt_cost_problem(log_n: int, r: int, p: int) -> str | None:
+    """Why a header's scrypt parameters are refused (out of range, or asking for more than ``export``
+    writes), or None: checked before deriving, since a forged header makes a reader pay what it asks."""
+    if not (MIN_LOG_N <= log_n <= MAX_LOG_N and 1 <= r <= MAX_SCRYPT_R and 1 <= p <= MAX_SCRYPT_P):
+        return f"scrypt parameters out of range (log_n {log_n}, r {r}, p {p})"
+    memory = scrypt_memory(log_n, r)
+    if memory > MAX_EXPORT_MEMORY or p * memory > MAX_EXPORT_WORK:
+        return (f"its header asks for scrypt log_n {log_n}, r {r}, p {p} ({memory >> 20} MiB, {p} lane(s)), more "
+                f"than chunkvault writes (at most {MAX_EXPORT_MEMORY >> 20} MiB and "
+                f"{MAX_EXPORT_WORK >> 30} GiB over all lanes): not derived")
+    return None
 
 
 def encode_header(file_id: bytes, log_n: int, r: int, p: int, salt: bytes, check: bytes) -> bytes:
@@ -164,8 +186,9 @@ def decode_header(data: bytes, what: str) -> Header:
         raise CorruptObject(what, "header checksum mismatch (the header is damaged)")
     if flags != 0 or kdf != KDF_SCRYPT:
         raise CorruptObject(what, "header names unknown flags or key derivation")
-    if not (MIN_LOG_N <= log_n <= MAX_LOG_N and 1 <= r <= MAX_SCRYPT_R and 1 <= p <= MAX_SCRYPT_P):
-        raise CorruptObject(what, f"scrypt parameters out of range (log_n {log_n}, r {r}, p {p})")
+    problem = scrypt_cost_problem(log_n, r, p)
+    if problem is not None:
+        raise CorruptObject(what, problem)
     return Header(file_id, log_n, r, p, salt, check)
 
 
@@ -177,17 +200,29 @@ def encode_payload(data: bytes | memoryview, level: int) -> bytes:
 _local = threading.local()
 
 
-def decode_payload(plain: bytes, what: str) -> bytes:
-    """A blob's or record piece's bytes from its section plaintext (raw, or one zstd frame)."""
+def payload_length(plain: bytes, what: str) -> int:
+    """The length of the bytes a section's payload holds, without decoding it (a zstd frame records its
+    content size, which decoding holds it to): what a blob is known to hold from the first pass on."""
     if not plain or plain[0] not in (ENC_RAW, ENC_ZSTD):
         raise CorruptObject(what, "unknown payload encoding")
+    if plain[0] == ENC_RAW:
+        return len(plain) - 1
+    try:
+        size = zstandard.frame_content_size(memoryview(plain)[1:])
+    except zstandard.ZstdError as exc:
+        raise CorruptObject(what, f"bad compressed payload: {exc}") from None
+    if size < 0 or size > MAX_SECTION:
+        raise CorruptObject(what, "compressed payload without a valid size")
+    return size
+
+
+def decode_payload(plain: bytes, what: str) -> bytes:
+    """A blob's or record piece's bytes from its section plaintext (raw, or one zstd frame)."""
+    payload_length(plain, what)
     if plain[0] == ENC_RAW:
         return plain[1:]
     body = memoryview(plain)[1:]
     try:
-        size = zstandard.frame_content_size(body)
-        if size < 0 or size > MAX_SECTION:
-            raise CorruptObject(what, "compressed payload without a valid size")
         d = getattr(_local, "decompressor", None)
         if d is None:
             d = _local.decompressor = zstandard.ZstdDecompressor()
@@ -197,10 +232,15 @@ def decode_payload(plain: bytes, what: str) -> bytes:
 
 
 class _RecordCursor:
-    """Decodes the record stream piece by piece and checks what a resolved tree must be."""
+    """Decodes the record stream piece by piece and checks what a resolved tree must be.
 
-    def __init__(self, what: str):
+    ``blob_sizes``: the length of each blob (by number), as far as the file has been read.  A file's recorded
+    size must be what its chunks hold: with any other, every restore of the file fails.
+    """
+
+    def __init__(self, what: str, blob_sizes: array[int]):
         self.what = what
+        self.blob_sizes = blob_sizes
         self.pending = b""
         self.confinement = Confinement()
         self.count = 0
@@ -221,9 +261,15 @@ class _RecordCursor:
             self.confinement.check(rec)
         except ValueError as exc:
             raise CorruptObject(self.what, f"{where}: {exc}") from None
-        if rec.entry.chunks:
-            if any(n >= blobs_before or x or y or z for n, x, y, z in _REF.iter_unpack(rec.entry.chunks)):
+        e = rec.entry
+        held = 0
+        for n, x, y, z in _REF.iter_unpack(e.chunks):
+            if n >= blobs_before or x or y or z:
                 raise CorruptObject(self.what, f"{where}: {rec.path!r} refers to a chunk not stored before it")
+            held += self.blob_sizes[n]
+        if e.type == T_FILE and not unread(e) and held != e.size:
+            raise CorruptObject(self.what, f"{where}: {rec.path!r} records a size of {e.size} bytes, and its "
+                                           f"chunks hold {held}")
 
     def finish(self) -> None:
         if self.pending:
@@ -244,6 +290,9 @@ class ExportWriter:
                  r: int = 8, p: int = 1, level: int = 3):
         if not password:
             raise UsageError("an empty export password is not allowed")
+        problem = scrypt_cost_problem(log_n, r, p)
+        if problem is not None:  # a file its readers would refuse (a long --kdf-time once wrote one)
+            raise ValueError(problem)
         self.out = out
         self.level = level
         self.file_id = os.urandom(16)
@@ -561,6 +610,7 @@ class ExportFile:
         self.info: ExportInfo | None = None
         self._blob_offsets = array("Q")
         self._blob_lengths = array("I")
+        self.blob_sizes = array("I")  # each blob's plaintext length, known once verified
         self._record_sections: list[tuple[int, int, int]] = []  # (offset of sealed bytes, length, blobs before)
 
     # -- sequential pass --
@@ -633,10 +683,11 @@ class ExportFile:
 
     def verify(self) -> ExportInfo:
         """Authenticate every section and the end, check the records; remember where the blobs are."""
-        offsets = array("Q")  # compact: 12 bytes per blob, even for millions of chunks
+        offsets = array("Q")  # compact: 16 bytes per blob, even for millions of chunks
         lengths = array("I")
+        sizes = array("I")
         record_sections: list[tuple[int, int, int]] = []
-        cursor = _RecordCursor(self.what)
+        cursor = _RecordCursor(self.what, sizes)
         info: ExportInfo | None = None
         end: bytes = b""
         for stype, index, pos, plain in self.sections():
@@ -645,6 +696,7 @@ class ExportFile:
             elif stype == S_BLOB:
                 offsets.append(pos)
                 lengths.append(len(plain) + NONCE_SIZE + TAG_SIZE)
+                sizes.append(payload_length(plain, f"{self.what} blob section {index} at byte {pos}"))
             elif stype == S_RECORDS:
                 where = f"records section {index} at byte {pos}"
                 record_sections.append((pos, len(plain) + NONCE_SIZE + TAG_SIZE, len(offsets)))
@@ -661,6 +713,7 @@ class ExportFile:
         info.sections, info.blobs, info.records, info.file_bytes = sections + 1, blobs, records, self.size
         self._blob_offsets = offsets
         self._blob_lengths = lengths
+        self.blob_sizes = sizes
         self._record_sections = record_sections
         self.info = info
         return info
@@ -690,7 +743,7 @@ class ExportFile:
         """The snapshot's tree (ENTRY records whose chunks are refs into this file)."""
         if self.info is None:
             raise ValueError("verify() the export file first")
-        cursor = _RecordCursor(self.what)
+        cursor = _RecordCursor(self.what, self.blob_sizes)
         for i, (offset, length, blobs_before) in enumerate(self._record_sections):
             where = f"records section {i} at byte {offset}"
             piece = decode_payload(self._read_sealed(offset, length, S_RECORDS, i), f"{self.what} {where}")
@@ -785,6 +838,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
     with open_export(path, password) as ef:
         info = ef.info
         assert info is not None
+        _refuse_future(info.snapshot, ef.what)
         # Alone among imports (as copies are): two imports of one file at once each found it absent, and
         # both stored it.
         with RepoLock(repo.remote, SHARED, "import", wait=lock_wait, wait_option=True, alone=True) as repo_lock:
@@ -800,6 +854,9 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
 
             def store_blob(writer: Any, index: int, pos: int, plain: bytes) -> None:
                 data = decode_payload(plain, f"{ef.what} blob section {index} at byte {pos}")
+                if len(data) != ef.blob_sizes[index]:  # the records were checked against that length
+                    raise CorruptObject(ef.what, f"blob section {index} at byte {pos}: changed since the file "
+                                                 "was verified")
                 did = repo.blob_id(data)
                 dest[32 * index : 32 * index + 32] = did
                 if writer.claim(did):
@@ -813,7 +870,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
             with repo.writer() as writer, ThreadPoolExecutor(WORKERS) as pool:
                 writer.guard = repo_lock.confirm
                 mw = ManifestWriter(repo, writer)
-                cursor = _RecordCursor(ef.what)
+                cursor = _RecordCursor(ef.what, ef.blob_sizes)
                 inflight: deque[Future[None]] = deque()
                 blobs_seen = 0
                 try:
@@ -865,6 +922,17 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
             )
             # a prune that took its lock for stale may have deleted what this import reuses
             return ImportResult(repo.save_snapshot_held(snap, repo_lock), src.id)
+
+
+def _refuse_future(snap: Snapshot, what: str) -> None:
+    """CorruptObject for an exported snapshot dated further ahead of this machine's clock than a backup's
+    given time may be: imported, it would stay the newest snapshot, the parent of every later backup and
+    what ``latest`` restores, until that date came."""
+    now = datetime.now(timezone.utc)
+    if snap.datetime > now + FUTURE_SLACK:
+        raise CorruptObject(what, f"its snapshot is dated {snap.time}, more than "
+                                  f"{int(FUTURE_SLACK.total_seconds()) // 60} minutes ahead of this machine's "
+                                  f"clock ({now.isoformat(timespec='seconds')}): nothing was imported")
 
 
 def restore_from_file(path: str, password: bytes, target: str, *, includes: list[str] | None = None,

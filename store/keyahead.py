@@ -9,12 +9,15 @@ cache; the next command derives from it in a thread (the derivation runs
 outside the interpreter lock) while the remote connects.  Its result is used
 only for a key file the remote still holds byte for byte, so the cached copy
 decides nothing: a stale or planted one costs one derivation's CPU, never a
-wrong key.
+wrong key.  A key file retired (``key passwd``, ``key remove``) is dropped
+from it: kept, it would still open the repository's key with the old password,
+which may be why it was changed.
 """
 from __future__ import annotations
 
 import os
 import threading
+from typing import Iterable
 
 from chunkvault.errors import ChunkvaultError
 from chunkvault.localfiles import read_regular
@@ -85,6 +88,26 @@ class KeyAhead:
             try:
                 os.unlink(tmp)  # not one left behind by every command while the cache is full
             except OSError:
+                pass
+
+
+def forget(directory: str | None, names: Iterable[str]) -> None:
+    """Remove the key files kept in ``directory`` (one per repository location) that are among ``names``
+    (key file names, the hash of their bytes), whichever location kept them (best effort)."""
+    retired = set(names)
+    if directory is None or not retired:
+        return
+    try:
+        with os.scandir(directory) as listing:
+            entries = [e.path for e in listing if not e.name.endswith(".tmp")]
+    except OSError:  # no cache, or none to read: nothing kept
+        return
+    for path in entries:
+        raw = _read_small(path)
+        if raw is not None and content_name(raw)[:32] in retired:
+            try:
+                os.unlink(path)
+            except OSError:  # gone meanwhile, or a cache this user may not change
                 pass
 
 

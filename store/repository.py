@@ -964,7 +964,14 @@ class Repo:
 
     def manifest_chunk_refs(self, snapshots: Iterable[Snapshot],
                             seen: set[tuple] | None = None) -> Iterator[tuple[Snapshot, bytes]]:
-        """(snapshot, chunk ids concatenated) for the records of each snapshot's own manifest, in pieces.
+        """(snapshot, chunk ids concatenated) for the records of each snapshot's own manifest, in pieces;
+        the segments ``manifest_record_runs`` skips are skipped."""
+        for snap, records in self.manifest_record_runs(snapshots, seen):
+            yield from ((snap, refs) for refs in _chunk_refs(iter(records)))
+
+    def manifest_record_runs(self, snapshots: Iterable[Snapshot],
+                             seen: set[tuple] | None = None) -> Iterator[tuple[Snapshot, Iterable[Record]]]:
+        """(snapshot, records) for runs of the records of each snapshot's own manifest.
 
         A manifest segment (``manifest_seek.segments``) already decoded in this call, or listed in
         ``seen`` (keys of decoded segments; pass one set to several calls), is skipped: full
@@ -978,7 +985,7 @@ class Repo:
             what = _manifest_name(snap, None)
             segs = segments(len(ids), snap.manifest_starts)
             if segs is None:  # no usable starts: the whole manifest
-                yield from ((snap, refs) for refs in _chunk_refs(self.manifest_records(snap)))
+                yield snap, self.manifest_records(snap)
                 continue
             todo = [seg for seg in segs if seg.key(ids) not in seen]
             need = sorted({i for seg in todo for i in range(seg.first, seg.last + 1)})
@@ -995,7 +1002,7 @@ class Repo:
                 if used != len(buf):
                     raise CorruptObject(what, f"its record starts do not fit blob {ids[seg.first].hex()}")
                 seen.add(seg.key(ids))  # only once decoded: a snapshot sharing a bad segment fails too
-                yield from ((snap, refs) for refs in _chunk_refs(iter(records)))
+                yield snap, records
 
     def _prefetch(self, ids: list[bytes], window: int = 4) -> Iterator[bytes]:
         """Blobs in order, fetched a few ahead in parallel."""

@@ -9,10 +9,11 @@ connection rather than the store's modules.
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
-from chunkvault.errors import (CorruptObject, NewerObject, ObjectNotFound, RepositoryNotFound, UnsupportedFormat,
-                               WrongPassword)
+from chunkvault.errors import (CorruptObject, NewerObject, ObjectNotFound, RepositoryNotFound, RepositoryStateWarning,
+                               UnsupportedFormat, WrongPassword)
 from chunkvault.remotes import Remote
 
 from .config import KDF_SECRET, KeyFile, RepoConfig, open_config, peek_config
@@ -85,6 +86,7 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
     if not key_names:
         raise no_key_files()
     corrupt: CorruptObject | None = None
+    beyond: CorruptObject | None = None
     other_ids = set()
     unsupported: NewerObject | None = None
     keys = []
@@ -98,6 +100,11 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
             continue
         except (CorruptObject, ObjectNotFound) as exc:
             corrupt = exc if isinstance(exc, CorruptObject) else None
+            continue
+        problem = kf.cost_problem()
+        if problem is not None:  # planted, not ours: deriving it would cost every mistyped password that much
+            beyond = CorruptObject(f"keys/{name}", problem)
+            warnings.warn(f"key file keys/{name} is skipped: {problem}", RepositoryStateWarning, stacklevel=2)
             continue
         if kf.repo and kf.repo != clear["id"]:
             other_ids.add(kf.repo)
@@ -124,6 +131,8 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
         return unlocked
     if corrupt is not None and len(key_names) == 1:
         raise corrupt.explained(KEY_IMPORT_HINT)
+    if beyond is not None and len(key_names) == 1:
+        raise beyond.explained(KEY_IMPORT_HINT)
     if unsupported is not None:  # the key this password opens may be that one: an upgrade would tell
         raise UnsupportedFormat(f"{unsupported}: no other key opens with this password, so it is the password's "
                                 "key or the password is wrong")

@@ -574,7 +574,7 @@ def test_key_file_with_hostile_kdf_parameters(scrypt):
     # a planted key file cannot make opening a repository compute for hours
     for planted in [{"p": 10 ** 9}] + ([] if scrypt else [{"t": 1 << 16, "m": 1 << 16}]):
         kf = KeyFile.decode("", json.dumps({**doc, **planted}).encode())
-        with pytest.raises(CorruptObject, match="out of range"):
+        with pytest.raises(CorruptObject, match="out of range|more than chunkvault writes"):
             kf.unwrap(b"pw", "ab" * 16)
     for field, value in (("p", True), ("p", 2.0), ("p", 2.5), ("p", "2")):  # JSON integers, nothing else
         with pytest.raises(CorruptObject, match="malformed"):

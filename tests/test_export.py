@@ -742,3 +742,139 @@ def test_an_imported_snapshot_keeps_what_the_next_backup_compares_by(tmp_path, e
     snap = import_backup(other_repo(tmp_path).store, str(path), EXPORT_PW).snapshot
     assert {k: snap.stats.get(k) for k in ("xattrs", "started_ns", "finished_ns")} == {
         k: diff.stats[k] for k in ("xattrs", "started_ns", "finished_ns")}
+
+
+def _repository_files(repo) -> list[str]:
+    """Every object a repository holds but its locks: what an import stores, if anything."""
+    root = pathlib.Path(repo.store.remote.root)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and not p.name.startswith(".") and p.parent.name != "locks")
+
+
+def test_an_export_dated_in_the_future_is_refused_before_anything_is_imported(tmp_path, new_repo, cli):
+    """A snapshot dated 2099, imported, stayed the newest: the parent of every later backup and what
+    `restore latest` gave, for ever.  Import refuses a time further ahead of the clock than `backup --time`
+    allows, and stores nothing; a time within that slack (another machine's clock) is imported."""
+    from datetime import datetime, timedelta, timezone
+
+    from chunkvault.store.backup import FUTURE_SLACK
+
+    repo = new_repo(str(tmp_path / "repo"))
+    before = _repository_files(repo)
+    _sealed_export(tmp_path / "future.backup", time="2099-01-01T00:00:00+00:00")
+    with pytest.raises(CorruptObject, match=r"dated 2099-01-01T00:00:00\+00:00, more than 5 minutes ahead of this "
+                                            "machine's clock .*nothing was imported"):
+        import_backup(repo.store, str(tmp_path / "future.backup"), EXPORT_PW)
+    assert repo.snapshots() == [] and _repository_files(repo) == before
+    proc = cli("import", "-r", str(tmp_path / "repo"), str(tmp_path / "future.backup"),
+               env={"CHUNKVAULT_EXPORT_PASSWORD": EXPORT_PW.decode()}, check=13)
+    assert len(proc.stderr.decode().strip().splitlines()) == 1 and b"ahead of this machine's clock" in proc.stderr
+    restore_from_file(str(tmp_path / "future.backup"), EXPORT_PW, str(tmp_path / "out"))  # a restore stores no date
+    soon = (datetime.now(timezone.utc) + FUTURE_SLACK - timedelta(minutes=1)).isoformat()
+    _sealed_export(tmp_path / "soon.backup", time=soon)
+    assert import_backup(repo.store, str(tmp_path / "soon.backup"), EXPORT_PW).snapshot.time == soon
+
+
+def _file_record(path: bytes, size: int, chunks: bytes, flags: int = 0, digest: bytes = b"d" * 32):
+    from chunkvault.store.manifest import OP_ENTRY, Entry, Record
+
+    return Record(OP_ENTRY, path, Entry(path, T_FILE, mode=0o644, mtime_ns=10**18, size=size, digest=digest,
+                                        chunks=chunks, flags=flags))
+
+
+@pytest.mark.parametrize("size,chunks,held", [(2**44, blob_ref(0), 6), (5, b"", 0), (6, blob_ref(0) * 2, 12)],
+                         ids=["16 TiB over 6 bytes", "a size and no chunks", "chunks past the size"])
+def test_a_file_whose_size_is_not_what_its_chunks_hold_is_refused_before_anything_is_imported(
+        tmp_path, new_repo, size, chunks, held):
+    """A record claiming 16 TiB over 6 bytes of chunks was imported, `check --read-data` found nothing, and
+    every restore of the file failed.  The file knows each blob's length: the record is refused, by import
+    before it stores anything, and by a restore straight from the file before it makes anything."""
+    _sealed_export(tmp_path / "bad.backup", extra_records=[_file_record(b"b", size, chunks)])
+    repo = new_repo(str(tmp_path / "repo"))
+    before = _repository_files(repo)
+    reason = f"records a size of {size} bytes, and its chunks hold {held}"
+    with pytest.raises(CorruptObject, match=reason) as refused:
+        import_backup(repo.store, str(tmp_path / "bad.backup"), EXPORT_PW)
+    assert "b'b'" in str(refused.value)
+    assert repo.snapshots() == [] and _repository_files(repo) == before
+    with pytest.raises(CorruptObject, match=reason):
+        restore_from_file(str(tmp_path / "bad.backup"), EXPORT_PW, str(tmp_path / "target"))
+    assert not (tmp_path / "target").exists()
+
+
+def test_a_file_unreadable_at_backup_time_has_no_chunks_to_add_up(tmp_path, new_repo):
+    """Such a file has no data: its size is not held to its chunks' (none), as a restore does not."""
+    from chunkvault.store.manifest import F_UNREADABLE
+
+    twice = blake3.blake3(b"hello\n" * 2).digest()
+    _sealed_export(tmp_path / "ok.backup", extra_records=[_file_record(b"b", 0, b"", flags=F_UNREADABLE, digest=b""),
+                                                          _file_record(b"c", 12, blob_ref(0) * 2, digest=twice)])
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = import_backup(repo.store, str(tmp_path / "ok.backup"), EXPORT_PW).snapshot
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "c").read_bytes() == b"hello\n" * 2
+
+
+def test_check_read_data_names_a_file_whose_size_is_not_what_its_chunks_hold(tmp_path, new_repo, monkeypatch):
+    """Such a file (imported by an earlier chunkvault, which did not hold records to their chunks) fails
+    every restore; `check --read-data`, which reads every chunk, said there were no problems."""
+    from chunkvault.store import export as export_module
+
+    _sealed_export(tmp_path / "bad.backup", extra_records=[_file_record(b"big", 2**44, blob_ref(0))])
+    repo = new_repo(str(tmp_path / "repo"))
+    with monkeypatch.context() as m:
+        m.setattr(export_module, "unread", lambda e: True)  # an import that does not look at sizes
+        snap = import_backup(repo.store, str(tmp_path / "bad.backup"), EXPORT_PW).snapshot
+    assert repo.check().ok  # without reading data, sizes are not looked at
+    report = repo.check(read_data=True)
+    assert not report.ok
+    (problem,) = report.problems
+    assert problem.object == f"snapshots/{snap.id}" and problem.snapshots == [snap.id]
+    assert "'big' records a size of 17592186044416 bytes, and its chunks hold 6" in problem.problem
+    assert problem.files == [f"{snap.id[:8]}:big"]
+
+
+def _forged_header(data: bytes, log_n: int, r: int, p: int) -> bytes:
+    """``data`` with the header's scrypt parameters changed and its checksum made again: plain BLAKE3, which
+    anyone can compute."""
+    head = bytearray(data[:HEADER_SIZE])
+    head[29:32] = bytes((log_n, r, p))
+    head[64:80] = blake3.blake3(bytes(head[:64])).digest()[:16]
+    return bytes(head) + data[HEADER_SIZE:]
+
+
+def test_a_header_asking_for_more_scrypt_than_export_writes_is_refused_before_deriving(
+        tmp_path, exported, monkeypatch):
+    """A forged 185-byte header asking for log_n 19, r 16, p 16 cost 1 GiB and 40 s before the password was
+    checked.  A reader derives nothing for more memory (128 r N) or work (p times that) than export ever
+    writes; what export writes at most still opens."""
+    from chunkvault.store import crypto
+    from chunkvault.store import export as export_module
+    from chunkvault.store.export import (MAX_EXPORT_MEMORY, MAX_EXPORT_WORK, MAX_SCRYPT_P, decode_header,
+                                         scrypt_cost_problem)
+
+    assert (MAX_EXPORT_MEMORY, MAX_EXPORT_WORK) == (512 << 20, 8 << 30)
+    data = exported[3].read_bytes()
+    derived = []
+    monkeypatch.setattr(export_module, "derive_kek", lambda *args: derived.append(args) or bytes(32))
+    bad = tmp_path / "forged.backup"
+    for log_n, r, p in ((19, 16, 16), (19, 9, 1), (19, 16, 1)):
+        bad.write_bytes(_forged_header(data, log_n, r, p)[:185])
+        for read in (lambda: import_backup(exported[0].store, str(bad), EXPORT_PW),
+                     lambda: restore_from_file(str(bad), EXPORT_PW, str(tmp_path / "target"))):
+            with pytest.raises(CorruptObject, match=f"asks for scrypt log_n {log_n}, r {r}, p {p} .*more than "
+                                                    "chunkvault writes"):
+                read()
+    bad.write_bytes(_forged_header(data, 17, 32, 4))
+    with pytest.raises(CorruptObject, match="scrypt parameters out of range"):
+        import_backup(exported[0].store, str(bad), EXPORT_PW)
+    assert derived == [] and not (tmp_path / "target").exists()
+    for log_n, r, p in ((19, 8, 16), (18, 16, 16), (15, 8, 16), (10, 8, 1)):  # within what export writes
+        assert decode_header(_forged_header(data, log_n, r, p), "x").log_n == log_n
+    # whatever the machine and --kdf-time, export writes within the bounds
+    monkeypatch.setattr(crypto, "derive_kek", lambda *args: b"")
+    for lane in (0.00001, 0.0001, 0.001, 0.05, 0.5, 5):
+        monkeypatch.setattr(crypto, "_lane_seconds", lambda log_n, lane=lane: lane * 2 ** (log_n - 15))
+        for target in (0, 0.5, 3, 10, 60):
+            log_n, p = crypto.tune_scrypt(target, max_p=MAX_SCRYPT_P)
+            assert scrypt_cost_problem(log_n, crypto.SCRYPT_R, p) is None, (lane, target)

@@ -236,3 +236,91 @@ def test_a_scrypt_key_file_made_before_argon2id_still_opens(tmp_path):
     with pytest.raises(WrongPassword):
         Repository.open(url, "neither")
 
+
+
+def _plant(repo, **fields) -> str:
+    """A key file of this repository with ``fields`` changed, stored as anyone who can write the storage
+    could; its name."""
+    from chunkvault.store.crypto import content_name
+
+    scrypt = fields.get("kdf") == KDF_SCRYPT
+    _, data = make_key_file(repo.store.material, b"planted", repo.store.config.repo_id,
+                            **({"log_n": 10} if scrypt else {"kdf_seconds": 0}))
+    data = json.dumps({**json.loads(data), **fields}).encode()
+    name = content_name(data)[:32]
+    repo.store.remote.put(f"keys/{name}", data)
+    return name
+
+
+@pytest.mark.parametrize("cost", [
+    {"kdf": KDF_ARGON2ID, "t": 1, "m": 1 << 22, "p": 2},  # 4 GiB, which the bounds let through
+    {"kdf": KDF_ARGON2ID, "t": 2, "m": 1 << 17, "p": 2},  # 128 MiB
+    {"kdf": KDF_ARGON2ID, "t": 2049, "m": 1 << 15, "p": 2},  # 32 MiB, and more passes than the tuning's cap
+    {"kdf": KDF_SCRYPT, "log_n": 18, "r": 32, "p": 64},  # 1 GiB, 64 GiB over its lanes
+    {"kdf": KDF_SCRYPT, "log_n": 19, "r": 9, "p": 1},
+], ids=["argon2id 4 GiB", "argon2id 128 MiB", "argon2id passes", "scrypt 1 GiB in 64 lanes", "scrypt r 9"])
+def test_a_planted_key_file_asking_for_more_than_init_writes_is_skipped_not_derived(tmp_path, monkeypatch, cli,
+                                                                                     cost):
+    """Every key file is tried with a mistyped password: one planted asking for the most the bounds allowed
+    made that cost 4 GiB.  One asking for more than chunkvault writes cannot be chunkvault's: opening skips
+    it with a warning naming it, derives nothing for it, and check reports it."""
+    from chunkvault.errors import RepositoryStateWarning
+
+    url = str(tmp_path / "repo")
+    repo = Repository.init(url, "pw", kdf_seconds=0)
+    planted = _plant(repo, **cost)
+    derived = []
+
+    def derivation(real):
+        def derive(password, salt, *params):
+            derived.append(params)
+            return bytes(32) if params == tuple(cost[f] for f in config_module.KDF_COST_FIELDS[cost["kdf"]]) else \
+                real(password, salt, *params)  # the planted cost is never computed here, fix or not
+        return derive
+
+    monkeypatch.setattr(config_module, "derive_argon2id", derivation(config_module.derive_argon2id))
+    monkeypatch.setattr(config_module, "derive_kek", derivation(config_module.derive_kek))
+    skipped = f"key file keys/{planted} is skipped: its key derivation asks for .* more than chunkvault writes"
+    with pytest.warns(RepositoryStateWarning, match=skipped):
+        assert Repository.open(url, "pw", ledger=False).store.key_name == repo.store.key_name
+    with pytest.warns(RepositoryStateWarning, match=skipped), pytest.raises(WrongPassword):
+        Repository.open(url, "mistyped", ledger=False)
+    assert len(derived) == 2  # the repository's own key, once for each password
+    with pytest.warns(RepositoryStateWarning, match=skipped):
+        report = Repository.open(url, "pw", ledger=False).check()
+    (problem,) = report.problems
+    assert problem.object == f"keys/{planted}" and "more than chunkvault writes" in problem.problem
+    err = cli("snapshots", "-r", url, password="pw").stderr.decode()
+    assert f"keys/{planted} is skipped" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_planted_key_file_alone_is_refused_naming_it(tmp_path):
+    url = str(tmp_path / "repo")
+    repo = Repository.init(url, "pw", kdf_seconds=0)
+    planted = _plant(repo, t=1, m=1 << 22)
+    repo.store.remote.delete(f"keys/{repo.store.key_name}")
+    with pytest.warns(Warning), pytest.raises(CorruptObject, match=f"keys/{planted}: its key derivation asks"):
+        Repository.open(url, "pw", ledger=False)
+
+
+def test_every_key_init_and_key_add_make_is_within_what_a_reader_derives(tmp_path, monkeypatch):
+    """The bounds leave every key chunkvault makes, or made, to open: Argon2id tuned to any --kdf-time up to
+    the longest on a machine of any speed, and the scrypt keys of the releases before it."""
+    from chunkvault.store import crypto
+    from chunkvault.store.config import MAX_KDF_SECONDS
+
+    url = str(tmp_path / "repo")
+    Repository.init(url, "pw", kdf_seconds=0.05).close()
+    Repository.open(url, "pw", ledger=False).close()
+    monkeypatch.setattr(crypto, "derive_argon2id", lambda *args: b"")  # the untimed first derivation
+    for per_pass in (1e-6, 1e-3, 0.03, 1.0, 100.0):  # seconds of one pass over 32 MiB
+        monkeypatch.setattr(crypto, "_argon2_seconds", lambda t, m, samples, per_pass=per_pass:
+                            per_pass * t * m / crypto.ARGON2_MEMORY_KIB)
+        for target in (0, 0.001, 0.5, 10, MAX_KDF_SECONDS):
+            t, m, p = crypto.tune_argon2id(target)
+            kf = KeyFile("k", "", "", "", KDF_ARGON2ID, {"t": t, "m": m, "p": p}, bytes(16), b"")
+            assert kf.cost_problem() is None, (per_pass, target, t, m, p)
+    # scrypt: N alone tuned to the time (first releases), 64 MiB and 16 lanes, 32 MiB and up to 64 lanes
+    for log_n, p in ((17, 1), (18, 1), (19, 1), (16, 16), (15, 64), (17, 64), (19, 64)):
+        kf = KeyFile("k", "", "", "", KDF_SCRYPT, {"log_n": log_n, "r": 8, "p": p}, bytes(16), b"")
+        assert kf.cost_problem() is None, (log_n, p)

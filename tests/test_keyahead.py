@@ -1,6 +1,7 @@
 """Deriving a password's key while the remote connects (store/keyahead.py): one derivation, never a wrong key."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -8,8 +9,10 @@ import pytest
 from chunkvault import Repository
 from chunkvault.errors import WrongPassword
 from chunkvault.remotes import open_remote
-from chunkvault.store.keyahead import MAX_KEY_FILE, KeyAhead
+from chunkvault.store.crypto import content_name
+from chunkvault.store.keyahead import MAX_KEY_FILE, KeyAhead, forget
 from chunkvault.store.unlock import unlock
+from servers_http import FULL_TOKEN, http_server, serve_factory  # noqa: F401
 
 PASSWORD = b"correct horse"
 
@@ -96,3 +99,50 @@ def test_a_key_secret_is_not_kept(tmp_path):
     kept = str(tmp_path / "kept")
     unlock(open_remote(path), secret, KeyAhead.start(kept, secret))
     assert not os.path.exists(kept)
+
+
+def kept_key_files(cache) -> list[bytes]:
+    directory = cache / "key-ahead"
+    return sorted(p.read_bytes() for p in directory.iterdir()) if directory.is_dir() else []
+
+
+def test_key_passwd_and_key_remove_leave_no_copy_of_the_retired_key_on_this_machine(tmp_path, http_server, cli):
+    """The key file that opened a repository off local disk is kept in the cache; after `key passwd` it
+    was still there, opening the repository's key with the old password (perhaps leaked, which is why it
+    was changed) until the next command replaced it.  `key remove` of a key kept so left it the same way."""
+    cache = tmp_path / "cache"
+    env = {"CHUNKVAULT_HTTP_TOKEN": FULL_TOKEN, "CHUNKVAULT_CACHE_DIR": str(cache)}
+    url = http_server.url
+    keys = http_server.path / "keys"
+    cli("init", "-r", url, "--kdf-time", "0", env=env)
+    cli("snapshots", "-r", url, env=env)
+    (old,) = [p.read_bytes() for p in keys.iterdir()]
+    assert kept_key_files(cache) == [old]
+    cli("key", "passwd", "-r", url, "--kdf-time", "0", env={**env, "CHUNKVAULT_NEW_PASSWORD": "new one"})
+    assert old not in kept_key_files(cache)
+    cli("snapshots", "-r", url, env=env, password="new one")
+    (new,) = [p.read_bytes() for p in keys.iterdir()]
+    assert kept_key_files(cache) == [new]
+
+    second = json.loads(cli("key", "add", "-r", url, "--kdf-time", "0", "--json", password="new one",
+                            env={**env, "CHUNKVAULT_NEW_PASSWORD": "second"}).stdout)["id"]
+    other_url = url.rstrip("/")  # the same repository, kept under another location
+    cli("snapshots", "-r", other_url, env=env, password="second")
+    assert kept_key_files(cache) == sorted([new, (keys / second).read_bytes()])
+    cli("key", "remove", "-r", url, second[:12], env=env, password="new one")
+    assert kept_key_files(cache) == [new]
+
+
+def test_forgetting_a_key_file_removes_every_copy_of_it_and_nothing_else(tmp_path):
+    """A repository reached by two locations (URLs) is kept under each; other repositories' keys stay."""
+    directory = tmp_path / "key-ahead"
+    directory.mkdir()
+    (directory / "a").write_bytes(b"retired")
+    (directory / "b").write_bytes(b"retired")
+    (directory / "c").write_bytes(b"another key")
+    (directory / "d").mkdir()
+    forget(str(directory), [content_name(b"retired")[:32]])
+    assert sorted(os.listdir(directory)) == ["c", "d"]
+    forget(str(tmp_path / "none"), [content_name(b"another key")[:32]])  # no cache: nothing to do
+    forget(None, [content_name(b"another key")[:32]])
+    assert (directory / "c").read_bytes() == b"another key"
