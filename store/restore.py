@@ -37,9 +37,12 @@ from .chain import ancestors
 from .owners import OwnerMap
 from .repository import Repo
 from .target_dirs import TargetDirs, proc_path, remove_tree
-from .xattrs import read_xattrs, write_xattrs
+from .posix_acl import ACL_KEYS
+from .xattrs import decode_xattrs, read_xattrs, write_xattrs
 from . import writefiles
 from .writefiles import NO_SPACE as _FULL, write_sparse
+
+ACL_ACCESS = ACL_KEYS[0]
 
 
 _REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)  # the target will not take writes, whatever is written
@@ -866,8 +869,10 @@ class Restorer:
         """--delta: keep what is already right; rewrite only the chunk ranges that differ, then give it the
         entry's metadata.  Judged by the file the descriptor holds, never by a second lookup of its name: a
         hard link put there meanwhile (to a file out of the target) must get neither the snapshot's data nor
-        its owner.  One with other links, or one the update would grant an owner or set-id bits, is written
-        anew instead (``_replace_file``).  The ranges to rewrite are held until the whole file is read and
+        its owner.  One with other links, one the update would grant an owner or set-id bits (``_grants``),
+        one whose content changes and that grants others access the entry does not (``_more_open``), or one
+        this process may not write (read-only: a plain restore replaces it), is written anew instead
+        (``_replace_file``).  The ranges to rewrite are held until the whole file is read and
         checked, up to ``DELTA_HOLD_BYTES``: damaged data found before the first write leaves the file as it
         was.  A file cut short once written to (no space, damaged data past that) is removed: neither what it
         was nor what the snapshot holds; one a stop cut short is left for a rerun to finish."""
@@ -879,8 +884,13 @@ class Restorer:
                 self.result.unchanged_files += 1
                 self._apply_meta(e, fd)
                 return
-            # the same file for writing, reopened through its descriptor, not by its name
-            wfd = -1 if anew else os.open(proc_path(fd), os.O_RDWR | os.O_CLOEXEC)
+            anew = anew or self._more_open(fd, st, e)
+            wfd = -1
+            if not anew:  # the same file for writing, reopened through its descriptor, not by its name
+                try:
+                    wfd = os.open(proc_path(fd), os.O_RDWR | os.O_CLOEXEC)
+                except PermissionError:
+                    anew = True
         finally:
             os.close(fd)
         if anew:
@@ -918,7 +928,8 @@ class Restorer:
 
     def _replace_file(self, e: Entry) -> None:
         """--delta over a file with other links (some perhaps out of the target), or one an update in place
-        would grant an owner or set-id bits (``_grants``): a new file is written beside it and renamed over
+        would grant an owner or set-id bits (``_grants``), or one more open than the entry (``_more_open``)
+        or not writable by this process: a new file is written beside it and renamed over
         it, so no other link sees the snapshot's content or metadata (what it opens by name is only read,
         and each chunk taken from it is checked against its id).  Its chunks that the old file holds at
         their offsets are copied from it, not read from the repository.  A file right already, metadata and
@@ -1021,6 +1032,9 @@ class Restorer:
             self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: not restored "
                                         "(no backup read its data)")
             return
+        if t == T_HARDLINK and self._damage_of(e.target) is not None:
+            self._link_not_restored(e)  # in place, left as the target has it, as the damaged file is
+            return
         pfd, name = self._make_room(e.path, t == T_DIR, keep_file=t == T_FILE)
         if t == T_DIR:
             try:
@@ -1075,6 +1089,19 @@ class Restorer:
         return ((self.owners and (st.st_uid, st.st_gid) != (e.uid, e.gid))
                 or bool(e.mode & 0o6000 & ~st.st_mode))
 
+    def _more_open(self, fd: int, st: os.stat_result, e: Entry) -> bool:
+        """Whether the file open at ``fd`` grants others access the entry does not (group or other
+        permissions, or another access ACL): the snapshot's data written into it would be read through
+        it, and through any descriptor opened meanwhile, after its mode is set (0644 then, 0600 in the
+        snapshot: the secret went to whoever had it open).  Then it is written anew and renamed over."""
+        if st.st_mode & 0o077 & ~e.mode:
+            return True
+        try:
+            acl = os.getxattr(fd, ACL_ACCESS)
+        except OSError:  # none, or a file system without them
+            return False
+        return not e.xattrs or decode_xattrs(e.xattrs).get(ACL_ACCESS) != acl
+
     def _regular_file_there(self, e: Entry) -> bool:
         """Whether a regular file is at the entry's path (--delta then updates it, else a new one replaces
         it once whole)."""
@@ -1082,14 +1109,20 @@ class Restorer:
         return st is not None and stat.S_ISREG(st.st_mode)
 
     def _link_not_restored(self, e: Entry) -> None:
-        """A hard link whose target is not there: one whose data is damaged takes the link down with it (it
-        is named among the files not restored); otherwise a warning."""
-        target = os.fsdecode(e.target)
-        damage = next((d for d in self.result.damaged if d[0] == target), None)
+        """A hard link whose target is not there, or whose data is damaged: damage takes the link down with
+        it (it is named among the files not restored; in place, linked to the old file the target keeps, it
+        would pass for restored); otherwise a warning."""
+        damage = self._damage_of(e.target)
         if damage is not None:
             self.result.damaged.append((os.fsdecode(e.path), *damage[1:]))
         else:
-            self.result.warnings.append(f"hard link {os.fsdecode(e.path)}: its target {target} was not restored")
+            self.result.warnings.append(f"hard link {os.fsdecode(e.path)}: its target {os.fsdecode(e.target)} "
+                                        "was not restored")
+
+    def _damage_of(self, path: bytes) -> tuple[str, str, str, bool] | None:
+        """The entry of ``result.damaged`` naming ``path``, if its data was found damaged."""
+        name = os.fsdecode(path)
+        return next((d for d in self.result.damaged if d[0] == name), None)
 
     def _restore_file(self, e: Entry, pf: _Prefetcher) -> None:
         part = self.parts.pop(id(e), None)

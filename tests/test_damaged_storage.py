@@ -1027,6 +1027,29 @@ def test_the_links_of_a_damaged_file_are_named_among_the_files_not_restored(tmp_
     assert sorted(named) == [f"{snap.id[:8]}:{path}" for path in ("a/h1", "a/h2", "b_h3")]
 
 
+def test_in_place_the_links_of_a_damaged_file_keep_what_the_target_had_and_are_named(tmp_path, new_repo):
+    """The damaged file is left as the target had it; its hard link was remade to that old file, counted as
+    restored and not named."""
+    from chunkvault.errors import CorruptObject
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(200_000))
+    os.link(src / "f", src / "hl")
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    repo.store.load_index()
+    damage_blob(tmp_path / "repo", repo, repo.find_entry(snap, "f").chunk_ids()[0])
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "f").write_bytes(b"OLD f")
+    (target / "hl").write_bytes(b"OLD hl")
+    for delta in (False, True):
+        with pytest.raises(CorruptObject, match=r"2 file\(s\) not restored: f, hl "):
+            repo.restore(snap, str(target), force=True, delta=delta)
+        assert (target / "f").read_bytes() == b"OLD f" and (target / "hl").read_bytes() == b"OLD hl"
+
+
 def _plant_look_alike(repo_dir, repo, snap) -> tuple:
     """What whoever holds the storage can make without the key: a pack of other bytes under the real
     pack's sealed header, named by its hash as every pack is, sorting before the real one.  The manifest's

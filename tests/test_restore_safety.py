@@ -226,6 +226,64 @@ def test_delta_over_a_file_with_other_links_reads_only_the_chunks_it_lacks(tmp_p
     assert result.unchanged_files == 1
 
 
+def test_delta_writes_a_file_more_open_than_the_snapshot_anew(tmp_path, new_repo):
+    """Written into in place, a 0600 secret went to whoever had the target's 0644 file open, and stayed
+    theirs after its mode was set; so it did to a user an access ACL let read it."""
+    import struct
+
+    def make(src: Path) -> None:
+        for name in ("secret", "acl", "same"):
+            (src / name).write_bytes(b"TOP SECRET " + name.encode())
+            os.chmod(src / name, 0o600)
+    repo, _, src = backed_up(tmp_path, new_repo, make)
+    target = tmp_path / "target"
+    target.mkdir()
+    for name in ("secret", "acl"):
+        (target / name).write_bytes(b"old public content")
+    os.chmod(target / "secret", 0o644)
+    os.chmod(target / "acl", 0o600)
+    grant = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in (
+        (0x01, 6, 0xFFFFFFFF), (0x02, 4, 4321), (0x04, 0, 0xFFFFFFFF), (0x10, 4, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF)))
+    try:
+        os.setxattr(target / "acl", "system.posix_acl_access", grant)
+    except OSError:
+        acl_kept = False
+    else:
+        acl_kept = True
+    (target / "same").write_bytes(b"TOP SECRET same")
+    os.chmod(target / "same", 0o644)
+    same = os.stat(target / "same").st_ino
+    with open(target / "secret", "rb") as secret, open(target / "acl", "rb") as acl:
+        repo.restore("latest", str(target), force=True, delta=True, verify=True)
+        assert secret.read() == b"old public content"
+        assert acl.read() == b"old public content" or not acl_kept
+    assert describe(target) == describe(src)
+    assert os.stat(target / "same").st_ino == same  # its content already there: only its mode set
+    assert sorted(os.listdir(target)) == ["acl", "same", "secret"]
+
+
+def test_delta_updates_a_read_only_file_as_a_plain_restore_does(tmp_path, unprivileged):
+    """Reopened for writing, a 0444 file of the restoring user failed (not written, exit 14)."""
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "file").write_bytes(b"v1")
+    os.chmod(src / "file", 0o444)
+    _cli("backup", "-r", repo, str(src))
+    target = tmp_path / "target"
+    _cli("restore", "-r", repo, "latest", "--target", str(target), unprivileged=True)
+    os.chmod(src / "file", 0o644)
+    (src / "file").write_bytes(b"v2, longer")
+    os.chmod(src / "file", 0o444)
+    _cli("backup", "-r", repo, str(src))
+    _cli("restore", "-r", repo, "latest", "--target", str(target), "--delta", "--confirm", "RESTORE",
+         unprivileged=True)
+    assert (target / "file").read_bytes() == b"v2, longer"
+    assert os.stat(target / "file").st_mode & 0o777 == 0o444
+    assert os.listdir(target) == ["file"]
+
+
 # --- in place, what was unreadable at backup time stays --------------------------------------------------
 
 def test_in_place_restore_keeps_what_was_unreadable_at_backup_time(tmp_path, unprivileged):
