@@ -25,7 +25,7 @@ from typing import Callable, Collection, Iterable
 from .errors import RepositoryStateWarning, RollbackDetected, output_error
 from .localfiles import read_regular, user_dir
 from .store import ledger as logic
-from .store.ledger import REPLAYED, Finding, LedgerState
+from .store.ledger import REPLAYED, ROLLED_BACK, UNDATED, Finding, LedgerState
 from .store.snapshot import Snapshot
 
 
@@ -128,13 +128,11 @@ class LedgerFile:
             self._warn_once(f"cannot write the ledger {self.path} ({exc.strerror})")
 
 
-EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
-
 
 def present_of(snaps: Iterable[Snapshot], unreadable: Iterable[str] = ()) -> dict[str, datetime]:
     """``{id: time}`` of listed snapshots; an object that does not decode counts as present,
     with no time that could stand in for a newer snapshot."""
-    out = {name: EARLIEST for name in unreadable}
+    out = {name: UNDATED for name in unreadable}
     out.update((s.id, s.datetime) for s in snaps)
     return out
 
@@ -223,8 +221,9 @@ def refusal(found: list[Finding]) -> str:
     """One line: the first finding, how many more, and the way out."""
     first = found[0]
     more = f" (and {len(found) - 1} more: see `chunkvault check`)" if len(found) > 1 else ""
-    fix = (f"forget it again (`chunkvault forget {first.snapshot_id[:8]}`) or accept"
-           if first.kind == REPLAYED else "if this is expected, accept")
+    fix = ("if this is expected, accept" if first.kind == ROLLED_BACK else
+           f"forget it{' again' if first.kind == REPLAYED else ''} (`chunkvault forget {first.snapshot_id[:8]}`) "
+           "or accept")
     return (f"{first.message()}{more}; refusing to write: inspect the storage, then {fix} the repository "
             f"as it is with `chunkvault check --accept-state` (a file-level copy of this repository, a mirror "
             f"kept by rsync say, shares its id and so this client's ledger: what was done in one is "

@@ -18,6 +18,9 @@ from typing import Any, Collection, Mapping
 
 REPLAYED = "replayed"
 ROLLED_BACK = "rolled back"
+UNREADABLE = "unreadable"
+#: The time a listing gives a snapshot object that does not decode: present, but never as new as another.
+UNDATED = datetime.min.replace(tzinfo=timezone.utc)
 LEDGER_VERSION = 1
 # Forgotten ids are remembered up to this many (the most recently forgotten): two years of
 # hourly snapshots, a file of about 2 MB.
@@ -58,6 +61,10 @@ class Finding:
         at = self.when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         if self.kind == REPLAYED:
             return f"snapshot {self.snapshot_id} was forgotten by this client at {at} and is present again (replayed)"
+        if self.kind == UNREADABLE:
+            return (f"snapshot {self.snapshot_id} ({at}), the newest this client has seen, does not open (damaged, "
+                    f"or replaced by whoever holds the storage) and no readable snapshot is as new: `latest` would "
+                    f"be an older one, and a backup's parent too")
         return (f"snapshot {self.snapshot_id} ({at}), the newest this client has seen, is gone and no snapshot "
                 f"as new is present (rolled back, unless another client forgot the newest snapshot by hand)")
 
@@ -65,6 +72,8 @@ class Finding:
 def findings(state: LedgerState, present: Mapping[str, datetime], before: LedgerState | None = None) -> list[Finding]:
     """Replayed: a snapshot this client forgot is present.  Rolled back: the high-water snapshot
     is gone, this client did not forget it, and no other present snapshot is at least as new.
+    Unreadable: so, but it is listed and does not decode (``UNDATED``): overwritten with garbage, it hid
+    the newest snapshot as well as deleting it, and went unnoticed.
 
     ``before``: the state as read before ``present`` was listed, ``state`` being read after it.  Other
     commands of this client may have stored snapshots, or forgotten some, while it was listed: the
@@ -78,17 +87,20 @@ def findings(state: LedgerState, present: Mapping[str, datetime], before: Ledger
         state = LedgerState(before.forgotten, {**before.pending, **state.pending, **ended}, newest)
     out = [Finding(REPLAYED, sid, state.forgotten[sid]) for sid in present if sid in state.forgotten]
     hw = state.newest
-    if hw is not None and hw.id not in present and hw.id not in state.forgotten and hw.id not in state.pending:
+    undated = hw is not None and present.get(hw.id) == UNDATED
+    if hw is not None and (undated or hw.id not in present) and hw.id not in state.forgotten \
+            and hw.id not in state.pending:
         honest = (t for sid, t in present.items() if sid not in state.forgotten)
         if not any(t >= hw.time for t in honest):
-            out.append(Finding(ROLLED_BACK, hw.id, hw.time))
+            out.append(Finding(UNREADABLE if undated else ROLLED_BACK, hw.id, hw.time))
     return sorted(out)
 
 
 def blocking(found: Collection[Finding], forgetting: Collection[str] = ()) -> list[Finding]:
-    """The findings that forbid a write.  Forgetting a replayed snapshot again is the natural fix,
-    so it is allowed when the write is a forget of every replayed snapshot and nothing was rolled back."""
-    if all(f.kind == REPLAYED and f.snapshot_id in forgetting for f in found):
+    """The findings that forbid a write.  Forgetting a replayed snapshot again, or an unreadable one, is
+    the natural fix, so it is allowed when the write is a forget of every such snapshot and nothing was
+    rolled back."""
+    if all(f.kind != ROLLED_BACK and f.snapshot_id in forgetting for f in found):
         return []
     return sorted(found)
 

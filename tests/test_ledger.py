@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from chunkvault.store import ledger as L
-from chunkvault.store.ledger import REPLAYED, ROLLED_BACK, LedgerState, Mark
+from chunkvault.store.ledger import REPLAYED, ROLLED_BACK, UNREADABLE, LedgerState, Mark
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -284,11 +284,34 @@ def test_malformed_documents_are_refused_with_a_reason(doc):
 
 
 def test_a_newest_snapshot_that_does_not_load_keeps_the_mark_so_deleting_it_shows():
-    """A listing gives an unreadable snapshot the earliest time: damaging the newest first, then deleting
-    it, must not roll the repository back unseen."""
-    from chunkvault.ledger import EARLIEST
-
+    """A listing gives an unreadable snapshot no time (``UNDATED``): damaging the newest first, then
+    deleting it, must not roll the repository back unseen."""
     state = L.wrote(LedgerState(), {"a": T0, "b": T0 + timedelta(1)})
-    state = L.observe(state, {"a": T0, "b": EARLIEST})
-    assert state.newest == Mark(T0 + timedelta(1), "b") and L.findings(state, {"a": T0, "b": EARLIEST}) == []
+    state = L.observe(state, {"a": T0, "b": L.UNDATED})
+    assert state.newest == Mark(T0 + timedelta(1), "b")
+    assert [(f.kind, f.snapshot_id) for f in L.findings(state, {"a": T0, "b": L.UNDATED})] == [(UNREADABLE, "b")]
     assert [(f.kind, f.snapshot_id) for f in L.findings(state, {"a": T0})] == [(ROLLED_BACK, "b")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(op, max_size=25), st.integers(1, 5), st.data())
+def test_damaging_the_newest_snapshot_is_found_as_deleting_it_is(steps, k, data):
+    """Overwritten with garbage, the newest snapshot went unnoticed (present, with no time): `latest` and
+    every backup's parent became an older one.  Damage to an older one is check's to report, no more."""
+    m = _honest(steps + [("backup", k)])
+    by_age = sorted(m.present.items(), key=lambda kv: kv[1])
+    cut = data.draw(st.integers(1, len(by_age)))
+    damaged = {sid: (L.UNDATED if i >= len(by_age) - cut else t) for i, (sid, t) in enumerate(by_age)}
+    found = L.findings(m.state, damaged)
+    newest = by_age[-1][0]
+    assert [(f.kind, f.snapshot_id) for f in found] == [(UNREADABLE, newest)]
+    assert L.blocking(found) == found and L.blocking(found, forgetting=[newest]) == []
+    assert L.findings(L.observe(m.state, damaged), damaged) == found  # the mark stays while it is listed
+    after = {sid: t for sid, t in damaged.items() if sid != newest}
+    forgotten = L.forgot(L.forgetting(m.state, [newest], T0), [newest], after, T0)
+    assert L.findings(forgotten, after) == []
+    accepted = L.accept(m.state, damaged)
+    assert L.findings(accepted, damaged) == [] and L.findings(L.observe(accepted, damaged), damaged) == []
+    if len(by_age) > 1:
+        older = {**m.present, by_age[0][0]: L.UNDATED}
+        assert L.findings(m.state, older) == []

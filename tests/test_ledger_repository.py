@@ -131,6 +131,32 @@ def test_deleting_the_newest_snapshots_is_a_rollback(chain, tmp_path, deleted):
         repo.backup([tree.root])
 
 
+@pytest.mark.filterwarnings("ignore:snapshot .* is unreadable and left out")
+@pytest.mark.parametrize("fix", ["forget", "accept"])
+def test_damaging_the_newest_snapshot_is_refused_as_deleting_it_is(chain, tmp_path, fix):
+    """Overwritten with garbage, the newest snapshot was left out with a warning, and backups went on from
+    an older parent (exit 0): a rollback by whoever holds the storage, without deleting anything."""
+    path, tree, states, _ = chain
+    ids = list(states)
+    newest = ids[-1]
+    with open(os.path.join(path, "snapshots", newest), "wb") as f:
+        f.write(os.urandom(10))
+    with crashkit.open_repo(path) as repo:
+        problems = _problems(repo)
+        assert (f"snapshots/{newest}", next(p for o, p in problems if "newest" in p)) in problems
+        with pytest.warns(RepositoryStateWarning, match=f"{newest}.*does not open"):
+            _restores(repo, {sid: states[sid] for sid in ids[:-1]}, tmp_path)
+        for write in (lambda: repo.backup([tree.root]), lambda: repo.forget([ids[0]])):
+            with pytest.raises(RollbackDetected, match=f"{newest}.*does not open.*forget {newest[:8]}"):
+                write()
+        if fix == "forget":
+            repo.forget([newest[:8]])  # the natural fix needs no acceptance
+        else:
+            assert repo.check(accept_state=True).warnings
+        assert not [p for _, p in _problems(repo) if "newest" in p]
+        repo.backup([tree.root])
+
+
 def test_another_client_without_the_ledger_sees_a_clean_repository(chain, tmp_path):
     """The documented limit: only the client that forgot, or saw the newest, can tell."""
     path, _, states, raw = chain
