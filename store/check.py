@@ -206,7 +206,7 @@ class Checker:
                 self.report.warnings.append(f"index/{name} is superseded and does not read ({got}); "
                                             "`repair index` deletes it")
             else:
-                self.problem(f"index/{name}", str(got))
+                self.problem(f"index/{name}", _said(got, f"index/{name}"))
                 self.index_damaged = True
         # Read once: the repository's index is made from the same objects.
         live = repo.install_index(names, datas)
@@ -242,7 +242,7 @@ class Checker:
                 self.report.warnings.append(f"{exc}; not checked")
                 newer.add(name)
             except ChunkvaultError as exc:
-                self.problem(f"snapshots/{name}", str(exc)).snapshots.append(name)
+                self.problem(f"snapshots/{name}", _said(exc, f"snapshots/{name}")).snapshots.append(name)
         self.report.snapshots = len(snaps)
         chain_of = self.repo.chains(snaps)
         unreached = broken_chains({s.id: s.parent for s in snaps})  # -> the ancestor not loaded
@@ -565,6 +565,13 @@ def _entries(sources: EntrySources) -> list[PackEntry]:
     for d, count, start in sources:
         out += decode_entries(d.plain, count, start, "index")[0]
     return out
+
+
+def _said(exc: BaseException, key: str) -> str:
+    """What a problem with the object ``key`` says of ``exc``: its reason alone where it names that object
+    (the problem names it already; a snapshot's error names it "snapshot ID"), else the whole error."""
+    named = isinstance(exc, CorruptObject) and key.rsplit("/", 1)[-1] in exc.object_name
+    return exc.reason if named else str(exc)
 
 
 def _not_its_name(pid: bytes) -> str:

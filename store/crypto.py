@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -53,62 +52,24 @@ class KeyMaterial:
         return "KeyMaterial(<secret>)"
 
 
-#: Nonces drawn from the OS per call; see ``_Nonces``.
-NONCE_BATCH = 256
-
-
-class _Nonces(threading.local):
-    """Random nonces, drawn ``NONCE_BATCH`` at a time for each thread.
-
-    ``os.urandom`` releases the GIL, and a thread that releases it for a
-    system call that short then waits to get it back behind the threads
-    that hold it: one call per blob kept the compressing workers of an
-    initial backup of small files waiting about a quarter of their time.
-    A forked child throws away what it inherited, so parent and child never
-    use the same nonce.
-    """
-
-    generation = 0  # of this process: bumped in a forked child
-
-    def __init__(self) -> None:
-        self.pool: list[bytes] = []
-        self.drawn_in = -1
-
-    def take(self) -> bytes:
-        pool = self.pool
-        if not pool or self.drawn_in != _Nonces.generation:
-            self._refill(NONCE_BATCH)
-        return pool.pop()
-
-    def take_many(self, n: int) -> list[bytes]:
-        """``n`` nonces, none ever handed out before."""
-        pool = self.pool
-        if len(pool) < n or self.drawn_in != _Nonces.generation:
-            self._refill(max(n, NONCE_BATCH))
-        taken = pool[len(pool) - n :]
-        del pool[len(pool) - n :]
-        return taken
-
-    def _refill(self, n: int) -> None:
-        """A fresh pool of ``n`` (what is left of the old one is dropped: drawn in another process, maybe)."""
-        raw = os.urandom(NONCE_SIZE * n)
-        self.pool[:] = [raw[i : i + NONCE_SIZE] for i in range(0, len(raw), NONCE_SIZE)]
-        self.drawn_in = _Nonces.generation
-
-
-def _forget_nonces() -> None:
-    _Nonces.generation += 1
-
-
-os.register_at_fork(after_in_child=_forget_nonces)
+def _fresh_nonces(n: int) -> list[bytes]:
+    """``n`` random nonces drawn from the OS now, for seals made now: never kept for later.  A pool kept in
+    memory (it was 256 per thread) came back whole in each process resumed from one memory image, a VM
+    snapshot restored twice or a cloned VM, and sealed different data under the same nonces; the kernel
+    reseeds its generator on such a resume (vmgenid).  A batch of seals (``seal_many_after``) draws its
+    nonces in one call: one per blob kept an initial backup's compressing workers of small files waiting
+    for the interpreter lock about a quarter of their time, which ``os.urandom`` releases."""
+    raw = os.urandom(NONCE_SIZE * n)
+    return [raw[i : i + NONCE_SIZE] for i in range(0, len(raw), NONCE_SIZE)]
 
 
 class Sealer:
     """AES-256-GCM with a fresh random 96-bit nonce per message.
 
     Random nonces keep every object independent (a blob can move between packs
-    unchanged); the usual bound of 2**32 messages per key is far above any
-    repository's object count (see store/FORMAT.md).
+    unchanged); the usual bound of 2**32 messages per key (random 96-bit nonces
+    keep the chance of a repeat below 2**-32 up to there) is far above any
+    repository's object count.
 
     cryptography is imported here, at first use, not with the module: its
     6 MB then come after a password's scrypt has freed its 32 MiB instead of
@@ -121,16 +82,15 @@ class Sealer:
 
         self._aead = AESGCM(key)
         self._invalid_tag = InvalidTag
-        self._nonces = _Nonces()
 
     def seal(self, plaintext: bytes, ad: bytes) -> bytes:
-        nonce = self._nonces.take()
+        nonce = os.urandom(NONCE_SIZE)
         return nonce + self._aead.encrypt(nonce, plaintext, ad)
 
     def seal_after(self, head: bytes, plaintext: bytes | memoryview, ad: bytes) -> bytes | bytearray:
         """``head`` then what ``seal`` returns, encrypted straight into one buffer: the concatenations copied
         every sealed byte twice more (an initial backup seals most of what it stores this way)."""
-        nonce = self._nonces.take()
+        nonce = os.urandom(NONCE_SIZE)
         encrypt_into = getattr(self._aead, "encrypt_into", None)  # cryptography 44 and later
         if encrypt_into is None:
             return head + nonce + self._aead.encrypt(nonce, plaintext, ad)
@@ -144,7 +104,7 @@ class Sealer:
         if encrypt_into is None:
             return [self.seal_after(head, plaintext, ad) for head, plaintext, ad in messages]
         return [_sealed_into(encrypt_into, head, nonce, plaintext, ad)
-                for (head, plaintext, ad), nonce in zip(messages, self._nonces.take_many(len(messages)))]
+                for (head, plaintext, ad), nonce in zip(messages, _fresh_nonces(len(messages)))]
 
     def open(self, sealed: bytes | memoryview, ad: bytes) -> bytes:
         if len(sealed) < NONCE_SIZE + TAG_SIZE:

@@ -178,21 +178,23 @@ def _in_forked_child(nonces) -> list[bytes]:
     return [raw[i : i + NONCE_SIZE] for i in range(0, len(raw), NONCE_SIZE)]
 
 
-def test_nonces_never_repeat_across_threads_or_a_fork():
-    """Nonces are drawn in batches per thread; a forked child must not take the ones its parent holds."""
+def test_nonces_never_repeat_across_threads_batches_or_a_fork():
     import threading
 
-    from chunkvault.store.crypto import NONCE_BATCH, NONCE_SIZE
+    from chunkvault.store.crypto import NONCE_SIZE
 
     s = Sealer(bytes(range(32)))
-    count = NONCE_BATCH + 50  # past one batch: a second draw
 
     def nonces() -> list[bytes]:
-        return [s.seal(b"m", b"")[:NONCE_SIZE] for _ in range(count)]
+        out = [s.seal(b"m", b"")[:NONCE_SIZE] for _ in range(100)]
+        for n in (1, 250, 0, 7):
+            sealed = s.seal_many_after([(b"h", b"m", b"")] * n)
+            assert [bytes(x[:1]) for x in sealed] == [b"h"] * n
+            out += [bytes(x[1 : 1 + NONCE_SIZE]) for x in sealed]
+        return out
 
-    parent_first = nonces()  # this thread now holds a part-used batch
+    parent_first = nonces()
     child = _in_forked_child(nonces)
-    assert len(child) == count
     in_threads: list[list[bytes]] = [[], []]
     threads = [threading.Thread(target=lambda out=out: out.extend(nonces())) for out in in_threads]
     for t in threads:
@@ -200,27 +202,29 @@ def test_nonces_never_repeat_across_threads_or_a_fork():
     for t in threads:
         t.join()
     everything = parent_first + nonces() + child + in_threads[0] + in_threads[1]
-    assert len(set(everything)) == len(everything) == 5 * count
+    assert len(set(everything)) == len(everything) == 5 * 358
 
 
-def test_nonces_drawn_for_a_batch_of_seals_never_repeat():
-    """A batch takes its nonces from the thread's pool at once: larger than the pool, or than what is left
-    of it, the pool is drawn afresh; in a forked child, never what the parent holds."""
-    from chunkvault.store.crypto import NONCE_BATCH, NONCE_SIZE
+def test_nonces_are_drawn_as_each_seal_is_made_and_never_kept(monkeypatch):
+    """A pool of nonces kept in memory came back whole in each process resumed from one memory image (a VM
+    snapshot restored twice, a cloned VM), which then sealed different data under the same nonces; the
+    kernel reseeds its generator on such a resume, so each seal, or batch of seals, draws its own."""
+    from chunkvault.store import crypto
 
     s = Sealer(bytes(range(32)))
+    drawn: list[bytes] = []
 
-    def nonces(sizes) -> list[bytes]:
-        out = []
-        for n in sizes:
-            sealed = s.seal_many_after([(b"h", b"m", b"")] * n)
-            assert [bytes(x[:1]) for x in sealed] == [b"h"] * n
-            out += [bytes(x[1 : 1 + NONCE_SIZE]) for x in sealed]
-            out.append(s.seal(b"m", b"")[:NONCE_SIZE])  # one at a time in between
-        return out
+    def urandom(n: int) -> bytes:
+        drawn.append(bytes([len(drawn) + 1]) * n)
+        return drawn[-1]
 
-    sizes = [1, NONCE_BATCH - 5, 10, 2 * NONCE_BATCH + 3, 0, 7]
-    parent = nonces(sizes)
-    child = _in_forked_child(lambda: nonces(sizes))
-    everything = parent + nonces(sizes) + child
-    assert len(set(everything)) == len(everything) == 3 * (sum(sizes) + len(sizes))
+    monkeypatch.setattr(crypto.os, "urandom", urandom)
+    one = s.seal(b"one", b"ad")
+    after = s.seal_after(b"h", b"two", b"ad")
+    batch = s.seal_many_after([(b"h", b"three", b"ad"), (b"h", b"four", b"ad")])
+    monkeypatch.undo()
+    assert [len(d) for d in drawn] == [12, 12, 24]
+    assert one[:12] == drawn[0] and after[1:13] == drawn[1]
+    assert [bytes(x[1:13]) for x in batch] == [drawn[2][:12], drawn[2][12:]]
+    assert [s.open(x, b"ad") for x in (one, bytes(after[1:]), *(bytes(x[1:]) for x in batch))] == [
+        b"one", b"two", b"three", b"four"]
