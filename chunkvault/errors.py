@@ -21,6 +21,10 @@ class RemoteRetryWarning(ChunkvaultWarning):
     """A remote operation failed transiently and is tried again (at most one a few seconds per remote)."""
 
 
+class CleartextTokenWarning(ChunkvaultWarning):
+    """A backup service's token is about to travel unencrypted (``http://`` to a host that is not this one)."""
+
+
 class RepositoryStateWarning(ChunkvaultWarning):
     """The repository contradicts this client's ledger, the ledger file is unusable, or a snapshot or index
     object does not load (it is left out)."""

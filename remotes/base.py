@@ -7,6 +7,7 @@ parallelism and caching live once, above this interface (``remotes.layer``).
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import math
 import re
 from abc import ABC, abstractmethod
@@ -19,6 +20,16 @@ from chunkvault.errors import ObjectNotFound, UsageError
 # no leading slash, no empty segment.  Every remote (and the HTTP server) checks
 # this, so a key can never escape the repository.
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}\Z")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address, without brackets) is this machine's loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_key(key: object) -> bool:

@@ -49,6 +49,7 @@ import math
 import os
 import re
 import ssl
+import warnings
 from typing import Any, Iterator
 from urllib.parse import quote, urlencode, urlparse
 
@@ -64,13 +65,15 @@ from chunkvault.errors import (
     RemoteError,
     RemoteUnavailable,
     StorageFull,
+    CleartextTokenWarning,
     UsageError,
 )
 
-from .base import (ObjectInfo, Remote, is_key, keyword_options, number_option, refuse_unknown_options, validate_key,
+from .base import (ObjectInfo, Remote, is_key, is_loopback, keyword_options, number_option, refuse_unknown_options, validate_key,
                    validate_prefix)
 
 DEFAULT_PORT = 6362
+X509_NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 LIMIT_HEADER = "Chunkvault-Max-Object-Size"
 MISSING_HEADER = "Chunkvault-Object"
 TOKEN_ENV = "CHUNKVAULT_HTTP_TOKEN"
@@ -218,6 +221,11 @@ class HTTPRemote(Remote):
         self._headers = {"User-Agent": f"chunkvault/{__version__}"}
         if self._token is not None:
             self._headers["Authorization"] = f"Bearer {self._token}"
+            host = urlparse(self._origin).hostname or ""
+            if self._origin.startswith("http:") and not is_loopback(host):
+                warnings.warn(f"{self.display_url}: the token travels unencrypted over http:// (anyone on the "
+                              "path can read it, and with it read, overwrite or delete the backups): serve "
+                              "with --tls-cert and use https://", CleartextTokenWarning, stacklevel=3)
         self._limit: int | None = None  # the server's --max-object-size, once an answer told us
         self._closed = False
 
@@ -240,9 +248,12 @@ class HTTPRemote(Remote):
         except u3.SSLError as exc:
             failure = _cert_failure(exc)
             if failure is not None:
+                mismatch = failure.verify_code in X509_NAME_MISMATCH
+                hint = ("use the host name (or address) the certificate was issued for" if mismatch else
+                        f"to trust a private CA or self-signed certificate, set {CA_FILE_ENV} or -o http.ca-file=FILE")
                 raise RemoteError(
                     f"TLS certificate of {self.display_url} not trusted: {failure.verify_message or 'verification failed'} "
-                    f"(to trust a private CA or self-signed certificate, set {CA_FILE_ENV} or -o http.ca-file=FILE)"
+                    f"({hint})"
                 ) from None
             cause = _ssl_cause(exc)
             if cause is not None and cause.reason == "WRONG_VERSION_NUMBER":  # what a plain HTTP server answers

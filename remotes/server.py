@@ -16,7 +16,6 @@ import argparse
 import errno
 import hmac
 import io
-import ipaddress
 import json
 import os
 import re
@@ -38,7 +37,7 @@ from chunkvault.errors import ObjectExists, ObjectTooLarge, PermissionDenied, Re
 from chunkvault.tomlfile import read_toml
 from chunkvault.units import format_size, parse_size
 
-from .base import _KEY_SEGMENT, validate_key, validate_prefix
+from .base import _KEY_SEGMENT, is_loopback, validate_key, validate_prefix
 from .http import DEFAULT_PORT, LIMIT_HEADER, MISSING_HEADER
 from .local import EXCLUSIVE_LOCK_PREFIX, TEMP_PREFIX, LocalRemote, file_version
 
@@ -127,15 +126,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise UsageError(f"bad port in listen address {text!r}")
     return host, int(port_text)
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _host_of(header: str) -> str:
@@ -1139,6 +1129,10 @@ def _warnings(settings: Settings) -> list[str]:
     """What the settings will cost the clients, said once at start.  Raises the open files limit (soft, up to
     the hard one) to what the connection limits need, so that they, not the kernel, are what refuses."""
     warnings = []
+    if settings.tokens is not None and settings.tls_cert is None and not is_loopback(settings.host):
+        warnings.append(f"serving {settings.host} over plain http: each client's token (and every object, "
+                        "sealed as it is) travels unencrypted, and anyone on the path who reads a token can read, "
+                        "overwrite and delete the backups (--tls-cert and --tls-key serve https)")
     if settings.max_object_size < PACK_ROOM:
         warnings.append(f"max_object_size of {settings.max_object_size} bytes is below the {DEFAULT_PACK_SIZE >> 20} "
                         "MiB packs repositories make by default (plus a chunk): clients make smaller packs to fit "

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -345,6 +346,39 @@ def test_tls_with_self_signed_certificate(serve_factory, tmp_path, monkeypatch):
         raw.shutdown(socket.SHUT_WR)
         assert not raw.recv(100).startswith(b"HTTP/1.1")
     assert server.log().count("plain HTTP request refused") == 2  # the two plain requests above only
+
+
+def test_a_certificate_for_another_name_is_told_apart_from_an_untrusted_one(serve_factory, tmp_path):
+    """The hint said to set the CA file, which was set: the name is what is wrong."""
+    cert, key = make_self_signed(tmp_path, host="127.0.0.2")
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--tls-cert", str(cert), "--tls-key", str(key),
+                           tls=True)
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN, ca_file=str(cert)) as remote:
+        with pytest.raises(RemoteError, match="not trusted: .*use the host name .* the certificate was issued for"):
+            remote.get(KEY)
+    with HTTPRemote.from_url(server.url.replace("127.0.0.1", "localhost"), token=FULL_TOKEN,
+                             ca_file=str(cert)) as remote:  # the name it was issued for
+        with pytest.raises(ObjectNotFound):
+            remote.get(KEY)
+
+
+def test_a_token_sent_over_plain_http_to_another_host_is_warned_about_on_both_sides(serve_factory, tmp_path):
+    from chunkvault.errors import CleartextTokenWarning
+
+    with pytest.warns(CleartextTokenWarning, match="travels unencrypted over http://"):
+        HTTPRemote.from_url("http://192.0.2.1:6362/", token=FULL_TOKEN).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for url in ("http://127.0.0.1:6362/", "http://localhost:6362/", "http://[::1]:6362/",
+                    "https://192.0.2.1:6362/"):
+            HTTPRemote.from_url(url, token=FULL_TOKEN).close()
+        HTTPRemote.from_url("http://192.0.2.1:6362/").close()  # no token to give away
+    port = free_port()
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--listen", f"0.0.0.0:{port}", port=port,
+                           add_listen=False)
+    assert "warning: serving 0.0.0.0 over plain http: each client's token" in server.log()
+    loopback = serve_factory("--tokens", str(write_tokens(tmp_path)))
+    assert "plain http" not in loopback.log()
 
 
 def test_a_tls_handshake_that_stalls_is_logged_as_late(serve_factory, tmp_path):
