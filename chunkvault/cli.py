@@ -628,6 +628,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def _restored(result: Any) -> str:
     """A restore's counts for its summary line."""
     return (f"{result.files} files, {result.dirs} dirs, "
+            + (f"{result.links} links, " if result.links else "")
             + (f"{result.specials} FIFOs and devices, " if result.specials else "") + format_size(result.bytes)
             + (f"; {result.deleted} entries the snapshot lacks deleted" if result.deleted else ""))
 

@@ -1000,3 +1000,17 @@ def test_delete_leaves_what_is_mounted_in_the_target(tmp_path, new_repo, tmpfs):
     assert (home / "thesis.tex").read_bytes() == b"alice's thesis"
     assert (extra / "data").read_bytes() == b"mounted after the backup"
     assert (src / "etc" / "conf").read_bytes() == b"conf"
+
+
+def test_the_summary_line_counts_the_links_restored(tmp_path):
+    """It counted files, directories, FIFOs and devices, and left the links out (--json had them)."""
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    os.link(src / "f", src / "hard")
+    os.symlink("f", src / "soft")
+    _cli("backup", "-r", repo, str(src))
+    proc = _cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "out"))
+    assert ": 1 files, 1 dirs, 2 links, " in proc.stdout
