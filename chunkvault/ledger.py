@@ -20,12 +20,12 @@ import re
 import tempfile
 import warnings
 from datetime import datetime, timezone
-from typing import Callable, Collection, Iterable
+from typing import Callable, Collection, Iterable, Mapping
 
-from .errors import RepositoryStateWarning, RollbackDetected, output_error
+from .errors import NewerObject, RepositoryStateWarning, RollbackDetected, output_error
 from .localfiles import read_regular, user_dir
 from .store import ledger as logic
-from .store.ledger import REPLAYED, ROLLED_BACK, UNDATED, Finding, LedgerState
+from .store.ledger import NEWER_FORMAT, REPLAYED, ROLLED_BACK, UNDATED, Finding, LedgerState
 from .store.snapshot import Snapshot
 
 
@@ -129,10 +129,12 @@ class LedgerFile:
 
 
 
-def present_of(snaps: Iterable[Snapshot], unreadable: Iterable[str] = ()) -> dict[str, datetime]:
-    """``{id: time}`` of listed snapshots; an object that does not decode counts as present,
-    with no time that could stand in for a newer snapshot."""
-    out = {name: UNDATED for name in unreadable}
+def present_of(snaps: Iterable[Snapshot], unreadable: Mapping[str, Exception] | None = None) -> dict[str, datetime]:
+    """``{id: time}`` of listed snapshots; an object that does not decode (-> why) counts as present, with
+    no time that could stand in for a newer snapshot: ``UNDATED``, or ``NEWER_FORMAT`` for one a newer
+    chunkvault wrote (not damage: the newest this client saw, so rewritten, is no finding)."""
+    out = {name: NEWER_FORMAT if isinstance(exc, NewerObject) else UNDATED
+           for name, exc in (unreadable or {}).items()}
     out.update((s.id, s.datetime) for s in snaps)
     return out
 

@@ -25,6 +25,7 @@ from .errors import (AmbiguousSnapshot, ChunkvaultError, CorruptObject, MissingO
                      PermissionDenied, RollbackDetected, SnapshotNotFound, Stopped, StorageFull, TargetNotEmpty,
                      TargetUnwritable, UsageError, VerificationFailed, output_error)
 from .ledger import Ledger, RepositoryStateWarning, present_of
+from .store.ledger import UNREADABLE
 from .connection import connect, key_ahead_dir, key_ahead_path
 from .units import parse_share, parse_size
 from .remotes import Remote, url_scheme
@@ -525,12 +526,12 @@ class Repository:
 
     def _present_for_check(self) -> dict[str, datetime]:
         """Every listed snapshot; one that does not decode is check's to report, and counts as present."""
-        snaps, unreadable = [], []
+        snaps, unreadable = [], {}
         for name in self._repo.snapshot_names():
             try:
                 snaps.append(self._repo.load_snapshot(name))
-            except CorruptObject:
-                unreadable.append(name)
+            except CorruptObject as exc:
+                unreadable[name] = exc
         return present_of(snaps, unreadable)
 
     @_stoppable
@@ -1060,9 +1061,13 @@ class Repository:
             accepted = self.accept_state() if accept_state else []  # after the check: its snapshots are loaded
             if self._ledger is not None:
                 before = self._ledger.state()
-                found = self._ledger.findings(self._present_for_check(), before)
-                report.problems.extend(Problem(f"snapshots/{f.snapshot_id}", f.message(), snapshots=[f.snapshot_id])
-                                       for f in found)
+                damaged = {p.object: p for p in report.problems}
+                for f in self._ledger.findings(self._present_for_check(), before):
+                    key = f"snapshots/{f.snapshot_id}"
+                    if f.kind == UNREADABLE and key in damaged:  # one problem says both
+                        damaged[key].problem += f"; {f.message()}"
+                    else:
+                        report.problems.append(Problem(key, f.message(), snapshots=[f.snapshot_id]))
             report.warnings.extend(f"accepted: {line}" for line in accepted)
         return report
 
@@ -1199,8 +1204,8 @@ class Repository:
         self._ledger.forgetting(remove)
         out = run()
         gone = set(remove)
-        self._ledger.forgot(remove, present_of((s for s in snaps if s.id not in gone),
-                                               (n for n in self._repo.unreadable_snapshots if n not in gone)))
+        left = {n: e for n, e in self._repo.unreadable_snapshots.items() if n not in gone}
+        self._ledger.forgot(remove, present_of((s for s in snaps if s.id not in gone), left))
         return out
 
     @_stoppable

@@ -21,6 +21,8 @@ ROLLED_BACK = "rolled back"
 UNREADABLE = "unreadable"
 #: The time a listing gives a snapshot object that does not decode: present, but never as new as another.
 UNDATED = datetime.min.replace(tzinfo=timezone.utc)
+#: So, for one a newer chunkvault wrote: not damage, so the newest snapshot seen, rewritten so, is no finding.
+NEWER_FORMAT = UNDATED + timedelta(microseconds=1)
 LEDGER_VERSION = 1
 # Forgotten ids are remembered up to this many (the most recently forgotten): two years of
 # hourly snapshots, a file of about 2 MB.

@@ -263,6 +263,7 @@ def test_forgetting_the_newest_lowers_the_mark_so_a_later_rollback_still_shows()
     state = L.forgot(state, ["c"], {"a": T0, "b": T0 + timedelta(1)}, T0)
     assert state.newest == Mark(T0 + timedelta(1), "b")
     assert [(f.kind, f.snapshot_id) for f in L.findings(state, {"a": T0})] == [(ROLLED_BACK, "b")]
+    assert L.findings(state, {"a": T0, "b": L.NEWER_FORMAT}) == []  # rewritten by a newer chunkvault: no damage
 
 
 def test_forgotten_ids_are_capped_to_the_most_recent(monkeypatch):
