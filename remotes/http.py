@@ -69,8 +69,8 @@ from chunkvault.errors import (
     UsageError,
 )
 
-from .base import (ObjectInfo, Remote, is_key, is_loopback, keyword_options, number_option, refuse_unknown_options, validate_key,
-                   validate_prefix)
+from .base import (ObjectInfo, Remote, is_key, is_loopback, keyword_options, number_option, refuse_unknown_options,
+                   validate_key, validate_prefix)
 
 DEFAULT_PORT = 6362
 X509_NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
