@@ -25,7 +25,7 @@ from typing import Callable, Collection, Iterable, Mapping
 from .errors import NewerObject, RepositoryStateWarning, RollbackDetected, output_error
 from .localfiles import read_regular, user_dir
 from .store import ledger as logic
-from .store.ledger import NEWER_FORMAT, REPLAYED, ROLLED_BACK, UNDATED, Finding, LedgerState
+from .store.ledger import NEWER_FORMAT, OLD_VERSION, REPLAYED, ROLLED_BACK, UNDATED, Finding, LedgerState
 from .store.snapshot import Snapshot
 
 
@@ -168,11 +168,12 @@ class Ledger:
         return self.file.read()
 
     def observe(self, present: dict[str, datetime], *, before: LedgerState | None = None,
-                warn: bool = True) -> list[Finding]:
-        """After a listing: update the ledger; the findings not warned about yet (by this Ledger) are one
-        warning: the first, and how many more (a repository put back from an old copy may replay hundreds)."""
+                warn: bool = True, digests: Mapping[str, str] | None = None) -> list[Finding]:
+        """After a listing (``digests``: of the snapshot objects it read): update the ledger; the findings not
+        warned about yet (by this Ledger) are one warning: the first, and how many more (a repository put
+        back from an old copy may replay hundreds)."""
         now = _now()
-        found = self._update(lambda s: logic.observe(s, present, before, now), present, before)
+        found = self._update(lambda s: logic.observe(s, present, before, now, digests), present, before, digests)
         new = [f for f in found if f not in self._warned]
         if warn and new:
             self._warned.update(new)
@@ -180,14 +181,15 @@ class Ledger:
             _warn(new[0].message() + more)
         return found
 
-    def findings(self, present: dict[str, datetime], before: LedgerState | None = None) -> list[Finding]:
-        return logic.findings(self.file.read(), present, before)
+    def findings(self, present: dict[str, datetime], before: LedgerState | None = None,
+                 digests: Mapping[str, str] | None = None) -> list[Finding]:
+        return logic.findings(self.file.read(), present, before, digests)
 
     def guard(self, present: dict[str, datetime], *, before: LedgerState | None = None,
-              forgetting: Collection[str] = ()) -> None:
+              forgetting: Collection[str] = (), digests: Mapping[str, str] | None = None) -> None:
         """Refuse to write on top of a replayed or rolled-back repository: the write would bury
         the evidence (a new backup becomes the newest, a prune removes the replayed data)."""
-        found = logic.blocking(self.findings(present, before), forgetting)
+        found = logic.blocking(self.findings(present, before, digests), forgetting)
         if found:
             raise RollbackDetected(refusal(found))
 
@@ -195,24 +197,27 @@ class Ledger:
         now = _now()
         self.file.update(lambda s: logic.forgetting(s, ids, now))
 
-    def forgot(self, ids: Collection[str], remaining: dict[str, datetime]) -> None:
+    def forgot(self, ids: Collection[str], remaining: dict[str, datetime],
+               digests: Mapping[str, str] | None = None) -> None:
         now = _now()
-        self.file.update(lambda s: logic.forgot(s, ids, remaining, now))
+        self.file.update(lambda s: logic.forgot(s, ids, remaining, now, digests))
 
-    def wrote(self, written: dict[str, datetime]) -> None:
-        self.file.update(lambda s: logic.wrote(s, written))
+    def wrote(self, written: dict[str, datetime], digests: Mapping[str, str] | None = None) -> None:
+        now = _now()
+        self.file.update(lambda s: logic.wrote(s, written, digests, now))
 
-    def accept(self, present: dict[str, datetime]) -> list[Finding]:
+    def accept(self, present: dict[str, datetime], digests: Mapping[str, str] | None = None) -> list[Finding]:
         """Take the repository as it is; returns the findings this clears."""
-        return self._update(lambda s: logic.accept(s, present), present, must_store=True)
+        return self._update(lambda s: logic.accept(s, present, digests), present, digests=digests, must_store=True)
 
     def _update(self, change: Callable[[LedgerState], LedgerState], present: dict[str, datetime],
-                before: LedgerState | None = None, *, must_store: bool = False) -> list[Finding]:
+                before: LedgerState | None = None, digests: Mapping[str, str] | None = None, *,
+                must_store: bool = False) -> list[Finding]:
         """Apply ``change``; the findings of the state it was applied to."""
         found: list[Finding] = []
 
         def judged(state: LedgerState) -> LedgerState:
-            found[:] = logic.findings(state, present, before)
+            found[:] = logic.findings(state, present, before, digests)
             return change(state)
 
         self.file.update(judged, must_store=must_store)
@@ -223,7 +228,7 @@ def refusal(found: list[Finding]) -> str:
     """One line: the first finding, how many more, and the way out."""
     first = found[0]
     more = f" (and {len(found) - 1} more: see `chunkvault check`)" if len(found) > 1 else ""
-    fix = ("if this is expected, accept" if first.kind == ROLLED_BACK else
+    fix = ("if this is expected, accept" if first.kind in (ROLLED_BACK, OLD_VERSION) else
            f"forget it{' again' if first.kind == REPLAYED else ''} (`chunkvault forget {first.snapshot_id[:8]}`) "
            "or accept")
     return (f"{first.message()}{more}; refusing to write: inspect the storage, then {fix} the repository "

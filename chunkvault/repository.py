@@ -467,7 +467,7 @@ class Repository:
         snaps = self._repo.snapshots()
         present = self._present(snaps)
         if self._ledger is not None:
-            self._ledger.observe(present, before=before)
+            self._ledger.observe(present, before=before, digests=self._digests(snaps))
         return snaps
 
     def _present(self, snaps: list[Snapshot]) -> dict[str, datetime]:
@@ -498,9 +498,10 @@ class Repository:
         forgetting = set(forgetting)
         if snaps is not None:
             present = self._present(snaps)
+            digests = self._digests(snaps)
             try:
-                self._ledger.guard(present, forgetting=forgetting)
-                self._ledger.observe(present, warn=False)
+                self._ledger.guard(present, forgetting=forgetting, digests=digests)
+                self._ledger.observe(present, warn=False, digests=digests)
                 return snaps
             except RollbackDetected:
                 pass
@@ -508,8 +509,9 @@ class Repository:
             before = self._ledger.state()
             snaps = self._repo.snapshots()
             present = self._present(snaps)
+            digests = self._digests(snaps)
             try:
-                self._ledger.guard(present, before=before, forgetting=forgetting)
+                self._ledger.guard(present, before=before, forgetting=forgetting, digests=digests)
             except RollbackDetected:  # or a repository made anew at its place, which that error names
                 require_openable(self._repo.remote, self._repo.config.repo_id)
                 raise
@@ -517,22 +519,28 @@ class Repository:
                 break
             # This client noted a newer snapshot meanwhile, which the listing may lack: the rollback of it is
             # judged on a listing made now (the write about to be made would bury it).
-        self._ledger.observe(present, before=before, warn=False)
+        self._ledger.observe(present, before=before, warn=False, digests=digests)
         return snaps
 
     def _wrote(self, *snaps: Snapshot) -> None:
         if self._ledger is not None:
-            self._ledger.wrote(present_of(snaps))
+            self._ledger.wrote(present_of(snaps), self._digests(snaps))
 
-    def _present_for_check(self) -> dict[str, datetime]:
-        """Every listed snapshot; one that does not decode is check's to report, and counts as present."""
+    def _digests(self, snaps: Iterable[Snapshot]) -> dict[str, str]:
+        """The digest of each snapshot's object as this process read or wrote it (the ledger's versions)."""
+        known = self._repo.snapshot_digests
+        return {s.id: known[s.id] for s in snaps if s.id in known}
+
+    def _present_for_check(self) -> tuple[dict[str, datetime], dict[str, str]]:
+        """Every listed snapshot, and the digests of those read; one that does not decode is check's to
+        report, and counts as present."""
         snaps, unreadable = [], {}
         for name in self._repo.snapshot_names():
             try:
                 snaps.append(self._repo.load_snapshot(name))
             except CorruptObject as exc:
                 unreadable[name] = exc
-        return present_of(snaps, unreadable)
+        return present_of(snaps, unreadable), self._digests(snaps)
 
     @_stoppable
     def accept_state(self) -> list[str]:
@@ -540,7 +548,7 @@ class Repository:
         returns what the ledger had found, one line each."""
         if self._ledger is None:
             return []
-        return [f.message() for f in self._ledger.accept(self._present_for_check())]
+        return [f.message() for f in self._ledger.accept(*self._present_for_check())]
 
     # --- backup -----------------------------------------------------------------
 
@@ -1062,7 +1070,8 @@ class Repository:
             if self._ledger is not None:
                 before = self._ledger.state()
                 damaged = {p.object: p for p in report.problems}
-                for f in self._ledger.findings(self._present_for_check(), before):
+                present, digests = self._present_for_check()
+                for f in self._ledger.findings(present, before, digests):
                     key = f"snapshots/{f.snapshot_id}"
                     if f.kind == UNREADABLE and key in damaged:  # one problem says both
                         damaged[key].problem += f"; {f.message()}"
@@ -1205,7 +1214,8 @@ class Repository:
         out = run()
         gone = set(remove)
         left = {n: e for n, e in self._repo.unreadable_snapshots.items() if n not in gone}
-        self._ledger.forgot(remove, present_of((s for s in snaps if s.id not in gone), left))
+        kept = [s for s in snaps if s.id not in gone]
+        self._ledger.forgot(remove, present_of(kept, left), self._digests(kept))  # the rebased: new versions
         return out
 
     @_stoppable
@@ -1326,8 +1336,10 @@ class Repository:
             raise UsageError("tag: give tags to add, to remove or to set").hinting(" (--add, --remove, --set)")
         _one_line(add + (set_to or []))
         self._guard()
-        return retag_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
-                               add=add, remove=remove, set_to=set_to, wait=wait)
+        changed = retag_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
+                                  add=add, remove=remove, set_to=set_to, wait=wait)
+        self._wrote(*changed)  # their versions before are old ones from now on
+        return changed
 
     @_stoppable
     def rewrite(self, excludes: list[str], snapshots: Iterable[str | Snapshot] | None = None, *,
@@ -1339,8 +1351,11 @@ class Repository:
         from .store.rewrite import rewrite_snapshots
 
         self._list() if dry_run else self._guard()
-        return rewrite_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
-                                 _globs(excludes, "exclude"), dry_run=dry_run, wait=wait)
+        report = rewrite_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
+                                   _globs(excludes, "exclude"), dry_run=dry_run, wait=wait)
+        if not dry_run:
+            self._wrote(*(self._repo.load_snapshot(sid) for sid in report.rewritten + report.inherited))
+        return report
 
     @_stoppable
     def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,

@@ -5,10 +5,13 @@ snapshots: whoever can write the storage, without the key, can put back a
 snapshot that was forgotten (a replay) or delete the newest ones (a
 rollback).  A client that remembers which snapshots it forgot and the newest
 snapshot it has seen (the high-water mark) notices both, as borg's
-client-side manifest timestamp does.
+client-side manifest timestamp does.  Nor does anything sign which version of
+a rewritten snapshot (a tag, a rebase) is current: a client that remembers the
+digests of the versions it saw replaced notices an older one put back.
 
 Pure: no I/O and no clock.  Callers pass the present snapshots as
-``{id: time}`` and the current time; every function returns a new state.
+``{id: time}`` (and the digests of their objects) and the current time; every
+function returns a new state.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Any, Collection, Mapping
 REPLAYED = "replayed"
 ROLLED_BACK = "rolled back"
 UNREADABLE = "unreadable"
+OLD_VERSION = "old version"
 #: The time a listing gives a snapshot object that does not decode: present, but never as new as another.
 UNDATED = datetime.min.replace(tzinfo=timezone.utc)
 #: So, for one a newer chunkvault wrote: not damage, so the newest snapshot seen, rewritten so, is no finding.
@@ -30,6 +34,9 @@ MAX_FORGOTTEN = 20_000
 # A forget noted as begun whose snapshot is still listed is taken for one killed before it deleted only
 # this long after it began: a forget rebasing a long chain over a slow link may still be under way.
 PENDING_KEPT = timedelta(hours=24)
+# Versions of one snapshot remembered as replaced: the most recently replaced (a snapshot tagged hourly
+# for a year would otherwise grow the file without end).
+MAX_SUPERSEDED = 64
 
 
 @dataclass(frozen=True, order=True)
@@ -43,11 +50,16 @@ class Mark:
 @dataclass(frozen=True)
 class LedgerState:
     """``forgotten``: id -> when this client forgot it; ``pending``: forgets begun but not seen to
-    finish (recorded before the deletion, so a forget killed half-way is not taken for a rollback)."""
+    finish (recorded before the deletion, so a forget killed half-way is not taken for a rollback).
+    ``versions``: id -> digest of the stored object (its sealed bytes) last seen for each present snapshot;
+    ``superseded``: id -> {digest: when this client saw it replaced} of versions rewritten since (a tag,
+    a rebase, a rewrite).  Each seal draws a fresh nonce, so no honest rewrite brings a digest back."""
 
     forgotten: Mapping[str, datetime] = field(default_factory=dict)
     pending: Mapping[str, datetime] = field(default_factory=dict)
     newest: Mark | None = None
+    versions: Mapping[str, str] = field(default_factory=dict)
+    superseded: Mapping[str, Mapping[str, datetime]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, order=True)
@@ -63,6 +75,9 @@ class Finding:
         at = self.when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         if self.kind == REPLAYED:
             return f"snapshot {self.snapshot_id} was forgotten by this client at {at} and is present again (replayed)"
+        if self.kind == OLD_VERSION:
+            return (f"snapshot {self.snapshot_id} is a version of it this client saw replaced at {at} (an older copy "
+                    f"put back: what the newer one changed, its tags or a rebase, is undone)")
         if self.kind == UNREADABLE:
             return (f"snapshot {self.snapshot_id} ({at}), the newest this client has seen, does not open (damaged, "
                     f"or replaced by whoever holds the storage) and no readable snapshot is as new: `latest` would "
@@ -71,8 +86,11 @@ class Finding:
                 f"as new is present (rolled back, unless another client forgot the newest snapshot by hand)")
 
 
-def findings(state: LedgerState, present: Mapping[str, datetime], before: LedgerState | None = None) -> list[Finding]:
-    """Replayed: a snapshot this client forgot is present.  Rolled back: the high-water snapshot
+def findings(state: LedgerState, present: Mapping[str, datetime], before: LedgerState | None = None,
+             digests: Mapping[str, str] | None = None) -> list[Finding]:
+    """Replayed: a snapshot this client forgot is present.  Old version: a snapshot's object (``digests``:
+    id -> digest of those listed) is one this client saw replaced: the storage's holder put an older copy
+    back, which authenticates as well as the newer (tags removed, so a retention rule no longer keeps it).  Rolled back: the high-water snapshot
     is gone, this client did not forget it, and no other present snapshot is at least as new.
     Unreadable: so, but it is listed and does not decode (``UNDATED``): overwritten with garbage, it hid
     the newest snapshot as well as deleting it, and went unnoticed.
@@ -86,8 +104,13 @@ def findings(state: LedgerState, present: Mapping[str, datetime], before: Ledger
     if before is not None:
         ended = {sid: t for sid, t in state.forgotten.items() if sid not in before.forgotten}
         newest = before.newest if state.newest == before.newest else None
-        state = LedgerState(before.forgotten, {**before.pending, **state.pending, **ended}, newest)
+        state = LedgerState(before.forgotten, {**before.pending, **state.pending, **ended}, newest,
+                            before.versions, before.superseded)
     out = [Finding(REPLAYED, sid, state.forgotten[sid]) for sid in present if sid in state.forgotten]
+    for sid, digest in (digests or {}).items():
+        replaced = state.superseded.get(sid, {}).get(digest)
+        if replaced is not None and sid in present:
+            out.append(Finding(OLD_VERSION, sid, replaced))
     hw = state.newest
     undated = hw is not None and present.get(hw.id) == UNDATED
     if hw is not None and (undated or hw.id not in present) and hw.id not in state.forgotten \
@@ -108,7 +131,7 @@ def blocking(found: Collection[Finding], forgetting: Collection[str] = ()) -> li
 
 
 def observe(state: LedgerState, present: Mapping[str, datetime], before: LedgerState | None = None,
-            now: datetime | None = None) -> LedgerState:
+            now: datetime | None = None, digests: Mapping[str, str] | None = None) -> LedgerState:
     """After a listing: pending forgets resolve (gone: confirmed; present ``PENDING_KEPT`` after the forget
     began, or at once without ``now``: it never happened, killed before it deleted) and the high-water mark
     rises to the newest present snapshot not forgotten.  A forget still under way may delete after the
@@ -119,7 +142,9 @@ def observe(state: LedgerState, present: Mapping[str, datetime], before: LedgerS
 
     ``before`` (as for ``findings``): a forget begun while the listing was made stays pending (the
     listing may predate its deletions), and where the ledger changed at all meanwhile, the mark stays
-    as it is (what the listing shows may be gone since, honestly: the next listing raises it)."""
+    as it is (what the listing shows may be gone since, honestly: the next listing raises it), and so do
+    the versions (``digests``): a snapshot this client rewrote meanwhile may be listed as it was before.
+    A version found old stays so (the evidence stays until it is accepted)."""
     known = state if before is None else before
     quiet = state == known
     forgotten = dict(state.forgotten)
@@ -130,7 +155,11 @@ def observe(state: LedgerState, present: Mapping[str, datetime], before: LedgerS
         elif sid not in present:
             forgotten[sid] = when
     state = replace(state, forgotten=_capped(forgotten), pending=pending)
-    if not quiet or any(f.kind == ROLLED_BACK for f in findings(state, present, before)):
+    if not quiet:
+        return state
+    if digests is not None:
+        state = _seen_versions(state, present, digests, now)
+    if any(f.kind == ROLLED_BACK for f in findings(state, present, before)):
         return state
     newest = _newest(present, state.forgotten)
     hw = state.newest
@@ -144,29 +173,64 @@ def forgetting(state: LedgerState, ids: Collection[str], now: datetime) -> Ledge
     return replace(state, pending={**state.pending, **{sid: now for sid in ids}})
 
 
-def forgot(state: LedgerState, ids: Collection[str], present: Mapping[str, datetime], now: datetime) -> LedgerState:
-    """After deleting ``ids``; ``present`` is what remains."""
+def forgot(state: LedgerState, ids: Collection[str], present: Mapping[str, datetime], now: datetime,
+           digests: Mapping[str, str] | None = None) -> LedgerState:
+    """After deleting ``ids``; ``present`` is what remains (``digests``: its objects, those rebased new)."""
     pending = {sid: when for sid, when in state.pending.items() if sid not in ids}
     forgotten = {**state.forgotten, **{sid: now for sid in ids}}
-    return observe(replace(state, forgotten=forgotten, pending=pending), present, now=now)
+    return observe(replace(state, forgotten=forgotten, pending=pending), present, now=now, digests=digests)
 
 
-def wrote(state: LedgerState, written: Mapping[str, datetime]) -> LedgerState:
-    """This client stored these snapshots: none of them is a replay, and the newest may rise."""
+def wrote(state: LedgerState, written: Mapping[str, datetime], digests: Mapping[str, str] | None = None,
+          now: datetime | None = None) -> LedgerState:
+    """This client stored these snapshots (``digests``: of the objects it stored, new or rewritten): none
+    of them is a replay, the newest may rise, and a version it replaced is an old one from now on."""
     forgotten = {sid: w for sid, w in state.forgotten.items() if sid not in written}
     pending = {sid: w for sid, w in state.pending.items() if sid not in written}
     marks = [Mark(t, sid) for sid, t in written.items()]
     if state.newest is not None:
         marks.append(state.newest)
-    return LedgerState(forgotten, pending, max(marks) if marks else None)
+    versions, superseded = _replaced(state, digests or {}, now)
+    return LedgerState(forgotten, pending, max(marks) if marks else None, versions, superseded)
 
 
-def accept(state: LedgerState, present: Mapping[str, datetime]) -> LedgerState:
-    """The user accepts the repository as it is: present snapshots are no longer forgotten and
-    the high-water mark is the newest present; snapshots still absent stay forgotten."""
+def _seen_versions(state: LedgerState, present: Mapping[str, datetime], digests: Mapping[str, str],
+                   now: datetime | None) -> LedgerState:
+    """A listing's versions noted: each changed one's old digest is superseded, an old one found again is
+    left as it is (evidence), and what is no longer listed is dropped."""
+    fresh = {sid: d for sid, d in digests.items() if d not in state.superseded.get(sid, {})}
+    versions, superseded = _replaced(state, fresh, now)
+    return replace(state, versions={sid: d for sid, d in versions.items() if sid in present},
+                   superseded={sid: old for sid, old in superseded.items() if sid in present})
+
+
+def _replaced(state: LedgerState, digests: Mapping[str, str], now: datetime | None
+              ) -> tuple[dict[str, str], dict[str, Mapping[str, datetime]]]:
+    """(versions, superseded) once the objects ``digests`` names are current: each one it replaces is
+    superseded (at ``now``), keeping the ``MAX_SUPERSEDED`` latest per snapshot."""
+    versions = dict(state.versions)
+    superseded = dict(state.superseded)
+    for sid, digest in digests.items():
+        old = versions.get(sid)
+        if old is not None and old != digest:
+            kept = {**superseded.get(sid, {}), old: now or UNDATED}
+            superseded[sid] = dict(sorted(kept.items(), key=lambda kv: (kv[1], kv[0]))[-MAX_SUPERSEDED:])
+        versions[sid] = digest
+    return versions, superseded
+
+
+def accept(state: LedgerState, present: Mapping[str, datetime], digests: Mapping[str, str] | None = None
+           ) -> LedgerState:
+    """The user accepts the repository as it is: present snapshots are no longer forgotten, the
+    high-water mark is the newest present, and each listed version (``digests``) is current; snapshots
+    still absent stay forgotten."""
     forgotten = {**state.forgotten, **state.pending}
     forgotten = {sid: when for sid, when in forgotten.items() if sid not in present}
-    return LedgerState(_capped(forgotten), {}, _newest(present, forgotten))
+    versions = {sid: d for sid, d in {**state.versions, **(digests or {})}.items() if sid in present}
+    superseded = {sid: {d: t for d, t in old.items() if d != versions.get(sid)}
+                  for sid, old in state.superseded.items() if sid in present}
+    return LedgerState(_capped(forgotten), {}, _newest(present, forgotten), versions,
+                       {sid: old for sid, old in superseded.items() if old})
 
 
 def _newest(present: Mapping[str, datetime], forgotten: Mapping[str, datetime]) -> Mark | None:
@@ -188,7 +252,10 @@ def to_json(state: LedgerState, repo_id: str) -> dict[str, Any]:
     return {"version": LEDGER_VERSION, "repository": repo_id,
             "newest": None if state.newest is None else {"id": state.newest.id, "time": state.newest.time.isoformat()},
             "forgotten": {sid: t.isoformat() for sid, t in sorted(state.forgotten.items())},
-            "pending": {sid: t.isoformat() for sid, t in sorted(state.pending.items())}}
+            "pending": {sid: t.isoformat() for sid, t in sorted(state.pending.items())},
+            "versions": dict(sorted(state.versions.items())),
+            "superseded": {sid: {d: t.isoformat() for d, t in sorted(old.items())}
+                           for sid, old in sorted(state.superseded.items())}}
 
 
 def from_json(doc: Any, repo_id: str) -> LedgerState:
@@ -203,7 +270,15 @@ def from_json(doc: Any, repo_id: str) -> LedgerState:
         if not isinstance(newest, dict):
             raise ValueError("malformed high-water mark")
         mark = Mark(_time(newest.get("time")), _id(newest.get("id")))
-    return LedgerState(_times(doc.get("forgotten", {})), _times(doc.get("pending", {})), mark)
+    versions = doc.get("versions", {})  # absent from ledgers written before versions were kept
+    if not isinstance(versions, dict) or not all(isinstance(v, str) and v for v in versions.values()):
+        raise ValueError("malformed versions")
+    superseded = doc.get("superseded", {})
+    if not isinstance(superseded, dict):
+        raise ValueError("malformed superseded versions")
+    return LedgerState(_times(doc.get("forgotten", {})), _times(doc.get("pending", {})), mark,
+                       {_id(sid): d for sid, d in versions.items()},
+                       {_id(sid): _times(old) for sid, old in superseded.items()})
 
 
 def _id(value: Any) -> str:

@@ -164,6 +164,9 @@ class Repo:
         # the listing's version, or where the remote gives none, in most cases in its size.
         self._snapshot_seen: dict[str, tuple[int, str | None]] = {}
         self.unreadable_snapshots: dict[str, CorruptObject] = {}  # as of the last listing (``snapshots``)
+        # A digest of each snapshot object's stored bytes as read or written: the ledger tells versions apart
+        # by it (an older version put back authenticates as well as the newer).
+        self.snapshot_digests: dict[str, str] = {}
         self._warned_indexes: set[str] = set()
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
         self._delta_bases: dict[bytes, bytes] = {}
@@ -790,6 +793,7 @@ class Repo:
             raise MissingObject(key) from None
         self._snapshots[name] = snap
         self._snapshot_seen[name] = (len(data), None)
+        self.snapshot_digests[name] = content_name(data)[:32]
         return snap
 
     def snapshot_names(self) -> list[str]:
@@ -918,6 +922,7 @@ class Repo:
         self.remote.put(f"snapshots/{snap.id}", data, if_absent=not replace)
         self._snapshots[snap.id] = snap
         self._snapshot_seen[snap.id] = (len(data), None)
+        self.snapshot_digests[snap.id] = content_name(data)[:32]
         return snap
 
     def require_deletes(self, key: str, purpose: str) -> None:

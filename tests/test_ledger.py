@@ -5,10 +5,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from chunkvault.store import ledger as L
-from chunkvault.store.ledger import REPLAYED, ROLLED_BACK, UNREADABLE, LedgerState, Mark
+from chunkvault.store.ledger import OLD_VERSION, REPLAYED, ROLLED_BACK, UNREADABLE, LedgerState, Mark
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -19,6 +19,8 @@ op = st.one_of(
     st.tuples(st.just("forget"), st.sets(st.integers(0, 30), max_size=4)),
     st.tuples(st.just("killed forget"), st.sets(st.integers(0, 30), max_size=3), st.booleans()),
     st.tuples(st.just("other client"), st.sets(st.integers(0, 30), max_size=3), st.booleans()),
+    st.tuples(st.just("tag"), st.sets(st.integers(0, 30), min_size=1, max_size=3)),
+    st.tuples(st.just("other client tags"), st.sets(st.integers(0, 30), min_size=1, max_size=3)),
     st.tuples(st.just("list"),),
 )
 forgets = st.one_of(
@@ -34,8 +36,29 @@ class Model:
         self.present: dict[str, datetime] = {}
         self.state = LedgerState()
         self.forgotten: dict[str, datetime] = {}  # everything this client removed, with the snapshot times
+        self.objects: dict[str, str] = {}  # id -> digest of its stored object (each rewrite a new one)
+        self.replaced: dict[str, list[str]] = {}  # id -> digests of its earlier objects
+        self.seen: set[tuple[str, str]] = set()  # (id, digest) of each object this client listed or wrote
         self.n = 0
         self.now = T0
+
+    def digests(self) -> dict[str, str]:
+        """What a listing reads: the digest of each present snapshot's object."""
+        return {sid: self.objects[sid] for sid in self.present}
+
+    def listed(self) -> dict[str, str]:
+        """``digests``, for a listing this client's ledger notes."""
+        listed = self.digests()
+        self.seen.update(listed.items())
+        return listed
+
+    def _rewrite(self, ids: list[str]) -> dict[str, str]:
+        """New objects for these snapshots (a tag, a rebase): each sealed afresh, so a new digest."""
+        for sid in ids:
+            self.replaced.setdefault(sid, []).append(self.objects[sid])
+            self.n += 1
+            self.objects[sid] = f"v{self.n:03d}"
+        return {sid: self.objects[sid] for sid in ids}
 
     def _tick(self) -> datetime:
         self.now += timedelta(minutes=1)
@@ -52,24 +75,35 @@ class Model:
     def phases(self, step: tuple) -> Iterator[None]:
         """``step`` a change at a time: a listing by another command may fall between any two."""
         kind = step[0]
-        if kind in ("backup", "forget", "killed forget"):  # a write lists the snapshots first
-            self.state = L.observe(self.state, self.present, now=self.now)
+        if kind in ("backup", "forget", "killed forget", "tag"):  # a write lists the snapshots first
+            self.state = L.observe(self.state, self.present, now=self.now, digests=self.listed())
             yield
         if kind == "backup":
             written = {}
             for _ in range(step[1]):
                 self.n += 1
                 written[f"s{self.n:03d}"] = self._tick()
+                self.objects[f"s{self.n:03d}"] = f"v{self.n:03d}"
             self.present.update(written)
             yield
-            self.state = L.wrote(self.state, written)
+            new = {sid: self.objects[sid] for sid in written}
+            self.seen.update(new.items())
+            self.state = L.wrote(self.state, written, new, self.now)
+        elif kind == "tag":
+            ids = self._pick(step[1])
+            new = self._rewrite(ids)
+            self.seen.update(new.items())
+            yield
+            self.state = L.wrote(self.state, {sid: self.present[sid] for sid in ids}, new, self._tick())
+        elif kind == "other client tags":
+            self._rewrite(self._pick(step[1]))
         elif kind == "forget":
             ids = self._pick(step[1])
             self.state = L.forgetting(self.state, ids, self._tick())
             yield
             self._delete(ids)
             yield
-            self.state = L.forgot(self.state, ids, self.present, self._tick())
+            self.state = L.forgot(self.state, ids, self.present, self._tick(), self.listed())
         elif kind == "killed forget":
             ids = self._pick(step[1])
             self.state = L.forgetting(self.state, ids, self._tick())
@@ -85,8 +119,9 @@ class Model:
             if step[2] and self.present:
                 self.n += 1
                 self.present[f"s{self.n:03d}"] = self._tick()
+                self.objects[f"s{self.n:03d}"] = f"v{self.n:03d}"
         else:
-            self.state = L.observe(self.state, self.present, now=self.now)
+            self.state = L.observe(self.state, self.present, now=self.now, digests=self.listed())
 
     def _delete(self, ids: list[str]) -> None:
         for sid in ids:
@@ -96,8 +131,8 @@ class Model:
 def _honest(steps: list[tuple]) -> Model:
     m = Model()
     _honest_from(m, steps)
-    m.state = L.observe(m.state, m.present)
-    assert L.findings(m.state, m.present) == []
+    m.state = L.observe(m.state, m.present, now=m.now, digests=m.listed())
+    assert L.findings(m.state, m.present, digests=m.digests()) == []
     return m
 
 
@@ -118,6 +153,25 @@ def test_any_forgotten_snapshot_put_back_is_replayed(steps, data):
     assert L.blocking(found, forgetting=()) == found
     assert L.blocking(found, forgetting=replay) == []  # forgetting them again is allowed
     assert L.findings(L.accept(m.state, present), present) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(op, max_size=25), st.data())
+def test_any_version_this_client_saw_replaced_put_back_is_found(steps, data):
+    """Each object is sealed afresh (a new nonce), so no honest rewrite brings a version back: one this
+    client listed or wrote, and saw replaced since, is an older copy put back (a tag undone, say)."""
+    m = _honest(steps + [("backup", 1), ("tag", {0}), ("list",)])
+    old = sorted({(sid, d) for sid, ds in m.replaced.items() for d in ds if sid in m.present and (sid, d) in m.seen})
+    assume(old)
+    replay = dict(data.draw(st.lists(st.sampled_from(old), min_size=1, max_size=4)))
+    listed = {**m.digests(), **replay}
+    found = L.findings(m.state, m.present, digests=listed)
+    assert [(f.kind, f.snapshot_id) for f in found] == [(OLD_VERSION, sid) for sid in sorted(replay)]
+    assert L.blocking(found) == found
+    assert L.findings(L.observe(m.state, m.present, now=m.now, digests=listed), m.present, digests=listed) == found
+    accepted = L.accept(m.state, m.present, listed)
+    assert L.findings(accepted, m.present, digests=listed) == []
+    assert L.from_json(L.to_json(m.state, "r1"), "r1") == m.state
 
 
 @settings(max_examples=300, deadline=None)
@@ -145,8 +199,8 @@ def _listed_meanwhile(m: Model, during: list[tuple], at: int) -> tuple[LedgerSta
         for _ in m.phases(step):
             made += 1
             if made == at:
-                listing = dict(m.present)
-    return before, dict(m.present) if listing is None else listing
+                listing = dict(m.present), m.digests()
+    return before, *((dict(m.present), m.digests()) if listing is None else listing)
 
 
 @settings(max_examples=400, deadline=None)
@@ -156,10 +210,10 @@ def test_a_listing_made_while_other_commands_of_this_client_run_is_never_suspici
     and note both in the ledger while a listing is made: judged by the ledger as it was when the listing
     began, nothing is suspicious, and what observing it leaves behind stays clean."""
     m = _honest(history)
-    before, listing = _listed_meanwhile(m, during, at)
-    assert L.findings(m.state, listing, before) == [], (before, m.state, listing)
-    m.state = L.observe(m.state, listing, before)
-    assert L.findings(m.state, m.present) == []
+    before, listing, digests = _listed_meanwhile(m, during, at)
+    assert L.findings(m.state, listing, before, digests) == [], (before, m.state, listing)
+    m.state = L.observe(m.state, listing, before, now=m.now, digests=digests)
+    assert L.findings(m.state, m.present, digests=m.digests()) == []
     _honest_from(m, later)
 
 
@@ -172,17 +226,17 @@ def test_listings_that_overlap_this_clients_other_commands_and_each_other_are_ne
     it listed) while its other commands back up and forget, the newest snapshot too, some killed half-way."""
     m = _honest(history)
     starts = {p for p, _ in listers}
-    taken: dict[int, tuple[LedgerState, dict[str, datetime]]] = {}
+    taken: dict[int, tuple[LedgerState, dict[str, datetime], dict[str, str]]] = {}
     made = 0
 
     def at(phase: int) -> None:
         for k, (p, q) in enumerate(listers):
             if p == phase:
-                taken[k] = (m.state, dict(m.present))
+                taken[k] = (m.state, dict(m.present), m.digests())
             if max(p, q) == phase and k in taken:
-                before, listing = taken.pop(k)
-                assert L.findings(m.state, listing, before) == [], (k, before, m.state, listing)
-                m.state = L.observe(m.state, listing, before, now=m.now)
+                before, listing, digests = taken.pop(k)
+                assert L.findings(m.state, listing, before, digests) == [], (k, before, m.state, listing)
+                m.state = L.observe(m.state, listing, before, now=m.now, digests=digests)
 
     at(0)
     for step in during:
@@ -190,10 +244,10 @@ def test_listings_that_overlap_this_clients_other_commands_and_each_other_are_ne
             made += 1
             at(made)
     for k in sorted(taken):  # those that began or end past the last change
-        before, listing = taken.pop(k)
-        assert L.findings(m.state, listing, before) == []
-        m.state = L.observe(m.state, listing, before, now=m.now)
-    assert starts and L.findings(m.state, m.present) == []
+        before, listing, digests = taken.pop(k)
+        assert L.findings(m.state, listing, before, digests) == []
+        m.state = L.observe(m.state, listing, before, now=m.now, digests=digests)
+    assert starts and L.findings(m.state, m.present, digests=m.digests()) == []
     _honest_from(m, later)
 
 
@@ -208,7 +262,7 @@ def test_a_rollback_is_found_while_this_client_forgets_meanwhile(history, k, dat
     newest = by_age[-1][0]
     for sid, _ in by_age[-cut:]:
         del m.present[sid]
-    before, listing = _listed_meanwhile(m, during, at)
+    before, listing, _ = _listed_meanwhile(m, during, at)
     assert (ROLLED_BACK, newest) in [(f.kind, f.snapshot_id) for f in L.findings(m.state, listing, before)]
     assert L.observe(m.state, listing, before).newest == before.newest  # the evidence stays
 
@@ -227,7 +281,7 @@ def test_a_mark_that_moved_during_the_listing_leaves_the_rollback_to_the_next_li
 def _honest_from(m: Model, steps: list[tuple]) -> None:
     for s in steps:
         m.run(s)
-        assert L.findings(m.state, m.present) == [], (s, m.state, m.present)
+        assert L.findings(m.state, m.present, digests=m.digests()) == [], (s, m.state, m.present)
 
 
 @settings(max_examples=300, deadline=None)

@@ -157,6 +157,34 @@ def test_damaging_the_newest_snapshot_is_refused_as_deleting_it_is(chain, tmp_pa
         repo.backup([tree.root])
 
 
+def test_an_older_version_of_a_snapshot_put_back_is_found_and_refused(chain):
+    """The object as it was before `tag --add pinned`, put back by whoever holds the storage, authenticates
+    as well as the tagged one: `forget --keep-tag pinned` then removed the snapshot it was to keep."""
+    path, _, states, raw = chain
+    a, b, _ = states
+    keep = RetentionPolicy(keep_last=1, keep_tags=(frozenset({"pinned"}),))
+    with crashkit.open_repo(path) as repo:
+        repo.tag([a], add=["pinned"])
+    with crashkit.open_repo(path, ledger=False) as other:  # another client's rewrite: a new version, no finding
+        other.tag([b], add=["elsewhere"])
+    with crashkit.open_repo(path) as repo:
+        assert _problems(repo) == []
+        assert [s.tags for s in repo.snapshots()][:2] == [["pinned"], ["elsewhere"]]
+    crashkit.put_snapshot_back(path, a, raw)
+    with crashkit.open_repo(path) as repo:
+        problems = _problems(repo)
+        assert [o for o, _ in problems] == [f"snapshots/{a}"] and "saw replaced" in problems[0][1]
+        with pytest.warns(RepositoryStateWarning, match=f"{a}.*saw replaced"):
+            assert repo.snapshots()[0].tags == []
+        with pytest.raises(RollbackDetected, match=f"{a}.*saw replaced.*accept"):
+            repo.forget(policy=keep)
+        assert repo.check(accept_state=True).ok
+        assert _problems(repo) == []
+        repo.tag([a], add=["pinned"])
+        repo.forget(policy=keep)
+        assert [s.id for s in repo.snapshots()][0] == a
+
+
 def test_another_client_without_the_ledger_sees_a_clean_repository(chain, tmp_path):
     """The documented limit: only the client that forgot, or saw the newest, can tell."""
     path, _, states, raw = chain
