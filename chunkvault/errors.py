@@ -117,10 +117,13 @@ class NewerObject(CorruptObject):
 
 
 class MissingObject(CorruptObject):
-    """An object that something references is not in the repository."""
+    """An object that something references is not in the repository (its message says missing, not
+    corrupt: nothing is wrong with what is stored)."""
 
     def __init__(self, object_name: str, reason: str = "missing"):
-        super().__init__(object_name, reason)
+        ChunkvaultError.__init__(self, f"missing object {object_name}" + ("" if reason == "missing" else f": {reason}"))
+        self.object_name = object_name
+        self.reason = reason
 
 
 class RemoteError(ChunkvaultError):

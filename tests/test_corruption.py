@@ -139,4 +139,4 @@ def test_cli_reports_corruption_in_one_line_with_exit_13(backed_up, cli, tmp_pat
     proc = cli("restore", "-r", str(repo_dir), "latest", "--target", str(tmp_path / "o"), check=13)
     warning, error = proc.stderr.decode().strip().splitlines()  # the object left out, then what that cost
     assert warning.startswith(f"warning: index/{idx.name[:12]} does not load and is left out")
-    assert error.startswith("chunkvault: corrupt object blob ") and "not in the index" in error
+    assert error.startswith("chunkvault: missing object blob ") and "not in the index" in error
