@@ -20,7 +20,7 @@ import re
 import tempfile
 import warnings
 from datetime import datetime, timezone
-from typing import Callable, Collection, Iterable, Mapping
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 from .errors import NewerObject, RepositoryStateWarning, RollbackDetected, output_error
 from .localfiles import read_regular, user_dir
@@ -197,14 +197,14 @@ class Ledger:
         now = _now()
         self.file.update(lambda s: logic.forgetting(s, ids, now))
 
-    def forgot(self, ids: Collection[str], remaining: dict[str, datetime],
-               digests: Mapping[str, str] | None = None) -> None:
+    def forgot(self, ids: Collection[str], remaining: dict[str, datetime]) -> None:
         now = _now()
-        self.file.update(lambda s: logic.forgot(s, ids, remaining, now, digests))
+        self.file.update(lambda s: logic.forgot(s, ids, remaining, now))
 
-    def wrote(self, written: dict[str, datetime], digests: Mapping[str, str] | None = None) -> None:
+    def wrote(self, written: dict[str, datetime], digests: Mapping[str, str] | None = None,
+              replaced: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> None:
         now = _now()
-        self.file.update(lambda s: logic.wrote(s, written, digests, now))
+        self.file.update(lambda s: logic.wrote(s, written, digests, now, replaced))
 
     def accept(self, present: dict[str, datetime], digests: Mapping[str, str] | None = None) -> list[Finding]:
         """Take the repository as it is; returns the findings this clears."""

@@ -260,7 +260,10 @@ def _stoppable(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def run(self: "Repository", *args: Any, **kwargs: Any) -> Any:
         with self._operation():
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._note_rewrites()
     return run
 
 
@@ -526,6 +529,13 @@ class Repository:
         if self._ledger is not None:
             self._ledger.wrote(present_of(snaps), self._digests(snaps))
 
+    def _note_rewrites(self) -> None:
+        """The versions of snapshots this process rewrote (a tag, a rebase, a rewrite, an aggregate), noted
+        as old ones, even where the command then failed: one put back later is found."""
+        replaced = self._repo.take_replaced()
+        if replaced and self._ledger is not None:
+            self._ledger.wrote({}, replaced=replaced)
+
     def _digests(self, snaps: Iterable[Snapshot]) -> dict[str, str]:
         """The digest of each snapshot's object as this process read or wrote it (the ledger's versions)."""
         known = self._repo.snapshot_digests
@@ -533,14 +543,10 @@ class Repository:
 
     def _present_for_check(self) -> tuple[dict[str, datetime], dict[str, str]]:
         """Every listed snapshot, and the digests of those read; one that does not decode is check's to
-        report, and counts as present."""
-        snaps, unreadable = [], {}
-        for name in self._repo.snapshot_names():
-            try:
-                snaps.append(self._repo.load_snapshot(name))
-            except CorruptObject as exc:
-                unreadable[name] = exc
-        return present_of(snaps, unreadable), self._digests(snaps)
+        report, and counts as present.  Listed afresh: a snapshot another command rewrote since this
+        object last listed must not be judged by the version it read then."""
+        snaps = self._repo.snapshots()
+        return present_of(snaps, self._repo.unreadable_snapshots), self._digests(snaps)
 
     @_stoppable
     def accept_state(self) -> list[str]:
@@ -1214,8 +1220,7 @@ class Repository:
         out = run()
         gone = set(remove)
         left = {n: e for n, e in self._repo.unreadable_snapshots.items() if n not in gone}
-        kept = [s for s in snaps if s.id not in gone]
-        self._ledger.forgot(remove, present_of(kept, left), self._digests(kept))  # the rebased: new versions
+        self._ledger.forgot(remove, present_of((s for s in snaps if s.id not in gone), left))
         return out
 
     @_stoppable
@@ -1336,10 +1341,8 @@ class Repository:
             raise UsageError("tag: give tags to add, to remove or to set").hinting(" (--add, --remove, --set)")
         _one_line(add + (set_to or []))
         self._guard()
-        changed = retag_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
-                                  add=add, remove=remove, set_to=set_to, wait=wait)
-        self._wrote(*changed)  # their versions before are old ones from now on
-        return changed
+        return retag_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
+                               add=add, remove=remove, set_to=set_to, wait=wait)
 
     @_stoppable
     def rewrite(self, excludes: list[str], snapshots: Iterable[str | Snapshot] | None = None, *,
@@ -1351,11 +1354,8 @@ class Repository:
         from .store.rewrite import rewrite_snapshots
 
         self._list() if dry_run else self._guard()
-        report = rewrite_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
-                                   _globs(excludes, "exclude"), dry_run=dry_run, wait=wait)
-        if not dry_run:
-            self._wrote(*(self._repo.load_snapshot(sid) for sid in report.rewritten + report.inherited))
-        return report
+        return rewrite_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
+                                 _globs(excludes, "exclude"), dry_run=dry_run, wait=wait)
 
     @_stoppable
     def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any, Collection, Mapping
+from typing import Any, Collection, Mapping, Sequence
 
 REPLAYED = "replayed"
 ROLLED_BACK = "rolled back"
@@ -173,24 +173,32 @@ def forgetting(state: LedgerState, ids: Collection[str], now: datetime) -> Ledge
     return replace(state, pending={**state.pending, **{sid: now for sid in ids}})
 
 
-def forgot(state: LedgerState, ids: Collection[str], present: Mapping[str, datetime], now: datetime,
-           digests: Mapping[str, str] | None = None) -> LedgerState:
-    """After deleting ``ids``; ``present`` is what remains (``digests``: its objects, those rebased new)."""
+def forgot(state: LedgerState, ids: Collection[str], present: Mapping[str, datetime], now: datetime) -> LedgerState:
+    """After deleting ``ids``; ``present`` is what remains."""
     pending = {sid: when for sid, when in state.pending.items() if sid not in ids}
     forgotten = {**state.forgotten, **{sid: now for sid in ids}}
-    return observe(replace(state, forgotten=forgotten, pending=pending), present, now=now, digests=digests)
+    return observe(replace(state, forgotten=forgotten, pending=pending), present, now=now)
 
 
 def wrote(state: LedgerState, written: Mapping[str, datetime], digests: Mapping[str, str] | None = None,
-          now: datetime | None = None) -> LedgerState:
-    """This client stored these snapshots (``digests``: of the objects it stored, new or rewritten): none
-    of them is a replay, the newest may rise, and a version it replaced is an old one from now on."""
+          now: datetime | None = None, replaced: Mapping[str, Sequence[tuple[str, str]]] | None = None
+          ) -> LedgerState:
+    """This client stored these snapshots (``digests``: of their objects): none of them is a replay, and the
+    newest may rise.  ``replaced``: id -> (old, new) digests of each rewrite it made (a tag, a rebase), in
+    order: the old versions are old ones from now on, and the new one current where the old one was.  Two
+    rewrites of one snapshot noted in another order than they were stored must not leave the one stored
+    last taken for an old one: a new version is never made old by a rewrite it did not replace."""
     forgotten = {sid: w for sid, w in state.forgotten.items() if sid not in written}
     pending = {sid: w for sid, w in state.pending.items() if sid not in written}
     marks = [Mark(t, sid) for sid, t in written.items()]
     if state.newest is not None:
         marks.append(state.newest)
     versions, superseded = _replaced(state, digests or {}, now)
+    for sid, rewrites in (replaced or {}).items():
+        for old, new in rewrites:
+            superseded[sid] = _latest({**superseded.get(sid, {}), old: now or UNDATED})
+            if versions.get(sid) == old:
+                versions[sid] = new
     return LedgerState(forgotten, pending, max(marks) if marks else None, versions, superseded)
 
 
@@ -213,10 +221,14 @@ def _replaced(state: LedgerState, digests: Mapping[str, str], now: datetime | No
     for sid, digest in digests.items():
         old = versions.get(sid)
         if old is not None and old != digest:
-            kept = {**superseded.get(sid, {}), old: now or UNDATED}
-            superseded[sid] = dict(sorted(kept.items(), key=lambda kv: (kv[1], kv[0]))[-MAX_SUPERSEDED:])
+            superseded[sid] = _latest({**superseded.get(sid, {}), old: now or UNDATED})
         versions[sid] = digest
     return versions, superseded
+
+
+def _latest(replaced: Mapping[str, datetime]) -> dict[str, datetime]:
+    """The ``MAX_SUPERSEDED`` versions of one snapshot replaced last."""
+    return dict(sorted(replaced.items(), key=lambda kv: (kv[1], kv[0]))[-MAX_SUPERSEDED:])
 
 
 def accept(state: LedgerState, present: Mapping[str, datetime], digests: Mapping[str, str] | None = None

@@ -167,6 +167,7 @@ class Repo:
         # A digest of each snapshot object's stored bytes as read or written: the ledger tells versions apart
         # by it (an older version put back authenticates as well as the newer).
         self.snapshot_digests: dict[str, str] = {}
+        self.replaced_digests: dict[str, list[tuple[str, str]]] = {}  # (old, new) of each rewrite, till taken
         self._warned_indexes: set[str] = set()
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
         self._delta_bases: dict[bytes, bytes] = {}
@@ -919,11 +920,20 @@ class Repo:
         elif not snap.id:
             raise ValueError("replacing a snapshot needs its id")
         data = snap.encode(self.sealer)
+        old = self.snapshot_digests.get(snap.id) if replace else None
         self.remote.put(f"snapshots/{snap.id}", data, if_absent=not replace)
+        digest = content_name(data)[:32]
+        if old is not None:
+            self.replaced_digests.setdefault(snap.id, []).append((old, digest))
         self._snapshots[snap.id] = snap
         self._snapshot_seen[snap.id] = (len(data), None)
-        self.snapshot_digests[snap.id] = content_name(data)[:32]
+        self.snapshot_digests[snap.id] = digest
         return snap
+
+    def take_replaced(self) -> dict[str, list[tuple[str, str]]]:
+        """(old, new) digests of each snapshot rewrite this process made since last asked (for the ledger)."""
+        taken, self.replaced_digests = self.replaced_digests, {}
+        return taken
 
     def require_deletes(self, key: str, purpose: str) -> None:
         """Refuse before any work where the remote will refuse the deletions ``purpose`` needs (an

@@ -91,10 +91,11 @@ class Model:
             self.state = L.wrote(self.state, written, new, self.now)
         elif kind == "tag":
             ids = self._pick(step[1])
+            old = {sid: self.objects[sid] for sid in ids}
             new = self._rewrite(ids)
             self.seen.update(new.items())
             yield
-            self.state = L.wrote(self.state, {sid: self.present[sid] for sid in ids}, new, self._tick())
+            self.state = L.wrote(self.state, {}, now=self._tick(), replaced={sid: [(old[sid], new[sid])] for sid in ids})
         elif kind == "other client tags":
             self._rewrite(self._pick(step[1]))
         elif kind == "forget":
@@ -103,7 +104,7 @@ class Model:
             yield
             self._delete(ids)
             yield
-            self.state = L.forgot(self.state, ids, self.present, self._tick(), self.listed())
+            self.state = L.forgot(self.state, ids, self.present, self._tick())
         elif kind == "killed forget":
             ids = self._pick(step[1])
             self.state = L.forgetting(self.state, ids, self._tick())
@@ -370,3 +371,18 @@ def test_damaging_the_newest_snapshot_is_found_as_deleting_it_is(steps, k, data)
     if len(by_age) > 1:
         older = {**m.present, by_age[0][0]: L.UNDATED}
         assert L.findings(m.state, older) == []
+
+
+@pytest.mark.parametrize("order", ["as stored", "reversed"])
+def test_rewrites_of_one_snapshot_noted_in_any_order_leave_the_one_stored_last_current(order):
+    """Two commands rewrite one snapshot, one after the other under the lock (v1 -> v2 -> v3), and note it
+    after the lock is gone, in either order: v3 must not be taken for an old version."""
+    state = L.observe(LedgerState(), {"s": T0}, now=T0, digests={"s": "v1"})
+    notes = [("v1", "v2"), ("v2", "v3")]
+    for rewrite in notes if order == "as stored" else notes[::-1]:
+        state = L.wrote(state, {}, now=T0, replaced={"s": [rewrite]})
+    for _ in range(2):
+        assert L.findings(state, {"s": T0}, digests={"s": "v3"}) == []
+        state = L.observe(state, {"s": T0}, now=T0, digests={"s": "v3"})
+    for old in ("v1", "v2"):
+        assert [f.kind for f in L.findings(state, {"s": T0}, digests={"s": old})] == [OLD_VERSION]
