@@ -36,7 +36,7 @@ from .blob import Plaintext
 from .chain import ancestors
 from .owners import OwnerMap
 from .repository import Repo
-from .target_dirs import TargetDirs, proc_path, remove_tree
+from .target_dirs import TargetDirs, mount_points, proc_path, remove_tree
 from .posix_acl import ACL_KEYS
 from .xattrs import decode_xattrs, read_xattrs, write_xattrs
 from . import writefiles
@@ -500,6 +500,7 @@ class Restorer:
             raise UsageError("a delta restore compares chunks by their repository ids: it needs a repository")
         self.repo = repo
         self.target = os.fsencode(os.path.abspath(target))
+        self._mounts: dict[bytes, tuple[int, int]] | None = None
         self.opt = options
         self.owners = options.owners if options.owners is not None else (os.geteuid() == 0)
         self.result = RestoreResult()
@@ -792,11 +793,15 @@ class Restorer:
     def delete_extra(self, records: Iterator[Record]) -> None:
         """--delete: remove what lies in the target but not in the snapshot (a second, merged walk).  What
         lies below a directory whose listing failed at backup time is kept: the snapshot does not know it.  So
-        is what another file system mounted in the target holds: a backup with --one-file-system records a
-        mount point as an empty directory, and put back in place, the whole of /home was deleted."""
+        is what a file system mounted in the target holds (another one, or a bind mount of this one: a
+        backup with --one-file-system records a mount point as an empty directory, and put back in place,
+        the whole of /home was deleted), with a warning; a directory with a mount point below it is not
+        removed whole, but what it holds besides is, entry by entry."""
         from .source import SourceWalk
 
         self._follow_target()  # else the walk would see a link and nothing below it
+        mounts = self._mount_points()
+        around = {p[:i] for p in mounts for i, c in enumerate(p) if c == ord("/")}  # the directories above them
         recs = confined(records)
         want = next(recs, None)
         skip: bytes | None = None
@@ -809,6 +814,11 @@ class Restorer:
                 continue
             if kept is not None and key.startswith(kept):
                 continue
+            if rel in mounts:
+                self.result.warnings.append(f"{os.fsdecode(rel)}: a file system is mounted there; --delete left "
+                                            "what it holds as it is")
+                skip = key
+                continue
             while want is not None and want.key < key:
                 want = next(recs, None)
             if want is not None and want.key == key:
@@ -816,7 +826,7 @@ class Restorer:
                 if e is not None and e.type == T_DIR and e.flags & F_UNREADABLE:
                     kept = key + b"\x00"
                 continue
-            if not self.selected(rel):
+            if not self.selected(rel) or rel in around:
                 continue
             doomed.append(rel)
             skip = key
@@ -1000,11 +1010,18 @@ class Restorer:
         """Remove what ``st`` found at ``rel`` (a directory with all below it), never through a link."""
         try:
             if stat.S_ISDIR(st.st_mode):
-                remove_tree(pfd, name)
+                remove_tree(pfd, name, keep=self._mount_points().values())
             else:
                 os.unlink(name, dir_fd=pfd)
         finally:
             self.dirs.forget(rel)
+
+    def _mount_points(self) -> dict[bytes, tuple[int, int]]:
+        """The mount points in the target (relative path -> what is mounted there), read once: nothing is
+        removed through one."""
+        if self._mounts is None:
+            self._mounts = mount_points(self.target)
+        return self._mounts
 
     def _kept_in_place(self, e: Entry) -> bool:
         """In a target that was not empty, what is left as it is: a file that was unreadable at backup time

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
+from typing import Collection
 
 from chunkvault.errors import TargetUnwritable
 
@@ -150,7 +152,33 @@ class TargetDirs:
         self.release()
 
 
-def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> None:
+def mount_points(root: bytes) -> dict[bytes, tuple[int, int]]:
+    """The mount points strictly below the directory ``root`` (relative to it) -> (device, inode) of what
+    is mounted there, from this process's mount table; none where it cannot be read.  A bind mount of the
+    same file system has the device of the directories around it: only the table tells it apart."""
+    real = os.path.realpath(root)
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            table = f.read()
+    except OSError:
+        return {}
+    found = {}
+    for line in table.splitlines():
+        fields = line.split(b" ")
+        if len(fields) < 5:
+            continue
+        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8) & 0xFF]), fields[4])
+        if point.startswith(real.rstrip(b"/") + b"/"):
+            try:
+                st = os.stat(point)
+            except OSError:  # mounted over, or gone meanwhile
+                continue
+            found[point[len(real.rstrip(b"/")) + 1:]] = (st.st_dev, st.st_ino)
+    return found
+
+
+def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False,
+                keep: Collection[tuple[int, int]] = ()) -> None:
     """Remove directory ``name`` (in the directory open at ``parent_fd``) and all below it, never following
     a link, as ``shutil.rmtree`` does with descriptors, but with one descriptor open and no recursion: a
     tree deeper than Python's recursion limit (a thousand levels) raised RecursionError, and one deeper
@@ -160,11 +188,12 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
     more is removed.  Moved meanwhile (a rename by whoever owns a directory in the tree), a root process
     otherwise went on emptying the directory it was moved into, /tmp say, and each parent above that it
     could rmdir, up to /.  Nor is another file system entered (EXDEV): a restore's --delete emptied what
-    was mounted in the target.  ``unlock``: each directory is made ours to list and empty first (mode
+    was mounted in the target; nor a directory whose (device, inode) is in ``keep`` (what a bind mount
+    shows, ``mount_points``).  ``unlock``: each directory is made ours to list and empty first (mode
     0700), for a tree restored with the modes it had, by a process that is not root."""
     names = [os.fsencode(name)]  # the path from ``name`` down to the directory open at ``fd``
     device = os.fstat(parent_fd).st_dev
-    fd = _open_to_empty(names[0], parent_fd, unlock, device)
+    fd = _open_to_empty(names[0], parent_fd, unlock, device, keep)
     seen = [_identity(fd)]  # (device, inode) of each directory in ``names``
     try:
         while True:
@@ -176,7 +205,7 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
                         break
                     os.unlink(entry.name, dir_fd=fd)
             if deeper is not None:
-                child = _open_to_empty(deeper, fd, unlock, device)
+                child = _open_to_empty(deeper, fd, unlock, device, keep)
                 os.close(fd)
                 fd = child
                 names.append(deeper)
@@ -189,7 +218,10 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
                 fd = -1
                 os.rmdir(emptied, dir_fd=parent_fd)
                 return
-            up = os.open(b"..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                up = os.open(b"..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            except PermissionError:  # an empty directory we may read but not search (0400): down again
+                up = _open_path(parent_fd, names)
             os.close(fd)
             fd = up
             if _identity(fd) != seen[-1]:
@@ -201,23 +233,46 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
             os.close(fd)
 
 
+def _open_path(parent_fd: int, names: list[bytes]) -> int:
+    """The directory at ``names`` below ``parent_fd``, opened a level at a time, never through a link."""
+    fd = parent_fd
+    try:
+        for name in names:
+            down = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            if fd != parent_fd:
+                os.close(fd)
+            fd = down
+    except BaseException:
+        if fd != parent_fd:
+            os.close(fd)
+        raise
+    return fd
+
+
 def _identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
 
 
-def _open_to_empty(name: bytes, dir_fd: int, unlock: bool, device: int) -> int:
-    """The directory ``name`` opened to be emptied; OSError (EXDEV) for one on another file system (a mount
-    point: what is mounted there is not part of the tree), before it is changed."""
+def _open_to_empty(name: bytes, dir_fd: int, unlock: bool, device: int, keep: Collection[tuple[int, int]]) -> int:
+    """The directory ``name`` opened to be emptied; OSError (EXDEV) for a mount point (on another file
+    system, or a bind mount in ``keep``: what is mounted there is not part of the tree), before it is
+    changed; ESTALE where another directory took its name meanwhile."""
     reach = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:  # through a descriptor that reaches the directory without reading it, never a link
-        if os.fstat(reach).st_dev != device:
-            raise OSError(errno.EXDEV, "another file system is mounted there: left as it is", os.fsdecode(name))
+        st = os.fstat(reach)
+        if st.st_dev != device or (st.st_dev, st.st_ino) in keep:
+            raise OSError(errno.EXDEV, "a file system is mounted there", os.fsdecode(name))
         if unlock:
             os.chmod(proc_path(reach), 0o700)
-        return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=reach)
     finally:
         os.close(reach)
+    # opened by name, as reading it needs no search permission on it (an empty 0400 directory is removed)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    if _identity(fd) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise OSError(errno.ESTALE, "another directory took its name while it was removed", os.fsdecode(name))
+    return fd
 
 
 SHORT_PATH = 3072  # bytes: a longer path below a root is reached through its directory's descriptor

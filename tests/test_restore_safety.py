@@ -55,15 +55,16 @@ def unprivileged():
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    """A factory of small tmpfs mounts (size in KiB), unmounted afterwards."""
+    """A factory of small tmpfs mounts (size in KiB), unmounted afterwards; with ``bind``, a bind mount of
+    that directory instead (the same file system as around it)."""
     mounted: list[Path] = []
 
-    def mount(name: str, kib: int) -> Path:
+    def mount(name: str, kib: int = 0, *, bind: Path | None = None) -> Path:
         where = tmp_path / name
         where.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(where)],
-                          capture_output=True).returncode != 0:
-            pytest.skip("cannot mount a tmpfs here")
+        how = ["--bind", str(bind)] if bind is not None else ["-t", "tmpfs", "-o", f"size={kib}k", "tmpfs"]
+        if subprocess.run(["mount", *how, str(where)], capture_output=True).returncode != 0:
+            pytest.skip("cannot mount here")
         mounted.append(where)
         return where
 
@@ -995,11 +996,39 @@ def test_delete_leaves_what_is_mounted_in_the_target(tmp_path, new_repo, tmpfs):
     (src / "etc" / "conf").write_bytes(b"changed")
     extra = tmpfs("src/extra", 256)
     (extra / "data").write_bytes(b"mounted after the backup")
-    with pytest.raises(TargetUnwritable, match="extra .not deleted: another file system is mounted there"):
-        repo.restore(snap.id, str(src), force=True, delta=True, delete=True)
+    elsewhere = tmp_path / "elsewhere"  # never in the target, nor in any backup
+    (elsewhere / "precious").mkdir(parents=True)
+    (elsewhere / "precious" / "file").write_bytes(b"outside")
+    (src / "more" / "deeper").mkdir(parents=True)  # not in the snapshot: removed, but for the mount in it
+    for i in range(5):
+        (src / "more" / f"f{i}").write_bytes(b"extra")
+    bound = tmpfs("src/more/deeper/bound", bind=elsewhere)
+    result = repo.restore(snap.id, str(src), force=True, delta=True, delete=True)
     assert (home / "thesis.tex").read_bytes() == b"alice's thesis"
     assert (extra / "data").read_bytes() == b"mounted after the backup"
+    assert (elsewhere / "precious" / "file").read_bytes() == b"outside"
     assert (src / "etc" / "conf").read_bytes() == b"conf"
+    assert sorted(os.listdir(src / "more")) == ["deeper"] and os.listdir(src / "more" / "deeper") == ["bound"]
+    assert os.path.ismount(bound) or (bound / "precious").exists()
+    said = [w for w in result.warnings if "a file system is mounted there" in w]
+    assert said == [f"{name}: a file system is mounted there; --delete left what it holds as it is"
+                    for name in ("extra", "home", "more/deeper/bound")] or said == [
+        f"{name}: a file system is mounted there; --delete left what it holds as it is"
+        for name in ("extra", "more/deeper/bound")]  # home is in the snapshot: its walk may not reach it
+
+
+def test_removing_a_tree_takes_empty_directories_that_may_be_read_but_not_searched(tmp_path, unprivileged):
+    """Opened through a path descriptor, an empty directory of mode 0400 needed search permission on it,
+    which its removal never did: a restore as a non-root user could not remove it."""
+    tree = tmp_path / "tree"
+    (tree / "sub" / "ro").mkdir(parents=True)
+    os.chmod(tree / "sub" / "ro", 0o400)
+    for d in (tmp_path, tree, tree / "sub"):
+        os.chmod(d, 0o777)
+    code = ("import os, sys; from chunkvault.store.target_dirs import remove_tree; "
+            "fd = os.open(sys.argv[1], os.O_RDONLY); remove_tree(fd, 'tree')")
+    subprocess.run([*UNPRIVILEGED, sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True)
+    assert not tree.exists()
 
 
 def test_the_summary_line_counts_the_links_restored(tmp_path):
