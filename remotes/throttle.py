@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: An upload at least this large whose turn had not come when the stop was requested is refused (a pack);
-#: a smaller one (an index object, a lock) goes at once.
-STOP_REFUSES = 1 << 20
+#: An upload of a pack (a key under this prefix) whose turn had not come when the stop was requested is
+#: refused; anything else (an index object, a megabyte and more for tens of thousands of small files, a
+#: lock) goes at once, whatever its size: without its index object, the packs a backup stored are orphans.
+STOP_REFUSES_PREFIX = "data/"
 
 
 class RateSchedule:
@@ -58,18 +59,21 @@ class RateSchedule:
         return start, end
 
     def sleep_until(self, t: float) -> bool:
-        """Wait for ``t`` on the clock; False when a stop request ended the wait (or came before it)."""
+        """Wait for ``t`` on the clock; False when a stop request cut the wait short (or came before a
+        wait), True once ``t`` has come."""
         delay = t - self._clock()
-        if self._stop is None:
-            if delay > 0:
-                self._sleep(delay)
+        if delay <= 0:
             return True
-        return not (self._stop.requested() or (delay > 0 and self._stop.wait(delay)))
+        if self._stop is None:
+            self._sleep(delay)
+            return True
+        return not (self._stop.requested() or self._stop.wait(delay))
 
-    def send(self, n: int, transfer: Callable[[], T]) -> T:
-        """``transfer()`` of ``n`` bytes, started at its turn and returning no earlier than the turn ends."""
+    def send(self, n: int, transfer: Callable[[], T], *, refusable: bool = False) -> T:
+        """``transfer()`` of ``n`` bytes, started at its turn and returning no earlier than the turn ends;
+        ``refusable`` (a pack): Stopped where a stop request came before its turn."""
         start, end = self.book(n)
-        if not self.sleep_until(start) and n >= STOP_REFUSES:
+        if not self.sleep_until(start) and refusable:
             raise Stopped("told to stop before this upload's turn under the rate limit: left to the next run")
         result = transfer()
         self.sleep_until(end)
@@ -106,7 +110,8 @@ class ThrottledRemote(Remote):
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         if self.upload is None:
             return self.inner.put(key, data, if_absent=if_absent)
-        self.upload.send(len(data), lambda: self.inner.put(key, data, if_absent=if_absent))
+        self.upload.send(len(data), lambda: self.inner.put(key, data, if_absent=if_absent),
+                         refusable=key.startswith(STOP_REFUSES_PREFIX))
 
     def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
         if self.download is None:

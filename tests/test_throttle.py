@@ -130,6 +130,10 @@ def test_a_stop_ends_the_waits_and_refuses_the_uploads_whose_turn_had_not_come(t
     first.join()
     second.join()
     remote.put("index/small", b"an index object goes at once")  # not after the 5 s the turns booked
+    remote.put("index/large", os.urandom(2 << 20))  # tens of thousands of small files' index: it goes too
     assert remote.upload is not None and remote.upload._clock() < remote.upload._free_at
     assert outcome == {"data/first": "stored", "data/second": "refused"}
-    assert remote.stat("data/second") is None and remote.get("index/small")
+    assert remote.stat("data/second") is None and remote.get("index/small") and remote.stat("index/large")
+    idle = ThrottledRemote(LocalRemote(str(tmp_path / "idle")), upload=1 << 20, stop=stop)
+    idle.put("data/due", os.urandom(2 << 20))  # its turn had come (an idle link): stored, stop or not
+    assert idle.stat("data/due") is not None
