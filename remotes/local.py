@@ -137,6 +137,32 @@ def file_version(st: os.stat_result) -> str:
     return f"{st.st_mtime_ns:x}.{st.st_ino:x}"
 
 
+def _identities(root: str, head: str) -> set[tuple[int, int]]:
+    """(device, inode) of ``root`` and of each directory from it down to ``head`` (a key's folder)."""
+    found = set()
+    path = root
+    for part in [""] + (head.split("/") if head else []):
+        path = os.path.join(path, part) if part else path
+        try:
+            st = os.stat(path)
+        except OSError:
+            break
+        found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def _first_visit(path: str, visited: set[tuple[int, int]]) -> bool:
+    """Whether the directory at ``path`` (a link followed) was not walked before; it is noted."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if (st.st_dev, st.st_ino) in visited:
+        return False
+    visited.add((st.st_dev, st.st_ino))
+    return True
+
+
 class LocalRemote(Remote):
     fork_safe = True  # each read opens, preads and closes
     cheap_ranges = True
@@ -323,10 +349,13 @@ class LocalRemote(Remote):
         base = os.path.join(self.root, *head.split("/")) if head else self.root
         if not os.path.isdir(base):
             return
-        for dirpath, dirnames, filenames in os.walk(base):
+        visited = _identities(self.root, head)  # each directory walked once, its ancestors never: no loop
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):  # data/ab on another disk, linked
             rel = os.path.relpath(dirpath, self.root)
             rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-            dirnames[:] = [d for d in dirnames if (rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/")]
+            dirnames[:] = [d for d in dirnames
+                           if ((rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/"))
+                           and _first_visit(os.path.join(dirpath, d), visited)]
             for name in filenames:
                 if name.startswith(TEMP_PREFIX) or (not rel and name == RESERVE_NAME):
                     continue

@@ -340,7 +340,8 @@ def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[List
     start = head.split("/") if head else []
     marker = after.split("/") if after else None
     items: list[Listed] = []
-    for item in _walk(root, start, prefix, marker):
+    above = frozenset(_identity(os.path.join(root, *start[:depth])) for depth in range(len(start)))
+    for item in _walk(root, start, prefix, marker, above):
         if not _LAYOUT_KEY.match(item[0]):  # a file beside the objects (a tokens file, a key) is not one
             continue
         items.append(item)
@@ -349,24 +350,41 @@ def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[List
     return items, None
 
 
-def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None) -> Iterator[Listed]:
+def _identity(path: str) -> tuple[int, int] | None:
     try:
-        with os.scandir(os.path.join(root, *parts)) as it:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None,
+          above: frozenset[tuple[int, int]] = frozenset()) -> Iterator[Listed]:
+    """Directories are followed where they are links, as writes follow them (data/ or data/ab moved to
+    another disk: what was stored there was missing from every listing), but never into one of their own
+    ``above`` (a loop); a file that is a link is no object."""
+    try:
+        path = os.path.join(root, *parts)
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) in above:
+            return
+        with os.scandir(path) as it:
             entries = sorted(it, key=lambda e: e.name)
     except (FileNotFoundError, NotADirectoryError):
         return
+    above = above | {(st.st_dev, st.st_ino)}
     for entry in entries:
         name = entry.name
         if name.startswith(TEMP_PREFIX) or not _KEY_SEGMENT.match(name):
             continue
         here = parts + [name]
         key = "/".join(here)
-        if entry.is_dir(follow_symlinks=False):
+        if entry.is_dir():
             if not ((key + "/").startswith(prefix) or prefix.startswith(key + "/")):
                 continue
             if marker is not None and here < marker[: len(here)]:
                 continue  # the whole subtree sorts before the marker
-            yield from _walk(root, here, prefix, marker if marker and here == marker[: len(here)] else None)
+            yield from _walk(root, here, prefix, marker if marker and here == marker[: len(here)] else None, above)
         elif entry.is_file(follow_symlinks=False) and key.startswith(prefix):
             if marker is not None and here <= marker:
                 continue

@@ -90,8 +90,9 @@ def findings(state: LedgerState, present: Mapping[str, datetime], before: Ledger
              digests: Mapping[str, str] | None = None) -> list[Finding]:
     """Replayed: a snapshot this client forgot is present.  Old version: a snapshot's object (``digests``:
     id -> digest of those listed) is one this client saw replaced: the storage's holder put an older copy
-    back, which authenticates as well as the newer (tags removed, so a retention rule no longer keeps it).  Rolled back: the high-water snapshot
-    is gone, this client did not forget it, and no other present snapshot is at least as new.
+    back, which authenticates as well as the newer (tags removed, so a retention rule no longer keeps it).
+    Rolled back: the high-water snapshot is gone, this client did not forget it, and no other present
+    snapshot is at least as new.
     Unreadable: so, but it is listed and does not decode (``UNDATED``): overwritten with garbage, it hid
     the newest snapshot as well as deleting it, and went unnoticed.
 

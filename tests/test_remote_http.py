@@ -1159,10 +1159,17 @@ def test_a_served_directory_that_is_a_link_takes_uploads_and_a_linked_object_is_
     secret.write_bytes(b"outside the repository")
     (server.path / "keys").mkdir()
     (server.path / "keys" / ("ab" * 16)).symlink_to(secret)
+    other = tmp_path / "third-disk"  # and data/cd, linked on its own: listed too (it was skipped)
+    (elsewhere / "cd").symlink_to(other)
+    other.mkdir()
+    (other / "loop").symlink_to(elsewhere)  # a loop is walked once
+    cd = "data/cd/" + "cd" * 32
     with HTTPRemote.from_url(server.url) as remote:
         remote.put(KEY, b"pack")
-        assert remote.get(KEY) == b"pack" and [o.key for o in remote.list("data/")] == [KEY]
-        assert (elsewhere / "ab" / ("ab" * 32)).read_bytes() == b"pack"
+        remote.put(cd, b"pack")
+        assert remote.get(KEY) == b"pack" and [o.key for o in remote.list("data/")] == [KEY, cd]
+        assert [o.key for o in remote.list("data/cd/")] == [cd]
+        assert (elsewhere / "ab" / ("ab" * 32)).read_bytes() == b"pack" and (other / ("cd" * 32)).exists()
         with pytest.raises(ObjectNotFound):
             remote.get("keys/" + "ab" * 16)
         assert remote.stat("keys/" + "ab" * 16) is None

@@ -342,3 +342,20 @@ def test_a_disk_too_full_for_the_reserve_is_no_error(tmp_path, monkeypatch):
     remote.put("locks/b", b"lock")
     remote.delete("locks/b")  # tried again by the next command's end
     assert (tmp_path / local_module.RESERVE_NAME).exists()
+
+
+def test_objects_below_a_directory_that_is_a_link_are_listed(tmp_path):
+    """data/ab moved to another disk and linked: writes went there, listings skipped it, and check then
+    called every pack in it missing (its advice, `repair index`, would have dropped them)."""
+    remote = LocalRemote(str(tmp_path / "repo"))
+    elsewhere = tmp_path / "other-disk"
+    elsewhere.mkdir()
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    (tmp_path / "repo" / "data" / "ab").symlink_to(elsewhere)
+    (elsewhere / "loop").symlink_to(tmp_path / "repo" / "data")  # a loop is walked once
+    keys = ["data/ab/" + "ab" * 32, "data/cd/" + "cd" * 32]
+    for key in keys:
+        remote.put(key, b"pack")
+    assert (elsewhere / ("ab" * 32)).read_bytes() == b"pack"
+    assert sorted(o.key for o in remote.list("data/")) == keys
+    assert [o.key for o in remote.list("data/ab/")] == keys[:1]
