@@ -1186,6 +1186,8 @@ class BlobWriter:
         # ``flush`` checks they are stored (``_check_deduplicated``).
         self._deduplicated: set[bytes] = set()
         self._stored: Future[dict[bytes, int]] | None = None
+        self._listing: ThreadPoolExecutor | None = None  # its own thread: a listing holds up no upload
+        self._own_packs: set[bytes] = set()  # stored by this writer: known to be there
         self._abandoned = False
         self._settled = True  # every blob it placed is in an index object it wrote (or it placed none)
         repo._writer_lock.acquire()  # after another thread's writer, if one runs (``close`` in this thread frees it)
@@ -1233,7 +1235,8 @@ class BlobWriter:
         """Remember a pack a blob was deduplicated against; the first one starts a listing of data/."""
         self._deduplicated.add(pack_id)
         if self._stored is None:
-            self._stored = self._uploads.submit(self.repo.stored_packs)
+            self._listing = ThreadPoolExecutor(1)
+            self._stored = self._listing.submit(self.repo.stored_packs)
 
     def _reads(self, blob_id: bytes) -> bool:
         """Whether a blob (and its delta bases) reads and verifies, asked once per blob."""
@@ -1362,6 +1365,7 @@ class BlobWriter:
             del data
             builder.release()  # only once stored: a failed upload's buffer is left to the garbage collector
             self.repo.set_pack_id(pack_no, pack_id)
+            self._own_packs.add(pack_id)
             need = pack_index_bytes(builder.entries)
             with self._lock:
                 # Many small blobs in small packs: an index object must still fit under the storage's limit.
@@ -1389,8 +1393,11 @@ class BlobWriter:
         if self._stored is None:
             return
         stored = self._stored.result()
-        for pack_id in sorted(self._deduplicated - stored.keys()):
-            if self.repo.remote.stat(pack_key(pack_id)) is None:  # not one stored after the listing
+        unlisted = sorted(self._deduplicated - stored.keys() - self._own_packs)  # stored after the listing?
+        with ThreadPoolExecutor(max(1, min(OBJECT_READERS, len(unlisted)))) as pool:
+            found = list(pool.map(lambda pid: self.repo.remote.stat(pack_key(pid)), unlisted))
+        for pack_id, info in zip(unlisted, found):
+            if info is None:
                 raise MissingObject(pack_key(pack_id), "is listed by the index but not stored, and this would "
                                     "refer to blobs it held: run `chunkvault repair index` (it drops the pack "
                                     "from the index, and the next backup stores that data again)")
@@ -1435,6 +1442,8 @@ class BlobWriter:
         them no second time.  Best effort: the error that stopped the work is the one that counts."""
         try:
             self._uploads.shutdown(wait=True)
+            if self._listing is not None:
+                self._listing.shutdown(wait=True)
             self._buffers.clear()
             with self._lock:
                 batch = self._take_index() if self._unindexed.packs else None

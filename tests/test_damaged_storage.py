@@ -1150,3 +1150,34 @@ def test_a_backup_that_would_refer_to_a_pack_that_is_gone_stops_and_names_repair
     snap = repo.backup([str(c)]).snapshot
     repo.restore(snap.id, str(tmp_path / "out"))
     assert (tmp_path / "out" / "again").read_bytes() == data
+
+
+def test_a_backup_asks_the_storage_about_none_of_the_packs_it_stored_itself(tmp_path):
+    """Each pack deduplicated against and missing from the listing was asked for one at a time, those the
+    backup had just stored among them: thousands of requests in a row at the end of a large backup."""
+    from chunkvault.remotes.local import LocalRemote
+
+    asked: list[str] = []
+
+    class Counting(LocalRemote):
+        def stat(self, key: str):
+            asked.append(key)
+            return super().stat(key)
+
+    path = str(tmp_path / "repo")
+    Repository.init(path, "pw", kdf_seconds=0, pack_size="1M", ledger=False).close()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "old").write_bytes(os.urandom(2 << 20))
+    repo = Repository.open(Counting(path), "pw", ledger=False)
+    repo.backup([str(src)])
+    block = os.urandom(8 << 20)
+    (src / "a-copy-of-old").write_bytes((src / "old").read_bytes())  # deduplicated against stored packs
+    (src / "b-new").write_bytes(block)
+    (src / "c-more").write_bytes(os.urandom(24 << 20))  # meanwhile b-new's packs are stored
+    (src / "d-new-again").write_bytes(block)  # deduplicated against the packs this backup stored
+    asked.clear()
+    snap = repo.backup([str(src)]).snapshot
+    assert not [k for k in asked if k.startswith("data/")]
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "d-new-again").read_bytes() == block
