@@ -279,6 +279,7 @@ class Repository:
                  retry_stop: StopRequest | None = None):
         self._repo = repo
         self._ledger = ledger
+        repo.on_saved = self._saved
         self.lock_reads = lock_reads
         self._reading_depth = threading.local()  # per thread: one thread's read ending must not end another's lock
         # ``stop``: the operations running, and what ends their remote's retries (the one ``connect`` was
@@ -525,9 +526,10 @@ class Repository:
         self._ledger.observe(present, before=before, warn=False, digests=digests)
         return snaps
 
-    def _wrote(self, *snaps: Snapshot) -> None:
+    def _saved(self, snap: Snapshot) -> None:
+        """A new snapshot this client stored (``Repo.on_saved``: called while the command's lock is held)."""
         if self._ledger is not None:
-            self._ledger.wrote(present_of(snaps), self._digests(snaps))
+            self._ledger.wrote(present_of([snap]), self._digests([snap]))
 
     def _note_rewrites(self) -> None:
         """The versions of snapshots this process rewrote (a tag, a rebase, a rewrite, an aggregate), noted
@@ -637,10 +639,7 @@ class Repository:
         elif not walk.same_rules(list(paths), excludes, one_file_system, markers, exclude_larger_than):
             walk.close()
             raise UsageError("the given walk is of other paths or exclusion rules than the backup")
-        result = Backup(self._repo, opts).run(walk, walk.paths)
-        if not dry_run and not result.skipped:
-            self._wrote(result.snapshot)
-        return result
+        return Backup(self._repo, opts).run(walk, walk.paths)
 
     @_stoppable
     def backup_stream(self, fileobj: BinaryIO, name: str, *, kind: str = "auto", tags: list[str] | None = None,
@@ -696,8 +695,6 @@ class Repository:
             interrupt = getattr(stream, "interrupt", None)  # a command: a stop ends it, however silent it is
             with op.ending(interrupt) if op is not None and interrupt is not None else contextlib.nullcontext():
                 result = Backup(self._repo, opts).run(None, [name], stream=stream, stdin_name=name)
-        if not opts.dry_run:
-            self._wrote(result.snapshot)
         return result
 
     # --- reading ----------------------------------------------------------------
@@ -1287,7 +1284,6 @@ class Repository:
                 destination._guard()
                 result = copy_snapshots(self._repo, destination._repo, ids, progress=self._progress(progress),
                                         wait=wait)
-                destination._wrote(*(destination._repo.load_snapshot(d) for _, d in result.copied))
         return result
 
     @_stoppable
@@ -1378,10 +1374,7 @@ class Repository:
 
         _file_path(path, ".backup file")
         self._guard()
-        result = import_backup(self._repo, path, _password(password), lock_wait=wait)
-        if not result.skipped:
-            self._wrote(result.snapshot)
-        return result
+        return import_backup(self._repo, path, _password(password), lock_wait=wait)
 
     # --- keys ----------------------------------------------------------------------
 

@@ -76,8 +76,8 @@ class Finding:
         if self.kind == REPLAYED:
             return f"snapshot {self.snapshot_id} was forgotten by this client at {at} and is present again (replayed)"
         if self.kind == OLD_VERSION:
-            return (f"snapshot {self.snapshot_id} is a version of it this client saw replaced at {at} (an older copy "
-                    f"put back: what the newer one changed, its tags or a rebase, is undone)")
+            return (f"snapshot {self.snapshot_id} is stored as it was before a change this client saw at {at} (a "
+                    f"tag, a rebase or a rewrite since, undone: an older copy of its object put back)")
         if self.kind == UNREADABLE:
             return (f"snapshot {self.snapshot_id} ({at}), the newest this client has seen, does not open (damaged, "
                     f"or replaced by whoever holds the storage) and no readable snapshot is as new: `latest` would "
@@ -119,7 +119,7 @@ def findings(state: LedgerState, present: Mapping[str, datetime], before: Ledger
         honest = (t for sid, t in present.items() if sid not in state.forgotten)
         if not any(t >= hw.time for t in honest):
             out.append(Finding(UNREADABLE if undated else ROLLED_BACK, hw.id, hw.time))
-    return sorted(out)
+    return sorted(out, key=_weight)
 
 
 def blocking(found: Collection[Finding], forgetting: Collection[str] = ()) -> list[Finding]:
@@ -128,7 +128,15 @@ def blocking(found: Collection[Finding], forgetting: Collection[str] = ()) -> li
     rolled back."""
     if all(f.kind != ROLLED_BACK and f.snapshot_id in forgetting for f in found):
         return []
-    return sorted(found)
+    return sorted(found, key=_weight)
+
+
+#: Findings in the order they are told: the first is the one a warning or a refusal names.
+_FIRST = {ROLLED_BACK: 0, UNREADABLE: 1, REPLAYED: 2, OLD_VERSION: 3}
+
+
+def _weight(f: Finding) -> tuple[int, Finding]:
+    return _FIRST[f.kind], f
 
 
 def observe(state: LedgerState, present: Mapping[str, datetime], before: LedgerState | None = None,

@@ -161,13 +161,16 @@ class Repo:
         self._recent = None if remote.cheap_ranges else RecentRanges(RECENT_RANGES_BYTES)
         self._snapshots: dict[str, Snapshot] = {}
         # (size, version) of each snapshot object read: another command's rewrite (a rebase, a tag) shows in
-        # the listing's version, or where the remote gives none, in most cases in its size.
+        # the listing's version; where the remote gives none (an older service), each listing reads it again.
         self._snapshot_seen: dict[str, tuple[int, str | None]] = {}
         self.unreadable_snapshots: dict[str, CorruptObject] = {}  # as of the last listing (``snapshots``)
         # A digest of each snapshot object's stored bytes as read or written: the ledger tells versions apart
         # by it (an older version put back authenticates as well as the newer).
         self.snapshot_digests: dict[str, str] = {}
         self.replaced_digests: dict[str, list[tuple[str, str]]] = {}  # (old, new) of each rewrite, till taken
+        # Told of each new snapshot stored under a lock, while the lock is still held (the client's ledger):
+        # noted after, a forget of it by another command of the client could come first, and be undone.
+        self.on_saved: Callable[[Snapshot], None] | None = None
         self._warned_indexes: set[str] = set()
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
         self._delta_bases: dict[bytes, bytes] = {}
@@ -809,7 +812,7 @@ class Repo:
         listed = {o.key.split("/", 1)[1]: (o.size, o.version) for o in self.remote.list("snapshots/")}
         names = list(listed)
         for name, seen in listed.items():  # rewritten meanwhile by another command (a rebase, a tag, a rewrite)
-            if self._snapshot_seen.get(name, seen) != seen:
+            if self._snapshot_seen.get(name, seen) != seen or seen[1] is None:  # no version: read again
                 self._snapshots.pop(name, None)
 
         def load(name: str) -> Snapshot | CorruptObject | None:
@@ -960,6 +963,8 @@ class Repo:
             raise
         except RemoteUnavailable:
             pass  # and the lock is left to go stale: removing it would wait as long again
+        if self.on_saved is not None:
+            self.on_saved(saved)
         return saved
 
     def delete_snapshot(self, name: str) -> None:

@@ -173,16 +173,36 @@ def test_an_older_version_of_a_snapshot_put_back_is_found_and_refused(chain):
     crashkit.put_snapshot_back(path, a, raw)
     with crashkit.open_repo(path) as repo:
         problems = _problems(repo)
-        assert [o for o, _ in problems] == [f"snapshots/{a}"] and "saw replaced" in problems[0][1]
-        with pytest.warns(RepositoryStateWarning, match=f"{a}.*saw replaced"):
+        assert [o for o, _ in problems] == [f"snapshots/{a}"] and "stored as it was before a change" in problems[0][1]
+        with pytest.warns(RepositoryStateWarning, match=f"{a} is stored as it was before a change"):
             assert repo.snapshots()[0].tags == []
-        with pytest.raises(RollbackDetected, match=f"{a}.*saw replaced.*accept"):
+        with pytest.raises(RollbackDetected, match=f"{a} is stored as it was before a change.*accept"):
             repo.forget(policy=keep)
         assert repo.check(accept_state=True).ok
         assert _problems(repo) == []
         repo.tag([a], add=["pinned"])
         repo.forget(policy=keep)
         assert [s.id for s in repo.snapshots()][0] == a
+
+
+def test_a_new_snapshot_is_noted_while_the_command_still_holds_its_lock(chain, tmp_path):
+    """Noted after the lock was let go, a forget of it by another command of this client could come in
+    between, and the late note then brought the forgotten snapshot back as the newest: a false rollback."""
+    path, tree, _, _ = chain
+    held = []
+    with crashkit.open_repo(path) as repo:
+        noted = repo.store.on_saved
+
+        def saved(snap) -> None:
+            held.append(bool(os.listdir(os.path.join(path, "locks"))))
+            noted(snap)
+
+        repo.store.on_saved = saved
+        snap = repo.backup([tree.root]).snapshot
+        assert held == [True]
+        repo.forget([snap.id])
+        assert _problems(repo) == []
+        repo.backup([tree.root])
 
 
 def test_another_client_without_the_ledger_sees_a_clean_repository(chain, tmp_path):
