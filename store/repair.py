@@ -24,7 +24,7 @@ from .manifest import T_HARDLINK, Record, delete_record, sort_key
 from .manifest_io import store_manifest
 from .pack import PackEntry, fetch_header, readable_ids
 from .prune import (carried_forward, copy_intact, indexed_packs, packs_of, read_index_data, replace_index,
-                    store_envelopes)
+                    store_envelopes, verify_copies)
 from .repository import PreparedBlob, Repo, pack_id_of, pack_key
 from .rewrite import count_tree, save_counts
 from .snapshot import KIND_FULL, Snapshot
@@ -138,10 +138,14 @@ def _unverified_copies(repo: Repo, packs: dict[bytes, list[PackEntry]]) -> dict[
                 held.setdefault(e.blob_id, [first[e.blob_id]]).append((pid, e))
             else:
                 first[e.blob_id] = (pid, e)
+    todo: dict[bytes, list[PackEntry]] = {}
+    for copies in held.values():
+        for pid, e in copies:
+            todo.setdefault(pid, []).append(e)
+    verified = verify_copies(repo, todo)
     bad: dict[bytes, set[PackEntry]] = {}
     for copies in held.values():
-        failing = [(pid, e) for pid, e in copies
-                   if not copy_intact(repo, e, repo.remote.get(pack_key(pid), e.offset, e.length))]
+        failing = [(pid, e) for pid, e in copies if not verified[(pid, e.offset)]]
         if len(failing) < len(copies):
             for pid, e in failing:
                 bad.setdefault(pid, set()).add(e)

@@ -1181,3 +1181,45 @@ def test_a_backup_asks_the_storage_about_none_of_the_packs_it_stored_itself(tmp_
     assert not [k for k in asked if k.startswith("data/")]
     repo.restore(snap.id, str(tmp_path / "out"))
     assert (tmp_path / "out" / "d-new-again").read_bytes() == block
+
+
+def test_prune_reads_the_copies_it_verifies_a_pack_at_a_time(tmp_path):
+    """Two hosts backing up the same files at once store them twice; a prune then read each kept copy with
+    a request of its own, one after another (20,000 requests for 20,000 small files)."""
+    import threading
+
+    from chunkvault.remotes.local import LocalRemote
+
+    reads: list[tuple[str, int | None]] = []
+
+    class Counting(LocalRemote):
+        def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
+            if key.startswith("data/") and start is not None:
+                reads.append((key, start))
+            return super().get(key, start, length)
+
+    path = str(tmp_path / "repo")
+    Repository.init(path, "pw", kdf_seconds=0, ledger=False).close()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(300):
+        (src / f"f{i}").write_bytes(os.urandom(2000))
+    hosts = [Repository.open(path, "pw", ledger=False) for _ in range(2)]
+    start = threading.Barrier(2)
+
+    def back_up(repo) -> None:
+        start.wait()
+        repo.backup([str(src)])
+
+    threads = [threading.Thread(target=back_up, args=(r,)) for r in hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    repo = Repository.open(Counting(path), "pw", ledger=False)
+    plan = repo.prune(dry_run=True, max_unused=0)
+    packs = {key for key, _ in reads}
+    assert plan.delete or plan.repack  # the second copies go
+    assert reads and len(reads) <= 2 * len(packs)  # a pack's copies in a run or two, not 300 requests
+    repo.prune(max_unused=0)
+    assert repo.check(read_data=True).ok
