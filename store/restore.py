@@ -500,7 +500,7 @@ class Restorer:
             raise UsageError("a delta restore compares chunks by their repository ids: it needs a repository")
         self.repo = repo
         self.target = os.fsencode(os.path.abspath(target))
-        self._mounts: dict[bytes, tuple[int, int]] | None = None
+        self._mounts: set[bytes] | None = None
         self.opt = options
         self.owners = options.owners if options.owners is not None else (os.geteuid() == 0)
         self.result = RestoreResult()
@@ -814,13 +814,14 @@ class Restorer:
                 continue
             if kept is not None and key.startswith(kept):
                 continue
-            if rel in mounts:
-                self.result.warnings.append(f"{os.fsdecode(rel)}: a file system is mounted there; --delete left "
-                                            "what it holds as it is")
-                skip = key
-                continue
             while want is not None and want.key < key:
                 want = next(recs, None)
+            if rel in mounts:  # what is mounted there is not the target's, in the snapshot or not
+                if want is None or want.key != key:
+                    self.result.warnings.append(f"{os.fsdecode(rel)}: a file system is mounted there; --delete "
+                                                "left what it holds as it is")
+                skip = key
+                continue
             if want is not None and want.key == key:
                 e = want.entry
                 if e is not None and e.type == T_DIR and e.flags & F_UNREADABLE:
@@ -1010,13 +1011,16 @@ class Restorer:
         """Remove what ``st`` found at ``rel`` (a directory with all below it), never through a link."""
         try:
             if stat.S_ISDIR(st.st_mode):
-                remove_tree(pfd, name, keep=self._mount_points().values())
+                mounted = [m for m in self._mount_points() if m == rel or m.startswith(rel + b"/")]
+                if mounted:  # a bind mount: its device is this file system's
+                    raise OSError(errno.EXDEV, "a file system is mounted there", os.fsdecode(mounted[0]))
+                remove_tree(pfd, name)
             else:
                 os.unlink(name, dir_fd=pfd)
         finally:
             self.dirs.forget(rel)
 
-    def _mount_points(self) -> dict[bytes, tuple[int, int]]:
+    def _mount_points(self) -> set[bytes]:
         """The mount points in the target (relative path -> what is mounted there), read once: nothing is
         removed through one."""
         if self._mounts is None:

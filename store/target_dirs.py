@@ -16,7 +16,6 @@ import errno
 import os
 import re
 import stat
-from typing import Collection
 
 from chunkvault.errors import TargetUnwritable
 
@@ -152,33 +151,29 @@ class TargetDirs:
         self.release()
 
 
-def mount_points(root: bytes) -> dict[bytes, tuple[int, int]]:
-    """The mount points strictly below the directory ``root`` (relative to it) -> (device, inode) of what
-    is mounted there, from this process's mount table; none where it cannot be read.  A bind mount of the
-    same file system has the device of the directories around it: only the table tells it apart."""
+def mount_points(root: bytes) -> set[bytes]:
+    """The mount points strictly below the directory ``root``, relative to it, from this process's mount
+    table (none where it cannot be read).  A bind mount of the same file system has the device of the
+    directories around it: only the table tells it apart.  Nothing is looked up on them (a network file
+    system gone away would hang the lookup)."""
     real = os.path.realpath(root)
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             table = f.read()
     except OSError:
         return {}
-    found = {}
+    found = set()
     for line in table.splitlines():
         fields = line.split(b" ")
         if len(fields) < 5:
             continue
         point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8) & 0xFF]), fields[4])
         if point.startswith(real.rstrip(b"/") + b"/"):
-            try:
-                st = os.stat(point)
-            except OSError:  # mounted over, or gone meanwhile
-                continue
-            found[point[len(real.rstrip(b"/")) + 1:]] = (st.st_dev, st.st_ino)
+            found.add(point[len(real.rstrip(b"/")) + 1:])
     return found
 
 
-def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False,
-                keep: Collection[tuple[int, int]] = ()) -> None:
+def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> None:
     """Remove directory ``name`` (in the directory open at ``parent_fd``) and all below it, never following
     a link, as ``shutil.rmtree`` does with descriptors, but with one descriptor open and no recursion: a
     tree deeper than Python's recursion limit (a thousand levels) raised RecursionError, and one deeper
@@ -188,12 +183,12 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False,
     more is removed.  Moved meanwhile (a rename by whoever owns a directory in the tree), a root process
     otherwise went on emptying the directory it was moved into, /tmp say, and each parent above that it
     could rmdir, up to /.  Nor is another file system entered (EXDEV): a restore's --delete emptied what
-    was mounted in the target; nor a directory whose (device, inode) is in ``keep`` (what a bind mount
-    shows, ``mount_points``).  ``unlock``: each directory is made ours to list and empty first (mode
+    was mounted in the target (a bind mount of the same file system is for the caller to find,
+    ``mount_points``).  ``unlock``: each directory is made ours to list and empty first (mode
     0700), for a tree restored with the modes it had, by a process that is not root."""
     names = [os.fsencode(name)]  # the path from ``name`` down to the directory open at ``fd``
     device = os.fstat(parent_fd).st_dev
-    fd = _open_to_empty(names[0], parent_fd, unlock, device, keep)
+    fd = _open_to_empty(names[0], parent_fd, unlock, device)
     seen = [_identity(fd)]  # (device, inode) of each directory in ``names``
     try:
         while True:
@@ -205,7 +200,7 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False,
                         break
                     os.unlink(entry.name, dir_fd=fd)
             if deeper is not None:
-                child = _open_to_empty(deeper, fd, unlock, device, keep)
+                child = _open_to_empty(deeper, fd, unlock, device)
                 os.close(fd)
                 fd = child
                 names.append(deeper)
@@ -254,15 +249,15 @@ def _identity(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _open_to_empty(name: bytes, dir_fd: int, unlock: bool, device: int, keep: Collection[tuple[int, int]]) -> int:
-    """The directory ``name`` opened to be emptied; OSError (EXDEV) for a mount point (on another file
-    system, or a bind mount in ``keep``: what is mounted there is not part of the tree), before it is
-    changed; ESTALE where another directory took its name meanwhile."""
+def _open_to_empty(name: bytes, dir_fd: int, unlock: bool, device: int) -> int:
+    """The directory ``name`` opened to be emptied; OSError (EXDEV) for one on another file system (what is
+    mounted there is not part of the tree), before it is changed; ESTALE where another directory took its
+    name meanwhile."""
     reach = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:  # through a descriptor that reaches the directory without reading it, never a link
         st = os.fstat(reach)
-        if st.st_dev != device or (st.st_dev, st.st_ino) in keep:
-            raise OSError(errno.EXDEV, "a file system is mounted there", os.fsdecode(name))
+        if st.st_dev != device:
+            raise OSError(errno.EXDEV, "another file system is there", os.fsdecode(name))
         if unlock:
             os.chmod(proc_path(reach), 0o700)
     finally:
