@@ -137,14 +137,13 @@ def file_version(st: os.stat_result) -> str:
     return f"{st.st_mtime_ns:x}.{st.st_ino:x}"
 
 
-def _identities(root: str, head: str) -> set[tuple[int, int]]:
-    """(device, inode) of ``root`` and of each directory from it down to ``head`` (a key's folder)."""
+def ancestor_identities(root: str, parts: list[str]) -> set[tuple[int, int]]:
+    """(device, inode) of ``root`` and of each directory below it on the way to ``root/parts`` (that one
+    left out): what a listing of ``parts`` must not walk into again through a link (a loop)."""
     found = set()
-    path = root
-    for part in [""] + (head.split("/") if head else []):
-        path = os.path.join(path, part) if part else path
+    for depth in range(len(parts)):
         try:
-            st = os.stat(path)
+            st = os.stat(os.path.join(root, *parts[:depth]))
         except OSError:
             break
         found.add((st.st_dev, st.st_ino))
@@ -349,7 +348,8 @@ class LocalRemote(Remote):
         base = os.path.join(self.root, *head.split("/")) if head else self.root
         if not os.path.isdir(base):
             return
-        visited = _identities(self.root, head)  # each directory walked once, its ancestors never: no loop
+        visited = ancestor_identities(self.root, head.split("/") if head else [])  # each walked once: no loop
+        _first_visit(base, visited)
         for dirpath, dirnames, filenames in os.walk(base, followlinks=True):  # data/ab on another disk, linked
             rel = os.path.relpath(dirpath, self.root)
             rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"

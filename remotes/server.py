@@ -39,7 +39,7 @@ from chunkvault.units import format_size, parse_size
 
 from .base import _KEY_SEGMENT, is_loopback, validate_key, validate_prefix
 from .http import DEFAULT_PORT, LIMIT_HEADER, MISSING_HEADER
-from .local import EXCLUSIVE_LOCK_PREFIX, TEMP_PREFIX, LocalRemote, file_version
+from .local import EXCLUSIVE_LOCK_PREFIX, TEMP_PREFIX, LocalRemote, ancestor_identities, file_version
 
 PROG = "chunkvault serve"
 MiB = 1 << 20
@@ -340,22 +340,13 @@ def list_page(root: str, prefix: str, after: str, limit: int) -> tuple[list[List
     start = head.split("/") if head else []
     marker = after.split("/") if after else None
     items: list[Listed] = []
-    above = frozenset(_identity(os.path.join(root, *start[:depth])) for depth in range(len(start)))
-    for item in _walk(root, start, prefix, marker, above):
+    for item in _walk(root, start, prefix, marker, frozenset(ancestor_identities(root, start))):
         if not _LAYOUT_KEY.match(item[0]):  # a file beside the objects (a tokens file, a key) is not one
             continue
         items.append(item)
         if len(items) == limit:
             return items, item[0]
     return items, None
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _walk(root: str, parts: list[str], prefix: str, marker: list[str] | None,

@@ -1021,8 +1021,7 @@ class Restorer:
             self.dirs.forget(rel)
 
     def _mount_points(self) -> set[bytes]:
-        """The mount points in the target (relative path -> what is mounted there), read once: nothing is
-        removed through one."""
+        """The mount points in the target (paths relative to it), read once: nothing is removed through one."""
         if self._mounts is None:
             self._mounts = mount_points(self.target)
         return self._mounts

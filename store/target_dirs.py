@@ -161,15 +161,16 @@ def mount_points(root: bytes) -> set[bytes]:
         with open("/proc/self/mountinfo", "rb") as f:
             table = f.read()
     except OSError:
-        return {}
+        return set()
+    below = real.rstrip(b"/") + b"/"
     found = set()
     for line in table.splitlines():
         fields = line.split(b" ")
         if len(fields) < 5:
             continue
         point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8) & 0xFF]), fields[4])
-        if point.startswith(real.rstrip(b"/") + b"/"):
-            found.add(point[len(real.rstrip(b"/")) + 1:])
+        if point.startswith(below):
+            found.add(point[len(below):])
     return found
 
 
@@ -188,8 +189,8 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
     0700), for a tree restored with the modes it had, by a process that is not root."""
     names = [os.fsencode(name)]  # the path from ``name`` down to the directory open at ``fd``
     device = os.fstat(parent_fd).st_dev
-    fd = _open_to_empty(names[0], parent_fd, unlock, device)
-    seen = [_identity(fd)]  # (device, inode) of each directory in ``names``
+    fd, first = _open_to_empty(names[0], parent_fd, unlock, device)
+    seen = [first]  # (device, inode) of each directory in ``names``
     try:
         while True:
             deeper = None
@@ -200,11 +201,11 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
                         break
                     os.unlink(entry.name, dir_fd=fd)
             if deeper is not None:
-                child = _open_to_empty(deeper, fd, unlock, device)
+                child, identity = _open_to_empty(deeper, fd, unlock, device)
                 os.close(fd)
                 fd = child
                 names.append(deeper)
-                seen.append(_identity(fd))
+                seen.append(identity)
                 continue
             emptied = names.pop()
             seen.pop()
@@ -249,10 +250,10 @@ def _identity(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _open_to_empty(name: bytes, dir_fd: int, unlock: bool, device: int) -> int:
-    """The directory ``name`` opened to be emptied; OSError (EXDEV) for one on another file system (what is
-    mounted there is not part of the tree), before it is changed; ESTALE where another directory took its
-    name meanwhile."""
+def _open_to_empty(name: bytes, dir_fd: int, unlock: bool, device: int) -> tuple[int, tuple[int, int]]:
+    """The directory ``name`` opened to be emptied, and its (device, inode); OSError (EXDEV) for one on
+    another file system (what is mounted there is not part of the tree), before it is changed; ESTALE where
+    another directory took its name meanwhile."""
     reach = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:  # through a descriptor that reaches the directory without reading it, never a link
         st = os.fstat(reach)
@@ -267,7 +268,7 @@ def _open_to_empty(name: bytes, dir_fd: int, unlock: bool, device: int) -> int:
     if _identity(fd) != (st.st_dev, st.st_ino):
         os.close(fd)
         raise OSError(errno.ESTALE, "another directory took its name while it was removed", os.fsdecode(name))
-    return fd
+    return fd, (st.st_dev, st.st_ino)
 
 
 SHORT_PATH = 3072  # bytes: a longer path below a root is reached through its directory's descriptor
