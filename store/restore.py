@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +68,12 @@ class BlobSource(Protocol):
 # --delta holds up to this much of a file's changed chunks until the whole file is read and checked, so damaged
 # data leaves the file as it was (its prefetch window is idle: the chunks are read as each is compared).
 DELTA_HOLD_BYTES = 16 << 20
+# File systems stamp changes with a coarse clock (a tick behind ``time.time_ns``): a file changed this long
+# before a restore began may have been changed after it, and is not taken for a leftover.
+LEFTOVER_SLACK_NS = 2_000_000_000
+# The name a file is written under beside the one it replaces (``Restorer._write_beside``).
+BESIDE_PREFIX = b".chunkvault-restore-"
+_BESIDE_NAME = re.compile(re.escape(BESIDE_PREFIX) + rb"[0-9a-f]{16}\Z")
 
 
 @dataclass
@@ -519,6 +526,8 @@ class Restorer:
         self._run: list[tuple[int, bytes, Plaintext, Entry]] = []
         self._run_bytes = 0
         self._kept_linked: set[tuple[int, int]] = set()  # --delta: files with other links kept as they were
+        # Before anything is written: files in the target changed since then are this restore's own.
+        self._began_ns = time.time_ns() - LEFTOVER_SLACK_NS
 
     def __enter__(self) -> Restorer:
         return self
@@ -1063,6 +1072,7 @@ class Restorer:
                 st = _lstat(pfd, name)
                 if st is None or not stat.S_ISDIR(st.st_mode):
                     raise
+                self._sweep_beside(e.path)
             self._dirs.append(e)
             self.result.dirs += 1
             if e.flags & F_UNREADABLE:  # it came back empty, or with what an earlier backup listed, unsaid
@@ -1100,6 +1110,36 @@ class Restorer:
             os.mknod(name, (stat.S_IFCHR if t == T_CHARDEV else stat.S_IFBLK) | 0o600, e.rdev, dir_fd=pfd)
             self._apply_meta(e)
             self.result.specials += 1
+
+    def _sweep_beside(self, rel: bytes) -> None:
+        """Remove from a directory the target had the files an earlier restore killed outright was writing
+        beside the ones they were to replace (``_write_beside``), each a stray copy of a file's data: those
+        unchanged since before this restore began, so one that another process of it is writing stays."""
+        if self._fresh:
+            return
+        try:
+            fd = self.dirs.dir(safe_relpath(rel))
+            listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)  # ``fd`` only finds
+            try:
+                names = [n for n in map(os.fsencode, os.listdir(listing)) if _BESIDE_NAME.match(n)]
+            finally:
+                os.close(listing)
+        except (OSError, ChunkvaultError):  # what the directory's own entry and children then meet is reported
+            return
+        for n in names:
+            st = _lstat(fd, n)
+            if st is None or not stat.S_ISREG(st.st_mode) or st.st_ctime_ns >= self._began_ns:
+                continue
+            path = os.fsdecode(os.path.join(rel, n))
+            try:
+                os.unlink(n, dir_fd=fd)
+            except FileNotFoundError:  # another process of this restore removed it first
+                continue
+            except OSError as exc:
+                self.result.warnings.append(f"{path}, left by an interrupted restore, could not be removed: "
+                                            f"{_reason(exc)}")
+            else:
+                self.result.warnings.append(f"{path}, left by an interrupted restore, was removed")
 
     def _grants(self, st: os.stat_result, e: Entry) -> bool:
         """Whether updating the file ``st`` describes in place would give it another owner or set-id bits it
@@ -1180,7 +1220,7 @@ class Restorer:
         and renamed over it once whole, so a file whose data turns out damaged (or a full disk) leaves the
         target's file as it was, not removed."""
         pfd, name = self.at(e.path)
-        tmp = os.path.join(os.path.dirname(e.path), b".chunkvault-restore-" + secrets.token_hex(8).encode())
+        tmp = os.path.join(os.path.dirname(e.path), BESIDE_PREFIX + secrets.token_hex(8).encode())
         try:
             self._write_file(tmp, e, chunks)
             os.rename(os.path.basename(tmp), name, src_dir_fd=pfd, dst_dir_fd=pfd)

@@ -3,6 +3,7 @@ import fnmatch
 import json
 import os
 import shutil
+import textwrap
 import random
 
 import pytest
@@ -531,3 +532,59 @@ def test_a_delta_restore_stopped_mid_file_leaves_it_for_the_rerun(tmp_path, new_
                                 for k in range(0, len(new), 65536))
     result = repo.restore(snap.id, str(live), force=True, delta=True, processes=1)
     assert (live / "db").read_bytes() == new and result.rewritten_bytes == (8 - done) * 65536
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_a_rerun_removes_what_a_restore_killed_outright_was_writing_beside_a_file(tmp_path, new_repo, password,
+                                                                               monkeypatch, delta):
+    """A restore killed (kill -9, power loss) between writing a file's replacement and renaming it over
+    the file leaves the replacement under a temporary name: a rerun in place removes it, with a warning.
+    One changed since the rerun began (another restore's, being written) stays, and so do other names."""
+    import subprocess
+    import sys
+    import time
+    from chunkvault.store import restore
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"snapshot's content " * 1000)
+    (src / "g").write_bytes(b"another file")
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    live = tmp_path / "live"
+    shutil.copytree(src, live)
+    (live / "d" / "f").write_bytes(b"changed since")
+    killed = textwrap.dedent(f"""
+        import os
+        from chunkvault.store import restore
+        from chunkvault.repository import Repository
+        real = restore.Restorer._write_file
+        def whole_then_killed(self, rel, e, chunks):
+            real(self, rel, e, chunks)
+            if b".chunkvault-restore-" in rel:
+                os._exit(9)
+        restore.Restorer._write_file = whole_then_killed
+        Repository.open({str(tmp_path / "repo")!r}, {password!r}).restore({snap.id!r}, {str(live)!r}, force=True)
+    """)
+    assert subprocess.run([sys.executable, "-c", killed]).returncode == 9
+    left = [n for n in os.listdir(live / "d") if n.startswith(".chunkvault-restore-")]
+    assert len(left) == 1 and (live / "d" / left[0]).read_bytes() == b"snapshot's content " * 1000
+    assert (live / "d" / "f").read_bytes() == b"changed since"
+    (live / "d" / ".chunkvault-restore-notours").write_bytes(b"not a name a restore writes")
+    (live / ".chunkvault-restore-0123456789abcdef").mkdir()
+    time.sleep(0.05)
+    monkeypatch.setattr(restore, "LEFTOVER_SLACK_NS", 0)
+    fresh = live / ".chunkvault-restore-fedcba9876543210"
+    real_init = restore.Restorer.__init__
+
+    def another_restore_writing(self, *args, **kwargs):  # one changed after this restore began
+        real_init(self, *args, **kwargs)
+        fresh.write_bytes(b"being written by a restore running beside")
+
+    monkeypatch.setattr(restore.Restorer, "__init__", another_restore_writing)
+    result = repo.restore(snap.id, str(live), force=True, delta=delta)
+    assert sorted(os.listdir(live / "d")) == [".chunkvault-restore-notours", "f"]
+    assert (live / "d" / "f").read_bytes() == b"snapshot's content " * 1000
+    assert fresh.read_bytes() == b"being written by a restore running beside"
+    assert (live / ".chunkvault-restore-0123456789abcdef").is_dir()
+    assert result.warnings == [f"d/{left[0]}, left by an interrupted restore, was removed"]
