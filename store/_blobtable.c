@@ -10,10 +10,14 @@
  *   len(t); t.version (changes with every change); t.slots (table size)
  *   t.find(id) -> bool; t.get(id) -> (pack, offset, length, raw, flags) or None
  *   t.add(id, pack, offset, length, raw, flags) -> bool (False: present, nothing changed)
+ *   t.replace(id, pack, offset, length, raw, flags) -> bool (False: absent, nothing changed): where another
+ *       copy of a blob lies, in the entry's place (the entries stay as they were: version is unchanged)
  *   t.add_many(ids, packs, offsets, lengths, raws, flags) -> number added; each column a C-contiguous
  *       buffer of integers (any width, signed or not) of one value per id, or of one value for all
- *   t.add_entries(buf, pos, count, pack) -> number added: index-object entries (see scan_entries); an entry
- *       stored whole takes the place of a delta of the same id (which a lost base may have left unreadable)
+ *   t.add_entries(buf, pos, count, pack[, replaced]) -> number added: index-object entries (see
+ *       scan_entries); an entry stored whole takes the place of a delta of the same id (which a lost base
+ *       may have left unreadable), whose row (id, four uint32 fields in native order, flag byte) is appended
+ *       to the bytearray ``replaced`` when one is given
  *   t.contains_many(ids) -> bytes, 1 where present
  *   t.remove_packs(packs) -> number removed (packs: sorted, distinct uint32 buffer)
  *   t.rows(a, b) -> (ids, fields, flags) of entries a..b-1 as bytes
@@ -32,6 +36,7 @@
 #define ID_SIZE 32
 #define FIELDS 4
 #define ENTRY_SIZE (1 + ID_SIZE + 4 * 3)
+#define ROW_SIZE (ID_SIZE + 4 * FIELDS + 1) /* a row add_entries reports replaced */
 #define KIND_DELTA 2
 #define N_KINDS 3
 #define MIX 0x9E3779B97F4A7C15ULL
@@ -322,29 +327,51 @@ static PyObject *Table_get(Table *t, PyObject *arg) {
                          (unsigned long)f[3], t->flags[e]);
 }
 
-static PyObject *Table_add(Table *t, PyObject *args) {
-    Py_buffer id;
+/* The arguments of add and replace: an id (held in ``id``, to release) and its fields, checked. */
+static int parse_row(PyObject *args, Py_buffer *id, uint32_t f[FIELDS], uint8_t *flag) {
     unsigned long long v[FIELDS];
-    int flag;
+    int fl;
     PyObject *id_obj;
-    if (!PyArg_ParseTuple(args, "OKKKKi", &id_obj, &v[0], &v[1], &v[2], &v[3], &flag)) return NULL;
-    for (int i = 0; i < FIELDS; i++)
+    if (!PyArg_ParseTuple(args, "OKKKKi", &id_obj, &v[0], &v[1], &v[2], &v[3], &fl)) return -1;
+    for (int i = 0; i < FIELDS; i++) {
         if (v[i] > U32_MAX) {
             PyErr_Format(PyExc_ValueError, "field out of range 0..%llu: %llu", U32_MAX, v[i]);
-            return NULL;
+            return -1;
         }
-    if (flag < 0 || flag > 255) {
-        PyErr_Format(PyExc_ValueError, "flags must be an integer 0..255, got %d", flag);
-        return NULL;
+        f[i] = (uint32_t)v[i];
     }
-    if (get_id(id_obj, &id) < 0) return NULL;
+    if (fl < 0 || fl > 255) {
+        PyErr_Format(PyExc_ValueError, "flags must be an integer 0..255, got %d", fl);
+        return -1;
+    }
+    *flag = (uint8_t)fl;
+    return get_id(id_obj, id);
+}
+
+static PyObject *Table_add(Table *t, PyObject *args) {
+    Py_buffer id;
+    uint32_t f[FIELDS];
+    uint8_t flag;
+    if (parse_row(args, &id, f, &flag) < 0) return NULL;
     Py_ssize_t slot;
     int added = find(t, id.buf, &slot) < 0;
-    uint32_t f[FIELDS] = {(uint32_t)v[0], (uint32_t)v[1], (uint32_t)v[2], (uint32_t)v[3]};
-    int rc = added ? append(t, id.buf, f, (uint8_t)flag, slot, 0) : 0;
+    int rc = added ? append(t, id.buf, f, flag, slot, 0) : 0;
     PyBuffer_Release(&id);
     if (rc < 0) return NULL;
     return PyBool_FromLong(added);
+}
+
+static PyObject *Table_replace(Table *t, PyObject *args) {
+    Py_buffer id;
+    uint32_t f[FIELDS];
+    uint8_t flag;
+    if (parse_row(args, &id, f, &flag) < 0) return NULL;
+    Py_ssize_t e = find(t, id.buf, NULL);
+    PyBuffer_Release(&id);
+    if (e < 0) Py_RETURN_FALSE;
+    memcpy(t->fields + (size_t)e * FIELDS, f, sizeof(uint32_t) * FIELDS);
+    t->flags[e] = flag; /* no new version: an iteration may go on over the same entries */
+    Py_RETURN_TRUE;
 }
 
 static PyObject *Table_add_many(Table *t, PyObject *args) {
@@ -428,7 +455,8 @@ static PyObject *Table_add_entries(Table *t, PyObject *args) {
     Py_buffer buf;
     Py_ssize_t pos, count, deltas, added = 0;
     unsigned long long pack;
-    if (!PyArg_ParseTuple(args, "y*nnK", &buf, &pos, &count, &pack)) return NULL;
+    PyObject *replaced = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnK|O!", &buf, &pos, &count, &pack, &PyByteArray_Type, &replaced)) return NULL;
     if (pack > U32_MAX) {
         PyErr_Format(PyExc_ValueError, "pack_no out of range 0..%llu", U32_MAX);
         goto fail;
@@ -442,6 +470,14 @@ static PyObject *Table_add_entries(Table *t, PyObject *args) {
         Py_ssize_t e = find(t, p + 1, &slot);
         if (e >= 0) {
             if (t->flags[e] == KIND_DELTA && p[0] != KIND_DELTA) { /* a copy stored whole needs no base */
+                if (replaced) {
+                    Py_ssize_t at = PyByteArray_GET_SIZE(replaced);
+                    if (PyByteArray_Resize(replaced, at + ROW_SIZE) < 0) goto fail;
+                    uint8_t *row = (uint8_t *)PyByteArray_AS_STRING(replaced) + at;
+                    memcpy(row, p + 1, ID_SIZE);
+                    memcpy(row + ID_SIZE, t->fields + (size_t)e * FIELDS, sizeof f);
+                    row[ID_SIZE + sizeof f] = t->flags[e];
+                }
                 memcpy(t->fields + (size_t)e * FIELDS, f, sizeof f);
                 t->flags[e] = p[0];
                 t->version++;
@@ -596,6 +632,7 @@ static PyMethodDef Table_methods[] = {
     {"find", (PyCFunction)Table_find, METH_O, "find(id) -> bool"},
     {"get", (PyCFunction)Table_get, METH_O, "get(id) -> (pack, offset, length, raw, flags) or None"},
     {"add", (PyCFunction)Table_add, METH_VARARGS, "add(id, pack, offset, length, raw, flags) -> bool"},
+    {"replace", (PyCFunction)Table_replace, METH_VARARGS, "replace(id, pack, offset, length, raw, flags) -> bool"},
     {"add_many", (PyCFunction)Table_add_many, METH_VARARGS,
      "add_many(ids, packs, offsets, lengths, raws, flags) -> number added"},
     {"add_entries", (PyCFunction)Table_add_entries, METH_VARARGS,

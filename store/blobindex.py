@@ -18,6 +18,7 @@ entries straight from the object's bytes, with no Python object per entry.
 """
 from __future__ import annotations
 
+import struct
 from array import array
 from operator import index as _as_int
 from typing import Iterable, Iterator, NamedTuple, Sequence
@@ -28,6 +29,7 @@ __all__ = ["BlobIndex", "BlobLocation", "ID_SIZE"]
 
 ID_SIZE = 32
 U32_MAX = 0xFFFFFFFF
+_ROW = struct.Struct("=4IB")  # the fields and flag of a row ``add_entries`` reports replaced, after its id
 _ROWS = 8192  # entries per step of items()
 
 
@@ -124,6 +126,11 @@ class BlobIndex:
             raise ValueError(f"flags must be an integer 0..255, got {flags!r}")
         return self._t.add(_as_id(blob_id), *values, flag)
 
+    def replace(self, blob_id: bytes, loc: BlobLocation) -> bool:
+        """Point a blob present at another copy of it (a read of the one held failed); False (and no
+        change) when the id is absent.  An iteration going on meanwhile goes on."""
+        return self._t.replace(_as_id(blob_id), loc.pack_no, loc.offset, loc.length, loc.raw_length, loc.flags)
+
     def add_many(self, ids: bytes | Sequence[bytes], pack_no: int | Sequence[int], offsets: int | Sequence[int],
                  lengths: int | Sequence[int], raw_lengths: int | Sequence[int],
                  flags: int | Sequence[int] = 0) -> int:
@@ -139,12 +146,20 @@ class BlobIndex:
                 _column(flags, "flags", 255)]
         return self._t.add_many(q, *cols)
 
-    def add_entries(self, buf: bytes, pos: int, count: int, pack_no: int) -> int:
+    def add_entries(self, buf: bytes, pos: int, count: int, pack_no: int,
+                    replaced: list[tuple[bytes, BlobLocation]] | None = None) -> int:
         """Record ``count`` entries of an index object (``store/FORMAT.md``) starting at ``pos``, all in pack
         number ``pack_no``, their kind as flags; returns how many were new.  A blob stored whole replaces a
         delta of the same id already recorded, whatever the order the index objects come in: a delta whose
-        base was lost, stored again whole by a later backup, is then read from the new copy."""
-        return self._t.add_entries(buf, pos, count, _check_u32("pack_no", pack_no))
+        base was lost, stored again whole by a later backup, is then read from the new copy.  The deltas
+        replaced are appended to ``replaced``, when given, with where they lay."""
+        if replaced is None:
+            return self._t.add_entries(buf, pos, count, _check_u32("pack_no", pack_no))
+        rows = bytearray()
+        added = self._t.add_entries(buf, pos, count, _check_u32("pack_no", pack_no), rows)
+        for at in range(0, len(rows), _ROW.size + ID_SIZE):
+            replaced.append((bytes(rows[at : at + ID_SIZE]), BlobLocation._make(_ROW.unpack_from(rows, at + ID_SIZE))))
+        return added
 
     def contains_many(self, ids: bytes | Sequence[bytes]) -> bytes:
         """One byte per id: 1 where present, 0 where not."""

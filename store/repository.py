@@ -36,7 +36,7 @@ from chunkvault.remotes import Remote
 
 from . import chain
 from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_many, delta_compress, envelope_base,
-                   open_chain, sampled_size, seal_blob, seal_whole_blobs)
+                   open_chain, open_envelope, sampled_size, seal_blob, seal_whole_blobs)
 from .blobindex import BlobIndex, BlobLocation
 from .config import MAX_PACK_SIZE, KeyFile, RepoConfig, Settings, make_key_file, new_config
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
@@ -71,6 +71,7 @@ SKIP_SAMPLED_SHARE = 0.7
 READ_GAP_LOCAL = 64 << 10
 READ_GAP_REMOTE = 1 << 20
 RECENT_RANGES_BYTES = 32 << 20
+COPY_TRIES = 4  # times one read goes over to another copy of a blob it reads (``Repo._resolve``)
 
 
 #: A blob the index does not list: lost, or in a pack whose index object was lost.
@@ -174,6 +175,10 @@ class Repo:
         self._warned_indexes: set[str] = set()
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
         self._delta_bases: dict[bytes, bytes] = {}
+        # The copies of a blob stored more than once that the index does not point at, each with its base
+        # (None for one stored whole): a read falls back on one when the copy it read fails (``_other_copy``).
+        self._copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]] = {}
+        self._copy_switches = 0  # how many times a read went over to another copy
         self._withheld: set[bytes] | None = None  # deltas left out of the index for a writer: not yet known
         self._writers = 0  # BlobWriters filling the index: it is not dropped meanwhile (``refresh_index``)
         # One writer at a time (nested in one thread aside): one that stops short leaves in the index blobs
@@ -448,10 +453,12 @@ class Repo:
         # The bases of this index's deltas alone: those of an index before it (a prune since dropped a
         # delta, say) would make a copy of that blob stored whole later read as a delta.
         bases: dict[bytes, bytes] = {}
+        copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]] = {}
         for d in live:
-            self._add_object(d, index, bases)
+            self._add_object(d, index, bases, copies)
         # Published only when complete: other threads never see a half-loaded index.
         self._index, self._delta_bases, self._index_names, self._withheld = index, bases, set(names), None
+        self._copies = copies
         self._index_unsettled = False
         return live
 
@@ -480,24 +487,34 @@ class Repo:
             self._withheld = withheld
             return withheld
 
-    def _add_object(self, d: IndexColumns, index: BlobIndex, bases: dict[bytes, bytes]) -> None:
-        """Add one index object's entries to ``index``, and to ``bases`` the delta bases of the copies it holds.
+    def _add_object(self, d: IndexColumns, index: BlobIndex, bases: dict[bytes, bytes],
+                    copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]]) -> None:
+        """Add one index object's entries to ``index``, to ``bases`` the delta bases of the copies it holds,
+        and to ``copies`` the other copies of blobs stored more than once.
 
         Of a blob stored twice (after two backups at once, or a copy) the index keeps one copy: a whole one
         before a delta, else the first.  Its base, or none, is that copy's: a base of another copy, which
         may be lost, makes a read call the blob damaged.  The copies may lie in one object (prune's and
         repair's compact index lists every kept pack), so the base is matched to the held copy's entry."""
-        added = sum(index.add_entries(d.plain, start, count, self.pack_no(pack_id))
+        replaced: list[tuple[bytes, BlobLocation]] = []  # deltas a copy stored whole took the place of
+        added = sum(index.add_entries(d.plain, start, count, self.pack_no(pack_id), replaced)
                     for pack_id, count, start in zip(d.pack_ids, d.counts, d.starts))
         if added == d.entry_count:  # every blob new, once each (the usual case): each base is its own
             bases.update(d.delta_bases)
             return
+        for blob_id, loc in replaced:
+            if blob_id in bases:  # held until now, from an object before: its base is known (else listed below)
+                copies.setdefault(blob_id, []).append((loc, bases[blob_id]))
         for pack_id, entries in d.pack_entries().packs.items():
             pack_no = self.pack_no(pack_id)
             for e in entries:
                 loc = index.get(e.blob_id)
-                if loc is None or (loc.pack_no, loc.offset) != (pack_no, e.offset):
-                    continue  # another copy is kept, with its base
+                if loc is None:
+                    continue
+                if (loc.pack_no, loc.offset) != (pack_no, e.offset):  # another copy is kept, with its base
+                    copies.setdefault(e.blob_id, []).append(
+                        (BlobLocation(pack_no, e.offset, e.length, e.raw_length, e.kind), e.base_id))
+                    continue
                 if e.kind == KIND_DELTA:
                     bases[e.blob_id] = e.base_id  # type: ignore[assignment]
                 else:
@@ -543,6 +560,10 @@ class Repo:
         loc = self.locate(blob_id)
         if loc is None:
             raise MissingObject(f"blob {blob_id.hex()}", NOT_INDEXED)
+        return self._read_at(blob_id, loc)
+
+    def _read_at(self, blob_id: bytes, loc: BlobLocation) -> tuple[bytes, int]:
+        """(envelope, raw length) of the copy of a blob at ``loc``."""
         pack_id = self.pack_ids[loc.pack_no]
         if pack_id is None:
             raise MissingObject(f"blob {blob_id.hex()}", "its pack is not stored yet")
@@ -620,10 +641,67 @@ class Repo:
 
     def _resolve(self, blob_id: bytes, envs: dict[bytes, tuple[bytes, int]], memo: dict[bytes, Plaintext],
                  shared: set[bytes]) -> Plaintext:
-        """Decode one blob, its bases first; a base that fails is an error naming both ids.
+        """Decode one blob, its bases first; a base that fails is an error naming both ids.  Where the copy
+        of the blob or of a base that was read fails and another copy of it reads (``_other_copy``), the
+        blob is decoded again from there.
 
         Decoded bases in ``shared`` (needed again in this call) are kept in ``memo``.
         """
+        tries = 0
+        while True:
+            switches = self._copy_switches
+            try:
+                return self._resolve_once(blob_id, envs, memo, shared)
+            except CorruptObject:
+                if not self._copies or tries == COPY_TRIES:  # a remote that fails now and then: not for ever
+                    raise
+                envs = {}  # what was fetched may be the failed copy's
+                if switches == self._copy_switches and not any(
+                        self._other_copy(b) for b in (blob_id, *self.delta_chain(blob_id)) if b in self._copies):
+                    raise
+                tries += 1
+
+    def _other_copy(self, blob_id: bytes) -> bool:
+        """After a read involving ``blob_id`` failed: whether the index now points at another copy of it, one
+        whose envelope authenticates, because the copy it pointed at does not (a warning says so, naming
+        both packs).  False where the copy held reads, or no other does."""
+        held = self.locate(blob_id)
+        assert held is not None
+        try:
+            open_envelope(self.sealer, blob_id, self._read_at(blob_id, held)[0])
+            return False
+        except CorruptObject as exc:
+            failure = exc
+        for other in list(self._copies.get(blob_id, ())):
+            loc, base = other
+            try:
+                open_envelope(self.sealer, blob_id, self._read_at(blob_id, loc)[0])
+            except CorruptObject:
+                continue
+            with self._index_lock:
+                if self.index.get(blob_id) != held:  # another thread went over first
+                    return True
+                copies = self._copies[blob_id]
+                copies.remove(other)
+                copies.append((held, self._delta_bases.get(blob_id)))
+                self.index.replace(blob_id, loc)
+                if base is None:
+                    self._delta_bases.pop(blob_id, None)
+                else:
+                    self._delta_bases[blob_id] = base
+                self._copy_switches += 1
+            warnings.warn(f"blob {blob_id.hex()} is read from its copy in pack {self._pack_name(loc)}: the copy "
+                          f"in pack {self._pack_name(held)} is unreadable ({failure}); `check --read-data` "
+                          "names what else it holds", RepositoryStateWarning, stacklevel=2)
+            return True
+        return False
+
+    def _pack_name(self, loc: BlobLocation) -> str:
+        pack_id = self.pack_ids[loc.pack_no]
+        return "(not stored yet)" if pack_id is None else pack_id.hex()
+
+    def _resolve_once(self, blob_id: bytes, envs: dict[bytes, tuple[bytes, int]], memo: dict[bytes, Plaintext],
+                      shared: set[bytes]) -> Plaintext:
         chain, plain = self._walk_chain(blob_id, envs, memo)
         for cut in sorted((i for i in range(1, len(chain)) if chain[i][0] in shared), reverse=True):
             plain = memo[chain[cut][0]] = self._open_chain(blob_id, chain[cut:], plain)
@@ -889,7 +967,7 @@ class Repo:
                 return False
         for name, got in read:
             if isinstance(got, IndexColumns):
-                self._add_object(got, self._index, self._delta_bases)
+                self._add_object(got, self._index, self._delta_bases, self._copies)
             else:
                 self._warn_unreadable_index(name, got)
         self._index_names.update(name for name, _ in read)

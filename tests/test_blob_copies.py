@@ -1,0 +1,127 @@
+"""A blob stored twice (two backups at once) is read from its other copy when the one the index holds is
+damaged or lost: a restore of what a good copy still holds succeeds, with a warning naming both packs."""
+import os
+import random
+import warnings
+
+import pytest
+
+from chunkvault import Repository
+from chunkvault.errors import CorruptObject, RepositoryStateWarning
+
+from test_corruption import flip
+from test_damaged_storage import chunk_ids
+from test_prune import _running_beside
+
+CUT = {"fixed_chunks": ["db"], "fixed_chunk_size": 64 << 10}
+
+
+def pack_of(repo_dir, loc, store):
+    name = store.pack_ids[loc.pack_no].hex()
+    return repo_dir / "data" / name[:2] / name
+
+
+def copies_of(store, blob_id):
+    """The held copy's location and the other copies' (location, base)."""
+    return store.locate(blob_id), store._copies.get(blob_id, [])
+
+
+@pytest.fixture
+def stored_twice(tmp_path, new_repo, password, monkeypatch):
+    """A database file backed up by two backups at once: each of its chunks stored twice, in two packs; in
+    ``delta`` mode one backup stores the changed chunks as deltas on its parent's, the other whole."""
+    def make(delta: bool):
+        src = tmp_path / "src"
+        src.mkdir()
+        data = bytearray(random.Random(5).randbytes(1 << 20))
+        (src / "db").write_bytes(data)
+        repo_dir = tmp_path / "repo"
+        repo = new_repo(str(repo_dir), pack_size=1)  # a pack per blob
+        repo.backup([str(src)], kind="full", **CUT)
+        if delta:
+            for at in range(0, len(data), 64 << 10):
+                data[at + 100:at + 200] = os.urandom(100)
+            (src / "db").write_bytes(data)
+        else:
+            (src / "db").write_bytes(random.Random(6).randbytes(1 << 20))
+        beside = _running_beside(str(repo_dir), password, monkeypatch)
+        first = repo.backup([str(src)], kind="diff", **CUT).snapshot
+        second = beside.backup([str(src)], kind="full", delta=False, host="other", **CUT).snapshot
+        beside.close()
+        monkeypatch.undo()
+        reopened = Repository.open(str(repo_dir), password)
+        return repo_dir, reopened, first, second, (src / "db").read_bytes()
+    return make
+
+
+@pytest.mark.parametrize("damage", ["flipped", "lost"])
+def test_a_blob_whose_held_copy_is_damaged_is_read_from_its_other_copy(stored_twice, tmp_path, damage):
+    repo_dir, repo, first, second, content = stored_twice(delta=False)
+    ids = chunk_ids(repo, first, "db")
+    assert ids == chunk_ids(repo, second, "db")
+    repo.store.load_index()
+    held, others = copies_of(repo.store, ids[3])
+    assert len(others) == 1 and others[0][0].pack_no != held.pack_no
+    other = others[0][0]
+    victim = pack_of(repo_dir, held, repo.store)
+    if damage == "flipped":
+        flip(victim, held.offset + held.length // 2)
+    else:
+        os.remove(victim)
+    out = tmp_path / "out-first"
+    with pytest.warns(RepositoryStateWarning, match=f"copy in pack {victim.name} is unreadable") as caught:
+        repo.restore(first.id, str(out), processes=1)
+    assert (out / "db").read_bytes() == content
+    assert repo.store.locate(ids[3]) == other  # gone over to the other copy, once for all
+    assert pack_of(repo_dir, other, repo.store).name in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        repo.restore(second.id, str(tmp_path / "out-second"))
+    assert (tmp_path / "out-second" / "db").read_bytes() == content
+
+
+def test_a_blob_whose_copies_are_all_damaged_is_an_error_naming_it(stored_twice, tmp_path):
+    repo_dir, repo, first, second, content = stored_twice(delta=False)
+    blob = chunk_ids(repo, first, "db")[2]
+    repo.store.load_index()
+    held, others = copies_of(repo.store, blob)
+    for loc in (held, others[0][0]):
+        flip(pack_of(repo_dir, loc, repo.store), loc.offset + 40)
+    with pytest.raises(CorruptObject, match=blob.hex()):
+        repo.store.read_blob(blob)
+
+
+def test_a_blob_whose_whole_copy_is_lost_is_read_from_its_delta_copy_and_base(stored_twice, tmp_path):
+    """The index holds the copy stored whole; lost, the blob is decoded from its delta copy and that copy's
+    base (which the whole copy did not have)."""
+    repo_dir, repo, first, second, content = stored_twice(delta=True)
+    assert first.stats["delta_blobs"] >= 16
+    blob = chunk_ids(repo, first, "db")[5]
+    repo.store.load_index()
+    held, others = copies_of(repo.store, blob)
+    (other, base), = others
+    assert repo.store.delta_base(blob) is None and base is not None  # held whole, the other a delta
+    os.remove(pack_of(repo_dir, held, repo.store))
+    with pytest.warns(RepositoryStateWarning, match="unreadable"):
+        repo.restore(first.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "db").read_bytes() == content
+    assert (repo.store.locate(blob), repo.store.delta_base(blob)) == (other, base)
+
+
+def test_the_other_copies_are_known_whatever_order_the_index_objects_come_in(stored_twice):
+    """The copy stored whole is held before a delta copy either way; the delta copy is known as the other,
+    with its own base, whether its index object came first (then the whole copy took its place) or after."""
+    repo_dir, repo, first, second, content = stored_twice(delta=True)
+    store = repo.store
+    ids = chunk_ids(repo, first, "db")
+    names = store.index_names()
+    objects = [(n, got) for n, got in store.read_index_objects(names)]
+    seen = []
+    for order in (objects, objects[::-1]):
+        store.install_index(names, order)
+        held = [store.locate(b) for b in ids]
+        assert all(loc.flags != 2 for loc in held)  # KIND_DELTA: the whole copies are held
+        others = [store._copies.get(b) for b in ids]
+        assert all(o is not None and len(o) == 1 and o[0][1] is not None for o in others)
+        seen.append((held, others))
+    assert seen[0] == seen[1]
