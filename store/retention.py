@@ -78,6 +78,7 @@ class SnapshotLike(Protocol):
 
 # --------------------------------------------------------------------------- durations
 
+EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 _DURATION_RE = re.compile(r"(\d+)([ymwdh])")
 _UNIT_ORDER = "ymwdh"
 
@@ -105,19 +106,25 @@ class Duration:
         text = "".join(f"{n}{u}" for n, u in parts if n)
         return text or "0h"
 
-    def before(self, t: datetime) -> datetime:
-        """``t`` minus this duration (calendar months/years, day clamped to the month's end)."""
-        month_index = t.year * 12 + (t.month - 1) - (self.years * 12 + self.months)
+    def before(self, t: datetime, tz: tzinfo | None = timezone.utc) -> datetime:
+        """The instant (in UTC) this duration before ``t``: years and months back along the calendar of
+        ``tz`` (None: this machine's local time), the day clamped to the month's end, then days and hours
+        as elapsed time, whatever the clocks did meanwhile (in a zone with summer time, wall-clock
+        arithmetic makes a day 23 or 25 hours)."""
+        wall = t.astimezone(tz)
+        if tz is None:  # a naive local time takes the offset in force at the shifted date
+            wall = wall.replace(tzinfo=None)
+        month_index = wall.year * 12 + (wall.month - 1) - (self.years * 12 + self.months)
         year, month = divmod(month_index, 12)
         month += 1
         if year < 1:
-            return datetime.min.replace(tzinfo=t.tzinfo)
-        day = min(t.day, calendar.monthrange(year, month)[1])
-        shifted = t.replace(year=year, month=month, day=day)
+            return EARLIEST
+        day = min(wall.day, calendar.monthrange(year, month)[1])
         try:
+            shifted = wall.replace(year=year, month=month, day=day).astimezone(timezone.utc)
             return shifted - timedelta(days=self.days, hours=self.hours)
-        except OverflowError:
-            return datetime.min.replace(tzinfo=t.tzinfo)
+        except (OverflowError, OSError, ValueError):  # before year 1, or before what the C library converts
+            return EARLIEST
 
     def to_timedelta(self, reference: datetime) -> timedelta:
         """The exact length of this duration when counted back from ``reference``."""
@@ -151,13 +158,14 @@ def parse_duration(text: str) -> Duration:
 DurationLike = Duration | timedelta
 
 
-def _cutoff(ref: datetime, d: DurationLike) -> datetime:
+def _cutoff(ref: datetime, d: DurationLike, tz: tzinfo | None) -> datetime:
+    """The instant ``d`` before the instant ``ref`` (months and years along ``tz``'s calendar)."""
     if isinstance(d, Duration):
-        return d.before(ref)
+        return d.before(ref, tz)
     try:
-        return ref - d
+        return ref.astimezone(timezone.utc) - d
     except OverflowError:
-        return datetime.min.replace(tzinfo=ref.tzinfo)
+        return EARLIEST
 
 
 def _fmt_duration(d: DurationLike) -> str:
@@ -425,13 +433,15 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
 
     A policy that keeps no snapshot of a group (``keep-tag`` alone, a tag misspelt) is refused unless
     ``allow_remove_all``: a retention rule should thin a history, not end it.  Days, weeks, months and
-    years are those of ``tz`` (None: this machine's local time, as restic counts them)."""
+    years are those of ``tz`` (None: this machine's local time, as restic counts them); snapshots are
+    ordered and durations counted by the instants they were taken (in the hour a summer time's end
+    repeats, wall clocks would put a newer snapshot before an older one)."""
     snaps = list(snapshots)
     if policy.is_empty():
         raise UsageError("refusing to forget with an empty retention policy; set at least one keep rule")
     _check_ids(snaps)
-    now = _utc(now, "now").astimezone(tz)
-    times = {s.id: _utc(s.time, s.id).astimezone(tz) for s in snaps}
+    now = _utc(now, "now")
+    times = {s.id: _utc(s.time, s.id) for s in snaps}
     order = chronological_key(snaps, lambda s: times[s.id])
     groups: dict[tuple, list[SnapshotLike]] = {}
     for s in snaps:
@@ -439,7 +449,7 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
     reasons: dict[str, list[str]] = {}
     for members in groups.values():
         members.sort(key=order, reverse=True)
-        _apply_group(members, times, policy, now, reasons)
+        _apply_group(members, times, policy, now, tz, reasons)
         if not allow_remove_all and not any(s.id in reasons for s in members):
             raise UsageError(f"the retention policy keeps none of the {len(members)} snapshot(s) of "
                              f"{_describe_group(members[0], policy.group_by)}: refusing to remove them all "
@@ -453,7 +463,12 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
 
 
 def _apply_group(members: list[SnapshotLike], times: dict[str, datetime], policy: RetentionPolicy,
-                 now: datetime, reasons: dict[str, list[str]]) -> None:
+                 now: datetime, tz: tzinfo | None, reasons: dict[str, list[str]]) -> None:
+    """Keep ``members`` (newest first; ``times`` and ``now`` in UTC) by the rules of ``policy``, hours,
+    days, weeks, months and years being those of ``tz``."""
+    def bucket(rule: str, s: SnapshotLike) -> tuple[int, ...]:
+        return _bucket(rule, times[s.id].astimezone(tz))
+
     past = [times[s.id] for s in members if times[s.id] <= now]
     latest = max(past) if past else now
 
@@ -467,7 +482,7 @@ def _apply_group(members: list[SnapshotLike], times: dict[str, datetime], policy
                 keep(s, label)
 
     if policy.keep_within:
-        cut = _cutoff(latest, policy.keep_within)
+        cut = _cutoff(latest, policy.keep_within, tz)
         label = f"within {_fmt_duration(policy.keep_within)}"
         for s in members:
             if times[s.id] > cut:
@@ -483,7 +498,7 @@ def _apply_group(members: list[SnapshotLike], times: dict[str, datetime], policy
         for nr, s in enumerate(members):
             if left == 0:
                 break
-            b = (nr,) if rule == "last" else _bucket(rule, times[s.id])
+            b = (nr,) if rule == "last" else bucket(rule, s)
             if b != last_bucket:
                 last_bucket = b
                 used += 1
@@ -496,14 +511,13 @@ def _apply_group(members: list[SnapshotLike], times: dict[str, datetime], policy
         d = getattr(policy, f"keep_within_{rule}")
         if not d:
             continue
-        cut = _cutoff(latest, d)
+        cut = _cutoff(latest, d, tz)
         label = f"{rule} within {_fmt_duration(d)}"
         last_bucket = None
         for s in members:
-            t = times[s.id]
-            if t <= cut:
+            if times[s.id] <= cut:
                 break
-            b = _bucket(rule, t)
+            b = bucket(rule, s)
             if b != last_bucket:
                 last_bucket = b
                 keep(s, label)
@@ -511,7 +525,7 @@ def _apply_group(members: list[SnapshotLike], times: dict[str, datetime], policy
     for kind, d in ((KIND_FULL, policy.keep_full_within), (KIND_DIFF, policy.keep_diff_within)):
         if not d:
             continue
-        cut = _cutoff(now, d)
+        cut = _cutoff(now, d, tz)
         label = f"{kind} within {_fmt_duration(d)}"
         for s in members:
             if s.kind == kind and times[s.id] > cut:

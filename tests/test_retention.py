@@ -626,3 +626,45 @@ def test_days_and_months_are_those_of_the_time_zone_given():
     assert in_berlin == {"b", "a"}  # 1 December's, then 30 November's newest
     assert {d.snapshot_id for d in select(three, two_days, now) if d.keep} == {"b", "c"}  # one UTC day: its newest
     # and, the rules' days left over, its oldest
+
+
+def test_snapshots_are_ordered_and_durations_counted_by_instants_whatever_the_time_zones_clocks_do():
+    """In the hour the end of summer time repeats, a snapshot 40 minutes newer reads 20 minutes earlier on
+    the wall clock: keep-last kept the older one in Berlin (and retention removed the newest backup), and a
+    day back from the latest counted 25 hours across the change."""
+    from zoneinfo import ZoneInfo
+
+    berlin = ZoneInfo("Europe/Berlin")
+    older = Snap("older", datetime(2026, 10, 25, 0, 30, tzinfo=UTC))  # 02:30 summer time
+    newer = Snap("newer", datetime(2026, 10, 25, 1, 10, tzinfo=UTC))  # 02:10 winter time
+    now = datetime(2026, 10, 26, tzinfo=UTC)
+    for tz in (berlin, UTC, None):
+        kept = {d.snapshot_id for d in select([older, newer], RetentionPolicy(keep_last=1), now, tz=tz) if d.keep}
+        assert kept == {"newer"}, tz
+    # 24.5 hours before the latest (25 October, 23:40 in Berlin), across the change: not within a day
+    day_before = Snap("day-before", datetime(2026, 10, 24, 0, 40, tzinfo=UTC))
+    latest = Snap("latest", datetime(2026, 10, 25, 1, 10, tzinfo=UTC))
+    for within in (RetentionPolicy(keep_within=parse_duration("24h")), RetentionPolicy(keep_within=parse_duration("1d"))):
+        for tz in (berlin, UTC):
+            kept = {d.snapshot_id for d in select([day_before, latest], within, now, tz=tz) if d.keep}
+            assert kept == {"latest"}, (within, tz)
+    # months still go along the zone's calendar: a month before 1 December 00:30 in Berlin is 1 November
+    # 00:30 there (31 October 23:30 UTC); in UTC a month before 30 November 23:30 is 30 October 23:30
+    november = Snap("nov", datetime(2026, 10, 31, 23, 20, tzinfo=UTC))  # 00:20 on 1 November in Berlin
+    december = Snap("dec", datetime(2026, 11, 30, 23, 30, tzinfo=UTC))  # 00:30 on 1 December in Berlin
+    month = RetentionPolicy(keep_within=parse_duration("1m"))
+    later = now + timedelta(days=40)
+    assert {d.snapshot_id for d in select([november, december], month, later, tz=berlin) if d.keep} == {"dec"}
+    assert {d.snapshot_id for d in select([november, december], month, later) if d.keep} == {"nov", "dec"}
+
+
+@given(st.lists(st.integers(0, 3 * 8760 * 60), min_size=1, max_size=12, unique=True), st.integers(1, 4),
+       st.sampled_from(["Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "UTC"]))
+@settings(max_examples=200, deadline=None)
+def test_keep_last_and_hours_within_do_not_depend_on_the_time_zone(minutes, n, zone):
+    from zoneinfo import ZoneInfo
+
+    snaps = [Snap(f"s{i}", EPOCH + timedelta(minutes=m)) for i, m in enumerate(minutes)]
+    now = EPOCH + timedelta(days=3 * 365 + 10)
+    for policy in (RetentionPolicy(keep_last=n), RetentionPolicy(keep_within=parse_duration(f"{n * 7}h"))):
+        assert select(snaps, policy, now, tz=ZoneInfo(zone)) == select(snaps, policy, now)
