@@ -657,7 +657,15 @@ def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool) -> d
 
 
 def _local_time(s: Snapshot) -> str:
-    return s.datetime.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    """Local time to the second; in the hour the end of summer time repeats, with its UTC offset: each of
+    two snapshots an hour apart that read alike would take a time copied from the listing for the first."""
+    local = s.datetime.astimezone()
+    wall = local.replace(tzinfo=None)
+    text = wall.strftime("%Y-%m-%d %H:%M:%S")
+    if wall.replace(fold=0).timestamp() == wall.replace(fold=1).timestamp():
+        return text
+    offset = int(local.utcoffset().total_seconds()) // 60  # type: ignore[union-attr]
+    return text + f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
 
 
 def cmd_find(args: argparse.Namespace) -> int:

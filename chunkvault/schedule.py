@@ -649,6 +649,10 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
             if host is not None and (not isinstance(host, str) or not host):
                 raise UsageError(f"host must be a non-empty string, got {host!r}")
             tags = _str_list(s.get("tags", top.get("tags", [])), "tags")
+            for tag in tags:  # every backup would refuse it
+                if "," in tag:
+                    raise UsageError(f"tags: a tag cannot hold a comma ({tag!r}); for two tags write "
+                                     "tags = [\"a\", \"b\"]")
             excludes = _str_list(s.get("excludes", []), "excludes")
             exclude_files = tuple(_path(base_dir, p) for p in _str_list(s.get("exclude_files", []), "exclude-files"))
             exclude_if_present = _str_list(s.get("exclude_if_present", []), "exclude-if-present")

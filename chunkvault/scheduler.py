@@ -571,6 +571,11 @@ class Daemon:
                 now = self.clock()
                 if wake is not None and now >= wake:
                     break
+                if now < started:  # set back (NTP correcting a clock that ran ahead): the slot would be far off
+                    self.log(f"the clock went back from {_iso(started)} to {_iso(now)}: slots are counted from now")
+                    started = now
+                    wake = self._next_slot(started)
+                    continue
                 left = self.max_sleep if wake is None else (wake - now).total_seconds()
                 self.sleep(max(0.0, min(self.max_sleep, left)))
         self.log("daemon stopped")

@@ -506,7 +506,9 @@ def test_an_interval_past_what_dates_can_hold_is_refused():
 
 @pytest.mark.parametrize("source, top", [({"command": "echo", "stdin-name": "../evil"}, {}),
                                          ({"paths": ["/x"], "pre": [""]}, {}),
-                                         ({"paths": ["/x"]}, {"max-unused": True})])
+                                         ({"paths": ["/x"]}, {"max-unused": True}),
+                                         ({"paths": ["/x"], "tags": "nightly,pg"}, {}),
+                                         ({"paths": ["/x"]}, {"tags": ["nightly,pg"]})])
 def test_a_policy_value_that_would_fail_every_run_is_refused_when_it_loads(source, top):
     """They loaded, then failed at every run (or true was read as 100 %)."""
     from chunkvault.schedule import parse_policy

@@ -208,6 +208,36 @@ def test_daemon_catches_up_once_after_a_suspend_and_survives_failed_runs(tmp_pat
     assert any("pre hook exited 7" in line for line in log)
 
 
+def test_a_daemon_whose_clock_is_set_back_counts_its_slots_from_the_corrected_time(tmp_path, repo_url, tree,
+                                                                                  fake_time):
+    """Started with the clock a month ahead (before NTP corrected it, or a VM restored), the daemon made its
+    full; stepped back, it slept towards the slot after that run, a month off, and made no backup."""
+    policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                                          top='full = "daily 02:00"\ndiff = "hourly"\n')))
+    stop = threading.Event()
+    right = datetime(2026, 12, 4, 10, 31, tzinfo=UTC)
+    clock = fake_time(FakeClock(right + timedelta(days=30), stop))
+
+    def ntp(c: FakeClock) -> None:
+        if c.t > right + timedelta(days=30):
+            c.t = right + timedelta(minutes=1)  # a minute after the daemon's first run
+        elif c.t > right + timedelta(hours=3, minutes=5):
+            stop.set()
+
+    clock.during_sleep = ntp
+    log: list[str] = []
+    reports: list[RunReport] = []
+    runner = Runner(policy, PASSWORD.encode(), clock=clock, stop=stop, log=log.append,
+                    lock_file=str(tmp_path / "p.lock"))
+    Daemon(runner, clock=clock, sleep=clock.sleep, log=log.append, on_report=reports.append).serve()
+    assert any("the clock went back" in line for line in log)
+    made = [(r.started, r.sources[0].kind) for r in reports if r.sources and r.sources[0].status == "ok"]
+    assert made[0] == (right + timedelta(days=30), "full")
+    # the corrected clock's slots: 11:00 (the full dated a month ahead does not count), 12:00, 13:00
+    assert [(t.strftime("%d %H:%M"), kind) for t, kind in made[1:]] == [
+        ("04 11:00", "full"), ("04 12:00", "diff"), ("04 13:00", "diff")]
+
+
 def test_sleep_is_computed_not_polled(tmp_path, repo_url, tree):
     """Nothing due for hours: the daemon sleeps towards the next slot in capped steps, without running."""
     policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],

@@ -108,3 +108,25 @@ def test_until_to_the_second_finds_the_snapshot_whose_listed_time_it_is(tmp_path
     assert repo.snapshot(until=float(seven)).id == first.id  # a float is an instant
     assert parse_until("2026-11-28T14:00:05+01:00").astimezone(timezone.utc).isoformat() == \
         "2026-11-28T13:00:05.999999+00:00"
+
+
+def test_a_time_copied_from_the_listing_in_the_hour_summer_time_repeats_finds_its_snapshot(tmp_path, cli):
+    """Two snapshots an hour apart, in the hour the end of summer time repeats, listed alike (02:30:15 in
+    Berlin): --until with the copied time restored the first.  The listing gives those times their offset."""
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = str(tmp_path / "repo")
+    berlin = {"TZ": "Europe/Berlin"}
+    cli("init", "-r", repo, "--kdf-time", "0", env=berlin)
+    for content, when in (("first", "2026-10-25T00:30:15Z"), ("second", "2026-10-25T01:30:15Z")):
+        (src / "f").write_text(content)
+        cli("backup", "-r", repo, str(src), "--time", when, "-q", env=berlin)
+    cli("backup", "-r", repo, str(src), "--time", "2026-10-25T03:30:15Z", "-q", env=berlin)
+    listing = cli("snapshots", "-r", repo, env=berlin).stdout.decode()
+    shown = [line.split()[1] + " " + line.split()[2] for line in listing.splitlines() if line[:8].isalnum()
+             and len(line.split()) > 2 and line.split()[1].startswith("2026")]
+    assert shown == ["2026-10-25 02:30:15+02:00", "2026-10-25 02:30:15+01:00", "2026-10-25 04:30:15"]
+    for time, content in zip(shown, ("first", "second")):
+        out = tmp_path / content
+        cli("restore", "-r", repo, "--until", time, "--target", str(out), "-q", env=berlin)
+        assert (out / "f").read_text() == content
