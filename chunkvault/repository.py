@@ -35,7 +35,7 @@ from .store.backup import Backup, BackupOptions, BackupResult
 from .store.chain import broken_chains, lineage
 from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.crypto import KEY_SIZE
-from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record
+from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record, unread
 from .store.repository import NOT_INDEXED, Repo
 from .store.restore import (Restorer, RestoreOptions, RestoreResult, check_content, confined, include_directory,
                             refuse_overlap)
@@ -1003,6 +1003,8 @@ class Repository:
             e = self.find_entry(snap, e.target)
         if e.type != T_FILE:
             raise UsageError(f"'{os.fsdecode(e.path)}' is not a regular file")
+        if unread(e):  # an empty file would pass for its content
+            raise MissingObject(f"file {os.fsdecode(name)}", "unreadable at backup time: no backup read its data")
         return self._content(e, name)
 
     def _content(self, e: Entry, name: bytes | None = None) -> BinaryIO:

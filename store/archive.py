@@ -14,6 +14,7 @@ tar reading it then fails too (ended anyway, the zeros of the end passed for a s
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import stat
 import struct
@@ -146,9 +147,16 @@ class _Zip:
     def file(self, e: Entry, data: BinaryIO) -> None:
         info = self._info(e, "", stat.S_IFREG)
         info.file_size = e.size
-        with self.zip.open(info, "w", force_zip64=e.size >= zipfile.ZIP64_LIMIT) as w:
+        w = self.zip.open(info, "w", force_zip64=e.size >= zipfile.ZIP64_LIMIT)
+        try:
             while block := data.read(1 << 20):
                 w.write(block)
+        except BaseException:
+            # Closed without finishing the member: its size and CRC would make the part written pass
+            # for the whole file.
+            io.BufferedIOBase.close(w)
+            raise
+        w.close()
 
     def other(self, e: Entry) -> bool:
         if e.type == T_DIR:
@@ -160,4 +168,7 @@ class _Zip:
         return True
 
     def close(self, complete: bool) -> None:
-        self.zip.close()
+        if complete:  # a zip cut short has no central directory: unzip then refuses it, as tar a cut tar
+            self.zip.close()
+        else:  # nor is one written when the ZipFile is collected (its __del__ closes it): ``out`` is not ours
+            self.zip.fp = None

@@ -187,6 +187,58 @@ def test_a_tar_cut_short_by_damaged_data_does_not_end_as_a_whole_archive(backed_
     assert proc.returncode != 0 and b"Unexpected EOF" in proc.stderr
 
 
+def test_a_zip_cut_short_by_damaged_data_has_no_central_directory(backed_up, monkeypatch):
+    """It was closed anyway: the part of the file written passed for the whole (its size and CRC were
+    those of that part) and `unzip -t` found no error."""
+    from chunkvault.errors import CorruptObject
+
+    repo, snap = backed_up
+    ids = repo.find_entry(snap, "a/one").chunk_ids()
+    assert len(ids) > 1
+    real = repo.store.read_blob
+
+    def read_blob(blob_id, **kw):
+        if blob_id == ids[-1]:
+            raise CorruptObject(f"blob {blob_id.hex()}", "damaged (planted)")
+        return real(blob_id, **kw)
+
+    monkeypatch.setattr(repo.store, "read_blob", read_blob)
+    monkeypatch.setattr(repo.store, "read_blobs", lambda blob_ids: [read_blob(b) for b in blob_ids])
+    out = io.BytesIO()
+    with pytest.raises(CorruptObject, match="planted"):
+        repo.dump(snap, "/", out, archive="zip")
+    assert len(out.getvalue()) > 1_000_000  # what came before the damage was written
+    with pytest.raises(zipfile.BadZipFile):
+        zipfile.ZipFile(io.BytesIO(out.getvalue()))
+
+
+def test_a_file_no_backup_could_read_is_an_error_to_dump_not_an_empty_file(new_repo, tmp_path, monkeypatch,
+                                                                          python_file_reads):
+    from chunkvault.errors import MissingObject
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "secret").write_bytes(b"never read")
+    (src / "ok").write_bytes(b"ok")
+    real_open = os.open
+
+    def failing_open(path, flags, *args):
+        if os.path.basename(os.fsdecode(path)) == "secret":
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    repo = new_repo()
+    monkeypatch.setattr("chunkvault.store.backup.os.open", failing_open)
+    snap = repo.backup([str(src)]).snapshot
+    monkeypatch.setattr("chunkvault.store.backup.os.open", real_open)
+    with pytest.raises(MissingObject, match="file secret: unreadable at backup time"):
+        repo.dump(snap, "secret", io.BytesIO())
+    with pytest.raises(MissingObject):
+        repo.open_file(snap, "secret")
+    data, warnings = dumped(repo, snap, "/")
+    assert warnings == ["secret: unreadable at backup time, left out (no backup read it)"]
+
+
 def test_tar_of_a_subtree_links_the_names_of_a_file_whose_first_name_is_outside(new_repo, tmp_path):
     """Each such name carried its own copy of the data, and the extracted tree held that many files."""
     src = tmp_path / "src"
