@@ -672,10 +672,10 @@ def cmd_find(args: argparse.Namespace) -> int:
     repo = _open(args)
     found = repo.find(args.patterns, snapshots=args.snapshot or None, hosts=args.host, tags=args.tag,
                       paths=args.path, ignore_case=args.ignore_case)
-    led = [p for p in args.patterns if p.startswith(("/", "./"))]
+    led = [p for p in args.patterns if p.startswith("/")]
     if not found and led:  # as restore --include says: a path as it was on the backed-up machine finds nothing
         warn(f"nothing matched {', '.join(led)}: patterns are paths as `ls` lists them, relative to the "
-             "snapshot's root (without a leading / or ./)")
+             "snapshot's root (without a leading /)")
     tables: dict[str, tuple[dict[int, str], dict[int, str]]] = {}  # per snapshot: versions share them
     listing: list[Snapshot] | None = None  # read once, when a version first needs its owners' names
 
@@ -902,7 +902,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
         raise TargetUnwritable("dump: standard output is closed: redirect it to a file or a pipe")
     repo = _open(args)
     snap = chosen_snapshot(repo, args)
-    if out.isatty() and repo.find_entry(snap, args.path).type == T_DIR:
+    if out.isatty() and repo.is_directory(snap, args.path):
         raise UsageError(f"a directory is written as a {args.archive} archive: redirect it to a file or a pipe")
     try:
         with _stdout_errors("dump"):

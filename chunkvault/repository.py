@@ -823,9 +823,9 @@ class Repository:
         and those the filters select.  Each full manifest is read once, each differential's own records
         once (``store/find.py``); patterns that all start with a directory (``etc/postgresql/*``) read only
         that directory's part of each manifest."""
-        from .store.find import matches_by_snapshot, path_matcher, versions
+        from .store.find import matches_by_snapshot, path_matcher, tree_glob, versions
 
-        patterns = _globs(patterns, "pattern")
+        patterns = [tree_glob(p) for p in _globs(patterns, "pattern")]
         if not patterns:
             raise UsageError("find needs at least one pattern")
         with self.reading("find"):
@@ -1011,6 +1011,23 @@ class Repository:
         raw = _ChunkStream(self._repo, e.chunk_ids(), os.fsdecode(e.path if name is None else name), e)
         return io.BufferedReader(raw, buffer_size=1 << 20)
 
+    def is_directory(self, snapshot: str | Snapshot, path: str | bytes) -> bool:
+        """Whether ``path`` of the snapshot is a directory (``dump`` writes it as an archive); UsageError
+        when the snapshot has nothing there."""
+        e = self._entry_or_directory(self.snapshot(snapshot), snapshot_path(path))
+        return e is None or e.type == T_DIR
+
+    def _entry_or_directory(self, snap: Snapshot, want: bytes) -> Entry | None:
+        """The entry of ``want``, or None for a directory with no entry of its own: the root of a snapshot
+        of several paths, or one above a --stdin-name with a directory in it (one if something lies below
+        it)."""
+        try:
+            return self.find_entry(snap, want)
+        except UsageError:
+            if want and next(iter(self.tree(snap, want)), None) is None:
+                raise
+            return None
+
     @_stoppable
     def dump(self, snapshot: str | Snapshot, path: str | bytes, out: BinaryIO, *, archive: str = "tar") -> list[str]:
         """Write ``path`` of the snapshot to ``out``: a file's content, or a directory's subtree (``/``: the
@@ -1024,14 +1041,7 @@ class Repository:
         with self.reading("dump"):
             snap = self.snapshot(snapshot)
             want = snapshot_path(path)
-            try:
-                e: Entry | None = self.find_entry(snap, want)
-            except UsageError:
-                # A directory with no entry of its own: the root of a snapshot of several paths, or one
-                # above a --stdin-name with a directory in it.  It is one if something lies below it.
-                if want and next(iter(self.tree(snap, want)), None) is None:
-                    raise
-                e = None
+            e = self._entry_or_directory(snap, want)
             if e is not None and e.type != T_DIR:
                 with self._file_content(snap, e) as f:
                     while block := f.read(1 << 20):

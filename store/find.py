@@ -22,10 +22,18 @@ from .chronology import chronological_key
 from .snapshot import Snapshot
 
 
+def tree_glob(glob: str) -> str:
+    """A glob as the tree names paths: ``./dir`` and ``dir/`` (as a shell completes them) are ``dir``; they
+    selected nothing (a restore wrote an empty tree, find found nothing)."""
+    while glob.startswith("./"):
+        glob = glob[2:].lstrip("/")
+    return glob.rstrip("/") or glob
+
+
 def path_matcher(patterns: list[str], ignore_case: bool = False) -> Callable[[bytes], bool]:
     """A test of a path below a snapshot's root: a glob matches the whole path or its last name
     (as ``backup --exclude`` matches).  The root itself has neither: ``*`` does not list it."""
-    globs = [p.lower() for p in patterns] if ignore_case else list(patterns)
+    globs = [tree_glob(p.lower() if ignore_case else p) for p in patterns]
 
     def match(path: bytes) -> bool:
         if not path:

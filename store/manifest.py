@@ -73,11 +73,13 @@ class Entry:
         return [c[i : i + 32] for i in range(0, len(c), 32)]
 
     def same_content(self, other: "Entry") -> bool:
-        """Equal as a restore would produce them (ignores ctime/inode/device ids)."""
+        """Equal as a restore would produce them (ignores ctime/inode/device ids, and how the data is cut
+        into chunks where both have a digest of it: cut at fixed offsets since, a file is the same)."""
+        chunks = (self.chunks, other.chunks) if not (self.digest and other.digest) else (b"", b"")
         return (self.path, self.type, self.mode, self.uid, self.gid, self.mtime_ns, self.size,
-                self.rdev, self.target, self.digest, self.chunks, self.xattrs) == (
+                self.rdev, self.target, self.digest, chunks[0], self.xattrs) == (
                 other.path, other.type, other.mode, other.uid, other.gid, other.mtime_ns, other.size,
-                other.rdev, other.target, other.digest, other.chunks, other.xattrs)
+                other.rdev, other.target, other.digest, chunks[1], other.xattrs)
 
 
 def unread(e: Entry) -> bool:

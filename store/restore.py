@@ -35,6 +35,7 @@ from .manifest import (
 )
 from .blob import Plaintext
 from .chain import ancestors
+from .find import tree_glob
 from .owners import OwnerMap
 from .repository import Repo
 from .target_dirs import TargetDirs, mount_points, proc_path, remove_tree
@@ -269,20 +270,12 @@ def include_directory(includes: list[str]) -> bytes | None:
     return b"/".join(common) if common and all(common) else None
 
 
-def _tree_glob(glob: str) -> str:
-    """A glob as the tree names paths: ``./dir`` and ``dir/`` (as a shell completes them) are ``dir``; they
-    selected nothing, and the restore wrote an empty tree."""
-    while glob.startswith("./"):
-        glob = glob[2:].lstrip("/")
-    return glob.rstrip("/") or glob
-
-
 class Selection:
     """Which paths a restore takes: ``includes`` (all when empty) less ``excludes``; the root always.
     ``directory``: where the selected paths lie, when the includes say (``include_directory``)."""
 
     def __init__(self, includes: list[str], excludes: list[str]):
-        includes, excludes = [_tree_glob(g) for g in includes], [_tree_glob(g) for g in excludes]
+        includes, excludes = [tree_glob(g) for g in includes], [tree_glob(g) for g in excludes]
         self.includes = _Globs(includes) if includes else None
         self.excludes = _Globs(excludes) if excludes else None
         self.directory = include_directory(includes) if includes else None

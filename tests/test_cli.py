@@ -75,6 +75,15 @@ def test_diff_compares_the_paths_of_a_multiply_linked_file_by_the_file(tmp_path,
     assert lines[-1] == "0 added, 0 removed, 2 modified"
 
 
+def test_diff_sees_no_change_in_a_file_cut_into_chunks_another_way(tmp_path, cli, setup):
+    """Backed up again with its data cut at fixed offsets, an unchanged file was "U" (metadata changed)."""
+    repo, src = setup
+    first = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"]
+    second = json.loads(cli("backup", "-r", repo, str(src), "--force", "--fixed-chunks", "*", "--fixed-chunk-size",
+                            "16K", "--json").stdout)["id"]
+    assert json.loads(cli("diff", "-r", repo, first, second, "--json").stdout) == []
+
+
 def test_json_names_that_are_not_utf8_carry_their_bytes(tmp_path, cli, setup):
     repo, src = setup
     latin1 = b"caf\xe9"

@@ -291,18 +291,24 @@ def test_cli_dump_of_a_directory(cli, tree, tmp_path):
     assert sorted(z.namelist()) == ["a/", "a/empty", "a/link", "a/one", "a/sub/", "a/sub/deep.txt", "a/twin"]
     proc = cli("dump", "-r", repo, "latest", "/", check=0)
     assert "b/pipe" in [m.name for m in tarfile.open(fileobj=io.BytesIO(proc.stdout))]
-    leader, follower = pty.openpty()
-    try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
-        done = subprocess.run([sys.executable, "-m", "chunkvault.cli", "dump", "-r", repo, "latest", "a"],
-                              stdout=follower, stderr=subprocess.PIPE, timeout=120,
-                              env={**env, "CHUNKVAULT_PASSWORD": PASSWORD})
-    finally:
-        os.close(follower)
-        os.close(leader)
+
+    def on_a_terminal(path: str) -> subprocess.CompletedProcess:
+        leader, follower = pty.openpty()
+        try:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+            return subprocess.run([sys.executable, "-m", "chunkvault.cli", "dump", "-r", repo, "latest", path],
+                                  stdout=follower, stderr=subprocess.PIPE, timeout=120,
+                                  env={**env, "CHUNKVAULT_PASSWORD": PASSWORD})
+        finally:
+            os.close(follower)
+            os.close(leader)
+
+    done = on_a_terminal("a")
     assert done.returncode == 2 and b"redirect it to a file or a pipe" in done.stderr
     cli("backup", "-r", repo, "--stdin", "--stdin-name", "db/all.sql", input=b"select 1;\n")
     assert cli("ls", "-r", repo, "latest", "db").stdout.decode().split()[-1] == "db/all.sql"
+    done = on_a_terminal("db")  # a directory with no entry of its own: it said there was no 'db'
+    assert done.returncode == 2 and b"redirect it to a file or a pipe" in done.stderr
     assert b"no 'dbx'" in cli("ls", "-r", repo, "latest", "dbx", check=2).stderr
 
 

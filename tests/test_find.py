@@ -196,8 +196,11 @@ def test_find_and_snapshot_filters_on_the_command_line(tmp_path):
     proc = crashkit.run_cli("find", "-r", repo, ok=(2,))
     assert b"PATTERN" in proc.stderr
     lost = crashkit.run_cli("find", "-r", repo, "/conf/*")  # a path as on the machine: said, not silent
-    assert b"relative to the snapshot's root (without a leading / or ./)" in lost.stderr
+    assert b"relative to the snapshot's root (without a leading /)" in lost.stderr
     assert lost.stdout.decode().splitlines() == ["0 paths, 0 versions"]
+    for completed in ("./conf/App.conf", "conf/", "./conf/"):  # as a shell completes names: they found nothing
+        found = json.loads(crashkit.run_cli("find", "-r", repo, completed, "--json").stdout)
+        assert {f["path"] for f in found} == {"conf/App.conf" if "App" in completed else "conf"}, completed
 
 
 def test_find_skips_a_differential_whose_chain_is_broken_with_a_warning(tmp_path):
