@@ -21,7 +21,7 @@ from .remotes.layer import stop_request
 from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, Locked, OutputClosed, PartialBackup,
                      SnapshotNotFound, TargetNotEmpty, TargetUnwritable, UsageError, VerificationFailed, output_error)
 from .store.chain import lineage
-from .store.manifest import T_DIR, TYPE_NAMES, Entry
+from .store.manifest import F_UNREADABLE, T_DIR, T_FILE, TYPE_NAMES, Entry, unread
 from .store.snapshot import Snapshot
 from .units import format_size
 
@@ -332,7 +332,19 @@ def _entry_json(e: Entry) -> dict[str, Any]:
     return {**_name_json("path", e.path), "type": TYPE_NAMES[e.type], "mode": oct(e.mode), "uid": e.uid,
             "gid": e.gid, "size": e.size, "mtime": _ns_iso(e.mtime_ns), "mtime_ns": e.mtime_ns,
             **_name_json("target", e.target or None),
-            "digest": e.digest.hex() if e.digest else None, "chunks": len(e.chunks) // 32}
+            "digest": e.digest.hex() if e.digest else None, "chunks": len(e.chunks) // 32,
+            "unreadable": _unreadable(e)}
+
+
+def _unreadable(e: Entry) -> str | None:
+    """Of an entry the backup could not read: a file's data is none, or an earlier backup's ("no data",
+    "earlier data"); a directory could not be listed ("not listed"), another entry is an earlier backup's
+    ("earlier entry").  None for the others."""
+    if not e.flags & F_UNREADABLE:
+        return None
+    if e.type == T_FILE:
+        return "no data" if unread(e) else "earlier data"
+    return "not listed" if e.type == T_DIR else "earlier entry"
 
 
 def _listed_json(e: Entry, names: tuple[dict[int, str], dict[int, str]]) -> dict[str, Any]:
@@ -827,6 +839,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for e in entries:
         name = shown_name(e.path) or "."
         extra = f" -> {shown_name(e.target)}" if e.target else ""
+        if _unreadable(e):
+            extra += f"  (unreadable at backup time: {_unreadable(e)})"
         owner = f"{one_line(names[0].get(e.uid, e.uid))}/{one_line(names[1].get(e.gid, e.gid))}"
         print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {e.size:>12}  {_ns_local(e.mtime_ns)}  "
               f"{name}{extra}")

@@ -1,5 +1,6 @@
 """dump of a directory: a tar or zip stream that unpacks to what a restore would write."""
 import io
+import json
 import struct
 import os
 import pty
@@ -213,7 +214,8 @@ def test_a_zip_cut_short_by_damaged_data_has_no_central_directory(backed_up, mon
 
 
 def test_a_file_no_backup_could_read_is_an_error_to_dump_not_an_empty_file(new_repo, tmp_path, monkeypatch,
-                                                                          python_file_reads):
+                                                                          python_file_reads, cli):
+    """The dump was an empty file with exit 0, and `ls` listed it as an empty file."""
     from chunkvault.errors import MissingObject
 
     src = tmp_path / "src"
@@ -227,7 +229,8 @@ def test_a_file_no_backup_could_read_is_an_error_to_dump_not_an_empty_file(new_r
             raise PermissionError(13, "Permission denied")
         return real_open(path, flags, *args)
 
-    repo = new_repo()
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
     monkeypatch.setattr("chunkvault.store.backup.os.open", failing_open)
     snap = repo.backup([str(src)]).snapshot
     monkeypatch.setattr("chunkvault.store.backup.os.open", real_open)
@@ -237,6 +240,10 @@ def test_a_file_no_backup_could_read_is_an_error_to_dump_not_an_empty_file(new_r
         repo.open_file(snap, "secret")
     data, warnings = dumped(repo, snap, "/")
     assert warnings == ["secret: unreadable at backup time, left out (no backup read it)"]
+    listed = json.loads(cli("ls", "-r", url, "latest", "--json").stdout)
+    assert {e["path"]: e["unreadable"] for e in listed if e["path"]} == {"ok": None, "secret": "no data"}
+    lines = cli("ls", "-r", url, "latest").stdout.decode().splitlines()
+    assert [line for line in lines if "unreadable" in line][0].endswith("secret  (unreadable at backup time: no data)")
 
 
 def test_tar_of_a_subtree_links_the_names_of_a_file_whose_first_name_is_outside(new_repo, tmp_path):
