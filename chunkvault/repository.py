@@ -848,7 +848,11 @@ class Repository:
                 elif s.id not in matches:
                     warnings.warn(f"snapshot {s.short_id} is not searched: its chain does not reach a full snapshot "
                                   f"(`check` says why)", RepositoryStateWarning, stacklevel=2)
-            return versions(chosen, matches)
+            def holder(snap: Snapshot, path: bytes) -> Entry | None:
+                rec = self._repo.lookup(snap, path)
+                return None if rec is None else rec.entry
+
+            return versions(chosen, matches, holder)
 
     @_stoppable
     def snapshot(self, spec: str | Snapshot = "latest", *, until: str | datetime | None = None,

@@ -17,7 +17,7 @@ from chunkvault.errors import CorruptObject
 
 from . import chain
 from .chain import lineage
-from .manifest import Entry, Record
+from .manifest import T_FILE, T_HARDLINK, Entry, Record
 from .chronology import chronological_key
 from .snapshot import Snapshot
 
@@ -106,10 +106,22 @@ def _state(e: Entry) -> tuple:
     return (e.type, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.rdev, e.target, e.digest, e.xattrs)
 
 
-def versions(snapshots: Iterable[Snapshot], matches: dict[str, list[Record]]) -> list[Found]:
+def _as_file(e: Entry, snap: Snapshot, holder: Callable[[Snapshot, bytes], Entry | None] | None) -> Entry:
+    """A hard link as the file it names in ``snap`` (itself when that is not found, or not a file)."""
+    if e.type != T_HARDLINK or holder is None:
+        return e
+    held = holder(snap, e.target)
+    return e if held is None or held.type != T_FILE else held
+
+
+def versions(snapshots: Iterable[Snapshot], matches: dict[str, list[Record]],
+             holder: Callable[[Snapshot, bytes], Entry | None] | None = None) -> list[Found]:
     """Group the matches of each source's snapshots (taken oldest first) into versions: a path's entry
     starts a new version where its type, mode, owner, size, mtime, device, link target, content or
-    extended attributes differ from the one before (or it reappears after an absence)."""
+    extended attributes differ from the one before (or it reappears after an absence).  A path of a
+    multiply-linked file is compared by the file it names (``holder`` finds it by path in a snapshot), as
+    ``diff`` compares it: which of its paths holds the data follows their order, so a new link sorting
+    first made the file a hard link, a new version of nothing."""
     found: dict[tuple, Found] = {}
     last_seen: dict[tuple, str] = {}
     previous: dict[tuple[str, tuple[str, ...]], str] = {}
@@ -125,7 +137,9 @@ def versions(snapshots: Iterable[Snapshot], matches: dict[str, list[Record]]) ->
             if f is None:
                 f = found[key] = Found(s.host, sorted(s.paths), rec.path)
             v = f.versions[-1] if f.versions else None
-            if v is None or last_seen[key] != before or _state(v.entry) != _state(rec.entry):
+            if v is None or last_seen[key] != before or (
+                    _state(v.entry) != _state(rec.entry)
+                    and _state(_as_file(v.entry, v.snapshots[0], holder)) != _state(_as_file(rec.entry, s, holder))):
                 v = Version(rec.entry)
                 f.versions.append(v)
             v.snapshots.append(s)

@@ -251,3 +251,22 @@ def test_a_damaged_manifest_leaves_out_its_chain_and_the_rest_is_searched(tmp_pa
     result = cli("find", "-r", str(tmp_path / "repo"), "f1.txt", "--json", password=password)
     assert [v["snapshots"] for f in json.loads(result.stdout) for v in f["versions"]] == [[first.id]]
     assert "a manifest of its chain is damaged" in result.stderr.decode()
+
+
+def test_a_file_that_only_got_another_link_is_one_version(tmp_path, new_repo):
+    """A new link sorting first makes the unchanged file a hard link to it: find listed a second version
+    (a file, then a hard link), where diff sees no change."""
+    src = tmp_path / "src"
+    (src / "b").mkdir(parents=True)
+    (src / "a").mkdir()
+    (src / "b" / "data").write_bytes(b"unchanged")
+    repo = new_repo()
+    repo.backup([str(src)])
+    os.link(src / "b" / "data", src / "a" / "data")
+    repo.backup([str(src)])
+    found = {f.path: f for f in repo.find(["b/data"])}
+    assert len(found[b"b/data"].versions) == 1 and len(found[b"b/data"].versions[0].snapshots) == 2
+    (src / "b" / "data").write_bytes(b"changed")  # both paths: the linked file changes
+    repo.backup([str(src)])
+    versions = repo.find(["b/data"])[0].versions
+    assert [len(v.snapshots) for v in versions] == [2, 1]
