@@ -174,6 +174,9 @@ class LocalRemote(Remote):
         self._known_dirs: set[str] = set()
         self._writing: set[str] = set()  # temp files being written now: never removed as abandoned
         self._reserve_kept = False  # this process saw the reserve in place, or made it
+        # The exclusive locks stored through this remote and not yet deleted: while one is held (a forget,
+        # prune or repair runs), what it writes on a full disk may take the reserve too.
+        self._exclusive: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "LocalRemote":
@@ -182,6 +185,8 @@ class LocalRemote(Remote):
             if parsed.netloc not in ("", "localhost"):
                 raise UsageError(f"file URL must name a local path: {url!r}")
             path = unquote(parsed.path)
+            if not path:  # an unset variable after file://: the working directory was taken for it
+                raise UsageError(f"file URL {url!r} names no path (file:///srv/repo, or a plain path)")
         else:
             path = url
         flags = {"fsync": True, "direct_io": True}
@@ -203,15 +208,19 @@ class LocalRemote(Remote):
         self._known_dirs.add(d)
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        exclusive = key.startswith(EXCLUSIVE_LOCK_PREFIX)
         try:
             self._put(key, data, if_absent)
         except StorageFull:
-            if not key.startswith(EXCLUSIVE_LOCK_PREFIX) or not self._release_reserve():
+            if not (exclusive or self._exclusive) or not self._release_reserve():
                 raise
             self._put(key, data, if_absent)
+        if exclusive:
+            self._exclusive.add(key)
 
     def _release_reserve(self) -> bool:
-        """Free the reserve for an exclusive lock a full disk refused; True when there was one."""
+        """Free the reserve for what a full disk refused under an exclusive lock (the lock itself, or the
+        index a prune writes before it deletes anything); True when there was one."""
         self._reserve_kept = False
         try:
             os.unlink(os.path.join(self.root, RESERVE_NAME))
@@ -263,6 +272,9 @@ class LocalRemote(Remote):
         none of them: they go into the temp file as they come, which is renamed into place only once all are
         in.  False, with nothing stored, when ``read`` gives b"" before the end (the sender stopped short)."""
 
+        if self._exclusive and self._free_bytes() < length + RESERVE_SIZE:  # a stream cannot be sent again
+            self._release_reserve()
+
         def write(fd: int) -> bool:
             left = length
             while left:
@@ -274,6 +286,13 @@ class LocalRemote(Remote):
             return True
 
         return self._write_object(key, write, if_absent)
+
+    def _free_bytes(self) -> int:
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
 
     def _write_object(self, key: str, write: Callable[[int], bool], if_absent: bool) -> bool:
         """Temp file, ``write`` into it, fsync, rename (or link, for ``if_absent``), directory fsync; False when
@@ -368,6 +387,7 @@ class LocalRemote(Remote):
                     yield ObjectInfo(key, st.st_size, file_version(st), st.st_mtime)
 
     def delete(self, key: str) -> None:
+        self._exclusive.discard(key)
         try:
             os.unlink(self._path(key))
         except (FileNotFoundError, NotADirectoryError):

@@ -158,7 +158,9 @@ class SFTPRemote(Remote):
         self.channels = channels
         port_part = f":{self.port}" if self.port != 22 else ""
         shown = re.sub(r"[%;?#]", lambda m: f"%{ord(m.group()):02X}", path)  # as a URL takes it again
-        self.display_url = f"sftp://{self.user}@{host}{port_part}{shown if shown.startswith('/') else '/' + shown}"
+        shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address, bracketed as a URL takes it
+        self.display_url = (f"sftp://{self.user}@{shown_host}{port_part}"
+                            f"{shown if shown.startswith('/') else '/' + shown}")
         if self.transport == "paramiko":
             if known is None and cfg.get("userknownhostsfile"):
                 known = _config_known_hosts(str(cfg["userknownhostsfile"]), cfg.get("hostname", host), self.user)

@@ -78,6 +78,12 @@ class PrunePlan:
                 + sum(size for _, size in self.orphans))
 
     @property
+    def index_unchanged(self) -> bool:
+        """Whether the index would come out as it is: one object (none that a stopped prune or repair left
+        beside the one superseding it), naming nothing to delete or move."""
+        return len(self.index_names) == 1 and not (self.delete or self.repack or self.dead_indexes)
+
+    @property
     def repacked_bytes(self) -> int:
         return sum(p.live_bytes for p in self.repack)
 
@@ -489,6 +495,8 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
         plan.unfinished_removed = repo.remote.cleanup_temp(TEMP_AGE)
     except RemoteError as exc:
         plan.unfinished_error = str(exc)
+    if plan.index_unchanged:  # written again, it would cost a full disk its room and every client a reread
+        return
     new_index = IndexData()
     for use in plan.keep:
         new_index.packs[use.pack_id] = use.entries

@@ -681,3 +681,31 @@ def test_a_prune_killed_after_deleting_dead_index_objects_still_supersedes_them(
     assert repo.backup([str(tmp_path / "src")]).snapshot.stats["added_raw_bytes"] >= 300_000
     repo.restore("latest", str(tmp_path / "out"))
     assert (tmp_path / "out" / "x.bin").read_bytes() == (tmp_path / "src" / "x.bin").read_bytes()
+
+
+def test_a_prune_with_nothing_to_do_leaves_the_index_as_it_is(tmp_path, new_repo):
+    """It wrote the one index object anew and deleted the old each time: on a disk with a few KiB free every
+    prune failed (exit 14), and every other client read the whole index again."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(300_000))
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    (src / "b").write_bytes(os.urandom(300_000))
+    repo.backup([str(src)])
+    index = tmp_path / "repo" / "index"
+    assert len(os.listdir(index)) == 2
+    repo.prune()  # two objects: compacted into one
+    (compacted,) = os.listdir(index)
+    for _ in range(2):
+        plan = repo.prune()
+        assert plan.index_unchanged and os.listdir(index) == [compacted]
+    repo.forget([repo.snapshots()[0].id])
+    (src / "b").unlink()
+    repo.backup([str(src)])
+    repo.forget([s.id for s in repo.snapshots()[:-1]])
+    plan = repo.prune(max_unused=0)
+    assert not plan.index_unchanged and os.listdir(index) != [compacted]  # b's data freed: written anew
+    out = tmp_path / "out"
+    repo.restore("latest", str(out))
+    assert sorted(os.listdir(out)) == ["a"]

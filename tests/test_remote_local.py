@@ -141,6 +141,12 @@ def test_file_url_percent_decoding(tmp_path):
     assert (tmp_path / "with space" / "config").read_bytes() == b"c"
 
 
+@pytest.mark.parametrize("url", ["file://", "file://localhost", "FILE://"])
+def test_a_file_url_without_a_path_is_refused_not_the_working_directory(url):
+    with pytest.raises(UsageError, match="names no path"):
+        open_remote(url)
+
+
 def test_file_url_options(tmp_path):
     remote = open_remote("file://" + str(tmp_path), fsync=False)
     assert isinstance(remote, LocalRemote) and remote.fsync is False
@@ -326,6 +332,40 @@ def test_an_exclusive_lock_takes_the_reserve_on_a_full_disk_and_nothing_else_doe
     remote.delete("locks/x-b")
     assert reserve.stat().st_size == local_module.RESERVE_SIZE  # put back once there is room
     assert list(remote.temp_files()) == []
+
+
+def test_under_an_exclusive_lock_what_a_full_disk_refuses_takes_the_reserve(tmp_path, monkeypatch):
+    """A prune on a nearly full disk locked it with room to spare, then failed writing its index, every
+    time: the reserve went only to the lock.  Under its lock, the index takes the reserve; a stream (the
+    service's large uploads), which cannot be sent again, takes it first where the disk lacks room."""
+    remote = LocalRemote(str(tmp_path))
+    remote.put("locks/a", b"lock")
+    remote.delete("locks/a")
+    reserve = tmp_path / local_module.RESERVE_NAME
+    real_write_all = local_module._write_all
+    full = {"on": False}
+
+    def full_while_reserved(fd, view):  # the disk: full once the lock is in, until the reserve is gone
+        if full["on"] and reserve.exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write_all(fd, view)
+
+    monkeypatch.setattr(local_module, "_write_all", full_while_reserved)
+    remote.put("locks/x-prune", b"lock")
+    assert reserve.exists()
+    full["on"] = True
+    remote.put("index/" + "1" * 64, b"the new index")
+    assert not reserve.exists() and remote.get("index/" + "1" * 64) == b"the new index"
+    remote.delete("locks/x-prune")
+    assert reserve.exists()  # put back when the command ends (the fake disk has room again now)
+    with pytest.raises(StorageFull):  # no exclusive lock held: a backup's index does not take it
+        remote.put("index/" + "2" * 64, b"a backup's index")
+    assert reserve.exists()
+    remote.put("locks/x-prune2", b"lock")
+    monkeypatch.setattr(remote, "_free_bytes", lambda: 4096)
+    pieces = iter([b"s" * 1000, b""])
+    assert remote.put_stream("index/" + "3" * 64, lambda n: next(pieces), 1000)
+    assert not reserve.exists()
 
 
 def test_a_disk_too_full_for_the_reserve_is_no_error(tmp_path, monkeypatch):

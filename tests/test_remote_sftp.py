@@ -481,3 +481,12 @@ def test_an_ssh_configs_known_hosts_file_is_read_as_openssh_reads_it():
     assert _config_known_hosts("none", "h", "u") == os.devnull
     with pytest.raises(UsageError, match="UserKnownHostsFile"):
         _config_known_hosts('"unclosed', "h", "u")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_ipv6_host_is_named_in_brackets_as_a_url_takes_it_again(transport):
+    """`init` printed sftp://root@::1:2222/srv/repo, which the parser refuses."""
+    with open_remote("sftp://me@[::1]:2222/srv/repo", transport=transport) as remote:
+        assert remote.display_url == "sftp://me@[::1]:2222/srv/repo"
+        with open_remote(remote.display_url, transport=transport) as again:
+            assert again.display_url == remote.display_url
