@@ -684,10 +684,8 @@ def cmd_find(args: argparse.Namespace) -> int:
     repo = _open(args)
     found = repo.find(args.patterns, snapshots=args.snapshot or None, hosts=args.host, tags=args.tag,
                       paths=args.path, ignore_case=args.ignore_case)
-    led = [p for p in args.patterns if p.startswith("/")]
-    if not found and led:  # as restore --include says: a path as it was on the backed-up machine finds nothing
-        warn(f"nothing matched {', '.join(led)}: patterns are paths as `ls` lists them, relative to the "
-             "snapshot's root (without a leading /)")
+    if not found:
+        _warn_rooted(args.patterns)
     tables: dict[str, tuple[dict[int, str], dict[int, str]]] = {}  # per snapshot: versions share them
     listing: list[Snapshot] | None = None  # read once, when a version first needs its owners' names
 
@@ -798,13 +796,24 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_rooted(patterns: list[str]) -> None:
+    """As restore --include says: a path as it was on the backed-up machine matches nothing."""
+    led = [p for p in patterns if p.startswith("/")]
+    if led:
+        warn(f"nothing matched {', '.join(led)}: patterns are paths as `ls` lists them, relative to the "
+             "snapshot's root (without a leading /)")
+
+
 def cmd_rewrite(args: argparse.Namespace) -> int:
     from .store.source import excludes_of
 
     confirmed = _confirmed(args, "REWRITE")
     repo = _open(args)
-    report = repo.rewrite(excludes_of(args.exclude, args.exclude_file), args.snapshots or None, hosts=args.host,
-                          tags=args.tag, paths=args.path, dry_run=not confirmed, wait=args.wait)
+    globs = excludes_of(args.exclude, args.exclude_file)
+    report = repo.rewrite(globs, args.snapshots or None, hosts=args.host, tags=args.tag, paths=args.path,
+                          dry_run=not confirmed, wait=args.wait)
+    if not report.rewritten:
+        _warn_rooted(globs)
     if args.json:
         _emit_json({**report.to_dict(),
                     "removed": [{"snapshot": sid, **_name_json("path", p)} for sid, p in report.removed]})

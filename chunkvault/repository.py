@@ -806,12 +806,28 @@ class Repository:
 
     def _chosen(self, every: list[Snapshot], snapshots: Iterable[str | Snapshot] | None, hosts: Iterable[str],
                 tags: Iterable[str], paths: Iterable[str]) -> list[Snapshot]:
-        """The snapshots the filters select, and of them those named (all, when none are)."""
+        """The snapshots the filters select, and of them those named (all, when none are): a name is looked up
+        among the selected, so ``latest`` with a host, tag or path is that source's newest (it was the
+        repository's, which the filters then left out: `tag latest --path /db --add pinned` pinned nothing).
+        One the filters leave out is SnapshotNotFound, saying so."""
         chosen = select_snapshots(every, **_filters(hosts, tags, paths))
         if snapshots is None:
             return chosen
-        find = SnapshotFinder(every)
-        named = {(s if isinstance(s, Snapshot) else find(s)).id for s in _listed(snapshots)}
+        among, anywhere = SnapshotFinder(chosen), SnapshotFinder(every)
+        selected = {s.id for s in chosen}
+        named: set[str] = set()
+        for spec in _listed(snapshots):
+            if isinstance(spec, Snapshot):
+                snap = spec
+            else:
+                try:
+                    snap = among(spec)
+                except SnapshotNotFound:
+                    snap = anywhere(spec)  # raises for a name no snapshot has
+            if snap.id not in selected:
+                raise SnapshotNotFound(f"snapshot {snap.short_id} is not among those the host, tag and path "
+                                       "filters select")
+            named.add(snap.id)
         return [s for s in chosen if s.id in named]
 
     @_stoppable
@@ -1276,7 +1292,7 @@ class Repository:
     def copy_to(self, destination: "Repository", snapshots: Iterable[str] = (),
                 progress: Callable[[int, int], None] | None = None, *, hosts: Iterable[str] = (),
                 tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0) -> CopyResult:
-        """Copy snapshots (default: all; or those named and those the filters select) with their chains;
+        """Copy snapshots (default: all; or those the filters select, of them those named) with their chains;
         only what the destination lacks is sent. ``wait``: seconds to wait for a prune, forget or repair
         running on either repository.
 
@@ -1361,7 +1377,7 @@ class Repository:
                 hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
                 dry_run: bool = True, wait: float = 3600.0) -> RewriteReport:
         """Remove the paths ``excludes`` match (as ``backup`` excludes, with their subtrees) from every
-        snapshot, or from those named and those the filters select; same ids, chains kept.  Lists what
+        snapshot, or from those the filters select, of them those named; same ids, chains kept.  Lists what
         would go until ``dry_run=False``; ``prune`` then frees the data nothing references."""
         from .store.rewrite import rewrite_snapshots
 

@@ -33,7 +33,7 @@ IMPORTED_FROM = "imported_from"
 
 
 def origins(snap: Snapshot) -> set[str]:
-    """The ids a snapshot is known by: its own, and the one it was copied or imported from.  Two snapshots
+    """The ids a snapshot is known by: its own, and the one it was first copied or imported from.  Two snapshots
     that share one hold the same tree: a repository seeded by `export`/`import` and then kept by `copy`
     must not receive the seeded snapshot a second time."""
     return {i for i in (snap.id, snap.stats.get(COPIED_FROM), snap.stats.get(IMPORTED_FROM)) if i}
@@ -246,7 +246,10 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                 copy = Snapshot(time=snap.time, kind=kind, parent=parent, host=snap.host, paths=list(snap.paths),
                                 tags=list(snap.tags), manifest=[i.hex() for i in manifest],
                                 manifest_starts=mw.starts, version=mw.version,
-                                stats={**snap.stats, COPIED_FROM: snap.id}, stdin_name=snap.stdin_name)
+                                # the first origin, kept through every hop: A to B to C, then A to C, must
+                                # find A's snapshot in C (it was copied again, C's back to A too)
+                                stats={**snap.stats, COPIED_FROM: snap.stats.get(COPIED_FROM) or snap.id},
+                                stdin_name=snap.stdin_name)
                 dst.save_snapshot_held(copy, lock)  # a prune that took it for stale may have deleted what it reuses
                 done[snap.id] = copy.id
                 result.copied.append((snap.id, copy.id))

@@ -898,3 +898,28 @@ def test_api_errors_read_without_options_and_the_command_line_names_its_own(tmp_
     assert said == "chunkvault: invalid stream name '../up': a relative path without . or .. in it (--stdin-name)"
     said = cli("check", "-r", r, "--read-data-subset", "4/3", check=2).stderr.decode().strip()
     assert said.endswith("or a percentage like 10% (--read-data-subset)")
+
+
+def test_latest_with_a_filter_is_the_newest_of_what_the_filter_selects(tmp_path, cli):
+    """`tag latest --path DB --add pinned` took the repository's latest (another source's), which the filter
+    then left out: it pinned nothing and said it had changed 0 snapshots, exit 0 (copy, stats and rewrite
+    alike), and a later `forget --keep-tag pinned` removed the snapshot meant to be kept."""
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    db, web = tmp_path / "db", tmp_path / "web"
+    for d in (db, web):
+        d.mkdir()
+        (d / "f").write_text(d.name)
+    db_id = json.loads(cli("backup", "-r", repo, str(db), "--json").stdout)["id"]
+    web_id = json.loads(cli("backup", "-r", repo, str(web), "--json").stdout)["id"]
+    cli("tag", "-r", repo, "latest", "--path", str(db), "--add", "pinned")
+    tags = {s["id"]: s["tags"] for s in json.loads(cli("snapshots", "-r", repo, "--json").stdout)}
+    assert tags == {db_id: ["pinned"], web_id: []}
+    usage = json.loads(cli("stats", "-r", repo, "latest", "--path", str(db), "--json").stdout)
+    assert usage["snapshots"] == 1
+    other = str(tmp_path / "other")
+    cli("init", "-r", other, "--kdf-time", "0")
+    cli("copy", "-r", repo, "--to", other, "latest", "--path", str(db), env={"CHUNKVAULT_TO_PASSWORD": PASSWORD})
+    assert [s["paths"] for s in json.loads(cli("snapshots", "-r", other, "--json").stdout)] == [[str(db)]]
+    refused = cli("tag", "-r", repo, web_id[:8], "--path", str(db), "--add", "x", check=12)
+    assert b"is not among those the host, tag and path filters select" in refused.stderr

@@ -73,6 +73,25 @@ def test_a_repository_seeded_by_export_and_import_gets_only_what_came_since_from
     assert dst.check(read_data=True).ok
 
 
+def test_a_snapshot_relayed_through_another_repository_is_not_copied_twice(tmp_path, new_repo):
+    """Host to NAS to cloud, then host to cloud directly: each copy named only the repository it came from
+    last, so the cloud got the host's snapshots a second time (two for --keep-last), and the host its own."""
+    host = new_repo(str(tmp_path / "host"))
+    states = history(tmp_path, host, n=3)
+    nas = Repository.init(str(tmp_path / "nas"), "nas password", kdf_seconds=0)
+    cloud = Repository.init(str(tmp_path / "cloud"), "cloud password", kdf_seconds=0)
+    host.copy_to(nas)
+    nas.copy_to(cloud)
+    direct = host.copy_to(cloud)
+    assert not direct.copied and len(direct.skipped) == 3 and len(cloud.snapshots()) == 3
+    back = cloud.copy_to(host)
+    assert not back.copied and len(host.snapshots()) == 3
+    for snap in cloud.snapshots():
+        out = tmp_path / f"out-{snap.id[:8]}"
+        cloud.restore(snap.id, str(out))
+        assert describe(out) == states[snap.stats["copied_from"]]
+
+
 def test_same_chunker_secret_dedups_across_repositories(tmp_path, new_repo):
     src = new_repo(str(tmp_path / "src-repo"))
     history(tmp_path, src, 2)

@@ -110,6 +110,8 @@ def test_rewrite_on_the_command_line_is_a_dry_run_until_confirmed(tmp_path):
     crashkit.run_cli("backup", "-r", repo, str(src), "--tag", "a")
     (src / "data").write_bytes(os.urandom(2000))
     crashkit.run_cli("backup", "-r", repo, str(src))
+    rooted = crashkit.run_cli("rewrite", "-r", repo, "--exclude", "/.aws")  # as on the machine: said, not silent
+    assert b"relative to the snapshot's root (without a leading /)" in rooted.stderr
     out = crashkit.run_cli("rewrite", "-r", repo, "--exclude", ".aws").stdout.decode().splitlines()
     assert [line.split(":")[1] for line in out[:2]] == [".aws", ".aws"] and out[-1].startswith("nothing changed")
     assert len(json.loads(crashkit.run_cli("find", "-r", repo, "credentials", "--json").stdout)) == 1
