@@ -12,7 +12,7 @@ import signal
 import sys
 import warnings
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Iterable, Iterator, TypeVar
 
 from . import __version__, interrupts, passwords
 from .display import one_line, shown_name, warn
@@ -328,28 +328,30 @@ def _names_json(key: str, names: list[str]) -> dict[str, Any]:
     return out
 
 
-def _entry_json(e: Entry) -> dict[str, Any]:
+def _entry_json(e: Entry, unread_paths: Collection[bytes] = ()) -> dict[str, Any]:
     return {**_name_json("path", e.path), "type": TYPE_NAMES[e.type], "mode": oct(e.mode), "uid": e.uid,
             "gid": e.gid, "size": e.size, "mtime": _ns_iso(e.mtime_ns), "mtime_ns": e.mtime_ns,
             **_name_json("target", e.target or None),
             "digest": e.digest.hex() if e.digest else None, "chunks": len(e.chunks) // 32,
-            "unreadable": _unreadable(e)}
+            "unreadable": _unreadable(e, unread_paths)}
 
 
-def _unreadable(e: Entry) -> str | None:
-    """Of an entry the backup could not read: a file's data is none, or an earlier backup's ("no data",
-    "earlier data"); a directory could not be listed ("not listed"), another entry is an earlier backup's
-    ("earlier entry").  None for the others."""
-    if not e.flags & F_UNREADABLE:
+def _unreadable(e: Entry, unread_paths: Collection[bytes] = ()) -> str | None:
+    """Of an entry the backup could not read (flagged, or among ``unread_paths``: the snapshot's list, which
+    names the files and entries it kept as an earlier backup had them): a file's data is none, or an earlier
+    backup's ("no data", "earlier data"); a directory could not be listed ("not listed"), another entry is an
+    earlier backup's ("earlier entry").  None for the others."""
+    if not e.flags & F_UNREADABLE and e.path not in unread_paths:
         return None
     if e.type == T_FILE:
         return "no data" if unread(e) else "earlier data"
     return "not listed" if e.type == T_DIR else "earlier entry"
 
 
-def _listed_json(e: Entry, names: tuple[dict[int, str], dict[int, str]]) -> dict[str, Any]:
+def _listed_json(e: Entry, names: tuple[dict[int, str], dict[int, str]],
+                 unread_paths: Collection[bytes] = ()) -> dict[str, Any]:
     """An entry as `ls --json` lists it: with its owner's names, as the backup recorded them."""
-    return {**_entry_json(e), **_name_json("user", names[0].get(e.uid)), **_name_json("group", names[1].get(e.gid))}
+    return {**_entry_json(e, unread_paths), **_name_json("user", names[0].get(e.uid)), **_name_json("group", names[1].get(e.gid))}
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -671,11 +673,15 @@ def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool) -> d
 def _local_time(s: Snapshot) -> str:
     """Local time to the second; in the hour the end of summer time repeats, with its UTC offset: each of
     two snapshots an hour apart that read alike would take a time copied from the listing for the first."""
-    local = s.datetime.astimezone()
-    wall = local.replace(tzinfo=None)
-    text = wall.strftime("%Y-%m-%d %H:%M:%S")
-    if wall.replace(fold=0).timestamp() == wall.replace(fold=1).timestamp():
-        return text
+    try:
+        local = s.datetime.astimezone()
+        wall = local.replace(tzinfo=None)
+        text = f"{wall.year:04d}-{wall:%m-%d %H:%M:%S}"
+        if wall.replace(fold=0).timestamp() == wall.replace(fold=1).timestamp():
+            return text
+    except (ValueError, OverflowError, OSError):  # out of the C library's range: an older release stored it
+        utc = s.datetime.astimezone(timezone.utc)
+        return f"{utc.year:04d}-{utc:%m-%d %H:%M:%S}Z"
     offset = int(local.utcoffset().total_seconds()) // 60  # type: ignore[union-attr]
     return text + f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
 
@@ -842,14 +848,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     prefix = snapshot_path(args.path) if args.path else b""
     entries = _listed_entries(repo, snap, prefix)
     names = repo.owner_names(snap)
+    unread_paths = {b"" if p == "." else os.fsencode(p) for p in snap.stats.get("unreadable", ())}
     if args.json:
-        _emit_json_array(_listed_json(e, names) for e in entries)
+        _emit_json_array(_listed_json(e, names, unread_paths) for e in entries)
         return 0
     for e in entries:
         name = shown_name(e.path) or "."
         extra = f" -> {shown_name(e.target)}" if e.target else ""
-        if _unreadable(e):
-            extra += f"  (unreadable at backup time: {_unreadable(e)})"
+        said = _unreadable(e, unread_paths)
+        if said:
+            extra += f"  (unreadable at backup time: {said})"
         owner = f"{one_line(names[0].get(e.uid, e.uid))}/{one_line(names[1].get(e.gid, e.gid))}"
         print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {e.size:>12}  {_ns_local(e.mtime_ns)}  "
               f"{name}{extra}")

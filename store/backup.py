@@ -60,6 +60,7 @@ DELTA_BATCH_BYTES = 4 << 20
 # with the parent and keeps the records in order: reading, chunking and both hashes are a core's worth of
 # work, and the compressing workers waited for it when the main thread did it too.
 READERS = 2
+EARLIEST_TIME = datetime(1970, 1, 2, tzinfo=timezone.utc)  # as times are kept (Unix time), a day's slack
 FUTURE_SLACK = timedelta(minutes=5)  # a snapshot time given may be this far ahead (another machine's clock)
 WINDOW = 1024  # entries waiting for their place in the manifest behind a file still being read: 16 runs of
 # small files; with 4 the readers sat idle a third of a backup of small files, the main thread waiting for the
@@ -103,6 +104,8 @@ class BackupOptions:
             raise UsageError(f"fixed chunk size must be between {low >> 10} KiB and {high >> 20} MiB")
         if self.time is not None and self.time > datetime.now(timezone.utc) + FUTURE_SLACK:
             raise UsageError(f"snapshot time {self.time.isoformat()} is in the future")
+        if self.time is not None and self.time < EARLIEST_TIME:  # a listing in local time cannot show it
+            raise UsageError(f"snapshot time {self.time.isoformat()} is before {EARLIEST_TIME.year}")
 
 
 @dataclass

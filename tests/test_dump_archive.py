@@ -366,3 +366,28 @@ def test_a_dump_whose_reader_goes_away_is_no_success(cli, tmp_path, path):
     closed = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                             preexec_fn=lambda: os.close(1), timeout=120)
     assert closed.returncode == 14 and b"standard output is closed" in closed.stderr
+
+
+def test_ls_marks_a_file_kept_with_an_earlier_backups_data(new_repo, tmp_path, monkeypatch, python_file_reads, cli):
+    """Unreadable at the second backup, the file keeps the first one's data: ls said nothing of it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "secret").write_bytes(b"first read")
+    (src / "ok").write_bytes(b"ok")
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    repo.backup([str(src)])
+    real_open = os.open
+
+    def failing_open(path, flags, *args):
+        if os.path.basename(os.fsdecode(path)) == "secret":
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    (src / "secret").write_bytes(b"changed since")
+    monkeypatch.setattr("chunkvault.store.backup.os.open", failing_open)
+    repo.backup([str(src)])
+    monkeypatch.setattr("chunkvault.store.backup.os.open", real_open)
+    listed = json.loads(cli("ls", "-r", url, "latest", "--json").stdout)
+    assert {e["path"]: e["unreadable"] for e in listed if e["path"]} == {"ok": None, "secret": "earlier data"}
+    assert cli("dump", "-r", url, "latest", "secret").stdout == b"first read"

@@ -130,3 +130,41 @@ def test_a_time_copied_from_the_listing_in_the_hour_summer_time_repeats_finds_it
         out = tmp_path / content
         cli("restore", "-r", repo, "--until", time, "--target", str(out), "-q", env=berlin)
         assert (out / "f").read_text() == content
+
+
+def test_a_snapshot_time_before_1970_is_refused_and_one_stored_already_still_lists(tmp_path, cli):
+    """`backup --time 0001-01-01T00:00Z` was saved; then `snapshots` and `restore` ended in an internal error
+    (year 0 is out of range) for the whole repository."""
+    import dataclasses
+    import json
+    import os
+    import time
+
+    from chunkvault import cli as cli_module
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    refused = cli("backup", "-r", repo, str(src), "--time", "0001-01-01T00:00Z", check=2)
+    assert b"is before 1970" in refused.stderr
+    listed = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)
+    from chunkvault import Repository
+    from conftest import PASSWORD
+
+    with Repository.open(repo, PASSWORD) as r:
+        snap = r.snapshot(listed["id"])
+    ancient = dataclasses.replace(snap, time="0001-01-01T00:30:00+00:00")  # as an older release stored it
+    zone = os.environ.get("TZ")
+    try:
+        os.environ["TZ"] = "America/New_York"  # local time there is in year 0
+        time.tzset()
+        assert cli_module._local_time(ancient) == "0001-01-01 00:30:00Z"
+    finally:
+        if zone is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = zone
+        time.tzset()
+    assert cli_module._local_time(dataclasses.replace(snap, time="0999-03-04T05:06:07+00:00")).startswith("0999-")
