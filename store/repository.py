@@ -680,9 +680,9 @@ class Repo:
             except CorruptObject:
                 continue
             with self._index_lock:
-                if self.index.get(blob_id) != held:  # another thread went over first
-                    return True
-                copies = self._copies[blob_id]
+                copies = self._copies.get(blob_id)
+                if self.index.get(blob_id) != held or copies is None or other not in copies:
+                    return True  # another thread went over first, or the index was read anew: read again
                 copies.remove(other)
                 copies.append((held, self._delta_bases.get(blob_id)))
                 self.index.replace(blob_id, loc)
