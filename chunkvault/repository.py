@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import dataclasses
 import functools
 import io
 import os
@@ -33,6 +32,7 @@ from .remotes.layer import StopRequest, stop_request
 from .chunker import FIXED_CHUNK_SIZE
 from .store.backup import Backup, BackupOptions, BackupResult
 from .store.chain import broken_chains, lineage
+from .store.find import as_file
 from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.crypto import KEY_SIZE
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record, unread
@@ -1678,15 +1678,8 @@ def diff_trees(old: Iterator[Record], new: Iterator[Record],
             ea, eb = a.entry, b.entry
             assert ea is not None and eb is not None
             if not ea.same_content(eb) and T_HARDLINK in (ea.type, eb.type):
-                ea, eb = _as_file(ea, holder_old), _as_file(eb, holder_new)
+                ea, eb = as_file(ea, holder_old), as_file(eb, holder_new)
             if not ea.same_content(eb):
                 yield "modified", ea, eb
             a, b = next(old, None), next(new, None)
 
-
-def _as_file(e: Entry, holder: Callable[[bytes], Entry | None] | None) -> Entry:
-    """A hard link as the file it names, under its own path (itself when that is not found)."""
-    if e.type != T_HARDLINK or holder is None:
-        return e
-    held = holder(e.target)
-    return e if held is None or held.type != T_FILE else dataclasses.replace(held, path=e.path)

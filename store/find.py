@@ -8,6 +8,7 @@ that path and of its ancestors, and the differential's side of the merge holds a
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 from dataclasses import dataclass, field
@@ -106,12 +107,18 @@ def _state(e: Entry) -> tuple:
     return (e.type, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.rdev, e.target, e.digest, e.xattrs)
 
 
-def _as_file(e: Entry, snap: Snapshot, holder: Callable[[Snapshot, bytes], Entry | None] | None) -> Entry:
-    """A hard link as the file it names in ``snap`` (itself when that is not found, or not a file)."""
+def as_file(e: Entry, holder: Callable[[bytes], Entry | None] | None) -> Entry:
+    """A hard link as the file it names (``holder`` finds it by path), under its own path; itself when that
+    is not found, or not a file.  ``diff`` and ``find`` compare a multiply-linked file's paths so."""
     if e.type != T_HARDLINK or holder is None:
         return e
-    held = holder(snap, e.target)
-    return e if held is None or held.type != T_FILE else held
+    held = holder(e.target)
+    return e if held is None or held.type != T_FILE else dataclasses.replace(held, path=e.path)
+
+
+def _in(e: Entry, snap: Snapshot, holder: Callable[[Snapshot, bytes], Entry | None] | None) -> Entry:
+    """``as_file`` of an entry of ``snap``."""
+    return as_file(e, None if holder is None else lambda path: holder(snap, path))
 
 
 def versions(snapshots: Iterable[Snapshot], matches: dict[str, list[Record]],
@@ -139,7 +146,7 @@ def versions(snapshots: Iterable[Snapshot], matches: dict[str, list[Record]],
             v = f.versions[-1] if f.versions else None
             if v is None or last_seen[key] != before or (
                     _state(v.entry) != _state(rec.entry)
-                    and _state(_as_file(v.entry, v.snapshots[0], holder)) != _state(_as_file(rec.entry, s, holder))):
+                    and _state(_in(v.entry, v.snapshots[0], holder)) != _state(_in(rec.entry, s, holder))):
                 v = Version(rec.entry)
                 f.versions.append(v)
             v.snapshots.append(s)
