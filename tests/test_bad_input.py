@@ -35,7 +35,7 @@ from chunkvault.store.manifest import (
 from chunkvault.store.pack import HEADER_AD, open_header
 from chunkvault.store.snapshot import SNAPSHOT_AD, Snapshot
 from conftest import PASSWORD
-from treeutil import describe, threads, walked_ahead
+from treeutil import describe, refusing_open, threads, walked_ahead
 
 PASSWORD = crashkit.PASSWORD
 KEY = bytes(range(32))
@@ -250,15 +250,8 @@ def test_unreadable_file_gives_exit_3_and_is_not_restored_with_a_warning(repo_pa
     src.mkdir()
     (src / "ok").write_bytes(b"fine")
     (src / "locked").write_bytes(b"secret")
-    real_open = os.open
-
-    def refuse(path, flags, *args):
-        if os.path.basename(os.fsdecode(path)) == "locked":  # we run as root: simulate EACCES
-            raise PermissionError(13, "Permission denied")
-        return real_open(path, flags, *args)
-
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
-    monkeypatch.setattr("chunkvault.store.backup.os.open", refuse)
+    monkeypatch.setattr("chunkvault.store.backup.os.open", refusing_open("locked"))
     assert cli.main(["backup", "-r", repo_path, str(src)]) == 3
     monkeypatch.undo()
     err = capsys.readouterr().err
@@ -299,7 +292,7 @@ def test_unreadable_file_gives_exit_3_and_is_not_restored_with_a_warning(repo_pa
     from chunkvault.store import backup, source
 
     monkeypatch.setattr(backup, "read_small_files", source.read_small_files_reference)  # as python_file_reads
-    monkeypatch.setattr("chunkvault.store.backup.os.open", refuse)
+    monkeypatch.setattr("chunkvault.store.backup.os.open", refusing_open("locked"))
     assert cli.main(["backup", "-r", repo_path, str(src)]) == 3  # unreadable again: the earlier data stays
     monkeypatch.undo()
     with Repository.open(repo_path, PASSWORD) as repo:

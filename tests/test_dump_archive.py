@@ -13,7 +13,7 @@ import zipfile
 import pytest
 
 from conftest import PASSWORD
-from treeutil import describe
+from treeutil import describe, refusing_open
 
 
 @pytest.fixture
@@ -222,18 +222,11 @@ def test_a_file_no_backup_could_read_is_an_error_to_dump_not_an_empty_file(new_r
     src.mkdir()
     (src / "secret").write_bytes(b"never read")
     (src / "ok").write_bytes(b"ok")
-    real_open = os.open
-
-    def failing_open(path, flags, *args):
-        if os.path.basename(os.fsdecode(path)) == "secret":
-            raise PermissionError(13, "Permission denied")
-        return real_open(path, flags, *args)
-
     url = str(tmp_path / "repo")
     repo = new_repo(url)
-    monkeypatch.setattr("chunkvault.store.backup.os.open", failing_open)
+    monkeypatch.setattr("chunkvault.store.backup.os.open", refusing_open("secret"))
     snap = repo.backup([str(src)]).snapshot
-    monkeypatch.setattr("chunkvault.store.backup.os.open", real_open)
+    monkeypatch.undo()
     with pytest.raises(MissingObject, match="file secret: unreadable at backup time"):
         repo.dump(snap, "secret", io.BytesIO())
     with pytest.raises(MissingObject):
@@ -377,17 +370,10 @@ def test_ls_marks_a_file_kept_with_an_earlier_backups_data(new_repo, tmp_path, m
     url = str(tmp_path / "repo")
     repo = new_repo(url)
     repo.backup([str(src)])
-    real_open = os.open
-
-    def failing_open(path, flags, *args):
-        if os.path.basename(os.fsdecode(path)) == "secret":
-            raise PermissionError(13, "Permission denied")
-        return real_open(path, flags, *args)
-
     (src / "secret").write_bytes(b"changed since")
-    monkeypatch.setattr("chunkvault.store.backup.os.open", failing_open)
+    monkeypatch.setattr("chunkvault.store.backup.os.open", refusing_open("secret"))
     repo.backup([str(src)])
-    monkeypatch.setattr("chunkvault.store.backup.os.open", real_open)
+    monkeypatch.undo()
     listed = json.loads(cli("ls", "-r", url, "latest", "--json").stdout)
     assert {e["path"]: e["unreadable"] for e in listed if e["path"]} == {"ok": None, "secret": "earlier data"}
     assert cli("dump", "-r", url, "latest", "secret").stdout == b"first read"

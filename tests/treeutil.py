@@ -37,6 +37,19 @@ def on_terminal(args: list[str], env: dict[str, str], *, typed: bytes | None = N
     return proc, said
 
 
+def refusing_open(name: str):
+    """``os.open`` refusing files named ``name`` with EACCES (tests run as root, who reads every file), for
+    ``monkeypatch.setattr("chunkvault.store.backup.os.open", ...)`` with ``python_file_reads``."""
+    real_open = os.open
+
+    def refuse(path, flags, *args):
+        if os.path.basename(os.fsdecode(path)) == name:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    return refuse
+
+
 def settle() -> None:
     """Wait until the times of what was just written lie before a backup's racy margin: the next backup's
     walk then begins late enough for the one after it to take those entries unread."""
