@@ -342,7 +342,7 @@ class Backup:
         self.unreadable: list[str] = []
         self._lock: RepoLock | None = None
         self._damaged: set[bytes] = set()  # manifest blobs of a parent's chain that do not read
-        self.changed = False  # an entry differs from the parent's (or is new): a full then holds a change
+        self.changed = False  # an entry differs from the parent's, is new or is gone: a full then holds a change
         self.writer: BlobWriter | None = None
         self._pool = ThreadPoolExecutor(WORKERS)
         self._readers = ThreadPoolExecutor(READERS)
@@ -366,6 +366,7 @@ class Backup:
         self._uid_ok = os.geteuid() == 0 if hasattr(os, "geteuid") else False
         self._last_progress = float("-inf")
         self._sequence = 0
+        self._started = time.monotonic()
 
     # --- parallel chunk storage ---------------------------------------------------
 
@@ -922,6 +923,7 @@ class Backup:
                 if files or dirs or links:
                     same_files += files
                     same_bytes += size
+                    counts["unchanged_files"] += links
                     stats.add_entries(dirs, links)
                     if taken:
                         yield from taken
@@ -937,7 +939,7 @@ class Backup:
             if p is not None and p.path != rel:  # the parent's entries before this one are gone
                 key = sort_key(rel)
                 while p is not None and (pkey := p.key) < key:
-                    counts["deleted"] += 1
+                    self._count_removed(p.entry)
                     if diff and not (cut is not None and (pkey == cut or pkey.startswith(cut + b"\x00"))):
                         cut = pkey
                         pending.append(delete_record(p.path))
@@ -989,7 +991,7 @@ class Backup:
             if rec is not None:
                 yield rec
         while p is not None:
-            counts["deleted"] += 1
+            self._count_removed(p.entry)
             pkey = p.key
             if diff and not (cut is not None and (pkey == cut or pkey.startswith(cut + b"\x00"))):
                 cut = pkey
@@ -1010,7 +1012,7 @@ class Backup:
             # backup (another file there, or none): it would restore with that.  It goes, listed unreadable.
             lost = e is not None and e.type == T_HARDLINK and e.target not in kept
             if e is not None and (lost or e.chunks and not self.repo.index.has_all(e.chunks)):
-                self.counts["deleted"] += 1
+                self._count_removed(e)
                 if lost:
                     self.unreadable.append(os.fsdecode(p.path))
                 if diff:
@@ -1018,6 +1020,8 @@ class Backup:
             elif e is not None:
                 kept.add(p.path)
                 stats.count_entry(e)
+                if e.type != T_DIR:
+                    self.counts["unchanged_files"] += 1
                 if not diff:
                     pending.append(Record(OP_ENTRY, p.path, e))
             p = next(parent_tree, None)
@@ -1056,14 +1060,25 @@ class Backup:
         if unread or e is not None and e.flags & F_UNREADABLE:
             self._unread.discard(item.rel)
             self.unreadable.append(os.fsdecode(item.rel) or ".")
-        if e is None:
-            return item.record
+        prev = item.prev
+        was_file = prev is not None and prev.type != T_DIR
+        if e is None or e.type == T_DIR:
+            if was_file:
+                self.counts["deleted"] += 1
+            if e is None:
+                return item.record
+        else:
+            self.counts["unchanged_files" if item.same else "changed_files" if was_file else "new_files"] += 1
         stats.count_entry(e)
-        if e.type == T_FILE:
-            prev = item.prev
-            self.counts["unchanged_files" if item.same else "changed_files" if prev is not None else "new_files"] += 1
         self._maybe_progress(unchanged)
         return item.record
+
+    def _count_removed(self, e: Entry | None) -> None:
+        """A parent's entry this backup does not have.  The file counts take in every entry but a directory
+        (symbolic and hard links, FIFOs and devices too, as restic counts them), so the four add up."""
+        self.changed = True
+        if e is None or e.type != T_DIR:
+            self.counts["deleted"] += 1
 
     def run(self, source: SourceWalk | None, paths: list[str], *,
             stream: BinaryIO | None = None, stdin_name: str | None = None) -> BackupResult:
@@ -1072,6 +1087,7 @@ class Backup:
         self._lock = lock if isinstance(lock, RepoLock) else None
         try:
             with lock:
+                self._started = time.monotonic()  # the duration recorded: from here (a wait for the lock left out)
                 # Read the index only under the lock: a prune cannot drop what this backup dedups against.
                 # Snapshot objects read before a wait for another command's lock (a forget rebasing, a
                 # rewrite) are read again: a parent as it was would leave out of this snapshot what a
@@ -1112,7 +1128,6 @@ class Backup:
 
     def _run(self, source: SourceWalk | None, paths: list[str], *,
              stream: BinaryIO | None, stdin_name: str | None) -> BackupResult:
-        started = time.monotonic()
         repo = self.repo
         host = self.opt.host or socket.gethostname()
         snapshots = repo.snapshots()
@@ -1182,8 +1197,7 @@ class Backup:
             seen_whole = not self.unreadable and not self.racy_reads and not (source is not None and source.missing)
             if self.opt.skip_if_unchanged and parent is not None and seen_whole and (
                     not mw.records if kind == KIND_DIFF
-                    else self.opt.kind == "auto" and stream is None and not self.changed
-                    and not self.counts["deleted"]):
+                    else self.opt.kind == "auto" and stream is None and not self.changed):
                 return BackupResult(parent, self.warnings + (source.warnings if source is not None else []),
                                     skipped=True)
             manifest_ids = mw.finish()
@@ -1218,7 +1232,7 @@ class Backup:
                 "manifest_bytes": mw.stored_bytes, "manifest_records": mw.records,
                 "chain_length": len(chain) + 1 if kind == KIND_DIFF else 1,
                 "unreadable": self.unreadable, "warnings": len(self.warnings), "xattrs": self.opt.xattrs,
-                "duration": round(time.monotonic() - started, 3),
+                "duration": round(time.monotonic() - self._started, 3),
                 OWNERS_KEY: names_of(uids, gids, self._owner_ids_inherited(parent if kind == KIND_DIFF else None,
                                                                            snapshots, uids, gids)),
                 **({"started_ns": source.began_ns, "finished_ns": walked_ns} if source is not None else {}),

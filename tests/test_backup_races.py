@@ -398,6 +398,9 @@ def test_a_directory_that_cannot_be_listed_keeps_what_the_parent_has_below_it(tm
     with repo.open_file(result.snapshot, "after") as f:
         assert f.read() == b"changed"
     assert result.snapshot.stats["files"] == 3 and result.snapshot.stats["dirs"] == 3
+    # x and y kept, after changed, lost gone: the counts add up to the files
+    st = result.snapshot.stats
+    assert (st["new_files"], st["changed_files"], st["unchanged_files"], st["deleted"]) == (0, 1, 2, 1)
 
 
 class _ListingFails:
