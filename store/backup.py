@@ -35,7 +35,7 @@ from .chain import broken_chains
 from .manifest import (
     F_CHANGED_DURING_READ, F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH,
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK,
-    NS_MAX, NS_MIN, Entry, ManifestStats, Record, delete_record, held_ns, sort_key,
+    NS_MAX, NS_MIN, Entry, ManifestStats, Record, delete_record, held_ns, sort_key, unread,
 )
 from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH, Plaintext
 from .deltabase import restart_turns
@@ -212,7 +212,8 @@ class _Waiting:
         if e is None:
             self.record = delete_record(rel) if prev is not None and diff else None
             return
-        self.same = prev is not None and prev == e
+        # Flags too (entries compare without them): a file kept unreadable is recorded so in a differential.
+        self.same = prev is not None and prev == e and prev.flags == e.flags
         if not diff:
             self.record = Record(OP_ENTRY, rel, e)
         elif self.same:
@@ -683,7 +684,7 @@ class Backup:
         """The path holds another file than the one the walk saw, and leads out of the tree now (or cannot be
         opened from its root down): not read.  The parent's copy stays, as the last backup found the file,
         else it is left out; the next backup reads it, whatever it is then."""
-        if prev is not None and prev.type == T_FILE and not prev.flags & F_UNREADABLE:
+        if prev is not None and prev.type == T_FILE and not unread(prev):
             return _FileRead(prev, [*notes, f"replaced during backup (kept as the last backup found it): "
                                             f"{os.fsdecode(path)}"], same_file=False)
         return _FileRead(None, [*notes, f"replaced during backup (left out until the next backup): "
@@ -691,9 +692,9 @@ class Backup:
 
     def _unreadable_file(self, e: Entry, path: bytes, prev: Entry | None, notes: list[str], exc: OSError
                          ) -> _FileRead:
-        """A file that could not be opened or read to the end: the parent's entry when it had one, listed
-        unreadable (as ``_kept_entry``: an error that may pass is no reason to lose the last good copy), else
-        an empty entry flagged unreadable.  A path that is no longer a regular file changed type since the walk
+        """A file that could not be opened or read to the end: the parent's entry when it had one, flagged
+        unreadable with the parent's data (as ``_kept_entry``: an error that may pass is no reason to lose the
+        last good copy), else an empty entry flagged unreadable.  A path that is no longer a regular file changed type since the walk
         saw it: left out until the next backup, as a replaced symbolic link is."""
         try:
             now = os.lstat(path)
@@ -705,9 +706,8 @@ class Backup:
             return _FileRead(None, [*notes, f"changed type during backup (left out until the next backup): "
                                            f"{os.fsdecode(path)}"])
         notes.append(_cannot_read(path, exc))
-        if prev is not None and prev.type == T_FILE:
-            self._unread.add(e.path)
-            return _FileRead(prev, notes, same_file=False)  # the parent's data, not the file walked: no link names it
+        if prev is not None and prev.type == T_FILE:  # the parent's data, not the file walked: no link names it
+            return _FileRead(replace(prev, flags=prev.flags | F_UNREADABLE), notes, same_file=False)
         e.flags |= F_UNREADABLE
         e.digest, e.chunks, e.size = b"", b"", 0
         return _FileRead(e, notes)
@@ -770,12 +770,13 @@ class Backup:
 
     def _kept_entry(self, rel: bytes, prev: Entry | None) -> Entry | None:
         """What a path that cannot be read now keeps: the parent's entry, since an error that may pass is no
-        reason to record it deleted, the path listed unreadable.  A directory's is flagged unreadable: what
-        is below it was not walked.  A hard link is not kept: the path it names may be gone."""
+        reason to record it deleted, the path listed unreadable.  A directory's is flagged unreadable (what
+        is below it was not walked), and a file's (its data is an earlier backup's).  A hard link is not kept:
+        the path it names may be gone."""
         self._unread.add(rel)
         if prev is None or prev.type == T_HARDLINK:
             return None
-        if prev.type == T_DIR:
+        if prev.type in (T_DIR, T_FILE):
             return replace(prev, flags=prev.flags | F_UNREADABLE)
         return prev
 
@@ -1056,8 +1057,8 @@ class Backup:
             self.changed = True
         self.warnings += item.notes
         e = item.entry
-        unread = bool(self._unread) and item.rel in self._unread
-        if unread or e is not None and e.flags & F_UNREADABLE:
+        kept_unread = bool(self._unread) and item.rel in self._unread
+        if kept_unread or e is not None and e.flags & F_UNREADABLE:
             self._unread.discard(item.rel)
             self.unreadable.append(os.fsdecode(item.rel) or ".")
         prev = item.prev

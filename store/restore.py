@@ -1029,13 +1029,14 @@ class Restorer:
         return self._mounts
 
     def _kept_in_place(self, e: Entry) -> bool:
-        """In a target that was not empty, what is left as it is: a file that was unreadable at backup time
-        (the snapshot has no data for it, so the live one is not emptied), and a symbolic link where a
+        """In a target that was not empty, what is left as it is: a file that no backup could read (the
+        snapshot has no data for it, so the live one is not emptied; one kept with an earlier backup's data is
+        restored with that, as a fresh restore does), and a symbolic link where a
         directory the selection leaves out lies above selected paths (followed within the target, as it
         always was; one out of it is refused, ``TargetDirs``)."""
         if self._fresh:
             return False
-        if e.type == T_FILE and e.flags & F_UNREADABLE:
+        if e.type == T_FILE and unread(e):
             if _lstat(*self.at(e.path, make=True)) is None:
                 return False
             self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: "

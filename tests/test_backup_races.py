@@ -19,6 +19,7 @@ from chunkvault.store.manifest import F_CHANGED_DURING_READ, F_UNREADABLE, T_DIR
 from chunkvault.store.source import StatFailed, SourceWalk
 from conftest import PASSWORD
 from test_damaged_storage import damage_blob, pack_path
+from treeutil import refusing_open
 
 
 def tree_of(repo, snap) -> dict[bytes, object]:
@@ -885,3 +886,35 @@ def test_a_late_stat_by_path_through_a_swapped_directory_is_not_taken(tmp_path, 
     repo.restore(result.snapshot, str(out))
     assert not any("SECRET" in p.read_text() for p in out.rglob("*") if p.is_file() and not p.is_symlink())
     assert any("z/f" in w and w.startswith("replaced during backup") for w in result.warnings)
+
+
+@pytest.mark.parametrize("kind", ["diff", "full"])
+def test_a_file_unreadable_now_keeps_the_earlier_data_flagged(tmp_path, new_repo, monkeypatch, python_file_reads,
+                                                              kind):
+    """The entry kept says so (flag 1 with a digest): a restore, fresh or in place, writes the earlier data and
+    warns that it is an earlier backup's; the next backup reads the file again."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "secret").write_bytes(b"first version")
+    (src / "plain").write_bytes(b"plain")
+    repo = new_repo()
+    repo.backup([str(src)])
+    (src / "secret").write_bytes(b"second version, unreadable")
+    monkeypatch.setattr("chunkvault.store.backup.os.open", refusing_open("secret"))
+    result = repo.backup([str(src)], kind=kind)
+    monkeypatch.undo()
+    assert result.partial and result.snapshot.stats["unreadable"] == ["secret"]
+    kept = tree_of(repo, result.snapshot)[b"secret"]
+    assert kept.flags & F_UNREADABLE and kept.digest and kept.size == len(b"first version")
+    fresh = repo.restore(result.snapshot, str(tmp_path / "fresh"))
+    assert (tmp_path / "fresh" / "secret").read_bytes() == b"first version"
+    assert "secret was unreadable at backup time: restored as an earlier backup read it" in fresh.warnings
+    live = tmp_path / "live"
+    shutil.copytree(src, live)
+    in_place = repo.restore(result.snapshot, str(live), force=True, delta=True)
+    assert (live / "secret").read_bytes() == b"first version"  # the snapshot's data, as a fresh restore
+    assert "secret was unreadable at backup time: restored as an earlier backup read it" in in_place.warnings
+    again = repo.backup([str(src)])
+    assert not again.partial and again.snapshot.stats["changed_files"] == 1
+    with repo.open_file(again.snapshot, "secret") as f:
+        assert f.read() == b"second version, unreadable"
