@@ -1113,8 +1113,11 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     done = repo.aggregate(args.snapshot, retire=args.retire, wait=args.wait)
     if args.json:
         _emit_json({**_snapshot_json(done.snapshot), "retired": done.retired,
-                    "rebased": _rebases_json(done.rebases)})
-    elif not args.quiet:
+                    "rebased": _rebases_json(done.rebases), **_names_json("warnings", done.warnings)})
+        return 0
+    for w in done.warnings:
+        warn(w)
+    if not args.quiet:
         for sid in done.retired:
             print(f"remove  {sid[:8]}  its former chain")
         _print_rebases(done.rebases)

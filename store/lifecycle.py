@@ -52,12 +52,15 @@ class ForgetPlan:
 @dataclass
 class Aggregated:
     """What ``aggregate`` did: the snapshot, now a full, and, with ``retire``, the former chain's
-    snapshots it forgot and the differentials that still needed part of that chain, rebased."""
+    snapshots it forgot and the differentials that still needed part of that chain, rebased; ``warnings``
+    name the tagged snapshots it forgot (a tag such as ``pinned`` keeps a snapshot from forget's policy, not
+    from a retire that names the chain)."""
 
     snapshot: Snapshot
     retired: list[str] = field(default_factory=list)
     rebases: list[RebaseStep] = field(default_factory=list)
     made_full: bool = True  # False: it was a full already (this call at most retired what was left of its chain)
+    warnings: list[str] = field(default_factory=list)
 
 
 NOT_SELECTED = "not selected by the host, tag and path filters"
@@ -182,4 +185,7 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
         return Aggregated(snap, made_full=made_full)
     plan = plan_forget(snapshots, ids=chain_ids)
     apply_forget(repo, snapshots, plan, ensure_held)
-    return Aggregated(snap, plan.remove, plan.rebases, made_full)
+    removed = set(plan.remove)
+    tagged = [f"snapshot {s.id[:8]} of the former chain, tagged {', '.join(s.tags)}, was forgotten with it"
+              for s in snapshots if s.id in removed and s.tags]
+    return Aggregated(snap, plan.remove, plan.rebases, made_full, tagged)

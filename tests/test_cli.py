@@ -396,7 +396,11 @@ def test_aggregate_retire_names_what_it_forgot_and_rebased(tmp_path, cli, setup)
     (src / "branch").write_text("b")
     branch = json.loads(cli("backup", "-r", repo, str(src), "--parent", ids[1], "--json").stdout)
     assert branch["parent"] == ids[1]
-    text = cli("aggregate", "-r", repo, ids[2][:8], "--retire").stdout.decode().splitlines()
+    cli("tag", "-r", repo, ids[1], "--add", "pinned,audit")
+    done = cli("aggregate", "-r", repo, ids[2][:8], "--retire")
+    assert done.stderr.decode().splitlines() == [
+        f"warning: snapshot {ids[1][:8]} of the former chain, tagged pinned, audit, was forgotten with it"]
+    text = done.stdout.decode().splitlines()
     assert text == [f"remove  {ids[0][:8]}  its former chain", f"remove  {ids[1][:8]}  its former chain",
                     f"rebase  {branch['id'][:8]}  as a full snapshot, merging {ids[0][:8]} {ids[1][:8]}",
                     f"snapshot {ids[2][:8]} is now a full snapshot; retired its former chain: "
@@ -407,7 +411,7 @@ def test_aggregate_retire_names_what_it_forgot_and_rebased(tmp_path, cli, setup)
     newer = json.loads(cli("backup", "-r", repo, str(src), "--json").stdout)["id"]
     out = json.loads(cli("aggregate", "-r", repo, newer, "--retire", "--json").stdout)
     assert out["id"] == newer and out["type"] == "full"
-    assert out["retired"] == [branch["id"]] and out["rebased"] == []
+    assert out["retired"] == [branch["id"]] and out["rebased"] == [] and out["warnings"] == []
     assert json.loads(cli("aggregate", "-r", repo, newer, "--json").stdout)["retired"] == []
     assert cli("aggregate", "-r", repo, newer).stdout.decode() == f"snapshot {newer[:8]} was already a full snapshot\n"
 
