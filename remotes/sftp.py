@@ -74,6 +74,12 @@ def parse_sftp_url(url: str) -> tuple[str | None, str, int | None, str]:
     if path in ("~", "/"):
         raise UsageError(f"SFTP URL must name a directory below / or ~: {url!r}")
     user = unquote(parsed.username) if parsed.username else None
+    # ssh would take "-oProxyCommand=..." for an option, and refuses it: the retries could never pass
+    for what, name in (("host", parsed.hostname), ("user", user)):
+        if name is not None and (name.startswith("-") or any(ord(c) < 32 or c == "\x7f" for c in name)
+                                 or what == "host" and " " in name):
+            raise UsageError(f"an SFTP {what} cannot start with '-' or hold control characters"
+                             f"{' or spaces' if what == 'host' else ''}: {name!r}")
     return user, parsed.hostname, port, path
 
 

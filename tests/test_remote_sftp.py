@@ -36,7 +36,8 @@ def test_parse_url():
     assert parse_sftp_url("sftp://u@h/~/repos/a") == ("u", "h", None, "~/repos/a")
     assert parse_sftp_url("sftp://h/x/db%3Bv2%3Fa%23b") == (None, "h", None, "/x/db;v2?a#b")
     for bad in ("sftp://u@h/", "sftp://u@h/~", "sftp:///x", "sftp://u:secret@h/x", "sftp://h:99999999/x",
-                "sftp://h/x/db;v2", "sftp://h/x/a?b", "sftp://h/x/a#b", "sftp://h/x/a?", "sftp://h/x/a#"):
+                "sftp://h/x/db;v2", "sftp://h/x/a?b", "sftp://h/x/a#b", "sftp://h/x/a?", "sftp://h/x/a#",
+                "sftp://-oProxyCommand=true/x", "sftp://-l@h/x", "sftp://a%0Ab@h/x", "sftp://a b/x"):
         with pytest.raises(UsageError):
             parse_sftp_url(bad)
 
