@@ -1416,7 +1416,7 @@ def _check_compression(level: int) -> None:
 
 def _check_not_negative(value: float) -> None:
     if not 0 <= value < float("inf"):
-        raise UsageError(f"must be 0 or more: {value}")
+        raise UsageError(f"must be a finite number, 0 or more: {value}")
 
 
 def _seconds(text: str) -> float:

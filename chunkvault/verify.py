@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import functools
 import os
 import signal
@@ -532,6 +533,20 @@ def _end_leftovers(group: int, before: Iterable[int], marker: bytes, grace: floa
         time.sleep(0.05)
 
 
+def _stop_interrupted(proc: subprocess.Popen, before: Iterable[int], marker: bytes, end_leftovers: bool) -> None:
+    """The command and what it started, when we are interrupted: SIGTERM first, as when it ends on its own (a
+    database server SIGKILL ends leaves its shared memory behind, for good once the scratch directory is
+    removed), SIGKILL after the grace; a second interrupt ends the wait."""
+    try:
+        if end_leftovers:
+            _end_leftovers(proc.pid, before, marker)  # the command's group with the rest
+    except BaseException:
+        pass
+    kill_group(proc)
+    if end_leftovers:
+        _end_leftovers(proc.pid, before, marker, grace=0)
+
+
 def run_command(command: str, env: dict[str, str], *, timeout: float | None = None,
                 end_leftovers: bool = True) -> CommandResult:
     """Run ``command`` through the shell in its own process group; the group is killed after ``timeout``,
@@ -558,9 +573,7 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
                 kill_group(proc)
                 code = None
             except BaseException:  # interrupted: the command must not go on in a scratch directory about to go
-                kill_group(proc)
-                if end_leftovers:
-                    _end_leftovers(proc.pid, before, marker, grace=0)
+                _stop_interrupted(proc, before, marker, end_leftovers)
                 raise
             seconds = time.monotonic() - started
             left = end_leftovers and _end_leftovers(proc.pid, before, marker) and not timed_out
@@ -575,21 +588,62 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
     return CommandResult(command, code, timed_out, round(seconds, 3), tail, left)
 
 
-def _make_scratch(parent: str | None) -> str:
-    """A fresh directory others may traverse but not list.
+SCRATCH_PREFIX = "chunkvault-verify-"
+IN_USE = ".in-use"  # in a scratch directory: locked while its run lasts; removed from one kept on purpose
+ABANDONED_AFTER = 60.0  # seconds: a marker younger than this may be one whose run has yet to lock it
+
+
+def _make_scratch(parent: str | None, warnings: list[str]) -> tuple[str, int]:
+    """A fresh directory others may traverse but not list, and the descriptor of its marker, locked while
+    this run lasts.  Scratch directories of runs that were killed (SIGKILL, the OOM killer), as large as
+    their restores got, are removed first, with a warning each: they stayed for good.
 
     The restored tree keeps the snapshot's owners and modes; a database server
     running as its own user must be able to reach its restored data directory.
     """
     if parent is not None and not os.path.isdir(parent):
         raise UsageError(f"scratch directory does not exist: {parent}")
+    where = os.path.abspath(parent or tempfile.gettempdir())
+    _remove_abandoned(where, warnings)
     try:  # absolute: the command's CHUNKVAULT_RESTORE_DIR must hold wherever it changes directory to
-        path = tempfile.mkdtemp(prefix="chunkvault-verify-", dir=os.path.abspath(parent or tempfile.gettempdir()))
+        path = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=where)
         os.chmod(path, 0o711)
+        fd = os.open(os.path.join(path, IN_USE), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise UsageError(f"cannot make a scratch directory in {parent or tempfile.gettempdir()}: "
-                         f"{exc.strerror or exc}") from None
-    return path
+        raise UsageError(f"cannot make a scratch directory in {where}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass  # a file system without locks: its leftovers are not taken for abandoned either
+    return path, fd
+
+
+def _remove_abandoned(where: str, warnings: list[str]) -> None:
+    """Remove this user's scratch directories in ``where`` whose run is gone: a marker no process holds a
+    lock on.  One kept (``keep``) has no marker; one on a file system without locks is never taken."""
+    try:
+        names = [n for n in os.listdir(where) if n.startswith(SCRATCH_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(where, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            fd = os.open(os.path.join(path, IN_USE), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime < ABANDONED_AFTER:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            remove_tree(path)
+            warnings.append(f"removed the scratch directory {path} of a verify-restore that was killed")
+        except OSError:  # its run holds it, or it could not be removed: left as it is
+            continue
+        finally:
+            os.close(fd)
 
 
 def remove_tree(path: str) -> None:
@@ -624,7 +678,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
             owners = os.geteuid() == 0
         report = VerifyReport(snap.id, snap.time, snap.kind)
         started = time.monotonic()
-        base = _make_scratch(scratch)
+        base, in_use = _make_scratch(scratch, report.warnings)
         target = os.path.join(base, "restore")
         restore_warnings: list[str] = []
         try:
@@ -648,7 +702,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 report.files, report.dirs, report.links = result.files, result.dirs, result.links
                 report.bytes = result.bytes
                 report.mismatches, report.mismatch_count = result.mismatches, result.mismatch_count
-                report.warnings = restore_warnings + result.warnings  # what the restore left out, said
+                report.warnings += restore_warnings + result.warnings  # what the restore left out, said
             if then is not None and report.ok:
                 cmd_env = without_secrets(os.environ if env is None else env)  # a server it starts keeps them
                 cmd_env.update(CHUNKVAULT_RESTORE_DIR=target, CHUNKVAULT_SNAPSHOT_ID=snap.id,
@@ -662,12 +716,15 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
         finally:
             if keep:
                 report.kept_at = target
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(base, IN_USE))
             elif os.path.lexists(base):
                 try:
                     remove_tree(base)
                 except OSError as exc:  # the verdict stands; what is left is said
                     report.warnings.append(f"the scratch directory {base} could not be removed: "
                                            f"{exc.strerror or exc}")
+            os.close(in_use)
             report.duration = round(time.monotonic() - started, 3)
         return report
 

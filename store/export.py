@@ -409,7 +409,8 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
     level = repo.config.settings.compression_level
     stats = ExportStats(out_path, snapshot.id, "")
     _remove_abandoned(directory, base)
-    tmp = os.path.join(directory, f".{base}.tmp-{os.urandom(6).hex()}")
+    tmp = os.path.join(directory, _temp_prefix(base) + os.urandom(6).hex())
+    replacing = os.path.lexists(out_path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
@@ -433,12 +434,12 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        left = "the file it was to replace is left as it was" if replacing else "no export file was left"
         if isinstance(exc, OSError):
-            raise output_error(f"writing the export {out_path} (nothing was left of it)", exc) from None
+            raise output_error(f"writing the export {out_path} ({left})", exc) from None
         if isinstance(exc, CorruptObject) and not isinstance(exc, NewerObject):  # it named a blob or a pack only
             raise exc.explained(f"; snapshot {snapshot.short_id} cannot be exported whole: `check --read-data` "
-                                "names the files it takes down, `repair` the way back (no export file was "
-                                "left)") from None
+                                f"names the files it takes down, `repair` the way back ({left})") from None
         raise
     try:
         dfd = os.open(directory, os.O_RDONLY)
@@ -456,13 +457,22 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
 
 
 ABANDONED_AFTER = 60.0  # seconds since a temporary export file was last written
+NAME_MAX = 255  # bytes of a file name (Linux's file systems)
+
+
+def _temp_prefix(base: str) -> str:
+    """The hidden name an export to ``base`` is written under, less its random tail: from a name too long
+    to take the prefix and tail (any name the file system takes is a name to export to), a hash of it."""
+    raw = os.fsencode(base)
+    stem = base if len(raw) <= NAME_MAX - len(".") - len(".tmp-") - 12 else blake3.blake3(raw).hexdigest()[:32]
+    return f".{stem}.tmp-"
 
 
 def _remove_abandoned(directory: str, base: str) -> None:
     """Remove the temporary files of exports to ``base`` whose writer died (SIGKILL, a power cut), which
     would otherwise stay hidden beside the output, as large as the export got. A writer holds a lock on its
     file until it renames it; one not written for a minute whose lock is free has no writer left."""
-    pattern = re.compile(re.escape(f".{base}.tmp-") + "[0-9a-f]{12}")
+    pattern = re.compile(re.escape(_temp_prefix(base)) + "[0-9a-f]{12}")
     try:
         names = [n for n in os.listdir(directory) if pattern.fullmatch(n)]
     except OSError:
@@ -912,7 +922,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                     "added_stored_bytes": added["stored"], "delta_blobs": 0, "delta_stored_bytes": 0,
                     "whole_stored_bytes": added["stored"], "manifest_bytes": mw.stored_bytes,
                     "manifest_records": mw.records, "chain_length": 1,
-                    "unreadable": [os.fsdecode(p) or "." for p in counts.unreadable], "warnings": 0,
+                    "unreadable": _unreadable(src, counts.unreadable), "warnings": 0,
                     "duration": round(time.monotonic() - started, 3),
                     IMPORTED_FROM: src.id, "imported_file": info.file_id,
                     # what the next backup of its paths on the same host compares by
@@ -922,6 +932,16 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
             )
             # a prune that took its lock for stale may have deleted what this import reuses
             return ImportResult(repo.save_snapshot_held(snap, repo_lock), src.id)
+
+
+def _unreadable(src: Snapshot, flagged: list[bytes]) -> list[str]:
+    """The exported snapshot's list of paths its backup could not read, and the entries flagged so: the list
+    alone names a file or link kept with an earlier backup's data by a backup that flagged only those
+    without data."""
+    listed = src.stats.get("unreadable")
+    paths = [p for p in listed if isinstance(p, str)] if isinstance(listed, list) else []
+    seen = set(paths)
+    return paths + [name for p in flagged if (name := os.fsdecode(p) or ".") not in seen]
 
 
 def _refuse_future(snap: Snapshot, what: str) -> None:

@@ -621,7 +621,10 @@ def test_a_path_in_a_snapshot_may_be_given_as_a_shell_writes_it(tmp_path, cli, s
 def test_a_negative_wait_is_refused(tmp_path, cli, setup):
     repo, _ = setup
     proc = cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "t"), "--wait", "-1", check=2)
-    assert b"--wait: must be 0 or more" in proc.stderr
+    assert b"--wait: must be a finite number, 0 or more: -1.0" in proc.stderr
+    for bad in ("nan", "inf", "1e400"):
+        proc = cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "t"), "--wait", bad, check=2)
+        assert b"--wait: must be a finite number, 0 or more" in proc.stderr
 
 
 def test_two_key_removals_at_once_cannot_remove_every_key(tmp_path, new_repo, password):

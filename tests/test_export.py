@@ -577,9 +577,22 @@ def test_an_export_that_meets_damaged_data_names_the_snapshot_and_the_way_on(tmp
     packs = [p for p in pathlib.Path(repo.store.remote.root, "data").rglob("*") if p.is_file()]
     max(packs, key=lambda p: p.stat().st_size).unlink()  # a data pack's, not only a manifest's
     with pytest.raises(MissingObject, match=f"snapshot {diff.short_id} cannot be exported whole: `check "
-                                            "--read-data` names the files it takes down"):
+                                            r"--read-data` names the files it takes down.*\(no export file was left\)"):
         export(repo.store, diff, str(tmp_path / "x.backup"), EXPORT_PW, kdf_log_n=10)
     assert not [p for p in tmp_path.iterdir() if "x.backup" in p.name]
+    (tmp_path / "x.backup").write_bytes(b"an earlier export")  # overwritten only once the new one is whole
+    with pytest.raises(MissingObject, match=r"\(the file it was to replace is left as it was\)"):
+        export(repo.store, diff, str(tmp_path / "x.backup"), EXPORT_PW, kdf_log_n=10, overwrite=True)
+    assert (tmp_path / "x.backup").read_bytes() == b"an earlier export"
+
+
+def test_an_export_takes_any_name_the_file_system_takes(tmp_path, chain):
+    """Its hidden temporary name, made from a long name, would be longer than a name may be."""
+    repo, diff, _src = chain
+    name = "a" * 240 + ".backup"
+    path = tmp_path / name
+    export(repo.store, diff, str(path), EXPORT_PW, kdf_log_n=10)
+    assert path.stat().st_size > 0 and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
 
 def test_import_waits_for_a_prune_as_a_backup_does(tmp_path, exported, monkeypatch):
@@ -878,3 +891,18 @@ def test_a_header_asking_for_more_scrypt_than_export_writes_is_refused_before_de
         for target in (0, 0.5, 3, 10, 60):
             log_n, p = crypto.tune_scrypt(target, max_p=MAX_SCRYPT_P)
             assert scrypt_cost_problem(log_n, crypto.SCRYPT_R, p) is None, (lane, target)
+
+
+def test_an_imported_snapshot_lists_what_its_backup_could_not_read(tmp_path, new_repo):
+    """The exported snapshot's list, with what the tree flags: a source path that was missing is in the list
+    alone (it has no entry), so an import that went by the flags alone dropped it."""
+    present, missing = tmp_path / "present", tmp_path / "missing"
+    present.mkdir()
+    (present / "f").write_bytes(b"data")
+    repo = new_repo()
+    snap = repo.backup([str(present), str(missing)]).snapshot
+    assert snap.stats["unreadable"] == [str(missing).lstrip("/")]
+    path = str(tmp_path / "partial.backup")
+    repo.export(snap, path, EXPORT_PW, kdf_seconds=0)
+    imported = new_repo().import_backup(path, EXPORT_PW).snapshot
+    assert imported.stats["unreadable"] == snap.stats["unreadable"]

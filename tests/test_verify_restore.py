@@ -534,3 +534,65 @@ def test_a_scratch_tree_that_denies_its_owner_and_runs_past_path_max_is_removed(
     done = subprocess.run([*setpriv, sys.executable, "-c", script, str(top)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not top.exists()
+
+
+def test_an_interrupted_run_ends_what_the_command_started_with_sigterm_first(tmp_path):
+    """A database server the command started is asked to shut down (SIGTERM), as when the command ends on its
+    own: SIGKILL left PostgreSQL's shared memory behind for good."""
+    import signal
+    import subprocess
+    import sys
+
+    termed, pidfile = tmp_path / "termed", tmp_path / "pid"
+    server = (f"trap 'echo stopped > {shlex.quote(str(termed))}; exit 0' TERM; "
+              f"echo $$ > {shlex.quote(str(pidfile))}; while :; do sleep 0.1; done")
+    command = f"setsid sh -c {shlex.quote(server)} </dev/null >/dev/null 2>&1 & sleep 60"
+    script = ("import os, sys\nfrom chunkvault.verify import run_command\n"
+              f"run_command({command!r}, dict(os.environ))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # the trap set
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert b"KeyboardInterrupt" in err
+    assert _ended(int(pidfile.read_text()), within=5)
+    assert termed.read_text() == "stopped\n"
+
+
+def test_the_scratch_directory_of_a_killed_run_is_removed_by_the_next(tmp_path, new_repo):
+    """SIGKILL (the OOM killer) left a scratch tree as large as its restore for good.  A run's marker is
+    locked while it lasts: the next run removes a tree whose marker no one holds, and leaves a kept one
+    (no marker), one still running (locked) and one just made (its lock may be yet to come)."""
+    import fcntl
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    scratch = scratch_dir(tmp_path)
+    old = time.time() - 3600
+    made = {}
+    for name in ("killed", "kept", "running", "young"):
+        d = scratch / f"chunkvault-verify-{name}"
+        (d / "restore" / "deep").mkdir(parents=True)
+        (d / "restore" / "deep" / "data").write_bytes(b"x" * 1000)
+        os.chmod(d / "restore" / "deep", 0o500)  # as a restored tree may be
+        if name != "kept":
+            (d / ".in-use").write_bytes(b"")
+            if name != "young":
+                os.utime(d / ".in-use", (old, old))
+        made[name] = d
+    with open(made["running"] / ".in-use", "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        report = verify_restore(repo, "latest", scratch=str(scratch))
+    assert report.ok
+    assert f"removed the scratch directory {made['killed']} of a verify-restore that was killed" in report.warnings
+    assert sorted(os.listdir(scratch)) == ["chunkvault-verify-kept", "chunkvault-verify-running",
+                                           "chunkvault-verify-young"]
+    kept = verify_restore(repo, "latest", scratch=str(scratch), keep=True)
+    assert os.listdir(os.path.dirname(kept.kept_at)) == ["restore"]  # no marker: never taken for a killed run's
+    for d in scratch.iterdir():
+        verify_mod.remove_tree(str(d))
