@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import errno
 import functools
+import io
 import itertools
 import json
 import os
@@ -173,11 +175,29 @@ class _GuardedOutput:
     def write(self, text: str) -> int:
         self.written = self.written or bool(text)
         try:
-            return self._stream.write(text)
+            # (a character is up to 4 bytes: any text that may not fit the buffer is written whole)
+            if len(text) < io.DEFAULT_BUFFER_SIZE // 4 or not hasattr(self._stream, "buffer"):
+                return self._stream.write(text)
+            return self._write_whole(text)
         except BrokenPipeError:
             raise
         except OSError as exc:
             raise _stdout_error(exc) from None
+
+    def _write_whole(self, text: str) -> int:
+        """A text larger than the stream's buffer, to its last byte.  It goes to the pipe at once, and a write
+        its reader closed the pipe during returns the part written, which the stream took for the whole: the
+        rest was dropped, and `ls --json | head -c 100` exited 0.  Written again, the rest meets the closed
+        pipe (BrokenPipeError: exit 141)."""
+        stream = self._stream
+        stream.flush()
+        view = memoryview(text.encode(stream.encoding or "utf-8", stream.errors or "strict"))
+        while view:
+            n = stream.buffer.write(view)
+            if not n:
+                raise BrokenPipeError(errno.EPIPE, "standard output took no more")
+            view = view[n:]
+        return len(text)
 
     def flush(self) -> None:
         with _stdout_errors():
@@ -1148,8 +1168,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
         print(f"{len(result.copied)} snapshot(s) copied, {len(result.skipped)} already there; "
               f"{result.blobs_sent} blobs ({format_size(result.bytes_sent)}) sent")
     if result.failed:
-        raise CorruptObject("source repository", f"{len(result.failed)} snapshot(s) not copied: damaged there "
-                                                 "(`check` there names what; the others were copied)")
+        raise CorruptObject("in the source repository", f"{len(result.failed)} snapshot(s) not copied: damaged "
+                                                        "there (`check` there names what; the others were copied)")
     return 0
 
 

@@ -751,7 +751,9 @@ class Repository:
 
     def _follow_others(self) -> None:
         """Before a read outside ``reading`` (or one without the lock): drop an index that other commands
-        have replaced or added to since it was read (a backup's new snapshot would be called damaged)."""
+        have replaced or added to since it was read (a backup's new snapshot would be called damaged).
+        Closed, the repository refuses the call first (the storage's own refusal read as its failure)."""
+        self._refuse_if_closed()
         if not getattr(self._reading_depth, "n", 0):
             self._repo.refresh_index()
 

@@ -12,6 +12,7 @@ import pytest
 from chunkvault import Repository
 from chunkvault.errors import CorruptObject, OutputClosed, StorageFull, TargetUnwritable, UsageError, WrongPassword
 from conftest import PASSWORD
+from servers_http import FULL_TOKEN, http_server, serve_factory  # noqa: F401
 from treeutil import describe
 
 
@@ -535,16 +536,27 @@ def test_a_read_without_a_lock_that_a_prune_overtook_says_so_instead_of_calling_
     unlocked.close()
 
 
-def test_a_closed_repository_refuses_every_call_on_any_storage(tmp_path, tree):
-    path = str(tmp_path / "repo")
-    with Repository.init(path, PASSWORD, kdf_seconds=0) as repo:
+@pytest.mark.parametrize("storage", ["local", "http"])
+def test_a_closed_repository_refuses_every_call_on_any_storage(tmp_path, tree, request, storage):
+    """With a UsageError: over HTTP, tree, diff and find_entry went to the closed remote first, whose
+    refusal (RemoteError, exit 14) read as a storage failure."""
+    if storage == "http":
+        server = request.getfixturevalue("http_server")
+        repo = Repository.init(server.url, PASSWORD, kdf_seconds=0, token=FULL_TOKEN, cache=False)
+        stored = server.path
+    else:
+        stored = tmp_path / "repo"
+        repo = Repository.init(str(stored), PASSWORD, kdf_seconds=0)
+    with repo:
         repo.backup([str(tree)])
     repo.close()  # again: idempotent
     for call in (lambda: repo.backup([str(tree)]), lambda: repo.restore("latest", str(tmp_path / "o")),
-                 repo.snapshots, repo.check, repo.accept_state, lambda: repo.reading().__enter__()):
+                 repo.snapshots, repo.check, repo.accept_state, lambda: repo.reading().__enter__(),
+                 lambda: list(repo.tree("latest")), lambda: list(repo.diff("latest", "latest")),
+                 lambda: repo.find_entry("latest", "x"), lambda: repo.open_file("latest", "x")):
         with pytest.raises(UsageError, match="was closed"):
             call()
-    assert len(os.listdir(os.path.join(path, "snapshots"))) == 1 and not (tmp_path / "o").exists()
+    assert len(os.listdir(os.path.join(stored, "snapshots"))) == 1 and not (tmp_path / "o").exists()
 
 
 def test_values_in_the_forms_the_readme_names_and_out_of_range_ones(tmp_path, tree):

@@ -374,6 +374,26 @@ def test_a_report_whose_reader_went_away_is_no_success(cli, tmp_path):
     assert b"Traceback" not in proc.stderr and b"Exception ignored" not in proc.stderr
 
 
+def test_a_json_document_cut_short_by_its_reader_is_no_success(cli, tmp_path):
+    """A document larger than stdout's buffer went to the pipe in one write; its reader leaving during it
+    made the write return the part written, the rest was dropped, and `ls --json | head -c 100` exited 0."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2000):
+        (src / f"file{i:04}").write_bytes(b"")
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, str(src))
+    env = {**os.environ, "CHUNKVAULT_PASSWORD": PASSWORD}
+    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "ls", "-r", repo, "latest", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert len(proc.stdout.read(100)) == 100  # the document's one write has begun
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err.decode()
+    assert b"Traceback" not in err
+
+
 # --- parsing -------------------------------------------------------------------------------------------------
 
 

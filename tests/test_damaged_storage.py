@@ -535,6 +535,9 @@ def test_copy_goes_on_past_a_snapshot_damaged_in_the_source(tmp_path, new_repo, 
     assert {c["source"] for c in out["copied"]} == {full.id, separate.id}
     failed = {f["source"]: f["reason"] for f in out["failed"]}
     assert victim.hex() in failed[d1.id] and failed[d2.id] == f"its parent {d1.id} was not copied"
+    assert run.stderr.decode().splitlines()[-1] == (
+        "chunkvault: corrupt object in the source repository: 2 snapshot(s) not copied: damaged there "
+        "(`check` there names what; the others were copied)")
 
     pack.write_bytes(good)
     again = repo.copy_to(dst)
