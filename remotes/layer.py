@@ -213,7 +213,10 @@ class RetryingRemote(Remote):
         elif left == float("inf"):
             budget = f"attempt {made + 1}, without end"
         else:
-            budget = f"attempt {made + 1}; giving up in {f'{left / 60:.0f} min' if left >= 90 else f'{left:.0f} s'}"
+            span = f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+            # both must be spent (``_gives_up``): the attempts' backoff may outlast a short outage time
+            budget = (f"attempt {made + 1}; giving up in {span}" if made >= self.attempts
+                      else f"attempt {made + 1}; giving up after at least {span} and {self.attempts} attempts")
         warnings.warn(f"{where}{what} failed ({error}); retrying in {delay:.1f} s ({budget}){more}",
                       RemoteRetryWarning, stacklevel=4)
 

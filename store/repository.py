@@ -138,6 +138,17 @@ def superseded_names(objects: Iterable[IndexColumns | IndexData]) -> set[str]:
     return {s.hex() for d in objects for s in d.supersedes}
 
 
+def _stored_config(remote: Remote) -> bytes | None:
+    """The config object as stored: ``b""`` when there is none, None when that cannot be told (an init that
+    failed then keeps its key file: removed beside a config written after all, the repository would be lost)."""
+    try:
+        return remote.get("config")
+    except ObjectNotFound:
+        return b""
+    except Exception:
+        return None
+
+
 class Repo:
     max_delta_depth = MAX_DELTA_DEPTH  # reads refuse longer chains; backups never write them
 
@@ -210,11 +221,21 @@ class Repo:
         config = new_config(settings)
         name, data = make_key_file(material, password, config.repo_id, kdf_seconds=kdf_seconds, log_n=kdf_log_n)
         remote.put(f"keys/{name}", data, if_absent=True)
+        encoded = config.encode(Sealer(material.enc_key))
         try:
-            remote.put("config", config.encode(Sealer(material.enc_key)), if_absent=True)
-        except ObjectExists:
-            remote.delete(f"keys/{name}")
-            raise RepositoryExists(f"a repository already exists at {remote.display_url}") from None
+            remote.put("config", encoded, if_absent=True)
+        except BaseException as exc:
+            stored = _stored_config(remote)
+            if stored == encoded and isinstance(exc, Exception):  # written after all (a try whose reply was lost)
+                return cls(remote, material, config, name)
+            if stored is not None and stored != encoded:  # the config is another init's, or none was written
+                try:  # a key file alone made the location a repository that lost its config, for good
+                    remote.delete(f"keys/{name}")
+                except Exception:
+                    pass
+            if isinstance(exc, ObjectExists):
+                raise RepositoryExists(f"a repository already exists at {remote.display_url}") from None
+            raise
         return cls(remote, material, config, name)
 
     @classmethod

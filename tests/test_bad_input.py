@@ -82,6 +82,36 @@ def _bump_format(repo_path: str, version: int = 2) -> None:
         json.dump(cfg, f)
 
 
+@pytest.mark.parametrize("written", [False, True])
+def test_an_init_whose_config_write_fails_leaves_no_key_file_behind(tmp_path, written):
+    """A key file alone made the location one "that lost its config": every later init refused it, and it
+    pointed to a key export no one could have.  A config written after all (its reply lost) is a repository
+    made, and keeps its key."""
+    from chunkvault.errors import PermissionDenied, RemoteUnavailable
+    from chunkvault.remotes.local import LocalRemote
+
+    class ConfigRefused(LocalRemote):
+        def put(self, key, data, *, if_absent=False):
+            if key == "config":
+                if written:
+                    super().put(key, data, if_absent=if_absent)
+                    raise RemoteUnavailable("the reply was lost")
+                raise PermissionDenied("permission denied while writing config")
+            return super().put(key, data, if_absent=if_absent)
+
+    path = tmp_path / "repo"
+    path.mkdir()
+    if written:
+        Repository.init(ConfigRefused(str(path)), PASSWORD, kdf_seconds=0).close()
+        with Repository.open(str(path), PASSWORD) as repo:
+            assert repo.snapshots() == []
+        return
+    with pytest.raises(PermissionDenied):
+        Repository.init(ConfigRefused(str(path)), PASSWORD, kdf_seconds=0)
+    assert os.listdir(path / "keys") == []
+    Repository.init(str(path), PASSWORD, kdf_seconds=0).close()  # the cause mended, init runs again
+
+
 def test_a_repository_that_lost_its_config_is_named_and_not_overwritten(tmp_path, cli, new_repo):
     """Not "no repository": the objects are there (its key file too), and `init` must not build a second
     repository among them, whose warnings would then call every old snapshot unreadable."""

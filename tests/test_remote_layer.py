@@ -198,7 +198,7 @@ def test_a_remote_that_answered_is_waited_for_through_an_outage(tmp_path, lastin
         assert remote.get("data/ab/cafe") == b"x"
     assert lasting <= outage.now <= lasting + 15.0  # back within one wait of the remote's return
     assert outage.faulty.calls["get"] > 8
-    assert "giving up in 15 min" in str(said[0].message)
+    assert "(attempt 2; giving up after at least 15 min and 8 attempts)" in str(said[0].message)
 
 
 def test_an_outage_longer_than_the_window_is_given_up_at_its_end(tmp_path):
@@ -207,6 +207,17 @@ def test_an_outage_longer_than_the_window_is_given_up_at_its_end(tmp_path):
     with pytest.raises(RemoteUnavailable, match="giving up"):
         remote.get("data/ab/cafe")
     assert 885.0 <= outage.now <= 900.0
+
+
+def test_a_short_outage_window_says_the_attempts_still_count(tmp_path):
+    """Both must be spent: "giving up in 5 s" was said where the 8 attempts' waits went on for longer."""
+    outage = Outage(tmp_path)
+    remote = outage.answered_then_down(outage=5.0)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with pytest.raises(RemoteUnavailable, match="failed 8 time"):
+            remote.get("data/ab/cafe")
+    assert "(attempt 2; giving up after at least 5 s and 8 attempts)" in str(said[0].message)
 
 
 def test_without_an_outage_window_an_answered_remote_gets_its_attempts_only(tmp_path):
