@@ -49,7 +49,7 @@ from .pack import PackBuffers, PackBuilder
 from .packranges import RecentRanges
 from .chronology import chronological_key
 from .snapshot import Snapshot
-from .unlock import Unlocked, repository_objects, unlock
+from .unlock import Unlocked, only_keys_hint, repository_objects, unlock
 
 if TYPE_CHECKING:
     from .locks import RepoLock
@@ -211,7 +211,8 @@ class Repo:
         leftovers = repository_objects(remote)
         if leftovers:
             raise RepositoryExists(f"{remote.display_url} holds repository objects ({', '.join(leftovers)}) but "
-                                   "no config: a repository lost its config there; not creating one over it")
+                                   "no config: a repository lost its config there; not creating one over it"
+                                   + only_keys_hint(leftovers))
         if settings is None:
             settings = Settings(chunker=ChunkerParams().to_dict())
         ChunkerParams.from_dict(settings.chunker)  # validates

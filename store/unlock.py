@@ -40,14 +40,22 @@ def repository_objects(remote: Remote) -> list[str]:
     return [d for d in REPOSITORY_DIRS if next(iter(remote.list(d)), None) is not None]
 
 
+def only_keys_hint(found: list[str]) -> str:
+    """Where a location without a config holds key files alone: no backup is there to lose (an init stopped
+    between its key file and its config, a kill say)."""
+    return ("; it holds no backup (no data, index or snapshots): an init stopped before it wrote its config "
+            "leaves that, and removing keys/ there lets init run again" if found == ["keys/"] else "")
+
+
 def missing_config(remote: Remote) -> Exception:
     """The error for a location without a config: no repository, or one that lost its config (then
-    nothing must be created over it, and no hint may lead to deleting what it holds)."""
+    nothing must be created over it, and no hint may lead to deleting what it holds but key files alone)."""
     found = repository_objects(remote)
     if not found:
         return RepositoryNotFound(f"no repository at {remote.display_url}")
     return CorruptObject("config", f"missing at {remote.display_url}, which holds repository objects "
-                                   f"({', '.join(found)}); put back a copy of the config file{KEY_IMPORT_HINT}")
+                                   f"({', '.join(found)}); put back a copy of the config file{KEY_IMPORT_HINT}"
+                                   f"{only_keys_hint(found)}")
 
 
 def no_key_files() -> CorruptObject:

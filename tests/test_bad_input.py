@@ -109,6 +109,13 @@ def test_an_init_whose_config_write_fails_leaves_no_key_file_behind(tmp_path, wr
     with pytest.raises(PermissionDenied):
         Repository.init(ConfigRefused(str(path)), PASSWORD, kdf_seconds=0)
     assert os.listdir(path / "keys") == []
+    stray_key = path / "keys" / "0123"  # as a kill between the two writes leaves it
+    stray_key.write_bytes(b"a key file")
+    for attempt in (lambda: Repository.init(str(path), PASSWORD, kdf_seconds=0),
+                    lambda: Repository.open(str(path), PASSWORD)):
+        with pytest.raises(ChunkvaultError, match="it holds no backup .* removing keys/ there lets init run again"):
+            attempt()
+    stray_key.unlink()
     Repository.init(str(path), PASSWORD, kdf_seconds=0).close()  # the cause mended, init runs again
 
 
