@@ -1,11 +1,14 @@
-"""Reading this machine's own small files (cache entries, the ledger, the key kept ahead) without
+"""This machine's own files: reading small ones (cache entries, the ledger, the key kept ahead) without
 waiting: a FIFO put in a file's place would hold ``open`` until a writer came, and each command that
-read it would hang.  Anything but a regular file is an OSError, as an unreadable file is."""
+read it would hang (anything but a regular file is an OSError, as an unreadable file is); and telling
+the leftovers of a killed writer (an export's temporary file, a verification's scratch directory)."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import time
 
 
 def read_regular(path: str, limit: int = -1) -> bytes:
@@ -18,6 +21,19 @@ def read_regular(path: str, limit: int = -1) -> bytes:
             return f.read(limit)
     finally:
         os.close(fd)
+
+
+def abandoned(fd: int, after: float) -> bool:
+    """Whether the file open at ``fd`` was left by a writer that is gone: its writer locks it for as long as
+    it runs, so one not written for ``after`` seconds (a lock may be yet to come on a new one) that no process
+    holds a lock on has none.  The lock is then this process's, until ``fd`` is closed."""
+    if time.time() - os.fstat(fd).st_mtime < after:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: its writer runs (or a file system without locks, where nothing is taken)
+        return False
+    return True
 
 
 def user_dir(variable: str, default: str) -> str | None:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 import blake3
 
 from .display import one_line, warn
+from .localfiles import abandoned
 from .errors import (ChunkvaultError, CorruptObject, NewerObject, SnapshotNotFound, StorageFull, UsageError,
                      VerificationFailed)
 from .processes import become_subreaper, carries, children, kill_group, stop_being_subreaper
@@ -635,12 +636,10 @@ def _remove_abandoned(where: str, warnings: list[str]) -> None:
         except OSError:
             continue
         try:
-            if time.time() - os.fstat(fd).st_mtime < ABANDONED_AFTER:
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            remove_tree(path)
-            warnings.append(f"removed the scratch directory {path} of a verify-restore that was killed")
-        except OSError:  # its run holds it, or it could not be removed: left as it is
+            if abandoned(fd, ABANDONED_AFTER):
+                remove_tree(path)
+                warnings.append(f"removed the scratch directory {path} of a verify-restore that was killed")
+        except OSError:  # it could not be removed: left as it is
             continue
         finally:
             os.close(fd)

@@ -44,6 +44,7 @@ import blake3
 import zstandard
 
 from chunkvault.chunker import ChunkerParams
+from chunkvault.localfiles import abandoned
 from chunkvault.errors import (ChunkvaultError, CorruptObject, MissingObject, NewerObject, UnsupportedFormat,
                                UsageError, WrongPassword, output_error)
 
@@ -484,12 +485,9 @@ def _remove_abandoned(directory: str, base: str) -> None:
         except OSError:
             continue
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < ABANDONED_AFTER:
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(path)
-        except OSError:  # its writer still holds it, or it went meanwhile
+            if stat.S_ISREG(os.fstat(fd).st_mode) and abandoned(fd, ABANDONED_AFTER):
+                os.unlink(path)
+        except OSError:  # it went meanwhile
             continue
         finally:
             os.close(fd)
