@@ -11,6 +11,7 @@ the rest restored, and the restore then fails naming them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fnmatch
@@ -889,7 +890,11 @@ class Restorer:
         checked, up to ``DELTA_HOLD_BYTES``: damaged data found before the first write leaves the file as it
         was.  A file cut short once written to (no space, damaged data past that) is removed: neither what it
         was nor what the snapshot holds; one a stop cut short is left for a rerun to finish."""
-        fd = self._open(e.path, os.O_RDONLY)  # one that holds the content may not be writable, and need not be
+        try:
+            fd = self._open(e.path, os.O_RDONLY)  # one that holds the content may not be writable, and need not be
+        except PermissionError:  # nor readable by this user (mode 0200): written anew, as a plain restore does
+            self._write_beside(e, (self.repo.read_blob(c) for c in e.chunk_ids()))
+            return
         try:
             st = self._regular(fd, e.path)
             anew = st.st_nlink > 1 or self._grants(st, e)
@@ -1055,8 +1060,8 @@ class Restorer:
             self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: not restored "
                                         "(no backup read its data)")
             return
-        if t == T_HARDLINK and self._damage_of(e.target) is not None:
-            self._link_not_restored(e)  # in place, left as the target has it, as the damaged file is
+        if t == T_HARDLINK:
+            self._restore_link(e)
             return
         pfd, name = self._make_room(e.path, t == T_DIR, keep_file=t == T_FILE)
         if t == T_DIR:
@@ -1066,6 +1071,10 @@ class Restorer:
                 st = _lstat(pfd, name)
                 if st is None or not stat.S_ISDIR(st.st_mode):
                     raise
+                if st.st_mode & 0o700 != 0o700 and st.st_uid == os.geteuid():
+                    # ours, read-only (0555, say): opened up to be written in, as a fresh restore makes its
+                    # directories; the recorded mode is set once all is in (``_finish_directory``)
+                    os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=pfd, follow_symlinks=False)
                 self._sweep_beside(e.path)
             self._dirs.append(e)
             self.result.dirs += 1
@@ -1075,20 +1084,6 @@ class Restorer:
             return
         if t == T_FILE:
             self._restore_file(e, pf)
-        elif t == T_HARDLINK:
-            try:
-                spfd, sname = self.at(e.target)
-                present = _lstat(spfd, sname) is not None
-            except (FileNotFoundError, NotADirectoryError):
-                present = False
-            except TargetUnwritable:
-                raise TargetUnwritable(f"a symbolic link in the target leads the directory of its target "
-                                       f"{os.fsdecode(e.target)} out of the target; not linked to through it") from None
-            if present:
-                os.link(sname, name, src_dir_fd=spfd, dst_dir_fd=pfd, follow_symlinks=False)
-                self.result.links += 1
-            else:
-                self._link_not_restored(e)
         elif t == T_SYMLINK:
             os.symlink(e.target, name, dir_fd=pfd)
             self._apply_meta(e)
@@ -1161,6 +1156,49 @@ class Restorer:
         it once whole)."""
         st = _lstat(*self.at(e.path))
         return st is not None and stat.S_ISREG(st.st_mode)
+
+    def _restore_link(self, e: Entry) -> None:
+        """A hard link to the file this restore put at its target path.  None to a file it did not write there
+        (damaged data, or a path the target would not take): in place, linked to what the target held, it
+        would pass stale data for restored; the link's path keeps what it holds.  Nor is what is there
+        removed before the link is made: in place, a file is linked beside it and renamed over, so a link
+        that cannot be made leaves it as it was."""
+        if self._damage_of(e.target) is not None:
+            self._link_not_restored(e)
+            return
+        target = os.fsdecode(e.target)
+        if any(path == target for path, _ in self.result.unwritten):
+            self._not_written(e.path, f"its target {target} could not be written; left as it was")
+            return
+        try:
+            spfd, sname = self.at(e.target)
+            source = _lstat(spfd, sname)
+        except (FileNotFoundError, NotADirectoryError):
+            source = None
+        except TargetUnwritable:
+            raise TargetUnwritable(f"a symbolic link in the target leads the directory of its target "
+                                   f"{target} out of the target; not linked to through it") from None
+        if source is None:
+            self._link_not_restored(e)
+            return
+        pfd, name = self.at(e.path, make=True)
+        st = None if self._fresh else _lstat(pfd, name)
+        if st is not None and (st.st_dev, st.st_ino) == (source.st_dev, source.st_ino):
+            pass  # linked already (a rerun in place)
+        elif st is None or stat.S_ISDIR(st.st_mode):
+            if st is not None:
+                self._remove(e.path, pfd, name, st)
+            os.link(sname, name, src_dir_fd=spfd, dst_dir_fd=pfd, follow_symlinks=False)
+        else:
+            tmp = BESIDE_PREFIX + secrets.token_hex(8).encode()
+            os.link(sname, tmp, src_dir_fd=spfd, dst_dir_fd=pfd, follow_symlinks=False)
+            try:
+                os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=pfd)
+                raise
+        self.result.links += 1
 
     def _link_not_restored(self, e: Entry) -> None:
         """A hard link whose target is not there, or whose data is damaged: damage takes the link down with

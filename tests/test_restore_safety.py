@@ -352,6 +352,7 @@ def test_a_path_longer_than_the_system_takes_is_restored_below_a_deep_target(tmp
 
 
 def test_a_read_only_directory_in_place_is_reported_and_the_rest_restored(tmp_path, unprivileged):
+    """Another user's: one of this user's own is opened up to be written in (the test below)."""
     repo = str(tmp_path / "repo")
     _cli("init", "-r", repo)
     src = tmp_path / "src"
@@ -366,6 +367,7 @@ def test_a_read_only_directory_in_place_is_reported_and_the_rest_restored(tmp_pa
     finally:
         os.chmod(src / "rodir", 0o755)
     (live / "zzz_after").write_bytes(b"changed")
+    os.chown(live / "rodir", 65534, 65534)
     try:
         proc = _cli("restore", "-r", repo, "latest", "--target", str(live), "--confirm", "RESTORE", ok=(14,),
                     unprivileged=True)
@@ -1060,3 +1062,119 @@ def test_the_summary_line_counts_the_links_restored(tmp_path):
     _cli("backup", "-r", repo, str(src))
     proc = _cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "out"))
     assert ": 1 files, 1 dirs, 2 links, " in proc.stdout
+
+
+def _linked_pair(tmp_path) -> tuple[str, Path, Path]:
+    """A repository whose snapshot has a/f and b/g as one file ("good"), and a target restored from it in
+    which a/f is stale and b/g a separate file that holds the right data."""
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo, "--kdf-time", "0")
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a" / "f").write_bytes(b"good\n")
+    os.link(src / "a" / "f", src / "b" / "g")
+    _cli("backup", "-r", repo, str(src))
+    target = tmp_path / "target"
+    _cli("restore", "-r", repo, "latest", "--target", str(target))
+    root = next(p for p in target.rglob("a") if p.is_dir()).parent
+    (root / "b" / "g").unlink()
+    (root / "b" / "g").write_bytes(b"good\n")
+    (root / "a" / "f").write_bytes(b"STALE\n")
+    return repo, target, root
+
+
+@pytest.mark.parametrize("delta", [[], ["--delta"]])
+def test_a_hard_link_is_not_joined_to_a_file_the_restore_could_not_write(tmp_path, unprivileged, delta):
+    """In place, a/f's directory refusing writes left the stale a/f there; b/g was then linked to it and counted
+    restored.  It keeps what it held, named among the entries not written."""
+    repo, target, root = _linked_pair(tmp_path)
+    os.chmod(root / "a" / "f", 0o444)  # nor can --delta write into it
+    os.chmod(root / "a", 0o555)
+    os.chown(root / "a", 65534, 65534)  # another user's: not opened up to be written in
+    try:
+        proc = _cli("restore", "-r", repo, "latest", "--target", str(target), "--confirm", "RESTORE", "--json",
+                    *delta, ok=(14,), unprivileged=True)
+    finally:
+        os.chmod(root / "a", 0o755)
+    result = json.loads(proc.stdout)
+    assert result["links"] == 0
+    reasons = {w["path"].rsplit("/", 2)[-2] + "/" + w["path"].rsplit("/", 1)[-1]: w["reason"]
+               for w in result["not_written"]}
+    assert "its target" in reasons["b/g"] and "could not be written; left as it was" in reasons["b/g"]
+    assert (root / "b" / "g").read_bytes() == b"good\n"
+    assert not os.path.samefile(root / "b" / "g", root / "a" / "f")
+
+
+def test_a_hard_link_that_cannot_be_made_leaves_what_its_path_holds(tmp_path):
+    """Its target's directory is a symbolic link out of the target: b/g was removed before the link was
+    refused, and the right file it held was lost."""
+    repo, target, root = _linked_pair(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.rmtree(root / "a")
+    os.symlink(outside, root / "a")
+    rel = os.path.relpath(root, target)
+    _cli("restore", "-r", repo, "latest", "--target", str(target), "--confirm", "RESTORE",
+         "--include", f"{rel}/a/f", "--include", f"{rel}/b/g", ok=(14,))
+    assert (root / "b" / "g").read_bytes() == b"good\n" and os.listdir(outside) == []
+
+
+def test_hard_links_restored_in_place_replace_the_files_there_and_leave_nothing_beside(tmp_path):
+    """Linked beside the file there and renamed over it; a link already right (a rerun) is left as it is."""
+    repo, target, root = _linked_pair(tmp_path)
+    for _ in range(2):
+        _cli("restore", "-r", repo, "latest", "--target", str(target), "--confirm", "RESTORE")
+        assert os.path.samefile(root / "b" / "g", root / "a" / "f")
+        assert (root / "b" / "g").read_bytes() == b"good\n"
+        assert sorted(os.listdir(root / "b")) == ["g"]
+
+
+def test_delta_rewrites_a_file_this_user_may_not_read(tmp_path, unprivileged):
+    """Mode 0200: --delta could not rerun a restore over the tree it had made itself (it opened the file to
+    compare it); it is written anew, as a plain restore in place writes it."""
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo, "--kdf-time", "0")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "wo").write_bytes(b"write only\n")
+    os.chmod(src / "wo", 0o200)
+    _cli("backup", "-r", repo, str(src))
+    target = tmp_path / "target"
+    target.mkdir()
+    os.chmod(target, 0o777)
+    _cli("restore", "-r", repo, "latest", "--target", str(target), unprivileged=True)
+    restored = next(target.rglob("wo"))
+    os.chmod(restored, 0o600)
+    restored.write_bytes(b"changed since\n")
+    os.chmod(restored, 0o200)
+    _cli("restore", "-r", repo, "latest", "--target", str(target), "--confirm", "RESTORE", "--delta",
+         unprivileged=True)
+    assert restored.read_bytes() == b"write only\n" and stat_mode(restored) == 0o200
+
+
+def stat_mode(path: Path) -> int:
+    return os.lstat(path).st_mode & 0o7777
+
+
+def test_a_plain_restore_in_place_writes_into_a_read_only_directory_of_this_user(tmp_path, unprivileged):
+    """Mode 0555 as backed up: --delta and a fresh restore wrote into it, a plain restore in place failed
+    (exit 14).  It is opened up while written, and given its recorded mode at the end."""
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo, "--kdf-time", "0")
+    src = tmp_path / "src"
+    (src / "ro").mkdir(parents=True)
+    (src / "ro" / "f").write_bytes(b"first\n")
+    os.chmod(src / "ro", 0o555)
+    first = json.loads(_cli("backup", "-r", repo, str(src), "--json").stdout)["id"]
+    os.chmod(src / "ro", 0o755)
+    (src / "ro" / "f").write_bytes(b"second\n")
+    os.chmod(src / "ro", 0o555)
+    _cli("backup", "-r", repo, str(src))
+    target = tmp_path / "target"
+    target.mkdir()
+    os.chmod(target, 0o777)
+    _cli("restore", "-r", repo, "latest", "--target", str(target), unprivileged=True)
+    _cli("restore", "-r", repo, first, "--target", str(target), "--confirm", "RESTORE", unprivileged=True)
+    ro = next(target.rglob("ro"))
+    assert (ro / "f").read_bytes() == b"first\n" and stat_mode(ro) == 0o555
