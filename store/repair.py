@@ -42,9 +42,10 @@ class RepairReport:
     salvaged: list[PackSalvage] = field(default_factory=list)
     baseless_packs: list[str] = field(default_factory=list)  # packs holding deltas whose base is lost
     kept_packs: list[str] = field(default_factory=list)  # header unreadable: the old index's entries kept
+    dry_run: bool = False
 
     def to_dict(self) -> dict:
-        return {"packs": self.packs, "blobs": self.blobs, "unreadable_packs": self.unreadable_packs,
+        return {"dry_run": self.dry_run, "packs": self.packs, "blobs": self.blobs, "unreadable_packs": self.unreadable_packs,
                 "kept_packs": self.kept_packs, "baseless_packs": self.baseless_packs,
                 "dropped": [{"snapshot": s, "path": p} for s, p in self.dropped], "rewritten": self.rewritten,
                 "unrestorable": [{"snapshot": s, "reason": r} for s, r in self.unrestorable], "newer": self.newer,
@@ -91,6 +92,14 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
                     continue
                 index.packs[pid] = listed[pid]
                 report.kept_packs.append(f"{o.key}: {exc}")
+        for pid, bad in _unverified_unlisted(repo, {pid: e for pid, e in index.packs.items() if not listed.get(pid)}
+                                             ).items():
+            report.unreadable_packs.append(f"{pack_key(pid)}: in no index, and {len(bad)} of its blob(s) do not "
+                                           "verify (damaged, or not sealed with this repository's key): left out "
+                                           "of the index")
+            index.packs[pid] = [e for e in index.packs[pid] if e not in bad]
+            if not index.packs[pid]:
+                del index.packs[pid]
         for pid in _misnamed_copies(repo, index.packs, sizes):
             report.unreadable_packs.append(f"{pack_key(pid)}: its content does not match its name (a copy of "
                                            "another pack under a new name?)")
@@ -112,6 +121,20 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
         replace_index(repo, index, old, lock.ensure_held, carried_forward(datas.values()))
         repo.load_index()
     return report
+
+
+def _unverified_unlisted(repo: Repo, unlisted: dict[bytes, list[PackEntry]]) -> dict[bytes, set[PackEntry]]:
+    """Of packs no index listed, the blobs that do not verify, by pack.  Such a pack is a backup's that ended
+    before its index (its blobs whole), or one a `repair packs` stopped before deleting it had taken out of
+    the index for its damage: indexed again unread, a damaged blob was deduplicated against by the next
+    backup, which then did not restore.  Only these packs are read whole."""
+    verified = verify_copies(repo, unlisted) if unlisted else {}
+    bad: dict[bytes, set[PackEntry]] = {}
+    for pid, entries in unlisted.items():
+        for e in entries:
+            if not verified[(pid, e.offset)]:
+                bad.setdefault(pid, set()).add(e)
+    return bad
 
 
 def _misnamed_copies(repo: Repo, packs: dict[bytes, list[PackEntry]], sizes: dict[bytes, int]) -> list[bytes]:
@@ -172,17 +195,27 @@ def _read_header(repo: Repo, key: str, size: int) -> list[PackEntry]:
     return fetch_header(repo.sealer, lambda offset, length: repo.remote.get(key, offset, length), size, key).entries
 
 
-def _resolve_packs(specs: list[str], known: Iterable[bytes]) -> list[bytes]:
-    """Pack ids from full ids, unique prefixes, or ``data/..`` keys."""
+def _resolve_packs(specs: list[str], known: Iterable[bytes], report: RepairReport) -> list[bytes]:
+    """Pack ids from full ids, unique prefixes, or ``data/..`` keys.  One that names no pack at all, stored
+    or indexed, is noted in ``report`` while others are found: a repair killed after it deleted some of the
+    packs it was given is run again as it was."""
     out = []
+    gone = []
     for spec in specs:
         want = spec.rsplit("/", 1)[-1].lower()
         if len(want) < 4:
             raise UsageError(f"pack {spec!r}: give at least 4 hex digits of its id")
         found = [p for p in known if p.hex().startswith(want)]
-        if len(found) != 1:
-            raise UsageError(f"pack {spec!r}: {f'matches {len(found)} packs' if found else 'no such pack'}")
-        out.append(found[0])
+        if len(found) > 1:
+            raise UsageError(f"pack {spec!r}: matches {len(found)} packs")
+        if found:
+            out.append(found[0])
+        else:
+            gone.append(spec)
+    if gone and not out:
+        raise UsageError(f"pack {gone[0]!r}: no such pack, stored or indexed")
+    report.unreadable_packs += [f"pack {spec!r}: no such pack, stored or indexed (a repair that was stopped "
+                                "deleted it already?): left out" for spec in gone]
     return list(dict.fromkeys(out))
 
 
@@ -195,11 +228,11 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
     next backup of its data stores it again.  Killed at any point, every blob that could be read still
     is.  The files that needed a lost blob are then `repair snapshots`' to drop.
     """
-    report = RepairReport()
+    report = RepairReport(dry_run=dry_run)
     with RepoLock(repo.remote, EXCLUSIVE, "repair packs", wait=wait) as lock:
         names, packs, superseded = indexed_packs(repo)
         stored = repo.stored_packs()
-        named = _resolve_packs(specs, packs.keys() | stored.keys())
+        named = _resolve_packs(specs, packs.keys() | stored.keys(), report)
         # Unindexed packs may hold the bases of deltas this would drop as baseless.
         _require_indexed(repo, {pid: size for pid, size in stored.items() if pid not in packs and pid not in named},
                          report)
@@ -210,11 +243,13 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
                 read[pid] = _read_intact(repo, pid, packs.get(pid), stored)
                 if pid not in named and not read[pid][0].problem:
                     read[pid][0].problem = "holds deltas whose base is lost"
-            readable = readable_ids([e for pid, entries in packs.items() if pid not in read for e in entries]
-                                    + [e for _, _, intact in read.values() for e in intact])
+            # (an indexed pack that is not stored holds nothing: its blobs are no copies of these)
+            readable = readable_ids([e for pid, entries in packs.items() if pid not in read and pid in stored
+                                     for e in entries] + [e for _, _, intact in read.values() for e in intact])
             todo = [pid for pid, entries in packs.items() if pid not in read
                     and any(e.kind == KIND_DELTA and e.base_id not in readable for e in entries)]
-        elsewhere = {e.blob_id for pid, entries in packs.items() if pid not in read for e in entries}
+        elsewhere = {e.blob_id for pid, entries in packs.items() if pid not in read and pid in stored
+                     for e in entries}
         # A blob that verifies anywhere among these packs is kept, wherever it was meant to be: two packs'
         # files swapped hold each other's blobs, found through their own headers.
         pooled = {e.blob_id: (e, env) for _, _, intact in read.values() for e, env in intact.items()}
@@ -297,7 +332,7 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
     missing.  A snapshot whose manifest cannot be read is beyond repair, and so is every
     differential built on it (its chain needs that manifest): those are listed, to be forgotten.
     """
-    report = RepairReport()
+    report = RepairReport(dry_run=dry_run)
     with RepoLock(repo.remote, EXCLUSIVE, "repair snapshots", wait=wait) as lock:
         repo.load_index()
         index = repo.index

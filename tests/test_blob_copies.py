@@ -125,3 +125,20 @@ def test_the_other_copies_are_known_whatever_order_the_index_objects_come_in(sto
         assert all(o is not None and len(o) == 1 and o[0][1] is not None for o in others)
         seen.append((held, others))
     assert seen[0] == seen[1]
+
+
+def test_repair_packs_keeps_a_blob_whose_other_copy_is_in_a_pack_that_is_gone(stored_twice, tmp_path):
+    """The other copy's pack indexed but missing: the blob was taken for kept there, and deleted with the
+    pack named, though that pack held it whole."""
+    repo_dir, repo, first, second, content = stored_twice(delta=False)
+    blob = chunk_ids(repo, first, "db")[4]
+    repo.store.load_index()
+    held, others = copies_of(repo.store, blob)
+    os.remove(pack_of(repo_dir, others[0][0], repo.store))
+    named = pack_of(repo_dir, held, repo.store).name
+    report = repo.repair_packs([named], dry_run=False)
+    (salvage,) = report.salvaged
+    assert salvage.salvaged == 1 and not salvage.lost
+    assert repo.store.read_blob(blob) is not None
+    repo.restore(first.id, str(tmp_path / "out"), processes=1)
+    assert (tmp_path / "out" / "db").read_bytes() == content

@@ -366,7 +366,10 @@ def test_repair_packs_of_a_missing_pack_and_bad_arguments(small_files, cli, pass
     for args in (["packs"], ["packs", "ffffffffff"], ["packs", path.name[:2]], ["snapshots", path.name]):
         assert cli("repair", "-r", str(repo_dir), *args, check=False).returncode == 2
     os.remove(path)
+    dry = json.loads(cli("repair", "-r", str(repo_dir), "packs", path.name, "--json").stdout)
+    assert dry["dry_run"] is True
     out = json.loads(cli("repair", "-r", str(repo_dir), "packs", path.name, "--confirm", "REPAIR", "--json").stdout)
+    assert out["dry_run"] is False
     (salvage,) = out["salvaged"]
     assert salvage["problem"] == "pack is missing" and salvage["salvaged"] == 0 and victim.hex() in salvage["lost"]
     repo = Repository.open(str(repo_dir), password)
@@ -1087,9 +1090,8 @@ def test_repair_index_leaves_out_a_look_alike_pack_whose_copies_do_not_verify(sm
     repaired = repo.repair_index()
     assert repaired.blobs == len(entries) + len(snap.manifest)  # the look-alike's copies that verify stay
     assert [u for u in repaired.unreadable_packs if "do not verify" in u] == [
-        f"data/{planted.parent.name}/{planted.name}: {len(entries) - len(snap.manifest)} blob(s) that another "
-        "pack also holds do not verify here (damaged, or not sealed with this repository's key): left out of "
-        "the index"]
+        f"data/{planted.parent.name}/{planted.name}: in no index, and {len(entries) - len(snap.manifest)} of its "
+        "blob(s) do not verify (damaged, or not sealed with this repository's key): left out of the index"]
     repo.prune()
     assert real.exists()
     repo.restore(snap.id, str(tmp_path / "out"))
@@ -1226,3 +1228,64 @@ def test_prune_reads_the_copies_it_verifies_a_pack_at_a_time(tmp_path):
     assert reads and len(reads) <= 2 * len(packs)  # a pack's copies in a run or two, not 300 requests
     repo.prune(max_unused=0)
     assert repo.check(read_data=True).ok
+
+
+def _two_damaged_packs(tmp_path, new_repo):
+    """A repository of three small packs, a byte flipped in one blob of each of the first two."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(11)
+    for i in range(3):
+        (src / f"f{i}").write_bytes(rnd.randbytes(900_000))
+    repo = new_repo(str(tmp_path / "repo"), pack_size=1_000_000)
+    snap = repo.backup([str(src)]).snapshot
+    damaged = []
+    for victim in (c for name in ("f0", "f1", "f2") for c in chunk_ids(repo, snap, name)):
+        pack = pack_path(tmp_path / "repo", repo, victim)
+        if pack.name in damaged:
+            continue
+        loc = repo.store.locate(victim)
+        flip(pack, loc.offset + loc.length // 2)
+        damaged.append(pack.name)
+        if len(damaged) == 2:
+            return repo, snap, src, damaged
+    raise AssertionError("the data fits one pack")
+
+
+@pytest.mark.parametrize("then", ["again", "repair index"])
+def test_a_repair_of_packs_stopped_midway_is_run_again_or_mended_by_repair_index(tmp_path, new_repo, password,
+                                                                                 monkeypatch, then):
+    """Stopped after it deleted the first pack: run again, it refused ("no such pack"); `repair index`, as
+    check advised, indexed the second pack again whole, damaged blob included, and the next backup
+    deduplicated against it and did not restore."""
+    repo, snap, src, damaged = _two_damaged_packs(tmp_path, new_repo)
+    real_delete = type(repo.store.remote).delete
+    deleted = []
+
+    def killed_after_one(self, key):
+        if key.startswith("data/"):
+            if deleted:
+                raise KeyboardInterrupt
+            deleted.append(key)
+        real_delete(self, key)
+
+    monkeypatch.setattr(type(repo.store.remote), "delete", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        repo.repair_packs(damaged, dry_run=False)
+    monkeypatch.undo()
+    repo = Repository.open(str(tmp_path / "repo"), password)
+    if then == "again":
+        report = repo.repair_packs(damaged, dry_run=False)
+        assert any("no such pack" in p for p in report.unreadable_packs)
+    else:
+        report = repo.repair_index()
+        assert any("do not verify" in p for p in report.unreadable_packs)
+    repo.repair_snapshots(dry_run=False)
+    after = repo.backup([str(src)]).snapshot
+    repo.restore(after.id, str(tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == \
+        {p.name: p.read_bytes() for p in src.iterdir()}
+    if then == "repair index":  # the pack it indexed again in part still holds the damaged bytes
+        repo.repair_packs(damaged[1:], dry_run=False)
+    assert repo.check(read_data=True).ok
+
