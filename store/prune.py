@@ -24,7 +24,7 @@ from .blob import KIND_DELTA, open_blob, open_envelope
 from .chain import broken_chains
 from .indexfile import INDEX_SLACK, IndexData, split_index
 from .locks import EXCLUSIVE, RepoLock
-from .pack import ENTRY_SIZE, PackEntry
+from .pack import ENTRY_SIZE, PackEntry, fetch_header
 from .repository import OBJECT_READERS, PreparedBlob, Repo, pack_key, superseded_names
 from .usage import with_bases
 
@@ -188,6 +188,41 @@ def _unverified_keeps(repo: Repo, packs: dict[bytes, list[PackEntry]], plan: Pru
                           RepositoryStateWarning, stacklevel=2)
             failed.add((pid, e.offset))
     return failed
+
+
+def _deletable_orphans(repo: Repo, orphans: dict[bytes, int], packs: dict[bytes, list[PackEntry]],
+                       used: set[bytes], known: dict[bytes, PackEntry], verified: dict[tuple[bytes, int], bool]
+                       ) -> list[tuple[str, int]]:
+    """The packs in no index that may go: (key, size).  One whose header lists blobs the snapshots use is
+    kept, with a warning, unless the copy of each that the index gives verifies: an index object written by
+    whoever may only add (a compromised client with an append-only token) could point those blobs at other
+    bytes and supersede the objects that listed the real pack, which the next prune then deleted as a
+    killed backup's leftover, for good.  Only such orphans' headers and those indexed copies are read."""
+    where = {id(e): pid for pid, entries in packs.items() for e in entries}
+    holding: dict[bytes, list[bytes]] = {}
+    for pid, size in orphans.items():
+        try:
+            entries = fetch_header(repo.sealer, lambda o, n, k=pack_key(pid): repo.remote.get(k, o, n), size,
+                                   pack_key(pid)).entries
+        except (ChunkvaultError, ValueError):  # nothing in it can be found: no copy of anything
+            continue
+        holding[pid] = [e.blob_id for e in entries if e.blob_id in used and e.blob_id in known]
+    todo: dict[bytes, list[PackEntry]] = {}
+    for blob_id in {b for ids in holding.values() for b in ids}:
+        e = known[blob_id]
+        if (where[id(e)], e.offset) not in verified:
+            todo.setdefault(where[id(e)], []).append(e)
+    verified.update(verify_copies(repo, todo))
+    out = []
+    for pid, size in orphans.items():
+        bad = [b for b in holding.get(pid, ()) if not verified[(where[id(known[b])], known[b].offset)]]
+        if bad:
+            warnings.warn(f"{pack_key(pid)} is in no index but holds {len(bad)} blob(s) that snapshots use whose "
+                          "indexed copy does not verify (blob " + bad[0].hex() + "): kept; `repair index` indexes "
+                          "it again", RepositoryStateWarning, stacklevel=3)
+            continue
+        out.append((pack_key(pid), size))
+    return out
 
 
 def verify_copies(repo: Repo, copies: dict[bytes, list[PackEntry]]) -> dict[tuple[bytes, int], bool]:
@@ -436,8 +471,8 @@ def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = No
         if not failed:
             break
         spurned |= failed
-    orphans = [(pack_key(pid), size) for pid, size in sizes.items() if pid not in packs]
-    plan.orphans = orphans
+    plan.orphans = _deletable_orphans(repo, {pid: size for pid, size in sizes.items() if pid not in packs}, packs,
+                                      used, known, verified)
     plan.index_names = names
     plan.dead_indexes, plan.freed_early = dead_index_objects(live, names, {p.pack_id for p in plan.delete})
     plan.superseded = carried_forward(live.values())

@@ -709,3 +709,41 @@ def test_a_prune_with_nothing_to_do_leaves_the_index_as_it_is(tmp_path, new_repo
     out = tmp_path / "out"
     repo.restore("latest", str(out))
     assert sorted(os.listdir(out)) == ["a"]
+
+
+def test_a_pack_an_added_index_took_out_of_the_index_is_not_pruned_while_it_holds_what_snapshots_use(
+        tmp_path, new_repo):
+    """Whoever may only add objects (an append-only token) wrote a pack of junk and an index object that
+    points a real pack's blobs at it and supersedes every other: the next prune deleted the real pack as a
+    killed backup's leftover, for good.  It is kept, with a warning, and `repair index` makes all whole."""
+    import random
+
+    from chunkvault.errors import RepositoryStateWarning
+    from chunkvault.store.crypto import content_name
+    from chunkvault.store.indexfile import IndexData, decode_index
+    from chunkvault.store.repository import pack_key
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(random.Random(4).randbytes(3 << 20))
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    store = repo.store
+    names = store.index_names()
+    packs = {}
+    for n in names:
+        packs.update(decode_index(store.sealer, store.remote.get(f"index/{n}"), n).packs)
+    real = max(packs, key=lambda p: sum(e.length for e in packs[p]))
+    entries = packs.pop(real)
+    junk = os.urandom(max(e.offset + e.length for e in entries) + 64)
+    junk_id = bytes.fromhex(content_name(junk))
+    store.remote.put(pack_key(junk_id), junk, if_absent=True)
+    packs[junk_id] = entries
+    store.write_index(IndexData(packs=packs, supersedes=[bytes.fromhex(n) for n in names]))
+    with pytest.warns(RepositoryStateWarning, match=f"{pack_key(real)} is in no index but holds"):
+        plan = repo.prune()
+    assert pack_key(real) not in [key for key, _ in plan.orphans]
+    assert store.remote.stat(pack_key(real)) is not None
+    repo.repair_index()
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "f").read_bytes() == (src / "f").read_bytes()
