@@ -187,6 +187,20 @@ def _blocks(body: bytes) -> Iterator[memoryview]:
         yield view[start : start + SEND_BLOCK]
 
 
+def _check_ca_file(path: str) -> None:
+    """UsageError naming a CA file that cannot be used: one holding no certificate failed every TLS handshake,
+    which was retried as an outage for half a minute and then called the service unavailable."""
+    if os.path.isdir(path):
+        raise UsageError(f"HTTP CA file {path} is a directory (give the certificate file)")
+    if not os.path.isfile(path):
+        raise UsageError(f"HTTP CA file {path} does not exist")
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise UsageError(f"HTTP CA file {path} holds no certificate that loads "
+                         f"({getattr(exc, 'reason', None) or exc})") from None
+
+
 class HTTPRemote(Remote):
     """Objects on a ``chunkvault serve`` service; one thread-safe connection pool per remote."""
 
@@ -206,8 +220,8 @@ class HTTPRemote(Remote):
         self._origin, self._base, self.display_url = parse_http_url(url)
         self._token = resolve_token(token, token_file)
         ca_file = ca_file or os.environ.get(CA_FILE_ENV) or None
-        if ca_file and not os.path.isfile(str(ca_file)):
-            raise UsageError(f"HTTP CA file {ca_file} does not exist")
+        if ca_file:
+            _check_ca_file(str(ca_file))
         self.read_timeout = _number_option("read_timeout", read_timeout, 0.1)
         timeout = urllib3.Timeout(connect=_number_option("connect_timeout", connect_timeout, 0.1), read=self.read_timeout)
         pool_size = int(number_option("HTTP", "max_connections", max_connections, 1, int))

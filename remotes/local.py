@@ -406,6 +406,16 @@ class LocalRemote(Remote):
             raise _os_error(exc, f"stat {key}") from None
         return ObjectInfo(key, st.st_size, file_version(st))
 
+    def abandon_writes(self) -> None:
+        """Remove the temp files of the writes still under way: at a service's exit whose wait for its uploads
+        ran out, their threads end with the process and their temp files stayed until an hour-old cleanup
+        (a write that ends meanwhile fails, or has its object already)."""
+        for tmp in list(self._writing):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         cutoff = time.time() - older_than
         removed = 0

@@ -1212,6 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.shutdown()
             server.server_close()  # the port is free at once: a new service may take it while these finish
-            server.wait_idle(10.0)
+            if not server.wait_idle(10.0):
+                server.remote.abandon_writes()
     server.log("stopped", always=True)
     return 0

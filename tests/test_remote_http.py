@@ -348,6 +348,17 @@ def test_tls_with_self_signed_certificate(serve_factory, tmp_path, monkeypatch):
     assert server.log().count("plain HTTP request refused") == 2  # the two plain requests above only
 
 
+def test_a_ca_file_that_cannot_be_used_is_refused_at_once_by_name(tmp_path):
+    """One holding no certificate failed every handshake, retried as an outage for half a minute and then
+    called the service unavailable (exit 14); a directory was said not to exist."""
+    bad = tmp_path / "notacert.pem"
+    bad.write_text("not a certificate\n")
+    for path, said in ((bad, "holds no certificate that loads"), (tmp_path, "is a directory"),
+                       (tmp_path / "absent.pem", "does not exist")):
+        with pytest.raises(UsageError, match=f"HTTP CA file {re.escape(str(path))} {said}"):
+            HTTPRemote.from_url("https://127.0.0.1:6362/", token=FULL_TOKEN, ca_file=str(path))
+
+
 def test_a_certificate_for_another_name_is_told_apart_from_an_untrusted_one(serve_factory, tmp_path):
     """The hint said to set the CA file, which was set: the name is what is wrong."""
     cert, key = make_self_signed(tmp_path, host="127.0.0.2")
@@ -615,6 +626,23 @@ def test_a_stopping_service_frees_its_port_while_it_finishes_an_upload(http_serv
     assert http_server.proc.wait(15) == 0  # a second SIGTERM would cut its wait short
     http_server.returncode = 0
     assert (http_server.path / KEY).read_bytes() == body
+
+
+def test_a_service_stopped_during_an_upload_that_never_ends_leaves_no_temp_file(http_server):
+    """Its wait for the upload ran out and it exited: the upload's thread ended with the process, and its temp
+    file stayed until a cleanup an hour later (the listing hides it from clients)."""
+    conn = socket.create_connection(("127.0.0.1", http_server.port), timeout=10)
+    conn.sendall(f"PUT /objects/{KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n"
+                 f"Content-Length: 10000000\r\n\r\n".encode() + os.urandom(300_000))
+    deadline = time.monotonic() + 10
+    while not list(http_server.path.rglob(TEMP_PREFIX + "*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(http_server.path.rglob(TEMP_PREFIX + "*"))
+    http_server.proc.send_signal(signal.SIGTERM)
+    assert http_server.proc.wait(60) == 0
+    http_server.returncode = 0
+    conn.close()
+    assert not list(http_server.path.rglob(TEMP_PREFIX + "*"))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
