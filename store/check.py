@@ -233,6 +233,7 @@ class Checker:
     def _load_snapshots(self) -> list[Snapshot]:
         snaps = []
         newer: set[str] = set()
+        damaged: set[str] = set()
         for name in self.repo.snapshot_names():
             try:
                 snaps.append(self.repo.load_snapshot(name))
@@ -243,6 +244,7 @@ class Checker:
                 newer.add(name)
             except ChunkvaultError as exc:
                 self.problem(f"snapshots/{name}", _said(exc, f"snapshots/{name}")).snapshots.append(name)
+                damaged.add(name)
         self.report.snapshots = len(snaps)
         chain_of = self.repo.chains(snaps)
         unreached = broken_chains({s.id: s.parent for s in snaps})  # -> the ancestor not loaded
@@ -257,6 +259,8 @@ class Checker:
                     self.report.warnings.append(f"snapshots/{s.id}: built on snapshot {above[:8]}, which a newer "
                                                 "chunkvault wrote; not checked")
                     continue
+                if above in damaged:  # there, but it does not load: not "missing"
+                    exc = f"snapshot {above[:8]} of its chain does not load (see snapshots/{above})"
                 self.problem(f"snapshots/{s.id}", f"chain does not resolve: {exc}").snapshots.append(s.id)
         return snaps
 
@@ -331,6 +335,15 @@ class Checker:
             if stored[pid] < PACK_FIXED_OVERHEAD:
                 self.report.warnings.append(f"{pack_key(pid)} is in no index and too short to be a pack "
                                             f"({stored[pid]} bytes): an interrupted copy? prune deletes it")
+                continue
+            key = pack_key(pid)
+            try:
+                fetch_header(repo.sealer, lambda o, n, k=key: repo.remote.get(k, o, n), stored[pid], key)
+            except RemoteUnavailable:
+                raise
+            except (ChunkvaultError, ValueError) as exc:  # nothing in it can be found: `repair index` cannot add it
+                self.report.warnings.append(f"{key} is in no index, and its header does not read ({exc}): nothing "
+                                            "in it can be found (not a pack of this repository?); prune deletes it")
                 continue
             self.report.warnings.append(
                 f"{pack_key(pid)} is in no readable index (an index object is damaged: `repair index` adds it)"

@@ -297,3 +297,44 @@ def test_check_read_data_told_to_stop_reads_no_more_packs(tmp_path, new_repo):
     finally:
         check.kill()
     assert check.returncode == 130 and err.decode().strip() == "chunkvault: interrupted", err
+
+
+@pytest.mark.filterwarnings("ignore::chunkvault.ledger.RepositoryStateWarning")
+def test_a_differential_whose_parent_object_is_damaged_is_not_told_its_parent_is_missing(tmp_path, new_repo,
+                                                                                        password):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"one")
+    repo = new_repo(str(tmp_path / "repo"))
+    full = repo.backup([str(src)]).snapshot
+    (src / "f").write_bytes(b"two")
+    diff = repo.backup([str(src)]).snapshot
+    assert diff.parent == full.id
+    obj = tmp_path / "repo" / "snapshots" / full.id
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 1
+    obj.write_bytes(bytes(data))
+    report = Repository.open(str(tmp_path / "repo"), password).check()
+    said = {p.object: p.problem for p in report.problems}
+    assert said[f"snapshots/{diff.id}"] == (f"chain does not resolve: snapshot {full.id[:8]} of its chain does "
+                                            f"not load (see snapshots/{full.id})")
+
+
+def test_a_file_in_no_index_whose_header_does_not_read_is_not_sent_to_repair_index(tmp_path, new_repo, password):
+    """`repair index` cannot add it: check said it would, and said so again after every `repair index`."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    garbage = os.urandom(5000)
+    import blake3
+
+    name = blake3.blake3(garbage).hexdigest()
+    (tmp_path / "repo" / "data" / name[:2]).mkdir(exist_ok=True)
+    (tmp_path / "repo" / "data" / name[:2] / name).write_bytes(garbage)
+    repo = Repository.open(str(tmp_path / "repo"), password)
+    for _ in range(2):
+        (said,) = [w for w in repo.check().warnings if name in w]
+        assert "its header does not read" in said and "`repair index` adds it" not in said
+        repo.repair_index()
