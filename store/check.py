@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -16,7 +17,7 @@ from typing import Callable, Iterable
 import blake3
 
 from chunkvault.errors import (ChunkvaultError, CorruptObject, NewerObject, ObjectNotFound, RemoteUnavailable,
-                               UsageError)
+                               RepositoryStateWarning, UsageError)
 
 from . import forked
 from .blob import KIND_DELTA, open_blob
@@ -150,9 +151,29 @@ class Checker:
                 raise
             if packs_error:
                 raise packs_error[0]
+        if self.bad_blobs:
+            self._spare_copied()
         if self.bad_blobs or self.bad_manifests:
             self._attribute(snapshots)
         return self.report
+
+    def _spare_copied(self) -> None:
+        """A damaged (or lost) copy of a blob stored twice takes no file down while another copy reads:
+        reads go to that one.  Its problem stays (`repair packs` drops the damaged copy), saying so, and no
+        file is named for it.  Only blobs with other copies are read again here."""
+        repo = self.repo
+        for blob_id in [b for b in self.bad_blobs if b in repo._copies]:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RepositoryStateWarning)  # the switch to the other copy
+                    repo.read_blob(blob_id, verify=True)
+            except RemoteUnavailable:
+                raise
+            except ChunkvaultError:
+                continue
+            p = self.bad_blobs.pop(blob_id)
+            if p.object == f"blob {blob_id.hex()}":  # its own problem (a lost pack's is its other blobs' too)
+                p.problem += " (another copy of it reads: no file is lost; restores read that one)"
 
     def _check_config_and_keys(self) -> None:
         """The objects that open the repository, read again: a Repository kept open since (a service's)

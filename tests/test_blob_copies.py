@@ -142,3 +142,25 @@ def test_repair_packs_keeps_a_blob_whose_other_copy_is_in_a_pack_that_is_gone(st
     assert repo.store.read_blob(blob) is not None
     repo.restore(first.id, str(tmp_path / "out"), processes=1)
     assert (tmp_path / "out" / "db").read_bytes() == content
+
+
+@pytest.mark.parametrize("damage", ["flipped", "lost"])
+def test_check_names_the_damaged_copy_but_no_file_when_another_copy_reads(stored_twice, tmp_path, damage):
+    """`check --read-data` listed the files of a blob whose other copy is whole as damaged, though every
+    restore of them succeeded."""
+    repo_dir, repo, first, second, content = stored_twice(delta=False)
+    blob = chunk_ids(repo, first, "db")[3]
+    repo.store.load_index()
+    held, _ = copies_of(repo.store, blob)
+    victim = pack_of(repo_dir, held, repo.store)
+    if damage == "flipped":
+        flip(victim, held.offset + held.length // 2)
+    else:
+        os.remove(victim)
+    report = repo.check(read_data=True)
+    assert not report.ok  # the damaged copy is named, for `repair packs`
+    assert any(victim.name in p.object + p.problem for p in report.problems)
+    assert not [p for p in report.problems if p.files]
+    if damage == "flipped":
+        (own,) = [p for p in report.problems if p.object == f"blob {blob.hex()}"]
+        assert "another copy of it reads: no file is lost" in own.problem
