@@ -216,7 +216,10 @@ class Checker:
         """Every pack the (non-superseded) index objects list, with where its entries lie; each delta whose
         base cannot be read, or whose chain is too long, is a problem."""
         repo = self.repo
-        names = repo.index_names()
+        strays: list[str] = []
+        names = repo.index_names(strays)
+        self.report.warnings += [f"unexpected object {key} (no index object is kept under that name)"
+                                 for key in strays]
         read = repo.read_index_objects(names, fresh=True)  # the stored copies: a cached one hides their damage
         datas = [(name, got) for name, got in read if isinstance(got, IndexColumns)]
         superseded = superseded_names(got for _, got in datas)

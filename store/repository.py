@@ -422,11 +422,18 @@ class Repo:
         pack of that name is kept, left out: ``pack_id_of``)."""
         return {pid: o.size for o in self.remote.list("data/") if (pid := pack_id_of(o.key)) is not None}
 
-    def index_names(self) -> list[str]:
+    def index_names(self, strays: list[str] | None = None) -> list[str]:
         """Every index object's name; objects not named as one (another repository nested below, a stray
         file, an object an append-only client planted) are left out, as ``stored_packs`` leaves them:
-        reported as damaged index objects, they stopped every backup, and `repair index` with them."""
-        return [name for o in self.remote.list("index/") if OBJECT_ID.fullmatch(name := o.key.split("/", 1)[1])]
+        reported as damaged index objects, they stopped every backup, and `repair index` with them.  Their
+        keys go to ``strays``, when given (``check`` names them)."""
+        names = []
+        for o in self.remote.list("index/"):
+            if OBJECT_ID.fullmatch(name := o.key.split("/", 1)[1]):
+                names.append(name)
+            elif strays is not None:
+                strays.append(o.key)
+        return names
 
     def read_index_objects(self, names: list[str], *, fresh: bool = False
                            ) -> list[tuple[str, IndexColumns | CorruptObject | ObjectNotFound]]:

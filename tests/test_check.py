@@ -338,3 +338,10 @@ def test_a_file_in_no_index_whose_header_does_not_read_is_not_sent_to_repair_ind
         (said,) = [w for w in repo.check().warnings if name in w]
         assert "its header does not read" in said and "`repair index` adds it" not in said
         repo.repair_index()
+
+
+def test_a_stray_file_among_the_index_objects_is_named_as_one_among_the_packs_is(repo_with_data, password):
+    root = repo_with_data[0]
+    (root / "index" / "notes.txt").write_text("left here")
+    (said,) = [w for w in Repository.open(str(root), password).check().warnings if "notes.txt" in w]
+    assert said == "unexpected object index/notes.txt (no index object is kept under that name)"
