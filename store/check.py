@@ -424,7 +424,10 @@ class Checker:
                 self.bad_blobs[e.blob_id] = p
             return
         if sorted(header) != sorted(entries):
-            self.problem(key, "pack header and index disagree")
+            unlisted, unheld = len(set(header) - set(entries)), len(set(entries) - set(header))
+            self.problem(key, f"pack header and index disagree ({unlisted} blob(s) its header lists are not "
+                              f"indexed so, {unheld} indexed here are not in its header): `repair packs "
+                              f"{pid.hex()[:12]}` keeps what of it verifies")
         for blob_id, problem in found:
             self.bad_blobs[blob_id] = self.problem(f"blob {blob_id.hex()}", f"in {key}: {problem}")
 

@@ -254,9 +254,11 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
         # files swapped hold each other's blobs, found through their own headers.
         pooled = {e.blob_id: (e, env) for _, _, intact in read.values() for e, env in intact.items()}
         salvage: list[PreparedBlob] = []
-        for found, entries, _ in read.values():
+        for found, entries, intact in read.values():
             report.salvaged.append(found)
-            for e in entries:
+            listed = set(entries)
+            # and what its own header lists beside them that verifies (a blob the index lost)
+            for e in entries + [e for e in intact if e not in listed and e.blob_id not in elsewhere]:
                 if e.blob_id in elsewhere:  # another pack holds it: nothing to copy, nothing lost
                     continue
                 hit = pooled.get(e.blob_id)
