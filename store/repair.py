@@ -25,7 +25,7 @@ from .manifest_io import store_manifest
 from .pack import PackEntry, fetch_header, readable_ids
 from .prune import (carried_forward, copy_intact, indexed_packs, packs_of, read_index_data, replace_index,
                     store_envelopes, verify_copies)
-from .repository import PreparedBlob, Repo, pack_id_of, pack_key
+from .repository import NOT_INDEXED, PreparedBlob, Repo, pack_id_of, pack_key
 from .rewrite import count_tree, save_counts
 from .snapshot import KIND_FULL, Snapshot
 
@@ -362,7 +362,10 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
             try:
                 paths = [rec.path for rec in repo.manifest_records(snap) if damaged(rec)]
             except CorruptObject as exc:
-                unreadable[snap.id] = f"{exc.object_name}: {exc.reason}"
+                # its manifest, not a file's data: what `repair snapshots` drops cannot mend it (the reason of
+                # a blob not indexed names this very command)
+                reason = exc.reason.replace(NOT_INDEXED, "not in the index")
+                unreadable[snap.id] = f"manifest {exc.object_name}: {reason}"
                 continue
             if paths:
                 damaged_paths[snap.id] = paths

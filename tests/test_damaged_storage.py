@@ -246,6 +246,16 @@ def test_lost_full_manifest_takes_its_differentials_down(chain, tmp_path, cli, p
     assert repo.check(read_data=True).ok
 
 
+def test_a_manifest_in_no_index_is_not_sent_to_repair_snapshots_by_repair_snapshots(chain, cli):
+    """Its reason named the very command as the way on (`repair snapshots` drops the files that need it)."""
+    repo_dir, repo, full, _diff, _ = chain
+    os.remove(pack_path(repo_dir, repo, bytes.fromhex(full.manifest[0])))
+    repo.repair_index()  # the pack dropped from the index: the manifest blob is in none now
+    text = cli("repair", "-r", str(repo_dir), "snapshots").stdout.decode()
+    assert f"cannot repair {full.id[:8]}: manifest blob {full.manifest[0]}: not in the index" in text
+    assert "`repair snapshots` drops" not in text
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_damaged_pack_check_names_what_fails_and_repair_saves_the_rest(tmp_path_factory, password, data):
