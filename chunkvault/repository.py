@@ -598,7 +598,7 @@ class Repository:
         capabilities, SELinux labels, ``user.*``).
 
         ``time``: the snapshot's time instead of now (ISO 8601 text, local when it has no zone, or an aware
-        datetime; not in the future): when the data was taken, e.g. the time of the file system snapshot
+        datetime; 1970 to 5 minutes ahead): when the data was taken, e.g. the time of the file system snapshot
         ``paths`` lie in, so that ``restore(until=...)`` finds it. The default parent is then the newest
         snapshot at or before it.
 
@@ -811,7 +811,10 @@ class Repository:
         """The snapshots the filters select, and of them those named (all, when none are): a name is looked up
         among the selected, so ``latest`` with a host, tag or path is that source's newest (it was the
         repository's, which the filters then left out: `tag latest --path /db --add pinned` pinned nothing).
-        One the filters leave out is SnapshotNotFound, saying so."""
+        One the filters leave out is SnapshotNotFound, saying so.  With paths, ``latest`` is the newest of
+        exactly those paths, as `restore latest --path` takes it (not of any that includes them: `tag latest
+        --path /db --add pinned` pinned another source's snapshot than the one a restore would take)."""
+        paths = list(paths)
         chosen = select_snapshots(every, **_filters(hosts, tags, paths))
         if snapshots is None:
             return chosen
@@ -821,6 +824,8 @@ class Repository:
         for spec in _listed(snapshots):
             if isinstance(spec, Snapshot):
                 snap = spec
+            elif spec == "latest" and paths:
+                snap = find_snapshot(chosen, spec, filter_paths=paths)
             else:
                 try:
                     snap = among(spec)

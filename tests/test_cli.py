@@ -930,3 +930,12 @@ def test_latest_with_a_filter_is_the_newest_of_what_the_filter_selects(tmp_path,
     assert [s["paths"] for s in json.loads(cli("snapshots", "-r", other, "--json").stdout)] == [[str(db)]]
     refused = cli("tag", "-r", repo, web_id[:8], "--path", str(db), "--add", "x", check=12)
     assert b"is not among those the host, tag and path filters select" in refused.stderr
+    # a newer snapshot of db and web together includes db: latest --path db is still db's own, as restore
+    # takes it (tag pinned the other, and a forget --keep-tag pinned could remove the one a restore took)
+    both_id = json.loads(cli("backup", "-r", repo, str(db), str(web), "--json").stdout)["id"]
+    cli("tag", "-r", repo, "latest", "--path", str(db), "--add", "again")
+    tags = {s["id"]: s["tags"] for s in json.loads(cli("snapshots", "-r", repo, "--json").stdout)}
+    assert tags[db_id] == ["pinned", "again"] and tags[both_id] == []
+    restored = json.loads(cli("restore", "-r", repo, "latest", "--path", str(db), "--target", str(tmp_path / "r"),
+                              "--json").stdout)
+    assert restored["snapshot"] == db_id
