@@ -161,6 +161,9 @@ class S3Remote(Remote):
         self.data_storage_class = storage_class  # for data packs only
         self.multipart_threshold = _size_option("multipart_threshold", multipart_threshold)
         self.multipart_part_size = _size_option("multipart_part_size", multipart_part_size)
+        if not 5 * MiB <= self.multipart_part_size <= 5 * 1024 * MiB:  # S3's bounds: refused after each upload
+            raise UsageError(f"S3 option {spelled('multipart_part_size')} must be from 5M to 5G (S3's bounds "
+                             f"on a part), not {self.multipart_part_size}")
         endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
         if endpoint_url:
             ep = urlparse(endpoint_url)

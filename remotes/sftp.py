@@ -349,7 +349,7 @@ class SFTPRemote(Remote):
                         raise
                 else:
                     self._outdate(sftp, tmp, final)
-                    sftp.posix_rename(tmp, final)
+                    sftp.replace(tmp, final)
             except BaseException as exc:
                 try:
                     sftp.remove(tmp)

@@ -271,11 +271,25 @@ class SFTPClient:
         """The standard rename: fails where ``new`` exists."""
         self._request(_RENAME, _string(old) + _string(new), _STATUS)
 
-    def posix_rename(self, old: str, new: str) -> None:
-        """Rename replacing ``new`` (OpenSSH's ``posix-rename@openssh.com``)."""
-        if b"posix-rename@openssh.com" not in self.extensions:
-            raise OSError(f"the SFTP server cannot replace {new} by renaming (no posix-rename@openssh.com)")
-        self._request(_EXTENDED, _string(b"posix-rename@openssh.com") + _string(old) + _string(new), _STATUS)
+    def replace(self, old: str, new: str) -> None:
+        """Rename replacing ``new``: at once with OpenSSH's ``posix-rename@openssh.com``; on a server without it
+        (one that is not OpenSSH's) by the standard rename, and where ``new`` exists, by removing it first,
+        as restic does there (a reader may then find no ``new`` for a moment)."""
+        if b"posix-rename@openssh.com" in self.extensions:
+            self._request(_EXTENDED, _string(b"posix-rename@openssh.com") + _string(old) + _string(new), _STATUS)
+            return
+        try:
+            self.rename(old, new)
+            return
+        except StatusError as exc:
+            failed = exc
+        try:  # (version 3 says only "Failure"): ``new`` in the way, and ``old`` there to take its place
+            self.stat(new)
+            self.stat(old)
+        except OSError:
+            raise failed from None  # the rename failed for another reason: ``new`` is left as it was
+        self.remove(new)
+        self.rename(old, new)
 
     def free_space(self, path: str) -> tuple[int, int, bool] | None:
         """(bytes, inodes) free to the login user on the file system holding ``path``, and whether it is

@@ -141,8 +141,8 @@ def openssh_command(target: SSHTarget, program: str = "ssh") -> list[str]:
         cmd += ["-F", target.ssh_config]
     if target.known_hosts:
         cmd += ["-o", "UserKnownHostsFile=" + _ssh_option_path(target.known_hosts)]
-    for key in target.key_files:
-        cmd += ["-i", key.replace("%", "%%")]
+    for key in target.key_files:  # not -i: ssh drops a path with % there (it looks for it before expanding)
+        cmd += ["-o", "IdentityFile=" + _ssh_option_path(key)]
     if target.port:
         cmd += ["-p", str(target.port)]
     if target.user:
@@ -214,9 +214,7 @@ class OpenSSHSessions:
     def __init__(self, target: SSHTarget, program: str = "ssh"):
         self.target = target
         self.command = openssh_command(target, program)
-        for key in target.key_files:  # ssh only warns, then reports a refused login
-            if not os.path.exists(os.path.expanduser(key)):
-                raise UsageError(f"SSH key file {key} does not exist")
+        _require_key_files(target)  # ssh only warns, then reports a refused login
         if target.accept_new_host_key and target.known_hosts:  # ssh would trust the host, record nothing, say nothing
             try:
                 os.makedirs(os.path.dirname(os.path.expanduser(target.known_hosts)) or ".", mode=0o700, exist_ok=True)
@@ -262,12 +260,19 @@ class OpenSSHSessions:
         """Sessions end when closed; nothing is shared between them."""
 
 
+def _require_key_files(target: SSHTarget) -> None:
+    for key in target.key_files:
+        if not os.path.exists(os.path.expanduser(key)):
+            raise UsageError(f"SSH key file {key} does not exist")
+
+
 class ParamikoSessions:
     """One paramiko SSH connection; each session is an SFTP channel on it.  Reconnects when it died."""
 
     def __init__(self, target: SSHTarget):
         import paramiko
 
+        _require_key_files(target)  # else its OSError was retried as an outage, 8 times
         self._paramiko = paramiko
         self.lost_errors = (EOFError, paramiko.SSHException)
         self.target = target

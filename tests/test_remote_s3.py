@@ -321,6 +321,9 @@ def test_display_url_and_options(moto_s3):
         open_remote("s3://bkt/repo", fsync=False, max_size=1)
     with pytest.raises(UsageError, match="multipart-part-size"):
         open_remote("s3://bkt/repo", multipart_part_size="big")
+    for small_or_large in ("1M", "6G"):  # refused by S3 after each pack's upload
+        with pytest.raises(UsageError, match="multipart-part-size must be from 5M to 5G"):
+            open_remote("s3://bkt/repo", multipart_part_size=small_or_large)
     sized = open_remote("s3://bkt/repo", endpoint_url=moto_s3.endpoint, multipart_threshold="5M",
                         multipart_part_size="5242880")  # as -o s3.multipart-threshold=5M gives them
     assert (sized.multipart_threshold, sized.multipart_part_size) == (5 * MiB, 5 * MiB)

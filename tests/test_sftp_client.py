@@ -170,7 +170,7 @@ def test_files_and_directories_round_trip(relay, tmp_path):
     assert sorted((a.filename, a.st_size) for a in c.listdir_attr(d)) == [("a", len(data)), ("b", 0)]
     with pytest.raises(OSError):
         c.rename(f"{d}/b", f"{d}/a")  # the standard rename never replaces
-    c.posix_rename(f"{d}/b", f"{d}/a")
+    c.replace(f"{d}/b", f"{d}/a")
     assert c.read_file(f"{d}/a") == b"" and not (tmp_path / "d" / "b").exists()
     c.remove(f"{d}/a")
     with pytest.raises(OSError) as missing:
@@ -359,3 +359,19 @@ def test_free_space_is_what_the_servers_file_system_says(relay, tmp_path):
         c.free_space(str(tmp_path / "missing"))
     assert info.value.errno == errno.ENOENT
     assert relay(renaming_extension(b"statvfs@openssh.com", b"statvfs@example.org")).free_space(str(tmp_path)) is None
+
+
+def test_replace_on_a_server_without_posix_rename(relay, tmp_path):
+    """Not every SSH server is OpenSSH's: without its posix-rename, every write that replaced an object (a
+    lock's refresh) failed, so nothing but init worked.  The standard rename does, removing what is in the
+    way first."""
+    c = relay(renaming_extension(b"posix-rename@openssh.com", b"posix-renamX@openssh.com"))
+    d = str(tmp_path)
+    c.write_file(f"{d}/new", b"one")
+    c.replace(f"{d}/new", f"{d}/obj")  # nothing there
+    c.write_file(f"{d}/new", b"two")
+    c.replace(f"{d}/new", f"{d}/obj")  # replaced
+    assert (tmp_path / "obj").read_bytes() == b"two" and not (tmp_path / "new").exists()
+    with pytest.raises(OSError):
+        c.replace(f"{d}/absent", f"{d}/obj")  # the rename's own failure, the object left as it was
+    assert (tmp_path / "obj").read_bytes() == b"two"

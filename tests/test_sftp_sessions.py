@@ -80,7 +80,7 @@ def test_paths_are_quoted_and_escaped_from_ssh_tokens():
     target = SSHTarget("h", None, None, ("/keys/100%/id",), "/my known/%hosts", False, "/cfg", 15.0)
     cmd = openssh_command(target)
     assert 'UserKnownHostsFile="/my known/%%hosts"' in cmd
-    assert cmd[cmd.index("-i") + 1] == "/keys/100%%/id"
+    assert 'IdentityFile="/keys/100%%/id"' in cmd and "-i" not in cmd
     assert cmd[cmd.index("-F") + 1] == "/cfg"
 
 
