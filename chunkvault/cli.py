@@ -1219,7 +1219,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
             for p in report.salvaged:
                 print(f"{p.pack}: {p.salvaged} blob(s) {'salvaged' if done else 'can be salvaged'}, "
                       f"{len(p.lost)} lost{': ' + one_line(p.problem) if p.problem else ''}")
-            print("packs replaced: `repair snapshots` lists the files that needed a lost blob" if done else
+            lost = any(p.lost for p in report.salvaged)
+            print(("packs replaced: `repair snapshots` lists the files that needed a lost blob" if lost
+                   else "packs replaced: no blob was lost") if done else
                   "nothing changed: add --confirm REPAIR to copy what verifies and delete these packs")
         else:
             for sid, path in report.dropped:

@@ -543,6 +543,13 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
                 env = data[e.offset : e.offset + e.length]
                 if len(env) != e.length:
                     raise CorruptObject(pack_key(use.pack_id), "truncated pack")
+                # Each blob moved is read as a restore would read it: a damaged one was copied into a new pack
+                # unchecked and its pack deleted, so `check` then named a pack that was gone, and exit 0.
+                if not copy_intact(repo, e, env):
+                    raise CorruptObject(f"blob {e.blob_id.hex()}", f"in {pack_key(use.pack_id)}, which the prune was "
+                                        "to repack, does not verify; nothing was deleted: `repair packs "
+                                        f"{use.pack_id.hex()[:12]}` keeps what of that pack verifies, then prune "
+                                        "again")
                 yield PreparedBlob(e.blob_id, e.kind, env, e.raw_length, e.base_id)
                 moved += e.length
             step(moved)

@@ -359,6 +359,7 @@ def test_flipped_byte_costs_only_its_file(small_files, tmp_path, cli, password):
     assert path.exists()
     done = cli("repair", "-r", str(repo_dir), "packs", path.name[:12], "--confirm", "REPAIR").stdout.decode()
     assert "1 lost" in done and not path.exists()
+    assert "packs replaced: `repair snapshots` lists the files that needed a lost blob" in done
 
     repo = Repository.open(str(repo_dir), password)
     assert {f for p in repo.check().problems for f in p.files} == {f"{snap.id[:8]}:f5"}

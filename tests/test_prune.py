@@ -747,3 +747,34 @@ def test_a_pack_an_added_index_took_out_of_the_index_is_not_pruned_while_it_hold
     repo.repair_index()
     repo.restore(snap.id, str(tmp_path / "out"))
     assert (tmp_path / "out" / "f").read_bytes() == (src / "f").read_bytes()
+
+
+def test_a_damaged_blob_a_repack_would_move_stops_the_prune_before_it_deletes_anything(tmp_path, new_repo):
+    """Copied unchecked into a new pack, its damaged pack deleted, and exit 0: `check` then named a pack that
+    was gone, and the restore failed."""
+    import random
+
+    from chunkvault.errors import CorruptObject
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(8)
+    (src / "keep").write_bytes(rnd.randbytes(600_000))
+    (src / "gone").write_bytes(rnd.randbytes(600_000))
+    repo = new_repo(str(tmp_path / "repo"))
+    first = repo.backup([str(src)]).snapshot
+    (src / "gone").unlink()
+    repo.backup([str(src)])
+    repo.forget([first.id])
+    packs = sorted(p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file())
+    store = repo.store
+    keep_id = next(e.chunk_ids()[0] for e in repo.tree("latest") if e.path.endswith(b"keep"))
+    loc = store.locate(keep_id)
+    victim = next(p for p in packs if p.name == store.pack_ids[loc.pack_no].hex())
+    data = bytearray(victim.read_bytes())
+    data[loc.offset + loc.length // 2] ^= 1
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CorruptObject, match=f"blob {keep_id.hex()}.*nothing was deleted: `repair packs "
+                                            f"{victim.name[:12]}`"):
+        repo.prune(max_unused=0)
+    assert victim.exists()
