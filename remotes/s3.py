@@ -81,6 +81,12 @@ _TRANSIENT = {
 }
 
 
+def _verify_reason(exc: Exception) -> str:
+    """What a failed certificate verification says (self-signed, expired, another name), from its message."""
+    match = re.search(r"certificate verify failed: ([^()\]'\"]+)", str(exc))
+    return match.group(1).strip() if match else "certificate verify failed"
+
+
 def _int_option(name: str, value: Any, minimum: int) -> int:
     return int(number_option("S3", name, value, minimum, int))
 
@@ -232,6 +238,11 @@ class S3Remote(Remote):
                 f"no usable AWS credentials for {self.display_url} "
                 "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the AWS config files)"
             )
+        if isinstance(exc, bce.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            # not an outage: retried, it failed the same way for half a minute, said as "SSLError" alone
+            return PermissionDenied(f"the TLS certificate of {self.endpoint_url or 'S3'} does not verify for {op} "
+                                    f"{where} ({_verify_reason(exc)}): a private CA's certificate is given "
+                                    "with AWS_CA_BUNDLE")
         if isinstance(exc, (bce.ConnectionError, bce.HTTPClientError, bce.ResponseStreamingError, bce.IncompleteReadError)):
             target = self.endpoint_url or "S3"
             return RemoteUnavailable(f"cannot reach {target} for {op} {where}: {type(exc).__name__}")

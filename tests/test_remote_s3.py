@@ -394,3 +394,30 @@ def test_prune_over_s3_aborts_old_unfinished_uploads(tmp_path, s3_bucket, moto_s
     assert repo.prune().unfinished_removed == 1  # moto dates every upload years back
     repo.close()
     assert not client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads")
+
+
+def test_an_endpoint_whose_certificate_does_not_verify_is_said_so_at_once(tmp_path, s3_credentials):
+    """Not an outage: retried, it failed the same way for half a minute and was said as "SSLError" alone."""
+    import http.server
+    import ssl
+    import threading
+
+    from servers_http import make_self_signed
+
+    cert, key = make_self_signed(tmp_path)
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        remote = open_remote("s3://bkt/repo", endpoint_url=f"https://127.0.0.1:{server.server_address[1]}")
+        started = time.monotonic()
+        with pytest.raises(PermissionDenied, match="TLS certificate of https://127.0.0.1:.* does not verify .*"
+                                                   "AWS_CA_BUNDLE"):
+            remote.get("config")
+        assert time.monotonic() - started < 5
+    finally:
+        server.shutdown()
+        server.server_close()
