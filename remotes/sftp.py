@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 from chunkvault.errors import (
+    ChunkvaultError,
     ObjectExists,
     ObjectNotFound,
     PermissionDenied,
@@ -90,11 +91,16 @@ def _is_missing(exc: OSError) -> bool:
 def _explain_failed_write(sftp: Any, directory: str, size: int, what: str) -> None:
     """PermissionDenied if the server's file system under ``directory`` is mounted read-only, StorageFull if
     it has no room for ``size`` more bytes (a block of slack for rounding) or no free inode: a failed
-    write's only word is "Failure"."""
-    try:
-        state = sftp.free_space(directory)
-    except StatusError:
-        return
+    write's only word is "Failure".  Asked of the nearest directory that exists (an init's new one does not)."""
+    while True:
+        try:
+            state = sftp.free_space(directory)
+            break
+        except StatusError:
+            parent = directory.rsplit("/", 1)[0] or "/"
+            if parent == directory or not parent.strip("~"):
+                return
+            directory = parent
     if state is None:
         return
     free_bytes, free_inodes, read_only = state
@@ -351,12 +357,24 @@ class SFTPRemote(Remote):
                     self._outdate(sftp, tmp, final)
                     sftp.replace(tmp, final)
             except BaseException as exc:
+                explained: BaseException | None = None
+                if isinstance(exc, StatusError) and exc.errno is None:
+                    # asked while the part written still takes its room, for the rest only: asked after its
+                    # removal (and other uploads' failing at once), the disk looked to have room, unexplained
+                    try:
+                        written = sftp.stat(tmp).st_size or 0
+                    except OSError:
+                        written = 0
+                    try:
+                        _explain_failed_write(sftp, d, len(data) - written, f"writing {key}")
+                    except ChunkvaultError as why:
+                        explained = why
                 try:
                     sftp.remove(tmp)
                 except Exception:
                     pass
-                if isinstance(exc, StatusError) and exc.errno is None:
-                    _explain_failed_write(sftp, d, len(data), f"writing {key}")
+                if explained is not None:
+                    raise explained from None
                 raise
 
         self._call(f"writing {key}", None, run)
