@@ -694,8 +694,8 @@ class Backup:
                          ) -> _FileRead:
         """A file that could not be opened or read to the end: the parent's entry when it had one, flagged
         unreadable with the parent's data (as ``_kept_entry``: an error that may pass is no reason to lose the
-        last good copy), else an empty entry flagged unreadable.  A path that is no longer a regular file changed type since the walk
-        saw it: left out until the next backup, as a replaced symbolic link is."""
+        last good copy), else an empty entry flagged unreadable.  A path that is no longer a regular file
+        changed type since the walk saw it: left out until the next backup, as a replaced symbolic link is."""
         try:
             now = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):  # gone, or its directory replaced by a file

@@ -45,7 +45,8 @@ class RepairReport:
     dry_run: bool = False
 
     def to_dict(self) -> dict:
-        return {"dry_run": self.dry_run, "packs": self.packs, "blobs": self.blobs, "unreadable_packs": self.unreadable_packs,
+        return {"dry_run": self.dry_run, "packs": self.packs, "blobs": self.blobs,
+                "unreadable_packs": self.unreadable_packs,
                 "kept_packs": self.kept_packs, "baseless_packs": self.baseless_packs,
                 "dropped": [{"snapshot": s, "path": p} for s, p in self.dropped], "rewritten": self.rewritten,
                 "unrestorable": [{"snapshot": s, "reason": r} for s, r in self.unrestorable], "newer": self.newer,
