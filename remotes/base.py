@@ -163,6 +163,12 @@ class Remote(ABC):
         cached copy, read once and kept, would hide damage done to the stored one since)."""
         return self
 
+    def enclosing_repository(self) -> str | None:
+        """Where a repository's config lies above this location (another repository holds it), if so; None
+        also where the backend cannot tell.  ``init`` refuses such a place: the outer repository took the
+        inner one's objects for its own (its ``snapshots`` advised forgetting the inner config)."""
+        return None
+
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         """Remove unfinished writes (temporary objects) older than ``older_than`` seconds; returns how many.
 

@@ -325,6 +325,9 @@ class RetryingRemote(Remote):
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         return self._run("cleanup of unfinished writes", "", lambda _: self.inner.cleanup_temp(older_than))
 
+    def enclosing_repository(self) -> str | None:
+        return self._run("look above the repository", "", lambda _: self.inner.enclosing_repository())
+
     def close(self) -> None:
         self.inner.close()
 
@@ -515,6 +518,9 @@ class CachingRemote(Remote):
 
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         return self.inner.cleanup_temp(older_than)
+
+    def enclosing_repository(self) -> str | None:
+        return self.inner.enclosing_repository()
 
     def close(self) -> None:
         self.inner.close()

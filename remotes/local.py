@@ -416,6 +416,14 @@ class LocalRemote(Remote):
             except OSError:
                 pass
 
+    def enclosing_repository(self) -> str | None:
+        here = self.root
+        while (above := os.path.dirname(here)) != here:
+            if os.path.isfile(os.path.join(above, "config")) and os.path.isdir(os.path.join(above, "keys")):
+                return above
+            here = above
+        return None
+
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         cutoff = time.time() - older_than
         removed = 0

@@ -380,6 +380,21 @@ class S3Remote(Remote):
             return None
         return ObjectInfo(key, int(head["ContentLength"]))
 
+    def enclosing_repository(self) -> str | None:
+        parts = self.prefix.rstrip("/").split("/") if self.prefix else []
+        for depth in range(len(parts) - 1, -1, -1):
+            above = "".join(p + "/" for p in parts[:depth])
+            try:
+                self._call("stat", above + "config", self._client.head_object, Key=above + "config")
+            except ObjectNotFound:
+                continue
+            except RemoteUnavailable:
+                raise
+            except RemoteError:  # not ours to look at (a policy granting this prefix only): cannot tell
+                return None
+            return f"s3://{self.bucket}/{above}"
+        return None
+
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         """Abort multipart uploads begun more than ``older_than`` seconds ago: a process killed mid-upload
         leaves its parts stored, and billed, invisible to listings, until they are aborted."""

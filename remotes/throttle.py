@@ -134,5 +134,8 @@ class ThrottledRemote(Remote):
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         return self.inner.cleanup_temp(older_than)
 
+    def enclosing_repository(self) -> str | None:
+        return self.inner.enclosing_repository()
+
     def close(self) -> None:
         self.inner.close()

@@ -208,6 +208,10 @@ class Repo:
             raise UsageError("an empty password is not allowed")
         if remote.stat("config") is not None:
             raise RepositoryExists(f"a repository already exists at {remote.display_url}")
+        outer = remote.enclosing_repository()
+        if outer is not None:
+            raise RepositoryExists(f"{remote.display_url} lies inside the repository at {outer}, which would take "
+                                   "this one's objects for its own: choose a place outside it")
         leftovers = repository_objects(remote)
         if leftovers:
             raise RepositoryExists(f"{remote.display_url} holds repository objects ({', '.join(leftovers)}) but "

@@ -119,6 +119,19 @@ def test_an_init_whose_config_write_fails_leaves_no_key_file_behind(tmp_path, wr
     Repository.init(str(path), PASSWORD, kdf_seconds=0).close()  # the cause mended, init runs again
 
 
+def test_no_repository_is_made_inside_another(tmp_path):
+    """Its objects were taken for the outer repository's own (`snapshots` there advised forgetting the
+    inner config)."""
+    from chunkvault.errors import RepositoryExists
+
+    outer = tmp_path / "outer"
+    Repository.init(str(outer), PASSWORD, kdf_seconds=0).close()
+    for below in (outer / "snapshots" / "inner", outer / "sub"):
+        with pytest.raises(RepositoryExists, match=f"lies inside the repository at {outer}"):
+            Repository.init(str(below), PASSWORD, kdf_seconds=0)
+    Repository.init(str(tmp_path / "beside"), PASSWORD, kdf_seconds=0).close()
+
+
 def test_a_repository_that_lost_its_config_is_named_and_not_overwritten(tmp_path, cli, new_repo):
     """Not "no repository": the objects are there (its key file too), and `init` must not build a second
     repository among them, whose warnings would then call every old snapshot unreadable."""

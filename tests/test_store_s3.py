@@ -81,3 +81,17 @@ def test_cli_endpoint_and_storage_class_flags(tmp_path, s3_bucket, moto_s3, cli)
     cli("restore", "-r", s3_bucket.url, "-o", f"s3.endpoint-url={moto_s3.endpoint}", "latest",
         "--target", str(tmp_path / "out"), env=env)
     assert describe(tmp_path / "out") == describe(src)
+
+
+def test_no_repository_is_made_inside_another(s3_bucket, password):
+    """`init s3://bkt/nest/snapshots` inside the repository `s3://bkt/nest` was accepted: the outer one then
+    took the inner config for a damaged snapshot of its own, and advised forgetting it."""
+    import pytest
+
+    from chunkvault.errors import RepositoryExists
+
+    Repository.init(s3_bucket.url, password, kdf_seconds=0, **s3_bucket.options).close()
+    for below in ("/snapshots", "/data/ab/deeper"):
+        with pytest.raises(RepositoryExists, match=f"lies inside the repository at {s3_bucket.url}/"):
+            Repository.init(s3_bucket.url + below, password, kdf_seconds=0, **s3_bucket.options)
+    Repository.init(s3_bucket.url + "-beside", password, kdf_seconds=0, **s3_bucket.options).close()
