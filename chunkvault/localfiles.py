@@ -23,7 +23,10 @@ def read_regular(path: str, limit: int = -1) -> bytes:
         os.close(fd)
 
 
-def abandoned(fd: int, after: float) -> bool:
+ABANDONED_AFTER = 60.0  # seconds: a file younger than this may be one whose writer has yet to lock it
+
+
+def abandoned(fd: int, after: float = ABANDONED_AFTER) -> bool:
     """Whether the file open at ``fd`` was left by a writer that is gone: its writer locks it for as long as
     it runs, so one not written for ``after`` seconds (a lock may be yet to come on a new one) that no process
     holds a lock on has none.  The lock is then this process's, until ``fd`` is closed."""

@@ -591,7 +591,6 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
 
 SCRATCH_PREFIX = "chunkvault-verify-"
 IN_USE = ".in-use"  # in a scratch directory: locked while its run lasts; removed from one kept on purpose
-ABANDONED_AFTER = 60.0  # seconds: a marker younger than this may be one whose run has yet to lock it
 
 
 def _make_scratch(parent: str | None, warnings: list[str]) -> tuple[str, int]:
@@ -636,7 +635,7 @@ def _remove_abandoned(where: str, warnings: list[str]) -> None:
         except OSError:
             continue
         try:
-            if abandoned(fd, ABANDONED_AFTER):
+            if abandoned(fd):
                 remove_tree(path)
                 warnings.append(f"removed the scratch directory {path} of a verify-restore that was killed")
         except OSError:  # it could not be removed: left as it is

@@ -162,7 +162,7 @@ class Checker:
         reads go to that one.  Its problem stays (`repair packs` drops the damaged copy), saying so, and no
         file is named for it.  Only blobs with other copies are read again here."""
         repo = self.repo
-        for blob_id in [b for b in self.bad_blobs if b in repo._copies]:
+        for blob_id in [b for b in self.bad_blobs if repo.stored_twice(b)]:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RepositoryStateWarning)  # the switch to the other copy
@@ -362,7 +362,7 @@ class Checker:
                 continue
             key = pack_key(pid)
             try:
-                fetch_header(repo.sealer, lambda o, n, k=key: repo.remote.get(k, o, n), stored[pid], key)
+                repo.pack_header(key, stored[pid])
             except RemoteUnavailable:
                 raise
             except (ChunkvaultError, ValueError) as exc:  # nothing in it can be found: `repair index` cannot add it

@@ -457,7 +457,6 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
     return stats
 
 
-ABANDONED_AFTER = 60.0  # seconds since a temporary export file was last written
 NAME_MAX = 255  # bytes of a file name (Linux's file systems)
 
 
@@ -485,7 +484,7 @@ def _remove_abandoned(directory: str, base: str) -> None:
         except OSError:
             continue
         try:
-            if stat.S_ISREG(os.fstat(fd).st_mode) and abandoned(fd, ABANDONED_AFTER):
+            if stat.S_ISREG(os.fstat(fd).st_mode) and abandoned(fd):
                 os.unlink(path)
         except OSError:  # it went meanwhile
             continue

@@ -24,7 +24,7 @@ from .blob import KIND_DELTA, open_blob, open_envelope
 from .chain import broken_chains
 from .indexfile import INDEX_SLACK, IndexData, split_index
 from .locks import EXCLUSIVE, RepoLock
-from .pack import ENTRY_SIZE, PackEntry, fetch_header
+from .pack import ENTRY_SIZE, PackEntry
 from .repository import OBJECT_READERS, PreparedBlob, Repo, pack_key, superseded_names
 from .usage import with_bases
 
@@ -160,7 +160,19 @@ READ_GAP = 1 << 20
 READ_RUN = 4 << 20
 
 
-def _unverified_keeps(repo: Repo, packs: dict[bytes, list[PackEntry]], plan: PrunePlan, used: set[bytes],
+def _verify_kept(repo: Repo, blob_ids: Iterable[bytes], known: dict[bytes, PackEntry], where: dict[int, bytes],
+                 verified: dict[tuple[bytes, int], bool]) -> None:
+    """Read the copy the index keeps (``known``, in pack ``where[id(entry)]``) of each of ``blob_ids`` not read
+    yet, into ``verified`` by (pack id, offset): each read once over a prune's rounds."""
+    todo: dict[bytes, list[PackEntry]] = {}
+    for blob_id in sorted(blob_ids):
+        e = known[blob_id]
+        if (where[id(e)], e.offset) not in verified:
+            todo.setdefault(where[id(e)], []).append(e)
+    verified.update(verify_copies(repo, todo))
+
+
+def _unverified_keeps(repo: Repo, where: dict[int, bytes], plan: PrunePlan, used: set[bytes],
                       known: dict[bytes, PackEntry], verified: dict[tuple[bytes, int], bool]
                       ) -> set[tuple[bytes, int]]:
     """The kept copies ((pack id, offset)) that fail to verify, of the used blobs whose other copies the
@@ -171,13 +183,7 @@ def _unverified_keeps(repo: Repo, packs: dict[bytes, list[PackEntry]], plan: Pru
     per blob, in a row, took minutes where two hosts had backed up the same files at once."""
     dropped = {e.blob_id for use in plan.delete + plan.repack for e in use.entries
                if e.blob_id in used and known[e.blob_id] is not e}
-    where = {id(e): pid for pid, entries in packs.items() for e in entries}
-    todo: dict[bytes, list[PackEntry]] = {}
-    for blob_id in sorted(dropped):
-        e = known[blob_id]
-        if (where[id(e)], e.offset) not in verified:
-            todo.setdefault(where[id(e)], []).append(e)
-    verified.update(verify_copies(repo, todo))
+    _verify_kept(repo, dropped, known, where, verified)
     failed = set()
     for blob_id in sorted(dropped):
         e = known[blob_id]
@@ -190,7 +196,7 @@ def _unverified_keeps(repo: Repo, packs: dict[bytes, list[PackEntry]], plan: Pru
     return failed
 
 
-def _deletable_orphans(repo: Repo, orphans: dict[bytes, int], packs: dict[bytes, list[PackEntry]],
+def _deletable_orphans(repo: Repo, orphans: dict[bytes, int], where: dict[int, bytes],
                        used: set[bytes], known: dict[bytes, PackEntry], verified: dict[tuple[bytes, int], bool]
                        ) -> list[tuple[str, int]]:
     """The packs in no index that may go: (key, size).  One whose header lists blobs the snapshots use is
@@ -198,21 +204,14 @@ def _deletable_orphans(repo: Repo, orphans: dict[bytes, int], packs: dict[bytes,
     whoever may only add (a compromised client with an append-only token) could point those blobs at other
     bytes and supersede the objects that listed the real pack, which the next prune then deleted as a
     killed backup's leftover, for good.  Only such orphans' headers and those indexed copies are read."""
-    where = {id(e): pid for pid, entries in packs.items() for e in entries}
     holding: dict[bytes, list[bytes]] = {}
     for pid, size in orphans.items():
         try:
-            entries = fetch_header(repo.sealer, lambda o, n, k=pack_key(pid): repo.remote.get(k, o, n), size,
-                                   pack_key(pid)).entries
+            entries = repo.pack_header(pack_key(pid), size)
         except (ChunkvaultError, ValueError):  # nothing in it can be found: no copy of anything
             continue
         holding[pid] = [e.blob_id for e in entries if e.blob_id in used and e.blob_id in known]
-    todo: dict[bytes, list[PackEntry]] = {}
-    for blob_id in {b for ids in holding.values() for b in ids}:
-        e = known[blob_id]
-        if (where[id(e)], e.offset) not in verified:
-            todo.setdefault(where[id(e)], []).append(e)
-    verified.update(verify_copies(repo, todo))
+    _verify_kept(repo, {b for ids in holding.values() for b in ids}, known, where, verified)
     out = []
     for pid, size in orphans.items():
         bad = [b for b in holding.get(pid, ()) if not verified[(where[id(known[b])], known[b].offset)]]
@@ -453,6 +452,7 @@ def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = No
     lost = [p for p in packs if p not in sizes]
     spurned: frozenset[tuple[bytes, int]] = frozenset()
     verified: dict[tuple[bytes, int], bool] = {}
+    where = {id(e): pid for pid, entries in packs.items() for e in entries}  # each entry's pack
     while True:  # each round spurns copies that failed to verify; a blob held in n copies takes n rounds
         known = kept_copies(packs, spurned)
         missing = [b for b in needed if b not in known]
@@ -467,11 +467,11 @@ def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = No
         used = set(needed)
         add_bases(used, known)
         plan = select_packs(packs, sizes, used, max_unused, known, max_repack)
-        failed = _unverified_keeps(repo, packs, plan, used, known, verified) - spurned
+        failed = _unverified_keeps(repo, where, plan, used, known, verified) - spurned
         if not failed:
             break
         spurned |= failed
-    plan.orphans = _deletable_orphans(repo, {pid: size for pid, size in sizes.items() if pid not in packs}, packs,
+    plan.orphans = _deletable_orphans(repo, {pid: size for pid, size in sizes.items() if pid not in packs}, where,
                                       used, known, verified)
     plan.index_names = names
     plan.dead_indexes, plan.freed_early = dead_index_objects(live, names, {p.pack_id for p in plan.delete})

@@ -22,7 +22,7 @@ from .indexfile import IndexData
 from .locks import EXCLUSIVE, RepoLock
 from .manifest import T_HARDLINK, Record, delete_record, sort_key
 from .manifest_io import store_manifest
-from .pack import PackEntry, fetch_header, readable_ids
+from .pack import PackEntry, readable_ids
 from .prune import (carried_forward, copy_intact, indexed_packs, packs_of, read_index_data, replace_index,
                     store_envelopes, verify_copies)
 from .repository import NOT_INDEXED, PreparedBlob, Repo, pack_id_of, pack_key
@@ -86,7 +86,7 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
                 continue
             sizes[pid] = o.size
             try:
-                index.packs[pid] = _read_header(repo, o.key, o.size)
+                index.packs[pid] = repo.pack_header(o.key, o.size)
             except ChunkvaultError as exc:
                 if not listed.get(pid):
                     report.unreadable_packs.append(f"{o.key}: {exc}")
@@ -192,10 +192,6 @@ def _damage_in_tree(tree: Iterable[Record], damaged: Callable[[Record], bool]) -
     return gone, [path for path, target in links if target in lost]
 
 
-def _read_header(repo: Repo, key: str, size: int) -> list[PackEntry]:
-    return fetch_header(repo.sealer, lambda offset, length: repo.remote.get(key, offset, length), size, key).entries
-
-
 def _resolve_packs(specs: list[str], known: Iterable[bytes], report: RepairReport) -> list[bytes]:
     """Pack ids from full ids, unique prefixes, or ``data/..`` keys.  One that names no pack at all, stored
     or indexed, is noted in ``report`` while others are found: a repair killed after it deleted some of the
@@ -294,7 +290,7 @@ def _read_intact(repo: Repo, pid: bytes, entries: list[PackEntry] | None, stored
     try:
         if pid in stored:
             try:
-                own = _read_header(repo, key, stored[pid])
+                own = repo.pack_header(key, stored[pid])
             except (ChunkvaultError, ValueError):
                 if entries is None:
                     raise
@@ -317,7 +313,7 @@ def _require_indexed(repo: Repo, unlisted: dict[bytes, int], report: RepairRepor
     unindexed = []
     for pid in sorted(unlisted):
         try:
-            _read_header(repo, pack_key(pid), unlisted[pid])
+            repo.pack_header(pack_key(pid), unlisted[pid])
         except ChunkvaultError as exc:  # nothing in it can be found: no obstacle (name it to delete it)
             report.unreadable_packs.append(f"{pack_key(pid)}: in no index, and {exc}: left as it is")
             continue

@@ -45,7 +45,7 @@ from .indexfile import (INDEX_SLACK, IndexColumns, IndexData, decode_index, deco
                         pack_index_bytes)
 from .manifest import Record, decode_records, iter_records
 from .manifest_seek import ManifestSeeker, segments
-from .pack import PackBuffers, PackBuilder
+from .pack import PackBuffers, PackBuilder, PackEntry, fetch_header
 from .packranges import RecentRanges
 from .chronology import chronological_key
 from .snapshot import Snapshot
@@ -421,6 +421,12 @@ class Repo:
         indexed = set(self.pack_ids)
         return {pid: size for pid, size in stored.items() if pid not in indexed}
 
+    def pack_header(self, key: str, size: int) -> list[PackEntry]:
+        """The entries a stored pack's own header lists (its trailer and sealed header, two ranged reads);
+        CorruptObject (or ValueError) where they do not read."""
+        return fetch_header(self.sealer, lambda offset, length: self.remote.get(key, offset, length), size,
+                            key).entries
+
     def stored_packs(self) -> dict[bytes, int]:
         """Pack id -> size of every pack stored under data/ (objects not named by a pack id, or not where a
         pack of that name is kept, left out: ``pack_id_of``)."""
@@ -693,6 +699,10 @@ class Repo:
                         self._other_copy(b) for b in (blob_id, *self.delta_chain(blob_id)) if b in self._copies):
                     raise
                 tries += 1
+
+    def stored_twice(self, blob_id: bytes) -> bool:
+        """Whether the index knows another copy of ``blob_id`` than the one it points at."""
+        return blob_id in self._copies
 
     def _other_copy(self, blob_id: bytes) -> bool:
         """After a read involving ``blob_id`` failed: whether the index now points at another copy of it, one
