@@ -1064,8 +1064,8 @@ class Backup:
         prev = item.prev
         was_file = prev is not None and prev.type != T_DIR
         if e is None or e.type == T_DIR:
-            if was_file:
-                self.counts["deleted"] += 1
+            if was_file:  # gone, or a directory now
+                self._count_removed(prev)
             if e is None:
                 return item.record
         else:

@@ -78,6 +78,12 @@ BESIDE_PREFIX = b".chunkvault-restore-"
 _BESIDE_NAME = re.compile(re.escape(BESIDE_PREFIX) + rb"[0-9a-f]{16}\Z")
 
 
+def _beside_name() -> bytes:
+    """A new name for what is written beside a target's entry and renamed over it (``_BESIDE_NAME`` finds
+    those an interrupted restore left)."""
+    return BESIDE_PREFIX + secrets.token_hex(8).encode()
+
+
 @dataclass
 class RestoreOptions:
     includes: list[str] = field(default_factory=list)
@@ -1190,7 +1196,7 @@ class Restorer:
                 self._remove(e.path, pfd, name, st)
             os.link(sname, name, src_dir_fd=spfd, dst_dir_fd=pfd, follow_symlinks=False)
         else:
-            tmp = BESIDE_PREFIX + secrets.token_hex(8).encode()
+            tmp = _beside_name()
             os.link(sname, tmp, src_dir_fd=spfd, dst_dir_fd=pfd, follow_symlinks=False)
             try:
                 os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
@@ -1252,7 +1258,7 @@ class Restorer:
         and renamed over it once whole, so a file whose data turns out damaged (or a full disk) leaves the
         target's file as it was, not removed."""
         pfd, name = self.at(e.path)
-        tmp = os.path.join(os.path.dirname(e.path), BESIDE_PREFIX + secrets.token_hex(8).encode())
+        tmp = os.path.join(os.path.dirname(e.path), _beside_name())
         try:
             self._write_file(tmp, e, chunks)
             os.rename(os.path.basename(tmp), name, src_dir_fd=pfd, dst_dir_fd=pfd)
