@@ -84,6 +84,11 @@ def parse_sftp_url(url: str) -> tuple[str | None, str, int | None, str]:
     return user, parsed.hostname, port, path
 
 
+def _url_path(path: str) -> str:
+    """``path`` as a URL takes it again."""
+    return re.sub(r"[%;?#]", lambda m: f"%{ord(m.group()):02X}", path)
+
+
 def _is_missing(exc: OSError) -> bool:
     return exc.errno == errno.ENOENT or isinstance(exc, FileNotFoundError)
 
@@ -169,10 +174,10 @@ class SFTPRemote(Remote):
         self.user = user or cfg.get("user") or _login_name()
         self.channels = channels
         port_part = f":{self.port}" if self.port != 22 else ""
-        shown = re.sub(r"[%;?#]", lambda m: f"%{ord(m.group()):02X}", path)  # as a URL takes it again
+        shown = _url_path(path)
         shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address, bracketed as a URL takes it
-        self.display_url = (f"sftp://{self.user}@{shown_host}{port_part}"
-                            f"{shown if shown.startswith('/') else '/' + shown}")
+        self._server_url = f"sftp://{self.user}@{shown_host}{port_part}"
+        self.display_url = self._server_url + (shown if shown.startswith("/") else "/" + shown)
         if self.transport == "paramiko":
             if known is None and cfg.get("userknownhostsfile"):
                 known = _config_known_hosts(str(cfg["userknownhostsfile"]), cfg.get("hostname", host), self.user)
@@ -470,6 +475,29 @@ class SFTPRemote(Remote):
             return _info(key, attr)
 
         return self._call(f"stat {key}", None, run)
+
+    def enclosing_repository(self) -> str | None:
+        """A directory above holding a ``config`` file and a ``keys/`` directory, as on local disk; one this
+        user may not look into is passed over."""
+
+        def kind(sftp: Any, path: str) -> int:
+            try:
+                return stat_mod.S_IFMT(sftp.stat(path).st_mode or 0)
+            except OSError as exc:
+                if _is_missing(exc) or exc.errno in (errno.EACCES, errno.EPERM):
+                    return 0
+                raise
+
+        def run(sftp: Any) -> str | None:
+            here = self._root
+            while here not in ("", "/"):
+                here = here.rsplit("/", 1)[0]
+                if (kind(sftp, here + "/config") == stat_mod.S_IFREG
+                        and kind(sftp, here + "/keys") == stat_mod.S_IFDIR):
+                    return self._server_url + _url_path(here or "/")
+            return None
+
+        return self._call("looking above the repository", None, run)
 
     def cleanup_temp(self, older_than: float = 3600.0) -> int:
         cutoff = time.time() - older_than

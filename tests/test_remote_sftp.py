@@ -508,3 +508,18 @@ def test_an_ipv6_host_is_named_in_brackets_as_a_url_takes_it_again(transport):
         assert remote.display_url == "sftp://me@[::1]:2222/srv/repo"
         with open_remote(remote.display_url, transport=transport) as again:
             assert again.display_url == remote.display_url
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_no_repository_is_made_inside_another(sftp_repo, password, transport):
+    """As on local disk and S3: the outer repository took the inner one's objects for its own."""
+    from chunkvault import Repository
+    from chunkvault.errors import RepositoryExists
+
+    options = dict(sftp_repo.options, transport=transport)
+    Repository.init(sftp_repo.url + "/outer", password, kdf_seconds=0, **options).close()
+    for below in ("/snapshots", "/data/ab/deeper"):
+        with pytest.raises(RepositoryExists, match=f"lies inside the repository at {re.escape(sftp_repo.url)}/outer,"):
+            Repository.init(sftp_repo.url + "/outer" + below, password, kdf_seconds=0, **options)
+    assert not os.path.exists(os.path.join(sftp_repo.path, "outer", "snapshots"))
+    Repository.init(sftp_repo.url + "/outer-beside", password, kdf_seconds=0, **options).close()
