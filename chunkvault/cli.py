@@ -136,20 +136,15 @@ def remote_options(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
 def _open(args: argparse.Namespace) -> Any:
     from .connection import connect, key_ahead_path
-    from .errors import ObjectNotFound
     from .remotes import url_scheme
-    from .store.config import peek_config
     from .store.keyahead import KeyAhead
-    from .store.unlock import missing_config, unlock
+    from .store.unlock import read_config, unlock
 
     url = _repo_url(args)
     given = passwords.REPOSITORY.given(args) if url_scheme(url) != "file" else None
     ahead = KeyAhead.start(key_ahead_path(url), given) if given else None  # derive while connecting
     remote = connect(url, **remote_options(args, url))
-    try:  # a missing or newer-format repository is reported before any password is asked
-        peek_config(remote.get("config"))
-    except ObjectNotFound:
-        raise missing_config(remote) from None
+    read_config(remote)  # a missing, damaged or newer-format repository is reported before any password is asked
     password = ahead.password if ahead is not None else passwords.REPOSITORY.get(args)
     key = unlock(remote, password, ahead)  # before the store's modules load: see store/unlock.py
     from .repository import Repository
@@ -1933,7 +1928,7 @@ def main(argv: list[str] | None = None) -> int:
                     sys.stdout.flush()  # here, where a failure is reported, not at the interpreter's exit
         return code
     except ChunkvaultError as exc:
-        said = one_line(f"{exc}{exc.cli_hint}")
+        said = one_line(exc.cli_message())
         print(f"chunkvault: {said}", file=sys.stderr)
         _emit_error_json(args, argv, type(exc).__name__, exc.exit_code, said)
         return exc.exit_code

@@ -40,17 +40,28 @@ class ChunkvaultError(Exception):
     #: What the command line adds to the message: its own option that would have helped (" or use --wait").
     #: The message alone is worded for every caller; an API caller never reads of options it cannot pass.
     cli_hint: str = ""
+    #: Where the hint goes in the message: the end of the sentence it was given for (None: the end), so that
+    #: what ``explained`` adds after it stays after it.
+    _hint_at: int | None = None
 
     def hinting(self, cli_hint: str) -> "ChunkvaultError":
         """This error, with ``cli_hint`` for the command line (``raise UsageError(...).hinting(" (--tag)")``)."""
         self.cli_hint = cli_hint
+        self._hint_at = None
         return self
+
+    def cli_message(self) -> str:
+        """The message with the command line's hint in its place."""
+        text = str(self)
+        at = len(text) if self._hint_at is None else self._hint_at
+        return text[:at] + self.cli_hint + text[at:]
 
     def explained(self, more: str) -> ChunkvaultError:
         """The same error (its kind, its fields) with ``more`` appended to its message: what a caller knows
         about it, e.g. which passwords open the repository after a password change failed."""
         error = copy.copy(self)
         error.args = (f"{self}{more}",)
+        error._hint_at = len(str(self)) if self._hint_at is None else self._hint_at
         return error
 
 

@@ -82,7 +82,12 @@ class PasswordSource:
         if not sys.stdin.isatty():
             raise UsageError(f"no {self.what}: use {self.option}-file or {self.option}-command, "
                              f"or set {self.env}_FILE, {self.env}_COMMAND or {self.env}")
-        return self._nonempty(prompt(f"{self.what}: ", confirm), "at the prompt")
+        try:
+            typed = prompt(f"{self.what}: ", confirm)
+        except EOFError:  # Ctrl-D
+            print(file=sys.stderr)
+            raise UsageError(f"no {self.what}: the prompt's input ended") from None
+        return self._nonempty(typed, "at the prompt")
 
     def _nonempty(self, pw: bytes, where: str) -> bytes:
         if not pw:

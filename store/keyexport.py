@@ -18,11 +18,11 @@ from chunkvault.errors import CorruptObject, ObjectNotFound, UnsupportedFormat, 
 from chunkvault.remotes import Remote
 
 from .config import KeyFile, RepoConfig, open_config, peek_config
-from .crypto import KeyMaterial, Sealer, content_name
+from .crypto import KeyMaterial, Sealer, content_name, looks_like_secret
 from .indexfile import decode_index_columns
 from .locks import EXCLUSIVE, RepoLock
 from .snapshot import Snapshot
-from .unlock import missing_config, repository_objects
+from .unlock import MISTYPED_SECRET, missing_config, password_for, repository_objects
 
 EXPORT_MAGIC = "chunkvault key export"
 EXPORT_VERSION = 1
@@ -80,10 +80,12 @@ class KeyExport:
     def unlock(self, password: bytes, what: str) -> tuple[KeyMaterial, RepoConfig]:
         """The key material the password opens and the config it authenticates; WrongPassword when it
         does not open the exported key."""
+        kf = KeyFile.decode(self.key_name, self.key)
         try:
-            material = KeyFile.decode(self.key_name, self.key).unwrap(password, self.repo_id)
+            material = kf.unwrap(password_for(kf, password), self.repo_id)
         except WrongPassword:
-            raise WrongPassword(f"wrong password: the key in {what} does not open with it") from None
+            why = MISTYPED_SECRET if looks_like_secret(password) else f"the key in {what} does not open with it"
+            raise WrongPassword(f"wrong password: {why}") from None
         try:
             return material, open_config(self.config, Sealer(material.enc_key))
         except CorruptObject as exc:
@@ -125,7 +127,7 @@ def import_key(remote: Remote, export: KeyExport, password: bytes, what: str, *,
             stored_config: bytes | None = remote.get("config")
         except ObjectNotFound:
             stored_config = None
-        if stored_config is not None and not _config_whole(stored_config, export, material, remote.display_url):
+        if stored_config is not None and not _config_whole(stored_config, export, material):
             stored_config = None
         if stored_config is None:
             _require_same_repository(remote, export, material, what)
@@ -188,17 +190,17 @@ def _require_same_repository(remote: Remote, export: KeyExport, material: KeyMat
                          f"{export.repo_id[:16]}): nothing imported")
 
 
-def _config_whole(stored: bytes, export: KeyExport, material: KeyMaterial, where: str) -> bool:
+def _config_whole(stored: bytes, export: KeyExport, material: KeyMaterial) -> bool:
     """Whether the stored config is this repository's and authentic (then it stays: it may hold settings
-    changed since the export).  Another repository's config is refused, not replaced, and so is a newer
-    format's (UnsupportedFormat), which an older export must not undo."""
+    changed since the export).  A newer format's is refused (UnsupportedFormat): an older export must not
+    undo it.  One naming another id is not whole: another repository's, whose objects then refuse the
+    exported key (``_require_same_repository``), or this one's with its id damaged."""
     try:
         stored_id = peek_config(stored)["id"]
     except CorruptObject:
         return False
     if stored_id != export.repo_id:
-        raise UsageError(f"this key export belongs to repository {export.repo_id[:16]}, not to the one at "
-                         f"{where} ({stored_id[:16]}): nothing imported")
+        return False
     try:
         open_config(stored, Sealer(material.enc_key))
     except CorruptObject:

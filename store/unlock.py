@@ -63,16 +63,23 @@ def no_key_files() -> CorruptObject:
                                  "(`key import FILE`)")
 
 
+def read_config(remote: Remote) -> tuple[bytes, dict]:
+    """The stored config and its clear part; one missing or damaged is explained (``key import`` puts it back)."""
+    try:
+        raw = remote.get("config")
+    except ObjectNotFound:
+        raise missing_config(remote) from None
+    try:
+        return raw, peek_config(raw)
+    except CorruptObject as exc:
+        raise exc.explained(KEY_IMPORT_HINT) from None
+
+
 def require_openable(remote: Remote, repo_id: str) -> None:
     """CorruptObject when the config or every key file is gone, or the config is another repository's (one
     made anew at the same place): what a process holding the repository open since would store could never
     be read again."""
-    try:
-        stored = peek_config(remote.get("config"))["id"]
-    except ObjectNotFound:
-        raise missing_config(remote) from None
-    except CorruptObject as exc:
-        raise exc.explained(KEY_IMPORT_HINT) from None
+    stored = read_config(remote)[1]["id"]
     if stored != repo_id:
         raise CorruptObject("config", f"names repository {stored[:16]}, not {repo_id[:16]}: another repository "
                                       f"was made at {remote.display_url} since this one was opened")
@@ -80,16 +87,21 @@ def require_openable(remote: Remote, repo_id: str) -> None:
         raise no_key_files()
 
 
+MISTYPED_SECRET = ("it looks like a generated key secret (cvk1-...), but its checksum does not match: a character "
+                   "is wrong or missing")
+
+
+def password_for(kf: KeyFile, password: bytes) -> bytes:
+    """What opens ``kf``: a secret's key file takes the secret as copied (with blanks, in capitals), a
+    password's key file the bytes given."""
+    return as_secret(password) if kf.kdf == KDF_SECRET else password
+
+
 def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Unlocked:
     """Try each key file with ``password``; errors say whether the password or the repository is wrong.
 
     ``ahead``: a derivation already under way (``keyahead``); the key file that opens is remembered in it."""
-    secret = as_secret(password)  # for key files of secrets only: a password key was made from the bytes given
-    try:
-        raw_config = remote.get("config")
-    except ObjectNotFound:
-        raise missing_config(remote) from None
-    clear = peek_config(raw_config)
+    raw_config, clear = read_config(remote)
     key_names = sorted(o.key.split("/", 1)[1] for o in remote.list("keys/"))
     if not key_names:
         raise no_key_files()
@@ -123,7 +135,7 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
         kek = ahead.kek_for(raws[kf.name]) if ahead is not None else None
         try:
             material = (kf.open_with(kek, clear["id"]) if kek is not None else
-                        kf.unwrap(secret if kf.kdf == KDF_SECRET else password, clear["id"]))
+                        kf.unwrap(password_for(kf, password), clear["id"]))
         except WrongPassword:
             continue
         except CorruptObject as exc:
@@ -149,12 +161,11 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
     own = [kf for kf in keys if not kf.repo or kf.repo == clear["id"]]
     if other_ids and not own:
         raise CorruptObject("config", "its id does not match the key files' (the config is damaged, "
-                                      "or the keys belong to another repository)")
+                                      f"or the keys belong to another repository){KEY_IMPORT_HINT}")
     if corrupt is not None:  # the key this password opens may be the damaged one
         raise WrongPassword(f"wrong password, or the key it opens is damaged (no other key of this repository "
                             f"opens with it; {corrupt.object_name}: {corrupt.reason}){KEY_IMPORT_HINT}")
     if looks_like_secret(password):
-        raise WrongPassword("wrong password: it looks like a generated key secret (cvk1-...), but its checksum "
-                            "does not match: a character is wrong or missing")
+        raise WrongPassword(f"wrong password: {MISTYPED_SECRET}")
     raise WrongPassword("wrong password (no key of this repository opens with it; if its key file was lost, a "
                         "key export of it puts it back: `key import FILE`)")

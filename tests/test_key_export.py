@@ -47,7 +47,7 @@ def restores_exactly(path, src, tmp_path, password=PASSWORD) -> bool:
 
 
 @pytest.mark.parametrize("damage", ["key garbage", "key deleted", "config deleted", "config garbage",
-                                    "config tampered", "both deleted"])
+                                    "config tampered", "config id damaged", "both deleted"])
 def test_an_import_puts_back_what_was_lost_or_damaged_and_the_repository_opens_again(backed_up, tmp_path, damage):
     path, kit, src = backed_up
     (key,) = (path / "keys").iterdir()
@@ -60,6 +60,10 @@ def test_an_import_puts_back_what_was_lost_or_damaged_and_the_repository_opens_a
         elif "tampered" in damage:
             doc = json.loads(config.read_bytes())
             doc["sealed"] = doc["sealed"][:-8] + ("A" * 8 if not doc["sealed"].endswith("A" * 8) else "B" * 8)
+            config.write_text(json.dumps(doc))
+        elif "id" in damage:  # the clear id no longer the key files': import refused it as another repository's
+            doc = json.loads(config.read_bytes())
+            doc["id"] = ("1" if doc["id"][0] != "1" else "2") + doc["id"][1:]
             config.write_text(json.dumps(doc))
         else:
             config.write_bytes(b"\x00garbage")
@@ -95,7 +99,7 @@ def test_a_wrong_password_another_repository_or_no_repository_imports_nothing(ba
     other = Repository.init(str(tmp_path / "other"), PASSWORD, kdf_seconds=0)
     other.close()
     other_before = objects(tmp_path / "other")
-    with pytest.raises(UsageError, match="belongs to repository"):
+    with pytest.raises(UsageError, match="not this repository's key export .its key files name repository"):
         Repository.import_key(str(tmp_path / "other"), kit, PASSWORD)
     assert objects(tmp_path / "other") == other_before
     (tmp_path / "empty").mkdir()
@@ -123,9 +127,12 @@ def test_an_export_of_a_key_secret_opens_with_the_secret(tmp_path):
     repo.close()
     for key in (tmp_path / "repo" / "keys").iterdir():
         key.unlink()
-    with pytest.raises(WrongPassword):
+    with pytest.raises(WrongPassword, match="the key in .* does not open with it"):
         Repository.import_key(str(tmp_path / "repo"), kit, PASSWORD)
-    assert Repository.import_key(str(tmp_path / "repo"), kit, secret).restored[0].startswith("keys/")
+    with pytest.raises(WrongPassword, match="checksum does not match"):
+        Repository.import_key(str(tmp_path / "repo"), kit, secret[:-1])
+    copied = b"  " + secret.upper() + b" "  # as every other command takes it (import refused it)
+    assert Repository.import_key(str(tmp_path / "repo"), kit, copied).restored[0].startswith("keys/")
     Repository.open(str(tmp_path / "repo"), secret).close()
 
 
@@ -264,3 +271,21 @@ def test_a_key_lost_beside_another_is_put_back_with_a_warning(backed_up, tmp_pat
     result = Repository.import_key(str(path), kit, PASSWORD)
     assert result.restored == [f"keys/{key.name}"] and "key remove" in result.note
     assert restores_exactly(path, src, tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not a config", "id damaged"])
+def test_a_damaged_config_names_key_import(backed_up, damage):
+    """The README says so; a config cut short or malformed, or whose id no key file names, did not."""
+    path, kit, src = backed_up
+    config = path / "config"
+    data = config.read_bytes()
+    if damage == "cut short":
+        config.write_bytes(data[:100])
+    elif damage == "not a config":
+        config.write_text('{"format": 1}')
+    else:
+        doc = json.loads(data)
+        doc["id"] = ("1" if doc["id"][0] != "1" else "2") + doc["id"][1:]
+        config.write_text(json.dumps(doc))
+    with pytest.raises(CorruptObject, match=r"key export of this repository puts it back \(`key import FILE`\)"):
+        Repository.open(str(path), PASSWORD)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from chunkvault import passwords
+from chunkvault import Repository, passwords
 from chunkvault.errors import UsageError
 from conftest import PASSWORD
 
@@ -187,3 +187,32 @@ def test_policy_password_command(tmp_path, env, capsys):
                       f'[[source]]\nname = "d"\npaths = ["{src}"]\n')
     assert cli_main(["run", "--config", str(policy), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sources"][0]["status"] == "ok"
+
+
+def test_end_of_input_at_the_prompt_is_no_password(tmp_path):
+    """Ctrl-D at the terminal's prompt ended in "internal error: EOFError" (exit 1)."""
+    import pty
+    import select
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_REPOSITORY"] = str(tmp_path / "repo")
+    Repository.init(env["CHUNKVAULT_REPOSITORY"], PASSWORD, kdf_seconds=0).close()
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, "-m", "chunkvault.cli", "snapshots"], env)
+    said = b""
+    while b"password: " not in said:
+        select.select([fd], [], [], 30)
+        said += os.read(fd, 4096)
+    os.write(fd, b"\x04")
+    while True:
+        try:
+            piece = os.read(fd, 4096)
+        except OSError:  # the other end closed
+            break
+        if not piece:
+            break
+        said += piece
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 2
+    assert said.decode().splitlines()[-1] == "chunkvault: no repository password: the prompt's input ended"
