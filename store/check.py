@@ -260,7 +260,7 @@ class Checker:
         damaged: set[str] = set()
         for name in self.repo.snapshot_names():
             try:
-                snaps.append(self.repo.load_snapshot(name))
+                snaps.append(self.repo.load_snapshot(name, fresh=True))
             except RemoteUnavailable:
                 raise
             except NewerObject as exc:  # not damage: this version cannot check it

@@ -900,18 +900,22 @@ class Repo:
 
     # --- snapshots --------------------------------------------------------------------
 
-    def load_snapshot(self, name: str) -> Snapshot:
-        snap = self._snapshots.get(name)
+    def load_snapshot(self, name: str, fresh: bool = False) -> Snapshot:
+        """``fresh``: the stored copy, read again (``check``: a copy cached, or loaded before, hides damage
+        done to it since, which no listing's version shows)."""
+        snap = None if fresh else self._snapshots.get(name)
         if snap is not None:
             return snap
         key = f"snapshots/{name}"
         try:
-            data = self.remote.get(key)
+            data = (self.remote.uncached() if fresh else self.remote).get(key)
             try:
                 snap = Snapshot.decode(self.sealer, name, data)
             except NewerObject:  # authentic (read past the AEAD): no copy of it reads otherwise
                 raise
             except CorruptObject:  # a local copy that is not it (another's, planted): the stored one decides
+                if fresh:
+                    raise
                 self.remote.drop_cached(key)
                 data = self.remote.get(key)
                 snap = Snapshot.decode(self.sealer, name, data)

@@ -238,6 +238,30 @@ def test_packs_fit_under_the_services_limit_on_object_size(tmp_path, serve_facto
             repo.backup([str(src)])
 
 
+def test_check_reads_the_stored_snapshot_objects_past_the_local_cache(tmp_path, http_server, monkeypatch, password):
+    """A snapshot object is cached under its listed version (the file's mtime and inode): damage done in
+    place (bit rot) changes neither, and check read the cached copy, or the one it had loaded, and said
+    "no problems"."""
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    make_tree(src, 3)
+    with Repository.init(http_server.url, password, kdf_seconds=0, token=FULL_TOKEN) as repo:
+        repo.backup([str(src)])
+    with Repository.open(http_server.url, password, token=FULL_TOKEN) as repo:
+        assert repo.check().ok  # the snapshot read, cached, and loaded
+        (stored,) = (http_server.path / "snapshots").iterdir()
+        st = stored.stat()
+        with open(stored, "r+b") as f:
+            f.seek(st.st_size // 2)
+            byte = f.read(1)
+            f.seek(st.st_size // 2)
+            f.write(bytes([byte[0] ^ 1]))
+        os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert f"snapshots/{stored.name}" in [p.object for p in repo.check().problems]
+    with Repository.open(http_server.url, password, token=FULL_TOKEN) as repo:
+        assert f"snapshots/{stored.name}" in [p.object for p in repo.check().problems]
+
+
 def test_check_reads_the_stored_index_objects_past_the_local_cache(tmp_path, http_server, monkeypatch, password):
     """Index objects are named by their content and cached for good: check read the cached copy, and said
     "no problems" about a stored one damaged since."""
