@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import blake3
 
 from .errors import UsageError
-from .localfiles import user_dir
+from .localfiles import tag_as_cache, user_dir
 from .remotes import Remote, open_remote
 from .remotes.local import LocalRemote
 from .remotes.throttle import ThrottledRemote
@@ -74,10 +74,14 @@ def _retry_time(given: Any) -> float | None:
 def cache_base() -> str | None:
     """The local cache's directory; None when there is none to use (no home directory): commands then
     read everything from the repository."""
-    if os.environ.get("CHUNKVAULT_CACHE_DIR"):
-        return os.environ["CHUNKVAULT_CACHE_DIR"]
-    base = user_dir("XDG_CACHE_HOME", ".cache")
-    return None if base is None else os.path.join(base, "chunkvault")
+    base = os.environ.get("CHUNKVAULT_CACHE_DIR")
+    if not base:
+        home_cache = user_dir("XDG_CACHE_HOME", ".cache")
+        if home_cache is None:
+            return None
+        base = os.path.join(home_cache, "chunkvault")
+    tag_as_cache(base)  # it holds copies of metadata and key files: no backup should take them
+    return base
 
 
 def url_digest(url: str) -> str:

@@ -39,6 +39,42 @@ def abandoned(fd: int, after: float = ABANDONED_AFTER) -> bool:
     return True
 
 
+#: The Cache Directory Tagging Specification's tag (https://bford.info/cachedir/): the file name and the bytes
+#: it starts with, which backup tools (ours with --exclude-caches, restic's, borg's, tar's) leave a directory out by.
+CACHEDIR_TAG = (b"CACHEDIR.TAG", b"Signature: 8a477f597d28d172789f06886806bc55")
+
+
+def tag_as_cache(directory: str) -> None:
+    """Make ``directory`` (private to this user) and tag it as a cache (best effort)."""
+    tag = os.path.join(directory, os.fsdecode(CACHEDIR_TAG[0]))
+    if os.path.exists(tag):
+        return
+    tmp = f"{tag}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(CACHEDIR_TAG[1] + b"\n# a cache directory tag made by chunkvault: its local cache of index "
+                                      b"and snapshot objects (see https://bford.info/cachedir/)\n")
+        os.replace(tmp, tag)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+STALE_TEMP_AGE = 3600.0  # seconds: a temp file not written for this long was left by a writer killed mid-write
+
+
+def remove_if_stale(path: str, age: float = STALE_TEMP_AGE) -> None:
+    """Remove the temp file ``path`` once it is ``age`` seconds old (best effort): its writer is gone."""
+    try:
+        if time.time() - os.lstat(path).st_mtime > age:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def user_dir(variable: str, default: str) -> str | None:
     """Where a per-user directory lies: ``$variable`` when it is an absolute path (a relative one is
     ignored, as the XDG base directory rules say: it would name another place in each working directory),

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from chunkvault.errors import ChunkvaultError, ObjectExists, ObjectNotFound, RemoteRetryWarning, RemoteUnavailable
-from chunkvault.localfiles import read_regular
+from chunkvault.localfiles import read_regular, remove_if_stale
 
 from .base import ObjectInfo, Remote, validate_key
 
@@ -494,8 +494,9 @@ class CachingRemote(Remote):
         for dirpath, _, names in os.walk(top):
             rel = os.path.relpath(dirpath, self.cache_dir).replace(os.sep, "/")
             for name in names:
-                if name.startswith(_CACHE_TEMP):
-                    continue  # another process's write in progress
+                if name.startswith(_CACHE_TEMP):  # another process's write in progress, or a killed one's
+                    remove_if_stale(os.path.join(dirpath, name))
+                    continue
                 if f"{rel}/{name.partition('@')[0]}" not in listed:
                     self._remove(os.path.join(dirpath, name))
 

@@ -137,6 +137,18 @@ def file_version(st: os.stat_result) -> str:
     return f"{st.st_mtime_ns:x}.{st.st_ino:x}"
 
 
+def _outdate(tmp: str, final: str) -> None:
+    """Give ``tmp`` a later mtime, in whole seconds, than the ``final`` it replaces: a repository on a server's
+    disk is also read over SFTP, whose listing's version is mtime in whole seconds and size, which a rewrite
+    to one size in one second left as it was (another machine's cache then served the old object)."""
+    try:
+        old = int(os.stat(final).st_mtime)
+    except FileNotFoundError:
+        return
+    if int(os.stat(tmp).st_mtime) <= old:
+        os.utime(tmp, (time.time(), old + 1))
+
+
 def ancestor_identities(root: str, parts: list[str]) -> set[tuple[int, int]]:
     """(device, inode) of ``root`` and of each directory below it on the way to ``root/parts`` (that one
     left out): what a listing of ``parts`` must not walk into again through a link (a loop)."""
@@ -316,6 +328,7 @@ class LocalRemote(Remote):
                 except FileExistsError:
                     raise ObjectExists(key) from None
             else:
+                _outdate(tmp, final)
                 os.replace(tmp, final)
                 self._writing.discard(tmp)
                 tmp = None

@@ -20,7 +20,7 @@ import threading
 from typing import Iterable
 
 from chunkvault.errors import ChunkvaultError
-from chunkvault.localfiles import read_regular
+from chunkvault.localfiles import read_regular, remove_if_stale
 
 from .config import KDF_SECRET, KeyFile
 from .crypto import content_name
@@ -43,16 +43,20 @@ class KeyAhead:
     def start(cls, path: str | None, password: bytes) -> "KeyAhead":
         """``path``: None where there is no cache to keep the key file in."""
         ahead = cls(path, password)
-        raw = None if path is None else _read_small(path)
+        if path is None:
+            return ahead
+        _sweep_temp(os.path.dirname(path))
+        raw = _read_small(path)
         if raw is None:
             return ahead
         try:
             key_file = KeyFile.decode(content_name(raw)[:32], raw)
         except ChunkvaultError:
             return ahead
+        ahead.raw = raw
         if key_file.kdf == KDF_SECRET:  # nothing to gain: a secret's key costs microseconds
             return ahead
-        ahead.raw, ahead._key_file = raw, key_file
+        ahead._key_file = key_file
         ahead._thread = threading.Thread(target=ahead._derive, name="chunkvault-key-ahead", daemon=True)
         ahead._thread.start()
         return ahead
@@ -69,6 +73,17 @@ class KeyAhead:
             return None
         self._thread.join()
         return self._kek
+
+    def drop_unless_held(self, held: Iterable[bytes]) -> None:
+        """Remove the key file kept at ``path`` when the repository no longer holds it (another machine's
+        ``key passwd`` or ``key remove`` retired it): kept, it would still open the key with the old password."""
+        if self.raw is None or self.path is None or self.raw in held:
+            return
+        self.raw = None
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
     def remember(self, raw: bytes) -> None:
         """Keep ``raw``, the key file that opened the repository, for the next command (best effort)."""
@@ -109,6 +124,17 @@ def forget(directory: str | None, names: Iterable[str]) -> None:
                 os.unlink(path)
             except OSError:  # gone meanwhile, or a cache this user may not change
                 pass
+
+
+def _sweep_temp(directory: str) -> None:
+    """Remove the temp files of writes killed half-way (``remember``'s) once they are stale."""
+    try:
+        with os.scandir(directory) as listing:
+            temps = [e.path for e in listing if e.name.endswith(".tmp")]
+    except OSError:
+        return
+    for path in temps:
+        remove_if_stale(path)
 
 
 def _read_small(path: str) -> bytes | None:

@@ -23,6 +23,7 @@ import time
 from typing import Any, Iterator
 
 from chunkvault.errors import UsageError
+from chunkvault.localfiles import CACHEDIR_TAG
 from .manifest import held_ns, sort_key
 from .xattrs import UNSUPPORTED_ERRNOS
 
@@ -36,8 +37,6 @@ ScanItem = tuple[bytes, int, "tuple[int, ...] | None"]
 O_NOATIME = getattr(os, "O_NOATIME", 0)
 #: A directory marker: a file name, and the bytes the file must start with (b"": any file of that name).
 Marker = tuple[bytes, bytes]
-#: The Cache Directory Tagging Specification's tag (https://bford.info/cachedir/): what --exclude-caches marks by.
-CACHEDIR_TAG: Marker = (b"CACHEDIR.TAG", b"Signature: 8a477f597d28d172789f06886806bc55")
 
 
 def markers_of(exclude_if_present: list[str] | None = None, exclude_caches: bool = False) -> list[Marker]:

@@ -129,6 +129,8 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Un
         if kf.repo and kf.repo != clear["id"]:
             other_ids.add(kf.repo)
         keys.append(kf)
+    if ahead is not None:
+        ahead.drop_unless_held(raws.values())
     # Cheapest first (a secret costs microseconds, a password about 0.5 s of CPU) and this repository's before
     # any other's: a key file planted with the largest cost the bounds allow (a minute) is tried last.
     for kf in sorted(keys, key=lambda k: (k.kdf != KDF_SECRET, bool(k.repo) and k.repo != clear["id"], k.work)):

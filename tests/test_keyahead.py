@@ -146,3 +146,29 @@ def test_forgetting_a_key_file_removes_every_copy_of_it_and_nothing_else(tmp_pat
     forget(str(tmp_path / "none"), [content_name(b"another key")[:32]])  # no cache: nothing to do
     forget(None, [content_name(b"another key")[:32]])
     assert (directory / "c").read_bytes() == b"another key"
+
+
+def test_a_key_retired_by_another_machine_is_dropped_at_the_next_open(tmp_path, http_server, cli):
+    """The machine that ran `key passwd` dropped its copy; every other machine kept the retired key file,
+    opening the key with the old password, as long as no other key opened there since."""
+    url = http_server.url
+    machine_a = {"CHUNKVAULT_HTTP_TOKEN": FULL_TOKEN, "CHUNKVAULT_CACHE_DIR": str(tmp_path / "a")}
+    machine_b = {"CHUNKVAULT_HTTP_TOKEN": FULL_TOKEN, "CHUNKVAULT_CACHE_DIR": str(tmp_path / "b")}
+    cli("init", "-r", url, "--kdf-time", "0", env=machine_a)
+    cli("snapshots", "-r", url, env=machine_a)
+    (old,) = [p.read_bytes() for p in (http_server.path / "keys").iterdir()]
+    assert kept_key_files(tmp_path / "a") == [old]
+    cli("key", "passwd", "-r", url, "--kdf-time", "0", env={**machine_b, "CHUNKVAULT_NEW_PASSWORD": "new one"})
+    cli("snapshots", "-r", url, env=machine_a, check=11)  # the old password, which opens nothing now
+    assert kept_key_files(tmp_path / "a") == []
+
+
+def test_writes_of_the_kept_key_file_killed_half_way_are_swept_once_stale(repo_dir, tmp_path):
+    directory = tmp_path / "key-ahead"
+    directory.mkdir()
+    stale, fresh = directory / "x.123.tmp", directory / "x.456.tmp"
+    for path in (stale, fresh):
+        path.write_bytes(b"half a key file")
+    os.utime(stale, (0, os.stat(stale).st_mtime - 7200))
+    unlock(open_remote(repo_dir), PASSWORD, KeyAhead.start(str(directory / "x"), PASSWORD))
+    assert sorted(os.listdir(directory)) == ["x", "x.456.tmp"]

@@ -643,6 +643,20 @@ def test_cache_entries_are_written_atomically(tmp_path, monkeypatch):
     assert remote.get("index/i1") == b"data" and remote.hits == 1
 
 
+def test_cache_writes_killed_half_way_are_removed_once_stale(tmp_path):
+    """A command killed while it wrote an entry left its temp file for good: listings passed over them all."""
+    remote, inner = _cached(tmp_path)
+    inner.inner.put("snapshots/" + "ab" * 32, b"snapshot")
+    directory = tmp_path / "cache" / "snapshots"
+    directory.mkdir(parents=True)
+    stale, fresh = directory / ".tmp-0123456789abcdef", directory / ".tmp-fedcba9876543210"
+    for path in (stale, fresh):
+        path.write_bytes(b"half an entry")
+    os.utime(stale, (0, os.stat(stale).st_mtime - 7200))
+    list(remote.list("snapshots/"))
+    assert [p.name for p in directory.iterdir()] == [fresh.name]  # another process's, perhaps under way
+
+
 def test_cache_entry_format():
     for data in (b"", b"x", os.urandom(5000)):
         assert decode_cache_entry(encode_cache_entry(data)) == data

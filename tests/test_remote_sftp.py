@@ -523,3 +523,22 @@ def test_no_repository_is_made_inside_another(sftp_repo, password, transport):
             Repository.init(sftp_repo.url + "/outer" + below, password, kdf_seconds=0, **options)
     assert not os.path.exists(os.path.join(sftp_repo.path, "outer", "snapshots"))
     Repository.init(sftp_repo.url + "/outer-beside", password, kdf_seconds=0, **options).close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_rewrite_on_the_servers_disk_changes_the_version_sftp_lists(sftp_repo, transport):
+    """A maintenance job on the server rewrote a snapshot object by its local path, to the same size in the
+    same second: SFTP's version (mtime in whole seconds, size) stayed, and another machine's cache served
+    the old object (a tag it no longer had)."""
+    import time
+
+    from chunkvault.remotes.local import LocalRemote
+
+    with open_remote(sftp_repo.url, **sftp_repo.options, transport=transport) as remote:
+        while time.time() % 1 > 0.5:  # both writes in one second
+            time.sleep(0.05)
+        remote.put("snapshots/" + "ab" * 32, b"tag a")
+        (before,) = remote.list("snapshots/")
+        LocalRemote(sftp_repo.path).put("snapshots/" + "ab" * 32, b"tag b")
+        (after,) = remote.list("snapshots/")
+        assert after.version != before.version

@@ -238,6 +238,23 @@ def test_packs_fit_under_the_services_limit_on_object_size(tmp_path, serve_facto
             repo.backup([str(src)])
 
 
+def test_the_local_cache_is_tagged_so_that_backups_leave_it_out(tmp_path, http_server, monkeypatch, password):
+    """It holds the index, the snapshots and a key file: `backup --exclude-caches` of a home directory took
+    them (restic and borg tag their caches)."""
+    home = tmp_path / "home"
+    (home / "docs").mkdir(parents=True)
+    (home / "docs" / "a").write_text("a\n")
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(home / ".cache" / "chunkvault"))
+    with Repository.init(http_server.url, password, kdf_seconds=0, token=FULL_TOKEN) as repo:
+        repo.backup([str(home)], exclude_caches=True)
+    with Repository.open(http_server.url, password, token=FULL_TOKEN) as repo:
+        repo.backup([str(home)], exclude_caches=True)
+        taken = [os.fsdecode(e.path) for e in repo.tree("latest")]
+    assert list((home / ".cache" / "chunkvault").glob("*/snapshots/*"))  # the cache was there to take
+    assert not [p for p in taken if p.startswith(".cache/chunkvault/") and p != ".cache/chunkvault/CACHEDIR.TAG"]
+    assert "docs/a" in taken
+
+
 def test_check_reads_the_stored_snapshot_objects_past_the_local_cache(tmp_path, http_server, monkeypatch, password):
     """A snapshot object is cached under its listed version (the file's mtime and inode): damage done in
     place (bit rot) changes neither, and check read the cached copy, or the one it had loaded, and said
