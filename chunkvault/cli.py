@@ -1383,7 +1383,7 @@ def _rate(text: str) -> int:
     t = text.strip().removesuffix("/s")
     try:
         n = _size(t) if t[-1:].isalpha() else int(float(t) * 1024)
-    except (ValueError, argparse.ArgumentTypeError):
+    except (ValueError, OverflowError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"not a rate: {text!r} (KiB per second, e.g. 512, or 2M)") from None
     if n <= 0:
         raise argparse.ArgumentTypeError(f"a rate must be positive: {text!r}")
@@ -1882,18 +1882,18 @@ def stop_signals() -> dict[int, Callable[[int], None]]:
     return handlers
 
 
-def _wants_json(args: argparse.Namespace | None, argv: list[str] | None) -> bool:
-    """--json was given: by the parsed arguments, or, when parsing failed, by the words themselves."""
+def _flag(args: argparse.Namespace | None, argv: list[str] | None, name: str) -> bool:
+    """``--name`` was given: by the parsed arguments, or, when parsing failed, by the words themselves."""
     if args is not None:
-        return bool(getattr(args, "json", False))
-    return "--json" in (sys.argv[1:] if argv is None else argv)
+        return bool(getattr(args, name, False))
+    return f"--{name}" in (sys.argv[1:] if argv is None else argv)
 
 
 def _emit_error_json(args: argparse.Namespace | None, argv: list[str] | None, kind: str, code: int,
                      message: str) -> None:
     """With --json, a command that fails (or is stopped) before its document still prints one: what failed,
     for a program to read instead of parsing the line on stderr."""
-    if not _wants_json(args, argv) or getattr(sys.stdout, "written", True):
+    if not _flag(args, argv, "json") or getattr(sys.stdout, "written", True):
         return
     try:
         _emit_json({"error": {"type": kind, "exit_code": code, "message": message}})
@@ -1939,7 +1939,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, unless --debug
         if _STOPPED_BY:  # the stop raised inside native code (an import, say), which wrapped it in its own error
             return _stopped(args, argv)
-        if args is not None and getattr(args, "debug", False):
+        if _flag(args, argv, "debug"):
             raise
         line = f"internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for details)"
         print(f"chunkvault: {line}", file=sys.stderr)

@@ -763,8 +763,8 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
     from .memory import RESTORE_TRIM_THRESHOLD, tune_allocator
 
     tune_allocator(trim_threshold=RESTORE_TRIM_THRESHOLD)
-    if args.timeout is not None and args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):  # nan too: no timeout at all
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     if args.all_since is not None and (args.snapshot is not None or args.until is not None):
         raise UsageError(f"give {'--until' if args.until is not None else 'a snapshot'} or --all-since, not both")
     if args.scratch is not None and not os.path.isdir(args.scratch):

@@ -75,7 +75,8 @@ def keyword_options(function: Callable[..., Any]) -> list[str]:
     return [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
 
-def number_option(backend: str, name: str, value: object, minimum: float, kind: type = float) -> float:
+def number_option(backend: str, name: str, value: object, minimum: float, kind: type = float,
+                  maximum: float = math.inf) -> float:
     """A numeric backend option (``kind`` int or float), checked, with one clear error line."""
     what = "an integer" if kind is int else "a number"
     try:
@@ -85,9 +86,40 @@ def number_option(backend: str, name: str, value: object, minimum: float, kind: 
     if isinstance(value, bool) or not math.isfinite(number) or (kind is int and not number.is_integer()):
         raise UsageError(f"{backend} option {spelled(name)} must be {what}, not {value!r}")
     number = kind(number)
-    if number < minimum:
-        raise UsageError(f"{backend} option {spelled(name)} must be at least {minimum:g}, not {number:g}")
+    if not minimum <= number <= maximum:
+        bound = f"at least {minimum:g}" if number < minimum else f"at most {maximum:g}"
+        raise UsageError(f"{backend} option {spelled(name)} must be {bound}, not {number:{'d' if kind is int else 'g'}}")
     return number
+
+
+#: Bounds of the options every off-site remote takes: a pool's connections are set up front (urllib3 fills
+#: a queue of that many: a billion spun for minutes), and a timeout past a day is a typo, not a wait.
+MAX_CONNECTIONS = 1024
+MAX_TIMEOUT = 86400.0
+
+
+def timeout_option(backend: str, name: str, value: object) -> float:
+    """Seconds to wait for a connection or an answer: at least 0.1, at most a day."""
+    return number_option(backend, name, value, 0.1, float, MAX_TIMEOUT)
+
+
+def yes_no_option(backend: str, name: str, value: object) -> bool:
+    """A switch: yes/no words (as ``-o`` turns them into booleans), 1/0, or empty for no; a typo is refused,
+    not taken for no."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in ("1", "yes", "true", "on"):
+        return True
+    if word in ("", "0", "no", "false", "off"):
+        return False
+    shown = name if name.isupper() else f"{backend} option {spelled(name)}"  # a variable's name, as set
+    raise UsageError(f"{shown} takes yes or no, not {value!r}")
+
+
+def connections_option(backend: str, name: str, value: object) -> int:
+    """Transfers at once: 1 to ``MAX_CONNECTIONS``."""
+    return int(number_option(backend, name, value, 1, int, MAX_CONNECTIONS))
 
 
 @dataclass(frozen=True)

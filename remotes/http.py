@@ -69,8 +69,8 @@ from chunkvault.errors import (
     UsageError,
 )
 
-from .base import (ObjectInfo, Remote, is_key, is_loopback, keyword_options, number_option, refuse_unknown_options,
-                   validate_key, validate_prefix)
+from .base import (ObjectInfo, Remote, connections_option, is_key, is_loopback, keyword_options, refuse_unknown_options,
+                   timeout_option, validate_key, validate_prefix)
 
 DEFAULT_PORT = 6362
 X509_NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
@@ -81,10 +81,6 @@ TOKEN_FILE_ENV = "CHUNKVAULT_HTTP_TOKEN_FILE"
 CA_FILE_ENV = "CHUNKVAULT_HTTP_CA_FILE"
 _TOKEN = re.compile(r"^[\x21-\x7e]+\Z")
 _PRINTABLE = re.compile(r"[^\x20-\x7e]+")
-
-
-def _number_option(name: str, value: Any, minimum: float) -> float:
-    return number_option("HTTP", name, value, minimum)
 
 
 def _read_token_file(path: str, source: str) -> str:
@@ -222,9 +218,10 @@ class HTTPRemote(Remote):
         ca_file = ca_file or os.environ.get(CA_FILE_ENV) or None
         if ca_file:
             _check_ca_file(str(ca_file))
-        self.read_timeout = _number_option("read_timeout", read_timeout, 0.1)
-        timeout = urllib3.Timeout(connect=_number_option("connect_timeout", connect_timeout, 0.1), read=self.read_timeout)
-        pool_size = int(number_option("HTTP", "max_connections", max_connections, 1, int))
+        self.read_timeout = timeout_option("HTTP", "read_timeout", read_timeout)
+        timeout = urllib3.Timeout(connect=timeout_option("HTTP", "connect_timeout", connect_timeout),
+                                  read=self.read_timeout)
+        pool_size = connections_option("HTTP", "max_connections", max_connections)
         tls: dict[str, Any] = {}
         if self._origin.startswith("https:"):
             tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(ca_file) if ca_file else None}

@@ -55,7 +55,8 @@ def _os_error(exc: OSError, what: str) -> RemoteError:
         return PermissionDenied(f"permission denied while {what}: {exc.strerror}")
     if exc.errno == errno.ENOTDIR:  # say where: a file stands where the repository needs a directory
         return RemoteError(f"{what}: {exc.strerror} ({exc.filename} lies below a file)")
-    return RemoteError(f"{what}: {exc.strerror or exc}")
+    where = f": {exc.filename}" if exc.filename else ""  # a directory that could not be made (init in /proc)
+    return RemoteError(f"{what}: {exc.strerror or exc}{where}")
 
 
 def read_range_reference(path: str, start: int, length: int) -> bytes:

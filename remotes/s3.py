@@ -25,8 +25,8 @@ from chunkvault.errors import (
 )
 from chunkvault.units import parse_size
 
-from .base import (ObjectInfo, Remote, is_key, keyword_options, number_option, refuse_unknown_options, spelled,
-                   validate_key, validate_prefix)
+from .base import (ObjectInfo, Remote, connections_option, is_key, keyword_options, number_option,
+                   refuse_unknown_options, spelled, timeout_option, validate_key, validate_prefix)
 
 MiB = 1024 * 1024
 DATA_PREFIX = "data/"
@@ -180,9 +180,9 @@ class S3Remote(Remote):
         self.endpoint_url = endpoint_url
         config = botocore.config.Config(
             region_name=region,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            max_pool_connections=_int_option("max_pool_connections", max_pool_connections, 1),
+            connect_timeout=timeout_option("S3", "connect_timeout", connect_timeout),
+            read_timeout=timeout_option("S3", "read_timeout", read_timeout),
+            max_pool_connections=connections_option("S3", "max_pool_connections", max_pool_connections),
             retries={"total_max_attempts": _int_option("client_attempts", client_attempts, 1), "mode": "standard"},
             s3={"addressing_style": addressing_style},
         )

@@ -46,12 +46,12 @@ from chunkvault.errors import (
     UsageError,
 )
 
-from .base import ObjectInfo, Remote, is_key, number_option, refuse_unknown_options, validate_key, validate_prefix
+from .base import (ObjectInfo, Remote, connections_option, is_key, refuse_unknown_options, timeout_option, validate_key,
+                   validate_prefix, yes_no_option)
 from .sftp_client import StatusError
 from .sftp_sessions import OpenSSHSessions, ParamikoSessions, SSHTarget, openssh_settings, resolve_transport
 
 TEMP_PREFIX = ".tmp-"
-_TRUE = ("1", "true", "yes", "on")
 
 
 def parse_sftp_url(url: str) -> tuple[str | None, str, int | None, str]:
@@ -156,9 +156,11 @@ class SFTPRemote(Remote):
         transport: str = "auto",
     ):
         self.transport = resolve_transport(transport)
-        connect_timeout = number_option("SFTP", "connect_timeout", connect_timeout, 0.1)
-        channels = int(number_option("SFTP", "channels", channels, 1, int))
+        connect_timeout = timeout_option("SFTP", "connect_timeout", connect_timeout)
+        channels = connections_option("SFTP", "channels", channels)
         known = os.path.expanduser(known_hosts) if known_hosts else None
+        if ssh_config and not os.path.isfile(os.path.expanduser(ssh_config)):  # else retried as an outage
+            raise UsageError(f"SSH config file {ssh_config} does not exist")
         if self.transport == "openssh":
             # ssh reads its configuration itself: it is given only what the URL and the options say, and
             # asked (ssh -G) which user and port it will use, for the name in messages and the cache's.
@@ -219,10 +221,9 @@ class SFTPRemote(Remote):
         options.setdefault("transport", env.get("CHUNKVAULT_SFTP_TRANSPORT") or None)
         accept = options.get("accept_new_host_key")
         if accept is None:
-            accept = env.get("CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY", "").lower() in _TRUE
-        elif isinstance(accept, str):
-            accept = accept.lower() in _TRUE
-        options["accept_new_host_key"] = bool(accept)
+            accept = yes_no_option("SFTP", "CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY",
+                                   env.get("CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY", ""))
+        options["accept_new_host_key"] = yes_no_option("SFTP", "accept_new_host_key", accept)
         return cls(host, path, user=user, port=port, **{k: v for k, v in options.items() if v is not None})
 
     # -- sessions -------------------------------------------------------------

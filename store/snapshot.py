@@ -128,9 +128,10 @@ def parse_time(text: str) -> datetime:
         t = datetime.fromisoformat(text)
     except (TypeError, ValueError):
         raise UsageError(f"cannot parse time {text!r} (use ISO 8601, e.g. 2026-11-28T14:00)") from None
-    if t.tzinfo is None:
-        t = t.astimezone()
-    return t.astimezone(timezone.utc)
+    try:
+        return (t if t.tzinfo is not None else t.astimezone()).astimezone(timezone.utc)
+    except (OverflowError, ValueError):  # a zone's offset takes it past year 1 or 9999
+        raise UsageError(f"time {text!r} is out of range (years 1 to 9999, in UTC too)") from None
 
 
 _TO_THE_SECOND = re.compile(r".*[T ]\d{2}:?\d{2}:?\d{2}(?![.,\d]).*", re.DOTALL)
@@ -143,7 +144,10 @@ def parse_until(text: str) -> datetime:
     the restore is meant to go back before."""
     start = parse_time(text)
     if _TO_THE_SECOND.fullmatch(text.strip()):
-        return start + timedelta(seconds=1) - timedelta(microseconds=1)
+        try:
+            return start + timedelta(seconds=1) - timedelta(microseconds=1)
+        except OverflowError:  # the last second there is: up to its end
+            return datetime.max.replace(tzinfo=timezone.utc)
     return start
 
 

@@ -940,3 +940,20 @@ def test_latest_with_a_filter_is_the_newest_of_what_the_filter_selects(tmp_path,
     restored = json.loads(cli("restore", "-r", repo, "latest", "--path", str(db), "--target", str(tmp_path / "r"),
                               "--json").stdout)
     assert restored["snapshot"] == db_id
+
+
+def test_a_rate_past_a_float_is_not_a_rate_and_debug_shows_a_failure_while_parsing(tmp_path, cli, monkeypatch):
+    """1e999 KiB/s overflowed to an internal error (exit 1); and --debug showed no traceback for an internal
+    error met while the arguments were parsed (they were not parsed yet to say --debug)."""
+    from chunkvault import cli as cli_module
+
+    said = cli("snapshots", "-r", str(tmp_path / "none"), "--limit-upload", "1e999", check=2).stderr
+    assert said.decode().strip().endswith("not a rate: '1e999' (KiB per second, e.g. 512, or 2M)")
+
+    def broken(text):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli_module, "_rate", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli_module.main(["snapshots", "-r", str(tmp_path / "none"), "--limit-upload", "1", "--debug"])
+    assert cli_module.main(["snapshots", "-r", str(tmp_path / "none"), "--limit-upload", "1"]) == 1

@@ -119,6 +119,10 @@ def test_options_and_urls(monkeypatch):
     assert remote.display_url == "https://[::1]:6362/backups/host1/"
     assert FULL_TOKEN not in repr(remote)
     assert HTTPRemote.from_url("http://backup.example").display_url == "http://backup.example/"
+    with pytest.raises(UsageError, match="HTTP option max-connections must be at most 1024, not 1000000000"):
+        HTTPRemote.from_url("http://127.0.0.1:1/", max_connections="1e9")  # urllib3 spun filling its pool
+    with pytest.raises(UsageError, match="HTTP option read-timeout must be at most 86400"):
+        HTTPRemote.from_url("http://127.0.0.1:1/", read_timeout=1e10)
 
 
 # --- tokens and modes -------------------------------------------------------------------

@@ -399,3 +399,12 @@ def test_objects_below_a_directory_that_is_a_link_are_listed(tmp_path):
     assert (elsewhere / ("ab" * 32)).read_bytes() == b"pack"
     assert sorted(o.key for o in remote.list("data/")) == keys
     assert [o.key for o in remote.list("data/ab/")] == keys[:1]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_a_repository_directory_that_cannot_be_made_is_named():
+    """`init -r /proc/x` said only "writing keys/...: No such file or directory"."""
+    from chunkvault.errors import RemoteError
+
+    with pytest.raises(RemoteError, match="^writing config: No such file or directory: /proc/chunkvault-test$"):
+        LocalRemote("/proc/chunkvault-test").put("config", b"x")

@@ -311,6 +311,19 @@ def test_credentials_in_url_are_refused_without_echoing_them():
     assert "topsecret" not in str(info.value)
 
 
+@pytest.mark.parametrize("option, words", [
+    ({"connect_timeout": "nan"}, "S3 option connect-timeout must be a number, not 'nan'"),
+    ({"read_timeout": "1e999"}, "S3 option read-timeout must be a number, not '1e999'"),
+    ({"read_timeout": 1e12}, "S3 option read-timeout must be at most 86400"),
+    ({"max_pool_connections": "10000000"}, "S3 option max-pool-connections must be at most 1024"),
+])
+def test_bad_numbers_are_usage_errors_before_connecting(option, words):
+    """nan and 1e999 timeouts went to botocore, whose every attempt then failed: "unreachable" (exit 14)
+    after 8 of them; a pool of ten million connections spun for its queue for minutes."""
+    with pytest.raises(UsageError, match=words):
+        open_remote("s3://bkt/repo", endpoint_url="http://127.0.0.1:9", **option)
+
+
 def test_display_url_and_options(moto_s3):
     remote = open_remote("s3://bkt/repo", endpoint_url=moto_s3.endpoint, region="eu-west-1")
     assert remote.display_url == "s3://bkt/repo/"

@@ -61,10 +61,26 @@ def test_unknown_options_are_named(sftp_repo):
     ({"channels": 1.5}, "SFTP option channels must be an integer"),
     ({"connect_timeout": float("inf")}, "SFTP option connect-timeout must be a number, not inf"),
     ({"connect_timeout": "nan"}, "SFTP option connect-timeout must be a number"),
+    ({"connect_timeout": 1e12}, "SFTP option connect-timeout must be at most 86400"),
+    ({"channels": 1_000_000_000}, "SFTP option channels must be at most 1024"),
 ])
 def test_bad_numbers_are_usage_errors_before_connecting(option, words):
     with pytest.raises(UsageError, match=words):
         open_remote("sftp://u@127.0.0.1:1/x", **option)
+
+
+def test_a_switch_misspelled_or_a_missing_ssh_config_is_refused_before_connecting(monkeypatch):
+    """A typo of yes was taken for no (and the host key refused, with advice to say yes); a missing ssh
+    config was retried 8 times as an outage."""
+    with pytest.raises(UsageError, match="^SFTP option accept-new-host-key takes yes or no, not 'ture'$"):
+        open_remote("sftp://u@127.0.0.1:1/x", accept_new_host_key="ture")
+    monkeypatch.setenv("CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY", "maybe")
+    with pytest.raises(UsageError, match="^CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY takes yes or no, not 'maybe'$"):
+        open_remote("sftp://u@127.0.0.1:1/x")
+    monkeypatch.delenv("CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY")
+    for transport in TRANSPORTS:
+        with pytest.raises(UsageError, match="^SSH config file /no/such/config does not exist$"):
+            open_remote("sftp://u@127.0.0.1:1/x", ssh_config="/no/such/config", transport=transport)
 
 
 @pytest.fixture(params=TRANSPORTS)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -108,6 +109,29 @@ def test_until_to_the_second_finds_the_snapshot_whose_listed_time_it_is(tmp_path
     assert repo.snapshot(until=float(seven)).id == first.id  # a float is an instant
     assert parse_until("2026-11-28T14:00:05+01:00").astimezone(timezone.utc).isoformat() == \
         "2026-11-28T13:00:05.999999+00:00"
+
+
+def test_times_at_the_ends_of_the_calendar_are_a_usage_error_or_the_last_instant(tmp_path, new_repo, monkeypatch):
+    """A zone's offset took them past year 1 or 9999: an internal error (exit 1), where `0000-01-01` got
+    "cannot parse time"."""
+    import time
+
+    from chunkvault.errors import UsageError
+
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo(str(tmp_path / "repo"))
+    made = repo.backup([str(src)]).snapshot
+    assert repo.snapshot(until="9999-12-31T23:59:59Z").id == made.id  # to the end of the last second
+    for until in ("0001-01-01", "9999-12-31T23:59:59-12:00", "0001-01-01T00:00:00+14:00"):
+        with pytest.raises(UsageError, match=re.escape(f"time {until!r} is out of range")):
+            repo.snapshot(until=until)
+    with pytest.raises(UsageError, match="out of range"):
+        repo.backup([str(src)], time="0001-01-01T00:00:00+14:00")
+    monkeypatch.undo()
+    time.tzset()
 
 
 def test_a_time_copied_from_the_listing_in_the_hour_summer_time_repeats_finds_its_snapshot(tmp_path, cli):

@@ -375,8 +375,9 @@ def test_all_since_verifies_each_later_snapshot_oldest_first(tmp_path, new_repo,
 def test_bad_arguments(repo_with_tree, tmp_path, run_cli):
     code, _, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--scratch", str(tmp_path / "nope"))
     assert code == 2 and "scratch" in err
-    code, _, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--timeout", "0")
-    assert code == 2
+    for never in ("0", "nan", "inf", "1e999"):  # nan and inf meant no timeout at all
+        code, _, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--timeout", never, "--then", "true")
+        assert code == 2 and "--timeout must be a positive number of seconds" in err, never
     code, _, err = run_cli("verify-restore", "ffffffff", "-r", str(tmp_path / "repo"))
     assert code == 12
 
