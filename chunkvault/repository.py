@@ -37,7 +37,8 @@ from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.crypto import KEY_SIZE
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record, unread
 from .store.repository import NOT_INDEXED, Repo
-from .store.restore import (Restorer, RestoreOptions, RestoreResult, check_content, confined, include_directory,
+from .store.confinement import confined
+from .store.restore import (Restorer, RestoreOptions, RestoreResult, check_content, include_directory,
                             refuse_overlap)
 from .store.owners import OwnerMap, chain_names
 from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, parse_until, select_snapshots
@@ -960,7 +961,8 @@ class Repository:
                                   delta=delta, delete=delete, progress=self._progress(progress),
                                   checkpoint=self._checkpoint(), xattrs=xattrs,
                                   owner_map=None if numeric_owner else self.owner_map(snap))
-            restorer = Restorer(self._repo, target, opts, lookup=lambda path: self._repo.lookup(snap, path))
+            restorer = Restorer(self._repo, target, opts, lookup=lambda path: self._repo.lookup(snap, path),
+                                tree_name=f"tree of snapshot {snap.id}")
             expected, files, dirs = (_count(snap.stats.get(k)) for k in ("bytes", "files", "dirs"))
             if processes is None:
                 processes = 1 if includes else restore_workers.auto_processes(expected)
@@ -1075,7 +1077,8 @@ class Repository:
                         out.write(block)
                 return []
             # refused as a restore refuses them: paths out of the archive's root, links out of the tree
-            records = confined(self._repo.tree(snap) if not want else self._repo.tree_within(snap, want))
+            records = confined(self._repo.tree(snap) if not want else self._repo.tree_within(snap, want),
+                               f"tree of snapshot {snap.id}")
             entries = (r.entry for r in records if r.entry is not None and in_subtree(r.path, want))
             return write_archive(out, archive, entries, want, self._content,
                                  lambda target: self.find_entry(snap, target), self.owner_names(snap))

@@ -23,6 +23,7 @@ from . import forked
 from .blob import KIND_DELTA, open_blob
 from .chain import broken_chains
 from .config import KeyFile, open_config, peek_config
+from .confinement import Confinement
 from .indexfile import IndexColumns
 from .manifest import T_FILE, T_HARDLINK, Record, unread
 from .pack import PACK_FIXED_OVERHEAD, PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
@@ -486,25 +487,31 @@ class Checker:
                 p.snapshots.append(s.id)
                 self.bad_manifests[s.id] = p
                 continue
+            confinement = Confinement()
             try:
                 for _, records in self.repo.manifest_record_runs([s], seen):
-                    self._check_records(s, records)
+                    self._check_records(s, records, confinement)
             except RemoteUnavailable:
                 raise
-            except ChunkvaultError as exc:
-                p = self.problem(f"snapshots/{s.id}", f"manifest unreadable: {exc}")
+            except (ChunkvaultError, ValueError) as exc:
+                why = f"every restore refuses its manifest: {exc}" if isinstance(exc, ValueError) else \
+                    f"manifest unreadable: {exc}"
+                p = self.problem(f"snapshots/{s.id}", why)
                 p.snapshots.append(s.id)
                 self.bad_manifests[s.id] = p
 
-    def _check_records(self, snap: Snapshot, records: Iterable[Record], batch: int = 4096) -> None:
+    def _check_records(self, snap: Snapshot, records: Iterable[Record], confinement: Confinement,
+                       batch: int = 4096) -> None:
         """The chunks of ``records`` (of ``snap``'s own manifest) looked up in the index; with ``read_data``,
         each file's recorded size against the lengths of its chunks, which every restore holds it to (the
-        index's lengths are the packs' headers', checked as the packs are read)."""
+        index's lengths are the packs' headers', checked as the packs are read).  Its entries held to what
+        every restore holds them to (``Confinement``: ValueError): in order, inside the tree."""
         pending: list[bytes] = []
         for rec in records:
             e = rec.entry
-            if e is None:
+            if e is None:  # a differential's mark of a removal: never restored
                 continue
+            confinement.check(rec)
             if e.chunks:
                 pending.append(e.chunks)
                 if len(pending) >= batch:

@@ -60,7 +60,8 @@ from .manifest import OP_ENTRY, T_FILE, ManifestStats, Record, decode_records, e
 from .manifest_io import ManifestWriter
 from .owners import OWNERS_KEY, OwnerMap, chain_owners
 from .repository import WORKERS, Repo, pack_key
-from .restore import Confinement, Restorer, RestoreOptions, RestoreResult, lookup_by_scan, refuse_overlap
+from .confinement import Confinement
+from .restore import Restorer, RestoreOptions, RestoreResult, lookup_by_scan, refuse_overlap
 from .snapshot import KIND_FULL, Snapshot, now_iso
 
 __all__ = [

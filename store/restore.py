@@ -35,7 +35,7 @@ from .manifest import (
     F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, Record, sort_key, unread,
 )
 from .blob import Plaintext
-from .chain import ancestors
+from .confinement import confined, safe_relpath
 from .find import tree_glob
 from .owners import OwnerMap
 from .repository import Repo
@@ -300,70 +300,6 @@ class Selection:
         return self.excludes is None or not self.excludes(s)
 
 
-def _is_safe(path: bytes) -> bool:
-    """Whether ``path`` stays below the target: relative, no NUL, no empty, "." or ".." component.
-    Searched for as byte strings, not split into components: a restore asks once per entry."""
-    if path == b"":
-        return True
-    framed = b"/" + path + b"/"
-    return not (path[:1] == b"/" or b"\x00" in path or b"//" in framed or b"/./" in framed or b"/../" in framed)
-
-
-def safe_relpath(path: bytes) -> bytes:
-    """``path`` if it stays below the target (CorruptObject if not)."""
-    if not _is_safe(path):
-        raise CorruptObject("manifest", f"unsafe path {path!r}")
-    return path
-
-
-class Confinement:
-    """What keeps a tree's records inside a restore's target, checked record by record (``check`` raises
-    ValueError naming what is wrong): in order, on safe paths, none below a symbolic link of the same tree
-    (which the restore would have made and would then follow), no hard link to such a path or out of the
-    tree, and a root that is a directory (else it would take the target's place).  A tree read from a
-    directory has none of these faults; only a crafted manifest or ``.backup`` file could, and an import
-    refuses one as a restore does."""
-
-    def __init__(self) -> None:
-        self.previous: bytes | None = None
-        self.link: bytes | None = None  # the newest symbolic link's key and separator: its subtree follows it
-        self.links: set[bytes] = set()
-
-    def check(self, rec: Record) -> None:
-        key = rec.key
-        if self.previous is not None and key <= self.previous:
-            raise ValueError(f"records out of order at {os.fsdecode(rec.path)!r}")
-        self.previous = key
-        if not _is_safe(rec.path):
-            raise ValueError(f"unsafe path {rec.path!r}")
-        if self.link is not None and key.startswith(self.link):
-            raise ValueError(f"{os.fsdecode(rec.path)!r} lies below a symbolic link")
-        e = rec.entry
-        if e is None:
-            return
-        if rec.path == b"" and e.type != T_DIR:
-            raise ValueError("the snapshot's root is not a directory")
-        if e.type == T_SYMLINK:
-            self.link = key + b"\x00"
-            self.links.add(rec.path)
-        elif e.type == T_HARDLINK:
-            if not e.target or not _is_safe(e.target):
-                raise ValueError(f"hard link {os.fsdecode(rec.path)!r} points out of the tree")
-            if self.links.intersection(ancestors(e.target)):
-                raise ValueError(f"hard link {os.fsdecode(rec.path)!r} points below a symbolic link")
-
-
-def confined(records: Iterator[Record]) -> Iterator[Record]:
-    """``records``, refused (CorruptObject) if they would lead a restore out of its target (``Confinement``)."""
-    confinement = Confinement()
-    for rec in records:
-        try:
-            confinement.check(rec)
-        except ValueError as exc:
-            raise CorruptObject("manifest", str(exc)) from None
-        yield rec
-
-
 class _Prefetcher:
     """Records in order, and their files' chunks fetched ahead across file boundaries.
 
@@ -502,7 +438,7 @@ class Restorer:
     selection that leaves out the first path of a hard-linked file restores its data at a selected link."""
 
     def __init__(self, repo: Repo | BlobSource, target: str, options: RestoreOptions,
-                 lookup: Callable[[bytes], Record | None] | None = None):
+                 lookup: Callable[[bytes], Record | None] | None = None, tree_name: str = "manifest"):
         if options.delta and not isinstance(repo, Repo):
             raise UsageError("a delta restore compares chunks by their repository ids: it needs a repository")
         self.repo = repo
@@ -515,6 +451,7 @@ class Restorer:
         self.matched = 0  # entries below the root the selection took (``note_walked``)
         self.setid_dropped = 0  # entries whose set-id bits were for other owners (``_setid_for_owner_only``)
         self.lookup = lookup
+        self.tree_name = tree_name  # what a tree that would lead out of the target is called, refused
         self._dirs: list[Entry] = []  # the directories the walk is in, whose metadata waits for their children
         self._fresh = False  # the target was empty: nothing in it needs to be looked at or made room for
         self._target_dirs: TargetDirs | None = None
@@ -644,7 +581,7 @@ class Restorer:
         """The records a restore takes.  Narrowed by a selection, these are the selected ones, each after
         the directories above it that the selection leaves out (restored too, for their recorded metadata,
         as restic does), and hard links whose first path is left out stand in for it (``_linked``)."""
-        safe = confined(records)
+        safe = confined(records, self.tree_name)
         chosen = safe if self.selected.everything else self._narrowed(safe)
         if not self.owners:
             return self._setid_for_owner_only(chosen)
@@ -811,7 +748,7 @@ class Restorer:
         self._follow_target()  # else the walk would see a link and nothing below it
         mounts = self._mount_points()
         around = {p[:i] for p in mounts for i, c in enumerate(p) if c == ord("/")}  # the directories above them
-        recs = confined(records)
+        recs = confined(records, self.tree_name)
         want = next(recs, None)
         skip: bytes | None = None
         kept: bytes | None = None  # key of the unlisted directory we are in, and a separator

@@ -407,7 +407,7 @@ def test_a_hard_link_to_a_file_below_a_symbolic_link_is_refused(tmp_path, new_re
 @given(st.lists(st.sampled_from([b"a", b".", b"..", b"", b"...", b".a", b"a.", b"\x00", b"b\x00", b"/"]),
                 min_size=1, max_size=6).map(b"/".join))
 def test_a_path_is_safe_exactly_when_every_component_is_a_name(path):
-    from chunkvault.store.restore import safe_relpath
+    from chunkvault.store.confinement import safe_relpath
 
     parts = path.split(b"/")
     unsafe = path.startswith(b"/") or any(p in (b"", b".", b"..") or b"\x00" in p for p in parts)
@@ -560,3 +560,25 @@ def test_an_interrupted_restore_with_workers_leaves_no_file_cut_short(tmp_path, 
     assert json.loads(proc.stdout) == "interrupted"
     for path in target.iterdir():
         assert path.read_bytes() == (src / path.name).read_bytes(), path.name
+
+
+@pytest.mark.parametrize("crafted, refused", [
+    ([_root(), Entry(path=b"b", type=T_FILE, chunks=b"b"), Entry(path=b"a", type=T_FILE, chunks=b"a")], "out of order"),
+    ([_root(), Entry(path=b"a", type=T_FILE, chunks=b"a"), Entry(path=b"a", type=T_FILE, chunks=b"b")], "out of order"),
+    ([_root(), Entry(path=b"../escape", type=T_FILE, mode=0o644, chunks=b"out")], "unsafe path"),
+    ([_root(), Entry(path=b"a", type=T_SYMLINK, target=b"/tmp"), Entry(path=b"a/x", type=T_FILE, chunks=b"x")],
+     "below a symbolic link"),
+    ([Entry(path=b"", type=T_FILE, mode=0o644, chunks=b"root")], "root is not a directory"),
+], ids=["order", "twice", "dot-dot", "below a symlink", "root"])
+def test_check_finds_a_tree_every_restore_refuses(tmp_path, new_repo, crafted, refused):
+    """check --read-data said "no problems" of snapshots whose every restore failed (exit 13); the
+    restore's error named no snapshot."""
+    repo = new_repo()
+    _crafted(repo, crafted)
+    snap = repo.snapshot()
+    for read_data in (False, True):
+        (problem,) = repo.check(read_data=read_data).problems
+        assert problem.object == f"snapshots/{snap.id}" and problem.snapshots == [snap.id]
+        assert "every restore refuses its manifest: " in problem.problem and refused in problem.problem
+    with pytest.raises(CorruptObject, match=f"tree of snapshot {snap.id}: .*{refused}"):
+        repo.restore("latest", str(tmp_path / "out"))
