@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import UsageError
-from .store.retention import RetentionPolicy, load_preset, policy_from_dict
+from .store.retention import RetentionPolicy, load_preset, policy_from_dict, select
 from .store.source import markers_of
 from .units import parse_size
 
@@ -47,11 +47,14 @@ __all__ = [
     "Due",
     "Interval",
     "Policy",
+    "RetentionScope",
     "Source",
+    "dated_ahead",
     "decide",
     "next_wakeup",
     "parse_cadence",
     "parse_policy",
+    "retention_scope",
     "zone",
 ]
 
@@ -375,13 +378,19 @@ class Due:
 AHEAD = timedelta(minutes=5)  # as far ahead as a backup accepts a snapshot's time (another machine's clock)
 
 
+def dated_ahead(t: datetime, now: datetime) -> bool:
+    """Whether a snapshot dated ``t`` was taken while the clock ran ahead (more than ``AHEAD`` after ``now``):
+    such a snapshot serves no slot and fills no keep rule, or it would hold off every backup, and have
+    retention remove each new one, until the clock reaches its date."""
+    return _aware(t, "snapshot time") > _aware(now, "now") + AHEAD
+
+
 def decide(full: Cadence, diff: Cadence | None, now: datetime,
            history: Iterable[tuple[datetime, str]]) -> Due:
-    """Apply the due rule (module docstring) to one source's snapshot history.  A snapshot dated more than
-    ``AHEAD`` after ``now`` (taken while the clock was ahead) serves no slot: it would hold every backup
-    off until then."""
+    """Apply the due rule (module docstring) to one source's snapshot history.  A snapshot ``dated_ahead``
+    of ``now`` serves no slot."""
     now = _aware(now, "now")
-    snaps = [(t, k) for t, k in ((_aware(t, "snapshot time"), k) for t, k in history) if t <= now + AHEAD]
+    snaps = [(_aware(t, "snapshot time"), k) for t, k in history if not dated_ahead(t, now)]
     full_slot = full.prev(now)
     last_full = max((t for t, k in snaps if k == KIND_FULL), default=None)
     if last_full is None:
@@ -394,6 +403,32 @@ def decide(full: Cadence, diff: Cadence | None, now: datetime,
         if diff_slot is not None and last_any < diff_slot:
             return Due(KIND_DIFF, diff_slot, f"differential slot {_fmt(diff_slot)} not served")
     return Due(None, None, "up to date")
+
+
+@dataclass(frozen=True)
+class RetentionScope:
+    """What a source's retention rules weigh in one run (``weighed``), and what they leave out: the
+    snapshots ``dated_ahead`` (kept, not counted) and the one the run saved when the rules would remove
+    it (``spared``: a run never undoes its own backup)."""
+
+    weighed: list[Any]
+    ahead: list[Any]
+    spared: str | None = None
+
+
+def retention_scope(history: Sequence[Any], policy: RetentionPolicy, now: datetime, saved: str | None = None,
+                    tz: Any = UTC) -> RetentionScope:
+    """The part of a source's ``history`` (snapshots with ``id`` and ``datetime``) that ``policy`` applies to
+    at ``now``.  ``saved``: the snapshot this run made; left out of the rules (so kept) only when they
+    would remove it, so that it counts towards them otherwise."""
+    ahead = [s for s in history if dated_ahead(s.datetime, now)]
+    weighed = [s for s in history if not dated_ahead(s.datetime, now)]
+    if saved is None or not any(s.id == saved for s in weighed):
+        return RetentionScope(weighed, ahead)
+    decisions = select(weighed, policy, now, allow_remove_all=True, tz=tz)
+    if any(d.snapshot_id == saved and not d.keep for d in decisions):
+        return RetentionScope([s for s in weighed if s.id != saved], ahead, saved)
+    return RetentionScope(weighed, ahead)
 
 
 def next_wakeup(cadences: Iterable[Cadence], after: datetime) -> datetime | None:

@@ -23,12 +23,14 @@ Hooks run with ``/bin/sh -c`` (a string) or directly (a list), in the policy
 file's folder, stdin closed, their output logged.  Their environment adds
 CHUNKVAULT_SOURCE, CHUNKVAULT_KIND (full|diff), CHUNKVAULT_SLOT (ISO time) and
 CHUNKVAULT_PATHS (joined by ``os.pathsep``); the post hook also gets
-CHUNKVAULT_RESULT (ok|partial|failed), CHUNKVAULT_SNAPSHOT_ID (empty when no
-snapshot was saved) and CHUNKVAULT_ERROR.  A failing pre hook skips the
-backup and fails the source; the post hook runs whenever the pre hook was
-started, and a failing post hook fails the source (its snapshot stays).
-Retention of a source whose backup failed in this run is skipped, so a
-broken backup never lets age-based rules erode the remaining history.
+CHUNKVAULT_RESULT (ok|partial|failed, or skipped when a stop came first),
+CHUNKVAULT_SNAPSHOT_ID (empty when no snapshot was saved) and
+CHUNKVAULT_ERROR.  A failing pre hook skips the backup and fails the source;
+the post hook runs whenever the pre hook was started, and a failing post hook
+fails the source (its snapshot stays).  Retention of a source whose backup
+failed in this run is skipped, so a broken backup never lets age-based rules
+erode the remaining history; it never removes the snapshot its run saved, nor
+counts those dated ahead of the clock (``schedule.retention_scope``).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ import tempfile
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, Iterator, TextIO
@@ -53,10 +55,11 @@ from typing import IO, Any, Callable, Iterator, TextIO
 from . import interrupts
 from .store import locks
 from .display import one_line
-from .errors import ChunkvaultError, ChunkvaultWarning, Locked, PartialBackup, UsageError
+from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, OutputClosed, PartialBackup, RemoteUnavailable,
+                     Stopped, UsageError)
 from .processes import kill_group
 from .remotes.layer import stop_request
-from .schedule import Policy, Source, decide, next_wakeup, parse_policy
+from .schedule import Policy, RetentionScope, Source, decide, next_wakeup, parse_policy, retention_scope
 from .schedulecli import add_commands
 from .units import format_size
 from .store.command_stream import without_secrets
@@ -162,9 +165,14 @@ class RunReport:
                 "prune_error": self.prune_error, "run_error": self.error}
 
     def summary(self) -> str:
+        """One line per run: backups by outcome, then retention's; a source whose backup was saved but whose
+        retention failed is one backup and one failed retention, not a failed backup too."""
         made = [r for r in self.sources if r.status in (OK, PARTIAL)]
-        text = (f"run: {len(made)} backup(s), {len(self.failed)} failed, {len(self.partial)} partial; "
+        failed = sum(r.status == FAILED for r in self.sources)
+        retention_failed = sum(r.retention_error is not None for r in self.sources)
+        text = (f"run: {len(made)} backup(s), {failed} failed, {len(self.partial)} partial; "
                 f"retention removed {sum(len(r.retention.removed) for r in self.sources if r.retention)}")
+        text += f", failed {retention_failed}" if retention_failed else ""
         return text + (" (stopped early)" if self.stopped else "")
 
     def raise_for_status(self) -> None:
@@ -218,14 +226,37 @@ def _log_output(out: IO[bytes], log: Callable[[str], None], label: str) -> None:
         log(f"{label}: {line}")
 
 
+class LockFileError(ChunkvaultError):
+    """A policy's lock file could not be opened.  A command ends with exit 2, as for a bad option; a daemon
+    logs that run as failed and tries again at the next slot (the directory may be back by then)."""
+
+    exit_code = 2
+
+
+def _open_lock(path: str) -> int:
+    """The lock file, created if missing, and its own directory with it: a directory under /run is gone after
+    a reboot, or when a service manager or tmpfiles cleans it.  The directories above are not made (a
+    mistyped path is said, not created)."""
+    flags = os.O_RDWR | os.O_CREAT
+    try:
+        return os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise LockFileError(f"cannot open lock file {path}: {exc.strerror}") from None
+    try:
+        with suppress(FileExistsError):
+            os.mkdir(os.path.dirname(os.path.abspath(path)), 0o755)
+        return os.open(path, flags, 0o644)
+    except OSError as exc:
+        raise LockFileError(f"cannot open lock file {path}: {exc.strerror}") from None
+
+
 @contextmanager
 def policy_lock(path: str, held_by: str = "another run of this policy is in progress") -> Iterator[None]:
     """Exclusive advisory lock for one run of a policy (or one daemon); Locked, saying ``held_by``, if
     another holds it."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise UsageError(f"cannot open lock file {path}: {exc.strerror}") from None
+    fd = _open_lock(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -303,7 +334,7 @@ class Runner:
                     self.log(f"{src.name}: retention skipped, stopping")
                     continue
                 try:
-                    result.retention = self._retention(repo, src, report.dry_run)
+                    result.retention = self._retention(repo, src, report.dry_run, result.snapshot_id)
                 except Locked as exc:
                     if self.stop.is_set():  # its wait for the lock ended by the stop: not a failure
                         report.stopped = True
@@ -358,7 +389,9 @@ class Runner:
                 if error:
                     pre_ok = False
                     result.error = error
-            if pre_ok:
+            if pre_ok and self.stop.is_set():  # the stop came during the pre hook: no backup, the post hook still
+                result.status, result.reason = SKIPPED, "stopping (the stop came during the pre hook)"
+            elif pre_ok:
                 self._backup(repo, src, due.kind, result, env)
         except BaseException as exc:  # stopped (SIGTERM, Ctrl-C): what the pre hook set up is still undone
             result.status = FAILED
@@ -370,6 +403,7 @@ class Runner:
             raise
         self._post(src, env, result)
         result.duration = time.monotonic() - started
+        report.stopped |= result.status == SKIPPED
         self.log(_describe(result))
         return result
 
@@ -404,7 +438,12 @@ class Runner:
                                   one_file_system=src.one_file_system, exclude_if_present=list(src.exclude_if_present),
                                   exclude_caches=src.exclude_caches, exclude_larger_than=src.exclude_larger_than,
                                   ignore_inode=src.ignore_inode, ignore_ctime=src.ignore_ctime)
-        except ChunkvaultError as exc:
+        except (ChunkvaultError, Stopped) as exc:
+            if self._ended_by_stop(exc):
+                result.status, result.reason = SKIPPED, f"stopping ({exc})"
+                return
+            if isinstance(exc, Stopped):  # a caller's Repository.stop, not this run's
+                raise
             result.status, result.error = FAILED, str(exc)
             return
         except Exception as exc:  # a daemon outlives one broken run; the message names the bug
@@ -421,15 +460,28 @@ class Runner:
         else:
             result.status = OK
 
-    def _retention(self, repo: Any, src: Source, dry_run: bool) -> RetentionResult:
+    def _ended_by_stop(self, exc: BaseException) -> bool:
+        """A backup that a stop ended, not a failure: its wait for the repository lock, its remote's retries
+        or its uploads' turns under a rate limit, given up because the run was told to stop."""
+        return self.stop.is_set() and isinstance(exc, (Locked, RemoteUnavailable, Stopped))
+
+    def _retention(self, repo: Any, src: Source, dry_run: bool, saved: str | None = None) -> RetentionResult:
         """The source's retention, as ``forget`` with a policy applies it (planned under the lock, from
-        every snapshot, a replayed one refused), to the source's own history."""
+        every snapshot, a replayed one refused), to the source's own history as ``retention_scope`` sees
+        it: never the snapshot ``saved`` by this run, nor one dated ahead of the clock."""
         from .store.lifecycle import NOT_SELECTED
 
         assert src.retention is not None
-        host = self._host(src)
-        plan = repo.forget(policy=src.retention, scope=lambda snaps: src.history(snaps, host), now=self.clock(),
-                           dry_run=dry_run, tz=src.tz)
+        host, now = self._host(src), self.clock()
+        scopes: list[RetentionScope] = []
+
+        def scope(snaps: list[Any]) -> list[Any]:
+            scopes.append(retention_scope(src.history(snaps, host), src.retention, now, saved, src.tz))
+            return scopes[-1].weighed
+
+        plan = repo.forget(policy=src.retention, scope=scope, now=now, dry_run=dry_run, tz=src.tz)
+        if scopes:
+            self._say_left_out(src, scopes[-1])
         reasons = {d.snapshot_id: ", ".join(d.reasons) for d in plan.decisions if not d.keep}
         kept = sum(1 for d in plan.decisions if d.keep and d.reasons != (NOT_SELECTED,))
         out = RetentionResult(list(plan.remove), [r.diff_id for r in plan.rebases], kept, reasons)
@@ -444,6 +496,17 @@ class Runner:
         self.log(f"{src.name}: retention {verb} {len(out.removed)} snapshot(s), "
                  f"{'would rebase' if dry_run else 'rebased'} {len(out.rebased)}, kept {out.kept}")
         return out
+
+    def _say_left_out(self, src: Source, scope: RetentionScope) -> None:
+        """Why retention kept what its rules did not weigh: snapshots dated ahead (a clock set back), and
+        the run's own snapshot the rules would have removed."""
+        if scope.ahead:
+            newest = max(s.datetime for s in scope.ahead)
+            self.log(f"{src.name}: warning: {len(scope.ahead)} snapshot(s) dated ahead of this clock (newest "
+                     f"{_iso(newest)}): kept, and not counted by retention until then (was the clock set back?)")
+        if scope.spared:
+            self.log(f"{src.name}: warning: retention keeps the snapshot {scope.spared[:8]} this run saved, "
+                     "which its rules would remove")
 
     def _prune(self, repo: Any, report: RunReport) -> None:
         try:
@@ -461,6 +524,8 @@ class Runner:
 
 
 def _describe(r: SourceResult) -> str:
+    if r.status == SKIPPED:
+        return f"{r.name}: {r.kind} backup skipped, {r.reason}"
     slot = f"slot {_iso(r.slot)}" if r.slot else r.reason
     if r.status in (OK, PARTIAL):
         text = f"{r.name}: {r.kind} snapshot {r.snapshot_id[:8] if r.snapshot_id else '?'} saved ({slot}, {r.duration:.1f} s)"
@@ -495,11 +560,41 @@ class Daemon:
         self.reload_asked = False
         self.runs = 0
 
-    def _no_report(self, started: datetime, error: str) -> None:
-        """A run that ended before its report (the repository out of reach, locked): a report of nothing
-        done, with the error, so that whoever reads one line per run sees it too."""
-        if self.on_report is not None:
-            self.on_report(RunReport(started, False, error=error))
+    def _run_once(self, started: datetime) -> RunReport:
+        """One run, logged.  One that ended before its report (the repository out of reach, locked) gives a
+        report of nothing done, with the error, so that whoever reads one line per run sees it too.  A
+        UsageError (a bad option or URL fails every slot alike) is raised once it is delivered: exit 2."""
+        try:
+            report = self.runner.run()
+        except Locked as exc:
+            self.log(f"run skipped: {exc}")
+            return RunReport(started, False, error=f"skipped: {exc}")
+        except UsageError as exc:
+            self.log(f"run failed: {exc}")
+            self._deliver(RunReport(started, False, error=str(exc)))
+            raise
+        except ChunkvaultError as exc:
+            self.log(f"run failed: {exc}")
+            return RunReport(started, False, error=str(exc))
+        except Exception as exc:  # survive a bug in one run; the next slot tries again
+            self.log(f"run failed: internal error: {type(exc).__name__}: {exc}")
+            return RunReport(started, False, error=f"internal error: {type(exc).__name__}: {exc}")
+        self.log(report.summary())
+        return report
+
+    def _deliver(self, report: RunReport) -> int | None:
+        """Hand the report to ``on_report``; the daemon's exit code when that ends it (its output closed
+        by its reader: 141), else None.  Output that fails otherwise (a full disk) loses that line only."""
+        if self.on_report is None:
+            return None
+        try:
+            self.on_report(report)
+        except OutputClosed as exc:
+            self.log(f"daemon stopping: {exc}")
+            return exc.exit_code
+        except (ChunkvaultError, OSError) as exc:
+            self.log(f"the run's report was not written: {exc}")
+        return None
 
     def _sleep(self, seconds: float) -> None:
         self.woken.wait(seconds)
@@ -536,37 +631,24 @@ class Daemon:
         return wake
 
     def serve(self) -> int:
+        """Run at every slot until stopped; 0, or 141 when the reader of the reports closed them."""
         self.log(f"daemon started: {len(self.runner.policy.sources)} source(s)")
+        code = 0
         while not self.stop.is_set():
             started = self.clock()
             self.runs += 1
-            try:
-                report = self.runner.run()
-                started = report.started
-                if self.on_report is not None:
-                    self.on_report(report)
-                self.log(report.summary())
-            except Locked as exc:
-                self.log(f"run skipped: {exc}")
-                self._no_report(started, f"skipped: {exc}")
-            except UsageError as exc:  # a bad option or URL fails every slot alike: stop, exit 2
-                self.log(f"run failed: {exc}")
-                self._no_report(started, str(exc))
-                raise
-            except ChunkvaultError as exc:
-                self.log(f"run failed: {exc}")
-                self._no_report(started, str(exc))
-            except Exception as exc:  # survive a bug in one run; the next slot tries again
-                self.log(f"run failed: internal error: {type(exc).__name__}: {exc}")
-                self._no_report(started, f"internal error: {type(exc).__name__}: {exc}")
-            if self.stop.is_set():
+            report = self._run_once(started)
+            started = report.started
+            code = self._deliver(report) or 0
+            if code or self.stop.is_set():
                 break
-            wake = self._next_slot(started)
+            # a slot that passed while the run went on is not "next": the next slot's run catches it up
+            wake = self._next_slot(max(started, self.clock()))
             while not self.stop.is_set():
                 if self.reload_asked:
                     if self._reload():
                         break  # a run at once: a source the new policy adds, or a cadence it changes, may be due
-                    wake = self._next_slot(started)
+                    wake = self._next_slot(max(started, self.clock()))
                     continue
                 now = self.clock()
                 if wake is not None and now >= wake:
@@ -579,17 +661,19 @@ class Daemon:
                 left = self.max_sleep if wake is None else (wake - now).total_seconds()
                 self.sleep(max(0.0, min(self.max_sleep, left)))
         self.log("daemon stopped")
-        return 0
+        return code
 
 
 # --------------------------------------------------------------------------- CLI
 
 
 class _Log:
-    """Timestamped lines to stderr or a file (line-buffered, so a crash loses nothing)."""
+    """Timestamped lines to stderr or a file (line-buffered, so a crash loses nothing).  A file that cannot
+    be written (its disk full) is given up for stderr, said once there: a daemon must not die of its log."""
 
     def __init__(self, path: str | None, clock: Clock, also: TextIO | None = None):
         self.clock = clock
+        self.path = path
         try:
             self.file: TextIO = open(path, "a", buffering=1, encoding="utf-8") if path else sys.stderr
         except OSError as exc:
@@ -597,13 +681,37 @@ class _Log:
         self.owned = bool(path)
         self.also = also
 
-    def __call__(self, line: str) -> None:
+    def __call__(self, line: str, echo: bool = True) -> None:
+        """Log ``line``; ``echo``: to ``also`` too (not a line the command's error says there again)."""
         line = one_line(line)  # a name or a command's output may hold control characters
-        self.file.write(f"{_iso(self.clock())} {line}\n")
-        self.file.flush()
-        if self.also is not None:
+        stamped = f"{_iso(self.clock())} {line}"
+        if not self.owned:
+            self._to_stderr(stamped)
+        else:
+            try:
+                self.file.write(stamped + "\n")
+                self.file.flush()
+            except OSError as exc:
+                self._give_up_file(exc)
+                self._to_stderr(stamped)
+        if echo and self.also is not None:
             self.also.write(line + "\n")
             self.also.flush()
+
+    def _give_up_file(self, exc: OSError) -> None:
+        """Log to stderr from now on, saying why once: the file's next lines could be cut off, or out of order."""
+        with suppress(OSError, ValueError):
+            self.file.close()  # what it still buffers fails to write again: the file object is closed all the same
+        self.file, self.owned = sys.stderr, False
+        self._to_stderr(f"{_iso(self.clock())} log file {self.path} could not be written ({exc.strerror or exc}): "
+                        "logging to stderr from now on")
+
+    @staticmethod
+    def _to_stderr(line: str) -> None:
+        """Best effort: nowhere is left to say that stderr failed, and the run goes on."""
+        with suppress(OSError, ValueError):
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
 
     def from_signal(self, line: str) -> None:
         """A line written from a signal handler: straight to the descriptor, past the file object's buffer
@@ -647,9 +755,10 @@ def _opener(args: argparse.Namespace, url: str) -> Callable[[str, bytes], Any]:
 
 @contextmanager
 def _warnings_logged(log: "_Log | None") -> Iterator[None]:
-    """A command's warnings (a wait for the repository lock, a remote retried) go into a log file too,
-    timestamped: a scheduled run could wait an hour for a lock with nothing in its log."""
-    if log is None or not log.owned:
+    """A command's warnings (a wait for the repository lock, a remote retried) go into its log, timestamped:
+    a scheduled run could wait an hour for a lock with nothing in its log file.  With a file they are shown
+    on stderr too; a log that is stderr has them once, timestamped as its other lines."""
+    if log is None:
         yield
         return
     shown = warnings.showwarning
@@ -657,6 +766,8 @@ def _warnings_logged(log: "_Log | None") -> Iterator[None]:
     def both(message: Any, category: type[Warning], *rest: Any) -> None:
         if issubclass(category, ChunkvaultWarning):
             log(f"warning: {message}")
+            if not log.owned:  # the log is stderr: once is enough
+                return
         shown(message, category, *rest)
 
     warnings.showwarning = both
@@ -680,9 +791,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         with _warnings_logged(log):
             runner = _runner(args, None, emit)
             report = runner.run(dry_run=args.dry_run, only=args.source or None)
+            if not args.dry_run:  # a dry run's lines say what it would do
+                emit(report.summary())
     except KeyboardInterrupt as exc:  # the log says how the run ended, not only the terminal
         if log is not None:
             log(f"run stopped ({str(exc) or 'interrupted'})")
+        raise
+    except ChunkvaultError as exc:  # ended before any source (another run holds the lock, no repository)
+        if log is not None:
+            log(f"run skipped: {exc}" if isinstance(exc, Locked) else f"run failed: {exc}", echo=False)
         raise
     finally:
         if log is not None:
@@ -703,13 +820,15 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
-            stop_request.request()  # its uploads in flight retry no longer
             raise KeyboardInterrupt  # second signal: abort the step in progress
         signals_seen.append(signum)
         log.from_signal(f"{signal.Signals(signum).name} received: stopping after the step in progress "
                         "(the same signal again stops at once)")
         stop.set()
-        locks.stop_waiting.set()  # a retention waiting for a lock stops waiting
+        # A remote that is down has its retries given up within the stop request's grace, not retry-time's
+        # 15 minutes past a service manager's stop timeout; one that answers still gets the backup's end.
+        stop_request.request()
+        locks.stop_waiting.set()  # a backup or retention waiting for a lock stops waiting
         for d in daemons:
             d.woken.set()
 
@@ -719,8 +838,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     def on_report(report: RunReport) -> None:
         if args.json:
-            sys.stdout.write(json.dumps(report.to_dict(), sort_keys=True) + "\n")
-            sys.stdout.flush()
+            _json_line(report.to_dict())
 
     stop_request.clear()  # as in the command line's main: not on the way out, where steps may still retry
     try:
@@ -748,6 +866,24 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         log.close()
 
 
+#: Lines that ``-q`` drops: nothing due, and retention's counts; never a failure nor a skip.
+ROUTINE = ("nothing due", ": retention removed ", ": retention would remove ")
+
+
 def _quiet(log: Callable[[str], None]) -> Callable[[str], None]:
-    """Drop the routine lines (nothing due, retention counts) but keep actions and failures."""
-    return lambda line: None if ("nothing due" in line or ": retention " in line) else log(line)
+    """Drop the routine lines but keep actions and failures (a retention that failed or was skipped)."""
+    return lambda line: None if any(r in line for r in ROUTINE) else log(line)
+
+
+def _json_line(document: dict[str, Any]) -> None:
+    """One report line on stdout.  Its reader gone (``daemon --json | head -n 1``): OutputClosed, with stdout
+    pointed at /dev/null, so that the lines still buffered cannot fail again on the way out."""
+    try:
+        sys.stdout.write(json.dumps(document, sort_keys=True) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        with suppress(OSError, ValueError, AttributeError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        raise OutputClosed("standard output was closed by its reader: no more report lines can be written") from None

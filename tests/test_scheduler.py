@@ -610,6 +610,7 @@ def test_daemon_process_stops_on_sigterm_while_sleeping(tmp_path, repo_url, tree
 
 
 def test_daemon_process_finishes_the_current_backup_on_sigterm(tmp_path, repo_url, tree):
+    """The backup itself (here a dump command's) is finished; a stop during a pre hook skips it instead."""
     log = tmp_path / "daemon.log"
     started, go = tmp_path / "started", tmp_path / "go"
     other = tmp_path / "other"
@@ -617,7 +618,7 @@ def test_daemon_process_finishes_the_current_backup_on_sigterm(tmp_path, repo_ur
     (other / "f").write_text("x")
     wait_go = f"touch {q(str(started))}; i=0; while [ ! -e {q(str(go))} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"
     policy = write_policy(tmp_path / "p.toml", repo_url, [
-        {"name": "db", "paths": [str(tree)], "pre": wait_go},
+        {"name": "db", "command": f"{wait_go}; echo hello", "stdin-name": "db.txt"},
         {"name": "other", "paths": [str(other)]}], top='full = "daily 02:00"\n')
     proc = start_daemon(policy, log)
     wait_for(started.exists, proc, "the pre hook")
@@ -630,8 +631,8 @@ def test_daemon_process_finishes_the_current_backup_on_sigterm(tmp_path, repo_ur
     said = text.index("SIGTERM received: stopping after the step in progress (the same signal again stops at once)")
     assert said < text.index("other: skipped, stopping")
     (snap,) = snapshots(repo_url)  # db's backup completed, other's never started
-    assert snap.paths == [str(tree)]
-    assert restore_text(repo_url, snap.id, tmp_path / "r", "notes.txt") == "hello\n"
+    assert snap.stdin_name == "db.txt"
+    assert restore_text(repo_url, snap.id, tmp_path / "r", "db.txt") == "hello\n"
 
 
 def test_a_source_may_back_up_a_command_s_output(tmp_path, repo_url, tree, fake_time, monkeypatch):
