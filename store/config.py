@@ -230,17 +230,17 @@ class KeyFile:
             if not (1 <= p <= MAX_P and 8 * p <= m and 1 <= t):
                 return "key derivation parameters out of range"
             if m > ARGON2_MAX_MEMORY_KIB or t * m > ARGON2_MAX_WORK_KIB:
-                return (f"its key derivation asks for Argon2id over {_mib(m << 10)}, {t} time(s), more than "
-                        f"chunkvault writes (at most {_mib(ARGON2_MAX_MEMORY_KIB << 10)}, and "
-                        f"{_mib(ARGON2_MAX_WORK_KIB << 10)} over all passes)")
+                return (f"its key derivation asks for Argon2id over {_memory(m << 10)}, {t} time(s) "
+                        f"({_memory(t * m << 10)} over all passes), more than chunkvault writes (at most "
+                        f"{_memory(ARGON2_MAX_MEMORY_KIB << 10)}, and {_memory(ARGON2_MAX_WORK_KIB << 10)} over all passes)")
         elif self.kdf == KDF_SCRYPT:
             log_n, r, p = c["log_n"], c["r"], c["p"]
             if not (MIN_LOG_N <= log_n <= MAX_LOG_N and 1 <= r <= MAX_R and 1 <= p <= MAX_P):
                 return "key derivation parameters out of range"
             memory = scrypt_memory(log_n, r)
             if memory > SCRYPT_KEY_MAX_MEMORY or p * memory > SCRYPT_KEY_MAX_WORK:
-                return (f"its key derivation asks for scrypt over {_mib(memory)} in {p} lane(s), more than "
-                        f"chunkvault writes (at most {_mib(SCRYPT_KEY_MAX_MEMORY)}, and {_mib(SCRYPT_KEY_MAX_WORK)} "
+                return (f"its key derivation asks for scrypt over {_memory(memory)} in {p} lane(s), more than "
+                        f"chunkvault writes (at most {_memory(SCRYPT_KEY_MAX_MEMORY)}, and {_memory(SCRYPT_KEY_MAX_WORK)} "
                         "over all lanes)")
         return None
 
@@ -267,9 +267,13 @@ class KeyFile:
         return KeyMaterial.from_bytes(raw)
 
 
-def _mib(n: int) -> str:
-    """``n`` bytes in MiB, or GiB from 1 GiB on: how the bounds of key derivation are written."""
-    return f"{n >> 30} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
+def _memory(n: int) -> str:
+    """``n`` bytes in the largest of GiB, MiB and KiB that holds it whole: a bound's excess is never
+    rounded away ("over 64 MiB" of 64 MiB and 1 KiB)."""
+    for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
 
 
 def _password_kek(kdf: str, cost: dict[str, int], password: bytes, salt: bytes) -> bytes:

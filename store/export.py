@@ -186,8 +186,9 @@ def decode_header(data: bytes, what: str) -> Header:
     _, _, flags, file_id, kdf, log_n, r, p, salt, check, checksum = HEADER.unpack_from(data)
     if not _header_checks(data, version):
         raise CorruptObject(what, "header checksum mismatch (the header is damaged)")
-    if flags != 0 or kdf != KDF_SCRYPT:
-        raise CorruptObject(what, "header names unknown flags or key derivation")
+    if flags != 0 or kdf != KDF_SCRYPT:  # the header checks out: a newer writer's choices
+        raise UnsupportedFormat(f"{what} names export flags {flags} or key derivation {kdf}, which a newer "
+                                "chunkvault writes: upgrade")
     problem = scrypt_cost_problem(log_n, r, p)
     if problem is not None:
         raise CorruptObject(what, problem)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import zstandard
 
-from chunkvault.errors import CorruptObject
+from chunkvault.errors import CorruptObject, NewerObject
 
 from .crypto import AuthenticationFailed, Sealer
 from .blob import ID_SIZE
@@ -107,7 +107,9 @@ def decode_index_columns(sealer: Sealer, data: bytes, what: str) -> IndexColumns
     plain = _open_plain(sealer, data, what)
     n = len(plain)
     try:
-        if plain[0] != 1:
+        if plain[0] != 1:  # authentic (the AEAD held): a format after this one, or none ever written
+            if plain[0] > 1:
+                raise NewerObject(what, f"index version {plain[0]}, which a newer chunkvault writes: upgrade")
             raise CorruptObject(what, "unsupported index version")
         (n_super,) = struct.unpack_from("<I", plain, 1)
         pos = 5

@@ -15,7 +15,7 @@ import struct
 import threading
 from typing import Callable, Iterable, NamedTuple
 
-from chunkvault.errors import CorruptObject
+from chunkvault.errors import CorruptObject, NewerObject
 
 from .blob import ID_SIZE, KIND_DELTA, KINDS
 from .crypto import NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Sealer
@@ -106,8 +106,8 @@ def decode_entries(buf: bytes | memoryview, count: int, pos: int, what: str) -> 
             raise CorruptObject(what, "truncated entry list")
         kind, blob_id, offset, length, raw_length = _ENTRY.unpack_from(buf, pos)
         pos += _ENTRY.size
-        if kind not in KINDS:
-            raise CorruptObject(what, f"unknown blob kind {kind}")
+        if kind not in KINDS:  # read from an authenticated header or index: a kind added since
+            raise NewerObject(what, f"blob kind {kind}, which a newer chunkvault writes: upgrade")
         base = None
         if kind == KIND_DELTA:
             if pos + ID_SIZE > n:
@@ -128,6 +128,8 @@ def open_header(sealer: Sealer, sealed: bytes | memoryview, what: str, body_leng
         plain = sealer.open(sealed, HEADER_AD)
     except AuthenticationFailed:
         raise CorruptObject(what, "pack header authentication failed") from None
+    if len(plain) >= 5 and plain[0] > 1:
+        raise NewerObject(what, f"pack header version {plain[0]}, which a newer chunkvault writes: upgrade")
     if len(plain) < 5 or plain[0] != 1:
         raise CorruptObject(what, "unsupported pack header version")
     (count,) = struct.unpack_from("<I", plain, 1)

@@ -856,6 +856,21 @@ def _forged_header(data: bytes, log_n: int, r: int, p: int) -> bytes:
     return bytes(head) + data[HEADER_SIZE:]
 
 
+@pytest.mark.parametrize("offset, value", [(10, 1), (28, 2)], ids=["flags", "key derivation"])
+def test_header_flags_or_a_key_derivation_unknown_are_a_newer_writers(tmp_path, exported, offset, value):
+    """A header that checks out and names flags or a key derivation this version does not know was called
+    damaged (exit 13): a newer chunkvault wrote it (exit 17)."""
+    from chunkvault.errors import UnsupportedFormat
+
+    head = bytearray(exported[3].read_bytes())
+    head[offset] = value
+    head[64:80] = blake3.blake3(bytes(head[:64])).digest()[:16]
+    bad = tmp_path / "newer.backup"
+    bad.write_bytes(bytes(head))
+    with pytest.raises(UnsupportedFormat, match="which a newer chunkvault writes: upgrade"):
+        import_backup(exported[0].store, str(bad), EXPORT_PW)
+
+
 def test_a_header_asking_for_more_scrypt_than_export_writes_is_refused_before_deriving(
         tmp_path, exported, monkeypatch):
     """A forged 185-byte header asking for log_n 19, r 16, p 16 cost 1 GiB and 40 s before the password was

@@ -94,3 +94,27 @@ def test_a_blob_stored_twice_is_read_from_its_first_copy_stored_whole_else_its_f
                 want[e.blob_id] = BlobLocation(no, e.offset, e.length, e.raw_length, e.kind)
     cols = decode_index_columns(SEALER, encode_index(SEALER, IndexData(packs)), "i")
     assert dict(_loaded(cols).items()) == want
+
+
+def test_a_newer_version_or_blob_kind_is_a_newer_writers_not_damage():
+    """They were called damage (exit 13), and the index object left out as unreadable, with `repair index`
+    advised: an older chunkvault must refuse what a newer one wrote (exit 17), never repair it away."""
+    import struct
+
+    import pytest
+
+    from chunkvault.errors import NewerObject
+    from chunkvault.store.pack import HEADER_AD, open_header
+
+    plain = zstandard.ZstdCompressor().compress(struct.pack("<BII", 2, 0, 0))
+    with pytest.raises(NewerObject, match="index/x: index version 2, which a newer chunkvault writes") as info:
+        decode_index_columns(SEALER, SEALER.seal(plain, INDEX_AD), "index/x")
+    assert info.value.exit_code == 17
+    entry = struct.pack("<B32sIII", 7, bytes(32), 0, 10, 10)
+    with pytest.raises(NewerObject, match="blob kind 7, which a newer chunkvault writes"):
+        open_header(SEALER, SEALER.seal(struct.pack("<BI", 1, 1) + entry, HEADER_AD), "data/x", 100)
+    with pytest.raises(NewerObject, match="pack header version 2"):
+        open_header(SEALER, SEALER.seal(struct.pack("<BI", 2, 0), HEADER_AD), "data/x", 100)
+    with pytest.raises(CorruptObject, match="unsupported pack header version") as info:
+        open_header(SEALER, SEALER.seal(struct.pack("<BI", 0, 0), HEADER_AD), "data/x", 100)
+    assert not isinstance(info.value, NewerObject)

@@ -324,3 +324,13 @@ def test_every_key_init_and_key_add_make_is_within_what_a_reader_derives(tmp_pat
     for log_n, p in ((17, 1), (18, 1), (19, 1), (16, 16), (15, 64), (17, 64), (19, 64)):
         kf = KeyFile("k", "", "", "", KDF_SCRYPT, {"log_n": log_n, "r": 8, "p": p}, bytes(16), b"")
         assert kf.cost_problem() is None, (log_n, p)
+
+
+def test_a_cost_just_over_the_bound_is_said_without_rounding_it_away():
+    """65537 KiB read "over 64 MiB ... (at most 64 MiB)"."""
+    from chunkvault.store.config import ARGON2_MAX_MEMORY_KIB, KeyFile
+
+    kf = KeyFile("k", "", "", "", KDF_ARGON2ID, {"t": 1, "m": ARGON2_MAX_MEMORY_KIB + 1, "p": 1}, bytes(16), b"", "")
+    assert kf.cost_problem() == (f"its key derivation asks for Argon2id over {ARGON2_MAX_MEMORY_KIB + 1} KiB, "
+                                 f"1 time(s) ({ARGON2_MAX_MEMORY_KIB + 1} KiB over all passes), more than chunkvault "
+                                 "writes (at most 64 MiB, and 64 GiB over all passes)")
