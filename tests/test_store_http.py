@@ -238,6 +238,15 @@ def test_packs_fit_under_the_services_limit_on_object_size(tmp_path, serve_facto
             repo.backup([str(src)])
 
 
+def _backed_up_with_a_cache(tmp_path, http_server, monkeypatch, password) -> None:
+    """One backup through the service, a local cache in ``tmp_path``."""
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    make_tree(src, 3)
+    with Repository.init(http_server.url, password, kdf_seconds=0, token=FULL_TOKEN) as repo:
+        repo.backup([str(src)])
+
+
 def test_the_local_cache_is_tagged_so_that_backups_leave_it_out(tmp_path, http_server, monkeypatch, password):
     """It holds the index, the snapshots and a key file: `backup --exclude-caches` of a home directory took
     them (restic and borg tag their caches)."""
@@ -259,11 +268,7 @@ def test_check_reads_the_stored_snapshot_objects_past_the_local_cache(tmp_path, 
     """A snapshot object is cached under its listed version (the file's mtime and inode): damage done in
     place (bit rot) changes neither, and check read the cached copy, or the one it had loaded, and said
     "no problems"."""
-    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
-    src = tmp_path / "src"
-    make_tree(src, 3)
-    with Repository.init(http_server.url, password, kdf_seconds=0, token=FULL_TOKEN) as repo:
-        repo.backup([str(src)])
+    _backed_up_with_a_cache(tmp_path, http_server, monkeypatch, password)
     with Repository.open(http_server.url, password, token=FULL_TOKEN) as repo:
         assert repo.check().ok  # the snapshot read, cached, and loaded
         (stored,) = (http_server.path / "snapshots").iterdir()
@@ -282,11 +287,7 @@ def test_check_reads_the_stored_snapshot_objects_past_the_local_cache(tmp_path, 
 def test_check_reads_the_stored_index_objects_past_the_local_cache(tmp_path, http_server, monkeypatch, password):
     """Index objects are named by their content and cached for good: check read the cached copy, and said
     "no problems" about a stored one damaged since."""
-    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
-    src = tmp_path / "src"
-    make_tree(src, 3)
-    with Repository.init(http_server.url, password, kdf_seconds=0, token=FULL_TOKEN) as repo:
-        repo.backup([str(src)])
+    _backed_up_with_a_cache(tmp_path, http_server, monkeypatch, password)
     with Repository.open(http_server.url, password, token=FULL_TOKEN) as repo:
         repo.restore("latest", str(tmp_path / "out"))  # the index objects read, and cached
         assert repo.check().ok
