@@ -22,7 +22,7 @@ from .progress import JsonProgress, Progress
 from .remotes.layer import stop_request
 from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, Locked, OutputClosed, PartialBackup,
                      SnapshotNotFound, TargetNotEmpty, TargetUnwritable, UsageError, VerificationFailed, output_error)
-from .store.chain import lineage
+from .store.chain import chain_lengths
 from .store.manifest import F_UNREADABLE, T_DIR, T_FILE, TYPE_NAMES, Entry, unread
 from .store.snapshot import Snapshot
 from .units import format_size
@@ -560,8 +560,8 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
                            group_by=args.group_by)
     if args.json:
         # The chain as it is now: a forget's rebase or an aggregate shortens chains after the backup recorded them.
-        parents = {s.id: s.parent for s in repo.snapshots()}
-        _emit_json([_snapshot_json(s, len(lineage(s.id, parents))) for s in snaps])
+        lengths = chain_lengths({s.id: s.parent for s in repo.snapshots()})
+        _emit_json([_snapshot_json(s, lengths.get(s.id, 1)) for s in snaps])
         return 0
     hosts = {s.id: one_line(s.host) for s in snaps}  # whole: db-production-01 and -02 were both db-productio
     width = max([12, *map(len, hosts.values())])

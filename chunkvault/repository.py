@@ -31,7 +31,7 @@ from .remotes import Remote, url_scheme
 from .remotes.layer import StopRequest, stop_request
 from .chunker import FIXED_CHUNK_SIZE
 from .store.backup import Backup, BackupOptions, BackupResult
-from .store.chain import broken_chains, lineage
+from .store.chain import broken_chains, with_ancestors
 from .store.find import as_file
 from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.crypto import KEY_SIZE
@@ -857,7 +857,7 @@ class Repository:
             chosen = self._chosen(every, snapshots, hosts, tags, paths)
             by_id = {s.id: s for s in every}
             parents = {s.id: s.parent for s in every}
-            needed = {sid: by_id[sid] for s in chosen for sid in lineage(s.id, parents)}
+            needed = {sid: by_id[sid] for sid in with_ancestors((s.id for s in chosen), parents)}
             match = path_matcher(patterns, ignore_case)
             within = None if ignore_case else include_directory(patterns)
             own: Callable[[Snapshot], Iterator[Record]] = self._repo.manifest_records if within is None else (

@@ -7,7 +7,7 @@ folds a chain.  Everything streams: memory does not grow with the tree.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from .manifest import OP_DELETE, OP_ENTRY, OP_FRESH, Record, sort_key
 
@@ -17,6 +17,7 @@ except ImportError:
     _MergeC = None
 
 _END = object()
+T = TypeVar("T")
 
 
 def _under(key: bytes, cut: bytes) -> bool:
@@ -152,10 +153,67 @@ def lineage(snapshot_id: str, parents: dict[str, str | None]) -> list[str]:
     """``snapshot_id`` and the ancestors of it that are in ``parents``, newest first; it stops, without
     raising, at a parent that is not there or one already seen (a damaged chain)."""
     out = [snapshot_id]
+    seen = {snapshot_id}
     parent = parents.get(snapshot_id)
-    while parent is not None and parent in parents and parent not in out:
+    while parent is not None and parent in parents and parent not in seen:
         out.append(parent)
+        seen.add(parent)
         parent = parents[parent]
+    return out
+
+
+def fold_chains(parents: dict[str, str | None], base: Callable[[str], T], step: Callable[[str, T], T]) -> dict[str, T]:
+    """For every snapshot of ``parents``, a value folded down its chain: ``base(sid)`` for one whose parent
+    is not among them (a full, or a chain cut off; in a damaged chain that loops, where the loop closes),
+    else ``step(sid, its parent's value)``.  Each value is computed once: a question asked of every
+    snapshot's whole lineage (its length, whether it reaches a full) cost the chain's length squared per
+    snapshot, and a chain of 3,000 differentials took minutes."""
+    out: dict[str, T] = {}
+    for sid in parents:
+        path: list[str] = []
+        on_path: dict[str, int] = {}
+        cur = sid
+        while cur not in out:
+            if cur in on_path:  # a loop: each of its snapshots' lineage is the whole loop, from it
+                loop = path[on_path[cur]:]
+                for i, node in enumerate(loop):
+                    line = loop[i:] + loop[:i]
+                    value = base(line[-1])
+                    for above in reversed(line[:-1]):
+                        value = step(above, value)
+                    out[node] = value
+                del path[on_path[cur]:]
+                break
+            parent = parents[cur]
+            if parent is None or parent not in parents:
+                out[cur] = base(cur)
+                break
+            on_path[cur] = len(path)
+            path.append(cur)
+            cur = parent
+        value = out[cur]
+        for node in reversed(path):
+            out[node] = value = step(node, value)
+    return out
+
+
+def chain_lengths(parents: dict[str, str | None]) -> dict[str, int]:
+    """``len(lineage(sid, parents))`` of every snapshot, in one pass."""
+    return fold_chains(parents, lambda sid: 1, lambda sid, n: n + 1)
+
+
+def meets(parents: dict[str, str | None], ids: set[str]) -> dict[str, bool]:
+    """Whether each snapshot's lineage holds one of ``ids`` (it is one, or built on one), in one pass."""
+    return fold_chains(parents, lambda sid: sid in ids, lambda sid, hit: hit or sid in ids)
+
+
+def with_ancestors(ids: Iterable[str], parents: dict[str, str | None]) -> set[str]:
+    """``ids`` and every ancestor of them among ``parents``: the union of their lineages, each walked once."""
+    out: set[str] = set()
+    for sid in ids:
+        while sid is not None and sid in parents and sid not in out:
+            out.add(sid)
+            sid = parents[sid]
     return out
 
 
@@ -177,4 +235,5 @@ def children_first(ids: Iterable[str], parents: dict[str, str | None]) -> list[s
     """``ids`` ordered so that each comes before every ancestor of it among them: deleted in that order,
     a run stopped between two deletions leaves no differential whose parent is gone (the kept ones were
     rebased off those going first)."""
-    return sorted(ids, key=lambda sid: len(lineage(sid, parents)), reverse=True)
+    lengths = chain_lengths(parents)
+    return sorted(ids, key=lambda sid: lengths.get(sid, 1), reverse=True)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 from chunkvault.errors import CorruptObject
 
 from . import chain
-from .chain import lineage
+from .chain import fold_chains
 from .manifest import T_FILE, T_HARDLINK, Entry, Record
 from .chronology import chronological_key
 from .snapshot import Snapshot
@@ -53,11 +53,10 @@ def chain_order(snapshots: Iterable[Snapshot]) -> list[Snapshot]:
     differential whose chain does not reach a full among them is left out."""
     by_id = {s.id: s for s in snapshots}
     parents = {sid: s.parent for sid, s in by_id.items()}
-    depth = {}
-    for sid in by_id:
-        line = lineage(sid, parents)
-        if parents[line[-1]] is None:  # reaches a full: not cut off at a missing parent or a cycle
-            depth[sid] = len(line) - 1
+    # None: not reaching a full (cut off at a missing parent, or a loop)
+    depths = fold_chains(parents, lambda sid: 0 if parents[sid] is None else None,
+                         lambda sid, d: None if d is None else d + 1)
+    depth = {sid: d for sid, d in depths.items() if d is not None}
     return sorted((by_id[sid] for sid in depth), key=lambda s: (depth[s.id], s.time, s.id))
 
 

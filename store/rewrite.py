@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from chunkvault.errors import UsageError
 
-from .chain import lineage
+from .chain import chain_lengths, meets
 from .find import path_matcher
 from .locks import EXCLUSIVE, RepoLock
 from .manifest import OP_DELETE, T_HARDLINK, ManifestStats, Record, delete_record, sort_key
@@ -117,7 +117,8 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
         # them too: else its tree would keep a file whose directories went with the parent's records.
         picked = {s.id for s in chosen}
         parents = {s.id: s.parent for s in every}
-        below = [s for s in every if s.id not in picked and not picked.isdisjoint(lineage(s.id, parents))]
+        on_picked = meets(parents, picked)
+        below = [s for s in every if s.id not in picked and on_picked[s.id]]
         plans = []
         for snap in chosen + below:
             own = list(repo.manifest_records(snap))
@@ -132,14 +133,15 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
             report.removed += [(snap.id, p) for p in plan.removed]
         report.rewritten = [s.id for s, _ in plans]
         done = set(report.rewritten)
-        inherited = [s for s in every if s.id not in done and not done.isdisjoint(lineage(s.id, parents))]
+        on_done = meets(parents, done)
+        inherited = [s for s in every if s.id not in done and on_done[s.id]]
         report.inherited = [s.id for s in inherited]
         if dry_run:
             return report
         # Children before their parents: killed at any point, a snapshot rewritten has its new tree, one
         # not yet has its old one (its whole chain is not rewritten yet either).  Parents first, a killed
         # rewrite left differentials whose own records of excluded files had lost their directories.
-        depth = {s.id: len(lineage(s.id, parents)) for s, _ in plans}
+        depth = chain_lengths(parents)
         for snap, plan in sorted(plans, key=lambda planned: -depth[planned[0].id]):
             blob_ids, mw = store_manifest(repo, plan.records, lock.ensure_held)
             snap.manifest = [i.hex() for i in blob_ids]
