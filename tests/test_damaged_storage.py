@@ -943,24 +943,25 @@ def test_a_pack_copied_under_another_name_or_into_another_folder_is_not_taken_fo
     path, repo, snap, files = small_files
     (pack,) = [p for p in (path / "data").rglob("*") if p.is_file()]
     renamed = path / "data" / "ab" / ("ab" + "c" * 62)
-    renamed.parent.mkdir()
+    renamed.parent.mkdir(exist_ok=True)  # the pack's own folder, one time in 256
     renamed.write_bytes(pack.read_bytes())
-    elsewhere = path / "data" / "00" / pack.name
+    other, another = [f for f in ("00", "11", "22") if f != pack.parent.name][:2]  # not the pack's own folder
+    elsewhere = path / "data" / other / pack.name
     elsewhere.parent.mkdir()
     elsewhere.write_bytes(pack.read_bytes())
-    empty = path / "data" / "11" / ("1" * 64)
+    empty = path / "data" / another / (another[0] * 64)
     empty.parent.mkdir()
     empty.write_bytes(b"")
     report = repo.check()
     assert report.ok
     said = "\n".join(report.warnings)
-    assert f"unexpected object data/00/{pack.name} (no pack is kept under that name)" in said
-    assert f"data/11/{'1' * 64} is in no index and too short to be a pack (0 bytes)" in said
+    assert f"unexpected object data/{other}/{pack.name} (no pack is kept under that name)" in said
+    assert f"data/{another}/{another[0] * 64} is in no index and too short to be a pack (0 bytes)" in said
     repaired = repo.repair_index()
     assert repaired.packs == 1
     assert any(u.startswith(f"data/ab/{renamed.name}: its content does not match its name")
                for u in repaired.unreadable_packs), repaired.unreadable_packs
-    assert any(u.startswith(f"data/00/{pack.name}: not a pack") for u in repaired.unreadable_packs)
+    assert any(u.startswith(f"data/{other}/{pack.name}: not a pack") for u in repaired.unreadable_packs)
     assert repo.check(read_data=True).ok
     repo.prune()
     assert not renamed.exists() and not empty.exists() and elsewhere.exists()  # not ours to delete
