@@ -425,6 +425,21 @@ class _Prefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+@contextlib.contextmanager
+def _opened_up(fd: int) -> Iterator[None]:
+    """The directory open at ``fd`` writable by its owner while inside, where it is this user's; its mode
+    back after."""
+    st = os.fstat(fd)
+    opened = st.st_uid == os.geteuid() and st.st_mode & 0o700 != 0o700
+    if opened:
+        os.chmod(proc_path(fd), stat.S_IMODE(st.st_mode) | 0o700)
+    try:
+        yield
+    finally:
+        if opened:
+            os.chmod(proc_path(fd), stat.S_IMODE(st.st_mode))
+
+
 def setid_bits_for_others(e: Entry, uid: int, gid: int) -> int:
     """The set-user/group-ID bits of ``e`` that would grant another user's or group's rights to ``uid`` and
     ``gid``, who get the entry when its owner is not set.  A directory's set-group-ID bit grants nothing
@@ -958,17 +973,27 @@ class Restorer:
         return pfd, name
 
     def _remove(self, rel: bytes, pfd: int, name: bytes, st: os.stat_result) -> None:
-        """Remove what ``st`` found at ``rel`` (a directory with all below it), never through a link."""
+        """Remove what ``st`` found at ``rel`` (a directory with all below it), never through a link.  Refused,
+        it is tried again with this user's own read-only directories opened up (the one it lies in, 0555 as
+        restored, and those it empties, 000 say), as a restore writing into them does; another user's stay
+        as they are, and the error stands."""
         try:
-            if stat.S_ISDIR(st.st_mode):
-                mounted = [m for m in self._mount_points() if m == rel or m.startswith(rel + b"/")]
-                if mounted:  # a bind mount: its device is this file system's
-                    raise OSError(errno.EXDEV, "a file system is mounted there", os.fsdecode(mounted[0]))
-                remove_tree(pfd, name)
-            else:
-                os.unlink(name, dir_fd=pfd)
+            try:
+                self._remove_now(rel, pfd, name, st, unlock=False)
+            except PermissionError:
+                with _opened_up(pfd):
+                    self._remove_now(rel, pfd, name, st, unlock=True)
         finally:
             self.dirs.forget(rel)
+
+    def _remove_now(self, rel: bytes, pfd: int, name: bytes, st: os.stat_result, unlock: bool) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            mounted = [m for m in self._mount_points() if m == rel or m.startswith(rel + b"/")]
+            if mounted:  # a bind mount: its device is this file system's
+                raise OSError(errno.EXDEV, "a file system is mounted there", os.fsdecode(mounted[0]))
+            remove_tree(pfd, name, unlock=unlock)
+        else:
+            os.unlink(name, dir_fd=pfd)
 
     def _mount_points(self) -> set[bytes]:
         """The mount points in the target (paths relative to it), read once: nothing is removed through one."""

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -1178,3 +1179,39 @@ def test_a_plain_restore_in_place_writes_into_a_read_only_directory_of_this_user
     _cli("restore", "-r", repo, first, "--target", str(target), "--confirm", "RESTORE", unprivileged=True)
     ro = next(target.rglob("ro"))
     assert (ro / "f").read_bytes() == b"first\n" and stat_mode(ro) == 0o555
+
+
+def test_delete_in_place_opens_up_this_users_own_read_only_directories(tmp_path, unprivileged):
+    """A user's tree restored with its modes (a module cache, all 0555): --delete could not remove what was
+    added in such a directory, nor a directory of the user's own with mode 000 where the snapshot has a file."""
+    repo = str(tmp_path / "repo")
+    _cli("init", "-r", repo)
+    src = tmp_path / "src"
+    (src / "ro").mkdir(parents=True)
+    (src / "ro" / "a").write_bytes(b"snapshot")
+    (src / "slot").write_bytes(b"a file")
+    os.chmod(src / "ro", 0o555)
+    try:
+        _cli("backup", "-r", repo, str(src))
+    finally:
+        os.chmod(src / "ro", 0o755)
+    live = tmp_path / "live"
+    _cli("restore", "-r", repo, "latest", "--target", str(live), unprivileged=True)
+    os.chmod(live / "ro", 0o755)
+    (live / "ro" / "extra").write_bytes(b"added")
+    (live / "ro" / "a").write_bytes(b"changed")
+    os.chmod(live / "ro", 0o555)
+    (live / "slot").unlink()
+    (live / "slot").mkdir()
+    (live / "slot" / "inside").write_bytes(b"x")
+    os.chmod(live / "slot", 0o000)
+    for delta in ([], ["--delta"]):
+        _cli("restore", "-r", repo, "latest", "--target", str(live), "--confirm", "RESTORE", "--delete", *delta,
+             unprivileged=True)
+        assert sorted(p.name for p in live.iterdir()) == ["ro", "slot"]
+        assert sorted(p.name for p in (live / "ro").iterdir()) == ["a"]
+        assert (live / "ro" / "a").read_bytes() == b"snapshot" and (live / "slot").read_bytes() == b"a file"
+        assert stat.S_IMODE((live / "ro").stat().st_mode) == 0o555
+        os.chmod(live / "ro", 0o755)
+        (live / "ro" / "extra").write_bytes(b"added again")
+        os.chmod(live / "ro", 0o555)
