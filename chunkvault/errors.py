@@ -146,6 +146,10 @@ class RemoteError(ChunkvaultError):
 class RemoteUnavailable(RemoteError):
     """Transient: connection refused/reset, timeout, 5xx, throttling. Worth retrying."""
 
+    #: The remote (its display URL) that stopped answering, where a retry layer gave up on it: a command
+    #: holding locks on two repositories (copy) leaves only that one's lock to go stale.
+    remote: str | None = None
+
 
 class ObjectNotFound(RemoteError):
     """The remote has no object under this key."""

@@ -260,11 +260,13 @@ class RetryingRemote(Remote):
             self._sleep(delay)
         what = f"{op} {key}" if key else op
         if self.stop.left() is not None:
-            raise RemoteUnavailable(f"{what} on {self.display_url} given up after {made} attempt(s): the command "
-                                    f"was told to stop" + (f"; last error: {last}" if last else "")) from last
-        raise RemoteUnavailable(
-            f"{self.display_url} is unavailable: {what} failed {made} time(s), giving up; last error: {last}"
-        ) from last
+            error = RemoteUnavailable(f"{what} on {self.display_url} given up after {made} attempt(s): the command "
+                                      f"was told to stop" + (f"; last error: {last}" if last else ""))
+        else:
+            error = RemoteUnavailable(
+                f"{self.display_url} is unavailable: {what} failed {made} time(s), giving up; last error: {last}")
+        error.remote = self.display_url
+        raise error from last
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         validate_key(key)

@@ -18,9 +18,8 @@ from typing import Callable, Iterable, Iterator
 from chunkvault.errors import CorruptObject
 from chunkvault.remotes.layer import parallel_map
 
-from .locks import SHARED, RepoLock
+from .locks import COPY_INTO, SHARED, RepoLock
 
-COPY_INTO = "copy into"  # the destination's lock: shared with backups and reads, not with another copy into it
 from .manifest import Record
 from .manifest_io import ManifestWriter
 from .blob import Plaintext
@@ -211,6 +210,9 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
     result = CopyResult()
     src_snaps = src.snapshots()
     wanted = set(spec_ids) if spec_ids is not None else {s.id for s in src_snaps}
+    if spec_ids is None:  # every snapshot: one that does not load is one not copied (it was left out unsaid)
+        result.failed += [(name, f"snapshots/{name} does not load: {exc.reason}")
+                          for name, exc in sorted(src.unreadable_snapshots.items())]
     with RepoLock(dst.remote, SHARED, COPY_INTO, wait=wait, wait_option=True,
                   label="the destination repository", alone=True) as lock:
         dst.fresh_index()

@@ -52,10 +52,10 @@ from .backup import FUTURE_SLACK
 from .blob import KIND_ZSTD, compress
 from .blobindex import BlobIndex
 from .config import check_kdf_seconds
-from .copy import IMPORTED_FROM, origins
+from .copy import COPIED_FROM, IMPORTED_FROM, origins
 from .crypto import (MAX_LOG_N, MIN_LOG_N, NONCE_SIZE, SCRYPT_R, TAG_SIZE, AuthenticationFailed, Sealer,
                      derive_kek, scrypt_memory, tune_scrypt)
-from .locks import SHARED, RepoLock
+from .locks import IMPORT, SHARED, RepoLock
 from .manifest import OP_ENTRY, T_FILE, ManifestStats, Record, decode_records, encode_record, unread
 from .manifest_io import ManifestWriter
 from .owners import OWNERS_KEY, OwnerMap, chain_owners
@@ -850,7 +850,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
         _refuse_future(info.snapshot, ef.what)
         # Alone among imports (as copies are): two imports of one file at once each found it absent, and
         # both stored it.
-        with RepoLock(repo.remote, SHARED, "import", wait=lock_wait, wait_option=True, alone=True) as repo_lock:
+        with RepoLock(repo.remote, SHARED, IMPORT, wait=lock_wait, wait_option=True, alone=True) as repo_lock:
             repo.fresh_index()
             snapshots = repo.snapshots()
             present = already_here(snapshots, info.snapshot)
@@ -923,7 +923,10 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                     "manifest_records": mw.records, "chain_length": 1,
                     "unreadable": _unreadable(src, counts.unreadable), "warnings": 0,
                     "duration": round(time.monotonic() - started, 3),
-                    IMPORTED_FROM: src.id, "imported_file": info.file_id,
+                    # the first origin, kept through every hop as copy keeps it: A copied to B, exported and
+                    # imported into C, then A copied to C, sent A's snapshot to C again
+                    IMPORTED_FROM: src.stats.get(COPIED_FROM) or src.stats.get(IMPORTED_FROM) or src.id,
+                    "imported_file": info.file_id,
                     # what the next backup of its paths on the same host compares by
                     **{k: src.stats[k] for k in ("xattrs", "started_ns", "finished_ns", OWNERS_KEY)
                        if k in src.stats},

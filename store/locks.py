@@ -263,14 +263,20 @@ def _lock_body(kind: str, purpose: str, now: float | None = None) -> bytes:
 _HELD_BY_THREAD: dict[str, int] = {}  # lock key -> the thread of this process that holds it
 
 
+#: The shared locks of commands that store snapshots brought from elsewhere (into a copy's destination, an
+#: import): one at a time in a repository, or each stores what the other brings, and the snapshot is there
+#: twice.  Each finds what the one before brought once it has the lock.
+COPY_INTO, IMPORT = "copy into", "import"
+INCOMING = (COPY_INTO, IMPORT)
+
+
 class RepoLock:
     """A lock object held for the duration of a ``with`` block, refreshed in the background."""
 
     def __init__(self, remote: Remote, kind: str, purpose: str, *, wait: float = 0.0, poll: float = 2.0,
                  wait_option: bool | None = None, label: str = "repository", alone: bool = False):
         self.remote = remote
-        # A shared lock that another of the same purpose also excludes: two copies into one repository
-        # would each send every snapshot the other sends, and leave both.
+        # A shared lock (of an ``INCOMING`` purpose) that the others of those purposes also exclude.
         self.alone = alone
         # Whether the command line's refusal names --wait: the exclusive commands and the reads have it.
         self.wait_option = kind == EXCLUSIVE if wait_option is None else wait_option
@@ -358,7 +364,7 @@ class RepoLock:
         if self.kind == EXCLUSIVE:
             return others
         # an unknown kind (a newer chunkvault's) counts as exclusive
-        return [lk for lk in others if lk.kind != SHARED or (self.alone and lk.purpose == self.purpose)]
+        return [lk for lk in others if lk.kind != SHARED or (self.alone and lk.purpose in INCOMING)]
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait
@@ -439,7 +445,9 @@ class RepoLock:
             # After the remote stopped answering for a whole retry window, removing the lock would retry for
             # another (an HTTP service frozen mid-backup kept the command 11 minutes, saying only "retrying"):
             # it is left to go stale, and a command on this host removes it at once (its process is gone).
-            self.release(remove=not isinstance(exc, RemoteUnavailable))
+            # Another repository's outage (copy holds a lock on each) is no reason to leave this one's.
+            self.release(remove=not (isinstance(exc, RemoteUnavailable)
+                                     and exc.remote in (None, self.remote.display_url)))
         except RemoteError:
             # The work is done (or its own error propagates); a lock left behind goes stale by itself.
             pass

@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 from chunkvault import Repository
 from chunkvault.errors import RemoteUnavailable
 from chunkvault.remotes.local import LocalRemote
+from conftest import PASSWORD
 from faults import FaultyRemote
 from treeutil import describe
 
@@ -262,7 +263,7 @@ def test_two_copies_into_one_repository_take_turns_and_backups_go_on_beside_them
     import threading
 
     from chunkvault.errors import Locked
-    from chunkvault.store.copy import COPY_INTO
+    from chunkvault.store.locks import COPY_INTO
     from chunkvault.store.locks import SHARED, RepoLock
 
     src_repo, dst_repo = new_repo(), new_repo()
@@ -325,3 +326,102 @@ def test_copy_reads_the_source_pack_by_pack_not_blob_by_blob(tmp_path, new_repo)
         dst.restore(s.id, str(tmp_path / s.id[:8]))
     assert describe(tmp_path / dst.snapshots()[-1].id[:8]) == describe(data)
     assert dst.check(read_data=True).ok
+
+
+@pytest.mark.parametrize("route", ["copy, export, import", "export, import, twice", "back home"])
+def test_a_snapshot_is_known_by_its_first_origin_through_copies_exports_and_imports(tmp_path, new_repo, route):
+    """An import recorded the id of the snapshot exported, not the one it was first copied or imported from:
+    A copied to B, exported and imported into C, then A copied to C, sent A's snapshot to C a second time."""
+    host = new_repo(str(tmp_path / "host"))
+    history(tmp_path, host, n=1)
+    nas = Repository.init(str(tmp_path / "nas"), "nas pw", kdf_seconds=0)
+    cloud = Repository.init(str(tmp_path / "cloud"), "cloud pw", kdf_seconds=0)
+
+    def carry(src: Repository, dst: Repository, sid: str, name: str):
+        src.export(sid, str(tmp_path / name), "export pw", kdf_seconds=0)
+        return dst.import_backup(str(tmp_path / name), "export pw")
+
+    (first,) = host.snapshots()
+    if route == "copy, export, import":
+        host.copy_to(nas)
+        carry(nas, cloud, nas.snapshots()[0].id, "x.backup")
+    elif route == "export, import, twice":
+        seeded = carry(host, nas, first.id, "x.backup").snapshot
+        carry(nas, cloud, seeded.id, "y.backup")
+    else:
+        host.copy_to(nas)
+        there = carry(nas, cloud, nas.snapshots()[0].id, "x.backup").snapshot
+        assert carry(cloud, host, there.id, "z.backup").skipped
+        assert len(host.snapshots()) == 1
+        return
+    assert host.copy_to(cloud).copied == []
+    assert len(cloud.snapshots()) == 1
+
+
+def test_a_source_snapshot_that_does_not_load_is_a_failure_of_copy_not_left_out_unsaid(tmp_path, new_repo, cli):
+    """copy said "1 snapshot(s) copied" and exited 0 when the source held a damaged snapshot object."""
+    src_repo, dst_repo = new_repo(str(tmp_path / "from")), new_repo(str(tmp_path / "dst"))
+    history(tmp_path, src_repo, n=2)
+    newest = src_repo.snapshots()[-1]
+    stored = tmp_path / "from" / "snapshots" / newest.id
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 1
+    stored.write_bytes(bytes(data))
+    with pytest.warns(Warning):
+        result = Repository.open(str(tmp_path / "from"), PASSWORD).copy_to(dst_repo)
+    assert [sid for sid, _ in result.failed] == [newest.id] and "does not load" in result.failed[0][1]
+    said = cli("copy", "-r", str(tmp_path / "from"), "--to", str(tmp_path / "dst"), check=13,
+               env={"CHUNKVAULT_TO_PASSWORD": PASSWORD}).stderr.decode()
+    assert newest.id[:8] in said
+
+
+def test_a_copy_and_an_import_into_one_repository_take_turns(tmp_path, new_repo):
+    """Their locks kept apart copies from copies and imports from imports only: a copy and an import of one
+    snapshot at once stored it twice."""
+    import threading
+
+    from chunkvault.errors import Locked
+    from chunkvault.store.locks import COPY_INTO, IMPORT, SHARED, RepoLock
+
+    src_repo, dst_repo = new_repo(), new_repo()
+    history(tmp_path, src_repo, n=1)
+    (snap,) = src_repo.snapshots()
+    src_repo.export(snap.id, str(tmp_path / "x.backup"), "export pw", kdf_seconds=0)
+    for held, then in ((IMPORT, lambda: src_repo.copy_to(dst_repo, wait=0)),
+                       (COPY_INTO, lambda: dst_repo.import_backup(str(tmp_path / "x.backup"), "export pw", wait=0))):
+        holding, release = threading.Event(), threading.Event()
+
+        def other_process() -> None:  # another thread's lock, as another process's
+            with RepoLock(dst_repo.store.remote, SHARED, held, alone=True):
+                holding.set()
+                release.wait(60)
+
+        holder = threading.Thread(target=other_process)
+        holder.start()
+        holding.wait(10)
+        try:
+            with pytest.raises(Locked, match=f"locked by {held} "):
+                then()
+        finally:
+            release.set()
+            holder.join(10)
+    src_repo.copy_to(dst_repo)
+    assert dst_repo.import_backup(str(tmp_path / "x.backup"), "export pw").skipped
+
+
+def test_a_copy_whose_destination_stops_answering_removes_its_lock_on_the_source(tmp_path, new_repo):
+    """Either repository's outage left both locks to go stale (5 minutes of prunes and copies held off on
+    the one that still answered)."""
+    from chunkvault.remotes.layer import RetryingRemote
+
+    src = new_repo(str(tmp_path / "src-repo"))
+    history(tmp_path, src, n=2)
+    dst_dir = str(tmp_path / "dst")
+    Repository.init(dst_dir, "pw2", kdf_seconds=0, pack_size=64 * 1024)
+    faulty = FaultyRemote(LocalRemote(dst_dir), seed=1, fail_after=6)
+    gone = RetryingRemote(faulty, attempts=2, base_delay=0, sleep=lambda s: None)
+    with pytest.raises(RemoteUnavailable) as failed:
+        src.copy_to(Repository.open(gone, "pw2"))
+    assert failed.value.remote == faulty.display_url
+    assert list((tmp_path / "src-repo" / "locks").iterdir()) == []
+    assert list((tmp_path / "dst" / "locks").iterdir()) != []  # left to go stale: removing it would wait as long
