@@ -221,6 +221,18 @@ def _file_path(path: Any, what: str) -> None:
         raise UsageError(f"the {what} is named by a path, not {path!r}")
 
 
+@contextlib.contextmanager
+def _closed_on_failure(remote: Remote, given: Any) -> Iterator[None]:
+    """Close the remote connected here (not one the caller gave) when opening or creating the repository on
+    it fails: a wrong password or a refused init left its connection (an ssh process, a paramiko thread)."""
+    try:
+        yield
+    except BaseException:
+        if remote is not given:
+            remote.close()
+        raise
+
+
 def _ledger_for(repo: Repo, where: bool | str | os.PathLike[str]) -> Ledger | None:
     """True: the default location ($XDG_STATE_HOME/chunkvault/ledger); a path: that directory; False: none."""
     if where is False:
@@ -325,9 +337,10 @@ class Repository:
         _check_remote_options(remote_options)
         retry_stop = StopRequest(parent=stop_request)
         remote = connect(url, stop=retry_stop, **remote_options)
-        repo = Repo.init(remote, _password(password), settings=settings, kdf_seconds=kdf_seconds,
-                         chunker_secret=chunker_secret)
-        return cls(repo, _ledger_for(repo, ledger), retry_stop=retry_stop)
+        with _closed_on_failure(remote, url):
+            repo = Repo.init(remote, _password(password), settings=settings, kdf_seconds=kdf_seconds,
+                             chunker_secret=chunker_secret)
+            return cls(repo, _ledger_for(repo, ledger), retry_stop=retry_stop)
 
     @classmethod
     def open(cls, url: str | Remote, password: str | bytes | Unlocked, *,
@@ -344,23 +357,16 @@ class Repository:
         if isinstance(url, (bytes, os.PathLike)):
             url = os.fsdecode(url)
         retry_stop = StopRequest(parent=stop_request)
-        if isinstance(password, Unlocked):
-            key = password
-            remote = connect(url, stop=retry_stop, **remote_options)
-        else:
-            secret = _password(password)
-            ahead = None
-            if isinstance(url, str) and url_scheme(url) != "file" and remote_options.get("cache", True):
-                ahead = KeyAhead.start(key_ahead_path(url), secret)
-            remote = connect(url, stop=retry_stop, **remote_options)
-            try:
-                key = unlock(remote, secret, ahead)
-            except BaseException:
-                if remote is not url:  # ours to close: a wrong password leaves no connection behind
-                    remote.close()
-                raise
-        repo = Repo.open(remote, key)
-        return cls(repo, _ledger_for(repo, ledger), lock_reads=lock_reads, retry_stop=retry_stop)
+        secret = None if isinstance(password, Unlocked) else _password(password)
+        ahead = None
+        if secret is not None and isinstance(url, str) and url_scheme(url) != "file" and \
+                remote_options.get("cache", True):
+            ahead = KeyAhead.start(key_ahead_path(url), secret)
+        remote = connect(url, stop=retry_stop, **remote_options)
+        with _closed_on_failure(remote, url):
+            key = password if isinstance(password, Unlocked) else unlock(remote, secret, ahead)
+            repo = Repo.open(remote, key)
+            return cls(repo, _ledger_for(repo, ledger), lock_reads=lock_reads, retry_stop=retry_stop)
 
     def close(self) -> None:
         """Close the connections; every later call is refused, whatever the storage (idempotent).  Calls

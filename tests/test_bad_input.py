@@ -132,6 +132,35 @@ def test_no_repository_is_made_inside_another(tmp_path):
     Repository.init(str(tmp_path / "beside"), PASSWORD, kdf_seconds=0).close()
 
 
+def test_an_init_or_open_that_fails_closes_the_connection_it_made(tmp_path, monkeypatch):
+    """A refused init (a repository there already) left its connection open: over SFTP an ssh process, or
+    a paramiko thread, that kept every later restore of the process from forking its workers."""
+    from chunkvault import repository as repository_module
+    from chunkvault.errors import RepositoryExists, WrongPassword
+    from chunkvault.remotes.local import LocalRemote
+
+    closed = []
+
+    class Watched(LocalRemote):
+        def close(self) -> None:
+            closed.append(self.root)
+            super().close()
+
+    monkeypatch.setattr(repository_module, "connect",
+                        lambda url, **options: url if isinstance(url, LocalRemote) else Watched(url))
+    Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0).close()
+    assert len(closed) == 1
+    with pytest.raises(RepositoryExists):
+        Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0)
+    with pytest.raises(WrongPassword):
+        Repository.open(str(tmp_path / "repo"), "not it")
+    assert len(closed) == 3
+    given = Watched(str(tmp_path / "repo"))
+    with pytest.raises(RepositoryExists):
+        Repository.init(given, PASSWORD, kdf_seconds=0)
+    assert len(closed) == 3  # a remote the caller gave stays the caller's
+
+
 def test_a_repository_that_lost_its_config_is_named_and_not_overwritten(tmp_path, cli, new_repo):
     """Not "no repository": the objects are there (its key file too), and `init` must not build a second
     repository among them, whose warnings would then call every old snapshot unreadable."""

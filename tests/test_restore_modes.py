@@ -168,8 +168,9 @@ def test_files_of_one_chunk_are_written_a_run_at_a_time(tmp_path, new_repo, monk
     monkeypatch.setattr(writefiles, "write_small_files", counted)
     monkeypatch.setattr(restore_module, "RUN_FILES", 100)
     for thread in loud_threads():  # one an earlier test left ending: a restore forks beside none
-        thread.join(30)
-    assert repo.restore("latest", str(tmp_path / "out"), processes=processes).processes == processes
+        thread.join(10)
+    assert repo.restore("latest", str(tmp_path / "out"), processes=processes).processes == processes, \
+        f"not forked: other threads run ({loud_threads()}; a connection an earlier test left open?)"
     assert describe(tmp_path / "out") == describe(src)
     runs = [line.split() for line in log.read_text().splitlines()]
     written = [name for run in runs for name in run]
