@@ -1,7 +1,10 @@
 """copy: snapshots reach another repository with their chains, sending only what is missing."""
+import contextlib
 import json
 import os
 import random
+import threading
+from typing import Iterator
 
 import pytest
 from hypothesis import given, strategies as st
@@ -26,6 +29,29 @@ def history(tmp_path, repo, n=4):
         snap = repo.backup([str(src)]).snapshot
         states[snap.id] = describe(src)
     return states
+
+
+@contextlib.contextmanager
+def held_elsewhere(repo: Repository, purpose: str) -> Iterator[None]:
+    """``repo``'s shared lock of ``purpose`` (one of the incoming ones) held by another thread, as another
+    process would, while inside."""
+    from chunkvault.store.locks import SHARED, RepoLock
+
+    holding, release = threading.Event(), threading.Event()
+
+    def other_process() -> None:
+        with RepoLock(repo.store.remote, SHARED, purpose, alone=True):
+            holding.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=other_process)
+    holder.start()
+    holding.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(10)
 
 
 def test_copy_keeps_chains_and_is_incremental(tmp_path, new_repo):
@@ -225,7 +251,6 @@ def test_copy_order_puts_every_parent_before_its_children(specs, wanted):
 
 def test_copy_waits_for_a_prune_on_the_destination_and_says_which(tmp_path, new_repo):
     """--wait holds for both repositories; the message names the destination."""
-    import threading
     import time
 
     from chunkvault.errors import Locked
@@ -260,34 +285,18 @@ def test_two_copies_into_one_repository_take_turns_and_backups_go_on_beside_them
     """Two copies at once each sent every snapshot: the destination held each twice, and prune freed half.
     A copy into a repository now waits for another copy into it (and then finds the snapshots there), while
     backups and reads share the repository with it as before."""
-    import threading
-
     from chunkvault.errors import Locked
     from chunkvault.store.locks import COPY_INTO
-    from chunkvault.store.locks import SHARED, RepoLock
 
     src_repo, dst_repo = new_repo(), new_repo()
     history(tmp_path, src_repo, n=3)
-    held, release = threading.Event(), threading.Event()
-
-    def other_copy() -> None:  # another thread's lock, as another process's
-        with RepoLock(dst_repo.store.remote, SHARED, COPY_INTO, alone=True):
-            held.set()
-            release.wait(60)
-
-    holder = threading.Thread(target=other_copy)
-    holder.start()
-    held.wait(10)
-    try:
+    with held_elsewhere(dst_repo, COPY_INTO):
         with pytest.raises(Locked, match="^the destination repository is locked by copy into .*; try again later$"):
             src_repo.copy_to(dst_repo, wait=0)
         own = tmp_path / "own"
         own.mkdir()
         (own / "f").write_bytes(b"backed up beside a copy")
         dst_repo.backup([str(own)])  # a backup is not held off
-    finally:
-        release.set()
-        holder.join(10)
     results: list = []
     copies = [threading.Thread(target=lambda: results.append(src_repo.copy_to(dst_repo, wait=60)))
               for _ in range(2)]
@@ -378,10 +387,8 @@ def test_a_source_snapshot_that_does_not_load_is_a_failure_of_copy_not_left_out_
 def test_a_copy_and_an_import_into_one_repository_take_turns(tmp_path, new_repo):
     """Their locks kept apart copies from copies and imports from imports only: a copy and an import of one
     snapshot at once stored it twice."""
-    import threading
-
     from chunkvault.errors import Locked
-    from chunkvault.store.locks import COPY_INTO, IMPORT, SHARED, RepoLock
+    from chunkvault.store.locks import COPY_INTO, IMPORT
 
     src_repo, dst_repo = new_repo(), new_repo()
     history(tmp_path, src_repo, n=1)
@@ -389,22 +396,8 @@ def test_a_copy_and_an_import_into_one_repository_take_turns(tmp_path, new_repo)
     src_repo.export(snap.id, str(tmp_path / "x.backup"), "export pw", kdf_seconds=0)
     for held, then in ((IMPORT, lambda: src_repo.copy_to(dst_repo, wait=0)),
                        (COPY_INTO, lambda: dst_repo.import_backup(str(tmp_path / "x.backup"), "export pw", wait=0))):
-        holding, release = threading.Event(), threading.Event()
-
-        def other_process() -> None:  # another thread's lock, as another process's
-            with RepoLock(dst_repo.store.remote, SHARED, held, alone=True):
-                holding.set()
-                release.wait(60)
-
-        holder = threading.Thread(target=other_process)
-        holder.start()
-        holding.wait(10)
-        try:
-            with pytest.raises(Locked, match=f"locked by {held} "):
-                then()
-        finally:
-            release.set()
-            holder.join(10)
+        with held_elsewhere(dst_repo, held), pytest.raises(Locked, match=f"locked by {held} "):
+            then()
     src_repo.copy_to(dst_repo)
     assert dst_repo.import_backup(str(tmp_path / "x.backup"), "export pw").skipped
 
