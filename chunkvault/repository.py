@@ -837,7 +837,11 @@ class Repository:
                 try:
                     snap = among(spec)
                 except SnapshotNotFound:
-                    snap = anywhere(spec)  # raises for a name no snapshot has
+                    try:
+                        snap = anywhere(spec)
+                    except SnapshotNotFound as exc:  # a name no snapshot that loads has
+                        self._refuse_if_damaged(spec, exc)
+                        raise
             if snap.id not in selected:
                 raise SnapshotNotFound(f"snapshot {snap.short_id} is not among those the host, tag and path "
                                        "filters select")
@@ -902,12 +906,17 @@ class Repository:
             return find_snapshot(snaps, spec, until=t, host=_host(host),
                                  filter_paths=_paths(paths, "path to select by") or None)
         except SnapshotNotFound as exc:
-            if not isinstance(exc, AmbiguousSnapshot) and isinstance(spec, str) and spec.strip() and spec != "latest":
-                damaged = [why for name, why in self._repo.unreadable_snapshots.items()
-                           if name.startswith(spec.lower())]
-                if len(damaged) == 1:
-                    raise damaged[0] from None
+            self._refuse_if_damaged(spec, exc)
             raise
+
+    def _refuse_if_damaged(self, spec: Any, exc: SnapshotNotFound) -> None:
+        """Raise the error of the one unreadable snapshot that ``spec`` (an id or prefix) names, if so: such a
+        snapshot is damaged, not missing (``copy ID`` said "no snapshot")."""
+        if isinstance(exc, AmbiguousSnapshot) or not isinstance(spec, str) or not spec.strip() or spec == "latest":
+            return
+        damaged = [why for name, why in self._repo.unreadable_snapshots.items() if name.startswith(spec.lower())]
+        if len(damaged) == 1:
+            raise damaged[0] from None
 
     def tree(self, snapshot: str | Snapshot = "latest", path: str | bytes | None = None) -> Iterator[Entry]:
         """The snapshot's entries in order; with ``path``, those of that path and below it, reading only

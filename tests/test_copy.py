@@ -379,6 +379,10 @@ def test_a_source_snapshot_that_does_not_load_is_a_failure_of_copy_not_left_out_
     with pytest.warns(Warning):
         result = Repository.open(str(tmp_path / "from"), PASSWORD).copy_to(dst_repo)
     assert [sid for sid, _ in result.failed] == [newest.id] and "does not load" in result.failed[0][1]
+    from chunkvault.errors import CorruptObject
+
+    with pytest.warns(Warning), pytest.raises(CorruptObject, match="authentication failed"):  # not "no snapshot"
+        Repository.open(str(tmp_path / "from"), PASSWORD).copy_to(dst_repo, snapshots=[newest.id[:8]])
     said = cli("copy", "-r", str(tmp_path / "from"), "--to", str(tmp_path / "dst"), check=13,
                env={"CHUNKVAULT_TO_PASSWORD": PASSWORD}).stderr.decode()
     assert newest.id[:8] in said
