@@ -425,12 +425,18 @@ class _Prefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _closed_to_owner(st: os.stat_result) -> bool:
+    """This user's own directory that its owner may not write in or search (0555, 000): a restore opens it
+    up while it works in it, as its owner may."""
+    return st.st_uid == os.geteuid() and st.st_mode & 0o700 != 0o700
+
+
 @contextlib.contextmanager
 def _opened_up(fd: int) -> Iterator[None]:
     """The directory open at ``fd`` writable by its owner while inside, where it is this user's; its mode
     back after."""
     st = os.fstat(fd)
-    opened = st.st_uid == os.geteuid() and st.st_mode & 0o700 != 0o700
+    opened = _closed_to_owner(st)
     if opened:
         os.chmod(proc_path(fd), stat.S_IMODE(st.st_mode) | 0o700)
     try:
@@ -1039,7 +1045,7 @@ class Restorer:
                 st = _lstat(pfd, name)
                 if st is None or not stat.S_ISDIR(st.st_mode):
                     raise
-                if st.st_mode & 0o700 != 0o700 and st.st_uid == os.geteuid():
+                if _closed_to_owner(st):
                     # ours, read-only (0555, say): opened up to be written in, as a fresh restore makes its
                     # directories; the recorded mode is set once all is in (``_finish_directory``)
                     os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=pfd, follow_symlinks=False)
