@@ -44,7 +44,7 @@ from .store.manifest import (
 from .store.chronology import chronological_key
 from .store.snapshot import Snapshot, of_source, parse_time
 from .store.restore import setid_bits_for_others
-from .store.target_dirs import LongPaths
+from .store.target_dirs import LongPaths, proc_path
 from .store.posix_acl import ACL_KEYS, acl_ids
 from .store.xattrs import decode_xattrs, read_xattrs
 
@@ -263,11 +263,80 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 # --- comparing (I/O) ---------------------------------------------------------------------------
 
 
-def walk_sorted(root: bytes, errors: list[tuple[bytes, str]]) -> Iterator[tuple[bytes, os.stat_result]]:
+def _closed_to_reader(st: os.stat_result, need: int) -> bool:
+    """A file or directory of this user's whose mode denies its owner ``need`` (read; a directory's search)."""
+    return (st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & need != need
+            and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)))
+
+
+def _set_mode(path: bytes, st: os.stat_result, mode: int) -> None:
+    """``mode`` on the entry at ``path`` if it is still the one ``st`` describes: never through a link."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.path.samestat(os.fstat(fd), st):
+            os.chmod(proc_path(fd), mode)
+    finally:
+        os.close(fd)
+
+
+class OpenedForReading:
+    """This user's own entries that deny their owner reading (mode 000, a directory without read or search
+    permission), opened while they are compared, as a restore opens its own directories to write in them:
+    a restore that is not root writes such trees, and their comparison found them unreadable.  A file's mode
+    is put back once it is read; a directory's at ``close``, as what lies below it is compared meanwhile.
+    A run killed before then leaves them readable by their owner."""
+
+    def __init__(self, root: bytes):
+        self.path_of = LongPaths(root)
+        self.dirs: list[tuple[bytes, os.stat_result]] = []
+
+    def directory(self, rel: bytes, st: os.stat_result) -> None:
+        if _closed_to_reader(st, 0o500):
+            try:
+                _set_mode(self.path_of(rel), st, stat.S_IMODE(st.st_mode) | 0o500)
+                self.dirs.append((rel, st))
+            except (OSError, ChunkvaultError):
+                pass  # listed as it is, and reported unreadable
+            finally:
+                self.path_of.release()
+
+    @contextlib.contextmanager
+    def reading(self, path: bytes, st: os.stat_result) -> Iterator[None]:
+        """The entry at ``path`` (found as ``st``) readable by its owner while inside."""
+        opened = _closed_to_reader(st, 0o400)
+        if opened:
+            with contextlib.suppress(OSError):
+                _set_mode(path, st, stat.S_IMODE(st.st_mode) | 0o400)
+        try:
+            yield
+        finally:
+            if opened:
+                with contextlib.suppress(OSError):
+                    _set_mode(path, st, stat.S_IMODE(st.st_mode))
+
+    def close(self) -> list[str]:
+        """Put the directories' modes back, deepest first; what could not be is returned, said."""
+        failed = []
+        for rel, st in reversed(self.dirs):
+            try:
+                _set_mode(self.path_of(rel), st, stat.S_IMODE(st.st_mode))
+            except (OSError, ChunkvaultError) as exc:
+                failed.append(f"{os.fsdecode(rel) or '.'}: its mode {stat.S_IMODE(st.st_mode):04o} could not be "
+                              f"put back after it was compared: {getattr(exc, 'strerror', None) or exc}")
+            finally:
+                self.path_of.release()
+        self.dirs.clear()
+        self.path_of.close()
+        return failed
+
+
+def walk_sorted(root: bytes, errors: list[tuple[bytes, str]], opener: OpenedForReading | None = None
+                ) -> Iterator[tuple[bytes, os.stat_result]]:
     """(relative path, lstat) of ``root`` and everything under it, in manifest order.
 
     Depth first, names sorted as bytes: the order ``sort_key`` gives.  Directories that
-    cannot be listed are noted in ``errors``.
+    cannot be listed are noted in ``errors``; ``opener`` opens this user's own that deny it.
+    A directory is listed once its own entry has been taken.
     """
     st = os.lstat(root)
     yield b"", st
@@ -276,7 +345,9 @@ def walk_sorted(root: bytes, errors: list[tuple[bytes, str]]) -> Iterator[tuple[
     stack: list[tuple[bytes, Iterator[bytes]]] = []
     path_of = LongPaths(root)  # a restore writes paths longer than the system takes: they are read back
 
-    def push(rel: bytes) -> None:
+    def push(rel: bytes, st: os.stat_result) -> None:
+        if opener is not None:
+            opener.directory(rel, st)
         try:
             names = sorted(os.listdir(path_of(rel)))
         except (OSError, ChunkvaultError) as exc:
@@ -285,7 +356,7 @@ def walk_sorted(root: bytes, errors: list[tuple[bytes, str]]) -> Iterator[tuple[
         stack.append((rel, iter(names)))
 
     try:
-        push(b"")
+        push(b"", st)
         while stack:
             rel, names = stack[-1]
             name = next(names, None)
@@ -293,11 +364,19 @@ def walk_sorted(root: bytes, errors: list[tuple[bytes, str]]) -> Iterator[tuple[
                 stack.pop()
                 continue
             child_rel = rel + b"/" + name if rel else name
-            cst = os.lstat(path_of(child_rel))
-            path_of.release()
+            try:
+                cst = os.lstat(path_of(child_rel))
+            except FileNotFoundError:
+                continue
+            except (OSError, ChunkvaultError) as exc:  # listed, but not searched: what is in it goes unread
+                errors.append((rel, getattr(exc, "strerror", None) or str(exc)))
+                stack.pop()
+                continue
+            finally:
+                path_of.release()
             yield child_rel, cst
             if stat.S_ISDIR(cst.st_mode):
-                push(child_rel)
+                push(child_rel, cst)
     finally:
         path_of.close()
 
@@ -327,6 +406,7 @@ class _Comparer:
         self.result = CompareResult()
         self.inodes: dict[tuple[int, int], bytes] = {}  # files with several links: inode -> first path
         self.path_of = LongPaths(self.root)
+        self.opener = OpenedForReading(self.root)
 
     def add(self, m: Mismatch) -> None:
         self.result.mismatch_count += 1
@@ -334,8 +414,15 @@ class _Comparer:
             self.result.mismatches.append(m)
 
     def run(self, entries: Iterable[Entry]) -> CompareResult:
+        try:
+            return self._run(entries)
+        finally:
+            self.result.warnings += self.opener.close()
+            self.path_of.close()
+
+    def _run(self, entries: Iterable[Entry]) -> CompareResult:
         list_errors: list[tuple[bytes, str]] = []
-        observed = walk_sorted(self.root, list_errors)
+        observed = walk_sorted(self.root, list_errors, self.opener)
         reported_errors = 0
         # A directory the manifest lacks above entries it has (``--stdin-name dumps/app.sql``) is made by the
         # restore to hold them: extra only if no entry lies below it.
@@ -377,7 +464,6 @@ class _Comparer:
         for rel, st in extra_directories:
             if rel not in above_entries:
                 self.add(Mismatch(os.fsdecode(rel), "extra", None, _type_name(st.st_mode)))
-        self.path_of.close()
         return self.result
 
     def entry(self, e: Entry, st: os.stat_result) -> None:
@@ -389,13 +475,17 @@ class _Comparer:
             self.path_of.release()
 
     def _entry(self, e: Entry, st: os.stat_result) -> None:
-        r = self.result
         found = compare_meta(e, st, owners=self.owners)
         for m in found:
             self.add(m)
         if found and found[0].kind == "type":
             return
         path = self.path_of(e.path)
+        with self.opener.reading(path, st):
+            self._read(e, st, path)
+
+    def _read(self, e: Entry, st: os.stat_result, path: bytes) -> None:
+        r = self.result
         if self.xattrs and e.type != T_HARDLINK:
             self.extended_attributes(e, path)
         if e.type == T_DIR:
@@ -651,7 +741,7 @@ def remove_tree(path: str) -> None:
 
     parent = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        remove_below(parent, os.path.basename(os.path.abspath(path)), unlock=os.geteuid() != 0)
+        remove_below(parent, os.path.basename(os.path.abspath(path)), unlock=True)
     finally:
         os.close(parent)
 

@@ -39,7 +39,7 @@ from .confinement import confined, safe_relpath
 from .find import tree_glob
 from .owners import OwnerMap
 from .repository import Repo
-from .target_dirs import TargetDirs, mount_points, proc_path, remove_tree
+from .target_dirs import TargetDirs, closed_to_owner, mount_points, proc_path, remove_tree
 from .posix_acl import ACL_KEYS
 from .xattrs import decode_xattrs, read_xattrs, write_xattrs
 from . import writefiles
@@ -425,18 +425,12 @@ class _Prefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _closed_to_owner(st: os.stat_result) -> bool:
-    """This user's own directory that its owner may not write in or search (0555, 000): a restore opens it
-    up while it works in it, as its owner may."""
-    return st.st_uid == os.geteuid() and st.st_mode & 0o700 != 0o700
-
-
 @contextlib.contextmanager
 def _opened_up(fd: int) -> Iterator[None]:
     """The directory open at ``fd`` writable by its owner while inside, where it is this user's; its mode
     back after."""
     st = os.fstat(fd)
-    opened = _closed_to_owner(st)
+    opened = closed_to_owner(st)
     if opened:
         os.chmod(proc_path(fd), stat.S_IMODE(st.st_mode) | 0o700)
     try:
@@ -1045,7 +1039,7 @@ class Restorer:
                 st = _lstat(pfd, name)
                 if st is None or not stat.S_ISDIR(st.st_mode):
                     raise
-                if _closed_to_owner(st):
+                if closed_to_owner(st):
                     # ours, read-only (0555, say): opened up to be written in, as a fresh restore makes its
                     # directories; the recorded mode is set once all is in (``_finish_directory``)
                     os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=pfd, follow_symlinks=False)

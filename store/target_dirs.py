@@ -23,6 +23,12 @@ _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 KEPT_DIRS = 64  # descriptors held at most: those off the current path go first, then the shallowest on it
 
 
+def closed_to_owner(st: os.stat_result) -> bool:
+    """This user's own directory that its owner may not write in or search (0555, 000): a restore opens it
+    up while it works in it, as its owner may."""
+    return st.st_uid == os.geteuid() and st.st_mode & 0o700 != 0o700
+
+
 def proc_path(fd: int, name: bytes | None = None) -> bytes:
     """A path that reaches the object open at ``fd`` (or ``name`` in the directory open there) through
     the descriptor, for calls that take no descriptor (a mode through an O_PATH descriptor, attributes
@@ -185,8 +191,8 @@ def remove_tree(parent_fd: int, name: bytes | str, *, unlock: bool = False) -> N
     otherwise went on emptying the directory it was moved into, /tmp say, and each parent above that it
     could rmdir, up to /.  Nor is another file system entered (EXDEV): a restore's --delete emptied what
     was mounted in the target (a bind mount of the same file system is for the caller to find,
-    ``mount_points``).  ``unlock``: each directory is made ours to list and empty first (mode
-    0700), for a tree restored with the modes it had, by a process that is not root."""
+    ``mount_points``).  ``unlock``: each directory of this user's that denies its owner (``closed_to_owner``)
+    is opened (mode 0700) to be listed and emptied, for a tree restored with the modes it had."""
     names = [os.fsencode(name)]  # the path from ``name`` down to the directory open at ``fd``
     device = os.fstat(parent_fd).st_dev
     fd, first = _open_to_empty(names[0], parent_fd, unlock, device)
@@ -259,7 +265,7 @@ def _open_to_empty(name: bytes, dir_fd: int, unlock: bool, device: int) -> tuple
         st = os.fstat(reach)
         if st.st_dev != device:
             raise OSError(errno.EXDEV, "another file system is there", os.fsdecode(name))
-        if unlock:
+        if unlock and closed_to_owner(st):
             os.chmod(proc_path(reach), 0o700)
     finally:
         os.close(reach)

@@ -531,7 +531,7 @@ def test_a_scratch_tree_that_denies_its_owner_and_runs_past_path_max_is_removed(
     for dir_fd, mode in reversed(modes):  # deepest first: each is reached through its parent's descriptor
         os.chmod(f"/proc/self/fd/{dir_fd}", mode)
         os.close(dir_fd)
-    script = "import os, sys; os.geteuid = lambda: 1000; from chunkvault.verify import remove_tree; remove_tree(sys.argv[1])"
+    script = "import sys; from chunkvault.verify import remove_tree; remove_tree(sys.argv[1])"
     done = subprocess.run([*setpriv, sys.executable, "-c", script, str(top)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not top.exists()
@@ -597,3 +597,98 @@ def test_the_scratch_directory_of_a_killed_run_is_removed_by_the_next(tmp_path, 
     assert os.listdir(os.path.dirname(kept.kept_at)) == ["restore"]  # no marker: never taken for a killed run's
     for d in scratch.iterdir():
         verify_mod.remove_tree(str(d))
+
+
+SETPRIV = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+
+
+def _denied_as_another_user_would_be() -> None:
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or subprocess.run([*SETPRIV, "true"]).returncode:
+        pytest.skip("needs root and setpriv, to be denied as another user would be")
+
+
+def _closed_tree(src) -> dict[str, int]:
+    """Entries that deny their owner: a mode-000 file (with an attribute) and directory, a directory that
+    may be searched but not listed, one listed but not searched; their modes by path."""
+    (src / "locked" / "inner").mkdir(parents=True)
+    (src / "locked" / "inner" / "f").write_bytes(b"deep")
+    (src / "unlisted").mkdir()
+    (src / "unlisted" / "g").write_bytes(b"g")
+    (src / "unsearched").mkdir()
+    (src / "unsearched" / "h").write_bytes(b"h")
+    (src / "secret").write_bytes(b"secret")
+    os.setxattr(src / "secret", "user.k", b"v")
+    modes = {"secret": 0, "locked/inner": 0, "locked": 0, "unlisted": 0o300, "unsearched": 0o600}
+    for rel, mode in modes.items():
+        os.chmod(src / rel, mode)
+    return modes
+
+
+def test_a_tree_that_denies_its_owner_is_verified_as_another_user_than_root(tmp_path, new_repo):
+    """As another user than root, verify-restore and restore --verify found a restored mode-000 file and a
+    directory without read or search permission unreadable (exit 18), though the restore had written them
+    as the snapshot holds them: this user's own entries are opened while compared, their modes put back."""
+    import subprocess
+
+    _denied_as_another_user_would_be()
+    src = tmp_path / "src"
+    src.mkdir()
+    modes = _closed_tree(src)
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    repo.close()
+    scratch, target = tmp_path / "scratch", tmp_path / "target"
+    scratch.mkdir()
+    env = {**os.environ, "CHUNKVAULT_PASSWORD": PASSWORD}
+    url = str(tmp_path / "repo")
+    done = subprocess.run([*SETPRIV, sys.executable, "-m", "chunkvault.cli", "verify-restore", "-r", url,
+                           "--scratch", str(scratch), "--json"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["snapshots"][0]["mismatch_count"] == 0 and report["snapshots"][0]["files"] == 4
+    assert os.listdir(scratch) == []  # the scratch tree went, closed directories and all
+    done = subprocess.run([*SETPRIV, sys.executable, "-m", "chunkvault.cli", "restore", "-r", url, "latest",
+                           "--target", str(target), "--verify"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {rel: stat_mode(target / rel) for rel in modes} == modes  # put back after the comparison
+
+
+def stat_mode(path) -> int:
+    import stat
+
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_content_behind_a_closed_entry_is_compared_and_the_modes_are_put_back(tmp_path, new_repo):
+    """The comparison reads what such entries hold (a changed byte is found), and leaves each mode as found."""
+    import subprocess
+
+    _denied_as_another_user_would_be()
+    src, target = tmp_path / "src", tmp_path / "target"
+    src.mkdir()
+    modes = _closed_tree(src)
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)])
+    repo.restore("latest", str(target))
+    repo.close()
+    for rel in ("secret", "locked/inner/f"):  # the same size and time, another byte
+        path = target / rel
+        st = os.stat(path)
+        data = bytearray(path.read_bytes())
+        data[0] ^= 1
+        os.chmod(path, 0o600)
+        path.write_bytes(bytes(data))
+        os.chmod(path, st.st_mode)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    script = ("import json, sys\nfrom chunkvault import Repository\nfrom chunkvault.verify import compare_tree\n"
+              "repo = Repository.open(sys.argv[1], sys.argv[2])\n"
+              "found = compare_tree(repo.tree(repo.snapshot('latest')), sys.argv[3], owners=False)\n"
+              "print(json.dumps(sorted([m.path, m.kind] for m in found.mismatches)))\n")
+    done = subprocess.run([*SETPRIV, sys.executable, "-c", script, str(tmp_path / "repo"), PASSWORD, str(target)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [["locked/inner/f", "content"], ["secret", "content"]]
+    assert {rel: stat_mode(target / rel) for rel in modes} == modes
