@@ -692,3 +692,22 @@ def test_content_behind_a_closed_entry_is_compared_and_the_modes_are_put_back(tm
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [["locked/inner/f", "content"], ["secret", "content"]]
     assert {rel: stat_mode(target / rel) for rel in modes} == modes
+
+
+def test_a_directory_listed_but_not_searched_is_reported_not_raised(tmp_path):
+    """Another user's directory that may be read but not searched: its names were listed, and the first
+    lstat below it raised out of the comparison (a traceback)."""
+    import subprocess
+
+    _denied_as_another_user_would_be()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"x")
+    (tmp_path / "e").write_bytes(b"after")
+    os.chown(tmp_path / "d", 12345, 12345)
+    os.chmod(tmp_path / "d", 0o704)
+    script = ("import json, sys\nfrom chunkvault.verify import walk_sorted\nerrors = []\n"
+              "seen = [p.decode() for p, _ in walk_sorted(sys.argv[1].encode(), errors)]\n"
+              "print(json.dumps([seen, [[p.decode(), why] for p, why in errors]]))\n")
+    done = subprocess.run([*SETPRIV, sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [["", "d", "e"], [["d", "Permission denied"]]]
