@@ -35,10 +35,10 @@ from .store.snapshot import Snapshot
 from .store.xattrs import decode_xattrs
 
 REFRESH_SECONDS = 30.0
-# Resolved trees held at once, besides the one in use: at most this many, of at most this many entries in all
-# (each about 650 bytes: a tree of a million files takes 650 MB).
+# Resolved trees held at once, besides the one in use: at most this many, of at most this many bytes in all
+# (``SnapshotTree.nbytes``: about 150 bytes and the path per entry, so some 200 MB for a million files).
 TREES_KEPT = 8
-TREE_ENTRIES_KEPT = 1_000_000
+TREE_BYTES_KEPT = 256 << 20
 
 _TYPE_BITS = {T_FILE: stat.S_IFREG, T_HARDLINK: stat.S_IFREG, T_DIR: stat.S_IFDIR, T_SYMLINK: stat.S_IFLNK,
               T_FIFO: stat.S_IFIFO, T_CHARDEV: stat.S_IFCHR, T_BLOCKDEV: stat.S_IFBLK}
@@ -190,7 +190,7 @@ class SnapshotFS:
         with self._lock:
             self._trees[snap.id] = tree
             while len(self._trees) > 1 and (len(self._trees) > TREES_KEPT or sum(
-                    len(t.entries) for t in self._trees.values()) > TREE_ENTRIES_KEPT):
+                    t.nbytes for t in self._trees.values()) > TREE_BYTES_KEPT):
                 self._trees.popitem(last=False)
         return tree
 
@@ -308,7 +308,7 @@ class SnapshotFS:
             sid, under = node.snapshot.id, node.rel + b"/" if node.rel else b""
             return [self._dirent(path, "."), self._dirent(path, ".."),
                     *((os.fsdecode(n), {"st_ino": _file_inode(sid, tree, under + n)}, 0)
-                      for n in tree.children[node.rel])]
+                      for n in tree.children(node.rel))]
         return [self._dirent(path, name) for name in (".", "..", *names)]
 
     def readlink(self, path: str) -> str:

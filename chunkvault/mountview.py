@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import bisect
 import os
+from array import array
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable
 
-from .store.manifest import T_DIR, T_HARDLINK, Entry
+from .store.manifest import _HEAD, T_DIR, T_HARDLINK, Entry, decode_records, encode_record, entry_record, sort_key
 from .store.chronology import chronological_key
 from .store.snapshot import Snapshot
 
@@ -157,51 +158,139 @@ def _safe(name: str) -> str:
     return name if name not in ("", ".", "..") else name.replace(".", "%2E") or "%"
 
 
+_RECENT_ENTRIES = 1024
+
+
 class SnapshotTree:
-    """One snapshot's resolved tree, looked up by path: entries, and each directory's children."""
+    """One snapshot's resolved tree, looked up by path.
+
+    Its entries are held as their manifest records, in manifest order, in one buffer (about 150 bytes plus
+    the path each): decoded entries in a dict, with a list of names per directory, took about 850 bytes
+    each, and a mount of a snapshot of a million files a gigabyte.  A path is found through an
+    open-addressing table of record numbers keyed by the path's hash; a directory's children are the
+    names in its range of the order, where whatever lies below it comes next."""
 
     def __init__(self, entries: Iterable[Entry]):
-        self.entries: dict[bytes, Entry] = {}
-        self.children: dict[bytes, list[bytes]] = defaultdict(list)
-        self.children[b""]  # the root lists its children even when the snapshot has no entry for it
-        self._links: dict[bytes, int] = defaultdict(int)  # a file's path -> how many hard links name it
+        buf = bytearray()
+        offsets = array("Q")
+        hashes = array("q")
+        links: dict[bytes, int] = defaultdict(int)  # a file's path -> how many hard links name it
         for e in entries:
-            self.entries[e.path] = e
+            offsets.append(len(buf))
+            hashes.append(hash(e.path))
+            buf += encode_record(entry_record(e))
             if e.type == T_HARDLINK:
-                self._links[e.target] += 1
-            if e.path:
-                parent, _, name = e.path.rpartition(b"/")
-                self.children[parent].append(name)
-            if e.type == T_DIR:
-                self.children[e.path]
-        # A directory holding entries but none of its own (a snapshot of several paths has no root entry; a
-        # differential can keep a path whose directory a rewrite removed from its parent) is listed too.
-        for d in [d for d in self.children if d and d not in self.entries]:
-            while d and d not in self.entries:
-                parent, _, name = d.rpartition(b"/")
-                if name in self.children[parent]:
-                    break
-                self.children[parent].append(name)
-                d = parent
-        for names in self.children.values():
-            names.sort()
+                links[e.target] += 1
+        offsets.append(len(buf))
+        self._buf = buf
+        self._offsets = offsets
+        self._links = dict(links)
+        self._count = len(hashes)
+        size = 1 << max(3, (2 * self._count).bit_length())  # at most half full
+        slots = array("q", [-1]) * size
+        mask = size - 1
+        for i, h in enumerate(hashes):
+            h &= mask
+            while slots[h] >= 0:
+                h = (h + 1) & mask
+            slots[h] = i
+        self._slots, self._mask = slots, mask
+        self._recent: dict[bytes, Entry] = {}  # the entries last decoded: a lookup, getattr, getxattr in turn
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def nbytes(self) -> int:
+        """What the tree holds in memory, about."""
+        return len(self._buf) + self._offsets.itemsize * len(self._offsets) + self._slots.itemsize * len(self._slots)
+
+    def _path(self, i: int) -> bytes:
+        start = self._offsets[i]
+        _, plen = _HEAD.unpack_from(self._buf, start)
+        return bytes(self._buf[start + _HEAD.size : start + _HEAD.size + plen])
+
+    def _index(self, rel: bytes) -> int | None:
+        h = hash(rel) & self._mask
+        while True:
+            i = self._slots[h]
+            if i < 0:
+                return None
+            if self._path(i) == rel:
+                return i
+            h = (h + 1) & self._mask
+
+    def _entry_at(self, i: int) -> Entry:
+        records, _ = decode_records(memoryview(self._buf)[self._offsets[i] : self._offsets[i + 1]], "a mounted tree")
+        entry = records[0].entry
+        assert entry is not None
+        return entry
+
+    def _after(self, key: bytes, lo: int = 0) -> int:
+        """The first record (from ``lo``) whose path sorts at or after ``key`` (a ``sort_key``)."""
+        hi = self._count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sort_key(self._path(mid)) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def _below(self, rel: bytes) -> int:
+        """The first record below directory ``rel``, if any lies below it (else where one would)."""
+        i = self._index(rel)
+        return i + 1 if i is not None else self._after(sort_key(rel) + b"\0" if rel else b"\0")
 
     def is_dir(self, rel: bytes) -> bool:
-        return rel in self.children
+        """A directory entry, the root, or a path that entries lie below (a snapshot of several paths has no
+        root entry; a differential can keep a path whose directory a rewrite removed from its parent)."""
+        if not rel:
+            return True
+        i = self._index(rel)
+        if i is not None and self._entry_at(i).type == T_DIR:
+            return True
+        j = self._below(rel)
+        return j < self._count and self._path(j).startswith(rel + b"/")
+
+    def children(self, rel: bytes) -> list[bytes]:
+        """The names in directory ``rel``, sorted."""
+        prefix = rel + b"/" if rel else b""
+        names: list[bytes] = []
+        j = self._below(rel)
+        while j < self._count:
+            path = self._path(j)
+            if not path.startswith(prefix):
+                break
+            name, _, _ = path[len(prefix):].partition(b"/")
+            names.append(name)
+            j += 1
+            if j < self._count and self._path(j).startswith(prefix + name + b"/"):  # what lies below it
+                j = self._after(sort_key(prefix + name) + b"\1", j)
+        return names
 
     def entry(self, rel: bytes) -> Entry | None:
-        return self.entries.get(rel)
+        e = self._recent.get(rel)
+        if e is None:
+            i = self._index(rel)
+            if i is None:
+                return None
+            e = self._entry_at(i)
+            if len(self._recent) >= _RECENT_ENTRIES:
+                self._recent.clear()  # one call, as each step here is: FUSE's threads share the tree
+            self._recent[rel] = e
+        return e
 
     def linked(self, rel: bytes) -> tuple[bytes, int]:
         """The path that holds ``rel``'s data (a hard link's target, else ``rel``) and how many names the
         file has: one inode and link count for all of them, so that ``cp -a`` and ``rsync -H`` keep them."""
-        e = self.entries.get(rel)
+        e = self.entry(rel) if self._links else None  # no hard links, no target to look up
         first = e.target if e is not None and e.type == T_HARDLINK else rel
         return first, 1 + self._links.get(first, 0)
 
     def content_entry(self, rel: bytes) -> Entry | None:
         """The entry whose data ``rel`` reads: a hard link's target (hard links are shown as the file)."""
-        e = self.entries.get(rel)
+        e = self.entry(rel)
         if e is not None and e.type == T_HARDLINK:
-            return self.entries.get(e.target)
+            return self.entry(e.target)
         return e

@@ -11,6 +11,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chunkvault.mountview import TOP, InSnapshot, Layout, Link, SnapshotTree, VirtualDir, snapshot_name
 from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry
@@ -75,16 +77,54 @@ def test_snapshot_tree_lists_children_and_reads_hard_links_as_their_file():
     f = Entry(b"d/f", T_FILE, size=3)
     tree = SnapshotTree([Entry(b"", T_DIR), Entry(b"d", T_DIR), f, Entry(b"d/h", T_HARDLINK, target=b"d/f"),
                          Entry(b"e", T_DIR)])
-    assert tree.children[b""] == [b"d", b"e"] and tree.children[b"d"] == [b"f", b"h"] and tree.children[b"e"] == []
-    assert tree.content_entry(b"d/h") is f and tree.entry(b"d/h").type == T_HARDLINK
+    assert tree.children(b"") == [b"d", b"e"] and tree.children(b"d") == [b"f", b"h"] and tree.children(b"e") == []
+    assert tree.content_entry(b"d/h") == f and tree.entry(b"d/h").type == T_HARDLINK
     assert tree.is_dir(b"e") and not tree.is_dir(b"d/f") and tree.content_entry(b"nope") is None
     assert tree.linked(b"d/h") == tree.linked(b"d/f") == (b"d/f", 2) and tree.linked(b"e") == (b"e", 1)
     several = SnapshotTree([Entry(b"a", T_DIR), Entry(b"b", T_DIR)])  # several paths: no root entry
-    assert several.is_dir(b"") and several.children[b""] == [b"a", b"b"]
+    assert several.is_dir(b"") and several.children(b"") == [b"a", b"b"]
     # a differential can keep a path whose directories a rewrite removed from its parent: they are listed
     orphan = SnapshotTree([Entry(b"", T_DIR), Entry(b"a", T_DIR), Entry(b"c/d/f", T_FILE), Entry(b"z", T_FILE)])
-    assert orphan.children[b""] == [b"a", b"c", b"z"] and orphan.children[b"c"] == [b"d"]
-    assert orphan.is_dir(b"c/d") and orphan.children[b"c/d"] == [b"f"] and orphan.entry(b"c") is None
+    assert orphan.children(b"") == [b"a", b"c", b"z"] and orphan.children(b"c") == [b"d"]
+    assert orphan.is_dir(b"c/d") and orphan.children(b"c/d") == [b"f"] and orphan.entry(b"c") is None
+
+
+_names = st.sampled_from([b"a", b"a.b", b"a-", b"b", b"\xff", b"z z"])
+
+
+@given(st.sets(st.lists(_names, min_size=1, max_size=4).map(b"/".join), max_size=40), st.randoms())
+@settings(max_examples=300, deadline=None)
+def test_snapshot_tree_answers_as_a_map_of_its_entries_would(paths, rnd):
+    """The tree keeps records in one buffer, found by hash and by their order: every answer is checked
+    against the entries themselves, with directories that only the paths below them hold (some dropped)."""
+    from chunkvault.store.manifest import sort_key
+
+    dirs = {p.rpartition(b"/")[0] for p in paths if b"/" in p}
+    everything = sorted(paths | dirs | {b""}, key=sort_key)
+    files = [p for p in everything if p not in dirs and p]
+    entries = []
+    for p in everything:
+        if p in dirs or not p:
+            if rnd.random() < 0.8:  # a directory without an entry of its own is listed all the same
+                entries.append(Entry(p, T_DIR))
+        elif files and p != files[0] and rnd.random() < 0.2:
+            entries.append(Entry(p, T_HARDLINK, target=files[0]))
+        else:
+            entries.append(Entry(p, T_FILE, size=len(p), digest=bytes(32)))
+    tree = SnapshotTree(entries)
+    by_path = {e.path: e for e in entries}
+    assert len(tree) == len(entries)
+    for rel in everything + [b"nope", b"a/nope"]:
+        below = [e.path for e in entries if e.path.startswith(rel + b"/" if rel else b"") and e.path != rel]
+        expected_dir = not rel or (rel in by_path and by_path[rel].type == T_DIR) or bool(below)
+        assert tree.is_dir(rel) == expected_dir
+        assert tree.entry(rel) == by_path.get(rel)
+        if expected_dir:
+            start = len(rel) + 1 if rel else 0
+            assert tree.children(rel) == sorted({p[start:].partition(b"/")[0] for p in below})
+        e = by_path.get(rel)
+        first = e.target if e is not None and e.type == T_HARDLINK else rel
+        assert tree.linked(rel) == (first, 1 + sum(1 for x in entries if x.type == T_HARDLINK and x.target == first))
 
 
 # --- the operations, called directly -------------------------------------------------------------
@@ -350,17 +390,17 @@ def test_a_directory_kept_only_by_the_paths_below_it_reads_as_a_plain_directory(
     fs.destroy("/")
 
 
-def test_the_trees_kept_are_bounded_by_their_entries(repo_with, monkeypatch):
-    """Each resolved tree costs about 650 bytes per entry: a count of trees alone let a mount of large
-    snapshots grow to gigabytes.  The tree in use is kept whatever its size."""
+def test_the_trees_kept_are_bounded_by_their_size(repo_with, monkeypatch):
+    """A count of trees alone let a mount of large snapshots grow to gigabytes.  The tree in use is kept
+    whatever its size."""
     from chunkvault import mount
 
     repo, _, first, second = repo_with
     fs = mount.SnapshotFS(repo)
-    size = len(fs._tree(first).entries)
-    monkeypatch.setattr(mount, "TREE_ENTRIES_KEPT", size)  # room for one tree
+    size = fs._tree(first).nbytes
+    monkeypatch.setattr(mount, "TREE_BYTES_KEPT", size)  # room for one tree
     fs._tree(second)
     assert list(fs._trees) == [second.id]
-    monkeypatch.setattr(mount, "TREE_ENTRIES_KEPT", 2 * size + 10)
+    monkeypatch.setattr(mount, "TREE_BYTES_KEPT", size + fs._tree(second).nbytes)
     fs._tree(first)
     assert list(fs._trees) == [second.id, first.id]
