@@ -435,7 +435,8 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
     fuse = _fuse()
     with repo.reading("mount", wait=wait):
         ops = SnapshotFS(repo, refresh, on_mounted, numeric_owner)
-        options: dict[str, bool] = {"use_ino": True}  # getattr's inode numbers: hard links share theirs
+        options: dict[str, Any] = {"use_ino": True,  # getattr's inode numbers: hard links share theirs
+                                   "entry_timeout": refresh, "attr_timeout": refresh, "kernel_cache": True}
         if allow_other:
             options.update(allow_other=True, default_permissions=True)
         # libfuse unmounts on SIGTERM and SIGHUP with handlers of its own, which it installs only over the
