@@ -5,6 +5,7 @@ import argparse
 import base64
 import contextlib
 import errno
+import fcntl
 import functools
 import io
 import itertools
@@ -432,6 +433,18 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stdin_fd() -> int:
+    """Standard input's descriptor, open for reading: a stream backup of a closed one said "internal error"."""
+    try:
+        fd = sys.stdin.fileno()
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+            raise OSError(errno.EBADF, "open for writing only")
+    except (AttributeError, ValueError, OSError) as exc:
+        raise UsageError("standard input is closed or not readable: give --stdin a pipe or a file "
+                         f"({getattr(exc, 'strerror', None) or 'no descriptor'})") from None
+    return fd
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     from .store.source import SourceWalk, excludes_of, markers_of, read_list_file
 
@@ -443,7 +456,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         if args.files_from or args.files_from_raw or (args.stdin and args.paths):
             raise UsageError(f"{option} takes no paths")
         if args.stdin_from_command and not args.paths:
-            raise UsageError("--stdin-from-command needs the command after the options: -- COMMAND [ARG...]")
+            raise UsageError(_COMMAND_AFTER_OPTIONS)
         if not args.stdin_name:
             raise UsageError(f"{option} needs --stdin-name NAME")
         if (args.exclude or args.exclude_file or args.exclude_if_present or args.exclude_caches
@@ -455,12 +468,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
         options = {"kind": args.type, "tags": args.tag, "host": args.host, "delta": not args.no_delta,
                    "fixed_chunks": args.fixed_chunks, "fixed_chunk_size": args.fixed_chunk_size,
                    "dry_run": args.dry_run, "time": args.time, "wait": args.wait}
+        bar = _progress(args, "backup")
+        options["progress"] = _backup_progress(bar)
         if args.stdin:
             from .store.command_stream import PipeStream
 
-            result = repo.backup_stream(PipeStream(sys.stdin.fileno()), args.stdin_name, **options)
+            result = repo.backup_stream(PipeStream(_stdin_fd()), args.stdin_name, **options)
         else:
             result = repo.backup_command(args.paths, args.stdin_name, **options)
+        bar.done()
     else:
         if args.stdin_name:
             raise UsageError("--stdin-name names a stream: give --stdin or --stdin-from-command with it")
@@ -1814,10 +1830,23 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         if first in commands:
             if commands[first]._subparsers is not None:  # `key`: its options follow its own command
                 _refuse_options_before_command(argv[1:], commands[first], before=first + " ")
+            if first == "backup":
+                _refuse_command_without_separator(argv)
             return parser.parse_args(argv)
     parser = build_parser()
     _refuse_options_before_command(argv, parser)
     return parser.parse_args(argv)
+
+
+_COMMAND_AFTER_OPTIONS = "--stdin-from-command needs the command after the options: -- COMMAND [ARG...]"
+
+
+def _refuse_command_without_separator(argv: list[str]) -> None:
+    """``backup --stdin-from-command`` takes its command after ``--`` only: without it, the command's options
+    were read as ours (``printf -n``: a dry run; ``pg_dump --host=db``: a dump of the local server,
+    recorded as from host db), or refused as unknown."""
+    if "--" not in argv and any(w.startswith("--stdin-f") for w in argv):
+        raise UsageError(_COMMAND_AFTER_OPTIONS)
 
 
 def _refuse_options_before_command(argv: list[str], parser: argparse.ArgumentParser, before: str = "") -> None:

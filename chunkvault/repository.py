@@ -30,7 +30,7 @@ from .units import parse_share, parse_size
 from .remotes import Remote, url_scheme
 from .remotes.layer import StopRequest, stop_request
 from .chunker import FIXED_CHUNK_SIZE
-from .store.backup import Backup, BackupOptions, BackupResult
+from .store.backup import Backup, BackupOptions, BackupResult, check_stdin_name
 from .store.chain import broken_chains, with_ancestors
 from .store.find import as_file
 from .store.config import Settings, check_kdf_seconds, check_settings
@@ -140,6 +140,18 @@ def _host(value: Any) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
         raise UsageError(f"host must be a non-empty string, not {value!r}")
     return value
+
+
+def _stream_options(kind: str, tags: list[str] | None, host: str | None, delta: bool,
+                    fixed_chunks: list[str] | None, fixed_chunk_size: int, dry_run: bool,
+                    time: str | datetime | None, wait: float, progress: Any) -> BackupOptions:
+    """A stream backup's options (``backup_stream``, ``backup_command``), checked."""
+    if progress is not None and not callable(progress):
+        raise UsageError(f"progress is a function, not {progress!r}")
+    return BackupOptions(kind=kind, tags=_texts(tags, "tag"), host=_host(host), delta=delta,
+                         fixed_chunks=_globs(fixed_chunks, "fixed_chunks"),
+                         fixed_chunk_size=parse_size(fixed_chunk_size), dry_run=dry_run, time=_time(time),
+                         lock_wait=_wait(wait), progress=progress)
 
 
 def _one_line(tags: Iterable[str], host: str | None = None) -> None:
@@ -652,16 +664,15 @@ class Repository:
     def backup_stream(self, fileobj: BinaryIO, name: str, *, kind: str = "auto", tags: list[str] | None = None,
                       host: str | None = None, delta: bool = True, fixed_chunks: list[str] | None = None,
                       fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False,
-                      time: str | datetime | None = None, wait: float = 3600.0) -> BackupResult:
+                      time: str | datetime | None = None, wait: float = 3600.0, progress: Any = None
+                      ) -> BackupResult:
         """Store a stream (e.g. a dump on stdin) as the single file ``name``.
 
         ``fixed_chunks``: globs; when one matches ``name`` the stream is cut at fixed offsets.
-        ``dry_run``, ``time``, ``wait``: as for ``backup``.
+        ``dry_run``, ``time``, ``wait``, ``progress``: as for ``backup``.
         """
-        opts = BackupOptions(kind=kind, tags=_texts(tags, "tag"), host=_host(host), delta=delta,
-                             fixed_chunks=_globs(fixed_chunks, "fixed_chunks"),
-                             fixed_chunk_size=parse_size(fixed_chunk_size), dry_run=dry_run, time=_time(time),
-                             lock_wait=_wait(wait))
+        opts = _stream_options(kind, tags, host, delta, fixed_chunks, fixed_chunk_size, dry_run, time, wait,
+                               progress)
         source = _BinarySource(fileobj)
         return self._backup_stream(lambda: contextlib.nullcontext(source), name, opts)
 
@@ -670,20 +681,19 @@ class Repository:
                        host: str | None = None, delta: bool = True, fixed_chunks: list[str] | None = None,
                        fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False, cwd: str | None = None,
                        env: Mapping[str, str] | None = None, stderr: IO[bytes] | None = None,
-                       time: str | datetime | None = None, wait: float = 3600.0) -> BackupResult:
+                       time: str | datetime | None = None, wait: float = 3600.0, progress: Any = None
+                       ) -> BackupResult:
         """Store the standard output of the command ``argv`` (e.g. ``["pg_dump", "app"]``) as the single
         file ``name``, as ``backup_stream`` does. The snapshot is saved only if the command exits with
         status 0 (else SourceCommandFailed); a backup that fails first stops the command. The command
         starts once the repository has agreed to the backup, in ``cwd`` with ``env`` (default: ours),
         less any variable holding a password; its stderr goes to ``stderr`` (a file; default: ours).
-        ``time``, ``wait``: as for ``backup``."""
+        ``time``, ``wait``, ``progress``: as for ``backup``."""
         from .store.command_stream import CommandStream
 
         argv = _listed(argv)
-        opts = BackupOptions(kind=kind, tags=_texts(tags, "tag"), host=_host(host), delta=delta,
-                             fixed_chunks=_globs(fixed_chunks, "fixed_chunks"),
-                             fixed_chunk_size=parse_size(fixed_chunk_size), dry_run=dry_run, time=_time(time),
-                             lock_wait=_wait(wait))
+        opts = _stream_options(kind, tags, host, delta, fixed_chunks, fixed_chunk_size, dry_run, time, wait,
+                               progress)
         return self._backup_stream(lambda: CommandStream(argv, cwd=cwd, env=env, stderr=stderr), name, opts)
 
     def _backup_stream(self, open_stream: Callable[[], ContextManager[Any]], name: str | bytes,
@@ -692,6 +702,7 @@ class Repository:
             name = os.fsdecode(name)
         if not isinstance(name, str):
             raise UsageError(f"a stream's name is a str or bytes, not {name!r}")
+        check_stdin_name(name)  # before a lock is waited for, or a command started
         _one_line(opts.tags, opts.host)
         self._repo.drop_stale(index=False)
         if not opts.dry_run:

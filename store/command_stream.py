@@ -99,10 +99,13 @@ class PipeStream:
 
 
 class CommandStream:
-    """The running command ``argv``'s stdout. Its stdin is closed (a prompt goes to the terminal, as
-    pg_dump's does); its stderr is ``stderr`` or ours, so a dump's errors reach the operator. It gets
-    the environment (``env``, default ours) without chunkvault's passwords (``CHUNKVAULT_PASSWORD``,
-    ...; a ``PGPASSWORD`` stays). Use as a context manager: leaving early stops the command."""
+    """The command ``argv``'s stdout, the command started by the first read: once the backup holds its
+    lock and has found its parent, so that a dump waiting for a prune to end holds no transaction open on
+    the database meanwhile, and one the backup refuses never runs.  Its stdin is closed (a prompt goes to
+    the terminal, as pg_dump's does); its stderr is ``stderr`` or ours, so a dump's errors reach the
+    operator. It gets the environment (``env``, default ours) without chunkvault's passwords
+    (``CHUNKVAULT_PASSWORD``, ...; a ``PGPASSWORD`` stays). Use as a context manager: leaving early stops
+    the command."""
 
     def __init__(self, argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None,
                  stderr: IO[bytes] | None = None):
@@ -112,10 +115,20 @@ class CommandStream:
             raise UsageError(f"a command's program and arguments are strings, not {list(argv)!r}")
         self.argv = [os.fsdecode(a) for a in argv]
         self.shown = shlex.join(self.argv)
-        env = without_secrets(os.environ if env is None else env)
+        self._cwd, self._stderr = cwd, stderr
+        self._env = without_secrets(os.environ if env is None else env)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._fd = -1
+        self.returncode: int | None = None
+
+    def start(self) -> None:
+        """Start the command now, if it has not been started or stopped: the first read does."""
+        if self._proc is not None or self.returncode is not None:
+            return
+        cwd, stderr = self._cwd, self._stderr
         try:
             self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=0,
-                                          stderr=stderr, cwd=cwd, env=env)
+                                          stderr=stderr, cwd=cwd, env=self._env)
         except io.UnsupportedOperation:
             raise UsageError(f"cannot run `{self.shown}`: its stderr must be a file with a descriptor, "
                              f"not {stderr!r}") from None
@@ -126,17 +139,27 @@ class CommandStream:
             raise UsageError(f"cannot run `{self.shown}`: {exc}") from None
         assert self._proc.stdout is not None
         self._fd = self._proc.stdout.fileno()
-        self.returncode: int | None = None
+
+    def _ready(self) -> bool:
+        """Started (the first read starts it), and not stopped before it was: else the stream has ended."""
+        self.start()
+        if self._proc is None:
+            self._ended()
+            return False
+        wait_readable(self._fd)
+        return True
 
     def read(self, n: int) -> bytes:
-        wait_readable(self._fd)
+        if not self._ready():
+            return b""
         data = os.read(self._fd, n)
         if not data:
             self._ended()
         return data
 
     def readinto(self, buf: memoryview) -> int:
-        wait_readable(self._fd)
+        if not self._ready():
+            return 0
         got = os.readv(self._fd, [buf])
         if not got:
             self._ended()
@@ -145,6 +168,7 @@ class CommandStream:
     def _ended(self) -> None:
         """The pipe is at its end: the stream is only complete if the command exited with status 0."""
         if self.returncode is None:
+            assert self._proc is not None
             self.returncode = self._proc.wait()
         if self.returncode != 0:
             how = f"was killed by signal {-self.returncode}" if self.returncode < 0 else f"exited {self.returncode}"
@@ -152,7 +176,12 @@ class CommandStream:
 
     def interrupt(self) -> None:
         """Ask the command (and what it started) to end, at once and without waiting: a backup told to stop
-        while the command is silent then reads the end of its output, and ``close`` reaps it."""
+        while the command is silent then reads the end of its output, and ``close`` reaps it.  One not yet
+        started never will be."""
+        if self._proc is None:
+            if self.returncode is None:
+                self.returncode = -signal.SIGTERM
+            return
         if self._proc.poll() is None:
             started = descendants(self._proc.pid)
             self._proc.terminate()
@@ -162,6 +191,8 @@ class CommandStream:
         """Stop the command if it still runs (the backup failed or was interrupted), with what it started
         (``sh -c 'pg_dump | gzip'``: a shell passes no SIGTERM on), then reap it."""
         proc = self._proc
+        if proc is None:
+            return
         if proc.poll() is None:
             started = descendants(proc.pid)
             proc.terminate()

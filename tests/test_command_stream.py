@@ -119,7 +119,11 @@ def test_closing_early_stops_what_a_shell_command_started(tmp_path):
     from chunkvault.store.command_stream import CommandStream
 
     pidfile = tmp_path / "pid"
+    with CommandStream(["sh", "-c", f"echo $$ > {pidfile}"]):
+        pass
+    assert not pidfile.exists()  # one closed before its first read never ran
     with CommandStream(["sh", "-c", f"sleep 300 & echo $! > {pidfile}; wait; echo late"]) as stream:
+        stream.start()
         while not pidfile.exists() or not pidfile.read_text().endswith("\n"):
             time.sleep(0.01)
         sleeper = int(pidfile.read_text())
@@ -154,3 +158,71 @@ def test_cli_stdin_from_command(cli, tmp_path):
                           (["--stdin-name", "x", str(tmp_path)], "give --stdin or --stdin-from-command with it")):
         proc = cli("backup", "-r", repo, *args, check=2)
         assert message in proc.stderr.decode()
+
+
+def test_the_command_starts_only_once_the_backup_holds_its_lock(new_repo, tmp_path):
+    """It ran at once: a pg_dump sat in its transaction, holding its locks on the database, for as long as
+    the backup waited for a prune (an hour by default), and ran even when the backup gave up (exit 15) or
+    refused the stream's name (exit 2)."""
+    import threading
+
+    from chunkvault.errors import Locked, UsageError
+    from chunkvault.store.locks import EXCLUSIVE, RepoLock
+
+    repo = new_repo()
+    marker = tmp_path / "started"
+    command = ["sh", "-c", f"date +%s.%N > {marker}; echo data"]
+    holding, released = threading.Event(), []
+
+    def prune() -> None:
+        with RepoLock(repo.store.remote, EXCLUSIVE, "prune"):
+            holding.set()
+            time.sleep(1.5)
+            released.append(time.time())
+
+    held = threading.Thread(target=prune)
+    held.start()
+    holding.wait(10)
+    with pytest.raises(Locked):
+        repo.backup_command(command, "dump.sql", wait=0)
+    with pytest.raises(UsageError, match="invalid stream name"):
+        repo.backup_command(command, "../dump.sql")
+    assert not marker.exists()
+    repo.backup_command(command, "dump.sql", wait=30)
+    held.join()
+    assert float(marker.read_text()) >= released[0]
+
+
+def test_stream_backups_report_progress(new_repo):
+    """``--progress`` printed nothing for --stdin and --stdin-from-command: their calls took no callback."""
+    import io
+
+    repo = new_repo()
+    seen: list[dict] = []
+    repo.backup_stream(io.BytesIO(b"x" * 100_000), "a.bin", progress=seen.append)
+    assert seen[-1]["read_bytes"] == 100_000 and seen[-1]["new_files"] == 1
+    repo.backup_command(emit(1000), "b.txt", progress=seen.append)
+    assert seen[-1]["read_bytes"] == len(numbered(1000))
+
+
+def test_cli_stream_refusals_run_nothing(cli, tmp_path):
+    """Without ``--`` the command's options were taken as ours (``printf -n``: a dry run; ``pg_dump
+    --host=db``: a dump of the local server recorded as from host db), exit 0.  A closed or write-only
+    standard input was an internal error."""
+    import subprocess
+    import sys
+
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo)
+    marker = tmp_path / "ran"
+    proc = cli("backup", "-r", repo, "--stdin-from-command", "--stdin-name", "x.txt", "sh", "-c",
+               f"touch {marker}", "-n", check=2)
+    assert "-- COMMAND" in proc.stderr.decode() and not marker.exists()
+    env = {**os.environ, "CHUNKVAULT_PASSWORD": PASSWORD}
+    argv = [sys.executable, "-m", "chunkvault.cli", "backup", "-r", repo, "--stdin", "--stdin-name", "a.sql"]
+    closed = subprocess.run(["sh", "-c", '"$@" <&-', "sh", *argv], capture_output=True, text=True, env=env)
+    with open(tmp_path / "wonly", "wb") as wonly:
+        written = subprocess.run(argv, stdin=wonly, capture_output=True, text=True, env=env)
+    for proc in (closed, written):
+        assert proc.returncode == 2 and proc.stderr.startswith("chunkvault: standard input is closed or not readable")
+    assert json.loads(cli("snapshots", "-r", repo, "--json").stdout) == []
