@@ -194,8 +194,8 @@ def _damage_in_tree(tree: Iterable[Record], damaged: Callable[[Record], bool]) -
 
 def _resolve_packs(specs: list[str], known: Iterable[bytes], report: RepairReport) -> list[bytes]:
     """Pack ids from full ids, unique prefixes, or ``data/..`` keys.  One that names no pack at all, stored
-    or indexed, is noted in ``report`` while others are found: a repair killed after it deleted some of the
-    packs it was given is run again as it was."""
+    or indexed, is noted in ``report``: a repair killed after it deleted some or all of the packs it was
+    given is run again as it was (``repair_packs`` says what is left to do when none is left)."""
     out = []
     gone = []
     for spec in specs:
@@ -209,8 +209,6 @@ def _resolve_packs(specs: list[str], known: Iterable[bytes], report: RepairRepor
             out.append(found[0])
         else:
             gone.append(spec)
-    if gone and not out:
-        raise UsageError(f"pack {gone[0]!r}: no such pack, stored or indexed")
     report.unreadable_packs += [f"pack {spec!r}: no such pack, stored or indexed (a repair that was stopped "
                                 "deleted it already?): left out" for spec in gone]
     return list(dict.fromkeys(out))
@@ -230,9 +228,12 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
         names, packs, superseded = indexed_packs(repo)
         stored = repo.stored_packs()
         named = _resolve_packs(specs, packs.keys() | stored.keys(), report)
-        # Unindexed packs may hold the bases of deltas this would drop as baseless.
+        # Unindexed packs may hold the bases of deltas this would drop as baseless; a repair stopped after it
+        # deleted the named packs left those of deltas whose base they held so, for `repair index` to name.
         _require_indexed(repo, {pid: size for pid, size in stored.items() if pid not in packs and pid not in named},
                          report)
+        if not named:
+            raise UsageError(f"pack {specs[0]!r}: no such pack, stored or indexed")
         read: dict[bytes, tuple[PackSalvage, list[PackEntry], dict[PackEntry, bytes]]] = {}
         todo = named
         while todo:

@@ -1264,6 +1264,27 @@ def _two_damaged_packs(tmp_path, new_repo):
     raise AssertionError("the data fits one pack")
 
 
+def test_a_repair_of_packs_rerun_once_its_named_packs_are_gone_names_what_it_left_in_no_index(tmp_path, new_repo,
+                                                                                               password):
+    """Stopped after it deleted the packs it was given but before the packs of deltas whose base they held
+    (written anew without them): run again, it said only "no such pack" (exit 2), and those stayed in no
+    index.  It says to run `repair index` first, which names the `repair packs` to run next."""
+    from chunkvault.errors import UsageError
+
+    repo, _, _, damaged = _two_damaged_packs(tmp_path, new_repo)
+    named, left = (next((tmp_path / "repo" / "data").rglob(name)) for name in damaged)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for pack in (named, left):
+        pack.rename(aside / pack.name)
+    repo.repair_index()  # the index as the stopped repair left it: neither pack in it
+    (aside / left.name).rename(left)
+    repo = Repository.open(str(tmp_path / "repo"), password)
+    with pytest.raises(UsageError, match=r"1 stored pack\(s\) are in no index .*run `repair index` first"):
+        repo.repair_packs([named.name], dry_run=False)
+    assert left.exists()
+
+
 @pytest.mark.parametrize("then", ["again", "repair index"])
 def test_a_repair_of_packs_stopped_midway_is_run_again_or_mended_by_repair_index(tmp_path, new_repo, password,
                                                                                  monkeypatch, then):
