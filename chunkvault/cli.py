@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Iterable,
 from . import __version__, interrupts, passwords
 from .display import one_line, shown_name, warn
 from .progress import JsonProgress, Progress
-from .remotes.layer import stop_request
+from .remotes.layer import StopRequest, stop_request
 from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, Locked, OutputClosed, PartialBackup,
                      SnapshotNotFound, TargetNotEmpty, TargetUnwritable, UsageError, VerificationFailed, output_error)
 from .store.chain import chain_lengths
@@ -144,13 +144,14 @@ def _open(args: argparse.Namespace) -> Any:
     url = _repo_url(args)
     given = passwords.REPOSITORY.given(args) if url_scheme(url) != "file" else None
     ahead = KeyAhead.start(key_ahead_path(url), given) if given else None  # derive while connecting
-    remote = connect(url, **remote_options(args, url))
+    retry_stop = StopRequest(parent=stop_request)  # a signal ends its retries; so does the repository's stop
+    remote = connect(url, stop=retry_stop, **remote_options(args, url))
     read_config(remote)  # a missing, damaged or newer-format repository is reported before any password is asked
     password = ahead.password if ahead is not None else passwords.REPOSITORY.get(args)
     key = unlock(remote, password, ahead)  # before the store's modules load: see store/unlock.py
     from .repository import Repository
 
-    repo = Repository.open(remote, key, lock_reads=not getattr(args, "no_lock", False))
+    repo = Repository.open(remote, key, lock_reads=not getattr(args, "no_lock", False), retry_stop=retry_stop)
     purpose = getattr(args, "read_lock", None)
     if purpose:  # before anything is read; released when the command ends (``main``)
         args.held.enter_context(repo.reading(purpose, wait=args.wait))

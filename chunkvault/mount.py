@@ -13,6 +13,7 @@ REFRESH_SECONDS.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import errno
 import hashlib
 import os
@@ -23,10 +24,10 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from .display import shown_name, warn
-from .errors import ChunkvaultError, MountFailed, UsageError
+from .errors import ChunkvaultError, MountFailed, RemoteUnavailable, UsageError
 from .mountview import InSnapshot, Layout, Link, Node, SnapshotTree, VirtualDir
 from .repository import Repository
 from .store.manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, unread
@@ -54,6 +55,27 @@ def _inode(snapshot_id: str, path: str) -> int:
 def _file_inode(snapshot_id: str, tree: SnapshotTree, rel: bytes) -> int:
     """The inode number of ``rel`` in a snapshot's tree: its file's, whichever of its names it is."""
     return _inode(snapshot_id, os.fsdecode(tree.linked(rel)[0]))
+
+
+SESSION_POLL_SECONDS = 0.2  # how often the mount looks whether libfuse was told to end
+UNAVAILABLE_SECONDS = 60.0  # reads fail at once for this long after a read gave up on the remote
+
+
+def _session_exited() -> Callable[[], bool] | None:
+    """Whether libfuse's session, this thread's (an operation's), was told to end; None where that cannot be
+    asked.  libfuse 2 and 3 both answer ``fuse_session_exited(fuse_get_session(fuse))``."""
+    try:
+        lib = _fuse()._libfuse
+        fuse = lib.fuse_get_context().contents.fuse
+        get_session, session_exited = lib["fuse_get_session"], lib["fuse_session_exited"]
+    except (AttributeError, OSError, ValueError, MountFailed):
+        return None
+    get_session.argtypes, get_session.restype = [ctypes.c_void_p], ctypes.c_void_p
+    session_exited.argtypes, session_exited.restype = [ctypes.c_void_p], ctypes.c_int
+    session = get_session(fuse) if fuse else None
+    if not session:
+        return None
+    return lambda: bool(session_exited(session))
 
 
 # What libfuse 3's fuse_main returns when its loop ended with an error, which is how a stop signal ends it
@@ -100,7 +122,8 @@ class _Chunks:
             self.pending.pop(cid, None)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """No more reads ahead; one under way ends on its own (its retries once the mount is ending)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _File:
@@ -141,8 +164,9 @@ class SnapshotFS:
     use_ns = True
 
     def __init__(self, repo: Repository, refresh: float = REFRESH_SECONDS, on_mounted: Any = None,
-                 numeric_owner: bool = False):
+                 numeric_owner: bool = False, end_retries: Callable[[], None] | None = None):
         self.repo = repo
+        self.end_retries = end_retries  # called once libfuse is told to end (``_end_retries_on_exit``)
         self.numeric_owner = numeric_owner
         self._owner_maps: dict[str, OwnerMap] = {}  # snapshot id -> its owners' local ids (``_owners``)
         self.refresh = refresh
@@ -156,6 +180,8 @@ class SnapshotFS:
         self._trees: OrderedDict[str, SnapshotTree] = OrderedDict()
         self._files: dict[int, _File] = {}
         self._chunks = _Chunks(repo)
+        self._ended = threading.Event()  # unmounted
+        self._unavailable_until = float("-inf")  # reads fail at once until then: the remote stopped answering
         self._next_fh = 1
         self.uid, self.gid = os.getuid(), os.getgid()
 
@@ -243,11 +269,26 @@ class SnapshotFS:
     def init(self, path: str) -> None:
         """The kernel has mounted the file system."""
         self.served = True
+        exited = _session_exited() if self.end_retries is not None else None
+        if exited is not None:
+            threading.Thread(target=self._end_retries_on_exit, args=(exited,), name="mount-watch",
+                             daemon=True).start()
         if self.on_mounted is not None:
             self.on_mounted()
 
+    def _end_retries_on_exit(self, exited: Callable[[], bool]) -> None:
+        """Once libfuse is told to end (Ctrl-C, SIGTERM, SIGHUP, an unmount), its loop waits for the
+        operations under way: a read retrying a remote that went away held the mount point hung, and the
+        command, for the whole retry time (15 min).  Its retries end now, within seconds."""
+        while not self._ended.wait(SESSION_POLL_SECONDS):
+            if exited():
+                assert self.end_retries is not None
+                self.end_retries()
+                return
+
     def destroy(self, path: str) -> None:
         """Unmounted: no read comes any more."""
+        self._ended.set()
         self._chunks.close()
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
@@ -350,8 +391,15 @@ class SnapshotFS:
         f = self._files.get(fh)
         if f is None:
             raise _error(errno.EBADF)
+        if time.monotonic() < self._unavailable_until:  # said already
+            raise _error(errno.EIO)
         try:
             return f.read(size, offset)
+        except RemoteUnavailable as exc:
+            # The kernel asks again for a page whose read-ahead failed: each ask waited out the retry time anew.
+            self._unavailable_until = time.monotonic() + UNAVAILABLE_SECONDS
+            self._tell(f"{shown_name(f.path)}: {exc} (reads fail at once for {UNAVAILABLE_SECONDS:.0f} s)")
+            raise _error(errno.EIO) from None
         except ChunkvaultError as exc:
             self._tell(f"{shown_name(f.path)}: {exc}")
             raise _error(errno.EIO) from None
@@ -433,8 +481,9 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
     as a restore would set them: the local ids of their recorded names, unless ``numeric_owner``."""
     _check_mountpoint(mountpoint)
     fuse = _fuse()
-    with repo.reading("mount", wait=wait):
-        ops = SnapshotFS(repo, refresh, on_mounted, numeric_owner)
+    # the lock is given back (``reading``) while the retries are still ended: to a remote gone, at once
+    with repo.retries_ended_by() as end_retries, repo.reading("mount", wait=wait):
+        ops = SnapshotFS(repo, refresh, on_mounted, numeric_owner, end_retries)
         options: dict[str, Any] = {"use_ino": True,  # getattr's inode numbers: hard links share theirs
                                    "entry_timeout": refresh, "attr_timeout": refresh, "kernel_cache": True}
         if allow_other:

@@ -357,9 +357,11 @@ class Repository:
     @classmethod
     def open(cls, url: str | Remote, password: str | bytes | Unlocked, *,
              ledger: bool | str | os.PathLike[str] = True, lock_reads: bool = True,
-             **remote_options: Any) -> "Repository":
+             retry_stop: StopRequest | None = None, **remote_options: Any) -> "Repository":
         """``password`` may be what ``store.unlock.unlock`` opened on the same remote already.
-        ``lock_reads=False`` reads without the shared lock (see ``reading``).
+        ``lock_reads=False`` reads without the shared lock (see ``reading``).  ``retry_stop``: for a remote
+        given as a Remote, the ``StopRequest`` its retries were built with (``connect(url, stop=...)``), so
+        that ``stop`` ends them.
 
         Off local disk, a password's key is derived from the key file that opened ``url`` last time while
         the remote connects (``store/keyahead.py``; not with ``cache=False``, which keeps nothing locally).
@@ -368,7 +370,7 @@ class Repository:
         _check_ledger(ledger)
         if isinstance(url, (bytes, os.PathLike)):
             url = os.fsdecode(url)
-        retry_stop = StopRequest(parent=stop_request)
+        retry_stop = retry_stop or StopRequest(parent=stop_request)
         secret = None if isinstance(password, Unlocked) else _password(password)
         ahead = None
         if secret is not None and isinstance(url, str) and url_scheme(url) != "file" and \
@@ -410,6 +412,18 @@ class Repository:
             running = list(self._running)
         for op in running:
             op.stop()
+
+    @contextlib.contextmanager
+    def retries_ended_by(self) -> Iterator[Callable[[], None]]:
+        """A function that has its remotes start attempts only within 10 s of the call or of their last answer
+        (as after Ctrl-C), for calls that no operation ``stop`` reaches makes: the reads a mount serves from
+        libfuse's threads, once it is being unmounted.  Withdrawn when the block ends (unless a stop stands)."""
+        try:
+            yield self._retry_stop.request
+        finally:
+            with self._ops_lock:
+                if not any(o.stopped for o in self._running):
+                    self._retry_stop.clear()
 
     def _refuse_if_closed(self) -> None:
         if self._closed:

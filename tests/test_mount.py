@@ -1,6 +1,7 @@
 """chunkvault mount: the snapshots as a read-only file system."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -18,6 +20,7 @@ from chunkvault.mountview import TOP, InSnapshot, Layout, Link, SnapshotTree, Vi
 from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry
 from chunkvault.store.snapshot import Snapshot
 from conftest import PASSWORD
+from servers_http import FULL_TOKEN, serve_factory, write_tokens  # noqa: F401
 from treeutil import describe, wait_for
 
 
@@ -265,18 +268,30 @@ def _unmount(path: str) -> None:
     subprocess.run([tool, "-u", path], capture_output=True)
 
 
-@needs_fuse
-def test_a_mounted_repository_reads_like_the_source_and_unmounts_on_sigterm(repo_with, source, tmp_path):
-    _, url, first, second = repo_with
-    mnt = tmp_path / "mnt"
+@contextlib.contextmanager
+def _cli_mount(url: str, mnt, **env: str) -> Iterator[subprocess.Popen]:
+    """``chunkvault mount`` in a process of its own, once mounted; killed and unmounted at the end."""
     mnt.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
-    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")},
+           "CHUNKVAULT_PASSWORD": PASSWORD, **env}
     proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "mount", "-r", url, str(mnt)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: proc.poll() is not None or os.path.isdir(mnt / "snapshots"), timeout=30)
         assert proc.poll() is None, proc.stderr.read().decode()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _unmount(str(mnt))
+
+
+@needs_fuse
+def test_a_mounted_repository_reads_like_the_source_and_unmounts_on_sigterm(repo_with, source, tmp_path):
+    _, url, first, second = repo_with
+    mnt = tmp_path / "mnt"
+    with _cli_mount(url, mnt) as proc:
         assert sorted(os.listdir(mnt)) == sorted(TOP)
         latest = mnt / "snapshots" / "latest"
         assert os.path.islink(latest)
@@ -298,11 +313,6 @@ def test_a_mounted_repository_reads_like_the_source_and_unmounts_on_sigterm(repo
         assert proc.wait(timeout=30) == 0
         assert b"snapshots mounted at" in proc.stderr.read()
         assert not os.path.isdir(mnt / "snapshots")  # unmounted
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        _unmount(str(mnt))
 
 
 def test_mount_refuses_a_mountpoint_that_is_not_an_empty_directory(repo_with, tmp_path, cli):
@@ -404,3 +414,74 @@ def test_the_trees_kept_are_bounded_by_their_size(repo_with, monkeypatch):
     monkeypatch.setattr(mount, "TREE_BYTES_KEPT", size + fs._tree(second).nbytes)
     fs._tree(first)
     assert list(fs._trees) == [second.id, first.id]
+
+
+@needs_fuse
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_mount_whose_remote_went_away_ends_on_a_signal_within_seconds(serve_factory, tmp_path, how):
+    """libfuse, told to end, waits for the reads under way: one retrying a remote that went away held the
+    mount point hung, and the command, for the whole retry time (15 min), Ctrl-C and SIGTERM alike."""
+    import threading
+
+    from chunkvault import Repository
+
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(random.Random(3).randbytes(8 << 20))
+    with Repository.init(server.url, PASSWORD, kdf_seconds=0, token=FULL_TOKEN) as repo:
+        repo.backup([str(src)])
+    mnt = tmp_path / "mnt"
+    with _cli_mount(server.url, mnt, CHUNKVAULT_HTTP_TOKEN=FULL_TOKEN,
+                    CHUNKVAULT_CACHE_DIR=str(tmp_path / "cache")) as proc:
+        big = mnt / "snapshots" / "latest" / "big"
+        assert big.stat().st_size == 8 << 20
+        server.stop(signal.SIGKILL)
+        failed: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                big.read_bytes()
+            except OSError as exc:
+                failed.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        time.sleep(2)  # the read retries the remote that went away
+        assert reader.is_alive()
+        proc.send_signal(how)
+        assert proc.wait(timeout=120) == 0  # it waited 15 minutes
+        reader.join(30)
+        assert failed and not reader.is_alive()
+        assert not os.path.isdir(mnt / "snapshots")  # unmounted
+
+
+def test_a_read_that_gave_up_on_the_remote_fails_the_next_reads_at_once(repo_with, monkeypatch):
+    """The kernel asks again for a page whose read-ahead failed: each ask waited out the retry time anew,
+    and a reader never saw the error.  For a minute after one read gives up, reads fail at once."""
+    from chunkvault import mount
+    from chunkvault.errors import RemoteUnavailable
+    from mfusepy import FuseOSError
+
+    repo, _, first, _ = repo_with
+    fs = mount.SnapshotFS(repo)
+    root = f"/snapshots/{Layout(repo.snapshots()).names[first.id]}"
+    fh = fs.open(f"{root}/etc/app.conf", os.O_RDONLY)
+    asked = []
+
+    def unavailable(*args, **kwargs):
+        asked.append(args)
+        raise RemoteUnavailable("the remote went away")
+
+    monkeypatch.setattr(repo.store, "read_blob", unavailable)
+    for _ in range(3):
+        with pytest.raises(FuseOSError) as info:
+            fs.read(f"{root}/etc/app.conf", 4096, 0, fh)
+        assert info.value.errno == errno.EIO
+    assert len(asked) == 1
+    monkeypatch.setattr(mount, "UNAVAILABLE_SECONDS", 0.0)
+    fs._unavailable_until = float("-inf")
+    with pytest.raises(FuseOSError):
+        fs.read(f"{root}/etc/app.conf", 4096, 0, fh)
+    assert len(asked) == 2
+    fs.destroy("/")
