@@ -965,6 +965,12 @@ def cmd_dump(args: argparse.Namespace) -> int:
         raise TargetUnwritable("dump: standard output is closed: redirect it to a file or a pipe")
     repo = _open(args)
     snap = chosen_snapshot(repo, args)
+    if args.snapshot == "latest" and args.path == "latest":  # `dump latest --path x`: the PATH was left out
+        try:
+            repo.is_directory(snap, args.path)
+        except UsageError:
+            raise UsageError("dump takes a snapshot, then a PATH (a file, or / for the whole snapshot): "
+                             "dump latest PATH") from None
     if out.isatty() and repo.is_directory(snap, args.path):
         raise UsageError(f"a directory is written as a {args.archive} archive: redirect it to a file or a pipe")
     try:

@@ -377,3 +377,13 @@ def test_ls_marks_a_file_kept_with_an_earlier_backups_data(new_repo, tmp_path, m
     listed = json.loads(cli("ls", "-r", url, "latest", "--json").stdout)
     assert {e["path"]: e["unreadable"] for e in listed if e["path"]} == {"ok": None, "secret": "earlier data"}
     assert cli("dump", "-r", url, "latest", "secret").stdout == b"first read"
+
+
+def test_dump_without_a_path_says_so(cli, tmp_path):
+    """``dump latest --path a.txt`` took ``latest`` for the PATH: "no 'latest' in snapshot ..."."""
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo)
+    cli("backup", "-r", repo, "--stdin", "--stdin-name", "a.txt", input=b"data")
+    proc = cli("dump", "-r", repo, "latest", "--path", "a.txt", check=2)
+    assert proc.stderr.decode().startswith("chunkvault: dump takes a snapshot, then a PATH")
+    assert cli("dump", "-r", repo, "latest", "a.txt", "--path", "a.txt").stdout == b"data"
