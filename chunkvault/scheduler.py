@@ -56,7 +56,7 @@ from . import interrupts
 from .store import locks
 from .display import one_line
 from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, OutputClosed, PartialBackup, RemoteUnavailable,
-                     Stopped, UsageError)
+                     SourceCommandFailed, Stopped, UsageError)
 from .processes import kill_group
 from .remotes.layer import stop_request
 from .schedule import Policy, RetentionScope, Source, decide, next_wakeup, parse_policy, retention_scope
@@ -166,12 +166,14 @@ class RunReport:
 
     def summary(self) -> str:
         """One line per run: backups by outcome, then retention's; a source whose backup was saved but whose
-        retention failed is one backup and one failed retention, not a failed backup too."""
-        made = [r for r in self.sources if r.status in (OK, PARTIAL)]
-        failed = sum(r.status == FAILED for r in self.sources)
+        post hook or retention failed is one backup and one failed hook or retention, not a failed backup."""
+        made = [r for r in self.sources if r.status in (OK, PARTIAL) or r.snapshot_id]
+        failed = sum(r.status == FAILED and not r.snapshot_id for r in self.sources)
+        hooks_failed = sum(r.status == FAILED and bool(r.snapshot_id) for r in self.sources)  # saved, then post
         retention_failed = sum(r.retention_error is not None for r in self.sources)
-        text = (f"run: {len(made)} backup(s), {failed} failed, {len(self.partial)} partial; "
-                f"retention removed {sum(len(r.retention.removed) for r in self.sources if r.retention)}")
+        text = (f"run: {len(made)} backup(s), {failed} failed, {len(self.partial)} partial"
+                + (f", {hooks_failed} post hook(s) failed" if hooks_failed else "")
+                + f"; retention removed {sum(len(r.retention.removed) for r in self.sources if r.retention)}")
         text += f", failed {retention_failed}" if retention_failed else ""
         return text + (" (stopped early)" if self.stopped else "")
 
@@ -325,7 +327,9 @@ class Runner:
                     snaps = repo.snapshots()
             removed_any = False
             for src, result in zip(sources, report.sources):
-                if src.retention is None or result.status in (FAILED, SKIPPED):
+                # a snapshot saved is kept in order, a post hook that failed after it too: else a broken
+                # notification hook let the snapshots pile up past every rule
+                if src.retention is None or result.status in (FAILED, SKIPPED) and result.snapshot_id is None:
                     if src.retention is not None and result.status == FAILED:
                         self.log(f"{src.name}: retention skipped, the backup failed")
                     continue
@@ -462,8 +466,10 @@ class Runner:
 
     def _ended_by_stop(self, exc: BaseException) -> bool:
         """A backup that a stop ended, not a failure: its wait for the repository lock, its remote's retries
-        or its uploads' turns under a rate limit, given up because the run was told to stop."""
-        return self.stop.is_set() and isinstance(exc, (Locked, RemoteUnavailable, Stopped))
+        or its uploads' turns under a rate limit, given up because the run was told to stop, or its command
+        ended (a stop sent to the whole process group, as Ctrl-C and systemd send it, reaches the command
+        too)."""
+        return self.stop.is_set() and isinstance(exc, (Locked, RemoteUnavailable, Stopped, SourceCommandFailed))
 
     def _retention(self, repo: Any, src: Source, dry_run: bool, saved: str | None = None) -> RetentionResult:
         """The source's retention, as ``forget`` with a policy applies it (planned under the lock, from
@@ -680,9 +686,36 @@ class _Log:
             raise UsageError(f"cannot open log file {path}: {exc.strerror}") from None
         self.owned = bool(path)
         self.also = also
+        self._reopen = False  # SIGHUP: the file is opened again at its path before the next line
+        self._reopening = threading.Lock()
+
+    def ask_reopen(self) -> None:
+        """Open the file at its path again before the next line (safe from a signal handler): logrotate moved
+        it, and every later line went on into the rotated file, deleted once compressed."""
+        self._reopen = True
+
+    def _reopened(self) -> None:
+        with self._reopening:
+            if not self._reopen:
+                return
+            self._reopen = False
+            if not self.path:
+                return
+            try:
+                new = open(self.path, "a", buffering=1, encoding="utf-8")
+            except OSError as exc:
+                self._to_stderr(f"{_iso(self.clock())} log file {self.path} could not be opened again "
+                                f"({exc.strerror or exc}): logging on where it was")
+                return
+            old, self.file, self.owned = self.file, new, True
+            if old is not sys.stderr:
+                with suppress(OSError, ValueError):
+                    old.close()
 
     def __call__(self, line: str, echo: bool = True) -> None:
         """Log ``line``; ``echo``: to ``also`` too (not a line the command's error says there again)."""
+        if self._reopen:
+            self._reopened()
         line = one_line(line)  # a name or a command's output may hold control characters
         stamped = f"{_iso(self.clock())} {line}"
         if not self.owned:
@@ -781,12 +814,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``chunkvault run --config FILE``: whatever is due now, then retention."""
     plain = not (args.json or args.quiet)
     log = _Log(args.log, utc_now, also=sys.stdout if plain and args.log else None) if args.log else None
+    held: list[str] = []  # -q or --json without a log: said on stderr if the run fails, with what its commands said
     if log is not None:
         emit: Callable[[str], None] = log
     elif plain:
         emit = lambda line: print(one_line(line))  # noqa: E731
     else:
-        emit = lambda line: None  # noqa: E731
+        emit = _quiet(held.append)
+    try:
+        return _run(args, log, emit)
+    except BaseException:
+        for line in held[-HELD_LINES:]:
+            print(one_line(line), file=sys.stderr)
+        raise
+
+
+#: The most lines a failed ``run -q`` shows on stderr (its last ones; each command's output is cut already).
+HELD_LINES = 1000
+
+
+def _run(args: argparse.Namespace, log: "_Log | None", emit: Callable[[str], None]) -> int:
     try:
         with _warnings_logged(log):
             runner = _runner(args, None, emit)
@@ -833,6 +880,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             d.woken.set()
 
     def on_hangup(signum: int) -> None:
+        log.ask_reopen()
         for d in daemons:
             d.ask_reload()
 

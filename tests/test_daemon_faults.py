@@ -384,3 +384,84 @@ def test_a_daemon_s_warnings_on_stderr_are_timestamped(capsys):
         warnings.warn("stub://down: get data/ab failed; retrying in 1.0 s", RemoteRetryWarning)
     assert capsys.readouterr().err.splitlines() == [
         "2026-03-01T02:00:00Z warning: stub://down: get data/ab failed; retrying in 1.0 s"]
+
+
+# --------------------------------------------------------------------------- 9. stops, log rotation, hooks, -q
+
+
+def test_a_stop_sent_to_the_process_group_skips_a_command_source_not_fails_it(tmp_path, repo_url, tree):
+    """Ctrl-C in a terminal, and systemd's stop, signal the whole process group: the dump was killed with the
+    daemon and its source reported failed (post hook: result=failed), not stopped."""
+    started = tmp_path / "started"
+    posted = tmp_path / "posted"
+    policy = write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "dump", "command": f"touch {q(str(started))}; echo part1; sleep 30; echo part2",
+         "stdin-name": "dump.sql", "post": f"echo CHUNKVAULT_RESULT=$CHUNKVAULT_RESULT > {q(str(posted))}"}],
+        top='full = "daily 02:00"\n')
+    log = tmp_path / "d.log"
+    proc = subprocess.Popen([sys.executable, "-c", DAEMON, "daemon", "--config", str(policy), "--log", str(log),
+                             "--json"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    wait_for(started.exists, proc, "the command")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    (run,) = [json.loads(line) for line in out.decode().splitlines()]
+    (source,) = run["sources"]
+    assert source["status"] == "skipped" and run["stopped"], run
+    assert _posted(posted)["CHUNKVAULT_RESULT"] == "skipped"
+    assert snapshots(repo_url) == []
+
+
+def test_sighup_opens_the_daemon_s_log_file_again_after_rotation(tmp_path, repo_url, tree):
+    """logrotate moves the file, then sends SIGHUP: every later line went into the rotated file."""
+    log, rotated = tmp_path / "d.log", tmp_path / "d.log.1"
+    policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                          top='full = "0 0 1 1 *"\n')
+    proc = subprocess.Popen([sys.executable, "-c", DAEMON, "daemon", "--config", str(policy), "--log", str(log)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: log.exists() and "next run at" in log.read_text(), proc, "first run")
+    log.rename(rotated)
+    proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: log.exists() and "next run at" in log.read_text(), proc, "the run after the reload")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert "daemon stopped" in log.read_text() and "daemon stopped" not in rotated.read_text()
+
+
+def test_a_failed_post_hook_after_a_saved_snapshot_still_applies_retention(tmp_path, repo_url, tree, fake_time):
+    """Retention was skipped as after a failed backup, though the snapshot was saved: while a notification
+    hook was broken, snapshots piled up past every rule, and the summary said 0 backups."""
+    policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "db", "paths": [str(tree)], "post": "exit 1", "retention": {"keep-last": 1}}],
+        top='full = "every 1h"\n')))
+    log: list[str] = []
+    clock = fake_time(FakeClock(datetime(2026, 3, 2, 10, 0, 30, tzinfo=UTC)))
+    for hour in range(3):
+        clock.t = datetime(2026, 3, 2, 10 + hour, 0, 30, tzinfo=UTC)
+        report = Runner(policy, PASSWORD.encode(), log=log.append, lock_file=str(tmp_path / "l"),
+                        clock=clock).run()
+        (db,) = report.sources
+        assert db.status == "failed" and db.snapshot_id and db.retention is not None
+    assert [s.id for s in snapshots(repo_url)] == [db.snapshot_id]
+    assert report.summary().startswith("run: 1 backup(s), 0 failed, 0 partial, 1 post hook(s) failed; retention "
+                                       "removed 1")
+    assert not any("retention skipped" in line for line in log)
+
+
+def test_run_quiet_or_json_shows_what_a_failing_command_said(tmp_path, repo_url, tree, monkeypatch, capsys):
+    """Without --log, -q and --json dropped every line: a dump's own error (pg_dump: role does not exist) was
+    nowhere.  A run that fails shows its lines on stderr; one that succeeds stays quiet."""
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    failing = write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "db", "command": "echo 'pg_dump: error: role app does not exist' >&2; exit 1",
+         "stdin-name": "db.sql"}], top='full = "daily 02:00"\n')
+    for flag in ("-q", "--json"):
+        assert cli_main(["run", "--config", str(failing), flag]) == 1
+        err = capsys.readouterr().err
+        assert "db: command: pg_dump: error: role app does not exist" in err
+        assert err.strip().splitlines()[-1].startswith("chunkvault: scheduled run failed: db (")
+    fine = write_policy(tmp_path / "q.toml", repo_url, [{"name": "files", "paths": [str(tree)]}],
+                        top='full = "daily 02:00"\n')
+    assert cli_main(["run", "--config", str(fine), "-q"]) == 0
+    assert capsys.readouterr().err == ""
