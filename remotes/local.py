@@ -455,8 +455,12 @@ class LocalRemote(Remote):
         return removed
 
     def temp_files(self) -> Iterator[str]:
-        """Leftover temp files of interrupted writes (for cleanup by check/prune)."""
-        for dirpath, _, filenames in os.walk(self.root):
+        """Leftover temp files of interrupted writes (for cleanup by check/prune), below linked directories
+        too (``data/`` moved to a larger disk), as ``list`` walks them: each directory once."""
+        visited: set[tuple[int, int]] = set()
+        _first_visit(self.root, visited)
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            dirnames[:] = [d for d in dirnames if _first_visit(os.path.join(dirpath, d), visited)]
             for name in filenames:
                 if name.startswith(TEMP_PREFIX):
                     yield os.path.join(dirpath, name)

@@ -624,6 +624,13 @@ class _DeadlineReader(socket.SocketIO):
         return n
 
 
+LOGGED_TEXT = 200  # characters of a path or reason a log line keeps: a client without a token sent 64 KiB ones
+
+
+def _shortened(text: str) -> str:
+    return text if len(text) <= LOGGED_TEXT else text[:LOGGED_TEXT] + f"... ({len(text)} characters)"
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "chunkvault-serve"
@@ -759,8 +766,8 @@ class Handler(BaseHTTPRequestHandler):
         """One line per request; a refusal says why, and a failure of the server's own (a full or read-only
         disk) is logged under --quiet too: it said only "507 124", or nothing."""
         own = status >= 500 or reason.startswith("the server cannot")
-        self.server.log(f"{self.client_address[0]} {self.command or '-'} {self._what} {status} {nbytes}"
-                        + (f": {reason}" if reason else ""), always=own)
+        self.server.log(f"{self.client_address[0]} {self.command or '-'} {_shortened(self._what)} {status} {nbytes}"
+                        + (f": {_shortened(reason)}" if reason else ""), always=own)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Malformed requests (bad request line, unknown method): JSON, then close."""

@@ -68,6 +68,21 @@ def test_contract(http_server):
     assert FULL_TOKEN not in log
 
 
+def test_a_request_without_a_token_logs_a_bounded_line(http_server):
+    """Its whole path went into the log: 64 KiB a request, from anyone who could connect."""
+    conn = http.client.HTTPConnection("127.0.0.1", http_server.port, timeout=30)
+    try:
+        conn.request("GET", "/objects/" + "A" * 60000)
+        assert conn.getresponse().status == 401
+    finally:
+        conn.close()
+    deadline = time.monotonic() + 10
+    while " 401 " not in http_server.log() and time.monotonic() < deadline:  # logged once answered
+        time.sleep(0.05)
+    (line,) = [line for line in http_server.log().splitlines() if " 401 " in line]
+    assert len(line) < 600 and "(60009 characters)" in line
+
+
 def test_contract_through_open_remote_with_token_file(http_server, tmp_path, monkeypatch):
     token_file = tmp_path / "client-token"
     token_file.write_text(FULL_TOKEN + "\n")

@@ -399,6 +399,10 @@ def test_objects_below_a_directory_that_is_a_link_are_listed(tmp_path):
     assert (elsewhere / ("ab" * 32)).read_bytes() == b"pack"
     assert sorted(o.key for o in remote.list("data/")) == keys
     assert [o.key for o in remote.list("data/ab/")] == keys[:1]
+    # so are the temp files of uploads cut short there: never swept, they stayed on the other disk for good
+    left = elsewhere / (local_module.TEMP_PREFIX + "0123456789abcdef")
+    left.write_bytes(b"half a pack")
+    assert list(remote.temp_files()) == [str(tmp_path / "repo" / "data" / "ab" / left.name)]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
