@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable
 
-from .store.manifest import _HEAD, T_DIR, T_HARDLINK, Entry, decode_records, encode_record, entry_record, sort_key
+from .store.manifest import (T_DIR, T_HARDLINK, Entry, decode_records, encode_record, entry_record, record_path,
+                             sort_key)
 from .store.chronology import chronological_key
 from .store.snapshot import Snapshot
 
@@ -206,9 +207,7 @@ class SnapshotTree:
         return len(self._buf) + self._offsets.itemsize * len(self._offsets) + self._slots.itemsize * len(self._slots)
 
     def _path(self, i: int) -> bytes:
-        start = self._offsets[i]
-        _, plen = _HEAD.unpack_from(self._buf, start)
-        return bytes(self._buf[start + _HEAD.size : start + _HEAD.size + plen])
+        return record_path(self._buf, self._offsets[i])
 
     def _index(self, rel: bytes) -> int | None:
         h = hash(rel) & self._mask

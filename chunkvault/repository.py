@@ -416,8 +416,9 @@ class Repository:
     @contextlib.contextmanager
     def retries_ended_by(self) -> Iterator[Callable[[], None]]:
         """A function that has its remotes start attempts only within 10 s of the call or of their last answer
-        (as after Ctrl-C), for calls that no operation ``stop`` reaches makes: the reads a mount serves from
-        libfuse's threads, once it is being unmounted.  Withdrawn when the block ends (unless a stop stands)."""
+        (as after Ctrl-C), for calls made outside the operations ``stop`` reaches: the reads a mount serves
+        from libfuse's threads, once it is being unmounted.  Withdrawn when the block ends (unless a stop
+        stands)."""
         try:
             yield self._retry_stop.request
         finally:

@@ -44,7 +44,7 @@ from .store.manifest import (
 from .store.chronology import chronological_key
 from .store.snapshot import Snapshot, of_source, parse_time
 from .store.restore import setid_bits_for_others
-from .store.target_dirs import LongPaths, proc_path
+from .store.target_dirs import LongPaths, closed_to_owner, proc_path
 from .store.posix_acl import ACL_KEYS, acl_ids
 from .store.xattrs import decode_xattrs, read_xattrs
 
@@ -265,8 +265,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 def _closed_to_reader(st: os.stat_result, need: int) -> bool:
     """A file or directory of this user's whose mode denies its owner ``need`` (read; a directory's search)."""
-    return (st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & need != need
-            and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)))
+    return closed_to_owner(st, need) and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode))
 
 
 def _set_mode(path: bytes, st: os.stat_result, mode: int) -> None:

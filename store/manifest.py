@@ -131,6 +131,13 @@ def encode_record(rec: Record) -> bytes:
     ))
 
 
+def record_path(buf: bytes | bytearray, offset: int) -> bytes:
+    """The path of the record that starts at ``offset`` in ``buf``, the rest left undecoded."""
+    _, plen = _HEAD.unpack_from(buf, offset)
+    start = offset + _HEAD.size
+    return bytes(buf[start : start + plen])
+
+
 def decode_records(buf: bytes | memoryview, what: str) -> tuple[list[Record], int]:
     """Decode every complete record in ``buf``; returns (records, bytes consumed)."""
     if _decode_c is None:

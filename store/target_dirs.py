@@ -23,10 +23,10 @@ _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 KEPT_DIRS = 64  # descriptors held at most: those off the current path go first, then the shallowest on it
 
 
-def closed_to_owner(st: os.stat_result) -> bool:
-    """This user's own directory that its owner may not write in or search (0555, 000): a restore opens it
-    up while it works in it, as its owner may."""
-    return st.st_uid == os.geteuid() and st.st_mode & 0o700 != 0o700
+def closed_to_owner(st: os.stat_result, need: int = 0o700) -> bool:
+    """This user's own entry whose mode denies its owner ``need``: by default a directory it may not write in
+    or search (0555, 000), which a restore opens up while it works in it, as its owner may."""
+    return st.st_uid == os.geteuid() and st.st_mode & need != need
 
 
 def proc_path(fd: int, name: bytes | None = None) -> bytes:
