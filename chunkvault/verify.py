@@ -759,6 +759,9 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
     remote) propagate.  The scratch directory is removed unless ``keep``.
     Owners are restored and compared as ``Repository.restore`` sets them (``numeric_owner``).
     """
+    if then is not None and (not isinstance(then, str) or not then.strip()):
+        # `--then "$CHECK"` with the variable unset passed as a database proven to start
+        raise UsageError(f"then is a shell command, not {then!r}: nothing would prove the restore")
     with repo.reading("verify-restore"):
         snap = repo.snapshot(snapshot)  # a Snapshot object as it is now (see Repository.snapshot)
         if owners is None:

@@ -425,10 +425,12 @@ class Checker:
                 self.bad_blobs[e.blob_id] = p
             return
         if sorted(header) != sorted(entries):
-            unlisted, unheld = len(set(header) - set(entries)), len(set(entries) - set(header))
-            self.problem(key, f"pack header and index disagree ({unlisted} blob(s) its header lists are not "
-                              f"indexed so, {unheld} indexed here are not in its header): `repair packs "
-                              f"{pid.hex()[:12]}` keeps what of it verifies")
+            unheld = set(entries) - set(header)
+            p = self.problem(key, f"pack header and index disagree ({len(set(header) - set(entries))} blob(s) its "
+                                  f"header lists are not indexed so, {len(unheld)} indexed here are not in its "
+                                  f"header): `repair packs {pid.hex()[:12]}` keeps what of it verifies")
+            for e in unheld:  # what the index finds here is not here: the files that need it are named
+                self.bad_blobs.setdefault(e.blob_id, p)
         for blob_id, problem in found:
             self.bad_blobs[blob_id] = self.problem(f"blob {blob_id.hex()}", f"in {key}: {problem}")
 

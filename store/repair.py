@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from typing import Callable, Iterable
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, NewerObject, UsageError
+from chunkvault.errors import ChunkvaultError, CorruptObject, NewerObject, RemoteUnavailable, UsageError
 
 from .blob import KIND_DELTA
 from .crypto import content_name
@@ -235,17 +235,25 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
         if not named:
             raise UsageError(f"pack {specs[0]!r}: no such pack, stored or indexed")
         read: dict[bytes, tuple[PackSalvage, list[PackEntry], dict[PackEntry, bytes]]] = {}
-        todo = named
+        todo, why = named, {}
         while todo:
             for pid in todo:
                 read[pid] = _read_intact(repo, pid, packs.get(pid), stored)
                 if pid not in named and not read[pid][0].problem:
-                    read[pid][0].problem = "holds deltas whose base is lost"
+                    read[pid][0].problem = why[pid]
             # (an indexed pack that is not stored holds nothing: its blobs are no copies of these)
             readable = readable_ids([e for pid, entries in packs.items() if pid not in read and pid in stored
                                      for e in entries] + [e for _, _, intact in read.values() for e in intact])
-            todo = [pid for pid, entries in packs.items() if pid not in read
-                    and any(e.kind == KIND_DELTA and e.base_id not in readable for e in entries)]
+            why = {pid: "holds deltas whose base is lost" for pid, entries in packs.items() if pid not in read
+                   and any(e.kind == KIND_DELTA and e.base_id not in readable for e in entries)}
+            # A blob found intact here that the index places in another pack counts as held there only if that
+            # pack's own header says so: two packs' files swapped, each repaired alone, deleted the only copies.
+            found_here = {e.blob_id for _, _, intact in read.values() for e in intact}
+            for pid, entries in packs.items():
+                if pid not in read and pid not in why and pid in stored and \
+                        _header_disagrees(repo, pid, [e for e in entries if e.blob_id in found_here], stored[pid]):
+                    why[pid] = "its header does not hold what the index places in it"
+            todo = list(why)
         elsewhere = {e.blob_id for pid, entries in packs.items() if pid not in read and pid in stored
                      for e in entries}
         # A blob that verifies anywhere among these packs is kept, wherever it was meant to be: two packs'
@@ -278,6 +286,19 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
                 repo.remote.delete(pack_key(pid))
         repo.load_index()
     return report
+
+
+def _header_disagrees(repo: Repo, pid: bytes, claimed: list[PackEntry], size: int) -> bool:
+    """Whether the stored pack's own header fails to hold ``claimed`` (its index entries), or does not read."""
+    if not claimed:
+        return False
+    try:
+        header = set(repo.pack_header(pack_key(pid), size))
+    except RemoteUnavailable:
+        raise
+    except (ChunkvaultError, ValueError):
+        return True
+    return not header.issuperset(claimed)
 
 
 def _read_intact(repo: Repo, pid: bytes, entries: list[PackEntry] | None, stored: dict[bytes, int]

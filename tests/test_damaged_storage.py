@@ -808,10 +808,13 @@ def test_a_damaged_index_object_another_supersedes_stops_nothing(repo_with_data,
     assert repo.check(read_data=True).ok
 
 
-def test_repair_packs_salvages_two_packs_whose_files_were_swapped(tmp_path, new_repo, password):
+@pytest.mark.parametrize("one_at_a_time", [False, True], ids=["together", "one at a time"])
+def test_repair_packs_salvages_two_packs_whose_files_were_swapped(tmp_path, new_repo, password, one_at_a_time):
     """Each file holds the other pack's blobs, every one intact, with its own header saying where: check
-    --read-data names both packs, and `repair packs` of both (as it advises) keeps every blob (it lost them
-    all, and deleted both files)."""
+    names both packs and the files they take down, and `repair packs` of both (as it advises) keeps every
+    blob (it lost them all, and deleted both files).  Repaired one at a time, the first took the index's
+    word that the other pack held its intact blobs, and deleted their only copies: the other pack, whose
+    header says otherwise, is now salvaged in the same run."""
     src = tmp_path / "src"
     src.mkdir()
     rnd = random.Random(9)
@@ -819,15 +822,19 @@ def test_repair_packs_salvages_two_packs_whose_files_were_swapped(tmp_path, new_
         (src / f"f{i}").write_bytes(rnd.randbytes(900_000))
     repo = new_repo(str(tmp_path / "repo"), pack_size=1_000_000)
     snap = repo.backup([str(src)]).snapshot
-    a, b = sorted(p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file())[:2]
+    # two packs of the files' data (the smallest holds the snapshot's manifest, which names no file)
+    a, b = sorted((p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file()), key=os.path.getsize)[-2:]
     swapped_a, swapped_b = b.read_bytes(), a.read_bytes()
     a.write_bytes(swapped_a)
     b.write_bytes(swapped_b)
     repo = Repository.open(str(tmp_path / "repo"), password)
-    named = {p.object for p in repo.check(read_data=True).problems}
-    assert {f"data/{a.parent.name}/{a.name}", f"data/{b.parent.name}/{b.name}"} <= named
-    report = repo.repair_packs([a.name, b.name], dry_run=False)
+    for read_data in (False, True):
+        problems = repo.check(read_data=read_data).problems
+        assert {f"data/{a.parent.name}/{a.name}", f"data/{b.parent.name}/{b.name}"} <= {p.object for p in problems}
+        assert {"f0", "f1", "f2"} & {f.split(":", 1)[1] for p in problems for f in p.files}
+    report = repo.repair_packs([a.name] if one_at_a_time else [a.name, b.name], dry_run=False)
     assert all(not p.lost for p in report.salvaged) and sum(p.salvaged for p in report.salvaged) > 0
+    assert {p.pack for p in report.salvaged} == {f"data/{a.parent.name}/{a.name}", f"data/{b.parent.name}/{b.name}"}
     assert repo.check(read_data=True).ok
     repo.restore(snap.id, str(tmp_path / "out"))
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == \

@@ -145,6 +145,9 @@ def test_command_sees_the_restored_tree_and_its_exit_code_counts(repo_with_tree,
                              'test -s "$CHUNKVAULT_RESTORE_DIR/zeros"')
     assert code == 0, err
     assert json.loads(out)["snapshots"][0]["command"]["exit_code"] == 0
+    for empty in ("", "  "):  # `--then "$CHECK"` with the variable unset passed as a database proven to start
+        code, out, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--then", empty)
+        assert code == 2 and "nothing would prove the restore" in err
 
 
 def test_what_the_command_leaves_running_is_stopped_and_it_gets_no_password(repo_with_tree, tmp_path, run_cli,
