@@ -1025,16 +1025,23 @@ RETENTION_FLAGS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "kee
                    "keep_within_monthly", "keep_within_yearly", "keep_full_within", "keep_diff_within")
 
 
-def _policy(args: argparse.Namespace) -> Any:
+def _policy(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The retention policy the flags and ``--preset`` give, and the zone its days are counted in: a policy
+    file's ``timezone`` (as ``run`` counts them), else None (local time)."""
     from .store.retention import load_preset, policy_from_dict
 
     table: dict[str, Any] = {}
+    tz = None
     if args.preset:
         if not args.config:
             raise UsageError("--preset needs --config FILE")
+        from .schedule import zone
         from .tomlfile import read_toml
 
-        base = load_preset(read_toml(args.config, "config"), args.preset)
+        config = read_toml(args.config, "config")
+        base = load_preset(config, args.preset)
+        if "timezone" in config:
+            tz = zone(config["timezone"])
         # as a table again, flags then override its keys: tag sets as lists (a frozenset is not a table's),
         # and the grouping even when empty (grouping nothing is a setting)
         table = {k: v for k, v in vars(base).items() if v not in (None, ())}
@@ -1047,7 +1054,7 @@ def _policy(args: argparse.Namespace) -> Any:
         table["keep_tags"] = args.keep_tag
     if args.group_by is not None:
         table["group_by"] = [g for g in args.group_by.split(",") if g]
-    return policy_from_dict(table) if table else None
+    return (policy_from_dict(table) if table else None), tz
 
 
 def _share(text: str) -> float:
@@ -1085,9 +1092,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
+    policy, tz = _policy(args)
     repo = _open(args)
-    plan = repo.forget(args.snapshots, policy=_policy(args), dry_run=args.dry_run, hosts=args.host,
-                       tags=args.tag, paths=args.path, wait=args.wait, allow_remove_all=args.unsafe_allow_remove_all)
+    plan = repo.forget(args.snapshots, policy=policy, dry_run=args.dry_run, hosts=args.host, tags=args.tag,
+                       paths=args.path, wait=args.wait, allow_remove_all=args.unsafe_allow_remove_all, tz=tz)
     pruned, prune_error = None, None
     # A dry run's prune would see the snapshots still there: what it frees is the estimate below instead.
     if args.prune and not args.dry_run:  # the forget is done, whatever the prune does: reported, then its error

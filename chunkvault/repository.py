@@ -1307,14 +1307,14 @@ class Repository:
     def aggregate(self, snapshot: str | Snapshot, *, retire: bool = False, wait: float = 3600.0) -> Aggregated:
         """Turn a differential into a synthetic full (same id, same tree); ``retire`` forgets its old chain.
         Under the exclusive lock, as forget is."""
-        from .store.lifecycle import aggregate
+        from .store.lifecycle import aggregate, replaced_chain
         from .store.locks import EXCLUSIVE, RepoLock
 
         spec = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
         with RepoLock(self._repo.remote, EXCLUSIVE, "aggregate", wait=wait) as lock:
             snaps = self._guard(self._repo.reload_snapshots())
             snap = find_snapshot(snaps, spec)
-            chain = [s.id for s in self._repo.chain_of(snap, snaps)[:-1]] if retire else []
+            chain = replaced_chain(self._repo, snap, snaps) if retire else []  # what the ledger is told goes
             self._repo.load_index()
             return self._forgetting(snaps, chain, lambda: aggregate(self._repo, snap, snaps, retire=retire,
                                                                     ensure_held=lock.ensure_held))

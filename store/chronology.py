@@ -4,14 +4,22 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 
-def built_on(s: Any) -> str | None:
-    """The snapshot ``s`` was made on: its parent, or for one that has none any more (an aggregate made
-    it a full) the parent it had, which its stats keep as ``follows``."""
+def built_on(s: Any) -> list[str]:
+    """The snapshots ``s`` was made on, nearest first: its parent; or, for one that has none any more (an
+    aggregate made it a full), the parent it had (``follows`` in its stats) and that one's chain back to its
+    full (``former_chain``).  A forget of the nearer ones (``aggregate --retire``) leaves the farther to
+    order it by: by ``follows`` alone it tied with the chain's full, and by id, at random, came before it
+    (``latest`` was the full, and ``--keep-last 1`` kept the full and removed the newest data)."""
     if s.parent:
-        return s.parent
+        return [s.parent]
     stats = getattr(s, "stats", None)
-    follows = stats.get("follows") if isinstance(stats, dict) else getattr(s, "follows", None)
-    return follows if isinstance(follows, str) else None
+    if isinstance(stats, dict):
+        follows, former = stats.get("follows"), stats.get("former_chain")
+    else:
+        follows, former = getattr(s, "follows", None), getattr(s, "former_chain", ())
+    nearest = [follows] if isinstance(follows, str) else []
+    return nearest + [f for f in reversed(former) if isinstance(f, str) and f not in nearest] \
+        if isinstance(former, (list, tuple)) else nearest
 
 
 def chronological_key(snapshots: Iterable[Any], time: Callable[[Any], Any] | None = None) -> Callable[[Any], tuple]:
@@ -27,8 +35,7 @@ def chronological_key(snapshots: Iterable[Any], time: Callable[[Any], Any] | Non
         cur = s
         while cur.id not in depth:
             path.append(cur.id)
-            on = built_on(cur)
-            parent = by_id.get(on) if on else None
+            parent = next((by_id[on] for on in built_on(cur) if on in by_id), None)
             if parent is None or when(parent) != when(cur) or parent.id in path:
                 depth[path.pop()] = 0
                 break

@@ -34,12 +34,14 @@ class RetentionView(NamedTuple):
     paths: tuple[str, ...]
     tags: tuple[str, ...]
     follows: str | None = None  # the snapshot it was made on, where its parent no longer says (aggregate)
+    former_chain: tuple[str, ...] = ()  # and that one's chain back to its full (``chronology.built_on``)
 
 
 def view(s: Snapshot) -> RetentionView:
-    follows = s.stats.get("follows")
+    follows, former = s.stats.get("follows"), s.stats.get("former_chain")
     return RetentionView(s.id, s.datetime, s.kind, s.parent, s.host, tuple(s.paths), tuple(s.tags),
-                         follows if isinstance(follows, str) else None)
+                         follows if isinstance(follows, str) else None,
+                         tuple(f for f in former if isinstance(f, str)) if isinstance(former, list) else ())
 
 
 @dataclass
@@ -148,6 +150,16 @@ def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan,
     return rebased
 
 
+def replaced_chain(repo: Repo, snap: Snapshot, snapshots: list[Snapshot]) -> list[str]:
+    """The ids an aggregate of ``snap`` retires: its chain below it, or, once it is a full (an aggregate run
+    before, or stopped before it retired), what is left of the chain it replaced (``former_chain``)."""
+    if snap.kind != KIND_FULL:
+        return [s.id for s in repo.chain_of(snap, snapshots)[:-1]]
+    former = snap.stats.get("former_chain")
+    present = {s.id for s in snapshots}
+    return [i for i in former if i in present] if isinstance(former, list) else []
+
+
 def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: bool = False,
               ensure_held: Callable[[], None] = lambda: None) -> Aggregated:
     """Make ``snap`` a synthetic full: its resolved tree as a full manifest, under the same id.
@@ -158,10 +170,10 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
     any other snapshot that still needed part of it.  The caller holds the
     exclusive lock, and read ``snapshots`` under it.
     """
-    its_chain = repo.chain_of(snap, snapshots)
-    chain_ids = [s.id for s in its_chain[:-1]]
+    chain_ids = replaced_chain(repo, snap, snapshots)
     made_full = snap.kind != KIND_FULL
     if made_full:
+        its_chain = repo.chain_of(snap, snapshots)
         records = repo.tree(snap, snapshots)
         ids, mw = store_manifest(repo, records, ensure_held)
         snap.kind = KIND_FULL
@@ -177,10 +189,6 @@ def aggregate(repo: Repo, snap: Snapshot, snapshots: list[Snapshot], *, retire: 
                       "manifest_bytes": _stored(repo, ids)}
         ensure_held()
         repo.save_snapshot(snap, replace=True)
-    else:  # made a full already: what of the chain it replaced is left
-        former = snap.stats.get("former_chain")
-        present = {s.id for s in snapshots}
-        chain_ids = [i for i in former if i in present] if isinstance(former, list) else []
     if not (retire and chain_ids):
         return Aggregated(snap, made_full=made_full)
     plan = plan_forget(snapshots, ids=chain_ids)

@@ -427,6 +427,22 @@ def test_forget_preset_from_config(tmp_path, cli, setup):
     assert cli("forget", "-r", repo, "--preset", "nope", "--config", str(cfg), check=2).returncode == 2
 
 
+def test_a_preset_counts_days_in_its_file_s_timezone(tmp_path, cli, setup):
+    """The file's timezone was ignored: `forget --preset` counted days in local time (UTC here), where `run`
+    counts them in the file's zone, so a dry run could not preview what the daemon would remove."""
+    repo, src = setup
+    for at in ("2026-01-10T21:00:00Z", "2026-01-10T22:30:00Z", "2026-01-10T23:30:00Z"):  # 23:30Z is the 11th in Berlin
+        (src / "n").write_text(at)
+        cli("backup", "-r", repo, str(src), "--time", at)
+    cfg = tmp_path / "retention.toml"
+    cfg.write_text('timezone = "Europe/Berlin"\n[presets.d]\nkeep-daily = 5\n')
+    out = json.loads(cli("forget", "-r", repo, "--preset", "d", "--config", str(cfg), "--dry-run", "--json",
+                         env={"TZ": "UTC"}).stdout)
+    assert [d["keep"] for d in out["decisions"]] == [True, True, True]
+    out = json.loads(cli("forget", "-r", repo, "--keep-daily", "5", "--dry-run", "--json", env={"TZ": "UTC"}).stdout)
+    assert sorted(d["keep"] for d in out["decisions"]) == [False, True, True]
+
+
 def test_a_preset_keeps_its_tag_sets_and_its_grouping_by_nothing(tmp_path, cli, setup):
     """keep-tags in a preset failed every forget (its sets came back as frozensets); an empty group-by fell back
     to the default grouping by host and paths."""

@@ -498,3 +498,17 @@ def test_a_snapshot_this_client_stored_during_a_check_and_deleted_behind_its_bac
         with pytest.raises(RollbackDetected, match=calls[0] if calls else "rolled back"):
             c.backup([str(tmp_path / "a")])
         assert len(os.listdir(os.path.join(path, "snapshots"))) == 1
+
+
+def test_a_chain_retired_by_a_second_aggregate_is_in_the_ledger(chain):
+    """`aggregate c`, then `aggregate c --retire` (or the rerun of a --retire that was stopped): the ledger was
+    told of no snapshot going (c was a full by then), so the retired ones put back were not called replayed."""
+    path, _, states, raw = chain
+    a, b, c = states
+    with crashkit.open_repo(path) as repo:
+        repo.aggregate(c)
+        assert sorted(repo.aggregate(c, retire=True).retired) == sorted([a, b])
+    crashkit.put_snapshot_back(path, b, raw)
+    with crashkit.open_repo(path) as repo:
+        problems = _problems(repo)
+        assert {o for o, _ in problems} == {f"snapshots/{b}"} and any("replayed" in p for _, p in problems)

@@ -312,3 +312,43 @@ def test_an_aggregated_differential_stays_after_the_snapshot_it_was_made_on(tmp_
 
     plan = repo.forget(policy=RetentionPolicy(keep_last=1), dry_run=True)
     assert [d.snapshot_id for d in plan.decisions if d.keep] == [d.id]
+
+
+@pytest.mark.parametrize("retire", [True, False], ids=["aggregate --retire", "the middle one forgotten"])
+def test_an_aggregate_whose_former_parent_was_forgotten_stays_after_its_chain_s_full(tmp_path, new_repo, retire):
+    """A chain dated one second, full F, D1, D2: D2 aggregated follows D1, and once D1 was forgotten (by
+    --retire, or by id) D2 tied with F, the tie went by id, and about half the time `latest` was F and
+    `forget --keep-last 1` removed D2, the newest data.  The chain it replaced orders it still."""
+    from types import SimpleNamespace
+
+    from chunkvault.store.chronology import chronological_key
+    from chunkvault.store.lifecycle import view
+    from chunkvault.store.retention import RetentionPolicy
+
+    when = "2026-01-01T00:00:00+00:00"
+    full = SimpleNamespace(id="ff" * 32, time=when, parent=None, stats={})
+    aggregated = SimpleNamespace(id="00" * 32, time=when, parent=None,
+                                 stats={"follows": "77" * 32, "former_chain": [full.id, "77" * 32]})
+    assert max([full, aggregated], key=chronological_key([full, aggregated])) is aggregated
+
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo()
+    for n in range(4):  # several chains, so that ids fall both ways
+        at = f"2026-01-0{n + 1}T00:00:00Z"
+        (src / "x").write_text(f"v{n}a")
+        repo.backup([str(src)], kind="full", time=at)
+        (src / "x").write_text(f"v{n}b")
+        d1 = repo.backup([str(src)], kind="diff", time=at).snapshot
+        (src / "x").write_text(f"v{n}c")
+        d2 = repo.backup([str(src)], kind="diff", time=at).snapshot
+        repo.aggregate(d2.id, retire=retire)
+        if not retire:
+            repo.forget([d1.id])
+        views = [view(s) for s in repo.snapshots()]
+        assert max(views, key=chronological_key(views)).id == d2.id
+        out = tmp_path / f"out{n}"
+        repo.restore("latest", str(out))
+        assert (out / "x").read_text() == f"v{n}c"
+        plan = repo.forget(policy=RetentionPolicy(keep_last=1), dry_run=True)
+        assert [k.snapshot_id for k in plan.decisions if k.keep] == [d2.id]
