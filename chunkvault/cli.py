@@ -22,7 +22,8 @@ from .display import one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .remotes.layer import StopRequest, stop_request
 from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, Locked, OutputClosed, PartialBackup,
-                     SnapshotNotFound, TargetNotEmpty, TargetUnwritable, UsageError, VerificationFailed, output_error)
+                     RepositoryStateWarning, SnapshotNotFound, TargetNotEmpty, TargetUnwritable, UsageError,
+                     VerificationFailed, output_error)
 from .store.chain import chain_lengths
 from .store.manifest import F_UNREADABLE, T_DIR, T_FILE, TYPE_NAMES, Entry, unread
 from .store.snapshot import Snapshot
@@ -1825,8 +1826,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
-    """chunkvault's own warnings are one line on stderr, never on stdout (--json)."""
+    """chunkvault's own warnings are one line on stderr, never on stdout (--json); one about the repository's
+    state once per command, however many listings meet it (verify-restore of several snapshots said it
+    again for each)."""
+    said: set[str] = set()
+
     def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+        if issubclass(category, RepositoryStateWarning):
+            if str(message) in said:
+                return
+            said.add(str(message))
         if issubclass(category, ChunkvaultWarning):
             warn(message)
         else:

@@ -714,3 +714,20 @@ def test_a_directory_listed_but_not_searched_is_reported_not_raised(tmp_path):
     done = subprocess.run([*SETPRIV, sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [["", "d", "e"], [["d", "Permission denied"]]]
+
+
+def test_a_damaged_snapshot_is_warned_about_once_per_run(tmp_path, new_repo, cli):
+    """verify-restore of several snapshots listed them for each, and said "unreadable and left out" again."""
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo(str(tmp_path / "repo"))
+    for n in range(3):
+        (src / "f").write_text(str(n))
+        damaged = repo.backup([str(src)]).snapshot
+    path = tmp_path / "repo" / "snapshots" / damaged.id
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+    err = cli("verify-restore", "-r", str(tmp_path / "repo"), "--all-since", "1d", check=18).stderr.decode()
+    assert err.count("is unreadable and left out") == 1
