@@ -224,14 +224,18 @@ class Ledger:
         return found
 
 
+def remedy(finding: Finding) -> str:
+    """The way out of a finding, once the storage has been looked at."""
+    fix = ("if this is expected, accept" if finding.kind in (ROLLED_BACK, OLD_VERSION) else
+           f"forget it{' again' if finding.kind == REPLAYED else ''} (`chunkvault forget {finding.snapshot_id[:8]}`) "
+           "or accept")
+    return f"{fix} the repository as it is with `chunkvault check --accept-state`"
+
+
 def refusal(found: list[Finding]) -> str:
     """One line: the first finding, how many more, and the way out."""
     first = found[0]
     more = f" (and {len(found) - 1} more: see `chunkvault check`)" if len(found) > 1 else ""
-    fix = ("if this is expected, accept" if first.kind in (ROLLED_BACK, OLD_VERSION) else
-           f"forget it{' again' if first.kind == REPLAYED else ''} (`chunkvault forget {first.snapshot_id[:8]}`) "
-           "or accept")
-    return (f"{first.message()}{more}; refusing to write: inspect the storage, then {fix} the repository "
-            f"as it is with `chunkvault check --accept-state` (a file-level copy of this repository, a mirror "
-            f"kept by rsync say, shares its id and so this client's ledger: what was done in one is "
-            f"expected in the other)")
+    return (f"{first.message()}{more}; refusing to write: inspect the storage, then {remedy(first)} (a "
+            f"file-level copy of this repository, a mirror kept by rsync say, shares its id and so this "
+            f"client's ledger: what was done in one is expected in the other)")

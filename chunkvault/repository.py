@@ -23,7 +23,7 @@ import blake3
 from .errors import (AmbiguousSnapshot, ChunkvaultError, CorruptObject, MissingObject, NewerObject, OutputClosed,
                      PermissionDenied, RollbackDetected, SnapshotNotFound, Stopped, StorageFull, TargetNotEmpty,
                      TargetUnwritable, UsageError, VerificationFailed, output_error)
-from .ledger import Ledger, RepositoryStateWarning, present_of
+from .ledger import Ledger, RepositoryStateWarning, present_of, remedy
 from .store.ledger import UNREADABLE
 from .connection import connect, key_ahead_dir, key_ahead_path
 from .units import parse_share, parse_size
@@ -1162,7 +1162,8 @@ class Repository:
                     if f.kind == UNREADABLE and key in damaged:  # one problem says both
                         damaged[key].problem += f"; {f.message()}"
                     else:
-                        report.problems.append(Problem(key, f.message(), snapshots=[f.snapshot_id]))
+                        report.problems.append(Problem(key, f"{f.message()}: inspect the storage, then {remedy(f)}",
+                                                       snapshots=[f.snapshot_id]))
             report.warnings.extend(f"accepted: {line}" for line in accepted)
         return report
 

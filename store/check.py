@@ -203,7 +203,10 @@ class Checker:
             except NewerObject as exc:  # a host that upgraded added it: not damage
                 self.report.warnings.append(f"{exc}; not checked")
             except ChunkvaultError as exc:
-                self.problem(k.key, exc.reason if isinstance(exc, CorruptObject) else str(exc))
+                name = k.key.split("/", 1)[1]
+                self.problem(k.key, f"{exc.reason if isinstance(exc, CorruptObject) else exc}: its password opens "
+                                    f"nothing; `key remove {name[:12]}` removes it (`key add`, with a password that "
+                                    "opens, gives that password a key again)")
             else:
                 beyond = kf.cost_problem()
                 if beyond is not None:  # never derived: nothing opens with it

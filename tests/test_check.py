@@ -369,3 +369,19 @@ def test_a_pack_whose_header_and_index_disagree_is_named_with_the_way_on(repo_wi
     done = cli("repair", "-r", str(root), "packs", pid.hex()[:12], "--confirm", "REPAIR").stdout.decode()
     assert "0 lost" in done and "packs replaced: no blob was lost" in done  # not sent to `repair snapshots`
     assert Repository.open(str(root), password).check(read_data=True).ok
+
+
+def test_a_damaged_key_file_is_named_with_what_removes_it(repo_with_data, password):
+    """A second key file damaged said only "content does not match its name"."""
+    repo_dir, repo, _, _ = repo_with_data
+    other = repo.add_key("another password", kdf_seconds=0)
+    path = repo_dir / "keys" / other
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+    (problem,) = Repository.open(str(repo_dir), password).check().problems
+    assert problem.object == f"keys/{other}" and f"`key remove {other[:12]}` removes it" in problem.problem
+    repo = Repository.open(str(repo_dir), password)
+    repo.remove_key(other[:12])
+    assert repo.check().ok

@@ -85,6 +85,8 @@ def test_replayed_snapshot_is_reported_warned_refused_and_forgotten_again(chain,
     with crashkit.open_repo(path) as repo:
         problems = _problems(repo)
         assert [o for o, _ in problems] == [f"snapshots/{b}"] and "replayed" in problems[0][1]
+        assert problems[0][1].endswith(f"then forget it again (`chunkvault forget {b[:8]}`) or accept the "
+                                       "repository as it is with `chunkvault check --accept-state`")
         with pytest.warns(RepositoryStateWarning, match=f"{b}.*replayed"):
             _restores(repo, {a: states[a], c: states[c]}, tmp_path)  # reads warn, and work
         for write in (lambda: repo.backup([tree.root]), lambda: repo.prune(),
