@@ -500,7 +500,8 @@ class Checker:
                 raise
             except (ChunkvaultError, ValueError) as exc:
                 why = f"every restore refuses its manifest: {exc}" if isinstance(exc, ValueError) else \
-                    f"manifest unreadable: {exc}"
+                    (f"manifest unreadable: {exc} (nothing restores it: `repair packs` a damaged pack named here "
+                     "first, then `repair snapshots` lists the snapshots to forget)")
                 p = self.problem(f"snapshots/{s.id}", why)
                 p.snapshots.append(s.id)
                 self.bad_manifests[s.id] = p

@@ -385,3 +385,14 @@ def test_a_damaged_key_file_is_named_with_what_removes_it(repo_with_data, passwo
     repo = Repository.open(str(repo_dir), password)
     repo.remove_key(other[:12])
     assert repo.check().ok
+
+
+def test_an_unreadable_manifest_says_what_to_do(repo_with_data, password):
+    """It said only "manifest unreadable": nothing about the repairs that end with forgetting it."""
+    repo_dir, repo, s1, _ = repo_with_data
+    loc = repo.store.locate(bytes.fromhex(s1.manifest[0]))
+    (victim,) = [p for p in packs(repo_dir) if p.name == repo.store.pack_ids[loc.pack_no].hex()]
+    os.remove(victim)
+    problems = {p.object: p.problem for p in Repository.open(str(repo_dir), password).check().problems}
+    assert "manifest unreadable" in problems[f"snapshots/{s1.id}"]
+    assert "then `repair snapshots` lists the snapshots to forget" in problems[f"snapshots/{s1.id}"]
