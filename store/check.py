@@ -570,18 +570,22 @@ class Checker:
         A differential needs every manifest of its chain: one whose chain holds a damaged manifest is
         named with that manifest's problem, and only its own records are searched for files."""
         damaged = dict(self.bad_manifests)
+        manifest_blobs: dict[str, list[Problem]] = {}  # snapshot -> its manifest's bad blobs' problems
         for s in snapshots:
             for h in s.manifest:
                 p = self.bad_blobs.get(bytes.fromhex(h))
                 if p is not None:
                     _name(p, s.id)
+                    manifest_blobs.setdefault(s.id, []).append(p)
                     damaged.setdefault(s.id, p)
         chain_of = self.repo.chains(snapshots)
         last: dict[int, str] = {}  # problem -> the file it was last found in
         for s in snapshots:
             try:
-                broken = [damaged[m.id] for m in chain_of(s) if m.id in damaged]
-                for p in broken:
+                chain = chain_of(s)
+                broken = [damaged[m.id] for m in chain if m.id in damaged]
+                # the blob's problem, as the manifest's, names every differential its chain takes down
+                for p in broken + [p for m in chain for p in manifest_blobs.get(m.id, ())]:
                     _name(p, s.id)
                 if s.id in damaged:
                     continue

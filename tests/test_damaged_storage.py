@@ -1329,3 +1329,16 @@ def test_a_repair_of_packs_stopped_midway_is_run_again_or_mended_by_repair_index
         repo.repair_packs(damaged[1:], dry_run=False)
     assert repo.check(read_data=True).ok
 
+
+
+def test_a_damaged_manifest_blob_names_every_snapshot_it_takes_down(chain, password):
+    """The full's manifest blob flipped: the snapshot's problem named the differential built on it, the
+    blob's own (what a program keying on blobs or packs reads) the full alone."""
+    repo_dir, repo, full, diff, _ = chain
+    blob = bytes.fromhex(full.manifest[0])
+    pack = pack_path(repo_dir, repo, blob)
+    loc = repo.store.locate(blob)
+    flip(pack, loc.offset + loc.length // 2)
+    problems = Repository.open(str(repo_dir), password).check(read_data=True).problems
+    (own,) = [p for p in problems if p.object == f"blob {blob.hex()}"]
+    assert sorted(own.snapshots) == sorted([full.id, diff.id])
