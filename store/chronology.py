@@ -17,9 +17,10 @@ def built_on(s: Any) -> list[str]:
         follows, former = stats.get("follows"), stats.get("former_chain")
     else:
         follows, former = getattr(s, "follows", None), getattr(s, "former_chain", ())
-    nearest = [follows] if isinstance(follows, str) else []
-    return nearest + [f for f in reversed(former) if isinstance(f, str) and f not in nearest] \
-        if isinstance(former, (list, tuple)) else nearest
+    out = [follows] if isinstance(follows, str) else []
+    if isinstance(former, (list, tuple)):
+        out += [f for f in reversed(former) if isinstance(f, str) and f not in out]
+    return out
 
 
 def chronological_key(snapshots: Iterable[Any], time: Callable[[Any], Any] | None = None) -> Callable[[Any], tuple]:
