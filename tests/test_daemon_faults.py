@@ -21,7 +21,7 @@ from chunkvault.scheduler import (Daemon, RunReport, Runner, SourceResult, _Log,
                                   load_policy, policy_lock)
 from chunkvault.store.retention import policy_from_dict
 from test_scheduler import (DAEMON, PASSWORD, FakeClock, cli_main, fake_time, q, repo_url, snapshots,  # noqa: F401
-                            tree, wait_for, write_policy)
+                            start_daemon, tree, wait_for, write_policy)
 
 UTC = timezone.utc
 HOURLY = 'full = "daily 02:00"\ndiff = "hourly"\n'
@@ -402,9 +402,13 @@ def test_a_stop_sent_to_the_process_group_skips_a_command_source_not_fails_it(tm
     proc = subprocess.Popen([sys.executable, "-c", DAEMON, "daemon", "--config", str(policy), "--log", str(log),
                              "--json"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
-    wait_for(started.exists, proc, "the command")
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        wait_for(started.exists, proc, "the command")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
     assert proc.returncode == 0, err.decode()
     (run,) = [json.loads(line) for line in out.decode().splitlines()]
     (source,) = run["sources"]
@@ -418,14 +422,17 @@ def test_sighup_opens_the_daemon_s_log_file_again_after_rotation(tmp_path, repo_
     log, rotated = tmp_path / "d.log", tmp_path / "d.log.1"
     policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
                           top='full = "0 0 1 1 *"\n')
-    proc = subprocess.Popen([sys.executable, "-c", DAEMON, "daemon", "--config", str(policy), "--log", str(log)],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(lambda: log.exists() and "next run at" in log.read_text(), proc, "first run")
-    log.rename(rotated)
-    proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: log.exists() and "next run at" in log.read_text(), proc, "the run after the reload")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    proc = start_daemon(policy, log)
+    try:
+        wait_for(lambda: log.exists() and "next run at" in log.read_text(), proc, "first run")
+        log.rename(rotated)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.exists() and "next run at" in log.read_text(), proc, "the run after the reload")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
     assert "daemon stopped" in log.read_text() and "daemon stopped" not in rotated.read_text()
 
 
