@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 from chunkvault.errors import (ChunkvaultError, CorruptObject, ObjectNotFound, RemoteError, RepositoryStateWarning,
                                StorageFull)
 
-from .blob import KIND_DELTA, open_blob, open_envelope
+from .blob import KIND_DELTA, envelope_base, open_blob, open_envelope
 from .chain import broken_chains
 from .indexfile import INDEX_SLACK, IndexData, split_index
 from .locks import EXCLUSIVE, RepoLock
@@ -139,19 +139,25 @@ def kept_copies(packs: dict[bytes, list[PackEntry]], spurned: frozenset[tuple[by
     return copies
 
 
-def copy_intact(repo: Repo, e: PackEntry, envelope: bytes) -> bool:
+def copy_intact(repo: Repo, e: PackEntry, envelope: bytes, *, whole: bool = False) -> bool:
     """Whether a blob's envelope verifies: it authenticates (sealed to its id, and a delta to its base, by a
-    holder of the key) and a whole blob's content hashes to its id."""
+    holder of the key) and a whole blob's content hashes to its id.  ``whole``: a delta's content too,
+    decoded on its base (read through the index): any holder of the key can seal bytes to any id, so a copy
+    that is to stand in for one about to be deleted must be shown to hold the blob, not only to be sealed."""
     if len(envelope) != e.length:
         return False
     try:
-        if e.kind == KIND_DELTA:  # its content needs its base: authentication is the check here
+        if e.kind != KIND_DELTA:
+            return repo.blob_id(open_blob(repo.sealer, e.blob_id, envelope, e.raw_length)) == e.blob_id
+        if not whole:  # its content needs its base: authentication is the check here
             open_envelope(repo.sealer, e.blob_id, envelope)
-        elif repo.blob_id(open_blob(repo.sealer, e.blob_id, envelope, e.raw_length)) != e.blob_id:
-            return False
+            return True
+        base_id = envelope_base(envelope)
+        assert base_id is not None
+        base = repo.read_blob(base_id, verify=True, cache=True)
+        return repo.blob_id(open_blob(repo.sealer, e.blob_id, envelope, e.raw_length, base)) == e.blob_id
     except ChunkvaultError:
         return False
-    return True
 
 
 #: Copies of one pack read in one request when this close, up to this many bytes: a pack's blobs are read
@@ -169,7 +175,7 @@ def _verify_kept(repo: Repo, blob_ids: Iterable[bytes], known: dict[bytes, PackE
         e = known[blob_id]
         if (where[id(e)], e.offset) not in verified:
             todo.setdefault(where[id(e)], []).append(e)
-    verified.update(verify_copies(repo, todo))
+    verified.update(verify_copies(repo, todo, whole=True))
 
 
 def _unverified_keeps(repo: Repo, where: dict[int, bytes], plan: PrunePlan, used: set[bytes],
@@ -224,17 +230,18 @@ def _deletable_orphans(repo: Repo, orphans: dict[bytes, int], where: dict[int, b
     return out
 
 
-def verify_copies(repo: Repo, copies: dict[bytes, list[PackEntry]]) -> dict[tuple[bytes, int], bool]:
+def verify_copies(repo: Repo, copies: dict[bytes, list[PackEntry]], *, whole: bool = False
+                  ) -> dict[tuple[bytes, int], bool]:
     """Whether each copy (pack id -> its entries) verifies (``copy_intact``), by (pack id, offset): a pack's
     read in runs of neighbours, a few packs at a time."""
     out: dict[tuple[bytes, int], bool] = {}
     with ThreadPoolExecutor(max(1, min(OBJECT_READERS, len(copies)))) as pool:
-        for pid, results in zip(copies, pool.map(lambda pid: _verify_copies(repo, pid, copies[pid]), copies)):
+        for pid, results in zip(copies, pool.map(lambda pid: _verify_copies(repo, pid, copies[pid], whole), copies)):
             out.update(((pid, e.offset), ok) for e, ok in results)
     return out
 
 
-def _verify_copies(repo: Repo, pid: bytes, entries: list[PackEntry]) -> list[tuple[PackEntry, bool]]:
+def _verify_copies(repo: Repo, pid: bytes, entries: list[PackEntry], whole: bool) -> list[tuple[PackEntry, bool]]:
     """Whether each of these copies in pack ``pid`` verifies (``copy_intact``), read in runs of neighbours."""
     out: list[tuple[PackEntry, bool]] = []
     run: list[PackEntry] = []
@@ -246,7 +253,8 @@ def _verify_copies(repo: Repo, pid: bytes, entries: list[PackEntry]) -> list[tup
                 data = repo.remote.get(pack_key(pid), start, run[-1].offset + run[-1].length - start)
             except ObjectNotFound:
                 data = b""
-            out += [(c, copy_intact(repo, c, data[c.offset - start:c.offset - start + c.length])) for c in run]
+            out += [(c, copy_intact(repo, c, data[c.offset - start:c.offset - start + c.length], whole=whole))
+                    for c in run]
             run = []
         if e is not None:
             run.append(e)

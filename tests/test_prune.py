@@ -749,6 +749,62 @@ def test_a_pack_an_added_index_took_out_of_the_index_is_not_pruned_while_it_hold
     assert (tmp_path / "out" / "f").read_bytes() == (src / "f").read_bytes()
 
 
+def test_delta_copies_sealed_over_other_bytes_do_not_let_a_prune_delete_the_real_pack(tmp_path, new_repo):
+    """As above, but the added pack holds deltas sealed with the key to the real blobs' ids, over a base of
+    junk: they authenticate, and the prune took that for their holding the blobs and deleted the real pack
+    for good.  A copy that is to stand in for one about to be deleted is decoded and hashed, deltas too."""
+    import random
+
+    import zstandard
+
+    from chunkvault.errors import RepositoryStateWarning
+    from chunkvault.store.blob import DELTA_DICT, KIND_DELTA, KIND_RAW, seal_blob
+    from chunkvault.store.crypto import content_name
+    from chunkvault.store.indexfile import IndexData, decode_index
+    from chunkvault.store.pack import PackBuilder
+    from chunkvault.store.repository import pack_key
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(random.Random(5).randbytes(3 << 20))
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    store = repo.store
+    names = store.index_names()
+    packs = {}
+    for n in names:
+        packs.update(decode_index(store.sealer, store.remote.get(f"index/{n}"), n).packs)
+    manifest = {bytes.fromhex(h) for h in snap.manifest}
+    junk = b"junk" * 64
+    junk_id = store.blob_id(junk)
+    builder = PackBuilder()
+    builder.add(junk_id, KIND_RAW, bytes(seal_blob(store.sealer, junk_id, KIND_RAW, junk)), len(junk))
+    real = set()
+    for pid, entries in packs.items():
+        for e in entries:
+            plain = bytes(store.read_blob(e.blob_id))
+            if e.blob_id in manifest:  # the snapshot stays readable, so the prune goes on
+                builder.add(e.blob_id, KIND_RAW, bytes(seal_blob(store.sealer, e.blob_id, KIND_RAW, plain)),
+                            len(plain))
+                continue
+            real.add(pid)
+            other = bytes([DELTA_DICT]) + zstandard.ZstdCompressor().compress(os.urandom(len(plain)))
+            builder.add(e.blob_id, KIND_DELTA, bytes(seal_blob(store.sealer, e.blob_id, KIND_DELTA, other,
+                                                               base_id=junk_id)), len(plain), junk_id)
+    data = bytes(builder.finish(store.sealer))
+    added = bytes.fromhex(content_name(data))
+    store.remote.put(pack_key(added), data, if_absent=True)
+    store.write_index(IndexData(packs={added: builder.entries}, supersedes=[bytes.fromhex(n) for n in names]))
+    assert real
+    with pytest.warns(RepositoryStateWarning, match="is in no index but holds"):
+        plan = repo.prune()
+    assert not {key for key, _ in plan.orphans} & {pack_key(p) for p in real}
+    assert all(store.remote.stat(pack_key(p)) is not None for p in real)
+    repo.repair_index()
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "f").read_bytes() == (src / "f").read_bytes()
+
+
 def test_a_damaged_blob_a_repack_would_move_stops_the_prune_before_it_deletes_anything(tmp_path, new_repo):
     """Copied unchecked into a new pack, its damaged pack deleted, and exit 0: `check` then named a pack that
     was gone, and the restore failed."""
