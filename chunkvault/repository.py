@@ -29,7 +29,7 @@ from .connection import connect, key_ahead_dir, key_ahead_path
 from .units import parse_share, parse_size
 from .remotes import Remote, url_scheme
 from .remotes.layer import StopRequest, stop_request
-from .chunker import FIXED_CHUNK_SIZE
+from .chunker import FIXED_CHUNK_SIZE, UNKEYED_SECRET
 from .store.backup import Backup, BackupOptions, BackupResult, check_stdin_name
 from .store.chain import broken_chains, with_ancestors
 from .store.find import as_file
@@ -346,6 +346,8 @@ class Repository:
         if chunker_secret is not None and (not isinstance(chunker_secret, bytes) or len(chunker_secret) != KEY_SIZE):
             raise UsageError(f"chunker_secret must be {KEY_SIZE} bytes (a repository's own, to copy its chunk "
                              "boundaries: copy_chunker_from gives it)")
+        if chunker_secret == UNKEYED_SECRET:  # its boundaries are public: they would tell what the data is
+            raise UsageError("chunker_secret must be a repository's own, not the unkeyed test secret")
         _check_remote_options(remote_options)
         retry_stop = StopRequest(parent=stop_request)
         remote = connect(url, stop=retry_stop, **remote_options)

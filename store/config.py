@@ -161,6 +161,7 @@ KDF_ARGON2ID = "argon2id"
 KDF_SCRYPT = "scrypt"
 KDF_SECRET = "secret"
 KDF_COST_FIELDS = {KDF_ARGON2ID: ("t", "m", "p"), KDF_SCRYPT: ("log_n", "r", "p"), KDF_SECRET: ()}
+KEY_SALT_SIZE = 16
 #: The most an older key file's scrypt may ask for: what ``init`` wrote before Argon2id, never more (no key
 #: file is made with scrypt any longer).  r was 8; the first releases tuned N alone to the time (log_n up to
 #: 19, 512 MiB, on fast machines), later ones N to 32 MiB and up to 64 lanes, N growing only past 64 lanes.
@@ -201,8 +202,11 @@ class KeyFile:
             cost = {f: obj[f] for f in KDF_COST_FIELDS[kdf]}
             if any(type(v) is not int for v in cost.values()):  # not a bool, float or string
                 raise ValueError
+            salt = _unb64(obj["salt"], what)
+            if len(salt) != KEY_SALT_SIZE:  # Argon2 refuses one under 8 bytes with its own exception
+                raise ValueError
             return cls(name, str(obj.get("created", "")), str(obj.get("host", "")), str(obj.get("user", "")),
-                       kdf, cost, _unb64(obj["salt"], what), _unb64(obj["data"], what), str(obj.get("repo", "")))
+                       kdf, cost, salt, _unb64(obj["data"], what), str(obj.get("repo", "")))
         except (KeyError, ValueError, TypeError):
             raise CorruptObject(what, "malformed key file") from None
 
@@ -290,7 +294,7 @@ def make_key_file(material: KeyMaterial, password: bytes, repo_id: str, *, kdf_s
     stretching; any other password gets Argon2id costing ``kdf_seconds`` of
     CPU (``tune_argon2id``), or scrypt at cost ``2**log_n`` when that is given.
     """
-    salt = os.urandom(16)
+    salt = os.urandom(KEY_SALT_SIZE)
     secret = as_secret(password)
     if is_secret(secret):  # a secret copied with blanks or in capitals: the secret's key
         password = secret

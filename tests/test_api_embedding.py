@@ -434,11 +434,14 @@ def test_each_bad_argument_is_a_usage_error_before_any_work(tmp_path, tree, new_
     assert [s.id for s in repo.snapshots()] == [snap.id]
 
 
-def test_a_chunker_secret_of_the_wrong_size_is_refused_before_anything_is_written(tmp_path):
+def test_a_chunker_secret_of_the_wrong_size_or_unkeyed_is_refused_before_anything_is_written(tmp_path):
     for secret in (b"short", "x" * 32, bytes(33)):
         with pytest.raises(UsageError, match="chunker_secret must be 32 bytes"):
             Repository.init(str(tmp_path / "r"), "pw", kdf_seconds=0, chunker_secret=secret)
         assert not (tmp_path / "r" / "config").exists() and not (tmp_path / "r" / "keys").exists()
+    with pytest.raises(UsageError, match="not the unkeyed test secret"):  # its boundaries are public
+        Repository.init(str(tmp_path / "r"), "pw", kdf_seconds=0, chunker_secret=bytes(32))
+    assert not (tmp_path / "r" / "config").exists()
 
 
 def test_arguments_in_the_forms_a_caller_has_at_hand(tmp_path, tree, new_repo):

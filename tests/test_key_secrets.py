@@ -303,6 +303,20 @@ def test_a_planted_key_file_alone_is_refused_naming_it(tmp_path):
         Repository.open(url, "pw", ledger=False)
 
 
+@pytest.mark.parametrize("salt", ["", "AAAA", "A" * 40])
+def test_a_key_file_whose_salt_is_not_16_bytes_is_damaged_not_a_crash(tmp_path, salt):
+    """Argon2 refuses a salt under 8 bytes with its own exception: one such key file, planted to be tried
+    first, made every open an internal error, with the right password too."""
+    url = str(tmp_path / "repo")
+    repo = Repository.init(url, "pw", kdf_seconds=0)
+    planted = _plant(repo, salt=salt, created="2000-01-01T00:00:00+00:00")
+    assert Repository.open(url, "pw", ledger=False).store.key_name == repo.store.key_name
+    with pytest.raises(WrongPassword, match=f"keys/{planted}: malformed key file"):
+        Repository.open(url, "mistyped", ledger=False)
+    (problem,) = Repository.open(url, "pw", ledger=False).check().problems
+    assert problem.object == f"keys/{planted}" and problem.problem.startswith("malformed key file")
+
+
 def test_every_key_init_and_key_add_make_is_within_what_a_reader_derives(tmp_path, monkeypatch):
     """The bounds leave every key chunkvault makes, or made, to open: Argon2id tuned to any --kdf-time up to
     the longest on a machine of any speed, and the scrypt keys of the releases before it."""
