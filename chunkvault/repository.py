@@ -405,9 +405,10 @@ class Repository:
         Each raises ``chunkvault.errors.Stopped`` (a KeyboardInterrupt) at its next progress point, with or
         without a progress callback: ``backup`` and ``backup_stream`` between reads, ``backup_command`` at once
         (its command is ended), ``restore`` between batches of chunks, ``check`` and ``copy_to`` between packs,
-        ``prune`` between repacks; a wait for a lock ends too.  The remotes of its repositories start attempts only within
-        10 s of the stop or of their last answer (as after Ctrl-C), so a call waiting on a dead one ends then
-        too; the others end once their current remote calls do.  ``copy_to`` stops by either repository's
+        ``prune`` between repacks, ``export`` between batches of chunks, ``import_backup`` between sections of
+        the file, ``dump`` between writes; a wait for a lock ends too.  The remotes of its repositories start
+        attempts only within 10 s of the stop or of their last answer (as after Ctrl-C), so a call waiting on a
+        dead one ends then too; the others end once their current remote calls do.  ``copy_to`` stops by either repository's
         ``stop``.  What a stopped operation leaves is what Ctrl-C leaves: no snapshot, no lock, and what a
         backup stored whole reused by the next one.  An operation started afterwards runs as usual."""
         with self._ops_lock:
@@ -1109,7 +1110,7 @@ class Repository:
 
         if archive not in ARCHIVES:
             raise UsageError(f"unknown archive format {archive!r} (tar or zip)")
-        out = _WholeWrites(out)
+        out = _WholeWrites(out, self._checkpoint())
         with self.reading("dump"):
             snap = self.snapshot(snapshot)
             want = snapshot_path(path)
@@ -1448,7 +1449,8 @@ class Repository:
         _file_path(path, "export file")
         with self.reading("export"):
             snap = self.snapshot(snapshot)
-            return export(self._repo, snap, path, _password(password), kdf_seconds=kdf_seconds, overwrite=overwrite)
+            return export(self._repo, snap, path, _password(password), kdf_seconds=kdf_seconds, overwrite=overwrite,
+                          checkpoint=self._checkpoint())
 
     @_stoppable
     def import_backup(self, path: str, password: str | bytes, *, wait: float = 3600.0) -> ImportResult:
@@ -1460,7 +1462,7 @@ class Repository:
 
         _file_path(path, ".backup file")
         self._guard()
-        return import_backup(self._repo, path, _password(password), lock_wait=wait)
+        return import_backup(self._repo, path, _password(password), lock_wait=wait, checkpoint=self._checkpoint())
 
     # --- keys ----------------------------------------------------------------------
 
@@ -1597,7 +1599,7 @@ class _WholeWrites:
     """``dump``'s output: each write taken whole (a raw stream or socket may take part of it), and a
     failed one a ChunkvaultError, as the command line reports it; the rest of the stream as it is."""
 
-    def __init__(self, out: Any):
+    def __init__(self, out: Any, checkpoint: Callable[[], None]):
         if isinstance(out, io.TextIOBase) or not callable(getattr(out, "write", None)):
             raise UsageError("dump writes bytes: give a binary stream (open(path, 'wb'), sys.stdout.buffer)")
         if getattr(out, "closed", False):
@@ -1606,8 +1608,10 @@ class _WholeWrites:
         stdout = out is getattr(sys.stdout, "buffer", None) or getattr(out, "name", None) == "<stdout>"
         self._name = "standard output" if stdout else "the output"
         self._raw = isinstance(out, io.RawIOBase)  # whose write may take part, or (None) nothing yet
+        self._checkpoint = checkpoint  # where a dump may stop: before each write
 
     def write(self, data: bytes | memoryview) -> int:
+        self._checkpoint()
         view = memoryview(data).cast("B")
         try:
             while view:

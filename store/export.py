@@ -383,11 +383,12 @@ def _encode_batch(repo: Repo, ids: list[bytes], level: int) -> list[tuple[bytes,
 
 
 def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kdf_seconds: float = 0.5,
-           kdf_log_n: int | None = None, overwrite: bool = False) -> ExportStats:
+           kdf_log_n: int | None = None, overwrite: bool = False,
+           checkpoint: Callable[[], None] = lambda: None) -> ExportStats:
     """Write ``snapshot``'s resolved tree and every chunk it needs into one ``.backup`` file.
 
     Written under a temporary name and renamed when complete: a failed export
-    leaves no partial file.
+    leaves no partial file.  ``checkpoint`` is called between batches of chunks: it may raise to stop.
     """
     started = time.monotonic()
     if not password:
@@ -427,7 +428,7 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
             w = ExportWriter(f, password, snapshot_metadata(repo, snapshot, chain), log_n=log_n, p=p,
                              level=level)
             stats.file_id = w.file_id.hex()
-            _write_tree(repo, w, records, level, stats)
+            _write_tree(repo, w, records, level, stats, checkpoint)
             w.finish()
             f.flush()
             os.fsync(f.fileno())
@@ -495,7 +496,7 @@ def _remove_abandoned(directory: str, base: str) -> None:
 
 
 def _write_tree(repo: Repo, w: ExportWriter, records: Iterator[Record], level: int, stats: ExportStats,
-                batch_bytes: int = 8 << 20, window: int = 4) -> None:
+                checkpoint: Callable[[], None], batch_bytes: int = 8 << 20, window: int = 4) -> None:
     """Chunks are read and compressed a few batches ahead; each record is written after its chunks."""
     seen = BlobIndex()
     counts = ManifestStats()
@@ -507,6 +508,7 @@ def _write_tree(repo: Repo, w: ExportWriter, records: Iterator[Record], level: i
     ordinal = 0
 
     def drain_one() -> None:
+        checkpoint()
         fut, recs = inflight.popleft()
         for payload, raw in fut.result():
             w.add_encoded_blob(payload)
@@ -590,9 +592,10 @@ class ExportFile:
     straight from it.
     """
 
-    def __init__(self, path: str, password: bytes):
+    def __init__(self, path: str, password: bytes, checkpoint: Callable[[], None] = lambda: None):
         self.path = path
         self.what = f"export file {path}"
+        self._checkpoint = checkpoint  # called before each section ``sections`` reads: it may raise to stop
         try:  # without waiting: a FIFO no one writes to held the open until Ctrl-C, before the check below
             self._f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb", buffering=0)
         except FileNotFoundError:
@@ -646,6 +649,7 @@ class ExportFile:
             counts = {S_META: 0, S_BLOB: 0, S_RECORDS: 0, S_END: 0}
             total = 0
             while True:
+                self._checkpoint()
                 head = f.read(SECTION_HEAD.size)
                 if len(head) < SECTION_HEAD.size:
                     raise CorruptObject(self.what, f"truncated: the file ends at byte {pos + len(head)}, "
@@ -769,9 +773,10 @@ class ExportFile:
         self.close()
 
 
-def open_export(path: str, password: bytes) -> ExportFile:
-    """Open and verify a ``.backup`` file (the whole file is authenticated before this returns)."""
-    ef = ExportFile(path, password)
+def open_export(path: str, password: bytes, checkpoint: Callable[[], None] = lambda: None) -> ExportFile:
+    """Open and verify a ``.backup`` file (the whole file is authenticated before this returns).
+    ``checkpoint``: called before each section the file's ``sections`` gives (see ``ExportFile``)."""
+    ef = ExportFile(path, password, checkpoint)
     try:
         ef.verify()
     except BaseException:
@@ -835,16 +840,18 @@ def holds_whole(repo: Repo, snap: Snapshot, exported: Snapshot, snapshots: list[
             return False
 
 
-def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 0.0) -> ImportResult:
+def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 0.0,
+                  checkpoint: Callable[[], None] = lambda: None) -> ImportResult:
     """Bring an export into ``repo`` as a new full snapshot; chunks it already has are not stored again,
     and a snapshot it already has (``already_here``) is not imported again.
 
     The file is verified whole before anything is stored; then a second pass
     stores its chunks under ids re-derived with this repository's key and
-    writes the manifest and the snapshot, last.
+    writes the manifest and the snapshot, last.  ``checkpoint`` is called before each section of both
+    passes: it may raise to stop, before the snapshot is saved.
     """
     started = time.monotonic()
-    with open_export(path, password) as ef:
+    with open_export(path, password, checkpoint) as ef:
         info = ef.info
         assert info is not None
         _refuse_future(info.snapshot, ef.what)

@@ -284,3 +284,69 @@ def test_a_restore_stops_inside_a_large_file(tmp_path, new_repo):
         _ends_stopped(thread, out, 60)
     written = (target / "base.db").stat().st_size if (target / "base.db").exists() else 0
     assert written < 24 << 20  # six seconds of reading were left when it stopped
+
+
+def test_an_export_a_dump_and_an_import_stop_at_their_next_section(tmp_path, new_repo, monkeypatch):
+    """They had no progress point: a program that routes Ctrl-C to ``stop`` waited for a large export,
+    dump or import to finish, and the import saved its snapshot."""
+    import io
+
+    from chunkvault.store import export as export_module
+
+    path = str(tmp_path / "repo")
+    repo = new_repo(path)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):  # more than one batch of an export's chunks (8 MiB)
+        (src / f"f{i}").write_bytes(os.urandom(4 << 20))
+    snap = repo.backup([str(src)]).snapshot
+    real_add = export_module.ExportWriter.add_encoded_blob
+
+    def stop_at_first_blob(self, payload):
+        repo.stop()
+        return real_add(self, payload)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export_module.ExportWriter, "add_encoded_blob", stop_at_first_blob)
+        with pytest.raises(Stopped):
+            repo.export(snap, str(tmp_path / "x.backup"), "pw", kdf_seconds=0)
+    assert os.listdir(tmp_path) == [p for p in os.listdir(tmp_path) if "backup" not in p]
+    assert _locks(path) == []
+
+    class StoppingSink(io.RawIOBase):
+        writes = 0
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            self.writes += 1
+            repo.stop()
+            return len(data)
+
+    sink = StoppingSink()
+    with pytest.raises(Stopped):
+        repo.dump(snap, "/", sink)
+    assert sink.writes == 1 and _locks(path) == []
+
+    repo.export(snap, str(tmp_path / "x.backup"), "pw", kdf_seconds=0)
+    other_path = str(tmp_path / "other")
+    other = new_repo(other_path)
+    for stage in ("verify", "store"):
+        real_open = export_module.ExportFile._open_section
+        opened = []
+
+        def stop_once(self, stype, index, sealed, offset):
+            opened.append(stype)
+            if stage == "verify" or opened.count(export_module.S_META) == 2:  # the second pass begun
+                other.stop()
+            return real_open(self, stype, index, sealed, offset)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(export_module.ExportFile, "_open_section", stop_once)
+            with pytest.raises(Stopped):
+                other.import_backup(str(tmp_path / "x.backup"), "pw")
+        assert other.snapshots() == [] and _locks(other_path) == []
+    imported = other.import_backup(str(tmp_path / "x.backup"), "pw").snapshot
+    other.restore(imported.id, str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(src)
