@@ -21,8 +21,8 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, I
 import blake3
 
 from .errors import (AmbiguousSnapshot, ChunkvaultError, CorruptObject, MissingObject, NewerObject, OutputClosed,
-                     PermissionDenied, RollbackDetected, SnapshotNotFound, Stopped, StorageFull, TargetNotEmpty,
-                     TargetUnwritable, UsageError, VerificationFailed, output_error)
+                     PermissionDenied, RemoteError, RollbackDetected, SnapshotNotFound, Stopped, StorageFull,
+                     TargetNotEmpty, TargetUnwritable, UsageError, VerificationFailed, output_error)
 from .ledger import Ledger, RepositoryStateWarning, present_of, remedy
 from .store.ledger import UNREADABLE
 from .connection import connect, key_ahead_dir, key_ahead_path
@@ -314,6 +314,7 @@ class Repository:
         self._ops_lock = threading.RLock()
         self._ended = threading.Condition(self._ops_lock)  # notified as each operation ends (``close``)
         self._current = threading.local()  # the operation this thread runs (``_operation``)
+        self._read_locks: list[Any] = []  # the locks ``reading`` blocks hold now (``close`` ends its own thread's)
         self._retry_stop = retry_stop or StopRequest(parent=stop_request)
 
     # --- lifecycle --------------------------------------------------------------
@@ -394,6 +395,10 @@ class Repository:
             for op in self._running:
                 op.stop()
             self._ended.wait_for(lambda: not self._running - {mine})
+            own, self._read_locks = self._read_locks, []
+        for lock in own:  # this thread's ``reading`` blocks, closed inside: their locks go before the remote
+            with contextlib.suppress(RemoteError):
+                lock.release()
         self._repo.remote.close()
 
     # --- stopping ------------------------------------------------------------------
@@ -747,8 +752,7 @@ class Repository:
         token or mount, a full disk), the read goes ahead unlocked (the latter with a warning)."""
         from .store.locks import SHARED, RepoLock
 
-        self._refuse_if_closed()
-        with contextlib.ExitStack() as held:
+        with self._operation(), contextlib.ExitStack() as held:  # as a call: ``close`` waits for it to end
             depth = getattr(self._reading_depth, "n", 0)
             locked = False
             if self.lock_reads and not depth:
@@ -760,7 +764,9 @@ class Repository:
                                   f"this {purpose} needs; `--no-lock` (API: `lock_reads=False`) skips the lock",
                                   RepositoryStateWarning, stacklevel=3)
                 else:
-                    held.push(lock)  # released (its __exit__) when the read ends
+                    with self._ops_lock:
+                        self._read_locks.append(lock)
+                    held.push(functools.partial(self._end_read_lock, lock))  # when the read ends
                     locked = True
                     self._repo.drop_stale()
             if not depth and not locked:
@@ -776,6 +782,22 @@ class Repository:
                 raise
             finally:
                 self._reading_depth.n = depth
+
+    def _end_read_lock(self, lock: Any, *exc: Any) -> None:
+        """Release a ``reading`` block's lock as it ends (its ``__exit__``), unless ``close`` did."""
+        with self._ops_lock:
+            if lock not in self._read_locks:
+                return
+            self._read_locks.remove(lock)
+        lock.__exit__(*exc)
+
+    def _still_open(self) -> None:
+        """Before each fetch of a lazy reader (``tree``, ``diff``, ``open_file``): refused once closed, whatever
+        the storage, and stopped once its thread's operation (a ``reading`` block) was told to stop."""
+        self._refuse_if_closed()
+        op = getattr(self._current, "op", None)
+        if op is not None and op.stopped:
+            raise Stopped("stopped")
 
     def _index_replaced_meanwhile(self) -> bool:
         """Whether the index a read without a lock followed was replaced since (a failure to list says no:
@@ -954,10 +976,21 @@ class Repository:
         snap = self.snapshot(snapshot)
         within = snapshot_path(path) if path is not None else b""
         if not within:
-            return (r.entry for r in self._repo.tree(snap) if r.entry is not None)
+            return self._guarded(r.entry for r in self._repo.tree(snap) if r.entry is not None)
         below = within + b"/"
-        return (r.entry for r in self._repo.tree_within(snap, within)
-                if r.entry is not None and (r.path == within or r.path.startswith(below)))
+        return self._guarded(r.entry for r in self._repo.tree_within(snap, within)
+                             if r.entry is not None and (r.path == within or r.path.startswith(below)))
+
+    def _guarded(self, items: Iterator[Any]) -> Iterator[Any]:
+        """A lazy reader's items, each asked for after ``_still_open`` (the end too)."""
+        still_open = self._still_open
+        while True:
+            still_open()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            yield item
 
     @_stoppable
     def restore(self, snapshot: str | Snapshot, target: str, *, until: str | datetime | None = None,
@@ -1081,7 +1114,8 @@ class Repository:
         return self._content(e, name)
 
     def _content(self, e: Entry, name: bytes | None = None) -> BinaryIO:
-        raw = _ChunkStream(self._repo, e.chunk_ids(), os.fsdecode(e.path if name is None else name), e)
+        raw = _ChunkStream(self._repo, e.chunk_ids(), os.fsdecode(e.path if name is None else name), e,
+                           self._still_open)
         return io.BufferedReader(raw, buffer_size=1 << 20)
 
     def is_directory(self, snapshot: str | Snapshot, path: str | bytes) -> bool:
@@ -1138,7 +1172,7 @@ class Repository:
                 return None if rec is None else rec.entry
             return find
 
-        return diff_trees(self._repo.tree(sa), self._repo.tree(sb), holder(sa), holder(sb))
+        return self._guarded(diff_trees(self._repo.tree(sa), self._repo.tree(sb), holder(sa), holder(sb)))
 
     @_stoppable
     def check(self, *, read_data: bool = False, subset: str | None = None,
@@ -1642,8 +1676,10 @@ class _ChunkStream(io.RawIOBase):
     """A file's content, fetched a chunk at a time; seekable (the index knows each chunk's length), so a
     caller can read any part of a large file without the parts before it."""
 
-    def __init__(self, repo: Repo, ids: list[bytes], name: str = "", entry: Entry | None = None):
+    def __init__(self, repo: Repo, ids: list[bytes], name: str = "", entry: Entry | None = None,
+                 still_open: Callable[[], None] = lambda: None):
         self.repo = repo
+        self.still_open = still_open  # before each chunk is fetched: it may refuse (closed) or stop
         self.ids = ids
         self.name = name
         # read from the start to the end without a seek, the content is checked against ``entry``'s size and
@@ -1669,6 +1705,7 @@ class _ChunkStream(io.RawIOBase):
                     hasher, self._hasher = self._hasher, None
                     check_content(self.entry, self.pos, hasher.digest())
                 return 0
+            self.still_open()
             self.buf = memoryview(self.repo.read_blob(self.ids[self.i]))[self.skip:]
             self.i += 1
             self.skip = 0

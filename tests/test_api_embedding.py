@@ -10,7 +10,9 @@ import threading
 import pytest
 
 from chunkvault import Repository
-from chunkvault.errors import CorruptObject, OutputClosed, StorageFull, TargetUnwritable, UsageError, WrongPassword
+from chunkvault.errors import (CorruptObject, OutputClosed, StorageFull, Stopped, TargetUnwritable, UsageError,
+                              WrongPassword)
+from chunkvault.store.manifest import T_FILE
 from conftest import PASSWORD
 from servers_http import FULL_TOKEN, http_server, serve_factory  # noqa: F401
 from treeutil import describe
@@ -552,14 +554,66 @@ def test_a_closed_repository_refuses_every_call_on_any_storage(tmp_path, tree, r
         repo = Repository.init(str(stored), PASSWORD, kdf_seconds=0)
     with repo:
         repo.backup([str(tree)])
+        # made before the close, used after it: they fetched from the closed remote (RemoteError over HTTP)
+        name = next(e.path for e in repo.tree("latest") if e.type == T_FILE and e.size)
+        stream = repo.open_file("latest", name)
+        entries, changes = repo.tree("latest"), repo.diff("latest", "latest")
     repo.close()  # again: idempotent
     for call in (lambda: repo.backup([str(tree)]), lambda: repo.restore("latest", str(tmp_path / "o")),
                  repo.snapshots, repo.check, repo.accept_state, lambda: repo.reading().__enter__(),
                  lambda: list(repo.tree("latest")), lambda: list(repo.diff("latest", "latest")),
-                 lambda: repo.find_entry("latest", "x"), lambda: repo.open_file("latest", "x")):
+                 lambda: repo.find_entry("latest", "x"), lambda: repo.open_file("latest", "x"),
+                 stream.read, lambda: list(entries), lambda: list(changes)):
         with pytest.raises(UsageError, match="was closed"):
             call()
     assert len(os.listdir(os.path.join(stored, "snapshots"))) == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("storage", ["local", "http"])
+def test_a_close_inside_a_reading_block_or_beside_one_leaves_no_lock(tmp_path, tree, request, storage):
+    """Over HTTP the block's lock was removed after the remote had closed, so it stayed, and a prune waited
+    for it to go stale (5 minutes); a close from another thread did not wait for the block, whose reads then
+    failed as a storage error."""
+    if storage == "http":
+        server = request.getfixturevalue("http_server")
+        url, stored, options = server.url, server.path, {"token": FULL_TOKEN, "cache": False}
+    else:
+        stored = tmp_path / "repo"
+        url, options = str(stored), {}
+    Repository.init(url, PASSWORD, kdf_seconds=0, **options).backup([str(tree)])
+    repo = Repository.open(url, PASSWORD, **options)
+    with repo.reading("restore"):
+        assert len(os.listdir(os.path.join(stored, "locks"))) == 1
+        repo.close()
+    assert os.listdir(os.path.join(stored, "locks")) == []
+
+    repo = Repository.open(url, PASSWORD, **options)
+    name = next(e.path for e in repo.tree("latest") if e.type == T_FILE and e.size)
+    inside, go_on, ended = threading.Event(), threading.Event(), []
+
+    def reader() -> None:
+        try:
+            with repo.reading("restore"):
+                inside.set()
+                go_on.wait(30)
+                with repo.open_file("latest", name) as f:
+                    f.read()
+        except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+            ended.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert inside.wait(30)
+    closing = threading.Thread(target=repo.close)
+    closing.start()
+    closing.join(0.5)
+    assert closing.is_alive()  # waiting for the block
+    go_on.set()
+    closing.join(30)
+    thread.join(30)
+    assert not closing.is_alive() and not thread.is_alive()
+    assert len(ended) == 1 and isinstance(ended[0], (UsageError, Stopped)), ended
+    assert os.listdir(os.path.join(stored, "locks")) == []
 
 
 def test_values_in_the_forms_the_readme_names_and_out_of_range_ones(tmp_path, tree):
