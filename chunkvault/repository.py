@@ -1542,7 +1542,7 @@ class Repository:
         return export_key(self._repo.remote, self._repo.key_name).encode()
 
     @staticmethod
-    def import_key(url: str | Remote, export: bytes, password: str | bytes, *, what: str = "key export",
+    def import_key(url: str | Remote, export: bytes | str, password: str | bytes, *, what: str = "key export",
                    wait: float = 3600.0, **remote_options: Any) -> "KeyImport":
         """Put back the config and key of ``export`` (what ``export_key`` returned) that the repository at
         ``url`` lacks or holds damaged (a key absent beside others: ``note`` warns it may have been retired),
@@ -1552,7 +1552,11 @@ class Repository:
         from .store.keyexport import KeyExport, import_key
 
         _check_remote_options(remote_options)
-        kit = KeyExport.decode(export, what)
+        if isinstance(export, str):  # the file read as text: its JSON is ASCII, any other character damage
+            export = export.encode("utf-8", "surrogateescape")
+        if not isinstance(export, (bytes, bytearray, memoryview)):
+            raise UsageError(f"a key export is bytes (what export_key returned), not {type(export).__name__}")
+        kit = KeyExport.decode(bytes(export), what)
         remote = connect(url, **remote_options)
         try:
             return import_key(remote, kit, _password(password), what, wait=wait)

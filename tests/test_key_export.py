@@ -109,6 +109,16 @@ def test_a_wrong_password_another_repository_or_no_repository_imports_nothing(ba
     assert objects(path) == before
 
 
+def test_a_kit_read_as_text_is_taken_and_a_damaged_one_is_corrupt_not_a_type_error(backed_up):
+    path, kit, _ = backed_up
+    (path / "config").unlink()
+    with pytest.raises(CorruptObject, match="damaged key export"):
+        Repository.import_key(str(path), kit[: len(kit) // 2].decode(), PASSWORD)
+    with pytest.raises(UsageError, match="a key export is bytes"):
+        Repository.import_key(str(path), 5, PASSWORD)
+    assert Repository.import_key(str(path), kit.decode(), PASSWORD).restored == ["config"]
+
+
 def test_a_newer_format_config_is_not_replaced_by_an_older_export(backed_up):
     path, kit, _ = backed_up
     doc = json.loads((path / "config").read_bytes())
