@@ -68,8 +68,10 @@ class Sealer:
 
     Random nonces keep every object independent (a blob can move between packs
     unchanged); the usual bound of 2**32 messages per key (random 96-bit nonces
-    keep the chance of a repeat below 2**-32 up to there) is far above any
-    repository's object count.
+    keep the chance of a repeat below 2**-32 up to there) counts every seal
+    ever made under the key: each blob stored (a repack moves envelopes without
+    sealing them again), pack header, index and snapshot object.  At 1 MiB a
+    chunk that is some 4 PiB of data stored, far above any repository's.
 
     cryptography is imported here, at first use, not with the module: its
     6 MB then come after a password's scrypt has freed its 32 MiB instead of
