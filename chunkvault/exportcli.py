@@ -47,8 +47,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     result = repo.import_backup(args.file, password, wait=args.wait)
     snap = result.snapshot
     st = snap.stats
+    if result.heals is not None:
+        old = result.heals.short_id
+        warn(f"this repository's copy {old} of the file's snapshot no longer held all of it (a rewrite, a repair "
+             f"or lost data): the import {snap.short_id} is ordered after it (`latest`, retention); `forget {old}` "
+             "removes the incomplete copy")
     if args.json:
-        cli._emit_json({**cli._snapshot_json(snap), "skipped": result.skipped})
+        cli._emit_json({**cli._snapshot_json(snap), "skipped": result.skipped,
+                        "heals": result.heals.id if result.heals is not None else None})
     elif result.skipped:
         exported = result.exported_id
         warn(f"{args.file}: its snapshot {exported[:8]} is in this repository already"

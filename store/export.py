@@ -52,6 +52,7 @@ from .backup import FUTURE_SLACK
 from .blob import KIND_ZSTD, compress
 from .blobindex import BlobIndex
 from .config import check_kdf_seconds
+from .chronology import HEALS
 from .copy import COPIED_FROM, IMPORTED_FROM, origins
 from .crypto import (MAX_LOG_N, MIN_LOG_N, NONCE_SIZE, SCRYPT_R, TAG_SIZE, AuthenticationFailed, Sealer,
                      derive_kek, scrypt_memory, tune_scrypt)
@@ -793,22 +794,26 @@ class ImportResult:
     snapshot: Snapshot  # when ``skipped``, the one the repository had
     exported_id: str  # the snapshot's id in the repository it was exported from
     skipped: bool = False
+    heals: Snapshot | None = None  # the repository's copy of it that no longer held all of it (imported again)
 
 
-def already_here(snapshots: Iterable[Snapshot], exported: Snapshot) -> Snapshot | None:
-    """The snapshot an export brings, if the repository has it: the exported one itself (this is the
-    repository it came from), or one imported or copied from it before.  Another copy would take a
+def already_here(snapshots: Iterable[Snapshot], exported: Snapshot) -> list[Snapshot]:
+    """The repository's copies of the snapshot an export brings, oldest first: the exported one itself (this
+    is the repository it came from), or those imported or copied from it before.  Another copy would take a
     retention slot and be the next backup's parent, for nothing."""
     known = origins(exported)
-    return next((s for s in snapshots if not known.isdisjoint(origins(s))), None)
+    return [s for s in snapshots if not known.isdisjoint(origins(s))]
 
 
 def holds_whole(repo: Repo, snap: Snapshot, exported: Snapshot, snapshots: list[Snapshot]) -> bool:
-    """Whether the repository's copy of an exported snapshot still holds all of it: as many files and
-    bytes (a repair or a rewrite drops some), and its chain's manifests and every chunk they name indexed.
-    One that does not is imported again: the export is what heals it.  One whose pack the index lists but
-    that is gone is MissingObject: an import would deduplicate against that index (`repair index` first)."""
-    if any(snap.stats.get(k) != exported.stats.get(k) for k in ("files", "bytes")):
+    """Whether the repository's copy of an exported snapshot still holds all of it: as many files,
+    directories and bytes, and no rewrite or repair of its own since (which may have dropped directories
+    alone), and its chain's manifests and every chunk they name indexed.  One that does not is imported
+    again: the export is what heals it.  One whose pack the index lists but that is gone is MissingObject:
+    an import would deduplicate against that index (`repair index` first)."""
+    if any(snap.stats.get(k) != exported.stats.get(k) for k in ("files", "dirs", "bytes")):
+        return False
+    if any(snap.stats.get(k) and not exported.stats.get(k) for k in ("rewritten", "repaired")):
         return False
     stored = set(repo.stored_packs())
 
@@ -843,7 +848,7 @@ def holds_whole(repo: Repo, snap: Snapshot, exported: Snapshot, snapshots: list[
 def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 0.0,
                   checkpoint: Callable[[], None] = lambda: None) -> ImportResult:
     """Bring an export into ``repo`` as a new full snapshot; chunks it already has are not stored again,
-    and a snapshot it already has (``already_here``) is not imported again.
+    and a snapshot it already has whole (``already_here``, ``holds_whole``) is not imported again.
 
     The file is verified whole before anything is stored; then a second pass
     stores its chunks under ids re-derived with this repository's key and
@@ -860,9 +865,11 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
         with RepoLock(repo.remote, SHARED, IMPORT, wait=lock_wait, wait_option=True, alone=True) as repo_lock:
             repo.fresh_index()
             snapshots = repo.snapshots()
-            present = already_here(snapshots, info.snapshot)
-            if present is not None and holds_whole(repo, present, info.snapshot, snapshots):
-                return ImportResult(present, info.snapshot.id, skipped=True)
+            copies = already_here(snapshots, info.snapshot)
+            whole = next((c for c in copies if holds_whole(repo, c, info.snapshot, snapshots)), None)
+            if whole is not None:
+                return ImportResult(whole, info.snapshot.id, skipped=True)
+            present = copies[-1] if copies else None  # the newest of those that lost data: this comes after it
             dest = bytearray(32 * info.blobs)
             counts = ManifestStats()
             added = {"blobs": 0, "raw": 0, "stored": 0}
@@ -934,13 +941,15 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                     # imported into C, then A copied to C, sent A's snapshot to C again
                     IMPORTED_FROM: src.stats.get(COPIED_FROM) or src.stats.get(IMPORTED_FROM) or src.id,
                     "imported_file": info.file_id,
+                    # the copy here that lost data: of one time, this is the later (``chronology.built_on``)
+                    **({HEALS: present.id} if present is not None else {}),
                     # what the next backup of its paths on the same host compares by
                     **{k: src.stats[k] for k in ("xattrs", "started_ns", "finished_ns", OWNERS_KEY)
                        if k in src.stats},
                 },
             )
             # a prune that took its lock for stale may have deleted what this import reuses
-            return ImportResult(repo.save_snapshot_held(snap, repo_lock), src.id)
+            return ImportResult(repo.save_snapshot_held(snap, repo_lock), src.id, heals=present)
 
 
 def _unreadable(src: Snapshot, flagged: list[bytes]) -> list[str]:

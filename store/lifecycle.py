@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 from chunkvault.errors import CorruptObject
 
 from . import chain
+from .chronology import HEALS
 from .manifest import Record
 from .manifest_io import store_manifest
 from .owners import OWNERS_KEY, chain_owners
@@ -35,13 +36,15 @@ class RetentionView(NamedTuple):
     tags: tuple[str, ...]
     follows: str | None = None  # the snapshot it was made on, where its parent no longer says (aggregate)
     former_chain: tuple[str, ...] = ()  # and that one's chain back to its full (``chronology.built_on``)
+    heals: str | None = None  # an import's: the copy of the same snapshot it brought back whole
 
 
 def view(s: Snapshot) -> RetentionView:
-    follows, former = s.stats.get("follows"), s.stats.get("former_chain")
+    follows, former, heals = s.stats.get("follows"), s.stats.get("former_chain"), s.stats.get(HEALS)
     return RetentionView(s.id, s.datetime, s.kind, s.parent, s.host, tuple(s.paths), tuple(s.tags),
                          follows if isinstance(follows, str) else None,
-                         tuple(f for f in former if isinstance(f, str)) if isinstance(former, list) else ())
+                         tuple(f for f in former if isinstance(f, str)) if isinstance(former, list) else (),
+                         heals if isinstance(heals, str) else None)
 
 
 @dataclass

@@ -748,6 +748,51 @@ def test_an_export_heals_the_snapshot_a_repository_lost_data_of(tmp_path, export
     assert import_backup(dst.store, str(path), EXPORT_PW).skipped  # now it is whole here
 
 
+def test_an_import_heals_a_copy_that_lost_directories_only_and_comes_after_it(tmp_path, new_repo, cli):
+    """A rewrite that dropped an empty directory changed no count of files or bytes, and the import said the
+    snapshot was here already; a healing import tied with the copy it heals, by time, and the tie went by
+    id: `latest` gave the incomplete copy half the time, and `--keep-last 1` removed the healed one."""
+    from types import SimpleNamespace
+
+    from chunkvault.store.chronology import chronological_key
+    from chunkvault.store.retention import RetentionPolicy
+
+    when = "2026-01-01T00:00:00+00:00"
+    copy = SimpleNamespace(id="ff" * 32, time=when, parent=None, stats={})
+    healed = SimpleNamespace(id="00" * 32, time=when, parent=None, stats={"heals": copy.id})
+    assert max([copy, healed], key=chronological_key([copy, healed])) is healed
+
+    src = tmp_path / "src"
+    (src / "empty").mkdir(parents=True)
+    (src / "d").mkdir()
+    (src / "d" / "f").write_bytes(b"content")
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    path = tmp_path / "s.backup"
+    export(repo.store, snap, str(path), EXPORT_PW, kdf_log_n=10)
+    dst = other_repo(tmp_path)
+    for round_ in range(3):  # ids fall both ways
+        first = import_backup(dst.store, str(path), EXPORT_PW).snapshot
+        assert not dst.rewrite(["empty"], [first.id], dry_run=False).dry_run
+        again = import_backup(dst.store, str(path), EXPORT_PW)
+        assert not again.skipped and again.heals is not None and again.heals.id == first.id
+        assert again.snapshot.stats["heals"] == first.id
+        assert dst.snapshot("latest").id == again.snapshot.id
+        plan = dst.forget(policy=RetentionPolicy(keep_last=1), dry_run=True)
+        assert [d.snapshot_id for d in plan.decisions if d.keep] == [again.snapshot.id]
+        out = tmp_path / f"out{round_}"
+        dst.restore("latest", str(out))
+        assert describe(out) == describe(src)
+        assert import_backup(dst.store, str(path), EXPORT_PW).skipped
+        dst.forget([s.id for s in dst.snapshots()], dry_run=False)
+    first = import_backup(dst.store, str(path), EXPORT_PW).snapshot
+    dst.rewrite(["empty"], [first.id], dry_run=False)
+    proc = cli("import", "-r", str(tmp_path / "other"), str(path), "--json", password="a different password",
+               env={"CHUNKVAULT_EXPORT_PASSWORD": EXPORT_PW.decode()})
+    assert json.loads(proc.stdout)["heals"] == first.id
+    assert f"copy {first.short_id} of the file's snapshot no longer held all of it" in proc.stderr.decode()
+
+
 def test_an_imported_snapshot_keeps_what_the_next_backup_compares_by(tmp_path, exported):
     """Its walk's times and whether it kept extended attributes: without them the next backup of the same
     paths read every file again, or took a racy one on its times."""
