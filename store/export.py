@@ -57,7 +57,8 @@ from .copy import COPIED_FROM, IMPORTED_FROM, origins
 from .crypto import (MAX_LOG_N, MIN_LOG_N, NONCE_SIZE, SCRYPT_R, TAG_SIZE, AuthenticationFailed, Sealer,
                      derive_kek, scrypt_memory, tune_scrypt)
 from .locks import IMPORT, SHARED, RepoLock
-from .manifest import OP_ENTRY, T_FILE, ManifestStats, Record, decode_records, encode_record, unread
+from .manifest import (OP_ENTRY, T_DIR, T_FILE, T_HARDLINK, ManifestStats, Record, decode_records, encode_record,
+                       unread)
 from .manifest_io import ManifestWriter
 from .owners import OWNERS_KEY, OwnerMap, chain_owners
 from .repository import WORKERS, Repo, pack_key
@@ -248,6 +249,8 @@ class _RecordCursor:
         self.pending = b""
         self.confinement = Confinement()
         self.count = 0
+        self.leaf: bytes | None = None  # the newest entry that is no directory, its key and separator
+        self.link_targets: set[bytes] = set()  # what hard links name (``ExportFile.verify`` looks them up)
 
     def feed(self, piece: bytes, blobs_before: int, where: str) -> list[Record]:
         buf = self.pending + piece if self.pending else piece
@@ -266,6 +269,17 @@ class _RecordCursor:
         except ValueError as exc:
             raise CorruptObject(self.what, f"{where}: {exc}") from None
         e = rec.entry
+        # What a tree read from a directory cannot hold, and an import would store unseen: its restore fails
+        if self.leaf is not None and rec.key.startswith(self.leaf):
+            raise CorruptObject(self.what, f"{where}: {rec.path!r} lies below an entry that is not a directory")
+        if e.type != T_DIR:
+            self.leaf = rec.key + b"\x00"
+        if e.chunks and e.type != T_FILE:
+            raise CorruptObject(self.what, f"{where}: {rec.path!r} is no file and refers to chunks")
+        if len(e.digest) not in (0, 32):  # BLAKE3's, or none
+            raise CorruptObject(self.what, f"{where}: {rec.path!r} has a digest of {len(e.digest)} bytes")
+        if e.type == T_HARDLINK:
+            self.link_targets.add(e.target)
         held = 0
         for n, x, y, z in _REF.iter_unpack(e.chunks):
             if n >= blobs_before or x or y or z:
@@ -578,6 +592,8 @@ def _parse_metadata(plain: bytes, what: str, file_id: bytes) -> ExportInfo:
         snap = Snapshot(time=s["time"], kind=s["kind"], parent=s["parent"], host=s["host"], paths=s["paths"],
                         tags=s["tags"], manifest=[], stats=s["stats"], stdin_name=s["stdin_name"], id=s["id"])
         snap.check_fields()  # before anything is imported: a repository lists, sorts and prints it
+        if not re.fullmatch(r"[0-9a-f]{64}", s["id"]):  # kept as the import's origin (what copies match by)
+            raise ValueError(f"snapshot id {s['id'][:80]!r} is not 64 hex digits")
         chunker = ChunkerParams.from_dict(meta["source"]["chunker"])
         return ExportInfo(file_id.hex(), snap, str(meta["exported"]), str(meta["source"]["repository"]), chunker,
                           metadata=meta)
@@ -730,7 +746,22 @@ class ExportFile:
         self.blob_sizes = sizes
         self._record_sections = record_sections
         self.info = info
+        if cursor.link_targets:
+            self._check_link_targets(cursor.link_targets)
         return info
+
+    def _check_link_targets(self, targets: set[bytes]) -> None:
+        """Each hard link names a file before it (its first path, which holds the data), read in a second
+        pass over the records alone: a link to nothing or to a later path made its restore fail."""
+        found: set[bytes] = set()
+        for rec in self.records():
+            e = rec.entry
+            assert e is not None
+            if e.type == T_FILE and rec.path in targets:
+                found.add(rec.path)
+            elif e.type == T_HARDLINK and e.target not in found:
+                raise CorruptObject(self.what, f"hard link {rec.path!r} names {e.target!r}, which is no file "
+                                               "before it")
 
     # -- random access, after verify --
 

@@ -658,7 +658,8 @@ def _sealed_export(path, extra_records=(), **snapshot_fields):
 
 @pytest.mark.parametrize("field,value", [
     ("time", "2026-01-01T00:00:00"), ("time", 5), ("host", 1), ("tags", [1, 2]), ("paths", [1]),
-    ("paths", "/abc"), ("id", 7), ("stats", []), ("kind", "diff"), ("stdin_name", 3)])
+    ("paths", "/abc"), ("id", 7), ("id", "ab"), ("id", "zz" * 32), ("stats", []), ("kind", "diff"),
+    ("stdin_name", 3)])
 def test_an_export_whose_snapshot_fields_are_malformed_is_refused_before_anything_is_imported(
         tmp_path, new_repo, field, value):
     """A time without a zone, imported, had made every later listing of the repository fail (naive and
@@ -701,6 +702,15 @@ def _entry_record(path: bytes, kind: int, target: bytes = b""):
     return Record(OP_ENTRY, path, Entry(path, kind, mode=0o644, mtime_ns=10**18, target=target))
 
 
+def _file_record_of(path: bytes, *, digest: bytes | None = None, kind: int = T_FILE):
+    """A record of ``path`` holding the one blob ``_sealed_export`` stores."""
+    from chunkvault.store.manifest import OP_ENTRY, Entry, Record
+
+    data = b"hello\n"
+    return Record(OP_ENTRY, path, Entry(path, kind, mode=0o644, mtime_ns=10**18, size=len(data), chunks=blob_ref(0),
+                                        digest=blake3.blake3(data).digest() if digest is None else digest))
+
+
 @pytest.mark.parametrize("records,reason", [
     ([(b"h", T_HARDLINK, b"../etc/passwd")], "points out of the tree"),
     ([(b"h", T_HARDLINK, b"/etc/passwd")], "points out of the tree"),
@@ -719,6 +729,32 @@ def test_an_export_whose_tree_would_lead_a_restore_out_of_its_target_is_refused_
         import_backup(repo.store, str(tmp_path / "bad.backup"), EXPORT_PW)
     assert repo.snapshots() == []
     with pytest.raises(CorruptObject, match=reason):
+        restore_from_file(str(tmp_path / "bad.backup"), EXPORT_PW, str(tmp_path / "target"))
+    assert not (tmp_path / "target").exists()
+
+
+@pytest.mark.parametrize("records,reason", [
+    ([_file_record_of(b"a/x")], "lies below an entry that is not a directory"),
+    ([(b"h", T_HARDLINK, b"nothing")], "names b'nothing', which is no file before it"),
+    ([(b"b", T_HARDLINK, b"z"), _file_record_of(b"z")], "names b'z', which is no file before it"),
+    ([(b"d", T_DIR, b""), (b"l", T_HARDLINK, b"d")], "names b'd', which is no file before it"),
+    ([_file_record_of(b"b", digest=b"12345")], "has a digest of 5 bytes"),
+    ([_file_record_of(b"b", kind=T_DIR)], "is no file and refers to chunks"),
+], ids=["below a file", "link to nothing", "link to a later path", "link to a directory", "short digest",
+        "a directory with chunks"])
+def test_an_export_whose_records_no_backup_writes_is_refused_before_anything_is_imported(
+        tmp_path, new_repo, records, reason):
+    """Each was imported (exit 0, `check --read-data` clean) and never restored."""
+    from chunkvault.store.export import restore_from_file
+    from chunkvault.store.manifest import Record
+
+    extra = sorted((r if isinstance(r, Record) else _entry_record(*r) for r in records), key=lambda r: r.key)
+    _sealed_export(tmp_path / "bad.backup", extra_records=extra)
+    repo = new_repo(str(tmp_path / "repo"))
+    with pytest.raises(CorruptObject, match=re.escape(reason)):
+        import_backup(repo.store, str(tmp_path / "bad.backup"), EXPORT_PW)
+    assert repo.snapshots() == []
+    with pytest.raises(CorruptObject, match=re.escape(reason)):
         restore_from_file(str(tmp_path / "bad.backup"), EXPORT_PW, str(tmp_path / "target"))
     assert not (tmp_path / "target").exists()
 
