@@ -108,6 +108,27 @@ def test_a_blob_whose_whole_copy_is_lost_is_read_from_its_delta_copy_and_base(st
     assert (repo.store.locate(blob), repo.store.delta_base(blob)) == (other, base)
 
 
+def test_a_prune_keeps_the_delta_copy_when_the_whole_copy_it_would_keep_is_damaged(stored_twice, tmp_path):
+    """The copy stored whole is the one a prune keeps, unless it fails to verify: then the delta copy and its
+    base stay, and the damaged pack goes.  Keeping the damaged copy deleted the only good one."""
+    repo_dir, repo, first, second, content = stored_twice(delta=True)
+    blob = chunk_ids(repo, first, "db")[5]
+    repo.store.load_index()
+    held, ((other, base),) = copies_of(repo.store, blob)
+    assert repo.store.delta_base(blob) is None and base is not None
+    victim = pack_of(repo_dir, held, repo.store)
+    flip(victim, held.offset + held.length // 2)
+    repo.forget([second.id])  # nothing else holds the damaged pack's blob: the prune deletes that pack
+    with pytest.warns(RepositoryStateWarning, match=f"blob {blob.hex()}: its copy in .* does not verify"):
+        repo.prune(max_unused=0)
+    assert not victim.exists()
+    repo.store.load_index()
+    assert repo.store.locate(blob).pack_no is not None and repo.store.delta_base(blob) == base
+    repo.restore(first.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "db").read_bytes() == content
+    assert repo.check(read_data=True).ok
+
+
 def test_the_other_copies_are_known_whatever_order_the_index_objects_come_in(stored_twice):
     """The copy stored whole is held before a delta copy either way; the delta copy is known as the other,
     with its own base, whether its index object came first (then the whole copy took its place) or after."""

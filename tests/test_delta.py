@@ -238,6 +238,23 @@ def deepest_delta(repo, snap):
     return max(repo.find_entry(snap, "table").chunk_ids(), key=repo.store.delta_depth)
 
 
+def test_a_delta_envelope_given_another_base_id_does_not_open():
+    """The base id travels in clear ahead of the sealed bytes, and is bound by the associated data: one
+    swapped for another blob's would decode the delta on the wrong base, and give wrong bytes unnoticed."""
+    from chunkvault.store.blob import KIND_DELTA, delta_compress, open_envelope, seal_blob
+    from chunkvault.store.crypto import Sealer
+
+    sealer = Sealer(bytes(range(32)))
+    base_id, other_id, blob_id = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+    payload = delta_compress(b"new content" * 50, b"old content" * 50, 3)
+    envelope = bytearray(seal_blob(sealer, blob_id, KIND_DELTA, payload, base_id=base_id))
+    assert open_envelope(sealer, blob_id, bytes(envelope)) == (KIND_DELTA, payload)
+    assert envelope[1:33] == base_id
+    envelope[1:33] = other_id
+    with pytest.raises(CorruptObject, match="authentication failed"):
+        open_envelope(sealer, blob_id, bytes(envelope))
+
+
 def test_block_delta_round_trips_and_falls_back_when_content_moves():
     from chunkvault.store.blob import DELTA_BLOCKS, DELTA_DICT, delta_compress, delta_decompress
 

@@ -909,12 +909,14 @@ def test_a_file_unreadable_at_backup_time_has_no_chunks_to_add_up(tmp_path, new_
     assert (tmp_path / "out" / "c").read_bytes() == b"hello\n" * 2
 
 
-def test_check_read_data_names_a_file_whose_size_is_not_what_its_chunks_hold(tmp_path, new_repo, monkeypatch):
+@pytest.mark.parametrize("size,chunks,held", [(2**44, 1, 6), (6, 2, 12)], ids=["past its chunks", "short of them"])
+def test_check_read_data_names_a_file_whose_size_is_not_what_its_chunks_hold(tmp_path, new_repo, monkeypatch,
+                                                                              size, chunks, held):
     """Such a file (imported by an earlier chunkvault, which did not hold records to their chunks) fails
     every restore; `check --read-data`, which reads every chunk, said there were no problems."""
     from chunkvault.store import export as export_module
 
-    _sealed_export(tmp_path / "bad.backup", extra_records=[_file_record(b"big", 2**44, blob_ref(0))])
+    _sealed_export(tmp_path / "bad.backup", extra_records=[_file_record(b"big", size, blob_ref(0) * chunks)])
     repo = new_repo(str(tmp_path / "repo"))
     with monkeypatch.context() as m:
         m.setattr(export_module, "unread", lambda e: True)  # an import that does not look at sizes
@@ -924,7 +926,7 @@ def test_check_read_data_names_a_file_whose_size_is_not_what_its_chunks_hold(tmp
     assert not report.ok
     (problem,) = report.problems
     assert problem.object == f"snapshots/{snap.id}" and problem.snapshots == [snap.id]
-    assert "'big' records a size of 17592186044416 bytes, and its chunks hold 6" in problem.problem
+    assert f"'big' records a size of {size} bytes, and its chunks hold {held}" in problem.problem
     assert problem.files == [f"{snap.id[:8]}:big"]
 
 

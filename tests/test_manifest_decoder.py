@@ -95,3 +95,33 @@ def test_classes_it_cannot_fill_itself_are_called():
     assert calls == [b"a", b"hooked a"]
     fast, _ = manifest._decode_c(buf, Record, Entry, OP_DELETE, max(TYPE_NAMES))
     assert fast == recs and type(fast[0]) is Record and type(fast[0].entry) is Entry
+
+
+_CHANGES = {"path": b"g", "type": manifest.T_SYMLINK, "mode": 0o600, "uid": 1, "gid": 1, "mtime_ns": 2,
+            "size": 7, "rdev": 9, "target": b"t", "digest": b"e" * 32, "xattrs": b"x"}
+
+
+@pytest.mark.parametrize("field", sorted(_CHANGES))
+def test_diff_reports_a_change_of_each_field_a_restore_sets(field):
+    """``same_content`` compares every field a restore gives back; a file touched only in its mtime was not
+    reported by ``diff`` when one of them was left out."""
+    from dataclasses import replace
+
+    from chunkvault.repository import diff_trees
+
+    old = Entry(b"f", manifest.T_FILE, size=6, mtime_ns=1, digest=b"d" * 32, chunks=b"c" * 32)
+    new = replace(old, **{field: _CHANGES[field]})
+    assert not old.same_content(new) and not new.same_content(old)
+    if field != "path":
+        got = list(diff_trees(iter([Record(OP_ENTRY, b"f", old)]), iter([Record(OP_ENTRY, b"f", new)])))
+        assert got == [("modified", old, new)]
+
+
+def test_what_a_restore_does_not_set_is_no_change():
+    """ctime, inode, device and flags are the machine's, and chunks cut otherwise hold the same digest."""
+    from dataclasses import replace
+
+    old = Entry(b"f", manifest.T_FILE, size=6, mtime_ns=1, digest=b"d" * 32, chunks=b"c" * 32)
+    assert old.same_content(replace(old, ctime_ns=5, ino=5, dev=5, flags=2, chunks=b"z" * 64))
+    undigested = replace(old, digest=b"")
+    assert not undigested.same_content(replace(undigested, chunks=b"z" * 32))

@@ -130,6 +130,7 @@ def test_a_prune_limited_in_what_it_repacks_finishes_over_several_runs(tmp_path,
     limit = max(u.live_bytes for u in whole.repack)
     runs = 0
     while True:
+        assert runs <= len(whole.repack)  # each run repacks one pack at least: no prune is left to loop
         plan = repo.prune(max_unused=0.0, max_repack_size=limit)
         assert plan.repacked_bytes <= limit
         runs += 1

@@ -352,6 +352,26 @@ def test_keep_within_is_relative_to_latest_and_keeps_future_snapshots():
     assert kept(select(snaps, RetentionPolicy(keep_within="3d"), now)) == {"old", "older", "future"}
 
 
+@pytest.mark.parametrize("rule,duration,latest,edge", [
+    ("keep_within", "2d", datetime(2026, 3, 10, tzinfo=UTC), datetime(2026, 3, 8, tzinfo=UTC)),
+    ("keep_within_hourly", "2h", datetime(2026, 3, 10, 10, tzinfo=UTC), datetime(2026, 3, 10, 8, tzinfo=UTC)),
+    ("keep_within_daily", "2d", datetime(2026, 3, 10, tzinfo=UTC), datetime(2026, 3, 8, tzinfo=UTC)),
+    ("keep_within_weekly", "2w", datetime(2026, 3, 9, tzinfo=UTC), datetime(2026, 2, 23, tzinfo=UTC)),
+    ("keep_within_monthly", "2m", datetime(2026, 3, 15, tzinfo=UTC), datetime(2026, 1, 15, tzinfo=UTC)),
+    ("keep_within_yearly", "2y", datetime(2026, 3, 15, tzinfo=UTC), datetime(2024, 3, 15, tzinfo=UTC)),
+])
+def test_a_snapshot_exactly_the_duration_before_the_latest_is_outside_the_window(rule, duration, latest, edge):
+    """"Strictly newer than (latest - D)": on the edge, out; a second after it, in.  Each alone in its
+    bucket, so a bucket rule keeps it exactly when the window takes it (the model test finds an error
+    here only by chance)."""
+    now = latest + timedelta(days=1)
+    policy = RetentionPolicy(**{rule: duration})
+    on_edge = [Snap("latest", latest), Snap("edge", edge)]
+    assert kept(select(on_edge, policy, now)) == {"latest"}
+    inside = [Snap("latest", latest), Snap("inside", edge + timedelta(seconds=1))]
+    assert kept(select(inside, policy, now)) == {"latest", "inside"}
+
+
 def test_tags_and_untagged():
     snaps = [Snap("a", EPOCH, tags=("prod", "db")), Snap("b", EPOCH + timedelta(hours=1), tags=("prod",)),
              Snap("c", EPOCH + timedelta(hours=2))]
