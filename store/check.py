@@ -230,6 +230,8 @@ class Checker:
         for name, got in read:
             if isinstance(got, IndexColumns):
                 continue
+            if isinstance(got, NewerObject) and name not in superseded:
+                raise got  # not damage: what it lists is unknown here, and every pack it names would seem lost
             if name in superseded:  # a repair or prune stopped before deleting it: nothing reads it
                 self.report.warnings.append(f"index/{name} is superseded and does not read ({got}); "
                                             "`repair index` deletes it")

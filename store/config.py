@@ -113,8 +113,10 @@ class RepoConfig:
     created: str
     settings: Settings
 
-    def ad(self) -> bytes:
-        return CONFIG_AD + FORMAT_VERSION.to_bytes(4, "little") + self.repo_id.encode()
+    def ad(self, fmt: int = FORMAT_VERSION) -> bytes:
+        """What the sealed settings are bound to: the config's own ``format`` (a later reader opens an
+        earlier format's config by the number it holds) and the repository id, as ASCII."""
+        return CONFIG_AD + int(fmt).to_bytes(4, "little") + self.repo_id.encode()
 
     def encode(self, sealer: Sealer) -> bytes:
         sealed = sealer.seal(json.dumps(asdict(self.settings), sort_keys=True).encode(), self.ad())
@@ -139,7 +141,7 @@ def open_config(data: bytes, sealer: Sealer) -> RepoConfig:
     obj = peek_config(data)
     cfg = RepoConfig(obj["id"], str(obj.get("created", "")), Settings(chunker={}))
     try:
-        plain = sealer.open(_unb64(obj["sealed"], "config"), cfg.ad())
+        plain = sealer.open(_unb64(obj["sealed"], "config"), cfg.ad(obj["format"]))
     except AuthenticationFailed:
         raise CorruptObject("config", "authentication failed (tampered, or not this repository's)") from None
     s = _json(plain, "config")

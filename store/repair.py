@@ -25,7 +25,7 @@ from .manifest_io import store_manifest
 from .pack import PackEntry, readable_ids
 from .prune import (carried_forward, copy_intact, indexed_packs, packs_of, read_index_data, replace_index,
                     store_envelopes, verify_copies)
-from .repository import NOT_INDEXED, PreparedBlob, Repo, pack_id_of, pack_key
+from .repository import NOT_INDEXED, PreparedBlob, Repo, pack_id_of, pack_key, superseded_names
 from .rewrite import count_tree, save_counts
 from .snapshot import KIND_FULL, Snapshot
 
@@ -75,7 +75,11 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
     report = RepairReport()
     with RepoLock(repo.remote, EXCLUSIVE, "repair index", wait=wait) as lock:
         old = repo.index_names()
-        datas = read_index_data(repo, old)[0]
+        datas, failed = read_index_data(repo, old)
+        superseded = superseded_names(datas.values())
+        for name, exc in failed.items():
+            if isinstance(exc, NewerObject) and name not in superseded:  # replaced, it would be lost to it
+                raise exc.explained(" (`repair index` replaces no index object it cannot read)") from None
         listed = packs_of(datas)  # every pack's entries, as the objects that read give them
         index = IndexData()
         sizes = {}

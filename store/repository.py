@@ -411,6 +411,8 @@ class Repo:
                       fresh: bool = False) -> IndexT:
         try:
             return decode(self.sealer, self._index_bytes(name, fresh), f"index/{name}")
+        except NewerObject:  # not damage: nothing to repair, an upgrade reads it
+            raise
         except CorruptObject as exc:
             raise exc.explained("; `repair index` rebuilds the index from the packs") from None
 

@@ -94,6 +94,8 @@ class Snapshot:
         except (zstandard.ZstdError, ValueError, UnicodeDecodeError, RecursionError):
             raise CorruptObject(what, "undecodable") from None
         version = body.get("version") if isinstance(body, dict) else None
+        if version is True:  # FORMAT.md: a reader takes `true` as 1, as the config's `format`
+            body["version"] = version = 1
         if type(version) is not int or version < 1:
             raise CorruptObject(what, "unsupported snapshot version")
         if version > SNAPSHOT_VERSION:

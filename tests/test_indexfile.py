@@ -118,3 +118,37 @@ def test_a_newer_version_or_blob_kind_is_a_newer_writers_not_damage():
     with pytest.raises(CorruptObject, match="unsupported pack header version") as info:
         open_header(SEALER, SEALER.seal(struct.pack("<BI", 0, 0), HEADER_AD), "data/x", 100)
     assert not isinstance(info.value, NewerObject)
+
+
+def test_a_newer_index_object_in_a_repository_stops_every_command_and_repair_keeps_it(tmp_path, new_repo, cli):
+    """`restore` advised `repair index` for it, `check` called it damage (exit 18), and `repair index` replaced
+    it with an index of the packs it could read, deleting the newer writer's object for good."""
+    import struct
+
+    import pytest
+
+    from chunkvault.errors import NewerObject
+    from chunkvault.store.crypto import content_name
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data" * 1000)
+    path = tmp_path / "repo"
+    repo = new_repo(str(path))
+    repo.backup([str(src)])
+    store = repo.store
+    sealed = store.sealer.seal(zstandard.ZstdCompressor().compress(struct.pack("<BII", 2, 0, 0)), INDEX_AD)
+    name = content_name(sealed)
+    store.remote.put(f"index/{name}", sealed)
+    before = sorted(p.name for p in (path / "index").iterdir())
+    for call in (lambda: store.load_index(), lambda: repo.check(), lambda: repo.repair_index(),
+                 lambda: repo.prune()):
+        with pytest.raises(NewerObject, match=f"index/{name}: index version 2, which a newer chunkvault writes"
+                                              r": upgrade(?!.*repair index rebuilds)") as info:
+            call()
+        assert info.value.exit_code == 17
+    assert sorted(p.name for p in (path / "index").iterdir()) == before
+    for command in (["restore", "latest", "--target", str(tmp_path / "out")], ["check"], ["repair", "index"]):
+        proc = cli(*command, "-r", str(path), check=17)
+        assert b"repair index rebuilds" not in proc.stderr and b"newer chunkvault" in proc.stderr
+    assert sorted(p.name for p in (path / "index").iterdir()) == before

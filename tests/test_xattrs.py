@@ -263,6 +263,13 @@ def test_a_snapshot_of_a_newer_version_is_refused_by_name():
         Snapshot.decode(sealer, snap.id, snap.encode(sealer))
     snap.version = 1
     assert Snapshot.decode(sealer, snap.id, snap.encode(sealer)).version == 1
+    snap.version = True  # FORMAT.md: a reader takes `true` as 1 (another writer's JSON may say so)
+    got = Snapshot.decode(sealer, snap.id, snap.encode(sealer))
+    assert got.version == 1 and type(got.version) is int
+    for bad in (0, False, "1", 1.0):
+        snap.version = bad
+        with pytest.raises(CorruptObject, match="unsupported snapshot version"):
+            Snapshot.decode(sealer, snap.id, snap.encode(sealer))
 
 
 def test_the_command_line_turns_them_off(cli, source, tmp_path):
