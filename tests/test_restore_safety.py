@@ -203,6 +203,64 @@ def test_delta_replaces_a_file_with_other_links_and_leaves_them_alone(tmp_path, 
     assert sorted(os.listdir(target)) == ["a", "b", "f"]  # nothing left beside them
 
 
+def test_delta_replaces_a_file_with_other_links_whose_mtime_alone_differs(tmp_path, new_repo):
+    """Its content is the snapshot's, its mtime is not: it is written anew with the snapshot's (the other
+    link keeps its own), as a file of one link gets its times set."""
+    def make(src: Path) -> None:
+        (src / "a").write_bytes(b"content")
+        os.utime(src / "a", ns=(10**18, 10**18))
+    repo, _, src = backed_up(tmp_path, new_repo, make)
+    target = tmp_path / "target"
+    repo.restore("latest", str(target))
+    os.link(target / "a", tmp_path / "elsewhere")
+    os.utime(target / "a", ns=(2 * 10**18, 2 * 10**18))
+    repo.restore("latest", str(target), force=True, delta=True)
+    assert os.stat(target / "a").st_mtime_ns == 10**18 and describe(target) == describe(src)
+    assert os.stat(tmp_path / "elsewhere").st_mtime_ns == 2 * 10**18
+
+
+def test_an_in_place_restore_whose_file_data_is_damaged_leaves_its_other_links_as_they_were(tmp_path, new_repo):
+    """The file could not be restored, so its hard link was made a link to the target's old file there: the
+    old content of the link's own path was lost, and it counted as restored."""
+    import random
+
+    def make(src: Path) -> None:
+        (src / "a").write_bytes(random.Random(3).randbytes(300_000))
+        os.link(src / "a", src / "b")
+    repo, url, _ = backed_up(tmp_path, new_repo, make)
+    pack = max((p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(pack.read_bytes())
+    data[150_000] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "a").write_bytes(b"OLD-A")
+    (target / "b").write_bytes(b"OLD-B")
+    with pytest.raises(CorruptObject, match=r"2 file\(s\) not restored: a, b"):
+        repo.restore("latest", str(target), force=True)
+    assert (target / "a").read_bytes() == b"OLD-A" and (target / "b").read_bytes() == b"OLD-B"
+    assert os.stat(target / "a").st_ino != os.stat(target / "b").st_ino
+
+
+def test_a_restore_with_delete_of_a_selection_deletes_nothing_the_selection_leaves_out(tmp_path, new_repo):
+    """``--include keep --delete`` removes what the snapshot lacks inside the selection, never the rest of the
+    target (a directory the snapshot has too, but the selection does not take)."""
+    def make(src: Path) -> None:
+        (src / "keep").mkdir()
+        (src / "keep" / "a").write_bytes(b"1")
+        (src / "other").mkdir()
+        (src / "other" / "b").write_bytes(b"2")
+    repo, _, _ = backed_up(tmp_path, new_repo, make)
+    target = tmp_path / "target"
+    (target / "other").mkdir(parents=True)
+    (target / "other" / "notes.txt").write_bytes(b"precious")
+    (target / "keep").mkdir()
+    (target / "keep" / "extra").write_bytes(b"gone")
+    repo.restore("latest", str(target), force=True, delete=True, includes=["keep"])
+    assert (target / "other" / "notes.txt").read_bytes() == b"precious"
+    assert sorted(os.listdir(target / "keep")) == ["a"]
+
+
 def test_delta_over_a_file_with_other_links_reads_only_the_chunks_it_lacks(tmp_path, new_repo):
     """The replacement copies the chunks the old file holds at their offsets: only the changed ones come
     from the repository; a file right already, metadata and all, keeps its inode and its links."""

@@ -235,6 +235,47 @@ def test_any_recorded_field_that_differs_ends_a_run(tmp_path, kind):
         assert taken_by_the_walker(root, [Record(OP_ENTRY, b"x", entry_of(b"x", st_, T_FILE))]) == (0, 0, 0, 0)
 
 
+def test_any_recorded_field_that_differs_makes_a_file_changed_one_at_a_time_too(tmp_path):
+    """What the C walk's runs decide, the entry-by-entry test in Python decides alike: a file grown with its
+    mtime put back, backed up with --ignore-ctime, was taken as unchanged there (the C walk had not)."""
+    import dataclasses
+
+    from chunkvault.store.backup import _unchanged_file
+    from chunkvault.store.manifest import F_CHANGED_DURING_READ
+
+    target = tmp_path / "x"
+    target.write_bytes(b"12345")
+    st_ = os.lstat(target)
+    good = entry_of(b"x", st_, T_FILE)
+    assert _unchanged_file(good, st_, 0, NEVER_RACY)
+    changes = {"type": T_HARDLINK, "mode": good.mode ^ 0o1, "uid": good.uid + 1, "gid": good.gid + 1,
+               "mtime_ns": good.mtime_ns + 1, "ctime_ns": good.ctime_ns - 1, "ino": good.ino + 1,
+               "dev": good.dev + 1, "size": good.size + 1, "flags": F_CHANGED_DURING_READ}
+    ignored = {"ino": IGNORE_INODE, "dev": IGNORE_INODE, "ctime_ns": IGNORE_CTIME}
+    for field, value in changes.items():
+        bad = dataclasses.replace(good, **{field: value})
+        for ignore in (0, IGNORE_CTIME, IGNORE_INODE, IGNORE_CTIME | IGNORE_INODE):
+            assert _unchanged_file(bad, st_, ignore, NEVER_RACY) == bool(ignore & ignored.get(field, 0)), \
+                (field, ignore)
+
+
+def test_a_file_grown_with_its_mtime_put_back_is_read_again_with_ignore_ctime(tmp_path, new_repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"hello\n")
+    (src / "b").write_bytes(b"x\n")
+    for name in ("a", "b"):
+        os.utime(src / name, ns=(10**18, 10**18))
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(src)], ignore_ctime=True)
+    (src / "a").write_bytes(b"hello world, longer\n")
+    os.utime(src / "a", ns=(10**18, 10**18))
+    result = repo.backup([str(src)], ignore_ctime=True)
+    assert result.snapshot.stats["changed_files"] == 1
+    repo.restore("latest", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "a").read_bytes() == b"hello world, longer\n"
+
+
 @pytest.mark.parametrize("way", ["in runs", "one at a time", "linked"])
 def test_a_change_hidden_in_the_parent_s_clock_tick_is_read(tmp_path, monkeypatch, way):
     """A file changed again in the clock tick its times were stamped in, after the backup read it, keeps

@@ -308,6 +308,28 @@ def test_metadata_differences_are_caught(repo_with_tree, tmp_path, monkeypatch):
     assert not report.ok
 
 
+def test_separate_files_restored_as_one_are_caught(tmp_path, new_repo, monkeypatch):
+    """Two files of the same content, mode and times: restored as links of one file, every field compares
+    equal but their inode; a change to one would be a change to the other."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b"):
+        (src / name).write_bytes(b"same content\n")
+        os.utime(src / name, ns=(10**18, 10**18))
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+
+    def damage(target):
+        st = os.stat(target)
+        os.remove(os.path.join(target, "b"))
+        os.link(os.path.join(target, "a"), os.path.join(target, "b"))
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    corrupting(monkeypatch, damage)
+    report = verify_restore(repo, snap, scratch=str(scratch_dir(tmp_path)))
+    assert [(m.kind, m.path, m.expected) for m in report.mismatches] == [("hardlink", "b", "a separate file")]
+
+
 def test_a_type_change_is_caught(repo_with_tree, tmp_path, monkeypatch):
     def damage(target):
         p = os.path.join(target, "empty-dir")
