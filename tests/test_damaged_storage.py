@@ -928,6 +928,28 @@ def test_repair_snapshots_names_the_files_a_differential_loses_with_its_parents(
     assert sorted((s, p) for s, p in report.dropped) == sorted([(full.id, "a"), (diff.id, "a")])
 
 
+def test_a_file_a_differential_loses_does_not_come_back_as_its_parent_s_older_version(tmp_path, new_repo):
+    """Dropped from the differential, its path must be deleted there: the restore otherwise gave the full's
+    version of the file, without a word, as if it were the differential's."""
+    import random
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(random.Random(1).randbytes(200_000))
+    (src / "b").write_bytes(b"keep\n")
+    repo = new_repo(str(tmp_path / "repo"), pack_size=1)  # a pack per blob: the manifests' apart
+    repo.backup([str(src)], kind="full")
+    before = {p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file()}
+    (src / "a").write_bytes(random.Random(2).randbytes(2_000_000))
+    diff = repo.backup([str(src)], kind="diff").snapshot
+    new_packs = {p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file()} - before
+    max(new_packs, key=lambda p: p.stat().st_size).unlink()  # a chunk of the version of a the differential stored
+    repo.repair_index()
+    assert (diff.id, "a") in repo.repair_snapshots(dry_run=False).dropped
+    repo.restore(diff.id, str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["b"]
+
+
 def test_repair_snapshots_counts_what_each_snapshot_still_holds(tmp_path, new_repo):
     """The listing and `--type auto` read a snapshot's counts: after a repair they still gave the files it
     dropped, so nothing looked lost, in the snapshot that lost them or in a differential inheriting them."""

@@ -187,6 +187,25 @@ def test_an_older_version_of_a_snapshot_put_back_is_found_and_refused(chain):
         assert [s.id for s in repo.snapshots()][0] == a
 
 
+def test_the_current_version_put_back_after_an_older_one_is_no_finding(chain):
+    """The older copy is reported at every listing while it is there; once the current object is back,
+    nothing is (a listing of the old copy must not make it current)."""
+    path, _, states, raw = chain
+    a = next(iter(states))
+    with crashkit.open_repo(path) as repo:
+        repo.tag([a], add=["pinned"])
+    current = {a: open(os.path.join(path, "snapshots", a), "rb").read()}
+    crashkit.put_snapshot_back(path, a, raw)
+    for _ in range(2):
+        with crashkit.open_repo(path) as repo:
+            with pytest.warns(RepositoryStateWarning, match=f"{a} is stored as it was before a change"):
+                repo.snapshots()
+    crashkit.put_snapshot_back(path, a, current)
+    with crashkit.open_repo(path) as repo:
+        assert _problems(repo) == []
+        assert [s.tags for s in repo.snapshots() if s.id == a] == [["pinned"]]
+
+
 def test_a_new_snapshot_is_noted_while_the_command_still_holds_its_lock(chain, tmp_path):
     """Noted after the lock was let go, a forget of it by another command of this client could come in
     between, and the late note then brought the forgotten snapshot back as the newest: a false rollback."""

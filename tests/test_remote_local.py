@@ -412,3 +412,47 @@ def test_a_repository_directory_that_cannot_be_made_is_named():
 
     with pytest.raises(RemoteError, match="^writing config: No such file or directory: /proc/chunkvault-test$"):
         LocalRemote("/proc/chunkvault-test").put("config", b"x")
+
+
+def test_a_stream_that_stops_short_stores_nothing_and_one_under_way_survives_a_cleanup(tmp_path):
+    """`serve` hands an upload over as it arrives: a client that stopped mid-PUT must leave no object (a
+    truncated pack indexed by nobody, read by a later import), and a prune's sweep of old temp files must
+    not take the file an upload is writing."""
+    remote = LocalRemote(str(tmp_path))
+    key = "data/ab/" + "ab" * 32
+    pieces = [b"x" * 1000]
+    assert remote.put_stream(key, lambda n: pieces.pop() if pieces else b"", 5000) is False
+    assert remote.stat(key) is None and list(remote.temp_files()) == []
+    swept = []
+    pieces = [b"a" * 10, b"b" * 10]
+
+    def read(n: int) -> bytes:
+        if len(pieces) == 1:
+            swept.append(remote.cleanup_temp(older_than=0))  # a prune meanwhile, every temp file "old"
+        return pieces.pop(0)
+
+    assert remote.put_stream(key, read, 20) is True
+    assert swept == [0] and remote.get(key) == b"a" * 10 + b"b" * 10
+
+
+def test_an_object_s_bytes_are_synced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """What a crash right after the rename must not leave: the name pointing at bytes never written out."""
+    remote = LocalRemote(str(tmp_path))
+    events = []
+    real_fsync, real_rename, real_link = os.fsync, os.rename, os.link
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", lambda a, b, **k: (events.append(("rename", a)), real_rename(a, b, **k))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b, **k: (events.append(("rename", a)), real_rename(a, b, **k))[1])
+    monkeypatch.setattr(os, "link", lambda a, b, **k: (events.append(("rename", a)), real_link(a, b, **k))[1])
+    for if_absent in (False, True):
+        events.clear()
+        remote.put(f"data/cd/{'cd' * 31}{if_absent:02}", b"y" * 100, if_absent=if_absent)
+        (moved,) = [path for what, path in events if what == "rename"]
+        synced = [path for what, path in events if what == "fsync"]
+        assert synced[0] == moved and events.index(("fsync", moved)) < events.index(("rename", moved))
+        assert os.path.dirname(moved) in synced[1:]  # and the directory after

@@ -319,6 +319,36 @@ def test_pre_hook_failure_skips_the_backup_and_post_hook_sees_it(tmp_path, repo_
     assert e.value.exit_code == 1 and "db (pre hook exited 3)" in str(e.value)
 
 
+def test_a_failed_source_s_retention_is_skipped_and_a_partial_one_is_partial(tmp_path, repo_url, tree):
+    """A pre hook that failed saved nothing new: retention then would thin out what is there with nothing to
+    replace it (keep-full-within 7d removed every older full).  A backup that could not read a source path
+    is `partial` for the run, its exit code and its post hook, not `ok`."""
+    with Repository.open(repo_url, PASSWORD) as r:
+        for day in ("2026-11-01", "2026-11-10", "2026-11-20"):
+            r.backup([str(tree)], kind="full", host="h1", time=f"{day}T00:00:00Z")
+    before = [s.id for s in snapshots(repo_url)]
+    env_out = tmp_path / "post.env"
+    policy = load_policy(str(write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "db", "host": "h1", "paths": [str(tree)], "pre": "exit 1"},
+        {"name": "odd", "host": "h2", "paths": [str(tree), str(tmp_path / "missing")],
+         "post": f"env | grep ^CHUNKVAULT_RESULT > {q(str(env_out))}"},
+    ], top='full = "daily 02:00"\n[retention]\nkeep-full-within = "7d"\n')))
+    log: list[str] = []
+    report = Runner(policy, PASSWORD.encode(), log=log.append, lock_file=str(tmp_path / "l")).run()
+    db, odd = report.sources
+    assert db.status == "failed" and "db: retention skipped, the backup failed" in log
+    assert set(before) <= {s.id for s in snapshots(repo_url)}
+    assert odd.status == "partial" and odd.snapshot_id is not None
+    assert env_out.read_text().strip() == "CHUNKVAULT_RESULT=partial"
+    with pytest.raises(ChunkvaultError) as e:
+        report.raise_for_status()
+    assert e.value.exit_code == 1  # the failed source outweighs the partial one
+    report.sources.remove(db)
+    with pytest.raises(ChunkvaultError) as e:
+        report.raise_for_status()
+    assert e.value.exit_code == 3
+
+
 def test_post_hook_gets_the_snapshot_and_its_failure_counts(tmp_path, repo_url, tree, monkeypatch):
     env_out = tmp_path / "post.env"
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
