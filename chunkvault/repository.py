@@ -314,7 +314,8 @@ class Repository:
         self._ops_lock = threading.RLock()
         self._ended = threading.Condition(self._ops_lock)  # notified as each operation ends (``close``)
         self._current = threading.local()  # the operation this thread runs (``_operation``)
-        self._read_locks: list[Any] = []  # the locks ``reading`` blocks hold now (``close`` ends its own thread's)
+        self._read_locks: list[Any] = []  # the locks ``reading`` blocks hold now (``close`` releases them)
+        self._taking_read_locks = 0  # ``reading`` blocks taking their lock now (``close`` waits for them)
         self._retry_stop = retry_stop or StopRequest(parent=stop_request)
 
     # --- lifecycle --------------------------------------------------------------
@@ -388,15 +389,16 @@ class Repository:
     def close(self) -> None:
         """Close the connections; every later call is refused, whatever the storage (idempotent).  Calls
         running in other threads are stopped first (``stop``), and waited for: closed under them, the
-        remote would refuse the removal of their locks."""
-        self._closed = True
+        remote would refuse the removal of their locks.  The locks of ``reading`` blocks, of any thread,
+        are released before the connection closes; their lazy readers are refused after it."""
         mine = getattr(self._current, "op", None)
         with self._ended:
+            self._closed = True
             for op in self._running:
                 op.stop()
-            self._ended.wait_for(lambda: not self._running - {mine})
-            own, self._read_locks = self._read_locks, []
-        for lock in own:  # this thread's ``reading`` blocks, closed inside: their locks go before the remote
+            self._ended.wait_for(lambda: not self._running - {mine} and not self._taking_read_locks)
+            held, self._read_locks = self._read_locks, []
+        for lock in held:  # ``reading`` blocks, of any thread: their locks go before the remote does
             with contextlib.suppress(RemoteError):
                 lock.release()
         self._repo.remote.close()
@@ -411,8 +413,7 @@ class Repository:
         without a progress callback: ``backup`` and ``backup_stream`` between reads, ``backup_command`` at once
         (its command is ended), ``restore`` between batches of chunks, ``check`` and ``copy_to`` between packs,
         ``prune`` between repacks, ``export`` between batches of chunks, ``import_backup`` between sections of
-        the file, ``dump`` between writes, the readers ``tree``, ``diff`` and ``open_file`` of a ``reading``
-        block between fetches; a wait for a lock ends too.  The remotes of its repositories start attempts only
+        the file, ``dump`` between writes; a wait for a lock ends too.  The remotes of its repositories start attempts only
         within 10 s of the stop or of their last answer (as after Ctrl-C), so a call waiting on a dead one ends
         then too; the others end once their current remote calls do.  ``copy_to`` stops by either repository's
         ``stop``.  What a stopped operation leaves is what Ctrl-C leaves: no snapshot, no lock, and what a
@@ -449,7 +450,8 @@ class Repository:
             yield
             return
         op = op or _Operation()
-        with self._ops_lock:
+        with self._ops_lock:  # checked with the registering: a ``close`` now either sees it or refuses it
+            self._refuse_if_closed()
             self._running.add(op)
             op.repositories.append(self)
         self._current.op = op
@@ -753,20 +755,13 @@ class Repository:
         token or mount, a full disk), the read goes ahead unlocked (the latter with a warning)."""
         from .store.locks import SHARED, RepoLock
 
-        with self._operation(), contextlib.ExitStack() as held:  # as a call: ``close`` waits for it to end
+        self._refuse_if_closed()
+        with contextlib.ExitStack() as held:
             depth = getattr(self._reading_depth, "n", 0)
             locked = False
             if self.lock_reads and not depth:
-                lock = RepoLock(self._repo.remote, SHARED, purpose, wait=wait, wait_option=True)
-                try:
-                    lock.acquire()
-                except (PermissionDenied, StorageFull) as exc:
-                    warnings.warn(f"reading without a lock ({exc}): a prune running meanwhile could remove data "
-                                  f"this {purpose} needs; `--no-lock` (API: `lock_reads=False`) skips the lock",
-                                  RepositoryStateWarning, stacklevel=3)
-                else:
-                    with self._ops_lock:
-                        self._read_locks.append(lock)
+                lock = self._read_lock(RepoLock(self._repo.remote, SHARED, purpose, wait=wait, wait_option=True))
+                if lock is not None:
                     held.push(functools.partial(self._end_read_lock, lock))  # when the read ends
                     locked = True
                     self._repo.drop_stale()
@@ -784,6 +779,39 @@ class Repository:
             finally:
                 self._reading_depth.n = depth
 
+    def _read_lock(self, lock: Any) -> Any:
+        """``lock`` taken for a ``reading`` block and noted for ``close`` (which releases it before the remote
+        closes: taken here after that, it would stay on the storage, holding prune off until stale); None when
+        the remote refuses to store it.  ``close`` waits for a lock being taken, and ends a wait for one."""
+        with self._ops_lock:
+            self._refuse_if_closed()
+            self._taking_read_locks += 1
+        op = getattr(self._current, "op", None)
+        acquired = kept = False
+        try:
+            with locks.waits_end_when(lambda: self._closed or (op is not None and op.stopped)):
+                lock.acquire()
+            acquired = True
+        except (PermissionDenied, StorageFull) as exc:
+            warnings.warn(f"reading without a lock ({exc}): a prune running meanwhile could remove data "
+                          f"this {lock.purpose} needs; `--no-lock` (API: `lock_reads=False`) skips the lock",
+                          RepositoryStateWarning, stacklevel=4)
+            return None
+        finally:
+            if acquired:
+                with self._ops_lock:
+                    kept = not self._closed
+                    if kept:
+                        self._read_locks.append(lock)
+                if not kept:  # closed meanwhile: released while ``close`` waits, the remote still open
+                    with contextlib.suppress(RemoteError):
+                        lock.release()
+            with self._ops_lock:
+                self._taking_read_locks -= 1
+                self._ended.notify_all()
+        self._refuse_if_closed()
+        return lock
+
     def _end_read_lock(self, lock: Any, *exc: Any) -> None:
         """Release a ``reading`` block's lock as it ends (its ``__exit__``), unless ``close`` did."""
         with self._ops_lock:
@@ -794,7 +822,7 @@ class Repository:
 
     def _still_open(self) -> None:
         """Before each fetch of a lazy reader (``tree``, ``diff``, ``open_file``): refused once closed, whatever
-        the storage, and stopped once its thread's operation (a ``reading`` block) was told to stop."""
+        the storage, and stopped once the call it serves on this thread (``dump``'s) was told to stop."""
         self._refuse_if_closed()
         op = getattr(self._current, "op", None)
         if op is not None and op.stopped:

@@ -604,16 +604,28 @@ def test_a_close_inside_a_reading_block_or_beside_one_leaves_no_lock(tmp_path, t
     thread = threading.Thread(target=reader)
     thread.start()
     assert inside.wait(30)
-    closing = threading.Thread(target=repo.close)
-    closing.start()
-    closing.join(0.5)
-    assert closing.is_alive()  # waiting for the block
-    go_on.set()
-    closing.join(30)
-    thread.join(30)
-    assert not closing.is_alive() and not thread.is_alive()
-    assert len(ended) == 1 and isinstance(ended[0], (UsageError, Stopped)), ended
+    repo.close()  # the block's lock released before the connection closes: nothing waits for the block
     assert os.listdir(os.path.join(stored, "locks")) == []
+    go_on.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert len(ended) == 1 and isinstance(ended[0], UsageError) and "was closed" in str(ended[0]), ended
+    assert os.listdir(os.path.join(stored, "locks")) == []
+
+
+def test_a_stop_leaves_the_calls_of_a_reading_block_made_after_it_alone(tmp_path, tree):
+    """A reading block is no call: after a ``stop`` with nothing running, what runs inside the block runs
+    as usual, and the caller's own error comes out as it was raised."""
+    path = str(tmp_path / "repo")
+    with Repository.init(path, PASSWORD, kdf_seconds=0) as repo:
+        snap = repo.backup([str(tree)]).snapshot
+        with pytest.raises(ValueError, match="the caller's own"):
+            with repo.reading("browse"):
+                repo.stop()
+                repo.restore(snap.id, str(tmp_path / "out"))
+                assert list(repo.tree(snap.id))
+                raise ValueError("the caller's own error")
+        assert describe(tmp_path / "out") == describe(tree)
 
 
 def test_values_in_the_forms_the_readme_names_and_out_of_range_ones(tmp_path, tree):
@@ -631,3 +643,46 @@ def test_values_in_the_forms_the_readme_names_and_out_of_range_ones(tmp_path, tr
         with pytest.raises(UsageError):
             repo.tag(add=["x\ny"])
         assert repo.snapshots(hosts=["db\n1"]) == []  # a filter may name what was stored before the check
+
+
+def test_a_reading_block_taking_its_lock_as_close_runs_leaves_no_lock(tmp_path, tree, http_server):  # noqa: F811
+    """A thread entering ``reading()`` had passed the closed check, and took its lock after ``close`` had
+    looked for locks to release: the lock stayed on the server, holding prune off until stale."""
+    from chunkvault.store import locks as locks_module
+
+    url, stored = http_server.url, http_server.path
+    options = {"token": FULL_TOKEN, "cache": False}
+    Repository.init(url, PASSWORD, kdf_seconds=0, **options).backup([str(tree)])
+    repo = Repository.open(url, PASSWORD, **options)
+    taking, go_on, ended = threading.Event(), threading.Event(), []
+    real = locks_module.RepoLock.acquire
+
+    def slow_acquire(self):
+        real(self)
+        taking.set()
+        go_on.wait(30)  # the lock is on the server; its block has not noted it yet
+
+    def reader() -> None:
+        try:
+            with repo.reading("restore"):
+                ended.append("inside")
+        except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+            ended.append(exc)
+
+    locks_module.RepoLock.acquire = slow_acquire
+    try:
+        thread = threading.Thread(target=reader)
+        thread.start()
+        assert taking.wait(30)
+        closing = threading.Thread(target=repo.close)
+        closing.start()
+        closing.join(0.5)
+        assert closing.is_alive()  # waits for a lock being taken
+        go_on.set()
+        closing.join(30)
+        thread.join(30)
+    finally:
+        locks_module.RepoLock.acquire = real
+    assert not closing.is_alive() and not thread.is_alive()
+    assert len(ended) == 1 and isinstance(ended[0], UsageError), ended
+    assert os.listdir(os.path.join(stored, "locks")) == []
