@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 from chunkvault.errors import (ChunkvaultError, CorruptObject, ObjectNotFound, RemoteError, RepositoryStateWarning,
                                StorageFull)
 
-from .blob import KIND_DELTA, envelope_base, open_blob, open_envelope
+from .blob import KIND_DELTA, Plaintext, envelope_base, open_blob, open_envelope
 from .chain import broken_chains
 from .indexfile import INDEX_SLACK, IndexData, split_index
 from .locks import EXCLUSIVE, RepoLock
@@ -139,25 +139,45 @@ def kept_copies(packs: dict[bytes, list[PackEntry]], spurned: frozenset[tuple[by
     return copies
 
 
-def copy_intact(repo: Repo, e: PackEntry, envelope: bytes, *, whole: bool = False) -> bool:
+def copy_intact(repo: Repo, e: PackEntry, envelope: bytes, *, bases: dict[bytes, Plaintext] | None = None
+                ) -> bool:
     """Whether a blob's envelope verifies: it authenticates (sealed to its id, and a delta to its base, by a
-    holder of the key) and a whole blob's content hashes to its id.  ``whole``: a delta's content too,
-    decoded on its base (read through the index): any holder of the key can seal bytes to any id, so a copy
-    that is to stand in for one about to be deleted must be shown to hold the blob, not only to be sealed."""
+    holder of the key) and a whole blob's content hashes to its id.  ``bases`` (base id -> plaintext, those
+    that read and hash to their id): a delta's content is checked too, decoded on its base.  Any holder of
+    the key can seal bytes to any id, so a copy that is to stand in for one about to be deleted must be
+    shown to hold the blob, not only to be sealed."""
     if len(envelope) != e.length:
         return False
     try:
         if e.kind != KIND_DELTA:
             return repo.blob_id(open_blob(repo.sealer, e.blob_id, envelope, e.raw_length)) == e.blob_id
-        if not whole:  # its content needs its base: authentication is the check here
+        if bases is None:  # its content needs its base: authentication is the check here
             open_envelope(repo.sealer, e.blob_id, envelope)
             return True
-        base_id = envelope_base(envelope)
-        assert base_id is not None
-        base = repo.read_blob(base_id, verify=True, cache=True)
+        base = bases.get(envelope_base(envelope) or b"")
+        if base is None:
+            return False
         return repo.blob_id(open_blob(repo.sealer, e.blob_id, envelope, e.raw_length, base)) == e.blob_id
     except ChunkvaultError:
         return False
+
+
+def _bases_of(repo: Repo, envelopes: Iterable[bytes]) -> dict[bytes, Plaintext]:
+    """The plaintexts of the bases these delta envelopes name that read and hash to their ids: fetched
+    together (neighbours in one request), not one request each, and not kept in the cache."""
+    wanted = sorted({b for env in envelopes if (b := envelope_base(env)) is not None})
+    if not wanted:
+        return {}
+    try:
+        plains = repo.read_blobs(wanted)
+    except ChunkvaultError:  # one does not read: each on its own, to keep those that do
+        plains = []
+        for base_id in wanted:
+            try:
+                plains.append(repo.read_blob(base_id))
+            except ChunkvaultError:
+                plains.append(None)
+    return {b: p for b, p in zip(wanted, plains) if p is not None and repo.blob_id(p) == b}
 
 
 #: Copies of one pack read in one request when this close, up to this many bytes: a pack's blobs are read
@@ -253,8 +273,9 @@ def _verify_copies(repo: Repo, pid: bytes, entries: list[PackEntry], whole: bool
                 data = repo.remote.get(pack_key(pid), start, run[-1].offset + run[-1].length - start)
             except ObjectNotFound:
                 data = b""
-            out += [(c, copy_intact(repo, c, data[c.offset - start:c.offset - start + c.length], whole=whole))
-                    for c in run]
+            envelopes = [data[c.offset - start:c.offset - start + c.length] for c in run]
+            bases = _bases_of(repo, (env for c, env in zip(run, envelopes) if c.kind == KIND_DELTA)) if whole else None
+            out += [(c, copy_intact(repo, c, env, bases=bases)) for c, env in zip(run, envelopes)]
             run = []
         if e is not None:
             run.append(e)
