@@ -774,6 +774,8 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
         try:
             try:
                 restore_warnings = _restore(repo, snap, target, numeric_owner).warnings
+            except NewerObject:  # not damage: an upgrade reads it, and the run stops (exit 17)
+                raise
             except (CorruptObject, StorageFull) as exc:  # this snapshot fails; a run over several goes on
                 report.error = f"restore failed: {exc}"
                 report.error_kind = "no_space" if isinstance(exc, StorageFull) else "damaged"

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 
-from chunkvault.errors import CorruptObject
+from chunkvault.errors import CorruptObject, NewerObject
 from chunkvault.remotes.layer import parallel_map
 
 from .locks import COPY_INTO, SHARED, RepoLock
@@ -242,6 +242,8 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                     manifest, mw = _copy_manifest(dst, writer, mapper,
                                                   (lambda s=snap: src.manifest_records(s)) if kind == snap.kind
                                                   else (lambda s=snap: src.tree(s, src_snaps)))
+                except NewerObject:  # not damage: an upgrade reads it
+                    raise
                 except CorruptObject as exc:  # damaged in the source: the other snapshots still go
                     result.failed.append((snap.id, f"{exc.object_name}: {exc.reason}"))
                     continue

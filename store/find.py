@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from chunkvault.errors import CorruptObject
+from chunkvault.errors import CorruptObject, NewerObject
 
 from . import chain
 from .chain import fold_chains
@@ -77,7 +77,7 @@ def matches_by_snapshot(snapshots: Iterable[Snapshot], own_records: Callable[[Sn
             elif damaged is not None and s.parent in damaged:
                 damaged[s.id] = damaged[s.parent]
         except CorruptObject as exc:
-            if damaged is None:
+            if damaged is None or isinstance(exc, NewerObject):  # newer: not damage, an upgrade reads it
                 raise
             damaged[s.id] = exc
     return out

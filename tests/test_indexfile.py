@@ -5,6 +5,7 @@ import random
 import zstandard
 from hypothesis import given, settings, strategies as st
 
+from chunkvault import Repository
 from chunkvault.errors import CorruptObject
 from chunkvault.store.blob import KIND_DELTA, KIND_RAW, KIND_ZSTD
 from chunkvault.store.blobindex import BlobIndex, BlobLocation
@@ -148,7 +149,12 @@ def test_a_newer_index_object_in_a_repository_stops_every_command_and_repair_kee
             call()
         assert info.value.exit_code == 17
     assert sorted(p.name for p in (path / "index").iterdir()) == before
-    for command in (["restore", "latest", "--target", str(tmp_path / "out")], ["check"], ["repair", "index"]):
+    Repository.init(str(tmp_path / "to"), "pw", kdf_seconds=0).close()
+    for command in (["restore", "latest", "--target", str(tmp_path / "out")], ["check"], ["repair", "index"],
+                    ["find", "f"], ["verify-restore", "latest"],
+                    ["copy", "--to", str(tmp_path / "to"), "--to-password-file", str(tmp_path / "to-pw")]):
+        (tmp_path / "to-pw").write_text("pw\n")
         proc = cli(*command, "-r", str(path), check=17)
-        assert b"repair index rebuilds" not in proc.stderr and b"newer chunkvault" in proc.stderr
+        assert b"repair index rebuilds" not in proc.stderr and b"newer chunkvault" in proc.stderr, command
+        assert b"damaged" not in proc.stderr, command
     assert sorted(p.name for p in (path / "index").iterdir()) == before
