@@ -47,11 +47,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     result = repo.import_backup(args.file, password, wait=args.wait)
     snap = result.snapshot
     st = snap.stats
-    if result.heals is not None:
-        old = result.heals.short_id
-        warn(f"this repository's copy {old} of the file's snapshot no longer held all of it (a rewrite, a repair "
-             f"or lost data): the import {snap.short_id} is ordered after it (`latest`, retention); `forget {old}` "
-             "removes the incomplete copy")
+    if result.incomplete:
+        old = " ".join(c.short_id for c in result.incomplete)
+        copies = "copy" if len(result.incomplete) == 1 else "copies"
+        warn(f"this repository's {copies} {old} of the file's snapshot no longer held all of it (a rewrite, a "
+             f"repair or lost data): the import {snap.short_id} is ordered after {'it' if copies == 'copy' else 'them'}"
+             f" (`latest`, retention); `forget {old}` removes the incomplete {copies}")
     if args.json:
         cli._emit_json({**cli._snapshot_json(snap), "skipped": result.skipped,
                         "heals": result.heals.id if result.heals is not None else None})

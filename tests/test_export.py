@@ -825,8 +825,14 @@ def test_an_import_heals_a_copy_that_lost_directories_only_and_comes_after_it(tm
     dst.rewrite(["empty"], [first.id], dry_run=False)
     proc = cli("import", "-r", str(tmp_path / "other"), str(path), "--json", password="a different password",
                env={"CHUNKVAULT_EXPORT_PASSWORD": EXPORT_PW.decode()})
-    assert json.loads(proc.stdout)["heals"] == first.id
+    healed = json.loads(proc.stdout)
+    assert healed["heals"] == first.id
     assert f"copy {first.short_id} of the file's snapshot no longer held all of it" in proc.stderr.decode()
+    dst.rewrite(["empty"], [healed["id"]], dry_run=False)  # the healed copy loses it too: both are named
+    proc = cli("import", "-r", str(tmp_path / "other"), str(path), password="a different password",
+               env={"CHUNKVAULT_EXPORT_PASSWORD": EXPORT_PW.decode()})
+    assert (f"copies {first.short_id} {healed['id'][:8]} of the file's snapshot" in proc.stderr.decode()
+            or f"copies {healed['id'][:8]} {first.short_id} of the file's snapshot" in proc.stderr.decode())
 
 
 def test_an_imported_snapshot_keeps_what_the_next_backup_compares_by(tmp_path, exported):
