@@ -19,6 +19,7 @@ from chunkvault.errors import ObjectExists, ObjectNotFound, PermissionDenied, Re
 from chunkvault.remotes import open_remote
 from chunkvault.remotes.http import HTTPRemote
 from chunkvault.remotes.local import TEMP_PREFIX
+from chunkvault.remotes.server import PAGE_SIZE
 
 from netutil import free_port, listening
 from remote_contract import check_remote_contract
@@ -117,6 +118,8 @@ def test_listing_is_paged(http_server):
     assert [len(p) for p in pages] == [4000, 4000, 4000, 345]
     keys = [k for p in pages for k, _ in p]
     assert keys == sorted(written, key=lambda k: k.split("/"))
+    status, page = raw_request(http_server.port, "GET", "/objects/?prefix=data/&limit=1000000")
+    assert status == 200 and len(page["objects"]) == PAGE_SIZE and page["next"]  # never more than a page
 
 
 def test_options_and_urls(monkeypatch):
@@ -143,7 +146,8 @@ def test_options_and_urls(monkeypatch):
 # --- tokens and modes -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("token", ["wrong-token-0123456789abcdef", None])
+@pytest.mark.parametrize("token", ["wrong-token-0123456789abcdef", None, FULL_TOKEN + "-and-more", FULL_TOKEN[:-1]],
+                         ids=["wrong", "none", "the token and more", "the token less its end"])
 def test_wrong_or_missing_token_is_refused(http_server, token, monkeypatch):
     monkeypatch.delenv("CHUNKVAULT_HTTP_TOKEN", raising=False)
     monkeypatch.delenv("CHUNKVAULT_HTTP_TOKEN_FILE", raising=False)
@@ -153,7 +157,7 @@ def test_wrong_or_missing_token_is_refused(http_server, token, monkeypatch):
                      lambda: remote.put("locks/x", b"y" * 3_000_000)):
             with pytest.raises(PermissionDenied, match="token") as info:
                 call()
-            assert "wrong-token" not in str(info.value)
+            assert "wrong-token" not in str(info.value) and "-and-more" not in str(info.value)
     assert files_under(http_server.path) == []
     status, body = raw_request(http_server.port, "GET", "/objects/config", token=None)
     assert status == 401 and body["error"]
@@ -270,15 +274,43 @@ def test_unknown_endpoint_is_not_a_missing_object(http_server):
     remote.close()
 
 
-def test_upload_cut_short_stores_nothing(http_server):
+@pytest.mark.parametrize("declared,sent", [(100_000, 50_000), (1000, 10)], ids=["streamed", "small"])
+def test_upload_cut_short_stores_nothing(http_server, declared, sent):
+    """A body read whole (small) or streamed to its file (large): either way a client that stops short
+    leaves no object (a truncated index object answered 201 before)."""
     with socket.create_connection(("127.0.0.1", http_server.port), timeout=10) as s:
         s.sendall(f"PUT /objects/{KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n"
-                  "Content-Length: 100000\r\n\r\n".encode() + b"x" * 50_000)
+                  f"Content-Length: {declared}\r\n\r\n".encode() + b"x" * sent)
+        s.shutdown(socket.SHUT_WR)
+        answer = s.recv(200)
+    assert not answer.startswith(b"HTTP/1.1 2")
     deadline = time.monotonic() + 5
     while "upload cut short" not in http_server.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "upload cut short" in http_server.log()
     assert files_under(http_server.path) == []
+
+
+def test_a_delete_with_a_body_is_refused_and_its_body_never_read_as_a_request(http_server):
+    """Left on the connection, the body of a DELETE was the next request: a lock's removal carried the
+    removal of `config`."""
+    (http_server.path / "locks").mkdir()
+    (http_server.path / "locks" / "a1").write_bytes(b"x")
+    (http_server.path / "config").write_bytes(b"c")
+    smuggled = (f"DELETE /objects/config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n"
+                "Content-Length: 0\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", http_server.port), timeout=5) as s:
+        s.sendall(f"DELETE /objects/locks/a1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n"
+                  f"Content-Length: {len(smuggled)}\r\n\r\n".encode() + smuggled)
+        data = b""
+        try:
+            while piece := s.recv(4096):
+                data += piece
+        except socket.timeout:
+            pass
+    statuses = [line for line in data.split(b"\r\n") if line.startswith(b"HTTP/")]
+    assert len(statuses) == 1 and b" 400 " in statuses[0]
+    assert (http_server.path / "config").read_bytes() == b"c"
 
 
 def _rss_kib(pid: int) -> int:
