@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from chunkvault.errors import ObjectExists, ObjectNotFound, PermissionDenied, RemoteError, RemoteUnavailable, UsageError
+from chunkvault.errors import (ObjectExists, ObjectNotFound, PermissionDenied, RemoteError, RemoteUnavailable,
+                               StorageFull, UsageError)
 from chunkvault.remotes import open_remote
 from chunkvault.remotes.http import HTTPRemote
 from chunkvault.remotes.local import TEMP_PREFIX
@@ -1252,3 +1253,40 @@ def test_a_served_directory_that_is_a_link_takes_uploads_and_a_linked_object_is_
         with pytest.raises(ObjectNotFound):
             remote.get("keys/" + "ab" * 16)
         assert remote.stat("keys/" + "ab" * 16) is None
+
+
+@pytest.mark.parametrize("status,error", [
+    (401, PermissionDenied), (403, PermissionDenied), (412, ObjectExists), (507, StorageFull),
+    (503, RemoteUnavailable), (429, RemoteUnavailable), (400, RemoteError)])
+def test_a_service_s_answers_are_sorted_into_the_error_hierarchy(status, error):
+    """A stand-in service answering one status (fault injection): a full disk there (507) is said at once,
+    not retried for the retry time as an outage."""
+    import http.server
+
+    from chunkvault.remotes.layer import wrap_remote
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_PUT(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"error": "as told"}'
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = wrap_remote(HTTPRemote.from_url(f"http://127.0.0.1:{server.server_address[1]}/", token="t" * 20),
+                             attempts=3, base_delay=0.01)
+        with pytest.raises(error) as info:
+            remote.put("locks/x", b"1", if_absent=True)
+        assert type(info.value) is error
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -266,6 +266,9 @@ def test_precondition_maps_to_exists_only_for_if_absent():
     remote = S3Remote("bucket", "repo/", endpoint_url="http://127.0.0.1:9")
     err = remote._error(_client_error("PreconditionFailed", 412, "PutObject"), "put", "k", if_absent=True)
     assert type(err) is ObjectExists and err.key == "k"
+    # a 412 without a body: botocore names its code by the status
+    err = remote._error(_client_error("412", 412, "PutObject"), "put", "k", if_absent=True)
+    assert type(err) is ObjectExists and err.key == "k"
 
 
 def test_connection_errors_are_transient():
