@@ -109,6 +109,22 @@ def test_a_wrong_password_another_repository_or_no_repository_imports_nothing(ba
     assert objects(path) == before
 
 
+def test_another_repository_s_kit_is_refused_where_the_config_and_every_key_are_gone(backed_up, tmp_path):
+    """Nothing there names a repository to compare the kit with: the snapshots' objects do, and the kit's key
+    opens none of them.  Put back, the other repository's config made this one list no snapshot."""
+    path, _, _ = backed_up
+    other = Repository.init(str(tmp_path / "other"), PASSWORD, kdf_seconds=0)
+    foreign = other.export_key()
+    other.close()
+    (path / "config").unlink()
+    for key in (path / "keys").iterdir():
+        key.unlink()
+    before = objects(path)
+    with pytest.raises(UsageError, match="opens under the exported key"):
+        Repository.import_key(str(path), foreign, PASSWORD)
+    assert objects(path) == before
+
+
 def test_a_kit_read_as_text_is_taken_and_a_damaged_one_is_corrupt_not_a_type_error(backed_up):
     path, kit, _ = backed_up
     (path / "config").unlink()

@@ -56,6 +56,15 @@ def test_a_password_that_is_not_utf8_is_the_same_from_the_environment_and_a_file
     assert wrong.stderr.decode().startswith("chunkvault: wrong password")
 
 
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b""])
+def test_a_password_file_loses_its_line_break_only_its_blanks_are_the_password_s(cli, tmp_path, ending):
+    repo = str(tmp_path / "repo")
+    (tmp_path / "pw").write_bytes(b" two words " + ending)
+    cli("init", "-r", repo, "--kdf-time", "0", "--password-file", str(tmp_path / "pw"), password=None)
+    cli("snapshots", "-r", repo, password=None, env={"CHUNKVAULT_PASSWORD": " two words "})
+    cli("snapshots", "-r", repo, password=None, env={"CHUNKVAULT_PASSWORD": "two words"}, check=11)
+
+
 def test_a_file_and_a_command_at_one_level_are_refused(env, tmp_path):
     f = tmp_path / "pw"
     f.write_text("x")
