@@ -119,6 +119,29 @@ def test_a_snapshot_relayed_through_another_repository_is_not_copied_twice(tmp_p
         assert describe(out) == states[snap.stats["copied_from"]]
 
 
+def test_a_differential_on_a_snapshot_both_got_from_elsewhere_is_copied_onto_the_destination_s_copy(
+        tmp_path, new_repo):
+    """B and C each got A's full by copy; B then took a differential on it.  Copied from B to C, its parent is
+    C's copy of A's full, found by origin: the differential was refused as one whose parent the source lacks."""
+    a = new_repo(str(tmp_path / "a"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("one\n")
+    a.backup([str(src)], kind="full")
+    b = Repository.init(str(tmp_path / "b"), "b password", kdf_seconds=0)
+    c = Repository.init(str(tmp_path / "c"), "c password", kdf_seconds=0)
+    a.copy_to(b)
+    a.copy_to(c)
+    (src / "f").write_text("two\n")
+    diff = b.backup([str(src)], kind="diff").snapshot
+    result = b.copy_to(c)
+    assert [s for s, _ in result.copied] == [diff.id] and not result.failed
+    copied = max(c.snapshots(), key=lambda s: s.time)
+    assert copied.kind == "diff"
+    c.restore(copied.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "f").read_text() == "two\n"
+
+
 def test_same_chunker_secret_dedups_across_repositories(tmp_path, new_repo):
     src = new_repo(str(tmp_path / "src-repo"))
     history(tmp_path, src, 2)

@@ -257,6 +257,44 @@ def test_tar_of_a_subtree_links_the_names_of_a_file_whose_first_name_is_outside(
     assert (tmp_path / "out" / "b" / "y").read_bytes() == (src / "a" / "first").read_bytes()
 
 
+def test_zip_of_a_subtree_copies_each_name_of_a_file_whose_first_name_is_outside(new_repo, tmp_path):
+    """A zip has no hard links: each name holds the data (the second name was an internal error)."""
+    import zipfile
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a" / "f").write_bytes(b"data\n")
+    for name in ("l1", "l2"):
+        os.link(src / "a" / "f", src / "b" / name)
+    repo = new_repo()
+    snap = repo.backup([str(src)]).snapshot
+    out = io.BytesIO()
+    repo.dump(snap, "b", out, archive="zip")
+    z = zipfile.ZipFile(io.BytesIO(out.getvalue()))
+    assert {i.filename: z.read(i) for i in z.infolist() if not i.is_dir()} == {"b/l1": b"data\n", "b/l2": b"data\n"}
+
+
+@pytest.mark.parametrize("archive", ["tar", "zip"])
+def test_a_file_whose_chunks_read_as_other_bytes_of_its_length_fails_the_dump(backed_up, monkeypatch, archive):
+    """Every file is read to its end, so its digest is checked: a chunk that reads back otherwise (an index
+    pointing at another blob of that length) went into the archive unnoticed."""
+    from chunkvault.errors import CorruptObject
+
+    repo, snap = backed_up
+    target = repo.find_entry(snap, "a/sub/deep.txt")
+    bad = target.chunk_ids()[0]
+    real = repo.store.read_blob
+
+    def read_blob(blob_id, **kw):
+        data = bytes(real(blob_id, **kw))
+        return bytes(b ^ 1 for b in data) if blob_id == bad else data
+
+    monkeypatch.setattr(repo.store, "read_blob", read_blob)
+    with pytest.raises(CorruptObject, match="digest"):
+        repo.dump(snap, "/", io.BytesIO(), archive=archive)
+
+
 def test_zip_keeps_files_dirs_modes_and_symlinks_and_names_what_it_cannot_hold(backed_up, tree):
     repo, snap = backed_up
     data, warnings = dumped(repo, snap, "/", archive="zip")
