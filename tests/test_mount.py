@@ -76,6 +76,19 @@ def test_layout_names_snapshots_by_time_and_links_everything_else_to_them():
     assert Layout([]).resolve("/snapshots") == VirtualDir(())
 
 
+def test_ids_that_share_a_long_prefix_each_get_a_name_and_an_ambiguous_one_resolves_to_none():
+    """Short names grow past the longest shared prefix (one of two ids sharing nine digits was missing from
+    ids/), and a prefix two ids share leads nowhere, as every command refuses an ambiguous id."""
+    a = snap("abcdef123" + "1" * 55, "2026-01-01T00:00:00+00:00")
+    b = snap("abcdef123" + "2" * 55, "2026-01-02T00:00:00+00:00")
+    lay = Layout([a, b])
+    names = lay.resolve("/ids").names
+    assert len(set(names)) == 2
+    assert {lay.resolve(f"/ids/{n}") for n in names} == {Link(f"../snapshots/{lay.names[s.id]}") for s in (a, b)}
+    assert lay.resolve("/ids/abcdef12") is None and lay.resolve("/ids/abcdef123") is None
+    assert lay.resolve(f"/ids/{a.id}") == Link(f"../snapshots/{lay.names[a.id]}")
+
+
 def test_snapshot_tree_lists_children_and_reads_hard_links_as_their_file():
     f = Entry(b"d/f", T_FILE, size=3)
     tree = SnapshotTree([Entry(b"", T_DIR), Entry(b"d", T_DIR), f, Entry(b"d/h", T_HARDLINK, target=b"d/f"),

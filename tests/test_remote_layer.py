@@ -546,6 +546,28 @@ def test_a_rewritable_object_is_cached_by_the_version_its_listing_gives(tmp_path
     assert [unversioned.get("snapshots/s2") for _ in range(2)] == [b"x", b"x"] and inner_gets(counted) == 2
 
 
+def test_a_listing_that_stops_giving_versions_ends_the_cached_copy(tmp_path):
+    """A store whose listing once named a version and now names none (an S3-compatible store dropping the
+    ETag, an SFTP server omitting the mtime): the copy cached under the old version was served still, after
+    another client had rewritten the object."""
+    class Sometimes(LocalRemote):
+        versions = True
+
+        def list(self, prefix: str = ""):
+            for info in super().list(prefix):
+                yield info if self.versions else ObjectInfo(info.key, info.size)
+
+    inner = Sometimes(str(tmp_path / "repo"))
+    remote = CachingRemote(inner, tmp_path / "cache")
+    inner.put("snapshots/s1", b"first")
+    list(remote.list("snapshots/"))
+    assert remote.get("snapshots/s1") == b"first"
+    inner.put("snapshots/s1", b"rewritten")  # another client's tag or rebase
+    inner.versions = False
+    list(remote.list("snapshots/"))
+    assert remote.get("snapshots/s1") == b"rewritten"
+
+
 def test_a_complete_listing_drops_entries_of_objects_gone_from_the_remote(tmp_path):
     """Another machine's prune replaces the index and a forget removes snapshots: once this machine lists
     them, their cache entries go, so the cache does not grow with every prune done elsewhere."""
