@@ -18,7 +18,7 @@ import pytest
 from chunkvault.errors import (ObjectExists, ObjectNotFound, PermissionDenied, RemoteError, RemoteUnavailable,
                                StorageFull, UsageError)
 from chunkvault.remotes import open_remote
-from chunkvault.remotes.http import HTTPRemote
+from chunkvault.remotes.http import LIMIT_HEADER, HTTPRemote
 from chunkvault.remotes.local import TEMP_PREFIX
 from chunkvault.remotes.server import PAGE_SIZE
 
@@ -1287,6 +1287,37 @@ def test_a_service_s_answers_are_sorted_into_the_error_hierarchy(status, error):
         with pytest.raises(error) as info:
             remote.put("locks/x", b"1", if_absent=True)
         assert type(info.value) is error
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_ranged_read_answered_whole_gives_the_range():
+    """Something in between (a proxy) dropped the Range header and the whole object came: the range is
+    cut from it, not the whole object taken for the range."""
+    import http.server
+
+    class Whole(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            body = b"0123456789"
+            self.send_response(200)
+            self.send_header(LIMIT_HEADER, str(1 << 30))  # a chunkvault service behind it
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Whole)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with HTTPRemote.from_url(f"http://127.0.0.1:{server.server_address[1]}/", token="t" * 20) as remote:
+            assert remote.get("config", 2, 3) == b"234"
+            assert remote.get("config", 7) == b"789"
+            assert remote.get("config") == b"0123456789"
     finally:
         server.shutdown()
         server.server_close()
