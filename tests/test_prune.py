@@ -712,21 +712,15 @@ def test_a_prune_with_nothing_to_do_leaves_the_index_as_it_is(tmp_path, new_repo
     assert sorted(os.listdir(out)) == ["a"]
 
 
-def test_a_pack_an_added_index_took_out_of_the_index_is_not_pruned_while_it_holds_what_snapshots_use(
-        tmp_path, new_repo):
-    """Whoever may only add objects (an append-only token) wrote a pack of junk and an index object that
-    points a real pack's blobs at it and supersedes every other: the next prune deleted the real pack as a
-    killed backup's leftover, for good.  It is kept, with a warning, and `repair index` makes all whole."""
+def _one_file_backed_up_and_its_index(tmp_path, new_repo, seed: int):
+    """(source, repository, snapshot, index object names, pack id -> entries) of one 3 MiB file backed up."""
     import random
 
-    from chunkvault.errors import RepositoryStateWarning
-    from chunkvault.store.crypto import content_name
-    from chunkvault.store.indexfile import IndexData, decode_index
-    from chunkvault.store.repository import pack_key
+    from chunkvault.store.indexfile import decode_index
 
     src = tmp_path / "src"
     src.mkdir()
-    (src / "f").write_bytes(random.Random(4).randbytes(3 << 20))
+    (src / "f").write_bytes(random.Random(seed).randbytes(3 << 20))
     repo = new_repo(str(tmp_path / "repo"))
     snap = repo.backup([str(src)]).snapshot
     store = repo.store
@@ -734,6 +728,21 @@ def test_a_pack_an_added_index_took_out_of_the_index_is_not_pruned_while_it_hold
     packs = {}
     for n in names:
         packs.update(decode_index(store.sealer, store.remote.get(f"index/{n}"), n).packs)
+    return src, repo, snap, names, packs
+
+
+def test_a_pack_an_added_index_took_out_of_the_index_is_not_pruned_while_it_holds_what_snapshots_use(
+        tmp_path, new_repo):
+    """Whoever may only add objects (an append-only token) wrote a pack of junk and an index object that
+    points a real pack's blobs at it and supersedes every other: the next prune deleted the real pack as a
+    killed backup's leftover, for good.  It is kept, with a warning, and `repair index` makes all whole."""
+    from chunkvault.errors import RepositoryStateWarning
+    from chunkvault.store.crypto import content_name
+    from chunkvault.store.indexfile import IndexData
+    from chunkvault.store.repository import pack_key
+
+    src, repo, snap, names, packs = _one_file_backed_up_and_its_index(tmp_path, new_repo, 4)
+    store = repo.store
     real = max(packs, key=lambda p: sum(e.length for e in packs[p]))
     entries = packs.pop(real)
     junk = os.urandom(max(e.offset + e.length for e in entries) + 64)
@@ -754,27 +763,17 @@ def test_delta_copies_sealed_over_other_bytes_do_not_let_a_prune_delete_the_real
     """As above, but the added pack holds deltas sealed with the key to the real blobs' ids, over a base of
     junk: they authenticate, and the prune took that for their holding the blobs and deleted the real pack
     for good.  A copy that is to stand in for one about to be deleted is decoded and hashed, deltas too."""
-    import random
-
     import zstandard
 
     from chunkvault.errors import RepositoryStateWarning
     from chunkvault.store.blob import DELTA_DICT, KIND_DELTA, KIND_RAW, seal_blob
     from chunkvault.store.crypto import content_name
-    from chunkvault.store.indexfile import IndexData, decode_index
+    from chunkvault.store.indexfile import IndexData
     from chunkvault.store.pack import PackBuilder
     from chunkvault.store.repository import pack_key
 
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_bytes(random.Random(5).randbytes(3 << 20))
-    repo = new_repo(str(tmp_path / "repo"))
-    snap = repo.backup([str(src)]).snapshot
+    src, repo, snap, names, packs = _one_file_backed_up_and_its_index(tmp_path, new_repo, 5)
     store = repo.store
-    names = store.index_names()
-    packs = {}
-    for n in names:
-        packs.update(decode_index(store.sealer, store.remote.get(f"index/{n}"), n).packs)
     manifest = {bytes.fromhex(h) for h in snap.manifest}
     junk = b"junk" * 64
     junk_id = store.blob_id(junk)

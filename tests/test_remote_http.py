@@ -1,6 +1,7 @@
 """HTTPRemote against a real ``chunkvault serve``: the contract, tokens, append-only, traversal, TLS, limits."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -12,6 +13,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -1255,69 +1257,56 @@ def test_a_served_directory_that_is_a_link_takes_uploads_and_a_linked_object_is_
         assert remote.stat("keys/" + "ab" * 16) is None
 
 
+@contextlib.contextmanager
+def _stand_in_service(answer: Callable[[Any], None], method: str = "PUT") -> Iterator[str]:
+    """A stand-in for the service (fault injection) whose handler of ``method`` is ``answer``; its URL."""
+    import http.server
+
+    handler = type("Handler", (http.server.BaseHTTPRequestHandler,), {
+        "protocol_version": "HTTP/1.1", f"do_{method}": answer, "log_message": lambda self, *args: None})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _answer(handler: Any, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    handler.send_response(status)
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 @pytest.mark.parametrize("status,error", [
     (401, PermissionDenied), (403, PermissionDenied), (412, ObjectExists), (507, StorageFull),
     (503, RemoteUnavailable), (429, RemoteUnavailable), (400, RemoteError)])
 def test_a_service_s_answers_are_sorted_into_the_error_hierarchy(status, error):
-    """A stand-in service answering one status (fault injection): a full disk there (507) is said at once,
-    not retried for the retry time as an outage."""
-    import http.server
-
+    """A full disk there (507) is said at once, not retried for the retry time as an outage."""
     from chunkvault.remotes.layer import wrap_remote
 
-    class Answer(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def answer(handler: Any) -> None:
+        handler.rfile.read(int(handler.headers["Content-Length"]))
+        _answer(handler, status, b'{"error": "as told"}')
 
-        def do_PUT(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = b'{"error": "as told"}'
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        remote = wrap_remote(HTTPRemote.from_url(f"http://127.0.0.1:{server.server_address[1]}/", token="t" * 20),
-                             attempts=3, base_delay=0.01)
+    with _stand_in_service(answer) as url:
+        remote = wrap_remote(HTTPRemote.from_url(url, token="t" * 20), attempts=3, base_delay=0.01)
         with pytest.raises(error) as info:
             remote.put("locks/x", b"1", if_absent=True)
         assert type(info.value) is error
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_ranged_read_answered_whole_gives_the_range():
     """Something in between (a proxy) dropped the Range header and the whole object came: the range is
     cut from it, not the whole object taken for the range."""
-    import http.server
+    def answer(handler: Any) -> None:  # a chunkvault service behind it: its header
+        _answer(handler, 200, b"0123456789", {LIMIT_HEADER: str(1 << 30)})
 
-    class Whole(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            body = b"0123456789"
-            self.send_response(200)
-            self.send_header(LIMIT_HEADER, str(1 << 30))  # a chunkvault service behind it
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Whole)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with HTTPRemote.from_url(f"http://127.0.0.1:{server.server_address[1]}/", token="t" * 20) as remote:
-            assert remote.get("config", 2, 3) == b"234"
-            assert remote.get("config", 7) == b"789"
-            assert remote.get("config") == b"0123456789"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _stand_in_service(answer, "GET") as url, HTTPRemote.from_url(url, token="t" * 20) as remote:
+        assert remote.get("config", 2, 3) == b"234"
+        assert remote.get("config", 7) == b"789"
+        assert remote.get("config") == b"0123456789"
