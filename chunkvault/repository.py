@@ -413,11 +413,11 @@ class Repository:
         without a progress callback: ``backup`` and ``backup_stream`` between reads, ``backup_command`` at once
         (its command is ended), ``restore`` between batches of chunks, ``check`` and ``copy_to`` between packs,
         ``prune`` between repacks, ``export`` between batches of chunks, ``import_backup`` between sections of
-        the file, ``dump`` between writes; a wait for a lock ends too.  The remotes of its repositories start attempts only
-        within 10 s of the stop or of their last answer (as after Ctrl-C), so a call waiting on a dead one ends
-        then too; the others end once their current remote calls do.  ``copy_to`` stops by either repository's
-        ``stop``.  What a stopped operation leaves is what Ctrl-C leaves: no snapshot, no lock, and what a
-        backup stored whole reused by the next one.  An operation started afterwards runs as usual."""
+        the file, ``dump`` between writes; a wait for a lock ends too.  The remotes of its repositories start
+        attempts only within 10 s of the stop or of their last answer (as after Ctrl-C), so a call waiting on a
+        dead one ends then too; the others end once their current remote calls do.  ``copy_to`` stops by either
+        repository's ``stop``.  What a stopped operation leaves is what Ctrl-C leaves: no snapshot, no lock, and
+        what a backup stored whole reused by the next one.  An operation started afterwards runs as usual."""
         with self._ops_lock:
             running = list(self._running)
         for op in running:

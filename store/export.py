@@ -825,8 +825,12 @@ class ImportResult:
     snapshot: Snapshot  # when ``skipped``, the one the repository had
     exported_id: str  # the snapshot's id in the repository it was exported from
     skipped: bool = False
-    heals: Snapshot | None = None  # the newest of ``incomplete``: the import is ordered after it
     incomplete: list[Snapshot] = field(default_factory=list)  # the copies here that no longer held all of it
+
+    @property
+    def heals(self) -> Snapshot | None:
+        """The newest of ``incomplete``: the import is ordered after it (``chronology.HEALS``)."""
+        return self.incomplete[-1] if self.incomplete else None
 
 
 def already_here(snapshots: Iterable[Snapshot], exported: Snapshot) -> list[Snapshot]:
@@ -981,7 +985,7 @@ def import_backup(repo: Repo, path: str, password: bytes, *, lock_wait: float = 
                 },
             )
             # a prune that took its lock for stale may have deleted what this import reuses
-            return ImportResult(repo.save_snapshot_held(snap, repo_lock), src.id, heals=present, incomplete=copies)
+            return ImportResult(repo.save_snapshot_held(snap, repo_lock), src.id, incomplete=copies)
 
 
 def _unreadable(src: Snapshot, flagged: list[bytes]) -> list[str]:

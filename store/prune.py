@@ -256,7 +256,8 @@ def verify_copies(repo: Repo, copies: dict[bytes, list[PackEntry]], *, whole: bo
     read in runs of neighbours, a few packs at a time."""
     out: dict[tuple[bytes, int], bool] = {}
     with ThreadPoolExecutor(max(1, min(OBJECT_READERS, len(copies)))) as pool:
-        for pid, results in zip(copies, pool.map(lambda pid: _verify_copies(repo, pid, copies[pid], whole), copies)):
+        verified = pool.map(lambda pid: _verify_copies(repo, pid, copies[pid], whole), copies)
+        for pid, results in zip(copies, verified):
             out.update(((pid, e.offset), ok) for e, ok in results)
     return out
 
@@ -274,7 +275,8 @@ def _verify_copies(repo: Repo, pid: bytes, entries: list[PackEntry], whole: bool
             except ObjectNotFound:
                 data = b""
             envelopes = [data[c.offset - start:c.offset - start + c.length] for c in run]
-            bases = _bases_of(repo, (env for c, env in zip(run, envelopes) if c.kind == KIND_DELTA)) if whole else None
+            bases = (_bases_of(repo, (env for c, env in zip(run, envelopes) if c.kind == KIND_DELTA))
+                     if whole else None)
             out += [(c, copy_intact(repo, c, env, bases=bases)) for c, env in zip(run, envelopes)]
             run = []
         if e is not None:
