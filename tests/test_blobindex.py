@@ -243,3 +243,26 @@ def test_bad_column_changes_nothing():
     assert len(index) == 0
     assert index.add_many(ids, array("b", [1, 2, 3]), array("H", [4, 5, 6]), 0, 0) == 3
     assert [loc.pack_no for _, loc in index.items()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_every_delta_a_whole_copy_replaces_is_reported_with_its_location(n):
+    """Several deltas stored whole again in one index object: each replaced row is read at its own place
+    (with the stride of a row and its id); past the first they were misread, or the open crashed."""
+    from chunkvault.store.blob import KIND_DELTA, KIND_ZSTD
+    from chunkvault.store.crypto import Sealer
+    from chunkvault.store.indexfile import IndexData, decode_index_columns, encode_index
+    from chunkvault.store.pack import PackEntry
+
+    sealer = Sealer(bytes(32))
+    ids = [bytes([i + 1]) * 32 for i in range(n)]
+    base = b"\x99" * 32
+    deltas = [PackEntry(b, KIND_DELTA, 100 * k, 10 + k, 1000 + k, base) for k, b in enumerate(ids)]
+    wholes = [PackEntry(b, KIND_ZSTD, 500 * k, 50 + k, 1000 + k) for k, b in enumerate(ids)]
+    cols = decode_index_columns(sealer, encode_index(sealer, IndexData({b"A" * 32: deltas, b"B" * 32: wholes})), "i")
+    index, replaced = BlobIndex(), []
+    for no, (count, start) in enumerate(zip(cols.counts, cols.starts)):
+        index.add_entries(cols.plain, start, count, no, replaced)
+    assert [(b, tuple(loc)) for b, loc in replaced] == [
+        (b, (0, 100 * k, 10 + k, 1000 + k, KIND_DELTA)) for k, b in enumerate(ids)]
+    assert [tuple(index.get(b)) for b in ids] == [(1, 500 * k, 50 + k, 1000 + k, KIND_ZSTD) for k in range(n)]

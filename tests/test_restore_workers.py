@@ -582,3 +582,26 @@ def test_check_finds_a_tree_every_restore_refuses(tmp_path, new_repo, crafted, r
         assert "every restore refuses its manifest: " in problem.problem and refused in problem.problem
     with pytest.raises(CorruptObject, match=f"tree of snapshot {snap.id}: .*{refused}"):
         repo.restore("latest", str(tmp_path / "out"))
+
+
+def test_a_damaged_chunk_that_several_parts_of_a_file_hold_names_the_file_once(tmp_path, new_repo, password,
+                                                                              monkeypatch):
+    """A file written in parts by two workers, whose one damaged chunk every part holds: it was named once
+    per part among the files not restored."""
+    from chunkvault import Repository
+    from chunkvault.errors import CorruptObject
+    from chunkvault.store import restore_workers
+    from test_damaged_storage import damage_blob
+
+    monkeypatch.setattr(restore_workers, "STRIPE_BYTES", 1 << 20)
+    monkeypatch.setattr(restore_workers, "SPLIT_SHARE", 1 << 40)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(random.Random(1).randbytes(256 << 10) * 16)  # one chunk's content, 16 times
+    repo = new_repo(str(tmp_path / "repo"), pack_size=256 << 10)
+    snap = repo.backup([str(src)], fixed_chunks=["big"], fixed_chunk_size=256 << 10).snapshot
+    (entry,) = [e for e in repo.tree(snap) if e.path.endswith(b"big")]
+    damage_blob(tmp_path / "repo", repo, entry.chunk_ids()[0])
+    repo = Repository.open(str(tmp_path / "repo"), password)
+    with pytest.raises(CorruptObject, match=r"1 file\(s\) not restored: big \("):
+        repo.restore(snap.id, str(tmp_path / "out"), processes=2)
