@@ -108,3 +108,17 @@ def test_the_counts_add_up_through_random_changes(tmp_path, new_repo, seed):
         assert st["new_files"] + st["changed_files"] + st["unchanged_files"] == st["files"] == len(after)
         before = after
 
+
+
+def test_new_data_is_counted_as_the_files_bytes_the_manifest_apart(tmp_path, new_repo):
+    """A first backup of distinct files adds their bytes exactly: the manifest's blobs are counted as
+    manifest, their plaintext taken out of the total (their envelopes' size was taken out instead)."""
+    import random
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(random.Random(7).randbytes(5000))
+    for i in range(200):
+        (src / f"small-{i}").write_text(f"{i}\n")
+    stats = new_repo().backup([str(src)]).snapshot.stats
+    assert stats["added_raw_bytes"] == stats["bytes"] == 5000 + sum(len(f"{i}\n") for i in range(200))

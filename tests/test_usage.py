@@ -203,3 +203,26 @@ def test_only_these_counts_the_manifests_that_go_with_them(tmp_path, new_repo):
     repo.forget([snap.id])
     repo.prune(max_unused=0.0)
     assert before - sum(loc.length for _, loc in repo.store.index.items()) == u.only_manifests.stored_bytes
+
+
+def test_a_selection_counts_its_deltas_and_not_the_manifests_another_snapshot_shares(tmp_path, new_repo):
+    """Two fulls of an unchanged tree share their manifest blobs: forgetting one frees none of them.  A
+    change of four bytes in a large file stores one delta: the selection says one, not every other chunk."""
+    repo = new_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    data = bytearray(random.Random(3).randbytes(3_000_000))
+    (src / "big").write_bytes(data)
+    for i in range(20):
+        (src / f"s{i}").write_text(f"small file {i}\n")
+    first = repo.backup([str(src)]).snapshot
+    repo.backup([str(src)], kind="full")
+    u = repo.usage([first.id])
+    assert u.only_manifests.blobs == 0 and u.frees_stored_bytes == 0
+    data[1_000_000:1_000_004] = b"XXXX"
+    (src / "big").write_bytes(data)
+    diff = repo.backup([str(src)]).snapshot
+    assert diff.stats["delta_blobs"] >= 1
+    u = repo.usage([diff.id])
+    assert u.chunks.delta_blobs == diff.stats["delta_blobs"]
+    assert u.chunks.delta_stored_bytes == diff.stats["delta_stored_bytes"]
