@@ -375,3 +375,41 @@ def test_replace_on_a_server_without_posix_rename(relay, tmp_path):
     with pytest.raises(OSError):
         c.replace(f"{d}/absent", f"{d}/obj")  # the rename's own failure, the object left as it was
     assert (tmp_path / "obj").read_bytes() == b"two"
+
+
+_HANDLE = 102  # SSH_FXP_HANDLE: the reply that opens a file or a directory
+
+
+def _refusing_handle(nth: int, code: int):
+    """A relay rewrite: the ``nth`` handle reply (0: every one) becomes a status ``code`` (3: permission
+    denied)."""
+    seen = [0]
+
+    def rewrite(kind: int, body: bytes) -> list[bytes]:
+        if kind == _HANDLE:
+            seen[0] += 1
+            if nth in (0, seen[0]):
+                return [status(struct.unpack_from(">I", body)[0], code, b"Permission denied")]
+        return [packet(kind, body)]
+    return rewrite
+
+
+def test_a_directory_the_server_refuses_to_open_is_an_error_not_missing(relay, tmp_path):
+    """Taken for missing, an unreadable data/xx/ was left out of the listing: check, prune and repair saw a
+    repository without its packs."""
+    for i in range(3):
+        (tmp_path / f"d{i}").mkdir()
+        (tmp_path / f"d{i}" / "pack").write_bytes(b"x")
+    client = relay(_refusing_handle(2, 3))
+    with pytest.raises(OSError) as info:
+        client.listdirs([str(tmp_path / f"d{i}") for i in range(3)])
+    assert info.value.errno == errno.EACCES
+
+
+def test_permission_denied_carries_its_errno(relay, tmp_path):
+    """What the remote turns into PermissionDenied (its own exit code), not a generic failure."""
+    (tmp_path / "f").write_bytes(b"x")
+    client = relay(_refusing_handle(0, 3))
+    with pytest.raises(OSError) as info:
+        client.read_file(str(tmp_path / "f"))
+    assert info.value.errno == errno.EACCES
