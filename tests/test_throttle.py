@@ -76,6 +76,28 @@ def test_transfers_take_their_turns(tmp_path):
     assert remote.fork_safe is False
 
 
+def test_a_download_begun_during_another_s_turn_starts_when_that_turn_ends(tmp_path):
+    """Its size is known only once it is done, so it is booked after: but it must not start before the link
+    is free, or downloads from several threads went out together, a burst above the rate."""
+    clock = FakeClock()
+    inner = LocalRemote(str(tmp_path / "r"))
+    for i in range(2):
+        inner.put(f"data/{i}", b"x" * 500)
+    started: list[float] = []
+    real_get = inner.get
+
+    def get(key, start=None, length=None):
+        started.append(clock.now)
+        return real_get(key, start, length)
+
+    inner.get = get
+    remote = ThrottledRemote(inner, download=1000, clock=clock, sleep=clock.sleep)
+    remote.get("data/0")  # its turn: 100.0 to 100.5
+    clock.now = 100.05  # another thread's download begins 0.05 s into that turn
+    remote.get("data/1")
+    assert started == [100.0, 100.5] and clock.slept == [0.5, 0.45, 0.5]
+
+
 @pytest.mark.parametrize("text, rate", [("512", 512 * 1024), ("2M", 2 << 20), ("500K/s", 500 * 1024),
                                         ("1.5", 1536), ("3MiB", 3 << 20)])
 def test_rates_on_the_command_line(text, rate):
