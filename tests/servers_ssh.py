@@ -39,8 +39,9 @@ def _keygen(path: str) -> str:
 class SSHServer:
     """sshd with a private configuration on a free 127.0.0.1 port."""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, max_sessions: int = 64) -> None:
         self.dir = workdir
+        self.max_sessions = max_sessions  # channels per connection
         self.user = getpass.getuser()
         self.host_key = os.path.join(workdir, "host_ed25519")
         self.user_key = os.path.join(workdir, "user_ed25519")
@@ -68,7 +69,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
 UsePAM no
-MaxSessions 64
+MaxSessions {self.max_sessions}
 MaxStartups 64
 Subsystem sftp internal-sftp
 LogLevel ERROR

@@ -87,3 +87,26 @@ def test_paths_are_quoted_and_escaped_from_ssh_tokens():
 def test_a_host_that_looks_like_an_option_stays_a_host():
     cmd = openssh_command(SSHTarget("-oProxyCommand=evil", None, None, (), None, False, None, 15.0))
     assert cmd[cmd.index("--") + 1] == "-oProxyCommand=evil"
+
+
+def test_a_channel_the_server_refuses_leaves_the_connection_s_other_sessions_working(tmp_path):
+    """Past the server's MaxSessions, a new channel is refused: that one fails, and the sessions already
+    open on the connection go on (the whole connection was dropped under them)."""
+    from chunkvault.remotes.sftp_sessions import ParamikoSessions
+    from servers_ssh import SSHServer, require_sshd
+
+    require_sshd()
+    server = SSHServer(str(tmp_path), max_sessions=1)
+    server.start()
+    try:
+        target = SSHTarget("127.0.0.1", server.port, server.user, (server.user_key,), server.known_hosts,
+                           False, None, 10.0)
+        sessions = ParamikoSessions(target)
+        first = sessions.open()
+        (tmp_path / "f").write_bytes(b"hello")
+        with pytest.raises(RemoteUnavailable):
+            sessions.open()
+        assert sessions.alive(first) and first.read_file(str(tmp_path / "f")) == b"hello"
+        sessions.close()
+    finally:
+        server.stop()
