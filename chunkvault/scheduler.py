@@ -47,6 +47,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections import deque
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -814,7 +815,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``chunkvault run --config FILE``: whatever is due now, then retention."""
     plain = not (args.json or args.quiet)
     log = _Log(args.log, utc_now, also=sys.stdout if plain and args.log else None) if args.log else None
-    held: list[str] = []  # -q or --json without a log: said on stderr if the run fails, with what its commands said
+    # -q or --json without a log: the last lines, said on stderr if the run fails, with what its commands said
+    held: deque[str] = deque(maxlen=HELD_LINES)
     if log is not None:
         emit: Callable[[str], None] = log
     elif plain:
@@ -824,7 +826,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return _run(args, log, emit)
     except BaseException:
-        for line in held[-HELD_LINES:]:
+        for line in held:
             print(one_line(line), file=sys.stderr)
         raise
 
