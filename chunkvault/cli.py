@@ -39,6 +39,12 @@ T = TypeVar("T")
 class _Parser(argparse.ArgumentParser):
     _intermixing = False
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        """No option is taken from a prefix of its name: ``restore --del`` would be ``--delete``, and
+        ``forget --keep-full 2`` an unclear error about ``--keep-full-within``'s duration."""
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit code 2, like every usage error
         raise UsageError(message)
 

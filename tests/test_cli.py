@@ -499,6 +499,21 @@ def test_options_may_come_between_a_command_s_arguments():
         _parse(["dump", "--json"])
 
 
+def test_no_option_is_taken_from_a_prefix_of_its_name():
+    """``restore --del`` is not ``--delete``, nor ``--keep-full`` ``--keep-full-within``: a typo or a
+    half-remembered option is refused by name, never widened into another (a destructive one)."""
+    from chunkvault.cli import _parse
+
+    for argv, prefix in ((["restore", "latest", "--target", "t", "--del"], "--del"),
+                         (["forget", "--keep-full", "2"], "--keep-full"),
+                         (["backup", "d", "--dry"], "--dry"),
+                         (["check", "--read-data-sub", "1/2"], "--read-data-sub"),
+                         (["verify-restore", "--all-s", "7d"], "--all-s")):
+        with pytest.raises(UsageError, match=f"unrecognized arguments: {prefix}"):
+            _parse(argv)
+    assert _parse(["backup", "d", "-qn"]).dry_run  # short options still group
+
+
 @given(st.binary(max_size=40))
 def test_a_json_name_gives_back_its_exact_bytes(raw):
     from chunkvault.cli import _name_json
