@@ -1760,7 +1760,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("check", parents=[common, reading], help="verify the repository")
     s.add_argument("--read-data", action="store_true", help="decrypt, decompress and re-hash every blob")
-    s.add_argument("--read-data-subset", metavar="n/m|P%", help="read only a slice of the packs")
+    s.add_argument("--read-data-subset", metavar="n/m|P%|SIZE",
+                   help="read only some packs: the n-th of m slices, each by chance at P%%, or random ones "
+                        "holding at least SIZE (500M, 2G)")
     s.add_argument("--accept-state", action="store_true",
                    help="accept the snapshots as they are now after a replayed or rolled-back repository "
                         "was reported (resets this client's ledger)")

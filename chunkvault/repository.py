@@ -1206,7 +1206,8 @@ class Repository:
     @_stoppable
     def check(self, *, read_data: bool = False, subset: str | None = None,
               progress: Callable[[int, int, int], None] | None = None, accept_state: bool = False) -> CheckReport:
-        """Verify structure; with ``read_data`` (or a ``subset`` like "1/7" or "10%") every blob too.
+        """Verify structure; with ``read_data`` every blob too, or with ``subset`` those of some packs: "1/7" (the
+        first of seven slices), "10%" (each pack by chance), "500M" (random packs holding at least that much).
 
         A replayed or rolled-back snapshot set (by this client's ledger) is a problem naming the
         snapshot; ``accept_state`` accepts the set as it is instead (reported as warnings).
@@ -1215,7 +1216,7 @@ class Repository:
         from .store.check import Checker, Problem
 
         if subset is not None and not isinstance(subset, str):
-            raise UsageError(f"a check subset is text like \"1/7\" or \"10%\", not {subset!r}")
+            raise UsageError(f"a check subset is text like \"1/7\", \"10%\" or \"500M\", not {subset!r}")
         with self.reading("check"):
             report = Checker(self._repo, read_data=read_data, subset=subset, progress=self._progress(progress)).run()
             accepted = self.accept_state() if accept_state else []  # after the check: its snapshots are loaded

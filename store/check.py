@@ -12,12 +12,13 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import blake3
 
 from chunkvault.errors import (ChunkvaultError, CorruptObject, NewerObject, ObjectNotFound, RemoteUnavailable,
                                RepositoryStateWarning, UsageError)
+from chunkvault.units import parse_size
 
 from . import forked
 from .blob import KIND_DELTA, open_blob
@@ -85,8 +86,10 @@ class CheckReport:
                 "packs_read": self.packs_read, "blobs_read": self.blobs_read, "bytes_read": self.bytes_read}
 
 
-def parse_subset(spec: str | None) -> Callable[[bytes], bool] | None:
-    """``n/m``: the n-th of m deterministic slices of the packs; ``P%``: a random share."""
+def parse_subset(spec: str | None) -> Callable[[Mapping[bytes, int]], set[bytes]] | None:
+    """Which of the packs (id -> size) a ``--read-data-subset`` reads: ``n/m`` the n-th of m slices by pack
+    id, so that m runs with n = 1..m read every pack once; ``P%`` each pack by chance at that share; a size
+    (``500M``, ``2G``) packs drawn at random until they hold at least that many bytes, or all of them."""
     if spec is None:
         return None
     spec = spec.strip()
@@ -96,14 +99,33 @@ def parse_subset(spec: str | None) -> Callable[[bytes], bool] | None:
             if not 0 < share <= 1:
                 raise ValueError
             rng = random.Random()
-            return lambda _pack_id: rng.random() < share
+            return lambda packs: {pid for pid in packs if rng.random() < share}
+        if "/" not in spec:
+            if spec[-1:].isdigit():  # "3" would be three bytes: a slip for "1/3" or "3%" more likely
+                raise ValueError
+            return _packs_holding(parse_size(spec))
         n, m = (int(x) for x in spec.split("/"))
         if not 1 <= n <= m:
             raise ValueError
-    except ValueError:
-        raise UsageError(f"bad read-data subset {spec!r}: use n/m (1 <= n <= m) or a percentage like 10%").hinting(
-            " (--read-data-subset)") from None
-    return lambda pack_id: int.from_bytes(pack_id[:4], "big") % m == n - 1
+    except (ValueError, UsageError):
+        raise UsageError(f"bad read-data subset {spec!r}: use n/m (1 <= n <= m), a percentage like 10% "
+                         "or a size like 500M").hinting(" (--read-data-subset)") from None
+    return lambda packs: {pid for pid in packs if int.from_bytes(pid[:4], "big") % m == n - 1}
+
+
+def _packs_holding(size: int) -> Callable[[Mapping[bytes, int]], set[bytes]]:
+    def select(packs: Mapping[bytes, int]) -> set[bytes]:
+        order = list(packs)
+        random.shuffle(order)
+        chosen: set[bytes] = set()
+        held = 0
+        for pid in order:
+            if held >= size:
+                break
+            chosen.add(pid)
+            held += packs[pid]
+        return chosen
+    return select
 
 
 class Checker:
@@ -382,6 +404,8 @@ class Checker:
                 "or a prune's new pack whose index it did not get to write, or its index object is lost: "
                 "`repair index` adds it; prune deletes it only while no snapshot misses a blob)")
         todo = []
+        chosen = (self.select({pid: stored[pid] for pid in indexed if pid in stored})
+                  if self.read_data and self.select is not None else None)
         for pid, sources in indexed.items():
             if pid not in stored:
                 p = self.problem(pack_key(pid), "pack is missing (`repair index` drops it from the index, then "
@@ -389,7 +413,7 @@ class Checker:
                 for e in _entries(sources):
                     self.bad_blobs[e.blob_id] = p
                 continue
-            read_all = self.read_data and (self.select is None or self.select(pid))
+            read_all = self.read_data and (chosen is None or pid in chosen)
             todo.append((pid, stored[pid], sources, read_all))
         return todo, sum(size for _, size, _, read_all in todo if read_all)
 

@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+from hypothesis import given, strategies as st
 
 from chunkvault import Repository
 
@@ -396,3 +397,36 @@ def test_an_unreadable_manifest_says_what_to_do(repo_with_data, password):
     problems = {p.object: p.problem for p in Repository.open(str(repo_dir), password).check().problems}
     assert "manifest unreadable" in problems[f"snapshots/{s1.id}"]
     assert "then `repair snapshots` lists the snapshots to forget" in problems[f"snapshots/{s1.id}"]
+
+
+def test_a_size_subset_reads_random_packs_holding_at_least_that_much(repo_with_data):
+    repo_dir, repo, _, _ = repo_with_data
+    sizes = sorted((p.stat().st_size for p in packs(repo_dir)), reverse=True)
+    assert len(sizes) >= 4
+    r = repo.check(subset=f"{sizes[0] + 1}b")  # more than the largest pack: two at least, never all
+    assert r.ok and 2 <= r.packs_read < r.packs
+    assert r.bytes_read > 0
+    assert repo.check(subset="1T").packs_read == r.packs  # more than the repository holds: every pack
+
+
+@given(st.dictionaries(st.binary(min_size=32, max_size=32), st.integers(1, 1 << 30), max_size=40),
+       st.integers(1, 1 << 32))
+def test_size_subset_selection(packs_by_id, size):
+    """The packs drawn hold at least ``size`` bytes, or are all of them; without the largest of them they
+    hold less (no pack is drawn once ``size`` is reached)."""
+    from chunkvault.store.check import _packs_holding
+
+    chosen = _packs_holding(size)(packs_by_id)
+    held = sum(packs_by_id[p] for p in chosen)
+    assert chosen <= packs_by_id.keys()
+    assert held >= size or chosen == packs_by_id.keys()
+    assert not chosen or held - max(packs_by_id[p] for p in chosen) < size
+
+
+@pytest.mark.parametrize("spec", ["3", "0/3", "4/3", "0%", "101%", "2X", "0M", ""])
+def test_a_bad_subset_is_one_usage_error(repo_with_data, spec):
+    from chunkvault.errors import UsageError
+
+    _, repo, _, _ = repo_with_data
+    with pytest.raises(UsageError, match="bad read-data subset .*or a size like 500M"):
+        repo.check(subset=spec)

@@ -936,7 +936,7 @@ def test_api_errors_read_without_options_and_the_command_line_names_its_own(tmp_
     said = cli("backup", "-r", r, "--stdin", "--stdin-name", "../up", input=b"x", check=2).stderr.decode().strip()
     assert said == "chunkvault: invalid stream name '../up': a relative path without . or .. in it (--stdin-name)"
     said = cli("check", "-r", r, "--read-data-subset", "4/3", check=2).stderr.decode().strip()
-    assert said.endswith("or a percentage like 10% (--read-data-subset)")
+    assert said.endswith("or a size like 500M (--read-data-subset)")
 
 
 def test_latest_with_a_filter_is_the_newest_of_what_the_filter_selects(tmp_path, cli):
