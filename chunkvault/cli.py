@@ -41,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any):
         """No option is taken from a prefix of its name: ``restore --del`` would be ``--delete``, and
-        ``forget --keep-full 2`` an unclear error about ``--keep-full-within``'s duration."""
+        ``forget --keep-da 2`` ``--keep-daily``."""
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
@@ -1029,7 +1029,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 RETENTION_FLAGS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
                    "keep_within", "keep_within_hourly", "keep_within_daily", "keep_within_weekly",
-                   "keep_within_monthly", "keep_within_yearly", "keep_full_within", "keep_diff_within")
+                   "keep_within_monthly", "keep_within_yearly", "keep_full_within", "keep_diff_within",
+                   "keep_full", "keep_diff")
 
 
 def _policy(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -1726,6 +1727,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             period = name.removeprefix("keep_")
             s.add_argument(flag, type=int, metavar="N",
                            help=("keep the last N snapshots" if period == "last" else
+                                 "keep the newest N full snapshots" if period == "full" else
+                                 "keep the newest N differential snapshots" if period == "diff" else
                                  f"keep the newest snapshot of each of the last N "
                                  f"{period.removesuffix('ly').replace('dai', 'day')}s") + " (-1: all)")
     s.add_argument("--keep-tag", action="append", default=[], metavar="TAGS", help="keep snapshots with these tags (a,b)")

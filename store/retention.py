@@ -183,6 +183,7 @@ def _fmt_duration(d: DurationLike) -> str:
 
 _COUNT_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 _WITHIN_BUCKET_RULES = ("hourly", "daily", "weekly", "monthly", "yearly")
+_KIND_COUNT_RULES = (KIND_FULL, KIND_DIFF)  # keep_full, keep_diff: the newest N snapshots of that type
 
 
 def _bucket(rule: str, t: datetime) -> tuple[int, ...]:
@@ -217,10 +218,12 @@ class RetentionPolicy:
     keep_tags: tuple[frozenset[str], ...] = ()
     keep_full_within: DurationLike | None = None
     keep_diff_within: DurationLike | None = None
+    keep_full: int | None = None  # the newest N full snapshots (pgBackRest's retention-full)
+    keep_diff: int | None = None  # the newest N differentials
     group_by: frozenset[str] = field(default=frozenset({"host", "paths"}))
 
     def __post_init__(self) -> None:
-        for rule in _COUNT_RULES:
+        for rule in _COUNT_RULES + _KIND_COUNT_RULES:
             v = getattr(self, f"keep_{rule}")
             if v is None:
                 continue
@@ -261,7 +264,7 @@ class RetentionPolicy:
 
     def is_empty(self) -> bool:
         """True when no rule is set; such a policy would remove everything, so ``select`` refuses it."""
-        if any(getattr(self, f"keep_{r}") for r in _COUNT_RULES):
+        if any(getattr(self, f"keep_{r}") for r in _COUNT_RULES + _KIND_COUNT_RULES):
             return False
         if any(getattr(self, n) for n in self._duration_fields()):
             return False
@@ -282,6 +285,10 @@ class RetentionPolicy:
                 parts.append(f"{rule} within {_fmt_duration(v)} of the latest")
         for ts in self.keep_tags:
             parts.append(f"tagged {','.join(sorted(ts))}" if ts else "untagged")
+        for rule in _KIND_COUNT_RULES:
+            v = getattr(self, f"keep_{rule}")
+            if v:
+                parts.append(f"{'all' if v == UNLIMITED else v} latest {rule}")
         if self.keep_full_within:
             parts.append(f"fulls within {_fmt_duration(self.keep_full_within)}")
         if self.keep_diff_within:
@@ -310,7 +317,7 @@ def policy_from_dict(d: Mapping[str, Any]) -> RetentionPolicy:
             hint = (f" (did you mean {close[0].replace('_', '-')}?)" if close else
                     "; the settings are " + ", ".join(sorted(k.replace("_", "-") for k in _POLICY_KEYS)))
             raise UsageError(f"unknown retention setting {raw_key!r}{hint}")
-        if key in {f"keep_{r}" for r in _COUNT_RULES}:
+        if key in {f"keep_{r}" for r in _COUNT_RULES + _KIND_COUNT_RULES}:
             if isinstance(value, str) and value.strip().lower() == "unlimited":
                 value = UNLIMITED
         elif key == "keep_tags":
@@ -450,6 +457,10 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
     for members in groups.values():
         members.sort(key=order, reverse=True)
         _apply_group(members, times, policy, now, tz, reasons)
+    by_id = {s.id: s for s in snaps}
+    for members in groups.values():
+        if policy.keep_diff:
+            _keep_diffs(members, by_id, policy.keep_diff, reasons)
         if not allow_remove_all and not any(s.id in reasons for s in members):
             raise UsageError(f"the retention policy keeps none of the {len(members)} snapshot(s) of "
                              f"{_describe_group(members[0], policy.group_by)}: refusing to remove them all "
@@ -530,6 +541,36 @@ def _apply_group(members: list[SnapshotLike], times: dict[str, datetime], policy
         for s in members:
             if s.kind == kind and times[s.id] > cut:
                 keep(s, label)
+
+    if policy.keep_full:
+        fulls = [s for s in members if s.kind == KIND_FULL]
+        for nr, s in enumerate(fulls if policy.keep_full == UNLIMITED else fulls[:policy.keep_full]):
+            keep(s, f"full #{nr + 1}")
+
+
+def _keep_diffs(members: list[SnapshotLike], by_id: Mapping[str, SnapshotLike], count: int,
+                reasons: dict[str, list[str]]) -> None:
+    """``keep_diff``: the newest ``count`` differentials of ``members`` (newest first) whose full snapshot
+    stays by the other rules, as pgBackRest's retention-diff.  After them, since a differential kept past
+    its full would be rebased into a full, and the same rules run again would count it as one."""
+    kept = 0
+    for s in members:
+        if kept == count:
+            break
+        if s.kind == KIND_DIFF and _chain_root(s, by_id) in reasons:
+            kept += 1
+            reasons.setdefault(s.id, []).append(f"diff #{kept}")
+
+
+def _chain_root(s: SnapshotLike, by_id: Mapping[str, SnapshotLike]) -> str | None:
+    """The id of the full snapshot ``s``'s chain starts from, among ``by_id``; None where a link is missing."""
+    seen = set()
+    while s.kind != KIND_FULL:
+        if s.parent is None or s.parent not in by_id or s.id in seen:
+            return None
+        seen.add(s.id)
+        s = by_id[s.parent]
+    return s.id
 
 
 # --------------------------------------------------------------------------- chains and rebasing

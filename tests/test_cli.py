@@ -500,12 +500,12 @@ def test_options_may_come_between_a_command_s_arguments():
 
 
 def test_no_option_is_taken_from_a_prefix_of_its_name():
-    """``restore --del`` is not ``--delete``, nor ``--keep-full`` ``--keep-full-within``: a typo or a
+    """``restore --del`` is not ``--delete``, nor ``--keep-da`` ``--keep-daily``: a typo or a
     half-remembered option is refused by name, never widened into another (a destructive one)."""
     from chunkvault.cli import _parse
 
     for argv, prefix in ((["restore", "latest", "--target", "t", "--del"], "--del"),
-                         (["forget", "--keep-full", "2"], "--keep-full"),
+                         (["forget", "--keep-da", "2"], "--keep-da"),
                          (["backup", "d", "--dry"], "--dry"),
                          (["check", "--read-data-sub", "1/2"], "--read-data-sub"),
                          (["verify-restore", "--all-s", "7d"], "--all-s")):

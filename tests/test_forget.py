@@ -110,6 +110,24 @@ def test_forget_by_policy_and_restore(tmp_path, new_repo):
         assert describe(out) == states[s.id]
 
 
+def test_counted_fulls_and_diffs_remove_nothing_more_when_run_again(tmp_path, new_repo, cli):
+    """``--keep-full 1 --keep-diff 2`` over full, diff, diff, full, diff keeps the second chain: the first
+    chain's newest differential is not kept past its full (rebased into a full, a second run would
+    remove it); run again, the rules remove nothing, and what is kept restores."""
+    repo = new_repo(str(tmp_path / "repo"))
+    states = backups_of_a_growing_tree(tmp_path, repo, 5, kind=lambda i: "full" if i in (0, 3) else "diff")
+    ids = [s.id for s in sorted(repo.snapshots(), key=lambda s: s.time)]
+    args = ("forget", "-r", str(tmp_path / "repo"), "--keep-full", "1", "--keep-diff", "2")
+    first = cli(*args).stdout.decode()
+    assert "removed 3 snapshot(s), rebased 0" in first and "full #1" in first and "diff #1" in first
+    assert sorted(s.id for s in repo.snapshots()) == sorted(ids[3:])
+    assert "removed 0 snapshot(s)" in cli(*args).stdout.decode()
+    for sid in ids[3:]:
+        out = tmp_path / f"out-{sid[:8]}"
+        repo.restore(sid, str(out))
+        assert describe(out) == states[sid]
+
+
 def test_forget_needs_something(new_repo):
     with pytest.raises(UsageError):
         new_repo().forget()

@@ -126,6 +126,24 @@ def model(snaps, policy, now):
                 for s in members:
                     if s.kind == kind and s.time > model_minus(now, d):
                         why[s.id].add(f"{kind} within")
+        if policy.keep_full:
+            fulls = [s for s in newest_first if s.kind == "full"]
+            for s in fulls if policy.keep_full == -1 else fulls[:policy.keep_full]:
+                why[s.id].add("full")
+    if policy.keep_diff:  # after every group's other rules: differentials of the fulls they keep
+        for members in groups.values():
+            newest_first = sorted(members, key=lambda s: (s.time, model_age(s, by_id), s.id), reverse=True)
+
+            def root(s):
+                while s.kind == "diff":
+                    if s.parent not in by_id:
+                        return None
+                    s = by_id[s.parent]
+                return s.id
+
+            diffs = [s for s in newest_first if s.kind == "diff" and root(s) is not None and why[root(s)]]
+            for s in diffs if policy.keep_diff == -1 else diffs[:policy.keep_diff]:
+                why[s.id].add("diff")
     return why
 
 
@@ -182,7 +200,8 @@ def histories(draw, min_size=0, max_size=30):
 @st.composite
 def policies(draw):
     kw = {}
-    for name in ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"):
+    for name in ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
+                 "keep_full", "keep_diff"):
         kw[name] = draw(counts)
     for name in ("keep_within", "keep_within_hourly", "keep_within_daily", "keep_within_weekly",
                  "keep_within_monthly", "keep_within_yearly", "keep_full_within", "keep_diff_within"):
@@ -276,8 +295,10 @@ def test_group_by_words():
 @settings(max_examples=150, deadline=None)
 @given(histories(), policies(), st.data())
 def test_rules_combine_as_a_union(history, policy, data):
-    """Splitting a policy's rules between two policies: the whole keeps the union of what the parts keep."""
+    """Splitting a policy's rules between two policies: the whole keeps the union of what the parts keep
+    (``keep_diff`` aside: it keeps the differentials of the fulls the other rules keep)."""
     snaps, now = history
+    assume(not policy.keep_diff)
     parts = [{"group_by": policy.group_by, "keep_tags": ()}, {"group_by": policy.group_by, "keep_tags": ()}]
     for f in RetentionPolicy.__dataclass_fields__:
         if f == "group_by":
@@ -325,6 +346,33 @@ def test_tiered_example_30d_fulls_7d_diffs():
     assert decisions["d059"].reasons == ("diff within 7d",)
     assert decisions["f040"].reasons == ("full within 30d",)
     assert decisions["f001"] == Decision("f001", False, ("no rule matched",))
+
+
+def test_counted_fulls_and_the_differentials_of_the_fulls_kept():
+    """pgBackRest's retention-full and retention-diff: a differential counts only while its full stays, so
+    none is kept past its full (to be rebased into one, which the same rules would then remove)."""
+    t = EPOCH
+    snaps = [Snap("f1", t, "full"), Snap("d1", t + timedelta(hours=1), "diff", parent="f1"),
+             Snap("d2", t + timedelta(hours=2), "diff", parent="d1"), Snap("f2", t + timedelta(hours=3), "full"),
+             Snap("d3", t + timedelta(hours=4), "diff", parent="f2")]
+    now = t + timedelta(days=1)
+
+    def keeps(**kw):
+        return {d.snapshot_id: d.reasons for d in select(snaps, RetentionPolicy(**kw), now) if d.keep}
+
+    assert keeps(keep_full=1, keep_diff=2) == {"f2": ("full #1",), "d3": ("diff #1",)}
+    assert keeps(keep_full=2, keep_diff=2) == {"f2": ("full #1",), "f1": ("full #2",), "d3": ("diff #1",),
+                                               "d2": ("diff #2",)}
+    assert keeps(keep_full=-1) == {"f2": ("full #1",), "f1": ("full #2",)}
+    assert keeps(keep_last=3, keep_diff=-1) == {"d3": ("last #1", "diff #1"), "f2": ("last #2",),
+                                                "d2": ("last #3",)}  # d2's full goes: it is rebased
+    assert policy_from_dict({"keep-full": "unlimited", "keep-diff": 6}) == RetentionPolicy(keep_full=-1,
+                                                                                            keep_diff=6)
+    assert RetentionPolicy(keep_full=2, keep_diff=6).describe().startswith("keep 2 latest full, 6 latest diff")
+    with pytest.raises(UsageError, match="refusing to remove them all"):
+        select(snaps, RetentionPolicy(keep_diff=3), now)  # no full stays: no differential either
+    with pytest.raises(UsageError, match="keep-full"):
+        RetentionPolicy(keep_full=-2)
 
 
 def test_restic_documentation_example_sundays():
