@@ -118,6 +118,7 @@ class RestoreResult:
     # Entries the target would not take (permission, a read-only file system, a name too long): (path, reason).
     unwritten: list[tuple[str, str]] = field(default_factory=list)
     full: str = ""  # the file being written when the target ran out of space (removed); the restore stopped there
+    full_in_place: bool = False  # that file was being updated in place (--delta): its old content is gone too
 
     def raise_for_problems(self) -> None:
         """After everything else was restored: the target's failures first (exit 14: it ran out of space, or
@@ -135,6 +136,10 @@ class RestoreResult:
         damaged = f"{len(self.damaged)} file(s) not restored: " + _named([d[0] for d in self.damaged])
         also = ([unwritten] if self.unwritten else []) + ([damaged + " (damaged data)"] if self.damaged else [])
         rest = "everything else was restored" if self.files + self.dirs + self.links else "nothing was restored"
+        if self.full_in_place:
+            return StorageFull("; ".join([f"no space left on the restore target while updating {self.full} in "
+                                          "place (removed: part of it was rewritten, so it held neither its old "
+                                          "content nor the snapshot's; the restore stopped there)", *also]))
         if self.full:
             return StorageFull("; ".join([f"no space left on the restore target while writing {self.full} "
                                           "(not left half-written: what was written of it is removed, and a file "
@@ -899,6 +904,7 @@ class Restorer:
             os.close(fd)
             if written and not isinstance(exc, KeyboardInterrupt):
                 self.remove_quietly(e.path)
+                self.result.full_in_place = isinstance(exc, OSError) and exc.errno in _FULL
             raise
         os.close(fd)
 

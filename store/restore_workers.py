@@ -238,7 +238,8 @@ class _Coordinator:
                 if u not in unwritten:
                     unwritten.add(u)
                     r.unwritten.append(u)
-            r.full = r.full or res.full
+            if not r.full:
+                r.full, r.full_in_place = res.full, res.full_in_place
 
     def _finish(self, links: list[Record], split_files: list[Entry]) -> None:
         """After the workers: the files they wrote in parts completed (or removed, when a part was not

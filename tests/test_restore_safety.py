@@ -591,7 +591,8 @@ def test_no_space_while_updating_a_file_in_place_removes_it(tmp_path, new_repo, 
         f.seek(2 << 20)
         f.write(b"X" * 100)
     _failing_on(monkeypatch, target, after=1)
-    with pytest.raises(StorageFull, match="while writing big"):
+    with pytest.raises(StorageFull, match="while updating big in place .removed: part of it was rewritten, so "
+                                          "it held neither its old content nor the snapshot's"):
         repo.restore("latest", str(target), force=True, delta=True)
     assert os.listdir(target) == []
 
