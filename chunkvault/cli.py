@@ -36,6 +36,40 @@ EXIT_INTERNAL = 1
 T = TypeVar("T")
 
 
+class _InOrder(argparse.Action):
+    """An appending option whose values also go, in command-line order, into the list ``order`` names,
+    as ``(kind, value)``: ``--exclude`` and ``--exclude-file`` patterns apply in the order given."""
+
+    def __init__(self, option_strings: list[str], dest: str, order: str = "", kind: str = "glob",
+                 **kwargs: Any):
+        super().__init__(option_strings, dest, **kwargs)
+        self.order, self.kind = order, kind
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), values])
+        setattr(namespace, self.order, [*(getattr(namespace, self.order, None) or []), (self.kind, values)])
+
+
+def _warn_patterns(args: argparse.Namespace, excludes: list[str], iexcludes: list[str]) -> None:
+    """Refuse a bad pattern before anything is read, and say which ``!`` patterns re-include nothing (as a
+    backup's warnings say)."""
+    from .store.excludes import ExcludeRules
+    from .store.find import tree_glob
+
+    said = ExcludeRules(excludes, iexcludes, normalize=tree_glob).warnings()
+    if not args.quiet:
+        for w in said:
+            warn(w)
+
+
+def _ordered(args: argparse.Namespace, order: str) -> list[str]:
+    """The patterns of an ``_InOrder`` pair of options, each file's lines where the file was named."""
+    from .store.source import ordered_excludes
+
+    return ordered_excludes(getattr(args, order, None) or [])
+
+
 class _Parser(argparse.ArgumentParser):
     _intermixing = False
 
@@ -454,7 +488,7 @@ def _stdin_fd() -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from .store.source import SourceWalk, excludes_of, markers_of, read_list_file
+    from .store.source import SourceWalk, markers_of, read_list_file
 
     args.tag = _tags(args.tag)
     if args.stdin or args.stdin_from_command:
@@ -467,8 +501,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise UsageError(_COMMAND_AFTER_OPTIONS)
         if not args.stdin_name:
             raise UsageError(f"{option} needs --stdin-name NAME")
-        if (args.exclude or args.exclude_file or args.exclude_if_present or args.exclude_caches
-                or args.one_file_system or args.exclude_larger_than is not None):
+        if (args.exclude or args.exclude_file or args.iexclude or args.iexclude_file or args.exclude_if_present
+                or args.exclude_caches or args.one_file_system or args.exclude_larger_than is not None):
             raise UsageError(f"{option} takes no exclusion rules (--exclude..., --one-file-system)")
         if args.parent or args.force or args.skip_if_unchanged or args.ignore_inode or args.ignore_ctime:
             raise UsageError(f"--parent, --force, --skip-if-unchanged and --ignore-* apply to paths, not to {option}")
@@ -492,14 +526,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
             args.paths += read_list_file(listing, "list of files", raw=raw)
         if not args.paths:
             raise UsageError("nothing to back up: give at least one path (or --stdin)")
-        excludes = excludes_of(args.exclude, args.exclude_file)
+        excludes, iexcludes = _ordered(args, "exclude_order"), _ordered(args, "iexclude_order")
         rules = {"one_file_system": args.one_file_system, "exclude_if_present": args.exclude_if_present,
                  "exclude_caches": args.exclude_caches, "exclude_larger_than": args.exclude_larger_than}
         compare = {"reread": args.force, "skip_if_unchanged": args.skip_if_unchanged,
                    "ignore_inode": args.ignore_inode, "ignore_ctime": args.ignore_ctime, "xattrs": not args.no_xattrs}
         walk = SourceWalk.of_paths(args.paths, excludes, one_file_system=args.one_file_system,
                                    markers=markers_of(args.exclude_if_present, args.exclude_caches),
-                                   max_file_size=args.exclude_larger_than)
+                                   max_file_size=args.exclude_larger_than, iexcludes=iexcludes)
         walk.start()  # overlaps the key derivation
         try:
             repo = _open(args)
@@ -508,7 +542,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise
         bar = _progress(args, "backup")
         result = repo.backup(args.paths, kind=args.type, tags=args.tag, host=args.host, excludes=excludes,
-                             delta=not args.no_delta, no_delta=args.no_delta_path, fixed_chunks=args.fixed_chunks,
+                             iexcludes=iexcludes, delta=not args.no_delta, no_delta=args.no_delta_path,
+                             fixed_chunks=args.fixed_chunks,
                              fixed_chunk_size=args.fixed_chunk_size, progress=_backup_progress(bar), walk=walk,
                              dry_run=args.dry_run, parent=args.parent, time=args.time, wait=args.wait,
                              **compare, **rules)
@@ -653,6 +688,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         from .exportcli import restore_from_file_cli
 
         return restore_from_file_cli(args)
+    _warn_patterns(args, args.exclude, args.iexclude)
     repo = _open(args)
     snap = chosen_snapshot(repo, args)
     in_place = _confirm_in_place(args, f"snapshot {snap.short_id} of {snap.host}:{','.join(snap.paths) or snap.stdin_name} "
@@ -662,7 +698,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     bar = _progress(args, "restore", snap.stats.get("bytes"))
     try:
         try:
-            result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude, force=in_place,
+            result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude,
+                                  iexcludes=args.iexclude, force=in_place,
                                   delta=args.delta, delete=args.delete, progress=bar, processes=args.processes,
                                   verify=args.verify, xattrs=not args.no_xattrs,
                                   numeric_owner=args.numeric_owner)
@@ -850,13 +887,12 @@ def _warn_rooted(patterns: list[str]) -> None:
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
-    from .store.source import excludes_of
-
     confirmed = _confirmed(args, "REWRITE")
+    globs, iglobs = _ordered(args, "exclude_order"), _ordered(args, "iexclude_order")
+    _warn_patterns(args, globs, iglobs)
     repo = _open(args)
-    globs = excludes_of(args.exclude, args.exclude_file)
     report = repo.rewrite(globs, args.snapshots or None, hosts=args.host, tags=args.tag, paths=args.path,
-                          dry_run=not confirmed, wait=args.wait)
+                          dry_run=not confirmed, wait=args.wait, iexcludes=iglobs)
     if not report.rewritten:
         _warn_rooted(globs)
     if args.json:
@@ -1555,10 +1591,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_init)
 
     exclusion = _Parser(add_help=False)
-    exclusion.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                           help="leave out paths (below the root) or names matching GLOB, with their subtrees")
-    exclusion.add_argument("--exclude-file", action="append", default=[], metavar="FILE",
-                           help="--exclude each line of FILE (blank lines and lines starting with # skipped)")
+    for i in ("", "i"):
+        case = " (ignoring case)" if i else ""
+        exclusion.add_argument(f"--{i}exclude", action=_InOrder, order=f"{i}exclude_order", default=[],
+                               metavar="GLOB", help=f"leave out paths (below the root) or names matching GLOB{case}, "
+                                                    f"with their subtrees; in order, !GLOB takes back what an "
+                                                    f"earlier --{i}exclude left out")
+        exclusion.add_argument(f"--{i}exclude-file", action=_InOrder, order=f"{i}exclude_order", kind="file",
+                               default=[], metavar="FILE", help=f"--{i}exclude each line of FILE, in its place (blank "
+                                                                "lines and lines starting with # skipped)")
 
     s = sub.add_parser("backup", parents=[common, exclusion], help="back up files and directories")
     s.add_argument("paths", nargs="*",
@@ -1678,7 +1719,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--include", action="append", default=[], metavar="GLOB",
                    help="restore only paths (or names) matching GLOB, with their subtrees (repeatable)")
     s.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="leave out paths (or names) matching GLOB, with their subtrees (repeatable)")
+                   help="leave out paths (or names) matching GLOB, with their subtrees (repeatable; in order, "
+                        "!GLOB takes back what an earlier --exclude left out)")
+    s.add_argument("--iexclude", action="append", default=[], metavar="GLOB",
+                   help="likewise, ignoring case")
     s.add_argument("--confirm", metavar="RESTORE", help="confirm overwriting a non-empty target in place")
     s.add_argument("--delta", action="store_true",
                    help="in place: rewrite only files and chunk ranges whose content differs (by digest)")

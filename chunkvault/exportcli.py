@@ -88,7 +88,8 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
         raise UsageError("--delete works in place: add --confirm RESTORE")
     bar = cli._progress(args, "restore")
     info, result = restore_from_file(args.from_file, password, args.target, includes=args.include,
-                                     excludes=args.exclude, force=in_place, delete=args.delete, progress=bar,
+                                     excludes=args.exclude, iexcludes=args.iexclude, force=in_place,
+                                     delete=args.delete, progress=bar,
                                      numeric_owner=args.numeric_owner)
     bar.done()
     snap = info.snapshot

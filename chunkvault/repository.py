@@ -607,9 +607,10 @@ class Repository:
 
     @_stoppable
     def backup(self, paths: list[str] | str, *, kind: str = "auto", tags: list[str] | None = None,
-               host: str | None = None, excludes: list[str] | None = None, delta: bool = True,
-               no_delta: list[str] | None = None, fixed_chunks: list[str] | None = None,
-               fixed_chunk_size: int = FIXED_CHUNK_SIZE, parent: str | None = None, progress: Any = None,
+               host: str | None = None, excludes: list[str] | None = None,
+               iexcludes: list[str] | None = None, delta: bool = True, no_delta: list[str] | None = None,
+               fixed_chunks: list[str] | None = None, fixed_chunk_size: int = FIXED_CHUNK_SIZE,
+               parent: str | None = None, progress: Any = None,
                one_file_system: bool = False, exclude_if_present: list[str] | None = None,
                exclude_caches: bool = False, exclude_larger_than: int | None = None, dry_run: bool = False,
                reread: bool = False, skip_if_unchanged: bool = False, ignore_inode: bool = False,
@@ -621,7 +622,10 @@ class Repository:
         result's snapshot, with its figures, is not saved and has no id).
 
         ``excludes``: globs matched against each path below a source and each name; what
-        they match is left out with its subtree.  ``one_file_system``: a directory on
+        they match is left out with its subtree.  They apply in order: ``!GLOB`` takes back what an
+        earlier glob left out (not below a directory left out, which is not walked into), ``\\!NAME``
+        is a literal ``!``.  ``iexcludes``: likewise, ignoring case (a list of its own: a path is
+        left out when either list leaves it out).  ``one_file_system``: a directory on
         another file system than its source is recorded empty (a mount point).
         ``exclude_if_present``: ``NAME`` or ``NAME:HEADER``; a directory holding such a
         file (starting with HEADER) keeps only that file.  ``exclude_caches``: likewise
@@ -653,6 +657,7 @@ class Repository:
         ``wait``: seconds to wait for a running prune, forget or repair (exclusive) before Locked.
         """
         paths, tags, excludes, host = _paths(paths), _texts(tags, "tag"), _globs(excludes, "exclude"), _host(host)
+        iexcludes = _globs(iexcludes, "iexclude")
         _one_line(tags, host)
         if progress is not None and not callable(progress):
             raise UsageError(f"progress is a function, not {progress!r}")
@@ -680,8 +685,8 @@ class Repository:
             raise
         if walk is None:
             walk = SourceWalk.of_paths(list(paths), excludes, one_file_system=one_file_system, markers=markers,
-                                       max_file_size=exclude_larger_than)
-        elif not walk.same_rules(list(paths), excludes, one_file_system, markers, exclude_larger_than):
+                                       max_file_size=exclude_larger_than, iexcludes=iexcludes)
+        elif not walk.same_rules(list(paths), excludes, one_file_system, markers, exclude_larger_than, iexcludes):
             walk.close()
             raise UsageError("the given walk is of other paths or exclusion rules than the backup")
         return Backup(self._repo, opts).run(walk, walk.paths)
@@ -1025,8 +1030,8 @@ class Repository:
     def restore(self, snapshot: str | Snapshot, target: str, *, until: str | datetime | None = None,
                 host: str | None = None, paths: list[str] | None = None,
                 includes: list[str] | None = None, excludes: list[str] | None = None,
-                force: bool = False, delta: bool = False, delete: bool = False,
-                progress: Any = None, processes: int | None = None, verify: bool = False,
+                iexcludes: list[str] | None = None, force: bool = False, delta: bool = False,
+                delete: bool = False, progress: Any = None, processes: int | None = None, verify: bool = False,
                 xattrs: bool = True, numeric_owner: bool = False) -> RestoreResult:
         """Restore into ``target``: empty, or in place with ``force`` (``delta``: rewrite only what
         differs, checked by digest; ``delete``: remove what the snapshot does not have).
@@ -1045,11 +1050,18 @@ class Repository:
         narrow what ``latest`` and ``until`` choose among, as in ``snapshot``.
 
         Owners are set when running as root: by the user and group names the snapshot recorded, where this
-        machine knows them (``owner_map``), else by number; ``numeric_owner``: by number only."""
+        machine knows them (``owner_map``), else by number; ``numeric_owner``: by number only.
+
+        ``includes``, ``excludes``: globs matched against each path below the snapshot's root and each
+        name, with their subtrees; excludes apply in order, ``!GLOB`` taking back what an earlier one left
+        out (as ``backup``'s); ``iexcludes``: likewise, ignoring case."""
         from .store import restore_workers
         from .store.forked import MAX_REQUESTED
+        from .store.restore import Selection
 
         includes, excludes = _globs(includes, "include"), _globs(excludes, "exclude")
+        iexcludes = _globs(iexcludes, "iexclude")
+        Selection(includes, excludes, iexcludes)  # a bad pattern is refused before anything is read
         if processes is not None and (type(processes) is not int or not 1 <= processes <= MAX_REQUESTED):
             raise UsageError(f"processes is a count from 1 to {MAX_REQUESTED}, not {processes!r}")
         if progress is not None and not callable(progress):
@@ -1063,7 +1075,7 @@ class Repository:
         refuse_overlap(target, delete, [(root, "the repository") for root in _local_roots(self._repo.remote)])
         with self.reading("restore"):
             snap = self.snapshot(snapshot, until=until, host=host, paths=paths)
-            opts = RestoreOptions(includes=includes, excludes=excludes, force=force,
+            opts = RestoreOptions(includes=includes, excludes=excludes, iexcludes=iexcludes, force=force,
                                   delta=delta, delete=delete, progress=self._progress(progress),
                                   checkpoint=self._checkpoint(), xattrs=xattrs,
                                   owner_map=None if numeric_owner else self.owner_map(snap))
@@ -1494,15 +1506,17 @@ class Repository:
     @_stoppable
     def rewrite(self, excludes: list[str], snapshots: Iterable[str | Snapshot] | None = None, *,
                 hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
-                dry_run: bool = True, wait: float = 3600.0) -> RewriteReport:
-        """Remove the paths ``excludes`` match (as ``backup`` excludes, with their subtrees) from every
-        snapshot, or from those the filters select, of them those named; same ids, chains kept.  Lists what
-        would go until ``dry_run=False``; ``prune`` then frees the data nothing references."""
+                dry_run: bool = True, wait: float = 3600.0, iexcludes: list[str] | None = None) -> RewriteReport:
+        """Remove the paths ``excludes`` match (as ``backup`` excludes, with their subtrees, in order, ``!GLOB``
+        taking back what an earlier one left out; ``iexcludes`` ignoring case) from every snapshot, or from
+        those the filters select, of them those named; same ids, chains kept.  Lists what would go until
+        ``dry_run=False``; ``prune`` then frees the data nothing references."""
         from .store.rewrite import rewrite_snapshots
 
+        globs, iglobs = _globs(excludes, "exclude"), _globs(iexcludes, "iexclude")
         self._list() if dry_run else self._guard()
         return rewrite_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
-                                 _globs(excludes, "exclude"), dry_run=dry_run, wait=wait)
+                                 globs, dry_run=dry_run, wait=wait, iglobs=iglobs)
 
     @_stoppable
     def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,

@@ -38,6 +38,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import UsageError
 from .store.retention import RetentionPolicy, load_preset, policy_from_dict, select
+from .store.excludes import ExcludeRules
 from .store.source import markers_of
 from .units import parse_size
 
@@ -456,6 +457,8 @@ class Source:
     tags: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
     exclude_files: tuple[str, ...] = ()  # files of globs, read at each run (as backup --exclude-file)
+    iexcludes: tuple[str, ...] = ()  # as excludes, ignoring case (backup --iexclude)
+    iexclude_files: tuple[str, ...] = ()
     exclude_if_present: tuple[str, ...] = ()  # NAME[:HEADER], as backup --exclude-if-present
     exclude_caches: bool = False
     exclude_larger_than: int | None = None  # bytes, as backup --exclude-larger-than
@@ -507,7 +510,8 @@ class Policy:
 
 _TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "full", "diff", "retention", "presets",
              "prune", "max_unused", "max_repack_size", "lock_file", "hook_timeout", "source", "tags", "host"}
-_SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "exclude_if_present", "exclude_caches",
+_SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "iexcludes", "iexclude_files",
+                "exclude_if_present", "exclude_caches",
                 "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime", "fixed_chunks", "command",
                 "stdin_name", "pre", "post", "full", "diff", "retention", "timezone", "hook_timeout"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
@@ -669,7 +673,8 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                 from .store.backup import check_stdin_name
 
                 check_stdin_name(stdin_name)  # now, not at every run
-                ruled = [k for k in ("excludes", "exclude_files", "exclude_if_present", "exclude_caches",
+                ruled = [k for k in ("excludes", "exclude_files", "iexcludes", "iexclude_files",
+                                     "exclude_if_present", "exclude_caches",
                                      "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime") if k in s]
                 if ruled:
                     raise UsageError(f"{ruled[0].replace('_', '-')} applies to paths, not to a command's output")
@@ -690,6 +695,10 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                                      "tags = [\"a\", \"b\"]")
             excludes = _str_list(s.get("excludes", []), "excludes")
             exclude_files = tuple(_path(base_dir, p) for p in _str_list(s.get("exclude_files", []), "exclude-files"))
+            iexcludes = _str_list(s.get("iexcludes", []), "iexcludes")
+            iexclude_files = tuple(_path(base_dir, p)
+                                   for p in _str_list(s.get("iexclude_files", []), "iexclude-files"))
+            ExcludeRules(excludes, iexcludes)  # a bad pattern ('!' alone) is reported when the policy loads
             exclude_if_present = _str_list(s.get("exclude_if_present", []), "exclude-if-present")
             exclude_caches = _flag(s.get("exclude_caches", False), "exclude-caches")
             markers_of(list(exclude_if_present), exclude_caches)  # a bad NAME is reported when the policy loads
@@ -706,7 +715,8 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
             retention = _retention(ret_value, config, "retention")
             hook_timeout = _seconds(s.get("hook_timeout", top.get("hook_timeout")), "hook-timeout")
             source = Source(name=name, paths=paths, full=full, diff=diff, host=host, tags=tags,
-                            excludes=excludes, exclude_files=exclude_files, exclude_if_present=exclude_if_present,
+                            excludes=excludes, exclude_files=exclude_files, iexcludes=iexcludes,
+                            iexclude_files=iexclude_files, exclude_if_present=exclude_if_present,
                             exclude_caches=exclude_caches, exclude_larger_than=exclude_larger_than,
                             one_file_system=one_file_system, ignore_inode=ignore_inode, ignore_ctime=ignore_ctime,
                             fixed_chunks=fixed_chunks, command=command, stdin_name=stdin_name,

@@ -438,8 +438,9 @@ class Runner:
                         _log_output(err, self._prefixed(src.name), "command")
             else:
                 excludes = excludes_of(list(src.excludes), list(src.exclude_files))
+                iexcludes = excludes_of(list(src.iexcludes), list(src.iexclude_files))
                 res = repo.backup(list(src.paths), kind=kind, tags=list(src.tags), host=self._host(src),
-                                  excludes=excludes, fixed_chunks=list(src.fixed_chunks),
+                                  excludes=excludes, iexcludes=iexcludes, fixed_chunks=list(src.fixed_chunks),
                                   one_file_system=src.one_file_system, exclude_if_present=list(src.exclude_if_present),
                                   exclude_caches=src.exclude_caches, exclude_larger_than=src.exclude_larger_than,
                                   ignore_inode=src.ignore_inode, ignore_ctime=src.ignore_ctime)

@@ -1011,8 +1011,8 @@ def _refuse_future(snap: Snapshot, what: str) -> None:
 
 def restore_from_file(path: str, password: bytes, target: str, *, includes: list[str] | None = None,
                       excludes: list[str] | None = None, force: bool = False, delete: bool = False,
-                      progress: Callable[[int, int], None] | None = None, numeric_owner: bool = False
-                      ) -> tuple[ExportInfo, RestoreResult]:
+                      progress: Callable[[int, int], None] | None = None, numeric_owner: bool = False,
+                      iexcludes: list[str] | None = None) -> tuple[ExportInfo, RestoreResult]:
     """Restore an export's snapshot straight from the file, no repository involved.
 
     The file is verified whole first: a damaged or truncated file is refused
@@ -1024,7 +1024,8 @@ def restore_from_file(path: str, password: bytes, target: str, *, includes: list
     with open_export(path, password) as ef:
         info = ef.info
         assert info is not None
-        opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []), force=force,
+        opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []),
+                              iexcludes=list(iexcludes or []), force=force,
                               delete=delete, progress=progress,
                               owner_map=None if numeric_owner else OwnerMap.for_names([info.snapshot.stats]))
         with Restorer(ef, target, opts, lookup=lookup_by_scan(ef.records)) as restorer:

@@ -36,6 +36,7 @@ from .manifest import (
 )
 from .blob import Plaintext
 from .confinement import confined, safe_relpath
+from .excludes import ExcludeRules
 from .find import tree_glob
 from .owners import OwnerMap
 from .repository import Repo
@@ -88,6 +89,7 @@ def _beside_name() -> bytes:
 class RestoreOptions:
     includes: list[str] = field(default_factory=list)
     excludes: list[str] = field(default_factory=list)
+    iexcludes: list[str] = field(default_factory=list)  # as excludes, ignoring case
     force: bool = False  # restore into a non-empty directory (in place), replacing what is in the way
     delta: bool = False  # in place: rewrite only files, and chunk ranges of files, whose content differs
     delete: bool = False  # in place: remove what the snapshot does not have
@@ -257,6 +259,15 @@ class _Globs:
 _GLOB_MAGIC = re.compile(r"[*?[]")
 
 
+def parse_include(glob: str) -> str:
+    """An include glob: ``\\!NAME`` is the literal ``!NAME``; one starting with ``!`` is refused (an include
+    re-includes nothing: ``!`` takes back an exclude), not taken as a name."""
+    if glob.startswith("!"):
+        raise UsageError(f"include pattern {glob!r}: '!' re-includes what an earlier exclude left out, so it "
+                         "belongs among the excludes; '\\!NAME' matches a name starting with '!'")
+    return glob[1:] if glob.startswith("\\!") else glob
+
+
 def include_directory(includes: list[str]) -> bytes | None:
     """A directory below which lies every path that ``includes`` select, or None when they may select
     paths anywhere.
@@ -283,13 +294,15 @@ def include_directory(includes: list[str]) -> bytes | None:
 
 
 class Selection:
-    """Which paths a restore takes: ``includes`` (all when empty) less ``excludes``; the root always.
-    ``directory``: where the selected paths lie, when the includes say (``include_directory``)."""
+    """Which paths a restore takes: ``includes`` (all when empty) less ``excludes`` and ``iexcludes`` (as a
+    backup's, in order, ``!`` re-including: see store/excludes.py); the root always.  ``directory``: where
+    the selected paths lie, when the includes say (``include_directory``)."""
 
-    def __init__(self, includes: list[str], excludes: list[str]):
-        includes, excludes = [tree_glob(g) for g in includes], [tree_glob(g) for g in excludes]
+    def __init__(self, includes: list[str], excludes: list[str], iexcludes: list[str] | None = None):
+        includes = [tree_glob(parse_include(g)) for g in includes]
+        rules = ExcludeRules(excludes, iexcludes or (), normalize=tree_glob)
         self.includes = _Globs(includes) if includes else None
-        self.excludes = _Globs(excludes) if excludes else None
+        self.excludes = rules.excluded_tree if rules else None
         self.directory = include_directory(includes) if includes else None
 
     @property
@@ -467,7 +480,7 @@ class Restorer:
         self.opt = options
         self.owners = options.owners if options.owners is not None else (os.geteuid() == 0)
         self.result = RestoreResult()
-        self.selected = Selection(options.includes, options.excludes)
+        self.selected = Selection(options.includes, options.excludes, options.iexcludes)
         self.matched = 0  # entries below the root the selection took (``note_walked``)
         self.setid_dropped = 0  # entries whose set-id bits were for other owners (``_setid_for_owner_only``)
         self.lookup = lookup

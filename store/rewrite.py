@@ -17,7 +17,8 @@ from typing import Callable, Iterable
 from chunkvault.errors import UsageError
 
 from .chain import chain_lengths, meets
-from .find import path_matcher
+from .excludes import ExcludeRules
+from .find import tree_glob
 from .locks import EXCLUSIVE, RepoLock
 from .manifest import OP_DELETE, T_HARDLINK, ManifestStats, Record, delete_record, sort_key
 from .manifest_io import store_manifest
@@ -25,13 +26,13 @@ from .repository import Repo
 from .snapshot import KIND_FULL, Snapshot
 
 
-def excluded_by(globs: list[str]) -> Callable[[bytes], bool]:
-    """A path is excluded when a glob matches it, its name, or one of its ancestors (or its name)."""
-    match = path_matcher(globs)
+def excluded_by(globs: list[str], iglobs: list[str] | None = None) -> Callable[[bytes], bool]:
+    """A path is excluded when it or one of its ancestors is, as a backup's walk judges it: the last glob
+    that matches the path or its name decides (``!`` re-including; ``iglobs`` ignoring case)."""
+    rules = ExcludeRules(globs, iglobs or (), normalize=tree_glob)
 
     def excluded(path: bytes) -> bool:
-        parts = path.split(b"/")
-        return any(match(b"/".join(parts[:i])) for i in range(1, len(parts) + 1)) if path else False
+        return rules.excluded_tree(os.fsdecode(path)) if path else False
 
     return excluded
 
@@ -102,13 +103,17 @@ def _under_lock(repo: Repo, select: Selection) -> tuple[list[Snapshot], list[Sna
 
 
 def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_run: bool = True,
-                      wait: float = 3600.0) -> RewriteReport:
-    """Rewrite each snapshot ``select`` takes without the paths ``globs`` exclude (``excluded_by``); a dry
-    run plans and reports only, and takes no lock.  Under the exclusive lock: no backup may build on a
-    manifest being replaced, no forget rebase one."""
-    if not globs:
+                      wait: float = 3600.0, iglobs: list[str] | None = None) -> RewriteReport:
+    """Rewrite each snapshot ``select`` takes without the paths ``globs`` and ``iglobs`` exclude
+    (``excluded_by``); a dry run plans and reports only, and takes no lock.  Under the exclusive lock: no
+    backup may build on a manifest being replaced, no forget rebase one."""
+    patterns = [*globs, *(iglobs or [])]
+    if not patterns:
         raise UsageError("rewrite needs at least one exclude pattern").hinting(" (--exclude)")
-    excluded = excluded_by(globs)
+    excluded = excluded_by(globs, iglobs)
+    if all(g.startswith("!") for g in patterns):
+        raise UsageError("rewrite's patterns all start with '!': they take back what an earlier pattern "
+                         "excludes, and none does")
     report = RewriteReport(dry_run)
     with contextlib.nullcontext() if dry_run else RepoLock(repo.remote, EXCLUSIVE, "rewrite", wait=wait) as lock:
         repo.load_index()

@@ -3,9 +3,10 @@
 A walk of tens of thousands of entries is mostly lstat calls, made in C with
 the GIL released: a whole subtree by one walker (``_scandir.Walker``), or a
 directory per call where an exclude glob needs Python to judge each entry (one
-with "?" or "[...]").  A backup cannot walk before it has started up:
-imports, the key (Argon2id, about a quarter of a second, with the GIL
-released), the index and the parent's manifest.
+with "?" or "[...]", one re-including with "!", or one ignoring case).  A
+backup cannot walk before it has started up: imports, the key (Argon2id, about
+a quarter of a second, with the GIL released), the index and the parent's
+manifest.
 ``SourceWalk.start`` walks ahead on a thread meanwhile.  Once the backup
 consumes, the C walk goes on in its own thread a few thousand entries ahead
 of it (the comparison with the parent's entries and the lstat calls overlap),
@@ -14,7 +15,6 @@ and an entry the backup reaches long after its lstat is stat'ed again.
 from __future__ import annotations
 
 import errno
-import fnmatch
 import os
 import stat
 import sys
@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 from chunkvault.errors import UsageError
 from chunkvault.localfiles import CACHEDIR_TAG
+from .excludes import ExcludeRules
 from .manifest import held_ns, sort_key
 from .xattrs import UNSUPPORTED_ERRNOS
 
@@ -79,6 +80,12 @@ def read_exclude_file(path: str) -> list[str]:
 def excludes_of(globs: list[str], files: list[str]) -> list[str]:
     """``--exclude`` globs, then the globs of each ``--exclude-file``."""
     return list(globs) + [g for path in files for g in read_exclude_file(path)]
+
+
+def ordered_excludes(given: list[tuple[str, str]]) -> list[str]:
+    """The globs of ``("glob", GLOB)`` and ``("file", PATH)`` items in their order: an exclude file's
+    lines stand where the file was named (a later ``!`` pattern takes back what the file left out)."""
+    return [g for kind, value in given for g in ([value] if kind == "glob" else read_exclude_file(value))]
 
 
 def keep_marked(path: bytes, listing: list[ScanItem], markers: list[Marker]) -> list[ScanItem]:
@@ -357,26 +364,32 @@ class SourceWalk:
     STEADY = 8192
 
     def __init__(self, roots: list[tuple[bytes, bytes]], excludes: list[str] | None = None, *,
-                 paths: list[str] | None = None, ahead: int = 1 << 16, warnings: list[str] | None = None,
+                 iexcludes: list[str] | None = None, paths: list[str] | None = None, ahead: int = 1 << 16,
+                 warnings: list[str] | None = None,
                  one_file_system: bool = False, markers: list[Marker] | None = None,
                  max_file_size: int | None = None):
         self.roots = roots
         self.paths = paths if paths is not None else [os.fsdecode(p) for _, p in roots]
         self.excludes = list(excludes or [])
+        self.iexcludes = list(iexcludes or [])
+        self.rules = ExcludeRules(self.excludes, self.iexcludes)
         # A directory on another device than its root's is recorded, not listed (a mount point stays, empty).
         self.one_file_system = one_file_system
         self.markers = list(markers or [])
         self.max_file_size = max_file_size  # regular files larger than this are left out (the roots never)
         self._root_dev = -1
         # Globs of literals and "*" the C walk matches itself; "?" and "[...]" match characters, not
-        # bytes, so a walk with those asks Python about each entry, directory by directory.
-        self._c_excludes = ([os.fsencode(g) for g in self.excludes]
-                            if not any("?" in g or "[" in g for g in self.excludes) else None)
+        # bytes, and "!" patterns and case-insensitive ones need the order or the case rules, so a walk
+        # with those asks Python about each entry, directory by directory.
+        plain = self.rules.plain_globs()
+        self._c_excludes = [os.fsencode(g) for g in plain] if plain is not None else None
         self.warnings = warnings if warnings is not None else []
         # What a restic or gitignore habit writes, and never matches here: said, not silently backed up.
-        self.warnings += [f"exclude pattern {g!r} matches nothing: patterns match a path below a source "
+        self.warnings += [f"exclude pattern {p.text!r} matches nothing: patterns match a path below a source "
                           f"('sub/dir') or a name ('dir'), without a leading '/' or './' or a trailing '/'"
-                          for g in self.excludes if g.startswith(("/", "./")) or g.endswith("/")]
+                          for lst in self.rules.lists for p in lst.patterns
+                          if p.glob.startswith(("/", "./")) or p.glob.endswith("/")]
+        self.warnings += self.rules.warnings()
         self.missing: list[bytes] = []  # the manifest paths of sources that did not exist
         self._ancestors: set[bytes] = set()  # the manifest paths of directories above several sources
         self._ahead = ahead
@@ -395,17 +408,20 @@ class SourceWalk:
 
     @classmethod
     def of_paths(cls, paths: list[str], excludes: list[str] | None = None, *, one_file_system: bool = False,
-                 markers: list[Marker] | None = None, max_file_size: int | None = None) -> "SourceWalk":
+                 markers: list[Marker] | None = None, max_file_size: int | None = None,
+                 iexcludes: list[str] | None = None) -> "SourceWalk":
         """The walk a backup of ``paths`` makes (see ``root_specs``)."""
         roots, absolute = root_specs(list(paths))
         return cls(roots, excludes, paths=absolute, one_file_system=one_file_system, markers=markers,
-                   max_file_size=max_file_size)
+                   max_file_size=max_file_size, iexcludes=iexcludes)
 
     def same_rules(self, paths: list[str], excludes: list[str] | None, one_file_system: bool,
-                   markers: list[Marker], max_file_size: int | None = None) -> bool:
+                   markers: list[Marker], max_file_size: int | None = None,
+                   iexcludes: list[str] | None = None) -> bool:
         """Whether this is the walk ``of_paths`` would make of these arguments."""
         return (self.paths == root_specs(list(paths))[1] and self.excludes == list(excludes or [])
-                and self.one_file_system == one_file_system and self.markers == markers
+                and self.iexcludes == list(iexcludes or []) and self.one_file_system == one_file_system
+                and self.markers == markers
                 and self.max_file_size == max_file_size)
 
     def start(self) -> "SourceWalk":
@@ -462,9 +478,7 @@ class SourceWalk:
         self._walk.close()
 
     def excluded(self, rel: bytes) -> bool:
-        s = os.fsdecode(rel)
-        base = s.rsplit("/", 1)[-1]
-        return any(fnmatch.fnmatchcase(s, g) or fnmatch.fnmatchcase(base, g) for g in self.excludes)
+        return self.rules.excluded(os.fsdecode(rel))
 
     @staticmethod
     def _lstat(path: bytes) -> tuple[os.stat_result | None, int]:
@@ -512,7 +526,7 @@ class SourceWalk:
         """An explicit stack of iterators over (manifest path, disk path, lstat or None, errno), not
         recursion: each entry is yielded through one frame, not one per level.  The roots are the
         bottom iterator and are never excluded."""
-        isdir, excludes = stat.S_ISDIR, self.excludes
+        isdir, excludes = stat.S_ISDIR, bool(self.rules)
         stack: list[Iterator[tuple[bytes, bytes, os.stat_result | FileStat | None, int]]] = [
             ((rel, path, *self._lstat(path)) for rel, path in self._with_ancestors())]
         while stack:

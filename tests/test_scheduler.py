@@ -557,6 +557,21 @@ def test_a_source_s_exclusion_rules_apply_to_its_backups(tmp_path, repo_url, tre
             b"", b"base.bin", b"cache", b"cache/CACHEDIR.TAG", b"notes.txt", b"tmp", b"tmp/.skip"]
 
 
+def test_a_source_s_excludes_take_back_and_ignore_case(tmp_path, repo_url, tree, monkeypatch):
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    (tree / "cache").mkdir()
+    for name in ("keep.conf", "blob", "IMG.JPG"):
+        (tree / "cache" / name).write_bytes(b"c")
+    (tmp_path / "iexcludes").write_text("*.jpg\n")
+    source = {"name": "db", "paths": [str(tree)], "excludes": ["cache/*", "!cache/*.*"],
+              "iexclude-files": ["iexcludes"], "iexcludes": ["NOTES.TXT"]}
+    policy = write_policy(tmp_path / "p.toml", repo_url, [source], top='full = "daily 02:00"\n')
+    assert cli_main(["run", "--config", str(policy)]) == 0
+    (snap,) = snapshots(repo_url)
+    with Repository.open(repo_url, PASSWORD) as r:
+        assert sorted(e.path for e in r.tree(snap.id)) == [b"", b"base.bin", b"cache", b"cache/keep.conf"]
+
+
 def test_overlapping_runs_are_refused(tmp_path, repo_url, tree, monkeypatch, capsys):
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
     policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
@@ -581,6 +596,12 @@ def test_overlapping_runs_are_refused(tmp_path, repo_url, tree, monkeypatch, cap
      "source 'db': not a file name to exclude directories by: 'a/b'"),
     ('repository = "/x"\nfull = "daily"\n[[source]]\nname = "db"\npaths = ["/"]\nexclude-larger-than = "big"\n',
      "source 'db': exclude-larger-than: not a size: 'big'"),
+    ('repository = "/x"\nfull = "daily"\n[[source]]\nname = "db"\npaths = ["/"]\nexcludes = ["a", "!"]\n',
+     "source 'db': exclude pattern '!' names nothing"),
+    ('repository = "/x"\nfull = "daily"\n[[source]]\nname = "db"\npaths = ["/"]\niexcludes = ["!"]\n',
+     "source 'db': iexclude pattern '!' names nothing"),
+    ('repository = "/x"\nfull = "daily"\n[[source]]\nname = "db"\ncommand = "x"\nstdin-name = "x"\n'
+     'iexcludes = ["a"]\n', "source 'db': iexcludes applies to paths"),
     ('repository = "/x\nfull = 3', "is not valid TOML"),
     (b'repository = "/x"\nfull = "daily\xff"\n', "is not UTF-8 text (line 2)"),
 ])
