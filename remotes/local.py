@@ -46,9 +46,11 @@ STREAM_PIECE = 1 << 20  # put_stream asks its source for at most this much at a 
 _DIRECT_ALIGN = 4096
 
 
-def _os_error(exc: OSError, what: str) -> RemoteError:
+def _os_error(exc: OSError, what: str, root: str = "") -> RemoteError:
+    """One line for an OSError; a full disk names the repository (``root``): a copy between two local
+    repositories writes the same names into both."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageFull(f"no space left on device while {what}")
+        return StorageFull(f"no space left on device while {what}" + (f" in {root}" if root else ""))
     if exc.errno == errno.EFBIG:
         return ObjectTooLarge(f"file too large for the file system or the file size limit while {what}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -337,7 +339,7 @@ class LocalRemote(Remote):
                 _fsync_dir(d)
             return True
         except OSError as exc:
-            raise _os_error(exc, f"writing {key}") from None
+            raise _os_error(exc, f"writing {key}", self.root) from None
         finally:
             if tmp is not None:
                 self._writing.discard(tmp)
