@@ -25,12 +25,13 @@ from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, Locked, 
                      RepositoryStateWarning, SnapshotNotFound, TargetNotEmpty, TargetUnwritable, UsageError,
                      VerificationFailed, output_error)
 from .store.chain import chain_lengths
-from .store.manifest import F_UNREADABLE, T_DIR, T_FILE, TYPE_NAMES, Entry, unread
+from .store.manifest import F_UNREADABLE, T_DIR, T_FILE, TYPE_NAMES, Entry, unread, what_changed
 from .store.snapshot import Snapshot
 from .units import format_size
 
 if TYPE_CHECKING:
     from .store.retention import RebaseStep
+    from .store.backup import Listed
 
 EXIT_INTERNAL = 1
 T = TypeVar("T")
@@ -209,6 +210,9 @@ class _GuardedOutput:
     def __init__(self, stream: Any):
         self._stream = stream
         self.written = False  # the command printed something (with --json: its document)
+        # With --json, what ends a list the document has open (``backup --list``): a failure then ends the
+        # document with its error, where one not begun is the error alone (``_emit_error_json``).
+        self.open_list: str | None = None
 
     def write(self, text: str) -> int:
         self.written = self.written or bool(text)
@@ -327,10 +331,14 @@ def _write_batched(pieces: Iterable[str]) -> None:
     sys.stdout.write("".join(batch))
 
 
-def _emit_json(obj: Any) -> None:
+def _emit_json(obj: Any, after_list: bool = False) -> None:
     """``obj`` as a --json document: indented by one space, keys sorted, what JSON has no type for as its
-    ``str``."""
-    _write_batched(itertools.chain(_JSON.iterencode(obj), ("\n",)))
+    ``str``.  ``after_list``: the document was begun with its list (``backup --list``), and the object's keys
+    follow it."""
+    pieces = _JSON.iterencode(obj)
+    if after_list and next(pieces) != "{":
+        raise AssertionError("a document's other keys follow its list: an object")
+    _write_batched(itertools.chain(pieces, ("\n",)))
 
 
 def _emit_json_array(items: Iterable[Any]) -> None:
@@ -506,6 +514,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise UsageError(f"{option} takes no exclusion rules (--exclude..., --one-file-system)")
         if args.parent or args.force or args.skip_if_unchanged or args.ignore_inode or args.ignore_ctime:
             raise UsageError(f"--parent, --force, --skip-if-unchanged and --ignore-* apply to paths, not to {option}")
+        if args.list or args.list_all:
+            raise UsageError(f"--list lists the entries of a backup of paths; {option} stores one file, always")
         repo = _open(args)
         options = {"kind": args.type, "tags": args.tag, "host": args.host, "delta": not args.no_delta,
                    "fixed_chunks": args.fixed_chunks, "fixed_chunk_size": args.fixed_chunk_size,
@@ -519,6 +529,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         else:
             result = repo.backup_command(args.paths, args.stdin_name, **options)
         bar.done()
+        lister = None
     else:
         if args.stdin_name:
             raise UsageError("--stdin-name names a stream: give --stdin or --stdin-from-command with it")
@@ -531,9 +542,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
                  "exclude_caches": args.exclude_caches, "exclude_larger_than": args.exclude_larger_than}
         compare = {"reread": args.force, "skip_if_unchanged": args.skip_if_unchanged,
                    "ignore_inode": args.ignore_inode, "ignore_ctime": args.ignore_ctime, "xattrs": not args.no_xattrs}
+        listing = args.list or args.list_all
         walk = SourceWalk.of_paths(args.paths, excludes, one_file_system=args.one_file_system,
                                    markers=markers_of(args.exclude_if_present, args.exclude_caches),
-                                   max_file_size=args.exclude_larger_than, iexcludes=iexcludes)
+                                   max_file_size=args.exclude_larger_than, iexcludes=iexcludes,
+                                   report_excluded=listing and args.dry_run)
         walk.start()  # overlaps the key derivation
         try:
             repo = _open(args)
@@ -541,19 +554,23 @@ def cmd_backup(args: argparse.Namespace) -> int:
             walk.close()
             raise
         bar = _progress(args, "backup")
+        lister = _BackupLister(args.json, bar) if listing else None
         result = repo.backup(args.paths, kind=args.type, tags=args.tag, host=args.host, excludes=excludes,
                              iexcludes=iexcludes, delta=not args.no_delta, no_delta=args.no_delta_path,
                              fixed_chunks=args.fixed_chunks,
                              fixed_chunk_size=args.fixed_chunk_size, progress=_backup_progress(bar), walk=walk,
                              dry_run=args.dry_run, parent=args.parent, time=args.time, wait=args.wait,
-                             **compare, **rules)
+                             listing=lister, list_unchanged=args.list_all, **compare, **rules)
         bar.done()
+        if lister is not None and args.json:
+            lister.end()  # the list, then the document's other keys
+    listed_json = lister is not None and args.json
     snap = result.snapshot
     st = snap.stats
     if result.skipped:
         if args.json:
             _emit_json({"skipped": True, "id": None, "parent": snap.id, **_names_json("warnings", result.warnings),
-                        "dry_run": args.dry_run})
+                        "dry_run": args.dry_run}, after_list=listed_json)
         elif not args.quiet:
             for w in result.warnings:
                 warn(w)
@@ -563,7 +580,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.json:
         saved = {"id": None, "short_id": None} if args.dry_run else {}  # a dry run's snapshot has no id
         _emit_json({**_snapshot_json(snap), **saved, "skipped": False, **_names_json("warnings", result.warnings),
-                    "dry_run": args.dry_run})
+                    "dry_run": args.dry_run}, after_list=listed_json)
     elif not args.quiet:
         for w in result.warnings:
             warn(w)
@@ -580,6 +597,42 @@ def cmd_backup(args: argparse.Namespace) -> int:
         what = "dry run" if args.dry_run else f"snapshot {snap.short_id} saved"
         raise PartialBackup(f"{what}, but {len(st['unreadable'])} path(s) could not be read")
     return 0
+
+
+#: ``backup --list``'s letter for each change, as borg's ``create --list`` shows them.
+LIST_LETTERS = {"added": "A", "modified": "M", "removed": "D", "unchanged": "U", "excluded": "x"}
+
+
+class _BackupLister:
+    """``backup --list``: a line per entry as the backup settles it, on stdout: a letter and the name; with
+    --json, an object a line in the document's ``list``, which ``end`` closes before the document's other
+    keys follow (a failure before that closes it with ``error``: ``_emit_error_json``)."""
+
+    def __init__(self, json_lines: bool, bar: Progress):
+        self.json = json_lines
+        self.bar = bar
+        self.started = False
+
+    def __call__(self, listed: Listed) -> None:
+        if self.json:
+            e = listed.entry
+            line = _JSON_LINE.encode({
+                "change": listed.change, **_name_json("path", listed.path),
+                "type": TYPE_NAMES[e.type] if e is not None else None,
+                "what": listed.what if listed.change == "modified" else None,
+                "rule": listed.what if listed.change == "excluded" else None})
+            sys.stdout.write((',\n' if self.started else '{"list": [\n') + line)
+            sys.stdout.open_list = "\n],"  # type: ignore[union-attr]
+        else:
+            self.bar.clear()
+            sys.stdout.write(f"{LIST_LETTERS[listed.change]} {shown_name(listed.path) or '.'}\n")
+        self.started = True
+
+    def end(self) -> None:
+        """End the list (one that heard of nothing too): ``_emit_json`` writes the document's other keys."""
+        sys.stdout.write('\n],' if self.started else '{"list": [\n],')
+        sys.stdout.open_list = None  # type: ignore[union-attr]
+        self.started = True
 
 
 def _progress(args: argparse.Namespace, what: str, total: int | None = None, unit: str = "files") -> Progress:
@@ -950,24 +1003,12 @@ def _listed_entries(repo: Any, snap: Snapshot, prefix: bytes) -> Iterator[Entry]
         repo.find_entry(snap, prefix)
 
 
-def _what_changed(old: Entry | None, new: Entry | None) -> str | None:
-    """Of a modified entry, what changed: its "type", its "content" (data, link target, device), or only
-    its "metadata" (mode, owner, time, attributes); None for an added or removed one."""
-    if old is None or new is None:
-        return None
-    if old.type != new.type:
-        return "type"
-    if (old.size, old.digest, old.target, old.rdev) != (new.size, new.digest, new.target, new.rdev):
-        return "content"
-    return "metadata"
-
-
 def cmd_diff(args: argparse.Namespace) -> int:
     repo = _open(args)
     # a merge of the two trees: streams, as the output does
     changes = repo.diff(chosen_snapshot(repo, args, args.snap1), chosen_snapshot(repo, args, args.snap2))
     if args.json:
-        _emit_json_array({"change": c, "what": _what_changed(old, new),
+        _emit_json_array({"change": c, "what": what_changed(old, new),
                           **_name_json("path", (new or old).path),  # type: ignore[union-attr]
                           "old_size": old.size if old else None, "new_size": new.size if new else None}
                          for c, old, new in changes)
@@ -980,7 +1021,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         e = new or old
         assert e is not None
         sizes = f"{old.size if old else ''} -> {new.size if new else ''}"
-        print(f"{marks[_what_changed(old, new)] or sign[c]} {shown_name(e.path) or '.'}  ({sizes})")
+        print(f"{marks[what_changed(old, new)] or sign[c]} {shown_name(e.path) or '.'}  ({sizes})")
     if not args.quiet:
         print(f"{counts['added']} added, {counts['removed']} removed, {counts['modified']} modified")
     return 0
@@ -1626,6 +1667,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="do not list directories on other file systems than their source (mount points stay, empty)")
     s.add_argument("--dry-run", "-n", action="store_true",
                    help="read and count what a backup would store; write nothing to the repository")
+    s.add_argument("--list", action="store_true",
+                   help="print a line per entry stored as new or changed (A, M) or gone since the parent (D), as "
+                        "the backup goes; with --dry-run also each path an exclusion rule leaves out (x)")
+    s.add_argument("--list-all", action="store_true", help="as --list, and the unchanged entries too (U)")
     s.add_argument("--parent", metavar="SNAPSHOT",
                    help="compare with (and build a differential on) this snapshot instead of the newest of the "
                         "same host and paths")
@@ -2001,10 +2046,15 @@ def _emit_error_json(args: argparse.Namespace | None, argv: list[str] | None, ki
                      message: str) -> None:
     """With --json, a command that fails (or is stopped) before its document still prints one: what failed,
     for a program to read instead of parsing the line on stderr."""
-    if not _flag(args, argv, "json") or getattr(sys.stdout, "written", True):
+    open_list = getattr(sys.stdout, "open_list", None)
+    if not _flag(args, argv, "json") or (getattr(sys.stdout, "written", True) and open_list is None):
         return
+    error = {"error": {"type": kind, "exit_code": code, "message": message}}
     try:
-        _emit_json({"error": {"type": kind, "exit_code": code, "message": message}})
+        if open_list is not None:  # the list ends, and "error" follows it in the document
+            sys.stdout.write(open_list + _JSON.encode(error)[1:] + "\n")
+        else:
+            _emit_json(error)
         sys.stdout.flush()
     except (OSError, ChunkvaultError):
         pass  # standard output is what failed: the line on stderr says it

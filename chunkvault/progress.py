@@ -56,6 +56,12 @@ class Progress:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
 
+    def clear(self) -> None:
+        """Take the status line away, for a line of output (``backup --list``); the next report shows it again."""
+        if self.shown:
+            self.done()
+            self.shown = False
+
 
 class JsonProgress(Progress):
     """One JSON object per line on stderr, about once a second and once at the end (``"final": true``),

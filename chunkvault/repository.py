@@ -30,7 +30,7 @@ from .units import parse_share, parse_size
 from .remotes import Remote, url_scheme
 from .remotes.layer import StopRequest, stop_request
 from .chunker import FIXED_CHUNK_SIZE, UNKEYED_SECRET
-from .store.backup import Backup, BackupOptions, BackupResult, check_stdin_name
+from .store.backup import Backup, BackupOptions, BackupResult, Listed, check_stdin_name
 from .store.chain import broken_chains, with_ancestors
 from .store.find import as_file
 from .store.config import Settings, check_kdf_seconds, check_settings
@@ -615,7 +615,8 @@ class Repository:
                exclude_caches: bool = False, exclude_larger_than: int | None = None, dry_run: bool = False,
                reread: bool = False, skip_if_unchanged: bool = False, ignore_inode: bool = False,
                ignore_ctime: bool = False, xattrs: bool = True, walk: SourceWalk | None = None,
-               time: str | datetime | None = None, wait: float = 3600.0) -> BackupResult:
+               time: str | datetime | None = None, wait: float = 3600.0,
+               listing: Callable[[Listed], None] | None = None, list_unchanged: bool = False) -> BackupResult:
         """Back up files and directories; one directory is stored as the snapshot's root.
 
         ``dry_run``: read, chunk, compress and count as a backup would, and write nothing (the
@@ -651,8 +652,16 @@ class Repository:
         ``paths`` lie in, so that ``restore(until=...)`` finds it. The default parent is then the newest
         snapshot at or before it.
 
+        ``listing(listed)``: called with a ``Listed`` (``change``, ``path``, ``entry``, ``what``) for each
+        entry the backup stores as added or modified and each entry of the parent gone from the tree
+        ("removed"), in the snapshot's order, as the backup settles it (``backup --list``); with
+        ``list_unchanged``, for the unchanged entries too.  A dry run also reports each path an exclusion
+        rule left out ("excluded", ``what`` the rule: "exclude", "exclude-larger-than", "exclude-if-present"
+        or "one-file-system"; its walk then judges every entry in Python, a little slower).
+
         ``walk``: a ``SourceWalk.of_paths(...).start()`` of the same paths and rules, begun
-        before the repository was opened, so the walk overlaps the key derivation.
+        before the repository was opened, so the walk overlaps the key derivation (for a dry run with a
+        ``listing``, made with ``report_excluded=True``).
 
         ``wait``: seconds to wait for a running prune, forget or repair (exclusive) before Locked.
         """
@@ -661,6 +670,11 @@ class Repository:
         _one_line(tags, host)
         if progress is not None and not callable(progress):
             raise UsageError(f"progress is a function, not {progress!r}")
+        if listing is not None and not callable(listing):
+            raise UsageError(f"listing is a function, not {listing!r}")
+        if list_unchanged and listing is None:
+            raise UsageError("list_unchanged lists to a listing function: give listing= too")
+        report_excluded = dry_run and listing is not None
         no_delta, fixed_chunks = _globs(no_delta, "no_delta"), _globs(fixed_chunks, "fixed_chunks")
         exclude_if_present = _globs(exclude_if_present, "exclude_if_present")
         fixed_chunk_size = parse_size(fixed_chunk_size)
@@ -678,15 +692,17 @@ class Repository:
                                  parent=find_snapshot(snaps, _spec(parent)) if parent else None, reread=reread,
                                  skip_if_unchanged=skip_if_unchanged, ignore_inode=ignore_inode,
                                  ignore_ctime=ignore_ctime, xattrs=xattrs, time=_time(time),
-                                 lock_wait=_wait(wait))
+                                 lock_wait=_wait(wait), listing=listing, list_unchanged=list_unchanged)
         except BaseException:
             if walk is not None:
                 walk.close()
             raise
         if walk is None:
             walk = SourceWalk.of_paths(list(paths), excludes, one_file_system=one_file_system, markers=markers,
-                                       max_file_size=exclude_larger_than, iexcludes=iexcludes)
-        elif not walk.same_rules(list(paths), excludes, one_file_system, markers, exclude_larger_than, iexcludes):
+                                       max_file_size=exclude_larger_than, iexcludes=iexcludes,
+                                       report_excluded=report_excluded)
+        elif not walk.same_rules(list(paths), excludes, one_file_system, markers, exclude_larger_than, iexcludes,
+                                 report_excluded):
             walk.close()
             raise UsageError("the given walk is of other paths or exclusion rules than the backup")
         return Backup(self._repo, opts).run(walk, walk.paths)

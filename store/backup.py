@@ -35,7 +35,7 @@ from .chain import broken_chains
 from .manifest import (
     F_CHANGED_DURING_READ, F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH,
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK,
-    NS_MAX, NS_MIN, Entry, ManifestStats, Record, delete_record, held_ns, sort_key, unread,
+    NS_MAX, NS_MIN, Entry, ManifestStats, Record, delete_record, held_ns, sort_key, unread, what_changed,
 )
 from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH, Plaintext
 from .deltabase import restart_turns
@@ -45,8 +45,8 @@ from .owners import OWNERS_KEY, names_of, note_ids
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, iso, now_iso
 from .unlock import require_openable
-from .source import (NOT_REGULAR_ERRNOS, Replaced, SmallRead, SourceWalk, StatFailed, open_beneath, open_source_file,
-                     read_small_files)
+from .source import (NOT_REGULAR_ERRNOS, Excluded, Replaced, SmallRead, SourceWalk, StatFailed, open_beneath,
+                     open_source_file, read_small_files)
 from .xattrs import read_xattrs
 from .zstdbuf import empty_buffer
 
@@ -71,6 +71,15 @@ READ_RUN_FILES = 64
 READ_RUN_BYTES = 1 << 20
 
 
+class Listed(NamedTuple):
+    """An entry as ``BackupOptions.listing`` hears of it (``backup --list``), in manifest order."""
+
+    change: str  # "added", "modified", "removed", "unchanged" or (a dry run's) "excluded"
+    path: bytes  # as in the snapshot: below the root (b"" the root itself), or the source's absolute path less "/"
+    entry: Entry | None  # the entry stored (a removed one: the parent's); None for an excluded path
+    what: str | None = None  # modified: "content", "type" or "metadata" (``what_changed``); excluded: its rule
+
+
 @dataclass
 class BackupOptions:
     kind: str = "auto"  # auto | full | diff
@@ -85,6 +94,11 @@ class BackupOptions:
     delta_margin: float = 0.1
     lock_wait: float = 3600.0  # how long to wait for a running prune
     progress: Callable[[dict], None] | None = None
+    # Each entry stored as new or changed, and each of the parent's entries gone, as the backup settles it (on
+    # its main thread, in manifest order); unchanged ones too with ``list_unchanged``, and the paths a rule
+    # left out from a walk that reports them (``SourceWalk(report_excluded=True)``).
+    listing: Callable[[Listed], None] | None = None
+    list_unchanged: bool = False
     dry_run: bool = False  # read, chunk and compress as a backup would; write nothing (no lock either)
     reread: bool = False  # read every file, even one whose stat fields match the parent's entry
     ignore_inode: bool = False  # inode and device numbers change on every mount (snapshots, network file systems)
@@ -224,8 +238,8 @@ class _Waiting:
             self.record = Record(OP_ENTRY, rel, e)
 
 
-def _ready(item: Record | _Waiting) -> bool:
-    return isinstance(item, Record) or item.run is None or item.run.ended
+def _ready(item: Record | Listed | _Waiting) -> bool:
+    return not isinstance(item, _Waiting) or item.run is None or item.run.ended
 
 
 class _Stopped(Exception):
@@ -364,6 +378,7 @@ class Backup:
         self._links_waiting: dict[bytes, tuple[_Link, os.stat_result]] = {}  # its paths not settled yet, their lstat
         self._unread: set[bytes] = set()  # paths not read, kept from the parent, to list unreadable when settled
         self._roots: list[bytes] = []  # the source roots on disk, longest first (``records``)
+        self._listing = options.listing
         self._uid_ok = os.geteuid() == 0 if hasattr(os, "geteuid") else False
         self._last_progress = float("-inf")
         self._sequence = 0
@@ -906,14 +921,18 @@ class Backup:
         diff = kind == KIND_DIFF
         counts = self.counts
         progress = self.opt.progress is not None
+        listing = self._listing is not None
+        list_same = listing and self.opt.list_unchanged
+        reporting = getattr(source, "report_excluded", False)
         # Entries taken from the parent unseen: only when its attributes are this backup's.
         take_unseen = not self.opt.reread and self._xattrs_known
         ignore, racy = self._ignore, self._racy
         p = next(parent_tree, None)
         cut: bytes | None = None
         same_files = same_bytes = 0
-        pending: deque[Record | _Waiting] = deque()
-        taken: list[Record] | None = None if diff else []  # a full manifest lists the unchanged entries too
+        pending: deque[Record | Listed | _Waiting] = deque()
+        # A full manifest lists the unchanged entries too; so does a listing of them.
+        taken: list[Record] | None = None if diff and not list_same else []
         # Longest first: a file is opened again from the root it lies below (``_open_beneath_root``).
         self._roots = sorted((path for _, path in getattr(source, "roots", ())), key=len, reverse=True)
         walk = iter(source)
@@ -927,7 +946,10 @@ class Backup:
                     counts["unchanged_files"] += links
                     stats.add_entries(dirs, links)
                     if taken:
-                        yield from taken
+                        if list_same:
+                            self._list_unchanged(taken, pending)
+                        if not diff:
+                            yield from taken
                         taken.clear()
                     if progress:
                         self._maybe_progress(same_files)
@@ -941,10 +963,15 @@ class Backup:
                 key = sort_key(rel)
                 while p is not None and (pkey := p.key) < key:
                     self._count_removed(p.entry)
+                    if listing:
+                        pending.append(Listed("removed", p.path, p.entry))
                     if diff and not (cut is not None and (pkey == cut or pkey.startswith(cut + b"\x00"))):
                         cut = pkey
                         pending.append(delete_record(p.path))
                     p = next(parent_tree, None)
+            if reporting and type(st) is Excluded:  # left out: the parent's entry there, if any, goes as removed
+                pending.append(Listed("excluded", rel, None, st.rule))
+                continue
             if p is not None and p.path == rel:  # same path, same sort key
                 prev = p.entry
                 p = next(parent_tree, None)
@@ -953,6 +980,8 @@ class Backup:
                 same_bytes += prev.size
                 if progress:
                     self._maybe_progress(same_files)
+                if list_same:
+                    self._list_unchanged([Record(OP_ENTRY, rel, prev)], pending)
                 if not diff:
                     if not pending:  # nothing waits before it: no round through the queue
                         yield Record(OP_ENTRY, rel, prev)
@@ -993,14 +1022,39 @@ class Backup:
                 yield rec
         while p is not None:
             self._count_removed(p.entry)
+            if listing:
+                self._list("removed", p.path, p.entry)
             pkey = p.key
             if diff and not (cut is not None and (pkey == cut or pkey.startswith(cut + b"\x00"))):
                 cut = pkey
                 yield delete_record(p.path)
             p = next(parent_tree, None)
 
+    def _list(self, change: str, path: bytes, entry: Entry | None, what: str | None = None) -> None:
+        assert self._listing is not None
+        self._listing(Listed(change, path, entry, what))
+
+    def _list_unchanged(self, records: list[Record], pending: deque[Record | Listed | _Waiting]) -> None:
+        """List the entries of ``records`` unchanged: now, or after the entries waiting before them."""
+        if pending:
+            pending.extend(Listed("unchanged", r.path, r.entry) for r in records)
+        else:
+            for r in records:
+                self._list("unchanged", r.path, r.entry)
+
+    def _list_settled(self, item: _Waiting) -> None:
+        e, prev = item.entry, item.prev
+        if e is None:
+            if prev is not None:
+                self._list("removed", item.rel, prev)
+        elif not item.same:
+            self._list("added" if prev is None else "modified", item.rel, e, what_changed(prev, e))
+        elif self.opt.list_unchanged:
+            self._list("unchanged", item.rel, e)
+
     def _keep_unlisted(self, item: _Waiting, p: Record | None, parent_tree: Iterator[Record],
-                       pending: deque[Record | _Waiting], stats: ManifestStats, diff: bool) -> Record | None:
+                       pending: deque[Record | Listed | _Waiting], stats: ManifestStats, diff: bool
+                       ) -> Record | None:
         """A directory that cannot be listed now keeps what the parent recorded below it, as an unreadable
         file keeps its parent entry: an error that may pass is no reason to record its contents deleted.
         A file whose data is no longer indexed is the exception (recorded deleted: nothing could restore
@@ -1016,10 +1070,14 @@ class Backup:
                 self._count_removed(e)
                 if lost:
                     self.unreadable.append(os.fsdecode(p.path))
+                if self._listing is not None:
+                    pending.append(Listed("removed", p.path, e))
                 if diff:
                     pending.append(delete_record(p.path))
             elif e is not None:
                 kept.add(p.path)
+                if self._listing is not None and self.opt.list_unchanged:
+                    pending.append(Listed("unchanged", p.path, e))
                 stats.count_entry(e)
                 if e.type != T_DIR:
                     self.counts["unchanged_files"] += 1
@@ -1031,10 +1089,16 @@ class Backup:
                               f"{os.fsdecode(item.rel) or '.'}")
         return p
 
-    def _settle(self, item: Record | _Waiting, diff: bool, stats: ManifestStats, unchanged: int) -> Record | None:
+    def _settle(self, item: Record | Listed | _Waiting, diff: bool, stats: ManifestStats, unchanged: int
+                ) -> Record | None:
         """The record ``item`` adds to the manifest, once it is its turn (waiting for its reader if need
-        be), with its counts and warnings; ``unchanged``: the unchanged files not yet counted, for progress."""
-        if isinstance(item, Record):
+        be), with its counts and warnings; ``unchanged``: the unchanged files not yet counted, for progress.
+        A ``Listed`` (an entry a listing hears of in its turn) adds none."""
+        if not isinstance(item, _Waiting):
+            if isinstance(item, Listed):
+                assert self._listing is not None
+                self._listing(item)
+                return None
             return item
         same_file = True  # the file read is the one walked (see _FileRead)
         if item.run is not None:
@@ -1055,6 +1119,8 @@ class Backup:
             self._settle_link(item, diff, same_file)
         if not item.same and (item.entry is not None or item.prev is not None):
             self.changed = True
+        if self._listing is not None:
+            self._list_settled(item)
         self.warnings += item.notes
         e = item.entry
         kept_unread = bool(self._unread) and item.rel in self._unread

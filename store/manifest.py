@@ -82,6 +82,18 @@ class Entry:
                 other.rdev, other.target, other.digest, chunks[1], other.xattrs)
 
 
+def what_changed(old: Entry | None, new: Entry | None) -> str | None:
+    """Of a modified entry, what changed: its "type", its "content" (data, link target, device), or only
+    its "metadata" (mode, owner, times, attributes); None for an added or removed one."""
+    if old is None or new is None:
+        return None
+    if old.type != new.type:
+        return "type"
+    if (old.size, old.digest, old.target, old.rdev) != (new.size, new.digest, new.target, new.rdev):
+        return "content"
+    return "metadata"
+
+
 def unread(e: Entry) -> bool:
     """A file no backup could read: the snapshot has no data for it (one an earlier backup read keeps that
     backup's data, and is restored with it)."""

@@ -340,6 +340,24 @@ class StatFailed(FileStat):
         self.error = error
 
 
+class Excluded:
+    """What a walk told to report exclusions (``SourceWalk(report_excluded=True)``) yields in place of the
+    stat of a path an exclusion rule left out (the top of the subtree left out): the ``rule``, one of
+    ``EXCLUDE_RULES``."""
+
+    __slots__ = ("rule",)
+
+    def __init__(self, rule: str):
+        self.rule = rule
+
+
+#: The rules an ``Excluded`` names: ``--exclude`` (and ``--exclude-file``), ``--exclude-larger-than``,
+#: ``--exclude-if-present`` (and ``--exclude-caches``), and ``--one-file-system`` (for a mount point, which is
+#: kept, empty: its contents are what is left out).
+EXCLUDE_RULES = ("exclude", "exclude-larger-than", "exclude-if-present", "one-file-system")
+_MARKED = -1  # the errno a listing gives a name that a directory's marker file leaves out (reporting walks)
+
+
 class SourceWalk:
     """Entries in manifest order (depth first, names sorted); errors become warnings, never abort.  An
     entry whose lstat fails, other than by vanishing, comes with a ``StatFailed`` for its stat.
@@ -367,7 +385,7 @@ class SourceWalk:
                  iexcludes: list[str] | None = None, paths: list[str] | None = None, ahead: int = 1 << 16,
                  warnings: list[str] | None = None,
                  one_file_system: bool = False, markers: list[Marker] | None = None,
-                 max_file_size: int | None = None):
+                 max_file_size: int | None = None, report_excluded: bool = False):
         self.roots = roots
         self.paths = paths if paths is not None else [os.fsdecode(p) for _, p in roots]
         self.excludes = list(excludes or [])
@@ -377,6 +395,9 @@ class SourceWalk:
         self.one_file_system = one_file_system
         self.markers = list(markers or [])
         self.max_file_size = max_file_size  # regular files larger than this are left out (the roots never)
+        # Each path a rule leaves out is yielded, as an ``Excluded``: the walk then judges every entry in
+        # Python, directory by directory (the C walk leaves them out unseen).
+        self.report_excluded = report_excluded
         self._root_dev = -1
         # Globs of literals and "*" the C walk matches itself; "?" and "[...]" match characters, not
         # bytes, and "!" patterns and case-insensitive ones need the order or the case rules, so a walk
@@ -409,20 +430,20 @@ class SourceWalk:
     @classmethod
     def of_paths(cls, paths: list[str], excludes: list[str] | None = None, *, one_file_system: bool = False,
                  markers: list[Marker] | None = None, max_file_size: int | None = None,
-                 iexcludes: list[str] | None = None) -> "SourceWalk":
+                 iexcludes: list[str] | None = None, report_excluded: bool = False) -> "SourceWalk":
         """The walk a backup of ``paths`` makes (see ``root_specs``)."""
         roots, absolute = root_specs(list(paths))
         return cls(roots, excludes, paths=absolute, one_file_system=one_file_system, markers=markers,
-                   max_file_size=max_file_size, iexcludes=iexcludes)
+                   max_file_size=max_file_size, iexcludes=iexcludes, report_excluded=report_excluded)
 
     def same_rules(self, paths: list[str], excludes: list[str] | None, one_file_system: bool,
                    markers: list[Marker], max_file_size: int | None = None,
-                   iexcludes: list[str] | None = None) -> bool:
+                   iexcludes: list[str] | None = None, report_excluded: bool = False) -> bool:
         """Whether this is the walk ``of_paths`` would make of these arguments."""
         return (self.paths == root_specs(list(paths))[1] and self.excludes == list(excludes or [])
                 and self.iexcludes == list(iexcludes or []) and self.one_file_system == one_file_system
-                and self.markers == markers
-                and self.max_file_size == max_file_size)
+                and self.markers == markers and self.max_file_size == max_file_size
+                and self.report_excluded == report_excluded)
 
     def start(self) -> "SourceWalk":
         if self._thread is None and not self._iterated:
@@ -502,7 +523,13 @@ class SourceWalk:
         directory ``st`` says the walk saw (``_unlisted``)."""
         try:
             listing = scan_dir(path, (st.st_dev, st.st_ino))
-            return (keep_marked(path, listing, self.markers) if self.markers else listing), True
+            if not self.markers:
+                return listing, True
+            kept = keep_marked(path, listing, self.markers)
+            if self.report_excluded and len(kept) < len(listing):  # the others stay, to be reported
+                names = {item[0] for item in kept}
+                return [item if item[0] in names else (item[0], _MARKED, None) for item in listing], True
+            return kept, True
         except OSError as exc:
             return [], self._unlisted(path, exc.errno or errno.EIO)
 
@@ -535,7 +562,12 @@ class SourceWalk:
                 stack.pop()
                 continue
             rel, path, st, err = item
+            if err == _MARKED:
+                yield rel, path, Excluded("exclude-if-present"), False
+                continue
             if excludes and len(stack) > 1 and self.excluded(rel):
+                if self.report_excluded:
+                    yield rel, path, Excluded("exclude"), False
                 continue
             if len(stack) == 1 and rel in self._ancestors:
                 if st is not None and not isdir(st.st_mode):
@@ -555,11 +587,18 @@ class SourceWalk:
             if len(stack) == 1:
                 self._root_dev = st.st_dev
             elif self.max_file_size is not None and stat.S_ISREG(st.st_mode) and st.st_size > self.max_file_size:
+                if self.report_excluded:
+                    yield rel, path, Excluded("exclude-larger-than"), False
                 continue
-            if not isdir(st.st_mode) or (self.one_file_system and st.st_dev != self._root_dev):
+            if not isdir(st.st_mode):
                 yield rel, path, st, True
                 continue
-            if Walker is not None and self._c_excludes is not None:
+            if self.one_file_system and st.st_dev != self._root_dev:
+                yield rel, path, st, True
+                if self.report_excluded:  # its contents are left out
+                    yield rel, path, Excluded("one-file-system"), False
+                continue
+            if Walker is not None and self._c_excludes is not None and not self.report_excluded:
                 yield from self._tree(rel, path, st)
                 continue
             listing, ok = self._scan(path, st)
@@ -652,6 +691,9 @@ class SourceWalk:
         of_fields = FileStat.of_fields
         for name, err, fields in listing:
             path = path_prefix + name
+            if err == _MARKED:
+                yield rel_prefix + name, path, None, err
+                continue
             st: FileStat | os.stat_result | None = of_fields(fields) if fields is not None else None
             if time.monotonic() - scanned > self.RESTAT_AFTER:
                 try:  # by path: another file's fields (see restat in _scandir.c) are not taken

@@ -27,6 +27,20 @@ def test_silent_unless_a_terminal():
     assert "backup: 1 files" in tty.getvalue() and tty.getvalue().endswith("\r\x1b[K")
 
 
+def test_clear_takes_the_status_line_away_for_a_line_of_output_and_the_next_report_shows_it():
+    out = io.StringIO()
+    p = Progress("backup", stream=out, enabled=True, interval=0)
+    p.clear()  # nothing shown: nothing to take away
+    assert out.getvalue() == ""
+    p(3, 100)
+    p.clear()
+    assert out.getvalue().endswith("\r\x1b[K") and not p.shown
+    p.done()  # cleared already: the end writes nothing more
+    assert out.getvalue().count("\r\x1b[K") == 2
+    p(4, 200)
+    assert p.shown and out.getvalue().rsplit("\r\x1b[K", 1)[1].startswith("backup: 4 files, 200 B")
+
+
 def test_unit_and_late_total():
     p = Progress("check", stream=io.StringIO(), enabled=True, unit="packs")
     p(2, 100, 400)
