@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Iterable, Iterator, TypeVar
 
 from . import __version__, interrupts, passwords
-from .display import one_line, shown_name, warn
+from .display import LIST_LETTERS, one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .remotes.layer import StopRequest, stop_request
 from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, Locked, OutputClosed, PartialBackup,
@@ -597,10 +597,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
         what = "dry run" if args.dry_run else f"snapshot {snap.short_id} saved"
         raise PartialBackup(f"{what}, but {len(st['unreadable'])} path(s) could not be read")
     return 0
-
-
-#: ``backup --list``'s letter for each change, as borg's ``create --list`` shows them.
-LIST_LETTERS = {"added": "A", "modified": "M", "removed": "D", "unchanged": "U", "excluded": "x"}
 
 
 class _BackupLister:

@@ -22,6 +22,8 @@ import os
 import sys
 
 _SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+#: ``backup --list``'s letter for each change, as borg's ``create --list`` shows them.
+LIST_LETTERS = {"added": "A", "modified": "M", "removed": "D", "unchanged": "U", "excluded": "x"}
 
 
 def _escaped(ch: str) -> str | None:

@@ -466,6 +466,7 @@ class Source:
     ignore_inode: bool = False  # as backup --ignore-inode (a file system snapshot mounted for each backup)
     ignore_ctime: bool = False
     fixed_chunks: tuple[str, ...] = ()  # globs of files cut at fixed offsets (database files)
+    list_entries: bool = False  # list = true: log what each backup stores as added or modified, or finds gone
     command: str | tuple[str, ...] | None = None  # instead of paths: back up its output (a dump) as stdin_name
     stdin_name: str | None = None
     pre: str | tuple[str, ...] | None = None
@@ -513,7 +514,7 @@ _TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "ful
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "iexcludes", "iexclude_files",
                 "exclude_if_present", "exclude_caches",
                 "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime", "fixed_chunks", "command",
-                "stdin_name", "pre", "post", "full", "diff", "retention", "timezone", "hook_timeout"}
+                "stdin_name", "pre", "post", "full", "diff", "retention", "timezone", "hook_timeout", "list"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
@@ -674,8 +675,8 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
 
                 check_stdin_name(stdin_name)  # now, not at every run
                 ruled = [k for k in ("excludes", "exclude_files", "iexcludes", "iexclude_files",
-                                     "exclude_if_present", "exclude_caches",
-                                     "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime") if k in s]
+                                     "exclude_if_present", "exclude_caches", "exclude_larger_than",
+                                     "one_file_system", "ignore_inode", "ignore_ctime", "list") if k in s]
                 if ruled:
                     raise UsageError(f"{ruled[0].replace('_', '-')} applies to paths, not to a command's output")
                 paths: tuple[str, ...] = ()
@@ -705,6 +706,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
             one_file_system = _flag(s.get("one_file_system", False), "one-file-system")
             ignore_inode = _flag(s.get("ignore_inode", False), "ignore-inode")
             ignore_ctime = _flag(s.get("ignore_ctime", False), "ignore-ctime")
+            listed = _flag(s.get("list", False), "list")
             larger = s.get("exclude_larger_than")
             try:
                 exclude_larger_than = None if larger is None else parse_size(larger)
@@ -719,7 +721,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                             iexclude_files=iexclude_files, exclude_if_present=exclude_if_present,
                             exclude_caches=exclude_caches, exclude_larger_than=exclude_larger_than,
                             one_file_system=one_file_system, ignore_inode=ignore_inode, ignore_ctime=ignore_ctime,
-                            fixed_chunks=fixed_chunks, command=command, stdin_name=stdin_name,
+                            fixed_chunks=fixed_chunks, command=command, stdin_name=stdin_name, list_entries=listed,
                             pre=_hook(s.get("pre"), "pre"),
                             post=_hook(s.get("post"), "post"),
                             retention=retention, hook_timeout=hook_timeout, tz=s_tz)

@@ -55,7 +55,7 @@ from typing import IO, Any, Callable, Iterator, TextIO
 
 from . import interrupts
 from .store import locks
-from .display import one_line
+from .display import LIST_LETTERS, one_line, shown_name
 from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, OutputClosed, PartialBackup, RemoteUnavailable,
                      SourceCommandFailed, Stopped, UsageError)
 from .processes import kill_group
@@ -443,7 +443,8 @@ class Runner:
                                   excludes=excludes, iexcludes=iexcludes, fixed_chunks=list(src.fixed_chunks),
                                   one_file_system=src.one_file_system, exclude_if_present=list(src.exclude_if_present),
                                   exclude_caches=src.exclude_caches, exclude_larger_than=src.exclude_larger_than,
-                                  ignore_inode=src.ignore_inode, ignore_ctime=src.ignore_ctime)
+                                  ignore_inode=src.ignore_inode, ignore_ctime=src.ignore_ctime,
+                                  listing=self._lister(src) if src.list_entries else None)
         except (ChunkvaultError, Stopped) as exc:
             if self._ended_by_stop(exc):
                 result.status, result.reason = SKIPPED, f"stopping ({exc})"
@@ -465,6 +466,12 @@ class Runner:
             result.error = f"{len(snap.stats.get('unreadable', []))} path(s) could not be read"
         else:
             result.status = OK
+
+    def _lister(self, src: Source) -> Callable[[Any], None]:
+        """A source's ``list``: each entry its backup lists, a log line as ``backup --list`` prints it."""
+        def log(listed: Any) -> None:
+            self.log(f"{src.name}: {LIST_LETTERS[listed.change]} {shown_name(listed.path) or '.'}")
+        return log
 
     def _ended_by_stop(self, exc: BaseException) -> bool:
         """A backup that a stop ended, not a failure: its wait for the repository lock, its remote's retries

@@ -734,6 +734,7 @@ def test_a_source_may_back_up_a_command_s_output(tmp_path, repo_url, tree, fake_
     ({"name": "d", "paths": ["/x"], "stdin-name": "a.sql"}, "stdin-name needs command"),
     ({"name": "d", "command": ["pg_dump"], "stdin-name": "a.sql", "excludes": ["*"]}, "excludes applies to paths"),
     ({"name": "d", "command": [], "stdin-name": "a.sql"}, "command must be a shell command string"),
+    ({"name": "d", "command": ["pg_dump"], "stdin-name": "a.sql", "list": True}, "list applies to paths"),
 ])
 def test_command_sources_that_make_no_sense_are_refused(tmp_path, repo_url, source, fragment):
     policy_path = write_policy(tmp_path / "policy.toml", repo_url, [source], top='full = "daily 02:00"\n')
@@ -760,6 +761,28 @@ def test_a_source_compares_as_its_policy_says(tmp_path, repo_url, tree, fake_tim
     assert (result.status, result.kind) == ("ok", "diff")
     (diff,) = [s for s in snapshots(repo_url) if s.id == result.snapshot_id]
     assert diff.stats["read_bytes"] == 0 and diff.stats["unchanged_files"] == 2
+
+
+def test_a_source_with_list_logs_what_each_backup_added_changed_and_removed(tmp_path, repo_url, tree, fake_time):
+    policy_path = write_policy(tmp_path / "policy.toml", repo_url, [
+        {"name": "docs", "paths": [str(tree)], "list": True}, {"name": "quiet", "paths": [str(tmp_path / "q")]},
+    ], top='full = "daily 02:00"\ndiff = "hourly"\n')
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "f").write_bytes(b"f")
+    clock = fake_time(FakeClock(datetime(2026, 3, 1, 2, 0, tzinfo=UTC)))
+    log: list[str] = []
+    runner = Runner(load_policy(str(policy_path)), PASSWORD.encode(), clock=clock, log=log.append,
+                    lock_file=str(tmp_path / "policy.lock"))
+    assert runner.run().ok
+    assert [line for line in log if ": A " in line] == ["docs: A .", "docs: A base.bin", "docs: A notes.txt"]
+    (tree / "notes.txt").write_text("changed\n")
+    (tree / "base.bin").unlink()
+    (tree / "new\nline").write_bytes(b"n")
+    clock.t += timedelta(hours=1)
+    log.clear()
+    assert runner.run().ok
+    assert [line for line in log if line.startswith("docs: ") and line[6:8] in ("A ", "M ", "D ")] == [
+        "docs: M .", "docs: D base.bin", "docs: A new\\nline", "docs: M notes.txt"]
 
 
 def test_log_lines_stay_one_line(tmp_path):
