@@ -735,6 +735,28 @@ def test_repair_index_keeps_the_entries_of_a_pack_whose_header_alone_is_damaged(
     assert {p.name: p.read_bytes() for p in (tmp_path / "again").iterdir()} == files
 
 
+def test_a_trailer_whose_header_length_leaves_no_room_for_itself_is_a_damaged_pack(small_files, tmp_path):
+    """A header length that fits the pack but not with the trailer after it (``header_len <= size <
+    header_len + 8``) is a damaged header: check names the pack and `repair index` keeps the old index's
+    entries, where a header read from before the pack's start would be an internal error."""
+    import struct
+
+    repo_dir, repo, snap, files = small_files
+    (pid,) = repo.store.stored_packs()
+    path = repo_dir / "data" / pid.hex()[:2] / pid.hex()
+    size = path.stat().st_size
+    os.chmod(path, 0o600)
+    with open(path, "r+b") as f:
+        f.seek(size - 8)
+        f.write(struct.pack("<I", size - 4))
+    problems = repo.check().problems
+    assert problems and all(pid.hex() in p.object for p in problems)
+    report = repo.repair_index()
+    assert len(report.kept_packs) == 1 and "header length exceeds pack size" in report.kept_packs[0]
+    repo.restore(snap, str(tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == files
+
+
 def test_repair_packs_refuses_while_packs_no_index_lists_may_hold_delta_bases(chain, tmp_path):
     """An index object lost: the deltas' bases are in packs no index lists, not gone. check says to run
     `repair index` first; `repair packs` refuses (it would drop those deltas with their packs for good);

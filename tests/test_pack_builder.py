@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import given, settings, strategies as st
+import pytest
+from hypothesis import example, given, settings, strategies as st
 
+from chunkvault.errors import CorruptObject
 from chunkvault.store.blob import KIND_DELTA, KIND_ZSTD
 from chunkvault.store.crypto import Sealer
-from chunkvault.store.pack import (PackBuffers, PackBuilder, PackEntry, delta_entries_and_readable_bases, read_pack,
-                                   readable_ids)
+from chunkvault.store.pack import (PACK_MAGIC, TRAILER, PackBuffers, PackBuilder, PackEntry,
+                                   delta_entries_and_readable_bases, read_pack, read_windows, readable_ids,
+                                   seal_header)
 
 SEALER = Sealer(bytes(range(32)))
 
@@ -84,6 +87,38 @@ def test_read_windows_cover_a_pack_in_order_with_whole_blobs(lengths, limit, tai
         assert all(start <= e.offset and e.offset + e.length <= end for e in w)
         if len(w) > 1:
             assert w[-1].offset + w[-1].length - start <= limit
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.integers(0, 3000), st.integers(1, 3000)), min_size=1, max_size=20),
+       st.integers(1, 10_000))
+@example([(0, 100), (50, 100)], 60)
+def test_read_windows_keep_each_blob_whole_where_a_damaged_header_overlaps_entries(spans, limit):
+    """Only a damaged header lists overlapping blobs; still no blob is cut between two windows (a window
+    ends only where no blob before it runs on), and every byte is read once."""
+    entries = [PackEntry(bytes([i]) * 32, 0, offset, n, n) for i, (offset, n) in enumerate(spans)]
+    body = max(e.offset + e.length for e in entries)
+    windows = read_windows(entries, body, limit)
+    assert windows[0][0] == 0 and windows[-1][1] == body
+    assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
+    assert sorted(e for _, _, w in windows for e in w) == sorted(entries)
+    for start, end, w in windows:
+        assert all(start <= e.offset and e.offset + e.length <= end for e in w)
+
+
+@pytest.mark.parametrize("offset, length, refused", [(60, 40, False), (60, 41, True), (60, 90, True),
+                                                     (100, 0, False), (101, 0, True)])
+def test_an_authentic_header_whose_entry_runs_past_the_body_is_refused(offset, length, refused):
+    """The seal proves who wrote the header, not that its entries fit: one running into the header would
+    have its blob read from the header's bytes."""
+    body = b"x" * 100
+    header = seal_header(SEALER, [PackEntry(b"\1" * 32, KIND_ZSTD, offset, length, length)])
+    pack = body + header + TRAILER.pack(len(header), PACK_MAGIC)
+    if refused:
+        with pytest.raises(CorruptObject, match="points past the data"):
+            read_pack(SEALER, pack, "p")
+    else:
+        assert [(e.offset, e.length) for e in read_pack(SEALER, pack, "p")] == [(offset, length)]
 
 
 def _entry(blob_id: int, base: int | None) -> PackEntry:
