@@ -1,7 +1,9 @@
 """Index objects: what is encoded decodes to the same entries and delta bases, packs with deltas included;
 damaged plaintext gives chunkvault's own error."""
 import random
+import struct
 
+import pytest
 import zstandard
 from hypothesis import given, settings, strategies as st
 
@@ -56,15 +58,35 @@ def _loaded(cols):
 @settings(max_examples=300, deadline=None)
 @given(indexes(), st.integers(0, 2**32))
 def test_damaged_index_plaintext_is_our_error(index, seed):
+    """Random damage is refused or decodes to what loads; a count made smaller, or bytes added after the
+    last pack, leave bytes no pack holds and are always refused (never an index quietly missing packs or
+    entries)."""
     plain = zstandard.ZstdDecompressor().decompress(SEALER.open(encode_index(SEALER, index), INDEX_AD))
     rnd = random.Random(seed)
+
+    def seal(b: bytes | bytearray) -> bytes:
+        return SEALER.seal(zstandard.ZstdCompressor().compress(bytes(b)), INDEX_AD)
+
+    shrunk = []
+    if index.packs:
+        pack_count_at = 5 + 32 * len(index.supersedes)
+        shrunk.append(bytearray(plain))
+        struct.pack_into("<I", shrunk[-1], pack_count_at, len(index.packs) - 1)
+        last_entries = list(index.packs.values())[-1]
+        if last_entries:
+            entry_count_at = decode_index_columns(SEALER, seal(plain), "i").starts[-1] - 4
+            shrunk.append(bytearray(plain))
+            struct.pack_into("<I", shrunk[-1], entry_count_at, len(last_entries) - 1)
+    for bad in [*shrunk, plain + rnd.randbytes(rnd.randrange(1, 40))]:
+        with pytest.raises(CorruptObject, match="malformed index"):
+            decode_index_columns(SEALER, seal(bad), "i")
     bad = bytearray(plain)
     if rnd.random() < 0.5 and bad:
         for _ in range(rnd.randrange(1, 4)):
             bad[rnd.randrange(len(bad))] = rnd.choice([0, 1, 2, 3, 255, rnd.randrange(256)])
     else:
         bad = bad[: rnd.randrange(len(bad) + 1)]
-    sealed = SEALER.seal(zstandard.ZstdCompressor().compress(bytes(bad)), INDEX_AD)
+    sealed = seal(bad)
     try:
         decode_index(SEALER, sealed, "i")
     except CorruptObject:
