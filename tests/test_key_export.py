@@ -125,6 +125,28 @@ def test_another_repository_s_kit_is_refused_where_the_config_and_every_key_are_
     assert objects(path) == before
 
 
+def test_a_kit_holding_another_repository_s_key_is_named_damaged_not_a_wrong_password(backed_up, tmp_path, cli):
+    """One repository's id and config with another's key file (same password): the kit contradicts itself,
+    which is damage (exit 13), not a password that does not open it (exit 11, which sends the user looking
+    for another password)."""
+    path, kit, _ = backed_up
+    other = Repository.init(str(tmp_path / "other"), PASSWORD, kdf_seconds=0)
+    mixed = json.dumps({**json.loads(kit), "key": json.loads(other.export_key())["key"]}).encode()
+    other.close()
+    with pytest.raises(CorruptObject, match="its key belongs to another repository than it names") as err:
+        KeyExport.decode(mixed, "the kit")
+    assert err.value.object_name == "the kit"
+    for key in (path / "keys").iterdir():
+        key.unlink()
+    before = objects(path)
+    with pytest.raises(CorruptObject, match="another repository"):
+        Repository.import_key(str(path), mixed, PASSWORD)
+    (tmp_path / "mixed.json").write_bytes(mixed)
+    r = cli("key", "import", "-r", str(path), str(tmp_path / "mixed.json"), password="pw", check=13)
+    assert "its key belongs to another repository than it names" in r.stderr.decode()
+    assert objects(path) == before
+
+
 def test_a_kit_read_as_text_is_taken_and_a_damaged_one_is_corrupt_not_a_type_error(backed_up):
     path, kit, _ = backed_up
     (path / "config").unlink()
