@@ -131,6 +131,43 @@ def test_closing_early_stops_what_a_shell_command_started(tmp_path):
     assert gone(sleeper)
 
 
+def test_closing_early_kills_what_a_shell_command_started_that_ignores_sigterm(tmp_path, monkeypatch):
+    """A dump that ignores SIGTERM (or traps it to clean up, and hangs) must not outlive the backup: after
+    the grace, what the command started is killed too."""
+    from chunkvault.store import command_stream
+
+    monkeypatch.setattr(command_stream, "STOP_GRACE", 0.3)
+    pidfile = tmp_path / "pid"
+    stubborn_sh = f'trap "" TERM; echo $$ > {pidfile}; while :; do sleep 0.05; done'
+    with command_stream.CommandStream(["sh", "-c", f"sh -c '{stubborn_sh}' & wait"]) as stream:
+        stream.start()
+        while not pidfile.exists() or not pidfile.read_text().endswith("\n"):
+            time.sleep(0.01)
+        stubborn = int(pidfile.read_text())
+    try:
+        deadline = time.monotonic() + 5  # SIGKILL is sent, not waited for
+        while not gone(stubborn) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gone(stubborn)
+    finally:
+        if not gone(stubborn):
+            os.kill(stubborn, signal.SIGKILL)
+
+
+def test_a_command_interrupted_before_it_started_never_runs(tmp_path):
+    """Ctrl-C while the backup still waits for its lock: the dump must not start afterwards (its side
+    effects, a database's load, for a backup the user stopped), and the stream reads as interrupted."""
+    from chunkvault.store.command_stream import CommandStream
+
+    marker = tmp_path / "ran"
+    with CommandStream(["sh", "-c", f"touch {marker}; echo dump"]) as stream:
+        stream.interrupt()
+        with pytest.raises(SourceCommandFailed, match="was killed by signal 15"):
+            stream.read(100)
+    assert stream.returncode == -signal.SIGTERM
+    assert not marker.exists()
+
+
 def test_dry_run_runs_the_command_and_writes_nothing(new_repo):
     repo = new_repo()
     result = repo.backup_command(emit(1000), "app.sql", dry_run=True)
