@@ -247,3 +247,19 @@ def test_a_source_below_another_that_is_a_symbolic_link_is_refused(tmp_path, new
         repo.backup([str(tmp_path / "top"), str(tmp_path / "top" / "inner" / "file")])
     kept = repo.backup([str(tmp_path / "link"), str(tmp_path / "real" / "file")]).snapshot  # what it leads to
     assert repo.find_entry(kept, os.path.relpath(tmp_path / "real" / "file", "/")).size == 9
+
+
+def test_one_symbolic_link_to_a_directory_backed_up_alone_is_stored_and_restored_as_the_link(tmp_path, new_repo):
+    """`backup LINK` stores the link under its name, as any other symbolic link source: taking the directory
+    it leads to as the snapshot's root made a snapshot whose root is a link, which no restore accepts (and
+    the backup had exited 0)."""
+    from chunkvault.store.manifest import T_SYMLINK
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "f").write_text("data")
+    os.symlink("real", tmp_path / "link")
+    repo = new_repo()
+    snap = repo.backup([str(tmp_path / "link")]).snapshot
+    assert [(e.path, e.type, e.target) for e in repo.tree(snap)] == [(b"link", T_SYMLINK, b"real")]
+    repo.restore(snap, str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == ["link"] and os.readlink(tmp_path / "out" / "link") == "real"

@@ -144,6 +144,30 @@ def test_paths_from_list_files(tmp_path, repo):
                                            "No such file or directory"
 
 
+def test_files_from_raw_takes_find_print0_output_on_standard_input(tmp_path, new_repo, cli):
+    """`find ... -print0 | chunkvault backup --files-from-raw -`: find ends every name with a NUL, the last
+    one too, and that end is no empty name to refuse."""
+    import subprocess
+
+    from chunkvault.store.manifest import T_FILE
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "one").write_bytes(b"1")
+    (src / "two\nlines").write_bytes(b"2")
+    (tmp_path / "not-listed").write_bytes(b"secret")
+    found = subprocess.run(["find", str(src), "-type", "f", "-print0"], capture_output=True, check=True).stdout
+    assert found.endswith(b"\0")
+    repo = new_repo(str(tmp_path / "repo"))
+    cli("backup", "-r", str(tmp_path / "repo"), "-q", "--files-from-raw", "-", input=found)
+    top = str(src).lstrip("/")
+    files = sorted(e.path.decode() for e in repo.tree("latest") if e.type == T_FILE)
+    assert files == [f"{top}/d/one", f"{top}/two\nlines"]
+    (tmp_path / "raw").write_bytes(b"\0" + found.replace(b"\0", b"\0\0"))
+    assert sorted(source.read_list_file(str(tmp_path / "raw"), "list", raw=True)) == [
+        str(src / "d" / "one"), str(src / "two\nlines")]
+
+
 def test_an_exclude_pattern_that_can_never_match_is_said(tmp_path, new_repo):
     """An absolute path, "./x" or "dir/" (restic and gitignore habits) matches no path below a source nor any
     name: the backup says so instead of quietly keeping what the user meant to leave out."""
