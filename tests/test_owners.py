@@ -122,6 +122,18 @@ def test_the_names_not_known_here_that_mapped_entries_named_are_listed():
     assert many.missed().endswith("user u9 (9) and 10 more")
 
 
+def test_a_group_unknown_here_is_named_by_the_file_s_group_not_its_user():
+    """The owning group is looked up by the entry's gid, whatever its uid: a file of root's in group 5000
+    ("ghost", unknown here) names the group, and one of user 5000 in group root names nothing."""
+    here = {"root": 0}.get
+    m = OwnerMap.from_names({0: "root"}, {5000: "ghost"}, user=here, group=here)
+    m.entry(Entry(b"f", T_FILE, uid=0, gid=5000))
+    assert m.missed() == "owner names unknown on this machine, set by their recorded ids instead: group ghost (5000)"
+    other = OwnerMap.from_names({0: "root"}, {5000: "ghost"}, user=here, group=here)
+    other.entry(Entry(b"g", T_FILE, uid=5000, gid=0))
+    assert other.missed() is None
+
+
 @given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), max_size=30),
        st.dictionaries(st.integers(0, 20), st.sampled_from(["a", "b", "c", "d"])),
        st.dictionaries(st.sampled_from(["a", "b", "c"]), st.integers(0, 20)))

@@ -190,6 +190,23 @@ def test_attributes_that_cannot_be_read_are_a_warning(repo, source, monkeypatch)
     assert len(warned) == 2 and any(w.endswith("etc: Permission denied") for w in warned)
 
 
+def test_an_attribute_removed_between_the_listing_and_its_read_costs_only_itself(repo, source, monkeypatch):
+    """Another program removed one attribute after the backup listed them: the file keeps the others (its
+    ACLs and capabilities among them), with no warning, rather than losing them all."""
+    real = os.getxattr
+
+    def racing(target, name, *args, **kwargs):
+        if name == "user.binary":
+            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+        return real(target, name, *args, **kwargs)
+
+    monkeypatch.setattr(xattrs_mod.os, "getxattr", racing)
+    result = repo.backup([str(source)])
+    entries = {e.path: e for e in repo.tree(result.snapshot)}
+    assert decode_xattrs(entries[b"etc/app.conf"].xattrs) == {b"user.origin": b"config management"}
+    assert not [w for w in result.warnings if "extended attributes" in w]
+
+
 def test_attributes_a_target_cannot_take_are_a_warning(repo, source, tmp_path, monkeypatch):
     snap = repo.backup([str(source)]).snapshot
 
