@@ -14,6 +14,12 @@ def test_line_has_rate_and_eta():
     assert p.line(3, 500, p.start + 2) == "restore: 3 files, 500 B of 1000 B (50%), 250 B/s, ETA 0:02"
 
 
+def test_files_grown_since_the_walk_counted_them_show_100_percent_and_no_eta():
+    """More bytes read than the walk counted (files growing during the backup) is still at most done."""
+    p = Progress("backup", 1000, stream=io.StringIO(), enabled=True)
+    assert p.line(3, 1500, p.start + 3) == "backup: 3 files, 1.5 KiB of 1000 B (100%), 500 B/s"
+
+
 def test_silent_unless_a_terminal():
     quiet = io.StringIO()
     p = Progress("backup", stream=quiet, interval=0)
