@@ -24,7 +24,7 @@ from chunkvault.errors import CorruptObject, MissingObject, StorageFull, TargetU
 from chunkvault.store.manifest import entry_record
 from chunkvault.store.repository import Repo
 from chunkvault.store.restore import RestoreResult
-from treeutil import backed_up, describe
+from treeutil import backed_up, describe, mounted_tmpfs
 
 PASSWORD = "correct horse battery staple"
 UNPRIVILEGED = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
@@ -1043,6 +1043,29 @@ def test_removing_a_tree_stops_where_a_directory_in_it_was_moved_out_meanwhile(t
     assert info.value.errno == errno.ESTALE
     assert (victim / "important").read_bytes() == b"not the restore's to delete" and (victim / "keepdir").is_dir()
     assert (tmp_path / "target" / "junk" / "x").is_dir()
+
+
+def test_removing_a_tree_does_not_enter_a_file_system_mounted_in_it(tmp_path):
+    """remove_tree's own guard, beside the mount points a restore reads once when it starts: a file system
+    mounted in the tree after that (or below verify's scratch) is refused (EXDEV) before anything in it is
+    removed, not emptied and then found busy."""
+    from chunkvault.store.target_dirs import remove_tree
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "target" / "gone" / "mnt"
+    mnt.mkdir(parents=True)
+    with mounted_tmpfs(str(mnt), "256k"):
+        (mnt / "keep").mkdir()
+        (mnt / "data").write_bytes(b"precious")
+        parent = os.open(tmp_path / "target", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with pytest.raises(OSError) as info:
+                remove_tree(parent, "gone")
+        finally:
+            os.close(parent)
+        assert info.value.errno == errno.EXDEV
+        assert (mnt / "data").read_bytes() == b"precious" and (mnt / "keep").is_dir()
 
 
 def test_delete_leaves_what_is_mounted_in_the_target(tmp_path, new_repo, tmpfs):
