@@ -8,7 +8,9 @@ index that supersedes all others.  Order makes every interruption safe, and
 frees space before it needs any: packs no index names, index objects that
 name only packs to delete and then those packs, new packs, the new index,
 then the other deletions — killed at any point, every snapshot restores and
-the next prune finishes the job.
+the next prune finishes the job.  Stopped short of the new index (no room, Ctrl-C,
+the remote gone), it deletes again what it wrote (``take_back``): a failed prune
+leaves the disk no fuller than it found it.
 """
 from __future__ import annotations
 
@@ -435,16 +437,61 @@ def dead_index_objects(live: dict[str, IndexData], names: Iterable[str],
     return [name for name in live if name in dead], freed
 
 
-def store_envelopes(repo: Repo, blobs: Iterable[PreparedBlob]) -> IndexData:
+@dataclass
+class RepackWrites:
+    """What a prune (or `repair packs`) stored for its new index before that index replaced the old: the
+    new packs, and the index objects naming them written ahead of the one that supersedes the old (the last
+    written).  Stopped short, it takes them back (``take_back``): a rerun repacks into new packs anyway, and
+    each failed prune on a disk short of room left it fuller, until even a prune a part at a time no longer
+    fit."""
+    packs: list[bytes] = field(default_factory=list)
+    index_names: list[str] = field(default_factory=list)
+    # The superseding object was sent and not refused: it may be the live index, naming the new packs.
+    committing: bool = False
+
+
+def take_back(repo: Repo, writes: RepackWrites, ensure_held: Callable[[], None] = lambda: None) -> bool:
+    """Delete what a prune stopped short stored: its index objects first, then (only once all of those are
+    gone) its packs, each after ``ensure_held`` (a prune whose lock may have gone stale may have had its
+    objects read by another, which could rely on them).  Nothing once the superseding object may be stored:
+    it may be the live index.  Best effort, stopping at the first failure: True when all is gone.  What is
+    left is in no index, or indexed beside the old index whose packs are all still there; the next prune
+    removes it (what is in no index first, before it writes anything)."""
+    if writes.committing:
+        return False
+    try:
+        for name in reversed(writes.index_names):
+            ensure_held()
+            repo.remote.delete(f"index/{name}")
+        for pack_id in writes.packs:
+            ensure_held()
+            repo.remote.delete(pack_key(pack_id))
+    except ChunkvaultError:
+        return False
+    return True
+
+
+def store_envelopes(repo: Repo, blobs: Iterable[PreparedBlob], writes: RepackWrites | None = None) -> IndexData:
     """Envelopes copied unchanged into new packs (they are sealed to their blob id, not to a pack); the
-    index of those packs, for the caller to write."""
-    with repo.writer() as writer:
-        writer.INDEX_EVERY_PACKS = 1 << 30
-        writer.INDEX_EVERY_SECONDS = float("inf")
-        for blob in blobs:
-            writer.store(blob)
-        writer.flush(write_index=False)
-        return writer.take_index()
+    index of those packs, for the caller to write.  Stopped short, the packs stored are left unindexed and
+    noted in ``writes``, for the caller to delete."""
+    writer = repo.writer()
+    try:
+        with writer:
+            writer.index_on_close = False
+            writer.INDEX_EVERY_PACKS = 1 << 30
+            writer.INDEX_EVERY_SECONDS = float("inf")
+            try:
+                for blob in blobs:
+                    writer.store(blob)
+                writer.flush(write_index=False)
+            except BaseException:
+                writer.abandon()  # packs not yet sent are not sent
+                raise
+            return writer.take_index()
+    finally:  # after ``close``: every upload has ended
+        if writes is not None:
+            writes.packs += writer.sent_packs
 
 
 def superseding_parts(names: Iterable[bytes], limit: int | None) -> list[IndexData]:
@@ -455,11 +502,13 @@ def superseding_parts(names: Iterable[bytes], limit: int | None) -> list[IndexDa
 
 
 def replace_index(repo: Repo, new_index: IndexData, old_names: list[str],
-                  ensure_held: Callable[[], None] = lambda: None, gone: Iterable[bytes] = ()) -> None:
+                  ensure_held: Callable[[], None] = lambda: None, gone: Iterable[bytes] = (),
+                  writes: RepackWrites | None = None) -> None:
     """Write ``new_index`` in parts, then delete ``old_names``: the part that supersedes them (and ``gone``,
     index objects deleted before, which must never count again) is written last, so no reader sees a new
     index that is not complete.  ``ensure_held``: before each part and each deletion (a prune that took the
-    lock for stale may have deleted the new packs as unindexed)."""
+    lock for stale may have deleted the new packs as unindexed).  ``writes`` notes the parts naming packs
+    written ahead of the last, and when the last is sent."""
     old = {bytes.fromhex(n) for n in old_names}
     carried = sorted(set(gone) - old)
     limit = repo.remote.max_object_size
@@ -467,9 +516,22 @@ def replace_index(repo: Repo, new_index: IndexData, old_names: list[str],
     if limit is not None and 32 * (len(old) + len(carried)) > limit - INDEX_SLACK:  # in parts of their own, first
         extra, carried = superseding_parts(carried, limit), []
     parts = split_index(IndexData(new_index.packs, sorted(old) + carried), limit)
-    for part in extra + parts[1:] + parts[:1]:
+    ahead = extra + parts[1:]
+    for part in ahead:
         ensure_held()
-        repo.write_index(part)
+        # Named before it is sent: a lost reply may hide one stored.  Those naming no packs stay, taken
+        # back or not: they carry forward the names of index objects deleted before.
+        repo.write_index(part, naming=writes.index_names.append if writes is not None and part.packs else None)
+    ensure_held()
+    if writes is None:
+        repo.write_index(parts[0])
+    else:
+        writes.committing = True
+        try:
+            repo.write_index(parts[0])
+        except StorageFull:  # refused: not stored
+            writes.committing = False
+            raise
     for name in old_names:
         ensure_held()
         repo.remote.delete(f"index/{name}")
@@ -585,11 +647,18 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
                 moved += e.length
             step(moved)
 
-    if plan.repack:
-        new_index.packs.update(store_envelopes(repo, live_envelopes()).packs)
-    ensure_held()
-    replace_index(repo, new_index, [n for n in plan.index_names if n not in plan.dead_indexes] + marker,
-                  ensure_held, plan.superseded | dead_names)
+    # Stopped short of the new index (no room, Ctrl-C, the remote gone), what the repack stored is taken
+    # back: the old index and its packs still hold everything, and a rerun repacks into new packs anyway.
+    writes = RepackWrites()
+    try:
+        if plan.repack:
+            new_index.packs.update(store_envelopes(repo, live_envelopes(), writes).packs)
+        ensure_held()
+        replace_index(repo, new_index, [n for n in plan.index_names if n not in plan.dead_indexes] + marker,
+                      ensure_held, plan.superseded | dead_names, writes)
+    except BaseException:
+        take_back(repo, writes, ensure_held)
+        raise
     for use in plan.delete + plan.repack:
         if use.pack_id not in plan.freed_early:
             delete(pack_key(use.pack_id))

@@ -23,8 +23,8 @@ from .locks import EXCLUSIVE, RepoLock
 from .manifest import T_HARDLINK, Record, delete_record, sort_key
 from .manifest_io import store_manifest
 from .pack import PackEntry, readable_ids
-from .prune import (carried_forward, copy_intact, indexed_packs, packs_of, read_index_data, replace_index,
-                    store_envelopes, verify_copies)
+from .prune import (RepackWrites, carried_forward, copy_intact, indexed_packs, packs_of, read_index_data,
+                    replace_index, store_envelopes, take_back, verify_copies)
 from .repository import NOT_INDEXED, PreparedBlob, Repo, pack_id_of, pack_key, superseded_names
 from .rewrite import count_tree, save_counts
 from .snapshot import KIND_FULL, Snapshot
@@ -282,8 +282,13 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
         if dry_run:
             return report
         new_index = IndexData({pid: entries for pid, entries in packs.items() if pid not in read})
-        new_index.packs.update(store_envelopes(repo, salvage).packs)
-        replace_index(repo, new_index, names, lock.ensure_held, superseded)
+        writes = RepackWrites()
+        try:  # stopped short, the salvage is taken back: the damaged packs are all still there, as before
+            new_index.packs.update(store_envelopes(repo, salvage, writes).packs)
+            replace_index(repo, new_index, names, lock.ensure_held, superseded, writes)
+        except BaseException:
+            take_back(repo, writes, lock.ensure_held)
+            raise
         for pid in read:
             if pid in stored:
                 lock.ensure_held()

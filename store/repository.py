@@ -585,9 +585,13 @@ class Repo:
         chain = [blob_id, *self.delta_chain(blob_id)]
         return chain[choose_base(chain, min(bound, self.max_delta_depth), turn)]
 
-    def write_index(self, d: IndexData) -> str:
+    def write_index(self, d: IndexData, *, naming: Callable[[str], None] | None = None) -> str:
+        """Store an index object; its name.  ``naming`` is told the name before the upload: a caller that may
+        take the object back must know it also when the upload fails after it landed (a lost reply)."""
         data = encode_index(self.sealer, d)
         name = content_name(data)
+        if naming is not None:
+            naming(name)
         try:
             self.remote.put(f"index/{name}", data, if_absent=True)
         except ObjectExists:
@@ -1322,6 +1326,12 @@ class BlobWriter:
         self._listing: ThreadPoolExecutor | None = None  # its own thread: a listing holds up no upload
         self._own_packs: set[bytes] = set()  # stored by this writer: known to be there
         self._abandoned = False
+        # Packs handed to the remote, answered or not (a lost reply may hide a stored one): what a caller that
+        # takes its work back (a failed repack) deletes.
+        self.sent_packs: list[bytes] = []
+        # Whether ``close`` indexes the packs stored when the work stopped short: a backup's rerun reuses
+        # them; a prune's would repack into new packs anyway, so its are left for it to delete.
+        self.index_on_close = True
         self._settled = True  # every blob it placed is in an index object it wrote (or it placed none)
         repo._writer_lock.acquire()  # after another thread's writer, if one runs (``close`` in this thread frees it)
         try:
@@ -1491,6 +1501,7 @@ class BlobWriter:
                 raise self._error        # each for its whole retry time (minutes, with small packs)
             data = builder.finish(self.repo.sealer)
             pack_id = bytes.fromhex(content_name(data))
+            self.sent_packs.append(pack_id)
             try:
                 self.repo.remote.put(pack_key(pack_id), data, if_absent=True)
             except ObjectExists:
@@ -1572,7 +1583,8 @@ class BlobWriter:
     def close(self) -> None:
         """Wait for the uploads in flight; then index every pack that was stored whole but not yet indexed
         (only left when the work stopped short: an interruption, a failure), so that running it again stores
-        them no second time.  Best effort: the error that stopped the work is the one that counts."""
+        them no second time; not with ``index_on_close`` off.  Best effort: the error that stopped the work is
+        the one that counts."""
         try:
             self._uploads.shutdown(wait=True)
             if self._listing is not None:
@@ -1580,7 +1592,7 @@ class BlobWriter:
             self._buffers.clear()
             with self._lock:
                 batch = self._take_index() if self._unindexed.packs else None
-            if batch is not None:
+            if batch is not None and self.index_on_close:
                 try:
                     self._write_index(batch)
                 except ChunkvaultError:

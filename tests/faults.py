@@ -171,3 +171,38 @@ class FaultyRemote(Remote):
 def _fail_midway(items: list[ObjectInfo], stop: int) -> Iterator[ObjectInfo]:
     yield from items[:stop]
     raise RemoteUnavailable("injected fault: listing connection reset")
+
+
+class FailingWrite(FaultyRemote):
+    """Wraps ``inner`` and fails the ``at``-th put (counted from 1) of a key under ``prefixes`` with
+    ``error()``: a disk that fills up (``StorageFull``; with ``stays``, every later such put fails too, until
+    ``heal``), a Ctrl-C (``KeyboardInterrupt``), a remote that goes away.  ``landed``: the put is made before
+    the error is raised (a reply lost after the write).  ``writes`` counts the puts under ``prefixes``."""
+
+    def __init__(self, inner: Remote, *, at: int, error: Callable[[], BaseException],
+                 prefixes: tuple[str, ...] = ("data/", "index/"), stays: bool = False, landed: bool = False):
+        super().__init__(inner, seed=0)
+        self.at = at
+        self.error = error
+        self.prefixes = prefixes
+        self.stays = stays
+        self.landed = landed
+        self.writes = 0
+        self.failed = 0
+        self._healed = False
+
+    def heal(self) -> None:
+        """Room again (or the remote back): no put fails from now on."""
+        self._healed = True
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        if key.startswith(self.prefixes):
+            with self._lock:
+                self.writes += 1
+                fail = not self._healed and (self.writes == self.at or (self.stays and self.writes > self.at))
+                self.failed += fail
+            if fail:
+                if self.landed:
+                    self.inner.put(key, data, if_absent=if_absent)
+                raise self.error()
+        super().put(key, data, if_absent=if_absent)
