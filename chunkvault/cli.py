@@ -659,7 +659,9 @@ def _backup_progress(bar: Progress) -> Callable[[dict], None] | None:
     if not bar.enabled:
         return None
     return lambda counts: bar(counts.get("new_files", 0) + counts.get("changed_files", 0) +
-                              counts.get("unchanged_files", 0), counts.get("read_bytes", 0))
+                              counts.get("unchanged_files", 0),
+                              counts.get("read_bytes", 0) + counts.get("unchanged_bytes", 0),
+                              counts.get("total_bytes"))
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:

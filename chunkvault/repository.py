@@ -692,7 +692,8 @@ class Repository:
                                  parent=find_snapshot(snaps, _spec(parent)) if parent else None, reread=reread,
                                  skip_if_unchanged=skip_if_unchanged, ignore_inode=ignore_inode,
                                  ignore_ctime=ignore_ctime, xattrs=xattrs, time=_time(time),
-                                 lock_wait=_wait(wait), listing=listing, list_unchanged=list_unchanged)
+                                 lock_wait=_wait(wait), listing=listing, list_unchanged=list_unchanged,
+                                 count_total=progress is not None)
         except BaseException:
             if walk is not None:
                 walk.close()

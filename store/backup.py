@@ -45,8 +45,8 @@ from .owners import OWNERS_KEY, names_of, note_ids
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, iso, now_iso
 from .unlock import require_openable
-from .source import (NOT_REGULAR_ERRNOS, Excluded, Replaced, SmallRead, SourceWalk, StatFailed, open_beneath,
-                     open_source_file, read_small_files)
+from .source import (NOT_REGULAR_ERRNOS, Excluded, Replaced, SmallRead, SourceWalk, StatFailed, TreeTotal,
+                     open_beneath, open_source_file, read_small_files)
 from .xattrs import read_xattrs
 from .zstdbuf import empty_buffer
 
@@ -94,6 +94,8 @@ class BackupOptions:
     delta_margin: float = 0.1
     lock_wait: float = 3600.0  # how long to wait for a running prune
     progress: Callable[[dict], None] | None = None
+    # Count the tree on a second walk, for the progress's total (``TreeTotal``): only where it is shown.
+    count_total: bool = False
     # Each entry stored as new or changed, and each of the parent's entries gone, as the backup settles it (on
     # its main thread, in manifest order); unchanged ones too with ``list_unchanged``, and the paths a rule
     # left out from a walk that reports them (``SourceWalk(report_excluded=True)``).
@@ -374,6 +376,8 @@ class Backup:
         self._count_lock = threading.Lock()  # readers add to read_bytes
         self.counts = {"new_files": 0, "changed_files": 0, "unchanged_files": 0, "deleted": 0,
                        "read_bytes": 0}
+        self._unchanged_bytes = 0  # of the unchanged files matched by the walk: progress only
+        self._total: TreeTotal | None = None  # the tree's files and bytes counted beside the walk: progress only
         self._hardlinks: dict[tuple[int, int], _Link] = {}  # (device, inode) of each multiply-linked file walked
         self._links_waiting: dict[bytes, tuple[_Link, os.stat_result]] = {}  # its paths not settled yet, their lstat
         self._unread: set[bytes] = set()  # paths not read, kept from the parent, to list unreadable when settled
@@ -892,17 +896,26 @@ class Backup:
             return _FileRead(None, [_vanished(item.path)])
         return self._read_file(e, item.path, st, item.prev)
 
-    def _maybe_progress(self, unchanged: int = 0) -> None:
-        """Report the counts at most twice a second (from the main thread only); ``unchanged``: files not
-        yet in them."""
+    def _maybe_progress(self, unchanged: int = 0, unchanged_bytes: int = 0) -> None:
+        """Report the counts at most twice a second (from the main thread only); ``unchanged`` and
+        ``unchanged_bytes``: files not yet in them."""
         if self.opt.progress is None:
             return
         if time.monotonic() - self._last_progress >= 0.5:
-            counts = dict(self.counts)
-            counts["unchanged_files"] += unchanged
-            self.opt.progress(counts)
+            self.opt.progress(self._progress_counts(unchanged, unchanged_bytes))
             # From the callback's return: one that takes 0.5 s or more was called again for every file.
             self._last_progress = time.monotonic()
+
+    def _progress_counts(self, unchanged: int = 0, unchanged_bytes: int = 0) -> dict:
+        """The counts, with the files and bytes of the tree once ``TreeTotal`` has counted them all
+        (``total_files``, ``total_bytes``: None until then)."""
+        counts = dict(self.counts)
+        counts["unchanged_files"] += unchanged
+        counts["unchanged_bytes"] = self._unchanged_bytes + unchanged_bytes
+        total = self._total
+        counts["total_files"] = total.files if total is not None and total.done else None
+        counts["total_bytes"] = total.bytes if total is not None and total.done else None
+        return counts
 
     # --- the walk -------------------------------------------------------------------
 
@@ -952,7 +965,7 @@ class Backup:
                             yield from taken
                         taken.clear()
                     if progress:
-                        self._maybe_progress(same_files)
+                        self._maybe_progress(same_files, same_bytes)
                     continue
             walked = next(walk, None)
             if walked is None:
@@ -979,7 +992,7 @@ class Backup:
                 same_files += 1
                 same_bytes += prev.size
                 if progress:
-                    self._maybe_progress(same_files)
+                    self._maybe_progress(same_files, same_bytes)
                 if list_same:
                     self._list_unchanged([Record(OP_ENTRY, rel, prev)], pending)
                 if not diff:
@@ -990,6 +1003,7 @@ class Backup:
             else:
                 if same_files:
                     counts["unchanged_files"] += same_files
+                    self._unchanged_bytes += same_bytes
                     stats.add_files(same_files, same_bytes)
                     same_files = same_bytes = 0
                 item = _Waiting(rel, path, prev)
@@ -1015,6 +1029,7 @@ class Backup:
                 if rec is not None:
                     yield rec
         counts["unchanged_files"] += same_files
+        self._unchanged_bytes += same_bytes
         stats.add_files(same_files, same_bytes)
         while pending:
             rec = self._settle(pending.popleft(), diff, stats, 0)
@@ -1246,6 +1261,8 @@ class Backup:
                 stats_iter = self._count(self._stream_source(stream, stdin_name, parent_tree, kind), stats)
             else:
                 assert source is not None
+                if self.opt.count_total:
+                    self._total = TreeTotal(source)
                 stats_iter = self.records(source, parent_tree, kind, stats)
             mw = ManifestWriter(repo, self.writer)
             uids: set[int] = set()
@@ -1257,7 +1274,7 @@ class Backup:
             self._drain()
             walked_ns = time.time_ns()  # every file read: the end of the window the next backup reads again
             if self.opt.progress is not None:  # the final counts (reports in between are rate-limited)
-                self.opt.progress(dict(self.counts))
+                self.opt.progress(self._progress_counts())
             # What could not be read (or a source path missing) is no sign of nothing changed: such a run
             # saves its snapshot and says so (exit 3), as without the option.  Nor is a file read again for its
             # racy times: skipped, the run would leave the window as it was, and the next read it again too.
@@ -1275,6 +1292,8 @@ class Backup:
             self.writer.abandon()
             raise
         finally:
+            if self._total is not None:
+                self._total.close()
             self._abort.set()  # a no-op when all went well: the readers are idle by then
             self._readers.shutdown(wait=True, cancel_futures=True)
             self._pool.shutdown(wait=True, cancel_futures=True)

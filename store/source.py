@@ -358,6 +358,42 @@ EXCLUDE_RULES = ("exclude", "exclude-larger-than", "exclude-if-present", "one-fi
 _MARKED = -1  # the errno a listing gives a name that a directory's marker file leaves out (reporting walks)
 
 
+class TreeTotal:
+    """The regular files a backup's ``walk`` will take, and their bytes, counted on a thread of its own by a
+    second walk under the same rules (as restic's scanner): what a progress line's percentage and ETA need.
+    ``done`` once that walk has ended; the counts grow until then.  Only for a backup that reports progress:
+    it lists and stats the tree a second time."""
+
+    def __init__(self, walk: "SourceWalk"):
+        self.files = 0
+        self.bytes = 0
+        self.done = False
+        self._stop = threading.Event()
+        self._walk = SourceWalk(walk.roots, walk.excludes, iexcludes=walk.iexcludes, paths=walk.paths,
+                                one_file_system=walk.one_file_system, markers=walk.markers,
+                                max_file_size=walk.max_file_size)
+        self._thread = threading.Thread(target=self._count, name="tree-total", daemon=True)
+        self._thread.start()
+
+    def _count(self) -> None:
+        try:
+            for _, _, st, _ in self._walk:
+                if self._stop.is_set():
+                    return
+                if stat.S_ISREG(st.st_mode):
+                    self.files += 1
+                    self.bytes += st.st_size
+            self.done = True
+        except Exception:  # a count that cannot finish leaves the progress without a total, nothing more
+            pass
+        finally:
+            self._walk.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class SourceWalk:
     """Entries in manifest order (depth first, names sorted); errors become warnings, never abort.  An
     entry whose lstat fails, other than by vanishing, comes with a ``StatFailed`` for its stat.

@@ -209,6 +209,44 @@ def test_progress_goes_on_while_the_stored_chunks_are_waited_for(tmp_path, new_r
     assert len(calls) >= 3  # while waiting, twice a second; and the final counts
 
 
+def test_progress_counts_the_tree_beside_the_backup_for_a_total(tmp_path, new_repo, monkeypatch):
+    """A backup that reports progress counts the files and bytes its walk will take (its rules applied: an
+    excluded file and one over --exclude-larger-than are not in the total) on a second walk, so the progress
+    line has a percentage and an ETA; the bytes done are those read and those of files found unchanged."""
+    import time as time_module
+
+    from chunkvault.store.backup import Backup
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    sizes = {"a": 300_000, "d/b": 200_000, "d/c": 1000}
+    for name, size in sizes.items():
+        (src / name).write_bytes(os.urandom(size))
+    (src / "skip.tmp").write_bytes(os.urandom(5000))
+    (src / "huge").write_bytes(os.urandom(400_000))
+    for f in src.rglob("*"):  # not so new that the next backup reads them again (racy)
+        os.utime(f, (time_module.time() - 3600,) * 2)
+    repo = new_repo(str(tmp_path / "repo"))
+    real = Backup._store_chunks
+
+    def slow(self, batch):  # time for reports while the backup runs, after the count has ended
+        time_module.sleep(0.6)
+        real(self, batch)
+
+    monkeypatch.setattr(Backup, "_store_chunks", slow)
+    calls = []
+    rules = {"excludes": ["*.tmp"], "exclude_larger_than": 350_000, "ignore_ctime": True}  # ctime: just now
+    repo.backup([str(src)], progress=calls.append, **rules)
+    totals = {(c["total_files"], c["total_bytes"]) for c in calls} - {(None, None)}
+    assert totals == {(3, sum(sizes.values()))}
+    assert calls[-1]["read_bytes"] == sum(sizes.values()) and calls[-1]["unchanged_bytes"] == 0
+    monkeypatch.undo()
+    calls.clear()
+    repo.backup([str(src)], progress=calls.append, **rules)
+    assert calls[-1]["unchanged_bytes"] == sum(sizes.values()) and calls[-1]["read_bytes"] == 0
+    assert all(c["total_bytes"] in (None, sum(sizes.values())) for c in calls)
+
+
 def test_a_slow_progress_callback_is_not_called_for_every_file(tmp_path, new_repo):
     """The half second between reports ran from before the callback: one taking 0.6 s made a backup of 100
     small files take a minute."""
