@@ -519,7 +519,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         repo = _open(args)
         options = {"kind": args.type, "tags": args.tag, "host": args.host, "delta": not args.no_delta,
                    "fixed_chunks": args.fixed_chunks, "fixed_chunk_size": args.fixed_chunk_size,
-                   "dry_run": args.dry_run, "time": args.time, "wait": args.wait}
+                   "dry_run": args.dry_run, "time": args.time, "wait": args.wait,
+                   "compression_level": args.compression}
         bar = _progress(args, "backup")
         options["progress"] = _backup_progress(bar)
         if args.stdin:
@@ -560,7 +561,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
                              fixed_chunks=args.fixed_chunks,
                              fixed_chunk_size=args.fixed_chunk_size, progress=_backup_progress(bar), walk=walk,
                              dry_run=args.dry_run, parent=args.parent, time=args.time, wait=args.wait,
-                             listing=lister, list_unchanged=args.list_all, **compare, **rules)
+                             listing=lister, list_unchanged=args.list_all, compression_level=args.compression,
+                             **compare, **rules)
         bar.done()
         if lister is not None and args.json:
             lister.end()  # the list, then the document's other keys
@@ -1701,6 +1703,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="cut files matching GLOB at fixed offsets, not by content (database files updated in place)")
     s.add_argument("--fixed-chunk-size", type=_size, default=FIXED_CHUNK_SIZE, metavar="SIZE",
                    help=f"chunk size for --fixed-chunks (default {FIXED_CHUNK_SIZE >> 20} MiB)")
+    s.add_argument("--compression", type=_argument(_check_compression, int), metavar="LEVEL",
+                   help="zstd level of this backup's new data, 1 to 22, 0 = off (default: the repository's, "
+                        "set at init)")
     s.set_defaults(func=cmd_backup)
 
     reading = _Parser(add_help=False)  # commands that read data hold a shared lock (store/locks.py)

@@ -144,14 +144,26 @@ def _host(value: Any) -> str | None:
 
 def _stream_options(kind: str, tags: list[str] | None, host: str | None, delta: bool,
                     fixed_chunks: list[str] | None, fixed_chunk_size: int, dry_run: bool,
-                    time: str | datetime | None, wait: float, progress: Any) -> BackupOptions:
+                    time: str | datetime | None, wait: float, progress: Any,
+                    compression_level: int | None = None) -> BackupOptions:
     """A stream backup's options (``backup_stream``, ``backup_command``), checked."""
     if progress is not None and not callable(progress):
         raise UsageError(f"progress is a function, not {progress!r}")
     return BackupOptions(kind=kind, tags=_texts(tags, "tag"), host=_host(host), delta=delta,
                          fixed_chunks=_globs(fixed_chunks, "fixed_chunks"),
                          fixed_chunk_size=parse_size(fixed_chunk_size), dry_run=dry_run, time=_time(time),
-                         lock_wait=_wait(wait), progress=progress)
+                         lock_wait=_wait(wait), progress=progress,
+                         compression_level=_compression_level(compression_level))
+
+
+def _compression_level(level: Any) -> int | None:
+    """A backup's own zstd level, checked (None: the repository's)."""
+    from .store.config import MAX_COMPRESSION_LEVEL
+
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int)
+                              or not 0 <= level <= MAX_COMPRESSION_LEVEL):
+        raise UsageError(f"compression level must be 0 (off) to {MAX_COMPRESSION_LEVEL}, not {level!r}")
+    return level
 
 
 def _one_line(tags: Iterable[str], host: str | None = None) -> None:
@@ -616,7 +628,8 @@ class Repository:
                reread: bool = False, skip_if_unchanged: bool = False, ignore_inode: bool = False,
                ignore_ctime: bool = False, xattrs: bool = True, walk: SourceWalk | None = None,
                time: str | datetime | None = None, wait: float = 3600.0,
-               listing: Callable[[Listed], None] | None = None, list_unchanged: bool = False) -> BackupResult:
+               listing: Callable[[Listed], None] | None = None, list_unchanged: bool = False,
+               compression_level: int | None = None) -> BackupResult:
         """Back up files and directories; one directory is stored as the snapshot's root.
 
         ``dry_run``: read, chunk, compress and count as a backup would, and write nothing (the
@@ -635,6 +648,9 @@ class Repository:
 
         ``fixed_chunks``: globs of files cut every ``fixed_chunk_size`` bytes instead of
         by content (database files updated in place: see README, "Database differentials").
+        ``compression_level``: zstd's for this backup's new data, 0 (off) to 22, instead of the repository's
+        (an archival run at 19, a fast one at 1); readers need no setting, and data already stored stays as
+        it is.
 
         ``parent``: the snapshot (id or prefix) to compare with and build a differential on, instead of
         the newest of the same host and paths. ``reread``: read every file, even one whose size, times
@@ -693,7 +709,8 @@ class Repository:
                                  skip_if_unchanged=skip_if_unchanged, ignore_inode=ignore_inode,
                                  ignore_ctime=ignore_ctime, xattrs=xattrs, time=_time(time),
                                  lock_wait=_wait(wait), listing=listing, list_unchanged=list_unchanged,
-                                 count_total=progress is not None)
+                                 count_total=progress is not None,
+                                 compression_level=_compression_level(compression_level))
         except BaseException:
             if walk is not None:
                 walk.close()
@@ -712,15 +729,15 @@ class Repository:
     def backup_stream(self, fileobj: BinaryIO, name: str, *, kind: str = "auto", tags: list[str] | None = None,
                       host: str | None = None, delta: bool = True, fixed_chunks: list[str] | None = None,
                       fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False,
-                      time: str | datetime | None = None, wait: float = 3600.0, progress: Any = None
-                      ) -> BackupResult:
+                      time: str | datetime | None = None, wait: float = 3600.0, progress: Any = None,
+                      compression_level: int | None = None) -> BackupResult:
         """Store a stream (e.g. a dump on stdin) as the single file ``name``.
 
         ``fixed_chunks``: globs; when one matches ``name`` the stream is cut at fixed offsets.
-        ``dry_run``, ``time``, ``wait``, ``progress``: as for ``backup``.
+        ``dry_run``, ``time``, ``wait``, ``progress``, ``compression_level``: as for ``backup``.
         """
         opts = _stream_options(kind, tags, host, delta, fixed_chunks, fixed_chunk_size, dry_run, time, wait,
-                               progress)
+                               progress, compression_level)
         source = _BinarySource(fileobj)
         return self._backup_stream(lambda: contextlib.nullcontext(source), name, opts)
 
@@ -729,8 +746,8 @@ class Repository:
                        host: str | None = None, delta: bool = True, fixed_chunks: list[str] | None = None,
                        fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False, cwd: str | None = None,
                        env: Mapping[str, str] | None = None, stderr: IO[bytes] | None = None,
-                       time: str | datetime | None = None, wait: float = 3600.0, progress: Any = None
-                       ) -> BackupResult:
+                       time: str | datetime | None = None, wait: float = 3600.0, progress: Any = None,
+                       compression_level: int | None = None) -> BackupResult:
         """Store the standard output of the command ``argv`` (e.g. ``["pg_dump", "app"]``) as the single
         file ``name``, as ``backup_stream`` does. The snapshot is saved only if the command exits with
         status 0 (else SourceCommandFailed); a backup that fails first stops the command. The command
@@ -741,7 +758,7 @@ class Repository:
 
         argv = _listed(argv)
         opts = _stream_options(kind, tags, host, delta, fixed_chunks, fixed_chunk_size, dry_run, time, wait,
-                               progress)
+                               progress, compression_level)
         return self._backup_stream(lambda: CommandStream(argv, cwd=cwd, env=env, stderr=stderr), name, opts)
 
     def _backup_stream(self, open_stream: Callable[[], ContextManager[Any]], name: str | bytes,

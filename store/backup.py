@@ -92,6 +92,7 @@ class BackupOptions:
     fixed_chunks: list[str] = field(default_factory=list)  # globs of paths cut at fixed offsets
     fixed_chunk_size: int = FIXED_CHUNK_SIZE
     delta_margin: float = 0.1
+    compression_level: int | None = None  # zstd's for this backup's data (None: the repository's)
     lock_wait: float = 3600.0  # how long to wait for a running prune
     progress: Callable[[dict], None] | None = None
     # Count the tree on a second walk, for the progress's total (``TreeTotal``): only where it is shown.
@@ -400,7 +401,8 @@ class Backup:
             raise
         except CorruptObject:
             bases = self._readable_bases(base_ids)
-        self.writer.store_many(self.repo.prepare_blobs(batch, bases, self.opt.delta_margin))
+        self.writer.store_many(self.repo.prepare_blobs(batch, bases, self.opt.delta_margin,
+                                                       self.opt.compression_level))
 
     def _readable_bases(self, base_ids: list[bytes]) -> dict[bytes, Plaintext]:
         """The bases that read; a damaged one's chunks are stored whole (``prepare_blobs``), with a warning:

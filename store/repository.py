@@ -845,16 +845,18 @@ class Repo:
     # --- writing blobs --------------------------------------------------------------
 
     def prepare_blob(self, blob_id: bytes, data: bytes | memoryview, *, base_id: bytes | None = None,
-                     base_plain: Plaintext | None = None, delta_margin: float = 0.0) -> PreparedBlob:
+                     base_plain: Plaintext | None = None, delta_margin: float = 0.0,
+                     level: int | None = None) -> PreparedBlob:
         """Compress and seal one blob (thread-safe, releases the GIL in native code).
 
         A delta is kept when it is smaller than plain compression by ``delta_margin``.
         Plain compression is skipped when the delta is under SKIP_PLAIN_SHARE of what
         the whole blob below the base takes, scaled to this blob's length, or under
         SKIP_SAMPLED_SHARE of what a sample of this blob compresses to, scaled: it could
-        not win.
+        not win.  ``level``: zstd's, for this blob (default: the repository's).
         """
-        level = self.config.settings.compression_level
+        if level is None:
+            level = self.config.settings.compression_level
         if base_id is not None and base_plain is not None:
             d = delta_compress(data, base_plain, max(level, 1))
             kept = 1.0 - delta_margin
@@ -872,18 +874,21 @@ class Repo:
         return self._sealed_whole(blob_id, kind, payload, len(data))
 
     def prepare_blobs(self, batch: list[tuple[bytes, bytes | memoryview, bytes | None]],
-                      bases: dict[bytes, Plaintext], delta_margin: float = 0.0) -> list[PreparedBlob]:
+                      bases: dict[bytes, Plaintext], delta_margin: float = 0.0,
+                      level: int | None = None) -> list[PreparedBlob]:
         """``prepare_blob`` for (blob id, data, base id or None) each, base plaintexts from ``bases``; the
         blobs without a base are compressed in one native call (``compress_many``)."""
         plain = [i for i, (_, _, b) in enumerate(batch) if b is None or bases.get(b) is None]
-        level = self.config.settings.compression_level
+        if level is None:
+            level = self.config.settings.compression_level
         compressed = compress_many([batch[i][1] for i in plain], level)
         envelopes = seal_whole_blobs(self.sealer, [(batch[i][0], kind, payload)
                                                    for i, (kind, payload) in zip(plain, compressed)])
         whole = {i: PreparedBlob(batch[i][0], kind, envelope, len(batch[i][1]), None)
                  for i, (kind, _), envelope in zip(plain, compressed, envelopes)}
         return [whole[i] if i in whole else self.prepare_blob(blob_id, data, base_id=base_id,
-                                                              base_plain=bases[base_id], delta_margin=delta_margin)
+                                                              base_plain=bases[base_id], delta_margin=delta_margin,
+                                                              level=level)
                 for i, (blob_id, data, base_id) in enumerate(batch)]
 
     def _sealed_whole(self, blob_id: bytes, kind: int, payload: bytes, raw_length: int) -> PreparedBlob:

@@ -301,3 +301,35 @@ def test_one_symbolic_link_to_a_directory_backed_up_alone_is_stored_and_restored
     assert [(e.path, e.type, e.target) for e in repo.tree(snap)] == [(b"link", T_SYMLINK, b"real")]
     repo.restore(snap, str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out") == ["link"] and os.readlink(tmp_path / "out" / "link") == "real"
+
+
+def test_a_backup_s_own_compression_level_applies_to_its_new_data(tmp_path, new_repo, cli):
+    """``--compression LEVEL`` per backup (restic's ``--compression``): 0 stores the data as it is, a high
+    level smaller than the repository's default; every snapshot restores, and a bad level is one usage
+    error before anything is read."""
+    from chunkvault.errors import UsageError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    def text(seed: int) -> bytes:  # new data each time: nothing deduplicates against the last
+        return b"".join(b"line %d of a log that compresses well, %x\n" % (i, i * seed) for i in range(40_000))
+
+    repo = new_repo(str(tmp_path / "repo"))
+    stored = {}
+    for level, seed in ((0, 7919), (1, 7907), (19, 7901)):
+        (src / "log").write_bytes(text(seed))
+        result = repo.backup([str(src)], kind="full", compression_level=level)
+        stored[level] = result.snapshot.stats["added_stored_bytes"]
+        out = tmp_path / f"out{level}"
+        repo.restore(result.snapshot.id, str(out))
+        assert (out / "log").read_bytes() == text(seed)
+    assert stored[0] > len(text(1)) > stored[1] > stored[19], stored
+    assert repo.check(read_data=True).ok
+    for bad in (-1, 23, 3.5, True, "3"):
+        with pytest.raises(UsageError, match="compression level must be 0 .off. to 22"):
+            repo.backup([str(src)], compression_level=bad)
+    proc = cli("backup", "-r", str(tmp_path / "repo"), str(src), "--compression", "23", check=2)
+    assert proc.stderr.decode().strip() == "chunkvault: argument --compression: not a zstd level: 23 (0 = off, 1 to 22)"
+    (src / "log").write_bytes(text(7883))
+    cli("backup", "-r", str(tmp_path / "repo"), str(src), "--compression", "0", "--no-delta")  # a delta: zstd
+    assert repo.snapshots()[-1].stats["added_stored_bytes"] > len(text(1))
