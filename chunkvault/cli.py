@@ -945,7 +945,9 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     _warn_patterns(args, globs, iglobs)
     repo = _open(args)
     report = repo.rewrite(globs, args.snapshots or None, hosts=args.host, tags=args.tag, paths=args.path,
-                          dry_run=not confirmed, wait=args.wait, iexcludes=iglobs)
+                          dry_run=not confirmed, wait=args.wait, iexcludes=iglobs, new_host=args.new_host)
+    if report.new_host is not None:
+        return _report_rehost(args, report)
     if not report.rewritten:
         _warn_rooted(globs)
     if args.json:
@@ -965,6 +967,27 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
             print(f"{len(report.inherited)} differential(s) built on them {'would ' if report.dry_run else ''}lose "
                   "the same paths: "
                   + " ".join(sid[:8] for sid in report.inherited))
+    return 0
+
+
+def _report_rehost(args: argparse.Namespace, report: Any) -> int:
+    """What ``rewrite --new-host`` renamed, or would."""
+    if args.json:
+        _emit_json(report.to_dict())
+    elif not args.quiet:
+        new = one_line(report.new_host)
+        for sid, old in report.renamed:
+            print(f"{'would rename' if report.dry_run else 'renamed'} {sid[:8]}: host {one_line(old)} -> {new}")
+        if not report.renamed:
+            print(f"no selected snapshot has another host than {new}")
+        elif report.dry_run:
+            print(f"nothing changed: add --confirm REWRITE to give these {len(report.renamed)} snapshot(s) "
+                  f"host {new}")
+        else:
+            print(f"gave {len(report.renamed)} snapshot(s) host {new}; `backup --host {new}` builds on them")
+        if report.joined:
+            print(f"they {'would join' if report.dry_run else 'join'} {len(report.joined)} snapshot(s) host {new} "
+                  "has of the same paths: its next backup builds on the newest of them all")
     return 0
 
 
@@ -1270,6 +1293,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"copied": [{"source": a, "destination": b} for a, b in result.copied],
                     "skipped": result.skipped, "failed": [{"source": a, "reason": r} for a, r in result.failed],
+                    "other_host": [{"source": a, "destination": b, "host": h} for a, b, h in result.other_host],
                     "blobs_sent": result.blobs_sent, "bytes_sent": result.bytes_sent})
     elif not args.quiet:
         for a, b in result.copied:
@@ -1278,6 +1302,11 @@ def cmd_copy(args: argparse.Namespace) -> int:
             print(f"not copied {a[:8]}: {one_line(reason)}", file=sys.stderr)
         print(f"{len(result.copied)} snapshot(s) copied, {len(result.skipped)} already there; "
               f"{result.blobs_sent} blobs ({format_size(result.bytes_sent)}) sent")
+    if result.other_host and not args.quiet:
+        hosts = sorted({h for _, _, h in result.other_host})
+        warn(f"{len(result.other_host)} snapshot(s) already there have another host there ({', '.join(hosts)}): "
+             "renamed on one side since they were copied; `rewrite --new-host` them there too, or backups and "
+             "retention see their chains apart")
     if result.failed:
         raise CorruptObject("in the source repository", f"{len(result.failed)} snapshot(s) not copied: damaged "
                                                         "there (`check` there names what; the others were copied)")
@@ -1737,8 +1766,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_tag)
 
     s = sub.add_parser("rewrite", parents=[common, select, exclusion],
-                       help="remove paths from existing snapshots (same ids, chains kept); prune then frees them")
+                       help="remove paths from existing snapshots (same ids, chains kept; prune then frees them), "
+                            "or give them a new host")
     s.add_argument("snapshots", nargs="*", help="only these snapshots (default: all the filters select)")
+    s.add_argument("--new-host", metavar="NAME",
+                   help="give the selected snapshots this host (a renamed machine: its backups then build on "
+                        "them); whole chains only, not with --exclude")
     s.add_argument("--confirm", metavar="REWRITE", help="type REWRITE to change the snapshots (else a dry run)")
     _wait_option(s, 3600.0, "running backups and reads")
     s.set_defaults(func=cmd_rewrite)

@@ -1538,19 +1538,38 @@ class Repository:
                                add=add, remove=remove, set_to=set_to, wait=wait)
 
     @_stoppable
-    def rewrite(self, excludes: list[str], snapshots: Iterable[str | Snapshot] | None = None, *,
+    def rewrite(self, excludes: list[str] | None = None, snapshots: Iterable[str | Snapshot] | None = None, *,
                 hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
-                dry_run: bool = True, wait: float = 3600.0, iexcludes: list[str] | None = None) -> RewriteReport:
+                dry_run: bool = True, wait: float = 3600.0, iexcludes: list[str] | None = None,
+                new_host: str | None = None) -> RewriteReport:
         """Remove the paths ``excludes`` match (as ``backup`` excludes, with their subtrees, in order, ``!GLOB``
         taking back what an earlier one left out; ``iexcludes`` ignoring case) from every snapshot, or from
         those the filters select, of them those named; same ids, chains kept.  Lists what would go until
-        ``dry_run=False``; ``prune`` then frees the data nothing references."""
-        from .store.rewrite import rewrite_snapshots
+        ``dry_run=False``; ``prune`` then frees the data nothing references.
+
+        ``new_host`` instead: give the snapshots selected (by the filters or by name: never all by default) that
+        host, so that backups under it build on them; a chain keeps one host, so one selected in part is
+        refused.  Not with ``excludes``: one kind of rewrite per call."""
+        from .store.rewrite import rehost_snapshots, rewrite_snapshots
 
         globs, iglobs = _globs(excludes, "exclude"), _globs(iexcludes, "iexclude")
+        if new_host is not None:
+            _one_line([], _host(new_host))
+            if globs or iglobs:
+                raise UsageError("rewrite gives snapshots a new host or removes paths from them, not both at once: "
+                                 "run it once for each")
+            if snapshots is None and not any(_filters(hosts, tags, paths).values()):
+                raise UsageError("rewrite with a new host renames only snapshots selected by host, tag, path or "
+                                 "name, never every snapshot by default"
+                                 ).hinting(" (--host OLD, --tag, --path, or ids)")
         self._list() if dry_run else self._guard()
-        return rewrite_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
-                                 globs, dry_run=dry_run, wait=wait, iglobs=iglobs)
+
+        def select(every: list[Snapshot]) -> list[Snapshot]:
+            return self._chosen(every, snapshots, hosts, tags, paths)
+
+        if new_host is not None:
+            return rehost_snapshots(self._repo, select, new_host, dry_run=dry_run, wait=wait)
+        return rewrite_snapshots(self._repo, select, globs, dry_run=dry_run, wait=wait, iglobs=iglobs)
 
     @_stoppable
     def export(self, snapshot: str | Snapshot, path: str, password: str | bytes, *, kdf_seconds: float = 0.5,

@@ -43,6 +43,10 @@ class CopyResult:
     copied: list[tuple[str, str]] = field(default_factory=list)  # (source id, destination id)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (source id, why): damaged in the source
+    # Skipped, but the destination's copy has another host (one side renamed by `rewrite --new-host` since):
+    # (source id, destination id, the destination's host).  Not renamed here: that takes the destination's
+    # exclusive lock, and its owner's say.
+    other_host: list[tuple[str, str, str]] = field(default_factory=list)
     blobs_sent: int = 0
     bytes_sent: int = 0
 
@@ -228,6 +232,9 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                 if there is not None:
                     done[snap.id] = there  # its differentials build on that one
                     result.skipped.append(snap.id)
+                    theirs = dst.load_snapshot(there)
+                    if theirs.host != snap.host:
+                        result.other_host.append((snap.id, there, theirs.host))
                     continue
                 parent = done.get(snap.parent) if snap.kind == KIND_DIFF else None
                 if snap.kind == KIND_DIFF and parent is None:

@@ -1,4 +1,4 @@
-"""Rewriting snapshots without some paths: secrets or caches backed up by mistake.
+"""Rewriting snapshots without some paths (secrets or caches backed up by mistake), or under another host.
 
 Each chosen snapshot's manifest is written again without the excluded paths and their subtrees, under
 the same id (as a rebase does, so chains and children stay valid); ``prune`` then frees the data no
@@ -6,6 +6,10 @@ snapshot references any more.  A differential's tree is its parent's with its ow
 a differential rewritten alone gets a deletion for each excluded path its tree holds: its parent's
 version must not show through.  Every plan is made from the manifests as they were before anything is
 written, so rewriting a parent and its differentials together gives the same trees in any order.
+
+A new host (a machine renamed) changes only the snapshot objects, re-sealed under their ids as ``tag``
+does: the manifests stay, and the next backup under the new name finds the renamed chain's newest
+snapshot as its parent.
 """
 from __future__ import annotations
 
@@ -84,10 +88,17 @@ class RewriteReport:
     # Differentials built on a rewritten snapshot whose own records hold nothing excluded: their trees
     # lose what it lost (their counts are brought up to date).  Those that do hold some are rewritten.
     inherited: list[str] = field(default_factory=list)
+    new_host: str | None = None
+    renamed: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, the host it had)
+    # Snapshots the new host had already of the same paths as a renamed one: one series with them from now
+    # on, whose newest the next backup there builds on (two machines merged by mistake, say).
+    joined: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"dry_run": self.dry_run, "rewritten": self.rewritten, "inherited": self.inherited,
-                "removed": [{"snapshot": s, "path": os.fsdecode(p)} for s, p in self.removed]}
+                "removed": [{"snapshot": s, "path": os.fsdecode(p)} for s, p in self.removed],
+                "new_host": self.new_host, "renamed": [{"snapshot": s, "host": h} for s, h in self.renamed],
+                "joined": self.joined}
 
 
 #: Which snapshots a command takes, chosen from every snapshot as read under its lock.
@@ -109,7 +120,8 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
     backup may build on a manifest being replaced, no forget rebase one."""
     patterns = [*globs, *(iglobs or [])]
     if not patterns:
-        raise UsageError("rewrite needs at least one exclude pattern").hinting(" (--exclude)")
+        raise UsageError("rewrite needs at least one exclude pattern, or a new host").hinting(
+            " (--exclude, --new-host)")
     excluded = excluded_by(globs, iglobs)
     if all(g.startswith("!") for g in patterns):
         raise UsageError("rewrite's patterns all start with '!': they take back what an earlier pattern "
@@ -190,3 +202,68 @@ def retag_snapshots(repo: Repo, select: Selection, *, add: list[str], remove: li
                 repo.save_snapshot(snap, replace=True)
                 changed.append(snap)
     return changed
+
+
+#: In a renamed snapshot's stats: the hosts it had before, oldest first.
+FORMER_HOSTS = "former_hosts"
+
+
+def plan_rehost(every: list[Snapshot], chosen: list[Snapshot], new_host: str) -> list[Snapshot]:
+    """Pure: of ``chosen``, those whose host becomes ``new_host`` (the others have it already).
+
+    A chain keeps one host: a backup takes the newest snapshot of its host and paths as its parent, and
+    retention groups by host, so a differential under one name whose parent is under another is a chain
+    neither name sees whole.  A selection that would part a snapshot from its parent where they share a
+    host now is refused (UsageError naming them); a chain whose hosts differ already may be mended piecewise.
+    """
+    picked = {s.id for s in chosen}
+    by_id = {s.id: s for s in every}
+
+    def after(s: Snapshot) -> str:
+        return new_host if s.id in picked else s.host
+
+    parted = [(s, p) for s in every if (p := by_id.get(s.parent or "")) is not None
+              and s.host == p.host and after(s) != after(p)]
+    if parted:
+        child, parent = parted[0]
+        left = parent if child.id in picked else child
+        more = f" ({len(parted) - 1} more such pair(s))" if len(parted) > 1 else ""
+        raise UsageError(f"snapshot {child.short_id} is built on {parent.short_id}, both of host {parent.host}, and "
+                         f"{left.short_id} is not selected: a chain keeps one host, select all of it{more}"
+                         ).hinting(f" (--host {parent.host}, or name each of its snapshots)")
+    return [s for s in chosen if s.host != new_host]
+
+
+def joined_by(every: list[Snapshot], changing: list[Snapshot], new_host: str) -> list[Snapshot]:
+    """Pure: the snapshots of ``new_host`` that are of the same source (paths, or stream) as one of ``changing``:
+    a backup's parent is the newest of its host's series, and these join the renamed in one."""
+    def source(s: Snapshot) -> tuple:
+        return tuple(sorted(s.paths)), s.stdin_name
+
+    renamed = {s.id for s in changing}
+    sources = {source(s) for s in changing}
+    return [s for s in every if s.host == new_host and s.id not in renamed and source(s) in sources]
+
+
+def rehost_snapshots(repo: Repo, select: Selection, new_host: str, *, dry_run: bool = True,
+                     wait: float = 3600.0) -> RewriteReport:
+    """Give each snapshot ``select`` takes the host ``new_host`` (``plan_rehost``); a dry run reports only,
+    and takes no lock.  Under the exclusive lock, as ``tag``: no forget may rebase one meanwhile, and its
+    object would be written back with the old host.  Killed part-way, a run again with the same selection
+    finishes (a chain whose hosts differ is not refused)."""
+    report = RewriteReport(dry_run, new_host=new_host)
+    with contextlib.nullcontext() if dry_run else RepoLock(repo.remote, EXCLUSIVE, "rewrite", wait=wait) as lock:
+        every, chosen = _under_lock(repo, select)
+        changing = plan_rehost(every, chosen, new_host)
+        report.rewritten = [s.id for s in changing]
+        report.renamed = [(s.id, s.host) for s in changing]
+        report.joined = [s.id for s in joined_by(every, changing, new_host)]
+        if dry_run:
+            return report
+        for snap in changing:
+            former = snap.stats.get(FORMER_HOSTS)
+            snap.stats = {**snap.stats, FORMER_HOSTS: [*(former if isinstance(former, list) else []), snap.host]}
+            snap.host = new_host
+            lock.ensure_held()
+            repo.save_snapshot(snap, replace=True)
+    return report

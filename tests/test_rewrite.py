@@ -120,7 +120,8 @@ def test_rewrite_on_the_command_line_is_a_dry_run_until_confirmed(tmp_path):
     assert not done["dry_run"] and len(done["rewritten"]) == len(done["inherited"]) == 1  # the full; its diff inherits
     assert json.loads(crashkit.run_cli("find", "-r", repo, "credentials", "--json").stdout) == []
     proc = crashkit.run_cli("rewrite", "-r", repo, ok=(2,))
-    assert proc.stderr.decode().strip() == "chunkvault: rewrite needs at least one exclude pattern (--exclude)"
+    assert proc.stderr.decode().strip() == ("chunkvault: rewrite needs at least one exclude pattern, or a new host "
+                                            "(--exclude, --new-host)")
 
 
 def test_rewrite_names_a_path_that_is_not_utf8_as_the_other_commands_do(tmp_path):
