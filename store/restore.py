@@ -44,7 +44,7 @@ from .target_dirs import TargetDirs, closed_to_owner, mount_points, proc_path, r
 from .posix_acl import ACL_KEYS
 from .xattrs import decode_xattrs, read_xattrs, write_xattrs
 from . import writefiles
-from .writefiles import NO_SPACE as _FULL, write_sparse
+from .writefiles import NO_SPACE as _FULL, reserve, write_sparse
 
 ACL_ACCESS = ACL_KEYS[0]
 
@@ -200,11 +200,22 @@ def check_content(e: Entry, size: int, digest: bytes) -> None:
         raise CorruptObject(f"file {os.fsdecode(e.path)}", "restored content does not match its digest")
 
 
-def _write_ranges(fd: int, ranges: list[tuple[int, Plaintext]], size: int) -> None:
-    """Write chunks at their offsets into a file of ``size`` bytes; their blocks of zeros stay holes (past
-    its end ones already, inside it ones punched: ``write_sparse``)."""
+MAX_FILE_OFFSET = (1 << 63) - 1
+
+
+def _shorten(fd: int, st: os.stat_result) -> None:
+    """Give the file open at ``fd`` back the length and times ``st`` saw, freeing what was allocated past
+    that length (a truncation frees it, also to the same length)."""
+    os.ftruncate(fd, st.st_size)
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _write_ranges(fd: int, ranges: list[tuple[int, Plaintext]], zeros_from: int) -> None:
+    """Write chunks at their offsets into a file that reads as zeros, unallocated, from ``zeros_from`` (its
+    length, or past what was allocated for it to grow into); their blocks of zeros stay holes (from there
+    on ones already, before it ones punched: ``write_sparse``)."""
     for pos, data in ranges:
-        write_sparse(fd, data, pos, size)
+        write_sparse(fd, data, pos, zeros_from)
 
 
 def _target_error(what: str, exc: OSError) -> ChunkvaultError:
@@ -893,27 +904,38 @@ class Restorer:
         fd = wfd
         pending: list[tuple[int, Plaintext]] = []  # (offset, chunk) still to write
         held_back = 0
-        written = False
+        written = grown = False
+        st: os.stat_result | None = None
         try:
+            st = os.fstat(fd)
+            size = st.st_size
+            # What the file grows by is allocated, and the file lengthened, before anything is written: a
+            # disk without room for it then leaves the file as it was.  The chunks there are all written
+            # (none is taken for held: it reads as zeros), their blocks of zeros punched again.
+            grown = e.size > size and reserve(fd, size, e.size - size)
+            if grown:
+                os.ftruncate(fd, e.size)
             hasher = blake3.blake3()
             pos = 0
-            size = os.fstat(fd).st_size
-            for data, held in self._chunks_held_or_read(fd, e):
+            zeros_from = e.size if grown else size
+            for data, held in self._chunks_held_or_read(fd, e, size):
                 if not held:
                     pending.append((pos, data))
                     held_back += len(data)
                     if held_back > DELTA_HOLD_BYTES:
                         written = True
-                        _write_ranges(fd, pending, size)
+                        _write_ranges(fd, pending, zeros_from)
                         pending, held_back = [], 0
                 hasher.update(data)
                 pos += len(data)
             check_content(e, pos, hasher.digest())
             written = True
-            _write_ranges(fd, pending, size)
+            _write_ranges(fd, pending, zeros_from)
             os.ftruncate(fd, pos)
             self._apply_meta(e, fd)
         except BaseException as exc:
+            if not written and st is not None and e.size > st.st_size:  # kept as it was: its length, times,
+                _shorten(fd, st)                                            # and nothing allocated past it
             os.close(fd)
             if written and not isinstance(exc, KeyboardInterrupt):
                 self.remove_quietly(e.path)
@@ -959,14 +981,15 @@ class Restorer:
                 and (not self.owners or (st.st_uid, st.st_gid) == (e.uid, e.gid))
                 and (not self.opt.xattrs or read_xattrs(proc_path(pfd, name)) == e.xattrs))
 
-    def _chunks_held_or_read(self, fd: int, e: Entry) -> Iterator[tuple[bytes, bool]]:
+    def _chunks_held_or_read(self, fd: int, e: Entry, size: int = MAX_FILE_OFFSET) -> Iterator[tuple[bytes, bool]]:
         """The entry's chunks in order, each with whether the file open at ``fd`` already holds it at its
-        offset (then read from there) or not (read from the repository, and counted as rewritten)."""
+        offset within its first ``size`` bytes (then read from there) or not (read from the repository, and
+        counted as rewritten)."""
         assert isinstance(self.repo, Repo)
         pos = 0
         for cid in e.chunk_ids():
             loc = self.repo.locate(cid)
-            length = loc.raw_length if loc is not None else 0
+            length = loc.raw_length if loc is not None and pos + loc.raw_length <= size else 0
             current = os.pread(fd, length, pos) if length else b""
             if length and len(current) == length and self.repo.blob_id(current) == cid:
                 data, held = current, True

@@ -29,7 +29,8 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # errors after which a run stops
 _ZEROS = bytes(HOLE_MIN)
 
 
-_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE (Linux)
+_KEEP_SIZE = 0x01  # FALLOC_FL_KEEP_SIZE (Linux)
+_PUNCH_HOLE = _KEEP_SIZE | 0x02  # with FALLOC_FL_PUNCH_HOLE
 
 
 @functools.cache
@@ -43,6 +44,23 @@ def _fallocate() -> Callable[..., int] | None:
         return None
     fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     return fallocate
+
+
+def reserve(fd: int, offset: int, length: int) -> bool:
+    """Allocate ``length`` bytes at ``offset`` without changing the file's length (FALLOC_FL_KEEP_SIZE), so
+    that writing them later cannot find the disk full; False where the system or file system cannot.
+    OSError (ENOSPC, EDQUOT) when there is no room: part of it may be allocated, which ``punch_hole`` frees."""
+    import ctypes
+
+    fallocate = _fallocate()
+    if fallocate is None:
+        return False
+    if fallocate(fd, _KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in NO_SPACE:
+        raise OSError(err, os.strerror(err))
+    return False
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:

@@ -597,6 +597,78 @@ def test_no_space_while_updating_a_file_in_place_removes_it(tmp_path, new_repo, 
     assert os.listdir(target) == []
 
 
+def test_a_file_that_grows_past_the_room_left_is_kept_as_it_was(tmp_path, new_repo):
+    """--delta in place: what a file grows by is allocated before anything is written, so a disk without
+    room for it leaves the file as it was (length, content, times; nothing allocated past its end), and
+    says so; it was removed, rewritten in part, before."""
+    repo, _, src = backed_up(tmp_path, new_repo, lambda s: (s / "a.bin").write_bytes(os.urandom(3 << 20)))
+    first = repo.snapshots()[-1].id
+    with open(src / "a.bin", "ab") as f:
+        f.write(os.urandom(2_000_000))
+    repo.backup([str(src)])
+    target = tmp_path / "small"
+    target.mkdir()
+    with mounted_tmpfs(str(target), "4m"):
+        repo.restore(first, str(target / "x"))
+        before = os.stat(target / "x" / "a.bin")
+        old = (target / "x" / "a.bin").read_bytes()
+        free = os.statvfs(target).f_bfree
+        with pytest.raises(StorageFull, match="while writing a.bin .* kept as it was"):
+            repo.restore("latest", str(target / "x"), force=True, delta=True)
+        after = os.stat(target / "x" / "a.bin")
+        assert (target / "x" / "a.bin").read_bytes() == old
+        assert (after.st_size, after.st_mtime_ns, after.st_blocks) == (before.st_size, before.st_mtime_ns,
+                                                                       before.st_blocks)
+        assert os.statvfs(target).f_bfree == free
+
+
+def test_no_room_for_what_a_file_grows_by_leaves_it_as_it_was(tmp_path, new_repo, monkeypatch):
+    """As above where no tmpfs can be mounted: the allocation for the growth refused (ENOSPC) after it took
+    part of the room; the file keeps its length, content and times, and nothing past its end."""
+    from chunkvault.store import restore as restore_module
+
+    repo, _, src = backed_up(tmp_path, new_repo, lambda s: (s / "a.bin").write_bytes(os.urandom(1 << 20)))
+    target = tmp_path / "live"
+    repo.restore("latest", str(target))
+    with open(src / "a.bin", "ab") as f:
+        f.write(os.urandom(1 << 20))
+    repo.backup([str(src)])
+    real = restore_module.reserve
+
+    def full_half_way(fd, offset, length):
+        real(fd, offset, length // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(restore_module, "reserve", full_half_way)
+    before, old = os.stat(target / "a.bin"), (target / "a.bin").read_bytes()
+    with pytest.raises(StorageFull, match="while writing a.bin .* kept as it was"):
+        repo.restore("latest", str(target), force=True, delta=True)
+    after = os.stat(target / "a.bin")
+    assert (target / "a.bin").read_bytes() == old
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert after.st_blocks <= before.st_blocks
+
+
+def test_a_file_grown_by_a_hole_stays_sparse_when_updated_in_place(tmp_path, new_repo):
+    """The room allocated for a file to grow into is given back where its new blocks are zeros: a file grown
+    by 64 MiB of hole and a block of data takes a few blocks, as a restore anew leaves it."""
+    repo, _, src = backed_up(tmp_path, new_repo, lambda s: (s / "s").write_bytes(os.urandom(100_000)))
+    target = tmp_path / "live"
+    repo.restore("latest", str(target))
+    with open(src / "s", "r+b") as f:
+        f.truncate(64 << 20)
+        f.seek(0, os.SEEK_END)
+        f.write(os.urandom(4096))
+    repo.backup([str(src)])
+    repo.restore("latest", str(target), force=True, delta=True)
+    assert (target / "s").read_bytes() == (src / "s").read_bytes()
+    fresh = tmp_path / "fresh"
+    repo.restore("latest", str(fresh))
+    if os.stat(fresh / "s").st_blocks * 512 > 1 << 20:
+        pytest.skip("this file system keeps no holes")
+    assert os.stat(target / "s").st_blocks * 512 < 1 << 20
+
+
 def test_workers_report_what_the_target_does_not_take(tmp_path, new_repo):
     """A worker's file that cannot be written comes back in its result: reported with the others."""
     _, url, _ = backed_up(tmp_path, new_repo, _files)
