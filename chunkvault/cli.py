@@ -726,6 +726,15 @@ def add_snapshot_choice(s: argparse.ArgumentParser) -> None:
                         "--stdin-name")
 
 
+def chosen_subtree(repo: Any, args: argparse.Namespace, spec: str | None = None) -> tuple[Snapshot, bytes | None]:
+    """``chosen_snapshot`` of a SNAPSHOT argument that may name a path in it, ``SNAPSHOT:PATH``: the snapshot,
+    and the path (as the snapshot names it) or None."""
+    from .repository import split_subtree
+
+    name, path = split_subtree(args.snapshot if spec is None else spec)
+    return chosen_snapshot(repo, args, name), path
+
+
 def chosen_snapshot(repo: Any, args: argparse.Namespace, spec: str | None = None) -> Snapshot:
     """The snapshot ``add_snapshot_choice``'s options and the SNAPSHOT argument (or ``spec``) name: with two
     databases in one repository, ``latest`` alone is the newest of either."""
@@ -743,27 +752,28 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return restore_from_file_cli(args)
     _warn_patterns(args, args.exclude, args.iexclude)
     repo = _open(args)
-    snap = chosen_snapshot(repo, args)
-    in_place = _confirm_in_place(args, f"snapshot {snap.short_id} of {snap.host}:{','.join(snap.paths) or snap.stdin_name} "
-                                       f"({_local_time(snap)})")
+    snap, subtree = chosen_subtree(repo, args)
+    within = f"{shown_name(subtree)} of " if subtree else ""
+    in_place = _confirm_in_place(args, f"{within}snapshot {snap.short_id} of "
+                                       f"{snap.host}:{','.join(snap.paths) or snap.stdin_name} ({_local_time(snap)})")
     if (args.delta or args.delete) and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
         raise UsageError("--delta and --delete work in place: add --confirm RESTORE")
-    bar = _progress(args, "restore", snap.stats.get("bytes"))
+    bar = _progress(args, "restore", None if subtree else snap.stats.get("bytes"))
     try:
         try:
             result = repo.restore(snap, args.target, includes=args.include, excludes=args.exclude,
                                   iexcludes=args.iexclude, force=in_place,
                                   delta=args.delta, delete=args.delete, progress=bar, processes=args.processes,
                                   verify=args.verify, xattrs=not args.no_xattrs,
-                                  numeric_owner=args.numeric_owner)
+                                  numeric_owner=args.numeric_owner, subtree=subtree)
         finally:
             bar.done()
     except ChunkvaultError as exc:
         if exc.partial is not None:  # the rest was restored: say what was, then fail
-            _report_restore(args, snap, exc.partial, verified=False)
+            _report_restore(args, snap, exc.partial, verified=False, subtree=subtree)
         raise
-    if _report_restore(args, snap, result, verified=args.verify):
-        print(f"restored snapshot {snap.short_id} ({snap.time}) to {args.target}: {_restored(result)}"
+    if _report_restore(args, snap, result, verified=args.verify, subtree=subtree):
+        print(f"restored {within}snapshot {snap.short_id} ({snap.time}) to {args.target}: {_restored(result)}"
               + ("; read back and verified" if args.verify else ""))
     return 0
 
@@ -776,20 +786,24 @@ def _restored(result: Any) -> str:
             + (f"; {result.deleted} entries the snapshot lacks deleted" if result.deleted else ""))
 
 
-def _report_restore(args: argparse.Namespace, snap: Snapshot, result: Any, verified: bool) -> bool:
+def _report_restore(args: argparse.Namespace, snap: Snapshot, result: Any, verified: bool,
+                    subtree: bytes | None = None) -> bool:
     """A restore's JSON, or its warnings on stderr; whether a summary line is still to be printed."""
     if args.json:
-        _emit_json(_restore_json(snap, result, args.target, verified))
+        _emit_json(_restore_json(snap, result, args.target, verified, subtree))
         return False
     for w in result.warnings:  # under -q too: each says what of the snapshot the target lacks
         warn(w)
     return not args.quiet
 
 
-def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool) -> dict[str, Any]:
-    """A restore's result; ``not_restored`` lists the files left out because their data is damaged,
-    ``not_written`` the entries the target would not take."""
-    return {"snapshot": snap.id, "target": os.path.abspath(target), "files": result.files,
+def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool,
+                  subtree: bytes | None = None) -> dict[str, Any]:
+    """A restore's result; ``subtree`` the path of ``SNAPSHOT:PATH`` ("" for the whole snapshot);
+    ``not_restored`` lists the files left out because their data is damaged, ``not_written`` the entries
+    the target would not take."""
+    return {"snapshot": snap.id, **_name_json("subtree", subtree or b""), "target": os.path.abspath(target),
+            "files": result.files,
             "dirs": result.dirs, "links": result.links, "specials": result.specials, "bytes": result.bytes,
             "unchanged_files": result.unchanged_files, "rewritten_bytes": result.rewritten_bytes,
             "deleted": result.deleted, "processes": result.processes, **_names_json("warnings", result.warnings),
@@ -995,9 +1009,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from .repository import snapshot_path
 
     repo = _open(args)
-    snap = chosen_snapshot(repo, args)
+    snap, subtree = chosen_subtree(repo, args)
     prefix = snapshot_path(args.path) if args.path else b""
-    entries = _listed_entries(repo, snap, prefix)
+    entries = _listed_entries(repo, snap, prefix, subtree)
     names = repo.owner_names(snap)
     unread_paths = {b"" if p == "." else os.fsencode(p) for p in snap.stats.get("unreadable", ())}
     if args.json:
@@ -1015,21 +1029,25 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _listed_entries(repo: Any, snap: Snapshot, prefix: bytes) -> Iterator[Entry]:
-    """The entries ``ls`` lists, as they come; a path with nothing there is an error once the listing turns out
-    empty, before ``--json`` has written its ``[]``."""
+def _listed_entries(repo: Any, snap: Snapshot, prefix: bytes, subtree: bytes | None = None) -> Iterator[Entry]:
+    """The entries ``ls`` lists, as they come (of ``SNAPSHOT:PATH``, named relative to PATH, as a restore of
+    it writes them); a path with nothing there is an error once the listing turns out empty, before
+    ``--json`` has written its ``[]``."""
     listed = False
-    for e in repo.tree(snap, prefix):
+    for e in repo.tree(snap, prefix, subtree=subtree):
         listed = True
         yield e
     if prefix and not listed:  # nothing there (a directory without an entry of its own lists what it holds)
+        if subtree:
+            raise UsageError(f"no '{shown_name(prefix)}' in {shown_name(subtree)} of snapshot {snap.short_id}")
         repo.find_entry(snap, prefix)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
     repo = _open(args)
     # a merge of the two trees: streams, as the output does
-    changes = repo.diff(chosen_snapshot(repo, args, args.snap1), chosen_snapshot(repo, args, args.snap2))
+    (a, in_a), (b, in_b) = chosen_subtree(repo, args, args.snap1), chosen_subtree(repo, args, args.snap2)
+    changes = repo.diff(a, b, subtree_a=in_a, subtree_b=in_b)
     if args.json:
         _emit_json_array({"change": c, "what": what_changed(old, new),
                           **_name_json("path", (new or old).path),  # type: ignore[union-attr]
@@ -1071,18 +1089,28 @@ def cmd_dump(args: argparse.Namespace) -> int:
     if out is None:
         raise TargetUnwritable("dump: standard output is closed: redirect it to a file or a pipe")
     repo = _open(args)
-    snap = chosen_snapshot(repo, args)
+    snap, subtree = chosen_subtree(repo, args)
     if args.snapshot == "latest" and args.path == "latest":  # `dump latest --path x`: the PATH was left out
         try:
             repo.is_directory(snap, args.path)
         except UsageError:
             raise UsageError("dump takes a snapshot, then a PATH (a file, or / for the whole snapshot): "
                              "dump latest PATH") from None
-    if out.isatty() and repo.is_directory(snap, args.path):
-        raise UsageError(f"a directory is written as a {args.archive} archive: redirect it to a file or a pipe")
+    one_argument = subtree is None and ":" in args.path and args.snapshot == "latest"  # `dump latest:etc/x`?
+    if out.isatty() or one_argument:
+        try:
+            directory = repo.is_directory(snap, args.path, subtree=subtree)
+        except UsageError as exc:
+            if not one_argument:
+                raise
+            name, _, within = args.path.partition(":")
+            raise UsageError(f"{exc}; SNAPSHOT:PATH is followed by a path within it (/ for all of it): dump "
+                             f"{name} {within or '/'}, or dump {args.path} /") from None
+        if out.isatty() and directory:
+            raise UsageError(f"a directory is written as a {args.archive} archive: redirect it to a file or a pipe")
     try:
         with _stdout_errors("dump"):
-            warnings = repo.dump(snap, args.path, _DataOut(out), archive=args.archive)
+            warnings = repo.dump(snap, args.path, _DataOut(out), archive=args.archive, subtree=subtree)
             out.flush()
     except BrokenPipeError:  # what it was piped into has not got the whole file or archive: not a success
         raise OutputClosed("dump: the reader of standard output closed it before the dump was complete") from None
@@ -1794,7 +1822,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_find, read_lock="find")
 
     s = sub.add_parser("restore", parents=[common, reading], help="restore a snapshot into a directory")
-    s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest")
+    s.add_argument("snapshot", nargs="?", default="latest",
+                   help="id, unique prefix, or latest; SNAPSHOT:PATH restores that directory's contents (or that "
+                        "file) as the target's root")
     s.add_argument("--target", "-t", required=True, help="the directory to restore into (made if missing)")
     add_snapshot_choice(s)
     s.add_argument("--include", action="append", default=[], metavar="GLOB",
@@ -1821,14 +1851,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("ls", parents=[common, reading], help="list a snapshot's entries")
     s.add_argument("snapshot", nargs="?", default="latest",
-                   help="id, unique prefix, or latest (the default; with a PATH, name it: ls latest PATH)")
+                   help="id, unique prefix, or latest (the default; with a PATH, name it: ls latest PATH); "
+                        "SNAPSHOT:PATH lists that path as the root, as restore SNAPSHOT:PATH writes it")
     s.add_argument("path", nargs="?")
     add_snapshot_choice(s)
     s.set_defaults(func=cmd_ls, read_lock="ls")
 
     s = sub.add_parser("diff", parents=[common, reading], help="what changed between two snapshots",
                        description="What changed between two snapshots; --until, --host and --path apply to both "
-                                   "(latest latest --until T compares a snapshot with itself: name the older by id)")
+                                   "(latest latest --until T compares a snapshot with itself: name the older by id); "
+                                   "SNAPSHOT:PATH compares that path of it, as the root")
     s.add_argument("snap1")
     s.add_argument("snap2")
     add_snapshot_choice(s)
@@ -1836,8 +1868,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("dump", parents=[common, reading],
                        help="write one file of a snapshot, or a directory as a tar or zip archive, to stdout")
-    s.add_argument("snapshot", nargs="?", default="latest", help="id, unique prefix, or latest (the default)")
-    s.add_argument("path", help="a file, or a directory (/ for the whole snapshot)")
+    s.add_argument("snapshot", nargs="?", default="latest",
+                   help="id, unique prefix, or latest (the default); SNAPSHOT:PATH takes that path as the root: "
+                        "the PATH that follows, and an archive's names, are relative to it")
+    s.add_argument("path", help="a file, or a directory (/ for the whole snapshot, or all of SNAPSHOT:PATH)")
     s.add_argument("--archive", choices=["tar", "zip"], default="tar", help="a directory's format (default tar)")
     add_snapshot_choice(s)
     s.set_defaults(func=cmd_dump, read_lock="dump")

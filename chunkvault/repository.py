@@ -38,6 +38,7 @@ from .store.crypto import KEY_SIZE
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record, unread
 from .store.repository import NOT_INDEXED, Repo
 from .store.confinement import confined
+from .store.subtree import Subtree, in_subtree
 from .store.restore import (Restorer, RestoreOptions, RestoreResult, check_content, include_directory,
                             refuse_overlap)
 from .store.owners import OwnerMap, chain_names
@@ -219,6 +220,19 @@ def snapshot_path(path: str | bytes) -> bytes:
         raise UsageError(f"a path in a snapshot is a str or bytes, not {path!r}")
     norm = os.path.normpath(os.fsencode(path) or b".").strip(b"/")
     return b"" if norm == b"." else norm
+
+
+def split_subtree(spec: str) -> tuple[str, bytes | None]:
+    """``SNAPSHOT:PATH`` as (SNAPSHOT, PATH as the snapshot names it: ``b""`` for ``latest:`` or ``latest:/``,
+    the whole snapshot); a name without ``:`` as (name, None).  Ids are hex and ``latest`` has no ``:``, so
+    the first ``:`` ends the snapshot's name, and PATH may hold more."""
+    name, colon, path = spec.partition(":")
+    if not colon:
+        return spec, None
+    if not name.strip():
+        raise UsageError(f"{spec!r}: name the snapshot before the ':' (an id, a unique prefix or latest, e.g. "
+                         f"latest{spec})")
+    return name, snapshot_path(path)
 
 
 def _announce_wait(holder: LockInfo, wait: float, label: str = "repository") -> None:
@@ -1037,17 +1051,28 @@ class Repository:
         if len(damaged) == 1:
             raise damaged[0] from None
 
-    def tree(self, snapshot: str | Snapshot = "latest", path: str | bytes | None = None) -> Iterator[Entry]:
+    def tree(self, snapshot: str | Snapshot = "latest", path: str | bytes | None = None, *,
+             subtree: str | bytes | None = None) -> Iterator[Entry]:
         """The snapshot's entries in order; with ``path``, those of that path and below it, reading only
-        the manifest blobs that hold them."""
+        the manifest blobs that hold them.  ``subtree``: a path of the snapshot taken as the root, as
+        ``restore`` takes it: the entries are those below it, named relative to it (a file: under its
+        name), and ``path`` is relative to it too."""
         self._follow_others()
         snap = self.snapshot(snapshot)
-        within = snapshot_path(path) if path is not None else b""
-        if not within:
-            return self._guarded(r.entry for r in self._repo.tree(snap) if r.entry is not None)
-        below = within + b"/"
-        return self._guarded(r.entry for r in self._repo.tree_within(snap, within)
-                             if r.entry is not None and (r.path == within or r.path.startswith(below)))
+        sub = self._subtree(snap, subtree)
+        within = sub.snapshot_path(snapshot_path(path)) if path is not None else sub.root
+        records = self._repo.tree(snap) if not within else self._repo.tree_within(snap, within)
+        return self._guarded(r.entry for r in sub.records(records)
+                             if r.entry is not None and in_subtree(sub.snapshot_path(r.path), within))
+
+    def _subtree(self, snapshot: str | Snapshot, path: str | bytes | None) -> Subtree:
+        """``path`` of the snapshot as the root of a tree of its own (store/subtree.py); None or ``/``: the
+        whole snapshot.  UsageError, as ``ls`` gives, when the snapshot has nothing there."""
+        snap = self.snapshot(snapshot) if not isinstance(snapshot, Snapshot) else snapshot
+        root = snapshot_path(path) if path is not None else b""
+        e = self._entry_or_directory(snap, root) if root else None
+        return Subtree(root, e is None or e.type == T_DIR, lambda p: self._repo.lookup(snap, p),
+                       f"tree of snapshot {snap.id}")
 
     def _guarded(self, items: Iterator[Any]) -> Iterator[Any]:
         """A lazy reader's items, each asked for after ``_still_open`` (the end too)."""
@@ -1066,7 +1091,8 @@ class Repository:
                 includes: list[str] | None = None, excludes: list[str] | None = None,
                 iexcludes: list[str] | None = None, force: bool = False, delta: bool = False,
                 delete: bool = False, progress: Any = None, processes: int | None = None, verify: bool = False,
-                xattrs: bool = True, numeric_owner: bool = False) -> RestoreResult:
+                xattrs: bool = True, numeric_owner: bool = False, subtree: str | bytes | None = None
+                ) -> RestoreResult:
         """Restore into ``target``: empty, or in place with ``force`` (``delta``: rewrite only what
         differs, checked by digest; ``delete``: remove what the snapshot does not have).
 
@@ -1088,7 +1114,13 @@ class Repository:
 
         ``includes``, ``excludes``: globs matched against each path below the snapshot's root and each
         name, with their subtrees; excludes apply in order, ``!GLOB`` taking back what an earlier one left
-        out (as ``backup``'s); ``iexcludes``: likewise, ignoring case."""
+        out (as ``backup``'s); ``iexcludes``: likewise, ignoring case.
+
+        ``subtree``: a path of the snapshot (as ``tree`` names it) restored as the target's root, as
+        `restore SNAPSHOT:PATH` does: a directory's contents land directly in the target (its own metadata
+        on the target), a single file or link under its name.  Includes and excludes are then paths
+        relative to it, and ``delete`` removes from the target what the directory lacks.  A hard link to a
+        file outside it is restored as a copy of that file.  A path the snapshot lacks is a UsageError."""
         from .store import restore_workers
         from .store.forked import MAX_REQUESTED
         from .store.restore import Selection
@@ -1107,28 +1139,45 @@ class Repository:
             raise TargetNotEmpty(f"restore target {os.fsdecode(target)} is not empty (force=True restores "
                                  "into it in place)")
         refuse_overlap(target, delete, [(root, "the repository") for root in _local_roots(self._repo.remote)])
+        if subtree is not None:
+            snapshot_path(subtree)  # a bad path is refused before anything is read
         with self.reading("restore"):
             snap = self.snapshot(snapshot, until=until, host=host, paths=paths)
+            sub = self._subtree(snap, subtree)
+            if delete and not sub.is_dir:
+                raise UsageError(f"delete=True with a single file ({os.fsdecode(sub.root)}) would leave the target "
+                                 "holding that file alone: restore its directory")
             opts = RestoreOptions(includes=includes, excludes=excludes, iexcludes=iexcludes, force=force,
                                   delta=delta, delete=delete, progress=self._progress(progress),
                                   checkpoint=self._checkpoint(), xattrs=xattrs,
                                   owner_map=None if numeric_owner else self.owner_map(snap))
-            restorer = Restorer(self._repo, target, opts, lookup=lambda path: self._repo.lookup(snap, path),
-                                tree_name=f"tree of snapshot {snap.id}")
-            expected, files, dirs = (_count(snap.stats.get(k)) for k in ("bytes", "files", "dirs"))
-            if processes is None:
-                processes = 1 if includes else restore_workers.auto_processes(expected)
-            entries = files + (dirs or 0) if files is not None else None
-            within = restorer.selected.directory
+            restorer = Restorer(self._repo, target, opts, lookup=sub.lookup, tree_name=f"tree of snapshot {snap.id}")
+            selected = restorer.selected.directory
+            within = sub.root if selected is None else sub.snapshot_path(selected)
 
             def tree() -> Iterator[Record]:
-                """What the selection can take: with includes that name a directory, only its part of the tree."""
-                return self._repo.tree(snap) if within is None else self._repo.tree_within(snap, within)
+                """What the selection can take: with a subtree, or includes that name a directory, only its
+                part of the tree."""
+                return sub.records(self._repo.tree(snap) if not within else self._repo.tree_within(snap, within))
+
+            entries: int | None
+            if sub.root:  # the snapshot's counts are the whole tree's: a walk of the subtree's part counts its own
+                entries = expected = 0
+                for rec in tree():
+                    entries += 1
+                    expected += rec.entry.size if rec.entry is not None and rec.entry.type == T_FILE else 0
+            else:
+                expected, files, dirs = (_count(snap.stats.get(k)) for k in ("bytes", "files", "dirs"))
+                entries = files + (dirs or 0) if files is not None else None
+            if processes is None:
+                processes = 1 if includes else restore_workers.auto_processes(expected)
 
             with restorer:
                 if delete and os.path.isdir(target):
                     restorer.check_target()  # refused before anything is deleted, not after
-                    restorer.delete_extra(self._repo.tree(snap))  # first: frees space, and directory times end right
+                    # first: frees space, and directory times end right
+                    restorer.delete_extra(sub.records(self._repo.tree(snap) if not sub.root
+                                                      else self._repo.tree_within(snap, sub.root)))
                 result = restore_workers.restore(restorer, tree, processes, entries, expected)
             if verify:
                 self._verify_restored(restorer, snap, tree(), target, xattrs)
@@ -1193,11 +1242,22 @@ class Repository:
                            self._still_open)
         return io.BufferedReader(raw, buffer_size=1 << 20)
 
-    def is_directory(self, snapshot: str | Snapshot, path: str | bytes) -> bool:
-        """Whether ``path`` of the snapshot is a directory (``dump`` writes it as an archive); UsageError
-        when the snapshot has nothing there."""
-        e = self._entry_or_directory(self.snapshot(snapshot), snapshot_path(path))
+    def is_directory(self, snapshot: str | Snapshot, path: str | bytes, *, subtree: str | bytes | None = None) -> bool:
+        """Whether ``path`` of the snapshot (of its ``subtree``, as ``dump`` takes it) is a directory (``dump``
+        writes it as an archive); UsageError when the snapshot has nothing there."""
+        snap = self.snapshot(snapshot)
+        e = self._entry_within(snap, self._subtree(snap, subtree), snapshot_path(path))
         return e is None or e.type == T_DIR
+
+    def _entry_within(self, snap: Snapshot, sub: Subtree, rel: bytes) -> Entry | None:
+        """``_entry_or_directory`` of a path of ``sub`` (the snapshot's entry); None for its root, which a
+        single file's tree has no entry for."""
+        if not sub.is_dir and rel not in (b"", sub.name):
+            raise UsageError(f"no '{os.fsdecode(rel)}' in {os.fsdecode(sub.root)} of snapshot {snap.short_id}: "
+                             f"it is a single entry, named {os.fsdecode(sub.name)}")
+        if not rel and sub.root:
+            return None
+        return self._entry_or_directory(snap, sub.snapshot_path(rel))
 
     def _entry_or_directory(self, snap: Snapshot, want: bytes) -> Entry | None:
         """The entry of ``want``, or None for a directory with no entry of its own: the root of a snapshot
@@ -1211,10 +1271,12 @@ class Repository:
             return None
 
     @_stoppable
-    def dump(self, snapshot: str | Snapshot, path: str | bytes, out: BinaryIO, *, archive: str = "tar") -> list[str]:
+    def dump(self, snapshot: str | Snapshot, path: str | bytes, out: BinaryIO, *, archive: str = "tar",
+             subtree: str | bytes | None = None) -> list[str]:
         """Write ``path`` of the snapshot to ``out``: a file's content, or a directory's subtree (``/``: the
         whole snapshot) as a tar or zip ``archive`` with names relative to the snapshot's root. Returns
-        warnings (entries a zip cannot hold)."""
+        warnings (entries a zip cannot hold).  ``subtree``: a path of the snapshot taken as the root (as
+        ``restore`` takes it): ``path`` and the archive's names are relative to it."""
         from .store.archive import ARCHIVES, in_subtree, write_archive
 
         if archive not in ARCHIVES:
@@ -1222,32 +1284,47 @@ class Repository:
         out = _WholeWrites(out, self._checkpoint())
         with self.reading("dump"):
             snap = self.snapshot(snapshot)
-            want = snapshot_path(path)
-            e = self._entry_or_directory(snap, want)
+            sub = self._subtree(snap, subtree)
+            rel = snapshot_path(path)
+            want = sub.snapshot_path(rel)
+            e = self._entry_within(snap, sub, rel)
             if e is not None and e.type != T_DIR:
                 with self._file_content(snap, e) as f:
                     while block := f.read(1 << 20):
                         out.write(block)
                 return []
             # refused as a restore refuses them: paths out of the archive's root, links out of the tree
-            records = confined(self._repo.tree(snap) if not want else self._repo.tree_within(snap, want),
+            records = confined(sub.records(self._repo.tree(snap) if not want else self._repo.tree_within(snap, want)),
                                f"tree of snapshot {snap.id}")
-            entries = (r.entry for r in records if r.entry is not None and in_subtree(r.path, want))
-            return write_archive(out, archive, entries, want, self._content,
-                                 lambda target: self.find_entry(snap, target), self.owner_names(snap))
+            entries = (r.entry for r in records if r.entry is not None and in_subtree(r.path, rel))
 
-    def diff(self, a: str | Snapshot, b: str | Snapshot) -> Iterator[tuple[str, Entry | None, Entry | None]]:
-        """(change, old, new) for every path that differs: added, removed, modified."""
+            def linked(target: bytes) -> Entry:
+                rec = sub.lookup(target)
+                if rec is None or rec.entry is None:
+                    raise UsageError(f"no '{os.fsdecode(target)}' in snapshot {snap.short_id}")
+                return rec.entry
+
+            return write_archive(out, archive, entries, rel, self._content, linked, self.owner_names(snap))
+
+    def diff(self, a: str | Snapshot, b: str | Snapshot, *, subtree_a: str | bytes | None = None,
+             subtree_b: str | bytes | None = None) -> Iterator[tuple[str, Entry | None, Entry | None]]:
+        """(change, old, new) for every path that differs: added, removed, modified.  ``subtree_a``,
+        ``subtree_b``: a path of each snapshot compared as its root (as ``tree`` takes ``subtree``), with
+        paths relative to it: `diff A:etc B:etc`, or a directory that moved."""
         self._follow_others()
         sa, sb = self.snapshot(a), self.snapshot(b)
+        ta, tb = self._subtree(sa, subtree_a), self._subtree(sb, subtree_b)
 
-        def holder(snap: Snapshot) -> Callable[[bytes], Entry | None]:
+        def holder(sub: Subtree) -> Callable[[bytes], Entry | None]:
             def find(path: bytes) -> Entry | None:
-                rec = self._repo.lookup(snap, path)
+                rec = sub.lookup(path)
                 return None if rec is None else rec.entry
             return find
 
-        return self._guarded(diff_trees(self._repo.tree(sa), self._repo.tree(sb), holder(sa), holder(sb)))
+        def tree(snap: Snapshot, sub: Subtree) -> Iterator[Record]:
+            return sub.records(self._repo.tree_within(snap, sub.root) if sub.root else self._repo.tree(snap))
+
+        return self._guarded(diff_trees(tree(sa, ta), tree(sb, tb), holder(ta), holder(tb)))
 
     @_stoppable
     def check(self, *, read_data: bool = False, subset: str | None = None,

@@ -215,6 +215,9 @@ def find_snapshot(snapshots: Iterable[Snapshot], spec: str, *, until: datetime |
     take the newest snapshot for it."""
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(f"a snapshot is named by an id, a unique prefix or latest, not {spec!r}")
+    if ":" in spec:  # ids are hex: no snapshot is named so
+        raise UsageError(f"{spec!r} is not a snapshot's name: SNAPSHOT:PATH (a path in a snapshot, as its root) is "
+                         "taken by restore, ls, dump and diff (in the Python API, their subtree parameter), not here")
     snaps = of_source(snapshots, host, filter_paths)
     of = _source_named(host, filter_paths)
     if spec == "latest":

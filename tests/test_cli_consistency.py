@@ -336,7 +336,7 @@ def test_a_dump_that_fails_once_its_data_began_adds_no_json_to_it(monkeypatch, c
     (tmp_path / "src" / "f").write_bytes(b"data")
     cli("backup", "-r", repo, str(tmp_path / "src"), "-q")
 
-    def failing(self, snap, path, out, archive="tar"):
+    def failing(self, snap, path, out, archive="tar", subtree=None):
         out.write(b"half of it")
         raise CorruptObject("data/ab", "damaged")
 
