@@ -1014,6 +1014,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     entries = _listed_entries(repo, snap, prefix, subtree)
     names = repo.owner_names(snap)
     unread_paths = {b"" if p == "." else os.fsencode(p) for p in snap.stats.get("unreadable", ())}
+    if subtree:  # named as the listing names them: relative to the subtree (its root: "." or, a file, its name)
+        unread_paths = {q for p in unread_paths for q in _under_subtree(p, subtree)}
     if args.json:
         _emit_json_array(_listed_json(e, names, unread_paths) for e in entries)
         return 0
@@ -1027,6 +1029,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {e.size:>12}  {_ns_local(e.mtime_ns)}  "
               f"{name}{extra}")
     return 0
+
+
+def _under_subtree(path: bytes, subtree: bytes) -> list[bytes]:
+    """``path`` of a snapshot as ``ls SNAPSHOT:SUBTREE`` may name it: none outside, both names of the root."""
+    if path == subtree:
+        return [b"", subtree.rpartition(b"/")[2]]
+    return [path[len(subtree) + 1:]] if path.startswith(subtree + b"/") else []
 
 
 def _listed_entries(repo: Any, snap: Snapshot, prefix: bytes, subtree: bytes | None = None) -> Iterator[Entry]:

@@ -192,3 +192,11 @@ def test_rerooting_strips_the_root_and_keeps_the_order(names, root):
     single = list(Subtree(root.encode(), False, lambda p: None).records(
         iter([Record(OP_ENTRY, root.encode(), Entry(root.encode(), T_FILE))])))
     assert [r.path for r in single] == [root.encode().rpartition(b"/")[2]]
+
+
+
+def test_ls_of_a_subtree_names_the_snapshot_s_unreadable_list_relative_to_it():
+    from chunkvault.cli import _under_subtree
+
+    listed = {q for p in (b"d", b"d/f", b"d/e/g", b"dd/h", b"x") for q in _under_subtree(p, b"d")}
+    assert listed == {b"", b"d", b"f", b"e/g"}  # the root as a directory's tree names it, and as a file's
