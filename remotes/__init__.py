@@ -9,7 +9,7 @@ from chunkvault.errors import UsageError
 
 from .base import ObjectInfo, Remote, validate_key
 
-__all__ = ["ObjectInfo", "Remote", "open_remote", "options_for_url", "url_scheme", "validate_key"]
+__all__ = ["ObjectInfo", "Remote", "check_url", "open_remote", "options_for_url", "url_scheme", "validate_key"]
 
 
 def url_scheme(url: str) -> str:
@@ -78,6 +78,25 @@ def _refuse_scheme_without_slashes(url: str) -> None:
                      f"directory whose name begins {m.group(0)!r}, put ./ before it)")
 
 
+SCHEMES = ("file", "s3", "sftp", "http", "https")
+
+
+def check_url(url: str) -> str:
+    """The scheme of a repository URL, after the checks that need no connection (a URL written in a
+    configuration file is refused when the file is read, not at the first run that uses it)."""
+    scheme = url_scheme(url)
+    _refuse_scheme_without_slashes(url)
+    if scheme not in SCHEMES:
+        raise UsageError(f"unsupported repository URL scheme {scheme!r} in {url!r} "
+                         "(s3://, sftp://, http(s)://, file:// or a local path)")
+    if scheme != "file":
+        try:
+            urlparse(url)
+        except ValueError as exc:  # an unclosed [ (not echoed: the URL may hold a secret)
+            raise UsageError(f"malformed {scheme} repository URL: {exc}") from None
+    return scheme
+
+
 def open_remote(url: str, **options: Any) -> Remote:
     """Open the remote a URL names.
 
@@ -87,13 +106,7 @@ def open_remote(url: str, **options: Any) -> Remote:
     """
     if not url:
         raise UsageError("no repository given (use -r/--repo or CHUNKVAULT_REPOSITORY)")
-    scheme = url_scheme(url)
-    _refuse_scheme_without_slashes(url)
-    if scheme != "file":
-        try:
-            urlparse(url)
-        except ValueError as exc:  # an unclosed [ (not echoed: the URL may hold a secret)
-            raise UsageError(f"malformed {scheme} repository URL: {exc}") from None
+    scheme = check_url(url)
     if scheme == "file":
         from .local import LocalRemote
 
