@@ -23,7 +23,8 @@ The due rule: a full is due when the most recent full slot at or before now
 has no full snapshot at or after it; otherwise a differential is due when the
 most recent differential slot has no snapshot of either kind at or after it.
 Only the most recent slot counts, so slots missed while the machine was off
-are caught up once, not replayed one by one.
+are caught up once, not replayed one by one.  A policy's ``check`` follows the
+same rule, against the time of the last check that passed (``check_due``).
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import UsageError
+from .remotes import check_url
+from .store.check import parse_subset
 from .store.retention import RetentionPolicy, load_preset, policy_from_dict, select
 from .store.excludes import ExcludeRules
 from .store.source import markers_of
@@ -44,12 +47,15 @@ from .units import parse_size
 
 __all__ = [
     "Cadence",
+    "CopyTarget",
     "Cron",
     "Due",
     "Interval",
     "Policy",
     "RetentionScope",
     "Source",
+    "check_due",
+    "check_slice",
     "dated_ahead",
     "decide",
     "next_wakeup",
@@ -62,6 +68,7 @@ __all__ = [
 UTC = timezone.utc
 KIND_FULL = "full"
 KIND_DIFF = "diff"
+KIND_CHECK = "check"
 
 # How far prev/next look for a matching day: Feb 29 can be 8 years away (2096 -> 2104).
 _MAX_DAYS = 366 * 29  # the Gregorian weekday calendar repeats within 28 years (outside century gaps)
@@ -406,6 +413,33 @@ def decide(full: Cadence, diff: Cadence | None, now: datetime,
     return Due(None, None, "up to date")
 
 
+def check_due(cadence: Cadence, now: datetime, last: datetime | None) -> Due:
+    """Whether the policy's check is due: as a full, when its most recent slot has no check that passed at
+    or after it (``last``; one dated ahead of ``now`` serves no slot)."""
+    now = _aware(now, "now")
+    slot = cadence.prev(now)
+    if last is None or dated_ahead(last, now):
+        return Due(KIND_CHECK, slot, "no check yet" if last is None else "the last check is dated ahead")
+    if slot is not None and _aware(last, "check time") < slot:
+        return Due(KIND_CHECK, slot, f"check slot {_fmt(slot)} not served")
+    return Due(None, None, "up to date")
+
+
+_SLICE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*\Z")
+
+
+def check_slice(subset: str | None, last: int | None) -> tuple[str | None, int | None]:
+    """The subset one scheduled check reads, and its slice number to remember.  ``n/m`` starts at slice n
+    and moves on by one at each check (``last``: the slice the previous one read), so that m checks read
+    every pack once; a share or a size is drawn afresh each time."""
+    m = _SLICE_RE.match(subset or "")
+    if m is None:
+        return subset, None
+    first, count = int(m.group(1)), int(m.group(2))
+    n = first if last is None else last % count + 1
+    return f"{n}/{count}", n
+
+
 @dataclass(frozen=True)
 class RetentionScope:
     """What a source's retention rules weigh in one run (``weighed``), and what they leave out: the
@@ -446,6 +480,17 @@ def _fmt(t: datetime) -> str:
 
 
 @dataclass(frozen=True)
+class CopyTarget:
+    """A second repository each new snapshot of a source is copied to (off-site), with its own password
+    and, optionally, its own retention of the source's copies there."""
+
+    url: str
+    password_file: str | None = None
+    password_command: str | None = None
+    retention: RetentionPolicy | None = None
+
+
+@dataclass(frozen=True)
 class Source:
     """One thing the policy backs up, with its own cadences, hooks and retention."""
 
@@ -474,6 +519,7 @@ class Source:
     retention: RetentionPolicy | None = None
     hook_timeout: float | None = None
     tz: Any = UTC  # its time zone: its cadences' wall clock, and its retention's days
+    copy_to: CopyTarget | None = None
 
     def argv(self) -> list[str]:
         """The command as run: a string through the shell, as hooks are; a list as it is."""
@@ -501,6 +547,9 @@ class Policy:
     max_repack_size: int | None = None
     lock_file: str | None = None
     base_dir: str = "."
+    check: Cadence | None = None  # when the repository is checked
+    check_subset: str | None = None  # the data a check reads: None reads none, as check without --read-data
+    state_file: str | None = None  # where the last check is remembered
 
     def source(self, name: str) -> Source:
         for s in self.sources:
@@ -510,11 +559,15 @@ class Policy:
 
 
 _TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "full", "diff", "retention", "presets",
-             "prune", "max_unused", "max_repack_size", "lock_file", "hook_timeout", "source", "tags", "host"}
+             "prune", "max_unused", "max_repack_size", "lock_file", "hook_timeout", "source", "tags", "host",
+             "copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention", "check",
+             "check_read_data_subset", "state_file"}
+_COPY_KEYS = ("copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention")
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "iexcludes", "iexclude_files",
                 "exclude_if_present", "exclude_caches",
                 "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime", "fixed_chunks", "command",
-                "stdin_name", "pre", "post", "full", "diff", "retention", "timezone", "hook_timeout", "list"}
+                "stdin_name", "pre", "post", "full", "diff", "retention", "timezone", "hook_timeout", "list",
+                *_COPY_KEYS}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
@@ -604,6 +657,64 @@ def _path(base_dir: str, p: str) -> str:
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(p)))
 
 
+def _repository_url(url: str, base_dir: str) -> str:
+    """A URL as given, or a local path taken from the policy file's folder."""
+    return url if "://" in url else _path(base_dir, url)
+
+
+def _copy_target(s: Mapping[str, Any], top: Mapping[str, Any], config: Mapping[str, Any], base_dir: str,
+                 repo: str | None) -> CopyTarget | None:
+    """A source's copy-to settings, each the source's own or else the top's; the password pair is taken
+    whole from where either of its keys is set (a source's file does not meet the top's command)."""
+    url = s.get("copy_to", top.get("copy_to"))
+    if url is None or url is False:  # false: this source is not copied, whatever the top says
+        for k in _COPY_KEYS[1:]:
+            if k in s:
+                raise UsageError(f"{k.replace('_', '-')} needs copy-to")
+        return None
+    if not isinstance(url, str) or not url:
+        raise UsageError(f"copy-to must be a repository URL or path (or false), got {url!r}")
+    try:
+        check_url(url)
+    except UsageError as exc:
+        raise UsageError(f"copy-to: {exc}") from None
+    url = _repository_url(url, base_dir)
+    if repo is not None and url == repo:
+        raise UsageError("copy-to names the policy's own repository: copy to a second one")
+    pw_keys = ("copy_to_password_file", "copy_to_password_command")
+    holder = s if any(k in s for k in pw_keys) else top
+    file, command = (holder.get(k) for k in pw_keys)
+    if file is not None and command is not None:
+        raise UsageError("copy-to-password-file and copy-to-password-command both given: use one")
+    for k, v in zip(pw_keys, (file, command)):
+        if v is not None and (not isinstance(v, str) or not v):
+            raise UsageError(f"{k.replace('_', '-')} must be a {'path' if k.endswith('file') else 'command line'}, "
+                             f"got {v!r}")
+    retention = _retention(s.get("copy_retention", top.get("copy_retention")), config, "copy-retention")
+    return CopyTarget(url, None if file is None else _path(base_dir, file), command, retention)
+
+
+def _check_settings(top: Mapping[str, Any], tz: Any) -> tuple[Cadence | None, str | None]:
+    text, subset = top.get("check"), top.get("check_read_data_subset")
+    check = None
+    if text is not None:
+        try:
+            check = parse_cadence(text, tz)
+        except UsageError as exc:
+            raise UsageError(f"check: {exc}") from None
+    if subset is None:
+        return check, None
+    if check is None:
+        raise UsageError("check-read-data-subset needs check (a schedule, e.g. check = \"weekly sun 04:00\")")
+    if not isinstance(subset, str):
+        raise UsageError(f"check-read-data-subset must be text like \"1/7\", \"5%\" or \"500M\", got {subset!r}")
+    try:
+        parse_subset(subset)
+    except UsageError as exc:
+        raise UsageError(f"check-read-data-subset: {exc}") from None
+    return check, subset.strip()
+
+
 def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
     """Validate a parsed policy file; relative paths are taken from ``base_dir`` (the file's folder)."""
     top = _norm_keys(config, _TOP_KEYS, "")
@@ -630,8 +741,8 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
     password_file, password_command = secret.get("password_file"), secret.get("password_command")
     if repo is not None and (not isinstance(repo, str) or not repo):
         raise UsageError(f"repository must be a URL string, got {repo!r}")
-    if repo is not None and "://" not in repo:
-        repo = _path(base_dir, repo)  # a local repository, like every path here, is relative to the file
+    if repo is not None:
+        repo = _repository_url(repo, base_dir)  # a local repository, like every path here, is relative to the file
     if password_file is not None:
         password_file = _path(base_dir, password_file)
     prune = _flag(top.get("prune", False), "prune")
@@ -640,6 +751,12 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
         if not isinstance(lock_file, str) or not lock_file:
             raise UsageError(f"lock-file must be a path, got {lock_file!r}")
         lock_file = _path(base_dir, lock_file)
+    state_file = top.get("state_file")
+    if state_file is not None:
+        if not isinstance(state_file, str) or not state_file:
+            raise UsageError(f"state-file must be a path, got {state_file!r}")
+        state_file = _path(base_dir, state_file)
+    check, check_subset = _check_settings(top, tz)
 
     raw_sources = top.get("source")
     if raw_sources is None:
@@ -724,7 +841,8 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                             fixed_chunks=fixed_chunks, command=command, stdin_name=stdin_name, list_entries=listed,
                             pre=_hook(s.get("pre"), "pre"),
                             post=_hook(s.get("post"), "post"),
-                            retention=retention, hook_timeout=hook_timeout, tz=s_tz)
+                            retention=retention, hook_timeout=hook_timeout, tz=s_tz,
+                            copy_to=_copy_target(s, top, config, base_dir, repo))
         except UsageError as exc:
             raise UsageError(f"source {name!r}: {exc}") from None
         here = socket.gethostname()  # a host left out is this machine's, as a run names it
@@ -739,7 +857,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                   password_command=password_command, timezone=tz_name,
                   prune=prune, max_unused=_share(top.get("max_unused", 0.05)),
                   max_repack_size=_repack_size(top.get("max_repack_size")), lock_file=lock_file,
-                  base_dir=base_dir)
+                  base_dir=base_dir, check=check, check_subset=check_subset, state_file=state_file)
 
 
 def source_history(snapshots: Sequence[Any], host: str, paths: Sequence[str], stdin_name: str | None = None

@@ -31,6 +31,14 @@ fails the source (its snapshot stays).  Retention of a source whose backup
 failed in this run is skipped, so a broken backup never lets age-based rules
 erode the remaining history; it never removes the snapshot its run saved, nor
 counts those dated ahead of the clock (``schedule.retention_scope``).
+
+A source with ``copy-to`` has each snapshot its run saved copied to that
+second repository (with those of its snapshots saved since the newest one
+there, when an earlier copy failed) before its post hook, which learns a
+failed copy as a failed source; the backup stays.  A policy with ``check``
+checks the repository when that is due, after retention and prune; a check
+that passed is remembered in the state file (``<policy file>.state``), one
+that found problems fails the run and runs again at the next one.
 """
 from __future__ import annotations
 
@@ -57,10 +65,11 @@ from . import interrupts
 from .store import locks
 from .display import LIST_LETTERS, one_line, shown_name
 from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, OutputClosed, PartialBackup, RemoteUnavailable,
-                     SourceCommandFailed, Stopped, UsageError)
+                     SourceCommandFailed, Stopped, UsageError, VerificationFailed)
 from .processes import kill_group
 from .remotes.layer import stop_request
-from .schedule import Policy, RetentionScope, Source, decide, next_wakeup, parse_policy, retention_scope
+from .schedule import (CopyTarget, Policy, RetentionScope, Source, check_due, check_slice, decide, next_wakeup,
+                       parse_policy, retention_scope)
 from .schedulecli import add_commands
 from .units import format_size
 from .store.command_stream import without_secrets
@@ -121,6 +130,8 @@ class SourceResult:
     duration: float = 0.0
     retention: RetentionResult | None = None
     retention_error: str | None = None
+    copy: dict[str, Any] | None = None  # what copy-to sent (CopyDone.to_dict)
+    copy_error: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -133,7 +144,27 @@ class SourceResult:
                 "pre_exit": self.pre_exit, "post_exit": self.post_exit, "duration": round(self.duration, 3),
                 "retention": None if ret is None else {"removed": ret.removed, "rebased": ret.rebased,
                                                        "kept": ret.kept},
-                "retention_error": self.retention_error}
+                "retention_error": self.retention_error, "copy": self.copy, "copy_error": self.copy_error}
+
+
+@dataclass
+class CopyDone:
+    """What one source's copy-to did: the snapshots sent (source id, destination id), those there already,
+    and the destination's retention."""
+
+    destination: str
+    copied: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_sent: int = 0
+    retention: RetentionResult | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        ret = self.retention
+        return {"destination": self.destination,
+                "copied": [{"source": a, "destination": b} for a, b in self.copied], "skipped": self.skipped,
+                "bytes_sent": self.bytes_sent,
+                "retention": None if ret is None else {"removed": ret.removed, "rebased": ret.rebased,
+                                                       "kept": ret.kept}}
 
 
 @dataclass
@@ -147,6 +178,9 @@ class RunReport:
     prune_error: str | None = None
     stopped: bool = False
     error: str | None = None  # the run ended before any source (the repository out of reach, locked)
+    check: dict[str, Any] | None = None  # the policy's check, when it was due
+    check_error: str | None = None  # its problems, or why it could not run
+    check_problems: int = 0
 
     @property
     def failed(self) -> list[SourceResult]:
@@ -158,32 +192,48 @@ class RunReport:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.partial and self.prune_error is None and self.error is None
+        return (not self.failed and not self.partial and self.prune_error is None and self.error is None
+                and self.check_error is None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"started": _iso(self.started), "dry_run": self.dry_run, "ok": self.ok, "stopped": self.stopped,
                 "sources": [r.to_dict() for r in self.sources], "prune": self.prune,
-                "prune_error": self.prune_error, "run_error": self.error}
+                "prune_error": self.prune_error, "run_error": self.error, "check": self.check,
+                "check_error": self.check_error}
 
     def summary(self) -> str:
         """One line per run: backups by outcome, then retention's; a source whose backup was saved but whose
         post hook or retention failed is one backup and one failed hook or retention, not a failed backup."""
         made = [r for r in self.sources if r.status in (OK, PARTIAL) or r.snapshot_id]
         failed = sum(r.status == FAILED and not r.snapshot_id for r in self.sources)
-        hooks_failed = sum(r.status == FAILED and bool(r.snapshot_id) for r in self.sources)  # saved, then post
+        hooks_failed = sum(r.status == FAILED and bool(r.snapshot_id) and r.post_exit not in (None, 0)
+                           for r in self.sources)  # saved, then the post hook failed
+        copied = sum(r.copy is not None for r in self.sources)
+        copies_failed = sum(r.copy_error is not None for r in self.sources)
         retention_failed = sum(r.retention_error is not None for r in self.sources)
         text = (f"run: {len(made)} backup(s), {failed} failed, {len(self.partial)} partial"
                 + (f", {hooks_failed} post hook(s) failed" if hooks_failed else "")
+                + (f"; copied {copied}" if copied or copies_failed else "")
+                + (f", copy failed {copies_failed}" if copies_failed else "")
                 + f"; retention removed {sum(len(r.retention.removed) for r in self.sources if r.retention)}")
         text += f", failed {retention_failed}" if retention_failed else ""
+        if self.check_error is not None:
+            text += f"; {self.check_error}"
+        elif self.check is not None and not self.dry_run:
+            text += "; check passed"
         return text + (" (stopped early)" if self.stopped else "")
 
     def raise_for_status(self) -> None:
-        """The CLI's verdict: exit 1 when a source failed, 3 when a backup was only partial."""
-        if self.failed or self.prune_error:
+        """The CLI's verdict: exit 1 when a source failed (its copy-to included), 18 when only the check
+        found problems, 3 when a backup was only partial."""
+        if self.failed or self.prune_error or self.check_error:
             names = ", ".join(f"{r.name} ({r.error or r.retention_error})" for r in self.failed)
             if self.prune_error:
                 names = ", ".join(filter(None, [names, f"prune ({self.prune_error})"]))
+            if self.check_error:
+                names = ", ".join(filter(None, [names, self.check_error]))
+            if self.check_problems and not self.failed and not self.prune_error:
+                raise VerificationFailed(f"scheduled run failed: {names}")
             raise ChunkvaultError(f"scheduled run failed: {names}")
         if self.partial:
             raise PartialBackup("scheduled run saved partial backups: "
@@ -285,7 +335,11 @@ class Runner:
 
     def __init__(self, policy: Policy, password: bytes, *, url: str | None = None, clock: Clock = utc_now,
                  stop: threading.Event | None = None, log: Callable[[str], None] | None = None,
-                 opener: Callable[[str, bytes], Any] | None = None, lock_file: str | None = None):
+                 opener: Callable[[str, bytes], Any] | None = None, lock_file: str | None = None,
+                 state_file: str | None = None, copy_password: Callable[[CopyTarget], bytes] | None = None):
+        """``opener`` opens the repository and the copy-to destinations; ``copy_password`` gives a
+        destination's password (default: its policy settings, else CHUNKVAULT_TO_PASSWORD_FILE, _COMMAND or
+        CHUNKVAULT_TO_PASSWORD, as ``copy --to`` takes it); ``state_file`` remembers the last check."""
         self.policy = policy
         self.password = password
         self.url = url or policy.repository
@@ -300,19 +354,34 @@ class Runner:
             opener = Repository.open
         self.opener = opener
         self.lock_file = lock_file or policy.lock_file
+        self.state_file = state_file or policy.state_file
+        if policy.check is not None and not self.state_file:
+            raise UsageError("check needs a state file to remember the last check: set state-file")
+        self.copy_password = copy_password or self._copy_password
+
+    def _copy_password(self, target: CopyTarget) -> bytes:
+        from .passwords import TO
+
+        pw = TO.given(argparse.Namespace(), fallback=(target.password_file, target.password_command),
+                      cwd=self.policy.base_dir)
+        if pw is None:
+            raise UsageError(f"no password for copy-to {target.url}: set copy-to-password-file or "
+                             f"copy-to-password-command, or {TO.env}_FILE, {TO.env}_COMMAND or {TO.env}")
+        return pw
 
     def run(self, *, dry_run: bool = False, only: list[str] | None = None) -> RunReport:
+        """What is due now; ``only``: these sources, and no check."""
         # A source named twice runs once (its retention ran twice, and it was counted twice).
         sources = [self.policy.source(n) for n in dict.fromkeys(only)] if only else list(self.policy.sources)
         report = RunReport(self.clock(), dry_run)
         if dry_run or not self.lock_file:
-            self._run(report, sources)
+            self._run(report, sources, checking=not only)
         else:
             with policy_lock(self.lock_file):
-                self._run(report, sources)
+                self._run(report, sources, checking=not only)
         return report
 
-    def _run(self, report: RunReport, sources: list[Source]) -> None:
+    def _run(self, report: RunReport, sources: list[Source], checking: bool) -> None:
         repo = self.opener(self.url, self.password)
         try:
             snaps = repo.snapshots()
@@ -358,6 +427,8 @@ class Runner:
                     self.log("prune: would run once retention removed those")
                 else:
                     self._prune(repo, report)
+            if checking and self.policy.check is not None:
+                self._check(repo, report)
         finally:
             close = getattr(repo, "close", None)
             if close is not None:
@@ -380,6 +451,9 @@ class Runner:
         result = SourceResult(src.name, WOULD_RUN if report.dry_run else FAILED, due.kind, due.slot, due.reason)
         if report.dry_run:
             self.log(f"{src.name}: would make a {due.kind} backup ({due.reason})")
+            if src.copy_to is not None:
+                self.log(f"{src.name}: would copy it to {_shown(src.copy_to.url)}"
+                         + (", then apply copy-retention there" if src.copy_to.retention else ""))
             return result
         started = time.monotonic()
         env = dict(os.environ)
@@ -398,6 +472,8 @@ class Runner:
                 result.status, result.reason = SKIPPED, "stopping (the stop came during the pre hook)"
             elif pre_ok:
                 self._backup(repo, src, due.kind, result, env)
+                if src.copy_to is not None and result.snapshot_id is not None:
+                    self._copy(repo, src, result)
         except BaseException as exc:  # stopped (SIGTERM, Ctrl-C): what the pre hook set up is still undone
             result.status = FAILED
             word = str(exc) or ("interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
@@ -480,21 +556,24 @@ class Runner:
         too)."""
         return self.stop.is_set() and isinstance(exc, (Locked, RemoteUnavailable, Stopped, SourceCommandFailed))
 
-    def _retention(self, repo: Any, src: Source, dry_run: bool, saved: str | None = None) -> RetentionResult:
-        """The source's retention, as ``forget`` with a policy applies it (planned under the lock, from
-        every snapshot, a replayed one refused), to the source's own history as ``retention_scope`` sees
-        it: never the snapshot ``saved`` by this run, nor one dated ahead of the clock."""
+    def _retention(self, repo: Any, src: Source, dry_run: bool, saved: str | None = None,
+                   policy: Any = None, where: str = "") -> RetentionResult:
+        """The source's retention (or ``policy``, in the repository ``where`` names), as ``forget`` with a
+        policy applies it (planned under the lock, from every snapshot, a replayed one refused), to the
+        source's own history as ``retention_scope`` sees it: never the snapshot ``saved`` by this run, nor
+        one dated ahead of the clock."""
         from .store.lifecycle import NOT_SELECTED
 
-        assert src.retention is not None
+        rules = policy or src.retention
+        assert rules is not None
         host, now = self._host(src), self.clock()
         scopes: list[RetentionScope] = []
 
         def scope(snaps: list[Any]) -> list[Any]:
-            scopes.append(retention_scope(src.history(snaps, host), src.retention, now, saved, src.tz))
+            scopes.append(retention_scope(src.history(snaps, host), rules, now, saved, src.tz))
             return scopes[-1].weighed
 
-        plan = repo.forget(policy=src.retention, scope=scope, now=now, dry_run=dry_run, tz=src.tz)
+        plan = repo.forget(policy=rules, scope=scope, now=now, dry_run=dry_run, tz=src.tz)
         if scopes:
             self._say_left_out(src, scopes[-1])
         reasons = {d.snapshot_id: ", ".join(d.reasons) for d in plan.decisions if not d.keep}
@@ -508,9 +587,119 @@ class Runner:
                 self.log(f"{src.name}: would remove {sid[:8]} ({reasons[sid]})")
             for sid in out.rebased:
                 self.log(f"{src.name}: would rebase {sid[:8]} (its parent goes)")
-        self.log(f"{src.name}: retention {verb} {len(out.removed)} snapshot(s), "
+        self.log(f"{src.name}{where}: retention {verb} {len(out.removed)} snapshot(s), "
                  f"{'would rebase' if dry_run else 'rebased'} {len(out.rebased)}, kept {out.kept}")
         return out
+
+    def _copy(self, repo: Any, src: Source, result: SourceResult) -> None:
+        """Copy the snapshot this run saved to the source's copy-to, with those of the source's snapshots
+        saved since the newest one there (an earlier copy failed), then apply copy-retention there.  A
+        failure fails the source, never the backup: its snapshot stays, and its retention applies."""
+        target = src.copy_to
+        assert target is not None and result.snapshot_id is not None
+        shown = _shown(target.url)
+        if self.stop.is_set():
+            self.log(f"{src.name}: copy to {shown} skipped, stopping")
+            return
+        step = "copy"
+        try:
+            dest = self.opener(target.url, self.copy_password(target))
+            try:
+                done = self._copy_into(repo, dest, src, result.snapshot_id, shown)
+                result.copy = done.to_dict()
+                if target.retention is not None and not self.stop.is_set():
+                    step = "copy-retention"
+                    saved = next((b for a, b in done.copied if a == result.snapshot_id), None)
+                    done.retention = self._retention(dest, src, False, saved, target.retention, f" at {shown}")
+                    result.copy = done.to_dict()
+            finally:
+                close = getattr(dest, "close", None)
+                if close is not None:
+                    close()
+        except (ChunkvaultError, Stopped) as exc:
+            if self._ended_by_stop(exc):
+                self.log(f"{src.name}: {step} at {shown} stopped ({exc})")
+                return
+            if isinstance(exc, Stopped):
+                raise
+            self._copy_failed(src, result, f"{step} at {shown}", str(exc))
+        except Exception as exc:  # a daemon outlives one broken run; the message names the bug
+            self._copy_failed(src, result, f"{step} at {shown}", f"internal error: {type(exc).__name__}: {exc}")
+
+    def _copy_into(self, repo: Any, dest: Any, src: Source, saved: str, shown: str) -> CopyDone:
+        host = self._host(src)
+        there = [s.datetime for s in src.history(dest.snapshots(), host)]
+        newest = max(there, default=None)
+        ids = [s.id for s in src.history(repo.snapshots(), host)
+               if s.id == saved or newest is not None and s.datetime > newest]
+        copied = repo.copy_to(dest, ids)
+        if copied.failed:
+            raise ChunkvaultError("; ".join(f"{a[:8]} not copied: {why}" for a, why in copied.failed))
+        done = CopyDone(shown, list(copied.copied), list(copied.skipped), copied.bytes_sent)
+        self.log(f"{src.name}: copied {len(done.copied)} snapshot(s) to {shown} ({len(done.skipped)} there "
+                 f"already, {format_size(done.bytes_sent)} sent)")
+        return done
+
+    def _copy_failed(self, src: Source, result: SourceResult, what: str, why: str) -> None:
+        result.copy_error = f"{what}: {why}"
+        result.status = FAILED
+        result.error = "; ".join(filter(None, [result.error, result.copy_error]))
+        self.log(f"{src.name}: {what} failed: {why}")
+
+    def _check(self, repo: Any, report: RunReport) -> None:
+        """The policy's check when it is due: problems fail the run, and are named in the log; one that
+        passed is remembered, so that the next is due at its next slot."""
+        assert self.policy.check is not None
+        state = _read_state(self.state_file, self.log)
+        mine = state.get(self.url, {})
+        now = self.clock()
+        last = _parse_iso(mine.get("time"))
+        due = check_due(self.policy.check, now, last)
+        if due.kind is None:
+            nxt = self.policy.check.next(now)
+            self.log("check: not due" + (f" (next slot {_iso(nxt)})" if nxt else ""))
+            return
+        subset, slice_no = check_slice(self.policy.check_subset, mine.get("slice"))
+        reading = f", reading {subset} of the data" if subset else ""
+        report.check = {"slot": _iso(due.slot), "reason": due.reason, "subset": subset}
+        if report.dry_run:
+            self.log(f"check: would check the repository{reading} ({due.reason})")
+            return
+        if self.stop.is_set():
+            report.stopped = True
+            self.log("check: skipped, stopping")
+            return
+        self.log(f"check: checking the repository{reading} ({due.reason})")
+        started = time.monotonic()
+        try:
+            done = repo.check(subset=subset)
+        except (ChunkvaultError, Stopped) as exc:
+            if self._ended_by_stop(exc):
+                report.stopped = True
+                self.log(f"check: stopped ({exc})")
+                return
+            if isinstance(exc, Stopped):
+                raise
+            report.check_error = f"check failed: {exc}"
+            self.log(f"check: failed: {exc}")
+            return
+        for w in done.warnings:
+            self.log(f"check: warning: {w}")
+        for p in done.problems:
+            self.log(f"check: error: {p.object}: {p.problem}"
+                     + (f" (affects snapshots {' '.join(s[:8] for s in p.snapshots)})" if p.snapshots else ""))
+        report.check.update(ok=done.ok, problems=[f"{p.object}: {p.problem}" for p in done.problems],
+                            snapshots=done.snapshots, packs=done.packs, packs_read=done.packs_read,
+                            bytes_read=done.bytes_read, duration=round(time.monotonic() - started, 3))
+        if not done.ok:
+            report.check_problems = len(done.problems)
+            report.check_error = f"check found {len(done.problems)} problem(s)"
+            self.log(f"check: {len(done.problems)} problem(s) found; the check runs again at the next run")
+            return
+        self.log(f"check: no problems in {done.snapshots} snapshots, {done.packs} packs"
+                 + (f"; read {done.packs_read} packs ({format_size(done.bytes_read)})" if done.packs_read else ""))
+        state[self.url] = {"time": _iso(now), **({"slice": slice_no} if slice_no is not None else {})}
+        _write_state(self.state_file, state, self.log)
 
     def _say_left_out(self, src: Source, scope: RetentionScope) -> None:
         """Why retention kept what its rules did not weigh: snapshots dated ahead (a clock set back), and
@@ -536,6 +725,69 @@ class Runner:
         report.prune = plan.to_dict()
         self.log(f"prune: deleted {len(plan.delete)} pack(s), repacked {len(plan.repack)}, "
                  f"freed {format_size(plan.freed_bytes)}")
+
+
+def _shown(url: str) -> str:
+    """A URL for the log: without a password it may hold (``sftp://user:secret@host/``)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+
+
+def _parse_iso(text: Any) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else None
+
+
+STATE_VERSION = 1
+
+
+def _read_state(path: str | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """The last check that passed, by repository URL.  A state file that is missing is no check yet; one
+    that does not read is said, and taken as no check yet (a check too many, never one too few)."""
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log(f"warning: state file {path} does not read ({getattr(exc, 'strerror', None) or exc}): "
+            "the check is taken as due")
+        return {}
+    checks = doc.get("checks") if isinstance(doc, dict) else None
+    return {k: v for k, v in checks.items() if isinstance(v, dict)} if isinstance(checks, dict) else {}
+
+
+def _write_state(path: str | None, checks: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Replace the state file whole (a crash leaves the old one or the new one)."""
+    if path is None:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"version": STATE_VERSION, "checks": checks}, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with suppress(OSError):
+            os.unlink(tmp)
+        log(f"warning: state file {path} could not be written ({exc.strerror or exc}): the check runs again "
+            "at the next run")
 
 
 def _describe(r: SourceResult) -> str:
@@ -638,7 +890,9 @@ class Daemon:
         return True
 
     def _next_slot(self, started: datetime) -> datetime | None:
-        wake = next_wakeup([c for s in self.runner.policy.sources for c in s.cadences()], started)
+        policy = self.runner.policy
+        wake = next_wakeup([c for s in policy.sources for c in s.cadences()]
+                           + ([policy.check] if policy.check is not None else []), started)
         if wake is None:
             self.log("no slot is ever due again; waiting for a stop signal")
         elif self.verbose:
@@ -781,18 +1035,19 @@ def _runner(args: argparse.Namespace, stop: threading.Event | None, log: Callabl
     if not url:
         raise UsageError(f"no repository: set repository in {args.config}, or use -r/--repo")
     lock = policy.lock_file or os.path.abspath(args.config) + ".lock"
+    state = policy.state_file or os.path.abspath(args.config) + ".state"
     return Runner(policy, _password(args, policy), url=url, stop=stop, log=log, lock_file=lock,
-                  opener=_opener(args, url))
+                  state_file=state, opener=_opener(args))
 
 
-def _opener(args: argparse.Namespace, url: str) -> Callable[[str, bytes], Any]:
-    """``Repository.open`` with the command line's remote options (-o, --s3-*, --limit-*), as every other
-    command applies them: the policy file has no place for them."""
+def _opener(args: argparse.Namespace) -> Callable[[str, bytes], Any]:
+    """``Repository.open`` with the command line's remote options (-o, --s3-*, --limit-*) for the URL it
+    opens (the repository, or a copy-to destination), as every other command applies them: the policy
+    file has no place for them."""
     from .cli import remote_options
     from .repository import Repository
 
-    options = remote_options(args, url)
-    return lambda where, password: Repository.open(where, password, **options)
+    return lambda where, password: Repository.open(where, password, **remote_options(args, where))
 
 
 @contextmanager
@@ -925,7 +1180,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 #: Lines that ``-q`` drops: nothing due, and retention's counts; never a failure nor a skip.
-ROUTINE = ("nothing due", ": retention removed ", ": retention would remove ")
+ROUTINE = ("nothing due", ": retention removed ", ": retention would remove ", "check: not due")
 
 
 def _quiet(log: Callable[[str], None]) -> Callable[[str], None]:
