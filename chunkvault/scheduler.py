@@ -473,7 +473,7 @@ class Runner:
             elif pre_ok:
                 self._backup(repo, src, due.kind, result, env)
                 if src.copy_to is not None and result.snapshot_id is not None:
-                    self._copy(repo, src, result)
+                    report.stopped |= not self._copy(repo, src, result)
         except BaseException as exc:  # stopped (SIGTERM, Ctrl-C): what the pre hook set up is still undone
             result.status = FAILED
             word = str(exc) or ("interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
@@ -591,16 +591,17 @@ class Runner:
                  f"{'would rebase' if dry_run else 'rebased'} {len(out.rebased)}, kept {out.kept}")
         return out
 
-    def _copy(self, repo: Any, src: Source, result: SourceResult) -> None:
+    def _copy(self, repo: Any, src: Source, result: SourceResult) -> bool:
         """Copy the snapshot this run saved to the source's copy-to, with those of the source's snapshots
         saved since the newest one there (an earlier copy failed), then apply copy-retention there.  A
-        failure fails the source, never the backup: its snapshot stays, and its retention applies."""
+        failure fails the source, never the backup: its snapshot stays, and its retention applies.  False
+        when a stop cut it short."""
         target = src.copy_to
         assert target is not None and result.snapshot_id is not None
         shown = _shown(target.url)
         if self.stop.is_set():
             self.log(f"{src.name}: copy to {shown} skipped, stopping")
-            return
+            return False
         step = "copy"
         try:
             dest = self.opener(target.url, self.copy_password(target))
@@ -619,12 +620,13 @@ class Runner:
         except (ChunkvaultError, Stopped) as exc:
             if self._ended_by_stop(exc):
                 self.log(f"{src.name}: {step} at {shown} stopped ({exc})")
-                return
+                return False
             if isinstance(exc, Stopped):
                 raise
             self._copy_failed(src, result, f"{step} at {shown}", str(exc))
         except Exception as exc:  # a daemon outlives one broken run; the message names the bug
             self._copy_failed(src, result, f"{step} at {shown}", f"internal error: {type(exc).__name__}: {exc}")
+        return True
 
     def _copy_into(self, repo: Any, dest: Any, src: Source, saved: str, shown: str) -> CopyDone:
         host = self._host(src)

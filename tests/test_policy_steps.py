@@ -285,6 +285,51 @@ def test_a_destination_that_is_not_there_or_has_no_password_fails_the_source(tmp
     assert [s.paths for s in offsite(off)] == [[str(tmp_path / "off.pw")]]
 
 
+def test_an_unreachable_destination_fails_the_run_and_holds_no_lock_on_the_repository(tmp_path, repos, tree,
+                                                                                      monkeypatch, capsys):
+    """Through the command line, its retries and all: nothing listens at the destination's port."""
+    main, _ = repos
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
+    env_out = tmp_path / "post.env"
+    url = "sftp://me@127.0.0.1:8299/repo"
+    policy_path = write_policy(tmp_path / "p.toml", main, [
+        {"name": "db", "paths": [str(tree)], "post": f"env | grep ^CHUNKVAULT_RESULT > {q(str(env_out))}"}],
+        top=f'full = "daily"\ncopy-to = {q(url)}\ncopy-to-password-file = "off.pw"\n')
+    assert cli_main(["run", "--config", str(policy_path)]) == 1
+    captured = capsys.readouterr()
+    (saved,) = snapshots(main)
+    assert captured.err.strip().splitlines()[-1].startswith(f"chunkvault: scheduled run failed: db (copy at {url}: ")
+    assert "Connection refused" in captured.err.strip().splitlines()[-1]
+    assert f"db: full snapshot {saved.short_id} saved" in captured.out and "copy failed 1" in captured.out
+    assert env_out.read_text().strip() == "CHUNKVAULT_RESULT=failed"
+    assert os.listdir(Path(main) / "locks") == []  # the copy's read lock went with it: a prune is not held off
+
+
+def test_a_copy_a_stop_ends_is_stopped_not_failed(tmp_path, repos, tree):
+    import threading
+
+    from chunkvault.errors import RemoteUnavailable
+
+    main, off = repos
+    policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
+                               top=f'full = "daily"\ncopy-to = {q(off)}\ncopy-to-password-file = "off.pw"\n')
+    stop = threading.Event()
+
+    def opener(url: str, password: bytes) -> Repository:
+        if url == off:  # the stop came while the destination was retried: its retries were given up
+            stop.set()
+            raise RemoteUnavailable("gave up: stopping")
+        return Repository.open(url, password)
+
+    log: list[str] = []
+    report = run(policy_path, tmp_path, log, opener=opener, stop=stop)
+    db = report.sources[0]
+    assert (db.status, db.copy_error, report.stopped) == ("ok", None, True)
+    assert f"db: copy at {off} stopped (gave up: stopping)" in log
+    assert "(stopped early)" in report.summary()
+
+
 def test_a_password_in_the_destination_url_stays_out_of_the_log(tmp_path, repos, tree):
     main, _ = repos
     policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
