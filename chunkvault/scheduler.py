@@ -73,6 +73,7 @@ from .schedule import (CopyTarget, Policy, RetentionScope, Source, check_due, ch
 from .schedulecli import add_commands
 from .units import format_size
 from .store.command_stream import without_secrets
+from .store.retention import RetentionPolicy
 from .store.source import excludes_of
 from .tomlfile import read_toml
 
@@ -557,7 +558,7 @@ class Runner:
         return self.stop.is_set() and isinstance(exc, (Locked, RemoteUnavailable, Stopped, SourceCommandFailed))
 
     def _retention(self, repo: Any, src: Source, dry_run: bool, saved: str | None = None,
-                   policy: Any = None, where: str = "") -> RetentionResult:
+                   policy: RetentionPolicy | None = None, where: str = "") -> RetentionResult:
         """The source's retention (or ``policy``, in the repository ``where`` names), as ``forget`` with a
         policy applies it (planned under the lock, from every snapshot, a replayed one refused), to the
         source's own history as ``retention_scope`` sees it: never the snapshot ``saved`` by this run, nor
