@@ -1667,6 +1667,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         help="hold uploads to this rate (KiB per second, or with a unit: 2M, 500K per second)")
     common.add_argument("--limit-download", type=_rate, metavar="KiB/s", help="hold downloads to this rate")
     passwords.REPOSITORY.add_options(common, "the repository password")
+    common.add_argument("--cache-dir", metavar="DIR",
+                        help="the local cache of index and snapshot objects (or CHUNKVAULT_CACHE_DIR; default "
+                             "$XDG_CACHE_HOME/chunkvault)")
+    common.add_argument("--no-cache", action="store_true",
+                        help="keep nothing locally: read every object from the repository (or CHUNKVAULT_NO_CACHE=1)")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     common.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
@@ -2023,6 +2028,28 @@ def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
     return show
 
 
+@contextlib.contextmanager
+def _cache_settings(args: argparse.Namespace) -> Iterator[None]:
+    """``--cache-dir`` and ``--no-cache`` as the environment variables every connection reads (a copy's
+    destination's too), for this command only."""
+    from .connection import NO_CACHE_ENV
+
+    given = {"CHUNKVAULT_CACHE_DIR": getattr(args, "cache_dir", None),
+             NO_CACHE_ENV: "1" if getattr(args, "no_cache", False) else None}
+    if given["CHUNKVAULT_CACHE_DIR"] is not None and given[NO_CACHE_ENV]:
+        raise UsageError("--cache-dir and --no-cache: give one")
+    before = {k: os.environ.get(k) for k, v in given.items() if v is not None}
+    os.environ.update({k: v for k, v in given.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     """Parse with the named command's parser alone; an unknown command, a top-level option or none at all
     (help, errors) with the whole parser."""
@@ -2159,6 +2186,7 @@ def main(argv: list[str] | None = None) -> int:
         with interrupts.handled(stop_signals()):
             args = _parse(sys.argv[1:] if argv is None else argv)
             with warnings.catch_warnings(), contextlib.ExitStack() as args.held:
+                args.held.enter_context(_cache_settings(args))
                 warnings.showwarning = _warning_printer(warnings.showwarning)
                 code = int(args.func(args) or 0)
                 if sys.stdout is not None:

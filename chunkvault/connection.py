@@ -71,9 +71,14 @@ def _retry_time(given: Any) -> float | None:
     return seconds
 
 
+NO_CACHE_ENV = "CHUNKVAULT_NO_CACHE"  # set (to anything but "" or "0"): no local cache, as --no-cache
+
+
 def cache_base() -> str | None:
-    """The local cache's directory; None when there is none to use (no home directory): commands then
-    read everything from the repository."""
+    """The local cache's directory; None when there is none to use (no home directory, or none wanted:
+    ``CHUNKVAULT_NO_CACHE``): commands then read everything from the repository."""
+    if os.environ.get(NO_CACHE_ENV, "") not in ("", "0"):
+        return None
     base = os.environ.get("CHUNKVAULT_CACHE_DIR")
     if not base:
         home_cache = user_dir("XDG_CACHE_HOME", ".cache")

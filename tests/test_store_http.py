@@ -297,3 +297,24 @@ def test_check_reads_the_stored_index_objects_past_the_local_cache(tmp_path, htt
     stored.write_bytes(bytes(data))
     with Repository.open(http_server.url, password, token=FULL_TOKEN) as repo:
         assert f"index/{stored.name}" in [p.object for p in repo.check().problems]
+
+
+def test_cache_dir_and_no_cache_on_the_command_line(tmp_path, http_server, cli):
+    """``--cache-dir DIR`` keeps the cache there instead of CHUNKVAULT_CACHE_DIR's; ``--no-cache`` keeps none
+    (each object read from the repository), with the same results; both at once is one usage error."""
+    env = {"CHUNKVAULT_HTTP_TOKEN": FULL_TOKEN, "CHUNKVAULT_CACHE_DIR": str(tmp_path / "env-cache")}
+    src = tmp_path / "src"
+    make_tree(src, 2)
+    url = http_server.url
+    cli("init", "-r", url, "--kdf-time", "0", env=env)
+    flag_cache = tmp_path / "flag-cache"
+    cli("backup", "-r", url, str(src), "--cache-dir", str(flag_cache), env=env)
+    assert any(p.is_file() for p in flag_cache.rglob("*"))
+    before = sorted(str(p) for p in (tmp_path / "env-cache").rglob("*") if p.is_file())
+    listed = cli("snapshots", "-r", url, "--json", "--no-cache", env=env).stdout
+    assert len(json.loads(listed)) == 1
+    cli("backup", "-r", url, str(src), "--no-cache", env=env)
+    assert sorted(str(p) for p in (tmp_path / "env-cache").rglob("*") if p.is_file()) == before
+    assert len(json.loads(cli("snapshots", "-r", url, "--json", env=env).stdout)) == 2
+    said = cli("snapshots", "-r", url, "--cache-dir", "x", "--no-cache", env=env, check=2).stderr.decode().strip()
+    assert said == "chunkvault: --cache-dir and --no-cache: give one"
