@@ -159,11 +159,10 @@ def _stream_options(kind: str, tags: list[str] | None, host: str | None, delta: 
 
 def _compression_level(level: Any) -> int | None:
     """A backup's own zstd level, checked (None: the repository's)."""
-    from .store.config import MAX_COMPRESSION_LEVEL
+    from .store.config import check_compression_level
 
-    if level is not None and (isinstance(level, bool) or not isinstance(level, int)
-                              or not 0 <= level <= MAX_COMPRESSION_LEVEL):
-        raise UsageError(f"compression level must be 0 (off) to {MAX_COMPRESSION_LEVEL}, not {level!r}")
+    if level is not None:
+        check_compression_level(level)
     return level
 
 

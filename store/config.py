@@ -82,9 +82,7 @@ def check_settings(settings: Settings) -> None:
         ChunkerParams.from_dict(settings.chunker)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    if _not_int(settings.compression_level) or not 0 <= settings.compression_level <= MAX_COMPRESSION_LEVEL:
-        raise UsageError(f"compression level must be 0 (off) to {MAX_COMPRESSION_LEVEL}, "
-                         f"not {settings.compression_level!r}")
+    check_compression_level(settings.compression_level)
     if _not_int(settings.pack_size) or not 1 <= settings.pack_size <= MAX_PACK_SIZE:
         raise UsageError(f"pack size must be 1 byte to {MAX_PACK_SIZE >> 20} MiB, not {settings.pack_size!r}")
     if _not_int(settings.full_every) or settings.full_every < 0:
@@ -101,6 +99,12 @@ def check_kdf_seconds(seconds: float) -> None:
     """UsageError unless ``seconds`` is a CPU time a key derivation can be tuned to (0: the cheapest)."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_KDF_SECONDS:
         raise UsageError(f"key derivation time must be from 0 to {MAX_KDF_SECONDS:g} seconds, not {seconds!r}")
+
+
+def check_compression_level(level: Any) -> None:
+    """UsageError for anything but a zstd level chunkvault writes: 0 (off) to ``MAX_COMPRESSION_LEVEL``."""
+    if _not_int(level) or not 0 <= level <= MAX_COMPRESSION_LEVEL:
+        raise UsageError(f"compression level must be 0 (off) to {MAX_COMPRESSION_LEVEL}, not {level!r}")
 
 
 def _not_int(value: Any) -> bool:
