@@ -44,6 +44,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 from chunkvault.errors import CorruptObject, MissingObject, SnapshotNotFound, UsageError
 
+from .chain import lineage
 from .chronology import chronological_key
 
 __all__ = [
@@ -458,9 +459,10 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
         members.sort(key=order, reverse=True)
         _apply_group(members, times, policy, now, tz, reasons)
     by_id = {s.id: s for s in snaps}
+    parents = {s.id: None if s.kind == KIND_FULL else s.parent for s in snaps}  # a chain ends at its full
     for members in groups.values():
         if policy.keep_diff:
-            _keep_diffs(members, by_id, policy.keep_diff, reasons)
+            _keep_diffs(members, by_id, parents, policy.keep_diff, reasons)
         if not allow_remove_all and not any(s.id in reasons for s in members):
             raise UsageError(f"the retention policy keeps none of the {len(members)} snapshot(s) of "
                              f"{_describe_group(members[0], policy.group_by)}: refusing to remove them all "
@@ -548,29 +550,20 @@ def _apply_group(members: list[SnapshotLike], times: dict[str, datetime], policy
             keep(s, f"full #{nr + 1}")
 
 
-def _keep_diffs(members: list[SnapshotLike], by_id: Mapping[str, SnapshotLike], count: int,
-                reasons: dict[str, list[str]]) -> None:
+def _keep_diffs(members: list[SnapshotLike], by_id: Mapping[str, SnapshotLike], parents: dict[str, str | None],
+                count: int, reasons: dict[str, list[str]]) -> None:
     """``keep_diff``: the newest ``count`` differentials of ``members`` (newest first) whose full snapshot
     stays by the other rules, as pgBackRest's retention-diff.  After them, since a differential kept past
-    its full would be rebased into a full, and the same rules run again would count it as one."""
+    its full would be rebased into a full, and the same rules run again would count it as one.  A chain
+    with a link missing has no full to stay."""
     kept = 0
     for s in members:
         if kept == count:
             break
-        if s.kind == KIND_DIFF and _chain_root(s, by_id) in reasons:
+        root = lineage(s.id, parents)[-1] if s.kind == KIND_DIFF else None
+        if root is not None and by_id[root].kind == KIND_FULL and root in reasons:
             kept += 1
             reasons.setdefault(s.id, []).append(f"diff #{kept}")
-
-
-def _chain_root(s: SnapshotLike, by_id: Mapping[str, SnapshotLike]) -> str | None:
-    """The id of the full snapshot ``s``'s chain starts from, among ``by_id``; None where a link is missing."""
-    seen = set()
-    while s.kind != KIND_FULL:
-        if s.parent is None or s.parent not in by_id or s.id in seen:
-            return None
-        seen.add(s.id)
-        s = by_id[s.parent]
-    return s.id
 
 
 # --------------------------------------------------------------------------- chains and rebasing
