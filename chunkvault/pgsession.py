@@ -1,0 +1,267 @@
+"""A PostgreSQL session that holds a non-exclusive base backup open, through ``psql``.
+
+A copy of a running cluster's data directory is consistent only as a base
+backup: ``pg_backup_start`` before the first file is read, ``pg_backup_stop``
+after the last, in the same session (the session's end aborts the backup),
+then the label file ``pg_backup_stop`` returns written as ``backup_label``
+beside the files, and the WAL from the start position to the stop position
+at hand when the copy is started.  A temporary physical replication slot,
+made in the same session before the start, keeps the server from recycling
+that WAL while the files are read, whatever ``wal_keep_size`` says; it goes
+with the session.
+
+``psql`` runs as a coprocess (it ships with every PostgreSQL install, reads
+the usual ``PG*`` variables and ``~/.pgpass``, and needs no driver here);
+each query's answer is read up to a marker line echoed after it.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import secrets
+import select
+import subprocess
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from chunkvault.errors import SourceCommandFailed, UsageError
+
+#: Oldest server this session drives: non-exclusive backups, and temporary replication slots (10).
+OLDEST_VERSION = 100000
+#: The first server version whose functions are ``pg_backup_start``/``pg_backup_stop``.
+RENAMED_IN = 150000
+_FIELD = "\x1f"
+_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+
+
+def parse_lsn(text: str) -> int:
+    """A WAL position as PostgreSQL prints it (``16/B374D848``), as a byte offset."""
+    m = _LSN.match(text.strip())
+    if m is None:
+        raise ValueError(f"not a WAL position: {text!r}")
+    return int(m.group(1), 16) << 32 | int(m.group(2), 16)
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def wal_segment_name(timeline: int, lsn: int, segment_size: int) -> str:
+    """The name of the WAL segment file holding byte ``lsn`` on ``timeline`` (as ``pg_walfile_name``)."""
+    if segment_size <= 0 or segment_size & (segment_size - 1) or not 0 < timeline <= 0xFFFFFFFF:
+        raise ValueError(f"no WAL segment for timeline {timeline} and segment size {segment_size}")
+    segment = lsn // segment_size
+    per_id = 0x100000000 // segment_size
+    return f"{timeline:08X}{segment // per_id:08X}{segment % per_id:08X}"
+
+
+def wal_segments_between(timeline: int, start: int, stop: int, segment_size: int) -> list[str]:
+    """The segment files a backup started at ``start`` and stopped at ``stop`` needs, in order.  A stop
+    position at the very start of a segment needs nothing of that segment (the backup-end record lies
+    before it: the server switched to a new segment after writing it)."""
+    if stop < start:
+        raise ValueError(f"a backup cannot stop ({format_lsn(stop)}) before it starts ({format_lsn(start)})")
+    last = max(start, stop - 1) if stop % segment_size == 0 else stop
+    first_seg, last_seg = start // segment_size, last // segment_size
+    return [wal_segment_name(timeline, s * segment_size, segment_size) for s in range(first_seg, last_seg + 1)]
+
+
+def label_field(label_file: str, name: str) -> str | None:
+    """A field of a ``backup_label`` file (``START TIMELINE``, ``LABEL``, ...), or None."""
+    prefix = f"{name}: "
+    for line in label_file.splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix):]
+    return None
+
+
+@dataclass
+class BackupStart:
+    """What the server said when the backup started."""
+
+    start_lsn: int
+    data_directory: str
+    version: int  # server_version_num
+    segment_size: int
+    #: Tablespaces outside the data directory: (oid, location).
+    tablespaces: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
+class BackupStop:
+    """What the server said when the backup stopped: the files to write beside the copy, and the WAL range."""
+
+    stop_lsn: int
+    label_file: str
+    tablespace_map: str
+    start_lsn: int
+    timeline: int
+
+    def wal_segments(self, segment_size: int) -> list[str]:
+        return wal_segments_between(self.timeline, self.start_lsn, self.stop_lsn, segment_size)
+
+
+class PgBackupSession:
+    """``psql`` holding one base backup open: ``start``, read the files, ``stop``; ``close`` (or leaving the
+    ``with`` block) ends the session, which aborts a backup not stopped.
+
+    ``dbname`` is a database name or a connection string (``host=... port=...`` or a ``postgresql://`` URI);
+    the other connection settings come from ``env`` (``PGHOST``, ``PGPORT``, ``PGUSER``, ...) as psql reads
+    them.  The role needs the right to run the backup functions and to make a replication slot (a
+    superuser, or a role with REPLICATION granted EXECUTE on them)."""
+
+    def __init__(self, dbname: str | None = None, *, psql: str = "psql", env: Mapping[str, str] | None = None):
+        self._argv: list[str] = [psql, "-X", "-q", "-A", "-t", "-F", _FIELD, "-v", "ON_ERROR_STOP=1"]
+        if dbname:
+            self._argv += ["-d", dbname]
+        self._env = dict(os.environ if env is None else env)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._buffer = b""
+        self._started: BackupStart | None = None
+
+    def open(self) -> None:
+        if self._proc is not None:
+            return
+        try:
+            self._proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, env=self._env)
+        except OSError as exc:
+            raise SourceCommandFailed(f"cannot run `{self._argv[0]}` to reach PostgreSQL: "
+                                      f"{exc.strerror or exc}") from None
+
+    def query(self, sql: str) -> list[list[str]]:
+        """The rows of one statement's answer, each a list of its columns' text."""
+        self.open()
+        assert self._proc is not None and self._proc.stdin is not None
+        marker = f"--chunkvault-{secrets.token_hex(8)}--"
+        try:
+            self._proc.stdin.write(f"{sql.rstrip().rstrip(';')};\n\\echo {marker}\n".encode())
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self._failed()
+        lines = self._read_until(marker.encode())
+        return [line.split(_FIELD) for line in lines]
+
+    def _read_until(self, marker: bytes) -> list[str]:
+        assert self._proc is not None and self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        while True:
+            end = self._buffer.find(marker + b"\n")
+            if end >= 0 and (end == 0 or self._buffer[end - 1:end] == b"\n"):
+                out, self._buffer = self._buffer[:end], self._buffer[end + len(marker) + 1:]
+                return [line for line in out.decode("utf-8", "replace").split("\n") if line]
+            while not select.select([fd], [], [], 0.5)[0]:  # in slices: a signal gets handled meanwhile
+                pass
+            data = os.read(fd, 65536)
+            if not data:
+                self._failed()
+            self._buffer += data
+
+    def _failed(self) -> None:
+        """psql ended: the connection failed or the statement did (ON_ERROR_STOP); raise what it said."""
+        assert self._proc is not None and self._proc.stderr is not None
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        said = self._proc.stderr.read().decode("utf-8", "replace")
+        lines = [ln.strip() for ln in said.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "ERROR:" in ln or "FATAL:" in ln or "error:" in ln]
+        reason = (errors or lines or [f"psql exited {self._proc.returncode}"])[0]
+        self._proc = None
+        raise SourceCommandFailed(f"PostgreSQL: {reason}")
+
+    def _value(self, sql: str) -> str:
+        rows = self.query(sql)
+        if len(rows) != 1 or len(rows[0]) != 1:
+            raise SourceCommandFailed(f"PostgreSQL answered {sql!r} with {len(rows)} rows, not one value")
+        return rows[0][0]
+
+    def start(self, label: str, *, fast: bool = True, slot: bool = True) -> BackupStart:
+        """Start the backup (``fast``: an immediate checkpoint, not a spread one) after taking a temporary
+        replication slot that keeps the WAL from here on (``slot``)."""
+        if self._started is not None:
+            raise UsageError("this session has started a backup already")
+        if "\n" in label or len(label) > 1023:
+            raise UsageError("a backup label is one line of at most 1023 characters")
+        version = int(self._value("SELECT current_setting('server_version_num')"))
+        if version < OLDEST_VERSION:
+            raise SourceCommandFailed(f"PostgreSQL {version // 10000}.{version // 100 % 100} is too old for a "
+                                      "base backup by chunkvault (10 or newer)")
+        if self._value("SELECT pg_is_in_recovery()") == "t":
+            raise SourceCommandFailed("PostgreSQL is a standby: take the backup from the primary")
+        data_directory = self._value("SELECT current_setting('data_directory')")
+        segment_size = int(self._value("SELECT setting::bigint * (CASE unit WHEN '8kB' THEN 8192 WHEN 'B' "
+                                       "THEN 1 ELSE 1048576 END) FROM pg_settings WHERE name = 'wal_segment_size'"))
+        tablespaces = [(int(oid), loc) for oid, loc in self.query(
+            "SELECT oid, pg_tablespace_location(oid) FROM pg_tablespace "
+            "WHERE spcname NOT IN ('pg_default', 'pg_global')")]
+        if slot:
+            name = f"chunkvault_{os.getpid()}_{secrets.token_hex(4)}"
+            self.query(f"SELECT pg_create_physical_replication_slot('{name}', true, true)")
+        quoted = label.replace("'", "''")
+        fast_sql = "true" if fast else "false"
+        if version >= RENAMED_IN:
+            lsn = self._value(f"SELECT pg_backup_start('{quoted}', {fast_sql})")
+        else:
+            lsn = self._value(f"SELECT pg_start_backup('{quoted}', {fast_sql}, false)")
+        self._started = BackupStart(parse_lsn(lsn), data_directory, version, segment_size, tablespaces)
+        return self._started
+
+    def stop(self) -> BackupStop:
+        """Stop the backup; PostgreSQL switches to a new WAL segment, so the last one needed is complete.
+        Archived WAL is not waited for: the needed segments are read from ``pg_wal``, which the slot kept."""
+        if self._started is None:
+            raise UsageError("no backup was started in this session")
+        function = "pg_backup_stop(false)" if self._started.version >= RENAMED_IN else "pg_stop_backup(false, false)"
+        rows = self.query("SELECT lsn, translate(encode(convert_to(labelfile, 'UTF8'), 'base64'), E'\\n', ''), "
+                          "translate(encode(convert_to(coalesce(spcmapfile, ''), 'UTF8'), 'base64'), E'\\n', '') "
+                          f"FROM {function}")
+        if len(rows) != 1 or len(rows[0]) != 3:
+            raise SourceCommandFailed(f"PostgreSQL answered {function} with {rows!r}")
+        lsn, label_b64, map_b64 = rows[0]
+        label_file = base64.b64decode(label_b64).decode()
+        timeline = label_field(label_file, "START TIMELINE")
+        start = label_field(label_file, "START WAL LOCATION")
+        if timeline is None or start is None:
+            raise SourceCommandFailed("PostgreSQL's backup label lacks its start timeline or WAL location")
+        self._started = None
+        return BackupStop(parse_lsn(lsn), label_file, base64.b64decode(map_b64).decode(),
+                          parse_lsn(start.split()[0]), int(timeline))
+
+    def close(self) -> None:
+        """End the session: a backup not stopped is aborted by the server, the slot dropped."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        assert proc.stdin is not None
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        self._started = None
+
+    def __enter__(self) -> "PgBackupSession":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__: Sequence[str] = ("PgBackupSession", "BackupStart", "BackupStop", "parse_lsn", "format_lsn",
+                          "wal_segment_name", "wal_segments_between", "label_field")
