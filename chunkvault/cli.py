@@ -26,6 +26,7 @@ from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, Locked, 
                      VerificationFailed, output_error)
 from .store.chain import chain_lengths
 from .store.manifest import F_UNREADABLE, T_DIR, T_FILE, TYPE_NAMES, Entry, unread, what_changed
+from .store.overwrite import OVERWRITE_MODES, check_overwrite
 from .store.snapshot import Snapshot
 from .units import format_size
 
@@ -717,6 +718,23 @@ def _confirm_in_place(args: argparse.Namespace, what: str) -> bool:
     raise TargetNotEmpty(f"restore target {target} is not empty: to overwrite it in place, add --confirm RESTORE")
 
 
+def restore_in_place(args: argparse.Namespace, what: str, repository: bool = True) -> bool:
+    """Whether a restore writes into a non-empty target (``_confirm_in_place``), its --overwrite checked
+    first.  ``never`` changes nothing the target has: it needs no RESTORE (a --confirm given must still
+    say it).  ``repository``: a restore from one, which --verify and if-changed (as --delta) need."""
+    check_overwrite(args.overwrite, args.delete)
+    if args.overwrite == "if-changed" and not repository:
+        raise UsageError("--overwrite if-changed compares chunks by their repository ids, as --delta: it needs a "
+                         "repository")
+    if args.verify and args.overwrite in ("if-newer", "never"):
+        raise UsageError(f"--verify compares every entry with the snapshot: --overwrite {args.overwrite} keeps "
+                         "entries of the target's that differ from it")
+    if args.overwrite != "never":
+        return _confirm_in_place(args, what)
+    _confirmed(args, "RESTORE")
+    return os.path.isdir(args.target) and bool(os.listdir(args.target))
+
+
 def add_snapshot_choice(s: argparse.ArgumentParser) -> None:
     """Which snapshot ``latest`` (or ``--until``) names, where a repository holds several sources."""
     s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
@@ -754,8 +772,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     repo = _open(args)
     snap, subtree = chosen_subtree(repo, args)
     within = f"{shown_name(subtree)} of " if subtree else ""
-    in_place = _confirm_in_place(args, f"{within}snapshot {snap.short_id} of "
-                                       f"{snap.host}:{','.join(snap.paths) or snap.stdin_name} ({_local_time(snap)})")
+    in_place = restore_in_place(args, f"{within}snapshot {snap.short_id} of "
+                                      f"{snap.host}:{','.join(snap.paths) or snap.stdin_name} ({_local_time(snap)})")
     if (args.delta or args.delete) and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
         raise UsageError("--delta and --delete work in place: add --confirm RESTORE")
     bar = _progress(args, "restore", None if subtree else snap.stats.get("bytes"))
@@ -765,7 +783,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                                   iexcludes=args.iexclude, force=in_place,
                                   delta=args.delta, delete=args.delete, progress=bar, processes=args.processes,
                                   verify=args.verify, xattrs=not args.no_xattrs,
-                                  numeric_owner=args.numeric_owner, subtree=subtree)
+                                  numeric_owner=args.numeric_owner, subtree=subtree, overwrite=args.overwrite)
         finally:
             bar.done()
     except ChunkvaultError as exc:
@@ -783,6 +801,7 @@ def _restored(result: Any) -> str:
     return (f"{result.files} files, {result.dirs} dirs, "
             + (f"{result.links} links, " if result.links else "")
             + (f"{result.specials} FIFOs and devices, " if result.specials else "") + format_size(result.bytes)
+            + (f"; {result.skipped_existing} existing entries kept" if result.skipped_existing else "")
             + (f"; {result.deleted} entries the snapshot lacks deleted" if result.deleted else ""))
 
 
@@ -806,6 +825,7 @@ def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool,
             "files": result.files,
             "dirs": result.dirs, "links": result.links, "specials": result.specials, "bytes": result.bytes,
             "unchanged_files": result.unchanged_files, "rewritten_bytes": result.rewritten_bytes,
+            "skipped_existing": result.skipped_existing,
             "deleted": result.deleted, "processes": result.processes, **_names_json("warnings", result.warnings),
             "verified": verified,
             "not_restored": [{**_name_json("path", path), "object": obj, "reason": reason}
@@ -1852,6 +1872,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--delta", action="store_true",
                    help="in place: rewrite only files and chunk ranges whose content differs (by digest)")
     s.add_argument("--delete", action="store_true", help="in place: remove files the snapshot does not have")
+    s.add_argument("--overwrite", choices=OVERWRITE_MODES, default="always",
+                   help="in place, what the target has: always replaced (default); if-changed (as --delta, a file "
+                        "of the snapshot's size and mtime taken as right unread); if-newer (replaced where the "
+                        "snapshot's mtime is newer); never (only what the target lacks is written; needs no "
+                        "--confirm)")
     s.add_argument("--processes", type=_positive_int, metavar="N",
                    help="worker processes writing an empty target on local storage (default: one per core, "
                         "at most 4; up to 64)")

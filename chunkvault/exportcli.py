@@ -83,20 +83,21 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
         raise UsageError(f"--{'delta' if args.delta else 'verify'} needs a repository: not with --from-file "
                          "(verify-restore checks an imported snapshot)")
     password = passwords.EXPORT.get(args)
-    in_place = cli._confirm_in_place(args, f"the snapshot in {args.from_file}")
+    in_place = cli.restore_in_place(args, f"the snapshot in {args.from_file}", repository=False)
     if args.delete and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
         raise UsageError("--delete works in place: add --confirm RESTORE")
     bar = cli._progress(args, "restore")
     info, result = restore_from_file(args.from_file, password, args.target, includes=args.include,
                                      excludes=args.exclude, iexcludes=args.iexclude, force=in_place,
                                      delete=args.delete, progress=bar,
-                                     numeric_owner=args.numeric_owner)
+                                     numeric_owner=args.numeric_owner, overwrite=args.overwrite)
     bar.done()
     snap = info.snapshot
     if args.json:
         cli._emit_json({"file": os.path.abspath(args.from_file), "snapshot": snap.id, "time": snap.time,
                         "target": os.path.abspath(args.target), "files": result.files, "dirs": result.dirs,
-                        "links": result.links, "specials": result.specials, "bytes": result.bytes, "deleted": result.deleted,
+                        "links": result.links, "specials": result.specials, "bytes": result.bytes,
+                        "skipped_existing": result.skipped_existing, "deleted": result.deleted,
                         **cli._names_json("warnings", result.warnings)})
     elif not args.quiet:
         for w in result.warnings:

@@ -39,8 +39,8 @@ from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record, unread
 from .store.repository import NOT_INDEXED, Repo
 from .store.confinement import confined
 from .store.subtree import Subtree, in_subtree
-from .store.restore import (Restorer, RestoreOptions, RestoreResult, check_content, include_directory,
-                            refuse_overlap)
+from .store.restore import (Restorer, RestoreOptions, RestoreResult, check_content, check_overwrite,
+                            include_directory, refuse_overlap)
 from .store.owners import OwnerMap, chain_names
 from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, parse_until, select_snapshots
 from .store.source import SourceWalk, markers_of
@@ -1090,10 +1090,17 @@ class Repository:
                 includes: list[str] | None = None, excludes: list[str] | None = None,
                 iexcludes: list[str] | None = None, force: bool = False, delta: bool = False,
                 delete: bool = False, progress: Any = None, processes: int | None = None, verify: bool = False,
-                xattrs: bool = True, numeric_owner: bool = False, subtree: str | bytes | None = None
-                ) -> RestoreResult:
+                xattrs: bool = True, numeric_owner: bool = False, subtree: str | bytes | None = None,
+                overwrite: str = "always") -> RestoreResult:
         """Restore into ``target``: empty, or in place with ``force`` (``delta``: rewrite only what
         differs, checked by digest; ``delete``: remove what the snapshot does not have).
+
+        ``overwrite``, in place: which entries the target has are replaced: ``"always"``; ``"if-changed"``
+        (as ``delta``, but a file of the snapshot's size and mtime is taken as right unread); ``"if-newer"``
+        (only where the snapshot's mtime is newer); ``"never"`` (only what the target lacks is written, and
+        needs no ``force``: nothing the target has is changed, metadata included).  Entries kept are counted
+        in ``skipped_existing``; ``never`` with ``delete``, and ``verify`` with ``if-newer`` or ``never``,
+        are UsageErrors.
 
         ``verify``: then read every restored file back and compare it, and every restored entry's
         metadata, with the snapshot; VerificationFailed names what differs (what the target holds
@@ -1134,6 +1141,11 @@ class Repository:
         if not isinstance(target, (str, bytes, os.PathLike)) or not os.fspath(target):
             # "" was the current directory, where delete=True then deleted nothing it should have
             raise UsageError(f"a restore target must be a directory path, not {target!r} (\".\" for here)")
+        check_overwrite(overwrite, delete)
+        if verify and overwrite in ("if-newer", "never"):
+            raise UsageError(f"verify compares every entry with the snapshot: overwrite {overwrite} keeps entries "
+                             "of the target's that differ from it")
+        force = force or overwrite == "never"  # writes only what the target lacks: nothing there is changed
         if not force and _is_nonempty_dir(target):
             raise TargetNotEmpty(f"restore target {os.fsdecode(target)} is not empty (force=True restores "
                                  "into it in place)")
@@ -1147,7 +1159,7 @@ class Repository:
                 raise UsageError(f"delete=True with a single file ({os.fsdecode(sub.root)}) would leave the target "
                                  "holding that file alone: restore its directory")
             opts = RestoreOptions(includes=includes, excludes=excludes, iexcludes=iexcludes, force=force,
-                                  delta=delta, delete=delete, progress=self._progress(progress),
+                                  delta=delta, delete=delete, overwrite=overwrite, progress=self._progress(progress),
                                   checkpoint=self._checkpoint(), xattrs=xattrs,
                                   owner_map=None if numeric_owner else self.owner_map(snap))
             restorer = Restorer(self._repo, target, opts, lookup=sub.lookup, tree_name=f"tree of snapshot {snap.id}")

@@ -38,6 +38,7 @@ from .blob import Plaintext
 from .confinement import confined, safe_relpath
 from .excludes import ExcludeRules
 from .find import tree_glob
+from .overwrite import check_overwrite, keeps_existing
 from .owners import OwnerMap
 from .repository import Repo
 from .target_dirs import TargetDirs, closed_to_owner, mount_points, proc_path, remove_tree
@@ -93,6 +94,7 @@ class RestoreOptions:
     force: bool = False  # restore into a non-empty directory (in place), replacing what is in the way
     delta: bool = False  # in place: rewrite only files, and chunk ranges of files, whose content differs
     delete: bool = False  # in place: remove what the snapshot does not have
+    overwrite: str = "always"  # in place: which entries the target has are replaced (OVERWRITE_MODES)
     owners: bool | None = None  # restore uid/gid; default: when running as root
     owner_map: OwnerMap | None = None  # recorded owner ids -> this machine's ids for their names (store/owners.py)
     xattrs: bool = True  # restore extended attributes (ACLs, capabilities, labels, user.*)
@@ -112,6 +114,7 @@ class RestoreResult:
     unchanged_files: int = 0  # --delta: files already right
     rewritten_bytes: int = 0  # --delta: bytes written into existing files
     deleted: int = 0  # --delete: paths removed
+    skipped_existing: int = 0  # --overwrite never/if-newer: entries the target had, kept as they were
     processes: int = 1  # worker processes that wrote the files (store/restore_workers.py)
     warnings: list[str] = field(default_factory=list)
     # Files not restored because their data is damaged in the repository: (path, object, reason, missing).
@@ -346,14 +349,16 @@ class _Prefetcher:
     FAR_BATCH_BYTES = 16 << 20
 
     def __init__(self, repo: BlobSource, records: Iterator[Record], window_bytes: int, workers: int = 3,
-                 prefetch: bool = True, far: bool = False, checkpoint: Callable[[], None] | None = None):
+                 prefetch: bool = True, far: bool = False, checkpoint: Callable[[], None] | None = None,
+                 wanted: Callable[[Entry], bool] | None = None):
         self.repo = repo
+        self.wanted = wanted  # whether a file's chunks are fetched ahead (not those of a file to be kept)
         self.checkpoint = checkpoint
         self.batch_blobs, self.batch_bytes = ((self.FAR_BATCH_BLOBS, self.FAR_BATCH_BYTES) if far
                                               else (self.BATCH_BLOBS, self.BATCH_BYTES))
         self.prefetch = prefetch
         self.records = records
-        self.ahead: deque[Record] = deque()
+        self.ahead: deque[tuple[Record, bool]] = deque()  # and whether its chunks were queued
         self.ids: deque[tuple[bytes, int]] = deque()  # (chunk id, its expected size)
         self.queued = 0  # bytes expected of self.ids
         self.batches: deque[tuple[Future[list[Plaintext]], int]] = deque()
@@ -363,6 +368,7 @@ class _Prefetcher:
         self.pool = ThreadPoolExecutor(workers)
         self.done = False
         self._left = 0  # chunks of the current file (``chunks``) not yet taken
+        self.queued_current = False  # the chunks of the record ``next_record`` gave are fetched ahead
 
     def _pull(self) -> bool:
         if self.done or len(self.ahead) > 10000:
@@ -371,9 +377,12 @@ class _Prefetcher:
         if rec is None:
             self.done = True
             return False
-        self.ahead.append(rec)
         e = rec.entry
-        if self.prefetch and e is not None and e.type == T_FILE and e.chunks:
+        queued = (self.prefetch and e is not None and e.type == T_FILE and bool(e.chunks)
+                  and (self.wanted is None or self.wanted(e)))
+        self.ahead.append((rec, queued))
+        if queued:
+            assert e is not None
             ids = e.chunk_ids()
             each = -(-e.size // len(ids))
             self.ids.extend((c, each) for c in ids)
@@ -411,7 +420,8 @@ class _Prefetcher:
     def next_record(self) -> Record | None:
         if not self.ahead and not self._pull():
             return None
-        return self.ahead.popleft()
+        rec, self.queued_current = self.ahead.popleft()
+        return rec
 
     def next_chunk(self) -> Plaintext:
         """The next chunk in tree order; CorruptObject for a damaged one (taken all the same)."""
@@ -431,7 +441,7 @@ class _Prefetcher:
     def begin(self, e: Entry) -> None:
         """``e`` is restored next: a file's chunks are the next ones fetched (``chunks`` gives them, and
         ``skip_rest`` takes those left when it is not written), so the next file gets its own."""
-        self._left = len(e.chunks) // 32 if self.prefetch and e.type == T_FILE else 0
+        self._left = len(e.chunks) // 32 if self.queued_current and e.type == T_FILE else 0
 
     def chunks(self) -> Iterator[Plaintext]:
         """The current file's chunks; one damaged raises, and ``skip_rest`` then takes the ones after it."""
@@ -483,6 +493,9 @@ class Restorer:
 
     def __init__(self, repo: Repo | BlobSource, target: str, options: RestoreOptions,
                  lookup: Callable[[bytes], Record | None] | None = None, tree_name: str = "manifest"):
+        check_overwrite(options.overwrite, options.delete)
+        if options.overwrite == "if-changed" and not options.delta:
+            options = dataclasses.replace(options, delta=True)
         if options.delta and not isinstance(repo, Repo):
             raise UsageError("a delta restore compares chunks by their repository ids: it needs a repository")
         self.repo = repo
@@ -507,6 +520,14 @@ class Restorer:
         self._run: list[tuple[int, bytes, Plaintext, Entry]] = []
         self._run_bytes = 0
         self._kept_linked: set[tuple[int, int]] = set()  # --delta: files with other links kept as they were
+        # --overwrite never/if-newer: the files this restore wrote (a hard link to another is linked to a copy
+        # of the snapshot's content, not to what the target kept), the directories kept with their metadata
+        # as found (stat), the key of a directory entry kept as something else (what lies below is not
+        # restored), and the path that took the data of a linked file kept (its other links link to it).
+        self._written_files: set[bytes] = set()
+        self._kept_dirs: dict[bytes, os.stat_result] = {}
+        self._kept_below: bytes | None = None
+        self._regrouped: dict[bytes, bytes] = {}
         # Before anything is written: files in the target changed since then are this restore's own.
         self._began_ns = time.time_ns() - LEFTOVER_SLACK_NS
 
@@ -691,7 +712,8 @@ class Restorer:
         rest is restored; when the target runs out of space the restore stops (``RestoreResult.full``)."""
         remote = getattr(self.repo, "remote", None)
         pf = _Prefetcher(self.repo, records, self.opt.window_bytes, self.opt.fetch_threads, prefetch=not self.opt.delta,
-                         far=remote is not None and not remote.cheap_ranges, checkpoint=self.opt.checkpoint)
+                         far=remote is not None and not remote.cheap_ranges, checkpoint=self.opt.checkpoint,
+                         wanted=self._written if self._keeping else None)
         refused: bytes | None = None  # key of a directory that could not be made, and a separator: its subtree
         try:
             while True:
@@ -710,6 +732,11 @@ class Restorer:
                     pf.skip_rest()
                     self._not_written(rec.path, "its directory could not be made")
                     continue
+                if self._kept_below is not None:
+                    if rec.key.startswith(self._kept_below):
+                        pf.skip_rest()
+                        continue
+                    self._kept_below = None
                 try:
                     if small:
                         self._add_to_run(e, pf)
@@ -734,7 +761,7 @@ class Restorer:
     def _small(self, e: Entry, pf: _Prefetcher) -> bool:
         """Whether a file is written in a run with others (``_add_to_run``): a whole file of one chunk, fetched
         ahead, into a target that was empty, with nothing a run does not set (extended attributes)."""
-        return (e.type == T_FILE and len(e.chunks) == 32 and self._fresh and pf.prefetch
+        return (e.type == T_FILE and len(e.chunks) == 32 and self._fresh and pf.queued_current
                 and not e.flags & F_UNREADABLE and not (self.opt.xattrs and e.xattrs) and id(e) not in self.parts)
 
     def _add_to_run(self, e: Entry, pf: _Prefetcher) -> None:
@@ -850,6 +877,10 @@ class Restorer:
         """Through the directory itself, opened without following a link: one swapped for a symbolic link
         while the restore ran would otherwise give its destination the directory's owner, mode and times.
         Its callers hold no directory descriptor and have no run queued: those let go of are closed after."""
+        kept = self._kept_dirs.pop(e.path, None)
+        if kept is not None:
+            self._put_back(e, kept)
+            return
         try:
             try:
                 fd = self._open(e.path, os.O_RDONLY | os.O_DIRECTORY)
@@ -885,7 +916,7 @@ class Restorer:
         try:
             st = self._regular(fd, e.path)
             anew = st.st_nlink > 1 or self._grants(st, e)
-            if not anew and self._holds(fd, e):
+            if not anew and (self._looks_right(st, e) or self._holds(fd, e)):
                 self.result.unchanged_files += 1
                 self._apply_meta(e, fd)
                 return
@@ -955,13 +986,19 @@ class Restorer:
         fd = self._open(e.path, os.O_RDONLY)
         try:
             st = self._regular(fd, e.path)
-            if (st.st_dev, st.st_ino) not in self._kept_linked and self._holds(fd, e) and self._meta_matches(e):
+            if ((st.st_dev, st.st_ino) not in self._kept_linked and (self._looks_right(st, e) or self._holds(fd, e))
+                    and self._meta_matches(e)):
                 self._kept_linked.add((st.st_dev, st.st_ino))
                 self.result.unchanged_files += 1
                 return
             self._write_beside(e, (data for data, _ in self._chunks_held_or_read(fd, e)))
         finally:
             os.close(fd)
+
+    def _looks_right(self, st: os.stat_result, e: Entry) -> bool:
+        """--overwrite if-changed: a file of the entry's size and mtime is taken as holding its content,
+        unread (restic's); --delta reads every file."""
+        return self.opt.overwrite == "if-changed" and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
 
     @staticmethod
     def _holds(fd: int, e: Entry) -> bool:
@@ -1062,9 +1099,72 @@ class Restorer:
             return st is not None and stat.S_ISLNK(st.st_mode)
         return False
 
+    @property
+    def _keeping(self) -> bool:
+        """In place, the target's entries are kept unless the snapshot's are newer, or kept outright."""
+        return not self._fresh and self.opt.overwrite in ("if-newer", "never")
+
+    def _kept(self, e: Entry) -> bool:
+        """--overwrite never/if-newer: whether what the target has at ``e``'s path is kept as it is (counted
+        in ``skipped_existing``).  A directory kept is still walked into, and gets back the mode and times it
+        had once what lies below is restored (``_put_back``); a directory entry the target has as something
+        else keeps it, and nothing below it is restored (a warning says so)."""
+        pfd, name = self.at(e.path, make=True)
+        st = _lstat(pfd, name)
+        if st is None or not keeps_existing(self.opt.overwrite, e.type, e.mtime_ns, st.st_mode, st.st_mtime_ns):
+            return False
+        if e.type == T_DIR and stat.S_ISDIR(st.st_mode):
+            self._kept_dirs[e.path] = st
+            if closed_to_owner(st):  # ours, read-only: opened up to be written in, as ``_restore_entry`` does
+                os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=pfd, follow_symlinks=False)
+            self._sweep_beside(e.path)
+            self._dirs.append(e)
+            return True
+        self.result.skipped_existing += 1
+        if e.type == T_DIR:
+            self._kept_below = sort_key(e.path) + b"\x00"
+            self.result.warnings.append(f"{os.fsdecode(e.path)}: the target has another type of entry where the "
+                                        "snapshot has a directory; kept as it is, and nothing below it restored")
+        return True
+
+    def _written(self, e: Entry) -> bool:
+        """Whether a file ahead is to be written, its chunks then fetched ahead: one that ``_kept`` will keep
+        is not (a restore of a few files deleted from a large tree reads those files' data alone).  Asked
+        before the file's turn: a file a guess here leaves out is read when written, chunk by chunk."""
+        try:
+            pfd, name = self.at(e.path)
+            st = _lstat(pfd, name)
+        except FileNotFoundError:  # its directory is still to be made
+            return True
+        except (OSError, ChunkvaultError):  # below something kept in a directory's place, say
+            return False
+        return st is None or not keeps_existing(self.opt.overwrite, e.type, e.mtime_ns, st.st_mode, st.st_mtime_ns)
+
+    def _put_back(self, e: Entry, st: os.stat_result) -> None:
+        """A directory kept as the target had it: its mode and times as ``st`` found them, through the
+        directory itself (never a link put in its place), now that what was restored below it is in."""
+        try:
+            pfd, name = self.at(e.path)
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                where = proc_path(fd)
+                if stat.S_IMODE(os.fstat(fd).st_mode) != stat.S_IMODE(st.st_mode):
+                    os.chmod(where, stat.S_IMODE(st.st_mode))
+                os.utime(where, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(fd)
+        except (OSError, ChunkvaultError) as exc:
+            self.result.warnings.append(f"{os.fsdecode(e.path) or '.'}, kept, could not be given back its mode "
+                                        f"and times: {_reason(exc)}")
+        finally:
+            self.dirs.release()
+
     def _restore_entry(self, e: Entry, pf: _Prefetcher) -> None:
         t = e.type
         if self._kept_in_place(e):
+            return
+        if self._keeping and t != T_HARDLINK and self._kept(e):  # a hard link: ``_restore_link`` decides
+            pf.skip_rest()
             return
         if t == T_FILE and unread(e):  # no backup read it: an empty file with its time passed for its content
             self.result.warnings.append(f"{os.fsdecode(e.path)} was unreadable at backup time: not restored "
@@ -1180,6 +1280,12 @@ class Restorer:
         if any(path == target for path, _ in self.result.unwritten):
             self._not_written(e.path, f"its target {target} could not be written; left as it was")
             return
+        if self._keeping:
+            if self._kept(e):
+                return
+            if e.target not in self._written_files:  # the file is the target's, kept: not linked to
+                self._regroup(e)
+                return
         try:
             spfd, sname = self.at(e.target)
             source = _lstat(spfd, sname)
@@ -1210,6 +1316,42 @@ class Restorer:
                 raise
         self.result.links += 1
 
+    def _regroup(self, e: Entry) -> None:
+        """--overwrite never/if-newer: a hard link to be written whose file the target had and kept.  Linked
+        to that, it would hold whatever the target's file holds: the first such link gets the snapshot's
+        content (its file's data, its own recorded metadata), and the group's other links written link to
+        it, a link group of their own."""
+        first = self._regrouped.get(e.target)
+        if first is not None:
+            self._restore_link(dataclasses.replace(e, target=first))
+            return
+        rec = self.lookup(e.target) if self.lookup is not None else None
+        f = rec.entry if rec is not None else None
+        if f is None or f.type != T_FILE or unread(f):
+            self.result.warnings.append(f"hard link {os.fsdecode(e.path)}: its file {os.fsdecode(e.target)} was kept "
+                                        "as the target had it, and the snapshot's data for it is not at hand: not "
+                                        "restored")
+            return
+        f = dataclasses.replace(e, type=T_FILE, target=b"", size=f.size, digest=f.digest, chunks=f.chunks,
+                                flags=f.flags, xattrs=f.xattrs)
+        pfd, name = self._make_room(e.path, False, keep_file=True)
+        st = _lstat(pfd, name)
+        content = (self.repo.read_blob(c) for c in f.chunk_ids())
+        try:
+            if st is not None:
+                self._write_beside(f, content)
+            else:
+                self._write_file(f.path, f, content)
+        except CorruptObject as exc:
+            self._damaged(f, exc)
+            if st is None:
+                self.remove_quietly(f.path)
+            return
+        self._regrouped[e.target] = e.path
+        self._written_files.add(e.path)
+        self.result.files += 1
+        self.result.bytes += f.size
+
     def _link_not_restored(self, e: Entry) -> None:
         """A hard link whose target is not there, or whose data is damaged: damage takes the link down with
         it (it is named among the files not restored; in place, linked to the old file the target keeps, it
@@ -1230,7 +1372,7 @@ class Restorer:
         part = self.parts.pop(id(e), None)
         there = part is None and not self._fresh and self._regular_file_there(e)
         def content() -> Iterator[Plaintext]:
-            return pf.chunks() if pf.prefetch else (self.repo.read_blob(c) for c in e.chunk_ids())
+            return pf.chunks() if pf.queued_current else (self.repo.read_blob(c) for c in e.chunk_ids())
 
         try:
             if there and self.opt.delta:
@@ -1250,6 +1392,8 @@ class Restorer:
                 self.remove_quietly(e.path)
             return
         self.result.files += int(part is None or part[1] == 0)  # a file written in parts counts once
+        if self._keeping:
+            self._written_files.add(e.path)
         self.result.bytes += e.size
         if self.opt.progress is not None:
             self.opt.progress(self.result.files, self.result.bytes)
