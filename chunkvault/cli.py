@@ -1031,7 +1031,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     repo = _open(args)
     snap, subtree = chosen_subtree(repo, args)
     prefix = snapshot_path(args.path) if args.path else b""
-    entries = _listed_entries(repo, snap, prefix, subtree)
+    entries = _listed_entries(repo, snap, prefix, subtree, recursive=not args.no_recursive)
     names = repo.owner_names(snap)
     unread_paths = {b"" if p == "." else os.fsencode(p) for p in snap.stats.get("unreadable", ())}
     if subtree:  # named as the listing names them: relative to the subtree (its root: "." or, a file, its name)
@@ -1058,12 +1058,13 @@ def _under_subtree(path: bytes, subtree: bytes) -> list[bytes]:
     return [path[len(subtree) + 1:]] if path.startswith(subtree + b"/") else []
 
 
-def _listed_entries(repo: Any, snap: Snapshot, prefix: bytes, subtree: bytes | None = None) -> Iterator[Entry]:
+def _listed_entries(repo: Any, snap: Snapshot, prefix: bytes, subtree: bytes | None = None,
+                    recursive: bool = True) -> Iterator[Entry]:
     """The entries ``ls`` lists, as they come (of ``SNAPSHOT:PATH``, named relative to PATH, as a restore of
-    it writes them); a path with nothing there is an error once the listing turns out empty, before
-    ``--json`` has written its ``[]``."""
+    it writes them; not ``recursive``: the path and what lies directly in it); a path with nothing there
+    is an error once the listing turns out empty, before ``--json`` has written its ``[]``."""
     listed = False
-    for e in repo.tree(snap, prefix, subtree=subtree):
+    for e in repo.tree(snap, prefix, subtree=subtree, recursive=recursive):
         listed = True
         yield e
     if prefix and not listed:  # nothing there (a directory without an entry of its own lists what it holds)
@@ -1893,6 +1894,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="id, unique prefix, or latest (the default; with a PATH, name it: ls latest PATH); "
                         "SNAPSHOT:PATH lists that path as the root, as restore SNAPSHOT:PATH writes it")
     s.add_argument("path", nargs="?")
+    s.add_argument("--no-recursive", action="store_true",
+                   help="the path (the root when none) and, a directory, only the entries directly in it, not "
+                        "its whole subtree")
     add_snapshot_choice(s)
     s.set_defaults(func=cmd_ls, read_lock="ls")
 

@@ -1051,18 +1051,25 @@ class Repository:
             raise damaged[0] from None
 
     def tree(self, snapshot: str | Snapshot = "latest", path: str | bytes | None = None, *,
-             subtree: str | bytes | None = None) -> Iterator[Entry]:
+             subtree: str | bytes | None = None, recursive: bool = True) -> Iterator[Entry]:
         """The snapshot's entries in order; with ``path``, those of that path and below it, reading only
         the manifest blobs that hold them.  ``subtree``: a path of the snapshot taken as the root, as
         ``restore`` takes it: the entries are those below it, named relative to it (a file: under its
-        name), and ``path`` is relative to it too."""
+        name), and ``path`` is relative to it too.  ``recursive=False``: the path (the root when none)
+        and, a directory, only the entries directly in it."""
         self._follow_others()
+        if not isinstance(recursive, bool):
+            raise UsageError(f"recursive is True or False, not {recursive!r}")
         snap = self.snapshot(snapshot)
         sub = self._subtree(snap, subtree)
-        within = sub.snapshot_path(snapshot_path(path)) if path is not None else sub.root
+        named = snapshot_path(path) if path is not None else b""
+        within = sub.snapshot_path(named) if path is not None else sub.root
         records = self._repo.tree(snap) if not within else self._repo.tree_within(snap, within)
-        return self._guarded(r.entry for r in sub.records(records)
-                             if r.entry is not None and in_subtree(sub.snapshot_path(r.path), within))
+        entries = (r.entry for r in sub.records(records)
+                   if r.entry is not None and in_subtree(sub.snapshot_path(r.path), within))
+        if not recursive:
+            entries = (e for e in entries if e.path == named or e.path.rpartition(b"/")[0] == named)
+        return self._guarded(entries)
 
     def _subtree(self, snapshot: str | Snapshot, path: str | bytes | None) -> Subtree:
         """``path`` of the snapshot as the root of a tree of its own (store/subtree.py); None or ``/``: the
