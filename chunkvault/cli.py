@@ -25,7 +25,8 @@ from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, Locked, 
                      RepositoryStateWarning, SnapshotNotFound, TargetNotEmpty, TargetUnwritable, UsageError,
                      VerificationFailed, output_error)
 from .store.chain import chain_lengths
-from .store.manifest import F_UNREADABLE, T_DIR, T_FILE, TYPE_NAMES, Entry, unread, what_changed
+from .store.manifest import (F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_DIR, T_FILE, TYPE_NAMES, Entry, Record,
+                             unread, what_changed)
 from .store.overwrite import OVERWRITE_MODES, check_overwrite
 from .store.snapshot import Snapshot
 from .units import format_size
@@ -500,6 +501,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from .store.source import SourceWalk, markers_of, read_list_file
 
     args.tag = _tags(args.tag)
+    if args.host is None:
+        args.host = env_host()
     if args.stdin or args.stdin_from_command:
         option = "--stdin" if args.stdin else "--stdin-from-command"
         if args.stdin and args.stdin_from_command:
@@ -669,7 +672,8 @@ def _backup_progress(bar: Progress) -> Callable[[dict], None] | None:
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
     repo = _open(args)
-    snaps = repo.snapshots(hosts=args.host, tags=args.tag, paths=args.path, latest=args.latest,
+    hosts = args.host or ([env_host()] if env_host() else [])
+    snaps = repo.snapshots(hosts=hosts, tags=args.tag, paths=args.path, latest=args.latest,
                            group_by=args.group_by)
     if args.json:
         # The chain as it is now: a forget's rebase or an aggregate shortens chains after the backup recorded them.
@@ -738,10 +742,28 @@ def restore_in_place(args: argparse.Namespace, what: str, repository: bool = Tru
 def add_snapshot_choice(s: argparse.ArgumentParser) -> None:
     """Which snapshot ``latest`` (or ``--until``) names, where a repository holds several sources."""
     s.add_argument("--until", help="the newest snapshot at or before this time (ISO 8601)")
-    s.add_argument("--host", help="only snapshots of this host (latest and --until pick among those)")
+    s.add_argument("--host", help="only snapshots of this host (latest and --until pick among those; default: "
+                                  "CHUNKVAULT_HOST for latest and --until)")
     s.add_argument("--path", action="append", default=[], metavar="PATH", dest="snapshot_paths",
                    help="only snapshots of exactly these backed-up paths (repeatable), or of the stream of this "
                         "--stdin-name")
+
+
+HOST_ENV = "CHUNKVAULT_HOST"
+
+
+def env_host() -> str | None:
+    """``CHUNKVAULT_HOST``, as restic's RESTIC_HOST: the host a machine's backups record and its choices of
+    ``latest`` are made among (a container whose host name changes at each start); empty: unset."""
+    return os.environ.get(HOST_ENV) or None
+
+
+def source_host(args: argparse.Namespace, spec: str = "latest") -> str | None:
+    """The host a snapshot is chosen among: ``--host``, else ``CHUNKVAULT_HOST`` where ``latest`` (or
+    ``--until``) picks one; an id names its snapshot whatever its host."""
+    if args.host is not None:
+        return args.host
+    return env_host() if spec == "latest" else None
 
 
 def chosen_subtree(repo: Any, args: argparse.Namespace, spec: str | None = None) -> tuple[Snapshot, bytes | None]:
@@ -756,8 +778,8 @@ def chosen_subtree(repo: Any, args: argparse.Namespace, spec: str | None = None)
 def chosen_snapshot(repo: Any, args: argparse.Namespace, spec: str | None = None) -> Snapshot:
     """The snapshot ``add_snapshot_choice``'s options and the SNAPSHOT argument (or ``spec``) name: with two
     databases in one repository, ``latest`` alone is the newest of either."""
-    return repo.snapshot(args.snapshot if spec is None else spec, until=args.until, host=args.host,
-                         paths=args.snapshot_paths or None)
+    name = args.snapshot if spec is None else spec
+    return repo.snapshot(name, until=args.until, host=source_host(args, name), paths=args.snapshot_paths or None)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -851,7 +873,8 @@ def _local_time(s: Snapshot) -> str:
 
 def cmd_find(args: argparse.Namespace) -> int:
     repo = _open(args)
-    found = repo.find(args.patterns, snapshots=args.snapshot or None, hosts=args.host, tags=args.tag,
+    hosts = args.host or ([env_host()] if env_host() and not args.snapshot else [])  # ids name their snapshots
+    found = repo.find(args.patterns, snapshots=args.snapshot or None, hosts=hosts, tags=args.tag,
                       paths=args.path, ignore_case=args.ignore_case)
     if not found:
         _warn_rooted(args.patterns)
@@ -1531,6 +1554,87 @@ def _report_key(args: argparse.Namespace, obj: dict[str, Any], line: str) -> Non
         print(line)
 
 
+CAT_TYPES = ("config", "snapshot", "index", "key", "lock", "pack", "blob", "manifest")
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    """The repository's storage alone, for what needs no key (names, key files, locks): no password is
+    asked for and no lock written.  A location without a repository is said as for every command."""
+    from .connection import connect
+    from .store.unlock import read_config
+
+    url = _repo_url(args)
+    remote = connect(url, stop=StopRequest(parent=stop_request), **remote_options(args, url))
+    args.held.callback(remote.close)
+    read_config(remote)
+    return remote
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .store.objects import LIST_KINDS, PUBLIC_LIST_KINDS, check_kind, object_names
+
+    kind = check_kind(args.type, LIST_KINDS, "list")
+    if kind in PUBLIC_LIST_KINDS:
+        names: Iterable[Any] = object_names(_connect(args), kind)
+    else:
+        args.read_lock = "list"
+        names = _open(args).list_objects(kind)
+    if args.json:
+        _emit_json_array(n if isinstance(n, str) else n.to_dict() for n in names)
+        return 0
+    if kind != "blobs":
+        _write_batched(f"{one_line(n)}\n" for n in names)
+        return 0
+    _write_batched(f"{b.kind} {b.id} {b.pack} {b.offset} {b.length} {b.raw_length}"
+                   f"{' ' + b.base if b.base else ''}\n" for b in names)
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    from .store.objects import PUBLIC_CAT_KINDS, check_kind, public_object
+
+    kind = check_kind(args.type, CAT_TYPES, "cat")
+    if args.raw and kind != "blob":
+        raise UsageError("--raw goes with cat blob: its payload as stored")
+    if kind == "config" and args.id is not None:
+        raise UsageError("cat config takes no ID: a repository has one config")
+    if kind != "config" and args.id is None:
+        raise UsageError(f"cat {kind} takes an ID (or a unique prefix of one)")
+    if kind in PUBLIC_CAT_KINDS:
+        _emit_json(public_object(_connect(args), kind, args.id))
+        return 0
+    args.read_lock = "cat"
+    repo = _open(args)
+    if kind == "manifest":
+        _emit_json_array(_record_json(r) for r in repo.manifest(args.id))
+    elif kind == "blob":
+        out = getattr(sys.stdout, "buffer", None)
+        if out is None:
+            raise TargetUnwritable("cat blob: standard output is closed: redirect it to a file or a pipe")
+        data = repo.cat("blob", args.id, raw=args.raw)
+        try:
+            with _stdout_errors("blob"):
+                _DataOut(out).write(data)
+                out.flush()
+        except BrokenPipeError:
+            raise OutputClosed("cat blob: the reader of standard output closed it before it had the whole blob") \
+                from None
+    else:
+        _emit_json(repo.cat(kind, args.id))
+    return 0
+
+
+_OPS = {OP_ENTRY: "entry", OP_FRESH: "fresh", OP_DELETE: "delete"}
+
+
+def _record_json(r: Record) -> dict[str, Any]:
+    """A manifest record as stored: its op, and for an entry its fields with every chunk id."""
+    if r.entry is None:
+        return {"op": _OPS.get(r.op, str(r.op)), **_name_json("path", r.path)}
+    return {"op": _OPS.get(r.op, str(r.op)), **_entry_json(r.entry),
+            "chunk_ids": [c.hex() for c in r.entry.chunk_ids()]}
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from .mount import mount
 
@@ -1748,7 +1852,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "--max-diff-share)")
     s.add_argument("--tag", action="append", default=[], metavar="TAG[,TAG...]",
                    help="tag the snapshot (repeatable; commas separate tags)")
-    s.add_argument("--host", help="record this host name (default: this machine's)")
+    s.add_argument("--host", help="record this host name (default: CHUNKVAULT_HOST, else this machine's)")
     s.add_argument("--exclude-if-present", action="append", default=[], metavar="NAME[:HEADER]",
                    help="of a directory holding a file NAME (starting with HEADER), keep only that file")
     s.add_argument("--exclude-caches", action="store_true",
@@ -2016,6 +2120,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         from .verify import add_commands as add_verify_commands
 
         add_verify_commands(sub, common, reading)
+
+    s = sub.add_parser("list", parents=[common, reading],
+                       help="list a repository's objects of one type: snapshots, index, packs, keys, locks (no "
+                            "password needed) or blobs")
+    s.add_argument("type", metavar="TYPE", help="snapshots, index, packs, keys, locks or blobs")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("cat", parents=[common, reading],
+                       help="print one repository object decoded: config, snapshot ID, index ID, key ID, lock ID, "
+                            "pack ID (its header), blob ID (its bytes) or manifest SNAPSHOT")
+    s.add_argument("type", metavar="TYPE", help=", ".join(CAT_TYPES))
+    s.add_argument("id", nargs="?", metavar="ID", help="the object's id or a unique prefix (a snapshot: also latest)")
+    s.add_argument("--raw", action="store_true",
+                   help="cat blob: its payload as stored (a zstd frame or a delta), decrypted only")
+    s.set_defaults(func=cmd_cat)
 
     s = sub.add_parser("mount", parents=[common, reading],
                        help="browse the snapshots as a read-only file system (FUSE) until unmounted")

@@ -97,6 +97,17 @@ class AmbiguousSnapshot(SnapshotNotFound):
     exit_code = 12
 
 
+class NoSuchObject(ChunkvaultError):
+    """No repository object of the kind asked for has that id or prefix (``cat``): an unknown snapshot's
+    exit code, since a snapshot is one such object."""
+
+    exit_code = 12
+
+
+class AmbiguousId(NoSuchObject):
+    """An id prefix that several objects of the kind asked for share."""
+
+
 class CorruptObject(ChunkvaultError):
     """An object failed authentication, decoding or hashing; names the object."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import functools
 import io
 import os
@@ -36,7 +37,8 @@ from .store.find import as_file
 from .store.config import Settings, check_kdf_seconds, check_settings
 from .store.crypto import KEY_SIZE
 from .store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry, Record, unread
-from .store.repository import NOT_INDEXED, Repo
+from .store.objects import BlobInfo, unique_name
+from .store.repository import NOT_INDEXED, Repo, pack_key
 from .store.confinement import confined
 from .store.subtree import Subtree, in_subtree
 from .store.restore import (Restorer, RestoreOptions, RestoreResult, check_content, check_overwrite,
@@ -1763,6 +1765,91 @@ class Repository:
                  "current": k.name == self._repo.key_name} for k in readable] + [
                 {"id": name, "kdf": "newer" if isinstance(exc, NewerObject) else "damaged", "created": "", "host": "",
                  "user": "", "current": False, "problem": exc.reason} for name, exc in damaged.items()]
+
+
+    # --- raw objects (restic's list and cat) ------------------------------------------------
+
+    @_stoppable
+    def list_objects(self, kind: str) -> Iterator[str] | Iterator[BlobInfo]:
+        """The objects of ``kind`` (``list TYPE``): the names of the ``snapshots``, ``index`` objects,
+        ``packs``, ``keys`` or ``locks`` the storage lists, sorted; for ``blobs``, a ``BlobInfo``
+        (``chunkvault.store.objects``) per blob the index holds, the index read under the shared lock and the
+        blobs then given from memory.  An unknown kind is a UsageError naming the kinds."""
+        from .store.objects import BLOB_KIND_NAMES, LIST_KINDS, check_kind, object_names
+
+        check_kind(kind, LIST_KINDS, "list")
+        if kind != "blobs":
+            return iter(object_names(self._repo.remote, kind))
+        with self.reading("list"):
+            store = self._repo
+            index = store.index
+
+        def blobs() -> Iterator[BlobInfo]:
+            for blob_id, loc in index.items():
+                pack_id = store.pack_ids[loc.pack_no]
+                base = store.delta_base(blob_id)
+                yield BlobInfo(blob_id.hex(), BLOB_KIND_NAMES.get(loc.flags, str(loc.flags)),
+                               pack_id.hex() if pack_id is not None else "", loc.offset, loc.length,
+                               loc.raw_length, base.hex() if base is not None else None)
+        return blobs()
+
+    @_stoppable
+    def cat(self, kind: str, id: str | None = None, *, raw: bool = False) -> dict[str, Any] | bytes:
+        """One object decoded (``cat TYPE ID``), as a dict of JSON values: the ``config`` (no ``id``; its
+        settings, no secret), a ``snapshot`` (an id, unique prefix or latest), an ``index`` object, a
+        ``key`` file's public fields, a ``lock``, a ``pack``'s header; or a ``blob``'s plaintext bytes (a
+        delta rebuilt through its bases, checked against its id; ``raw=True``: its payload as stored, a zstd
+        frame or a delta, decrypted only).  Ids may be unique prefixes: NoSuchObject or AmbiguousId (exit 12)
+        otherwise.  Read under the shared lock."""
+        from .store.objects import (CAT_KINDS, PUBLIC_CAT_KINDS, check_kind, config_json, index_json, pack_json,
+                                    public_object)
+
+        check_kind(kind, CAT_KINDS, "cat")
+        if kind == "config" and id is not None:
+            raise UsageError("cat config takes no id: a repository has one config")
+        if kind != "config" and id is None:
+            raise UsageError(f"cat {kind} takes an id (or a unique prefix of one)")
+        if raw and kind != "blob":
+            raise UsageError("raw applies to a blob (its payload as stored)")
+        if kind in PUBLIC_CAT_KINDS:
+            return public_object(self._repo.remote, kind, id)
+        store = self._repo
+        with self.reading("cat"):
+            if kind == "config":
+                return config_json(store.remote, store.sealer)
+            if kind == "snapshot":
+                return dataclasses.asdict(self.snapshot(id))  # type: ignore[arg-type]
+            if kind == "index":
+                name = unique_name(store.index_names(), id, "index")
+                return index_json(name, store.read_index_object(name))
+            if kind == "pack":
+                sizes = {pid.hex(): size for pid, size in store.stored_packs().items()}
+                name = unique_name(sizes, id, "pack")
+                return pack_json(name, sizes[name], store.pack_header(pack_key(bytes.fromhex(name)), sizes[name]))
+            return self._blob_bytes(id, raw)  # type: ignore[arg-type]
+
+    def _blob_bytes(self, spec: str, raw: bool) -> bytes:
+        """A blob's plaintext, or with ``raw`` its payload as stored; ``spec`` an id or a unique prefix."""
+        from .store.blob import open_envelope
+
+        store = self._repo
+        blob_id = None
+        if isinstance(spec, str) and len(spec.strip()) == 64:
+            with contextlib.suppress(ValueError):
+                blob_id = bytes.fromhex(spec.strip())
+        if blob_id is None or store.locate(blob_id) is None:  # a prefix: the index is looked through
+            blob_id = bytes.fromhex(unique_name((b.hex() for b, _ in store.index.items()), spec, "blob"))
+        if raw:
+            envelope, _ = store.read_envelope(blob_id)
+            return bytes(open_envelope(store.sealer, blob_id, envelope)[1])
+        return bytes(store.read_blob(blob_id, verify=True))
+
+    def manifest(self, snapshot: str | Snapshot) -> Iterator[Record]:
+        """The records of the snapshot's own manifest as stored (``cat manifest``): a differential's
+        ENTRY, FRESH and DELETE records against its parent (store/FORMAT.md, "Manifest stream"), where
+        ``tree`` gives the chain resolved.  Lazy, as ``tree``: read under ``reading``."""
+        self._follow_others()
+        return self._guarded(self._repo.manifest_records(self.snapshot(snapshot)))
 
 
 def _local_roots(remote: Remote) -> list[str]:

@@ -853,7 +853,7 @@ def _print_report(r: VerifyReport, limit: int = 50) -> None:
 
 def cmd_verify_restore(args: argparse.Namespace) -> int:
     """``chunkvault verify-restore``: exit 0 only if every chosen snapshot verified and its command passed."""
-    from .cli import _emit_json, _open, chosen_snapshot
+    from .cli import _emit_json, _open, chosen_snapshot, source_host
     from .memory import RESTORE_TRIM_THRESHOLD, tune_allocator
 
     tune_allocator(trim_threshold=RESTORE_TRIM_THRESHOLD)
@@ -865,7 +865,8 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
         raise UsageError(f"scratch directory does not exist: {args.scratch}")
     repo = _open(args)
     reports: list[VerifyReport] = []
-    listed = of_source(repo.snapshots(), args.host, args.snapshot_paths)  # one source's, with --host/--path
+    # one source's, with --host/--path (CHUNKVAULT_HOST where no id is named)
+    listed = of_source(repo.snapshots(), source_host(args, args.snapshot or "latest"), args.snapshot_paths)
     # A snapshot object that does not load cannot be dated, nor restored: it fails a run over a span, and
     # one for the latest (it may be the newest: a nightly check must not go green past it).  One a newer
     # chunkvault wrote is no failure of the repository's: such a run stops, asking for the upgrade.

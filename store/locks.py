@@ -39,8 +39,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from chunkvault.errors import (Locked, LockLost, ObjectNotFound, PermissionDenied, RemoteError, RemoteUnavailable,
-                               RepositoryStateWarning, StorageFull, UsageError)
+from chunkvault.errors import (CorruptObject, Locked, LockLost, MissingObject, ObjectNotFound, PermissionDenied,
+                               RemoteError, RemoteUnavailable, RepositoryStateWarning, StorageFull, UsageError)
 from chunkvault.remotes import Remote
 
 from .forksafe import FORK_GUARD, start_quiet_thread
@@ -237,6 +237,19 @@ def remove_locks(remote: Remote, *, remove_all: bool = False) -> LocksRemoved:
         if probe is not None:
             with contextlib.suppress(RemoteError):
                 remote.delete(probe)
+
+
+def read_lock(remote: Remote, key: str) -> LockInfo:
+    """The lock object stored under ``key``, as ``list_locks`` parses each (``cat lock``): MissingObject when
+    it is gone, CorruptObject when it holds no lock."""
+    try:
+        data = remote.get(key)
+    except ObjectNotFound:
+        raise MissingObject(key) from None
+    try:
+        return _parsed_lock(key, json.loads(data))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise CorruptObject(key, "not a lock object (JSON with kind, host, pid and time)") from None
 
 
 def _parsed_lock(key: str, d: dict) -> LockInfo:
