@@ -1554,7 +1554,16 @@ def _report_key(args: argparse.Namespace, obj: dict[str, Any], line: str) -> Non
         print(line)
 
 
+LIST_TYPES = ("snapshots", "index", "packs", "keys", "locks", "blobs")
 CAT_TYPES = ("config", "snapshot", "index", "key", "lock", "pack", "blob", "manifest")
+
+
+class _Types(tuple):
+    """The types ``list`` and ``cat`` take, as choices that shell completion offers; argparse lets any word
+    through, so that the command's own check names the known ones (and answers restic's ``masterkey``)."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
 
 
 def _connect(args: argparse.Namespace) -> Any:
@@ -2124,13 +2133,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("list", parents=[common, reading],
                        help="list a repository's objects of one type: snapshots, index, packs, keys, locks (no "
                             "password needed) or blobs")
-    s.add_argument("type", metavar="TYPE", help="snapshots, index, packs, keys, locks or blobs")
+    s.add_argument("type", metavar="TYPE", choices=_Types(LIST_TYPES), help=", ".join(LIST_TYPES))
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("cat", parents=[common, reading],
                        help="print one repository object decoded: config, snapshot ID, index ID, key ID, lock ID, "
                             "pack ID (its header), blob ID (its bytes) or manifest SNAPSHOT")
-    s.add_argument("type", metavar="TYPE", help=", ".join(CAT_TYPES))
+    s.add_argument("type", metavar="TYPE", choices=_Types(CAT_TYPES), help=", ".join(CAT_TYPES))
     s.add_argument("id", nargs="?", metavar="ID", help="the object's id or a unique prefix (a snapshot: also latest)")
     s.add_argument("--raw", action="store_true",
                    help="cat blob: its payload as stored (a zstd frame or a delta), decrypted only")

@@ -242,6 +242,16 @@ def test_ids_matching_none_or_several_are_refused_with_the_snapshot_codes(histor
     assert not os.listdir(os.path.join(path, "locks"))
 
 
+def test_completion_offers_the_types():
+    from chunkvault.cli import build_parser
+    from chunkvault.completion import commands
+    from chunkvault.store.objects import CAT_KINDS, LIST_KINDS
+
+    tables = commands(build_parser()).subcommands
+    assert tables["list"].positional == LIST_KINDS
+    assert tables["cat"].positional == (*CAT_KINDS, "manifest")
+
+
 def test_unique_name_is_pure():
     names = ["ab12", "ab34", "cd"]
     assert unique_name(names, "CD", "pack") == "cd" and unique_name(names, "ab3", "pack") == "ab34"
