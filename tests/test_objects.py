@@ -339,3 +339,5 @@ def test_chunkvault_host_is_the_backups_host_and_latests_filter(tmp_path, cli):
     assert "host nobody" in said
     found = _json(cli("find", "-r", path, "f", "--json", env=env))
     assert [v["snapshots"] for v in found[0]["versions"]] == [[snaps[0]["id"]]]
+    verified = _json(cli("verify-restore", "-r", path, "--all-since", "1d", "--json", env=env))
+    assert [r["snapshot_id"] for r in verified["snapshots"]] == [snaps[0]["id"]]
