@@ -82,8 +82,9 @@ def plan_forget(snapshots: list[Snapshot], *, policy: RetentionPolicy | None = N
     views = [view(s) for s in snapshots]
     if policy is not None:
         pool = [v for v in views if selected is None or v.id in selected]
+        others = [v for v in views if selected is not None and v.id not in selected]
         decided = {d.snapshot_id: d for d in select(pool, policy, now or datetime.now(timezone.utc),
-                                                    allow_remove_all=allow_remove_all, tz=tz)}
+                                                    allow_remove_all=allow_remove_all, tz=tz, outside=others)}
         decisions = [decided.get(v.id) or Decision(v.id, True, (NOT_SELECTED,)) for v in views]
     else:
         chosen = set(ids)

@@ -436,14 +436,21 @@ def _check_ids(snapshots: Sequence[SnapshotLike]) -> None:
 
 
 def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: datetime, *,
-           allow_remove_all: bool = False, tz: tzinfo | None = timezone.utc) -> list[Decision]:
+           allow_remove_all: bool = False, tz: tzinfo | None = timezone.utc,
+           outside: Iterable[SnapshotLike] = ()) -> list[Decision]:
     """Apply ``policy`` to every group of ``snapshots``; one Decision per snapshot, in input order.
 
     A policy that keeps no snapshot of a group (``keep-tag`` alone, a tag misspelt) is refused unless
     ``allow_remove_all``: a retention rule should thin a history, not end it.  Days, weeks, months and
     years are those of ``tz`` (None: this machine's local time, as restic counts them); snapshots are
     ordered and durations counted by the instants they were taken (in the hour a summer time's end
-    repeats, wall clocks would put a newer snapshot before an older one)."""
+    repeats, wall clocks would put a newer snapshot before an older one).  ``outside``: the repository's
+    other snapshots, which a filter leaves out: they stay, so a differential whose chain goes through one
+    of them has a full that stays (``keep_diff``).
+
+    ``keep_full`` counts the fulls as the forget leaves them: a differential another rule keeps, whose
+    chain keeps nothing before it, becomes a full when it absorbs the removed ones (``rebase_plan``), so it
+    counts as one; the same rules run again then remove nothing."""
     snaps = list(snapshots)
     if policy.is_empty():
         raise UsageError("refusing to forget with an empty retention policy; set at least one keep rule")
@@ -454,15 +461,30 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
     groups: dict[tuple, list[SnapshotLike]] = {}
     for s in snaps:
         groups.setdefault(group_key(s, policy.group_by), []).append(s)
-    reasons: dict[str, list[str]] = {}
+    base: dict[str, list[str]] = {}
     for members in groups.values():
         members.sort(key=order, reverse=True)
-        _apply_group(members, times, policy, now, tz, reasons)
-    by_id = {s.id: s for s in snaps}
-    parents = {s.id: None if s.kind == KIND_FULL else s.parent for s in snaps}  # a chain ends at its full
+        _apply_group(members, times, policy, now, tz, base)
+    every = {s.id: s for s in [*outside, *snaps]}
+    stays = {sid for sid in every if sid not in times}  # outside the selection
+    parents = {s.id: None if s.kind == KIND_FULL else s.parent for s in every.values()}  # a chain ends at its full
+    reasons, promoted = base, frozenset[str]()
+    for _ in range(len(snaps) + 1):  # the fulls kept only shrink as promoted ones grow: this ends
+        reasons = {sid: list(rs) for sid, rs in base.items()}
+        for members in groups.values() if policy.keep_full else ():
+            fulls = [s for s in members if s.kind == KIND_FULL or s.id in promoted]
+            for nr, s in enumerate(fulls if policy.keep_full == UNLIMITED else fulls[:policy.keep_full]):
+                reasons.setdefault(s.id, []).append(f"full #{nr + 1}")
+        for members in groups.values() if policy.keep_diff else ():  # after every group's fulls
+            _keep_diffs(members, every, parents, policy.keep_diff, reasons, stays)
+        if not (policy.keep_full or policy.keep_diff):
+            break
+        now_promoted = frozenset(s.id for s in snaps if s.kind == KIND_DIFF and s.id in reasons
+                                 and not _kept_before(s.id, parents, reasons, stays))
+        if now_promoted == promoted:
+            break
+        promoted = now_promoted
     for members in groups.values():
-        if policy.keep_diff:
-            _keep_diffs(members, by_id, parents, policy.keep_diff, reasons)
         if not allow_remove_all and not any(s.id in reasons for s in members):
             raise UsageError(f"the retention policy keeps none of the {len(members)} snapshot(s) of "
                              f"{_describe_group(members[0], policy.group_by)}: refusing to remove them all "
@@ -473,6 +495,12 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
         rs = reasons.get(s.id)
         out.append(Decision(s.id, True, tuple(rs)) if rs else Decision(s.id, False, (NO_RULE,)))
     return out
+
+
+def _kept_before(sid: str, parents: dict[str, str | None], reasons: Mapping[str, list[str]],
+                 stays: set[str]) -> bool:
+    """Whether a snapshot of ``sid``'s chain before it stays: else ``sid``, kept, becomes the chain's full."""
+    return any(a in reasons or a in stays for a in lineage(sid, parents)[1:])
 
 
 def _apply_group(members: list[SnapshotLike], times: dict[str, datetime], policy: RetentionPolicy,
@@ -544,24 +572,22 @@ def _apply_group(members: list[SnapshotLike], times: dict[str, datetime], policy
             if s.kind == kind and times[s.id] > cut:
                 keep(s, label)
 
-    if policy.keep_full:
-        fulls = [s for s in members if s.kind == KIND_FULL]
-        for nr, s in enumerate(fulls if policy.keep_full == UNLIMITED else fulls[:policy.keep_full]):
-            keep(s, f"full #{nr + 1}")
 
 
-def _keep_diffs(members: list[SnapshotLike], by_id: Mapping[str, SnapshotLike], parents: dict[str, str | None],
-                count: int, reasons: dict[str, list[str]]) -> None:
-    """``keep_diff``: the newest ``count`` differentials of ``members`` (newest first) whose full snapshot
-    stays by the other rules, as pgBackRest's retention-diff.  After them, since a differential kept past
-    its full would be rebased into a full, and the same rules run again would count it as one.  A chain
-    with a link missing has no full to stay."""
+def _keep_diffs(members: list[SnapshotLike], every: Mapping[str, SnapshotLike], parents: dict[str, str | None],
+                count: int, reasons: dict[str, list[str]], stays: set[str]) -> None:
+    """``keep_diff``: the newest ``count`` differentials of ``members`` (newest first) of a whole chain in
+    which a snapshot before them stays (by the other rules, or outside the selection), as pgBackRest's
+    retention-diff.  A differential kept with nothing before it staying would become a full, and the same
+    rules run again would count it as one.  A chain with a link missing has no full to stay."""
     kept = 0
     for s in members:
         if kept == count:
             break
-        root = lineage(s.id, parents)[-1] if s.kind == KIND_DIFF else None
-        if root is not None and by_id[root].kind == KIND_FULL and root in reasons:
+        if s.kind != KIND_DIFF:
+            continue
+        chain = lineage(s.id, parents)
+        if every[chain[-1]].kind == KIND_FULL and _kept_before(s.id, parents, reasons, stays):
             kept += 1
             reasons.setdefault(s.id, []).append(f"diff #{kept}")
 

@@ -128,6 +128,21 @@ def test_counted_fulls_and_diffs_remove_nothing_more_when_run_again(tmp_path, ne
         assert describe(out) == states[sid]
 
 
+def test_counted_differentials_of_a_full_a_filter_leaves_out(tmp_path, new_repo, cli):
+    """``forget --tag hourly --keep-diff 2`` where the full is tagged daily: the two newest differentials
+    on it stay (the full, outside the filter, stays too); before, none counted and the forget was refused
+    as removing them all."""
+    repo = new_repo(str(tmp_path / "repo"))
+    backups_of_a_growing_tree(tmp_path, repo, 5, kind=lambda i: "full" if i == 0 else "diff")
+    ids = [s.id for s in sorted(repo.snapshots(), key=lambda s: s.time)]
+    repo.tag(ids[:1], add=["daily"])
+    repo.tag(ids[1:], add=["hourly"])
+    args = ("forget", "-r", str(tmp_path / "repo"), "--tag", "hourly", "--keep-diff", "2")
+    assert "removed 2 snapshot(s)" in cli(*args).stdout.decode()
+    assert sorted(s.id for s in repo.snapshots()) == sorted([ids[0], *ids[3:]])
+    assert "removed 0 snapshot(s)" in cli(*args).stdout.decode()
+
+
 def test_forget_needs_something(new_repo):
     with pytest.raises(UsageError):
         new_repo().forget()

@@ -1,6 +1,7 @@
 """Retention selection and rebase planning against a brute-force model written independently."""
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -126,24 +127,42 @@ def model(snaps, policy, now):
                 for s in members:
                     if s.kind == kind and s.time > model_minus(now, d):
                         why[s.id].add(f"{kind} within")
+    # keep_full and keep_diff: a kept differential with nothing kept before it in its chain becomes a full
+    # (rebased), and counts as one; repeat until the fulls counted so are the same.
+    base = {sid: set(r) for sid, r in why.items()}
+
+    def ancestors(s):
+        out = []
+        while s.kind == "diff" and s.parent in by_id and s.parent not in out:
+            out.append(s.parent)
+            s = by_id[s.parent]
+        return out
+
+    def whole(s):
+        a = ancestors(s)
+        return by_id[a[-1]].kind == "full" if a else s.kind == "full"
+
+    promoted: set = set()
+    while policy.keep_full or policy.keep_diff:
+        why = {sid: set(r) for sid, r in base.items()}
+        ordered = {k: sorted(m, key=lambda s: (s.time, model_age(s, by_id), s.id), reverse=True)
+                   for k, m in groups.items()}
         if policy.keep_full:
-            fulls = [s for s in newest_first if s.kind == "full"]
-            for s in fulls if policy.keep_full == -1 else fulls[:policy.keep_full]:
-                why[s.id].add("full")
-    if policy.keep_diff:  # after every group's other rules: differentials of the fulls they keep
-        for members in groups.values():
-            newest_first = sorted(members, key=lambda s: (s.time, model_age(s, by_id), s.id), reverse=True)
-
-            def root(s):
-                while s.kind == "diff":
-                    if s.parent not in by_id:
-                        return None
-                    s = by_id[s.parent]
-                return s.id
-
-            diffs = [s for s in newest_first if s.kind == "diff" and root(s) is not None and why[root(s)]]
-            for s in diffs if policy.keep_diff == -1 else diffs[:policy.keep_diff]:
-                why[s.id].add("diff")
+            for newest_first in ordered.values():
+                fulls = [s for s in newest_first if s.kind == "full" or s.id in promoted]
+                for s in fulls if policy.keep_full == -1 else fulls[:policy.keep_full]:
+                    why[s.id].add("full")
+        if policy.keep_diff:
+            for newest_first in ordered.values():
+                diffs = [s for s in newest_first if s.kind == "diff" and whole(s)
+                         and any(why.get(a) for a in ancestors(s))]
+                for s in diffs if policy.keep_diff == -1 else diffs[:policy.keep_diff]:
+                    why[s.id].add("diff")
+        now_promoted = {s.id for s in snaps if s.kind == "diff" and why[s.id]
+                        and not any(why.get(a) for a in ancestors(s))}
+        if now_promoted == promoted:
+            break
+        promoted = now_promoted
     return why
 
 
@@ -373,6 +392,64 @@ def test_counted_fulls_and_the_differentials_of_the_fulls_kept():
         select(snaps, RetentionPolicy(keep_diff=3), now)  # no full stays: no differential either
     with pytest.raises(UsageError, match="keep-full"):
         RetentionPolicy(keep_full=-2)
+
+
+def after_forget(snaps, decisions):
+    """The snapshots a forget leaves, rebased as ``rebase_plan`` does: a kept differential's parent is the
+    nearest kept snapshot before it in its chain; with none, it absorbs the removed ones and is a full."""
+    keep = kept(decisions)
+    by_id = {s.id: s for s in snaps}
+    out = []
+    for s in snaps:
+        if s.id not in keep:
+            continue
+        cur, parent = s, None
+        while cur.kind == "diff" and cur.parent in by_id:
+            cur = by_id[cur.parent]
+            if cur.id in keep:
+                parent = cur.id
+                break
+        out.append(dataclasses.replace(s, kind="diff" if parent else "full", parent=parent))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories(), policies())
+def test_the_same_rules_run_again_remove_nothing(history, policy):
+    # Not for keep_diff_within: a differential it alone keeps, whose full goes, is a full the next time.
+    assume(policy.keep_diff_within is None)
+    snaps, now = history
+    left = after_forget(snaps, select(snaps, policy, now, allow_remove_all=True))
+    assert kept(select(left, policy, now, allow_remove_all=True)) == {s.id for s in left}
+
+
+def test_counted_fulls_count_the_differentials_that_become_fulls():
+    """Two sources in one group: the newest differential, kept by keep-last, loses its full and becomes a
+    full; counted as one, it is the full keep-full 1 keeps, and the second run keeps all the first kept
+    (it used to count the older source's full first, and remove that source's history the second time)."""
+    t = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    snaps = [Snap("a1", t, host="h", paths=("/a",)), Snap("b1", t + timedelta(hours=1), paths=("/b",)),
+             Snap("b2", t + timedelta(hours=2), "diff", "b1", paths=("/b",)),
+             Snap("a2", t + timedelta(hours=3), "diff", "a1", paths=("/a",))]
+    policy = RetentionPolicy(keep_last=1, keep_full=1, keep_diff=1, group_by=frozenset({"host"}))
+    first = select(snaps, policy, t + timedelta(days=1))
+    assert kept(first) == {"a2"}
+    left = after_forget(snaps, first)
+    assert [(s.id, s.kind) for s in left] == [("a2", "full")]
+    assert kept(select(left, policy, t + timedelta(days=1))) == {"a2"}
+
+
+def test_differentials_counted_on_a_full_outside_the_selection():
+    """``forget --tag hourly --keep-diff 2``: the full, tagged otherwise, stays; the two newest
+    differentials on it are kept (none were: their full was not among the snapshots weighed)."""
+    t = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    full = Snap("f", t, tags=("daily",))
+    diffs = [Snap(f"d{i}", t + timedelta(hours=i), "diff", "f", tags=("hourly",)) for i in range(1, 5)]
+    now = t + timedelta(days=1)
+    decisions = select(diffs, RetentionPolicy(keep_diff=2), now, outside=[full])
+    assert kept(decisions) == {"d3", "d4"}
+    with pytest.raises(UsageError, match="keeps none"):
+        select(diffs, RetentionPolicy(keep_diff=2), now)  # with the full out of sight, nothing counts
 
 
 def test_restic_documentation_example_sundays():
