@@ -88,7 +88,8 @@ class CheckReport:
 
 def parse_subset(spec: str | None) -> Callable[[Mapping[bytes, int]], set[bytes]] | None:
     """Which of the packs (id -> size) a ``--read-data-subset`` reads: ``n/m`` the n-th of m slices by pack
-    id, so that m runs with n = 1..m read every pack once; ``P%`` each pack by chance at that share; a size
+    id, so that m runs with n = 1..m read every pack once; ``P%`` that share of the packs (rounded, at least
+    one), drawn at random (each pack drawn by chance alone read none at all in some runs); a size
     (``500M``, ``2G``) packs drawn at random until they hold at least that many bytes, or all of them."""
     if spec is None:
         return None
@@ -98,8 +99,7 @@ def parse_subset(spec: str | None) -> Callable[[Mapping[bytes, int]], set[bytes]
             share = float(spec[:-1]) / 100.0
             if not 0 < share <= 1:
                 raise ValueError
-            rng = random.Random()
-            return lambda packs: {pid for pid in packs if rng.random() < share}
+            return lambda packs: set(random.sample(list(packs), max(1, round(len(packs) * share)) if packs else 0))
         if "/" not in spec:
             if spec[-1:].isdigit():  # "3" would be three bytes: a slip for "1/3" or "3%" more likely
                 raise ValueError

@@ -423,6 +423,20 @@ def test_size_subset_selection(packs_by_id, size):
     assert not chosen or held - max(packs_by_id[p] for p in chosen) < size
 
 
+@given(st.sets(st.binary(min_size=32, max_size=32), max_size=60), st.sampled_from(["1%", "5%", "25%", "34%", "100%"]))
+def test_a_percentage_subset_reads_that_share_of_the_packs_and_never_none(pack_ids, spec):
+    """``25%`` of 4 packs is one pack, every time (each pack drawn by chance alone left some runs with none
+    read, which then passed as "no problems")."""
+    from chunkvault.store.check import parse_subset
+
+    select = parse_subset(spec)
+    assert select is not None
+    chosen = select({p: 1 for p in pack_ids})
+    assert chosen <= pack_ids
+    share = float(spec[:-1]) / 100
+    assert len(chosen) == (max(1, round(len(pack_ids) * share)) if pack_ids else 0)
+
+
 @pytest.mark.parametrize("spec", ["3", "0/3", "4/3", "0%", "101%", "2X", "0M", ""])
 def test_a_bad_subset_is_one_usage_error(repo_with_data, spec):
     from chunkvault.errors import UsageError
