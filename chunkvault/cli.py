@@ -503,10 +503,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
     args.tag = _tags(args.tag)
     if args.host is None:
         args.host = env_host()
+    if args.pg_connect is not None and not args.postgres:
+        raise UsageError("--pg-connect says how --postgres reaches the server: give --postgres too")
     if args.stdin or args.stdin_from_command:
         option = "--stdin" if args.stdin else "--stdin-from-command"
         if args.stdin and args.stdin_from_command:
             raise UsageError("--stdin and --stdin-from-command: give one")
+        if args.postgres:
+            raise UsageError(f"--postgres reads a data directory in place; {option} stores a stream "
+                             "(pg_dump's, say): give one")
         if args.files_from or args.files_from_raw or (args.stdin and args.paths):
             raise UsageError(f"{option} takes no paths")
         if args.stdin_from_command and not args.paths:
@@ -548,15 +553,18 @@ def cmd_backup(args: argparse.Namespace) -> int:
         compare = {"reread": args.force, "skip_if_unchanged": args.skip_if_unchanged,
                    "ignore_inode": args.ignore_inode, "ignore_ctime": args.ignore_ctime, "xattrs": not args.no_xattrs}
         listing = args.list or args.list_all
-        walk = SourceWalk.of_paths(args.paths, excludes, one_file_system=args.one_file_system,
-                                   markers=markers_of(args.exclude_if_present, args.exclude_caches),
-                                   max_file_size=args.exclude_larger_than, iexcludes=iexcludes,
-                                   report_excluded=listing and args.dry_run)
-        walk.start()  # overlaps the key derivation
+        walk = None  # with --postgres, the walk begins once the base backup has (the repository's lock held)
+        if not args.postgres:
+            walk = SourceWalk.of_paths(args.paths, excludes, one_file_system=args.one_file_system,
+                                       markers=markers_of(args.exclude_if_present, args.exclude_caches),
+                                       max_file_size=args.exclude_larger_than, iexcludes=iexcludes,
+                                       report_excluded=listing and args.dry_run)
+            walk.start()  # overlaps the key derivation
         try:
             repo = _open(args)
         except BaseException:
-            walk.close()
+            if walk is not None:
+                walk.close()
             raise
         bar = _progress(args, "backup")
         lister = _BackupLister(args.json, bar) if listing else None
@@ -566,7 +574,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                              fixed_chunk_size=args.fixed_chunk_size, progress=_backup_progress(bar), walk=walk,
                              dry_run=args.dry_run, parent=args.parent, time=args.time, wait=args.wait,
                              listing=lister, list_unchanged=args.list_all, compression_level=args.compression,
-                             **compare, **rules)
+                             postgres=(args.pg_connect or "") if args.postgres else None, **compare, **rules)
         bar.done()
         if lister is not None and args.json:
             lister.end()  # the list, then the document's other keys
@@ -1911,6 +1919,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--compression", type=_argument(_check_compression, int), metavar="LEVEL",
                    help="zstd level of this backup's new data, 1 to 22, 0 = off (default: the repository's, "
                         "set at init)")
+    s.add_argument("--postgres", action="store_true",
+                   help="the path is a running PostgreSQL cluster's data directory: read it in place inside "
+                        "pg_backup_start/stop, with backup_label and the WAL it needs (psql reaches the server)")
+    s.add_argument("--pg-connect", metavar="CONNINFO",
+                   help="with --postgres: psql's connection string or database name (default: the PG* variables)")
     s.set_defaults(func=cmd_backup)
 
     reading = _Parser(add_help=False)  # commands that read data hold a shared lock (store/locks.py)

@@ -24,14 +24,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple, Protocol
 
 import blake3
 
 from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, READ_BYTES, fixed_chunks
 from chunkvault.errors import CorruptObject, MissingObject, SnapshotNotFound, UsageError
 
-from .chain import broken_chains
+from .chain import apply, broken_chains, compose
 from .manifest import (
     F_CHANGED_DURING_READ, F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH,
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK,
@@ -80,6 +80,33 @@ class Listed(NamedTuple):
     what: str | None = None  # modified: "content", "type" or "metadata" (``what_changed``); excluded: its rule
 
 
+class AddedFile(NamedTuple):
+    """A file a ``SourceSession`` adds to the tree once the walk is done, under ``path`` (relative to the
+    snapshot's root); ``open`` gives its content."""
+
+    path: bytes
+    open: Callable[[], BinaryIO]
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+
+
+class SourceSession(Protocol):
+    """What holds a source consistent around a backup's walk, such as a database's base backup mode.
+
+    ``begin`` runs once the repository agreed to the backup (its lock held, the parent found) and before
+    the walk looks at a single entry; ``appendix``, once every file of the walk is read, gives the files
+    to add to the tree (whose content is known only then) and what to record in the snapshot's stats;
+    ``close`` runs in every case, last."""
+
+    def begin(self) -> None: ...
+
+    def appendix(self) -> tuple[list[AddedFile], dict]: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class BackupOptions:
     kind: str = "auto"  # auto | full | diff
@@ -114,6 +141,7 @@ class BackupOptions:
     # snapshot's time, so that a restore of a point in time finds it.  The default parent is then the newest
     # snapshot at or before it.
     time: datetime | None = None
+    session: SourceSession | None = None  # begun before the walk, its files added after it (``SourceSession``)
 
     def __post_init__(self) -> None:
         low, high = FIXED_CHUNK_SIZES
@@ -1185,6 +1213,28 @@ class Backup:
         finally:
             if source is not None:
                 source.close()
+            if self.opt.session is not None:
+                self.opt.session.close()
+
+    def _with_appendix(self, records: list[Record], kind: str, stats: ManifestStats
+                       ) -> tuple[Iterator[Record], dict]:
+        """The walk's records (all taken, so every file is read) with the session's files added in their
+        places: stored as new files (nothing to build a delta on), each replacing what the walk or the
+        parent had at its path."""
+        assert self.opt.session is not None
+        added, session_stats = self.opt.session.appendix()
+        extra = []
+        for a in sorted(added, key=lambda a: sort_key(a.path)):
+            e = Entry(a.path, T_FILE, a.mode, a.uid, a.gid, a.mtime_ns, 0, a.mtime_ns)
+            with a.open() as f:
+                e.digest, e.chunks, e.size = self._read_stream(f, a.path, None)
+            self.counts["new_files"] += 1
+            stats.count_entry(e)
+            if self._listing is not None:
+                self._list("added", a.path, e)
+            extra.append(Record(OP_ENTRY, a.path, e))
+        merged = apply(records, extra) if kind == KIND_FULL else compose(records, extra)
+        return merged, session_stats
 
     def _unindexed_note(self) -> str:
         """Where the parent cannot be read: stored packs in no index (their index objects lost?) are named,
@@ -1257,15 +1307,20 @@ class Backup:
         self._lost_deltas = repo.withhold_unreadable_deltas()
         if self._lock is not None:
             self.writer.guard = self._ensure_lock_held
+        session_stats: dict = {}
         try:
             if stream is not None:
                 assert stdin_name is not None
                 stats_iter = self._count(self._stream_source(stream, stdin_name, parent_tree, kind), stats)
             else:
                 assert source is not None
+                if self.opt.session is not None:
+                    self.opt.session.begin()
                 if self.opt.count_total:
                     self._total = TreeTotal(source)
                 stats_iter = self.records(source, parent_tree, kind, stats)
+                if self.opt.session is not None:
+                    stats_iter, session_stats = self._with_appendix(list(stats_iter), kind, stats)
             mw = ManifestWriter(repo, self.writer)
             uids: set[int] = set()
             gids: set[int] = set()
@@ -1324,6 +1379,7 @@ class Backup:
                 OWNERS_KEY: names_of(uids, gids, self._owner_ids_inherited(parent if kind == KIND_DIFF else None,
                                                                            snapshots, uids, gids)),
                 **({"started_ns": source.began_ns, "finished_ns": walked_ns} if source is not None else {}),
+                **session_stats,
             },
         )
         if not self.opt.dry_run:

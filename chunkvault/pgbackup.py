@@ -1,0 +1,99 @@
+"""A backup of a running PostgreSQL cluster's data directory, read in place (``backup --postgres``).
+
+The walk reads the live directory between ``pg_backup_start`` and
+``pg_backup_stop`` (``pgsession``), leaving out what PostgreSQL's own base
+backups leave out; then the label the stop returns is added as
+``backup_label`` (and ``tablespace_map``), with the WAL segments from the
+start to the stop position into ``pg_wal/``.  The snapshot then restores to a
+data directory that starts on its own and recovers to the moment of the stop,
+as a ``pg_basebackup -X fetch`` copy does, without that copy's second pass
+over the data and its room on disk.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import socket
+import stat
+import time
+from typing import BinaryIO
+
+from chunkvault.errors import SourceCommandFailed, UsageError
+
+from .pgsession import BackupStart, PgBackupSession, format_lsn
+from .store.backup import AddedFile
+
+#: What a base backup leaves out, as PostgreSQL's own (``pg_basebackup``) does: the server's run files,
+#: a label or map from an earlier backup, and the contents of directories rebuilt at startup; ``pg_wal``'s
+#: contents are added afterwards (the segments the backup needs).
+EXCLUDES = [
+    "postmaster.pid", "postmaster.opts", "backup_label", "backup_label.old", "tablespace_map", "backup_manifest",
+    "standby.signal", "recovery.signal", "postgresql.auto.conf.tmp", "current_logfiles.tmp", "pg_internal.init",
+    "pgsql_tmp*", "pg_wal/*", "pg_dynshmem/*", "pg_notify/*", "pg_replslot/*", "pg_serial/*", "pg_snapshots/*",
+    "pg_stat_tmp/*", "pg_subtrans/*",
+]
+
+
+class PostgresOnline:
+    """The ``SourceSession`` of a backup of the data directory ``datadir`` of the cluster that ``dbname``
+    (a database name or connection string; else the ``PG*`` variables) reaches through ``psql``."""
+
+    def __init__(self, datadir: str, dbname: str | None = None, *, psql: str = "psql", fast: bool = True,
+                 label: str | None = None):
+        self.datadir = os.path.abspath(datadir)
+        self.fast = fast
+        self.label = label or f"chunkvault {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+        self._session = PgBackupSession(dbname, psql=psql)
+        self._started: BackupStart | None = None
+
+    def begin(self) -> None:
+        started = self._session.start(self.label, fast=self.fast)
+        self._started = started
+        try:
+            same = os.path.samefile(started.data_directory, self.datadir)
+        except OSError:
+            same = False
+        if not same:
+            raise UsageError(f"the PostgreSQL server reached has its data directory at {started.data_directory}, "
+                             f"not {self.datadir}: back up that directory, on that server's machine")
+        if started.tablespaces:
+            where = ", ".join(loc for _, loc in started.tablespaces)
+            raise UsageError(f"the cluster has tablespaces outside its data directory ({where}): --postgres "
+                             "reads the data directory alone; use pg_basebackup for such a cluster")
+
+    def appendix(self) -> tuple[list[AddedFile], dict]:
+        assert self._started is not None
+        stopped = self._session.stop()
+        st = os.stat(self.datadir)
+        now = time.time_ns()
+        added = [AddedFile(b"backup_label", functools.partial(_bytes, stopped.label_file.encode()), 0o600,
+                           st.st_uid, st.st_gid, now)]
+        if stopped.tablespace_map:
+            added.append(AddedFile(b"tablespace_map", functools.partial(_bytes, stopped.tablespace_map.encode()),
+                                   0o600, st.st_uid, st.st_gid, now))
+        wal = os.path.join(self.datadir, "pg_wal")
+        segments = stopped.wal_segments(self._started.segment_size)
+        histories = sorted(n for n in os.listdir(wal) if n.endswith(".history"))
+        for name in histories + segments:
+            path = os.path.join(wal, name)
+            try:
+                seg = os.stat(path)
+            except FileNotFoundError:
+                raise SourceCommandFailed(f"WAL segment {name}, which the backup needs, is gone from {wal}: "
+                                          "no snapshot saved") from None
+            if not stat.S_ISREG(seg.st_mode):
+                raise SourceCommandFailed(f"{path} is not a regular file: no snapshot saved")
+            added.append(AddedFile(f"pg_wal/{name}".encode(), functools.partial(open, path, "rb"),
+                                   stat.S_IMODE(seg.st_mode), seg.st_uid, seg.st_gid, seg.st_mtime_ns))
+        info = {"label": self.label, "start_lsn": format_lsn(stopped.start_lsn),
+                "stop_lsn": format_lsn(stopped.stop_lsn), "timeline": stopped.timeline, "wal": segments,
+                "server_version": self._started.version}
+        return added, {"postgres": info}
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _bytes(data: bytes) -> BinaryIO:
+    return io.BytesIO(data)

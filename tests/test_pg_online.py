@@ -1,0 +1,142 @@
+"""backup --postgres: a running cluster's data directory read in place inside pg_backup_start/stop.
+
+The changes that matter are made while the backup runs: after the start (before the files are read) and
+after the files are read (before the stop), each followed by a checkpoint.  The restored directory must
+start on its own and hold every row committed before the stop: the ones the files were read without come
+back only from the label's start position and the WAL the snapshot carries.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from chunkvault.errors import SourceCommandFailed, UsageError
+from chunkvault.pgbackup import PostgresOnline
+from servers_pg import PgCluster, require_postgres, start_restored
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    bindir = require_postgres()
+    with PgCluster(bindir, settings=("fsync=off", "max_wal_size=64MB", "min_wal_size=32MB")) as c:
+        c.init()
+        c.start()
+        c.sql("CREATE TABLE t (id int primary key, pad text)")
+        yield c
+
+
+@pytest.fixture
+def pg_env(cluster, monkeypatch):
+    """How psql reaches the cluster: the PG* variables, and psql on PATH."""
+    env = {"PGHOST": cluster.rundir, "PGPORT": str(cluster.port), "PGUSER": "postgres", "PGDATABASE": "postgres",
+           "PATH": f"{cluster.bindir}:{os.environ.get('PATH', '')}"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture
+def during(cluster, monkeypatch):
+    """SQL run inside the backup: ``during["start"]`` once the base backup has begun, ``during["read"]``
+    once every file is read, before the stop."""
+    sql: dict[str, str] = {}
+    begin, appendix = PostgresOnline.begin, PostgresOnline.appendix
+
+    def begun(self):
+        begin(self)
+        if sql.get("start"):
+            cluster.sql(sql["start"])
+
+    def read(self):
+        if sql.get("read"):
+            cluster.sql(sql["read"])
+        return appendix(self)
+
+    monkeypatch.setattr(PostgresOnline, "begin", begun)
+    monkeypatch.setattr(PostgresOnline, "appendix", read)
+    return sql
+
+
+def _restored_rows(cluster, repo, snap, where: str) -> str:
+    target = os.path.join(cluster.base, where)  # the server user reaches it
+    repo.restore(snap.id, target)
+    server = start_restored(cluster.bindir, target)
+    try:
+        return server.sql("SELECT count(*), count(*) FILTER (WHERE pad = 'c'), max(id) FROM t")
+    finally:
+        server.stop()
+        shutil.rmtree(server.rundir, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def test_a_full_then_a_differential_restore_and_start_with_every_row_committed_before_their_stops(
+        cluster, new_repo, pg_env, during):
+    repo = new_repo()
+    cluster.sql("TRUNCATE t; INSERT INTO t SELECT g, repeat('a', 200) FROM generate_series(1, 5000) g")
+    during["start"] = "INSERT INTO t SELECT g, repeat('b', 2000) FROM generate_series(5001, 10000) g; CHECKPOINT"
+    during["read"] = ("INSERT INTO t SELECT g, repeat('c', 2000) FROM generate_series(10001, 20000) g; "
+                      "UPDATE t SET pad = 'c' WHERE id <= 3000; CHECKPOINT")
+    full = repo.backup([cluster.datadir], postgres="").snapshot
+    cluster.sql("INSERT INTO t SELECT g, 'after' FROM generate_series(20001, 20500) g")
+    pg = full.stats["postgres"]
+    assert full.kind == "full" and pg["timeline"] == 1 and len(pg["wal"]) >= 2
+    names = {e.path for e in repo.tree(full.id)}
+    assert b"backup_label" in names and {f"pg_wal/{w}".encode() for w in pg["wal"]} <= names
+    assert not {b"postmaster.pid", b"postmaster.opts"} & names
+    assert not any(n.startswith(b"pg_wal/") and n[7:].decode() not in pg["wal"] and not n.endswith(b".history")
+                   for n in names)
+    assert _restored_rows(cluster, repo, full, "r1") == "20000|3000|20000"
+
+    during["start"] = "DELETE FROM t WHERE id > 20400"
+    during["read"] = "UPDATE t SET pad = 'd' WHERE id <= 100; CHECKPOINT"
+    diff = repo.backup([cluster.datadir], postgres="").snapshot
+    assert diff.kind == "diff" and diff.parent == full.id
+    names = {e.path for e in repo.tree(diff.id)}
+    assert not any(f"pg_wal/{w}".encode() in names for w in pg["wal"])  # the full's segments are not this one's
+    assert _restored_rows(cluster, repo, diff, "r2") == "20400|2900|20400"
+    assert cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"  # the backup's slot went with it
+
+
+def test_the_command_line_and_its_refusals(cluster, tmp_path, new_repo, cli, pg_env):
+    url = str(tmp_path / "repo")
+    new_repo(url)
+    conn = f"host={cluster.rundir} port={cluster.port} user=postgres dbname=postgres"
+    env = {"PGHOST": "/nonexistent"}  # --pg-connect says where the server is
+    out = cli("backup", "-r", url, "--postgres", "--pg-connect", conn, cluster.datadir, "--json", env=env)
+    snap = json.loads(out.stdout)
+    assert snap["stats"]["postgres"]["wal"]
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    wrong = cli("backup", "-r", url, "--postgres", "--pg-connect", conn, str(other), check=2, env=env)
+    assert "has its data directory at" in wrong.stderr.decode() and len(wrong.stderr.decode().splitlines()) == 1
+    gone = cli("backup", "-r", url, "--postgres", cluster.datadir, check=20, env=env)
+    assert gone.stderr.decode().startswith("chunkvault: PostgreSQL: ")
+    assert "give --postgres too" in cli("backup", "-r", url, "--pg-connect", conn, cluster.datadir,
+                                        check=2).stderr.decode()
+    assert "one data directory" in cli("backup", "-r", url, "--postgres", cluster.datadir, str(other),
+                                       check=2, env=env).stderr.decode()
+    assert "stores a stream" in cli("backup", "-r", url, "--postgres", "--stdin", "--stdin-name", "x",
+                                    check=2).stderr.decode()
+    assert len(json.loads(cli("snapshots", "-r", url, "--json").stdout)) == 1  # none of them saved one
+    assert cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"
+    assert not os.listdir(os.path.join(url, "locks"))
+
+
+def test_api_refusals(cluster, new_repo, pg_env, tmp_path):
+    repo = new_repo()
+    with pytest.raises(UsageError, match="one data directory"):
+        repo.backup([cluster.datadir, str(tmp_path)], postgres="")
+    with pytest.raises(UsageError, match="connection string"):
+        repo.backup([cluster.datadir], postgres=True)
+    from chunkvault.store.source import SourceWalk
+
+    with pytest.raises(UsageError, match="give no walk"):
+        repo.backup([cluster.datadir], postgres="", walk=SourceWalk.of_paths([cluster.datadir]))
+    with pytest.raises(SourceCommandFailed, match="^PostgreSQL: "):
+        repo.backup([cluster.datadir], postgres=f"host={tmp_path} user=postgres")
+    assert repo.snapshots() == []
