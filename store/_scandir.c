@@ -186,7 +186,8 @@ static PyObject *scan(PyObject *self, PyObject *args) {
  *
  *   Walker(rel: bytes, path: bytes, excludes=None, device=None, markers=None, max_size=None)
  *       the directory at path, recorded as rel, leaving out (with their
- *       subtrees) entries whose path or name an exclude pattern matches; a
+ *       subtrees) entries whose path below it, path under rel or name an
+ *       exclude pattern matches; a
  *       pattern is bytes of literals and "*".  With ``device``, a directory on
  *       another device is recorded but not listed (one file system).
  *       ``markers``: (name, header) pairs of bytes; a directory holding a
@@ -366,8 +367,9 @@ static int scratch_of(WalkerObject *w, size_t n) {
     return 0;
 }
 
-/* Is the entry ``name`` of the directory ``sub`` excluded (a glob matches its path or its name)?
- * 1 or 0, -1 when out of memory. */
+/* Is the entry ``name`` of the directory ``sub`` excluded (a glob matches its path below the walk's top,
+ * its path as recorded, under rel, or its name)?  The top is a source: with several, a pattern names a
+ * path below one as it does with one.  1 or 0, -1 when out of memory. */
 static int excluded(WalkerObject *w, const char *sub, size_t sub_len, const char *name, size_t len) {
     size_t n = w->rel_dir_len + sub_len + len;
     if (scratch_of(w, n) < 0)
@@ -376,7 +378,8 @@ static int excluded(WalkerObject *w, const char *sub, size_t sub_len, const char
     memcpy(w->scratch + w->rel_dir_len, sub, sub_len);
     memcpy(w->scratch + w->rel_dir_len + sub_len, name, len);
     for (size_t i = 0; i < w->nglobs; i++)
-        if (star_match(w->globs[i], w->glob_lens[i], w->scratch, n)
+        if (star_match(w->globs[i], w->glob_lens[i], w->scratch + w->rel_dir_len, n - w->rel_dir_len)
+            || (w->rel_dir_len && star_match(w->globs[i], w->glob_lens[i], w->scratch, n))
             || star_match(w->globs[i], w->glob_lens[i], name, len))
             return 1;
     return 0;

@@ -3,7 +3,7 @@
 As restic's: within a list the last pattern that matches a path decides, ``!GLOB`` re-including what
 an earlier pattern left out; a directory left out is not walked into, so nothing below it comes back
 (``dir/*`` then ``!dir/keep`` keeps one entry of ``dir``).  A glob matches the whole path below a source
-or its last name, and ``*`` crosses ``/`` (``fnmatch``).  A leading ``\\!`` stands for a literal ``!``.
+(with several sources, also the path the snapshot records) or its last name, and ``*`` crosses ``/`` (``fnmatch``).  A leading ``\\!`` stands for a literal ``!``.
 Case-sensitive and case-insensitive patterns are two lists, each deciding on its own: a path is left
 out when either leaves it out.  Pure logic: the backup's walk, a restore's selection and a rewrite ask
 it about paths.
@@ -61,13 +61,18 @@ class PatternList:
         else:
             self._any = re.compile("|".join(fnmatch.translate(g) for g in globs)).match if globs else None
 
-    def decides(self, path: str, name: str) -> bool | None:
+    def decides(self, path: str, name: str, full: str | None = None) -> bool | None:
+        """``full``: the path as a snapshot of several sources records it, matched too (see
+        ``ExcludeRules.excluded``)."""
         if self.ignore_case:
             path, name = path.lower(), name.lower()
+            full = full.lower() if full is not None else None
         if not self.negates:
-            return True if self._any is not None and (self._any(path) or self._any(name)) else None
+            match = self._any
+            return True if match is not None and (match(path) or match(name)
+                                                  or (full is not None and match(full))) else None
         for match, excludes in self._rules:
-            if match(path) or match(name):
+            if match(path) or match(name) or (full is not None and match(full)):
                 return excludes
         return None
 
@@ -97,10 +102,13 @@ class ExcludeRules:
         globs = [p.glob for lst in self.lists for p in lst.patterns]
         return None if any("?" in g or "[" in g for g in globs) else globs
 
-    def excluded(self, path: str) -> bool:
-        """Whether the path (its ancestors kept) is left out: either list's last matching pattern says so."""
+    def excluded(self, path: str, full: str | None = None) -> bool:
+        """Whether the path (its ancestors kept) is left out: either list's last matching pattern says so.
+        ``full``: a backup of several sources asks about the path below its source and gives the path the
+        snapshot records (under the source's absolute path) as ``full``, which patterns match too, so that
+        patterns written as ``ls`` lists the snapshot keep working."""
         name = path.rpartition("/")[2]
-        return any(lst.decides(path, name) for lst in self.lists)
+        return any(lst.decides(path, name, full) for lst in self.lists)
 
     def excluded_tree(self, path: str) -> bool:
         """Whether the path or one of its ancestors is left out; each directory's answer is kept (a tree's

@@ -534,8 +534,13 @@ class SourceWalk:
         self._end_walk_ahead()
         self._walk.close()
 
-    def excluded(self, rel: bytes) -> bool:
-        return self.rules.excluded(os.fsdecode(rel))
+    def excluded(self, rel: bytes, cut: int = 0) -> bool:
+        """Whether a rule leaves out the entry at manifest path ``rel``, whose first ``cut`` bytes are its
+        source's (``src/``, with several sources): patterns match the path below the source, as with one
+        source, and the manifest path too."""
+        if not cut:
+            return self.rules.excluded(os.fsdecode(rel))
+        return self.rules.excluded(os.fsdecode(rel[cut:]), os.fsdecode(rel))
 
     @staticmethod
     def _lstat(path: bytes) -> tuple[os.stat_result | None, int]:
@@ -590,6 +595,7 @@ class SourceWalk:
         recursion: each entry is yielded through one frame, not one per level.  The roots are the
         bottom iterator and are never excluded."""
         isdir, excludes = stat.S_ISDIR, bool(self.rules)
+        cut = 0  # the length of the manifest path, with its "/", of the source whose subtree is walked
         stack: list[Iterator[tuple[bytes, bytes, os.stat_result | FileStat | None, int]]] = [
             ((rel, path, *self._lstat(path)) for rel, path in self._with_ancestors())]
         while stack:
@@ -601,7 +607,7 @@ class SourceWalk:
             if err == _MARKED:
                 yield rel, path, Excluded("exclude-if-present"), False
                 continue
-            if excludes and len(stack) > 1 and self.excluded(rel):
+            if excludes and len(stack) > 1 and self.excluded(rel, cut):
                 if self.report_excluded:
                     yield rel, path, Excluded("exclude"), False
                 continue
@@ -641,6 +647,8 @@ class SourceWalk:
             if ok is None:
                 continue
             yield rel, path, st, ok
+            if len(stack) == 1:
+                cut = len(rel) + 1 if rel else 0
             stack.append(self._children(rel + b"/" if rel else b"", os.path.join(path, b""), listing))
 
     def _with_ancestors(self) -> Iterator[tuple[bytes, bytes]]:

@@ -131,6 +131,46 @@ def test_the_walk_leaves_out_what_the_model_says(disk_tree, monkeypatch, exclude
         assert walked(disk_tree, excludes, iexcludes) == expected
 
 
+@pytest.fixture
+def two_sources(tmp_path):
+    """srvA/app/{important,debug}.log, srvA/cache/junk and srvB/b: two sources, so that each keeps its
+    absolute path in the snapshot."""
+    for name in ("srvA/app/important.log", "srvA/app/debug.log", "srvA/cache/junk", "srvB/b"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    return [str(tmp_path / "srvA"), str(tmp_path / "srvB")]
+
+
+MULTI_RULES = {"plain": ["*.log", "cache/*"], "bang": ["*.log", "!app/important.log", "cache/*"]}
+
+
+@pytest.mark.parametrize("rules", ["plain", "bang"])
+@pytest.mark.parametrize("c_walk", [True, False])
+@pytest.mark.parametrize("report", [False, True])
+def test_with_several_sources_a_pattern_names_a_path_below_its_source(two_sources, monkeypatch, rules, c_walk,
+                                                                      report):
+    """As with one source: the C walk, the per-directory walk and a walk reporting what it leaves out (a
+    dry run's ``x`` lines) match each pattern against the path below the source, and against the path
+    the snapshot records."""
+    if not c_walk:
+        monkeypatch.setattr(source, "Walker", None)
+    walk = source.SourceWalk.of_paths(two_sources, MULTI_RULES[rules], report_excluded=report)
+    top = os.fsencode(two_sources[0].lstrip("/").rpartition("/")[0]) + b"/"
+    kept, left = [], []
+    for rel, _, st, _ in walk:
+        if rel.startswith(top):
+            (left if isinstance(st, source.Excluded) else kept).append(os.fsdecode(rel[len(top):]))
+    want = ["srvA", "srvA/app"] + (["srvA/app/important.log"] if rules == "bang" else []) + ["srvA/cache",
+                                                                                           "srvB", "srvB/b"]
+    assert kept == want
+    gone = ["srvA/app/debug.log"] + (["srvA/app/important.log"] if rules == "plain" else []) + ["srvA/cache/junk"]
+    assert left == (gone if report else [])
+    assert (walk._c_excludes is not None) == (rules == "plain")  # plain globs stay on the C walk
+    # the path the snapshot records (as ls lists it) names the entry too
+    walk = source.SourceWalk.of_paths(two_sources, MULTI_RULES[rules] + [two_sources[1].lstrip("/") + "/b"])
+    assert [rel for rel, *_ in walk if rel.endswith(b"/srvB/b")] == []
+
+
 # --- the commands ---------------------------------------------------------------------------------------
 
 def listed(repo: str, snap: str = "latest") -> list[str]:
@@ -163,6 +203,17 @@ def test_a_file_is_kept_from_a_directory_whose_contents_are_excluded(tmp_path, r
     proc = crashkit.run_cli("backup", "-r", repo, str(src), "--exclude", "sub", "--exclude", "!sub/b.txt")
     assert "'!sub/b.txt' re-includes nothing: 'sub' is excluded" in proc.stderr.decode()
     assert not [p for p in listed(repo) if p.startswith("sub")]
+
+
+def test_a_dry_run_of_several_sources_lists_what_the_patterns_below_a_source_leave_out(tmp_path, repo,
+                                                                                       two_sources):
+    args = ["--exclude", "*.log", "--exclude", "!app/important.log", "--exclude", "cache/*"]
+    out = crashkit.run_cli("backup", "-r", repo, *two_sources, "-n", "--list", *args).stdout.decode()
+    lines = {line.rpartition("/srvA/")[2]: line[0] for line in out.splitlines() if "/srvA/" in line}
+    assert lines == {"app": "A", "app/important.log": "A", "app/debug.log": "x", "cache": "A", "cache/junk": "x"}
+    crashkit.run_cli("backup", "-r", repo, *two_sources, *args)
+    assert sorted(p.rpartition("/srv")[2] for p in listed(repo) if "/srv" in p) == [
+        "A", "A/app", "A/app/important.log", "A/cache", "B", "B/b"]
 
 
 def test_exclude_files_take_bang_lines_and_keep_their_place(tmp_path, repo, src):

@@ -572,6 +572,21 @@ def test_a_source_s_excludes_take_back_and_ignore_case(tmp_path, repo_url, tree,
         assert sorted(e.path for e in r.tree(snap.id)) == [b"", b"base.bin", b"cache", b"cache/keep.conf"]
 
 
+def test_a_source_of_several_paths_matches_its_excludes_below_each_path(tmp_path, repo_url, tree, monkeypatch):
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
+    other = tmp_path / "other"
+    (other / "cache").mkdir(parents=True)
+    for name in ("keep.conf", "blob"):
+        (other / "cache" / name).write_bytes(b"c")
+    source = {"name": "db", "paths": [str(tree), str(other)], "excludes": ["cache/*", "!cache/*.conf", "notes.txt"]}
+    policy = write_policy(tmp_path / "p.toml", repo_url, [source], top='full = "daily 02:00"\n')
+    assert cli_main(["run", "--config", str(policy)]) == 0
+    (snap,) = snapshots(repo_url)
+    with Repository.open(repo_url, PASSWORD) as r:
+        below = [os.fsdecode(e.path).partition(str(tmp_path).lstrip("/") + "/")[2] for e in r.tree(snap.id)]
+    assert sorted(p for p in below if p) == ["data", "data/base.bin", "other", "other/cache", "other/cache/keep.conf"]
+
+
 def test_overlapping_runs_are_refused(tmp_path, repo_url, tree, monkeypatch, capsys):
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
     policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
