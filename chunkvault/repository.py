@@ -1301,7 +1301,17 @@ class Repository:
                              f"it is a single entry, named {os.fsdecode(sub.name)}")
         if not rel and sub.root:
             return None
-        return self._entry_or_directory(snap, sub.snapshot_path(rel))
+        if not sub.root:
+            return self._entry_or_directory(snap, rel)
+        # named as ls names it, relative to the subtree; ".." leading out of it names nothing there (the
+        # snapshot's own lookup would follow it to a path outside)
+        missing = UsageError(f"no '{os.fsdecode(rel)}' in {os.fsdecode(sub.root)} of snapshot {snap.short_id}")
+        if rel == b".." or rel.startswith(b"../"):
+            raise missing
+        try:
+            return self._entry_or_directory(snap, sub.snapshot_path(rel))
+        except UsageError:
+            raise missing from None
 
     def _entry_or_directory(self, snap: Snapshot, want: bytes) -> Entry | None:
         """The entry of ``want``, or None for a directory with no entry of its own: the root of a snapshot

@@ -176,6 +176,24 @@ def test_dump_of_a_subtree_names_its_paths_relative_to_it(tree, tmp_path, cli):
     assert out.getvalue() == b"worker_processes 4;\n"
 
 
+def test_dump_refuses_a_path_that_leads_out_of_the_subtree_as_ls_does(tree, tmp_path, cli):
+    """``..`` out of PATH names nothing there (a file or a directory, which gave an empty archive), and a
+    path missing there is named relative to PATH, as ls names it."""
+    import io
+
+    repo, snap, _ = tree
+    r = str(tmp_path / "repo")
+    for args, named in [(("../other/x",), "../other/x"), (("../../a",), "../../a"), (("sites/../../other",),
+                        "../other"), (("nope",), "nope"), (("sites/nope",), "sites/nope")]:
+        ls = cli("ls", "-r", r, "latest:etc/nginx", *args, check=2)
+        dump = cli("dump", "-r", r, "latest:etc/nginx", *args, check=2)
+        assert dump.stdout == b"" and dump.stderr == ls.stderr
+        assert f"no '{named}' in etc/nginx of snapshot {snap.short_id}" in dump.stderr.decode()
+        with pytest.raises(UsageError, match="in etc/nginx of snapshot"):
+            repo.dump(snap, args[0], io.BytesIO(), subtree="etc/nginx")
+    assert cli("dump", "-r", r, "latest:etc/nginx", "sites/../nginx.conf").stdout == b"worker_processes 4;\n"
+
+
 paths = st.lists(st.text("ab/", min_size=1, max_size=6), max_size=12).map(
     lambda ps: sorted({p.strip("/") for p in ps if p.strip("/") and "//" not in p}, key=lambda p: sort_key(p.encode())))
 
