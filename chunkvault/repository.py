@@ -1189,13 +1189,16 @@ class Repository:
             snap = self.snapshot(snapshot, until=until, host=host, paths=paths)
             sub = self._subtree(snap, subtree)
             if delete and not sub.is_dir:
-                raise UsageError(f"delete=True with a single file ({os.fsdecode(sub.root)}) would leave the target "
-                                 "holding that file alone: restore its directory")
+                # worded for both callers: the command line names its option, the API caller passed delete
+                raise UsageError("deleting what the snapshot lacks").hinting(" (--delete)").explained(
+                    f" with a single file ({os.fsdecode(sub.root)}) would leave the target holding that file "
+                    "alone: restore its directory")
             opts = RestoreOptions(includes=includes, excludes=excludes, iexcludes=iexcludes, force=force,
                                   delta=delta, delete=delete, overwrite=overwrite, progress=self._progress(progress),
                                   checkpoint=self._checkpoint(), xattrs=xattrs,
                                   owner_map=None if numeric_owner else self.owner_map(snap))
-            restorer = Restorer(self._repo, target, opts, lookup=sub.lookup, tree_name=f"tree of snapshot {snap.id}")
+            restorer = Restorer(self._repo, target, opts, lookup=sub.lookup, tree_name=f"tree of snapshot {snap.id}",
+                                subtree=sub.root)
             selected = restorer.selected.directory
             within = sub.root if selected is None else sub.snapshot_path(selected)
 

@@ -323,6 +323,10 @@ class Selection:
     def everything(self) -> bool:
         return self.includes is None and self.excludes is None
 
+    def included(self, path: bytes) -> bool:
+        """Whether an include matches the path (below the root), excludes aside."""
+        return bool(path) and self.includes is not None and self.includes(os.fsdecode(path))
+
     def __call__(self, path: bytes) -> bool:
         if path == b"" or (self.includes is None and self.excludes is None):
             return True
@@ -492,7 +496,8 @@ class Restorer:
     selection that leaves out the first path of a hard-linked file restores its data at a selected link."""
 
     def __init__(self, repo: Repo | BlobSource, target: str, options: RestoreOptions,
-                 lookup: Callable[[bytes], Record | None] | None = None, tree_name: str = "manifest"):
+                 lookup: Callable[[bytes], Record | None] | None = None, tree_name: str = "manifest",
+                 subtree: bytes = b""):
         check_overwrite(options.overwrite, options.delete)
         if options.overwrite == "if-changed" and not options.delta:
             options = dataclasses.replace(options, delta=True)
@@ -506,6 +511,8 @@ class Restorer:
         self.result = RestoreResult()
         self.selected = Selection(options.includes, options.excludes, options.iexcludes)
         self.matched = 0  # entries below the root the selection took (``note_walked``)
+        self.excluded_matches = False  # an include matched an entry that an exclude then left out
+        self.subtree = subtree  # the path of the snapshot restored as the root (SNAPSHOT:PATH), b"": all of it
         self.setid_dropped = 0  # entries whose set-id bits were for other owners (``_setid_for_owner_only``)
         self.lookup = lookup
         self.tree_name = tree_name  # what a tree that would lead out of the target is called, refused
@@ -629,13 +636,20 @@ class Restorer:
         self._note_unmatched()
 
     def _note_unmatched(self) -> None:
-        """Includes name paths as `ls` lists them, relative to the snapshot's root: a path given as it was
-        on the backed-up machine would restore nothing, silently."""
+        """Includes name paths as `ls` lists them, relative to the snapshot's root (or to PATH of
+        SNAPSHOT:PATH): a path given as it was on the backed-up machine would restore nothing, silently.
+        Includes that matched what the excludes then left out are told that instead: their paths were right."""
         if not self.opt.includes or self.matched:
             return
+        given = ", ".join(self.opt.includes)
+        if self.excluded_matches:
+            self.result.warnings.append(f"nothing restored: the excludes left out all that the includes {given} "
+                                        "matched")
+            return
         hint = " (without the leading /)" if any(g.startswith("/") for g in self.opt.includes) else ""
-        self.result.warnings.append(f"nothing matched the includes {', '.join(self.opt.includes)}: includes are "
-                                    f"paths as `ls` lists them, relative to the snapshot's root{hint}")
+        root = (f"`ls SNAPSHOT:PATH` lists them, relative to PATH ({os.fsdecode(self.subtree)})" if self.subtree
+                else "`ls` lists them, relative to the snapshot's root")
+        self.result.warnings.append(f"nothing matched the includes {given}: includes are paths as {root}{hint}")
 
     @property
     def fresh(self) -> bool:
@@ -676,6 +690,8 @@ class Restorer:
             if not self.selected(rec.path):
                 if rec.entry is not None and rec.entry.type == T_DIR:
                     above.append(rec)
+                if not self.matched and not self.excluded_matches and self.selected.included(rec.path):
+                    self.excluded_matches = True
                 continue
             self.matched += bool(rec.path)
             yield from above

@@ -194,6 +194,38 @@ def test_dump_refuses_a_path_that_leads_out_of_the_subtree_as_ls_does(tree, tmp_
     assert cli("dump", "-r", r, "latest:etc/nginx", "sites/../nginx.conf").stdout == b"worker_processes 4;\n"
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_unmatched_include_of_a_subtree_is_told_relative_to_it_and_one_excluded_is_told_so(tree, tmp_path,
+                                                                                              processes):
+    repo, snap, _ = tree
+    res = repo.restore(snap, str(tmp_path / "t"), subtree="etc/nginx", includes=["etc/nginx/nginx.conf"],
+                       processes=processes)
+    assert res.files == 0 and res.warnings == [
+        "nothing matched the includes etc/nginx/nginx.conf: includes are paths as `ls SNAPSHOT:PATH` lists them, "
+        "relative to PATH (etc/nginx)"]
+    # the include was right: the excludes took what it matched, and the warning says that, not where paths lie
+    res = repo.restore(snap, str(tmp_path / "t2"), subtree="etc/nginx", includes=["nginx.conf", "mime*"],
+                       excludes=["*.conf", "mime*"], processes=processes)
+    assert res.files == 0 and res.warnings == [
+        "nothing restored: the excludes left out all that the includes nginx.conf, mime* matched"]
+    res = repo.restore(snap, str(tmp_path / "t3"), includes=["etc/nginx/nginx.conf"], excludes=["*.conf"],
+                       processes=processes)
+    assert res.warnings == [
+        "nothing restored: the excludes left out all that the includes etc/nginx/nginx.conf matched"]
+
+
+def test_delete_with_a_single_file_is_refused_naming_the_option_the_caller_gave(tree, tmp_path, cli):
+    repo, snap, _ = tree
+    (tmp_path / "t").mkdir()
+    err = cli("restore", "-r", str(tmp_path / "repo"), "latest:etc/nginx/mime", "-t", str(tmp_path / "t"),
+              "--delete", "--delta", "--confirm", "RESTORE", check=2).stderr.decode()
+    assert "(--delete) with a single file (etc/nginx/mime)" in err and "delete=True" not in err
+    with pytest.raises(UsageError, match="^deleting what the snapshot lacks with a single file") as raised:
+        repo.restore(snap, str(tmp_path / "t"), subtree="etc/nginx/mime", force=True, delete=True)
+    assert "--" not in str(raised.value)
+    assert os.listdir(tmp_path / "t") == []
+
+
 paths = st.lists(st.text("ab/", min_size=1, max_size=6), max_size=12).map(
     lambda ps: sorted({p.strip("/") for p in ps if p.strip("/") and "//" not in p}, key=lambda p: sort_key(p.encode())))
 
