@@ -1207,7 +1207,9 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"  and {len(p.files) + p.more_files - 20} more files"
                       + (f" (--json names {len(p.files)})" if len(p.files) > 20 else ""))
     if not args.json and not args.quiet:
-        print(f"checked {report.snapshots} snapshots, {report.packs} packs, {report.blobs} blobs"
+        print(f"checked {report.snapshots} snapshots, "
+              + (f"{report.wal_files} archived WAL files, " if report.wal_files else "")
+              + f"{report.packs} packs, {report.blobs} blobs"
               + (f"; read {report.packs_read} packs ({format_size(report.bytes_read)}), {report.blobs_read} blobs"
                  if report.packs_read else "")
               + (": no problems" if report.ok else f": {len(report.problems)} problem(s)"))
@@ -1286,6 +1288,56 @@ def cmd_prune(args: argparse.Namespace) -> int:
     repo = _open(args)
     _report_prune(args, _prune_with_progress(args, repo))
     return 0
+
+
+def cmd_archive_push(args: argparse.Namespace) -> int:
+    result = _open(args).archive_push(args.path, host=args.host, wait=args.wait)
+    if args.json:
+        _emit_json(result.to_dict())
+    elif not args.quiet:
+        w = result.wal
+        print(f"{w.name} already archived with the same content" if result.already else
+              f"archived {w.name}: {format_size(w.size)}, {result.new_blobs} new blobs "
+              f"({format_size(result.stored_bytes)} stored)")
+    return 0
+
+
+def cmd_archive_get(args: argparse.Namespace) -> int:
+    wal = _open(args).archive_get(args.name, args.dest, wait=args.wait)
+    if args.json:
+        _emit_json({**wal.to_dict(), "dest": args.dest})
+    elif not args.quiet:
+        print(f"restored {wal.name} ({format_size(wal.size)}) to {shown_name(args.dest)}")
+    return 0
+
+
+def cmd_archive_list(args: argparse.Namespace) -> int:
+    files = _open(args).archive_list()
+    if args.json:
+        _emit_json([w.to_dict() for w in files])
+        return 0
+    for w in files:
+        print(f"{w.name:40}  {format_size(w.size):>10}  {_local_iso(w.time)}  {one_line(w.host)}")
+    if not args.quiet:
+        print(f"{len(files)} archived files, {format_size(sum(w.size for w in files))}")
+    return 0
+
+
+def cmd_archive_expire(args: argparse.Namespace) -> int:
+    gone = _open(args).archive_expire(args.before, dry_run=args.dry_run, wait=args.wait)
+    if args.json:
+        _emit_json({"dry_run": args.dry_run, "removed": gone})
+    elif not args.quiet:
+        for name in gone:
+            print(f"{'would remove' if args.dry_run else 'removed'} {name}")
+        print(f"{len(gone)} archived files {'would be ' if args.dry_run else ''}removed"
+              + ("" if args.dry_run or not gone else "; `chunkvault prune` frees their data"))
+    return 0
+
+
+def _local_iso(text: str) -> str:
+    """A stored UTC time, to the second in local time, as listings show times."""
+    return datetime.fromisoformat(text).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
@@ -2088,6 +2140,33 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--to", required=True, metavar="URL", help="destination repository")
     passwords.TO.add_options(s, "the destination's password")
     s.set_defaults(func=cmd_copy, read_lock="copy")
+
+    s = sub.add_parser("archive-push", parents=[common],
+                       help="archive a PostgreSQL WAL file (archive_command = 'chunkvault archive-push %%p')")
+    s.add_argument("path", help="the file PostgreSQL archives (%%p): a segment, .partial, .backup or .history file")
+    s.add_argument("--host", help="the host recorded (default: this machine's name)")
+    s.add_argument("--wait", type=_seconds, default=3600.0, metavar="SECONDS",
+                   help="wait this long for a running prune, forget or repair (default 3600)")
+    s.set_defaults(func=cmd_archive_push)
+
+    s = sub.add_parser("archive-get", parents=[common],
+                       help="restore an archived WAL file (restore_command = 'chunkvault archive-get %%f \"%%p\"')")
+    s.add_argument("name", help="the archived file's name (%%f)")
+    s.add_argument("dest", help="where to write it (%%p), atomically")
+    s.add_argument("--wait", type=_seconds, default=3600.0, metavar="SECONDS",
+                   help="wait this long for a running prune, forget or repair (default 3600)")
+    s.set_defaults(func=cmd_archive_get)
+
+    s = sub.add_parser("archive-list", parents=[common], help="list the archived WAL files: name, size, time, host")
+    s.set_defaults(func=cmd_archive_list)
+
+    s = sub.add_parser("archive-expire", parents=[common],
+                       help="remove archived WAL segments before a segment of its timeline (then prune)")
+    s.add_argument("--before", required=True, metavar="SEGMENT",
+                   help="remove the segments of its timeline that sort before it (history files are kept)")
+    s.add_argument("--dry-run", "-n", action="store_true", help="list what would be removed")
+    _wait_option(s, 0.0, "running backups and reads")
+    s.set_defaults(func=cmd_archive_expire)
 
     s = sub.add_parser("check", parents=[common, reading], help="verify the repository")
     s.add_argument("--read-data", action="store_true", help="decrypt, decompress and re-hash every blob")

@@ -265,3 +265,16 @@ class MountFailed(ChunkvaultError):
     """``mount`` cannot mount: no FUSE library or device, or the kernel refused."""
 
     exit_code = 21
+
+
+class WalNotArchived(ChunkvaultError):
+    """``archive-get`` of a name the WAL archive does not hold.  PostgreSQL asks for files that may not exist
+    (the next timeline's history, the segment after the last): it must see a plain failure, below 126."""
+
+    exit_code = 1
+
+
+class ArchiveConflict(ChunkvaultError):
+    """``archive-push`` of a name already archived with other content: nothing new is made visible."""
+
+    exit_code = 22

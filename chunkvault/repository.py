@@ -67,6 +67,7 @@ if TYPE_CHECKING:  # the modules of other commands load when used: a backup need
     from .store.rewrite import RewriteReport
     from .store.stats import RepositoryStats
     from .store.usage import SnapshotUsage
+    from .store.walarchive import PushResult, WalFile
 
 __all__ = ["Repository", "Snapshot", "Entry", "SourceWalk"]
 
@@ -818,6 +819,54 @@ class Repository:
             with op.ending(interrupt) if op is not None and interrupt is not None else contextlib.nullcontext():
                 result = Backup(self._repo, opts).run(None, [name], stream=stream, stdin_name=name)
         return result
+
+    # --- the PostgreSQL WAL archive ---------------------------------------------------
+
+    @_stoppable
+    def archive_push(self, path: str | os.PathLike[str], *, host: str | None = None, wait: float = 3600.0,
+                     compression_level: int | None = None) -> "PushResult":
+        """Archive one file PostgreSQL hands its ``archive_command`` (``%p``) under its base name, a WAL
+        segment, ``.partial`` segment, backup or timeline history file (any other name: UsageError).  Its
+        data is stored as a backup stores a file, under the same shared lock, and ``wal/NAME`` written last.
+        Pushed again with the same content it succeeds (``already``) storing nothing; with other content
+        it raises ArchiveConflict and makes nothing new visible.  ``wait``: as for ``backup``."""
+        from .store import walarchive
+
+        _file_path(path, "path to archive")
+        return walarchive.push(self._repo, os.fsdecode(path), host=_host(host), wait=_wait(wait),
+                               compression_level=_compression_level(compression_level),
+                               progress=self._progress(None))
+
+    @_stoppable
+    def archive_get(self, name: str, dest: str | os.PathLike[str], *, wait: float = 3600.0) -> "WalFile":
+        """Write the archived file ``name`` (``%f``) to ``dest`` (``%p``) atomically, each blob checked against
+        its id.  Not archived: WalNotArchived (exit 1, what PostgreSQL's ``restore_command`` must see for a
+        file that does not exist); damaged: CorruptObject naming it, and ``dest`` is not written."""
+        from .store import walarchive
+
+        walarchive.check_wal_name(name)
+        _file_path(dest, "destination")
+        with self.reading("archive-get", wait=_wait(wait)):
+            return walarchive.get(self._repo, name, os.fsdecode(dest))
+
+    def archive_list(self) -> list["WalFile"]:
+        """The archived files, by name; one that does not load is left out with a RepositoryStateWarning."""
+        from .store import walarchive
+
+        self._refuse_if_closed()
+        files, bad = walarchive.load_all(self._repo)
+        for name, exc in sorted(bad.items()):
+            warnings.warn(f"{exc} (left out)", RepositoryStateWarning, stacklevel=2)
+        return files
+
+    def archive_expire(self, before: str, *, dry_run: bool = False, wait: float = 0.0) -> list[str]:
+        """Remove the archived segments (and partial segments and backup history files) of ``before``'s timeline
+        whose segment sorts before ``before``'s, under the exclusive lock; timeline history files stay.  A
+        prune then frees their data.  Returns the names removed (with ``dry_run``: that would be)."""
+        from .store import walarchive
+
+        self._refuse_if_closed()
+        return walarchive.expire(self._repo, before, dry_run=dry_run, wait=_wait(wait))
 
     # --- reading ----------------------------------------------------------------
 

@@ -79,7 +79,7 @@ CONFIG_KEYS = ("enabled", "listen", "path", "tokens", "append_only", "tls_cert",
 _RANGE = re.compile(r"^bytes=([0-9]{1,19})-([0-9]{0,19})\Z")  # ASCII, and numbers int() takes
 # The objects a repository is made of (store/FORMAT.md): anything else is refused, so that no client can put a
 # file where the layout needs a directory ("data/ab" in the way of every pack under data/ab/).
-_LAYOUT_KEY = re.compile(r"^(config|(keys|locks|index|snapshots)/[^/]+|data/[0-9a-f]{2}/[^/]+)\Z")
+_LAYOUT_KEY = re.compile(r"^(config|(keys|locks|index|snapshots|wal)/[^/]+|data/[0-9a-f]{2}/[^/]+)\Z")
 # A Host header's host (name, IPv4, [IPv6]) and port, for the URL a plain HTTP client is pointed to.
 _HOST_HEADER = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))(:[0-9]{1,5})?\Z")
 
@@ -878,7 +878,7 @@ class Handler(BaseHTTPRequestHandler):
         if not _LAYOUT_KEY.match(key):  # read, written or deleted: nothing else in the directory is served
             return self._fail(404 if self.command in ("GET", "HEAD") else 400,
                               f"{key} is not an object of a repository (config, keys/NAME, locks/NAME, "
-                              "index/NAME, snapshots/NAME, data/XX/NAME with XX two hex digits)")
+                              "index/NAME, snapshots/NAME, wal/NAME, data/XX/NAME with XX two hex digits)")
         if self.command in ("GET", "HEAD"):
             return self._get(key)
         if self.command == "PUT":

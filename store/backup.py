@@ -1236,6 +1236,33 @@ class Backup:
         merged = apply(records, extra) if kind == KIND_FULL else compose(records, extra)
         return merged, session_stats
 
+    def store_stream(self, stream: BinaryIO, rel: bytes, lock: RepoLock | None) -> tuple[bytes, list[bytes], int]:
+        """(digest, chunk ids, size) of ``stream``, cut, deduplicated, compressed, packed and indexed as a
+        backup stores a file, with no snapshot: for objects that name their chunks themselves (``wal/``,
+        store/walarchive.py).  The caller holds ``lock`` (shared) from before the index was read until it has
+        written what names the chunks, and confirms it first.  A dry run (``dry_run``) stores nothing and
+        takes no lock: the ids alone, to compare with what is stored."""
+        repo = self.repo
+        self._lock = lock
+        self.writer = CountingWriter(repo) if self.opt.dry_run else repo.writer()
+        self._lost_deltas = repo.withhold_unreadable_deltas()
+        if lock is not None:
+            self.writer.guard = self._ensure_lock_held
+        try:
+            digest, ids, size = self._read_stream(stream, rel, None)
+            self._drain()
+            self._ensure_lock_held()
+            self.writer.flush()
+        except BaseException:
+            self.writer.abandon()
+            raise
+        finally:
+            self._abort.set()
+            self._readers.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self.writer.close()
+        return digest, [ids[i : i + 32] for i in range(0, len(ids), 32)], size
+
     def _unindexed_note(self) -> str:
         """Where the parent cannot be read: stored packs in no index (their index objects lost?) are named,
         with what finds their blobs again; this backup stores what it reads of them once more."""

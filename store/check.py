@@ -31,6 +31,7 @@ from .pack import PACK_FIXED_OVERHEAD, PackEntry, decode_entries, delta_entries_
 from .repository import NOT_INDEXED, WORKERS, Repo, pack_id_of, pack_key, superseded_names
 from .snapshot import Snapshot
 from .unlock import KEY_IMPORT_HINT
+from .walarchive import WAL_PREFIX, WalFile, load_all
 
 
 #: Where a pack's index entries lie: (an index object's columns, entries, start) for each object listing it.
@@ -75,6 +76,7 @@ class CheckReport:
     packs_read: int = 0
     blobs_read: int = 0
     bytes_read: int = 0
+    wal_files: int = 0
 
     @property
     def ok(self) -> bool:
@@ -83,7 +85,8 @@ class CheckReport:
     def to_dict(self) -> dict:
         return {"ok": self.ok, "problems": [p.to_dict() for p in self.problems], "warnings": self.warnings,
                 "snapshots": self.snapshots, "packs": self.packs, "blobs": self.blobs,
-                "packs_read": self.packs_read, "blobs_read": self.blobs_read, "bytes_read": self.bytes_read}
+                "packs_read": self.packs_read, "blobs_read": self.blobs_read, "bytes_read": self.bytes_read,
+                "wal_files": self.wal_files}
 
 
 def parse_subset(spec: str | None) -> Callable[[Mapping[bytes, int]], set[bytes]] | None:
@@ -155,6 +158,7 @@ class Checker:
         # Snapshots before the index, the index before the packs: a backup running meanwhile (it takes a shared
         # lock too) indexes its blobs before it saves its snapshot, so what these snapshots need is indexed.
         snapshots = self._load_snapshots()
+        wal = self._load_wal()
         indexed = self._load_index()
         todo, to_read = self._pack_todo(indexed)
         if to_read >= FORK_MIN_BYTES and forked.cores() > 1 and forked.can_fork(repo.remote):
@@ -174,11 +178,45 @@ class Checker:
                 raise
             if packs_error:
                 raise packs_error[0]
+        self._check_wal(wal)
         if self.bad_blobs:
             self._spare_copied()
         if self.bad_blobs or self.bad_manifests:
             self._attribute(snapshots)
+        if self.bad_blobs:
+            self._attribute_wal(wal)
         return self.report
+
+    def _load_wal(self) -> list[WalFile]:
+        """Every ``wal/`` object decoded (before the index, as snapshots: a push indexes its blobs first)."""
+        files, bad = load_all(self.repo)
+        for name, exc in sorted(bad.items()):
+            if isinstance(exc, NewerObject):
+                self.report.warnings.append(f"{exc}; not checked")
+            else:
+                self.problem(f"{WAL_PREFIX}{name}", _said(exc, f"{WAL_PREFIX}{name}"))
+        self.report.wal_files = len(files)
+        return files
+
+    def _check_wal(self, files: list[WalFile]) -> None:
+        """Each archived file's blobs in the index, and what their lengths add up to against its size: a
+        restore of it (``archive-get``) writes nothing unless both hold."""
+        index = self.repo.index
+        for w in files:
+            ids = w.blob_ids()
+            self._report_unindexed(b"".join(ids))
+            held = [index.get(b) for b in ids]
+            if all(loc is not None for loc in held) and sum(loc.raw_length for loc in held) != w.size:
+                self.problem(f"{WAL_PREFIX}{w.name}", f"records a size of {w.size} bytes, and its blobs hold "
+                                                      f"{sum(loc.raw_length for loc in held)}: archive-get refuses it")
+
+    def _attribute_wal(self, files: list[WalFile]) -> None:
+        """Name each archived file a bad blob (or a base its delta needs) takes down."""
+        for w in files:
+            bad = next((p for b in w.blob_ids() if (p := self._bad(b)) is not None), None)
+            if bad is not None:
+                self.problem(f"{WAL_PREFIX}{w.name}", f"archive-get fails: it needs {bad.object}, which is "
+                                                      "damaged or missing")
 
     def _spare_copied(self) -> None:
         """A damaged (or lost) copy of a blob stored twice takes no file down while another copy reads:

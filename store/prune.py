@@ -322,7 +322,10 @@ def _unused_share(use: PackUse) -> float:
 
 
 def used_blobs(repo: Repo) -> set[bytes]:
-    """Every blob a snapshot needs: manifests and chunks of each snapshot's own manifest."""
+    """Every blob a snapshot needs (manifests and chunks of each snapshot's own manifest) and every blob an
+    archived WAL file needs (``wal/``: a push holds the shared lock until its object is written)."""
+    from .walarchive import used_blobs as wal_blobs
+
     used: set[bytes] = set()
     # Read again under the lock: a forget's rebase since an earlier listing points a snapshot at new
     # manifest blobs, and a stale object would have them deleted.
@@ -338,6 +341,7 @@ def used_blobs(repo: Repo) -> set[bytes]:
         used.update(bytes.fromhex(h) for h in snap.manifest)
     for _, refs in repo.manifest_chunk_refs(snapshots):
         used.update(refs[i : i + 32] for i in range(0, len(refs), 32))
+    used |= wal_blobs(repo)
     return used
 
 

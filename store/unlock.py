@@ -32,7 +32,7 @@ class Unlocked(NamedTuple):
 #: Where a key file or the config is lost or damaged: the way back, for whoever kept a key export.
 KEY_IMPORT_HINT = "; a key export of this repository puts it back (`key import FILE`)"
 
-REPOSITORY_DIRS = ("keys/", "data/", "index/", "snapshots/")
+REPOSITORY_DIRS = ("keys/", "data/", "index/", "snapshots/", "wal/")
 
 
 def repository_objects(remote: Remote) -> list[str]:

@@ -228,3 +228,15 @@ def test_nonces_are_drawn_as_each_seal_is_made_and_never_kept(monkeypatch):
     assert [bytes(x[1:13]) for x in batch] == [drawn[2][:12], drawn[2][12:]]
     assert [s.open(x, b"ad") for x in (one, bytes(after[1:]), *(bytes(x[1:]) for x in batch))] == [
         b"one", b"two", b"three", b"four"]
+
+
+def test_wal_object(v):
+    """The WAL archive object opens under its own name only, and names the blob FORMAT.md says."""
+    from chunkvault.store.walarchive import WalFile
+
+    s = Sealer(v["enc_key"])
+    w = WalFile.decode(s, "000000010000000000000001", v["wal_object"])
+    assert (w.name, w.size, w.blob_ids(), w.host, w.time) == (
+        "000000010000000000000001", 4, [v["raw_id"]], "vector", "2023-11-14T22:13:20.000000+00:00")
+    with pytest.raises(CorruptObject, match="authentication failed"):
+        WalFile.decode(s, "000000010000000000000002", v["wal_object"])

@@ -1,0 +1,315 @@
+"""The PostgreSQL WAL archive: ``wal/<NAME>`` objects, what ``archive-push`` and ``archive-get`` exchange
+with PostgreSQL's ``archive_command`` and ``restore_command``.
+
+A file's data is stored as a backup stores a file (chunked, deduplicated, compressed, sealed into packs,
+indexed; ``Backup.store_stream``); its ``wal/`` object, a small sealed document naming those blobs, is
+written last, once, and never rewritten: what PostgreSQL archived under a name stays what it gets back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import BinaryIO, Callable, Iterable
+
+import zstandard
+
+from chunkvault.errors import (ArchiveConflict, CorruptObject, LockLost, NewerObject,
+                               ObjectExists, ObjectNotFound, RemoteUnavailable, TargetUnwritable, UsageError,
+                               WalNotArchived)
+
+from .backup import Backup, BackupOptions
+from .crypto import AuthenticationFailed, Sealer
+from .locks import EXCLUSIVE, SHARED, RepoLock
+from .repository import OBJECT_READERS, Repo
+from .snapshot import now_iso
+from .unlock import require_openable
+
+WAL_PREFIX = "wal/"
+WAL_AD = b"chunkvault wal v1"
+WAL_VERSION = 1
+#: Blobs read at once by ``archive-get`` (a segment is some 64 chunks at the default chunk size).
+READ_BATCH = 16
+
+_SEGMENT = "[0-9A-F]{24}"
+#: What PostgreSQL archives: a segment, a segment cut short at a promotion (``.partial``), a backup history
+#: file (the segment, the start offset) and a timeline history file.
+_NAME = re.compile(rf"({_SEGMENT})(\.partial|\.[0-9A-F]{{8}}\.backup)?|[0-9A-F]{{8}}\.history")
+_HEX_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def check_wal_name(name: object) -> str:
+    """``name`` when it is a file PostgreSQL archives (the form ``%f`` takes); else a UsageError: anything
+    else under ``wal/`` could not be told from what a restore asks for."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise UsageError(f"{name!r} is not the name of a file PostgreSQL archives (a WAL segment such as "
+                         "000000010000000000000003, or that with .partial, a backup history file "
+                         "000000010000000000000003.00000028.backup, or a timeline history file 00000002.history)")
+    return name
+
+
+def is_history(name: str) -> bool:
+    return name.endswith(".history")
+
+
+def expired(names: Iterable[str], before: str) -> list[str]:
+    """The names ``archive-expire --before`` removes: those whose segment is on ``before``'s timeline and sorts
+    before its segment (segments, partial segments, backup history files); timeline history files are
+    kept, as every later recovery may need them.  ``before``: a segment name, or any name with one."""
+    check_wal_name(before)
+    if is_history(before):
+        raise UsageError(f"--before takes a WAL segment's name (e.g. 000000010000000000000003), not a timeline "
+                         f"history file's ({before})")
+    limit = before[:24]
+    return sorted(n for n in names if not is_history(n) and n[:8] == limit[:8] and n[:24] < limit)
+
+
+@dataclass
+class WalFile:
+    """One archived file: its name, size and the ids of its chunks in order; when and where it was pushed."""
+
+    name: str
+    size: int
+    blobs: list[str]  # hex blob ids, in order
+    time: str  # ISO 8601 UTC, when it was archived
+    host: str
+    version: int = WAL_VERSION
+
+    def blob_ids(self) -> list[bytes]:
+        return [bytes.fromhex(b) for b in self.blobs]
+
+    def same_content(self, other: "WalFile") -> bool:
+        return self.size == other.size and self.blobs == other.blobs
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "size": self.size, "time": self.time, "host": self.host,
+                "blobs": len(self.blobs)}
+
+    def encode(self, sealer: Sealer) -> bytes:
+        """Sealed with the kind and name as associated data: an object's bytes under another name do not open."""
+        check_wal_name(self.name)
+        plain = json.dumps(asdict(self), sort_keys=True, ensure_ascii=True).encode()
+        return sealer.seal(zstandard.ZstdCompressor(level=3).compress(plain), WAL_AD + self.name.encode())
+
+    @classmethod
+    def decode(cls, sealer: Sealer, name: str, data: bytes) -> "WalFile":
+        what = f"{WAL_PREFIX}{name}"
+        try:
+            plain = zstandard.ZstdDecompressor().decompress(sealer.open(data, WAL_AD + name.encode()),
+                                                            max_output_size=1 << 26)
+            body = json.loads(plain)
+        except AuthenticationFailed:
+            raise CorruptObject(what, "authentication failed") from None
+        except (zstandard.ZstdError, ValueError, UnicodeDecodeError, RecursionError):
+            raise CorruptObject(what, "undecodable") from None
+        version = body.get("version") if isinstance(body, dict) else None
+        if version is True:  # FORMAT.md: a reader takes `true` as 1
+            body["version"] = version = 1
+        if type(version) is not int or version < 1:
+            raise CorruptObject(what, "unsupported version")
+        if version > WAL_VERSION:
+            raise NewerObject(what, f"written by a newer chunkvault (wal version {version}); upgrade chunkvault "
+                                    "to read it")
+        try:
+            wal = cls(**body)
+            if wal.name != name:
+                raise ValueError(f"it names {wal.name!r}")
+            if type(wal.size) is not int or wal.size < 0:
+                raise ValueError("size is not a count of bytes")
+            if not isinstance(wal.blobs, list) or not all(isinstance(b, str) and _HEX_ID.fullmatch(b)
+                                                          for b in wal.blobs):
+                raise ValueError("blobs are not 64 hex digits each")
+            if not isinstance(wal.host, str) or not isinstance(wal.time, str) or \
+                    datetime.fromisoformat(wal.time).tzinfo is None:
+                raise ValueError("host or time is not as written")
+        except (TypeError, ValueError) as exc:
+            raise CorruptObject(what, f"malformed ({exc})") from None
+        return wal
+
+
+@dataclass
+class PushResult:
+    wal: WalFile
+    already: bool  # archived before with the same content: nothing stored
+    new_blobs: int = 0
+    stored_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return {**self.wal.to_dict(), "already_archived": self.already, "new_blobs": self.new_blobs,
+                "stored_bytes": self.stored_bytes}
+
+
+def load(repo: Repo, name: str) -> WalFile | None:
+    """The archived file ``name``, or None when not archived."""
+    try:
+        data = repo.remote.get(WAL_PREFIX + name)
+    except ObjectNotFound:
+        return None
+    return WalFile.decode(repo.sealer, name, data)
+
+
+def names(repo: Repo) -> list[str]:
+    """Every name under ``wal/`` that PostgreSQL could have archived (anything else is no object of ours)."""
+    return sorted(n for o in repo.remote.list(WAL_PREFIX) if _NAME.fullmatch(n := o.key[len(WAL_PREFIX):]))
+
+
+def load_all(repo: Repo) -> tuple[list[WalFile], dict[str, CorruptObject]]:
+    """Every archived file that loads, by name, and the errors of those that do not (damaged, or newer)."""
+    listed = names(repo)
+
+    def one(name: str) -> WalFile | CorruptObject | None:
+        try:
+            return load(repo, name)
+        except CorruptObject as exc:
+            return exc
+
+    with ThreadPoolExecutor(OBJECT_READERS) as pool:
+        loaded = list(pool.map(one, listed))
+    bad = {n: x for n, x in zip(listed, loaded) if isinstance(x, CorruptObject)}
+    return [x for x in loaded if isinstance(x, WalFile)], bad
+
+
+def used_blobs(repo: Repo) -> set[bytes]:
+    """The blobs every archived file needs (for prune): one that does not load stops it, as a snapshot does."""
+    files, bad = load_all(repo)
+    for name, exc in sorted(bad.items()):
+        if isinstance(exc, NewerObject):
+            raise exc.explained("; prune needs every wal object")
+        raise exc.explained("; prune needs every wal object: `archive-expire --before` a later segment removes "
+                            "a segment's (for a history file, delete the object) once no recovery needs it")
+    return {b for w in files for b in w.blob_ids()}
+
+
+def push(repo: Repo, path: str, *, host: str | None = None, wait: float = 3600.0,
+         compression_level: int | None = None, progress: Callable[[dict], None] | None = None) -> PushResult:
+    """Archive the file at ``path`` under its base name, as PostgreSQL's ``archive_command`` asks: idempotent
+    for the same content, refused (ArchiveConflict) for other content under a name already archived.
+    ``progress``: called with a backup's counts as it reads (where a stop is noticed)."""
+    name = check_wal_name(os.path.basename(path))
+    host = host or socket.gethostname()
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with f:
+        with RepoLock(repo.remote, SHARED, "archive-push", wait=wait) as lock:
+            if lock.waited:
+                repo.drop_stale(index=False)
+            require_openable(repo.remote, repo.config.repo_id)
+            repo.fresh_index()
+            existing = load(repo, name)
+            if existing is not None:  # a push again after a crash: same ids, or a conflict; nothing stored
+                _, ids, size = _backup(repo, compression_level, progress, dry_run=True).store_stream(f, name.encode(), None)
+                return _again(existing, ids, size)
+            backup = _backup(repo, compression_level, progress, dry_run=False)
+            _, ids, size = backup.store_stream(f, name.encode(), lock)
+            assert backup.writer is not None
+            wal = WalFile(name=name, size=size, blobs=[b.hex() for b in ids], time=now_iso(), host=host)
+            lock.confirm()
+            try:
+                repo.remote.put(WAL_PREFIX + name, wal.encode(repo.sealer), if_absent=True)
+            except ObjectExists:  # another push of the same name meanwhile: its blobs are now ours too
+                other = load(repo, name)
+                if other is None:
+                    raise
+                return _again(other, ids, size)
+            try:
+                lock.confirm()
+            except LockLost:  # a prune may have taken its blobs: PostgreSQL pushes it again
+                repo.remote.delete(WAL_PREFIX + name)
+                raise
+            except RemoteUnavailable:
+                pass
+            return PushResult(wal, False, backup.writer.new_blobs, backup.writer.stored_bytes)
+
+
+def _backup(repo: Repo, compression_level: int | None, progress: Callable[[dict], None] | None, *,
+            dry_run: bool) -> Backup:
+    """WAL has no parent version: stored whole, never as a delta."""
+    return Backup(repo, BackupOptions(delta=False, dry_run=dry_run, compression_level=compression_level,
+                                      progress=progress))
+
+
+def _again(existing: WalFile, ids: list[bytes], size: int) -> PushResult:
+    pushed = WalFile(existing.name, size, [b.hex() for b in ids], existing.time, existing.host)
+    if not existing.same_content(pushed):
+        raise ArchiveConflict(f"{existing.name} is archived already ({existing.size} bytes, {existing.time} from "
+                              f"{existing.host}) with other content than {size} bytes pushed now; nothing was "
+                              "stored (another server archiving into this repository? give each its own)")
+    return PushResult(existing, True)
+
+
+def get(repo: Repo, name: str, dest: str) -> WalFile:
+    """Write the archived file ``name`` to ``dest`` atomically (a temporary file beside it, synced, renamed),
+    every blob checked against its id: damage is an error naming the object, never wrong bytes."""
+    check_wal_name(name)
+    wal = load(repo, name)
+    if wal is None:
+        raise WalNotArchived(f"{name} is not in the WAL archive")
+    directory = os.path.dirname(os.path.abspath(dest))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".chunkvault-", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise TargetUnwritable(f"cannot write into {directory}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            written = _write_blobs(repo, wal, out)
+            if written != wal.size:
+                raise CorruptObject(WAL_PREFIX + name, f"its blobs hold {written} bytes, and it records {wal.size}")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+        tmp = ""
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise TargetUnwritable(f"cannot write {dest}: {exc.strerror or exc}") from None
+    finally:
+        if tmp:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return wal
+
+
+def _write_blobs(repo: Repo, wal: WalFile, out: BinaryIO) -> int:
+    ids = wal.blob_ids()
+    written = 0
+    for i in range(0, len(ids), READ_BATCH):
+        batch = ids[i : i + READ_BATCH]
+        try:
+            plains = repo.read_blobs(batch)
+            for bid, plain in zip(batch, plains):
+                repo.check_id(bid, plain)
+        except CorruptObject as exc:
+            raise exc.explained(f" (needed by {WAL_PREFIX}{wal.name})") from None
+        for plain in plains:
+            out.write(plain)
+            written += len(plain)
+    return written
+
+
+def expire(repo: Repo, before: str, *, dry_run: bool = False, wait: float = 0.0) -> list[str]:
+    """Remove the ``wal/`` objects ``expired`` names, under the exclusive lock (a prune then frees their data);
+    with ``dry_run``, only say which."""
+    check_wal_name(before)
+    if dry_run:
+        return expired(names(repo), before)
+    with RepoLock(repo.remote, EXCLUSIVE, "archive-expire", wait=wait) as lock:
+        gone = expired(names(repo), before)
+        if gone:
+            repo.require_deletes(f"{WAL_PREFIX}{'0' * 24}", "archive-expire")
+        for name in gone:
+            lock.ensure_held()
+            repo.remote.delete(WAL_PREFIX + name)
+    return gone
+

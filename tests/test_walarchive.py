@@ -1,0 +1,369 @@
+"""The PostgreSQL WAL archive: names, the sealed object, archive-push / archive-get / archive-list /
+archive-expire, and what prune, check and the HTTP service do with ``wal/`` objects."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+
+import pytest
+from hypothesis import given, strategies as st
+
+from chunkvault import Repository
+from chunkvault.errors import ArchiveConflict, CorruptObject, Locked, NewerObject, UsageError, WalNotArchived
+from chunkvault.store.crypto import Sealer
+from chunkvault.store.repository import pack_key
+from chunkvault.store.walarchive import WalFile, check_wal_name, expired
+from conftest import PASSWORD
+from servers_http import APPEND_TOKEN, FULL_TOKEN, http_server, serve_factory  # noqa: F401
+
+SEG = "000000010000000000000001"
+HEX = "0123456789ABCDEF"
+
+segments = st.text(HEX, min_size=24, max_size=24)
+wal_names = st.one_of(
+    segments,
+    segments.map(lambda s: s + ".partial"),
+    st.tuples(segments, st.text(HEX, min_size=8, max_size=8)).map(lambda t: f"{t[0]}.{t[1]}.backup"),
+    st.text(HEX, min_size=8, max_size=8).map(lambda t: t + ".history"),
+)
+
+
+def segment_file(directory, name: str = SEG, seed: int = 1, size: int = 16 << 20):
+    """A WAL-like segment: some random pages, the rest zero (as a segment switched early is)."""
+    rnd = random.Random(seed)
+    path = directory / name
+    path.write_bytes(rnd.randbytes(size // 4) + bytes(size - size // 4))
+    return path
+
+
+# --- names and the object ----------------------------------------------------------------------------------
+
+
+@given(wal_names)
+def test_every_name_postgresql_archives_is_taken(name):
+    assert check_wal_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "out", "00000001000000000000000", "0000000100000000000000001",
+                                  "00000001000000000000000a", "000000010000000000000001.PARTIAL",
+                                  "000000010000000000000001.history", "00000002.backup", "../00000002.history",
+                                  "000000010000000000000001/", "000000010000000000000001.0000002.backup",
+                                  "000000010000000000000001\n", "RECOVERYHISTORY", "RECOVERYXLOG", 5, None])
+def test_other_names_are_usage_errors(name):
+    with pytest.raises(UsageError, match="not the name of a file PostgreSQL archives"):
+        check_wal_name(name)
+
+
+@given(st.text(min_size=1, max_size=40).filter(lambda t: not all(c in HEX + ".partilbckuhsoy" for c in t)))
+def test_names_with_other_characters_are_refused(name):
+    with pytest.raises(UsageError):
+        check_wal_name(name)
+
+
+wal_files = st.builds(
+    WalFile, name=wal_names, size=st.integers(0, 1 << 40),
+    blobs=st.lists(st.binary(min_size=32, max_size=32).map(bytes.hex), max_size=80),
+    time=st.datetimes(timezones=st.just(__import__("datetime").timezone.utc)).map(
+        lambda t: t.isoformat(timespec="microseconds")),
+    host=st.text(max_size=30))
+
+
+@given(wal_files, st.binary(min_size=32, max_size=32))
+def test_objects_round_trip_and_open_under_their_own_name_only(w, key):
+    s = Sealer(key)
+    data = w.encode(s)
+    assert WalFile.decode(s, w.name, data) == w
+    other = "00000009.history" if w.name != "00000009.history" else SEG
+    with pytest.raises(CorruptObject, match="authentication failed"):
+        WalFile.decode(s, other, data)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 1
+    with pytest.raises(CorruptObject):
+        WalFile.decode(s, w.name, bytes(flipped))
+
+
+def test_objects_of_a_newer_version_or_malformed_are_refused():
+    import zstandard
+
+    from chunkvault.store.walarchive import WAL_AD
+
+    s = Sealer(bytes(32))
+
+    def sealed(body, name=SEG):
+        return s.seal(zstandard.ZstdCompressor().compress(json.dumps(body).encode()), WAL_AD + name.encode())
+
+    good = {"version": 1, "name": SEG, "size": 4, "blobs": ["ab" * 32], "time": "2026-01-01T00:00:00+00:00",
+            "host": "h"}
+    assert WalFile.decode(s, SEG, sealed({**good, "version": True})).size == 4
+    with pytest.raises(NewerObject, match="newer chunkvault"):
+        WalFile.decode(s, SEG, sealed({**good, "version": 2}))
+    for bad in ({"name": "000000010000000000000002"}, {"size": -1}, {"size": "4"}, {"blobs": ["AB" * 32]},
+                {"blobs": "ab"}, {"time": "2026-01-01T00:00:00"}, {"host": None}, {"extra": 1}, {"version": 0}):
+        with pytest.raises(CorruptObject):
+            WalFile.decode(s, SEG, sealed({**good, **bad}))
+
+
+@given(st.lists(wal_names, max_size=30, unique=True), segments)
+def test_expire_takes_the_earlier_segments_of_the_timeline_and_never_a_history_file(names, before):
+    gone = expired(names, before)
+    for n in names:
+        earlier = not n.endswith(".history") and n[:8] == before[:8] and n[:24] < before
+        assert (n in gone) == earlier
+
+
+def test_expire_examples():
+    names = ["000000010000000000000001", "000000010000000000000002", "000000010000000000000002.00000028.backup",
+             "000000010000000000000003", "000000010000000000000003.partial", "00000002.history",
+             "000000020000000000000001", "000000020000000000000003"]
+    assert expired(names, "000000010000000000000003") == [
+        "000000010000000000000001", "000000010000000000000002", "000000010000000000000002.00000028.backup"]
+    assert expired(names, "000000020000000000000003.00000060.backup") == ["000000020000000000000001"]
+    with pytest.raises(UsageError, match="timeline history"):
+        expired(names, "00000002.history")
+    with pytest.raises(UsageError):
+        expired(names, "latest")
+
+
+# --- the commands ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def repo_url(tmp_path, cli):
+    url = str(tmp_path / "repo")
+    cli("init", "-r", url, "--kdf-time", "0")
+    return url
+
+
+def test_push_and_get_a_16_mib_segment(tmp_path, cli, repo_url):
+    wal = tmp_path / "pg_wal"
+    wal.mkdir()
+    seg = segment_file(wal)
+    out = json.loads(cli("archive-push", "-r", repo_url, str(seg), "--json").stdout)
+    assert out["name"] == SEG and out["size"] == 16 << 20 and out["already_archived"] is False
+    assert out["new_blobs"] > 0 and out["stored_bytes"] < 6 << 20  # the zero pages compress
+    assert (tmp_path / "repo" / "wal" / SEG).is_file()
+    assert not list((tmp_path / "repo" / "locks").glob("*"))
+    restore = tmp_path / "restore"
+    restore.mkdir()
+    cli("archive-get", "-r", repo_url, SEG, str(restore / "RECOVERYXLOG"))
+    assert (restore / "RECOVERYXLOG").read_bytes() == seg.read_bytes()
+    assert os.listdir(restore) == ["RECOVERYXLOG"]  # no temporary file left beside it
+    listing = json.loads(cli("archive-list", "-r", repo_url, "--json").stdout)
+    assert [(w["name"], w["size"]) for w in listing] == [(SEG, 16 << 20)]
+    assert SEG in cli("archive-list", "-r", repo_url).stdout.decode()
+
+
+def test_a_push_again_with_the_same_content_succeeds_and_other_content_is_refused(tmp_path, cli, repo_url):
+    seg = segment_file(tmp_path)
+    cli("archive-push", "-r", repo_url, str(seg))
+    stored = tmp_path / "repo"
+
+    def objects():
+        return {str(p.relative_to(stored)): p.read_bytes() for p in stored.rglob("*")
+                if p.is_file() and p.parts[-2] != "locks" and not p.name.startswith(".")}
+
+    before = objects()
+    again = cli("archive-push", "-r", repo_url, str(seg))
+    assert "already archived" in again.stdout.decode()
+    assert objects() == before
+    data = bytearray(seg.read_bytes())
+    data[5000] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    refused = cli("archive-push", "-r", repo_url, str(seg), check=22)
+    lines = refused.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "archived already" in lines[0] and "nothing was stored" in lines[0]
+    assert objects() == before  # not a pack, not an index object more
+    got = tmp_path / "got"
+    cli("archive-get", "-r", repo_url, SEG, str(got))
+    assert got.read_bytes() != seg.read_bytes() and len(got.read_bytes()) == 16 << 20
+
+
+def test_missing_names_exit_1_and_bad_ones_2(tmp_path, cli, repo_url):
+    for name in ("00000002.history", SEG):
+        result = cli("archive-get", "-r", repo_url, name, str(tmp_path / "x"), check=1)
+        assert result.stderr.decode().strip() == f"chunkvault: {name} is not in the WAL archive"
+    assert not (tmp_path / "x").exists()
+    bad = tmp_path / "postmaster.pid"
+    bad.write_bytes(b"1")
+    for args in (("archive-get", "-r", repo_url, "x/../etc", str(tmp_path / "x")),
+                 ("archive-push", "-r", repo_url, str(bad)),
+                 ("archive-push", "-r", repo_url, str(tmp_path / SEG)),  # no such file
+                 ("archive-expire", "-r", repo_url, "--before", "00000001.history")):
+        result = cli(*args, check=2)
+        assert len(result.stderr.decode().strip().splitlines()) == 1
+
+
+def test_a_damaged_blob_is_an_error_naming_it_never_wrong_bytes(tmp_path, cli, repo_url, password):
+    seg = segment_file(tmp_path)
+    cli("archive-push", "-r", repo_url, str(seg))
+    with Repository.open(repo_url, password) as repo:
+        blob = repo.archive_list()[0].blob_ids()[0]
+        loc = repo.store.locate(blob)
+        pack = tmp_path / "repo" / pack_key(repo.store.pack_ids[loc.pack_no])
+    data = bytearray(pack.read_bytes())
+    data[loc.offset + loc.length // 2] ^= 1
+    os.chmod(pack, 0o600)
+    pack.write_bytes(bytes(data))
+    dest = tmp_path / "restore" / "RECOVERYXLOG"
+    dest.parent.mkdir()
+    result = cli("archive-get", "-r", repo_url, SEG, str(dest), check=13)
+    line = result.stderr.decode().strip()
+    assert blob.hex() in line and f"wal/{SEG}" in line, line
+    assert os.listdir(dest.parent) == []
+    report = json.loads(cli("check", "-r", repo_url, "--read-data", "--json", check=18).stdout)
+    assert any(p["object"] == f"wal/{SEG}" for p in report["problems"]), report
+
+
+def test_check_names_a_damaged_wal_object_and_an_unindexed_blob(tmp_path, cli, repo_url, password):
+    cli("archive-push", "-r", repo_url, str(segment_file(tmp_path, size=1 << 20)))
+    cli("archive-push", "-r", repo_url, str(segment_file(tmp_path, "000000010000000000000002", seed=2,
+                                                          size=1 << 20)))
+    report = json.loads(cli("check", "-r", repo_url, "--json").stdout)
+    assert report["ok"] and report["wal_files"] == 2
+    obj = tmp_path / "repo" / "wal" / SEG
+    (tmp_path / "repo" / "wal" / "000000010000000000000002").write_bytes(obj.read_bytes())  # moved
+    for index in (tmp_path / "repo" / "index").iterdir():
+        index.unlink()
+    report = json.loads(cli("check", "-r", repo_url, "--json", "--no-cache", check=18).stdout)
+    objects = [p["object"] for p in report["problems"]]
+    assert "wal/000000010000000000000002" in objects
+    assert f"wal/{SEG}" in objects and any(o.startswith("blob ") for o in objects), objects
+
+
+def test_prune_keeps_what_archived_wal_needs_and_frees_it_once_expired(tmp_path, password):
+    repo = Repository.init(str(tmp_path / "repo"), password, kdf_seconds=0, pack_size="1M")
+    src = tmp_path / "src"
+    src.mkdir()
+    segs = [segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=4 << 20) for i in (1, 2, 3)]
+    (src / "copy").write_bytes(segs[0].read_bytes())  # a backup holding the same chunks: deduplicated
+    snap = repo.backup([str(src)]).snapshot
+    for seg in segs:
+        repo.archive_push(seg)
+    history = tmp_path / "00000002.history"
+    history.write_text("1\t0/3000000\tno recovery target specified\n")
+    repo.archive_push(history)
+    label = tmp_path / "000000010000000000000002.00000028.backup"
+    label.write_text("START WAL LOCATION: 0/2000028\n")
+    repo.archive_push(label)
+    repo.forget([snap.id])
+    repo.prune(max_unused=0)
+    for seg in segs:
+        repo.archive_get(seg.name, tmp_path / "got")
+        assert (tmp_path / "got").read_bytes() == seg.read_bytes()
+    assert repo.check(read_data=True).ok
+    packed = repo.stats().pack_bytes
+    gone = repo.archive_expire("000000010000000000000003", dry_run=True)
+    assert gone == ["000000010000000000000001", "000000010000000000000002",
+                    "000000010000000000000002.00000028.backup"]
+    assert len(repo.archive_list()) == 5
+    assert repo.archive_expire("000000010000000000000003") == gone
+    assert [w.name for w in repo.archive_list()] == ["000000010000000000000003", "00000002.history"]
+    repo.prune(max_unused=0)
+    assert repo.stats().pack_bytes < packed * 0.6
+    with pytest.raises(WalNotArchived):
+        repo.archive_get("000000010000000000000001", tmp_path / "got")
+    repo.archive_get("00000002.history", tmp_path / "got")
+    assert (tmp_path / "got").read_bytes() == history.read_bytes()
+    assert repo.check(read_data=True).ok
+    repo.close()
+
+
+def test_a_damaged_wal_object_stops_prune(tmp_path, password):
+    repo = Repository.init(str(tmp_path / "repo"), password, kdf_seconds=0)
+    repo.archive_push(segment_file(tmp_path, size=1 << 20))
+    obj = tmp_path / "repo" / "wal" / SEG
+    data = bytearray(obj.read_bytes())
+    data[-1] ^= 1
+    os.chmod(obj, 0o600)
+    obj.write_bytes(bytes(data))
+    with pytest.raises(CorruptObject, match=f"wal/{SEG}.*prune needs every wal object"):
+        repo.prune(max_unused=0)
+    repo.close()
+
+
+def test_a_push_holds_off_prune_until_its_object_is_written(tmp_path, password, monkeypatch):
+    """Its blobs are in no wal object until the end: the shared lock is what keeps a prune from them."""
+    from chunkvault.store.backup import Backup
+
+    url = str(tmp_path / "repo")
+    Repository.init(url, password, kdf_seconds=0).close()
+    seg = segment_file(tmp_path, size=1 << 20)
+    reading, resume = threading.Event(), threading.Event()
+    store = Backup.store_stream
+
+    def paused(self, stream, rel, lock):
+        result = store(self, stream, rel, lock)
+        reading.set()
+        resume.wait(30)
+        return result
+
+    monkeypatch.setattr(Backup, "store_stream", paused)
+    pusher = Repository.open(url, password)
+    errors = []
+
+    def push():
+        try:
+            pusher.archive_push(seg)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=push)
+    thread.start()
+    try:
+        assert reading.wait(30)
+        with Repository.open(url, password) as other:
+            with pytest.raises(Locked):
+                other.prune(max_unused=0, wait=0)
+            with pytest.raises(Locked):
+                other.archive_expire(SEG, wait=0)
+    finally:
+        resume.set()
+        thread.join(30)
+    assert not errors
+    with Repository.open(url, password) as other:
+        other.prune(max_unused=0)
+        other.archive_get(SEG, tmp_path / "got")
+    assert (tmp_path / "got").read_bytes() == seg.read_bytes()
+    pusher.close()
+
+
+def test_api_argument_errors(tmp_path, new_repo):
+    repo = new_repo()
+    with pytest.raises(UsageError):
+        repo.archive_push(None)
+    with pytest.raises(UsageError):
+        repo.archive_get("not-wal", tmp_path / "x")
+    with pytest.raises(UsageError):
+        repo.archive_get(SEG, "")
+    with pytest.raises(UsageError):
+        repo.archive_push(segment_file(tmp_path, size=10), host="")
+    with pytest.raises(ArchiveConflict):
+        seg = segment_file(tmp_path, size=100)
+        repo.archive_push(seg)
+        seg.write_bytes(b"x" * 100)
+        repo.archive_push(seg)
+
+
+def test_append_only_service_takes_pushes_and_refuses_expire(tmp_path, http_server, cli):
+    url = http_server.url
+
+    def env(token):
+        return {"CHUNKVAULT_HTTP_TOKEN": token, "CHUNKVAULT_CACHE_DIR": str(tmp_path / f"cache-{token[:6]}")}
+
+    cli("init", "-r", url, "--kdf-time", "0", env=env(FULL_TOKEN))
+    seg = segment_file(tmp_path, size=2 << 20)
+    cli("archive-push", "-r", url, str(seg), env=env(APPEND_TOKEN))
+    cli("archive-push", "-r", url, str(seg), env=env(APPEND_TOKEN))  # again: same content
+    assert (http_server.path / "wal" / SEG).is_file()
+    cli("archive-get", "-r", url, SEG, str(tmp_path / "got"), env=env(APPEND_TOKEN))
+    assert (tmp_path / "got").read_bytes() == seg.read_bytes()
+    result = cli("archive-expire", "-r", url, "--before", "000000010000000000000002", env=env(APPEND_TOKEN),
+                 check=14)
+    assert "append-only" in result.stderr.decode()
+    assert (http_server.path / "wal" / SEG).is_file()
+    out = json.loads(cli("archive-expire", "-r", url, "--before", "000000010000000000000002", "--json",
+                         env=env(FULL_TOKEN)).stdout)
+    assert out == {"dry_run": False, "removed": [SEG]}
+    assert not (http_server.path / "wal" / SEG).exists()
