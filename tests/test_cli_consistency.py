@@ -471,6 +471,8 @@ def test_readme_python_example_runs_top_to_bottom(tmp_path):
     (root / "var/backups/pg/copy/base/1").write_bytes(os.urandom(30_000))
     (root / "home/u/notes.tmp").write_text("left out\n")
     (root / "etc/nginx/nginx.conf").write_text("worker_processes 1;\n")
+    (root / "var/lib/postgresql/15/main/pg_wal").mkdir(parents=True)
+    (root / "var/lib/postgresql/15/main/pg_wal/000000010000000000000003").write_bytes(os.urandom(100_000))
     (root / "srv/backup").mkdir(parents=True)
     work = tmp_path / "work"
     work.mkdir()
@@ -487,6 +489,8 @@ def test_readme_python_example_runs_top_to_bottom(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (root / "tmp/restore/base/1").exists() and (root / "tmp/then/table").exists()
     assert (work / "etc.tar").stat().st_size > 0
+    assert (root / "tmp/seg").read_bytes() == (root / "var/lib/postgresql/15/main/pg_wal/000000010000000000000003"
+                                               ).read_bytes()
     assert proc.stdout.rstrip().endswith("True")  # verify_restore's report
 
 
