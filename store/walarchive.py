@@ -7,6 +7,7 @@ written last, once, and never rewritten: what PostgreSQL archived under a name s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,9 +20,8 @@ from typing import BinaryIO, Callable, Iterable
 
 import zstandard
 
-from chunkvault.errors import (ArchiveConflict, CorruptObject, LockLost, NewerObject,
-                               ObjectExists, ObjectNotFound, RemoteUnavailable, TargetUnwritable, UsageError,
-                               WalNotArchived)
+from chunkvault.errors import (ArchiveConflict, CorruptObject, LockLost, NewerObject, ObjectExists, ObjectNotFound,
+                               RemoteError, RemoteUnavailable, TargetUnwritable, UsageError, WalNotArchived)
 
 from .backup import Backup, BackupOptions
 from .crypto import AuthenticationFailed, Sealer
@@ -204,7 +204,8 @@ def push(repo: Repo, path: str, *, host: str | None = None, wait: float = 3600.0
             repo.fresh_index()
             existing = load(repo, name)
             if existing is not None:  # a push again after a crash: same ids, or a conflict; nothing stored
-                _, ids, size = _backup(repo, compression_level, progress, dry_run=True).store_stream(f, name.encode(), None)
+                counting = _backup(repo, compression_level, progress, dry_run=True)
+                _, ids, size = counting.store_stream(f, name.encode(), None)
                 return _again(existing, ids, size)
             backup = _backup(repo, compression_level, progress, dry_run=False)
             _, ids, size = backup.store_stream(f, name.encode(), lock)
@@ -220,8 +221,9 @@ def push(repo: Repo, path: str, *, host: str | None = None, wait: float = 3600.0
                 return _again(other, ids, size)
             try:
                 lock.confirm()
-            except LockLost:  # a prune may have taken its blobs: PostgreSQL pushes it again
-                repo.remote.delete(WAL_PREFIX + name)
+            except LockLost:  # a prune may have taken its blobs: taken back, PostgreSQL pushes it again
+                with contextlib.suppress(RemoteError):  # an append-only token cannot: the lock's error stands
+                    repo.remote.delete(WAL_PREFIX + name)
                 raise
             except RemoteUnavailable:
                 pass
@@ -239,7 +241,7 @@ def _again(existing: WalFile, ids: list[bytes], size: int) -> PushResult:
     pushed = WalFile(existing.name, size, [b.hex() for b in ids], existing.time, existing.host)
     if not existing.same_content(pushed):
         raise ArchiveConflict(f"{existing.name} is archived already ({existing.size} bytes, {existing.time} from "
-                              f"{existing.host}) with other content than {size} bytes pushed now; nothing was "
+                              f"{existing.host}) with other content than the {size} bytes pushed now; nothing was "
                               "stored (another server archiving into this repository? give each its own)")
     return PushResult(existing, True)
 

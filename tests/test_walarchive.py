@@ -367,3 +367,31 @@ def test_append_only_service_takes_pushes_and_refuses_expire(tmp_path, http_serv
                          env=env(FULL_TOKEN)).stdout)
     assert out == {"dry_run": False, "removed": [SEG]}
     assert not (http_server.path / "wal" / SEG).exists()
+
+
+def test_a_push_whose_lock_was_lost_takes_its_object_back(tmp_path, new_repo, monkeypatch):
+    """Judged stale while it wrote (paused, cut off), its lock may have let a prune delete its blobs: the object
+    naming them is removed again, and the push fails (PostgreSQL pushes the file again)."""
+    from chunkvault.errors import LockLost
+    from chunkvault.store.locks import RepoLock
+
+    repo = new_repo()
+    seg = segment_file(tmp_path, size=1 << 20)
+    confirm = RepoLock.confirm
+    calls = []
+
+    def lost_after_the_write(self):
+        calls.append(self.purpose)
+        if len(calls) == 2:
+            raise LockLost("this archive-push's repository lock was removed by another command")
+        return confirm(self)
+
+    monkeypatch.setattr(RepoLock, "confirm", lost_after_the_write)
+    with pytest.raises(LockLost):
+        repo.archive_push(seg)
+    assert calls == ["archive-push", "archive-push"]
+    assert repo.archive_list() == []
+    monkeypatch.setattr(RepoLock, "confirm", confirm)
+    assert not repo.archive_push(seg).already
+    repo.archive_get(SEG, tmp_path / "got")
+    assert (tmp_path / "got").read_bytes() == seg.read_bytes()
