@@ -1312,14 +1312,22 @@ def cmd_archive_get(args: argparse.Namespace) -> int:
 
 
 def cmd_archive_list(args: argparse.Namespace) -> int:
+    from .store.walarchive import timelines
+
     files = _open(args).archive_list()
+    spans = timelines((w.name, w.size) for w in files)
     if args.json:
-        _emit_json([w.to_dict() for w in files])
+        _emit_json({"files": [w.to_dict() for w in files], "timelines": [t.to_dict() for t in spans]})
         return 0
     for w in files:
         print(f"{w.name:40}  {format_size(w.size):>10}  {_local_iso(w.time)}  {one_line(w.host)}")
-    if not args.quiet:
-        print(f"{len(files)} archived files, {format_size(sum(w.size for w in files))}")
+    if args.quiet:
+        return 0
+    print(f"{len(files)} archived files, {format_size(sum(w.size for w in files))}")
+    for t in spans:
+        gap = (f"; {len(t.missing)} missing: {', '.join(t.missing[:10])}" + (", ..." if len(t.missing) > 10 else "")
+               if t.missing else "")
+        print(f"timeline {t.timeline}: {t.segments} segments from {t.first} to {t.last}{gap}")
     return 0
 
 

@@ -132,6 +132,52 @@ class WalFile:
         return wal
 
 
+#: The segment size PostgreSQL uses unless initdb was told otherwise (``--wal-segsize``).
+DEFAULT_SEGMENT_SIZE = 16 << 20
+
+
+@dataclass
+class TimelineSpan:
+    """The archived segments of one timeline: the first and last, how many, and those missing in between (a
+    recovery through a missing one stops there)."""
+
+    timeline: int
+    first: str
+    last: str
+    segments: int
+    missing: list[str]
+
+    def to_dict(self) -> dict:
+        return {"timeline": self.timeline, "first": self.first, "last": self.last, "segments": self.segments,
+                "missing": self.missing}
+
+
+def timelines(files: Iterable[tuple[str, int]]) -> list[TimelineSpan]:
+    """Per timeline, the span of the archived segments (``.partial`` ones count for their segment) among
+    (name, size) pairs.  Segment numbers run on across the 32-bit log boundary as the segment size makes them
+    (the size segments were archived with; 16 MiB where none says)."""
+    files = list(files)
+    sizes = [size for name, size in files  # a partial segment is of the whole size too, zero-padded
+             if (len(name) == 24 or name.endswith(".partial")) and size > 0 and (1 << 32) % size == 0]
+    seg_size = max(set(sizes), key=sizes.count) if sizes else DEFAULT_SEGMENT_SIZE
+    per_log = (1 << 32) // seg_size
+    present: dict[int, set[int]] = {}
+    for name, _ in files:
+        if is_history(name) or name.endswith(".backup"):
+            continue
+        present.setdefault(int(name[:8], 16), set()).add(int(name[8:16], 16) * per_log + int(name[16:24], 16))
+
+    def named(tli: int, segno: int) -> str:
+        return f"{tli:08X}{segno // per_log:08X}{segno % per_log:08X}"
+
+    spans = []
+    for tli, segnos in sorted(present.items()):
+        low, high = min(segnos), max(segnos)
+        spans.append(TimelineSpan(tli, named(tli, low), named(tli, high), len(segnos),
+                                  [named(tli, n) for n in range(low, high + 1) if n not in segnos]))
+    return spans
+
+
 @dataclass
 class PushResult:
     wal: WalFile

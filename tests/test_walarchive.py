@@ -150,7 +150,7 @@ def test_push_and_get_a_16_mib_segment(tmp_path, cli, repo_url):
     cli("archive-get", "-r", repo_url, SEG, str(restore / "RECOVERYXLOG"))
     assert (restore / "RECOVERYXLOG").read_bytes() == seg.read_bytes()
     assert os.listdir(restore) == ["RECOVERYXLOG"]  # no temporary file left beside it
-    listing = json.loads(cli("archive-list", "-r", repo_url, "--json").stdout)
+    listing = json.loads(cli("archive-list", "-r", repo_url, "--json").stdout)["files"]
     assert [(w["name"], w["size"]) for w in listing] == [(SEG, 16 << 20)]
     assert SEG in cli("archive-list", "-r", repo_url).stdout.decode()
 
@@ -395,3 +395,39 @@ def test_a_push_whose_lock_was_lost_takes_its_object_back(tmp_path, new_repo, mo
     assert not repo.archive_push(seg).already
     repo.archive_get(SEG, tmp_path / "got")
     assert (tmp_path / "got").read_bytes() == seg.read_bytes()
+
+
+@given(st.integers(1, 0xFFFFFFFF), st.sampled_from([1 << 20, 16 << 20, 64 << 20, 1 << 30]),
+       st.sets(st.integers(0, 2000), min_size=1, max_size=60), st.data())
+def test_timelines_name_every_missing_segment_across_the_log_boundary(tli, seg_size, segnos, data):
+    from chunkvault.store.walarchive import timelines
+
+    per_log = (1 << 32) // seg_size
+    base = (data.draw(st.integers(0, 3)) + 1) * per_log - min(per_log, 1000)  # spans cross into the next log
+    names = {n: f"{tli:08X}{(base + n) // per_log:08X}{(base + n) % per_log:08X}" for n in range(2001)}
+    assert all(len(name) == 24 and check_wal_name(name) for name in names.values())
+    files = [(names[n], seg_size) for n in segnos]
+    last = max(segnos)
+    if data.draw(st.booleans()):  # a promotion's partial segment counts for its segment; labels for none
+        files[-1] = (files[-1][0] + ".partial", seg_size)
+    files += [(names[min(segnos)] + ".00000028.backup", 300), ("00000002.history", 40)]
+    [span] = timelines(files)
+    assert (span.timeline, span.first, span.last, span.segments) == (tli, names[min(segnos)], names[last],
+                                                                     len(segnos))
+    assert span.missing == [names[n] for n in range(min(segnos), last + 1) if n not in segnos]
+
+
+def test_archive_list_says_what_is_missing(tmp_path, cli, repo_url):
+    for name in ("000000010000000000000001", "000000010000000000000002", "000000010000000000000004",
+                 "000000020000000000000004"):
+        cli("archive-push", "-r", repo_url, str(segment_file(tmp_path, name, size=1 << 20)))
+    out = json.loads(cli("archive-list", "-r", repo_url, "--json").stdout)
+    assert [f["name"] for f in out["files"]][-1] == "000000020000000000000004"
+    assert out["timelines"] == [
+        {"timeline": 1, "first": "000000010000000000000001", "last": "000000010000000000000004", "segments": 3,
+         "missing": ["000000010000000000000003"]},
+        {"timeline": 2, "first": "000000020000000000000004", "last": "000000020000000000000004", "segments": 1,
+         "missing": []}]
+    text = cli("archive-list", "-r", repo_url).stdout.decode()
+    assert "timeline 1: 3 segments from 000000010000000000000001 to 000000010000000000000004; 1 missing: " \
+           "000000010000000000000003" in text
