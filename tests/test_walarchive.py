@@ -6,6 +6,7 @@ import json
 import os
 import random
 import threading
+from datetime import timezone
 
 import pytest
 from hypothesis import given, strategies as st
@@ -15,7 +16,6 @@ from chunkvault.errors import ArchiveConflict, CorruptObject, Locked, NewerObjec
 from chunkvault.store.crypto import Sealer
 from chunkvault.store.repository import pack_key
 from chunkvault.store.walarchive import WalFile, check_wal_name, expired
-from conftest import PASSWORD
 from servers_http import APPEND_TOKEN, FULL_TOKEN, http_server, serve_factory  # noqa: F401
 
 SEG = "000000010000000000000001"
@@ -65,7 +65,7 @@ def test_names_with_other_characters_are_refused(name):
 wal_files = st.builds(
     WalFile, name=wal_names, size=st.integers(0, 1 << 40),
     blobs=st.lists(st.binary(min_size=32, max_size=32).map(bytes.hex), max_size=80),
-    time=st.datetimes(timezones=st.just(__import__("datetime").timezone.utc)).map(
+    time=st.datetimes(timezones=st.just(timezone.utc)).map(
         lambda t: t.isoformat(timespec="microseconds")),
     host=st.text(max_size=30))
 
