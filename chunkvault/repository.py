@@ -453,7 +453,7 @@ class Repository:
         handler that ``chunkvault.interrupts.handled`` runs).
 
         Each raises ``chunkvault.errors.Stopped`` (a KeyboardInterrupt) at its next progress point, with or
-        without a progress callback: ``backup`` and ``backup_stream`` between reads, ``backup_command`` at once
+        without a progress callback: ``backup``, ``backup_stream`` and ``archive_push`` between reads, ``backup_command`` at once
         (its command is ended), ``restore`` between batches of chunks, ``check`` and ``copy_to`` between packs,
         ``prune`` between repacks, ``export`` between batches of chunks, ``import_backup`` between sections of
         the file, ``dump`` between writes; a wait for a lock ends too.  The remotes of its repositories start

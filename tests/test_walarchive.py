@@ -2,10 +2,12 @@
 archive-expire, and what prune, check and the HTTP service do with ``wal/`` objects."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import threading
+import time
 from datetime import timezone
 
 import pytest
@@ -431,3 +433,24 @@ def test_archive_list_says_what_is_missing(tmp_path, cli, repo_url):
     text = cli("archive-list", "-r", repo_url).stdout.decode()
     assert "timeline 1: 3 segments from 000000010000000000000001 to 000000010000000000000004; 1 missing: " \
            "000000010000000000000003" in text
+
+
+def test_a_stopped_push_leaves_no_object_and_no_lock(tmp_path, new_repo):
+    from chunkvault.errors import Stopped
+
+    repo = new_repo()
+    fifo = tmp_path / SEG
+    os.mkfifo(fifo)
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(pytest.raises(Stopped, repo.archive_push, fifo)))
+    thread.start()
+    with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as w:  # stopped, it may close the pipe early
+        w.write(os.urandom(4 << 20))
+        w.flush()
+        time.sleep(0.5)
+        repo.stop()
+        w.write(os.urandom(4 << 20))
+    thread.join(30)
+    assert errors and not thread.is_alive()
+    assert repo.archive_list() == []
+    assert not list((tmp_path / "repo0" / "locks").glob("*"))
