@@ -2157,13 +2157,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="wait this long for a running prune, forget or repair (default 3600)")
     s.set_defaults(func=cmd_archive_push)
 
-    s = sub.add_parser("archive-get", parents=[common],
+    s = sub.add_parser("archive-get", parents=[common, reading],
                        help="restore an archived WAL file (restore_command = 'chunkvault archive-get %%f \"%%p\"')")
     s.add_argument("name", help="the archived file's name (%%f)")
     s.add_argument("dest", help="where to write it (%%p), atomically")
-    s.add_argument("--wait", type=_seconds, default=3600.0, metavar="SECONDS",
-                   help="wait this long for a running prune, forget or repair (default 3600)")
-    s.set_defaults(func=cmd_archive_get)
+    s.set_defaults(func=cmd_archive_get, read_lock="archive-get")
 
     s = sub.add_parser("archive-list", parents=[common], help="list the archived WAL files: name, size, time, host")
     s.set_defaults(func=cmd_archive_list)
