@@ -454,3 +454,19 @@ def test_a_stopped_push_leaves_no_object_and_no_lock(tmp_path, new_repo):
     assert errors and not thread.is_alive()
     assert repo.archive_list() == []
     assert not list((tmp_path / "repo0" / "locks").glob("*"))
+
+
+def test_check_and_get_refuse_a_size_the_blobs_do_not_hold(tmp_path, new_repo):
+    """An object whose size disagrees with its blobs (a writer's bug: the seal is intact) writes nothing."""
+    repo = new_repo()
+    repo.archive_push(segment_file(tmp_path, size=1 << 20))
+    [w] = repo.archive_list()
+    w.size += 1
+    repo.store.remote.delete(f"wal/{SEG}")
+    repo.store.remote.put(f"wal/{SEG}", w.encode(repo.store.sealer))
+    report = repo.check()
+    assert [p.object for p in report.problems] == [f"wal/{SEG}"]
+    assert "records a size of" in report.problems[0].problem
+    with pytest.raises(CorruptObject, match="records"):
+        repo.archive_get(SEG, tmp_path / "got")
+    assert not (tmp_path / "got").exists()
