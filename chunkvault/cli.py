@@ -2286,13 +2286,15 @@ def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
 @contextlib.contextmanager
 def _cache_settings(args: argparse.Namespace) -> Iterator[None]:
     """``--cache-dir`` and ``--no-cache`` as the environment variables every connection reads (a copy's
-    destination's too), for this command only."""
+    destination's too), for this command only.  An option wins over the environment: ``--cache-dir``
+    over ``CHUNKVAULT_NO_CACHE``, as ``--no-cache`` over ``CHUNKVAULT_CACHE_DIR``."""
     from .connection import NO_CACHE_ENV
 
-    given = {"CHUNKVAULT_CACHE_DIR": getattr(args, "cache_dir", None),
-             NO_CACHE_ENV: "1" if getattr(args, "no_cache", False) else None}
-    if given["CHUNKVAULT_CACHE_DIR"] is not None and given[NO_CACHE_ENV]:
+    cache_dir, no_cache = getattr(args, "cache_dir", None), getattr(args, "no_cache", False)
+    if cache_dir is not None and no_cache:
         raise UsageError("--cache-dir and --no-cache: give one")
+    given = {"CHUNKVAULT_CACHE_DIR": cache_dir,
+             NO_CACHE_ENV: "1" if no_cache else "" if cache_dir is not None else None}
     before = {k: os.environ.get(k) for k, v in given.items() if v is not None}
     os.environ.update({k: v for k, v in given.items() if v is not None})
     try:

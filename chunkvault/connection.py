@@ -6,11 +6,12 @@ storage (and unlock the key) before the store's heavier modules are imported.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import blake3
 
-from .errors import UsageError
+from .errors import LocalCacheWarning, UsageError
 from .localfiles import tag_as_cache, user_dir
 from .remotes import Remote, open_remote
 from .remotes.local import LocalRemote
@@ -75,8 +76,9 @@ NO_CACHE_ENV = "CHUNKVAULT_NO_CACHE"  # set (to anything but "" or "0"): no loca
 
 
 def cache_base() -> str | None:
-    """The local cache's directory; None when there is none to use (no home directory, or none wanted:
-    ``CHUNKVAULT_NO_CACHE``): commands then read everything from the repository."""
+    """The local cache's directory; None when there is none to use (no home directory, none wanted:
+    ``CHUNKVAULT_NO_CACHE``, or the one given is no writable directory, which is warned of once):
+    commands then read everything from the repository."""
     if os.environ.get(NO_CACHE_ENV, "") not in ("", "0"):
         return None
     base = os.environ.get("CHUNKVAULT_CACHE_DIR")
@@ -85,8 +87,26 @@ def cache_base() -> str | None:
         if home_cache is None:
             return None
         base = os.path.join(home_cache, "chunkvault")
+    elif not _usable(base):  # one given: a cache that silently never fills is a surprise, so say it once
+        if base not in _said_unusable:
+            _said_unusable.add(base)
+            warnings.warn(f"cache directory {base} is not a writable directory: nothing is cached locally, "
+                          "every object is read from the repository", LocalCacheWarning, stacklevel=3)
+        return None
     tag_as_cache(base)  # it holds copies of metadata and key files: no backup should take them
     return base
+
+
+_said_unusable: set[str] = set()
+
+
+def _usable(directory: str) -> bool:
+    """Whether ``directory`` is (or can be made) a directory this process can write in."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError:
+        return False
+    return os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)
 
 
 def url_digest(url: str) -> str:

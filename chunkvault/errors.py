@@ -30,6 +30,11 @@ class RepositoryStateWarning(ChunkvaultWarning):
     object does not load (it is left out)."""
 
 
+class LocalCacheWarning(ChunkvaultWarning):
+    """The cache directory given (``--cache-dir``, ``CHUNKVAULT_CACHE_DIR``) cannot be used: the command
+    goes on without a local cache, reading every object from the repository."""
+
+
 class ChunkvaultError(Exception):
     """Base of every error chunkvault raises on purpose."""
 

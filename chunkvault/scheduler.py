@@ -209,19 +209,20 @@ class RunReport:
         failed = sum(r.status == FAILED and not r.snapshot_id for r in self.sources)
         hooks_failed = sum(r.status == FAILED and bool(r.snapshot_id) and r.post_exit not in (None, 0)
                            for r in self.sources)  # saved, then the post hook failed
-        copied = sum(r.copy is not None for r in self.sources)
+        copies = [r.copy for r in self.sources if r.copy is not None]
+        copied = sum(len(c["copied"]) for c in copies)  # snapshots sent, not sources that copied
         copies_failed = sum(r.copy_error is not None for r in self.sources)
         retention_failed = sum(r.retention_error is not None for r in self.sources)
         text = (f"run: {len(made)} backup(s), {failed} failed, {len(self.partial)} partial"
                 + (f", {hooks_failed} post hook(s) failed" if hooks_failed else "")
-                + (f"; copied {copied}" if copied or copies_failed else "")
+                + (f"; copied {copied}" if copies or copies_failed else "")
                 + (f", copy failed {copies_failed}" if copies_failed else "")
                 + f"; retention removed {sum(len(r.retention.removed) for r in self.sources if r.retention)}")
         text += f", failed {retention_failed}" if retention_failed else ""
         if self.check_error is not None:
             text += f"; {self.check_error}"
-        elif self.check is not None and not self.dry_run:
-            text += "; check passed"
+        elif self.check is not None and not self.dry_run:  # due: passed, or a stop skipped or cut it short
+            text += "; check passed" if self.check.get("ok") else f"; check {self.check.get('stopped', 'skipped')}"
         return text + (" (stopped early)" if self.stopped else "")
 
     def raise_for_status(self) -> None:
@@ -663,13 +664,15 @@ class Runner:
             self.log("check: not due" + (f" (next slot {_iso(nxt)})" if nxt else ""))
             return
         subset, slice_no = check_slice(self.policy.check_subset, mine.get("slice"))
-        reading = f", reading {subset} of the data" if subset else ""
+        reading = (f", reading slice {slice_no} of {subset.split('/')[1]}" if slice_no is not None
+                   else f", reading {subset} of the data" if subset else "")  # "2/3 of the data" read as two thirds
         report.check = {"slot": _iso(due.slot), "reason": due.reason, "subset": subset}
         if report.dry_run:
             self.log(f"check: would check the repository{reading} ({due.reason})")
             return
         if self.stop.is_set():
             report.stopped = True
+            report.check.update(ok=None, stopped="skipped")  # not run: neither passed nor failed
             self.log("check: skipped, stopping")
             return
         self.log(f"check: checking the repository{reading} ({due.reason})")
@@ -679,6 +682,7 @@ class Runner:
         except (ChunkvaultError, Stopped) as exc:
             if self._ended_by_stop(exc):
                 report.stopped = True
+                report.check.update(ok=None, stopped="stopped")
                 self.log(f"check: stopped ({exc})")
                 return
             if isinstance(exc, Stopped):

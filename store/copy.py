@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator
+from typing import AbstractSet, Callable, Iterable, Iterator
 
 from chunkvault.errors import CorruptObject, NewerObject
 from chunkvault.remotes.layer import parallel_map
@@ -51,16 +51,19 @@ class CopyResult:
     bytes_sent: int = 0
 
 
-def copy_order(snapshots: Iterable[Snapshot], wanted: set[str]) -> list[Snapshot]:
+def copy_order(snapshots: Iterable[Snapshot], wanted: set[str], held: AbstractSet[str] = frozenset()) -> list[Snapshot]:
     """Pure: the wanted snapshots plus every ancestor they need (that is there), oldest first but every
-    parent before its children (``backup --time --parent`` may date a differential before its parent)."""
+    parent before its children (``backup --time --parent`` may date a differential before its parent).
+    ``held``: snapshots the destination has a copy of; the walk down a chain stops at one, since its
+    children build on that copy (a rebased one too: a rebase keeps what it restores), so the ancestors
+    below it that the destination's retention forgot are not sent again."""
     by_id = {s.id: s for s in snapshots}
     need: set[str] = set()
     for sid in wanted:
         cur: str | None = sid
         while cur is not None and cur in by_id and cur not in need:
             need.add(cur)
-            cur = by_id[cur].parent
+            cur = by_id[cur].parent if cur not in held else None
     out: list[Snapshot] = []
     placed: set[str] = set()
     for snap in sorted((by_id[i] for i in need), key=chronological_key(by_id.values())):
@@ -227,7 +230,8 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
         with dst.writer() as writer:
             writer.guard = lock.confirm
             mapper = _BlobMapper(src, dst, writer, progress)
-            for snap in copy_order(src_snaps, wanted):
+            held = {s.id for s in src_snaps if not origins(s).isdisjoint(done)}
+            for snap in copy_order(src_snaps, wanted, held):
                 there = next((done[i] for i in sorted(origins(snap)) if i in done), None)
                 if there is not None:
                     done[snap.id] = there  # its differentials build on that one

@@ -445,3 +445,37 @@ def test_a_copy_whose_destination_stops_answering_removes_its_lock_on_the_source
     assert failed.value.remote == faulty.display_url
     assert list((tmp_path / "src-repo" / "locks").iterdir()) == []
     assert list((tmp_path / "dst" / "locks").iterdir()) != []  # left to go stale: removing it would wait as long
+
+
+def test_a_differential_builds_on_the_destination_s_rebased_copy_of_its_parent(tmp_path, new_repo):
+    """The destination forgot the middle differential of a chain and rebased the newest onto the full: the
+    next differential builds on that rebased copy, and the forgotten one is not sent again (it was, with
+    the whole chain, at every copy, for the destination's retention to forget once more)."""
+    src = new_repo(str(tmp_path / "src-repo"))
+    tree = tmp_path / "src"
+    tree.mkdir()
+    states, made = {}, []
+    for i in range(3):
+        (tree / f"f{i}").write_bytes(b"%d" % i * 5000)
+        made.append(src.backup([str(tree)], kind="diff" if made else "full",
+                               parent=made[-1].id if made else None).snapshot)
+        states[made[-1].id] = describe(tree)
+    full, middle, newest = made
+    dst = Repository.init(str(tmp_path / "dst"), "other password", kdf_seconds=0)
+    src.copy_to(dst)
+    by_source = {s.stats["copied_from"]: s.id for s in dst.snapshots()}
+    dst.forget([by_source[middle.id]])
+    assert dst.snapshot(by_source[newest.id]).parent == by_source[full.id]
+    (tree / "later").write_bytes(b"later" * 1000)
+    later = src.backup([str(tree)], kind="diff", parent=newest.id).snapshot
+    assert later.parent == newest.id
+    result = src.copy_to(dst, [later.id])
+    assert [s for s, _ in result.copied] == [later.id] and result.skipped == [newest.id]
+    assert sorted(s.stats["copied_from"] for s in dst.snapshots()) == sorted([full.id, newest.id, later.id])
+    copy = dict(result.copied)[later.id]
+    assert dst.snapshot(copy).parent == by_source[newest.id]
+    dst.restore(copy, str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(tmp_path / "src")
+    dst.restore(by_source[newest.id], str(tmp_path / "out2"))
+    assert describe(tmp_path / "out2") == states[newest.id]
+    assert dst.check(read_data=True).ok

@@ -38,3 +38,38 @@ def test_a_relative_xdg_directory_is_ignored_and_no_home_means_none(monkeypatch,
         warnings.simplefilter("always")
         assert Ledger.at(None, "0" * 32) is None
     assert [w.category for w in seen] == [RepositoryStateWarning] and "no home directory" in str(seen[0].message)
+
+
+def test_a_cache_directory_given_that_is_no_writable_directory_is_warned_of_and_not_used(monkeypatch, tmp_path):
+    """A regular file, or a path below one, given as the cache: warned of once (it was silently ignored)."""
+    from chunkvault.errors import LocalCacheWarning
+
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file", tmp_path / "file" / "below"):
+        monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(bad))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert cache_base() is None and key_ahead_path("sftp://h/r") is None
+        assert [w.category for w in seen] == [LocalCacheWarning], seen
+        assert f"cache directory {bad} is not a writable directory" in str(seen[0].message)
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "new" / "cache"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache_base() == str(tmp_path / "new" / "cache") and (tmp_path / "new" / "cache").is_dir()
+
+
+def test_cache_dir_wins_over_chunkvault_no_cache(monkeypatch, tmp_path):
+    """An option wins over the environment: --cache-dir over CHUNKVAULT_NO_CACHE=1 (which silently dropped
+    it), as --no-cache over CHUNKVAULT_CACHE_DIR; the environment is as it was after the command."""
+    import argparse
+
+    from chunkvault.cli import _cache_settings
+
+    monkeypatch.setenv("CHUNKVAULT_NO_CACHE", "1")
+    with _cache_settings(argparse.Namespace(cache_dir=str(tmp_path / "c"), no_cache=False)):
+        assert cache_base() == str(tmp_path / "c")
+    assert os.environ["CHUNKVAULT_NO_CACHE"] == "1" and cache_base() is None
+    monkeypatch.delenv("CHUNKVAULT_NO_CACHE")
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "env"))
+    with _cache_settings(argparse.Namespace(cache_dir=None, no_cache=True)):
+        assert cache_base() is None

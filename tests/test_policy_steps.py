@@ -195,6 +195,32 @@ def test_each_new_snapshot_is_copied_with_its_chain_and_copy_retention_applies_t
     assert any(f"db at {off}: retention removed 2 snapshot(s)" in line for line in log), log
 
 
+def test_copy_retention_s_forgotten_differentials_are_not_sent_again(tmp_path, repos, tree):
+    """keep-full = 1, keep-diff = 1 there: each run's differential builds on the destination's rebased copy of
+    its parent, so one snapshot travels per run (every differential the destination forgot went again, to be
+    forgotten again), and the summary's `copied N` counts the snapshots sent."""
+    main, off = repos
+    policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
+                               top=f'full = "weekly sun 02:00"\ndiff = "daily 03:00"\ncopy-to = {q(off)}\n'
+                                   'copy-to-password-file = "off.pw"\nretention = { keep-last = 50 }\n'
+                                   'copy-retention = { keep-full = 1, keep-diff = 1 }\n')
+    day = datetime(2026, 3, 1, 2, 30, tzinfo=UTC)
+    log: list[str] = []
+    for n in range(5):
+        (tree / "notes.txt").write_text(f"day {n}\n")
+        report = run(policy_path, tmp_path, log, day + timedelta(days=n))
+        db = report.sources[0]
+        assert report.ok and db.kind == ("full" if n == 0 else "diff")
+        assert [c["source"] for c in db.copy["copied"]] == [db.snapshot_id], (n, db.copy)
+        assert "; copied 1;" in report.summary()
+        there = offsite(off)
+        assert [s.kind for s in there] == (["full"] if n == 0 else ["full", "diff"])
+        assert there[-1].stats["copied_from"] == db.snapshot_id
+    with Repository.open(off, OTHER) as r:
+        r.restore(there[-1].id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "notes.txt").read_text() == "day 4\n"
+
+
 def test_a_failed_copy_fails_the_source_not_the_backup_and_the_next_copy_catches_up(tmp_path, repos, tree,
                                                                                     monkeypatch):
     """An unreachable destination: the snapshot stays, the post hook learns `failed`, retention of the source
@@ -250,7 +276,7 @@ def test_a_failed_copy_fails_the_source_not_the_backup_and_the_next_copy_catches
     assert not report.ok and len(offsite(off)) == 2
     (tree / "notes.txt").write_text("day 4\n")
     report = run(policy_path, tmp_path, log, day + timedelta(days=3))
-    assert report.ok and len(report.sources[0].copy["copied"]) == 2
+    assert report.ok and len(report.sources[0].copy["copied"]) == 2 and "; copied 2;" in report.summary()
     assert [s.time for s in offsite(off)] == [s.time for s in snapshots(main)]
 
 
@@ -359,7 +385,7 @@ def test_a_check_runs_when_due_is_remembered_and_reads_the_next_slice_each_time(
     log: list[str] = []
     report = run(policy_path, tmp_path, log, sun)
     assert report.ok and report.check["ok"] and report.check["subset"] == "2/3"
-    assert "check: checking the repository, reading 2/3 of the data (no check yet)" in log
+    assert "check: checking the repository, reading slice 2 of 3 (no check yet)" in log
     assert "; check passed" in report.summary()
     state = json.loads((tmp_path / "p.state").read_text())
     assert state["checks"][main] == {"time": "2026-03-01T04:30:00Z", "slice": 2}
@@ -378,6 +404,40 @@ def test_a_check_runs_when_due_is_remembered_and_reads_the_next_slice_each_time(
     runner = Runner(policy, PASSWORD.encode(), clock=lambda: sun + timedelta(days=21), log=log.append,
                     lock_file=str(tmp_path / "p.lock"), state_file=str(tmp_path / "p.state"))
     assert runner.run(only=["db"]).check is None
+
+
+def test_a_check_a_stop_skipped_or_cut_short_is_not_reported_passed(tmp_path, repos, tree, monkeypatch):
+    """The summary said `check passed` and the JSON `check` object had no `ok` when a stop came before the
+    check began, or during it: now `check skipped` / `check stopped`, `ok` null, and nothing remembered."""
+    import threading
+
+    from chunkvault.errors import Stopped
+
+    main, _ = repos
+    policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
+                               top='full = "daily 02:00"\ncheck = "daily 04:00"\n')
+    when = datetime(2026, 3, 1, 4, 30, tzinfo=UTC)
+    stop = threading.Event()
+    stop.set()
+    log: list[str] = []
+    report = run(policy_path, tmp_path, log, when, stop=stop)
+    assert report.stopped and "check: skipped, stopping" in log
+    assert report.check["ok"] is None and report.check["stopped"] == "skipped"
+    assert report.to_dict()["check"]["ok"] is None
+    assert "check passed" not in report.summary() and "; check skipped (stopped early)" in report.summary()
+    assert not (tmp_path / "p.state").exists()
+
+    stop = threading.Event()
+
+    def cut_short(self, **kw):
+        stop.set()
+        raise Stopped("stopping")
+
+    monkeypatch.setattr(Repository, "check", cut_short)
+    report = run(policy_path, tmp_path, log, when, stop=stop)
+    assert report.stopped and report.check["ok"] is None and report.check["stopped"] == "stopped"
+    assert "check passed" not in report.summary() and "; check stopped (stopped early)" in report.summary()
+    assert not (tmp_path / "p.state").exists()
 
 
 def test_a_check_that_finds_damage_fails_the_run_names_it_and_runs_again(tmp_path, repos, tree, monkeypatch,
@@ -466,7 +526,7 @@ def test_a_dry_run_says_what_it_would_copy_and_check_and_does_neither(tmp_path, 
     assert cli_main(["run", "--config", str(policy_path), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert f"db: would copy it to {off}, then apply copy-retention there" in out
-    assert "check: would check the repository, reading 1/7 of the data (no check yet)" in out
+    assert "check: would check the repository, reading slice 1 of 7 (no check yet)" in out
     assert snapshots(main) == [] and offsite(off) == []
     assert not (tmp_path / "p.toml.state").exists()
 

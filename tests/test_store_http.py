@@ -318,3 +318,14 @@ def test_cache_dir_and_no_cache_on_the_command_line(tmp_path, http_server, cli):
     assert len(json.loads(cli("snapshots", "-r", url, "--json", env=env).stdout)) == 2
     said = cli("snapshots", "-r", url, "--cache-dir", "x", "--no-cache", env=env, check=2).stderr.decode().strip()
     assert said == "chunkvault: --cache-dir and --no-cache: give one"
+    # the option wins over the environment: --cache-dir with CHUNKVAULT_NO_CACHE=1 set keeps a cache there
+    flag_over_env = tmp_path / "flag-over-env"
+    cli("snapshots", "-r", url, "--cache-dir", str(flag_over_env), env={**env, "CHUNKVAULT_NO_CACHE": "1"})
+    assert any(p.is_file() for p in flag_over_env.rglob("*"))
+    # a cache directory that cannot be one is said once, and the command goes on without a cache
+    (tmp_path / "a-file").write_text("not a directory\n")
+    for unusable in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        run = cli("snapshots", "-r", url, "--json", "--cache-dir", str(unusable), env=env)
+        assert len(json.loads(run.stdout)) == 2
+        said = run.stderr.decode()
+        assert said.count(f"cache directory {unusable} is not a writable directory") == 1, said
