@@ -28,6 +28,24 @@ KIND_DIFF = "diff"
 SNAPSHOT_VERSION = 2
 
 
+def seal_document(sealer: Sealer, body: dict, ad: bytes) -> bytes:
+    """A small JSON document (a snapshot, an archived WAL file's object) compressed and sealed with ``ad``."""
+    plain = json.dumps(body, sort_keys=True, ensure_ascii=True).encode()
+    return sealer.seal(zstandard.ZstdCompressor(level=3).compress(plain), ad)
+
+
+def open_document(sealer: Sealer, data: bytes, ad: bytes, what: str, max_size: int) -> Any:
+    """What ``seal_document`` sealed with ``ad``; CorruptObject naming ``what`` for bytes that do not open
+    (another object's, damaged) or decode."""
+    try:
+        plain = zstandard.ZstdDecompressor().decompress(sealer.open(data, ad), max_output_size=max_size)
+        return json.loads(plain)
+    except AuthenticationFailed:
+        raise CorruptObject(what, "authentication failed") from None
+    except (zstandard.ZstdError, ValueError, UnicodeDecodeError, RecursionError):
+        raise CorruptObject(what, "undecodable") from None
+
+
 @dataclass
 class Snapshot:
     time: str  # ISO 8601, UTC, microseconds
@@ -79,20 +97,12 @@ class Snapshot:
             raise ValueError("a snapshot needs its id before it is encoded")
         body = asdict(self)
         body.pop("id")
-        plain = json.dumps(body, sort_keys=True, ensure_ascii=True).encode()
-        return sealer.seal(zstandard.ZstdCompressor(level=3).compress(plain), SNAPSHOT_AD + self.id.encode())
+        return seal_document(sealer, body, SNAPSHOT_AD + self.id.encode())
 
     @classmethod
     def decode(cls, sealer: Sealer, name: str, data: bytes) -> "Snapshot":
         what = f"snapshot {name}"
-        try:
-            plain = zstandard.ZstdDecompressor().decompress(sealer.open(data, SNAPSHOT_AD + name.encode()),
-                                                            max_output_size=1 << 28)
-            body = json.loads(plain)
-        except AuthenticationFailed:
-            raise CorruptObject(what, "authentication failed") from None
-        except (zstandard.ZstdError, ValueError, UnicodeDecodeError, RecursionError):
-            raise CorruptObject(what, "undecodable") from None
+        body = open_document(sealer, data, SNAPSHOT_AD + name.encode(), what, 1 << 28)
         version = body.get("version") if isinstance(body, dict) else None
         if version is True:  # FORMAT.md: a reader takes `true` as 1, as the config's `format`
             body["version"] = version = 1

@@ -8,7 +8,6 @@ written last, once, and never rewritten: what PostgreSQL archived under a name s
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import socket
@@ -18,16 +17,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import BinaryIO, Callable, Iterable
 
-import zstandard
-
 from chunkvault.errors import (ArchiveConflict, CorruptObject, LockLost, NewerObject, ObjectExists, ObjectNotFound,
                                RemoteError, RemoteUnavailable, TargetUnwritable, UsageError, WalNotArchived)
 
 from .backup import Backup, BackupOptions
-from .crypto import AuthenticationFailed, Sealer
+from .crypto import Sealer
 from .locks import EXCLUSIVE, SHARED, RepoLock
 from .repository import OBJECT_READERS, Repo
-from .snapshot import now_iso
+from .snapshot import now_iso, open_document, seal_document
 from .unlock import require_openable
 
 WAL_PREFIX = "wal/"
@@ -93,20 +90,12 @@ class WalFile:
     def encode(self, sealer: Sealer) -> bytes:
         """Sealed with the kind and name as associated data: an object's bytes under another name do not open."""
         check_wal_name(self.name)
-        plain = json.dumps(asdict(self), sort_keys=True, ensure_ascii=True).encode()
-        return sealer.seal(zstandard.ZstdCompressor(level=3).compress(plain), WAL_AD + self.name.encode())
+        return seal_document(sealer, asdict(self), WAL_AD + self.name.encode())
 
     @classmethod
     def decode(cls, sealer: Sealer, name: str, data: bytes) -> "WalFile":
         what = f"{WAL_PREFIX}{name}"
-        try:
-            plain = zstandard.ZstdDecompressor().decompress(sealer.open(data, WAL_AD + name.encode()),
-                                                            max_output_size=1 << 26)
-            body = json.loads(plain)
-        except AuthenticationFailed:
-            raise CorruptObject(what, "authentication failed") from None
-        except (zstandard.ZstdError, ValueError, UnicodeDecodeError, RecursionError):
-            raise CorruptObject(what, "undecodable") from None
+        body = open_document(sealer, data, WAL_AD + name.encode(), what, 1 << 26)
         version = body.get("version") if isinstance(body, dict) else None
         if version is True:  # FORMAT.md: a reader takes `true` as 1
             body["version"] = version = 1
