@@ -511,6 +511,8 @@ class Source:
     ignore_inode: bool = False  # as backup --ignore-inode (a file system snapshot mounted for each backup)
     ignore_ctime: bool = False
     fixed_chunks: tuple[str, ...] = ()  # globs of files cut at fixed offsets (database files)
+    postgres: str | None = None  # the one path is a running cluster's data directory (backup --postgres): psql's
+    # connection string ("" for the PG* variables)
     list_entries: bool = False  # list = true: log what each backup stores as added or modified, or finds gone
     command: str | tuple[str, ...] | None = None  # instead of paths: back up its output (a dump) as stdin_name
     stdin_name: str | None = None
@@ -566,9 +568,23 @@ _COPY_KEYS = ("copy_to", "copy_to_password_file", "copy_to_password_command", "c
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "iexcludes", "iexclude_files",
                 "exclude_if_present", "exclude_caches",
                 "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime", "fixed_chunks", "command",
-                "stdin_name", "pre", "post", "full", "diff", "retention", "timezone", "hook_timeout", "list",
+                "stdin_name", "postgres", "pre", "post", "full", "diff", "retention", "timezone", "hook_timeout", "list",
                 *_COPY_KEYS}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+
+
+def _postgres(value: Any, paths: tuple[str, ...]) -> str | None:
+    """``postgres = true`` (the PG* variables say how psql reaches the server) or a connection string: the
+    source's one path is the running cluster's data directory, read in place (backup --postgres)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = ""
+    if not isinstance(value, str) or "\n" in value:
+        raise UsageError(f"postgres is true or psql's connection string, not {value!r}")
+    if len(paths) != 1:
+        raise UsageError("postgres reads one data directory: give it as the source's only path (no command)")
+    return value
 
 
 def _norm_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
@@ -830,6 +846,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
             except UsageError as exc:
                 raise UsageError(f"exclude-larger-than: {exc}") from None
             fixed_chunks = _str_list(s.get("fixed_chunks", []), "fixed_chunks")
+            postgres = _postgres(s.get("postgres"), paths)
             ret_value = s.get("retention", top.get("retention"))
             retention = _retention(ret_value, config, "retention")
             hook_timeout = _seconds(s.get("hook_timeout", top.get("hook_timeout")), "hook-timeout")
@@ -839,6 +856,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                             exclude_caches=exclude_caches, exclude_larger_than=exclude_larger_than,
                             one_file_system=one_file_system, ignore_inode=ignore_inode, ignore_ctime=ignore_ctime,
                             fixed_chunks=fixed_chunks, command=command, stdin_name=stdin_name, list_entries=listed,
+                            postgres=postgres,
                             pre=_hook(s.get("pre"), "pre"),
                             post=_hook(s.get("post"), "post"),
                             retention=retention, hook_timeout=hook_timeout, tz=s_tz,

@@ -140,3 +140,20 @@ def test_api_refusals(cluster, new_repo, pg_env, tmp_path):
     with pytest.raises(SourceCommandFailed, match="^PostgreSQL: "):
         repo.backup([cluster.datadir], postgres=f"host={tmp_path} user=postgres")
     assert repo.snapshots() == []
+
+
+def test_a_policy_source_with_postgres_is_read_in_place(cluster, tmp_path, new_repo, cli, pg_env):
+    url = str(tmp_path / "repo")
+    new_repo(url)
+    conn = f"host={cluster.rundir} port={cluster.port} user=postgres dbname=postgres"
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"""repository = "{url}"
+full = "daily 02:00"
+[[source]]
+name = "db"
+paths = ["{cluster.datadir}"]
+postgres = "{conn}"
+""")
+    cli("run", "--config", str(policy))
+    [snap] = json.loads(cli("snapshots", "-r", url, "--json").stdout)
+    assert snap["stats"]["postgres"]["wal"] and snap["type"] == "full"

@@ -515,3 +515,15 @@ def test_a_policy_value_that_would_fail_every_run_is_refused_when_it_loads(sourc
 
     with pytest.raises(UsageError):
         parse_policy({"repository": "/r", "full": "daily 02:00", **top, "source": [{"name": "s", **source}]})
+
+
+def test_a_postgres_source_reads_one_data_directory():
+    assert parse_policy(_with(src_postgres=True), "/srv").sources[0].postgres == ""
+    conn = "host=/run/postgresql user=postgres"
+    assert parse_policy(_with(src_postgres=conn), "/srv").sources[0].postgres == conn
+    assert parse_policy(_with(src_postgres=False), "/srv").sources[0].postgres is None
+    assert parse_policy(BASE, "/srv").sources[0].postgres is None
+    with pytest.raises(UsageError, match="source 'db': postgres reads one data directory"):
+        parse_policy(_with(src_paths=["/a", "/b"], src_postgres=True), "/srv")
+    with pytest.raises(UsageError, match="postgres is true or psql's connection string"):
+        parse_policy(_with(src_postgres=5), "/srv")
