@@ -2169,7 +2169,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("archive-expire", parents=[common],
                        help="remove archived WAL segments before a segment of its timeline (then prune)")
     s.add_argument("--before", required=True, metavar="SEGMENT",
-                   help="remove the segments of its timeline that sort before it (history files are kept)")
+                   help="remove the segments of its timeline that sort before it (history files are kept); "
+                        "oldest-snapshot: before the segment the oldest snapshot's backup_label starts in")
     s.add_argument("--dry-run", "-n", action="store_true", help="list what would be removed")
     _wait_option(s, 0.0, "running backups and reads")
     s.set_defaults(func=cmd_archive_expire)

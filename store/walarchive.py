@@ -66,6 +66,27 @@ def expired(names: Iterable[str], before: str) -> list[str]:
     return sorted(n for n in names if not is_history(n) and n[:8] == limit[:8] and n[:24] < limit)
 
 
+#: ``archive-expire --before oldest-snapshot``: before the segment the oldest snapshot's base backup starts in.
+OLDEST_SNAPSHOT = "oldest-snapshot"
+_LABEL_START = re.compile(r"^START WAL LOCATION: \S+ \(file (" + _SEGMENT + r")\)$", re.M)
+
+
+def label_start_segment(label: str) -> str | None:
+    """The segment a base backup's ``backup_label`` says its WAL starts in, or None for another text."""
+    m = _LABEL_START.search(label)
+    return m.group(1) if m else None
+
+
+def oldest_needed(starts: Iterable[str]) -> str:
+    """``archive-expire --before oldest-snapshot``: the earliest segment a kept base backup starts in (by
+    timeline, then position); a UsageError when no snapshot holds a base backup's label."""
+    found = sorted(starts)
+    if not found:
+        raise UsageError("no snapshot holds a base backup's label (backup_label, as pg_basebackup and backup "
+                         "--postgres write it): nothing says which WAL the snapshots need; give --before SEGMENT")
+    return found[0]
+
+
 @dataclass
 class WalFile:
     """One archived file: its name, size and the ids of its chunks in order; when and where it was pushed."""

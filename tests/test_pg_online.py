@@ -100,6 +100,11 @@ def test_a_full_then_a_differential_restore_and_start_with_every_row_committed_b
     assert not any(f"pg_wal/{w}".encode() in names for w in pg["wal"])  # the full's segments are not this one's
     assert _restored_rows(cluster, repo, diff, "r2") == "20400|2900|20400"
     assert cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"  # the backup's slot went with it
+    from chunkvault.store.walarchive import label_start_segment
+
+    with repo.open_file(full, "backup_label") as f:
+        assert label_start_segment(f.read().decode()) == pg["wal"][0]
+    assert repo.archive_expire("oldest-snapshot", dry_run=True) == []  # the label found: nothing archived here
 
 
 def test_the_command_line_and_its_refusals(cluster, tmp_path, new_repo, cli, pg_env):

@@ -470,3 +470,46 @@ def test_check_and_get_refuse_a_size_the_blobs_do_not_hold(tmp_path, new_repo):
     with pytest.raises(CorruptObject, match="records"):
         repo.archive_get(SEG, tmp_path / "got")
     assert not (tmp_path / "got").exists()
+
+
+def test_expiring_before_the_oldest_snapshot_keeps_what_each_snapshot_s_recovery_needs(tmp_path, password):
+    """Two copies whose backup_label start in segments 2 and 4 (and a source with no label): ``oldest-snapshot``
+    removes segment 1 only; once the older copy is forgotten, up to segment 3."""
+    repo = Repository.init(str(tmp_path / "repo"), password, kdf_seconds=0)
+    for i in range(1, 6):
+        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 20))
+    copy, etc = tmp_path / "copy", tmp_path / "etc"
+    copy.mkdir()
+    etc.mkdir()
+    (etc / "hosts").write_text("127.0.0.1 localhost\n")
+    repo.backup([str(etc)])
+
+    def label(seg: str) -> None:
+        (copy / "backup_label").write_text(f"START WAL LOCATION: 0/{seg[-1]}000028 (file {seg})\n"
+                                           "CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\n")
+
+    label("000000010000000000000002")
+    first = repo.backup([str(copy)], kind="full").snapshot
+    label("000000010000000000000004")
+    repo.backup([str(copy)])
+    assert repo.archive_expire("oldest-snapshot", dry_run=True) == ["000000010000000000000001"]
+    repo.forget([first.id])
+    assert repo.archive_expire("oldest-snapshot") == ["000000010000000000000001", "000000010000000000000002",
+                                                      "000000010000000000000003"]
+    assert [w.name for w in repo.archive_list()] == ["000000010000000000000004", "000000010000000000000005"]
+    repo.close()
+
+
+def test_expiring_before_the_oldest_snapshot_needs_a_snapshot_with_a_label(tmp_path, password, cli):
+    repo = Repository.init(str(tmp_path / "repo"), password, kdf_seconds=0)
+    repo.archive_push(segment_file(tmp_path, SEG, size=1 << 20))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "backup_label").write_text("not a label\n")
+    repo.backup([str(src)])
+    with pytest.raises(UsageError, match="no snapshot holds a base backup's label"):
+        repo.archive_expire("oldest-snapshot")
+    out = cli("archive-expire", "-r", str(tmp_path / "repo"), "--before", "oldest-snapshot", check=2)
+    assert len(out.stderr.decode().splitlines()) == 1
+    assert [w.name for w in repo.archive_list()] == [SEG]
+    repo.close()
