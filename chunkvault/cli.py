@@ -1436,29 +1436,37 @@ def cmd_copy(args: argparse.Namespace) -> int:
     bar = _progress(args, "copy", unit="blobs")
     try:
         result = src.copy_to(dst, args.snapshots, progress=bar, hosts=args.host, tags=args.tag, paths=args.path,
-                             wait=args.wait)
+                             wait=args.wait, wal=args.wal)
     finally:
         bar.done()
     if args.json:
         _emit_json({"copied": [{"source": a, "destination": b} for a, b in result.copied],
                     "skipped": result.skipped, "failed": [{"source": a, "reason": r} for a, r in result.failed],
                     "other_host": [{"source": a, "destination": b, "host": h} for a, b, h in result.other_host],
-                    "blobs_sent": result.blobs_sent, "bytes_sent": result.bytes_sent})
+                    "blobs_sent": result.blobs_sent, "bytes_sent": result.bytes_sent,
+                    **({"wal_copied": result.wal_copied, "wal_skipped": result.wal_skipped,
+                        "wal_failed": [{"name": a, "reason": r} for a, r in result.wal_failed]} if args.wal else {})})
     elif not args.quiet:
         for a, b in result.copied:
             print(f"copied {a[:8]} -> {b[:8]}")
         for a, reason in result.failed:
             print(f"not copied {a[:8]}: {one_line(reason)}", file=sys.stderr)
+        for a, reason in result.wal_failed:
+            print(f"not copied wal/{a}: {one_line(reason)}", file=sys.stderr)
         print(f"{len(result.copied)} snapshot(s) copied, {len(result.skipped)} already there; "
-              f"{result.blobs_sent} blobs ({format_size(result.bytes_sent)}) sent")
+              + (f"{len(result.wal_copied)} archived WAL file(s) copied, {result.wal_skipped} already there; "
+                 if args.wal else "")
+              + f"{result.blobs_sent} blobs ({format_size(result.bytes_sent)}) sent")
     if result.other_host and not args.quiet:
         hosts = sorted({h for _, _, h in result.other_host})
         warn(f"{len(result.other_host)} snapshot(s) already there have another host there ({', '.join(hosts)}): "
              "renamed on one side since they were copied; `rewrite --new-host` them there too, or backups and "
              "retention see their chains apart")
-    if result.failed:
-        raise CorruptObject("in the source repository", f"{len(result.failed)} snapshot(s) not copied: damaged "
-                                                        "there (`check` there names what; the others were copied)")
+    if result.failed or result.wal_failed:
+        what = ", ".join(filter(None, [f"{len(result.failed)} snapshot(s)" if result.failed else "",
+                                       f"{len(result.wal_failed)} archived WAL file(s)" if result.wal_failed else ""]))
+        raise CorruptObject("in the source repository", f"{what} not copied: damaged there (`check` there names "
+                                                        "what; the others were copied)")
     return 0
 
 
@@ -2146,6 +2154,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("copy", parents=[common, reading, select], help="copy snapshots to another repository")
     s.add_argument("snapshots", nargs="*", help="snapshots to copy (default: all)")
     s.add_argument("--to", required=True, metavar="URL", help="destination repository")
+    s.add_argument("--wal", action="store_true",
+                   help="also the archived WAL files (archive-push) the destination lacks, by name")
     passwords.TO.add_options(s, "the destination's password")
     s.set_defaults(func=cmd_copy, read_lock="copy")
 

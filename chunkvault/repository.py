@@ -1662,10 +1662,12 @@ class Repository:
     @_stoppable
     def copy_to(self, destination: "Repository", snapshots: Iterable[str] = (),
                 progress: Callable[[int, int], None] | None = None, *, hosts: Iterable[str] = (),
-                tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0) -> CopyResult:
+                tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0,
+                wal: bool = False) -> CopyResult:
         """Copy snapshots (default: all; or those the filters select, of them those named) with their chains;
         only what the destination lacks is sent. ``wait``: seconds to wait for a prune, forget or repair
-        running on either repository.
+        running on either repository.  ``wal``: the archived WAL files the destination lacks too (a
+        point-in-time recovery off-site needs them beside the snapshots).
 
         ``progress(blobs sent, bytes sent)`` is called as blobs arrive.
         """
@@ -1686,7 +1688,7 @@ class Repository:
             with destination._operation(self._current.op):  # either object's stop stops it
                 destination._guard()
                 result = copy_snapshots(self._repo, destination._repo, ids, progress=self._progress(progress),
-                                        wait=wait)
+                                        wait=wait, wal=bool(wal))
         return result
 
     @_stoppable

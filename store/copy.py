@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import AbstractSet, Callable, Iterable, Iterator
 
-from chunkvault.errors import CorruptObject, NewerObject
+from chunkvault.errors import CorruptObject, NewerObject, ObjectExists
 from chunkvault.remotes.layer import parallel_map
 
 from .locks import COPY_INTO, SHARED, RepoLock
@@ -25,7 +25,9 @@ from .manifest_io import ManifestWriter
 from .blob import Plaintext
 from .repository import BlobWriter, Repo
 from .chronology import chronological_key
+from . import walarchive
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot
+from .walarchive import WalFile
 
 COPIED_FROM = "copied_from"
 IMPORTED_FROM = "imported_from"
@@ -49,6 +51,10 @@ class CopyResult:
     other_host: list[tuple[str, str, str]] = field(default_factory=list)
     blobs_sent: int = 0
     bytes_sent: int = 0
+    # ``wal``: the archived WAL files copied, those the destination had, and those not copied (name, why).
+    wal_copied: list[str] = field(default_factory=list)
+    wal_skipped: int = 0
+    wal_failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def copy_order(snapshots: Iterable[Snapshot], wanted: set[str], held: AbstractSet[str] = frozenset()) -> list[Snapshot]:
@@ -212,8 +218,10 @@ def _same_tree(source: Snapshot, copied: Snapshot) -> bool:
 
 
 def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
-                   progress: Callable[[int, int], None] | None = None, wait: float = 3600.0) -> CopyResult:
-    """Copy snapshots with their chains; ``progress(blobs sent, bytes sent)`` as it goes."""
+                   progress: Callable[[int, int], None] | None = None, wait: float = 3600.0,
+                   wal: bool = False) -> CopyResult:
+    """Copy snapshots with their chains; ``progress(blobs sent, bytes sent)`` as it goes.  ``wal``: the
+    archived WAL files the destination lacks too (``_copy_wal``)."""
     result = CopyResult()
     src_snaps = src.snapshots()
     wanted = set(spec_ids) if spec_ids is not None else {s.id for s in src_snaps}
@@ -268,7 +276,47 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                 dst.save_snapshot_held(copy, lock)  # a prune that took it for stale may have deleted what it reuses
                 done[snap.id] = copy.id
                 result.copied.append((snap.id, copy.id))
+            pending = _send_wal(src, dst, mapper, result) if wal else []
             writer.flush()
+        for w in pending:  # their data indexed first, as a push writes its object last
+            lock.confirm()
+            _place_wal(dst, w, result)
         result.blobs_sent = mapper.sent
         result.bytes_sent = mapper.sent_bytes
     return result
+
+
+def _send_wal(src: Repo, dst: Repo, mapper: _BlobMapper, result: CopyResult) -> list[WalFile]:
+    """The data of each archived WAL file the destination lacks (by name), sent; their objects as the
+    destination names their blobs (ids are keyed per repository), to write once that data is indexed."""
+    files, bad = walarchive.load_all(src)
+    result.wal_failed += [(name, f"{walarchive.WAL_PREFIX}{name} does not load: {exc.reason}")
+                          for name, exc in sorted(bad.items())]
+    there = set(walarchive.names(dst))
+    out = []
+    for w in files:
+        if w.name in there:  # not read again at each copy: a name is archived once, as PostgreSQL wrote it
+            result.wal_skipped += 1
+            continue
+        try:
+            mapper.ensure(w.blob_ids())
+        except NewerObject:
+            raise
+        except CorruptObject as exc:  # damaged in the source: the other files still go
+            result.wal_failed.append((w.name, f"{exc.object_name}: {exc.reason}"))
+            continue
+        out.append(replace(w, blobs=[mapper.map[b].hex() for b in w.blob_ids()]))
+    return out
+
+
+def _place_wal(dst: Repo, w: WalFile, result: CopyResult) -> None:
+    try:
+        dst.remote.put(walarchive.WAL_PREFIX + w.name, w.encode(dst.sealer), if_absent=True)
+    except ObjectExists:  # pushed there meanwhile: the same file, or a conflict to name
+        theirs = walarchive.load(dst, w.name)
+        if theirs is not None and not theirs.same_content(w):
+            result.wal_failed.append((w.name, "the destination archived other content under this name"))
+        else:
+            result.wal_skipped += 1
+        return
+    result.wal_copied.append(w.name)

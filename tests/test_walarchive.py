@@ -513,3 +513,38 @@ def test_expiring_before_the_oldest_snapshot_needs_a_snapshot_with_a_label(tmp_p
     assert len(out.stderr.decode().splitlines()) == 1
     assert [w.name for w in repo.archive_list()] == [SEG]
     repo.close()
+
+
+def test_copy_wal_sends_the_archived_files_the_destination_lacks(tmp_path, password, cli):
+    src_url, dst_url = str(tmp_path / "src"), str(tmp_path / "dst")
+    src = Repository.init(src_url, password, kdf_seconds=0)
+    dst = Repository.init(dst_url, password, kdf_seconds=0)
+    names = [f"00000001000000000000000{i}" for i in (1, 2, 3)]
+    for i, name in enumerate(names):
+        src.archive_push(segment_file(tmp_path, name, seed=i, size=1 << 20))
+    history = tmp_path / "00000002.history"
+    history.write_text("1\t0/3000000\tno recovery target specified\n")
+    src.archive_push(history)
+    dst.archive_push(tmp_path / names[0])  # pushed there too (two archive_command pushes)
+    assert src.copy_to(dst).wal_copied == []  # not asked for
+    out = json.loads(cli("copy", "-r", src_url, "--to", dst_url, "--wal", "--json",
+                         env={"CHUNKVAULT_TO_PASSWORD": password}).stdout)
+    assert (out["wal_copied"], out["wal_skipped"], out["wal_failed"]) == (names[1:] + ["00000002.history"], 1, [])
+    for name in [*names, "00000002.history"]:
+        dst.archive_get(name, tmp_path / "got")
+        original = history if name.endswith(".history") else tmp_path / name
+        assert (tmp_path / "got").read_bytes() == original.read_bytes()
+    assert dst.check(read_data=True).ok
+    again = src.copy_to(dst, wal=True)
+    assert (again.wal_copied, again.wal_skipped, again.blobs_sent) == ([], 4, 0)
+    # A damaged object in the source: the others still go, and the command says which did not (exit 13).
+    src.archive_push(segment_file(tmp_path, "000000010000000000000004", seed=9, size=1 << 20))
+    src.archive_push(segment_file(tmp_path, "000000010000000000000005", seed=10, size=1 << 20))
+    victim = tmp_path / "src" / "wal" / "000000010000000000000004"
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    bad = cli("copy", "-r", src_url, "--to", dst_url, "--wal", check=13, env={"CHUNKVAULT_TO_PASSWORD": password})
+    err = bad.stderr.decode()
+    assert "not copied wal/000000010000000000000004" in err and "1 archived WAL file(s) not copied" in err
+    assert "000000010000000000000005" in [w.name for w in dst.archive_list()]
+    src.close()
+    dst.close()
