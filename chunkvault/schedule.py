@@ -488,6 +488,7 @@ class CopyTarget:
     password_file: str | None = None
     password_command: str | None = None
     retention: RetentionPolicy | None = None
+    wal: bool = False  # copy-wal: the archived WAL files it lacks go too (copy --wal)
 
 
 @dataclass(frozen=True)
@@ -562,9 +563,9 @@ class Policy:
 
 _TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "full", "diff", "retention", "presets",
              "prune", "max_unused", "max_repack_size", "lock_file", "hook_timeout", "source", "tags", "host",
-             "copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention", "check",
+             "copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention", "copy_wal", "check",
              "check_read_data_subset", "state_file"}
-_COPY_KEYS = ("copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention")
+_COPY_KEYS = ("copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention", "copy_wal")
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "iexcludes", "iexclude_files",
                 "exclude_if_present", "exclude_caches",
                 "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime", "fixed_chunks", "command",
@@ -707,7 +708,8 @@ def _copy_target(s: Mapping[str, Any], top: Mapping[str, Any], config: Mapping[s
             raise UsageError(f"{k.replace('_', '-')} must be a {'path' if k.endswith('file') else 'command line'}, "
                              f"got {v!r}")
     retention = _retention(s.get("copy_retention", top.get("copy_retention")), config, "copy-retention")
-    return CopyTarget(url, None if file is None else _path(base_dir, file), command, retention)
+    wal = _flag(s.get("copy_wal", top.get("copy_wal", False)), "copy-wal")
+    return CopyTarget(url, None if file is None else _path(base_dir, file), command, retention, wal)
 
 
 def _check_settings(top: Mapping[str, Any], tz: Any) -> tuple[Cadence | None, str | None]:

@@ -636,11 +636,14 @@ class Runner:
         newest = max(there, default=None)
         ids = [s.id for s in src.history(repo.snapshots(), host)
                if s.id == saved or newest is not None and s.datetime > newest]
-        copied = repo.copy_to(dest, ids)
-        if copied.failed:
-            raise ChunkvaultError("; ".join(f"{a[:8]} not copied: {why}" for a, why in copied.failed))
+        assert src.copy_to is not None
+        copied = repo.copy_to(dest, ids, wal=src.copy_to.wal)
+        if copied.failed or copied.wal_failed:
+            raise ChunkvaultError("; ".join([f"{a[:8]} not copied: {why}" for a, why in copied.failed]
+                                            + [f"wal/{a} not copied: {why}" for a, why in copied.wal_failed]))
         done = CopyDone(shown, list(copied.copied), list(copied.skipped), copied.bytes_sent)
-        self.log(f"{src.name}: copied {len(done.copied)} snapshot(s) to {shown} ({len(done.skipped)} there "
+        wal = f", {len(copied.wal_copied)} archived WAL file(s)" if src.copy_to.wal else ""
+        self.log(f"{src.name}: copied {len(done.copied)} snapshot(s){wal} to {shown} ({len(done.skipped)} there "
                  f"already, {format_size(done.bytes_sent)} sent)")
         return done
 

@@ -549,3 +549,23 @@ def test_the_readme_s_policy_example_loads_with_its_copy_and_check(tmp_path):
     assert db.copy_to.password_file == str(tmp_path / "offsite.key")
     assert dump.copy_to.url == "s3://offsite-bucket/app" and dump.copy_to.password_file == db.copy_to.password_file
     assert policy.check.text == "weekly sun 04:00" and policy.check_subset == "1/4"
+
+
+def test_copy_wal_sends_the_archived_wal_with_each_copy(tmp_path, repos, tree):
+    main, off = repos
+    seg = tmp_path / "000000010000000000000001"
+    seg.write_bytes(os.urandom(1 << 16))
+    with Repository.open(main, PASSWORD) as r:
+        r.archive_push(seg)
+    top = (f'full = "daily 02:00"\ncopy-to = {q(off)}\ncopy-to-password-file = "off.pw"\n')
+    policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
+                               top=top + "copy-wal = true\n")
+    assert load_policy(str(policy_path)).sources[0].copy_to.wal
+    log: list[str] = []
+    assert run(policy_path, tmp_path, log, datetime(2026, 3, 1, 2, 30, tzinfo=UTC)).ok
+    assert any("db: copied 1 snapshot(s), 1 archived WAL file(s) to" in line for line in log), log
+    with Repository.open(off, OTHER) as r:
+        r.archive_get(seg.name, tmp_path / "got")
+    assert (tmp_path / "got").read_bytes() == seg.read_bytes()
+    plain = write_policy(tmp_path / "q.toml", main, [{"name": "db", "paths": [str(tree)]}], top=top)
+    assert not load_policy(str(plain)).sources[0].copy_to.wal
