@@ -32,7 +32,8 @@ from chunkvault.errors import (
 )
 
 from .manifest import (
-    F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, Record, sort_key, unread,
+    F_UNREADABLE, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, Record,
+    sort_key, unread,
 )
 from .blob import Plaintext
 from .confinement import confined, safe_relpath
@@ -859,6 +860,8 @@ class Restorer:
                 e = want.entry
                 if e is not None and e.type == T_DIR and e.flags & F_UNREADABLE:
                     kept = key + b"\x00"
+                elif self._keeping and e is not None and e.type != T_DIR and stat.S_ISDIR(getattr(_st, "st_mode", 0)):
+                    kept = key + b"\x00"  # a directory the restore keeps in the file's place (``_kept``), whole
                 continue
             if not self.selected(rel) or rel in around:
                 continue
@@ -1141,6 +1144,9 @@ class Restorer:
             self._kept_below = sort_key(e.path) + b"\x00"
             self.result.warnings.append(f"{os.fsdecode(e.path)}: the target has another type of entry where the "
                                         "snapshot has a directory; kept as it is, and nothing below it restored")
+        elif stat.S_ISDIR(st.st_mode):
+            self.result.warnings.append(f"{os.fsdecode(e.path)}: the target has a directory where the snapshot has "
+                                        f"a {TYPE_NAMES.get(e.type, 'file')}; kept as it is, with all it holds")
         return True
 
     def _written(self, e: Entry) -> bool:

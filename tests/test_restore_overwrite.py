@@ -131,8 +131,12 @@ def test_if_newer_with_delete_removes_what_the_snapshot_lacks(scene):
     repo, snap, src, target = scene
     (target / "extra").write_bytes(b"x")
     result = repo.restore(snap, str(target), force=True, overwrite="if-newer", delete=True)
-    assert result.deleted == 2 and not (target / "extra").exists()  # extra, becomes_dir/mine
+    assert result.deleted == 1 and not (target / "extra").exists()
     assert (target / "keep" / "newer").read_bytes() == b"edited since"
+    # The directory kept where the snapshot has a file is kept whole: --delete used to empty it.
+    assert (target / "becomes_dir" / "mine").read_bytes() == b"mine"
+    assert any("becomes_dir: the target has a directory where the snapshot has a file; kept as it is, with all "
+               "it holds" in w for w in result.warnings), result.warnings
 
 
 def test_if_newer_replaces_what_the_snapshot_has_newer(scene):
