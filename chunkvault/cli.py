@@ -1137,9 +1137,17 @@ class _DataOut:
         self._out = out
 
     def write(self, data: Any) -> int:
+        """All of ``data``: a write its reader closed the pipe during returns the part written (`cat blob ID |
+        head -c 10` exited 0, the rest dropped); written again, the rest meets the closed pipe (exit 141)."""
         if not getattr(sys.stdout, "written", True):
             sys.stdout.written = True  # type: ignore[union-attr]
-        return self._out.write(data)
+        view = memoryview(data).cast("B")
+        while view:
+            n = self._out.write(view)
+            if not n:
+                raise BrokenPipeError(errno.EPIPE, "standard output took no more")
+            view = view[n:]
+        return len(data)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._out, name)
@@ -1291,7 +1299,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_archive_push(args: argparse.Namespace) -> int:
-    result = _open(args).archive_push(args.path, host=args.host, wait=args.wait)
+    result = _open(args).archive_push(args.path, host=args.host or env_host(), wait=args.wait)
     if args.json:
         _emit_json(result.to_dict())
     elif not args.quiet:
@@ -2162,7 +2170,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("archive-push", parents=[common],
                        help="archive a PostgreSQL WAL file (archive_command = 'chunkvault archive-push %%p')")
     s.add_argument("path", help="the file PostgreSQL archives (%%p): a segment, .partial, .backup or .history file")
-    s.add_argument("--host", help="the host recorded (default: this machine's name)")
+    s.add_argument("--host", help="the host recorded (default: CHUNKVAULT_HOST, else this machine's name)")
     s.add_argument("--wait", type=_seconds, default=3600.0, metavar="SECONDS",
                    help="wait this long for a running prune, forget or repair (default 3600)")
     s.set_defaults(func=cmd_archive_push)

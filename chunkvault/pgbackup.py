@@ -27,11 +27,13 @@ from .store.backup import AddedFile
 #: What a base backup leaves out, as PostgreSQL's own (``pg_basebackup``) does: the server's run files,
 #: a label or map from an earlier backup, and the contents of directories rebuilt at startup; ``pg_wal``'s
 #: contents are added afterwards (the segments the backup needs).
+#: Directories whose contents a base backup leaves out (rebuilt at startup; ``pg_wal`` gets what it needs).
+EMPTIED = ("pg_wal", "pg_dynshmem", "pg_notify", "pg_replslot", "pg_serial", "pg_snapshots", "pg_stat_tmp",
+           "pg_subtrans")
 EXCLUDES = [
     "postmaster.pid", "postmaster.opts", "backup_label", "backup_label.old", "tablespace_map", "backup_manifest",
     "standby.signal", "recovery.signal", "postgresql.auto.conf.tmp", "current_logfiles.tmp", "pg_internal.init",
-    "pgsql_tmp*", "pg_wal/*", "pg_dynshmem/*", "pg_notify/*", "pg_replslot/*", "pg_serial/*", "pg_snapshots/*",
-    "pg_stat_tmp/*", "pg_subtrans/*",
+    "pgsql_tmp*", *(f"{d}/*" for d in EMPTIED),
 ]
 
 
@@ -72,6 +74,12 @@ class PostgresOnline:
         if stopped.tablespace_map:
             added.append(AddedFile(b"tablespace_map", functools.partial(_bytes, stopped.tablespace_map.encode()),
                                    0o600, st.st_uid, st.st_gid, now))
+        for name in EMPTIED:  # one on another disk (initdb --waldir): a directory here, as pg_basebackup makes it
+            path = os.path.join(self.datadir, name)
+            if os.path.islink(path):
+                d = os.stat(path)
+                added.append(AddedFile(name.encode(), None, stat.S_IMODE(d.st_mode), d.st_uid, d.st_gid,
+                                       d.st_mtime_ns))
         wal = os.path.join(self.datadir, "pg_wal")
         segments = stopped.wal_segments(self._started.segment_size)
         histories = sorted(n for n in os.listdir(wal) if n.endswith(".history"))

@@ -192,7 +192,13 @@ class PgBackupSession:
                                       "base backup by chunkvault (10 or newer)")
         if self._value("SELECT pg_is_in_recovery()") == "t":
             raise SourceCommandFailed("PostgreSQL is a standby: take the backup from the primary")
-        data_directory = self._value("SELECT current_setting('data_directory')")
+        try:
+            data_directory = self._value("SELECT current_setting('data_directory')")
+        except SourceCommandFailed as exc:  # a role with REPLICATION and EXECUTE but no settings to read
+            if "pg_read_all_settings" not in str(exc):
+                raise
+            raise SourceCommandFailed(f"{exc} (the backup checks the server's data directory is the one it reads: "
+                                      "GRANT pg_read_all_settings TO the role)") from None
         segment_size = int(self._value("SELECT setting::bigint * (CASE unit WHEN '8kB' THEN 8192 WHEN 'B' "
                                        "THEN 1 ELSE 1048576 END) FROM pg_settings WHERE name = 'wal_segment_size'"))
         tablespaces = [(int(oid), loc) for oid, loc in self.query(

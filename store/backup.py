@@ -82,10 +82,11 @@ class Listed(NamedTuple):
 
 class AddedFile(NamedTuple):
     """A file a ``SourceSession`` adds to the tree once the walk is done, under ``path`` (relative to the
-    snapshot's root); ``open`` gives its content."""
+    snapshot's root); ``open`` gives its content (None: a directory, recorded in the place of what the walk
+    found there, such as a symbolic link the added files are to lie in)."""
 
     path: bytes
-    open: Callable[[], BinaryIO]
+    open: Callable[[], BinaryIO] | None
     mode: int
     uid: int
     gid: int
@@ -1225,10 +1226,12 @@ class Backup:
         added, session_stats = self.opt.session.appendix()
         extra = []
         for a in sorted(added, key=lambda a: sort_key(a.path)):
-            e = Entry(a.path, T_FILE, a.mode, a.uid, a.gid, a.mtime_ns, 0, a.mtime_ns)
-            with a.open() as f:
-                e.digest, e.chunks, e.size = self._read_stream(f, a.path, None)
-            self.counts["new_files"] += 1
+            e = Entry(a.path, T_FILE if a.open is not None else T_DIR, a.mode, a.uid, a.gid, a.mtime_ns, 0,
+                      a.mtime_ns)
+            if a.open is not None:
+                with a.open() as f:
+                    e.digest, e.chunks, e.size = self._read_stream(f, a.path, None)
+                self.counts["new_files"] += 1
             stats.count_entry(e)
             if self._listing is not None:
                 self._list("added", a.path, e)

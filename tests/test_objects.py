@@ -341,3 +341,31 @@ def test_chunkvault_host_is_the_backups_host_and_latests_filter(tmp_path, cli):
     assert [v["snapshots"] for v in found[0]["versions"]] == [[snaps[0]["id"]]]
     verified = _json(cli("verify-restore", "-r", path, "--all-since", "1d", "--json", env=env))
     assert [r["snapshot_id"] for r in verified["snapshots"]] == [snaps[0]["id"]]
+
+
+def test_cat_blob_whose_reader_goes_away_is_no_success(tmp_path, cli):
+    """`cat blob ID | head -c 10` exited 0: the blob went out in one write, and the part a closing pipe took
+    passed for the whole.  It ends as `cat` does there (141), saying so."""
+    import subprocess
+    import sys
+
+    from conftest import PASSWORD
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    path = str(tmp_path / "repo")
+    cli("init", "-r", path, "--kdf-time", "0")
+    cli("backup", "-r", path, str(src))
+    blob = max((line.split() for line in cli("list", "-r", path, "blobs").stdout.decode().splitlines()),
+               key=lambda f: int(f[5]))[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    for extra in ([], ["--raw"]):
+        proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "cat", "-r", path, "blob", blob, *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        assert len(proc.stdout.read(10)) == 10
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(120) == 141, err
+        assert "before it had the whole blob" in err

@@ -15,6 +15,7 @@ import pytest
 
 from chunkvault.errors import SourceCommandFailed, UsageError
 from chunkvault.pgbackup import PostgresOnline
+from chunkvault.store.manifest import T_DIR
 from servers_pg import PgCluster, require_postgres, start_restored
 
 pytestmark = pytest.mark.slow
@@ -162,3 +163,35 @@ postgres = "{conn}"
     cli("run", "--config", str(policy))
     [snap] = json.loads(cli("snapshots", "-r", url, "--json").stdout)
     assert snap["stats"]["postgres"]["wal"] and snap["type"] == "full"
+
+
+def test_a_pg_wal_on_another_disk_is_a_directory_in_the_snapshot(tmp_path, new_repo, monkeypatch):
+    """``initdb --waldir``: pg_wal is a symbolic link.  Recorded as such, the segments added below it made a
+    snapshot that restored nothing below (and a link into the live cluster's WAL): it is a directory here, as
+    pg_basebackup makes it."""
+    from servers_pg import run_as
+
+    bindir = require_postgres()
+    with PgCluster(bindir) as c:
+        waldir = os.path.join(c.base, "wal")
+        run_as(c.user, [c.tool("initdb"), "-D", c.datadir, "--waldir", waldir, "--auth=trust", "--no-sync",
+                        "-U", "postgres"], env=c.env())
+        c.start()
+        c.sql("CREATE TABLE t AS SELECT generate_series(1, 1000) AS id")
+        for k, v in {"PGHOST": c.rundir, "PGPORT": str(c.port), "PGUSER": "postgres", "PGDATABASE": "postgres",
+                     "PATH": f"{bindir}:{os.environ.get('PATH', '')}"}.items():
+            monkeypatch.setenv(k, v)
+        assert os.path.islink(os.path.join(c.datadir, "pg_wal"))
+        repo = new_repo()
+        snap = repo.backup([c.datadir], postgres="").snapshot
+        [wal_dir] = [e for e in repo.tree(snap.id) if e.path == b"pg_wal"]
+        assert wal_dir.type == T_DIR
+        target = os.path.join(c.base, "restored")
+        repo.restore(snap.id, target)
+        assert not os.path.islink(os.path.join(target, "pg_wal"))
+        server = start_restored(bindir, target)
+        try:
+            assert server.sql("SELECT count(*) FROM t") == "1000"
+        finally:
+            server.stop()
+            shutil.rmtree(server.rundir, ignore_errors=True)

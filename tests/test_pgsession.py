@@ -156,6 +156,20 @@ def test_a_role_without_the_rights_gets_postgresqls_reason(cluster):
             session.start("weak")
 
 
+def test_a_role_that_may_back_up_but_not_read_settings_is_told_the_grant(cluster):
+    cluster.sql("DROP ROLE IF EXISTS backer; CREATE ROLE backer LOGIN REPLICATION; "
+                "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO backer; "
+                "GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO backer")
+    env = {**cluster.env(), "PGUSER": "backer"}
+    with PgBackupSession(psql=cluster.tool("psql"), env=env) as session:
+        with pytest.raises(SourceCommandFailed, match="GRANT pg_read_all_settings TO the role"):
+            session.start("backer")
+    cluster.sql("GRANT pg_read_all_settings TO backer")
+    with PgBackupSession(psql=cluster.tool("psql"), env=env) as session:
+        session.start("backer")
+        assert session.stop().label_file
+
+
 def test_no_server_is_one_clear_error(cluster, tmp_path):
     env = {**cluster.env(), "PGHOST": str(tmp_path), "PGUSER": "postgres"}
     with PgBackupSession(psql=cluster.tool("psql"), env=env) as session:

@@ -548,3 +548,9 @@ def test_copy_wal_sends_the_archived_files_the_destination_lacks(tmp_path, passw
     assert "000000010000000000000005" in [w.name for w in dst.archive_list()]
     src.close()
     dst.close()
+
+
+def test_archive_push_records_chunkvault_host(tmp_path, cli, repo_url):
+    cli("archive-push", "-r", repo_url, str(segment_file(tmp_path, SEG, size=1 << 16)), env={"CHUNKVAULT_HOST": "db-7"})
+    [entry] = json.loads(cli("archive-list", "-r", repo_url, "--json").stdout)["files"]
+    assert entry["host"] == "db-7"
