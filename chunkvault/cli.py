@@ -235,12 +235,7 @@ class _GuardedOutput:
         pipe (BrokenPipeError: exit 141)."""
         stream = self._stream
         stream.flush()
-        view = memoryview(text.encode(stream.encoding or "utf-8", stream.errors or "strict"))
-        while view:
-            n = stream.buffer.write(view)
-            if not n:
-                raise BrokenPipeError(errno.EPIPE, "standard output took no more")
-            view = view[n:]
+        _write_all(stream.buffer, text.encode(stream.encoding or "utf-8", stream.errors or "strict"))
         return len(text)
 
     def flush(self) -> None:
@@ -1129,6 +1124,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_all(out: BinaryIO, data: Any) -> None:
+    """Every byte of ``data`` to ``out``: a write its reader closed the pipe during returns the part written;
+    written again, the rest meets the closed pipe (BrokenPipeError: exit 141)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = out.write(view)
+        if not n:
+            raise BrokenPipeError(errno.EPIPE, "standard output took no more")
+        view = view[n:]
+
+
 class _DataOut:
     """Standard output's binary stream for a dump: once a byte of data is written there, an error is said on
     stderr alone, not as a JSON document after the data (``_emit_error_json``)."""
@@ -1137,16 +1143,10 @@ class _DataOut:
         self._out = out
 
     def write(self, data: Any) -> int:
-        """All of ``data``: a write its reader closed the pipe during returns the part written (`cat blob ID |
-        head -c 10` exited 0, the rest dropped); written again, the rest meets the closed pipe (exit 141)."""
+        """All of ``data`` (``_write_all``: `cat blob ID | head -c 10` exited 0, the rest dropped)."""
         if not getattr(sys.stdout, "written", True):
             sys.stdout.written = True  # type: ignore[union-attr]
-        view = memoryview(data).cast("B")
-        while view:
-            n = self._out.write(view)
-            if not n:
-                raise BrokenPipeError(errno.EPIPE, "standard output took no more")
-            view = view[n:]
+        _write_all(self._out, data)
         return len(data)
 
     def __getattr__(self, name: str) -> Any:
