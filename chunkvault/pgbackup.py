@@ -17,19 +17,17 @@ import os
 import socket
 import stat
 import time
-from typing import BinaryIO
 
 from chunkvault.errors import SourceCommandFailed, UsageError
 
 from .pgsession import BackupStart, PgBackupSession, format_lsn
 from .store.backup import AddedFile
 
-#: What a base backup leaves out, as PostgreSQL's own (``pg_basebackup``) does: the server's run files,
-#: a label or map from an earlier backup, and the contents of directories rebuilt at startup; ``pg_wal``'s
-#: contents are added afterwards (the segments the backup needs).
 #: Directories whose contents a base backup leaves out (rebuilt at startup; ``pg_wal`` gets what it needs).
 EMPTIED = ("pg_wal", "pg_dynshmem", "pg_notify", "pg_replslot", "pg_serial", "pg_snapshots", "pg_stat_tmp",
            "pg_subtrans")
+#: What a base backup leaves out, as PostgreSQL's own (``pg_basebackup``) does: the server's run files, a
+#: label or map from an earlier backup, and what lies in those directories.
 EXCLUDES = [
     "postmaster.pid", "postmaster.opts", "backup_label", "backup_label.old", "tablespace_map", "backup_manifest",
     "standby.signal", "recovery.signal", "postgresql.auto.conf.tmp", "current_logfiles.tmp", "pg_internal.init",
@@ -69,10 +67,10 @@ class PostgresOnline:
         stopped = self._session.stop()
         st = os.stat(self.datadir)
         now = time.time_ns()
-        added = [AddedFile(b"backup_label", functools.partial(_bytes, stopped.label_file.encode()), 0o600,
+        added = [AddedFile(b"backup_label", functools.partial(io.BytesIO, stopped.label_file.encode()), 0o600,
                            st.st_uid, st.st_gid, now)]
         if stopped.tablespace_map:
-            added.append(AddedFile(b"tablespace_map", functools.partial(_bytes, stopped.tablespace_map.encode()),
+            added.append(AddedFile(b"tablespace_map", functools.partial(io.BytesIO, stopped.tablespace_map.encode()),
                                    0o600, st.st_uid, st.st_gid, now))
         for name in EMPTIED:  # one on another disk (initdb --waldir): a directory here, as pg_basebackup makes it
             path = os.path.join(self.datadir, name)
@@ -101,7 +99,3 @@ class PostgresOnline:
 
     def close(self) -> None:
         self._session.close()
-
-
-def _bytes(data: bytes) -> BinaryIO:
-    return io.BytesIO(data)
