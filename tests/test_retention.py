@@ -315,9 +315,10 @@ def test_group_by_words():
 @given(histories(), policies(), st.data())
 def test_rules_combine_as_a_union(history, policy, data):
     """Splitting a policy's rules between two policies: the whole keeps the union of what the parts keep
-    (``keep_diff`` aside: it keeps the differentials of the fulls the other rules keep)."""
+    (``keep_diff`` and ``keep_full`` aside: the one keeps the differentials of what the other rules keep, the
+    other counts as fulls the differentials the other rules keep past their full)."""
     snaps, now = history
-    assume(not policy.keep_diff)
+    assume(not policy.keep_diff and not policy.keep_full)
     parts = [{"group_by": policy.group_by, "keep_tags": ()}, {"group_by": policy.group_by, "keep_tags": ()}]
     for f in RetentionPolicy.__dataclass_fields__:
         if f == "group_by":
