@@ -1245,26 +1245,42 @@ class Backup:
         store/walarchive.py).  The caller holds ``lock`` (shared) from before the index was read until it has
         written what names the chunks, and confirms it first.  A dry run (``dry_run``) stores nothing and
         takes no lock: the ids alone, to compare with what is stored."""
-        repo = self.repo
         self._lock = lock
-        self.writer = CountingWriter(repo) if self.opt.dry_run else repo.writer()
-        self._lost_deltas = repo.withhold_unreadable_deltas()
-        if lock is not None:
-            self.writer.guard = self._ensure_lock_held
+        writer = self._open_writer()
         try:
             digest, ids, size = self._read_stream(stream, rel, None)
-            self._drain()
-            self._ensure_lock_held()
-            self.writer.flush()
+            self._finish_writes()
         except BaseException:
-            self.writer.abandon()
+            writer.abandon()
             raise
         finally:
-            self._abort.set()
-            self._readers.shutdown(wait=True, cancel_futures=True)
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self.writer.close()
+            self._wind_down()
         return digest, [ids[i : i + 32] for i in range(0, len(ids), 32)], size
+
+    def _open_writer(self) -> BlobWriter | CountingWriter:
+        """The writer of this backup's blobs (a dry run's only counts them), guarded by the lock.  Chunks of
+        deltas a lost base left unreadable are stored again whole, which readers prefer."""
+        self.writer = CountingWriter(self.repo) if self.opt.dry_run else self.repo.writer()
+        self._lost_deltas = self.repo.withhold_unreadable_deltas()
+        if self._lock is not None:
+            self.writer.guard = self._ensure_lock_held
+        return self.writer
+
+    def _finish_writes(self) -> None:
+        """Every chunk sent stored, the lock still held, the writer's last pack and index written."""
+        assert self.writer is not None
+        self._drain()
+        self._ensure_lock_held()
+        self.writer.flush()
+
+    def _wind_down(self) -> None:
+        """Readers and compressors stopped (a no-op when all went well: they are idle by then), the writer
+        closed."""
+        self._abort.set()
+        self._readers.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.writer is not None:
+            self.writer.close()
 
     def _unindexed_note(self) -> str:
         """Where the parent cannot be read: stored packs in no index (their index objects lost?) are named,
@@ -1328,15 +1344,11 @@ class Backup:
         self._xattrs_known = parent is None or parent.stats.get("xattrs", False) == self.opt.xattrs
         self._racy = racy_window(parent)
         stats = ManifestStats()
-        self.writer = CountingWriter(repo) if self.opt.dry_run else repo.writer()
+        writer = self._open_writer()
         # A manifest the search for a parent found damaged: the same records make the same blob, which must
         # not refer to the damaged copy.
-        self.writer.damaged = self._damaged
-        self.writer.damaged_packs = {loc.pack_no: b for b in self._damaged if (loc := repo.locate(b)) is not None}
-        # Deltas a lost base left unreadable: a chunk of theirs is stored again whole, which readers prefer.
-        self._lost_deltas = repo.withhold_unreadable_deltas()
-        if self._lock is not None:
-            self.writer.guard = self._ensure_lock_held
+        writer.damaged = self._damaged
+        writer.damaged_packs = {loc.pack_no: b for b in self._damaged if (loc := repo.locate(b)) is not None}
         session_stats: dict = {}
         try:
             if stream is not None:
@@ -1372,19 +1384,14 @@ class Backup:
                 return BackupResult(parent, self.warnings + (source.warnings if source is not None else []),
                                     skipped=True)
             manifest_ids = mw.finish()
-            self._drain()
-            self._ensure_lock_held()
-            self.writer.flush()
+            self._finish_writes()
         except BaseException:
-            self.writer.abandon()
+            writer.abandon()
             raise
         finally:
             if self._total is not None:
                 self._total.close()
-            self._abort.set()  # a no-op when all went well: the readers are idle by then
-            self._readers.shutdown(wait=True, cancel_futures=True)
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self.writer.close()
+            self._wind_down()
         if source is not None:
             self.warnings[:0] = source.warnings
             self.unreadable += [os.fsdecode(rel) or "." for rel in source.missing]
