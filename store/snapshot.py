@@ -34,16 +34,27 @@ def seal_document(sealer: Sealer, body: dict, ad: bytes) -> bytes:
     return sealer.seal(zstandard.ZstdCompressor(level=3).compress(plain), ad)
 
 
-def open_document(sealer: Sealer, data: bytes, ad: bytes, what: str, max_size: int) -> Any:
-    """What ``seal_document`` sealed with ``ad``; CorruptObject naming ``what`` for bytes that do not open
-    (another object's, damaged) or decode."""
+def open_document(sealer: Sealer, data: bytes, ad: bytes, what: str, max_size: int, kind: str,
+                  newest: int) -> dict:
+    """What ``seal_document`` sealed with ``ad``, its ``version`` (of ``kind``) one this reader knows;
+    CorruptObject naming ``what`` for bytes that do not open (another object's, damaged) or decode, or no
+    version; NewerObject for a version above ``newest``."""
     try:
         plain = zstandard.ZstdDecompressor().decompress(sealer.open(data, ad), max_output_size=max_size)
-        return json.loads(plain)
+        body = json.loads(plain)
     except AuthenticationFailed:
         raise CorruptObject(what, "authentication failed") from None
     except (zstandard.ZstdError, ValueError, UnicodeDecodeError, RecursionError):
         raise CorruptObject(what, "undecodable") from None
+    version = body.get("version") if isinstance(body, dict) else None
+    if version is True:  # FORMAT.md: a reader takes `true` as 1, as the config's `format`
+        body["version"] = version = 1
+    if type(version) is not int or version < 1:
+        raise CorruptObject(what, f"unsupported {kind} version")
+    if version > newest:
+        raise NewerObject(what, f"written by a newer chunkvault ({kind} version {version}); upgrade chunkvault to "
+                                "read it")
+    return body
 
 
 @dataclass
@@ -102,15 +113,7 @@ class Snapshot:
     @classmethod
     def decode(cls, sealer: Sealer, name: str, data: bytes) -> "Snapshot":
         what = f"snapshot {name}"
-        body = open_document(sealer, data, SNAPSHOT_AD + name.encode(), what, 1 << 28)
-        version = body.get("version") if isinstance(body, dict) else None
-        if version is True:  # FORMAT.md: a reader takes `true` as 1, as the config's `format`
-            body["version"] = version = 1
-        if type(version) is not int or version < 1:
-            raise CorruptObject(what, "unsupported snapshot version")
-        if version > SNAPSHOT_VERSION:
-            raise NewerObject(what, f"written by a newer chunkvault (snapshot version {version}); upgrade chunkvault "
-                                    "to read it")
+        body = open_document(sealer, data, SNAPSHOT_AD + name.encode(), what, 1 << 28, "snapshot", SNAPSHOT_VERSION)
         try:
             snap = cls(**body, id=name)
             snap.check_fields()

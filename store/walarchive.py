@@ -116,15 +116,7 @@ class WalFile:
     @classmethod
     def decode(cls, sealer: Sealer, name: str, data: bytes) -> "WalFile":
         what = f"{WAL_PREFIX}{name}"
-        body = open_document(sealer, data, WAL_AD + name.encode(), what, 1 << 26)
-        version = body.get("version") if isinstance(body, dict) else None
-        if version is True:  # FORMAT.md: a reader takes `true` as 1
-            body["version"] = version = 1
-        if type(version) is not int or version < 1:
-            raise CorruptObject(what, "unsupported version")
-        if version > WAL_VERSION:
-            raise NewerObject(what, f"written by a newer chunkvault (wal version {version}); upgrade chunkvault "
-                                    "to read it")
+        body = open_document(sealer, data, WAL_AD + name.encode(), what, 1 << 26, "wal", WAL_VERSION)
         try:
             wal = cls(**body)
             if wal.name != name:
