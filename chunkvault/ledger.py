@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 from .errors import NewerObject, RepositoryStateWarning, RollbackDetected, output_error
+from .localfiles import fsync_directory
 from .localfiles import read_regular, user_dir
 from .store import ledger as logic
 from .store.ledger import NEWER_FORMAT, OLD_VERSION, REPLAYED, ROLLED_BACK, UNDATED, Finding, LedgerState
@@ -117,11 +118,7 @@ class LedgerFile:
             except BaseException:
                 os.unlink(tmp)
                 raise
-            dfd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_directory(self.directory)
         except OSError as exc:
             if must_store:
                 raise output_error(f"writing the ledger {self.path}", exc) from None

@@ -11,6 +11,16 @@ import stat
 import time
 
 
+def fsync_directory(path: str) -> None:
+    """Make a rename or creation in directory ``path`` durable (a crash after it leaves the new name, not the
+    old one)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_regular(path: str, limit: int = -1) -> bytes:
     """The bytes of the regular file at ``path`` (at most ``limit``, when given); OSError otherwise."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

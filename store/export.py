@@ -44,7 +44,7 @@ import blake3
 import zstandard
 
 from chunkvault.chunker import ChunkerParams
-from chunkvault.localfiles import abandoned
+from chunkvault.localfiles import abandoned, fsync_directory
 from chunkvault.errors import (ChunkvaultError, CorruptObject, MissingObject, NewerObject, UnsupportedFormat,
                                UsageError, WrongPassword, output_error)
 
@@ -461,11 +461,7 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
                                 f"names the files it takes down, `repair` the way back ({left})") from None
         raise
     try:
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_directory(directory)
     except OSError as exc:
         raise output_error(f"flushing the directory of the export {out_path}", exc) from None
     stats.file_bytes = w.bytes_written

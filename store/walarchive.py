@@ -19,6 +19,7 @@ from typing import BinaryIO, Callable, Iterable
 
 from chunkvault.errors import (ArchiveConflict, CorruptObject, LockLost, NewerObject, ObjectExists, ObjectNotFound,
                                RemoteError, RemoteUnavailable, TargetUnwritable, UsageError, WalNotArchived)
+from chunkvault.localfiles import fsync_directory
 
 from .backup import Backup, BackupOptions
 from .crypto import Sealer
@@ -315,11 +316,7 @@ def get(repo: Repo, name: str, dest: str) -> WalFile:
             os.fsync(out.fileno())
         os.replace(tmp, dest)
         tmp = ""
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(directory)
     except OSError as exc:
         raise TargetUnwritable(f"cannot write {dest}: {exc.strerror or exc}") from None
     finally:
