@@ -17,18 +17,9 @@ from chunkvault.errors import SourceCommandFailed, UsageError
 from chunkvault.pgbackup import PostgresOnline
 from chunkvault.store.manifest import T_DIR
 from servers_pg import PgCluster, require_postgres, start_restored
+from test_pgsession import cluster  # noqa: F401  (the running cluster with table t)
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    bindir = require_postgres()
-    with PgCluster(bindir, settings=("fsync=off", "max_wal_size=64MB", "min_wal_size=32MB")) as c:
-        c.init()
-        c.start()
-        c.sql("CREATE TABLE t (id int primary key, pad text)")
-        yield c
 
 
 @pytest.fixture
