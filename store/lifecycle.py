@@ -37,14 +37,18 @@ class RetentionView(NamedTuple):
     follows: str | None = None  # the snapshot it was made on, where its parent no longer says (aggregate)
     former_chain: tuple[str, ...] = ()  # and that one's chain back to its full (``chronology.built_on``)
     heals: str | None = None  # an import's: the copy of the same snapshot it brought back whole
+    taken_as: str | None = None  # the kind it was taken as, where that is not ``kind`` (see ``view``)
 
 
 def view(s: Snapshot) -> RetentionView:
+    """A full that a forget's rebase made of a differential (``rebased``, not ``aggregated`` on purpose)
+    was taken as a differential: retention's tiers keep it for a differential's term."""
     follows, former, heals = s.stats.get("follows"), s.stats.get("former_chain"), s.stats.get(HEALS)
+    promoted = s.kind == KIND_FULL and s.stats.get("rebased") is True and not s.stats.get("aggregated")
     return RetentionView(s.id, s.datetime, s.kind, s.parent, s.host, tuple(s.paths), tuple(s.tags),
                          follows if isinstance(follows, str) else None,
                          tuple(f for f in former if isinstance(f, str)) if isinstance(former, list) else (),
-                         heals if isinstance(heals, str) else None)
+                         heals if isinstance(heals, str) else None, KIND_DIFF if promoted else None)
 
 
 @dataclass

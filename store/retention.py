@@ -25,7 +25,10 @@ Rule semantics follow restic's ``forget``:
   an empty set matches untagged snapshots only.
 * Tiered rules, as managed database services offer them: ``keep_full_within``
   keeps full snapshots newer than (now - D), ``keep_diff_within`` keeps
-  differential ones newer than (now - D).  These are anchored on ``now``.
+  differential ones newer than (now - D).  These are anchored on ``now``, and go
+  by the kind a snapshot was taken as (``taken_as``): a differential a forget
+  rebased into a full, its full gone, keeps a differential's term, so the same
+  rules run again remove nothing.
 * A snapshot is kept if any rule keeps it (union).  An empty policy is refused.
 
 Durations are restic-style strings (``"1y6m"``, ``"2w3d"``, ``"12h"``).  Years
@@ -75,6 +78,7 @@ class SnapshotLike(Protocol):
     host: str
     paths: Sequence[str]
     tags: Sequence[str]
+    # optional ``taken_as``: the kind it was taken as, where a rebase made a differential a full
 
 
 # --------------------------------------------------------------------------- durations
@@ -569,7 +573,7 @@ def _apply_group(members: list[SnapshotLike], times: dict[str, datetime], policy
         cut = _cutoff(now, d, tz)
         label = f"{kind} within {_fmt_duration(d)}"
         for s in members:
-            if s.kind == kind and times[s.id] > cut:
+            if (getattr(s, "taken_as", None) or s.kind) == kind and times[s.id] > cut:
                 keep(s, label)
 
 

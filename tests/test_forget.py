@@ -1,4 +1,5 @@
 """Forgetting any set of snapshots leaves every kept one restoring exactly as before."""
+import json
 import os
 import random
 import shutil
@@ -126,6 +127,27 @@ def test_counted_fulls_and_diffs_remove_nothing_more_when_run_again(tmp_path, ne
         out = tmp_path / f"out-{sid[:8]}"
         repo.restore(sid, str(out))
         assert describe(out) == states[sid]
+
+
+def test_differentials_kept_by_their_tier_keep_it_when_rebased_into_a_full(tmp_path, new_repo, cli):
+    """``--keep-diff-within 1h`` alone over full, diff, diff: the full goes, the first differential absorbs it
+    and is a full; it was taken as a differential and keeps that tier, so the same forget run again removes
+    nothing (it used to remove the promoted one, and rebase the next onto nothing)."""
+    repo = new_repo(str(tmp_path / "repo"))
+    states = backups_of_a_growing_tree(tmp_path, repo, 3, kind=lambda i: "full" if i == 0 else "diff")
+    ids = [s.id for s in sorted(repo.snapshots(), key=lambda s: s.time)]
+    args = ("forget", "-r", str(tmp_path / "repo"), "--keep-diff-within", "1h", "--json")
+    first = json.loads(cli(*args).stdout)
+    assert [d["id"] for d in first["decisions"] if not d["keep"]] == [ids[0]]
+    assert {s.id: s.kind for s in repo.snapshots()} == {ids[1]: "full", ids[2]: "diff"}
+    again = json.loads(cli(*args).stdout)
+    assert all(d["keep"] for d in again["decisions"]) and not again["rebased"]
+    for sid in ids[1:]:
+        out = tmp_path / f"out-{sid[:8]}"
+        repo.restore(sid, str(out))
+        assert describe(out) == states[sid]
+    assert repo.aggregate(ids[2]).snapshot.kind == "full"  # made a full on purpose: a full's tier from then on
+    assert [d["id"] for d in json.loads(cli(*args).stdout)["decisions"] if not d["keep"]] == [ids[2]]
 
 
 def test_counted_differentials_of_a_full_a_filter_leaves_out(tmp_path, new_repo, cli):

@@ -29,6 +29,7 @@ class Snap:
     host: str = "h"
     paths: tuple[str, ...] = ("/db",)
     tags: tuple[str, ...] = ()
+    taken_as: str | None = None
 
 
 # ----------------------------------------------------------------------------- brute-force model
@@ -125,7 +126,7 @@ def model(snaps, policy, now):
         for kind, d in (("full", policy.keep_full_within), ("diff", policy.keep_diff_within)):
             if d:
                 for s in members:
-                    if s.kind == kind and s.time > model_minus(now, d):
+                    if (s.taken_as or s.kind) == kind and s.time > model_minus(now, d):
                         why[s.id].add(f"{kind} within")
     # keep_full and keep_diff: a kept differential with nothing kept before it in its chain becomes a full
     # (rebased), and counts as one; repeat until the fulls counted so are the same.
@@ -397,7 +398,8 @@ def test_counted_fulls_and_the_differentials_of_the_fulls_kept():
 
 def after_forget(snaps, decisions):
     """The snapshots a forget leaves, rebased as ``rebase_plan`` does: a kept differential's parent is the
-    nearest kept snapshot before it in its chain; with none, it absorbs the removed ones and is a full."""
+    nearest kept snapshot before it in its chain; with none, it absorbs the removed ones and is a full, one
+    taken as a differential."""
     keep = kept(decisions)
     by_id = {s.id: s for s in snaps}
     out = []
@@ -410,16 +412,17 @@ def after_forget(snaps, decisions):
             if cur.id in keep:
                 parent = cur.id
                 break
-        out.append(dataclasses.replace(s, kind="diff" if parent else "full", parent=parent))
+        kind = "diff" if parent else "full"
+        out.append(dataclasses.replace(s, kind=kind, parent=parent,
+                                       taken_as=s.taken_as or (s.kind if kind != s.kind else None)))
     return out
 
 
 @settings(max_examples=400, deadline=None)
 @given(histories(), policies())
 def test_the_same_rules_run_again_remove_nothing(history, policy):
-    # Not for keep_diff_within: a differential it alone keeps, whose full goes, is a full the next time.  Times
-    # made distinct: snapshots of one instant are ordered by their place in their chain, which a rebase changes.
-    assume(policy.keep_diff_within is None)
+    # Times made distinct: snapshots of one instant are ordered by their place in their chain, which a rebase
+    # changes.
     snaps, now = history
     snaps = [dataclasses.replace(s, time=s.time + timedelta(microseconds=i)) for i, s in enumerate(snaps)]
     left = after_forget(snaps, select(snaps, policy, now, allow_remove_all=True))
