@@ -824,18 +824,26 @@ class Repository:
 
     @_stoppable
     def archive_push(self, path: str | os.PathLike[str], *, host: str | None = None, wait: float = 3600.0,
-                     compression_level: int | None = None) -> "PushResult":
+                     compression_level: int | None = None, ahead: Sequence[str | os.PathLike[str]] = (),
+                     on_ahead: Callable[["PushResult"], None] | None = None) -> "PushResult":
         """Archive one file PostgreSQL hands its ``archive_command`` (``%p``) under its base name, a WAL
         segment, ``.partial`` segment, backup or timeline history file (any other name: UsageError).  Its
         data is stored as a backup stores a file, under the same shared lock, and ``wal/NAME`` written last.
         Pushed again with the same content it succeeds (``already``) storing nothing; with other content
-        it raises ArchiveConflict and makes nothing new visible.  ``wait``: as for ``backup``."""
+        it raises ArchiveConflict and makes nothing new visible.  ``wait``: as for ``backup``.
+
+        ``ahead``: more files to push after it under the same lock (those PostgreSQL has ready next), each
+        passed to ``on_ahead`` once archived; the first that fails ends them, its error in the result's
+        ``ahead_error``, and does not fail the push of ``path``."""
         from .store import walarchive
 
         _file_path(path, "path to archive")
+        for other in ahead:
+            _file_path(other, "path to archive")
         return walarchive.push(self._repo, os.fsdecode(path), host=_host(host), wait=_wait(wait),
                                compression_level=_compression_level(compression_level),
-                               progress=self._progress(None))
+                               progress=self._progress(None), ahead=[os.fsdecode(p) for p in ahead],
+                               on_ahead=on_ahead or (lambda r: None))
 
     @_stoppable
     def archive_get(self, name: str, dest: str | os.PathLike[str], *, wait: float = 3600.0) -> "WalFile":

@@ -13,12 +13,13 @@ import re
 import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO, Callable, Iterable, Sequence
 
-from chunkvault.errors import (ArchiveConflict, CorruptObject, LockLost, NewerObject, ObjectExists, ObjectNotFound,
-                               RemoteError, RemoteUnavailable, TargetUnwritable, UsageError, WalNotArchived)
+from chunkvault.errors import (ArchiveConflict, ChunkvaultError, CorruptObject, LockLost, NewerObject, ObjectExists,
+                               ObjectNotFound, RemoteError, RemoteUnavailable, TargetUnwritable, UsageError,
+                               WalNotArchived)
 from chunkvault.localfiles import fsync_directory
 
 from .backup import Backup, BackupOptions
@@ -53,6 +54,14 @@ def check_wal_name(name: object) -> str:
 
 def is_history(name: str) -> bool:
     return name.endswith(".history")
+
+
+def ready_ahead(ready: Iterable[str], name: str, limit: int) -> list[str]:
+    """Which of the files PostgreSQL has ready to archive (``archive_status/*.ready``, by name) to push ahead
+    with ``name``: at most ``limit``, in the order PostgreSQL archives them (timeline history files first,
+    then by name); a name that is not one PostgreSQL archives is left out."""
+    names = {n for n in ready if n != name and _NAME.fullmatch(n)}
+    return sorted(names, key=lambda n: (not is_history(n), n))[:max(limit, 0)]
 
 
 def expired(names: Iterable[str], before: str) -> list[str]:
@@ -187,10 +196,13 @@ class PushResult:
     already: bool  # archived before with the same content: nothing stored
     new_blobs: int = 0
     stored_bytes: int = 0
+    ahead: list["PushResult"] = field(default_factory=list)  # the files pushed ahead with it (``push``)
+    ahead_error: str | None = None  # why the next one ahead was not
 
     def to_dict(self) -> dict:
         return {**self.wal.to_dict(), "already_archived": self.already, "new_blobs": self.new_blobs,
-                "stored_bytes": self.stored_bytes}
+                "stored_bytes": self.stored_bytes, "ahead": [r.to_dict() for r in self.ahead],
+                "ahead_error": self.ahead_error}
 
 
 def load(repo: Repo, name: str) -> WalFile | None:
@@ -235,48 +247,74 @@ def used_blobs(repo: Repo) -> set[bytes]:
 
 
 def push(repo: Repo, path: str, *, host: str | None = None, wait: float = 3600.0,
-         compression_level: int | None = None, progress: Callable[[dict], None] | None = None) -> PushResult:
+         compression_level: int | None = None, progress: Callable[[dict], None] | None = None,
+         ahead: Sequence[str] = (), on_ahead: Callable[[PushResult], None] = lambda r: None) -> PushResult:
     """Archive the file at ``path`` under its base name, as PostgreSQL's ``archive_command`` asks: idempotent
     for the same content, refused (ArchiveConflict) for other content under a name already archived.
-    ``progress``: called with a backup's counts as it reads (where a stop is noticed)."""
+    ``progress``: called with a backup's counts as it reads (where a stop is noticed).
+
+    ``ahead``: files PostgreSQL has ready to archive next, pushed under the same lock once ``path`` is (one
+    process, one repository opened, for several files).  ``on_ahead`` is called with each one archived; the
+    first that fails ends the batch, recorded in the result (``ahead_error``): PostgreSQL asks for it again."""
     name = check_wal_name(os.path.basename(path))
     host = host or socket.gethostname()
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    f = _open_wal(path)
     with f:
         with RepoLock(repo.remote, SHARED, "archive-push", wait=wait) as lock:
             if lock.waited:
                 repo.drop_stale(index=False)
             require_openable(repo.remote, repo.config.repo_id)
             repo.fresh_index()
-            existing = load(repo, name)
-            if existing is not None:  # a push again after a crash: same ids, or a conflict; nothing stored
-                counting = _backup(repo, compression_level, progress, dry_run=True)
-                _, ids, size = counting.store_stream(f, name.encode(), None)
-                return _again(existing, ids, size)
-            backup = _backup(repo, compression_level, progress, dry_run=False)
-            _, ids, size = backup.store_stream(f, name.encode(), lock)
-            assert backup.writer is not None
-            wal = WalFile(name=name, size=size, blobs=[b.hex() for b in ids], time=now_iso(), host=host)
-            lock.confirm()
-            try:
-                repo.remote.put(WAL_PREFIX + name, wal.encode(repo.sealer), if_absent=True)
-            except ObjectExists:  # another push of the same name meanwhile: its blobs are now ours too
-                other = load(repo, name)
-                if other is None:
-                    raise
-                return _again(other, ids, size)
-            try:
-                lock.confirm()
-            except LockLost:  # a prune may have taken its blobs: taken back, PostgreSQL pushes it again
-                with contextlib.suppress(RemoteError):  # an append-only token cannot: the lock's error stands
-                    repo.remote.delete(WAL_PREFIX + name)
-                raise
-            except RemoteUnavailable:
-                pass
-            return PushResult(wal, False, backup.writer.new_blobs, backup.writer.stored_bytes)
+            result = _push_one(repo, lock, f, name, host, compression_level, progress)
+            for other in ahead:
+                try:
+                    with _open_wal(other) as g:
+                        done = _push_one(repo, lock, g, check_wal_name(os.path.basename(other)), host,
+                                         compression_level, progress)
+                except ChunkvaultError as exc:  # the lock lost, a conflict, a remote gone: its own turn tells
+                    result.ahead_error = f"{os.path.basename(other)}: {exc}"
+                    break
+                result.ahead.append(done)
+                on_ahead(done)
+            return result
+
+
+def _open_wal(path: str) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _push_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, compression_level: int | None,
+              progress: Callable[[dict], None] | None) -> PushResult:
+    """Store ``f`` as ``wal/name`` under the shared ``lock``: its blobs first, the object last."""
+    existing = load(repo, name)
+    if existing is not None:  # a push again after a crash: same ids, or a conflict; nothing stored
+        counting = _backup(repo, compression_level, progress, dry_run=True)
+        _, ids, size = counting.store_stream(f, name.encode(), None)
+        return _again(existing, ids, size)
+    backup = _backup(repo, compression_level, progress, dry_run=False)
+    _, ids, size = backup.store_stream(f, name.encode(), lock)
+    assert backup.writer is not None
+    wal = WalFile(name=name, size=size, blobs=[b.hex() for b in ids], time=now_iso(), host=host)
+    lock.confirm()
+    try:
+        repo.remote.put(WAL_PREFIX + name, wal.encode(repo.sealer), if_absent=True)
+    except ObjectExists:  # another push of the same name meanwhile: its blobs are now ours too
+        other = load(repo, name)
+        if other is None:
+            raise
+        return _again(other, ids, size)
+    try:
+        lock.confirm()
+    except LockLost:  # a prune may have taken its blobs: taken back, PostgreSQL pushes it again
+        with contextlib.suppress(RemoteError):  # an append-only token cannot: the lock's error stands
+            repo.remote.delete(WAL_PREFIX + name)
+        raise
+    except RemoteUnavailable:
+        pass
+    return PushResult(wal, False, backup.writer.new_blobs, backup.writer.stored_bytes)
 
 
 def _backup(repo: Repo, compression_level: int | None, progress: Callable[[dict], None] | None, *,

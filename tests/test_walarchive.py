@@ -17,7 +17,7 @@ from chunkvault import Repository
 from chunkvault.errors import ArchiveConflict, CorruptObject, Locked, NewerObject, UsageError, WalNotArchived
 from chunkvault.store.crypto import Sealer
 from chunkvault.store.repository import pack_key
-from chunkvault.store.walarchive import WalFile, check_wal_name, expired
+from chunkvault.store.walarchive import WalFile, check_wal_name, expired, ready_ahead
 from servers_http import APPEND_TOKEN, FULL_TOKEN, http_server, serve_factory  # noqa: F401
 
 SEG = "000000010000000000000001"
@@ -554,3 +554,94 @@ def test_archive_push_records_chunkvault_host(tmp_path, cli, repo_url):
     cli("archive-push", "-r", repo_url, str(segment_file(tmp_path, SEG, size=1 << 16)), env={"CHUNKVAULT_HOST": "db-7"})
     [entry] = json.loads(cli("archive-list", "-r", repo_url, "--json").stdout)["files"]
     assert entry["host"] == "db-7"
+
+
+# --- pushing ahead with a spool ------------------------------------------------------------------------------
+
+
+def test_ready_ahead_takes_history_files_first_then_by_name_up_to_the_limit():
+    ready = ["000000020000000000000004", "00000002.history", "000000020000000000000003", "xlogtemp.123",
+             "000000020000000000000002", "000000020000000000000003.00000028.backup"]
+    assert ready_ahead(ready, "000000020000000000000002", 3) == [
+        "00000002.history", "000000020000000000000003", "000000020000000000000003.00000028.backup"]
+    assert ready_ahead(ready, "000000020000000000000002", 0) == []
+
+
+def pg_wal_with_ready(tmp_path, count, size=1 << 20):
+    """A ``pg_wal`` as PostgreSQL leaves it for its archiver: segments, each with its ``.ready`` status."""
+    wal = tmp_path / "pg_wal"
+    (wal / "archive_status").mkdir(parents=True)
+    names = [f"0000000100000000000000{i:02X}" for i in range(1, count + 1)]
+    for i, name in enumerate(names):
+        segment_file(wal, name, seed=i, size=size)
+        (wal / "archive_status" / f"{name}.ready").touch()
+    return wal, names
+
+
+def archived_as_postgresql_would(wal, name):
+    """What PostgreSQL does once ``archive_command`` succeeded for ``name``."""
+    os.rename(wal / "archive_status" / f"{name}.ready", wal / "archive_status" / f"{name}.done")
+
+
+def test_a_spool_push_archives_the_ready_files_ahead_and_answers_for_them_without_the_repository(
+        tmp_path, cli, repo_url):
+    wal, names = pg_wal_with_ready(tmp_path, 5)
+    spool = tmp_path / "spool"
+    push = ("archive-push", "-r", repo_url, "--spool", str(spool), "--batch", "3")
+    first = json.loads(cli(*push, str(wal / names[0]), "--json").stdout)
+    assert [first["name"], *(r["name"] for r in first["ahead"])] == names[:3] and first["ahead_error"] is None
+    assert sorted(os.listdir(spool)) == [f"{n}.ok" for n in names[1:3]]
+    archived_as_postgresql_would(wal, names[0])
+    for name in names[1:3]:  # answered by the marker: a wrong password would fail any opening of the repository
+        out = cli(*push, str(wal / name), password="wrong")
+        assert "pushed ahead" in out.stdout.decode()
+        archived_as_postgresql_would(wal, name)
+    assert os.listdir(spool) == []
+    last = cli(*push, str(wal / names[3])).stdout.decode()
+    assert names[3] in last and names[4] in last
+    for name in names:
+        got = tmp_path / "got"
+        cli("archive-get", "-r", repo_url, name, str(got))
+        assert got.read_bytes() == (wal / name).read_bytes()
+
+
+def test_a_marker_answers_only_for_its_repository_and_the_file_as_it_was_pushed(tmp_path, cli, repo_url):
+    wal, names = pg_wal_with_ready(tmp_path, 3)
+    spool = tmp_path / "spool"
+    cli("archive-push", "-r", repo_url, "--spool", str(spool), str(wal / names[0]))
+    other = str(tmp_path / "other")
+    cli("init", "-r", other, "--kdf-time", "0")
+    moved = cli("archive-push", "-r", other, "--spool", str(spool), str(wal / names[1])).stdout.decode()
+    assert f"archived {names[1]}" in moved  # pushed into the other repository for real, not taken as done
+    segment_file(wal, names[2], seed=99, size=1 << 20)  # not the file pushed ahead any more
+    again = cli("archive-push", "-r", repo_url, "--spool", str(spool), str(wal / names[2]), check=22)
+    assert "archived already" in again.stderr.decode()
+
+
+def test_a_file_ahead_that_fails_ends_the_batch_and_not_the_push(tmp_path, cli, repo_url):
+    wal, names = pg_wal_with_ready(tmp_path, 4)
+    cli("archive-push", "-r", repo_url, str(wal / names[2]))
+    segment_file(wal, names[2], seed=99, size=1 << 20)  # other content under an archived name
+    spool = tmp_path / "spool"
+    out = cli("archive-push", "-r", repo_url, "--spool", str(spool), "--json", str(wal / names[0]))
+    result = json.loads(out.stdout)
+    assert [r["name"] for r in result["ahead"]] == [names[1]]
+    assert result["ahead_error"].startswith(f"{names[2]}: ") and "other content" in result["ahead_error"]
+    assert sorted(os.listdir(spool)) == [f"{names[1]}.ok"]
+    text = cli("archive-push", "-r", repo_url, "--spool", str(tmp_path / "spool2"), str(wal / names[0]))
+    assert "pushing ahead stopped at" in text.stderr.decode() and f"{names[0]} already archived" in text.stdout.decode()
+    cli("archive-push", "-r", repo_url, "--spool", str(spool), str(wal / names[2]), check=22)
+    assert f"{names[2]}.ok" not in os.listdir(spool)
+
+
+def test_stale_markers_are_swept_and_batch_needs_a_spool(tmp_path, cli, repo_url):
+    wal, names = pg_wal_with_ready(tmp_path, 2)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "000000010000000000000009.ok").write_text("{}")  # of a file PostgreSQL no longer has ready
+    (spool / f"{names[1]}.ok").write_text("not json")
+    cli("archive-push", "-r", repo_url, "--spool", str(spool), str(wal / names[0]))
+    assert os.listdir(spool) == [f"{names[1]}.ok"]
+    assert json.loads((spool / f"{names[1]}.ok").read_text())["repository"] == repo_url
+    result = cli("archive-push", "-r", repo_url, "--batch", "2", str(wal / names[0]), check=2)
+    assert "--batch needs --spool" in result.stderr.decode()
