@@ -857,6 +857,18 @@ class Repository:
         with self.reading("archive-get", wait=_wait(wait)):
             return walarchive.get(self._repo, name, os.fsdecode(dest))
 
+    @_stoppable
+    def archive_prefetch(self, after: str, directory: str | os.PathLike[str], count: int, *,
+                         wait: float = 3600.0) -> tuple[list["WalFile"], str | None]:
+        """Fetch the ``count`` archived segments of ``after``'s timeline that follow it into ``directory``
+        (each as ``archive_get`` writes it), for a recovery's next calls; returns those fetched and why the
+        next was not (None: all were, or fewer are archived)."""
+        from .store import walarchive
+
+        walarchive.check_wal_name(after)
+        with self.reading("archive-get", wait=_wait(wait)):
+            return walarchive.prefetch(self._repo, after, os.fsdecode(directory), count)
+
     def archive_list(self) -> list["WalFile"]:
         """The archived files, by name; one that does not load is left out with a RepositoryStateWarning."""
         from .store import walarchive

@@ -1,4 +1,5 @@
-"""``archive-push --spool DIR``: files pushed ahead of PostgreSQL's asking, and the markers that say so.
+"""``archive-push --spool DIR`` and ``archive-get --spool DIR``: WAL files pushed ahead of PostgreSQL's
+asking, with the markers that say so, and files fetched ahead of a recovery's asking.
 
 PostgreSQL's ``archive_command`` runs once per file, and a process that opens the repository costs some
 tenths of a second before it reads a byte: behind a busy server, WAL piles up.  A push with a spool also
@@ -6,15 +7,22 @@ pushes the files PostgreSQL has ready next (``pg_wal/archive_status/*.ready``) u
 leaves a marker ``DIR/NAME.ok`` for each; when PostgreSQL then asks for one, the marker answers at once,
 without the repository.  A marker counts only for the repository it names and the file as it was pushed
 (size and modification time); otherwise the file is pushed again, which the archive takes as a no-op.
+
+A recovery likewise calls ``restore_command`` once per file.  ``archive-get`` with a spool also fetches the
+segments that follow on the timeline into a directory of the spool kept for the repository named; the
+recovery's next calls move them into place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
 from typing import Iterable
 
 from .errors import UsageError
-from .localfiles import read_regular
+from .localfiles import fsync_directory, read_regular
 
 MARKER = ".ok"
 
@@ -82,3 +90,51 @@ def ready_files(wal_path: str) -> list[str]:
     except OSError:
         return []
     return [e[:-len(".ready")] for e in entries if e.endswith(".ready")]
+
+
+_SEGMENT = re.compile("[0-9A-F]{24}")
+
+
+class Prefetched:
+    """The files ``archive-get --spool`` fetched ahead from one repository (a directory of the spool of its
+    own, named by the repository's address: a file fetched from one is never handed out for another)."""
+
+    def __init__(self, spool: str, repository: str):
+        self.path = os.path.join(spool, "get-" + hashlib.sha256(repository.encode()).hexdigest()[:16])
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot use {spool} as the spool directory: {exc.strerror or exc}") from None
+
+    def take(self, name: str, dest: str) -> bool:
+        """Move the file fetched ahead as ``name`` to ``dest`` (durably, as ``archive-get`` writes); False when
+        there is none."""
+        src = os.path.join(self.path, name)
+        if not os.path.isfile(src):
+            return False
+        directory = os.path.dirname(os.path.abspath(dest))
+        try:
+            os.replace(src, dest)
+        except OSError:  # the spool on another file system: copied beside ``dest``, then renamed
+            tmp = os.path.join(directory, f".chunkvault-{name}.tmp")
+            with open(src, "rb") as f, open(tmp, "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dest)
+            os.unlink(src)
+        fsync_directory(directory)
+        return True
+
+    def sweep(self, name: str) -> None:
+        """Once segment ``name`` is in place, remove what the recovery has gone past: the segments at or before
+        its position, on any timeline (a recovery asks each position on its newest timeline first), and what
+        a fetch that stopped left.  Nothing for another name."""
+        if not _SEGMENT.fullmatch(name):
+            return
+        for entry in os.listdir(self.path):
+            if (_SEGMENT.fullmatch(entry) and entry[8:] <= name[8:]) or entry.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(self.path, entry))
+                except OSError:
+                    pass

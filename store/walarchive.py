@@ -39,6 +39,7 @@ _SEGMENT = "[0-9A-F]{24}"
 #: What PostgreSQL archives: a segment, a segment cut short at a promotion (``.partial``), a backup history
 #: file (the segment, the start offset) and a timeline history file.
 _NAME = re.compile(rf"({_SEGMENT})(\.partial|\.[0-9A-F]{{8}}\.backup)?|[0-9A-F]{{8}}\.history")
+_SEGMENT_ONLY = re.compile(_SEGMENT)
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
 
 
@@ -62,6 +63,15 @@ def ready_ahead(ready: Iterable[str], name: str, limit: int) -> list[str]:
     then by name); a name that is not one PostgreSQL archives is left out."""
     names = {n for n in ready if n != name and _NAME.fullmatch(n)}
     return sorted(names, key=lambda n: (not is_history(n), n))[:max(limit, 0)]
+
+
+def fetch_ahead(archived: Iterable[str], name: str, limit: int) -> list[str]:
+    """Which archived segments a recovery asking for ``name`` will ask for next: those of its timeline after
+    it, by name, at most ``limit`` (none after a history file, which a recovery asks for on its own)."""
+    if is_history(name):
+        return []
+    return sorted(n for n in archived if _SEGMENT_ONLY.fullmatch(n) and n[:8] == name[:8] and n > name[:24])[
+        :max(limit, 0)]
 
 
 def expired(names: Iterable[str], before: str) -> list[str]:
@@ -364,6 +374,22 @@ def get(repo: Repo, name: str, dest: str) -> WalFile:
             except OSError:
                 pass
     return wal
+
+
+def prefetch(repo: Repo, after: str, directory: str, limit: int) -> tuple[list[WalFile], str | None]:
+    """Write the ``limit`` archived segments a recovery asks for after ``after`` into ``directory`` (one
+    there already is left as it is): what was fetched, and why the next one was not (the first failure ends
+    it; the recovery's own call for that file then reports it)."""
+    fetched: list[WalFile] = []
+    for name in fetch_ahead(names(repo), after, limit):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            continue
+        try:
+            fetched.append(get(repo, name, path))
+        except ChunkvaultError as exc:
+            return fetched, f"{name}: {exc}"
+    return fetched, None
 
 
 def _write_blobs(repo: Repo, wal: WalFile, out: BinaryIO) -> int:

@@ -17,7 +17,7 @@ from chunkvault import Repository
 from chunkvault.errors import ArchiveConflict, CorruptObject, Locked, NewerObject, UsageError, WalNotArchived
 from chunkvault.store.crypto import Sealer
 from chunkvault.store.repository import pack_key
-from chunkvault.store.walarchive import WalFile, check_wal_name, expired, ready_ahead
+from chunkvault.store.walarchive import WalFile, check_wal_name, expired, fetch_ahead, ready_ahead
 from servers_http import APPEND_TOKEN, FULL_TOKEN, http_server, serve_factory  # noqa: F401
 
 SEG = "000000010000000000000001"
@@ -645,3 +645,74 @@ def test_stale_markers_are_swept_and_batch_needs_a_spool(tmp_path, cli, repo_url
     assert json.loads((spool / f"{names[1]}.ok").read_text())["repository"] == repo_url
     result = cli("archive-push", "-r", repo_url, "--batch", "2", str(wal / names[0]), check=2)
     assert "--batch needs --spool" in result.stderr.decode()
+
+
+# --- fetching ahead with a spool -----------------------------------------------------------------------------
+
+
+def test_fetch_ahead_takes_the_next_segments_of_the_timeline():
+    archived = ["000000010000000000000001", "000000010000000000000002", "000000010000000000000003.partial",
+                "000000010000000000000004", "000000020000000000000003", "00000002.history",
+                "000000010000000000000002.00000028.backup", "000000010000000000000005"]
+    assert fetch_ahead(archived, "000000010000000000000001", 2) == ["000000010000000000000002",
+                                                                    "000000010000000000000004"]
+    assert fetch_ahead(archived, "000000020000000000000002", 5) == ["000000020000000000000003"]
+    assert fetch_ahead(archived, "00000002.history", 5) == []
+
+
+def archived_segments(tmp_path, cli, repo_url, count):
+    wal, names = pg_wal_with_ready(tmp_path, count)
+    for name in names:
+        cli("archive-push", "-r", repo_url, str(wal / name))
+    restore = tmp_path / "restore"
+    restore.mkdir()
+    return wal, names, restore / "RECOVERYXLOG"
+
+
+def test_a_spool_get_fetches_the_next_segments_and_hands_them_out_without_the_repository(tmp_path, cli, repo_url):
+    wal, names, dest = archived_segments(tmp_path, cli, repo_url, 5)
+    get = ("archive-get", "-r", repo_url, "--spool", str(tmp_path / "spool"), "--prefetch", "3")
+    first = json.loads(cli(*get, names[0], str(dest), "--json").stdout)
+    assert first["prefetched"] == names[1:4] and first["prefetch_error"] is None
+    assert dest.read_bytes() == (wal / names[0]).read_bytes()
+    [kept] = (tmp_path / "spool").iterdir()
+    for name in names[1:4]:  # a wrong password would fail any opening of the repository
+        out = cli(*get, name, str(dest), password="wrong")
+        assert "fetched ahead" in out.stdout.decode()
+        assert dest.read_bytes() == (wal / name).read_bytes()
+        assert sorted(os.listdir(kept)) == [n for n in names[1:4] if n > name]
+    assert os.listdir(dest.parent) == ["RECOVERYXLOG"]
+    cli(*get, names[4], str(dest))
+    assert dest.read_bytes() == (wal / names[4]).read_bytes() and os.listdir(kept) == []
+
+
+def test_fetched_files_go_to_their_repository_only_and_wait_while_a_newer_timeline_is_tried(
+        tmp_path, cli, repo_url):
+    wal, names, dest = archived_segments(tmp_path, cli, repo_url, 3)
+    spool = str(tmp_path / "spool")
+    cli("archive-get", "-r", repo_url, "--spool", spool, names[0], str(dest))
+    other = str(tmp_path / "other")
+    cli("init", "-r", other, "--kdf-time", "0")
+    missing = cli("archive-get", "-r", other, "--spool", spool, names[1], str(dest), check=1)
+    assert "is not in the WAL archive" in missing.stderr.decode()
+    newer = "00000002" + names[1][8:]  # a recovery asks each position on its newest timeline first
+    cli("archive-get", "-r", repo_url, "--spool", spool, newer, str(dest), check=1)
+    out = cli("archive-get", "-r", repo_url, "--spool", spool, names[1], str(dest), password="wrong")
+    assert "fetched ahead" in out.stdout.decode() and dest.read_bytes() == (wal / names[1]).read_bytes()
+    result = cli("archive-get", "-r", repo_url, "--prefetch", "2", names[2], str(dest), check=2)
+    assert "--prefetch needs --spool" in result.stderr.decode()
+
+
+def test_a_damaged_file_ahead_ends_the_fetch_and_not_the_get(tmp_path, cli, repo_url):
+    wal, names, dest = archived_segments(tmp_path, cli, repo_url, 4)
+    objects = tmp_path / "repo" / "wal"
+    (objects / names[2]).write_bytes((objects / names[1]).read_bytes())  # sealed under another name
+    spool = str(tmp_path / "spool")
+    out = cli("archive-get", "-r", repo_url, "--spool", spool, names[0], str(dest), "--json")
+    result = json.loads(out.stdout)
+    assert result["prefetched"] == [names[1]] and result["prefetch_error"].startswith(f"{names[2]}: ")
+    assert dest.read_bytes() == (wal / names[0]).read_bytes()
+    cli("archive-get", "-r", repo_url, "--spool", spool, names[1], str(dest))
+    damaged = cli("archive-get", "-r", repo_url, "--spool", spool, names[2], str(dest), check=13)
+    assert f"wal/{names[2]}" in damaged.stderr.decode()
+    assert dest.read_bytes() == (wal / names[1]).read_bytes()

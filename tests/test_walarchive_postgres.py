@@ -68,7 +68,8 @@ def test_recovery_to_a_time_between_snapshots_reads_the_archived_wal(tmp_path):
         cluster.init()
         with open(os.path.join(cluster.datadir, "postgresql.conf"), "a") as f:
             f.write("archive_mode = on\n")
-            push = chunkvault("archive-push", "-q", "-r", repo, "--password-file", password_file) + " %p"
+            push = chunkvault("archive-push", "-q", "-r", repo, "--password-file", password_file, "--spool",
+                              os.path.join(shared, "push-spool")) + " %p"
             f.write(conf_line("archive_command", push if direct else f"cp %p {shlex.quote(spool)}/%f"))
         cluster.start()
         c = cluster
@@ -97,7 +98,8 @@ def test_recovery_to_a_time_between_snapshots_reads_the_archived_wal(tmp_path):
         cli("restore", "latest", "--target", data)
         with open(os.path.join(data, "postgresql.conf"), "a") as f:
             f.write("archive_mode = off\n")
-            get = chunkvault("archive-get", "-q", "-r", repo, "--password-file", password_file) + ' %f "%p"'
+            get = chunkvault("archive-get", "-q", "-r", repo, "--password-file", password_file, "--spool",
+                             os.path.join(shared, "get-spool")) + ' %f "%p"'
             f.write(conf_line("restore_command", get if direct else f'cp {shlex.quote(fetched)}/%f "%p"'))
             f.write(conf_line("recovery_target_time", target))
             f.write("recovery_target_action = 'promote'\n")
