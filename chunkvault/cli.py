@@ -500,6 +500,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         args.host = env_host()
     if args.pg_connect is not None and not args.postgres:
         raise UsageError("--pg-connect says how --postgres reaches the server: give --postgres too")
+    if args.pg_checkpoint is not None and not args.postgres:
+        raise UsageError("--pg-checkpoint is the checkpoint --postgres starts with: give --postgres too")
     if args.stdin or args.stdin_from_command:
         option = "--stdin" if args.stdin else "--stdin-from-command"
         if args.stdin and args.stdin_from_command:
@@ -569,7 +571,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
                              fixed_chunk_size=args.fixed_chunk_size, progress=_backup_progress(bar), walk=walk,
                              dry_run=args.dry_run, parent=args.parent, time=args.time, wait=args.wait,
                              listing=lister, list_unchanged=args.list_all, compression_level=args.compression,
-                             postgres=(args.pg_connect or "") if args.postgres else None, **compare, **rules)
+                             postgres=(args.pg_connect or "") if args.postgres else None,
+                             pg_checkpoint=args.pg_checkpoint, **compare, **rules)
         bar.done()
         if lister is not None and args.json:
             lister.end()  # the list, then the document's other keys
@@ -2059,6 +2062,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "pg_backup_start/stop, with backup_label and the WAL it needs (psql reaches the server)")
     s.add_argument("--pg-connect", metavar="CONNINFO",
                    help="with --postgres: psql's connection string or database name (default: the PG* variables)")
+    s.add_argument("--pg-checkpoint", choices=("fast", "spread"),
+                   help="with --postgres: the checkpoint the backup starts with, as pg_basebackup -c (default fast: "
+                        "at once; spread waits for it at the server's checkpoint pace)")
     s.set_defaults(func=cmd_backup)
 
     reading = _Parser(add_help=False)  # commands that read data hold a shared lock (store/locks.py)

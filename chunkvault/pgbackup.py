@@ -35,6 +35,19 @@ EXCLUDES = [
 ]
 
 
+#: ``backup --pg-checkpoint``: the checkpoint ``pg_backup_start`` waits for, as ``pg_basebackup -c`` takes it.
+CHECKPOINTS = ("fast", "spread")
+
+
+def checkpoint_fast(value: object) -> bool:
+    """Whether the ``pg_checkpoint`` option asks for an immediate checkpoint (None: the default, fast)."""
+    if value is None:
+        return True
+    if value not in CHECKPOINTS:
+        raise UsageError(f"pg_checkpoint is 'fast' or 'spread', not {value!r}")
+    return value == "fast"
+
+
 class PostgresOnline:
     """The ``SourceSession`` of a backup of the data directory ``datadir`` of the cluster that ``dbname``
     (a database name or connection string; else the ``PG*`` variables) reaches through ``psql``."""

@@ -45,7 +45,7 @@ from .store.restore import (Restorer, RestoreOptions, RestoreResult, check_conte
                             include_directory, refuse_overlap)
 from .store.owners import OwnerMap, chain_names
 from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, parse_until, select_snapshots
-from .pgbackup import EXCLUDES as PG_EXCLUDES, PostgresOnline
+from .pgbackup import EXCLUDES as PG_EXCLUDES, PostgresOnline, checkpoint_fast
 from .store.source import SourceWalk, markers_of
 from .store import locks
 from .store import keyahead
@@ -178,7 +178,8 @@ def _one_line(tags: Iterable[str], host: str | None = None) -> None:
             raise UsageError(f"a {what} is one line of text without control characters, not {v!r}")
 
 
-def _postgres_session(postgres: object, paths: list[str], walk: SourceWalk | None) -> PostgresOnline:
+def _postgres_session(postgres: object, paths: list[str], walk: SourceWalk | None,
+                      checkpoint: object = None) -> PostgresOnline:
     """The base backup mode around a backup of one data directory; a walk begun earlier would have looked at
     files before the backup mode began."""
     if not isinstance(postgres, str) or "\n" in postgres:
@@ -189,7 +190,7 @@ def _postgres_session(postgres: object, paths: list[str], walk: SourceWalk | Non
         raise UsageError("postgres: the walk must begin once the base backup has: give no walk")
     if len(paths) != 1:
         raise UsageError("postgres backs up one data directory: give its path alone")
-    return PostgresOnline(paths[0], postgres or None)
+    return PostgresOnline(paths[0], postgres or None, fast=checkpoint_fast(checkpoint))
 
 
 def _paths(values: Any, what: str = "path to back up") -> list[str]:
@@ -660,13 +661,16 @@ class Repository:
                ignore_ctime: bool = False, xattrs: bool = True, walk: SourceWalk | None = None,
                time: str | datetime | None = None, wait: float = 3600.0,
                listing: Callable[[Listed], None] | None = None, list_unchanged: bool = False,
-               compression_level: int | None = None, postgres: str | None = None) -> BackupResult:
+               compression_level: int | None = None, postgres: str | None = None,
+               pg_checkpoint: str | None = None) -> BackupResult:
         """Back up files and directories; one directory is stored as the snapshot's root.
 
         ``postgres``: the one path is a running PostgreSQL cluster's data directory, read in place as a
         base backup (README, "Online PostgreSQL backups"): this connection string or database name reaches
         the server through ``psql`` (``""``: the ``PG*`` variables say how).  The snapshot restores to a
-        directory that starts and recovers to the end of the backup on its own.
+        directory that starts and recovers to the end of the backup on its own.  ``pg_checkpoint``: the
+        checkpoint the backup starts with, ``"fast"`` (the default: at once) or ``"spread"`` (paced as the
+        server paces its own, so the start waits up to checkpoint_timeout * checkpoint_completion_target).
 
         ``dry_run``: read, chunk, compress and count as a backup would, and write nothing (the
         result's snapshot, with its figures, is not saved and has no id).
@@ -733,8 +737,12 @@ class Repository:
         if exclude_larger_than is not None:
             exclude_larger_than = parse_size(exclude_larger_than)
         session = None
+        if postgres is None and pg_checkpoint is not None:
+            if walk is not None:
+                walk.close()
+            raise UsageError("pg_checkpoint is the checkpoint of a postgres backup: give postgres too")
         if postgres is not None:
-            session = _postgres_session(postgres, paths, walk)
+            session = _postgres_session(postgres, paths, walk, pg_checkpoint)
             excludes = [*PG_EXCLUDES, *(excludes or [])]
         # Held open since an earlier backup, another client may have rebased since (the index is read
         # afresh by every backup).

@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import UsageError
+from .pgbackup import CHECKPOINTS
 from .remotes import check_url
 from .store.check import parse_subset
 from .store.retention import RetentionPolicy, load_preset, policy_from_dict, select
@@ -514,6 +515,7 @@ class Source:
     fixed_chunks: tuple[str, ...] = ()  # globs of files cut at fixed offsets (database files)
     postgres: str | None = None  # the one path is a running cluster's data directory (backup --postgres): psql's
     # connection string ("" for the PG* variables)
+    pg_checkpoint: str | None = None  # with postgres: "fast" or "spread" (backup --pg-checkpoint)
     list_entries: bool = False  # list = true: log what each backup stores as added or modified, or finds gone
     command: str | tuple[str, ...] | None = None  # instead of paths: back up its output (a dump) as stdin_name
     stdin_name: str | None = None
@@ -569,7 +571,8 @@ _COPY_KEYS = ("copy_to", "copy_to_password_file", "copy_to_password_command", "c
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "iexcludes", "iexclude_files",
                 "exclude_if_present", "exclude_caches",
                 "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime", "fixed_chunks", "command",
-                "stdin_name", "postgres", "pre", "post", "full", "diff", "retention", "timezone", "hook_timeout", "list",
+                "stdin_name", "postgres", "pg_checkpoint", "pre", "post", "full", "diff", "retention", "timezone",
+                "hook_timeout", "list",
                 *_COPY_KEYS}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
@@ -849,6 +852,12 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                 raise UsageError(f"exclude-larger-than: {exc}") from None
             fixed_chunks = _str_list(s.get("fixed_chunks", []), "fixed_chunks")
             postgres = _postgres(s.get("postgres"), paths)
+            pg_checkpoint = s.get("pg_checkpoint")
+            if pg_checkpoint is not None:
+                if postgres is None:
+                    raise UsageError("pg-checkpoint is the checkpoint a postgres source starts with: set postgres too")
+                if pg_checkpoint not in CHECKPOINTS:
+                    raise UsageError(f"pg-checkpoint is 'fast' or 'spread', not {pg_checkpoint!r}")
             ret_value = s.get("retention", top.get("retention"))
             retention = _retention(ret_value, config, "retention")
             hook_timeout = _seconds(s.get("hook_timeout", top.get("hook_timeout")), "hook-timeout")
@@ -858,7 +867,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                             exclude_caches=exclude_caches, exclude_larger_than=exclude_larger_than,
                             one_file_system=one_file_system, ignore_inode=ignore_inode, ignore_ctime=ignore_ctime,
                             fixed_chunks=fixed_chunks, command=command, stdin_name=stdin_name, list_entries=listed,
-                            postgres=postgres,
+                            postgres=postgres, pg_checkpoint=pg_checkpoint,
                             pre=_hook(s.get("pre"), "pre"),
                             post=_hook(s.get("post"), "post"),
                             retention=retention, hook_timeout=hook_timeout, tz=s_tz,

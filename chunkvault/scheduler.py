@@ -522,7 +522,8 @@ class Runner:
                                   one_file_system=src.one_file_system, exclude_if_present=list(src.exclude_if_present),
                                   exclude_caches=src.exclude_caches, exclude_larger_than=src.exclude_larger_than,
                                   ignore_inode=src.ignore_inode, ignore_ctime=src.ignore_ctime,
-                                  listing=self._lister(src) if src.list_entries else None, postgres=src.postgres)
+                                  listing=self._lister(src) if src.list_entries else None, postgres=src.postgres,
+                                  pg_checkpoint=src.pg_checkpoint)
         except (ChunkvaultError, Stopped) as exc:
             if self._ended_by_stop(exc):
                 result.status, result.reason = SKIPPED, f"stopping ({exc})"

@@ -186,3 +186,65 @@ def test_a_pg_wal_on_another_disk_is_a_directory_in_the_snapshot(tmp_path, new_r
         finally:
             server.stop()
             shutil.rmtree(server.rundir, ignore_errors=True)
+
+
+def _checkpoints_since(cluster, offset: int) -> list[str]:
+    """The server log's "checkpoint starting: ..." lines written past ``offset`` (log_checkpoints is on)."""
+    with open(cluster.logfile, errors="replace") as f:
+        f.seek(offset)
+        return [line.split("checkpoint starting: ", 1)[1].strip() for line in f if "checkpoint starting: " in line]
+
+
+def test_the_checkpoint_the_backup_starts_with_is_fast_unless_spread_is_asked_for(cluster, tmp_path, new_repo,
+                                                                                  cli, pg_env):
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    cluster.sql("CHECKPOINT")
+    at = os.path.getsize(cluster.logfile)
+    repo.backup([cluster.datadir], postgres="")
+    assert _checkpoints_since(cluster, at) == ["immediate force wait"]
+    at = os.path.getsize(cluster.logfile)
+    snap = repo.backup([cluster.datadir], postgres="", pg_checkpoint="spread").snapshot
+    assert _checkpoints_since(cluster, at) == ["force wait"]  # not immediate: paced as the server's own
+    assert snap.stats["postgres"]["wal"]
+    at = os.path.getsize(cluster.logfile)
+    cli("backup", "-r", url, "--postgres", "--pg-checkpoint", "spread", cluster.datadir)
+    assert _checkpoints_since(cluster, at) == ["force wait"]
+    fresh = str(tmp_path / "fresh")  # no snapshot yet: the policy's full is due
+    new_repo(fresh)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"""repository = "{fresh}"
+full = "daily 02:00"
+[[source]]
+name = "db"
+paths = ["{cluster.datadir}"]
+postgres = true
+pg-checkpoint = "spread"
+""")
+    at = os.path.getsize(cluster.logfile)
+    cli("run", "--config", str(policy))
+    assert _checkpoints_since(cluster, at) == ["force wait"]
+    assert len(json.loads(cli("snapshots", "-r", fresh, "--json").stdout)) == 1
+
+
+def test_a_checkpoint_without_postgres_or_of_another_kind_is_refused(cluster, tmp_path, new_repo, cli, pg_env):
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    with pytest.raises(UsageError, match="give postgres too"):
+        repo.backup([str(tmp_path)], pg_checkpoint="spread")
+    with pytest.raises(UsageError, match="'fast' or 'spread', not 'slow'"):
+        repo.backup([cluster.datadir], postgres="", pg_checkpoint="slow")
+    assert "give --postgres too" in cli("backup", "-r", url, "--pg-checkpoint", "spread", str(tmp_path),
+                                        check=2).stderr.decode()
+    assert "invalid choice" in cli("backup", "-r", url, "--postgres", "--pg-checkpoint", "slow", cluster.datadir,
+                                   check=2).stderr.decode()
+    from chunkvault.schedule import parse_policy
+
+    source = {"name": "db", "paths": [cluster.datadir], "full": "daily 02:00"}
+    with pytest.raises(UsageError, match="set postgres too"):
+        parse_policy({"repository": url, "source": [{**source, "pg-checkpoint": "spread"}]})
+    with pytest.raises(UsageError, match="pg-checkpoint is 'fast' or 'spread', not 'slow'"):
+        parse_policy({"repository": url, "source": [{**source, "postgres": True, "pg-checkpoint": "slow"}]})
+    assert parse_policy({"repository": url, "source": [{**source, "postgres": True, "pg-checkpoint": "spread"}]}
+                        ).sources[0].pg_checkpoint == "spread"
+    assert repo.snapshots() == [] and cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"
