@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import socket
 import stat
 import time
@@ -33,6 +34,33 @@ EXCLUDES = [
     "standby.signal", "recovery.signal", "postgresql.auto.conf.tmp", "current_logfiles.tmp", "pg_internal.init",
     "pgsql_tmp*", *(f"{d}/*" for d in EMPTIED),
 ]
+
+
+#: A relation's file in a database directory: its OID, its fork (none: the main fork), its segment.
+_RELATION = re.compile(rb"(\d+)(?:_(fsm|vm|init))?(?:\.\d+)?")
+#: A temporary relation's file (``t<backend>_<oid>``, a fork, a segment): gone at the server's next start.
+_TEMPORARY = re.compile(rb"t\d+_\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?")
+
+
+def is_database_directory(below: bytes) -> bool:
+    """Whether the directory at ``below`` (under the data directory) holds a database's relations:
+    ``base/OID``, or ``pg_tblspc/OID/PG_.../OID`` (a tablespace's)."""
+    parts = below.split(b"/")
+    if len(parts) == 2:
+        return parts[0] == b"base" and parts[1].isdigit()
+    return (len(parts) == 4 and parts[0] == b"pg_tblspc" and parts[1].isdigit() and parts[2].startswith(b"PG_")
+            and parts[3].isdigit())
+
+
+def unlogged_and_temporary(names: list[bytes]) -> set[bytes]:
+    """The files of a database directory a base backup leaves out, as ``pg_basebackup`` does: every fork of
+    an unlogged relation but its init fork (a relation ``N`` beside an ``N_init``: its main fork ``N``,
+    segments ``N.1``..., ``N_fsm``, ``N_vm``), which the server, recovered, copies over the main fork; and
+    temporary relations' files, which it removes at its start."""
+    relations = [(name, m.group(1), m.group(2)) for name in names if (m := _RELATION.fullmatch(name))]
+    unlogged = {oid for _, oid, fork in relations if fork == b"init"}
+    out = {name for name, oid, fork in relations if oid in unlogged and fork != b"init"}
+    return out | {name for name in names if _TEMPORARY.fullmatch(name)}
 
 
 #: ``backup --pg-checkpoint``: the checkpoint ``pg_backup_start`` waits for, as ``pg_basebackup -c`` takes it.
@@ -74,6 +102,11 @@ class PostgresOnline:
             where = ", ".join(loc for _, loc in started.tablespaces)
             raise UsageError(f"the cluster has tablespaces outside its data directory ({where}): --postgres "
                              "reads the data directory alone; use pg_basebackup for such a cluster")
+
+    def leave_out(self, below: bytes, names: list[bytes]) -> set[bytes]:
+        """What the walk leaves out of the directory at ``below`` (``SourceWalk``'s ``leave_out``): unlogged
+        and temporary relations' files, in a database directory."""
+        return unlogged_and_temporary(names) if is_database_directory(below) else set()
 
     def appendix(self) -> tuple[list[AddedFile], dict]:
         assert self._started is not None

@@ -20,7 +20,7 @@ import stat
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 from chunkvault.errors import UsageError
 from chunkvault.localfiles import CACHEDIR_TAG
@@ -38,6 +38,10 @@ ScanItem = tuple[bytes, int, "tuple[int, ...] | None"]
 O_NOATIME = getattr(os, "O_NOATIME", 0)
 #: A directory marker: a file name, and the bytes the file must start with (b"": any file of that name).
 Marker = tuple[bytes, bytes]
+#: A source's own rule for what to leave out of each directory, judged on the directory's whole listing (a file
+#: left out because of another one beside it): given the directory's path below its source (b"" for the source)
+#: and its entries' names, the names to leave out, with their subtrees.
+LeaveOut = Callable[[bytes, list[bytes]], Collection[bytes]]
 
 
 def markers_of(exclude_if_present: list[str] | None = None, exclude_caches: bool = False) -> list[Marker]:
@@ -356,6 +360,7 @@ class Excluded:
 #: kept, empty: its contents are what is left out).
 EXCLUDE_RULES = ("exclude", "exclude-larger-than", "exclude-if-present", "one-file-system")
 _MARKED = -1  # the errno a listing gives a name that a directory's marker file leaves out (reporting walks)
+_LEFT_OUT = -2  # likewise, a name the walk's ``leave_out`` leaves out
 
 
 class TreeTotal:
@@ -371,7 +376,7 @@ class TreeTotal:
         self._stop = threading.Event()
         self._walk = SourceWalk(walk.roots, walk.excludes, iexcludes=walk.iexcludes, paths=walk.paths,
                                 one_file_system=walk.one_file_system, markers=walk.markers,
-                                max_file_size=walk.max_file_size)
+                                max_file_size=walk.max_file_size, leave_out=walk.leave_out)
         self._thread = threading.Thread(target=self._count, name="tree-total", daemon=True)
         self._thread.start()
 
@@ -421,7 +426,7 @@ class SourceWalk:
                  iexcludes: list[str] | None = None, paths: list[str] | None = None, ahead: int = 1 << 16,
                  warnings: list[str] | None = None,
                  one_file_system: bool = False, markers: list[Marker] | None = None,
-                 max_file_size: int | None = None, report_excluded: bool = False):
+                 max_file_size: int | None = None, report_excluded: bool = False, leave_out: LeaveOut | None = None):
         self.roots = roots
         self.paths = paths if paths is not None else [os.fsdecode(p) for _, p in roots]
         self.excludes = list(excludes or [])
@@ -434,6 +439,11 @@ class SourceWalk:
         # Each path a rule leaves out is yielded, as an ``Excluded``: the walk then judges every entry in
         # Python, directory by directory (the C walk leaves them out unseen).
         self.report_excluded = report_excluded
+        # A source's rule on each directory's listing (``LeaveOut``), such as PostgreSQL's for a database's
+        # unlogged relations.  It needs Python at each directory, so the walk goes directory by directory,
+        # the listing and its lstat calls still made in C: the C walk lists whole subtrees on a thread
+        # without the GIL, which a call back into Python at every directory would take again and again.
+        self.leave_out = leave_out
         self._root_dev = -1
         # Globs of literals and "*" the C walk matches itself; "?" and "[...]" match characters, not
         # bytes, and "!" patterns and case-insensitive ones need the order or the case rules, so a walk
@@ -466,11 +476,13 @@ class SourceWalk:
     @classmethod
     def of_paths(cls, paths: list[str], excludes: list[str] | None = None, *, one_file_system: bool = False,
                  markers: list[Marker] | None = None, max_file_size: int | None = None,
-                 iexcludes: list[str] | None = None, report_excluded: bool = False) -> "SourceWalk":
+                 iexcludes: list[str] | None = None, report_excluded: bool = False,
+                 leave_out: LeaveOut | None = None) -> "SourceWalk":
         """The walk a backup of ``paths`` makes (see ``root_specs``)."""
         roots, absolute = root_specs(list(paths))
         return cls(roots, excludes, paths=absolute, one_file_system=one_file_system, markers=markers,
-                   max_file_size=max_file_size, iexcludes=iexcludes, report_excluded=report_excluded)
+                   max_file_size=max_file_size, iexcludes=iexcludes, report_excluded=report_excluded,
+                   leave_out=leave_out)
 
     def same_rules(self, paths: list[str], excludes: list[str] | None, one_file_system: bool,
                    markers: list[Marker], max_file_size: int | None = None,
@@ -607,6 +619,9 @@ class SourceWalk:
             if err == _MARKED:
                 yield rel, path, Excluded("exclude-if-present"), False
                 continue
+            if err == _LEFT_OUT:
+                yield rel, path, Excluded("exclude"), False
+                continue
             if excludes and len(stack) > 1 and self.excluded(rel, cut):
                 if self.report_excluded:
                     yield rel, path, Excluded("exclude"), False
@@ -640,7 +655,8 @@ class SourceWalk:
                 if self.report_excluded:  # its contents are left out
                     yield rel, path, Excluded("one-file-system"), False
                 continue
-            if Walker is not None and self._c_excludes is not None and not self.report_excluded:
+            if (Walker is not None and self._c_excludes is not None and not self.report_excluded
+                    and self.leave_out is None):
                 yield from self._tree(rel, path, st)
                 continue
             listing, ok = self._scan(path, st)
@@ -649,7 +665,21 @@ class SourceWalk:
             yield rel, path, st, ok
             if len(stack) == 1:
                 cut = len(rel) + 1 if rel else 0
+            if self.leave_out is not None:
+                listing = self._left_out(rel[cut:], listing)
             stack.append(self._children(rel + b"/" if rel else b"", os.path.join(path, b""), listing))
+
+    def _left_out(self, below: bytes, listing: list[ScanItem]) -> list[ScanItem]:
+        """``listing`` less what ``leave_out`` leaves out of the directory at ``below`` (marked, not dropped,
+        in a walk that reports exclusions)."""
+        assert self.leave_out is not None
+        gone = self.leave_out(below, [name for name, _, _ in listing])
+        if not gone:
+            return listing
+        gone = set(gone)
+        if self.report_excluded:
+            return [(name, _LEFT_OUT, None) if name in gone else (name, err, f) for name, err, f in listing]
+        return [item for item in listing if item[0] not in gone]
 
     def _with_ancestors(self) -> Iterator[tuple[bytes, bytes]]:
         """The roots, each after those of its ancestors not yet given: several sources lie under their
@@ -735,7 +765,7 @@ class SourceWalk:
         of_fields = FileStat.of_fields
         for name, err, fields in listing:
             path = path_prefix + name
-            if err == _MARKED:
+            if err in (_MARKED, _LEFT_OUT):
                 yield rel_prefix + name, path, None, err
                 continue
             st: FileStat | os.stat_result | None = of_fields(fields) if fields is not None else None

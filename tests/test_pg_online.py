@@ -248,3 +248,49 @@ def test_a_checkpoint_without_postgres_or_of_another_kind_is_refused(cluster, tm
     assert parse_policy({"repository": url, "source": [{**source, "postgres": True, "pg-checkpoint": "spread"}]}
                         ).sources[0].pg_checkpoint == "spread"
     assert repo.snapshots() == [] and cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"
+
+
+def test_unlogged_and_temporary_relations_are_left_out_and_come_back_empty(cluster, new_repo, pg_env):
+    """As pg_basebackup: of an unlogged relation only the init fork, from which the restored server makes
+    the relation anew (empty) at its start; nothing of a temporary one."""
+    import subprocess
+
+    cluster.sql("DROP TABLE IF EXISTS u, l; CREATE UNLOGGED TABLE u (id int primary key, pad text); "
+                "INSERT INTO u SELECT g, repeat('u', 100) FROM generate_series(1, 30000) g; "
+                "CREATE TABLE l AS SELECT g AS id FROM generate_series(1, 1234) g")
+    cluster.sql("VACUUM u")  # its free space and visibility maps: forks of its own
+    cluster.sql("CHECKPOINT")
+    files = {name: cluster.sql(f"SELECT pg_relation_filepath('{name}')") for name in ("u", "u_pkey", "l")}
+    holder = subprocess.Popen([cluster.tool("psql"), "-X", "-q", "-tA", "-d", "postgres", "-U", "postgres"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, **pg_env})
+    try:
+        holder.stdin.write(b"CREATE TEMP TABLE tt AS SELECT generate_series(1, 50000) AS id; CHECKPOINT;\n"
+                           b"SELECT pg_relation_filepath('tt');\n")
+        holder.stdin.flush()
+        temp = holder.stdout.readline().strip().decode()
+        assert os.path.basename(temp).startswith("t") and os.path.exists(os.path.join(cluster.datadir, temp))
+        repo = new_repo()
+        snap = repo.backup([cluster.datadir], postgres="").snapshot
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    names = {e.path.decode() for e in repo.tree(snap.id)}
+    for rel in ("u", "u_pkey"):
+        path = files[rel]
+        assert os.path.exists(os.path.join(cluster.datadir, path))
+        assert f"{path}_init" in names and not {path, f"{path}_fsm", f"{path}_vm"} & names
+    assert os.path.exists(os.path.join(cluster.datadir, files["u"] + "_vm"))  # there, and left out
+    assert files["l"] in names and not any(os.path.basename(n).startswith("t") and "_" in os.path.basename(n)
+                                           for n in names if n.startswith("base/"))
+    target = os.path.join(cluster.base, "r-unlogged")
+    repo.restore(snap.id, target)
+    server = start_restored(cluster.bindir, target)
+    try:
+        assert server.sql("SELECT (SELECT count(*) FROM l), (SELECT count(*) FROM u)") == "1234|0"
+        server.sql("INSERT INTO u VALUES (1, 'again')")  # the relation works, its index too
+        assert server.sql("SELECT pad FROM u WHERE id = 1") == "again"
+    finally:
+        server.stop()
+        shutil.rmtree(server.rundir, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        cluster.sql("DROP TABLE u, l")

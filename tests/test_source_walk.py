@@ -630,3 +630,32 @@ def test_exclude_files_hold_one_glob_a_line(tmp_path):
     assert source.read_exclude_file(str(tmp_path / "x")) == ["*.tmp", "build/*"]
     with pytest.raises(UsageError, match="cannot read exclude file .*missing"):
         source.read_exclude_file(str(tmp_path / "missing"))
+
+
+def test_a_leave_out_rule_judges_each_directory_on_its_whole_listing(tmp_path):
+    """``leave_out`` sees a directory's path below the source and all its names: a file left out because of
+    another beside it, a directory left out with its subtree; the walk of a progress total obeys it too."""
+    root = bytes(tmp_path)
+    build(root, {b"keep": None, b"drop": {b"x": None}, b"d": {b"a": None, b"a.flag": None, b"b": None,
+                                                          b"e": {b"c": None, b"c.flag": None}}})
+    asked = []
+
+    def leave_out(below: bytes, names: list[bytes]) -> set[bytes]:
+        asked.append((below, names))
+        flagged = {n[:-5] for n in names if n.endswith(b".flag")}
+        return {n for n in names if n in flagged} | ({b"drop"} if below == b"" else set())
+
+    walk = SourceWalk([(b"", root)], leave_out=leave_out)
+    assert [rel for rel, *_ in walk] == [b"", b"d", b"d/a.flag", b"d/b", b"d/e", b"d/e/c.flag", b"keep"]
+    assert (b"d", [b"a", b"a.flag", b"b", b"e"]) in asked and b"drop" not in {below for below, _ in asked}
+    reported = [(rel, st.rule) for rel, _, st, _ in SourceWalk([(b"", root)], leave_out=leave_out,
+                                                                report_excluded=True)
+                if isinstance(st, source.Excluded)]
+    assert reported == [(b"d/a", "exclude"), (b"d/e/c", "exclude"), (b"drop", "exclude")]
+    total = source.TreeTotal(SourceWalk([(b"", root)], leave_out=leave_out))
+    wait_for(lambda: total.done)
+    assert total.files == 4
+    several = SourceWalk.of_paths([str(tmp_path / "d"), str(tmp_path / "keep")], leave_out=leave_out)
+    rels = [rel for rel, *_ in several]
+    prefix = bytes(tmp_path / "d").lstrip(b"/")
+    assert prefix + b"/a.flag" in rels and prefix + b"/a" not in rels  # judged below its own source
