@@ -139,8 +139,8 @@ class PostgresOnline:
             added.append(AddedFile(f"pg_wal/{name}".encode(), functools.partial(open, path, "rb"),
                                    stat.S_IMODE(seg.st_mode), seg.st_uid, seg.st_gid, seg.st_mtime_ns))
         info = {"label": self.label, "start_lsn": format_lsn(stopped.start_lsn),
-                "stop_lsn": format_lsn(stopped.stop_lsn), "timeline": stopped.timeline, "wal": segments,
-                "server_version": self._started.version}
+                "stop_lsn": format_lsn(stopped.stop_lsn), "timeline": stopped.timeline, "start_wal": segments[0],
+                "wal": segments, "server_version": self._started.version}
         return added, {"postgres": info}
 
     def close(self) -> None:

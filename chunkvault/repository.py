@@ -892,8 +892,9 @@ class Repository:
         """Remove the archived segments (and partial segments and backup history files) of ``before``'s timeline
         whose segment sorts before ``before``'s, under the exclusive lock; timeline history files stay.  A
         prune then frees their data.  Returns the names removed (with ``dry_run``: that would be).
-        ``before="oldest-snapshot"``: the segment the oldest snapshot's base backup starts in (its
-        ``backup_label``), so that every snapshot kept can still recover to any later moment."""
+        ``before="oldest-snapshot"``: the segment the oldest snapshot's base backup starts in (its stats'
+        ``postgres.start_wal``, else its ``backup_label``), so that every snapshot kept can still recover to
+        any later moment."""
         from .store import walarchive
 
         self._refuse_if_closed()
@@ -902,14 +903,19 @@ class Repository:
         return walarchive.expire(self._repo, before, dry_run=dry_run, wait=_wait(wait))
 
     def _label_starts(self) -> list[str]:
-        """The segment each snapshot's base backup starts in, as the ``backup_label`` at its root says (a
-        ``pg_basebackup`` copy's, or the one ``backup --postgres`` adds); snapshots without one (other
-        sources) need no WAL."""
-        from .store.walarchive import label_start_segment
+        """The segment each snapshot's base backup starts in: as its stats say (``backup --postgres`` records
+        it), else as the ``backup_label`` at its root says (a ``pg_basebackup`` copy's, or the one an older
+        ``backup --postgres`` added), which is read only then; snapshots without one (other sources) need no
+        WAL."""
+        from .store.walarchive import label_start_segment, stats_start_segment
 
         starts = []
         with self.reading("archive-expire"):
             for snap in self.snapshots():
+                recorded = stats_start_segment(snap.stats)
+                if recorded is not None:
+                    starts.append(recorded)
+                    continue
                 try:
                     with self.open_file(snap, "backup_label") as f:
                         label = f.read(1 << 16).decode("utf-8", "replace")

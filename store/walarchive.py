@@ -88,6 +88,7 @@ def expired(names: Iterable[str], before: str) -> list[str]:
 
 #: ``archive-expire --before oldest-snapshot``: before the segment the oldest snapshot's base backup starts in.
 OLDEST_SNAPSHOT = "oldest-snapshot"
+_SEGMENT_NAME = re.compile(_SEGMENT)
 _LABEL_START = re.compile(r"^START WAL LOCATION: \S+ \(file (" + _SEGMENT + r")\)$", re.M)
 
 
@@ -95,6 +96,14 @@ def label_start_segment(label: str) -> str | None:
     """The segment a base backup's ``backup_label`` says its WAL starts in, or None for another text."""
     m = _LABEL_START.search(label)
     return m.group(1) if m else None
+
+
+def stats_start_segment(stats: dict) -> str | None:
+    """The segment a snapshot's stats say its base backup starts in (``postgres.start_wal``, which
+    ``backup --postgres`` records), or None: a snapshot without it has its ``backup_label`` read instead."""
+    pg = stats.get("postgres")
+    start = pg.get("start_wal") if isinstance(pg, dict) else None
+    return start if isinstance(start, str) and _SEGMENT_NAME.fullmatch(start) else None
 
 
 def oldest_needed(starts: Iterable[str]) -> str:

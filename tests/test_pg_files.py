@@ -36,3 +36,14 @@ def test_database_directories():
     for other in (b"", b"base", b"global", b"base/5/x", b"base/pgsql_tmp", b"pg_tblspc/16400/PG_15_202209061",
                   b"pg_tblspc/16400/other/5", b"pg_wal/5"):
         assert not is_database_directory(other)
+
+
+def test_the_start_segment_a_snapshots_stats_record_and_what_does_not_count_as_one():
+    from chunkvault.store.walarchive import stats_start_segment
+
+    start = "000000010000000000000002"
+    assert stats_start_segment({"postgres": {"start_wal": start, "timeline": 1}}) == start
+    for stats in ({}, {"postgres": None}, {"postgres": "x"}, {"postgres": {"wal": [start]}},
+                  {"postgres": {"start_wal": "00000001000000000000000a"}}, {"postgres": {"start_wal": 2}},
+                  {"postgres": {"start_wal": start + ".partial"}}, {"postgres": {"start_wal": start[:-1]}}):
+        assert stats_start_segment(stats) is None  # its label is read instead

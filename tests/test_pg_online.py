@@ -294,3 +294,47 @@ def test_unlogged_and_temporary_relations_are_left_out_and_come_back_empty(clust
         shutil.rmtree(server.rundir, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)
         cluster.sql("DROP TABLE u, l")
+
+
+def test_oldest_snapshot_takes_the_start_segment_from_the_stats_and_reads_the_label_only_without_them(
+        cluster, tmp_path, new_repo, pg_env, monkeypatch):
+    """A ``backup --postgres`` snapshot records where its WAL starts: ``archive-expire --before oldest-snapshot``
+    needs no ``backup_label`` for it (one rewritten away still resolves); a snapshot without the record (a
+    ``pg_basebackup`` copy's, an older ``--postgres`` one) still resolves through its label."""
+    from chunkvault import Repository
+    from chunkvault.store.walarchive import label_start_segment
+
+    repo = new_repo()
+    cluster.sql("SELECT pg_switch_wal()")
+    snap = repo.backup([cluster.datadir], postgres="").snapshot
+    pg = snap.stats["postgres"]
+    with repo.open_file(snap, "backup_label") as f:
+        assert pg["start_wal"] == pg["wal"][0] == label_start_segment(f.read().decode())
+    assert pg["timeline"] == 1 and pg["start_wal"].startswith("00000001")
+    repo.rewrite(["backup_label"], dry_run=False)
+    assert b"backup_label" not in {e.path for e in repo.tree(snap.id)}
+    start = int(pg["start_wal"], 16)
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    for n in (start - 2, start - 1, start):
+        (wal / f"{n:024X}").write_bytes(b"segment %d" % n)
+        repo.archive_push(wal / f"{n:024X}")
+    opened = []
+    open_file = Repository.open_file
+
+    def counted(self, snapshot, path, *args, **kwargs):
+        opened.append(path)
+        return open_file(self, snapshot, path, *args, **kwargs)
+
+    monkeypatch.setattr(Repository, "open_file", counted)
+    assert repo.archive_expire("oldest-snapshot", dry_run=True) == [f"{start - 2:024X}", f"{start - 1:024X}"]
+    assert opened == []  # the stats said it
+
+    copy = tmp_path / "copy"  # a pg_basebackup copy's label: no stats say where its WAL starts
+    copy.mkdir()
+    (copy / "backup_label").write_text(f"START WAL LOCATION: 0/1000028 (file {start - 1:024X})\n"
+                                       "START TIMELINE: 1\n")
+    older = repo.backup([str(copy)]).snapshot
+    assert "postgres" not in older.stats
+    assert repo.archive_expire("oldest-snapshot", dry_run=True) == [f"{start - 2:024X}"]
+    assert opened == ["backup_label"]  # that snapshot's alone
