@@ -1303,7 +1303,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_archive_push(args: argparse.Namespace) -> int:
-    from .store.walarchive import check_wal_name, ready_ahead
+    from .store.walnames import check_wal_name, ready_ahead
     from .walspool import Spool, ready_files
 
     if args.batch is not None and not args.spool:
@@ -1342,7 +1342,7 @@ def cmd_archive_push(args: argparse.Namespace) -> int:
 
 
 def cmd_archive_get(args: argparse.Namespace) -> int:
-    from .store.walarchive import check_wal_name
+    from .store.walnames import check_wal_name
     from .walspool import Prefetched
 
     if args.prefetch is not None and not args.spool:
@@ -1382,7 +1382,7 @@ def cmd_archive_get(args: argparse.Namespace) -> int:
 
 
 def cmd_archive_list(args: argparse.Namespace) -> int:
-    from .store.walarchive import timelines
+    from .store.walnames import timelines
 
     files = _open(args).archive_list()
     spans = timelines((w.name, w.size) for w in files)

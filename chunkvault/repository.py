@@ -859,9 +859,9 @@ class Repository:
         """Write the archived file ``name`` (``%f``) to ``dest`` (``%p``) atomically, each blob checked against
         its id.  Not archived: WalNotArchived (exit 1, what PostgreSQL's ``restore_command`` must see for a
         file that does not exist); damaged: CorruptObject naming it, and ``dest`` is not written."""
-        from .store import walarchive
+        from .store import walarchive, walnames
 
-        walarchive.check_wal_name(name)
+        walnames.check_wal_name(name)
         _file_path(dest, "destination")
         with self.reading("archive-get", wait=_wait(wait)):
             return walarchive.get(self._repo, name, os.fsdecode(dest))
@@ -872,9 +872,9 @@ class Repository:
         """Fetch the ``count`` archived segments of ``after``'s timeline that follow it into ``directory``
         (each as ``archive_get`` writes it), for a recovery's next calls; returns those fetched and why the
         next was not (None: all were, or fewer are archived)."""
-        from .store import walarchive
+        from .store import walarchive, walnames
 
-        walarchive.check_wal_name(after)
+        walnames.check_wal_name(after)
         with self.reading("archive-get", wait=_wait(wait)):
             return walarchive.prefetch(self._repo, after, os.fsdecode(directory), count)
 
@@ -895,11 +895,11 @@ class Repository:
         ``before="oldest-snapshot"``: the segment the oldest snapshot's base backup starts in (its stats'
         ``postgres.start_wal``, else its ``backup_label``), so that every snapshot kept can still recover to
         any later moment."""
-        from .store import walarchive
+        from .store import walarchive, walnames
 
         self._refuse_if_closed()
-        if before == walarchive.OLDEST_SNAPSHOT:
-            before = walarchive.oldest_needed(self._label_starts())
+        if before == walnames.OLDEST_SNAPSHOT:
+            before = walnames.oldest_needed(self._label_starts())
         return walarchive.expire(self._repo, before, dry_run=dry_run, wait=_wait(wait))
 
     def _label_starts(self) -> list[str]:
@@ -907,7 +907,7 @@ class Repository:
         it), else as the ``backup_label`` at its root says (a ``pg_basebackup`` copy's, or the one an older
         ``backup --postgres`` added), which is read only then; snapshots without one (other sources) need no
         WAL."""
-        from .store.walarchive import label_start_segment, stats_start_segment
+        from .store.walnames import label_start_segment, stats_start_segment
 
         starts = []
         with self.reading("archive-expire"):

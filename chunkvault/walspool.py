@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from typing import Iterable
 
 from .errors import UsageError
 from .localfiles import fsync_directory, read_regular
+from .store.walnames import is_segment
 
 MARKER = ".ok"
 
@@ -92,9 +92,6 @@ def ready_files(wal_path: str) -> list[str]:
     return [e[:-len(".ready")] for e in entries if e.endswith(".ready")]
 
 
-_SEGMENT = re.compile("[0-9A-F]{24}")
-
-
 class Prefetched:
     """The files ``archive-get --spool`` fetched ahead from one repository (a directory of the spool of its
     own, named by the repository's address: a file fetched from one is never handed out for another)."""
@@ -130,10 +127,10 @@ class Prefetched:
         """Once segment ``name`` is in place, remove what the recovery has gone past: the segments at or before
         its position, on any timeline (a recovery asks each position on its newest timeline first), and what
         a fetch that stopped left.  Nothing for another name."""
-        if not _SEGMENT.fullmatch(name):
+        if not is_segment(name):
             return
         for entry in os.listdir(self.path):
-            if (_SEGMENT.fullmatch(entry) and entry[8:] <= name[8:]) or entry.endswith(".tmp"):
+            if (is_segment(entry) and entry[8:] <= name[8:]) or entry.endswith(".tmp"):
                 try:
                     os.unlink(os.path.join(self.path, entry))
                 except OSError:

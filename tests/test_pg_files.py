@@ -39,7 +39,7 @@ def test_database_directories():
 
 
 def test_the_start_segment_a_snapshots_stats_record_and_what_does_not_count_as_one():
-    from chunkvault.store.walarchive import stats_start_segment
+    from chunkvault.store.walnames import stats_start_segment
 
     start = "000000010000000000000002"
     assert stats_start_segment({"postgres": {"start_wal": start, "timeline": 1}}) == start

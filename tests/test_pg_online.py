@@ -92,7 +92,7 @@ def test_a_full_then_a_differential_restore_and_start_with_every_row_committed_b
     assert not any(f"pg_wal/{w}".encode() in names for w in pg["wal"])  # the full's segments are not this one's
     assert _restored_rows(cluster, repo, diff, "r2") == "20400|2900|20400"
     assert cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"  # the backup's slot went with it
-    from chunkvault.store.walarchive import label_start_segment
+    from chunkvault.store.walnames import label_start_segment
 
     with repo.open_file(full, "backup_label") as f:
         assert label_start_segment(f.read().decode()) == pg["wal"][0]
@@ -302,7 +302,7 @@ def test_oldest_snapshot_takes_the_start_segment_from_the_stats_and_reads_the_la
     needs no ``backup_label`` for it (one rewritten away still resolves); a snapshot without the record (a
     ``pg_basebackup`` copy's, an older ``--postgres`` one) still resolves through its label."""
     from chunkvault import Repository
-    from chunkvault.store.walarchive import label_start_segment
+    from chunkvault.store.walnames import label_start_segment
 
     repo = new_repo()
     cluster.sql("SELECT pg_switch_wal()")

@@ -17,7 +17,8 @@ from chunkvault import Repository
 from chunkvault.errors import ArchiveConflict, CorruptObject, Locked, NewerObject, UsageError, WalNotArchived
 from chunkvault.store.crypto import Sealer
 from chunkvault.store.repository import pack_key
-from chunkvault.store.walarchive import WalFile, check_wal_name, expired, fetch_ahead, ready_ahead
+from chunkvault.store.walarchive import WalFile
+from chunkvault.store.walnames import check_wal_name, expired, fetch_ahead, ready_ahead
 from servers_http import APPEND_TOKEN, FULL_TOKEN, http_server, serve_factory  # noqa: F401
 
 SEG = "000000010000000000000001"
@@ -402,7 +403,7 @@ def test_a_push_whose_lock_was_lost_takes_its_object_back(tmp_path, new_repo, mo
 @given(st.integers(1, 0xFFFFFFFF), st.sampled_from([1 << 20, 16 << 20, 64 << 20, 1 << 30]),
        st.sets(st.integers(0, 2000), min_size=1, max_size=60), st.data())
 def test_timelines_name_every_missing_segment_across_the_log_boundary(tli, seg_size, segnos, data):
-    from chunkvault.store.walarchive import timelines
+    from chunkvault.store.walnames import timelines
 
     per_log = (1 << 32) // seg_size
     base = (data.draw(st.integers(0, 3)) + 1) * per_log - min(per_log, 1000)  # spans cross into the next log

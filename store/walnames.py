@@ -1,0 +1,143 @@
+"""The names of the files PostgreSQL archives, and what follows from them alone: which to push or fetch
+ahead, which an expiry removes, where a base backup's WAL starts, the span of each timeline.  Pure (no I/O),
+and light: ``archive-push`` and ``archive-get`` answer from a spool with it before anything else loads."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from chunkvault.errors import UsageError
+
+_SEGMENT = "[0-9A-F]{24}"
+#: What PostgreSQL archives: a segment, a segment cut short at a promotion (``.partial``), a backup history
+#: file (the segment, the start offset) and a timeline history file.
+_NAME = re.compile(rf"({_SEGMENT})(\.partial|\.[0-9A-F]{{8}}\.backup)?|[0-9A-F]{{8}}\.history")
+_SEGMENT_NAME = re.compile(_SEGMENT)
+
+
+def is_wal_name(name: str) -> bool:
+    return bool(_NAME.fullmatch(name))
+
+
+def check_wal_name(name: object) -> str:
+    """``name`` when it is a file PostgreSQL archives (the form ``%f`` takes); else a UsageError: anything
+    else under ``wal/`` could not be told from what a restore asks for."""
+    if not isinstance(name, str) or not is_wal_name(name):
+        raise UsageError(f"{name!r} is not the name of a file PostgreSQL archives (a WAL segment such as "
+                         "000000010000000000000003, or that with .partial, a backup history file "
+                         "000000010000000000000003.00000028.backup, or a timeline history file 00000002.history)")
+    return name
+
+
+def is_segment(name: str) -> bool:
+    """A whole segment's name (no ``.partial``, no backup or timeline history file)."""
+    return bool(_SEGMENT_NAME.fullmatch(name))
+
+
+def is_history(name: str) -> bool:
+    return name.endswith(".history")
+
+
+def ready_ahead(ready: Iterable[str], name: str, limit: int) -> list[str]:
+    """Which of the files PostgreSQL has ready to archive (``archive_status/*.ready``, by name) to push ahead
+    with ``name``: at most ``limit``, in the order PostgreSQL archives them (timeline history files first,
+    then by name); a name that is not one PostgreSQL archives is left out."""
+    names = {n for n in ready if n != name and is_wal_name(n)}
+    return sorted(names, key=lambda n: (not is_history(n), n))[:max(limit, 0)]
+
+
+def fetch_ahead(archived: Iterable[str], name: str, limit: int) -> list[str]:
+    """Which archived segments a recovery asking for ``name`` will ask for next: those of its timeline after
+    it, by name, at most ``limit`` (none after a history file, which a recovery asks for on its own)."""
+    if is_history(name):
+        return []
+    return sorted(n for n in archived if is_segment(n) and n[:8] == name[:8] and n > name[:24])[
+        :max(limit, 0)]
+
+
+def expired(names: Iterable[str], before: str) -> list[str]:
+    """The names ``archive-expire --before`` removes: those whose segment is on ``before``'s timeline and sorts
+    before its segment (segments, partial segments, backup history files); timeline history files are
+    kept, as every later recovery may need them.  ``before``: a segment name, or any name with one."""
+    check_wal_name(before)
+    if is_history(before):
+        raise UsageError(f"--before takes a WAL segment's name (e.g. 000000010000000000000003), not a timeline "
+                         f"history file's ({before})")
+    limit = before[:24]
+    return sorted(n for n in names if not is_history(n) and n[:8] == limit[:8] and n[:24] < limit)
+
+
+#: ``archive-expire --before oldest-snapshot``: before the segment the oldest snapshot's base backup starts in.
+OLDEST_SNAPSHOT = "oldest-snapshot"
+_LABEL_START = re.compile(r"^START WAL LOCATION: \S+ \(file (" + _SEGMENT + r")\)$", re.M)
+
+
+def label_start_segment(label: str) -> str | None:
+    """The segment a base backup's ``backup_label`` says its WAL starts in, or None for another text."""
+    m = _LABEL_START.search(label)
+    return m.group(1) if m else None
+
+
+def stats_start_segment(stats: dict) -> str | None:
+    """The segment a snapshot's stats say its base backup starts in (``postgres.start_wal``, which
+    ``backup --postgres`` records), or None: a snapshot without it has its ``backup_label`` read instead."""
+    pg = stats.get("postgres")
+    start = pg.get("start_wal") if isinstance(pg, dict) else None
+    return start if isinstance(start, str) and is_segment(start) else None
+
+
+def oldest_needed(starts: Iterable[str]) -> str:
+    """``archive-expire --before oldest-snapshot``: the earliest segment a kept base backup starts in (by
+    timeline, then position); a UsageError when no snapshot holds a base backup's label."""
+    found = sorted(starts)
+    if not found:
+        raise UsageError("no snapshot holds a base backup's label (backup_label, as pg_basebackup and backup "
+                         "--postgres write it): nothing says which WAL the snapshots need; give --before SEGMENT")
+    return found[0]
+
+
+#: The segment size PostgreSQL uses unless initdb was told otherwise (``--wal-segsize``).
+DEFAULT_SEGMENT_SIZE = 16 << 20
+
+
+@dataclass
+class TimelineSpan:
+    """The archived segments of one timeline: the first and last, how many, and those missing in between (a
+    recovery through a missing one stops there)."""
+
+    timeline: int
+    first: str
+    last: str
+    segments: int
+    missing: list[str]
+
+    def to_dict(self) -> dict:
+        return {"timeline": self.timeline, "first": self.first, "last": self.last, "segments": self.segments,
+                "missing": self.missing}
+
+
+def timelines(files: Iterable[tuple[str, int]]) -> list[TimelineSpan]:
+    """Per timeline, the span of the archived segments (``.partial`` ones count for their segment) among
+    (name, size) pairs.  Segment numbers run on across the 32-bit log boundary as the segment size makes them
+    (the size segments were archived with; 16 MiB where none says)."""
+    files = list(files)
+    sizes = [size for name, size in files  # a partial segment is of the whole size too, zero-padded
+             if (len(name) == 24 or name.endswith(".partial")) and size > 0 and (1 << 32) % size == 0]
+    seg_size = max(set(sizes), key=sizes.count) if sizes else DEFAULT_SEGMENT_SIZE
+    per_log = (1 << 32) // seg_size
+    present: dict[int, set[int]] = {}
+    for name, _ in files:
+        if is_history(name) or name.endswith(".backup"):
+            continue
+        present.setdefault(int(name[:8], 16), set()).add(int(name[8:16], 16) * per_log + int(name[16:24], 16))
+
+    def named(tli: int, segno: int) -> str:
+        return f"{tli:08X}{segno // per_log:08X}{segno % per_log:08X}"
+
+    spans = []
+    for tli, segnos in sorted(present.items()):
+        low, high = min(segnos), max(segnos)
+        spans.append(TimelineSpan(tli, named(tli, low), named(tli, high), len(segnos),
+                                  [named(tli, n) for n in range(low, high + 1) if n not in segnos]))
+    return spans
