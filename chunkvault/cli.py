@@ -2454,23 +2454,25 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, Any]:
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a service manager stopping the job, a timeout) or SIGHUP (the terminal or ssh session it
-    ran in closed): the command stops as on Ctrl-C, its locks released, what it stored whole indexed and a
-    scheduled run's post hook run, instead of dying where it stands."""
+    """SIGTERM (a service manager stopping the job, a timeout), SIGHUP (the terminal or ssh session it
+    ran in closed) or SIGQUIT (PostgreSQL's immediate shutdown, to its archive and restore commands): the
+    command stops as on Ctrl-C, its locks released, its temporary files removed, what it stored whole
+    indexed and a scheduled run's post hook run, instead of dying where it stands."""
 
     def __str__(self) -> str:
         return STOP_WORDS.get(_STOPPED_BY[0] if _STOPPED_BY else signal.SIGTERM, "terminated")
 
 
 #: What a command stopped by each signal says (and a scheduled run's hooks are told).
-STOP_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
+STOP_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up",
+              signal.SIGQUIT: "quit"}
 
 _STOPPED_BY: list[int] = []  # the stop signals received: what else the command then raises is their doing
 
 
 def _stopped(args: argparse.Namespace | None, argv: list[str] | None) -> int:
-    """What a command stopped by SIGTERM (143), SIGHUP (129) or Ctrl-C (130) says, on stderr and, with
-    --json, stdout."""
+    """What a command stopped by SIGTERM (143), SIGHUP (129), SIGQUIT (131) or Ctrl-C (130) says, on stderr
+    and, with --json, stdout."""
     signum = next((n for n in _STOPPED_BY if n != signal.SIGINT), signal.SIGINT)
     word, code = STOP_WORDS[signum], 128 + signum
     print(f"chunkvault: {word}", file=sys.stderr)
@@ -2485,10 +2487,12 @@ def _stop(signum: int) -> None:
 
 
 def stop_signals() -> dict[int, Callable[[int], None]]:
-    """The signals that stop a command, each to ``_stop``: SIGHUP only where it is not ignored (``nohup``)."""
+    """The signals that stop a command, each to ``_stop``: SIGHUP and SIGQUIT only where they are not ignored
+    (``nohup``)."""
     handlers = {signal.SIGINT: _stop, signal.SIGTERM: _stop}
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        handlers[signal.SIGHUP] = _stop
+    for signum in (signal.SIGHUP, signal.SIGQUIT):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            handlers[signum] = _stop
     return handlers
 
 

@@ -1,6 +1,6 @@
 """The ``chunkvault`` command's entry point.
 
-Importing the command takes about a tenth of a second; a Ctrl-C or SIGTERM then
+Importing the command takes about a tenth of a second; a Ctrl-C, SIGTERM or SIGQUIT then
 ended it with a traceback (or no word at all) instead of the line and exit code
 it gives once running.  Nothing has been touched by then, so it stops at once.
 """
@@ -12,7 +12,7 @@ import sys
 from types import FrameType
 
 _SAID = {signal.SIGINT: b"chunkvault: interrupted\n", signal.SIGTERM: b"chunkvault: terminated\n",
-         signal.SIGHUP: b"chunkvault: hung up\n"}
+         signal.SIGHUP: b"chunkvault: hung up\n", signal.SIGQUIT: b"chunkvault: quit\n"}
 
 
 def _stop_now(signum: int, frame: FrameType | None) -> None:

@@ -545,7 +545,8 @@ def test_a_wrong_confirmation_word_is_a_usage_error_and_changes_nothing(tmp_path
 
 
 @pytest.mark.parametrize("signame, code, said", [("SIGINT", 130, b"chunkvault: interrupted"),
-                                                 ("SIGTERM", 143, b"chunkvault: terminated")])
+                                                 ("SIGTERM", 143, b"chunkvault: terminated"),
+                                                 ("SIGQUIT", 131, b"chunkvault: quit")])
 def test_a_stop_signal_while_the_command_is_still_loading_ends_it_as_later(signame, code, said):
     """The signal lands while the command's modules are imported (here: when the entry point asks for them)."""
     import subprocess

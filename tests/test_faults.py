@@ -302,7 +302,8 @@ def signal_a_worker_thread(pid: int, sig: int) -> None:
 
 
 @pytest.mark.parametrize("to_worker", [False, True], ids=["process", "worker-thread"])
-@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGQUIT, 131, "quit")])
 def test_a_stopped_backup_releases_its_lock_and_indexes_what_it_stored(sig, code, said, to_worker, tmp_path):
     """SIGTERM (a service manager, a timeout) stops a backup as Ctrl-C does: one line, 128 + the signal,
     its lock gone, its packs indexed, no snapshot; also when the signal lands on a worker thread while the

@@ -19,6 +19,7 @@ from chunkvault.store.crypto import Sealer
 from chunkvault.store.repository import pack_key
 from chunkvault.store.walarchive import WalFile
 from chunkvault.store.walnames import check_wal_name, expired, fetch_ahead, ready_ahead
+from conftest import PASSWORD
 from servers_http import APPEND_TOKEN, FULL_TOKEN, http_server, serve_factory  # noqa: F401
 
 SEG = "000000010000000000000001"
@@ -717,3 +718,33 @@ def test_a_damaged_file_ahead_ends_the_fetch_and_not_the_get(tmp_path, cli, repo
     damaged = cli("archive-get", "-r", repo_url, "--spool", spool, names[2], str(dest), check=13)
     assert f"wal/{names[2]}" in damaged.stderr.decode()
     assert dest.read_bytes() == (wal / names[1]).read_bytes()
+
+
+def test_sigquit_stops_archive_get_without_leaving_a_temporary_file(tmp_path, cli, repo_url):
+    """PostgreSQL's immediate shutdown sends its restore command SIGQUIT: by default that ended it where it
+    stood, and a partly written temporary file stayed in pg_wal for good."""
+    import subprocess
+    import sys
+
+    seg = segment_file(tmp_path, size=1 << 20)
+    cli("archive-push", "-r", repo_url, str(seg))
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    program = f"""
+import os, signal, sys, time
+import chunkvault.store.walarchive as walarchive
+def write_blobs(repo, wal, out):
+    out.write(b"part of a segment")
+    out.flush()
+    os.kill(os.getpid(), signal.SIGQUIT)
+    time.sleep(30)
+walarchive._write_blobs = write_blobs
+from chunkvault.console import main
+sys.argv = ["chunkvault", "archive-get", "-r", {repo_url!r}, {SEG!r}, {str(pg_wal / "RECOVERYXLOG")!r}]
+sys.exit(main())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60, env=env)
+    assert proc.returncode == 131 and proc.stderr.strip() == b"chunkvault: quit", proc.stderr
+    assert os.listdir(pg_wal) == [] and os.listdir(tmp_path / "repo" / "locks") == []
