@@ -576,7 +576,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
         bar.done()
         if lister is not None and args.json:
             lister.end()  # the list, then the document's other keys
-    listed_json = lister is not None and args.json
+    return _report_backup(args, result, lister is not None and args.json)
+
+
+def _report_backup(args: argparse.Namespace, result: Any, listed_json: bool = False) -> int:
+    """What a backup (or an import-tar) saved, as text or JSON; PartialBackup when paths were left out."""
     snap = result.snapshot
     st = snap.stats
     if result.skipped:
@@ -609,6 +613,26 @@ def cmd_backup(args: argparse.Namespace) -> int:
         what = "dry run" if args.dry_run else f"snapshot {snap.short_id} saved"
         raise PartialBackup(f"{what}, but {len(st['unreadable'])} path(s) could not be read")
     return 0
+
+
+def cmd_import_tar(args: argparse.Namespace) -> int:
+    args.tag = _tags(args.tag)
+    if args.host is None:
+        args.host = env_host()
+    from .store.command_stream import PipeStream
+
+    tar: Any = args.file
+    if tar == "-":
+        tar = PipeStream(_stdin_fd())
+    repo = _open(args)
+    bar = _progress(args, "import-tar")
+    result = repo.import_tar(tar, args.path, kind=args.type, tags=args.tag, host=args.host, parent=args.parent,
+                             strip_components=args.strip_components, delta=not args.no_delta,
+                             fixed_chunks=args.fixed_chunks, fixed_chunk_size=args.fixed_chunk_size,
+                             dry_run=args.dry_run, time=args.time, wait=args.wait,
+                             progress=_backup_progress(bar), compression_level=args.compression)
+    bar.done()
+    return _report_backup(args, result)
 
 
 class _BackupLister:
@@ -1893,6 +1917,11 @@ def _check_compression(level: int) -> None:
         raise UsageError(f"not a zstd level: {level} (0 = off, 1 to {MAX_COMPRESSION_LEVEL})")
 
 
+def _check_strip_count(n: int) -> None:
+    if n < 0:
+        raise UsageError(f"must be 0 or more: {n}")
+
+
 def _check_not_negative(value: float) -> None:
     if not 0 <= value < float("inf"):
         raise UsageError(f"must be a finite number, 0 or more: {value}")
@@ -2066,6 +2095,35 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="with --postgres: the checkpoint the backup starts with, as pg_basebackup -c (default fast: "
                         "at once; spread waits for it at the server's checkpoint pace)")
     s.set_defaults(func=cmd_backup)
+
+    s = sub.add_parser("import-tar", parents=[common],
+                       help="back up the tree a tar archive holds (plain, gzip, bzip2, xz or zstd; - is stdin)")
+    s.add_argument("file", metavar="FILE", help="the tar archive, or - to read it from standard input")
+    s.add_argument("--path", required=True,
+                   help="the absolute path the tree is a backup of (with the host, what finds the parent: "
+                        "the same as a backup of that directory)")
+    s.add_argument("--strip-components", type=_argument(_check_strip_count, int), default=0, metavar="N",
+                   help="leave out N leading components of each member's name, as tar -x does")
+    _wait_option(s, 3600.0, "a running prune, forget or repair")
+    s.add_argument("--type", choices=["auto", "full", "diff"], default="auto",
+                   help="full, differential, or (auto, the default) as backup chooses")
+    s.add_argument("--tag", action="append", default=[], metavar="TAG[,TAG...]",
+                   help="tag the snapshot (repeatable; commas separate tags)")
+    s.add_argument("--host", help="record this host name (default: CHUNKVAULT_HOST, else this machine's)")
+    s.add_argument("--parent", metavar="SNAPSHOT",
+                   help="compare with (and build a differential on) this snapshot instead of the newest of the "
+                        "same host and path")
+    s.add_argument("--time", metavar="TIME", help="the snapshot's time instead of now, as for backup")
+    s.add_argument("--dry-run", "-n", action="store_true",
+                   help="read and count what the import would store; write nothing to the repository")
+    s.add_argument("--no-delta", action="store_true", help="never store changed chunks as deltas")
+    s.add_argument("--fixed-chunks", action="append", default=[], metavar="GLOB",
+                   help="cut files matching GLOB at fixed offsets, not by content (database files)")
+    s.add_argument("--fixed-chunk-size", type=_size, default=FIXED_CHUNK_SIZE, metavar="SIZE",
+                   help=f"chunk size for --fixed-chunks (default {FIXED_CHUNK_SIZE >> 20} MiB)")
+    s.add_argument("--compression", type=_argument(_check_compression, int), metavar="LEVEL",
+                   help="zstd level of the new data, 1 to 22, 0 = off (default: the repository's)")
+    s.set_defaults(func=cmd_import_tar)
 
     reading = _Parser(add_help=False)  # commands that read data hold a shared lock (store/locks.py)
     reading.add_argument("--no-lock", action="store_true",

@@ -266,6 +266,11 @@ class SourceCommandFailed(ChunkvaultError):
     exit_code = 20
 
 
+class IncompleteSource(SourceCommandFailed):
+    """The stream a backup reads as a tree (``import-tar``) breaks off or ends before its end marker:
+    what it would have held is not known, so no snapshot was saved (the data stored is left for prune)."""
+
+
 class MountFailed(ChunkvaultError):
     """``mount`` cannot mount: no FUSE library or device, or the kernel refused."""
 

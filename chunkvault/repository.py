@@ -829,6 +829,52 @@ class Repository:
                 result = Backup(self._repo, opts).run(None, [name], stream=stream, stdin_name=name)
         return result
 
+    @_stoppable
+    def import_tar(self, tar: BinaryIO | str | os.PathLike[str], path: str, *, kind: str = "auto",
+                   tags: list[str] | None = None, host: str | None = None, parent: str | None = None,
+                   strip_components: int = 0, delta: bool = True, fixed_chunks: list[str] | None = None,
+                   fixed_chunk_size: int = FIXED_CHUNK_SIZE, dry_run: bool = False,
+                   time: str | datetime | None = None, wait: float = 3600.0, progress: Any = None,
+                   compression_level: int | None = None) -> BackupResult:
+        """Back up the tree a tar archive holds (a file's path, or a binary stream read once, front to back:
+        a pipe works), plain or gzip, bzip2, xz or zstd compressed, as a snapshot of ``path`` (absolute): as
+        a backup of ``path`` on ``host`` would be, its parent found among those, its content deduplicated
+        with theirs (README, "Importing a tar").
+
+        ``strip_components``: leave out this many leading components of each member's name (as tar's
+        ``--strip-components``: ``tar -cf - /etc`` names its members ``etc/...``).  A member named with a
+        ``..`` part is refused (UsageError); a tar that breaks off or lacks its end marker saves no snapshot
+        (IncompleteSource).  ``kind``, ``parent``, ``fixed_chunks``, ``dry_run``, ``time``, ``wait``,
+        ``progress``, ``compression_level``: as for ``backup``."""
+        from .store.backup import TarSource
+        from .store.tarimport import open_tar
+
+        (label,) = _paths([path], "path the tar is imported as")
+        if not label.startswith("/") or "\x00" in label:
+            raise UsageError(f"the path a tar is imported as must be absolute, not {label!r}").hinting(" (--path)")
+        label = os.path.normpath(label).replace("//", "/")
+        if type(strip_components) is not int or strip_components < 0:
+            raise UsageError(f"strip_components is a whole number of at least 0, not {strip_components!r}")
+        opts = _stream_options(kind, tags, host, delta, fixed_chunks, fixed_chunk_size, dry_run, time, wait,
+                               progress, compression_level)
+        opts.parent = None
+        _one_line(opts.tags, opts.host)
+        self._repo.drop_stale(index=False)
+        snaps = self._list() if dry_run else self._guard()
+        if parent:
+            opts.parent = find_snapshot(snaps, _spec(parent))
+        opts.progress = self._progress(opts.progress)
+        with contextlib.ExitStack() as stack:
+            if isinstance(tar, (str, os.PathLike)):
+                try:
+                    raw: Any = stack.enter_context(open(tar, "rb"))
+                except OSError as exc:
+                    raise UsageError(f"cannot read {os.fsdecode(tar)}: {exc.strerror or exc}") from None
+            else:
+                raw = _BinarySource(tar)
+            tf = open_tar(raw)
+            return Backup(self._repo, opts).run(None, [label], tar=TarSource(tf, strip_components))
+
     # --- the PostgreSQL WAL archive ---------------------------------------------------
 
     @_stoppable

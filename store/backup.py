@@ -17,6 +17,7 @@ import itertools
 import os
 import socket
 import stat
+import tarfile
 import threading
 import time
 from collections import deque
@@ -47,6 +48,7 @@ from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, iso, now_iso
 from .unlock import require_openable
 from .source import (NOT_REGULAR_ERRNOS, Excluded, Replaced, SmallRead, SourceWalk, StatFailed, TreeTotal,
                      open_beneath, open_source_file, read_small_files)
+from .tarimport import read_tree
 from .xattrs import read_xattrs
 from .zstdbuf import empty_buffer
 
@@ -91,6 +93,14 @@ class AddedFile(NamedTuple):
     uid: int
     gid: int
     mtime_ns: int
+
+
+class TarSource(NamedTuple):
+    """A tar read as a backup's tree (``import-tar``): ``tarfile`` opened as a stream (``open_tar``), its
+    members' names less ``strip`` leading components."""
+
+    tarfile: tarfile.TarFile
+    strip: int = 0
 
 
 class SourceSession(Protocol):
@@ -417,6 +427,7 @@ class Backup:
         self._last_progress = float("-inf")
         self._sequence = 0
         self._started = time.monotonic()
+        self._owner_names: dict[str, Callable[[int], str | None]] = {}  # names_of's lookups (a tar's own names)
 
     # --- parallel chunk storage ---------------------------------------------------
 
@@ -1194,7 +1205,8 @@ class Backup:
             self.counts["deleted"] += 1
 
     def run(self, source: SourceWalk | None, paths: list[str], *,
-            stream: BinaryIO | None = None, stdin_name: str | None = None) -> BackupResult:
+            stream: BinaryIO | None = None, stdin_name: str | None = None, tar: "TarSource | None" = None
+            ) -> BackupResult:
         lock = (contextlib.nullcontext() if self.opt.dry_run
                 else RepoLock(self.repo.remote, SHARED, "backup", wait=self.opt.lock_wait))
         self._lock = lock if isinstance(lock, RepoLock) else None
@@ -1210,7 +1222,7 @@ class Backup:
                 if not self.opt.dry_run:
                     require_openable(self.repo.remote, self.repo.config.repo_id)
                 self.repo.fresh_index()
-                return self._run(source, paths, stream=stream, stdin_name=stdin_name)
+                return self._run(source, paths, stream=stream, stdin_name=stdin_name, tar=tar)
         finally:
             if source is not None:
                 source.close()
@@ -1307,7 +1319,7 @@ class Backup:
         return None
 
     def _run(self, source: SourceWalk | None, paths: list[str], *,
-             stream: BinaryIO | None, stdin_name: str | None) -> BackupResult:
+             stream: BinaryIO | None, stdin_name: str | None, tar: "TarSource | None" = None) -> BackupResult:
         repo = self.repo
         host = self.opt.host or socket.gethostname()
         snapshots = repo.snapshots()
@@ -1351,7 +1363,9 @@ class Backup:
         writer.damaged_packs = {loc.pack_no: b for b in self._damaged if (loc := repo.locate(b)) is not None}
         session_stats: dict = {}
         try:
-            if stream is not None:
+            if tar is not None:
+                stats_iter = self._tar_records(tar, parent_tree, kind, stats)
+            elif stream is not None:
                 assert stdin_name is not None
                 stats_iter = self._count(self._stream_source(stream, stdin_name, parent_tree, kind), stats)
             else:
@@ -1380,7 +1394,7 @@ class Backup:
             seen_whole = not self.unreadable and not self.racy_reads and not (source is not None and source.missing)
             if self.opt.skip_if_unchanged and parent is not None and seen_whole and (
                     not mw.records if kind == KIND_DIFF
-                    else self.opt.kind == "auto" and stream is None and not self.changed):
+                    else self.opt.kind == "auto" and stream is None and tar is None and not self.changed):
                 return BackupResult(parent, self.warnings + (source.warnings if source is not None else []),
                                     skipped=True)
             manifest_ids = mw.finish()
@@ -1414,7 +1428,8 @@ class Backup:
                 "unreadable": self.unreadable, "warnings": len(self.warnings), "xattrs": self.opt.xattrs,
                 "duration": round(time.monotonic() - self._started, 3),
                 OWNERS_KEY: names_of(uids, gids, self._owner_ids_inherited(parent if kind == KIND_DIFF else None,
-                                                                           snapshots, uids, gids)),
+                                                                           snapshots, uids, gids),
+                                     **self._owner_names),
                 **({"started_ns": source.began_ns, "finished_ns": walked_ns} if source is not None else {}),
                 **session_stats,
             },
@@ -1468,6 +1483,68 @@ class Backup:
             if rec.op != OP_DELETE:
                 stats.count(rec)
             yield rec
+
+    def _tar_records(self, tar: TarSource, parent_tree: Iterator[Record], kind: str, stats: ManifestStats
+                     ) -> Iterator[Record]:
+        """The records of a tar's tree (store/tarimport.py): every member read and its content stored first
+        (a regular file against the parent's file at its path, for deltas), then the entries merged with the
+        parent's as a walk's are.  An entry whose content and metadata match the parent's is the parent's
+        (unchanged: a tar has no inode or change time to tell otherwise)."""
+        diff = kind == KIND_DIFF
+        parent = list(parent_tree)
+        files = {r.path: r.entry for r in parent if r.entry is not None and r.entry.type == T_FILE}
+
+        def store(f: BinaryIO, rel: bytes, size: int) -> tuple[bytes, bytes, int]:
+            return self._read_stream(f, rel, files.get(rel), size)
+
+        tree = read_tree(tar.tarfile, store, tar.strip)
+        files.clear()
+        self.warnings += tree.warnings
+        self.unreadable += tree.unreadable
+        self._owner_names = {"user": tree.users.get, "group": tree.groups.get}
+        entries = tree.entries()
+        del tree
+        counts = self.counts
+        cut: bytes | None = None
+        pi = 0
+        for e in entries:
+            key = sort_key(e.path)
+            while pi < len(parent) and (p := parent[pi]).key < key:
+                pi += 1
+                self._count_removed(p.entry)
+                if diff and not (cut is not None and (p.key == cut or p.key.startswith(cut + b"\x00"))):
+                    cut = p.key
+                    yield delete_record(p.path)
+            prev = None
+            if pi < len(parent) and parent[pi].path == e.path:
+                prev = parent[pi].entry
+                pi += 1
+            same = prev is not None and prev.flags == e.flags and prev.same_content(e)
+            if same:
+                e = prev
+            else:
+                self.changed = True
+            stats.count_entry(e)
+            was_file = prev is not None and prev.type != T_DIR
+            if e.type == T_DIR:
+                if was_file:
+                    self._count_removed(prev)
+            else:
+                counts["unchanged_files" if same else "changed_files" if was_file else "new_files"] += 1
+            if not diff:
+                yield Record(OP_ENTRY, e.path, e)
+            elif same:
+                continue
+            elif prev is None or prev.type != e.type or e.type != T_DIR:
+                cut = key
+                yield Record(OP_FRESH, e.path, e)
+            else:
+                yield Record(OP_ENTRY, e.path, e)
+        for p in parent[pi:]:
+            self._count_removed(p.entry)
+            if diff and not (cut is not None and (p.key == cut or p.key.startswith(cut + b"\x00"))):
+                cut = p.key
+                yield delete_record(p.path)
 
     def _stream_source(self, stream: BinaryIO, name: str, parent_tree: Iterator[Record], kind: str) -> Iterator[Record]:
         rel = check_stdin_name(name)

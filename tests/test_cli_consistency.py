@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -477,6 +478,8 @@ def test_readme_python_example_runs_top_to_bottom(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (work / "dump.sql").write_text("CREATE TABLE t (x int);\n")
+    with tarfile.open(work / "etc.tar.gz", "w:gz") as tar:  # as `tar -czf etc.tar.gz /etc` names its members
+        tar.add(root / "etc", arcname="etc")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "pg_dump").write_text("#!/bin/sh\necho \"-- dump of $1\"\n")

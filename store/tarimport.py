@@ -1,0 +1,337 @@
+"""Reading a tar stream into a snapshot's entries (``import-tar``).
+
+The tar is read once, front to back, never seeking, so a pipe works: each member's
+content is stored as it passes (the caller's ``store``), its entry kept.  Tar order is
+not the manifest's, and a member may be named again later (the last one wins, as
+extraction does), so the entries are collected and sorted at the end: memory grows
+with the number of members (an entry each), not with their data.
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+from typing import BinaryIO, Callable, Iterator, NamedTuple
+
+from chunkvault.errors import IncompleteSource, UsageError
+
+from .manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, held_ns, sort_key
+from .xattrs import encode_xattrs
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+IMPLIED_MODE = 0o755  # a directory the tar implies but does not list, with no listed directory below it
+_XATTR = "SCHILY.xattr."
+_ACL = ("SCHILY.acl.access", "SCHILY.acl.default")
+Store = Callable[[BinaryIO, bytes, int], "tuple[bytes, bytes, int]"]  # (stream, path, size) -> digest, ids, size
+
+
+def member_path(name: str, strip: int = 0) -> bytes | None:
+    """A member's name as a path below the snapshot's root: leading ``/`` gone, then ``strip`` leading
+    components (as GNU tar's ``--strip-components`` counts them, ``.`` included), then ``.`` parts; None
+    for a member the stripping leaves nothing of.  A ``..`` part is refused: it would lead out of the tree."""
+    raw = os.fsencode(name)
+    parts = [p for p in raw.split(b"/") if p]
+    if b".." in parts:
+        raise UsageError(f"tar member {name!r} has a '..' component: refused (it leads out of the tree)")
+    if strip:
+        if len(parts) <= strip:
+            return None
+        parts = parts[strip:]
+    return b"/".join(p for p in parts if p != b".")
+
+
+def pax_time_ns(text: str) -> int:
+    """A pax time (decimal seconds, maybe signed and fractional) as exact nanoseconds (tarfile's float is
+    off by up to a few hundred ns)."""
+    sign = -1 if text.startswith("-") else 1
+    whole, _, frac = text.lstrip("+-").partition(".")
+    if not (whole or frac).isdigit() or (frac and not frac.isdigit()):
+        raise ValueError(text)
+    return sign * (int(whole or "0") * 1_000_000_000 + int((frac + "000000000")[:9]))
+
+
+class _File:
+    """A regular file's content and metadata, shared by the paths hard-linked to it."""
+
+    __slots__ = ("entry", "paths")
+
+    def __init__(self, entry: Entry):
+        self.entry = entry
+        self.paths: set[bytes] = set()
+
+
+class _Implied:
+    """A directory no member lists: it takes the first listed directory below it, else the first member."""
+
+    __slots__ = ("dir", "first")
+
+    def __init__(self) -> None:
+        self.dir: Entry | None = None
+        self.first: Entry | None = None
+
+
+class TarTree:
+    """The tree a tar's members make, as extraction would leave it (pure: content is stored by the caller)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[bytes, Entry | _File] = {}
+        self.implied: dict[bytes, _Implied] = {}
+        self.users: dict[int, str] = {}
+        self.groups: dict[int, str] = {}
+        self.warnings: list[str] = []
+        self.unreadable: list[str] = []
+        self._ensure_dir(b"")
+
+    def _remove(self, rel: bytes, keep_children: bool = False) -> None:
+        old = self.nodes.pop(rel, None)
+        self.implied.pop(rel, None)
+        if isinstance(old, _File):
+            old.paths.discard(rel)
+        elif old is not None and old.type == T_DIR and not keep_children:
+            below = rel + b"/" if rel else b""
+            for p in [p for p in self.nodes if p.startswith(below) and p != rel]:
+                self._remove(p, True)
+
+    def _ensure_dir(self, rel: bytes) -> None:
+        node = self.nodes.get(rel)
+        if isinstance(node, Entry) and node.type == T_DIR:
+            return
+        if node is not None:
+            self._remove(rel)
+        self.nodes[rel] = Entry(rel, T_DIR, IMPLIED_MODE)
+        self.implied[rel] = _Implied()
+
+    def _ancestors(self, rel: bytes) -> Iterator[bytes]:
+        yield b""
+        at = rel.find(b"/")
+        while at != -1:
+            yield rel[:at]
+            at = rel.find(b"/", at + 1)
+
+    def add(self, e: Entry, names: tuple[str, str] = ("", "")) -> None:
+        """Put ``e`` at its path: what was there goes (a directory's children stay when ``e`` is one too),
+        the directories above are made where missing."""
+        rel = e.path
+        for a in self._ancestors(rel):
+            self._ensure_dir(a)
+            if self.implied and (imp := self.implied.get(a)) is not None and rel:
+                if imp.first is None:
+                    imp.first = e
+                if imp.dir is None and e.type == T_DIR:
+                    imp.dir = e
+        if rel:
+            old = self.nodes.get(rel)
+            self._remove(rel, keep_children=e.type == T_DIR and isinstance(old, Entry) and old.type == T_DIR)
+        else:
+            self.implied.pop(b"", None)
+        self.nodes[rel] = e
+        if names[0]:
+            self.users.setdefault(e.uid, names[0])
+        if names[1]:
+            self.groups.setdefault(e.gid, names[1])
+
+    def add_file(self, e: Entry, names: tuple[str, str] = ("", "")) -> None:
+        """A regular file member whose content ``e`` holds."""
+        self.add(e, names)
+        f = _File(e)
+        f.paths.add(e.path)
+        self.nodes[e.path] = f
+
+    def add_link(self, rel: bytes, target: bytes, member: str) -> None:
+        """A hard link member: ``rel`` names the file now at ``target`` (one the tar listed before it)."""
+        node = self.nodes.get(target)
+        if not isinstance(node, _File):
+            self.warnings.append(f"hard link {member} names {os.fsdecode(target)}, which the tar has no regular "
+                                 "file at before it: left out")
+            self.unreadable.append(os.fsdecode(rel))
+            return
+        if target == rel:
+            return
+        self.add(Entry(rel, T_HARDLINK, node.entry.mode, node.entry.uid, node.entry.gid, node.entry.mtime_ns))
+        node.paths.add(rel)
+        self.nodes[rel] = node
+
+    def entries(self) -> list[Entry]:
+        """The tree's entries in manifest order; of each multiply-linked file the path first in that order
+        holds the data, the others name it."""
+        for rel, imp in self.implied.items():
+            like = imp.dir or imp.first
+            e = self.nodes[rel]
+            assert isinstance(e, Entry)
+            if like is not None:
+                e.mode = like.mode if imp.dir is not None else IMPLIED_MODE
+                e.uid, e.gid, e.mtime_ns, e.ctime_ns = like.uid, like.gid, like.mtime_ns, like.mtime_ns
+        out: list[Entry] = []
+        for rel in sorted(self.nodes, key=sort_key):
+            node = self.nodes[rel]
+            if isinstance(node, Entry):
+                out.append(node)
+                continue
+            holder = min(node.paths, key=sort_key)
+            d = node.entry
+            if rel == holder:
+                out.append(Entry(rel, T_FILE, d.mode, d.uid, d.gid, d.mtime_ns, d.size, d.mtime_ns,
+                                 digest=d.digest, chunks=d.chunks, xattrs=d.xattrs))
+            else:
+                out.append(Entry(rel, T_HARDLINK, d.mode, d.uid, d.gid, d.mtime_ns, d.size, d.mtime_ns,
+                                 target=holder))
+        return out
+
+
+class _Prefixed:
+    """A stream with bytes already read from it put back in front (the magic looked at)."""
+
+    def __init__(self, head: bytes, raw: BinaryIO):
+        self._head, self._raw = head, raw
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            out = self._head if n < 0 else self._head[:n]
+            self._head = self._head[len(out):]
+            return out
+        return self._raw.read(n) if n >= 0 else self._raw.read()
+
+
+class _Watched:
+    """The tar's (decompressed) stream, remembering its last read: the header block ``TarFile.next``
+    read last tells an archive's end (a zero block) from one cut short (tarfile ends quietly there)."""
+
+    def __init__(self, inner: object):
+        self._inner = inner
+        self.last = b""
+
+    def read(self, n: int) -> bytes:
+        self.last = self._inner.read(n)  # type: ignore[attr-defined]
+        return self.last
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+def _read_exactly(raw: BinaryIO, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        part = raw.read(n - len(out))
+        if not part:
+            break
+        out += part
+    return out
+
+
+def open_tar(raw: BinaryIO) -> tarfile.TarFile:
+    """A tar read as a stream: plain, or gzip, bzip2, xz or zstd compressed (told by its magic)."""
+    head = _read_exactly(raw, 4)
+    if not head:
+        raise UsageError("not a tar archive: the input is empty")
+    stream: object = _Prefixed(head, raw)
+    if head == ZSTD_MAGIC:
+        import zstandard
+
+        stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+    try:
+        return tarfile.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise UsageError(f"not a tar archive ({exc})") from None
+
+
+_DAMAGE = (tarfile.TarError, EOFError, OSError, ValueError)  # a decompressor's error, a bad header
+
+
+def _damaged(exc: BaseException, where: str) -> IncompleteSource:
+    text = str(exc) or type(exc).__name__
+    return IncompleteSource(f"the tar ends or breaks off {where} ({text}): no snapshot saved")
+
+
+class Member(NamedTuple):
+    entry: Entry
+    names: tuple[str, str]
+    link: bytes | None  # a hard link's target path
+    acl: bool = False  # the member has POSIX ACL records, which are not imported
+
+
+def _entry(m: tarfile.TarInfo, rel: bytes) -> Entry:
+    mtime = m.mtime
+    text = m.pax_headers.get("mtime")
+    try:
+        ns = pax_time_ns(text) if text else int(mtime) * 1_000_000_000
+    except ValueError:
+        ns = int(mtime * 1_000_000_000)
+    ns = held_ns(ns)
+    e = Entry(rel, T_FILE, m.mode & 0o7777, m.uid, m.gid, ns, 0, ns)
+    xattrs = {os.fsencode(k[len(_XATTR):].replace("%3D", "=").replace("%25", "%")):
+              v.encode("utf-8", "surrogateescape") for k, v in m.pax_headers.items() if k.startswith(_XATTR)}
+    if xattrs:
+        e.xattrs = encode_xattrs(xattrs)
+    return e
+
+
+def read_members(tf: tarfile.TarFile, store: Store, strip: int = 0) -> Iterator[Member]:
+    """Each member of ``tf`` as an entry, a regular file's content stored through ``store`` (given the
+    member's own stream) as it passes; IncompleteSource when the tar breaks off or ends before its end
+    marker, UsageError for a ``..`` name."""
+    watched = _Watched(tf.fileobj)
+    tf.fileobj = watched  # type: ignore[assignment]
+    count = 0
+    while True:
+        try:
+            m = tf.next()
+        except _DAMAGE as exc:
+            raise _damaged(exc, f"after member {count}") from None
+        if m is None:
+            break
+        tf.members.clear()  # a stream's members are not looked up again: memory stays an entry each
+        count += 1
+        rel = member_path(m.name, strip)
+        if rel is None:
+            continue
+        e = _entry(m, rel)
+        names = (m.uname, m.gname)
+        acl = any(k in m.pax_headers for k in _ACL)
+        if m.isreg():
+            f = tf.extractfile(m)
+            assert f is not None
+            try:
+                e.digest, e.chunks, e.size = store(f, rel, m.size)  # type: ignore[arg-type]
+            except _DAMAGE as exc:
+                raise _damaged(exc, f"inside member {m.name!r}") from None
+            yield Member(e, names, None, acl)
+        elif m.islnk():
+            target = member_path(m.linkname, strip)
+            if target is None:
+                continue
+            yield Member(e, names, target, acl)
+        else:
+            if m.isdir():
+                e.type = T_DIR
+            elif m.issym():
+                e.type, e.target = T_SYMLINK, os.fsencode(m.linkname)
+                e.size = len(e.target)
+            elif m.isfifo():
+                e.type = T_FIFO
+            elif m.ischr() or m.isblk():
+                e.type = T_CHARDEV if m.ischr() else T_BLOCKDEV
+                e.rdev = os.makedev(m.devmajor, m.devminor)
+            else:
+                continue
+            yield Member(e, names, None, acl)
+    if watched.last != bytes(tarfile.BLOCKSIZE):
+        raise IncompleteSource(f"the tar ends after member {count} without its end-of-archive blocks (cut "
+                               "short?): no snapshot saved")
+
+
+def read_tree(tf: tarfile.TarFile, store: Store, strip: int = 0) -> TarTree:
+    """The tree of the whole tar, its files' content stored."""
+    tree = TarTree()
+    acl_warned = False
+    for m in read_members(tf, store, strip):
+        if m.acl and not acl_warned:
+            tree.warnings.append("the tar's POSIX ACL records (SCHILY.acl.*) are not imported")
+            acl_warned = True
+        if not m.entry.path and m.entry.type != T_DIR:
+            tree.warnings.append("a member named . that is not a directory: left out")
+        elif m.link is not None:
+            tree.add_link(m.entry.path, m.link, os.fsdecode(m.entry.path))
+        elif m.entry.type == T_FILE:
+            tree.add_file(m.entry, m.names)
+        else:
+            tree.add(m.entry, m.names)
+    return tree

@@ -1,0 +1,302 @@
+"""import-tar: a tar stream backed up as a tree, an ordinary snapshot (restorable, deduplicated, differential)."""
+import io
+import os
+import subprocess
+import tarfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from chunkvault.errors import IncompleteSource, UsageError
+from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry
+from chunkvault.store.tarimport import TarTree, member_path, pax_time_ns
+from treeutil import describe
+
+LONG = "l" * 60 + "/" + "ö" * 40 + "/" + "n" * 120  # past ustar's 100 and 155 byte fields: GNU or pax long names
+
+
+def make_tree(root):
+    (root / "a" / "sub").mkdir(parents=True)
+    (root / "odd").mkdir(mode=0o700)
+    os.chmod(root / "odd", 0o750)
+    (root / "a" / "big").write_bytes(os.urandom(3_000_000))
+    (root / "a" / "mid").write_bytes(os.urandom(70_000))
+    (root / "a" / "empty").write_bytes(b"")
+    (root / "a" / "sub" / "small.txt").write_text("small\n")
+    os.chmod(root / "a" / "sub" / "small.txt", 0o640)
+    os.symlink("big", root / "a" / "link")
+    os.symlink("../nowhere", root / "dangling")
+    os.link(root / "a" / "big", root / "odd" / "twin")
+    os.mkfifo(root / "pipe")
+    (root / "café ünï").write_bytes(b"non-ascii name")
+    (root / os.fsdecode(b"latin\xe9")).write_bytes(b"not utf-8")
+    deep = root / LONG
+    deep.parent.mkdir(parents=True)
+    deep.write_bytes(b"long name")
+    for i, p in enumerate(sorted(root.rglob("*"), reverse=True)):
+        if not p.is_symlink() and not p.is_fifo():
+            os.utime(p, ns=(1_700_000_000_123_456_789 + i, 1_700_000_000_123_456_789 + i * 1000))
+    os.utime(root, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+
+
+@pytest.fixture
+def tree(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    return src
+
+
+def gnu_tar(src, fmt="gnu", compress=None) -> bytes:
+    data = subprocess.run(["tar", f"--format={fmt}", "-C", str(src), "-cf", "-", "."], capture_output=True,
+                          check=True).stdout
+    if compress == "gz":
+        import gzip
+        data = gzip.compress(data)
+    elif compress == "zst":
+        import zstandard
+        data = zstandard.ZstdCompressor().compress(data)
+    return data
+
+
+def python_tar(src) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
+        t.add(str(src), arcname=".")
+    return out.getvalue()
+
+
+def restored(repo, snap, into):
+    repo.restore(snap.id, str(into))
+    return into
+
+
+def same_tree(src, out, times=True):
+    want, got = describe(src, times=times), describe(out, times=times)
+    assert got == want
+
+
+@pytest.mark.parametrize("maker", ["gnu", "pax", "python", "gz", "zst"])
+def test_round_trip_from_a_tar_restores_the_tree(new_repo, tree, tmp_path, maker):
+    data = {"gnu": lambda: gnu_tar(tree, "gnu"), "pax": lambda: gnu_tar(tree, "pax"),
+            "python": lambda: python_tar(tree), "gz": lambda: gnu_tar(tree, "pax", "gz"),
+            "zst": lambda: gnu_tar(tree, "pax", "zst")}[maker]()
+    repo = new_repo()
+    result = repo.import_tar(io.BytesIO(data), "/srv/src")
+    assert result.warnings == [] and result.snapshot.paths == ["/srv/src"]
+    # GNU tar's pax keeps nanoseconds; its GNU format whole seconds, Python's pax writer a float's digits
+    same_tree(tree, restored(repo, result.snapshot, tmp_path / "out"), times=maker in ("pax", "gz", "zst"))
+
+
+def test_import_from_a_pipe_through_the_cli(cli, new_repo, tree, tmp_path):
+    repo = new_repo()
+    repo.close()
+    url = str(tmp_path / "repo0")
+    tar = subprocess.Popen(["tar", "--format=pax", "-C", str(tree), "-cf", "-", "."], stdout=subprocess.PIPE)
+    proc = subprocess.run([*cli_argv(), "import-tar", "-r", url, "--path", "/src", "--json", "-"],
+                          stdin=tar.stdout, capture_output=True, env=cli_env(), timeout=120)
+    tar.stdout.close()
+    tar.wait()
+    assert proc.returncode == 0, proc.stderr
+    import json
+    doc = json.loads(proc.stdout)
+    assert doc["paths"] == ["/src"] and doc["stats"]["new_files"] > 5
+    cli("restore", "-r", url, doc["id"], "--target", str(tmp_path / "out"))
+    same_tree(tree, tmp_path / "out")
+
+
+def cli_argv():
+    import sys
+    return [sys.executable, "-m", "chunkvault.cli"]
+
+
+def cli_env():
+    from conftest import PASSWORD
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    return env
+
+
+def test_a_tar_of_a_backed_up_tree_adds_no_data_and_takes_the_backup_as_parent(new_repo, tree):
+    repo = new_repo()
+    backup = repo.backup([str(tree)]).snapshot
+    result = repo.import_tar(io.BytesIO(gnu_tar(tree, "pax")), str(tree))
+    snap = result.snapshot
+    assert snap.kind == "diff" and snap.parent == backup.id
+    assert snap.stats["added_raw_bytes"] == 0
+    assert snap.stats["unchanged_files"] == backup.stats["new_files"]
+
+
+def test_a_differential_import_finds_its_parent_and_restores_exactly(new_repo, tree, tmp_path):
+    repo = new_repo()
+    first = repo.import_tar(io.BytesIO(gnu_tar(tree, "pax")), "/src").snapshot
+    (tree / "a" / "mid").write_bytes(os.urandom(70_000))
+    (tree / "a" / "sub" / "small.txt").unlink()
+    (tree / "new").write_bytes(b"new file")
+    os.chmod(tree / "odd", 0o711)
+    second = repo.import_tar(io.BytesIO(gnu_tar(tree, "pax")), "/src")
+    snap = second.snapshot
+    assert snap.kind == "diff" and snap.parent == first.id
+    st = snap.stats
+    assert (st["new_files"], st["changed_files"], st["deleted"]) == (1, 1, 1)
+    assert st["added_raw_bytes"] < 100_000
+    same_tree(tree, restored(repo, snap, tmp_path / "out"))
+    again = repo.import_tar(io.BytesIO(gnu_tar(tree, "pax")), "/src").snapshot
+    assert again.stats["manifest_records"] == 0 and again.stats["added_raw_bytes"] == 0
+
+
+def test_dump_of_an_imported_snapshot_imports_to_the_same_tree(new_repo, tree, tmp_path):
+    repo = new_repo()
+    snap = repo.import_tar(io.BytesIO(gnu_tar(tree, "pax")), "/src").snapshot
+    out = io.BytesIO()
+    repo.dump(snap, "/", out, archive="tar")
+    again = repo.import_tar(io.BytesIO(out.getvalue()), "/copy").snapshot
+    assert again.stats["added_raw_bytes"] == 0
+    restored(repo, again, tmp_path / "out")
+    want, got = describe(tree), describe(tmp_path / "out")
+    del want[b"."], got[b"."]  # dump leaves the root out: implied, it has the default mode and no time of its own
+    assert got == want
+
+
+def test_a_truncated_tar_saves_no_snapshot(new_repo, tree):
+    repo = new_repo()
+    data = gnu_tar(tree, "pax")
+    for cut in (len(data) // 2, 1536 * 3, len(data) - 10240):
+        with pytest.raises(IncompleteSource) as err:
+            repo.import_tar(io.BytesIO(data[:cut]), "/src")
+        assert err.value.exit_code == 20
+    assert repo.snapshots() == []
+
+
+def test_truncated_and_refused_input_through_the_cli(cli, tree, tmp_path):
+    url = str(tmp_path / "repo")
+    cli("init", "-r", url, "--kdf-time", "0")
+    data = gnu_tar(tree, "pax")
+    cut = cli("import-tar", "-r", url, "--path", "/src", "-", input=data[: len(data) // 2], check=20)
+    assert b"no snapshot saved" in cut.stderr and len(cut.stderr.splitlines()) == 1
+    plain = cli("import-tar", "-r", url, "--path", "/src", "-", input=b"hello, not a tar\n" * 100, check=2)
+    assert b"not a tar archive" in plain.stderr and len(plain.stderr.splitlines()) == 1
+    rel = cli("import-tar", "-r", url, "--path", "src", "-", input=data, check=2)
+    assert b"must be absolute" in rel.stderr
+    assert cli("snapshots", "-r", url, "--json").stdout.strip() == b"[]"
+
+
+def test_dot_dot_members_are_refused_and_save_nothing(new_repo):
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as t:
+        t.addfile(tarfile.TarInfo("ok"), io.BytesIO())
+        t.addfile(tarfile.TarInfo("a/../../etc/passwd"), io.BytesIO())
+    repo = new_repo()
+    with pytest.raises(UsageError, match=r"a/\.\./\.\./etc/passwd"):
+        repo.import_tar(io.BytesIO(out.getvalue()), "/src")
+    assert repo.snapshots() == []
+
+
+def test_strip_components_and_the_last_member_named_wins(new_repo, tmp_path):
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as t:
+        for name, data in (("etc/x", b"old"), ("etc/y", b"y"), ("etc/x", b"new"), ("/etc/z/", None)):
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o700
+                t.addfile(info)
+            else:
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    repo = new_repo()
+    snap = repo.import_tar(io.BytesIO(out.getvalue()), "/etc", strip_components=1).snapshot
+    restored(repo, snap, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == ["x", "y", "z"]
+    assert (tmp_path / "out" / "x").read_bytes() == b"new"
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o700  # implied: the first listed directory's mode
+
+
+def test_member_path():
+    assert member_path("./a/b") == b"a/b"
+    assert member_path("/etc/passwd") == b"etc/passwd"
+    assert member_path("./") == b""
+    assert member_path("etc/x", 1) == b"x"
+    assert member_path("./x", 1) == b"x"  # "." counts, as for GNU tar
+    assert member_path("etc", 1) is None
+    with pytest.raises(UsageError):
+        member_path("x/../y")
+
+
+def test_pax_time_ns():
+    assert pax_time_ns("1700000000.123456789") == 1_700_000_000_123_456_789
+    assert pax_time_ns("-1.5") == -1_500_000_000
+    assert pax_time_ns("12") == 12_000_000_000
+    with pytest.raises(ValueError):
+        pax_time_ns("1e9")
+
+
+def test_tree_hard_links_are_held_by_the_first_path_in_manifest_order():
+    t = TarTree()
+    t.add_file(Entry(b"z/file", T_FILE, 0o600, size=3, digest=b"d"))
+    t.add_link(b"a/link", b"z/file", "a/link")
+    t.add_link(b"m/gone", b"nowhere", "m/gone")
+    by = {e.path: e for e in t.entries()}
+    assert by[b"a/link"].type == T_FILE and by[b"a/link"].digest == b"d"
+    assert by[b"z/file"].type == T_HARDLINK and by[b"z/file"].target == b"a/link"
+    assert by[b"a"].type == T_DIR and by[b"a"].mode == 0o755
+    assert b"m/gone" not in by and t.unreadable == ["m/gone"]
+
+
+def test_tree_a_file_replacing_a_directory_drops_what_was_below():
+    t = TarTree()
+    t.add(Entry(b"d", T_DIR, 0o700))
+    t.add_file(Entry(b"d/f", T_FILE))
+    t.add_file(Entry(b"d", T_FILE))
+    t.add_file(Entry(b"e/f", T_FILE))
+    assert [e.path for e in t.entries()] == [b"", b"d", b"e", b"e/f"]
+
+
+names = st.text(alphabet="abcé", min_size=1, max_size=3)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(files=st.dictionaries(st.lists(names, min_size=1, max_size=3).map("/".join), st.binary(max_size=300),
+                             max_size=8))
+def test_random_trees_round_trip(new_repo, tmp_path_factory, files):
+    src = tmp_path_factory.mktemp("src")
+    for name, data in files.items():
+        path = src / name
+        if any(p.is_file() for p in [*path.parents]) or path.is_dir():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    repo = new_repo()
+    snap = repo.import_tar(io.BytesIO(gnu_tar(src, "pax")), "/src").snapshot
+    out = tmp_path_factory.mktemp("out") / "t"
+    restored(repo, snap, out)
+    same_tree(src, out)
+
+
+def test_owners_names_xattrs_devices_and_times_come_from_the_tar(new_repo):
+    from chunkvault.store.xattrs import decode_xattrs
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
+        f = tarfile.TarInfo("data/file")
+        f.size, f.uid, f.gid, f.uname, f.gname, f.mode = 2, 4321, 4322, "pgowner", "pggroup", 0o600
+        f.pax_headers = {"SCHILY.xattr.user.k%3Dx": "v", "mtime": "1700000000.000000007"}
+        t.addfile(f, io.BytesIO(b"hi"))
+        d = tarfile.TarInfo("dev/null0")
+        d.type, d.devmajor, d.devminor = tarfile.CHRTYPE, 1, 3
+        t.addfile(d)
+    repo = new_repo()
+    snap = repo.import_tar(io.BytesIO(out.getvalue()), "/x").snapshot
+    assert snap.stats["owners"]["users"]["4321"] == "pgowner"
+    assert snap.stats["owners"]["groups"]["4322"] == "pggroup"
+    by = {e.path: e for e in repo.tree(snap)}
+    e = by[b"data/file"]
+    assert (e.uid, e.gid, e.mode, e.mtime_ns) == (4321, 4322, 0o600, 1_700_000_000_000_000_007)
+    assert decode_xattrs(e.xattrs) == {b"user.k=x": b"v"}
+    assert by[b"dev/null0"].rdev == os.makedev(1, 3)
+    assert by[b""].uid == 4321 and by[b"data"].mode == 0o755  # implied, after the first member below them
+
+
+def test_dry_run_stores_nothing(new_repo, tree):
+    repo = new_repo()
+    result = repo.import_tar(io.BytesIO(gnu_tar(tree, "pax")), "/src", dry_run=True)
+    assert result.snapshot.stats["added_raw_bytes"] > 3_000_000
+    assert repo.snapshots() == []
