@@ -8,9 +8,13 @@ with the number of members (an entry each), not with their data.
 """
 from __future__ import annotations
 
+import gzip
 import os
 import tarfile
+import zlib
 from typing import BinaryIO, Callable, Iterator, NamedTuple
+
+import zstandard
 
 from chunkvault.errors import IncompleteSource, UsageError
 
@@ -18,6 +22,7 @@ from .manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, 
 from .xattrs import encode_xattrs
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
 IMPLIED_MODE = 0o755  # a directory the tar implies but does not list, with no listed directory below it
 _XATTR = "SCHILY.xattr."
 _ACL = ("SCHILY.acl.access", "SCHILY.acl.default")
@@ -140,8 +145,8 @@ class TarTree:
         """A hard link member: ``rel`` names the file now at ``target`` (one the tar listed before it)."""
         node = self.nodes.get(target)
         if not isinstance(node, _File):
-            self.warnings.append(f"hard link {member} names {os.fsdecode(target)}, which the tar has no regular "
-                                 "file at before it: left out")
+            self.warnings.append(f"hard link {member} names {os.fsdecode(target) or '.'}, which the tar has no "
+                                 "regular file at before it: left out")
             self.unreadable.append(os.fsdecode(rel))
             return
         if target == rel:
@@ -219,21 +224,46 @@ def _read_exactly(raw: BinaryIO, n: int) -> bytes:
 
 def open_tar(raw: BinaryIO) -> tarfile.TarFile:
     """A tar read as a stream: plain, or gzip, bzip2, xz or zstd compressed (told by its magic)."""
-    head = _read_exactly(raw, 4)
+    # A block's worth, however a pipe delivers it: tarfile tells the compression by what its first read gives
+    head = _read_exactly(raw, tarfile.BLOCKSIZE)
     if not head:
         raise UsageError("not a tar archive: the input is empty")
     stream: object = _Prefixed(head, raw)
-    if head == ZSTD_MAGIC:
-        import zstandard
-
+    if head.startswith(GZIP_MAGIC):  # tarfile's own gzip reader checks no CRC: damage would be stored as data
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[call-overload]
+    elif head.startswith(ZSTD_MAGIC):
         stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
     try:
         return tarfile.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except _DAMAGE as exc:  # at its first block: whatever it is, no tar to read
         raise UsageError(f"not a tar archive ({exc})") from None
 
 
-_DAMAGE = (tarfile.TarError, EOFError, OSError, ValueError)  # a decompressor's error, a bad header
+# What reading a damaged or cut archive raises: tarfile's errors, a decompressor's, a header's bad number
+_DAMAGE = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, OSError, ValueError)
+
+
+class _MemberData:
+    """A member's content as ``store`` reads it: what the archive's damage raises there is IncompleteSource,
+    told apart from the errors of storing it."""
+
+    def __init__(self, inner: BinaryIO, name: str):
+        self._inner, self._name = inner, name
+
+    def _failed(self, exc: BaseException) -> IncompleteSource:
+        return _damaged(exc, f"inside member {self._name!r}")
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._inner.read(n)
+        except _DAMAGE as exc:
+            raise self._failed(exc) from None
+
+    def readinto(self, b: memoryview) -> int:
+        try:
+            return self._inner.readinto(b)  # type: ignore[attr-defined]
+        except _DAMAGE as exc:
+            raise self._failed(exc) from None
 
 
 def _damaged(exc: BaseException, where: str) -> IncompleteSource:
@@ -289,15 +319,12 @@ def read_members(tf: tarfile.TarFile, store: Store, strip: int = 0) -> Iterator[
         if m.isreg():
             f = tf.extractfile(m)
             assert f is not None
-            try:
-                e.digest, e.chunks, e.size = store(f, rel, m.size)  # type: ignore[arg-type]
-            except _DAMAGE as exc:
-                raise _damaged(exc, f"inside member {m.name!r}") from None
+            e.digest, e.chunks, e.size = store(_MemberData(f, m.name), rel, m.size)  # type: ignore[arg-type]
             yield Member(e, names, None, acl)
         elif m.islnk():
             target = member_path(m.linkname, strip)
-            if target is None:
-                continue
+            if target is None:  # stripped away with its member: no file there, as add_link says
+                target = b""
             yield Member(e, names, target, acl)
         else:
             if m.isdir():
@@ -313,9 +340,16 @@ def read_members(tf: tarfile.TarFile, store: Store, strip: int = 0) -> Iterator[
             else:
                 continue
             yield Member(e, names, None, acl)
-    if watched.last != bytes(tarfile.BLOCKSIZE):
+    # No member at all: tarfile read the end block before ``watched`` was in place (a header that did not
+    # read there was "not a tar").
+    if count and watched.last != bytes(tarfile.BLOCKSIZE):
         raise IncompleteSource(f"the tar ends after member {count} without its end-of-archive blocks (cut "
                                "short?): no snapshot saved")
+    try:  # to its end: a compressed stream's check (gzip's CRC, zstd's checksum) comes last; a pipe's writer
+        while watched.read(1 << 16):  # writes its padding, not into a closed pipe
+            pass
+    except _DAMAGE as exc:
+        raise _damaged(exc, "after its end-of-archive blocks") from None
 
 
 def read_tree(tf: tarfile.TarFile, store: Store, strip: int = 0) -> TarTree:

@@ -53,6 +53,12 @@ def gnu_tar(src, fmt="gnu", compress=None) -> bytes:
     if compress == "gz":
         import gzip
         data = gzip.compress(data)
+    elif compress == "bz2":
+        import bz2
+        data = bz2.compress(data)
+    elif compress == "xz":
+        import lzma
+        data = lzma.compress(data)
     elif compress == "zst":
         import zstandard
         data = zstandard.ZstdCompressor().compress(data)
@@ -76,16 +82,17 @@ def same_tree(src, out, times=True):
     assert got == want
 
 
-@pytest.mark.parametrize("maker", ["gnu", "pax", "python", "gz", "zst"])
+@pytest.mark.parametrize("maker", ["gnu", "pax", "python", "gz", "bz2", "xz", "zst"])
 def test_round_trip_from_a_tar_restores_the_tree(new_repo, tree, tmp_path, maker):
     data = {"gnu": lambda: gnu_tar(tree, "gnu"), "pax": lambda: gnu_tar(tree, "pax"),
-            "python": lambda: python_tar(tree), "gz": lambda: gnu_tar(tree, "pax", "gz"),
+            "python": lambda: python_tar(tree), "gz": lambda: gnu_tar(tree, "pax", "gz"), "xz": lambda: gnu_tar(tree, "pax", "xz"),
+            "bz2": lambda: gnu_tar(tree, "pax", "bz2"),
             "zst": lambda: gnu_tar(tree, "pax", "zst")}[maker]()
     repo = new_repo()
     result = repo.import_tar(io.BytesIO(data), "/srv/src")
     assert result.warnings == [] and result.snapshot.paths == ["/srv/src"]
     # GNU tar's pax keeps nanoseconds; its GNU format whole seconds, Python's pax writer a float's digits
-    same_tree(tree, restored(repo, result.snapshot, tmp_path / "out"), times=maker in ("pax", "gz", "zst"))
+    same_tree(tree, restored(repo, result.snapshot, tmp_path / "out"), times=maker in ("pax", "gz", "bz2", "xz", "zst"))
 
 
 def test_import_from_a_pipe_through_the_cli(cli, new_repo, tree, tmp_path):
@@ -299,4 +306,60 @@ def test_dry_run_stores_nothing(new_repo, tree):
     repo = new_repo()
     result = repo.import_tar(io.BytesIO(gnu_tar(tree, "pax")), "/src", dry_run=True)
     assert result.snapshot.stats["added_raw_bytes"] > 3_000_000
+    assert repo.snapshots() == []
+
+
+def test_an_empty_archive_is_an_empty_tree_and_a_cut_compressed_one_saves_nothing(new_repo, tree):
+    repo = new_repo()
+    snap = repo.import_tar(io.BytesIO(bytes(10240)), "/empty").snapshot
+    assert (snap.stats["files"], snap.stats["dirs"]) == (0, 1)
+    data = gnu_tar(tree, "pax", "gz")
+    with pytest.raises(IncompleteSource):
+        repo.import_tar(io.BytesIO(data[: len(data) // 2]), "/src")
+    assert [s.id for s in repo.snapshots()] == [snap.id]
+
+
+class Trickle(io.RawIOBase):
+    """A pipe whose writer is slow: each read gives at most a few bytes."""
+
+    def __init__(self, data: bytes):
+        self.data, self.at = data, 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = min(len(b), 3, len(self.data) - self.at)
+        b[:n] = self.data[self.at:self.at + n]
+        self.at += n
+        return n
+
+
+@pytest.mark.parametrize("compress", ["bz2", "zst"])
+def test_compression_is_told_from_a_stream_that_trickles(new_repo, tree, tmp_path, compress):
+    repo = new_repo()
+    snap = repo.import_tar(Trickle(gnu_tar(tree, "pax", compress)), "/src").snapshot
+    same_tree(tree, restored(repo, snap, tmp_path / "out"))
+
+
+def test_acl_records_are_left_out_with_a_warning(new_repo):
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
+        f = tarfile.TarInfo("f")
+        f.pax_headers = {"SCHILY.acl.access": "user::rw-,user:bob:r--,group::r--,mask::r--,other::---"}
+        t.addfile(f, io.BytesIO())
+    result = new_repo().import_tar(io.BytesIO(out.getvalue()), "/x")
+    assert result.warnings == ["the tar's POSIX ACL records (SCHILY.acl.*) are not imported"]
+
+
+@pytest.mark.parametrize("damage", ["crc", "middle"])
+def test_damaged_gzip_input_saves_nothing(new_repo, tree, damage):
+    data = gnu_tar(tree, "pax", "gz")
+    if damage == "crc":  # every byte of the tar intact, the gzip trailer's CRC wrong
+        data = data[:-8] + bytes(4) + data[-4:]
+    else:  # the compressed data itself
+        data = data[:5000] + bytes(x ^ 0xFF for x in data[5000:5200]) + data[5200:]
+    repo = new_repo()
+    with pytest.raises(IncompleteSource):
+        repo.import_tar(io.BytesIO(data), "/src")
     assert repo.snapshots() == []
