@@ -1633,6 +1633,68 @@ def cmd_repair(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting_changes(words: list[str]) -> dict[str, Any]:
+    """``set NAME VALUE [NAME VALUE...]`` as stored names to values, each parsed as init parses its option;
+    the chunker and the id are refused, saying why."""
+    from .store.config import FIXED_SETTINGS
+
+    if not words[1:] or len(words) % 2 == 0:
+        raise UsageError("config set takes NAME VALUE pairs: config set compression 19 pack-size 64M")
+    changes: dict[str, Any] = {}
+    for name, text in zip(words[1::2], words[2::2]):
+        if name.startswith("chunk"):  # chunker, chunk-avg, chunk-min...: init's --chunk-avg
+            raise UsageError(FIXED_SETTINGS["chunker"])
+        if name in FIXED_SETTINGS:
+            raise UsageError(FIXED_SETTINGS[name])
+        if name not in _SETTINGS:
+            raise UsageError(f"no setting {name!r} (one of {', '.join(_SETTINGS)})")
+        stored, parse = _SETTINGS[name]
+        if stored in changes:
+            raise UsageError(f"{name} is given twice")
+        try:
+            changes[stored] = parse(text)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"{name}: {exc}") from None
+    return changes
+
+
+def _setting_text(name: str, value: Any) -> str:
+    return format_size(value) if name == "pack_size" else str(value)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    words = args.words
+    if words and words[0] != "set":
+        raise UsageError(f"config takes no arguments (show the settings) or set NAME VALUE..., not {words[0]!r}")
+    changes = _setting_changes(words) if words else None
+    repo = _open(args)
+    changed = {} if changes is None else repo.set_settings(wait=args.wait, **changes)
+    doc = repo.settings()
+    if args.json:
+        _emit_json({**doc, **({} if changes is None else
+                              {"changed": {n: {"old": old, "new": new} for n, (old, new) in changed.items()}})})
+        return 0
+    if args.quiet:
+        return 0
+    if changes is not None:
+        names = {stored: name for name, (stored, _) in _SETTINGS.items()}
+        for n, (old, new) in changed.items():
+            print(f"{names[n]}: {_setting_text(n, old)} -> {_setting_text(n, new)}")
+        if not changed:
+            print("nothing changed: the settings already have these values")
+        return 0
+    st, chunker = doc["settings"], doc["settings"]["chunker"]
+    rows = [("id", doc["id"]), ("format", doc["format"]), ("created", doc["created"]),
+            ("chunker", f"min {format_size(chunker['min_size'])}, avg {format_size(chunker['avg_size'])}, "
+                        f"max {format_size(chunker['max_size'])} (fixed)"),
+            *((name, _setting_text(stored, st[stored])) for name, (stored, _) in _SETTINGS.items()),
+            *((f"extra.{k}", json.dumps(v)) for k, v in sorted(st.get("extra", {}).items()))]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
 def cmd_key(args: argparse.Namespace) -> int:
     if args.key_cmd == "import":
         return _key_import(args)
@@ -1935,6 +1997,15 @@ def _seconds(text: str) -> float:
 CHUNK_AVG_MIN = 256
 CHUNK_AVG_MAX = 8 << 20
 
+#: The settings ``config set`` changes, by the names of init's options: their stored names, and the parsers
+#: init's options use (the store checks the values again, as for init).
+_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "compression": ("compression_level", _argument(_check_compression, int)),
+    "pack-size": ("pack_size", _size),
+    "full-every": ("full_every", _argument(_check_not_negative, int)),
+    "max-diff-share": ("max_diff_share", _share),
+}
+
 
 class _Ignored:
     """A subcommand's parser that is not built: it takes every call and keeps nothing."""
@@ -1998,15 +2069,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--chunk-avg", type=_argument(_check_chunk_avg, _size), metavar="SIZE",
                    help=f"average chunk size, a power of two from {CHUNK_AVG_MIN} to {CHUNK_AVG_MAX >> 20}M "
                         "(min = avg/4, max = avg*8; default 256K)")
-    s.add_argument("--compression", type=_argument(_check_compression, int), default=3, metavar="LEVEL",
+    s.add_argument("--compression", type=_SETTINGS["compression"][1], default=3, metavar="LEVEL",
                    help="zstd level 1 to 22, 0 = off (default 3)")
-    s.add_argument("--pack-size", type=_size, default=None, help="target pack size (default 16 MiB)")
-    s.add_argument("--full-every", type=_argument(_check_not_negative, int), default=None, metavar="N",
+    s.add_argument("--pack-size", type=_SETTINGS["pack-size"][1], default=None, help="target pack size (default 16 MiB)")
+    s.add_argument("--full-every", type=_SETTINGS["full-every"][1], default=None, metavar="N",
                    help="--type auto: a full after this many differentials (default 23)")
     s.add_argument("--copy-chunker-params-from", metavar="URL",
                    help="use another repository's chunker parameters and secret, so copies between them dedup")
     passwords.FROM.add_options(s, "that repository's password")
-    s.add_argument("--max-diff-share", type=_share, default=None, metavar="SHARE",
+    s.add_argument("--max-diff-share", type=_SETTINGS["max-diff-share"][1], default=None, metavar="SHARE",
                    help="--type auto: a full once a chain's differentials added this share of the full's size "
                         "(0 to 1 or a percentage; default 0.5)")
     s.set_defaults(func=cmd_init)
@@ -2348,6 +2419,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--remove-all", action="store_true",
                    help="remove live locks too (only for commands known to be dead or hung: README, Locks)")
     s.set_defaults(func=cmd_unlock)
+
+    s = sub.add_parser("config", parents=[common], help="show the repository's settings, or change them: "
+                                                       "config set NAME VALUE [NAME VALUE...]")
+    s.add_argument("words", nargs="*", metavar="set NAME VALUE",
+                   help=f"change settings ({', '.join(_SETTINGS)}): as init takes them; from the next command on")
+    _wait_option(s, 0.0, "running backups and reads")
+    s.set_defaults(func=cmd_config)
 
     s = sub.add_parser("key", help="manage the passwords of a repository")
     ks = s.add_subparsers(dest="key_cmd", required=True, parser_class=_Parser,

@@ -21,9 +21,9 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, I
 
 import blake3
 
-from .errors import (AmbiguousSnapshot, ChunkvaultError, CorruptObject, MissingObject, NewerObject, OutputClosed,
-                     PermissionDenied, RemoteError, RollbackDetected, SnapshotNotFound, Stopped, StorageFull,
-                     TargetNotEmpty, TargetUnwritable, UsageError, VerificationFailed, output_error)
+from .errors import (AmbiguousSnapshot, ChunkvaultError, CorruptObject, Locked, MissingObject, NewerObject,
+                     OutputClosed, PermissionDenied, RemoteError, RollbackDetected, SnapshotNotFound, Stopped,
+                     StorageFull, TargetNotEmpty, TargetUnwritable, UsageError, VerificationFailed, output_error)
 from .ledger import Ledger, RepositoryStateWarning, present_of, remedy
 from .store.ledger import UNREADABLE
 from .connection import connect, key_ahead_dir, key_ahead_path
@@ -1917,6 +1917,30 @@ class Repository:
         removed = self._repo.remove_key(name, wait=wait)
         keyahead.forget(key_ahead_dir(), [removed])  # kept by this machine, it would still open with its password
         return removed
+
+    @_stoppable
+    def settings(self) -> dict[str, Any]:
+        """The config as stored now (what ``cat config`` gives): ``format``, ``id``, ``created`` and
+        ``settings`` (``chunker``, ``compression_level``, ``pack_size``, ``full_every``, ``max_diff_share``,
+        ``extra``).  No secret is in it."""
+        from .store.objects import config_json
+
+        return config_json(self._repo.remote, self._repo.sealer)
+
+    @_stoppable
+    def set_settings(self, *, wait: float = 3600.0, **changes: Any) -> dict[str, tuple[Any, Any]]:
+        """Change the settings ``init`` took: ``compression_level``, ``pack_size`` (bytes or a size such as
+        ``"64M"``), ``full_every``, ``max_diff_share``, checked as ``init`` checks them; the chunker and the id
+        are refused (UsageError).  Returns name -> (old, new) of each that changed.  Under the exclusive lock
+        (waiting up to ``wait`` seconds for running backups and reads); they apply to blobs, packs and
+        ``kind="auto"`` decisions from the next backup on, also in a ``Repository`` opened before."""
+        wait = _wait(wait)
+        if isinstance(changes.get("pack_size"), str):
+            changes["pack_size"] = parse_size(changes["pack_size"])
+        try:
+            return self._repo.change_settings(changes, wait=wait)
+        except (PermissionDenied, Locked) as exc:  # an append-only token, or a lock held past the wait
+            raise exc.explained("; the settings are unchanged") from None
 
     @_stoppable
     def export_key(self) -> bytes:

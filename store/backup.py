@@ -1219,8 +1219,8 @@ class Backup:
                 # rewrite removed from the parent's.
                 if self._lock is not None and self._lock.waited:
                     self.repo.drop_stale(index=False)
-                if not self.opt.dry_run:
-                    require_openable(self.repo.remote, self.repo.config.repo_id)
+                if not self.opt.dry_run:  # and the settings as `config set` left them
+                    self.repo.follow_settings(require_openable(self.repo.remote, self.repo.config.repo_id))
                 self.repo.fresh_index()
                 return self._run(source, paths, stream=stream, stdin_name=stdin_name, tar=tar)
         finally:

@@ -14,7 +14,7 @@ import base64
 import getpass
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -90,6 +90,34 @@ def check_settings(settings: Settings) -> None:
     share = settings.max_diff_share
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
         raise UsageError(f"max_diff_share must be a share from 0 to 1, not {share!r}")
+
+
+#: The settings ``config set`` changes, each taking effect from the next command that uses it.
+CHANGEABLE_SETTINGS = ("compression_level", "pack_size", "full_every", "max_diff_share")
+#: What stays as ``init`` made it, and why.
+FIXED_SETTINGS = {
+    "chunker": "the chunker parameters are fixed when a repository is created: other chunk boundaries would "
+               "deduplicate against nothing stored; `copy` the snapshots to a repository made with other parameters",
+    "id": "the repository id is fixed when a repository is created: every key file and object is bound to it",
+}
+
+
+def changed_settings(settings: Settings, changes: dict[str, Any]) -> Settings:
+    """``settings`` with ``changes`` (stored names to values) applied, checked as ``init`` checks them; a
+    UsageError for a setting that cannot change or does not exist.  Pure: ``settings`` is left as it is."""
+    for name in changes:
+        if name in FIXED_SETTINGS:
+            raise UsageError(FIXED_SETTINGS[name])
+        if name not in CHANGEABLE_SETTINGS:
+            raise UsageError(f"no setting {name!r} (one of {', '.join(CHANGEABLE_SETTINGS)})")
+    new = replace(settings, chunker=dict(settings.chunker), extra=dict(settings.extra), **changes)
+    check_settings(new)
+    return new
+
+
+def settings_differences(old: Settings, new: Settings) -> dict[str, tuple[Any, Any]]:
+    """Each changeable setting whose value differs: name -> (old, new)."""
+    return {n: (getattr(old, n), getattr(new, n)) for n in CHANGEABLE_SETTINGS if getattr(old, n) != getattr(new, n)}
 
 
 MAX_KDF_SECONDS = 60.0  # beyond, the memory a derivation is tuned to would grow past what readers accept

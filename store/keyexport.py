@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from chunkvault.errors import CorruptObject, ObjectNotFound, UnsupportedFormat, UsageError, WrongPassword
 from chunkvault.remotes import Remote
 
-from .config import KeyFile, RepoConfig, open_config, peek_config
+from .config import KeyFile, RepoConfig, open_config, peek_config, settings_differences
 from .crypto import KeyMaterial, Sealer, content_name, looks_like_secret
 from .indexfile import decode_index_columns
 from .locks import EXCLUSIVE, RepoLock
@@ -101,7 +101,8 @@ def export_key(remote: Remote, key_name: str) -> KeyExport:
 @dataclass(frozen=True)
 class KeyImport:
     """What ``import_key`` put back: ``restored`` names the objects written (none when all were whole);
-    ``note`` warns of a key put back where it was absent beside other keys (retired on purpose?)."""
+    ``note`` warns of a key put back where it was absent beside other keys (retired on purpose?), of a config
+    put back with the settings as exported, and names the settings a kept config changed since the export."""
 
     key: str
     restored: list[str]
@@ -118,11 +119,11 @@ def import_key(remote: Remote, export: KeyExport, password: bytes, what: str, *,
     that is not the export's (another id; objects that do not open under the exported key), and a location
     without repository objects (an export alone makes no repository).  Under the exclusive lock, as key
     passwd."""
-    material, _ = export.unlock(password, what)
+    material, exported = export.unlock(password, what)
     if remote.stat("config") is None and not repository_objects(remote):
         raise missing_config(remote)  # before the lock, which would be the first object there
     with RepoLock(remote, EXCLUSIVE, "key import", wait=wait):
-        restored = []
+        restored, notes = [], []
         try:
             stored_config: bytes | None = remote.get("config")
         except ObjectNotFound:
@@ -133,21 +134,29 @@ def import_key(remote: Remote, export: KeyExport, password: bytes, what: str, *,
             _require_same_repository(remote, export, material, what)
             remote.put("config", export.config)
             restored.append("config")
+            notes.append("the config put back has the settings of the export's time: one changed since by `config "
+                         "set` is as it was then (`chunkvault config` shows them)")
+        elif stored_config != export.config:
+            now = open_config(stored_config, Sealer(material.enc_key)).settings
+            differences = settings_differences(exported.settings, now)
+            if differences:  # kept: an export must not undo a `config set` made since
+                notes.append("the repository's config is kept, with settings changed since the export ("
+                             + ", ".join(f"{n} {old!r} then, {new!r} now" for n, (old, new) in differences.items())
+                             + ")")
         key = f"keys/{export.key_name}"
         try:
             stored_key: bytes | None = remote.get(key)
         except ObjectNotFound:
             stored_key = None
-        note = ""
         if stored_key != export.key:
             if stored_key is None and _own_keys(remote, export.repo_id):
                 # Lost, or removed on purpose: the export and its password read every snapshot either way, so
                 # a key left out would protect nothing, and leave whoever has only that password locked out.
-                note = (f"key {export.key_name[:12]} was not there beside the repository's other keys: if `key "
-                        f"passwd` or `key remove` retired it, `key remove {export.key_name[:12]}` again")
+                notes.append(f"key {export.key_name[:12]} was not there beside the repository's other keys: if "
+                             f"`key passwd` or `key remove` retired it, `key remove {export.key_name[:12]}` again")
             remote.put(key, export.key)
             restored.append(key)
-        return KeyImport(export.key_name, restored, note)
+        return KeyImport(export.key_name, restored, "; ".join(notes))
 
 
 def _key_files(remote: Remote) -> list[KeyFile]:

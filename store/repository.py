@@ -13,7 +13,7 @@ import time
 import warnings
 from collections import ChainMap, Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 
 from chunkvault.chunker import Chunker, ChunkerParams
@@ -38,7 +38,8 @@ from . import chain
 from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_many, delta_compress, envelope_base,
                    open_chain, open_envelope, sampled_size, seal_blob, seal_whole_blobs)
 from .blobindex import BlobIndex, BlobLocation
-from .config import MAX_PACK_SIZE, KeyFile, RepoConfig, Settings, make_key_file, new_config
+from .config import (MAX_PACK_SIZE, KeyFile, RepoConfig, Settings, changed_settings, make_key_file, new_config,
+                     open_config, settings_differences)
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
 from .deltabase import choose_base, unreadable_deltas
 from .indexfile import (INDEX_SLACK, IndexColumns, IndexData, decode_index, decode_index_columns, encode_index,
@@ -49,7 +50,7 @@ from .pack import PackBuffers, PackBuilder, PackEntry, fetch_header
 from .packranges import RecentRanges
 from .chronology import chronological_key
 from .snapshot import Snapshot
-from .unlock import Unlocked, only_keys_hint, repository_objects, unlock
+from .unlock import KEY_IMPORT_HINT, Unlocked, only_keys_hint, repository_objects, require_openable, unlock
 
 if TYPE_CHECKING:
     from .locks import RepoLock
@@ -352,12 +353,52 @@ class Repo:
         self.key_left = None
         return "the password is unchanged"
 
-    def save_settings(self, settings: Settings) -> None:
-        """Rewrite the config (the only object ever replaced)."""
-        if settings.chunker != self.config.settings.chunker:
-            raise UsageError("chunker parameters are fixed when a repository is created")
-        self.config.settings = settings
-        self.remote.put("config", self.config.encode(self.sealer))
+    def change_settings(self, changes: dict[str, Any], *, wait: float = 0.0) -> dict[str, tuple[Any, Any]]:
+        """Apply ``changes`` (``config.CHANGEABLE_SETTINGS`` names to values) to the config as stored now and
+        rewrite it; returns name -> (old, new) of what changed (nothing written when nothing does).
+
+        Under the exclusive lock (waiting up to ``wait`` seconds): a backup running meanwhile keeps the
+        settings it opened with, and two changes at once would each put back what the other set.  The config
+        is read again under the lock, so a change another command made since this one opened is kept.  Every
+        remote replaces an object whole (a temporary name renamed over it, or one S3 PUT): a crash leaves the
+        old config or the new one."""
+        from .locks import EXCLUSIVE, RepoLock
+
+        changed_settings(self.config.settings, changes)  # a bad name or value is refused before the lock
+        with RepoLock(self.remote, EXCLUSIVE, "config set", wait=wait) as lock:
+            stored = self.stored_config()
+            new = changed_settings(stored.settings, changes)
+            differences = settings_differences(stored.settings, new)
+            if differences:
+                stored.settings = new
+                lock.ensure_held()
+                self.remote.put("config", stored.encode(self.sealer))
+            self.config = stored
+        return differences
+
+    def stored_config(self, raw: bytes | None = None) -> RepoConfig:
+        """The config as stored now (or ``raw``, as a command just read it), opened with this repository's
+        key: a CorruptObject for one missing, damaged or another repository's (``key import`` puts it back)."""
+        if raw is None:
+            raw = require_openable(self.remote, self.config.repo_id)
+        try:
+            config = open_config(raw, self.sealer)
+        except CorruptObject as exc:
+            raise exc.explained(KEY_IMPORT_HINT) from None
+        if config.repo_id != self.config.repo_id or config.settings.chunker != self.config.settings.chunker:
+            raise CorruptObject("config", "its id or chunker parameters are not those this repository was opened "
+                                          "with (no chunkvault changes them)")
+        return config
+
+    def follow_settings(self, raw: bytes) -> None:
+        """Take the settings of ``raw``, the config as a command just read it under its lock: a repository
+        kept open (a service's) writes with the settings of ``config set`` from its next backup on, as one
+        opened anew would.  One that does not open keeps those it has: its damage is for ``check`` and the
+        next opening to report, not a reason to stop a backup that did not stop for it before."""
+        try:
+            self.config = self.stored_config(raw)
+        except CorruptObject:
+            pass
 
     # --- the index --------------------------------------------------------------
 

@@ -75,16 +75,18 @@ def read_config(remote: Remote) -> tuple[bytes, dict]:
         raise exc.explained(KEY_IMPORT_HINT) from None
 
 
-def require_openable(remote: Remote, repo_id: str) -> None:
-    """CorruptObject when the config or every key file is gone, or the config is another repository's (one
-    made anew at the same place): what a process holding the repository open since would store could never
-    be read again."""
-    stored = read_config(remote)[1]["id"]
+def require_openable(remote: Remote, repo_id: str) -> bytes:
+    """The config as stored; CorruptObject when it or every key file is gone, or the config is another
+    repository's (one made anew at the same place): what a process holding the repository open since would
+    store could never be read again."""
+    raw, clear = read_config(remote)
+    stored = clear["id"]
     if stored != repo_id:
         raise CorruptObject("config", f"names repository {stored[:16]}, not {repo_id[:16]}: another repository "
                                       f"was made at {remote.display_url} since this one was opened")
     if next(iter(remote.list("keys/")), None) is None:
         raise no_key_files()
+    return raw
 
 
 MISTYPED_SECRET = ("it looks like a generated key secret (cvk1-...), but its checksum does not match: a character "

@@ -159,7 +159,7 @@ def push(repo: Repo, path: str, *, host: str | None = None, wait: float = 3600.0
         with RepoLock(repo.remote, SHARED, "archive-push", wait=wait) as lock:
             if lock.waited:
                 repo.drop_stale(index=False)
-            require_openable(repo.remote, repo.config.repo_id)
+            repo.follow_settings(require_openable(repo.remote, repo.config.repo_id))
             repo.fresh_index()
             result = _push_one(repo, lock, f, name, host, compression_level, progress)
             for other in ahead:
