@@ -262,3 +262,17 @@ def test_changed_settings_applies_exactly_the_changes_and_leaves_its_input_alone
 def test_changed_settings_refuses_the_fixed_ones(name, value):
     with pytest.raises(UsageError, match="fixed when a repository is created"):
         changed_settings(SETTINGS, {name: value})
+
+
+def test_a_wal_push_of_a_repository_kept_open_takes_the_new_compression(tmp_path, new_repo):
+    repo = new_repo(str(tmp_path / "repo"))
+    wal = tmp_path / "000000010000000000000001"
+    wal.write_bytes(text_like(4, 200_000))
+    with Repository.open(str(tmp_path / "repo"), PASSWORD) as other:
+        other.set_settings(compression_level=0)
+    repo.archive_push(str(wal))
+    kinds = {b.kind for b in repo.list_objects("blobs")}
+    assert kinds == {"raw"}  # stored as it is: compressible text at 3 would be zstd
+    out = tmp_path / "seg"
+    repo.archive_get(wal.name, str(out))
+    assert out.read_bytes() == wal.read_bytes()
