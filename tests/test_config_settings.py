@@ -15,6 +15,7 @@ from chunkvault.store.blob import compress
 from chunkvault.store.config import CHANGEABLE_SETTINGS, FIXED_SETTINGS, Settings, changed_settings
 from chunkvault.store.locks import SHARED, RepoLock
 from servers_http import APPEND_TOKEN, FULL_TOKEN, serve_factory, write_tokens  # noqa: F401
+from servers_ssh import SSHServer, require_sshd
 from treeutil import describe
 
 PASSWORD = "correct horse battery staple"
@@ -276,3 +277,25 @@ def test_a_wal_push_of_a_repository_kept_open_takes_the_new_compression(tmp_path
     out = tmp_path / "seg"
     repo.archive_get(wal.name, str(out))
     assert out.read_bytes() == wal.read_bytes()
+
+
+def test_over_sftp_settings_change_and_the_next_backup_takes_them(tmp_path, cli):
+    require_sshd()
+    (tmp_path / "sshd").mkdir()
+    server = SSHServer(str(tmp_path / "sshd"))
+    server.start(port=21510)
+    try:
+        url = server.url(str(tmp_path / "sftp-repo"))
+        env = {**server.env, "CHUNKVAULT_CACHE_DIR": str(tmp_path / "cache")}
+        cli("init", "-r", url, "--kdf-time", "0", "-o", "sftp.accept-new-host-key=yes", env=env)
+        cli("config", "-r", url, "set", "compression", "0", "pack-size", "300K", env=env)
+        assert json.loads(cli("config", "-r", url, "--json", env=env).stdout)["settings"]["pack_size"] == 300 << 10
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "f").write_bytes(text_like(5, 200_000))
+        cli("backup", "-r", url, str(src), env=env)
+        blobs = json.loads(cli("list", "blobs", "-r", url, "--json", env=env).stdout)
+        assert {b["kind"] for b in blobs} == {"raw"}
+        cli("check", "-r", url, "--read-data", env=env)
+    finally:
+        server.stop()
