@@ -34,8 +34,8 @@ import blake3
 
 from .display import one_line, warn
 from .localfiles import abandoned
-from .errors import (ChunkvaultError, CorruptObject, NewerObject, SnapshotNotFound, StorageFull, UsageError,
-                     VerificationFailed)
+from .errors import (ChunkvaultError, CorruptObject, NewerObject, SnapshotNotFound, StorageFull, TargetUnwritable,
+                     UsageError, VerificationFailed)
 from .processes import become_subreaper, carries, children, kill_group, stop_being_subreaper
 from .store.command_stream import without_secrets
 from .store.manifest import (
@@ -125,6 +125,8 @@ class VerifyReport:
     error_kind: str | None = None
     command: CommandResult | None = None
     kept_at: str | None = None  # the scratch directory, when kept
+    # PostgreSQL data directories in the copy (relative to it) whose archiving was turned off before the command
+    archive_off: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -571,6 +573,32 @@ def compare_tree(entries: Iterable[Entry], root: str | bytes, *, owners: bool | 
 # --- the run -----------------------------------------------------------------------------------
 
 
+PG_CONTROL = b"global/pg_control"
+#: What a copy being proven gets before its command, so that a server started on it archives nothing into the
+#: WAL archive of the server it was copied from (its segments' names are that server's next ones).
+ARCHIVE_OFF = b"\n# verify-restore: a copy being proven archives nothing\narchive_mode = 'off'\n"
+
+
+def noting_data_directories(entries: Iterable[Entry], found: list[bytes]) -> Iterator[Entry]:
+    """``entries`` as they are, each PostgreSQL data directory among them (the one above ``global/pg_control``)
+    added to ``found``: told on the way through the comparison's one pass over the tree."""
+    for e in entries:
+        if e.path == PG_CONTROL or e.path.endswith(b"/" + PG_CONTROL):
+            found.append(e.path[:-len(PG_CONTROL)].rstrip(b"/"))
+        yield e
+
+
+def turn_archiving_off(target: str, data_dirs: Iterable[bytes]) -> list[str]:
+    """Append ``archive_mode = 'off'`` to each data directory's ``postgresql.auto.conf`` (read last, so it wins
+    over postgresql.conf); returns the directories, relative to ``target``."""
+    done = []
+    for d in data_dirs:
+        with open(os.path.join(os.fsencode(target), d, b"postgresql.auto.conf"), "ab") as f:
+            f.write(ARCHIVE_OFF)
+        done.append(os.fsdecode(d) or ".")
+    return done
+
+
 def _restore(repo: "Repository", snap: Snapshot, target: str, numeric_owner: bool = False) -> RestoreResult:
     """The restore step of a verification run (one place, so it can be observed or replaced)."""
     return repo.restore(snap, target, numeric_owner=numeric_owner)
@@ -771,6 +799,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
         base, in_use = _make_scratch(scratch, report.warnings)
         target = os.path.join(base, "restore")
         restore_warnings: list[str] = []
+        data_dirs: list[bytes] = []
         try:
             try:
                 restore_warnings = _restore(repo, snap, target, numeric_owner).warnings
@@ -786,7 +815,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
             report.restore_seconds = round(time.monotonic() - started, 3)
             if report.error is None:
                 t = time.monotonic()
-                tree = repo.tree(snap)
+                tree = noting_data_directories(repo.tree(snap), data_dirs)
                 if os.geteuid() == 0 and not numeric_owner:  # as the restore set owners and ACLs: by name
                     tree = repo.owner_map(snap).entries(tree)  # where known here, compared or not
                 result = compare_tree(tree, target, owners=owners, max_listed=max_listed)
@@ -796,6 +825,11 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 report.mismatches, report.mismatch_count = result.mismatches, result.mismatch_count
                 report.warnings += restore_warnings + result.warnings  # what the restore left out, said
             if then is not None and report.ok:
+                try:
+                    report.archive_off = turn_archiving_off(target, data_dirs)
+                except OSError as exc:  # a server started on it could archive into the live archive
+                    raise TargetUnwritable(f"cannot turn archiving off in the restored copy before the command: "
+                                           f"{exc.strerror or exc}") from None
                 cmd_env = without_secrets(os.environ if env is None else env)  # a server it starts keeps them
                 cmd_env.update(CHUNKVAULT_RESTORE_DIR=target, CHUNKVAULT_SNAPSHOT_ID=snap.id,
                                CHUNKVAULT_SNAPSHOT_TIME=snap.time, CHUNKVAULT_SNAPSHOT_KIND=snap.kind)
@@ -838,6 +872,8 @@ def _print_report(r: VerifyReport, limit: int = 50) -> None:
         print(f"  mismatch: {one_line(m)}")
     if r.mismatch_count > min(limit, len(r.mismatches)):
         print(f"  ... {r.mismatch_count - min(limit, len(r.mismatches))} more (--json lists up to {MAX_LISTED})")
+    for d in r.archive_off:
+        print(f"  archive_mode set to off in {one_line(d)}/postgresql.auto.conf for the command")
     c = r.command
     if c is not None:
         status = f"killed after the timeout ({c.seconds:.1f} s)" if c.timed_out else f"exited {c.exit_code}"

@@ -753,3 +753,26 @@ def test_a_damaged_snapshot_is_warned_about_once_per_run(tmp_path, new_repo, cli
     path.write_bytes(bytes(data))
     err = cli("verify-restore", "-r", str(tmp_path / "repo"), "--all-since", "1d", check=18).stderr.decode()
     assert err.count("is unreadable and left out") == 1
+
+
+def test_archiving_is_turned_off_in_each_data_directory_of_the_copy_before_the_command(tmp_path, new_repo):
+    """A server started on the proven copy kept its archive_command and pushed its WAL, under the names the
+    live server's next segments take, into the live archive (whose push of them was then refused)."""
+    src = tmp_path / "src"
+    for d in (src, src / "standby"):
+        (d / "global").mkdir(parents=True)
+        (d / "global" / "pg_control").write_bytes(b"\0" * 64)
+        (d / "postgresql.auto.conf").write_text("archive_mode = 'on'\n")
+    (src / "other").mkdir()
+    (src / "other" / "pg_control").write_bytes(b"not in global/")
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    seen = tmp_path / "seen"
+    check = (f'tail -n 1 "$CHUNKVAULT_RESTORE_DIR/postgresql.auto.conf" "$CHUNKVAULT_RESTORE_DIR/standby/'
+             f'postgresql.auto.conf" > {shlex.quote(str(seen))}; ls "$CHUNKVAULT_RESTORE_DIR/other" >> '
+             f'{shlex.quote(str(seen))}')
+    report = verify_restore(repo, snap, then=check, scratch=str(scratch_dir(tmp_path)))
+    assert report.ok, report.to_dict()
+    assert sorted(report.archive_off) == [".", "standby"]
+    assert seen.read_text().count("archive_mode = 'off'") == 2 and seen.read_text().endswith("pg_control\n")
+    assert verify_restore(repo, snap, scratch=str(scratch_dir(tmp_path))).archive_off == []  # no command, no change
