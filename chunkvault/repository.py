@@ -949,10 +949,11 @@ class Repository:
         return walarchive.expire(self._repo, before, dry_run=dry_run, wait=_wait(wait))
 
     def _label_starts(self) -> list[str]:
-        """The segment each snapshot's base backup starts in: as its stats say (``backup --postgres`` records
-        it), else as the ``backup_label`` at its root says (a ``pg_basebackup`` copy's, or the one an older
-        ``backup --postgres`` added), which is read only then; snapshots without one (other sources) need no
-        WAL."""
+        """The segments the snapshots' base backups start in: as a snapshot's stats say (``backup --postgres``
+        records it), else as each ``backup_label`` it holds says, wherever it is (a ``pg_basebackup`` copy at
+        the root, or below it in a snapshot of several paths or of a directory above the copy): one missed
+        would let its WAL go.  Each tree is read once, streamed (only the labels are kept); a file so named
+        that is no base backup's label is not one; snapshots without any (other sources) need no WAL."""
         from .store.walnames import label_start_segment, stats_start_segment
 
         starts = []
@@ -962,14 +963,18 @@ class Repository:
                 if recorded is not None:
                     starts.append(recorded)
                     continue
-                try:
-                    with self.open_file(snap, "backup_label") as f:
-                        label = f.read(1 << 16).decode("utf-8", "replace")
-                except (UsageError, SnapshotNotFound):
-                    continue
-                start = label_start_segment(label)
-                if start is not None:
-                    starts.append(start)
+                labels = [r.entry for r in self._repo.tree(snap)
+                          if r.entry is not None and r.entry.type in (T_FILE, T_HARDLINK)
+                          and r.path.rpartition(b"/")[2] == b"backup_label"]
+                for e in labels:
+                    try:
+                        with self._file_content(snap, e) as f:
+                            label = f.read(1 << 16).decode("utf-8", "replace")
+                    except UsageError:  # a hard link to something else than a file
+                        continue
+                    start = label_start_segment(label)
+                    if start is not None:
+                        starts.append(start)
         return starts
 
     # --- reading ----------------------------------------------------------------

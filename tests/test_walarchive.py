@@ -502,6 +502,32 @@ def test_expiring_before_the_oldest_snapshot_keeps_what_each_snapshot_s_recovery
     repo.close()
 
 
+def test_expiring_before_the_oldest_snapshot_finds_labels_below_a_snapshot_s_root(tmp_path, password):
+    """A copy backed up with its configuration (two paths), or through the directory above it: its label is
+    not at the snapshot's root, and its WAL stays all the same."""
+    repo = Repository.init(str(tmp_path / "repo"), password, kdf_seconds=0)
+    for i in range(1, 7):
+        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 16))
+
+    def copy_at(path, seg: str):
+        path.mkdir(parents=True)
+        (path / "backup_label").write_text(f"START WAL LOCATION: 0/{seg[-1]}000028 (file {seg})\n")
+        (path / "PG_VERSION").write_text("15\n")
+        return path
+
+    etc = tmp_path / "etc-pg"
+    etc.mkdir()
+    (etc / "postgresql.conf").write_text("port = 5432\n")
+    (etc / "backup_label").write_text("not a label\n")  # a file so named, no base backup's: not counted
+    old = copy_at(tmp_path / "old" / "copy", "000000010000000000000002")
+    repo.backup([str(old), str(etc)], time="2026-12-01T00:00:00Z")
+    copy_at(tmp_path / "pg" / "copy", "000000010000000000000004")
+    repo.backup([str(tmp_path / "pg")], time="2026-12-02T00:00:00Z")
+    assert sorted(repo._label_starts()) == ["000000010000000000000002", "000000010000000000000004"]
+    assert repo.archive_expire("oldest-snapshot") == ["000000010000000000000001"]
+    repo.close()
+
+
 def test_expiring_before_the_oldest_snapshot_needs_a_snapshot_with_a_label(tmp_path, password, cli):
     repo = Repository.init(str(tmp_path / "repo"), password, kdf_seconds=0)
     repo.archive_push(segment_file(tmp_path, SEG, size=1 << 20))
