@@ -211,12 +211,13 @@ class Checker:
                                                       f"{sum(loc.raw_length for loc in held)}: archive-get refuses it")
 
     def _attribute_wal(self, files: list[WalFile]) -> None:
-        """Name each archived file a bad blob (or a base its delta needs) takes down."""
+        """Name each archived file a bad blob (or a base its delta needs) takes down, with what heals it: the
+        repairs that serve snapshots do nothing for a ``wal/`` object."""
         for w in files:
             bad = next((p for b in w.blob_ids() if (p := self._bad(b)) is not None), None)
             if bad is not None:
                 self.problem(f"{WAL_PREFIX}{w.name}", f"archive-get fails: it needs {bad.object}, which is "
-                                                      "damaged or missing")
+                                                      f"damaged or missing; {_WAL_REMEDY}")
 
     def _spare_copied(self) -> None:
         """A damaged (or lost) copy of a blob stored twice takes no file down while another copy reads:
@@ -686,6 +687,12 @@ def _entries(sources: EntrySources) -> list[PackEntry]:
     for d, count, start in sources:
         out += decode_entries(d.plain, count, start, "index")[0]
     return out
+
+
+#: What heals an archived file whose data is lost: no repair can, only its bytes again, or its removal.
+_WAL_REMEDY = ("once that blob is out of the index (`repair index` drops a lost pack's, `repair packs` a "
+               "damaged one's), `archive-push` the file again while PostgreSQL still has it, which stores its "
+               "data again; else `archive-expire --before` a later segment once no recovery needs it")
 
 
 def _said(exc: BaseException, key: str) -> str:

@@ -186,13 +186,18 @@ def _push_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, com
               progress: Callable[[dict], None] | None) -> PushResult:
     """Store ``f`` as ``wal/name`` under the shared ``lock``: its blobs first, the object last."""
     existing = load(repo, name)
-    if existing is not None:  # a push again after a crash: same ids, or a conflict; nothing stored
+    if existing is not None and all(b in repo.index for b in existing.blob_ids()):
+        # a push again after a crash: same ids, or a conflict; nothing stored
         counting = _backup(repo, compression_level, progress, dry_run=True)
         _, ids, size = counting.store_stream(f, name.encode(), None)
-        return _again(existing, ids, size)
+        return _again(existing, ids, size, stored=False)
     backup = _backup(repo, compression_level, progress, dry_run=False)
     _, ids, size = backup.store_stream(f, name.encode(), lock)
     assert backup.writer is not None
+    if existing is not None:  # its data was lost (a pack gone, the index repaired): stored again, it heals
+        healed = _again(existing, ids, size, stored=True)  # the same ids: the object names them as it was
+        lock.confirm()
+        return PushResult(healed.wal, False, backup.writer.new_blobs, backup.writer.stored_bytes)
     wal = WalFile(name=name, size=size, blobs=[b.hex() for b in ids], time=now_iso(), host=host)
     lock.confirm()
     try:
@@ -201,7 +206,7 @@ def _push_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, com
         other = load(repo, name)
         if other is None:
             raise
-        return _again(other, ids, size)
+        return _again(other, ids, size, stored=True)
     try:
         lock.confirm()
     except LockLost:  # a prune may have taken its blobs: taken back, PostgreSQL pushes it again
@@ -220,12 +225,15 @@ def _backup(repo: Repo, compression_level: int | None, progress: Callable[[dict]
                                       progress=progress))
 
 
-def _again(existing: WalFile, ids: list[bytes], size: int) -> PushResult:
+def _again(existing: WalFile, ids: list[bytes], size: int, *, stored: bool) -> PushResult:
+    """The push of a name archived already: the same content (``already``), or an ArchiveConflict.  ``stored``:
+    this push wrote its data before it knew (a lost race, a heal), which stays until a prune frees it."""
     pushed = WalFile(existing.name, size, [b.hex() for b in ids], existing.time, existing.host)
     if not existing.same_content(pushed):
+        left = "its data is left for prune to free" if stored else "nothing was stored"
         raise ArchiveConflict(f"{existing.name} is archived already ({existing.size} bytes, {existing.time} from "
-                              f"{existing.host}) with other content than the {size} bytes pushed now; nothing was "
-                              "stored (another server archiving into this repository? give each its own)")
+                              f"{existing.host}) with other content than the {size} bytes pushed now; {left} "
+                              "(another server archiving into this repository? give each its own)")
     return PushResult(existing, True)
 
 

@@ -401,6 +401,53 @@ def test_a_push_whose_lock_was_lost_takes_its_object_back(tmp_path, new_repo, mo
     assert (tmp_path / "got").read_bytes() == seg.read_bytes()
 
 
+
+def test_a_push_again_of_a_file_whose_data_was_lost_stores_it_again(tmp_path, new_repo):
+    """A pack lost and the index repaired: ``check`` says pushing the file again heals it, and it does (the
+    object names the same blobs); a push of other content is refused still."""
+    repo = new_repo(str(tmp_path / "repo"))
+    seg = segment_file(tmp_path, size=1 << 20)
+    repo.archive_push(seg)
+    for pack in (tmp_path / "repo" / "data").rglob("*"):
+        if pack.is_file():
+            pack.unlink()
+    repo.repair_index()
+    problems = [p for p in repo.check().problems if p.object == f"wal/{SEG}"]
+    assert problems and "archive-push` the file again" in problems[0].problem, problems
+    healed = repo.archive_push(seg)
+    assert not healed.already and healed.new_blobs > 0
+    repo.archive_get(SEG, tmp_path / "got")
+    assert (tmp_path / "got").read_bytes() == seg.read_bytes()
+    assert repo.check(read_data=True).ok
+    assert repo.archive_push(seg).already
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(ArchiveConflict, match="nothing was stored"):
+        repo.archive_push(segment_file(other, seed=5, size=1 << 20))
+
+
+def test_the_loser_of_a_same_name_race_says_its_data_is_left_for_prune(tmp_path, new_repo, monkeypatch):
+    """Its blobs were written before the other object was: not "nothing was stored"."""
+    from chunkvault.store import walarchive
+
+    repo = new_repo()
+    repo.archive_push(segment_file(tmp_path, size=1 << 20))
+    other = tmp_path / "other"
+    other.mkdir()
+    load = walarchive.load
+    calls = []
+
+    def not_yet_there(*args):  # the first look, before the other push's object was written
+        calls.append(args)
+        return None if len(calls) == 1 else load(*args)
+
+    monkeypatch.setattr(walarchive, "load", not_yet_there)
+    with pytest.raises(ArchiveConflict, match="its data is left for prune to free") as raised:
+        repo.archive_push(segment_file(other, seed=5, size=1 << 20))
+    assert "nothing was stored" not in str(raised.value)
+    monkeypatch.undo()
+    assert repo.prune().freed_bytes > 0
+
 @given(st.integers(1, 0xFFFFFFFF), st.sampled_from([1 << 20, 16 << 20, 64 << 20, 1 << 30]),
        st.sets(st.integers(0, 2000), min_size=1, max_size=60), st.data())
 def test_timelines_name_every_missing_segment_across_the_log_boundary(tli, seg_size, segnos, data):
