@@ -1556,11 +1556,21 @@ def cmd_copy(args: argparse.Namespace) -> int:
         warn(f"{len(result.other_host)} snapshot(s) already there have another host there ({', '.join(hosts)}): "
              "renamed on one side since they were copied; `rewrite --new-host` them there too, or backups and "
              "retention see their chains apart")
+    from .store.copy import CONFLICT_THERE
+
     if result.failed or result.wal_failed:
+        # other content under a name in the destination is no damage in the source: said apart (exit 13 too)
+        conflicts = [a for a, r in result.wal_failed if r.startswith(CONFLICT_THERE)]
+        damaged = len(result.wal_failed) - len(conflicts)
         what = ", ".join(filter(None, [f"{len(result.failed)} snapshot(s)" if result.failed else "",
-                                       f"{len(result.wal_failed)} archived WAL file(s)" if result.wal_failed else ""]))
+                                       f"{damaged} archived WAL file(s)" if damaged else ""]))
+        clash = (f"{len(conflicts)} archived WAL file(s) not copied: the destination archived other content under "
+                 "the same name (two archives of one name disagree: find which server pushed it there)")
+        if not what:
+            raise CorruptObject("in the destination repository", clash)
         raise CorruptObject("in the source repository", f"{what} not copied: damaged there (`check` there names "
-                                                        "what; the others were copied)")
+                                                        "what; the others were copied)"
+                            + (f"; {clash}" if conflicts else ""))
     return 0
 
 

@@ -12,6 +12,8 @@ twice.
 from __future__ import annotations
 
 import threading
+
+import blake3
 from dataclasses import dataclass, field, replace
 from typing import AbstractSet, Callable, Iterable, Iterator
 
@@ -30,6 +32,8 @@ from .snapshot import KIND_DIFF, KIND_FULL, Snapshot
 from .walarchive import WalFile
 
 COPIED_FROM = "copied_from"
+#: How a ``wal_failed`` reason starts when the destination has other content under the name (not damage).
+CONFLICT_THERE = "the destination archived other content under this name"
 IMPORTED_FROM = "imported_from"
 
 
@@ -295,9 +299,21 @@ def _send_wal(src: Repo, dst: Repo, mapper: _BlobMapper, result: CopyResult) -> 
     there = set(walarchive.names(dst))
     out = []
     for w in files:
-        if w.name in there:  # not read again at each copy: a name is archived once, as PostgreSQL wrote it
-            result.wal_skipped += 1
-            continue
+        if w.name in there:
+            try:
+                theirs = walarchive.load(dst, w.name)
+                differs = None if theirs is None else _other_content(src, w, dst, theirs)
+            except NewerObject:
+                raise
+            except CorruptObject as exc:  # either side's damage: named, the other files still go
+                result.wal_failed.append((w.name, f"not compared: {exc.object_name}: {exc.reason}"))
+                continue
+            if differs is not None:
+                result.wal_failed.append((w.name, differs))
+                continue
+            if theirs is not None:
+                result.wal_skipped += 1
+                continue
         try:
             mapper.ensure(w.blob_ids())
         except NewerObject:
@@ -313,10 +329,43 @@ def _place_wal(dst: Repo, w: WalFile, result: CopyResult) -> None:
     try:
         dst.remote.put(walarchive.WAL_PREFIX + w.name, w.encode(dst.sealer), if_absent=True)
     except ObjectExists:  # pushed there meanwhile: the same file, or a conflict to name
-        theirs = walarchive.load(dst, w.name)
-        if theirs is not None and not theirs.same_content(w):
-            result.wal_failed.append((w.name, "the destination archived other content under this name"))
+        try:
+            theirs = walarchive.load(dst, w.name)
+            differs = None if theirs is None else _other_content(dst, w, dst, theirs)
+        except CorruptObject as exc:
+            differs = f"not compared: {exc.object_name}: {exc.reason}"
+        if differs is not None:
+            result.wal_failed.append((w.name, differs))
         else:
             result.wal_skipped += 1
         return
     result.wal_copied.append(w.name)
+
+
+def _other_content(src: Repo, mine: WalFile, dst: Repo, theirs: WalFile) -> str | None:
+    """Why the destination's ``theirs`` is not the file ``mine`` (of ``src``) is, or None when it is the same:
+    PostgreSQL's file under one name is one content, and a copy must not leave two archives that disagree.
+
+    Blob ids are keyed per repository (each has its own id key), so ids never compare across two; a copy
+    keeps when and where a file was pushed, so an object an earlier copy wrote is known without reading
+    (size, time and host the same).  Another (pushed there on its own, by a second ``archive_command``)
+    is read: with the same chunking (one repository made with the other's chunker parameters and secret)
+    the source's chunks hashed with the destination's key must be its ids; else the bytes are compared."""
+    other = CONFLICT_THERE
+    if theirs.size != mine.size:
+        return f"{other} ({theirs.size} bytes there, {mine.size} here)"
+    if (theirs.time, theirs.host) == (mine.time, mine.host) or (src is dst and theirs.same_content(mine)):
+        return None
+    if src is not dst and src.chunker_params == dst.chunker_params and \
+            src.material.chunker_secret == dst.material.chunker_secret:
+        same = [dst.blob_id(p).hex() for p in walarchive.plaintexts(src, mine)] == theirs.blobs
+    else:
+        same = _digest(src, mine) == _digest(dst, theirs)
+    return None if same else f"{other} (as many bytes, other ones)"
+
+
+def _digest(repo: Repo, wal: WalFile) -> bytes:
+    hasher = blake3.blake3()
+    for plain in walarchive.plaintexts(repo, wal):
+        hasher.update(plain)
+    return hasher.digest()

@@ -15,7 +15,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 from chunkvault.errors import (ArchiveConflict, ChunkvaultError, CorruptObject, LockLost, NewerObject, ObjectExists,
                                ObjectNotFound, RemoteError, RemoteUnavailable, TargetUnwritable, UsageError,
@@ -23,6 +23,7 @@ from chunkvault.errors import (ArchiveConflict, ChunkvaultError, CorruptObject, 
 from chunkvault.localfiles import fsync_directory
 
 from .backup import Backup, BackupOptions
+from .blob import Plaintext
 from .crypto import Sealer
 from .locks import EXCLUSIVE, SHARED, RepoLock
 from .repository import OBJECT_READERS, Repo
@@ -287,8 +288,17 @@ def prefetch(repo: Repo, after: str, directory: str, limit: int) -> tuple[list[W
 
 
 def _write_blobs(repo: Repo, wal: WalFile, out: BinaryIO) -> int:
-    ids = wal.blob_ids()
     written = 0
+    for plain in plaintexts(repo, wal):
+        out.write(plain)
+        written += len(plain)
+    return written
+
+
+def plaintexts(repo: Repo, wal: WalFile) -> Iterator[Plaintext]:
+    """The archived file's data, blob by blob in order, each checked against its id (read ``READ_BATCH`` at a
+    time); damage is a CorruptObject naming the ``wal/`` object."""
+    ids = wal.blob_ids()
     for i in range(0, len(ids), READ_BATCH):
         batch = ids[i : i + READ_BATCH]
         try:
@@ -297,10 +307,7 @@ def _write_blobs(repo: Repo, wal: WalFile, out: BinaryIO) -> int:
                 repo.check_id(bid, plain)
         except CorruptObject as exc:
             raise exc.explained(f" (needed by {WAL_PREFIX}{wal.name})") from None
-        for plain in plains:
-            out.write(plain)
-            written += len(plain)
-    return written
+        yield from plains
 
 
 def expire(repo: Repo, before: str, *, dry_run: bool = False, wait: float = 0.0) -> list[str]:

@@ -625,6 +625,45 @@ def test_copy_wal_sends_the_archived_files_the_destination_lacks(tmp_path, passw
     dst.close()
 
 
+@pytest.mark.parametrize("same_chunker", [True, False])
+def test_copy_wal_names_a_file_the_destination_archived_with_other_content(tmp_path, password, cli, same_chunker,
+                                                                          monkeypatch):
+    """A name both archived (a second ``archive_command``, a stray server): the same bytes are already there,
+    other ones are a failure naming it (exit 13), whether or not the two repositories chunk alike."""
+    src_url, dst_url = str(tmp_path / "src"), str(tmp_path / "dst")
+    src = Repository.init(src_url, password, kdf_seconds=0)
+    dst = Repository.init(dst_url, password, kdf_seconds=0, copy_chunker_from=src if same_chunker else None)
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.mkdir()
+    theirs.mkdir()
+    names = ["000000010000000000000001", "000000010000000000000002", "000000010000000000000003"]
+    for i, name in enumerate(names):
+        src.archive_push(segment_file(mine, name, seed=i, size=1 << 20))
+    dst.archive_push(mine / names[0])  # the same bytes, pushed there on its own
+    dst.archive_push(segment_file(theirs, names[1], seed=7, size=1 << 20))  # as many bytes, other ones
+    dst.archive_push(segment_file(theirs, names[2], seed=8, size=1 << 19))  # another size
+    run = cli("copy", "-r", src_url, "--to", dst_url, "--wal", "--json", check=13,
+              env={"CHUNKVAULT_TO_PASSWORD": password})
+    out = json.loads(run.stdout)
+    assert (out["wal_copied"], out["wal_skipped"]) == ([], 1)
+    failed = {f["name"]: f["reason"] for f in out["wal_failed"]}
+    assert sorted(failed) == names[1:]
+    assert all("the destination archived other content under this name" in r for r in failed.values()), failed
+    assert "other content" in run.stderr.decode().splitlines()[-1]
+    src.archive_push(segment_file(mine, "000000010000000000000004", seed=4, size=1 << 20))
+    assert src.copy_to(dst, wal=True).wal_copied == ["000000010000000000000004"]
+    from chunkvault.store import walarchive
+
+    read = []
+    plaintexts = walarchive.plaintexts
+    monkeypatch.setattr(walarchive, "plaintexts", lambda repo, w: read.append(w.name) or plaintexts(repo, w))
+    again = src.copy_to(dst, wal=True)  # one a copy wrote (its time and host kept) is known without reading
+    assert again.wal_skipped == 2 and [n for n, _ in again.wal_failed] == names[1:]
+    assert set(read) == set(names[:2])  # those pushed there on their own, of the same size
+    src.close()
+    dst.close()
+
+
 def test_archive_push_records_chunkvault_host(tmp_path, cli, repo_url):
     cli("archive-push", "-r", repo_url, str(segment_file(tmp_path, SEG, size=1 << 16)), env={"CHUNKVAULT_HOST": "db-7"})
     [entry] = json.loads(cli("archive-list", "-r", repo_url, "--json").stdout)["files"]
