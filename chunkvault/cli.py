@@ -502,6 +502,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise UsageError("--pg-connect says how --postgres reaches the server: give --postgres too")
     if args.pg_checkpoint is not None and not args.postgres:
         raise UsageError("--pg-checkpoint is the checkpoint --postgres starts with: give --postgres too")
+    if args.pg_standby_wait is not None and not args.postgres:
+        raise UsageError("--pg-standby-wait bounds the waits of --postgres on a standby: give --postgres too")
     if args.stdin or args.stdin_from_command:
         option = "--stdin" if args.stdin else "--stdin-from-command"
         if args.stdin and args.stdin_from_command:
@@ -572,7 +574,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
                              dry_run=args.dry_run, parent=args.parent, time=args.time, wait=args.wait,
                              listing=lister, list_unchanged=args.list_all, compression_level=args.compression,
                              postgres=(args.pg_connect or "") if args.postgres else None,
-                             pg_checkpoint=args.pg_checkpoint, **compare, **rules)
+                             pg_checkpoint=args.pg_checkpoint, pg_standby_wait=args.pg_standby_wait,
+                             **compare, **rules)
         bar.done()
         if lister is not None and args.json:
             lister.end()  # the list, then the document's other keys
@@ -2003,6 +2006,11 @@ def _seconds(text: str) -> float:
     return _argument(_check_not_negative, float)(text)
 
 
+def _check_above_zero(value: float) -> None:
+    if not 0 < value < 1e9:
+        raise UsageError(f"a number of seconds above 0, not {value:g}")
+
+
 # The --chunk-avg values init accepts: min = avg/4 and max = avg*8 must fit the chunker's bounds too.
 CHUNK_AVG_MIN = 256
 CHUNK_AVG_MAX = 8 << 20
@@ -2175,6 +2183,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--pg-checkpoint", choices=("fast", "spread"),
                    help="with --postgres: the checkpoint the backup starts with, as pg_basebackup -c (default fast: "
                         "at once; spread waits for it at the server's checkpoint pace)")
+    s.add_argument("--pg-standby-wait", type=_argument(_check_above_zero, float), metavar="SECONDS",
+                   help="with --postgres on a standby: how long it may take to stream from its primary at the "
+                        "start and to replay what it received at the stop before the backup fails (default 60)")
     s.set_defaults(func=cmd_backup)
 
     s = sub.add_parser("import-tar", parents=[common],

@@ -21,7 +21,7 @@ import time
 
 from chunkvault.errors import SourceCommandFailed, UsageError
 
-from .pgsession import BackupStart, PgBackupSession, format_lsn
+from .pgsession import STANDBY_WAIT, BackupStart, PgBackupSession, format_lsn
 from .store.backup import AddedFile
 
 #: Directories whose contents a base backup leaves out (rebuilt at startup; ``pg_wal`` gets what it needs).
@@ -35,6 +35,11 @@ EXCLUDES = [
     "pgsql_tmp*", *(f"{d}/*" for d in EMPTIED),
 ]
 
+
+#: The control file, read last (after every other file, before the stop), as ``pg_basebackup`` sends it: a copy
+#: taken from a standby becomes consistent at the minimum recovery point it records, which must then be past
+#: every page read.
+CONTROL_FILE = b"global/pg_control"
 
 #: A relation's file in a database directory: its OID, its fork (none: the main fork), its segment.
 _RELATION = re.compile(rb"(\d+)(?:_(fsm|vm|init))?(?:\.\d+)?")
@@ -81,11 +86,11 @@ class PostgresOnline:
     (a database name or connection string; else the ``PG*`` variables) reaches through ``psql``."""
 
     def __init__(self, datadir: str, dbname: str | None = None, *, psql: str = "psql", fast: bool = True,
-                 label: str | None = None):
+                 label: str | None = None, standby_wait: float = STANDBY_WAIT):
         self.datadir = os.path.abspath(datadir)
         self.fast = fast
         self.label = label or f"chunkvault {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
-        self._session = PgBackupSession(dbname, psql=psql)
+        self._session = PgBackupSession(dbname, psql=psql, standby_wait=standby_wait)
         self._started: BackupStart | None = None
 
     def begin(self) -> None:
@@ -105,15 +110,29 @@ class PostgresOnline:
 
     def leave_out(self, below: bytes, names: list[bytes]) -> set[bytes]:
         """What the walk leaves out of the directory at ``below`` (``SourceWalk``'s ``leave_out``): unlogged
-        and temporary relations' files, in a database directory."""
+        and temporary relations' files, in a database directory; the control file, which ``appendix`` reads."""
+        if below == os.path.dirname(CONTROL_FILE):
+            return {os.path.basename(CONTROL_FILE)}
         return unlogged_and_temporary(names) if is_database_directory(below) else set()
+
+    def _control_file(self) -> AddedFile:
+        path = os.path.join(self.datadir, CONTROL_FILE.decode())
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                content = f.read()
+        except OSError as exc:
+            raise SourceCommandFailed(f"cannot read {path}: {exc.strerror or exc}: no snapshot saved") from None
+        return AddedFile(CONTROL_FILE, functools.partial(io.BytesIO, content), stat.S_IMODE(st.st_mode), st.st_uid,
+                         st.st_gid, st.st_mtime_ns)
 
     def appendix(self) -> tuple[list[AddedFile], dict]:
         assert self._started is not None
+        control = self._control_file()
         stopped = self._session.stop()
         st = os.stat(self.datadir)
         now = time.time_ns()
-        added = [AddedFile(b"backup_label", functools.partial(io.BytesIO, stopped.label_file.encode()), 0o600,
+        added = [control, AddedFile(b"backup_label", functools.partial(io.BytesIO, stopped.label_file.encode()), 0o600,
                            st.st_uid, st.st_gid, now)]
         if stopped.tablespace_map:
             added.append(AddedFile(b"tablespace_map", functools.partial(io.BytesIO, stopped.tablespace_map.encode()),
@@ -125,6 +144,9 @@ class PostgresOnline:
                 added.append(AddedFile(name.encode(), None, stat.S_IMODE(d.st_mode), d.st_uid, d.st_gid,
                                        d.st_mtime_ns))
         wal = os.path.join(self.datadir, "pg_wal")
+        # On a standby the last segment may be the one its WAL receiver is writing: what the copy needs of it
+        # ends at the replay position, replayed hence flushed; what follows is cut off mid-record or is an
+        # older segment's content, either of which recovery takes as the end of the WAL.
         segments = stopped.wal_segments(self._started.segment_size)
         histories = sorted(n for n in os.listdir(wal) if n.endswith(".history"))
         for name in histories + segments:
@@ -139,8 +161,8 @@ class PostgresOnline:
             added.append(AddedFile(f"pg_wal/{name}".encode(), functools.partial(open, path, "rb"),
                                    stat.S_IMODE(seg.st_mode), seg.st_uid, seg.st_gid, seg.st_mtime_ns))
         info = {"label": self.label, "start_lsn": format_lsn(stopped.start_lsn),
-                "stop_lsn": format_lsn(stopped.stop_lsn), "timeline": stopped.timeline, "start_wal": segments[0],
-                "wal": segments, "server_version": self._started.version}
+                "stop_lsn": format_lsn(stopped.wal_end), "timeline": stopped.timeline, "start_wal": segments[0],
+                "wal": segments, "server_version": self._started.version, "standby": self._started.standby}
         return added, {"postgres": info}
 
     def close(self) -> None:

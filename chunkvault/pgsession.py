@@ -10,6 +10,20 @@ made in the same session before the start, keeps the server from recycling
 that WAL while the files are read, whatever ``wal_keep_size`` says; it goes
 with the session.
 
+On a streaming standby (hot_standby on) the same functions work, with the
+differences PostgreSQL makes there: the start's checkpoint is a restartpoint
+(at the last checkpoint record replayed), no WAL can be written or switched,
+and the stop position is the standby's minimum recovery point, where a copy
+whose ``global/pg_control`` was read last becomes consistent (the label says
+``BACKUP FROM: standby``).  The slot, made on the standby, holds the WAL there
+too: restartpoints keep what slots still need.  The WAL is read from the
+standby's ``pg_wal``, where its WAL receiver wrote (and flushed) it before
+anything was replayed; archiving is the primary's unless ``archive_mode`` is
+``always``, so nothing waits for an archive.  What the session waits for
+instead, each wait bounded: a WAL receiver streaming from the primary before
+the start, and, before the stop, the replay of everything received while the
+files were read, so the copy holds what the primary had sent by then.
+
 ``psql`` runs as a coprocess (it ships with every PostgreSQL install, reads
 the usual ``PG*`` variables and ``~/.pgpass``, and needs no driver here);
 each query's answer is read up to a marker line echoed after it.
@@ -22,6 +36,7 @@ import re
 import secrets
 import select
 import subprocess
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -31,6 +46,8 @@ from chunkvault.errors import SourceCommandFailed, UsageError
 OLDEST_VERSION = 100000
 #: The first server version whose functions are ``pg_backup_start``/``pg_backup_stop``.
 RENAMED_IN = 150000
+#: How long a standby's waits last by default (its WAL receiver to stream, its replay to catch up), in seconds.
+STANDBY_WAIT = 60.0
 _FIELD = "\x1f"
 _LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
 
@@ -86,6 +103,8 @@ class BackupStart:
     segment_size: int
     #: Tablespaces outside the data directory: (oid, location).
     tablespaces: list[tuple[int, str]] = field(default_factory=list)
+    #: Whether the server is a standby (in recovery): the backup is one taken from a standby.
+    standby: bool = False
 
 
 @dataclass
@@ -97,9 +116,17 @@ class BackupStop:
     tablespace_map: str
     start_lsn: int
     timeline: int
+    #: On a standby: the replay position once stopped, at or past ``stop_lsn``; the WAL up to it is
+    #: flushed in ``pg_wal``, and taking it too makes the copy recover to it (what had been replayed).
+    replay_lsn: int | None = None
+
+    @property
+    def wal_end(self) -> int:
+        """Where the WAL the copy needs, and gets, ends."""
+        return max(self.stop_lsn, self.replay_lsn or 0)
 
     def wal_segments(self, segment_size: int) -> list[str]:
-        return wal_segments_between(self.timeline, self.start_lsn, self.stop_lsn, segment_size)
+        return wal_segments_between(self.timeline, self.start_lsn, self.wal_end, segment_size)
 
 
 class PgBackupSession:
@@ -109,9 +136,14 @@ class PgBackupSession:
     ``dbname`` is a database name or a connection string (``host=... port=...`` or a ``postgresql://`` URI);
     the other connection settings come from ``env`` (``PGHOST``, ``PGPORT``, ``PGUSER``, ...) as psql reads
     them.  The role needs the right to run the backup functions and to make a replication slot (a
-    superuser, or a role with REPLICATION granted EXECUTE on them)."""
+    superuser, or a role with REPLICATION granted EXECUTE on them).  ``standby_wait``: how many seconds
+    each of a standby's waits may last before the backup fails (``SourceCommandFailed``)."""
 
-    def __init__(self, dbname: str | None = None, *, psql: str = "psql", env: Mapping[str, str] | None = None):
+    def __init__(self, dbname: str | None = None, *, psql: str = "psql", env: Mapping[str, str] | None = None,
+                 standby_wait: float = STANDBY_WAIT):
+        if not standby_wait > 0:
+            raise UsageError(f"the standby wait is a number of seconds above 0, not {standby_wait!r}")
+        self.standby_wait = standby_wait
         self._argv: list[str] = [psql, "-X", "-q", "-A", "-t", "-F", _FIELD, "-v", "ON_ERROR_STOP=1"]
         if dbname:
             self._argv += ["-d", dbname]
@@ -190,8 +222,9 @@ class PgBackupSession:
         if version < OLDEST_VERSION:
             raise SourceCommandFailed(f"PostgreSQL {version // 10000}.{version // 100 % 100} is too old for a "
                                       "base backup by chunkvault (10 or newer)")
-        if self._value("SELECT pg_is_in_recovery()") == "t":
-            raise SourceCommandFailed("PostgreSQL is a standby: take the backup from the primary")
+        standby = self._value("SELECT pg_is_in_recovery()") == "t"
+        if standby:
+            self._standby_ready()
         try:
             data_directory = self._value("SELECT current_setting('data_directory')")
         except SourceCommandFailed as exc:  # a role with REPLICATION and EXECUTE but no settings to read
@@ -213,14 +246,55 @@ class PgBackupSession:
             lsn = self._value(f"SELECT pg_backup_start('{quoted}', {fast_sql})")
         else:
             lsn = self._value(f"SELECT pg_start_backup('{quoted}', {fast_sql}, false)")
-        self._started = BackupStart(parse_lsn(lsn), data_directory, version, segment_size, tablespaces)
+        self._started = BackupStart(parse_lsn(lsn), data_directory, version, segment_size, tablespaces, standby)
         return self._started
 
+    def _standby_ready(self) -> None:
+        """Refuse a standby whose replay is paused (its copy would stop at the pause, however long the backup),
+        and wait, up to ``standby_wait``, for its WAL receiver to stream from the primary: one that does not
+        (the primary gone, or WAL only from an archive, which never lands in ``pg_wal``) is refused."""
+        self._refuse_paused()
+        deadline = time.monotonic() + self.standby_wait
+        while True:
+            # status is NULL for a role without pg_read_all_stats: a receiver running is then all there is
+            rows = self.query("SELECT coalesce(status, 'running') FROM pg_stat_wal_receiver WHERE pid IS NOT NULL")
+            if rows and rows[0][0] in ("streaming", "running"):
+                return
+            if time.monotonic() >= deadline:
+                raise SourceCommandFailed(f"PostgreSQL is a standby that has not streamed from a primary for "
+                                          f"{self.standby_wait:g} s (no WAL receiver streaming: the primary gone, or "
+                                          "primary_conninfo unset): its copy would miss what the primary wrote")
+            time.sleep(min(0.2, self.standby_wait / 10))
+
+    def _refuse_paused(self) -> None:
+        if self._value("SELECT pg_is_wal_replay_paused()") == "t":
+            raise SourceCommandFailed("PostgreSQL is a standby whose replay is paused (pg_wal_replay_pause): "
+                                      "resume it with SELECT pg_wal_replay_resume() to back it up")
+
+    def _catch_up(self) -> None:
+        """Wait, up to ``standby_wait``, for the standby to replay what it has received (from the primary,
+        while the files were read), so the copy, which recovers to the replay position, holds it."""
+        received = self._value("SELECT coalesce(pg_last_wal_receive_lsn()::text, '')")
+        if not received:
+            return
+        target = parse_lsn(received)
+        deadline = time.monotonic() + self.standby_wait
+        while parse_lsn(self._value("SELECT pg_last_wal_replay_lsn()")) < target:
+            self._refuse_paused()
+            if time.monotonic() >= deadline:
+                raise SourceCommandFailed(f"PostgreSQL is a standby that did not replay up to {format_lsn(target)}, "
+                                          f"the WAL it had received, within {self.standby_wait:g} s")
+            time.sleep(min(0.1, self.standby_wait / 10))
+
     def stop(self) -> BackupStop:
-        """Stop the backup; PostgreSQL switches to a new WAL segment, so the last one needed is complete.
+        """Stop the backup; a primary switches to a new WAL segment, so the last one needed is complete; a
+        standby first replays what it received (a bounded wait), then stops at its minimum recovery point.
         Archived WAL is not waited for: the needed segments are read from ``pg_wal``, which the slot kept."""
         if self._started is None:
             raise UsageError("no backup was started in this session")
+        standby = self._started.standby
+        if standby:
+            self._catch_up()
         function = "pg_backup_stop(false)" if self._started.version >= RENAMED_IN else "pg_stop_backup(false, false)"
         rows = self.query("SELECT lsn, translate(encode(convert_to(labelfile, 'UTF8'), 'base64'), E'\\n', ''), "
                           "translate(encode(convert_to(coalesce(spcmapfile, ''), 'UTF8'), 'base64'), E'\\n', '') "
@@ -233,9 +307,19 @@ class PgBackupSession:
         start = label_field(label_file, "START WAL LOCATION")
         if timeline is None or start is None:
             raise SourceCommandFailed("PostgreSQL's backup label lacks its start timeline or WAL location")
+        replay = None
+        if standby:
+            # The stop is the minimum recovery point on the stop's timeline: one other than the start's means
+            # the standby followed a promoted primary meanwhile, and the WAL would span two timelines.
+            replay_text, stop_timeline = self.query(
+                "SELECT pg_last_wal_replay_lsn(), min_recovery_end_timeline FROM pg_control_recovery()")[0]
+            if int(stop_timeline) not in (0, int(timeline)):  # 0: no minimum recovery point recorded
+                raise SourceCommandFailed(f"PostgreSQL's standby moved from timeline {timeline} to {stop_timeline} "
+                                          "during the backup: take it again")
+            replay = parse_lsn(replay_text)
         self._started = None
         return BackupStop(parse_lsn(lsn), label_file, base64.b64decode(map_b64).decode(),
-                          parse_lsn(start.split()[0]), int(timeline))
+                          parse_lsn(start.split()[0]), int(timeline), replay)
 
     def close(self) -> None:
         """End the session: a backup not stopped is aborted by the server, the slot dropped."""
@@ -269,5 +353,5 @@ class PgBackupSession:
         self.close()
 
 
-__all__: Sequence[str] = ("PgBackupSession", "BackupStart", "BackupStop", "parse_lsn", "format_lsn",
+__all__: Sequence[str] = ("PgBackupSession", "STANDBY_WAIT", "BackupStart", "BackupStop", "parse_lsn", "format_lsn",
                           "wal_segment_name", "wal_segments_between", "label_field")

@@ -46,6 +46,7 @@ from .store.restore import (Restorer, RestoreOptions, RestoreResult, check_conte
 from .store.owners import OwnerMap, chain_names
 from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, parse_until, select_snapshots
 from .pgbackup import EXCLUDES as PG_EXCLUDES, PostgresOnline, checkpoint_fast
+from .pgsession import STANDBY_WAIT
 from .store.source import SourceWalk, markers_of
 from .store import locks
 from .store import keyahead
@@ -179,7 +180,7 @@ def _one_line(tags: Iterable[str], host: str | None = None) -> None:
 
 
 def _postgres_session(postgres: object, paths: list[str], walk: SourceWalk | None,
-                      checkpoint: object = None) -> PostgresOnline:
+                      checkpoint: object = None, standby_wait: object = None) -> PostgresOnline:
     """The base backup mode around a backup of one data directory; a walk begun earlier would have looked at
     files before the backup mode began."""
     if not isinstance(postgres, str) or "\n" in postgres:
@@ -190,7 +191,11 @@ def _postgres_session(postgres: object, paths: list[str], walk: SourceWalk | Non
         raise UsageError("postgres: the walk must begin once the base backup has: give no walk")
     if len(paths) != 1:
         raise UsageError("postgres backs up one data directory: give its path alone")
-    return PostgresOnline(paths[0], postgres or None, fast=checkpoint_fast(checkpoint))
+    if standby_wait is None:
+        standby_wait = STANDBY_WAIT
+    elif isinstance(standby_wait, bool) or not isinstance(standby_wait, (int, float)) or not 0 < standby_wait < 1e9:
+        raise UsageError(f"pg_standby_wait is a number of seconds above 0, not {standby_wait!r}")
+    return PostgresOnline(paths[0], postgres or None, fast=checkpoint_fast(checkpoint), standby_wait=standby_wait)
 
 
 def _paths(values: Any, what: str = "path to back up") -> list[str]:
@@ -662,7 +667,7 @@ class Repository:
                time: str | datetime | None = None, wait: float = 3600.0,
                listing: Callable[[Listed], None] | None = None, list_unchanged: bool = False,
                compression_level: int | None = None, postgres: str | None = None,
-               pg_checkpoint: str | None = None) -> BackupResult:
+               pg_checkpoint: str | None = None, pg_standby_wait: float | None = None) -> BackupResult:
         """Back up files and directories; one directory is stored as the snapshot's root.
 
         ``postgres``: the one path is a running PostgreSQL cluster's data directory, read in place as a
@@ -671,6 +676,8 @@ class Repository:
         directory that starts and recovers to the end of the backup on its own.  ``pg_checkpoint``: the
         checkpoint the backup starts with, ``"fast"`` (the default: at once) or ``"spread"`` (paced as the
         server paces its own, so the start waits up to checkpoint_timeout * checkpoint_completion_target).
+        ``pg_standby_wait``: with a standby, how many seconds (default 60) it may take to stream from its
+        primary at the start and to replay what it received at the stop, before the backup fails.
 
         ``dry_run``: read, chunk, compress and count as a backup would, and write nothing (the
         result's snapshot, with its figures, is not saved and has no id).
@@ -737,12 +744,14 @@ class Repository:
         if exclude_larger_than is not None:
             exclude_larger_than = parse_size(exclude_larger_than)
         session = None
-        if postgres is None and pg_checkpoint is not None:
+        if postgres is None and (pg_checkpoint is not None or pg_standby_wait is not None):
             if walk is not None:
                 walk.close()
-            raise UsageError("pg_checkpoint is the checkpoint of a postgres backup: give postgres too")
+            what = ("pg_checkpoint is the checkpoint" if pg_checkpoint is not None
+                    else "pg_standby_wait bounds the waits")
+            raise UsageError(f"{what} of a postgres backup: give postgres too")
         if postgres is not None:
-            session = _postgres_session(postgres, paths, walk, pg_checkpoint)
+            session = _postgres_session(postgres, paths, walk, pg_checkpoint, pg_standby_wait)
             excludes = [*PG_EXCLUDES, *(excludes or [])]
         # Held open since an earlier backup, another client may have rebased since (the index is read
         # afresh by every backup).

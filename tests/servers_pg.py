@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -201,6 +202,32 @@ class PgCluster(PgServer):
         """``pg_basebackup -Fp -Xs`` into ``dest`` (which must not exist; its parent must be ours)."""
         run_as(self.user, [self.tool("pg_basebackup"), "-h", self.rundir, "-p", str(self.port), "-U", "postgres",
                            "-D", dest, "-Fp", "-Xs", "-c", "fast", "--no-sync"], env=self.env())
+
+    def standby(self, slot: str = "standby") -> "PgCluster":
+        """A streaming replica of this running cluster, started: ``pg_basebackup -R`` (``standby.signal`` and
+        ``primary_conninfo``) into a cluster of its own, with this one's settings, streaming through the
+        replication slot ``slot`` made here (so this cluster keeps the WAL the replica has not received); the
+        caller destroys it, then drops the slot."""
+        replica = PgCluster(self.bindir, user=self.user, settings=self.settings)
+        try:
+            run_as(self.user, [self.tool("pg_basebackup"), "-h", self.rundir, "-p", str(self.port), "-U", "postgres",
+                               "-D", replica.datadir, "-Fp", "-Xs", "-c", "fast", "--no-sync", "-R", "-C", "-S",
+                               slot], env=self.env())
+            replica.start()
+        except BaseException:
+            replica.destroy()
+            raise
+        return replica
+
+    def received(self, primary: "PgServer", *, replayed: bool = False, timeout: float = 60) -> None:
+        """Wait until this standby has received (flushed; ``replayed``: replayed) the WAL ``primary`` has written."""
+        lsn = primary.sql("SELECT pg_current_wal_lsn()")
+        function = "pg_last_wal_replay_lsn()" if replayed else "pg_last_wal_receive_lsn()"
+        deadline = time.monotonic() + timeout
+        while self.sql(f"SELECT coalesce({function} >= '{lsn}'::pg_lsn, false)") != "t":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the standby did not reach {lsn} in {timeout} s:\n{self.log_tail()}")
+            time.sleep(0.05)
 
     def pgbench(self, *args: str, timeout: float | None = 3600) -> str:
         pgbench = self.tool("pgbench")
