@@ -516,6 +516,7 @@ class Source:
     postgres: str | None = None  # the one path is a running cluster's data directory (backup --postgres): psql's
     # connection string ("" for the PG* variables)
     pg_checkpoint: str | None = None  # with postgres: "fast" or "spread" (backup --pg-checkpoint)
+    pg_standby_wait: float | None = None  # with postgres on a standby: seconds (backup --pg-standby-wait)
     list_entries: bool = False  # list = true: log what each backup stores as added or modified, or finds gone
     command: str | tuple[str, ...] | None = None  # instead of paths: back up its output (a dump) as stdin_name
     stdin_name: str | None = None
@@ -571,8 +572,8 @@ _COPY_KEYS = ("copy_to", "copy_to_password_file", "copy_to_password_command", "c
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "iexcludes", "iexclude_files",
                 "exclude_if_present", "exclude_caches",
                 "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime", "fixed_chunks", "command",
-                "stdin_name", "postgres", "pg_checkpoint", "pre", "post", "full", "diff", "retention", "timezone",
-                "hook_timeout", "list",
+                "stdin_name", "postgres", "pg_checkpoint", "pg_standby_wait", "pre", "post", "full", "diff",
+                "retention", "timezone", "hook_timeout", "list",
                 *_COPY_KEYS}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
@@ -858,6 +859,10 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                     raise UsageError("pg-checkpoint is the checkpoint a postgres source starts with: set postgres too")
                 if pg_checkpoint not in CHECKPOINTS:
                     raise UsageError(f"pg-checkpoint is 'fast' or 'spread', not {pg_checkpoint!r}")
+            pg_standby_wait = _seconds(s.get("pg_standby_wait"), "pg-standby-wait")
+            if pg_standby_wait is not None and postgres is None:
+                raise UsageError("pg-standby-wait bounds the waits of a postgres source on a standby: "
+                                 "set postgres too")
             ret_value = s.get("retention", top.get("retention"))
             retention = _retention(ret_value, config, "retention")
             hook_timeout = _seconds(s.get("hook_timeout", top.get("hook_timeout")), "hook-timeout")
@@ -867,7 +872,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                             exclude_caches=exclude_caches, exclude_larger_than=exclude_larger_than,
                             one_file_system=one_file_system, ignore_inode=ignore_inode, ignore_ctime=ignore_ctime,
                             fixed_chunks=fixed_chunks, command=command, stdin_name=stdin_name, list_entries=listed,
-                            postgres=postgres, pg_checkpoint=pg_checkpoint,
+                            postgres=postgres, pg_checkpoint=pg_checkpoint, pg_standby_wait=pg_standby_wait,
                             pre=_hook(s.get("pre"), "pre"),
                             post=_hook(s.get("post"), "post"),
                             retention=retention, hook_timeout=hook_timeout, tz=s_tz,

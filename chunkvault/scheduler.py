@@ -523,7 +523,7 @@ class Runner:
                                   exclude_caches=src.exclude_caches, exclude_larger_than=src.exclude_larger_than,
                                   ignore_inode=src.ignore_inode, ignore_ctime=src.ignore_ctime,
                                   listing=self._lister(src) if src.list_entries else None, postgres=src.postgres,
-                                  pg_checkpoint=src.pg_checkpoint)
+                                  pg_checkpoint=src.pg_checkpoint, pg_standby_wait=src.pg_standby_wait)
         except (ChunkvaultError, Stopped) as exc:
             if self._ended_by_stop(exc):
                 result.status, result.reason = SKIPPED, f"stopping ({exc})"

@@ -187,6 +187,17 @@ def test_a_standby_whose_primary_went_away_fails_once_its_wait_is_over(new_repo,
                       replica.datadir, check=20)
             assert "has not streamed from a primary for 1 s" in out.stderr.decode()
             assert out.stderr.decode().count("\n") == 1
+            policy = tmp_path / "policy.toml"
+            policy.write_text(f"""repository = "{url}"
+full = "daily 02:00"
+[[source]]
+name = "standby"
+paths = ["{replica.datadir}"]
+postgres = "{conninfo(replica)}"
+pg-standby-wait = 0.5
+""")
+            run = cli("run", "--config", str(policy), check=False)
+            assert run.returncode != 0 and "for 0.5 s" in run.stderr.decode() + run.stdout.decode()
             assert repo.snapshots() == []
             assert replica.sql("SELECT count(*) FROM pg_replication_slots") == "0"
         finally:
@@ -205,6 +216,15 @@ def test_the_standby_wait_is_checked(new_repo, cli, tmp_path):
                                         check=2).stderr.decode()
     assert "above 0" in cli("backup", "-r", url, "--postgres", "--pg-standby-wait", "0", str(tmp_path),
                             check=2).stderr.decode()
+    from chunkvault.schedule import parse_policy
+
+    source = {"name": "db", "paths": [str(tmp_path)], "full": "daily 02:00"}
+    with pytest.raises(UsageError, match="set postgres too"):
+        parse_policy({"repository": url, "source": [{**source, "pg-standby-wait": 5}]})
+    with pytest.raises(UsageError, match="pg-standby-wait must be a positive number of seconds"):
+        parse_policy({"repository": url, "source": [{**source, "postgres": True, "pg-standby-wait": 0}]})
+    assert parse_policy({"repository": url, "source": [{**source, "postgres": True, "pg-standby-wait": 5}]}
+                        ).sources[0].pg_standby_wait == 5
     assert repo.snapshots() == []
 
 
