@@ -476,7 +476,7 @@ def _dead_mount(path: str) -> str:
 def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait: float = 3600.0,
           refresh: float = REFRESH_SECONDS, on_mounted: Any = None, numeric_owner: bool = False) -> None:
     """Mount the repository's snapshots read-only at ``mountpoint`` until it is unmounted (``fusermount -u``,
-    or SIGINT/SIGTERM/SIGHUP to this process); ``on_mounted()`` is called once it is.  ``allow_other``: other users may look too, each held to the
+    or SIGINT/SIGTERM/SIGHUP/SIGQUIT to this process); ``on_mounted()`` is called once it is.  ``allow_other``: other users may look too, each held to the
     recorded owners and modes (without it only the mounting user can, and reads every file).  Owners show
     as a restore would set them: the local ids of their recorded names, unless ``numeric_owner``."""
     _check_mountpoint(mountpoint)
@@ -493,6 +493,7 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
         on_main_thread = threading.current_thread() is threading.main_thread()
         previous = {signum: signal.signal(signum, signal.SIG_DFL) for signum in (signal.SIGTERM, signal.SIGHUP)
                     if on_main_thread and signal.getsignal(signum) is not signal.SIG_IGN}
+        relay = _QuitRelay() if on_main_thread and signal.getsignal(signal.SIGQUIT) is not signal.SIG_IGN else None
         try:
             fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="chunkvault", **options)
         except RuntimeError as exc:  # libfuse could not mount (no /dev/fuse, no permission, ...)
@@ -500,5 +501,33 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
                 return  # libfuse 3 unmounted on SIGTERM or SIGINT, as asked
             raise MountFailed(f"cannot mount at {mountpoint}: {exc}") from None
         finally:
+            if relay is not None:
+                relay.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+class _QuitRelay:
+    """SIGQUIT ends a mount as SIGTERM does.  libfuse handles SIGTERM, SIGHUP and SIGINT itself, but not
+    SIGQUIT, whose Python handler would wait for libfuse's loop to return: the signal is written to a wakeup
+    pipe instead (in C, as it lands), and a thread turns it into a SIGTERM for libfuse."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._handler = signal.signal(signal.SIGQUIT, lambda signum, frame: None)
+        self._wakeup = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._run, name="sigquit-relay", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while data := os.read(self._read, 64):
+            if signal.SIGQUIT in data:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._wakeup)
+        signal.signal(signal.SIGQUIT, self._handler)
+        os.close(self._write)  # the thread reads the end of the pipe
+        self._thread.join(5)
+        os.close(self._read)

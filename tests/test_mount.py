@@ -328,6 +328,19 @@ def test_a_mounted_repository_reads_like_the_source_and_unmounts_on_sigterm(repo
         assert not os.path.isdir(mnt / "snapshots")  # unmounted
 
 
+@needs_fuse
+def test_sigquit_unmounts_as_sigterm_does(repo_with, tmp_path):
+    """libfuse handles SIGTERM, SIGHUP and SIGINT, not SIGQUIT: its Python handler waited for libfuse's loop to
+    end, and the mount stayed."""
+    _, url, *_ = repo_with
+    mnt = tmp_path / "mnt"
+    with _cli_mount(url, mnt) as proc:
+        assert os.path.isdir(mnt / "snapshots")
+        proc.send_signal(signal.SIGQUIT)
+        assert proc.wait(timeout=30) == 0
+        assert not os.path.isdir(mnt / "snapshots")
+
+
 def test_mount_refuses_a_mountpoint_that_is_not_an_empty_directory(repo_with, tmp_path, cli):
     _, url, *_ = repo_with
     full = tmp_path / "full"
