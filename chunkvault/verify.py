@@ -590,13 +590,41 @@ def noting_data_directories(entries: Iterable[Entry], found: list[bytes]) -> Ite
 
 def turn_archiving_off(target: str, data_dirs: Iterable[bytes]) -> list[str]:
     """Append ``archive_mode = 'off'`` to each data directory's ``postgresql.auto.conf`` (read last, so it wins
-    over postgresql.conf); returns the directories, relative to ``target``."""
+    over postgresql.conf); returns the directories, relative to ``target``.  Only the copy is written: a
+    symbolic link there (to the live server's file, say) becomes a file of the copy's own, holding what the
+    link read; a file made anew is the data directory owner's, as the server must read it."""
     done = []
     for d in data_dirs:
-        with open(os.path.join(os.fsencode(target), d, b"postgresql.auto.conf"), "ab") as f:
+        directory = os.path.join(os.fsencode(target), d)
+        path = os.path.join(directory, b"postgresql.auto.conf")
+        if os.path.islink(path):
+            _replace_link(path, directory)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "ab") as f:
+            _owned_as(f.fileno(), directory)
             f.write(ARCHIVE_OFF)
         done.append(os.fsdecode(d) or ".")
     return done
+
+
+def _replace_link(path: bytes, directory: bytes) -> None:
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+    except OSError:  # dangling, or unreadable here: the copy's file starts empty
+        content = b""
+    tmp = path + b".chunkvault-tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        _owned_as(f.fileno(), directory)
+        f.write(content)
+    os.replace(tmp, path)
+
+
+def _owned_as(fd: int, directory: bytes) -> None:
+    st = os.stat(directory)
+    if os.geteuid() == 0 and (os.fstat(fd).st_uid, os.fstat(fd).st_gid) != (st.st_uid, st.st_gid):
+        os.fchown(fd, st.st_uid, st.st_gid)
 
 
 def _restore(repo: "Repository", snap: Snapshot, target: str, numeric_owner: bool = False) -> RestoreResult:

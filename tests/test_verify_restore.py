@@ -776,3 +776,24 @@ def test_archiving_is_turned_off_in_each_data_directory_of_the_copy_before_the_c
     assert sorted(report.archive_off) == [".", "standby"]
     assert seen.read_text().count("archive_mode = 'off'") == 2 and seen.read_text().endswith("pg_control\n")
     assert verify_restore(repo, snap, scratch=str(scratch_dir(tmp_path))).archive_off == []  # no command, no change
+
+
+def test_archiving_is_turned_off_in_the_copy_alone_when_its_file_is_a_link_to_the_live_one(tmp_path, new_repo):
+    """A copy whose postgresql.auto.conf was a symbolic link to the live server's had the line appended to the
+    live file: that server would stop archiving at its next start."""
+    live = tmp_path / "live.conf"
+    live.write_text("archive_command = 'push %p'\n")
+    src = tmp_path / "src"
+    (src / "global").mkdir(parents=True)
+    (src / "global" / "pg_control").write_bytes(b"\0" * 64)
+    os.symlink(live, src / "postgresql.auto.conf")
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    seen = tmp_path / "seen"
+    check = (f'test -f "$CHUNKVAULT_RESTORE_DIR/postgresql.auto.conf" && ! test -L '
+             f'"$CHUNKVAULT_RESTORE_DIR/postgresql.auto.conf" && cat "$CHUNKVAULT_RESTORE_DIR/postgresql.auto.conf" '
+             f'> {shlex.quote(str(seen))}')
+    report = verify_restore(repo, snap, then=check, scratch=str(scratch_dir(tmp_path)))
+    assert report.ok and report.archive_off == ["."], report.to_dict()
+    assert live.read_text() == "archive_command = 'push %p'\n"
+    assert seen.read_text().startswith("archive_command = 'push %p'\n") and "archive_mode = 'off'" in seen.read_text()
