@@ -179,17 +179,26 @@ def remote_options(args: argparse.Namespace, url: str) -> dict[str, Any]:
     return options
 
 
-def _open(args: argparse.Namespace) -> Any:
-    from .connection import connect, key_ahead_path
+def _remote(args: argparse.Namespace) -> tuple[Any, StopRequest]:
+    """The repository's remote, not yet read, and what ends its retries (a signal; the repository's stop)."""
+    from .connection import connect
+
+    url = _repo_url(args)
+    retry_stop = StopRequest(parent=stop_request)
+    return connect(url, stop=retry_stop, **remote_options(args, url)), retry_stop
+
+
+def _open(args: argparse.Namespace, connected: tuple[Any, StopRequest] | None = None) -> Any:
+    """The repository opened with its password; ``connected``: its remote, connected already (``_remote``)."""
+    from .connection import key_ahead_path
     from .remotes import url_scheme
     from .store.keyahead import KeyAhead
     from .store.unlock import read_config, unlock
 
     url = _repo_url(args)
-    given = passwords.REPOSITORY.given(args) if url_scheme(url) != "file" else None
+    given = passwords.REPOSITORY.given(args) if url_scheme(url) != "file" and connected is None else None
     ahead = KeyAhead.start(key_ahead_path(url), given) if given else None  # derive while connecting
-    retry_stop = StopRequest(parent=stop_request)  # a signal ends its retries; so does the repository's stop
-    remote = connect(url, stop=retry_stop, **remote_options(args, url))
+    remote, retry_stop = connected if connected is not None else _remote(args)
     read_config(remote)  # a missing, damaged or newer-format repository is reported before any password is asked
     password = ahead.password if ahead is not None else passwords.REPOSITORY.get(args)
     key = unlock(remote, password, ahead)  # before the store's modules load: see store/unlock.py
@@ -1329,6 +1338,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spool_identity(args: argparse.Namespace, remote: Any) -> str | None:
+    """The repository as a spool names it: its address and its id (one made anew at the same address is
+    another), read from the config without the password; None when the config does not read (the opening
+    that follows says why)."""
+    from .store.unlock import read_config
+
+    try:
+        return f"{_repo_url(args)} {read_config(remote)[1]['id']}"
+    except ChunkvaultError:
+        return None
+
+
+def _spool_unusable(directory: str, exc: OSError, without: str) -> None:
+    warn(f"the spool {directory} cannot be used ({exc.strerror or exc}): {without}")
+
+
 def cmd_archive_push(args: argparse.Namespace) -> int:
     from .store.walnames import check_wal_name, ready_ahead
     from .walspool import Spool, ready_files
@@ -1338,10 +1363,17 @@ def cmd_archive_push(args: argparse.Namespace) -> int:
                          "files pushed ahead")
     ahead: list[str] = []
     spool = None
-    if args.spool:
+    connected = _remote(args)
+    identity = _spool_identity(args, connected[0]) if args.spool else None
+    if identity is not None:
         name = check_wal_name(os.path.basename(args.path))
-        spool = Spool(args.spool, _repo_url(args))
-        if spool.claim(name, args.path):  # pushed ahead by an earlier call: no repository to open
+        try:
+            spool = Spool(args.spool, identity)
+        except OSError as exc:
+            _spool_unusable(args.spool, exc, "pushing this file alone")
+    if spool is not None:
+        if spool.claim(name, args.path):  # pushed ahead by an earlier call: no password, no index
+            connected[0].close()
             if args.json:
                 _emit_json({"name": name, "pushed_ahead": True})
             elif not args.quiet:
@@ -1351,9 +1383,17 @@ def cmd_archive_push(args: argparse.Namespace) -> int:
         spool.sweep(ready)
         folder = os.path.dirname(args.path)
         ahead = [os.path.join(folder, n) for n in ready_ahead(ready, name, (args.batch or BATCH_DEFAULT) - 1)]
-    result = _open(args).archive_push(
-        args.path, host=args.host or env_host(), wait=args.wait, ahead=ahead,
-        on_ahead=(lambda r: spool.mark(r.wal.name, os.path.join(folder, r.wal.name))) if spool else None)
+
+    def marked(r: Any) -> None:
+        assert spool is not None
+        try:
+            spool.mark(r.wal.name, os.path.join(folder, r.wal.name))
+        except OSError as exc:  # archived, but nothing will answer for it: the batch ends here
+            raise TargetUnwritable(f"cannot write its marker in the spool {args.spool}: "
+                                   f"{exc.strerror or exc}") from None
+
+    result = _open(args, connected).archive_push(args.path, host=args.host or env_host(), wait=args.wait,
+                                                 ahead=ahead, on_ahead=marked if spool else None)
     if args.json:
         _emit_json(result.to_dict())
         return 0
@@ -1375,14 +1415,22 @@ def cmd_archive_get(args: argparse.Namespace) -> int:
     if args.prefetch is not None and not args.spool:
         raise UsageError("--prefetch needs --spool DIR: the directory the files fetched ahead wait in")
     spool = None
-    if args.spool:
+    connected = _remote(args)
+    identity = _spool_identity(args, connected[0]) if args.spool else None
+    if identity is not None:
         check_wal_name(args.name)
-        spool = Prefetched(args.spool, _repo_url(args))
+        try:
+            spool = Prefetched(args.spool, identity)
+        except OSError as exc:
+            _spool_unusable(args.spool, exc, "fetching this file alone")
+    if spool is not None:
         try:
             taken = spool.take(args.name, args.dest)
-        except OSError as exc:
-            raise TargetUnwritable(f"cannot write {args.dest}: {exc.strerror or exc}") from None
-        if taken:  # fetched ahead by an earlier call: no repository to open
+        except OSError as exc:  # the repository has it too
+            warn(f"cannot take {args.name} from the spool ({exc.strerror or exc}): fetching it from the repository")
+            taken = False
+        if taken:  # fetched ahead by an earlier call: no password, no index
+            connected[0].close()
             spool.sweep(args.name)
             if args.json:
                 _emit_json({"name": args.name, "dest": args.dest, "fetched_ahead": True})
@@ -1390,7 +1438,7 @@ def cmd_archive_get(args: argparse.Namespace) -> int:
                 print(f"restored {args.name} to {shown_name(args.dest)}, fetched ahead by an earlier archive-get")
             return 0
     args.read_lock = "archive-get"
-    repo = _open(args)
+    repo = _open(args, connected)
     wal = repo.archive_get(args.name, args.dest, wait=args.wait)
     fetched, why = [], None
     if spool is not None:
@@ -1814,11 +1862,9 @@ class _Types(tuple):
 def _connect(args: argparse.Namespace) -> Any:
     """The repository's storage alone, for what needs no key (names, key files, locks): no password is
     asked for and no lock written.  A location without a repository is said as for every command."""
-    from .connection import connect
     from .store.unlock import read_config
 
-    url = _repo_url(args)
-    remote = connect(url, stop=StopRequest(parent=stop_request), **remote_options(args, url))
+    remote = _remote(args)[0]
     args.held.callback(remote.close)
     read_config(remote)
     return remote

@@ -14,13 +14,13 @@ recovery's next calls move them into place.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 from typing import Iterable
 
-from .errors import UsageError
 from .localfiles import fsync_directory, read_regular
 from .store.walnames import is_segment
 
@@ -28,11 +28,12 @@ MARKER = ".ok"
 
 
 class Spool:
+    """The markers of files pushed ahead into the repository ``repository`` names (its address and id): a
+    repository made anew at the same address is another, for which no marker answers.  OSError when the
+    directory cannot be made."""
+
     def __init__(self, path: str, repository: str):
-        try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot use {path} as the spool directory: {exc.strerror or exc}") from None
+        os.makedirs(path, mode=0o700, exist_ok=True)
         self.path = path
         self.repository = repository
 
@@ -73,7 +74,11 @@ class Spool:
         """Remove the markers of files PostgreSQL no longer has ready (archived otherwise, or a cluster put
         back from a backup): a stale marker must not answer for a later file of the same name."""
         keep = {n + MARKER for n in ready}
-        for entry in os.listdir(self.path):
+        try:
+            entries = os.listdir(self.path)
+        except OSError:
+            return
+        for entry in entries:
             if entry.endswith((MARKER, MARKER + ".tmp")) and entry not in keep:
                 try:
                     os.unlink(os.path.join(self.path, entry))
@@ -94,14 +99,12 @@ def ready_files(wal_path: str) -> list[str]:
 
 class Prefetched:
     """The files ``archive-get --spool`` fetched ahead from one repository (a directory of the spool of its
-    own, named by the repository's address: a file fetched from one is never handed out for another)."""
+    own, named by the repository's address and id: a file fetched from one is never handed out for another,
+    nor for a repository made anew at the same address).  OSError when the directory cannot be made."""
 
     def __init__(self, spool: str, repository: str):
         self.path = os.path.join(spool, "get-" + hashlib.sha256(repository.encode()).hexdigest()[:16])
-        try:
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot use {spool} as the spool directory: {exc.strerror or exc}") from None
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
 
     def take(self, name: str, dest: str) -> bool:
         """Move the file fetched ahead as ``name`` to ``dest`` (durably, as ``archive-get`` writes); False when
@@ -114,11 +117,16 @@ class Prefetched:
             os.replace(src, dest)
         except OSError:  # the spool on another file system: copied beside ``dest``, then renamed
             tmp = os.path.join(directory, f".chunkvault-{name}.tmp")
-            with open(src, "rb") as f, open(tmp, "wb") as out:
-                shutil.copyfileobj(f, out, 1 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dest)
+            try:
+                with open(src, "rb") as f, open(tmp, "wb") as out:
+                    shutil.copyfileobj(f, out, 1 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, dest)
+            except BaseException:  # a stop (PostgreSQL's SIGQUIT) too: nothing left beside ``dest``
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             os.unlink(src)
         fsync_directory(directory)
         return True

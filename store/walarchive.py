@@ -152,7 +152,8 @@ def push(repo: Repo, path: str, *, host: str | None = None, wait: float = 3600.0
 
     ``ahead``: files PostgreSQL has ready to archive next, pushed under the same lock once ``path`` is (one
     process, one repository opened, for several files).  ``on_ahead`` is called with each one archived; the
-    first that fails ends the batch, recorded in the result (``ahead_error``): PostgreSQL asks for it again."""
+    first that fails, or whose ``on_ahead`` raises a ChunkvaultError, ends the batch, recorded in the result
+    (``ahead_error``): PostgreSQL asks for it again."""
     name = check_wal_name(os.path.basename(path))
     host = host or socket.gethostname()
     f = _open_wal(path)
@@ -168,11 +169,11 @@ def push(repo: Repo, path: str, *, host: str | None = None, wait: float = 3600.0
                     with _open_wal(other) as g:
                         done = _push_one(repo, lock, g, check_wal_name(os.path.basename(other)), host,
                                          compression_level, progress)
+                    result.ahead.append(done)
+                    on_ahead(done)
                 except ChunkvaultError as exc:  # the lock lost, a conflict, a remote gone: its own turn tells
                     result.ahead_error = f"{os.path.basename(other)}: {exc}"
                     break
-                result.ahead.append(done)
-                on_ahead(done)
             return result
 
 

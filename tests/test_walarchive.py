@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import threading
 import time
 from datetime import timezone
@@ -756,7 +757,7 @@ def test_stale_markers_are_swept_and_batch_needs_a_spool(tmp_path, cli, repo_url
     (spool / f"{names[1]}.ok").write_text("not json")
     cli("archive-push", "-r", repo_url, "--spool", str(spool), str(wal / names[0]))
     assert os.listdir(spool) == [f"{names[1]}.ok"]
-    assert json.loads((spool / f"{names[1]}.ok").read_text())["repository"] == repo_url
+    assert json.loads((spool / f"{names[1]}.ok").read_text())["repository"].startswith(repo_url + " ")
     result = cli("archive-push", "-r", repo_url, "--batch", "2", str(wal / names[0]), check=2)
     assert "--batch needs --spool" in result.stderr.decode()
 
@@ -860,3 +861,61 @@ sys.exit(main())
     proc = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60, env=env)
     assert proc.returncode == 131 and proc.stderr.strip() == b"chunkvault: quit", proc.stderr
     assert os.listdir(pg_wal) == [] and os.listdir(tmp_path / "repo" / "locks") == []
+
+
+def test_markers_and_fetched_files_answer_for_the_repository_made_at_that_address_alone(tmp_path, cli, repo_url):
+    """A repository made anew at the same address is another: a marker of the old one said a file was
+    archived, PostgreSQL recycled it, and the new archive never had it."""
+    wal, names = pg_wal_with_ready(tmp_path, 3)
+    spool = str(tmp_path / "spool")
+    cli("archive-push", "-r", repo_url, "--spool", spool, str(wal / names[0]))
+    dest = tmp_path / "RECOVERYXLOG"
+    cli("archive-get", "-r", repo_url, "--spool", spool, names[0], str(dest))  # names[1] and [2] fetched ahead
+    shutil.rmtree(tmp_path / "repo")
+    cli("init", "-r", repo_url, "--kdf-time", "0")
+    out = cli("archive-push", "-r", repo_url, "--spool", spool, "--batch", "1", str(wal / names[1])).stdout.decode()
+    assert f"archived {names[1]}" in out  # pushed for real: the marker was the old repository's
+    cli("archive-get", "-r", repo_url, "--spool", spool, names[1], str(dest))
+    missing = cli("archive-get", "-r", repo_url, "--spool", spool, names[2], str(tmp_path / "x"), check=1)
+    assert "is not in the WAL archive" in missing.stderr.decode()
+
+
+def test_a_spool_that_cannot_be_used_only_costs_the_batch(tmp_path, cli, repo_url):
+    """An unwritable spool failed every push with an internal error after archiving, and every get with a
+    usage error PostgreSQL took for 'not archived'."""
+    wal, names = pg_wal_with_ready(tmp_path, 3)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the spool's directory would be")
+    out = cli("archive-push", "-r", repo_url, "--spool", str(blocked / "spool"), str(wal / names[0]))
+    assert f"archived {names[0]}" in out.stdout.decode() and "cannot be used" in out.stderr.decode()
+    got = cli("archive-get", "-r", repo_url, "--spool", str(blocked / "spool"), names[0], str(tmp_path / "seg"))
+    assert (tmp_path / "seg").read_bytes() == (wal / names[0]).read_bytes()
+    assert "cannot be used" in got.stderr.decode()
+    archived_as_postgresql_would(wal, names[0])
+    spool = tmp_path / "spool"
+    (spool / f"{names[2]}.ok.tmp").mkdir(parents=True)  # no marker can be written in its place
+    result = json.loads(cli("archive-push", "-r", repo_url, "--spool", str(spool), "--json",
+                            str(wal / names[1])).stdout)
+    assert result["name"] == names[1] and [r["name"] for r in result["ahead"]] == [names[2]]
+    assert result["ahead_error"].startswith(f"{names[2]}: cannot write its marker")
+    assert not (spool / f"{names[2]}.ok").exists()
+
+
+def test_a_copy_from_the_spool_stopped_midway_leaves_nothing_beside_its_destination(tmp_path, monkeypatch):
+    """With the spool on another file system the file is copied beside pg_wal's file: a SIGQUIT then left the
+    partial copy there for good."""
+    from chunkvault import walspool
+
+    fetched = walspool.Prefetched(str(tmp_path / "spool"), "repo id")
+    (tmp_path / "pg_wal").mkdir()
+    with open(os.path.join(fetched.path, SEG), "wb") as f:
+        f.write(b"segment")
+    monkeypatch.setattr(walspool.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(18, "cross-device")))
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(walspool.shutil, "copyfileobj", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        fetched.take(SEG, str(tmp_path / "pg_wal" / "RECOVERYXLOG"))
+    assert os.listdir(tmp_path / "pg_wal") == [] and os.listdir(fetched.path) == [SEG]
