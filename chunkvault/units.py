@@ -39,7 +39,7 @@ def parse_share(value: Any) -> float:
             raise UsageError(f"not a share: {value!r} (e.g. 5% or 0.05)") from None
     if not 0 <= v <= 1:
         raise UsageError(f"share out of range (0 to 1, or 0% to 100%): {value!r}")
-    return v
+    return v or 0.0  # "-0" is no other share than 0: stored and shown as 0.0, not -0.0
 
 
 def format_size(n: float) -> str:

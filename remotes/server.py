@@ -1012,8 +1012,8 @@ class Handler(BaseHTTPRequestHandler):
             # Refused before anything else the command would store; and such a lock may take the disk's
             # reserve, kept for the forget or prune that frees a full disk.
             return self._fail(403, f"{self._append_only()}: an exclusive lock is for forget, prune, aggregate, tag, "
-                                   "rewrite, the repairs, archive-expire and key passwd and remove, which change "
-                                   "or delete what is stored")
+                                   "rewrite, the repairs, archive-expire, config set and key passwd and remove, "
+                                   "which change or delete what is stored")
         length = self._unread
         limit = self.server.settings.max_object_size
         if length > limit:

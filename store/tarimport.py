@@ -12,6 +12,7 @@ import gzip
 import os
 import tarfile
 import zlib
+from dataclasses import replace
 from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 import zstandard
@@ -26,17 +27,22 @@ GZIP_MAGIC = b"\x1f\x8b"
 IMPLIED_MODE = 0o755  # a directory the tar implies but does not list, with no listed directory below it
 _XATTR = "SCHILY.xattr."
 _ACL = ("SCHILY.acl.access", "SCHILY.acl.default")
+GNUTYPE_DUMPDIR = b"D"  # GNU tar's incremental (``tar -g``) directory: the directory and a listing of its names
+ID_LIMIT = 2**32  # owner and group ids, and device major and minor numbers, as a snapshot holds them
 Store = Callable[[BinaryIO, bytes, int], "tuple[bytes, bytes, int]"]  # (stream, path, size) -> digest, ids, size
 
 
-def member_path(name: str, strip: int = 0) -> bytes | None:
+def member_path(name: str, strip: int = 0, link_of: str | None = None) -> bytes | None:
     """A member's name as a path below the snapshot's root: leading ``/`` gone, then ``strip`` leading
     components (as GNU tar's ``--strip-components`` counts them, ``.`` included), then ``.`` parts; None
-    for a member the stripping leaves nothing of.  A ``..`` part is refused: it would lead out of the tree."""
+    for a member the stripping leaves nothing of.  A ``..`` part is refused: it would lead out of the tree.
+    ``link_of``: the member ``name`` is the hard link target of (named first in the refusal)."""
     raw = os.fsencode(name)
     parts = [p for p in raw.split(b"/") if p]
     if b".." in parts:
-        raise UsageError(f"tar member {name!r} has a '..' component: refused (it leads out of the tree)")
+        what = f"tar member {name!r}" if link_of is None else \
+            f"tar member {link_of!r} is a hard link to {name!r}, which"
+        raise UsageError(f"{what} has a '..' component: refused (it leads out of the tree)")
     if strip:
         if len(parts) <= strip:
             return None
@@ -141,16 +147,29 @@ class TarTree:
         f.paths.add(e.path)
         self.nodes[e.path] = f
 
-    def add_link(self, rel: bytes, target: bytes, member: str) -> None:
-        """A hard link member: ``rel`` names the file now at ``target`` (one the tar listed before it)."""
-        node = self.nodes.get(target)
-        if not isinstance(node, _File):
-            self.warnings.append(f"hard link {member} names {os.fsdecode(target) or '.'}, which the tar has no "
-                                 "regular file at before it: left out")
+    def add_link(self, rel: bytes, target: bytes | None, member: str, target_name: str = "") -> None:
+        """A hard link member: ``rel`` names what is now at ``target`` (one the tar listed before it; None:
+        ``target_name``, stripped away).  A symlink, FIFO or device there is copied to ``rel``: a snapshot
+        hard-links regular files only, and records two names of one such node as two, as a backup does."""
+        node = None if target is None else self.nodes.get(target)
+        shown = target_name or os.fsdecode(target or b"") or "."
+        why = ""
+        if target is None:
+            why = "which --strip-components removes"
+        elif node is None:
+            why = "which is no member the tar lists before it"
+        elif isinstance(node, Entry) and node.type == T_DIR:
+            why = "a directory, which cannot be hard-linked"
+        if why:
+            self.warnings.append(f"hard link {member} names {shown}, {why}: left out")
             self.unreadable.append(os.fsdecode(rel))
             return
         if target == rel:
             return
+        if isinstance(node, Entry):
+            self.add(replace(node, path=rel))
+            return
+        assert isinstance(node, _File)
         self.add(Entry(rel, T_HARDLINK, node.entry.mode, node.entry.uid, node.entry.gid, node.entry.mtime_ns))
         node.paths.add(rel)
         self.nodes[rel] = node
@@ -212,6 +231,21 @@ class _Watched:
         return getattr(self._inner, name)
 
 
+class _TarInfo(tarfile.TarInfo):
+    """A header read as GNU tar reads it: in a GNU-format header (magic ``ustar  \\0``) bytes 345 to 369
+    are the atime and ctime (``tar -g`` fills them in), not the ustar name prefix that tarfile would put in
+    front of every name."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> "tarfile.TarInfo":  # type: ignore[override]
+        obj = super().frombuf(buf, encoding, errors)
+        if buf[257:265] == tarfile.GNU_MAGIC and obj.type not in tarfile.GNU_TYPES:
+            obj.name = tarfile.nts(buf[0:100], encoding, errors)  # type: ignore[attr-defined]
+            if obj.isdir():
+                obj.name = obj.name.rstrip("/")
+        return obj
+
+
 def _read_exactly(raw: BinaryIO, n: int) -> bytes:
     out = b""
     while len(out) < n:
@@ -234,7 +268,8 @@ def open_tar(raw: BinaryIO) -> tarfile.TarFile:
     elif head.startswith(ZSTD_MAGIC):
         stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
     try:
-        return tarfile.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape")
+        return tarfile.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape",
+                            tarinfo=_TarInfo)
     except _DAMAGE as exc:  # at its first block: whatever it is, no tar to read
         raise UsageError(f"not a tar archive ({exc})") from None
 
@@ -274,11 +309,36 @@ def _damaged(exc: BaseException, where: str) -> IncompleteSource:
 class Member(NamedTuple):
     entry: Entry
     names: tuple[str, str]
-    link: bytes | None  # a hard link's target path
+    link: bytes | None  # a hard link's target path (None: stripped away, or no hard link)
     acl: bool = False  # the member has POSIX ACL records, which are not imported
+    link_name: str | None = None  # a hard link's target as the tar names it (None: no hard link)
+    not_held: int = 0  # a GNU dumpdir's: how many names it lists as not in this archive (an incremental dump's)
+
+
+def _not_dumped(f: BinaryIO) -> int:
+    """How many names a GNU dumpdir (``Y``/``N``/``D`` then the name, NUL-ended each) marks ``N``: in the
+    dump's directory, not in this archive (unchanged since the dump an incremental one builds on)."""
+    n, start = 0, True
+    while chunk := f.read(1 << 16):
+        n += (start and chunk[:1] == b"N") + chunk.count(b"\0N")
+        start = chunk.endswith(b"\0")
+    return n
+
+
+def _check_ids(m: tarfile.TarInfo) -> None:
+    """A member's ids and device numbers beyond a snapshot's 32 bits (a pax header can hold any) are refused,
+    naming it: GNU tar rejects such a pax value too (exit 2), and any owner given instead would be made up."""
+    named = [("uid", m.uid), ("gid", m.gid)]
+    if m.ischr() or m.isblk():
+        named += [("device major", m.devmajor), ("device minor", m.devminor)]
+    for what, value in named:
+        if not 0 <= value < ID_LIMIT:
+            raise UsageError(f"tar member {m.name!r} has {what} {value}, outside what a snapshot holds "
+                             f"(0 to {ID_LIMIT - 1}): refused")
 
 
 def _entry(m: tarfile.TarInfo, rel: bytes) -> Entry:
+    _check_ids(m)
     mtime = m.mtime
     text = m.pax_headers.get("mtime")
     try:
@@ -297,7 +357,7 @@ def _entry(m: tarfile.TarInfo, rel: bytes) -> Entry:
 def read_members(tf: tarfile.TarFile, store: Store, strip: int = 0) -> Iterator[Member]:
     """Each member of ``tf`` as an entry, a regular file's content stored through ``store`` (given the
     member's own stream) as it passes; IncompleteSource when the tar breaks off or ends before its end
-    marker, UsageError for a ``..`` name."""
+    marker, UsageError for a ``..`` name or an id a snapshot cannot hold."""
     watched = _Watched(tf.fileobj)
     tf.fileobj = watched  # type: ignore[assignment]
     count = 0
@@ -322,10 +382,14 @@ def read_members(tf: tarfile.TarFile, store: Store, strip: int = 0) -> Iterator[
             e.digest, e.chunks, e.size = store(_MemberData(f, m.name), rel, m.size)  # type: ignore[arg-type]
             yield Member(e, names, None, acl)
         elif m.islnk():
-            target = member_path(m.linkname, strip)
-            if target is None:  # stripped away with its member: no file there, as add_link says
-                target = b""
-            yield Member(e, names, target, acl)
+            # None: stripped away with its member, no file there (add_link says so)
+            target = member_path(m.linkname, strip, link_of=m.name)
+            yield Member(e, names, target, acl, m.linkname)
+        elif m.type == GNUTYPE_DUMPDIR:  # a directory, as ``tar -x`` (without -g) extracts it
+            e.type = T_DIR
+            f = tf.extractfile(m)
+            assert f is not None
+            yield Member(e, names, None, acl, not_held=_not_dumped(_MemberData(f, m.name)))  # type: ignore[arg-type]
         else:
             if m.isdir():
                 e.type = T_DIR
@@ -356,16 +420,22 @@ def read_tree(tf: tarfile.TarFile, store: Store, strip: int = 0) -> TarTree:
     """The tree of the whole tar, its files' content stored."""
     tree = TarTree()
     acl_warned = False
+    not_held = 0
     for m in read_members(tf, store, strip):
+        not_held += m.not_held
         if m.acl and not acl_warned:
             tree.warnings.append("the tar's POSIX ACL records (SCHILY.acl.*) are not imported")
             acl_warned = True
         if not m.entry.path and m.entry.type != T_DIR:
             tree.warnings.append("a member named . that is not a directory: left out")
-        elif m.link is not None:
-            tree.add_link(m.entry.path, m.link, os.fsdecode(m.entry.path))
+        elif m.link_name is not None:
+            tree.add_link(m.entry.path, m.link, os.fsdecode(m.entry.path), m.link_name)
         elif m.entry.type == T_FILE:
             tree.add_file(m.entry, m.names)
         else:
             tree.add(m.entry, m.names)
+    if not_held:  # what `tar -x` leaves too; whoever imports one level of a dump series should be told
+        tree.warnings.append(f"this GNU incremental dump lists {not_held} file(s) it does not hold (unchanged "
+                             "since the dump it builds on): the snapshot has only what the archive holds, as "
+                             "tar -x extracts it")
     return tree

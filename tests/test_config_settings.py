@@ -14,6 +14,7 @@ from chunkvault.errors import PermissionDenied, UsageError
 from chunkvault.store.blob import compress
 from chunkvault.store.config import CHANGEABLE_SETTINGS, FIXED_SETTINGS, Settings, changed_settings
 from chunkvault.store.locks import SHARED, RepoLock
+from chunkvault.units import parse_share
 from servers_http import APPEND_TOKEN, FULL_TOKEN, serve_factory, write_tokens  # noqa: F401
 from servers_ssh import SSHServer, require_sshd
 from treeutil import describe
@@ -299,3 +300,15 @@ def test_over_sftp_settings_change_and_the_next_backup_takes_them(tmp_path, cli)
         cli("check", "-r", url, "--read-data", env=env)
     finally:
         server.stop()
+
+
+def test_a_negative_zero_share_is_stored_and_shown_as_zero(tmp_path, cli):
+    """``-0`` parses to -0.0, which is no other share than 0: it was stored and shown as -0.0."""
+    import math
+    r = str(tmp_path / "repo")
+    cli("init", "-r", r, "--kdf-time", "0")
+    cli("config", "-r", r, "set", "max-diff-share", "-0")
+    share = json.loads(cli("config", "-r", r, "--json").stdout)["settings"]["max_diff_share"]
+    assert share == 0 and math.copysign(1, share) == 1
+    assert "max-diff-share  0.0\n" in cli("config", "-r", r).stdout.decode()
+    assert math.copysign(1, parse_share("-0%")) == 1

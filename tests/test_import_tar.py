@@ -363,3 +363,97 @@ def test_damaged_gzip_input_saves_nothing(new_repo, tree, damage):
     with pytest.raises(IncompleteSource):
         repo.import_tar(io.BytesIO(data), "/src")
     assert repo.snapshots() == []
+
+
+def test_a_gnu_incremental_dump_imports_as_tar_x_extracts_it(new_repo, tmp_path):
+    """A GNU header's atime and ctime (``tar -g`` fills them) were read as a name prefix, and its dumpdir
+    members (type D) were skipped: every path moved under a made-up directory, directories lost."""
+    src = tmp_path / "src"
+    (src / "priv" / "sub").mkdir(parents=True)
+    (src / "empty").mkdir()
+    (src / "priv" / "sub" / "secret").write_text("secret\n")
+    os.chmod(src / "priv", 0o700)
+    os.chmod(src / "empty", 0o711)
+    snar = tmp_path / "snar"
+
+    def dump() -> bytes:
+        return subprocess.run(["tar", f"--listed-incremental={snar}", "-C", str(src), "-cf", "-", "."],
+                              capture_output=True, check=True).stdout
+
+    repo = new_repo()
+    result = repo.import_tar(io.BytesIO(dump()), "/inc")
+    assert result.warnings == []
+    same_tree(src, restored(repo, result.snapshot, tmp_path / "out"), times=False)
+    (src / "new").write_text("new\n")  # level 1: "secret" is listed in its directory, not held
+    result = repo.import_tar(io.BytesIO(dump()), "/inc")
+    assert len(result.warnings) == 1 and "lists 1 file(s) it does not hold" in result.warnings[0]
+    by = {e.path: e for e in repo.tree(result.snapshot)}
+    assert b"new" in by and b"priv/sub/secret" not in by and by[b"priv"].mode == 0o700
+
+
+def test_hard_links_to_a_symlink_fifo_or_device_are_copies_of_it(new_repo, tmp_path):
+    """``cp -al`` and rsnapshot trees hard-link their symlinks: tar records the second name as a hard link,
+    which was left out.  Two names of one such node are two entries, as a backup records them."""
+    from chunkvault.store.manifest import T_CHARDEV, T_FIFO, T_SYMLINK
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "file").write_text("data\n")
+    os.symlink("file", src / "a" / "link")
+    subprocess.run(["cp", "-al", str(src / "a"), str(src / "b")], check=True)
+    repo = new_repo()
+    result = repo.import_tar(io.BytesIO(gnu_tar(src)), "/hs")
+    assert result.warnings == []
+    same_tree(src, restored(repo, result.snapshot, tmp_path / "out"), times=False)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, kind in (("d/null", tarfile.CHRTYPE), ("d/fifo", tarfile.FIFOTYPE), ("d/sym", tarfile.SYMTYPE)):
+            i = tarfile.TarInfo(name)
+            i.type, i.devmajor, i.devminor, i.mode, i.uid, i.linkname = kind, 1, 3, 0o620, 7, "there"
+            t.addfile(i)
+            h = tarfile.TarInfo(name + "2")
+            h.type, h.linkname = tarfile.LNKTYPE, name
+            t.addfile(h)
+    result = repo.import_tar(io.BytesIO(out.getvalue()), "/dev")
+    assert result.warnings == []
+    by = {e.path: e for e in repo.tree(result.snapshot)}
+    assert (by[b"d/null2"].type, by[b"d/null2"].rdev, by[b"d/null2"].mode, by[b"d/null2"].uid) == \
+        (T_CHARDEV, os.makedev(1, 3), 0o620, 7)
+    assert by[b"d/fifo2"].type == T_FIFO and (by[b"d/sym2"].type, by[b"d/sym2"].target) == (T_SYMLINK, b"there")
+
+
+def test_a_hard_link_to_nothing_or_a_directory_says_which(new_repo):
+    t = TarTree()
+    t.add(Entry(b"d", T_DIR, 0o700))
+    t.add_link(b"x/l", b"x/none", "x/l", "./x/none")
+    t.add_link(b"x/ld", b"d", "x/ld")
+    t.add_link(b"ls", None, "ls", "top")
+    assert t.warnings == ["hard link x/l names ./x/none, which is no member the tar lists before it: left out",
+                          "hard link x/ld names d, a directory, which cannot be hard-linked: left out",
+                          "hard link ls names top, which --strip-components removes: left out"]
+    assert t.unreadable == ["x/l", "x/ld", "ls"]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tf:
+        tf.addfile(tarfile.TarInfo("a/f"), io.BytesIO())
+        h = tarfile.TarInfo("a/g")
+        h.type, h.linkname = tarfile.LNKTYPE, "../a/f"
+        tf.addfile(h)
+    with pytest.raises(UsageError, match=r"tar member 'a/g' is a hard link to '\.\./a/f', which has a '\.\.'"):
+        new_repo().import_tar(io.BytesIO(out.getvalue()), "/src")
+
+
+@pytest.mark.parametrize("field", ["uid", "gid", "devmajor"])
+def test_an_id_beyond_32_bits_is_refused_naming_the_member(cli, tmp_path, field):
+    """A pax header holds any uid; a snapshot 32 bits: this was an internal error (exit 1)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as t:
+        i = tarfile.TarInfo("dir/member")
+        if field == "devmajor":
+            i.type = tarfile.CHRTYPE
+        setattr(i, field, 2**40)
+        t.addfile(i)
+    url = str(tmp_path / "repo")
+    cli("init", "-r", url, "--kdf-time", "0")
+    proc = cli("import-tar", "-r", url, "--path", "/x", "-", input=out.getvalue(), check=2)
+    assert proc.stderr.decode().splitlines() == [
+        f"chunkvault: tar member 'dir/member' has {field.replace('dev', 'device ')} 1099511627776, outside what "
+        "a snapshot holds (0 to 4294967295): refused"]

@@ -1013,6 +1013,7 @@ def test_an_append_only_token_takes_no_exclusive_lock(http_server):
     stored a pack and an index before they were refused."""
     status, reply = raw_request(http_server.port, "PUT", "/objects/locks/x-" + "1" * 32, b"{}", token=APPEND_TOKEN)
     assert status == 403 and "an exclusive lock is for forget, prune" in reply["error"]
+    assert "config set" in reply["error"]  # it takes one too
     assert raw_request(http_server.port, "PUT", "/objects/locks/" + "1" * 32, b"{}", token=APPEND_TOKEN)[0] == 201
     assert raw_request(http_server.port, "PUT", "/objects/locks/x-" + "2" * 32, b"{}", token=FULL_TOKEN)[0] == 201
 
