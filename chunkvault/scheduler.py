@@ -609,13 +609,15 @@ class Runner:
         try:
             dest = self.opener(target.url, self.copy_password(target))
             try:
-                done = self._copy_into(repo, dest, src, result.snapshot_id, shown)
+                done, wal_failed = self._copy_into(repo, dest, src, result.snapshot_id, shown)
                 result.copy = done.to_dict()
                 if target.retention is not None and not self.stop.is_set():
                     step = "copy-retention"
                     saved = next((b for a, b in done.copied if a == result.snapshot_id), None)
                     done.retention = self._retention(dest, src, False, saved, target.retention, f" at {shown}")
                     result.copy = done.to_dict()
+                if wal_failed:  # the snapshots went, and their retention ran: the run still fails
+                    self._copy_failed(src, result, f"copy at {shown}", wal_failed)
             finally:
                 close = getattr(dest, "close", None)
                 if close is not None:
@@ -631,7 +633,9 @@ class Runner:
             self._copy_failed(src, result, f"{step} at {shown}", f"internal error: {type(exc).__name__}: {exc}")
         return True
 
-    def _copy_into(self, repo: Any, dest: Any, src: Source, saved: str, shown: str) -> CopyDone:
+    def _copy_into(self, repo: Any, dest: Any, src: Source, saved: str, shown: str) -> tuple[CopyDone, str]:
+        """The snapshots copied (a snapshot not copied is a ChunkvaultError), and what archived WAL files were
+        not, as the run's error ("": none): the snapshots that went are recorded, and their retention runs."""
         host = self._host(src)
         there = [s.datetime for s in src.history(dest.snapshots(), host)]
         newest = max(there, default=None)
@@ -639,14 +643,15 @@ class Runner:
                if s.id == saved or newest is not None and s.datetime > newest]
         assert src.copy_to is not None
         copied = repo.copy_to(dest, ids, wal=src.copy_to.wal)
-        if copied.failed or copied.wal_failed:
+        wal_failed = "; ".join(f"wal/{a} not copied: {why}" for a, why in copied.wal_failed)
+        if copied.failed:
             raise ChunkvaultError("; ".join([f"{a[:8]} not copied: {why}" for a, why in copied.failed]
-                                            + [f"wal/{a} not copied: {why}" for a, why in copied.wal_failed]))
+                                            + ([wal_failed] if wal_failed else [])))
         done = CopyDone(shown, list(copied.copied), list(copied.skipped), copied.bytes_sent)
         wal = f", {len(copied.wal_copied)} archived WAL file(s)" if src.copy_to.wal else ""
         self.log(f"{src.name}: copied {len(done.copied)} snapshot(s){wal} to {shown} ({len(done.skipped)} there "
                  f"already, {format_size(done.bytes_sent)} sent)")
-        return done
+        return done, wal_failed
 
     def _copy_failed(self, src: Source, result: SourceResult, what: str, why: str) -> None:
         result.copy_error = f"{what}: {why}"
@@ -1064,21 +1069,20 @@ def _opener(args: argparse.Namespace) -> Callable[[str, bytes], Any]:
 @contextmanager
 def _warnings_logged(log: "_Log | None") -> Iterator[None]:
     """A command's warnings (a wait for the repository lock, a remote retried) go into its log, timestamped:
-    a scheduled run could wait an hour for a lock with nothing in its log file.  With a file they are shown
-    on stderr too; a log that is stderr has them once, timestamped as its other lines."""
+    a scheduled run could wait an hour for a lock with nothing in its log file.  They go there alone, as
+    every other line does (``--log FILE``: instead of stderr, which a service manager's journal keeps too)."""
     if log is None:
         yield
         return
     shown = warnings.showwarning
 
-    def both(message: Any, category: type[Warning], *rest: Any) -> None:
+    def logged(message: Any, category: type[Warning], *rest: Any) -> None:
         if issubclass(category, ChunkvaultWarning):
             log(f"warning: {message}")
-            if not log.owned:  # the log is stderr: once is enough
-                return
-        shown(message, category, *rest)
+        else:
+            shown(message, category, *rest)
 
-    warnings.showwarning = both
+    warnings.showwarning = logged
     try:
         yield
     finally:

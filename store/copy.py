@@ -294,6 +294,9 @@ def _send_wal(src: Repo, dst: Repo, mapper: _BlobMapper, result: CopyResult) -> 
     """The data of each archived WAL file the destination lacks (by name), sent; their objects as the
     destination names their blobs (ids are keyed per repository), to write once that data is indexed."""
     files, bad = walarchive.load_all(src)
+    # A push writes its index before its object: one listed now names blobs of an index this copy may not
+    # have read yet (archive_command runs on while a copy does), which are not missing.
+    src.refresh_index()
     result.wal_failed += [(name, f"{walarchive.WAL_PREFIX}{name} does not load: {exc.reason}")
                           for name, exc in sorted(bad.items())]
     there = set(walarchive.names(dst))

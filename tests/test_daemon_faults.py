@@ -386,6 +386,21 @@ def test_a_daemon_s_warnings_on_stderr_are_timestamped(capsys):
         "2026-03-01T02:00:00Z warning: stub://down: get data/ab failed; retrying in 1.0 s"]
 
 
+def test_with_a_log_file_a_run_s_warnings_go_there_alone(tmp_path, capsys):
+    """`--log FILE` logs instead of stderr: a remote retried or a lock waited for was written to both, and a
+    service manager's journal kept a second copy of each."""
+    log = _Log(str(tmp_path / "daemon.log"), lambda: datetime(2026, 3, 1, 2, 0, tzinfo=UTC))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *rest: sys.stderr.write(f"{message}\n")  # as the command's
+        with _warnings_logged(log):
+            warnings.warn("stub://down: get data/ab failed; retrying in 1.0 s", RemoteRetryWarning)
+    log.close()
+    assert capsys.readouterr().err == ""
+    assert (tmp_path / "daemon.log").read_text().splitlines() == [
+        "2026-03-01T02:00:00Z warning: stub://down: get data/ab failed; retrying in 1.0 s"]
+
+
 # --------------------------------------------------------------------------- 9. stops, log rotation, hooks, -q
 
 

@@ -569,3 +569,28 @@ def test_copy_wal_sends_the_archived_wal_with_each_copy(tmp_path, repos, tree):
     assert (tmp_path / "got").read_bytes() == seg.read_bytes()
     plain = write_policy(tmp_path / "q.toml", main, [{"name": "db", "paths": [str(tree)]}], top=top)
     assert not load_policy(str(plain)).sources[0].copy_to.wal
+
+
+def test_a_wal_file_not_copied_fails_the_run_after_the_snapshots_went_and_their_retention_ran(tmp_path, repos,
+                                                                                              tree):
+    """A WAL file that did not go raised before the copy was recorded: the summary said `copied 0` although
+    the snapshot was at the destination, and copy-retention never ran."""
+    main, off = repos
+    seg = tmp_path / "000000010000000000000001"
+    seg.write_bytes(os.urandom(1 << 16))
+    with Repository.open(main, PASSWORD) as r:
+        r.archive_push(seg)
+    victim = Path(main) / "wal" / seg.name
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")  # it no longer opens: it cannot go
+    policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
+                               top=f'full = "daily 02:00"\ncopy-to = {q(off)}\ncopy-to-password-file = "off.pw"\n'
+                                   'copy-wal = true\ncopy-retention = { keep-last = 1 }\n')
+    day = datetime(2026, 3, 1, 2, 30, tzinfo=UTC)
+    log: list[str] = []
+    run(policy_path, tmp_path, log, day)
+    (tree / "notes.txt").write_text("changed\n")
+    report = run(policy_path, tmp_path, log, day + timedelta(days=1))
+    db = report.sources[0]
+    assert not report.ok and db.status == "failed" and f"wal/{seg.name} not copied" in db.copy_error
+    assert [c["source"] for c in db.copy["copied"]] == [db.snapshot_id]
+    assert db.copy["retention"]["removed"] != [] and len(offsite(off)) == 1

@@ -626,6 +626,38 @@ def test_copy_wal_sends_the_archived_files_the_destination_lacks(tmp_path, passw
     dst.close()
 
 
+def test_a_file_archived_while_a_copy_runs_is_sent_not_called_damaged(tmp_path, password):
+    """archive_command runs on while a copy does (a scheduled run's postgres backup makes the server switch
+    segments): the copy listed the new object but had read the index before the push wrote its own, and
+    called the file's blobs missing, exit 13, pointing at `repair index`."""
+    import subprocess
+    import sys
+
+    src_url = str(tmp_path / "src")
+    src = Repository.init(src_url, password, kdf_seconds=0)
+    dst = Repository.init(str(tmp_path / "dst"), password, kdf_seconds=0)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_bytes(random.Random(4).randbytes(1 << 20))
+    src.backup([str(data)])
+    seg = segment_file(tmp_path, SEG, size=1 << 20)
+    pushed = []
+
+    def progress(*_):  # during the copy, once its index is loaded: another process archives
+        if not pushed:
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")},
+                   "CHUNKVAULT_PASSWORD": password}
+            pushed.append(subprocess.run([sys.executable, "-m", "chunkvault.cli", "archive-push", "-q", "-r",
+                                          src_url, str(seg)], env=env).returncode)
+
+    result = src.copy_to(dst, wal=True, progress=progress)
+    assert pushed == [0] and result.wal_failed == [] and result.wal_copied == [SEG]
+    dst.archive_get(SEG, tmp_path / "got")
+    assert (tmp_path / "got").read_bytes() == seg.read_bytes()
+    src.close()
+    dst.close()
+
+
 @pytest.mark.parametrize("same_chunker", [True, False])
 def test_copy_wal_names_a_file_the_destination_archived_with_other_content(tmp_path, password, cli, same_chunker,
                                                                           monkeypatch):
