@@ -1363,8 +1363,8 @@ def cmd_archive_push(args: argparse.Namespace) -> int:
                          "files pushed ahead")
     ahead: list[str] = []
     spool = None
-    connected = _remote(args)
-    identity = _spool_identity(args, connected[0]) if args.spool else None
+    connected = _remote(args) if args.spool else None  # else the key is derived while connecting (``_open``)
+    identity = _spool_identity(args, connected[0]) if connected is not None else None
     if identity is not None:
         name = check_wal_name(os.path.basename(args.path))
         try:
@@ -1373,6 +1373,7 @@ def cmd_archive_push(args: argparse.Namespace) -> int:
             _spool_unusable(args.spool, exc, "pushing this file alone")
     if spool is not None:
         if spool.claim(name, args.path):  # pushed ahead by an earlier call: no password, no index
+            assert connected is not None
             connected[0].close()
             if args.json:
                 _emit_json({"name": name, "pushed_ahead": True})
@@ -1415,8 +1416,8 @@ def cmd_archive_get(args: argparse.Namespace) -> int:
     if args.prefetch is not None and not args.spool:
         raise UsageError("--prefetch needs --spool DIR: the directory the files fetched ahead wait in")
     spool = None
-    connected = _remote(args)
-    identity = _spool_identity(args, connected[0]) if args.spool else None
+    connected = _remote(args) if args.spool else None  # else the key is derived while connecting (``_open``)
+    identity = _spool_identity(args, connected[0]) if connected is not None else None
     if identity is not None:
         check_wal_name(args.name)
         try:
@@ -1430,6 +1431,7 @@ def cmd_archive_get(args: argparse.Namespace) -> int:
             warn(f"cannot take {args.name} from the spool ({exc.strerror or exc}): fetching it from the repository")
             taken = False
         if taken:  # fetched ahead by an earlier call: no password, no index
+            assert connected is not None
             connected[0].close()
             spool.sweep(args.name)
             if args.json:
