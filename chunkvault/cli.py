@@ -1458,6 +1458,25 @@ def cmd_archive_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_archive_check(args: argparse.Namespace) -> int:
+    from .errors import ArchiveCheckFailed
+
+    repo = _open(args)
+    try:
+        result = repo.archive_check(args.pg_connect, timeout=args.timeout)
+    except ArchiveCheckFailed as exc:
+        if args.json and exc.partial is not None:  # the server's statistics, for a program to read
+            _emit_json(exc.partial.to_dict())
+        raise
+    if args.json:
+        _emit_json(result.to_dict())
+    elif not args.quiet:
+        s = result.status
+        print(f"{result.segment} reached the repository in {result.waited:.1f} s (archive_mode = {s.archive_mode}; "
+              f"{s.archived_count} archived, {s.failed_count} failed since the server's statistics were reset)")
+    return 0
+
+
 def cmd_archive_list(args: argparse.Namespace) -> int:
     from .store.walnames import timelines
 
@@ -2456,6 +2475,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("archive-list", parents=[common], help="list the archived WAL files: name, size, time, host")
     s.set_defaults(func=cmd_archive_list)
+
+    s = sub.add_parser("archive-check", parents=[common],
+                       help="prove that the running PostgreSQL's WAL reaches the repository: switch to a new "
+                            "segment and wait until it is archived here")
+    s.add_argument("--pg-connect", metavar="CONNINFO",
+                   help="psql's connection string or database name (default: the PG* variables)")
+    s.add_argument("--timeout", type=_argument(_check_above_zero, float), default=60.0, metavar="SECONDS",
+                   help="how long the segment may take to reach the repository (default 60)")
+    s.set_defaults(func=cmd_archive_check)
 
     s = sub.add_parser("archive-expire", parents=[common],
                        help="remove archived WAL segments before a segment of its timeline (then prune)")

@@ -288,3 +288,11 @@ class ArchiveConflict(ChunkvaultError):
     """``archive-push`` of a name already archived with other content: nothing new is made visible."""
 
     exit_code = 22
+
+
+class ArchiveCheckFailed(ChunkvaultError):
+    """``archive-check``: the server does not archive its WAL (``archive_mode`` off, no ``archive_command``),
+    or the segment it switched to did not reach the repository in time; the message says what the server
+    reports.  ``partial``: the check's result, with the server's archiver statistics."""
+
+    exit_code = 23

@@ -205,7 +205,8 @@ class PgBackupSession:
         self._proc = None
         raise SourceCommandFailed(f"PostgreSQL: {reason}")
 
-    def _value(self, sql: str) -> str:
+    def value(self, sql: str) -> str:
+        """The one value of a one-row, one-column answer."""
         rows = self.query(sql)
         if len(rows) != 1 or len(rows[0]) != 1:
             raise SourceCommandFailed(f"PostgreSQL answered {sql!r} with {len(rows)} rows, not one value")
@@ -218,21 +219,21 @@ class PgBackupSession:
             raise UsageError("this session has started a backup already")
         if "\n" in label or len(label) > 1023:
             raise UsageError("a backup label is one line of at most 1023 characters")
-        version = int(self._value("SELECT current_setting('server_version_num')"))
+        version = int(self.value("SELECT current_setting('server_version_num')"))
         if version < OLDEST_VERSION:
             raise SourceCommandFailed(f"PostgreSQL {version // 10000}.{version // 100 % 100} is too old for a "
                                       "base backup by chunkvault (10 or newer)")
-        standby = self._value("SELECT pg_is_in_recovery()") == "t"
+        standby = self.value("SELECT pg_is_in_recovery()") == "t"
         if standby:
             self._standby_ready()
         try:
-            data_directory = self._value("SELECT current_setting('data_directory')")
+            data_directory = self.value("SELECT current_setting('data_directory')")
         except SourceCommandFailed as exc:  # a role with REPLICATION and EXECUTE but no settings to read
             if "pg_read_all_settings" not in str(exc):
                 raise
             raise SourceCommandFailed(f"{exc} (the backup checks the server's data directory is the one it reads: "
                                       "GRANT pg_read_all_settings TO the role)") from None
-        segment_size = int(self._value("SELECT setting::bigint * (CASE unit WHEN '8kB' THEN 8192 WHEN 'B' "
+        segment_size = int(self.value("SELECT setting::bigint * (CASE unit WHEN '8kB' THEN 8192 WHEN 'B' "
                                        "THEN 1 ELSE 1048576 END) FROM pg_settings WHERE name = 'wal_segment_size'"))
         tablespaces = [(int(oid), loc) for oid, loc in self.query(
             "SELECT oid, pg_tablespace_location(oid) FROM pg_tablespace "
@@ -243,9 +244,9 @@ class PgBackupSession:
         quoted = label.replace("'", "''")
         fast_sql = "true" if fast else "false"
         if version >= RENAMED_IN:
-            lsn = self._value(f"SELECT pg_backup_start('{quoted}', {fast_sql})")
+            lsn = self.value(f"SELECT pg_backup_start('{quoted}', {fast_sql})")
         else:
-            lsn = self._value(f"SELECT pg_start_backup('{quoted}', {fast_sql}, false)")
+            lsn = self.value(f"SELECT pg_start_backup('{quoted}', {fast_sql}, false)")
         self._started = BackupStart(parse_lsn(lsn), data_directory, version, segment_size, tablespaces, standby)
         return self._started
 
@@ -267,19 +268,19 @@ class PgBackupSession:
             time.sleep(min(0.2, self.standby_wait / 10))
 
     def _refuse_paused(self) -> None:
-        if self._value("SELECT pg_is_wal_replay_paused()") == "t":
+        if self.value("SELECT pg_is_wal_replay_paused()") == "t":
             raise SourceCommandFailed("PostgreSQL is a standby whose replay is paused (pg_wal_replay_pause): "
                                       "resume it with SELECT pg_wal_replay_resume() to back it up")
 
     def _catch_up(self) -> None:
         """Wait, up to ``standby_wait``, for the standby to replay what it has received (from the primary,
         while the files were read), so the copy, which recovers to the replay position, holds it."""
-        received = self._value("SELECT coalesce(pg_last_wal_receive_lsn()::text, '')")
+        received = self.value("SELECT coalesce(pg_last_wal_receive_lsn()::text, '')")
         if not received:
             return
         target = parse_lsn(received)
         deadline = time.monotonic() + self.standby_wait
-        while parse_lsn(self._value("SELECT pg_last_wal_replay_lsn()")) < target:
+        while parse_lsn(self.value("SELECT pg_last_wal_replay_lsn()")) < target:
             self._refuse_paused()
             if time.monotonic() >= deadline:
                 raise SourceCommandFailed(f"PostgreSQL is a standby that did not replay up to {format_lsn(target)}, "

@@ -69,6 +69,7 @@ if TYPE_CHECKING:  # the modules of other commands load when used: a backup need
     from .store.stats import RepositoryStats
     from .store.usage import SnapshotUsage
     from .store.walarchive import PushResult, WalFile
+    from .archivecheck import ArchiveCheck
 
 __all__ = ["Repository", "Snapshot", "Entry", "SourceWalk"]
 
@@ -932,6 +933,42 @@ class Repository:
         walnames.check_wal_name(after)
         with self.reading("archive-get", wait=_wait(wait)):
             return walarchive.prefetch(self._repo, after, os.fsdecode(directory), count)
+
+    @_stoppable
+    def archive_check(self, pg_connect: str | None = None, timeout: float = 60.0) -> "ArchiveCheck":
+        """Prove that the running PostgreSQL's WAL reaches this repository (pgBackRest's ``check``): read its
+        archiving settings and archiver statistics through psql (``pg_connect``: a connection string or
+        database name; None: the ``PG*`` variables), write a restore point, switch to a new WAL segment, and
+        wait up to ``timeout`` seconds until the segment closed is archived here, its object opens and its
+        data is indexed (read under the shared lock, waiting for a prune up to ``timeout`` too).  Returns the ArchiveCheck (``segment``, ``waited``, ``status``: the server's
+        settings and archiver statistics).  ArchiveCheckFailed (exit 23, the result as its ``partial``) when
+        the server does not archive (``archive_mode`` off, no ``archive_command``) or the segment does not
+        come in time, saying what the server reports; UsageError for a standby; SourceCommandFailed
+        (exit 20) when psql cannot run or the server cannot be reached.  An ``archive_command`` that does
+        not run ``archive-push`` is warned about (ArchiveCommandWarning)."""
+        from .archivecheck import archive_check, session_for
+        from .store import walarchive
+
+        self._refuse_if_closed()
+        found: dict[str, "WalFile"] = {}
+
+        def archived(name: str) -> bool:
+            wal = walarchive.load(self._repo, name)
+            if wal is not None:
+                found[name] = wal
+            return wal is not None
+
+        with session_for(pg_connect) as session:
+            result = archive_check(session, archived, timeout)
+        assert result.segment is not None
+        # its data is indexed (a push stores it before its object), read behind a prune for up to the timeout
+        with self.reading("archive-check", wait=timeout):
+            index = self._repo.fresh_index()
+            lacking = [b for b in found[result.segment].blob_ids() if b not in index]
+        if lacking:
+            raise MissingObject(f"blob {lacking[0].hex()}", f"missing from the index, needed by "
+                                f"{walarchive.WAL_PREFIX}{result.segment} ({len(lacking)} blobs): run check")
+        return result
 
     def archive_list(self) -> list["WalFile"]:
         """The archived files, by name; one that does not load is left out with a RepositoryStateWarning."""

@@ -113,6 +113,26 @@ def run_as(user: str | None, argv: Sequence[str], *, env: dict[str, str] | None 
     return proc
 
 
+
+def command_line(*args: str) -> str:
+    """A chunkvault command line as PostgreSQL runs it (it has none of our environment: everything is given)."""
+    return " ".join(shlex.quote(a) for a in (sys.executable, "-m", "chunkvault.cli", *args))
+
+
+def conf_line(name: str, value: str) -> str:
+    """A postgresql.conf line setting ``name`` to the string ``value``."""
+    return f"{name} = '" + value.replace("'", "''") + "'\n"
+
+
+def runnable_by(user: str | None) -> bool:
+    """Whether PostgreSQL's user can run this Python with chunkvault: not one in a private home, as root."""
+    if user is None:
+        return True
+    try:
+        return run_as(user, [sys.executable, "-c", "import chunkvault.cli"], check=False).returncode == 0
+    except OSError:
+        return False
+
 @dataclass
 class PgServer:
     """A PostgreSQL server on a data directory; ``start``/``stop`` it, query it with ``sql``."""

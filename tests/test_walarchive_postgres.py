@@ -17,32 +17,13 @@ from conftest import PASSWORD
 pytestmark = pytest.mark.slow
 
 
-def chunkvault(*args: str) -> str:
-    """The command line PostgreSQL runs (it has none of our environment: everything is given)."""
-    return " ".join(shlex.quote(a) for a in (sys.executable, "-m", "chunkvault.cli", *args))
-
-
-def conf_line(name: str, value: str) -> str:
-    return f"{name} = '" + value.replace("'", "''") + "'\n"
-
-
-def runnable_by(user: str | None) -> bool:
-    """Whether PostgreSQL's user can run this Python with chunkvault: not one in a private home, as root."""
-    if user is None:
-        return True
-    try:
-        return servers_pg.run_as(user, [sys.executable, "-c", "import chunkvault.cli"], check=False).returncode == 0
-    except OSError:
-        return False
-
-
 def test_recovery_to_a_time_between_snapshots_reads_the_archived_wal(tmp_path):
     """Where the server's user cannot run chunkvault, its commands copy into and out of spool directories
     that the test pushes from and fetches into with the same commands: recovery is the same test."""
     bindir = servers_pg.require_postgres()
     cluster = servers_pg.PgCluster(bindir)
     user = cluster.user
-    direct = runnable_by(user)
+    direct = servers_pg.runnable_by(user)
     shared = servers_pg.shared_tempdir("chunkvault-pitr-")
     restored = None
     try:
@@ -68,9 +49,9 @@ def test_recovery_to_a_time_between_snapshots_reads_the_archived_wal(tmp_path):
         cluster.init()
         with open(os.path.join(cluster.datadir, "postgresql.conf"), "a") as f:
             f.write("archive_mode = on\n")
-            push = chunkvault("archive-push", "-q", "-r", repo, "--password-file", password_file, "--spool",
-                              os.path.join(shared, "push-spool")) + " %p"
-            f.write(conf_line("archive_command", push if direct else f"cp %p {shlex.quote(spool)}/%f"))
+            push = servers_pg.command_line("archive-push", "-q", "-r", repo, "--password-file", password_file,
+                                           "--spool", os.path.join(shared, "push-spool")) + " %p"
+            f.write(servers_pg.conf_line("archive_command", push if direct else f"cp %p {shlex.quote(spool)}/%f"))
         cluster.start()
         c = cluster
         c.sql("create table t (id int primary key); insert into t select generate_series(1, 100)")
@@ -98,10 +79,10 @@ def test_recovery_to_a_time_between_snapshots_reads_the_archived_wal(tmp_path):
         cli("restore", "latest", "--target", data)
         with open(os.path.join(data, "postgresql.conf"), "a") as f:
             f.write("archive_mode = off\n")
-            get = chunkvault("archive-get", "-q", "-r", repo, "--password-file", password_file, "--spool",
-                             os.path.join(shared, "get-spool")) + ' %f "%p"'
-            f.write(conf_line("restore_command", get if direct else f'cp {shlex.quote(fetched)}/%f "%p"'))
-            f.write(conf_line("recovery_target_time", target))
+            get = servers_pg.command_line("archive-get", "-q", "-r", repo, "--password-file", password_file,
+                                          "--spool", os.path.join(shared, "get-spool")) + ' %f "%p"'
+            f.write(servers_pg.conf_line("restore_command", get if direct else f'cp {shlex.quote(fetched)}/%f "%p"'))
+            f.write(servers_pg.conf_line("recovery_target_time", target))
             f.write("recovery_target_action = 'promote'\n")
         open(os.path.join(data, "recovery.signal"), "w").close()
         if not direct:

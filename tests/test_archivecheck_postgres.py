@@ -1,0 +1,98 @@
+"""``archive-check`` against a real PostgreSQL: refused while it does not archive, passing once its WAL reaches
+the repository, failing with the archiver's own account when its ``archive_command`` fails."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import servers_pg
+from conftest import PASSWORD
+
+pytestmark = pytest.mark.slow
+
+
+def test_archive_check_follows_what_the_server_archives():
+    """Where the server's user cannot run chunkvault, its command copies into a spool that a thread pushes
+    from with archive-push, as a second machine would: the check waits for the repository either way."""
+    bindir = servers_pg.require_postgres()
+    cluster = servers_pg.PgCluster(bindir)
+    user = cluster.user
+    direct = servers_pg.runnable_by(user)
+    shared = servers_pg.shared_tempdir("chunkvault-archive-check-")
+    pushing = threading.Event()
+    pusher = None
+    try:
+        repo = os.path.join(shared, "repo")
+        password_file = os.path.join(shared, "password")
+        with open(password_file, "w") as f:
+            f.write(PASSWORD + "\n")
+        os.chmod(password_file, 0o600)
+        servers_pg.give_to(password_file, user)
+        spool = os.path.join(shared, "spool")
+        os.mkdir(spool, 0o700)
+        servers_pg.give_to(spool, user)
+        servers_pg.give_to(shared, user)
+
+        def cli(*args: str, code: int = 0) -> subprocess.CompletedProcess:
+            argv = [sys.executable, "-m", "chunkvault.cli", *args, "-r", repo, "--password-file", password_file]
+            proc = servers_pg.run_as(user if direct else None, argv, env={**cluster.env(), "PGUSER": "postgres"},
+                                     check=False)
+            assert proc.returncode == code, proc.stdout + proc.stderr
+            return proc
+
+        cli("init", "--kdf-time", "0")
+        cluster.init()
+        cluster.start()
+        connect = f"host={cluster.rundir} port={cluster.port} user=postgres dbname=postgres"
+
+        off = cli("archive-check", "--pg-connect", connect, "--json", code=23)
+        assert "archive_mode = off" in off.stderr and len(off.stderr.strip().splitlines()) == 1
+        doc = json.loads(off.stdout)
+        assert doc["ok"] is False and doc["segment"] is None and doc["archive_mode"] == "off"
+
+        cluster.stop()
+        with open(os.path.join(cluster.datadir, "postgresql.conf"), "a") as f:
+            f.write("archive_mode = on\n")
+            push = servers_pg.command_line("archive-push", "-q", "-r", repo, "--password-file", password_file) + " %p"
+            f.write(servers_pg.conf_line("archive_command", push if direct else f"cp %p {shlex.quote(spool)}/%f"))
+        cluster.start()
+        connect = f"host={cluster.rundir} port={cluster.port} user=postgres dbname=postgres"
+        if not direct:
+            def push_spooled() -> None:
+                while not pushing.wait(0.3):
+                    for name in sorted(os.listdir(spool)):
+                        path = os.path.join(spool, name)
+                        cli("archive-push", path)
+                        os.unlink(path)
+            pusher = threading.Thread(target=push_spooled, daemon=True)
+            pusher.start()
+
+        passed = cli("archive-check", "--pg-connect", connect, "--json", "--timeout", "120")
+        doc = json.loads(passed.stdout)
+        assert doc["ok"] is True and doc["error"] is None and doc["archive_mode"] == "on", passed.stdout
+        assert doc["segment"] in cli("archive-list").stdout
+        assert doc["archiver"]["failed_count"] == 0 and doc["archiver"]["archived_count"] >= 1
+        assert ("does not run chunkvault archive-push" in passed.stderr) == (not direct), passed.stderr
+        again = cli("archive-check", "--pg-connect", connect, "--timeout", "120")  # nothing written since
+        assert "reached the repository" in again.stdout and doc["segment"] not in again.stdout
+
+        cluster.sql("alter system set archive_command = 'false'")
+        cluster.sql("select pg_reload_conf()")
+        failing = cli("archive-check", "--pg-connect", connect, "--timeout", "5", code=23)
+        warned, message = failing.stderr.strip().splitlines()  # archive_command 'false' is warned of, then the error
+        assert "archive_command (false) does not run chunkvault archive-push" in warned
+        assert message.startswith("chunkvault: 0000000100000000000000") and "within 5 s" in message, message
+        assert "archive_command has been failing since its last success" in message and "see its log" in message
+    finally:
+        pushing.set()
+        if pusher is not None:
+            pusher.join(60)
+        cluster.destroy()
+        shutil.rmtree(shared, ignore_errors=True)
