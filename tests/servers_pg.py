@@ -114,6 +114,15 @@ def run_as(user: str | None, argv: Sequence[str], *, env: dict[str, str] | None 
 
 
 
+def password_file(directory: str, password: str, user: str | None) -> str:
+    """A password file in ``directory`` that only ``user`` (the server's) can read, as archive_command needs."""
+    path = os.path.join(directory, "password")
+    with open(path, "w") as f:
+        f.write(password + "\n")
+    os.chmod(path, 0o600)
+    give_to(path, user)
+    return path
+
 def command_line(*args: str) -> str:
     """A chunkvault command line as PostgreSQL runs it (it has none of our environment: everything is given)."""
     return " ".join(shlex.quote(a) for a in (sys.executable, "-m", "chunkvault.cli", *args))

@@ -30,11 +30,7 @@ def test_archive_check_follows_what_the_server_archives():
     pusher = None
     try:
         repo = os.path.join(shared, "repo")
-        password_file = os.path.join(shared, "password")
-        with open(password_file, "w") as f:
-            f.write(PASSWORD + "\n")
-        os.chmod(password_file, 0o600)
-        servers_pg.give_to(password_file, user)
+        password_file = servers_pg.password_file(shared, PASSWORD, user)
         spool = os.path.join(shared, "spool")
         os.mkdir(spool, 0o700)
         servers_pg.give_to(spool, user)

@@ -28,11 +28,7 @@ def test_recovery_to_a_time_between_snapshots_reads_the_archived_wal(tmp_path):
     restored = None
     try:
         repo = os.path.join(shared, "repo")
-        password_file = os.path.join(shared, "password")
-        with open(password_file, "w") as f:
-            f.write(PASSWORD + "\n")
-        os.chmod(password_file, 0o600)
-        servers_pg.give_to(password_file, user)
+        password_file = servers_pg.password_file(shared, PASSWORD, user)
         servers_pg.give_to(shared, user)
         env = cluster.env()
 
