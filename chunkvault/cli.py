@@ -1350,27 +1350,37 @@ def _spool_identity(args: argparse.Namespace, remote: Any) -> str | None:
         return None
 
 
-def _spool_unusable(directory: str, exc: OSError, without: str) -> None:
-    warn(f"the spool {directory} cannot be used ({exc.strerror or exc}): {without}")
+def _open_spool(args: argparse.Namespace, make: Callable[[str, str], Any], name: str,
+                without: str) -> tuple[tuple[Any, StopRequest] | None, Any]:
+    """With ``--spool``: the repository's remote, connected ahead of the opening, and the spool (``make``: of
+    the directory and the repository's identity), or None with a warning when it cannot be used.  Without
+    one: neither (the key is then derived while connecting, in ``_open``)."""
+    from .store.walnames import check_wal_name
+
+    if not args.spool:
+        return None, None
+    connected = _remote(args)
+    identity = _spool_identity(args, connected[0])
+    if identity is None:
+        return connected, None
+    check_wal_name(name)
+    try:
+        return connected, make(args.spool, identity)
+    except OSError as exc:
+        warn(f"the spool {args.spool} cannot be used ({exc.strerror or exc}): {without}")
+        return connected, None
 
 
 def cmd_archive_push(args: argparse.Namespace) -> int:
-    from .store.walnames import check_wal_name, ready_ahead
+    from .store.walnames import ready_ahead
     from .walspool import Spool, ready_files
 
     if args.batch is not None and not args.spool:
         raise UsageError("--batch needs --spool DIR: the spool's markers are what answer PostgreSQL for the "
                          "files pushed ahead")
     ahead: list[str] = []
-    spool = None
-    connected = _remote(args) if args.spool else None  # else the key is derived while connecting (``_open``)
-    identity = _spool_identity(args, connected[0]) if connected is not None else None
-    if identity is not None:
-        name = check_wal_name(os.path.basename(args.path))
-        try:
-            spool = Spool(args.spool, identity)
-        except OSError as exc:
-            _spool_unusable(args.spool, exc, "pushing this file alone")
+    name = os.path.basename(args.path)
+    connected, spool = _open_spool(args, Spool, name, "pushing this file alone")
     if spool is not None:
         if spool.claim(name, args.path):  # pushed ahead by an earlier call: no password, no index
             assert connected is not None
@@ -1410,20 +1420,11 @@ def cmd_archive_push(args: argparse.Namespace) -> int:
 
 
 def cmd_archive_get(args: argparse.Namespace) -> int:
-    from .store.walnames import check_wal_name
     from .walspool import Prefetched
 
     if args.prefetch is not None and not args.spool:
         raise UsageError("--prefetch needs --spool DIR: the directory the files fetched ahead wait in")
-    spool = None
-    connected = _remote(args) if args.spool else None  # else the key is derived while connecting (``_open``)
-    identity = _spool_identity(args, connected[0]) if connected is not None else None
-    if identity is not None:
-        check_wal_name(args.name)
-        try:
-            spool = Prefetched(args.spool, identity)
-        except OSError as exc:
-            _spool_unusable(args.spool, exc, "fetching this file alone")
+    connected, spool = _open_spool(args, Prefetched, args.name, "fetching this file alone")
     if spool is not None:
         try:
             taken = spool.take(args.name, args.dest)
