@@ -829,13 +829,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from .memory import RESTORE_TRIM_THRESHOLD, tune_allocator
 
     tune_allocator(trim_threshold=RESTORE_TRIM_THRESHOLD)
+    recovery = _recovery_asked(args)
     if args.from_file:
+        if recovery is not None:
+            raise UsageError("--pg-recover fetches WAL from a repository: restore from one, not from a file")
         from .exportcli import restore_from_file_cli
 
         return restore_from_file_cli(args)
     _warn_patterns(args, args.exclude, args.iexclude)
     repo = _open(args)
     snap, subtree = chosen_subtree(repo, args)
+    if recovery is not None:
+        _check_data_directory(repo, snap, subtree)
     within = f"{shown_name(subtree)} of " if subtree else ""
     in_place = restore_in_place(args, f"{within}snapshot {snap.short_id} of "
                                       f"{snap.host}:{','.join(snap.paths) or snap.stdin_name} ({_local_time(snap)})")
@@ -855,10 +860,94 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if exc.partial is not None:  # the rest was restored: say what was, then fail
             _report_restore(args, snap, exc.partial, verified=False, subtree=subtree)
         raise
-    if _report_restore(args, snap, result, verified=args.verify, subtree=subtree):
+    written = None
+    if recovery is not None:
+        from .pgrecovery import write_recovery
+
+        written = write_recovery(args.target, *recovery)
+    if _report_restore(args, snap, result, verified=args.verify, subtree=subtree, recovery=written):
         print(f"restored {within}snapshot {snap.short_id} ({snap.time}) to {args.target}: {_restored(result)}"
               + ("; read back and verified" if args.verify else ""))
+        if written is not None:
+            print(f"  PostgreSQL will recover from the archive ({written.signal}; settings in "
+                  f"postgresql.auto.conf): " + ", ".join(f"{n} = {v}" for n, v in written.settings))
     return 0
+
+
+def _recovery_asked(args: argparse.Namespace) -> tuple[Any, str] | None:
+    """``--pg-recover``'s target and restore_command, checked before anything is restored; None without it."""
+    from .pgrecovery import parse_target, restore_command
+    from .remotes import url_scheme
+
+    if args.pg_recover is None:
+        for given, name in ((args.pg_target_action, "--pg-target-action"),
+                            (args.pg_restore_command, "--pg-restore-command"), (args.pg_spool, "--pg-spool")):
+            if given is not None:
+                raise UsageError(f"{name} is part of the recovery --pg-recover sets up: give --pg-recover too")
+        return None
+    target = parse_target(args.pg_recover, args.pg_target_action)
+    if args.pg_restore_command is not None:
+        if args.pg_spool is not None:
+            raise UsageError("--pg-spool is an option of the restore_command chunkvault writes: put it in "
+                             "--pg-restore-command instead")
+        if not args.pg_restore_command.strip() or "\n" in args.pg_restore_command:
+            raise UsageError("--pg-restore-command is one line of shell, with %f and %p")
+        return target, args.pg_restore_command
+    url = _repo_url(args)
+    if url_scheme(url) == "file":
+        url = os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+    secret = _secret_for_server(args)
+    endpoint = getattr(args, "s3_endpoint", None)
+    options = list(args.option or []) + ([f"s3.endpoint-url={endpoint}"] if endpoint else [])
+    spool = os.path.abspath(args.pg_spool) if args.pg_spool else None
+    return target, restore_command(_program(), url, secret, options, spool)
+
+
+def _secret_for_server(args: argparse.Namespace) -> tuple[str, str]:
+    """How the server's restore_command opens the repository: the password file or command this restore
+    was given (an option, else its environment variable); a password typed or in the environment cannot be
+    written into the server's configuration."""
+    env = passwords.REPOSITORY.env
+    if args.password_file:
+        return "--password-file", os.path.abspath(args.password_file)
+    if args.password_command:
+        return "--password-command", args.password_command
+    if os.environ.get(env + "_FILE"):
+        return "--password-file", os.path.abspath(os.environ[env + "_FILE"])
+    if os.environ.get(env + "_COMMAND"):
+        return "--password-command", os.environ[env + "_COMMAND"]
+    raise UsageError("--pg-recover writes a restore_command that opens the repository by itself: give "
+                     "--password-file (or --password-command) that PostgreSQL's user can use, or "
+                     "--pg-restore-command")
+
+
+def _program() -> list[str]:
+    """chunkvault as an absolute command line: the script run now, else this Python with the module."""
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(script) == "chunkvault" and os.access(script, os.X_OK):
+        return [script]
+    return [sys.executable, "-m", "chunkvault.cli"]
+
+
+def _check_data_directory(repo: Any, snap: Snapshot, subtree: bytes | None) -> None:
+    """The snapshot (or SNAPSHOT:PATH) is a data directory of PostgreSQL 12 or newer, before any restore."""
+    from .pgrecovery import check_major
+
+    root = (subtree or b"").rstrip(b"/")
+
+    def at(name: bytes) -> bytes:
+        return root + b"/" + name if root else name
+
+    try:
+        repo.find_entry(snap, at(b"global/pg_control"))
+        with repo.open_file(snap, at(b"PG_VERSION")) as f:
+            check_major(f.read(64))
+    except UsageError as exc:
+        if "PostgreSQL" in str(exc):
+            raise
+        where = f"{shown_name(subtree)} of snapshot" if subtree else "snapshot"
+        raise UsageError(f"--pg-recover: {where} {snap.short_id} holds no PostgreSQL data directory at its root "
+                         "(no global/pg_control or PG_VERSION)") from None
 
 
 def _restored(result: Any) -> str:
@@ -871,10 +960,11 @@ def _restored(result: Any) -> str:
 
 
 def _report_restore(args: argparse.Namespace, snap: Snapshot, result: Any, verified: bool,
-                    subtree: bytes | None = None) -> bool:
+                    subtree: bytes | None = None, recovery: Any = None) -> bool:
     """A restore's JSON, or its warnings on stderr; whether a summary line is still to be printed."""
     if args.json:
-        _emit_json(_restore_json(snap, result, args.target, verified, subtree))
+        _emit_json({**_restore_json(snap, result, args.target, verified, subtree),
+                    **({"pg_recovery": recovery.to_dict()} if recovery is not None else {})})
         return False
     for w in result.warnings:  # under -q too: each says what of the snapshot the target lacks
         warn(w)
@@ -2372,6 +2462,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--numeric-owner", action="store_true",
                    help="as root, set owners by their recorded ids, not by the user and group names the "
                         "backup recorded")
+    s.add_argument("--pg-recover", metavar="TARGET",
+                   help="then set the restored PostgreSQL data directory up to recover from this repository's "
+                        "WAL archive: end (all of it), immediate, time=TIME, lsn=LSN, xid=XID, name=POINT, or "
+                        "standby")
+    s.add_argument("--pg-target-action", choices=("pause", "promote", "shutdown"),
+                   help="what the server does at the target (default PostgreSQL's: pause)")
+    s.add_argument("--pg-restore-command", metavar="COMMAND",
+                   help="the restore_command to write instead of chunkvault's archive-get")
+    s.add_argument("--pg-spool", metavar="DIR", help="the --spool of the archive-get written")
     s.set_defaults(func=cmd_restore, read_lock="restore")
 
     s = sub.add_parser("ls", parents=[common, reading], help="list a snapshot's entries")

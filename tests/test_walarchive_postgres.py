@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 def test_recovery_to_a_time_between_snapshots_reads_the_archived_wal(tmp_path):
     """Where the server's user cannot run chunkvault, its commands copy into and out of spool directories
-    that the test pushes from and fetches into with the same commands: recovery is the same test."""
+    that the test pushes from and fetches into with the same commands: recovery is the same test.  The
+    restore sets the recovery up itself (``--pg-recover``)."""
     bindir = servers_pg.require_postgres()
     cluster = servers_pg.PgCluster(bindir)
     user = cluster.user
@@ -72,15 +73,15 @@ def test_recovery_to_a_time_between_snapshots_reads_the_archived_wal(tmp_path):
         assert last in archived
 
         data = os.path.join(shared, "restored")
-        cli("restore", "latest", "--target", data)
+        how = (["--pg-spool", os.path.join(shared, "get-spool")] if direct else
+               ["--pg-restore-command", f'cp {shlex.quote(fetched)}/%f "%p"'])
+        said = json.loads(cli("restore", "latest", "--target", data, "--json", "--pg-recover", f"time={target}",
+                              "--pg-target-action", "promote", *how))["pg_recovery"]
+        assert said["signal"] == "recovery.signal" and said["settings"]["recovery_target_action"] == "promote"
+        assert said["settings"]["recovery_target_time"].endswith("+00") and target[:19] in said["value"]
+        assert ("archive-get" in said["settings"]["restore_command"]) == direct
         with open(os.path.join(data, "postgresql.conf"), "a") as f:
             f.write("archive_mode = off\n")
-            get = servers_pg.command_line("archive-get", "-q", "-r", repo, "--password-file", password_file,
-                                          "--spool", os.path.join(shared, "get-spool")) + ' %f "%p"'
-            f.write(servers_pg.conf_line("restore_command", get if direct else f'cp {shlex.quote(fetched)}/%f "%p"'))
-            f.write(servers_pg.conf_line("recovery_target_time", target))
-            f.write("recovery_target_action = 'promote'\n")
-        open(os.path.join(data, "recovery.signal"), "w").close()
         if not direct:
             for entry in json.loads(cli("archive-list", "--json"))["files"]:
                 cli("archive-get", entry["name"], os.path.join(fetched, entry["name"]))

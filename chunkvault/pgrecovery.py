@@ -1,0 +1,223 @@
+"""``restore --pg-recover``: a restored PostgreSQL data directory set up to recover from the WAL archive.
+
+Recovering by hand means appending ``restore_command`` and a recovery target to the configuration and
+touching ``recovery.signal``, the steps a tired operator gets wrong (a target without zone read in the
+server's time zone, settings of an earlier recovery left in ``postgresql.auto.conf``, a signal file owned by
+root).  pgBackRest's restore writes them itself (``--type``, ``--target``); so does this module, after the
+files are restored.  The settings go into ``postgresql.auto.conf``, which PostgreSQL reads last, with any
+earlier recovery settings there commented out; the signal file is owned as ``global/pg_control`` is.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from .errors import UsageError
+from .pgsession import format_lsn, parse_lsn
+from .store.snapshot import parse_time
+
+#: What ``--pg-recover`` takes: the kinds of target, those without a value first.
+PLAIN_TARGETS = ("end", "immediate", "standby")
+VALUED_TARGETS = ("time", "lsn", "xid", "name")
+ACTIONS = ("pause", "promote", "shutdown")
+#: The settings a recovery is made of: written anew, and commented out where an earlier recovery left them.
+RECOVERY_SETTINGS = ("restore_command", "recovery_target", "recovery_target_time", "recovery_target_lsn",
+                     "recovery_target_xid", "recovery_target_name", "recovery_target_action",
+                     "recovery_target_inclusive", "recovery_target_timeline")
+SIGNALS = ("recovery.signal", "standby.signal")
+AUTO_CONF = "postgresql.auto.conf"
+#: PostgreSQL 12 replaced recovery.conf with these settings and signal files.
+OLDEST_MAJOR = 12
+
+
+@dataclass(frozen=True)
+class RecoveryTarget:
+    """Where recovery stops: ``end`` of the archive, ``immediate`` (the copy's consistent point), a ``time``,
+    ``lsn``, ``xid`` or restore point ``name``; or ``standby`` (follow the archive, never stop).
+    ``action``: what the server does at the target (None: PostgreSQL's default, pause)."""
+
+    kind: str
+    value: str | None = None
+    action: str | None = None
+
+    def settings(self) -> list[tuple[str, str]]:
+        """The settings besides ``restore_command``."""
+        out: list[tuple[str, str]] = []
+        if self.kind == "immediate":
+            out.append(("recovery_target", "immediate"))
+        elif self.kind in VALUED_TARGETS:
+            assert self.value is not None
+            out.append((f"recovery_target_{self.kind}", self.value))
+        if self.action is not None:
+            out.append(("recovery_target_action", self.action))
+        return out
+
+    @property
+    def signal(self) -> str:
+        return "standby.signal" if self.kind == "standby" else "recovery.signal"
+
+    def to_dict(self) -> dict:
+        return {"target": self.kind, "value": self.value, "action": self.action}
+
+
+def parse_target(text: str, action: str | None = None) -> RecoveryTarget:
+    """``--pg-recover``'s argument (``end``, ``immediate``, ``standby``, ``time=TIME``, ``lsn=LSN``,
+    ``xid=XID``, ``name=NAME``) and ``--pg-target-action``, checked: PostgreSQL would otherwise refuse them
+    only once started, in its log.  A time without zone is local time, written with its offset (PostgreSQL
+    would read it in the server's zone)."""
+    if action is not None and action not in ACTIONS:
+        raise UsageError(f"the target action is one of {', '.join(ACTIONS)}, not {action!r}")
+    kind, sep, value = text.partition("=")
+    if not sep:
+        if kind not in PLAIN_TARGETS:
+            raise UsageError(f"--pg-recover takes {', '.join(PLAIN_TARGETS)}, or "
+                             f"{', '.join(k + '=...' for k in VALUED_TARGETS)}, not {text!r}")
+        if action is not None and kind != "immediate":
+            why = "it promotes at the end of the archive" if kind == "end" else "a standby follows the archive"
+            raise UsageError(f"--pg-recover {kind} has no target to act at ({why}): leave --pg-target-action out")
+        return RecoveryTarget(kind, None, action)
+    if kind not in VALUED_TARGETS:
+        raise UsageError(f"--pg-recover takes {', '.join(k + '=...' for k in VALUED_TARGETS)} with a value, "
+                         f"not {kind!r}")
+    return RecoveryTarget(kind, _checked_value(kind, value), action)
+
+
+def _checked_value(kind: str, value: str) -> str:
+    if not value.strip() or "\n" in value or "\0" in value:
+        raise UsageError(f"--pg-recover {kind}= needs a value on one line, not {value!r}")
+    if kind == "time":
+        return _postgres_time(parse_time(value.strip()))
+    if kind == "lsn":
+        try:
+            return format_lsn(parse_lsn(value))
+        except ValueError:
+            raise UsageError(f"{value!r} is not a WAL position (such as 0/3000060)") from None
+    if kind == "xid":
+        if not re.fullmatch(r"[0-9]{1,20}", value.strip()):
+            raise UsageError(f"{value!r} is not a transaction id (a number)")
+        return value.strip()
+    if len(value.encode()) > 63:  # NAMEDATALEN - 1: pg_create_restore_point refuses longer names
+        raise UsageError(f"a restore point's name is at most 63 bytes, not {value!r}")
+    return value
+
+
+def _postgres_time(t: datetime) -> str:
+    """A time as PostgreSQL reads it with no zone setting involved: UTC with its offset."""
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+
+
+def conf_value(value: str) -> str:
+    """A setting's value quoted for postgresql.conf (a quote doubled, a backslash doubled)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+_SETTING = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=?")
+
+
+def rewrite_auto_conf(text: str, settings: list[tuple[str, str]], stamp: str) -> str:
+    """``postgresql.auto.conf``'s text with the recovery settings it had commented out and ``settings``
+    appended (PostgreSQL takes a setting's last line; one left from an earlier recovery would otherwise stay
+    in force where the new recovery sets no such target)."""
+    lines = text.splitlines()
+    out = []
+    for line in lines:
+        m = _SETTING.match(line)
+        if m and not line.lstrip().startswith("#") and m.group(1).lower() in RECOVERY_SETTINGS:
+            out.append(f"# {line}  # replaced by chunkvault restore --pg-recover")
+        else:
+            out.append(line)
+    out.append(f"# recovery settings written by chunkvault restore --pg-recover, {stamp}")
+    out.extend(f"{name} = {conf_value(value)}" for name, value in settings)
+    return "\n".join(out) + "\n"
+
+
+def check_major(pg_version: bytes) -> int:
+    """The major version in a data directory's ``PG_VERSION``; UsageError before 12 (recovery.conf)."""
+    text = pg_version.decode("ascii", "replace").strip()
+    try:
+        major = int(text.split(".")[0])
+    except ValueError:
+        raise UsageError(f"PG_VERSION reads {text!r}: not a PostgreSQL data directory") from None
+    if major < OLDEST_MAJOR:
+        raise UsageError(f"PostgreSQL {text} recovers with a recovery.conf: --pg-recover writes the settings of "
+                         f"PostgreSQL {OLDEST_MAJOR} and newer")
+    return major
+
+
+@dataclass
+class RecoveryWritten:
+    """What ``write_recovery`` did: the settings written and the signal file made."""
+
+    settings: list[tuple[str, str]]
+    signal: str
+    target: RecoveryTarget
+
+    def to_dict(self) -> dict:
+        return {**self.target.to_dict(), "signal": self.signal, "settings": dict(self.settings)}
+
+
+def write_recovery(datadir: str, target: RecoveryTarget, restore_command: str) -> RecoveryWritten:
+    """Set up the data directory ``datadir`` (restored) to recover with ``restore_command`` to ``target``:
+    the settings into ``postgresql.auto.conf`` (kept its owner and mode, or made as ``global/pg_control``'s
+    owner's), any signal file of an earlier setup removed, the target's made.  UsageError when ``datadir`` is
+    no data directory of PostgreSQL 12 or newer."""
+    control = os.path.join(datadir, "global", "pg_control")
+    try:
+        owner = os.stat(control)
+        with open(os.path.join(datadir, "PG_VERSION"), "rb") as f:
+            check_major(f.read(64))
+    except FileNotFoundError:
+        raise UsageError(f"{datadir} is no PostgreSQL data directory (no global/pg_control or PG_VERSION): "
+                         "no recovery settings written") from None
+    settings = [("restore_command", restore_command), *target.settings()]
+    path = os.path.join(datadir, AUTO_CONF)
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = None
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    new = rewrite_auto_conf(text or "", settings, stamp)
+    _write_as(path, new.encode("utf-8", "surrogateescape"), owner if text is None else None)
+    for name in SIGNALS:
+        try:
+            os.unlink(os.path.join(datadir, name))
+        except FileNotFoundError:
+            pass
+    _write_as(os.path.join(datadir, target.signal), b"", owner)
+    return RecoveryWritten(settings, target.signal, target)
+
+
+def _write_as(path: str, data: bytes, owner: os.stat_result | None) -> None:
+    """``data`` into ``path`` durably: an existing file rewritten in place (its owner and mode stay); a new one
+    made mode 0600 and given ``owner``'s uid and gid where this process may."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        if owner is not None:
+            try:
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+            except PermissionError:  # not root: the file is this user's, as the restored files are
+                pass
+    finally:
+        os.close(fd)
+
+
+def restore_command(program: list[str], url: str, secret: tuple[str, str], options: list[str],
+                    spool: str | None = None) -> str:
+    """The ``restore_command`` that fetches from this repository: ``program`` (chunkvault as an absolute
+    command line), ``url``, ``secret`` (``--password-file`` or ``--password-command`` and its value), the
+    remote's ``-o`` options, and ``--spool`` when given.  The server runs it without our environment:
+    everything is on the line."""
+    argv = [*program, "archive-get", "-q", "-r", url, *secret]
+    for option in options:
+        argv += ["-o", option]
+    if spool is not None:
+        argv += ["--spool", spool]
+    return " ".join(shlex.quote(a) for a in argv) + ' %f "%p"'
