@@ -840,6 +840,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     repo = _open(args)
     snap, subtree = chosen_subtree(repo, args)
     if recovery is not None:
+        from .repository import split_subtree
+
+        if recovery[0].stops_at is not None and args.until is None and split_subtree(args.snapshot)[0] == "latest":
+            snap = _ended_by(repo, args, recovery[0].stops_at)
         _check_data_directory(repo, snap, subtree)
     within = f"{shown_name(subtree)} of " if subtree else ""
     in_place = restore_in_place(args, f"{within}snapshot {snap.short_id} of "
@@ -901,6 +905,25 @@ def _recovery_asked(args: argparse.Namespace) -> tuple[Any, str] | None:
     options = list(args.option or []) + ([f"s3.endpoint-url={endpoint}"] if endpoint else [])
     spool = os.path.abspath(args.pg_spool) if args.pg_spool else None
     return target, restore_command(_program(), url, secret, options, spool)
+
+
+def _ended_by(repo: Any, args: argparse.Namespace, stop: datetime) -> Snapshot:
+    """The newest snapshot (of ``--host``/``--path``'s source) that ended before a recovery's target time, as
+    pgBackRest picks a backup for a time target: one taken later, or still running then, cannot recover to it
+    (PostgreSQL stops at the copy's consistent point at the earliest)."""
+    from .errors import SnapshotNotFound
+
+    until: datetime = stop
+    while True:
+        try:
+            snap = repo.snapshot("latest", until=until, host=source_host(args, "latest"),
+                                 paths=args.snapshot_paths or None)
+        except SnapshotNotFound:
+            raise SnapshotNotFound(f"no snapshot had ended by the recovery target {stop.isoformat()}: a recovery "
+                                   "starts from one that had (--host and --path choose among sources)") from None
+        if snap.datetime + timedelta(seconds=float(snap.stats.get("duration") or 0)) <= stop:
+            return snap
+        until = snap.datetime - timedelta(microseconds=1)
 
 
 def _secret_for_server(args: argparse.Namespace) -> tuple[str, str]:

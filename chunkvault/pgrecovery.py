@@ -56,6 +56,11 @@ class RecoveryTarget:
         return out
 
     @property
+    def stops_at(self) -> datetime | None:
+        """A time target as a time (None for the other kinds): the snapshot to restore must end before it."""
+        return datetime.fromisoformat(self.value) if self.kind == "time" and self.value else None
+
+    @property
     def signal(self) -> str:
         return "standby.signal" if self.kind == "standby" else "recovery.signal"
 

@@ -166,3 +166,32 @@ def test_the_cli_refuses_recovery_it_cannot_set_up_before_restoring(tmp_path, cl
     assert doc["target"] == "immediate" and doc["signal"] == "recovery.signal"
     assert f"--password-file {pw}" in doc["settings"]["restore_command"]
     assert (tmp_path / "out" / "recovery.signal").exists()
+
+
+def test_a_time_target_restores_the_newest_snapshot_that_had_ended_by_then(tmp_path, cli):
+    """As pgBackRest picks the backup for a time target: a later snapshot cannot recover to an earlier time,
+    nor one still being taken then (its copy becomes consistent only at its end)."""
+    repo = str(tmp_path / "repo")
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    d = data_dir(tmp_path)
+    cli("init", "-r", repo, "--password-file", str(pw), "--kdf-time", "0")
+    ids = {}
+    for t in ("2026-11-28T10:00:00+00:00", "2026-11-28T12:00:00+00:00"):
+        (d / "base").mkdir(exist_ok=True)
+        (d / "base" / "1").write_text(t)
+        out = cli("backup", "-r", repo, "--password-file", str(pw), str(d), "--time", t, "--json")
+        ids[t[11:13]] = json.loads(out.stdout)["id"]
+
+    def restored(target, *more, code=0):
+        out = cli("restore", "-r", repo, "--password-file", str(pw), *more, "--target", str(tmp_path / target),
+                  "--pg-recover", target, "--json", check=code)
+        return json.loads(out.stdout)["snapshot"] if code == 0 else out.stderr.decode()
+
+    assert restored("time=2026-11-28T11:00:00+00:00") == ids["10"]
+    assert restored("time=2026-11-28T12:00:00+00:00") == ids["10"]  # the noon one was still running
+    assert restored("time=2026-11-28T13:00:00+00:00") == ids["12"]
+    assert restored("end") == ids["12"]
+    assert restored("time=2026-11-28T13:30:00+00:00", ids["10"]) == ids["10"]  # one named is taken as named
+    said = restored("time=2026-11-28T09:00:00+00:00", code=12)
+    assert "no snapshot had ended by the recovery target 2026-11-28T09:00:00+00:00" in said
