@@ -2826,12 +2826,17 @@ STOP_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal
 _STOPPED_BY: list[int] = []  # the stop signals received: what else the command then raises is their doing
 
 
+def _error_line(text: str) -> None:
+    """The command's one error line, written whole: a worker thread still warning must not split it."""
+    sys.stderr.write(f"chunkvault: {text}\n")
+
+
 def _stopped(args: argparse.Namespace | None, argv: list[str] | None) -> int:
     """What a command stopped by SIGTERM (143), SIGHUP (129), SIGQUIT (131) or Ctrl-C (130) says, on stderr
     and, with --json, stdout."""
     signum = next((n for n in _STOPPED_BY if n != signal.SIGINT), signal.SIGINT)
     word, code = STOP_WORDS[signum], 128 + signum
-    print(f"chunkvault: {word}", file=sys.stderr)
+    _error_line(word)
     _emit_error_json(args, argv, word.title().replace(" ", ""), code, word)
     return code
 
@@ -2905,7 +2910,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except ChunkvaultError as exc:
         said = one_line(exc.cli_message())
-        print(f"chunkvault: {said}", file=sys.stderr)
+        _error_line(said)
         _emit_error_json(args, argv, type(exc).__name__, exc.exit_code, said)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -2918,7 +2923,7 @@ def main(argv: list[str] | None = None) -> int:
         if _flag(args, argv, "debug"):
             raise
         line = f"internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for details)"
-        print(f"chunkvault: {line}", file=sys.stderr)
+        _error_line(line)
         _emit_error_json(args, argv, "InternalError", EXIT_INTERNAL, line)
         return EXIT_INTERNAL
     finally:
