@@ -1,4 +1,5 @@
-"""Build the C chunker, directory scanner, manifest decoder, delta match finder, file reads and writes.
+"""Build the C chunker, directory scanner, manifest decoder, delta match finder, file reads and writes,
+PostgreSQL page checksums.
 
 All other metadata lives in pyproject.toml.
 """
@@ -36,6 +37,11 @@ setup(
             "chunkvault.store._writefiles",
             sources=["store/_writefiles.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
+        ),
+        Extension(
+            "chunkvault._pgpages",
+            sources=["chunkvault/_pgpages.c"],
+            extra_compile_args=["-O3", "-Wall", "-Wextra"],
         ),
         Extension(
             "chunkvault.remotes._fileio",

@@ -21,6 +21,7 @@ import time
 
 from chunkvault.errors import SourceCommandFailed, UsageError
 
+from .pgpages import FilePages, PageChecks
 from .pgsession import STANDBY_WAIT, BackupStart, PgBackupSession, format_lsn
 from .store.backup import AddedFile
 
@@ -92,6 +93,8 @@ class PostgresOnline:
         self.label = label or f"chunkvault {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
         self._session = PgBackupSession(dbname, psql=psql, standby_wait=standby_wait)
         self._started: BackupStart | None = None
+        self._pages: PageChecks | None = None
+        self.notes: list[str] = []
 
     def begin(self) -> None:
         started = self._session.start(self.label, fast=self.fast)
@@ -107,6 +110,22 @@ class PostgresOnline:
             where = ", ".join(loc for _, loc in started.tablespaces)
             raise UsageError(f"the cluster has tablespaces outside its data directory ({where}): --postgres "
                              "reads the data directory alone; use pg_basebackup for such a cluster")
+        self._pages = self._page_checks(started)
+
+    def _page_checks(self, started: BackupStart) -> PageChecks | None:
+        """The checking of this backup's pages, where the cluster has data checksums (``initdb -k``)."""
+        row = self._session.query("SELECT current_setting('data_checksums'), current_setting('block_size'), "
+                                  "(SELECT setting FROM pg_settings WHERE name = 'segment_size')")
+        if len(row) != 1 or len(row[0]) != 3 or not row[0][1].isdigit() or not row[0][2].isdigit():
+            raise SourceCommandFailed(f"PostgreSQL answered its page settings with {row!r}")
+        enabled, block_size, segment_blocks = row[0]
+        if enabled != "on":
+            return None
+        return PageChecks(self.datadir, int(block_size), int(segment_blocks), started.start_lsn)
+
+    def inspector(self, rel: bytes) -> FilePages | None:
+        """The page checking of a relation's file (``SourceSession.inspector``)."""
+        return self._pages.for_file(rel) if self._pages is not None else None
 
     def leave_out(self, below: bytes, names: list[bytes]) -> set[bytes]:
         """What the walk leaves out of the directory at ``below`` (``SourceWalk``'s ``leave_out``): unlogged
@@ -162,7 +181,10 @@ class PostgresOnline:
                                    stat.S_IMODE(seg.st_mode), seg.st_uid, seg.st_gid, seg.st_mtime_ns))
         info = {"label": self.label, "start_lsn": format_lsn(stopped.start_lsn),
                 "stop_lsn": format_lsn(stopped.wal_end), "timeline": stopped.timeline, "start_wal": segments[0],
-                "wal": segments, "server_version": self._started.version, "standby": self._started.standby}
+                "wal": segments, "server_version": self._started.version, "standby": self._started.standby,
+                "page_checksums": self._pages.to_dict() if self._pages is not None else None}
+        if self._pages is not None:
+            self.notes += self._pages.warnings()
         return added, {"postgres": info}
 
     def close(self) -> None:

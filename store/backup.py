@@ -103,15 +103,30 @@ class TarSource(NamedTuple):
     strip: int = 0
 
 
+class FileInspector(Protocol):
+    """What looks at a file's bytes as the backup reads them (``SourceSession.inspector``): each chunk in
+    order, then ``finish`` once the whole file was read (not after a read that failed)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+
 class SourceSession(Protocol):
     """What holds a source consistent around a backup's walk, such as a database's base backup mode.
 
     ``begin`` runs once the repository agreed to the backup (its lock held, the parent found) and before
-    the walk looks at a single entry; ``appendix``, once every file of the walk is read, gives the files
-    to add to the tree (whose content is known only then) and what to record in the snapshot's stats;
-    ``close`` runs in every case, last."""
+    the walk looks at a single entry; ``inspector`` gives, for a file about to be read (its path below the
+    walk's root), what looks at its bytes, or None (called on reader threads); ``appendix``, once every file
+    of the walk is read, gives the files to add to the tree (whose content is known only then) and what to
+    record in the snapshot's stats, and ``notes`` then holds the warnings it adds to the backup's; ``close``
+    runs in every case, last."""
+
+    notes: list[str]
 
     def begin(self) -> None: ...
+
+    def inspector(self, rel: bytes) -> FileInspector | None: ...
 
     def appendix(self) -> tuple[list[AddedFile], dict]: ...
 
@@ -549,6 +564,7 @@ class Backup:
         """(digest, chunk ids, size) of a file's chunks, storing the new ones."""
         assert self.writer is not None
         bases = self._delta_bases(rel, prev)
+        inspector = self.opt.session.inspector(rel) if self.opt.session is not None else None
         bi = 0
         hasher = blake3.blake3()
         ids = bytearray()
@@ -556,6 +572,8 @@ class Backup:
         for chunk in chunks:
             n = len(chunk)
             hasher.update(chunk)
+            if inspector is not None:
+                inspector.feed(chunk)
             bid = self.repo.blob_id(chunk)
             ids += bid
             if self.writer.claim(bid):
@@ -574,6 +592,8 @@ class Backup:
                 self._maybe_progress()
             elif self._abort.is_set():
                 raise _Stopped
+        if inspector is not None:
+            inspector.finish()
         return hasher.digest(), bytes(ids), pos
 
     def _chunks(self, f: BinaryIO, rel: bytes, size_hint: int | None) -> Iterator[bytes]:
@@ -1236,6 +1256,7 @@ class Backup:
         parent had at its path."""
         assert self.opt.session is not None
         added, session_stats = self.opt.session.appendix()
+        self.warnings += self.opt.session.notes
         extra = []
         for a in sorted(added, key=lambda a: sort_key(a.path)):
             e = Entry(a.path, T_FILE if a.open is not None else T_DIR, a.mode, a.uid, a.gid, a.mtime_ns, 0,

@@ -223,9 +223,10 @@ class PgCluster(PgServer):
         """A directory the server user may create base backups in."""
         return os.path.join(self.base, "backups")
 
-    def init(self) -> None:
+    def init(self, *, data_checksums: bool = False) -> None:
         run_as(self.user, [self.tool("initdb"), "-D", self.datadir, "--auth=trust", "--no-sync", "-E", "UTF8",
-                           "--locale=C", "-U", "postgres"], env=self.env())
+                           "--locale=C", "-U", "postgres", *(["--data-checksums"] if data_checksums else [])],
+               env=self.env())
 
     def basebackup(self, dest: str) -> None:
         """``pg_basebackup -Fp -Xs`` into ``dest`` (which must not exist; its parent must be ours)."""
