@@ -20,7 +20,7 @@ import stat
 import sys
 import threading
 import time
-from typing import Any, Callable, Collection, Iterator
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 from chunkvault.errors import UsageError
 from chunkvault.localfiles import CACHEDIR_TAG
@@ -42,6 +42,10 @@ Marker = tuple[bytes, bytes]
 #: left out because of another one beside it): given the directory's path below its source (b"" for the source)
 #: and its entries' names, the names to leave out, with their subtrees.
 LeaveOut = Callable[[bytes, list[bytes]], Collection[bytes]]
+#: A source's own rule for directories that lie elsewhere but belong in its tree (a database's tablespaces): given
+#: a directory's path below its source, the entries to add to it, each name with the directory on disk walked and
+#: recorded under it (in place of an entry of that name the directory has).
+Graft = Callable[[bytes], Mapping[bytes, bytes]]
 
 
 def markers_of(exclude_if_present: list[str] | None = None, exclude_caches: bool = False) -> list[Marker]:
@@ -376,7 +380,7 @@ class TreeTotal:
         self._stop = threading.Event()
         self._walk = SourceWalk(walk.roots, walk.excludes, iexcludes=walk.iexcludes, paths=walk.paths,
                                 one_file_system=walk.one_file_system, markers=walk.markers,
-                                max_file_size=walk.max_file_size, leave_out=walk.leave_out)
+                                max_file_size=walk.max_file_size, leave_out=walk.leave_out, graft=walk.graft)
         self._thread = threading.Thread(target=self._count, name="tree-total", daemon=True)
         self._thread.start()
 
@@ -426,7 +430,8 @@ class SourceWalk:
                  iexcludes: list[str] | None = None, paths: list[str] | None = None, ahead: int = 1 << 16,
                  warnings: list[str] | None = None,
                  one_file_system: bool = False, markers: list[Marker] | None = None,
-                 max_file_size: int | None = None, report_excluded: bool = False, leave_out: LeaveOut | None = None):
+                 max_file_size: int | None = None, report_excluded: bool = False, leave_out: LeaveOut | None = None,
+                 graft: Graft | None = None):
         self.roots = roots
         self.paths = paths if paths is not None else [os.fsdecode(p) for _, p in roots]
         self.excludes = list(excludes or [])
@@ -444,6 +449,11 @@ class SourceWalk:
         # the listing and its lstat calls still made in C: the C walk lists whole subtrees on a thread
         # without the GIL, which a call back into Python at every directory would take again and again.
         self.leave_out = leave_out
+        # A source's rule for directories of its tree that lie elsewhere (``Graft``): asked at each directory,
+        # so it walks in Python too.  A grafted directory is a device of its own for ``one_file_system`` (a
+        # tablespace on its own disk is read, not recorded as a mount point).
+        self.graft = graft
+        self._grafted: set[bytes] = set()  # the disk paths of the directories grafted so far
         self._root_dev = -1
         # Globs of literals and "*" the C walk matches itself; "?" and "[...]" match characters, not
         # bytes, and "!" patterns and case-insensitive ones need the order or the case rules, so a walk
@@ -477,12 +487,12 @@ class SourceWalk:
     def of_paths(cls, paths: list[str], excludes: list[str] | None = None, *, one_file_system: bool = False,
                  markers: list[Marker] | None = None, max_file_size: int | None = None,
                  iexcludes: list[str] | None = None, report_excluded: bool = False,
-                 leave_out: LeaveOut | None = None) -> "SourceWalk":
+                 leave_out: LeaveOut | None = None, graft: Graft | None = None) -> "SourceWalk":
         """The walk a backup of ``paths`` makes (see ``root_specs``)."""
         roots, absolute = root_specs(list(paths))
         return cls(roots, excludes, paths=absolute, one_file_system=one_file_system, markers=markers,
                    max_file_size=max_file_size, iexcludes=iexcludes, report_excluded=report_excluded,
-                   leave_out=leave_out)
+                   leave_out=leave_out, graft=graft)
 
     def same_rules(self, paths: list[str], excludes: list[str] | None, one_file_system: bool,
                    markers: list[Marker], max_file_size: int | None = None,
@@ -610,12 +620,15 @@ class SourceWalk:
         cut = 0  # the length of the manifest path, with its "/", of the source whose subtree is walked
         stack: list[Iterator[tuple[bytes, bytes, os.stat_result | FileStat | None, int]]] = [
             ((rel, path, *self._lstat(path)) for rel, path in self._with_ancestors())]
+        devs = [-1]  # beside each iterator of the stack, the device of the tree its entries lie in (one_file_system)
         while stack:
             item = next(stack[-1], None)
             if item is None:
                 stack.pop()
+                devs.pop()
                 continue
             rel, path, st, err = item
+            grafted = len(stack) > 1 and path in self._grafted
             if err == _MARKED:
                 yield rel, path, Excluded("exclude-if-present"), False
                 continue
@@ -642,7 +655,7 @@ class SourceWalk:
                     yield rel, path, failed, False
                 continue
             if len(stack) == 1:
-                self._root_dev = st.st_dev
+                self._root_dev = devs[-1] = st.st_dev
             elif self.max_file_size is not None and stat.S_ISREG(st.st_mode) and st.st_size > self.max_file_size:
                 if self.report_excluded:
                     yield rel, path, Excluded("exclude-larger-than"), False
@@ -650,13 +663,13 @@ class SourceWalk:
             if not isdir(st.st_mode):
                 yield rel, path, st, True
                 continue
-            if self.one_file_system and st.st_dev != self._root_dev:
+            if self.one_file_system and not grafted and st.st_dev != devs[-1]:
                 yield rel, path, st, True
                 if self.report_excluded:  # its contents are left out
                     yield rel, path, Excluded("one-file-system"), False
                 continue
             if (Walker is not None and self._c_excludes is not None and not self.report_excluded
-                    and self.leave_out is None):
+                    and self.leave_out is None and self.graft is None):
                 yield from self._tree(rel, path, st)
                 continue
             listing, ok = self._scan(path, st)
@@ -667,7 +680,24 @@ class SourceWalk:
                 cut = len(rel) + 1 if rel else 0
             if self.leave_out is not None:
                 listing = self._left_out(rel[cut:], listing)
-            stack.append(self._children(rel + b"/" if rel else b"", os.path.join(path, b""), listing))
+            elsewhere = self.graft(rel[cut:]) if self.graft is not None else None
+            if elsewhere:
+                listing = self._with_grafts(listing, elsewhere)
+            stack.append(self._children(rel + b"/" if rel else b"", os.path.join(path, b""), listing, elsewhere))
+            devs.append(st.st_dev if grafted or len(devs) == 1 else devs[-1])
+
+    def _with_grafts(self, listing: list[ScanItem], elsewhere: Mapping[bytes, bytes]) -> list[ScanItem]:
+        """``listing`` with the grafted directories in their places, each with its own lstat (one that is gone,
+        or no longer a directory, is left out with a warning, as an entry vanished since its listing)."""
+        out = {item[0]: item for item in listing}
+        for name, path in elsewhere.items():
+            st, err = self._lstat(path)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                st, err = None, errno.ENOTDIR
+            out[name] = (name, err, st and (st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
+                                           st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_rdev))
+            self._grafted.add(path)
+        return [out[name] for name in sorted(out)]
 
     def _left_out(self, below: bytes, listing: list[ScanItem]) -> list[ScanItem]:
         """``listing`` less what ``leave_out`` leaves out of the directory at ``below`` (marked, not dropped,
@@ -759,12 +789,13 @@ class SourceWalk:
         return walker.skip_unchanged(record, records, self.RESTAT_AFTER, op_entry, t_file, t_dir, t_symlink,
                                      taken, self.SKIP_LIMIT, ignore, *racy)
 
-    def _children(self, rel_prefix: bytes, path_prefix: bytes, listing: list[ScanItem]
+    def _children(self, rel_prefix: bytes, path_prefix: bytes, listing: list[ScanItem],
+                  elsewhere: Mapping[bytes, bytes] | None = None
                   ) -> Iterator[tuple[bytes, bytes, FileStat | os.stat_result | None, int]]:
         scanned = time.monotonic()
         of_fields = FileStat.of_fields
         for name, err, fields in listing:
-            path = path_prefix + name
+            path = elsewhere.get(name, path_prefix + name) if elsewhere else path_prefix + name
             if err in (_MARKED, _LEFT_OUT):
                 yield rel_prefix + name, path, None, err
                 continue

@@ -659,3 +659,56 @@ def test_a_leave_out_rule_judges_each_directory_on_its_whole_listing(tmp_path):
     rels = [rel for rel, *_ in several]
     prefix = bytes(tmp_path / "d").lstrip(b"/")
     assert prefix + b"/a.flag" in rels and prefix + b"/a" not in rels  # judged below its own source
+
+
+def test_a_graft_adds_directories_that_lie_elsewhere_to_the_tree(tmp_path):
+    """``graft`` is asked at each directory (by its path below the source) for the entries it is to hold that
+    lie elsewhere: each directory named is walked and recorded there, its files read from where they lie, in
+    place of an entry of that name (a link, here); one gone is left out with a warning, and one on another
+    device is read even with ``one_file_system``.  The walk of a progress total grafts too."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    build(bytes(tmp_path), {b"root": {b"a": None, b"links": {}}, b"elsewhere": {b"V1": {b"f": None},
+                                                                                b"V2": {b"g": None}}})
+    os.symlink(elsewhere, root / "links" / "1")
+    os.symlink(elsewhere, root / "links" / "2")
+    asked = []
+
+    def graft(below: bytes) -> dict[bytes, bytes]:
+        asked.append(below)
+        return {b"": {b"extra": bytes(elsewhere / "V2")},
+                b"links": {b"1": bytes(elsewhere), b"3": bytes(tmp_path / "gone")}}.get(below, {})
+
+    def leave_out(below: bytes, names: list[bytes]) -> set[bytes]:
+        return {b"V1"} if below == b"links/1" else set()
+
+    walk = SourceWalk([(b"", bytes(root))], graft=graft, leave_out=leave_out)
+    got = {rel: (path, st) for rel, path, st, _ in walk}
+    assert list(got) == [b"", b"a", b"extra", b"extra/g", b"links", b"links/1", b"links/1/V2", b"links/1/V2/g",
+                         b"links/2"]
+    assert b"links/1" in asked and b"links/2" not in asked  # a link is not a directory: not asked
+    assert got[b"links/1"][0] == bytes(elsewhere) and stat.S_ISDIR(got[b"links/1"][1].st_mode)
+    assert got[b"links/1/V2/g"][0] == got[b"extra/g"][0] == bytes(elsewhere / "V2" / "g")
+    assert stat.S_ISLNK(got[b"links/2"][1].st_mode)
+    assert any("vanished during backup" in w and "gone" in w for w in walk.warnings)
+    total = source.TreeTotal(SourceWalk([(b"", bytes(root))], graft=graft))
+    wait_for(lambda: total.done)
+    assert total.files == 4  # a, extra/g, links/1/V1/f, links/1/V2/g
+    real_lstat, there = os.lstat, bytes(elsewhere)
+
+    def lstat(path, *args, **kwargs):  # the grafted tree lies on a disk of its own
+        st = real_lstat(path, *args, **kwargs)
+        if os.fsencode(path).startswith(there):
+            return os.stat_result((st.st_mode, st.st_ino, st.st_dev + 1, *tuple(st)[3:]))
+        return st
+
+    def scan(path, dev_ino=None):
+        if not path.startswith(there):
+            return source.scan_dir_reference(path, dev_ino)
+        listing = source.scan_dir_reference(path, dev_ino and (dev_ino[0] - 1, dev_ino[1]))
+        return [(n, e, f and (*f[:2], f[2] + 1, *f[3:])) for n, e, f in listing]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(source.os, "lstat", lstat)
+        mp.setattr(source, "scan_dir", scan)
+        one_fs = {rel: st for rel, _, st, _ in SourceWalk([(b"", bytes(root))], graft=graft, one_file_system=True)}
+    assert b"links/1/V2/g" in one_fs and one_fs[b"links/1"].st_dev == one_fs[b""].st_dev + 1
