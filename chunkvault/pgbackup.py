@@ -3,11 +3,30 @@
 The walk reads the live directory between ``pg_backup_start`` and
 ``pg_backup_stop`` (``pgsession``), leaving out what PostgreSQL's own base
 backups leave out; then the label the stop returns is added as
-``backup_label`` (and ``tablespace_map``), with the WAL segments from the
-start to the stop position into ``pg_wal/``.  The snapshot then restores to a
-data directory that starts on its own and recovers to the moment of the stop,
-as a ``pg_basebackup -X fetch`` copy does, without that copy's second pass
-over the data and its room on disk.
+``backup_label``, with the WAL segments from the start to the stop position
+into ``pg_wal/``.  The snapshot then restores to a data directory that starts
+on its own and recovers to the moment of the stop, as a ``pg_basebackup -X
+fetch`` copy does, without that copy's second pass over the data and its room
+on disk.
+
+Tablespaces outside the data directory are read in the same walk, into the
+data directory's tree: each one's current version directory
+(``PG_<major>_<catversion>``, not those pg_upgrade left beside it) under
+``chunkvault_tblspc/<oid>/``, and its link ``pg_tblspc/<oid>`` recorded as
+the relative link ``../chunkvault_tblspc/<oid>``.  A plain restore is then one
+self-contained data directory that starts; a restore may put each tablespace
+elsewhere instead, with the link leading there (``pgtablespace``).  A
+directory in place of the link would be simpler, but recovery from a base
+backup refuses one (PostgreSQL 15 stops, once consistent, on any
+``pg_tblspc`` entry that is not a link, unless ``allow_in_place_tablespaces``
+is set).  A tablespace whose location lies inside the data directory is read
+where it lies, its link made relative likewise.  The ``tablespace_map``
+``pg_backup_stop`` returns is not stored: a server that finds one beside
+``backup_label`` removes each ``pg_tblspc/<oid>`` and links it to the
+location the live cluster had (a restored copy would write into the live
+cluster's tablespaces).  A tablespace created or dropped while the backup
+runs fails it: its record lies in the WAL the copy replays, and replaying a
+creation links (and writes) the live location.
 """
 from __future__ import annotations
 
@@ -17,12 +36,13 @@ import os
 import re
 import socket
 import stat
+import struct
 import time
 
 from chunkvault.errors import SourceCommandFailed, UsageError
 
 from .pgpages import FilePages, PageChecks
-from .pgsession import STANDBY_WAIT, BackupStart, PgBackupSession, format_lsn
+from .pgsession import STANDBY_WAIT, BackupStart, PgBackupSession, Tablespace, format_lsn
 from .store.backup import AddedFile
 
 #: Directories whose contents a base backup leaves out (rebuilt at startup; ``pg_wal`` gets what it needs).
@@ -50,12 +70,12 @@ _TEMPORARY = re.compile(rb"t\d+_\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?")
 
 def is_database_directory(below: bytes) -> bool:
     """Whether the directory at ``below`` (under the data directory) holds a database's relations:
-    ``base/OID``, or ``pg_tblspc/OID/PG_.../OID`` (a tablespace's)."""
+    ``base/OID``, or ``pg_tblspc/OID/PG_.../OID`` or ``chunkvault_tblspc/OID/PG_.../OID`` (a tablespace's)."""
     parts = below.split(b"/")
     if len(parts) == 2:
         return parts[0] == b"base" and parts[1].isdigit()
-    return (len(parts) == 4 and parts[0] == b"pg_tblspc" and parts[1].isdigit() and parts[2].startswith(b"PG_")
-            and parts[3].isdigit())
+    return (len(parts) == 4 and parts[0] in (b"pg_tblspc", TABLESPACES) and parts[1].isdigit()
+            and parts[2].startswith(b"PG_") and parts[3].isdigit())
 
 
 def unlogged_and_temporary(names: list[bytes]) -> set[bytes]:
@@ -67,6 +87,46 @@ def unlogged_and_temporary(names: list[bytes]) -> set[bytes]:
     unlogged = {oid for _, oid, fork in relations if fork == b"init"}
     out = {name for name, oid, fork in relations if oid in unlogged and fork != b"init"}
     return out | {name for name in names if _TEMPORARY.fullmatch(name)}
+
+
+#: Where a backup's tree holds the tablespaces outside the data directory, one directory per oid.
+TABLESPACES = b"chunkvault_tblspc"
+#: A tablespace's directory in the tree, ``chunkvault_tblspc/<oid>``.
+_GRAFTED = re.compile(re.escape(TABLESPACES) + rb"/(\d+)")
+
+
+def version_directory(version: int, catalog_version: int) -> bytes:
+    """The directory of a tablespace's location that a server of ``version`` (``server_version_num``, 10 or
+    newer) and catalog version uses (``TABLESPACE_VERSION_DIRECTORY``); pg_upgrade leaves the old one beside."""
+    return b"PG_%d_%d" % (version // 10000, catalog_version)
+
+
+def catalog_version(datadir: str) -> int:
+    """The catalog version ``global/pg_control`` records (after the system identifier and the control
+    file's version, in the machine's byte order, as the server writes it)."""
+    path = os.path.join(datadir, CONTROL_FILE.decode())
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise SourceCommandFailed(f"cannot read {path}: {exc.strerror or exc}: no snapshot saved") from None
+    if len(head) < 16:
+        raise SourceCommandFailed(f"{path} is cut short: no snapshot saved")
+    return struct.unpack("=QII", head)[2]
+
+
+def tablespaces_json(tablespaces: list[Tablespace]) -> list[dict]:
+    """``stats.postgres.tablespaces``: each tablespace's oid, name and location at backup time."""
+    return [{"oid": t.oid, "name": t.name, "location": t.location} for t in tablespaces]
+
+
+def changed_tablespaces(before: list[Tablespace], after: list[Tablespace]) -> str | None:
+    """What differs between the tablespaces at the start and at the stop, in words (None: nothing)."""
+    old, new = {t.oid: t for t in before}, {t.oid: t for t in after}
+    parts = [*(f"{t.name} created" for oid, t in new.items() if oid not in old),
+             *(f"{t.name} dropped" for oid, t in old.items() if oid not in new),
+             *(f"{t.name} moved" for oid, t in new.items() if oid in old and old[oid].location != t.location)]
+    return ", ".join(parts) or None
 
 
 #: ``backup --pg-checkpoint``: the checkpoint ``pg_backup_start`` waits for, as ``pg_basebackup -c`` takes it.
@@ -93,6 +153,10 @@ class PostgresOnline:
         self.label = label or f"chunkvault {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
         self._session = PgBackupSession(dbname, psql=psql, standby_wait=standby_wait)
         self._started: BackupStart | None = None
+        self._grafts: dict[bytes, bytes] = {}  # oid -> the location of a tablespace outside, resolved
+        self._links: dict[bytes, bytes] = {}  # oid -> the target its link pg_tblspc/<oid> is recorded with
+        self._in_tree = False  # whether the data directory has a chunkvault_tblspc of its own (a restored copy's)
+        self._version_dir = b""
         self._pages: PageChecks | None = None
         self.notes: list[str] = []
 
@@ -106,10 +170,18 @@ class PostgresOnline:
         if not same:
             raise UsageError(f"the PostgreSQL server reached has its data directory at {started.data_directory}, "
                              f"not {self.datadir}: back up that directory, on that server's machine")
-        if started.tablespaces:
-            where = ", ".join(loc for _, loc in started.tablespaces)
-            raise UsageError(f"the cluster has tablespaces outside its data directory ({where}): --postgres "
-                             "reads the data directory alone; use pg_basebackup for such a cluster")
+        self._version_dir = version_directory(started.version, catalog_version(self.datadir))
+        self._in_tree = os.path.lexists(os.path.join(self.datadir, TABLESPACES.decode()))
+        inside = os.path.realpath(self.datadir)
+        for t in started.tablespaces:
+            if not t.outside:  # made in place: a directory in pg_tblspc, read as any other
+                continue
+            oid, real = b"%d" % t.oid, os.path.realpath(t.location)
+            if real.startswith(inside.rstrip("/") + "/"):  # read where it lies; the link leads there
+                self._links[oid] = os.fsencode(os.path.relpath(real, os.path.join(inside, "pg_tblspc")))
+            else:
+                self._grafts[oid] = os.fsencode(real)
+                self._links[oid] = b"../" + TABLESPACES + b"/" + oid
         self._pages = self._page_checks(started)
 
     def _page_checks(self, started: BackupStart) -> PageChecks | None:
@@ -121,17 +193,41 @@ class PostgresOnline:
         enabled, block_size, segment_blocks = row[0]
         if enabled != "on":
             return None
-        return PageChecks(self.datadir, int(block_size), int(segment_blocks), started.start_lsn)
+        return PageChecks(self._path_of, int(block_size), int(segment_blocks), started.start_lsn)
+
+    def _path_of(self, rel: bytes) -> bytes:
+        """Where the file at ``rel`` in the tree lies: a tablespace grafted from outside, through its link."""
+        if self._grafts and not self._in_tree and rel.startswith(TABLESPACES + b"/"):
+            rel = b"pg_tblspc" + rel[len(TABLESPACES):]
+        return os.path.join(os.fsencode(self.datadir), rel)
 
     def inspector(self, rel: bytes) -> FilePages | None:
         """The page checking of a relation's file (``SourceSession.inspector``)."""
         return self._pages.for_file(rel) if self._pages is not None else None
 
+    def graft(self, below: bytes) -> dict[bytes, bytes]:
+        """The directories of the tree that lie elsewhere (``SourceWalk``'s ``graft``): in the data directory,
+        ``chunkvault_tblspc`` (a view of ``pg_tblspc``, unless the directory has one of its own); in that, each
+        tablespace outside the data directory under its oid, read at its location."""
+        if not self._grafts:
+            return {}
+        if below == b"" and not self._in_tree:
+            return {TABLESPACES: os.fsencode(os.path.join(self.datadir, "pg_tblspc"))}
+        return dict(self._grafts) if below == TABLESPACES else {}
+
     def leave_out(self, below: bytes, names: list[bytes]) -> set[bytes]:
         """What the walk leaves out of the directory at ``below`` (``SourceWalk``'s ``leave_out``): unlogged
-        and temporary relations' files, in a database directory; the control file, which ``appendix`` reads."""
+        and temporary relations' files, in a database directory; the control file, which ``appendix`` reads;
+        the links to tablespaces outside, which ``appendix`` records anew; in a tablespace's location, what is
+        not this server's version directory (an older server's, left by pg_upgrade, or anything else)."""
         if below == os.path.dirname(CONTROL_FILE):
             return {os.path.basename(CONTROL_FILE)}
+        if below == b"pg_tblspc":
+            return {name for name in names if name in self._links}
+        if below == TABLESPACES and not self._in_tree:  # pg_tblspc's links: the grafts alone are its entries
+            return set(names)
+        if (m := _GRAFTED.fullmatch(below)) and m.group(1) in self._grafts:
+            return {name for name in names if name != self._version_dir}
         return unlogged_and_temporary(names) if is_database_directory(below) else set()
 
     def _control_file(self) -> AddedFile:
@@ -151,11 +247,22 @@ class PostgresOnline:
         stopped = self._session.stop()
         st = os.stat(self.datadir)
         now = time.time_ns()
+        # After the stop: a tablespace created or dropped up to then has its record in the WAL the copy replays.
+        changed = changed_tablespaces(self._started.tablespaces, self._session.tablespaces())
+        if changed:
+            raise SourceCommandFailed(f"PostgreSQL's tablespaces changed during the backup ({changed}): no snapshot "
+                                      "saved; take it again")
+        # No tablespace_map: the tablespaces are in the tree (see the module's docstring).
         added = [control, AddedFile(b"backup_label", functools.partial(io.BytesIO, stopped.label_file.encode()), 0o600,
                            st.st_uid, st.st_gid, now)]
-        if stopped.tablespace_map:
-            added.append(AddedFile(b"tablespace_map", functools.partial(io.BytesIO, stopped.tablespace_map.encode()),
-                                   0o600, st.st_uid, st.st_gid, now))
+        for oid, target in self._links.items():
+            try:
+                link = os.lstat(os.path.join(os.fsencode(self.datadir), b"pg_tblspc", oid))
+            except OSError as exc:
+                raise SourceCommandFailed(f"cannot read the link of tablespace {oid.decode()} in pg_tblspc: "
+                                          f"{exc.strerror or exc}: no snapshot saved") from None
+            added.append(AddedFile(b"pg_tblspc/" + oid, None, 0o777, link.st_uid, link.st_gid, link.st_mtime_ns,
+                                   link=target))
         for name in EMPTIED:  # one on another disk (initdb --waldir): a directory here, as pg_basebackup makes it
             path = os.path.join(self.datadir, name)
             if os.path.islink(path):
@@ -182,6 +289,7 @@ class PostgresOnline:
         info = {"label": self.label, "start_lsn": format_lsn(stopped.start_lsn),
                 "stop_lsn": format_lsn(stopped.wal_end), "timeline": stopped.timeline, "start_wal": segments[0],
                 "wal": segments, "server_version": self._started.version, "standby": self._started.standby,
+                "tablespaces": tablespaces_json(self._started.tablespaces),
                 "page_checksums": self._pages.to_dict() if self._pages is not None else None}
         if self._pages is not None:
             self.notes += self._pages.warnings()

@@ -93,6 +93,22 @@ def label_field(label_file: str, name: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Tablespace:
+    """A tablespace of the cluster (not ``pg_default`` or ``pg_global``): its ``location`` as
+    ``pg_tablespace_location`` gives it, an absolute path (where ``pg_tblspc/<oid>`` leads), or for one made
+    in place (``allow_in_place_tablespaces``) a path inside the data directory."""
+
+    oid: int
+    name: str
+    location: str
+
+    @property
+    def outside(self) -> bool:
+        """Whether its files lie outside the data directory (behind the link ``pg_tblspc/<oid>``)."""
+        return os.path.isabs(self.location)
+
+
 @dataclass
 class BackupStart:
     """What the server said when the backup started."""
@@ -101,8 +117,8 @@ class BackupStart:
     data_directory: str
     version: int  # server_version_num
     segment_size: int
-    #: Tablespaces outside the data directory: (oid, location).
-    tablespaces: list[tuple[int, str]] = field(default_factory=list)
+    #: The cluster's tablespaces (``pg_default`` and ``pg_global`` aside), by oid, as they were just before the start.
+    tablespaces: list[Tablespace] = field(default_factory=list)
     #: Whether the server is a standby (in recovery): the backup is one taken from a standby.
     standby: bool = False
 
@@ -235,9 +251,7 @@ class PgBackupSession:
                                       "GRANT pg_read_all_settings TO the role)") from None
         segment_size = int(self.value("SELECT setting::bigint * (CASE unit WHEN '8kB' THEN 8192 WHEN 'B' "
                                        "THEN 1 ELSE 1048576 END) FROM pg_settings WHERE name = 'wal_segment_size'"))
-        tablespaces = [(int(oid), loc) for oid, loc in self.query(
-            "SELECT oid, pg_tablespace_location(oid) FROM pg_tablespace "
-            "WHERE spcname NOT IN ('pg_default', 'pg_global')")]
+        tablespaces = self.tablespaces()
         if slot:
             name = f"chunkvault_{os.getpid()}_{secrets.token_hex(4)}"
             self.query(f"SELECT pg_create_physical_replication_slot('{name}', true, true)")
@@ -249,6 +263,20 @@ class PgBackupSession:
             lsn = self.value(f"SELECT pg_start_backup('{quoted}', {fast_sql}, false)")
         self._started = BackupStart(parse_lsn(lsn), data_directory, version, segment_size, tablespaces, standby)
         return self._started
+
+    def tablespaces(self) -> list[Tablespace]:
+        """The cluster's tablespaces now, by oid (names and locations travel in base64: either may hold
+        a line break)."""
+        def text(column: str) -> str:
+            return f"translate(encode(convert_to({column}, 'UTF8'), 'base64'), E'\\n', '')"
+
+        rows = self.query(f"SELECT oid, {text('spcname::text')}, {text('pg_tablespace_location(oid)')} "
+                          "FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY oid")
+        try:
+            return [Tablespace(int(oid), base64.b64decode(name).decode(), base64.b64decode(loc).decode())
+                    for oid, name, loc in rows]
+        except ValueError:
+            raise SourceCommandFailed(f"PostgreSQL answered the list of tablespaces with {rows!r}") from None
 
     def _standby_ready(self) -> None:
         """Refuse a standby whose replay is paused (its copy would stop at the pause, however long the backup),
@@ -354,5 +382,5 @@ class PgBackupSession:
         self.close()
 
 
-__all__: Sequence[str] = ("PgBackupSession", "STANDBY_WAIT", "BackupStart", "BackupStop", "parse_lsn", "format_lsn",
-                          "wal_segment_name", "wal_segments_between", "label_field")
+__all__: Sequence[str] = ("PgBackupSession", "STANDBY_WAIT", "BackupStart", "BackupStop", "Tablespace", "parse_lsn",
+                          "format_lsn", "wal_segment_name", "wal_segments_between", "label_field")

@@ -777,7 +777,8 @@ class Repository:
             walk = SourceWalk.of_paths(list(paths), excludes, one_file_system=one_file_system, markers=markers,
                                        max_file_size=exclude_larger_than, iexcludes=iexcludes,
                                        report_excluded=report_excluded,
-                                       leave_out=session.leave_out if session is not None else None)
+                                       leave_out=session.leave_out if session is not None else None,
+                                       graft=session.graft if session is not None else None)
         elif not walk.same_rules(list(paths), excludes, one_file_system, markers, exclude_larger_than, iexcludes,
                                  report_excluded):
             walk.close()

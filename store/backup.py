@@ -85,7 +85,8 @@ class Listed(NamedTuple):
 class AddedFile(NamedTuple):
     """A file a ``SourceSession`` adds to the tree once the walk is done, under ``path`` (relative to the
     snapshot's root); ``open`` gives its content (None: a directory, recorded in the place of what the walk
-    found there, such as a symbolic link the added files are to lie in)."""
+    found there, such as a symbolic link the added files are to lie in; or, with ``link``, a symbolic link to
+    that target, such as one that leads to a directory the walk recorded elsewhere in the tree)."""
 
     path: bytes
     open: Callable[[], BinaryIO] | None
@@ -93,6 +94,7 @@ class AddedFile(NamedTuple):
     uid: int
     gid: int
     mtime_ns: int
+    link: bytes | None = None
 
 
 class TarSource(NamedTuple):
@@ -1259,9 +1261,12 @@ class Backup:
         self.warnings += self.opt.session.notes
         extra = []
         for a in sorted(added, key=lambda a: sort_key(a.path)):
-            e = Entry(a.path, T_FILE if a.open is not None else T_DIR, a.mode, a.uid, a.gid, a.mtime_ns, 0,
-                      a.mtime_ns)
-            if a.open is not None:
+            kind = T_FILE if a.open is not None else T_DIR if a.link is None else T_SYMLINK
+            e = Entry(a.path, kind, a.mode, a.uid, a.gid, a.mtime_ns, 0, a.mtime_ns)
+            if kind == T_SYMLINK:
+                assert a.link is not None
+                e.target, e.size = a.link, len(a.link)
+            elif a.open is not None:
                 with a.open() as f:
                     e.digest, e.chunks, e.size = self._read_stream(f, a.path, None)
                 self.counts["new_files"] += 1

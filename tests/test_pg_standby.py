@@ -250,6 +250,9 @@ def test_the_control_file_is_read_last_after_every_other_file_and_before_the_sto
     (datadir / "pg_wal" / "000000010000000000000002").write_bytes(b"wal")
 
     class Session:
+        def tablespaces(self):
+            return []
+
         def stop(self):
             (datadir / "global" / "pg_control").write_bytes(b"after the stop")
             return BackupStop(0x2000100, "START TIMELINE: 1\n", "", 0x2000028, 1, 0x2000200)

@@ -1,0 +1,153 @@
+"""backup --postgres of a cluster with a tablespace outside its data directory, and its restores.
+
+The tablespace holds a table, its index and an unlogged table; rows go in while the backup runs.  Restored
+plainly, the tablespace is a directory in ``pg_tblspc`` and the data directory starts on its own; restored
+with ``--pg-tablespace``, it lies where it is told, linked from ``pg_tblspc``.  Either way the server counts
+every row committed before the stop, through the table and through its index.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from chunkvault.errors import SourceCommandFailed
+from chunkvault.pgbackup import PostgresOnline
+from chunkvault.store.manifest import T_DIR, T_FILE, T_SYMLINK
+from servers_pg import PgCluster, check_restore_command, give_to, require_postgres, start_restored
+
+pytestmark = pytest.mark.slow
+
+ROWS = "SELECT count(*), count(DISTINCT pad), max(id) FROM ts_t"
+INDEXED = "SET enable_seqscan = off; SET enable_bitmapscan = off; SELECT count(*) FROM ts_t WHERE id BETWEEN 11 AND 20"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A running cluster with the tablespace ``ts1`` (a table with an index, an unlogged table) and, in the
+    tablespace's location, another server version's directory as pg_upgrade leaves it."""
+    bindir = require_postgres()
+    with PgCluster(bindir, settings=("fsync=off", "max_wal_size=64MB")) as c:
+        c.init()
+        c.start()
+        c.location = os.path.join(c.base, "ts1")
+        os.mkdir(c.location, 0o700)
+        give_to(c.location, c.user)
+        c.sql(f"CREATE TABLESPACE ts1 LOCATION '{c.location}'")
+        c.sql("CREATE TABLE ts_t (id int PRIMARY KEY USING INDEX TABLESPACE ts1, pad text) TABLESPACE ts1; "
+              "CREATE UNLOGGED TABLE ts_u (id int) TABLESPACE ts1; "
+              "INSERT INTO ts_t SELECT g, 'a' FROM generate_series(1, 5000) g; "
+              "INSERT INTO ts_u SELECT generate_series(1, 1000)")
+        c.oid = int(c.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'ts1'"))
+        old = os.path.join(c.location, "PG_9.6_201608131", "1")
+        os.makedirs(old)
+        with open(os.path.join(old, "1234"), "wb") as f:
+            f.write(b"an older server's relation")
+        give_to(c.location, c.user, recursive=True)
+        yield c
+
+
+@pytest.fixture
+def pg_env(cluster, monkeypatch):
+    env = {"PGHOST": cluster.rundir, "PGPORT": str(cluster.port), "PGUSER": "postgres", "PGDATABASE": "postgres",
+           "PATH": f"{cluster.bindir}:{os.environ.get('PATH', '')}"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture
+def during(cluster, monkeypatch):
+    """SQL run inside the backup: ``during["start"]`` once the base backup has begun, ``during["read"]`` once
+    every file is read, before the stop."""
+    sql: dict[str, str] = {}
+    begin, appendix = PostgresOnline.begin, PostgresOnline.appendix
+
+    def begun(self):
+        begin(self)
+        if sql.get("start"):
+            cluster.sql(sql["start"])
+
+    def read(self):
+        if sql.get("read"):
+            cluster.sql(sql["read"])
+        return appendix(self)
+
+    monkeypatch.setattr(PostgresOnline, "begin", begun)
+    monkeypatch.setattr(PostgresOnline, "appendix", read)
+    return sql
+
+
+def _counted(bindir: str, datadir: str) -> tuple[str, str, str]:
+    """The rows of the tablespace's table (all, and through its index) and of its unlogged table, on a server
+    started on ``datadir``."""
+    server = start_restored(bindir, datadir)
+    try:
+        return server.sql(ROWS), server.sql(INDEXED), server.sql("SELECT count(*) FROM ts_u")
+    finally:
+        server.stop()
+        shutil.rmtree(server.rundir, ignore_errors=True)
+
+
+def test_a_tablespace_is_backed_up_in_the_data_directory_tree_and_restores_to_a_server_that_starts(
+        cluster, new_repo, pg_env, during, tmp_path, cli):
+    repo = new_repo(str(tmp_path / "repo"))
+    during["start"] = "INSERT INTO ts_t SELECT g, 'b' FROM generate_series(5001, 8000) g; CHECKPOINT"
+    during["read"] = "INSERT INTO ts_t SELECT g, 'c' FROM generate_series(8001, 9000) g; UPDATE ts_t SET pad = 'c' " \
+                     "WHERE id <= 20; CHECKPOINT"
+    snap = repo.backup([cluster.datadir], postgres="").snapshot
+    cluster.sql("INSERT INTO ts_t VALUES (9001, 'after')")
+    link, held = f"pg_tblspc/{cluster.oid}", f"chunkvault_tblspc/{cluster.oid}"
+    version = [n for n in os.listdir(cluster.location) if n.startswith("PG_15_")]
+    assert snap.stats["postgres"]["tablespaces"] == [{"oid": cluster.oid, "name": "ts1", "location": cluster.location}]
+    tree = {e.path.decode(): e for e in repo.tree(snap.id)}
+    assert tree[link].type == T_SYMLINK and tree[link].target == f"../{held}".encode()
+    assert tree[held].type == T_DIR and len(version) == 1
+    below = sorted(p for p in tree if p.startswith(held + "/"))
+    assert below and all(p.startswith(f"{held}/{version[0]}") for p in below)  # not the older server's directory
+    assert not any(p.startswith(link + "/") for p in tree) and "tablespace_map" not in tree
+    table = cluster.sql("SELECT pg_relation_filepath('ts_t')")  # pg_tblspc/OID/PG_15_.../DB/REL
+    unlogged = cluster.sql("SELECT pg_relation_filepath('ts_u')").replace(link, held, 1)
+    assert table.startswith(link) and tree[table.replace(link, held, 1)].type == T_FILE
+    assert f"{unlogged}_init" in tree and unlogged not in tree  # as in the data directory: the init fork alone
+
+    target = os.path.join(cluster.base, "plain")  # a plain restore: one self-contained directory
+    repo.restore(snap.id, target)
+    assert os.path.realpath(os.path.join(target, link)) == os.path.realpath(os.path.join(target, held))
+    assert _counted(cluster.bindir, target) == ("9000|3|9000", "10", "0")
+    shutil.rmtree(target)
+
+    check = check_restore_command(cluster.bindir, ROWS, "9000|3|9000")
+    out = cli("verify-restore", "-r", str(tmp_path / "repo"), snap.id, "--then", check, "--timeout", "300", "--json")
+    [report] = json.loads(out.stdout)["snapshots"]
+    assert report["mismatches"] == [] and report["command"]["exit_code"] == 0, report
+
+    during.clear()
+    diff = repo.backup([cluster.datadir], postgres="").snapshot  # the link is a directory in the parent too
+    assert diff.kind == "diff" and diff.stats["postgres"]["tablespaces"][0]["oid"] == cluster.oid
+    target = os.path.join(cluster.base, "plain-diff")
+    repo.restore(diff.id, target)
+    assert _counted(cluster.bindir, target)[0] == "9001|4|9001"
+    shutil.rmtree(target)
+
+
+@pytest.mark.parametrize("change", ["create", "drop"])
+def test_a_tablespace_created_or_dropped_during_the_backup_fails_it(cluster, new_repo, pg_env, during, tmp_path,
+                                                                    change):
+    """Its record lies in the WAL the copy would replay: a creation would link (and write) the live location."""
+    location = os.path.join(cluster.base, f"ts-{change}")
+    os.mkdir(location, 0o700)
+    give_to(location, cluster.user)
+    if change == "drop":
+        cluster.sql(f"CREATE TABLESPACE ts_{change} LOCATION '{location}'")
+        during["read"] = f"DROP TABLESPACE ts_{change}"
+    else:
+        during["start"] = f"CREATE TABLESPACE ts_{change} LOCATION '{location}'"
+    repo = new_repo()
+    with pytest.raises(SourceCommandFailed, match=f"tablespaces changed during the backup \\(ts_{change} "
+                                                  f"{change}[a-z]*\\).*take it again"):
+        repo.backup([cluster.datadir], postgres="")
+    assert repo.snapshots() == [] and cluster.sql("SELECT count(*) FROM pg_replication_slots") == "0"
+    cluster.sql(f"DROP TABLESPACE IF EXISTS ts_{change}")
