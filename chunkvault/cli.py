@@ -833,6 +833,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.from_file:
         if recovery is not None:
             raise UsageError("--pg-recover fetches WAL from a repository: restore from one, not from a file")
+        if args.pg_tablespace:
+            raise UsageError("--pg-tablespace restores from the repository, not --from-file")
         from .exportcli import restore_from_file_cli
 
         return restore_from_file_cli(args)
@@ -845,6 +847,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if recovery[0].stops_at is not None and args.until is None and split_subtree(args.snapshot)[0] == "latest":
             snap = _ended_by(repo, args, recovery[0].stops_at)
         _check_data_directory(repo, snap, subtree)
+    relocate = []
+    if args.pg_tablespace:
+        from .pgtablespace import relocations
+
+        if subtree is not None or args.include or args.exclude or args.iexclude:
+            raise UsageError("--pg-tablespace restores a whole data directory: give no SNAPSHOT:PATH, --include or "
+                             "--exclude with it")
+        relocate = relocations(repo, snap, args.pg_tablespace)
     within = f"{shown_name(subtree)} of " if subtree else ""
     in_place = restore_in_place(args, f"{within}snapshot {snap.short_id} of "
                                       f"{snap.host}:{','.join(snap.paths) or snap.stdin_name} ({_local_time(snap)})")
@@ -857,7 +867,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
                                   iexcludes=args.iexclude, force=in_place,
                                   delta=args.delta, delete=args.delete, progress=bar, processes=args.processes,
                                   verify=args.verify, xattrs=not args.no_xattrs,
-                                  numeric_owner=args.numeric_owner, subtree=subtree, overwrite=args.overwrite)
+                                  numeric_owner=args.numeric_owner, subtree=subtree, overwrite=args.overwrite,
+                                  relocate=relocate)
         finally:
             bar.done()
     except ChunkvaultError as exc:
@@ -2494,6 +2505,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--pg-restore-command", metavar="COMMAND",
                    help="the restore_command to write instead of chunkvault's archive-get")
     s.add_argument("--pg-spool", metavar="DIR", help="the --spool of the archive-get written")
+    s.add_argument("--pg-tablespace", action="append", default=[], metavar="OID_OR_NAME=DIR",
+                   help="of a backup --postgres snapshot: restore this tablespace into DIR (empty, or in place with "
+                        "the target) and make pg_tblspc/OID a link to it (repeatable; default: inside the target)")
     s.set_defaults(func=cmd_restore, read_lock="restore")
 
     s = sub.add_parser("ls", parents=[common, reading], help="list a snapshot's entries")

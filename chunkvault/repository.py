@@ -12,6 +12,8 @@ import dataclasses
 import functools
 import io
 import os
+import re
+import stat
 import sys
 import threading
 import unicodedata
@@ -41,8 +43,8 @@ from .store.objects import BlobInfo, unique_name
 from .store.repository import NOT_INDEXED, Repo, pack_key
 from .store.confinement import confined
 from .store.subtree import Subtree, in_subtree
-from .store.restore import (Restorer, RestoreOptions, RestoreResult, check_content, check_overwrite,
-                            include_directory, refuse_overlap)
+from .store.restore import (Relocation, Restorer, RestoreOptions, RestoreResult, check_content, check_overwrite,
+                            include_directory, merged_results, refuse_overlap)
 from .store.owners import OwnerMap, chain_names
 from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, parse_until, select_snapshots
 from .pgbackup import EXCLUDES as PG_EXCLUDES, PostgresOnline, checkpoint_fast
@@ -1329,9 +1331,14 @@ class Repository:
                 iexcludes: list[str] | None = None, force: bool = False, delta: bool = False,
                 delete: bool = False, progress: Any = None, processes: int | None = None, verify: bool = False,
                 xattrs: bool = True, numeric_owner: bool = False, subtree: str | bytes | None = None,
-                overwrite: str = "always") -> RestoreResult:
+                overwrite: str = "always", relocate: Sequence[Relocation] = ()) -> RestoreResult:
         """Restore into ``target``: empty, or in place with ``force`` (``delta``: rewrite only what
         differs, checked by digest; ``delete``: remove what the snapshot does not have).
+
+        ``relocate``: directories of the snapshot restored into directories of their own instead, each
+        ``Relocation``'s ``link`` in the target made a symbolic link to it (a database's tablespaces on their
+        own disks: ``pgtablespace.relocations``); each such directory is empty, or restored into in place as
+        the target is.  Not with ``subtree``, ``includes`` or ``excludes``: the whole snapshot is restored.
 
         ``overwrite``, in place: which entries the target has are replaced: ``"always"``; ``"if-changed"``
         (as ``delta``, but a file of the snapshot's size and mtime is taken as right unread); ``"if-newer"``
@@ -1369,6 +1376,12 @@ class Repository:
         from .store.forked import MAX_REQUESTED
         from .store.restore import Selection
 
+        if relocate:
+            return self._restore_relocated(snapshot, target, list(relocate), until=until, host=host, paths=paths,
+                                           includes=includes, excludes=excludes, iexcludes=iexcludes, force=force,
+                                           delta=delta, delete=delete, progress=progress, processes=processes,
+                                           verify=verify, xattrs=xattrs, numeric_owner=numeric_owner,
+                                           subtree=subtree, overwrite=overwrite)
         includes, excludes = _globs(includes, "include"), _globs(excludes, "exclude")
         iexcludes = _globs(iexcludes, "iexclude")
         Selection(includes, excludes, iexcludes)  # a bad pattern is refused before anything is read
@@ -1434,6 +1447,66 @@ class Repository:
             if verify:
                 self._verify_restored(restorer, snap, tree(), target, xattrs)
             return result
+
+    def _restore_relocated(self, snapshot: str | Snapshot, target: str, relocate: list[Relocation], *,
+                           until: str | datetime | None, host: str | None, paths: list[str] | None,
+                           includes: list[str] | None, excludes: list[str] | None, iexcludes: list[str] | None,
+                           subtree: str | bytes | None, force: bool, overwrite: str, progress: Any,
+                           **options: Any) -> RestoreResult:
+        """``restore`` with ``relocate``: the target without the relocated directories, then each of them
+        into its own directory (a restore of that subtree), then each link made.  What can be refused is
+        refused before anything is written."""
+        if subtree is not None or includes or excludes or iexcludes:
+            raise UsageError("relocating directories restores a whole snapshot: give no subtree, includes or "
+                             "excludes with it")
+        in_place = force or overwrite == "never"
+        target_dir = os.path.abspath(os.fspath(target))
+        intos: list[str] = []
+        for r in relocate:
+            if not isinstance(r, Relocation):
+                raise UsageError(f"relocate is a list of Relocation, not {r!r}")
+            into = os.path.abspath(r.into)
+            for other in [target_dir, *intos]:
+                if into == other or _inside_dir(into, other) or _inside_dir(other, into):
+                    raise UsageError(f"{r.into} overlaps {other}: each relocated directory is one of its own, "
+                                     "outside the target")
+            if not in_place and _is_nonempty_dir(into):
+                raise UsageError(f"{r.into} is not empty (restoring into it in place takes force)")
+            at = os.path.join(target_dir, os.fsdecode(r.link))
+            if not os.path.islink(at) and _is_nonempty_dir(at):
+                raise UsageError(f"{at} is a directory that is not empty: it cannot become the link to {r.into}")
+            intos.append(into)
+        snap = self.snapshot(snapshot, until=until, host=host, paths=paths)
+        for r in relocate:
+            if not r.subtree or not self._subtree(snap, r.subtree).is_dir:
+                raise UsageError(f"{os.fsdecode(r.subtree) or '/'} is not a directory of snapshot {snap.id[:8]}")
+        done = [0, 0]
+
+        def step(files: int, nbytes: int) -> None:
+            progress(done[0] + files, done[1] + nbytes)
+
+        escaped = [os.fsdecode(re.sub(rb"([*?\[\\])", rb"[\1]", r.subtree)) for r in relocate]
+        results = []
+        parts = [(target_dir, None, escaped), *((i, r.subtree, None) for i, r in zip(intos, relocate))]
+        for into, sub, exclude in parts:
+            result = self.restore(snap, into, excludes=exclude, subtree=sub, force=force, overwrite=overwrite,
+                                  progress=step if progress is not None else None, **options)
+            results.append(result)
+            done[0] += result.files
+            done[1] += result.bytes
+        for into, r in zip(intos, relocate):
+            at = os.path.join(target_dir, os.fsdecode(r.link))
+            parent = os.stat(os.path.dirname(at))
+            old = os.lstat(at) if os.path.lexists(at) else None
+            if old is not None and stat.S_ISDIR(old.st_mode):
+                os.rmdir(at)
+            elif old is not None:
+                os.unlink(at)
+            os.symlink(into, at)
+            if old is not None and os.geteuid() == 0:
+                os.lchown(at, old.st_uid, old.st_gid)
+            os.utime(os.path.dirname(at), ns=(parent.st_atime_ns, parent.st_mtime_ns))
+        return merged_results(results)
 
     def owner_names(self, snapshot: str | Snapshot, *, snapshots: list[Snapshot] | None = None
                     ) -> tuple[dict[int, str], dict[int, str]]:
@@ -2128,6 +2201,11 @@ def _local_roots(remote: Remote) -> list[str]:
     while not isinstance(remote, LocalRemote) and isinstance(getattr(remote, "inner", None), Remote):
         remote = remote.inner  # type: ignore[attr-defined]
     return [remote.root] if isinstance(remote, LocalRemote) else []
+
+
+def _inside_dir(path: str, other: str) -> bool:
+    """Whether the absolute ``path`` lies below the absolute directory path ``other``."""
+    return path.startswith(other.rstrip("/") + "/")
 
 
 def _is_nonempty_dir(path: str | os.PathLike[str]) -> bool:

@@ -105,6 +105,33 @@ class RestoreOptions:
     checkpoint: Callable[[], None] | None = None  # called between batches of chunks: may raise to stop mid-file
 
 
+@dataclass(frozen=True)
+class Relocation:
+    """A directory of a snapshot restored elsewhere than in the target's tree: ``subtree`` (a path as the
+    snapshot names it) into the directory ``into``, left out of the target, whose entry ``link`` (``subtree``
+    itself, or a symbolic link of the snapshot that led to it) becomes a symbolic link to ``into``.  What a
+    database keeps on other disks (PostgreSQL's tablespaces, ``pgtablespace``) goes back to other disks so."""
+
+    subtree: bytes
+    into: str
+    link: bytes
+
+
+def merged_results(results: Sequence[RestoreResult]) -> RestoreResult:
+    """One result for restores made one after the other into several directories (``Relocation``)."""
+    out = RestoreResult(processes=max((r.processes for r in results), default=1))
+    for r in results:
+        for name in ("files", "dirs", "links", "specials", "bytes", "unchanged_files", "rewritten_bytes", "deleted",
+                     "skipped_existing"):
+            setattr(out, name, getattr(out, name) + getattr(r, name))
+        out.warnings += r.warnings
+        out.damaged += r.damaged
+        out.unwritten += r.unwritten
+        if r.full and not out.full:
+            out.full, out.full_in_place = r.full, r.full_in_place
+    return out
+
+
 @dataclass
 class RestoreResult:
     files: int = 0

@@ -124,6 +124,38 @@ def test_a_tablespace_is_backed_up_in_the_data_directory_tree_and_restores_to_a_
     [report] = json.loads(out.stdout)["snapshots"]
     assert report["mismatches"] == [] and report["command"]["exit_code"] == 0, report
 
+    mapped, elsewhere = os.path.join(cluster.base, "mapped"), os.path.join(cluster.base, "ts1-elsewhere")
+    out = cli("restore", "-r", str(tmp_path / "repo"), snap.id, "--target", mapped, "--pg-tablespace",
+              f"ts1={elsewhere}", "--json")
+    restored = json.loads(out.stdout)
+    assert restored["files"] + restored["links"] == snap.stats["files"]  # the tablespace's files counted too
+    assert os.readlink(os.path.join(mapped, link)) == elsewhere
+    assert os.listdir(elsewhere) == version and not os.listdir(os.path.join(mapped, "chunkvault_tblspc"))
+    assert _counted(cluster.bindir, mapped) == ("9000|3|9000", "10", "0")
+    server = start_restored(cluster.bindir, mapped)  # it writes where the tablespace now is, not at the live one
+    try:
+        assert server.sql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts1'") == elsewhere
+        server.sql("INSERT INTO ts_t VALUES (100000, 'moved'); CHECKPOINT")
+    finally:
+        server.stop()
+        shutil.rmtree(server.rundir, ignore_errors=True)
+    assert cluster.sql("SELECT count(*) FROM ts_t WHERE id = 100000") == "0"
+    fresh = os.path.join(cluster.base, "fresh")  # an empty target, but the tablespace's directory is not
+    again = cli("restore", "-r", str(tmp_path / "repo"), snap.id, "--target", fresh, "--pg-tablespace",
+                f"{cluster.oid}={elsewhere}", check=2).stderr.decode()
+    assert f"{elsewhere} is not empty" in again and len(again.splitlines()) == 1 and not os.path.exists(fresh)
+    cli("restore", "-r", str(tmp_path / "repo"), snap.id, "--target", mapped, "--pg-tablespace",
+        f"{cluster.oid}={elsewhere}", "--confirm", "RESTORE", "--delta", "--delete", "--verify")
+    assert os.readlink(os.path.join(mapped, link)) == elsewhere
+    assert _counted(cluster.bindir, mapped)[0] == "9000|3|9000"  # back as the snapshot had it
+    shutil.rmtree(mapped)
+    shutil.rmtree(elsewhere)
+    for spec, said in [("ts9=/x", "has no tablespace 'ts9' (its tablespaces: ts1 (oid"), ("ts1", "OID_OR_NAME=DIR")]:
+        err = cli("restore", "-r", str(tmp_path / "repo"), snap.id, "--target", mapped, "--pg-tablespace", spec,
+                  check=2).stderr.decode()
+        assert said in err and len(err.splitlines()) == 1
+    assert not os.path.exists(mapped)
+
     during.clear()
     diff = repo.backup([cluster.datadir], postgres="").snapshot  # the link is a directory in the parent too
     assert diff.kind == "diff" and diff.stats["postgres"]["tablespaces"][0]["oid"] == cluster.oid

@@ -1,14 +1,19 @@
 """Tablespaces in backup --postgres and their places in a restore: the parts that need no server."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 
 import pytest
 
 from chunkvault import pgbackup
+from chunkvault.errors import UsageError
 from chunkvault.pgbackup import PostgresOnline, catalog_version, changed_tablespaces, version_directory
 from chunkvault.pgsession import BackupStart, Tablespace
+from chunkvault.pgtablespace import held_at, parse_mapping, recorded_tablespaces, relocations
+from chunkvault.store.manifest import T_DIR, T_FILE, T_SYMLINK
+from chunkvault.store.restore import Relocation
 from chunkvault.store.source import SourceWalk
 
 
@@ -66,3 +71,92 @@ def test_a_tablespace_outside_is_walked_under_chunkvault_tblspc_and_its_link_rec
     assert got[b"chunkvault_tblspc/16384/PG_15_7/5/16390"] == bytes(location / "PG_15_7" / "5" / "16390")
     assert online._links == {b"16384": b"../chunkvault_tblspc/16384", b"16385": b"../inner"}
     assert b"inner/PG_15_7" in got
+
+
+def test_the_mapping_of_a_tablespace_and_where_the_tree_holds_it():
+    assert parse_mapping("ts1=/srv/ts1") == ("ts1", "/srv/ts1")
+    assert parse_mapping("16384=/a=b") == ("16384", "/a=b")
+    for bad in ("ts1", "=/x", "ts1="):
+        with pytest.raises(UsageError, match="OID_OR_NAME=DIR"):
+            parse_mapping(bad)
+    link = b"pg_tblspc/16384"
+    assert held_at(link, T_SYMLINK, b"../chunkvault_tblspc/16384") == b"chunkvault_tblspc/16384"
+    assert held_at(link, T_DIR, b"") == link  # made in place
+    assert held_at(link, T_SYMLINK, b"/srv/ts1") == b""  # outside the tree
+    assert held_at(link, T_SYMLINK, b"../../elsewhere") == b""
+    assert held_at(link, T_FILE, b"") == b""
+
+
+@pytest.fixture
+def snapshot_with_tablespaces(tmp_path, new_repo):
+    """A tree laid out as backup --postgres lays a tablespace out, backed up as files, and its snapshot with
+    the stats such a backup records."""
+    data = tmp_path / "data"
+    (data / "chunkvault_tblspc" / "16384" / "PG_15_7" / "5").mkdir(parents=True)
+    (data / "chunkvault_tblspc" / "16384" / "PG_15_7" / "5" / "16390").write_bytes(b"rows" * 1000)
+    (data / "pg_tblspc").mkdir()
+    (data / "base").mkdir()
+    (data / "base" / "f").write_bytes(b"base")
+    os.symlink("../chunkvault_tblspc/16384", data / "pg_tblspc" / "16384")
+    repo = new_repo()
+    snap = repo.backup([str(data)]).snapshot
+    pg = {"tablespaces": [{"oid": 16384, "name": "ts1", "location": "/srv/ts1"}]}
+    return repo, snap, dataclasses.replace(snap, stats={**snap.stats, "postgres": pg})
+
+
+def test_relocations_name_a_tablespace_by_oid_or_name_and_refuse_what_is_not_there(snapshot_with_tablespaces,
+                                                                                    tmp_path):
+    repo, plain, snap = snapshot_with_tablespaces
+    into = str(tmp_path / "ts")
+    expected = [Relocation(b"chunkvault_tblspc/16384", into, b"pg_tblspc/16384")]
+    assert relocations(repo, snap, [f"ts1={into}"]) == relocations(repo, snap, [f"16384={into}"]) == expected
+    assert relocations(repo, snap, []) == []
+    with pytest.raises(UsageError, match="not one of backup --postgres"):
+        relocations(repo, plain, [f"ts1={into}"])
+    with pytest.raises(UsageError, match=r"has no tablespace 'ts2' \(its tablespaces: ts1 \(oid 16384\)\)"):
+        relocations(repo, snap, [f"ts2={into}"])
+    with pytest.raises(UsageError, match="placed twice"):
+        relocations(repo, snap, [f"ts1={into}", f"16384={into}2"])
+    assert recorded_tablespaces(dataclasses.replace(snap, stats={"postgres": {}})) == []  # an older snapshot's
+
+
+def test_a_relocated_directory_is_restored_into_its_own_directory_and_linked(snapshot_with_tablespaces, tmp_path):
+    repo, _, snap = snapshot_with_tablespaces
+    target, into = tmp_path / "target", tmp_path / "ts"
+    [r] = relocations(repo, snap, [f"ts1={into}"])
+    counted = []
+    result = repo.restore(snap.id, str(target), relocate=[r], progress=lambda f, b: counted.append((f, b)),
+                          verify=True)
+    assert os.readlink(target / "pg_tblspc" / "16384") == str(into)
+    assert (into / "PG_15_7" / "5" / "16390").read_bytes() == b"rows" * 1000
+    assert (target / "base" / "f").read_bytes() == b"base"
+    assert os.listdir(target / "chunkvault_tblspc") == []
+    assert result.files == 2 and counted[-1] == (2, 4004)
+    with pytest.raises(UsageError, match="is not empty"):
+        repo.restore(snap.id, str(tmp_path / "t2"), relocate=[r])
+    with pytest.raises(UsageError, match="overlaps"):
+        repo.restore(snap.id, str(tmp_path / "t3"), relocate=[Relocation(r.subtree, str(tmp_path / "t3" / "x"),
+                                                                        r.link)])
+    with pytest.raises(UsageError, match="give no subtree, includes or excludes"):
+        repo.restore(snap.id, str(tmp_path / "t4"), relocate=[r], includes=["base"])
+    with pytest.raises(UsageError, match="is not a directory of snapshot"):
+        repo.restore(snap.id, str(tmp_path / "t5"), relocate=[Relocation(b"base/f", str(tmp_path / "d5"), r.link)])
+    assert not any(os.path.exists(tmp_path / n) for n in ("t2", "t3", "t4", "t5", "d5"))
+    result = repo.restore(snap.id, str(target), relocate=[r], force=True, delta=True, verify=True)
+    assert result.unchanged_files == 2 and os.readlink(target / "pg_tblspc" / "16384") == str(into)
+
+
+def test_the_command_line_refuses_a_mapping_it_cannot_make(tmp_path, new_repo, cli):
+    data = tmp_path / "data"
+    (data / "base").mkdir(parents=True)
+    (data / "base" / "f").write_bytes(b"x")
+    url = str(tmp_path / "repo")
+    new_repo(url).backup([str(data)])
+    target = str(tmp_path / "target")
+    for extra, said in [(["--include", "base"], "give no SNAPSHOT:PATH, --include or --exclude"),
+                        ([], "not one of backup --postgres"),
+                        (["--from-file", str(tmp_path / "x.backup")], "not --from-file")]:
+        err = cli("restore", "-r", url, "latest", "--target", target, "--pg-tablespace", "ts1=/x", *extra,
+                  check=2).stderr.decode()
+        assert said in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(target)
