@@ -18,6 +18,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import _pgpages
 
@@ -29,9 +30,11 @@ SEEDS = (0x5B1F36E9, 0xB8525960, 0x02AB50AA, 0x1DE66D2A, 0x79FF467A, 0x9BB9F8A3,
          0x783125BB, 0x6CA8EAA2, 0xE407EAC6, 0x4B5CFC3E, 0x9FBF8C76, 0x15CA20BE, 0xF2CA9FD3, 0x959BD756)
 #: Failed blocks named per file in a warning; the rest are counted.
 NAMED_BLOCKS = 10
-#: A relation's file, where its checksums count: a database's (``base/OID/``), a tablespace's, or a shared
-#: catalog (``global/``); its name the relation's file node, a fork, a segment number.
-_RELATION_FILE = re.compile(rb"(?:base/\d+|global|pg_tblspc/\d+/PG_[^/]+/\d+)/\d+(?:_(?:fsm|vm|init))?(?:\.(\d+))?")
+#: A relation's file, where its checksums count: a database's (``base/OID/``), a tablespace's (through
+#: ``pg_tblspc``, or where a backup's tree holds one from outside the data directory, ``chunkvault_tblspc``),
+#: or a shared catalog (``global/``); its name the relation's file node, a fork, a segment number.
+_RELATION_FILE = re.compile(rb"(?:base/\d+|global|(?:pg_tblspc|chunkvault_tblspc)/\d+/PG_[^/]+/\d+)/\d+"
+                            rb"(?:_(?:fsm|vm|init))?(?:\.(\d+))?")
 
 
 def checksum(page: bytes, block: int) -> int:
@@ -63,10 +66,11 @@ def relation_segment(rel: bytes) -> int | None:
 
 @dataclass
 class PageChecks:
-    """The checking of one backup: the cluster's block size and segment size (in blocks), the backup's start
-    (pages at or past it are left alone), and what was found.  Shared by the backup's reader threads."""
+    """The checking of one backup: where a file of the tree lies (``locate``, to read a page again), the
+    cluster's block size and segment size (in blocks), the backup's start (pages at or past it are left
+    alone), and what was found.  Shared by the backup's reader threads."""
 
-    datadir: str
+    locate: Callable[[bytes], bytes]
     block_size: int
     segment_blocks: int
     start_lsn: int
@@ -142,7 +146,7 @@ class FilePages:
         bad = []
         if self._suspects:
             try:
-                fd = os.open(os.path.join(os.fsencode(self.checks.datadir), self.rel), os.O_RDONLY)
+                fd = os.open(self.checks.locate(self.rel), os.O_RDONLY)
             except OSError:  # gone since (dropped): nothing of it to vouch for either way
                 fd = -1
             try:

@@ -73,6 +73,7 @@ def test_a_block_size_the_algorithm_does_not_take_is_refused(size):
 @pytest.mark.parametrize("rel, segment", [
     (b"base/5/16384", 0), (b"base/5/16384.3", 3), (b"base/5/16384_fsm", 0), (b"base/5/16384_vm.1", 1),
     (b"global/1262", 0), (b"pg_tblspc/16390/PG_15_202209061/5/16391.2", 2),
+    (b"chunkvault_tblspc/16390/PG_15_202209061/5/16391", 0), (b"chunkvault_tblspc/16390/PG_15_202209061/5", None),
     (b"global/pg_control", None), (b"global/pg_filenode.map", None), (b"base/5/PG_VERSION", None),
     (b"base/5/pg_internal.init", None), (b"pg_wal/000000010000000000000001", None), (b"PG_VERSION", None),
     (b"base/5/t3_16384", None), (b"pg_xact/0000", None), (b"base/pgsql_tmp/x", None),
@@ -85,7 +86,7 @@ def relation(tmp_path, pages: list[bytes], rel: str = "base/5/16384.1") -> tuple
     path = tmp_path / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join(pages))
-    return PageChecks(str(tmp_path), BLOCK, 4, 0x18_0000_0000), rel.encode()
+    return PageChecks(lambda r: os.path.join(bytes(tmp_path), r), BLOCK, 4, 0x18_0000_0000), rel.encode()
 
 
 @given(st.lists(st.integers(1, 3 * BLOCK), max_size=12), st.sets(st.integers(0, 7)))
@@ -149,8 +150,15 @@ def test_a_damaged_page_of_a_running_cluster_is_reported_and_the_snapshot_still_
     with servers_pg.PgCluster(bindir) as c:
         c.init(data_checksums=True)
         c.start()
-        c.sql("create table t as select g, md5(g::text) m from generate_series(1, 20000) g; checkpoint")
+        location = os.path.join(c.base, "ts1")
+        os.mkdir(location, 0o700)
+        servers_pg.give_to(location, c.user)
+        c.sql(f"create tablespace ts1 location '{location}'")
+        c.sql("create table t as select g, md5(g::text) m from generate_series(1, 20000) g; "
+              "create table u tablespace ts1 as select g from generate_series(1, 20000) g; checkpoint")
         rel = c.sql("select pg_relation_filepath('t')")
+        in_ts = c.sql("select pg_relation_filepath('u')")  # pg_tblspc/OID/PG_15_.../5/NNNN
+        tree_ts = "chunkvault_tblspc/" + in_ts.split("/", 1)[1]  # where the snapshot holds it
         env = {"PGHOST": c.rundir, "PGPORT": str(c.port), "PGUSER": "postgres", "PGDATABASE": "postgres",
                "PATH": f"{bindir}:{os.environ['PATH']}"}
         for k, v in env.items():
@@ -162,17 +170,21 @@ def test_a_damaged_page_of_a_running_cluster_is_reported_and_the_snapshot_still_
         assert not any("page checksum" in w for w in clean.warnings)
 
         c.stop()
-        with open(os.path.join(c.datadir, rel), "r+b") as f:  # a bit flipped on disk, under PostgreSQL's back
-            f.seek(3 * BLOCK + 4000)
-            byte = f.read(1)
-            f.seek(3 * BLOCK + 4000)
-            f.write(bytes([byte[0] ^ 0x10]))
+        for name, block in ((rel, 3), (in_ts, 5)):  # a bit flipped on disk, under PostgreSQL's back
+            with open(os.path.join(c.datadir, name), "r+b") as f:
+                f.seek(block * BLOCK + 4000)
+                byte = f.read(1)
+                f.seek(block * BLOCK + 4000)
+                f.write(bytes([byte[0] ^ 0x10]))
         c.start()  # on another port
         env["PGPORT"] = str(c.port)
         out = cli("backup", "-r", str(tmp_path / "repo"), "--postgres", c.datadir, "--json", env=env)
         doc = json.loads(out.stdout)
         said = [w for w in doc["warnings"] if "page checksum" in w]
-        assert said == [f"invalid page checksum in {rel}: block(s) 3 (the server's copy is damaged too: see "
-                        "PostgreSQL's log and its storage)"], doc["warnings"]
+        assert said == [f"invalid page checksum in {name}: block(s) {block} (the server's copy is damaged too: see "
+                        "PostgreSQL's log and its storage)" for name, block in sorted(((rel, 3), (tree_ts, 5)))
+                        ], doc["warnings"]
         stats = repo.snapshot(doc["id"]).stats["postgres"]["page_checksums"]
-        assert stats["failures"] == [{"path": rel, "blocks": [3]}] and stats["pages"] >= 167
+        assert stats["failures"] == sorted([{"path": rel, "blocks": [3]}, {"path": tree_ts, "blocks": [5]}],
+                                           key=lambda f: f["path"])
+        assert stats["pages"] >= 167 + 89  # both tables' pages at least

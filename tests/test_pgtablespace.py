@@ -59,6 +59,9 @@ def test_a_tablespace_outside_is_walked_under_chunkvault_tblspc_and_its_link_rec
             return BackupStart(0x2000028, str(data), 150000, 16 << 20,
                                [Tablespace(16384, "ts", str(location)), Tablespace(16385, "in", str(data / "inner"))])
 
+        def query(self, sql):  # the page settings: data checksums on
+            return [["on", "8192", "131072"]]
+
     online = PostgresOnline(str(data))
     online._session = Session()
     online.begin()
@@ -71,6 +74,8 @@ def test_a_tablespace_outside_is_walked_under_chunkvault_tblspc_and_its_link_rec
     assert got[b"chunkvault_tblspc/16384/PG_15_7/5/16390"] == bytes(location / "PG_15_7" / "5" / "16390")
     assert online._links == {b"16384": b"../chunkvault_tblspc/16384", b"16385": b"../inner"}
     assert b"inner/PG_15_7" in got
+    checked = online.inspector(b"chunkvault_tblspc/16384/PG_15_7/5/16390")  # read again through the link
+    assert checked is not None and online._path_of(checked.rel) == bytes(data / "pg_tblspc/16384/PG_15_7/5/16390")
 
 
 def test_the_mapping_of_a_tablespace_and_where_the_tree_holds_it():
