@@ -14,9 +14,9 @@ import shutil
 import pytest
 
 from chunkvault.errors import SourceCommandFailed
-from chunkvault.pgbackup import PostgresOnline
 from chunkvault.store.manifest import T_DIR, T_FILE, T_SYMLINK
 from servers_pg import PgCluster, check_restore_command, give_to, require_postgres, start_restored
+from test_pg_online import during, pg_env  # noqa: F401  (over this module's cluster)
 
 pytestmark = pytest.mark.slow
 
@@ -47,37 +47,6 @@ def cluster():
             f.write(b"an older server's relation")
         give_to(c.location, c.user, recursive=True)
         yield c
-
-
-@pytest.fixture
-def pg_env(cluster, monkeypatch):
-    env = {"PGHOST": cluster.rundir, "PGPORT": str(cluster.port), "PGUSER": "postgres", "PGDATABASE": "postgres",
-           "PATH": f"{cluster.bindir}:{os.environ.get('PATH', '')}"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    return env
-
-
-@pytest.fixture
-def during(cluster, monkeypatch):
-    """SQL run inside the backup: ``during["start"]`` once the base backup has begun, ``during["read"]`` once
-    every file is read, before the stop."""
-    sql: dict[str, str] = {}
-    begin, appendix = PostgresOnline.begin, PostgresOnline.appendix
-
-    def begun(self):
-        begin(self)
-        if sql.get("start"):
-            cluster.sql(sql["start"])
-
-    def read(self):
-        if sql.get("read"):
-            cluster.sql(sql["read"])
-        return appendix(self)
-
-    monkeypatch.setattr(PostgresOnline, "begin", begun)
-    monkeypatch.setattr(PostgresOnline, "appendix", read)
-    return sql
 
 
 def _counted(bindir: str, datadir: str) -> tuple[str, str, str]:
