@@ -38,11 +38,13 @@ def _iso(column: str) -> str:
 
 
 #: The settings and the archiver's statistics, one row.  ``failing``: a failure since the last success.
+#: ``archive_library`` (PostgreSQL 15 and later; '' before) archives in place of ``archive_command`` when set.
 STATUS_SQL = (
     "SELECT current_setting('archive_mode'), current_setting('archive_command'), pg_is_in_recovery(), "
     "coalesce(last_archived_wal, ''), " + _iso("last_archived_time") + ", coalesce(last_failed_wal, ''), "
     + _iso("last_failed_time") + ", archived_count, failed_count, "
-    "coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false) FROM pg_stat_archiver")
+    "coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false), "
+    "coalesce(current_setting('archive_library', true), '') FROM pg_stat_archiver")
 
 
 @dataclass
@@ -60,14 +62,24 @@ class ArchiverStatus:
     failed_count: int = 0
     #: The last attempt failed: no file was archived since the last failure.
     failing: bool = False
+    #: The archive library PostgreSQL 15 and later archive through instead of ``archive_command`` ('' for none).
+    archive_library: str = ""
 
     @classmethod
     def from_row(cls, row: list[str]) -> "ArchiverStatus":
-        if len(row) != 10:
+        if len(row) != 11:
             raise SourceCommandFailed(f"PostgreSQL answered the archiver's status with {row!r}")
-        mode, command, standby, last_wal, last_time, failed_wal, failed_time, archived, failed, failing = row
+        mode, command, standby, last_wal, last_time, failed_wal, failed_time, archived, failed, failing, lib = row
         return cls(mode, command, standby == "t", last_wal or None, last_time or None, failed_wal or None,
-                   failed_time or None, int(archived), int(failed), failing == "t")
+                   failed_time or None, int(archived), int(failed), failing == "t", lib.strip())
+
+    @property
+    def archiver_setting(self) -> str:
+        """What archives, as the server's setting says it: its ``archive_library`` where one is set (the
+        ``archive_command`` is then not run), else its ``archive_command``."""
+        if self.archive_library:
+            return f"archive_library ({self.archive_library})"
+        return f"archive_command ({self.archive_command})"
 
     def archiver(self) -> dict:
         return {"last_archived_wal": self.last_archived_wal, "last_archived_time": self.last_archived_time,
@@ -94,6 +106,7 @@ class ArchiveCheck:
         s = self.status
         return {"ok": self.ok, "segment": self.segment, "waited": round(self.waited, 3),
                 "archive_mode": s.archive_mode if s else None, "archive_command": s.archive_command if s else None,
+                "archive_library": s.archive_library if s else None,
                 "standby": s.standby if s else None, "archiver": s.archiver() if s else None,
                 "warnings": list(self.warnings), "error": self.error}
 
@@ -103,6 +116,8 @@ def refusal(status: ArchiverStatus) -> str | None:
     if status.archive_mode == "off":
         return ("PostgreSQL does not archive its WAL (archive_mode = off): set archive_mode = on and "
                 "archive_command to chunkvault's archive-push, then restart it")
+    if status.archive_library:
+        return None
     if not status.archive_command.strip() or status.archive_command.strip() == "(disabled)":
         return (f"PostgreSQL archives nothing: archive_mode = {status.archive_mode} but archive_command is empty "
                 "(it keeps its WAL until one is set: set it to chunkvault's archive-push and reload it)")
@@ -110,7 +125,12 @@ def refusal(status: ArchiverStatus) -> str | None:
 
 
 def command_warnings(status: ArchiverStatus) -> list[str]:
-    """What looks wrong in settings that do archive: a command that is not chunkvault's push."""
+    """What looks wrong in settings that do archive: a command that is not chunkvault's push, or an archive
+    library, which archives in the command's place."""
+    if status.archive_library:
+        return [f"PostgreSQL archives through archive_library = {status.archive_library}, not its archive_command "
+                "(it runs no command while a library is set): the check passes only if what the library does "
+                "reaches this repository; to archive with chunkvault archive-push, set archive_library = ''"]
     if "archive-push" in status.archive_command:
         return []
     return [f"PostgreSQL's archive_command ({status.archive_command}) does not run chunkvault archive-push: "
@@ -135,11 +155,12 @@ def timeout_message(segment: str, timeout: float, status: ArchiverStatus) -> str
     if status.failing:
         since = (f"since its last success at {status.last_archived_time} ({status.last_archived_wal})"
                  if status.last_archived_time else "with no success since its statistics were reset")
-        return (f"{head}: PostgreSQL's archive_command has been failing {since}, {status.failed_count} failures, "
+        setting = "archive_library" if status.archive_library else "archive_command"
+        return (f"{head}: PostgreSQL's {setting} has been failing {since}, {status.failed_count} failures, "
                 f"the last at {status.last_failed_time} for {status.last_failed_wal}: see its log")
     if status.last_archived_wal is not None and _same_timeline_at_or_after(status.last_archived_wal, segment):
-        return (f"{head}, though PostgreSQL archived it at {status.last_archived_time}: its archive_command "
-                f"({status.archive_command}) stores the WAL elsewhere (another repository?)")
+        return (f"{head}, though PostgreSQL archived it at {status.last_archived_time}: its "
+                f"{status.archiver_setting} stores the WAL elsewhere (another repository?)")
     last = (f"last archived {status.last_archived_wal} at {status.last_archived_time}"
             if status.last_archived_wal else "has archived nothing since its statistics were reset")
     return (f"{head}: PostgreSQL's archiver reports no failure and {last} (behind on its WAL? an archive_command "

@@ -943,12 +943,13 @@ class Repository:
         archiving settings and archiver statistics through psql (``pg_connect``: a connection string or
         database name; None: the ``PG*`` variables), write a restore point, switch to a new WAL segment, and
         wait up to ``timeout`` seconds until the segment closed is archived here, its object opens and its
-        data is indexed (read under the shared lock, waiting for a prune up to ``timeout`` too).  Returns the ArchiveCheck (``segment``, ``waited``, ``status``: the server's
-        settings and archiver statistics).  ArchiveCheckFailed (exit 23, the result as its ``partial``) when
-        the server does not archive (``archive_mode`` off, no ``archive_command``) or the segment does not
-        come in time, saying what the server reports; UsageError for a standby; SourceCommandFailed
-        (exit 20) when psql cannot run or the server cannot be reached.  An ``archive_command`` that does
-        not run ``archive-push`` is warned about (ArchiveCommandWarning)."""
+        data is indexed (read under the shared lock, waiting for a prune up to ``timeout`` too).  Returns the
+        ArchiveCheck (``segment``, ``waited``, ``status``: the server's settings and archiver statistics).
+        ArchiveCheckFailed (exit 23, the result as its ``partial``) when the server does not archive
+        (``archive_mode`` off, no ``archive_command`` nor ``archive_library``) or the segment does not come in
+        time, saying what the server reports; UsageError for a standby; SourceCommandFailed (exit 20) when
+        psql cannot run or the server cannot be reached.  An ``archive_command`` that does not run
+        ``archive-push``, or an ``archive_library``, is warned about (ArchiveCommandWarning)."""
         from .archivecheck import archive_check, session_for
         from .store import walarchive
 

@@ -16,11 +16,11 @@ PUSH = "chunkvault archive-push -q -r /srv/backup/repo %p"
 class FakeSession:
     """Answers the check's queries as a server with these settings would, and records them."""
 
-    def __init__(self, mode="on", command=PUSH, standby=False, failing=False, switch_error=None):
+    def __init__(self, mode="on", command=PUSH, standby=False, failing=False, switch_error=None, library=""):
         self.row = [mode, command, "t" if standby else "f", "000000010000000000000006",
                     "2026-12-05T08:00:00.000000+00:00", "000000010000000000000007" if failing else "",
                     "2026-12-05T08:01:00.000000+00:00" if failing else "", "6", "3" if failing else "0",
-                    "t" if failing else "f"]
+                    "t" if failing else "f", library]
         self.switch_error = switch_error
         self.asked: list[str] = []
 
@@ -99,6 +99,23 @@ def test_a_command_that_is_not_archive_push_is_warned_of_and_still_checked():
     with pytest.warns(ArchiveCommandWarning, match="does not run chunkvault archive-push"):
         result = check(FakeSession(command="cp %p /mnt/wal/%f"))
     assert result.ok and "cp %p /mnt/wal/%f" in result.warnings[0]
+
+
+@pytest.mark.parametrize("command", ["", PUSH])
+def test_an_archive_library_archives_in_place_of_the_command_and_is_warned_of(command):
+    """PostgreSQL 15 and later archive through archive_library when one is set, and run no archive_command: a
+    server archiving with basic_archive was refused as archiving nothing, and one whose unused command was
+    chunkvault's was told its command stored the WAL elsewhere."""
+    with pytest.warns(ArchiveCommandWarning, match="archive_library = basic_archive, not its archive_command"):
+        result = check(FakeSession(command=command, library="basic_archive"))
+    assert result.ok and result.to_dict()["archive_library"] == "basic_archive"
+    session = FakeSession(command=command, library="basic_archive", failing=True)
+    with pytest.raises(ArchiveCheckFailed, match="archive_library has been failing"), \
+            pytest.warns(ArchiveCommandWarning):
+        check(session, archived=lambda name: False, timeout=1.0)
+    elsewhere = ArchiverStatus("on", PUSH, False, "000000010000000000000008", "T1", archive_library="basic_archive")
+    assert "its archive_library (basic_archive) stores the WAL elsewhere" in timeout_message(SEGMENT, 3, elsewhere)
+    assert check(FakeSession()).to_dict()["archive_library"] == ""
 
 
 def test_a_segment_that_never_comes_fails_at_the_timeout_with_what_the_server_reports():

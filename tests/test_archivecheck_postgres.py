@@ -92,3 +92,49 @@ def test_archive_check_follows_what_the_server_archives():
             pusher.join(60)
         cluster.destroy()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_server_archiving_through_an_archive_library_is_told_so(tmp_path):
+    """PostgreSQL 15 and later run no archive_command while archive_library is set: the check said of such a
+    server that its command (chunkvault's push, never run) stored the WAL elsewhere, and refused one whose
+    command was empty as archiving nothing."""
+    bindir = servers_pg.require_postgres()
+    if not os.path.exists(os.path.join(os.path.dirname(bindir), "lib", "basic_archive.so")):
+        pytest.skip("this PostgreSQL has no basic_archive module (15 and later ship it in contrib)")
+    cluster = servers_pg.PgCluster(bindir)
+    try:
+        repo = str(tmp_path / "repo")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CHUNKVAULT_", "PG"))}
+        env["CHUNKVAULT_PASSWORD"] = PASSWORD
+
+        def cli(*args: str, code: int = 0) -> subprocess.CompletedProcess:
+            proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", *args, "-r", repo], env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == code, proc.stdout + proc.stderr
+            return proc
+
+        cli("init", "--kdf-time", "0")
+        cluster.init()
+        archive = os.path.join(cluster.base, "basic-archive")
+        os.mkdir(archive, 0o700)
+        servers_pg.give_to(archive, cluster.user)
+        with open(os.path.join(cluster.datadir, "postgresql.conf"), "a") as f:
+            f.write("archive_mode = on\narchive_library = 'basic_archive'\n")
+            f.write(servers_pg.conf_line("basic_archive.archive_directory", archive))
+            push = servers_pg.command_line("archive-push", "-r", repo) + " %p"  # never run: the library archives
+            f.write(servers_pg.conf_line("archive_command", push))
+        cluster.start()
+        connect = f"host={cluster.rundir} port={cluster.port} user=postgres dbname=postgres"
+        failed = cli("archive-check", "--pg-connect", connect, "--timeout", "3", "--json", code=23)
+        doc = json.loads(failed.stdout)
+        assert doc["archive_library"] == "basic_archive" and doc["segment"] in os.listdir(archive)
+        assert "archives through archive_library = basic_archive, not its archive_command" in failed.stderr
+        assert "its archive_library (basic_archive) stores the WAL elsewhere" in doc["error"]
+        assert "its archive_command" not in doc["error"]
+
+        cluster.sql("alter system set archive_command = ''")
+        cluster.sql("select pg_reload_conf()")
+        empty = cli("archive-check", "--pg-connect", connect, "--timeout", "3", code=23)
+        assert "archives nothing" not in empty.stderr and "stores the WAL elsewhere" in empty.stderr
+    finally:
+        cluster.destroy()
