@@ -32,6 +32,11 @@ class ArchiveCommandWarning(ChunkvaultWarning):
     """The server archives, but its ``archive_command`` does not look like chunkvault's ``archive-push``."""
 
 
+class ArchiverGoneWarning(ChunkvaultWarning):
+    """The segment reached the repository, but the server (stopped or restarted meanwhile) could not be asked
+    for its archiver's statistics again: those of the result are from before the switch."""
+
+
 def _iso(column: str) -> str:
     """A timestamp column as ISO 8601 in UTC, or '' for NULL."""
     return f"coalesce(to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), '')"
@@ -231,7 +236,16 @@ def archive_check(session: PgBackupSession, archived: Callable[[str], bool], tim
         result.warnings.append(w)
     result.segment = switched_segment(session)
     came, result.waited = wait_archived(result.segment, float(timeout), archived, clock=clock, sleep=sleep)
-    result.status = read()
+    try:
+        result.status = read()
+    except SourceCommandFailed as exc:  # stopped or restarted meanwhile: whether the segment came is the answer
+        gone = f"PostgreSQL's archiver statistics could not be read again ({exc})"
+        if not came:
+            result.error = f"{result.segment} did not reach the repository within {float(timeout):g} s, and {gone}"
+            raise _failed(result.error, result) from None
+        w = f"{gone}: those shown are from before the switch"
+        warnings.warn(w, ArchiverGoneWarning, stacklevel=3)
+        result.warnings.append(w)
     if not came:
         result.error = timeout_message(result.segment, float(timeout), result.status)
         raise _failed(result.error, result)

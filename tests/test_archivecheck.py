@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chunkvault.archivecheck import (LONGEST_POLL, STATUS_SQL, ArchiveCommandWarning, ArchiverStatus, archive_check,
-                                     session_for, timeout_message, wait_archived)
+from chunkvault.archivecheck import (LONGEST_POLL, STATUS_SQL, ArchiveCommandWarning, ArchiverGoneWarning,
+                                     ArchiverStatus, archive_check, session_for, timeout_message, wait_archived)
 from chunkvault.errors import ArchiveCheckFailed, SourceCommandFailed, UsageError
 
 SEGMENT = "000000010000000000000007"
@@ -130,6 +130,29 @@ def test_a_segment_that_never_comes_fails_at_the_timeout_with_what_the_server_re
     result = caught.value.partial
     assert result.segment == SEGMENT and result.waited == pytest.approx(5.0) and result.status.failing
     assert result.to_dict()["archiver"]["failed_count"] == 3 and result.to_dict()["error"] == message
+
+
+class StoppedAfterTheSwitch(FakeSession):
+    """A server that goes away (stopped, restarted) while the check waits: its status cannot be read again."""
+
+    def query(self, sql):
+        if sql == STATUS_SQL and self.switched():
+            raise SourceCommandFailed("PostgreSQL: FATAL:  terminating connection due to administrator command")
+        return super().query(sql)
+
+
+def test_a_server_gone_while_the_check_waits_does_not_hide_whether_the_segment_came():
+    """The check failed with psql's error (exit 20, no segment named) even when the segment had reached the
+    repository, as it does when a server is stopped: its archiver archives what is ready before it exits."""
+    with pytest.warns(ArchiverGoneWarning, match="could not be read again"):
+        result = check(StoppedAfterTheSwitch())
+    assert result.ok and result.segment == SEGMENT and result.status.archived_count == 6
+    assert "terminating connection" in result.warnings[-1]
+    with pytest.raises(ArchiveCheckFailed) as caught:
+        check(StoppedAfterTheSwitch(), archived=lambda name: False, timeout=2.0)
+    assert caught.value.exit_code == 23 and caught.value.partial.segment == SEGMENT
+    assert str(caught.value).startswith(f"{SEGMENT} did not reach the repository within 2 s, and PostgreSQL's ")
+    assert "could not be read again (PostgreSQL: FATAL:  terminating connection" in str(caught.value)
 
 
 def test_the_timeout_message_tells_an_archive_elsewhere_from_a_slow_archiver():

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -138,3 +139,58 @@ def test_a_server_archiving_through_an_archive_library_is_told_so(tmp_path):
         assert "archives nothing" not in empty.stderr and "stores the WAL elsewhere" in empty.stderr
     finally:
         cluster.destroy()
+
+
+def test_a_server_stopped_while_the_check_waits_passes_once_its_segment_arrives(tmp_path):
+    """A server stopped (fast) archives what it has ready before it exits: the check, whose psql session the
+    stop ended, failed with psql's error (exit 20) and never said that the segment had reached the repository."""
+    bindir = servers_pg.require_postgres()
+    cluster = servers_pg.PgCluster(bindir)
+    spool = servers_pg.shared_tempdir("chunkvault-archive-check-")
+    servers_pg.give_to(spool, cluster.user)
+    stop = threading.Event()
+    pusher = None
+    try:
+        repo = str(tmp_path / "repo")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CHUNKVAULT_", "PG"))}
+        env["CHUNKVAULT_PASSWORD"] = PASSWORD
+
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "chunkvault.cli", *args, "-r", repo], env=env,
+                                  capture_output=True, text=True, timeout=300)
+
+        assert cli("init", "--kdf-time", "0").returncode == 0
+        cluster.init()
+        with open(os.path.join(cluster.datadir, "postgresql.conf"), "a") as f:
+            f.write("archive_mode = on\n")  # slow: the stop comes while the check waits
+            f.write(servers_pg.conf_line("archive_command", f"sleep 3 && cp %p {shlex.quote(spool)}/%f"))
+        cluster.start()
+
+        def push_spooled() -> None:  # what reaches the spool reaches the repository, as from a second machine
+            while not stop.wait(0.2):
+                for name in sorted(os.listdir(spool)):
+                    if cli("archive-push", os.path.join(spool, name)).returncode == 0:
+                        os.unlink(os.path.join(spool, name))
+        pusher = threading.Thread(target=push_spooled, daemon=True)
+        pusher.start()
+        connect = f"host={cluster.rundir} port={cluster.port} user=postgres dbname=postgres"
+        check = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "archive-check", "-r", repo, "--pg-connect",
+                                  connect, "--timeout", "60", "--json"], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while 'restore point "chunkvault archive-check"' not in cluster.log_tail(100000):
+            assert time.monotonic() < deadline and check.poll() is None, cluster.log_tail()
+            time.sleep(0.05)
+        cluster.stop()
+        out, err = check.communicate(timeout=120)
+        assert check.returncode == 0, out + err
+        doc = json.loads(out)
+        assert doc["ok"] is True and doc["segment"] in cli("archive-list").stdout
+        gone = doc["warnings"][-1]
+        assert gone.startswith("PostgreSQL's archiver statistics could not be read again (PostgreSQL: ") and gone in err
+    finally:
+        stop.set()
+        if pusher is not None:
+            pusher.join(60)
+        cluster.destroy()
+        shutil.rmtree(spool, ignore_errors=True)
