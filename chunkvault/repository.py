@@ -951,6 +951,7 @@ class Repository:
         psql cannot run or the server cannot be reached.  An ``archive_command`` that does not run
         ``archive-push``, or an ``archive_library``, is warned about (ArchiveCommandWarning)."""
         from .archivecheck import archive_check, session_for
+        from .errors import ArchiveCheckFailed
         from .store import walarchive
 
         self._refuse_if_closed()
@@ -963,7 +964,18 @@ class Repository:
             return wal is not None
 
         with session_for(pg_connect) as session:
-            result = archive_check(session, archived, timeout)
+            try:
+                result = archive_check(session, archived, timeout)
+            except ArchiveCheckFailed as exc:
+                if exc.partial is None or exc.partial.segment is None:
+                    raise
+                holder = self._exclusive_holder()
+                if holder is None:
+                    raise
+                exc = exc.explained(f"; meanwhile the repository is locked by {holder}, which archive-push waits "
+                                    "for (up to its --wait, an hour by default)")
+                exc.partial.error = str(exc)
+                raise exc from None
         assert result.segment is not None
         # its data is indexed (a push stores it before its object), read behind a prune for up to the timeout
         with self.reading("archive-check", wait=timeout):
@@ -973,6 +985,18 @@ class Repository:
             raise MissingObject(f"blob {lacking[0].hex()}", f"missing from the index, needed by "
                                 f"{walarchive.WAL_PREFIX}{result.segment} ({len(lacking)} blobs): run check")
         return result
+
+    def _exclusive_holder(self) -> str | None:
+        """Who holds the repository's exclusive lock (a prune, a forget, an archive-expire), or None."""
+        import time
+
+        from .store.locks import SHARED, list_locks
+
+        try:
+            held = [lk for lk in list_locks(self._repo.remote) if lk.kind != SHARED and not lk.stale(time.time())]
+        except ChunkvaultError:
+            return None
+        return held[0].describe() if held else None
 
     def archive_list(self) -> list["WalFile"]:
         """The archived files, by name; one that does not load is left out with a RepositoryStateWarning."""

@@ -230,3 +230,22 @@ def test_the_repository_passes_a_pushed_segment_and_fails_one_whose_chunks_the_i
         entry.unlink()
     with pytest.raises(MissingObject, match=f"missing from the index, needed by wal/{SEGMENT}"):
         repo.archive_check("dbname=postgres", timeout=5)
+
+
+def test_a_segment_held_up_by_a_prune_says_the_repository_is_locked(new_repo, monkeypatch):
+    """A push waits for a running prune (up to its --wait, an hour): the check failed saying the archiver
+    reported nothing wrong (behind? hanging?), with no word of the lock that held the segment back."""
+    import chunkvault.archivecheck as archivecheck
+    from chunkvault.store.locks import EXCLUSIVE, RepoLock
+
+    repo = new_repo()
+    monkeypatch.setattr(archivecheck, "session_for", lambda pg_connect: SessionOf())
+    with RepoLock(repo.store.remote, EXCLUSIVE, "prune"), pytest.raises(ArchiveCheckFailed) as caught:
+        repo.archive_check("dbname=postgres", timeout=0.5)
+    message = str(caught.value)
+    assert message.startswith(f"{SEGMENT} did not reach the repository within 0.5 s: PostgreSQL's archiver reports")
+    assert "; meanwhile the repository is locked by prune on " in message and "archive-push waits" in message
+    assert caught.value.exit_code == 23 and caught.value.partial.to_dict()["error"] == message
+    with pytest.raises(ArchiveCheckFailed) as unlocked:
+        repo.archive_check("dbname=postgres", timeout=0.5)
+    assert "locked" not in str(unlocked.value)
