@@ -1032,7 +1032,10 @@ class Repository:
 
         starts = []
         with self.reading("archive-expire"):
-            for snap in self.snapshots():
+            snaps = self.snapshots()
+            # one that does not load (damaged, a newer chunkvault's) may be the oldest: its WAL must not go
+            self._repo.require_readable("archive-expire --before oldest-snapshot")
+            for snap in snaps:
                 recorded = stats_start_segment(snap.stats)
                 if recorded is not None:
                     starts.append(recorded)

@@ -576,6 +576,30 @@ def test_expiring_before_the_oldest_snapshot_finds_labels_below_a_snapshot_s_roo
     repo.close()
 
 
+def test_expiring_before_the_oldest_snapshot_refuses_while_a_snapshot_does_not_load(tmp_path, password, cli):
+    """A snapshot left out of the listing (damaged, or a newer chunkvault's: hosts sharing a repository upgrade
+    one at a time) may be the oldest: its WAL was expired as if it were not there, prune then freed it."""
+    url = str(tmp_path / "repo")
+    repo = Repository.init(url, password, kdf_seconds=0)
+    for i in range(1, 6):
+        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 16))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for seg in ("000000010000000000000002", "000000010000000000000004"):
+        (copy / "backup_label").write_text(f"START WAL LOCATION: 0/{seg[-1]}000028 (file {seg})\n")
+        repo.backup([str(copy)], kind="full")
+    oldest = repo.snapshots()[0].id
+    victim = tmp_path / "repo" / "snapshots" / oldest
+    victim.write_bytes(victim.read_bytes()[:-1] + bytes([victim.read_bytes()[-1] ^ 1]))
+    with pytest.raises(CorruptObject, match="archive-expire --before oldest-snapshot needs every snapshot"):
+        repo.archive_expire("oldest-snapshot", dry_run=True)
+    out = cli("archive-expire", "-r", url, "--before", "oldest-snapshot", check=13)
+    assert oldest[:8] in out.stderr.decode() and "needs every snapshot" in out.stderr.decode()
+    assert len([w.name for w in repo.archive_list()]) == 5
+    assert cli("archive-expire", "-r", url, "--before", "000000010000000000000002").returncode == 0
+    repo.close()
+
+
 def test_expiring_before_the_oldest_snapshot_needs_a_snapshot_with_a_label(tmp_path, password, cli):
     repo = Repository.init(str(tmp_path / "repo"), password, kdf_seconds=0)
     repo.archive_push(segment_file(tmp_path, SEG, size=1 << 20))
