@@ -29,7 +29,7 @@ from .locks import EXCLUSIVE, SHARED, RepoLock
 from .repository import OBJECT_READERS, Repo
 from .snapshot import now_iso, open_document, seal_document
 from .unlock import require_openable
-from .walnames import check_wal_name, expired, fetch_ahead, is_wal_name
+from .walnames import check_wal_name, expired, fetch_ahead, is_history, is_wal_name
 
 WAL_PREFIX = "wal/"
 WAL_AD = b"chunkvault wal v1"
@@ -111,9 +111,28 @@ def load(repo: Repo, name: str) -> WalFile | None:
     return WalFile.decode(repo.sealer, name, data)
 
 
-def names(repo: Repo) -> list[str]:
-    """Every name under ``wal/`` that PostgreSQL could have archived (anything else is no object of ours)."""
-    return sorted(n for o in repo.remote.list(WAL_PREFIX) if is_wal_name(n := o.key[len(WAL_PREFIX):]))
+def names(repo: Repo, start: str = "") -> list[str]:
+    """Every name under ``wal/`` that PostgreSQL could have archived (anything else is no object of ours);
+    ``start``: only those that start with it."""
+    return sorted(n for o in repo.remote.list(WAL_PREFIX + start) if is_wal_name(n := o.key[len(WAL_PREFIX):]))
+
+
+def following(repo: Repo, after: str, limit: int) -> list[str]:
+    """``fetch_ahead`` of the archived names, listing only the log files (the 16 hex digits of timeline and
+    log id that segment names share) from ``after``'s on, up to one of which nothing is archived: a listing of
+    the whole archive, taken at each call of a recovery, grows with the server's life."""
+    if is_history(after):
+        return []
+    tli, log = after[:8], int(after[8:16], 16)
+    listed: list[str] = []
+    while log <= 0xFFFFFFFF:
+        more = names(repo, f"{tli}{log:08X}")
+        listed += more
+        ahead = fetch_ahead(listed, after, limit)
+        if not more or len(ahead) >= limit:
+            return ahead
+        log += 1
+    return fetch_ahead(listed, after, limit)
 
 
 def load_all(repo: Repo) -> tuple[list[WalFile], dict[str, CorruptObject]]:
@@ -277,7 +296,7 @@ def prefetch(repo: Repo, after: str, directory: str, limit: int) -> tuple[list[W
     there already is left as it is): what was fetched, and why the next one was not (the first failure ends
     it; the recovery's own call for that file then reports it)."""
     fetched: list[WalFile] = []
-    for name in fetch_ahead(names(repo), after, limit):
+    for name in following(repo, after, limit):
         path = os.path.join(directory, name)
         if os.path.exists(path):
             continue
