@@ -1014,13 +1014,15 @@ class Repository:
         prune then frees their data.  Returns the names removed (with ``dry_run``: that would be).
         ``before="oldest-snapshot"``: the segment the oldest snapshot's base backup starts in (its stats'
         ``postgres.start_wal``, else its ``backup_label``), so that every snapshot kept can still recover to
-        any later moment."""
+        any later moment; the earlier timelines' files before its position go too (no snapshot starts on
+        them, and a recovery from a later timeline never reads them)."""
         from .store import walarchive, walnames
 
         self._refuse_if_closed()
-        if before == walnames.OLDEST_SNAPSHOT:
+        oldest = before == walnames.OLDEST_SNAPSHOT
+        if oldest:
             before = walnames.oldest_needed(self._label_starts())
-        return walarchive.expire(self._repo, before, dry_run=dry_run, wait=_wait(wait))
+        return walarchive.expire(self._repo, before, dry_run=dry_run, wait=_wait(wait), earlier_timelines=oldest)
 
     def _label_starts(self) -> list[str]:
         """The segments the snapshots' base backups start in: as a snapshot's stats say (``backup --postgres``

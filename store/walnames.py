@@ -56,16 +56,19 @@ def fetch_ahead(archived: Iterable[str], name: str, limit: int) -> list[str]:
         :max(limit, 0)]
 
 
-def expired(names: Iterable[str], before: str) -> list[str]:
+def expired(names: Iterable[str], before: str, *, earlier_timelines: bool = False) -> list[str]:
     """The names ``archive-expire --before`` removes: those whose segment is on ``before``'s timeline and sorts
     before its segment (segments, partial segments, backup history files); timeline history files are
-    kept, as every later recovery may need them.  ``before``: a segment name, or any name with one."""
+    kept, as every later recovery may need them.  ``before``: a segment name, or any name with one.
+    ``earlier_timelines``: those of the earlier timelines before its position too (``oldest-snapshot``, the
+    earliest timeline any snapshot starts on: a recovery from a later one never reads them)."""
     check_wal_name(before)
     if is_history(before):
         raise UsageError(f"--before takes a WAL segment's name (e.g. 000000010000000000000003), not a timeline "
                          f"history file's ({before})")
     limit = before[:24]
-    return sorted(n for n in names if not is_history(n) and n[:8] == limit[:8] and n[:24] < limit)
+    return sorted(n for n in names if not is_history(n) and n[8:24] < limit[8:]
+                  and (n[:8] == limit[:8] or earlier_timelines and n[:8] < limit[:8]))
 
 
 #: ``archive-expire --before oldest-snapshot``: before the segment the oldest snapshot's base backup starts in.

@@ -125,6 +125,9 @@ def test_expire_examples():
     assert expired(names, "000000010000000000000003") == [
         "000000010000000000000001", "000000010000000000000002", "000000010000000000000002.00000028.backup"]
     assert expired(names, "000000020000000000000003.00000060.backup") == ["000000020000000000000001"]
+    assert expired(names, "000000020000000000000003", earlier_timelines=True) == [
+        "000000010000000000000001", "000000010000000000000002", "000000010000000000000002.00000028.backup",
+        "000000020000000000000001"]
     with pytest.raises(UsageError, match="timeline history"):
         expired(names, "00000002.history")
     with pytest.raises(UsageError):
@@ -573,6 +576,40 @@ def test_expiring_before_the_oldest_snapshot_finds_labels_below_a_snapshot_s_roo
     repo.backup([str(tmp_path / "pg")], time="2026-12-02T00:00:00Z")
     assert sorted(repo._label_starts()) == ["000000010000000000000002", "000000010000000000000004"]
     assert repo.archive_expire("oldest-snapshot") == ["000000010000000000000001"]
+    repo.close()
+
+
+def test_expiring_before_the_oldest_snapshot_takes_the_earlier_timelines_too(tmp_path, password, cli):
+    """After a promotion every snapshot is on the new timeline, whose recovery never reads the old one's
+    segments: oldest-snapshot kept them all, for good, after each failover.  A timeline of a kept snapshot
+    keeps what that snapshot needs; an explicit --before SEGMENT still takes its own timeline only."""
+    url = str(tmp_path / "repo")
+    repo = Repository.init(url, password, kdf_seconds=0)
+    old = [f"00000001000000000000000{i}" for i in range(1, 5)] + ["000000010000000000000005.partial"]
+    new = [f"00000002000000000000000{i}" for i in range(5, 9)]
+    for i, name in enumerate([*old, *new]):
+        repo.archive_push(segment_file(tmp_path, name, seed=i, size=1 << 12))
+    history = tmp_path / "00000002.history"
+    history.write_text("1\t0/5000100\tno recovery target specified\n")
+    repo.archive_push(history)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+
+    def snapshot(seg: str) -> str:
+        (copy / "backup_label").write_text(f"START WAL LOCATION: 0/{seg[-1]}000028 (file {seg})\n")
+        return repo.backup([str(copy)], kind="full").snapshot.id
+
+    first = snapshot("000000010000000000000003")
+    snapshot("000000020000000000000007")
+    assert repo.archive_expire("oldest-snapshot", dry_run=True) == old[:2]  # the first one's timeline is the oldest
+    repo.forget([first])
+    out = json.loads(cli("archive-expire", "-r", url, "--before", "oldest-snapshot", "--json",
+                         env={"CHUNKVAULT_PASSWORD": password}).stdout)
+    assert out["removed"] == [*old, new[0], new[1]]
+    assert [w.name for w in repo.archive_list()] == ["00000002.history", *new[2:]]
+    repo.archive_push(segment_file(tmp_path, old[0], seed=0, size=1 << 12))
+    assert repo.archive_expire(new[3]) == [new[2]]  # a segment given: its timeline only
+    assert old[0] in [w.name for w in repo.archive_list()]
     repo.close()
 
 
