@@ -1568,9 +1568,13 @@ def cmd_archive_get(args: argparse.Namespace) -> int:
     repo = _open(args, connected)
     wal = repo.archive_get(args.name, args.dest, wait=args.wait)
     fetched, why = [], None
-    if spool is not None:
+    if spool is not None:  # the file is in place: nothing that follows may fail the call (PostgreSQL: not archived)
         spool.sweep(args.name)
-        fetched, why = repo.archive_prefetch(args.name, spool.path, args.prefetch or BATCH_DEFAULT, wait=args.wait)
+        try:
+            fetched, why = repo.archive_prefetch(args.name, spool.path, args.prefetch or BATCH_DEFAULT,
+                                                 wait=args.wait)
+        except ChunkvaultError as exc:  # the listing of the files ahead (a remote gone since)
+            why = one_line(exc)
     if args.json:
         _emit_json({**wal.to_dict(), "dest": args.dest, "fetched_ahead": False,
                     "prefetched": [w.name for w in fetched], "prefetch_error": why})

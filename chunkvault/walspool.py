@@ -134,10 +134,15 @@ class Prefetched:
     def sweep(self, name: str) -> None:
         """Once segment ``name`` is in place, remove what the recovery has gone past: the segments at or before
         its position, on any timeline (a recovery asks each position on its newest timeline first), and what
-        a fetch that stopped left.  Nothing for another name."""
+        a fetch that stopped left.  Nothing for another name; nothing when the spool cannot be listed (the
+        file is in place: failing now would tell PostgreSQL it is not archived)."""
         if not is_segment(name):
             return
-        for entry in os.listdir(self.path):
+        try:
+            entries = os.listdir(self.path)
+        except OSError:
+            return
+        for entry in entries:
             if (is_segment(entry) and entry[8:] <= name[8:]) or entry.endswith(".tmp"):
                 try:
                     os.unlink(os.path.join(self.path, entry))

@@ -988,6 +988,48 @@ sys.exit(main())
     assert os.listdir(pg_wal) == [] and os.listdir(tmp_path / "repo" / "locks") == []
 
 
+def test_a_spool_that_cannot_be_listed_after_the_get_does_not_fail_it(tmp_path, cli, repo_url):
+    """The file was in place, then the spool's sweep failed with an internal error (exit 1): PostgreSQL takes
+    that for a file not archived and ends the recovery there."""
+    import subprocess
+    import sys
+
+    wal, names, dest = archived_segments(tmp_path, cli, repo_url, 3)
+    spool = tmp_path / "spool"
+    program = f"""
+import os, sys
+import chunkvault.walspool as walspool
+listdir = os.listdir
+def refused(path="."):
+    if "get-" in os.fspath(path):
+        raise PermissionError(13, "Permission denied", path)
+    return listdir(path)
+walspool.os.listdir = refused
+from chunkvault.console import main
+sys.exit(main())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    for name in names[:2]:  # from the repository, then from the spool
+        proc = subprocess.run([sys.executable, "-c", program, "archive-get", "-r", repo_url, "--spool", str(spool),
+                               name, str(dest)], capture_output=True, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert dest.read_bytes() == (wal / name).read_bytes()
+    # the listing of the files ahead fails (the remote gone once the file was fetched): a warning, as for a file
+    unlisted = program.replace("walspool.os.listdir = refused", """walspool.os.listdir = refused
+import chunkvault.store.walarchive as walarchive
+from chunkvault.errors import RemoteUnavailable
+def names(repo, start=""):
+    raise RemoteUnavailable("the storage went away")
+walarchive.names = names""")
+    shutil.rmtree(spool)  # the file comes from the repository
+    proc = subprocess.run([sys.executable, "-c", unlisted, "archive-get", "-r", repo_url, "--spool", str(spool),
+                           names[2], str(dest)], capture_output=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert b"fetching ahead stopped" in proc.stderr and b"the storage went away" in proc.stderr
+    assert dest.read_bytes() == (wal / names[2]).read_bytes()
+
+
 def test_markers_and_fetched_files_answer_for_the_repository_made_at_that_address_alone(tmp_path, cli, repo_url):
     """A repository made anew at the same address is another: a marker of the old one said a file was
     archived, PostgreSQL recycled it, and the new archive never had it."""
