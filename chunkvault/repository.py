@@ -1020,40 +1020,59 @@ class Repository:
 
         self._refuse_if_closed()
         oldest = before == walnames.OLDEST_SNAPSHOT
-        if oldest:
-            before = walnames.oldest_needed(self._label_starts())
-        return walarchive.expire(self._repo, before, dry_run=dry_run, wait=_wait(wait), earlier_timelines=oldest)
+        if not oldest:
+            return walarchive.expire(self._repo, before, dry_run=dry_run, wait=_wait(wait))
+        with self.reading("archive-expire"):
+            snaps = self.snapshots()
+            self._refuse_unreadable()
+            seen = {s.id for s in snaps}
+            starts = self._label_starts(snaps)
+        if dry_run:
+            return walarchive.expire(self._repo, walnames.oldest_needed(starts), dry_run=True, earlier_timelines=True)
 
-    def _label_starts(self) -> list[str]:
-        """The segments the snapshots' base backups start in: as a snapshot's stats say (``backup --postgres``
-        records it), else as each ``backup_label`` it holds says, wherever it is (a ``pg_basebackup`` copy at
-        the root, or below it in a snapshot of several paths or of a directory above the copy): one missed
-        would let its WAL go.  Each tree is read once, streamed (only the labels are kept); a file so named
-        that is no base backup's label is not one; snapshots without any (other sources) need no WAL."""
+        def before_now() -> str:
+            """Under the exclusive lock: a snapshot that landed since the labels were read (a copy or an import
+            of an older base backup) counts too."""
+            landed = [s for s in self._repo.reload_snapshots() if s.id not in seen]
+            self._refuse_unreadable()
+            if landed:
+                self._repo.fresh_index()  # their data came with them
+            return walnames.oldest_needed(starts + self._label_starts(landed))
+
+        return walarchive.expire(self._repo, before_now, wait=_wait(wait), earlier_timelines=True)
+
+    def _refuse_unreadable(self) -> None:
+        """One snapshot that does not load (damaged, a newer chunkvault's) may be the oldest: its WAL must not
+        go."""
+        self._repo.require_readable("archive-expire --before oldest-snapshot")
+
+    def _label_starts(self, snaps: list[Snapshot]) -> list[str]:
+        """The segments the base backups of ``snaps`` start in (the caller holds a lock): as a snapshot's stats
+        say (``backup --postgres`` records it), else as each ``backup_label`` it holds says, wherever it is (a
+        ``pg_basebackup`` copy at the root, or below it in a snapshot of several paths or of a directory above
+        the copy): one missed would let its WAL go.  Each tree is read once, streamed (only the labels are
+        kept); a file so named that is no base backup's label is not one; snapshots without any (other
+        sources) need no WAL."""
         from .store.walnames import label_start_segment, stats_start_segment
 
         starts = []
-        with self.reading("archive-expire"):
-            snaps = self.snapshots()
-            # one that does not load (damaged, a newer chunkvault's) may be the oldest: its WAL must not go
-            self._repo.require_readable("archive-expire --before oldest-snapshot")
-            for snap in snaps:
-                recorded = stats_start_segment(snap.stats)
-                if recorded is not None:
-                    starts.append(recorded)
+        for snap in snaps:
+            recorded = stats_start_segment(snap.stats)
+            if recorded is not None:
+                starts.append(recorded)
+                continue
+            labels = [r.entry for r in self._repo.tree(snap)
+                      if r.entry is not None and r.entry.type in (T_FILE, T_HARDLINK)
+                      and r.path.rpartition(b"/")[2] == b"backup_label"]
+            for e in labels:
+                try:
+                    with self._file_content(snap, e) as f:
+                        label = f.read(1 << 16).decode("utf-8", "replace")
+                except UsageError:  # a hard link to something else than a file
                     continue
-                labels = [r.entry for r in self._repo.tree(snap)
-                          if r.entry is not None and r.entry.type in (T_FILE, T_HARDLINK)
-                          and r.path.rpartition(b"/")[2] == b"backup_label"]
-                for e in labels:
-                    try:
-                        with self._file_content(snap, e) as f:
-                            label = f.read(1 << 16).decode("utf-8", "replace")
-                    except UsageError:  # a hard link to something else than a file
-                        continue
-                    start = label_start_segment(label)
-                    if start is not None:
-                        starts.append(start)
+                start = label_start_segment(label)
+                if start is not None:
+                    starts.append(start)
         return starts
 
     # --- reading ----------------------------------------------------------------

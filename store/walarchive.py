@@ -330,14 +330,19 @@ def plaintexts(repo: Repo, wal: WalFile) -> Iterator[Plaintext]:
         yield from plains
 
 
-def expire(repo: Repo, before: str, *, dry_run: bool = False, wait: float = 0.0,
+def expire(repo: Repo, before: str | Callable[[], str], *, dry_run: bool = False, wait: float = 0.0,
            earlier_timelines: bool = False) -> list[str]:
     """Remove the ``wal/`` objects ``expired`` names, under the exclusive lock (a prune then frees their data);
-    with ``dry_run``, only say which."""
-    check_wal_name(before)
+    with ``dry_run``, only say which.  ``before`` may be a function, called under the lock: what it decides
+    from (the snapshots) cannot change before the deletes."""
+    if not callable(before):
+        check_wal_name(before)
     if dry_run:
+        assert isinstance(before, str)
         return expired(names(repo), before, earlier_timelines=earlier_timelines)
     with RepoLock(repo.remote, EXCLUSIVE, "archive-expire", wait=wait) as lock:
+        if callable(before):
+            before = check_wal_name(before())
         gone = expired(names(repo), before, earlier_timelines=earlier_timelines)
         if gone:
             repo.require_deletes(f"{WAL_PREFIX}{'0' * 24}", "archive-expire")

@@ -553,6 +553,37 @@ def test_expiring_before_the_oldest_snapshot_keeps_what_each_snapshot_s_recovery
     repo.close()
 
 
+def test_a_snapshot_that_lands_while_expiry_waits_for_its_lock_keeps_its_wal(tmp_path, password, monkeypatch):
+    """The labels are read under the shared lock, the objects deleted under the exclusive one: a copy of an
+    older base backup landing between the two (from another repository, with its data) kept segment 2 only
+    by chance; the start is now decided again under the exclusive lock."""
+    from chunkvault.store import walarchive
+
+    repo = Repository.init(str(tmp_path / "repo"), password, kdf_seconds=0)
+    for i in range(1, 6):
+        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 20))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "backup_label").write_text("START WAL LOCATION: 0/4000028 (file 000000010000000000000004)\n")
+    repo.backup([str(copy)])
+    other = Repository.init(str(tmp_path / "other"), password, kdf_seconds=0)
+    (copy / "backup_label").write_text("START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n")
+    (copy / "base").write_bytes(random.Random(5).randbytes(300_000))  # data the repository does not have
+    older = other.backup([str(copy)]).snapshot
+    expire = walarchive.expire
+
+    def landing(store, before, **kwargs):
+        other.copy_to(repo, [older.id])
+        return expire(store, before, **kwargs)
+
+    monkeypatch.setattr(walarchive, "expire", landing)
+    assert repo.archive_expire("oldest-snapshot") == ["000000010000000000000001"]
+    monkeypatch.undo()
+    assert len(repo.snapshots()) == 2
+    other.close()
+    repo.close()
+
+
 def test_expiring_before_the_oldest_snapshot_finds_labels_below_a_snapshot_s_root(tmp_path, password):
     """A copy backed up with its configuration (two paths), or through the directory above it: its label is
     not at the snapshot's root, and its WAL stays all the same."""
@@ -574,7 +605,7 @@ def test_expiring_before_the_oldest_snapshot_finds_labels_below_a_snapshot_s_roo
     repo.backup([str(old), str(etc)], time="2026-12-01T00:00:00Z")
     copy_at(tmp_path / "pg" / "copy", "000000010000000000000004")
     repo.backup([str(tmp_path / "pg")], time="2026-12-02T00:00:00Z")
-    assert sorted(repo._label_starts()) == ["000000010000000000000002", "000000010000000000000004"]
+    assert sorted(repo._label_starts(repo.snapshots())) == ["000000010000000000000002", "000000010000000000000004"]
     assert repo.archive_expire("oldest-snapshot") == ["000000010000000000000001"]
     repo.close()
 
