@@ -311,8 +311,11 @@ class PgBackupSession:
         while parse_lsn(self.value("SELECT pg_last_wal_replay_lsn()")) < target:
             self._refuse_paused()
             if time.monotonic() >= deadline:
+                delay = self.value("SELECT current_setting('recovery_min_apply_delay')")
+                why = (f" (it applies WAL {delay} late: recovery_min_apply_delay; --pg-standby-wait longer than "
+                       "that, or a standby without the delay)" if delay not in ("0", "0ms", "") else "")
                 raise SourceCommandFailed(f"PostgreSQL is a standby that did not replay up to {format_lsn(target)}, "
-                                          f"the WAL it had received, within {self.standby_wait:g} s")
+                                          f"the WAL it had received, within {self.standby_wait:g} s{why}")
             time.sleep(min(0.1, self.standby_wait / 10))
 
     def stop(self) -> BackupStop:

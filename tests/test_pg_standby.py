@@ -268,3 +268,26 @@ def test_the_control_file_is_read_last_after_every_other_file_and_before_the_sto
         assert f.read() == b"read last"
     assert stats["postgres"]["standby"] is True and stats["postgres"]["stop_lsn"] == "0/2000200"
     assert stats["postgres"]["wal"] == ["000000010000000000000002"]
+
+
+@slow
+def test_a_delayed_standby_that_does_not_replay_in_time_is_told_apart(new_repo, tmp_path, psql_on_path):
+    """``recovery_min_apply_delay`` holds each commit back: the wait for the replay ends saying so, not as
+    though the standby were stuck."""
+    bindir = require_postgres()
+    with PgCluster(bindir) as primary:
+        primary.init()
+        primary.start()
+        replica = primary.standby()
+        try:
+            replica.stop()
+            replica.settings = (*replica.settings, "recovery_min_apply_delay=10min")
+            replica.start()
+            primary.sql("CREATE TABLE d (x int); INSERT INTO d VALUES (1)")
+            replica.received(primary)
+            repo = new_repo(str(tmp_path / "repo"))
+            with pytest.raises(SourceCommandFailed, match=r"within 1 s \(it applies WAL 10min late: "
+                                                          r"recovery_min_apply_delay"):
+                repo.backup([replica.datadir], postgres=conninfo(replica), pg_standby_wait=1)
+        finally:
+            replica.destroy()
