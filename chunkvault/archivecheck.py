@@ -215,6 +215,7 @@ def archive_check(session: PgBackupSession, archived: Callable[[str], bool], tim
     ``partial`` the ArchiveCheck) when the server does not archive or the segment does not come in time."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e9:
         raise UsageError(f"the timeout is a number of seconds above 0, not {timeout!r}")
+    session.answer_wait = float(timeout)  # a server that hangs ends the check too
 
     def read() -> ArchiverStatus:
         rows = session.query(STATUS_SQL)

@@ -167,6 +167,9 @@ class PgBackupSession:
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
         self._started: BackupStart | None = None
+        #: How long one statement's answer may take (None: as long as it takes, as a backup's start waits for
+        #: a checkpoint); past it psql is ended and SourceCommandFailed raised.
+        self.answer_wait: float | None = None
 
     def open(self) -> None:
         if self._proc is not None:
@@ -194,13 +197,18 @@ class PgBackupSession:
     def _read_until(self, marker: bytes) -> list[str]:
         assert self._proc is not None and self._proc.stdout is not None
         fd = self._proc.stdout.fileno()
+        deadline = None if self.answer_wait is None else time.monotonic() + self.answer_wait
         while True:
             end = self._buffer.find(marker + b"\n")
             if end >= 0 and (end == 0 or self._buffer[end - 1:end] == b"\n"):
                 out, self._buffer = self._buffer[:end], self._buffer[end + len(marker) + 1:]
                 return [line for line in out.decode("utf-8", "replace").split("\n") if line]
             while not select.select([fd], [], [], 0.5)[0]:  # in slices: a signal gets handled meanwhile
-                pass
+                if deadline is not None and time.monotonic() > deadline:
+                    self._proc.kill()
+                    self.close()
+                    raise SourceCommandFailed(f"PostgreSQL did not answer within {self.answer_wait:g} s (a server "
+                                              "that hangs, or a lock the statement waits for)")
             data = os.read(fd, 65536)
             if not data:
                 self._failed()

@@ -148,6 +148,16 @@ def test_misuse_is_refused(cluster):
         assert label_field(session.stop().label_file, "LABEL") == "it's quoted"
 
 
+def test_an_answer_that_does_not_come_in_time_ends_the_session(cluster):
+    """``answer_wait`` (archive-check's timeout): a statement that hangs, as on a frozen server, is given up."""
+    with session_of(cluster) as session:
+        session.answer_wait = 0.5
+        with pytest.raises(SourceCommandFailed, match=r"did not answer within 0\.5 s"):
+            session.query("SELECT pg_sleep(30)")
+        assert session._proc is None  # psql ended; the next statement starts another
+        assert session.query("SELECT 1") == [["1"]]
+
+
 def test_a_role_without_the_rights_gets_postgresqls_reason(cluster):
     cluster.sql("DROP ROLE IF EXISTS weak; CREATE ROLE weak LOGIN")
     env = {**cluster.env(), "PGUSER": "weak"}
