@@ -76,6 +76,11 @@ class UsageError(ChunkvaultError):
     exit_code = 2
 
 
+class NoBaseBackup(UsageError):
+    """``archive-expire --before oldest-snapshot``: no snapshot holds a base backup's label, so nothing says
+    which WAL the snapshots need."""
+
+
 class PartialBackup(ChunkvaultError):
     """Backup finished, but some source files could not be read (recorded in the snapshot)."""
 

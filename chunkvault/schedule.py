@@ -549,6 +549,8 @@ class Policy:
     password_command: str | None = None
     timezone: str = "UTC"
     prune: bool = False
+    #: After retention: archive-expire --before oldest-snapshot (WAL no kept snapshot's recovery needs).
+    wal_expire: bool = False
     max_unused: float = 0.05
     max_repack_size: int | None = None
     lock_file: str | None = None
@@ -565,7 +567,7 @@ class Policy:
 
 
 _TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "full", "diff", "retention", "presets",
-             "prune", "max_unused", "max_repack_size", "lock_file", "hook_timeout", "source", "tags", "host",
+             "prune", "wal_expire", "max_unused", "max_repack_size", "lock_file", "hook_timeout", "source", "tags", "host",
              "copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention", "copy_wal", "check",
              "check_read_data_subset", "state_file"}
 _COPY_KEYS = ("copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention", "copy_wal")
@@ -768,6 +770,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
     if password_file is not None:
         password_file = _path(base_dir, password_file)
     prune = _flag(top.get("prune", False), "prune")
+    wal_expire = _flag(top.get("wal_expire", False), "wal-expire")
     lock_file = top.get("lock_file")
     if lock_file is not None:
         if not isinstance(lock_file, str) or not lock_file:
@@ -889,7 +892,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
         sources.append(source)
     return Policy(sources=tuple(sources), repository=repo, password_file=password_file,
                   password_command=password_command, timezone=tz_name,
-                  prune=prune, max_unused=_share(top.get("max_unused", 0.05)),
+                  prune=prune, wal_expire=wal_expire, max_unused=_share(top.get("max_unused", 0.05)),
                   max_repack_size=_repack_size(top.get("max_repack_size")), lock_file=lock_file,
                   base_dir=base_dir, check=check, check_subset=check_subset, state_file=state_file)
 

@@ -177,6 +177,8 @@ class RunReport:
     sources: list[SourceResult] = field(default_factory=list)
     prune: dict[str, Any] | None = None
     prune_error: str | None = None
+    wal_expired: list[str] | None = None  # the archived WAL files the policy's wal-expire removed
+    wal_expire_error: str | None = None
     stopped: bool = False
     error: str | None = None  # the run ended before any source (the repository out of reach, locked)
     check: dict[str, Any] | None = None  # the policy's check, when it was due
@@ -194,12 +196,13 @@ class RunReport:
     @property
     def ok(self) -> bool:
         return (not self.failed and not self.partial and self.prune_error is None and self.error is None
-                and self.check_error is None)
+                and self.check_error is None and self.wal_expire_error is None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"started": _iso(self.started), "dry_run": self.dry_run, "ok": self.ok, "stopped": self.stopped,
                 "sources": [r.to_dict() for r in self.sources], "prune": self.prune,
-                "prune_error": self.prune_error, "run_error": self.error, "check": self.check,
+                "prune_error": self.prune_error, "wal_expired": self.wal_expired,
+                "wal_expire_error": self.wal_expire_error, "run_error": self.error, "check": self.check,
                 "check_error": self.check_error}
 
     def summary(self) -> str:
@@ -219,6 +222,10 @@ class RunReport:
                 + (f", copy failed {copies_failed}" if copies_failed else "")
                 + f"; retention removed {sum(len(r.retention.removed) for r in self.sources if r.retention)}")
         text += f", failed {retention_failed}" if retention_failed else ""
+        if self.wal_expired:
+            text += f"; wal-expire {'would remove' if self.dry_run else 'removed'} {len(self.wal_expired)}"
+        elif self.wal_expire_error is not None:
+            text += "; wal-expire failed"
         if self.check_error is not None:
             text += f"; {self.check_error}"
         elif self.check is not None and not self.dry_run:  # due: passed, or a stop skipped or cut it short
@@ -228,13 +235,15 @@ class RunReport:
     def raise_for_status(self) -> None:
         """The CLI's verdict: exit 1 when a source failed (its copy-to included), 18 when only the check
         found problems, 3 when a backup was only partial."""
-        if self.failed or self.prune_error or self.check_error:
+        if self.failed or self.prune_error or self.check_error or self.wal_expire_error:
             names = ", ".join(f"{r.name} ({r.error or r.retention_error})" for r in self.failed)
+            if self.wal_expire_error:
+                names = ", ".join(filter(None, [names, f"wal-expire ({self.wal_expire_error})"]))
             if self.prune_error:
                 names = ", ".join(filter(None, [names, f"prune ({self.prune_error})"]))
             if self.check_error:
                 names = ", ".join(filter(None, [names, self.check_error]))
-            if self.check_problems and not self.failed and not self.prune_error:
+            if self.check_problems and not self.failed and not self.prune_error and not self.wal_expire_error:
                 raise VerificationFailed(f"scheduled run failed: {names}")
             raise ChunkvaultError(f"scheduled run failed: {names}")
         if self.partial:
@@ -424,6 +433,8 @@ class Runner:
                     self.log(f"{src.name}: retention failed: {exc}")
                     continue
                 removed_any |= bool(result.retention.removed)
+            if self.policy.wal_expire and not self.stop.is_set():
+                removed_any |= self._wal_expire(repo, report)
             if self.policy.prune and removed_any and not self.stop.is_set():
                 if report.dry_run:
                     self.log("prune: would run once retention removed those")
@@ -727,6 +738,30 @@ class Runner:
         if scope.spared:
             self.log(f"{src.name}: warning: retention keeps the snapshot {scope.spared[:8]} this run saved, "
                      "which its rules would remove")
+
+    def _wal_expire(self, repo: Any, report: RunReport) -> bool:
+        """``wal-expire``: the archived WAL files before the oldest snapshot's base backup go (as
+        ``archive-expire --before oldest-snapshot``); whether any did, so that prune frees their data.  A
+        repository whose snapshots hold no base backup has nothing to expire by; a lock held is a skip."""
+        from .errors import NoBaseBackup
+
+        try:
+            gone = repo.archive_expire("oldest-snapshot", dry_run=report.dry_run)
+        except Locked as exc:
+            self.log(f"wal-expire skipped: {exc}")
+            return False
+        except NoBaseBackup:
+            self.log("wal-expire: no snapshot holds a base backup, nothing says which WAL they need")
+            return False
+        except ChunkvaultError as exc:
+            report.wal_expire_error = str(exc)
+            self.log(f"wal-expire failed: {exc}")
+            return False
+        report.wal_expired = gone
+        if gone:
+            self.log(f"wal-expire: {'would remove' if report.dry_run else 'removed'} {len(gone)} archived WAL "
+                     f"file(s), {gone[0]} to {gone[-1]}")
+        return bool(gone) and not report.dry_run
 
     def _prune(self, repo: Any, report: RunReport) -> None:
         try:

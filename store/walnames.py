@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from chunkvault.errors import UsageError
+from chunkvault.errors import NoBaseBackup, UsageError
 
 _SEGMENT = "[0-9A-F]{24}"
 #: What PostgreSQL archives: a segment, a segment cut short at a promotion (``.partial``), a backup history
@@ -95,7 +95,7 @@ def oldest_needed(starts: Iterable[str]) -> str:
     timeline, then position); a UsageError when no snapshot holds a base backup's label."""
     found = sorted(starts)
     if not found:
-        raise UsageError("no snapshot holds a base backup's label (backup_label, as pg_basebackup and backup "
+        raise NoBaseBackup("no snapshot holds a base backup's label (backup_label, as pg_basebackup and backup "
                          "--postgres write it): nothing says which WAL the snapshots need; give --before SEGMENT")
     return found[0]
 

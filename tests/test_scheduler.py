@@ -294,6 +294,53 @@ def test_retention_then_prune_frees_what_the_forgotten_full_held(tmp_path, repo_
     assert (tmp_path / "r" / "base.bin").read_bytes() == (tree / "base.bin").read_bytes()
 
 
+def test_wal_expire_removes_the_wal_no_kept_snapshot_needs_then_prune_frees_it(tmp_path, repo_url, tree, fake_time):
+    """As pgBackRest expires WAL with its backups: after retention, the archived segments before the oldest
+    kept base backup's start go (archive-expire --before oldest-snapshot), and prune frees their data."""
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    with Repository.open(repo_url, PASSWORD) as r:
+        for i in range(1, 6):
+            seg = wal / f"00000001000000000000000{i}"
+            seg.write_bytes(os.urandom(40_000))
+            r.archive_push(str(seg))
+
+    def label(seg: int) -> None:
+        (tree / "backup_label").write_text(f"START WAL LOCATION: 0/{seg}000028 (file 00000001000000000000000{seg})\n")
+
+    policy_file = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                               top='full = "hourly"\nprune = true\nmax-unused = "0%"\nwal-expire = true\n'
+                                   '[retention]\nkeep-last = 1\n')
+    clock = fake_time(FakeClock(datetime(2026, 5, 1, 10, 0, tzinfo=UTC)))
+    runner = Runner(load_policy(str(policy_file)), PASSWORD.encode(), clock=clock, lock_file=str(tmp_path / "l"))
+    label(2)
+    first = runner.run()
+    assert first.ok and first.wal_expired == ["000000010000000000000001"] and first.prune is not None
+    label(4)
+    clock.t += timedelta(hours=1)
+    dry = runner.run(dry_run=True)
+    assert dry.wal_expired == [] and "wal-expire" not in dry.summary()  # the dry run's snapshot is not saved
+    second = runner.run()
+    assert second.sources[0].retention.removed == [first.sources[0].snapshot_id]
+    assert second.wal_expired == ["000000010000000000000002", "000000010000000000000003"]
+    assert "; wal-expire removed 2" in second.summary() and second.to_dict()["wal_expired"] == second.wal_expired
+    with Repository.open(repo_url, PASSWORD) as r:
+        assert [w.name for w in r.archive_list()] == ["000000010000000000000004", "000000010000000000000005"]
+        assert r.check(read_data=True).ok
+
+
+def test_wal_expire_without_a_base_backup_expires_nothing_and_the_run_goes_on(tmp_path, repo_url, tree, fake_time):
+    policy_file = write_policy(tmp_path / "p.toml", repo_url, [{"name": "files", "paths": [str(tree)]}],
+                               top='full = "hourly"\nwal-expire = true\n[retention]\nkeep-last = 1\n')
+    clock = fake_time(FakeClock(datetime(2026, 5, 1, 10, 0, tzinfo=UTC)))
+    logged: list[str] = []
+    runner = Runner(load_policy(str(policy_file)), PASSWORD.encode(), clock=clock, lock_file=str(tmp_path / "l"),
+                    log=logged.append)
+    report = runner.run()
+    assert report.ok and report.wal_expired is None
+    assert any("wal-expire: no snapshot holds a base backup" in line for line in logged)
+
+
 # --------------------------------------------------------------------------- hooks
 
 
