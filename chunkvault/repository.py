@@ -1050,10 +1050,11 @@ class Repository:
         """The segments the base backups of ``snaps`` start in (the caller holds a lock): as a snapshot's stats
         say (``backup --postgres`` records it), else as each ``backup_label`` it holds says, wherever it is (a
         ``pg_basebackup`` copy at the root, or below it in a snapshot of several paths or of a directory above
-        the copy): one missed would let its WAL go.  Each tree is read once, streamed (only the labels are
-        kept); a file so named that is no base backup's label is not one; snapshots without any (other
-        sources) need no WAL."""
-        from .store.walnames import label_start_segment, stats_start_segment
+        the copy), or the one inside a tar-format copy's ``base.tar`` (or ``.tar.gz``), or, where neither can
+        be read (a ``base.tar`` compressed otherwise), its ``backup_manifest``: one missed would let its WAL
+        go.  Each tree is read once, streamed (only those files are kept); a file so named that is no base
+        backup's is not one; snapshots without any (other sources) need no WAL."""
+        from .store.walnames import label_start_segment, manifest_start_segment, stats_start_segment
 
         starts = []
         for snap in snaps:
@@ -1061,19 +1062,39 @@ class Repository:
             if recorded is not None:
                 starts.append(recorded)
                 continue
-            labels = [r.entry for r in self._repo.tree(snap)
-                      if r.entry is not None and r.entry.type in (T_FILE, T_HARDLINK)
-                      and r.path.rpartition(b"/")[2] == b"backup_label"]
-            for e in labels:
-                try:
-                    with self._file_content(snap, e) as f:
-                        label = f.read(1 << 16).decode("utf-8", "replace")
-                except UsageError:  # a hard link to something else than a file
-                    continue
-                start = label_start_segment(label)
-                if start is not None:
-                    starts.append(start)
+            found: dict[bytes, list[Entry]] = {}
+            for r in self._repo.tree(snap):
+                name = r.path.rpartition(b"/")[2]
+                if r.entry is not None and r.entry.type in (T_FILE, T_HARDLINK) and name in _BASE_BACKUP_FILES:
+                    found.setdefault(r.path.rpartition(b"/")[0], []).append(r.entry)
+            for entries in found.values():
+                labelled = [s for e in entries if e.path.endswith((b"backup_label", b".tar", b".tar.gz"))
+                            if (s := self._read_start(snap, e, label_start_segment)) is not None]
+                starts += labelled or [s for e in entries if e.path.endswith(b"backup_manifest")
+                                       if (s := self._read_start(snap, e, manifest_start_segment)) is not None]
         return starts
+
+    def _read_start(self, snap: Snapshot, e: Entry, parse: Callable[[str], str | None]) -> str | None:
+        """What ``parse`` makes of the file ``e`` (a label or a manifest), or of the ``backup_label`` member a
+        tar-format copy's ``base.tar`` starts with; None where it holds none, or cannot be read so."""
+        import tarfile
+
+        try:
+            with self._file_content(snap, e) as f:
+                if e.path.endswith(b"backup_manifest"):  # its WAL ranges come last: all of it
+                    return parse(f.read().decode("utf-8", "replace"))
+                if not e.path.endswith((b".tar", b".tar.gz")):
+                    return parse(f.read(1 << 16).decode("utf-8", "replace"))
+                with tarfile.open(fileobj=f, mode="r|*") as tar:
+                    for member, _ in zip(tar, range(4)):  # pg_basebackup writes the label first
+                        if member.name.lstrip("./") == "backup_label" and member.isfile():
+                            got = tar.extractfile(member)
+                            return parse(got.read(1 << 16).decode("utf-8", "replace")) if got else None
+        except UsageError:  # a hard link to something else than a file
+            return None
+        except tarfile.TarError:  # compressed otherwise (zstd, lz4), or no tar: its manifest says
+            return None
+        return None
 
     # --- reading ----------------------------------------------------------------
 
@@ -2250,6 +2271,10 @@ def _local_roots(remote: Remote) -> list[str]:
     while not isinstance(remote, LocalRemote) and isinstance(getattr(remote, "inner", None), Remote):
         remote = remote.inner  # type: ignore[attr-defined]
     return [remote.root] if isinstance(remote, LocalRemote) else []
+
+
+#: The files of a copy that say where its WAL starts (``_label_starts``).
+_BASE_BACKUP_FILES = frozenset({b"backup_label", b"base.tar", b"base.tar.gz", b"backup_manifest"})
 
 
 def _inside_dir(path: str, other: str) -> bool:

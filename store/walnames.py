@@ -3,6 +3,7 @@ ahead, which an expiry removes, where a base backup's WAL starts, the span of ea
 and light: ``archive-push`` and ``archive-get`` answer from a spool with it before anything else loads."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -88,6 +89,27 @@ def stats_start_segment(stats: dict) -> str | None:
     pg = stats.get("postgres")
     start = pg.get("start_wal") if isinstance(pg, dict) else None
     return start if isinstance(start, str) and is_segment(start) else None
+
+
+#: The largest WAL segment PostgreSQL makes (``initdb --wal-segsize``): a position named with it names the
+#: earliest segment of any smaller size that holds it, so a start read without the segment size errs early.
+LARGEST_SEGMENT_SIZE = 1 << 30
+
+
+def manifest_start_segment(manifest: str) -> str | None:
+    """The segment a base backup's ``backup_manifest`` (PostgreSQL 13 and later) says its WAL starts in, or
+    None for another text: the first WAL range's start, named as with the largest segment size (the manifest
+    does not give the size; the name errs towards keeping more).  For a copy whose ``backup_label`` cannot be
+    read (inside a compressed ``base.tar``)."""
+    try:
+        doc = json.loads(manifest)
+        first = doc["WAL-Ranges"][0]
+        timeline, (high, low) = int(first["Timeline"]), (int(x, 16) for x in first["Start-LSN"].split("/"))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+    if not (0 < timeline < 1 << 32 and 0 <= high < 1 << 32 and 0 <= low < 1 << 32):
+        return None
+    return f"{timeline:08X}{high:08X}{low // LARGEST_SEGMENT_SIZE:08X}"
 
 
 def oldest_needed(starts: Iterable[str]) -> str:

@@ -553,6 +553,44 @@ def test_expiring_before_the_oldest_snapshot_keeps_what_each_snapshot_s_recovery
     repo.close()
 
 
+def test_a_tar_format_copy_keeps_its_wal_by_the_label_in_its_base_tar_or_else_by_its_manifest(tmp_path, password):
+    """``pg_basebackup -Ft`` writes the label inside base.tar (first), and a manifest beside it: a copy taken
+    so lost its WAL to ``oldest-snapshot``.  A base.tar compressed so that it cannot be read (zstd) falls back
+    on the manifest's first WAL range, named as with 1 GiB segments (keeping more, never less)."""
+    import io
+    import tarfile
+
+    repo = Repository.init(str(tmp_path / "repo"), password, kdf_seconds=0)
+    for i in range(1, 7):
+        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 16))
+
+    def tar_copy(path, seg: int, suffix: str):
+        path.mkdir(parents=True)
+        label = f"START WAL LOCATION: 0/{seg}000028 (file 00000001000000000000000{seg})\n".encode()
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w:gz" if suffix == ".tar.gz" else "w") as tar:
+            for name, data in (("backup_label", label), ("PG_VERSION", b"15\n")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        (path / f"base{suffix}").write_bytes(raw.getvalue() if suffix != ".tar.zst" else b"(zstd) " + raw.getvalue())
+        (path / "pg_wal.tar").write_bytes(b"")
+        (path / "backup_manifest").write_text(json.dumps({"PostgreSQL-Backup-Manifest-Version": 1, "Files": [],
+                                                          "WAL-Ranges": [{"Timeline": 1, "Start-LSN": f"0/{seg}000028",
+                                                                          "End-LSN": f"0/{seg}000100"}]}))
+
+    tar_copy(tmp_path / "a", 4, ".tar")
+    tar_copy(tmp_path / "b", 5, ".tar.gz")
+    for copy in ("a", "b"):
+        repo.backup([str(tmp_path / copy)])
+    assert sorted(repo._label_starts(repo.snapshots())) == ["000000010000000000000004", "000000010000000000000005"]
+    tar_copy(tmp_path / "c", 3, ".tar.zst")
+    repo.backup([str(tmp_path / "c")])
+    assert "000000010000000000000000" in repo._label_starts(repo.snapshots())  # 0/3000028 within the first GiB
+    assert repo.archive_expire("oldest-snapshot", dry_run=True) == []
+    repo.close()
+
+
 def test_a_snapshot_that_lands_while_expiry_waits_for_its_lock_keeps_its_wal(tmp_path, password, monkeypatch):
     """The labels are read under the shared lock, the objects deleted under the exclusive one: a copy of an
     older base backup landing between the two (from another repository, with its data) kept segment 2 only
