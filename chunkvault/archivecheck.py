@@ -11,6 +11,7 @@ messages are tested without a server.
 """
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -52,6 +53,22 @@ STATUS_SQL = (
     "coalesce(current_setting('archive_library', true), '') FROM pg_stat_archiver")
 
 
+#: A setting in a shell command that may carry a secret: an environment assignment or an option whose name
+#: says password, secret, token or key, and its value (quoted or not).
+_SECRET_SETTING = re.compile(r"(?i)\b([\w.-]*(?:passw(?:or)?d|secret|token|key)[\w.-]*)(=|\s+)('[^']*'|\"[^\"]*\"|\S+)")
+
+
+def redacted(command: str) -> str:
+    """``command`` as messages and ``--json`` show it: the values of settings that may be secrets (an inline
+    ``PGPASSWORD=...``, ``AWS_SECRET_ACCESS_KEY=...``) replaced; files and commands that hold them shown."""
+    def hide(m: re.Match[str]) -> str:
+        if m.group(1).lower().endswith(("file", "command", "path")):
+            return m.group(0)
+        return f"{m.group(1)}{m.group(2)}***"
+
+    return _SECRET_SETTING.sub(hide, command)
+
+
 @dataclass
 class ArchiverStatus:
     """What the server says of its archiving: its settings and ``pg_stat_archiver`` (None where it has nothing)."""
@@ -75,7 +92,7 @@ class ArchiverStatus:
         if len(row) != 11:
             raise SourceCommandFailed(f"PostgreSQL answered the archiver's status with {row!r}")
         mode, command, standby, last_wal, last_time, failed_wal, failed_time, archived, failed, failing, lib = row
-        return cls(mode, command, standby == "t", last_wal or None, last_time or None, failed_wal or None,
+        return cls(mode, redacted(command), standby == "t", last_wal or None, last_time or None, failed_wal or None,
                    failed_time or None, int(archived), int(failed), failing == "t", lib.strip())
 
     @property

@@ -1,6 +1,8 @@
 """``archive-check`` without a server: what it refuses, what it warns of, how it waits, what its failures say."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -249,3 +251,14 @@ def test_a_segment_held_up_by_a_prune_says_the_repository_is_locked(new_repo, mo
     with pytest.raises(ArchiveCheckFailed) as unlocked:
         repo.archive_check("dbname=postgres", timeout=0.5)
     assert "locked" not in str(unlocked.value)
+
+
+def test_secrets_inline_in_the_archive_command_are_not_shown():
+    """Its messages and --json go to logs and monitoring: an inline password or key is replaced there."""
+    command = ("AWS_SECRET_ACCESS_KEY='s e c' PGPASSWORD=hunter2 chunkvault archive-push --password-file /etc/k "
+               "--password-command 'pass show db' %p")
+    with pytest.warns(ArchiveCommandWarning) as warned:
+        result = check(FakeSession(command=command.replace("archive-push", "archive-put")))
+    shown = json.dumps(result.to_dict()) + str(warned[0].message)
+    assert "s e c" not in shown and "hunter2" not in shown
+    assert "AWS_SECRET_ACCESS_KEY=***" in shown and "--password-file /etc/k" in shown and "pass show db" in shown
