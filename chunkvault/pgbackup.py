@@ -280,7 +280,10 @@ class PostgresOnline:
             try:
                 seg = os.stat(path)
             except FileNotFoundError:
-                raise SourceCommandFailed(f"WAL segment {name}, which the backup needs, is gone from {wal}: "
+                why = (" (a standby keeps in pg_wal only the WAL it streamed: one that caught up through its "
+                       "restore_command has the rest in its archive; take the backup once it streams)"
+                       if self._started.standby else "")
+                raise SourceCommandFailed(f"WAL segment {name}, which the backup needs, is gone from {wal}{why}: "
                                           "no snapshot saved") from None
             if not stat.S_ISREG(seg.st_mode):
                 raise SourceCommandFailed(f"{path} is not a regular file: no snapshot saved")

@@ -270,6 +270,33 @@ def test_the_control_file_is_read_last_after_every_other_file_and_before_the_sto
     assert stats["postgres"]["wal"] == ["000000010000000000000002"]
 
 
+@pytest.mark.parametrize("standby", [True, False])
+def test_a_segment_gone_from_pg_wal_says_where_a_standby_has_it(tmp_path, standby):
+    """A standby that caught up through its restore_command has that WAL in its archive, never in pg_wal: the
+    refusal says so, rather than read as WAL recycled under the backup."""
+    from chunkvault.pgsession import BackupStart, BackupStop
+
+    datadir = tmp_path / "data"
+    (datadir / "global").mkdir(parents=True)
+    (datadir / "pg_wal").mkdir()
+    (datadir / "global" / "pg_control").write_bytes(b"control")
+
+    class Session:
+        def tablespaces(self):
+            return []
+
+        def stop(self):
+            return BackupStop(0x2000100, "START TIMELINE: 1\n", "", 0x2000028, 1, 0x2000200)
+
+    online = PostgresOnline(str(datadir))
+    online._session = Session()
+    online._started = BackupStart(0x2000028, str(datadir), 150000, 16 << 20, standby=standby)
+    with pytest.raises(SourceCommandFailed, match="WAL segment 000000010000000000000002, which the backup needs, "
+                                                  "is gone from") as caught:
+        online.appendix()
+    assert ("caught up through its restore_command" in str(caught.value)) == standby
+
+
 @slow
 def test_a_delayed_standby_that_does_not_replay_in_time_is_told_apart(new_repo, tmp_path, psql_on_path):
     """``recovery_min_apply_delay`` holds each commit back: the wait for the replay ends saying so, not as
