@@ -975,13 +975,12 @@ def _check_data_directory(repo: Any, snap: Snapshot, subtree: bytes | None) -> N
     try:
         repo.find_entry(snap, at(b"global/pg_control"))
         with repo.open_file(snap, at(b"PG_VERSION")) as f:
-            check_major(f.read(64))
-    except UsageError as exc:
-        if "PostgreSQL" in str(exc):
-            raise
+            version = f.read(64)
+    except UsageError:
         where = f"{shown_name(subtree)} of snapshot" if subtree else "snapshot"
         raise UsageError(f"--pg-recover: {where} {snap.short_id} holds no PostgreSQL data directory at its root "
                          "(no global/pg_control or PG_VERSION)") from None
+    check_major(version)
 
 
 def _restored(result: Any) -> str:
