@@ -860,6 +860,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
                                       f"{snap.host}:{','.join(snap.paths) or snap.stdin_name} ({_local_time(snap)})")
     if (args.delta or args.delete) and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
         raise UsageError("--delta and --delete work in place: add --confirm RESTORE")
+    if recovery is not None and in_place and not args.delete:
+        raise UsageError("--pg-recover in place needs --delete: what an earlier run of the server left in the target "
+                         "(in pg_wal, a later timeline's history and segments) would steer the recovery away from "
+                         "the target asked for")
     bar = _progress(args, "restore", None if subtree else snap.stats.get("bytes"))
     try:
         try:

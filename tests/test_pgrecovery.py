@@ -168,6 +168,31 @@ def test_the_cli_refuses_recovery_it_cannot_set_up_before_restoring(tmp_path, cl
     assert (tmp_path / "out" / "recovery.signal").exists()
 
 
+def test_a_recovery_in_place_needs_delete_so_an_earlier_runs_wal_does_not_steer_it(tmp_path, cli):
+    """A directory an earlier recovery promoted holds its new timeline's history file and segments in
+    pg_wal: left there, PostgreSQL follows that timeline (it finds the history file beside the archive's)
+    and the recovery ends where it branched, not at the target asked for."""
+    repo = str(tmp_path / "repo")
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    d = data_dir(tmp_path)
+    (d / "pg_wal").mkdir()
+    env = {"CHUNKVAULT_PASSWORD_FILE": str(pw)}
+    cli("init", "-r", repo, "--kdf-time", "0", env=env)
+    cli("backup", "-r", repo, str(d), env=env)
+    out = tmp_path / "out"
+    cli("restore", "-r", repo, "--target", str(out), "--pg-recover", "immediate", env=env)
+    (out / "pg_wal" / "00000002.history").write_text("1\t0/2000100\tno recovery target specified\n")
+    for more in (["--delta"], [], ["--overwrite", "if-changed"]):
+        said = cli("restore", "-r", repo, "--target", str(out), "--confirm", "RESTORE", *more, "--pg-recover", "end",
+                   env=env, check=2).stderr.decode()
+        assert "--pg-recover in place needs --delete" in said and "00000002.history" not in said
+        assert (out / "pg_wal" / "00000002.history").exists()
+    cli("restore", "-r", repo, "--target", str(out), "--confirm", "RESTORE", "--delta", "--delete", "--pg-recover",
+        "end", env=env)
+    assert not (out / "pg_wal" / "00000002.history").exists() and (out / "recovery.signal").exists()
+
+
 def test_a_time_target_restores_the_newest_snapshot_that_had_ended_by_then(tmp_path, cli):
     """As pgBackRest picks the backup for a time target: a later snapshot cannot recover to an earlier time,
     nor one still being taken then (its copy becomes consistent only at its end)."""
