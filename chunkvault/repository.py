@@ -1070,8 +1070,14 @@ class Repository:
             for entries in found.values():
                 labelled = [s for e in entries if e.path.endswith((b"backup_label", b".tar", b".tar.gz"))
                             if (s := self._read_start(snap, e, label_start_segment)) is not None]
-                starts += labelled or [s for e in entries if e.path.endswith(b"backup_manifest")
-                                       if (s := self._read_start(snap, e, manifest_start_segment)) is not None]
+                by_manifest = [s for e in entries if e.path.endswith(b"backup_manifest")
+                               if (s := self._read_start(snap, e, manifest_start_segment)) is not None]
+                sealed = [e.path for e in entries if e.path.endswith(_SEALED_TARS)]
+                if sealed and not labelled and not by_manifest:  # its WAL would go as another source's
+                    raise UsageError(f"snapshot {snap.short_id} holds a base backup whose WAL start cannot be read "
+                                     f"({os.fsdecode(sealed[0])}, no backup_manifest beside it): give --before "
+                                     "SEGMENT, the file its backup_label's START WAL LOCATION names")
+                starts += labelled or by_manifest
         return starts
 
     def _read_start(self, snap: Snapshot, e: Entry, parse: Callable[[str], str | None]) -> str | None:
@@ -2274,7 +2280,10 @@ def _local_roots(remote: Remote) -> list[str]:
 
 
 #: The files of a copy that say where its WAL starts (``_label_starts``).
-_BASE_BACKUP_FILES = frozenset({b"backup_label", b"base.tar", b"base.tar.gz", b"backup_manifest"})
+_BASE_BACKUP_FILES = frozenset({b"backup_label", b"base.tar", b"base.tar.gz", b"backup_manifest", b"base.tar.lz4",
+                                b"base.tar.zst"})
+#: A tar-format copy's base.tar compressed so that its label cannot be read: only its manifest says the start.
+_SEALED_TARS = (b"base.tar.lz4", b"base.tar.zst")
 
 
 def _inside_dir(path: str, other: str) -> bool:

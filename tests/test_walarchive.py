@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -588,6 +589,31 @@ def test_a_tar_format_copy_keeps_its_wal_by_the_label_in_its_base_tar_or_else_by
     repo.backup([str(tmp_path / "c")])
     assert "000000010000000000000000" in repo._label_starts(repo.snapshots())  # 0/3000028 within the first GiB
     assert repo.archive_expire("oldest-snapshot", dry_run=True) == []
+    repo.close()
+
+
+@pytest.mark.parametrize("suffix", [".tar.lz4", ".tar.zst"])
+def test_a_compressed_tar_copy_without_manifest_stops_the_expiry_instead_of_losing_its_wal(tmp_path, password,
+                                                                                          suffix):
+    """``pg_basebackup -Ft -Z lz4 --no-manifest`` (or zstd): the label is inside a base.tar this cannot read
+    and no manifest says the start; taken for a snapshot of something else, the copy's WAL was expired."""
+    repo = Repository.init(str(tmp_path / "repo"), password, kdf_seconds=0)
+    for i in range(1, 5):
+        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 16))
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / f"base{suffix}").write_bytes(b"(compressed) backup_label START WAL LOCATION")
+    (old / "pg_wal.tar").write_bytes(b"")
+    repo.backup([str(old)])
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "backup_label").write_text("START WAL LOCATION: 0/3000028 (file 000000010000000000000003)\n")
+    repo.backup([str(new)])
+    with pytest.raises(UsageError, match=f"base{re.escape(suffix)}, no backup_manifest.*--before SEGMENT"):
+        repo.archive_expire("oldest-snapshot", dry_run=True)
+    with pytest.raises(UsageError):
+        repo.archive_expire("oldest-snapshot")
+    assert len(repo.archive_list()) == 4
     repo.close()
 
 
