@@ -27,6 +27,12 @@ ACTIONS = ("pause", "promote", "shutdown")
 RECOVERY_SETTINGS = ("restore_command", "recovery_target", "recovery_target_time", "recovery_target_lsn",
                      "recovery_target_xid", "recovery_target_name", "recovery_target_action",
                      "recovery_target_inclusive", "recovery_target_timeline")
+#: What the settings a recovery does not set are written as, before its own (PostgreSQL takes each setting's last
+#: line, and refuses a second kind of target only as it is set): one left in postgresql.conf by an earlier
+#: recovery by hand, as PostgreSQL's documentation has them, would otherwise still decide where this one stops.
+DEFAULTS = (("recovery_target", ""), ("recovery_target_time", ""), ("recovery_target_lsn", ""),
+            ("recovery_target_xid", ""), ("recovery_target_name", ""), ("recovery_target_action", "pause"),
+            ("recovery_target_inclusive", "on"), ("recovery_target_timeline", "latest"))
 SIGNALS = ("recovery.signal", "standby.signal")
 AUTO_CONF = "postgresql.auto.conf"
 #: PostgreSQL 12 replaced recovery.conf with these settings and signal files.
@@ -167,7 +173,8 @@ class RecoveryWritten:
 def write_recovery(datadir: str, target: RecoveryTarget, restore_command: str) -> RecoveryWritten:
     """Set up the data directory ``datadir`` (restored) to recover with ``restore_command`` to ``target``:
     the settings into ``postgresql.auto.conf`` (kept its owner and mode, or made as ``global/pg_control``'s
-    owner's), any signal file of an earlier setup removed, the target's made.  UsageError when ``datadir`` is
+    owner's), after the other recovery settings at their defaults (``DEFAULTS``), any signal file of an
+    earlier setup removed, the target's made.  UsageError when ``datadir`` is
     no data directory of PostgreSQL 12 or newer."""
     control = os.path.join(datadir, "global", "pg_control")
     try:
@@ -178,6 +185,8 @@ def write_recovery(datadir: str, target: RecoveryTarget, restore_command: str) -
         raise UsageError(f"{datadir} is no PostgreSQL data directory (no global/pg_control or PG_VERSION): "
                          "no recovery settings written") from None
     settings = [("restore_command", restore_command), *target.settings()]
+    chosen = {name for name, _ in settings}
+    defaults = [(name, value) for name, value in DEFAULTS if name not in chosen]
     path = os.path.join(datadir, AUTO_CONF)
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -185,7 +194,7 @@ def write_recovery(datadir: str, target: RecoveryTarget, restore_command: str) -
     except FileNotFoundError:
         text = None
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    new = rewrite_auto_conf(text or "", settings, stamp)
+    new = rewrite_auto_conf(text or "", defaults + settings, stamp)
     _write_as(path, new.encode("utf-8", "surrogateescape"), owner if text is None else None)
     for name in SIGNALS:
         try:

@@ -102,3 +102,62 @@ def test_recovery_to_a_time_between_snapshots_reads_the_archived_wal(tmp_path):
             shutil.rmtree(restored.rundir, ignore_errors=True)
         cluster.destroy()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_recovery_settings_left_in_postgresql_conf_do_not_steer_the_recovery(tmp_path):
+    """PostgreSQL's documentation puts a recovery's settings in postgresql.conf, where they stay (unused) once
+    the server is promoted, and come back with every copy.  ``--pg-recover end`` must replay the whole archive
+    and promote, not stop at the restore point an earlier recovery by hand named there."""
+    bindir = servers_pg.require_postgres()
+    cluster = servers_pg.PgCluster(bindir)
+    user = cluster.user
+    shared = servers_pg.shared_tempdir("chunkvault-pitr-")
+    restored = None
+    try:
+        archive = os.path.join(shared, "archive")
+        os.mkdir(archive, 0o700)
+        servers_pg.give_to(shared, user)
+        servers_pg.give_to(archive, user)
+        repo = os.path.join(shared, "repo")
+        env = {"CHUNKVAULT_PASSWORD": PASSWORD}
+        cluster.init()
+        with open(os.path.join(cluster.datadir, "postgresql.conf"), "a") as f:
+            f.write("archive_mode = on\n" + servers_pg.conf_line("archive_command", f"cp %p {shlex.quote(archive)}/%f"))
+            f.write("recovery_target_name = 'stale'\nrecovery_target_action = 'shutdown'\n")  # left by hand
+        cluster.start()
+        c = cluster
+        c.sql("create table t (id int primary key); insert into t select generate_series(1, 100)")
+        copy = os.path.join(c.backups, "copy")
+        c.basebackup(copy)
+        c.sql("insert into t select generate_series(101, 200)")
+        c.sql("select pg_create_restore_point('stale')")
+        c.sql("insert into t select generate_series(201, 300)")
+        last = c.sql("select pg_walfile_name(pg_switch_wal())")
+        deadline = time.monotonic() + 120
+        while c.sql("select coalesce(last_archived_wal, '') from pg_stat_archiver") < last:
+            assert time.monotonic() < deadline, f"{last} was not archived:\n{c.log_tail()}"
+            time.sleep(0.5)
+        c.stop()
+        run = [sys.executable, "-m", "chunkvault.cli"]
+        servers_pg.run_as(None, [*run, "init", "-r", repo, "--kdf-time", "0"], env={**os.environ, **env})
+        servers_pg.run_as(None, [*run, "backup", "-r", repo, copy], env={**os.environ, **env})
+        data = os.path.join(shared, "restored")
+        servers_pg.run_as(None, [*run, "restore", "-r", repo, "latest", "--target", data, "--pg-recover", "end",
+                                 "--pg-restore-command", f'cp {shlex.quote(archive)}/%f "%p"'],
+                          env={**os.environ, **env})
+        with open(os.path.join(data, "postgresql.conf"), "a") as f:
+            f.write("archive_mode = off\n")
+        shutil.rmtree(os.path.join(data, "pg_wal"))
+        os.mkdir(os.path.join(data, "pg_wal"), 0o700)
+        restored = servers_pg.start_restored(bindir, data, user=user)
+        deadline = time.monotonic() + 120
+        while restored.sql("select pg_is_in_recovery()") != "f":
+            assert time.monotonic() < deadline, restored.log_tail()
+            time.sleep(0.5)
+        assert restored.sql("select count(*) from t") == "300", restored.log_tail()
+    finally:
+        if restored is not None:
+            restored.stop()
+            shutil.rmtree(restored.rundir, ignore_errors=True)
+        cluster.destroy()
+        shutil.rmtree(shared, ignore_errors=True)
