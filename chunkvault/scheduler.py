@@ -433,7 +433,13 @@ class Runner:
                     self.log(f"{src.name}: retention failed: {exc}")
                     continue
                 removed_any |= bool(result.retention.removed)
-            if self.policy.wal_expire and not self.stop.is_set():
+            uncopied = [src.name for src, result in zip(sources, report.sources)
+                        if src.copy_to is not None and src.copy_to.wal
+                        and (result.copy is None or result.copy_error is not None)]
+            if self.policy.wal_expire and uncopied and not self.stop.is_set():
+                self.log(f"wal-expire skipped: {', '.join(uncopied)} copied no archived WAL this run (copy-wal), "
+                         "and what it has not sent yet would never reach its copy-to")
+            elif self.policy.wal_expire and not self.stop.is_set():
                 removed_any |= self._wal_expire(repo, report)
             if self.policy.prune and removed_any and not self.stop.is_set():
                 if report.dry_run:

@@ -594,3 +594,44 @@ def test_a_wal_file_not_copied_fails_the_run_after_the_snapshots_went_and_their_
     assert not report.ok and db.status == "failed" and f"wal/{seg.name} not copied" in db.copy_error
     assert [c["source"] for c in db.copy["copied"]] == [db.snapshot_id]
     assert db.copy["retention"]["removed"] != [] and len(offsite(off)) == 1
+
+
+def test_wal_expire_waits_for_the_copies_of_the_wal_to_have_gone(tmp_path, repos, tree):
+    """With copy-wal, the archived WAL reaches the other repository only with a copy: expired after a copy that
+    failed, the segments since the last one never got there, a gap in its recoveries for good."""
+    main, off = repos
+
+    def push(i: int) -> None:
+        seg = tmp_path / f"00000001000000000000000{i}"
+        seg.write_bytes(os.urandom(1 << 14))
+        with Repository.open(main, PASSWORD) as r:
+            r.archive_push(seg)
+
+    def label(seg: int) -> None:
+        (tree / "backup_label").write_text(f"START WAL LOCATION: 0/{seg}000028 (file 00000001000000000000000{seg})\n")
+
+    policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
+                               top=f'full = "daily 02:00"\ncopy-to = {q(off)}\ncopy-to-password-file = "off.pw"\n'
+                                   'copy-wal = true\ncopy-retention = { keep-last = 5 }\nwal-expire = true\n'
+                                   '[retention]\nkeep-last = 1\n')
+    day = datetime(2026, 3, 1, 2, 30, tzinfo=UTC)
+    log: list[str] = []
+    push(1)
+    label(2)
+    assert run(policy_path, tmp_path, log, day).ok
+    push(2)
+    push(3)
+    label(4)
+    os.rename(off, off + ".away")  # out of reach for this run
+    report = run(policy_path, tmp_path, log, day + timedelta(days=1))
+    os.rename(off + ".away", off)
+    assert report.sources[0].copy_error is not None and report.sources[0].retention.removed != []
+    assert report.wal_expired is None and any("wal-expire skipped" in line for line in log), log
+    with Repository.open(main, PASSWORD) as r:
+        assert [w.name for w in r.archive_list()] == [f"00000001000000000000000{i}" for i in (2, 3)]
+    push(4)
+    label(4)
+    report = run(policy_path, tmp_path, log, day + timedelta(days=2))
+    assert report.ok and report.wal_expired == ["000000010000000000000002", "000000010000000000000003"]
+    with Repository.open(off, OTHER) as r:
+        assert [w.name for w in r.archive_list()] == [f"00000001000000000000000{i}" for i in (1, 2, 3, 4)]
