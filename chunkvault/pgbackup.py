@@ -155,6 +155,7 @@ class PostgresOnline:
         self._started: BackupStart | None = None
         self._grafts: dict[bytes, bytes] = {}  # oid -> the location of a tablespace outside, resolved
         self._links: dict[bytes, bytes] = {}  # oid -> the target its link pg_tblspc/<oid> is recorded with
+        self._inside: dict[bytes, bytes] = {}  # a tablespace's directory inside the data directory -> pg_tblspc/<oid>
         self._in_tree = False  # whether the data directory has a chunkvault_tblspc of its own (a restored copy's)
         self._version_dir = b""
         self._pages: PageChecks | None = None
@@ -179,6 +180,7 @@ class PostgresOnline:
             oid, real = b"%d" % t.oid, os.path.realpath(t.location)
             if real.startswith(inside.rstrip("/") + "/"):  # read where it lies; the link leads there
                 self._links[oid] = os.fsencode(os.path.relpath(real, os.path.join(inside, "pg_tblspc")))
+                self._inside[os.fsencode(os.path.relpath(real, inside))] = b"pg_tblspc/" + oid
             else:
                 self._grafts[oid] = os.fsencode(real)
                 self._links[oid] = b"../" + TABLESPACES + b"/" + oid
@@ -201,9 +203,17 @@ class PostgresOnline:
             rel = b"pg_tblspc" + rel[len(TABLESPACES):]
         return os.path.join(os.fsencode(self.datadir), rel)
 
+    def _through_link(self, rel: bytes) -> bytes:
+        """``rel`` as PostgreSQL names it, where it lies in a tablespace inside the data directory: through
+        ``pg_tblspc/<oid>`` (a relation's file, a database directory of it); else ``rel``."""
+        for at, link in self._inside.items():
+            if rel == at or rel.startswith(at + b"/"):
+                return link + rel[len(at):]
+        return rel
+
     def inspector(self, rel: bytes) -> FilePages | None:
         """The page checking of a relation's file (``SourceSession.inspector``)."""
-        return self._pages.for_file(rel) if self._pages is not None else None
+        return self._pages.for_file(rel, self._through_link(rel)) if self._pages is not None else None
 
     def graft(self, below: bytes) -> dict[bytes, bytes]:
         """The directories of the tree that lie elsewhere (``SourceWalk``'s ``graft``): in the data directory,
@@ -228,7 +238,7 @@ class PostgresOnline:
             return set(names)
         if (m := _GRAFTED.fullmatch(below)) and m.group(1) in self._grafts:
             return {name for name in names if name != self._version_dir}
-        return unlogged_and_temporary(names) if is_database_directory(below) else set()
+        return unlogged_and_temporary(names) if is_database_directory(self._through_link(below)) else set()
 
     def _control_file(self) -> AddedFile:
         path = os.path.join(self.datadir, CONTROL_FILE.decode())

@@ -78,10 +78,11 @@ class PageChecks:
     failures: dict[str, list[int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def for_file(self, rel: bytes) -> "FilePages | None":
+    def for_file(self, rel: bytes, named: bytes | None = None) -> "FilePages | None":
         """The checker of the file at ``rel`` (below the data directory), or None for a file that is no
-        relation's."""
-        segment = relation_segment(rel)
+        relation's; ``named``: its path through ``pg_tblspc`` where ``rel`` is a tablespace's that lies
+        elsewhere in the data directory."""
+        segment = relation_segment(named or rel)
         if segment is None:
             return None
         return FilePages(self, rel, segment * self.segment_blocks)

@@ -188,3 +188,39 @@ def test_a_damaged_page_of_a_running_cluster_is_reported_and_the_snapshot_still_
         assert stats["failures"] == sorted([{"path": rel, "blocks": [3]}, {"path": tree_ts, "blocks": [5]}],
                                            key=lambda f: f["path"])
         assert stats["pages"] >= 167 + 89  # both tables' pages at least
+
+
+@pytest.mark.slow
+def test_a_tablespace_inside_the_data_directory_is_checked_and_its_unlogged_relations_left_out(tmp_path, new_repo,
+                                                                                             monkeypatch):
+    """A tablespace made inside the data directory is read where it lies (``<dir>/PG_15_.../<db>/<node>``):
+    its pages were not checked, nor its unlogged relations' forks left out, the path being no ``pg_tblspc``'s."""
+    import servers_pg
+
+    bindir = servers_pg.require_postgres()
+    with servers_pg.PgCluster(bindir) as c:
+        c.init(data_checksums=True)
+        c.start()
+        location = os.path.join(c.datadir, "inside_ts")
+        os.mkdir(location, 0o700)
+        servers_pg.give_to(location, c.user)
+        c.sql(f"create tablespace its location '{location}'")
+        c.sql("create table u tablespace its as select g from generate_series(1, 20000) g; "
+              "create unlogged table ul tablespace its as select g from generate_series(1, 20000) g; checkpoint")
+        tree = "inside_ts/" + c.sql("select pg_relation_filepath('u')").split("/", 2)[2]  # PG_15_.../5/NNNN
+        unlogged = "inside_ts/" + c.sql("select pg_relation_filepath('ul')").split("/", 2)[2]
+        c.stop()
+        with open(os.path.join(c.datadir, tree), "r+b") as f:
+            f.seek(3 * BLOCK + 4000)
+            byte = f.read(1)
+            f.seek(3 * BLOCK + 4000)
+            f.write(bytes([byte[0] ^ 0x10]))
+        c.start()
+        for k, v in {"PGHOST": c.rundir, "PGPORT": str(c.port), "PGUSER": "postgres", "PGDATABASE": "postgres",
+                     "PATH": f"{bindir}:{os.environ['PATH']}"}.items():
+            monkeypatch.setenv(k, v)
+        repo = new_repo(str(tmp_path / "repo"))
+        done = repo.backup([c.datadir], postgres="")
+        assert done.snapshot.stats["postgres"]["page_checksums"]["failures"] == [{"path": tree, "blocks": [3]}]
+        held = {r.path.decode() for r in repo.tree(done.snapshot) if r.path.startswith(b"inside_ts/")}
+        assert unlogged + "_init" in held and unlogged not in held and tree in held
