@@ -845,7 +845,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         from .repository import split_subtree
 
         if recovery[0].stops_at is not None and args.until is None and split_subtree(args.snapshot)[0] == "latest":
-            snap = _ended_by(repo, args, recovery[0].stops_at)
+            snap = _ended_by(repo, args, recovery[0].stops_at, subtree)
         _check_data_directory(repo, snap, subtree)
     relocate = []
     if args.pg_tablespace:
@@ -922,10 +922,11 @@ def _recovery_asked(args: argparse.Namespace) -> tuple[Any, str] | None:
     return target, restore_command(_program(), url, secret, options, spool)
 
 
-def _ended_by(repo: Any, args: argparse.Namespace, stop: datetime) -> Snapshot:
-    """The newest snapshot (of ``--host``/``--path``'s source) that ended before a recovery's target time, as
-    pgBackRest picks a backup for a time target: one taken later, or still running then, cannot recover to it
-    (PostgreSQL stops at the copy's consistent point at the earliest)."""
+def _ended_by(repo: Any, args: argparse.Namespace, stop: datetime, subtree: bytes | None) -> Snapshot:
+    """The newest snapshot (of ``--host``/``--path``'s source) holding a data directory (at ``subtree``) that
+    ended before a recovery's target time, as pgBackRest picks a backup for a time target: one taken later, or
+    still running then, cannot recover to it (PostgreSQL stops at the copy's consistent point at the
+    earliest); one of another source of the host (its /etc) is passed over."""
     from .errors import SnapshotNotFound
 
     until: datetime = stop
@@ -934,11 +935,27 @@ def _ended_by(repo: Any, args: argparse.Namespace, stop: datetime) -> Snapshot:
             snap = repo.snapshot("latest", until=until, host=source_host(args, "latest"),
                                  paths=args.snapshot_paths or None)
         except SnapshotNotFound:
-            raise SnapshotNotFound(f"no snapshot had ended by the recovery target {stop.isoformat()}: a recovery "
-                                   "starts from one that had (--host and --path choose among sources)") from None
-        if snap.datetime + timedelta(seconds=float(snap.stats.get("duration") or 0)) <= stop:
+            raise SnapshotNotFound(f"no snapshot of a data directory had ended by the recovery target "
+                                   f"{stop.isoformat()}: a recovery starts from one that had (--host and --path "
+                                   "choose among sources)") from None
+        if (snap.datetime + timedelta(seconds=float(snap.stats.get("duration") or 0)) <= stop
+                and _holds_data_directory(repo, snap, subtree)):
             return snap
         until = snap.datetime - timedelta(microseconds=1)
+
+
+def _at_root(subtree: bytes | None, name: bytes) -> bytes:
+    """``name`` below ``subtree`` (the whole snapshot: None or empty), as the snapshot names it."""
+    root = (subtree or b"").rstrip(b"/")
+    return root + b"/" + name if root else name
+
+
+def _holds_data_directory(repo: Any, snap: Snapshot, subtree: bytes | None) -> bool:
+    try:
+        repo.find_entry(snap, _at_root(subtree, b"global/pg_control"))
+    except UsageError:
+        return False
+    return True
 
 
 def _secret_for_server(args: argparse.Namespace) -> tuple[str, str]:
@@ -971,14 +988,9 @@ def _check_data_directory(repo: Any, snap: Snapshot, subtree: bytes | None) -> N
     """The snapshot (or SNAPSHOT:PATH) is a data directory of PostgreSQL 12 or newer, before any restore."""
     from .pgrecovery import check_major
 
-    root = (subtree or b"").rstrip(b"/")
-
-    def at(name: bytes) -> bytes:
-        return root + b"/" + name if root else name
-
     try:
-        repo.find_entry(snap, at(b"global/pg_control"))
-        with repo.open_file(snap, at(b"PG_VERSION")) as f:
+        repo.find_entry(snap, _at_root(subtree, b"global/pg_control"))
+        with repo.open_file(snap, _at_root(subtree, b"PG_VERSION")) as f:
             version = f.read(64)
     except UsageError:
         where = f"{shown_name(subtree)} of snapshot" if subtree else "snapshot"

@@ -219,4 +219,9 @@ def test_a_time_target_restores_the_newest_snapshot_that_had_ended_by_then(tmp_p
     assert restored("end") == ids["12"]
     assert restored("time=2026-11-28T13:30:00+00:00", ids["10"]) == ids["10"]  # one named is taken as named
     said = restored("time=2026-11-28T09:00:00+00:00", code=12)
-    assert "no snapshot had ended by the recovery target 2026-11-28T09:00:00+00:00" in said
+    assert "no snapshot of a data directory had ended by the recovery target 2026-11-28T09:00:00+00:00" in said
+    etc = tmp_path / "etc"  # the same host's other source, backed up later: passed over
+    etc.mkdir()
+    (etc / "hosts").write_text("127.0.0.1 localhost\n")
+    cli("backup", "-r", repo, "--password-file", str(pw), str(etc), "--time", "2026-11-28T12:30:00+00:00")
+    assert restored("time=2026-11-28T13:10:00+00:00") == ids["12"]
