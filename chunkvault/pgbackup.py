@@ -42,6 +42,7 @@ import time
 from chunkvault.errors import SourceCommandFailed, UsageError
 
 from .pgpages import FilePages, PageChecks
+from .pgpaths import RELATION, TABLESPACES, TEMPORARY, is_database_directory
 from .pgsession import STANDBY_WAIT, BackupStart, PgBackupSession, Tablespace, format_lsn
 from .store.backup import AddedFile
 
@@ -62,35 +63,17 @@ EXCLUDES = [
 #: every page read.
 CONTROL_FILE = b"global/pg_control"
 
-#: A relation's file in a database directory: its OID, its fork (none: the main fork), its segment.
-_RELATION = re.compile(rb"(\d+)(?:_(fsm|vm|init))?(?:\.\d+)?")
-#: A temporary relation's file (``t<backend>_<oid>``, a fork, a segment): gone at the server's next start.
-_TEMPORARY = re.compile(rb"t\d+_\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?")
-
-
-def is_database_directory(below: bytes) -> bool:
-    """Whether the directory at ``below`` (under the data directory) holds a database's relations:
-    ``base/OID``, or ``pg_tblspc/OID/PG_.../OID`` or ``chunkvault_tblspc/OID/PG_.../OID`` (a tablespace's)."""
-    parts = below.split(b"/")
-    if len(parts) == 2:
-        return parts[0] == b"base" and parts[1].isdigit()
-    return (len(parts) == 4 and parts[0] in (b"pg_tblspc", TABLESPACES) and parts[1].isdigit()
-            and parts[2].startswith(b"PG_") and parts[3].isdigit())
-
-
 def unlogged_and_temporary(names: list[bytes]) -> set[bytes]:
     """The files of a database directory a base backup leaves out, as ``pg_basebackup`` does: every fork of
     an unlogged relation but its init fork (a relation ``N`` beside an ``N_init``: its main fork ``N``,
     segments ``N.1``..., ``N_fsm``, ``N_vm``), which the server, recovered, copies over the main fork; and
     temporary relations' files, which it removes at its start."""
-    relations = [(name, m.group(1), m.group(2)) for name in names if (m := _RELATION.fullmatch(name))]
+    relations = [(name, m.group(1), m.group(2)) for name in names if (m := RELATION.fullmatch(name))]
     unlogged = {oid for _, oid, fork in relations if fork == b"init"}
     out = {name for name, oid, fork in relations if oid in unlogged and fork != b"init"}
-    return out | {name for name in names if _TEMPORARY.fullmatch(name)}
+    return out | {name for name in names if TEMPORARY.fullmatch(name)}
 
 
-#: Where a backup's tree holds the tablespaces outside the data directory, one directory per oid.
-TABLESPACES = b"chunkvault_tblspc"
 #: A tablespace's directory in the tree, ``chunkvault_tblspc/<oid>``.
 _GRAFTED = re.compile(re.escape(TABLESPACES) + rb"/(\d+)")
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import array
 import os
-import re
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
 from . import _pgpages
+from .pgpaths import relation_segment
 
 LANES = 32
 FNV_PRIME = 16777619
@@ -30,11 +30,6 @@ SEEDS = (0x5B1F36E9, 0xB8525960, 0x02AB50AA, 0x1DE66D2A, 0x79FF467A, 0x9BB9F8A3,
          0x783125BB, 0x6CA8EAA2, 0xE407EAC6, 0x4B5CFC3E, 0x9FBF8C76, 0x15CA20BE, 0xF2CA9FD3, 0x959BD756)
 #: Failed blocks named per file in a warning; the rest are counted.
 NAMED_BLOCKS = 10
-#: A relation's file, where its checksums count: a database's (``base/OID/``), a tablespace's (through
-#: ``pg_tblspc``, or where a backup's tree holds one from outside the data directory, ``chunkvault_tblspc``),
-#: or a shared catalog (``global/``); its name the relation's file node, a fork, a segment number.
-_RELATION_FILE = re.compile(rb"(?:base/\d+|global|(?:pg_tblspc|chunkvault_tblspc)/\d+/PG_[^/]+/\d+)/\d+"
-                            rb"(?:_(?:fsm|vm|init))?(?:\.(\d+))?")
 
 
 def checksum(page: bytes, block: int) -> int:
@@ -54,14 +49,6 @@ def checksum(page: bytes, block: int) -> int:
         folded ^= lane
     return (folded ^ block) % 65535 + 1
 
-
-def relation_segment(rel: bytes) -> int | None:
-    """The segment number of a relation's file at ``rel`` (below the data directory), or None for a file
-    that is no relation's (its pages carry no checksum: the control file, a map, a config file)."""
-    m = _RELATION_FILE.fullmatch(rel)
-    if m is None:
-        return None
-    return int(m.group(1) or 0)
 
 
 @dataclass
