@@ -175,6 +175,11 @@ class SFTPRemote(Remote):
         self.port = int(port or cfg.get("port") or 22)
         self.user = user or cfg.get("user") or _login_name()
         self.channels = channels
+        # Bytes of the uploads under way, and of those that failed since the last one went: the room their
+        # failing at once frees again before a failed upload asks the server for its free space.
+        self._writing = 0
+        self._failed_room = 0
+        self._writing_lock = threading.Lock()
         port_part = f":{self.port}" if self.port != 22 else ""
         shown = _url_path(path)
         shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address, bracketed as a URL takes it
@@ -350,6 +355,8 @@ class SFTPRemote(Remote):
                 if exc.errno is None:
                     _explain_failed_write(sftp, self._root, 0, f"writing {key}")
                 raise
+            with self._writing_lock:
+                self._writing += len(data)
             try:
                 sftp.write_file(tmp, data)
                 if if_absent:
@@ -366,15 +373,20 @@ class SFTPRemote(Remote):
                 explained: BaseException | None = None
                 if isinstance(exc, StatusError) and exc.errno is None:
                     # asked while the part written still takes its room, for the rest only: asked after its
-                    # removal (and other uploads' failing at once), the disk looked to have room, unexplained
+                    # removal, the disk looked to have room, unexplained; the other uploads under way, failing
+                    # at once, may have freed theirs already: their room is counted as not there
                     try:
                         written = sftp.stat(tmp).st_size or 0
                     except OSError:
                         written = 0
+                    with self._writing_lock:
+                        others = self._writing - len(data) + min(self._failed_room, self.channels * len(data))
                     try:
-                        _explain_failed_write(sftp, d, len(data) - written, f"writing {key}")
+                        _explain_failed_write(sftp, d, len(data) - written + others, f"writing {key}")
                     except ChunkvaultError as why:
                         explained = why
+                with self._writing_lock:
+                    self._failed_room += len(data)
                 try:
                     sftp.remove(tmp)
                 except Exception:
@@ -382,6 +394,12 @@ class SFTPRemote(Remote):
                 if explained is not None:
                     raise explained from None
                 raise
+            else:
+                with self._writing_lock:
+                    self._failed_room = 0
+            finally:
+                with self._writing_lock:
+                    self._writing -= len(data)
 
         self._call(f"writing {key}", None, run)
 
