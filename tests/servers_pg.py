@@ -295,6 +295,24 @@ def start_restored(bindir: str, datadir: str, *, user: str | None = None) -> PgS
     return server
 
 
+def switch_and_wait_archived(server: PgServer, timeout: float = 120) -> str:
+    """Switch to a new WAL segment and wait until the server has archived the one closed; its name."""
+    last = server.sql("select pg_walfile_name(pg_switch_wal())")
+    deadline = time.monotonic() + timeout
+    while server.sql("select coalesce(last_archived_wal, '') from pg_stat_archiver") < last:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{last} was not archived:\n{server.log_tail()}")
+        time.sleep(0.5)
+    return last
+
+def wait_promoted(server: PgServer, timeout: float = 120) -> None:
+    """Wait until a server recovering from an archive is out of recovery (promoted at its target)."""
+    deadline = time.monotonic() + timeout
+    while server.sql("select pg_is_in_recovery()") != "f":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"still recovering after {timeout:g} s:\n{server.log_tail()}")
+        time.sleep(0.5)
+
 def check_restore_command(bindir: str, query: str, expect: str) -> str:
     """A shell command for ``verify-restore --then``: start the restored cluster, compare a query's answer."""
     return " ".join(shlex.quote(a) for a in (sys.executable, os.path.abspath(__file__), "check-restore",

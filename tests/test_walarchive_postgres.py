@@ -60,11 +60,7 @@ def test_recovery_to_a_time_between_snapshots_reads_the_archived_wal(tmp_path):
         target = c.sql("select clock_timestamp()::text")
         time.sleep(1.1)
         c.sql("insert into t select generate_series(201, 300)")
-        last = c.sql("select pg_walfile_name(pg_switch_wal())")
-        deadline = time.monotonic() + 120
-        while c.sql("select coalesce(last_archived_wal, '') from pg_stat_archiver") < last:
-            assert time.monotonic() < deadline, f"{last} was not archived:\n{c.log_tail()}"
-            time.sleep(0.5)
+        last = servers_pg.switch_and_wait_archived(c)
         assert c.sql("select failed_count from pg_stat_archiver") == "0", c.log_tail()
         c.stop()
         for name in sorted(os.listdir(spool)):  # in the order PostgreSQL archived them
@@ -89,10 +85,7 @@ def test_recovery_to_a_time_between_snapshots_reads_the_archived_wal(tmp_path):
         shutil.rmtree(os.path.join(data, "pg_wal"))  # every segment must come from the archive
         os.mkdir(os.path.join(data, "pg_wal"), 0o700)
         restored = servers_pg.start_restored(bindir, data, user=user)
-        deadline = time.monotonic() + 120
-        while restored.sql("select pg_is_in_recovery()") != "f":
-            assert time.monotonic() < deadline, restored.log_tail()
-            time.sleep(0.5)
+        servers_pg.wait_promoted(restored)
         assert restored.sql("select count(*) from t") == "200", restored.log_tail()
         log = restored.log_tail(100_000)
         assert "restored log file" in log and "recovery stopping before commit" in log, log
@@ -132,11 +125,7 @@ def test_recovery_settings_left_in_postgresql_conf_do_not_steer_the_recovery(tmp
         c.sql("insert into t select generate_series(101, 200)")
         c.sql("select pg_create_restore_point('stale')")
         c.sql("insert into t select generate_series(201, 300)")
-        last = c.sql("select pg_walfile_name(pg_switch_wal())")
-        deadline = time.monotonic() + 120
-        while c.sql("select coalesce(last_archived_wal, '') from pg_stat_archiver") < last:
-            assert time.monotonic() < deadline, f"{last} was not archived:\n{c.log_tail()}"
-            time.sleep(0.5)
+        last = servers_pg.switch_and_wait_archived(c)
         c.stop()
         run = [sys.executable, "-m", "chunkvault.cli"]
         servers_pg.run_as(None, [*run, "init", "-r", repo, "--kdf-time", "0"], env={**os.environ, **env})
@@ -150,10 +139,7 @@ def test_recovery_settings_left_in_postgresql_conf_do_not_steer_the_recovery(tmp
         shutil.rmtree(os.path.join(data, "pg_wal"))
         os.mkdir(os.path.join(data, "pg_wal"), 0o700)
         restored = servers_pg.start_restored(bindir, data, user=user)
-        deadline = time.monotonic() + 120
-        while restored.sql("select pg_is_in_recovery()") != "f":
-            assert time.monotonic() < deadline, restored.log_tail()
-            time.sleep(0.5)
+        servers_pg.wait_promoted(restored)
         assert restored.sql("select count(*) from t") == "300", restored.log_tail()
     finally:
         if restored is not None:
