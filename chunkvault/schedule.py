@@ -567,7 +567,8 @@ class Policy:
 
 
 _TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "full", "diff", "retention", "presets",
-             "prune", "wal_expire", "max_unused", "max_repack_size", "lock_file", "hook_timeout", "source", "tags", "host",
+             "prune", "wal_expire", "max_unused", "max_repack_size", "lock_file", "hook_timeout", "source", "tags",
+             "host",
              "copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention", "copy_wal", "check",
              "check_read_data_subset", "state_file"}
 _COPY_KEYS = ("copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention", "copy_wal")
