@@ -988,14 +988,17 @@ def _check_data_directory(repo: Any, snap: Snapshot, subtree: bytes | None) -> N
     """The snapshot (or SNAPSHOT:PATH) is a data directory of PostgreSQL 12 or newer, before any restore."""
     from .pgrecovery import check_major
 
-    try:
-        repo.find_entry(snap, _at_root(subtree, b"global/pg_control"))
-        with repo.open_file(snap, _at_root(subtree, b"PG_VERSION")) as f:
-            version = f.read(64)
-    except UsageError:
+    version = None
+    if _holds_data_directory(repo, snap, subtree):
+        try:
+            with repo.open_file(snap, _at_root(subtree, b"PG_VERSION")) as f:
+                version = f.read(64)
+        except UsageError:  # none there
+            pass
+    if version is None:
         where = f"{shown_name(subtree)} of snapshot" if subtree else "snapshot"
         raise UsageError(f"--pg-recover: {where} {snap.short_id} holds no PostgreSQL data directory at its root "
-                         "(no global/pg_control or PG_VERSION)") from None
+                         "(no global/pg_control or PG_VERSION)")
     check_major(version)
 
 
