@@ -197,6 +197,16 @@ class PgServer:
         except OSError:
             return ""
 
+    def conninfo(self) -> str:
+        """A connection string psql (and ``--pg-connect``) reaches this server with, whatever the environment."""
+        return f"host={self.rundir} port={self.port} user=postgres dbname=postgres"
+
+    def create_tablespace(self, name: str, location: str) -> None:
+        """``CREATE TABLESPACE name LOCATION location``, the directory made first, owned by the server's user."""
+        os.mkdir(location, 0o700)
+        give_to(location, self.user)
+        self.sql(f"CREATE TABLESPACE {name} LOCATION '{location}'")
+
     def sql(self, query: str, db: str = "postgres") -> str:
         """One SQL string (several statements allowed) through psql; its unaligned, tuples-only output."""
         proc = run_as(self.user, [self.tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", self.rundir,

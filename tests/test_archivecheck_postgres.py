@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import pytest
 
@@ -18,6 +19,20 @@ from conftest import PASSWORD
 
 pytestmark = pytest.mark.slow
 
+
+def pushing_from(spool: str, push: Callable[[str], bool], stop: threading.Event, pause: float) -> threading.Thread:
+    """A thread that pushes what reaches ``spool`` into the repository, as a second machine would, until
+    ``stop``: each file ``push`` took is removed."""
+    def run() -> None:
+        while not stop.wait(pause):
+            for name in sorted(os.listdir(spool)):
+                path = os.path.join(spool, name)
+                if push(path):
+                    os.unlink(path)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
 
 def test_archive_check_follows_what_the_server_archives():
     """Where the server's user cannot run chunkvault, its command copies into a spool that a thread pushes
@@ -47,7 +62,7 @@ def test_archive_check_follows_what_the_server_archives():
         cli("init", "--kdf-time", "0")
         cluster.init()
         cluster.start()
-        connect = f"host={cluster.rundir} port={cluster.port} user=postgres dbname=postgres"
+        connect = cluster.conninfo()
 
         off = cli("archive-check", "--pg-connect", connect, "--json", code=23)
         assert "archive_mode = off" in off.stderr and len(off.stderr.strip().splitlines()) == 1
@@ -60,16 +75,9 @@ def test_archive_check_follows_what_the_server_archives():
             push = servers_pg.command_line("archive-push", "-q", "-r", repo, "--password-file", password_file) + " %p"
             f.write(servers_pg.conf_line("archive_command", push if direct else f"cp %p {shlex.quote(spool)}/%f"))
         cluster.start()
-        connect = f"host={cluster.rundir} port={cluster.port} user=postgres dbname=postgres"
+        connect = cluster.conninfo()
         if not direct:
-            def push_spooled() -> None:
-                while not pushing.wait(0.3):
-                    for name in sorted(os.listdir(spool)):
-                        path = os.path.join(spool, name)
-                        cli("archive-push", path)
-                        os.unlink(path)
-            pusher = threading.Thread(target=push_spooled, daemon=True)
-            pusher.start()
+            pusher = pushing_from(spool, lambda path: cli("archive-push", path).returncode == 0, pushing, 0.3)
 
         passed = cli("archive-check", "--pg-connect", connect, "--json", "--timeout", "120")
         doc = json.loads(passed.stdout)
@@ -125,7 +133,7 @@ def test_a_server_archiving_through_an_archive_library_is_told_so(tmp_path):
             push = servers_pg.command_line("archive-push", "-r", repo) + " %p"  # never run: the library archives
             f.write(servers_pg.conf_line("archive_command", push))
         cluster.start()
-        connect = f"host={cluster.rundir} port={cluster.port} user=postgres dbname=postgres"
+        connect = cluster.conninfo()
         failed = cli("archive-check", "--pg-connect", connect, "--timeout", "3", "--json", code=23)
         doc = json.loads(failed.stdout)
         assert doc["archive_library"] == "basic_archive" and doc["segment"] in os.listdir(archive)
@@ -166,14 +174,8 @@ def test_a_server_stopped_while_the_check_waits_passes_once_its_segment_arrives(
             f.write(servers_pg.conf_line("archive_command", f"sleep 3 && cp %p {shlex.quote(spool)}/%f"))
         cluster.start()
 
-        def push_spooled() -> None:  # what reaches the spool reaches the repository, as from a second machine
-            while not stop.wait(0.2):
-                for name in sorted(os.listdir(spool)):
-                    if cli("archive-push", os.path.join(spool, name)).returncode == 0:
-                        os.unlink(os.path.join(spool, name))
-        pusher = threading.Thread(target=push_spooled, daemon=True)
-        pusher.start()
-        connect = f"host={cluster.rundir} port={cluster.port} user=postgres dbname=postgres"
+        pusher = pushing_from(spool, lambda path: cli("archive-push", path).returncode == 0, stop, 0.2)
+        connect = cluster.conninfo()
         check = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "archive-check", "-r", repo, "--pg-connect",
                                   connect, "--timeout", "60", "--json"], env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)

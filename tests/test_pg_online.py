@@ -102,7 +102,7 @@ def test_a_full_then_a_differential_restore_and_start_with_every_row_committed_b
 def test_the_command_line_and_its_refusals(cluster, tmp_path, new_repo, cli, pg_env):
     url = str(tmp_path / "repo")
     new_repo(url)
-    conn = f"host={cluster.rundir} port={cluster.port} user=postgres dbname=postgres"
+    conn = cluster.conninfo()
     env = {"PGHOST": "/nonexistent"}  # --pg-connect says where the server is
     out = cli("backup", "-r", url, "--postgres", "--pg-connect", conn, cluster.datadir, "--json", env=env)
     snap = json.loads(out.stdout)
@@ -142,7 +142,7 @@ def test_api_refusals(cluster, new_repo, pg_env, tmp_path):
 def test_a_policy_source_with_postgres_is_read_in_place(cluster, tmp_path, new_repo, cli, pg_env):
     url = str(tmp_path / "repo")
     new_repo(url)
-    conn = f"host={cluster.rundir} port={cluster.port} user=postgres dbname=postgres"
+    conn = cluster.conninfo()
     policy = tmp_path / "policy.toml"
     policy.write_text(f"""repository = "{url}"
 full = "daily 02:00"

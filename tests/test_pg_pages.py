@@ -150,10 +150,7 @@ def test_a_damaged_page_of_a_running_cluster_is_reported_and_the_snapshot_still_
     with servers_pg.PgCluster(bindir) as c:
         c.init(data_checksums=True)
         c.start()
-        location = os.path.join(c.base, "ts1")
-        os.mkdir(location, 0o700)
-        servers_pg.give_to(location, c.user)
-        c.sql(f"create tablespace ts1 location '{location}'")
+        c.create_tablespace("ts1", os.path.join(c.base, "ts1"))
         c.sql("create table t as select g, md5(g::text) m from generate_series(1, 20000) g; "
               "create table u tablespace ts1 as select g from generate_series(1, 20000) g; checkpoint")
         rel = c.sql("select pg_relation_filepath('t')")
@@ -201,10 +198,7 @@ def test_a_tablespace_inside_the_data_directory_is_checked_and_its_unlogged_rela
     with servers_pg.PgCluster(bindir) as c:
         c.init(data_checksums=True)
         c.start()
-        location = os.path.join(c.datadir, "inside_ts")
-        os.mkdir(location, 0o700)
-        servers_pg.give_to(location, c.user)
-        c.sql(f"create tablespace its location '{location}'")
+        c.create_tablespace("its", os.path.join(c.datadir, "inside_ts"))
         c.sql("create table u tablespace its as select g from generate_series(1, 20000) g; "
               "create unlogged table ul tablespace its as select g from generate_series(1, 20000) g; checkpoint")
         tree = "inside_ts/" + c.sql("select pg_relation_filepath('u')").split("/", 2)[2]  # PG_15_.../5/NNNN

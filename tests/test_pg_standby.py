@@ -31,10 +31,6 @@ def standby(cluster):  # noqa: F811
         cluster.sql("SELECT pg_drop_replication_slot('standby')")
 
 
-def conninfo(server) -> str:
-    return f"host={server.rundir} port={server.port} user=postgres dbname=postgres"
-
-
 @pytest.fixture
 def psql_on_path(cluster, monkeypatch):  # noqa: F811
     monkeypatch.setenv("PATH", f"{cluster.bindir}:{os.environ.get('PATH', '')}")
@@ -93,7 +89,7 @@ def test_a_full_then_a_differential_from_the_standby_hold_every_row_the_primary_
         standby.received(cluster)  # received, maybe not replayed: the backup waits for that
 
     during.update(start=on_start, read=on_read)
-    full = repo.backup([standby.datadir], postgres=conninfo(standby)).snapshot
+    full = repo.backup([standby.datadir], postgres=standby.conninfo()).snapshot
     cluster.sql("INSERT INTO t SELECT g, 'after' FROM generate_series(20001, 20500) g")
     pg = full.stats["postgres"]
     assert full.kind == "full" and pg["standby"] is True and len(pg["wal"]) >= 2
@@ -110,7 +106,7 @@ def test_a_full_then_a_differential_from_the_standby_hold_every_row_the_primary_
     during.update(start=lambda: cluster.sql("DELETE FROM t WHERE id > 20400"),
                   read=lambda: (cluster.sql("UPDATE t SET pad = 'd' WHERE id <= 100; CHECKPOINT"),
                                 standby.received(cluster)))
-    diff = repo.backup([standby.datadir], postgres=conninfo(standby)).snapshot
+    diff = repo.backup([standby.datadir], postgres=standby.conninfo()).snapshot
     assert diff.kind == "diff" and diff.parent == full.id and diff.stats["postgres"]["standby"] is True
     assert _restored_rows(cluster.base, cluster.bindir, repo, diff, "r2") == "20400|2900|20400"
     assert standby.sql("SELECT count(*) FROM pg_replication_slots") == "0"
@@ -133,7 +129,7 @@ def test_the_slot_on_the_standby_keeps_the_wal_from_the_start_through_its_restar
         standby.sql("CHECKPOINT")  # a restartpoint: what no slot holds goes
 
     during.update(read=on_read)
-    snap = repo.backup([standby.datadir], postgres=conninfo(standby)).snapshot
+    snap = repo.backup([standby.datadir], postgres=standby.conninfo()).snapshot
     assert len(snap.stats["postgres"]["wal"]) >= 4
     expected = cluster.sql("SELECT count(*), count(*) FILTER (WHERE pad = 'c'), max(id) FROM t")
     assert _restored_rows(cluster.base, cluster.bindir, repo, snap, "r3") == expected
@@ -146,7 +142,7 @@ def test_a_paused_standby_is_refused_at_the_start_and_at_the_stop(cluster, stand
     repo = new_repo(url)
     standby.sql("SELECT pg_wal_replay_pause()")
     try:
-        out = cli("backup", "-r", url, "--postgres", "--pg-connect", conninfo(standby), standby.datadir, check=20)
+        out = cli("backup", "-r", url, "--postgres", "--pg-connect", standby.conninfo(), standby.datadir, check=20)
         err = out.stderr.decode()
         assert err.startswith("chunkvault: PostgreSQL is a standby whose replay is paused") and err.count("\n") == 1
     finally:
@@ -160,14 +156,14 @@ def test_a_paused_standby_is_refused_at_the_start_and_at_the_stop(cluster, stand
     during.update(read=pause_then_write)
     try:
         with pytest.raises(SourceCommandFailed, match="replay is paused"):
-            repo.backup([standby.datadir], postgres=conninfo(standby))
+            repo.backup([standby.datadir], postgres=standby.conninfo())
     finally:
         standby.sql("SELECT pg_wal_replay_resume()")
         cluster.sql("DELETE FROM t WHERE id = 99999")
     assert repo.snapshots() == []
     assert standby.sql("SELECT count(*) FROM pg_replication_slots") == "0"
     during.clear()  # the backup mode was aborted: another starts
-    assert repo.backup([standby.datadir], postgres=conninfo(standby)).snapshot.stats["postgres"]["standby"]
+    assert repo.backup([standby.datadir], postgres=standby.conninfo()).snapshot.stats["postgres"]["standby"]
 
 
 @slow
@@ -182,8 +178,8 @@ def test_a_standby_whose_primary_went_away_fails_once_its_wait_is_over(new_repo,
             url = str(tmp_path / "repo")
             repo = new_repo(url)
             with pytest.raises(SourceCommandFailed, match=r"has not streamed from a primary for 1\.5 s"):
-                repo.backup([replica.datadir], postgres=conninfo(replica), pg_standby_wait=1.5)
-            out = cli("backup", "-r", url, "--postgres", "--pg-connect", conninfo(replica), "--pg-standby-wait", "1",
+                repo.backup([replica.datadir], postgres=replica.conninfo(), pg_standby_wait=1.5)
+            out = cli("backup", "-r", url, "--postgres", "--pg-connect", replica.conninfo(), "--pg-standby-wait", "1",
                       replica.datadir, check=20)
             assert "has not streamed from a primary for 1 s" in out.stderr.decode()
             assert out.stderr.decode().count("\n") == 1
@@ -193,7 +189,7 @@ full = "daily 02:00"
 [[source]]
 name = "standby"
 paths = ["{replica.datadir}"]
-postgres = "{conninfo(replica)}"
+postgres = "{replica.conninfo()}"
 pg-standby-wait = 0.5
 """)
             run = cli("run", "--config", str(policy), check=False)
@@ -232,7 +228,7 @@ def test_the_standby_wait_is_checked(new_repo, cli, tmp_path):
 def test_the_json_of_a_standby_backup_says_so(cluster, standby, tmp_path, new_repo, cli, psql_on_path):  # noqa: F811
     url = str(tmp_path / "repo")
     new_repo(url)
-    out = cli("backup", "-r", url, "--postgres", "--pg-connect", conninfo(standby), standby.datadir, "--json")
+    out = cli("backup", "-r", url, "--postgres", "--pg-connect", standby.conninfo(), standby.datadir, "--json")
     pg = json.loads(out.stdout)["stats"]["postgres"]
     assert pg["standby"] is True and pg["wal"] and pg["start_wal"] == pg["wal"][0]
 
@@ -315,6 +311,6 @@ def test_a_delayed_standby_that_does_not_replay_in_time_is_told_apart(new_repo, 
             repo = new_repo(str(tmp_path / "repo"))
             with pytest.raises(SourceCommandFailed, match=r"within 1 s \(it applies WAL 10min late: "
                                                           r"recovery_min_apply_delay"):
-                repo.backup([replica.datadir], postgres=conninfo(replica), pg_standby_wait=1)
+                repo.backup([replica.datadir], postgres=replica.conninfo(), pg_standby_wait=1)
         finally:
             replica.destroy()

@@ -33,9 +33,7 @@ def cluster():
         c.init()
         c.start()
         c.location = os.path.join(c.base, "ts1")
-        os.mkdir(c.location, 0o700)
-        give_to(c.location, c.user)
-        c.sql(f"CREATE TABLESPACE ts1 LOCATION '{c.location}'")
+        c.create_tablespace("ts1", c.location)
         c.sql("CREATE TABLE ts_t (id int PRIMARY KEY USING INDEX TABLESPACE ts1, pad text) TABLESPACE ts1; "
               "CREATE UNLOGGED TABLE ts_u (id int) TABLESPACE ts1; "
               "INSERT INTO ts_t SELECT g, 'a' FROM generate_series(1, 5000) g; "
