@@ -1758,7 +1758,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
                     "other_host": [{"source": a, "destination": b, "host": h} for a, b, h in result.other_host],
                     "blobs_sent": result.blobs_sent, "bytes_sent": result.bytes_sent,
                     **({"wal_copied": result.wal_copied, "wal_skipped": result.wal_skipped,
-                        "wal_failed": [{"name": a, "reason": r} for a, r in result.wal_failed]} if args.wal else {})})
+                        "wal_unneeded": result.wal_unneeded, "wal_failed": [{"name": a, "reason": r} for a, r in result.wal_failed]} if args.wal else {})})
     elif not args.quiet:
         for a, b in result.copied:
             print(f"copied {a[:8]} -> {b[:8]}")
@@ -1767,7 +1767,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
         for a, reason in result.wal_failed:
             print(f"not copied wal/{a}: {one_line(reason)}", file=sys.stderr)
         print(f"{len(result.copied)} snapshot(s) copied, {len(result.skipped)} already there; "
-              + (f"{len(result.wal_copied)} archived WAL file(s) copied, {result.wal_skipped} already there; "
+              + (f"{len(result.wal_copied)} archived WAL file(s) copied, {result.wal_skipped} already there"
+                 + (f", {result.wal_unneeded} before its oldest base backup" if result.wal_unneeded else "") + "; "
                  if args.wal else "")
               + f"{result.blobs_sent} blobs ({format_size(result.bytes_sent)}) sent")
     if result.other_host and not args.quiet:

@@ -1080,6 +1080,25 @@ class Repository:
                 starts += labelled or by_manifest
         return starts
 
+    def _unneeded_wal(self, names: list[str]) -> set[str]:
+        """Of the archived WAL ``names`` (that ``copy --wal`` would send here), those no base backup here can
+        use: before the oldest one's start, as ``archive-expire --before oldest-snapshot`` would remove them
+        (the caller holds a lock).  The trees of snapshots without a recorded start are read only when the
+        recorded starts leave something to skip; with an unreadable snapshot, or a start that cannot be
+        read, nothing is skipped."""
+        from .store.walnames import expired, oldest_needed, stats_start_segment
+
+        snaps = self._repo.snapshots()
+        recorded = [s for snap in snaps if (s := stats_start_segment(snap.stats)) is not None]
+        if self._repo.unreadable_snapshots or \
+                recorded and not expired(names, oldest_needed(recorded), earlier_timelines=True):
+            return set()
+        try:
+            starts = self._label_starts(snaps)
+        except UsageError:  # a base backup whose start cannot be read: its WAL goes
+            return set()
+        return set(expired(names, oldest_needed(starts), earlier_timelines=True)) if starts else set()
+
     def _read_start(self, snap: Snapshot, e: Entry, parse: Callable[[str], str | None]) -> str | None:
         """What ``parse`` makes of the file ``e`` (a label or a manifest), or of the ``backup_label`` member a
         tar-format copy's ``base.tar`` starts with; None where it holds none, or cannot be read so."""
@@ -1949,7 +1968,9 @@ class Repository:
         """Copy snapshots (default: all; or those the filters select, of them those named) with their chains;
         only what the destination lacks is sent. ``wait``: seconds to wait for a prune, forget or repair
         running on either repository.  ``wal``: the archived WAL files the destination lacks too (a
-        point-in-time recovery off-site needs them beside the snapshots).
+        point-in-time recovery off-site needs them beside the snapshots), but those before the start of its
+        oldest base backup, which no recovery from its snapshots reads (an ``archive-expire --before
+        oldest-snapshot`` there removed them; ``wal_unneeded`` counts them).
 
         ``progress(blobs sent, bytes sent)`` is called as blobs arrive.
         """
@@ -1970,7 +1991,7 @@ class Repository:
             with destination._operation(self._current.op):  # either object's stop stops it
                 destination._guard()
                 result = copy_snapshots(self._repo, destination._repo, ids, progress=self._progress(progress),
-                                        wait=wait, wal=bool(wal))
+                                        wait=wait, wal=bool(wal), unneeded_wal=destination._unneeded_wal)
         return result
 
     @_stoppable

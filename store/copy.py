@@ -59,6 +59,8 @@ class CopyResult:
     wal_copied: list[str] = field(default_factory=list)
     wal_skipped: int = 0
     wal_failed: list[tuple[str, str]] = field(default_factory=list)
+    # Those the destination lacks but none of its base backups can use (before the oldest one's start).
+    wal_unneeded: int = 0
 
 
 def copy_order(snapshots: Iterable[Snapshot], wanted: set[str], held: AbstractSet[str] = frozenset()) -> list[Snapshot]:
@@ -223,9 +225,10 @@ def _same_tree(source: Snapshot, copied: Snapshot) -> bool:
 
 def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                    progress: Callable[[int, int], None] | None = None, wait: float = 3600.0,
-                   wal: bool = False) -> CopyResult:
+                   wal: bool = False, unneeded_wal: Callable[[list[str]], set[str]] | None = None) -> CopyResult:
     """Copy snapshots with their chains; ``progress(blobs sent, bytes sent)`` as it goes.  ``wal``: the
-    archived WAL files the destination lacks too (``_copy_wal``)."""
+    archived WAL files the destination lacks too (``_send_wal``), but those of the names given to
+    ``unneeded_wal`` that it returns (called once the snapshots are there)."""
     result = CopyResult()
     src_snaps = src.snapshots()
     wanted = set(spec_ids) if spec_ids is not None else {s.id for s in src_snaps}
@@ -280,7 +283,7 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                 dst.save_snapshot_held(copy, lock)  # a prune that took it for stale may have deleted what it reuses
                 done[snap.id] = copy.id
                 result.copied.append((snap.id, copy.id))
-            pending = _send_wal(src, dst, mapper, result) if wal else []
+            pending = _send_wal(src, dst, mapper, result, unneeded_wal) if wal else []
             writer.flush()
         for w in pending:  # their data indexed first, as a push writes its object last
             lock.confirm()
@@ -290,16 +293,23 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
     return result
 
 
-def _send_wal(src: Repo, dst: Repo, mapper: _BlobMapper, result: CopyResult) -> list[WalFile]:
-    """The data of each archived WAL file the destination lacks (by name), sent; their objects as the
-    destination names their blobs (ids are keyed per repository), to write once that data is indexed."""
-    files, bad = walarchive.load_all(src)
+def _send_wal(src: Repo, dst: Repo, mapper: _BlobMapper, result: CopyResult,
+              unneeded: Callable[[list[str]], set[str]] | None) -> list[WalFile]:
+    """The data of each archived WAL file the destination lacks (by name) and needs, sent; their objects as
+    the destination names their blobs (ids are keyed per repository), to write once that data is indexed.
+    Files it lacks but does not need are not even read: an ``archive-expire`` there removed them, and they
+    would go there again at every copy."""
+    there = set(walarchive.names(dst))
+    listed = walarchive.names(src)
+    lacking = [n for n in listed if n not in there]
+    skip = unneeded(lacking) if unneeded is not None and lacking else set()
+    result.wal_unneeded = len(skip)
+    files, bad = walarchive.load_all(src, [n for n in listed if n not in skip])
     # A push writes its index before its object: one listed now names blobs of an index this copy may not
     # have read yet (archive_command runs on while a copy does), which are not missing.
     src.refresh_index()
     result.wal_failed += [(name, f"{walarchive.WAL_PREFIX}{name} does not load: {exc.reason}")
                           for name, exc in sorted(bad.items())]
-    there = set(walarchive.names(dst))
     out = []
     for w in files:
         if w.name in there:

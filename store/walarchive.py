@@ -135,9 +135,10 @@ def following(repo: Repo, after: str, limit: int) -> list[str]:
     return fetch_ahead(listed, after, limit)
 
 
-def load_all(repo: Repo) -> tuple[list[WalFile], dict[str, CorruptObject]]:
-    """Every archived file that loads, by name, and the errors of those that do not (damaged, or newer)."""
-    listed = names(repo)
+def load_all(repo: Repo, listed: Sequence[str] | None = None) -> tuple[list[WalFile], dict[str, CorruptObject]]:
+    """Every archived file that loads (of ``listed``, default all), by name, and the errors of those that do
+    not (damaged, or newer); one gone since it was listed is left out."""
+    listed = names(repo) if listed is None else listed
 
     def one(name: str) -> WalFile | CorruptObject | None:
         try:

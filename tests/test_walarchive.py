@@ -3,6 +3,7 @@ archive-expire, and what prune, check and the HTTP service do with ``wal/`` obje
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -16,7 +17,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from chunkvault import Repository
-from chunkvault.errors import ArchiveConflict, CorruptObject, Locked, NewerObject, UsageError, WalNotArchived
+from chunkvault.errors import (ArchiveConflict, CorruptObject, Locked, NewerObject, RepositoryStateWarning, UsageError,
+                               WalNotArchived)
 from chunkvault.store.crypto import Sealer
 from chunkvault.store.repository import pack_key
 from chunkvault.store.walarchive import WalFile
@@ -773,11 +775,50 @@ def test_copy_wal_sends_the_archived_files_the_destination_lacks(tmp_path, passw
     src.archive_push(segment_file(tmp_path, "000000010000000000000004", seed=9, size=1 << 20))
     src.archive_push(segment_file(tmp_path, "000000010000000000000005", seed=10, size=1 << 20))
     victim = tmp_path / "src" / "wal" / "000000010000000000000004"
-    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    victim.write_bytes(victim.read_bytes()[:-1] + bytes([victim.read_bytes()[-1] ^ 1]))
     bad = cli("copy", "-r", src_url, "--to", dst_url, "--wal", check=13, env={"CHUNKVAULT_TO_PASSWORD": password})
     err = bad.stderr.decode()
     assert "not copied wal/000000010000000000000004" in err and "1 archived WAL file(s) not copied" in err
     assert "000000010000000000000005" in [w.name for w in dst.archive_list()]
+    src.close()
+    dst.close()
+
+
+def test_copy_wal_does_not_send_again_what_the_destination_expired(tmp_path, password):
+    """The destination's ``archive-expire --before oldest-snapshot`` removed the WAL before its oldest base
+    backup: each later ``copy --wal`` sent it all again.  Only what a base backup there can use goes; an older
+    base backup copied later brings its WAL, and a destination with no base backup, or one that does not
+    load, gets everything."""
+    src = Repository.init(str(tmp_path / "src"), password, kdf_seconds=0)
+    dst = Repository.init(str(tmp_path / "dst"), password, kdf_seconds=0)
+    names = [f"00000001000000000000000{i}" for i in range(1, 7)]
+    for i, name in enumerate(names):
+        src.archive_push(segment_file(tmp_path, name, seed=i, size=1 << 18))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+
+    def base_backup(seg: str) -> str:
+        (copy / "backup_label").write_text(f"START WAL LOCATION: 0/{seg[-1]}000028 (file {seg})\n")
+        return src.backup([str(copy)], kind="full").snapshot.id
+
+    older, newer = base_backup(names[1]), base_backup(names[3])
+    first = src.copy_to(dst, [older], wal=True)  # nothing there before the copied snapshot lands
+    assert (first.wal_copied, first.wal_unneeded) == (names[1:], 1)
+    assert src.copy_to(dst, [newer], wal=True).wal_copied == []
+    dst.forget([dst.snapshots()[0].id])
+    assert dst.archive_expire("oldest-snapshot") == names[1:3]
+    again = src.copy_to(dst, [newer], wal=True)
+    assert (again.wal_copied, again.wal_skipped, again.wal_unneeded, again.blobs_sent) == ([], 3, 3, 0)
+    # A start recorded in the stats (`backup --postgres`) counts before any label.
+    there = dst.snapshots()[0]
+    dst.store.save_snapshot(dataclasses.replace(there, stats={**there.stats, "postgres": {"start_wal": names[2]}}),
+                            replace=True)
+    assert src.copy_to(dst, [newer], wal=True).wal_copied == [names[2]]
+    assert src.copy_to(dst, wal=True).wal_copied == [names[1]]  # the older snapshot goes there again
+    (tmp_path / "dst" / "snapshots" / dst.snapshots()[0].id).write_bytes(b"damaged")  # the older one
+    dst.archive_expire(names[4])
+    with pytest.warns(RepositoryStateWarning, match="unreadable"):
+        assert src.copy_to(dst, [newer], wal=True).wal_copied == names[:4]
     src.close()
     dst.close()
 
