@@ -2281,7 +2281,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     common.add_argument("--limit-download", type=_rate, metavar="KiB/s", help="hold downloads to this rate")
     passwords.REPOSITORY.add_options(common, "the repository password")
     common.add_argument("--cache-dir", metavar="DIR",
-                        help="the local cache of index and snapshot objects (or CHUNKVAULT_CACHE_DIR; default "
+                        help="the local cache of index, snapshot and wal objects (or CHUNKVAULT_CACHE_DIR; default "
                              "$XDG_CACHE_HOME/chunkvault)")
     common.add_argument("--no-cache", action="store_true",
                         help="keep nothing locally: read every object from the repository (or CHUNKVAULT_NO_CACHE=1)")

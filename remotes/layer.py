@@ -340,14 +340,16 @@ _CACHE_TEMP = ".tmp-"
 
 
 class CachingRemote(Remote):
-    """Keeps metadata objects (index, snapshots) on local disk.
+    """Keeps metadata objects (index, snapshots, archived WAL files) on local disk.
 
     Index keys are content hashes, so a cached entry never goes stale.  A key
     under ``rewritable`` (snapshots: a forget rebases a differential, ``tag``
-    and ``rewrite`` change one, in place, from any client) is served from the
-    cache only when the latest listing gave the object a version (``ObjectInfo``)
-    and the entry was stored under that same version; where the backend's listing
-    gives none, such objects are always fetched.  ``delete`` drops an
+    and ``rewrite`` change one, in place, from any client; a WAL file's name
+    expired and archived again) is served from the cache only when the latest
+    listing gave the object a version (``ObjectInfo``) and the entry records
+    that same version; where the backend's listing gives none, such objects
+    are always fetched.  Each key has one entry, so a write or delete drops it
+    without a look at its neighbours (an archive holds tens of thousands).  ``delete`` drops an
     entry, ``list`` and ``stat`` always ask the inner remote.  Each cache file
     records the object's size and digest: a truncated or damaged file is
     discarded and fetched again, never returned.  ``cache_dir`` should be private
@@ -355,7 +357,8 @@ class CachingRemote(Remote):
     """
 
     def __init__(self, inner: Remote, cache_dir: str | os.PathLike, *,
-                 prefixes: Iterable[str] = ("index/", "snapshots/"), rewritable: Iterable[str] = ("snapshots/",)):
+                 prefixes: Iterable[str] = ("index/", "snapshots/", "wal/"),
+                 rewritable: Iterable[str] = ("snapshots/", "wal/")):
         self.inner = inner
         self.display_url = inner.display_url
         self.fork_safe = inner.fork_safe
@@ -372,29 +375,14 @@ class CachingRemote(Remote):
     def cacheable(self, key: str) -> bool:
         return key.startswith(self.prefixes)
 
-    def _path(self, key: str, version: str | None = None) -> str:
-        """The entry of ``key``; of a rewritable key, the entry of that version of it."""
-        path = os.path.join(self.cache_dir, *validate_key(key).split("/"))
-        if version is None:
-            return path
-        return f"{path}@{hashlib.blake2b(version.encode(), digest_size=8).hexdigest()}"
+    def _path(self, key: str) -> str:
+        return os.path.join(self.cache_dir, *validate_key(key).split("/"))
 
-    def _forget_versions(self, key: str) -> None:
+    def _forget_version(self, key: str) -> None:
         """Drop what is known of a rewritable ``key`` (its own write or delete makes it stale)."""
         with self._lock:
             self._versions.pop(key, None)
-        self._drop_versions(key)
-
-    def _drop_versions(self, key: str) -> None:
-        """Remove the cached entries of every version of a rewritable ``key``."""
-        directory, base = os.path.split(self._path(key))
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            return
-        for name in names:
-            if name.startswith(base + "@"):
-                self._remove(os.path.join(directory, name))
+        self._remove(self._path(key))
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -432,7 +420,7 @@ class CachingRemote(Remote):
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         if key.startswith(self.rewritable):
-            self._forget_versions(key)  # its new version is known at the next listing
+            self._forget_version(key)  # its new version is known at the next listing
         self.inner.put(key, data, if_absent=if_absent)
         if self.cacheable(key) and not key.startswith(self.rewritable):
             self._store(self._path(key), bytes(data))
@@ -441,7 +429,6 @@ class CachingRemote(Remote):
         if self.cacheable(validate_key(key)):
             self._count("discarded")
             self._remove(self._path(key))
-            self._drop_versions(key)
 
     def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
         if not self.cacheable(validate_key(key)):
@@ -453,14 +440,15 @@ class CachingRemote(Remote):
             if version is None:  # no listing vouches for a cached copy
                 self._count("misses")
                 return self.inner.get(key, start, length)
-        path = self._path(key, version)
+        path = self._path(key)
         data = self._load(path)
+        if data is not None and version is not None:
+            data = _unversioned(data, version)
         if data is None:
             self._count("misses")
             data = self.inner.get(key)
-            if version is not None:
-                self._drop_versions(key)  # entries of older versions: never served again
-            self._store(path, data)  # a rewrite since the listing makes this newer than its version: harmless
+            # a rewrite since the listing makes this newer than its version: harmless
+            self._store(path, data if version is None else _versioned(version, data))
         else:
             self._count("hits")
         if start is None and length is None:
@@ -499,12 +487,12 @@ class CachingRemote(Remote):
                 if name.startswith(_CACHE_TEMP):  # another process's write in progress, or a killed one's
                     remove_if_stale(os.path.join(dirpath, name))
                     continue
-                if f"{rel}/{name.partition('@')[0]}" not in listed:
+                if f"{rel}/{name}" not in listed:  # with "@": an entry of the layout before one per key
                     self._remove(os.path.join(dirpath, name))
 
     def delete(self, key: str) -> None:
         if key.startswith(self.rewritable):
-            self._forget_versions(validate_key(key))
+            self._forget_version(validate_key(key))
         elif self.cacheable(validate_key(key)):
             self._remove(self._path(key))
         self.inner.delete(key)
@@ -527,6 +515,24 @@ class CachingRemote(Remote):
 
     def close(self) -> None:
         self.inner.close()
+
+
+_VERSION_LENGTH = struct.Struct(">H")
+
+
+def _versioned(version: str, data: bytes) -> bytes:
+    """A rewritable object's entry content: the version it was cached under, then its bytes."""
+    tag = version.encode()[:0xFFFF]  # a version of more is never seen: such an entry is simply not served
+    return _VERSION_LENGTH.pack(len(tag)) + tag + data
+
+
+def _unversioned(content: bytes, version: str) -> bytes | None:
+    """The object's bytes from a rewritable entry's ``content`` when it was cached under ``version``."""
+    if len(content) < _VERSION_LENGTH.size:
+        return None
+    (length,) = _VERSION_LENGTH.unpack_from(content)
+    start = _VERSION_LENGTH.size + length
+    return content[start:] if content[_VERSION_LENGTH.size:start] == version.encode() else None
 
 
 def encode_cache_entry(data: bytes) -> bytes:
@@ -615,7 +621,7 @@ def wrap_remote(
     remote: Remote,
     *,
     cache_dir: str | os.PathLike | None = None,
-    cache_prefixes: Iterable[str] = ("index/", "snapshots/"),
+    cache_prefixes: Iterable[str] = ("index/", "snapshots/", "wal/"),
     attempts: int = 8,
     base_delay: float = 0.2,
     max_delay: float = 15.0,

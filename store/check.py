@@ -189,7 +189,7 @@ class Checker:
 
     def _load_wal(self) -> list[WalFile]:
         """Every ``wal/`` object decoded (before the index, as snapshots: a push indexes its blobs first)."""
-        files, bad = load_all(self.repo)
+        files, bad = load_all(self.repo, fresh=True)  # the stored objects: a cached copy hides their damage
         for name, exc in sorted(bad.items()):
             if isinstance(exc, NewerObject):
                 self.report.warnings.append(f"{exc}; not checked")

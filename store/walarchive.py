@@ -102,31 +102,44 @@ class PushResult:
                 "ahead_error": self.ahead_error}
 
 
-def load(repo: Repo, name: str) -> WalFile | None:
-    """The archived file ``name``, or None when not archived."""
+def load(repo: Repo, name: str, *, fresh: bool = False) -> WalFile | None:
+    """The archived file ``name``, or None when not archived.  ``fresh``: the stored object, not a copy cached
+    (``check``: damage done to it since, which no listing's version shows, would stay hidden)."""
+    key = WAL_PREFIX + name
     try:
-        data = repo.remote.get(WAL_PREFIX + name)
+        data = (repo.remote.uncached() if fresh else repo.remote).get(key)
+        try:
+            return WalFile.decode(repo.sealer, name, data)
+        except NewerObject:  # authentic (read past the AEAD): no copy of it reads otherwise
+            raise
+        except CorruptObject:  # a local copy that is not it (another's, planted): the stored one decides
+            if fresh:
+                raise
+            repo.remote.drop_cached(key)
+            return WalFile.decode(repo.sealer, name, repo.remote.get(key))
     except ObjectNotFound:
         return None
-    return WalFile.decode(repo.sealer, name, data)
 
 
-def names(repo: Repo, start: str = "") -> list[str]:
+def names(repo: Repo, start: str = "", *, cache: bool = True) -> list[str]:
     """Every name under ``wal/`` that PostgreSQL could have archived (anything else is no object of ours);
-    ``start``: only those that start with it."""
-    return sorted(n for o in repo.remote.list(WAL_PREFIX + start) if is_wal_name(n := o.key[len(WAL_PREFIX):]))
+    ``start``: only those that start with it.  ``cache=False``: the objects are to be read once (a
+    recovery's), so the listing does not vouch for keeping them in the local cache."""
+    remote = repo.remote if cache else repo.remote.uncached()
+    return sorted(n for o in remote.list(WAL_PREFIX + start) if is_wal_name(n := o.key[len(WAL_PREFIX):]))
 
 
 def following(repo: Repo, after: str, limit: int) -> list[str]:
     """``fetch_ahead`` of the archived names, listing only the log files (the 16 hex digits of timeline and
     log id that segment names share) from ``after``'s on, up to one of which nothing is archived: a listing of
-    the whole archive, taken at each call of a recovery, grows with the server's life."""
+    the whole archive, taken at each call of a recovery, grows with the server's life.  A recovery reads each
+    object once: they are not kept in the local cache."""
     if is_history(after):
         return []
     tli, log = after[:8], int(after[8:16], 16)
     listed: list[str] = []
     while log <= 0xFFFFFFFF:
-        more = names(repo, f"{tli}{log:08X}")
+        more = names(repo, f"{tli}{log:08X}", cache=False)
         listed += more
         ahead = fetch_ahead(listed, after, limit)
         if not more or len(ahead) >= limit:
@@ -135,14 +148,15 @@ def following(repo: Repo, after: str, limit: int) -> list[str]:
     return fetch_ahead(listed, after, limit)
 
 
-def load_all(repo: Repo, listed: Sequence[str] | None = None) -> tuple[list[WalFile], dict[str, CorruptObject]]:
+def load_all(repo: Repo, listed: Sequence[str] | None = None, *,
+             fresh: bool = False) -> tuple[list[WalFile], dict[str, CorruptObject]]:
     """Every archived file that loads (of ``listed``, default all), by name, and the errors of those that do
-    not (damaged, or newer); one gone since it was listed is left out."""
+    not (damaged, or newer); one gone since it was listed is left out.  ``fresh``: as ``load``."""
     listed = names(repo) if listed is None else listed
 
     def one(name: str) -> WalFile | CorruptObject | None:
         try:
-            return load(repo, name)
+            return load(repo, name, fresh=fresh)
         except CorruptObject as exc:
             return exc
 

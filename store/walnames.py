@@ -91,6 +91,8 @@ def stats_start_segment(stats: dict) -> str | None:
     return start if isinstance(start, str) and is_segment(start) else None
 
 
+#: The smallest WAL segment PostgreSQL makes (``initdb --wal-segsize 1``): a smaller file says nothing of the size.
+SMALLEST_SEGMENT_SIZE = 1 << 20
 #: The largest WAL segment PostgreSQL makes (``initdb --wal-segsize``): a position named with it names the
 #: earliest segment of any smaller size that holds it, so a start read without the segment size errs early.
 LARGEST_SEGMENT_SIZE = 1 << 30
@@ -148,7 +150,8 @@ def timelines(files: Iterable[tuple[str, int]]) -> list[TimelineSpan]:
     (the size segments were archived with; 16 MiB where none says)."""
     files = list(files)
     sizes = [size for name, size in files  # a partial segment is of the whole size too, zero-padded
-             if (len(name) == 24 or name.endswith(".partial")) and size > 0 and (1 << 32) % size == 0]
+             if (len(name) == 24 or name.endswith(".partial")) and SMALLEST_SEGMENT_SIZE <= size <= LARGEST_SEGMENT_SIZE
+             and (1 << 32) % size == 0]
     seg_size = max(set(sizes), key=sizes.count) if sizes else DEFAULT_SEGMENT_SIZE
     per_log = (1 << 32) // seg_size
     present: dict[int, set[int]] = {}

@@ -1072,6 +1072,58 @@ def test_a_local_copy_that_is_not_the_stored_object_is_dropped_and_the_stored_on
     assert sorted(os.listdir(tmp_path / "out")) == ["f0", "f1"]
 
 
+def test_archived_wal_objects_are_cached_by_version_and_check_reads_the_stored_ones(tmp_path):
+    """``wal/`` objects are read by every ``archive-list``, ``copy --wal`` and prune: kept in the cache
+    under the version their listing gives, a second reading fetches none.  A planted entry (another
+    object's) is dropped and the stored one read; damage to the stored object that its version does not
+    show is still found by check, which reads past the cache."""
+    from chunkvault.remotes.layer import _versioned, encode_cache_entry, wrap_remote
+    from chunkvault.remotes.local import LocalRemote, file_version
+
+    path, cache = str(tmp_path / "repo"), tmp_path / "cache"
+    repo = Repository.init(path, "pw", kdf_seconds=0, ledger=False)
+    names = [f"00000001000000000000000{i}" for i in range(1, 4)]
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(random.Random(i).randbytes(1 << 16))
+        repo.archive_push(tmp_path / name)
+    repo.close()
+
+    def listed(expect_gets: int) -> None:
+        remote = wrap_remote(LocalRemote(path), cache_dir=cache)
+        gets = []
+        inner_get = remote.inner.get
+        remote.inner.get = lambda key, *a: (gets.append(key) if key.startswith("wal/") else None) or inner_get(key, *a)
+        with Repository.open(remote, "pw", ledger=False) as cached:
+            assert [w.name for w in cached.archive_list()] == names
+        assert len(gets) == expect_gets, gets
+
+    listed(3)
+    listed(0)
+    entries = sorted((cache / "wal").iterdir())
+    assert [e.name for e in entries] == names
+    planted = entries[0].read_bytes()
+    entries[0].write_bytes(entries[1].read_bytes())
+    entries[1].write_bytes(planted)
+    listed(2)  # each entry records its object's version: another object's is not served for it
+    stored = tmp_path / "repo" / "wal" / names[0]
+    st = stored.stat()
+    other = (tmp_path / "repo" / "wal" / names[1]).read_bytes()  # under this one's version: it does not open
+    entries[0].write_bytes(encode_cache_entry(_versioned(file_version(st), other)))
+    listed(1)
+    sealed = stored.read_bytes()
+    stored.write_bytes(sealed[:-1] + bytes([sealed[-1] ^ 1]))
+    os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same version: the cache cannot tell
+    listed(0)
+    with Repository.open(wrap_remote(LocalRemote(path), cache_dir=cache), "pw", ledger=False) as cached:
+        assert [p.object for p in cached.check().problems] == [f"wal/{names[0]}"]
+    # A recovery reads each object once: what its restore_command fetches ahead is not kept.
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with Repository.open(wrap_remote(LocalRemote(path), cache_dir=tmp_path / "recovery"), "pw", ledger=False) as r:
+        fetched, _ = r.archive_prefetch(names[0], spool, 2)
+    assert [w.name for w in fetched] == names[1:] and not (tmp_path / "recovery" / "wal").exists()
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_the_links_of_a_damaged_file_are_named_among_the_files_not_restored(tmp_path, new_repo, processes):
     """They were a warning each ("its target was not restored") while the error said everything else was."""

@@ -1155,7 +1155,7 @@ sys.exit(main())
     unlisted = program.replace("walspool.os.listdir = refused", """walspool.os.listdir = refused
 import chunkvault.store.walarchive as walarchive
 from chunkvault.errors import RemoteUnavailable
-def names(repo, start=""):
+def names(repo, start="", **_):
     raise RemoteUnavailable("the storage went away")
 walarchive.names = names""")
     shutil.rmtree(spool)  # the file comes from the repository
