@@ -844,8 +844,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if recovery is not None:
         from .repository import split_subtree
 
-        if recovery[0].stops_at is not None and args.until is None and split_subtree(args.snapshot)[0] == "latest":
-            snap = _ended_by(repo, args, recovery[0].stops_at, subtree)
+        if recovery[0].picks_snapshot and args.until is None and split_subtree(args.snapshot)[0] == "latest":
+            snap = _reaching(repo, args, recovery[0], subtree)
         _check_data_directory(repo, snap, subtree)
     relocate = []
     if args.pg_tablespace:
@@ -922,25 +922,35 @@ def _recovery_asked(args: argparse.Namespace) -> tuple[Any, str] | None:
     return target, restore_command(_program(), url, secret, options, spool)
 
 
-def _ended_by(repo: Any, args: argparse.Namespace, stop: datetime, subtree: bytes | None) -> Snapshot:
+def _reaching(repo: Any, args: argparse.Namespace, target: Any, subtree: bytes | None) -> Snapshot:
     """The newest snapshot (of ``--host``/``--path``'s source) holding a data directory (at ``subtree``) that
-    ended before a recovery's target time, as pgBackRest picks a backup for a time target: one taken later, or
-    still running then, cannot recover to it (PostgreSQL stops at the copy's consistent point at the
-    earliest); one of another source of the host (its /etc) is passed over."""
+    can recover to a time or position target (``RecoveryTarget.reached_from``), as pgBackRest picks a backup
+    for one: one taken later, still running then, or whose WAL stops past the position cannot (PostgreSQL
+    stops at the copy's consistent point at the earliest); one of another source of the host (its /etc) is
+    passed over, and so, for a position, is one that records no stop position."""
     from .errors import SnapshotNotFound
 
-    until: datetime = stop
+    until: datetime | None = target.stops_at
+    unrecorded = 0
     while True:
         try:
             snap = repo.snapshot("latest", until=until, host=source_host(args, "latest"),
                                  paths=args.snapshot_paths or None)
         except SnapshotNotFound:
-            raise SnapshotNotFound(f"no snapshot of a data directory had ended by the recovery target "
-                                   f"{stop.isoformat()}: a recovery starts from one that had (--host and --path "
-                                   "choose among sources)") from None
-        if (snap.datetime + timedelta(seconds=float(snap.stats.get("duration") or 0)) <= stop
-                and _holds_data_directory(repo, snap, subtree)):
-            return snap
+            if target.kind == "time":
+                what, verb = f"had ended by the recovery target {target.stops_at.isoformat()}", "had"
+            else:
+                what, verb = f"had its WAL stop at or before the recovery target {target.value}", "did"
+            unknown = (f"; {unrecorded} record no stop position (not taken by backup --postgres): name one to try it"
+                       if unrecorded else "")
+            raise SnapshotNotFound(f"no snapshot of a data directory {what}: a recovery starts from one that {verb} "
+                                   f"(--host and --path choose among sources{unknown})") from None
+        if _holds_data_directory(repo, snap, subtree):
+            reached = target.reached_from(
+                snap.datetime + timedelta(seconds=float(snap.stats.get("duration") or 0)), snap.stats)
+            if reached:
+                return snap
+            unrecorded += reached is None
         until = snap.datetime - timedelta(microseconds=1)
 
 

@@ -67,6 +67,26 @@ class RecoveryTarget:
         return datetime.fromisoformat(self.value) if self.kind == "time" and self.value else None
 
     @property
+    def picks_snapshot(self) -> bool:
+        """Whether the target says which snapshot can reach it (``reached_from``): a time or a position."""
+        return self.kind in ("time", "lsn")
+
+    def reached_from(self, ended: datetime, stats: dict) -> bool | None:
+        """Whether a base backup that ended at ``ended``, with these snapshot stats, can recover to this
+        target, as pgBackRest picks a backup for one: it had ended by the time, its WAL stopped at or before
+        the position (PostgreSQL refuses a stop before the copy is consistent).  None where it cannot be
+        told: a position, and no stop position recorded (``backup --postgres`` records it)."""
+        assert self.picks_snapshot and self.value is not None
+        if self.kind == "time":
+            return ended <= datetime.fromisoformat(self.value)
+        pg = stats.get("postgres")
+        stop = pg.get("stop_lsn") if isinstance(pg, dict) else None
+        try:
+            return parse_lsn(stop) <= parse_lsn(self.value) if isinstance(stop, str) else None
+        except ValueError:
+            return None
+
+    @property
     def signal(self) -> str:
         return "standby.signal" if self.kind == "standby" else "recovery.signal"
 

@@ -193,6 +193,57 @@ def test_a_recovery_in_place_needs_delete_so_an_earlier_runs_wal_does_not_steer_
     assert not (out / "pg_wal" / "00000002.history").exists() and (out / "recovery.signal").exists()
 
 
+@pytest.mark.parametrize("stats, reached", [
+    ({"postgres": {"stop_lsn": "0/5000028"}}, True), ({"postgres": {"stop_lsn": "1/0"}}, False),
+    ({"postgres": {"stop_lsn": "0/5000029"}}, False), ({}, None), ({"postgres": None}, None),
+    ({"postgres": {"stop_lsn": "nonsense"}}, None), ({"postgres": {"stop_lsn": 83886120}}, None)])
+def test_a_position_is_reached_from_a_copy_whose_wal_stopped_at_or_before_it(stats, reached):
+    from datetime import datetime, timezone
+
+    target = parse_target("lsn=0/5000028")
+    assert target.picks_snapshot and not parse_target("xid=7").picks_snapshot
+    assert target.reached_from(datetime(2026, 1, 1, tzinfo=timezone.utc), stats) is reached
+
+
+def test_a_position_target_restores_the_newest_snapshot_whose_wal_stopped_by_then(tmp_path, cli):
+    """With ``lsn=`` the newest snapshot was restored whatever its stop position: one that stopped past the
+    target cannot reach it (PostgreSQL refuses to stop before the copy is consistent).  Snapshots recording no
+    stop position (copies taken by a hook) are passed over, and the refusal counts them."""
+    import dataclasses
+
+    from chunkvault import Repository
+
+    repo_url = str(tmp_path / "repo")
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    d = data_dir(tmp_path)
+    ids = []
+    with Repository.init(repo_url, "secret", kdf_seconds=0) as repo:
+        for stop in ("0/3000100", "0/5000028", None):
+            (d / "base").mkdir(exist_ok=True)
+            (d / "base" / "1").write_text(str(stop))
+            snap = repo.backup([str(d)]).snapshot
+            if stop is not None:
+                repo.store.save_snapshot(dataclasses.replace(snap, stats={**snap.stats, "postgres": {
+                    "stop_lsn": stop, "start_wal": "000000010000000000000002"}}), replace=True)
+            ids.append(snap.id)
+
+    def restored(target, *more, code=0):
+        out = cli("restore", "-r", repo_url, "--password-file", str(pw), *more, "--target",
+                  str(tmp_path / target.replace("/", "-")), "--pg-recover", target, "--json", check=code)
+        return json.loads(out.stdout)["snapshot"] if code == 0 else out.stderr.decode()
+
+    assert restored("lsn=0/6000000") == ids[1]
+    assert restored("lsn=0/5000028") == ids[1]  # stopping where the copy became consistent: it can
+    assert restored("lsn=0/5000027") == ids[0]
+    assert restored("lsn=0/4000000", ids[2]) == ids[2]  # one named is taken as named
+    assert restored("end") == ids[2]
+    said = restored("lsn=0/3000000", code=12)
+    assert "no snapshot of a data directory had its WAL stop at or before the recovery target 0/3000000" in said
+    assert "1 record no stop position (not taken by backup --postgres): name one to try it" in said
+    assert len(said.splitlines()) == 1
+
+
 def test_a_time_target_restores_the_newest_snapshot_that_had_ended_by_then(tmp_path, cli):
     """As pgBackRest picks the backup for a time target: a later snapshot cannot recover to an earlier time,
     nor one still being taken then (its copy becomes consistent only at its end)."""
