@@ -349,8 +349,8 @@ class CachingRemote(Remote):
     listing gave the object a version (``ObjectInfo``) and the entry records
     that same version; where the backend's listing gives none, such objects
     are always fetched.  Each key has one entry, so a write or delete drops it
-    without a look at its neighbours (an archive holds tens of thousands).  ``delete`` drops an
-    entry, ``list`` and ``stat`` always ask the inner remote.  Each cache file
+    without a look at its neighbours (an archive holds tens of thousands).
+    ``delete`` drops an entry, ``list`` and ``stat`` always ask the inner remote.  Each cache file
     records the object's size and digest: a truncated or damaged file is
     discarded and fetched again, never returned.  ``cache_dir`` should be private
     to one repository.

@@ -32,6 +32,7 @@ from .repository import NOT_INDEXED, WORKERS, Repo, pack_id_of, pack_key, supers
 from .snapshot import Snapshot
 from .unlock import KEY_IMPORT_HINT
 from .walarchive import WAL_PREFIX, WalFile, load_all
+from .walnames import recovery_gaps, stats_start_segment
 
 
 #: Where a pack's index entries lie: (an index object's columns, entries, start) for each object listing it.
@@ -178,7 +179,7 @@ class Checker:
                 raise
             if packs_error:
                 raise packs_error[0]
-        self._check_wal(wal)
+        self._check_wal(wal, snapshots)
         if self.bad_blobs:
             self._spare_copied()
         if self.bad_blobs or self.bad_manifests:
@@ -198,9 +199,17 @@ class Checker:
         self.report.wal_files = len(files)
         return files
 
-    def _check_wal(self, files: list[WalFile]) -> None:
+    def _check_wal(self, files: list[WalFile], snapshots: list[Snapshot]) -> None:
         """Each archived file's blobs in the index, and what their lengths add up to against its size: a
-        restore of it (``archive-get``) writes nothing unless both hold."""
+        restore of it (``archive-get``) writes nothing unless both hold.  A segment missing between archived
+        ones, past the start of the oldest base backup the snapshots record, is a warning (as pgBackRest's
+        verify): no damage, but a recovery through it stops there."""
+        starts = [s for snap in snapshots if (s := stats_start_segment(snap.stats)) is not None]
+        for span in recovery_gaps([(w.name, w.size) for w in files], starts):
+            more = f" and {len(span.missing) - 3} more" if len(span.missing) > 3 else ""
+            self.report.warnings.append(
+                f"archived WAL of timeline {span.timeline} lacks {len(span.missing)} segment(s) between {span.first} "
+                f"and {span.last} ({', '.join(span.missing[:3])}{more}): a recovery through them stops at the first")
         index = self.repo.index
         for w in files:
             ids = w.blob_ids()

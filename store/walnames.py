@@ -169,3 +169,16 @@ def timelines(files: Iterable[tuple[str, int]]) -> list[TimelineSpan]:
         spans.append(TimelineSpan(tli, named(tli, low), named(tli, high), len(segnos),
                                   [named(tli, n) for n in range(low, high + 1) if n not in segnos]))
     return spans
+
+
+def recovery_gaps(files: Iterable[tuple[str, int]], starts: Iterable[str]) -> list[TimelineSpan]:
+    """The ``timelines`` of the archive (name, size) pairs that lack segments a recovery would replay: those
+    at or past the earliest position a base backup starts at (``starts``: segment names; none known: every
+    one missing counts).  A segment missing before every start is read by no recovery."""
+    floor = min((s[8:24] for s in starts), default="")
+    out = []
+    for span in timelines(files):
+        missing = [m for m in span.missing if m[8:24] >= floor]
+        if missing:
+            out.append(TimelineSpan(span.timeline, span.first, span.last, span.segments, missing))
+    return out

@@ -475,6 +475,46 @@ def test_timelines_name_every_missing_segment_across_the_log_boundary(tli, seg_s
     assert span.missing == [names[n] for n in range(min(segnos), last + 1) if n not in segnos]
 
 
+@given(st.sets(st.integers(1, 60), min_size=1, max_size=40), st.lists(st.integers(0, 70), max_size=3))
+def test_recovery_gaps_are_the_missing_segments_from_the_earliest_start_on(segnos, starts):
+    from chunkvault.store.walnames import recovery_gaps, timelines
+
+    files = [(f"000000010000000000000{n:03X}", 16 << 20) for n in segnos]
+    named = [f"000000010000000000000{n:03X}" for n in starts]
+    gaps = recovery_gaps(files, named)
+    expect = [n for n in range(min(segnos), max(segnos) + 1) if n not in segnos and n >= min(starts, default=0)]
+    assert [m for span in gaps for m in span.missing] == [f"000000010000000000000{n:03X}" for n in expect]
+    assert all(span.missing for span in gaps) and len(gaps) <= len(timelines(files))
+
+
+def test_check_warns_of_a_gap_a_recovery_would_stop_at(tmp_path, new_repo):
+    """A segment missing between archived ones (archive_mode off for a while, an object deleted by hand) is
+    no damage, but a recovery through it stops there: check says so, past the oldest recorded base backup
+    start only."""
+    import dataclasses
+
+    repo = new_repo()
+    for i in (1, 2, 4, 5, 8):
+        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 20))
+    report = repo.check()
+    assert report.ok and report.warnings == [
+        "archived WAL of timeline 1 lacks 3 segment(s) between 000000010000000000000001 and "
+        "000000010000000000000008 (000000010000000000000003, 000000010000000000000006, 000000010000000000000007): "
+        "a recovery through them stops at the first"]
+    data = tmp_path / "data"
+    data.mkdir()
+    snap = repo.backup([str(data)]).snapshot
+    repo.store.save_snapshot(dataclasses.replace(snap, stats={**snap.stats, "postgres": {
+        "start_wal": "000000010000000000000004"}}), replace=True)
+    assert [w for w in repo.check().warnings if "lacks" in w] == [
+        "archived WAL of timeline 1 lacks 2 segment(s) between 000000010000000000000001 and "
+        "000000010000000000000008 (000000010000000000000006, 000000010000000000000007): "
+        "a recovery through them stops at the first"]
+    repo.archive_push(segment_file(tmp_path, "000000010000000000000006", seed=6, size=1 << 20))
+    repo.archive_push(segment_file(tmp_path, "000000010000000000000007", seed=7, size=1 << 20))
+    assert not [w for w in repo.check().warnings if "lacks" in w]
+
+
 def test_archive_list_says_what_is_missing(tmp_path, cli, repo_url):
     for name in ("000000010000000000000001", "000000010000000000000002", "000000010000000000000004",
                  "000000020000000000000004"):
