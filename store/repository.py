@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from .locks import RepoLock
 
 IndexT = TypeVar("IndexT", IndexData, IndexColumns)
+T = TypeVar("T")
 
 WORKERS = max(2, os.cpu_count() or 2)
 OBJECT_READERS = 8  # small objects (index, snapshots) read at once: on a remote, each read waits a round trip
@@ -950,6 +951,22 @@ class Repo:
     def writer(self) -> "BlobWriter":
         return BlobWriter(self)
 
+    def read_sealed(self, key: str, decode: Callable[[bytes], T], *, fresh: bool = False) -> tuple[T, bytes]:
+        """``decode`` of the object ``key`` (a sealed document that may be cached locally), and its bytes.
+        A local copy that does not open (another object's, planted) is dropped and the stored one decoded;
+        ``fresh``: the stored one only.  ObjectNotFound passes through."""
+        data = (self.remote.uncached() if fresh else self.remote).get(key)
+        try:
+            return decode(data), data
+        except NewerObject:  # authentic (read past the AEAD): no copy of it reads otherwise
+            raise
+        except CorruptObject:
+            if fresh:
+                raise
+            self.remote.drop_cached(key)
+            data = self.remote.get(key)
+            return decode(data), data
+
     # --- snapshots --------------------------------------------------------------------
 
     def load_snapshot(self, name: str, fresh: bool = False) -> Snapshot:
@@ -960,17 +977,7 @@ class Repo:
             return snap
         key = f"snapshots/{name}"
         try:
-            data = (self.remote.uncached() if fresh else self.remote).get(key)
-            try:
-                snap = Snapshot.decode(self.sealer, name, data)
-            except NewerObject:  # authentic (read past the AEAD): no copy of it reads otherwise
-                raise
-            except CorruptObject:  # a local copy that is not it (another's, planted): the stored one decides
-                if fresh:
-                    raise
-                self.remote.drop_cached(key)
-                data = self.remote.get(key)
-                snap = Snapshot.decode(self.sealer, name, data)
+            snap, data = self.read_sealed(key, lambda d: Snapshot.decode(self.sealer, name, d), fresh=fresh)
         except ObjectNotFound:
             raise MissingObject(key) from None
         self._snapshots[name] = snap

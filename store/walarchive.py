@@ -105,18 +105,8 @@ class PushResult:
 def load(repo: Repo, name: str, *, fresh: bool = False) -> WalFile | None:
     """The archived file ``name``, or None when not archived.  ``fresh``: the stored object, not a copy cached
     (``check``: damage done to it since, which no listing's version shows, would stay hidden)."""
-    key = WAL_PREFIX + name
     try:
-        data = (repo.remote.uncached() if fresh else repo.remote).get(key)
-        try:
-            return WalFile.decode(repo.sealer, name, data)
-        except NewerObject:  # authentic (read past the AEAD): no copy of it reads otherwise
-            raise
-        except CorruptObject:  # a local copy that is not it (another's, planted): the stored one decides
-            if fresh:
-                raise
-            repo.remote.drop_cached(key)
-            return WalFile.decode(repo.sealer, name, repo.remote.get(key))
+        return repo.read_sealed(WAL_PREFIX + name, lambda d: WalFile.decode(repo.sealer, name, d), fresh=fresh)[0]
     except ObjectNotFound:
         return None
 
