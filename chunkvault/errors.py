@@ -256,6 +256,11 @@ class VerificationFailed(ChunkvaultError):
     exit_code = 18
 
 
+class PgStartFailed(VerificationFailed):
+    """``verify-restore --pg-start``: a restored PostgreSQL copy did not start, open its databases or answer
+    as expected (kept in its report, as the run's other failures are: the snapshot fails, exit 18)."""
+
+
 class RollbackDetected(ChunkvaultError):
     """The snapshot set contradicts this client's ledger: a snapshot it forgot is back (replayed),
     or the newest it saw is gone (rolled back).  Writes are refused until the user forgets the

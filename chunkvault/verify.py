@@ -7,7 +7,9 @@ as root, as the restore then sets owners) and, for files, a BLAKE3 digest
 computed here from the bytes on disk — independently of the digest check the
 restore does while writing.  It then optionally runs a command (start the
 restored database and query it) with the restored path in
-``CHUNKVAULT_RESTORE_DIR``, and removes the scratch directory.
+``CHUNKVAULT_RESTORE_DIR``, and removes the scratch directory.  With
+``pg_start`` it starts each PostgreSQL data directory of the copy itself
+first, and proves it opens (``pgstart``).
 
 The comparison is a merge of two streams sorted the same way (the manifest's
 order, and a depth-first walk with names sorted), so memory stays bounded for
@@ -36,6 +38,7 @@ from .display import one_line, warn
 from .localfiles import abandoned
 from .errors import (ChunkvaultError, CorruptObject, NewerObject, SnapshotNotFound, StorageFull, TargetUnwritable,
                      UsageError, VerificationFailed)
+from .pgstart import PG_START_TIMEOUT, PgStartResult, prove_data_directories
 from .processes import become_subreaper, carries, children, kill_group, stop_being_subreaper
 from .store.command_stream import without_secrets
 from .store.manifest import (
@@ -127,11 +130,14 @@ class VerifyReport:
     kept_at: str | None = None  # the scratch directory, when kept
     # PostgreSQL data directories in the copy (relative to it) whose archiving was turned off before the command
     archive_off: list[str] = field(default_factory=list)
+    # with pg_start: what starting each data directory of the copy showed (None: not asked)
+    pg_start: list[PgStartResult] | None = None
 
     @property
     def ok(self) -> bool:
         return (self.error is None and self.mismatch_count == 0
-                and (self.command is None or self.command.exit_code == 0))
+                and (self.command is None or self.command.exit_code == 0)
+                and all(p.ok for p in self.pg_start or ()))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -801,11 +807,31 @@ def remove_tree(path: str) -> None:
         os.close(parent)
 
 
+def check_pg_options(pg_start: bool, query: str | None, expect: str | None, bindir: str | None,
+                     dbname: str) -> None:
+    """The --pg-* options make sense together: each of them only with --pg-start, an expected answer only
+    with its query, nothing empty (a `--pg-query "$Q"` with the variable unset must not pass unasked)."""
+    given = [n for n, v in (("--pg-query", query), ("--pg-expect", expect), ("--pg-bindir", bindir),
+                            ("--pg-dbname", None if dbname == "postgres" else dbname)) if v is not None]
+    if given and not pg_start:
+        raise UsageError(f"{given[0]} starts PostgreSQL on the copy: give --pg-start too")
+    if expect is not None and query is None:
+        raise UsageError("--pg-expect is the answer of --pg-query: give the query too")
+    for name, value in (("--pg-query", query), ("--pg-bindir", bindir), ("--pg-dbname", dbname)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise UsageError(f"{name} must not be empty")
+    if bindir is not None and not os.path.isdir(bindir):
+        raise UsageError(f"--pg-bindir is not a directory: {bindir}")
+
+
 def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, then: str | None = None,
                    timeout: float | None = None, scratch: str | None = None, keep: bool = False,
                    owners: bool | None = None, max_listed: int = MAX_LISTED,
-                   env: dict[str, str] | None = None, numeric_owner: bool = False) -> VerifyReport:
-    """Restore ``snapshot`` into a scratch directory, compare it with the manifest, run ``then``.
+                   env: dict[str, str] | None = None, numeric_owner: bool = False, pg_start: bool = False,
+                   pg_query: str | None = None, pg_expect: str | None = None, pg_bindir: str | None = None,
+                   pg_dbname: str = "postgres") -> VerifyReport:
+    """Restore ``snapshot`` into a scratch directory, compare it with the manifest, start its PostgreSQL
+    data directories (``pg_start``), run ``then``.
 
     ``then`` runs through the shell with ``CHUNKVAULT_RESTORE_DIR``,
     ``CHUNKVAULT_SNAPSHOT_ID``, ``CHUNKVAULT_SNAPSHOT_TIME`` and
@@ -814,10 +840,16 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
     missing data is reported in ``error``; other failures (an unreachable
     remote) propagate.  The scratch directory is removed unless ``keep``.
     Owners are restored and compared as ``Repository.restore`` sets them (``numeric_owner``).
+
+    ``pg_start``: once the comparison found nothing wrong, each PostgreSQL data directory of the copy is
+    started (binaries from ``pg_bindir``, else found for its version), each of its databases opened,
+    ``pg_query`` asked in ``pg_dbname`` and its answer compared with ``pg_expect``, within ``timeout``
+    (default ``PG_START_TIMEOUT``) each; then it is stopped, before ``then`` runs.
     """
     if then is not None and (not isinstance(then, str) or not then.strip()):
         # `--then "$CHECK"` with the variable unset passed as a database proven to start
         raise UsageError(f"then is a shell command, not {then!r}: nothing would prove the restore")
+    check_pg_options(pg_start, pg_query, pg_expect, pg_bindir, pg_dbname)
     with repo.reading("verify-restore"):
         snap = repo.snapshot(snapshot)  # a Snapshot object as it is now (see Repository.snapshot)
         if owners is None:
@@ -852,12 +884,20 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 report.bytes = result.bytes
                 report.mismatches, report.mismatch_count = result.mismatches, result.mismatch_count
                 report.warnings += restore_warnings + result.warnings  # what the restore left out, said
-            if then is not None and report.ok:
+            if (then is not None or pg_start) and report.ok:
                 try:
                     report.archive_off = turn_archiving_off(target, data_dirs)
                 except OSError as exc:  # a server started on it could archive into the live archive
-                    raise TargetUnwritable(f"cannot turn archiving off in the restored copy before the command: "
+                    raise TargetUnwritable(f"cannot turn archiving off in the restored copy before starting it: "
                                            f"{exc.strerror or exc}") from None
+            if pg_start and report.ok:
+                report.pg_start = prove_data_directories(
+                    target, data_dirs, bindir=pg_bindir, query=pg_query, expect=pg_expect, dbname=pg_dbname,
+                    timeout=PG_START_TIMEOUT if timeout is None else timeout)
+            elif pg_start:
+                report.warnings.append("PostgreSQL was not started: " + (
+                    "the restore failed" if report.error else "the restored tree is not what the snapshot holds"))
+            if then is not None and report.ok:
                 cmd_env = without_secrets(os.environ if env is None else env)  # a server it starts keeps them
                 cmd_env.update(CHUNKVAULT_RESTORE_DIR=target, CHUNKVAULT_SNAPSHOT_ID=snap.id,
                                CHUNKVAULT_SNAPSHOT_TIME=snap.time, CHUNKVAULT_SNAPSHOT_KIND=snap.kind)
@@ -866,7 +906,8 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                     report.warnings.append("the command left processes running: they were stopped")
             elif then is not None:
                 report.warnings.append("the command was not run: " + (
-                    "the restore failed" if report.error else "the restored tree is not what the snapshot holds"))
+                    "the restore failed" if report.error else "the restored tree is not what the snapshot holds"
+                    if report.mismatch_count else "PostgreSQL did not start (--pg-start)"))
         finally:
             if keep:
                 report.kept_at = target
@@ -901,7 +942,11 @@ def _print_report(r: VerifyReport, limit: int = 50) -> None:
     if r.mismatch_count > min(limit, len(r.mismatches)):
         print(f"  ... {r.mismatch_count - min(limit, len(r.mismatches))} more (--json lists up to {MAX_LISTED})")
     for d in r.archive_off:
-        print(f"  archive_mode set to off in {one_line(d)}/postgresql.auto.conf for the command")
+        users = [w for w, used in (("the server started on it", r.pg_start is not None),
+                                   ("the command", r.command is not None)) if used] or ["the command"]
+        print(f"  archive_mode set to off in {one_line(d)}/postgresql.auto.conf for {' and '.join(users)}")
+    for p in r.pg_start or ():
+        _print_pg_start(p)
     c = r.command
     if c is not None:
         status = f"killed after the timeout ({c.seconds:.1f} s)" if c.timed_out else f"exited {c.exit_code}"
@@ -913,6 +958,26 @@ def _print_report(r: VerifyReport, limit: int = 50) -> None:
         print(f"  kept at {r.kept_at}")
     verdict = "OK" if r.ok else "FAILED"
     print(f"  {verdict} in {r.duration:.2f} s" + (f" ({r.mismatch_count} mismatch(es))" if r.mismatch_count else ""))
+
+
+def _print_pg_start(p: PgStartResult) -> None:
+    """What starting one data directory showed: a line of how, the answer, the error with the log's tail."""
+    where = one_line(p.data_directory) if p.data_directory is not None else "the copy"
+    if p.signals_removed or p.written:
+        changed = [f"{one_line(n)} removed" for n in p.signals_removed] + [f"{one_line(n)} written (empty)"
+                                                                            for n in p.written]
+        print(f"  PostgreSQL {p.version} in {where}: " + ", ".join(changed) + " before the start")
+    if p.ok:
+        print(f"  PostgreSQL {p.version} in {where} started as {one_line(p.user)} and was ready in "
+              f"{p.ready_seconds:.2f} s; {len(p.databases)} database(s) opened: "
+              + ", ".join(one_line(d) for d in p.databases))
+        if p.answer is not None:
+            print(f"  query answered: {one_line(p.answer)}")
+        return
+    print(f"  PostgreSQL in {where} failed: {one_line(p.error)}")
+    if p.log_tail and p.answer is None:  # the server's own words on why (not for an answer that differs)
+        for line in p.log_tail.rstrip("\n").split("\n")[-20:]:
+            sys.stderr.write(f"  log: {one_line(line)}\n")
 
 
 def cmd_verify_restore(args: argparse.Namespace) -> int:
@@ -927,6 +992,7 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
         raise UsageError(f"give {'--until' if args.until is not None else 'a snapshot'} or --all-since, not both")
     if args.scratch is not None and not os.path.isdir(args.scratch):
         raise UsageError(f"scratch directory does not exist: {args.scratch}")
+    check_pg_options(args.pg_start, args.pg_query, args.pg_expect, args.pg_bindir, args.pg_dbname)
     repo = _open(args)
     reports: list[VerifyReport] = []
     # one source's, with --host/--path (CHUNKVAULT_HOST where no id is named)
@@ -960,7 +1026,9 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
             _print_report(r)
     for snap in snaps:
         r = verify_restore(repo, snap, then=args.then, timeout=args.timeout, scratch=args.scratch, keep=args.keep,
-                           numeric_owner=args.numeric_owner, owners=False if args.ignore_owners else None)
+                           numeric_owner=args.numeric_owner, owners=False if args.ignore_owners else None,
+                           pg_start=args.pg_start, pg_query=args.pg_query, pg_expect=args.pg_expect,
+                           pg_bindir=args.pg_bindir, pg_dbname=args.pg_dbname)
         reports.append(r)
         if not args.json and not (args.quiet and r.ok):
             _print_report(r)
@@ -995,7 +1063,22 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argp
                         "CHUNKVAULT_SNAPSHOT_KIND; what it leaves running (a database it started, even in a "
                         "session of its own) is stopped when it exits, unless --keep; its output is shown when it fails (with --json: "
                         "always, as output)")
-    s.add_argument("--timeout", type=float, metavar="SECONDS", help="kill CMD (and its children) after this long")
+    s.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="kill CMD (and its children) after this long; with --pg-start, the time each data "
+                        "directory gets to start and answer (default 600)")
+    s.add_argument("--pg-start", action="store_true",
+                   help="start each PostgreSQL data directory of the copy (as its owner, no TCP, a private "
+                        "socket, archiving off, recovery signals removed), open each database, stop it; a "
+                        "failure fails the snapshot (before --then)")
+    s.add_argument("--pg-query", metavar="SQL", help="with --pg-start: run SQL and report its answer")
+    s.add_argument("--pg-expect", metavar="TEXT",
+                   help="with --pg-query: fail unless the answer is TEXT (psql's unaligned rows, fields "
+                        "joined by |, rows by newlines)")
+    s.add_argument("--pg-dbname", metavar="NAME", default="postgres",
+                   help="the database --pg-query runs in (default postgres)")
+    s.add_argument("--pg-bindir", metavar="DIR",
+                   help="the PostgreSQL server binaries (default /usr/lib/postgresql/<the copy's "
+                        "version>/bin, else pg_ctl's on PATH if of that version)")
     s.add_argument("--scratch", metavar="DIR", help="make the scratch directory under DIR (default: the temp dir)")
     s.add_argument("--keep", action="store_true", help="keep the restored tree (its path is reported)")
     s.add_argument("--numeric-owner", action="store_true",

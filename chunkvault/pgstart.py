@@ -1,0 +1,541 @@
+"""Start a restored PostgreSQL data directory and prove it opens (``verify-restore --pg-start``).
+
+A copy that matched its manifest byte for byte may still not start: WAL missing after the backup's start, a
+control file from the wrong moment, a configuration that names what this host lacks.  Here the copy is
+started the way a restore would be, but fenced off from everything live: the server runs as the data
+directory's owner with no TCP listener, its socket, ``pg_hba.conf`` and ``pg_ident.conf`` in a private run
+directory, archiving off, the log on its standard error in a file of ours.  Recovery signals are removed
+from the copy, so that it comes up on the WAL it holds (crash recovery from its backup label) instead of
+waiting for a primary or an archive.  Once it accepts connections and is out of recovery, every database
+that takes connections is opened, one query may be asked, and the server is stopped: a fast shutdown
+(``pg_ctl stop -m fast``: SIGINT), then an immediate one (SIGQUIT), then SIGKILL to its process group, also
+when we are interrupted.
+
+The pure parts (which binaries, which settings, which files, how a connection is named) are apart from the
+I/O, as the rest of chunkvault keeps them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from .errors import PgStartFailed
+
+__all__ = ["PgStartResult", "PG_START_TIMEOUT", "pick_bindir", "server_settings", "postgres_argv",
+           "recovery_files", "conninfo", "searchable", "prove_data_directories", "prove_data_directory"]
+
+#: How long a copy gets to finish its recovery and answer, when no ``timeout`` is given: a large one replays
+#: all the WAL written while its backup ran.
+PG_START_TIMEOUT = 600.0
+#: Seconds a fast shutdown, then an immediate one, gets before the next step.
+FAST_STOP_WAIT = 60.0
+IMMEDIATE_STOP_WAIT = 10.0
+#: The oldest major version handled: from 10 on, ``postmaster.pid`` says when the server is ready.
+MIN_MAJOR = 10
+LOG_TAIL = 4 << 10
+#: Where Debian installs each major version's server binaries.
+DEBIAN_BINDIR = "/usr/lib/postgresql/{major}/bin"
+#: What the server reads as its client authentication: its unix socket alone, in a directory only its user
+#: (and root) can enter.
+HBA = "local all all trust\n"
+#: A unix socket's path must fit in ``sun_path`` (108 bytes with its NUL).
+SOCKET_PATH_MAX = 107
+
+
+@dataclass
+class PgStartResult:
+    """What starting one PostgreSQL data directory of a restored copy showed."""
+
+    data_directory: str | None  # relative to the copy ("." for the copy itself); None: the copy holds none
+    version: str | None = None  # its PG_VERSION
+    bindir: str | None = None
+    user: str | None = None  # whom the server ran as
+    pid: int | None = None  # the postmaster's, ended by the time this is reported
+    ready_seconds: float | None = None  # from its start until it accepted connections, out of recovery
+    databases: list[str] = field(default_factory=list)  # each one opened (SELECT 1)
+    answer: str | None = None  # the query's
+    signals_removed: list[str] = field(default_factory=list)  # recovery signal files removed from the copy
+    written: list[str] = field(default_factory=list)  # files made in the copy (a missing postgresql.conf)
+    error: str | None = None
+    log_tail: str | None = None  # the server's log, on a failure
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# --- pure ---------------------------------------------------------------------------------------
+
+
+def parse_pg_version(text: str) -> str:
+    """The major version a data directory's ``PG_VERSION`` names ("15", "9.6")."""
+    version = text.strip()
+    if not re.fullmatch(r"\d+(?:\.\d+)?", version):
+        raise PgStartFailed(f"PG_VERSION holds {version[:40]!r}, not a PostgreSQL version")
+    return version
+
+
+def major_number(version: str) -> int:
+    """A major version as a number to compare: "15" -> 15, "9.6" -> 9."""
+    return int(version.split(".")[0])
+
+
+def binaries_major(version_output: str) -> str | None:
+    """The major version ``postgres --version`` names ("postgres (PostgreSQL) 15.18 (Debian ...)"), as
+    PG_VERSION spells it: "15", or "9.6" before 10."""
+    m = re.search(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?", version_output)
+    if m is None:
+        return None
+    return m.group(1) if int(m.group(1)) >= 10 or m.group(2) is None else f"{m.group(1)}.{m.group(2)}"
+
+
+def pick_bindir(major: str, given: tuple[str, str | None] | None, debian: str | None,
+                on_path: tuple[str, str | None] | None) -> str:
+    """The directory whose ``postgres`` starts a data directory of version ``major``: ``given`` (the
+    ``--pg-bindir`` asked for, with the major its binaries are), else Debian's for that major (``debian``:
+    the directory when it holds the server), else the one of ``pg_ctl`` on PATH (with its major) if it is
+    that version.  A server of another major version refuses the files, so the choice says so rather than
+    leave it to a log line."""
+    if given is not None:
+        directory, its = given
+        if its is None:
+            raise PgStartFailed(f"--pg-bindir {directory} holds no PostgreSQL server binaries (postgres, psql)")
+        if its != major:
+            raise PgStartFailed(f"--pg-bindir {directory} holds PostgreSQL {its}, the copy is of {major}")
+        return directory
+    if debian is not None:
+        return debian
+    if on_path is not None and on_path[1] == major:
+        return on_path[0]
+    found = f" (pg_ctl on PATH is PostgreSQL {on_path[1]}, in {on_path[0]})" if on_path is not None else ""
+    raise PgStartFailed(f"no PostgreSQL {major} server binaries: not in {DEBIAN_BINDIR.format(major=major)}, "
+                        f"nor on PATH{found}; give --pg-bindir")
+
+
+def recovery_files(major: int) -> tuple[str, ...]:
+    """The files that put a starting server into archive recovery or standby mode: from 12 on the signal
+    files, before that ``recovery.conf``."""
+    return ("standby.signal", "recovery.signal") if major >= 12 else ("recovery.conf",)
+
+
+def server_settings(major: int, datadir: str, rundir: str, port: int) -> list[tuple[str, str]]:
+    """The settings given on the server's command line (they win over every configuration file) so that a
+    copy started beside the live server touches nothing of it: no TCP, a socket and authentication files
+    in ``rundir`` (its own), no pid file elsewhere, no archiving, no SSL files, no log collector (the log
+    goes to its standard error, which we keep), no wait for a synchronous standby, and the copy as its data
+    directory whatever its ``postgresql.conf`` names.  The copy is scratch, removed afterwards: it needs no
+    fsync, and a backend crash ends the run rather than restarting it."""
+    settings = [
+        ("data_directory", datadir),
+        ("port", str(port)),
+        ("listen_addresses", ""),
+        ("unix_socket_directories", rundir),
+        ("hba_file", os.path.join(rundir, "pg_hba.conf")),
+        ("ident_file", os.path.join(rundir, "pg_ident.conf")),
+        ("external_pid_file", ""),
+        ("ssl", "off"),
+        ("archive_mode", "off"),
+        ("logging_collector", "off"),
+        ("log_destination", "stderr"),
+        ("synchronous_standby_names", ""),
+        ("huge_pages", "try"),
+        ("fsync", "off"),
+        ("restart_after_crash", "off"),
+    ]
+    if major < 15:  # its default is below the data directory; a setting of the live server's points elsewhere
+        settings.append(("stats_temp_directory", "pg_stat_tmp"))
+    return settings
+
+
+def postgres_argv(bindir: str, datadir: str, settings: Iterable[tuple[str, str]]) -> list[str]:
+    """The server's command line (no shell: a value is passed as it is, spaces and quotes too)."""
+    argv = [os.path.join(bindir, "postgres"), "-D", datadir]
+    for name, value in settings:
+        argv += ["-c", f"{name}={value}"]
+    return argv
+
+
+def _conninfo_value(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def conninfo(rundir: str, port: int, user: str, dbname: str) -> str:
+    """A libpq connection string to the copy's socket (any database name: quoted as libpq reads it)."""
+    return " ".join(f"{k}={_conninfo_value(v)}" for k, v in
+                    (("host", rundir), ("port", str(port)), ("user", user), ("dbname", dbname)))
+
+
+def searchable(mode: int, owner: int, group: int, uid: int, gids: Iterable[int]) -> bool:
+    """Whether user ``uid`` (in groups ``gids``) may pass through a directory of this mode and owners: the
+    owner's bits for its owner, the group's for a member, the others' for everyone else."""
+    if uid == 0:
+        return True
+    if uid == owner:
+        return bool(mode & stat.S_IXUSR)
+    if group in set(gids):
+        return bool(mode & stat.S_IXGRP)
+    return bool(mode & stat.S_IXOTH)
+
+
+def pid_file_ready(text: str) -> bool:
+    """Whether ``postmaster.pid`` says the server accepts connections (its 8th line, from 10 on)."""
+    lines = text.split("\n")
+    return len(lines) > 7 and lines[7].strip() == "ready"
+
+
+def split_records(out: bytes) -> list[str]:
+    """Records psql printed separated by zero bytes (``-A -t -0``): a database name may hold any character."""
+    text = out.decode(errors="replace").rstrip("\n")
+    return [r for r in text.split("\0") if r]
+
+
+def role_candidates(pguser: str | None, owner_name: str | None) -> list[str]:
+    """Whom to connect as at first: ``PGUSER`` where it is set (a superuser named otherwise, as a container's
+    ``POSTGRES_USER`` makes), the owner's name (initdb's default superuser), then ``postgres``."""
+    return list(dict.fromkeys([n for n in (pguser, owner_name, "postgres") if n]))
+
+
+def psql_missing(stderr: str) -> str | None:
+    """What a failed connection lacked: "role" or "database" (it does not exist), else None."""
+    m = re.search(r'(role|database) ".*" does not exist', stderr)
+    return m.group(1) if m else None
+
+
+# --- I/O -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Identity:
+    """Whom the server runs as: the data directory's owner."""
+
+    uid: int
+    gid: int
+    groups: list[int]
+    name: str | None
+
+
+def server_identity(datadir: str) -> Identity:
+    """The data directory's owner, whom PostgreSQL runs as (it refuses root, and any user but the owner)."""
+    st = os.stat(datadir)
+    if os.geteuid() == 0:
+        if st.st_uid == 0:
+            raise PgStartFailed("the copy's data directory is owned by root (restored without owners, as with "
+                                "--ignore-owners, or owned so in the snapshot): PostgreSQL refuses to run as "
+                                "root, so it cannot be started")
+    elif st.st_uid != os.geteuid():
+        raise PgStartFailed(f"the copy's data directory is owned by uid {st.st_uid}, not by this user: PostgreSQL "
+                            "runs only as its data directory's owner (verify as root, or as that user)")
+    try:
+        pw = pwd.getpwuid(st.st_uid)
+        name, gid = pw.pw_name, pw.pw_gid
+        groups = os.getgrouplist(name, gid)
+    except KeyError:  # an owner this host does not name: its id alone
+        name, gid, groups = None, st.st_gid, [st.st_gid]
+    return Identity(st.st_uid, gid, groups, name)
+
+
+def closed_ancestor(path: str, who: Identity) -> str | None:
+    """The first directory above ``path`` that ``who`` may not pass through, or None."""
+    parts = os.path.abspath(path).split(os.sep)
+    for i in range(1, len(parts)):
+        directory = os.sep.join(parts[:i]) or os.sep
+        st = os.stat(directory)
+        if not searchable(st.st_mode, st.st_uid, st.st_gid, who.uid, who.groups):
+            return directory
+    return None
+
+
+def find_bindir(major: str, given: str | None) -> str:
+    """``pick_bindir`` with what this host has: the versions of the binaries asked about."""
+    debian = DEBIAN_BINDIR.format(major=major)
+    pg_ctl = shutil.which("pg_ctl")
+    on_path = None
+    if pg_ctl is not None:
+        directory = os.path.dirname(os.path.realpath(pg_ctl))
+        on_path = (directory, _binaries_version(directory))
+    return pick_bindir(major, (given, _binaries_version(given)) if given is not None else None,
+                       debian if _binaries_version(debian) == major else None, on_path)
+
+
+def _binaries_version(directory: str) -> str | None:
+    """The major version of the server in ``directory``, or None without one (and psql) there."""
+    postgres = os.path.join(directory, "postgres")
+    if not all(os.access(os.path.join(directory, t), os.X_OK) for t in ("postgres", "psql")):
+        return None
+    try:
+        out = subprocess.run([postgres, "--version"], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return binaries_major(out.stdout)
+
+
+def _write_owned(path: str, text: str, who: Identity) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        if os.geteuid() == 0:
+            os.fchown(f.fileno(), who.uid, who.gid)
+        f.write(text)
+
+
+def prepare_copy(datadir: str, major: int, who: Identity) -> tuple[list[str], list[str]]:
+    """Make the copy startable on its own: its recovery signals removed (it must come up on its own WAL,
+    not wait for a primary or an archive), an empty ``postgresql.conf`` where it has none (Debian keeps it
+    under /etc, outside the data directory), a ``postmaster.pid`` a copied server left removed (its pid may
+    be a live process's here).  The signals removed and the files written, by name."""
+    removed = []
+    for name in recovery_files(major):
+        path = os.path.join(datadir, name)
+        if os.path.lexists(path):
+            os.unlink(path)
+            removed.append(name)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(datadir, "postmaster.pid"))
+    written = []
+    conf = os.path.join(datadir, "postgresql.conf")
+    if not os.path.exists(conf):
+        if os.path.lexists(conf):  # a link to what this host lacks: the copy's own file instead
+            os.unlink(conf)
+        _write_owned(conf, "", who)
+        written.append("postgresql.conf")
+    return removed, written
+
+
+def _run_directory(who: Identity) -> str:
+    """A private directory for the socket and the authentication files: the server user's alone, and
+    short enough for a socket path."""
+    parent = tempfile.gettempdir()
+    if len(parent) > 60:
+        parent = "/tmp"
+    path = tempfile.mkdtemp(prefix="chunkvault-pg-", dir=parent)
+    if os.geteuid() == 0:
+        os.chown(path, who.uid, who.gid)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _free_port() -> int:
+    """A port no one listens on (the server listens on none: the number names its socket file, in a
+    directory of its own, so any would do; a free one keeps its lock file from misleading anyone)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One postmaster on a copy, our child, leading a process group of its own; ``stop`` ends it all."""
+
+    def __init__(self, bindir: str, datadir: str, major: int, who: Identity, timeout: float):
+        self.bindir, self.datadir, self.major, self.who, self.timeout = bindir, datadir, major, who, timeout
+        self.rundir = _run_directory(who)
+        self.port = _free_port()
+        self.log = os.path.join(self.rundir, "server.log")
+        self.proc: subprocess.Popen | None = None
+        self.role: str | None = None
+        self.home = "template1"  # a database that role opened: where the catalog-wide questions are asked
+
+    def start(self) -> None:
+        _write_owned(os.path.join(self.rundir, "pg_hba.conf"), HBA, self.who)
+        _write_owned(os.path.join(self.rundir, "pg_ident.conf"), "", self.who)
+        argv = postgres_argv(self.bindir, self.datadir,
+                             server_settings(self.major, self.datadir, self.rundir, self.port))
+        env = {"PATH": f"{self.bindir}:/usr/bin:/bin", "LC_ALL": "C", "HOME": self.rundir}
+        ids = {}
+        if os.geteuid() == 0:
+            ids = {"user": self.who.uid, "group": self.who.gid, "extra_groups": self.who.groups}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, env=env, cwd=self.rundir, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True, **ids)
+
+    def exited(self) -> int | None:
+        """Its exit code once it has ended, without reaping it (its pid, and so its group's id, stay
+        ours until ``stop``)."""
+        assert self.proc is not None
+        try:
+            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return self.proc.returncode if self.proc.returncode is not None else -1
+        if info is None:
+            return None
+        return info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
+
+    def wait_ready(self, deadline: float) -> None:
+        """Until ``postmaster.pid`` says it accepts connections (after the crash recovery its backup label
+        asks for), or it exits, or the deadline passes."""
+        pid_file = os.path.join(self.datadir, "postmaster.pid")
+        pause = 0.02
+        while True:
+            code = self.exited()
+            if code is not None:
+                raise PgStartFailed(f"PostgreSQL exited {code} before it accepted connections")
+            with contextlib.suppress(OSError):
+                with open(pid_file) as f:
+                    if pid_file_ready(f.read()):
+                        return
+            if time.monotonic() > deadline:
+                raise PgStartFailed(f"PostgreSQL did not accept connections within {self.timeout:g} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    def psql(self, sql: str, dbname: str, deadline: float, role: str | None = None,
+             records: bool = False) -> subprocess.CompletedProcess:
+        """One query through psql (no ``.psqlrc``, no password file), unaligned, tuples only."""
+        argv = [os.path.join(self.bindir, "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                *(["-0"] if records else []), "-d", conninfo(self.rundir, self.port, role or self.role or "", dbname),
+                "-c", sql]
+        env = {"PATH": f"{self.bindir}:/usr/bin:/bin", "LC_ALL": "C", "PGPASSFILE": os.devnull,
+               "PGCONNECT_TIMEOUT": "30", "PGAPPNAME": "chunkvault verify-restore"}
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise PgStartFailed(f"the {self.timeout:g} s given (--timeout) ran out before the queries were done")
+        try:
+            return subprocess.run(argv, env=env, capture_output=True, stdin=subprocess.DEVNULL, timeout=remaining)
+        except subprocess.TimeoutExpired:
+            raise PgStartFailed(f"psql did not answer in time: {sql[:60]!r} in {dbname}") from None
+
+    def find_role(self, dbname: str, deadline: float) -> None:
+        """Whom to connect as: the bootstrap superuser (oid 10, who may open every database), named by
+        asking as ``PGUSER``, the owner's name or ``postgres``, in ``dbname``, ``template1`` or ``postgres``."""
+        tried = []
+        for role in role_candidates(os.environ.get("PGUSER"), self.who.name):
+            for db in dict.fromkeys((dbname, "template1", "postgres")):
+                proc = self.psql("SELECT rolname FROM pg_roles WHERE oid = 10", db, deadline, role=role)
+                if proc.returncode == 0:
+                    self.role = proc.stdout.decode(errors="replace").strip() or role
+                    self.home = db
+                    return
+                missing = psql_missing(proc.stderr.decode(errors="replace"))
+                if missing is None:
+                    raise PgStartFailed(f"cannot connect: {_first_line(proc.stderr)}")
+                tried.append(f"{role}@{db}")
+                if missing == "role":
+                    break
+        raise PgStartFailed("cannot connect: no role and database found among " + ", ".join(tried))
+
+    def query(self, sql: str, dbname: str, deadline: float, records: bool = False) -> bytes:
+        proc = self.psql(sql, dbname, deadline, records=records)
+        if proc.returncode != 0:
+            raise PgStartFailed(f"{sql[:80]!r} in database {dbname!r} failed: {_first_line(proc.stderr)}")
+        return proc.stdout
+
+    def wait_consistent(self, deadline: float) -> None:
+        """Until it is out of recovery (it is by the time it accepts connections, with no recovery signal)."""
+        while self.query("SELECT pg_is_in_recovery()", self.home, deadline).strip() != b"f":
+            if time.monotonic() > deadline:
+                raise PgStartFailed(f"PostgreSQL was still in recovery after {self.timeout:g} s")
+            time.sleep(0.2)
+
+    def log_tail(self) -> str:
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """A fast shutdown, an immediate one, then SIGKILL to its process group: nothing of it goes on, even
+        when we are interrupted meanwhile (a second interrupt skips to the kill)."""
+        proc = self.proc
+        if proc is None:
+            return
+        try:
+            for sig, wait in ((signal.SIGINT, FAST_STOP_WAIT), (signal.SIGQUIT, IMMEDIATE_STOP_WAIT)):
+                if self.exited() is not None:
+                    break
+                with contextlib.suppress(OSError):
+                    os.kill(proc.pid, sig)
+                end = time.monotonic() + wait
+                while self.exited() is None and time.monotonic() < end:
+                    time.sleep(0.05)
+        finally:
+            with contextlib.suppress(OSError):  # its children, and itself if still running; the pid is not
+                os.killpg(proc.pid, signal.SIGKILL)  # reaped yet, so the group is still its
+            proc.wait()
+
+    def remove_run_directory(self) -> None:
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def _first_line(stderr: bytes) -> str:
+    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    return lines[0] if lines else "no message"
+
+
+def prove_data_directory(copy: str, rel: bytes, *, bindir: str | None = None, query: str | None = None,
+                         expect: str | None = None, dbname: str = "postgres",
+                         timeout: float = PG_START_TIMEOUT) -> PgStartResult:
+    """Start the data directory at ``rel`` in the restored ``copy``, open each database, ask ``query``
+    in ``dbname`` (its answer compared with ``expect``), stop it.  A failure is the result's ``error``
+    (with the log's tail when the server ran), never raised; an interrupt stops the server and propagates."""
+    datadir = os.path.join(copy, os.fsdecode(rel))
+    result = PgStartResult(os.fsdecode(rel) or ".")
+    server: Server | None = None
+    started = time.monotonic()
+    deadline = started + timeout
+    try:
+        with open(os.path.join(datadir, "PG_VERSION")) as f:
+            result.version = parse_pg_version(f.read())
+        major = major_number(result.version)
+        if major < MIN_MAJOR:
+            raise PgStartFailed(f"PostgreSQL {result.version} is older than --pg-start handles ({MIN_MAJOR} on)")
+        result.bindir = find_bindir(result.version, bindir)
+        who = server_identity(datadir)
+        result.user = who.name or str(who.uid)
+        closed = closed_ancestor(datadir, who)
+        if closed is not None:
+            raise PgStartFailed(f"the server's user {result.user} cannot reach the copy: {closed} is closed to it "
+                                "(give --scratch a directory it may pass through)")
+        result.signals_removed, result.written = prepare_copy(datadir, major, who)
+        server = Server(result.bindir, datadir, major, who, timeout)
+        server.start()
+        assert server.proc is not None
+        result.pid = server.proc.pid
+        server.wait_ready(deadline)
+        server.find_role(dbname, deadline)
+        server.wait_consistent(deadline)
+        result.ready_seconds = round(time.monotonic() - started, 3)
+        names = split_records(server.query("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1",
+                                           server.home, deadline, records=True))
+        for name in names:
+            if server.query("SELECT 1", name, deadline).strip() != b"1":
+                raise PgStartFailed(f"database {name!r} did not answer SELECT 1")
+            result.databases.append(name)
+        if query is not None:
+            result.answer = server.query(query, dbname, deadline).decode(errors="replace").rstrip("\n")
+            if expect is not None and result.answer != expect:
+                raise PgStartFailed(f"the query answered {result.answer!r}, expected {expect!r}")
+    except PgStartFailed as exc:
+        result.error = str(exc)
+    except OSError as exc:
+        result.error = f"{exc.filename or datadir}: {exc.strerror or exc}"
+    finally:
+        if server is not None:
+            try:
+                server.stop()
+            finally:
+                if result.error is not None:
+                    result.log_tail = server.log_tail() or None
+                server.remove_run_directory()
+    return result
+
+
+def prove_data_directories(copy: str, data_dirs: Iterable[bytes], **options: object) -> list[PgStartResult]:
+    """``prove_data_directory`` for each data directory of the copy, one after the other; a copy that holds
+    none fails: nothing of it was started."""
+    results = [prove_data_directory(copy, rel, **options) for rel in data_dirs]  # type: ignore[arg-type]
+    if not results:
+        results.append(PgStartResult(None, error="the snapshot holds no PostgreSQL data directory (no "
+                                                 "global/pg_control): nothing to start"))
+    return results
