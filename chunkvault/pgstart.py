@@ -230,9 +230,9 @@ def server_identity(datadir: str) -> Identity:
     st = os.stat(datadir)
     if os.geteuid() == 0:
         if st.st_uid == 0:
-            raise PgStartFailed("the copy's data directory is owned by root (restored without owners, as with "
-                                "--ignore-owners, or owned so in the snapshot): PostgreSQL refuses to run as "
-                                "root, so it cannot be started")
+            raise PgStartFailed("the copy's data directory is owned by root (its owner could not be set, as in "
+                                "a user namespace with --ignore-owners, or it is root's in the snapshot): "
+                                "PostgreSQL refuses to run as root, so it cannot be started")
     elif st.st_uid != os.geteuid():
         raise PgStartFailed(f"the copy's data directory is owned by uid {st.st_uid}, not by this user: PostgreSQL "
                             "runs only as its data directory's owner (verify as root, or as that user)")
@@ -316,7 +316,7 @@ def _run_directory(who: Identity) -> str:
     """A private directory for the socket and the authentication files: the server user's alone, and
     short enough for a socket path."""
     parent = tempfile.gettempdir()
-    if len(parent) > 60:
+    if len(os.path.join(parent, "chunkvault-pg-XXXXXXXX", ".s.PGSQL.65535.lock")) > SOCKET_PATH_MAX:
         parent = "/tmp"
     path = tempfile.mkdtemp(prefix="chunkvault-pg-", dir=parent)
     if os.geteuid() == 0:
