@@ -1095,7 +1095,7 @@ class Repository:
             return set()
         try:
             starts = self._label_starts(snaps)
-        except UsageError:  # a base backup whose start cannot be read: its WAL goes
+        except (UsageError, CorruptObject):  # a start that cannot be read (sealed, damaged): its WAL goes
             return set()
         return set(expired(names, oldest_needed(starts), earlier_timelines=True)) if starts else set()
 

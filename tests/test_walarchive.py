@@ -863,6 +863,34 @@ def test_copy_wal_does_not_send_again_what_the_destination_expired(tmp_path, pas
     dst.close()
 
 
+def test_copy_wal_to_a_destination_whose_base_backup_does_not_read_sends_everything(tmp_path, password):
+    """A destination snapshot whose tree (or backup_label) is damaged: its start cannot be read, so every file
+    it lacks goes, as with a snapshot that does not load; the copy failed on it, and sent no WAL at all."""
+    src = Repository.init(str(tmp_path / "src"), password, kdf_seconds=0)
+    dst = Repository.init(str(tmp_path / "dst"), password, kdf_seconds=0)
+    names = [f"00000001000000000000000{i}" for i in range(1, 5)]
+    for i, name in enumerate(names):
+        src.archive_push(segment_file(tmp_path, name, seed=i, size=1 << 18))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "backup_label").write_text(f"START WAL LOCATION: 0/3000028 (file {names[2]})\n")
+    older = src.backup([str(copy)], kind="full").snapshot.id
+    assert src.copy_to(dst, [older], wal=True).wal_unneeded == 2
+    for pack in (tmp_path / "dst" / "data").rglob("*"):
+        if pack.is_file():
+            raw = bytearray(pack.read_bytes())
+            raw[len(raw) // 2] ^= 1
+            pack.write_bytes(bytes(raw))
+    (copy / "backup_label").write_text(f"START WAL LOCATION: 0/4000028 (file {names[3]})\n")
+    newer = src.backup([str(copy)], kind="full").snapshot.id
+    dst.close()
+    dst = Repository.open(str(tmp_path / "dst"), password)
+    result = src.copy_to(dst, [newer], wal=True)
+    assert (result.wal_copied, result.wal_unneeded) == (names[:2], 0)
+    src.close()
+    dst.close()
+
+
 def test_a_file_archived_while_a_copy_runs_is_sent_not_called_damaged(tmp_path, password):
     """archive_command runs on while a copy does (a scheduled run's postgres backup makes the server switch
     segments): the copy listed the new object but had read the index before the push wrote its own, and
