@@ -929,9 +929,11 @@ def _reaching(repo: Any, args: argparse.Namespace, target: Any, subtree: bytes |
     stops at the copy's consistent point at the earliest); one of another source of the host (its /etc) is
     passed over, and so, for a position, is one that records no stop position."""
     from .errors import SnapshotNotFound
+    from .pgrecovery import on_timeline
 
     until: datetime | None = target.stops_at
-    unrecorded = 0
+    unrecorded = branched = 0
+    newest, ends = _timeline_history(repo)
     while True:
         try:
             snap = repo.snapshot("latest", until=until, host=source_host(args, "latest"),
@@ -943,15 +945,41 @@ def _reaching(repo: Any, args: argparse.Namespace, target: Any, subtree: bytes |
                 what, verb = f"had its WAL stop at or before the recovery target {target.value}", "did"
             unknown = (f"; {unrecorded} record no stop position (not taken by backup --postgres): name one to try it"
                        if unrecorded else "")
+            if branched:
+                unknown += (f"; {branched} lie on a timeline abandoned before timeline {newest}, which a recovery "
+                            "follows, branched off")
             raise SnapshotNotFound(f"no snapshot of a data directory {what}: a recovery starts from one that {verb} "
                                    f"(--host and --path choose among sources{unknown})") from None
         if _holds_data_directory(repo, snap, subtree):
             reached = target.reached_from(
                 snap.datetime + timedelta(seconds=float(snap.stats.get("duration") or 0)), snap.stats)
-            if reached:
+            if reached and on_timeline(snap.stats, newest, ends):
                 return snap
             unrecorded += reached is None
+            branched += bool(reached)
         until = snap.datetime - timedelta(microseconds=1)
+
+
+def _timeline_history(repo: Any) -> tuple[int, dict[int, int]]:
+    """The newest timeline whose history file the repository's WAL archive holds (a recovery follows it:
+    ``recovery_target_timeline`` is latest) and where each of its ancestors ended; (0, {}) without one (a
+    single timeline, or an archive kept elsewhere) or where it does not read: nothing is passed over."""
+    import tempfile
+
+    from .pgrecovery import timeline_ends
+    from .store import walarchive, walnames
+
+    histories = [n for n in walarchive.names(repo.store) if walnames.is_history(n)]
+    if not histories:
+        return 0, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, max(histories))
+        try:
+            repo.archive_get(max(histories), path)
+        except ChunkvaultError:
+            return 0, {}
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return int(max(histories)[:8], 16), timeline_ends(f.read())
 
 
 def _at_root(subtree: bytes | None, name: bytes) -> bytes:

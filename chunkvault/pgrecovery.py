@@ -94,6 +94,36 @@ class RecoveryTarget:
         return {"target": self.kind, "value": self.value, "action": self.action}
 
 
+def timeline_ends(history: str) -> dict[int, int]:
+    """Where each ancestor timeline named in a timeline history file (``NNNNNNNN.history``: a line of timeline,
+    switch position and reason each) ended: the next one branched off there."""
+    ends = {}
+    for line in history.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0].isdigit():
+            try:
+                ends[int(words[0])] = parse_lsn(words[1])
+            except ValueError:
+                continue
+    return ends
+
+
+def on_timeline(stats: dict, newest: int, ends: dict[int, int]) -> bool:
+    """Whether a base backup with these snapshot stats can recover along timeline ``newest`` (the one a
+    recovery follows: ``recovery_target_timeline`` is latest; ``ends``: its history): taken on it, or on an
+    ancestor and stopped by where that one ended.  One stopped past that lies on a branch abandoned there (a
+    point-in-time recovery went back before it): PostgreSQL does not find its checkpoint on the new timeline.
+    True where it cannot be told (no timeline or stop recorded, no history)."""
+    pg = stats.get("postgres")
+    tli, stop = (pg.get("timeline"), pg.get("stop_lsn")) if isinstance(pg, dict) else (None, None)
+    if not isinstance(tli, int) or not isinstance(stop, str) or tli >= newest:
+        return True
+    try:
+        return tli in ends and parse_lsn(stop) <= ends[tli]
+    except ValueError:
+        return True
+
+
 def parse_target(text: str, action: str | None = None) -> RecoveryTarget:
     """``--pg-recover``'s argument (``end``, ``immediate``, ``standby``, ``time=TIME``, ``lsn=LSN``,
     ``xid=XID``, ``name=NAME``) and ``--pg-target-action``, checked: PostgreSQL would otherwise refuse them

@@ -244,6 +244,54 @@ def test_a_position_target_restores_the_newest_snapshot_whose_wal_stopped_by_the
     assert len(said.splitlines()) == 1
 
 
+def test_a_target_is_not_reached_from_a_copy_on_a_timeline_abandoned_before_it(tmp_path, cli):
+    """A point-in-time recovery went back before a later copy's stop (timeline 2 branched off at 0/3000000):
+    a target on timeline 2 past that copy's stop picked it, and PostgreSQL, following the newest timeline,
+    did not find its checkpoint there ("could not locate required checkpoint record").  The copy taken
+    before the branch is picked, and one on timeline 2 once there is one."""
+    import dataclasses
+
+    from chunkvault import Repository
+
+    repo_url = str(tmp_path / "repo")
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    d = data_dir(tmp_path)
+    ids = []
+
+    def snapshot(repo, timeline, stop):
+        (d / "base").mkdir(exist_ok=True)
+        (d / "base" / "1").write_text(f"{timeline} {stop}")
+        snap = repo.backup([str(d)]).snapshot
+        if stop is not None:
+            repo.store.save_snapshot(dataclasses.replace(snap, stats={**snap.stats, "postgres": {
+                "stop_lsn": stop, "timeline": timeline, "start_wal": f"0000000{timeline}0000000000000002"}}),
+                replace=True)
+        ids.append(snap.id)
+
+    def restored(target, code=0):
+        out = cli("restore", "-r", repo_url, "--password-file", str(pw), "--target",
+                  str(tmp_path / f"out{len(os.listdir(tmp_path))}"), "--pg-recover", target, "--json", check=code)
+        return json.loads(out.stdout)["snapshot"] if code == 0 else out.stderr.decode()
+
+    with Repository.init(repo_url, "secret", kdf_seconds=0) as repo:
+        for timeline, stop in ((1, None), (1, "0/2000100"), (1, "0/5000028")):
+            snapshot(repo, timeline, stop)
+    assert restored("lsn=0/6000000") == ids[2]  # one timeline: nothing is passed over
+    history = tmp_path / "00000002.history"
+    history.write_text("1\t0/3000000\tbefore 2026-12-05 11:00:00+00\n")
+    with Repository.open(repo_url, "secret") as repo:
+        repo.archive_push(history)
+    assert restored("lsn=0/6000000") == ids[1]
+    assert restored("lsn=0/5000028") == ids[1]
+    cli("forget", "-r", repo_url, "--password-file", str(pw), ids[1])
+    said = restored("lsn=0/6000000", code=12)
+    assert "1 record no stop position" in said and "1 lie on a timeline abandoned before timeline 2" in said
+    with Repository.open(repo_url, "secret") as repo:
+        snapshot(repo, 2, "0/5800000")
+    assert restored("lsn=0/6000000") == ids[3]
+
+
 def test_a_time_target_restores_the_newest_snapshot_that_had_ended_by_then(tmp_path, cli):
     """As pgBackRest picks the backup for a time target: a later snapshot cannot recover to an earlier time,
     nor one still being taken then (its copy becomes consistent only at its end)."""
