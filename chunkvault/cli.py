@@ -933,7 +933,7 @@ def _reaching(repo: Any, args: argparse.Namespace, target: Any, subtree: bytes |
 
     until: datetime | None = target.stops_at
     unrecorded = branched = 0
-    newest, ends = _timeline_history(repo)
+    newest, ends = repo.wal_history()
     while True:
         try:
             snap = repo.snapshot("latest", until=until, host=source_host(args, "latest"),
@@ -958,28 +958,6 @@ def _reaching(repo: Any, args: argparse.Namespace, target: Any, subtree: bytes |
             unrecorded += reached is None
             branched += bool(reached)
         until = snap.datetime - timedelta(microseconds=1)
-
-
-def _timeline_history(repo: Any) -> tuple[int, dict[int, int]]:
-    """The newest timeline whose history file the repository's WAL archive holds (a recovery follows it:
-    ``recovery_target_timeline`` is latest) and where each of its ancestors ended; (0, {}) without one (a
-    single timeline, or an archive kept elsewhere) or where it does not read: nothing is passed over."""
-    import tempfile
-
-    from .pgrecovery import timeline_ends
-    from .store import walarchive, walnames
-
-    histories = [n for n in walarchive.names(repo.store) if walnames.is_history(n)]
-    if not histories:
-        return 0, {}
-    with tempfile.TemporaryDirectory() as scratch:
-        path = os.path.join(scratch, max(histories))
-        try:
-            repo.archive_get(max(histories), path)
-        except ChunkvaultError:
-            return 0, {}
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return int(max(histories)[:8], 16), timeline_ends(f.read())
 
 
 def _at_root(subtree: bytes | None, name: bytes) -> bytes:

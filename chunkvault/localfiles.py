@@ -63,8 +63,8 @@ def tag_as_cache(directory: str) -> None:
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(CACHEDIR_TAG[1] + b"\n# a cache directory tag made by chunkvault: its local cache of index "
-                                      b"and snapshot objects (see https://bford.info/cachedir/)\n")
+            f.write(CACHEDIR_TAG[1] + b"\n# a cache directory tag made by chunkvault: its local cache of index, "
+                                      b"snapshot and wal objects (see https://bford.info/cachedir/)\n")
         os.replace(tmp, tag)
     except OSError:
         try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from .errors import UsageError
-from .pgsession import format_lsn, parse_lsn
+from .store.walnames import format_lsn, parse_lsn
 from .store.snapshot import parse_time
 
 #: What ``--pg-recover`` takes: the kinds of target, those without a value first.
@@ -92,20 +92,6 @@ class RecoveryTarget:
 
     def to_dict(self) -> dict:
         return {"target": self.kind, "value": self.value, "action": self.action}
-
-
-def timeline_ends(history: str) -> dict[int, int]:
-    """Where each ancestor timeline named in a timeline history file (``NNNNNNNN.history``: a line of timeline,
-    switch position and reason each) ended: the next one branched off there."""
-    ends = {}
-    for line in history.splitlines():
-        words = line.split()
-        if len(words) >= 2 and words[0].isdigit():
-            try:
-                ends[int(words[0])] = parse_lsn(words[1])
-            except ValueError:
-                continue
-    return ends
 
 
 def on_timeline(stats: dict, newest: int, ends: dict[int, int]) -> bool:

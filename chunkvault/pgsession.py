@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import secrets
 import select
 import subprocess
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from chunkvault.errors import SourceCommandFailed, UsageError
+from chunkvault.store.walnames import format_lsn, parse_lsn
 
 #: Oldest server this session drives: non-exclusive backups, and temporary replication slots (10).
 OLDEST_VERSION = 100000
@@ -49,19 +49,6 @@ RENAMED_IN = 150000
 #: How long a standby's waits last by default (its WAL receiver to stream, its replay to catch up), in seconds.
 STANDBY_WAIT = 60.0
 _FIELD = "\x1f"
-_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
-
-
-def parse_lsn(text: str) -> int:
-    """A WAL position as PostgreSQL prints it (``16/B374D848``), as a byte offset."""
-    m = _LSN.match(text.strip())
-    if m is None:
-        raise ValueError(f"not a WAL position: {text!r}")
-    return int(m.group(1), 16) << 32 | int(m.group(2), 16)
-
-
-def format_lsn(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
 def wal_segment_name(timeline: int, lsn: int, segment_size: int) -> str:

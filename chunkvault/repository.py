@@ -1008,6 +1008,15 @@ class Repository:
             warnings.warn(f"{exc} (left out)", RepositoryStateWarning, stacklevel=2)
         return files
 
+    def wal_history(self) -> tuple[int, dict[int, int]]:
+        """The newest timeline whose history file the WAL archive holds (a recovery follows it) and where each
+        of its ancestors ended, as byte positions; (0, {}) without one, or where it does not read."""
+        from .store import walarchive
+
+        self._refuse_if_closed()
+        with self.reading("archive-list"):
+            return walarchive.newest_history(self._repo)
+
     def archive_expire(self, before: str, *, dry_run: bool = False, wait: float = 0.0) -> list[str]:
         """Remove the archived segments (and partial segments and backup history files) of ``before``'s timeline
         whose segment sorts before ``before``'s, under the exclusive lock; timeline history files stay.  A
@@ -1079,6 +1088,28 @@ class Repository:
                                      "SEGMENT, the file its backup_label's START WAL LOCATION names")
                 starts += labelled or by_manifest
         return starts
+
+    def _wal_gaps(self, files: list["WalFile"]) -> list[str]:
+        """``check``'s warnings of segments missing between archived ones that a recovery from a snapshot
+        here would replay (``recovery_gaps``: from the oldest base backup's start on, not past where a
+        timeline the newest one left ended), as pgBackRest's verify: no damage, but a recovery stops at the
+        first.  Where a start cannot be read (a damaged tree: check names it), every gap counts."""
+        from .store.walarchive import newest_history
+        from .store.walnames import recovery_gaps
+
+        if not files:
+            return []
+        try:
+            starts = self._label_starts(self._repo.snapshots())
+        except (UsageError, CorruptObject):
+            starts = []
+        out = []
+        for span in recovery_gaps([(w.name, w.size) for w in files], starts, newest_history(self._repo)[1]):
+            more = f" and {len(span.missing) - 3} more" if len(span.missing) > 3 else ""
+            out.append(f"archived WAL of timeline {span.timeline} lacks {len(span.missing)} segment(s) between "
+                       f"{span.first} and {span.last} ({', '.join(span.missing[:3])}{more}): a recovery through "
+                       "them stops at the first")
+        return out
 
     def _unneeded_wal(self, names: list[str]) -> set[str]:
         """Of the archived WAL ``names`` (that ``copy --wal`` would send here), those no base backup here can
@@ -1771,7 +1802,9 @@ class Repository:
         if subset is not None and not isinstance(subset, str):
             raise UsageError(f"a check subset is text like \"1/7\", \"10%\" or \"500M\", not {subset!r}")
         with self.reading("check"):
-            report = Checker(self._repo, read_data=read_data, subset=subset, progress=self._progress(progress)).run()
+            checker = Checker(self._repo, read_data=read_data, subset=subset, progress=self._progress(progress))
+            report = checker.run()
+            report.warnings += self._wal_gaps(checker.wal)
             accepted = self.accept_state() if accept_state else []  # after the check: its snapshots are loaded
             if self._ledger is not None:
                 before = self._ledger.state()

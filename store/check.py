@@ -32,7 +32,6 @@ from .repository import NOT_INDEXED, WORKERS, Repo, pack_id_of, pack_key, supers
 from .snapshot import Snapshot
 from .unlock import KEY_IMPORT_HINT
 from .walarchive import WAL_PREFIX, WalFile, load_all
-from .walnames import recovery_gaps, stats_start_segment
 
 
 #: Where a pack's index entries lie: (an index object's columns, entries, start) for each object listing it.
@@ -140,6 +139,7 @@ class Checker:
         self.read_data = read_data or subset is not None
         self.select = parse_subset(subset)
         self.report = CheckReport()
+        self.wal: list[WalFile] = []  # the archived files that opened
         self.bad_blobs: dict[bytes, Problem] = {}
         self._baseless: list[tuple[Problem, bytes, bytes]] = []  # (problem, base, pack of the delta)
         self.bad_manifests: dict[str, Problem] = {}  # snapshot id -> its manifest's problem
@@ -179,7 +179,7 @@ class Checker:
                 raise
             if packs_error:
                 raise packs_error[0]
-        self._check_wal(wal, snapshots)
+        self._check_wal(wal)
         if self.bad_blobs:
             self._spare_copied()
         if self.bad_blobs or self.bad_manifests:
@@ -197,19 +197,12 @@ class Checker:
             else:
                 self.problem(f"{WAL_PREFIX}{name}", _said(exc, f"{WAL_PREFIX}{name}"))
         self.report.wal_files = len(files)
+        self.wal = files
         return files
 
-    def _check_wal(self, files: list[WalFile], snapshots: list[Snapshot]) -> None:
+    def _check_wal(self, files: list[WalFile]) -> None:
         """Each archived file's blobs in the index, and what their lengths add up to against its size: a
-        restore of it (``archive-get``) writes nothing unless both hold.  A segment missing between archived
-        ones, past the start of the oldest base backup the snapshots record, is a warning (as pgBackRest's
-        verify): no damage, but a recovery through it stops there."""
-        starts = [s for snap in snapshots if (s := stats_start_segment(snap.stats)) is not None]
-        for span in recovery_gaps([(w.name, w.size) for w in files], starts):
-            more = f" and {len(span.missing) - 3} more" if len(span.missing) > 3 else ""
-            self.report.warnings.append(
-                f"archived WAL of timeline {span.timeline} lacks {len(span.missing)} segment(s) between {span.first} "
-                f"and {span.last} ({', '.join(span.missing[:3])}{more}): a recovery through them stops at the first")
+        restore of it (``archive-get``) writes nothing unless both hold."""
         index = self.repo.index
         for w in files:
             ids = w.blob_ids()

@@ -29,7 +29,7 @@ from .locks import EXCLUSIVE, SHARED, RepoLock
 from .repository import OBJECT_READERS, Repo
 from .snapshot import now_iso, open_document, seal_document
 from .unlock import require_openable
-from .walnames import check_wal_name, expired, fetch_ahead, is_history, is_wal_name
+from .walnames import check_wal_name, expired, fetch_ahead, is_history, is_wal_name, timeline_ends
 
 WAL_PREFIX = "wal/"
 WAL_AD = b"chunkvault wal v1"
@@ -136,6 +136,24 @@ def following(repo: Repo, after: str, limit: int) -> list[str]:
             return ahead
         log += 1
     return fetch_ahead(listed, after, limit)
+
+
+def newest_history(repo: Repo) -> tuple[int, dict[int, int]]:
+    """The newest timeline whose history file the archive holds (a recovery with ``recovery_target_timeline``
+    latest follows it) and where each of its ancestors ended (``timeline_ends``); (0, {}) without one (a single
+    timeline), or where it does not read."""
+    histories = [n for n in names(repo) if is_history(n)]
+    if not histories:
+        return 0, {}
+    newest = max(histories)
+    try:
+        wal = load(repo, newest)
+        text = b"".join(bytes(p) for p in plaintexts(repo, wal)) if wal is not None else None
+    except ChunkvaultError:
+        return 0, {}
+    if text is None:
+        return 0, {}
+    return int(newest[:8], 16), timeline_ends(text.decode("utf-8", "replace"))
 
 
 def load_all(repo: Repo, listed: Sequence[str] | None = None, *,

@@ -144,16 +144,21 @@ class TimelineSpan:
                 "missing": self.missing}
 
 
+def segment_size(files: Iterable[tuple[str, int]]) -> int:
+    """The size the segments among (name, size) pairs were archived with: the most common size a segment
+    can have (``.partial`` ones are of the whole size too, zero-padded); 16 MiB where none says."""
+    sizes = [size for name, size in files
+             if (len(name) == 24 or name.endswith(".partial")) and SMALLEST_SEGMENT_SIZE <= size <= LARGEST_SEGMENT_SIZE
+             and (1 << 32) % size == 0]
+    return max(set(sizes), key=sizes.count) if sizes else DEFAULT_SEGMENT_SIZE
+
+
 def timelines(files: Iterable[tuple[str, int]]) -> list[TimelineSpan]:
     """Per timeline, the span of the archived segments (``.partial`` ones count for their segment) among
     (name, size) pairs.  Segment numbers run on across the 32-bit log boundary as the segment size makes them
-    (the size segments were archived with; 16 MiB where none says)."""
+    (``segment_size``)."""
     files = list(files)
-    sizes = [size for name, size in files  # a partial segment is of the whole size too, zero-padded
-             if (len(name) == 24 or name.endswith(".partial")) and SMALLEST_SEGMENT_SIZE <= size <= LARGEST_SEGMENT_SIZE
-             and (1 << 32) % size == 0]
-    seg_size = max(set(sizes), key=sizes.count) if sizes else DEFAULT_SEGMENT_SIZE
-    per_log = (1 << 32) // seg_size
+    per_log = (1 << 32) // segment_size(files)
     present: dict[int, set[int]] = {}
     for name, _ in files:
         if is_history(name) or name.endswith(".backup"):
@@ -171,14 +176,49 @@ def timelines(files: Iterable[tuple[str, int]]) -> list[TimelineSpan]:
     return spans
 
 
-def recovery_gaps(files: Iterable[tuple[str, int]], starts: Iterable[str]) -> list[TimelineSpan]:
+def recovery_gaps(files: Iterable[tuple[str, int]], starts: Iterable[str],
+                  ends: dict[int, int] | None = None) -> list[TimelineSpan]:
     """The ``timelines`` of the archive (name, size) pairs that lack segments a recovery would replay: those
     at or past the earliest position a base backup starts at (``starts``: segment names; none known: every
-    one missing counts).  A segment missing before every start is read by no recovery."""
+    one missing counts), and on a timeline a recovery left (``ends``: where each ended, ``timeline_ends``)
+    not past the segment it ended in.  No recovery reads the others."""
+    files = list(files)
+    size = segment_size(files)
     floor = min((s[8:24] for s in starts), default="")
     out = []
     for span in timelines(files):
-        missing = [m for m in span.missing if m[8:24] >= floor]
+        end = (ends or {}).get(span.timeline)
+        missing = [m for m in span.missing if m[8:24] >= floor
+                   and (end is None or (int(m[8:16], 16) << 32) + int(m[16:24], 16) * size <= end)]
         if missing:
             out.append(TimelineSpan(span.timeline, span.first, span.last, span.segments, missing))
     return out
+
+
+_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+
+
+def parse_lsn(text: str) -> int:
+    """A WAL position as PostgreSQL prints it (``16/B374D848``), as a byte offset."""
+    m = _LSN.match(text.strip())
+    if m is None:
+        raise ValueError(f"not a WAL position: {text!r}")
+    return int(m.group(1), 16) << 32 | int(m.group(2), 16)
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def timeline_ends(history: str) -> dict[int, int]:
+    """Where each ancestor timeline named in a timeline history file (``NNNNNNNN.history``: a line of timeline,
+    switch position and reason each) ended: the next one branched off there."""
+    ends = {}
+    for line in history.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0].isdigit():
+            try:
+                ends[int(words[0])] = parse_lsn(words[1])
+            except ValueError:
+                continue
+    return ends

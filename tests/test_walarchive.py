@@ -485,12 +485,15 @@ def test_recovery_gaps_are_the_missing_segments_from_the_earliest_start_on(segno
     expect = [n for n in range(min(segnos), max(segnos) + 1) if n not in segnos and n >= min(starts, default=0)]
     assert [m for span in gaps for m in span.missing] == [f"000000010000000000000{n:03X}" for n in expect]
     assert all(span.missing for span in gaps) and len(gaps) <= len(timelines(files))
+    end = max(segnos) // 2  # a later timeline branched off in that segment: none after it is read
+    assert [m for span in recovery_gaps(files, named, {1: end * (16 << 20) + 40}) for m in span.missing] == [
+        f"000000010000000000000{n:03X}" for n in expect if n <= end]
 
 
 def test_check_warns_of_a_gap_a_recovery_would_stop_at(tmp_path, new_repo):
     """A segment missing between archived ones (archive_mode off for a while, an object deleted by hand) is
-    no damage, but a recovery through it stops there: check says so, past the oldest recorded base backup
-    start only."""
+    no damage, but a recovery through it stops there: check says so, from the oldest base backup's start on
+    (recorded, or in its backup_label), and not past where a timeline the newest one left ended."""
     import dataclasses
 
     repo = new_repo()
@@ -510,9 +513,22 @@ def test_check_warns_of_a_gap_a_recovery_would_stop_at(tmp_path, new_repo):
         "archived WAL of timeline 1 lacks 2 segment(s) between 000000010000000000000001 and "
         "000000010000000000000008 (000000010000000000000006, 000000010000000000000007): "
         "a recovery through them stops at the first"]
-    repo.archive_push(segment_file(tmp_path, "000000010000000000000006", seed=6, size=1 << 20))
-    repo.archive_push(segment_file(tmp_path, "000000010000000000000007", seed=7, size=1 << 20))
+    # An older copy taken by a hook records no start: its backup_label's counts (segment 2 on).
+    (data / "backup_label").write_text("START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n")
+    copy = repo.backup([str(data)], kind="full").snapshot
+    repo.store.save_snapshot(dataclasses.replace(copy, time="2020-01-01T00:00:00+00:00"), replace=True)
+    assert [w for w in repo.check().warnings if "lacks" in w][0].startswith(
+        "archived WAL of timeline 1 lacks 3 segment(s)")
+    for i in (3, 6, 7):
+        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 20))
+    # Timeline 2 branched off in segment 7 (of 1 MiB): the gap after it on timeline 1 is read by no recovery.
+    history = tmp_path / "00000002.history"
+    history.write_text("1\t0/700100\tbefore 2026-12-05 10:00:00+00\n")
+    repo.archive_push(history)
+    repo.archive_push(segment_file(tmp_path, "00000001000000000000000A", seed=10, size=1 << 20))
+    repo.archive_push(segment_file(tmp_path, "000000020000000000000007", seed=11, size=1 << 20))
     assert not [w for w in repo.check().warnings if "lacks" in w]
+    assert repo.wal_history() == (2, {1: 0x700100})
 
 
 def test_archive_list_says_what_is_missing(tmp_path, cli, repo_url):
