@@ -840,18 +840,25 @@ def test_copy_wal_sends_the_archived_files_the_destination_lacks(tmp_path, passw
     dst.close()
 
 
+def archive_and_destination(tmp_path, password, count: int):
+    """A repository archiving segments 1 to ``count`` of timeline 1, an empty one to copy into, the names,
+    and an empty directory to make base backup copies in."""
+    src = Repository.init(str(tmp_path / "src"), password, kdf_seconds=0)
+    dst = Repository.init(str(tmp_path / "dst"), password, kdf_seconds=0)
+    names = [f"00000001000000000000000{i}" for i in range(1, count + 1)]
+    for i, name in enumerate(names):
+        src.archive_push(segment_file(tmp_path, name, seed=i, size=1 << 18))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    return src, dst, names, copy
+
+
 def test_copy_wal_does_not_send_again_what_the_destination_expired(tmp_path, password):
     """The destination's ``archive-expire --before oldest-snapshot`` removed the WAL before its oldest base
     backup: each later ``copy --wal`` sent it all again.  Only what a base backup there can use goes; an older
     base backup copied later brings its WAL, and a destination with no base backup, or one that does not
     load, gets everything."""
-    src = Repository.init(str(tmp_path / "src"), password, kdf_seconds=0)
-    dst = Repository.init(str(tmp_path / "dst"), password, kdf_seconds=0)
-    names = [f"00000001000000000000000{i}" for i in range(1, 7)]
-    for i, name in enumerate(names):
-        src.archive_push(segment_file(tmp_path, name, seed=i, size=1 << 18))
-    copy = tmp_path / "copy"
-    copy.mkdir()
+    src, dst, names, copy = archive_and_destination(tmp_path, password, 6)
 
     def base_backup(seg: str) -> str:
         (copy / "backup_label").write_text(f"START WAL LOCATION: 0/{seg[-1]}000028 (file {seg})\n")
@@ -882,13 +889,7 @@ def test_copy_wal_does_not_send_again_what_the_destination_expired(tmp_path, pas
 def test_copy_wal_to_a_destination_whose_base_backup_does_not_read_sends_everything(tmp_path, password):
     """A destination snapshot whose tree (or backup_label) is damaged: its start cannot be read, so every file
     it lacks goes, as with a snapshot that does not load; the copy failed on it, and sent no WAL at all."""
-    src = Repository.init(str(tmp_path / "src"), password, kdf_seconds=0)
-    dst = Repository.init(str(tmp_path / "dst"), password, kdf_seconds=0)
-    names = [f"00000001000000000000000{i}" for i in range(1, 5)]
-    for i, name in enumerate(names):
-        src.archive_push(segment_file(tmp_path, name, seed=i, size=1 << 18))
-    copy = tmp_path / "copy"
-    copy.mkdir()
+    src, dst, names, copy = archive_and_destination(tmp_path, password, 4)
     (copy / "backup_label").write_text(f"START WAL LOCATION: 0/3000028 (file {names[2]})\n")
     older = src.backup([str(copy)], kind="full").snapshot.id
     assert src.copy_to(dst, [older], wal=True).wal_unneeded == 2
