@@ -842,10 +842,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     repo = _open(args)
     snap, subtree = chosen_subtree(repo, args)
     if recovery is not None:
+        from .pgrecovery import reaching
         from .repository import split_subtree
 
         if recovery[0].picks_snapshot and args.until is None and split_subtree(args.snapshot)[0] == "latest":
-            snap = _reaching(repo, args, recovery[0], subtree)
+            snap = reaching(repo, recovery[0], host=source_host(args, "latest"), paths=args.snapshot_paths or None,
+                            subtree=subtree)
         _check_data_directory(repo, snap, subtree)
     relocate = []
     if args.pg_tablespace:
@@ -922,58 +924,6 @@ def _recovery_asked(args: argparse.Namespace) -> tuple[Any, str] | None:
     return target, restore_command(_program(), url, secret, options, spool)
 
 
-def _reaching(repo: Any, args: argparse.Namespace, target: Any, subtree: bytes | None) -> Snapshot:
-    """The newest snapshot (of ``--host``/``--path``'s source) holding a data directory (at ``subtree``) that
-    can recover to a time or position target (``RecoveryTarget.reached_from``), as pgBackRest picks a backup
-    for one: one taken later, still running then, or whose WAL stops past the position cannot (PostgreSQL
-    stops at the copy's consistent point at the earliest); one of another source of the host (its /etc) is
-    passed over, and so, for a position, is one that records no stop position."""
-    from .errors import SnapshotNotFound
-    from .pgrecovery import on_timeline
-
-    until: datetime | None = target.stops_at
-    unrecorded = branched = 0
-    newest, ends = repo.wal_history()
-    while True:
-        try:
-            snap = repo.snapshot("latest", until=until, host=source_host(args, "latest"),
-                                 paths=args.snapshot_paths or None)
-        except SnapshotNotFound:
-            if target.kind == "time":
-                what, verb = f"had ended by the recovery target {target.stops_at.isoformat()}", "had"
-            else:
-                what, verb = f"had its WAL stop at or before the recovery target {target.value}", "did"
-            unknown = (f"; {unrecorded} record no stop position (not taken by backup --postgres): name one to try it"
-                       if unrecorded else "")
-            if branched:
-                unknown += (f"; {branched} lie on a timeline abandoned before timeline {newest}, which a recovery "
-                            "follows, branched off")
-            raise SnapshotNotFound(f"no snapshot of a data directory {what}: a recovery starts from one that {verb} "
-                                   f"(--host and --path choose among sources{unknown})") from None
-        if _holds_data_directory(repo, snap, subtree):
-            reached = target.reached_from(
-                snap.datetime + timedelta(seconds=float(snap.stats.get("duration") or 0)), snap.stats)
-            if reached and on_timeline(snap.stats, newest, ends):
-                return snap
-            unrecorded += reached is None
-            branched += bool(reached)
-        until = snap.datetime - timedelta(microseconds=1)
-
-
-def _at_root(subtree: bytes | None, name: bytes) -> bytes:
-    """``name`` below ``subtree`` (the whole snapshot: None or empty), as the snapshot names it."""
-    root = (subtree or b"").rstrip(b"/")
-    return root + b"/" + name if root else name
-
-
-def _holds_data_directory(repo: Any, snap: Snapshot, subtree: bytes | None) -> bool:
-    try:
-        repo.find_entry(snap, _at_root(subtree, b"global/pg_control"))
-    except UsageError:
-        return False
-    return True
-
-
 def _secret_for_server(args: argparse.Namespace) -> tuple[str, str]:
     """How the server's restore_command opens the repository: the password file or command this restore
     was given (an option, else its environment variable); a password typed or in the environment cannot be
@@ -1002,12 +952,12 @@ def _program() -> list[str]:
 
 def _check_data_directory(repo: Any, snap: Snapshot, subtree: bytes | None) -> None:
     """The snapshot (or SNAPSHOT:PATH) is a data directory of PostgreSQL 12 or newer, before any restore."""
-    from .pgrecovery import check_major
+    from .pgrecovery import at_root, check_major, holds_data_directory
 
     version = None
-    if _holds_data_directory(repo, snap, subtree):
+    if holds_data_directory(repo, snap, subtree):
         try:
-            with repo.open_file(snap, _at_root(subtree, b"PG_VERSION")) as f:
+            with repo.open_file(snap, at_root(subtree, b"PG_VERSION")) as f:
                 version = f.read(64)
         except UsageError:  # none there
             pass

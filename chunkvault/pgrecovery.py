@@ -13,11 +13,16 @@ import os
 import re
 import shlex
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
-from .errors import UsageError
+from .errors import SnapshotNotFound, UsageError
 from .store.walnames import format_lsn, parse_lsn
 from .store.snapshot import parse_time
+
+if TYPE_CHECKING:
+    from .repository import Repository
+    from .store.snapshot import Snapshot
 
 #: What ``--pg-recover`` takes: the kinds of target, those without a value first.
 PLAIN_TARGETS = ("end", "immediate", "standby")
@@ -271,3 +276,56 @@ def restore_command(program: list[str], url: str, secret: tuple[str, str], optio
     if spool is not None:
         argv += ["--spool", spool]
     return " ".join(shlex.quote(a) for a in argv) + ' %f "%p"'
+
+
+def at_root(subtree: bytes | None, name: bytes) -> bytes:
+    """``name`` below ``subtree`` (the whole snapshot: None or empty), as the snapshot names it."""
+    root = (subtree or b"").rstrip(b"/")
+    return root + b"/" + name if root else name
+
+
+def holds_data_directory(repo: "Repository", snap: "Snapshot", subtree: bytes | None) -> bool:
+    """Whether the snapshot holds a PostgreSQL data directory at its root (or ``subtree``)."""
+    try:
+        repo.find_entry(snap, at_root(subtree, b"global/pg_control"))
+    except UsageError:
+        return False
+    return True
+
+
+def reaching(repo: "Repository", target: RecoveryTarget, *, host: str | None = None,
+             paths: list[str] | None = None, subtree: bytes | None = None) -> "Snapshot":
+    """The newest snapshot (of the source ``host`` and ``paths`` choose) holding a data directory (at
+    ``subtree``) that can recover to a time or position target (``RecoveryTarget.reached_from``), as pgBackRest
+    picks a backup for one: one taken later, still running then, or whose WAL stops past the position cannot
+    (PostgreSQL stops at the copy's consistent point at the earliest); one of another source of the host (its
+    /etc) is passed over, and so, for a position, is one that records no stop position, and one on a timeline
+    the newest archived one left before it stopped (``on_timeline``).  ``restore`` and
+    ``verify-restore`` with ``--pg-recover`` and ``latest`` pick with it."""
+    until: datetime | None = target.stops_at
+    unrecorded = branched = 0
+    newest, ends = repo.wal_history()
+    while True:
+        try:
+            snap = repo.snapshot("latest", until=until, host=host, paths=paths)
+        except SnapshotNotFound:
+            if target.kind == "time":
+                assert target.stops_at is not None
+                what, verb = f"had ended by the recovery target {target.stops_at.isoformat()}", "had"
+            else:
+                what, verb = f"had its WAL stop at or before the recovery target {target.value}", "did"
+            unknown = (f"; {unrecorded} record no stop position (not taken by backup --postgres): name one to try it"
+                       if unrecorded else "")
+            if branched:
+                unknown += (f"; {branched} lie on a timeline abandoned before timeline {newest}, which a recovery "
+                            "follows, branched off")
+            raise SnapshotNotFound(f"no snapshot of a data directory {what}: a recovery starts from one that {verb} "
+                                   f"(--host and --path choose among sources{unknown})") from None
+        if holds_data_directory(repo, snap, subtree):
+            reached = target.reached_from(
+                snap.datetime + timedelta(seconds=float(snap.stats.get("duration") or 0)), snap.stats)
+            if reached and on_timeline(snap.stats, newest, ends):
+                return snap
+            unrecorded += reached is None
+            branched += bool(reached)
+        until = snap.datetime - timedelta(microseconds=1)
