@@ -261,6 +261,12 @@ class PgStartFailed(VerificationFailed):
     as expected (kept in its report, as the run's other failures are: the snapshot fails, exit 18)."""
 
 
+class WalRelayRefused(PgStartFailed):
+    """``verify-restore --pg-recover``: a request to the WAL relay that is not one it answers (too long, another
+    descriptor than the file to write, a name PostgreSQL does not archive, a file outside the copy); the
+    client is told, and the snapshot fails with it."""
+
+
 class RollbackDetected(ChunkvaultError):
     """The snapshot set contradicts this client's ledger: a snapshot it forgot is back (replayed),
     or the newest it saw is gone (rolled back).  Writes are refused until the user forgets the

@@ -314,6 +314,27 @@ def get(repo: Repo, name: str, dest: str) -> WalFile:
     return wal
 
 
+def deliver(repo: Repo, name: str, fd: int) -> WalFile | None:
+    """Write the archived file ``name`` into the open descriptor ``fd`` (emptied first), every blob checked
+    against its id; None when it is not archived.  For a reader that opened the file itself, as the WAL relay
+    of ``verify-restore --pg-recover`` is handed one by the server's user: nothing is opened here by path.
+    Damage is a CorruptObject naming the object; what was written then is not to be used (the reader is told)."""
+    check_wal_name(name)
+    wal = load(repo, name)
+    if wal is None:
+        return None
+    try:
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(os.dup(fd), "wb") as out:
+            written = _write_blobs(repo, wal, out)
+    except OSError as exc:
+        raise TargetUnwritable(f"cannot write {name} for the server: {exc.strerror or exc}") from None
+    if written != wal.size:
+        raise CorruptObject(WAL_PREFIX + name, f"its blobs hold {written} bytes, and it records {wal.size}")
+    return wal
+
+
 def prefetch(repo: Repo, after: str, directory: str, limit: int) -> tuple[list[WalFile], str | None]:
     """Write the ``limit`` archived segments a recovery asks for after ``after`` into ``directory`` (one
     there already is left as it is): what was fetched, and why the next one was not (the first failure ends
