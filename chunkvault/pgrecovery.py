@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
@@ -135,6 +135,17 @@ def parse_target(text: str, action: str | None = None) -> RecoveryTarget:
         raise UsageError(f"--pg-recover takes {', '.join(k + '=...' for k in VALUED_TARGETS)} with a value, "
                          f"not {kind!r}")
     return RecoveryTarget(kind, _checked_value(kind, value), action)
+
+
+def verification_target(text: str) -> RecoveryTarget:
+    """``verify-restore --pg-recover``'s target: as ``restore``'s, promoted at the target (the checks that
+    follow need the server out of recovery; ``end`` promotes at the end of the archive by itself); ``standby``,
+    which never comes out of recovery, is refused."""
+    target = parse_target(text)
+    if target.kind == "standby":
+        raise UsageError("verify-restore --pg-recover needs a target the server is promoted at (end, immediate, "
+                         "time=, lsn=, xid=, name=): a standby never comes out of recovery to be checked")
+    return target if target.kind == "end" else replace(target, action="promote")
 
 
 def _checked_value(kind: str, value: str) -> str:

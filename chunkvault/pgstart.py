@@ -6,7 +6,10 @@ started the way a restore would be, but fenced off from everything live: the ser
 directory's owner with no TCP listener, its socket, ``pg_hba.conf`` and ``pg_ident.conf`` in a private run
 directory, archiving off, the log on its standard error in a file of ours.  Recovery signals are removed
 from the copy, so that it comes up on the WAL it holds (crash recovery from its backup label) instead of
-waiting for a primary or an archive.  Once it accepts connections and is out of recovery, every database
+waiting for a primary or an archive; or, with ``--pg-recover TARGET``, recovery settings are written instead
+and the server recovers from the repository's WAL archive, served by the verifying process itself over a
+socket in the run directory (``walrelay``; the server's restore_command, ``walfetch``, holds no password), up
+to the target, where it is promoted.  Once it accepts connections and is out of recovery, every database
 that takes connections is opened, one query may be asked, and the server is stopped: a fast shutdown
 (``pg_ctl stop -m fast``: SIGINT), then an immediate one (SIGQUIT), then SIGKILL to its process group, also
 when we are interrupted.
@@ -25,15 +28,21 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from .errors import PgStartFailed
 
+if TYPE_CHECKING:
+    from .pgrecovery import RecoveryTarget
+    from .walrelay import Fetch, WalRelay
+
 __all__ = ["PgStartResult", "PG_START_TIMEOUT", "pick_bindir", "server_settings", "postgres_argv",
-           "recovery_files", "conninfo", "searchable", "prove_data_directories", "prove_data_directory"]
+           "recovery_files", "conninfo", "searchable", "prove_data_directories", "prove_data_directory",
+           "parse_replay", "fatal_line", "python_candidates"]
 
 #: How long a copy gets to finish its recovery and answer, when no ``timeout`` is given: a large one replays
 #: all the WAL written while its backup ran.
@@ -43,7 +52,11 @@ FAST_STOP_WAIT = 60.0
 IMMEDIATE_STOP_WAIT = 10.0
 #: The oldest major version handled: from 10 on, ``postmaster.pid`` says when the server is ready.
 MIN_MAJOR = 10
+#: The oldest a recovery is set up for (signal files; pgrecovery.OLDEST_MAJOR).
+RECOVERY_MIN_MAJOR = 12
 LOG_TAIL = 4 << 10
+#: Seconds a server whose connection just failed gets to be seen exiting (a failure of its own, then).
+EXIT_GRACE = 1.0
 #: Where Debian installs each major version's server binaries.
 DEBIAN_BINDIR = "/usr/lib/postgresql/{major}/bin"
 #: What the server reads as its client authentication: its unix socket alone, in a directory only its user
@@ -51,6 +64,16 @@ DEBIAN_BINDIR = "/usr/lib/postgresql/{major}/bin"
 HBA = "local all all trust\n"
 #: A unix socket's path must fit in ``sun_path`` (108 bytes with its NUL).
 SOCKET_PATH_MAX = 107
+#: Where the WAL relay's client is looked for besides our own interpreter (one installed under a home the
+#: server's user cannot enter, pyenv's under /root, does not run for it).
+PYTHON_PATH = "/usr/bin:/bin:/usr/local/bin"
+#: Seconds the relay's client gets to answer a ping as the server's user.
+PING_WAIT = 60.0
+#: Asked once a recovered copy is promoted: how far its recovery replayed (PostgreSQL keeps both values once
+#: recovery is over) and the timeline it went on with; fields joined by |.
+REPLAY_QUERY = ("SELECT coalesce(to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', "
+                "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), ''), coalesce(pg_last_wal_replay_lsn()::text, ''), "
+                "pg_walfile_name(pg_current_wal_lsn())")
 
 
 @dataclass
@@ -67,6 +90,11 @@ class PgStartResult:
     answer: str | None = None  # the query's
     signals_removed: list[str] = field(default_factory=list)  # recovery signal files removed from the copy
     written: list[str] = field(default_factory=list)  # files made in the copy (a missing postgresql.conf)
+    # with --pg-recover: the target and the settings written (pgrecovery.RecoveryWritten.to_dict)
+    recovery: dict | None = None
+    wal_served: dict | None = None  # with --pg-recover: walrelay.Served.to_dict (count, first, last, ...)
+    replayed_until: dict | None = None  # with --pg-recover: timestamp (UTC) and lsn of the last replayed
+    timeline: int | None = None  # with --pg-recover: the one the server went on with after its promotion
     error: str | None = None
     log_tail: str | None = None  # the server's log, on a failure
 
@@ -212,6 +240,38 @@ def psql_missing(stderr: str) -> str | None:
     return m.group(1) if m else None
 
 
+def parse_replay(text: str) -> tuple[dict, int | None]:
+    """``REPLAY_QUERY``'s answer: the last transaction's replay time and the last replayed position (None where
+    nothing was), and the timeline of the WAL file being written."""
+    fields = text.strip().split("|")
+    if len(fields) != 3:
+        raise PgStartFailed(f"unexpected answer about the replay: {text[:80]!r}")
+    stamp, lsn, walfile = fields
+    timeline = int(walfile[:8], 16) if re.fullmatch(r"[0-9A-F]{24}", walfile) else None
+    return {"timestamp": stamp or None, "lsn": lsn or None}, timeline
+
+
+def fatal_line(log: str) -> str | None:
+    """The last FATAL or PANIC message of a server's log (why it exited: "recovery ended before configured
+    recovery target was reached"), or None."""
+    found = None
+    for line in log.splitlines():
+        m = re.search(r"\b(?:FATAL|PANIC):\s+(.*)", line)
+        if m:
+            found = m.group(1).strip()
+    return found
+
+
+def python_candidates(ours: str, *others: str | None) -> list[str]:
+    """The interpreters to try the relay's client with, ours first, each once."""
+    seen, out = set(), []
+    for path in (ours, *others):
+        if path and os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            out.append(path)
+    return out
+
+
 # --- I/O -----------------------------------------------------------------------------------------
 
 
@@ -345,18 +405,24 @@ class Server:
         self.role: str | None = None
         self.home = "template1"  # a database that role opened: where the catalog-wide questions are asked
 
+    def env(self) -> dict[str, str]:
+        """The server's whole environment (and its restore_command's): nothing of ours, no secret."""
+        return {"PATH": f"{self.bindir}:/usr/bin:/bin", "LC_ALL": "C", "HOME": self.rundir}
+
+    def ids(self) -> dict:
+        """Whom a process of the server's runs as: its user, when we are root."""
+        if os.geteuid() == 0:
+            return {"user": self.who.uid, "group": self.who.gid, "extra_groups": self.who.groups}
+        return {}
+
     def start(self) -> None:
         _write_owned(os.path.join(self.rundir, "pg_hba.conf"), HBA, self.who)
         _write_owned(os.path.join(self.rundir, "pg_ident.conf"), "", self.who)
         argv = postgres_argv(self.bindir, self.datadir,
                              server_settings(self.major, self.datadir, self.rundir, self.port))
-        env = {"PATH": f"{self.bindir}:/usr/bin:/bin", "LC_ALL": "C", "HOME": self.rundir}
-        ids = {}
-        if os.geteuid() == 0:
-            ids = {"user": self.who.uid, "group": self.who.gid, "extra_groups": self.who.groups}
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, env=env, cwd=self.rundir, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True, **ids)
+            self.proc = subprocess.Popen(argv, env=self.env(), cwd=self.rundir, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self.ids())
 
     def exited(self) -> int | None:
         """Its exit code once it has ended, without reaping it (its pid, and so its group's id, stay
@@ -417,7 +483,7 @@ class Server:
                     return
                 missing = psql_missing(proc.stderr.decode(errors="replace"))
                 if missing is None:
-                    raise PgStartFailed(f"cannot connect: {_first_line(proc.stderr)}")
+                    raise self.failure(f"cannot connect: {_first_line(proc.stderr)}", "before it could be asked")
                 tried.append(f"{role}@{db}")
                 if missing == "role":
                     break
@@ -426,12 +492,30 @@ class Server:
     def query(self, sql: str, dbname: str, deadline: float, records: bool = False) -> bytes:
         proc = self.psql(sql, dbname, deadline, records=records)
         if proc.returncode != 0:
-            raise PgStartFailed(f"{sql[:80]!r} in database {dbname!r} failed: {_first_line(proc.stderr)}")
+            raise self.failure(f"{sql[:80]!r} in database {dbname!r} failed: {_first_line(proc.stderr)}")
         return proc.stdout
 
+    def failure(self, message: str, when: str = "while it was asked") -> PgStartFailed:
+        """``message``, unless the server has exited meanwhile (a recovery that failed short of its target
+        ends it as a hot standby is being asked): then that, which the log explains."""
+        end = time.monotonic() + EXIT_GRACE
+        while (code := self.exited()) is None and time.monotonic() < end:
+            time.sleep(0.05)
+        return PgStartFailed(message if code is None else f"PostgreSQL exited {code} {when}")
+
     def wait_consistent(self, deadline: float) -> None:
-        """Until it is out of recovery (it is by the time it accepts connections, with no recovery signal)."""
-        while self.query("SELECT pg_is_in_recovery()", self.home, deadline).strip() != b"f":
+        """Until it is out of recovery: it is by the time it accepts connections with no recovery signal; a
+        recovery from the archive accepts them as a hot standby, before its target."""
+        while True:
+            code = self.exited()
+            if code is not None:
+                raise PgStartFailed(f"PostgreSQL exited {code} before it was out of recovery")
+            proc = self.psql("SELECT pg_is_in_recovery()", self.home, deadline)
+            if proc.returncode != 0:
+                raise self.failure(f"'SELECT pg_is_in_recovery()' failed: {_first_line(proc.stderr)}",
+                                   "before it was out of recovery")
+            if proc.stdout.strip() == b"f":
+                return
             if time.monotonic() > deadline:
                 raise PgStartFailed(f"PostgreSQL was still in recovery after {self.timeout:g} s")
             time.sleep(0.2)
@@ -467,21 +551,56 @@ class Server:
     def remove_run_directory(self) -> None:
         shutil.rmtree(self.rundir, ignore_errors=True)
 
+    def relay_client(self, socket_path: str, deadline: float) -> str:
+        """The restore_command fetching through the relay at ``socket_path``: ``walfetch``'s file copied into
+        the run directory, run by the first interpreter that answers a ping as the server's user, with its
+        environment, in the copy (ours, else the system's python3): a client that cannot reach the relay
+        must fail before the recovery, not be taken by PostgreSQL for the end of the archive."""
+        from . import walfetch
+        from .walrelay import CLIENT_FILE, relay_command
+
+        client = os.path.join(self.rundir, CLIENT_FILE)
+        with open(walfetch.__file__, encoding="utf-8") as f:
+            _write_owned(client, f.read(), self.who)
+        tried = []
+        for python in python_candidates(sys.executable, shutil.which("python3", path=PYTHON_PATH)):
+            wait = min(PING_WAIT, deadline - time.monotonic())
+            if wait <= 0:
+                raise PgStartFailed(f"the {self.timeout:g} s given (--timeout) ran out before the relay answered")
+            try:
+                proc = subprocess.run([python, "-I", client, socket_path, "--ping"], env=self.env(),
+                                      cwd=self.datadir, capture_output=True, stdin=subprocess.DEVNULL,
+                                      timeout=wait, **self.ids())
+            except (OSError, subprocess.SubprocessError) as exc:
+                tried.append(f"{python}: {getattr(exc, 'strerror', None) or exc}")
+                continue
+            if proc.returncode == 0:
+                return relay_command(python, client, socket_path)
+            tried.append(f"{python}: {_first_line(proc.stderr) if proc.stderr.strip() else f'exit {proc.returncode}'}")
+        raise PgStartFailed(f"the server's user {self.who.name or self.who.uid} cannot run the WAL relay's client "
+                            f"with any Python 3 found ({'; '.join(tried)}): install python3 for it")
+
 
 def _first_line(stderr: bytes) -> str:
+    """psql's message, past the warning that the password file we give it (none) is no file."""
     lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
-    return lines[0] if lines else "no message"
+    said = [ln for ln in lines if not re.match(r"WARNING:\s+password file .* is not a plain file", ln)]
+    return (said or lines or ["no message"])[0]
 
 
 def prove_data_directory(copy: str, rel: bytes, *, bindir: str | None = None, query: str | None = None,
                          expect: str | None = None, dbname: str = "postgres",
-                         timeout: float = PG_START_TIMEOUT) -> PgStartResult:
+                         timeout: float = PG_START_TIMEOUT, recovery: "RecoveryTarget | None" = None,
+                         fetch: "Fetch | None" = None) -> PgStartResult:
     """Start the data directory at ``rel`` in the restored ``copy``, open each database, ask ``query``
-    in ``dbname`` (its answer compared with ``expect``), stop it.  A failure is the result's ``error``
-    (with the log's tail when the server ran), never raised; an interrupt stops the server and propagates."""
+    in ``dbname`` (its answer compared with ``expect``), stop it.  With ``recovery`` (a target promoting at
+    it), the copy first recovers from the WAL archive ``fetch`` writes files of (``walrelay``), to the target.
+    A failure is the result's ``error`` (with the log's tail when the server ran), never raised; an interrupt
+    stops the server and the relay and propagates."""
     datadir = os.path.join(copy, os.fsdecode(rel))
     result = PgStartResult(os.fsdecode(rel) or ".")
     server: Server | None = None
+    relay: "WalRelay | None" = None
     started = time.monotonic()
     deadline = started + timeout
     try:
@@ -490,6 +609,9 @@ def prove_data_directory(copy: str, rel: bytes, *, bindir: str | None = None, qu
         major = major_number(result.version)
         if major < MIN_MAJOR:
             raise PgStartFailed(f"PostgreSQL {result.version} is older than --pg-start handles ({MIN_MAJOR} on)")
+        if recovery is not None and major < RECOVERY_MIN_MAJOR:
+            raise PgStartFailed(f"PostgreSQL {result.version} recovers with a recovery.conf: --pg-recover writes "
+                                f"the settings of PostgreSQL {RECOVERY_MIN_MAJOR} and newer")
         result.bindir = find_bindir(result.version, bindir)
         who = server_identity(datadir)
         result.user = who.name or str(who.uid)
@@ -499,6 +621,8 @@ def prove_data_directory(copy: str, rel: bytes, *, bindir: str | None = None, qu
                                 "(give --scratch a directory it may pass through)")
         result.signals_removed, result.written = prepare_copy(datadir, major, who)
         server = Server(result.bindir, datadir, major, who, timeout)
+        if recovery is not None:
+            relay = _recover(server, recovery, fetch, result, deadline)
         server.start()
         assert server.proc is not None
         result.pid = server.proc.pid
@@ -506,6 +630,11 @@ def prove_data_directory(copy: str, rel: bytes, *, bindir: str | None = None, qu
         server.find_role(dbname, deadline)
         server.wait_consistent(deadline)
         result.ready_seconds = round(time.monotonic() - started, 3)
+        if relay is not None:
+            result.replayed_until, result.timeline = parse_replay(
+                server.query(REPLAY_QUERY, server.home, deadline).decode(errors="replace"))
+            if relay.served.errors:  # a failed delivery PostgreSQL went past must not pass
+                raise PgStartFailed(f"the WAL relay failed: {relay.served.errors[0]}")
         names = split_records(server.query("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1",
                                            server.home, deadline, records=True))
         for name in names:
@@ -521,19 +650,59 @@ def prove_data_directory(copy: str, rel: bytes, *, bindir: str | None = None, qu
     except OSError as exc:
         result.error = f"{exc.filename or datadir}: {exc.strerror or exc}"
     finally:
-        if server is not None:
-            try:
+        try:
+            if server is not None:
                 server.stop()
-            finally:
+        finally:
+            if relay is not None:  # after the server: its restore_command may be waiting for an answer
+                relay.close()
+                result.wal_served = relay.served.to_dict()
+            if server is not None:
                 if result.error is not None:
                     result.log_tail = server.log_tail() or None
+                    result.error = _explained(result.error, result.log_tail, relay)
                 server.remove_run_directory()
     return result
 
 
+def _recover(server: Server, target: "RecoveryTarget", fetch: "Fetch | None", result: PgStartResult,
+             deadline: float) -> "WalRelay":
+    """Set the copy up to recover to ``target`` from the archive, through a relay started here (the
+    caller closes it)."""
+    from .pgrecovery import write_recovery
+    from .walrelay import RELAY_SOCKET, WalRelay
+
+    assert fetch is not None, "a recovery needs the archive's fetch"
+    path = os.path.join(server.rundir, RELAY_SOCKET)
+    relay = WalRelay(path, fetch, server.datadir,
+                     (server.who.uid, server.who.gid) if os.geteuid() == 0 else None)
+    try:
+        command = server.relay_client(path, deadline)
+        result.recovery = write_recovery(server.datadir, target, command).to_dict()
+    except BaseException:
+        relay.close()
+        raise
+    return relay
+
+
+def _explained(error: str, log_tail: str | None, relay: "WalRelay | None") -> str:
+    """A failure with what the server's log and the relay say of it, once each."""
+    fatal = fatal_line(log_tail or "")
+    if fatal and error.startswith("PostgreSQL exited") and fatal not in error:
+        error += f": {fatal}"
+    if relay is not None and relay.served.errors and "WAL relay" not in error:
+        error += f"; the WAL relay: {relay.served.errors[0]}"
+    return error
+
+
 def prove_data_directories(copy: str, data_dirs: Iterable[bytes], **options: object) -> list[PgStartResult]:
     """``prove_data_directory`` for each data directory of the copy, one after the other; a copy that holds
-    none fails: nothing of it was started."""
+    none fails: nothing of it was started.  A recovery takes one: the archive is one server's."""
+    data_dirs = list(data_dirs)
+    if options.get("recovery") is not None and len(data_dirs) > 1:
+        return [PgStartResult(None, error=f"--pg-recover recovers one data directory from the repository's WAL "
+                                          f"archive, and the snapshot holds {len(data_dirs)}: "
+                                          + ", ".join(os.fsdecode(d) or "." for d in data_dirs))]
     results = [prove_data_directory(copy, rel, **options) for rel in data_dirs]  # type: ignore[arg-type]
     if not results:
         results.append(PgStartResult(None, error="the snapshot holds no PostgreSQL data directory (no "

@@ -9,7 +9,8 @@ restore does while writing.  It then optionally runs a command (start the
 restored database and query it) with the restored path in
 ``CHUNKVAULT_RESTORE_DIR``, and removes the scratch directory.  With
 ``pg_start`` it starts each PostgreSQL data directory of the copy itself
-first, and proves it opens (``pgstart``).
+first, and proves it opens (``pgstart``); with ``pg_recover`` too, that it
+recovers from the repository's WAL archive to a target (``walrelay``).
 
 The comparison is a merge of two streams sorted the same way (the manifest's
 order, and a depth-first walk with names sorted), so memory stays bounded for
@@ -36,8 +37,8 @@ import blake3
 
 from .display import one_line, warn
 from .localfiles import abandoned
-from .errors import (ChunkvaultError, CorruptObject, NewerObject, SnapshotNotFound, StorageFull, TargetUnwritable,
-                     UsageError, VerificationFailed)
+from .errors import (ChunkvaultError, CorruptObject, MissingObject, NewerObject, SnapshotNotFound, StorageFull,
+                     TargetUnwritable, UsageError, VerificationFailed)
 from .pgstart import PG_START_TIMEOUT, PgStartResult, prove_data_directories
 from .processes import become_subreaper, carries, children, kill_group, stop_being_subreaper
 from .store.command_stream import without_secrets
@@ -52,6 +53,7 @@ from .store.posix_acl import ACL_KEYS, acl_ids
 from .store.xattrs import decode_xattrs, read_xattrs
 
 if TYPE_CHECKING:
+    from .pgrecovery import RecoveryTarget
     from .repository import Repository
     from .store.restore import RestoreResult
 
@@ -808,11 +810,15 @@ def remove_tree(path: str) -> None:
 
 
 def check_pg_options(pg_start: bool, query: str | None, expect: str | None, bindir: str | None,
-                     dbname: str) -> None:
+                     dbname: str, recover: str | None = None) -> "RecoveryTarget | None":
     """The --pg-* options make sense together: each of them only with --pg-start, an expected answer only
-    with its query, nothing empty (a `--pg-query "$Q"` with the variable unset must not pass unasked)."""
+    with its query, nothing empty (a `--pg-query "$Q"` with the variable unset must not pass unasked), a
+    recovery target one the server is promoted at; that target, checked (None without --pg-recover)."""
+    from .pgrecovery import verification_target
+
     given = [n for n, v in (("--pg-query", query), ("--pg-expect", expect), ("--pg-bindir", bindir),
-                            ("--pg-dbname", None if dbname == "postgres" else dbname)) if v is not None]
+                            ("--pg-dbname", None if dbname == "postgres" else dbname),
+                            ("--pg-recover", recover)) if v is not None]
     if given and not pg_start:
         raise UsageError(f"{given[0]} starts PostgreSQL on the copy: give --pg-start too")
     if expect is not None and query is None:
@@ -822,6 +828,25 @@ def check_pg_options(pg_start: bool, query: str | None, expect: str | None, bind
             raise UsageError(f"{name} must not be empty")
     if bindir is not None and not os.path.isdir(bindir):
         raise UsageError(f"--pg-bindir is not a directory: {bindir}")
+    if recover is not None and (not isinstance(recover, str) or not recover.strip()):
+        raise UsageError("--pg-recover must not be empty")
+    return verification_target(recover) if recover is not None else None
+
+
+def wal_fetch(repo: "Repository") -> Callable[[str, int], int | None]:
+    """What the WAL relay serves a recovering copy with: the archived file written into the descriptor the
+    server's user passed, read here (the repository is opened, its password known, by this process alone)."""
+    from .store import walarchive
+
+    def fetch(name: str, fd: int) -> int | None:
+        try:
+            wal = walarchive.deliver(repo.store, name, fd)
+        except MissingObject:  # archived after this run read the index: a live server archives on meanwhile
+            repo.store.refresh_index()
+            wal = walarchive.deliver(repo.store, name, fd)
+        return None if wal is None else wal.size
+
+    return fetch
 
 
 def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, then: str | None = None,
@@ -829,7 +854,7 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                    owners: bool | None = None, max_listed: int = MAX_LISTED,
                    env: dict[str, str] | None = None, numeric_owner: bool = False, pg_start: bool = False,
                    pg_query: str | None = None, pg_expect: str | None = None, pg_bindir: str | None = None,
-                   pg_dbname: str = "postgres") -> VerifyReport:
+                   pg_dbname: str = "postgres", pg_recover: str | None = None) -> VerifyReport:
     """Restore ``snapshot`` into a scratch directory, compare it with the manifest, start its PostgreSQL
     data directories (``pg_start``), run ``then``.
 
@@ -845,12 +870,22 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
     started (binaries from ``pg_bindir``, else found for its version), each of its databases opened,
     ``pg_query`` asked in ``pg_dbname`` and its answer compared with ``pg_expect``, within ``timeout``
     (default ``PG_START_TIMEOUT``) each; then it is stopped, before ``then`` runs.
+
+    ``pg_recover`` (with ``pg_start``; ``restore --pg-recover``'s TARGET but ``standby``): instead of
+    starting on its own WAL, the copy recovers from this repository's WAL archive to the target and is
+    promoted there, then checked; the WAL is served by this process (``walrelay``), so the server's user
+    needs no password.  With ``snapshot`` ``latest`` and a ``time=`` or ``lsn=`` target, the snapshot is
+    the one ``restore --pg-recover`` picks (``pgrecovery.reaching``).
     """
     if then is not None and (not isinstance(then, str) or not then.strip()):
         # `--then "$CHECK"` with the variable unset passed as a database proven to start
         raise UsageError(f"then is a shell command, not {then!r}: nothing would prove the restore")
-    check_pg_options(pg_start, pg_query, pg_expect, pg_bindir, pg_dbname)
+    recovery = check_pg_options(pg_start, pg_query, pg_expect, pg_bindir, pg_dbname, pg_recover)
     with repo.reading("verify-restore"):
+        if recovery is not None and recovery.picks_snapshot and snapshot == "latest":
+            from .pgrecovery import reaching
+
+            snapshot = reaching(repo, recovery)
         snap = repo.snapshot(snapshot)  # a Snapshot object as it is now (see Repository.snapshot)
         if owners is None:
             owners = os.geteuid() == 0
@@ -893,7 +928,8 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
             if pg_start and report.ok:
                 report.pg_start = prove_data_directories(
                     target, data_dirs, bindir=pg_bindir, query=pg_query, expect=pg_expect, dbname=pg_dbname,
-                    timeout=PG_START_TIMEOUT if timeout is None else timeout)
+                    timeout=PG_START_TIMEOUT if timeout is None else timeout, recovery=recovery,
+                    fetch=wal_fetch(repo) if recovery is not None else None)
             elif pg_start:
                 report.warnings.append("PostgreSQL was not started: " + (
                     "the restore failed" if report.error else "the restored tree is not what the snapshot holds"))
@@ -967,6 +1003,8 @@ def _print_pg_start(p: PgStartResult) -> None:
         changed = [f"{one_line(n)} removed" for n in p.signals_removed] + [f"{one_line(n)} written (empty)"
                                                                             for n in p.written]
         print(f"  PostgreSQL {p.version} in {where}: " + ", ".join(changed) + " before the start")
+    if p.recovery is not None:
+        _print_recovery(p, where)
     if p.ok:
         print(f"  PostgreSQL {p.version} in {where} started as {one_line(p.user)} and was ready in "
               f"{p.ready_seconds:.2f} s; {len(p.databases)} database(s) opened: "
@@ -978,6 +1016,22 @@ def _print_pg_start(p: PgStartResult) -> None:
     if p.log_tail and p.answer is None:  # the server's own words on why (not for an answer that differs)
         for line in p.log_tail.rstrip("\n").split("\n")[-20:]:
             sys.stderr.write(f"  log: {one_line(line)}\n")
+
+
+def _print_recovery(p: PgStartResult, where: str) -> None:
+    """How a copy recovered from the archive: its target, the WAL served, where the replay ended."""
+    assert p.recovery is not None
+    target = p.recovery["target"] + (f"={p.recovery['value']}" if p.recovery.get("value") is not None else "")
+    served = p.wal_served or {}
+    files = (f"{served.get('count', 0)} WAL file(s) served" + (f" ({served['first']} .. {served['last']})"
+                                                             if served.get("count") else ""))
+    line = f"  PostgreSQL in {where} recovered to {one_line(target)} from the archive: {files}"
+    if p.replayed_until is not None:
+        line += (f"; replayed until {p.replayed_until.get('lsn') or '?'}"
+                 + (f" ({p.replayed_until['timestamp']})" if p.replayed_until.get("timestamp") else ""))
+    if p.timeline is not None:
+        line += f", promoted to timeline {p.timeline}"
+    print(line if p.ok or p.replayed_until is not None else line.replace(" recovered to ", " recovering to ", 1))
 
 
 def cmd_verify_restore(args: argparse.Namespace) -> int:
@@ -992,7 +1046,10 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
         raise UsageError(f"give {'--until' if args.until is not None else 'a snapshot'} or --all-since, not both")
     if args.scratch is not None and not os.path.isdir(args.scratch):
         raise UsageError(f"scratch directory does not exist: {args.scratch}")
-    check_pg_options(args.pg_start, args.pg_query, args.pg_expect, args.pg_bindir, args.pg_dbname)
+    recovery = check_pg_options(args.pg_start, args.pg_query, args.pg_expect, args.pg_bindir, args.pg_dbname,
+                                args.pg_recover)
+    if recovery is not None and recovery.picks_snapshot and args.all_since is not None:
+        raise UsageError(f"--pg-recover {recovery.kind}= picks the snapshot that reaches it: give no --all-since")
     repo = _open(args)
     reports: list[VerifyReport] = []
     # one source's, with --host/--path (CHUNKVAULT_HOST where no id is named)
@@ -1015,7 +1072,14 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
             raise SnapshotNotFound(f"no snapshot at or after {since.isoformat()}")
     elif args.snapshot in (None, "latest"):
         reports += unreadable
-        snaps = [chosen_snapshot(repo, args, "latest")] if listed or not reports else []
+        if recovery is not None and recovery.picks_snapshot and args.until is None and (listed or not reports):
+            from .pgrecovery import reaching  # as restore --pg-recover picks it
+
+            with repo.reading("verify-restore"):
+                snaps = [reaching(repo, recovery, host=source_host(args, "latest"),
+                                  paths=args.snapshot_paths or None)]
+        else:
+            snaps = [chosen_snapshot(repo, args, "latest")] if listed or not reports else []
     else:
         named = [r for r in unreadable if args.snapshot and r.snapshot_id.startswith(args.snapshot.lower())]
         if len(named) == 1 and not [s for s in listed if s.id.startswith(args.snapshot.lower())]:
@@ -1028,7 +1092,7 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
         r = verify_restore(repo, snap, then=args.then, timeout=args.timeout, scratch=args.scratch, keep=args.keep,
                            numeric_owner=args.numeric_owner, owners=False if args.ignore_owners else None,
                            pg_start=args.pg_start, pg_query=args.pg_query, pg_expect=args.pg_expect,
-                           pg_bindir=args.pg_bindir, pg_dbname=args.pg_dbname)
+                           pg_bindir=args.pg_bindir, pg_dbname=args.pg_dbname, pg_recover=args.pg_recover)
         reports.append(r)
         if not args.json and not (args.quiet and r.ok):
             _print_report(r)
@@ -1079,6 +1143,11 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser, reading: argp
     s.add_argument("--pg-bindir", metavar="DIR",
                    help="the PostgreSQL server binaries (default /usr/lib/postgresql/<the copy's "
                         "version>/bin, else pg_ctl's on PATH if of that version)")
+    s.add_argument("--pg-recover", metavar="TARGET",
+                   help="with --pg-start: recover the copy from this repository's WAL archive to TARGET (end, "
+                        "immediate, time=TIME, lsn=LSN, xid=XID, name=POINT), served by this process (the server "
+                        "needs no password), promote it there, then check it; with latest and time= or lsn=, "
+                        "the snapshot restore --pg-recover would pick")
     s.add_argument("--scratch", metavar="DIR", help="make the scratch directory under DIR (default: the temp dir)")
     s.add_argument("--keep", action="store_true", help="keep the restored tree (its path is reported)")
     s.add_argument("--numeric-owner", action="store_true",

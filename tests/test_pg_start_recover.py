@@ -1,0 +1,188 @@
+"""verify-restore --pg-start --pg-recover: a real PostgreSQL 15 archives its WAL into the repository, a
+``backup --postgres`` snapshot of it is restored, recovered from the archive (served by verify-restore's own
+relay: the server, another user, holds no password) to a restore point, a time or the end, promoted and
+queried; a target the archive does not reach fails the snapshot, and nothing is left running."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import threading
+import time
+from datetime import datetime
+
+import pytest
+
+import servers_pg
+from chunkvault import Repository, pgstart
+from chunkvault.verify import verify_restore
+from conftest import PASSWORD
+
+pytestmark = pytest.mark.slow
+
+BATCH = 100
+
+
+class Archived:
+    """The cluster's story: 100 rows backed up, 100 more, the restore point ``mid`` (and a time just after
+    it), 100 more, everything archived, the cluster stopped."""
+
+    def __init__(self, url: str, shared: str, mid_time: str, last: str):
+        self.url, self.shared, self.mid_time, self.last = url, shared, mid_time, last
+
+
+@pytest.fixture(scope="module")
+def archived():
+    bindir = servers_pg.require_postgres()
+    cluster = servers_pg.PgCluster(bindir)
+    user = cluster.user
+    direct = servers_pg.runnable_by(user)  # else PostgreSQL copies into a spool the test pushes from
+    shared = servers_pg.shared_tempdir("chunkvault-pgrecover-")
+    try:
+        url = os.path.join(shared, "repo")
+        password_file = servers_pg.password_file(shared, PASSWORD, user)
+        spool = os.path.join(shared, "spool")
+        os.mkdir(spool, 0o700)
+        servers_pg.give_to(spool, user)
+        servers_pg.give_to(shared, user)
+        env = {**cluster.env(), "PATH": f"{bindir}:/usr/bin:/bin"}
+
+        def cli(*args: str) -> str:
+            argv = [sys.executable, "-m", "chunkvault.cli", *args, "-r", url, "--password-file", password_file]
+            return servers_pg.run_as(user if direct else None, argv, env=env).stdout
+
+        cli("init", "--kdf-time", "0")
+        cluster.init()
+        with open(os.path.join(cluster.datadir, "postgresql.conf"), "a") as f:
+            f.write("archive_mode = on\n")
+            push = servers_pg.command_line("archive-push", "-q", "-r", url, "--password-file", password_file) + " %p"
+            f.write(servers_pg.conf_line("archive_command", push if direct else f"cp %p {shlex.quote(spool)}/%f"))
+        cluster.start()
+        c = cluster
+        c.sql(f"create table t (id int primary key); insert into t select generate_series(1, {BATCH})")
+        cli("backup", "--postgres", "--pg-connect", c.conninfo(), c.datadir)
+        c.sql(f"insert into t select generate_series({BATCH + 1}, {2 * BATCH})")
+        c.sql("select pg_create_restore_point('mid')")
+        time.sleep(1.1)
+        mid_time = c.sql("select clock_timestamp()::text")
+        time.sleep(1.1)
+        c.sql(f"insert into t select generate_series({2 * BATCH + 1}, {3 * BATCH})")
+        last = servers_pg.switch_and_wait_archived(c)
+        assert c.sql("select failed_count from pg_stat_archiver") == "0", c.log_tail()
+        c.stop()
+        if not direct:
+            with Repository.open(url, PASSWORD) as repo:
+                for name in sorted(os.listdir(spool)):  # in the order PostgreSQL archived them
+                    repo.archive_push(os.path.join(spool, name))
+        yield Archived(url, shared, mid_time, last)
+    finally:
+        cluster.destroy()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.fixture
+def scratch():
+    path = servers_pg.shared_tempdir("chunkvault-pgrecover-scratch-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def left_running(pid: int | None) -> list[str]:
+    """What is left of the server that was ``pid`` (its group) and of any relay client: their command lines."""
+    left = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fields[0] == b"Z":
+            continue
+        if (pid is not None and (int(name) == pid or int(fields[2]) == pid)) or "walfetch.py" in cmdline:
+            left.append(cmdline)
+    return left
+
+
+def relay_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "chunkvault-wal-relay"]
+
+
+def test_recovery_to_a_restore_point_is_proven_with_the_rows_there(archived, cli, scratch):
+    out = cli("verify-restore", "-r", archived.url, "--scratch", scratch, "--pg-start", "--pg-recover", "name=mid",
+              "--pg-query", "select count(*) from t", "--pg-expect", str(2 * BATCH), "--json", password=PASSWORD)
+    doc = json.loads(out.stdout)
+    [report] = doc["snapshots"]
+    [pg] = report["pg_start"]
+    assert doc["ok"] and report["ok"], (pg["error"], pg["log_tail"])
+    assert pg["answer"] == str(2 * BATCH) and pg["databases"] == ["postgres", "template1"]
+    assert pg["recovery"]["target"] == "name" and pg["recovery"]["value"] == "mid"
+    assert pg["recovery"]["action"] == "promote" and pg["recovery"]["signal"] == "recovery.signal"
+    command = pg["recovery"]["settings"]["restore_command"]
+    assert "walfetch.py" in command and PASSWORD not in command and "password" not in command
+    served = pg["wal_served"]
+    assert served["count"] >= 1 and served["first"] <= served["last"] <= archived.last and served["errors"] == []
+    assert pg["replayed_until"]["lsn"] and pg["replayed_until"]["timestamp"].endswith("Z")
+    assert pg["timeline"] == 2 and left_running(pg["pid"]) == [] and os.listdir(scratch) == []
+
+
+def test_a_time_target_and_the_end_of_the_archive(archived, scratch):
+    with Repository.open(archived.url, PASSWORD) as repo:
+        at_time = verify_restore(repo, "latest", scratch=scratch, pg_start=True, pg_recover=f"time={archived.mid_time}",
+                                 pg_query="select count(*) from t", pg_expect=str(2 * BATCH))
+        [pg] = at_time.pg_start
+        assert at_time.ok, (pg.error, pg.log_tail)
+        assert pg.recovery["target"] == "time" and pg.timeline == 2
+        target = datetime.strptime(pg.recovery["value"], "%Y-%m-%d %H:%M:%S.%f+00")
+        assert datetime.strptime(pg.replayed_until["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ") <= target
+        end = verify_restore(repo, "latest", scratch=scratch, pg_start=True, pg_recover="end",
+                             pg_query="select count(*) from t", pg_expect=str(3 * BATCH))
+        [pg] = end.pg_start
+        assert end.ok, (pg.error, pg.log_tail)
+        assert pg.recovery["action"] is None and pg.wal_served["last"] == archived.last
+        assert left_running(pg.pid) == [] and not relay_threads() and os.listdir(scratch) == []
+
+
+def test_a_target_the_archive_does_not_reach_fails_with_the_log_tail(archived, cli, scratch):
+    out = cli("verify-restore", "-r", archived.url, "--scratch", scratch, "--pg-start", "--pg-recover",
+              "lsn=FF/0", "--pg-query", "select 1", password=PASSWORD, check=18)
+    text, err = out.stdout.decode(), out.stderr.decode()
+    assert "recovering to lsn=FF/0 from the archive" in text, text
+    assert "recovery ended before configured recovery target was reached" in text and "FAILED" in text, text
+    assert "log: " in err and "restored log file" in err, err
+    assert left_running(None) == [] and os.listdir(scratch) == []
+
+    js = cli("verify-restore", "-r", archived.url, "--scratch", scratch, "--pg-start", "--pg-recover",
+             "name=never made", "--json", password=PASSWORD, check=18)
+    [pg] = json.loads(js.stdout)["snapshots"][0]["pg_start"]
+    assert pg["error"].startswith("PostgreSQL exited 1") and "recovery target was reached" in pg["error"]
+    assert pg["log_tail"] and pg["wal_served"]["count"] >= 1 and pg["timeline"] is None
+    assert left_running(pg["pid"]) == [] and os.listdir(scratch) == []
+
+
+def test_standby_is_refused_in_one_line(archived, cli, scratch):
+    out = cli("verify-restore", "-r", archived.url, "--scratch", scratch, "--pg-start", "--pg-recover", "standby",
+              password=PASSWORD, check=2)
+    assert out.stderr.decode().count("\n") == 1 and "promoted at" in out.stderr.decode()
+
+
+def test_an_interrupt_during_the_recovery_stops_the_server_and_the_relay(archived, scratch, monkeypatch):
+    seen = []
+
+    def interrupted(self, deadline):
+        seen.append(self.proc.pid)
+        end = time.monotonic() + 60
+        while "restored log file" not in self.log_tail() and time.monotonic() < end:
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pgstart.Server, "wait_ready", interrupted)
+    with Repository.open(archived.url, PASSWORD) as repo:
+        with pytest.raises(KeyboardInterrupt):
+            verify_restore(repo, "latest", scratch=scratch, pg_start=True, pg_recover="end")
+    assert seen and left_running(seen[0]) == [] and not relay_threads() and os.listdir(scratch) == []
