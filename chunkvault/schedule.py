@@ -24,7 +24,10 @@ has no full snapshot at or after it; otherwise a differential is due when the
 most recent differential slot has no snapshot of either kind at or after it.
 Only the most recent slot counts, so slots missed while the machine was off
 are caught up once, not replayed one by one.  A policy's ``check`` follows the
-same rule, against the time of the last check that passed (``check_due``).
+same rule, against the time of the last check that passed (``check_due``), and
+so does its ``verify``, against the last restore verification that passed
+(``verify_due``).  The state file that remembers both is read and written by
+the runner; ``state_sections`` and ``state_document`` say its layout.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ __all__ = [
     "Policy",
     "RetentionScope",
     "Source",
+    "SourceVerify",
     "check_due",
     "check_slice",
     "dated_ahead",
@@ -63,6 +67,10 @@ __all__ = [
     "parse_cadence",
     "parse_policy",
     "retention_scope",
+    "source_verify",
+    "state_document",
+    "state_sections",
+    "verify_due",
     "zone",
 ]
 
@@ -70,6 +78,7 @@ UTC = timezone.utc
 KIND_FULL = "full"
 KIND_DIFF = "diff"
 KIND_CHECK = "check"
+KIND_VERIFY = "verify"
 
 # How far prev/next look for a matching day: Feb 29 can be 8 years away (2096 -> 2104).
 _MAX_DAYS = 366 * 29  # the Gregorian weekday calendar repeats within 28 years (outside century gaps)
@@ -414,16 +423,50 @@ def decide(full: Cadence, diff: Cadence | None, now: datetime,
     return Due(None, None, "up to date")
 
 
-def check_due(cadence: Cadence, now: datetime, last: datetime | None) -> Due:
-    """Whether the policy's check is due: as a full, when its most recent slot has no check that passed at
-    or after it (``last``; one dated ahead of ``now`` serves no slot)."""
+def _slot_due(cadence: Cadence, now: datetime, last: datetime | None, kind: str, noun: str) -> Due:
+    """The rule of ``check_due`` and ``verify_due``, for a job called ``noun`` in its reasons."""
     now = _aware(now, "now")
     slot = cadence.prev(now)
     if last is None or dated_ahead(last, now):
-        return Due(KIND_CHECK, slot, "no check yet" if last is None else "the last check is dated ahead")
-    if slot is not None and _aware(last, "check time") < slot:
-        return Due(KIND_CHECK, slot, f"check slot {_fmt(slot)} not served")
+        return Due(kind, slot, f"no {noun} yet" if last is None else f"the last {noun} is dated ahead")
+    if slot is not None and _aware(last, f"{noun} time") < slot:
+        return Due(kind, slot, f"{noun} slot {_fmt(slot)} not served")
     return Due(None, None, "up to date")
+
+
+def check_due(cadence: Cadence, now: datetime, last: datetime | None) -> Due:
+    """Whether the policy's check is due: as a full, when its most recent slot has no check that passed at
+    or after it (``last``; one dated ahead of ``now`` serves no slot)."""
+    return _slot_due(cadence, now, last, KIND_CHECK, "check")
+
+
+def verify_due(cadence: Cadence, now: datetime, last: datetime | None) -> Due:
+    """Whether the policy's restore verification is due: as a check, against the last one that passed
+    (``last``): a verification that failed, or that a stop cut short, leaves the slot unserved."""
+    return _slot_due(cadence, now, last, KIND_VERIFY, "verification")
+
+
+STATE_VERSION = 1
+_STATE_SECTIONS = ("checks", "verifications")
+
+
+def state_sections(doc: Any) -> dict[str, dict[str, dict[str, Any]]]:
+    """A state file's parsed JSON as its sections (``checks``, ``verifications``), each by repository URL;
+    what is not a table reads as nothing remembered (a check or verification too many, never one too few)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in _STATE_SECTIONS}
+    if not isinstance(doc, dict):
+        return out
+    for name in _STATE_SECTIONS:
+        section = doc.get(name)
+        if isinstance(section, dict):
+            out[name] = {k: v for k, v in section.items() if isinstance(v, dict)}
+    return out
+
+
+def state_document(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The JSON a state file holds: ``checks`` as before (older chunkvaults read it, the key they ignore
+    aside), ``verifications`` beside it."""
+    return {"version": STATE_VERSION, **{name: dict(sections.get(name, {})) for name in _STATE_SECTIONS}}
 
 
 _SLICE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*\Z")
@@ -493,6 +536,20 @@ class CopyTarget:
 
 
 @dataclass(frozen=True)
+class SourceVerify:
+    """How a policy's ``verify`` proves a source's newest snapshot restorable: ``verify_restore``'s options
+    for it (``timeout`` and ``scratch``: the source's own, else the top's)."""
+
+    then: str | None = None
+    pg_start: bool = False
+    pg_query: str | None = None
+    pg_expect: str | None = None
+    pg_dbname: str | None = None  # None: verify_restore's default (postgres)
+    timeout: float | None = None
+    scratch: str | None = None
+
+
+@dataclass(frozen=True)
 class Source:
     """One thing the policy backs up, with its own cadences, hooks and retention."""
 
@@ -526,6 +583,7 @@ class Source:
     hook_timeout: float | None = None
     tz: Any = UTC  # its time zone: its cadences' wall clock, and its retention's days
     copy_to: CopyTarget | None = None
+    verify: SourceVerify | None = None  # None: the policy has no verify, or this source has verify = false
 
     def argv(self) -> list[str]:
         """The command as run: a string through the shell, as hooks are; a list as it is."""
@@ -557,7 +615,8 @@ class Policy:
     base_dir: str = "."
     check: Cadence | None = None  # when the repository is checked
     check_subset: str | None = None  # the data a check reads: None reads none, as check without --read-data
-    state_file: str | None = None  # where the last check is remembered
+    state_file: str | None = None  # where the last check and the last verification are remembered
+    verify: Cadence | None = None  # when the newest snapshot of each source is restore-verified
 
     def source(self, name: str) -> Source:
         for s in self.sources:
@@ -566,18 +625,21 @@ class Policy:
         raise UsageError(f"no source {name!r} in the policy (known: {', '.join(s.name for s in self.sources)})")
 
 
+_VERIFY_TOP_KEYS = ("verify", "verify_scratch", "verify_timeout")
 _TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "full", "diff", "retention", "presets",
              "prune", "wal_expire", "max_unused", "max_repack_size", "lock_file", "hook_timeout", "source", "tags",
              "host",
              "copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention", "copy_wal", "check",
-             "check_read_data_subset", "state_file"}
+             "check_read_data_subset", "state_file", *_VERIFY_TOP_KEYS}
+_VERIFY_KEYS = ("verify", "verify_then", "verify_pg_start", "verify_pg_query", "verify_pg_expect",
+                "verify_pg_dbname", "verify_timeout", "verify_scratch")
 _COPY_KEYS = ("copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention", "copy_wal")
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "iexcludes", "iexclude_files",
                 "exclude_if_present", "exclude_caches",
                 "exclude_larger_than", "one_file_system", "ignore_inode", "ignore_ctime", "fixed_chunks", "command",
                 "stdin_name", "postgres", "pg_checkpoint", "pg_standby_wait", "pre", "post", "full", "diff",
                 "retention", "timezone", "hook_timeout", "list",
-                *_COPY_KEYS}
+                *_COPY_KEYS, *_VERIFY_KEYS}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
@@ -740,6 +802,85 @@ def _check_settings(top: Mapping[str, Any], tz: Any) -> tuple[Cadence | None, st
     return check, subset.strip()
 
 
+def _verify_settings(top: Mapping[str, Any], tz: Any, base_dir: str) -> tuple[Cadence | None, SourceVerify]:
+    """The top's verify cadence, and the defaults its ``verify-timeout`` and ``verify-scratch`` give each
+    source."""
+    text = top.get("verify")
+    cadence = None
+    if text is not None:
+        if isinstance(text, bool):
+            raise UsageError(f"verify at the top is a schedule like \"weekly sun 05:00\" (a source's verify = "
+                             f"false leaves that one out), got {text!r}")
+        try:
+            cadence = parse_cadence(text, tz)
+        except UsageError as exc:
+            raise UsageError(f"verify: {exc}") from None
+    for k in _VERIFY_TOP_KEYS[1:]:
+        if k in top and cadence is None:
+            raise UsageError(f"{k.replace('_', '-')} needs verify (a schedule, e.g. verify = \"weekly sun 05:00\")")
+    return cadence, SourceVerify(timeout=_seconds(top.get("verify_timeout"), "verify-timeout"),
+                                 scratch=_scratch(top.get("verify_scratch"), base_dir))
+
+
+def _scratch(value: Any, base_dir: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"verify-scratch must be a directory's path, got {value!r}")
+    return _path(base_dir, value)
+
+
+def _text(value: Any, what: str, *, empty: bool = False) -> str | None:
+    """An optional string setting; an empty one is refused unless ``empty`` (an expected answer may be
+    empty, a command or a query may not: \"$CHECK\" left unset must not pass as proven)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or (not empty and not value.strip()):
+        raise UsageError(f"{what} must be {'a string' if empty else 'a non-empty string'}, got {value!r}")
+    return value
+
+
+def source_verify(s: Mapping[str, Any], cadence: Cadence | None, defaults: SourceVerify, *, postgres: bool,
+                  command: bool, base_dir: str = ".") -> SourceVerify | None:
+    """A source's verify settings (keys as in the policy file, snake_case), or None when it is not verified:
+    no verify at the top, or ``verify = false`` here.  ``verify-pg-start`` defaults to whether the source is
+    a ``postgres`` one; each pg setting needs it, an expected answer needs its query."""
+    given = [k for k in _VERIFY_KEYS if k in s]
+    enabled = s.get("verify", True)
+    if not isinstance(enabled, bool):
+        raise UsageError(f"verify in a source is true or false (the schedule is the top's verify), got {enabled!r}")
+    if cadence is None:
+        if given:
+            raise UsageError(f"{given[0].replace('_', '-')} needs verify at the top (a schedule, e.g. "
+                             "verify = \"weekly sun 05:00\")")
+        return None
+    if not enabled:
+        others = [k for k in given if k != "verify"]
+        if others:
+            raise UsageError(f"{others[0].replace('_', '-')} is for a verified source: verify = false leaves "
+                             "this one out")
+        return None
+    then = _text(s.get("verify_then"), "verify-then")
+    pg_start = _flag(s.get("verify_pg_start", postgres), "verify-pg-start")
+    query = _text(s.get("verify_pg_query"), "verify-pg-query")
+    expect = _text(s.get("verify_pg_expect"), "verify-pg-expect", empty=True)
+    dbname = _text(s.get("verify_pg_dbname"), "verify-pg-dbname")
+    if pg_start and command:
+        raise UsageError("verify-pg-start starts the data directory a snapshot holds: a command source's holds "
+                         "its output")
+    pg_given = [n for n, v in (("verify-pg-query", query), ("verify-pg-expect", expect),
+                               ("verify-pg-dbname", dbname)) if v is not None]
+    if pg_given and not pg_start:
+        raise UsageError(f"{pg_given[0]} asks the restored PostgreSQL copy: set verify-pg-start = true too")
+    if expect is not None and query is None:
+        raise UsageError("verify-pg-expect is the answer of verify-pg-query: give the query too")
+    timeout = _seconds(s.get("verify_timeout"), "verify-timeout")
+    scratch = _scratch(s.get("verify_scratch"), base_dir)
+    return SourceVerify(then=then, pg_start=pg_start, pg_query=query, pg_expect=expect, pg_dbname=dbname,
+                        timeout=defaults.timeout if timeout is None else timeout,
+                        scratch=defaults.scratch if scratch is None else scratch)
+
+
 def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
     """Validate a parsed policy file; relative paths are taken from ``base_dir`` (the file's folder)."""
     top = _norm_keys(config, _TOP_KEYS, "")
@@ -783,6 +924,7 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
             raise UsageError(f"state-file must be a path, got {state_file!r}")
         state_file = _path(base_dir, state_file)
     check, check_subset = _check_settings(top, tz)
+    verify, verify_defaults = _verify_settings(top, tz, base_dir)
 
     raw_sources = top.get("source")
     if raw_sources is None:
@@ -880,7 +1022,9 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                             pre=_hook(s.get("pre"), "pre"),
                             post=_hook(s.get("post"), "post"),
                             retention=retention, hook_timeout=hook_timeout, tz=s_tz,
-                            copy_to=_copy_target(s, top, config, base_dir, repo))
+                            copy_to=_copy_target(s, top, config, base_dir, repo),
+                            verify=source_verify(s, verify, verify_defaults, postgres=postgres is not None,
+                                                 command=command is not None, base_dir=base_dir))
         except UsageError as exc:
             raise UsageError(f"source {name!r}: {exc}") from None
         here = socket.gethostname()  # a host left out is this machine's, as a run names it
@@ -895,7 +1039,8 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                   password_command=password_command, timezone=tz_name,
                   prune=prune, wal_expire=wal_expire, max_unused=_share(top.get("max_unused", 0.05)),
                   max_repack_size=_repack_size(top.get("max_repack_size")), lock_file=lock_file,
-                  base_dir=base_dir, check=check, check_subset=check_subset, state_file=state_file)
+                  base_dir=base_dir, check=check, check_subset=check_subset, state_file=state_file,
+                  verify=verify)
 
 
 def source_history(snapshots: Sequence[Any], host: str, paths: Sequence[str], stdin_name: str | None = None

@@ -38,7 +38,12 @@ there, when an earlier copy failed) before its post hook, which learns a
 failed copy as a failed source; the backup stays.  A policy with ``check``
 checks the repository when that is due, after retention and prune; a check
 that passed is remembered in the state file (``<policy file>.state``), one
-that found problems fails the run and runs again at the next one.
+that found problems fails the run and runs again at the next one.  A policy
+with ``verify`` then restores the newest snapshot of each source into a
+scratch directory and compares it with its manifest (``verify_restore``,
+starting a ``postgres`` source's copy, running its ``verify-then``) when that
+is due: one that passed for every source is remembered beside the check, one
+that failed fails the run and runs again at the next one.
 """
 from __future__ import annotations
 
@@ -68,8 +73,8 @@ from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, OutputClosed, P
                      SourceCommandFailed, Stopped, UsageError, VerificationFailed)
 from .processes import kill_group
 from .remotes.layer import stop_request
-from .schedule import (CopyTarget, Policy, RetentionScope, Source, check_due, check_slice, decide, next_wakeup,
-                       parse_policy, retention_scope)
+from .schedule import (CopyTarget, Policy, RetentionScope, Source, check_due, check_slice, dated_ahead, decide,
+                       next_wakeup, parse_policy, retention_scope, state_document, state_sections, verify_due)
 from .schedulecli import add_commands
 from .units import format_size
 from .store.command_stream import without_secrets
@@ -184,6 +189,9 @@ class RunReport:
     check: dict[str, Any] | None = None  # the policy's check, when it was due
     check_error: str | None = None  # its problems, or why it could not run
     check_problems: int = 0
+    verify: dict[str, Any] | None = None  # the policy's restore verification, when it was due
+    verify_error: str | None = None  # the snapshots that failed it, or why it could not run
+    verify_problems: int = 0  # snapshots whose verification failed (not those it could not run for)
 
     @property
     def failed(self) -> list[SourceResult]:
@@ -196,14 +204,14 @@ class RunReport:
     @property
     def ok(self) -> bool:
         return (not self.failed and not self.partial and self.prune_error is None and self.error is None
-                and self.check_error is None and self.wal_expire_error is None)
+                and self.check_error is None and self.wal_expire_error is None and self.verify_error is None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"started": _iso(self.started), "dry_run": self.dry_run, "ok": self.ok, "stopped": self.stopped,
                 "sources": [r.to_dict() for r in self.sources], "prune": self.prune,
                 "prune_error": self.prune_error, "wal_expired": self.wal_expired,
                 "wal_expire_error": self.wal_expire_error, "run_error": self.error, "check": self.check,
-                "check_error": self.check_error}
+                "check_error": self.check_error, "verify": self.verify, "verify_error": self.verify_error}
 
     def summary(self) -> str:
         """One line per run: backups by outcome, then retention's; a source whose backup was saved but whose
@@ -230,12 +238,18 @@ class RunReport:
             text += f"; {self.check_error}"
         elif self.check is not None and not self.dry_run:  # due: passed, or a stop skipped or cut it short
             text += "; check passed" if self.check.get("ok") else f"; check {self.check.get('stopped', 'skipped')}"
+        if self.verify_error is not None:
+            text += f"; {self.verify_error}"
+        elif self.verify is not None and not self.dry_run:
+            text += ("; verify passed" if self.verify.get("ok") else f"; verify {self.verify['stopped']}"
+                     if "stopped" in self.verify else "; verify: nothing to verify")
         return text + (" (stopped early)" if self.stopped else "")
 
     def raise_for_status(self) -> None:
-        """The CLI's verdict: exit 1 when a source failed (its copy-to included), 18 when only the check
-        found problems, 3 when a backup was only partial."""
-        if self.failed or self.prune_error or self.check_error or self.wal_expire_error:
+        """The CLI's verdict: exit 1 when a source failed (its copy-to included), 18 when only the check or
+        the restore verification found problems (a snapshot that does not restore as saved), 3 when a backup
+        was only partial.  A check or verification that could not run is exit 1, as a failed source."""
+        if self.failed or self.prune_error or self.check_error or self.wal_expire_error or self.verify_error:
             names = ", ".join(f"{r.name} ({r.error or r.retention_error})" for r in self.failed)
             if self.wal_expire_error:
                 names = ", ".join(filter(None, [names, f"wal-expire ({self.wal_expire_error})"]))
@@ -243,7 +257,12 @@ class RunReport:
                 names = ", ".join(filter(None, [names, f"prune ({self.prune_error})"]))
             if self.check_error:
                 names = ", ".join(filter(None, [names, self.check_error]))
-            if self.check_problems and not self.failed and not self.prune_error and not self.wal_expire_error:
+            if self.verify_error:
+                names = ", ".join(filter(None, [names, self.verify_error]))
+            found_only = (not self.failed and not self.prune_error and not self.wal_expire_error
+                          and (self.check_error is None or self.check_problems)
+                          and (self.verify_error is None or self.verify_problems))
+            if found_only and (self.check_problems or self.verify_problems):
                 raise VerificationFailed(f"scheduled run failed: {names}")
             raise ChunkvaultError(f"scheduled run failed: {names}")
         if self.partial:
@@ -368,6 +387,8 @@ class Runner:
         self.state_file = state_file or policy.state_file
         if policy.check is not None and not self.state_file:
             raise UsageError("check needs a state file to remember the last check: set state-file")
+        if policy.verify is not None and not self.state_file:
+            raise UsageError("verify needs a state file to remember the last verification: set state-file")
         self.copy_password = copy_password or self._copy_password
 
     def _copy_password(self, target: CopyTarget) -> bytes:
@@ -381,7 +402,7 @@ class Runner:
         return pw
 
     def run(self, *, dry_run: bool = False, only: list[str] | None = None) -> RunReport:
-        """What is due now; ``only``: these sources, and no check."""
+        """What is due now; ``only``: these sources, and no check nor verification."""
         # A source named twice runs once (its retention ran twice, and it was counted twice).
         sources = [self.policy.source(n) for n in dict.fromkeys(only)] if only else list(self.policy.sources)
         report = RunReport(self.clock(), dry_run)
@@ -448,6 +469,8 @@ class Runner:
                     self._prune(repo, report)
             if checking and self.policy.check is not None:
                 self._check(repo, report)
+            if checking and self.policy.verify is not None:
+                self._verify(repo, report)
         finally:
             close = getattr(repo, "close", None)
             if close is not None:
@@ -680,7 +703,7 @@ class Runner:
         """The policy's check when it is due: problems fail the run, and are named in the log; one that
         passed is remembered, so that the next is due at its next slot."""
         assert self.policy.check is not None
-        state = _read_state(self.state_file, self.log)
+        state = _read_state(self.state_file, self.log)["checks"]
         mine = state.get(self.url, {})
         now = self.clock()
         last = _parse_iso(mine.get("time"))
@@ -731,8 +754,168 @@ class Runner:
             return
         self.log(f"check: no problems in {done.snapshots} snapshots, {done.packs} packs"
                  + (f"; read {done.packs_read} packs ({format_size(done.bytes_read)})" if done.packs_read else ""))
-        state[self.url] = {"time": _iso(now), **({"slice": slice_no} if slice_no is not None else {})}
-        _write_state(self.state_file, state, self.log)
+        _remember(self.state_file, "checks", self.url,
+                  {"time": _iso(now), **({"slice": slice_no} if slice_no is not None else {})}, self.log)
+
+    def _verify(self, repo: Any, report: RunReport) -> None:
+        """The policy's restore verification when it is due: the newest snapshot of each verified source is
+        restored and compared, its PostgreSQL started, its command run (``verify_restore``).  Each snapshot
+        that failed is one log line with its reason, and fails the run; only one that passed for every source
+        is remembered, so that the next is due at its next slot and a failed one runs again at every run."""
+        assert self.policy.verify is not None
+        said = self.policy.check is not None  # a state file that does not read was said by the check
+        state = _read_state(self.state_file, (lambda line: None) if said else self.log)
+        mine = state["verifications"].get(self.url, {})
+        now = self.clock()
+        due = verify_due(self.policy.verify, now, _parse_iso(mine.get("time")))
+        if due.kind is None:
+            nxt = self.policy.verify.next(now)
+            self.log("verify: not due" + (f" (next slot {_iso(nxt)})" if nxt else ""))
+            return
+        sources = [src for src in self.policy.sources if src.verify is not None]
+        report.verify = {"slot": _iso(due.slot), "reason": due.reason, "sources": []}
+        if not report.dry_run and self.stop.is_set():
+            report.stopped = True
+            report.verify.update(ok=None, stopped="skipped")
+            self.log("verify: skipped, stopping")
+            return
+        try:
+            snaps = repo.snapshots()
+        except ChunkvaultError as exc:
+            report.verify["ok"] = None
+            report.verify_error = f"verify failed: {exc}"
+            self.log(f"verify: failed: {exc}")
+            return
+        backing_up = {r.name for r in report.sources if r.status == WOULD_RUN}  # a dry run's backups to come
+        picked: list[tuple[Source, Any]] = []
+        for src in sources:
+            history = [s for s in src.history(snaps, self._host(src)) if not dated_ahead(s.datetime, now)]
+            newest = max(history, key=lambda s: s.datetime, default=None)
+            if report.dry_run and (newest is not None or src.name in backing_up):
+                which = "the one this run makes" if src.name in backing_up else f"now {newest.id[:8]}"
+                report.verify["sources"].append({"source": src.name,
+                                                 "snapshot": None if src.name in backing_up else newest.id})
+                self.log(f"verify: would restore and compare {src.name}'s newest snapshot ({which})"
+                         + _verify_extras(src) + f" ({due.reason})")
+            elif newest is None:
+                self.log(f"verify: {src.name}: no snapshot to verify")
+            else:
+                picked.append((src, newest))
+        if report.dry_run:
+            return
+        self.log(f"verify: verifying the newest snapshot of {len(picked)} source(s) ({due.reason})")
+        failed: list[str] = []
+        not_run: list[str] = []
+        for src, snap in picked:
+            if self.stop.is_set():
+                report.verify["stopped"] = "stopped" if report.verify["sources"] else "skipped"
+                self.log(f"verify: {src.name}: skipped, stopping")
+                break
+            entry = self._verify_one(repo, src, snap)
+            if entry is None:  # a stop cut it short
+                report.verify["stopped"] = "stopped"
+                break
+            report.verify["sources"].append(entry)
+            if entry["not_run"]:
+                not_run.append(src.name)
+            elif not entry["ok"]:
+                failed.append(src.name)
+        stopped = "stopped" in report.verify
+        report.stopped |= stopped
+        report.verify["ok"] = None if stopped or not picked else not failed and not not_run
+        if failed or not_run:  # what failed before a stop still fails the run
+            report.verify_problems = len(failed)
+            report.verify_error = "verify " + ", ".join(filter(None, [
+                f"failed for {len(failed)} of {len(picked)} snapshot(s) ({', '.join(failed)})" if failed else "",
+                f"could not run for {', '.join(not_run)}" if not_run else ""]))
+            self.log(f"verify: {report.verify_error}; it runs again at the next run")
+            return
+        if stopped:
+            return
+        if not picked:
+            self.log(("verify: no source has a snapshot to verify" if sources else
+                      "verify: every source has verify = false") + "; it runs again at the next run")
+            return
+        self.log(f"verify: {len(picked)} snapshot(s) restored as saved")
+        _remember(self.state_file, "verifications", self.url,
+                  {"time": _iso(now), "snapshots": {e["source"]: e["snapshot"] for e in report.verify["sources"]}},
+                  self.log)
+
+    def _verify_one(self, repo: Any, src: Source, snap: Any) -> dict[str, Any] | None:
+        """One source's verification as the run reports it; None when a stop cut it short.  A verification
+        that could not run (the repository out of reach, no scratch directory) has ``not_run``: exit 1, not
+        the exit of a snapshot found damaged."""
+        from .verify import verify_restore
+
+        v = src.verify
+        assert v is not None
+        entry: dict[str, Any] = {"source": src.name, "snapshot": snap.id, "ok": False, "not_run": False,
+                                 "duration": 0.0, "error": None, "mismatches": 0, "pg_start": None}
+        self.log(f"verify: {src.name}: restoring snapshot {snap.id[:8]}" + _verify_extras(src))
+        started = time.monotonic()
+        try:
+            with self._stopped_with(repo):
+                done = verify_restore(
+                    repo=repo, snapshot=snap, then=v.then, timeout=v.timeout, scratch=v.scratch,
+                    env=dict(os.environ, CHUNKVAULT_SOURCE=src.name), pg_start=v.pg_start, pg_query=v.pg_query,
+                    pg_expect=v.pg_expect, **({"pg_dbname": v.pg_dbname} if v.pg_dbname is not None else {}))
+        except (ChunkvaultError, Stopped) as exc:
+            if self._ended_by_stop(exc):
+                self.log(f"verify: {src.name}: stopped ({exc})")
+                return None
+            if isinstance(exc, Stopped):
+                raise
+            # a PostgreSQL copy that would not start is the snapshot's failure; anything else kept it from running
+            entry.update(not_run=not isinstance(exc, VerificationFailed), error=str(exc),
+                         duration=round(time.monotonic() - started, 3))
+            self.log(f"verify: {src.name}: snapshot {snap.id[:8]} "
+                     + ("could not be verified" if entry["not_run"] else "failed") + f": {exc}")
+            return entry
+        except Exception as exc:  # a daemon outlives one broken run; the message names the bug
+            entry.update(not_run=True, error=f"internal error: {type(exc).__name__}: {exc}")
+            self.log(f"verify: {src.name}: snapshot {snap.id[:8]} could not be verified: {entry['error']}")
+            return entry
+        for w in done.warnings:
+            self.log(f"verify: {src.name}: warning: {w}")
+        entry.update(ok=done.ok, duration=done.duration, mismatches=done.mismatch_count,
+                     pg_start=None if done.pg_start is None else [_pg_summary(p) for p in done.pg_start],
+                     command_exit=None if done.command is None else done.command.exit_code)
+        if getattr(done, "error_kind", None) == "no_space":  # nothing is known of the data: it could not run
+            entry["not_run"] = True
+        if done.ok:
+            self.log(f"verify: {src.name}: snapshot {snap.id[:8]} restored as saved ({done.files} files, "
+                     f"{format_size(done.bytes)}, {done.duration:.1f} s)"
+                     + "".join(f"; PostgreSQL {p.version} in {p.data_directory} started"
+                               + (f", the query answered {p.answer!r}" if p.answer is not None else "")
+                               for p in done.pg_start or ()))
+            return entry
+        entry["error"] = verify_failure(done)
+        self.log(f"verify: {src.name}: snapshot {snap.id[:8]} failed: {entry['error']}")
+        return entry
+
+    @contextmanager
+    def _stopped_with(self, repo: Any) -> Iterator[None]:
+        """Within the block, a stop of the run (SIGTERM) also stops the repository's operation: a restore of a
+        large snapshot would otherwise hold the stop for as long as it takes."""
+        stop_repo = getattr(repo, "stop", None)
+        if stop_repo is None:
+            yield
+            return
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.2):
+                if self.stop.is_set():
+                    stop_repo()
+                    return
+
+        watcher = threading.Thread(target=watch, name="verify-stop", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
 
     def _say_left_out(self, src: Source, scope: RetentionScope) -> None:
         """Why retention kept what its rules did not weigh: snapshots dated ahead (a clock set back), and
@@ -808,43 +991,81 @@ def _parse_iso(text: Any) -> datetime | None:
     return t if t.tzinfo is not None else None
 
 
-STATE_VERSION = 1
-
-
-def _read_state(path: str | None, log: Callable[[str], None]) -> dict[str, Any]:
-    """The last check that passed, by repository URL.  A state file that is missing is no check yet; one
-    that does not read is said, and taken as no check yet (a check too many, never one too few)."""
+def _read_state(path: str | None, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """The last check and the last verification that passed, by repository URL (``schedule.state_sections``).
+    A state file that is missing is none yet; one that does not read is said, and taken as none yet (a
+    check or verification too many, never one too few)."""
     if path is None:
-        return {}
+        return state_sections(None)
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except FileNotFoundError:
-        return {}
+        return state_sections(None)
     except (OSError, ValueError) as exc:
         log(f"warning: state file {path} does not read ({getattr(exc, 'strerror', None) or exc}): "
-            "the check is taken as due")
-        return {}
-    checks = doc.get("checks") if isinstance(doc, dict) else None
-    return {k: v for k, v in checks.items() if isinstance(v, dict)} if isinstance(checks, dict) else {}
+            "the check and the verification are taken as due")
+        return state_sections(None)
+    return state_sections(doc)
 
 
-def _write_state(path: str | None, checks: dict[str, Any], log: Callable[[str], None]) -> None:
+def _remember(path: str | None, section: str, url: str, entry: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Record ``entry`` for ``url`` in one section of the state file, the other as it is there now."""
+    sections = _read_state(path, lambda line: None)  # what does not read was said when the run read it
+    sections[section][url] = entry
+    _write_state(path, sections, log)
+
+
+def _write_state(path: str | None, sections: dict[str, dict[str, Any]], log: Callable[[str], None]) -> None:
     """Replace the state file whole (a crash leaves the old one or the new one)."""
     if path is None:
         return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"version": STATE_VERSION, "checks": checks}, f, indent=1, sort_keys=True)
+            json.dump(state_document(sections), f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         with suppress(OSError):
             os.unlink(tmp)
-        log(f"warning: state file {path} could not be written ({exc.strerror or exc}): the check runs again "
-            "at the next run")
+        log(f"warning: state file {path} could not be written ({exc.strerror or exc}): the step it remembers "
+            "runs again at the next run")
+
+
+def _verify_extras(src: Source) -> str:
+    """What a source's verification does beyond the restore and the comparison, for its log lines."""
+    v = src.verify
+    assert v is not None
+    extras = (["start its PostgreSQL"] if v.pg_start else []) + (["run its verify-then"] if v.then else [])
+    return f", then {' and '.join(extras)}" if extras else ""
+
+
+def _pg_summary(p: Any) -> dict[str, Any]:
+    """What the run's report keeps of starting one data directory of the copy (verify-restore's
+    ``pg_start`` result, its log tail left out)."""
+    return {"data_directory": p.data_directory, "version": p.version, "ok": p.ok,
+            "ready_seconds": p.ready_seconds, "databases": list(p.databases), "answer": p.answer,
+            "error": p.error}
+
+
+def verify_failure(done: Any) -> str:
+    """Why a verification (a ``VerifyReport``) failed, in one line: the restore's error, the mismatches (the
+    first named), PostgreSQL's failure, or the command's."""
+    if done.error:
+        return str(done.error)
+    if done.mismatch_count:
+        first = f", first: {done.mismatches[0]}" if done.mismatches else ""
+        return f"{done.mismatch_count} mismatch(es) with its manifest{first}"
+    bad = [p for p in done.pg_start or () if not p.ok]
+    if bad:
+        return f"PostgreSQL in {bad[0].data_directory or 'the copy'} failed: {bad[0].error}"
+    c = done.command
+    if c is not None and c.exit_code != 0:
+        return (f"verify-then killed after the timeout ({c.seconds:.1f} s)" if c.timed_out
+                else f"verify-then exited {c.exit_code}")
+    return "failed"
 
 
 def _describe(r: SourceResult) -> str:
@@ -949,7 +1170,7 @@ class Daemon:
     def _next_slot(self, started: datetime) -> datetime | None:
         policy = self.runner.policy
         wake = next_wakeup([c for s in policy.sources for c in s.cadences()]
-                           + ([policy.check] if policy.check is not None else []), started)
+                           + [c for c in (policy.check, policy.verify) if c is not None], started)
         if wake is None:
             self.log("no slot is ever due again; waiting for a stop signal")
         elif self.verbose:
@@ -1236,7 +1457,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 #: Lines that ``-q`` drops: nothing due, and retention's counts; never a failure nor a skip.
-ROUTINE = ("nothing due", ": retention removed ", ": retention would remove ", "check: not due")
+ROUTINE = ("nothing due", ": retention removed ", ": retention would remove ", "check: not due",
+           "verify: not due")
 
 
 def _quiet(log: Callable[[str], None]) -> Callable[[str], None]:
