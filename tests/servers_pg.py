@@ -305,6 +305,27 @@ def start_restored(bindir: str, datadir: str, *, user: str | None = None) -> PgS
     return server
 
 
+def live_processes() -> Iterator[tuple[int, int, str]]:
+    """Every process of the machine that is not a zombie: its pid, process group and command line."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fields[0] != b"Z":
+            yield int(name), int(fields[2]), cmdline
+
+
+def left_of(pid: int) -> list[int]:
+    """The processes left of a server that was ``pid`` (the leader of its own group): itself and its group."""
+    return [p for p, group, _ in live_processes() if pid in (p, group)]
+
+
 def switch_and_wait_archived(server: PgServer, timeout: float = 120) -> str:
     """Switch to a new WAL segment and wait until the server has archived the one closed; its name."""
     last = server.sql("select pg_walfile_name(pg_switch_wal())")

@@ -15,7 +15,7 @@ from chunkvault.errors import PgStartFailed, UsageError
 from chunkvault.pgstart import (conninfo, pick_bindir, pid_file_ready, postgres_argv, recovery_files, searchable,
                                 server_settings, split_records)
 from chunkvault.verify import check_pg_options, verify_restore
-from servers_pg import PgCluster, give_to, require_postgres, shared_tempdir
+from servers_pg import PgCluster, give_to, left_of, require_postgres, shared_tempdir
 
 ROWS = 1234
 
@@ -136,22 +136,6 @@ def scratch():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def running(pid: int) -> list[int]:
-    """The processes left of the server that was ``pid``: itself (unless it is a zombie) and its group."""
-    left = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if (int(name) == pid or int(fields[2]) == pid) and fields[0] != b"Z":
-            left.append(int(name))
-    return left
-
-
 def base_backup(cluster: PgCluster, name: str) -> str:
     path = os.path.join(cluster.backups, name)
     cluster.basebackup(path)
@@ -173,7 +157,7 @@ def test_a_postgres_snapshot_starts_answers_and_is_stopped(cluster, new_repo, tm
     assert pg["data_directory"] == "." and pg["user"] == "postgres" and pg["ready_seconds"] > 0
     assert pg["databases"] == ["other db", "postgres", "template1"]
     assert pg["signals_removed"] == [] and pg["written"] == [] and pg["log_tail"] is None
-    assert running(pg["pid"]) == []
+    assert left_of(pg["pid"]) == []
     assert os.listdir(scratch) == []
 
     wrong = cli("verify-restore", "-r", url, "--scratch", scratch, "--pg-start", "--pg-query",
@@ -185,7 +169,7 @@ def test_a_postgres_snapshot_starts_answers_and_is_stopped(cluster, new_repo, tm
                "--pg-dbname", "other db", "--pg-query", "select current_database()", "--json")
     [report] = json.loads(both.stdout)["snapshots"]
     assert report["pg_start"][0]["answer"] == "other db" and report["command"]["exit_code"] == 0
-    assert running(report["pg_start"][0]["pid"]) == []
+    assert left_of(report["pg_start"][0]["pid"]) == []
 
 
 def test_a_copy_without_configuration_files_comes_up_on_its_own_wal(cluster, new_repo, scratch):
@@ -207,7 +191,7 @@ def test_a_copy_without_configuration_files_comes_up_on_its_own_wal(cluster, new
     kept = report.kept_at
     assert not os.path.exists(os.path.join(kept, "standby.signal"))
     assert os.stat(os.path.join(kept, "postgresql.conf")).st_uid == os.stat(kept).st_uid
-    assert not os.path.exists(os.path.join(kept, "postmaster.pid")) and running(pg.pid) == []  # kept, but stopped
+    assert not os.path.exists(os.path.join(kept, "postmaster.pid")) and left_of(pg.pid) == []  # kept, but stopped
 
 
 def test_an_invalid_setting_fails_with_the_log_tail_and_leaves_nothing_running(cluster, new_repo, scratch):
@@ -218,7 +202,7 @@ def test_an_invalid_setting_fails_with_the_log_tail_and_leaves_nothing_running(c
     report = verify_restore(repo, repo.backup([copy]).snapshot, scratch=scratch, pg_start=True)
     [pg] = report.pg_start
     assert not report.ok and pg.error.startswith("PostgreSQL exited 1 before it accepted connections")
-    assert "shared_buffers" in pg.log_tail and running(pg.pid) == []
+    assert "shared_buffers" in pg.log_tail and left_of(pg.pid) == []
     assert os.listdir(scratch) == []
 
 
@@ -256,12 +240,12 @@ def test_an_interrupt_while_it_runs_stops_the_server(cluster, new_repo, scratch,
     monkeypatch.setattr(pgstart.Server, "find_role", interrupted)
     with pytest.raises(KeyboardInterrupt):
         verify_restore(repo, snap, scratch=scratch, pg_start=True)
-    assert seen and running(seen[0]) == [] and os.listdir(scratch) == []
+    assert seen and left_of(seen[0]) == [] and os.listdir(scratch) == []
 
     monkeypatch.undo()  # the time given runs out before it is ready: a failure, and stopped as well
     report = verify_restore(repo, snap, scratch=scratch, pg_start=True, timeout=0.05)
     [pg] = report.pg_start
-    assert not report.ok and "0.05 s" in pg.error and pg.pid and running(pg.pid) == [], pg.error
+    assert not report.ok and "0.05 s" in pg.error and pg.pid and left_of(pg.pid) == [], pg.error
 
 
 def test_a_snapshot_without_a_data_directory_fails_pg_start(new_repo, tmp_path, scratch):

@@ -91,22 +91,8 @@ def scratch():
 
 def left_running(pid: int | None) -> list[str]:
     """What is left of the server that was ``pid`` (its group) and of any relay client: their command lines."""
-    left = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if fields[0] == b"Z":
-            continue
-        if (pid is not None and (int(name) == pid or int(fields[2]) == pid)) or "walfetch.py" in cmdline:
-            left.append(cmdline)
-    return left
+    return [cmd for p, group, cmd in servers_pg.live_processes()
+            if pid is not None and pid in (p, group) or "walfetch.py" in cmd]
 
 
 def relay_threads() -> list[threading.Thread]:

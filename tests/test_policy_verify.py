@@ -16,40 +16,12 @@ from chunkvault import Repository
 from chunkvault.errors import ChunkvaultError, Stopped, UsageError, VerificationFailed
 from chunkvault.schedule import parse_cadence, parse_policy, state_document, state_sections, verify_due
 from chunkvault.scheduler import Daemon, Runner, RunReport, load_policy
-from test_scheduler import FakeClock, cli_main, q, write_policy
+from test_policy_steps import RunTime, snapshot_time, tree  # noqa: F401 (fixtures: the run's time, a source)
+from test_scheduler import FakeClock, cli_main, q, repo_url, write_policy  # noqa: F401 (repo_url: a fixture)
 
 UTC = timezone.utc
 PASSWORD = "scheduled secret"
 SUNDAY = datetime(2026, 3, 1, 5, 30, tzinfo=UTC)  # just after the slot of "weekly sun 05:00"
-
-
-class RunTime:
-    """The time of the run under test: its clock's, and its snapshots' (the API takes none)."""
-
-    at: datetime | None = None
-
-
-@pytest.fixture(autouse=True)
-def snapshot_time(monkeypatch):
-    monkeypatch.setattr(RunTime, "at", None)
-    monkeypatch.setattr("chunkvault.store.backup.now_iso",
-                        lambda: (RunTime.at or datetime.now(UTC)).isoformat(timespec="microseconds"))
-
-
-@pytest.fixture
-def repo_url(tmp_path):
-    url = str(tmp_path / "repo")
-    Repository.init(url, PASSWORD, kdf_seconds=0).close()
-    return url
-
-
-@pytest.fixture
-def tree(tmp_path):
-    src = tmp_path / "data"
-    src.mkdir()
-    (src / "base.bin").write_bytes(os.urandom(60_000))
-    (src / "notes.txt").write_text("hello\n")
-    return src
 
 
 @pytest.fixture
