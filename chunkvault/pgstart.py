@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PgStartResult", "PG_START_TIMEOUT", "pick_bindir", "server_settings", "postgres_argv",
            "recovery_files", "conninfo", "searchable", "prove_data_directories", "prove_data_directory",
-           "parse_replay", "fatal_line", "python_candidates"]
+           "parse_replay", "fatal_line", "python_candidates", "tablespaces_outside"]
 
 #: How long a copy gets to finish its recovery and answer, when no ``timeout`` is given: a large one replays
 #: all the WAL written while its backup ran.
@@ -341,6 +341,27 @@ def _binaries_version(directory: str) -> str | None:
     return binaries_major(out.stdout)
 
 
+def tablespaces_outside(datadir: str, copy: str) -> list[tuple[str, str]]:
+    """Each ``pg_tblspc`` entry of the copy that leads out of it (``pg_tblspc/<oid>``, where it leads): a data
+    directory backed up as files (a pg_basebackup copy, a stopped cluster) keeps the link to the tablespace's
+    location, the live server's, and a server started on the copy would recover into that tablespace and reset
+    its unlogged relations, writing where the live server keeps its files."""
+    root = os.path.realpath(copy).rstrip(os.sep) + os.sep
+    found = []
+    tblspc = os.path.join(datadir, "pg_tblspc")
+    try:
+        names = sorted(os.listdir(tblspc))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        path = os.path.join(tblspc, name)
+        if not os.path.islink(path):
+            continue
+        if not (os.path.realpath(path) + os.sep).startswith(root):
+            found.append((f"pg_tblspc/{name}", os.readlink(path)))
+    return found
+
+
 def _write_owned(path: str, text: str, who: Identity) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -619,6 +640,12 @@ def prove_data_directory(copy: str, rel: bytes, *, bindir: str | None = None, qu
         if closed is not None:
             raise PgStartFailed(f"the server's user {result.user} cannot reach the copy: {closed} is closed to it "
                                 "(give --scratch a directory it may pass through)")
+        outside = tablespaces_outside(datadir, copy)
+        if outside:
+            raise PgStartFailed("the copy's tablespace links lead out of it (" + ", ".join(
+                f"{link} -> {where}" for link, where in outside) + "): started, it would write there, into the "
+                "tablespace of the server it was copied from; back the cluster up with --postgres, which keeps "
+                "each tablespace in the snapshot")
         result.signals_removed, result.written = prepare_copy(datadir, major, who)
         server = Server(result.bindir, datadir, major, who, timeout)
         if recovery is not None:

@@ -15,7 +15,7 @@ from chunkvault.errors import PgStartFailed, UsageError
 from chunkvault.pgstart import (conninfo, pick_bindir, pid_file_ready, postgres_argv, recovery_files, searchable,
                                 server_settings, split_records)
 from chunkvault.verify import check_pg_options, verify_restore
-from servers_pg import PgCluster, give_to, left_of, require_postgres, shared_tempdir
+from servers_pg import PgCluster, give_to, left_of, require_postgres, run_as, shared_tempdir
 
 ROWS = 1234
 
@@ -255,3 +255,32 @@ def test_a_snapshot_without_a_data_directory_fails_pg_start(new_repo, tmp_path, 
     report = verify_restore(repo, repo.backup([str(tmp_path / "src")]).snapshot, scratch=scratch, pg_start=True)
     assert not report.ok and "no PostgreSQL data directory" in report.pg_start[0].error
     assert stat.S_ISDIR(os.stat(scratch).st_mode)
+
+
+def test_a_copy_whose_tablespace_links_out_of_it_is_not_started(cluster, new_repo, scratch):
+    """A pg_basebackup copy backed up as files keeps pg_tblspc/<oid> linked to a location outside it (the live
+    server's, for a data directory backed up as it lies): started, the copy recovered into that tablespace and
+    reset its unlogged relations there."""
+    location = os.path.join(cluster.base, "ts_out")
+    mapped = os.path.join(cluster.backups, "ts_mapped")
+    cluster.create_tablespace("ts_out", location)
+    try:
+        cluster.sql("CREATE UNLOGGED TABLE ts_u (id int) TABLESPACE ts_out; INSERT INTO ts_u VALUES (1)")
+        os.mkdir(mapped, 0o700)
+        give_to(mapped, cluster.user)
+        copy = os.path.join(cluster.backups, "linked")
+        run_as(cluster.user, [cluster.tool("pg_basebackup"), "-h", cluster.rundir, "-p", str(cluster.port), "-U",
+                              "postgres", "-D", copy, "-Fp", "-Xs", "-c", "fast", "--no-sync",
+                              f"--tablespace-mapping={location}={mapped}"], env=cluster.env())
+    finally:
+        cluster.sql("DROP TABLE IF EXISTS ts_u")
+        cluster.sql("DROP TABLESPACE ts_out")
+    held = sorted(os.path.relpath(os.path.join(d, n), mapped) for d, _, files in os.walk(mapped) for n in files)
+    repo = new_repo()
+    report = verify_restore(repo, repo.backup([copy]).snapshot, scratch=scratch, pg_start=True)
+    [pg] = report.pg_start
+    assert not report.ok and pg.pid is None, pg.error
+    assert "tablespace links lead out of it" in pg.error and mapped in pg.error and "\n" not in pg.error
+    assert sorted(os.path.relpath(os.path.join(d, n), mapped) for d, _, files in os.walk(mapped)
+                  for n in files) == held  # nothing written where the link led
+    assert os.listdir(scratch) == []
