@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,18 @@ SOCKET_PATH_MAX = 107
 #: Where the WAL relay's client is looked for besides our own interpreter (one installed under a home the
 #: server's user cannot enter, pyenv's under /root, does not run for it).
 PYTHON_PATH = "/usr/bin:/bin:/usr/local/bin"
+#: What naming the bootstrap superuser from the copy's files takes: pg_authid's oid and the relation map's
+#: magic (pg_authid is a mapped catalog), the page layout (default block size; item pointers past the page
+#: header; a normal item, a tuple's header), the superuser's oid and a name's fixed width.
+AUTHID_OID = 1260
+RELMAP_MAGIC = 0x592717
+BLCKSZ = 8192
+PAGE_HEADER = 24
+LP_NORMAL = 1
+TUPLE_HEADER = 23
+HEAP_XMAX_INVALID = 0x0800
+BOOTSTRAP_SUPERUSER = 10
+NAMEDATALEN = 64
 #: Seconds the relay's client gets to answer a ping as the server's user.
 PING_WAIT = 60.0
 #: Asked once a recovered copy is promoted: how far its recovery replayed (PostgreSQL keeps both values once
@@ -228,10 +241,47 @@ def split_records(out: bytes) -> list[str]:
     return [r for r in text.split("\0") if r]
 
 
-def role_candidates(pguser: str | None, owner_name: str | None) -> list[str]:
-    """Whom to connect as at first: ``PGUSER`` where it is set (a superuser named otherwise, as a container's
-    ``POSTGRES_USER`` makes), the owner's name (initdb's default superuser), then ``postgres``."""
-    return list(dict.fromkeys([n for n in (pguser, owner_name, "postgres") if n]))
+def role_candidates(pguser: str | None, owner_name: str | None, catalog: Iterable[str] = ()) -> list[str]:
+    """Whom to connect as at first: ``PGUSER`` where it is set, the owner's name (initdb's default superuser),
+    the names the copy's ``pg_authid`` gives the bootstrap superuser (``initdb -U``, a container's
+    ``POSTGRES_USER``), then ``postgres``."""
+    return list(dict.fromkeys([n for n in (pguser, owner_name, *catalog, "postgres") if n]))
+
+
+def mapped_filenode(map_file: bytes, oid: int) -> int | None:
+    """The file a mapped catalog (``pg_authid``) is stored in, as ``global/pg_filenode.map`` says: its magic,
+    a count, then (oid, filenode) pairs; None when it does not read."""
+    if len(map_file) < 8 or struct.unpack_from("=i", map_file)[0] != RELMAP_MAGIC:
+        return None
+    count = struct.unpack_from("=i", map_file, 4)[0]
+    if not 0 <= count <= (len(map_file) - 8) // 8:
+        return None
+    for i in range(count):
+        mapped, filenode = struct.unpack_from("=II", map_file, 8 + 8 * i)
+        if mapped == oid:
+            return filenode
+    return None
+
+
+def bootstrap_names(heap: bytes) -> list[str]:
+    """The names the bootstrap superuser (oid 10) has in ``pg_authid``'s heap pages, one not deleted first:
+    only candidates to connect as (the server says which exists), so a tuple's visibility is not judged."""
+    live, gone = [], []
+    for start in range(0, len(heap) - BLCKSZ + 1, BLCKSZ):
+        page = heap[start:start + BLCKSZ]
+        lower = struct.unpack_from("=H", page, 12)[0]
+        for at in range(PAGE_HEADER, min(lower, BLCKSZ) - 3, 4):
+            item = struct.unpack_from("=I", page, at)[0]
+            off, flags, length = item & 0x7FFF, (item >> 15) & 3, item >> 17
+            if flags != LP_NORMAL or off + length > BLCKSZ or length < TUPLE_HEADER:
+                continue
+            tup = page[off:off + length]
+            xmax, infomask, hoff = struct.unpack_from("=I", tup, 4)[0], struct.unpack_from("=H", tup, 20)[0], tup[22]
+            if hoff + 4 + NAMEDATALEN > length or struct.unpack_from("=I", tup, hoff)[0] != BOOTSTRAP_SUPERUSER:
+                continue
+            name = tup[hoff + 4:hoff + 4 + NAMEDATALEN].split(b"\0")[0].decode("utf-8", "replace")
+            (live if xmax == 0 or infomask & HEAP_XMAX_INVALID else gone).append(name)
+    return list(dict.fromkeys(n for n in live + gone if n))
 
 
 def psql_missing(stderr: str) -> str | None:
@@ -303,6 +353,19 @@ def server_identity(datadir: str) -> Identity:
     except KeyError:  # an owner this host does not name: its id alone
         name, gid, groups = None, st.st_gid, [st.st_gid]
     return Identity(st.st_uid, gid, groups, name)
+
+
+def catalog_superuser(datadir: str) -> list[str]:
+    """``bootstrap_names`` of the copy's ``pg_authid`` file (none when it does not read)."""
+    try:
+        with open(os.path.join(datadir, "global", "pg_filenode.map"), "rb") as f:
+            filenode = mapped_filenode(f.read(), AUTHID_OID)
+        if filenode is None:
+            return []
+        with open(os.path.join(datadir, "global", str(filenode)), "rb") as f:
+            return bootstrap_names(f.read(64 * BLCKSZ))
+    except (OSError, struct.error):
+        return []
 
 
 def closed_ancestor(path: str, who: Identity) -> str | None:
@@ -495,7 +558,7 @@ class Server:
         """Whom to connect as: the bootstrap superuser (oid 10, who may open every database), named by
         asking as ``PGUSER``, the owner's name or ``postgres``, in ``dbname``, ``template1`` or ``postgres``."""
         tried = []
-        for role in role_candidates(os.environ.get("PGUSER"), self.who.name):
+        for role in role_candidates(os.environ.get("PGUSER"), self.who.name, catalog_superuser(self.datadir)):
             for db in dict.fromkeys((dbname, "template1", "postgres")):
                 proc = self.psql("SELECT rolname FROM pg_roles WHERE oid = 10", db, deadline, role=role)
                 if proc.returncode == 0:
@@ -508,7 +571,8 @@ class Server:
                 tried.append(f"{role}@{db}")
                 if missing == "role":
                     break
-        raise PgStartFailed("cannot connect: no role and database found among " + ", ".join(tried))
+        raise PgStartFailed("cannot connect: no role and database found among " + ", ".join(tried)
+                            + " (set PGUSER to a superuser of the copy's)")
 
     def query(self, sql: str, dbname: str, deadline: float, records: bool = False) -> bytes:
         proc = self.psql(sql, dbname, deadline, records=records)

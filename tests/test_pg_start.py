@@ -284,3 +284,27 @@ def test_a_copy_whose_tablespace_links_out_of_it_is_not_started(cluster, new_rep
     assert sorted(os.path.relpath(os.path.join(d, n), mapped) for d, _, files in os.walk(mapped)
                   for n in files) == held  # nothing written where the link led
     assert os.listdir(scratch) == []
+
+
+def test_a_bootstrap_superuser_named_otherwise_is_found_in_the_copy(new_repo, scratch, monkeypatch):
+    """initdb -U (a container's POSTGRES_USER), renamed since: no role postgres, none named as the owner, no
+    PGUSER; the copy's pg_authid names the superuser to connect as."""
+    bindir = require_postgres()
+    monkeypatch.delenv("PGUSER", raising=False)
+    with PgCluster(bindir) as c:
+        run_as(c.user, [c.tool("initdb"), "-D", c.datadir, "--auth=trust", "--no-sync", "-U", "admin"], env=c.env())
+        c.start()
+        psql = [c.tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", c.rundir, "-p", str(c.port), "-d",
+                "postgres", "-c"]
+        run_as(c.user, [*psql[:-1], "-U", "admin", "-c", "CREATE ROLE helper SUPERUSER LOGIN"], env=c.env())
+        run_as(c.user, [*psql[:-1], "-U", "helper", "-c", "ALTER ROLE admin RENAME TO boss"], env=c.env())
+        run_as(c.user, [*psql[:-1], "-U", "boss", "-c", "DROP ROLE helper; CHECKPOINT"], env=c.env())
+        copy = os.path.join(c.backups, "renamed")
+        run_as(c.user, [c.tool("pg_basebackup"), "-h", c.rundir, "-p", str(c.port), "-U", "boss", "-D", copy,
+                        "-Fp", "-Xs", "-c", "fast", "--no-sync"], env=c.env())
+        repo = new_repo()
+        report = verify_restore(repo, repo.backup([copy]).snapshot, scratch=scratch, pg_start=True,
+                                pg_query="select current_user")
+    [pg] = report.pg_start
+    assert report.ok, (pg.error, pg.log_tail)
+    assert pg.answer == "boss" and pg.databases == ["postgres", "template1"]
