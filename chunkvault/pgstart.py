@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .errors import PgStartFailed
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PgStartResult", "PG_START_TIMEOUT", "pick_bindir", "server_settings", "postgres_argv",
            "recovery_files", "conninfo", "searchable", "prove_data_directories", "prove_data_directory",
-           "parse_replay", "fatal_line", "python_candidates", "tablespaces_outside"]
+           "parse_replay", "fatal_line", "python_candidates", "tablespaces_outside", "archive_gap"]
 
 #: How long a copy gets to finish its recovery and answer, when no ``timeout`` is given: a large one replays
 #: all the WAL written while its backup ran.
@@ -310,6 +310,20 @@ def fatal_line(log: str) -> str | None:
         if m:
             found = m.group(1).strip()
     return found
+
+
+def archive_gap(missing: Iterable[str], archived: Iterable[str]) -> tuple[str, str] | None:
+    """A segment the recovery asked for and was told is not archived while a later one of its timeline is
+    (the first such, with the last of its timeline), or None: a recovery to ``end`` stops at the first
+    segment missing and is promoted there, short of the archive's end, as if the archive ended there."""
+    archived = set(archived)
+    for name in missing:
+        if len(name) != 24 or name in archived:
+            continue
+        later = [a for a in archived if len(a) == 24 and a[:8] == name[:8] and a[8:] > name[8:]]
+        if later:
+            return name, max(later)
+    return None
 
 
 def python_candidates(ours: str, *others: str | None) -> list[str]:
@@ -676,10 +690,12 @@ def _first_line(stderr: bytes) -> str:
 def prove_data_directory(copy: str, rel: bytes, *, bindir: str | None = None, query: str | None = None,
                          expect: str | None = None, dbname: str = "postgres",
                          timeout: float = PG_START_TIMEOUT, recovery: "RecoveryTarget | None" = None,
-                         fetch: "Fetch | None" = None) -> PgStartResult:
+                         fetch: "Fetch | None" = None,
+                         archived: Callable[[], Iterable[str]] | None = None) -> PgStartResult:
     """Start the data directory at ``rel`` in the restored ``copy``, open each database, ask ``query``
     in ``dbname`` (its answer compared with ``expect``), stop it.  With ``recovery`` (a target promoting at
-    it), the copy first recovers from the WAL archive ``fetch`` writes files of (``walrelay``), to the target.
+    it), the copy first recovers from the WAL archive ``fetch`` writes files of (``walrelay``), to the target;
+    ``archived`` lists that archive's names once it is promoted (a recovery to ``end`` must not stop at a gap).
     A failure is the result's ``error`` (with the log's tail when the server ran), never raised; an interrupt
     stops the server and the relay and propagates."""
     datadir = os.path.join(copy, os.fsdecode(rel))
@@ -726,6 +742,11 @@ def prove_data_directory(copy: str, rel: bytes, *, bindir: str | None = None, qu
                 server.query(REPLAY_QUERY, server.home, deadline).decode(errors="replace"))
             if relay.served.errors:  # a failed delivery PostgreSQL went past must not pass
                 raise PgStartFailed(f"the WAL relay failed: {relay.served.errors[0]}")
+            gap = archive_gap(relay.served.missing, archived()) if recovery.kind == "end" and archived else None
+            if gap is not None:
+                raise PgStartFailed(f"the recovery ended at {gap[0]}, which is not archived, and was promoted "
+                                    f"there, short of the archive's end ({gap[1]} is archived): the archive "
+                                    "has a gap")
         names = split_records(server.query("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1",
                                            server.home, deadline, records=True))
         for name in names:

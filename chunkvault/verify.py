@@ -849,6 +849,17 @@ def wal_fetch(repo: "Repository") -> Callable[[str, int], int | None]:
     return fetch
 
 
+def wal_names(repo: "Repository") -> Callable[[], list[str]]:
+    """The names archived in the repository's WAL archive as they are when asked (listed again: a live server
+    archives on meanwhile)."""
+    from .store import walarchive
+
+    def names() -> list[str]:
+        return walarchive.names(repo.store, cache=False)
+
+    return names
+
+
 def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, then: str | None = None,
                    timeout: float | None = None, scratch: str | None = None, keep: bool = False,
                    owners: bool | None = None, max_listed: int = MAX_LISTED,
@@ -929,7 +940,8 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 report.pg_start = prove_data_directories(
                     target, data_dirs, bindir=pg_bindir, query=pg_query, expect=pg_expect, dbname=pg_dbname,
                     timeout=PG_START_TIMEOUT if timeout is None else timeout, recovery=recovery,
-                    fetch=wal_fetch(repo) if recovery is not None else None)
+                    fetch=wal_fetch(repo) if recovery is not None else None,
+                    archived=wal_names(repo) if recovery is not None else None)
             elif pg_start:
                 report.warnings.append("PostgreSQL was not started: " + (
                     "the restore failed" if report.error else "the restored tree is not what the snapshot holds"))

@@ -172,3 +172,20 @@ def test_an_interrupt_during_the_recovery_stops_the_server_and_the_relay(archive
         with pytest.raises(KeyboardInterrupt):
             verify_restore(repo, "latest", scratch=scratch, pg_start=True, pg_recover="end")
     assert seen and left_running(seen[0]) == [] and not relay_threads() and os.listdir(scratch) == []
+
+
+def test_a_recovery_to_the_end_that_stops_at_a_gap_in_the_archive_fails(archived, scratch, tmp_path):
+    """A segment lost from the repository with later ones of its timeline archived: PostgreSQL, told it is not
+    archived, takes that for the end and is promoted there, rows short; that is no proof of the archive."""
+    url = str(tmp_path / "gapped")
+    shutil.copytree(archived.url, url)
+    wal = os.path.join(url, "wal")
+    os.rename(os.path.join(wal, archived.last), os.path.join(wal, archived.last[:16] + "%08X"
+                                                                 % (int(archived.last[16:], 16) + 1)))
+    with Repository.open(url, PASSWORD) as repo:
+        report = verify_restore(repo, "latest", scratch=scratch, pg_start=True, pg_recover="end",
+                                pg_query="select count(*) from t")
+    [pg] = report.pg_start
+    assert not report.ok and pg.answer is None, (pg.error, pg.answer)
+    assert f"the recovery ended at {archived.last}, which is not archived" in pg.error and "gap" in pg.error
+    assert left_running(pg.pid) == [] and os.listdir(scratch) == []

@@ -256,3 +256,12 @@ def test_a_file_archived_after_the_run_read_the_index_is_served(new_repo, tmp_pa
     assert out.read_bytes() == later.read_bytes()
     with open(out, "wb") as f:
         assert fetch("000000010000000000000005", f.fileno()) is None
+
+
+def test_a_segment_missing_before_a_later_one_of_its_timeline_is_a_gap():
+    archived = ["000000010000000000000002", "000000010000000000000004", "000000020000000000000005",
+                "00000002.history"]
+    assert pgstart.archive_gap(["00000002.history", "000000010000000000000003"], archived) == \
+        ("000000010000000000000003", "000000010000000000000004")
+    assert pgstart.archive_gap(["000000010000000000000005", "000000020000000000000006"], archived) is None  # none later on theirs
+    assert pgstart.archive_gap(["000000010000000000000004"], archived) is None  # archived meanwhile
