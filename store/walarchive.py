@@ -295,9 +295,7 @@ def get(repo: Repo, name: str, dest: str) -> WalFile:
         raise TargetUnwritable(f"cannot write into {directory}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as out:
-            written = _write_blobs(repo, wal, out)
-            if written != wal.size:
-                raise CorruptObject(WAL_PREFIX + name, f"its blobs hold {written} bytes, and it records {wal.size}")
+            _write_blobs(repo, wal, out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, dest)
@@ -327,11 +325,9 @@ def deliver(repo: Repo, name: str, fd: int) -> WalFile | None:
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         with os.fdopen(os.dup(fd), "wb") as out:
-            written = _write_blobs(repo, wal, out)
+            _write_blobs(repo, wal, out)
     except OSError as exc:
         raise TargetUnwritable(f"cannot write {name} for the server: {exc.strerror or exc}") from None
-    if written != wal.size:
-        raise CorruptObject(WAL_PREFIX + name, f"its blobs hold {written} bytes, and it records {wal.size}")
     return wal
 
 
@@ -351,12 +347,15 @@ def prefetch(repo: Repo, after: str, directory: str, limit: int) -> tuple[list[W
     return fetched, None
 
 
-def _write_blobs(repo: Repo, wal: WalFile, out: BinaryIO) -> int:
+def _write_blobs(repo: Repo, wal: WalFile, out: BinaryIO) -> None:
+    """The archived file's data into ``out``; a CorruptObject when its blobs do not hold the size it records
+    (what was written then is not to be used)."""
     written = 0
     for plain in plaintexts(repo, wal):
         out.write(plain)
         written += len(plain)
-    return written
+    if written != wal.size:
+        raise CorruptObject(WAL_PREFIX + wal.name, f"its blobs hold {written} bytes, and it records {wal.size}")
 
 
 def plaintexts(repo: Repo, wal: WalFile) -> Iterator[Plaintext]:
