@@ -877,6 +877,11 @@ class Runner:
             return entry
         for w in done.warnings:
             self.log(f"verify: {src.name}: warning: {w}")
+        if not done.ok and not done.mismatch_count and self.stop.is_set():
+            # the stop (systemd's, Ctrl-C's) reached the copy's server or verify-then too: that they ended is
+            # the stop's doing, not the snapshot's, which is neither failed nor passed (bytes that differ are)
+            self.log(f"verify: {src.name}: stopped ({verify_failure(done)})")
+            return None
         entry.update(ok=done.ok, duration=done.duration, mismatches=done.mismatch_count,
                      pg_start=None if done.pg_start is None else [_pg_summary(p) for p in done.pg_start],
                      command_exit=None if done.command is None else done.command.exit_code)

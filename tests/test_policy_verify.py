@@ -458,3 +458,56 @@ verify-pg-expect = "321"
             assert os.listdir(scratch) == []
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_stop_that_reaches_the_copy_s_server_stops_the_verification_and_fails_nothing(tmp_path, monkeypatch):
+    """systemd's stop (and Ctrl-C's) reaches every process of the service, the copy's server too, which then
+    refuses the queries: the snapshot was not found broken, the run was stopped."""
+    import signal
+
+    from chunkvault import pgstart
+    from servers_pg import PgCluster, left_of, require_postgres, shared_tempdir
+
+    bindir = require_postgres()
+    with PgCluster(bindir, settings=("fsync=off",)) as c:
+        c.init()
+        c.start()
+        c.sql("CREATE TABLE t (id int primary key); INSERT INTO t SELECT generate_series(1, 5)")
+        for k, v in {"PGHOST": c.rundir, "PGPORT": str(c.port), "PGUSER": "postgres", "PGDATABASE": "postgres",
+                     "PATH": f"{bindir}:{os.environ.get('PATH', '')}"}.items():
+            monkeypatch.setenv(k, v)
+        url = str(tmp_path / "repo")
+        Repository.init(url, PASSWORD, kdf_seconds=0).close()
+        scratch = shared_tempdir("chunkvault-policy-verify-")
+        try:
+            policy_path = tmp_path / "p.toml"
+            policy_path.write_text(f'repository = {q(url)}\nfull = "daily 02:00"\nverify = "daily 05:00"\n'
+                                   f'verify-scratch = {q(scratch)}\n[[source]]\nname = "pg"\n'
+                                   f'paths = [{q(c.datadir)}]\npostgres = true\n'
+                                   'verify-pg-query = "select count(*) from t"\nverify-pg-expect = "5"\n')
+            log: list[str] = []
+            assert run(policy_path, tmp_path, log, SUNDAY, only=["pg"]).ok  # a snapshot, nothing verified
+            stop = threading.Event()
+            servers: list[int] = []
+            ready = pgstart.Server.wait_ready
+
+            def stopped_while_ready(self, deadline):
+                ready(self, deadline)
+                servers.append(self.proc.pid)
+                stop.set()  # SIGTERM to the service: the daemon's stop, and the copy's server's
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                while self.exited() is None:
+                    pass
+
+            monkeypatch.setattr(pgstart.Server, "wait_ready", stopped_while_ready)
+            runner = Runner(load_policy(str(policy_path)), PASSWORD.encode(), clock=lambda: SUNDAY, log=log.append,
+                            state_file=str(tmp_path / "p.state"), stop=stop)
+            report = runner.run()
+            assert servers and left_of(servers[0]) == []
+            assert report.verify_error is None and report.verify_problems == 0, (report.verify, log)
+            assert report.stopped and report.verify["ok"] is None and report.verify["stopped"] == "stopped"
+            report.raise_for_status()
+            assert not (tmp_path / "p.state").exists() and os.listdir(scratch) == []
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
