@@ -849,8 +849,10 @@ class Runner:
 
         v = src.verify
         assert v is not None
+        # every key at once: the entry of one that could not run has the same ones as the README's row says
         entry: dict[str, Any] = {"source": src.name, "snapshot": snap.id, "ok": False, "not_run": False,
-                                 "duration": 0.0, "error": None, "mismatches": 0, "pg_start": None}
+                                 "duration": 0.0, "error": None, "mismatches": 0, "pg_start": None,
+                                 "command_exit": None}
         self.log(f"verify: {src.name}: restoring snapshot {snap.id[:8]}" + _verify_extras(src))
         started = time.monotonic()
         try:

@@ -511,3 +511,15 @@ def test_a_stop_that_reaches_the_copy_s_server_stops_the_verification_and_fails_
             assert not (tmp_path / "p.state").exists() and os.listdir(scratch) == []
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_a_verification_that_could_not_run_reports_every_key_of_a_source_s_entry(tmp_path, repo_url, tree, scratch):
+    policy_path = write_policy(tmp_path / "p.toml", repo_url, [
+        {"name": "db", "paths": [str(tree)]},
+        {"name": "gone", "paths": [str(tree)], "host": "other", "verify-scratch": str(tmp_path / "no" / "such")}],
+        top=f'full = "daily 02:00"\nverify = "weekly sun 05:00"\nverify-scratch = {q(str(scratch))}\n')
+    log: list[str] = []
+    report = run(policy_path, tmp_path, log, SUNDAY)
+    ran, not_run = json.loads(json.dumps(report.to_dict()))["verify"]["sources"]
+    assert ran["ok"] and not_run["not_run"] and not_run["error"], (not_run, log)
+    assert sorted(not_run) == sorted(ran), "the README names the same keys for each source"
