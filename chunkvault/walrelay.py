@@ -102,8 +102,12 @@ class Served:
     errors: list[str] = field(default_factory=list)  # "name: why" of each failed delivery or refused request
 
     def to_dict(self) -> dict:
-        return {"count": len(self.names), "first": self.names[0] if self.names else None,
-                "last": self.names[-1] if self.names else None, "missing": len(self.missing),
+        """``first`` and ``last``: the WAL segments served first and last; a history file only when no
+        segment was (PostgreSQL asks for its timeline's history again as it is promoted, after the last
+        segment, which would hide the range the recovery replayed)."""
+        segments = [n for n in self.names if len(n) == 24] or self.names
+        return {"count": len(self.names), "first": segments[0] if segments else None,
+                "last": segments[-1] if segments else None, "missing": len(self.missing),
                 "errors": list(self.errors)}
 
 

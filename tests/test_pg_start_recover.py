@@ -189,3 +189,86 @@ def test_a_recovery_to_the_end_that_stops_at_a_gap_in_the_archive_fails(archived
     assert not report.ok and pg.answer is None, (pg.error, pg.answer)
     assert f"the recovery ended at {archived.last}, which is not archived" in pg.error and "gap" in pg.error
     assert left_running(pg.pid) == [] and os.listdir(scratch) == []
+
+
+def test_targets_on_a_later_timeline_after_a_promotion_and_the_segments_served(scratch):
+    """A point-in-time recovery of the cluster went back to ``mid`` and was promoted (timeline 2), archiving
+    on into the same repository: the snapshot, taken on timeline 1, recovers along timeline 2 to its end and
+    to a time on it; the files served are named by the first and last segments, not by a history file
+    PostgreSQL asks for again at its promotion."""
+    bindir = servers_pg.require_postgres()
+    cluster = servers_pg.PgCluster(bindir)
+    user = cluster.user
+    shared = servers_pg.shared_tempdir("chunkvault-pgtimeline-")
+    promoted = None
+    try:
+        url = os.path.join(shared, "repo")
+        password_file = servers_pg.password_file(shared, PASSWORD, user)
+        spool = os.path.join(shared, "spool")
+        os.mkdir(spool, 0o700)
+        servers_pg.give_to(spool, user)
+        servers_pg.give_to(shared, user)
+        push = f"test ! -f {shlex.quote(spool)}/%f && cp %p {shlex.quote(spool)}/%f"
+
+        def cli(*args: str) -> None:
+            servers_pg.run_as(None, [sys.executable, "-m", "chunkvault.cli", *args, "-r", url, "--password-file",
+                                     password_file], env={**cluster.env(), "PATH": f"{bindir}:/usr/bin:/bin"})
+
+        def push_spooled() -> None:  # as PostgreSQL archived them: the history file before its segments
+            with Repository.open(url, PASSWORD) as repo:
+                for name in sorted(os.listdir(spool), key=lambda n: (not n.endswith(".history"), n)):
+                    if not name.startswith("."):
+                        repo.archive_push(os.path.join(spool, name))
+                        os.rename(os.path.join(spool, name), os.path.join(spool, "." + name))
+
+        cli("init", "--kdf-time", "0")
+        cluster.init()
+        with open(os.path.join(cluster.datadir, "postgresql.conf"), "a") as f:
+            f.write("archive_mode = on\n" + servers_pg.conf_line("archive_command", push))
+        cluster.start()
+        cluster.sql(f"create table t (id int primary key); insert into t select generate_series(1, {BATCH})")
+        cli("backup", "--postgres", "--pg-connect", cluster.conninfo(), cluster.datadir)
+        cluster.sql(f"insert into t select generate_series({BATCH + 1}, {2 * BATCH})")
+        cluster.sql("select pg_create_restore_point('mid')")
+        cluster.sql(f"insert into t select generate_series({2 * BATCH + 1}, {3 * BATCH})")
+        servers_pg.switch_and_wait_archived(cluster)
+        cluster.stop()
+        push_spooled()
+        again = os.path.join(shared, "again")
+        cli("restore", "--target", again, "--pg-recover", "name=mid", "--pg-target-action", "promote",
+            "--pg-restore-command", f"cp {shlex.quote(spool)}/.%f %p")
+        with open(os.path.join(again, "postgresql.conf"), "a") as f:
+            f.write("archive_mode = on\n" + servers_pg.conf_line("archive_command", push))
+        promoted = servers_pg.start_restored(bindir, again)
+        servers_pg.wait_promoted(promoted)
+        promoted.sql(f"insert into t select generate_series(1001, {1000 + BATCH})")
+        time.sleep(1.1)
+        on_two = promoted.sql("select clock_timestamp()::text")
+        time.sleep(1.1)
+        promoted.sql(f"insert into t select generate_series(2001, {2000 + BATCH})")
+        last = servers_pg.switch_and_wait_archived(promoted)
+        assert last.startswith("00000002")
+        promoted.stop()
+        push_spooled()
+        with Repository.open(url, PASSWORD) as repo:
+            for target, rows in (("end", 4 * BATCH), (f"time={on_two}", 3 * BATCH)):
+                report = verify_restore(repo, "latest", scratch=scratch, pg_start=True, pg_recover=target,
+                                        pg_query="select count(*) from t", pg_expect=str(rows))
+                [pg] = report.pg_start
+                assert report.ok, (target, pg.error, pg.log_tail)
+                assert pg.timeline == 3 and left_running(pg.pid) == []
+                served = pg.wal_served
+                assert served["first"].startswith("00000001") and len(served["first"]) == 24, served
+                assert served["last"].startswith("00000002") and len(served["last"]) == 24, served
+            assert served["last"] <= last and pg.wal_served is served
+        report = verify_restore(repo_again := Repository.open(url, PASSWORD), "latest", scratch=scratch,
+                                pg_start=True, pg_recover="end")
+        repo_again.close()
+        assert report.ok and report.pg_start[0].wal_served["last"] == last
+        assert os.listdir(scratch) == []
+    finally:
+        if promoted is not None:
+            promoted.stop()
+            shutil.rmtree(promoted.rundir, ignore_errors=True)
+        cluster.destroy()
+        shutil.rmtree(shared, ignore_errors=True)

@@ -199,6 +199,16 @@ def test_the_client_gets_a_file_misses_one_and_fails_fatally_on_damage(relay):
     assert len(served["errors"]) == 3
 
 
+def test_what_was_served_is_named_by_its_segments_not_by_a_history_file_asked_for_again():
+    from chunkvault.walrelay import Served
+
+    history, one, two = "00000002.history", "000000010000000000000002", "000000020000000000000003"
+    served = Served(names=[history, one, two, history], missing=["00000003.history"]).to_dict()
+    assert (served["count"], served["first"], served["last"], served["missing"]) == (4, one, two, 1)
+    assert Served(names=[history]).to_dict()["first"] == history
+    assert Served().to_dict()["first"] is Served().to_dict()["last"] is None
+
+
 def test_a_descriptor_not_open_for_writing_and_extra_descriptors_are_refused(relay):
     r, datadir = relay
     path = datadir / "pg_wal" / "RECOVERYXLOG"
