@@ -90,9 +90,18 @@ def scratch():
 
 
 def left_running(pid: int | None) -> list[str]:
-    """What is left of the server that was ``pid`` (its group) and of any relay client: their command lines."""
+    """What is left of the server that was ``pid`` (its group) and of any relay client whose run directory is
+    gone (another test's, running beside this one, still has its own): their command lines."""
     return [cmd for p, group, cmd in servers_pg.live_processes()
-            if pid is not None and pid in (p, group) or "walfetch.py" in cmd]
+            if pid is not None and pid in (p, group) or orphaned_client(cmd)]
+
+
+def orphaned_client(cmdline: str) -> bool:
+    """Whether a command line is the relay's client (``python -I RUNDIR/walfetch.py SOCKET ...``) and its run
+    directory, removed once its verification ended, is gone."""
+    words = cmdline.split()
+    at = next((i for i, w in enumerate(words) if w.endswith("/walfetch.py")), None)
+    return at is not None and not os.path.isdir(os.path.dirname(words[at]))
 
 
 def relay_threads() -> list[threading.Thread]:
