@@ -3,6 +3,7 @@ verify-restore does): its settings, its due-ness and the state file, the runs ag
 damaged pack, and a real PostgreSQL 15 copy started and queried."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -405,15 +406,18 @@ def test_the_readme_s_policy_example_loads_with_its_verify(tmp_path):
 # --------------------------------------------------------------------------- a real PostgreSQL 15 copy
 
 
-@pytest.mark.slow
-def test_a_postgres_source_s_copy_is_started_and_queried(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def postgres_policy(tmp_path, monkeypatch, rows: int, top: str):
+    """A running cluster with a table ``t`` of ``rows`` rows, reached through the PG* variables, and a policy
+    backing it up as a ``postgres`` source verified with ``select count(*) from t`` answering ``rows`` (``top``:
+    the verify keys), with its shared scratch directory: (cluster, policy path, scratch)."""
     from servers_pg import PgCluster, require_postgres, shared_tempdir
 
     bindir = require_postgres()
     with PgCluster(bindir, settings=("fsync=off",)) as c:
         c.init()
         c.start()
-        c.sql("CREATE TABLE t (id int primary key); INSERT INTO t SELECT generate_series(1, 321)")
+        c.sql(f"CREATE TABLE t (id int primary key); INSERT INTO t SELECT generate_series(1, {rows})")
         for k, v in {"PGHOST": c.rundir, "PGPORT": str(c.port), "PGUSER": "postgres", "PGDATABASE": "postgres",
                      "PATH": f"{bindir}:{os.environ.get('PATH', '')}"}.items():
             monkeypatch.setenv(k, v)
@@ -422,42 +426,41 @@ def test_a_postgres_source_s_copy_is_started_and_queried(tmp_path, monkeypatch):
         scratch = shared_tempdir("chunkvault-policy-verify-")
         try:
             policy_path = tmp_path / "p.toml"
-            policy_path.write_text(f"""repository = {q(url)}
-full = "daily 02:00"
-verify = "weekly sun 05:00"
-verify-scratch = {q(scratch)}
-verify-timeout = 120
-[[source]]
-name = "pg"
-paths = [{q(c.datadir)}]
-postgres = true
-verify-pg-query = "select count(*) from t"
-verify-pg-expect = "321"
-""")
-            log: list[str] = []
-            report = run(policy_path, tmp_path, log, SUNDAY)
-            assert report.ok, (report.to_dict(), log)
-            [entry] = report.to_dict()["verify"]["sources"]
-            [pg] = entry["pg_start"]
-            assert entry["ok"] and pg["ok"] and pg["version"] == "15" and pg["answer"] == "321", entry
-            assert "postgres" in pg["databases"] and pg["data_directory"] == "."
-            assert any(line.startswith(f"verify: pg: snapshot {entry['snapshot'][:8]} restored as saved")
-                       and "PostgreSQL 15 in . started, the query answered '321'" in line for line in log), log
-            assert f"verify: pg: restoring snapshot {entry['snapshot'][:8]}, then start its PostgreSQL" in log
-            assert os.listdir(scratch) == []
-
-            policy_path.write_text(policy_path.read_text().replace('"321"', '"322"'))
-            log.clear()
-            report = run(policy_path, tmp_path, log, SUNDAY + timedelta(days=7))
-            [entry] = report.to_dict()["verify"]["sources"]
-            assert not entry["ok"] and report.verify_problems == 1 and not report.failed
-            assert entry["error"] == "PostgreSQL in . failed: the query answered '321', expected '322'", entry
-            assert f"verify: pg: snapshot {entry['snapshot'][:8]} failed: {entry['error']}" in log
-            with pytest.raises(VerificationFailed):
-                report.raise_for_status()
-            assert os.listdir(scratch) == []
+            policy_path.write_text(f'repository = {q(url)}\nfull = "daily 02:00"\n{top}\n'
+                                   f'verify-scratch = {q(scratch)}\n[[source]]\nname = "pg"\n'
+                                   f'paths = [{q(c.datadir)}]\npostgres = true\n'
+                                   f'verify-pg-query = "select count(*) from t"\nverify-pg-expect = "{rows}"\n')
+            yield c, policy_path, scratch
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_postgres_source_s_copy_is_started_and_queried(tmp_path, monkeypatch):
+    with postgres_policy(tmp_path, monkeypatch, 321, 'verify = "weekly sun 05:00"\nverify-timeout = 120') as (
+            c, policy_path, scratch):
+        log: list[str] = []
+        report = run(policy_path, tmp_path, log, SUNDAY)
+        assert report.ok, (report.to_dict(), log)
+        [entry] = report.to_dict()["verify"]["sources"]
+        [pg] = entry["pg_start"]
+        assert entry["ok"] and pg["ok"] and pg["version"] == "15" and pg["answer"] == "321", entry
+        assert "postgres" in pg["databases"] and pg["data_directory"] == "."
+        assert any(line.startswith(f"verify: pg: snapshot {entry['snapshot'][:8]} restored as saved")
+                   and "PostgreSQL 15 in . started, the query answered '321'" in line for line in log), log
+        assert f"verify: pg: restoring snapshot {entry['snapshot'][:8]}, then start its PostgreSQL" in log
+        assert os.listdir(scratch) == []
+
+        policy_path.write_text(policy_path.read_text().replace('"321"', '"322"'))
+        log.clear()
+        report = run(policy_path, tmp_path, log, SUNDAY + timedelta(days=7))
+        [entry] = report.to_dict()["verify"]["sources"]
+        assert not entry["ok"] and report.verify_problems == 1 and not report.failed
+        assert entry["error"] == "PostgreSQL in . failed: the query answered '321', expected '322'", entry
+        assert f"verify: pg: snapshot {entry['snapshot'][:8]} failed: {entry['error']}" in log
+        with pytest.raises(VerificationFailed):
+            report.raise_for_status()
+        assert os.listdir(scratch) == []
 
 
 @pytest.mark.slow
@@ -467,50 +470,32 @@ def test_a_stop_that_reaches_the_copy_s_server_stops_the_verification_and_fails_
     import signal
 
     from chunkvault import pgstart
-    from servers_pg import PgCluster, left_of, require_postgres, shared_tempdir
+    from servers_pg import left_of
 
-    bindir = require_postgres()
-    with PgCluster(bindir, settings=("fsync=off",)) as c:
-        c.init()
-        c.start()
-        c.sql("CREATE TABLE t (id int primary key); INSERT INTO t SELECT generate_series(1, 5)")
-        for k, v in {"PGHOST": c.rundir, "PGPORT": str(c.port), "PGUSER": "postgres", "PGDATABASE": "postgres",
-                     "PATH": f"{bindir}:{os.environ.get('PATH', '')}"}.items():
-            monkeypatch.setenv(k, v)
-        url = str(tmp_path / "repo")
-        Repository.init(url, PASSWORD, kdf_seconds=0).close()
-        scratch = shared_tempdir("chunkvault-policy-verify-")
-        try:
-            policy_path = tmp_path / "p.toml"
-            policy_path.write_text(f'repository = {q(url)}\nfull = "daily 02:00"\nverify = "daily 05:00"\n'
-                                   f'verify-scratch = {q(scratch)}\n[[source]]\nname = "pg"\n'
-                                   f'paths = [{q(c.datadir)}]\npostgres = true\n'
-                                   'verify-pg-query = "select count(*) from t"\nverify-pg-expect = "5"\n')
-            log: list[str] = []
-            assert run(policy_path, tmp_path, log, SUNDAY, only=["pg"]).ok  # a snapshot, nothing verified
-            stop = threading.Event()
-            servers: list[int] = []
-            ready = pgstart.Server.wait_ready
+    with postgres_policy(tmp_path, monkeypatch, 5, 'verify = "daily 05:00"') as (c, policy_path, scratch):
+        log: list[str] = []
+        assert run(policy_path, tmp_path, log, SUNDAY, only=["pg"]).ok  # a snapshot, nothing verified
+        stop = threading.Event()
+        servers: list[int] = []
+        ready = pgstart.Server.wait_ready
 
-            def stopped_while_ready(self, deadline):
-                ready(self, deadline)
-                servers.append(self.proc.pid)
-                stop.set()  # SIGTERM to the service: the daemon's stop, and the copy's server's
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                while self.exited() is None:
-                    pass
+        def stopped_while_ready(self, deadline):
+            ready(self, deadline)
+            servers.append(self.proc.pid)
+            stop.set()  # SIGTERM to the service: the daemon's stop, and the copy's server's
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            while self.exited() is None:
+                pass
 
-            monkeypatch.setattr(pgstart.Server, "wait_ready", stopped_while_ready)
-            runner = Runner(load_policy(str(policy_path)), PASSWORD.encode(), clock=lambda: SUNDAY, log=log.append,
-                            state_file=str(tmp_path / "p.state"), stop=stop)
-            report = runner.run()
-            assert servers and left_of(servers[0]) == []
-            assert report.verify_error is None and report.verify_problems == 0, (report.verify, log)
-            assert report.stopped and report.verify["ok"] is None and report.verify["stopped"] == "stopped"
-            report.raise_for_status()
-            assert not (tmp_path / "p.state").exists() and os.listdir(scratch) == []
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        monkeypatch.setattr(pgstart.Server, "wait_ready", stopped_while_ready)
+        runner = Runner(load_policy(str(policy_path)), PASSWORD.encode(), clock=lambda: SUNDAY, log=log.append,
+                        state_file=str(tmp_path / "p.state"), stop=stop)
+        report = runner.run()
+        assert servers and left_of(servers[0]) == []
+        assert report.verify_error is None and report.verify_problems == 0, (report.verify, log)
+        assert report.stopped and report.verify["ok"] is None and report.verify["stopped"] == "stopped"
+        report.raise_for_status()
+        assert not (tmp_path / "p.state").exists() and os.listdir(scratch) == []
 
 
 def test_a_verification_that_could_not_run_reports_every_key_of_a_source_s_entry(tmp_path, repo_url, tree, scratch):
