@@ -190,6 +190,11 @@ class PgServer:
             run_as(self.user, [self.tool("pg_ctl"), "stop", "-w", "-m", "fast", "-D", self.datadir],
                    env=self.env(), check=False)
 
+    def discard(self) -> None:
+        """Stop a server started on its own run directory (``start_restored``'s) and remove that directory."""
+        self.stop()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
     def log_tail(self, n: int = 4000) -> str:
         try:
             with open(self.logfile, errors="replace") as f:
@@ -324,6 +329,14 @@ def live_processes() -> Iterator[tuple[int, int, str]]:
 def left_of(pid: int) -> list[int]:
     """The processes left of a server that was ``pid`` (the leader of its own group): itself and its group."""
     return [p for p, group, _ in live_processes() if pid in (p, group)]
+
+
+def private_dir(path: str, user: str | None) -> str:
+    """A directory at ``path`` that only ``user`` (the server's) may enter: a spool its archive_command
+    copies into, say."""
+    os.mkdir(path, 0o700)
+    give_to(path, user)
+    return path
 
 
 def switch_and_wait_archived(server: PgServer, timeout: float = 120) -> str:

@@ -47,9 +47,7 @@ def test_archive_check_follows_what_the_server_archives():
     try:
         repo = os.path.join(shared, "repo")
         password_file = servers_pg.password_file(shared, PASSWORD, user)
-        spool = os.path.join(shared, "spool")
-        os.mkdir(spool, 0o700)
-        servers_pg.give_to(spool, user)
+        spool = servers_pg.private_dir(os.path.join(shared, "spool"), user)
         servers_pg.give_to(shared, user)
 
         def cli(*args: str, code: int = 0) -> subprocess.CompletedProcess:
@@ -124,9 +122,7 @@ def test_a_server_archiving_through_an_archive_library_is_told_so(tmp_path):
 
         cli("init", "--kdf-time", "0")
         cluster.init()
-        archive = os.path.join(cluster.base, "basic-archive")
-        os.mkdir(archive, 0o700)
-        servers_pg.give_to(archive, cluster.user)
+        archive = servers_pg.private_dir(os.path.join(cluster.base, "basic-archive"), cluster.user)
         with open(os.path.join(cluster.datadir, "postgresql.conf"), "a") as f:
             f.write("archive_mode = on\narchive_library = 'basic_archive'\n")
             f.write(servers_pg.conf_line("basic_archive.archive_directory", archive))

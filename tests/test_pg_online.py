@@ -61,8 +61,7 @@ def _restored_rows(cluster, repo, snap, where: str) -> str:
     try:
         return server.sql("SELECT count(*), count(*) FILTER (WHERE pad = 'c'), max(id) FROM t")
     finally:
-        server.stop()
-        shutil.rmtree(server.rundir, ignore_errors=True)
+        server.discard()
         shutil.rmtree(target, ignore_errors=True)
 
 
@@ -184,8 +183,7 @@ def test_a_pg_wal_on_another_disk_is_a_directory_in_the_snapshot(tmp_path, new_r
         try:
             assert server.sql("SELECT count(*) FROM t") == "1000"
         finally:
-            server.stop()
-            shutil.rmtree(server.rundir, ignore_errors=True)
+            server.discard()
 
 
 def _checkpoints_since(cluster, offset: int) -> list[str]:
@@ -293,8 +291,7 @@ def test_unlogged_and_temporary_relations_are_left_out_and_come_back_empty(clust
         server.sql("INSERT INTO u VALUES (1, 'again')")  # the relation works, its index too
         assert server.sql("SELECT pad FROM u WHERE id = 1") == "again"
     finally:
-        server.stop()
-        shutil.rmtree(server.rundir, ignore_errors=True)
+        server.discard()
         shutil.rmtree(target, ignore_errors=True)
         cluster.sql("DROP TABLE u, l")
 

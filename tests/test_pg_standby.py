@@ -6,9 +6,11 @@ is what brings them into the copy.  Restored, the copy starts as a primary and h
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from typing import Iterator
 
 import pytest
 
@@ -59,6 +61,19 @@ def during(monkeypatch):
     return calls
 
 
+@contextlib.contextmanager
+def primary_and_standby() -> Iterator[tuple[PgCluster, PgCluster]]:
+    """A primary and a streaming standby of their own, for a test that stops or reconfigures one of them."""
+    with PgCluster(require_postgres()) as primary:
+        primary.init()
+        primary.start()
+        replica = primary.standby()
+        try:
+            yield primary, replica
+        finally:
+            replica.destroy()
+
+
 def _restored_rows(base: str, bindir: str, repo, snap, where: str) -> str:
     target = os.path.join(base, where)  # the server user reaches it
     repo.restore(snap.id, target)
@@ -68,8 +83,7 @@ def _restored_rows(base: str, bindir: str, repo, snap, where: str) -> str:
         assert server.sql("SELECT pg_is_in_recovery()") == "f"  # a primary of its own
         return server.sql("SELECT count(*), count(*) FILTER (WHERE pad = 'c'), max(id) FROM t")
     finally:
-        server.stop()
-        shutil.rmtree(server.rundir, ignore_errors=True)
+        server.discard()
         shutil.rmtree(target, ignore_errors=True)
 
 
@@ -168,23 +182,18 @@ def test_a_paused_standby_is_refused_at_the_start_and_at_the_stop(cluster, stand
 
 @slow
 def test_a_standby_whose_primary_went_away_fails_once_its_wait_is_over(new_repo, cli, tmp_path, psql_on_path):
-    bindir = require_postgres()
-    with PgCluster(bindir) as primary:
-        primary.init()
-        primary.start()
-        replica = primary.standby()
-        try:
-            primary.stop()
-            url = str(tmp_path / "repo")
-            repo = new_repo(url)
-            with pytest.raises(SourceCommandFailed, match=r"has not streamed from a primary for 1\.5 s"):
-                repo.backup([replica.datadir], postgres=replica.conninfo(), pg_standby_wait=1.5)
-            out = cli("backup", "-r", url, "--postgres", "--pg-connect", replica.conninfo(), "--pg-standby-wait", "1",
-                      replica.datadir, check=20)
-            assert "has not streamed from a primary for 1 s" in out.stderr.decode()
-            assert out.stderr.decode().count("\n") == 1
-            policy = tmp_path / "policy.toml"
-            policy.write_text(f"""repository = "{url}"
+    with primary_and_standby() as (primary, replica):
+        primary.stop()
+        url = str(tmp_path / "repo")
+        repo = new_repo(url)
+        with pytest.raises(SourceCommandFailed, match=r"has not streamed from a primary for 1\.5 s"):
+            repo.backup([replica.datadir], postgres=replica.conninfo(), pg_standby_wait=1.5)
+        out = cli("backup", "-r", url, "--postgres", "--pg-connect", replica.conninfo(), "--pg-standby-wait", "1",
+                  replica.datadir, check=20)
+        assert "has not streamed from a primary for 1 s" in out.stderr.decode()
+        assert out.stderr.decode().count("\n") == 1
+        policy = tmp_path / "policy.toml"
+        policy.write_text(f"""repository = "{url}"
 full = "daily 02:00"
 [[source]]
 name = "standby"
@@ -192,12 +201,10 @@ paths = ["{replica.datadir}"]
 postgres = "{replica.conninfo()}"
 pg-standby-wait = 0.5
 """)
-            run = cli("run", "--config", str(policy), check=False)
-            assert run.returncode != 0 and "for 0.5 s" in run.stderr.decode() + run.stdout.decode()
-            assert repo.snapshots() == []
-            assert replica.sql("SELECT count(*) FROM pg_replication_slots") == "0"
-        finally:
-            replica.destroy()
+        run = cli("run", "--config", str(policy), check=False)
+        assert run.returncode != 0 and "for 0.5 s" in run.stderr.decode() + run.stdout.decode()
+        assert repo.snapshots() == []
+        assert replica.sql("SELECT count(*) FROM pg_replication_slots") == "0"
 
 
 def test_the_standby_wait_is_checked(new_repo, cli, tmp_path):
@@ -297,20 +304,13 @@ def test_a_segment_gone_from_pg_wal_says_where_a_standby_has_it(tmp_path, standb
 def test_a_delayed_standby_that_does_not_replay_in_time_is_told_apart(new_repo, tmp_path, psql_on_path):
     """``recovery_min_apply_delay`` holds each commit back: the wait for the replay ends saying so, not as
     though the standby were stuck."""
-    bindir = require_postgres()
-    with PgCluster(bindir) as primary:
-        primary.init()
-        primary.start()
-        replica = primary.standby()
-        try:
-            replica.stop()
-            replica.settings = (*replica.settings, "recovery_min_apply_delay=10min")
-            replica.start()
-            primary.sql("CREATE TABLE d (x int); INSERT INTO d VALUES (1)")
-            replica.received(primary)
-            repo = new_repo(str(tmp_path / "repo"))
-            with pytest.raises(SourceCommandFailed, match=r"within 1 s \(it applies WAL 10min late: "
-                                                          r"recovery_min_apply_delay"):
-                repo.backup([replica.datadir], postgres=replica.conninfo(), pg_standby_wait=1)
-        finally:
-            replica.destroy()
+    with primary_and_standby() as (primary, replica):
+        replica.stop()
+        replica.settings = (*replica.settings, "recovery_min_apply_delay=10min")
+        replica.start()
+        primary.sql("CREATE TABLE d (x int); INSERT INTO d VALUES (1)")
+        replica.received(primary)
+        repo = new_repo(str(tmp_path / "repo"))
+        with pytest.raises(SourceCommandFailed, match=r"within 1 s \(it applies WAL 10min late: "
+                                                      r"recovery_min_apply_delay"):
+            repo.backup([replica.datadir], postgres=replica.conninfo(), pg_standby_wait=1)

@@ -15,7 +15,7 @@ from chunkvault.errors import PgStartFailed, UsageError
 from chunkvault.pgstart import (conninfo, pick_bindir, pid_file_ready, postgres_argv, recovery_files, searchable,
                                 server_settings, split_records)
 from chunkvault.verify import check_pg_options, verify_restore
-from servers_pg import PgCluster, give_to, left_of, require_postgres, run_as, shared_tempdir
+from servers_pg import PgCluster, give_to, left_of, private_dir, require_postgres, run_as, shared_tempdir
 
 ROWS = 1234
 
@@ -266,8 +266,7 @@ def test_a_copy_whose_tablespace_links_out_of_it_is_not_started(cluster, new_rep
     cluster.create_tablespace("ts_out", location)
     try:
         cluster.sql("CREATE UNLOGGED TABLE ts_u (id int) TABLESPACE ts_out; INSERT INTO ts_u VALUES (1)")
-        os.mkdir(mapped, 0o700)
-        give_to(mapped, cluster.user)
+        private_dir(mapped, cluster.user)
         copy = os.path.join(cluster.backups, "linked")
         run_as(cluster.user, [cluster.tool("pg_basebackup"), "-h", cluster.rundir, "-p", str(cluster.port), "-U",
                               "postgres", "-D", copy, "-Fp", "-Xs", "-c", "fast", "--no-sync",

@@ -43,9 +43,7 @@ def archived():
     try:
         url = os.path.join(shared, "repo")
         password_file = servers_pg.password_file(shared, PASSWORD, user)
-        spool = os.path.join(shared, "spool")
-        os.mkdir(spool, 0o700)
-        servers_pg.give_to(spool, user)
+        spool = servers_pg.private_dir(os.path.join(shared, "spool"), user)
         servers_pg.give_to(shared, user)
         env = {**cluster.env(), "PATH": f"{bindir}:/usr/bin:/bin"}
 
@@ -213,9 +211,7 @@ def test_targets_on_a_later_timeline_after_a_promotion_and_the_segments_served(s
     try:
         url = os.path.join(shared, "repo")
         password_file = servers_pg.password_file(shared, PASSWORD, user)
-        spool = os.path.join(shared, "spool")
-        os.mkdir(spool, 0o700)
-        servers_pg.give_to(spool, user)
+        spool = servers_pg.private_dir(os.path.join(shared, "spool"), user)
         servers_pg.give_to(shared, user)
         push = f"test ! -f {shlex.quote(spool)}/%f && cp %p {shlex.quote(spool)}/%f"
 
@@ -277,7 +273,6 @@ def test_targets_on_a_later_timeline_after_a_promotion_and_the_segments_served(s
         assert os.listdir(scratch) == []
     finally:
         if promoted is not None:
-            promoted.stop()
-            shutil.rmtree(promoted.rundir, ignore_errors=True)
+            promoted.discard()
         cluster.destroy()
         shutil.rmtree(shared, ignore_errors=True)

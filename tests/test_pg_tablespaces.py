@@ -15,7 +15,7 @@ import pytest
 
 from chunkvault.errors import SourceCommandFailed
 from chunkvault.store.manifest import T_DIR, T_FILE, T_SYMLINK
-from servers_pg import PgCluster, check_restore_command, give_to, require_postgres, start_restored
+from servers_pg import PgCluster, check_restore_command, give_to, private_dir, require_postgres, start_restored
 from test_pg_online import during, pg_env  # noqa: F401  (over this module's cluster)
 
 pytestmark = pytest.mark.slow
@@ -54,8 +54,7 @@ def _counted(bindir: str, datadir: str) -> tuple[str, str, str]:
     try:
         return server.sql(ROWS), server.sql(INDEXED), server.sql("SELECT count(*) FROM ts_u")
     finally:
-        server.stop()
-        shutil.rmtree(server.rundir, ignore_errors=True)
+        server.discard()
 
 
 def test_a_tablespace_is_backed_up_in_the_data_directory_tree_and_restores_to_a_server_that_starts(
@@ -104,8 +103,7 @@ def test_a_tablespace_is_backed_up_in_the_data_directory_tree_and_restores_to_a_
         assert server.sql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts1'") == elsewhere
         server.sql("INSERT INTO ts_t VALUES (100000, 'moved'); CHECKPOINT")
     finally:
-        server.stop()
-        shutil.rmtree(server.rundir, ignore_errors=True)
+        server.discard()
     assert cluster.sql("SELECT count(*) FROM ts_t WHERE id = 100000") == "0"
     fresh = os.path.join(cluster.base, "fresh")  # an empty target, but the tablespace's directory is not
     again = cli("restore", "-r", str(tmp_path / "repo"), snap.id, "--target", fresh, "--pg-tablespace",
@@ -136,9 +134,7 @@ def test_a_tablespace_is_backed_up_in_the_data_directory_tree_and_restores_to_a_
 def test_a_tablespace_created_or_dropped_during_the_backup_fails_it(cluster, new_repo, pg_env, during, tmp_path,
                                                                     change):
     """Its record lies in the WAL the copy would replay: a creation would link (and write) the live location."""
-    location = os.path.join(cluster.base, f"ts-{change}")
-    os.mkdir(location, 0o700)
-    give_to(location, cluster.user)
+    location = private_dir(os.path.join(cluster.base, f"ts-{change}"), cluster.user)
     if change == "drop":
         cluster.sql(f"CREATE TABLESPACE ts_{change} LOCATION '{location}'")
         during["read"] = f"DROP TABLESPACE ts_{change}"

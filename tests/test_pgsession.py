@@ -121,8 +121,7 @@ def test_a_running_cluster_copied_inside_a_backup_starts_with_the_rows_committed
     try:
         assert restored.sql("SELECT count(*), count(*) FILTER (WHERE pad = 'c') FROM t") == "20000|3000"
     finally:
-        restored.stop()
-        shutil.rmtree(restored.rundir, ignore_errors=True)
+        restored.discard()
         shutil.rmtree(copy, ignore_errors=True)
 
 

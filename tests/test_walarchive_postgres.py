@@ -33,10 +33,7 @@ def test_recovery_to_a_time_between_snapshots_reads_the_archived_wal(tmp_path):
         servers_pg.give_to(shared, user)
         env = cluster.env()
 
-        spool, fetched = os.path.join(shared, "spool"), os.path.join(shared, "fetched")
-        for d in (spool, fetched):
-            os.mkdir(d, 0o700)
-            servers_pg.give_to(d, user)
+        spool, fetched = (servers_pg.private_dir(os.path.join(shared, d), user) for d in ("spool", "fetched"))
 
         def cli(*args: str) -> str:
             argv = [sys.executable, "-m", "chunkvault.cli", *args, "-r", repo, "--password-file", password_file]
@@ -91,8 +88,7 @@ def test_recovery_to_a_time_between_snapshots_reads_the_archived_wal(tmp_path):
         assert "restored log file" in log and "recovery stopping before commit" in log, log
     finally:
         if restored is not None:
-            restored.stop()
-            shutil.rmtree(restored.rundir, ignore_errors=True)
+            restored.discard()
         cluster.destroy()
         shutil.rmtree(shared, ignore_errors=True)
 
@@ -107,10 +103,8 @@ def test_recovery_settings_left_in_postgresql_conf_do_not_steer_the_recovery(tmp
     shared = servers_pg.shared_tempdir("chunkvault-pitr-")
     restored = None
     try:
-        archive = os.path.join(shared, "archive")
-        os.mkdir(archive, 0o700)
         servers_pg.give_to(shared, user)
-        servers_pg.give_to(archive, user)
+        archive = servers_pg.private_dir(os.path.join(shared, "archive"), user)
         repo = os.path.join(shared, "repo")
         env = {"CHUNKVAULT_PASSWORD": PASSWORD}
         cluster.init()
@@ -143,7 +137,6 @@ def test_recovery_settings_left_in_postgresql_conf_do_not_steer_the_recovery(tmp
         assert restored.sql("select count(*) from t") == "300", restored.log_tail()
     finally:
         if restored is not None:
-            restored.stop()
-            shutil.rmtree(restored.rundir, ignore_errors=True)
+            restored.discard()
         cluster.destroy()
         shutil.rmtree(shared, ignore_errors=True)
