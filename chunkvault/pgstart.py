@@ -12,7 +12,9 @@ socket in the run directory (``walrelay``; the server's restore_command, ``walfe
 to the target, where it is promoted.  Once it accepts connections and is out of recovery, every database
 that takes connections is opened, one query may be asked, and the server is stopped: a fast shutdown
 (``pg_ctl stop -m fast``: SIGINT), then an immediate one (SIGQUIT), then SIGKILL to its process group, also
-when we are interrupted.
+when we are interrupted.  Killed outright (SIGKILL, the OOM killer), we cannot stop it, so the kernel is asked
+to: the server gets SIGQUIT when its parent ends, and the run directory such a run leaves behind is removed by
+a later one.
 
 The pure parts (which binaries, which settings, which files, how a connection is named) are apart from the
 I/O, as the rest of chunkvault keeps them.
@@ -20,6 +22,7 @@ I/O, as the rest of chunkvault keeps them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pwd
 import re
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from .errors import PgStartFailed
+from .walrelay import CLIENT_FILE, RELAY_SOCKET
 
 if TYPE_CHECKING:
     from .pgrecovery import RecoveryTarget
@@ -56,8 +60,11 @@ MIN_MAJOR = 10
 #: The oldest a recovery is set up for (signal files; pgrecovery.OLDEST_MAJOR).
 RECOVERY_MIN_MAJOR = 12
 LOG_TAIL = 4 << 10
-#: Seconds a server whose connection just failed gets to be seen exiting (a failure of its own, then).
+#: Seconds a server gets to be seen exiting (a failure of its own, then) after a statement failed with an
+#: error of its, and after a connection failed or was cut: a recovery that fails short of its target refuses
+#: connections while it shuts down, which on a busy machine takes seconds.
 EXIT_GRACE = 1.0
+SHUTDOWN_GRACE = 15.0
 #: Where Debian installs each major version's server binaries.
 DEBIAN_BINDIR = "/usr/lib/postgresql/{major}/bin"
 #: What the server reads as its client authentication: its unix socket alone, in a directory only its user
@@ -80,6 +87,14 @@ TUPLE_HEADER = 23
 HEAP_XMAX_INVALID = 0x0800
 BOOTSTRAP_SUPERUSER = 10
 NAMEDATALEN = 64
+#: prctl's option that has the kernel signal a process when the thread that started it ends (Linux).
+PR_SET_PDEATHSIG = 1
+#: The prefix of a run directory's name, the files it may hold (besides the server's socket and its lock,
+#: ``.s.PGSQL.*``), and the age past which one with no server running in it is taken for a killed
+#: verification's and removed.
+RUN_DIRECTORY_PREFIX = "chunkvault-pg-"
+RUN_DIRECTORY_FILES = frozenset({"pg_hba.conf", "pg_ident.conf", "server.log", CLIENT_FILE, RELAY_SOCKET})
+STALE_RUN_DIRECTORY = 3600.0
 #: Seconds the relay's client gets to answer a ping as the server's user.
 PING_WAIT = 60.0
 #: Asked once a recovered copy is promoted: how far its recovery replayed (PostgreSQL keeps both values once
@@ -474,13 +489,72 @@ def _run_directory(who: Identity) -> str:
     """A private directory for the socket and the authentication files: the server user's alone, and
     short enough for a socket path."""
     parent = tempfile.gettempdir()
-    if len(os.path.join(parent, "chunkvault-pg-XXXXXXXX", ".s.PGSQL.65535.lock")) > SOCKET_PATH_MAX:
+    if len(os.path.join(parent, RUN_DIRECTORY_PREFIX + "XXXXXXXX", ".s.PGSQL.65535.lock")) > SOCKET_PATH_MAX:
         parent = "/tmp"
-    path = tempfile.mkdtemp(prefix="chunkvault-pg-", dir=parent)
+    sweep_run_directories(parent, {os.geteuid(), who.uid})
+    path = tempfile.mkdtemp(prefix=RUN_DIRECTORY_PREFIX, dir=parent)
     if os.geteuid() == 0:
         os.chown(path, who.uid, who.gid)
     os.chmod(path, 0o700)
     return path
+
+
+def sweep_run_directories(parent: str, owners: set[int], now: float | None = None) -> list[str]:
+    """Remove the run directories in ``parent`` that verifications killed outright left behind (their
+    server's log, socket lock and authentication files): those of ``owners`` untouched for an hour, holding
+    nothing else, with no server alive in them.  The ones removed."""
+    now = time.time() if now is None else now
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if (entry.name.startswith(RUN_DIRECTORY_PREFIX) and stat.S_ISDIR(st.st_mode)
+                        and st.st_uid in owners and now - st.st_mtime > STALE_RUN_DIRECTORY
+                        and _abandoned(entry.path)):
+                    shutil.rmtree(entry.path)
+                    removed.append(entry.path)
+    return removed
+
+
+def _abandoned(rundir: str) -> bool:
+    """Whether ``rundir`` holds only what a run directory does, and no process named by a socket lock file
+    there (a postmaster's pid, its first line) still runs; a lock file that does not read counts as alive."""
+    with os.scandir(rundir) as entries:
+        held = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+    if any(is_dir or not (name in RUN_DIRECTORY_FILES or name.startswith(".s.PGSQL.")) for name, is_dir in held):
+        return False
+    for name, _ in held:
+        if name.startswith(".s.PGSQL.") and name.endswith(".lock"):
+            try:
+                with open(os.path.join(rundir, name), "rb") as f:
+                    os.kill(int(f.readline()), 0)
+            except ProcessLookupError:
+                continue
+            except (OSError, ValueError):
+                pass
+            return False
+    return True
+
+
+def _ended_with_us() -> Callable[[], None] | None:
+    """What the server's process runs before it becomes PostgreSQL: the kernel is to send it SIGQUIT (an
+    immediate shutdown, its backends with it) when the thread starting it ends, so that no copy's server
+    outlives a verification killed outright.  That thread waits in ``prove_data_directory`` until the server
+    is stopped.  None where there is no prctl."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_up() -> None:
+        prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGQUIT), ctypes.c_ulong(0),
+              ctypes.c_ulong(0), ctypes.c_ulong(0))
+        if os.getppid() != parent:  # ended before that was asked: no signal would come
+            os._exit(1)
+
+    return set_up
 
 
 def _free_port() -> int:
@@ -520,7 +594,8 @@ class Server:
                              server_settings(self.major, self.datadir, self.rundir, self.port))
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, env=self.env(), cwd=self.rundir, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self.ids())
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_ended_with_us(), **self.ids())
 
     def exited(self) -> int | None:
         """Its exit code once it has ended, without reaping it (its pid, and so its group's id, stay
@@ -581,7 +656,7 @@ class Server:
                     return
                 missing = psql_missing(proc.stderr.decode(errors="replace"))
                 if missing is None:
-                    raise self.failure(f"cannot connect: {_first_line(proc.stderr)}", "before it could be asked")
+                    raise self.failure(f"cannot connect: {_first_line(proc.stderr)}", proc.stderr, "before it could be asked")
                 tried.append(f"{role}@{db}")
                 if missing == "role":
                     break
@@ -591,13 +666,14 @@ class Server:
     def query(self, sql: str, dbname: str, deadline: float, records: bool = False) -> bytes:
         proc = self.psql(sql, dbname, deadline, records=records)
         if proc.returncode != 0:
-            raise self.failure(f"{sql[:80]!r} in database {dbname!r} failed: {_first_line(proc.stderr)}")
+            raise self.failure(f"{sql[:80]!r} in database {dbname!r} failed: {_first_line(proc.stderr)}", proc.stderr)
         return proc.stdout
 
-    def failure(self, message: str, when: str = "while it was asked") -> PgStartFailed:
-        """``message``, unless the server has exited meanwhile (a recovery that failed short of its target
-        ends it as a hot standby is being asked): then that, which the log explains."""
-        end = time.monotonic() + EXIT_GRACE
+    def failure(self, message: str, stderr: bytes, when: str = "while it was asked") -> PgStartFailed:
+        """``message``, unless the server exits meanwhile (a recovery that failed short of its target ends it
+        as a hot standby is being asked): then that, which the log explains.  psql's ``stderr`` says how long
+        to wait for that: briefly after an error of a statement, longer after a connection's failure."""
+        end = time.monotonic() + (EXIT_GRACE if statement_error(_first_line(stderr)) else SHUTDOWN_GRACE)
         while (code := self.exited()) is None and time.monotonic() < end:
             time.sleep(0.05)
         return PgStartFailed(message if code is None else f"PostgreSQL exited {code} {when}")
@@ -611,7 +687,7 @@ class Server:
                 raise PgStartFailed(f"PostgreSQL exited {code} before it was out of recovery")
             proc = self.psql("SELECT pg_is_in_recovery()", self.home, deadline)
             if proc.returncode != 0:
-                raise self.failure(f"'SELECT pg_is_in_recovery()' failed: {_first_line(proc.stderr)}",
+                raise self.failure(f"'SELECT pg_is_in_recovery()' failed: {_first_line(proc.stderr)}", proc.stderr,
                                    "before it was out of recovery")
             if proc.stdout.strip() == b"f":
                 return
@@ -656,7 +732,7 @@ class Server:
         environment, in the copy (ours, else the system's python3): a client that cannot reach the relay
         must fail before the recovery, not be taken by PostgreSQL for the end of the archive."""
         from . import walfetch
-        from .walrelay import CLIENT_FILE, relay_command
+        from .walrelay import relay_command
 
         client = os.path.join(self.rundir, CLIENT_FILE)
         with open(walfetch.__file__, encoding="utf-8") as f:
@@ -678,6 +754,12 @@ class Server:
             tried.append(f"{python}: {_first_line(proc.stderr) if proc.stderr.strip() else f'exit {proc.returncode}'}")
         raise PgStartFailed(f"the server's user {self.who.name or self.who.uid} cannot run the WAL relay's client "
                             f"with any Python 3 found ({'; '.join(tried)}): install python3 for it")
+
+
+def statement_error(message: str) -> bool:
+    """Whether psql's first line is an error the server answered a statement with (the connection held), not
+    a connection that failed or was cut."""
+    return message.startswith("ERROR:")
 
 
 def _first_line(stderr: bytes) -> str:
@@ -782,7 +864,7 @@ def _recover(server: Server, target: "RecoveryTarget", fetch: "Fetch | None", re
     """Set the copy up to recover to ``target`` from the archive, through a relay started here (the
     caller closes it)."""
     from .pgrecovery import write_recovery
-    from .walrelay import RELAY_SOCKET, WalRelay
+    from .walrelay import WalRelay
 
     assert fetch is not None, "a recovery needs the archive's fetch"
     path = os.path.join(server.rundir, RELAY_SOCKET)

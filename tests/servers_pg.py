@@ -224,7 +224,7 @@ class PgCluster(PgServer):
 
     def __init__(self, bindir: str, *, user: str | None = None, parent: str | None = None,
                  settings: Sequence[str] = ("fsync=off",)):
-        self.base = shared_tempdir("chunkvault-pg-", parent)
+        self.base = shared_tempdir("chunkvault-pgtest-", parent)
         user = server_user() if user is None and os.geteuid() == 0 else user
         super().__init__(bindir, os.path.join(self.base, "data"), os.path.join(self.base, "run"), user,
                          settings=tuple(settings))

@@ -6,16 +6,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
 from chunkvault import pgstart
 from chunkvault.errors import PgStartFailed, UsageError
 from chunkvault.pgstart import (conninfo, pick_bindir, pid_file_ready, postgres_argv, recovery_files, searchable,
-                                server_settings, split_records)
+                                server_settings, split_records, statement_error)
 from chunkvault.verify import check_pg_options, verify_restore
-from servers_pg import PgCluster, give_to, left_of, private_dir, require_postgres, run_as, shared_tempdir
+from conftest import PASSWORD
+from servers_pg import (PgCluster, give_to, left_of, live_processes, private_dir, require_postgres, run_as,
+                        shared_tempdir)
 
 ROWS = 1234
 
@@ -86,6 +92,16 @@ def test_searchable_goes_by_the_bits_that_apply():
     assert searchable(0o710, 0, 104, 101, [104]) and not searchable(0o701, 0, 104, 101, [104])
     assert not searchable(0o077, 101, 0, 101, [0])  # the owner's bits alone count for the owner
     assert searchable(0o700, 5, 5, 0, [])
+
+
+def test_a_statement_error_is_told_from_a_connection_that_failed_or_was_cut():
+    """A server shutting down (a recovery that failed short of its target) refuses or cuts connections: those
+    wait longer for its exit than a statement the server answered with an error."""
+    assert statement_error('ERROR:  relation "nope" does not exist')
+    assert not statement_error('psql: error: connection to server on socket "/run/x/.s.PGSQL.5432" failed: '
+                               'FATAL:  the database system is in recovery mode')
+    assert not statement_error("FATAL:  terminating connection due to administrator command")
+    assert not statement_error("server closed the connection unexpectedly")
 
 
 def test_pid_file_status_and_records():
@@ -246,6 +262,76 @@ def test_an_interrupt_while_it_runs_stops_the_server(cluster, new_repo, scratch,
     report = verify_restore(repo, snap, scratch=scratch, pg_start=True, timeout=0.05)
     [pg] = report.pg_start
     assert not report.ok and "0.05 s" in pg.error and pg.pid and left_of(pg.pid) == [], pg.error
+
+
+def test_a_verification_killed_outright_takes_its_server_along(cluster, new_repo, tmp_path, scratch):
+    """SIGKILL leaves chunkvault no chance to stop the copy's server: the kernel ends it (SIGQUIT, an
+    immediate shutdown) when its parent is gone, and a later run removes the run directory left behind."""
+    copy = base_backup(cluster, "killed")
+    url = str(tmp_path / "repo")
+    new_repo(url).backup([copy])
+    temp = shared_tempdir("chunkvault-temp-")  # the server's run directory goes here, swept alone below
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env.update(CHUNKVAULT_PASSWORD=PASSWORD, TMPDIR=temp)
+    proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "verify-restore", "-r", url, "--scratch",
+                             scratch, "--pg-start", "--pg-query", "select pg_sleep(300)"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        postmaster = os.path.join(cluster.bindir, "postgres") + " -D " + scratch
+        while not (servers := [(pid, cmd) for pid, _, cmd in live_processes() if cmd.startswith(postmaster)]):
+            assert proc.poll() is None and time.monotonic() < deadline, "no server started"
+            time.sleep(0.1)
+        [(postmaster, cmdline)] = servers
+        while not any("pg_sleep" in cmd for _, _, cmd in live_processes()):  # the query is under way
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while left_of(postmaster):
+        assert time.monotonic() < deadline, f"the server outlived its verification: {left_of(postmaster)}"
+        time.sleep(0.1)
+    rundir = cmdline.split("unix_socket_directories=", 1)[1].split()[0]
+    assert os.path.dirname(rundir) == temp and os.path.isdir(rundir)
+    owners = {os.geteuid(), os.stat(rundir).st_uid}
+    assert pgstart.sweep_run_directories(temp, owners) == []  # too recent to be taken
+    later = time.time() + pgstart.STALE_RUN_DIRECTORY + 1
+    assert pgstart.sweep_run_directories(temp, owners, now=later) == [rundir]
+    shutil.rmtree(temp)
+
+
+def test_a_run_directory_with_a_live_server_or_of_another_user_is_kept(tmp_path):
+    def run_directory(name: str, lock_pid: int | None) -> str:
+        path = tmp_path / (pgstart.RUN_DIRECTORY_PREFIX + name)
+        path.mkdir()
+        (path / "server.log").write_text("log")
+        if lock_pid is not None:
+            (path / ".s.PGSQL.5432.lock").write_text(f"{lock_pid}\n{path}\n")
+        os.utime(path, (0, 0))
+        return str(path)
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    live = run_directory("live", os.getpid())
+    dead = run_directory("dead", gone.pid)
+    unlocked = run_directory("unlocked", None)
+    unreadable = run_directory("unreadable", None)
+    (tmp_path / (pgstart.RUN_DIRECTORY_PREFIX + "unreadable") / ".s.PGSQL.1.lock").write_text("not a pid")
+    os.utime(unreadable, (0, 0))
+    for name, extra in (("cluster", "data/"), ("notes", "notes.txt")):  # not what a run directory holds
+        path = run_directory(name, None)
+        os.mkdir(os.path.join(path, extra)) if extra.endswith("/") else open(os.path.join(path, extra), "w").close()
+        os.utime(path, (0, 0))
+    other = tmp_path / "other-dir"
+    other.mkdir()
+    os.utime(other, (0, 0))
+    assert pgstart.sweep_run_directories(str(tmp_path), {os.geteuid() + 1}) == []  # another user's
+    assert sorted(pgstart.sweep_run_directories(str(tmp_path), {os.geteuid()})) == sorted([dead, unlocked])
+    assert sorted(os.listdir(tmp_path)) == ["chunkvault-pg-cluster", "chunkvault-pg-live", "chunkvault-pg-notes",
+                                            "chunkvault-pg-unreadable", "other-dir"]
+    assert os.path.isdir(live)
 
 
 def test_a_snapshot_without_a_data_directory_fails_pg_start(new_repo, tmp_path, scratch):
