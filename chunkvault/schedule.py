@@ -63,14 +63,18 @@ __all__ = [
     "check_slice",
     "dated_ahead",
     "decide",
+    "iso_time",
     "next_wakeup",
     "parse_cadence",
+    "parse_iso_time",
     "parse_policy",
     "retention_scope",
     "source_verify",
     "state_document",
     "state_sections",
     "verify_due",
+    "verified_times",
+    "verification_passed",
     "zone",
 ]
 
@@ -444,6 +448,51 @@ def verify_due(cadence: Cadence, now: datetime, last: datetime | None) -> Due:
     """Whether the policy's restore verification is due: as a check, against the last one that passed
     (``last``): a verification that failed, or that a stop cut short, leaves the slot unserved."""
     return _slot_due(cadence, now, last, KIND_VERIFY, "verification")
+
+
+def verified_times(entry: Mapping[str, Any], names: Iterable[str]) -> dict[str, datetime | None]:
+    """When each source of ``names`` last passed a verification, from a repository's ``verifications`` entry:
+    its own time under ``passed``; else, for a source among ``snapshots`` (an older state file's, remembered
+    only once every source had passed), the entry's ``time``; else none yet."""
+    passed = entry.get("passed") if isinstance(entry.get("passed"), dict) else {}
+    proved = entry.get("snapshots") if isinstance(entry.get("snapshots"), dict) else {}
+    out: dict[str, datetime | None] = {}
+    for name in names:
+        text = passed.get(name) if name in passed else entry.get("time") if name in proved else None
+        out[name] = parse_iso_time(text)
+    return out
+
+
+def verification_passed(entry: Mapping[str, Any], names: Sequence[str], source: str, snapshot: str,
+                        now: datetime) -> dict[str, Any]:
+    """A repository's ``verifications`` entry once ``source`` passed with ``snapshot`` at ``now``, the policy's
+    verified sources being ``names`` (a source no longer among them is dropped).  ``time``, which older
+    chunkvaults read as every source's, is the oldest of their passes, and absent until each has one."""
+    times = verified_times(entry, names)
+    times[source] = now
+    proved = entry.get("snapshots") if isinstance(entry.get("snapshots"), dict) else {}
+    snapshots = {n: proved[n] for n in names if n in proved and times[n] is not None}
+    snapshots[source] = snapshot
+    out: dict[str, Any] = {"snapshots": snapshots, "passed": {n: iso_time(t) for n, t in times.items() if t is not None}}
+    if all(t is not None for t in times.values()):
+        out["time"] = iso_time(min(t for t in times.values() if t is not None))
+    return out
+
+
+def parse_iso_time(text: Any) -> datetime | None:
+    """A time a state file holds (ISO 8601 with its zone), or None when it is not one."""
+    if not isinstance(text, str):
+        return None
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else None
+
+
+def iso_time(t: datetime | None) -> str | None:
+    """``t`` as a state file and the run's JSON hold times: UTC, to the second."""
+    return t.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z") if t else None
 
 
 STATE_VERSION = 1

@@ -74,7 +74,8 @@ from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, OutputClosed, P
 from .processes import kill_group
 from .remotes.layer import stop_request
 from .schedule import (CopyTarget, Policy, RetentionScope, Source, check_due, check_slice, dated_ahead, decide,
-                       next_wakeup, parse_policy, retention_scope, state_document, state_sections, verify_due)
+                       iso_time, next_wakeup, parse_iso_time, parse_policy, retention_scope, state_document,
+                       state_sections, verification_passed, verified_times, verify_due)
 from .schedulecli import add_commands
 from .units import format_size
 from .store.command_stream import without_secrets
@@ -94,10 +95,6 @@ HOOK_OUTPUT_LIMIT = 4096
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _iso(t: datetime | None) -> str | None:
-    return t.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if t else None
 
 
 def load_policy(path: str) -> Policy:
@@ -145,7 +142,7 @@ class SourceResult:
 
     def to_dict(self) -> dict[str, Any]:
         ret = self.retention
-        return {"source": self.name, "status": self.status, "kind": self.kind, "slot": _iso(self.slot),
+        return {"source": self.name, "status": self.status, "kind": self.kind, "slot": iso_time(self.slot),
                 "reason": self.reason, "snapshot": self.snapshot_id, "error": self.error,
                 "pre_exit": self.pre_exit, "post_exit": self.post_exit, "duration": round(self.duration, 3),
                 "retention": None if ret is None else {"removed": ret.removed, "rebased": ret.rebased,
@@ -207,7 +204,7 @@ class RunReport:
                 and self.check_error is None and self.wal_expire_error is None and self.verify_error is None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"started": _iso(self.started), "dry_run": self.dry_run, "ok": self.ok, "stopped": self.stopped,
+        return {"started": iso_time(self.started), "dry_run": self.dry_run, "ok": self.ok, "stopped": self.stopped,
                 "sources": [r.to_dict() for r in self.sources], "prune": self.prune,
                 "prune_error": self.prune_error, "wal_expired": self.wal_expired,
                 "wal_expire_error": self.wal_expire_error, "run_error": self.error, "check": self.check,
@@ -488,7 +485,7 @@ class Runner:
         due = decide(src.full, src.diff, now, history)
         if due.kind is None:
             nxt = next_wakeup(src.cadences(), now)
-            self.log(f"{src.name}: nothing due" + (f" (next slot {_iso(nxt)})" if nxt else ""))
+            self.log(f"{src.name}: nothing due" + (f" (next slot {iso_time(nxt)})" if nxt else ""))
             return SourceResult(src.name, IDLE, reason=due.reason)
         result = SourceResult(src.name, WOULD_RUN if report.dry_run else FAILED, due.kind, due.slot, due.reason)
         if report.dry_run:
@@ -499,7 +496,7 @@ class Runner:
             return result
         started = time.monotonic()
         env = dict(os.environ)
-        env.update(CHUNKVAULT_SOURCE=src.name, CHUNKVAULT_KIND=due.kind, CHUNKVAULT_SLOT=_iso(due.slot) or "",
+        env.update(CHUNKVAULT_SOURCE=src.name, CHUNKVAULT_KIND=due.kind, CHUNKVAULT_SLOT=iso_time(due.slot) or "",
                    CHUNKVAULT_PATHS=os.pathsep.join(src.paths))
         env = without_secrets(env)  # hooks get no secret
         try:
@@ -706,16 +703,16 @@ class Runner:
         state = _read_state(self.state_file, self.log)["checks"]
         mine = state.get(self.url, {})
         now = self.clock()
-        last = _parse_iso(mine.get("time"))
+        last = parse_iso_time(mine.get("time"))
         due = check_due(self.policy.check, now, last)
         if due.kind is None:
             nxt = self.policy.check.next(now)
-            self.log("check: not due" + (f" (next slot {_iso(nxt)})" if nxt else ""))
+            self.log("check: not due" + (f" (next slot {iso_time(nxt)})" if nxt else ""))
             return
         subset, slice_no = check_slice(self.policy.check_subset, mine.get("slice"))
         reading = (f", reading slice {slice_no} of {subset.split('/')[1]}" if slice_no is not None
                    else f", reading {subset} of the data" if subset else "")  # "2/3 of the data" read as two thirds
-        report.check = {"slot": _iso(due.slot), "reason": due.reason, "subset": subset}
+        report.check = {"slot": iso_time(due.slot), "reason": due.reason, "subset": subset}
         if report.dry_run:
             self.log(f"check: would check the repository{reading} ({due.reason})")
             return
@@ -755,25 +752,28 @@ class Runner:
         self.log(f"check: no problems in {done.snapshots} snapshots, {done.packs} packs"
                  + (f"; read {done.packs_read} packs ({format_size(done.bytes_read)})" if done.packs_read else ""))
         _remember(self.state_file, "checks", self.url,
-                  {"time": _iso(now), **({"slice": slice_no} if slice_no is not None else {})}, self.log)
+                  {"time": iso_time(now), **({"slice": slice_no} if slice_no is not None else {})}, self.log)
 
     def _verify(self, repo: Any, report: RunReport) -> None:
-        """The policy's restore verification when it is due: the newest snapshot of each verified source is
-        restored and compared, its PostgreSQL started, its command run (``verify_restore``).  Each snapshot
-        that failed is one log line with its reason, and fails the run; only one that passed for every source
-        is remembered, so that the next is due at its next slot and a failed one runs again at every run."""
+        """The policy's restore verification of each source it is due for: the source's newest snapshot is
+        restored and compared, its PostgreSQL started, its command run (``verify_restore``).  Each source is
+        due on its own, against the last verification of its that passed: one that passed is remembered at
+        once and not due again until the next slot, while one that failed is a log line with its reason,
+        fails the run and runs again at every run, alone."""
         assert self.policy.verify is not None
         said = self.policy.check is not None  # a state file that does not read was said by the check
         state = _read_state(self.state_file, (lambda line: None) if said else self.log)
-        mine = state["verifications"].get(self.url, {})
         now = self.clock()
-        due = verify_due(self.policy.verify, now, _parse_iso(mine.get("time")))
-        if due.kind is None:
-            nxt = self.policy.verify.next(now)
-            self.log("verify: not due" + (f" (next slot {_iso(nxt)})" if nxt else ""))
-            return
         sources = [src for src in self.policy.sources if src.verify is not None]
-        report.verify = {"slot": _iso(due.slot), "reason": due.reason, "sources": []}
+        last = verified_times(state["verifications"].get(self.url, {}), [src.name for src in sources])
+        dues = {src.name: verify_due(self.policy.verify, now, last[src.name]) for src in sources}
+        due_sources = [src for src in sources if dues[src.name].kind is not None]
+        if sources and not due_sources:
+            nxt = self.policy.verify.next(now)
+            self.log("verify: not due" + (f" (next slot {iso_time(nxt)})" if nxt else ""))
+            return
+        first = dues[due_sources[0].name] if due_sources else verify_due(self.policy.verify, now, None)
+        report.verify = {"slot": iso_time(first.slot), "reason": first.reason, "sources": []}
         if not report.dry_run and self.stop.is_set():
             report.stopped = True
             report.verify.update(ok=None, stopped="skipped")
@@ -786,9 +786,12 @@ class Runner:
             report.verify_error = f"verify failed: {exc}"
             self.log(f"verify: failed: {exc}")
             return
+        for src in sources:
+            if src not in due_sources:
+                self.log(f"verify: {src.name}: not due (passed {iso_time(last[src.name])})")
         backing_up = {r.name for r in report.sources if r.status == WOULD_RUN}  # a dry run's backups to come
         picked: list[tuple[Source, Any]] = []
-        for src in sources:
+        for src in due_sources:
             history = [s for s in src.history(snaps, self._host(src)) if not dated_ahead(s.datetime, now)]
             newest = max(history, key=lambda s: s.datetime, default=None)
             if report.dry_run and (newest is not None or src.name in backing_up):
@@ -796,14 +799,14 @@ class Runner:
                 report.verify["sources"].append({"source": src.name,
                                                  "snapshot": None if src.name in backing_up else newest.id})
                 self.log(f"verify: would restore and compare {src.name}'s newest snapshot ({which})"
-                         + _verify_extras(src) + f" ({due.reason})")
+                         + _verify_extras(src) + f" ({dues[src.name].reason})")
             elif newest is None:
                 self.log(f"verify: {src.name}: no snapshot to verify")
             else:
                 picked.append((src, newest))
         if report.dry_run:
             return
-        self.log(f"verify: verifying the newest snapshot of {len(picked)} source(s) ({due.reason})")
+        self.log(f"verify: verifying the newest snapshot of {len(picked)} source(s) ({first.reason})")
         failed: list[str] = []
         not_run: list[str] = []
         for src, snap in picked:
@@ -815,11 +818,14 @@ class Runner:
             if entry is None:  # a stop cut it short
                 report.verify["stopped"] = "stopped"
                 break
+            entry["reason"] = dues[src.name].reason
             report.verify["sources"].append(entry)
             if entry["not_run"]:
                 not_run.append(src.name)
             elif not entry["ok"]:
                 failed.append(src.name)
+            else:
+                self._remember_verified([s.name for s in sources], src.name, snap.id, now)
         stopped = "stopped" in report.verify
         report.stopped |= stopped
         report.verify["ok"] = None if stopped or not picked else not failed and not not_run
@@ -828,18 +834,24 @@ class Runner:
             report.verify_error = "verify " + ", ".join(filter(None, [
                 f"failed for {len(failed)} of {len(picked)} snapshot(s) ({', '.join(failed)})" if failed else "",
                 f"could not run for {', '.join(not_run)}" if not_run else ""]))
-            self.log(f"verify: {report.verify_error}; it runs again at the next run")
+            self.log(f"verify: {report.verify_error}; "
+                     + ("it runs" if len(failed) + len(not_run) == 1 else "they run") + " again at the next run")
             return
         if stopped:
             return
         if not picked:
-            self.log(("verify: no source has a snapshot to verify" if sources else
+            self.log(("verify: no source due has a snapshot to verify" if sources else
                       "verify: every source has verify = false") + "; it runs again at the next run")
             return
         self.log(f"verify: {len(picked)} snapshot(s) restored as saved")
-        _remember(self.state_file, "verifications", self.url,
-                  {"time": _iso(now), "snapshots": {e["source"]: e["snapshot"] for e in report.verify["sources"]}},
-                  self.log)
+
+    def _remember_verified(self, names: list[str], source: str, snapshot: str, now: datetime) -> None:
+        """Remember in the state file, at once, that ``source`` passed with ``snapshot``: a later source's
+        failure or a stop does not make it due again."""
+        sections = _read_state(self.state_file, lambda line: None)  # what does not read was said already
+        mine = sections["verifications"]
+        mine[self.url] = verification_passed(mine.get(self.url, {}), names, source, snapshot, now)
+        _write_state(self.state_file, sections, self.log)
 
     def _verify_one(self, repo: Any, src: Source, snap: Any) -> dict[str, Any] | None:
         """One source's verification as the run reports it; None when a stop cut it short.  A verification
@@ -930,7 +942,7 @@ class Runner:
         if scope.ahead:
             newest = max(s.datetime for s in scope.ahead)
             self.log(f"{src.name}: warning: {len(scope.ahead)} snapshot(s) dated ahead of this clock (newest "
-                     f"{_iso(newest)}): kept, and not counted by retention until then (was the clock set back?)")
+                     f"{iso_time(newest)}): kept, and not counted by retention until then (was the clock set back?)")
         if scope.spared:
             self.log(f"{src.name}: warning: retention keeps the snapshot {scope.spared[:8]} this run saved, "
                      "which its rules would remove")
@@ -986,16 +998,6 @@ def _shown(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]
     return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
-
-
-def _parse_iso(text: Any) -> datetime | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo is not None else None
 
 
 def _read_state(path: str | None, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
@@ -1078,7 +1080,7 @@ def verify_failure(done: Any) -> str:
 def _describe(r: SourceResult) -> str:
     if r.status == SKIPPED:
         return f"{r.name}: {r.kind} backup skipped, {r.reason}"
-    slot = f"slot {_iso(r.slot)}" if r.slot else r.reason
+    slot = f"slot {iso_time(r.slot)}" if r.slot else r.reason
     if r.status in (OK, PARTIAL):
         text = f"{r.name}: {r.kind} snapshot {r.snapshot_id[:8] if r.snapshot_id else '?'} saved ({slot}, {r.duration:.1f} s)"
         return text + (f"; partial: {r.error}" if r.status == PARTIAL else "")
@@ -1181,7 +1183,7 @@ class Daemon:
         if wake is None:
             self.log("no slot is ever due again; waiting for a stop signal")
         elif self.verbose:
-            self.log(f"next run at {_iso(wake)}")
+            self.log(f"next run at {iso_time(wake)}")
         return wake
 
     def serve(self) -> int:
@@ -1208,7 +1210,7 @@ class Daemon:
                 if wake is not None and now >= wake:
                     break
                 if now < started:  # set back (NTP correcting a clock that ran ahead): the slot would be far off
-                    self.log(f"the clock went back from {_iso(started)} to {_iso(now)}: slots are counted from now")
+                    self.log(f"the clock went back from {iso_time(started)} to {iso_time(now)}: slots are counted from now")
                     started = now
                     wake = self._next_slot(started)
                     continue
@@ -1252,7 +1254,7 @@ class _Log:
             try:
                 new = open(self.path, "a", buffering=1, encoding="utf-8")
             except OSError as exc:
-                self._to_stderr(f"{_iso(self.clock())} log file {self.path} could not be opened again "
+                self._to_stderr(f"{iso_time(self.clock())} log file {self.path} could not be opened again "
                                 f"({exc.strerror or exc}): logging on where it was")
                 return
             old, self.file, self.owned = self.file, new, True
@@ -1265,7 +1267,7 @@ class _Log:
         if self._reopen:
             self._reopened()
         line = one_line(line)  # a name or a command's output may hold control characters
-        stamped = f"{_iso(self.clock())} {line}"
+        stamped = f"{iso_time(self.clock())} {line}"
         if not self.owned:
             self._to_stderr(stamped)
         else:
@@ -1284,7 +1286,7 @@ class _Log:
         with suppress(OSError, ValueError):
             self.file.close()  # what it still buffers fails to write again: the file object is closed all the same
         self.file, self.owned = sys.stderr, False
-        self._to_stderr(f"{_iso(self.clock())} log file {self.path} could not be written ({exc.strerror or exc}): "
+        self._to_stderr(f"{iso_time(self.clock())} log file {self.path} could not be written ({exc.strerror or exc}): "
                         "logging to stderr from now on")
 
     @staticmethod
@@ -1298,7 +1300,7 @@ class _Log:
         """A line written from a signal handler: straight to the descriptor, past the file object's buffer
         and its lock, which the interrupted code may be holding (each line is flushed as written)."""
         try:
-            os.write(self.file.fileno(), f"{_iso(self.clock())} {one_line(line)}\n".encode("utf-8", "replace"))
+            os.write(self.file.fileno(), f"{iso_time(self.clock())} {one_line(line)}\n".encode("utf-8", "replace"))
         except (OSError, ValueError):
             pass
 

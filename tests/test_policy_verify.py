@@ -15,7 +15,8 @@ import pytest
 
 from chunkvault import Repository
 from chunkvault.errors import ChunkvaultError, Stopped, UsageError, VerificationFailed
-from chunkvault.schedule import parse_cadence, parse_policy, state_document, state_sections, verify_due
+from chunkvault.schedule import (parse_cadence, parse_policy, state_document, state_sections, verification_passed,
+                                 verified_times, verify_due)
 from chunkvault.scheduler import Daemon, Runner, RunReport, load_policy
 from test_policy_steps import RunTime, snapshot_time, tree  # noqa: F401 (fixtures: the run's time, a source)
 from test_scheduler import FakeClock, cli_main, q, repo_url, write_policy  # noqa: F401 (repo_url: a fixture)
@@ -149,6 +150,23 @@ def test_the_state_file_keeps_checks_as_they_were_and_verifications_beside_them(
         {"checks": {}, "verifications": {"/s": {"time": "t"}}}
 
 
+def test_each_source_is_remembered_on_its_own_and_an_older_state_file_for_all_at_once():
+    t1, t2 = datetime(2026, 3, 1, 5, 30, tzinfo=UTC), datetime(2026, 3, 8, 5, 40, tzinfo=UTC)
+    older = {"time": "2026-03-01T05:30:00Z", "snapshots": {"a": "aa", "b": "bb"}}  # every source had passed
+    assert verified_times(older, ["a", "b", "new"]) == {"a": t1, "b": t1, "new": None}
+    entry = verification_passed(older, ["a", "b", "new"], "a", "a2", t2)
+    assert entry == {"snapshots": {"a": "a2", "b": "bb"},
+                     "passed": {"a": "2026-03-08T05:40:00Z", "b": "2026-03-01T05:30:00Z"}}  # no time: new has none
+    assert verified_times(entry, ["a", "b", "new"]) == {"a": t2, "b": t1, "new": None}
+    entry = verification_passed(entry, ["a", "b", "new"], "new", "nn", t2)
+    assert entry["time"] == "2026-03-01T05:30:00Z"  # the oldest pass: what an older chunkvault reads for all
+    entry = verification_passed(entry, ["b", "new"], "b", "b2", t2)  # a left the policy (or has verify = false)
+    assert entry == {"snapshots": {"b": "b2", "new": "nn"}, "time": "2026-03-08T05:40:00Z",
+                     "passed": {"b": "2026-03-08T05:40:00Z", "new": "2026-03-08T05:40:00Z"}}
+    assert verified_times({"passed": {"a": "not a time"}, "time": 5}, ["a"]) == {"a": None}
+    assert verified_times({"passed": [], "snapshots": "x"}, ["a"]) == {"a": None}
+
+
 def test_a_run_report_s_exit_code_for_a_verification():
     found = RunReport(SUNDAY, False, verify_error="verify failed for 1 of 1 snapshot(s) (db)", verify_problems=1)
     with pytest.raises(VerificationFailed) as e:
@@ -196,7 +214,8 @@ def test_a_due_verification_runs_passes_is_remembered_and_is_not_due_again(tmp_p
     assert any(line.startswith(f"verify: db: snapshot {snap[:8]} restored as saved (2 files") for line in log)
     st = state(tmp_path)
     assert st["checks"][repo_url]["time"] == "2026-03-01T05:30:00Z"  # the check's, as before
-    assert st["verifications"][repo_url] == {"time": "2026-03-01T05:30:00Z", "snapshots": {"db": snap}}
+    assert st["verifications"][repo_url] == {"time": "2026-03-01T05:30:00Z", "snapshots": {"db": snap},
+                                             "passed": {"db": "2026-03-01T05:30:00Z"}}
     assert os.listdir(scratch) == []
 
     log.clear()
@@ -219,7 +238,8 @@ def test_a_damaged_pack_fails_the_run_with_the_line_is_not_remembered_and_runs_a
     before = state(tmp_path)
     snap = before["verifications"][repo_url]["snapshots"]["db"]
     flip_a_bit_in_a_data_pack(repo_url)
-    before["verifications"][repo_url]["time"] = "2000-01-01T00:00:00Z"  # as if the last one were long ago
+    long_ago = "2000-01-01T00:00:00Z"  # as if the last one were long ago
+    before["verifications"][repo_url].update(time=long_ago, passed={"db": long_ago})
     (tmp_path / "p.state").write_text(json.dumps(before))
 
     for _ in range(2):  # not remembered: the next run verifies again
@@ -236,7 +256,7 @@ def test_a_damaged_pack_fails_the_run_with_the_line_is_not_remembered_and_runs_a
                                                        "corrupt object"), captured.err
         assert captured.err.strip().splitlines()[-1] == ("chunkvault: scheduled run failed: "
                                                          "verify failed for 1 of 1 snapshot(s) (db)")
-    assert state(tmp_path)["verifications"][repo_url]["time"] == "2000-01-01T00:00:00Z"
+    assert state(tmp_path)["verifications"][repo_url]["passed"] == {"db": long_ago}
     assert os.listdir(scratch) == []
 
 
@@ -262,8 +282,16 @@ def test_a_failing_verify_then_fails_the_snapshot_and_a_source_with_verify_false
     assert not any(line.startswith("verify: b:") for line in log)
     with pytest.raises(VerificationFailed):
         report.raise_for_status()
-    assert not (tmp_path / "p.state").exists() or "verifications" not in state(tmp_path) \
-        or repo_url not in state(tmp_path)["verifications"]
+    mine = state(tmp_path)["verifications"][repo_url]  # c's pass is remembered, and only that
+    assert mine == {"snapshots": {"c": c["snapshot"]}, "passed": {"c": "2026-03-01T05:30:00Z"}}
+
+    log.clear()  # the next run verifies a alone: c is not due again until the next slot
+    report = run(policy_path, tmp_path, log, SUNDAY + timedelta(hours=1))
+    assert [e["source"] for e in report.verify["sources"]] == ["a"] and report.verify_problems == 1
+    assert report.verify["sources"][0]["reason"] == "no verification yet"
+    assert "verify: c: not due (passed 2026-03-01T05:30:00Z)" in log
+    assert not any(line.startswith("verify: c: restoring") for line in log)
+    assert "verify: verify failed for 1 of 1 snapshot(s) (a); it runs again at the next run" in log
 
 
 def test_a_source_without_snapshots_is_skipped_with_a_line(tmp_path, repo_url, tree, scratch):
