@@ -594,6 +594,9 @@ class SourceVerify:
     pg_query: str | None = None
     pg_expect: str | None = None
     pg_dbname: str | None = None  # None: verify_restore's default (postgres)
+    pg_bindir: str | None = None  # None: the binaries of the copy's version found as verify-restore finds them
+    pg_recover: bool = False  # recover from the repository's WAL archive to its end, and be promoted there
+    numeric_owner: bool = False
     timeout: float | None = None
     scratch: str | None = None
 
@@ -681,7 +684,8 @@ _TOP_KEYS = {"repository", "password_file", "password_command", "timezone", "ful
              "copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention", "copy_wal", "check",
              "check_read_data_subset", "state_file", *_VERIFY_TOP_KEYS}
 _VERIFY_KEYS = ("verify", "verify_then", "verify_pg_start", "verify_pg_query", "verify_pg_expect",
-                "verify_pg_dbname", "verify_timeout", "verify_scratch")
+                "verify_pg_dbname", "verify_pg_bindir", "verify_pg_recover", "verify_numeric_owner", "verify_timeout",
+                "verify_scratch")
 _COPY_KEYS = ("copy_to", "copy_to_password_file", "copy_to_password_command", "copy_retention", "copy_wal")
 _SOURCE_KEYS = {"name", "paths", "host", "tags", "excludes", "exclude_files", "iexcludes", "iexclude_files",
                 "exclude_if_present", "exclude_caches",
@@ -914,11 +918,14 @@ def source_verify(s: Mapping[str, Any], cadence: Cadence | None, defaults: Sourc
     query = _text(s.get("verify_pg_query"), "verify-pg-query")
     expect = _text(s.get("verify_pg_expect"), "verify-pg-expect", empty=True)
     dbname = _text(s.get("verify_pg_dbname"), "verify-pg-dbname")
+    bindir = _text(s.get("verify_pg_bindir"), "verify-pg-bindir")
+    recover = _flag(s.get("verify_pg_recover", False), "verify-pg-recover")
+    numeric_owner = _flag(s.get("verify_numeric_owner", False), "verify-numeric-owner")
     if pg_start and command:
         raise UsageError("verify-pg-start starts the data directory a snapshot holds: a command source's holds "
                          "its output")
-    pg_given = [n for n, v in (("verify-pg-query", query), ("verify-pg-expect", expect),
-                               ("verify-pg-dbname", dbname)) if v is not None]
+    pg_given = [n for n, v in (("verify-pg-query", query), ("verify-pg-expect", expect), ("verify-pg-dbname", dbname),
+                               ("verify-pg-bindir", bindir), ("verify-pg-recover", recover or None)) if v is not None]
     if pg_given and not pg_start:
         raise UsageError(f"{pg_given[0]} asks the restored PostgreSQL copy: set verify-pg-start = true too")
     if expect is not None and query is None:
@@ -926,7 +933,8 @@ def source_verify(s: Mapping[str, Any], cadence: Cadence | None, defaults: Sourc
     timeout = _seconds(s.get("verify_timeout"), "verify-timeout")
     scratch = _scratch(s.get("verify_scratch"), base_dir)
     return SourceVerify(then=then, pg_start=pg_start, pg_query=query, pg_expect=expect, pg_dbname=dbname,
-                        timeout=defaults.timeout if timeout is None else timeout,
+                        pg_bindir=None if bindir is None else _path(base_dir, bindir), pg_recover=recover,
+                        numeric_owner=numeric_owner, timeout=defaults.timeout if timeout is None else timeout,
                         scratch=defaults.scratch if scratch is None else scratch)
 
 

@@ -871,8 +871,10 @@ class Runner:
             with self._stopped_with(repo):
                 done = verify_restore(
                     repo=repo, snapshot=snap, then=v.then, timeout=v.timeout, scratch=v.scratch,
-                    env=dict(os.environ, CHUNKVAULT_SOURCE=src.name), pg_start=v.pg_start, pg_query=v.pg_query,
-                    pg_expect=v.pg_expect, **({"pg_dbname": v.pg_dbname} if v.pg_dbname is not None else {}))
+                    env=dict(os.environ, CHUNKVAULT_SOURCE=src.name), numeric_owner=v.numeric_owner,
+                    pg_start=v.pg_start, pg_query=v.pg_query, pg_expect=v.pg_expect, pg_bindir=v.pg_bindir,
+                    pg_recover="end" if v.pg_recover else None,
+                    **({"pg_dbname": v.pg_dbname} if v.pg_dbname is not None else {}))
         except (ChunkvaultError, Stopped) as exc:
             if self._ended_by_stop(exc):
                 self.log(f"verify: {src.name}: stopped ({exc})")
@@ -1047,7 +1049,8 @@ def _verify_extras(src: Source) -> str:
     """What a source's verification does beyond the restore and the comparison, for its log lines."""
     v = src.verify
     assert v is not None
-    extras = (["start its PostgreSQL"] if v.pg_start else []) + (["run its verify-then"] if v.then else [])
+    started = "recover its PostgreSQL to the archive's end" if v.pg_recover else "start its PostgreSQL"
+    extras = ([started] if v.pg_start else []) + (["run its verify-then"] if v.then else [])
     return f", then {' and '.join(extras)}" if extras else ""
 
 

@@ -87,6 +87,11 @@ def policy(top: dict | None = None, **source):
     ({"verify": "weekly"}, {"paths": None, "command": "pg_dump", "stdin-name": "a.sql", "verify-pg-start": True},
      "a command source's holds its output"),
     ({"verify": "weekly"}, {"verify-timeout": -1}, "source 'db': verify-timeout must be a positive number"),
+    ({"verify": "weekly"}, {"verify-pg-bindir": "/usr/lib/postgresql/15/bin"}, "verify-pg-bindir asks"),
+    ({"verify": "weekly"}, {"verify-pg-recover": True}, "verify-pg-recover asks the restored PostgreSQL copy"),
+    ({"verify": "weekly"}, {"postgres": True, "verify-pg-recover": "end"}, "verify-pg-recover must be true or false"),
+    ({"verify": "weekly"}, {"postgres": True, "verify-pg-bindir": ""}, "verify-pg-bindir must be a non-empty"),
+    ({"verify": "weekly"}, {"verify-numeric-owner": 1}, "verify-numeric-owner must be true or false"),
 ])
 def test_a_bad_verify_setting_is_one_usage_error(top, source, fragment):
     source = {k: v for k, v in source.items() if v is not None}
@@ -105,7 +110,8 @@ def test_verify_settings_default_from_the_top_and_the_source(tmp_path):
     config = {"repository": "/r", "full": "daily", **top, "source": [
         {"name": "files", "paths": ["/f"]},
         {"name": "db", "paths": ["/var/lib/postgresql/15/main"], "postgres": True,
-         "verify-pg-query": "select count(*) from t", "verify-pg-expect": "", "verify-timeout": 900},
+         "verify-pg-query": "select count(*) from t", "verify-pg-expect": "", "verify-timeout": 900,
+         "verify-pg-bindir": "pg/bin", "verify-pg-recover": True, "verify-numeric-owner": True},
         {"name": "dump", "command": "pg_dump", "stdin-name": "a.sql", "verify-then": "test -s \"$D\"",
          "verify-scratch": "/big"},
         {"name": "off", "paths": ["/o"], "verify": False},
@@ -117,6 +123,8 @@ def test_verify_settings_default_from_the_top_and_the_source(tmp_path):
     assert files.verify.scratch == str(tmp_path / "scratch")
     assert db.verify.pg_start and db.verify.pg_query == "select count(*) from t" and db.verify.pg_expect == ""
     assert db.verify.timeout == 900.0 and db.verify.pg_dbname is None
+    assert db.verify.pg_bindir == str(tmp_path / "pg" / "bin") and db.verify.pg_recover and db.verify.numeric_owner
+    assert files.verify.pg_bindir is None and not files.verify.pg_recover and not files.verify.numeric_owner
     assert dump.verify.then == "test -s \"$D\"" and dump.verify.scratch == "/big" and not dump.verify.pg_start
     assert off.verify is None
     assert policy().verify is None and policy().sources[0].verify is None  # no verify at the top: none at all
@@ -488,6 +496,35 @@ def test_a_postgres_source_s_copy_is_started_and_queried(tmp_path, monkeypatch):
         assert f"verify: pg: snapshot {entry['snapshot'][:8]} failed: {entry['error']}" in log
         with pytest.raises(VerificationFailed):
             report.raise_for_status()
+        assert os.listdir(scratch) == []
+
+
+@pytest.mark.slow
+def test_a_postgres_source_s_copy_is_recovered_to_the_end_of_the_wal_archive(tmp_path, monkeypatch):
+    """verify-pg-recover: the copy replays what the repository's WAL archive holds past the snapshot, so the
+    rows written since are there; verify-pg-bindir names the server's binaries."""
+    with postgres_policy(tmp_path, monkeypatch, 100, 'verify = "hourly"\nverify-timeout = 120') as (
+            c, policy_path, scratch):
+        text = policy_path.read_text() + f"verify-pg-recover = true\nverify-pg-bindir = {q(c.bindir)}\n"
+        policy_path.write_text(text)
+        log: list[str] = []
+        report = run(policy_path, tmp_path, log, SUNDAY)  # nothing archived yet: the copy's own WAL, to its end
+        assert report.ok, (report.to_dict(), log)
+        c.sql("insert into t select generate_series(101, 150)")
+        closed = c.sql("select pg_walfile_name(pg_switch_wal())")
+        pg_wal = os.path.join(c.datadir, "pg_wal")
+        with Repository.open(str(tmp_path / "repo"), PASSWORD) as repo:
+            for name in sorted(os.listdir(pg_wal)):
+                if len(name) == 24 and name <= closed:
+                    repo.archive_push(os.path.join(pg_wal, name))
+        policy_path.write_text(text.replace('verify-pg-expect = "100"', 'verify-pg-expect = "150"'))
+        log.clear()
+        report = run(policy_path, tmp_path, log, SUNDAY + timedelta(hours=1))  # no backup due, the verify is
+        assert report.ok and not any(r.snapshot_id for r in report.sources), (report.to_dict(), log)
+        [entry] = report.to_dict()["verify"]["sources"]
+        assert entry["ok"] and entry["pg_start"][0]["answer"] == "150", entry
+        assert f"verify: pg: restoring snapshot {entry['snapshot'][:8]}, then recover its PostgreSQL to the " \
+               "archive's end" in log
         assert os.listdir(scratch) == []
 
 
