@@ -76,11 +76,13 @@ SOCKET_PATH_MAX = 107
 #: server's user cannot enter, pyenv's under /root, does not run for it).
 PYTHON_PATH = "/usr/bin:/bin:/usr/local/bin"
 #: What naming the bootstrap superuser from the copy's files takes: pg_authid's oid and the relation map's
-#: magic (pg_authid is a mapped catalog), the page layout (default block size; item pointers past the page
-#: header; a normal item, a tuple's header), the superuser's oid and a name's fixed width.
+#: magic (pg_authid is a mapped catalog), the page layout (the block sizes a build may have, read from the
+#: first page's header; item pointers past the page header; a normal item, a tuple's header), the
+#: superuser's oid and a name's fixed width.
 AUTHID_OID = 1260
 RELMAP_MAGIC = 0x592717
-BLCKSZ = 8192
+BLOCK_SIZES = (1024, 2048, 4096, 8192, 16384, 32768)
+AUTHID_PAGES = 64
 PAGE_HEADER = 24
 LP_NORMAL = 1
 TUPLE_HEADER = 23
@@ -280,15 +282,21 @@ def mapped_filenode(map_file: bytes, oid: int) -> int | None:
 
 def bootstrap_names(heap: bytes) -> list[str]:
     """The names the bootstrap superuser (oid 10) has in ``pg_authid``'s heap pages, one not deleted first:
-    only candidates to connect as (the server says which exists), so a tuple's visibility is not judged."""
+    only candidates to connect as (the server says which exists), so a tuple's visibility is not judged.  The
+    block size is the first page's (its header's ``pd_pagesize_version``): a build's may not be the default."""
+    if len(heap) < PAGE_HEADER:
+        return []
+    block = struct.unpack_from("=H", heap, 18)[0] & 0xFF00  # the size in the high byte, the layout's version below
+    if block not in BLOCK_SIZES:
+        return []
     live, gone = [], []
-    for start in range(0, len(heap) - BLCKSZ + 1, BLCKSZ):
-        page = heap[start:start + BLCKSZ]
+    for start in range(0, len(heap) - block + 1, block):
+        page = heap[start:start + block]
         lower = struct.unpack_from("=H", page, 12)[0]
-        for at in range(PAGE_HEADER, min(lower, BLCKSZ) - 3, 4):
+        for at in range(PAGE_HEADER, min(lower, block) - 3, 4):
             item = struct.unpack_from("=I", page, at)[0]
             off, flags, length = item & 0x7FFF, (item >> 15) & 3, item >> 17
-            if flags != LP_NORMAL or off + length > BLCKSZ or length < TUPLE_HEADER:
+            if flags != LP_NORMAL or off + length > block or length < TUPLE_HEADER:
                 continue
             tup = page[off:off + length]
             xmax, infomask, hoff = struct.unpack_from("=I", tup, 4)[0], struct.unpack_from("=H", tup, 20)[0], tup[22]
@@ -392,7 +400,7 @@ def catalog_superuser(datadir: str) -> list[str]:
         if filenode is None:
             return []
         with open(os.path.join(datadir, "global", str(filenode)), "rb") as f:
-            return bootstrap_names(f.read(64 * BLCKSZ))
+            return bootstrap_names(f.read(AUTHID_PAGES * max(BLOCK_SIZES)))
     except (OSError, struct.error):
         return []
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 from chunkvault import pgstart
 from chunkvault.errors import PgStartFailed, UsageError
 from chunkvault.pgstart import (conninfo, pick_bindir, pid_file_ready, postgres_argv, recovery_files, searchable,
-                                server_settings, split_records, statement_error)
+                                server_settings, split_records, statement_error, bootstrap_names)
 from chunkvault.verify import check_pg_options, verify_restore
 from conftest import PASSWORD
 from servers_pg import (PgCluster, give_to, left_of, live_processes, private_dir, require_postgres, run_as,
@@ -102,6 +103,36 @@ def test_a_statement_error_is_told_from_a_connection_that_failed_or_was_cut():
                                'FATAL:  the database system is in recovery mode')
     assert not statement_error("FATAL:  terminating connection due to administrator command")
     assert not statement_error("server closed the connection unexpectedly")
+
+
+def authid_page(block: int, tuples: list[tuple[int, str, int]]) -> bytes:
+    """A heap page of ``block`` bytes holding pg_authid-like tuples (oid, rolname, xmax), as PostgreSQL lays
+    them out: item pointers after the page header, tuples from the end, the size in the header."""
+    page = bytearray(block)
+    upper, items = block, []
+    for oid, name, xmax in tuples:
+        tup = bytearray(24 + 4 + 64)
+        struct.pack_into("=I", tup, 4, xmax)
+        struct.pack_into("=H", tup, 20, 0 if xmax else 0x0800)
+        tup[22] = 24
+        struct.pack_into("=I", tup, 24, oid)
+        tup[28:28 + len(name)] = name.encode()
+        upper -= len(tup)
+        page[upper:upper + len(tup)] = tup
+        items.append(upper | 1 << 15 | len(tup) << 17)
+    struct.pack_into("=HHHH", page, 12, 24 + 4 * len(items), upper, block, block | 4)
+    for i, item in enumerate(items):
+        struct.pack_into("=I", page, 24 + 4 * i, item)
+    return bytes(page)
+
+
+@pytest.mark.parametrize("block", [4096, 8192, 16384, 32768])
+def test_the_bootstrap_superuser_is_named_from_pages_of_any_block_size(block):
+    first = authid_page(block, [(3373, "pg_monitor", 0), (10, "renamed_away", 77)])
+    second = authid_page(block, [(10, "boss", 0), (16384, "app", 0)])
+    assert bootstrap_names(first + second) == ["boss", "renamed_away"]  # the one not deleted first
+    assert bootstrap_names(first[:block // 2]) == []  # a page cut short is not read
+    assert bootstrap_names(b"\0" * block) == [] and bootstrap_names(b"") == []
 
 
 def test_pid_file_status_and_records():
