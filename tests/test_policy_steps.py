@@ -546,6 +546,7 @@ def test_the_readme_s_policy_example_loads_with_its_copy_and_check(tmp_path):
     policy = load_policy(str(tmp_path / "policy.toml"))
     db, dump = policy.sources
     assert db.copy_to.url == "sftp://backup@offsite.example/srv/repo" and db.copy_to.retention.keep_full == 4
+    assert db.copy_to.retention.keep_diff == 24  # keep-full alone would forget every differential copied
     assert db.copy_to.password_file == str(tmp_path / "offsite.key")
     assert dump.copy_to.url == "s3://offsite-bucket/app" and dump.copy_to.password_file == db.copy_to.password_file
     assert policy.check.text == "weekly sun 04:00" and policy.check_subset == "1/4"
