@@ -2325,8 +2325,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="compare with (and build a differential on) this snapshot instead of the newest of the "
                         "same host and paths")
     s.add_argument("--time", metavar="TIME",
-                   help="the snapshot's time instead of now (ISO 8601, local unless it names a zone; 1970 to 5 "
-                        "minutes ahead): when the data was taken, e.g. a file system snapshot's time; the default "
+                   help="the snapshot's time instead of now (ISO 8601, local unless it names a zone; 1970-01-02 to "
+                        "5 minutes ahead): when the data was taken, e.g. a file system snapshot's time; the default "
                         "parent is then the newest snapshot at or before it")
     s.add_argument("--force", action="store_true",
                    help="read every file, even those whose size, times and inode say unchanged")

@@ -714,7 +714,7 @@ class Repository:
         capabilities, SELinux labels, ``user.*``).
 
         ``time``: the snapshot's time instead of now (ISO 8601 text, local when it has no zone, or an aware
-        datetime; 1970 to 5 minutes ahead): when the data was taken, e.g. the time of the file system snapshot
+        datetime; 1970-01-02 to 5 minutes ahead): when the data was taken, e.g. the time of the file system snapshot
         ``paths`` lie in, so that ``restore(until=...)`` finds it. The default parent is then the newest
         snapshot at or before it.
 

@@ -178,7 +178,8 @@ class BackupOptions:
         if self.time is not None and self.time > datetime.now(timezone.utc) + FUTURE_SLACK:
             raise UsageError(f"snapshot time {self.time.isoformat()} is in the future")
         if self.time is not None and self.time < EARLIEST_TIME:  # a listing in local time cannot show it
-            raise UsageError(f"snapshot time {self.time.isoformat()} is before {EARLIEST_TIME.year}")
+            raise UsageError(f"snapshot time {self.time.isoformat()} is before {EARLIEST_TIME.date().isoformat()}, "
+                              "the earliest a snapshot takes")
 
 
 @dataclass

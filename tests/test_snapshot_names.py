@@ -156,6 +156,21 @@ def test_a_time_copied_from_the_listing_in_the_hour_summer_time_repeats_finds_it
         assert (out / "f").read_text() == content
 
 
+def test_the_earliest_snapshot_time_is_named_as_it_is_enforced(tmp_path, cli):
+    """A time on 1970-01-01 was refused as "before 1970", which it is not: the earliest time taken is
+    1970-01-02 (a day's slack, so that every zone's local time of it is after the epoch), and the
+    refusal and the help name that day."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    refused = cli("backup", "-r", repo, str(src), "--time", "1970-01-01T12:00Z", check=2)
+    assert b"is before 1970-01-02" in refused.stderr, refused.stderr
+    cli("backup", "-r", repo, str(src), "--time", "1970-01-02T00:00Z")
+    assert b"1970-01-02 to 5" in b" ".join(cli("backup", "--help").stdout.split())
+
+
 def test_a_snapshot_time_before_1970_is_refused_and_one_stored_already_still_lists(tmp_path, cli):
     """`backup --time 0001-01-01T00:00Z` was saved; then `snapshots` and `restore` ended in an internal error
     (year 0 is out of range) for the whole repository."""
