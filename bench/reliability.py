@@ -4,8 +4,9 @@
     python bench/reliability.py --long     # 200 runs per series, more faults and corruptions
     python bench/reliability.py --runs 500 --seed 7 --verbose
 
-Uses the same harness as the test suites (tests/crashkit.py, tests/faults.py) and
-exits non-zero if anything was lost: a wrong restore, an unclean check, a
+Uses the same harness as the test suites (tests/crashkit.py; tests/crashdrills.py, the kills of
+forget, aggregate, rewrite, tag, the repairs, the key commands, the imports and the WAL archive;
+tests/faults.py) and exits non-zero if anything was lost: a wrong restore, an unclean check, a
 snapshot that was reported written and does not restore.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
+import crashdrills  # noqa: E402
 import crashkit  # noqa: E402
 from faults import FaultyRemote  # noqa: E402
 
@@ -86,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long", action="store_true", help="200 runs per series, more faults and corruptions")
     p.add_argument("--runs", type=int, help="runs per series, each with a kill moment (default 20, or 200 with --long)")
     p.add_argument("--seed", type=int, default=20261128)
-    p.add_argument("--skip", action="append", default=[], choices=["backup", "prune", "copy", "faults", "tamper", "fuzz"])
+    p.add_argument("--skip", action="append", default=[],
+                   choices=["backup", "prune", "copy", "drills", "faults", "tamper", "fuzz"])
+    p.add_argument("--drill", action="append", default=[], metavar="NAME",
+                   help="only these command drills (tests/crashdrills.py: forget-full, key-passwd, ...)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     runs = args.runs or (200 if args.long else 20)
@@ -105,6 +110,19 @@ def main(argv: list[str] | None = None) -> int:
             fig = series(d, runs, args.seed, full_verify_every=10 if runs > 50 else 1, log=log)
             lines.append(fig.summary())
             print(lines[-1], flush=True)
+        if "drills" not in args.skip:
+            # the other commands that change a repository: a quarter of the runs each (at least 3), on copies of one
+            # prepared repository; the same checks after every kill (tests/crashdrills.py)
+            d = os.path.join(work, "drills")
+            base = crashdrills.build_base(os.path.join(d, "base"), args.seed, wal=True)
+            crashdrills.add_inputs(base, args.seed + 1)
+            for name, drill in crashdrills.drills().items():
+                if args.drill and name not in args.drill:
+                    continue
+                fig = crashdrills.drill_series(drill, base, os.path.join(d, name), max(3, runs // 4), args.seed,
+                                               log=log)
+                lines.append(fig.summary())
+                print(lines[-1], flush=True)
         if "faults" not in args.skip:
             d = os.path.join(work, "faults")
             os.makedirs(d)

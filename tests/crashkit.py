@@ -63,12 +63,13 @@ class KillResult:
 
 
 def run_and_kill(argv: list[str], delay: float, env: dict[str, str], *, watch: str | None = None,
-                 after_changes: int | None = None) -> KillResult:
+                 after_changes: int | None = None, rewrites: bool = False) -> KillResult:
     """Start ``argv``; SIGKILL it after ``delay`` seconds unless it finished first.
 
     With ``watch`` and ``after_changes`` the kill comes instead as soon as that many
     objects of the repository at ``watch`` were added or removed (locks and temp files
-    aside): a kill that surely lands between two of the command's writes.
+    aside): a kill that surely lands between two of the command's writes.  With
+    ``rewrites`` an object written again under its name (a tag, a rebase) counts too.
     """
     start = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -80,9 +81,10 @@ def run_and_kill(argv: list[str], delay: float, env: dict[str, str], *, watch: s
             proc.send_signal(signal.SIGKILL)
             out, _ = proc.communicate()
             return KillResult(True, delay, proc.returncode, time.monotonic() - start, out)
-    base = {k for k in object_listing(watch) if not k.startswith("locks/")}
+    listing = object_versions if rewrites else object_listing
+    base = {k for k in listing(watch).items() if not k[0].startswith("locks/")}
     while proc.poll() is None:
-        now = {k for k in object_listing(watch) if not k.startswith("locks/")}
+        now = {k for k in listing(watch).items() if not k[0].startswith("locks/")}
         if len(now ^ base) >= after_changes:
             proc.send_signal(signal.SIGKILL)
             break
@@ -255,6 +257,19 @@ def object_listing(path: str) -> dict[str, int]:
                     out[os.path.relpath(full, path)] = os.path.getsize(full)
                 except FileNotFoundError:  # removed while we looked (a lock, a pruned pack)
                     continue
+    return out
+
+
+def object_versions(path: str) -> dict[str, tuple[int, int]]:
+    """Every finished object of a local repository (key -> (size, mtime_ns)): one written again
+    under its own name shows as changed."""
+    out = {}
+    for key in object_listing(path):
+        try:
+            st = os.stat(os.path.join(path, key))
+        except FileNotFoundError:
+            continue
+        out[key] = (st.st_size, st.st_mtime_ns)
     return out
 
 

@@ -1,0 +1,121 @@
+"""Kill drills for the commands that change a repository besides backup, prune and copy, and two writers at once.
+
+Each drill SIGKILLs the real CLI at random moments or right after its k-th object write (crashkit.run_and_kill)
+on a fresh copy of a prepared repository (tests/crashdrills.py), then checks: `check --read-data` clean, every
+snapshot not meant to go restores byte for byte, a key change leaves the old or the new password working, the
+command run again finishes with the intended result, and the temporary files a kill leaves go with the next
+prune.  CHUNKVAULT_CRASH_RUNS sets how many kills each drill makes (default 3); bench/reliability.py runs more.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+
+import crashdrills
+import crashkit
+from crashkit import PASSWORD, cli_argv, run_cli
+
+RUNS = int(os.environ.get("CHUNKVAULT_CRASH_RUNS", "3"))
+SEED = int(os.environ.get("CHUNKVAULT_CRASH_SEED", "20261205"))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Two chains (f1 <- d1 <- d2, f2 <- d3), four archived WAL segments, and a .backup, a tar and a segment
+    to bring in."""
+    root = tmp_path_factory.mktemp("drill-base")
+    made = crashdrills.build_base(str(root / "base"), SEED, wal=True)
+    crashdrills.add_inputs(made, SEED + 1)
+    return made
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(crashdrills.drills()))
+def test_command_survives_sigkill(base, tmp_path, name):
+    fig = crashdrills.drill_series(crashdrills.drills()[name], base, str(tmp_path), RUNS, SEED + len(name))
+    print(fig.summary())
+    assert fig.runs == RUNS and fig.recoveries == RUNS
+    assert fig.kills >= 1, "every run finished before its kill moment"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["forget-full", "key-passwd", "tag"])
+def test_command_survives_sigkill_through_serve(base, tmp_path, name):
+    fig = crashdrills.drill_series(crashdrills.drills()[name], base, str(tmp_path), 2, SEED + 7, http=True)
+    print(fig.summary())
+    assert fig.runs == 2 and fig.recoveries == 2
+
+
+# --- two writers at once ----------------------------------------------------------------------------------------
+
+
+def _run(base, tmp_path, extra=None):
+    return crashdrills.fresh_run(base, str(tmp_path / "run"), extra)
+
+
+def test_two_tag_commands_at_once_both_land(base, tmp_path):
+    run = _run(base, tmp_path)
+    raced = crashdrills.race(run, ["tag", "-r", run.repo, "--add", "one"], ["tag", "-r", run.repo, "--add", "two"])
+    assert raced.codes == [0, 0], raced.errors
+    assert all({"one", "two"} <= set(s.tags) for s in crashdrills.snapshot_map(run).values())
+    crashdrills.cli_check(run, run.fig)
+
+
+def test_two_password_changes_at_once_leave_exactly_one_new_password(base, tmp_path):
+    """One changes the password; the other is refused with a line saying why, and changes nothing."""
+    run = _run(base, tmp_path)
+    envs = [dict(run.env, CHUNKVAULT_NEW_PASSWORD=pw) for pw in (crashdrills.NEW_PASSWORD, crashdrills.OTHER_PASSWORD)]
+    raced = crashdrills.race(run, *[["key", "passwd", "-r", run.repo, "--kdf-time", "0"]] * 2, envs=envs)
+    assert sorted(raced.codes) in ([0, 2], [0, 15]), raced.errors
+    loser = raced.codes.index(0) ^ 1
+    said = [line for line in raced.errors[loser].splitlines() if not line.startswith("warning: waiting")]
+    assert len(said) == 1 and "password" in said[0], raced.errors[loser]
+    opens = [crashdrills._opens(run, pw) for pw in (PASSWORD, crashdrills.NEW_PASSWORD, crashdrills.OTHER_PASSWORD)]
+    assert opens == [False, raced.codes[0] == 0, raced.codes[1] == 0]
+    assert len(os.listdir(os.path.join(run.repo, "keys"))) == 1
+
+
+def test_forget_and_aggregate_beside_a_backup_lose_nothing(base, tmp_path):
+    """Started while a backup runs: each waits for it (or, with --wait 0, is refused saying so); the backup's
+    snapshot and every kept one restore."""
+    run = _run(base, tmp_path)
+    ids = base.ids
+    raced = crashdrills.race(run, ["backup", "-r", run.repo, base.src, "--json"],
+                             ["forget", "-r", run.repo, ids["f1"], "--prune", "--wait", "60"],
+                             ["aggregate", "-r", run.repo, ids["d3"], "--retire"], stagger=0.2)
+    assert raced.codes[:2] == [0, 0], raced.errors
+    assert raced.codes[2] == 0 or crashdrills.refused_clearly(raced.codes[2], raced.errors[2]), raced.errors[2]
+    crashdrills._require(run, ["d1", "d2", "d3"])
+    crashdrills.restore_all(run, lambda sid, got: got == base.trees.get(sid, got), str(tmp_path / "scratch"),
+                            run.fig)
+    crashdrills.cli_check(run, run.fig)
+
+
+def test_two_repairs_of_the_index_at_once(base, tmp_path):
+    run = _run(base, tmp_path)
+    raced = crashdrills.race(run, *[["repair", "-r", run.repo, "index", "--wait", "0"]] * 2)
+    assert all(c == 0 or crashdrills.refused_clearly(c, e) for c, e in zip(raced.codes, raced.errors)), raced.errors
+    assert 0 in raced.codes
+    crashdrills._all_there(run)
+    crashdrills.cli_check(run, run.fig)
+
+
+def test_the_same_backup_file_imported_twice_at_once_is_there_once(base, tmp_path):
+    run = _run(base, tmp_path, {"CHUNKVAULT_EXPORT_PASSWORD": crashdrills.EXPORT_PASSWORD})
+    raced = crashdrills.race(run, *[["import", "-r", run.repo, base.files["backup"]]] * 2)
+    assert raced.codes == [0, 0], raced.errors
+    crashdrills._imported(run)
+
+
+def test_archive_push_beside_archive_expire(base, tmp_path):
+    run = _run(base, tmp_path)
+    raced = crashdrills.race(run, ["archive-push", "-r", run.repo, base.files["segment"]],
+                             ["archive-expire", "-r", run.repo, "--before", crashdrills.SEGMENTS[2], "--wait", "60"])
+    assert raced.codes == [0, 0], raced.errors
+    assert crashdrills._wal_names(run) == crashdrills.SEGMENTS[2:] + [crashdrills.NEW_SEGMENT]
+    crashdrills._pushed(run)
