@@ -234,10 +234,11 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
         named = _resolve_packs(specs, packs.keys() | stored.keys(), report)
         # Unindexed packs may hold the bases of deltas this would drop as baseless; a repair stopped after it
         # deleted the named packs left those of deltas whose base they held so, for `repair index` to name.
-        _require_indexed(repo, {pid: size for pid, size in stored.items() if pid not in packs and pid not in named},
-                         report)
+        unlisted = {pid: size for pid, size in stored.items() if pid not in packs and pid not in named}
         if not named:
+            _require_indexed(repo, unlisted, report)
             raise UsageError(f"pack {specs[0]!r}: no such pack, stored or indexed")
+        unindexed = _unindexed_blobs(repo, unlisted, report)
         read: dict[bytes, tuple[PackSalvage, list[PackEntry], dict[PackEntry, bytes]]] = {}
         todo, why = named, {}
         while todo:
@@ -263,6 +264,11 @@ def repair_packs(repo: Repo, specs: list[str], *, dry_run: bool = True, wait: fl
         # A blob that verifies anywhere among these packs is kept, wherever it was meant to be: two packs'
         # files swapped hold each other's blobs, found through their own headers.
         pooled = {e.blob_id: (e, env) for _, _, intact in read.values() for e, env in intact.items()}
+        # A pack no index lists is an obstacle only where it holds a blob found nowhere else: the salvage of a
+        # repair killed before its index holds copies of what verifies here, and blocked the run again.
+        held = sorted({pid for b, pid in unindexed.items() if b not in elsewhere and b not in pooled})
+        if held:
+            raise _index_first(held)
         salvage: list[PreparedBlob] = []
         for found, entries, intact in read.values():
             report.salvaged.append(found)
@@ -341,18 +347,30 @@ def _require_indexed(repo: Repo, unlisted: dict[bytes, int], report: RepairRepor
     """UsageError naming `repair index` when a stored pack no index lists (``unlisted``: id -> size) has a
     header that reads: what it holds counts as lost until then, and a repair would drop (or advise forgetting)
     what is only unindexed.  One whose header does not read is noted in ``report`` and left as it is."""
-    unindexed = []
+    unindexed = sorted(set(_unindexed_blobs(repo, unlisted, report).values()))
+    if unindexed:
+        raise _index_first(unindexed)
+
+
+def _unindexed_blobs(repo: Repo, unlisted: dict[bytes, int], report: RepairReport) -> dict[bytes, bytes]:
+    """Blob id -> pack id of what the stored packs no index lists (``unlisted``: id -> size) hold, by their
+    headers.  One whose header does not read is noted in ``report`` and left as it is."""
+    out: dict[bytes, bytes] = {}
     for pid in sorted(unlisted):
         try:
-            repo.pack_header(pack_key(pid), unlisted[pid])
+            entries = repo.pack_header(pack_key(pid), unlisted[pid])
         except ChunkvaultError as exc:  # nothing in it can be found: no obstacle (name it to delete it)
             report.unreadable_packs.append(f"{pack_key(pid)}: in no index, and {exc}: left as it is")
             continue
-        unindexed.append(pid)
-    if unindexed:
-        raise UsageError(f"{len(unindexed)} stored pack(s) are in no index ({pack_key(unindexed[0])}"
-                         f"{', ...' if len(unindexed) > 1 else ''}): run `repair index` first, so that what "
-                         "they hold counts as readable")
+        for e in entries:
+            out.setdefault(e.blob_id, pid)
+    return out
+
+
+def _index_first(unindexed: list[bytes]) -> UsageError:
+    return UsageError(f"{len(unindexed)} stored pack(s) are in no index ({pack_key(unindexed[0])}"
+                      f"{', ...' if len(unindexed) > 1 else ''}): run `repair index` first, so that what "
+                      "they hold counts as readable")
 
 
 def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) -> RepairReport:
@@ -367,12 +385,18 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
         repo.load_index()
         index = repo.index
         stored = repo.stored_packs()
-        _require_indexed(repo, repo.unindexed_packs(stored), report)
+        # What the packs no index lists hold is an obstacle only where this repair would take it for lost: a
+        # backup, forget or repair killed after it stored a pack and before its index left one that holds
+        # nothing a snapshot names, and blocked every `repair snapshots` (its own run again too) until then.
+        unindexed = _unindexed_blobs(repo, repo.unindexed_packs(stored), report)
+        held_unindexed: set[bytes] = set()  # packs holding what a snapshot needs and the index lacks
 
         def gone(blob_id: bytes) -> bool:
             for b in (blob_id, *repo.delta_chain(blob_id)):
                 loc = index.get(b)
                 if loc is None or repo.pack_ids[loc.pack_no] not in stored:
+                    if b in unindexed:
+                        held_unindexed.add(unindexed[b])
                     return True
             return False
 
@@ -397,6 +421,10 @@ def repair_snapshots(repo: Repo, *, dry_run: bool = True, wait: float = 3600.0) 
                 continue
             if paths:
                 damaged_paths[snap.id] = paths
+        held_unindexed.update(unindexed[b] for snap in snapshots if snap.id in unreadable
+                              for b in map(bytes.fromhex, snap.manifest) if b in unindexed)
+        if held_unindexed:
+            raise _index_first(sorted(held_unindexed))
         chain_of = repo.chains(snapshots)
         # Every tree is read before any manifest is rewritten: a differential's files lost with its parent's
         # (inherited, not in its own manifest) are named too, and the same with --confirm as without.

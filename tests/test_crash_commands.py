@@ -119,3 +119,60 @@ def test_archive_push_beside_archive_expire(base, tmp_path):
     assert raced.codes == [0, 0], raced.errors
     assert crashdrills._wal_names(run) == crashdrills.SEGMENTS[2:] + [crashdrills.NEW_SEGMENT]
     crashdrills._pushed(run)
+
+
+# --- what the drills found -----------------------------------------------------------------------------------
+
+
+def _stray_pack(repo) -> None:
+    """A pack stored and never indexed: what a backup, forget or repair killed between the two leaves."""
+    store = repo.store
+    store.load_index()
+    with store.writer() as writer:
+        blob = random.Random(3).randbytes(50_000)
+        writer.add(store.blob_id(blob), blob)
+        writer.flush(write_index=False)
+        writer.take_index()  # ...and killed: its index never written
+
+
+def test_repair_snapshots_goes_on_beside_a_pack_a_killed_command_left(base, tmp_path):
+    """A pack of a backup (or of `repair snapshots` itself) killed before its index holds nothing a snapshot
+    names, yet `repair snapshots` refused ("run `repair index` first") until a repair of the index or a
+    prune: run again after it was killed, it never finished.  Such a pack no longer stops it; one holding
+    what a snapshot needs still does."""
+    run = _run(base, tmp_path)
+    crashdrills._drop_pack(run)  # d3 lost some files; the index no longer lists their pack
+    with run.open() as repo:
+        _stray_pack(repo)
+    with run.open() as repo:
+        repo.store.load_index()
+        assert repo.store.unindexed_packs()
+        report = repo.repair_snapshots(dry_run=False)
+    assert report.dropped and {sid for sid, _ in report.dropped} <= {base.ids["d3"]}
+    crashdrills._snapshots_repaired(run)
+
+
+def test_repair_packs_run_again_after_it_was_killed_before_its_index(base, tmp_path, monkeypatch):
+    """Killed after it stored its salvage (the blobs of the damaged pack that verify) and before the index that
+    lists it, `repair packs` run again refused ("run `repair index` first"): the salvage, in no index, holds
+    nothing found nowhere else.  It goes on; a pack in no index holding a blob found nowhere else still stops
+    it (tests/test_damaged_storage.py)."""
+    import chunkvault.store.repair as repair
+
+    run = _run(base, tmp_path)
+    crashdrills._damage_pack(run)
+    pid = run.memo["pack"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the kill, right after the salvage was stored
+
+    with monkeypatch.context() as m:
+        m.setattr(repair, "replace_index", killed)
+        m.setattr(repair, "take_back", lambda *args, **kwargs: None)  # a SIGKILL takes nothing back
+        with run.open() as repo, pytest.raises(KeyboardInterrupt):
+            repo.repair_packs([pid], dry_run=False)
+    with run.open() as repo:
+        repo.store.load_index()
+        assert repo.store.unindexed_packs(), "the killed repair stored no salvage"
+    run_cli("repair", "-r", run.repo, "packs", pid, "--confirm", "REPAIR", env=run.env)
+    crashdrills._salvaged(run)
