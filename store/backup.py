@@ -1230,8 +1230,10 @@ class Backup:
     def run(self, source: SourceWalk | None, paths: list[str], *,
             stream: BinaryIO | None = None, stdin_name: str | None = None, tar: "TarSource | None" = None
             ) -> BackupResult:
+        # named for what the user ran: a forget refused beside an import-tar said "locked by backup"
         lock = (contextlib.nullcontext() if self.opt.dry_run
-                else RepoLock(self.repo.remote, SHARED, "backup", wait=self.opt.lock_wait))
+                else RepoLock(self.repo.remote, SHARED, "import-tar" if tar is not None else "backup",
+                              wait=self.opt.lock_wait))
         self._lock = lock if isinstance(lock, RepoLock) else None
         try:
             with lock:

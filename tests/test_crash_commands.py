@@ -121,6 +121,32 @@ def test_archive_push_beside_archive_expire(base, tmp_path):
     crashdrills._pushed(run)
 
 
+def test_a_writer_refused_beside_import_tar_is_told_it_is_import_tar(base, tmp_path):
+    """The lock an import-tar holds was named "backup": the forget refused beside it said "locked by backup"."""
+    run = _run(base, tmp_path)
+    with open(base.files["tar"], "rb") as f:
+        tar = f.read()
+    proc = subprocess.Popen(cli_argv("import-tar", "-r", run.repo, "-", "--path", "/imported", "-q"), env=run.env,
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(tar[: len(tar) // 2])
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not os.listdir(os.path.join(run.repo, "locks")):
+            assert time.monotonic() < deadline and proc.poll() is None, "import-tar took no lock"
+            time.sleep(0.02)
+        refused = run_cli("forget", "-r", run.repo, base.ids["f1"], env=run.env, ok=(15,))
+        assert "locked by import-tar on" in refused.stderr.decode(), refused.stderr.decode()
+        proc.stdin.write(tar[len(tar) // 2:])
+        proc.stdin.close()
+        assert proc.wait(60) == 0, proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    crashdrills._tar_imported(run)
+
+
 # --- what the drills found -----------------------------------------------------------------------------------
 
 
