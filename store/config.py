@@ -26,7 +26,12 @@ from .crypto import (
     is_secret, scrypt_memory, tune_argon2id,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: The format of a repository that holds (or held) a WAL archive.  A chunkvault before ``wal/`` objects knows
+#: only format 1, and its prune, seeing no snapshot name their data, would delete the archive: the first WAL
+#: file stored raises the config to this, so that it refuses the repository instead.  Every other repository
+#: stays format 1, which every chunkvault reads.
+FORMAT_WAL = 2
 CONFIG_AD = b"chunkvault config v1"
 KEY_AD = b"chunkvault key v1"
 
@@ -144,15 +149,16 @@ class RepoConfig:
     repo_id: str
     created: str
     settings: Settings
+    format: int = 1  # as stored: raised only by what an older chunkvault would misread (FORMAT_WAL)
 
-    def ad(self, fmt: int = FORMAT_VERSION) -> bytes:
+    def ad(self, fmt: int | None = None) -> bytes:
         """What the sealed settings are bound to: the config's own ``format`` (a later reader opens an
         earlier format's config by the number it holds) and the repository id, as ASCII."""
-        return CONFIG_AD + int(fmt).to_bytes(4, "little") + self.repo_id.encode()
+        return CONFIG_AD + int(self.format if fmt is None else fmt).to_bytes(4, "little") + self.repo_id.encode()
 
     def encode(self, sealer: Sealer) -> bytes:
         sealed = sealer.seal(json.dumps(asdict(self.settings), sort_keys=True).encode(), self.ad())
-        return json.dumps({"format": FORMAT_VERSION, "id": self.repo_id, "created": self.created,
+        return json.dumps({"format": self.format, "id": self.repo_id, "created": self.created,
                            "sealed": _b64(sealed)}, indent=1).encode()
 
 
@@ -171,9 +177,9 @@ def peek_config(data: bytes) -> dict[str, Any]:
 
 def open_config(data: bytes, sealer: Sealer) -> RepoConfig:
     obj = peek_config(data)
-    cfg = RepoConfig(obj["id"], str(obj.get("created", "")), Settings(chunker={}))
+    cfg = RepoConfig(obj["id"], str(obj.get("created", "")), Settings(chunker={}), int(obj["format"]))
     try:
-        plain = sealer.open(_unb64(obj["sealed"], "config"), cfg.ad(obj["format"]))
+        plain = sealer.open(_unb64(obj["sealed"], "config"), cfg.ad())
     except AuthenticationFailed:
         raise CorruptObject("config", "authentication failed (tampered, or not this repository's)") from None
     s = _json(plain, "config")

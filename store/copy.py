@@ -27,6 +27,7 @@ from .manifest_io import ManifestWriter
 from .blob import Plaintext
 from .repository import BlobWriter, Repo
 from .chronology import chronological_key
+from .config import FORMAT_WAL
 from . import walarchive
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot
 from .walarchive import WalFile
@@ -339,6 +340,7 @@ def _send_wal(src: Repo, dst: Repo, mapper: _BlobMapper, result: CopyResult,
 
 
 def _place_wal(dst: Repo, w: WalFile, result: CopyResult) -> None:
+    dst.raise_format(FORMAT_WAL)
     try:
         dst.remote.put(walarchive.WAL_PREFIX + w.name, w.encode(dst.sealer), if_absent=True)
     except ObjectExists:  # pushed there meanwhile: the same file, or a conflict to name

@@ -391,6 +391,27 @@ class Repo:
                                           "with (no chunkvault changes them)")
         return config
 
+    def raise_format(self, fmt: int) -> None:
+        """Store the config at format ``fmt`` before writing what a chunkvault of an earlier format would misread
+        or destroy (``FORMAT_WAL``: a ``wal/`` object, whose data an older prune deletes), so that it refuses the
+        repository.  Under a shared lock, which keeps ``config set`` out; two at once write the same.  A config
+        the remote will not rewrite (an append-only token) is warned of and the write goes on: refusing it would
+        stop PostgreSQL's archiving."""
+        if self.config.format >= fmt:
+            return
+        stored = self.stored_config()
+        if stored.format < fmt:
+            stored.format = fmt
+            try:
+                self.remote.put("config", stored.encode(self.sealer))
+            except PermissionDenied as exc:
+                warnings.warn(f"config not raised to format {fmt} ({exc}): a chunkvault from before the WAL archive "
+                              "still opens the repository, and its prune would delete the archive's data; any "
+                              "push with the right to rewrite the config raises it", RepositoryStateWarning,
+                              stacklevel=3)
+                return
+        self.config = stored
+
     def follow_settings(self, raw: bytes) -> None:
         """Take the settings of ``raw``, the config as a command just read it under its lock: a repository
         kept open (a service's) writes with the settings of ``config set`` from its next backup on, as one

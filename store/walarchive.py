@@ -24,6 +24,7 @@ from chunkvault.localfiles import fsync_directory
 
 from .backup import Backup, BackupOptions
 from .blob import Plaintext
+from .config import FORMAT_WAL
 from .crypto import Sealer
 from .locks import EXCLUSIVE, SHARED, RepoLock
 from .repository import OBJECT_READERS, Repo
@@ -244,6 +245,7 @@ def _push_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, com
         return PushResult(healed.wal, False, backup.writer.new_blobs, backup.writer.stored_bytes)
     wal = WalFile(name=name, size=size, blobs=[b.hex() for b in ids], time=now_iso(), host=host)
     lock.confirm()
+    repo.raise_format(FORMAT_WAL)
     try:
         repo.remote.put(WAL_PREFIX + name, wal.encode(repo.sealer), if_absent=True)
     except ObjectExists:  # another push of the same name meanwhile: its blobs are now ours too

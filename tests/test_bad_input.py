@@ -25,7 +25,7 @@ import crashkit
 from chunkvault import Repository
 from chunkvault.errors import ChunkvaultError, CorruptObject, UnsupportedFormat, UsageError, WrongPassword
 from chunkvault.store.blob import KIND_DELTA, KIND_RAW, KIND_ZSTD, open_blob, seal_blob
-from chunkvault.store.config import KeyFile, RepoConfig, Settings, make_key_file, open_config
+from chunkvault.store.config import FORMAT_VERSION, KeyFile, RepoConfig, Settings, make_key_file, open_config
 from chunkvault.store.crypto import KeyMaterial, Sealer
 from chunkvault.store.indexfile import INDEX_AD, decode_index
 from chunkvault.store.manifest import (
@@ -74,7 +74,7 @@ def test_wrong_and_empty_passwords(repo_path):
     assert "the repository password in CHUNKVAULT_PASSWORD is empty" in proc.stderr.decode()
 
 
-def _bump_format(repo_path: str, version: int = 2) -> None:
+def _bump_format(repo_path: str, version: int = FORMAT_VERSION + 1) -> None:
     with open(os.path.join(repo_path, "config"), "rb") as f:
         cfg = json.load(f)
     cfg["format"] = version

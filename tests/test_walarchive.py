@@ -365,7 +365,8 @@ def test_append_only_service_takes_pushes_and_refuses_expire(tmp_path, http_serv
 
     cli("init", "-r", url, "--kdf-time", "0", env=env(FULL_TOKEN))
     seg = segment_file(tmp_path, size=2 << 20)
-    cli("archive-push", "-r", url, str(seg), env=env(APPEND_TOKEN))
+    first = cli("archive-push", "-r", url, str(seg), env=env(APPEND_TOKEN))
+    assert "config not raised to format 2" in first.stderr.decode()  # said, and the push goes on
     cli("archive-push", "-r", url, str(seg), env=env(APPEND_TOKEN))  # again: same content
     assert (http_server.path / "wal" / SEG).is_file()
     cli("archive-get", "-r", url, SEG, str(tmp_path / "got"), env=env(APPEND_TOKEN))
@@ -1307,3 +1308,34 @@ def test_a_copy_from_the_spool_stopped_midway_leaves_nothing_beside_its_destinat
     with pytest.raises(KeyboardInterrupt):
         fetched.take(SEG, str(tmp_path / "pg_wal" / "RECOVERYXLOG"))
     assert os.listdir(tmp_path / "pg_wal") == [] and os.listdir(fetched.path) == [SEG]
+
+
+def _stored_format(repo_dir) -> int:
+    return json.loads((repo_dir / "config").read_bytes())["format"]
+
+
+def test_the_first_push_raises_the_format_so_a_chunkvault_before_the_archive_refuses_the_repository(
+        tmp_path, cli, repo_url, monkeypatch):
+    """A chunkvault before ``wal/`` objects (format 1) opened the repository, and its prune, seeing no snapshot
+    name the archive's data, deleted it; now it stops at the config (exit 17) before anything."""
+    from chunkvault.errors import UnsupportedFormat
+    from chunkvault.store import config as config_module
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    cli("backup", "-r", repo_url, str(src))
+    assert _stored_format(tmp_path / "repo") == 1  # no archive: every chunkvault reads it
+    cli("archive-push", "-r", repo_url, str(segment_file(tmp_path, size=1 << 20)))
+    assert _stored_format(tmp_path / "repo") == config_module.FORMAT_WAL == 2
+    cli("config", "-r", repo_url, "set", "compression", "5")  # a rewrite keeps the format
+    assert _stored_format(tmp_path / "repo") == 2
+    copied = tmp_path / "copy"
+    cli("init", "-r", str(copied), "--kdf-time", "0")
+    cli("copy", "-r", repo_url, "--to", str(copied), "--wal", env={"CHUNKVAULT_TO_PASSWORD": PASSWORD})
+    assert _stored_format(copied) == 2
+    with Repository.open(repo_url, PASSWORD) as repo:
+        assert repo._repo.config.format == 2
+    monkeypatch.setattr(config_module, "FORMAT_VERSION", 1)  # as the reader before the archive
+    with pytest.raises(UnsupportedFormat, match="format 2 is newer"):
+        config_module.peek_config((tmp_path / "repo" / "config").read_bytes())
