@@ -670,6 +670,16 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     repo.load_index()
 
 
+def _raise_format_for_wal(repo: Repo) -> None:
+    """The config at ``FORMAT_WAL`` where WAL is archived and it is not yet: an append-only token's push could
+    not rewrite it, and a chunkvault from before the archive, pruning, would delete the archive's data."""
+    from .config import FORMAT_WAL
+    from .walarchive import names
+
+    if repo.config.format < FORMAT_WAL and names(repo, cache=False):
+        repo.raise_format(FORMAT_WAL)
+
+
 def prune(repo: Repo, *, max_unused: float = 0.05, max_repack: int | None = None, dry_run: bool = False,
           wait: float = 0.0, progress: Callable[[int, int, int], None] | None = None) -> PrunePlan:
     with RepoLock(repo.remote, EXCLUSIVE, "prune", wait=wait) as lock:
@@ -678,6 +688,7 @@ def prune(repo: Repo, *, max_unused: float = 0.05, max_repack: int | None = None
         repo.drop_stale()
         plan = plan_prune(repo, max_unused, max_repack)
         if not dry_run:
+            _raise_format_for_wal(repo)
             try:
                 execute(repo, plan, progress, lock.ensure_held)
             except StorageFull as exc:

@@ -394,9 +394,10 @@ class Repo:
     def raise_format(self, fmt: int) -> None:
         """Store the config at format ``fmt`` before writing what a chunkvault of an earlier format would misread
         or destroy (``FORMAT_WAL``: a ``wal/`` object, whose data an older prune deletes), so that it refuses the
-        repository.  Under a shared lock, which keeps ``config set`` out; two at once write the same.  A config
-        the remote will not rewrite (an append-only token) is warned of and the write goes on: refusing it would
-        stop PostgreSQL's archiving."""
+        repository.  Under a lock, which keeps ``config set`` out; two at once write the same.  A remote that
+        will not rewrite the config (an append-only token: a database's ``archive_command``) leaves it as it
+        is, and the write goes on, refusing it would stop PostgreSQL's archiving: the next push with the right
+        to, or the next prune, which the token's owner runs with a full one, raises it."""
         if self.config.format >= fmt:
             return
         stored = self.stored_config()
@@ -404,11 +405,7 @@ class Repo:
             stored.format = fmt
             try:
                 self.remote.put("config", stored.encode(self.sealer))
-            except PermissionDenied as exc:
-                warnings.warn(f"config not raised to format {fmt} ({exc}): a chunkvault from before the WAL archive "
-                              "still opens the repository, and its prune would delete the archive's data; any "
-                              "push with the right to rewrite the config raises it", RepositoryStateWarning,
-                              stacklevel=3)
+            except PermissionDenied:
                 return
         self.config = stored
 
