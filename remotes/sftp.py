@@ -152,11 +152,14 @@ class SFTPRemote(Remote):
         accept_new_host_key: bool = False,
         ssh_config: str | None = None,
         connect_timeout: float = 15.0,
+        read_timeout: float | None = None,
         channels: int = 8,
         transport: str = "auto",
     ):
         self.transport = resolve_transport(transport)
         connect_timeout = timeout_option("SFTP", "connect_timeout", connect_timeout)
+        # a link that stalls, connections held open, is found only by keepalives: their pace is the timeout
+        read_timeout = None if read_timeout is None else timeout_option("SFTP", "read_timeout", read_timeout)
         channels = connections_option("SFTP", "channels", channels)
         known = os.path.expanduser(known_hosts) if known_hosts else None
         if ssh_config and not os.path.isfile(os.path.expanduser(ssh_config)):  # else retried as an outage
@@ -165,7 +168,8 @@ class SFTPRemote(Remote):
             # ssh reads its configuration itself: it is given only what the URL and the options say, and
             # asked (ssh -G) which user and port it will use, for the name in messages and the cache's.
             target = SSHTarget(host, port, user, (key_file,) if key_file else (), known, accept_new_host_key,
-                               os.path.expanduser(ssh_config) if ssh_config else None, connect_timeout)
+                               os.path.expanduser(ssh_config) if ssh_config else None, connect_timeout,
+                               read_timeout=read_timeout)
             cfg: dict[str, Any] = openssh_settings(target)
             if cfg.get("port", "").isdigit():
                 target = dataclasses.replace(target, config_port=int(cfg["port"]))
@@ -191,7 +195,7 @@ class SFTPRemote(Remote):
             files = [os.path.expanduser(f) for f in cfg.get("identityfile") or []]
             key_files = [key_file] if key_file else [f for f in files if os.path.exists(f)]
             target = SSHTarget(cfg.get("hostname", host), self.port, self.user, tuple(key_files), known,
-                               accept_new_host_key, ssh_config, connect_timeout)
+                               accept_new_host_key, ssh_config, connect_timeout, read_timeout=read_timeout)
             self._sessions = ParamikoSessions(target)
         self._path_spec = path
         self._lock = threading.Lock()
@@ -212,14 +216,15 @@ class SFTPRemote(Remote):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "SFTPRemote":
-        """Options: key_file, known_hosts, accept_new_host_key, ssh_config, connect_timeout, channels, transport.
+        """Options: key_file, known_hosts, accept_new_host_key, ssh_config, connect_timeout, read_timeout, channels,
+        transport.
 
         Environment: CHUNKVAULT_SFTP_KEY_FILE, CHUNKVAULT_SFTP_KNOWN_HOSTS,
         CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY=1, CHUNKVAULT_SFTP_TRANSPORT.
         """
         user, host, port, path = parse_sftp_url(url)
         refuse_unknown_options("SFTP", options, ["key_file", "known_hosts", "accept_new_host_key", "ssh_config",
-                                                 "connect_timeout", "channels", "transport"])
+                                                 "connect_timeout", "read_timeout", "channels", "transport"])
         env = os.environ
         options.setdefault("key_file", env.get("CHUNKVAULT_SFTP_KEY_FILE") or None)
         options.setdefault("known_hosts", env.get("CHUNKVAULT_SFTP_KNOWN_HOSTS") or None)

@@ -52,6 +52,16 @@ class SSHTarget:
     ssh_config: str | None
     connect_timeout: float
     config_port: int | None = None  # the port an SSH config sets, where the URL names none (for messages)
+    #: Seconds a session that moves no byte is given up after (``-o sftp.read-timeout``); None: STALL_SECONDS.
+    read_timeout: float | None = None
+
+    def stall_seconds(self) -> float:
+        return self.read_timeout or STALL_SECONDS
+
+    def keepalive_seconds(self) -> int:
+        """Between keepalives: a quarter of the stall time, so that three unanswered ones (OpenSSH's
+        ServerAliveCountMax) end the session within it."""
+        return KEEPALIVE_SECONDS if self.read_timeout is None else max(1, round(self.read_timeout / 4))
 
     def where(self) -> str:
         return f"{self.host}:{self.port or self.config_port or 22}"
@@ -133,7 +143,7 @@ def openssh_command(target: SSHTarget, program: str = "ssh") -> list[str]:
            "-o", "LogLevel=ERROR",
            "-o", "StrictHostKeyChecking=" + ("accept-new" if target.accept_new_host_key else "yes"),
            "-o", f"ConnectTimeout={max(1, round(target.connect_timeout))}",
-           "-o", f"ServerAliveInterval={KEEPALIVE_SECONDS}",
+           "-o", f"ServerAliveInterval={target.keepalive_seconds()}",
            "-o", "ServerAliveCountMax=3",
            "-o", "ClearAllForwardings=yes",
            "-o", "PermitLocalCommand=no"]
@@ -316,7 +326,7 @@ class ParamikoSessions:
             raise RemoteUnavailable(f"cannot connect to SSH server {target.where()}: "
                                     f"{exc or type(exc).__name__}") from None
         transport = client.get_transport()
-        transport.set_keepalive(KEEPALIVE_SECONDS)
+        transport.set_keepalive(target.keepalive_seconds())
         _no_delay(transport.sock)
         return client
 
@@ -330,7 +340,7 @@ class ParamikoSessions:
             client = self._client
         try:
             channel = client.get_transport().open_session(timeout=self.target.connect_timeout)
-            channel.settimeout(STALL_SECONDS)
+            channel.settimeout(self.target.stall_seconds())
             channel.invoke_subsystem("sftp")
             return SFTPClient(channel)
         except (self._paramiko.SSHException, OSError, EOFError) as exc:
