@@ -226,7 +226,8 @@ def test_a_backup_whose_server_dies_gives_up_in_one_line_and_the_next_run_comple
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["backup", "restore", "prune"])
+@pytest.mark.parametrize("target, command", [("s3", "backup"), ("sftp", "restore"), ("http", "prune"),
+                                             ("http", "backup")], indirect=["target"])
 def test_a_server_restarted_mid_command_is_ridden_out(target, tmp_path, command):
     """Killed and started again three seconds later, on the same port: the command retries through it and
     finishes; the repository checks clean and every snapshot restores."""
