@@ -105,7 +105,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _generated_secret(path: str) -> bytes:
-    """A new key secret, written to ``path`` (created, mode 0600) before any key uses it."""
+    """A new key secret, written to ``path`` (created, mode 0600) before any key uses it.  A disk too full
+    for it is a storage failure (exit 14, as a key export's), not a usage error: the path was right."""
     from .store.crypto import new_secret
 
     secret = new_secret()
@@ -114,14 +115,18 @@ def _generated_secret(path: str) -> bytes:
     except FileExistsError:
         raise UsageError(f"{path} exists: a key secret is never written over another file") from None
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise output_error(f"creating the secret file {path}", exc) from None
         raise UsageError(f"cannot create secret file {path}: {exc.strerror}") from None
+    data = secret + b"\n"
     try:
-        os.write(fd, secret + b"\n")
+        if os.write(fd, data) != len(data):  # a short write to a file: the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.fsync(fd)
     except OSError as exc:
         os.close(fd)
         os.unlink(path)
-        raise UsageError(f"cannot write secret file {path}: {exc.strerror}") from None
+        raise output_error(f"writing the secret file {path} (no secret file was left)", exc) from None
     os.close(fd)
     return secret
 
