@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import functools
 import os
@@ -106,6 +107,9 @@ class CommandResult:
     seconds: float
     output: str  # the tail of stdout and stderr, interleaved
     leftovers: bool = False  # it left processes running, in its group or detached from it (they were stopped)
+    # its output file, in the temp directory, took not one byte more when it ended: what it wrote was cut short
+    # there, and a command that checks its writes failed for the full disk, not for what it checked
+    output_full: bool = False
 
 
 @dataclass
@@ -732,6 +736,7 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
             seconds = time.monotonic() - started
             left = end_leftovers and _end_leftovers(proc.pid, before, marker) and not timed_out
             size = out.seek(0, os.SEEK_END)
+            full = code not in (0, None) and _no_room_after(out.fileno(), size)  # a timeout is its own reason
             out.seek(max(0, size - OUTPUT_TAIL))
             tail = out.read().decode(errors="replace")
     finally:
@@ -739,7 +744,18 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
             stop_being_subreaper()
     if code is not None and code < 0:  # killed by a signal: report it the way a shell would
         code = 128 - code
-    return CommandResult(command, code, timed_out, round(seconds, 3), tail, left)
+    return CommandResult(command, code, timed_out, round(seconds, 3), tail, left, full)
+
+
+def _no_room_after(fd: int, size: int) -> bool:
+    """Whether the file ``fd`` (``size`` bytes) takes not one byte more at its end: a write that found its disk
+    full filled what was allocated first, so a file cut short there ends where nothing more fits."""
+    try:
+        os.pwrite(fd, b"\n", size)
+    except OSError as exc:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    os.ftruncate(fd, size)
+    return False
 
 
 SCRATCH_PREFIX = "chunkvault-verify-"
@@ -952,6 +968,11 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                 report.command = run_command(then, cmd_env, timeout=timeout, end_leftovers=not keep)
                 if report.command.leftovers:
                     report.warnings.append("the command left processes running: they were stopped")
+                if report.command.output_full:  # its failure may be the full disk's: nothing is known of the data
+                    report.error = (f"no space left in the temp directory {tempfile.gettempdir()} for the command's "
+                                    f"output: it was cut short there, and the command (exit "
+                                    f"{report.command.exit_code}) may have failed for that")
+                    report.error_kind = "no_space"
             elif then is not None:
                 report.warnings.append("the command was not run: " + (
                     "the restore failed" if report.error else "the restored tree is not what the snapshot holds"
@@ -1114,7 +1135,9 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
     elif not args.quiet:
         print(f"verified {len(reports)} snapshot(s): " + ("all OK" if not failed else f"{len(failed)} failed"))
     if failed and all(r.error_kind == "no_space" for r in failed):  # nothing found wrong with the backups
-        raise StorageFull(f"verify-restore: no space left in the scratch directory to restore {len(failed)} of "
+        where = ("the scratch directory to restore" if all(r.command is None for r in failed) else
+                 "the scratch or temp directory to verify")
+        raise StorageFull(f"verify-restore: no space left in {where} {len(failed)} of "
                           f"{len(reports)} snapshot(s): " + " ".join(r.snapshot_id[:8] for r in failed))
     if failed:
         raise VerificationFailed(f"verify-restore: {len(failed)} of {len(reports)} snapshot(s) failed: "

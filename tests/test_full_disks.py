@@ -1,6 +1,6 @@
 """Full disks, made with a real small tmpfs, where chunkvault writes outside the repository's data: a generated
-key secret, the key files a password change writes, the local cache, the client state (the snapshot ledger)
-and a policy's lock file.  Each ends with one line naming what is full and the exit code the README gives,
+key secret, the key files a password change writes, the local cache, the client state (the snapshot ledger), the temp
+directory a ``verify-restore --then`` command writes its output to, and a policy's lock file.  Each ends with one line naming what is full and the exit code the README gives,
 loses nothing, and the next run once space is freed finishes.  Skipped where no tmpfs can be mounted."""
 from __future__ import annotations
 
@@ -117,6 +117,35 @@ def test_a_full_cache_or_state_directory_fails_no_backup_or_restore(tmp_path, cl
     assert any(n.endswith(".json") and (ledger / n).stat().st_size > 0 for n in os.listdir(ledger))
     cli("check", "-r", repo, "--read-data", "-q", env=env)
     shutil.rmtree(tmp_path / "out")
+
+
+def test_a_then_command_whose_output_fills_the_temp_directory_is_not_a_failed_verification(tmp_path, cli, small_disk):
+    """``verify-restore --then``'s output goes to a file in the temp directory: a full one cuts it short, and a
+    command that checks its writes (``cat``) fails for that.  Nothing is then known of the snapshot: exit 14
+    naming the temp directory, as for a full scratch directory, not 18 (a verification that found problems);
+    a command that failed on its own, with room for its output, still fails the verification."""
+    repo = str(tmp_path / "repo")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(300_000))
+    cli("init", "-r", repo, "--kdf-time", "0", "-q")
+    cli("backup", "-r", repo, str(src), "-q")
+    fill(small_disk, 8192)
+    env = {"TMPDIR": str(small_disk)}
+    scratch = ("--scratch", str(tmp_path))
+    proc = cli("verify-restore", "-r", repo, "latest", *scratch, "--then", 'cat "$CHUNKVAULT_RESTORE_DIR/a"',
+               "--json", env=env, check=14)
+    report = json.loads(proc.stdout)["snapshots"][0]
+    assert report["error_kind"] == "no_space" and report["command"]["output_full"], report
+    assert str(small_disk) in report["error"] and "the command (exit 1)" in report["error"]
+    assert "no space left in the scratch or temp directory" in proc.stderr.decode().splitlines()[-1]
+    proc = cli("verify-restore", "-r", repo, "latest", *scratch, "--then", "echo checked; exit 3", "--json",
+               env=env, check=18)
+    report = json.loads(proc.stdout)["snapshots"][0]
+    assert report["error_kind"] is None and not report["command"]["output_full"], report
+    (small_disk / "filler").unlink()
+    cli("verify-restore", "-r", repo, "latest", *scratch, "--then", 'cat "$CHUNKVAULT_RESTORE_DIR/a" >/dev/null',
+        env=env)
 
 
 @pytest.mark.xfail(strict=True, reason="policy_lock writes its pid unguarded: a lock file on a full disk is an "
