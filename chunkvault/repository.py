@@ -2423,8 +2423,9 @@ class _WholeWrites:
                 view = view[n:]
         except BrokenPipeError:
             raise OutputClosed(f"dump: the reader of {self._name} closed it before the dump was complete") from None
-        except OSError as exc:
-            raise output_error(f"writing to {self._name}", exc) from None
+        except OSError as exc:  # what was written stays there (standard output cannot be taken back): say it is cut
+            error = output_error(f"writing to {self._name}", exc)
+            raise type(error)(f"{error} (the dump written there is incomplete)") from None
         return len(data)
 
     def flush(self) -> None:

@@ -1,5 +1,5 @@
 """Full disks, made with a real small tmpfs, where chunkvault writes outside the repository's data: a generated
-key secret, the key files a password change writes, the local cache, the client state (the snapshot ledger), the temp
+key secret, the key files a password change writes, a dump's standard output, the local cache, the client state (the snapshot ledger), the temp
 directory a ``verify-restore --then`` command writes its output to, and a policy's lock file.  Each ends with one line naming what is full and the exit code the README gives,
 loses nothing, and the next run once space is freed finishes.  Skipped where no tmpfs can be mounted."""
 from __future__ import annotations
@@ -8,6 +8,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -117,6 +119,32 @@ def test_a_full_cache_or_state_directory_fails_no_backup_or_restore(tmp_path, cl
     assert any(n.endswith(".json") and (ledger / n).stat().st_size > 0 for n in os.listdir(ledger))
     cli("check", "-r", repo, "--read-data", "-q", env=env)
     shutil.rmtree(tmp_path / "out")
+
+
+def test_a_dump_cut_short_by_a_full_disk_says_it_is_incomplete(tmp_path, cli, small_disk):
+    """What a dump wrote to standard output stays there: the line naming the full disk says the dump is
+    incomplete, as a closed pipe's does (the words ``_stdout_errors("dump")`` gives were never reached: the
+    write's own error came first)."""
+    repo = str(tmp_path / "repo")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(200_000))
+    cli("init", "-r", repo, "--kdf-time", "0", "-q")
+    cli("backup", "-r", repo, str(src), "-q")
+    filler = fill(small_disk, 100_000)
+    for path, archive in (("a", ()), ("/", ("--archive", "tar")), ("/", ("--archive", "zip"))):
+        with open(small_disk / "out", "wb") as out:
+            proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", "dump", "-r", repo, "latest", path,
+                                   *archive], stdout=out, stderr=subprocess.PIPE, env={**os.environ,
+                                   "CHUNKVAULT_PASSWORD": PASSWORD}, timeout=300)
+        assert proc.returncode == 14, proc.stderr
+        assert one_line(proc).endswith("no space left on device while writing to standard output "
+                                       "(the dump written there is incomplete)")
+    filler.unlink()
+    with open(small_disk / "out", "wb") as out:
+        subprocess.run([sys.executable, "-m", "chunkvault.cli", "dump", "-r", repo, "latest", "a"], stdout=out,
+                       env={**os.environ, "CHUNKVAULT_PASSWORD": PASSWORD}, check=True, timeout=300)
+    assert (small_disk / "out").read_bytes() == (src / "a").read_bytes()
 
 
 def test_a_then_command_whose_output_fills_the_temp_directory_is_not_a_failed_verification(tmp_path, cli, small_disk):
