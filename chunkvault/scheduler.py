@@ -344,8 +344,9 @@ def policy_lock(path: str, held_by: str = "another run of this policy is in prog
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise Locked(f"{held_by} (lock {path})") from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with suppress(OSError):  # the pid is for people; the flock is the lock, held on a full disk too
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         try:
             yield
         finally:
