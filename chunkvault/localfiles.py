@@ -85,6 +85,18 @@ def remove_if_stale(path: str, age: float = STALE_TEMP_AGE) -> None:
         pass
 
 
+def no_room_after(fd: int, size: int) -> bool:
+    """Whether the file ``fd`` (``size`` bytes) takes not one byte more at its end: a write that found its disk
+    full filled what was allocated first, so a command's output file cut short there ends where nothing more
+    fits (and the command may have failed for that, not for what it did)."""
+    try:
+        os.pwrite(fd, b"\n", size)
+    except OSError as exc:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    os.ftruncate(fd, size)
+    return False
+
+
 def user_dir(variable: str, default: str) -> str | None:
     """Where a per-user directory lies: ``$variable`` when it is an absolute path (a relative one is
     ignored, as the XDG base directory rules say: it would name another place in each working directory),

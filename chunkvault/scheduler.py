@@ -69,6 +69,7 @@ from typing import IO, Any, Callable, Iterator, TextIO
 from . import interrupts
 from .store import locks
 from .display import LIST_LETTERS, one_line, shown_name
+from .localfiles import no_room_after
 from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, OutputClosed, PartialBackup, RemoteUnavailable,
                      SourceCommandFailed, Stopped, UsageError, VerificationFailed)
 from .processes import kill_group
@@ -285,6 +286,9 @@ def run_hook(command: str | tuple[str, ...], env: dict[str, str], cwd: str, time
         try:
             rc = proc.wait(timeout=timeout)
             error = None if rc == 0 else f"{label} hook exited {rc}"
+            if rc != 0 and no_room_after(out.fileno(), out.seek(0, os.SEEK_END)):
+                error += (f" (its output filled the temp directory {tempfile.gettempdir()}: it may have failed "
+                          "for that)")
         except subprocess.TimeoutExpired:
             kill_group(proc)
             rc, error = -signal.SIGKILL, f"{label} hook timed out after {timeout:g} s"

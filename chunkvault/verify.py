@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import fcntl
 import functools
 import os
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 import blake3
 
 from .display import one_line, warn
-from .localfiles import abandoned
+from .localfiles import abandoned, no_room_after
 from .errors import (ChunkvaultError, CorruptObject, MissingObject, NewerObject, SnapshotNotFound, StorageFull,
                      TargetUnwritable, UsageError, VerificationFailed)
 from .pgstart import PG_START_TIMEOUT, PgStartResult, prove_data_directories
@@ -736,7 +735,7 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
             seconds = time.monotonic() - started
             left = end_leftovers and _end_leftovers(proc.pid, before, marker) and not timed_out
             size = out.seek(0, os.SEEK_END)
-            full = code not in (0, None) and _no_room_after(out.fileno(), size)  # a timeout is its own reason
+            full = code not in (0, None) and no_room_after(out.fileno(), size)  # a timeout is its own reason
             out.seek(max(0, size - OUTPUT_TAIL))
             tail = out.read().decode(errors="replace")
     finally:
@@ -745,17 +744,6 @@ def run_command(command: str, env: dict[str, str], *, timeout: float | None = No
     if code is not None and code < 0:  # killed by a signal: report it the way a shell would
         code = 128 - code
     return CommandResult(command, code, timed_out, round(seconds, 3), tail, left, full)
-
-
-def _no_room_after(fd: int, size: int) -> bool:
-    """Whether the file ``fd`` (``size`` bytes) takes not one byte more at its end: a write that found its disk
-    full filled what was allocated first, so a file cut short there ends where nothing more fits."""
-    try:
-        os.pwrite(fd, b"\n", size)
-    except OSError as exc:
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    os.ftruncate(fd, size)
-    return False
 
 
 SCRATCH_PREFIX = "chunkvault-verify-"

@@ -192,3 +192,20 @@ def test_a_policy_lock_file_on_a_full_disk_still_locks_and_the_run_goes_on(tmp_p
     proc = cli("run", "-c", str(policy), "--json")
     assert json.loads(proc.stdout)["sources"][0]["snapshot"], proc.stdout
     assert (small_disk / "p.lock").read_bytes() == b""
+
+
+def test_a_hook_whose_output_filled_the_temp_directory_says_so(tmp_path, small_disk, monkeypatch):
+    """A pre hook's output goes to a file in the temp directory: a full one makes a hook that checks its
+    writes fail for the disk, which its failure line now says instead of a bare exit code."""
+    from chunkvault.scheduler import run_hook
+
+    monkeypatch.setenv("TMPDIR", str(small_disk))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    fill(small_disk, 4096)
+    log: list[str] = []
+    rc, error = run_hook("head -c 200000 /dev/zero | tr '\\0' x", dict(os.environ), str(tmp_path), 30, log.append,
+                         "pre")
+    assert rc != 0 and f"its output filled the temp directory {small_disk}" in error, error
+    (small_disk / "filler").unlink()
+    rc, error = run_hook("echo checked; exit 3", dict(os.environ), str(tmp_path), 30, log.append, "pre")
+    assert (rc, error) == (3, "pre hook exited 3")
