@@ -151,10 +151,10 @@ class RepoConfig:
     settings: Settings
     format: int = 1  # as stored: raised only by what an older chunkvault would misread (FORMAT_WAL)
 
-    def ad(self, fmt: int | None = None) -> bytes:
+    def ad(self) -> bytes:
         """What the sealed settings are bound to: the config's own ``format`` (a later reader opens an
         earlier format's config by the number it holds) and the repository id, as ASCII."""
-        return CONFIG_AD + int(self.format if fmt is None else fmt).to_bytes(4, "little") + self.repo_id.encode()
+        return CONFIG_AD + int(self.format).to_bytes(4, "little") + self.repo_id.encode()
 
     def encode(self, sealer: Sealer) -> bytes:
         sealed = sealer.seal(json.dumps(asdict(self.settings), sort_keys=True).encode(), self.ad())
