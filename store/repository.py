@@ -31,6 +31,7 @@ from chunkvault.errors import (
     RepositoryExists,
     RepositoryStateWarning,
     UsageError,
+    WrongPassword,
 )
 from chunkvault.remotes import Remote
 
@@ -50,7 +51,8 @@ from .pack import PackBuffers, PackBuilder, PackEntry, fetch_header
 from .packranges import RecentRanges
 from .chronology import chronological_key
 from .snapshot import Snapshot
-from .unlock import KEY_IMPORT_HINT, Unlocked, only_keys_hint, repository_objects, require_openable, unlock
+from .unlock import (KEY_IMPORT_HINT, Unlocked, only_keys_hint, password_for, repository_objects, require_openable,
+                     unlock)
 
 if TYPE_CHECKING:
     from .locks import RepoLock
@@ -323,9 +325,15 @@ class Repo:
         return new
 
     def _replace_key_locked(self, old: str, password: bytes, kdf_seconds: float, lock: RepoLock) -> str:
-        if old not in [k.name for k in self.list_keys()[0]]:
+        keys = self.list_keys()[0]
+        if old not in [k.name for k in keys]:
             raise UsageError("the key this repository was opened with is gone (another command replaced it): "
                              "nothing changed; use the password that command set")
+        left = self._key_left_by_a_stopped_change(keys, old, password)
+        if left is not None:
+            lock.ensure_held()
+            self.remote.delete(f"keys/{old}")
+            return left
         new, data = self._key_file(password, kdf_seconds)
         try:
             self.remote.put(f"keys/{new}", data, if_absent=True)
@@ -338,6 +346,22 @@ class Repo:
                 raise
             raise exc.explained(f"; {left}") from None
         return new
+
+    def _key_left_by_a_stopped_change(self, keys: list[KeyFile], old: str, password: bytes) -> str | None:
+        """A key newer than ``old`` that ``password`` already opens to this repository's keys: what a change
+        to the same password left when it was stopped between storing the new key and removing the old one.
+        Run again, the change keeps that key rather than adding a second one for the same password."""
+        created = next(k.created for k in keys if k.name == old)
+        for kf in keys:
+            if kf.name == old or kf.created < created or kf.cost_problem() is not None:
+                continue
+            try:
+                material = kf.unwrap(password_for(kf, password), self.config.repo_id)
+            except (WrongPassword, CorruptObject):
+                continue
+            if material == self.material:
+                return kf.name
+        return None
 
     def _undo_new_key(self, old: str, new: str) -> str:
         """After a password change failed with key ``new`` stored (or maybe stored): take it back while

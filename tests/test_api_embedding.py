@@ -515,6 +515,20 @@ def test_change_password_replaces_the_opening_key(tmp_path, new_repo):
         Repository.open(path, PASSWORD)
 
 
+def test_a_password_change_run_again_after_a_stop_keeps_the_key_the_first_run_stored(tmp_path, new_repo):
+    """Stopped between storing the new key and removing the old one, then run again with the old password:
+    the rerun added a second key for the new password."""
+    path = str(tmp_path / "repo")
+    repo = new_repo(path)
+    left = repo.add_key("the new one", kdf_seconds=0)  # what the stopped change stored
+    colleague = repo.add_key("a colleague's", kdf_seconds=0)
+    new, old = repo.change_password("the new one", kdf_seconds=0)
+    assert new == left and {k["id"] for k in repo.keys()} == {left, colleague}
+    Repository.open(path, "the new one").close()
+    with pytest.raises(WrongPassword):
+        Repository.open(path, PASSWORD)
+
+
 def test_a_read_without_a_lock_that_a_prune_overtook_says_so_instead_of_calling_for_repairs(tmp_path, tree,
                                                                                              new_repo):
     """A read-only token cannot store a lock: a prune ran meanwhile, and the restore ended in "corrupt object
