@@ -1794,6 +1794,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
         report = repo.repair_packs(args.packs, dry_run=not done, wait=args.wait)
     else:
         report = repo.repair_snapshots(dry_run=not done, wait=args.wait)
+    # Snapshots beyond repair restore nothing: a script that repairs and goes on must not take it for done.
+    code = CorruptObject.exit_code if args.what == "snapshots" and report.unrestorable else 0
     if args.json:
         _emit_json(report.to_dict())
     elif not args.quiet:
@@ -1831,7 +1833,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
             if report.unrestorable:
                 print("snapshots beyond repair restore nothing; forget them: chunkvault forget "
                       + " ".join(sid[:8] for sid, _ in report.unrestorable))
-    return 0
+    return code
 
 
 def _setting_changes(words: list[str]) -> dict[str, Any]:
