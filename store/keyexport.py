@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from chunkvault.errors import CorruptObject, ObjectNotFound, UnsupportedFormat, UsageError, WrongPassword
 from chunkvault.remotes import Remote
 
-from .config import KeyFile, RepoConfig, open_config, peek_config, settings_differences
+from .config import FORMAT_WAL, KeyFile, RepoConfig, open_config, peek_config, settings_differences
 from .crypto import KeyMaterial, Sealer, content_name, looks_like_secret
 from .indexfile import decode_index_columns
 from .locks import EXCLUSIVE, RepoLock
 from .snapshot import Snapshot
 from .unlock import MISTYPED_SECRET, missing_config, password_for, repository_objects
+from .walnames import WAL_PREFIX, is_wal_name
 
 EXPORT_MAGIC = "chunkvault key export"
 EXPORT_VERSION = 1
@@ -132,7 +133,7 @@ def import_key(remote: Remote, export: KeyExport, password: bytes, what: str, *,
             stored_config = None
         if stored_config is None:
             _require_same_repository(remote, export, material, what)
-            remote.put("config", export.config)
+            remote.put("config", _config_for(remote, export.config, exported, material))
             restored.append("config")
             notes.append("the config put back has the settings of the export's time: one changed since by `config "
                          "set` is as it was then (`chunkvault config` shows them)")
@@ -157,6 +158,16 @@ def import_key(remote: Remote, export: KeyExport, password: bytes, what: str, *,
             remote.put(key, export.key)
             restored.append(key)
         return KeyImport(export.key_name, restored, "; ".join(notes))
+
+
+def _config_for(remote: Remote, raw: bytes, config: RepoConfig, material: KeyMaterial) -> bytes:
+    """The exported config as it is put back: at ``FORMAT_WAL`` where WAL is archived here and it is not (an
+    export from before the archive), so that a chunkvault from before the archive, whose prune would delete
+    the archive's data, still refuses the repository."""
+    if config.format >= FORMAT_WAL or not any(is_wal_name(o.key[len(WAL_PREFIX):]) for o in remote.list(WAL_PREFIX)):
+        return raw
+    config.format = FORMAT_WAL
+    return config.encode(Sealer(material.enc_key))
 
 
 def _key_files(remote: Remote) -> list[KeyFile]:

@@ -30,9 +30,8 @@ from .locks import EXCLUSIVE, SHARED, RepoLock
 from .repository import OBJECT_READERS, Repo
 from .snapshot import now_iso, open_document, seal_document
 from .unlock import require_openable
-from .walnames import check_wal_name, expired, fetch_ahead, is_history, is_wal_name, timeline_ends
+from .walnames import WAL_PREFIX, check_wal_name, expired, fetch_ahead, is_history, is_wal_name, timeline_ends
 
-WAL_PREFIX = "wal/"
 WAL_AD = b"chunkvault wal v1"
 WAL_VERSION = 1
 #: Blobs read at once by ``archive-get`` (a segment is some 64 chunks at the default chunk size).

@@ -10,6 +10,7 @@ from typing import Iterable
 
 from chunkvault.errors import NoBaseBackup, UsageError
 
+WAL_PREFIX = "wal/"  # the folder of the archive's objects
 _SEGMENT = "[0-9A-F]{24}"
 #: What PostgreSQL archives: a segment, a segment cut short at a promotion (``.partial``), a backup history
 #: file (the segment, the start offset) and a timeline history file.

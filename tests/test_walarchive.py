@@ -1343,3 +1343,20 @@ def test_the_first_push_raises_the_format_so_a_chunkvault_before_the_archive_ref
     monkeypatch.setattr(config_module, "FORMAT_VERSION", 1)  # as the reader before the archive
     with pytest.raises(UnsupportedFormat, match="format 2 is newer"):
         config_module.peek_config((tmp_path / "repo" / "config").read_bytes())
+
+
+def test_a_config_put_back_from_an_export_made_before_the_archive_keeps_the_raised_format(tmp_path, cli, repo_url):
+    """The export holds the config at format 1: put back as it was, a chunkvault before the archive opened the
+    repository again, and its prune deleted the archive's data."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    cli("backup", "-r", repo_url, str(src))
+    with Repository.open(repo_url, PASSWORD) as repo:
+        kit = repo.export_key()
+    cli("archive-push", "-r", repo_url, str(segment_file(tmp_path, size=1 << 20)))
+    (tmp_path / "repo" / "config").unlink()
+    assert Repository.import_key(repo_url, kit, PASSWORD).restored == ["config"]
+    assert _stored_format(tmp_path / "repo") == 2
+    with Repository.open(repo_url, PASSWORD) as repo:
+        assert repo.check(read_data=True).ok and repo._repo.config.format == 2
