@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import blake3
 
 from .errors import LocalCacheWarning, UsageError
-from .localfiles import tag_as_cache, user_dir
+from .localfiles import make_private_dirs, tag_as_cache, user_dir
 from .remotes import Remote, open_remote
 from .remotes.local import LocalRemote
 from .remotes.throttle import ThrottledRemote
@@ -103,7 +103,7 @@ _said_unusable: set[str] = set()
 def _usable(directory: str) -> bool:
     """Whether ``directory`` is (or can be made) a directory this process can write in."""
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        make_private_dirs(directory)
     except OSError:
         return False
     return os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)

@@ -24,7 +24,7 @@ from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 from .errors import NewerObject, RepositoryStateWarning, RollbackDetected, output_error
 from .localfiles import fsync_directory
-from .localfiles import read_regular, user_dir
+from .localfiles import make_private_dirs, read_regular, user_dir
 from .store import ledger as logic
 from .store.ledger import NEWER_FORMAT, OLD_VERSION, REPLAYED, ROLLED_BACK, UNDATED, Finding, LedgerState
 from .store.snapshot import Snapshot
@@ -83,7 +83,7 @@ class LedgerFile:
         """Apply ``change`` to the stored state and store the result (when it differs).  A ledger that cannot
         be written is a warning, or with ``must_store`` (what was asked is the change itself) an error."""
         try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            make_private_dirs(self.directory)
             lock = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             if must_store:

@@ -54,6 +54,23 @@ def abandoned(fd: int, after: float = ABANDONED_AFTER) -> bool:
 CACHEDIR_TAG = (b"CACHEDIR.TAG", b"Signature: 8a477f597d28d172789f06886806bc55")
 
 
+def make_private_dirs(path: str) -> None:
+    """Make directory ``path`` and each missing one above it mode 0700, whatever the umask (as the XDG base
+    directory rules ask): ``os.makedirs`` gives its mode to the last alone, and one above made under umask
+    000 is world-writable, where another user could move this user's cache or ledger away and put their own
+    in its place.  Directories already there keep their mode; OSError when one cannot be made."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if parent != os.path.abspath(path):
+        make_private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+
+
 def tag_as_cache(directory: str) -> None:
     """Make ``directory`` (private to this user) and tag it as a cache (best effort)."""
     tag = os.path.join(directory, os.fsdecode(CACHEDIR_TAG[0]))
@@ -61,7 +78,7 @@ def tag_as_cache(directory: str) -> None:
         return
     tmp = f"{tag}.{os.getpid()}.tmp"
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        make_private_dirs(directory)
         with open(tmp, "wb") as f:
             f.write(CACHEDIR_TAG[1] + b"\n# a cache directory tag made by chunkvault: its local cache of index, "
                                       b"snapshot and wal objects (see https://bford.info/cachedir/)\n")

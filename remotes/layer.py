@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from chunkvault.errors import ChunkvaultError, ObjectExists, ObjectNotFound, RemoteRetryWarning, RemoteUnavailable
-from chunkvault.localfiles import read_regular, remove_if_stale
+from chunkvault.localfiles import make_private_dirs, read_regular, remove_if_stale
 
 from .base import ObjectInfo, Remote, validate_key
 
@@ -400,12 +400,14 @@ class CachingRemote(Remote):
         return data
 
     def _store(self, path: str, data: bytes) -> None:
-        """Atomic write (temp + rename); a failing cache never fails the operation."""
+        """Atomic write (temp + rename); a failing cache never fails the operation.  Directories 0700 and
+        entries 0600 whatever the umask: they are copies of the repository's objects, which it stores so."""
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, _CACHE_TEMP + secrets.token_hex(8))
         try:
-            os.makedirs(directory, exist_ok=True)
-            with open(tmp, "xb") as f:
+            make_private_dirs(directory)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
                 f.write(encode_cache_entry(data))
             os.replace(tmp, path)
         except OSError:

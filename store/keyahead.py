@@ -20,7 +20,7 @@ import threading
 from typing import Iterable
 
 from chunkvault.errors import ChunkvaultError
-from chunkvault.localfiles import read_regular, remove_if_stale
+from chunkvault.localfiles import make_private_dirs, read_regular, remove_if_stale
 
 from .config import KDF_SECRET, KeyFile
 from .crypto import content_name
@@ -90,7 +90,7 @@ class KeyAhead:
         if raw == self.raw or self.path is None:
             return
         try:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            make_private_dirs(os.path.dirname(self.path))
             tmp = f"{self.path}.{os.getpid()}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         except OSError:
