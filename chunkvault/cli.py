@@ -925,6 +925,7 @@ def _recovery_asked(args: argparse.Namespace) -> tuple[Any, str] | None:
     secret = _secret_for_server(args)
     endpoint = getattr(args, "s3_endpoint", None)
     options = list(args.option or []) + ([f"s3.endpoint-url={endpoint}"] if endpoint else [])
+    options += _token_for_server(url, options)
     spool = os.path.abspath(args.pg_spool) if args.pg_spool else None
     return target, restore_command(_program(), url, secret, options, spool)
 
@@ -945,6 +946,30 @@ def _secret_for_server(args: argparse.Namespace) -> tuple[str, str]:
     raise UsageError("--pg-recover writes a restore_command that opens the repository by itself: give "
                      "--password-file (or --password-command) that PostgreSQL's user can use, or "
                      "--pg-restore-command")
+
+
+def _token_for_server(url: str, options: list[str]) -> list[str]:
+    """The ``-o`` option that gives the server's restore_command the HTTP token, as the password: a token
+    file (``http.token-file``, else ``CHUNKVAULT_HTTP_TOKEN_FILE``); a token itself written there would be in
+    ``postgresql.auto.conf``, ``restore --json`` and every process listing of its runs, and one in the
+    environment is not the server's."""
+    from .remotes import url_scheme
+    from .remotes.http import TOKEN_ENV, TOKEN_FILE_ENV
+
+    names = {o.split("=", 1)[0].strip().lower().replace("_", "-") for o in options}
+    if any(n.endswith(".token") for n in names):
+        raise UsageError("--pg-recover writes the -o options into the server's restore_command, where every "
+                         "user's process listing shows them: give the HTTP token with -o http.token-file=FILE "
+                         "(readable by PostgreSQL's user) instead of -o http.token")
+    if url_scheme(url) not in ("http", "https") or "http.token-file" in names:
+        return []
+    if os.environ.get(TOKEN_FILE_ENV):
+        return [f"http.token-file={os.path.abspath(os.environ[TOKEN_FILE_ENV])}"]
+    if os.environ.get(TOKEN_ENV):
+        raise UsageError(f"--pg-recover writes a restore_command that reaches the service by itself: give the "
+                         f"token with -o http.token-file=FILE (or {TOKEN_FILE_ENV}) that PostgreSQL's user can "
+                         f"read; {TOKEN_ENV} cannot be written there")
+    return []
 
 
 def _program() -> list[str]:

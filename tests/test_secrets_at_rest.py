@@ -6,6 +6,7 @@ import stat
 from contextlib import contextmanager
 
 import pytest
+from servers_http import FULL_TOKEN, http_server, serve_factory  # noqa: F401
 
 
 @contextmanager
@@ -105,3 +106,56 @@ def test_cache_base_and_key_ahead_are_private(tmp_path, monkeypatch):
             assert mode == 0o600, (path, oct(mode))
     assert any("key-ahead" in p for p in modes_below(tmp_path / "xdg"))
     assert any("ledger" in p for p in modes_below(tmp_path / "xdg"))
+
+
+# --------------------------------------------------------------------------- restore --pg-recover's restore_command
+
+TOKEN = "sixteen-plus-token-0123456789"
+
+
+def _data_directory_snapshot(tmp_path, url: str, **options) -> None:
+    """A repository at ``url`` holding one snapshot of a (made-up) PostgreSQL 15 data directory."""
+    from chunkvault import Repository
+    from conftest import PASSWORD
+
+    pg = tmp_path / "pgdata"
+    (pg / "global").mkdir(parents=True)
+    (pg / "PG_VERSION").write_bytes(b"15\n")
+    (pg / "global" / "pg_control").write_bytes(b"\0" * 8192)
+    with Repository.init(url, PASSWORD, kdf_seconds=0, cache=False, **options) as repo:
+        repo.backup([str(pg)])
+
+
+def test_recovery_refuses_a_token_option_it_would_write_for_the_server(tmp_path, cli):
+    """``-o http.token=`` went into restore_command: postgresql.auto.conf, --json and each of its runs' argv,
+    which every user's ``ps`` shows; the restore is refused before anything is written."""
+    repo = str(tmp_path / "repo")
+    _data_directory_snapshot(tmp_path, repo)
+    pwfile = tmp_path / "pw"
+    pwfile.write_text("correct horse battery staple\n")
+    target = tmp_path / "target"
+    proc = cli("restore", "latest", "-r", repo, "--target", str(target), "--password-file", str(pwfile),
+               "--pg-recover", "end", "-o", f"http.token={TOKEN}", check=2, password=None)
+    err = proc.stderr.decode()
+    assert "http.token-file" in err and TOKEN not in err
+    assert not target.exists()
+
+
+def test_recovery_over_http_takes_the_token_file_not_the_token(tmp_path, cli, http_server):
+    """The service's token reaches the server's restore_command as its file (CHUNKVAULT_HTTP_TOKEN_FILE, as
+    CHUNKVAULT_PASSWORD_FILE is written); a token only in the environment is refused before the restore, as
+    CHUNKVAULT_PASSWORD is, instead of a recovery that fails with 401 once PostgreSQL asks for WAL."""
+    _data_directory_snapshot(tmp_path, http_server.url, token=FULL_TOKEN)
+    pwfile, tokfile = tmp_path / "pw", tmp_path / "tok"
+    pwfile.write_text("correct horse battery staple\n")
+    tokfile.write_text(FULL_TOKEN + "\n")
+    common = ("restore", "latest", "-r", http_server.url, "--password-file", str(pwfile), "--pg-recover", "end",
+              "--no-cache")
+    proc = cli(*common, "--target", str(tmp_path / "t1"), env={"CHUNKVAULT_HTTP_TOKEN": FULL_TOKEN},
+               password=None, check=2)
+    assert "CHUNKVAULT_HTTP_TOKEN_FILE" in proc.stderr.decode() and FULL_TOKEN not in proc.stderr.decode()
+    assert not (tmp_path / "t1").exists()
+    cli(*common, "--target", str(tmp_path / "t2"), env={"CHUNKVAULT_HTTP_TOKEN_FILE": str(tokfile)}, password=None)
+    conf = (tmp_path / "t2" / "postgresql.auto.conf").read_text()
+    assert f"http.token-file={tokfile}" in conf and FULL_TOKEN not in conf
+    assert stat.S_IMODE(os.stat(tmp_path / "t2" / "postgresql.auto.conf").st_mode) == 0o600
