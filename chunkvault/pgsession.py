@@ -132,6 +132,86 @@ class BackupStop:
         return wal_segments_between(self.timeline, self.start_lsn, self.wal_end, segment_size)
 
 
+def password_aside(conninfo: str) -> tuple[str, str | None]:
+    """``conninfo`` (a database name, ``key=value`` pairs or a ``postgresql://`` URI) without its password,
+    and the password (None: none there).  psql gets the rest on its command line and the password as
+    ``PGPASSWORD``: every user's process listing shows a command line, a process's environment only its own
+    user and root see."""
+    if conninfo.startswith(("postgresql://", "postgres://")):
+        return _uri_password_aside(conninfo)
+    if "=" not in conninfo:
+        return conninfo, None
+    pairs = _conninfo_pairs(conninfo)
+    if pairs is None or not any(k == "password" for k, _ in pairs):
+        return conninfo, None  # one libpq will refuse, with its own message
+    password = [v for k, v in pairs if k == "password"][-1]
+    rest = " ".join(f"{k}='{_quoted(v)}'" for k, v in pairs if k != "password")
+    return rest, password
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _conninfo_pairs(text: str) -> list[tuple[str, str]] | None:
+    """The ``key=value`` pairs of a libpq connection string, values unquoted; None when it does not parse."""
+    pairs: list[tuple[str, str]] = []
+    i, n = 0, len(text)
+    while True:
+        while i < n and text[i].isspace():
+            i += 1
+        if i == n:
+            return pairs
+        start = i
+        while i < n and text[i] != "=" and not text[i].isspace():
+            i += 1
+        key = text[start:i]
+        while i < n and text[i].isspace():
+            i += 1
+        if not key or i == n or text[i] != "=":
+            return None
+        i += 1
+        while i < n and text[i].isspace():
+            i += 1
+        value: list[str] = []
+        quoted = i < n and text[i] == "'"
+        i += quoted
+        while i < n and (quoted or not text[i].isspace()):
+            if text[i] == "\\" and i + 1 < n:
+                i += 1
+            elif quoted and text[i] == "'":
+                break
+            value.append(text[i])
+            i += 1
+        if quoted:
+            if i == n:
+                return None
+            i += 1
+        pairs.append((key, "".join(value)))
+
+
+def _uri_password_aside(uri: str) -> tuple[str, str | None]:
+    """A ``postgresql://`` URI without the password of its user part or its ``password=`` parameter."""
+    from urllib.parse import unquote
+
+    scheme, _, rest = uri.partition("://")
+    rest, hash_, fragment = rest.partition("#")
+    rest, qmark, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    password = None
+    userinfo, at, hosts = authority.rpartition("@")
+    if at and ":" in userinfo:
+        user, _, secret = userinfo.partition(":")
+        password, authority = unquote(secret), f"{user}@{hosts}"
+    params = query.split("&") if query else []  # the others as written: decoded and encoded again, some change
+    given = [p.partition("=")[2] for p in params if p.partition("=")[0] == "password"]
+    if given:
+        password = unquote(given[-1])
+        query = "&".join(p for p in params if p.partition("=")[0] != "password")
+        qmark = "?" if query else ""
+    return f"{scheme}://{authority}{slash}{path}{qmark}{query}{hash_}{fragment}", password
+
+
 class PgBackupSession:
     """``psql`` holding one base backup open: ``start``, read the files, ``stop``; ``close`` (or leaving the
     ``with`` block) ends the session, which aborts a backup not stopped.
@@ -148,9 +228,12 @@ class PgBackupSession:
             raise UsageError(f"the standby wait is a number of seconds above 0, not {standby_wait!r}")
         self.standby_wait = standby_wait
         self._argv: list[str] = [psql, "-X", "-q", "-A", "-t", "-F", _FIELD, "-v", "ON_ERROR_STOP=1"]
-        if dbname:
-            self._argv += ["-d", dbname]
         self._env = dict(os.environ if env is None else env)
+        if dbname:
+            dbname, password = password_aside(dbname)
+            self._argv += ["-d", dbname] if dbname else []
+            if password is not None:
+                self._env["PGPASSWORD"] = password
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
         self._started: BackupStart | None = None

@@ -159,3 +159,35 @@ def test_recovery_over_http_takes_the_token_file_not_the_token(tmp_path, cli, ht
     conf = (tmp_path / "t2" / "postgresql.auto.conf").read_text()
     assert f"http.token-file={tokfile}" in conf and FULL_TOKEN not in conf
     assert stat.S_IMODE(os.stat(tmp_path / "t2" / "postgresql.auto.conf").st_mode) == 0o600
+
+
+# --------------------------------------------------------------------------- psql's command line
+
+@pytest.mark.parametrize("given, argv_d, password", [
+    ("mydb", "mydb", None),
+    ("host=/run/pg dbname=app", "host=/run/pg dbname=app", None),
+    ("host=/run/pg dbname=app password=hunter22", "host='/run/pg' dbname='app'", "hunter22"),
+    ("user = 'o\\'k' password = 'a b\\\\c'", "user='o\\'k'", "a b\\c"),
+    ("postgresql://u:p%40ss@h:5433/app?sslmode=require", "postgresql://u@h:5433/app?sslmode=require", "p@ss"),
+    ("postgres://u@h/app?password=z%26z&sslmode=disable", "postgres://u@h/app?sslmode=disable", "z&z"),
+    ("postgresql:///app?host=%2Frun%2Fpg&options=-c%20a%3Db+c&password=x", "postgresql:///app?host=%2Frun%2Fpg&"
+     "options=-c%20a%3Db+c", "x"),
+    ("password=only", None, "only"),
+])
+def test_psql_gets_the_password_in_its_environment_not_its_argv(tmp_path, given, argv_d, password):
+    """``backup --postgres``/``archive-check --pg-connect`` (a policy's ``postgres =`` too) ran ``psql -d
+    CONNINFO``: a password in it was in every user's ``ps`` for the whole backup."""
+    from chunkvault.pgsession import PgBackupSession
+
+    psql = tmp_path / "psql"
+    psql.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$0.argv"\nprintf "%s" "${PGPASSWORD-unset}" > "$0.pw"\n'
+                    'cat > /dev/null\n')
+    psql.chmod(0o700)
+    session = PgBackupSession(given, psql=str(psql), env={"PATH": os.environ["PATH"], "PGPASSWORD": "outer"})
+    session.open()
+    session.close()
+    argv = (tmp_path / "psql.argv").read_text().splitlines()
+    assert (argv[argv.index("-d") + 1] if "-d" in argv else None) == argv_d
+    assert (tmp_path / "psql.pw").read_text() == (password or "outer")
+    if password:
+        assert not any(password in a for a in argv)
