@@ -15,16 +15,33 @@ recovery's next calls move them into place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 from typing import Iterable
 
-from .localfiles import fsync_directory, read_regular
+from .localfiles import fsync_directory, make_private_dirs, read_regular
 from .store.walnames import is_segment
 
 MARKER = ".ok"
+
+
+def private_dir(path: str) -> None:
+    """Make directory ``path`` (mode 0700, and any missing above it), or take the one there when it is this
+    user's alone to write: a spool holds WAL, the database's data in clear, and its markers and files fetched
+    ahead are trusted, so one another user owns or may write in could have a file archived never, or one of
+    theirs replayed.  OSError otherwise."""
+    make_private_dirs(path)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, "not a directory")
+    if st.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, "owned by another user")
+    if st.st_mode & 0o022:
+        raise OSError(errno.EPERM, "other users may write in it")
 
 
 class Spool:
@@ -33,7 +50,7 @@ class Spool:
     directory cannot be made."""
 
     def __init__(self, path: str, repository: str):
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        private_dir(path)
         self.path = path
         self.repository = repository
 
@@ -104,7 +121,8 @@ class Prefetched:
 
     def __init__(self, spool: str, repository: str):
         self.path = os.path.join(spool, "get-" + hashlib.sha256(repository.encode()).hexdigest()[:16])
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        private_dir(spool)
+        private_dir(self.path)
 
     def take(self, name: str, dest: str) -> bool:
         """Move the file fetched ahead as ``name`` to ``dest`` (durably, as ``archive-get`` writes); False when

@@ -191,3 +191,62 @@ def test_psql_gets_the_password_in_its_environment_not_its_argv(tmp_path, given,
     assert (tmp_path / "psql.pw").read_text() == (password or "outer")
     if password:
         assert not any(password in a for a in argv)
+
+
+# --------------------------------------------------------------------------- archive-push/-get --spool
+
+SEGMENTS = ["000000010000000000000001", "000000010000000000000002", "000000010000000000000003"]
+
+
+def test_spool_directories_are_private_under_umask_000(tmp_path):
+    """The spool holds WAL (the database's data in clear): its directories were made 0777 under umask 000
+    (``os.makedirs`` gave 0700 to the last alone), where another user could put a directory of files ahead
+    of their own in the one kept for the repository."""
+    from chunkvault.walspool import Prefetched, Spool
+
+    with umask(0):
+        fetched = Prefetched(str(tmp_path / "var" / "spool"), "file:///srv/repo abc")
+        Spool(str(tmp_path / "push" / "spool"), "file:///srv/repo abc")
+    for top in ("var", "push"):
+        assert set(modes_below(tmp_path / top).values()) == {0o700}, modes_below(tmp_path / top)
+    assert os.path.dirname(fetched.path) == str(tmp_path / "var" / "spool")
+
+
+@pytest.mark.parametrize("open_", ["push", "get", "get-inner"])
+def test_a_spool_others_may_write_in_is_not_used(tmp_path, open_):
+    from chunkvault.walspool import Prefetched, Spool
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    if open_ == "get-inner":  # the directory kept for the repository, put there by someone else
+        inner = Prefetched(str(spool), "r").path
+        os.chmod(inner, 0o777)
+    else:
+        os.chmod(spool, 0o777)
+    with pytest.raises(OSError, match="other users may write in it"):
+        (Spool if open_ == "push" else Prefetched)(str(spool), "r")
+
+
+def test_archive_get_with_a_spool_others_may_write_in_fetches_the_file_alone(tmp_path, cli, new_repo):
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    for i, name in enumerate(SEGMENTS):
+        (wal / name).write_bytes(bytes([i]) * 4096)
+        repo.archive_push(str(wal / name))
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o777)
+    os.chmod(spool, 0o777)
+    dest = tmp_path / "pg_wal" / SEGMENTS[0]
+    dest.parent.mkdir()
+    with umask(0):
+        proc = cli("archive-get", "-r", url, "--spool", str(spool), SEGMENTS[0], str(dest))
+    assert "other users may write in it" in proc.stderr.decode()
+    assert dest.read_bytes() == bytes([0]) * 4096
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
+    assert os.listdir(spool) == []  # nothing fetched ahead into it
+    os.chmod(spool, 0o700)
+    cli("archive-get", "-r", url, "--spool", str(spool), SEGMENTS[0], str(dest))
+    (inner,) = os.listdir(spool)
+    assert sorted(modes_below(spool / inner).items()) == [(".", 0o700), *((n, 0o600) for n in SEGMENTS[1:])]
