@@ -160,7 +160,9 @@ def load_tokens(path: str) -> list[tuple[bytes, str]]:
             raise UsageError(f"{where}: expected 'MODE TOKEN' with MODE one of {', '.join(MODES)}")
         mode, token = parts
         if mode not in MODES:
-            raise UsageError(f"{where}: unknown mode {mode!r} (use {', '.join(MODES)})")
+            # a line written TOKEN MODE would put the token in the message, which a reload logs
+            said = f" {mode!r}" if len(mode) < MIN_TOKEN_LENGTH else " (the line's first word: MODE comes first)"
+            raise UsageError(f"{where}: unknown mode{said} (use {', '.join(MODES)})")
         if len(token) < MIN_TOKEN_LENGTH or not token.isascii() or not token.isprintable():
             raise UsageError(f"{where}: a token must be at least {MIN_TOKEN_LENGTH} printable ASCII characters")
         if any(hmac.compare_digest(token.encode(), known) for known, _ in tokens):

@@ -250,3 +250,21 @@ def test_archive_get_with_a_spool_others_may_write_in_fetches_the_file_alone(tmp
     cli("archive-get", "-r", url, "--spool", str(spool), SEGMENTS[0], str(dest))
     (inner,) = os.listdir(spool)
     assert sorted(modes_below(spool / inner).items()) == [(".", 0o700), *((n, 0o600) for n in SEGMENTS[1:])]
+
+
+# --------------------------------------------------------------------------- serve
+
+def test_a_tokens_file_line_the_wrong_way_round_is_refused_without_its_token(tmp_path):
+    """``TOKEN MODE`` was refused as "unknown mode 'the-token'": on the terminal, and in the service's log when
+    a reload (SIGHUP) read such a file."""
+    from servers_http import run_serve
+
+    (tmp_path / "srv").mkdir()
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{FULL_TOKEN} full\n")
+    tokens.chmod(0o600)
+    proc = run_serve("--path", str(tmp_path / "srv"), "--tokens", str(tokens), "--listen", "127.0.0.1:0")
+    assert proc.returncode == 2 and "MODE comes first" in proc.stderr and FULL_TOKEN not in proc.stderr
+    tokens.write_text("ful abcdefghijklmnopq\n")
+    proc = run_serve("--path", str(tmp_path / "srv"), "--tokens", str(tokens), "--listen", "127.0.0.1:0")
+    assert proc.returncode == 2 and "unknown mode 'ful'" in proc.stderr
