@@ -635,7 +635,8 @@ class Restorer:
                 else:
                     self._fresh = True
             else:
-                os.makedirs(t)
+                os.makedirs(os.path.dirname(os.path.abspath(t)), exist_ok=True)
+                os.mkdir(t, 0o700)  # the snapshot's root mode is given once all is in, as to its directories
                 self._fresh = True
         except OSError as exc:
             raise _target_error(f"cannot restore into {os.fsdecode(t)}", exc) from None
@@ -1234,6 +1235,10 @@ class Restorer:
                     # ours, read-only (0555, say): opened up to be written in, as a fresh restore makes its
                     # directories; the recorded mode is set once all is in (``_finish_directory``)
                     os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=pfd, follow_symlinks=False)
+                elif st.st_mode & 0o077 & ~e.mode and os.geteuid() in (0, st.st_uid):
+                    # more open than recorded (0755 for 0700): closed now, not once all is in, since what it
+                    # holds may be readable by others only for the directory's sake (a 0644 file in ~/.ssh)
+                    os.chmod(name, stat.S_IMODE(st.st_mode) & (e.mode | 0o700), dir_fd=pfd, follow_symlinks=False)
                 self._sweep_beside(e.path)
             self._dirs.append(e)
             self.result.dirs += 1

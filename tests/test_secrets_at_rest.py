@@ -268,3 +268,57 @@ def test_a_tokens_file_line_the_wrong_way_round_is_refused_without_its_token(tmp
     tokens.write_text("ful abcdefghijklmnopq\n")
     proc = run_serve("--path", str(tmp_path / "srv"), "--tokens", str(tokens), "--listen", "127.0.0.1:0")
     assert proc.returncode == 2 and "unknown mode 'ful'" in proc.stderr
+
+
+# --------------------------------------------------------------------------- restore
+
+@pytest.mark.parametrize("how", ["new target", "in place"])
+def test_a_directory_private_in_the_snapshot_is_never_open_while_its_files_are_restored(tmp_path, new_repo,
+                                                                                        monkeypatch, how):
+    """A 0644 file is private when its directory is 0700 (~/.ssh, /root): the target's root was made at the
+    umask's 0755, and a directory there in place kept its 0755, until the whole restore was in; a restore
+    stopped half-way left them so."""
+    from chunkvault.store import writefiles
+    from chunkvault.store.restore import Restorer
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for rel in ("a.txt", "sub/b.txt"):
+        (src / rel).write_text("readable for its directory's sake")
+        os.chmod(src / rel, 0o644)
+    os.chmod(src / "sub", 0o700)
+    os.chmod(src, 0o700)
+    repo = new_repo()
+    snap = repo.backup([str(src)]).snapshot
+    target = tmp_path / "target"
+    if how == "in place":
+        (target / "sub").mkdir(parents=True)
+        (target / "a.txt").write_text("old")
+        for path, mode in ((target, 0o755), (target / "sub", 0o755), (target / "a.txt", 0o644)):
+            os.chmod(path, mode)
+    seen = []  # (a file just written, the modes of the directories above it then)
+
+    def note(path: bytes) -> None:
+        above = [".", *(["sub"] if path.startswith(b"sub/") else [])]
+        seen.append((path, {p: stat.S_IMODE(os.stat(target / p).st_mode) for p in above}))
+
+    real_file, real_run = Restorer._restore_file, writefiles.write_small_files
+
+    def file_noted(self, e, pf):
+        real_file(self, e, pf)
+        note(e.path)
+
+    def run_noted(run, owners):
+        results = real_run(run, owners)
+        for pfd, name, *_ in run:
+            where = os.path.join(os.readlink(f"/proc/self/fd/{pfd}"), os.fsdecode(name))
+            note(os.fsencode(os.path.relpath(where, target)))
+        return results
+
+    monkeypatch.setattr(Restorer, "_restore_file", file_noted)
+    monkeypatch.setattr(writefiles, "write_small_files", run_noted)
+    with umask(0o022):
+        repo.restore(snap, str(target), processes=1, force=how == "in place", delta=how == "in place")
+    assert sorted(p for p, _ in seen) == [b"a.txt", b"sub/b.txt"], seen
+    assert all(mode & 0o077 == 0 for _, modes in seen for mode in modes.values()), seen
+    assert modes_below(target) == {".": 0o700, "a.txt": 0o644, "sub": 0o700, "sub/b.txt": 0o644}
