@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from chunkvault.errors import SourceCommandFailed, UsageError
+from chunkvault.store.command_stream import without_secrets
 from chunkvault.store.walnames import format_lsn, parse_lsn
 
 #: Oldest server this session drives: non-exclusive backups, and temporary replication slots (10).
@@ -228,7 +229,7 @@ class PgBackupSession:
             raise UsageError(f"the standby wait is a number of seconds above 0, not {standby_wait!r}")
         self.standby_wait = standby_wait
         self._argv: list[str] = [psql, "-X", "-q", "-A", "-t", "-F", _FIELD, "-v", "ON_ERROR_STOP=1"]
-        self._env = dict(os.environ if env is None else env)
+        self._env = without_secrets(os.environ if env is None else env)  # psql needs none of our credentials
         if dbname:
             dbname, password = password_aside(dbname)
             self._argv += ["-d", dbname] if dbname else []

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chunkvault.errors import ChunkvaultError, PermissionDenied, RemoteError, RemoteUnavailable, UsageError
+from chunkvault.store.command_stream import without_secrets
 
 from .sftp_client import SFTPClient
 
@@ -236,8 +237,9 @@ class OpenSSHSessions:
         ours, theirs = socket.socketpair()
         stderr = tempfile.TemporaryFile()
         try:
+            # without our credentials: the SSH config's ProxyCommand, LocalCommand and Match exec inherit it
             proc = subprocess.Popen(self.command, stdin=theirs, stdout=theirs, stderr=stderr,
-                                    start_new_session=True)
+                                    env=without_secrets(os.environ), start_new_session=True)
         except OSError as exc:
             ours.close()
             stderr.close()

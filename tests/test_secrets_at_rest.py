@@ -322,3 +322,37 @@ def test_a_directory_private_in_the_snapshot_is_never_open_while_its_files_are_r
     assert sorted(p for p, _ in seen) == [b"a.txt", b"sub/b.txt"], seen
     assert all(mode & 0o077 == 0 for _, modes in seen for mode in modes.values()), seen
     assert modes_below(target) == {".": 0o700, "a.txt": 0o644, "sub": 0o700, "sub/b.txt": 0o644}
+
+
+# --------------------------------------------------------------------------- children's environment
+
+def _env_recorder(tmp_path, name: str):
+    program = tmp_path / name
+    program.write_text('#!/bin/sh\nenv > "$0.env"\nexit 1\n')
+    program.chmod(0o700)
+    return program
+
+
+def test_ssh_and_psql_get_none_of_our_credentials(tmp_path, monkeypatch):
+    """Hooks and --then commands were given an environment without them, but ssh (whose ProxyCommand,
+    LocalCommand and Match exec inherit it) and psql had the repository's password and the service's token."""
+    from chunkvault.pgsession import PgBackupSession
+    from chunkvault.remotes.sftp_sessions import OpenSSHSessions, SSHTarget
+
+    for name, value in (("CHUNKVAULT_PASSWORD", "repo-secret"), ("CHUNKVAULT_HTTP_TOKEN", TOKEN),
+                        ("CHUNKVAULT_TO_PASSWORD_FILE", "/x/pw"), ("CHUNKVAULT_REPOSITORY", "/srv/repo"),
+                        ("SSH_AUTH_SOCK", "/run/agent"), ("PGPASSWORD", "theirs")):
+        monkeypatch.setenv(name, value)
+    ssh, psql = _env_recorder(tmp_path, "ssh"), _env_recorder(tmp_path, "psql")
+    target = SSHTarget("127.0.0.1", 22, "u", (), None, False, None, 5.0)
+    with pytest.raises(Exception):
+        OpenSSHSessions(target, str(ssh)).open()
+    session = PgBackupSession("dbname=app", psql=str(psql))
+    session.open()
+    session.close()
+    for program in (ssh, psql):
+        env = dict(line.split("=", 1) for line in (tmp_path / f"{program.name}.env").read_text().splitlines()
+                   if "=" in line)
+        assert not {"CHUNKVAULT_PASSWORD", "CHUNKVAULT_HTTP_TOKEN", "CHUNKVAULT_TO_PASSWORD_FILE"} & set(env)
+        assert env["CHUNKVAULT_REPOSITORY"] == "/srv/repo" and env["SSH_AUTH_SOCK"] == "/run/agent"
+    assert "PGPASSWORD=theirs" in (tmp_path / "psql.env").read_text()
