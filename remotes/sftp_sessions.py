@@ -167,7 +167,8 @@ def openssh_settings(target: SSHTarget, program: str = "ssh") -> dict[str, str]:
     which the connection then reports)."""
     command = openssh_command(target, program)[:-4] + ["-G", "--", target.host]
     try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                              env=without_secrets(os.environ))  # its Match exec runs commands
     except (OSError, subprocess.SubprocessError):
         return {}
     if done.returncode != 0:

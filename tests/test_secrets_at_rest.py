@@ -337,7 +337,7 @@ def test_ssh_and_psql_get_none_of_our_credentials(tmp_path, monkeypatch):
     """Hooks and --then commands were given an environment without them, but ssh (whose ProxyCommand,
     LocalCommand and Match exec inherit it) and psql had the repository's password and the service's token."""
     from chunkvault.pgsession import PgBackupSession
-    from chunkvault.remotes.sftp_sessions import OpenSSHSessions, SSHTarget
+    from chunkvault.remotes.sftp_sessions import OpenSSHSessions, SSHTarget, openssh_settings
 
     for name, value in (("CHUNKVAULT_PASSWORD", "repo-secret"), ("CHUNKVAULT_HTTP_TOKEN", TOKEN),
                         ("CHUNKVAULT_TO_PASSWORD_FILE", "/x/pw"), ("CHUNKVAULT_REPOSITORY", "/srv/repo"),
@@ -345,14 +345,15 @@ def test_ssh_and_psql_get_none_of_our_credentials(tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     ssh, psql = _env_recorder(tmp_path, "ssh"), _env_recorder(tmp_path, "psql")
     target = SSHTarget("127.0.0.1", 22, "u", (), None, False, None, 5.0)
+    assert openssh_settings(target, str(ssh)) == {}  # ssh -G: its Match exec runs commands
+    (tmp_path / "ssh.env").rename(tmp_path / "ssh-G.env")
     with pytest.raises(Exception):
         OpenSSHSessions(target, str(ssh)).open()
     session = PgBackupSession("dbname=app", psql=str(psql))
     session.open()
     session.close()
-    for program in (ssh, psql):
-        env = dict(line.split("=", 1) for line in (tmp_path / f"{program.name}.env").read_text().splitlines()
-                   if "=" in line)
+    for recorded in ("ssh-G.env", "ssh.env", "psql.env"):
+        env = dict(line.split("=", 1) for line in (tmp_path / recorded).read_text().splitlines() if "=" in line)
         assert not {"CHUNKVAULT_PASSWORD", "CHUNKVAULT_HTTP_TOKEN", "CHUNKVAULT_TO_PASSWORD_FILE"} & set(env)
         assert env["CHUNKVAULT_REPOSITORY"] == "/srv/repo" and env["SSH_AUTH_SOCK"] == "/run/agent"
     assert "PGPASSWORD=theirs" in (tmp_path / "psql.env").read_text()
