@@ -27,7 +27,7 @@ import stat
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote
@@ -92,7 +92,7 @@ class Settings:
     host: str
     port: int
     path: str
-    tokens: list[tuple[bytes, str]] | None
+    tokens: list[tuple[bytes, str]] | None = field(repr=False)  # a traceback or a log of the settings shows none
     append_only: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None

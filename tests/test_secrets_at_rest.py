@@ -357,3 +357,15 @@ def test_ssh_and_psql_get_none_of_our_credentials(tmp_path, monkeypatch):
         assert not {"CHUNKVAULT_PASSWORD", "CHUNKVAULT_HTTP_TOKEN", "CHUNKVAULT_TO_PASSWORD_FILE"} & set(env)
         assert env["CHUNKVAULT_REPOSITORY"] == "/srv/repo" and env["SSH_AUTH_SOCK"] == "/run/agent"
     assert "PGPASSWORD=theirs" in (tmp_path / "psql.env").read_text()
+
+
+def test_the_service_settings_repr_shows_no_token(tmp_path):
+    from chunkvault.remotes.server import parse_settings
+
+    (tmp_path / "srv").mkdir()
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"full {FULL_TOKEN}\n")
+    tokens.chmod(0o600)
+    settings = parse_settings(["--path", str(tmp_path / "srv"), "--tokens", str(tokens)])
+    assert settings.tokens == [(FULL_TOKEN.encode(), "full")]
+    assert FULL_TOKEN not in repr(settings) and str(tokens) in repr(settings)
