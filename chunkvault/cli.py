@@ -924,7 +924,8 @@ def _recovery_asked(args: argparse.Namespace) -> tuple[Any, str] | None:
         url = os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
     secret = _secret_for_server(args)
     endpoint = getattr(args, "s3_endpoint", None)
-    options = list(args.option or []) + ([f"s3.endpoint-url={endpoint}"] if endpoint else [])
+    options = [_absolute_path_option(o) for o in args.option or []] + (
+        [f"s3.endpoint-url={endpoint}"] if endpoint else [])
     options += _token_for_server(url, options)
     spool = os.path.abspath(args.pg_spool) if args.pg_spool else None
     return target, restore_command(_program(), url, secret, options, spool)
@@ -946,6 +947,15 @@ def _secret_for_server(args: argparse.Namespace) -> tuple[str, str]:
     raise UsageError("--pg-recover writes a restore_command that opens the repository by itself: give "
                      "--password-file (or --password-command) that PostgreSQL's user can use, or "
                      "--pg-restore-command")
+
+
+def _absolute_path_option(option: str) -> str:
+    """A ``-o`` option naming a file (``http.token-file``, ``sftp.key-file``, ``sftp.known-hosts``, ...) with
+    its path made absolute, as the password file's is: the server runs restore_command in its data directory."""
+    name, sep, value = option.partition("=")
+    if sep and value and name.strip().lower().replace("_", "-").endswith(("-file", "-hosts", "-config")):
+        return f"{name}={os.path.abspath(os.path.expanduser(value))}"
+    return option
 
 
 def _token_for_server(url: str, options: list[str]) -> list[str]:

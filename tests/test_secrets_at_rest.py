@@ -3,6 +3,8 @@ cache, the ledger, the key kept ahead) are this user's alone whatever the umask,
 where another user reads it (PostgreSQL's restore_command)."""
 import os
 import stat
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -159,6 +161,12 @@ def test_recovery_over_http_takes_the_token_file_not_the_token(tmp_path, cli, ht
     conf = (tmp_path / "t2" / "postgresql.auto.conf").read_text()
     assert f"http.token-file={tokfile}" in conf and FULL_TOKEN not in conf
     assert stat.S_IMODE(os.stat(tmp_path / "t2" / "postgresql.auto.conf").st_mode) == 0o600
+    # a relative path as given would be looked up in the data directory, where the server runs the command
+    proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", *common, "--target", str(tmp_path / "t3"),
+                           "-o", "http.token-file=tok"], cwd=tmp_path, capture_output=True,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")})
+    assert proc.returncode == 0, proc.stderr
+    assert f"http.token-file={tokfile} " in (tmp_path / "t3" / "postgresql.auto.conf").read_text()
 
 
 # --------------------------------------------------------------------------- psql's command line
