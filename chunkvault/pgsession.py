@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from chunkvault.errors import SourceCommandFailed, UsageError
-from chunkvault.store.command_stream import without_secrets
+from chunkvault.processes import without_secrets
 from chunkvault.store.walnames import format_lsn, parse_lsn
 
 #: Oldest server this session drives: non-exclusive backups, and temporary replication slots (10).

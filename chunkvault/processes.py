@@ -1,10 +1,21 @@
-"""Child processes that run in a session of their own (hooks, verification commands)."""
+"""Child processes: the environment they get, and those that run in a session of their own (hooks,
+verification commands)."""
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-from typing import Any
+from typing import Any, Mapping
+
+_SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET")
+
+
+def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without chunkvault's credentials (``CHUNKVAULT_PASSWORD``, ``..._FILE``,
+    ``CHUNKVAULT_TO_PASSWORD``, ``CHUNKVAULT_HTTP_TOKEN``, ...): a command we start, and what it starts,
+    gets none, and cannot write one into what it backs up (a ``PGPASSWORD`` stays: it is the command's)."""
+    return {k: v for k, v in env.items()
+            if not (k.startswith("CHUNKVAULT_") and any(w in k for w in _SECRET_WORDS))}
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -72,14 +72,13 @@ from .display import LIST_LETTERS, one_line, shown_name
 from .localfiles import no_room_after
 from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, OutputClosed, PartialBackup, RemoteUnavailable,
                      SourceCommandFailed, Stopped, UsageError, VerificationFailed)
-from .processes import kill_group
+from .processes import kill_group, without_secrets
 from .remotes.layer import stop_request
 from .schedule import (CopyTarget, Policy, RetentionScope, Source, check_due, check_slice, dated_ahead, decide,
                        iso_time, next_wakeup, parse_iso_time, parse_policy, retention_scope, state_document,
                        state_sections, verification_passed, verified_times, verify_due)
 from .schedulecli import add_commands
 from .units import format_size
-from .store.command_stream import without_secrets
 from .store.retention import RetentionPolicy
 from .store.source import excludes_of
 from .tomlfile import read_toml

@@ -40,8 +40,7 @@ from .localfiles import abandoned, no_room_after
 from .errors import (ChunkvaultError, CorruptObject, MissingObject, NewerObject, SnapshotNotFound, StorageFull,
                      TargetUnwritable, UsageError, VerificationFailed)
 from .pgstart import PG_START_TIMEOUT, PgStartResult, prove_data_directories
-from .processes import become_subreaper, carries, children, kill_group, stop_being_subreaper
-from .store.command_stream import without_secrets
+from .processes import become_subreaper, carries, children, kill_group, stop_being_subreaper, without_secrets
 from .store.manifest import (
     T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, TYPE_NAMES, Entry, sort_key, unread,
 )

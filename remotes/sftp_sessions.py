@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chunkvault.errors import ChunkvaultError, PermissionDenied, RemoteError, RemoteUnavailable, UsageError
-from chunkvault.store.command_stream import without_secrets
+from chunkvault.processes import without_secrets
 
 from .sftp_client import SFTPClient
 

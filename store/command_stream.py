@@ -18,6 +18,7 @@ import time
 from typing import IO, Mapping, Sequence
 
 from chunkvault.errors import SourceCommandFailed, UsageError
+from chunkvault.processes import without_secrets
 
 from .locks import process_start
 
@@ -31,17 +32,6 @@ def wait_readable(fd: int) -> None:
     thread once that runs Python code again, which a read blocked on a silent pipe would not do."""
     while not select.select([fd], [], [], WAKE_EVERY)[0]:
         pass
-
-
-_SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET")
-
-
-def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` without chunkvault's credentials (``CHUNKVAULT_PASSWORD``, ``..._FILE``,
-    ``CHUNKVAULT_TO_PASSWORD``, ``CHUNKVAULT_HTTP_TOKEN``, ...): a command we start, and what it starts,
-    gets none, and cannot write one into what it backs up (a ``PGPASSWORD`` stays: it is the command's)."""
-    return {k: v for k, v in env.items()
-            if not (k.startswith("CHUNKVAULT_") and any(w in k for w in _SECRET_WORDS))}
 
 
 def descendants(pid: int) -> list[tuple[int, int]]:
