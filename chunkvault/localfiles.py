@@ -62,7 +62,7 @@ def make_private_dirs(path: str) -> None:
     if os.path.isdir(path):
         return
     parent = os.path.dirname(os.path.abspath(path))
-    if parent != os.path.abspath(path):
+    if not os.path.lexists(parent):  # one there that is no directory: mkdir says so, naming ``path``
         make_private_dirs(parent)
     try:
         os.mkdir(path, 0o700)

@@ -1032,12 +1032,16 @@ def _remember(path: str | None, section: str, url: str, entry: dict[str, Any], l
 
 
 def _write_state(path: str | None, sections: dict[str, dict[str, Any]], log: Callable[[str], None]) -> None:
-    """Replace the state file whole (a crash leaves the old one or the new one)."""
+    """Replace the state file whole (a crash leaves the old one or the new one), writable by this user alone
+    whatever the umask: another user who could write it would mark a failed verification passed."""
     if path is None:
         return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)  # a crashed run's, which would keep its mode
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with open(fd, "w", encoding="utf-8") as f:
             json.dump(state_document(sections), f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())

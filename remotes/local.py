@@ -26,6 +26,7 @@ from chunkvault.errors import (
     StorageFull,
     UsageError,
 )
+from chunkvault.localfiles import make_private_dirs
 
 from .base import ObjectInfo, Remote, is_key, spelled, validate_key, validate_prefix
 
@@ -219,7 +220,7 @@ class LocalRemote(Remote):
     def _ensure_dir(self, d: str) -> None:
         if d in self._known_dirs:
             return
-        os.makedirs(d, exist_ok=True)
+        make_private_dirs(d)  # 0700 whatever the umask: under 000 another user could delete objects
         self._known_dirs.add(d)
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:

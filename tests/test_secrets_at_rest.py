@@ -377,3 +377,31 @@ def test_the_service_settings_repr_shows_no_token(tmp_path):
     settings = parse_settings(["--path", str(tmp_path / "srv"), "--tokens", str(tokens)])
     assert settings.tokens == [(FULL_TOKEN.encode(), "full")]
     assert FULL_TOKEN not in repr(settings) and str(tokens) in repr(settings)
+
+
+@pytest.mark.parametrize("mask", [0o000, 0o022])
+def test_a_local_repository_is_this_users_alone_to_change_whatever_the_umask(tmp_path, mask):
+    """Its objects were 0600 but its directories 0777 under umask 000: another user could delete packs."""
+    from chunkvault.remotes.local import LocalRemote
+
+    with umask(mask):
+        remote = LocalRemote(str(tmp_path / "top" / "repo"))
+        remote.put("data/ab/" + "ab" * 32, b"sealed pack")
+        remote.put("config", b"sealed config")
+    for path, mode in modes_below(tmp_path / "top").items():
+        if os.path.isdir(tmp_path / "top" / path):
+            assert mode == 0o700, (path, oct(mode))
+        else:
+            assert not mode & 0o077, (path, oct(mode))
+
+
+def test_a_policys_state_file_is_writable_by_this_user_alone_whatever_the_umask(tmp_path):
+    """Under umask 000 it was 0666: another user could mark a failed verification passed."""
+    from chunkvault.scheduler import _write_state
+
+    path = tmp_path / "policy.toml.state"
+    (tmp_path / f"policy.toml.state.tmp{os.getpid()}").write_text("left by a crashed run")
+    os.chmod(tmp_path / f"policy.toml.state.tmp{os.getpid()}", 0o666)
+    with umask(0o000):
+        _write_state(str(path), {}, print)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644 and path.read_text().startswith("{")
