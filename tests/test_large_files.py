@@ -1,0 +1,327 @@
+"""Files past 32-bit offsets, sparse files, files at the chunker's size limits, and large files that change
+while a backup reads them.
+
+The multi-GiB files are sparse: a few pages of data around 2 GiB, 4 GiB (and 8 GiB) in holes, so they
+take little disk; what they cost is the time to read their zeros.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+from chunkvault.chunker.params import DEFAULT_PARAMS
+from chunkvault.store import backup
+from chunkvault.store.manifest import F_CHANGED_DURING_READ, T_FILE
+
+GiB = 1 << 30
+MiB = 1 << 20
+PAGE = 4096
+
+
+def data_extents(path) -> list[tuple[int, int]]:
+    """The (start, end) of each run of data the file system holds for ``path`` (its holes left out)."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, pos = os.fstat(fd).st_size, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole from here on
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, pos))
+    finally:
+        os.close(fd)
+    return out
+
+
+def assert_same_sparse(a, b) -> None:
+    """Byte for byte, reading only where either file holds data (both are zeros elsewhere)."""
+    assert os.path.getsize(a) == os.path.getsize(b)
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for start, end in sorted(data_extents(a) + data_extents(b)):
+            for pos in range(start, end, 8 * MiB):
+                n = min(8 * MiB, end - pos)
+                fa.seek(pos)
+                fb.seek(pos)
+                assert fa.read(n) == fb.read(n), f"{b} differs from {a} in [{pos}, {pos + n})"
+
+
+def sparse_file(path, size: int, offsets: list[int]) -> dict[int, bytes]:
+    """A file of ``size`` bytes holding a random page at each offset (kept inside the file), holes around."""
+    pages = {}
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in offsets:
+            off = max(0, min(off, size - PAGE))
+            pages[off] = os.urandom(PAGE)
+            f.seek(off)
+            f.write(pages[off])
+    return pages
+
+
+def keeps_holes(path) -> bool:
+    return os.stat(path).st_blocks * 512 < 64 * MiB
+
+
+def need_holes(directory) -> None:
+    """Skip where the file system fills holes in (a restore would write GiBs of zeros) or is nearly full."""
+    probe = directory / "hole-probe"
+    sparse_file(probe, 256 * MiB, [128 * MiB])
+    kept = keeps_holes(probe)
+    probe.unlink()
+    st = os.statvfs(directory)
+    if not kept or st.f_bavail * st.f_frsize < 256 * MiB:
+        pytest.skip("this file system keeps no holes, or has too little room")
+
+
+# --- past 2 GiB and 4 GiB ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_sparse_file_past_4_gib_round_trips_with_its_changes_stored_as_deltas(tmp_path, new_repo):
+    """Data just below and above 2^31 and 2^32 and at the very end: a backup, a differential of pages
+    changed above 4 GiB cut at fixed offsets (delta blobs), and every way back (a restore anew, in place with
+    ``delta``, reads at those offsets, an export imported elsewhere) gives the same bytes, holes kept."""
+    need_holes(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    big = src / "big"
+    size = (1 << 32) + 3 * MiB + 17  # ends inside a page
+    edges = [0, (1 << 31) - PAGE, (1 << 31) - 5, 1 << 31, (1 << 32) - PAGE, (1 << 32) - 3, 1 << 32,
+             (1 << 32) + 12345, size - 1]
+    sparse_file(big, size, edges)
+    repo = new_repo()
+    first = repo.backup([str(src)]).snapshot
+    assert first.stats["bytes"] == size
+    old = tmp_path / "old"
+    repo.restore(first.id, str(old))
+    assert_same_sparse(big, old / "big")
+    assert keeps_holes(old / "big")
+
+    changed = {(1 << 32) + off: os.urandom(PAGE) for off in (0, 2 * MiB, 2 * MiB + 3 * PAGE + 7)}
+    with open(big, "r+b") as f:
+        for off, page in changed.items():
+            f.seek(off)
+            f.write(page)
+    second = repo.backup([str(src)], fixed_chunks=["big"])
+    assert second.snapshot.stats["delta_blobs"] > 0 and second.snapshot.stats["bytes"] == size
+    entry = {e.path: e for e in repo.tree(second.snapshot)}[b"big"]
+    assert entry.size == size and not entry.flags & F_CHANGED_DURING_READ
+
+    fresh = tmp_path / "fresh"
+    repo.restore("latest", str(fresh))
+    assert_same_sparse(big, fresh / "big")
+    assert keeps_holes(fresh / "big")
+    result = repo.restore("latest", str(old), force=True, delta=True)
+    assert result.unchanged_files == 0 and 0 < result.rewritten_bytes < 16 * MiB
+    assert_same_sparse(big, old / "big")
+    assert keeps_holes(old / "big")
+
+    with repo.open_file("latest", "big") as f, open(big, "rb") as want:
+        for off in [*edges, *changed]:
+            for n in (1, PAGE + 2, 3 * MiB):
+                f.seek(off)
+                want.seek(off)
+                assert f.read(n) == want.read(n), (off, n)
+
+    exported = tmp_path / "x.backup"
+    repo.export("latest", str(exported), "export password", kdf_seconds=0)
+    other = new_repo()
+    other.import_backup(str(exported), "export password")
+    imported = tmp_path / "imported"
+    other.restore("latest", str(imported))
+    assert_same_sparse(big, imported / "big")
+    assert repo.check(read_data=True).ok and other.check(read_data=True).ok
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar is not installed")
+def test_import_tar_of_a_member_over_8_gib_from_gnu_tar_sparse(tmp_path, new_repo):
+    """A member past ustar's 8 GiB size field (its size in a pax record), written by GNU tar as a sparse
+    member, imports at its full size with its data at the right offsets."""
+    need_holes(tmp_path)
+    big = tmp_path / "big"
+    size = 8 * GiB + 5 * PAGE + 3
+    pages = sparse_file(big, size, [0, (1 << 32) + 1, (1 << 33) - 2, size - 1])
+    tarball = tmp_path / "big.tar"
+    subprocess.run(["tar", "-cSf", str(tarball), "--format=posix", "-C", str(tmp_path), "big"], check=True)
+    with tarfile.open(tarball) as tf:
+        assert tf.getmember("big").size == size
+    repo = new_repo()
+    with open(tarball, "rb") as f:
+        snap = repo.import_tar(f, "/srv/big").snapshot
+    entry = {e.path: e for e in repo.tree(snap)}[b"big"]
+    assert entry.size == size == snap.stats["bytes"]
+    with repo.open_file(snap, "big") as f:
+        for off, page in pages.items():
+            f.seek(off)
+            assert f.read(PAGE) == page
+        f.seek(size - 1)
+        assert f.read(10) == pages[size - PAGE][-1:]
+
+
+# --- the chunker's size limits ---------------------------------------------------------------------------
+
+LIMITS = sorted({0, 1} | {limit + d for limit in (DEFAULT_PARAMS.min_size, DEFAULT_PARAMS.avg_size,
+                                                  DEFAULT_PARAMS.max_size) for d in (-1, 0, 1)})
+
+
+def _write_versions(src, version: int) -> None:
+    """A file of each size at the chunker's limits (random, and zeros with a last byte that changes), and one
+    that moves across each limit between versions."""
+    for size in LIMITS:
+        (src / f"random{size}").write_bytes(os.urandom(size))
+        (src / f"zeros{size}").write_bytes(bytes(max(size - 1, 0)) + (b"%d" % version)[:size])
+        across = size + (1 if version else 0) if size % 2 else max(size - version, 0)
+        (src / f"across{size}").write_bytes(os.urandom(across))
+
+
+def _assert_same_tree(a, b) -> None:
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    for name in os.listdir(a):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["content-defined", "fixed"])
+def test_files_at_the_chunkers_size_limits_round_trip(tmp_path, new_repo, fixed):
+    """Empty, one byte, and the least, average and greatest chunk size with a byte either side: stored,
+    restored anew and in place with ``delta`` (forward and back) byte for byte, each size recorded as read."""
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo()
+    fixed_chunks = ["*"] if fixed else None
+    _write_versions(src, 0)
+    first = repo.backup([str(src)], fixed_chunks=fixed_chunks, fixed_chunk_size=DEFAULT_PARAMS.avg_size)
+    kept = tmp_path / "kept"
+    shutil.copytree(src, kept)
+    _write_versions(src, 1)
+    second = repo.backup([str(src)], fixed_chunks=fixed_chunks, fixed_chunk_size=DEFAULT_PARAMS.avg_size)
+    for snap, tree in ((first.snapshot, kept), (second.snapshot, src)):
+        assert not snap.stats["unreadable"]
+        for e in repo.tree(snap):
+            if e.type == T_FILE:
+                assert e.size == (tree / os.fsdecode(e.path)).stat().st_size, e.path
+    out = tmp_path / "out"
+    repo.restore(first.snapshot.id, str(out))
+    _assert_same_tree(kept, out)
+    repo.restore(second.snapshot.id, str(out), force=True, delta=True)
+    _assert_same_tree(src, out)
+    repo.restore(first.snapshot.id, str(out), force=True, delta=True)
+    _assert_same_tree(kept, out)
+
+
+# --- a large file changing while it is read --------------------------------------------------------------
+
+def _after_reading(monkeypatch, limit: int, change) -> list[int]:
+    """Run ``change()`` once the backup has read ``limit`` bytes of a file through its descriptor."""
+    state = [0]
+    fired: list[int] = []
+    readinto, read = backup._FdReader.readinto, backup._FdReader.read
+
+    def count(n: int) -> None:
+        state[0] += n
+        if not fired and state[0] >= limit:
+            fired.append(state[0])
+            change()
+
+    def counted_readinto(self, buf):
+        n = readinto(self, buf)
+        count(n)
+        return n
+
+    def counted_read(self, n):
+        data = read(self, n)
+        count(len(data))
+        return data
+
+    monkeypatch.setattr(backup._FdReader, "readinto", counted_readinto)
+    monkeypatch.setattr(backup._FdReader, "read", counted_read)
+    return fired
+
+
+def _truncate(path, size):
+    return lambda: os.truncate(path, size)
+
+
+def _append(path, n):
+    def change():
+        with open(path, "ab") as f:
+            f.write(os.urandom(n))
+    return change
+
+
+def _replace(path, becomes):
+    def change():
+        if becomes == "file":
+            (path.parent / "new").write_bytes(os.urandom(3 * MiB))
+            os.rename(path.parent / "new", path)
+        else:
+            path.unlink()
+            path.mkdir()
+    return change
+
+
+def _rewrite_keeping_mtime(path, truncate_first):
+    def change():
+        st = path.stat()
+        with open(path, "r+b") as f:
+            if truncate_first:  # a writer that rewrites the file from the start
+                f.truncate(0)
+                f.truncate(st.st_size)
+            else:
+                f.seek(st.st_size // 2)
+                f.write(os.urandom(PAGE))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return change
+
+
+CHANGES = {
+    "truncated-below-what-was-read": lambda p: _truncate(p, 3 * MiB),
+    "truncated-to-nothing": lambda p: _truncate(p, 0),
+    "truncated-ahead-of-the-reads": lambda p: _truncate(p, 14 * MiB),
+    "grown": lambda p: _append(p, 5 * MiB + 7),
+    "replaced-by-a-file": lambda p: _replace(p, "file"),
+    "replaced-by-a-directory": lambda p: _replace(p, "directory"),
+    "rewritten-in-place-mtime-put-back": lambda p: _rewrite_keeping_mtime(p, False),
+    "truncated-and-regrown-mtime-put-back": lambda p: _rewrite_keeping_mtime(p, True),
+}
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["content-defined", "fixed"])
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_large_file_changing_while_read_is_flagged_and_restores_as_recorded(tmp_path, new_repo,
+                                                                              monkeypatch, change, fixed):
+    """Whatever happens to a file several read buffers long after its first buffer is read, the backup says
+    it changed, the entry's size is the length of the data stored, the snapshot's byte count agrees, and a
+    restore gives back exactly that: the file as it was, or the bytes read, never a size that disagrees."""
+    src = tmp_path / "src"
+    src.mkdir()
+    path = src / "big"
+    original = os.urandom(18 * MiB)
+    path.write_bytes(original)
+    (src / "steady").write_bytes(os.urandom(100_000))
+    repo = new_repo()
+    fired = _after_reading(monkeypatch, 8 * MiB, CHANGES[change](path))
+    result = repo.backup([str(src)], fixed_chunks=["big"] if fixed else None)
+    monkeypatch.undo()
+    assert fired
+    entries = {e.path: e for e in repo.tree(result.snapshot)}
+    e = entries[b"big"]
+    assert e.flags & F_CHANGED_DURING_READ and not entries[b"steady"].flags
+    assert [w for w in result.warnings if "big" in w] == [f"changed while being read (stored as read): {path}"]
+    assert result.snapshot.stats["bytes"] == sum(x.size for x in entries.values() if x.type == T_FILE)
+    out = tmp_path / "out"
+    repo.restore(result.snapshot.id, str(out))
+    restored = (out / "big").read_bytes()
+    assert len(restored) == e.size
+    assert restored == original[:e.size] or restored[:8 * MiB] == original[:8 * MiB]
+    assert (out / "steady").read_bytes() == (src / "steady").read_bytes()
+    again = repo.backup([str(src)])  # flagged: read again, whatever its stat says
+    if path.is_file():
+        now = {x.path: x for x in repo.tree(again.snapshot)}[b"big"]
+        assert now.size == path.stat().st_size and not now.flags
