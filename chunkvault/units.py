@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from typing import Any
 
 from .errors import UsageError
@@ -19,12 +20,24 @@ def parse_size(text: Any) -> int:
         match = _SIZE.match(str(text).strip())
         if not match or (match.group(2) == "" and "." in match.group(1)):
             raise UsageError(f"not a size: {text!r} (e.g. 256M, 1.5G, 1048576)")
-        number = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        number = _bytes(match.group(1), _UNITS[match.group(2).lower()])
     if number < 1:
         raise UsageError(f"size must be at least 1 byte, not {text!r}")
     if number > MAX_SIZE:
         raise UsageError(f"size must be at most 8 EiB (what a file offset holds), not {text!r}")
     return number
+
+
+def _bytes(digits: str, unit: int) -> int:
+    """``digits`` (decimal, maybe with a fraction) units, rounded down, exactly: a float holds integers only
+    up to 2^53, short of the largest file offset, and hundreds of digits make it infinite.  Digits past the
+    40th after the point change no whole byte (one 2^-40 of a TiB has 40); an integer part longer than 40
+    digits is past any size, and stands for one without being converted."""
+    whole, _, fraction = digits.partition(".")
+    whole = whole.lstrip("0") or "0"
+    if len(whole) > 40:
+        return MAX_SIZE + 1
+    return int(Fraction(f"{whole}.{fraction[:40] or 0}") * unit)
 
 
 def parse_share(value: Any) -> float:

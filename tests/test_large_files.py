@@ -325,3 +325,37 @@ def test_a_large_file_changing_while_read_is_flagged_and_restores_as_recorded(tm
     if path.is_file():
         now = {x.path: x for x in repo.tree(again.snapshot)}[b"big"]
         assert now.size == path.stat().st_size and not now.flags
+
+
+# --- sizes given past what a float holds exactly ---------------------------------------------------------
+
+@pytest.mark.parametrize("text, size", [
+    ("9223372036854775807", (1 << 63) - 1),  # the largest file offset: the limit the error names
+    ("9007199254740993", (1 << 53) + 1),  # past 2^53 a float steps by 2
+    ("8191.5T", (8191 << 40) + (1 << 39)),
+    ("1.0000000001k", 1024),  # a fraction of a byte rounds down
+    ("0." + "9" * 60 + "T", (1 << 40) - 1),  # digits past the 40th after the point change no whole byte
+    ("0" * 50 + "1k", 1024),
+    ("1." + "5" * 5000 + "G", (3 << 29) + (1 << 29) // 9),
+    ("1.5G", 3 << 29),
+])
+def test_sizes_are_parsed_exactly_up_to_the_largest_file_offset(text, size):
+    from chunkvault.units import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["9223372036854775808", "8388608T", "9" * 400, "9" * 5000])
+def test_sizes_past_the_largest_file_offset_are_refused(text):
+    from chunkvault.errors import UsageError
+    from chunkvault.units import parse_size
+
+    with pytest.raises(UsageError, match="size must be at most 8 EiB"):
+        parse_size(text)
+
+
+def test_a_size_past_the_largest_file_offset_is_refused_by_its_limit(tmp_path, cli):
+    """A usage error (exit 2), never an internal error: a number of hundreds of digits made a float
+    infinity, which no int holds."""
+    proc = cli("backup", "-r", str(tmp_path / "repo"), str(tmp_path), "--exclude-larger-than", "9" * 400, check=2)
+    assert "size must be at most 8 EiB" in proc.stderr.decode()
