@@ -1036,8 +1036,12 @@ class Repo:
         or to refuse on with ``require_readable`` where it must see every snapshot; one deleted since
         the listing is simply gone.  A loaded index is then brought up to date (``refresh_index``), so that
         it holds the blobs of every snapshot listed."""
+        known = list(self._snapshot_seen)  # before the listing: a snapshot saved after it is not listed
         listed = {o.key.split("/", 1)[1]: (o.size, o.version) for o in self.remote.list("snapshots/")}
         names = list(listed)
+        for name in known:
+            if name not in listed:  # forgotten since: an object kept open for months holds only what is there
+                self._forget_snapshot(name)
         for name, seen in listed.items():  # rewritten meanwhile by another command (a rebase, a tag, a rewrite)
             if self._snapshot_seen.get(name, seen) != seen or seen[1] is None:  # no version: read again
                 self._snapshots.pop(name, None)
@@ -1046,7 +1050,7 @@ class Repo:
             try:
                 fresh = name not in self._snapshots
                 snap = self.load_snapshot(name)
-                if fresh and self._snapshot_seen[name][0] == listed[name][0]:  # read as listed, most likely:
+                if fresh and self._snapshot_seen.get(name, (None,))[0] == listed[name][0]:  # read as listed:
                     self._snapshot_seen[name] = listed[name]  # else the next listing reads it again
                 return snap
             except MissingObject:
@@ -1196,7 +1200,14 @@ class Repo:
 
     def delete_snapshot(self, name: str) -> None:
         self.remote.delete(f"snapshots/{name}")
+        self._forget_snapshot(name)
+
+    def _forget_snapshot(self, name: str) -> None:
+        """Drop what was kept of a snapshot that is gone: kept, each forgotten one's would add up in a
+        process that backs up and forgets for months."""
         self._snapshots.pop(name, None)
+        self._snapshot_seen.pop(name, None)
+        self.snapshot_digests.pop(name, None)
 
     # --- manifests ----------------------------------------------------------------------
 

@@ -1,0 +1,213 @@
+"""The Python API in a process that lives for weeks: cycles of backup, restore, forget, prune and check on
+one open Repository, or on one opened and closed each cycle, leave no more descriptors, threads, child
+processes or temporary files behind per cycle than before, and an object kept open keeps nothing of the
+snapshots gone; threads sharing a repository restore what was backed up."""
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+
+import pytest
+
+from chunkvault import Repository
+from chunkvault.errors import ChunkvaultError
+from chunkvault.store.retention import RetentionPolicy
+from conftest import PASSWORD
+from servers_http import FULL_TOKEN, http_server, serve_factory  # noqa: F401
+
+
+def _children() -> int:
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                count += len(f.read().split())
+        except OSError:
+            pass
+    return count
+
+
+def _resources(tmp: str) -> dict[str, int]:
+    """What a leak would show in: descriptors, threads, child processes, files in the temp directory."""
+    gc.collect()
+    return {"fds": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(),
+            "children": _children(), "temp files": sum(len(d) + len(f) for _, d, f in os.walk(tmp))}
+
+
+def _digests(root: str) -> dict[str, str]:
+    out = {}
+    for d, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(d, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _cycle(repo: Repository, src: str, out: str, i: int) -> None:
+    """One day of a backup tool: a changed file backed up, restored and compared, old snapshots forgotten and
+    their data pruned, the repository checked."""
+    with open(os.path.join(src, f"f{i % 5}"), "wb") as f:
+        f.write(os.urandom(20_000 + i))
+    snap = repo.backup([src]).snapshot
+    shutil.rmtree(out, ignore_errors=True)
+    repo.restore(snap, out)
+    assert _digests(out) == _digests(src)
+    repo.forget(policy=RetentionPolicy(keep_last=2))
+    repo.prune(max_unused=0.0)
+    assert repo.check().ok
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """A temp directory of this test's own, so that a temporary file left behind can be counted."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return str(tmp)
+
+
+@pytest.mark.parametrize("storage", ["local", pytest.param("http", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kept_open", [True, False])
+def test_cycles_leave_nothing_behind_per_cycle(tmp_path, private_tmp, request, storage, kept_open):
+    if storage == "http":
+        url, options = request.getfixturevalue("http_server").url, {"token": FULL_TOKEN}
+    else:
+        url, options = str(tmp_path / "repo"), {}
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    os.mkdir(src)
+    Repository.init(url, PASSWORD, kdf_seconds=0, **options).close()
+    repo = Repository.open(url, PASSWORD, **options) if kept_open else None
+
+    def cycle(i: int) -> None:
+        if repo is not None:
+            _cycle(repo, src, out, i)
+        else:
+            with Repository.open(url, PASSWORD, **options) as each:
+                _cycle(each, src, out, i)
+
+    for i in range(3):  # warmed up: pools started, modules imported, caches made
+        cycle(i)
+    before = _resources(private_tmp)
+    for i in range(3, 12):
+        cycle(i)
+    after = _resources(private_tmp)
+    if repo is not None:
+        repo.close()
+    assert after == before
+
+
+def test_an_object_kept_open_keeps_nothing_of_the_snapshots_forgotten(tmp_path, new_repo):
+    """What it read or wrote of each snapshot (the object, its listed version, its digest) was kept for every
+    snapshot it ever saw: a service backing up hourly and forgetting by policy grew by each forgotten one,
+    whether it forgot it itself or another command did."""
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo()
+    other = Repository.open(str(tmp_path / "repo0"), PASSWORD)
+
+    def kept() -> dict[str, int]:
+        store = repo.store
+        return {"objects": len(store._snapshots), "versions": len(store._snapshot_seen),
+                "digests": len(store.snapshot_digests)}
+
+    for i in range(12):
+        (src / "f").write_bytes(os.urandom(1000))
+        repo.backup([str(src)])
+        forgetter = repo if i % 2 else other  # itself, or another object (another command) does
+        forgetter.forget(policy=RetentionPolicy(keep_last=2))
+        repo.snapshots()
+        assert max(kept().values()) <= 2, kept()
+    other.close()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_threads_backing_up_restoring_and_checking_restore_what_was_backed_up(tmp_path, new_repo, shared):
+    """One Repository used by three threads, or one object each on the same repository: each restore is
+    byte for byte the snapshot's source, no call fails, and no lock is left."""
+    src = tmp_path / "src"
+    src.mkdir()
+    path = str(tmp_path / "repo0")
+    first = new_repo()
+    backed_up: dict[str, dict[str, str]] = {}
+    failures: list[str] = []
+    done = threading.Event()
+
+    def own() -> Repository:
+        return first if shared else Repository.open(path, PASSWORD)
+
+    def backups() -> None:
+        repo = own()
+        try:
+            for i in range(10):
+                for k in range(3):
+                    (src / f"f{k}").write_bytes(os.urandom(50_000 + 1000 * i))
+                state = _digests(str(src))
+                backed_up[repo.backup([str(src)]).snapshot.id] = state
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(f"backup: {exc!r}")
+        finally:
+            done.set()
+
+    def restores(n: int) -> None:
+        repo = own()
+        out = str(tmp_path / f"out{n}")
+        try:
+            while not done.is_set():
+                for snap in [s for s in repo.snapshots() if s.id in backed_up][-3:]:
+                    shutil.rmtree(out, ignore_errors=True)
+                    repo.restore(snap, out)
+                    if _digests(out) != backed_up[snap.id]:
+                        failures.append(f"restore of {snap.short_id} differs")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(f"restore: {exc!r}")
+
+    def checks() -> None:
+        repo = own()
+        try:
+            while not done.is_set():
+                if not repo.check().ok:
+                    failures.append("check found problems")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(f"check: {exc!r}")
+
+    threads = [threading.Thread(target=backups), threading.Thread(target=restores, args=(1,)),
+               threading.Thread(target=restores, args=(2,)), threading.Thread(target=checks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert failures == []
+    assert len(backed_up) == 10
+    assert os.listdir(os.path.join(path, "locks")) == []
+    with Repository.open(path, PASSWORD) as repo:
+        assert repo.check(read_data=True).ok
+
+
+@pytest.mark.slow
+def test_every_failure_of_a_cycle_on_a_server_gone_is_a_chunkvault_error(tmp_path, serve_factory):  # noqa: F811
+    """A service whose backup server went away: each call of the cycle fails with a ChunkvaultError (a
+    RemoteError or RemoteUnavailable), never an OSError or an exception of the HTTP library.  Each call makes
+    its 8 attempts first (about 15 s: retry-time 0 shortens no more)."""
+    from servers_http import write_tokens
+
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(10_000))
+    repo = Repository.init(server.url, PASSWORD, kdf_seconds=0, token=FULL_TOKEN, retry_time=0)
+    snap = repo.backup([str(src)]).snapshot
+    server.stop()
+    calls = [lambda: repo.backup([str(src)]), lambda: repo.restore(snap, str(tmp_path / "out")),
+             lambda: repo.forget(policy=RetentionPolicy(keep_last=1)), repo.check]
+    for call in calls:
+        with pytest.raises(ChunkvaultError):
+            call()
+    repo.close()
+
