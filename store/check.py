@@ -22,6 +22,7 @@ from chunkvault.units import parse_size
 
 from . import forked
 from .blob import KIND_DELTA, open_blob
+from .blobindex import BlobIndex
 from .chain import broken_chains
 from .config import KeyFile, open_config, peek_config
 from .confinement import Confinement
@@ -144,6 +145,7 @@ class Checker:
         self._baseless: list[tuple[Problem, bytes, bytes]] = []  # (problem, base, pack of the delta)
         self.bad_manifests: dict[str, Problem] = {}  # snapshot id -> its manifest's problem
         self.index_damaged = False  # an index object did not load: unindexed packs may be its
+        self.index = BlobIndex(0)  # the stored index objects' (``_load_index``), this check's own view
         self._lock = threading.Lock()
         self._stop = threading.Event()  # the check was stopped: the packs not yet begun are not read
 
@@ -203,7 +205,7 @@ class Checker:
     def _check_wal(self, files: list[WalFile]) -> None:
         """Each archived file's blobs in the index, and what their lengths add up to against its size: a
         restore of it (``archive-get``) writes nothing unless both hold."""
-        index = self.repo.index
+        index = self.index
         for w in files:
             ids = w.blob_ids()
             self._report_unindexed(b"".join(ids))
@@ -302,12 +304,12 @@ class Checker:
                 self.problem(f"index/{name}", _said(got, f"index/{name}"))
                 self.index_damaged = True
         # Read once: the repository's index is made from the same objects.
-        live = repo.install_index(names, datas)
+        live, self.index = repo.install_index(names, datas, beside_writers=True)
         packs: dict[bytes, EntrySources] = {}
         for d in live:
             for pid, count, start in zip(d.pack_ids, d.counts, d.starts):
                 packs.setdefault(pid, []).append((d, count, start))
-        self.report.blobs = len(repo.index)
+        self.report.blobs = len(self.index)
         bases = {base for d in live for base in d.delta_bases.values()}
         deltas, readable = delta_entries_and_readable_bases(
             lambda: ((pid, e) for pid, sources in packs.items() for e in _entries(sources)), bases)
@@ -315,7 +317,7 @@ class Checker:
             if e.base_id not in readable:
                 p = self.problem(f"blob {e.blob_id.hex()}", _baseless(e.base_id, pid, 0))
                 self._baseless.append((p, e.base_id, pid))
-                loc = repo.locate(e.blob_id)
+                loc = self.index.get(e.blob_id)
                 if loc is None or loc.flags == KIND_DELTA:  # no copy stored whole to read instead
                     self.bad_blobs.setdefault(e.blob_id, p)
             elif repo.delta_depth(e.blob_id) > repo.max_delta_depth:
@@ -549,7 +551,7 @@ class Checker:
         return found, hasher.digest() == pid
 
     def _check_references(self, snapshots: list[Snapshot]) -> None:
-        index = self.repo.index
+        index = self.index
         seen: set[tuple] = set()  # manifest segments already checked (shared by similar snapshots)
         for s in snapshots:
             missing = [h for h in s.manifest if bytes.fromhex(h) not in index]
@@ -598,7 +600,7 @@ class Checker:
         """A problem naming the file when its chunks hold another length than its entry records."""
         e = rec.entry
         assert e is not None
-        index = self.repo.index
+        index = self.index
         held = 0
         for cid in e.chunk_ids():
             loc = index.get(cid)
@@ -616,7 +618,7 @@ class Checker:
         """Chunk ids (concatenated) looked up in one vectorised call; each one not indexed is a problem."""
         if not ids:
             return
-        found = self.repo.index.contains_many(ids)
+        found = self.index.contains_many(ids)
         i = found.find(0)
         while i >= 0:
             cid = ids[32 * i : 32 * i + 32]

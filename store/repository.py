@@ -569,9 +569,15 @@ class Repo:
             warnings.warn(f"index/{name[:12]} does not load and is left out ({got.reason}); `check` says "
                           "what it takes down", RepositoryStateWarning, stacklevel=3)
 
-    def install_index(self, names: list[str], objects: list[tuple[str, IndexColumns]]) -> list[IndexColumns]:
+    def install_index(self, names: list[str], objects: list[tuple[str, IndexColumns]], *,
+                      beside_writers: bool = False) -> tuple[list[IndexColumns], BlobIndex]:
         """Make the index from these objects, read already (``names``: every index object listed, the
-        unreadable ones too), leaving out those another supersedes; returns those it used."""
+        unreadable ones too), leaving out those another supersedes; returns those it used, and the index.
+
+        ``beside_writers`` (``check``, which may run beside a backup of this object in another thread): while
+        a writer of this object fills the loaded index it is kept, the one made only returned: in its place,
+        the writer's blobs not yet in an index object were lost to the reads that follow, and a restore of
+        its snapshot called for `repair index` until the repository was opened again."""
         superseded = superseded_names(d for _, d in objects)
         live = [d for n, d in objects if n not in superseded]
         index = BlobIndex(sum(d.entry_count for d in live))
@@ -581,11 +587,14 @@ class Repo:
         copies: dict[bytes, list[tuple[BlobLocation, bytes | None]]] = {}
         for d in live:
             self._add_object(d, index, bases, copies)
-        # Published only when complete: other threads never see a half-loaded index.
-        self._index, self._delta_bases, self._index_names, self._withheld = index, bases, set(names), None
-        self._copies = copies
-        self._index_unsettled = False
-        return live
+        with self._index_lock:
+            if beside_writers and self._writers:
+                return live, index
+            # Published only when complete: other threads never see a half-loaded index.
+            self._index, self._delta_bases, self._index_names, self._withheld = index, bases, set(names), None
+            self._copies = copies
+            self._index_unsettled = False
+        return live, index
 
     def withhold_unreadable_deltas(self) -> set[bytes]:
         """Leave out of the index the deltas whose chain of bases it does not hold (``unreadable_deltas``),

@@ -211,3 +211,41 @@ def test_every_failure_of_a_cycle_on_a_server_gone_is_a_chunkvault_error(tmp_pat
             call()
     repo.close()
 
+
+def test_a_check_in_another_thread_beside_a_backup_of_the_same_object_loses_none_of_its_blobs(tmp_path, new_repo):
+    """``check`` made the index anew from the stored index objects and put it in the object's place while a
+    backup of the same object in another thread had blobs stored and not yet in an index object: a restore of
+    that backup's snapshot then failed, "not in the index (`repair index` ...)", until the repository was
+    opened again."""
+    from treeutil import describe
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(120):
+        (src / f"f{i:03}").write_bytes(os.urandom(64 << 10))
+    repo = new_repo()
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "f").write_bytes(b"x")
+    repo.backup([str(tmp_path / "small")])  # the index is loaded
+    started, checked, reports = threading.Event(), threading.Event(), []
+
+    def hold(counts):
+        if not started.is_set() and counts.get("read_bytes", 0) > 2 << 20:
+            started.set()
+            assert checked.wait(60)
+
+    def check():
+        assert started.wait(60)
+        try:
+            reports.append(repo.check())
+        finally:
+            checked.set()
+
+    thread = threading.Thread(target=check)
+    thread.start()
+    snap = repo.backup([str(src)], progress=hold).snapshot
+    thread.join(60)
+    assert reports and reports[0].ok
+    repo.restore(snap, str(tmp_path / "out"))
+    assert describe(tmp_path / "out") == describe(src)
+    assert repo.check().ok
