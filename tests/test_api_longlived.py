@@ -1,7 +1,8 @@
 """The Python API in a process that lives for weeks: cycles of backup, restore, forget, prune and check on
 one open Repository, or on one opened and closed each cycle, leave no more descriptors, threads, child
 processes or temporary files behind per cycle than before, and an object kept open keeps nothing of the
-snapshots gone; threads sharing a repository restore what was backed up."""
+snapshots gone; threads sharing a repository restore what was backed up; a callback that raises leaves
+the object usable and no lock."""
 from __future__ import annotations
 
 import gc
@@ -252,3 +253,39 @@ def test_a_check_in_another_thread_beside_a_backup_of_the_same_object_loses_none
     repo.restore(snap, str(tmp_path / "out"))
     assert describe(tmp_path / "out") == describe(src)
     assert repo.check().ok
+
+
+class _CallersOwn(Exception):
+    pass
+
+
+@pytest.mark.parametrize("raised", [_CallersOwn, KeyboardInterrupt])
+def test_a_callback_that_raises_leaves_the_object_usable_and_no_lock(tmp_path, new_repo, raised):
+    """The caller's exception (or a Ctrl-C) out of a progress or listing callback comes out as raised, no
+    lock is left, and the next cycle runs on the same object."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i}").write_bytes(os.urandom(100_000))
+    repo = new_repo()
+    repo.backup([str(src)])
+    locks = tmp_path / "repo0" / "locks"
+
+    def boom(*_args):
+        raise raised()
+
+    calls = {"backup": lambda: repo.backup([str(src)], kind="full", progress=boom),
+             "listing": lambda: repo.backup([str(src)], kind="full", listing=boom),
+             "restore": lambda: repo.restore("latest", str(tmp_path / "out"), progress=boom),
+             "check": lambda: repo.check(read_data=True, progress=boom),
+             "prune": lambda: repo.prune(max_unused=0.0, progress=boom)}
+    for i, (name, call) in enumerate(calls.items()):
+        (src / "f0").write_bytes(os.urandom(100_000))
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        if name == "prune":
+            repo.forget(policy=RetentionPolicy(keep_last=1))
+        with pytest.raises(raised):
+            call()
+        assert os.listdir(locks) == [], name
+        _cycle(repo, str(src), str(tmp_path / f"again{i}"), i)
+    assert repo.check(read_data=True).ok
