@@ -73,7 +73,7 @@ def private_tmp(tmp_path, monkeypatch):
     return str(tmp)
 
 
-@pytest.mark.parametrize("storage", ["local", pytest.param("http", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("storage", ["local", "http"])
 @pytest.mark.parametrize("kept_open", [True, False])
 def test_cycles_leave_nothing_behind_per_cycle(tmp_path, private_tmp, request, storage, kept_open):
     if storage == "http":
