@@ -168,6 +168,9 @@ def _repo_url(args: argparse.Namespace) -> str:
     return url
 
 
+_token_warned: list[str] = []  # said once a process: ``copy`` opens two repositories
+
+
 def remote_options(args: argparse.Namespace, url: str) -> dict[str, Any]:
     """Backend options for ``url`` from ``-o SCHEME.NAME=VALUE`` and the --s3-* shortcuts."""
     from .remotes import options_for_url
@@ -178,6 +181,10 @@ def remote_options(args: argparse.Namespace, url: str) -> dict[str, Any]:
     if getattr(args, "s3_storage_class", None):
         pairs.append(f"s3.storage-class={args.s3_storage_class}")
     options = options_for_url(url, pairs)
+    if "token" in options and not _token_warned:
+        _token_warned.append(url)
+        warn("-o http.token puts the token on this command line, which every user's process listing shows: "
+             "use -o http.token-file=FILE or CHUNKVAULT_HTTP_TOKEN_FILE")
     for name in ("limit_upload", "limit_download"):
         if getattr(args, name, None):
             options[name] = getattr(args, name)

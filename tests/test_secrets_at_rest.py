@@ -169,6 +169,16 @@ def test_recovery_over_http_takes_the_token_file_not_the_token(tmp_path, cli, ht
     assert f"http.token-file={tokfile} " in (tmp_path / "t3" / "postgresql.auto.conf").read_text()
 
 
+def test_a_token_given_on_the_command_line_is_warned_about_once(cli, http_server, tmp_path):
+    """It works, but every user's process listing shows it: the warning names the ways that do not."""
+    cli("init", "-r", http_server.url, "--kdf-time", "0", env={"CHUNKVAULT_HTTP_TOKEN": FULL_TOKEN})
+    proc = cli("snapshots", "-r", http_server.url, "-o", f"http.token={FULL_TOKEN}", "--no-cache")
+    said = proc.stderr.decode()
+    assert said.count("process listing") == 1 and "http.token-file" in said and FULL_TOKEN not in said
+    quiet = cli("snapshots", "-r", http_server.url, "--no-cache", env={"CHUNKVAULT_HTTP_TOKEN": FULL_TOKEN})
+    assert "process listing" not in quiet.stderr.decode()
+
+
 # --------------------------------------------------------------------------- psql's command line
 
 @pytest.mark.parametrize("given, argv_d, password", [
