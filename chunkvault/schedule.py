@@ -44,7 +44,7 @@ from .errors import UsageError
 from .pgbackup import CHECKPOINTS
 from .remotes import check_url
 from .store.check import parse_subset
-from .store.retention import RetentionPolicy, load_preset, policy_from_dict, select
+from .store.retention import AHEAD, RetentionPolicy, load_preset, policy_from_dict, select
 from .store.excludes import ExcludeRules
 from .store.source import markers_of
 from .units import parse_size
@@ -397,7 +397,6 @@ class Due:
     reason: str
 
 
-AHEAD = timedelta(minutes=5)  # as far ahead as a backup accepts a snapshot's time (another machine's clock)
 
 
 def dated_ahead(t: datetime, now: datetime) -> bool:

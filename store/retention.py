@@ -30,6 +30,9 @@ Rule semantics follow restic's ``forget``:
   rebased into a full, its full gone, keeps a differential's term, so the same
   rules run again remove nothing.
 * A snapshot is kept if any rule keeps it (union).  An empty policy is refused.
+* Unlike restic's, a snapshot dated more than 5 minutes after ``now`` (taken while a clock ran ahead) is
+  kept and counted by no rule until ``now`` reaches it: counted, it would fill ``keep_last`` and the
+  newest buckets, and the snapshots taken since, the newest data, would go.
 
 Durations are restic-style strings (``"1y6m"``, ``"2w3d"``, ``"12h"``).  Years
 and months are calendar units: ``t - 1m`` is the same day-of-month one month
@@ -375,6 +378,12 @@ class Decision(NamedTuple):
 
 
 NO_RULE = "no rule matched"
+#: How far ahead of ``now`` a snapshot's time may be and still count for the rules: another machine's clock.
+AHEAD = timedelta(minutes=5)
+#: The reason a snapshot dated further ahead is kept: taken while a clock ran ahead (a year, before NTP set
+#: it back), it would fill the count rules (``keep_last 3`` keeping it and removing the newest data) until
+#: the clock reached its date.  Kept, it is weighed once the clock is past it.
+DATED_AHEAD = "dated ahead"
 
 
 def _utc(t: Any, sid: str) -> datetime:
@@ -450,7 +459,8 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
     ordered and durations counted by the instants they were taken (in the hour a summer time's end
     repeats, wall clocks would put a newer snapshot before an older one).  ``outside``: the repository's
     other snapshots, which a filter leaves out: they stay, so a differential whose chain goes through one
-    of them has a full that stays (``keep_diff``).
+    of them has a full that stays (``keep_diff``).  A snapshot dated more than ``AHEAD`` after ``now`` is
+    kept (``DATED_AHEAD``) and counted by no rule, as a policy run's are.
 
     ``keep_full`` counts the fulls as the forget leaves them: a differential another rule keeps, whose
     chain keeps nothing before it, becomes a full when it absorbs the removed ones (``rebase_plan``), so it
@@ -463,9 +473,12 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
     times = {s.id: _utc(s.time, s.id) for s in snaps}
     order = chronological_key(snaps, lambda s: times[s.id])
     groups: dict[tuple, list[SnapshotLike]] = {}
-    for s in snaps:
-        groups.setdefault(group_key(s, policy.group_by), []).append(s)
     base: dict[str, list[str]] = {}
+    for s in snaps:
+        if times[s.id] > now + AHEAD:
+            base[s.id] = [DATED_AHEAD]
+        else:
+            groups.setdefault(group_key(s, policy.group_by), []).append(s)
     for members in groups.values():
         members.sort(key=order, reverse=True)
         _apply_group(members, times, policy, now, tz, base)

@@ -78,6 +78,9 @@ def model(snaps, policy, now):
     by_id = {s.id: s for s in snaps}
     groups = {}
     for s in snaps:
+        if s.time > now + timedelta(minutes=5):  # dated ahead: kept, counted by no rule
+            why[s.id].add("ahead")
+            continue
         key = tuple(
             (s.host if g == "host" else tuple(sorted(s.paths)) if g == "paths" else tuple(sorted(set(s.tags))))
             for g in sorted(policy.group_by))
@@ -169,6 +172,8 @@ def model(snaps, policy, now):
 
 def category(reason: str) -> str:
     """Map select()'s reason text to the model's rule categories."""
+    if reason == "dated ahead":
+        return "ahead"
     if reason.startswith("tag ") or reason == "untagged":
         return "tag"
     if reason.startswith("oldest "):
@@ -277,11 +282,11 @@ def test_keep_last_keeps_exactly_the_newest_per_group(history, n, group_by):
         key = (s.host if "host" in group_by else "", sorted(s.paths) if "paths" in group_by else "",
                sorted(s.tags) if "tags" in group_by else "")
         groups.setdefault(repr(key), []).append(s)
-    want = set()
+    ahead = {s.id for s in snaps if s.time > now + timedelta(minutes=5)}  # kept, and not counted
+    want = set(ahead)
     newest_first = chronological_key(snaps)  # by time; at one instant a differential after its parent, then id
     for members in groups.values():
-        members.sort(key=newest_first, reverse=True)
-        assert len(members[:n]) == min(n, len(members))
+        members = sorted((s for s in members if s.id not in ahead), key=newest_first, reverse=True)
         want |= {s.id for s in members[:n]}
     assert kept(decisions) == want
 
@@ -297,8 +302,10 @@ def test_keep_last_at_one_instant_keeps_the_differential_not_its_parent():
 @settings(max_examples=150, deadline=None)
 @given(histories(), st.integers(1, 8), st.frozensets(st.sampled_from(["host", "paths", "tags"])))
 def test_latest_lists_what_keep_last_keeps_in_the_order_given(history, n, group_by):
-    """``snapshots --latest N`` shows what ``forget --keep-last N`` would keep, grouped the same way."""
+    """``snapshots --latest N`` shows what ``forget --keep-last N`` would keep, grouped the same way (where no
+    snapshot is dated ahead of the clock: ``forget`` keeps those without counting them)."""
     snaps, now = history
+    now = max([now, *(s.time for s in snaps)])
     shown = newest_of_groups(snaps, n, group_by)
     assert [s.id for s in shown] == [s.id for s in snaps if s.id in kept(select(
         snaps, RetentionPolicy(keep_last=n, group_by=group_by), now))]
@@ -347,7 +354,8 @@ def test_tiered_rules_keep_fulls_and_diffs_for_their_own_durations(history, full
                        allow_remove_all=True)
     want = {s.id for s in snaps
             if (s.kind == "full" and full_d and s.time > model_minus(now, full_d))
-            or (s.kind == "diff" and diff_d and s.time > model_minus(now, diff_d))}
+            or (s.kind == "diff" and diff_d and s.time > model_minus(now, diff_d))
+            or s.time > now + timedelta(minutes=5)}  # dated ahead: kept
     assert kept(decisions) == want
 
 
