@@ -84,6 +84,19 @@ def _password(password: str | bytes) -> bytes:
     return password
 
 
+def _tell_dated_ahead(snap: Snapshot) -> None:
+    """Warn when ``latest`` is dated ahead of this clock.  It goes by the snapshots' times, as restic's and
+    borg's do: one taken while a clock ran ahead stays the latest until the clock reaches its date, and
+    the snapshots saved since, dated before it, hold newer data that ``latest`` would silently pass over."""
+    from .store.retention import AHEAD
+
+    if snap.datetime > datetime.now(timezone.utc) + AHEAD:
+        warnings.warn(f"snapshot {snap.id[:8]}, the latest, is dated {snap.time[:19].replace('T', ' ')} UTC, ahead "
+                      "of this machine's clock (taken while a clock ran ahead, or this one is behind): snapshots "
+                      "saved since may be dated before it and hold newer data (name one by id)",
+                      RepositoryStateWarning, stacklevel=3)
+
+
 def _time(value: str | datetime | float | None) -> datetime | None:
     """A time given as text (ISO 8601), as a datetime (local time when it has no zone), or as seconds
     since the epoch (``time.time()``)."""
@@ -1394,11 +1407,14 @@ class Repository:
         snaps = self._list()
         spec = _spec(spec)
         try:
-            return find_snapshot(snaps, spec, until=t, host=_host(host),
+            snap = find_snapshot(snaps, spec, until=t, host=_host(host),
                                  filter_paths=_paths(paths, "path to select by") or None)
         except SnapshotNotFound as exc:
             self._refuse_if_damaged(spec, exc)
             raise
+        if spec == "latest" and t is None:
+            _tell_dated_ahead(snap)
+        return snap
 
     def _refuse_if_damaged(self, spec: Any, exc: SnapshotNotFound) -> None:
         """Raise the error of the one unreadable snapshot that ``spec`` (an id or prefix) names, if so: such a
