@@ -397,8 +397,6 @@ class Due:
     reason: str
 
 
-
-
 def dated_ahead(t: datetime, now: datetime) -> bool:
     """Whether a snapshot dated ``t`` was taken while the clock ran ahead (more than ``AHEAD`` after ``now``):
     such a snapshot serves no slot and fills no keep rule, or it would hold off every backup, and have
