@@ -44,6 +44,7 @@ from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .owners import OWNERS_KEY, names_of, note_ids
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
+from .retention import AHEAD
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, iso, now_iso
 from .unlock import require_openable
 from .source import (NOT_REGULAR_ERRNOS, Excluded, Replaced, SmallRead, SourceWalk, StatFailed, TreeTotal,
@@ -342,6 +343,15 @@ NEVER_RACY: Window = (1, 0, 1, 0)
 
 
 UNTIMED_WALK_NS = 86_400 * 10**9  # how long a parent that recorded neither its walk's times nor its duration took
+
+
+def _not_dated_ahead(same: list[Snapshot]) -> list[Snapshot]:
+    """A source's snapshots without those dated ahead of the clock (taken while it ran ahead), when any is
+    left: one such would be every later backup's parent until the clock reached its date, each differential
+    growing against it and no full due.  Where all are ahead, this clock is the one behind: they stay."""
+    now = datetime.now(timezone.utc)
+    fresh = [s for s in same if s.datetime <= now + AHEAD]
+    return fresh or same
 
 
 def racy_window(parent: Snapshot | None) -> Window:
@@ -1354,6 +1364,7 @@ class Backup:
         snapshots = repo.snapshots()
         same = [s for s in snapshots if s.host == host and sorted(s.paths) == sorted(paths)
                 and s.stdin_name == stdin_name and (self.opt.time is None or s.datetime <= self.opt.time)]
+        same = _not_dated_ahead(same) if self.opt.time is None else same
         self._sequence = len(same)  # this backup's number in its series: sets whose turn it is to restart
         parent = self.opt.parent
         if parent is not None:  # as it is now (read again under the lock), or gone: a forget took it meanwhile

@@ -79,6 +79,28 @@ def test_latest_dated_ahead_of_this_clock_is_warned_of(tmp_path, clock):
             assert repo.snapshot("latest").id == ahead.id
 
 
+def test_a_backup_after_the_clock_was_set_right_builds_on_the_newest_snapshot_not_dated_ahead(tmp_path, clock):
+    """The one dated ahead was every later backup's parent until the clock reached its date: each differential
+    grew against it, and no full came due.  Where every snapshot is dated ahead, this clock may be the one
+    behind: the newest stays the parent."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0) as repo:
+        first = _backup(repo, data, "a")
+        clock(timedelta(days=365))
+        ahead = _backup(repo, data, "b")
+        clock(timedelta(0))
+        after = _backup(repo, data, "c")
+        (data / "f").write_text("d")
+        again = repo.backup([str(data)], kind="diff").snapshot  # "auto" would make a full: small files
+        assert (ahead.parent, after.parent, again.parent) == (first.id, first.id, after.id)
+    with Repository.init(str(tmp_path / "behind"), PASSWORD, kdf_seconds=0) as repo:
+        clock(timedelta(days=365))
+        ahead = _backup(repo, data, "e")
+        clock(timedelta(0))
+        assert _backup(repo, data, "f").parent == ahead.id
+
+
 def test_clients_whose_clocks_disagree_raise_no_rollback_alarm(tmp_path, clock):
     """Client A's clock runs a year ahead, then B's a year behind; each backs up, B applies retention: neither
     client's ledger takes the other's snapshots for a rollback or a replay (their times are compared with each
