@@ -682,6 +682,9 @@ class Handler(BaseHTTPRequestHandler):
             self._deadline = time.monotonic() + self.server.settings.header_timeout
 
     def handle_one_request(self) -> None:
+        # What the last request on this connection named is not this one's: a malformed request after it was
+        # logged under the previous request's key.
+        self._what, self._unread = "-", 0
         self._phase, self._expecting, self._body_deadline = "idle", False, None
         self._deadline = time.monotonic() + self.server.settings.idle_timeout
         super().handle_one_request()
@@ -773,8 +776,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Malformed requests (bad request line, unknown method): JSON, then close."""
-        self._what = getattr(self, "_what", "-")
-        self._unread = getattr(self, "_unread", 0)
         self.close_connection = True
         self._fail(code, message or self.responses.get(code, ("error",))[0], close=True)
 

@@ -236,6 +236,28 @@ def test_an_append_only_client_crafting_requests_replaces_and_removes_nothing_of
     assert "EVIL" not in "".join(p.read_text(errors="replace") for p in server.path.rglob("*") if p.is_file())
 
 
+# --- what a request leaves in the log ------------------------------------------------------------
+
+
+def test_a_body_longer_than_declared_stores_what_was_declared_and_its_rest_is_no_request_of_the_last_key(
+        serve_factory, tmp_path):
+    """The bytes past the declared length are read as the next request on the connection: refused as
+    malformed, and logged as such, not under the key the request before it named."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)))
+    answer = _request(server.port, _put_head("data/ab/abcd", 5), b"helloEXTRA BYTES\r\n\r\n")
+    assert _status(answer) == 201 and answer.endswith(b"""{"error": "Bad HTTP/0.9 request type ('EXTRA')"}\n""")
+    assert (server.path / "data" / "ab" / "abcd").read_bytes() == b"hello"
+    assert _wait_for(lambda: "400" in server.log())
+    malformed = [line for line in server.log().splitlines() if " 400 " in line]
+    assert len(malformed) == 1 and "data/ab/abcd" not in malformed[0], malformed
+    large = random.randbytes(200_000)
+    smuggled = b"DELETE /objects/data/ab/abcd HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = _request(server.port, _put_head("data/cd/cdcd", len(large)), large + smuggled)
+    assert b"HTTP/1.1 201" in answer and b"HTTP/1.1 401" in answer  # the second request brought no token
+    assert (server.path / "data" / "cd" / "cdcd").read_bytes() == large
+    assert (server.path / "data" / "ab" / "abcd").read_bytes() == b"hello"
+
+
 # --- clients that misbehave, and the service's resources ------------------------------------------
 
 
