@@ -479,16 +479,18 @@ class BackupServer(ThreadingHTTPServer):
         client = client_address[0]
         with self._connections_lock:
             if self._connections >= self.settings.max_connections:
-                why = f"{self.settings.max_connections} connections at once (max_connections)"
+                what, why = "refused", f"{self.settings.max_connections} connections at once (max_connections)"
             elif self._per_client.get(client, 0) >= self.settings.max_connections_per_client:
-                why = f"{self.settings.max_connections_per_client} connections from one address " \
-                      "(max_connections_per_client)"
+                what, why = "refused-client", f"{self.settings.max_connections_per_client} connections from " \
+                                              "one address (max_connections_per_client)"
             else:
                 self._connections += 1
                 self._per_client[client] = self._per_client.get(client, 0) + 1
                 return True
         self._refuse(request, why)
-        self.log_now_and_then("refused", f"{client} connection refused: the service serves at most {why}")
+        # Each limit logged on its own: under one, a flood from one address hid that the total limit was
+        # refusing every other client, and the count of refusals after the line mixed the two.
+        self.log_now_and_then(what, f"{client} connection refused: the service serves at most {why}")
         return False
 
     def _refuse(self, request: Any, why: str) -> None:

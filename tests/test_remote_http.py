@@ -891,7 +891,8 @@ def test_connections_beyond_the_limits_are_refused_and_others_served(serve_facto
             s.close()
     log = server.log()
     assert "connection refused: the service serves at most 3 connections from one address" in log
-    assert log.count("connection refused") == 1  # said once a minute at most, the rest counted
+    assert "connection refused: the service serves at most 5 connections at once (max_connections)" in log
+    assert log.count("connection refused") == 2  # each limit said once a minute at most, the rest counted
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the server's CPU time from /proc")

@@ -258,6 +258,27 @@ def test_a_body_longer_than_declared_stores_what_was_declared_and_its_rest_is_no
     assert (server.path / "data" / "ab" / "abcd").read_bytes() == b"hello"
 
 
+def test_each_connection_limit_is_logged_on_its_own(serve_factory, tmp_path):
+    """A flood from one address hits the per-client limit, and then every other client the total one: the
+    log says both, not only the first of them for a minute."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--max-connections", "6",
+                           "--max-connections-per-client", "3")
+    held = []
+    try:
+        for source in ("127.0.0.2", "127.0.0.3"):
+            for _ in range(4):  # the fourth from each address is refused: per client
+                s = socket.socket()
+                s.bind((source, 0))
+                s.connect(("127.0.0.1", server.port))
+                held.append(s)
+        assert _wait_for(lambda: "max_connections_per_client" in server.log())
+        assert _status(_request(server.port, "GET /objects/config HTTP/1.1\r\nHost: x")) == 503
+        assert _wait_for(lambda: "6 connections at once (max_connections)" in server.log()), server.log()
+    finally:
+        for s in held:
+            s.close()
+
+
 # --- clients that misbehave, and the service's resources ------------------------------------------
 
 
