@@ -4,7 +4,7 @@ It stores opaque, already encrypted objects in one directory through
 ``LocalRemote`` (temp file, fsync, rename), so an upload cut short never leaves
 an object behind.  The protocol is described in ``remotes.http``.  Tokens carry
 a mode: ``read-only`` (get, stat, list), ``append-only`` (also create objects;
-overwrite and delete only under ``locks/``) or ``full``; ``--append-only`` caps
+overwrite and delete only shared locks) or ``full``; ``--append-only`` caps
 every token at append-only, so a compromised client cannot destroy backups.
 Connections are capped in total and per client address, a request's head has
 a deadline and idle connections are closed, uploads stream into their temp
@@ -1124,6 +1124,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._fail(403, "read-only token: deleting is not allowed")
         if mode == "append-only" and not key.startswith(LOCKS_PREFIX):
             return self._fail(403, f"{self._append_only()}: deleting {key} is not allowed (only locks/ may be deleted)")
+        if mode == "append-only" and key.startswith(EXCLUSIVE_LOCK_PREFIX):
+            # Removing a running prune's lock let the backups it held off read the index while it deleted
+            # packs; a stale exclusive lock is passed over by the commands that meet it all the same.
+            return self._fail(403, f"{self._append_only()}: deleting {key} is not allowed (an exclusive lock is "
+                                   "removed by its own command, or by unlock with a full token)")
         try:
             self.server.remote.delete(key)
         except PermissionDenied as exc:

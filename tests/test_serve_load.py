@@ -204,6 +204,8 @@ CRAFTED = [
     "DELETE /objects/config",
     "DELETE /objects/keys/key1",
     "DELETE /objects/index/idx1",
+    "DELETE /objects/locks/x-held",  # a prune's lock: the backups it holds off would read what it deletes
+    "DELETE /objects/locks/x-%68eld",
 ]
 
 
@@ -234,6 +236,29 @@ def test_an_append_only_client_crafting_requests_replaces_and_removes_nothing_of
                                          f"Authorization: Bearer {APPEND_TOKEN}")) == 204
     assert _files(server.path) == before
     assert "EVIL" not in "".join(p.read_text(errors="replace") for p in server.path.rglob("*") if p.is_file())
+
+
+def test_a_stale_exclusive_lock_an_append_only_client_cannot_remove_holds_off_no_backup(
+        serve_factory, tmp_path, cli):
+    """A prune killed outright leaves its exclusive lock; the append-only backups that meet it once it is
+    stale pass it over, and only a full token's unlock removes it."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)))
+    url = server.url
+    full = {"CHUNKVAULT_HTTP_TOKEN": FULL_TOKEN, "CHUNKVAULT_CACHE_DIR": str(tmp_path / "cache-full")}
+    appender = {"CHUNKVAULT_HTTP_TOKEN": APPEND_TOKEN, "CHUNKVAULT_CACHE_DIR": str(tmp_path / "cache-app")}
+    cli("init", "-r", url, "--kdf-time", "0", env=full)
+    lock = {"kind": "exclusive", "host": "elsewhere", "pid": 4242, "purpose": "prune", "time": time.time() - 900}
+    body = json.dumps(lock).encode()
+    assert _status(_request(server.port, _put_head("locks/x-" + "a" * 32, len(body)), body)) == 201
+    stale = time.time() - 900
+    os.utime(server.path / "locks" / ("x-" + "a" * 32), (stale, stale))
+    cli("backup", "-r", url, str(_tree(tmp_path / "src", 1)), "--wait", "5", env=appender)
+    assert (server.path / "locks" / ("x-" + "a" * 32)).exists()
+    refused = cli("unlock", "-r", url, env=appender, check=False)
+    assert (server.path / "locks" / ("x-" + "a" * 32)).exists()
+    assert "Traceback" not in refused.stderr.decode()
+    cli("unlock", "-r", url, env=full)
+    assert not list((server.path / "locks").iterdir())
 
 
 # --- what a request leaves in the log ------------------------------------------------------------
