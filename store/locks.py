@@ -383,6 +383,9 @@ class RepoLock:
         deadline = time.monotonic() + self.wait
         announced = False
         told = getattr(_waits, "stopped", None)  # this thread's operation told to stop (the API's ``stop``)
+        # The other commands' locks met while waiting: backups that keep starting hold a prune off in turn,
+        # none of them for long, and naming only the last made a starved wait look like one hung command.
+        held_by: set[str] = set()
         while True:
             try:
                 self._write()
@@ -395,6 +398,7 @@ class RepoLock:
             if not conflicts:
                 break
             self.waited = True
+            held_by.update(lk.key for lk in conflicts)
             self.remote.delete(self.key)
             mine = [lk for lk in conflicts if _HELD_BY_THREAD.get(lk.key) == threading.get_ident()]
             if mine:  # waiting for it would wait for ourselves
@@ -402,9 +406,11 @@ class RepoLock:
                              f"this {self.purpose} cannot run inside it")
             stopped = stop_waiting.is_set() or (told is not None and told())
             if time.monotonic() >= deadline or stopped:
+                in_turn = f", in which {len(held_by)} commands held it" if len(held_by) > 1 else ""
                 refused = Locked(f"{self.label} is locked by {conflicts[0].describe()}; "
                                  + ("stopped waiting" if stopped else
-                                    f"waited {self.wait:g} s; try again later" if self.wait else "try again later"))
+                                    f"waited {self.wait:g} s{in_turn}; try again later" if self.wait
+                                    else "try again later"))
                 raise refused.hinting(" or use --wait" if self.wait_option and not self.wait and not stopped else "")
             if announce_wait is not None and not announced:
                 announce_wait(conflicts[0], self.wait, self.label)

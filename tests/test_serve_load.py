@@ -171,6 +171,40 @@ def test_many_clients_back_up_at_once_while_others_read_and_a_prune_takes_its_tu
         assert all(pool.map(restored, snapshots))
 
 
+def test_a_prune_held_off_by_backups_starting_in_turn_says_how_many_held_it(serve_factory, tmp_path, cli):
+    """Backups that keep starting, each before the last ends, never leave a waiting prune the repository:
+    it gives up after its --wait with one line that says how many commands held it in turn, not only the
+    last one, which looked like a single hung backup."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--quiet")
+    env = {"CHUNKVAULT_HTTP_TOKEN": FULL_TOKEN, "CHUNKVAULT_CACHE_DIR": str(tmp_path / "cache")}
+    cli("init", "-r", server.url, "--kdf-time", "0", env=env)
+    stop = threading.Event()
+
+    def backups_in_turn() -> None:  # live shared locks of this process, each replaced by the next
+        previous = None
+        while not stop.is_set():
+            key = f"locks/{os.urandom(16).hex()}"
+            body = json.dumps({"kind": "shared", "host": socket.gethostname(), "pid": os.getpid(),
+                               "purpose": "backup", "time": time.time()}).encode()
+            _request(server.port, _put_head(key, len(body)), body)
+            if previous:
+                _request(server.port, f"DELETE /objects/{previous} HTTP/1.1\r\nHost: x\r\n"
+                                      f"Authorization: Bearer {FULL_TOKEN}")
+            previous = key
+            stop.wait(0.3)
+
+    turns = threading.Thread(target=backups_in_turn)
+    turns.start()
+    try:
+        refused = cli("prune", "-r", server.url, "--wait", "2", env=env, check=15).stderr.decode()
+    finally:
+        stop.set()
+        turns.join()
+    line = refused.strip().splitlines()[-1]
+    assert "is locked by backup" in line and "waited 2 s, in which" in line, refused
+    assert int(line.split("in which ")[1].split()[0]) >= 2
+
+
 # --- append-only clients crafting requests -------------------------------------------------------
 
 
