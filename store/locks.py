@@ -124,8 +124,12 @@ class LockInfo:
     #: Seconds since its last write by the storage's clock (see the module docstring), or None where the
     #: listing gave no dates to tell it by.
     stored_ago: float | None = None
+    #: Its holder let it go but could not delete it (credentials that may not delete): stale at once.
+    released: bool = False
 
     def stale(self, now: float) -> bool:
+        if self.released:
+            return True
         if self.stored_ago is not None:
             if self.stored_ago > STALE_AFTER:
                 return True
@@ -236,7 +240,7 @@ def remove_locks(remote: Remote, *, remove_all: bool = False) -> LocksRemoved:
     finally:
         if probe is not None:
             with contextlib.suppress(RemoteError):
-                remote.delete(probe)
+                _withdraw(remote, probe, SHARED, "unlock")
 
 
 def read_lock(remote: Remote, key: str) -> LockInfo:
@@ -260,17 +264,31 @@ def _parsed_lock(key: str, d: dict) -> LockInfo:
         raise ValueError("not a lock")
     return LockInfo(key, str(d["kind"]), str(d["host"]), pid, str(d.get("purpose", "?")), when,
                     d.get("boot") or None, int(start) if start is not None else None,
-                    str(d["pidns"]) if d.get("pidns") else None)
+                    str(d["pidns"]) if d.get("pidns") else None, released=d.get("released") is True)
 
 
 def _new_key(kind: str) -> str:
     return f"locks/{'x-' if kind == EXCLUSIVE else ''}{os.urandom(16).hex()}"
 
 
-def _lock_body(kind: str, purpose: str, now: float | None = None) -> bytes:
-    return json.dumps({"kind": kind, "host": socket.gethostname(), "pid": os.getpid(), "purpose": purpose,
-                       "time": time.time() if now is None else now, "boot": boot_id(),
-                       "start": process_start(os.getpid()), "pidns": pid_namespace()}).encode()
+def _lock_body(kind: str, purpose: str, now: float | None = None, *, released: bool = False) -> bytes:
+    body = {"kind": kind, "host": socket.gethostname(), "pid": os.getpid(), "purpose": purpose,
+            "time": time.time() if now is None else now, "boot": boot_id(),
+            "start": process_start(os.getpid()), "pidns": pid_namespace()}
+    if released:
+        body["released"] = True
+    return json.dumps(body).encode()
+
+
+def _withdraw(remote: Remote, key: str, kind: str, purpose: str) -> None:
+    """Remove this process's lock ``key``; where the remote refuses deletions (an S3 bucket policy that denies
+    s3:DeleteObject), write it again marked released, which every command takes for stale at once.  Left as
+    it was, it held other hosts' prune (or, exclusive, every backup) off for ``STALE_AFTER`` seconds, and a
+    command backing off from another's lock failed naming its own lock instead of the one it met."""
+    try:
+        remote.delete(key)
+    except PermissionDenied:
+        remote.put(key, _lock_body(kind, purpose, released=True))
 
 
 _HELD_BY_THREAD: dict[str, int] = {}  # lock key -> the thread of this process that holds it
@@ -399,7 +417,7 @@ class RepoLock:
                 break
             self.waited = True
             held_by.update(lk.key for lk in conflicts)
-            self.remote.delete(self.key)
+            _withdraw(self.remote, self.key, self.kind, self.purpose)
             mine = [lk for lk in conflicts if _HELD_BY_THREAD.get(lk.key) == threading.get_ident()]
             if mine:  # waiting for it would wait for ourselves
                 raise Locked(f"this thread holds the repository's {mine[0].kind} lock ({mine[0].purpose}): "
@@ -440,7 +458,7 @@ class RepoLock:
 
     def _remove_quietly(self) -> None:
         try:
-            self.remote.delete(self.key)
+            _withdraw(self.remote, self.key, self.kind, self.purpose)
         except RemoteError:
             pass
 
@@ -453,7 +471,7 @@ class RepoLock:
         if self._thread is not None:
             self._thread.join()
         if remove and not self._unreachable:
-            self.remote.delete(self.key)
+            _withdraw(self.remote, self.key, self.kind, self.purpose)
 
     def __enter__(self) -> "RepoLock":
         self.acquire()
