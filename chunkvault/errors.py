@@ -192,6 +192,11 @@ class PermissionDenied(RemoteError):
     """The remote refused the operation (credentials, append-only, read-only token)."""
 
 
+class ObjectArchived(RemoteError):
+    """The object is in an archive storage class (S3's GLACIER, DEEP_ARCHIVE): nothing is damaged, and it
+    reads again once the storage restores it (S3's RestoreObject); chunkvault does not ask for that."""
+
+
 class StorageFull(RemoteError):
     """No space left on the device or quota exhausted."""
 

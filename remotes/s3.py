@@ -15,6 +15,7 @@ from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from chunkvault.errors import (
+    ObjectArchived,
     ObjectExists,
     ObjectNotFound,
     PermissionDenied,
@@ -225,7 +226,8 @@ class S3Remote(Remote):
             if key is not None and (code in _NOT_FOUND or status == 404):
                 return ObjectNotFound(key)
             if code == "InvalidObjectState":  # S3 answers it with 403 too: no permission is missing
-                return RemoteError(f"S3 {op} {where}: object is in an archive storage class; restore it first")
+                return ObjectArchived(f"S3 {op} {where}: object is in an archive storage class; restore it first "
+                                      "(S3's RestoreObject, e.g. `aws s3api restore-object`)")
             if code in _DENIED or status == 403:
                 return PermissionDenied(f"S3 denied {op} {where}: {message}")
             if code == "NotImplemented" or status == 501:  # an S3-compatible store without that request

@@ -16,8 +16,8 @@ from typing import Callable, Iterable, Mapping
 
 import blake3
 
-from chunkvault.errors import (ChunkvaultError, CorruptObject, NewerObject, ObjectNotFound, RemoteUnavailable,
-                               RepositoryStateWarning, UsageError)
+from chunkvault.errors import (ChunkvaultError, CorruptObject, NewerObject, ObjectArchived, ObjectNotFound,
+                               RemoteUnavailable, RepositoryStateWarning, UsageError)
 from chunkvault.units import parse_size
 
 from . import forked
@@ -568,9 +568,10 @@ class Checker:
             except RemoteUnavailable:
                 raise
             except (ChunkvaultError, ValueError) as exc:
-                why = f"every restore refuses its manifest: {exc}" if isinstance(exc, ValueError) else \
-                    (f"manifest unreadable: {exc} (nothing restores it: `repair packs` a damaged pack named here "
-                     "first, then `repair snapshots` lists the snapshots to forget)")
+                why = (f"every restore refuses its manifest: {exc}" if isinstance(exc, ValueError) else
+                       f"manifest unreadable: {exc}" if isinstance(exc, ObjectArchived) else  # nothing damaged
+                       (f"manifest unreadable: {exc} (nothing restores it: `repair packs` a damaged pack named "
+                        "here first, then `repair snapshots` lists the snapshots to forget)"))
                 p = self.problem(f"snapshots/{s.id}", why)
                 p.snapshots.append(s.id)
                 self.bad_manifests[s.id] = p
