@@ -28,6 +28,7 @@ from another namespace is judged by its age only.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -329,14 +330,27 @@ class RepoLock:
         self._looked = 0.0  # when ensure_held last saw the lock object on the remote
         self._unreachable = False  # a look failed for a whole retry window: removing it would wait as long
         self._pid = os.getpid()  # a child forked while it is held must not remove it on leaving the block
+        # The bodies last written (or tried: a write whose answer was lost may have landed): the object holding
+        # any other was replaced by another command (marked released, say, which every command takes for stale).
+        self._bodies: collections.deque[bytes] = collections.deque(maxlen=4)
         self.waited = False  # another command held the repository first: what was read before may be stale
 
     def _write(self) -> None:
         now = time.time()
         if self._written and now - self._written > LOST_AFTER:
             self._lost = now - self._written  # sticky: writing it again does not undo what others did meanwhile
-        self.remote.put(self.key, _lock_body(self.kind, self.purpose, now))
+        body = _lock_body(self.kind, self.purpose, now)
+        self._bodies.append(body)
+        self.remote.put(self.key, body)
         self._written = now
+
+    def _still_mine(self) -> bool:
+        """Whether the lock object is there as this command wrote it: one removed, or replaced (an append-only
+        client may write locks, and one marked released is stale to every command), holds nothing off."""
+        try:
+            return self.remote.get(self.key) in self._bodies
+        except ObjectNotFound:
+            return False
 
     def ensure_held(self, *, ask: bool = False) -> None:
         """Before each step that relies on the lock (a backup saving an index object or its snapshot, a prune
@@ -356,7 +370,7 @@ class RepoLock:
         if not ask and now - self._looked < ASK_EVERY:
             return
         try:
-            there = self.remote.exists(self.key)
+            there = self._still_mine()
         except RemoteUnavailable:
             self._unreachable = True
             raise
@@ -372,7 +386,7 @@ class RepoLock:
         self.ensure_held(ask=True)
 
     def _removed_error(self) -> LockLost:
-        return LockLost(f"this {self.purpose}'s repository lock was removed by another command; stopped before "
+        return LockLost(f"this {self.purpose}'s repository lock was removed or replaced by another command; stopped before "
                         f"relying on it: run the {self.purpose} again")
 
     def _conflicts(self) -> list[LockInfo]:
@@ -447,7 +461,7 @@ class RepoLock:
         """Write the lock again, unless another command removed it (it took it for stale): then it stays
         gone, for ``ensure_held`` to find, and False; written back, the loss would go unnoticed."""
         try:
-            if not self.remote.exists(self.key):
+            if not self._still_mine():
                 self._lost = self._lost or max(time.time() - self._written, 1.0)
                 self._removed = True
                 return False

@@ -118,8 +118,25 @@ def test_a_refresh_does_not_write_back_a_lock_another_command_removed(remote):
         remote.delete(lock.key)
         assert not lock.refresh()
         assert remote.stat(lock.key) is None
-        with pytest.raises(LockLost, match="removed by another command"):
+        with pytest.raises(LockLost, match="removed or replaced by another command"):
             lock.ensure_held()
+
+
+def test_a_lock_another_client_replaced_with_one_marked_released_is_lost_not_held(remote):
+    """An append-only client may write locks; one marked released is stale to every command, so a prune
+    would go on while this backup still relied on its lock, which it only looked for by name."""
+    from chunkvault.errors import LockLost
+    from chunkvault.store.locks import _lock_body
+
+    with RepoLock(remote, SHARED, "backup") as lock:
+        lock.confirm()
+        assert lock.refresh()  # written again by itself: still its own
+        lock.confirm()
+        remote.put(lock.key, _lock_body(SHARED, "backup", released=True))
+        assert [lk.stale(time.time()) for lk in list_locks(remote)] == [True]
+        with pytest.raises(LockLost, match="removed or replaced by another command"):
+            lock.confirm()
+        assert not lock.refresh()  # not written back over it: the loss stays found
 
 
 def test_a_command_the_remote_stopped_answering_leaves_its_lock_to_go_stale(remote):
@@ -210,7 +227,7 @@ def test_a_lock_another_command_removed_is_lost(remote):
         lock.ensure_held()
         remote.delete(lock.key)
         lock._looked = 0.0  # as a second after the last look
-        with pytest.raises(LockLost, match="removed by another command"):
+        with pytest.raises(LockLost, match="removed or replaced by another command"):
             lock.ensure_held()
         with pytest.raises(LockLost):  # for good
             lock.ensure_held()
@@ -571,8 +588,8 @@ def test_ensure_held_asks_the_remote_at_most_every_second_unless_told_to(remote,
 
     with RepoLock(remote, EXCLUSIVE, "prune") as lock:
         asked = []
-        real = remote.exists
-        monkeypatch.setattr(remote, "exists", lambda key: asked.append(key) or real(key))
+        real = remote.get
+        monkeypatch.setattr(remote, "get", lambda key, *a: asked.append(key) or real(key, *a))
         lock.ensure_held()
         lock._looked = time.time() + 5  # as just looked (and a slow machine takes no second to come back)
         lock.ensure_held()
