@@ -110,6 +110,15 @@ def test_object_lock_prune_hides_packs_that_stay_stored(run, moto_s3, s3_bucket_
         client.delete_object(Bucket=bucket.name, Key=hidden[0]["Key"], VersionId=hidden[0]["VersionId"])
 
 
+def _with_prune_work(run, bucket, source) -> None:
+    """A repository of two fulls, the first forgotten: a prune has a pack to delete."""
+    run(bucket, "init")
+    run(bucket, "backup", str(source))
+    (source / "f2").write_bytes(os.urandom(100_000))
+    run(bucket, "backup", str(source), "--type", "full")
+    run(bucket, "forget", "--keep-last", "1")
+
+
 @pytest.mark.slow
 def test_credentials_that_may_not_delete_back_up_and_leave_their_locks_released(run, moto_s3, s3_bucket_factory,
                                                                                 source, tmp_path):
@@ -117,11 +126,7 @@ def test_credentials_that_may_not_delete_back_up_and_leave_their_locks_released(
     each backup, and a refused prune's exclusive lock held every other host's backup off."""
     client = moto_s3.client()
     bucket = s3_bucket_factory()
-    run(bucket, "init")
-    run(bucket, "backup", str(source))
-    (source / "f2").write_bytes(os.urandom(100_000))
-    run(bucket, "backup", str(source), "--type", "full")
-    run(bucket, "forget", "--keep-last", "1")  # leaves prune work to do
+    _with_prune_work(run, bucket, source)
     _deny_delete(client, bucket)
     run(bucket, "backup", str(source))
     wal = tmp_path / "000000010000000000000001"
@@ -167,11 +172,7 @@ def test_credentials_that_may_delete_only_locks(run, moto_s3, s3_bucket_factory,
     backups is refused before it takes a lock."""
     client = moto_s3.client()
     bucket = s3_bucket_factory()
-    run(bucket, "init")
-    run(bucket, "backup", str(source))
-    (source / "f2").write_bytes(os.urandom(100_000))
-    run(bucket, "backup", str(source), "--type", "full")
-    run(bucket, "forget", "--keep-last", "1")  # leaves prune work to do
+    _with_prune_work(run, bucket, source)
     _deny_delete(client, bucket, PREFIXES)
     run(bucket, "backup", str(source))
     wal = tmp_path / "000000010000000000000001"
