@@ -546,6 +546,8 @@ class Restorer:
         self.tree_name = tree_name  # what a tree that would lead out of the target is called, refused
         self._dirs: list[Entry] = []  # the directories the walk is in, whose metadata waits for their children
         self._fresh = False  # the target was empty: nothing in it needs to be looked at or made room for
+        self._made_mode: int | None = None  # the mode the umask gave the target this restore made
+        self._root_recorded = False  # the snapshot records its root directory (not several paths, a stream)
         self._target_dirs: TargetDirs | None = None
         self._deferred: list[Entry] | None = None  # left directories whose metadata waits
         # Entries that stand for one stretch of a larger file, by id(entry): (entry, offset in the file).
@@ -636,7 +638,9 @@ class Restorer:
                     self._fresh = True
             else:
                 os.makedirs(os.path.dirname(os.path.abspath(t)), exist_ok=True)
-                os.mkdir(t, 0o700)  # the snapshot's root mode is given once all is in, as to its directories
+                os.mkdir(t)
+                self._made_mode = stat.S_IMODE(os.stat(t).st_mode)  # the umask's: given back once all is in
+                os.chmod(t, 0o700)  # closed while it fills, as its directories are (``note_walked``)
                 self._fresh = True
         except OSError as exc:
             raise _target_error(f"cannot restore into {os.fsdecode(t)}", exc) from None
@@ -654,7 +658,14 @@ class Restorer:
 
     def note_walked(self) -> None:
         """The warnings known once the whole tree has been walked (through ``selected_records``): the owner
-        names this machine does not know, and includes that took nothing."""
+        names this machine does not know, and includes that took nothing.  And a target this restore made,
+        closed while it filled, opened as the umask has it where the snapshot records no root directory whose
+        mode it takes (several paths, a stream): a dump restored for another user to read stayed 0700."""
+        if self._made_mode is not None and not self._root_recorded:
+            try:
+                os.chmod(self.target, self._made_mode)
+            except OSError as exc:
+                self.result.warnings.append(f"{os.fsdecode(self.target)} left mode 0700: {_reason(exc)}")
         missed = self.opt.owner_map.missed() if self.opt.owner_map is not None and self.owners else None
         if missed is not None:
             self.result.warnings.append(missed)
@@ -689,12 +700,19 @@ class Restorer:
         """The records a restore takes.  Narrowed by a selection, these are the selected ones, each after
         the directories above it that the selection leaves out (restored too, for their recorded metadata,
         as restic does), and hard links whose first path is left out stand in for it (``_linked``)."""
-        safe = confined(records, self.tree_name)
+        safe = self._noting_root(confined(records, self.tree_name))
         chosen = safe if self.selected.everything else self._narrowed(safe)
         if not self.owners:
             return self._setid_for_owner_only(chosen)
         mapped = self.opt.owner_map
         return mapped.records(chosen) if mapped else chosen
+
+    def _noting_root(self, records: Iterator[Record]) -> Iterator[Record]:
+        """``records``, noting whether the snapshot records its root directory: its mode is then the target's."""
+        for rec in records:
+            if rec.path == b"" and rec.entry is not None and rec.entry.type == T_DIR:
+                self._root_recorded = True
+            yield rec
 
     def _setid_for_owner_only(self, records: Iterator[Record]) -> Iterator[Record]:
         """A restore that sets no owners leaves each entry to whoever restores it: set-user/group-ID bits

@@ -415,3 +415,23 @@ def test_a_policys_state_file_is_writable_by_this_user_alone_whatever_the_umask(
     with umask(0o000):
         _write_state(str(path), {}, print)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644 and path.read_text().startswith("{")
+
+
+def test_a_target_the_restore_made_is_opened_as_the_umask_has_it_where_no_root_mode_is_recorded(tmp_path, new_repo):
+    """Made 0700 while it fills: a snapshot of several paths, or of a stream, records no root directory whose
+    mode the target would take at the end, and a dump restored for another user to read stayed 0700."""
+    repo = new_repo(str(tmp_path / "repo"))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(name)
+    os.chmod(tmp_path / "a", 0o700)
+    several = repo.backup([str(tmp_path / "a"), str(tmp_path / "b")]).snapshot
+    one = repo.backup([str(tmp_path / "a")]).snapshot
+    with umask(0o022):
+        repo.restore(several.id, str(tmp_path / "t1"))
+        repo.restore(one.id, str(tmp_path / "t2"))
+        repo.restore(several.id, str(tmp_path / "t3"), processes=2)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "t1") == mode(tmp_path / "t3") == 0o755  # the target itself is no path of the snapshot
+    assert mode(tmp_path / "t1" / str(tmp_path / "a").lstrip("/")) == 0o700  # each path its recorded mode
+    assert mode(tmp_path / "t2") == 0o700  # the one path's root is the target: its recorded mode
