@@ -974,6 +974,7 @@ def _token_for_server(url: str, options: list[str]) -> list[str]:
     from .remotes.http import TOKEN_ENV, TOKEN_FILE_ENV
 
     names = {o.split("=", 1)[0].strip().lower().replace("_", "-") for o in options}
+    names = {"http." + n[len("https."):] if n.startswith("https.") else n for n in names}  # the same options
     if any(n.endswith(".token") for n in names):
         raise UsageError("--pg-recover writes the -o options into the server's restore_command, where every "
                          "user's process listing shows them: give the HTTP token with -o http.token-file=FILE "

@@ -35,7 +35,7 @@ def private_dir(path: str) -> None:
     ahead are trusted, so one another user owns or may write in could have a file archived never, or one of
     theirs replayed.  OSError otherwise."""
     make_private_dirs(path)
-    st = os.lstat(path)
+    st = os.stat(path)  # a link to a larger disk is the directory it leads to, judged the same
     if not stat.S_ISDIR(st.st_mode):
         raise OSError(errno.ENOTDIR, "not a directory")
     if st.st_uid != os.geteuid():

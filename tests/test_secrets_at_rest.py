@@ -435,3 +435,28 @@ def test_a_target_the_restore_made_is_opened_as_the_umask_has_it_where_no_root_m
     assert mode(tmp_path / "t1") == mode(tmp_path / "t3") == 0o755  # the target itself is no path of the snapshot
     assert mode(tmp_path / "t1" / str(tmp_path / "a").lstrip("/")) == 0o700  # each path its recorded mode
     assert mode(tmp_path / "t2") == 0o700  # the one path's root is the target: its recorded mode
+
+
+def test_https_options_name_the_token_file_as_http_ones_do(monkeypatch):
+    """``https.X`` is ``http.X``: a token file given so was taken for none, and the token in the environment
+    refused, or the environment's file written over the one given."""
+    from chunkvault.cli import _token_for_server
+
+    monkeypatch.setenv("CHUNKVAULT_HTTP_TOKEN", FULL_TOKEN)
+    assert _token_for_server("https://h:6362/", ["https.token-file=/etc/tok"]) == []
+    monkeypatch.delenv("CHUNKVAULT_HTTP_TOKEN")
+    monkeypatch.setenv("CHUNKVAULT_HTTP_TOKEN_FILE", "/elsewhere")
+    assert _token_for_server("https://h:6362/", ["https.token_file=/etc/tok"]) == []
+
+
+def test_a_spool_reached_through_a_link_is_judged_by_the_directory_it_leads_to(tmp_path):
+    """A spool linked to a larger disk was refused as no directory, and every file went alone."""
+    from chunkvault.walspool import private_dir
+
+    (tmp_path / "big").mkdir(mode=0o700)
+    os.chmod(tmp_path / "big", 0o700)
+    (tmp_path / "spool").symlink_to(tmp_path / "big")
+    private_dir(str(tmp_path / "spool"))
+    os.chmod(tmp_path / "big", 0o777)
+    with pytest.raises(OSError):
+        private_dir(str(tmp_path / "spool"))
