@@ -185,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="'MODE TOKEN' per line, MODE one of read-only, append-only, full; each TOKEN at least "
                         f"{MIN_TOKEN_LENGTH} printable ASCII characters (file mode 0600)")
     p.add_argument("--append-only", action="store_true", default=None,
-                   help="cap every token at append-only: no overwrites, deletes only under locks/")
+                   help="cap every token at append-only: no overwrites, deletes of shared locks only")
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate chain (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     p.add_argument("--max-object-size", metavar="SIZE", help="largest object accepted (default 256M; suffixes k, M, G)")
@@ -1080,7 +1080,7 @@ class Handler(BaseHTTPRequestHandler):
     def _exists(self, key: str, if_absent: bool) -> None:
         if if_absent:
             return self._fail(412, f"object already exists: {key}")
-        return self._fail(403, f"{self._append_only()}: existing object {key} may not be overwritten (only locks/ may)")
+        return self._fail(403, f"{self._append_only()}: existing object {key} may not be overwritten (only shared locks may)")
 
     def _collision(self, key: str) -> str | None:
         """Why ``key`` cannot be stored, when a file stands where its path needs a directory or a directory
@@ -1123,7 +1123,7 @@ class Handler(BaseHTTPRequestHandler):
         if mode == "read-only":
             return self._fail(403, "read-only token: deleting is not allowed")
         if mode == "append-only" and not key.startswith(LOCKS_PREFIX):
-            return self._fail(403, f"{self._append_only()}: deleting {key} is not allowed (only locks/ may be deleted)")
+            return self._fail(403, f"{self._append_only()}: deleting {key} is not allowed (only shared locks may be deleted)")
         if mode == "append-only" and key.startswith(EXCLUSIVE_LOCK_PREFIX):
             # Removing a running prune's lock let the backups it held off read the index while it deleted
             # packs; a stale exclusive lock is passed over by the commands that meet it all the same.
