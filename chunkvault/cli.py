@@ -970,16 +970,15 @@ def _token_for_server(url: str, options: list[str]) -> list[str]:
     file (``http.token-file``, else ``CHUNKVAULT_HTTP_TOKEN_FILE``); a token itself written there would be in
     ``postgresql.auto.conf``, ``restore --json`` and every process listing of its runs, and one in the
     environment is not the server's."""
-    from .remotes import url_scheme
+    from .remotes import options_for_url, url_scheme
     from .remotes.http import TOKEN_ENV, TOKEN_FILE_ENV
 
-    names = {o.split("=", 1)[0].strip().lower().replace("_", "-") for o in options}
-    names = {"http." + n[len("https."):] if n.startswith("https.") else n for n in names}  # the same options
-    if any(n.endswith(".token") for n in names):
+    names = {n.lower() for n in options_for_url("http://", options)}  # the HTTP ones, whatever the URL's scheme
+    if "token" in names:
         raise UsageError("--pg-recover writes the -o options into the server's restore_command, where every "
                          "user's process listing shows them: give the HTTP token with -o http.token-file=FILE "
                          "(readable by PostgreSQL's user) instead of -o http.token")
-    if url_scheme(url) not in ("http", "https") or "http.token-file" in names:
+    if url_scheme(url) not in ("http", "https") or "token_file" in names:
         return []
     if os.environ.get(TOKEN_FILE_ENV):
         return [f"http.token-file={os.path.abspath(os.environ[TOKEN_FILE_ENV])}"]
