@@ -18,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Iterable, Iterator, TypeVar
 
 from . import __version__, interrupts, passwords
+from .argparsing import dashes_value
 from .display import LIST_LETTERS, one_line, shown_name, warn
 from .progress import JsonProgress, Progress
 from .remotes.layer import StopRequest, stop_request
@@ -30,6 +31,7 @@ from .store.manifest import (F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_DIR,
 from .store.overwrite import OVERWRITE_MODES, check_overwrite
 from .store.snapshot import Snapshot
 from .units import format_size
+from .walfetch import FATAL_EXIT
 
 if TYPE_CHECKING:
     from .store.retention import RebaseStep
@@ -84,6 +86,9 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # one line, exit code 2, like every usage error
         raise UsageError(message)
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        return dashes_value(self, action, arg_strings, super()._get_values)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         """A command's options may come between its arguments (``ls SNAP --json PATH``, ``forget A --prune B``):
@@ -780,7 +785,10 @@ def restore_in_place(args: argparse.Namespace, what: str, repository: bool = Tru
     """Whether a restore writes into a non-empty target (``_confirm_in_place``), its --overwrite checked
     first.  ``never`` changes nothing the target has: it needs no RESTORE (a --confirm given must still
     say it).  ``repository``: a restore from one, which --verify and if-changed (as --delta) need."""
+    from .pgrecovery import refuse_running_server
+
     check_overwrite(args.overwrite, args.delete)
+    refuse_running_server(args.target)  # before the prompt (a restore from a file has no other check)
     if args.overwrite == "if-changed" and not repository:
         raise UsageError("--overwrite if-changed compares chunks by their repository ids, as --delta: it needs a "
                          "repository")
@@ -934,8 +942,9 @@ def _recovery_asked(args: argparse.Namespace) -> tuple[Any, str] | None:
     options = [_absolute_path_option(o) for o in args.option or []] + (
         [f"s3.endpoint-url={endpoint}"] if endpoint else [])
     options += _token_for_server(url, options)
+    options += _environment_options_for_server(url, options)
     spool = os.path.abspath(args.pg_spool) if args.pg_spool else None
-    return target, restore_command(_program(), url, secret, options, spool)
+    return target, restore_command(_program(), url, secret, options, spool, fatal_errors=target.kind != "standby")
 
 
 def _secret_for_server(args: argparse.Namespace) -> tuple[str, str]:
@@ -987,6 +996,26 @@ def _token_for_server(url: str, options: list[str]) -> list[str]:
                          f"token with -o http.token-file=FILE (or {TOKEN_FILE_ENV}) that PostgreSQL's user can "
                          f"read; {TOKEN_ENV} cannot be written there")
     return []
+
+
+def _environment_options_for_server(url: str, options: list[str]) -> list[str]:
+    """The ``-o`` options that give the server's restore_command what this restore read from its
+    environment: the SSH key and known hosts, the HTTP service's CA, the S3 endpoint.  The server runs the
+    command with its own environment, so without them each ``archive-get`` fails, which PostgreSQL takes for
+    the end of the archive: a recovery to ``end`` would be promoted at the snapshot's own WAL.  Credentials
+    (a token, an S3 secret) are not written; files naming them are (``_token_for_server``)."""
+    from .remotes import http, options_for_url, s3, sftp, url_scheme
+    from .remotes.base import from_environment
+
+    scheme = "http" if url_scheme(url) == "https" else url_scheme(url)
+    given = options_for_url(url, options)
+    out = []
+    module = {"sftp": sftp, "http": http, "s3": s3}.get(scheme)
+    for name, variables in getattr(module, "ENVIRONMENT_OPTIONS", {}).items():
+        value = from_environment(variables)
+        if value is not None and name not in given:
+            out.append(_absolute_path_option(f"{scheme}.{name.replace('_', '-')}={value}"))
+    return out
 
 
 def _program() -> list[str]:
@@ -2646,6 +2675,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "when it was fetched ahead")
     s.add_argument("--prefetch", type=_positive_int, metavar="N",
                    help=f"with --spool: the segments fetched ahead (default {BATCH_DEFAULT})")
+    s.add_argument("--fatal-errors", action="store_true",
+                   help=f"exit {FATAL_EXIT} on any failure but a name not archived (a repository out of reach, "
+                        "damage): PostgreSQL then stops the recovery, instead of ending it there as at the end "
+                        "of the archive (not for a standby, which should keep asking)")
     s.set_defaults(func=cmd_archive_get)
 
     s = sub.add_parser("archive-list", parents=[common], help="list the archived WAL files: name, size, time, host")
@@ -2934,6 +2967,17 @@ def _emit_error_json(args: argparse.Namespace | None, argv: list[str] | None, ki
         pass  # standard output is what failed: the line on stderr says it
 
 
+def _fatal_for_postgresql(args: argparse.Namespace | None, exc: BaseException) -> int | None:
+    """``archive-get --fatal-errors``' exit for a failure other than a name not archived: PostgreSQL takes an
+    exit above 125 as fatal and stops the recovery; any other as the end of the archive, and a recovery to
+    its end was promoted short of it while the repository was out of reach."""
+    from .errors import WalNotArchived
+
+    if getattr(args, "fatal_errors", False) and not isinstance(exc, WalNotArchived):
+        return FATAL_EXIT
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from .memory import tune_allocator, tune_gc
 
@@ -2963,8 +3007,9 @@ def main(argv: list[str] | None = None) -> int:
     except ChunkvaultError as exc:
         said = one_line(exc.cli_message())
         _error_line(said)
-        _emit_error_json(args, argv, type(exc).__name__, exc.exit_code, said)
-        return exc.exit_code
+        code = _fatal_for_postgresql(args, exc) or exc.exit_code
+        _emit_error_json(args, argv, type(exc).__name__, code, said)
+        return code
     except KeyboardInterrupt:
         return _stopped(args, argv)
     except BrokenPipeError:  # as `cat` ends there: what it had decided (check's 18, say) never reached anyone
@@ -2976,8 +3021,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         line = f"internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for details)"
         _error_line(line)
-        _emit_error_json(args, argv, "InternalError", EXIT_INTERNAL, line)
-        return EXIT_INTERNAL
+        code = _fatal_for_postgresql(args, exc) or EXIT_INTERNAL
+        _emit_error_json(args, argv, "InternalError", code, line)
+        return code
     finally:
         sys.stdout, sys.stderr = stdout, stderr
         _STOPPED_BY.clear()  # a caller's next command in this process was not stopped

@@ -171,6 +171,12 @@ class RemoteUnavailable(RemoteError):
     #: holding locks on two repositories (copy) leaves only that one's lock to go stale.
     remote: str | None = None
 
+    @staticmethod
+    def gave_up_on(exc: BaseException | None, display_url: str) -> bool:
+        """Whether ``exc`` is a retry layer giving up on the remote at ``display_url`` (or on one it did not
+        name): another call to that remote would wait out as many retries before failing too."""
+        return isinstance(exc, RemoteUnavailable) and exc.remote in (None, display_url)
+
 
 class ObjectNotFound(RemoteError):
     """The remote has no object under this key."""

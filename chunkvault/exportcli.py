@@ -82,6 +82,9 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
     if args.delta or args.verify:
         raise UsageError(f"--{'delta' if args.delta else 'verify'} needs a repository: not with --from-file "
                          "(verify-restore checks an imported snapshot)")
+    if args.processes is not None:  # taken silently, it looked used
+        raise UsageError("--processes splits a restore from a repository among processes: a restore --from-file "
+                         "runs in one")
     password = passwords.EXPORT.get(args)
     in_place = cli.restore_in_place(args, f"the snapshot in {args.from_file}", repository=False)
     if args.delete and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
@@ -90,7 +93,8 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
     info, result = restore_from_file(args.from_file, password, args.target, includes=args.include,
                                      excludes=args.exclude, iexcludes=args.iexclude, force=in_place,
                                      delete=args.delete, progress=bar,
-                                     numeric_owner=args.numeric_owner, overwrite=args.overwrite)
+                                     numeric_owner=args.numeric_owner, overwrite=args.overwrite,
+                                     xattrs=not args.no_xattrs)
     bar.done()
     snap = info.snapshot
     if args.json:

@@ -36,6 +36,7 @@ from .store.snapshot import Snapshot
 from .store.xattrs import decode_xattrs
 
 REFRESH_SECONDS = 30.0
+LISTING_WAIT = 2.0  # how long the operation that starts a listing of the snapshots waits for it
 # Resolved trees held at once, besides the one in use: at most this many, of at most this many bytes in all
 # (``SnapshotTree.nbytes``: about 150 bytes and the path per entry, so some 200 MB for a million files).
 TREES_KEPT = 8
@@ -173,11 +174,13 @@ class SnapshotFS:
         self.on_mounted = on_mounted
         self.served = False  # the kernel mounted it (``init``): an end after that is an unmount
         self._lock = threading.Lock()
-        self._refreshing = False
+        self._listing: threading.Event | None = None  # set once the listing under way ends (``_layout_now``)
         self._told: set[str] = set()  # what made a read fail, said once each on stderr
         self._layout = Layout(repo.snapshots())
+        self._given = dict(self._layout.names)  # every snapshot's name as shown: kept across listings
         self._listed = time.monotonic()
         self._trees: OrderedDict[str, SnapshotTree] = OrderedDict()
+        self._building: dict[str, Future[SnapshotTree]] = {}  # snapshot id -> its tree, being read (``_tree``)
         self._files: dict[int, _File] = {}
         self._chunks = _Chunks(repo)
         self._ended = threading.Event()  # unmounted
@@ -188,23 +191,36 @@ class SnapshotFS:
     # --- lookups ------------------------------------------------------------------------
 
     def _layout_now(self) -> Layout:
-        """The layout, listed again once older than ``refresh``: by one thread, while the others go on with
-        the one at hand (built under the lock, it stood every operation still for a second at 2,000
-        snapshots)."""
+        """The layout, listed again once older than ``refresh``: by a thread of its own, while every operation
+        goes on with the one at hand (built under the lock, it stood every operation still for a second at
+        2,000 snapshots).  The operation that starts a listing waits for it up to ``LISTING_WAIT`` s, so that
+        a snapshot made meanwhile shows at once; never longer: from a remote that stopped answering, it
+        waited out the whole retry time (15 min), once every refresh."""
         with self._lock:
-            if self._refreshing or time.monotonic() - self._listed <= self.refresh:
+            if self._listing is not None or time.monotonic() - self._listed <= self.refresh:
                 return self._layout
-            self._refreshing = True
+            listed = self._listing = threading.Event()
+        threading.Thread(target=self._list_again, args=(listed,), name="mount-listing", daemon=True).start()
+        listed.wait(LISTING_WAIT)
+        with self._lock:
+            return self._layout
+
+    def _list_again(self, listed: threading.Event) -> None:
+        layout = self._layout
         try:
             # the index too, once backups added to it: a new snapshot's chunks are in no index read before
             self.repo.store.drop_stale()
-            layout = Layout(self.repo.snapshots())
+            layout = Layout(self.repo.snapshots(), self._given)
+            self._given.update(layout.names)
+        except ChunkvaultError as exc:
+            # The snapshots listed before still show (the mount's lock keeps their data), listed again a
+            # refresh later: a failed listing failed every lookup with EINVAL, each waiting out the retries.
+            self._tell(f"the snapshots could not be listed again: {exc} (those listed before still show)")
         finally:
             with self._lock:
-                self._refreshing = False
-        with self._lock:
-            self._layout, self._listed = layout, time.monotonic()
-        return layout
+                self._listing = None
+                self._layout, self._listed = layout, time.monotonic()
+            listed.set()
 
     def _tree(self, snap: Snapshot) -> SnapshotTree:
         with self._lock:
@@ -212,12 +228,30 @@ class SnapshotFS:
             if tree is not None:
                 self._trees.move_to_end(snap.id)
                 return tree
-        tree = SnapshotTree(self.repo.tree(snap))  # outside the lock: other reads go on meanwhile
+            # One thread reads it, the others entering it meanwhile wait for that one: each read its own copy
+            # (a snapshot of a million files entered by several readers at once, as many times 200 MB).
+            building = self._building.get(snap.id)
+            if building is None:
+                building = self._building[snap.id] = Future()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            return building.result()  # or the reader's error
+        try:
+            tree = SnapshotTree(self.repo.tree(snap))  # outside the lock: other reads go on meanwhile
+        except BaseException as exc:
+            with self._lock:
+                del self._building[snap.id]
+            building.set_exception(exc)
+            raise
         with self._lock:
+            del self._building[snap.id]
             self._trees[snap.id] = tree
             while len(self._trees) > 1 and (len(self._trees) > TREES_KEPT or sum(
                     t.nbytes for t in self._trees.values()) > TREE_BYTES_KEPT):
                 self._trees.popitem(last=False)
+        building.set_result(tree)
         return tree
 
     def _node(self, path: str) -> Any:
@@ -234,8 +268,15 @@ class SnapshotFS:
         with self._lock:
             owners = self._owner_maps.get(snap.id)
         if owners is None:
+            if time.monotonic() < self._unavailable_until:
+                return OwnerMap()  # the recorded ids for now, asked again once the remote may answer
             try:
                 owners = self.repo.owner_map(snap, snapshots=self._layout.snapshots)
+            except RemoteUnavailable as exc:
+                # Not kept: kept, the snapshot's owners showed as their recorded ids until an unmount.
+                self._unavailable_until = time.monotonic() + UNAVAILABLE_SECONDS
+                self._tell(f"snapshot {snap.id[:8]}: {exc} (owners shown as recorded ids meanwhile)")
+                return OwnerMap()
             except ChunkvaultError:  # its chain unreadable now: its tree is too, and says so
                 owners = OwnerMap()
             with self._lock:

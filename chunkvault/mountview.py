@@ -74,6 +74,8 @@ class Layout:
     """The virtual tree above the snapshots' files, for one listing of the snapshots."""
 
     snapshots: list[Snapshot]
+    # The names a mount showed before (snapshot id -> name): each keeps its own, and none is given to another.
+    given: dict[str, str] = field(default_factory=dict)
     by_name: dict[str, Snapshot] = field(init=False)
     names: dict[str, str] = field(init=False)  # snapshot id -> its name under snapshots/
     ids: dict[str, Snapshot] = field(init=False)
@@ -82,13 +84,19 @@ class Layout:
     def __post_init__(self) -> None:
         snaps = sorted(self.snapshots, key=chronological_key(self.snapshots))
         self.snapshots = snaps
-        first = defaultdict(list)
-        for s in snaps:
-            first[snapshot_name(s)].append(s)
+        # The first of a second keeps its name when another joins it; once shown, a name stays its snapshot's:
+        # one dated earlier in that second but listed later took it over, and the kernel, which keeps file
+        # contents by path, gave the first one's bytes under the other's name.
+        taken = set(self.given.values())
         self.names = {}
-        for name, same in first.items():  # the first of a second keeps its name when another joins it
-            for i, s in enumerate(same):
-                self.names[s.id] = name if i == 0 else f"{name}-{s.id[:8]}"
+        for s in snaps:
+            name = self.given.get(s.id)
+            if name is None:
+                name = snapshot_name(s)
+                if name in taken:
+                    name = f"{name}-{s.id[:8]}"
+                taken.add(name)
+            self.names[s.id] = name
         self.by_name = {self.names[s.id]: s for s in snaps}
         self._sorted_ids = sorted(s.id for s in snaps)
         self.ids = _short_ids(snaps, self._sorted_ids)

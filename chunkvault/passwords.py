@@ -102,13 +102,20 @@ TO = PasswordSource("to-password", "password of the to repository")
 EXPORT = PasswordSource("export-password", "export password")
 
 
+#: The most a password file holds: a device or a stream that never ends (/dev/zero, /dev/urandom) was read
+#: until memory ran out, the command hanging meanwhile.
+PASSWORD_FILE_LIMIT = 1 << 20
+
+
 def read_password_file(path: str) -> bytes:
     """A file's bytes without its trailing line breaks (LF or CR LF); spaces are the password's."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(PASSWORD_FILE_LIMIT + 1)
     except OSError as exc:
         raise UsageError(f"cannot read password file {path}: {exc.strerror}") from None
+    if len(data) > PASSWORD_FILE_LIMIT:
+        raise UsageError(f"password file {path} holds more than {PASSWORD_FILE_LIMIT >> 20} MiB: no password file")
     return data.rstrip(b"\r\n")
 
 

@@ -275,13 +275,43 @@ def _write_as(path: str, data: bytes, owner: os.stat_result | None) -> None:
         os.close(fd)
 
 
+def refuse_running_server(target: str | bytes) -> None:
+    """A target holding the ``postmaster.pid`` of a server that runs in it is a live PostgreSQL data
+    directory: files restored under that server corrupt it, and deleting what the snapshot lacks removes its
+    pid file, so ``pg_ctl`` no longer finds it to stop it.  The server is the pid's process (negative: a
+    single-user backend's) whose working directory is the target, as a postmaster's is its data directory;
+    a pid file a crash left names no process, this one or its parent, or one working elsewhere (its pid
+    reused after a reboot).  A process this user may not look at is taken for the server."""
+    try:
+        with open(os.path.join(os.fsdecode(target), "postmaster.pid"), "rb") as f:
+            pid = abs(int(f.readline()))
+        here = os.stat(target)
+    except (OSError, ValueError):
+        return
+    if pid == 0 or pid in (os.getpid(), os.getppid()):
+        return
+    try:
+        cwd = os.stat(f"/proc/{pid}/cwd")
+    except FileNotFoundError:
+        return  # no such process
+    except OSError:
+        pass  # another user's: it may be the server
+    else:
+        if (cwd.st_dev, cwd.st_ino) != (here.st_dev, here.st_ino):
+            return
+    raise UsageError(f"restore target {os.fsdecode(target)} is the data directory of a running PostgreSQL server "
+                     f"(postmaster.pid: process {pid}): stop it first (pg_ctl stop), then restore; if no server "
+                     "runs there, remove its postmaster.pid")
+
+
 def restore_command(program: list[str], url: str, secret: tuple[str, str], options: list[str],
-                    spool: str | None = None) -> str:
+                    spool: str | None = None, *, fatal_errors: bool) -> str:
     """The ``restore_command`` that fetches from this repository: ``program`` (chunkvault as an absolute
     command line), ``url``, ``secret`` (``--password-file`` or ``--password-command`` and its value), the
     remote's ``-o`` options, and ``--spool`` when given.  The server runs it without our environment:
-    everything is on the line."""
-    argv = [*program, "archive-get", "-q", "-r", url, *secret]
+    everything is on the line.  ``fatal_errors`` (all but a standby's): ``--fatal-errors``, so that a
+    repository out of reach stops the recovery rather than end it short of its target."""
+    argv = [*program, "archive-get", "-q", "-r", url, *secret, *(["--fatal-errors"] if fatal_errors else [])]
     for option in options:
         argv += ["-o", option]
     if spool is not None:

@@ -1514,6 +1514,7 @@ class Repository:
         on the target), a single file or link under its name.  Includes and excludes are then paths
         relative to it, and ``delete`` removes from the target what the directory lacks.  A hard link to a
         file outside it is restored as a copy of that file.  A path the snapshot lacks is a UsageError."""
+        from .pgrecovery import refuse_running_server
         from .store import restore_workers
         from .store.forked import MAX_REQUESTED
         from .store.restore import Selection
@@ -1542,6 +1543,7 @@ class Repository:
         if not force and _is_nonempty_dir(target):
             raise TargetNotEmpty(f"restore target {os.fsdecode(target)} is not empty (force=True restores "
                                  "into it in place)")
+        refuse_running_server(target)
         refuse_overlap(target, delete, [(root, "the repository") for root in _local_roots(self._repo.remote)])
         if subtree is not None:
             snapshot_path(subtree)  # a bad path is refused before anything is read

@@ -100,10 +100,12 @@ class Cadence(Protocol):
 
 def zone(name: str | None) -> ZoneInfo | timezone:
     """An IANA zone by name; None or "UTC" is UTC."""
-    if name is None or name.upper() in ("UTC", "Z", "ETC/UTC"):
+    if name is None:
         return UTC
-    if not isinstance(name, str) or not name.strip():
+    if not isinstance(name, str) or not name.strip():  # a source's `timezone = +1` (an offset, read as a number)
         raise UsageError(f"time zone must be an IANA name like 'Europe/Berlin', got {name!r}")
+    if name.upper() in ("UTC", "Z", "ETC/UTC"):
+        return UTC
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -521,11 +523,14 @@ _SLICE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*\Z")
 def check_slice(subset: str | None, last: int | None) -> tuple[str | None, int | None]:
     """The subset one scheduled check reads, and its slice number to remember.  ``n/m`` starts at slice n
     and moves on by one at each check (``last``: the slice the previous one read), so that m checks read
-    every pack once; a share or a size is drawn afresh each time."""
+    every pack once; a share or a size is drawn afresh each time.  A ``last`` that is no whole number (a
+    state file edited by hand) is none remembered: the check starts again at slice n."""
     m = _SLICE_RE.match(subset or "")
     if m is None:
         return subset, None
     first, count = int(m.group(1)), int(m.group(2))
+    if not isinstance(last, int) or isinstance(last, bool):
+        last = None
     n = first if last is None else last % count + 1
     return f"{n}/{count}", n
 
@@ -741,7 +746,8 @@ def _hook(value: Any, what: str) -> str | tuple[str, ...] | None:
 def _seconds(value: Any, what: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    # TOML's nan and inf too: nan compared as no limit at all
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise UsageError(f"{what} must be a positive number of seconds, got {value!r}")
     return float(value)
 

@@ -316,21 +316,22 @@ class LockFileError(ChunkvaultError):
     exit_code = 2
 
 
-def _open_lock(path: str) -> int:
-    """The lock file, created if missing, and its own directory with it: a directory under /run is gone after
-    a reboot, or when a service manager or tmpfiles cleans it.  The directories above are not made (a
-    mistyped path is said, not created)."""
-    flags = os.O_RDWR | os.O_CREAT
+def _open_making_dir(path: str, flags: int) -> int:
+    """``path`` opened (mode 0644 where created), its own directory made first if missing: a directory under
+    /run is gone after a reboot, or when a service manager or tmpfiles cleans it.  The directories above are
+    not made (a mistyped path is said, not created)."""
     try:
         return os.open(path, flags, 0o644)
     except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise LockFileError(f"cannot open lock file {path}: {exc.strerror}") from None
-    try:
         with suppress(FileExistsError):
             os.mkdir(os.path.dirname(os.path.abspath(path)), 0o755)
         return os.open(path, flags, 0o644)
+
+
+def _open_lock(path: str) -> int:
+    """The lock file, created if missing, and its own directory with it (``_open_making_dir``)."""
+    try:
+        return _open_making_dir(path, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
         raise LockFileError(f"cannot open lock file {path}: {exc.strerror}") from None
 
@@ -1033,14 +1034,16 @@ def _remember(path: str | None, section: str, url: str, entry: dict[str, Any], l
 
 def _write_state(path: str | None, sections: dict[str, dict[str, Any]], log: Callable[[str], None]) -> None:
     """Replace the state file whole (a crash leaves the old one or the new one), writable by this user alone
-    whatever the umask: another user who could write it would mark a failed verification passed."""
+    whatever the umask: another user who could write it would mark a failed verification passed.  Its own
+    directory is made if missing, as the lock file's is (else each run checked and verified again, its
+    warning alone saying why); the directories above are not."""
     if path is None:
         return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with suppress(FileNotFoundError):
             os.unlink(tmp)  # a crashed run's, which would keep its mode
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = _open_making_dir(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
         with open(fd, "w", encoding="utf-8") as f:
             json.dump(state_document(sections), f, indent=1, sort_keys=True)
             f.flush()
@@ -1178,6 +1181,10 @@ class Daemon:
             runner = self.reload()
         except (ChunkvaultError, OSError) as exc:
             self.log(f"policy not reloaded, the one loaded before stays in use: {exc}")
+            return False
+        except Exception as exc:  # a bug in reading one edit of the file must not end the daemon, as in a run
+            self.log(f"policy not reloaded, the one loaded before stays in use: internal error: "
+                     f"{type(exc).__name__}: {exc}")
             return False
         if runner.lock_file != self.runner.lock_file:  # the daemon's own lock is beside the one it started with
             self.log(f"policy not reloaded, the one loaded before stays in use: its lock file changed (to "

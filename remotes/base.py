@@ -9,17 +9,50 @@ from __future__ import annotations
 import inspect
 import ipaddress
 import math
+import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from chunkvault.errors import ObjectNotFound, UsageError
+from chunkvault.errors import ObjectNotFound, RemoteUnavailable, UsageError
 
 # Keys are relative, slash-separated, made of [A-Za-z0-9._-] segments; no "..",
 # no leading slash, no empty segment.  Every remote (and the HTTP server) checks
 # this, so a key can never escape the repository.
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}\Z")
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def served_range(where: str, start: int, length: int | None, data: bytes, content_range: str | None) -> bytes:
+    """The bytes of a ranged read (from ``start``, ``length`` of them or to the end) as the storage answered
+    it with ``content_range`` (its Content-Range, None for a whole object: something in between dropped the
+    Range header, and the range is cut from it).  An answer from elsewhere than ``start``, or of fewer bytes
+    than asked where the object it names holds more, is a transfer cut short (RemoteUnavailable, to retry):
+    taken as the range, it made an intact pack read as one cut short, or its blobs as damaged."""
+    if content_range is None:
+        return data[start : None if length is None else start + length]
+    match = _CONTENT_RANGE.fullmatch(content_range.strip())
+    if match is None:
+        return data
+    first, total = int(match[1]), match[3]
+    if first != start:
+        raise RemoteUnavailable(f"reading {where}: bytes from {start} were asked, and {content_range} came")
+    if total != "*":
+        want = max(0, int(total) - start)
+        if length is not None:
+            want = min(want, length)
+        if len(data) != want:
+            raise RemoteUnavailable(f"reading {where}: got {len(data)} of the {want} bytes asked for "
+                                    f"(the object holds {total})")
+    return data
+
+
+def from_environment(variables: Iterable[str]) -> str | None:
+    """The first of ``variables`` set to something in the environment (a remote's option it stands for)."""
+    return next((os.environ[v] for v in variables if os.environ.get(v)), None)
 
 
 def is_loopback(host: str) -> bool:

@@ -69,8 +69,8 @@ from chunkvault.errors import (
     UsageError,
 )
 
-from .base import (ObjectInfo, Remote, connections_option, is_key, is_loopback, keyword_options, refuse_unknown_options,
-                   timeout_option, validate_key, validate_prefix)
+from .base import (ObjectInfo, Remote, connections_option, from_environment, is_key, is_loopback, keyword_options,
+                   refuse_unknown_options, served_range, timeout_option, validate_key, validate_prefix)
 
 DEFAULT_PORT = 6362
 X509_NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
@@ -79,17 +79,27 @@ MISSING_HEADER = "Chunkvault-Object"
 TOKEN_ENV = "CHUNKVAULT_HTTP_TOKEN"
 TOKEN_FILE_ENV = "CHUNKVAULT_HTTP_TOKEN_FILE"
 CA_FILE_ENV = "CHUNKVAULT_HTTP_CA_FILE"
+#: The options a variable of the environment gives where none is given (credentials apart: TOKEN_ENV ...).
+ENVIRONMENT_OPTIONS = {"ca_file": (CA_FILE_ENV,)}
 _TOKEN = re.compile(r"^[\x21-\x7e]+\Z")
 _PRINTABLE = re.compile(r"[^\x20-\x7e]+")
+
+
+#: The most a token file holds: a device or a stream that never ends (/dev/zero) was read until memory ran out.
+TOKEN_FILE_LIMIT = 64 << 10
 
 
 def _read_token_file(path: str, source: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read().strip()
+            text = f.read(TOKEN_FILE_LIMIT + 1)
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or type(exc).__name__
         raise UsageError(f"cannot read the HTTP token file {path} (from {source}): {reason}") from None
+    if len(text) > TOKEN_FILE_LIMIT:
+        raise UsageError(f"the HTTP token file {path} (from {source}) holds more than {TOKEN_FILE_LIMIT >> 10} KiB: "
+                         "no token file")
+    return text.strip()
 
 
 def resolve_token(token: Any = None, token_file: str | None = None) -> str | None:
@@ -188,8 +198,8 @@ def _check_ca_file(path: str) -> None:
     which was retried as an outage for half a minute and then called the service unavailable."""
     if os.path.isdir(path):
         raise UsageError(f"HTTP CA file {path} is a directory (give the certificate file)")
-    if not os.path.isfile(path):
-        raise UsageError(f"HTTP CA file {path} does not exist")
+    if not os.path.isfile(path):  # /dev/null, a FIFO: there, but no certificate file
+        raise UsageError(f"HTTP CA file {path} " + ("is not a regular file" if os.path.exists(path) else "does not exist"))
     try:
         ssl.create_default_context(cafile=path)
     except (ssl.SSLError, OSError, ValueError) as exc:
@@ -215,7 +225,7 @@ class HTTPRemote(Remote):
     ):
         self._origin, self._base, self.display_url = parse_http_url(url)
         self._token = resolve_token(token, token_file)
-        ca_file = ca_file or os.environ.get(CA_FILE_ENV) or None
+        ca_file = ca_file or from_environment(ENVIRONMENT_OPTIONS["ca_file"])
         if ca_file:
             _check_ca_file(str(ca_file))
         self.read_timeout = timeout_option("HTTP", "read_timeout", read_timeout)
@@ -373,8 +383,10 @@ class HTTPRemote(Remote):
         expected = response.headers.get("Content-Length")
         if expected is not None and (not expected.isdigit() or len(data) != int(expected)):
             raise RemoteUnavailable(f"reading {self.display_url}{key}: got {len(data)} of {expected} bytes")
-        if ranged and response.status == 200:  # something in between dropped the Range header
-            data = data[lo : None if length is None else lo + length]
+        served = response.headers.get("Content-Range")
+        if ranged and (response.status == 200 or served is not None):  # answered whole (something in between
+            # dropped the Range header), or as Content-Range says (cut short?); a 206 without it is taken as is
+            data = served_range(f"{self.display_url}{key}", lo, length, data, served if response.status == 206 else None)
         return data
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -443,6 +455,8 @@ def parse_http_url(url: str) -> tuple[str, str, str]:
         raise UsageError(f"{scheme}:// repository URL takes no query or fragment: {url!r}")
     try:
         host, port = parsed.hostname, parsed.port
+        if port == 0:  # no server listens there: it was retried as an outage, then called unavailable
+            raise ValueError
     except ValueError:
         raise UsageError(f"invalid port in {url!r}") from None
     if not host:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 import time
 from typing import Any, Callable, Iterator
@@ -421,6 +422,8 @@ class LocalRemote(Remote):
             return None
         except OSError as exc:
             raise _os_error(exc, f"stat {key}") from None
+        if stat.S_ISDIR(st.st_mode):  # no object, as ``get`` and ``list`` take it: a directory in its place
+            return None
         return ObjectInfo(key, st.st_size, file_version(st))
 
     def abandon_writes(self) -> None:

@@ -26,10 +26,12 @@ from chunkvault.errors import (
 )
 from chunkvault.units import parse_size
 
-from .base import (ObjectInfo, Remote, connections_option, is_key, keyword_options, number_option,
-                   refuse_unknown_options, spelled, timeout_option, validate_key, validate_prefix)
+from .base import (ObjectInfo, Remote, connections_option, from_environment, is_key, keyword_options, number_option,
+                   refuse_unknown_options, served_range, spelled, timeout_option, validate_key, validate_prefix)
 
 MiB = 1024 * 1024
+#: The options a variable of the environment gives where none is given (the first set, in order).
+ENVIRONMENT_OPTIONS = {"endpoint_url": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")}
 DATA_PREFIX = "data/"
 # Where objects large enough to go up in parts live: a prune aborts only those uploads.
 LARGE_OBJECT_PREFIXES = (DATA_PREFIX, "index/")
@@ -171,7 +173,7 @@ class S3Remote(Remote):
         if not 5 * MiB <= self.multipart_part_size <= 5 * 1024 * MiB:  # S3's bounds: refused after each upload
             raise UsageError(f"S3 option {spelled('multipart_part_size')} must be from 5M to 5G (S3's bounds "
                              f"on a part), not {self.multipart_part_size}")
-        endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        endpoint_url = endpoint_url or from_environment(ENVIRONMENT_OPTIONS["endpoint_url"])
         if endpoint_url:
             ep = urlparse(endpoint_url)
             if ep.scheme not in ("http", "https") or not ep.hostname:
@@ -350,6 +352,9 @@ class S3Remote(Remote):
         expected = response.get("ContentLength")
         if expected is not None and len(data) != expected:
             raise RemoteUnavailable(f"reading {self.display_url}{key}: got {len(data)} of {expected} bytes")
+        served = response.get("ContentRange")  # None where the whole object came (200) for the range asked
+        if "Range" in kwargs and (served is not None or response["ResponseMetadata"].get("HTTPStatusCode") == 200):
+            data = served_range(f"{self.display_url}{key}", start or 0, length, data, served)
         return data
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:

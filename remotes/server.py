@@ -33,6 +33,7 @@ from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote
 
 from chunkvault import interrupts
+from chunkvault.argparsing import dashes_value
 from chunkvault.errors import ObjectExists, ObjectTooLarge, PermissionDenied, RemoteError, StorageFull, UsageError
 from chunkvault.tomlfile import read_toml
 from chunkvault.units import format_size, parse_size
@@ -177,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     class Parser(argparse.ArgumentParser):
         def error(self, message: str) -> None:  # type: ignore[override]
             raise UsageError(message)
+
+        def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+            return dashes_value(self, action, arg_strings, super()._get_values)  # --path=--: the value --, not []
 
     p = Parser(prog=PROG, description="Serve a repository directory to chunkvault clients over HTTP(S).")
     p.add_argument("--listen", metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_LISTEN}; [::1]:PORT for IPv6)")
@@ -1191,18 +1195,19 @@ def main(argv: list[str] | None = None) -> int:
         settings = parse_settings(argv)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    except UsageError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+    except UsageError as exc:  # one line, whatever the arguments it quotes hold (a line break)
+        print(f"{PROG}: {_printable(str(exc))}", file=sys.stderr)
         return UsageError.exit_code
     if settings is None:
         return 0
     try:
         server = BackupServer(settings)
     except UsageError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{PROG}: {_printable(str(exc))}", file=sys.stderr)
         return UsageError.exit_code
     except OSError as exc:  # in use, a privileged port, an address not this machine's: the --listen given
-        print(f"{PROG}: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        print(_printable(f"{PROG}: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"),
+              file=sys.stderr)
         return UsageError.exit_code
     stop = threading.Event()
     reload = threading.Event()

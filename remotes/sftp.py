@@ -46,12 +46,15 @@ from chunkvault.errors import (
     UsageError,
 )
 
-from .base import (ObjectInfo, Remote, connections_option, is_key, refuse_unknown_options, timeout_option, validate_key,
-                   validate_prefix, yes_no_option)
+from .base import (ObjectInfo, Remote, connections_option, from_environment, is_key, refuse_unknown_options,
+                   timeout_option, validate_key, validate_prefix, yes_no_option)
 from .sftp_client import StatusError
 from .sftp_sessions import OpenSSHSessions, ParamikoSessions, SSHTarget, openssh_settings, resolve_transport
 
 TEMP_PREFIX = ".tmp-"
+#: The options a variable of the environment gives where the URL's options do not (the first set, in order).
+ENVIRONMENT_OPTIONS = {"key_file": ("CHUNKVAULT_SFTP_KEY_FILE",), "known_hosts": ("CHUNKVAULT_SFTP_KNOWN_HOSTS",),
+                       "transport": ("CHUNKVAULT_SFTP_TRANSPORT",)}
 
 
 def parse_sftp_url(url: str) -> tuple[str | None, str, int | None, str]:
@@ -66,6 +69,8 @@ def parse_sftp_url(url: str) -> tuple[str | None, str, int | None, str]:
         raise UsageError(f"an SFTP URL's path takes ';', '?' and '#' only percent-encoded (%3B, %3F, %23): {url!r}")
     try:
         port = parsed.port
+        if port == 0:  # was taken for no port: port 22 connected to instead
+            raise ValueError
     except ValueError:
         raise UsageError(f"bad port in SFTP URL {url!r}") from None
     path = unquote(parsed.path)
@@ -163,7 +168,8 @@ class SFTPRemote(Remote):
         channels = connections_option("SFTP", "channels", channels)
         known = os.path.expanduser(known_hosts) if known_hosts else None
         if ssh_config and not os.path.isfile(os.path.expanduser(ssh_config)):  # else retried as an outage
-            raise UsageError(f"SSH config file {ssh_config} does not exist")
+            there = os.path.exists(os.path.expanduser(ssh_config))  # /dev/null, a directory: no config file
+            raise UsageError(f"SSH config file {ssh_config} " + ("is not a regular file" if there else "does not exist"))
         if self.transport == "openssh":
             # ssh reads its configuration itself: it is given only what the URL and the options say, and
             # asked (ssh -G) which user and port it will use, for the name in messages and the cache's.
@@ -226,9 +232,8 @@ class SFTPRemote(Remote):
         refuse_unknown_options("SFTP", options, ["key_file", "known_hosts", "accept_new_host_key", "ssh_config",
                                                  "connect_timeout", "read_timeout", "channels", "transport"])
         env = os.environ
-        options.setdefault("key_file", env.get("CHUNKVAULT_SFTP_KEY_FILE") or None)
-        options.setdefault("known_hosts", env.get("CHUNKVAULT_SFTP_KNOWN_HOSTS") or None)
-        options.setdefault("transport", env.get("CHUNKVAULT_SFTP_TRANSPORT") or None)
+        for name, variables in ENVIRONMENT_OPTIONS.items():
+            options.setdefault(name, from_environment(variables))
         accept = options.get("accept_new_host_key")
         if accept is None:
             accept = yes_no_option("SFTP", "CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY",

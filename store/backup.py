@@ -1301,8 +1301,8 @@ class Backup:
         try:
             digest, ids, size = self._read_stream(stream, rel, None)
             self._finish_writes()
-        except BaseException:
-            writer.abandon()
+        except BaseException as exc:
+            writer.abandon(exc)
             raise
         finally:
             self._wind_down()
@@ -1439,8 +1439,8 @@ class Backup:
                                     skipped=True)
             manifest_ids = mw.finish()
             self._finish_writes()
-        except BaseException:
-            writer.abandon()
+        except BaseException as exc:
+            writer.abandon(exc)
             raise
         finally:
             if self._total is not None:

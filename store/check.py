@@ -329,7 +329,10 @@ class Checker:
         snaps = []
         newer: set[str] = set()
         damaged: set[str] = set()
-        for name in self.repo.snapshot_names():
+        strays: list[str] = []
+        names = self.repo.snapshot_names(strays)
+        self.report.warnings += [f"unexpected object {key} (no snapshot is kept under that name)" for key in strays]
+        for name in names:
             try:
                 snaps.append(self.repo.load_snapshot(name, fresh=True))
             except RemoteUnavailable:

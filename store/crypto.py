@@ -222,10 +222,19 @@ def is_secret(password: bytes) -> bool:
     return _secret_random(password) is not None
 
 
+_BOM = b"\xef\xbb\xbf"  # what an editor may put before a file's text (UTF-8's byte order mark)
+
+
+def _trimmed(password: bytes) -> bytes:
+    """``password`` without the blanks around it, nor a byte order mark before it."""
+    return password.strip().removeprefix(_BOM).strip()
+
+
 def as_secret(password: bytes) -> bytes:
-    """``password``, or the secret it is once copied with surrounding blanks or in capitals (a secret has
-    neither, so no password is taken for another)."""
-    trimmed = password.strip()
+    """``password``, or the secret it is once copied with surrounding blanks, in capitals, or saved by an
+    editor that put a byte order mark before it (a secret has none of them, so no password is taken for
+    another)."""
+    trimmed = _trimmed(password)
     if trimmed[:len(SECRET_PREFIX)].lower() == SECRET_PREFIX:
         trimmed = SECRET_PREFIX + trimmed[len(SECRET_PREFIX):]
         if not is_secret(password) and is_secret(trimmed):
@@ -235,7 +244,7 @@ def as_secret(password: bytes) -> bytes:
 
 def looks_like_secret(password: bytes) -> bool:
     """A ``cvk1-`` string whose checksum fails: a generated secret mistyped or cut short, most likely."""
-    trimmed = password.strip()
+    trimmed = _trimmed(password)
     return trimmed[:len(SECRET_PREFIX)].lower() == SECRET_PREFIX and not is_secret(as_secret(trimmed))
 
 

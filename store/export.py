@@ -447,7 +447,7 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
             w.finish()
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out_path)
+        _put_in_place(tmp, out_path, overwrite)
     except BaseException as exc:
         try:
             os.unlink(tmp)
@@ -469,6 +469,26 @@ def export(repo: Repo, snapshot: Snapshot, out_path: str, password: bytes, *, kd
     stats.blobs = w.counts[S_BLOB]
     stats.duration = round(time.monotonic() - started, 3)
     return stats
+
+
+def _put_in_place(tmp: str, out_path: str, overwrite: bool) -> None:
+    """Rename the written file to its name; without ``overwrite``, only where that name is still free: another
+    export to it that ended meanwhile (two runs of one job) was replaced, though neither was asked to."""
+    if overwrite:
+        os.replace(tmp, out_path)
+        return
+    try:
+        os.link(tmp, out_path)  # fails where the name was taken meanwhile, as a rename cannot
+    except FileExistsError:
+        raise UsageError(f"{out_path} exists: it was written while this export ran (another export to that "
+                         "name?), and is left as it is (remove it, or ask to overwrite it: --force)") from None
+    except OSError:  # a file system without hard links (FAT, some FUSE file systems): as close as a rename gets
+        if os.path.lexists(out_path):
+            raise UsageError(f"{out_path} exists: it was written while this export ran, and is left as it "
+                             "is (remove it, or ask to overwrite it: --force)") from None
+        os.replace(tmp, out_path)
+        return
+    os.unlink(tmp)
 
 
 NAME_MAX = 255  # bytes of a file name (Linux's file systems)
@@ -612,6 +632,9 @@ class ExportFile:
         try:  # without waiting: a FIFO no one writes to held the open until Ctrl-C, before the check below
             self._f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb", buffering=0)
         except FileNotFoundError:
+            if path == "-":  # import-tar's and key import's way to name standard input
+                raise UsageError("a .backup file is read at random and twice (to authenticate it, then to restore), "
+                                 "not from standard input: save it to a file first") from None
             raise UsageError(f"no file {path}") from None
         except IsADirectoryError:
             raise UsageError(f"{path} is a directory, not a .backup file") from None
@@ -1008,10 +1031,11 @@ def _refuse_future(snap: Snapshot, what: str) -> None:
 def restore_from_file(path: str, password: bytes, target: str, *, includes: list[str] | None = None,
                       excludes: list[str] | None = None, force: bool = False, delete: bool = False,
                       progress: Callable[[int, int], None] | None = None, numeric_owner: bool = False,
-                      iexcludes: list[str] | None = None, overwrite: str = "always"
+                      iexcludes: list[str] | None = None, overwrite: str = "always", xattrs: bool = True
                       ) -> tuple[ExportInfo, RestoreResult]:
     """Restore an export's snapshot straight from the file, no repository involved (``overwrite``: as
-    ``Repository.restore``'s, but for ``if-changed``, which compares chunks by a repository's ids).
+    ``Repository.restore``'s, but for ``if-changed``, which compares chunks by a repository's ids; ``xattrs``:
+    False sets no extended attributes).
 
     The file is verified whole first: a damaged or truncated file is refused
     before the target is created or touched.  Every file's digest is checked
@@ -1024,7 +1048,7 @@ def restore_from_file(path: str, password: bytes, target: str, *, includes: list
         assert info is not None
         opts = RestoreOptions(includes=list(includes or []), excludes=list(excludes or []),
                               iexcludes=list(iexcludes or []), force=force or overwrite == "never",
-                              delete=delete, overwrite=overwrite, progress=progress,
+                              delete=delete, overwrite=overwrite, progress=progress, xattrs=xattrs,
                               owner_map=None if numeric_owner else OwnerMap.for_names([info.snapshot.stats]))
         with Restorer(ef, target, opts, lookup=lookup_by_scan(ef.records)) as restorer:
             if delete and os.path.isdir(target):

@@ -95,7 +95,7 @@ def _open_plain(sealer: Sealer, data: bytes, what: str) -> bytes:
     try:
         compressed = sealer.open(data, INDEX_AD)
     except AuthenticationFailed:
-        raise CorruptObject(what, "authentication failed") from None
+        raise CorruptObject(what, "authentication failed (damaged, cut short, or another repository's)") from None
     try:
         return zstandard.ZstdDecompressor().decompress(compressed, max_output_size=MAX_INDEX_PLAIN)
     except zstandard.ZstdError as exc:

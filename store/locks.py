@@ -497,8 +497,7 @@ class RepoLock:
             # another (an HTTP service frozen mid-backup kept the command 11 minutes, saying only "retrying"):
             # it is left to go stale, and a command on this host removes it at once (its process is gone).
             # Another repository's outage (copy holds a lock on each) is no reason to leave this one's.
-            self.release(remove=not (isinstance(exc, RemoteUnavailable)
-                                     and exc.remote in (None, self.remote.display_url)))
+            self.release(remove=not RemoteUnavailable.gave_up_on(exc, self.remote.display_url))
         except RemoteError:
             # The work is done (or its own error propagates); a lock left behind goes stale by itself.
             pass

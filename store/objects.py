@@ -64,13 +64,13 @@ def check_kind(kind: Any, kinds: Iterable[str], command: str) -> str:
 
 def object_names(remote: Remote, kind: str) -> list[str]:
     """The names of the objects of one public kind (``LIST_KINDS`` but blobs), sorted: a pack by its id,
-    without its folder; objects under ``index/`` or ``data/`` not named as one (a stray file) left out,
-    as every reader leaves them out."""
+    without its folder; objects under ``index/``, ``snapshots/`` or ``data/`` not named as one (a stray file)
+    left out, as every reader leaves them out."""
     check_kind(kind, sorted(PUBLIC_LIST_KINDS, key=LIST_KINDS.index), "this listing")
     if kind == "packs":
         return sorted(pid.hex() for o in remote.list("data/") if (pid := pack_id_of(o.key)) is not None)
     names = (o.key.split("/", 1)[1] for o in remote.list(_PREFIXES[kind]))
-    if kind == "index":
+    if kind in ("index", "snapshots"):
         return sorted(n for n in names if OBJECT_ID.fullmatch(n))
     return sorted(names)
 

@@ -33,7 +33,7 @@ from chunkvault.errors import (
     UsageError,
     WrongPassword,
 )
-from chunkvault.remotes import Remote
+from chunkvault.remotes import ObjectInfo, Remote
 
 from . import chain
 from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_many, delta_compress, envelope_base,
@@ -134,7 +134,7 @@ class _LRU:
                 self.size -= len(old)
 
 
-OBJECT_ID = re.compile("[0-9a-f]{64}")  # the name of a pack or an index object
+OBJECT_ID = re.compile("[0-9a-f]{64}")  # the name of a pack, an index object or a snapshot
 
 
 def superseded_names(objects: Iterable[IndexColumns | IndexData]) -> set[str]:
@@ -523,13 +523,16 @@ class Repo:
         file, an object an append-only client planted) are left out, as ``stored_packs`` leaves them:
         reported as damaged index objects, they stopped every backup, and `repair index` with them.  Their
         keys go to ``strays``, when given (``check`` names them)."""
-        names = []
-        for o in self.remote.list("index/"):
+        return [name for name, _ in self._named_objects("index/", strays)]
+
+    def _named_objects(self, prefix: str, strays: list[str] | None = None) -> Iterator[tuple[str, ObjectInfo]]:
+        """The objects under ``prefix`` named as a pack, an index object or a snapshot is (``OBJECT_ID``), with
+        their names; the keys of the others go to ``strays``, when given."""
+        for o in self.remote.list(prefix):
             if OBJECT_ID.fullmatch(name := o.key.split("/", 1)[1]):
-                names.append(name)
+                yield name, o
             elif strays is not None:
                 strays.append(o.key)
-        return names
 
     def read_index_objects(self, names: list[str], *, fresh: bool = False
                            ) -> list[tuple[str, IndexColumns | CorruptObject | ObjectNotFound]]:
@@ -762,10 +765,13 @@ class Repo:
             chain.append((cur, env, raw_length))
             base = envelope_base(env)
             indexed = self._delta_bases.get(cur)
-            if indexed is not None and base != indexed:  # the envelope's header, not yet authenticated
+            # The envelope's header, not yet authenticated: a delta's names its base, and one over a blob the
+            # index has whole (its base that blob itself, say) would be followed down a chain no one wrote.
+            if base != indexed and (indexed is not None or self.locate(cur) is not None):
                 what = f"blob {cur.hex()}" if cur == blob_id else f"its delta base {cur.hex()}"
                 raise CorruptObject(f"blob {blob_id.hex()}", f"{what} is damaged: its envelope names the base "
-                                    f"{base.hex() if base else '(none)'}, the index {indexed.hex()}")
+                                    f"{base.hex() if base else '(none)'}, the index "
+                                    f"{indexed.hex() if indexed else '(none: stored whole)'}")
             if base is None:
                 return chain, None
             self._check_depth(blob_id, chain, 0)
@@ -1036,8 +1042,12 @@ class Repo:
         self.snapshot_digests[name] = content_name(data)[:32]
         return snap
 
-    def snapshot_names(self) -> list[str]:
-        return [o.key.split("/", 1)[1] for o in self.remote.list("snapshots/")]
+    def snapshot_names(self, strays: list[str] | None = None) -> list[str]:
+        """Every snapshot object's name; objects not named as one (a snapshot id is 64 lowercase hex digits:
+        a desktop's ``desktop.ini``, a name whoever holds the storage made up) are left out, as
+        ``index_names`` leaves them: taken for damaged snapshots, they stopped every prune and retention.
+        Their keys go to ``strays``, when given (``check`` names them)."""
+        return [name for name, _ in self._named_objects("snapshots/", strays)]
 
     def snapshots(self) -> list[Snapshot]:
         """Every snapshot that loads, oldest first.  One that does not (damaged, or written with another
@@ -1046,7 +1056,7 @@ class Repo:
         the listing is simply gone.  A loaded index is then brought up to date (``refresh_index``), so that
         it holds the blobs of every snapshot listed."""
         known = list(self._snapshot_seen)  # before the listing: a snapshot saved after it is not listed
-        listed = {o.key.split("/", 1)[1]: (o.size, o.version) for o in self.remote.list("snapshots/")}
+        listed = {name: (o.size, o.version) for name, o in self._named_objects("snapshots/")}
         names = list(listed)
         for name in known:
             if name not in listed:  # forgotten since: an object kept open for months holds only what is there
@@ -1427,6 +1437,7 @@ class BlobWriter:
         self.delta_bytes = 0
         self.index_names: list[str] = []
         self._error: BaseException | None = None
+        self._cause: BaseException | None = None  # what stopped the work, where ``abandon`` was told
         # Called before each index object is written; raises when the command's lock may have gone stale
         # (``RepoLock.ensure_held``): a prune may have deleted the packs as unindexed meanwhile, and an index
         # naming them would have later backups deduplicate against data that is gone.
@@ -1436,7 +1447,7 @@ class BlobWriter:
         self._verified: dict[bytes, bool] = {}  # blobs of those packs read whole (``_reads``)
         # The packs of the blobs it deduplicated against, and a listing of data/ taken from the first on:
         # ``flush`` checks they are stored (``_check_deduplicated``).
-        self._deduplicated: set[bytes] = set()
+        self._deduplicated: dict[bytes, int] = {}  # -> the end of the last byte it refers to there
         self._stored: Future[dict[bytes, int]] | None = None
         self._listing: ThreadPoolExecutor | None = None  # its own thread: a listing holds up no upload
         self._own_packs: set[bytes] = set()  # stored by this writer: known to be there
@@ -1479,7 +1490,7 @@ class BlobWriter:
             loc = index.get(blob_id) if blob_id not in self._pending else None
             pack_id = self.repo.pack_ids[loc.pack_no] if loc is not None else None
             if pack_id is not None:  # None: in flight from this process
-                self._note_deduplicated(pack_id)
+                self._note_deduplicated(pack_id, loc.offset + loc.length)
         if loc is not None and loc.pack_no in self.damaged_packs and not self._reads(blob_id):
             pack_id = self.repo.pack_ids[loc.pack_no]
             raise CorruptObject(pack_key(pack_id) if pack_id else f"blob {blob_id.hex()}",
@@ -1489,9 +1500,11 @@ class BlobWriter:
                                 "and back up again")
         return False
 
-    def _note_deduplicated(self, pack_id: bytes) -> None:
-        """Remember a pack a blob was deduplicated against; the first one starts a listing of data/."""
-        self._deduplicated.add(pack_id)
+    def _note_deduplicated(self, pack_id: bytes, end: int = 0) -> None:
+        """Remember a pack a blob was deduplicated against, and where in it that blob ends; the first one starts
+        a listing of data/."""
+        if end > self._deduplicated.get(pack_id, -1):
+            self._deduplicated[pack_id] = end
         if self._stored is None:
             self._listing = ThreadPoolExecutor(1)
             self._stored = self._listing.submit(self.repo.stored_packs)
@@ -1593,11 +1606,13 @@ class BlobWriter:
         assert no is not None
         return b, no
 
-    def abandon(self) -> None:
+    def abandon(self, cause: BaseException | None = None) -> None:
         """The work stopped short (a failure, Ctrl-C): packs not yet handed to an upload are dropped, their
         blobs left to the next run, so that a stop on a slow link waits for the uploads under way only,
-        not for every pack the pipeline still fills.  What was uploaded is indexed by ``close``."""
+        not for every pack the pipeline still fills.  What was uploaded is indexed by ``close``, unless
+        ``cause`` is the remote given up on."""
         self._abandoned = True
+        self._cause = self._cause or cause
 
     def _submit(self, builder: PackBuilder, pack_no: int) -> None:
         if self._abandoned:
@@ -1648,18 +1663,28 @@ class BlobWriter:
     def _check_deduplicated(self) -> None:
         """MissingObject for a pack it deduplicated against that is not stored: the index lists a pack that
         is gone (deleted by hand or a lifecycle rule, or an old index put back after a prune deleted it), and
-        a snapshot would refer to data no one can read, with every file saved as if stored."""
+        a snapshot would refer to data no one can read, with every file saved as if stored.  CorruptObject for
+        one stored shorter than the end of a blob it refers to there (cut short, or emptied, by whoever holds
+        the storage): the listing's size says so without reading it."""
         if self._stored is None:
             return
         stored = self._stored.result()
-        unlisted = sorted(self._deduplicated - stored.keys() - self._own_packs)  # stored after the listing?
+        unlisted = sorted(self._deduplicated.keys() - stored.keys() - self._own_packs)  # stored after the listing?
         with ThreadPoolExecutor(max(1, min(OBJECT_READERS, len(unlisted)))) as pool:
             found = list(pool.map(lambda pid: self.repo.remote.stat(pack_key(pid)), unlisted))
+        sizes = dict(stored)
         for pack_id, info in zip(unlisted, found):
             if info is None:
                 raise MissingObject(pack_key(pack_id), "is listed by the index but not stored, and this would "
                                     "refer to blobs it held: run `chunkvault repair index` (it drops the pack "
                                     "from the index, and the next backup stores that data again)")
+            sizes[pack_id] = info.size
+        for pack_id, end in sorted(self._deduplicated.items()):
+            if pack_id not in self._own_packs and sizes.get(pack_id, end) < end:
+                raise CorruptObject(pack_key(pack_id), f"is stored with {sizes[pack_id]} bytes, fewer than the "
+                                    f"{end} its index places blobs this would refer to in (cut short): run "
+                                    "`chunkvault check`, then `repair packs` for the packs it names, and back "
+                                    "up again")
         self._deduplicated.clear()
 
     def _take_index(self) -> IndexData:
@@ -1698,8 +1723,10 @@ class BlobWriter:
     def close(self) -> None:
         """Wait for the uploads in flight; then index every pack that was stored whole but not yet indexed
         (only left when the work stopped short: an interruption, a failure), so that running it again stores
-        them no second time; not with ``index_on_close`` off.  Best effort: the error that stopped the work is
-        the one that counts."""
+        them no second time; not with ``index_on_close`` off, nor once the remote was given up on: the index
+        object would wait out the whole retry time again, doubling the wait that ``retry-time`` bounds (a
+        rerun stores those packs' blobs again, and prune clears the packs).  Best effort: the error that
+        stopped the work is the one that counts."""
         try:
             self._uploads.shutdown(wait=True)
             if self._listing is not None:
@@ -1707,7 +1734,9 @@ class BlobWriter:
             self._buffers.clear()
             with self._lock:
                 batch = self._take_index() if self._unindexed.packs else None
-            if batch is not None and self.index_on_close:
+            gone = any(RemoteUnavailable.gave_up_on(e, self.repo.remote.display_url)
+                       for e in (self._error, self._cause))
+            if batch is not None and self.index_on_close and not gone:
                 try:
                     self._write_index(batch)
                 except ChunkvaultError:
@@ -1723,7 +1752,9 @@ class BlobWriter:
     def __enter__(self) -> "BlobWriter":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            self.abandon(exc)
         self.close()
 
 
@@ -1738,12 +1769,12 @@ class CountingWriter(BlobWriter):
         self._pending = set()
         self.new_blobs = self.new_raw_bytes = self.stored_bytes = self.delta_blobs = self.delta_bytes = 0
         self.index_names = []
-        self._error = None
+        self._error = self._cause = None
         self.damaged = set()
         self.damaged_packs = {}
         self._verified = {}
 
-    def _note_deduplicated(self, pack_id: bytes) -> None:
+    def _note_deduplicated(self, pack_id: bytes, end: int = 0) -> None:
         pass  # nothing is written, so nothing would refer to a pack that is gone
 
     def store_many(self, blobs: Iterable[PreparedBlob]) -> None:

@@ -637,7 +637,12 @@ class Restorer:
                 else:
                     self._fresh = True
             else:
-                os.makedirs(os.path.dirname(os.path.abspath(t)), exist_ok=True)
+                parent = os.path.dirname(os.path.abspath(t))
+                try:
+                    os.makedirs(parent, exist_ok=True)
+                except FileExistsError:  # there, but no directory: mkdir's "File exists" misled
+                    os.stat(parent)  # a link loop or a dangling link says so itself
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
                 os.mkdir(t)
                 self._made_mode = stat.S_IMODE(os.stat(t).st_mode)  # the umask's: given back once all is in
                 os.chmod(t, 0o700)  # closed while it fills, as its directories are (``note_walked``)
@@ -876,7 +881,9 @@ class Restorer:
         is what a file system mounted in the target holds (another one, or a bind mount of this one: a
         backup with --one-file-system records a mount point as an empty directory, and put back in place,
         the whole of /home was deleted), with a warning; a directory with a mount point below it is not
-        removed whole, but what it holds besides is, entry by entry."""
+        removed whole, but what it holds besides is, entry by entry.  A directory of this user's that the
+        snapshot has and that its owner may not list (000, as restored) is opened up while it is walked and
+        emptied of what the snapshot lacks, and gets its mode back after."""
         from .source import SourceWalk
 
         self._follow_target()  # else the walk would see a link and nothing below it
@@ -884,11 +891,70 @@ class Restorer:
         around = {p[:i] for p in mounts for i, c in enumerate(p) if c == ord("/")}  # the directories above them
         recs = confined(records, self.tree_name)
         want = next(recs, None)
+        doomed: list[bytes] = []
+        opened = contextlib.ExitStack()  # the directories opened up to be walked: closed, their modes back
+        walks = [iter(SourceWalk([(b"", self.target)], warnings=self.result.warnings, one_file_system=True))]
+        try:
+            self._delete_walk(walks, recs, want, mounts, around, doomed, opened)
+            for rel in doomed:
+                try:
+                    pfd, name = self.at(rel)
+                    st = _lstat(pfd, name)
+                    if st is not None:
+                        self._remove(rel, pfd, name, st)
+                        self.result.deleted += 1
+                except (OSError, TargetUnwritable) as exc:  # a read-only target, say: named, and the restore goes on
+                    self._not_written(rel, f"not deleted: {_reason(exc)}")
+                finally:
+                    self.dirs.release()
+        finally:
+            try:
+                opened.close()
+            except OSError as exc:
+                self.result.warnings.append(f"cannot give a directory its mode back: {exc}")
+
+    def _opened_to_walk(self, rel: bytes, path: bytes, st: os.stat_result,
+                        opened: contextlib.ExitStack) -> Iterator[tuple[bytes, bytes, object, bool]] | None:
+        """The entries below ``rel``, this user's directory its owner may not list, opened up to be walked
+        (``_opened_up`` in ``opened``, to be closed again): None where it is not that directory, or cannot be
+        opened."""
+        from .source import SourceWalk
+
+        try:
+            pfd, name = self.at(rel)
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+        except (OSError, TargetUnwritable):
+            return None
+        finally:
+            self.dirs.release()
+        opened.callback(os.close, fd)
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not closed_to_owner(now, 0o500):
+            return None
+        try:
+            opened.enter_context(_opened_up(fd))
+        except OSError:
+            return None
+        said = f"cannot read directory {os.fsdecode(path)}: "  # it can now
+        warnings = self.result.warnings
+        for i in range(len(warnings) - 1, -1, -1):
+            if warnings[i].startswith(said):
+                del warnings[i]
+                break
+        walk = SourceWalk([(b"", path)], warnings=warnings, one_file_system=True)
+        return ((rel + b"/" + sub, p, s, ok) for sub, p, s, ok in walk if sub)
+
+    def _delete_walk(self, walks: list, recs: Iterator[Record], want: Record | None, mounts: set[bytes],
+                     around: set[bytes], doomed: list[bytes], opened: contextlib.ExitStack) -> None:
+        """The merged walk of ``delete_extra``: ``doomed`` gets what the target has and the snapshot lacks."""
         skip: bytes | None = None
         kept: bytes | None = None  # key of the unlisted directory we are in, and a separator
-        doomed: list[bytes] = []
-        walk = SourceWalk([(b"", self.target)], warnings=self.result.warnings, one_file_system=True)
-        for rel, _path, _st, _ok in walk:
+        while walks:
+            item = next(walks[-1], None)
+            if item is None:
+                walks.pop()
+                continue
+            rel, _path, _st, _ok = item
             key = sort_key(rel)
             if rel == b"" or (skip is not None and key.startswith(skip + b"\x00")):
                 continue
@@ -908,22 +974,16 @@ class Restorer:
                     kept = key + b"\x00"
                 elif self._keeping and e is not None and e.type != T_DIR and stat.S_ISDIR(getattr(_st, "st_mode", 0)):
                     kept = key + b"\x00"  # a directory the restore keeps in the file's place (``_kept``), whole
+                elif (not _ok and e is not None and e.type == T_DIR and stat.S_ISDIR(getattr(_st, "st_mode", 0))
+                      and closed_to_owner(_st, 0o500)):
+                    below = self._opened_to_walk(rel, _path, _st, opened)
+                    if below is not None:
+                        walks.append(below)
                 continue
             if not self.selected(rel) or rel in around:
                 continue
             doomed.append(rel)
             skip = key
-        for rel in doomed:
-            try:
-                pfd, name = self.at(rel)
-                st = _lstat(pfd, name)
-                if st is not None:
-                    self._remove(rel, pfd, name, st)
-                    self.result.deleted += 1
-            except (OSError, TargetUnwritable) as exc:  # a read-only target, say: named, and the restore goes on
-                self._not_written(rel, f"not deleted: {_reason(exc)}")
-            finally:
-                self.dirs.release()
 
     def _close_dirs_until(self, path: bytes | None) -> None:
         """Apply metadata to directories we have left (after their children are written)."""

@@ -43,7 +43,7 @@ def open_document(sealer: Sealer, data: bytes, ad: bytes, what: str, max_size: i
         plain = zstandard.ZstdDecompressor().decompress(sealer.open(data, ad), max_output_size=max_size)
         body = json.loads(plain)
     except AuthenticationFailed:
-        raise CorruptObject(what, "authentication failed") from None
+        raise CorruptObject(what, "authentication failed (damaged, cut short, or another object, or another repository's, moved here)") from None
     except (zstandard.ZstdError, ValueError, UnicodeDecodeError, RecursionError):
         raise CorruptObject(what, "undecodable") from None
     version = body.get("version") if isinstance(body, dict) else None

@@ -417,6 +417,29 @@ def test_options_between_key_and_its_command_are_explained_not_dropped(cli, args
     assert err == f"chunkvault: options go after the command: chunkvault {fixed}\n"
 
 
+@pytest.mark.parametrize("args, said", [
+    (["snapshots", "-o--"], "bad remote option '--': expected SCHEME.NAME=VALUE"),
+    (["snapshots", "--progress=--"], "argument --progress: invalid choice: '--'"),
+    (["find", "--wait=--", "x"], "argument --wait: not a number: '--'"),
+    (["restore", "latest", "--target=--", "--overwrite=--"], "argument --overwrite: invalid choice: '--'"),
+    (["dump", "latest", "x", "--archive=--"], "argument --archive: invalid choice: '--'"),
+    (["forget", "--group-by=--", "--keep-last=--"], "argument --keep-last: invalid int value: '--'"),
+    (["serve", "--path=.", "--max-object-size=--"], "not a size: '--'"),
+])
+def test_an_option_given_dashes_after_its_equals_sign_takes_them_as_its_value(args, said, capsys, tmp_path,
+                                                                              monkeypatch):
+    """Python's argparse took ``--opt=--`` for the end of the options and gave the option ``[]``, past its
+    type and choices: an internal error (`-o--`, `--cache-dir=--`, `--target=--`, `--group-by=--`), an option
+    silently unset (`--progress=--`), or a message saying ``[]``."""
+    from chunkvault import cli as command_line
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CHUNKVAULT_REPOSITORY", str(tmp_path / "none"))
+    code = command_line.main(args)
+    err = capsys.readouterr().err
+    assert (code, err.count("\n")) == (2, 1) and said in err and "[]" not in err, err
+
+
 def test_a_missing_key_subcommand_names_the_choices(cli):
     assert "{list,add,remove,passwd,export,import}" in one_line_error(cli("key", check=False), 2)
 

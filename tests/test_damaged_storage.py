@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from chunkvault import Repository
 from chunkvault.errors import CorruptObject, MissingObject, UsageError
+from chunkvault.store.retention import RetentionPolicy
 
 from test_check import packs, repo_with_data  # noqa: F401 (a fixture)
 from test_corruption import flip
@@ -189,6 +190,25 @@ def test_a_delta_whose_header_names_another_base_is_named_damaged_itself(chain, 
     message = str(info.value)
     assert f"blob {delta.hex()} is damaged" in message and f"the index {base.hex()}" in message, message
     assert "not in the index" not in message
+
+
+def test_a_whole_blob_whose_envelope_is_a_delta_naming_itself_is_named_damaged_not_a_long_chain(chain, tmp_path,
+                                                                                                 password):
+    """The storage writes, over a blob the index has whole, a delta's envelope whose header names that blob as
+    its base: the read is of a damaged blob, not of a chain of 17 reads of one envelope called too long."""
+    repo_dir, repo, full, diff, src = chain
+    whole = chunk_ids(repo, full, "db")[0]
+    loc = repo.store.locate(whole)
+    assert repo.store.delta_base(whole) is None and loc.length > 1 + 32 + 28
+    with open(pack_path(repo_dir, repo, whole), "r+b") as f:
+        f.seek(loc.offset)
+        f.write(bytes([2]) + whole)  # kind delta, base: the blob itself; the rest of the envelope as it was
+    repo = Repository.open(str(repo_dir), password)
+    with pytest.raises(CorruptObject) as info:
+        repo.store.read_blob(whole)
+    message = str(info.value)
+    assert f"blob {whole.hex()} is damaged" in message and "the index (none" in message, message
+    assert "longer than" not in message
 
 
 def test_repair_packs_goes_on_beside_a_file_no_index_lists_and_nothing_reads(small_files, cli, password):
@@ -1042,6 +1062,26 @@ def test_a_file_whose_name_no_object_has_is_left_alone(small_files, tmp_path, cl
     assert stray.read_bytes() == b"x"
 
 
+@pytest.mark.parametrize("name", ["desktop.ini", "Thumbs.db", "upper-case-id"])
+def test_a_file_under_snapshots_that_no_snapshot_id_names_is_left_alone(small_files, tmp_path, name):
+    """A name a key may have but no snapshot (a snapshot id is 64 lowercase hex digits): taken for a damaged
+    snapshot, it stopped every prune and retention, and `forget` of it by the id shown found nothing."""
+    path, repo, snap, files = small_files
+    if name == "upper-case-id":
+        name = snap.id.upper()
+    stray = path / "snapshots" / name
+    stray.write_bytes(b"x")
+    with Repository.open(str(path), "correct horse battery staple") as again:
+        assert [s.id for s in again.snapshots()] == [snap.id]
+        report = again.check()
+        assert report.ok and any(f"snapshots/{name}" in w for w in report.warnings), report
+        assert list(again.list_objects("snapshots")) == [snap.id]  # `list snapshots`, `cat snapshot`
+        again.backup([str(tmp_path / "src")])
+        again.forget(policy=RetentionPolicy(keep_last=1))
+        again.prune()
+    assert stray.read_bytes() == b"x"
+
+
 def test_a_local_copy_that_is_not_the_stored_object_is_dropped_and_the_stored_one_read(tmp_path):
     """A cache entry whose framing checks but that holds another object (another cache's, planted): the
     snapshots were left out and check advised forgetting them, while the repository was whole."""
@@ -1270,6 +1310,41 @@ def test_a_backup_that_would_refer_to_a_pack_that_is_gone_stops_and_names_repair
         repo.backup([str(c)])
     assert {s.id for s in repo.snapshots()} == before
     repo.repair_index()
+    snap = repo.backup([str(c)]).snapshot
+    repo.restore(snap.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "again").read_bytes() == data
+
+
+@pytest.mark.parametrize("how", ["emptied", "cut short", "a directory in its place"])
+def test_a_backup_that_would_refer_to_a_pack_cut_short_or_not_a_file_stops(tmp_path, new_repo, how):
+    """New files whose data a pack held that the storage now keeps cut short (emptied, or a directory in its
+    place on local disk, which no listing names and no read opens): the backup said 0 B added and saved a
+    snapshot no restore could read, where the listing's size (or the stat) showed the pack could not hold
+    them."""
+    repo_dir = tmp_path / "repo"
+    repo = new_repo(str(repo_dir))
+    a, c = tmp_path / "a", tmp_path / "c"
+    a.mkdir()
+    c.mkdir()
+    data = os.urandom(300_000)
+    (a / "one").write_bytes(data)
+    repo.backup([str(a)])
+    (pack,) = [p for p in (repo_dir / "data").rglob("*") if p.is_file()]
+    if how == "a directory in its place":
+        pack.unlink()
+        pack.mkdir()
+    else:
+        pack.write_bytes(b"" if how == "emptied" else pack.read_bytes()[:1000])
+    (c / "again").write_bytes(data)
+    before = {s.id for s in repo.snapshots()}
+    with pytest.raises((MissingObject, CorruptObject), match=pack.name):
+        repo.backup([str(c)])
+    assert {s.id for s in repo.snapshots()} == before
+    if how == "a directory in its place":
+        pack.rmdir()
+        repo.repair_index()
+    else:
+        repo.repair_packs([pack.name], dry_run=False)
     snap = repo.backup([str(c)]).snapshot
     repo.restore(snap.id, str(tmp_path / "out"))
     assert (tmp_path / "out" / "again").read_bytes() == data

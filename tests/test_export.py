@@ -251,6 +251,28 @@ def test_export_refuses_to_overwrite_and_leaves_nothing_on_failure(tmp_path, cha
     fresh.close()
 
 
+def test_an_export_does_not_replace_one_written_to_its_name_while_it_ran(tmp_path, chain):
+    """Two exports to one name at once (two runs of one job), neither with --force: each found the name free,
+    and the one that ended last renamed its file over the other's."""
+    repo, diff, _src = chain
+    path = tmp_path / "x.backup"
+    other = []
+
+    def meanwhile():
+        if not other:
+            other.append(export(repo.store, diff, str(path), EXPORT_PW, kdf_log_n=10))
+
+    with pytest.raises(UsageError, match="written while this export ran"):
+        export(repo.store, diff, str(path), EXPORT_PW, kdf_log_n=10, checkpoint=meanwhile)
+    with open_export(str(path), EXPORT_PW) as ef:
+        assert ef.info.file_id == other[0].file_id
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n in os.listdir(tmp_path) if ".tmp-" not in n)
+    stats = export(repo.store, diff, str(path), EXPORT_PW, kdf_log_n=10, overwrite=True)
+    with open_export(str(path), EXPORT_PW) as ef:
+        assert ef.info.file_id == stats.file_id
+    assert os.stat(path).st_nlink == 1
+
+
 def test_export_replaces_only_regular_files(tmp_path, chain):
     """It writes beside the output and renames over it: /dev/stdout (a symlink), a pipe or a directory
     would be replaced, for the whole machine."""
@@ -430,6 +452,20 @@ def test_empty_garbage_and_foreign_files_are_refused(tmp_path, exported):
     assert "not a regular file" in str(assert_refused(tmp_path / "fifo.backup", tmp_path, UsageError))
 
 
+def test_standard_input_named_as_a_backup_file_is_refused_saying_why(tmp_path, exported, cli):
+    """`import -` and `restore --from-file -` said "no file -", as if a file of that name were missing."""
+    data = exported[3].read_bytes()
+    env = {"CHUNKVAULT_EXPORT_PASSWORD": EXPORT_PW.decode()}
+    proc = cli("restore", "--from-file", "-", "--target", str(tmp_path / "t"), input=data, env=env, password=None,
+               check=2)
+    assert "not from standard input: save it to a file first" in proc.stderr.decode()
+    dst = other_repo(tmp_path, "dst")
+    proc = cli("import", "-", "-r", dst.store.remote.display_url, input=data, env=env,
+               password="a different password", check=2)
+    assert "not from standard input: save it to a file first" in proc.stderr.decode()
+    assert not (tmp_path / "t").exists() and dst.snapshots() == []
+
+
 def test_a_file_changed_after_verification_is_caught_while_reading(tmp_path, exported):
     path = exported[3]
     data = path.read_bytes()
@@ -554,6 +590,25 @@ def test_cli_export_import_restore_from_file(tmp_path, chain, cli):
     assert "cut.backup" in proc.stderr.decode()
     assert not bad_target.exists()
     shutil.rmtree(target)
+
+
+def test_restore_from_file_no_xattrs_sets_none(tmp_path, new_repo, cli):
+    """`restore --from-file --no-xattrs` set the file's extended attributes all the same."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x\n")
+    os.setxattr(src / "f", "user.note", b"kept")
+    repo = new_repo()
+    snap = repo.backup([str(src)]).snapshot
+    path = tmp_path / "x.backup"
+    export(repo.store, snap, str(path), EXPORT_PW, kdf_log_n=10)
+    env = {"CHUNKVAULT_EXPORT_PASSWORD": EXPORT_PW.decode()}
+    cli("restore", "--from-file", str(path), "--target", str(tmp_path / "with"), env=env, password=None)
+    assert os.getxattr(tmp_path / "with" / "f", "user.note") == b"kept"
+    cli("restore", "--from-file", str(path), "--target", str(tmp_path / "without"), "--no-xattrs", env=env,
+        password=None)
+    assert (tmp_path / "without" / "f").read_text() == "x\n"
+    assert "user.note" not in os.listxattr(tmp_path / "without" / "f")
 
 
 def test_two_imports_of_one_file_at_once_import_it_once(tmp_path, exported):

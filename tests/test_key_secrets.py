@@ -125,6 +125,19 @@ def test_a_secret_copied_with_blanks_or_in_capitals_opens_and_a_mistyped_one_say
     Repository.open(str(tmp_path / "repo"), second).close()
 
 
+def test_a_secret_file_an_editor_saved_with_a_byte_order_mark_is_still_the_secret(tmp_path, cli):
+    """A secret file saved again by an editor that puts UTF-8's byte order mark first (and CR LF) got the plain
+    "wrong password": neither the secret's key opened nor the checksum hint was given."""
+    secret = new_secret()
+    Repository.init(str(tmp_path / "repo"), secret, kdf_seconds=0).close()
+    saved = tmp_path / "secret.txt"
+    saved.write_bytes(b"\xef\xbb\xbf" + secret + b"\r\n")
+    cli("snapshots", "-r", str(tmp_path / "repo"), "--password-file", str(saved), password=None)
+    saved.write_bytes(b"\xef\xbb\xbf" + secret[:-1] + b"\r\n")
+    proc = cli("snapshots", "-r", str(tmp_path / "repo"), "--password-file", str(saved), password=None, check=11)
+    assert "looks like a generated key secret" in proc.stderr.decode()
+
+
 def test_a_password_key_made_from_a_secret_in_capitals_before_they_opened_as_one_still_opens(tmp_path,
                                                                                            monkeypatch):
     """Such a string used to get an Argon2id password key; taking every password for the secret it spells

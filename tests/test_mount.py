@@ -146,6 +146,15 @@ def test_snapshot_tree_answers_as_a_map_of_its_entries_would(paths, rnd):
 # --- the operations, called directly -------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def listings_waited_for(monkeypatch):
+    """A lookup that starts a listing of the snapshots waits for it to end here, however busy the machine:
+    those tests look for a snapshot made just before (the one of a listing that hangs sets its own wait)."""
+    from chunkvault import mount
+
+    monkeypatch.setattr(mount, "LISTING_WAIT", 120.0)
+
+
 def listing(fs, path: str) -> list[str]:
     """The names readdir gives, each with the inode number getattr gives it (a 0 would hide it)."""
     out = fs.readdir(path)
@@ -268,6 +277,186 @@ def test_a_snapshot_another_command_made_reads_after_the_refresh(repo_with, sour
     finally:
         os.remove(source / "new.bin")
     repo.forget([new.id])
+
+
+
+def test_owners_that_could_not_be_read_are_asked_again(repo_with, monkeypatch, capsys):
+    """A snapshot's owners that the remote did not deliver (it stopped answering) were kept as none, so its
+    files showed their recorded ids until an unmount: they are asked again once the remote may answer."""
+    from chunkvault import mount
+    from chunkvault.errors import RemoteUnavailable
+
+    repo, _, first, _ = repo_with
+    monkeypatch.setattr(mount, "UNAVAILABLE_SECONDS", 0.0)
+    fs = mount.SnapshotFS(repo)
+    path = f"/snapshots/{Layout(repo.snapshots()).names[first.id]}/etc/app.conf"
+    asked = []
+    real = repo.owner_map
+
+    def once_unavailable(*args, **kwargs):
+        asked.append(args)
+        if len(asked) == 1:
+            raise RemoteUnavailable("the remote went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(repo, "owner_map", once_unavailable)
+    for _ in range(3):
+        fs.getattr(path)
+    assert len(asked) == 2  # asked again once, then kept
+    assert "the remote went away" in capsys.readouterr().err
+    fs.destroy("/")
+
+
+def test_a_listing_that_hangs_holds_no_lookup_up(repo_with, source, monkeypatch):
+    """A remote that stops answering held the lookup that started a listing of the snapshots for the whole
+    retry time (15 min by default), once every refresh: the listing runs in a thread of its own, the lookup
+    goes on with the snapshots listed before, and the next one after it ends shows what it found."""
+    import threading
+
+    from chunkvault import mount
+    from chunkvault.mount import SnapshotFS
+
+    repo, _, _, _ = repo_with
+    monkeypatch.setattr(mount, "LISTING_WAIT", 0.5)
+    fs = SnapshotFS(repo, refresh=0.0)
+    before = listing(fs, "/snapshots")
+    new = repo.backup([str(source)], tags=["later"]).snapshot
+    answer = threading.Event()
+    real = repo.snapshots
+
+    def hanging(*args, **kwargs):
+        answer.wait(120)
+        return real(*args, **kwargs)
+
+    repo.snapshots = hanging
+    try:
+        assert listing(fs, "/snapshots") == before  # while the listing hangs
+        assert not answer.is_set()
+        assert listing(fs, "/snapshots") == before  # no second listing beside it
+    finally:
+        answer.set()
+    deadline = time.monotonic() + 60
+    while fs._listing is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    repo.snapshots = real
+    try:
+        assert Layout(repo.snapshots()).names[new.id] in listing(fs, "/snapshots")
+    finally:
+        repo.forget([new.id])
+    fs.destroy("/")
+
+
+def test_a_listing_that_fails_keeps_the_snapshots_shown_and_is_tried_again(repo_with, source, capsys):
+    """When listing the snapshots again failed (the remote stopped answering), every lookup failed with
+    EINVAL and a traceback on stderr, and each waited out the retry time anew: the snapshots listed before
+    still show and read, the failure is said once, and the next refresh lists them again."""
+    from chunkvault.errors import RemoteUnavailable
+    from chunkvault.mount import SnapshotFS
+
+    repo, _, first, _ = repo_with
+    fs = SnapshotFS(repo, refresh=0.0)
+    root = f"/snapshots/{Layout(repo.snapshots()).names[first.id]}"
+    before = listing(fs, "/snapshots")
+    asked = []
+
+    def unavailable(*args, **kwargs):
+        asked.append(args)
+        raise RemoteUnavailable("the remote went away")
+
+    real = repo.snapshots
+    repo.snapshots = unavailable
+    try:
+        for _ in range(3):
+            assert listing(fs, "/snapshots") == before
+            assert fs.getattr(f"{root}/etc/app.conf")["st_size"] == len(b"key = value\n")
+        fh = fs.open(f"{root}/etc/app.conf", os.O_RDONLY)
+        assert fs.read("", 100, 0, fh) == b"key = value\n"
+        fs.release("", fh)
+    finally:
+        repo.snapshots = real
+    assert asked  # it was tried
+    told = capsys.readouterr().err.splitlines()
+    assert len(told) == 1 and "the remote went away" in told[0], told
+    new = repo.backup([str(source)], tags=["after"]).snapshot
+    try:
+        assert Layout(repo.snapshots()).names[new.id] in listing(fs, "/snapshots")
+    finally:
+        repo.forget([new.id])
+    fs.destroy("/")
+
+
+
+def test_a_snapshot_keeps_its_name_while_mounted_when_another_of_its_second_comes(tmp_path):
+    """The first of a second by time got the plain name: one backed up later but dated earlier in that second
+    (backups of several sources dated one instant, or started a moment apart) took it over, and the kernel,
+    which keeps file contents by path, went on giving the first snapshot's bytes under the other's name."""
+    from chunkvault import Repository
+    from chunkvault.mount import SnapshotFS
+
+    repo = Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0)
+    made = {}
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_bytes(name.encode())
+    made["b"] = repo.backup([str(tmp_path / "b")], time="2026-11-28T02:00:00.5+00:00").snapshot
+    fs = SnapshotFS(repo, refresh=0.0)
+    assert listing(fs, "/snapshots")[2:] == ["2026-11-28T02:00:00Z", "latest"]
+    for name, t in (("a", "2026-11-28T02:00:00.1+00:00"), ("c", "2026-11-28T02:00:00.9+00:00")):
+        made[name] = repo.backup([str(tmp_path / name)], time=t).snapshot
+    shown = {made[n].id: f"2026-11-28T02:00:00Z-{made[n].id[:8]}" for n in ("a", "c")}
+    shown[made["b"].id] = "2026-11-28T02:00:00Z"
+    assert sorted(listing(fs, "/snapshots")[2:]) == sorted([*shown.values(), "latest"])
+    for name, snap in made.items():
+        fh = fs.open(f"/snapshots/{shown[snap.id]}/f", os.O_RDONLY)
+        assert fs.read("", 10, 0, fh) == name.encode()
+        fs.release("", fh)
+        assert fs.readlink(f"/ids/{snap.id[:8]}") == f"../snapshots/{shown[snap.id]}"
+    fs.destroy("/")
+    assert Layout(repo.snapshots()).names[made["a"].id] == "2026-11-28T02:00:00Z"  # a mount of them now
+
+
+
+def test_a_tree_entered_by_several_readers_at_once_is_read_once(repo_with, monkeypatch):
+    """Each operation that found a snapshot's tree not yet read read it itself: readers entering a snapshot
+    of a million files together decoded it as many times, each holding its copy (some 200 MB) meanwhile."""
+    import sys
+    import threading
+
+    from chunkvault.mount import SnapshotFS
+
+    repo, _, first, _ = repo_with
+    fs = SnapshotFS(repo)
+    release = threading.Event()
+    calls = []
+    real = repo.tree
+
+    def slow_tree(snap, *args, **kwargs):
+        calls.append(snap.id)
+        assert release.wait(30)
+        return real(snap, *args, **kwargs)
+
+    monkeypatch.setattr(repo, "tree", slow_tree)
+    got = []
+    readers = [threading.Thread(target=lambda: got.append(fs._tree(first))) for _ in range(4)]
+
+    def waiting(t: threading.Thread) -> bool:  # in _tree, reading the tree or waiting for it
+        frame, names = sys._current_frames().get(t.ident), set()
+        while frame is not None:
+            names.add(frame.f_code.co_name)
+            frame = frame.f_back
+        return "_tree" in names and bool(names & {"slow_tree", "wait"})
+
+    readers[0].start()
+    wait_for(lambda: len(calls) == 1)
+    for t in readers[1:]:
+        t.start()
+    wait_for(lambda: all(waiting(t) for t in readers))
+    release.set()
+    for t in readers:
+        t.join(30)
+    assert len(calls) == 1 and len(got) == 4 and all(tree is got[0] for tree in got)
+    assert fs._tree(first) is got[0]
+    fs.destroy("/")
 
 
 # --- a real mount ----------------------------------------------------------------------------------

@@ -65,6 +65,22 @@ def test_a_password_file_loses_its_line_break_only_its_blanks_are_the_password_s
     cli("snapshots", "-r", repo, password=None, env={"CHUNKVAULT_PASSWORD": "two words"}, check=11)
 
 
+def test_a_password_file_that_never_ends_is_refused_not_read_until_memory_runs_out(env, cli, tmp_path, new_repo):
+    """`--password-file /dev/zero` (a mistyped path, a device) hung, reading until memory ran out."""
+    with pytest.raises(UsageError, match="^password file /dev/zero holds more than 1 MiB: no password file$"):
+        passwords.REPOSITORY.given(args(password_file="/dev/zero"))
+    f = tmp_path / "pw"
+    f.write_bytes(b"x" * passwords.PASSWORD_FILE_LIMIT)  # as long as a password file may be
+    assert passwords.REPOSITORY.given(args(password_file=str(f))) == b"x" * passwords.PASSWORD_FILE_LIMIT
+    f.write_bytes(b"x" * (passwords.PASSWORD_FILE_LIMIT + 1))
+    with pytest.raises(UsageError, match="holds more than 1 MiB"):
+        passwords.REPOSITORY.given(args(password_file=str(f)))
+    new_repo(str(tmp_path / "repo"))
+    proc = cli("snapshots", "-r", str(tmp_path / "repo"), password=None,
+               env={"CHUNKVAULT_PASSWORD_FILE": "/dev/zero"}, check=2)
+    assert proc.stderr.decode() == "chunkvault: password file /dev/zero holds more than 1 MiB: no password file\n"
+
+
 def test_a_file_and_a_command_at_one_level_are_refused(env, tmp_path):
     f = tmp_path / "pw"
     f.write_text("x")

@@ -10,9 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from chunkvault import Repository
 from chunkvault.errors import UsageError
 from chunkvault.pgrecovery import (RecoveryTarget, conf_value, parse_target, restore_command, rewrite_auto_conf,
                                    write_recovery)
+from servers_ssh import sftp_repo, sshd  # noqa: F401
 
 
 def conf_unquote(text: str) -> str:
@@ -135,10 +137,12 @@ def test_no_data_directory_and_an_old_postgresql_are_refused_writing_nothing(tmp
                 min_size=1, max_size=4))
 def test_the_restore_command_keeps_every_argument_whole(words):
     program, url, secret_file = words[0], "/srv/repo with space", words[-1]
-    command = restore_command([program], url, ("--password-file", secret_file), ["s3.region=x y"], "/spool")
+    command = restore_command([program], url, ("--password-file", secret_file), ["s3.region=x y"], "/spool",
+                              fatal_errors=True)
     assert command.endswith(' %f "%p"')
     assert shlex.split(command[:-len(' %f "%p"')]) == [program, "archive-get", "-q", "-r", url, "--password-file",
-                                                        secret_file, "-o", "s3.region=x y", "--spool", "/spool"]
+                                                        secret_file, "--fatal-errors", "-o", "s3.region=x y",
+                                                        "--spool", "/spool"]
 
 
 def test_the_cli_refuses_recovery_it_cannot_set_up_before_restoring(tmp_path, cli):
@@ -165,7 +169,13 @@ def test_the_cli_refuses_recovery_it_cannot_set_up_before_restoring(tmp_path, cl
     doc = json.loads(out.stdout)["pg_recovery"]
     assert doc["target"] == "immediate" and doc["signal"] == "recovery.signal"
     assert f"--password-file {pw}" in doc["settings"]["restore_command"]
+    assert "--fatal-errors" in shlex.split(doc["settings"]["restore_command"])  # out of reach: stop, not promote
     assert (tmp_path / "out" / "recovery.signal").exists()
+    out = cli("restore", "-r", repo, "--target", str(tmp_path / "standby"), "--pg-recover", "standby", "--json",
+              env={"CHUNKVAULT_PASSWORD_FILE": str(pw)})
+    doc = json.loads(out.stdout)["pg_recovery"]
+    assert doc["signal"] == "standby.signal"  # a standby keeps asking while the repository is out of reach
+    assert "--fatal-errors" not in shlex.split(doc["settings"]["restore_command"])
 
 
 def test_a_recovery_in_place_needs_delete_so_an_earlier_runs_wal_does_not_steer_it(tmp_path, cli):
@@ -324,3 +334,103 @@ def test_a_time_target_restores_the_newest_snapshot_that_had_ended_by_then(tmp_p
     (etc / "hosts").write_text("127.0.0.1 localhost\n")
     cli("backup", "-r", repo, "--password-file", str(pw), str(etc), "--time", "2026-11-28T12:30:00+00:00")
     assert restored("time=2026-11-28T13:10:00+00:00") == ids["12"]
+
+
+def test_a_restore_in_place_over_a_running_server_is_refused(tmp_path, cli):
+    """``restore --confirm RESTORE --delete --pg-recover`` into the data directory of a server that still
+    ran wrote the snapshot's files under it and deleted its ``postmaster.pid``: the live cluster was corrupted
+    and ``pg_ctl stop`` no longer found it.  A pid file naming a process that runs in the target refuses the
+    restore before a byte is written; one a crash left (its process gone, or its pid reused by a process
+    working elsewhere) does not."""
+    import subprocess
+
+    repo = str(tmp_path / "repo")
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    d = data_dir(tmp_path)
+    env = {"CHUNKVAULT_PASSWORD_FILE": str(pw)}
+    cli("init", "-r", repo, "--kdf-time", "0", env=env)
+    cli("backup", "-r", repo, str(d), env=env)
+    out = tmp_path / "out"
+    cli("restore", "-r", repo, "--target", str(out), env=env)
+    elsewhere = subprocess.Popen(["sleep", "60"])  # a pid reused after a reboot: no server, working elsewhere
+    (out / "postmaster.pid").write_text(f"{elsewhere.pid}\n{out}\n")
+    try:
+        cli("restore", "-r", repo, "--target", str(out), "--confirm", "RESTORE", env=env)
+    finally:
+        elsewhere.kill()
+        elsewhere.wait()
+    (out / "postmaster.pid").unlink(missing_ok=True)
+    (out / "base").mkdir(exist_ok=True)
+    (out / "base" / "live").write_text("the running server's\n")
+    server = subprocess.Popen(["sleep", "60"], cwd=out)  # as a postmaster works in its data directory
+    try:
+        (out / "postmaster.pid").write_text(f"{server.pid}\n{out}\n")
+        for more in (["--pg-recover", "end", "--delete"], ["--delete"], ["--overwrite", "never"]):
+            said = cli("restore", "-r", repo, "--target", str(out), "--confirm", "RESTORE", *more,
+                       env=env, check=2).stderr.decode()
+            assert "running PostgreSQL server" in said and str(server.pid) in said
+            assert (out / "postmaster.pid").exists() and (out / "base" / "live").exists()
+            assert not (out / "recovery.signal").exists()
+        (out / "postmaster.pid").write_text(f"-{server.pid}\n{out}\n")  # a single-user backend's
+        cli("restore", "-r", repo, "--target", str(out), "--confirm", "RESTORE", env=env, check=2)
+        with Repository.open(repo, "secret") as api:  # through the API too
+            with pytest.raises(UsageError, match="running PostgreSQL server"):
+                api.restore("latest", str(out), force=True, delete=True)
+        assert (out / "postmaster.pid").exists() and (out / "base" / "live").exists()
+    finally:
+        server.kill()
+        server.wait()
+    cli("restore", "-r", repo, "--target", str(out), "--confirm", "RESTORE", "--delete", "--pg-recover", "end",
+        env=env)
+    assert not (out / "postmaster.pid").exists() and (out / "recovery.signal").exists()
+
+
+def test_a_recovery_from_sftp_carries_the_key_and_known_hosts_its_environment_gave(tmp_path, cli, sftp_repo):
+    """The SSH key and known hosts given as CHUNKVAULT_SFTP_KEY_FILE and _KNOWN_HOSTS were not written into
+    the restore_command: the server runs it with its own environment, so every archive-get failed on the
+    host key, PostgreSQL took that for the end of the archive, and a recovery to ``end`` was promoted at the
+    snapshot's own WAL.  They are written as -o options now, and the command works with none of ours."""
+    import subprocess
+    import sys
+
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    d = data_dir(tmp_path)
+    env = {"CHUNKVAULT_PASSWORD_FILE": str(pw), **sftp_repo.env}
+    cli("init", "-r", sftp_repo.url, "--kdf-time", "0", env=env)
+    cli("backup", "-r", sftp_repo.url, str(d), env=env)
+    segment = tmp_path / "000000010000000000000001"
+    segment.write_bytes(os.urandom(8192))
+    cli("archive-push", "-r", sftp_repo.url, str(segment), env=env)
+    out = cli("restore", "-r", sftp_repo.url, "--target", str(tmp_path / "out"), "--pg-recover", "end", "--json",
+              env=env)
+    argv = shlex.split(json.loads(out.stdout)["pg_recovery"]["settings"]["restore_command"])
+    assert f"sftp.key-file={sftp_repo.env['CHUNKVAULT_SFTP_KEY_FILE']}" in argv
+    assert f"sftp.known-hosts={sftp_repo.env['CHUNKVAULT_SFTP_KNOWN_HOSTS']}" in argv
+    wal = tmp_path / "out" / "pg_wal"
+    wal.mkdir(exist_ok=True)
+    argv = [a.replace("%f", segment.name).replace("%p", "pg_wal/RECOVERYXLOG") for a in argv]
+    if argv[0] != sys.executable:  # the command line of an installed chunkvault: run this one's
+        argv = [sys.executable, "-m", "chunkvault.cli", *argv[1:]]
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith(("CHUNKVAULT_", "SSH_"))}
+    got = subprocess.run(argv, cwd=tmp_path / "out", env=server_env, capture_output=True, timeout=120)
+    assert got.returncode == 0, got.stderr.decode()
+    assert (wal / "RECOVERYXLOG").read_bytes() == segment.read_bytes()
+    given = cli("restore", "-r", sftp_repo.url, "--target", str(tmp_path / "again"), "--pg-recover", "end", "--json",
+                "-o", f"sftp.key-file={sftp_repo.env['CHUNKVAULT_SFTP_KEY_FILE']}", env=env)
+    argv = shlex.split(json.loads(given.stdout)["pg_recovery"]["settings"]["restore_command"])
+    assert sum(a.startswith("sftp.key-file=") for a in argv) == 1  # the option given, not the variable again
+
+
+def test_the_https_ca_and_the_s3_endpoint_of_the_environment_reach_the_restore_command(monkeypatch):
+    from chunkvault.cli import _environment_options_for_server
+
+    monkeypatch.setenv("CHUNKVAULT_HTTP_CA_FILE", "ca.pem")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)  # read before AWS_ENDPOINT_URL
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    assert _environment_options_for_server("https://backup:6362/", []) == [f"http.ca-file={os.path.abspath('ca.pem')}"]
+    assert _environment_options_for_server("https://backup:6362/", ["https.ca-file=/etc/ca.pem"]) == []
+    assert _environment_options_for_server("s3://bucket/repo", []) == ["s3.endpoint-url=http://127.0.0.1:9000"]
+    assert _environment_options_for_server("s3://bucket/repo", ["s3.endpoint-url=http://other"]) == []
+    assert _environment_options_for_server("/srv/backup/repo", []) == []

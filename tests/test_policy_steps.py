@@ -502,6 +502,37 @@ def test_a_broken_state_file_is_said_and_the_check_runs(tmp_path, repos, tree):
     assert json.loads((tmp_path / "p.state").read_text())["checks"][main]["time"]
 
 
+def test_a_state_file_whose_slice_is_no_number_starts_the_slices_again(tmp_path, repos, tree):
+    """A slice the state file holds as text (edited by hand) failed every run with an internal error after its
+    backups, the run's report lost: it is taken as none remembered, as a state file that does not read."""
+    main, _ = repos
+    policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
+                               top='full = "daily"\ncheck = "weekly"\ncheck-read-data-subset = "2/3"\n')
+    for bad in ("3", 2.5, [1], True):
+        (tmp_path / "p.state").write_text(json.dumps({"checks": {main: {"time": "2020-01-01T00:00:00Z",
+                                                                        "slice": bad}}}))
+        report = run(policy_path, tmp_path, [])
+        assert report.ok and report.check["subset"] == "2/3" and report.check["ok"]
+        assert json.loads((tmp_path / "p.state").read_text())["checks"][main]["slice"] == 2
+    assert check_slice("1/4", "2") == ("1/4", 1) and check_slice("1/4", 2) == ("3/4", 3)
+
+
+def test_a_state_file_s_own_directory_is_made_so_the_check_is_remembered(tmp_path, repos, tree):
+    """Its directory missing, the state file was never written: each run checked again, a warning alone said so."""
+    main, _ = repos
+    state = tmp_path / "lib" / "db.state"
+    policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
+                               top=f'full = "daily"\ncheck = "weekly"\nstate-file = {q(str(state))}\n')
+    log: list[str] = []
+    policy = load_policy(str(policy_path))
+    for expected in (True, False):
+        runner = Runner(policy, PASSWORD.encode(), log=log.append, lock_file=str(tmp_path / "p.lock"))
+        report = runner.run()
+        assert report.ok and (report.check is not None) == expected
+    assert json.loads(state.read_text())["checks"][main]["time"]
+    assert not any("could not be written" in line for line in log)
+
+
 def test_a_daemon_wakes_for_a_check_slot(tmp_path, repos, tree):
     main, _ = repos
     policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],

@@ -68,6 +68,8 @@ def policy(top: dict | None = None, **source):
     ({"verify-scratch": "/s"}, {}, "verify-scratch needs verify"),
     ({"verify": "weekly", "verify-timeout": 0}, {}, "verify-timeout must be a positive number of seconds"),
     ({"verify": "weekly", "verify-timeout": "1h"}, {}, "verify-timeout must be a positive number"),
+    ({"verify": "weekly", "verify-timeout": float("nan")}, {}, "verify-timeout must be a positive number"),
+    ({"verify": "weekly", "verify-timeout": float("inf")}, {}, "verify-timeout must be a positive number"),
     ({"verify": "weekly", "verify-scratch": ""}, {}, "verify-scratch must be a directory's path"),
     ({"verify": "weekly", "verify-wat": 1}, {}, "unknown setting 'verify-wat'"),
     ({}, {"verify-then": "true"}, "source 'db': verify-then needs verify at the top"),

@@ -125,6 +125,23 @@ def test_listing_is_paged(http_server):
     assert status == 200 and len(page["objects"]) == PAGE_SIZE and page["next"]  # never more than a page
 
 
+def test_a_token_file_that_never_ends_is_refused_not_read_until_memory_runs_out(monkeypatch):
+    monkeypatch.delenv("CHUNKVAULT_HTTP_TOKEN", raising=False)
+    with pytest.raises(UsageError, match="^the HTTP token file /dev/zero .from the token-file option. holds more "
+                                         "than 64 KiB: no token file$"):
+        HTTPRemote.from_url("http://127.0.0.1:1/", token_file="/dev/zero")
+    monkeypatch.setenv("CHUNKVAULT_HTTP_TOKEN_FILE", "/dev/zero")
+    with pytest.raises(UsageError, match="from CHUNKVAULT_HTTP_TOKEN_FILE. holds more than 64 KiB"):
+        HTTPRemote.from_url("http://127.0.0.1:1/")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:0/", "https://[::1]:0/base/"])
+def test_port_0_is_a_bad_url_not_an_outage(url):
+    """It was retried 8 times as a service unreachable (exit 14): no service ever listens there."""
+    with pytest.raises(UsageError, match=f"^invalid port in {re.escape(repr(url))}$"):
+        HTTPRemote.from_url(url)
+
+
 def test_options_and_urls(monkeypatch):
     monkeypatch.delenv("CHUNKVAULT_HTTP_TOKEN", raising=False)
     with pytest.raises(UsageError, match="unknown HTTP option.s.: endpoint .known: ca-file, connect-timeout, "
@@ -408,7 +425,7 @@ def test_a_ca_file_that_cannot_be_used_is_refused_at_once_by_name(tmp_path):
     bad = tmp_path / "notacert.pem"
     bad.write_text("not a certificate\n")
     for path, said in ((bad, "holds no certificate that loads"), (tmp_path, "is a directory"),
-                       (tmp_path / "absent.pem", "does not exist")):
+                       (tmp_path / "absent.pem", "does not exist"), ("/dev/null", "is not a regular file$")):
         with pytest.raises(UsageError, match=f"HTTP CA file {re.escape(str(path))} {said}"):
             HTTPRemote.from_url("https://127.0.0.1:6362/", token=FULL_TOKEN, ca_file=str(path))
 
@@ -1144,6 +1161,16 @@ def test_serve_on_an_address_in_use_is_one_line_and_exit_2(tmp_path):
                                                   "Address already in use"]
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["extra\nline"], "unrecognized arguments: extra\\nline"),
+    (["--path", "/no/such\ndir"], "repository directory /no/such\\ndir does not exist (create it first)"),
+])
+def test_a_serve_error_quoting_a_line_break_is_still_one_line(flags, said):
+    """serve's own errors quoted an argument's line break as it was: two lines, the second unprefixed."""
+    result = run_serve(*flags)
+    assert result.returncode == 2 and result.stderr.splitlines() == [f"chunkvault serve: {said}"], result.stderr
+
+
 def test_another_web_server_at_the_url_is_no_damaged_repository(tmp_path, cli):
     """A web application answering 200 to everything: "corrupt object config" (exit 13) sent people to
     repair a repository that was never there."""
@@ -1312,3 +1339,17 @@ def test_a_ranged_read_answered_whole_gives_the_range():
         assert remote.get("config", 2, 3) == b"234"
         assert remote.get("config", 7) == b"789"
         assert remote.get("config") == b"0123456789"
+
+
+def test_a_ranged_read_answered_short_is_a_transfer_cut_short_not_the_range():
+    """A 206 of fewer bytes than asked where its Content-Range says the object holds more (a proxy that cut
+    it): RemoteUnavailable, retried, not taken for the range (an intact pack then read as one cut short)."""
+    def answer(handler: Any) -> None:
+        first, last = (int(n) for n in handler.headers["Range"].split("=")[1].split("-"))
+        _answer(handler, 206, bytes(range(first, first + 2)),
+                {LIMIT_HEADER: str(1 << 30), "Content-Range": f"bytes {first}-{last}/100"})
+
+    with _stand_in_service(answer, "GET") as url, HTTPRemote.from_url(url, token="t" * 20) as remote:
+        with pytest.raises(RemoteUnavailable, match="got 2 of the 10 bytes asked for"):
+            remote.get("config", 20, 10)
+        assert remote.get("config", 98, 10) == bytes([98, 99])  # the object's end

@@ -24,7 +24,7 @@ def test_options_go_to_their_backend_only():
     assert options_for_url("http://h/", ["https.ca-file=/ca.pem", "http.x=no"]) == {"ca_file": "/ca.pem", "x": False}
 
 
-@pytest.mark.parametrize("bad", ["noequals", "nodot=1", ".x=1", "s3.=1", "ftp.x=1"])
+@pytest.mark.parametrize("bad", ["noequals", "nodot=1", ".x=1", "s3.=1", "ftp.x=1", "s3.ca-file=", "s3.token-file= "])
 def test_malformed_options_are_refused(bad):
     with pytest.raises(UsageError, match="bad remote option"):
         options_for_url("s3://b", [bad])

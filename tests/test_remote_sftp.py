@@ -40,6 +40,8 @@ def test_parse_url():
                 "sftp://-oProxyCommand=true/x", "sftp://-l@h/x", "sftp://a%0Ab@h/x", "sftp://a b/x"):
         with pytest.raises(UsageError):
             parse_sftp_url(bad)
+    with pytest.raises(UsageError, match="^bad port in SFTP URL 'sftp://h:0/x'$"):  # port 22 was connected to
+        parse_sftp_url("sftp://h:0/x")
 
 
 def test_password_in_url_is_refused_without_echoing_it():
@@ -81,6 +83,8 @@ def test_a_switch_misspelled_or_a_missing_ssh_config_is_refused_before_connectin
     for transport in TRANSPORTS:
         with pytest.raises(UsageError, match="^SSH config file /no/such/config does not exist$"):
             open_remote("sftp://u@127.0.0.1:1/x", ssh_config="/no/such/config", transport=transport)
+        with pytest.raises(UsageError, match="^SSH config file /dev/null is not a regular file$"):  # not "does not exist"
+            open_remote("sftp://u@127.0.0.1:1/x", ssh_config="/dev/null", transport=transport)
 
 
 @pytest.fixture(params=TRANSPORTS)

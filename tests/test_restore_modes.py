@@ -329,6 +329,9 @@ def test_restore_verify_on_the_command_line(tmp_path, cli):
     said = cli("restore", "-r", repo, "-t", str(tmp_path / "x"), "--from-file", str(tmp_path / "none.backup"),
                check=2).stderr.decode()
     assert "give no -r/--repo" in said
+    said = cli("restore", "-t", str(tmp_path / "x"), "--from-file", str(tmp_path / "none.backup"), "--processes",
+               "2", check=2).stderr.decode()
+    assert "runs in one" in said and not (tmp_path / "x").exists()
 
 
 def test_delta_keeps_a_sparse_file_sparse(tmp_path, new_repo):

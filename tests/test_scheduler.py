@@ -677,6 +677,18 @@ def test_bad_policy_file_is_one_clear_line(tmp_path, monkeypatch, capsys, body, 
         assert len(err) == 1 and err[0].startswith(f"chunkvault: policy {path}") and fragment in err[0], err
 
 
+def test_a_policy_or_config_file_that_never_ends_is_refused_not_read_until_memory_runs_out(capsys):
+    """`run -c /dev/zero`, `daemon -c`, `forget --config` and `serve --config` of a device hung, reading until
+    memory ran out."""
+    for args in (["run", "-c", "/dev/zero"], ["daemon", "-c", "/dev/zero"],
+                 ["forget", "-r", "/nowhere", "--preset", "x", "--config", "/dev/zero"],
+                 ["serve", "--config", "/dev/zero"]):
+        assert cli_main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.endswith(" /dev/zero holds more than 16 MiB: no "
+                                                      f"{'policy' if args[0] in ('run', 'daemon') else 'config'} file\n")
+
+
 def test_missing_policy_file(tmp_path, capsys):
     assert cli_main(["run", "--config", str(tmp_path / "nope.toml")]) == 2
     assert "cannot read policy" in capsys.readouterr().err
@@ -933,6 +945,56 @@ def test_a_source_a_reload_adds_is_backed_up_at_once(tmp_path, repo_url, tree):
         proc.kill()
         proc.wait()
     assert sorted(s.paths[0] for s in snapshots(repo_url)) == sorted([str(tree), str(other)])
+
+
+def _ten_minutes_of_one_source(tmp_path, repo_url, tree):
+    """A policy of one source, a fake clock running ten minutes, a log, and a maker of the policy's runner."""
+    path = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                        top='full = "0 0 1 1 *"\n')
+    stop = threading.Event()
+    now = datetime.now(UTC)
+    clock = FakeClock(now, stop, now + timedelta(minutes=10))
+    log: list[str] = []
+
+    def runner() -> Runner:
+        return Runner(load_policy(str(path)), PASSWORD.encode(), clock=clock, stop=stop, log=log.append,
+                      lock_file=str(tmp_path / "p.lock"))
+
+    return path, clock, log, runner
+
+
+def test_a_reload_of_a_source_s_numeric_time_zone_keeps_the_policy_in_use(tmp_path, repo_url, tree):
+    """`timezone = +1` in a source (an offset, which TOML reads as a number) ended the daemon at its reload
+    with an internal error; `run` said internal error (exit 1), not a usage error."""
+    path, clock, log, runner = _ten_minutes_of_one_source(tmp_path, repo_url, tree)
+    daemon = Daemon(runner(), clock=clock, sleep=clock.sleep, log=log.append, reload=runner)
+
+    def edit(c: FakeClock) -> None:
+        if not daemon.reload_asked and not any("not reloaded" in line for line in log):
+            path.write_text(path.read_text() + "timezone = +1\n")  # in the last [[source]] table
+            daemon.ask_reload()
+
+    clock.during_sleep = edit
+    assert daemon.serve() == 0
+    assert any("policy not reloaded, the one loaded before stays in use" in line
+               and "source 'db': time zone must be an IANA name" in line for line in log)
+    assert cli_main(["run", "--config", str(path), "--password-file", str(tmp_path / "none")]) == 2
+
+
+def test_a_reload_that_fails_with_an_internal_error_keeps_the_daemon_and_its_policy(tmp_path, repo_url, tree):
+    """A reload's unexpected exception ended the daemon, where a run's is logged and survived."""
+    _, clock, log, runner = _ten_minutes_of_one_source(tmp_path, repo_url, tree)
+
+    def broken() -> Runner:
+        raise TypeError("a bug")  # fault injection: what a reload of some file could meet
+
+    first = runner()
+    daemon = Daemon(first, clock=clock, sleep=clock.sleep, log=log.append, reload=broken)
+    clock.during_sleep = lambda c: daemon.ask_reload() if len(c.sleeps) == 1 else None
+    started = clock.t
+    assert daemon.serve() == 0
+    assert "policy not reloaded, the one loaded before stays in use: internal error: TypeError: a bug" in log
+    assert daemon.runner is first and clock.t >= started + timedelta(minutes=10)
 
 
 def _retention_policy(tmp_path, repo_url, tree, extra: str = ""):

@@ -227,6 +227,29 @@ def test_a_damaged_blob_is_an_error_naming_it_never_wrong_bytes(tmp_path, cli, r
     assert any(p["object"] == f"wal/{SEG}" for p in report["problems"]), report
 
 
+def test_fatal_errors_exit_150_for_all_but_a_name_not_archived(tmp_path, cli, repo_url):
+    """PostgreSQL takes a restore_command's exit above 125 as fatal, any other as the end of the archive: with
+    --fatal-errors a repository out of reach, a damaged object or an internal error stops the recovery
+    (150), where a recovery to the end of the archive was promoted short of it; a name not archived stays 1."""
+    seg = segment_file(tmp_path, size=1 << 20)
+    cli("archive-push", "-r", repo_url, str(seg))
+    dest = tmp_path / "restore" / "RECOVERYXLOG"
+    dest.parent.mkdir()
+    cli("archive-get", "-r", repo_url, "--fatal-errors", SEG, str(dest))
+    assert dest.read_bytes() == seg.read_bytes()
+    cli("archive-get", "-r", repo_url, "--fatal-errors", "00000002.history", str(tmp_path / "x"), check=1)
+    for url, password, plain in ((str(tmp_path / "gone"), PASSWORD, 10), (repo_url, "not the password", 11)):
+        argv = ["archive-get", "-r", url, SEG, str(tmp_path / "x")]
+        cli(*argv, password=password, check=plain)
+        said = cli(*argv, "--fatal-errors", password=password, check=150).stderr.decode().strip()
+        assert len(said.splitlines()) == 1 and said.startswith("chunkvault: "), said
+    for pack in (p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file()):
+        os.chmod(pack, 0o600)
+        pack.write_bytes(b"\0" * pack.stat().st_size)
+    cli("archive-get", "-r", repo_url, "--fatal-errors", "--no-cache", SEG, str(tmp_path / "x"), check=150)
+    assert not (tmp_path / "x").exists()
+
+
 def test_check_names_a_damaged_wal_object_and_an_unindexed_blob(tmp_path, cli, repo_url, password):
     cli("archive-push", "-r", repo_url, str(segment_file(tmp_path, size=1 << 20)))
     cli("archive-push", "-r", repo_url, str(segment_file(tmp_path, "000000010000000000000002", seed=2,
