@@ -387,7 +387,8 @@ class LocalRemote(Remote):
             return
         visited = ancestor_identities(self.root, head.split("/") if head else [])  # each walked once: no loop
         _first_visit(base, visited)
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):  # data/ab on another disk, linked
+        for dirpath, dirnames, filenames in os.walk(base, onerror=self._unlisted,
+                                                    followlinks=True):  # data/ab on another disk, linked
             rel = os.path.relpath(dirpath, self.root)
             rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
             dirnames[:] = [d for d in dirnames
@@ -403,6 +404,15 @@ class LocalRemote(Remote):
                     except FileNotFoundError:
                         continue
                     yield ObjectInfo(key, st.st_size, file_version(st), st.st_mtime)
+
+    def _unlisted(self, exc: OSError) -> None:
+        """A directory the walk could not read: gone meanwhile (a prune's emptied ``data/ab``) it held
+        nothing, but one that does not open (mode 000, another owner) must not list as empty: its packs
+        were missing to `check`, and `repair index` wrote an index without them."""
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+            return
+        where = os.path.relpath(exc.filename, self.root) if exc.filename else self.root
+        raise _os_error(exc, f"listing {where}") from None
 
     def delete(self, key: str) -> None:
         self._exclusive.discard(key)

@@ -65,15 +65,16 @@ def new_repo(tmp_path):
 
 @pytest.fixture
 def cli(tmp_path):
-    """Run the real `chunkvault` command; returns CompletedProcess (text)."""
+    """Run the real `chunkvault` command (under ``wrap``, a command such as setpriv, if given); returns
+    CompletedProcess (text)."""
 
     def run(*args: str, input: bytes | None = None, env: dict | None = None, password: str | None = PASSWORD,
-            check: bool | int = True):
+            check: bool | int = True, wrap: list[str] = ()):
         e = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
         if password is not None:
             e["CHUNKVAULT_PASSWORD"] = password
         e.update(env or {})
-        proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", *args], input=input, env=e,
+        proc = subprocess.run([*wrap, sys.executable, "-m", "chunkvault.cli", *args], input=input, env=e,
                               capture_output=True, timeout=300)
         if check is True and proc.returncode != 0:
             raise AssertionError(f"chunkvault {' '.join(args)} exited {proc.returncode}:\n{proc.stderr.decode()}")

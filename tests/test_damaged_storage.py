@@ -7,6 +7,7 @@ object takes down more than the snapshot or blob that held it, and every command
 import json
 import os
 import random
+import shutil
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -1516,3 +1517,36 @@ def test_a_damaged_manifest_blob_names_every_snapshot_it_takes_down(chain, passw
     problems = Repository.open(str(repo_dir), password).check(read_data=True).problems
     (own,) = [p for p in problems if p.object == f"blob {blob.hex()}"]
     assert sorted(own.snapshots) == sorted([full.id, diff.id])
+
+
+UNPRIVILEGED = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]  # root, held to file modes
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.parametrize("where", ["data/ab", "index", "snapshots"])
+def test_a_directory_that_does_not_open_is_an_error_naming_it_never_an_empty_listing(small_files, cli, where):
+    """A directory of the repository given mode 000 listed as empty: its packs were missing to `check`,
+    `repair index` replaced the index with one without them, and with `snapshots/` closed the repository
+    had no snapshots (a restore: no such snapshot).  Each now stops, naming the directory, and changes
+    nothing."""
+    repo_dir, repo, snap, files = small_files
+    if where == "data/ab":
+        (victim,) = chunk_ids(repo, snap, "f0")
+        where = f"data/{pack_path(repo_dir, repo, victim).parent.name}"
+    index_before = sorted(os.listdir(repo_dir / "index"))
+    os.chmod(repo_dir / where, 0)
+    try:
+        # (`repair index` reads no snapshot, `snapshots` neither packs nor index)
+        for args, lists in ((["check"], True), (["repair", "index"], where != "snapshots"),
+                            (["snapshots"], where == "snapshots")):
+            proc = cli(*args, "-r", str(repo_dir), wrap=UNPRIVILEGED, check=False)
+            if not lists:
+                assert proc.returncode == 0, proc.stderr
+                continue
+            assert proc.returncode == 14, proc.stderr
+            assert proc.stderr.decode() == f"chunkvault: permission denied while listing {where}: Permission denied\n"
+    finally:
+        os.chmod(repo_dir / where, 0o700)
+    if where != "snapshots":
+        assert sorted(os.listdir(repo_dir / "index")) == index_before
+    cli("check", "-r", str(repo_dir))
