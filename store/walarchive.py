@@ -27,7 +27,7 @@ from .blob import Plaintext
 from .config import FORMAT_WAL
 from .crypto import Sealer
 from .locks import EXCLUSIVE, SHARED, RepoLock
-from .repository import OBJECT_READERS, Repo
+from .repository import NOT_INDEXED, OBJECT_READERS, Repo
 from .snapshot import now_iso, open_document, seal_document
 from .unlock import require_openable
 from .walnames import WAL_PREFIX, check_wal_name, expired, fetch_ahead, is_history, is_wal_name, timeline_ends
@@ -370,8 +370,21 @@ def plaintexts(repo: Repo, wal: WalFile) -> Iterator[Plaintext]:
             for bid, plain in zip(batch, plains):
                 repo.check_id(bid, plain)
         except CorruptObject as exc:
-            raise exc.explained(f" (needed by {WAL_PREFIX}{wal.name})") from None
+            raise _needed_by(exc, wal) from None
         yield from plains
+
+
+# What heals a blob no pack holds, for an archived file: `repair snapshots`, which NOT_INDEXED names for a
+# snapshot's files, leaves every ``wal/`` object as it is.
+WAL_NOT_INDEXED = ("not in the index (`repair index` finds it if a pack still holds it; if none does, `archive-push` "
+                   "the file again while PostgreSQL still has it, which stores its data again)")
+
+
+def _needed_by(exc: CorruptObject, wal: WalFile) -> CorruptObject:
+    """``exc`` naming the archived file that needed the object, with the remedy that serves it."""
+    if NOT_INDEXED in exc.reason:
+        exc = type(exc)(exc.object_name, exc.reason.replace(NOT_INDEXED, WAL_NOT_INDEXED))
+    return exc.explained(f" (needed by {WAL_PREFIX}{wal.name})")
 
 
 def expire(repo: Repo, before: str | Callable[[], str], *, dry_run: bool = False, wait: float = 0.0,

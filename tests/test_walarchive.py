@@ -227,6 +227,24 @@ def test_a_damaged_blob_is_an_error_naming_it_never_wrong_bytes(tmp_path, cli, r
     assert any(p["object"] == f"wal/{SEG}" for p in report["problems"]), report
 
 
+def test_a_segment_whose_pack_is_lost_names_archive_push_which_heals_it(tmp_path, cli, repo_url, password):
+    """`repair snapshots` does nothing for an archived file: once `repair index` dropped the lost pack,
+    archive-get named it all the same.  It names pushing the file again, which stores its data again."""
+    seg = segment_file(tmp_path, size=1 << 20)
+    cli("archive-push", "-r", repo_url, str(seg))
+    with Repository.open(repo_url, password) as repo:
+        loc = repo.store.locate(repo.archive_list()[0].blob_ids()[0])
+        os.remove(tmp_path / "repo" / pack_key(repo.store.pack_ids[loc.pack_no]))
+    cli("repair", "-r", repo_url, "index")
+    dest = tmp_path / "restore" / "RECOVERYXLOG"
+    dest.parent.mkdir()
+    line = cli("archive-get", "-r", repo_url, SEG, str(dest), check=13).stderr.decode().strip()
+    assert f"wal/{SEG}" in line and "`archive-push` the file again" in line and "repair snapshots" not in line, line
+    cli("archive-push", "-r", repo_url, str(seg))
+    cli("archive-get", "-r", repo_url, SEG, str(dest))
+    assert dest.read_bytes() == seg.read_bytes()
+
+
 def test_fatal_errors_exit_150_for_all_but_a_name_not_archived(tmp_path, cli, repo_url):
     """PostgreSQL takes a restore_command's exit above 125 as fatal, any other as the end of the archive: with
     --fatal-errors a repository out of reach, a damaged object or an internal error stops the recovery
