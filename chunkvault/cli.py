@@ -1897,8 +1897,10 @@ def cmd_repair(args: argparse.Namespace) -> int:
                 print(f"not looked at {sid[:8]}: written by a newer chunkvault (upgrade chunkvault to repair it)")
             if report.rewritten:
                 print(f"rewrote {len(report.rewritten)} snapshot(s)")
-            elif report.dropped:
-                print("nothing changed: add --confirm REPAIR to rewrite these snapshots")
+            elif report.dropped:  # dropped, a file stays lost even where the source still has it unchanged
+                print("nothing changed: a backup of the same source first stores again the data of the files it "
+                      "still holds unchanged, and they are whole again; then add --confirm REPAIR to rewrite these "
+                      "snapshots")
             elif not report.unrestorable:
                 print("no snapshot references missing data")
             if report.unrestorable:

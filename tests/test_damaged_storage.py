@@ -604,6 +604,25 @@ def test_a_backup_after_a_repair_reads_again_the_files_whose_data_it_lost(small_
     assert repo.check(read_data=True).ok
 
 
+def test_repair_snapshots_says_a_backup_first_saves_what_the_source_still_holds(small_files, tmp_path, cli):
+    """Told only to add --confirm REPAIR, a user dropped f5 from every snapshot for good, where a backup
+    of the unchanged source first stored its data again and made them whole.  The dry run says so, and
+    after that backup it has nothing left to drop."""
+    repo_dir, repo, snap, files = small_files
+    (victim,) = chunk_ids(repo, snap, "f5")
+    path = pack_path(repo_dir, repo, victim)
+    loc = repo.store.locate(victim)
+    flip(path, loc.offset + loc.length // 2)
+    cli("repair", "-r", str(repo_dir), "packs", path.name[:12], "--confirm", "REPAIR")
+    dry = cli("repair", "-r", str(repo_dir), "snapshots").stdout.decode()
+    assert f"would drop {snap.id[:8]}:f5" in dry
+    assert "a backup of the same source first stores again the data of the files it still holds" in dry, dry
+    cli("backup", "-r", str(repo_dir), str(tmp_path / "src"))
+    assert "would drop" not in cli("repair", "-r", str(repo_dir), "snapshots").stdout.decode()
+    cli("restore", "-r", str(repo_dir), snap.id, "-t", str(tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == files
+
+
 def damage_blob(repo_dir, repo: Repository, blob_id: bytes) -> None:
     loc = repo.store.locate(blob_id)
     flip(pack_path(repo_dir, repo, blob_id), loc.offset + loc.length // 2)
