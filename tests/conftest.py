@@ -69,7 +69,7 @@ def cli(tmp_path):
     CompletedProcess (text)."""
 
     def run(*args: str, input: bytes | None = None, env: dict | None = None, password: str | None = PASSWORD,
-            check: bool | int = True, wrap: list[str] = ()):
+            check: bool | int = True, wrap: tuple[str, ...] | list[str] = ()):
         e = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
         if password is not None:
             e["CHUNKVAULT_PASSWORD"] = password
