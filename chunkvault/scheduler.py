@@ -70,8 +70,8 @@ from . import interrupts
 from .store import locks
 from .display import LIST_LETTERS, one_line, shown_name
 from .localfiles import no_room_after
-from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, OutputClosed, PartialBackup, RemoteUnavailable,
-                     SourceCommandFailed, Stopped, UsageError, VerificationFailed)
+from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, OutputClosed, PartialBackup, PermissionDenied,
+                     RemoteUnavailable, SourceCommandFailed, Stopped, UsageError, VerificationFailed)
 from .processes import kill_group, without_secrets
 from .remotes.layer import stop_request
 from .schedule import (CopyTarget, Policy, RetentionScope, Source, check_due, check_slice, dated_ahead, decide,
@@ -135,6 +135,9 @@ class SourceResult:
     retention_error: str | None = None
     copy: dict[str, Any] | None = None  # what copy-to sent (CopyDone.to_dict)
     copy_error: str | None = None
+    # copy-wal's archived WAL files all went with this run's copy: a copy-retention that failed after them
+    # (an append-only destination) does not keep wal-expire from the repository's WAL.
+    wal_copied: bool = False
 
     @property
     def failed(self) -> bool:
@@ -457,8 +460,7 @@ class Runner:
                     continue
                 removed_any |= bool(result.retention.removed)
             uncopied = [src.name for src, result in zip(sources, report.sources)
-                        if src.copy_to is not None and src.copy_to.wal
-                        and (result.copy is None or result.copy_error is not None)]
+                        if src.copy_to is not None and src.copy_to.wal and not result.wal_copied]
             if self.policy.wal_expire and uncopied and not self.stop.is_set():
                 self.log(f"wal-expire skipped: {', '.join(uncopied)} copied no archived WAL this run (copy-wal), "
                          "and what it has not sent yet would never reach its copy-to")
@@ -653,10 +655,17 @@ class Runner:
             try:
                 done, wal_failed = self._copy_into(repo, dest, src, result.snapshot_id, shown)
                 result.copy = done.to_dict()
+                result.wal_copied = target.wal and not wal_failed
                 if target.retention is not None and not self.stop.is_set():
                     step = "copy-retention"
                     saved = next((b for a, b in done.copied if a == result.snapshot_id), None)
-                    done.retention = self._retention(dest, src, False, saved, target.retention, f" at {shown}")
+                    try:
+                        done.retention = self._retention(dest, src, False, saved, target.retention, f" at {shown}")
+                    except PermissionDenied as exc:  # refused at every run alike: say what to change
+                        raise exc.explained("; copy-retention forgets there, which this destination does not "
+                                            "allow (an append-only token, a bucket without delete): give "
+                                            "copy-to credentials that may delete, or leave copy-retention out "
+                                            "and forget there from a trusted machine") from None
                     result.copy = done.to_dict()
                 if wal_failed:  # the snapshots went, and their retention ran: the run still fails
                     self._copy_failed(src, result, f"copy at {shown}", wal_failed)

@@ -14,6 +14,7 @@ from chunkvault import Repository
 from chunkvault.errors import ChunkvaultError, VerificationFailed
 from chunkvault.schedule import check_due, check_slice, parse_cadence
 from chunkvault.scheduler import Daemon, Runner, load_policy
+from servers_http import APPEND_TOKEN, serve_factory, write_tokens  # noqa: F401
 from test_scheduler import FakeClock, cli_main, q, snapshots, write_policy
 
 UTC = timezone.utc
@@ -669,3 +670,46 @@ def test_wal_expire_waits_for_the_copies_of_the_wal_to_have_gone(tmp_path, repos
     with Repository.open(off, OTHER) as r:
         # segment 1 is before the start of every base backup there: never sent
         assert [w.name for w in r.archive_list()] == [f"00000001000000000000000{i}" for i in (2, 3, 4)]
+
+
+def test_a_copy_retention_an_append_only_destination_refuses_keeps_neither_wal_expire_nor_its_reason_hidden(
+        tmp_path, repos, tree, serve_factory, monkeypatch):
+    """Copies to a backup service with an append-only token, copy-retention set as well: the copy went, WAL
+    and all, and only the forget there was refused, yet wal-expire was skipped at every run as if no archived
+    WAL had been copied, and the repository's WAL archive grew for good; the refusal did not say what to change."""
+    main, _ = repos
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)))
+    monkeypatch.setenv("CHUNKVAULT_HTTP_TOKEN", APPEND_TOKEN)
+    Repository.init(server.url, OTHER, kdf_seconds=0).close()
+
+    def push(i: int) -> None:
+        seg = tmp_path / f"00000001000000000000000{i}"
+        seg.write_bytes(os.urandom(1 << 14))
+        with Repository.open(main, PASSWORD) as r:
+            r.archive_push(seg)
+
+    def label(seg: int) -> None:
+        (tree / "backup_label").write_text(f"START WAL LOCATION: 0/{seg}000028 (file 00000001000000000000000{seg})\n")
+
+    policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
+                               top=f'full = "daily 02:00"\ncopy-to = {q(server.url)}\n'
+                                   'copy-to-password-file = "off.pw"\ncopy-wal = true\ncopy-retention = { keep-last = 1 }\nwal-expire = true\n'
+                                   '[retention]\nkeep-last = 1\n')
+    day = datetime(2026, 3, 1, 2, 30, tzinfo=UTC)
+    log: list[str] = []
+    push(1)
+    push(2)
+    label(2)
+    first = run(policy_path, tmp_path, log, day)
+    db = first.sources[0]
+    assert [c["source"] for c in db.copy["copied"]] == [db.snapshot_id]
+    assert db.copy_error.startswith("copy-retention at ") and "leave copy-retention out" in db.copy_error
+    assert first.wal_expired == ["000000010000000000000001"], log
+    assert not any("wal-expire skipped" in line for line in log), log
+    push(3)
+    label(3)
+    second = run(policy_path, tmp_path, log, day + timedelta(days=1))
+    assert second.sources[0].copy_error.startswith("copy-retention at ")
+    assert second.wal_expired == ["000000010000000000000002"], log
+    with Repository.open(server.url, OTHER) as r:
+        assert [w.name for w in r.archive_list()] == ["000000010000000000000002", "000000010000000000000003"]
