@@ -11,6 +11,7 @@ twice.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import blake3
@@ -90,6 +91,25 @@ def copy_order(snapshots: Iterable[Snapshot], wanted: set[str], held: AbstractSe
     return out
 
 
+class _AtDestination(Exception):
+    """An integrity error the destination raised while this copy stored there (a pack its index lists that is
+    gone, a blob found damaged there), carried past the handling of a snapshot damaged in the source: it is
+    no damage of that snapshot, and each one after it would meet it too."""
+
+    def __init__(self, error: CorruptObject):
+        super().__init__(str(error))
+        self.error = error
+
+
+@contextlib.contextmanager
+def _storing() -> Iterator[None]:
+    """Around what stores in (and deduplicates against) the destination: its integrity errors as _AtDestination."""
+    try:
+        yield
+    except CorruptObject as exc:
+        raise _AtDestination(exc) from None
+
+
 #: Plaintext one worker reads with one call: the blobs in pack order, so that neighbours come with one ranged
 #: get (one request per blob cost a copy from S3 a request per chunk).
 BATCH_RAW_BYTES = 4 << 20
@@ -137,10 +157,13 @@ class _BlobMapper:
             data = known[sid]
             self.src.check_id(sid, data)
             did = self.dst.blob_id(data)
-            if self.writer.claim(did):
+            with _storing():
+                claimed = self.writer.claim(did)
+            if claimed:
                 base_id, base_plain = self._base_at_destination(sid, known, done)
                 blob = self.dst.prepare_blob(did, data, base_id=base_id, base_plain=base_plain)
-                self.writer.store(blob)
+                with _storing():
+                    self.writer.store(blob)
                 with self._counting:
                     self.sent += 1
                     self.sent_bytes += len(blob.envelope)
@@ -212,9 +235,11 @@ def _copy_manifest(dst: Repo, writer: BlobWriter, mapper: _BlobMapper,
         e = rec.entry
         if e is not None and e.chunks:
             rec = Record(rec.op, rec.path, replace(e, chunks=b"".join(mapper.map[c] for c in e.chunk_ids())))
-        mw.add(rec)
-    manifest = mw.finish()
-    writer.flush()
+        with _storing():
+            mw.add(rec)
+    with _storing():
+        manifest = mw.finish()
+        writer.flush()
     return manifest, mw
 
 
@@ -229,7 +254,19 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                    wal: bool = False, unneeded_wal: Callable[[list[str]], set[str]] | None = None) -> CopyResult:
     """Copy snapshots with their chains; ``progress(blobs sent, bytes sent)`` as it goes.  ``wal``: the
     archived WAL files the destination lacks too (``_send_wal``), but those of the names given to
-    ``unneeded_wal`` that it returns (called once the snapshots are there)."""
+    ``unneeded_wal`` that it returns (called once the snapshots are there).  The destination's own damage
+    ends the copy, named as the destination's: the commands it names are to be run there."""
+    try:
+        return _copy_snapshots(src, dst, spec_ids, progress, wait, wal, unneeded_wal)
+    except _AtDestination as exc:
+        url = dst.remote.display_url
+        raise exc.error.explained(f" (in the destination repository: those commands with `-r {url}`, "
+                                  "then copy again)") from None
+
+
+def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
+                    progress: Callable[[int, int], None] | None, wait: float,
+                    wal: bool, unneeded_wal: Callable[[list[str]], set[str]] | None) -> CopyResult:
     result = CopyResult()
     src_snaps = src.snapshots()
     wanted = set(spec_ids) if spec_ids is not None else {s.id for s in src_snaps}
@@ -285,7 +322,8 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
                 done[snap.id] = copy.id
                 result.copied.append((snap.id, copy.id))
             pending = _send_wal(src, dst, mapper, result, unneeded_wal) if wal else []
-            writer.flush()
+            with _storing():
+                writer.flush()
         for w in pending:  # their data indexed first, as a push writes its object last
             lock.confirm()
             _place_wal(dst, w, result)

@@ -479,3 +479,26 @@ def test_a_differential_builds_on_the_destination_s_rebased_copy_of_its_parent(t
     dst.restore(by_source[newest.id], str(tmp_path / "out2"))
     assert describe(tmp_path / "out2") == states[newest.id]
     assert dst.check(read_data=True).ok
+
+
+def test_a_pack_lost_in_the_destination_ends_the_copy_naming_the_destination(tmp_path, new_repo, cli, password):
+    """A destination pack deleted by hand: copy would deduplicate against it, and stopped with "run `chunkvault
+    repair index`" but never said in which of its two repositories (the source is whole); the snapshots it met
+    the missing pack for were first taken for damage in the source."""
+    src = new_repo(str(tmp_path / "src-repo"))
+    history(tmp_path, src, n=2)
+    dst_dir = tmp_path / "dst"
+    dst = Repository.init(str(dst_dir), "other password", kdf_seconds=0)
+    src.copy_to(dst)
+    for pack in (dst_dir / "data").rglob("*"):
+        if pack.is_file() and pack.stat().st_size > 100_000:
+            pack.unlink()
+    (tmp_path / "src" / "again").write_bytes((tmp_path / "src" / "f1").read_bytes())  # stored there: deduplicated
+    (tmp_path / "src" / "f1").write_bytes(b"changed")
+    src.backup([str(tmp_path / "src")])
+    err = cli("copy", "-r", str(tmp_path / "src-repo"), "--to", str(dst_dir),
+              env={"CHUNKVAULT_TO_PASSWORD": "other password"}, check=13).stderr.decode()
+    assert "is listed by the index but not stored" in err and "repair index" in err
+    assert f"in the destination repository: those commands with `-r {dst_dir}`" in err
+    assert "not copied" not in err and "damaged there" not in err
+    assert len(dst.snapshots()) == 2
