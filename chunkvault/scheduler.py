@@ -135,6 +135,7 @@ class SourceResult:
     retention_error: str | None = None
     copy: dict[str, Any] | None = None  # what copy-to sent (CopyDone.to_dict)
     copy_error: str | None = None
+    copy_failed_step: str | None = None  # "copy", or "copy-retention" once the copy itself went
     # copy-wal's archived WAL files all went with this run's copy: a copy-retention that failed after them
     # (an append-only destination) does not keep wal-expire from the repository's WAL.
     wal_copied: bool = False
@@ -222,12 +223,14 @@ class RunReport:
                            for r in self.sources)  # saved, then the post hook failed
         copies = [r.copy for r in self.sources if r.copy is not None]
         copied = sum(len(c["copied"]) for c in copies)  # snapshots sent, not sources that copied
-        copies_failed = sum(r.copy_error is not None for r in self.sources)
+        copies_failed = sum(r.copy_failed_step == "copy" for r in self.sources)
+        copy_retention_failed = sum(r.copy_failed_step == "copy-retention" for r in self.sources)
         retention_failed = sum(r.retention_error is not None for r in self.sources)
         text = (f"run: {len(made)} backup(s), {failed} failed, {len(self.partial)} partial"
                 + (f", {hooks_failed} post hook(s) failed" if hooks_failed else "")
                 + (f"; copied {copied}" if copies or copies_failed else "")
                 + (f", copy failed {copies_failed}" if copies_failed else "")
+                + (f", copy-retention failed {copy_retention_failed}" if copy_retention_failed else "")
                 + f"; retention removed {sum(len(r.retention.removed) for r in self.sources if r.retention)}")
         text += f", failed {retention_failed}" if retention_failed else ""
         if self.wal_expired:
@@ -668,7 +671,7 @@ class Runner:
                                             "and forget there from a trusted machine") from None
                     result.copy = done.to_dict()
                 if wal_failed:  # the snapshots went, and their retention ran: the run still fails
-                    self._copy_failed(src, result, f"copy at {shown}", wal_failed)
+                    self._copy_failed(src, result, "copy", shown, wal_failed)
             finally:
                 close = getattr(dest, "close", None)
                 if close is not None:
@@ -679,9 +682,9 @@ class Runner:
                 return False
             if isinstance(exc, Stopped):
                 raise
-            self._copy_failed(src, result, f"{step} at {shown}", str(exc))
+            self._copy_failed(src, result, step, shown, str(exc))
         except Exception as exc:  # a daemon outlives one broken run; the message names the bug
-            self._copy_failed(src, result, f"{step} at {shown}", f"internal error: {type(exc).__name__}: {exc}")
+            self._copy_failed(src, result, step, shown, f"internal error: {type(exc).__name__}: {exc}")
         return True
 
     def _copy_into(self, repo: Any, dest: Any, src: Source, saved: str, shown: str) -> tuple[CopyDone, str]:
@@ -704,8 +707,10 @@ class Runner:
                  f"already, {format_size(done.bytes_sent)} sent)")
         return done, wal_failed
 
-    def _copy_failed(self, src: Source, result: SourceResult, what: str, why: str) -> None:
+    def _copy_failed(self, src: Source, result: SourceResult, step: str, shown: str, why: str) -> None:
+        what = f"{step} at {shown}"
         result.copy_error = f"{what}: {why}"
+        result.copy_failed_step = step
         result.status = FAILED
         result.error = "; ".join(filter(None, [result.error, result.copy_error]))
         self.log(f"{src.name}: {what} failed: {why}")

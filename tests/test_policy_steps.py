@@ -704,6 +704,7 @@ def test_a_copy_retention_an_append_only_destination_refuses_keeps_neither_wal_e
     db = first.sources[0]
     assert [c["source"] for c in db.copy["copied"]] == [db.snapshot_id]
     assert db.copy_error.startswith("copy-retention at ") and "leave copy-retention out" in db.copy_error
+    assert "; copied 1, copy-retention failed 1;" in first.summary()  # the copy went: not a failed copy
     assert first.wal_expired == ["000000010000000000000001"], log
     assert not any("wal-expire skipped" in line for line in log), log
     push(3)
