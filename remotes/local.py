@@ -391,9 +391,11 @@ class LocalRemote(Remote):
                                                     followlinks=True):  # data/ab on another disk, linked
             rel = os.path.relpath(dirpath, self.root)
             rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            # a directory whose name is no key's (lost+found on data/'s own disk) holds no object: not walked,
+            # and so never a listing that fails on it
             dirnames[:] = [d for d in dirnames
                            if ((rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/"))
-                           and _first_visit(os.path.join(dirpath, d), visited)]
+                           and is_key(rel + d) and _first_visit(os.path.join(dirpath, d), visited)]
             for name in filenames:
                 if name.startswith(TEMP_PREFIX) or (not rel and name == RESERVE_NAME):
                     continue

@@ -1542,6 +1542,22 @@ UNPRIVILEGED = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]  
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.parametrize("name", ["lost+found", ".Trash-1000", "@eaDir"])
+def test_a_closed_directory_no_object_can_lie_in_is_passed_over(small_files, cli, name):
+    """data/ on a disk of its own has a lost+found its user may not open: no key names it, so no listing
+    walks into it (one did, and every check, prune and backup of that user failed on it)."""
+    repo_dir, repo, snap, files = small_files
+    closed = repo_dir / "data" / name
+    closed.mkdir()
+    closed.chmod(0)
+    try:
+        proc = cli("check", "-r", str(repo_dir), wrap=UNPRIVILEGED, check=False)
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        closed.chmod(0o700)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 @pytest.mark.parametrize("where", ["data/ab", "index", "snapshots"])
 def test_a_directory_that_does_not_open_is_an_error_naming_it_never_an_empty_listing(small_files, cli, where):
     """A directory of the repository given mode 000 listed as empty: its packs were missing to `check`,
