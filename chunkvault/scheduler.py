@@ -659,6 +659,8 @@ class Runner:
                 done, wal_failed = self._copy_into(repo, dest, src, result.snapshot_id, shown)
                 result.copy = done.to_dict()
                 result.wal_copied = target.wal and not wal_failed
+                if wal_failed:  # the snapshots went, and their retention runs: the run still fails
+                    self._copy_failed(src, result, "copy", shown, wal_failed)
                 if target.retention is not None and not self.stop.is_set():
                     step = "copy-retention"
                     saved = next((b for a, b in done.copied if a == result.snapshot_id), None)
@@ -670,8 +672,6 @@ class Runner:
                                             "copy-to credentials that may delete, or leave copy-retention out "
                                             "and forget there from a trusted machine") from None
                     result.copy = done.to_dict()
-                if wal_failed:  # the snapshots went, and their retention ran: the run still fails
-                    self._copy_failed(src, result, "copy", shown, wal_failed)
             finally:
                 close = getattr(dest, "close", None)
                 if close is not None:
@@ -708,11 +708,13 @@ class Runner:
         return done, wal_failed
 
     def _copy_failed(self, src: Source, result: SourceResult, step: str, shown: str, why: str) -> None:
+        """Fail the source's copy: a second failure (copy-retention after archived WAL that did not go) is
+        added to the first, which names the step the summary counts."""
         what = f"{step} at {shown}"
-        result.copy_error = f"{what}: {why}"
-        result.copy_failed_step = step
+        result.copy_error = "; ".join(filter(None, [result.copy_error, f"{what}: {why}"]))
+        result.copy_failed_step = result.copy_failed_step or step
         result.status = FAILED
-        result.error = "; ".join(filter(None, [result.error, result.copy_error]))
+        result.error = "; ".join(filter(None, [result.error, f"{what}: {why}"]))
         self.log(f"{src.name}: {what} failed: {why}")
 
     def _check(self, repo: Any, report: RunReport) -> None:

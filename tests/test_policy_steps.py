@@ -630,6 +630,35 @@ def test_a_wal_file_not_copied_fails_the_run_after_the_snapshots_went_and_their_
     assert db.copy["retention"]["removed"] != [] and len(offsite(off)) == 1
 
 
+def test_a_wal_file_not_copied_is_still_named_when_copy_retention_then_fails(tmp_path, repos, tree, serve_factory,
+                                                                            monkeypatch):
+    """A WAL file that did not go was reported only after copy-retention: refused there (an append-only
+    token), its refusal alone was the copy's error, and the summary counted a copy-retention failure, where
+    archived WAL had not gone and wal-expire waited for it without the log saying why."""
+    main, _ = repos
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)))
+    monkeypatch.setenv("CHUNKVAULT_HTTP_TOKEN", APPEND_TOKEN)
+    Repository.init(server.url, OTHER, kdf_seconds=0).close()
+    seg = tmp_path / "000000010000000000000001"
+    seg.write_bytes(os.urandom(1 << 14))
+    with Repository.open(main, PASSWORD) as r:
+        r.archive_push(seg)
+    victim = Path(main) / "wal" / seg.name
+    sealed = victim.read_bytes()
+    victim.write_bytes(sealed[:-1] + bytes([sealed[-1] ^ 1]))  # it no longer opens: it cannot go
+    policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
+                               top=f'full = "daily 02:00"\ncopy-to = {q(server.url)}\n'
+                                   'copy-to-password-file = "off.pw"\ncopy-wal = true\n'
+                                   'copy-retention = { keep-last = 1 }\n')
+    log: list[str] = []
+    report = run(policy_path, tmp_path, log, datetime(2026, 3, 1, 2, 30, tzinfo=UTC))
+    db = report.sources[0]
+    assert [c["source"] for c in db.copy["copied"]] == [db.snapshot_id]
+    assert f"wal/{seg.name} not copied" in db.copy_error and "copy-retention at " in db.copy_error, db.copy_error
+    assert any(f"wal/{seg.name} not copied" in line for line in log), log
+    assert "; copied 1, copy failed 1;" in report.summary()
+
+
 def test_wal_expire_waits_for_the_copies_of_the_wal_to_have_gone(tmp_path, repos, tree):
     """With copy-wal, the archived WAL reaches the other repository only with a copy: expired after a copy that
     failed, the segments since the last one never got there, a gap in its recoveries for good."""
