@@ -56,7 +56,8 @@ def options_for_url(url: str, pairs: list[str]) -> dict[str, Any]:
             raise UsageError(f"bad remote option {pair!r}: unknown scheme {target!r}")
         if target == family:
             name = option.replace("-", "_")
-            if name.endswith(("_file", "_hosts")) and not value.strip():  # was taken for the option not given
+            # (sftp.ssh-config as well: a path the CLI makes absolute too)
+            if name.endswith(("_file", "_hosts", "_config")) and not value.strip():  # was taken for the option not given
                 raise UsageError(f"bad remote option {pair!r}: an empty path names no file")
             out[name] = _option_value(name, value)
     return out

@@ -167,8 +167,9 @@ class SFTPRemote(Remote):
         read_timeout = None if read_timeout is None else timeout_option("SFTP", "read_timeout", read_timeout)
         channels = connections_option("SFTP", "channels", channels)
         known = os.path.expanduser(known_hosts) if known_hosts else None
-        if ssh_config and not os.path.isfile(os.path.expanduser(ssh_config)):  # else retried as an outage
-            there = os.path.exists(os.path.expanduser(ssh_config))  # /dev/null, a directory: no config file
+        # else retried as an outage; /dev/null is ssh's own way (-F /dev/null) to read no config at all
+        if ssh_config and not os.path.isfile(os.path.expanduser(ssh_config)) and ssh_config != os.devnull:
+            there = os.path.exists(os.path.expanduser(ssh_config))  # a directory, a device: no config file
             raise UsageError(f"SSH config file {ssh_config} " + ("is not a regular file" if there else "does not exist"))
         if self.transport == "openssh":
             # ssh reads its configuration itself: it is given only what the URL and the options say, and

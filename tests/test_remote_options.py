@@ -56,3 +56,11 @@ def test_a_scheme_without_slashes_is_a_usage_error_not_a_local_directory(url, tm
     assert "URL without '//'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     assert cli.main(["init", "-r", "./" + url, "--kdf-time", "0"]) == 0  # a directory of that name, when asked for
+
+
+@pytest.mark.parametrize("option", ["http.token-file=", "sftp.key-file= ", "sftp.known-hosts=", "sftp.ssh-config="])
+def test_an_empty_path_option_is_refused_not_taken_for_the_option_not_given(option):
+    """``-o sftp.ssh-config=`` (an unset variable in a script) read ~/.ssh/config as if the option were absent."""
+    url = "http://127.0.0.1:1/" if option.startswith("http") else "sftp://u@h/x"
+    with pytest.raises(UsageError, match="an empty path names no file"):
+        options_for_url(url, [option])

@@ -83,8 +83,20 @@ def test_a_switch_misspelled_or_a_missing_ssh_config_is_refused_before_connectin
     for transport in TRANSPORTS:
         with pytest.raises(UsageError, match="^SSH config file /no/such/config does not exist$"):
             open_remote("sftp://u@127.0.0.1:1/x", ssh_config="/no/such/config", transport=transport)
-        with pytest.raises(UsageError, match="^SSH config file /dev/null is not a regular file$"):  # not "does not exist"
-            open_remote("sftp://u@127.0.0.1:1/x", ssh_config="/dev/null", transport=transport)
+        with pytest.raises(UsageError, match="^SSH config file /dev/zero is not a regular file$"):  # not "does not exist"
+            open_remote("sftp://u@127.0.0.1:1/x", ssh_config="/dev/zero", transport=transport)
+
+
+def test_ssh_config_dev_null_reads_no_config(sshd, sftp_repo, transport, monkeypatch, tmp_path):
+    """``ssh -F /dev/null``: ssh's own way to leave ~/.ssh/config out, refused as "not a regular file".
+    A config in the home directory that would send the host elsewhere is not read."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text("Host 127.0.0.1\n  Port 1\n")
+    monkeypatch.setenv("HOME", str(home))
+    with open_remote(sftp_repo.url, ssh_config="/dev/null", transport=transport, **sftp_repo.options) as remote:
+        remote.put("probe", b"x")
+        assert remote.get("probe") == b"x"
 
 
 @pytest.fixture(params=TRANSPORTS)
