@@ -259,9 +259,23 @@ def copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None = None,
     try:
         return _copy_snapshots(src, dst, spec_ids, progress, wait, wal, unneeded_wal)
     except _AtDestination as exc:
-        url = dst.remote.display_url
-        raise exc.error.explained(f" (in the destination repository: those commands with `-r {url}`, "
-                                  "then copy again)") from None
+        raise _as_destinations(exc.error, dst.remote.display_url) from None
+
+
+#: The remedies a writer's integrity errors name for a backup, and what they are for a copy into that repository.
+_BACKUP_REMEDIES = (("the next backup stores that data again", "the next copy stores that data again"),
+                    ("and back up again", "and copy again"))
+
+
+def _as_destinations(error: CorruptObject, url: str) -> CorruptObject:
+    """``error``, met while storing in the destination, named as the destination's: its commands are to be
+    run there, and what stores the data again there is a copy, not a backup."""
+    reason = error.reason
+    for backup, copy in _BACKUP_REMEDIES:
+        reason = reason.replace(backup, copy)
+    then = "" if reason != error.reason else ", then copy again"  # (said already where a backup was)
+    return type(error)(error.object_name, reason).explained(
+        f" (in the destination repository: those commands with `-r {url}`{then})")
 
 
 def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,

@@ -499,6 +499,7 @@ def test_a_pack_lost_in_the_destination_ends_the_copy_naming_the_destination(tmp
     err = cli("copy", "-r", str(tmp_path / "src-repo"), "--to", str(dst_dir),
               env={"CHUNKVAULT_TO_PASSWORD": "other password"}, check=13).stderr.decode()
     assert "is listed by the index but not stored" in err and "repair index" in err
-    assert f"in the destination repository: those commands with `-r {dst_dir}`" in err
+    assert f"in the destination repository: those commands with `-r {dst_dir}`)" in err
+    assert "the next copy stores that data again" in err and "backup" not in err, err
     assert "not copied" not in err and "damaged there" not in err
     assert len(dst.snapshots()) == 2
