@@ -32,7 +32,7 @@ from .pack import PACK_FIXED_OVERHEAD, PackEntry, decode_entries, delta_entries_
 from .repository import NOT_INDEXED, WORKERS, Repo, pack_id_of, pack_key, superseded_names
 from .snapshot import Snapshot
 from .unlock import KEY_IMPORT_HINT
-from .walarchive import WAL_PREFIX, WalFile, load_all
+from .walarchive import PUSH_AGAIN, WAL_PREFIX, WalFile, load_all
 
 
 #: Where a pack's index entries lie: (an index object's columns, entries, start) for each object listing it.
@@ -699,8 +699,8 @@ def _entries(sources: EntrySources) -> list[PackEntry]:
 
 #: What heals an archived file whose data is lost: no repair can, only its bytes again, or its removal.
 _WAL_REMEDY = ("once that blob is out of the index (`repair index` drops a lost pack's, `repair packs` a "
-               "damaged one's), `archive-push` the file again while PostgreSQL still has it, which stores its "
-               "data again; else `archive-expire --before` a later segment once no recovery needs it")
+               f"damaged one's), {PUSH_AGAIN}; else `archive-expire --before` a later segment once no recovery "
+               "needs it")
 
 
 def _said(exc: BaseException, key: str) -> str:

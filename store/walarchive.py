@@ -376,8 +376,9 @@ def plaintexts(repo: Repo, wal: WalFile) -> Iterator[Plaintext]:
 
 # What heals a blob no pack holds, for an archived file: `repair snapshots`, which NOT_INDEXED names for a
 # snapshot's files, leaves every ``wal/`` object as it is.
-WAL_NOT_INDEXED = ("not in the index (`repair index` finds it if a pack still holds it; if none does, `archive-push` "
-                   "the file again while PostgreSQL still has it, which stores its data again)")
+#: What stores an archived file's lost data again (no repair can): its bytes pushed again.
+PUSH_AGAIN = "`archive-push` the file again while PostgreSQL still has it, which stores its data again"
+WAL_NOT_INDEXED = f"not in the index (`repair index` finds it if a pack still holds it; if none does, {PUSH_AGAIN})"
 
 
 def _needed_by(exc: CorruptObject, wal: WalFile) -> CorruptObject:

@@ -247,8 +247,9 @@ def test_a_segment_whose_pack_is_lost_names_archive_push_which_heals_it(tmp_path
 
 def test_fatal_errors_exit_150_for_all_but_a_name_not_archived(tmp_path, cli, repo_url):
     """PostgreSQL takes a restore_command's exit above 125 as fatal, any other as the end of the archive: with
-    --fatal-errors a repository out of reach, a damaged object or an internal error stops the recovery
-    (150), where a recovery to the end of the archive was promoted short of it; a name not archived stays 1."""
+    --fatal-errors a repository missing, a wrong password or a damaged object (as any error but a name not
+    archived) stops the recovery (150), where a recovery to the end of the archive was promoted short of it;
+    a name not archived stays 1."""
     seg = segment_file(tmp_path, size=1 << 20)
     cli("archive-push", "-r", repo_url, str(seg))
     dest = tmp_path / "restore" / "RECOVERYXLOG"
