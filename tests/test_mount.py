@@ -319,7 +319,16 @@ def test_a_listing_that_hangs_holds_no_lookup_up(repo_with, source, monkeypatch)
     repo, _, _, _ = repo_with
     monkeypatch.setattr(mount, "LISTING_WAIT", 0.5)
     fs = SnapshotFS(repo, refresh=0.0)
+
+    def listed() -> None:  # no listing running on (one slower than LISTING_WAIT on a loaded machine)
+        deadline = time.monotonic() + 60
+        while fs._listing is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    listing(fs, "/snapshots")
+    listed()
     before = listing(fs, "/snapshots")
+    listed()
     new = repo.backup([str(source)], tags=["later"]).snapshot
     answer = threading.Event()
     real = repo.snapshots
@@ -335,9 +344,7 @@ def test_a_listing_that_hangs_holds_no_lookup_up(repo_with, source, monkeypatch)
         assert listing(fs, "/snapshots") == before  # no second listing beside it
     finally:
         answer.set()
-    deadline = time.monotonic() + 60
-    while fs._listing is not None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    listed()
     repo.snapshots = real
     try:
         assert Layout(repo.snapshots()).names[new.id] in listing(fs, "/snapshots")
