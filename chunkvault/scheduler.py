@@ -70,8 +70,8 @@ from . import interrupts
 from .store import locks
 from .display import LIST_LETTERS, one_line, shown_name
 from .localfiles import no_room_after
-from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, OutputClosed, PartialBackup, PermissionDenied,
-                     RemoteUnavailable, SourceCommandFailed, Stopped, UsageError, VerificationFailed)
+from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, NewerObject, OutputClosed, PartialBackup,
+                     PermissionDenied, RemoteUnavailable, SourceCommandFailed, Stopped, UsageError, VerificationFailed)
 from .processes import kill_group, without_secrets
 from .remotes.layer import stop_request
 from .schedule import (CopyTarget, Policy, RetentionScope, Source, check_due, check_slice, dated_ahead, decide,
@@ -839,6 +839,7 @@ class Runner:
             if entry is None:  # a stop cut it short
                 report.verify["stopped"] = "stopped"
                 break
+            self._fail_for_unreadable(repo, src, entry)
             entry["reason"] = dues[src.name].reason
             report.verify["sources"].append(entry)
             if entry["not_run"]:
@@ -865,6 +866,22 @@ class Runner:
                       "verify: every source has verify = false") + "; it runs again at the next run")
             return
         self.log(f"verify: {len(picked)} snapshot(s) restored as saved")
+
+    def _fail_for_unreadable(self, repo: Any, src: Source, entry: dict[str, Any]) -> None:
+        """A snapshot object that does not load can be neither dated nor told whose it is: it may be this
+        source's newest, which the verification then did not prove (``verify-restore`` of the latest fails
+        likewise).  Such a source's verification fails, each such snapshot said; one written by a newer
+        chunkvault is no damage: the verification could not run."""
+        unreadable = getattr(getattr(repo, "store", None), "unreadable_snapshots", None) or {}
+        for name, exc in sorted(unreadable.items()):
+            newer = isinstance(exc, NewerObject)
+            why = (f"snapshot {name[:8]} is left out ({exc.reason}): this chunkvault cannot verify it" if newer else
+                   f"the snapshot object {name[:8]} is unreadable ({exc.object_name}: {exc.reason}), and it may "
+                   f"be {src.name}'s newest: `check` names what it takes down, `forget {name[:8]}` removes it")
+            self.log(f"verify: {src.name}: {why}")
+            entry["not_run"] = entry["not_run"] or newer
+            entry["ok"] = False
+            entry["error"] = entry["error"] or why
 
     def _remember_verified(self, names: list[str], source: str, snapshot: str, now: datetime) -> None:
         """Remember in the state file, at once, that ``source`` passed with ``snapshot``: a later source's

@@ -575,3 +575,32 @@ def test_a_verification_that_could_not_run_reports_every_key_of_a_source_s_entry
     ran, not_run = json.loads(json.dumps(report.to_dict()))["verify"]["sources"]
     assert ran["ok"] and not_run["not_run"] and not_run["error"], (not_run, log)
     assert sorted(not_run) == sorted(ran), "the README names the same keys for each source"
+
+
+def test_a_newest_snapshot_whose_object_does_not_load_fails_the_verification(tmp_path, repo_url, tree, scratch):
+    """A snapshot object that does not load cannot be dated nor said whose it is: it may be a source's newest.
+    The run verified the newest of those that load instead, an older one, passed and remembered it (as
+    verify-restore of the latest does not)."""
+    policy_path = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                               top=f'full = "daily 02:00"\nverify = "daily 05:00"\n'
+                                   f'verify-scratch = {q(str(scratch))}\n')
+    log: list[str] = []
+    assert run(policy_path, tmp_path, log, SUNDAY).ok
+    (tree / "notes.txt").write_text("changed\n")
+    day_after = SUNDAY + timedelta(days=1)
+    report = run(policy_path, tmp_path, log, day_after.replace(hour=2, minute=30))  # a backup, no verification
+    assert report.ok and report.verify is None
+    newest = report.sources[0].snapshot_id
+    path = Path(repo_url) / "snapshots" / newest
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    log.clear()
+    report = run(policy_path, tmp_path, log, day_after)  # the slot's backup is refused; the verification runs
+    assert not report.ok and report.verify["ok"] is False, (report.to_dict(), log)
+    [entry] = report.verify["sources"]
+    assert not entry["ok"] and not entry["not_run"]
+    assert f"the snapshot object {newest[:8]} is unreadable" in entry["error"]
+    assert report.verify_error == "verify failed for 1 of 1 snapshot(s) (db)"
+    assert state(tmp_path)["verifications"][repo_url]["passed"] == {"db": "2026-03-01T05:30:00Z"}
+    assert os.listdir(scratch) == []
