@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import functools
 import os
@@ -836,6 +837,47 @@ def check_pg_options(pg_start: bool, query: str | None, expect: str | None, bind
     return verification_target(recover) if recover is not None else None
 
 
+#: What a WAL segment takes when the copy holds none to tell (PostgreSQL's default ``wal_segment_size``).
+DEFAULT_SEGMENT_SIZE = 16 << 20
+#: strerror(ENOSPC) as the server (run with LC_ALL=C) and the relay (Python's OSError) spell it.
+NO_SPACE_TEXT = os.strerror(errno.ENOSPC)
+
+
+def _out_of_room(copy: str, results: Iterable[PgStartResult]) -> PgStartResult | None:
+    """The first data directory whose server failed before it answered while the copy's file system ran
+    out of room: the server or the WAL relay said so, or less is left there than one WAL segment of the copy
+    takes (the server makes one to come out of recovery, and removes what it had written of it when that
+    fails).  A full scratch directory says nothing of the backup: it must not pass for a damaged one."""
+    for p in results:
+        if p.ok or p.answer is not None or p.data_directory is None:
+            continue
+        if NO_SPACE_TEXT in (p.error or "") or NO_SPACE_TEXT in (p.log_tail or ""):
+            return p
+        datadir = os.path.join(copy, p.data_directory)
+        try:
+            st = os.statvfs(datadir)
+        except OSError:
+            continue
+        if st.f_bavail * st.f_frsize < _segment_size(datadir):
+            return p
+    return None
+
+
+def _segment_size(datadir: str) -> int:
+    """The size of the WAL segments in the copy's ``pg_wal`` (``pg_xlog`` before 10), the largest found."""
+    from .store.walnames import is_segment
+
+    for wal in ("pg_wal", "pg_xlog"):
+        try:
+            with os.scandir(os.path.join(datadir, wal)) as it:
+                sizes = [e.stat(follow_symlinks=False).st_size for e in it if is_segment(e.name)]
+        except OSError:
+            continue
+        if sizes and max(sizes) > 0:
+            return max(sizes)
+    return DEFAULT_SEGMENT_SIZE
+
+
 def wal_fetch(repo: "Repository") -> Callable[[str, int], int | None]:
     """What the WAL relay serves a recovering copy with: the archived file written into the descriptor the
     server's user passed, read here (the repository is opened, its password known, by this process alone)."""
@@ -945,6 +987,12 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                     timeout=PG_START_TIMEOUT if timeout is None else timeout, recovery=recovery,
                     fetch=wal_fetch(repo) if recovery is not None else None,
                     archived=wal_names(repo) if recovery is not None else None)
+                full = _out_of_room(target, report.pg_start)
+                if full is not None:  # its failure may be the full disk's: nothing is known of the data
+                    where = "" if full.data_directory == "." else f" in {full.data_directory}"
+                    report.error = (f"no space left in the scratch directory {base} for PostgreSQL to start the "
+                                    f"copy{where}")
+                    report.error_kind = "no_space"
             elif pg_start:
                 report.warnings.append("PostgreSQL was not started: " + (
                     "the restore failed" if report.error else "the restored tree is not what the snapshot holds"))
@@ -962,7 +1010,8 @@ def verify_restore(repo: "Repository", snapshot: str | Snapshot = "latest", *, t
                     report.error_kind = "no_space"
             elif then is not None:
                 report.warnings.append("the command was not run: " + (
-                    "the restore failed" if report.error else "the restored tree is not what the snapshot holds"
+                    "the restore failed" if report.error and report.pg_start is None
+                    else "the restored tree is not what the snapshot holds"
                     if report.mismatch_count else "PostgreSQL did not start (--pg-start)"))
         finally:
             if keep:
@@ -1122,8 +1171,9 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
     elif not args.quiet:
         print(f"verified {len(reports)} snapshot(s): " + ("all OK" if not failed else f"{len(failed)} failed"))
     if failed and all(r.error_kind == "no_space" for r in failed):  # nothing found wrong with the backups
-        where = ("the scratch directory to restore" if all(r.command is None for r in failed) else
-                 "the scratch or temp directory to verify")
+        where = ("the scratch directory to restore" if all(r.command is None and r.pg_start is None for r in failed)
+                 else "the scratch directory to verify" if all(r.command is None for r in failed)
+                 else "the scratch or temp directory to verify")
         raise StorageFull(f"verify-restore: no space left in {where} {len(failed)} of "
                           f"{len(reports)} snapshot(s): " + " ".join(r.snapshot_id[:8] for r in failed))
     if failed:

@@ -424,3 +424,33 @@ def test_a_bootstrap_superuser_named_otherwise_is_found_in_the_copy(new_repo, sc
     [pg] = report.pg_start
     assert report.ok, (pg.error, pg.log_tail)
     assert pg.answer == "boss" and pg.databases == ["postgres", "template1"]
+
+
+def test_a_scratch_directory_the_copy_s_server_finds_full_is_exit_14_not_a_damaged_snapshot(cluster, new_repo,
+                                                                                           tmp_path, cli, scratch):
+    """The restore fits, but the server has no room to come out of recovery (a WAL segment to make): that
+    failed the snapshot (exit 18) as if the backup were damaged; nothing is known of the data, as when the
+    restore itself finds no room (exit 14)."""
+    from treeutil import mounted_tmpfs
+
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    env = {"PATH": f"{cluster.bindir}:{os.environ['PATH']}"}
+    cli("backup", "-r", url, "--postgres", "--pg-connect", cluster.conninfo(), cluster.datadir, env=env)
+    kept = verify_restore(repo, "latest", scratch=scratch, keep=True).kept_at
+    used = sum(os.lstat(os.path.join(d, n)).st_blocks * 512 for d, dirs, files in os.walk(kept)
+               for n in dirs + files)
+    shutil.rmtree(os.path.dirname(kept))
+    small = os.path.join(scratch, "small")
+    os.mkdir(small, 0o755)
+    with mounted_tmpfs(small, size=f"{used // 1024 + 4096}k"):  # the copy, and less than a WAL segment more
+        out = cli("verify-restore", "-r", url, "--scratch", small, "--pg-start", "--then", "true", "--json",
+                  check=14)
+        [report] = json.loads(out.stdout)["snapshots"]
+        [pg] = report["pg_start"]
+        assert report["error_kind"] == "no_space" and not report["ok"] and pg["error"], report
+        assert "the command was not run: PostgreSQL did not start (--pg-start)" in report["warnings"]
+        assert report["error"].startswith("no space left in the scratch directory ") and "to start the copy" in \
+            report["error"]
+        assert "no space left in the scratch directory to verify 1 of 1 snapshot(s)" in out.stderr.decode()
+        assert left_of(pg["pid"]) == [] and os.listdir(small) == []
