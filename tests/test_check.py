@@ -444,3 +444,16 @@ def test_a_bad_subset_is_one_usage_error(repo_with_data, spec):
     _, repo, _, _ = repo_with_data
     with pytest.raises(UsageError, match="bad read-data subset .*or a size like 500M"):
         repo.check(subset=spec)
+
+
+def test_a_slice_that_holds_no_pack_says_it_read_none(repo_with_data, cli):
+    """A slice n/m of the packs by id may hold none of them: the summary said nothing of reading, as if the
+    data had been read."""
+    repo_dir, _, _, _ = repo_with_data
+    ids = [int(p.name[:8], 16) for p in packs(repo_dir)]
+    m = len(ids) + 1
+    n = next(n for n in range(1, m + 1) if all(i % m != n - 1 for i in ids))
+    out = cli("check", "-r", str(repo_dir), "--read-data-subset", f"{n}/{m}").stdout.decode()
+    assert f"; read no packs: slice {n}/{m} of --read-data-subset holds none of them: no problems" in out, out
+    out = cli("check", "-r", str(repo_dir), "--read-data-subset", "1/1").stdout.decode()
+    assert f"; read {len(ids)} packs (" in out and "read no packs" not in out, out
