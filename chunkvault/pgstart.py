@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from .errors import PgStartFailed
+from .pgsession import wal_segment_name
+from .store.walnames import is_segment, parse_lsn
 from .walrelay import CLIENT_FILE, RELAY_SOCKET
 
 if TYPE_CHECKING:
@@ -99,6 +101,8 @@ RUN_DIRECTORY_FILES = frozenset({"pg_hba.conf", "pg_ident.conf", "server.log", C
 STALE_RUN_DIRECTORY = 3600.0
 #: Seconds the relay's client gets to answer a ping as the server's user.
 PING_WAIT = 60.0
+#: Asked with a recovery to ``end``: the size of the copy's WAL segments, in bytes (PostgreSQL 11 and later).
+SEGMENT_SIZE_QUERY = "SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'"
 #: Asked once a recovered copy is promoted: how far its recovery replayed (PostgreSQL keeps both values once
 #: recovery is over) and the timeline it went on with; fields joined by |.
 REPLAY_QUERY = ("SELECT coalesce(to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', "
@@ -347,6 +351,23 @@ def archive_gap(missing: Iterable[str], archived: Iterable[str]) -> tuple[str, s
         if later:
             return name, max(later)
     return None
+
+
+def short_of_archive(served: Iterable[str], replayed_lsn: str | None, segment_size: int,
+                     archived: Iterable[str]) -> tuple[str, str, str] | None:
+    """The segment a recovery to ``end`` ended in, the first and the last archived segments of its timeline
+    after it, when there are any (else None): the archive held a segment that does not continue the WAL
+    (damaged before it was archived, cut short, another server's), PostgreSQL took it for the end and was
+    promoted there, short of the archive's end, though every file was delivered.  The timeline is the newest
+    of the segments served (the one the recovery followed last); ``replayed_lsn`` is where its replay ended,
+    at the end of its last record, which may be the very start of the next segment."""
+    timelines = [int(n[:8], 16) for n in served if is_segment(n)]
+    if not timelines or not replayed_lsn or segment_size <= 0 or segment_size & (segment_size - 1):
+        return None
+    lsn = parse_lsn(replayed_lsn)
+    ended = wal_segment_name(max(timelines), max(lsn - 1, 0), segment_size)
+    later = [a for a in archived if is_segment(a) and a[:8] == ended[:8] and a[8:] > ended[8:]]
+    return (ended, min(later), max(later)) if later else None
 
 
 def python_candidates(ours: str, *others: str | None) -> list[str]:
@@ -832,11 +853,22 @@ def prove_data_directory(copy: str, rel: bytes, *, bindir: str | None = None, qu
                 server.query(REPLAY_QUERY, server.home, deadline).decode(errors="replace"))
             if relay.served.errors:  # a failed delivery PostgreSQL went past must not pass
                 raise PgStartFailed(f"the WAL relay failed: {relay.served.errors[0]}")
-            gap = archive_gap(relay.served.missing, archived()) if recovery.kind == "end" and archived else None
-            if gap is not None:
-                raise PgStartFailed(f"the recovery ended at {gap[0]}, which is not archived, and was promoted "
-                                    f"there, short of the archive's end ({gap[1]} is archived): the archive "
-                                    "has a gap")
+            if recovery.kind == "end" and archived:
+                names = list(archived())
+                gap = archive_gap(relay.served.missing, names)
+                if gap is not None:
+                    raise PgStartFailed(f"the recovery ended at {gap[0]}, which is not archived, and was promoted "
+                                        f"there, short of the archive's end ({gap[1]} is archived): the archive "
+                                        "has a gap")
+                size = server.query(SEGMENT_SIZE_QUERY, server.home, deadline).decode(errors="replace").strip()
+                size = int(size) if size.isdigit() else 0
+                short = short_of_archive(relay.served.names, result.replayed_until.get("lsn"), size, names)
+                if short is not None:
+                    raise PgStartFailed(f"the recovery ended in {short[0]} (replayed until "
+                                        f"{result.replayed_until['lsn']}) and was promoted there, short of the "
+                                        f"archive's end ({short[2]} is archived): {short[1]}, archived after it, "
+                                        "does not continue the WAL (damaged before it was archived, cut short, or "
+                                        "another server's)")
         names = split_records(server.query("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1",
                                            server.home, deadline, records=True))
         for name in names:

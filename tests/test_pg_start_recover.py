@@ -198,6 +198,45 @@ def test_a_recovery_to_the_end_that_stops_at_a_gap_in_the_archive_fails(archived
     assert left_running(pg.pid) == [] and os.listdir(scratch) == []
 
 
+def test_a_recovery_to_the_end_that_stops_at_an_archived_segment_that_does_not_continue_the_wal_fails(
+        archived, scratch, tmp_path):
+    """A segment archived with content that does not continue the WAL (zeros here: damaged before it was
+    pushed, or another server's): every file was delivered, PostgreSQL took it for the end of the WAL and was
+    promoted short of the archive's end, rows short, and the recovery passed."""
+    url = str(tmp_path / "garbled")
+    shutil.copytree(archived.url, url)
+    os.unlink(os.path.join(url, "wal", archived.last))
+    zeros = tmp_path / archived.last
+    zeros.write_bytes(bytes(16 << 20))
+    with Repository.open(url, PASSWORD) as repo:
+        repo.archive_push(str(zeros))
+        report = verify_restore(repo, "latest", scratch=scratch, pg_start=True, pg_recover="end",
+                                pg_query="select count(*) from t")
+    [pg] = report.pg_start
+    assert not report.ok and pg.answer is None and pg.wal_served["errors"] == [], (pg.error, pg.answer)
+    assert f"short of the archive's end ({archived.last} is archived): {archived.last}, archived after it, " \
+           "does not continue the WAL" in pg.error, pg.error
+    assert left_running(pg.pid) == [] and os.listdir(scratch) == []
+
+
+def test_where_a_recovery_to_the_end_stopped_against_the_archive():
+    seg = 16 << 20
+    served = ["00000001000000000000000A", "00000001000000000000000B", "00000001000000000000000A"]
+    archived = ["00000001000000000000000A", "00000001000000000000000B", "00000001000000000000000C",
+                "00000001000000000000000C.00000028.backup", "00000002.history", "00000001000000000000000D.partial"]
+    assert pgstart.short_of_archive(served, "0/B000000", seg, archived) == (
+        "00000001000000000000000A", "00000001000000000000000B", "00000001000000000000000C")
+    # a last record ending at a segment's very end: the replay ends where the next one starts
+    assert pgstart.short_of_archive(served, "0/D000000", seg, archived) is None
+    assert pgstart.short_of_archive(served, "0/C00A0B8", seg, archived) is None
+    # the newest timeline served is the one followed: the old one's later segments are none of its own
+    on_two = [*served, "00000002000000000000000B"]
+    assert pgstart.short_of_archive(on_two, "0/B800000", seg, archived) is None
+    assert pgstart.short_of_archive([], "0/B000000", seg, archived) is None
+    assert pgstart.short_of_archive(served, None, seg, archived) is None
+    assert pgstart.short_of_archive(served, "0/B000000", 0, archived) is None
+
+
 def test_targets_on_a_later_timeline_after_a_promotion_and_the_segments_served(scratch):
     """A point-in-time recovery of the cluster went back to ``mid`` and was promoted (timeline 2), archiving
     on into the same repository: the snapshot, taken on timeline 1, recovers along timeline 2 to its end and
