@@ -328,15 +328,23 @@ def parse_replay(text: str) -> tuple[dict, int | None]:
     return {"timestamp": stamp or None, "lsn": lsn or None}, timeline
 
 
+#: FATAL lines of a connection the server turned away ("the database system is in recovery mode"): logged
+#: for a psql of ours that came as the server was failing, after the line that says why it failed.
+_TURNED_AWAY = re.compile(r"the database system is (?:in recovery mode|starting up|shutting down|not (?:yet )?"
+                          r"accepting connections)")
+
+
 def fatal_line(log: str) -> str | None:
     """The last FATAL or PANIC message of a server's log (why it exited: "recovery ended before configured
-    recovery target was reached"), or None."""
-    found = None
+    recovery target was reached") but a connection turned away, unless there is no other; else None."""
+    found = turned_away = None
     for line in log.splitlines():
         m = re.search(r"\b(?:FATAL|PANIC):\s+(.*)", line)
-        if m:
+        if m and _TURNED_AWAY.match(m.group(1)):
+            turned_away = m.group(1).strip()
+        elif m:
             found = m.group(1).strip()
-    return found
+    return found or turned_away
 
 
 def archive_gap(missing: Iterable[str], archived: Iterable[str]) -> tuple[str, str] | None:
@@ -353,19 +361,23 @@ def archive_gap(missing: Iterable[str], archived: Iterable[str]) -> tuple[str, s
     return None
 
 
-def short_of_archive(served: Iterable[str], replayed_lsn: str | None, segment_size: int,
+def short_of_archive(served: Iterable[str], missing: Iterable[str], replayed_lsn: str | None, segment_size: int,
                      archived: Iterable[str]) -> tuple[str, str, str] | None:
     """The segment a recovery to ``end`` ended in, the first and the last archived segments of its timeline
     after it, when there are any (else None): the archive held a segment that does not continue the WAL
     (damaged before it was archived, cut short, another server's), PostgreSQL took it for the end and was
     promoted there, short of the archive's end, though every file was delivered.  The timeline is the newest
     of the segments served (the one the recovery followed last); ``replayed_lsn`` is where its replay ended,
-    at the end of its last record, which may be the very start of the next segment."""
+    at the end of its last record, which may be the very start of the next segment.  A recovery told that a
+    later segment of its timeline was not archived (``missing``) reached the archive's end as it then was:
+    what a running server archived since is no sign of damage."""
     timelines = [int(n[:8], 16) for n in served if is_segment(n)]
     if not timelines or not replayed_lsn or segment_size <= 0 or segment_size & (segment_size - 1):
         return None
     lsn = parse_lsn(replayed_lsn)
     ended = wal_segment_name(max(timelines), max(lsn - 1, 0), segment_size)
+    if any(is_segment(m) and m[:8] == ended[:8] and m[8:] > ended[8:] for m in missing):
+        return None
     later = [a for a in archived if is_segment(a) and a[:8] == ended[:8] and a[8:] > ended[8:]]
     return (ended, min(later), max(later)) if later else None
 
@@ -862,7 +874,8 @@ def prove_data_directory(copy: str, rel: bytes, *, bindir: str | None = None, qu
                                         "has a gap")
                 size = server.query(SEGMENT_SIZE_QUERY, server.home, deadline).decode(errors="replace").strip()
                 size = int(size) if size.isdigit() else 0
-                short = short_of_archive(relay.served.names, result.replayed_until.get("lsn"), size, names)
+                short = short_of_archive(relay.served.names, relay.served.missing,
+                                         result.replayed_until.get("lsn"), size, names)
                 if short is not None:
                     raise PgStartFailed(f"the recovery ended in {short[0]} (replayed until "
                                         f"{result.replayed_until['lsn']}) and was promoted there, short of the "

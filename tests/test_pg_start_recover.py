@@ -224,17 +224,21 @@ def test_where_a_recovery_to_the_end_stopped_against_the_archive():
     served = ["00000001000000000000000A", "00000001000000000000000B", "00000001000000000000000A"]
     archived = ["00000001000000000000000A", "00000001000000000000000B", "00000001000000000000000C",
                 "00000001000000000000000C.00000028.backup", "00000002.history", "00000001000000000000000D.partial"]
-    assert pgstart.short_of_archive(served, "0/B000000", seg, archived) == (
+    assert pgstart.short_of_archive(served, [], "0/B000000", seg, archived) == (
         "00000001000000000000000A", "00000001000000000000000B", "00000001000000000000000C")
     # a last record ending at a segment's very end: the replay ends where the next one starts
-    assert pgstart.short_of_archive(served, "0/D000000", seg, archived) is None
-    assert pgstart.short_of_archive(served, "0/C00A0B8", seg, archived) is None
+    assert pgstart.short_of_archive(served, [], "0/D000000", seg, archived) is None
+    assert pgstart.short_of_archive(served, [], "0/C00A0B8", seg, archived) is None
     # the newest timeline served is the one followed: the old one's later segments are none of its own
     on_two = [*served, "00000002000000000000000B"]
-    assert pgstart.short_of_archive(on_two, "0/B800000", seg, archived) is None
-    assert pgstart.short_of_archive([], "0/B000000", seg, archived) is None
-    assert pgstart.short_of_archive(served, None, seg, archived) is None
-    assert pgstart.short_of_archive(served, "0/B000000", 0, archived) is None
+    assert pgstart.short_of_archive(on_two, [], "0/B800000", seg, archived) is None
+    assert pgstart.short_of_archive([], [], "0/B000000", seg, archived) is None
+    assert pgstart.short_of_archive(served, [], None, seg, archived) is None
+    assert pgstart.short_of_archive(served, [], "0/B000000", 0, archived) is None
+    # told that B was not archived (a running server archived it since): the end of the archive as it was
+    assert pgstart.short_of_archive(served[:1], ["00000001000000000000000B"], "0/A800000", seg, archived) is None
+    assert pgstart.short_of_archive(served[:1], ["00000002.history"], "0/A800000", seg, archived) == (
+        "00000001000000000000000A", "00000001000000000000000B", "00000001000000000000000C")
 
 
 def test_targets_on_a_later_timeline_after_a_promotion_and_the_segments_served(scratch):

@@ -130,6 +130,10 @@ def test_replay_answers_and_log_lines():
            "LOG:  startup process (PID 12) exited with exit code 1\n")
     assert pgstart.fatal_line(log) == "recovery ended before configured recovery target was reached"
     assert pgstart.fatal_line("LOG:  all fine\n") is None
+    # a psql that came as it failed is turned away, and logged after the reason
+    turned = log + "FATAL:  the database system is in recovery mode\n"
+    assert pgstart.fatal_line(turned) == "recovery ended before configured recovery target was reached"
+    assert pgstart.fatal_line("FATAL:  the database system is shutting down\n") == "the database system is shutting down"
     assert pgstart.python_candidates("/venv/bin/python", None, "/venv/bin/python") == ["/venv/bin/python"]
 
 
