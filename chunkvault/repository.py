@@ -1844,7 +1844,7 @@ class Repository:
                tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0,
                allow_remove_all: bool = False,
                scope: Callable[[list[Snapshot]], Iterable[Snapshot]] | None = None,
-               tz: tzinfo | None = None) -> ForgetPlan:
+               tz: tzinfo | None = None, planned: Iterable[Snapshot] = ()) -> ForgetPlan:
         """Remove snapshots (named, or by a retention policy); kept differentials are rebased first.
         A policy that would keep none of a group's snapshots is refused unless ``allow_remove_all``.
         The policy's days, weeks, months and years are those of ``tz`` (None: this machine's local time,
@@ -1854,7 +1854,9 @@ class Repository:
         (``select_snapshots``) and keeps every other; ``scope`` narrows that further, given the
         listing read under the lock (a policy file's source: its own history).  The plan is made and carried out under the
         exclusive lock (waiting up to ``wait`` seconds for running backups): a backup must not
-        build on a snapshot being forgotten, nor another forget rebase what this one plans from."""
+        build on a snapshot being forgotten, nor another forget rebase what this one plans from.
+        ``planned`` (a dry run only): snapshots about to be saved, counted as if they were (a policy's dry
+        run, whose retention follows the backups it would make)."""
         from .store.lifecycle import apply_forget
         from .store.locks import EXCLUSIVE, RepoLock
         from .store.retention import RetentionPolicy
@@ -1865,9 +1867,12 @@ class Repository:
         hosts, tags, paths = _filters(hosts, tags, paths).values()
         if tz is not None and not isinstance(tz, tzinfo):
             raise UsageError(f"tz is a datetime.tzinfo (or None for local time), not {tz!r}")
+        planned = list(planned)
+        if planned and not dry_run:
+            raise UsageError("planned snapshots are counted by a dry run only: nothing is removed for them")
         if dry_run:
-            return self._plan_forget(self._list(), snapshots, policy, now, hosts, tags, paths, allow_remove_all,
-                                     scope, tz)[0]
+            return self._plan_forget(self._list() + planned, snapshots, policy, now, hosts, tags, paths,
+                                     allow_remove_all, scope, tz)[0]
         with RepoLock(self._repo.remote, EXCLUSIVE, "forget", wait=wait) as lock:
             snaps = self._repo.reload_snapshots()
             plan, whole = self._plan_forget(snaps, snapshots, policy, now, hosts, tags, paths, allow_remove_all,

@@ -448,7 +448,8 @@ class Runner:
                     self.log(f"{src.name}: retention skipped, stopping")
                     continue
                 try:
-                    result.retention = self._retention(repo, src, report.dry_run, result.snapshot_id)
+                    result.retention = self._retention(repo, src, report.dry_run, result.snapshot_id,
+                                                       due=result.kind if result.status == WOULD_RUN else None)
                 except Locked as exc:
                     if self.stop.is_set():  # its wait for the lock ended by the stop: not a failure
                         report.stopped = True
@@ -607,23 +608,27 @@ class Runner:
         return self.stop.is_set() and isinstance(exc, (Locked, RemoteUnavailable, Stopped, SourceCommandFailed))
 
     def _retention(self, repo: Any, src: Source, dry_run: bool, saved: str | None = None,
-                   policy: RetentionPolicy | None = None, where: str = "") -> RetentionResult:
+                   policy: RetentionPolicy | None = None, where: str = "", due: str | None = None
+                   ) -> RetentionResult:
         """The source's retention (or ``policy``, in the repository ``where`` names), as ``forget`` with a
         policy applies it (planned under the lock, from every snapshot, a replayed one refused), to the
         source's own history as ``retention_scope`` sees it: never the snapshot ``saved`` by this run, nor
-        one dated ahead of the clock."""
+        one dated ahead of the clock.  ``due``: the kind of backup a dry run would make first, counted as
+        saved, so that it predicts what the run removes after it."""
         from .store.lifecycle import NOT_SELECTED
 
         rules = policy or src.retention
         assert rules is not None
         host, now = self._host(src), self.clock()
+        planned = [] if due is None else [self._stand_in(repo, src, host, now, due)]
+        saved = planned[0].id if planned else saved
         scopes: list[RetentionScope] = []
 
         def scope(snaps: list[Any]) -> list[Any]:
             scopes.append(retention_scope(src.history(snaps, host), rules, now, saved, src.tz))
             return scopes[-1].weighed
 
-        plan = repo.forget(policy=rules, scope=scope, now=now, dry_run=dry_run, tz=src.tz)
+        plan = repo.forget(policy=rules, scope=scope, now=now, dry_run=dry_run, tz=src.tz, planned=planned)
         if scopes:
             self._say_left_out(src, scopes[-1])
         reasons = {d.snapshot_id: ", ".join(d.reasons) for d in plan.decisions if not d.keep}
@@ -636,10 +641,24 @@ class Runner:
             for sid in out.removed:
                 self.log(f"{src.name}: would remove {sid[:8]} ({reasons[sid]})")
             for sid in out.rebased:
-                self.log(f"{src.name}: would rebase {sid[:8]} (its parent goes)")
+                shown = "the backup it would make" if planned and sid == saved else sid[:8]
+                self.log(f"{src.name}: would rebase {shown} (its parent goes)")
         self.log(f"{src.name}{where}: retention {verb} {len(out.removed)} snapshot(s), "
                  f"{'would rebase' if dry_run else 'rebased'} {len(out.rebased)}, kept {out.kept}")
         return out
+
+    @staticmethod
+    def _stand_in(repo: Any, src: Source, host: str, now: datetime, kind: str) -> Any:
+        """The snapshot a dry run's backup of ``kind`` would save now, for its retention to count: a
+        differential on the source's newest snapshot (a full where it has none)."""
+        from .store.snapshot import KIND_DIFF, KIND_FULL, Snapshot
+
+        newest = max(src.history(repo.snapshots(), host), key=lambda s: s.datetime, default=None)
+        parent = newest.id if kind == "diff" and newest is not None else None
+        return Snapshot(time=now.astimezone(timezone.utc).isoformat(timespec="microseconds"),
+                        kind=KIND_DIFF if parent else KIND_FULL, parent=parent, host=host,
+                        paths=list(src.paths) if src.stdin_name is None else [src.stdin_name],
+                        stdin_name=src.stdin_name, id="(backup due now)")
 
     def _copy(self, repo: Any, src: Source, result: SourceResult) -> bool:
         """Copy the snapshot this run saved to the source's copy-to, with those of the source's snapshots

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from chunkvault import Repository
-from chunkvault.errors import ChunkvaultError, Locked, PartialBackup
+from chunkvault.errors import ChunkvaultError, Locked, PartialBackup, UsageError
 from chunkvault.scheduler import (Daemon, Runner, RunReport, SourceResult, load_policy,
                                   policy_lock)
+from chunkvault.store.retention import RetentionPolicy
 from treeutil import settle
 
 UTC = timezone.utc
@@ -1070,6 +1071,28 @@ def test_a_dry_run_names_the_differentials_retention_would_rebase(tmp_path, repo
     retention = runner.run(dry_run=True).sources[0].retention
     assert retention.removed == ids[:2] and retention.rebased == [ids[2]]
     assert f"db: would rebase {ids[2][:8]} (its parent goes)" in lines  # named, as forget --dry-run does
+
+
+def test_a_dry_run_counts_the_backup_it_would_make_in_its_retention(tmp_path, repo_url, tree, fake_time):
+    """A dry run predicted retention from the snapshots there are, without the backup due first: with count
+    rules the run then removed one more than it had announced.  It counts a stand-in for that backup now."""
+    clock = fake_time(FakeClock(datetime(2026, 5, 1, 2, 30, tzinfo=UTC)))
+    lines: list[str] = []
+    runner = Runner(_retention_policy(tmp_path, repo_url, tree), PASSWORD.encode(), clock=clock,
+                    lock_file=str(tmp_path / "l"), log=lines.append)
+    first = runner.run().sources[0].snapshot_id
+    clock.t += timedelta(hours=1)
+    (tree / "small.txt").write_text("changed")
+    dry = runner.run(dry_run=True).sources[0]
+    assert dry.status == "would-run" and dry.kind == "diff"
+    assert dry.retention.removed == [first] and dry.retention.rebased == ["(backup due now)"]
+    assert "db: would rebase the backup it would make (its parent goes)" in lines
+    assert [s.id for s in snapshots(repo_url)] == [first]  # nothing saved, nothing removed
+    real = runner.run().sources[0]
+    assert real.retention.removed == [first] and real.retention.rebased == [real.snapshot_id]
+    with pytest.raises(UsageError, match="counted by a dry run only"):
+        with Repository.open(repo_url, PASSWORD) as r:
+            r.forget(policy=RetentionPolicy(keep_last=1), planned=r.snapshots())
 
 
 def test_retention_refuses_a_replayed_snapshot_as_forget_does(tmp_path, repo_url, tree, fake_time):
