@@ -659,10 +659,9 @@ def test_a_wal_file_not_copied_is_still_named_when_copy_retention_then_fails(tmp
     assert "; copied 1, copy failed 1;" in report.summary()
 
 
-def test_wal_expire_waits_for_the_copies_of_the_wal_to_have_gone(tmp_path, repos, tree):
-    """With copy-wal, the archived WAL reaches the other repository only with a copy: expired after a copy that
-    failed, the segments since the last one never got there, a gap in its recoveries for good."""
-    main, off = repos
+def wal_steps(tmp_path: Path, main: str, tree: Path):
+    """``push(i)``: archive segment i of timeline 1 in ``main``; ``label(i)``: make the tree a base backup
+    that starts in segment i (its backup_label)."""
 
     def push(i: int) -> None:
         seg = tmp_path / f"00000001000000000000000{i}"
@@ -672,6 +671,16 @@ def test_wal_expire_waits_for_the_copies_of_the_wal_to_have_gone(tmp_path, repos
 
     def label(seg: int) -> None:
         (tree / "backup_label").write_text(f"START WAL LOCATION: 0/{seg}000028 (file 00000001000000000000000{seg})\n")
+
+    return push, label
+
+
+def test_wal_expire_waits_for_the_copies_of_the_wal_to_have_gone(tmp_path, repos, tree):
+    """With copy-wal, the archived WAL reaches the other repository only with a copy: expired after a copy that
+    failed, the segments since the last one never got there, a gap in its recoveries for good."""
+    main, off = repos
+
+    push, label = wal_steps(tmp_path, main, tree)
 
     policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
                                top=f'full = "daily 02:00"\ncopy-to = {q(off)}\ncopy-to-password-file = "off.pw"\n'
@@ -711,14 +720,7 @@ def test_a_copy_retention_an_append_only_destination_refuses_keeps_neither_wal_e
     monkeypatch.setenv("CHUNKVAULT_HTTP_TOKEN", APPEND_TOKEN)
     Repository.init(server.url, OTHER, kdf_seconds=0).close()
 
-    def push(i: int) -> None:
-        seg = tmp_path / f"00000001000000000000000{i}"
-        seg.write_bytes(os.urandom(1 << 14))
-        with Repository.open(main, PASSWORD) as r:
-            r.archive_push(seg)
-
-    def label(seg: int) -> None:
-        (tree / "backup_label").write_text(f"START WAL LOCATION: 0/{seg}000028 (file 00000001000000000000000{seg})\n")
+    push, label = wal_steps(tmp_path, main, tree)
 
     policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
                                top=f'full = "daily 02:00"\ncopy-to = {q(server.url)}\n'
