@@ -1413,10 +1413,11 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
-def _none_read(subset: str | None, packs: int) -> str:
-    """What a check asked to read data says when it read none: a slice ``n/m`` of the packs by id may hold
-    none of them (the other slices hold them), which a summary silent on reading passed for a read."""
-    if subset is None or not packs:
+def _none_read(subset: str | None, report: Any) -> str:
+    """What a check asked to read data says when its subset chose no pack: a slice ``n/m`` of the packs by
+    id may hold none of them (the other slices hold them), which a summary silent on reading passed for a
+    read.  (Packs chosen that could not be read are its problems.)"""
+    if subset is None or not report.packs or report.packs_chosen != 0:
         return ""
     return f"; read no packs: slice {subset.strip()} of --read-data-subset holds none of them"
 
@@ -1451,7 +1452,7 @@ def cmd_check(args: argparse.Namespace) -> int:
               + (f"{report.wal_files} archived WAL files, " if report.wal_files else "")
               + f"{report.packs} packs, {report.blobs} blobs"
               + (f"; read {report.packs_read} packs ({format_size(report.bytes_read)}), {report.blobs_read} blobs"
-                 if report.packs_read else _none_read(args.read_data_subset, report.packs))
+                 if report.packs_read else _none_read(args.read_data_subset, report))
               + (": no problems" if report.ok else f": {len(report.problems)} problem(s)"))
     if not report.ok:
         raise VerificationFailed(f"check found {len(report.problems)} problem(s)")

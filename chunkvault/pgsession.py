@@ -81,6 +81,11 @@ def label_field(label_file: str, name: str) -> str | None:
     return None
 
 
+#: The server's WAL segment size in bytes, whatever unit its version reports ``wal_segment_size`` in.
+SEGMENT_SIZE_QUERY = ("SELECT setting::bigint * (CASE unit WHEN '8kB' THEN 8192 WHEN 'B' THEN 1 ELSE 1048576 END) "
+                      "FROM pg_settings WHERE name = 'wal_segment_size'")
+
+
 @dataclass(frozen=True)
 class Tablespace:
     """A tablespace of the cluster (not ``pg_default`` or ``pg_global``): its ``location`` as
@@ -328,8 +333,7 @@ class PgBackupSession:
                 raise
             raise SourceCommandFailed(f"{exc} (the backup checks the server's data directory is the one it reads: "
                                       "GRANT pg_read_all_settings TO the role)") from None
-        segment_size = int(self.value("SELECT setting::bigint * (CASE unit WHEN '8kB' THEN 8192 WHEN 'B' "
-                                       "THEN 1 ELSE 1048576 END) FROM pg_settings WHERE name = 'wal_segment_size'"))
+        segment_size = int(self.value(SEGMENT_SIZE_QUERY))
         tablespaces = self.tablespaces()
         if slot:
             name = f"chunkvault_{os.getpid()}_{secrets.token_hex(4)}"

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from .errors import PgStartFailed
-from .pgsession import wal_segment_name
+from .pgsession import SEGMENT_SIZE_QUERY, wal_segment_name
 from .store.walnames import is_segment, parse_lsn
 from .walrelay import CLIENT_FILE, RELAY_SOCKET
 
@@ -101,8 +101,6 @@ RUN_DIRECTORY_FILES = frozenset({"pg_hba.conf", "pg_ident.conf", "server.log", C
 STALE_RUN_DIRECTORY = 3600.0
 #: Seconds the relay's client gets to answer a ping as the server's user.
 PING_WAIT = 60.0
-#: Asked with a recovery to ``end``: the size of the copy's WAL segments, in bytes (PostgreSQL 11 and later).
-SEGMENT_SIZE_QUERY = "SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'"
 #: Asked once a recovered copy is promoted: how far its recovery replayed (PostgreSQL keeps both values once
 #: recovery is over) and the timeline it went on with; fields joined by |.
 REPLAY_QUERY = ("SELECT coalesce(to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', "
@@ -376,7 +374,9 @@ def short_of_archive(served: Iterable[str], missing: Iterable[str], replayed_lsn
         return None
     lsn = parse_lsn(replayed_lsn)
     ended = wal_segment_name(max(timelines), max(lsn - 1, 0), segment_size)
-    if any(is_segment(m) and m[:8] == ended[:8] and m[8:] > ended[8:] for m in missing):
+    # (the segment it ended in among them: told it was not archived, it read the copy's own pg_wal/ and ended
+    # there, a standby's or a backup's last segment, archived since)
+    if any(is_segment(m) and m[:8] == ended[:8] and m[8:] >= ended[8:] for m in missing):
         return None
     later = [a for a in archived if is_segment(a) and a[:8] == ended[:8] and a[8:] > ended[8:]]
     return (ended, min(later), max(later)) if later else None

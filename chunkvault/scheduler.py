@@ -90,6 +90,8 @@ Clock = Callable[[], datetime]
 Sleep = Callable[[float], None]
 
 OK, PARTIAL, FAILED, IDLE, SKIPPED, WOULD_RUN = "ok", "partial", "failed", "idle", "skipped", "would-run"
+#: The id a dry run's retention knows the backup it would make by (a stand-in: no snapshot has it).
+STAND_IN_ID = "(backup due now)"
 HOOK_OUTPUT_LIMIT = 4096
 
 
@@ -641,7 +643,7 @@ class Runner:
             for sid in out.removed:
                 self.log(f"{src.name}: would remove {sid[:8]} ({reasons[sid]})")
             for sid in out.rebased:
-                shown = "the backup it would make" if planned and sid == saved else sid[:8]
+                shown = "the backup it would make" if sid == STAND_IN_ID else sid[:8]
                 self.log(f"{src.name}: would rebase {shown} (its parent goes)")
         self.log(f"{src.name}{where}: retention {verb} {len(out.removed)} snapshot(s), "
                  f"{'would rebase' if dry_run else 'rebased'} {len(out.rebased)}, kept {out.kept}")
@@ -658,7 +660,7 @@ class Runner:
         return Snapshot(time=now.astimezone(timezone.utc).isoformat(timespec="microseconds"),
                         kind=KIND_DIFF if parent else KIND_FULL, parent=parent, host=host,
                         paths=list(src.paths) if src.stdin_name is None else [src.stdin_name],
-                        stdin_name=src.stdin_name, id="(backup due now)")
+                        tags=list(src.tags), stdin_name=src.stdin_name, id=STAND_IN_ID)
 
     def _copy(self, repo: Any, src: Source, result: SourceResult) -> bool:
         """Copy the snapshot this run saved to the source's copy-to, with those of the source's snapshots
@@ -1002,7 +1004,10 @@ class Runner:
             newest = max(s.datetime for s in scope.ahead)
             self.log(f"{src.name}: warning: {len(scope.ahead)} snapshot(s) dated ahead of this clock (newest "
                      f"{iso_time(newest)}): kept, and not counted by retention until then (was the clock set back?)")
-        if scope.spared:
+        if scope.spared == STAND_IN_ID:
+            self.log(f"{src.name}: warning: retention would keep the backup it would make, which its rules would "
+                     "remove")
+        elif scope.spared:
             self.log(f"{src.name}: warning: retention keeps the snapshot {scope.spared[:8]} this run saved, "
                      "which its rules would remove")
 

@@ -837,45 +837,46 @@ def check_pg_options(pg_start: bool, query: str | None, expect: str | None, bind
     return verification_target(recover) if recover is not None else None
 
 
-#: What a WAL segment takes when the copy holds none to tell (PostgreSQL's default ``wal_segment_size``).
-DEFAULT_SEGMENT_SIZE = 16 << 20
 #: strerror(ENOSPC) as the server (run with LC_ALL=C) and the relay (Python's OSError) spell it.
 NO_SPACE_TEXT = os.strerror(errno.ENOSPC)
 
 
 def _out_of_room(copy: str, results: Iterable[PgStartResult]) -> PgStartResult | None:
-    """The first data directory whose server failed before it answered while the copy's file system ran
-    out of room: the server or the WAL relay said so, or less is left there than one WAL segment of the copy
-    takes (the server makes one to come out of recovery, and removes what it had written of it when that
-    fails).  A full scratch directory says nothing of the backup: it must not pass for a damaged one."""
+    """The first data directory whose server failed while the copy's file system ran out of room: the server
+    or the WAL relay said so, or, for a server that never came out of recovery and logged no reason of its
+    own, less is left there than one WAL segment of the copy takes (the server makes one to come out of
+    recovery, and removes what it had written of it when that fails).  A full scratch directory says nothing
+    of the backup: it must not pass for a damaged one, nor a finding (a gap in the archive, a query's
+    error) pass for a full directory."""
+    from .pgstart import fatal_line
+    from .store.walnames import segment_size
+
     for p in results:
         if p.ok or p.answer is not None or p.data_directory is None:
             continue
         if NO_SPACE_TEXT in (p.error or "") or NO_SPACE_TEXT in (p.log_tail or ""):
             return p
+        if p.pid is None or p.ready_seconds is not None or fatal_line(p.log_tail or "") is not None:
+            continue
         datadir = os.path.join(copy, p.data_directory)
         try:
             st = os.statvfs(datadir)
         except OSError:
             continue
-        if st.f_bavail * st.f_frsize < _segment_size(datadir):
+        if st.f_bavail * st.f_frsize < segment_size(_wal_files(datadir)):
             return p
     return None
 
 
-def _segment_size(datadir: str) -> int:
-    """The size of the WAL segments in the copy's ``pg_wal`` (``pg_xlog`` before 10), the largest found."""
-    from .store.walnames import is_segment
-
+def _wal_files(datadir: str) -> list[tuple[str, int]]:
+    """(name, size) of the files in the copy's ``pg_wal`` (``pg_xlog`` before 10)."""
     for wal in ("pg_wal", "pg_xlog"):
         try:
             with os.scandir(os.path.join(datadir, wal)) as it:
-                sizes = [e.stat(follow_symlinks=False).st_size for e in it if is_segment(e.name)]
+                return [(e.name, e.stat(follow_symlinks=False).st_size) for e in it]
         except OSError:
             continue
-        if sizes and max(sizes) > 0:
-            return max(sizes)
-    return DEFAULT_SEGMENT_SIZE
+    return []
 
 
 def wal_fetch(repo: "Repository") -> Callable[[str, int], int | None]:

@@ -405,6 +405,8 @@ class LocalRemote(Remote):
                         st = os.stat(os.path.join(dirpath, name))
                     except FileNotFoundError:
                         continue
+                    except OSError as exc:  # behind a link into a directory it may not pass: as _unlisted
+                        raise _os_error(exc, f"listing {key}") from None
                     yield ObjectInfo(key, st.st_size, file_version(st), st.st_mtime)
 
     def _unlisted(self, exc: OSError) -> None:

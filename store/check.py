@@ -78,6 +78,8 @@ class CheckReport:
     blobs_read: int = 0
     bytes_read: int = 0
     wal_files: int = 0
+    #: With a --read-data-subset: how many packs it chose to read (a slice ``n/m`` may hold none).
+    packs_chosen: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -452,6 +454,8 @@ class Checker:
         todo = []
         chosen = (self.select({pid: stored[pid] for pid in indexed if pid in stored})
                   if self.read_data and self.select is not None else None)
+        if chosen is not None:
+            self.report.packs_chosen = len(chosen)
         for pid, sources in indexed.items():
             if pid not in stored:
                 p = self.problem(pack_key(pid), "pack is missing (`repair index` drops it from the index, then "

@@ -1542,6 +1542,26 @@ UNPRIVILEGED = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]  
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_linked_directory_whose_files_cannot_be_reached_is_an_error_naming_them(small_files, cli, tmp_path):
+    """data/ab on another disk, linked, in a directory that may be read but not passed through: its names
+    listed, each stat failed, and the PermissionError was an internal error (exit 1)."""
+    repo_dir, repo, snap, files = small_files
+    (victim,) = chunk_ids(repo, snap, "f0")
+    linked = pack_path(repo_dir, repo, victim).parent
+    moved = tmp_path / "elsewhere" / linked.name
+    moved.parent.mkdir()
+    shutil.move(str(linked), moved)
+    linked.symlink_to(moved)
+    moved.chmod(0o444)
+    try:
+        proc = cli("check", "-r", str(repo_dir), wrap=UNPRIVILEGED, check=False)
+        assert proc.returncode == 14, proc.stderr
+        assert proc.stderr.decode().startswith(f"chunkvault: permission denied while listing data/{linked.name}/")
+    finally:
+        moved.chmod(0o700)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 @pytest.mark.parametrize("name", ["lost+found", ".Trash-1000", "@eaDir"])
 def test_a_closed_directory_no_object_can_lie_in_is_passed_over(small_files, cli, name):
     """data/ on a disk of its own has a lost+found its user may not open: no key names it, so no listing

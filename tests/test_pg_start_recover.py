@@ -237,6 +237,8 @@ def test_where_a_recovery_to_the_end_stopped_against_the_archive():
     assert pgstart.short_of_archive(served, [], "0/B000000", 0, archived) is None
     # told that B was not archived (a running server archived it since): the end of the archive as it was
     assert pgstart.short_of_archive(served[:1], ["00000001000000000000000B"], "0/A800000", seg, archived) is None
+    # told that A itself was not archived yet (a standby's last segment): it replayed the copy's pg_wal/A
+    assert pgstart.short_of_archive(served[:1], ["00000001000000000000000A"], "0/A800000", seg, archived) is None
     assert pgstart.short_of_archive(served[:1], ["00000002.history"], "0/A800000", seg, archived) == (
         "00000001000000000000000A", "00000001000000000000000B", "00000001000000000000000C")
 

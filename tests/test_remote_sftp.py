@@ -89,11 +89,16 @@ def test_a_switch_misspelled_or_a_missing_ssh_config_is_refused_before_connectin
 
 def test_ssh_config_dev_null_reads_no_config(sshd, sftp_repo, transport, monkeypatch, tmp_path):
     """``ssh -F /dev/null``: ssh's own way to leave ~/.ssh/config out, refused as "not a regular file".
-    A config in the home directory that would send the host elsewhere is not read."""
+    Given, the remote opens with no config read: a home directory's that would send the host elsewhere is
+    left out (paramiko's reading of it is shown; ssh reads the one of the user's passwd entry, left alone)."""
+    from chunkvault.remotes.sftp import SFTPRemote
+
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
-    (home / ".ssh" / "config").write_text("Host 127.0.0.1\n  Port 1\n")
+    (home / ".ssh" / "config").write_text("Host 127.0.0.1\n  HostName 192.0.2.1\n")
     monkeypatch.setenv("HOME", str(home))
+    assert SFTPRemote._ssh_config("127.0.0.1", None)["hostname"] == "192.0.2.1"
+    assert SFTPRemote._ssh_config("127.0.0.1", "/dev/null").get("hostname", "127.0.0.1") == "127.0.0.1"
     with open_remote(sftp_repo.url, ssh_config="/dev/null", transport=transport, **sftp_repo.options) as remote:
         remote.put("probe", b"x")
         assert remote.get("probe") == b"x"
