@@ -1127,6 +1127,9 @@ def cmd_find(args: argparse.Namespace) -> int:
             if len(v.snapshots) > 1:
                 where += f" .. {last.short_id} ({_local_time(last)}), {len(v.snapshots)} snapshots"
             extra = f" -> {shown_name(e.target)}" if e.target else ""
+            said = _unreadable(e)  # as ls marks it: else a file no backup read passes for an empty one
+            if said:
+                extra += f"  (unreadable at backup time: {said})"
             users, groups = names(last)
             owner = f"{one_line(users.get(e.uid, e.uid))}/{one_line(groups.get(e.gid, e.gid))}"
             print(f"  {TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {format_size(e.size):>10}  "

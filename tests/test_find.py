@@ -16,7 +16,7 @@ from chunkvault.errors import UsageError
 from chunkvault.ledger import RepositoryStateWarning
 from chunkvault.store.find import chain_order, path_matcher
 from chunkvault.store.snapshot import Snapshot, select_snapshots
-from treeutil import change_small_tree
+from treeutil import change_small_tree, refusing_open
 
 PASSWORD = crashkit.PASSWORD
 
@@ -270,3 +270,20 @@ def test_a_file_that_only_got_another_link_is_one_version(tmp_path, new_repo):
     repo.backup([str(src)])
     versions = repo.find(["b/data"])[0].versions
     assert [len(v.snapshots) for v in versions] == [2, 1]
+
+
+def test_a_version_no_backup_could_read_is_marked_as_ls_marks_it(tmp_path, new_repo, monkeypatch, python_file_reads,
+                                                                 cli):
+    """find showed a file no backup could read as an empty file of 0 B, where ls marks it and dump refuses it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "secret").write_bytes(b"never read")
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    monkeypatch.setattr("chunkvault.store.backup.os.open", refusing_open("secret"))
+    repo.backup([str(src)])
+    monkeypatch.undo()
+    (found,) = json.loads(cli("find", "-r", url, "secret", "--json").stdout)
+    assert [v["unreadable"] for v in found["versions"]] == ["no data"]
+    lines = cli("find", "-r", url, "secret").stdout.decode().splitlines()
+    assert lines[1].endswith("  (unreadable at backup time: no data)"), lines
