@@ -189,10 +189,12 @@ def _compression_level(level: Any) -> int | None:
 
 def _one_line(tags: Iterable[str], host: str | None = None) -> None:
     """Refuse tags or a host to store that hold a control character or a line break: they would split a
-    listing's row (one stored before is still selected by it, and removed by ``tag``)."""
+    listing's row (one stored before is still selected by it, and removed by ``tag``); or bytes that are not
+    UTF-8 (a command line's, held as lone surrogates): JSON gives them to other languages as U+FFFD, a name
+    that then selects nothing, and has no ``_b64`` field for them as for file names."""
     for what, v in [*(("tag", t) for t in tags), *([("host", host)] if host else [])]:
-        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in v):
-            raise UsageError(f"a {what} is one line of text without control characters, not {v!r}")
+        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") for c in v):
+            raise UsageError(f"a {what} is one line of text (UTF-8) without control characters, not {v!r}")
 
 
 def _postgres_session(postgres: object, paths: list[str], walk: SourceWalk | None,

@@ -648,7 +648,7 @@ def test_values_in_the_forms_the_readme_names_and_out_of_range_ones(tmp_path, tr
         assert repo.store.config.settings.pack_size == 4 << 20
     with Repository.open(os.fsencode(path), PASSWORD) as repo:  # a path as bytes, as paths elsewhere
         for bad in ({"exclude_larger_than": 10**30}, {"host": "db\nfake row"}, {"tags": ["a\tb"]},
-                    {"tags": ["a\u2028b"]}):
+                    {"tags": ["a\u2028b"]}, {"host": "db\udcff"}, {"tags": ["caf\udce9"]}):
             with pytest.raises(UsageError):
                 repo.backup([str(tree)], **bad)
         assert repo.snapshots() == []
@@ -656,6 +656,8 @@ def test_values_in_the_forms_the_readme_names_and_out_of_range_ones(tmp_path, tr
         assert [s.id for s in repo.snapshots(hosts=["nuit\xa0blanche"], tags=["été"])] == [snap.id]
         with pytest.raises(UsageError):
             repo.tag(add=["x\ny"])
+        with pytest.raises(UsageError):  # bytes of a command line that are not UTF-8
+            repo.tag(add=["caf\udce9"])
         assert repo.snapshots(hosts=["db\n1"]) == []  # a filter may name what was stored before the check
 
 
