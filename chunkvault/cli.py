@@ -26,8 +26,8 @@ from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, Locked, 
                      RepositoryStateWarning, SnapshotNotFound, TargetNotEmpty, TargetUnwritable, UsageError,
                      VerificationFailed, output_error)
 from .store.chain import chain_lengths
-from .store.manifest import (F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_DIR, T_FILE, TYPE_NAMES, Entry, Record,
-                             unread, what_changed)
+from .store.manifest import (F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FILE,
+                             TYPE_NAMES, Entry, Record, unread, what_changed)
 from .store.overwrite import OVERWRITE_MODES, check_overwrite
 from .store.snapshot import Snapshot
 from .units import format_size
@@ -422,7 +422,14 @@ def _entry_json(e: Entry, unread_paths: Collection[bytes] = ()) -> dict[str, Any
             "gid": e.gid, "size": e.size, "mtime": _ns_iso(e.mtime_ns), "mtime_ns": e.mtime_ns,
             **_name_json("target", e.target or None),
             "digest": e.digest.hex() if e.digest else None, "chunks": len(e.chunks) // 32,
+            "device": [os.major(e.rdev), os.minor(e.rdev)] if e.type in (T_CHARDEV, T_BLOCKDEV) else None,
             "unreadable": _unreadable(e, unread_paths)}
+
+
+def _size_shown(e: Entry, size: str) -> str:
+    """The size column of a listing: a device node's numbers instead (as `ls -l` shows them), which a
+    restore makes it with and which alone may tell two of its versions apart."""
+    return f"{os.major(e.rdev)},{os.minor(e.rdev)}" if e.type in (T_CHARDEV, T_BLOCKDEV) else size
 
 
 def _unreadable(e: Entry, unread_paths: Collection[bytes] = ()) -> str | None:
@@ -1132,7 +1139,7 @@ def cmd_find(args: argparse.Namespace) -> int:
                 extra += f"  (unreadable at backup time: {said})"
             users, groups = names(last)
             owner = f"{one_line(users.get(e.uid, e.uid))}/{one_line(groups.get(e.gid, e.gid))}"
-            print(f"  {TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {format_size(e.size):>10}  "
+            print(f"  {TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {_size_shown(e, format_size(e.size)):>10}  "
                   f"modified {_ns_local(e.mtime_ns)}  in {where}{extra}")
     if not args.quiet:
         print(f"{len(found)} paths, {sum(len(f.versions) for f in found)} versions")
@@ -1299,7 +1306,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if said:
             extra += f"  (unreadable at backup time: {said})"
         owner = f"{one_line(names[0].get(e.uid, e.uid))}/{one_line(names[1].get(e.gid, e.gid))}"
-        print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {e.size:>12}  {_ns_local(e.mtime_ns)}  "
+        print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {_size_shown(e, str(e.size)):>12}  {_ns_local(e.mtime_ns)}  "
               f"{name}{extra}")
     return 0
 

@@ -287,3 +287,28 @@ def test_a_version_no_backup_could_read_is_marked_as_ls_marks_it(tmp_path, new_r
     assert [v["unreadable"] for v in found["versions"]] == ["no data"]
     lines = cli("find", "-r", url, "secret").stdout.decode().splitlines()
     assert lines[1].endswith("  (unreadable at backup time: no data)"), lines
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes device nodes")
+def test_a_device_nodes_numbers_are_listed(tmp_path, new_repo, cli):
+    """Two versions of a device node that differ in its numbers alone were listed alike by find, and diff
+    called it modified with nothing ls or find showed to say how; a restore makes the node with them."""
+    src = tmp_path / "src"
+    src.mkdir()
+    node = src / "n"
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    for minor in (3, 5):
+        if node.exists():
+            node.unlink()
+        os.mknod(node, 0o600 | 0o020000, os.makedev(1, minor))
+        os.utime(node, ns=(0, 1_700_000_000_000_000_000))
+        repo.backup([str(src)])
+    (found,) = json.loads(cli("find", "-r", url, "n", "--json").stdout)
+    assert [v["device"] for v in found["versions"]] == [[1, 3], [1, 5]]
+    lines = cli("find", "-r", url, "n").stdout.decode().splitlines()
+    assert [line.split()[3] for line in lines[1:3]] == ["1,3", "1,5"]
+    listed = {e["path"]: e for e in json.loads(cli("ls", "-r", url, "latest", "--json").stdout)}
+    assert (listed["n"]["device"], listed[""]["device"]) == ([1, 5], None)
+    (line,) = [x for x in cli("ls", "-r", url, "latest").stdout.decode().splitlines() if x.endswith(" n")]
+    assert line.split()[3] == "1,5"
