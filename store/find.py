@@ -143,11 +143,17 @@ def versions(snapshots: Iterable[Snapshot], matches: dict[str, list[Record]],
             if f is None:
                 f = found[key] = Found(s.host, sorted(s.paths), rec.path)
             v = f.versions[-1] if f.versions else None
-            if v is None or last_seen[key] != before or (
-                    _state(v.entry) != _state(rec.entry)
-                    and _state(_in(v.entry, v.snapshots[0], holder)) != _state(_in(rec.entry, s, holder))):
+            if v is None or last_seen[key] != before:
                 v = Version(rec.entry)
                 f.versions.append(v)
+            elif _state(v.entry) != _state(rec.entry):
+                if _state(_in(v.entry, v.snapshots[0], holder)) != _state(_in(rec.entry, s, holder)):
+                    v = Version(rec.entry)
+                    f.versions.append(v)
+                elif v.entry.type == T_HARDLINK:
+                    # the same file, a link in some of the version's snapshots and not in others (or to
+                    # another name): listed as the file, whose name a link gives is not in them all
+                    v.entry = _in(v.entry, v.snapshots[0], holder)
             v.snapshots.append(s)
             last_seen[key] = s.id
     return sorted(found.values(), key=lambda f: (f.host, f.paths, f.path))

@@ -312,3 +312,28 @@ def test_a_device_nodes_numbers_are_listed(tmp_path, new_repo, cli):
     assert (listed["n"]["device"], listed[""]["device"]) == ([1, 5], None)
     (line,) = [x for x in cli("ls", "-r", url, "latest").stdout.decode().splitlines() if x.endswith(" n")]
     assert line.split()[3] == "1,5"
+
+
+def test_a_version_that_was_a_hard_link_then_the_file_itself_lists_the_file(tmp_path, new_repo, cli):
+    """The link's first name went: the path holds the same file, one version, which find listed as the hard
+    link (no digest, `-> a`) also for the snapshots where there is no `a` to name."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"same")
+    os.link(src / "a", src / "b")
+    url = str(tmp_path / "repo")
+    repo = new_repo(url)
+    repo.backup([str(src)])
+    os.unlink(src / "a")
+    last = repo.backup([str(src)]).snapshot
+    (held,) = [e for e in repo.tree(last) if e.path == b"b"]
+    (found,) = json.loads(cli("find", "-r", url, "b", "--json").stdout)
+    (version,) = found["versions"]
+    assert (version["type"], version["target"], version["digest"], len(version["snapshots"])) == (
+        "file", None, held.digest.hex(), 2)
+    line = cli("find", "-r", url, "b").stdout.decode().splitlines()[1]
+    assert line.split()[0] == "file" and "->" not in line, line
+    os.link(src / "b", src / "c")  # a version that is a link throughout is listed as the link
+    repo.backup([str(src)])
+    (found,) = json.loads(cli("find", "-r", url, "c", "--json").stdout)
+    assert [(v["type"], v["target"]) for v in found["versions"]] == [("hardlink", "b")]
