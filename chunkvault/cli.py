@@ -30,6 +30,7 @@ from .store.manifest import (F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_BLOC
                              TYPE_NAMES, Entry, Record, unread, what_changed)
 from .store.overwrite import OVERWRITE_MODES, check_overwrite
 from .store.snapshot import Snapshot
+from .store.xattrs import decode_xattrs
 from .units import format_size
 from .walfetch import FATAL_EXIT
 
@@ -423,7 +424,13 @@ def _entry_json(e: Entry, unread_paths: Collection[bytes] = ()) -> dict[str, Any
             **_name_json("target", e.target or None),
             "digest": e.digest.hex() if e.digest else None, "chunks": len(e.chunks) // 32,
             "device": [os.major(e.rdev), os.minor(e.rdev)] if e.type in (T_CHARDEV, T_BLOCKDEV) else None,
-            "unreadable": _unreadable(e, unread_paths)}
+            "xattrs": _xattrs_json(e.xattrs), "unreadable": _unreadable(e, unread_paths)}
+
+
+def _xattrs_json(raw: bytes) -> dict[str, str]:
+    """An entry's extended attributes (ACLs too), name -> value in base64: a restore sets them, and diff and
+    find tell versions apart by them, so a listing that left them out showed such versions alike."""
+    return {os.fsdecode(name): base64.b64encode(value).decode() for name, value in decode_xattrs(raw).items()}
 
 
 def _size_shown(e: Entry, size: str) -> str:

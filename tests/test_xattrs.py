@@ -300,3 +300,23 @@ def test_the_command_line_turns_them_off(cli, source, tmp_path):
     assert xattrs_of(tmp_path / "b") == xattrs_of(source)
     with Repository.open(repo, PASSWORD) as r:
         assert [s.version for s in r.snapshots()] == [1, SNAPSHOT_VERSION]
+
+
+def test_ls_and_find_list_them_as_diff_compares_them(repo, source, cli, tmp_path):
+    """diff called an entry whose attributes alone changed modified, and find gave it two versions, but
+    no listing showed attributes: the two versions were listed alike."""
+    import base64
+    import json
+
+    url = str(tmp_path / "repo0")  # the repo fixture's
+    settle()
+    repo.backup([str(source)])
+    os.setxattr(source / "plain.txt", "user.new", b"\xff\x00")
+    repo.backup([str(source)])
+    listed = {e["path"]: e for e in json.loads(cli("ls", "-r", url, "latest", "--json").stdout)}
+    assert listed["etc/app.conf"]["xattrs"] == {"user.binary": base64.b64encode(bytes(range(256))).decode(),
+                                                "user.origin": base64.b64encode(b"config management").decode()}
+    assert listed["plain.txt"]["xattrs"] == {"user.new": "/wA="}
+    assert listed["etc"]["xattrs"] == {"user.dir": ""}
+    (found,) = json.loads(cli("find", "-r", url, "plain.txt", "--json").stdout)
+    assert [v["xattrs"] for v in found["versions"]] == [{}, {"user.new": "/wA="}]
