@@ -2161,7 +2161,10 @@ def cmd_cat(args: argparse.Namespace) -> int:
             raise OutputClosed("cat blob: the reader of standard output closed it before it had the whole blob") \
                 from None
     else:
-        _emit_json(repo.cat(kind, args.id))
+        doc = repo.cat(kind, args.id)
+        if kind == "snapshot":  # a backed-up path that is not UTF-8 with its bytes, as `snapshots --json` gives it
+            doc.update(_names_json("paths", doc["paths"]))
+        _emit_json(doc)
     return 0
 
 

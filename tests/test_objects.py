@@ -2,6 +2,7 @@
 CHUNKVAULT_HOST, the host backups record and `latest` is chosen among."""
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -369,3 +370,17 @@ def test_cat_blob_whose_reader_goes_away_is_no_success(tmp_path, cli):
         err = proc.stderr.read().decode()
         assert proc.wait(120) == 141, err
         assert "before it had the whole blob" in err
+
+
+def test_cat_snapshot_gives_the_bytes_of_a_path_that_is_not_utf8(tmp_path, cli):
+    """snapshots --json added paths_b64 for such a path; cat snapshot gave the lone surrogates alone, which
+    a parser in another language reads as U+FFFD."""
+    path = str(tmp_path / "repo")
+    src = tmp_path / os.fsdecode(b"caf\xe9")
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    cli("init", "-r", path)
+    cli("backup", "-r", path, str(src))
+    doc = _json(_cat(cli, path, "snapshot", "latest"))
+    listed = _json(cli("snapshots", "-r", path, "--json"))[0]
+    assert doc["paths_b64"] == listed["paths_b64"] == [base64.b64encode(os.fsencode(str(src))).decode()]
