@@ -386,10 +386,18 @@ def _json_array_pieces(items: Iterable[Any]) -> Iterator[str]:
 
 
 def _snapshot_json(s: Snapshot, chain_length: int | None = None) -> dict[str, Any]:
-    stats = s.stats if chain_length is None else {**s.stats, "chain_length": chain_length}
+    stats = _stats_json(s.stats if chain_length is None else {**s.stats, "chain_length": chain_length})
     return {"id": s.id, "short_id": s.short_id, "time": s.time, "type": s.kind, "parent": s.parent,
             "host": s.host, "tags": s.tags, **_names_json("paths", s.paths), "stdin_name": s.stdin_name,
             "size": s.stats.get("bytes", 0), "files": s.stats.get("files", 0), "stats": stats}
+
+
+def _stats_json(stats: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot's stats for JSON: the paths the backup could not read (``unreadable``) with their bytes
+    (``unreadable_b64``) when one is not UTF-8, as every other list of paths."""
+    if not stats.get("unreadable"):
+        return stats
+    return {**stats, **_names_json("unreadable", stats["unreadable"])}
 
 
 def _name_json(key: str, name: bytes | str | None) -> dict[str, Any]:
@@ -2162,8 +2170,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
                 from None
     else:
         doc = repo.cat(kind, args.id)
-        if kind == "snapshot":  # a backed-up path that is not UTF-8 with its bytes, as `snapshots --json` gives it
-            doc.update(_names_json("paths", doc["paths"]))
+        if kind == "snapshot":  # a path that is not UTF-8 with its bytes, as `snapshots --json` gives it
+            doc.update(_names_json("paths", doc["paths"]), stats=_stats_json(doc["stats"]))
         _emit_json(doc)
     return 0
 

@@ -384,3 +384,24 @@ def test_cat_snapshot_gives_the_bytes_of_a_path_that_is_not_utf8(tmp_path, cli):
     doc = _json(_cat(cli, path, "snapshot", "latest"))
     listed = _json(cli("snapshots", "-r", path, "--json"))[0]
     assert doc["paths_b64"] == listed["paths_b64"] == [base64.b64encode(os.fsencode(str(src))).decode()]
+
+
+def test_snapshots_json_gives_the_bytes_of_an_unreadable_path_that_is_not_utf8(tmp_path, cli, monkeypatch,
+                                                                               python_file_reads):
+    """stats.unreadable names the paths a backup could not read: one that is not UTF-8 came as lone
+    surrogates alone, where every other list of paths adds its bytes."""
+    from treeutil import refusing_open
+
+    src = tmp_path / "src"
+    src.mkdir()
+    name = os.fsdecode(b"caf\xe9")
+    (src / name).write_bytes(b"never read")
+    path = str(tmp_path / "repo")
+    with Repository.init(path, PW, kdf_seconds=0, ledger=False) as repo:
+        monkeypatch.setattr("chunkvault.store.backup.os.open", refusing_open(name))
+        repo.backup([str(src)])
+        monkeypatch.undo()
+    (listed,) = _json(cli("snapshots", "-r", path, "--json"))
+    assert listed["stats"]["unreadable"] == [name]
+    assert listed["stats"]["unreadable_b64"] == [base64.b64encode(b"caf\xe9").decode()]
+    assert _json(_cat(cli, path, "snapshot", "latest"))["stats"]["unreadable_b64"] == listed["stats"]["unreadable_b64"]
