@@ -1154,7 +1154,8 @@ def cmd_find(args: argparse.Namespace) -> int:
                 extra += f"  (unreadable at backup time: {said})"
             users, groups = names(last)
             owner = f"{one_line(users.get(e.uid, e.uid))}/{one_line(groups.get(e.gid, e.gid))}"
-            print(f"  {TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {_size_shown(e, format_size(e.size)):>10}  "
+            size = _size_shown(e, format_size(e.size))
+            print(f"  {TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {size:>10}  "
                   f"modified {_ns_local(e.mtime_ns)}  in {where}{extra}")
     if not args.quiet:
         print(f"{len(found)} paths, {sum(len(f.versions) for f in found)} versions")
@@ -1321,7 +1322,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if said:
             extra += f"  (unreadable at backup time: {said})"
         owner = f"{one_line(names[0].get(e.uid, e.uid))}/{one_line(names[1].get(e.gid, e.gid))}"
-        print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {_size_shown(e, str(e.size)):>12}  {_ns_local(e.mtime_ns)}  "
+        size = _size_shown(e, str(e.size))
+        print(f"{TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {size:>12}  {_ns_local(e.mtime_ns)}  "
               f"{name}{extra}")
     return 0
 
