@@ -732,10 +732,11 @@ class Runner:
         """Fail the source's copy: a second failure (copy-retention after archived WAL that did not go) is
         added to the first, which names the step the summary counts."""
         what = f"{step} at {shown}"
-        result.copy_error = "; ".join(filter(None, [result.copy_error, f"{what}: {why}"]))
+        said = f"{what}: {why}"
+        result.copy_error = "; ".join(filter(None, [result.copy_error, said]))
         result.copy_failed_step = result.copy_failed_step or step
         result.status = FAILED
-        result.error = "; ".join(filter(None, [result.error, f"{what}: {why}"]))
+        result.error = "; ".join(filter(None, [result.error, said]))
         self.log(f"{src.name}: {what} failed: {why}")
 
     def _check(self, repo: Any, report: RunReport) -> None:

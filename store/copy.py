@@ -11,7 +11,6 @@ twice.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import blake3
@@ -101,13 +100,20 @@ class _AtDestination(Exception):
         self.error = error
 
 
-@contextlib.contextmanager
-def _storing() -> Iterator[None]:
-    """Around what stores in (and deduplicates against) the destination: its integrity errors as _AtDestination."""
-    try:
-        yield
-    except CorruptObject as exc:
-        raise _AtDestination(exc) from None
+class _Storing:
+    """Around what stores in (and deduplicates against) the destination: its integrity errors as _AtDestination.
+    A plain context manager, not a generator's: it surrounds each manifest record a copy writes."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, CorruptObject):
+            raise _AtDestination(exc) from None
+        return False
+
+
+_STORING = _Storing()
 
 
 #: Plaintext one worker reads with one call: the blobs in pack order, so that neighbours come with one ranged
@@ -157,12 +163,12 @@ class _BlobMapper:
             data = known[sid]
             self.src.check_id(sid, data)
             did = self.dst.blob_id(data)
-            with _storing():
+            with _STORING:
                 claimed = self.writer.claim(did)
             if claimed:
                 base_id, base_plain = self._base_at_destination(sid, known, done)
                 blob = self.dst.prepare_blob(did, data, base_id=base_id, base_plain=base_plain)
-                with _storing():
+                with _STORING:
                     self.writer.store(blob)
                 with self._counting:
                     self.sent += 1
@@ -235,9 +241,9 @@ def _copy_manifest(dst: Repo, writer: BlobWriter, mapper: _BlobMapper,
         e = rec.entry
         if e is not None and e.chunks:
             rec = Record(rec.op, rec.path, replace(e, chunks=b"".join(mapper.map[c] for c in e.chunk_ids())))
-        with _storing():
+        with _STORING:
             mw.add(rec)
-    with _storing():
+    with _STORING:
         manifest = mw.finish()
         writer.flush()
     return manifest, mw
@@ -336,7 +342,7 @@ def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
                 done[snap.id] = copy.id
                 result.copied.append((snap.id, copy.id))
             pending = _send_wal(src, dst, mapper, result, unneeded_wal) if wal else []
-            with _storing():
+            with _STORING:
                 writer.flush()
         for w in pending:  # their data indexed first, as a push writes its object last
             lock.confirm()
