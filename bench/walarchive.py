@@ -5,7 +5,8 @@ Each listing of the archive reads every ``wal/`` object (name, size, time, host,
 ``copy --wal`` reads those of both repositories at each run to compare what both hold.  The cache keeps them
 under the version the listing gives, so a second reading only lists.  The archive is built locally through
 the API and uploaded to a moto server on 127.0.0.1 (the test suite's, ``tests/servers_s3.py``); the files are
-small (64 KiB), named as 16 MiB segments, so what is measured is the per-object cost.  Loopback and a
+1 MiB segments (``initdb --wal-segsize 1``) of 64 KiB of random data each, zeros after, so what is measured is
+the per-object cost.  Loopback and a
 Python S3 server: each GET costs more CPU and less latency than on a real bucket.
 
     python bench/walarchive.py [--files 2000]
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -24,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from servers_s3 import TEST_CREDENTIALS, MotoServer  # noqa: E402
+from walsegments import segment_bytes  # noqa: E402
 
 PASSWORD = "bench"
 
@@ -31,12 +32,12 @@ PASSWORD = "bench"
 def build_archive(local: str, files: int, scratch: str) -> None:
     from chunkvault import Repository
 
-    rnd = random.Random(1)
     with Repository.init(local, PASSWORD, kdf_seconds=0) as repo:
         for i in range(files):
-            path = os.path.join(scratch, f"00000001{i // 256:08X}{i % 256:08X}")
+            name = f"00000001{i // 4096:08X}{i % 4096:08X}"
+            path = os.path.join(scratch, name)
             with open(path, "wb") as f:
-                f.write(rnd.randbytes(1 << 16))
+                f.write(segment_bytes(name, 1 << 20, i, filled=1 / 16))
             repo.archive_push(path)
             os.unlink(path)
 

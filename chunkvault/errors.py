@@ -317,6 +317,11 @@ class ArchiveConflict(ChunkvaultError):
     exit_code = 22
 
 
+class WalHeaderMismatch(ArchiveConflict):
+    """``archive-push`` of a segment whose page header is not that of the segment it is named (zeroed, cut
+    short, another position): no recovery would replay it, so nothing is archived."""
+
+
 class ArchiveCheckFailed(ChunkvaultError):
     """``archive-check``: the server does not archive its WAL (``archive_mode`` off, no ``archive_command``),
     or the segment it switched to did not reach the repository in time; the message says what the server

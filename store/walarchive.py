@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import socket
+import stat
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,7 @@ from .locks import EXCLUSIVE, SHARED, RepoLock
 from .repository import NOT_INDEXED, OBJECT_READERS, Repo
 from .snapshot import now_iso, open_document, seal_document
 from .unlock import require_openable
+from . import walheader
 from .walnames import WAL_PREFIX, check_wal_name, expired, fetch_ahead, is_history, is_wal_name, timeline_ends
 
 WAL_AD = b"chunkvault wal v1"
@@ -220,15 +222,26 @@ def push(repo: Repo, path: str, *, host: str | None = None, wait: float = 3600.0
 
 
 def _open_wal(path: str) -> BinaryIO:
+    """The file at ``path``, which must be a regular one, as PostgreSQL keeps what it archives (opened without
+    blocking: a FIFO is refused, not waited on)."""
     try:
-        return open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{path} is not a regular file: archive-push takes a file as PostgreSQL keeps it in "
+                         "pg_wal")
+    return os.fdopen(fd, "rb")
 
 
 def _push_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, compression_level: int | None,
               progress: Callable[[dict], None] | None) -> PushResult:
-    """Store ``f`` as ``wal/name`` under the shared ``lock``: its blobs first, the object last."""
+    """Store ``f`` as ``wal/name`` under the shared ``lock``: its blobs first, the object last.  A segment
+    must start with its own page header (``walheader``)."""
+    if walheader.is_checked(name):
+        walheader.check_segment(name, f.read(walheader.HEADER_SIZE), os.fstat(f.fileno()).st_size)
+        f.seek(0)
     existing = load(repo, name)
     if existing is not None and all(b in repo.index for b in existing.blob_ids()):
         # a push again after a crash: same ids, or a conflict; nothing stored

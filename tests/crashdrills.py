@@ -26,6 +26,7 @@ from typing import Callable
 import crashkit
 from crashkit import PASSWORD, Figures, State, cli_argv, cli_env, run_and_kill, run_cli, timed_cli
 from treeutil import describe
+from walsegments import segment_bytes
 
 NEW_PASSWORD = "crash harness new password 91c2"
 OTHER_PASSWORD = "crash harness other password 5e07"  # a second writer's
@@ -68,7 +69,7 @@ def build_base(root: str, seed: int, *, target_bytes: int = 1 << 20, wal: bool =
             path = os.path.join(root, "wal", name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
-                f.write(rng.randbytes(256 << 10) * 2)
+                f.write(segment_bytes(name, 1 << 20, rng.randrange(1 << 30)))
             run_cli("archive-push", "-r", repo, path, "-q", env=env_of(state))
     return base
 
@@ -236,7 +237,7 @@ def _one_kill(drill: Drill, run: Run, fig: Figures, rng: random.Random, i: int, 
               changes: int, log: Callable[[str], None] | None) -> None:
     """One run killed, the checks, the run to the end."""
     before = _versions(run.repo)
-    by_changes = rng.random() < 0.5
+    by_changes = rng.random() < 0.5 or i == 0  # the first by what it changes: a quick command outruns a delay
     delay = rng.uniform(startup * 0.9, elapsed * 0.95) if elapsed > startup else rng.uniform(0, elapsed)
     k = rng.randint(1, changes) if by_changes else None
     kr = run_and_kill(cli_argv(*drill.argv(run), "-q"), delay, run.env, watch=run.repo, after_changes=k,
@@ -582,7 +583,7 @@ def add_inputs(base: Base, seed: int) -> None:
     base.files["tar-tree"] = tree.state()
     seg = os.path.join(base.root, NEW_SEGMENT)
     with open(seg, "wb") as f:
-        f.write(rng.randbytes(1 << 20))
+        f.write(segment_bytes(NEW_SEGMENT, 1 << 20, rng.randrange(1 << 30), filled=1.0))
     base.files["segment"] = seg
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from chunkvault.archivecheck import (LONGEST_POLL, STATUS_SQL, ArchiveCommandWarning, ArchiverGoneWarning,
                                      ArchiverStatus, archive_check, session_for, timeout_message, wait_archived)
 from chunkvault.errors import ArchiveCheckFailed, SourceCommandFailed, UsageError
+from walsegments import write_segment
 
 SEGMENT = "000000010000000000000007"
 PUSH = "chunkvault archive-push -q -r /srv/backup/repo %p"
@@ -224,8 +225,7 @@ def test_the_repository_passes_a_pushed_segment_and_fails_one_whose_chunks_the_i
     monkeypatch.setattr(archivecheck, "session_for", lambda pg_connect: SessionOf())
     with pytest.raises(ArchiveCheckFailed, match=f"{SEGMENT} did not reach the repository within 0.5 s"):
         repo.archive_check("dbname=postgres", timeout=0.5)
-    (tmp_path / SEGMENT).write_bytes(bytes(range(256)) * 4096)
-    repo.archive_push(tmp_path / SEGMENT)
+    repo.archive_push(write_segment(tmp_path, SEGMENT, size=1 << 20))
     result = repo.archive_check("dbname=postgres", timeout=5)
     assert result.ok and result.segment == SEGMENT and result.waited < 5
     for entry in (tmp_path / "repo0" / "index").iterdir():  # the data stays, but no index names it

@@ -17,6 +17,7 @@ from conftest import PASSWORD
 from test_corruption import flip
 from test_damaged_storage import chunk_ids, damage_blob
 from treeutil import settle
+from walsegments import write_segment
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -496,7 +497,7 @@ def test_readme_python_example_runs_top_to_bottom(tmp_path):
     (root / "home/u/notes.tmp").write_text("left out\n")
     (root / "etc/nginx/nginx.conf").write_text("worker_processes 1;\n")
     (root / "var/lib/postgresql/15/main/pg_wal").mkdir(parents=True)
-    (root / "var/lib/postgresql/15/main/pg_wal/000000010000000000000003").write_bytes(os.urandom(100_000))
+    write_segment(root / "var/lib/postgresql/15/main/pg_wal", "000000010000000000000003", size=1 << 20)
     (root / "srv/backup").mkdir(parents=True)
     work = tmp_path / "work"
     work.mkdir()

@@ -18,6 +18,7 @@ from chunkvault.units import parse_share
 from servers_http import APPEND_TOKEN, FULL_TOKEN, serve_factory, write_tokens  # noqa: F401
 from servers_ssh import SSHServer, require_sshd
 from treeutil import describe
+from walsegments import segment_bytes
 
 PASSWORD = "correct horse battery staple"
 
@@ -269,7 +270,9 @@ def test_changed_settings_refuses_the_fixed_ones(name, value):
 def test_a_wal_push_of_a_repository_kept_open_takes_the_new_compression(tmp_path, new_repo):
     repo = new_repo(str(tmp_path / "repo"))
     wal = tmp_path / "000000010000000000000001"
-    wal.write_bytes(text_like(4, 200_000))
+    segment = bytearray(segment_bytes(wal.name, 1 << 20, filled=0))
+    segment[4096:204_096] = text_like(4, 200_000)
+    wal.write_bytes(segment)
     with Repository.open(str(tmp_path / "repo"), PASSWORD) as other:
         other.set_settings(compression_level=0)
     repo.archive_push(str(wal))

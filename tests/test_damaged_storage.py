@@ -20,6 +20,7 @@ from chunkvault.store.retention import RetentionPolicy
 from test_check import packs, repo_with_data  # noqa: F401 (a fixture)
 from test_corruption import flip
 from treeutil import settle
+from walsegments import write_segment
 
 MiB = 1 << 20
 
@@ -1147,8 +1148,7 @@ def test_archived_wal_objects_are_cached_by_version_and_check_reads_the_stored_o
     repo = Repository.init(path, "pw", kdf_seconds=0, ledger=False)
     names = [f"00000001000000000000000{i}" for i in range(1, 4)]
     for i, name in enumerate(names):
-        (tmp_path / name).write_bytes(random.Random(i).randbytes(1 << 16))
-        repo.archive_push(tmp_path / name)
+        repo.archive_push(write_segment(tmp_path, name, i, 1 << 20))
     repo.close()
 
     def listed(expect_gets: int) -> None:

@@ -18,6 +18,7 @@ from chunkvault.pgbackup import PostgresOnline
 from chunkvault.store.manifest import T_DIR
 from servers_pg import PgCluster, require_postgres, start_restored
 from test_pgsession import cluster  # noqa: F401  (the running cluster with table t)
+from walsegments import write_segment
 
 pytestmark = pytest.mark.slow
 
@@ -317,8 +318,7 @@ def test_oldest_snapshot_takes_the_start_segment_from_the_stats_and_reads_the_la
     wal = tmp_path / "wal"
     wal.mkdir()
     for n in (start - 2, start - 1, start):
-        (wal / f"{n:024X}").write_bytes(b"segment %d" % n)
-        repo.archive_push(wal / f"{n:024X}")
+        repo.archive_push(write_segment(wal, f"{n:024X}", n, 1 << 20))
     opened = []
     file_content = Repository._file_content
 

@@ -200,14 +200,17 @@ def test_a_recovery_to_the_end_that_stops_at_a_gap_in_the_archive_fails(archived
 
 def test_a_recovery_to_the_end_that_stops_at_an_archived_segment_that_does_not_continue_the_wal_fails(
         archived, scratch, tmp_path):
-    """A segment archived with content that does not continue the WAL (zeros here: damaged before it was
-    pushed, or another server's): every file was delivered, PostgreSQL took it for the end of the WAL and was
-    promoted short of the archive's end, rows short, and the recovery passed."""
+    """A segment archived with content that does not continue the WAL (its page header, zeros after it here:
+    damaged before it was pushed): every file was delivered, PostgreSQL took it for the end of the WAL and
+    was promoted short of the archive's end, rows short, and the recovery passed."""
     url = str(tmp_path / "garbled")
     shutil.copytree(archived.url, url)
-    os.unlink(os.path.join(url, "wal", archived.last))
     zeros = tmp_path / archived.last
-    zeros.write_bytes(bytes(16 << 20))
+    with Repository.open(url, PASSWORD) as repo:
+        repo.archive_get(archived.last, str(zeros))
+    head = zeros.read_bytes()[:40]  # the long page header: what archive-push checks
+    zeros.write_bytes(head + bytes(zeros.stat().st_size - len(head)))
+    os.unlink(os.path.join(url, "wal", archived.last))
     with Repository.open(url, PASSWORD) as repo:
         repo.archive_push(str(zeros))
         report = verify_restore(repo, "latest", scratch=scratch, pg_start=True, pg_recover="end",

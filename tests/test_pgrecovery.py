@@ -15,6 +15,7 @@ from chunkvault.errors import UsageError
 from chunkvault.pgrecovery import (RecoveryTarget, conf_value, parse_target, restore_command, rewrite_auto_conf,
                                    write_recovery)
 from servers_ssh import sftp_repo, sshd  # noqa: F401
+from walsegments import write_segment
 
 
 def conf_unquote(text: str) -> str:
@@ -400,8 +401,7 @@ def test_a_recovery_from_sftp_carries_the_key_and_known_hosts_its_environment_ga
     env = {"CHUNKVAULT_PASSWORD_FILE": str(pw), **sftp_repo.env}
     cli("init", "-r", sftp_repo.url, "--kdf-time", "0", env=env)
     cli("backup", "-r", sftp_repo.url, str(d), env=env)
-    segment = tmp_path / "000000010000000000000001"
-    segment.write_bytes(os.urandom(8192))
+    segment = write_segment(tmp_path, "000000010000000000000001", size=1 << 20)
     cli("archive-push", "-r", sftp_repo.url, str(segment), env=env)
     out = cli("restore", "-r", sftp_repo.url, "--target", str(tmp_path / "out"), "--pg-recover", "end", "--json",
               env=env)

@@ -16,6 +16,7 @@ from chunkvault.schedule import check_due, check_slice, parse_cadence
 from chunkvault.scheduler import Daemon, Runner, load_policy
 from servers_http import APPEND_TOKEN, serve_factory, write_tokens  # noqa: F401
 from test_scheduler import FakeClock, cli_main, q, snapshots, write_policy
+from walsegments import write_segment
 
 UTC = timezone.utc
 PASSWORD = "scheduled secret"
@@ -586,8 +587,7 @@ def test_the_readme_s_policy_example_loads_with_its_copy_and_check(tmp_path):
 
 def test_copy_wal_sends_the_archived_wal_with_each_copy(tmp_path, repos, tree):
     main, off = repos
-    seg = tmp_path / "000000010000000000000001"
-    seg.write_bytes(os.urandom(1 << 16))
+    seg = write_segment(tmp_path, "000000010000000000000001", size=1 << 20)
     with Repository.open(main, PASSWORD) as r:
         r.archive_push(seg)
     top = (f'full = "daily 02:00"\ncopy-to = {q(off)}\ncopy-to-password-file = "off.pw"\n')
@@ -609,8 +609,7 @@ def test_a_wal_file_not_copied_fails_the_run_after_the_snapshots_went_and_their_
     """A WAL file that did not go raised before the copy was recorded: the summary said `copied 0` although
     the snapshot was at the destination, and copy-retention never ran."""
     main, off = repos
-    seg = tmp_path / "000000010000000000000001"
-    seg.write_bytes(os.urandom(1 << 16))
+    seg = write_segment(tmp_path, "000000010000000000000001", size=1 << 20)
     with Repository.open(main, PASSWORD) as r:
         r.archive_push(seg)
     victim = Path(main) / "wal" / seg.name
@@ -639,8 +638,7 @@ def test_a_wal_file_not_copied_is_still_named_when_copy_retention_then_fails(tmp
     server = serve_factory("--tokens", str(write_tokens(tmp_path)))
     monkeypatch.setenv("CHUNKVAULT_HTTP_TOKEN", APPEND_TOKEN)
     Repository.init(server.url, OTHER, kdf_seconds=0).close()
-    seg = tmp_path / "000000010000000000000001"
-    seg.write_bytes(os.urandom(1 << 14))
+    seg = write_segment(tmp_path, "000000010000000000000001", size=1 << 20)
     with Repository.open(main, PASSWORD) as r:
         r.archive_push(seg)
     victim = Path(main) / "wal" / seg.name
@@ -664,8 +662,7 @@ def wal_steps(tmp_path: Path, main: str, tree: Path):
     that starts in segment i (its backup_label)."""
 
     def push(i: int) -> None:
-        seg = tmp_path / f"00000001000000000000000{i}"
-        seg.write_bytes(os.urandom(1 << 14))
+        seg = write_segment(tmp_path, f"00000001000000000000000{i}", i, 1 << 20)
         with Repository.open(main, PASSWORD) as r:
             r.archive_push(seg)
 

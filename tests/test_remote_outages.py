@@ -27,6 +27,7 @@ from outage_proxy import Proxy
 from servers_http import FULL_TOKEN, serve_factory, write_tokens  # noqa: F401
 from servers_s3 import moto_s3, s3_bucket, s3_bucket_factory  # noqa: F401
 from servers_ssh import SSHServer, require_sshd
+from walsegments import write_segment
 
 PASSWORD = "outage-pw"
 
@@ -309,11 +310,8 @@ def test_an_sftp_link_that_stalls_is_given_up_after_its_read_timeout(target_sftp
 
 
 def _wal_segment(folder: Path, name: str, seed: int, mib: int = 4) -> Path:
-    """A file named as PostgreSQL names a WAL segment, of random bytes (any size is archived alike)."""
-    folder.mkdir(exist_ok=True)
-    path = folder / name
-    path.write_bytes(random.Random(seed).randbytes(mib << 20))
-    return path
+    """A WAL segment of random pages (4 MiB: a server's ``--wal-segsize 4``)."""
+    return write_segment(folder, name, seed, mib << 20, filled=1.0)
 
 
 def _seed(target: Target, tmp_path: Path) -> tuple[Path, Path]:

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import PASSWORD
 from servers_s3 import moto_s3, s3_bucket_factory  # noqa: F401
+from walsegments import write_segment
 
 PREFIXES = ("config", "keys/", "data/", "index/", "snapshots/", "wal/")
 
@@ -129,8 +130,7 @@ def test_credentials_that_may_not_delete_back_up_and_leave_their_locks_released(
     _with_prune_work(run, bucket, source)
     _deny_delete(client, bucket)
     run(bucket, "backup", str(source))
-    wal = tmp_path / "000000010000000000000001"
-    wal.write_bytes(os.urandom(1 << 16))
+    wal = write_segment(tmp_path, "000000010000000000000001", size=1 << 20)
     run(bucket, "archive-push", str(wal))  # a database's archive_command with such credentials
     run(bucket, "check")
     run(bucket, "restore", "latest", "--target", str(tmp_path / "out"))
@@ -175,8 +175,7 @@ def test_credentials_that_may_delete_only_locks(run, moto_s3, s3_bucket_factory,
     _with_prune_work(run, bucket, source)
     _deny_delete(client, bucket, PREFIXES)
     run(bucket, "backup", str(source))
-    wal = tmp_path / "000000010000000000000001"
-    wal.write_bytes(os.urandom(1 << 16))
+    wal = write_segment(tmp_path, "000000010000000000000001", size=1 << 20)
     run(bucket, "archive-push", str(wal))
     assert not _locks(client, bucket)
     assert "prune deletes objects" in run(bucket, "prune", check=14).stderr.decode()

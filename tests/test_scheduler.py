@@ -22,6 +22,7 @@ from chunkvault.scheduler import (Daemon, Runner, RunReport, SourceResult, load_
                                   policy_lock)
 from chunkvault.store.retention import RetentionPolicy
 from treeutil import settle
+from walsegments import write_segment
 
 UTC = timezone.utc
 PASSWORD = "scheduled secret"
@@ -302,8 +303,7 @@ def test_wal_expire_removes_the_wal_no_kept_snapshot_needs_then_prune_frees_it(t
     wal.mkdir()
     with Repository.open(repo_url, PASSWORD) as r:
         for i in range(1, 6):
-            seg = wal / f"00000001000000000000000{i}"
-            seg.write_bytes(os.urandom(40_000))
+            seg = write_segment(wal, f"00000001000000000000000{i}", i, 1 << 20)
             r.archive_push(str(seg))
 
     def label(seg: int) -> None:

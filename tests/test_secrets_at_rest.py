@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import pytest
 from servers_http import FULL_TOKEN, http_server, serve_factory  # noqa: F401
+from walsegments import segment_bytes
 
 
 @contextmanager
@@ -251,7 +252,7 @@ def test_archive_get_with_a_spool_others_may_write_in_fetches_the_file_alone(tmp
     wal = tmp_path / "wal"
     wal.mkdir()
     for i, name in enumerate(SEGMENTS):
-        (wal / name).write_bytes(bytes([i]) * 4096)
+        (wal / name).write_bytes(segment_bytes(name, 1 << 20, i))
         repo.archive_push(str(wal / name))
     spool = tmp_path / "spool"
     spool.mkdir(mode=0o777)
@@ -261,7 +262,7 @@ def test_archive_get_with_a_spool_others_may_write_in_fetches_the_file_alone(tmp
     with umask(0):
         proc = cli("archive-get", "-r", url, "--spool", str(spool), SEGMENTS[0], str(dest))
     assert "other users may write in it" in proc.stderr.decode()
-    assert dest.read_bytes() == bytes([0]) * 4096
+    assert dest.read_bytes() == segment_bytes(SEGMENTS[0], 1 << 20, 0)
     assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
     assert os.listdir(spool) == []  # nothing fetched ahead into it
     os.chmod(spool, 0o700)

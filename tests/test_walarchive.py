@@ -2,7 +2,6 @@
 archive-expire, and what prune, check and the HTTP service do with ``wal/`` objects."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -18,13 +17,14 @@ from hypothesis import given, strategies as st
 
 from chunkvault import Repository
 from chunkvault.errors import (ArchiveConflict, CorruptObject, Locked, NewerObject, RepositoryStateWarning, UsageError,
-                               WalNotArchived)
+                               WalHeaderMismatch, WalNotArchived)
 from chunkvault.store.crypto import Sealer
 from chunkvault.store.repository import pack_key
 from chunkvault.store.walarchive import WalFile
 from chunkvault.store.walnames import check_wal_name, expired, fetch_ahead, ready_ahead
 from conftest import PASSWORD
 from servers_http import APPEND_TOKEN, FULL_TOKEN, http_server, serve_factory  # noqa: F401
+from walsegments import segment_bytes, write_segment
 
 SEG = "000000010000000000000001"
 HEX = "0123456789ABCDEF"
@@ -39,11 +39,8 @@ wal_names = st.one_of(
 
 
 def segment_file(directory, name: str = SEG, seed: int = 1, size: int = 16 << 20):
-    """A WAL-like segment: some random pages, the rest zero (as a segment switched early is)."""
-    rnd = random.Random(seed)
-    path = directory / name
-    path.write_bytes(rnd.randbytes(size // 4) + bytes(size - size // 4))
-    return path
+    """A WAL segment: its header, some random pages, the rest zero (as a segment switched early is)."""
+    return write_segment(directory, name, seed, size)
 
 
 # --- names and the object ----------------------------------------------------------------------------------
@@ -391,11 +388,11 @@ def test_api_argument_errors(tmp_path, new_repo):
     with pytest.raises(UsageError):
         repo.archive_get(SEG, "")
     with pytest.raises(UsageError):
-        repo.archive_push(segment_file(tmp_path, size=10), host="")
+        repo.archive_push(segment_file(tmp_path, size=1 << 20), host="")
     with pytest.raises(ArchiveConflict):
-        seg = segment_file(tmp_path, size=100)
+        seg = segment_file(tmp_path, size=1 << 20)
         repo.archive_push(seg)
-        seg.write_bytes(b"x" * 100)
+        segment_file(tmp_path, seed=2, size=1 << 20)
         repo.archive_push(seg)
 
 
@@ -594,25 +591,102 @@ def test_archive_list_says_what_is_missing(tmp_path, cli, repo_url):
            "000000010000000000000003" in text
 
 
-def test_a_stopped_push_leaves_no_object_and_no_lock(tmp_path, new_repo):
+def test_a_stopped_push_leaves_no_object_and_no_lock(tmp_path, new_repo, monkeypatch):
+    import io
+
     from chunkvault.errors import Stopped
+    from chunkvault.store import walarchive
 
     repo = new_repo()
-    fifo = tmp_path / SEG
-    os.mkfifo(fifo)
-    errors = []
-    thread = threading.Thread(target=lambda: errors.append(pytest.raises(Stopped, repo.archive_push, fifo)))
-    thread.start()
-    with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as w:  # stopped, it may close the pipe early
-        w.write(os.urandom(4 << 20))
-        w.flush()
-        time.sleep(0.5)
-        repo.stop()
-        w.write(os.urandom(4 << 20))
-    thread.join(30)
-    assert errors and not thread.is_alive()
+
+    class StopMidway(io.BufferedReader):
+        """The segment's reader, which stops the push (as Ctrl-C does) once part of it is read."""
+
+        reads = 0
+
+        def _count(self):
+            StopMidway.reads += 1
+            if StopMidway.reads == 3:  # after the header and the first block
+                repo.stop()
+                time.sleep(0.6)  # past the next progress point
+
+        def read(self, size=-1):
+            self._count()
+            return super().read(size)
+
+        def readinto(self, buffer):
+            self._count()
+            return super().readinto(memoryview(buffer)[:1 << 20])
+
+    monkeypatch.setattr(walarchive, "_open_wal", lambda path: StopMidway(io.FileIO(path), 1 << 20))
+    with pytest.raises(Stopped):
+        repo.archive_push(write_segment(tmp_path, SEG, size=16 << 20, filled=1.0))
+    assert StopMidway.reads < 10, "it read the whole segment before it stopped"
     assert repo.archive_list() == []
     assert not list((tmp_path / "repo0" / "locks").glob("*"))
+
+
+def test_a_segment_that_is_not_the_one_its_name_says_is_refused(tmp_path, cli, repo_url):
+    """A zeroed or recycled segment, one renamed or cut short: exit 22, one line naming why, nothing stored;
+    the right file under the name is archived afterwards."""
+    right = segment_file(tmp_path / "right", size=1 << 20)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cases = {
+        "zeroed": bytes(1 << 20),
+        "another position": segment_bytes("000000010000000000000007", 1 << 20),
+        "cut short": right.read_bytes()[:(1 << 20) - 8192],
+        "a later timeline": segment_bytes("00000002" + SEG[8:], 1 << 20),
+        "too short": b"\x10\xd1",
+    }
+
+    def objects():
+        return sorted(str(p) for p in (tmp_path / "repo").rglob("*")
+                      if p.is_file() and p.parent.name != "locks" and not p.name.startswith("."))
+
+    before = objects()
+    for what, data in cases.items():
+        (bad / SEG).write_bytes(data)
+        refused = cli("archive-push", "-r", repo_url, str(bad / SEG), check=22)
+        lines = refused.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and SEG in lines[0] and "nothing archived" in lines[0], (what, lines)
+        assert objects() == before
+    (bad / SEG).unlink()
+    os.mkfifo(bad / SEG)
+    assert "not a regular file" in cli("archive-push", "-r", repo_url, str(bad / SEG), check=2).stderr.decode()
+    cli("archive-push", "-r", repo_url, str(right))
+    got = tmp_path / "got"
+    cli("archive-get", "-r", repo_url, SEG, str(got))
+    assert got.read_bytes() == right.read_bytes()
+
+
+@given(st.binary(min_size=0, max_size=64), st.sampled_from([1 << 20, 16 << 20, 1 << 30, 12345]), segments)
+def test_the_header_check_takes_only_a_header_that_names_the_segment(head, size, segment):
+    from chunkvault.store.walheader import check_segment
+
+    try:
+        header = check_segment(segment, head, size)
+    except WalHeaderMismatch as exc:
+        assert str(exc).startswith(segment) and "nothing archived" in str(exc)
+        return
+    assert header.segment_size == size and header.start == (int(segment[8:16], 16) << 32) + int(segment[16:], 16) * size
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_the_header_check_reads_a_segment_of_either_byte_order(order):
+    import struct
+
+    from chunkvault.store.walheader import check_segment
+
+    name = "00000003000000A7000000C1"
+    size = 16 << 20
+    head = struct.pack(order + "HHIQI4xQII", 0xD116, 0x0006, 2, (0xA7 << 32) + 0xC1 * size, 17, 12345, size, 8192)
+    header = check_segment(name + ".partial", head, size)
+    assert (header.timeline, header.start, header.system, header.segment_size) == (2, (0xA7 << 32) + 0xC1 * size,
+                                                                                   12345, size)
+    with pytest.raises(WalHeaderMismatch, match="0/C1000000"):
+        check_segment("000000030000000000000001", head[:8] + struct.pack(order + "Q", 0xC1000000) + head[16:],
+                      size)
 
 
 def test_check_and_get_refuse_a_size_the_blobs_do_not_hold(tmp_path, new_repo):
@@ -668,7 +742,7 @@ def test_a_tar_format_copy_keeps_its_wal_by_the_label_in_its_base_tar_or_else_by
 
     repo = Repository.init(str(tmp_path / "repo"), password, kdf_seconds=0)
     for i in range(1, 7):
-        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 16))
+        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 20))
 
     def tar_copy(path, seg: int, suffix: str):
         path.mkdir(parents=True)
@@ -704,7 +778,7 @@ def test_a_compressed_tar_copy_without_manifest_stops_the_expiry_instead_of_losi
     and no manifest says the start; taken for a snapshot of something else, the copy's WAL was expired."""
     repo = Repository.init(str(tmp_path / "repo"), password, kdf_seconds=0)
     for i in range(1, 5):
-        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 16))
+        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 20))
     old = tmp_path / "old"
     old.mkdir()
     (old / f"base{suffix}").write_bytes(b"(compressed) backup_label START WAL LOCATION")
@@ -758,7 +832,7 @@ def test_expiring_before_the_oldest_snapshot_finds_labels_below_a_snapshot_s_roo
     not at the snapshot's root, and its WAL stays all the same."""
     repo = Repository.init(str(tmp_path / "repo"), password, kdf_seconds=0)
     for i in range(1, 7):
-        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 16))
+        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 20))
 
     def copy_at(path, seg: str):
         path.mkdir(parents=True)
@@ -788,7 +862,7 @@ def test_expiring_before_the_oldest_snapshot_takes_the_earlier_timelines_too(tmp
     old = [f"00000001000000000000000{i}" for i in range(1, 5)] + ["000000010000000000000005.partial"]
     new = [f"00000002000000000000000{i}" for i in range(5, 9)]
     for i, name in enumerate([*old, *new]):
-        repo.archive_push(segment_file(tmp_path, name, seed=i, size=1 << 12))
+        repo.archive_push(segment_file(tmp_path, name, seed=i, size=1 << 20))
     history = tmp_path / "00000002.history"
     history.write_text("1\t0/5000100\tno recovery target specified\n")
     repo.archive_push(history)
@@ -807,7 +881,7 @@ def test_expiring_before_the_oldest_snapshot_takes_the_earlier_timelines_too(tmp
                          env={"CHUNKVAULT_PASSWORD": password}).stdout)
     assert out["removed"] == [*old, new[0], new[1]]
     assert [w.name for w in repo.archive_list()] == ["00000002.history", *new[2:]]
-    repo.archive_push(segment_file(tmp_path, old[0], seed=0, size=1 << 12))
+    repo.archive_push(segment_file(tmp_path, old[0], seed=0, size=1 << 20))
     assert repo.archive_expire(new[3]) == [new[2]]  # a segment given: its timeline only
     assert old[0] in [w.name for w in repo.archive_list()]
     repo.close()
@@ -819,7 +893,7 @@ def test_expiring_before_the_oldest_snapshot_refuses_while_a_snapshot_does_not_l
     url = str(tmp_path / "repo")
     repo = Repository.init(url, password, kdf_seconds=0)
     for i in range(1, 6):
-        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 16))
+        repo.archive_push(segment_file(tmp_path, f"00000001000000000000000{i}", seed=i, size=1 << 20))
     copy = tmp_path / "copy"
     copy.mkdir()
     for seg in ("000000010000000000000002", "000000010000000000000004"):
@@ -894,7 +968,7 @@ def archive_and_destination(tmp_path, password, count: int):
     dst = Repository.init(str(tmp_path / "dst"), password, kdf_seconds=0)
     names = [f"00000001000000000000000{i}" for i in range(1, count + 1)]
     for i, name in enumerate(names):
-        src.archive_push(segment_file(tmp_path, name, seed=i, size=1 << 18))
+        src.archive_push(segment_file(tmp_path, name, seed=i, size=1 << 20))
     copy = tmp_path / "copy"
     copy.mkdir()
     return src, dst, names, copy
@@ -1003,7 +1077,7 @@ def test_copy_wal_names_a_file_the_destination_archived_with_other_content(tmp_p
         src.archive_push(segment_file(mine, name, seed=i, size=1 << 20))
     dst.archive_push(mine / names[0])  # the same bytes, pushed there on its own
     dst.archive_push(segment_file(theirs, names[1], seed=7, size=1 << 20))  # as many bytes, other ones
-    dst.archive_push(segment_file(theirs, names[2], seed=8, size=1 << 19))  # another size
+    dst.archive_push(segment_file(theirs, names[2], seed=8, size=2 << 20))  # another size
     run = cli("copy", "-r", src_url, "--to", dst_url, "--wal", "--json", check=13,
               env={"CHUNKVAULT_TO_PASSWORD": password})
     out = json.loads(run.stdout)
@@ -1027,7 +1101,7 @@ def test_copy_wal_names_a_file_the_destination_archived_with_other_content(tmp_p
 
 
 def test_archive_push_records_chunkvault_host(tmp_path, cli, repo_url):
-    cli("archive-push", "-r", repo_url, str(segment_file(tmp_path, SEG, size=1 << 16)), env={"CHUNKVAULT_HOST": "db-7"})
+    cli("archive-push", "-r", repo_url, str(segment_file(tmp_path, SEG, size=1 << 20)), env={"CHUNKVAULT_HOST": "db-7"})
     [entry] = json.loads(cli("archive-list", "-r", repo_url, "--json").stdout)["files"]
     assert entry["host"] == "db-7"
 
@@ -1186,7 +1260,7 @@ def test_fetching_ahead_lists_the_log_files_it_reads_from_not_the_whole_archive(
     names = ["0000000100000000000000FE", "0000000100000000000000FF", "000000010000000100000000",
              "000000010000000100000001", "000000010000000100000002", "000000010000000200000000"]
     for i, name in enumerate(["000000010000000000000001", "000000020000000100000001", *names]):
-        repo.archive_push(segment_file(tmp_path, name, seed=i, size=1 << 12))
+        repo.archive_push(segment_file(tmp_path, name, seed=i, size=1 << 20))
     listed: list[str] = []
     remote = repo.store.remote
     real = remote.list

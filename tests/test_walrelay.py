@@ -15,6 +15,7 @@ from chunkvault.errors import UsageError, WalRelayRefused
 from chunkvault.pgrecovery import parse_target, verification_target, write_recovery
 from chunkvault.verify import check_pg_options
 from chunkvault.walrelay import CLIENT_FILE, Request, WalRelay, inside, parse_request, relay_command, reply
+from walsegments import write_segment
 
 SEGMENT = "000000010000000000000003"
 
@@ -254,19 +255,17 @@ def test_a_file_archived_after_the_run_read_the_index_is_served(new_repo, tmp_pa
     from chunkvault.verify import wal_fetch
 
     repo = new_repo()
-    early = tmp_path / SEGMENT
-    early.write_bytes(os.urandom(1 << 16))
+    early = write_segment(tmp_path, SEGMENT, size=1 << 20)
     repo.archive_push(early)
     fetch = wal_fetch(repo)
     out = tmp_path / "out"
     with open(out, "wb") as f:
-        assert fetch(SEGMENT, f.fileno()) == 1 << 16  # the index is loaded now
-    later = tmp_path / "000000010000000000000004"
-    later.write_bytes(os.urandom(1 << 16))
+        assert fetch(SEGMENT, f.fileno()) == 1 << 20  # the index is loaded now
+    later = write_segment(tmp_path, "000000010000000000000004", size=1 << 20)
     with Repository.open(repo.store.remote.display_url, "correct horse battery staple") as other:
         other.archive_push(later)
     with open(out, "wb") as f:
-        assert fetch(later.name, f.fileno()) == 1 << 16
+        assert fetch(later.name, f.fileno()) == 1 << 20
     assert out.read_bytes() == later.read_bytes()
     with open(out, "wb") as f:
         assert fetch("000000010000000000000005", f.fileno()) is None

@@ -1,0 +1,74 @@
+"""What the first page of a WAL segment says about itself, checked against the name it is archived under.
+
+PostgreSQL begins every segment with a long page header: the timeline, the WAL position of the segment's
+start, the database system's identifier, the segment size and the WAL block size.  A file pushed under a
+segment's name whose header says otherwise (a zeroed or recycled segment, a file renamed or copied into
+the wrong place, one cut short) would be replayed by no recovery, and found out only when one stops at it:
+``archive-push`` refuses it up front, as pgBackRest does.  Pure: bytes in, a header or an error out.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from chunkvault.errors import WalHeaderMismatch
+
+from .walnames import LARGEST_SEGMENT_SIZE, SMALLEST_SEGMENT_SIZE, is_segment
+
+#: XLogLongPageHeaderData: magic, info, timeline, page address, remaining length, (padding), system
+#: identifier, segment size, WAL block size.  PostgreSQL writes it in the server's byte order.
+_LAYOUT = "HHIQI4xQII"
+HEADER_SIZE = struct.calcsize("<" + _LAYOUT)  # 40
+XLP_LONG_HEADER = 0x0002
+_BLOCK_SIZES = {1 << n for n in range(10, 17)}  # XLOG_BLCKSZ: 1 to 64 KiB
+
+
+@dataclass(frozen=True)
+class SegmentHeader:
+    timeline: int
+    start: int  # the WAL position of the segment's first byte
+    system: int  # the database system identifier (initdb's)
+    segment_size: int
+    block_size: int
+
+
+def is_checked(name: str) -> bool:
+    """Whether a file archived under ``name`` starts with a segment's page header: a segment, whole or cut
+    short at a promotion (``.partial``, zero-padded to the whole size); history files are text."""
+    return is_segment(name) or name.endswith(".partial") and is_segment(name[:-len(".partial")])
+
+
+def _decode(head: bytes, order: str) -> SegmentHeader | None:
+    _magic, info, tli, pageaddr, _rem, sysid, seg_size, blcksz = struct.unpack_from(order + _LAYOUT, head)
+    if not info & XLP_LONG_HEADER or blcksz not in _BLOCK_SIZES or seg_size & (seg_size - 1) or \
+            not SMALLEST_SEGMENT_SIZE <= seg_size <= LARGEST_SEGMENT_SIZE:
+        return None
+    return SegmentHeader(tli, pageaddr, sysid, seg_size, blcksz)
+
+
+def check_segment(name: str, head: bytes, size: int) -> SegmentHeader:
+    """The header of the segment archived as ``name`` (``is_checked``), read from its first bytes ``head``
+    (at least HEADER_SIZE of them, when the file has them) of ``size`` in all; WalHeaderMismatch when they are
+    not the start of that segment: no long page header, a size other than the header's, another position,
+    or a timeline after the name's (a segment's first pages may be copied from an earlier timeline)."""
+    segment = name[:24]
+    if size < HEADER_SIZE or len(head) < HEADER_SIZE:
+        raise WalHeaderMismatch(f"{name} is {size} bytes, too short for a WAL segment's page header; nothing "
+                                "archived")
+    header = _decode(head, "<") or _decode(head, ">")
+    if header is None:
+        raise WalHeaderMismatch(f"{name} does not start with a WAL segment's page header (a zeroed or recycled "
+                                "segment, or not WAL at all?); nothing archived")
+    if size != header.segment_size:
+        raise WalHeaderMismatch(f"{name} is {size} bytes, but its page header says the server's segments are "
+                                f"{header.segment_size} (cut short, or padded?); nothing archived")
+    log, seg = int(segment[8:16], 16), int(segment[16:24], 16)
+    expected = (log << 32) + seg * header.segment_size
+    if seg >= (1 << 32) // header.segment_size or header.start != expected:
+        at = f"{header.start >> 32:X}/{header.start & 0xFFFFFFFF:X}"
+        raise WalHeaderMismatch(f"{name} holds the WAL at {at}, not that of segment {segment} (a file copied or "
+                                "renamed into the wrong place, or a recycled segment?); nothing archived")
+    if not 0 < header.timeline <= int(segment[:8], 16):
+        raise WalHeaderMismatch(f"{name}'s page header names timeline {header.timeline}, after the name's "
+                                f"{int(segment[:8], 16)}; nothing archived")
+    return header
