@@ -23,6 +23,7 @@ from chunkvault.errors import (ArchiveConflict, ChunkvaultError, CorruptObject, 
                                WalNotArchived)
 from chunkvault.localfiles import fsync_directory
 
+from . import walheader
 from .backup import Backup, BackupOptions
 from .blob import Plaintext
 from .config import FORMAT_WAL
@@ -31,7 +32,6 @@ from .locks import EXCLUSIVE, SHARED, RepoLock
 from .repository import NOT_INDEXED, OBJECT_READERS, Repo
 from .snapshot import now_iso, open_document, seal_document
 from .unlock import require_openable
-from . import walheader
 from .walnames import WAL_PREFIX, check_wal_name, expired, fetch_ahead, is_history, is_wal_name, timeline_ends
 
 WAL_AD = b"chunkvault wal v1"

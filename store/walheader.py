@@ -69,6 +69,6 @@ def check_segment(name: str, head: bytes, size: int) -> SegmentHeader:
         raise WalHeaderMismatch(f"{name} holds the WAL at {at}, not that of segment {segment} (a file copied or "
                                 "renamed into the wrong place, or a recycled segment?); nothing archived")
     if not 0 < header.timeline <= int(segment[:8], 16):
-        raise WalHeaderMismatch(f"{name}'s page header names timeline {header.timeline}, after the name's "
-                                f"{int(segment[:8], 16)}; nothing archived")
+        raise WalHeaderMismatch(f"{name}'s page header names timeline {header.timeline}, neither the name's "
+                                f"{int(segment[:8], 16)} nor an earlier one; nothing archived")
     return header
