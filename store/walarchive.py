@@ -207,12 +207,13 @@ def push(repo: Repo, path: str, *, host: str | None = None, wait: float = 3600.0
                 repo.drop_stale(index=False)
             repo.follow_settings(require_openable(repo.remote, repo.config.repo_id))
             repo.fresh_index()
-            result = _push_one(repo, lock, f, name, host, compression_level, progress)
+            systems: dict[str, int] = {}
+            result = _push_one(repo, lock, f, name, host, compression_level, progress, systems)
             for other in ahead:
                 try:
                     with _open_wal(other) as g:
                         done = _push_one(repo, lock, g, check_wal_name(os.path.basename(other)), host,
-                                         compression_level, progress)
+                                         compression_level, progress, systems)
                     result.ahead.append(done)
                     on_ahead(done)
                 except ChunkvaultError as exc:  # the lock lost, a conflict, a remote gone: its own turn tells
@@ -236,12 +237,14 @@ def _open_wal(path: str) -> BinaryIO:
 
 
 def _push_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, compression_level: int | None,
-              progress: Callable[[dict], None] | None) -> PushResult:
+              progress: Callable[[dict], None] | None, systems: dict[str, int]) -> PushResult:
     """Store ``f`` as ``wal/name`` under the shared ``lock``: its blobs first, the object last.  A segment
-    must start with its own page header (``walheader``)."""
+    must start with its own page header, of the database system of the segment archived before it
+    (``walheader``); ``systems``: the system of each segment checked so far in this process, by name."""
     if walheader.is_checked(name):
-        walheader.check_segment(name, f.read(walheader.HEADER_SIZE), os.fstat(f.fileno()).st_size)
+        header = walheader.check_segment(name, f.read(walheader.HEADER_SIZE), os.fstat(f.fileno()).st_size)
         f.seek(0)
+        _check_system(repo, name, header, systems)
     existing = load(repo, name)
     if existing is not None and all(b in repo.index for b in existing.blob_ids()):
         # a push again after a crash: same ids, or a conflict; nothing stored
@@ -274,6 +277,31 @@ def _push_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, com
     except RemoteUnavailable:
         pass
     return PushResult(wal, False, backup.writer.new_blobs, backup.writer.stored_bytes)
+
+
+def _check_system(repo: Repo, name: str, header: walheader.SegmentHeader, systems: dict[str, int]) -> None:
+    """``walheader.check_same_system`` against the segment before ``name``, when it is archived; ``systems``
+    holds those known in this process (a batch pushed ahead checks each against the one before it)."""
+    earlier = walheader.previous_segment(name, header.segment_size)
+    if earlier is not None:
+        known = systems[earlier] if earlier in systems else _archived_system(repo, earlier)
+        walheader.check_same_system(name, header, earlier, known)
+    systems[name[:24]] = header.system
+
+
+def _archived_system(repo: Repo, name: str) -> int | None:
+    """The database system of the archived segment ``name`` (its first blob read), or None: not archived, or
+    damaged (``check``'s to report; no reason to refuse PostgreSQL's next file)."""
+    try:
+        wal = load(repo, name)
+        if wal is None or not wal.blobs:
+            return None
+        first = wal.blob_ids()[0]
+        [plain] = repo.read_blobs([first])
+        repo.check_id(first, plain)
+    except CorruptObject:
+        return None
+    return walheader.system_of(bytes(plain[:walheader.HEADER_SIZE]))
 
 
 def _backup(repo: Repo, compression_level: int | None, progress: Callable[[dict], None] | None, *,

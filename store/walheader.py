@@ -4,7 +4,9 @@ PostgreSQL begins every segment with a long page header: the timeline, the WAL p
 start, the database system's identifier, the segment size and the WAL block size.  A file pushed under a
 segment's name whose header says otherwise (a zeroed or recycled segment, a file renamed or copied into
 the wrong place, one cut short) would be replayed by no recovery, and found out only when one stops at it:
-``archive-push`` refuses it up front, as pgBackRest does.  Pure: bytes in, a header or an error out.
+``archive-push`` refuses it up front, as pgBackRest does; likewise a segment of another database system than
+the segment archived before it (a new ``initdb``, or ``pg_upgrade``, which goes on with the old names).
+Pure: bytes in, a header or an error out.
 """
 from __future__ import annotations
 
@@ -72,3 +74,29 @@ def check_segment(name: str, head: bytes, size: int) -> SegmentHeader:
         raise WalHeaderMismatch(f"{name}'s page header names timeline {header.timeline}, neither the name's "
                                 f"{int(segment[:8], 16)} nor an earlier one; nothing archived")
     return header
+
+
+def previous_segment(name: str, segment_size: int) -> str | None:
+    """The segment before ``name``'s on its timeline (segments of ``segment_size``), or None for the first."""
+    per_log = (1 << 32) // segment_size
+    tli, log, seg = name[:8], int(name[8:16], 16), int(name[16:24], 16)
+    if seg:
+        return f"{tli}{log:08X}{seg - 1:08X}"
+    return f"{tli}{log - 1:08X}{per_log - 1:08X}" if log else None
+
+
+def system_of(head: bytes) -> int | None:
+    """The database system a segment's first bytes name, or None where they are no page header (a segment
+    archived before these checks could hold anything)."""
+    header = (_decode(head, "<") or _decode(head, ">")) if len(head) >= HEADER_SIZE else None
+    return None if header is None else header.system
+
+
+def check_same_system(name: str, header: SegmentHeader, earlier: str, earlier_system: int | None) -> None:
+    """WalHeaderMismatch when the segment ``earlier``, archived already, is of another database system
+    (``earlier_system``; None: unknown) than ``name``'s ``header`` says."""
+    if earlier_system is not None and earlier_system != header.system:
+        raise WalHeaderMismatch(
+            f"{name} is WAL of database system {header.system}, but {earlier}, archived before it, is of system "
+            f"{earlier_system}: a repository's WAL archive is one system's (after a new initdb or pg_upgrade, "
+            "archive into a new repository, or archive-expire the old system's WAL first); nothing archived")

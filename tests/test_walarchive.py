@@ -488,9 +488,9 @@ def test_the_loser_of_a_same_name_race_says_its_data_is_left_for_prune(tmp_path,
     load = walarchive.load
     calls = []
 
-    def not_yet_there(*args):  # the first look, before the other push's object was written
-        calls.append(args)
-        return None if len(calls) == 1 else load(*args)
+    def not_yet_there(r, name, **kwargs):  # the first look at it, before the other push's object was written
+        calls.append(name)
+        return None if calls.count(SEG) == 1 and name == SEG else load(r, name, **kwargs)
 
     monkeypatch.setattr(walarchive, "load", not_yet_there)
     with pytest.raises(ArchiveConflict, match="its data is left for prune to free") as raised:
@@ -658,6 +658,40 @@ def test_a_segment_that_is_not_the_one_its_name_says_is_refused(tmp_path, cli, r
     got = tmp_path / "got"
     cli("archive-get", "-r", repo_url, SEG, str(got))
     assert got.read_bytes() == right.read_bytes()
+
+
+def test_a_segment_of_another_database_system_than_the_one_before_it_is_refused(tmp_path, cli, repo_url):
+    """A new initdb, or pg_upgrade (which goes on with the old names), archiving into the repository of the
+    old system: exit 22 naming both systems; the old system's next segment is taken, and the new one's once
+    the old WAL before it is expired.  A batch pushed ahead checks each file against the one before it."""
+    old, new = 6_000_000_000_000_000_001, 7_000_000_000_000_000_002
+    first = write_segment(tmp_path / "old", "000000010000000A000000FF", size=16 << 20, system=old)
+    cli("archive-push", "-r", repo_url, str(first))
+    other = write_segment(tmp_path / "new", "000000010000000B00000000", size=16 << 20, system=new)
+    refused = cli("archive-push", "-r", repo_url, str(other), check=22).stderr.decode().strip()
+    assert refused == (f"chunkvault: 000000010000000B00000000 is WAL of database system {new}, but "
+                       f"000000010000000A000000FF, archived before it, is of system {old}: a repository's WAL "
+                       "archive is one system's (after a new initdb or pg_upgrade, archive into a new repository, "
+                       "or archive-expire the old system's WAL first); nothing archived")
+    assert [w["name"] for w in json.loads(cli("archive-list", "-r", repo_url, "--json").stdout)["files"]] == \
+        ["000000010000000A000000FF"]
+    same = write_segment(tmp_path / "old", "000000010000000B00000000", size=16 << 20, system=old)
+    ahead = [write_segment(tmp_path / "old", "000000010000000B00000001", size=16 << 20, system=new),
+             write_segment(tmp_path / "old", "000000010000000B00000002", size=16 << 20, system=old)]
+    repo = Repository.open(repo_url, PASSWORD)
+    pushed = repo.archive_push(same, ahead=ahead)
+    assert pushed.ahead == [] and "000000010000000B00000001 is WAL of database system" in pushed.ahead_error
+    cli("archive-expire", "-r", repo_url, "--before", "000000010000000B00000001")
+    cli("archive-push", "-r", repo_url, str(ahead[0]))  # nothing of the old system before it now
+
+
+def test_the_segment_before_a_name():
+    from chunkvault.store.walheader import previous_segment
+
+    assert previous_segment("000000030000000100000000", 16 << 20) == "0000000300000000000000FF"
+    assert previous_segment("000000030000000100000000", 1 << 20) == "000000030000000000000FFF"
+    assert previous_segment("00000003000000010000002A.partial", 1 << 30) == "000000030000000100000029"
+    assert previous_segment("000000030000000000000000", 16 << 20) is None
 
 
 @given(st.binary(min_size=0, max_size=64), st.sampled_from([1 << 20, 16 << 20, 1 << 30, 12345]), segments)
