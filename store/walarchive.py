@@ -241,10 +241,24 @@ def _push_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, com
     """Store ``f`` as ``wal/name`` under the shared ``lock``: its blobs first, the object last.  A segment
     must start with its own page header, of the database system of the segment archived before it
     (``walheader``); ``systems``: the system of each segment checked so far in this process, by name."""
-    if walheader.is_checked(name):
-        header = walheader.check_segment(name, f.read(walheader.HEADER_SIZE), os.fstat(f.fileno()).st_size)
-        f.seek(0)
-        _check_system(repo, name, header, systems)
+    if not walheader.is_checked(name):
+        return _store_one(repo, lock, f, name, host, compression_level, progress)
+    header = walheader.check_segment(name, f.read(walheader.HEADER_SIZE), os.fstat(f.fileno()).st_size)
+    f.seek(0)
+    _check_system(repo, name, header, systems)
+    try:
+        return _store_one(repo, lock, f, name, host, compression_level, progress)
+    except ArchiveConflict as exc:  # a second server archiving here: each system named, where that is why
+        theirs = _archived_system(repo, name)
+        if theirs is None or theirs == header.system:
+            raise
+        raise exc.explained(f"; the archived one is WAL of database system {theirs}, this one of "
+                            f"{header.system}") from None
+
+
+def _store_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, compression_level: int | None,
+               progress: Callable[[dict], None] | None) -> PushResult:
+    """Store ``f`` as ``wal/name``, checked as ``_push_one`` says."""
     existing = load(repo, name)
     if existing is not None and all(b in repo.index for b in existing.blob_ids()):
         # a push again after a crash: same ids, or a conflict; nothing stored

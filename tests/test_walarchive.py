@@ -662,11 +662,16 @@ def test_a_segment_that_is_not_the_one_its_name_says_is_refused(tmp_path, cli, r
 
 def test_a_segment_of_another_database_system_than_the_one_before_it_is_refused(tmp_path, cli, repo_url):
     """A new initdb, or pg_upgrade (which goes on with the old names), archiving into the repository of the
-    old system: exit 22 naming both systems; the old system's next segment is taken, and the new one's once
-    the old WAL before it is expired.  A batch pushed ahead checks each file against the one before it."""
+    old system: exit 22 naming both systems, under a name the old one archived too; the old system's next
+    segment is taken, and the new one's once the old WAL before it is expired.  A batch pushed ahead checks
+    each file against the one before it."""
     old, new = 6_000_000_000_000_000_001, 7_000_000_000_000_000_002
     first = write_segment(tmp_path / "old", "000000010000000A000000FF", size=16 << 20, system=old)
     cli("archive-push", "-r", repo_url, str(first))
+    theirs = write_segment(tmp_path / "new", first.name, size=16 << 20, system=new)  # the same name
+    refused = cli("archive-push", "-r", repo_url, str(theirs), check=22).stderr.decode().strip()
+    assert refused.endswith(f"give each its own); the archived one is WAL of database system {old}, this one "
+                            f"of {new}"), refused
     other = write_segment(tmp_path / "new", "000000010000000B00000000", size=16 << 20, system=new)
     refused = cli("archive-push", "-r", repo_url, str(other), check=22).stderr.decode().strip()
     assert refused == (f"chunkvault: 000000010000000B00000000 is WAL of database system {new}, but "
