@@ -149,13 +149,18 @@ def newest_history(repo: Repo) -> tuple[int, dict[int, int]]:
         return 0, {}
     newest = max(histories)
     try:
-        wal = load(repo, newest)
-        text = b"".join(bytes(p) for p in plaintexts(repo, wal)) if wal is not None else None
+        ends = _history_ends(repo, newest)
     except ChunkvaultError:
         return 0, {}
-    if text is None:
-        return 0, {}
-    return int(newest[:8], 16), timeline_ends(text.decode("utf-8", "replace"))
+    return (0, {}) if ends is None else (int(newest[:8], 16), ends)
+
+
+def _history_ends(repo: Repo, name: str) -> dict[int, int] | None:
+    """``timeline_ends`` of the archived timeline history file ``name``, or None when it is not archived."""
+    wal = load(repo, name)
+    if wal is None:
+        return None
+    return timeline_ends(b"".join(bytes(p) for p in plaintexts(repo, wal)).decode("utf-8", "replace"))
 
 
 def load_all(repo: Repo, listed: Sequence[str] | None = None, *,
@@ -246,6 +251,9 @@ def _push_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, com
     header = walheader.check_segment(name, f.read(walheader.HEADER_SIZE), os.fstat(f.fileno()).st_size)
     f.seek(0)
     _check_system(repo, name, header, systems)
+    if header.timeline < int(name[:8], 16):
+        with contextlib.suppress(CorruptObject):  # a damaged history file is check's to report
+            walheader.check_branch(name, header, _history_ends(repo, f"{name[:8]}.history") or {})
     try:
         return _store_one(repo, lock, f, name, host, compression_level, progress)
     except ArchiveConflict as exc:  # a second server archiving here: each system named, where that is why

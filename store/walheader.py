@@ -100,3 +100,16 @@ def check_same_system(name: str, header: SegmentHeader, earlier: str, earlier_sy
             f"{name} is WAL of database system {header.system}, but {earlier}, archived before it, is of system "
             f"{earlier_system}: a repository's WAL archive is one system's (after a new initdb or pg_upgrade, "
             "archive into a new repository, or archive-expire the old system's WAL first); nothing archived")
+
+
+def check_branch(name: str, header: SegmentHeader, ends: dict[int, int]) -> None:
+    """A segment of a later timeline than its first page's (``header.timeline``) must hold the point where
+    that timeline ended (``ends``: ``walnames.timeline_ends`` of the name's timeline history file), as the
+    segment PostgreSQL copies at a promotion does; WalHeaderMismatch when that timeline ended before the
+    segment starts: a segment of the old timeline copied under the new one's name."""
+    end = ends.get(header.timeline)
+    if end is not None and end < header.start:
+        raise WalHeaderMismatch(
+            f"{name} starts with a page of timeline {header.timeline}, which ended before it, at "
+            f"{end >> 32:X}/{end & 0xFFFFFFFF:X} ({name[:8]}.history): a segment of timeline {header.timeline} "
+            "copied under a later timeline's name?; nothing archived")
