@@ -18,9 +18,11 @@ from chunkvault.errors import WalHeaderMismatch
 from .walnames import LARGEST_SEGMENT_SIZE, SMALLEST_SEGMENT_SIZE, is_segment
 
 #: XLogLongPageHeaderData: magic, info, timeline, page address, remaining length, (padding), system
-#: identifier, segment size, WAL block size.  PostgreSQL writes it in the server's byte order.
-_LAYOUT = "HHIQI4xQII"
-HEADER_SIZE = struct.calcsize("<" + _LAYOUT)  # 40
+#: identifier, segment size, WAL block size.  PostgreSQL writes it in the server's byte order and alignment:
+#: the padding is there where 8-byte integers are aligned to 8 bytes (x86-64, ARM), not where to 4 (32-bit
+#: x86).  Neither layout reads the other's as a header: its segment size would be the other's block size.
+_LAYOUTS = ("HHIQI4xQII", "HHIQIQII")
+HEADER_SIZE = max(struct.calcsize("<" + layout) for layout in _LAYOUTS)  # 40
 XLP_LONG_HEADER = 0x0002
 _BLOCK_SIZES = {1 << n for n in range(10, 17)}  # XLOG_BLCKSZ: 1 to 64 KiB
 
@@ -40,12 +42,22 @@ def is_checked(name: str) -> bool:
     return is_segment(name) or name.endswith(".partial") and is_segment(name[:-len(".partial")])
 
 
-def _decode(head: bytes, order: str) -> SegmentHeader | None:
-    _magic, info, tli, pageaddr, _rem, sysid, seg_size, blcksz = struct.unpack_from(order + _LAYOUT, head)
+def _decode(head: bytes, layout: str) -> SegmentHeader | None:
+    _magic, info, tli, pageaddr, _rem, sysid, seg_size, blcksz = struct.unpack_from(layout, head)
     if not info & XLP_LONG_HEADER or blcksz not in _BLOCK_SIZES or seg_size & (seg_size - 1) or \
             not SMALLEST_SEGMENT_SIZE <= seg_size <= LARGEST_SEGMENT_SIZE:
         return None
     return SegmentHeader(tli, pageaddr, sysid, seg_size, blcksz)
+
+
+def _header(head: bytes) -> SegmentHeader | None:
+    """The long page header ``head`` (HEADER_SIZE bytes) holds, in whichever byte order and layout a server
+    writes, or None."""
+    for layout in _LAYOUTS:
+        for order in "<>":
+            if (header := _decode(head, order + layout)) is not None:
+                return header
+    return None
 
 
 def check_segment(name: str, head: bytes, size: int) -> SegmentHeader:
@@ -57,7 +69,7 @@ def check_segment(name: str, head: bytes, size: int) -> SegmentHeader:
     if size < HEADER_SIZE or len(head) < HEADER_SIZE:
         raise WalHeaderMismatch(f"{name} is {size} bytes, too short for a WAL segment's page header; nothing "
                                 "archived")
-    header = _decode(head, "<") or _decode(head, ">")
+    header = _header(head)
     if header is None:
         raise WalHeaderMismatch(f"{name} does not start with a WAL segment's page header (a zeroed or recycled "
                                 "segment, or not WAL at all?); nothing archived")
@@ -88,7 +100,7 @@ def previous_segment(name: str, segment_size: int) -> str | None:
 def system_of(head: bytes) -> int | None:
     """The database system a segment's first bytes name, or None where they are no page header (a segment
     archived before these checks could hold anything)."""
-    header = (_decode(head, "<") or _decode(head, ">")) if len(head) >= HEADER_SIZE else None
+    header = _header(head) if len(head) >= HEADER_SIZE else None
     return None if header is None else header.system
 
 

@@ -747,6 +747,30 @@ def test_the_header_check_reads_a_segment_of_either_byte_order(order):
                       size)
 
 
+def test_a_segment_of_a_server_that_aligns_8_byte_integers_to_4_is_archived(tmp_path, new_repo):
+    """On 32-bit x86 the page header has no padding before the system identifier (its 8-byte integers are
+    aligned to 4 bytes): each segment of such a server was refused as no WAL, and its archiving stalled."""
+    import struct
+
+    from chunkvault.store.walheader import check_segment
+
+    size, system = 1 << 20, 6_543_210_987_654_321_000
+    repo = new_repo()
+    wal = tmp_path / "pg_wal"
+    wal.mkdir()
+    for seg in (1, 2):
+        name = f"0000000100000000{seg:08X}"
+        head = struct.pack("<HHIQIQII", 0xD116, 0x0002, 1, seg * size, 0, system, size, 8192)
+        (wal / name).write_bytes(head + random.Random(seg).randbytes(8192) + bytes(size - len(head) - 8192))
+        assert check_segment(name, head + bytes(4), size).system == system
+        repo.archive_push(wal / name)
+    other = struct.pack("<HHIQIQII", 0xD116, 0x0002, 1, 3 * size, 0, system + 1, size, 8192)
+    (wal / "000000010000000000000003").write_bytes(other + bytes(size - len(other)))
+    with pytest.raises(WalHeaderMismatch, match=f"but 000000010000000000000002, archived before it, is of system "
+                                                f"{system}"):
+        repo.archive_push(wal / "000000010000000000000003")
+
+
 def test_check_and_get_refuse_a_size_the_blobs_do_not_hold(tmp_path, new_repo):
     """An object whose size disagrees with its blobs (a writer's bug: the seal is intact) writes nothing."""
     repo = new_repo()
