@@ -118,10 +118,12 @@ def check_branch(name: str, header: SegmentHeader, ends: dict[int, int]) -> None
     """A segment of a later timeline than its first page's (``header.timeline``) must hold the point where
     that timeline ended (``ends``: ``walnames.timeline_ends`` of the name's timeline history file), as the
     segment PostgreSQL copies at a promotion does; WalHeaderMismatch when that timeline ended before the
-    segment starts: a segment of the old timeline copied under the new one's name."""
+    segment starts or after it ends: a segment of the old timeline copied under the new one's name (a switch at
+    a segment's boundary starts the next one with a page of the new timeline)."""
     end = ends.get(header.timeline)
-    if end is not None and end < header.start:
+    if end is not None and not header.start <= end < header.start + header.segment_size:
         raise WalHeaderMismatch(
-            f"{name} starts with a page of timeline {header.timeline}, which ended before it, at "
+            f"{name} starts with a page of timeline {header.timeline}, which ended "
+            f"{'before' if end < header.start else 'after'} it, at "
             f"{end >> 32:X}/{end & 0xFFFFFFFF:X} ({name[:8]}.history): a segment of timeline {header.timeline} "
             "copied under a later timeline's name?; nothing archived")

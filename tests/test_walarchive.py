@@ -692,16 +692,21 @@ def test_a_segment_of_another_database_system_than_the_one_before_it_is_refused(
 
 def test_a_segment_of_an_old_timeline_copied_under_a_later_ones_name_is_refused(tmp_path, cli, repo_url):
     """A promotion's first segment starts with the old timeline's pages, up to where it ended (the history
-    file): taken.  The old timeline's later segment under the new name: exit 22."""
+    file): taken.  The old timeline's earlier or later segment under the new name: exit 22."""
     history = tmp_path / "00000002.history"
     history.write_text("1\t0/3000120\tno recovery target specified\n")
     cli("archive-push", "-r", repo_url, str(history))
     wal = tmp_path / "pg_wal"
     wal.mkdir()
     for old, new in (("000000010000000000000003", "000000020000000000000003"),
-                     ("000000010000000000000005", "000000020000000000000005")):
+                     ("000000010000000000000005", "000000020000000000000005"),
+                     ("000000010000000000000002", "000000020000000000000002")):
         (wal / new).write_bytes(segment_bytes(old, 16 << 20))
     cli("archive-push", "-r", repo_url, str(wal / "000000020000000000000003"))
+    refused = cli("archive-push", "-r", repo_url, str(wal / "000000020000000000000002"), check=22)
+    assert refused.stderr.decode().strip() == (
+        "chunkvault: 000000020000000000000002 starts with a page of timeline 1, which ended after it, at 0/3000120 "
+        "(00000002.history): a segment of timeline 1 copied under a later timeline's name?; nothing archived")
     refused = cli("archive-push", "-r", repo_url, str(wal / "000000020000000000000005"), check=22)
     assert refused.stderr.decode().strip() == (
         "chunkvault: 000000020000000000000005 starts with a page of timeline 1, which ended before it, at 0/3000120 "
