@@ -8,6 +8,7 @@ written last, once, and never rewritten: what PostgreSQL archived under a name s
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import socket
@@ -16,7 +17,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from chunkvault.errors import (ArchiveConflict, ChunkvaultError, CorruptObject, LockLost, NewerObject, ObjectExists,
                                ObjectNotFound, RemoteError, RemoteUnavailable, TargetUnwritable, UsageError,
@@ -238,7 +239,30 @@ def _open_wal(path: str) -> BinaryIO:
         os.close(fd)
         raise UsageError(f"{path} is not a regular file: archive-push takes a file as PostgreSQL keeps it in "
                          "pg_wal")
-    return os.fdopen(fd, "rb")
+    return _WalReader(io.FileIO(fd, "rb"), path)
+
+
+class _WalReader(io.BufferedReader):
+    """The file pushed: a read that fails (EIO, a mount gone) is an error naming it, not an internal error."""
+
+    def __init__(self, raw: io.FileIO, path: str) -> None:
+        super().__init__(raw)
+        self.path = path
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return super().read(size)
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            return super().readinto(buffer)
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: OSError) -> UsageError:
+        return UsageError(f"cannot read {self.path}: {exc.strerror or exc}")
 
 
 def _push_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, compression_level: int | None,

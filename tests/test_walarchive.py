@@ -714,6 +714,16 @@ def test_a_segment_of_an_old_timeline_copied_under_a_later_ones_name_is_refused(
     cli("archive-push", "-r", repo_url, str(write_segment(wal, "000000020000000000000004", size=16 << 20)))
 
 
+def test_a_segment_that_fails_to_read_is_an_error_naming_it(tmp_path, cli, repo_url):
+    """An I/O error while reading (here /proc/self/mem, whose first page is not mapped: EIO) is one line
+    naming the file, exit 2, not an internal error."""
+    seg = tmp_path / SEG
+    seg.symlink_to("/proc/self/mem")
+    failed = cli("archive-push", "-r", repo_url, str(seg), check=2).stderr.decode().strip()
+    assert failed == f"chunkvault: cannot read {seg}: Input/output error"
+    assert cli("archive-list", "-r", repo_url).stdout.decode().count(SEG) == 0
+
+
 def test_the_segment_before_a_name():
     from chunkvault.store.walheader import previous_segment
 
