@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from chunkvault.errors import WalHeaderMismatch
 
-from .walnames import LARGEST_SEGMENT_SIZE, SMALLEST_SEGMENT_SIZE, is_segment
+from .walnames import LARGEST_SEGMENT_SIZE, SMALLEST_SEGMENT_SIZE, is_segment, segment_name, segment_number
 
 #: XLogLongPageHeaderData: magic, info, timeline, page address, remaining length, (padding), system
 #: identifier, segment size, WAL block size.  PostgreSQL writes it in the server's byte order and alignment:
@@ -90,11 +90,8 @@ def check_segment(name: str, head: bytes, size: int) -> SegmentHeader:
 
 def previous_segment(name: str, segment_size: int) -> str | None:
     """The segment before ``name``'s on its timeline (segments of ``segment_size``), or None for the first."""
-    per_log = (1 << 32) // segment_size
-    tli, log, seg = name[:8], int(name[8:16], 16), int(name[16:24], 16)
-    if seg:
-        return f"{tli}{log:08X}{seg - 1:08X}"
-    return f"{tli}{log - 1:08X}{per_log - 1:08X}" if log else None
+    number = segment_number(name, segment_size)
+    return segment_name(int(name[:8], 16), number - 1, segment_size) if number else None
 
 
 def system_of(head: bytes) -> int | None:

@@ -154,20 +154,32 @@ def segment_size(files: Iterable[tuple[str, int]]) -> int:
     return max(set(sizes), key=sizes.count) if sizes else DEFAULT_SEGMENT_SIZE
 
 
+def segment_number(name: str, size: int) -> int:
+    """The position of the segment ``name`` (its first 24 characters) on its timeline, counted in segments of
+    ``size`` across the 32-bit log boundaries."""
+    return int(name[8:16], 16) * ((1 << 32) // size) + int(name[16:24], 16)
+
+
+def segment_name(timeline: int, number: int, size: int) -> str:
+    """The name of segment ``number`` (``segment_number``) of ``timeline``."""
+    per_log = (1 << 32) // size
+    return f"{timeline:08X}{number // per_log:08X}{number % per_log:08X}"
+
+
 def timelines(files: Iterable[tuple[str, int]]) -> list[TimelineSpan]:
     """Per timeline, the span of the archived segments (``.partial`` ones count for their segment) among
     (name, size) pairs.  Segment numbers run on across the 32-bit log boundary as the segment size makes them
     (``segment_size``)."""
     files = list(files)
-    per_log = (1 << 32) // segment_size(files)
+    size = segment_size(files)
     present: dict[int, set[int]] = {}
     for name, _ in files:
         if is_history(name) or name.endswith(".backup"):
             continue
-        present.setdefault(int(name[:8], 16), set()).add(int(name[8:16], 16) * per_log + int(name[16:24], 16))
+        present.setdefault(int(name[:8], 16), set()).add(segment_number(name, size))
 
     def named(tli: int, segno: int) -> str:
-        return f"{tli:08X}{segno // per_log:08X}{segno % per_log:08X}"
+        return segment_name(tli, segno, size)
 
     spans = []
     for tli, segnos in sorted(present.items()):

@@ -729,7 +729,8 @@ def test_the_segment_before_a_name():
 
     assert previous_segment("000000030000000100000000", 16 << 20) == "0000000300000000000000FF"
     assert previous_segment("000000030000000100000000", 1 << 20) == "000000030000000000000FFF"
-    assert previous_segment("00000003000000010000002A.partial", 1 << 30) == "000000030000000100000029"
+    assert previous_segment("000000030000000100000002.partial", 1 << 30) == "000000030000000100000001"
+    assert previous_segment("000000030000000100000000", 1 << 30) == "000000030000000000000003"
     assert previous_segment("000000030000000000000000", 16 << 20) is None
 
 
