@@ -746,6 +746,35 @@ def test_the_header_check_takes_only_a_header_that_names_the_segment(head, size,
     assert header.segment_size == size and header.start == (int(segment[8:16], 16) << 32) + int(segment[16:], 16) * size
 
 
+@given(st.sampled_from([1 << 20, 16 << 20, 1 << 30]), st.integers(1, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF),
+       st.integers(0, 4095), st.sampled_from([None, "position", "size", "timeline", "flag"]), st.sampled_from("<>"))
+def test_a_header_is_taken_exactly_when_it_is_the_named_segments(size, tli, log, seg, wrong, order):
+    import struct
+
+    from chunkvault.store.walheader import check_segment
+
+    seg %= (1 << 32) // size
+    name = f"{tli:08X}{log:08X}{seg:08X}"
+    start = (log << 32) + seg * size
+    fields = {"info": 0x0002, "tli": tli, "pageaddr": start, "seg_size": size}
+    if wrong == "position":
+        fields["pageaddr"] = (start + size) % (1 << 64)
+    elif wrong == "size":
+        fields["seg_size"] = size * 2 if size < 1 << 30 else size // 2
+    elif wrong == "timeline":
+        name = f"{tli - 1:08X}{log:08X}{seg:08X}"
+    elif wrong == "flag":
+        fields["info"] = 0x0001
+    head = struct.pack(order + "HHIQI4xQII", 0xD110, fields["info"], fields["tli"], fields["pageaddr"], 0, 42,
+                       fields["seg_size"], 8192)
+    if wrong is None:
+        header = check_segment(name, head, size)
+        assert (header.timeline, header.start, header.system, header.segment_size) == (tli, start, 42, size)
+    else:
+        with pytest.raises(WalHeaderMismatch):
+            check_segment(name, head, size)
+
+
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_the_header_check_reads_a_segment_of_either_byte_order(order):
     import struct
