@@ -268,8 +268,9 @@ class _WalReader(io.BufferedReader):
 def _push_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, compression_level: int | None,
               progress: Callable[[dict], None] | None, systems: dict[str, int]) -> PushResult:
     """Store ``f`` as ``wal/name`` under the shared ``lock``: its blobs first, the object last.  A segment
-    must start with its own page header, of the database system of the segment archived before it
-    (``walheader``); ``systems``: the system of each segment checked so far in this process, by name."""
+    must start with its own page header, of the database system of the segment archived before it, and
+    hold the branch point its timeline's archived history file names when its first page is of an earlier
+    timeline (``walheader``); ``systems``: the system of each segment checked so far in this process."""
     if not walheader.is_checked(name):
         return _store_one(repo, lock, f, name, host, compression_level, progress)
     header = walheader.check_segment(name, f.read(walheader.HEADER_SIZE), os.fstat(f.fileno()).st_size)
