@@ -604,17 +604,23 @@ def test_copy_wal_sends_the_archived_wal_with_each_copy(tmp_path, repos, tree):
     assert not load_policy(str(plain)).sources[0].copy_to.wal
 
 
-def test_a_wal_file_not_copied_fails_the_run_after_the_snapshots_went_and_their_retention_ran(tmp_path, repos,
-                                                                                              tree):
-    """A WAL file that did not go raised before the copy was recorded: the summary said `copied 0` although
-    the snapshot was at the destination, and copy-retention never ran."""
-    main, off = repos
+def _archived_unopenable(tmp_path: Path, main: str) -> Path:
+    """A segment archived in ``main`` whose ``wal/`` object is then damaged: it no longer opens, so it cannot go."""
     seg = write_segment(tmp_path, "000000010000000000000001", size=1 << 20)
     with Repository.open(main, PASSWORD) as r:
         r.archive_push(seg)
     victim = Path(main) / "wal" / seg.name
     sealed = victim.read_bytes()
-    victim.write_bytes(sealed[:-1] + bytes([sealed[-1] ^ 1]))  # it no longer opens: it cannot go
+    victim.write_bytes(sealed[:-1] + bytes([sealed[-1] ^ 1]))
+    return seg
+
+
+def test_a_wal_file_not_copied_fails_the_run_after_the_snapshots_went_and_their_retention_ran(tmp_path, repos,
+                                                                                              tree):
+    """A WAL file that did not go raised before the copy was recorded: the summary said `copied 0` although
+    the snapshot was at the destination, and copy-retention never ran."""
+    main, off = repos
+    seg = _archived_unopenable(tmp_path, main)
     policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
                                top=f'full = "daily 02:00"\ncopy-to = {q(off)}\ncopy-to-password-file = "off.pw"\n'
                                    'copy-wal = true\ncopy-retention = { keep-last = 1 }\n')
@@ -638,12 +644,7 @@ def test_a_wal_file_not_copied_is_still_named_when_copy_retention_then_fails(tmp
     server = serve_factory("--tokens", str(write_tokens(tmp_path)))
     monkeypatch.setenv("CHUNKVAULT_HTTP_TOKEN", APPEND_TOKEN)
     Repository.init(server.url, OTHER, kdf_seconds=0).close()
-    seg = write_segment(tmp_path, "000000010000000000000001", size=1 << 20)
-    with Repository.open(main, PASSWORD) as r:
-        r.archive_push(seg)
-    victim = Path(main) / "wal" / seg.name
-    sealed = victim.read_bytes()
-    victim.write_bytes(sealed[:-1] + bytes([sealed[-1] ^ 1]))  # it no longer opens: it cannot go
+    seg = _archived_unopenable(tmp_path, main)
     policy_path = write_policy(tmp_path / "p.toml", main, [{"name": "db", "paths": [str(tree)]}],
                                top=f'full = "daily 02:00"\ncopy-to = {q(server.url)}\n'
                                    'copy-to-password-file = "off.pw"\ncopy-wal = true\n'
