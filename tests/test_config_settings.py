@@ -198,7 +198,7 @@ def test_a_failed_write_leaves_the_old_config(tmp_path, new_repo, monkeypatch):
 
 
 def test_over_http_a_full_token_changes_settings_and_an_append_only_one_is_refused(tmp_path, serve_factory, cli):
-    server = serve_factory("--tokens", str(write_tokens(tmp_path)), port=21503)
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)))
     url = server.url
 
     def env(token: str) -> dict[str, str]:
@@ -287,7 +287,7 @@ def test_over_sftp_settings_change_and_the_next_backup_takes_them(tmp_path, cli)
     require_sshd()
     (tmp_path / "sshd").mkdir()
     server = SSHServer(str(tmp_path / "sshd"))
-    server.start(port=21510)
+    server.start()
     try:
         url = server.url(str(tmp_path / "sftp-repo"))
         env = {**server.env, "CHUNKVAULT_CACHE_DIR": str(tmp_path / "cache")}
