@@ -71,13 +71,29 @@ def read_list_file(path: str, what: str, *, raw: bool = False) -> list[str]:
             data = sys.stdin.buffer.read()
         else:
             with open(path, "rb") as f:
-                data = f.read()
+                data = _read_list(f, path, what)
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     text = data.decode("utf-8", errors="surrogateescape")
     if raw:
         return [item for item in text.split("\0") if item]
     return [item for item in (line.strip() for line in text.splitlines()) if item and not item.startswith("#")]
+
+
+DEVICE_LIST_LIMIT = 1 << 20
+
+
+def _read_list(f: Any, path: str, what: str) -> bytes:
+    """All of ``f``, but at most ``DEVICE_LIST_LIMIT`` bytes of a device other than a terminal: /dev/null is
+    an empty list, while /dev/zero or /dev/urandom never end and were read until memory ran out."""
+    mode = os.fstat(f.fileno()).st_mode
+    if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) or os.isatty(f.fileno()):
+        return f.read()
+    data = f.read(DEVICE_LIST_LIMIT + 1)
+    if len(data) > DEVICE_LIST_LIMIT:
+        raise UsageError(f"{what} {path} is a device that gave more than {DEVICE_LIST_LIMIT >> 20} MiB: "
+                         "give a file, a pipe or - for standard input")
+    return data
 
 
 def read_exclude_file(path: str) -> list[str]:

@@ -144,6 +144,19 @@ def test_paths_from_list_files(tmp_path, repo):
                                            "No such file or directory"
 
 
+def test_a_list_read_from_a_device_that_never_ends_is_refused_and_an_empty_one_is_empty(tmp_path, repo):
+    """/dev/zero as --files-from (or an exclude file) was read until memory ran out; /dev/null is an empty
+    list, as for any tool reading a file."""
+    proc = crashkit.run_cli("backup", "-r", repo, "--files-from-raw", "/dev/zero", ok=(2,))
+    assert proc.stderr.decode().strip() == "chunkvault: list of files /dev/zero is a device that gave more " \
+                                           "than 1 MiB: give a file, a pipe or - for standard input"
+    proc = crashkit.run_cli("backup", "-r", repo, str(tmp_path), "--exclude-file", "/dev/urandom", ok=(2,))
+    assert "exclude file /dev/urandom is a device" in proc.stderr.decode()
+    proc = crashkit.run_cli("backup", "-r", repo, "--files-from", "/dev/null", ok=(2,))
+    assert proc.stderr.decode().strip() == "chunkvault: nothing to back up: give at least one path (or --stdin)"
+    assert source.read_list_file("/dev/null", "exclude file") == []
+
+
 def test_files_from_raw_takes_find_print0_output_on_standard_input(tmp_path, new_repo, cli):
     """`find ... -print0 | chunkvault backup --files-from-raw -`: find ends every name with a NUL, the last
     one too, and that end is no empty name to refuse."""
