@@ -1158,7 +1158,8 @@ def cmd_find(args: argparse.Namespace) -> int:
             print(f"  {TYPE_NAMES[e.type]:8} {oct(e.mode)[2:]:>5} {owner:<17} {size:>10}  "
                   f"modified {_ns_local(e.mtime_ns)}  in {where}{extra}")
     if not args.quiet:
-        print(f"{len(found)} paths, {sum(len(f.versions) for f in found)} versions")
+        versions = sum(len(f.versions) for f in found)
+        print(f"{len(found)} path{'s' * (len(found) != 1)}, {versions} version{'s' * (versions != 1)}")
     return 0
 
 

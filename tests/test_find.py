@@ -193,6 +193,8 @@ def test_find_and_snapshot_filters_on_the_command_line(tmp_path):
     assert text[0].startswith("conf/App.conf  (alpha: ") and text[3].startswith("conf/App.conf  (beta: ")
     assert [line.split()[3:5] for line in text if line.startswith("  ")] == [["2", "B"], ["9", "B"], ["9", "B"]]
     assert ", 2 snapshots" not in text[2] and text[-1] == "2 paths, 3 versions"  # beta's source is another
+    one = crashkit.run_cli("find", "-r", repo, "app.CONF", "-i", "--host", "beta").stdout.decode()
+    assert one.splitlines()[-1] == "1 path, 1 version"
     proc = crashkit.run_cli("find", "-r", repo, ok=(2,))
     assert b"PATTERN" in proc.stderr
     lost = crashkit.run_cli("find", "-r", repo, "/conf/*")  # a path as on the machine: said, not silent
