@@ -1,9 +1,13 @@
 """The distribution installs one namespace with the three layers as subpackages."""
+import ast
 import importlib
 import importlib.metadata
 import os
+import pkgutil
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -64,3 +68,59 @@ def test_version_is_the_distributions():
     import chunkvault
 
     assert chunkvault.__version__ == importlib.metadata.version("chunkvault")
+
+
+PACKAGES = ("chunkvault", "chunkvault.store", "chunkvault.chunker", "chunkvault.remotes")
+
+
+def _modules():
+    """Every module of the distribution, each package's own (an editable install maps the layers from
+    directories of their own, which a walk of chunkvault's directory does not reach)."""
+    names = set(PACKAGES)
+    for package in PACKAGES:
+        names.update(m.name for m in pkgutil.iter_modules(importlib.import_module(package).__path__, package + "."))
+    return sorted(names)
+
+
+def test_every_module_imports():
+    for name in _modules():
+        importlib.import_module(name)
+
+
+def test_every_package_is_distributed():
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("not a source tree")
+    assert sorted(PACKAGES) == sorted(tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["packages"])
+
+
+def _third_party_imports():
+    """Top-level names of the modules the package's sources import, anywhere in them (lazy imports too)."""
+    found = set()
+    for name in _modules():
+        origin = importlib.util.find_spec(name).origin
+        if not origin.endswith(".py"):
+            continue
+        for node in ast.walk(ast.parse(Path(origin).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return {n for n in found if n not in sys.stdlib_module_names and n not in ("chunkvault", "__future__")}
+
+
+def _normalized(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_imported_distribution_is_declared():
+    """A package imported directly must be a declared dependency, not one that only comes with another:
+    urllib3 came with botocore, which also takes urllib3 1.26, under which the HTTP remote misreports TLS failures."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("not a source tree")
+    declared = {_normalized(re.match(r"[A-Za-z0-9._-]+", d).group())
+                for d in tomllib.loads(pyproject.read_text())["project"]["dependencies"]}
+    owners = importlib.metadata.packages_distributions()
+    imported = {n: {_normalized(d) for d in owners.get(n, [n])} for n in _third_party_imports()}
+    assert {n: dists for n, dists in imported.items() if not dists & declared} == {}
