@@ -5,7 +5,9 @@ import importlib.metadata
 import os
 import pkgutil
 import re
+import shutil
 import subprocess
+import tarfile
 import sys
 import tomllib
 from pathlib import Path
@@ -124,3 +126,29 @@ def test_every_imported_distribution_is_declared():
     owners = importlib.metadata.packages_distributions()
     imported = {n: {_normalized(d) for d in owners.get(n, [n])} for n in _third_party_imports()}
     assert {n: dists for n, dists in imported.items() if not dists & declared} == {}
+
+
+#: Tracked files a source distribution leaves out: benchmarks, the CI entry point, the tests.
+NOT_DISTRIBUTED = ("bench/", ".ci/", ".gitignore", "tests/")
+
+
+def test_source_distribution_holds_everything_to_build(tmp_path):
+    """An sdist made by setuptools 68, which pyproject.toml allows, lacked store/_stat_ns.h (only an
+    extension's ``depends``): its build failed.  Built here from the tracked files alone, as from a fresh clone."""
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    wanted = {p for p in tracked.decode().split("\0") if p and not p.startswith(NOT_DISTRIBUTED)}
+    tree = tmp_path / "tree"
+    for path in wanted:
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / path, tree / path)
+    code = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    built = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dist")], cwd=tree, capture_output=True,
+                           text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    with tarfile.open(tmp_path / "dist" / built.stdout.split()[-1]) as sdist:
+        names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
+    assert sorted(wanted - names) == []
