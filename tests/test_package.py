@@ -128,13 +128,15 @@ def test_every_imported_distribution_is_declared():
     assert {n: dists for n, dists in imported.items() if not dists & declared} == {}
 
 
-#: Tracked files a source distribution leaves out: benchmarks, the CI entry point, the tests.
-NOT_DISTRIBUTED = ("bench/", ".ci/", ".gitignore", "tests/")
+#: Tracked files a source distribution leaves out: benchmarks and the CI entry point.
+NOT_DISTRIBUTED = ("bench/", ".ci/", ".gitignore")
 
 
-def test_source_distribution_holds_everything_to_build(tmp_path):
+def test_source_distribution_holds_everything_to_build_and_test(tmp_path):
     """An sdist made by setuptools 68, which pyproject.toml allows, lacked store/_stat_ns.h (only an
-    extension's ``depends``): its build failed.  Built here from the tracked files alone, as from a fresh clone."""
+    extension's ``depends``): its build failed.  And it had only tests/test*.py, without conftest.py, the
+    server helpers or tests/data: its suite could not run.  Built here from the tracked files alone, as from
+    a fresh clone."""
     pytest.importorskip("setuptools")
     root = Path(__file__).resolve().parent.parent
     if shutil.which("git") is None or not (root / ".git").exists():
