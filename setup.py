@@ -4,8 +4,26 @@ PostgreSQL page checksums.
 All other metadata lives in pyproject.toml.
 """
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError, CompileError, ExecError, PlatformError
+
+NEEDS = ("chunkvault needs a C compiler (gcc) and the Python headers (Debian, Ubuntu: apt-get install gcc "
+         "python3-dev) to install; it has no pure-Python build")
+
+
+class BuildRequiredExtensions(build_ext):
+    """Every extension is required, and a build without a compiler or the headers ended on the compiler's last
+    words alone (``[Errno 2] No such file or directory: 'gcc'``, ``Python.h: No such file``): say what is needed."""
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except (CCompilerError, ExecError, PlatformError, OSError) as exc:
+            raise CompileError(f"building {ext.name} failed ({exc}): {NEEDS}") from exc
+
 
 setup(
+    cmdclass={"build_ext": BuildRequiredExtensions},
     ext_modules=[
         Extension(
             "chunkvault.chunker._fastcdc",

@@ -132,11 +132,8 @@ def test_every_imported_distribution_is_declared():
 NOT_DISTRIBUTED = ("bench/", ".ci/", ".gitignore")
 
 
-def test_source_distribution_holds_everything_to_build_and_test(tmp_path):
-    """An sdist made by setuptools 68, which pyproject.toml allows, lacked store/_stat_ns.h (only an
-    extension's ``depends``): its build failed.  And it had only tests/test*.py, without conftest.py, the
-    server helpers or tests/data: its suite could not run.  Built here from the tracked files alone, as from
-    a fresh clone."""
+def _fresh_tree(tmp_path):
+    """The tracked files a source distribution holds, copied as a fresh clone has them (no build products)."""
     pytest.importorskip("setuptools")
     root = Path(__file__).resolve().parent.parent
     if shutil.which("git") is None or not (root / ".git").exists():
@@ -147,6 +144,15 @@ def test_source_distribution_holds_everything_to_build_and_test(tmp_path):
     for path in wanted:
         (tree / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / path, tree / path)
+    return wanted, tree
+
+
+def test_source_distribution_holds_everything_to_build_and_test(tmp_path):
+    """An sdist made by setuptools 68, which pyproject.toml allows, lacked store/_stat_ns.h (only an
+    extension's ``depends``): its build failed.  And it had only tests/test*.py, without conftest.py, the
+    server helpers or tests/data: its suite could not run.  Built here from the tracked files alone, as from
+    a fresh clone."""
+    wanted, tree = _fresh_tree(tmp_path)
     code = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
     built = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dist")], cwd=tree, capture_output=True,
                            text=True)
@@ -154,3 +160,13 @@ def test_source_distribution_holds_everything_to_build_and_test(tmp_path):
     with tarfile.open(tmp_path / "dist" / built.stdout.split()[-1]) as sdist:
         names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
     assert sorted(wanted - names) == []
+
+
+def test_a_build_without_a_c_compiler_says_what_it_needs(tmp_path):
+    """There is no pure-Python build (README: the install needs gcc and the Python headers); without a
+    compiler it ended on ``[Errno 2] No such file or directory: 'gcc'`` alone."""
+    _, tree = _fresh_tree(tmp_path)
+    built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext"], cwd=tree, capture_output=True,
+                           text=True, env={**os.environ, "CC": "false"})
+    assert built.returncode != 0
+    assert "needs a C compiler (gcc) and the Python headers" in built.stderr.splitlines()[-1], built.stderr[-2000:]
