@@ -50,6 +50,7 @@ PAGE_SIZE = 10_000
 MIN_TOKEN_LENGTH = 16
 MODES = ("read-only", "append-only", "full")
 LOCKS_PREFIX = "locks/"
+SHARED_LOCK_KIND = "shared"  # the one kind of lock (store/FORMAT.md) a token that is not full may store
 # Request bodies we refuse are read and dropped up to this much, so the client
 # gets to read our answer; beyond it the connection is closed.
 DRAIN_LIMIT = 64 * MiB
@@ -405,6 +406,22 @@ class TLSHandshakeLate(Exception):
 
 class BadRequest(Exception):
     """A request we answer with 400 and this reason."""
+
+
+class NotSharedLock(Exception):
+    """A lock object stored with a token that is not full, which does not say it is shared."""
+
+
+def _says_shared(body: bytes) -> bool:
+    """Whether ``body`` is a lock object of kind ``shared``, read as clients read locks (JSON, its ``kind``).
+    Clients take a lock's kind from its content, not its name, and any kind but shared for exclusive: an
+    append-only client that stored ``{"kind": "exclusive", ...}`` under a shared lock's name held every other
+    client's backup off for as long as it refreshed it."""
+    try:
+        lock = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(lock, dict) and lock.get("kind") == SHARED_LOCK_KIND
 
 
 def _key_from_path(raw: str) -> str:
@@ -1027,6 +1044,9 @@ class Handler(BaseHTTPRequestHandler):
         limit = self.server.settings.max_object_size
         if length > limit:
             return self._fail(413, f"object of {length} bytes is above the server's limit of {limit} bytes (--max-object-size)")
+        shared_only = mode != "full" and key.startswith(LOCKS_PREFIX)  # held in memory, and read, to be checked
+        if shared_only and length > SMALL_BODY:
+            return self._fail(403, self._not_shared(key))
         collision = self._collision(key)
         if collision:
             return self._fail(409, collision)
@@ -1036,9 +1056,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._exists(key, if_absent)
         self._continue()
         try:
-            stored = self._store(key, length, if_absent or guarded)
+            stored = self._store(key, length, if_absent or guarded, shared_only)
         except ObjectExists:
             return self._exists(key, if_absent)
+        except NotSharedLock:
+            return self._fail(403, self._not_shared(key))
         except StorageFull as exc:
             return self._fail(507, str(exc))
         except ObjectTooLarge as exc:  # the server's file size limit: answered as --max-object-size is
@@ -1058,15 +1080,18 @@ class Handler(BaseHTTPRequestHandler):
             return None
         self._reply(201, received=length)
 
-    def _store(self, key: str, length: int, if_absent: bool) -> bool:
+    def _store(self, key: str, length: int, if_absent: bool, shared_only: bool = False) -> bool:
         """Store the body under ``key``; False when the client stopped short.  A large body goes straight into
         the temp file it is stored through, never whole into memory: uploads at once from clients with
-        append-only tokens ran the server out of memory."""
+        append-only tokens ran the server out of memory.  With ``shared_only``, a body that is no shared lock
+        is refused (NotSharedLock), nothing stored."""
         if length > SMALL_BODY:
             return self.server.remote.put_stream(key, self._receive, length, if_absent=if_absent)
         body = self._read_body(length)
         if body is None:
             return False
+        if shared_only and not _says_shared(bytes(body)):
+            raise NotSharedLock(key)
         self.server.remote.put(key, body, if_absent=if_absent)
         return True
 
@@ -1080,6 +1105,10 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self._unread -= len(piece)
         return piece
+
+    def _not_shared(self, key: str) -> str:
+        return (f"{self._append_only()}: {key} is no shared lock (JSON of kind {SHARED_LOCK_KIND!r}); an exclusive "
+                "lock, or any other kind, which clients take for exclusive, needs a full token")
 
     def _exists(self, key: str, if_absent: bool) -> None:
         if if_absent:

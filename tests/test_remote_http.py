@@ -222,9 +222,9 @@ def test_append_only(serve_factory, tmp_path, how):
             with pytest.raises(PermissionDenied, match=why):
                 remote.delete(key)
         # lock objects may be created, refreshed and removed
-        remote.put("locks/" + "1" * 32, b"lock v1", if_absent=True)
-        remote.put("locks/" + "1" * 32, b"lock v2")
-        assert remote.get("locks/" + "1" * 32) == b"lock v2"
+        remote.put("locks/" + "1" * 32, b'{"kind": "shared", "time": 1}', if_absent=True)
+        remote.put("locks/" + "1" * 32, b'{"kind": "shared", "time": 2}')
+        assert remote.get("locks/" + "1" * 32) == b'{"kind": "shared", "time": 2}'
         remote.delete("locks/" + "1" * 32)
         assert remote.stat("locks/" + "1" * 32) is None
         assert remote.get(KEY) == b"pack"
@@ -1032,8 +1032,30 @@ def test_an_append_only_token_takes_no_exclusive_lock(http_server):
     status, reply = raw_request(http_server.port, "PUT", "/objects/locks/x-" + "1" * 32, b"{}", token=APPEND_TOKEN)
     assert status == 403 and "an exclusive lock is for forget, prune" in reply["error"]
     assert "config set" in reply["error"]  # it takes one too
-    assert raw_request(http_server.port, "PUT", "/objects/locks/" + "1" * 32, b"{}", token=APPEND_TOKEN)[0] == 201
+    shared = b'{"kind": "shared"}'
+    assert raw_request(http_server.port, "PUT", "/objects/locks/" + "1" * 32, shared, token=APPEND_TOKEN)[0] == 201
     assert raw_request(http_server.port, "PUT", "/objects/locks/x-" + "2" * 32, b"{}", token=FULL_TOKEN)[0] == 201
+
+
+def test_an_append_only_token_stores_no_lock_of_another_kind_under_a_shared_name(http_server):
+    """Clients take a lock's kind from its content, any kind but shared for exclusive: an append-only client
+    that stored {"kind": "exclusive"} under a shared lock's name held every other client's backup off for as
+    long as it refreshed the object."""
+    key = "locks/" + "1" * 32
+    lock = {"kind": "shared", "host": "elsewhere", "pid": 4242, "purpose": "prune", "time": time.time()}
+    for kind in ("exclusive", "a newer kind", 1, None):
+        body = json.dumps({**lock, "kind": kind}).encode()
+        status, reply = raw_request(http_server.port, "PUT", f"/objects/{key}", body, token=APPEND_TOKEN)
+        assert status == 403 and f"{key} is no shared lock" in reply["error"], kind
+    for body in (b"[]", b"not json", b"[" * 60_000, json.dumps({**lock, "pad": "x" * (100 << 10)}).encode()):
+        assert raw_request(http_server.port, "PUT", f"/objects/{key}", body, token=APPEND_TOKEN)[0] == 403
+    assert files_under(http_server.path) == []
+    shared = json.dumps(lock).encode()
+    assert raw_request(http_server.port, "PUT", f"/objects/{key}", shared, token=APPEND_TOKEN)[0] == 201
+    exclusive = json.dumps({**lock, "kind": "exclusive"}).encode()
+    status, reply = raw_request(http_server.port, "PUT", f"/objects/{key}", exclusive, token=APPEND_TOKEN)
+    assert status == 403 and (http_server.path / key).read_bytes() == shared  # nor turned into one
+    assert raw_request(http_server.port, "PUT", f"/objects/{key}", exclusive, token=FULL_TOKEN)[0] == 201
 
 
 def test_a_delete_where_a_directory_stands_is_a_conflict_not_a_server_failure(http_server):

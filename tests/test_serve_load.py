@@ -263,7 +263,8 @@ def test_an_append_only_client_crafting_requests_replaces_and_removes_nothing_of
         assert status in (400, 403, 404, 405), f"{line}: {status}"
         assert _files(server.path) == before, line
     # its own (shared) locks it may replace and remove, and it may read the others' locks
-    assert _status(_request(server.port, _put_head("locks/mine", 1, APPEND_TOKEN), b"m")) == 201
+    lock = b'{"kind": "shared"}'
+    assert _status(_request(server.port, _put_head("locks/mine", len(lock), APPEND_TOKEN), lock)) == 201
     assert _status(_request(server.port, f"GET /objects/locks/x-held HTTP/1.1\r\nHost: x\r\n"
                                          f"Authorization: Bearer {APPEND_TOKEN}")) == 200
     assert _status(_request(server.port, f"DELETE /objects/locks/mine HTTP/1.1\r\nHost: x\r\n"
