@@ -35,6 +35,7 @@ from urllib.parse import parse_qs, unquote
 from chunkvault import interrupts
 from chunkvault.argparsing import dashes_value
 from chunkvault.errors import ObjectExists, ObjectTooLarge, PermissionDenied, RemoteError, StorageFull, UsageError
+from chunkvault.localfiles import read_regular
 from chunkvault.tomlfile import read_toml
 from chunkvault.units import format_size, parse_size
 
@@ -48,6 +49,7 @@ DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_MAX_OBJECT_SIZE = 256 * MiB
 PAGE_SIZE = 10_000
 MIN_TOKEN_LENGTH = 16
+TOKENS_FILE_LIMIT = 1 << 20  # some ten thousand tokens
 MODES = ("read-only", "append-only", "full")
 LOCKS_PREFIX = "locks/"
 SHARED_LOCK_KIND = "shared"  # the one kind of lock (store/FORMAT.md) a token that is not full may store
@@ -139,11 +141,15 @@ def _host_of(header: str) -> str:
 
 
 def load_tokens(path: str) -> list[tuple[bytes, str]]:
-    """``MODE TOKEN`` per line; refuses a file others can read, since it holds secrets."""
+    """``MODE TOKEN`` per line; refuses a file others can read, since it holds secrets.  Only a regular file,
+    and only TOKENS_FILE_LIMIT of it, is read: ``--tokens /dev/zero`` (or a pipe, a device named by mistake)
+    was read until the kernel killed the service for its memory, at start or at a SIGHUP while it served."""
     try:
         st = os.stat(path)
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        data = read_regular(path, TOKENS_FILE_LIMIT + 1)
+        if len(data) > TOKENS_FILE_LIMIT:
+            raise UsageError(f"tokens file {path} holds more than {TOKENS_FILE_LIMIT >> 20} MiB: no tokens file")
+        lines = data.decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read tokens file {path}: {getattr(exc, 'strerror', None) or exc}") from None
     if st.st_mode & 0o077:

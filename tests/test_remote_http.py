@@ -542,14 +542,23 @@ def test_config_listen_and_path_and_flag_overrides(serve_factory, tmp_path):
     ("unknown mode", "unknown mode 'admin'"),
     ("short token", "at least 16"),
     ("empty", "holds no tokens"),
+    ("pipe", "not a regular file"),
+    ("too large", "holds more than 1 MiB"),
 ])
 def test_bad_tokens_file_is_refused(tmp_path, problem, expected):
+    """One line, exit 2; a pipe or a device (/dev/zero, which was read until the kernel killed the service
+    for its memory) is not read, nor more of a file than a tokens file holds."""
     if problem == "mode":
         tokens = write_tokens(tmp_path, mode=0o644)
     elif problem == "unknown mode":
         tokens = write_tokens(tmp_path, {"admin": FULL_TOKEN})
     elif problem == "short token":
         tokens = write_tokens(tmp_path, {"full": "short"})
+    elif problem == "pipe":
+        tokens = tmp_path / "tokens"
+        os.mkfifo(tokens, 0o600)  # no writer: opened for reading, it waited for one for ever
+    elif problem == "too large":
+        tokens = write_tokens(tmp_path, {"full": FULL_TOKEN + "x" * (1 << 20)})
     else:
         tokens = tmp_path / "tokens"
         tokens.write_text("# nothing\n")
