@@ -605,9 +605,16 @@ class BackupServer(ThreadingHTTPServer):
             if stop.wait(self.settings.cleanup_interval):
                 return
 
+    def redacted(self, text: str) -> str:
+        """``text`` with each token the service takes written as ``***``: a request whose head arrived out of
+        step (a header line read as the request line) had its token quoted in the log ("Bad request version")."""
+        for token, _ in self.settings.tokens or ():
+            text = text.replace(token.decode(), "***")
+        return text
+
     def log(self, line: str, *, always: bool = False) -> None:
         if always or not self.settings.quiet:
-            line = _printable(line)
+            line = _printable(self.redacted(line))
             with self._log_lock:
                 sys.stderr.write(f"{PROG}: {line}\n")
                 sys.stderr.flush()
@@ -800,13 +807,14 @@ class Handler(BaseHTTPRequestHandler):
         """One line per request; a refusal says why, and a failure of the server's own (a full or read-only
         disk) is logged under --quiet too: it said only "507 124", or nothing."""
         own = status >= 500 or reason.startswith("the server cannot")
-        self.server.log(f"{self.client_address[0]} {self.command or '-'} {_shortened(self._what)} {status} {nbytes}"
+        what, reason = self.server.redacted(self._what), self.server.redacted(reason)  # before they are cut
+        self.server.log(f"{self.client_address[0]} {self.command or '-'} {_shortened(what)} {status} {nbytes}"
                         + (f": {_shortened(reason)}" if reason else ""), always=own)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Malformed requests (bad request line, unknown method): JSON, then close."""
         self.close_connection = True
-        self._fail(code, message or self.responses.get(code, ("error",))[0], close=True)
+        self._fail(code, self.server.redacted(message or self.responses.get(code, ("error",))[0]), close=True)
 
     def _reply(self, status: int, body: bytes = b"", *, length: int | None = None,
                headers: dict[str, str] | None = None, close: bool = False, received: int = 0,
