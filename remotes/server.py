@@ -692,8 +692,8 @@ class Handler(BaseHTTPRequestHandler):
             # the whole handshake, not each read in it, by the socket's timeout.
             self._deadline = time.monotonic() + self.server.settings.header_timeout
             self._arm_timeout()
-            self._refuse_plain_http()
-            try:
+            try:  # a client that sends nothing at all is as late as one that stops half-way
+                self._refuse_plain_http()
                 self.connection.do_handshake()
             except TimeoutError:
                 raise TLSHandshakeLate() from None
