@@ -65,7 +65,11 @@ def markers_of(exclude_if_present: list[str] | None = None, exclude_caches: bool
 def read_list_file(path: str, what: str, *, raw: bool = False) -> list[str]:
     """The items of a list file: one per line, surrounding blanks stripped, empty lines and lines starting
     with ``#`` left out; with ``raw``, separated by NUL bytes and taken as they are (``find -print0``).
-    ``-`` is standard input.  UsageError naming ``what`` when it cannot be read."""
+    ``-`` is standard input.  UsageError naming ``what`` when it cannot be read.
+
+    A line ends at a line feed alone (a CRLF file's carriage return goes with the blanks): ``splitlines``
+    also ends one at a carriage return, a form feed, NEL, a line separator..., which a file name may hold,
+    and so split such a name into two paths that were not the one listed."""
     try:
         if path == "-":
             data = sys.stdin.buffer.read()
@@ -77,7 +81,7 @@ def read_list_file(path: str, what: str, *, raw: bool = False) -> list[str]:
     text = data.decode("utf-8", errors="surrogateescape")
     if raw:
         return [item for item in text.split("\0") if item]
-    return [item for item in (line.strip() for line in text.splitlines()) if item and not item.startswith("#")]
+    return [item for item in (line.strip() for line in text.split("\n")) if item and not item.startswith("#")]
 
 
 DEVICE_LIST_LIMIT = 1 << 20

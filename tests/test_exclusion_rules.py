@@ -157,6 +157,21 @@ def test_a_list_read_from_a_device_that_never_ends_is_refused_and_an_empty_one_i
     assert source.read_list_file("/dev/null", "exclude file") == []
 
 
+def test_a_list_file_line_ends_at_a_line_feed_alone(tmp_path, repo):
+    """A name holding a carriage return, a form feed, NEL or a line separator was split there into two paths
+    (neither the one listed: "source path does not exist"); a CRLF file's lines still read."""
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["cr\rname", "ff\x0cname", "nel\x85name", "ls\u2028name", "crlf"]
+    for name in names:
+        (src / name).write_bytes(b"x")
+    (tmp_path / "list").write_bytes(b"".join(os.fsencode(src / n) + b"\r\n" for n in names))
+    proc = crashkit.run_cli("backup", "-r", repo, "--files-from", str(tmp_path / "list"))
+    assert b"does not exist" not in proc.stderr
+    top = str(src).lstrip("/")
+    assert [p for p in listed(repo) if p.startswith(f"{top}/")] == sorted(f"{top}/{n}" for n in names)
+
+
 def test_files_from_raw_takes_find_print0_output_on_standard_input(tmp_path, new_repo, cli):
     """`find ... -print0 | chunkvault backup --files-from-raw -`: find ends every name with a NUL, the last
     one too, and that end is no empty name to refuse."""
