@@ -187,7 +187,7 @@ def _compression_level(level: Any) -> int | None:
     return level
 
 
-def _one_line(tags: Iterable[str], host: str | None = None) -> None:
+def check_one_line(tags: Iterable[str], host: str | None = None) -> None:
     """Refuse tags or a host to store that hold a control character or a line break: they would split a
     listing's row (one stored before is still selected by it, and removed by ``tag``); or bytes that are not
     UTF-8 (a command line's, held as lone surrogates): JSON gives them to other languages as U+FFFD, a name
@@ -748,7 +748,7 @@ class Repository:
         """
         paths, tags, excludes, host = _paths(paths), _texts(tags, "tag"), _globs(excludes, "exclude"), _host(host)
         iexcludes = _globs(iexcludes, "iexclude")
-        _one_line(tags, host)
+        check_one_line(tags, host)
         if progress is not None and not callable(progress):
             raise UsageError(f"progress is a function, not {progress!r}")
         if listing is not None and not callable(listing):
@@ -845,7 +845,7 @@ class Repository:
         if not isinstance(name, str):
             raise UsageError(f"a stream's name is a str or bytes, not {name!r}")
         check_stdin_name(name)  # before a lock is waited for, or a command started
-        _one_line(opts.tags, opts.host)
+        check_one_line(opts.tags, opts.host)
         self._repo.drop_stale(index=False)
         if not opts.dry_run:
             self._guard()
@@ -886,7 +886,7 @@ class Repository:
         opts = _stream_options(kind, tags, host, delta, fixed_chunks, fixed_chunk_size, dry_run, time, wait,
                                progress, compression_level)
         opts.parent = None
-        _one_line(opts.tags, opts.host)
+        check_one_line(opts.tags, opts.host)
         self._repo.drop_stale(index=False)
         snaps = self._list() if dry_run else self._guard()
         if parent:
@@ -2101,7 +2101,7 @@ class Repository:
         set_to = None if set_to is None else _texts(set_to, "tag")
         if set_to is None and not add and not remove:
             raise UsageError("tag: give tags to add, to remove or to set").hinting(" (--add, --remove, --set)")
-        _one_line(add + (set_to or []))
+        check_one_line(add + (set_to or []))
         self._guard()
         return retag_snapshots(self._repo, lambda every: self._chosen(every, snapshots, hosts, tags, paths),
                                add=add, remove=remove, set_to=set_to, wait=wait)
@@ -2123,7 +2123,7 @@ class Repository:
 
         globs, iglobs = _globs(excludes, "exclude"), _globs(iexcludes, "iexclude")
         if new_host is not None:
-            _one_line([], _host(new_host))
+            check_one_line([], _host(new_host))
             if globs or iglobs:
                 raise UsageError("rewrite gives snapshots a new host or removes paths from them, not both at once: "
                                  "run it once for each")

@@ -1039,6 +1039,9 @@ def parse_policy(config: Mapping[str, Any], base_dir: str = ".") -> Policy:
                 if "," in tag:
                     raise UsageError(f"tags: a tag cannot hold a comma ({tag!r}); for two tags write "
                                      "tags = [\"a\", \"b\"]")
+            from .repository import check_one_line
+
+            check_one_line(tags, host)  # a control character: every backup would refuse it, now not at each run
             excludes = _str_list(s.get("excludes", []), "excludes")
             exclude_files = tuple(_path(base_dir, p) for p in _str_list(s.get("exclude_files", []), "exclude-files"))
             iexcludes = _str_list(s.get("iexcludes", []), "iexcludes")

@@ -508,9 +508,14 @@ def test_an_interval_past_what_dates_can_hold_is_refused():
                                          ({"paths": ["/x"], "pre": [""]}, {}),
                                          ({"paths": ["/x"]}, {"max-unused": True}),
                                          ({"paths": ["/x"], "tags": "nightly,pg"}, {}),
-                                         ({"paths": ["/x"]}, {"tags": ["nightly,pg"]})])
+                                         ({"paths": ["/x"]}, {"tags": ["nightly,pg"]}),
+                                         ({"paths": ["/x"], "tags": ["red\x1b[31m"]}, {}),
+                                         ({"paths": ["/x"]}, {"tags": ["nel\x85"]}),
+                                         ({"paths": ["/x"], "host": "db1\nroot"}, {}),
+                                         ({"paths": ["/x"]}, {"host": "\x1b]0;title\x07"})])
 def test_a_policy_value_that_would_fail_every_run_is_refused_when_it_loads(source, top):
-    """They loaded, then failed at every run (or true was read as 100 %)."""
+    """They loaded, then failed at every run (or true was read as 100 %; a host or tag holding a control
+    character: `run --dry-run` said a backup was due)."""
     from chunkvault.schedule import parse_policy
 
     with pytest.raises(UsageError):
