@@ -145,9 +145,41 @@ def run_password_command(command: str, cwd: str | None = None) -> bytes:
 
 
 def prompt(text: str, confirm: bool) -> bytes:
-    import getpass
-
-    pw = os.fsencode(getpass.getpass(text))
-    if confirm and os.fsencode(getpass.getpass("enter it again: ")) != pw:
+    pw = _typed(text)
+    if confirm and _typed("enter it again: ") != pw:
         raise UsageError("passwords do not match")
     return pw
+
+
+def _typed(text: str) -> bytes:
+    """One line typed at the terminal without echo, as its bytes (as a password file gives them): getpass
+    decodes the line, and a byte that is not UTF-8 (a Latin-1 terminal's, a password kept in a file before)
+    stopped the command with an internal error. EOFError when the input ends before a line does."""
+    import getpass
+    import termios
+
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:  # no controlling terminal: getpass reads standard input
+        return os.fsencode(getpass.getpass(text))
+    try:
+        old = termios.tcgetattr(fd)
+        quiet = list(old)
+        quiet[3] &= ~termios.ECHO
+        termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)  # before the prompt: what is typed after it stays
+        os.write(fd, text.encode())
+        try:
+            line = b""
+            while not line.endswith(b"\n"):
+                piece = os.read(fd, 4096)
+                if not piece:
+                    break
+                line += piece
+        finally:
+            termios.tcsetattr(fd, termios.TCSAFLUSH, old)
+            os.write(fd, b"\n")
+    finally:
+        os.close(fd)
+    if not line:
+        raise EOFError
+    return line[:-1] if line.endswith(b"\n") else line

@@ -241,3 +241,36 @@ def test_end_of_input_at_the_prompt_is_no_password(tmp_path):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 2
     assert said.decode().splitlines()[-1] == "chunkvault: no repository password: the prompt's input ended"
+
+
+@pytest.mark.parametrize("typed", [b"p\xe4ss", "pässwörd".encode()])
+def test_the_prompt_takes_the_bytes_typed_as_a_password_file_gives_them(tmp_path, typed):
+    """A byte that is not UTF-8 (a Latin-1 terminal's) ended in "internal error: UnicodeDecodeError", though
+    the same password in a file or CHUNKVAULT_PASSWORD opened the repository; in the C locale too."""
+    import pty
+    import select
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHUNKVAULT_", "LC_", "LANG"))}
+    env.update(CHUNKVAULT_REPOSITORY=str(tmp_path / "repo"), LC_ALL="C")
+    (tmp_path / "pw").write_bytes(typed + b"\n")
+    Repository.init(env["CHUNKVAULT_REPOSITORY"], passwords.read_password_file(str(tmp_path / "pw")),
+                    kdf_seconds=0).close()
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, "-m", "chunkvault.cli", "snapshots"], env)
+    said = b""
+    while b"password: " not in said:
+        select.select([fd], [], [], 30)
+        said += os.read(fd, 4096)
+    os.write(fd, typed + b"\n")
+    while True:
+        try:
+            piece = os.read(fd, 4096)
+        except OSError:  # the other end closed
+            break
+        if not piece:
+            break
+        said += piece
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, said
+    assert said.splitlines()[-1] == b"0 snapshots"
