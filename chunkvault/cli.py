@@ -432,13 +432,30 @@ def _entry_json(e: Entry, unread_paths: Collection[bytes] = ()) -> dict[str, Any
             **_name_json("target", e.target or None),
             "digest": e.digest.hex() if e.digest else None, "chunks": len(e.chunks) // 32,
             "device": [os.major(e.rdev), os.minor(e.rdev)] if e.type in (T_CHARDEV, T_BLOCKDEV) else None,
-            "xattrs": _xattrs_json(e.xattrs), "unreadable": _unreadable(e, unread_paths)}
+            **_xattrs_json(e.xattrs), "unreadable": _unreadable(e, unread_paths)}
 
 
-def _xattrs_json(raw: bytes) -> dict[str, str]:
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _xattrs_json(raw: bytes) -> dict[str, Any]:
     """An entry's extended attributes (ACLs too), name -> value in base64: a restore sets them, and diff and
-    find tell versions apart by them, so a listing that left them out showed such versions alike."""
-    return {os.fsdecode(name): base64.b64encode(value).decode() for name, value in decode_xattrs(raw).items()}
+    find tell versions apart by them, so a listing that left them out showed such versions alike.  A name
+    that is not UTF-8 is a key with lone surrogates, as in a path, which another language's parser may read
+    as U+FFFD (two such names then one key): ``xattrs_b64`` then keys each value by its name's exact bytes
+    in base64."""
+    pairs = decode_xattrs(raw)
+    out: dict[str, Any] = {"xattrs": {os.fsdecode(name): base64.b64encode(value).decode()
+                                      for name, value in pairs.items()}}
+    if not all(_utf8(name) for name in pairs):
+        out["xattrs_b64"] = {base64.b64encode(name).decode("ascii"): base64.b64encode(value).decode()
+                             for name, value in pairs.items()}
+    return out
 
 
 def _size_shown(e: Entry, size: str) -> str:

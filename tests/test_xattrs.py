@@ -320,3 +320,20 @@ def test_ls_and_find_list_them_as_diff_compares_them(repo, source, cli, tmp_path
     assert listed["etc"]["xattrs"] == {"user.dir": ""}
     (found,) = json.loads(cli("find", "-r", url, "plain.txt", "--json").stdout)
     assert [v["xattrs"] for v in found["versions"]] == [{}, {"user.new": "/wA="}]
+
+
+def test_a_name_that_is_not_utf8_is_given_exactly_in_json(repo, source, cli, tmp_path):
+    """Such a name was only a key with lone surrogates: another language's parser reads them as U+FFFD,
+    and two such names as one key, one value lost."""
+    import base64
+    import json
+
+    url = str(tmp_path / "repo0")  # the repo fixture's
+    os.setxattr(source / "plain.txt", b"user.\xff", b"one")
+    os.setxattr(source / "plain.txt", b"user.\xfe", b"two")
+    repo.backup([str(source)])
+    listed = {e["path"]: e for e in json.loads(cli("ls", "-r", url, "latest", "--json").stdout)}
+    b64 = {base64.b64decode(k): base64.b64decode(v) for k, v in listed["plain.txt"]["xattrs_b64"].items()}
+    assert b64 == {b"user.\xff": b"one", b"user.\xfe": b"two"}
+    assert {os.fsencode(k) for k in listed["plain.txt"]["xattrs"]} == set(b64)
+    assert "xattrs_b64" not in listed["etc/app.conf"]
