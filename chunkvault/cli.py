@@ -541,7 +541,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"id": cfg.repo_id, "url": repo.store.remote.display_url, "chunker": cfg.settings.chunker})
     elif not args.quiet:
-        print(f"created repository {cfg.repo_id} at {repo.store.remote.display_url}")
+        print(f"created repository {cfg.repo_id} at {one_line(repo.store.remote.display_url)}")
     return 0
 
 
@@ -946,7 +946,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
         written = write_recovery(args.target, *recovery)
     if _report_restore(args, snap, result, verified=args.verify, subtree=subtree, recovery=written):
-        print(f"restored {within}snapshot {snap.short_id} ({snap.time}) to {args.target}: {_restored(result)}"
+        print(f"restored {within}snapshot {snap.short_id} ({snap.time}) to {one_line(args.target)}: {_restored(result)}"
               + ("; read back and verified" if args.verify else ""))
         if written is not None:
             print(f"  PostgreSQL will recover from the archive ({written.signal}; settings in "
@@ -2113,7 +2113,7 @@ def _report_key(args: argparse.Namespace, obj: dict[str, Any], line: str) -> Non
     if args.json:
         _emit_json(obj)
     elif not args.quiet:
-        print(line)
+        print(one_line(line))  # it may name a file given on the command line
 
 
 LIST_TYPES = ("snapshots", "index", "packs", "keys", "locks", "blobs")
@@ -2215,8 +2215,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             _emit_json({"mountpoint": os.path.abspath(args.mountpoint), "mounted": True})
             sys.stdout.flush()
         elif not args.quiet:
-            print(f"snapshots mounted at {args.mountpoint}: browse snapshots/, ids/, hosts/, tags/; "
-                  f"unmount with `fusermount -u {args.mountpoint}` or Ctrl-C", file=sys.stderr, flush=True)
+            print(one_line(f"snapshots mounted at {args.mountpoint}: browse snapshots/, ids/, hosts/, tags/; "
+                           f"unmount with `fusermount -u {args.mountpoint}` or Ctrl-C"), file=sys.stderr, flush=True)
 
     mount(_open(args), args.mountpoint, allow_other=args.allow_other, wait=args.wait, on_mounted=mounted,
           numeric_owner=args.numeric_owner)

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from . import passwords
-from .display import warn
+from .display import one_line, warn
 from .errors import UsageError
 from .units import format_size
 
@@ -32,8 +32,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                         "blobs": stats.blobs, "blob_bytes": stats.blob_bytes, "file_bytes": stats.file_bytes,
                         "duration": stats.duration})
     elif not args.quiet:
-        print(f"exported {snap.kind} snapshot {snap.short_id} ({snap.time}) to {stats.path}: {stats.files} files, "
-              f"{stats.dirs} dirs, {format_size(stats.bytes)}; {stats.blobs} chunks, "
+        print(f"exported {snap.kind} snapshot {snap.short_id} ({snap.time}) to {one_line(stats.path)}: "
+              f"{stats.files} files, {stats.dirs} dirs, {format_size(stats.bytes)}; {stats.blobs} chunks, "
               f"file {format_size(stats.file_bytes)} in {stats.duration:.2f} s")
     return 0
 
@@ -61,7 +61,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         warn(f"{args.file}: its snapshot {exported[:8]} is in this repository already"
              + (f" (as {snap.short_id})" if exported != snap.id else "") + ": nothing imported")
     elif not args.quiet:
-        print(f"imported {args.file} as full snapshot {snap.short_id} ({snap.time}, exported from "
+        print(f"imported {one_line(args.file)} as full snapshot {snap.short_id} ({snap.time}, exported from "
               f"{st[IMPORTED_FROM][:8]}): {st['files']} files, {st['dirs']} dirs, {format_size(st['bytes'])}; "
               f"added {format_size(st['added_raw_bytes'])} of new data, stored as "
               f"{format_size(st['added_stored_bytes'])}")
@@ -106,8 +106,8 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
     elif not args.quiet:
         for w in result.warnings:
             warn(w)
-        print(f"restored snapshot {snap.short_id} ({snap.time}) from {args.from_file} to {args.target}: "
-              f"{cli._restored(result)}")
+        print(f"restored snapshot {snap.short_id} ({snap.time}) from {one_line(args.from_file)} "
+              f"to {one_line(args.target)}: {cli._restored(result)}")
     return 0
 
 

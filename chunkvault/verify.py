@@ -1061,7 +1061,7 @@ def _print_report(r: VerifyReport, limit: int = 50) -> None:
             for line in c.output.rstrip("\n").split("\n"):  # each line made printable, as hook output is logged
                 sys.stderr.write(f"  {one_line(line)}\n")
     if r.kept_at:
-        print(f"  kept at {r.kept_at}")
+        print(f"  kept at {one_line(r.kept_at)}")
     verdict = "OK" if r.ok else "FAILED"
     print(f"  {verdict} in {r.duration:.2f} s" + (f" ({r.mismatch_count} mismatch(es))" if r.mismatch_count else ""))
 

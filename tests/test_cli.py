@@ -140,6 +140,27 @@ def test_text_output_shows_every_name_on_one_line_escaped(tmp_path, cli, setup):
     assert err.count("\n") == 1 and "\x1b" not in err and "no\\nsuch\\x1b[2J" in err
 
 
+def test_a_path_given_on_the_command_line_shows_escaped_in_the_summary_line(tmp_path, cli, setup):
+    """`init`, `restore`, `key export`, `export`, `import` and `restore --from-file` printed the path they were
+    given as it is: an escape sequence in it reached the terminal (errors naming it were escaped)."""
+    repo, src = setup
+    where = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"x\xff\x1b]0;title\x07\r"))
+    os.mkdir(where)
+    cli("backup", "-r", repo, str(src), "-q")
+    (tmp_path / "pw").write_text("export secret\n")
+    export = ["--export-password-file", str(tmp_path / "pw")]
+    said = [cli("init", "-r", os.path.join(where, "repo"), "--kdf-time", "0").stdout,
+            cli("restore", "-r", repo, "latest", "--target", os.path.join(where, "t1")).stdout,
+            cli("key", "export", "-r", repo, os.path.join(where, "key.json")).stdout,
+            cli("export", "-r", repo, "latest", "--output", os.path.join(where, "e"), *export).stdout,
+            cli("import", "-r", os.path.join(where, "repo"), os.path.join(where, "e"), *export).stdout,
+            cli("restore", "--from-file", os.path.join(where, "e"), "--target", os.path.join(where, "t2"),
+                *export).stdout]
+    for out in said:
+        assert out.count(b"\n") == 1 and not any(c in out for c in b"\x1b\x07\r"), out
+        assert b"x\\xff\\x1b]0;title\\x07\\r" in out
+
+
 def test_key_list_shows_a_key_file_s_fields_on_one_line(tmp_path, cli, setup):
     """A key file's host and user are not sealed: whoever can write the storage can plant a key file naming
     any, which the listing shows escaped, never as terminal control sequences."""
