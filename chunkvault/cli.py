@@ -404,16 +404,21 @@ def _name_json(key: str, name: bytes | str | None) -> dict[str, Any]:
     """A path or link target for JSON: ``key`` holds it as text, and a name that is not UTF-8 also its exact
     bytes in base64 under ``<key>_b64``.  In the text, each byte that does not decode stands as a lone
     surrogate (U+DC80-U+DCFF, Python's ``os.fsencode`` gives the bytes back); a parser in another
-    language may turn those into U+FFFD, so a program that must name the file exactly reads ``_b64``."""
+    language may turn those into U+FFFD, so a program that must name the file exactly reads ``_b64``.
+    The text is the UTF-8 reading whatever the locale: ``os.fsdecode`` in the C locale without UTF-8 mode
+    (or a Latin-1 one) gave a UTF-8 name as surrogates (or as other characters), with no ``_b64``."""
     if name is None:
         return {key: None}
     raw = os.fsencode(name)
-    out: dict[str, Any] = {key: os.fsdecode(raw)}
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
+    out: dict[str, Any] = {key: _json_text(raw)}
+    if not _utf8(raw):
         out[key + "_b64"] = base64.b64encode(raw).decode("ascii")
     return out
+
+
+def _json_text(raw: bytes) -> str:
+    """A name's bytes as JSON text: UTF-8, each byte that does not decode a lone surrogate."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _names_json(key: str, names: list[str]) -> dict[str, Any]:
@@ -450,7 +455,7 @@ def _xattrs_json(raw: bytes) -> dict[str, Any]:
     as U+FFFD (two such names then one key): ``xattrs_b64`` then keys each value by its name's exact bytes
     in base64."""
     pairs = decode_xattrs(raw)
-    out: dict[str, Any] = {"xattrs": {os.fsdecode(name): base64.b64encode(value).decode()
+    out: dict[str, Any] = {"xattrs": {_json_text(name): base64.b64encode(value).decode()
                                       for name, value in pairs.items()}}
     if not all(_utf8(name) for name in pairs):
         out["xattrs_b64"] = {base64.b64encode(name).decode("ascii"): base64.b64encode(value).decode()

@@ -111,6 +111,20 @@ def test_json_names_that_are_not_utf8_carry_their_bytes(tmp_path, cli, setup):
     assert {(c["change"], exact(c, "path")) for c in changes} >= {("removed", latin1)}
 
 
+def test_json_names_are_their_utf8_reading_in_any_locale(tmp_path, cli, setup):
+    """In the C locale without Python's UTF-8 mode, a UTF-8 name was given as lone surrogates (U+FFFD to
+    another language) and without ``path_b64``: its bytes were lost to a program reading the JSON."""
+    repo, src = setup
+    for name in (b"caf\xc3\xa9", b"caf\xe9"):
+        with open(os.path.join(os.fsencode(src), name), "wb") as f:
+            f.write(b"x")
+    cli("backup", "-r", repo, str(src), "-q")
+    ascii_locale = {"LC_ALL": "C", "PYTHONUTF8": "0"}
+    listed = {e["path"]: e for e in json.loads(cli("ls", "-r", repo, "latest", "--json", env=ascii_locale).stdout)}
+    assert "path_b64" not in listed["caf\u00e9"]
+    assert base64.b64decode(listed["caf\udce9"]["path_b64"]) == b"caf\xe9"
+
+
 def test_text_output_shows_every_name_on_one_line_escaped(tmp_path, cli, setup):
     """A name with a line break, an escape sequence, a byte that is not UTF-8 or a backslash lists as one
     escaped line, also on a strict UTF-8 stream; an error naming such a path is one line."""
