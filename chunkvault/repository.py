@@ -29,6 +29,7 @@ from .errors import (AmbiguousSnapshot, ChunkvaultError, CorruptObject, Locked, 
 from .ledger import Ledger, RepositoryStateWarning, present_of, remedy
 from .store.ledger import UNREADABLE
 from .connection import connect, key_ahead_dir, key_ahead_path
+from .display import shown_name
 from .units import parse_share, parse_size
 from .remotes import Remote, url_scheme
 from .remotes.layer import StopRequest, stop_request
@@ -191,10 +192,13 @@ def check_one_line(tags: Iterable[str], host: str | None = None) -> None:
     """Refuse tags or a host to store that hold a control character or a line break: they would split a
     listing's row (one stored before is still selected by it, and removed by ``tag``); or bytes that are not
     UTF-8 (a command line's, held as lone surrogates): JSON gives them to other languages as U+FFFD, a name
-    that then selects nothing, and has no ``_b64`` field for them as for file names."""
+    that then selects nothing, and has no ``_b64`` field for them as for file names.  The value refused is
+    shown as a listing shows a name (``\\xHH``: a byte that is not UTF-8), not as Python's repr (``\\udcHH``
+    for such a byte, and ``\\xHH`` for a C1 control that is UTF-8)."""
     for what, v in [*(("tag", t) for t in tags), *([("host", host)] if host else [])]:
         if any(unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") for c in v):
-            raise UsageError(f"a {what} is one line of text (UTF-8) without control characters, not {v!r}")
+            raise UsageError(f"a {what} is one line of text (UTF-8) without control characters, "
+                             f"not '{shown_name(v)}'")
 
 
 def _postgres_session(postgres: object, paths: list[str], walk: SourceWalk | None,

@@ -175,6 +175,16 @@ def test_a_path_given_on_the_command_line_shows_escaped_in_the_summary_line(tmp_
         assert b"x\\xff\\x1b]0;title\\x07\\r" in out
 
 
+@pytest.mark.parametrize("tag, shown", [(os.fsdecode(b"\xff"), "'\\xff'"), ("t\x85", "'t\\u0085'"),
+                                       ("a\x1b[31m", "'a\\x1b[31m'")])
+def test_a_tag_refused_shows_as_a_listing_shows_a_name(tmp_path, cli, setup, tag, shown):
+    """The message gave Python's repr: a byte 0xff that is not UTF-8 as '\\udcff', and NEL, which is UTF-8,
+    as '\\x85', the form a listing gives a byte that is not."""
+    repo, src = setup
+    err = cli("backup", "-r", repo, str(src), "--tag", tag, check=2).stderr.decode()
+    assert err == f"chunkvault: a tag is one line of text (UTF-8) without control characters, not {shown}\n"
+
+
 def test_key_list_shows_a_key_file_s_fields_on_one_line(tmp_path, cli, setup):
     """A key file's host and user are not sealed: whoever can write the storage can plant a key file naming
     any, which the listing shows escaped, never as terminal control sequences."""
