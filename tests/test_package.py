@@ -148,7 +148,7 @@ def _fresh_tree(tmp_path):
 
 
 def test_source_distribution_holds_everything_to_build_and_test(tmp_path):
-    """An sdist made by setuptools 68, which pyproject.toml allows, lacked store/_stat_ns.h (only an
+    """An sdist made by setuptools before 69 lacked store/_stat_ns.h (only an
     extension's ``depends``): its build failed.  And it had only tests/test*.py, without conftest.py, the
     server helpers or tests/data: its suite could not run.  Built here from the tracked files alone, as from
     a fresh clone."""
