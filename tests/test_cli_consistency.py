@@ -64,6 +64,19 @@ def test_exit_code_table_names_how_restore_overwrites(setup, cli, tmp_path):
     assert "--confirm RESTORE" in err
 
 
+def test_every_exit_code_the_command_can_return_is_in_the_table():
+    """Each error class's code, the signals' (128 + the signal) and archive-get's fatal code, documented."""
+    import signal
+
+    from chunkvault import errors
+    from chunkvault.walfetch import FATAL_EXIT
+
+    raised = {cls.exit_code for cls in vars(errors).values()
+              if isinstance(cls, type) and issubclass(cls, (errors.ChunkvaultError, errors.Stopped))}
+    signalled = {128 + s for s in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGTERM)}
+    assert {0} | raised | signalled | {FATAL_EXIT} == {int(code) for code in exit_codes()}
+
+
 def test_api_target_not_empty_names_the_keyword(setup, tmp_path, password):
     repo, _ = setup
     target = tmp_path / "full"
