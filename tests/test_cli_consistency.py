@@ -534,6 +534,29 @@ def test_readme_python_example_runs_top_to_bottom(tmp_path):
     assert proc.stdout.rstrip().endswith("True")  # verify_restore's report
 
 
+def json_row(command: str) -> str:
+    """The README's JSON output table row of ``command``, as written in its first column."""
+    table = README.read_text().split("### JSON output", 1)[1].split("\n\n", 3)[2]
+    rows = dict(re.findall(r"^\| (`[^|]*`) \| (.*) \|$", table, re.M))
+    return rows[command]
+
+
+def test_json_documents_name_only_the_keys_the_readme_gives(setup, cli, tmp_path):
+    """Each top-level key of these commands' documents is in the command's row of the README's table."""
+    repo, src = setup
+    (src / "c.txt").write_text("gamma\n")
+    cli("backup", "-r", repo, str(src))
+    documents = {
+        "`stats SNAPSHOT...`": ["stats", "latest"], "`forget`": ["forget", "--keep-last", "1", "--dry-run"],
+        "`prune`": ["prune", "--dry-run"], "`check`": ["check"], "`archive-list`": ["archive-list"],
+        "`config`": ["config"], "`restore`": ["restore", "latest", "--target", str(tmp_path / "out")],
+    }
+    for row, args in documents.items():
+        keys = json.loads(cli(*args, "-r", repo, "--json").stdout).keys()
+        named = set(re.findall(r"`(\w+)`", json_row(row)))
+        assert [k for k in keys if k not in named and not k.startswith("manifest_")] == [], row
+
+
 def test_ls_and_find_show_file_times_in_local_time_as_snapshots_shows_its_times(tmp_path, cli):
     repo = str(tmp_path / "repo")
     src = tmp_path / "data"
