@@ -532,6 +532,7 @@ def test_readme_python_example_runs_top_to_bottom(tmp_path):
     assert (root / "tmp/seg").read_bytes() == (root / "var/lib/postgresql/15/main/pg_wal/000000010000000000000003"
                                                ).read_bytes()
     assert proc.stdout.rstrip().endswith("True")  # verify_restore's report
+    assert "\n(0, {})\n" in proc.stdout  # wal_history: timeline 1 archived, but no history file
 
 
 def json_row(command: str) -> str:
