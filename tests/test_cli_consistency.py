@@ -77,6 +77,29 @@ def test_every_exit_code_the_command_can_return_is_in_the_table():
     assert {0} | raised | signalled | {FATAL_EXIT} == {int(code) for code in exit_codes()}
 
 
+def test_help_gives_the_defaults_the_options_take():
+    """A number --help gives as an option's default (``default 3600``) is the value the option takes unset."""
+    import argparse
+
+    from chunkvault.cli import build_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    checked = 0
+    for parser in parsers(build_parser()):
+        for action in parser._actions:
+            said = re.search(r"\(default:? (-?\d+(?:\.\d+)?)[;)]", " ".join((action.help or "").split()))
+            if said and isinstance(action.default, (int, float)) and not isinstance(action.default, bool):
+                assert float(said[1]) == action.default, (parser.prog, action.option_strings)
+                checked += 1
+    assert checked > 20
+
+
 def test_api_target_not_empty_names_the_keyword(setup, tmp_path, password):
     repo, _ = setup
     target = tmp_path / "full"
