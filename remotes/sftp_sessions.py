@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -90,11 +91,27 @@ def unknown_host(target: SSHTarget, fingerprint: str | None, known_hosts: str | 
         "(CHUNKVAULT_SFTP_ACCEPT_NEW_HOST_KEY=1, accept_new_host_key=True in the API)")
 
 
-def changed_host(target: SSHTarget, fingerprint: str | None, known_hosts: str | None = None) -> PermissionDenied:
+def known_hosts_name_of(target: SSHTarget) -> str:
+    """The name a known_hosts file holds ``target`` under: ``host``, or ``[host]:port`` off port 22."""
+    port = target.port or target.config_port or 22
+    return target.host if port == 22 else f"[{target.host}]:{port}"
+
+
+def changed_host(target: SSHTarget, fingerprint: str | None, known_hosts: str | None = None,
+                 offending: str | None = None) -> PermissionDenied:
+    """A host key other than the recorded one: a man in the middle, or a server whose keys were made anew.
+    Says how to trust the new key once its fingerprint is confirmed: the old entry is never replaced for the
+    user.  ``offending``: the ``file:line`` of the old entry, where the client named it."""
+    files = known_hosts or target.known_hosts_name()
     seen = f" (got {fingerprint})" if fingerprint else ""
+    entry = f"; the old one is at {offending}" if offending else ""
+    file = offending.rsplit(":", 1)[0] if offending else files.split(" or ")[0]
+    remove = f"ssh-keygen -R {shlex.quote(known_hosts_name_of(target))} -f {shlex.quote(file)}"
     return PermissionDenied(
-        f"SSH host key for {target.where()} does not match {known_hosts or target.known_hosts_name()}{seen}: "
-        "refusing to connect")
+        f"SSH host key for {target.where()} does not match {files}{seen}{entry}: refusing to connect "
+        "(someone may be intercepting the connection; if the server's keys were renewed, confirm the new "
+        f"fingerprint with its administrator, remove the old entry with {remove}, then accept the new key "
+        "once with -o sftp.accept-new-host-key=yes)")
 
 
 def openssh_known_hosts(target: SSHTarget) -> str | None:
@@ -111,18 +128,26 @@ def refused_login(target: SSHTarget, user: str | None) -> PermissionDenied:
 
 
 _FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]+")
+# "The fingerprint for the ED25519 key sent by the remote host is", "No ED25519 host key is known for",
+# "Offending ED25519 key in /path/known_hosts:3"
+_KEY_TYPE = re.compile(r"fingerprint for the (\S+) key sent|No (\S+) host key is known")
+_OFFENDING = re.compile(r"^Offending \S+ key in (.+:\d+)$", re.M)
 
 
 def classify_ssh_failure(stderr: str, target: SSHTarget) -> ChunkvaultError:
     """The error for an ``ssh`` client that exited before the SFTP session began, from what it printed."""
     lines = [line.strip() for line in stderr.replace("\r", "").splitlines() if line.strip()]
     text = "\n".join(lines)
+    typed = _KEY_TYPE.search(text)
+    key_type = next((group for group in typed.groups() if group), None) if typed else None
     found = _FINGERPRINT.search(text)
-    fingerprint = found.group(0) if found else None
+    fingerprint = " ".join(filter(None, (key_type, found.group(0)))) if found else None
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or re.search(r"Host key for \S+ has changed", text):
-        return changed_host(target, fingerprint, openssh_known_hosts(target))
+        offending = _OFFENDING.search(text)
+        return changed_host(target, fingerprint, openssh_known_hosts(target), offending and offending.group(1))
     if "host key is known for" in text or "Host key verification failed" in text:
-        return unknown_host(target, fingerprint, openssh_known_hosts(target))
+        return unknown_host(target, fingerprint or (f"{key_type} key" if key_type else None),
+                            openssh_known_hosts(target))
     if "Permission denied" in text or "Too many authentication failures" in text:
         match = re.search(r"^(\S+)@\S+: Permission denied", text, re.M)
         return refused_login(target, match.group(1) if match else target.user)

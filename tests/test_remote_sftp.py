@@ -149,7 +149,11 @@ def test_changed_host_key_is_refused_even_with_accept_new(sshd, sftp_repo, tmp_p
         with pytest.raises(PermissionDenied, match="does not match") as info:
             open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), accept_new_host_key=accept,
                         transport=transport)
-        assert "SHA256:" in str(info.value)
+        message = str(info.value)
+        assert "SHA256:" in message and "ed25519" in message.lower()
+        # how to trust the new key, once confirmed: the old entry is the user's to remove, never replaced
+        assert f"ssh-keygen -R '[127.0.0.1]:{sshd.port}' -f {known}" in message
+        assert "accept-new-host-key=yes" in message and "\n" not in message
     assert known.read_text() == before
 
 

@@ -17,13 +17,22 @@ CHANGED = ("@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
            "IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\r\n"
            "The fingerprint for the ED25519 key sent by the remote host is\n"
            "SHA256:cE+KPNI6TU5W2mgCaD1B7r3UQ5y6sA6oJL3SUJIZmHA.\r\n"
+           "Please contact your system administrator.\r\n"
+           "Add correct host key in /etc/kh to get rid of this message.\r\n"
+           "Offending ED25519 key in /etc/kh:3\r\n"
+           "  remove with:\r\n"
+           "  ssh-keygen -f \"/etc/kh\" -R \"[backup.example]:2222\"\r\n"
            "Host key for [backup.example]:2222 has changed and you have requested strict checking.\r\n"
            "Host key verification failed.\r\n")
 
 
 @pytest.mark.parametrize("stderr, kind, words", [
-    (UNKNOWN, PermissionDenied, ["unknown SSH host key for backup.example:2222", "/etc/kh", "ssh-keyscan"]),
-    (CHANGED, PermissionDenied, ["does not match /etc/kh", "SHA256:cE+KPNI6TU5W2mgCaD1B7r3UQ5y6sA6oJL3SUJIZmHA"]),
+    (UNKNOWN, PermissionDenied, ["unknown SSH host key for backup.example:2222 (ED25519 key)", "/etc/kh",
+                                 "ssh-keyscan"]),
+    (CHANGED, PermissionDenied, ["does not match /etc/kh",
+                                 "ED25519 SHA256:cE+KPNI6TU5W2mgCaD1B7r3UQ5y6sA6oJL3SUJIZmHA",
+                                 "old one is at /etc/kh:3", "ssh-keygen -R '[backup.example]:2222' -f /etc/kh",
+                                 "-o sftp.accept-new-host-key=yes"]),
     ("root@backup.example: Permission denied (publickey).\r\n", PermissionDenied,
      ["authentication as 'root' to backup.example:2222 failed"]),
     ("Received disconnect from 10.0.0.1 port 2222:2: Too many authentication failures\r\n", PermissionDenied,
