@@ -114,6 +114,14 @@ def changed_host(target: SSHTarget, fingerprint: str | None, known_hosts: str | 
         "once with -o sftp.accept-new-host-key=yes)")
 
 
+def revoked_host(target: SSHTarget, key_type: str | None, known_hosts: str | None = None) -> PermissionDenied:
+    """A host key a known_hosts file marks ``@revoked``: no option accepts it (a stolen key may be in use)."""
+    kind = f"{key_type} " if key_type else ""
+    return PermissionDenied(
+        f"the {kind}SSH host key of {target.where()} is marked @revoked in {known_hosts or target.known_hosts_name()}: "
+        "refusing to connect (a stolen key may be in use; ask the server's administrator for its current key)")
+
+
 def openssh_known_hosts(target: SSHTarget) -> str | None:
     """The known_hosts files OpenSSH's client reads for ``target``, as a message names them: an SSH
     config's ``UserKnownHostsFile`` decides, not ``~/.ssh/known_hosts``.  None if ssh does not say."""
@@ -129,8 +137,9 @@ def refused_login(target: SSHTarget, user: str | None) -> PermissionDenied:
 
 _FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]+")
 # "The fingerprint for the ED25519 key sent by the remote host is", "No ED25519 host key is known for",
-# "Offending ED25519 key in /path/known_hosts:3"
-_KEY_TYPE = re.compile(r"fingerprint for the (\S+) key sent|No (\S+) host key is known")
+# "ED25519 host key for [h]:22 was revoked", "Offending ED25519 key in /path/known_hosts:3"
+_KEY_TYPE = re.compile(r"fingerprint for the (\S+) key sent|No (\S+) host key is known|^(\S+) host key for \S+ was revoked",
+                       re.M)
 _OFFENDING = re.compile(r"^Offending \S+ key in (.+:\d+)$", re.M)
 
 
@@ -142,6 +151,8 @@ def classify_ssh_failure(stderr: str, target: SSHTarget) -> ChunkvaultError:
     key_type = next((group for group in typed.groups() if group), None) if typed else None
     found = _FINGERPRINT.search(text)
     fingerprint = " ".join(filter(None, (key_type, found.group(0)))) if found else None
+    if "REVOKED HOST KEY" in text or re.search(r"host key for \S+ was revoked", text):
+        return revoked_host(target, key_type, openssh_known_hosts(target))
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or re.search(r"Host key for \S+ has changed", text):
         offending = _OFFENDING.search(text)
         return changed_host(target, fingerprint, openssh_known_hosts(target), offending and offending.group(1))

@@ -25,6 +25,12 @@ CHANGED = ("@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
            "Host key for [backup.example]:2222 has changed and you have requested strict checking.\r\n"
            "Host key verification failed.\r\n")
 
+REVOKED = ("@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
+           "@       WARNING: REVOKED HOST KEY DETECTED!               @\r\n"
+           "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
+           "The ED25519 host key for [backup.example]:2222 is marked as revoked.\r\n"
+           "ED25519 host key for [backup.example]:2222 was revoked and you have requested strict checking.\r\n"
+           "Host key verification failed.\r\n")
 
 @pytest.mark.parametrize("stderr, kind, words", [
     (UNKNOWN, PermissionDenied, ["unknown SSH host key for backup.example:2222 (ED25519 key)", "/etc/kh",
@@ -33,6 +39,7 @@ CHANGED = ("@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\r\n"
                                  "ED25519 SHA256:cE+KPNI6TU5W2mgCaD1B7r3UQ5y6sA6oJL3SUJIZmHA",
                                  "old one is at /etc/kh:3", "ssh-keygen -R '[backup.example]:2222' -f /etc/kh",
                                  "-o sftp.accept-new-host-key=yes"]),
+    (REVOKED, PermissionDenied, ["ED25519 SSH host key of backup.example:2222 is marked @revoked in /etc/kh"]),
     ("root@backup.example: Permission denied (publickey).\r\n", PermissionDenied,
      ["authentication as 'root' to backup.example:2222 failed"]),
     ("Received disconnect from 10.0.0.1 port 2222:2: Too many authentication failures\r\n", PermissionDenied,
