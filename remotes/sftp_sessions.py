@@ -138,8 +138,8 @@ def refused_login(target: SSHTarget, user: str | None) -> PermissionDenied:
 _FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]+")
 # "The fingerprint for the ED25519 key sent by the remote host is", "No ED25519 host key is known for",
 # "ED25519 host key for [h]:22 was revoked", "Offending ED25519 key in /path/known_hosts:3"
-_KEY_TYPE = re.compile(r"fingerprint for the (\S+) key sent|No (\S+) host key is known|^(\S+) host key for \S+ was revoked",
-                       re.M)
+_KEY_TYPE = re.compile(r"fingerprint for the (\S+) key sent|No (\S+) host key is known"
+                       r"|^(\S+) host key for \S+ was revoked", re.M)
 _OFFENDING = re.compile(r"^Offending \S+ key in (.+:\d+)$", re.M)
 
 
@@ -333,12 +333,9 @@ class ParamikoSessions:
         target = self.target
         known_hosts = os.path.expanduser(target.known_hosts_name())
         client = paramiko.SSHClient()
-        if os.path.exists(known_hosts):
-            try:
-                client.load_host_keys(known_hosts)
-            except (OSError, paramiko.SSHException) as exc:
-                raise UsageError(f"cannot read known_hosts file {known_hosts}: {exc}") from None
-        client.set_missing_host_key_policy(_AcceptNew(known_hosts) if target.accept_new_host_key else _Refuse())
+        revoked = _load_known_hosts(client.get_host_keys(), known_hosts) if os.path.exists(known_hosts) else set()
+        client.set_missing_host_key_policy(_AcceptNew(known_hosts, revoked) if target.accept_new_host_key
+                                           else _Refuse(revoked))
         try:
             client.connect(
                 target.host,
@@ -354,6 +351,9 @@ class ParamikoSessions:
         except _UnknownHost as exc:
             client.close()
             raise unknown_host(target, exc.fingerprint) from None
+        except _RevokedHost as exc:
+            client.close()
+            raise revoked_host(target, exc.key_type) from None
         except paramiko.BadHostKeyException as exc:
             client.close()
             raise changed_host(target, _fingerprint(exc.key)) from None
@@ -432,26 +432,81 @@ def _fingerprint(key: Any) -> str:
     return f"{key.get_name()} SHA256:{base64.b64encode(digest).decode().rstrip('=')}"
 
 
+def _load_known_hosts(host_keys: Any, path: str) -> set[bytes]:
+    """Load ``path``'s entries into paramiko's ``host_keys``, as OpenSSH reads the file, and return the keys it
+    marks ``@revoked``.  paramiko takes no marker lines: one made the whole file unreadable (an internal
+    error), and its revocations went unseen.  A revoked key is left out of the trusted ones, whatever hosts it
+    is listed for; ``@cert-authority`` lines are passed over (paramiko checks no host certificates: such a
+    host is unknown unless its own key is listed), and so are lines that do not parse, as OpenSSH does."""
+    from paramiko.hostkeys import HostKeyEntry
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read known_hosts file {path}: {exc.strerror or exc}") from None
+    revoked: set[bytes] = set()
+    entries = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        marker = line.split(None, 1)[0] if line.startswith("@") else ""
+        if not line or line.startswith("#") or marker == "@cert-authority":
+            continue
+        try:
+            entry = HostKeyEntry.from_line(line.split(None, 1)[1] if marker else line, number)
+        except Exception:  # a line paramiko cannot parse (bad base64, a key it cannot decode), or a bare marker
+            entry = None
+        if entry is None or entry.key is None:
+            continue
+        if marker == "@revoked":
+            revoked.add(entry.key.asbytes())
+        elif not marker:
+            entries.append(entry)
+    for entry in entries:
+        if entry.key.asbytes() not in revoked:
+            for name in entry.hostnames:
+                host_keys.add(name, entry.key.get_name(), entry.key)
+    return revoked
+
+
 class _UnknownHost(Exception):
     def __init__(self, fingerprint: str):
         super().__init__(fingerprint)
         self.fingerprint = fingerprint
 
 
+class _RevokedHost(Exception):
+    def __init__(self, key_type: str):
+        super().__init__(key_type)
+        self.key_type = key_type
+
+
+def _refuse_revoked(key: Any, revoked: set[bytes]) -> None:
+    if key.asbytes() in revoked:
+        raise _RevokedHost(key.get_name())
+
+
 class _Refuse:
     """Missing-host-key policy: refuse, naming the key so the user can check it."""
 
+    def __init__(self, revoked: set[bytes]):
+        self.revoked = revoked
+
     def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+        _refuse_revoked(key, self.revoked)
         raise _UnknownHost(_fingerprint(key))
 
 
 class _AcceptNew:
-    """Missing-host-key policy of ``accept-new``: trust on first use, record it in known_hosts."""
+    """Missing-host-key policy of ``accept-new``: trust on first use, record it in known_hosts; never a
+    revoked key."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, revoked: set[bytes]):
         self.path = path
+        self.revoked = revoked
 
     def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+        _refuse_revoked(key, self.revoked)
         client.get_host_keys().add(hostname, key.get_name(), key)
         os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
         line = f"{hostname} {key.get_name()} {key.get_base64()}\n"

@@ -157,19 +157,31 @@ def test_changed_host_key_is_refused_even_with_accept_new(sshd, sftp_repo, tmp_p
     assert known.read_text() == before
 
 
-@pytest.mark.parametrize("transport", ["openssh"])
 def test_a_revoked_host_key_is_refused_and_no_option_accepts_it(sshd, sftp_repo, tmp_path, transport):
     known = tmp_path / "known_hosts"
-    entry = f"[127.0.0.1]:{sshd.port} {' '.join(sshd.host_pub.split()[:2])}\n"
-    for lines in (entry + "@revoked " + entry, "@revoked " + entry, "@revoked * " + entry.split(" ", 1)[1]):
+    key = " ".join(sshd.host_pub.split()[:2])
+    entry = f"[127.0.0.1]:{sshd.port} {key}\n"
+    other_ca = f"@cert-authority * {' '.join(sshd.user_pub.split()[:2])}\n"
+    for lines in (entry + "@revoked " + entry, "@revoked " + entry, f"@revoked * {key}\n",
+                  f"@revoked * {key}\n" + other_ca + entry):
         known.write_text(lines)
         for accept in (False, True):
-            with pytest.raises(PermissionDenied, match=r"ED25519 SSH host key of 127\.0\.0\.1:\d+ is marked @revoked "
-                                                       f"in {known}") as info:
+            with pytest.raises(PermissionDenied, match=r"(?i)ed25519 SSH host key of 127\.0\.0\.1:\d+ is marked "
+                                                       f"@revoked in {known}") as info:
                 open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known),
                             accept_new_host_key=accept, transport=transport)
             assert "accept-new-host-key" not in str(info.value)  # no option trusts it
             assert known.read_text() == lines
+
+
+def test_known_hosts_marker_lines_and_lines_that_do_not_parse_are_read_as_openssh_reads_them(sshd, sftp_repo,
+                                                                                              tmp_path, transport):
+    known = tmp_path / "known_hosts"
+    entry = f"[127.0.0.1]:{sshd.port} {' '.join(sshd.host_pub.split()[:2])}\n"
+    known.write_text(f"# a comment\n@cert-authority *.example {' '.join(sshd.user_pub.split()[:2])}\n"
+                     "@revoked\nbroken.example ssh-ed25519 not-base64!\n" + entry)
+    with open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), transport=transport) as remote:
+        assert remote.stat("config") is None
 
 
 def test_wrong_user_key_is_refused(sshd, sftp_repo, tmp_path, transport):
