@@ -362,8 +362,7 @@ class ParamikoSessions:
             raise refused_login(target, target.user) from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
-            raise RemoteUnavailable(f"cannot connect to SSH server {target.where()}: "
-                                    f"{exc or type(exc).__name__}") from None
+            raise _connect_failure(target, exc) from None
         transport = client.get_transport()
         transport.set_keepalive(target.keepalive_seconds())
         _no_delay(transport.sock)
@@ -415,6 +414,13 @@ class ParamikoSessions:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+
+def _connect_failure(target: SSHTarget, exc: BaseException) -> ChunkvaultError:
+    """The error for a paramiko connection that failed other than on its host key or a refused key."""
+    if str(exc) == "No authentication methods available":  # no key file, agent or ~/.ssh/id_*: was retried
+        return refused_login(target, target.user)           # as an outage, 8 times
+    return RemoteUnavailable(f"cannot connect to SSH server {target.where()}: {exc or type(exc).__name__}")
 
 
 def _no_delay(sock: Any) -> None:

@@ -191,6 +191,15 @@ def test_wrong_user_key_is_refused(sshd, sftp_repo, tmp_path, transport):
         open_remote(sftp_repo.url, key_file=str(stranger), known_hosts=sshd.known_hosts, transport=transport)
 
 
+def test_no_key_at_all_is_a_refused_login_at_once(sshd, sftp_repo, tmp_path, monkeypatch):
+    """No key file, no agent, no ~/.ssh/id_*: a login that cannot succeed, not an outage to retry.  (paramiko's
+    home is $HOME; OpenSSH's client would look into the account's own.)"""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    with pytest.raises(PermissionDenied, match=f"authentication as '{sshd.user}' to 127.0.0.1:{sshd.port} failed"):
+        open_remote(sftp_repo.url, known_hosts=sshd.known_hosts, ssh_config=os.devnull, transport="paramiko")
+
+
 def test_no_server_is_unavailable(sshd, tmp_path, transport):
     url = f"sftp://{sshd.user}@127.0.0.1:{free_port()}{tmp_path}/repo"
     remote = open_remote(url, **sshd.options, connect_timeout=5, transport=transport)
