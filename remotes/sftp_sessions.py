@@ -17,6 +17,7 @@ with one line saying what to do.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -321,6 +322,7 @@ class ParamikoSessions:
     def __init__(self, target: SSHTarget):
         import paramiko
 
+        _quiet_paramiko()
         _require_key_files(target)  # else its OSError was retried as an outage, 8 times
         self._paramiko = paramiko
         self.lost_errors = (EOFError, paramiko.SSHException)
@@ -416,10 +418,24 @@ class ParamikoSessions:
                 self._client = None
 
 
+def _quiet_paramiko() -> None:
+    """Keep paramiko's log off stderr: without a handler of its own it reached Python's last-resort one, and
+    a server that failed the handshake printed tracebacks from paramiko's thread before chunkvault's one
+    line.  An application that gave paramiko's logger handlers keeps them."""
+    logger = logging.getLogger("paramiko")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+
+
 def _connect_failure(target: SSHTarget, exc: BaseException) -> ChunkvaultError:
     """The error for a paramiko connection that failed other than on its host key or a refused key."""
     if str(exc) == "No authentication methods available":  # no key file, agent or ~/.ssh/id_*: was retried
         return refused_login(target, target.user)           # as an outage, 8 times
+    if str(exc) == "No existing session" or str(exc).startswith("Error reading SSH protocol banner"):
+        # a server that accepted the connection and sent no SSH banner within the time (paramiko's own word
+        # for it, where its wait for the handshake ran out first, named a session)
+        return RemoteUnavailable(f"cannot connect to SSH server {target.where()}: no SSH handshake within "
+                                 f"{target.connect_timeout:g} s (is an SSH server listening there?)")
     return RemoteUnavailable(f"cannot connect to SSH server {target.where()}: {exc or type(exc).__name__}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -206,6 +207,20 @@ def test_no_server_is_unavailable(sshd, tmp_path, transport):
     with pytest.raises(RemoteUnavailable, match="cannot connect"):
         remote.stat("config")
     remote.close()
+
+
+def test_a_server_that_never_speaks_ssh_is_one_line_of_its_own(sshd, tmp_path, transport, capfd):
+    """A port that accepts connections and sends nothing: a timeout named as such, no traceback on stderr."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"sftp://{sshd.user}@127.0.0.1:{listener.getsockname()[1]}{tmp_path}/repo"
+        remote = open_remote(url, **sshd.options, connect_timeout=1, transport=transport)
+        with pytest.raises(RemoteUnavailable, match="cannot connect to SSH server 127.0.0.1:.*(banner|handshake)"):
+            remote.stat("config")
+        remote.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception" not in err
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
