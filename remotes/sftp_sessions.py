@@ -132,8 +132,41 @@ def openssh_known_hosts(target: SSHTarget) -> str | None:
 
 
 def refused_login(target: SSHTarget, user: str | None) -> PermissionDenied:
+    """Names a key file given that has a passphrase: neither client may ask for it (no terminal is read), so
+    such a key is never offered unless an agent holds it, and "no accepted key" alone sent the user looking
+    at the server's authorized_keys."""
     who = f" as {user!r}" if user else ""
-    return PermissionDenied(f"SSH authentication{who} to {target.where()} failed (no accepted key)")
+    locked = [key for key in target.key_files if _has_passphrase(os.path.expanduser(key))]
+    hint = (f"; key file {locked[0]} has a passphrase, which is never asked for: load it into ssh-agent "
+            f"(ssh-add {shlex.quote(locked[0])})") if locked else ""
+    return PermissionDenied(f"SSH authentication{who} to {target.where()} failed (no accepted key{hint})")
+
+
+def _has_passphrase(path: str) -> bool:
+    """Whether the private key file ``path`` is encrypted (OpenSSH's format: a cipher other than "none";
+    PEM: an ENCRYPTED header).  False where it cannot be read or parsed."""
+    import base64
+    import binascii
+
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 16)
+    except OSError:
+        return False
+    if b"ENCRYPTED" in text.split(b"-----END", 1)[0]:
+        return True
+    begin, end = b"-----BEGIN OPENSSH PRIVATE KEY-----", b"-----END OPENSSH PRIVATE KEY-----"
+    if begin not in text or end not in text:
+        return False
+    try:
+        blob = base64.b64decode(b"".join(text.split(begin, 1)[1].split(end, 1)[0].split()))
+    except (binascii.Error, ValueError):
+        return False
+    magic = b"openssh-key-v1\0"
+    if not blob.startswith(magic) or len(blob) < len(magic) + 4:
+        return False
+    size = int.from_bytes(blob[len(magic):len(magic) + 4], "big")
+    return blob[len(magic) + 4:len(magic) + 4 + size] not in (b"none", b"")
 
 
 _FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]+")

@@ -192,6 +192,21 @@ def test_wrong_user_key_is_refused(sshd, sftp_repo, tmp_path, transport):
         open_remote(sftp_repo.url, key_file=str(stranger), known_hosts=sshd.known_hosts, transport=transport)
 
 
+def test_a_key_file_with_a_passphrase_is_named_with_how_to_use_it(sshd, sftp_repo, tmp_path, transport, monkeypatch):
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    locked = tmp_path / "locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "pass phrase 1", "-f", str(locked)], check=True)
+    with pytest.raises(PermissionDenied, match=f"key file {locked} has a passphrase.*ssh-add {locked}") as info:
+        open_remote(sftp_repo.url, key_file=str(locked), known_hosts=sshd.known_hosts, ssh_config=os.devnull,
+                    transport=transport)
+    assert "pass phrase" not in str(info.value)
+    unlocked = tmp_path / "unlocked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(unlocked)], check=True)
+    with pytest.raises(PermissionDenied, match=r"failed \(no accepted key\)$"):
+        open_remote(sftp_repo.url, key_file=str(unlocked), known_hosts=sshd.known_hosts, ssh_config=os.devnull,
+                    transport=transport)
+
+
 def test_no_key_at_all_is_a_refused_login_at_once(sshd, sftp_repo, tmp_path, monkeypatch):
     """No key file, no agent, no ~/.ssh/id_*: a login that cannot succeed, not an outage to retry.  (paramiko's
     home is $HOME; OpenSSH's client would look into the account's own.)"""
