@@ -260,8 +260,9 @@ class SFTPClient:
         self._request(_SETSTAT, _string(path) + _U32.pack(_ATTR_ACMODTIME) + _U32.pack(mtime) + _U32.pack(mtime),
                       _STATUS)
 
-    def mkdir(self, path: str, mode: int = 0o777) -> None:
-        """Make a directory; the server's umask applies to ``mode``, as with ``mkdir(1)``."""
+    def mkdir(self, path: str, mode: int = 0o700) -> None:
+        """Make a directory, by default private to the server's user (as local repositories' are): left to the
+        server's umask, every account there could list a repository's objects and copy its key files."""
         self._request(_MKDIR, _string(path) + _U32.pack(_ATTR_PERMISSIONS) + _U32.pack(mode), _STATUS)
 
     def remove(self, path: str) -> None:
@@ -372,7 +373,10 @@ class SFTPClient:
         return found
 
     def _open(self, path: str, flags: int) -> bytes:
-        return _Reader(self._request(_OPEN, _string(path) + _U32.pack(flags) + _U32.pack(0), _HANDLE)).string()
+        """A handle on ``path``; a file it creates is mode 0600 (the server's umask can only narrow it): left
+        to that umask, it was 0644, a key file too, for every account there to copy and guess at offline."""
+        attrs = _U32.pack(_ATTR_PERMISSIONS) + _U32.pack(0o600) if flags & _CREATE_FLAG else _U32.pack(0)
+        return _Reader(self._request(_OPEN, _string(path) + _U32.pack(flags) + attrs, _HANDLE)).string()
 
     def _close_handle(self, handle: bytes) -> None:
         self._request(_CLOSE, _string(handle), _STATUS)

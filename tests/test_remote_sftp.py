@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -569,6 +570,24 @@ def test_init_makes_the_repository_directory_s_missing_parents(sftp_repo, cli):
     url = sftp_repo.url + "/new/a/b/repo"
     cli("init", "-r", url, "--kdf-time", "0", env=sftp_repo.env)
     assert os.path.isfile(os.path.join(sftp_repo.path, "new/a/b/repo/config"))
+
+
+def test_objects_and_the_directories_made_are_private_to_the_servers_user(sftp_repo, cli, tmp_path):
+    """As on local disk, whatever the server's umask: they were 0644 and 0755, a key file for every account on
+    the server to copy and guess the password of offline."""
+    url = sftp_repo.url + "/private/repo"
+    cli("init", "-r", url, "--kdf-time", "0", env=sftp_repo.env)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(os.urandom(5000))
+    cli("backup", "-r", url, str(tmp_path / "src"), env=sftp_repo.env)
+    modes = {}
+    for d, dirs, files in os.walk(os.path.join(sftp_repo.path, "private")):
+        for name in dirs + files:
+            path = os.path.join(d, name)
+            modes[os.path.relpath(path, sftp_repo.path)] = stat.S_IMODE(os.lstat(path).st_mode)
+    assert any(k.startswith("private/repo/keys/") for k in modes) and any("/data/" in k for k in modes)
+    assert {k: oct(m) for k, m in modes.items() if m != (0o700 if os.path.isdir(
+        os.path.join(sftp_repo.path, k)) else 0o600)} == {}
 
 
 @pytest.mark.parametrize("transport", ["openssh", "paramiko"])
