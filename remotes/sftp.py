@@ -126,6 +126,15 @@ def _info(key: str, attr: Any) -> ObjectInfo:
     return ObjectInfo(key, attr.st_size or 0, version, None if attr.st_mtime is None else float(attr.st_mtime))
 
 
+def _refuse_proxy(host: str, cfg: dict[str, Any]) -> None:
+    """paramiko connects directly: a ProxyJump or ProxyCommand of the SSH config, which it cannot follow,
+    would be passed over without a word, going round the bastion the configuration sends connections through."""
+    for option, name in (("proxyjump", "ProxyJump"), ("proxycommand", "ProxyCommand")):
+        if str(cfg.get(option, "none")).lower() != "none":
+            raise UsageError(f"the SSH config sends {host} through {name}, which sftp.transport=paramiko cannot "
+                             "follow: use OpenSSH's client (sftp.transport=openssh, package openssh-client)")
+
+
 def _config_known_hosts(value: str, host: str, user: str) -> str | None:
     """The known_hosts file an SSH config's ``UserKnownHostsFile`` names, as OpenSSH reads it: the first of
     its (quoted) words, with ``%d`` ``%h`` ``%u`` ``%%`` and ``~`` expanded; ``none`` is no file (every host
@@ -183,6 +192,7 @@ class SFTPRemote(Remote):
             self._sessions: OpenSSHSessions | ParamikoSessions = OpenSSHSessions(target)
         else:  # paramiko takes the configuration from us
             cfg = self._ssh_config(host, ssh_config)
+            _refuse_proxy(host, cfg)
         self.port = int(port or cfg.get("port") or 22)
         self.user = user or cfg.get("user") or _login_name()
         self.channels = channels

@@ -453,6 +453,22 @@ def test_a_host_alias_of_the_ssh_config_names_its_user_and_port(sshd, tmp_path, 
     assert (tmp_path / "repo" / "config").read_bytes() == b"x"
 
 
+@pytest.mark.parametrize("proxy", ["ProxyJump bastion", "ProxyCommand ssh -W %h:%p bastion"])
+def test_paramiko_refuses_a_proxy_it_cannot_follow_instead_of_connecting_directly(sshd, tmp_path, proxy):
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host backup-alias\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+                      f"  IdentityFile {sshd.user_key}\n  {proxy}\n")
+    with pytest.raises(UsageError, match=f"sends backup-alias through {proxy.split()[0]}, which "
+                                         "sftp.transport=paramiko cannot follow"):
+        open_remote(f"sftp://backup-alias{tmp_path}/repo", known_hosts=sshd.known_hosts, ssh_config=str(config),
+                    transport="paramiko")
+    assert not (tmp_path / "repo").exists()
+    config.write_text(config.read_text().replace(proxy, "ProxyCommand none"))
+    with open_remote(f"sftp://backup-alias{tmp_path}/repo", known_hosts=sshd.known_hosts, ssh_config=str(config),
+                     transport="paramiko") as remote:
+        remote.put("config", b"x")
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_the_known_hosts_file_an_ssh_config_names_is_the_one_read(sshd, tmp_path, transport):
     config = tmp_path / "ssh_config"
