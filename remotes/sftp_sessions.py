@@ -363,12 +363,16 @@ class ParamikoSessions:
         self._lock = threading.Lock()
         self._client: Any = None
 
-    def _connect(self) -> Any:
+    def _connect(self, prefer: bytes | None = None) -> Any:
+        """A connected client.  paramiko compares the server's key with one key of its type listed for the host,
+        while OpenSSH takes any listed: a key that known_hosts lists (not as revoked), refused as another's, is
+        tried once more with that key as the one paramiko compares (``prefer``)."""
         paramiko = self._paramiko
         target = self.target
         known_hosts = os.path.expanduser(target.known_hosts_name())
         client = paramiko.SSHClient()
-        revoked = _load_known_hosts(client.get_host_keys(), known_hosts) if os.path.exists(known_hosts) else set()
+        entries, revoked = _read_known_hosts(known_hosts) if os.path.exists(known_hosts) else ([], set())
+        _trust(client.get_host_keys(), entries, revoked, prefer)
         client.set_missing_host_key_policy(_AcceptNew(known_hosts, revoked) if target.accept_new_host_key
                                            else _Refuse(revoked))
         try:
@@ -391,6 +395,9 @@ class ParamikoSessions:
             raise revoked_host(target, exc.key_type) from None
         except paramiko.BadHostKeyException as exc:
             client.close()
+            shown = exc.key.asbytes()
+            if prefer is None and shown not in revoked and any(e.key.asbytes() == shown for e in entries):
+                return self._connect(prefer=shown)
             raise changed_host(target, _fingerprint(exc.key)) from None
         except paramiko.AuthenticationException:
             client.close()
@@ -487,12 +494,11 @@ def _fingerprint(key: Any) -> str:
     return f"{key.get_name()} SHA256:{base64.b64encode(digest).decode().rstrip('=')}"
 
 
-def _load_known_hosts(host_keys: Any, path: str) -> set[bytes]:
-    """Load ``path``'s entries into paramiko's ``host_keys``, as OpenSSH reads the file, and return the keys it
-    marks ``@revoked``.  paramiko takes no marker lines: one made the whole file unreadable (an internal
-    error), and its revocations went unseen.  A revoked key is left out of the trusted ones, whatever hosts it
-    is listed for; ``@cert-authority`` lines are passed over (paramiko checks no host certificates: such a
-    host is unknown unless its own key is listed), and so are lines that do not parse, as OpenSSH does."""
+def _read_known_hosts(path: str) -> tuple[list[Any], set[bytes]]:
+    """``path``'s entries, as OpenSSH reads the file, and the keys it marks ``@revoked``.  paramiko takes no
+    marker lines: one made the whole file unreadable (an internal error), and its revocations went unseen.
+    ``@cert-authority`` lines are passed over (paramiko checks no host certificates: such a host is unknown
+    unless its own key is listed), and so are lines that do not parse, as OpenSSH does."""
     from paramiko.hostkeys import HostKeyEntry
 
     try:
@@ -517,11 +523,20 @@ def _load_known_hosts(host_keys: Any, path: str) -> set[bytes]:
             revoked.add(entry.key.asbytes())
         elif not marker:
             entries.append(entry)
-    for entry in entries:
-        if entry.key.asbytes() not in revoked:
-            for name in entry.hostnames:
+    return entries, revoked
+
+
+def _trust(host_keys: Any, entries: list[Any], revoked: set[bytes], prefer: bytes | None = None) -> None:
+    """Put the keys of ``entries`` in paramiko's ``host_keys``, but no revoked one, whatever hosts it is listed
+    for.  paramiko keeps one key of a type for a name (the last one added, or a hashed name's first), and
+    compares the server's with that one alone: each name gets the first listed, or ``prefer`` where listed."""
+    for entry in sorted(entries, key=lambda e: e.key.asbytes() != prefer):
+        if entry.key.asbytes() in revoked:
+            continue
+        for name in entry.hostnames:
+            held = host_keys.lookup(name)
+            if held is None or entry.key.get_name() not in held:
                 host_keys.add(name, entry.key.get_name(), entry.key)
-    return revoked
 
 
 class _UnknownHost(Exception):

@@ -186,6 +186,24 @@ def test_known_hosts_marker_lines_and_lines_that_do_not_parse_are_read_as_openss
         assert remote.stat("config") is None
 
 
+def test_a_host_listed_with_several_keys_of_one_type_is_known_by_each(sshd, sftp_repo, tmp_path, transport):
+    """OpenSSH takes a host's key when any line lists it for that host (a name kept for two machines, a key
+    listed before and after a move), hashed names too: the order of the lines makes no difference."""
+    import paramiko
+
+    known = tmp_path / "known_hosts"
+    name = f"[127.0.0.1]:{sshd.port}"
+    hashed = paramiko.HostKeys.hash_host(name)
+    key, other = (" ".join(pub.split()[:2]) for pub in (sshd.host_pub, sshd.user_pub))
+    for lines in (f"{name} {key}\n{name} {other}\n", f"{name} {other}\n{name} {key}\n",
+                  f"{hashed} {other}\n{name} {key}\n{hashed} {other}\n"):
+        known.write_text(lines)
+        with open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known),
+                         transport=transport) as remote:
+            assert remote.stat("config") is None
+        assert known.read_text() == lines
+
+
 def test_wrong_user_key_is_refused(sshd, sftp_repo, tmp_path, transport):
     stranger = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
