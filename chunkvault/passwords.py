@@ -159,15 +159,17 @@ def _typed(text: str) -> bytes:
     import termios
 
     try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
-    except OSError:  # no controlling terminal: getpass reads standard input
-        return os.fsencode(getpass.getpass(text))
+        fd = out = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:  # no controlling terminal (a session of its own): standard input's, asked on stderr,
+        if not os.isatty(0):  # as getpass does; it decoded that line too
+            return os.fsencode(getpass.getpass(text))
+        fd, out = os.dup(0), sys.stderr.fileno()
     try:
         old = termios.tcgetattr(fd)
         quiet = list(old)
         quiet[3] &= ~termios.ECHO
         termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)  # before the prompt: what is typed after it stays
-        os.write(fd, text.encode())
+        os.write(out, text.encode())
         try:
             line = b""
             while not line.endswith(b"\n"):
@@ -177,7 +179,7 @@ def _typed(text: str) -> bytes:
                 line += piece
         finally:
             termios.tcsetattr(fd, termios.TCSAFLUSH, old)
-            os.write(fd, b"\n")
+            os.write(out, b"\n")
     finally:
         os.close(fd)
     if not line:

@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -274,3 +275,33 @@ def test_the_prompt_takes_the_bytes_typed_as_a_password_file_gives_them(tmp_path
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, said
     assert said.splitlines()[-1] == b"0 snapshots"
+
+
+def test_a_terminal_that_is_not_the_controlling_one_is_read_as_bytes_too(tmp_path):
+    """Standard input a terminal, but no controlling one (a command started in a session of its own): the
+    line was read through getpass and decoded, and a byte that is not UTF-8 ended in an internal error."""
+    import pty
+
+    typed = b"p\xe4ss"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHUNKVAULT_", "LC_", "LANG"))}
+    # standard input strict UTF-8, as in a UTF-8 locale other than C.UTF-8 (en_US.UTF-8...)
+    env.update(CHUNKVAULT_REPOSITORY=str(tmp_path / "repo"), LC_ALL="C.UTF-8", PYTHONIOENCODING="utf-8:strict")
+    (tmp_path / "pw").write_bytes(typed + b"\n")
+    Repository.init(env["CHUNKVAULT_REPOSITORY"], passwords.read_password_file(str(tmp_path / "pw")),
+                    kdf_seconds=0).close()
+    master, slave = pty.openpty()
+    try:
+        with subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "snapshots"], stdin=slave,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True) as p:
+            said = b""
+            while b"password: " not in said:  # asked on standard error, the terminal's echo turned off
+                piece = p.stderr.read1(4096)
+                assert piece, said
+                said += piece
+            os.write(master, typed + b"\n")
+            out, err = p.communicate(timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert p.returncode == 0, said + err
+    assert out.splitlines()[-1] == b"0 snapshots"
