@@ -1,6 +1,7 @@
 """The SFTP remote against a real OpenSSH server on 127.0.0.1."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -255,6 +256,35 @@ def test_a_server_that_never_speaks_ssh_is_one_line_of_its_own(sshd, tmp_path, t
         remote.close()
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Exception" not in err
+
+
+def test_a_server_that_closes_the_connection_at_once_is_not_said_to_be_silent(sshd, tmp_path, transport):
+    """A connection closed before the SSH banner (sshd's MaxStartups, a host rule): paramiko's 'Error reading
+    SSH protocol banner' was read as a server that sent nothing, 'no SSH handshake within N s', at once."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        stop = threading.Event()
+
+        def close_each() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    listener.accept()[0].close()
+
+        closer = threading.Thread(target=close_each, daemon=True)
+        closer.start()
+        url = f"sftp://{sshd.user}@127.0.0.1:{listener.getsockname()[1]}{tmp_path}/repo"
+        remote = open_remote(url, **sshd.options, connect_timeout=30, transport=transport)
+        try:
+            with pytest.raises(RemoteUnavailable, match="cannot connect to SSH server 127.0.0.1:") as info:
+                remote.stat("config")
+        finally:
+            remote.close()
+            stop.set()
+            listener.shutdown(socket.SHUT_RDWR)
+        closer.join()
+    assert "within" not in str(info.value)
+    assert re.search(r"clos|reset", str(info.value))
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
