@@ -72,7 +72,7 @@ def read_list_file(path: str, what: str, *, raw: bool = False) -> list[str]:
     and so split such a name into two paths that were not the one listed."""
     try:
         if path == "-":
-            data = sys.stdin.buffer.read()
+            data = _read_list(sys.stdin.buffer, "- (standard input)", what)
         else:
             with open(path, "rb") as f:
                 data = _read_list(f, path, what)
@@ -96,7 +96,7 @@ def _read_list(f: Any, path: str, what: str) -> bytes:
     data = f.read(DEVICE_LIST_LIMIT + 1)
     if len(data) > DEVICE_LIST_LIMIT:
         raise UsageError(f"{what} {path} is a device that gave more than {DEVICE_LIST_LIMIT >> 20} MiB: "
-                         "give a file, a pipe or - for standard input")
+                         "give a file or a pipe")
     return data
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -149,7 +150,12 @@ def test_a_list_read_from_a_device_that_never_ends_is_refused_and_an_empty_one_i
     list, as for any tool reading a file."""
     proc = crashkit.run_cli("backup", "-r", repo, "--files-from-raw", "/dev/zero", ok=(2,))
     assert proc.stderr.decode().strip() == "chunkvault: list of files /dev/zero is a device that gave more " \
-                                           "than 1 MiB: give a file, a pipe or - for standard input"
+                                           "than 1 MiB: give a file or a pipe"
+    with open("/dev/zero", "rb") as zero:
+        proc = subprocess.run(crashkit.cli_argv("backup", "-r", repo, "--files-from", "-"), stdin=zero,
+                              env=crashkit.cli_env(), capture_output=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.decode().strip() == (
+        "chunkvault: list of files - (standard input) is a device that gave more than 1 MiB: give a file or a pipe")
     proc = crashkit.run_cli("backup", "-r", repo, str(tmp_path), "--exclude-file", "/dev/urandom", ok=(2,))
     assert "exclude file /dev/urandom is a device" in proc.stderr.decode()
     proc = crashkit.run_cli("backup", "-r", repo, "--files-from", "/dev/null", ok=(2,))
@@ -175,8 +181,6 @@ def test_a_list_file_line_ends_at_a_line_feed_alone(tmp_path, repo):
 def test_files_from_raw_takes_find_print0_output_on_standard_input(tmp_path, new_repo, cli):
     """`find ... -print0 | chunkvault backup --files-from-raw -`: find ends every name with a NUL, the last
     one too, and that end is no empty name to refuse."""
-    import subprocess
-
     from chunkvault.store.manifest import T_FILE
 
     src = tmp_path / "src"
