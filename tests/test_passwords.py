@@ -217,12 +217,20 @@ def test_policy_password_command(tmp_path, env, capsys):
 
 def test_end_of_input_at_the_prompt_is_no_password(tmp_path):
     """Ctrl-D at the terminal's prompt ended in "internal error: EOFError" (exit 1)."""
-    import pty
-    import select
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
     env["CHUNKVAULT_REPOSITORY"] = str(tmp_path / "repo")
     Repository.init(env["CHUNKVAULT_REPOSITORY"], PASSWORD, kdf_seconds=0).close()
+    code, said = _answered_at_the_terminal(env, b"\x04")
+    assert code == 2
+    assert said.decode().splitlines()[-1] == "chunkvault: no repository password: the prompt's input ended"
+
+
+def _answered_at_the_terminal(env: dict[str, str], typed: bytes) -> tuple[int, bytes]:
+    """``chunkvault snapshots`` run on a terminal of its own (its controlling one), ``typed`` at its password
+    prompt: its exit code and all it wrote there."""
+    import pty
+    import select
+
     pid, fd = pty.fork()
     if pid == 0:
         os.execve(sys.executable, [sys.executable, "-m", "chunkvault.cli", "snapshots"], env)
@@ -230,7 +238,7 @@ def test_end_of_input_at_the_prompt_is_no_password(tmp_path):
     while b"password: " not in said:
         select.select([fd], [], [], 30)
         said += os.read(fd, 4096)
-    os.write(fd, b"\x04")
+    os.write(fd, typed)
     while True:
         try:
             piece = os.read(fd, 4096)
@@ -240,40 +248,20 @@ def test_end_of_input_at_the_prompt_is_no_password(tmp_path):
             break
         said += piece
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 2
-    assert said.decode().splitlines()[-1] == "chunkvault: no repository password: the prompt's input ended"
+    return os.waitstatus_to_exitcode(status), said
 
 
 @pytest.mark.parametrize("typed", [b"p\xe4ss", "pässwörd".encode()])
 def test_the_prompt_takes_the_bytes_typed_as_a_password_file_gives_them(tmp_path, typed):
     """A byte that is not UTF-8 (a Latin-1 terminal's) ended in "internal error: UnicodeDecodeError", though
     the same password in a file or CHUNKVAULT_PASSWORD opened the repository; in the C locale too."""
-    import pty
-    import select
-
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHUNKVAULT_", "LC_", "LANG"))}
     env.update(CHUNKVAULT_REPOSITORY=str(tmp_path / "repo"), LC_ALL="C")
     (tmp_path / "pw").write_bytes(typed + b"\n")
     Repository.init(env["CHUNKVAULT_REPOSITORY"], passwords.read_password_file(str(tmp_path / "pw")),
                     kdf_seconds=0).close()
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execve(sys.executable, [sys.executable, "-m", "chunkvault.cli", "snapshots"], env)
-    said = b""
-    while b"password: " not in said:
-        select.select([fd], [], [], 30)
-        said += os.read(fd, 4096)
-    os.write(fd, typed + b"\n")
-    while True:
-        try:
-            piece = os.read(fd, 4096)
-        except OSError:  # the other end closed
-            break
-        if not piece:
-            break
-        said += piece
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, said
+    code, said = _answered_at_the_terminal(env, typed + b"\n")
+    assert code == 0, said
     assert said.splitlines()[-1] == b"0 snapshots"
 
 
