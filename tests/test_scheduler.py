@@ -456,8 +456,10 @@ def test_a_run_whose_terminal_closes_stops_as_on_sigterm(tmp_path, repo_url, tre
          "post": f"env | grep ^CHUNKVAULT_ | sort > {q(str(env_out))}"}], top='full = "daily 02:00"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
     env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    # a hangup the tests' own runner ignores (started under nohup) would be ignored by the run too, by design
     proc = subprocess.Popen([sys.executable, "-m", "chunkvault.cli", "run", "--config", str(policy)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         wait_for(started.exists, proc, "the pre hook")
         proc.send_signal(signum)
