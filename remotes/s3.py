@@ -193,8 +193,11 @@ class S3Remote(Remote):
             session = boto3.session.Session(profile_name=profile)
             region = region or session.region_name or "us-east-1"
             self._client = session.client("s3", region_name=region, endpoint_url=endpoint_url, config=config)
-        except botocore.exceptions.ProfileNotFound:
-            raise UsageError(f"AWS profile {profile!r} not found") from None
+        except botocore.exceptions.ProfileNotFound as exc:
+            # AWS_PROFILE names it where no option does: say which one, and where it was looked for
+            named = profile or exc.kwargs.get("profile")
+            source = "" if profile else " (from AWS_PROFILE)"
+            raise UsageError(f"AWS profile {named!r}{source} not found in the AWS config or credentials files") from None
         except (ValueError, botocore.exceptions.BotoCoreError) as exc:
             raise UsageError(f"cannot set up the S3 client for {self.display_url}: {exc}") from None
         self.region = region

@@ -218,6 +218,12 @@ def test_unknown_profile_is_a_usage_error(s3_bucket):
         _open(s3_bucket, profile="no-such-profile")
 
 
+def test_an_unknown_profile_from_aws_profile_is_named(s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    with pytest.raises(UsageError, match=r"'no-such-profile' \(from AWS_PROFILE\) not found"):
+        _open(s3_bucket)
+
+
 def test_unreachable_endpoint_is_transient(moto_s3):
     port = free_port()  # nothing listens there; moto_s3 only supplies the test credentials
     with open_remote("s3://bucket/repo", endpoint_url=f"http://127.0.0.1:{port}", connect_timeout=2) as remote:
