@@ -198,6 +198,11 @@ class S3Remote(Remote):
             named = profile or exc.kwargs.get("profile")
             source = "" if profile else " (from AWS_PROFILE)"
             raise UsageError(f"AWS profile {named!r}{source} not found in the AWS config or credentials files") from None
+        except (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError,
+                botocore.exceptions.CredentialRetrievalError) as exc:
+            # found while the client is made (half of a key pair set, a credential_process that fails): the
+            # same refusal, exit 14, as when the first request finds no credentials
+            raise self._error(exc, "connect", None) from None
         except (ValueError, botocore.exceptions.BotoCoreError) as exc:
             raise UsageError(f"cannot set up the S3 client for {self.display_url}: {exc}") from None
         self.region = region
@@ -241,8 +246,10 @@ class S3Remote(Remote):
                 return RemoteUnavailable(f"S3 {op} {where} failed, try again: {code or status} {message}")
             return RemoteError(f"S3 {op} {where} failed: {code or status}: {message}")
         if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError, bce.CredentialRetrievalError)):
+            # which half is missing, which credential_process failed: botocore says; "none found" it does not need
+            detail = "" if isinstance(exc, bce.NoCredentialsError) else f": {str(exc).strip().rstrip(':')}"
             return PermissionDenied(
-                f"no usable AWS credentials for {self.display_url} "
+                f"no usable AWS credentials for {self.display_url}{detail} "
                 "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the AWS config files)"
             )
         if isinstance(exc, bce.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):

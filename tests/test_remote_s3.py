@@ -205,6 +205,22 @@ def test_no_credentials_is_permission_denied(s3_bucket, monkeypatch):
             remote.get("config")
 
 
+def test_half_a_key_pair_is_permission_denied_as_none_is(s3_bucket, monkeypatch):
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(PermissionDenied, match="credentials .*missing: AWS_SECRET_ACCESS_KEY"):
+        _open(s3_bucket).get("config")
+
+
+def test_a_failing_credential_process_is_permission_denied(s3_bucket, monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    config = tmp_path / "aws-config"
+    config.write_text("[profile vault]\ncredential_process = /bin/false\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    with pytest.raises(PermissionDenied, match="credentials .*custom-process"):
+        _open(s3_bucket, profile="vault").get("config")
+
+
 @pytest.mark.skip(
     reason="moto accepts any access key and secret, so a wrong-credentials refusal cannot be "
     "produced by the test server; the 403 mapping is covered by test_error_mapping"
