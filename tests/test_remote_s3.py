@@ -221,12 +221,38 @@ def test_a_failing_credential_process_is_permission_denied(s3_bucket, monkeypatc
         _open(s3_bucket, profile="vault").get("config")
 
 
-@pytest.mark.skip(
-    reason="moto accepts any access key and secret, so a wrong-credentials refusal cannot be "
-    "produced by the test server; the 403 mapping is covered by test_error_mapping"
-)
-def test_wrong_credentials_are_refused():
-    pass
+def test_wrong_credentials_are_refused(s3_credentials, monkeypatch):
+    """moto checks keys and signatures once its first requests (here: making a user and its key) are served."""
+    import json
+
+    import boto3
+    from servers_s3 import MotoServer
+
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "3")
+    server = MotoServer()
+    server.start()
+    try:
+        iam = boto3.session.Session().client("iam", endpoint_url=server.endpoint, region_name="us-east-1")
+        iam.create_user(UserName="backup")
+        key = iam.create_access_key(UserName="backup")["AccessKey"]
+        allow_all = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="backup", PolicyName="all", PolicyDocument=json.dumps(allow_all))
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        boto3.session.Session().client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(
+            Bucket="signed")
+        with open_remote("s3://signed/repo", endpoint_url=server.endpoint) as remote:
+            remote.put("config", b"c")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        with open_remote("s3://signed/repo", endpoint_url=server.endpoint) as remote:
+            with pytest.raises(PermissionDenied, match="signature"):
+                remote.get("config")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000")
+        with open_remote("s3://signed/repo", endpoint_url=server.endpoint) as remote:
+            with pytest.raises(PermissionDenied, match="Access Key Id"):
+                list(remote.list("data/"))
+    finally:
+        server.stop()
 
 
 def test_unknown_profile_is_a_usage_error(s3_bucket):
