@@ -121,7 +121,7 @@ def import_key(remote: Remote, export: KeyExport, password: bytes, what: str, *,
     without repository objects (an export alone makes no repository).  Under the exclusive lock, as key
     passwd."""
     material, exported = export.unlock(password, what)
-    if remote.stat("config") is None and not repository_objects(remote):
+    if remote.stat("config") is None and not repository_objects(remote).own:
         raise missing_config(remote)  # before the lock, which would be the first object there
     with RepoLock(remote, EXCLUSIVE, "key import", wait=wait):
         restored, notes = [], []

@@ -51,8 +51,8 @@ from .pack import PackBuffers, PackBuilder, PackEntry, fetch_header
 from .packranges import RecentRanges
 from .chronology import chronological_key
 from .snapshot import Snapshot
-from .unlock import (KEY_IMPORT_HINT, Unlocked, only_keys_hint, password_for, repository_objects, require_openable,
-                     unlock)
+from .unlock import (KEY_IMPORT_HINT, Unlocked, nested_hint, only_keys_hint, password_for, repository_objects,
+                     require_openable, unlock)
 
 if TYPE_CHECKING:
     from .locks import RepoLock
@@ -217,10 +217,14 @@ class Repo:
             raise RepositoryExists(f"{remote.display_url} lies inside the repository at {outer}, which would take "
                                    "this one's objects for its own: choose a place outside it")
         leftovers = repository_objects(remote)
-        if leftovers:
-            raise RepositoryExists(f"{remote.display_url} holds repository objects ({', '.join(leftovers)}) but "
+        if leftovers.own:
+            raise RepositoryExists(f"{remote.display_url} holds repository objects ({', '.join(leftovers.own)}) but "
                                    "no config: a repository lost its config there; not creating one over it"
-                                   + only_keys_hint(leftovers))
+                                   + only_keys_hint(leftovers.own))
+        if leftovers.nested:
+            raise RepositoryExists(f"{remote.display_url} holds the repository at "
+                                   f"{nested_hint(remote, leftovers.nested)}, whose objects one made here would take "
+                                   "for its own: choose another place")
         if settings is None:
             settings = Settings(chunker=ChunkerParams().to_dict())
         ChunkerParams.from_dict(settings.chunker)  # validates

@@ -35,9 +35,48 @@ KEY_IMPORT_HINT = "; a key export of this repository puts it back (`key import F
 REPOSITORY_DIRS = ("keys/", "data/", "index/", "snapshots/", "wal/")
 
 
-def repository_objects(remote: Remote) -> list[str]:
-    """Which of a repository's directories hold objects (each listed until its first object)."""
-    return [d for d in REPOSITORY_DIRS if next(iter(remote.list(d)), None) is not None]
+class Leftovers(NamedTuple):
+    """What a location's repository directories hold: objects of a repository of its own (the directories
+    holding them), and other repositories made below it in one of them (their keys' prefixes, ``keys``)."""
+
+    own: list[str]
+    nested: list[str]
+
+
+def repository_objects(remote: Remote) -> Leftovers:
+    """Which of a repository's directories hold objects of their own (each listed until its first), and
+    which repositories lie in them.  An object of a repository made at ``.../keys`` (its ``keys/config``)
+    counted as this location's: it was then called a repository that lost its config, and the hint said
+    that removing keys/ would let init run, the other repository with it."""
+    own: list[str] = []
+    nested: list[str] = []
+    configs: dict[str, bool] = {}
+
+    def holds_config(prefix: str) -> bool:
+        if prefix not in configs:
+            configs[prefix] = remote.stat(f"{prefix}/config") is not None
+            if configs[prefix]:
+                nested.append(prefix)
+        return configs[prefix]
+
+    for d in REPOSITORY_DIRS:
+        for o in remote.list(d):
+            parts = o.key.split("/")
+            if _shaped_as_own(d, parts) or not any(holds_config("/".join(parts[:n])) for n in range(1, len(parts))):
+                own.append(d)
+                break
+    return Leftovers(own, nested)
+
+
+def _shaped_as_own(directory: str, parts: list[str]) -> bool:
+    """Whether an object's key has the depth of ``directory``'s own objects (``data/ab/ID``, ``keys/NAME``),
+    and is no config: only others are looked above for a config (a name no object has, which a backup
+    service would refuse to be asked about)."""
+    return len(parts) == (3 if directory == "data/" else 2) and parts[-1] != "config"
+
+
+def nested_hint(remote: Remote, nested: list[str]) -> str:
+    return ", ".join(f"{remote.display_url.rstrip('/')}/{prefix}" for prefix in nested)
 
 
 def only_keys_hint(found: list[str]) -> str:
@@ -51,11 +90,12 @@ def missing_config(remote: Remote) -> Exception:
     """The error for a location without a config: no repository, or one that lost its config (then
     nothing must be created over it, and no hint may lead to deleting what it holds but key files alone)."""
     found = repository_objects(remote)
-    if not found:
-        return RepositoryNotFound(f"no repository at {remote.display_url}")
+    if not found.own:
+        return RepositoryNotFound(f"no repository at {remote.display_url}" + (
+            f" (another lies below it, at {nested_hint(remote, found.nested)})" if found.nested else ""))
     return CorruptObject("config", f"missing at {remote.display_url}, which holds repository objects "
-                                   f"({', '.join(found)}); put back a copy of the config file{KEY_IMPORT_HINT}"
-                                   f"{only_keys_hint(found)}")
+                                   f"({', '.join(found.own)}); put back a copy of the config file{KEY_IMPORT_HINT}"
+                                   f"{only_keys_hint(found.own)}")
 
 
 def no_key_files() -> CorruptObject:

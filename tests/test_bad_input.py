@@ -132,6 +132,28 @@ def test_no_repository_is_made_inside_another(tmp_path):
     Repository.init(str(tmp_path / "beside"), PASSWORD, kdf_seconds=0).close()
 
 
+@pytest.mark.parametrize("inner", ["keys", "data/x", "snapshots/a/b"])
+def test_a_repository_in_a_directory_of_one_above_it_is_no_lost_config_there(tmp_path, inner):
+    """A repository made at ``outer/keys`` made ``outer`` look like a repository that lost its config, whose
+    hint said that removing keys/ there lets init run again: the inner repository with it.  Nothing is made at
+    ``outer`` (it would take the inner one's objects for its own), and opening it names the inner one."""
+    from chunkvault.errors import RepositoryExists, RepositoryNotFound
+
+    outer = tmp_path / "outer"
+    with Repository.init(str(outer / inner), PASSWORD, kdf_seconds=0) as repo:
+        (tmp_path / "f").write_bytes(b"kept")
+        repo.backup([str(tmp_path / "f")])
+    with pytest.raises(RepositoryNotFound) as opened:
+        Repository.open(str(outer), PASSWORD)
+    assert str(opened.value) == f"no repository at {outer} (another lies below it, at {outer / inner})"
+    with pytest.raises(RepositoryExists) as made:
+        Repository.init(str(outer), PASSWORD, kdf_seconds=0)
+    assert f"holds the repository at {outer / inner}, whose objects" in str(made.value)
+    assert "keys/ there" not in str(made.value) and not (outer / "config").exists()
+    with Repository.open(str(outer / inner), PASSWORD) as repo:
+        assert len(repo.snapshots()) == 1
+
+
 def test_an_init_or_open_that_fails_closes_the_connection_it_made(tmp_path, monkeypatch):
     """A refused init (a repository there already) left its connection open: over SFTP an ssh process, or
     a paramiko thread, that kept every later restore of the process from forking its workers."""

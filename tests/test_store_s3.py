@@ -95,3 +95,17 @@ def test_no_repository_is_made_inside_another(s3_bucket, password):
         with pytest.raises(RepositoryExists, match=f"lies inside the repository at {s3_bucket.url}/"):
             Repository.init(s3_bucket.url + below, password, kdf_seconds=0, **s3_bucket.options)
     Repository.init(s3_bucket.url + "-beside", password, kdf_seconds=0, **s3_bucket.options).close()
+
+
+def test_a_repository_named_keys_below_a_prefix_is_no_lost_config_there(s3_bucket, password):
+    """`init s3://bkt/p/keys`, then `init s3://bkt/p`: refused, as before, but the reason said a repository lost
+    its config at p, and that removing keys/ there lets init run again, the inner repository with it."""
+    import pytest
+
+    from chunkvault.errors import RepositoryExists, RepositoryNotFound
+
+    Repository.init(s3_bucket.url + "/p/keys", password, kdf_seconds=0, **s3_bucket.options).close()
+    with pytest.raises(RepositoryExists, match=r"holds the repository at \S+/p/keys, whose objects"):
+        Repository.init(s3_bucket.url + "/p", password, kdf_seconds=0, **s3_bucket.options)
+    with pytest.raises(RepositoryNotFound, match=r"no repository at \S+/p/? \(another lies below it, at \S+/p/keys\)"):
+        Repository.open(s3_bucket.url + "/p", password, **s3_bucket.options)
