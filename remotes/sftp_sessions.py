@@ -471,8 +471,10 @@ def _connect_failure(target: SSHTarget, exc: BaseException) -> ChunkvaultError:
     """The error for a paramiko connection that failed other than on its host key or a refused key."""
     if str(exc) == "No authentication methods available":  # no key file, agent or ~/.ssh/id_*: was retried
         return refused_login(target, target.user)           # as an outage, 8 times
-    if str(exc).startswith("Error reading SSH protocol banner") and isinstance(exc.__context__, EOFError):
-        # closed before any banner (sshd's MaxStartups, a host rule), at once: no wait ran out
+    if str(exc).startswith("Error reading SSH protocol banner") and isinstance(exc.__context__,
+                                                                               (EOFError, ConnectionError)):
+        # closed (or reset, our banner unread) before any banner (sshd's MaxStartups, a host rule), at once:
+        # no wait ran out
         return RemoteUnavailable(f"cannot connect to SSH server {target.where()}: the connection was closed "
                                  "before the SSH handshake")
     if str(exc) == "No existing session" or str(exc).startswith("Error reading SSH protocol banner"):
