@@ -1225,6 +1225,7 @@ def test_another_web_server_at_the_url_is_no_damaged_repository(tmp_path, cli):
 
     class Welcome(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = 5  # a connection left open ends its thread soon: a restore later in this process forks
 
         def log_message(self, *args) -> None:
             pass
@@ -1339,7 +1340,8 @@ def _stand_in_service(answer: Callable[[Any], None], method: str = "PUT") -> Ite
     import http.server
 
     handler = type("Handler", (http.server.BaseHTTPRequestHandler,), {
-        "protocol_version": "HTTP/1.1", f"do_{method}": answer, "log_message": lambda self, *args: None})
+        "protocol_version": "HTTP/1.1", f"do_{method}": answer, "log_message": lambda self, *args: None,
+        "timeout": 5})  # a connection left open ends its thread soon: a restore later in this process forks
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -1369,8 +1371,8 @@ def test_a_service_s_answers_are_sorted_into_the_error_hierarchy(status, error):
         handler.rfile.read(int(handler.headers["Content-Length"]))
         _answer(handler, status, b'{"error": "as told"}')
 
-    with _stand_in_service(answer) as url:
-        remote = wrap_remote(HTTPRemote.from_url(url, token="t" * 20), attempts=3, base_delay=0.01)
+    with _stand_in_service(answer) as url, wrap_remote(HTTPRemote.from_url(url, token="t" * 20), attempts=3,
+                                                       base_delay=0.01) as remote:
         with pytest.raises(error) as info:
             remote.put("locks/x", b"1", if_absent=True)
         assert type(info.value) is error
