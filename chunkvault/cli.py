@@ -30,6 +30,7 @@ from .store.manifest import (F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_BLOC
                              TYPE_NAMES, Entry, Record, unread, what_changed)
 from .store.overwrite import OVERWRITE_MODES, check_overwrite
 from .store.snapshot import Snapshot
+from .store.tarformat import is_utf8
 from .store.xattrs import decode_xattrs
 from .units import format_size
 from .walfetch import FATAL_EXIT
@@ -411,7 +412,7 @@ def _name_json(key: str, name: bytes | str | None) -> dict[str, Any]:
         return {key: None}
     raw = os.fsencode(name)
     out: dict[str, Any] = {key: _json_text(raw)}
-    if not _utf8(raw):
+    if not is_utf8(raw):
         out[key + "_b64"] = base64.b64encode(raw).decode("ascii")
     return out
 
@@ -440,14 +441,6 @@ def _entry_json(e: Entry, unread_paths: Collection[bytes] = ()) -> dict[str, Any
             **_xattrs_json(e.xattrs), "unreadable": _unreadable(e, unread_paths)}
 
 
-def _utf8(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def _xattrs_json(raw: bytes) -> dict[str, Any]:
     """An entry's extended attributes (ACLs too), name -> value in base64: a restore sets them, and diff and
     find tell versions apart by them, so a listing that left them out showed such versions alike.  A name
@@ -457,7 +450,7 @@ def _xattrs_json(raw: bytes) -> dict[str, Any]:
     pairs = decode_xattrs(raw)
     out: dict[str, Any] = {"xattrs": {_json_text(name): base64.b64encode(value).decode()
                                       for name, value in pairs.items()}}
-    if not all(_utf8(name) for name in pairs):
+    if not all(is_utf8(name) for name in pairs):
         out["xattrs_b64"] = {base64.b64encode(name).decode("ascii"): base64.b64encode(value).decode()
                              for name, value in pairs.items()}
     return out
