@@ -30,7 +30,6 @@ from .store.manifest import (F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_BLOC
                              TYPE_NAMES, Entry, Record, unread, what_changed)
 from .store.overwrite import OVERWRITE_MODES, check_overwrite
 from .store.snapshot import Snapshot
-from .store.tarformat import is_utf8
 from .store.xattrs import decode_xattrs
 from .units import format_size
 from .walfetch import FATAL_EXIT
@@ -408,6 +407,8 @@ def _name_json(key: str, name: bytes | str | None) -> dict[str, Any]:
     language may turn those into U+FFFD, so a program that must name the file exactly reads ``_b64``.
     The text is the UTF-8 reading whatever the locale: ``os.fsdecode`` in the C locale without UTF-8 mode
     (or a Latin-1 one) gave a UTF-8 name as surrogates (or as other characters), with no ``_b64``."""
+    from .store.tarformat import is_utf8  # not at start-up: archive-push starts for every WAL segment
+
     if name is None:
         return {key: None}
     raw = os.fsencode(name)
@@ -447,6 +448,8 @@ def _xattrs_json(raw: bytes) -> dict[str, Any]:
     that is not UTF-8 is a key with lone surrogates, as in a path, which another language's parser may read
     as U+FFFD (two such names then one key): ``xattrs_b64`` then keys each value by its name's exact bytes
     in base64."""
+    from .store.tarformat import is_utf8
+
     pairs = decode_xattrs(raw)
     out: dict[str, Any] = {"xattrs": {_json_text(name): base64.b64encode(value).decode()
                                       for name, value in pairs.items()}}
