@@ -1,10 +1,15 @@
 """S3Remote against moto running as a real HTTP server (see servers_s3.py)."""
 from __future__ import annotations
 
+import datetime
+import email.utils
 import socket
 import time
 
 import botocore.exceptions
+import botocore.utils
+import hypothesis
+import hypothesis.strategies
 import pytest
 
 from chunkvault.errors import (
@@ -17,7 +22,7 @@ from chunkvault.errors import (
     UsageError,
 )
 from chunkvault.remotes import open_remote
-from chunkvault.remotes.s3 import S3Remote, parse_s3_url
+from chunkvault.remotes.s3 import S3Remote, _timestamp, parse_s3_url
 
 from remote_contract import check_remote_contract
 from netutil import free_port
@@ -31,6 +36,22 @@ def _open(bucket, **options) -> S3Remote:
     remote = open_remote(bucket.url, **{**bucket.options, **options})
     assert isinstance(remote, S3Remote)
     return remote
+
+
+_ZONES = hypothesis.strategies.sampled_from([datetime.timezone.utc, datetime.timezone(datetime.timedelta(hours=-7))])
+
+
+@hypothesis.given(hypothesis.strategies.datetimes(min_value=datetime.datetime(1970, 1, 2), timezones=_ZONES),
+                  hypothesis.strategies.sampled_from(["iso_z", "iso", "iso_ms_z", "http"]))
+def test_timestamps_read_as_botocore_reads_them(moment, form):
+    # The listing's LastModified is read without dateutil: the same instant, aware, in every form a server sends.
+    text = {"iso_z": moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "iso": moment.isoformat(),
+            "iso_ms_z": moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+            "http": email.utils.format_datetime(moment.astimezone(datetime.timezone.utc), usegmt=True)}[form]
+    ours = _timestamp(text)
+    assert ours == botocore.utils.parse_timestamp(text)
+    assert ours.tzinfo is not None
 
 
 def test_contract_with_multipart_big_object(s3_bucket):
