@@ -590,6 +590,11 @@ class Repository:
             self._ledger.observe(present, before=before, digests=self._digests(snaps))
         return snaps
 
+    def _judge(self, dry_run: bool) -> Callable[[list[Snapshot]], list[Snapshot]] | None:
+        """What a backup hands the listing it makes under its lock: ``_guard``, before it stores anything (a dry
+        run stores nothing, and its listing was noted before it began)."""
+        return None if dry_run else self._guard
+
     def _present(self, snaps: list[Snapshot]) -> dict[str, datetime]:
         """The ledger's view of a listing (an unreadable snapshot is there, not rolled back); one warning
         per unreadable snapshot."""
@@ -780,11 +785,12 @@ class Repository:
         self._repo.drop_stale(index=False)
         try:
             markers = markers_of(exclude_if_present, exclude_caches)
-            snaps = self._list() if dry_run else self._guard()
+            if dry_run:
+                self._list()
             opts = BackupOptions(kind=kind, tags=list(tags or []), host=host, excludes=list(excludes or []),
                                  delta=delta, no_delta=list(no_delta or []), fixed_chunks=list(fixed_chunks or []),
                                  fixed_chunk_size=fixed_chunk_size, progress=self._progress(progress), dry_run=dry_run,
-                                 parent=find_snapshot(snaps, _spec(parent)) if parent else None, reread=reread,
+                                 parent=_spec(parent) if parent else None, judge=self._judge(dry_run), reread=reread,
                                  skip_if_unchanged=skip_if_unchanged, ignore_inode=ignore_inode,
                                  ignore_ctime=ignore_ctime, xattrs=xattrs, time=_time(time),
                                  lock_wait=_wait(wait), listing=listing, list_unchanged=list_unchanged,
@@ -851,8 +857,7 @@ class Repository:
         check_stdin_name(name)  # before a lock is waited for, or a command started
         check_one_line(opts.tags, opts.host)
         self._repo.drop_stale(index=False)
-        if not opts.dry_run:
-            self._guard()
+        opts.judge = self._judge(opts.dry_run)
         opts.progress = self._progress(opts.progress)
         op = self._current.op
         with open_stream() as stream:
@@ -889,12 +894,11 @@ class Repository:
             raise UsageError(f"strip_components is a whole number of at least 0, not {strip_components!r}")
         opts = _stream_options(kind, tags, host, delta, fixed_chunks, fixed_chunk_size, dry_run, time, wait,
                                progress, compression_level)
-        opts.parent = None
+        opts.parent, opts.judge = (_spec(parent) if parent else None), self._judge(dry_run)
         check_one_line(opts.tags, opts.host)
         self._repo.drop_stale(index=False)
-        snaps = self._list() if dry_run else self._guard()
-        if parent:
-            opts.parent = find_snapshot(snaps, _spec(parent))
+        if dry_run:
+            self._list()
         opts.progress = self._progress(opts.progress)
         with contextlib.ExitStack() as stack:
             if isinstance(tar, (str, os.PathLike)):

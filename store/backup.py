@@ -30,7 +30,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple, 
 import blake3
 
 from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, READ_BYTES, fixed_chunks
-from chunkvault.errors import CorruptObject, MissingObject, SnapshotNotFound, UsageError
+from chunkvault.errors import CorruptObject, MissingObject, UsageError
 
 from .chain import apply, broken_chains, compose
 from .manifest import (
@@ -45,7 +45,7 @@ from .manifest_io import ManifestWriter
 from .owners import OWNERS_KEY, names_of, note_ids
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
 from .retention import AHEAD
-from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, iso, now_iso
+from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, find_snapshot, iso, now_iso
 from .unlock import require_openable
 from .source import (NOT_REGULAR_ERRNOS, Excluded, Replaced, SmallRead, SourceWalk, StatFailed, TreeTotal,
                      open_beneath, open_source_file, read_small_files)
@@ -141,7 +141,11 @@ class BackupOptions:
     kind: str = "auto"  # auto | full | diff
     tags: list[str] = field(default_factory=list)
     host: str | None = None
-    parent: Snapshot | None = None  # default: newest snapshot of the same host and paths
+    parent: str | None = None  # an id, a unique prefix or latest; default: newest snapshot of the same host and paths
+    # The listing made under the lock, before anything is stored, is handed to this, and what it gives back is
+    # the listing the backup goes on with: the client's ledger judges it for a rollback (the API's guard).  One
+    # listing serves both: each read every snapshot object's name, a year of hourly ones on S3 nine pages.
+    judge: Callable[[list[Snapshot]], list[Snapshot]] | None = None
     excludes: list[str] = field(default_factory=list)
     delta: bool = True
     no_delta: list[str] = field(default_factory=list)  # globs of paths never stored as deltas
@@ -1256,8 +1260,12 @@ class Backup:
                     self.repo.drop_stale(index=False)
                 if not self.opt.dry_run:  # and the settings as `config set` left them
                     self.repo.follow_settings(require_openable(self.repo.remote, self.repo.config.repo_id))
+                snapshots = self.repo.snapshots()  # before the index: it then holds every listed snapshot's blobs
+                if self.opt.judge is not None:
+                    snapshots = self.opt.judge(snapshots)
+                parent = find_snapshot(snapshots, self.opt.parent) if self.opt.parent is not None else None
                 self.repo.fresh_index()
-                return self._run(source, paths, stream=stream, stdin_name=stdin_name, tar=tar)
+                return self._run(snapshots, parent, source, paths, stream=stream, stdin_name=stdin_name, tar=tar)
         finally:
             if source is not None:
                 source.close()
@@ -1357,24 +1365,19 @@ class Backup:
                 note_ids(rec.entry, uids, gids)
         return None
 
-    def _run(self, source: SourceWalk | None, paths: list[str], *,
-             stream: BinaryIO | None, stdin_name: str | None, tar: "TarSource | None" = None) -> BackupResult:
+    def _run(self, snapshots: list[Snapshot], parent: Snapshot | None, source: SourceWalk | None, paths: list[str],
+             *, stream: BinaryIO | None, stdin_name: str | None, tar: "TarSource | None" = None) -> BackupResult:
+        """``snapshots``: the listing made under the lock; ``parent``: the one asked for, found in it."""
         repo = self.repo
         host = self.opt.host or socket.gethostname()
-        snapshots = repo.snapshots()
         same = [s for s in snapshots if s.host == host and sorted(s.paths) == sorted(paths)
                 and s.stdin_name == stdin_name and (self.opt.time is None or s.datetime <= self.opt.time)]
         same = _not_dated_ahead(same) if self.opt.time is None else same
         self._sequence = len(same)  # this backup's number in its series: sets whose turn it is to restart
-        parent = self.opt.parent
-        if parent is not None:  # as it is now (read again under the lock), or gone: a forget took it meanwhile
-            parent = next((s for s in snapshots if s.id == parent.id), None)
-            if parent is None:
-                raise SnapshotNotFound(f"the parent snapshot {self.opt.parent.id[:8]} was removed meanwhile")
-            if self.opt.time is not None and parent.datetime > self.opt.time:
-                self.warnings.append(f"the parent snapshot {parent.id[:8]} ({parent.time}) is newer than this "
-                                     f"one's time ({iso(self.opt.time)}): a restore --until between the two "
-                                     "finds this one")
+        if parent is not None and self.opt.time is not None and parent.datetime > self.opt.time:
+            self.warnings.append(f"the parent snapshot {parent.id[:8]} ({parent.time}) is newer than this "
+                                 f"one's time ({iso(self.opt.time)}): a restore --until between the two "
+                                 "finds this one")
         parent_tree: Iterator[Record] | None = None
         if parent is None and same:
             parent, parent_tree = self._usable_parent(same, snapshots)

@@ -14,7 +14,9 @@ import crashkit
 from chunkvault import Repository
 from chunkvault.errors import RollbackDetected
 from chunkvault.ledger import RepositoryStateWarning, default_dir
+from chunkvault.remotes import open_remote
 from chunkvault.store.retention import RetentionPolicy
+from faults import FaultyRemote
 from treeutil import describe
 
 PW = crashkit.PASSWORD
@@ -124,6 +126,7 @@ def test_deleting_the_newest_snapshots_is_a_rollback(chain, tmp_path, deleted):
             _restores(repo, {sid: states[sid] for sid in ids[:-deleted]}, tmp_path)
         with pytest.raises(RollbackDetected, match=newest):
             repo.backup([tree.root])
+        assert os.listdir(os.path.join(path, "locks")) == []  # judged under its lock, which it then let go
         with pytest.raises(RollbackDetected):
             repo.forget([ids[0]])
         assert _problems(repo)  # listing again keeps the evidence
@@ -533,3 +536,29 @@ def test_a_chain_retired_by_a_second_aggregate_is_in_the_ledger(chain):
     with crashkit.open_repo(path) as repo:
         problems = _problems(repo)
         assert {o for o, _ in problems} == {f"snapshots/{b}"} and any("replayed" in p for _, p in problems)
+
+
+class _CountedListings(FaultyRemote):
+    """A remote that counts the listings of snapshot objects."""
+
+    def __init__(self, inner):
+        super().__init__(inner, seed=0)
+        self.snapshot_listings = 0
+
+    def list(self, prefix: str = ""):
+        self.snapshot_listings += prefix.startswith("snapshots")
+        return super().list(prefix)
+
+
+@pytest.mark.parametrize("parent", [None, "first"])
+def test_a_backup_lists_the_snapshots_once_and_the_ledger_judges_that_listing(chain, parent):
+    # Each listing reads every snapshot object's name (on S3, a page per thousand): the one made under the
+    # backup's lock serves the ledger's judgement and the search for the parent alike.
+    path, tree, states, _ = chain
+    remote = _CountedListings(open_remote(path))
+    with Repository.open(remote, PW) as repo:
+        listed = remote.snapshot_listings
+        tree.mutate()
+        result = repo.backup([tree.root], kind="diff", parent=list(states)[0][:8] if parent else None)
+        assert remote.snapshot_listings == listed + 1
+        assert result.snapshot.parent == list(states)[0 if parent else -1]
