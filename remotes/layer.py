@@ -348,7 +348,10 @@ class CachingRemote(Remote):
     expired and archived again) is served from the cache only when the latest
     listing gave the object a version (``ObjectInfo``) and the entry records
     that same version; where the backend's listing gives none, such objects
-    are always fetched.  Each key has one entry, so a write or delete drops it
+    are always fetched.  Nor is an index entry of another size than the
+    latest listing gives its object: the stored object was cut short or
+    replaced since, and a copy read in its place would hide that from this
+    client alone.  Each key has one entry, so a write or delete drops it
     without a look at its neighbours (an archive holds tens of thousands).
     ``delete`` drops an entry, ``list`` and ``stat`` always ask the inner remote.  Each cache file
     records the object's size and digest: a truncated or damaged file is
@@ -367,6 +370,7 @@ class CachingRemote(Remote):
         self.prefixes = tuple(prefixes)
         self.rewritable = tuple(rewritable)
         self._versions: dict[str, str] = {}  # rewritable key -> its version in the latest listing
+        self._sizes: dict[str, int] = {}  # other cached key -> its size in the latest listing
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -435,17 +439,18 @@ class CachingRemote(Remote):
     def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
         if not self.cacheable(validate_key(key)):
             return self.inner.get(key, start, length)
-        version = None
-        if key.startswith(self.rewritable):
-            with self._lock:
-                version = self._versions.get(key)
-            if version is None:  # no listing vouches for a cached copy
-                self._count("misses")
-                return self.inner.get(key, start, length)
+        with self._lock:
+            version, size = self._versions.get(key), self._sizes.get(key)
+        if version is None and key.startswith(self.rewritable):  # no listing vouches for a cached copy
+            self._count("misses")
+            return self.inner.get(key, start, length)
         path = self._path(key)
         data = self._load(path)
         if data is not None and version is not None:
             data = _unversioned(data, version)
+        elif data is not None and size is not None and len(data) != size:  # not the object stored now
+            self._count("discarded")
+            data = None
         if data is None:
             self._count("misses")
             data = self.inner.get(key)
@@ -476,6 +481,9 @@ class CachingRemote(Remote):
                         self._versions.pop(info.key, None)
                     else:
                         self._versions[info.key] = info.version
+            elif self.cacheable(info.key):
+                with self._lock:
+                    self._sizes[info.key] = info.size
             yield info
         for cached in self.prefixes:
             if cached.startswith(prefix) and cached.endswith("/"):

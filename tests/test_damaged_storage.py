@@ -1605,3 +1605,34 @@ def test_a_directory_that_does_not_open_is_an_error_naming_it_never_an_empty_lis
     if where != "snapshots":
         assert sorted(os.listdir(repo_dir / "index")) == index_before
     cli("check", "-r", str(repo_dir))
+
+
+def test_a_stored_index_object_cut_short_is_not_hidden_by_the_local_copy(tmp_path):
+    """A stored index object cut short (a server's full disk, a copy stopped half-way) was read from the local
+    cache, whole, by that client alone: its backups found nothing wrong and left the chunks only that object
+    lists to it, so what they saved did not restore from any other machine.  The listing gives the stored
+    size: a copy of another size is not served, and the backup leaves the object out and stores again what
+    only it listed, as one without a cache does."""
+    from chunkvault.errors import RepositoryStateWarning
+    from chunkvault.remotes.layer import wrap_remote
+    from chunkvault.remotes.local import LocalRemote
+
+    path, cache = str(tmp_path / "repo"), tmp_path / "cache"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(50_000))
+    repo = Repository.init(path, "pw", kdf_seconds=0, ledger=False)
+    repo.backup([str(src)])
+    repo.close()
+    with Repository.open(wrap_remote(LocalRemote(path), cache_dir=cache), "pw", ledger=False) as cached:
+        cached.restore("latest", str(tmp_path / "first"))  # its index object now in the cache
+    [stored] = (tmp_path / "repo" / "index").iterdir()
+    assert (cache / "index" / stored.name).exists()
+    stored.write_bytes(stored.read_bytes()[:100])
+    with Repository.open(wrap_remote(LocalRemote(path), cache_dir=cache), "pw", ledger=False) as cached:
+        with pytest.warns(RepositoryStateWarning, match=f"index/{stored.name[:12]} does not load and is left out"):
+            saved = cached.backup([str(src)]).snapshot
+    with pytest.warns(RepositoryStateWarning, match="does not load and is left out"):
+        with Repository.open(path, "pw", ledger=False) as elsewhere:  # no cache: as another machine reads it
+            elsewhere.restore(saved.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "f").read_bytes() == (src / "f").read_bytes()
