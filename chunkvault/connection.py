@@ -6,6 +6,10 @@ storage (and unlock the key) before the store's heavier modules are imported.
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import stat
+import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +59,8 @@ def connect(url: str | Remote, *, cache: bool = True, limit_upload: float | None
 
     base = cache_base() if cache else None
     cache_dir = os.path.join(base, url_digest(remote.display_url)) if base is not None else None
+    if base is not None and cache_dir is not None:
+        use_cache_dir(base, cache_dir)
     return wrap_remote(remote, cache_dir=cache_dir, stop=stop, **({} if outage is None else {"outage": outage}))
 
 
@@ -107,6 +113,37 @@ def _usable(directory: str) -> bool:
     except OSError:
         return False
     return os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)
+
+
+#: Seconds after which a repository's cache directory no command used is removed (restic's age too).
+CACHE_UNUSED_AFTER = 30 * 86400.0
+_CACHE_DIR_NAME = re.compile(r"[0-9a-f]{24}")  # ``url_digest``'s
+
+
+def use_cache_dir(base: str, cache_dir: str) -> None:
+    """Mark ``cache_dir`` used now (its mtime), and remove the repositories' cache directories beside it in
+    ``base`` that no command used for ``CACHE_UNUSED_AFTER``: each is named by its URL, so that of a
+    repository deleted, moved to another URL or a one-off copy's target otherwise stayed for ever.  Best
+    effort; only directories named as ``url_digest`` names them, never through a symbolic link."""
+    try:
+        os.utime(cache_dir)
+    except OSError:  # not made yet: its first entry makes it
+        pass
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        path = os.path.join(base, name)
+        if path == cache_dir or not _CACHE_DIR_NAME.fullmatch(name):
+            continue
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and now - st.st_mtime > CACHE_UNUSED_AFTER:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def url_digest(url: str) -> str:

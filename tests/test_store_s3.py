@@ -109,3 +109,32 @@ def test_a_repository_named_keys_below_a_prefix_is_no_lost_config_there(s3_bucke
         Repository.init(s3_bucket.url + "/p", password, kdf_seconds=0, **s3_bucket.options)
     with pytest.raises(RepositoryNotFound, match=r"no repository at \S+/p/? \(another lies below it, at \S+/p/keys\)"):
         Repository.open(s3_bucket.url + "/p", password, **s3_bucket.options)
+
+
+def test_the_cache_of_a_repository_no_command_used_for_a_month_is_removed(tmp_path, s3_bucket, monkeypatch, password):
+    """Each repository's cache is a directory named by its URL: one deleted, moved to another URL, or a one-off
+    copy's target kept its index and snapshot objects for ever, and nothing removed them.  A command marks its
+    repository's directory used and removes those beside it no command used for 30 days; anything else in
+    the cache directory is left alone."""
+    import time
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(cache))
+    src = tmp_path / "src"
+    make_tree(src, 2)
+    with Repository.init(s3_bucket.url, password, kdf_seconds=0, **s3_bucket.options) as repo:
+        repo.backup([str(src)])
+    [used] = [d for d in cache.iterdir() if d.is_dir() and d.name != "key-ahead"]
+    old, recent, other = cache / ("0" * 24), cache / ("1" * 24), cache / "notes"
+    (old / "index").mkdir(parents=True)
+    (old / "index" / ("a" * 64)).write_bytes(b"entry")
+    recent.mkdir()
+    other.mkdir()
+    month_ago = time.time() - 31 * 86400
+    for directory in (old, used, other):
+        os.utime(directory, (month_ago, month_ago))
+    with Repository.open(s3_bucket.url, password, **s3_bucket.options) as repo:
+        assert [s.kind for s in repo.snapshots()] == ["full"]
+    assert not old.exists()
+    assert used.is_dir() and recent.is_dir() and other.is_dir() and (cache / "key-ahead").is_dir()
+    assert time.time() - used.stat().st_mtime < 86400  # marked used: kept another month
