@@ -9,6 +9,7 @@ connection rather than the store's modules.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from typing import NamedTuple
 
@@ -69,10 +70,17 @@ def repository_objects(remote: Remote) -> Leftovers:
 
 
 def _shaped_as_own(directory: str, parts: list[str]) -> bool:
-    """Whether an object's key has the depth of ``directory``'s own objects (``data/ab/ID``, ``keys/NAME``),
+    """Whether an object's key has the shape of ``directory``'s own objects (``data/ab/ID``, ``keys/NAME``),
     and is no config: only others are looked above for a config (a name no object has, which a backup
-    service would refuse to be asked about)."""
-    return len(parts) == (3 if directory == "data/" else 2) and parts[-1] != "config"
+    service would refuse to be asked about).  A pack's folder is two hex digits: a repository made at
+    ``.../data`` has its ``data/keys/NAME`` and ``data/index/ID`` at a pack's depth, which were taken for
+    this location's own."""
+    if directory == "data/":
+        return len(parts) == 3 and _PACK_FOLDER.fullmatch(parts[1]) is not None and parts[-1] != "config"
+    return len(parts) == 2 and parts[-1] != "config"
+
+
+_PACK_FOLDER = re.compile(r"[0-9a-f]{2}")
 
 
 def nested_hint(remote: Remote, nested: list[str]) -> str:

@@ -132,7 +132,7 @@ def test_no_repository_is_made_inside_another(tmp_path):
     Repository.init(str(tmp_path / "beside"), PASSWORD, kdf_seconds=0).close()
 
 
-@pytest.mark.parametrize("inner", ["keys", "data/x", "snapshots/a/b"])
+@pytest.mark.parametrize("inner", ["keys", "data", "data/x", "data/ab/cd", "snapshots/a/b"])
 def test_a_repository_in_a_directory_of_one_above_it_is_no_lost_config_there(tmp_path, inner):
     """A repository made at ``outer/keys`` made ``outer`` look like a repository that lost its config, whose
     hint said that removing keys/ there lets init run again: the inner repository with it.  Nothing is made at
