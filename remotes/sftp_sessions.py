@@ -107,7 +107,8 @@ def changed_host(target: SSHTarget, fingerprint: str | None, known_hosts: str | 
     seen = f" (got {fingerprint})" if fingerprint else ""
     entry = f"; the old one is at {offending}" if offending else ""
     file = offending.rsplit(":", 1)[0] if offending else files.split(" or ")[0]
-    remove = f"ssh-keygen -R {shlex.quote(known_hosts_name_of(target))} -f {shlex.quote(file)}"
+    # expanded here: quoted, a tilde (~/.ssh/known_hosts, the default) reaches ssh-keygen as it is
+    remove = f"ssh-keygen -R {shlex.quote(known_hosts_name_of(target))} -f {shlex.quote(os.path.expanduser(file))}"
     return PermissionDenied(
         f"SSH host key for {target.where()} does not match {files}{seen}{entry}: refusing to connect "
         "(someone may be intercepting the connection; if the server's keys were renewed, confirm the new "

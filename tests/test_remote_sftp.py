@@ -732,3 +732,17 @@ def test_a_rewrite_on_the_servers_disk_changes_the_version_sftp_lists(sftp_repo,
         LocalRemote(sftp_repo.path).put("snapshots/" + "ab" * 32, b"tag b")
         (after,) = remote.list("snapshots/")
         assert after.version != before.version
+
+
+def test_a_changed_host_key_in_the_default_known_hosts_is_named_with_a_command_that_runs(sshd, sftp_repo, tmp_path,
+                                                                                         monkeypatch):
+    """The default file is ~/.ssh/known_hosts: quoted whole, its tilde reached ssh-keygen -f unexpanded, which
+    then found no such file; the command names the file as the shell would have expanded it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    known = tmp_path / ".ssh" / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port} {' '.join(sshd.user_pub.split()[:2])}\n")
+    with pytest.raises(PermissionDenied, match="does not match") as info:
+        open_remote(sftp_repo.url, key_file=sshd.user_key, ssh_config=os.devnull, transport="paramiko")
+    assert f"ssh-keygen -R '[127.0.0.1]:{sshd.port}' -f {known}," in str(info.value)
+
