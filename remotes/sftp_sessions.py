@@ -397,7 +397,9 @@ class ParamikoSessions:
         except paramiko.BadHostKeyException as exc:
             client.close()
             shown = exc.key.asbytes()
-            if prefer is None and shown not in revoked and any(e.key.asbytes() == shown for e in entries):
+            if shown in revoked:  # another key of its type is listed: OpenSSH says revoked, not changed
+                raise revoked_host(target, exc.key.get_name()) from None
+            if prefer is None and any(e.key.asbytes() == shown for e in entries):
                 return self._connect(prefer=shown)
             raise changed_host(target, _fingerprint(exc.key)) from None
         except paramiko.AuthenticationException:

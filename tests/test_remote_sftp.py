@@ -746,3 +746,19 @@ def test_a_changed_host_key_in_the_default_known_hosts_is_named_with_a_command_t
         open_remote(sftp_repo.url, key_file=sshd.user_key, ssh_config=os.devnull, transport="paramiko")
     assert f"ssh-keygen -R '[127.0.0.1]:{sshd.port}' -f {known}," in str(info.value)
 
+
+def test_a_revoked_host_key_is_refused_as_revoked_where_another_key_of_its_type_is_listed(sshd, sftp_repo, tmp_path,
+                                                                                          transport):
+    """The host's new key listed, its old (stolen) one revoked, and a server showing the old one: OpenSSH says
+    revoked; paramiko compared it with the new key and called it a changed key, advising to remove the entry
+    and accept the key shown, which is the revoked one."""
+    known = tmp_path / "known_hosts"
+    name = f"[127.0.0.1]:{sshd.port}"
+    key, other = (" ".join(pub.split()[:2]) for pub in (sshd.host_pub, sshd.user_pub))
+    lines = f"{name} {other}\n@revoked {name} {key}\n"
+    known.write_text(lines)
+    with pytest.raises(PermissionDenied, match=r"(?i)ed25519 SSH host key of 127\.0\.0\.1:\d+ is marked "
+                                               f"@revoked in {known}") as info:
+        open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), transport=transport)
+    assert "accept-new-host-key" not in str(info.value)
+    assert known.read_text() == lines
