@@ -607,9 +607,14 @@ class BackupServer(ThreadingHTTPServer):
 
     def redacted(self, text: str) -> str:
         """``text`` with each token the service takes written as ``***``: a request whose head arrived out of
-        step (a header line read as the request line) had its token quoted in the log ("Bad request version")."""
+        step (a header line read as the request line) had its token quoted in the log ("Bad request version").
+        The quoting (Python's repr) escapes a backslash, and a ``'`` in single quotes: a token holding one
+        was quoted in that form, which a search for the token itself missed."""
         for token, _ in self.settings.tokens or ():
-            text = text.replace(token.decode(), "***")
+            plain = token.decode()
+            escaped = plain.replace("\\", "\\\\")
+            for form in (escaped.replace("'", "\\'"), escaped, plain):
+                text = text.replace(form, "***")
         return text
 
     def log(self, line: str, *, always: bool = False) -> None:

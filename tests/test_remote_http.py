@@ -1147,14 +1147,17 @@ def test_a_token_in_a_malformed_request_is_neither_logged_nor_echoed(serve_facto
     """A header line read as the request line (a client whose requests got out of step) was quoted whole,
     its token too, in the answer and the log: "Bad request version ('full-token-...')"."""
     long_token = "L" * 300  # longer than a logged line keeps: redacted before it is cut
-    server = serve_factory("--tokens", str(write_tokens(tmp_path, {"full": FULL_TOKEN, "read-only": long_token})))
-    for token in (FULL_TOKEN, long_token):
+    quoting = "Q\\uoted'and\"" * 4  # a backslash and quotes, which the quoted request line escapes
+    server = serve_factory("--tokens", str(write_tokens(tmp_path, {"full": FULL_TOKEN, "read-only": long_token,
+                                                                   "append-only": quoting})))
+    for token in (FULL_TOKEN, long_token, quoting):
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
             s.sendall(f"Authorization: Bearer {token}\r\n\r\n".encode())
             answer = s.recv(4000)
-        assert b"Bad request version ('***')" in answer and token[:16].encode() not in answer
-    assert wait_for(lambda: server.log().count("Bad request version") == 2)
+        assert b"Bad request version ('***')" in answer and token[:6].encode() not in answer, answer
+    assert wait_for(lambda: server.log().count("Bad request version") == 3)
     assert FULL_TOKEN[:16] not in server.log() and long_token[:16] not in server.log()
+    assert quoting[:6] not in server.log()
 
 
 def _expecting(port: int, token: str | None, key: str, length: int, *, body: bytes = b"") -> bytes:
