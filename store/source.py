@@ -69,7 +69,8 @@ def read_list_file(path: str, what: str, *, raw: bool = False) -> list[str]:
 
     A line ends at a line feed alone (a CRLF file's carriage return goes with the blanks): ``splitlines``
     also ends one at a carriage return, a form feed, NEL, a line separator..., which a file name may hold,
-    and so split such a name into two paths that were not the one listed."""
+    and so split such a name into two paths that were not the one listed.  The blanks are ASCII's alone:
+    ``str.strip`` also took a no-break space, NEL or a unit separator off a name's end."""
     try:
         if path == "-":
             data = _read_list(sys.stdin.buffer, "- (standard input)", what)
@@ -81,7 +82,11 @@ def read_list_file(path: str, what: str, *, raw: bool = False) -> list[str]:
     text = data.decode("utf-8", errors="surrogateescape")
     if raw:
         return [item for item in text.split("\0") if item]
-    return [item for item in (line.strip() for line in text.split("\n")) if item and not item.startswith("#")]
+    return [item for item in (line.strip(LIST_BLANKS) for line in text.split("\n"))
+            if item and not item.startswith("#")]
+
+
+LIST_BLANKS = " \t\r\v\f"  # what bytes.strip takes: ASCII's blanks, and a CRLF file's carriage return
 
 
 DEVICE_LIST_LIMIT = 1 << 20

@@ -178,6 +178,20 @@ def test_a_list_file_line_ends_at_a_line_feed_alone(tmp_path, repo):
     assert [p for p in listed(repo) if p.startswith(f"{top}/")] == sorted(f"{top}/{n}" for n in names)
 
 
+def test_a_list_file_line_loses_only_ascii_blanks_around_it(tmp_path, repo):
+    """A name that ends in a no-break space, an ideographic space, a line separator or a unit separator
+    (whitespace to Python's str.strip) lost it: a path that was not the one listed ("none exists")."""
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["nbsp\xa0", "ideographic\u3000", "ls\u2028", "us\x1f", "\xa0leading"]
+    for name in names:
+        (src / name).write_bytes(b"x")
+    (tmp_path / "list").write_bytes(b"".join(b" \t" + os.fsencode(src / n) + b" \r\n" for n in names))
+    crashkit.run_cli("backup", "-r", repo, "--files-from", str(tmp_path / "list"))
+    top = str(src).lstrip("/")
+    assert [p for p in listed(repo) if p.startswith(f"{top}/")] == sorted(f"{top}/{n}" for n in names)
+
+
 def test_files_from_raw_takes_find_print0_output_on_standard_input(tmp_path, new_repo, cli):
     """`find ... -print0 | chunkvault backup --files-from-raw -`: find ends every name with a NUL, the last
     one too, and that end is no empty name to refuse."""
