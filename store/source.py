@@ -73,6 +73,8 @@ def read_list_file(path: str, what: str, *, raw: bool = False) -> list[str]:
     ``str.strip`` also took a no-break space, NEL or a unit separator off a name's end."""
     try:
         if path == "-":
+            if sys.stdin is None:  # started with it closed (<&-): Python then has no sys.stdin
+                raise UsageError(f"cannot read {what} - (standard input): it is closed")
             data = _read_list(sys.stdin.buffer, "- (standard input)", what)
         else:
             with open(path, "rb") as f:

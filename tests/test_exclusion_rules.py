@@ -163,6 +163,14 @@ def test_a_list_read_from_a_device_that_never_ends_is_refused_and_an_empty_one_i
     assert source.read_list_file("/dev/null", "exclude file") == []
 
 
+def test_a_list_from_a_closed_standard_input_is_one_line(tmp_path, repo):
+    """``--files-from -`` with standard input closed (``<&-``) ended in "internal error: AttributeError"."""
+    proc = subprocess.run(crashkit.cli_argv("backup", "-r", repo, "--files-from", "-"), env=crashkit.cli_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=300, preexec_fn=lambda: os.close(0))
+    assert proc.returncode == 2 and proc.stderr.decode().strip() == (
+        "chunkvault: cannot read list of files - (standard input): it is closed")
+
+
 def test_a_list_file_line_ends_at_a_line_feed_alone(tmp_path, repo):
     """A name holding a carriage return, a form feed, NEL or a line separator was split there into two paths
     (neither the one listed: "source path does not exist"); a CRLF file's lines still read."""
