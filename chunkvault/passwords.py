@@ -79,7 +79,7 @@ class PasswordSource:
         pw = self.given(args, fallback, cwd)
         if pw is not None:
             return pw
-        if not sys.stdin.isatty():
+        if sys.stdin is None or not sys.stdin.isatty():  # None: started with it closed (<&-)
             raise UsageError(f"no {self.what}: use {self.option}-file or {self.option}-command, "
                              f"or set {self.env}_FILE, {self.env}_COMMAND or {self.env}")
         try:

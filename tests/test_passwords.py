@@ -150,6 +150,18 @@ def test_without_a_terminal_a_missing_password_names_every_way_to_give_one(env, 
                             "CHUNKVAULT_TO_PASSWORD")
 
 
+def test_a_closed_standard_input_is_no_terminal_to_ask_at(tmp_path):
+    """A command started with standard input closed (``<&-``, a service manager's) and no password given
+    ended in "internal error: AttributeError" where it asked whether standard input was a terminal."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    Repository.init(str(tmp_path / "repo"), PASSWORD, kdf_seconds=0).close()
+    proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", "snapshots", "-r", str(tmp_path / "repo")],
+                          env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+                          preexec_fn=lambda: os.close(0), start_new_session=True)
+    assert proc.returncode == 2 and proc.stderr.decode().startswith(
+        "chunkvault: no repository password: use --password-file or --password-command"), proc.stderr
+
+
 def test_cli_commands_take_every_password_from_commands(cli, tmp_path):
     """The repository's, a copy destination's and an export's password, each from its own command."""
     src = tmp_path / "src"
