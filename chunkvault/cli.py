@@ -2086,6 +2086,9 @@ def _key_export(args: argparse.Namespace, data: bytes) -> None:
                                       "`key import` puts the repository's key and config back from it")
 
 
+KEY_EXPORT_LIMIT = 1 << 20  # read of a key export, which a few KiB hold: more is no key export
+
+
 def _key_import(args: argparse.Namespace) -> int:
     from .repository import Repository
 
@@ -2093,10 +2096,12 @@ def _key_import(args: argparse.Namespace) -> int:
     what = "standard input" if args.file == "-" else args.file
     try:
         if args.file == "-":
-            data = sys.stdin.buffer.read()
+            if sys.stdin is None:  # started with it closed (<&-)
+                raise UsageError("cannot read the key export standard input: it is closed")
+            data = sys.stdin.buffer.read(KEY_EXPORT_LIMIT)  # all of it was read from /dev/zero, memory running out
         else:
             with open(args.file, "rb") as f:
-                data = f.read(1 << 20)
+                data = f.read(KEY_EXPORT_LIMIT)
     except OSError as exc:
         raise UsageError(f"cannot read the key export {what}: {exc.strerror}") from None
     result = Repository.import_key(url, data, passwords.REPOSITORY.get(args), what=what, wait=args.wait,

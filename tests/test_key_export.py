@@ -337,3 +337,25 @@ def test_a_damaged_config_names_key_import(backed_up, damage):
         config.write_text(json.dumps(doc))
     with pytest.raises(CorruptObject, match=r"key export of this repository puts it back \(`key import FILE`\)"):
         Repository.open(str(path), PASSWORD)
+
+
+def test_a_key_export_on_standard_input_that_never_ends_is_read_as_a_named_one_is(tmp_path):
+    """``key import - < /dev/zero`` was read until memory ran out (an internal error, MemoryError, under a
+    limit); a named file is read up to 1 MiB, which holds any key export, and so is standard input now.
+    Closed (``<&-``), it is one line too."""
+    import resource
+    import subprocess
+    import sys
+
+    Repository.init(str(tmp_path / "repo"), "pw", kdf_seconds=0).close()
+    argv = [sys.executable, "-m", "chunkvault.cli", "key", "import", "-r", str(tmp_path / "repo"), "-"]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}, "CHUNKVAULT_PASSWORD": "pw"}
+    with open("/dev/zero", "rb") as zero:
+        proc = subprocess.run(argv, stdin=zero, env=env, capture_output=True, timeout=300,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)))
+    assert proc.returncode == 17, proc.stderr
+    assert proc.stderr.decode().strip() == "chunkvault: standard input is not a chunkvault key export (not JSON)"
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, env=env, capture_output=True, timeout=300,
+                          preexec_fn=lambda: os.close(0))
+    assert proc.returncode == 2 and proc.stderr.decode().strip() == (
+        "chunkvault: cannot read the key export standard input: it is closed")
