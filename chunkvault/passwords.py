@@ -168,9 +168,9 @@ def _typed(text: str) -> bytes:
         old = termios.tcgetattr(fd)
         quiet = list(old)
         quiet[3] &= ~termios.ECHO
-        termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)  # before the prompt: what is typed after it stays
-        os.write(out, text.encode())
-        try:
+        try:  # as getpass: a stop (a Ctrl-C as the prompt is written) gives the terminal its echo back
+            termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)  # before the prompt: what is typed after it stays
+            os.write(out, text.encode())
             line = b""
             while not line.endswith(b"\n"):
                 piece = os.read(fd, 4096)

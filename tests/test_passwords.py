@@ -305,3 +305,43 @@ def test_a_terminal_that_is_not_the_controlling_one_is_read_as_bytes_too(tmp_pat
         os.close(master)
     assert p.returncode == 0, said + err
     assert out.splitlines()[-1] == b"0 snapshots"
+
+
+def test_a_stop_as_the_prompt_is_written_gives_the_terminal_its_echo_back():
+    """The echo was turned off before the prompt was written, and put back only for a stop (Ctrl-C) that came
+    after it: one that came as it was written (a Ctrl-C pressed at once) left the terminal without echo."""
+    import pty
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # on a terminal of its own, the controlling one: a stop lands as the prompt is written
+        code = 3
+        try:
+            written = os.write
+
+            def stopped_at_the_prompt(out: int, data: bytes) -> int:
+                if data == b"password: ":
+                    written(out, data)
+                    raise KeyboardInterrupt
+                return written(out, data)
+
+            os.write = stopped_at_the_prompt
+            try:
+                passwords.prompt("password: ", False)
+            except KeyboardInterrupt:
+                pass
+            os.write = written
+            code = 0 if termios.tcgetattr(0)[3] & termios.ECHO else 1
+        finally:
+            os._exit(code)
+    try:
+        while True:  # drained, that the child never waits for room to write
+            try:
+                if not os.read(fd, 4096):
+                    break
+            except OSError:  # the other end closed
+                break
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0  # 1: the echo stayed off
