@@ -273,6 +273,24 @@ class _GuardedOutput:
         return getattr(self._stream, name)
 
 
+class _ClosedOutput:
+    """Standard output a command was started without (``>&-``): what it prints reaches no one, and is dropped,
+    with ``--json`` as without (print() drops text meant for a closed stdout; a document's write was an internal
+    error).  It has no ``buffer``: ``dump`` and ``cat blob``, whose bytes would be lost, refuse to run."""
+
+    written = False
+    open_list = None
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
 class _BestEffortErrors:
     """Standard error whose failed writes (a full disk, a closed pipe: cron's log) are dropped: the exit code
     still tells what happened, where the failure to tell it became an internal error (exit 1)."""
@@ -811,7 +829,7 @@ def _confirm_in_place(args: argparse.Namespace, what: str) -> bool:
         return False
     if confirmed:
         return True
-    if sys.stdin.isatty() and sys.stderr.isatty():
+    if sys.stdin is not None and sys.stdin.isatty() and sys.stderr.isatty():  # None: closed (<&-)
         sys.stderr.write(f"{target} is not empty: restoring {one_line(what)} overwrites it in place. "
                          "Type RESTORE to continue: ")
         sys.stderr.flush()
@@ -3056,7 +3074,7 @@ def main(argv: list[str] | None = None) -> int:
     stdout, stderr = sys.stdout, sys.stderr
     if stdout is not None:
         _never_strict(stdout)
-        sys.stdout = _GuardedOutput(stdout)  # type: ignore[assignment]
+    sys.stdout = _GuardedOutput(stdout) if stdout is not None else _ClosedOutput()  # type: ignore[assignment]
     if stderr is not None:
         sys.stderr = _BestEffortErrors(stderr)  # type: ignore[assignment]
     try:
@@ -3066,8 +3084,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.held.enter_context(_cache_settings(args))
                 warnings.showwarning = _warning_printer(warnings.showwarning)
                 code = int(args.func(args) or 0)
-                if sys.stdout is not None:
-                    sys.stdout.flush()  # here, where a failure is reported, not at the interpreter's exit
+                sys.stdout.flush()  # here, where a failure is reported, not at the interpreter's exit
         return code
     except ChunkvaultError as exc:
         said = one_line(exc.cli_message())

@@ -662,6 +662,20 @@ def test_with_json_a_command_that_fails_before_its_document_prints_an_error_docu
     assert "error" not in json.loads(out) and json.loads(out)["not_restored"]
 
 
+def test_with_standard_output_closed_json_is_dropped_as_text_is(tmp_path, cli, setup):
+    """Started with stdout closed (``>&-``), a command's document reaches no one, as its text does: the
+    command still does its work and ends with its own code.  ``--json`` ended in an internal error."""
+    repo, src = setup
+    closed = ("sh", "-c", '"$@" >&-', "sh")
+    backup = cli("backup", "-r", repo, str(src), "--json", wrap=closed)
+    assert backup.stderr == b""
+    assert len(json.loads(cli("snapshots", "-r", repo, "--json").stdout)) == 1
+    for argv in (("snapshots", "--json"), ("ls", "latest", "--json"), ("check", "--json")):
+        assert cli(argv[0], "-r", repo, *argv[1:], wrap=closed).stderr == b""
+    wrong = cli("snapshots", "-r", repo, "--json", password="wrong", check=11, wrap=closed)
+    assert wrong.stderr.decode().startswith("chunkvault: wrong password")
+
+
 @pytest.mark.parametrize("signame, code, kind", [("SIGINT", 130, "Interrupted"), ("SIGTERM", 143, "Terminated")])
 def test_with_json_a_command_stopped_by_a_signal_prints_an_error_document(tmp_path, setup, password, signame, code,
                                                                          kind):

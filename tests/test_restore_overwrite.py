@@ -231,6 +231,8 @@ def test_the_command_line(scene, cli, tmp_path):
     before = describe(target)
     err = cli(*base, "--overwrite", "if-newer", check=16).stderr.decode()
     assert "--confirm RESTORE" in err
+    closed = cli(*base, "--overwrite", "if-newer", check=16, wrap=("sh", "-c", '"$@" <&-', "sh"))  # stdin closed
+    assert closed.stderr.decode() == err
     for bad in (["--overwrite", "sometimes"], ["--overwrite", "never", "--delete"],
                 ["--overwrite", "never", "--verify"], ["--overwrite", "never", "--confirm", "yes"]):
         proc = cli(*base, *bad, check=2)
