@@ -1128,7 +1128,7 @@ def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool,
     """A restore's result; ``subtree`` the path of ``SNAPSHOT:PATH`` ("" for the whole snapshot);
     ``not_restored`` lists the files left out because their data is damaged, ``not_written`` the entries
     the target would not take."""
-    return {"snapshot": snap.id, **_name_json("subtree", subtree or b""), "target": os.path.abspath(target),
+    return {"snapshot": snap.id, **_name_json("subtree", subtree or b""), **_name_json("target", os.path.abspath(target)),
             "files": result.files,
             "dirs": result.dirs, "links": result.links, "specials": result.specials, "bytes": result.bytes,
             "unchanged_files": result.unchanged_files, "rewritten_bytes": result.rewritten_bytes,
@@ -2236,7 +2236,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     def mounted() -> None:
         if args.json:
-            _emit_json({"mountpoint": os.path.abspath(args.mountpoint), "mounted": True})
+            _emit_json({**_name_json("mountpoint", os.path.abspath(args.mountpoint)), "mounted": True})
             sys.stdout.flush()
         elif not args.quiet:
             print(one_line(f"snapshots mounted at {args.mountpoint}: browse snapshots/, ids/, hosts/, tags/; "

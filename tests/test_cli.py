@@ -123,6 +123,12 @@ def test_json_names_are_their_utf8_reading_in_any_locale(tmp_path, cli, setup):
     listed = {e["path"]: e for e in json.loads(cli("ls", "-r", repo, "latest", "--json", env=ascii_locale).stdout)}
     assert "path_b64" not in listed["caf\u00e9"]
     assert base64.b64decode(listed["caf\udce9"]["path_b64"]) == b"caf\xe9"
+    for name in (b"caf\xc3\xa9", b"caf\xe9"):  # restore's own target too
+        target = os.path.join(os.fsencode(tmp_path), b"to-" + name)
+        done = json.loads(cli("restore", "-r", repo, "latest", "--target", target.decode("utf-8", "surrogateescape"),
+                              "--json", env=ascii_locale).stdout)
+        assert done["target"] == target.decode("utf-8", "surrogateescape")
+        assert base64.b64decode(done.get("target_b64", "")) == (b"" if name == b"caf\xc3\xa9" else target)
 
 
 def test_text_output_shows_every_name_on_one_line_escaped(tmp_path, cli, setup):
