@@ -9,6 +9,26 @@ import fcntl
 import os
 import stat
 import time
+from typing import IO, Any, TypeVar
+
+from .errors import UsageError
+
+Read = TypeVar("Read", bytes, str)
+
+
+def read_capped(f: IO[Any], limit: int, said: str, instead: str) -> Any:
+    """What ``f`` holds, up to ``limit`` bytes (characters, read as text): a small file's, where a device or a
+    stream that never ends (/dev/zero, /dev/urandom) named by mistake was read until memory ran out, the
+    command hanging meanwhile.  Beyond, UsageError "``said`` more than LIMIT: ``instead``"."""
+    return capped(f.read(limit + 1), limit, said, instead)
+
+
+def capped(data: Read, limit: int, said: str, instead: str) -> Read:
+    """``data``, read as ``limit`` + 1 at most, if it is within ``limit`` (``read_capped``)."""
+    if len(data) > limit:
+        size = f"{limit >> 20} MiB" if limit % (1 << 20) == 0 else f"{limit >> 10} KiB"
+        raise UsageError(f"{said} more than {size}: {instead}")
+    return data
 
 
 def fsync_directory(path: str) -> None:

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from .errors import UsageError
+from .localfiles import read_capped
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,9 @@ def read_password_file(path: str) -> bytes:
     """A file's bytes without its trailing line breaks (LF or CR LF); spaces are the password's."""
     try:
         with open(path, "rb") as f:
-            data = f.read(PASSWORD_FILE_LIMIT + 1)
+            data = read_capped(f, PASSWORD_FILE_LIMIT, f"password file {path} holds", "no password file")
     except OSError as exc:
         raise UsageError(f"cannot read password file {path}: {exc.strerror}") from None
-    if len(data) > PASSWORD_FILE_LIMIT:
-        raise UsageError(f"password file {path} holds more than {PASSWORD_FILE_LIMIT >> 20} MiB: no password file")
     return data.rstrip(b"\r\n")
 
 

@@ -6,6 +6,7 @@ import tomllib
 from typing import Any
 
 from .errors import UsageError
+from .localfiles import read_capped
 
 
 #: The most a policy or config file holds: a device or a stream that never ends (/dev/zero) was read until
@@ -17,9 +18,7 @@ def read_toml(path: str, what: str) -> dict[str, Any]:
     """The table in the file at ``path``; ``what`` names the file in errors ("policy", "config")."""
     try:
         with open(path, "rb") as f:
-            data = f.read(TOML_FILE_LIMIT + 1)
-        if len(data) > TOML_FILE_LIMIT:
-            raise UsageError(f"{what} {path} holds more than {TOML_FILE_LIMIT >> 20} MiB: no {what} file")
+            data = read_capped(f, TOML_FILE_LIMIT, f"{what} {path} holds", f"no {what} file")
         return tomllib.loads(data.decode())
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None

@@ -68,6 +68,7 @@ from chunkvault.errors import (
     CleartextTokenWarning,
     UsageError,
 )
+from chunkvault.localfiles import read_capped
 
 from .base import (ObjectInfo, Remote, connections_option, from_environment, is_key, is_loopback, keyword_options,
                    refuse_unknown_options, served_range, timeout_option, validate_key, validate_prefix)
@@ -92,13 +93,10 @@ TOKEN_FILE_LIMIT = 64 << 10
 def _read_token_file(path: str, source: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read(TOKEN_FILE_LIMIT + 1)
+            text = read_capped(f, TOKEN_FILE_LIMIT, f"the HTTP token file {path} (from {source}) holds", "no token file")
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or type(exc).__name__
         raise UsageError(f"cannot read the HTTP token file {path} (from {source}): {reason}") from None
-    if len(text) > TOKEN_FILE_LIMIT:
-        raise UsageError(f"the HTTP token file {path} (from {source}) holds more than {TOKEN_FILE_LIMIT >> 10} KiB: "
-                         "no token file")
     return text.strip()
 
 

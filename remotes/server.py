@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, unquote
 from chunkvault import interrupts
 from chunkvault.argparsing import dashes_value
 from chunkvault.errors import ObjectExists, ObjectTooLarge, PermissionDenied, RemoteError, StorageFull, UsageError
-from chunkvault.localfiles import read_regular
+from chunkvault.localfiles import capped, read_regular
 from chunkvault.tomlfile import read_toml
 from chunkvault.units import format_size, parse_size
 
@@ -146,9 +146,8 @@ def load_tokens(path: str) -> list[tuple[bytes, str]]:
     was read until the kernel killed the service for its memory, at start or at a SIGHUP while it served."""
     try:
         st = os.stat(path)
-        data = read_regular(path, TOKENS_FILE_LIMIT + 1)
-        if len(data) > TOKENS_FILE_LIMIT:
-            raise UsageError(f"tokens file {path} holds more than {TOKENS_FILE_LIMIT >> 20} MiB: no tokens file")
+        data = capped(read_regular(path, TOKENS_FILE_LIMIT + 1), TOKENS_FILE_LIMIT, f"tokens file {path} holds",
+                      "no tokens file")
         lines = data.decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read tokens file {path}: {getattr(exc, 'strerror', None) or exc}") from None

@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable, Collection, Iterator, Mapping
 
 from chunkvault.errors import UsageError
-from chunkvault.localfiles import CACHEDIR_TAG
+from chunkvault.localfiles import CACHEDIR_TAG, read_capped
 from .excludes import ExcludeRules
 from .manifest import held_ns, sort_key
 from .xattrs import UNSUPPORTED_ERRNOS
@@ -100,11 +100,7 @@ def _read_list(f: Any, path: str, what: str) -> bytes:
     mode = os.fstat(f.fileno()).st_mode
     if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) or os.isatty(f.fileno()):
         return f.read()
-    data = f.read(DEVICE_LIST_LIMIT + 1)
-    if len(data) > DEVICE_LIST_LIMIT:
-        raise UsageError(f"{what} {path} is a device that gave more than {DEVICE_LIST_LIMIT >> 20} MiB: "
-                         "give a file or a pipe")
-    return data
+    return read_capped(f, DEVICE_LIST_LIMIT, f"{what} {path} is a device that gave", "give a file or a pipe")
 
 
 def read_exclude_file(path: str) -> list[str]:
