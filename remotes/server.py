@@ -61,25 +61,28 @@ BODY_PIECE = 1 * MiB  # an upload's buffer grows by at most this much per read (
 # Bodies up to this size are taken into memory (a lock, which a full disk must still take from the space kept
 # back for it); larger ones go straight into the temp file they are stored through.
 SMALL_BODY = 64 << 10
-READ_TIMEOUT = 120.0  # each read of a request's body, and each write of an answer
-# A body's whole time: the header timeout, and a second for each MIN_BODY_RATE bytes it declares (by default;
-# --min-upload-rate).  A client sending a byte every few seconds, each read within READ_TIMEOUT, held its
-# connection for as long as it liked.
+READ_TIMEOUT = 120.0  # each write of an answer
+# An upload's body must keep arriving (BodyPace): no gap of body_timeout seconds without a byte (as nginx's
+# client_body_timeout), and MIN_BODY_RATE bytes a second (by default; --min-upload-rate) over each window of
+# RATE_WINDOWS body timeouts, as Kestrel's minimum data rate.  A deadline that followed the declared length (a
+# second per 8 KiB) let a client with a token trickle bytes into a 256 MiB upload for nine hours.
 MIN_BODY_RATE = 8 << 10
+DEFAULT_BODY_TIMEOUT = 60.0  # the stock client waits as long for a stalled link (read_timeout) before it gives up
+RATE_WINDOWS = 2  # longer than the gap allowed, so that a stall the gap lets pass does not fail the rate alone
 LINGER_TIMEOUT = 2.0
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 64
 DEFAULT_HEADER_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CLEANUP_INTERVAL = 3600.0
-UNFINISHED_AGE = 3600.0  # a temp file this old is an abandoned upload (reads time out after READ_TIMEOUT)
+UNFINISHED_AGE = 3600.0  # a temp file this old is an abandoned upload (a body stalls for body_timeout at most)
 ACCEPT_BACKOFF = 0.5  # out of file descriptors: wait this long before accepting again
 REPEAT_LOG_EVERY = 60.0  # a refusal or an accept failure is logged at most this often
 DEFAULT_PACK_SIZE = 16 * MiB  # what a repository's packs grow to unless it was made with another size
 PACK_ROOM = DEFAULT_PACK_SIZE + 3 * MiB  # such a pack, one more chunk (2 MiB at most by default) and its header
 CONFIG_KEYS = ("enabled", "listen", "path", "tokens", "append_only", "tls_cert", "tls_key", "max_object_size", "quiet",
                "max_connections", "max_connections_per_client", "header_timeout", "idle_timeout", "cleanup_interval",
-               "min_upload_rate")
+               "min_upload_rate", "body_timeout")
 _RANGE = re.compile(r"^bytes=([0-9]{1,19})-([0-9]{0,19})\Z")  # ASCII, and numbers int() takes
 # The objects a repository is made of (store/FORMAT.md): anything else is refused, so that no client can put a
 # file where the layout needs a directory ("data/ab" in the way of every pack under data/ab/).
@@ -108,7 +111,8 @@ class Settings:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL
-    min_upload_rate: int = MIN_BODY_RATE  # bytes per second an upload's body must average
+    min_upload_rate: int = MIN_BODY_RATE  # bytes per second an upload's body must bring over each rate window
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # the longest an upload's body may bring no byte
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -211,8 +215,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="how often uploads abandoned for an hour (a crash's temp files) are removed "
                         f"(default {DEFAULT_CLEANUP_INTERVAL:g})")
     p.add_argument("--min-upload-rate", metavar="RATE",
-                   help="bytes per second an upload must average after the header timeout, or its connection is "
-                        "closed (default 8K: 64 kbit/s; suffixes k, M)")
+                   help=f"bytes per second an upload must bring over each {RATE_WINDOWS} body timeouts, or it is cut "
+                        "off (default 8K: 64 kbit/s; suffixes k, M)")
+    p.add_argument("--body-timeout", metavar="SECONDS",
+                   help=f"an upload that brings no byte for this long is cut off (default {DEFAULT_BODY_TIMEOUT:g})")
     p.add_argument("--config", metavar="FILE", help="TOML file with these settings; flags override it")
     p.add_argument("--quiet", action="store_true", default=None, help="no per-request log lines")
     return p
@@ -286,6 +292,7 @@ def parse_settings(argv: list[str]) -> Settings | None:
         idle_timeout=_number("idle_timeout", pick("idle_timeout", DEFAULT_IDLE_TIMEOUT), 0.1),
         cleanup_interval=_number("cleanup_interval", pick("cleanup_interval", DEFAULT_CLEANUP_INTERVAL), 0.1),
         min_upload_rate=_upload_rate(pick("min_upload_rate", MIN_BODY_RATE)),
+        body_timeout=_number("body_timeout", pick("body_timeout", DEFAULT_BODY_TIMEOUT), 0.1),
     )
 
 
@@ -587,7 +594,7 @@ class BackupServer(ThreadingHTTPServer):
 
     def remove_unfinished_uploads(self) -> None:
         """Temp files a crash of this server left behind, or an upload stopped in a way that left one (an hour
-        old: a live upload writes at least every READ_TIMEOUT, and the ones being written are skipped)."""
+        old: a live upload writes at least every body_timeout, and the ones being written are skipped)."""
         try:
             removed = self.remote.cleanup_temp(UNFINISHED_AGE)
         except RemoteError as exc:
@@ -650,6 +657,36 @@ class BackupServer(ThreadingHTTPServer):
             return self._idle.wait_for(lambda: self._active == 0, timeout)
 
 
+class BodyPace:
+    """How an upload's body must keep arriving: a byte within ``gap`` seconds of the last one, and each
+    ``rate * window`` bytes within ``window`` seconds of the previous ones (a burst earns no credit beyond its own
+    window).  A client that holds a connection and a temp file so pays for it with bandwidth, however large the
+    length it declares; a link that stalls for less than the gap and otherwise runs above the rate goes on."""
+
+    def __init__(self, rate: int, gap: float, window: float):
+        self.rate, self.gap, self.window = rate, gap, window
+        self.received = 0
+        self.last = self.mark = time.monotonic()  # the last byte's arrival; the current window's start
+        self.at_mark = 0  # bytes received when the current window began
+
+    def due(self) -> float:
+        """When the body is cut off unless more of it arrives."""
+        return min(self.last + self.gap, self.mark + self.window)
+
+    def arrived(self, n: int) -> None:
+        self.received += n
+        self.last = time.monotonic()
+        if self.received - self.at_mark >= self.rate * self.window:
+            self.mark, self.at_mark = self.last, self.received
+
+    def why(self) -> str:
+        """Why a body that reached ``due`` is cut off."""
+        if self.last + self.gap <= self.mark + self.window:
+            return f"no byte for {self.gap:g} s (body_timeout)"
+        return (f"{self.received - self.at_mark} bytes in {self.window:g} s, below the "
+                f"{format_size(self.rate)}/s min_upload_rate")
+
+
 class _DeadlineReader(socket.SocketIO):
     """A connection's reads, each allowed only the time left to its handler's deadline (``Handler._timeout``):
     a timeout per read alone let a client that sends a byte a second hold its connection for ever."""
@@ -659,10 +696,14 @@ class _DeadlineReader(socket.SocketIO):
         self._handler = handler
 
     def readinto(self, b: Any) -> int | None:
-        self._handler._arm_timeout()
-        n = super().readinto(b)
+        try:
+            self._handler._arm_timeout()
+            n = super().readinto(b)
+        except TimeoutError:
+            self._handler._stalled()
+            raise
         if n:
-            self._handler._received()
+            self._handler._received(n)
         return n
 
 
@@ -680,10 +721,11 @@ class Handler(BaseHTTPRequestHandler):
     timeout = READ_TIMEOUT
     server: BackupServer
     # What the connection waits for: "idle" (a request's first byte, idle_timeout), "head" (the rest of its
-    # line and headers, header_timeout from the first byte), "body" (each read READ_TIMEOUT), "linger".
+    # line and headers, header_timeout from the first byte), "body" (a body's reads paced by BodyPace), "linger".
     _phase = "head"
     _deadline: float | None = None
-    _body_deadline: float | None = None  # while a body is read: when it must all be in
+    _pace: BodyPace | None = None  # while a body is read: how it must keep arriving
+    _cut: str | None = None  # why the body was cut off, when it did not keep that pace
     _timeout_set: float | None = None
     _expecting = False  # the client waits for "100 Continue" before it sends the body
 
@@ -703,35 +745,48 @@ class Handler(BaseHTTPRequestHandler):
                 raise TLSHandshakeLate() from None
 
     def _arm_timeout(self) -> None:
-        """Before each read: the socket's timeout is what is left to the deadline, or READ_TIMEOUT."""
+        """Before each read: the socket's timeout is what is left to the deadline or to a body's pace (BodyPace),
+        or READ_TIMEOUT."""
         timeout = READ_TIMEOUT
         if self._deadline is not None:
             timeout = self._deadline - time.monotonic()
-        if self._body_deadline is not None and getattr(self, "_unread", 0) > 0:
-            timeout = min(timeout, self._body_deadline - time.monotonic())
+        if self._pace is not None and getattr(self, "_unread", 0) > 0:
+            timeout = min(timeout, self._pace.due() - time.monotonic())
         if timeout <= 0:
             raise TimeoutError("deadline passed")
         if timeout != self._timeout_set:
             self.connection.settimeout(timeout)
             self._timeout_set = timeout
 
-    def _received(self) -> None:
-        """Bytes arrived: an idle connection's request has begun, and its head now has header_timeout."""
+    def _received(self, n: int) -> None:
+        """Bytes arrived: an idle connection's request has begun, and its head now has header_timeout; or a body
+        goes on."""
         if self._phase == "idle":
             self._phase = "head"
             self._deadline = time.monotonic() + self.server.settings.header_timeout
+        elif self._pace is not None and self._unread > 0:
+            self._pace.arrived(n)
+
+    def _stalled(self) -> None:
+        """A read timed out: a body being read fell behind its pace (which the log line of its request says)."""
+        if self._pace is not None and getattr(self, "_unread", 0) > 0:
+            self._cut = self._pace.why()
+
+    def _start_pace(self) -> None:
+        settings = self.server.settings
+        self._pace = BodyPace(settings.min_upload_rate, settings.body_timeout, RATE_WINDOWS * settings.body_timeout)
 
     def handle_one_request(self) -> None:
         # What the last request on this connection named is not this one's: a malformed request after it was
         # logged under the previous request's key.
         self._what, self._unread = "-", 0
-        self._phase, self._expecting, self._body_deadline = "idle", False, None
+        self._phase, self._expecting, self._pace, self._cut = "idle", False, None, None
         self._deadline = time.monotonic() + self.server.settings.idle_timeout
         super().handle_one_request()
 
     def parse_request(self) -> bool:
         parsed = super().parse_request()
-        self._phase, self._deadline = "body", None  # the head is in; the body's reads get READ_TIMEOUT each
+        self._phase, self._deadline = "body", None  # the head is in; a body's reads are paced (BodyPace)
         self._arm_timeout()  # and so do the answer's writes
         return parsed
 
@@ -746,6 +801,7 @@ class Handler(BaseHTTPRequestHandler):
             self._expecting = False
             self.send_response_only(100)
             self.end_headers()
+            self._start_pace()  # the body is sent from now on
 
     def log_error(self, format: str, *args: Any) -> None:
         if format.startswith("Request timed out"):
@@ -897,8 +953,7 @@ class Handler(BaseHTTPRequestHandler):
             if len(lengths) > 1 or not (length.isascii() and length.isdigit()) or len(length) > 19:
                 return self._fail(400, "bad Content-Length", close=True)
             self._unread = int(length)
-            self._body_deadline = (time.monotonic() + self.server.settings.header_timeout
-                                   + self._unread / self.server.settings.min_upload_rate)
+            self._start_pace()
         path, _, query = self.path.partition("?")
         self._what = path
         mode = self._authorize()
@@ -1090,11 +1145,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._fail(409, collision) if collision else self._fail(500, str(exc))
         if not stored:
             self.close_connection = True
-            late = self._body_deadline is not None and time.monotonic() >= self._body_deadline
-            why = (f"its {length} bytes did not arrive at {format_size(self.server.settings.min_upload_rate)}/s, "
-                   "the least --min-upload-rate accepts" if late else "the client stopped sending")
-            self.server.log(f"{self.client_address[0]} PUT {key}: upload cut short ({why}), nothing stored",
-                            always=late)
+            why = self._cut or "the client stopped sending"
+            self.server.log(f"{self.client_address[0]} PUT {key}: upload cut short after {length - self._unread} of "
+                            f"{length} bytes, nothing stored: {why}", always=self._cut is not None)
             return None
         self._reply(201, received=length)
 

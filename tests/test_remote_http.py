@@ -845,20 +845,49 @@ def test_a_request_head_sent_a_byte_at_a_time_and_an_idle_connection_are_closed(
     assert raw_request(server.port, "GET", "/objects/config")[0] == 404  # and the service goes on
 
 
-def test_an_upload_sent_a_byte_at_a_time_is_cut_off_and_stores_nothing(serve_factory, tmp_path):
-    """Each read of a body within its 120 s: a client sending a byte every few seconds held its connection
-    (and an upload in flight) for as long as it liked.  The body now has the header timeout and a second for
-    each 8 KiB it declares."""
-    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--header-timeout", "1")
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
-        slow.sendall(b"PUT /objects/index/" + b"a" * 64 + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                     + FULL_TOKEN.encode() + b"\r\nContent-Length: 8192\r\n\r\n")
-        started = time.monotonic()
-        assert closed_by_server(slow, drip=b"x", bound=20)
-        assert time.monotonic() - started < 10
-    assert files_under(server.path) == []
+def _upload_head(key: str, length: int) -> bytes:
+    return (f"PUT /objects/{key} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def test_an_upload_that_trickles_or_stalls_is_cut_off_whatever_length_it_declares(serve_factory, tmp_path):
+    """Each read of a body had 120 s, and the body as a whole the header timeout and a second for each 8 KiB it
+    declared: a client with a token held a connection and a temp file for nine hours by sending a byte now and
+    then into a 256 MiB upload.  A body must now bring 8 KiB a second over each window of two body timeouts (a
+    fast start earns no credit) and a byte within each body timeout; one that does not is logged with its key,
+    the bytes that came and why, and leaves no temp file."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--body-timeout", "1")
+    declared, other = 200 << 20, "data/cd/" + "cd" * 32
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as trickling, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as stalled:
+        trickling.sendall(_upload_head(KEY, declared) + os.urandom(200_000))
+        stalled.sendall(_upload_head(other, declared) + os.urandom(300_000))
+        assert wait_for(lambda: len(list(server.path.rglob(TEMP_PREFIX + "*"))) == 2)
+        assert closed_by_server(trickling, drip=b"x", bound=20)  # a byte every 0.2 s: never a gap of 1 s
+        assert closed_by_server(stalled, bound=20)
+    assert wait_for(lambda: server.log().count("upload cut short") == 2)
+    trickled = re.search(rf"PUT {KEY}: upload cut short after (\d+) of {declared} bytes, nothing stored: "
+                         r"(\d+) bytes in 2 s, below the 8.0 KiB/s min_upload_rate", server.log())
+    assert trickled and 200_000 <= int(trickled.group(1)) < 200_100 and int(trickled.group(2)) < 100, server.log()
+    assert (f"PUT {other}: upload cut short after 300000 of {declared} bytes, nothing stored: no byte for 1 s "
+            "(body_timeout)") in server.log()
+    assert files_under(server.path) == [] and not list(server.path.rglob(TEMP_PREFIX + "*"))
     assert raw_request(server.port, "GET", "/objects/config")[0] == 404  # and the service goes on
-    assert wait_for(lambda: "did not arrive at 8.0 KiB/s, the least --min-upload-rate accepts" in server.log())
+
+
+def test_an_upload_over_a_slow_link_that_stalls_for_less_than_the_body_timeout_is_stored(serve_factory, tmp_path):
+    """100 KiB/s, stalled for most of the body timeout midway: well above the rate over each window."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--body-timeout", "1")
+    body = os.urandom(300 << 10)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.sendall(_upload_head(KEY, len(body)))
+        for offset in range(0, len(body), 10 << 10):
+            slow.sendall(body[offset : offset + (10 << 10)])
+            time.sleep(0.7 if offset == 150 << 10 else 0.1)
+        assert slow.recv(100).startswith(b"HTTP/1.1 201")
+    assert (server.path / KEY).read_bytes() == body
+    for bad in ("0", "soon"):
+        assert "body_timeout must be" in run_serve("--path", str(tmp_path), "--body-timeout", bad).stderr
 
 
 def test_a_slower_link_is_let_upload_at_the_rate_the_operator_sets(serve_factory, tmp_path):
