@@ -57,11 +57,15 @@ SHARED_LOCK_KIND = "shared"  # the one kind of lock (store/FORMAT.md) a token th
 # gets to read our answer; beyond it the connection is closed.
 DRAIN_LIMIT = 64 * MiB
 COPY_CHUNK = 1 * MiB
+# Over TLS, an answer's body goes out in sends this large, each given body_timeout: a TLS send's timeout bounds
+# the whole send, so a reader slower than a whole COPY_CHUNK per timeout was cut off while it still read.  (A
+# plain send returns what the socket took, each within the timeout.)
+TLS_SEND_PIECE = 64 << 10
 BODY_PIECE = 1 * MiB  # an upload's buffer grows by at most this much per read (see _read_body)
 # Bodies up to this size are taken into memory (a lock, which a full disk must still take from the space kept
 # back for it); larger ones go straight into the temp file they are stored through.
 SMALL_BODY = 64 << 10
-READ_TIMEOUT = 120.0  # each write of an answer
+READ_TIMEOUT = 120.0  # each write of an answer's head, and of a small answer
 # An upload's body must keep arriving (BodyPace): no gap of body_timeout seconds without a byte (as nginx's
 # client_body_timeout), and MIN_BODY_RATE bytes a second (by default; --min-upload-rate) over each window of
 # RATE_WINDOWS body timeouts, as Kestrel's minimum data rate.  A deadline that followed the declared length (a
@@ -112,7 +116,7 @@ class Settings:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL
     min_upload_rate: int = MIN_BODY_RATE  # bytes per second an upload's body must bring over each rate window
-    body_timeout: float = DEFAULT_BODY_TIMEOUT  # the longest an upload's body may bring no byte
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # the longest an upload's or a download's body may move no byte
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -218,7 +222,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"bytes per second an upload must bring over each {RATE_WINDOWS} body timeouts, or it is cut "
                         "off (default 8K: 64 kbit/s; suffixes k, M)")
     p.add_argument("--body-timeout", metavar="SECONDS",
-                   help=f"an upload that brings no byte for this long is cut off (default {DEFAULT_BODY_TIMEOUT:g})")
+                   help="an upload that brings no byte for this long, or a download its client reads none of, is "
+                        f"cut off (default {DEFAULT_BODY_TIMEOUT:g})")
     p.add_argument("--config", metavar="FILE", help="TOML file with these settings; flags override it")
     p.add_argument("--quiet", action="store_true", default=None, help="no per-request log lines")
     return p
@@ -1090,12 +1095,27 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         f.seek(start)
         sent = 0
-        while sent < count:
-            chunk = f.read(min(COPY_CHUNK, count - sent))
-            if not chunk:
-                break
-            self.wfile.write(chunk)
-            sent += len(chunk)
+        timeout = self._timeout_set = self.server.settings.body_timeout
+        self.connection.settimeout(timeout)
+        piece = TLS_SEND_PIECE if isinstance(self.connection, ssl.SSLSocket) else COPY_CHUNK
+        try:
+            while sent < count:
+                chunk = f.read(min(COPY_CHUNK, count - sent))
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    n = self.connection.send(view[:piece])
+                    view, sent = view[n:], sent + n
+        except OSError as exc:
+            # Logged with the key and the cause: a slow reader's line said "Request timed out: TimeoutError"
+            self.close_connection = True
+            stalled = isinstance(exc, TimeoutError)
+            why = (f"the client read nothing for {timeout:g} s (body_timeout)" if stalled
+                   else f"the client went away ({exc.strerror or type(exc).__name__})")
+            self.server.log(f"{self.client_address[0]} {self.command} {self._what}: answer cut short after {sent} "
+                            f"of {count} bytes: {why}", always=stalled)
+            return
         if sent < count:
             self.close_connection = True  # the client will see the body cut short
         self._log(status, sent)

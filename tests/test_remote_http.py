@@ -904,6 +904,29 @@ def test_a_slower_link_is_let_upload_at_the_rate_the_operator_sets(serve_factory
             serve_factory("--min-upload-rate", bad)
 
 
+def test_a_download_its_client_does_not_read_is_cut_off_and_logged_with_its_key_and_why(serve_factory, tmp_path):
+    """A slow reader was cut off after 120 s with a line naming neither: "Request timed out: TimeoutError"."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--body-timeout", "1", "--quiet")
+    body = os.urandom(16 << 20)  # more than the sockets' buffers take
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN) as remote:
+        remote.put(KEY, body)
+    with socket.socket() as reader:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.settimeout(10)
+        reader.connect(("127.0.0.1", server.port))
+        reader.sendall(f"GET /objects/{KEY} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_TOKEN}\r\n\r\n".encode())
+        assert wait_for(lambda: "answer cut short" in server.log())  # logged under --quiet too
+        received = 0
+        while piece := reader.recv(1 << 20):
+            received += len(piece)
+    said = re.search(rf"127.0.0.1 GET {KEY}: answer cut short after (\d+) of {len(body)} bytes: the client read "
+                     r"nothing for 1 s \(body_timeout\)", server.log())
+    assert said and int(said.group(1)) < len(body), server.log()
+    assert received < len(body)
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN) as remote:  # and a client that reads gets it all
+        assert remote.get(KEY) == body
+
+
 def test_connections_beyond_the_limits_are_refused_and_others_served(serve_factory, tmp_path):
     server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--max-connections", "5",
                            "--max-connections-per-client", "3")
