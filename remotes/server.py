@@ -452,6 +452,92 @@ def _key_from_path(raw: str) -> str:
         raise BadRequest(f"invalid object key {key!r}") from None
 
 
+# The escapes a token can reach the log or an answer in: the service's own quoting (repr() of a key, JSON of an
+# answer that quotes one, outermost), and the percent-encoding a client chose (%XX in either case, at any depth).
+_BACKSLASHED = re.compile(r"\\(?:x([0-9A-Fa-f]{2})|u([0-9A-Fa-f]{4})|(.))", re.S)
+_PERCENT_ENCODED = re.compile(r"%([0-9A-Fa-f]{2})")
+_CONTROL_ESCAPES = {"n": "\n", "r": "\r", "t": "\t"}
+QUOTING_LEVELS = 2  # JSON of a repr()
+ENCODING_LEVELS = 8  # a client's percent-encoding nested deeper than this is not undone
+# The characters of a text searched for escaped tokens (a log line keeps LOGGED_TEXT of a path): undoing escapes
+# costs, and a client needs no token to send 64 KiB of them.  Beyond, only a token as it is is found.
+REDACT_SCAN = 4096
+
+
+def _backslash_unescaped(match: re.Match) -> str:
+    digits = match.group(1) or match.group(2)
+    return chr(int(digits, 16)) if digits else _CONTROL_ESCAPES.get(match.group(3), match.group(3))
+
+
+def _percent_decoded(match: re.Match) -> str:
+    return chr(int(match.group(1), 16))
+
+
+Spans = list[tuple[int, int]]
+
+
+def _undone(pattern: re.Pattern, decode: Any, text: str, spans: Spans | None) -> tuple[str, Spans | None]:
+    """``text`` with one level of ``pattern``'s escapes undone, and for each of its characters the span of the
+    original text it came from (``spans`` gives ``text``'s; None: not asked for, and much faster)."""
+    if spans is None:
+        return pattern.sub(decode, text), None
+    parts: list[str] = []
+    undone: Spans = []
+    pos = 0
+    for match in pattern.finditer(text):
+        parts.append(text[pos : match.start()])
+        undone += spans[pos : match.start()]
+        parts.append(decode(match))
+        undone.append((spans[match.start()][0], spans[match.end() - 1][1]))
+        pos = match.end()
+    parts.append(text[pos:])
+    undone += spans[pos:]
+    return "".join(parts), undone
+
+
+def _views(text: str, spanned: bool) -> Iterator[tuple[str, Spans | None]]:
+    """``text``, then as it read before the service quoted it and before a client percent-encoded it, level by
+    level (a token may hold "%25" or a backslash itself); ``spanned``: each with the original's span of each
+    character."""
+    quoted = [(text, [(i, i + 1) for i in range(len(text))] if spanned else None)]
+    while len(quoted) <= QUOTING_LEVELS and "\\" in quoted[-1][0]:
+        quoted.append(_undone(_BACKSLASHED, _backslash_unescaped, *quoted[-1]))
+    for view, spans in quoted:
+        yield view, spans
+        for _ in range(ENCODING_LEVELS):
+            if "%" not in view:
+                break
+            view, spans = _undone(_PERCENT_ENCODED, _percent_decoded, view, spans)
+            yield view, spans
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """``text`` with each of ``secrets`` written as ``***``, in whatever escapes it appears in (``_views``): a
+    token percent-encoded in a path or a query, or quoted by repr() with its backslashes doubled, was logged and
+    answered as it came."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    if "%" not in text[:REDACT_SCAN] and "\\" not in text[:REDACT_SCAN]:
+        return text
+    text, rest = text[:REDACT_SCAN], text[REDACT_SCAN:]
+    if not any(secret in view for view, _ in _views(text, False) for secret in secrets):
+        return text + rest  # the common case: no spans made
+    found: Spans = []
+    for view, spans in _views(text, True):
+        assert spans is not None
+        for secret in secrets:
+            at = view.find(secret)
+            while at >= 0:
+                found.append((spans[at][0], spans[at + len(secret) - 1][1]))
+                at = view.find(secret, at + 1)
+    parts, pos = [], 0
+    for start, end in sorted(found):  # overlapping finds make one ***
+        if end > pos:
+            parts.append(text[pos:start] + "***" if start >= pos else "")
+            pos = end
+    return "".join(parts) + text[pos:] + rest
+
+
 def _printable(text: str) -> str:
     """``text`` with what a terminal would act on (control characters, escapes, bidirectional overrides)
     written as escapes: request lines and keys come from anyone who can connect."""
@@ -617,16 +703,10 @@ class BackupServer(ThreadingHTTPServer):
                 return
 
     def redacted(self, text: str) -> str:
-        """``text`` with each token the service takes written as ``***``: a request whose head arrived out of
-        step (a header line read as the request line) had its token quoted in the log ("Bad request version").
-        The quoting (Python's repr) escapes a backslash, and a ``'`` in single quotes: a token holding one
-        was quoted in that form, which a search for the token itself missed."""
-        for token, _ in self.settings.tokens or ():
-            plain = token.decode()
-            escaped = plain.replace("\\", "\\\\")
-            for form in (escaped.replace("'", "\\'"), escaped, plain):
-                text = text.replace(form, "***")
-        return text
+        """``text`` with each token the service takes written as ``***``, in any escapes (``redact``): a request
+        whose head arrived out of step (a header line read as the request line) had its token quoted in the log
+        ("Bad request version")."""
+        return redact(text, [token.decode() for token, _ in self.settings.tokens or ()])
 
     def log(self, line: str, *, always: bool = False) -> None:
         if always or not self.settings.quiet:
@@ -879,7 +959,7 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Malformed requests (bad request line, unknown method): JSON, then close."""
         self.close_connection = True
-        self._fail(code, self.server.redacted(message or self.responses.get(code, ("error",))[0]), close=True)
+        self._fail(code, message or self.responses.get(code, ("error",))[0], close=True)
 
     def _reply(self, status: int, body: bytes = b"", *, length: int | None = None,
                headers: dict[str, str] | None = None, close: bool = False, received: int = 0,
@@ -904,6 +984,7 @@ class Handler(BaseHTTPRequestHandler):
             self._expecting, unread, self._unread = False, 0, 0
             close = True
         close = close or unread > DRAIN_LIMIT
+        reason = self.server.redacted(reason)  # what the request brought, a token in it, is quoted in reasons
         body = json.dumps({"error": reason}).encode() + b"\n"
         self._reply(status, body, headers={"Content-Type": "application/json", **(headers or {})}, close=close,
                     reason=reason)
@@ -972,7 +1053,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._fail(405, f"{self.command} is not allowed on the listing", headers={"Allow": "GET"})
             return self._list(query)
         if not path.startswith("/objects/"):
-            return self._fail(404, f"no such endpoint {path[:100]!r} (objects live under /objects/)")
+            return self._fail(404, f"no such endpoint {self.server.redacted(path)[:100]!r} (objects live under "
+                                   "/objects/)")  # redacted before it is cut
         try:
             key = _key_from_path(path[len("/objects/") :])
         except (BadRequest, UnicodeDecodeError) as exc:

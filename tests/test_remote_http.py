@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -1210,6 +1211,44 @@ def test_a_token_in_a_malformed_request_is_neither_logged_nor_echoed(serve_facto
     assert wait_for(lambda: server.log().count("Bad request version") == 3)
     assert FULL_TOKEN[:16] not in server.log() and long_token[:16] not in server.log()
     assert quoting[:6] not in server.log()
+
+
+# A token holding what percent-encoding, repr() and JSON write otherwise: '%', '/', '?', '#', '&', '+', quotes, '\\'.
+ODD_TOKEN = "odd%25/tok?en#&a=b+c'd\"e\\f-0123456789"
+
+
+def _every_form(text: str) -> str:
+    """``text`` with every escape a log or an answer could show undone, however deeply nested."""
+    while True:
+        undone = re.sub(r"%([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
+        undone = re.sub(r"\\(x[0-9A-Fa-f]{2}|.)", lambda m: chr(int(m.group(1)[1:], 16)) if len(m.group(1)) == 3
+                        else m.group(1), undone)
+        if undone == text:
+            return text
+        text = undone
+
+
+def test_no_form_of_a_token_reaches_the_log_or_an_answer(serve_factory, tmp_path):
+    """Only a token written as it is was redacted: one percent-encoded in a path or a query (once, twice, in
+    either case), or quoted by repr() in the line a mis-parsed header made (its backslashes doubled), was logged
+    and answered as it came."""
+    server = serve_factory("--tokens", str(write_tokens(tmp_path, {"full": FULL_TOKEN, "read-only": ODD_TOKEN})))
+    quote = urllib.parse.quote
+    paths = [f"/objects/{quote(ODD_TOKEN, safe='')}", f"/objects/{quote(ODD_TOKEN, safe='').lower()}",
+             f"/objects/{quote(quote(ODD_TOKEN, safe=''), safe='')}", f"/objects?prefix={quote(ODD_TOKEN)}",
+             f"/objects?prefix={quote(quote(ODD_TOKEN, safe=''), safe='')}", f"/{'x' * 90}{quote(ODD_TOKEN)}",
+             "/objects/" + "".join(f"%{ord(c):02x}" if i % 2 else quote(c, safe="") for i, c in enumerate(ODD_TOKEN))]
+    answers = [raw_request(server.port, "GET", path)[1].get("error", "") for path in paths]
+    for line in (f"Authorization: Bearer {ODD_TOKEN}", f"Authorization: Bearer {ODD_TOKEN} HTTP/1.1"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(f"{line}\r\n\r\n".encode())
+            answers.append(s.recv(4000).decode())
+    assert all(answers) and wait_for(lambda: len(re.findall(r" 40[04] ", server.log())) == len(answers)), server.log()
+    for name, text in [("log", server.log())] + [(f"answer {i}", a) for i, a in enumerate(answers)]:
+        assert "tok?en#&a=b+c'd\"e" not in _every_form(text), f"{name}: {text}"  # the token's part free of escapes
+    assert "no such endpoint '/xxxxxxxxxx" in answers[5] and "odd" not in answers[5]  # redacted, then cut
+    assert "GET /objects/*** 400" in server.log() and "Bad request syntax ('Authorization: Bearer *** HTTP/1.1')" \
+        in server.log()
 
 
 def _expecting(port: int, token: str | None, key: str, length: int, *, body: bytes = b"") -> bytes:
