@@ -198,6 +198,12 @@ class PermissionDenied(RemoteError):
     """The remote refused the operation (credentials, append-only, read-only token)."""
 
 
+#: Failures of a read that say nothing of the object read: the remote gave up, or refused this user (or
+#: token) the object.  `check` and the repairs stop on them, never counting the object damaged: a repair
+#: would otherwise delete, or leave out of the index, a pack that is only out of this user's reach.
+NOT_DAMAGE: tuple[type[RemoteError], ...] = (RemoteUnavailable, PermissionDenied)
+
+
 class ObjectArchived(RemoteError):
     """The object is in an archive storage class (S3's GLACIER, DEEP_ARCHIVE): nothing is damaged, and it
     reads again once the storage restores it (S3's RestoreObject); chunkvault does not ask for that."""

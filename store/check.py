@@ -16,8 +16,8 @@ from typing import Callable, Iterable, Mapping
 
 import blake3
 
-from chunkvault.errors import (ChunkvaultError, CorruptObject, NewerObject, ObjectArchived, ObjectNotFound,
-                               RemoteUnavailable, RepositoryStateWarning, UsageError)
+from chunkvault.errors import (NOT_DAMAGE, ChunkvaultError, CorruptObject, NewerObject, ObjectArchived,
+                               ObjectNotFound, RepositoryStateWarning, UsageError)
 from chunkvault.units import parse_size
 
 from . import forked
@@ -235,7 +235,7 @@ class Checker:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RepositoryStateWarning)  # the switch to the other copy
                     repo.read_blob(blob_id, verify=True)
-            except RemoteUnavailable:
+            except NOT_DAMAGE:
                 raise
             except ChunkvaultError:
                 continue
@@ -257,7 +257,7 @@ class Checker:
                 open_config(raw, repo.sealer)
         except ObjectNotFound:
             self.problem("config", f"missing: nothing opens the repository without it{KEY_IMPORT_HINT}")
-        except RemoteUnavailable:  # here and below: the remote gave up, which says nothing of the object
+        except NOT_DAMAGE:  # here and below: the remote gave up, or refused access: nothing said of the object
             raise
         except ChunkvaultError as exc:
             self.problem("config", (exc.reason if isinstance(exc, CorruptObject) else str(exc)) + KEY_IMPORT_HINT)
@@ -265,7 +265,7 @@ class Checker:
         for k in repo.remote.list("keys/"):
             try:
                 kf = KeyFile.decode(k.key.split("/", 1)[1], repo.remote.get(k.key))
-            except RemoteUnavailable:
+            except NOT_DAMAGE:
                 raise
             except NewerObject as exc:  # a host that upgraded added it: not damage
                 self.report.warnings.append(f"{exc}; not checked")
@@ -337,7 +337,7 @@ class Checker:
         for name in names:
             try:
                 snaps.append(self.repo.load_snapshot(name, fresh=True))
-            except RemoteUnavailable:
+            except NOT_DAMAGE:
                 raise
             except NewerObject as exc:  # not damage: this version cannot check it
                 self.report.warnings.append(f"{exc}; not checked")
@@ -351,7 +351,7 @@ class Checker:
         for s in snaps:
             try:
                 chain_of(s)
-            except RemoteUnavailable:
+            except NOT_DAMAGE:
                 raise
             except ChunkvaultError as exc:
                 above = unreached.get(s.id)
@@ -439,7 +439,7 @@ class Checker:
             key = pack_key(pid)
             try:
                 repo.pack_header(key, stored[pid])
-            except RemoteUnavailable:
+            except NOT_DAMAGE:
                 raise
             except (ChunkvaultError, ValueError) as exc:  # nothing in it can be found: `repair index` cannot add it
                 self.report.warnings.append(f"{key} is in no index, and its header does not read ({exc}): nothing "
@@ -496,7 +496,7 @@ class Checker:
                                                          (sealed_header, tail))
                     if not named:
                         self.problem(key, _not_its_name(pid))
-        except RemoteUnavailable:  # the remote gave up, not the pack: no damage to report, nothing more to read
+        except NOT_DAMAGE:  # the remote gave up or refused, not the pack: no damage to report, nothing more to read
             raise
         except ChunkvaultError as exc:
             p = self.problem(key, str(exc) if not isinstance(exc, CorruptObject) else exc.reason)
@@ -544,7 +544,7 @@ class Checker:
                     if e.kind != KIND_DELTA:
                         repo.check_id(e.blob_id, plain)
                     opened += 1
-                except RemoteUnavailable:
+                except NOT_DAMAGE:
                     raise
                 except ChunkvaultError as exc:
                     found.append((e.blob_id, str(exc)))
@@ -572,7 +572,7 @@ class Checker:
             try:
                 for _, records in self.repo.manifest_record_runs([s], seen):
                     self._check_records(s, records, confinement)
-            except RemoteUnavailable:
+            except NOT_DAMAGE:
                 raise
             except (ChunkvaultError, ValueError) as exc:
                 why = (f"every restore refuses its manifest: {exc}" if isinstance(exc, ValueError) else
@@ -687,7 +687,7 @@ class Checker:
                             p.files.append(label)
                         else:
                             p.more_files += 1
-            except RemoteUnavailable:
+            except NOT_DAMAGE:
                 raise
             except ChunkvaultError:
                 continue

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from typing import Callable, Iterable
 
-from chunkvault.errors import ChunkvaultError, CorruptObject, NewerObject, RemoteUnavailable, UsageError
+from chunkvault.errors import NOT_DAMAGE, ChunkvaultError, CorruptObject, NewerObject, UsageError
 
 from .blob import KIND_DELTA
 from .crypto import content_name
@@ -91,6 +91,8 @@ def repair_index(repo: Repo, *, wait: float = 0.0) -> RepairReport:
             sizes[pid] = o.size
             try:
                 index.packs[pid] = repo.pack_header(o.key, o.size)
+            except NOT_DAMAGE:  # not the pack's header: whoever may read it can rebuild the index
+                raise
             except ChunkvaultError as exc:
                 if not listed.get(pid):
                     report.unreadable_packs.append(f"{o.key}: {exc}")
@@ -309,7 +311,7 @@ def _header_disagrees(repo: Repo, pid: bytes, claimed: list[PackEntry], size: in
         return False
     try:
         header = set(repo.pack_header(pack_key(pid), size))
-    except RemoteUnavailable:
+    except NOT_DAMAGE:
         raise
     except (ChunkvaultError, ValueError):
         return True
@@ -320,7 +322,8 @@ def _read_intact(repo: Repo, pid: bytes, entries: list[PackEntry] | None, stored
                  ) -> tuple[PackSalvage, list[PackEntry], dict[PackEntry, bytes]]:
     """A pack to salvage: what it holds (its index entries, else its own header) and the envelopes that still
     verify, where the index places them and where the file's own header does (the file may hold another
-    pack's content: one whose header authenticates says where its blobs are)."""
+    pack's content: one whose header authenticates says where its blobs are).  A read the remote gave up on,
+    or refused, stops the repair: that pack is not lost, and deleting it would lose it."""
     key = pack_key(pid)
     found = PackSalvage(key)
     own: list[PackEntry] = []
@@ -328,12 +331,16 @@ def _read_intact(repo: Repo, pid: bytes, entries: list[PackEntry] | None, stored
         if pid in stored:
             try:
                 own = repo.pack_header(key, stored[pid])
+            except NOT_DAMAGE:
+                raise
             except (ChunkvaultError, ValueError):
                 if entries is None:
                     raise
         if entries is None:  # in no index: its own header says what it holds
             entries = own
         data = repo.remote.get(key) if pid in stored else b""
+    except NOT_DAMAGE:
+        raise
     except (ChunkvaultError, ValueError) as exc:
         found.problem = str(exc)
         entries, data = entries or [], b""
@@ -359,6 +366,8 @@ def _unindexed_blobs(repo: Repo, unlisted: dict[bytes, int], report: RepairRepor
     for pid in sorted(unlisted):
         try:
             entries = repo.pack_header(pack_key(pid), unlisted[pid])
+        except NOT_DAMAGE:  # what it holds is unknown, not nothing
+            raise
         except ChunkvaultError as exc:  # nothing in it can be found: no obstacle (name it to delete it)
             report.unreadable_packs.append(f"{pack_key(pid)}: in no index, and {exc}: left as it is")
             continue

@@ -1636,3 +1636,29 @@ def test_a_stored_index_object_cut_short_is_not_hidden_by_the_local_copy(tmp_pat
         with Repository.open(path, "pw", ledger=False) as elsewhere:  # no cache: as another machine reads it
             elsewhere.restore(saved.id, str(tmp_path / "out"))
     assert (tmp_path / "out" / "f").read_bytes() == (src / "f").read_bytes()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_pack_its_user_may_not_read_is_an_error_never_damage_to_repair(small_files, cli):
+    """A pack file the user running the command may not read (root's, mode 0600, in a repository that user
+    otherwise reads and writes): `check` called it damage and advised `repair packs`, which counted every
+    blob of it lost and, confirmed, deleted the pack, the only copy of its data.  Access refused says
+    nothing of the pack: each stops, naming it (exit 14), and changes nothing."""
+    repo_dir, repo, snap, files = small_files
+    (victim,) = chunk_ids(repo, snap, "f0")
+    pack = pack_path(repo_dir, repo, victim)
+    name = f"data/{pack.parent.name}/{pack.name}"
+    index_before = sorted(os.listdir(repo_dir / "index"))
+    pack.chmod(0)
+    try:
+        for args in (["check"], ["check", "--read-data"], ["repair", "index"],
+                     ["repair", "packs", pack.name[:12], "--confirm", "REPAIR"]):
+            proc = cli(*args, "-r", str(repo_dir), wrap=UNPRIVILEGED, check=False)
+            assert proc.returncode == 14, (args, proc.stdout, proc.stderr)
+            assert proc.stderr.decode() == f"chunkvault: permission denied while reading {name}: Permission denied\n"
+            assert pack.exists()
+    finally:
+        pack.chmod(0o600)
+    assert sorted(os.listdir(repo_dir / "index")) == index_before
+    assert not os.listdir(repo_dir / "locks")
+    cli("check", "--read-data", "-r", str(repo_dir))
