@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import stat
 import sys
 import time
@@ -55,12 +56,44 @@ def _os_error(exc: OSError, what: str, root: str = "") -> RemoteError:
         return StorageFull(f"no space left on device while {what}" + (f" in {root}" if root else ""))
     if exc.errno == errno.EFBIG:
         return ObjectTooLarge(f"file too large for the file system or the file size limit while {what}")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(f"permission denied while {what}: {exc.strerror}{_not_ours(exc.filename, root)}")
+    if exc.errno == errno.EROFS:
         return PermissionDenied(f"permission denied while {what}: {exc.strerror}")
     if exc.errno == errno.ENOTDIR:  # say where: a file stands where the repository needs a directory
         return RemoteError(f"{what}: {exc.strerror} ({exc.filename} lies below a file)")
     where = f": {exc.filename}" if exc.filename else ""  # a directory that could not be made (init in /proc)
     return RemoteError(f"{what}: {exc.strerror or exc}{where}")
+
+
+def _not_ours(path: str | None, root: str) -> str:
+    """Whose the path refused is, where that is another user than this process's: the path itself, else the
+    nearest directory above it, up to the repository ``root`` (past paths that do not exist or cannot be
+    looked at: the first that exists above a repository not yet made), that belongs to another.  A command
+    run as root in a service account's repository leaves files of root's, mode 0600, which that account's
+    commands may then not read: "Permission denied" alone does not say so.  Empty where every such path is
+    this user's, or none can be looked at."""
+    me = os.geteuid()
+    while path:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if st is not None and st.st_uid != me:
+            return f" ({path} belongs to {_user(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}; " \
+                   f"this command runs as {_user(me)})"
+        up = os.path.dirname(path)
+        if up == path or (st is not None and not (root and path.startswith(root + os.sep))):
+            return ""
+        path = up
+    return ""
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def read_range_reference(path: str, start: int, length: int) -> bytes:
@@ -376,7 +409,7 @@ class LocalRemote(Remote):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # a file where a directory was named
             raise ObjectNotFound(key) from None
         except OSError as exc:
-            raise _os_error(exc, f"reading {key}") from None
+            raise _os_error(exc, f"reading {key}", self.root) from None
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         validate_prefix(prefix)
@@ -406,7 +439,7 @@ class LocalRemote(Remote):
                     except FileNotFoundError:
                         continue
                     except OSError as exc:  # behind a link into a directory it may not pass: as _unlisted
-                        raise _os_error(exc, f"listing {key}") from None
+                        raise _os_error(exc, f"listing {key}", self.root) from None
                     yield ObjectInfo(key, st.st_size, file_version(st), st.st_mtime)
 
     def _unlisted(self, exc: OSError) -> None:
@@ -416,7 +449,7 @@ class LocalRemote(Remote):
         if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
             return
         where = os.path.relpath(exc.filename, self.root) if exc.filename else self.root
-        raise _os_error(exc, f"listing {where}") from None
+        raise _os_error(exc, f"listing {where}", self.root) from None
 
     def delete(self, key: str) -> None:
         self._exclusive.discard(key)
@@ -425,7 +458,7 @@ class LocalRemote(Remote):
         except (FileNotFoundError, NotADirectoryError):
             return
         except OSError as exc:
-            raise _os_error(exc, f"deleting {key}") from None
+            raise _os_error(exc, f"deleting {key}", self.root) from None
         if key.startswith(LOCK_PREFIX):  # a command ends: what it wrote is there, what it freed is free
             self.keep_reserve()
 
@@ -435,7 +468,7 @@ class LocalRemote(Remote):
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
-            raise _os_error(exc, f"stat {key}") from None
+            raise _os_error(exc, f"stat {key}", self.root) from None
         if stat.S_ISDIR(st.st_mode):  # no object, as ``get`` and ``list`` take it: a directory in its place
             return None
         return ObjectInfo(key, st.st_size, file_version(st))
@@ -471,7 +504,7 @@ class LocalRemote(Remote):
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                raise _os_error(exc, f"removing {path}") from None
+                raise _os_error(exc, f"removing {path}", self.root) from None
         return removed
 
     def temp_files(self) -> Iterator[str]:

@@ -1662,3 +1662,42 @@ def test_a_pack_its_user_may_not_read_is_an_error_never_damage_to_repair(small_f
     assert sorted(os.listdir(repo_dir / "index")) == index_before
     assert not os.listdir(repo_dir / "locks")
     cli("check", "--read-data", "-r", str(repo_dir))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_access_refused_by_another_users_file_names_its_owner(small_files, cli, tmp_path):
+    """A command run as another user in a service account's repository leaves files of that user's, mode 0600
+    (or the repository is another's, mode 0700): the account's commands said "permission denied while
+    reading config: Permission denied", with nothing on why.  They name whose the path is, and its mode."""
+    import pwd
+
+    repo_dir, repo, snap, files = small_files
+    other = 65534
+    try:
+        owner = pwd.getpwuid(other).pw_name
+    except KeyError:
+        owner = f"uid {other}"
+    (victim,) = chunk_ids(repo, snap, "f0")
+    pack = pack_path(repo_dir, repo, victim)
+    os.chown(pack, other, other)
+    try:
+        proc = cli("restore", "-r", str(repo_dir), "latest", "--target", str(tmp_path / "out"), wrap=UNPRIVILEGED,
+                   check=14)
+        assert proc.stderr.decode().endswith(
+            f"Permission denied ({pack} belongs to {owner}, mode 0600; this command runs as root)\n")
+    finally:
+        os.chown(pack, 0, 0)
+    os.chown(repo_dir, other, other)
+    try:
+        proc = cli("snapshots", "-r", str(repo_dir), wrap=UNPRIVILEGED, check=14)
+        assert proc.stderr.decode() == ("chunkvault: permission denied while reading config: Permission denied "
+                                        f"({repo_dir} belongs to {owner}, mode 0700; this command runs as root)\n")
+    finally:
+        os.chown(repo_dir, 0, 0)
+    # the repository's own directory, not writable to its user: nobody else's doing, nothing more said
+    os.chmod(repo_dir / "locks", 0o500)
+    try:
+        proc = cli("backup", "-r", str(repo_dir), str(tmp_path / "src"), wrap=UNPRIVILEGED, check=14)
+        assert proc.stderr.decode().endswith(": Permission denied\n")
+    finally:
+        os.chmod(repo_dir / "locks", 0o700)
