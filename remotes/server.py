@@ -1142,6 +1142,8 @@ class Handler(BaseHTTPRequestHandler):
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 return self._missing(key)
+            if exc.errno in (errno.EACCES, errno.EPERM):  # for good (a file of root's, mode 0600): a 500 is retried
+                return self._fail(403, f"the server cannot read {key}: {exc.strerror}")
             return self._fail(500, f"cannot read {key}: {exc.strerror}")
         with f:
             st = os.fstat(f.fileno())

@@ -1496,3 +1496,33 @@ def test_a_ranged_read_answered_short_is_a_transfer_cut_short_not_the_range():
         with pytest.raises(RemoteUnavailable, match="got 2 of the 10 bytes asked for"):
             remote.get("config", 20, 10)
         assert remote.get("config", 98, 10) == bytes([98, 99])  # the object's end
+
+
+def _held_to_file_modes() -> None:
+    """The server's process, run by root, denied as another user would be (what `setpriv --bounding-set
+    -dac_override,-dac_read_search` does): without those capabilities root's next program has no way past
+    a file's mode."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            os._exit(97)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to be held to file modes as another user is")
+def test_an_object_the_server_may_not_read_is_refused_not_a_transient_failure(serve_factory, tmp_path):
+    """A pack the service's user may not read (left by a command run as root in the served directory, mode
+    0600): answered 500, which clients retry, so every restore and check waited 15 minutes before it failed.
+    It is refused (403): the client fails at once, naming the object."""
+    path = tmp_path / "served" / "repo"
+    key = f"data/ab/{'ab' * 32}"
+    (path / "data" / "ab").mkdir(parents=True)
+    (path / key).write_bytes(b"pack")
+    (path / key).chmod(0)
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), path=path, preexec_fn=_held_to_file_modes)
+    with HTTPRemote.from_url(server.url, token=READ_TOKEN) as remote:
+        with pytest.raises(PermissionDenied, match=f"the server cannot read {key}: Permission denied$"):
+            remote.get(key)
+        (path / key).chmod(0o600)
+        assert remote.get(key) == b"pack"
