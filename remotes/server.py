@@ -993,6 +993,12 @@ class Handler(BaseHTTPRequestHandler):
                 self._phase, self._deadline = "linger", time.monotonic() + LINGER_TIMEOUT
             self._discard(min(unread, DRAIN_LIMIT))
 
+    def _refused_by_storage(self, what: str, key: str, exc: PermissionDenied) -> None:
+        """403 for a file or directory the service's user may not write or delete.  The log says whose it is and
+        its mode; the answer does not: the server's paths and users are none of a client's business."""
+        self.server.log(f"{self.client_address[0]} {self.command} {key}: {exc}", always=True)
+        self._fail(403, f"the server cannot {what} {key}: permission denied (its log says why)")
+
     def _discard(self, n: int) -> None:
         try:
             while n > 0:
@@ -1243,7 +1249,7 @@ class Handler(BaseHTTPRequestHandler):
         except ObjectTooLarge as exc:  # the server's file size limit: answered as --max-object-size is
             return self._fail(413, str(exc))
         except PermissionDenied as exc:
-            return self._fail(403, f"the server cannot write: {exc}")
+            return self._refused_by_storage("write", key, exc)
         except RemoteError as exc:
             collision = self._collision(key)  # made by another upload meanwhile
             return self._fail(409, collision) if collision else self._fail(500, str(exc))
@@ -1340,7 +1346,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.server.remote.delete(key)
         except PermissionDenied as exc:
-            return self._fail(403, f"the server cannot delete: {exc}")
+            return self._refused_by_storage("delete", key, exc)
         except RemoteError as exc:  # a directory in its place is permanent: a 500 was retried for minutes
             collision = self._collision(key)
             return self._fail(409, collision.replace("cannot store", "cannot delete", 1)) if collision \

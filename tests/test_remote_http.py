@@ -1526,3 +1526,20 @@ def test_an_object_the_server_may_not_read_is_refused_not_a_transient_failure(se
             remote.get(key)
         (path / key).chmod(0o600)
         assert remote.get(key) == b"pack"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to be held to file modes as another user is")
+def test_a_write_the_server_may_not_make_is_refused_naming_no_path_or_user_of_the_server(serve_factory, tmp_path):
+    """A directory the service's user may not write in: 403, which the client does not retry.  The answer
+    names the object only; whose the server's files are, and where, goes to the server's log alone."""
+    path = tmp_path / "served" / "repo"
+    key = f"data/cd/{'cd' * 32}"
+    (path / "data" / "cd").mkdir(parents=True)
+    (path / "data" / "cd").chmod(0o555)
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), path=path, preexec_fn=_held_to_file_modes)
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN) as remote:
+        with pytest.raises(PermissionDenied) as refused:
+            remote.put(key, b"pack")
+    assert str(refused.value).endswith(f"the server cannot write {key}: permission denied (its log says why)")
+    assert str(tmp_path) not in str(refused.value)
+    assert f"PUT {key}: permission denied while" in server.log()
