@@ -1416,7 +1416,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {_printable(str(exc))}", file=sys.stderr)
         return UsageError.exit_code
     except OSError as exc:  # in use, a privileged port, an address not this machine's: the --listen given
-        print(_printable(f"{PROG}: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"),
+        hint = (" (a port below 1024 takes root, or the capability CAP_NET_BIND_SERVICE: the default, 6362, does not)"
+                if exc.errno in (errno.EACCES, errno.EPERM) and settings.port < 1024 else "")
+        print(_printable(f"{PROG}: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}{hint}"),
               file=sys.stderr)
         return UsageError.exit_code
     stop = threading.Event()

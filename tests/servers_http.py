@@ -83,9 +83,10 @@ def make_self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Pa
     return cert_path, key_path
 
 
-def run_serve(*flags: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    """``chunkvault serve FLAGS`` run to its end (for settings that make it exit at once)."""
-    return subprocess.run([*SERVE, *flags], env=_env(), capture_output=True, text=True, timeout=timeout)
+def run_serve(*flags: str, timeout: float = 30.0, wrap: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``chunkvault serve FLAGS`` run to its end (for settings that make it exit at once), under ``wrap`` (a
+    command such as setpriv) if given."""
+    return subprocess.run([*wrap, *SERVE, *flags], env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 class ServeProcess:

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1300,6 +1301,17 @@ def test_serve_on_an_address_in_use_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [f"chunkvault serve: cannot listen on 127.0.0.1:{port}: "
                                                   "Address already in use"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_serve_on_a_privileged_port_without_the_right_says_what_it_takes(tmp_path):
+    """Port 873 for a service account: "Permission denied" alone did not say that the port is the cause."""
+    result = run_serve("--listen", "127.0.0.1:873", "--path", str(tmp_path),
+                       wrap=("setpriv", "--bounding-set", "-net_bind_service", "--"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "chunkvault serve: cannot listen on 127.0.0.1:873: Permission denied (a port below 1024 takes root, or the "
+        "capability CAP_NET_BIND_SERVICE: the default, 6362, does not)"]
 
 
 @pytest.mark.parametrize("flags, said", [
