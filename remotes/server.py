@@ -1229,7 +1229,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._fail(413, f"object of {length} bytes is above the server's limit of {limit} bytes (--max-object-size)")
         shared_only = mode != "full" and key.startswith(LOCKS_PREFIX)  # held in memory, and read, to be checked
         if shared_only and length > SMALL_BODY:
-            return self._fail(403, self._not_shared(key))
+            return self._fail(403, f"{self._append_only()}: {key} of {length} bytes is no shared lock (those take a "
+                                   f"few hundred bytes; the most one may be is {SMALL_BODY >> 10} KiB): a larger object "
+                                   "under locks/ needs a full token")
         collision = self._collision(key)
         if collision:
             return self._fail(409, collision)

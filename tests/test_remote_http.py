@@ -1114,6 +1114,8 @@ def test_an_append_only_token_stores_no_lock_of_another_kind_under_a_shared_name
         assert status == 403 and f"{key} is no shared lock" in reply["error"], kind
     for body in (b"[]", b"not json", b"[" * 60_000, json.dumps({**lock, "pad": "x" * (100 << 10)}).encode()):
         assert raw_request(http_server.port, "PUT", f"/objects/{key}", body, token=APPEND_TOKEN)[0] == 403
+    status, reply = raw_request(http_server.port, "PUT", f"/objects/{key}", b" " * (64 << 10) + b"!", token=APPEND_TOKEN)
+    assert status == 403 and "of 65537 bytes is no shared lock (those take a few hundred bytes" in reply["error"]
     assert files_under(http_server.path) == []
     shared = json.dumps(lock).encode()
     assert raw_request(http_server.port, "PUT", f"/objects/{key}", shared, token=APPEND_TOKEN)[0] == 201
