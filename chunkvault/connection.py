@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import blake3
 
 from .errors import LocalCacheWarning, UsageError
-from .localfiles import make_private_dirs, tag_as_cache, user_dir
+from .localfiles import CACHEDIR_TAG, make_private_dirs, tag_as_cache, user_dir
 from .remotes import Remote, open_remote
 from .remotes.local import LocalRemote
 from .remotes.throttle import ThrottledRemote
@@ -99,8 +99,20 @@ def cache_base() -> str | None:
             warnings.warn(f"cache directory {base} is not a writable directory: nothing is cached locally, "
                           "every object is read from the repository", LocalCacheWarning, stacklevel=3)
         return None
-    tag_as_cache(base)  # it holds copies of metadata and key files: no backup should take them
+    if _holds_only_the_cache(base):  # it holds copies of metadata and key files: no backup should take them
+        tag_as_cache(base)
     return base
+
+
+def _holds_only_the_cache(base: str) -> bool:
+    """Whether ``base`` holds nothing but the cache's own entries (or nothing): only such a directory is tagged
+    as a cache.  ``--cache-dir ~`` tagged the home directory, and every backup with ``--exclude-caches``
+    (chunkvault's, restic's, borg's, tar's) then left all of it out."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return True  # not made yet: the tag makes it
+    return all(_CACHE_DIR_NAME.fullmatch(n) or n in _CACHE_ENTRIES or n.startswith(_TAG_NAME + ".") for n in names)
 
 
 _said_unusable: set[str] = set()
@@ -118,6 +130,9 @@ def _usable(directory: str) -> bool:
 #: Seconds after which a repository's cache directory no command used is removed (restic's age too).
 CACHE_UNUSED_AFTER = 30 * 86400.0
 _CACHE_DIR_NAME = re.compile(r"[0-9a-f]{24}")  # ``url_digest``'s
+_TAG_NAME = os.fsdecode(CACHEDIR_TAG[0])
+_KEY_AHEAD = "key-ahead"
+_CACHE_ENTRIES = frozenset({_TAG_NAME, _KEY_AHEAD})  # and the repositories' directories, and the tag's temp file
 
 
 def use_cache_dir(base: str, cache_dir: str) -> None:
@@ -153,7 +168,7 @@ def url_digest(url: str) -> str:
 def key_ahead_dir() -> str | None:
     """Where the key files that last opened each repository are kept (store/keyahead.py)."""
     base = cache_base()
-    return None if base is None else os.path.join(base, "key-ahead")
+    return None if base is None else os.path.join(base, _KEY_AHEAD)
 
 
 def key_ahead_path(url: str) -> str | None:

@@ -58,6 +58,26 @@ def test_a_cache_directory_given_that_is_no_writable_directory_is_warned_of_and_
         assert cache_base() == str(tmp_path / "new" / "cache") and (tmp_path / "new" / "cache").is_dir()
 
 
+def test_only_a_directory_holding_nothing_but_the_cache_is_tagged_as_one(monkeypatch, tmp_path):
+    """``--cache-dir ~`` wrote a CACHEDIR.TAG into the home directory: every later backup with
+    ``--exclude-caches`` (restic's, borg's and tar's too) left the whole of it out, without a word."""
+    home = tmp_path / "home"
+    (home / "documents").mkdir(parents=True)
+    (home / "notes.txt").write_text("mine")
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(home))
+    assert cache_base() == str(home) and key_ahead_path("sftp://h/r") is not None
+    assert not (home / "CACHEDIR.TAG").exists()
+    for made in (tmp_path / "fresh", tmp_path / "empty", tmp_path / "used"):
+        if made.name == "empty":
+            made.mkdir()
+        if made.name == "used":  # a cache already in use: a repository's entries, the keys kept ahead
+            (made / ("ab" * 12)).mkdir(parents=True)
+            (made / "key-ahead").mkdir()
+        monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(made))
+        assert cache_base() == str(made)
+        assert (made / "CACHEDIR.TAG").read_bytes().startswith(b"Signature: 8a477f597d28d172789f06886806bc55")
+
+
 def test_cache_dir_wins_over_chunkvault_no_cache(monkeypatch, tmp_path):
     """An option wins over the environment: --cache-dir over CHUNKVAULT_NO_CACHE=1 (which silently dropped
     it), as --no-cache over CHUNKVAULT_CACHE_DIR; the environment is as it was after the command."""
