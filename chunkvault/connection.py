@@ -112,7 +112,13 @@ def _holds_only_the_cache(base: str) -> bool:
         names = os.listdir(base)
     except OSError:
         return True  # not made yet: the tag makes it
-    return all(_CACHE_DIR_NAME.fullmatch(n) or n in _CACHE_ENTRIES or n.startswith(_TAG_NAME + ".") for n in names)
+    return all(map(_is_cache_entry, names))
+
+
+def _is_cache_entry(name: str) -> bool:
+    """Whether ``name`` in the cache's directory is one the cache makes (a repository's, the keys kept ahead,
+    the tag or the tag's temporary file)."""
+    return bool(_CACHE_DIR_NAME.fullmatch(name)) or name in _CACHE_ENTRIES or name.startswith(_TAG_NAME + ".")
 
 
 _said_unusable: set[str] = set()
@@ -139,7 +145,8 @@ def use_cache_dir(base: str, cache_dir: str) -> None:
     """Mark ``cache_dir`` used now (its mtime), and remove the repositories' cache directories beside it in
     ``base`` that no command used for ``CACHE_UNUSED_AFTER``: each is named by its URL, so that of a
     repository deleted, moved to another URL or a one-off copy's target otherwise stayed for ever.  Best
-    effort; only directories named as ``url_digest`` names them, never through a symbolic link."""
+    effort; only directories named as ``url_digest`` names them, never through a symbolic link, and none in a
+    directory that holds anything else than the cache (a ``--cache-dir`` given where other files are)."""
     try:
         os.utime(cache_dir)
     except OSError:  # not made yet: its first entry makes it
@@ -147,6 +154,8 @@ def use_cache_dir(base: str, cache_dir: str) -> None:
     try:
         names = os.listdir(base)
     except OSError:
+        return
+    if not all(map(_is_cache_entry, names)):
         return
     now = time.time()
     for name in names:

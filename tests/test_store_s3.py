@@ -125,16 +125,23 @@ def test_the_cache_of_a_repository_no_command_used_for_a_month_is_removed(tmp_pa
     with Repository.init(s3_bucket.url, password, kdf_seconds=0, **s3_bucket.options) as repo:
         repo.backup([str(src)])
     [used] = [d for d in cache.iterdir() if d.is_dir() and d.name != "key-ahead"]
-    old, recent, other = cache / ("0" * 24), cache / ("1" * 24), cache / "notes"
+    old, recent = cache / ("0" * 24), cache / ("1" * 24)
     (old / "index").mkdir(parents=True)
     (old / "index" / ("a" * 64)).write_bytes(b"entry")
     recent.mkdir()
-    other.mkdir()
     month_ago = time.time() - 31 * 86400
-    for directory in (old, used, other):
+    for directory in (old, used):
         os.utime(directory, (month_ago, month_ago))
     with Repository.open(s3_bucket.url, password, **s3_bucket.options) as repo:
         assert [s.kind for s in repo.snapshots()] == ["full"]
     assert not old.exists()
-    assert used.is_dir() and recent.is_dir() and other.is_dir() and (cache / "key-ahead").is_dir()
+    assert used.is_dir() and recent.is_dir() and (cache / "key-ahead").is_dir()
     assert time.time() - used.stat().st_mtime < 86400  # marked used: kept another month
+    # A directory holding anything else than the cache (a --cache-dir given where other files are): nothing goes.
+    (cache / "notes").mkdir()
+    for directory in (old, recent):
+        directory.mkdir(exist_ok=True)
+        os.utime(directory, (month_ago, month_ago))
+    with Repository.open(s3_bucket.url, password, **s3_bucket.options) as repo:
+        repo.snapshots()
+    assert old.is_dir() and recent.is_dir()
