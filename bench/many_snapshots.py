@@ -1,6 +1,6 @@
 """Commands over a repository of many snapshots: a year of hourly ones is 8,760.
 
-    python bench/many_snapshots.py [--count 8760] [--chain 24] [--dir DIR]
+    python bench/many_snapshots.py [--count 8760] [--chain 24] [--dir DIR] [--s3]
 
 Backs up a small tree, then writes ``count`` snapshots of it through the API, one
 an hour apart: with ``--chain N``, a full snapshot then N-1 differentials on it,
@@ -9,7 +9,8 @@ the snapshot objects and their chains, whatever the trees).  Then it times the
 commands that read every snapshot: the listing, a backup (which looks for its
 parent), a retention dry run, a check, a find, and a restore of the newest.
 Seconds per command, fastest of ``--repeat``; none should grow faster than the
-number of snapshots.
+number of snapshots.  ``--s3``: the repository on a moto server on 127.0.0.1 (the test
+suite's), with the local cache, as an off-site repository is read.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from chunkvault import Repository  # noqa: E402
 
@@ -75,9 +78,19 @@ def main() -> None:
     ap.add_argument("--chain", type=int, default=1, help="snapshots per chain: a full, then differentials")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", help="work directory (default: a temporary one, removed)")
+    ap.add_argument("--s3", action="store_true", help="the repository on a moto S3 server on 127.0.0.1")
     args = ap.parse_args()
     work = args.dir or tempfile.mkdtemp(prefix="many-snapshots-")
     repo_dir, src = os.path.join(work, "repo"), os.path.join(work, "src")
+    moto = None
+    if args.s3:
+        from servers_s3 import TEST_CREDENTIALS, MotoServer
+
+        moto = MotoServer()
+        moto.start()
+        os.environ.update(TEST_CREDENTIALS, AWS_ENDPOINT_URL=moto.endpoint, AWS_CONFIG_FILE=os.devnull,
+                          AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+        repo_dir = f"s3://{moto.create_bucket()}/repo"
     try:
         started = time.monotonic()
         build(repo_dir, src, args.count, args.chain)
@@ -88,6 +101,8 @@ def main() -> None:
             argv = [a.replace("{src}", src) for a in argv]
             print(f"{' '.join(argv).replace(work + os.sep, ''):70} {timed(argv, env, args.repeat, work):6.2f} s")
     finally:
+        if moto is not None:
+            moto.stop()
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
 
