@@ -1310,13 +1310,14 @@ class Repository:
         distinct chunks restoring them reads (with the delta bases below them, and their chains'
         manifests), and of those what no other snapshot needs, which forgetting them then pruning frees
         (``store/usage.py``).  Every snapshot's tree is resolved once."""
-        from .store.usage import usage
+        from .store.usage import resolution_order, usage
 
         with self.reading("stats"):
             every = self._list()
             chosen = self._chosen(every, snapshots, hosts, tags, paths)
             repo = self._repo
-            out = usage(every, chosen, repo.manifest_records, repo.locate, repo.delta_base, repo.chains(every))
+            with repo.manifests_ahead(resolution_order(every)) as ahead:
+                out = usage(every, chosen, ahead.records, repo.locate, repo.delta_base, repo.chains(every))
             out.not_resolved += sorted(repo.unreadable_snapshots)
             if out.not_resolved:
                 warnings.warn(f"{len(out.not_resolved)} snapshot(s) cannot be read in full (`check` says why): "
@@ -1371,7 +1372,7 @@ class Repository:
         and those the filters select.  Each full manifest is read once, each differential's own records
         once (``store/find.py``); patterns that all start with a directory (``etc/postgresql/*``) read only
         that directory's part of each manifest."""
-        from .store.find import matches_by_snapshot, path_matcher, tree_glob, versions
+        from .store.find import chain_order, matches_by_snapshot, path_matcher, tree_glob, versions
 
         patterns = [tree_glob(p) for p in _globs(patterns, "pattern")]
         if not patterns:
@@ -1384,10 +1385,11 @@ class Repository:
             needed = {sid: by_id[sid] for sid in with_ancestors((s.id for s in chosen), parents)}
             match = path_matcher(patterns, ignore_case)
             within = None if ignore_case else include_directory(patterns)
-            own: Callable[[Snapshot], Iterator[Record]] = self._repo.manifest_records if within is None else (
-                lambda s: self._repo.manifest_records_within(s, within))
             damaged: dict[str, CorruptObject] = {}
-            matches = matches_by_snapshot(needed.values(), own, match, damaged)
+            with self._repo.manifests_ahead(chain_order(needed.values()) if within is None else ()) as ahead:
+                own: Callable[[Snapshot], Iterator[Record]] = ahead.records if within is None else (
+                    lambda s: self._repo.manifest_records_within(s, within))
+                matches = matches_by_snapshot(needed.values(), own, match, damaged)
             for s in chosen:
                 if s.id in damaged:
                     warnings.warn(f"snapshot {s.short_id} is not searched: a manifest of its chain is damaged "

@@ -11,7 +11,7 @@ import re
 import threading
 import time
 import warnings
-from collections import ChainMap, Counter, OrderedDict
+from collections import ChainMap, Counter, OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
@@ -1243,6 +1243,11 @@ class Repo:
         self.index  # loaded here: its own damage is not the manifest's
         return iter_records(_manifest_blobs(self._prefetch(ids), snap, needed_by), _manifest_name(snap, needed_by))
 
+    def manifests_ahead(self, order: Iterable[Snapshot]) -> "ManifestsAhead":
+        """``manifest_records`` for snapshots asked for in ``order``, their manifests read ahead (a context)."""
+        self.index  # loaded here: its own damage is not the manifests'
+        return ManifestsAhead(self, order)
+
     def manifest_chunk_refs(self, snapshots: Iterable[Snapshot],
                             seen: set[tuple] | None = None) -> Iterator[tuple[Snapshot, bytes]]:
         """(snapshot, chunk ids concatenated) for the records of each snapshot's own manifest, in pieces;
@@ -1382,6 +1387,47 @@ def _manifest_name(snap: Snapshot, needed_by: Snapshot | None) -> str:
 def _manifest_damage(exc: CorruptObject, snap: Snapshot, needed_by: Snapshot | None) -> CorruptObject:
     """A blob of ``snap``'s manifest failed: the same error, saying whose manifest it was."""
     return exc.explained(f" (in the {_manifest_name(snap, needed_by)})")
+
+
+class ManifestsAhead:
+    """The manifests of snapshots asked for in a known order (``records``), their blobs read ``window`` ahead by
+    as many threads: read one after another, a find or a forget's dry run over a year of hourly snapshots on
+    S3 waited out some 9,000 round trips in a row.  A snapshot passed over (a damaged chain's) has what was
+    read for it dropped; one not in the order is read as ``manifest_records`` reads it.  Each read raises
+    (damage, a missing pack) when its snapshot's records reach it, as it would have read in turn."""
+
+    def __init__(self, repo: "Repo", order: Iterable[Snapshot], window: int = OBJECT_READERS * 2):
+        self._repo = repo
+        self._queued: deque[tuple[str, bytes]] = deque((s.id, bytes.fromhex(h)) for s in order for h in s.manifest)
+        self._ahead = {sid for sid, _ in self._queued}  # snapshots whose blobs are queued or read
+        self._reading: deque[tuple[str, Future[Plaintext]]] = deque()
+        self._window = window
+        self._pool = ThreadPoolExecutor(min(window, OBJECT_READERS))
+
+    def __enter__(self) -> "ManifestsAhead":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def records(self, snap: Snapshot) -> Iterator[Record]:
+        if snap.id not in self._ahead:
+            return self._repo.manifest_records(snap)
+        while self._reading and self._reading[0][0] != snap.id:  # passed over: dropped
+            self._ahead.discard(self._reading.popleft()[0])
+        while not self._reading and self._queued and self._queued[0][0] != snap.id:
+            self._ahead.discard(self._queued.popleft()[0])
+        self._ahead.discard(snap.id)
+        return iter_records(_manifest_blobs(self._blobs(snap), snap, None), _manifest_name(snap, None))
+
+    def _blobs(self, snap: Snapshot) -> Iterator[bytes]:
+        for _ in snap.manifest:
+            while self._queued and len(self._reading) < self._window:
+                sid, blob_id = self._queued.popleft()
+                self._reading.append((sid, self._pool.submit(self._repo.read_blob, blob_id)))
+            if not self._reading or self._reading[0][0] != snap.id:  # its records were left half read
+                return
+            yield self._reading.popleft()[1].result()
 
 
 def _manifest_blobs(blobs: Iterator[bytes], snap: Snapshot, needed_by: Snapshot | None) -> Iterator[bytes]:

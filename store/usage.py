@@ -92,6 +92,18 @@ def chains_down(snapshots: Iterable[Snapshot]) -> tuple[list[Snapshot], dict[str
     return roots, children
 
 
+def resolution_order(snapshots: Iterable[Snapshot]) -> list[Snapshot]:
+    """The snapshots in the order ``resolved_trees`` resolves them (their manifests read ahead in it)."""
+    roots, children = chains_down(snapshots)
+    order: list[Snapshot] = []
+    stack = list(reversed(roots))
+    while stack:
+        snap = stack.pop()
+        order.append(snap)
+        stack.extend(reversed(children.get(snap.id, ())))
+    return order
+
+
 def resolved_trees(snapshots: Iterable[Snapshot], own_records: Callable[[Snapshot], Iterable[Record]]
                    ) -> Iterator[tuple[Snapshot, list[Record]]]:
     """(snapshot, its resolved tree) for each snapshot whose chain reaches a full among ``snapshots``,
