@@ -1394,13 +1394,15 @@ class ManifestsAhead:
     as many threads: read one after another, a find or a forget's dry run over a year of hourly snapshots on
     S3 waited out some 9,000 round trips in a row.  A snapshot passed over (a damaged chain's) has what was
     read for it dropped; one not in the order is read as ``manifest_records`` reads it.  Each read raises
-    (damage, a missing pack) when its snapshot's records reach it, as it would have read in turn."""
+    (damage, a missing pack) when its snapshot's records reach it, as it would have read in turn.  A blob is
+    read once while it is in the window or the blob cache: full snapshots of a mostly unchanged tree share
+    most of their manifests' blobs."""
 
     def __init__(self, repo: "Repo", order: Iterable[Snapshot], window: int = OBJECT_READERS * 2):
         self._repo = repo
         self._queued: deque[tuple[str, bytes]] = deque((s.id, bytes.fromhex(h)) for s in order for h in s.manifest)
         self._ahead = {sid for sid, _ in self._queued}  # snapshots whose blobs are queued or read
-        self._reading: deque[tuple[str, Future[Plaintext]]] = deque()
+        self._reading: deque[tuple[str, bytes, Future[Plaintext]]] = deque()
         self._window = window
         self._pool = ThreadPoolExecutor(min(window, OBJECT_READERS))
 
@@ -1424,10 +1426,13 @@ class ManifestsAhead:
         for _ in snap.manifest:
             while self._queued and len(self._reading) < self._window:
                 sid, blob_id = self._queued.popleft()
-                self._reading.append((sid, self._pool.submit(self._repo.read_blob, blob_id)))
+                read = next((f for _, b, f in self._reading if b == blob_id), None)
+                if read is None:
+                    read = self._pool.submit(self._repo.read_blob, blob_id, cache=True)
+                self._reading.append((sid, blob_id, read))
             if not self._reading or self._reading[0][0] != snap.id:  # its records were left half read
                 return
-            yield self._reading.popleft()[1].result()
+            yield self._reading.popleft()[2].result()
 
 
 def _manifest_blobs(blobs: Iterator[bytes], snap: Snapshot, needed_by: Snapshot | None) -> Iterator[bytes]:
