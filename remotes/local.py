@@ -187,6 +187,48 @@ def _outdate(tmp: str, final: str) -> None:
         os.utime(tmp, (time.time(), old + 1))
 
 
+_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)  # link() on FAT, exFAT, some FUSE file systems
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(src: str, dst: str) -> bool:
+    """renameat2(RENAME_NOREPLACE): FileExistsError when ``dst`` exists; False where the kernel, the C
+    library or the file system (a FUSE one) has no such rename."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err), dst)
+
+
+def _put_absent(tmp: str, final: str) -> bool:
+    """Put the written ``tmp`` at ``final`` unless something is there (FileExistsError).  True when ``tmp``
+    keeps its name (a hard link was made: the caller removes it).  A file system without hard links (FAT
+    and exFAT, a repository on a USB disk, refuse link() with EPERM) takes a rename that does not replace,
+    or, where it has none either (FUSE file systems), a rename after a look: two writers of one name at one
+    moment may then both succeed, the last one's file staying, which for content-named objects is the
+    same content."""
+    try:
+        os.link(tmp, final)
+        return True
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS or isinstance(exc, FileExistsError):
+            raise
+    if not _rename_noreplace(tmp, final):
+        if os.path.lexists(final):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), final)
+        os.rename(tmp, final)
+    return False
+
+
 def ancestor_identities(root: str, parts: list[str]) -> set[tuple[int, int]]:
     """(device, inode) of ``root`` and of each directory below it on the way to ``root/parts`` (that one
     left out): what a listing of ``parts`` must not walk into again through a link (a loop)."""
@@ -362,7 +404,9 @@ class LocalRemote(Remote):
                 return False
             if if_absent:
                 try:
-                    os.link(tmp, final)
+                    if not _put_absent(tmp, final):
+                        self._writing.discard(tmp)
+                        tmp = None
                 except FileExistsError:
                     raise ObjectExists(key) from None
             else:

@@ -7,12 +7,13 @@ import os
 
 import pytest
 
-from chunkvault.errors import PermissionDenied, StorageFull, UsageError
+from chunkvault.errors import ObjectExists, PermissionDenied, StorageFull, UsageError
 from chunkvault.remotes import open_remote
 from chunkvault.remotes import local as local_module
 from chunkvault.remotes.local import TEMP_PREFIX, LocalRemote
 
 from remote_contract import check_remote_contract
+from treeutil import mounted_fat
 
 
 def _all_files(root) -> list[str]:
@@ -456,3 +457,31 @@ def test_an_object_s_bytes_are_synced_before_it_is_renamed_into_place(tmp_path, 
         synced = [path for what, path in events if what == "fsync"]
         assert synced[0] == moved and events.index(("fsync", moved)) < events.index(("rename", moved))
         assert os.path.dirname(moved) in synced[1:]  # and the directory after
+
+
+@pytest.mark.parametrize("kind", ["vfat", "exfat"])
+def test_a_repository_on_a_file_system_without_hard_links(tmp_path, cli, kind):
+    """A repository on a USB disk (FAT, exFAT): link(), which stores an object only where none is, is
+    refused there (EPERM), and `init` failed with 'permission denied while writing keys/...'.  Such an
+    object is now renamed into place without replacing one; backups, a check and a prune run there, and
+    an object already stored is still refused."""
+    mnt = tmp_path / "usb"
+    mnt.mkdir()
+    with mounted_fat(str(mnt), kind):
+        remote = LocalRemote(str(mnt / "bare"))
+        remote.put("keys/k1", b"first", if_absent=True)
+        with pytest.raises(ObjectExists):
+            remote.put("keys/k1", b"second", if_absent=True)
+        assert remote.get("keys/k1") == b"first" and list(remote.temp_files()) == []
+        repo = str(mnt / "repo")
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "a").write_bytes(os.urandom(50_000))
+        cli("init", "-r", repo, "--kdf-time", "0")
+        cli("backup", "-r", repo, str(src))
+        (src / "b").write_bytes(b"more")
+        cli("backup", "-r", repo, str(src))
+        cli("forget", "-r", repo, "--keep-last", "1", "--prune")
+        assert b"no problems" in cli("check", "-r", repo, "--read-data").stdout
+        cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "back"))
+        assert (tmp_path / "back" / "a").read_bytes() == (src / "a").read_bytes()

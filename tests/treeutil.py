@@ -140,6 +140,51 @@ def mounted_tmpfs(path: str, size: str = "8m") -> Iterator[str]:
         subprocess.run(["umount", "-l", path], capture_output=True)
 
 
+def _run_quietly(*args: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(list(args), capture_output=True, timeout=60)
+    except FileNotFoundError as exc:  # the tool is not installed
+        return subprocess.CompletedProcess(list(args), 127, b"", str(exc).encode())
+
+
+@contextlib.contextmanager
+def mounted_fat(path: str, kind: str = "exfat", size_mib: int = 32) -> Iterator[str]:
+    """A fresh FAT (``kind`` "vfat") or exFAT file system of ``size_mib`` MiB, in an image beside ``path``,
+    mounted on the directory ``path``: no hard links, symbolic links, owners or set-id bits, names
+    compared without case.  The kernel's driver where it has one, else a FUSE one (fusefat, exfat-fuse);
+    the test is skipped, saying why, where none can be mounted (not root, no driver or tool).  Unmounted,
+    and its loop device let go, afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip(f"mounting a {kind} image needs root")
+    image = f"{path}.img"
+    with open(image, "wb") as f:
+        f.truncate(size_mib << 20)
+    made = _run_quietly(f"mkfs.{kind}", image)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make a {kind} file system (package dosfstools or exfatprogs): "
+                    f"{made.stderr.decode().strip()}")
+    loop = ""
+    if _run_quietly("mount", "-t", kind, "-o", "loop", image, path).returncode != 0:
+        if kind == "vfat":
+            tried = _run_quietly("fusefat", "-o", "rw+", image, path)
+        else:
+            attached = _run_quietly("losetup", "-f", "--show", image)
+            loop = attached.stdout.decode().strip()
+            tried = _run_quietly("mount.exfat-fuse", loop, path) if loop else attached
+        if tried.returncode != 0:
+            if loop:
+                _run_quietly("losetup", "-d", loop)
+            pytest.skip(f"cannot mount a {kind} file system here (no kernel driver, no FUSE driver: package "
+                        f"{'fusefat' if kind == 'vfat' else 'exfat-fuse'}): {tried.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        if _run_quietly("umount", path).returncode != 0:
+            _run_quietly("umount", "-l", path)
+        if loop:
+            _run_quietly("losetup", "-d", loop)
+
+
 SMALL_TREE_NAMES = ("f1.a", "f2.b", "d0/f1.a", "d0/x.b", "d1/d0/f3.a", "d1/y")
 
 
