@@ -828,9 +828,11 @@ class Restorer:
 
     def _small(self, e: Entry, pf: _Prefetcher) -> bool:
         """Whether a file is written in a run with others (``_add_to_run``): a whole file of one chunk, fetched
-        ahead, into a target that was empty, with nothing a run does not set (extended attributes)."""
+        ahead, into a target that was empty, with nothing a run does not set (extended attributes) or could
+        refuse where it is set alone (a set-id or sticky bit: ``_chmod``)."""
         return (e.type == T_FILE and len(e.chunks) == 32 and self._fresh and pf.queued_current
-                and not e.flags & F_UNREADABLE and not (self.opt.xattrs and e.xattrs) and id(e) not in self.parts)
+                and not e.flags & F_UNREADABLE and not (self.opt.xattrs and e.xattrs) and id(e) not in self.parts
+                and not e.mode & 0o7000)
 
     def _add_to_run(self, e: Entry, pf: _Prefetcher) -> None:
         """Take a small file's chunk and check it against the file's digest; the run is written when full."""
@@ -1653,8 +1655,23 @@ class Restorer:
                 self.result.warnings.append(f"cannot set extended attributes of {os.fsdecode(e.path)}: "
                                             + "; ".join(failed))
         if not link:
-            os.chmod(where, mode)
+            self._chmod(e, where, mode)
         os.utime(where, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=not link)
+
+    def _chmod(self, e: Entry, where: bytes | int, mode: int) -> None:
+        """Give ``e`` its mode.  FAT and exFAT (a USB disk) hold no set-user-ID, set-group-ID or sticky bit and
+        refuse a mode with one (EPERM, to root too): the entry, written, gets the rest of its mode, with a
+        warning, rather than being left out, its data with it.  One refused without them is refused."""
+        try:
+            os.chmod(where, mode)
+        except PermissionError as exc:
+            special = mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX)
+            if not special:
+                raise
+            os.chmod(where, mode & ~special)
+            self.result.warnings.append(f"{os.fsdecode(e.path) or '.'}: the target's file system refused mode "
+                                        f"{mode:04o} ({exc.strerror}): restored as {mode & ~special:04o}, without "
+                                        "its set-user-ID, set-group-ID and sticky bits")
 
     def _owner_not_set(self, e: Entry, reason: str) -> int:
         """Warn that ``e``'s owner was not set; the set-id bits it loses for that (``setid_bits_for_others``:

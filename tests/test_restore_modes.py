@@ -595,3 +595,39 @@ def test_a_rerun_removes_what_a_restore_killed_outright_was_writing_beside_a_fil
     assert fresh.read_bytes() == b"being written by a restore running beside"
     assert (live / ".chunkvault-restore-0123456789abcdef").is_dir()
     assert result.warnings == [f"d/{left[0]}, left by an interrupted restore, was removed"]
+
+
+def test_set_id_and_sticky_bits_a_fat_disk_refuses_leave_the_entries_restored(tmp_path, new_repo):
+    """exFAT and FAT refuse a chmod to a mode with a set-user-ID, set-group-ID or sticky bit (EPERM, to root
+    too): a restore onto a USB disk left such a file out, its data with it ('could not be written: Operation
+    not permitted'), and its hard links, and counted such a directory not restored.  They are restored, with
+    the rest of their mode and a warning each."""
+    from treeutil import mounted_fat
+
+    src = tmp_path / "src"
+    (src / "shared").mkdir(parents=True)
+    (src / "tmp").mkdir()
+    (src / "tool").write_bytes(b"#!/bin/sh\n")
+    os.link(src / "tool", src / "tool-link")
+    (src / "shared" / "f").write_bytes(b"data")
+    (src / "plain").write_bytes(b"plain")
+    os.chmod(src / "tool", 0o4755)
+    os.chmod(src / "shared", 0o2775)
+    os.chmod(src / "tmp", 0o1777)
+    repo = new_repo()
+    repo.backup([str(src)])
+    mnt = tmp_path / "usb"
+    mnt.mkdir()
+    with mounted_fat(str(mnt), "exfat"):
+        from chunkvault.errors import TargetUnwritable
+
+        with pytest.raises(TargetUnwritable) as info:  # the hard link alone: exFAT has none
+            repo.restore("latest", str(mnt / "t"))
+        result = info.value.partial
+        assert [path for path, _ in result.unwritten] == ["tool-link"], (result.unwritten, result.warnings)
+        assert (mnt / "t" / "tool").read_bytes() == b"#!/bin/sh\n"
+        assert (mnt / "t" / "shared" / "f").read_bytes() == b"data" and (mnt / "t" / "tmp").is_dir()
+        refused = sorted(w.split(":")[0] for w in result.warnings if "refused mode" in w)
+        assert refused == ["shared", "tmp", "tool"]
+        assert "restored as 0755, without its set-user-ID" in " ".join(result.warnings)
+        assert result.files == 3 and result.dirs == 3
