@@ -152,6 +152,27 @@ class RestoreResult:
     unwritten: list[tuple[str, str]] = field(default_factory=list)
     full: str = ""  # the file being written when the target ran out of space (removed); the restore stopped there
     full_in_place: bool = False  # that file was being updated in place (--delta): its old content is gone too
+    # Entries whose extended attributes the target's file system keeps none of (ENOTSUP): how many, the first
+    # of them and the attributes' names, for one warning (``unsupported_xattrs_warning``), not one per entry.
+    xattrs_unsupported: int = 0
+    xattrs_unsupported_paths: list[str] = field(default_factory=list)
+    xattrs_unsupported_names: list[str] = field(default_factory=list)
+
+    def note_unsupported_xattrs(self, paths: list[str], names: list[str], count: int = 1) -> None:
+        """``count`` more entries (the first of them ``paths``) whose attributes ``names`` were not set."""
+        self.xattrs_unsupported += count
+        self.xattrs_unsupported_paths += paths[:_SHOWN_UNSUPPORTED - len(self.xattrs_unsupported_paths)]
+        self.xattrs_unsupported_names += [n for n in names if n not in self.xattrs_unsupported_names]
+
+    def unsupported_xattrs_warning(self) -> str | None:
+        n = self.xattrs_unsupported
+        if not n:
+            return None
+        more = f" and {n - len(self.xattrs_unsupported_paths)} more" if n > len(self.xattrs_unsupported_paths) else ""
+        names = sorted(self.xattrs_unsupported_names)
+        shown = ", ".join(names[:_SHOWN_UNSUPPORTED]) + (", ..." if len(names) > _SHOWN_UNSUPPORTED else "")
+        return (f"extended attributes not set on {n} entr{'y' if n == 1 else 'ies'}: the target's file system does "
+                f"not support them ({shown}): {', '.join(self.xattrs_unsupported_paths)}{more}")
 
     def raise_for_problems(self) -> None:
         """After everything else was restored: the target's failures first (exit 14: it ran out of space, or
@@ -184,6 +205,9 @@ class RestoreResult:
             cls = MissingObject if missing else CorruptObject
             return cls(obj, f"{reason}; {damaged} ({rest})")
         return None
+
+
+_SHOWN_UNSUPPORTED = 5  # entries (and attribute names) the warning on extended attributes not supported names
 
 
 def _named(names: list[str], shown: int = 5) -> str:
@@ -674,6 +698,9 @@ class Restorer:
         missed = self.opt.owner_map.missed() if self.opt.owner_map is not None and self.owners else None
         if missed is not None:
             self.result.warnings.append(missed)
+        unsupported = self.result.unsupported_xattrs_warning()
+        if unsupported is not None:
+            self.result.warnings.append(unsupported)
         if self.setid_dropped:
             n = self.setid_dropped
             self.result.warnings.append(f"{n} entr{'y' if n == 1 else 'ies'} restored without their set-user/group-ID "
@@ -1650,7 +1677,10 @@ class Restorer:
                 # set-id bits for their owner only, never for whoever the entry is left to
                 mode &= ~self._owner_not_set(e, exc.strerror)
         if self.opt.xattrs and (e.xattrs or not self._fresh):
-            failed = write_xattrs(where, e.xattrs, replace=not self._fresh, follow=not link)
+            unsupported: list[str] = []
+            failed = write_xattrs(where, e.xattrs, replace=not self._fresh, follow=not link, unsupported=unsupported)
+            if unsupported:  # the file system's: said once for all the entries (``note_walked``)
+                self.result.note_unsupported_xattrs([os.fsdecode(e.path) or "."], unsupported)
             if failed:
                 self.result.warnings.append(f"cannot set extended attributes of {os.fsdecode(e.path)}: "
                                             + "; ".join(failed))

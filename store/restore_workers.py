@@ -233,6 +233,8 @@ class _Coordinator:
             r.files += res.files
             r.bytes += res.bytes
             r.warnings.extend(res.warnings)
+            r.note_unsupported_xattrs(res.xattrs_unsupported_paths, res.xattrs_unsupported_names,
+                                      res.xattrs_unsupported)
             r.damaged.extend(d for d in res.damaged if d not in r.damaged)
             for u in res.unwritten:
                 if u not in unwritten:

@@ -78,10 +78,12 @@ def read_xattrs(target: bytes | int) -> bytes:
     return encode_xattrs(pairs)
 
 
-def write_xattrs(target: bytes | int, raw: bytes, replace: bool, follow: bool | None = None) -> list[str]:
+def write_xattrs(target: bytes | int, raw: bytes, replace: bool, follow: bool | None = None,
+                 unsupported: list[str] | None = None) -> list[str]:
     """Set the attributes encoded in ``raw`` on a path (not followed, unless ``follow``) or open fd; with
     ``replace``, also remove those it has that ``raw`` lacks.  Returns one line per attribute that could
-    not be set."""
+    not be set; with ``unsupported``, the names the file system keeps none of (ENOTSUP: FAT, exFAT, a
+    mount without ACLs) go there instead, for the caller to sum up."""
     follow = isinstance(target, int) if follow is None else follow
     try:
         wanted = decode_xattrs(raw) if raw else {}
@@ -105,5 +107,8 @@ def write_xattrs(target: bytes | int, raw: bytes, replace: bool, follow: bool | 
         try:
             os.setxattr(target, name, value, follow_symlinks=follow)
         except OSError as exc:
-            failed.append(f"{os.fsdecode(name)}: {exc.strerror}")
+            if unsupported is not None and exc.errno in UNSUPPORTED_ERRNOS:
+                unsupported.append(os.fsdecode(name))
+            else:
+                failed.append(f"{os.fsdecode(name)}: {exc.strerror}")
     return failed

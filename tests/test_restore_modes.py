@@ -5,6 +5,7 @@ import os
 import shutil
 import textwrap
 import random
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -631,3 +632,32 @@ def test_set_id_and_sticky_bits_a_fat_disk_refuses_leave_the_entries_restored(tm
         assert refused == ["shared", "tmp", "tool"]
         assert "restored as 0755, without its set-user-ID" in " ".join(result.warnings)
         assert result.files == 3 and result.dirs == 3
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_extended_attributes_a_file_system_lacks_are_one_warning_not_one_per_entry(tmp_path, new_repo, processes):
+    """A restore onto exFAT (or a mount without user attributes or ACLs) warned 'cannot set extended
+    attributes of PATH: user.k: Operation not supported' once per entry: a line per file of a large tree.
+    It is one warning, with how many entries, the attributes' names and the first few paths; an attribute
+    refused for another reason is still named with its entry."""
+    from treeutil import mounted_fat
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i:02}").write_bytes(os.urandom(100))
+        try:
+            os.setxattr(src / f"f{i:02}", "user.k", b"v")
+        except OSError as exc:
+            pytest.skip(f"no user extended attributes here: {exc}")
+    repo = new_repo()
+    repo.backup([str(src)])
+    mnt = tmp_path / "usb"
+    mnt.mkdir()
+    with mounted_fat(str(mnt), "exfat"):
+        result = repo.restore("latest", str(mnt / "t"), processes=processes)
+        assert result.files == 40 and (mnt / "t" / "f39").read_bytes() == (src / "f39").read_bytes()
+        said = [w for w in result.warnings if "extended attributes" in w]
+        assert len(said) == 1 and re.fullmatch(r"extended attributes not set on 40 entries: the target's file "
+                                               r"system does not support them \(user\.k\): (f\d\d, ){4}f\d\d and "
+                                               r"35 more", said[0]), said
