@@ -220,6 +220,15 @@ def _reason(exc: OSError | ChunkvaultError) -> str:
     return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
 
 
+def _listed(pfd: int) -> set[bytes]:
+    """The names the directory open at ``pfd`` (perhaps an O_PATH descriptor) lists."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+    try:
+        return {os.fsencode(n) for n in os.listdir(fd)}
+    finally:
+        os.close(fd)
+
+
 def _lstat(pfd: int, name: bytes) -> os.stat_result | None:
     """What is at ``name`` in the directory open at ``pfd``, not followed; None when nothing is."""
     try:
@@ -589,6 +598,9 @@ class Restorer:
         self._kept_dirs: dict[bytes, os.stat_result] = {}
         self._kept_below: bytes | None = None
         self._regrouped: dict[bytes, bytes] = {}
+        # In place: the names written in each directory the walk is in, by their form without case and
+        # trailing dots (``_restore_entry_once``)
+        self._names_written: dict[bytes, dict[str, bytes]] = {}
         # Before anything is written: files in the target changed since then are this restore's own.
         self._began_ns = time.time_ns() - LEFTOVER_SLACK_NS
 
@@ -836,7 +848,7 @@ class Restorer:
                     if small:
                         self._add_to_run(e, pf)
                     else:
-                        self._restore_entry(e, pf)
+                        self._restore_entry_once(e, pf)
                 except (OSError, TargetUnwritable) as exc:
                     pf.skip_rest()
                     if isinstance(exc, OSError) and exc.errno in _FULL:
@@ -1022,6 +1034,7 @@ class Restorer:
                 return
             self._write_run()  # children first
             self._dirs.pop()
+            self._names_written.pop(e.path, None)
             if self._deferred is not None:
                 self._deferred.append(e)
             else:
@@ -1315,6 +1328,29 @@ class Restorer:
                                         f"and times: {_reason(exc)}")
         finally:
             self.dirs.release()
+
+    def _restore_entry_once(self, e: Entry, pf: _Prefetcher) -> None:
+        """``_restore_entry``; in place, an entry whose name the target's file system takes for one this
+        restore wrote in the same directory (FAT and exFAT compare names without case: "Makefile" and
+        "makefile"; FAT drops a trailing dot or space) is not written: it would replace that one, whose
+        content was lost without a word.  Such a name is there without being listed under it.  A fresh
+        restore finds it taken (EEXIST) by itself."""
+        if self._fresh or e.type == T_HARDLINK or not e.path:
+            self._restore_entry(e, pf)
+            return
+        parent, name = os.path.split(e.path)
+        written = self._names_written.setdefault(parent, {})
+        key = name.decode("utf-8", "surrogateescape").casefold().rstrip(". ")
+        other = written.get(key, name)
+        if other != name:
+            pfd, here = self.at(e.path)
+            if _lstat(pfd, here) is not None and here not in _listed(pfd):
+                pf.skip_rest()
+                raise TargetUnwritable(f"the target's file system takes its name for "
+                                       f"{os.fsdecode(os.path.join(parent, other))}'s, restored already: names "
+                                       "that differ in case alone, or by a trailing dot")
+        self._restore_entry(e, pf)
+        written.setdefault(key, name)
 
     def _restore_entry(self, e: Entry, pf: _Prefetcher) -> None:
         t = e.type

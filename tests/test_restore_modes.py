@@ -661,3 +661,31 @@ def test_extended_attributes_a_file_system_lacks_are_one_warning_not_one_per_ent
         assert len(said) == 1 and re.fullmatch(r"extended attributes not set on 40 entries: the target's file "
                                                r"system does not support them \(user\.k\): (f\d\d, ){4}f\d\d and "
                                                r"35 more", said[0]), said
+
+
+def test_in_place_names_a_file_system_takes_for_one_another_do_not_replace_each_other(tmp_path, new_repo):
+    """exFAT and FAT compare names without case: restored in place, "makefile" replaced the "Makefile" just
+    restored, whose content was lost with exit 0 ('2 files' restored, one left).  The second is not
+    written, and named; where names keep their case both are restored, fresh or in place."""
+    from chunkvault.errors import TargetUnwritable
+    from treeutil import mounted_fat
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "Makefile").write_bytes(b"UPPER")
+    (src / "d" / "makefile").write_bytes(b"lower")
+    repo = new_repo()
+    repo.backup([str(src)])
+    for how in ({}, {"force": True}, {"force": True, "delta": True}):
+        repo.restore("latest", str(tmp_path / "ext"), **how)
+        assert sorted(os.listdir(tmp_path / "ext" / "d")) == ["Makefile", "makefile"]
+        assert (tmp_path / "ext" / "d" / "makefile").read_bytes() == b"lower"
+    mnt = tmp_path / "usb"
+    mnt.mkdir()
+    with mounted_fat(str(mnt), "exfat"):
+        for how in ({}, {"force": True}, {"force": True, "delta": True}):
+            with pytest.raises(TargetUnwritable, match="d/makefile") as info:
+                repo.restore("latest", str(mnt / "t"), **how)
+            assert [p for p, _ in info.value.partial.unwritten] == ["d/makefile"], how
+            assert os.listdir(mnt / "t" / "d") == ["Makefile"]
+            assert (mnt / "t" / "d" / "Makefile").read_bytes() == b"UPPER", how
