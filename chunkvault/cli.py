@@ -276,7 +276,8 @@ class _GuardedOutput:
 class _ClosedOutput:
     """Standard output a command was started without (``>&-``): what it prints reaches no one, and is dropped,
     with ``--json`` as without (print() drops text meant for a closed stdout; a document's write was an internal
-    error).  It has no ``buffer``: ``dump`` and ``cat blob``, whose bytes would be lost, refuse to run."""
+    error).  It has no ``buffer``: ``dump``, ``cat blob`` and ``key export``, whose bytes would be lost, refuse
+    to run."""
 
     written = False
     open_list = None
@@ -2047,6 +2048,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_key(args: argparse.Namespace) -> int:
     if args.key_cmd == "import":
         return _key_import(args)
+    if args.key_cmd == "export" and args.file in (None, "-") and getattr(sys.stdout, "buffer", None) is None:
+        # started with stdout closed (>&-): the export would reach no one (as dump and cat blob, refused)
+        raise TargetUnwritable("key export: standard output is closed: redirect it to a file or a pipe")
     repo = _open(args)
     if args.key_cmd == "export":
         _key_export(args, repo.export_key())

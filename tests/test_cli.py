@@ -682,6 +682,19 @@ def test_with_standard_output_closed_json_is_dropped_as_text_is(tmp_path, cli, s
     assert wrong.stderr.decode().startswith("chunkvault: wrong password")
 
 
+def test_a_key_export_to_standard_output_closed_is_refused_as_a_dump_is(tmp_path, cli, setup):
+    """``key export`` with stdout closed (``>&-``) had nowhere to write the export: an internal error
+    (AttributeError: no ``buffer``).  It is refused, as ``dump`` and ``cat blob`` are, before the repository
+    is opened."""
+    repo, _ = setup
+    closed = ("sh", "-c", '"$@" >&-', "sh")
+    for argv in (("key", "export"), ("key", "export", "-")):
+        refused = cli(*argv[:2], "-r", repo, *argv[2:], check=14, wrap=closed)
+        assert refused.stderr.decode().strip() == (
+            "chunkvault: key export: standard output is closed: redirect it to a file or a pipe")
+    assert json.loads(cli("key", "export", "-r", repo).stdout)  # and with it open, the export
+
+
 @pytest.mark.parametrize("signame, code, kind", [("SIGINT", 130, "Interrupted"), ("SIGTERM", 143, "Terminated")])
 def test_with_json_a_command_stopped_by_a_signal_prints_an_error_document(tmp_path, setup, password, signame, code,
                                                                          kind):
