@@ -32,9 +32,10 @@ Every request carries ``Authorization: Bearer TOKEN`` (when the server has
 tokens).  Errors have a JSON body ``{"error": "reason"}``: 400 bad key or
 request, 401 no or unknown token, 403 refused by the token's mode, the
 server's append-only setting or its file system (an object the server's user
-may not read or write), 404 no such object (marked with the header
-``Chunkvault-Object: missing``; a 404 without it means the URL does not lead
-to the service), 409 a file or directory of the served tree in the key's way,
+may not read or write, a directory it may not list), 404 no such object
+(marked with the header ``Chunkvault-Object: missing``; a 404 without it
+means the URL does not lead to the service), 409 a file or directory of the
+served tree in the key's way,
 412 exists, 413 too large, 503 too many connections (transient), 507 storage
 full, 5xx transient.  PUT takes only keys of a repository's layout (400 for
 others).  Responses carry ``Chunkvault-Max-Object-Size`` so the client refuses

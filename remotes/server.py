@@ -41,7 +41,7 @@ from chunkvault.units import format_size, parse_size
 
 from .base import _KEY_SEGMENT, is_loopback, validate_key, validate_prefix
 from .http import DEFAULT_PORT, LIMIT_HEADER, MISSING_HEADER
-from .local import EXCLUSIVE_LOCK_PREFIX, TEMP_PREFIX, LocalRemote, ancestor_identities, file_version
+from .local import EXCLUSIVE_LOCK_PREFIX, TEMP_PREFIX, LocalRemote, _os_error, ancestor_identities, file_version
 
 PROG = "chunkvault serve"
 MiB = 1 << 20
@@ -994,8 +994,8 @@ class Handler(BaseHTTPRequestHandler):
             self._discard(min(unread, DRAIN_LIMIT))
 
     def _refused_by_storage(self, what: str, key: str, exc: PermissionDenied) -> None:
-        """403 for a file or directory the service's user may not write or delete.  The log says whose it is and
-        its mode; the answer does not: the server's paths and users are none of a client's business."""
+        """403 for a file or directory the service's user may not write, delete or list.  The log says whose it is
+        and its mode; the answer does not: the server's paths and users are none of a client's business."""
         self.server.log(f"{self.client_address[0]} {self.command} {key}: {exc}", always=True)
         self._fail(403, f"the server cannot {what} {key}: permission denied (its log says why)")
 
@@ -1128,6 +1128,10 @@ class Handler(BaseHTTPRequestHandler):
         try:
             items, next_after = list_page(self.server.settings.path, prefix, after, min(int(limit_text), PAGE_SIZE))
         except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):  # for good (a directory of root's, mode 0700): a 500 is retried
+                root = self.server.settings.path
+                where = os.path.relpath(exc.filename, root) if exc.filename else root
+                return self._refused_by_storage("list", repr(prefix), _os_error(exc, f"listing {where}", root))
             return self._fail(500, f"cannot list {prefix!r}: {exc.strerror or exc}")
         if params.get("versions", [""])[0] != "1":  # clients that ask for no versions get [key, size] pairs
             items = [(key, size) for key, size, *_ in items]  # type: ignore[misc]

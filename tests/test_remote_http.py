@@ -1557,3 +1557,22 @@ def test_a_write_the_server_may_not_make_is_refused_naming_no_path_or_user_of_th
     assert str(refused.value).endswith(f"the server cannot write {key}: permission denied (its log says why)")
     assert str(tmp_path) not in str(refused.value)
     assert f"PUT {key}: permission denied while" in server.log()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to be held to file modes as another user is")
+def test_a_directory_the_server_may_not_list_is_refused_not_a_transient_failure(serve_factory, tmp_path):
+    """A pack directory the service's user may not read (made by a command run as root in the served tree): a
+    listing through it was answered 500, which clients retry, so every backup, check and prune waited out the
+    retries before it failed.  It is refused (403), naming the prefix, and the server's log says whose it is."""
+    path = tmp_path / "served" / "repo"
+    (path / "data" / "ab").mkdir(parents=True)
+    (path / "data" / "ab" / ("ab" * 32)).write_bytes(b"pack")
+    (path / "data" / "ab").chmod(0)
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), path=path, preexec_fn=_held_to_file_modes)
+    with HTTPRemote.from_url(server.url, token=READ_TOKEN) as remote:
+        with pytest.raises(PermissionDenied, match="the server cannot list 'data/': permission denied") as refused:
+            list(remote.list("data/"))
+        assert str(tmp_path) not in str(refused.value)
+        (path / "data" / "ab").chmod(0o700)
+        assert [o.key for o in remote.list("data/")] == [f"data/ab/{'ab' * 32}"]
+    assert "GET 'data/': permission denied while listing data/ab: Permission denied" in server.log(), server.log()
