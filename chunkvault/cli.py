@@ -559,7 +559,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         copy_chunker_from=source, **remote_options(args, url)))
     cfg = repo.store.config
     if args.json:
-        _emit_json({"id": cfg.repo_id, "url": repo.store.remote.display_url, "chunker": cfg.settings.chunker})
+        _emit_json({"id": cfg.repo_id, **_name_json("url", repo.store.remote.display_url),  # a path, for a local one
+                    "chunker": cfg.settings.chunker})
     elif not args.quiet:
         print(f"created repository {cfg.repo_id} at {one_line(repo.store.remote.display_url)}")
     return 0
@@ -2104,8 +2105,8 @@ def _key_export(args: argparse.Namespace, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise output_error(f"writing the key export {path}", exc) from None
-    _report_key(args, {"file": path}, f"key exported to {path}: keep it away from the repository; "
-                                      "`key import` puts the repository's key and config back from it")
+    _report_key(args, _name_json("file", path), f"key exported to {path}: keep it away from the repository; "
+                                                "`key import` puts the repository's key and config back from it")
 
 
 KEY_EXPORT_LIMIT = 1 << 20  # read of a key export, which a few KiB hold: more is no key export

@@ -129,6 +129,16 @@ def test_json_names_are_their_utf8_reading_in_any_locale(tmp_path, cli, setup):
                               "--json", env=ascii_locale).stdout)
         assert done["target"] == target.decode("utf-8", "surrogateescape")
         assert base64.b64decode(done.get("target_b64", "")) == (b"" if name == b"caf\xc3\xa9" else target)
+    for name in (b"caf\xc3\xa9", b"caf\xe9"):  # the key export's file and a local repository's path too
+        where = os.path.join(os.fsencode(tmp_path), b"in-" + name)
+        os.mkdir(where)
+        export, made = os.path.join(where, b"key.json"), os.path.join(where, b"repo")
+        for path, key, argv in ((export, "file", ("key", "export", "-r", repo)),
+                                (made, "url", ("init", "--kdf-time", "0", "-r"))):
+            text = path.decode("utf-8", "surrogateescape")
+            done = json.loads(cli(*argv, text, "--json", env=ascii_locale).stdout)
+            assert done[key] == text
+            assert base64.b64decode(done.get(f"{key}_b64", "")) == (b"" if name == b"caf\xc3\xa9" else path)
 
 
 def test_text_output_shows_every_name_on_one_line_escaped(tmp_path, cli, setup):
