@@ -746,7 +746,8 @@ class BodyPace:
     """How an upload's body must keep arriving: a byte within ``gap`` seconds of the last one, and each
     ``rate * window`` bytes within ``window`` seconds of the previous ones (a burst earns no credit beyond its own
     window).  A client that holds a connection and a temp file so pays for it with bandwidth, however large the
-    length it declares; a link that stalls for less than the gap and otherwise runs above the rate goes on."""
+    length it declares.  A link that stalls for less than the gap goes on while each window still brings the rate's
+    bytes: one at twice the rate rides out a stall of the gap, one just above it none."""
 
     def __init__(self, rate: int, gap: float, window: float):
         self.rate, self.gap, self.window = rate, gap, window
@@ -1205,7 +1206,7 @@ class Handler(BaseHTTPRequestHandler):
             # Logged with the key and the cause: a slow reader's line said "Request timed out: TimeoutError"
             self.close_connection = True
             stalled = isinstance(exc, TimeoutError)
-            why = (f"the client read nothing for {timeout:g} s (body_timeout)" if stalled
+            why = (f"the connection took no byte for {timeout:g} s (body_timeout)" if stalled
                    else f"the client went away ({exc.strerror or type(exc).__name__})")
             self.server.log(f"{self.client_address[0]} {self.command} {self._what}: answer cut short after {sent} "
                             f"of {count} bytes: {why}", always=stalled)
