@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from chunkvault.errors import (ChunkvaultError, CorruptObject, ObjectNotFound, RemoteError, RepositoryStateWarning,
-                               StorageFull)
+from chunkvault.errors import (NOT_DAMAGE, ChunkvaultError, CorruptObject, ObjectNotFound, RemoteError,
+                               RepositoryStateWarning, StorageFull)
 
 from .blob import KIND_DELTA, Plaintext, envelope_base, open_blob, open_envelope
 from .chain import broken_chains
@@ -236,6 +236,8 @@ def _deletable_orphans(repo: Repo, orphans: dict[bytes, int], where: dict[int, b
     for pid, size in orphans.items():
         try:
             entries = repo.pack_header(pack_key(pid), size)
+        except NOT_DAMAGE:  # the remote gave up, or refused access: nothing is known of the pack, which stays
+            raise
         except (ChunkvaultError, ValueError):  # nothing in it can be found: no copy of anything
             continue
         holding[pid] = [e.blob_id for e in entries if e.blob_id in used and e.blob_id in known]

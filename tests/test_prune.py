@@ -386,6 +386,36 @@ def test_prune_deletes_unindexed_packs_before_it_writes(tmp_path, new_repo):
     assert repo.check(read_data=True).ok
 
 
+@pytest.mark.parametrize("refusal", ["outage", "permission"])
+def test_a_pack_in_no_index_whose_header_the_remote_does_not_give_stops_the_prune_and_stays(tmp_path, new_repo,
+                                                                                            refusal):
+    """A pack in no index whose header could not be read for an outage (the remote gave up) or for its
+    user's access was taken for one nothing can be found in, and deleted: it may be the only copy of what
+    an index written by whoever may only add took out of the index."""
+    from chunkvault.errors import PermissionDenied, RemoteUnavailable
+    from chunkvault.store.repository import pack_key
+
+    repo, states = build_history(tmp_path, new_repo, n=3)
+    remote = repo.store.remote
+    orphan = pack_key(os.urandom(32))
+    remote.put(orphan, os.urandom(1000))
+    error = RemoteUnavailable("the remote gave up") if refusal == "outage" else PermissionDenied("refused")
+    inner_get = remote.get
+
+    def get(key, *args, **kw):
+        if key == orphan:
+            raise error
+        return inner_get(key, *args, **kw)
+
+    remote.get = get
+    with pytest.raises(type(error)):
+        repo.prune()
+    assert remote.stat(orphan) is not None
+    remote.get = inner_get
+    repo.unlock(remove_all=True)  # after an outage its lock is left to go stale (this process lives on)
+    assert [k for k, _ in repo.prune().orphans] == [orphan]
+
+
 def test_add_bases_keeps_whole_chains_and_names_a_base_in_no_index():
     from chunkvault.errors import CorruptObject
 
