@@ -1695,7 +1695,7 @@ def cmd_archive_get(args: argparse.Namespace) -> int:
             connected[0].close()
             spool.sweep(args.name)
             if args.json:
-                _emit_json({"name": args.name, "dest": args.dest, "fetched_ahead": True})
+                _emit_json({"name": args.name, **_name_json("dest", args.dest), "fetched_ahead": True})
             elif not args.quiet:
                 print(f"restored {args.name} to {shown_name(args.dest)}, fetched ahead by an earlier archive-get")
             return 0
@@ -1711,7 +1711,7 @@ def cmd_archive_get(args: argparse.Namespace) -> int:
         except ChunkvaultError as exc:  # the listing of the files ahead (a remote gone since)
             why = one_line(exc)
     if args.json:
-        _emit_json({**wal.to_dict(), "dest": args.dest, "fetched_ahead": False,
+        _emit_json({**wal.to_dict(), **_name_json("dest", args.dest), "fetched_ahead": False,
                     "prefetched": [w.name for w in fetched], "prefetch_error": why})
         return 0
     if why:

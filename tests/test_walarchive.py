@@ -1427,6 +1427,21 @@ def test_a_damaged_file_ahead_ends_the_fetch_and_not_the_get(tmp_path, cli, repo
     assert dest.read_bytes() == (wal / names[1]).read_bytes()
 
 
+def test_archive_get_json_gives_a_destination_that_is_not_utf8_exactly(tmp_path, cli, repo_url):
+    """``dest`` as every name in JSON: its UTF-8 reading in every locale, with its bytes in ``dest_b64`` when
+    it is not UTF-8 (it was lone surrogates in the C locale, and no ``_b64``)."""
+    import base64
+
+    wal, names, _ = archived_segments(tmp_path, cli, repo_url, 2)
+    for name in (b"caf\xc3\xa9", b"caf\xe9"):
+        dest = os.path.join(os.fsencode(tmp_path), name)
+        out = json.loads(cli("archive-get", "-r", repo_url, names[0], os.fsdecode(dest), "--json",
+                             env={"LC_ALL": "C", "PYTHONUTF8": "0"}).stdout)
+        assert out["dest"] == dest.decode("utf-8", "surrogateescape")
+        assert base64.b64decode(out.get("dest_b64", "")) == (b"" if name == b"caf\xc3\xa9" else dest)
+        assert open(dest, "rb").read() == (wal / names[0]).read_bytes()
+
+
 def test_sigquit_stops_archive_get_without_leaving_a_temporary_file(tmp_path, cli, repo_url):
     """PostgreSQL's immediate shutdown sends its restore command SIGQUIT: by default that ended it where it
     stood, and a partly written temporary file stayed in pg_wal for good."""
