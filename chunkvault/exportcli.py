@@ -27,10 +27,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     password = passwords.EXPORT.get(args, confirm=True)
     stats = export(repo.store, snap, args.output, password, kdf_seconds=args.kdf_time, overwrite=args.force)
     if args.json:
-        cli._emit_json({"snapshot": snap.id, "type": snap.kind, "output": stats.path, "file_id": stats.file_id,
-                        "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes, "records": stats.records,
-                        "blobs": stats.blobs, "blob_bytes": stats.blob_bytes, "file_bytes": stats.file_bytes,
-                        "duration": stats.duration})
+        cli._emit_json({"snapshot": snap.id, "type": snap.kind, **cli._name_json("output", stats.path),
+                        "file_id": stats.file_id, "files": stats.files, "dirs": stats.dirs, "bytes": stats.bytes,
+                        "records": stats.records, "blobs": stats.blobs, "blob_bytes": stats.blob_bytes,
+                        "file_bytes": stats.file_bytes, "duration": stats.duration})
     elif not args.quiet:
         print(f"exported {snap.kind} snapshot {snap.short_id} ({snap.time}) to {one_line(stats.path)}: "
               f"{stats.files} files, {stats.dirs} dirs, {format_size(stats.bytes)}; {stats.blobs} chunks, "
@@ -98,8 +98,8 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
     bar.done()
     snap = info.snapshot
     if args.json:
-        cli._emit_json({"file": os.path.abspath(args.from_file), "snapshot": snap.id, "time": snap.time,
-                        "target": os.path.abspath(args.target), "files": result.files, "dirs": result.dirs,
+        cli._emit_json({**cli._name_json("file", os.path.abspath(args.from_file)), "snapshot": snap.id,
+                        "time": snap.time, **cli._name_json("target", os.path.abspath(args.target)), "files": result.files, "dirs": result.dirs,
                         "links": result.links, "specials": result.specials, "bytes": result.bytes,
                         "skipped_existing": result.skipped_existing, "deleted": result.deleted,
                         **cli._names_json("warnings", result.warnings)})

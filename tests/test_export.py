@@ -4,6 +4,7 @@ Damage of any kind (truncation, a flipped bit, sections moved, swapped or
 spliced in from another file) is refused before anything is written.
 """
 import argparse
+import base64
 import hashlib
 import json
 import os
@@ -584,6 +585,15 @@ def test_cli_export_import_restore_from_file(tmp_path, chain, cli):
     bad_target = tmp_path / "never"
     cli("restore", "--from-file", str(out_file), "--target", str(bad_target), env={"CHUNKVAULT_EXPORT_PASSWORD": "x"},
         check=11)
+    odd = os.path.join(os.fsencode(tmp_path), b"caf\xe9")  # a name that is not UTF-8: given exactly in --json
+    os.mkdir(odd)
+    exported = json.loads(cli("export", diff.id[:8], "-r", url, "--output", os.fsdecode(odd + b"/x.backup"),
+                              "--kdf-time", "0", "--json", env=env).stdout)
+    assert base64.b64decode(exported["output_b64"]) == odd + b"/x.backup"
+    restored = json.loads(cli("restore", "--from-file", os.fsdecode(odd + b"/x.backup"), "--target",
+                              os.fsdecode(odd + b"/out"), "--json", env=env, password=None).stdout)
+    assert base64.b64decode(restored["file_b64"]) == odd + b"/x.backup"
+    assert base64.b64decode(restored["target_b64"]) == odd + b"/out"
     cut = tmp_path / "cut.backup"
     cut.write_bytes(out_file.read_bytes()[:-100])
     proc = cli("restore", "--from-file", str(cut), "--target", str(bad_target), env=env, check=13)
