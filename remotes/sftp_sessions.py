@@ -373,7 +373,10 @@ class ParamikoSessions:
         known_hosts = os.path.expanduser(target.known_hosts_name())
         client = paramiko.SSHClient()
         entries, revoked = _read_known_hosts(known_hosts) if os.path.exists(known_hosts) else ([], set())
-        _trust(client.get_host_keys(), entries, revoked, prefer)
+        port = target.port or 22
+        names = (target.host,) if port == 22 else (f"[{target.host}]:{port}", target.host)  # paramiko's first
+        entries = [e for e in entries if _names_host(e.hostnames, names)]
+        _trust(client.get_host_keys(), entries, revoked, names[0], prefer)
         client.set_missing_host_key_policy(_AcceptNew(known_hosts, revoked) if target.accept_new_host_key
                                            else _Refuse(revoked))
         try:
@@ -535,17 +538,44 @@ def _read_known_hosts(path: str) -> tuple[list[Any], set[bytes]]:
     return entries, revoked
 
 
-def _trust(host_keys: Any, entries: list[Any], revoked: set[bytes], prefer: bytes | None = None) -> None:
-    """Put the keys of ``entries`` in paramiko's ``host_keys``, but no revoked one, whatever hosts it is listed
-    for.  paramiko keeps one key of a type for a name (the last one added, or a hashed name's first), and
-    compares the server's with that one alone: each name gets the first listed, or ``prefer`` where listed."""
+def _names_host(patterns: list[str], names: tuple[str, ...]) -> bool:
+    """Whether a known_hosts line's host patterns name the host, as OpenSSH reads them: ``*`` and ``?``, a
+    ``!pattern`` that names it outweighing any other, hashed names; for a port other than 22 OpenSSH takes a
+    line for the bare host too (``names``: ``[host]:port`` and ``host``).  paramiko took each pattern for a
+    host's name, so a host known by a pattern was unknown to it."""
+    return any(_pattern_list_matches(patterns, name) for name in names)
+
+
+def _pattern_list_matches(patterns: list[str], name: str) -> bool:
+    import fnmatch
+
+    from paramiko.hostkeys import HostKeys
+
+    found = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        pattern = pattern[1:] if negated else pattern
+        if pattern.startswith("|1|"):
+            hit = HostKeys.hash_host(name, pattern) == pattern
+        else:  # no [...] classes in OpenSSH's patterns: only * and ? are special
+            glob = "".join("[[]" if c == "[" else "[]]" if c == "]" else c for c in pattern.lower())
+            hit = fnmatch.fnmatchcase(name.lower(), glob)
+        if hit and negated:
+            return False
+        found = found or hit
+    return found
+
+
+def _trust(host_keys: Any, entries: list[Any], revoked: set[bytes], name: str, prefer: bytes | None = None) -> None:
+    """Put the keys of ``entries`` (those listed for the host) in paramiko's ``host_keys`` under ``name``, the
+    one it looks up, but no revoked one.  paramiko keeps one key of a type for a name, and compares the
+    server's with that one alone: the first listed, or ``prefer`` where listed."""
     for entry in sorted(entries, key=lambda e: e.key.asbytes() != prefer):
         if entry.key.asbytes() in revoked:
             continue
-        for name in entry.hostnames:
-            held = host_keys.lookup(name)
-            if held is None or entry.key.get_name() not in held:
-                host_keys.add(name, entry.key.get_name(), entry.key)
+        held = host_keys.lookup(name)
+        if held is None or entry.key.get_name() not in held:
+            host_keys.add(name, entry.key.get_name(), entry.key)
 
 
 class _UnknownHost(Exception):

@@ -187,6 +187,24 @@ def test_known_hosts_marker_lines_and_lines_that_do_not_parse_are_read_as_openss
         assert remote.stat("config") is None
 
 
+def test_known_hosts_patterns_match_as_openssh_matches_them(sshd, sftp_repo, tmp_path, transport):
+    """Host patterns (``*``, ``?``, a negated ``!pattern``) as OpenSSH reads them, which for a port other than
+    22 takes a line for the bare host too: paramiko took each pattern for a host's name, so a host known by a
+    pattern was called unknown."""
+    known = tmp_path / "known_hosts"
+    key = " ".join(sshd.host_pub.split()[:2])
+    for patterns in ("[127.0.0.*]:*", f"[127.0.0.?]:{sshd.port}", f"other.example,[127.*]:{sshd.port}",
+                     f"[127.0.0.*]:{sshd.port},!other.example", "127.0.0.1", "127.0.0.?", "!127.0.0.1,*"):
+        known.write_text(f"{patterns} {key}\n")
+        with open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), transport=transport) as r:
+            assert r.stat("config") is None, patterns
+    for patterns in (f"[127.0.0.*]:*,![127.0.0.1]:{sshd.port}", "[127.0.0.2]:*", "127.*,!127.0.0.1", "[127.0.0.1]:?",
+                     "10.0.0.*"):
+        known.write_text(f"{patterns} {key}\n")
+        with pytest.raises(PermissionDenied, match="unknown SSH host key"):
+            open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), transport=transport)
+
+
 def test_a_host_listed_with_several_keys_of_one_type_is_known_by_each(sshd, sftp_repo, tmp_path, transport):
     """OpenSSH takes a host's key when any line lists it for that host (a name kept for two machines, a key
     listed before and after a move), hashed names too: the order of the lines makes no difference."""
