@@ -595,6 +595,21 @@ class SourceWalk:
         except OSError as exc:
             return None, exc.errno or errno.EIO
 
+    def _note_linked_directory(self, path: bytes) -> None:
+        """Warn of a source that is a symbolic link to a directory: it is backed up as the link, as restic
+        and borg keep one, so nothing of the tree it leads to is in the snapshot, which a trailing '/'
+        (``/var/lib/db/``, where the shell and tar follow it) does not change.  Said rather than left to a
+        restore to find out, since the backup otherwise reports success."""
+        try:
+            if not stat.S_ISDIR(os.stat(path).st_mode):
+                return
+            target = os.fsdecode(os.readlink(path))
+        except OSError:  # dangling, a loop, or gone: there is no tree behind it to miss
+            return
+        self.warnings.append(f"source path {os.fsdecode(path)} is a symbolic link to a directory ({target}): "
+                             f"backed up as the link, not what the directory holds; name "
+                             f"{os.path.realpath(os.fsdecode(path))} to back that up")
+
     def _stat_failed(self, path: bytes, err: int) -> StatFailed | None:
         """The warning for a failed lstat, and what stands for the entry (None: it vanished, left out; so did
         a path whose directory became a file since it was listed)."""
@@ -679,6 +694,8 @@ class SourceWalk:
                 continue
             if len(stack) == 1:
                 self._root_dev = devs[-1] = st.st_dev
+                if stat.S_ISLNK(st.st_mode):
+                    self._note_linked_directory(path)
             elif self.max_file_size is not None and stat.S_ISREG(st.st_mode) and st.st_size > self.max_file_size:
                 if self.report_excluded:
                     yield rel, path, Excluded("exclude-larger-than"), False

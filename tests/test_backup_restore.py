@@ -105,6 +105,26 @@ def test_the_directories_above_several_sources_are_restored_with_their_metadata(
     assert (stat.S_IMODE(got.st_mode), got.st_mtime_ns) == (0o710, 1_500_000_000 * 10**9)
 
 
+def test_a_source_that_is_a_symbolic_link_to_a_directory_is_stored_as_the_link_with_a_warning(tmp_path, new_repo):
+    """A data directory moved to another disk and linked back (``/var/lib/db -> /data/db``) is saved as the
+    link, as restic and borg keep it, trailing '/' or not: the backup says so, naming the directory to give
+    instead, since the snapshot holds nothing of its tree.  A link to a file, or to nothing, is no surprise."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "table").write_bytes(b"rows")
+    os.symlink("data", tmp_path / "db")
+    os.symlink("data/table", tmp_path / "file-link")
+    os.symlink("nowhere", tmp_path / "dangling")
+    repo = new_repo()
+    result = repo.backup([str(tmp_path / "db") + "/"])
+    assert [(e.path, e.target) for e in repo.tree(result.snapshot)] == [(b"db", b"data")]
+    assert result.warnings == [f"source path {tmp_path / 'db'} is a symbolic link to a directory (data): backed "
+                               f"up as the link, not what the directory holds; name {tmp_path / 'data'} to back "
+                               f"that up"]
+    assert not result.partial
+    quiet = repo.backup([str(tmp_path / "file-link"), str(tmp_path / "dangling")])
+    assert not [w for w in quiet.warnings if "symbolic link" in w]
+
+
 def test_a_source_that_does_not_exist_is_skipped_with_a_warning(tmp_path, new_repo):
     """As restic does: the others are saved and the backup is partial; the layout stays that of all the
     sources, so the next backup, with the path back, is laid out the same way."""
