@@ -111,18 +111,39 @@ class TarTree:
         self.nodes[rel] = Entry(rel, T_DIR, IMPLIED_MODE)
         self.implied[rel] = _Implied()
 
-    def _ancestors(self, rel: bytes) -> Iterator[bytes]:
-        yield b""
-        at = rel.find(b"/")
-        while at != -1:
-            yield rel[:at]
-            at = rel.find(b"/", at + 1)
+    def _unsettled_ancestors(self, e: Entry) -> list[bytes]:
+        """The directories above ``e`` that ``add`` must make, or tell of ``e`` (``_Implied``), top down.
+
+        Walked from ``e`` up to the first one that is there and needs nothing, above which none does
+        (whatever settled it passed them all), so a member costs the directories it adds, not its depth:
+        from the root down, a tar of a tree thousands of directories deep took minutes (each member's
+        every ancestor sliced and looked up)."""
+        rel, out = e.path, []
+        at = len(rel)
+        while True:
+            at = rel.rfind(b"/", 0, at)
+            a = rel[:at] if at != -1 else b""
+            if self._settled(a, e):
+                break
+            out.append(a)
+            if at == -1:
+                break
+        out.reverse()
+        return out
+
+    def _settled(self, a: bytes, e: Entry) -> bool:
+        """Whether the directory ``a``, above ``e``, is there and ``add(e)`` has nothing to tell it."""
+        node = self.nodes.get(a)
+        if not (isinstance(node, Entry) and node.type == T_DIR):
+            return False
+        imp = self.implied.get(a)
+        return imp is None or not e.path or (imp.first is not None and (imp.dir is not None or e.type != T_DIR))
 
     def add(self, e: Entry, names: tuple[str, str] = ("", "")) -> None:
         """Put ``e`` at its path: what was there goes (a directory's children stay when ``e`` is one too),
         the directories above are made where missing."""
         rel = e.path
-        for a in self._ancestors(rel):
+        for a in self._unsettled_ancestors(e):
             self._ensure_dir(a)
             if self.implied and (imp := self.implied.get(a)) is not None and rel:
                 if imp.first is None:

@@ -258,6 +258,25 @@ def test_tree_a_file_replacing_a_directory_drops_what_was_below():
     assert [e.path for e in t.entries()] == [b"", b"d", b"e", b"e/f"]
 
 
+def test_tree_a_deep_chain_costs_each_member_its_new_directories_not_its_depth(monkeypatch):
+    """Each member made or visited every directory from the root down to it: a tar thousands of
+    directories deep (a generated tree, or one past PATH_MAX, which only a restore can write) took minutes
+    to import.  The implied directories above still take the first member and directory below them."""
+    made = []
+    ensure = TarTree._ensure_dir
+    monkeypatch.setattr(TarTree, "_ensure_dir", lambda self, rel: (made.append(rel), ensure(self, rel))[1])
+    t, depth, path = TarTree(), 400, b"top/implied"
+    for i in range(depth):
+        path += b"/d"
+        t.add(Entry(path, T_DIR, 0o750, mtime_ns=i))
+        t.add_file(Entry(path + b"/f", T_FILE, 0o600, size=1, digest=b"x"))
+    assert len(made) < 4 * depth
+    by = {e.path: e for e in t.entries()}
+    assert len(by) == 2 * depth + 3
+    assert by[b""].mode == by[b"top"].mode == by[b"top/implied"].mode == 0o750  # the first directory below
+    assert by[b"top/implied"].mtime_ns == 0 and by[path + b"/f"].type == T_FILE
+
+
 names = st.text(alphabet="abcé", min_size=1, max_size=3)
 
 
