@@ -1393,7 +1393,7 @@ class ManifestsAhead:
     """The manifests of snapshots asked for in a known order (``records``), their blobs read ``window`` ahead by
     as many threads: read one after another, a find or a forget's dry run over a year of hourly snapshots on
     S3 waited out some 9,000 round trips in a row.  A snapshot passed over (a damaged chain's) has what was
-    read for it dropped; one not in the order is read as ``manifest_records`` reads it.  Each read raises
+    read for it dropped (its records, read on after all, read the rest then); one not in the order is read as ``manifest_records`` reads it.  Each read raises
     (damage, a missing pack) when its snapshot's records reach it, as it would have read in turn.  A blob is
     read once while it is in the window or the blob cache: full snapshots of a mostly unchanged tree share
     most of their manifests' blobs."""
@@ -1423,14 +1423,17 @@ class ManifestsAhead:
         return iter_records(_manifest_blobs(self._blobs(snap), snap, None), _manifest_name(snap, None))
 
     def _blobs(self, snap: Snapshot) -> Iterator[bytes]:
-        for _ in snap.manifest:
+        for i, _ in enumerate(snap.manifest):
             while self._queued and len(self._reading) < self._window:
                 sid, blob_id = self._queued.popleft()
                 read = next((f for _, b, f in self._reading if b == blob_id), None)
                 if read is None:
                     read = self._pool.submit(self._repo.read_blob, blob_id, cache=True)
                 self._reading.append((sid, blob_id, read))
-            if not self._reading or self._reading[0][0] != snap.id:  # its records were left half read
+            if not self._reading or self._reading[0][0] != snap.id:
+                # passed over while half read (another snapshot's records asked for first), then read on: the
+                # rest is read now; stopped here, its records ended inside one, taken for a damaged manifest
+                yield from (self._repo.read_blob(bytes.fromhex(h), cache=True) for h in snap.manifest[i:])
                 return
             yield self._reading.popleft()[2].result()
 

@@ -80,6 +80,20 @@ def test_snapshots_passed_over_half_read_or_asked_again_read_as_they_are(chains)
         assert _records(ahead.records(order[-1])) == _records(store.manifest_records(order[-1]))
 
 
+def test_records_half_read_then_passed_over_read_on_whole(chains):
+    """A snapshot's records left half read while the next one's are read, then read on: the rest was
+    dropped with what was read ahead for it, and its manifest said to end inside a record (damaged)."""
+    repo, order = chains
+    store = repo.store
+    with store.manifests_ahead(order) as ahead:
+        first = ahead.records(order[0])
+        got = [next(first)]
+        assert _records(ahead.records(order[1])) == _records(store.manifest_records(order[1]))
+        got += first
+        assert _records(got) == _records(store.manifest_records(order[0]))
+        assert _records(ahead.records(order[2])) == _records(store.manifest_records(order[2]))
+
+
 def test_a_damaged_manifest_raises_when_its_records_are_read_naming_its_snapshot(chains, tmp_path):
     repo, order = chains
     store = repo.store
