@@ -1334,8 +1334,9 @@ class Restorer:
         restore wrote in the same directory (FAT and exFAT compare names without case: "Makefile" and
         "makefile"; FAT drops a trailing dot or space) is not written: it would replace that one, whose
         content was lost without a word.  Such a name is there without being listed under it.  A fresh
-        restore finds it taken (EEXIST) by itself."""
-        if self._fresh or e.type == T_HARDLINK or not e.path:
+        restore finds a file's taken (EEXIST) by itself, but not a directory's: mkdir's EEXIST is a directory
+        there, which "Doc" is for "doc", whose entries then went into "Doc" with exit 0."""
+        if (self._fresh and e.type != T_DIR) or e.type == T_HARDLINK or not e.path:
             self._restore_entry(e, pf)
             return
         parent, name = os.path.split(e.path)

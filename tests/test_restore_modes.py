@@ -689,3 +689,31 @@ def test_in_place_names_a_file_system_takes_for_one_another_do_not_replace_each_
             assert [p for p, _ in info.value.partial.unwritten] == ["d/makefile"], how
             assert os.listdir(mnt / "t" / "d") == ["Makefile"]
             assert (mnt / "t" / "d" / "Makefile").read_bytes() == b"UPPER", how
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_directories_whose_names_differ_in_case_alone_are_not_merged_into_a_fresh_target(tmp_path, new_repo,
+                                                                                       processes):
+    """Into an empty exFAT target, mkdir of "doc" after "Doc" found a directory there and took it for its
+    own: the entries of "doc" went into "Doc", and the restore ended with exit 0.  "doc" is named, not
+    restored (exit 14)."""
+    from chunkvault.errors import TargetUnwritable
+    from treeutil import mounted_fat
+
+    src = tmp_path / "src"
+    (src / "Doc").mkdir(parents=True)
+    (src / "Doc" / "a").write_bytes(b"A")
+    (src / "doc").mkdir()
+    (src / "doc" / "b").write_bytes(b"B")
+    repo = new_repo()
+    repo.backup([str(src)])
+    mnt = tmp_path / "usb"
+    mnt.mkdir()
+    with mounted_fat(str(mnt), "exfat"):
+        with pytest.raises(TargetUnwritable, match="doc") as info:
+            repo.restore("latest", str(mnt / "t"), processes=processes)
+        assert "doc" in [p for p, _ in info.value.partial.unwritten]
+        assert os.listdir(mnt / "t") == ["Doc"]
+        assert (mnt / "t" / "Doc" / "a").read_bytes() == b"A"
+        if processes == 1:  # a worker writing doc/b makes its directory, and finds "Doc" there
+            assert os.listdir(mnt / "t" / "Doc") == ["a"]
