@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from chunkvault.errors import (NOT_DAMAGE, ChunkvaultError, CorruptObject, ObjectNotFound, RemoteError,
-                               RepositoryStateWarning, StorageFull)
+from chunkvault.errors import (NOT_DAMAGE, ChunkvaultError, CorruptObject, ObjectArchived, ObjectNotFound,
+                               RemoteError, RepositoryStateWarning, StorageFull)
 
 from .blob import KIND_DELTA, Plaintext, envelope_base, open_blob, open_envelope
 from .chain import broken_chains
@@ -233,17 +233,26 @@ def _deletable_orphans(repo: Repo, orphans: dict[bytes, int], where: dict[int, b
     bytes and supersede the objects that listed the real pack, which the next prune then deleted as a
     killed backup's leftover, for good.  Only such orphans' headers and those indexed copies are read."""
     holding: dict[bytes, list[bytes]] = {}
+    archived: set[bytes] = set()
     for pid, size in orphans.items():
         try:
             entries = repo.pack_header(pack_key(pid), size)
         except NOT_DAMAGE:  # the remote gave up, or refused access: nothing is known of the pack, which stays
             raise
+        except ObjectArchived:  # in an archive storage class (S3's GLACIER): unread, not damaged, it stays
+            warnings.warn(f"{pack_key(pid)} is in no index and in an archive storage class, where its header cannot "
+                          "be read: kept; once the storage restores it, `repair index` indexes what it holds, or "
+                          "a prune deletes it", RepositoryStateWarning, stacklevel=3)
+            archived.add(pid)
+            continue
         except (ChunkvaultError, ValueError):  # nothing in it can be found: no copy of anything
             continue
         holding[pid] = [e.blob_id for e in entries if e.blob_id in used and e.blob_id in known]
     _verify_kept(repo, {b for ids in holding.values() for b in ids}, known, where, verified)
     out = []
     for pid, size in orphans.items():
+        if pid in archived:
+            continue
         bad = [b for b in holding.get(pid, ()) if not verified[(where[id(known[b])], known[b].offset)]]
         if bad:
             warnings.warn(f"{pack_key(pid)} is in no index but holds {len(bad)} blob(s) that snapshots use whose "

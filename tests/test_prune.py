@@ -416,6 +416,33 @@ def test_a_pack_in_no_index_whose_header_the_remote_does_not_give_stops_the_prun
     assert [k for k, _ in repo.prune().orphans] == [orphan]
 
 
+def test_a_pack_in_no_index_in_an_archive_storage_class_stays(tmp_path, new_repo):
+    """A pack in no index whose header could not be read for its storage class (S3's GLACIER, where a
+    lifecycle rule moves old packs) was taken for one nothing can be found in, and deleted: nothing in it
+    is damaged, and it may be the only copy of what a lost index object listed.  It stays, named, and the
+    prune goes on."""
+    from chunkvault.errors import ObjectArchived, RepositoryStateWarning
+    from chunkvault.store.repository import pack_key
+
+    repo, states = build_history(tmp_path, new_repo, n=3)
+    remote = repo.store.remote
+    archived, leftover = pack_key(os.urandom(32)), pack_key(os.urandom(32))
+    remote.put(archived, os.urandom(1000))
+    remote.put(leftover, os.urandom(1000))
+    inner_get = remote.get
+
+    def get(key, *args, **kw):
+        if key == archived:
+            raise ObjectArchived(f"S3 GET {key}: object is in an archive storage class")
+        return inner_get(key, *args, **kw)
+
+    remote.get = get
+    with pytest.warns(RepositoryStateWarning, match=f"{archived} is in no index and in an archive storage class"):
+        result = repo.prune()
+    assert [k for k, _ in result.orphans] == [leftover]
+    assert remote.stat(archived) is not None and remote.stat(leftover) is None
+
+
 def test_add_bases_keeps_whole_chains_and_names_a_base_in_no_index():
     from chunkvault.errors import CorruptObject
 
