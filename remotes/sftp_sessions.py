@@ -375,7 +375,7 @@ class ParamikoSessions:
         entries, revoked = _read_known_hosts(known_hosts) if os.path.exists(known_hosts) else ([], set())
         port = target.port or 22
         names = (target.host,) if port == 22 else (f"[{target.host}]:{port}", target.host)  # paramiko's first
-        entries = [e for e in entries if _names_host(e.hostnames, names)]
+        entries = _listed_for(entries, names)
         _trust(client.get_host_keys(), entries, revoked, names[0], prefer)
         client.set_missing_host_key_policy(_AcceptNew(known_hosts, revoked) if target.accept_new_host_key
                                            else _Refuse(revoked))
@@ -544,6 +544,16 @@ def _names_host(patterns: list[str], names: tuple[str, ...]) -> bool:
     line for the bare host too (``names``: ``[host]:port`` and ``host``).  paramiko took each pattern for a
     host's name, so a host known by a pattern was unknown to it."""
     return any(_pattern_list_matches(patterns, name) for name in names)
+
+
+def _listed_for(entries: list[Any], names: tuple[str, ...]) -> list[Any]:
+    """The entries OpenSSH compares a host's key with: those naming ``[host]:port`` (``names[0]``), and those
+    naming the bare host for a key type none of them lists.  OpenSSH looks again without the port only for a
+    key of a type it found no line of: one listed for ``[host]:port`` that differs is a changed key, whatever
+    the bare host's lines (another server on port 22) list."""
+    own = [e for e in entries if _names_host(e.hostnames, names[:1])]
+    types = {e.key.get_name() for e in own}
+    return own + [e for e in entries if e.key.get_name() not in types and _names_host(e.hostnames, names[1:])]
 
 
 def _pattern_list_matches(patterns: list[str], name: str) -> bool:

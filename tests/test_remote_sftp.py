@@ -205,6 +205,25 @@ def test_known_hosts_patterns_match_as_openssh_matches_them(sshd, sftp_repo, tmp
             open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), transport=transport)
 
 
+def test_a_key_listed_for_the_port_is_not_outweighed_by_the_bare_host_s(sshd, sftp_repo, tmp_path, transport):
+    """OpenSSH looks a key up without the port only when no line for ``[host]:port`` lists one of its type:
+    one listed there that differs is a changed key, whatever a line for the bare host (the server on port 22)
+    lists.  paramiko took the server's key as known when any of those lines listed it."""
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    other_key = " ".join((tmp_path / "other_key.pub").read_text().split()[:2])
+    key = " ".join(sshd.host_pub.split()[:2])
+    known = tmp_path / "known_hosts"
+    for lines in (f"[127.0.0.1]:{sshd.port} {other_key}\n127.0.0.1 {key}\n",
+                  f"127.0.0.1 {key}\n[127.0.0.*]:* {other_key}\n"):
+        known.write_text(lines)
+        with pytest.raises(PermissionDenied, match="does not match"):
+            open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), transport=transport)
+    known.write_text(f"127.0.0.1 {other_key}\n[127.0.0.1]:{sshd.port} {key}\n")
+    with open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), transport=transport) as r:
+        assert r.stat("config") is None
+
+
 def test_a_host_listed_with_several_keys_of_one_type_is_known_by_each(sshd, sftp_repo, tmp_path, transport):
     """OpenSSH takes a host's key when any line lists it for that host (a name kept for two machines, a key
     listed before and after a move), hashed names too: the order of the lines makes no difference."""
