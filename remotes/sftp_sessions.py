@@ -375,10 +375,11 @@ class ParamikoSessions:
         entries, revoked = _read_known_hosts(known_hosts) if os.path.exists(known_hosts) else ([], set())
         port = target.port or 22
         names = (target.host,) if port == 22 else (f"[{target.host}]:{port}", target.host)  # paramiko's first
-        entries = _listed_for(entries, names)
+        entries, bare = _listed_for(entries, names)
         _trust(client.get_host_keys(), entries, revoked, names[0], prefer)
-        client.set_missing_host_key_policy(_AcceptNew(known_hosts, revoked) if target.accept_new_host_key
-                                           else _Refuse(revoked))
+        also = {e.key.asbytes() for e in bare} - revoked
+        client.set_missing_host_key_policy(_AcceptNew(known_hosts, revoked, also) if target.accept_new_host_key
+                                           else _Refuse(revoked, also))
         try:
             client.connect(
                 target.host,
@@ -546,14 +547,15 @@ def _names_host(patterns: list[str], names: tuple[str, ...]) -> bool:
     return any(_pattern_list_matches(patterns, name) for name in names)
 
 
-def _listed_for(entries: list[Any], names: tuple[str, ...]) -> list[Any]:
-    """The entries OpenSSH compares a host's key with: those naming ``[host]:port`` (``names[0]``), and those
-    naming the bare host for a key type none of them lists.  OpenSSH looks again without the port only for a
-    key of a type it found no line of: one listed for ``[host]:port`` that differs is a changed key, whatever
-    the bare host's lines (another server on port 22) list."""
+def _listed_for(entries: list[Any], names: tuple[str, ...]) -> tuple[list[Any], list[Any]]:
+    """The entries OpenSSH compares a host's key with: those naming ``[host]:port`` (``names[0]``), and apart,
+    those naming the bare host for a key type none of them lists.  OpenSSH looks again without the port only
+    for a key of a type it found no line of: one listed for ``[host]:port`` that differs is a changed key,
+    whatever the bare host's lines (another server on port 22) list; one the bare host's lines list is
+    known, and one they do not is unknown (not changed: accept-new records it for ``[host]:port``)."""
     own = [e for e in entries if _names_host(e.hostnames, names[:1])]
     types = {e.key.get_name() for e in own}
-    return own + [e for e in entries if e.key.get_name() not in types and _names_host(e.hostnames, names[1:])]
+    return own, [e for e in entries if e.key.get_name() not in types and _names_host(e.hostnames, names[1:])]
 
 
 def _pattern_list_matches(patterns: list[str], name: str) -> bool:
@@ -608,24 +610,29 @@ def _refuse_revoked(key: Any, revoked: set[bytes]) -> None:
 class _Refuse:
     """Missing-host-key policy: refuse, naming the key so the user can check it."""
 
-    def __init__(self, revoked: set[bytes]):
+    def __init__(self, revoked: set[bytes], bare: set[bytes]):
         self.revoked = revoked
+        self.bare = bare  # the keys listed for the host without its port (``_listed_for``)
 
     def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
         _refuse_revoked(key, self.revoked)
-        raise _UnknownHost(_fingerprint(key))
+        if key.asbytes() not in self.bare:
+            raise _UnknownHost(_fingerprint(key))
 
 
 class _AcceptNew:
     """Missing-host-key policy of ``accept-new``: trust on first use, record it in known_hosts; never a
     revoked key."""
 
-    def __init__(self, path: str, revoked: set[bytes]):
+    def __init__(self, path: str, revoked: set[bytes], bare: set[bytes]):
         self.path = path
         self.revoked = revoked
+        self.bare = bare  # the keys listed for the host without its port (``_listed_for``): known already
 
     def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
         _refuse_revoked(key, self.revoked)
+        if key.asbytes() in self.bare:
+            return
         client.get_host_keys().add(hostname, key.get_name(), key)
         os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
         line = f"{hostname} {key.get_name()} {key.get_base64()}\n"

@@ -222,6 +222,17 @@ def test_a_key_listed_for_the_port_is_not_outweighed_by_the_bare_host_s(sshd, sf
     known.write_text(f"127.0.0.1 {other_key}\n[127.0.0.1]:{sshd.port} {key}\n")
     with open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), transport=transport) as r:
         assert r.stat("config") is None
+    # only the bare host listed, with another key: unknown, not changed; accept-new records [host]:port
+    known.write_text(f"127.0.0.1 {other_key}\n")
+    with pytest.raises(PermissionDenied, match="unknown SSH host key"):
+        open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), transport=transport)
+    with open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), accept_new_host_key=True,
+                     transport=transport) as r:
+        assert r.stat("config") is None
+    recorded = known.read_text().splitlines()
+    assert len(recorded) == 2 and recorded[-1].split()[1:] == key.split()  # its name hashed, by OpenSSH's config
+    with open_remote(sftp_repo.url, key_file=sshd.user_key, known_hosts=str(known), transport=transport) as r:
+        assert r.stat("config") is None
 
 
 def test_a_host_listed_with_several_keys_of_one_type_is_known_by_each(sshd, sftp_repo, tmp_path, transport):
