@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import blake3
 
 from .errors import LocalCacheWarning, UsageError
-from .localfiles import CACHEDIR_TAG, make_private_dirs, tag_as_cache, user_dir
+from .localfiles import CACHEDIR_TAG, make_private_dirs, tag_as_cache, untag_as_cache, user_dir
 from .remotes import Remote, open_remote
 from .remotes.local import LocalRemote
 from .remotes.throttle import ThrottledRemote
@@ -101,6 +101,8 @@ def cache_base() -> str | None:
         return None
     if _holds_only_the_cache(base):  # it holds copies of metadata and key files: no backup should take them
         tag_as_cache(base)
+    else:  # tagged by an earlier chunkvault, which tagged any --cache-dir (a home directory)
+        untag_as_cache(base)
     return base
 
 

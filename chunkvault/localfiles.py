@@ -74,6 +74,16 @@ def abandoned(fd: int, after: float = ABANDONED_AFTER) -> bool:
 CACHEDIR_TAG = (b"CACHEDIR.TAG", b"Signature: 8a477f597d28d172789f06886806bc55")
 
 
+def untag_as_cache(directory: str) -> None:
+    """Remove the cache directory tag chunkvault wrote into ``directory``, and no other (best effort)."""
+    tag = os.path.join(directory, os.fsdecode(CACHEDIR_TAG[0]))
+    try:
+        if read_regular(tag, len(OUR_CACHEDIR_TAG) + 1) == OUR_CACHEDIR_TAG:
+            os.unlink(tag)
+    except OSError:
+        pass
+
+
 def make_private_dirs(path: str) -> None:
     """Make directory ``path`` and each missing one above it mode 0700, whatever the umask (as the XDG base
     directory rules ask): ``os.makedirs`` gives its mode to the last alone, and one above made under umask
@@ -91,6 +101,11 @@ def make_private_dirs(path: str) -> None:
             raise
 
 
+#: The tag chunkvault writes into its cache directory, whole: ``untag_as_cache`` removes this one alone.
+OUR_CACHEDIR_TAG = (CACHEDIR_TAG[1] + b"\n# a cache directory tag made by chunkvault: its local cache of index, "
+                    b"snapshot and wal objects (see https://bford.info/cachedir/)\n")
+
+
 def tag_as_cache(directory: str) -> None:
     """Make ``directory`` (private to this user) and tag it as a cache (best effort)."""
     tag = os.path.join(directory, os.fsdecode(CACHEDIR_TAG[0]))
@@ -100,8 +115,7 @@ def tag_as_cache(directory: str) -> None:
     try:
         make_private_dirs(directory)
         with open(tmp, "wb") as f:
-            f.write(CACHEDIR_TAG[1] + b"\n# a cache directory tag made by chunkvault: its local cache of index, "
-                                      b"snapshot and wal objects (see https://bford.info/cachedir/)\n")
+            f.write(OUR_CACHEDIR_TAG)
         os.replace(tmp, tag)
     except OSError:
         try:

@@ -67,6 +67,12 @@ def test_only_a_directory_holding_nothing_but_the_cache_is_tagged_as_one(monkeyp
     monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(home))
     assert cache_base() == str(home) and key_ahead_path("sftp://h/r") is not None
     assert not (home / "CACHEDIR.TAG").exists()
+    from chunkvault.localfiles import OUR_CACHEDIR_TAG
+
+    (home / "CACHEDIR.TAG").write_bytes(OUR_CACHEDIR_TAG)  # left by an earlier chunkvault: taken back
+    assert cache_base() == str(home) and not (home / "CACHEDIR.TAG").exists()
+    (home / "CACHEDIR.TAG").write_bytes(b"Signature: 8a477f597d28d172789f06886806bc55\n# the user's own\n")
+    assert cache_base() == str(home) and (home / "CACHEDIR.TAG").exists()  # not ours: left alone
     for made in (tmp_path / "fresh", tmp_path / "empty", tmp_path / "used"):
         if made.name == "empty":
             made.mkdir()
