@@ -2954,9 +2954,16 @@ _COMMAND_AFTER_OPTIONS = "--stdin-from-command needs the command after the optio
 def _refuse_command_without_separator(argv: list[str]) -> None:
     """``backup --stdin-from-command`` takes its command after ``--`` only: without it, the command's options
     were read as ours (``printf -n``: a dry run; ``pg_dump --host=db``: a dump of the local server,
-    recorded as from host db), or refused as unknown."""
-    if "--" not in argv and any(w.startswith("--stdin-f") for w in argv):
+    recorded as from host db), or refused as unknown.  Only that option and its abbreviations count: another
+    word that begins as it does (restic's ``--stdin-filename``) is an unknown option, and said to be."""
+    if "--" not in argv and any(_names_stdin_from_command(w) for w in argv):
         raise UsageError(_COMMAND_AFTER_OPTIONS)
+
+
+def _names_stdin_from_command(word: str) -> bool:
+    """``--stdin-from-command``, or an abbreviation of it long enough to name no other option."""
+    name = word.partition("=")[0]
+    return len(name) >= len("--stdin-f") and "--stdin-from-command".startswith(name)
 
 
 def _refuse_options_before_command(argv: list[str], parser: argparse.ArgumentParser, before: str = "") -> None:

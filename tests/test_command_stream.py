@@ -197,6 +197,18 @@ def test_cli_stdin_from_command(cli, tmp_path):
         assert message in proc.stderr.decode()
 
 
+def test_an_option_that_only_begins_as_stdin_from_command_is_not_taken_for_it(cli, tmp_path):
+    """``--stdin-filename`` (restic's name for ``--stdin-name``) was refused as a ``--stdin-from-command``
+    without its command, an option the line does not have; it is an unknown option, named as such."""
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    proc = cli("backup", "-r", repo, "--stdin", "--stdin-filename", "db.sql", check=2)
+    assert proc.stderr.decode().strip() == "chunkvault: unrecognized arguments: --stdin-filename"
+    for abbreviated in ("--stdin-f", "--stdin-from"):  # an abbreviation is still told where its command goes
+        proc = cli("backup", "-r", repo, abbreviated, "--stdin-name", "x", "true", check=2)
+        assert "needs the command after the options" in proc.stderr.decode()
+
+
 def test_the_command_starts_only_once_the_backup_holds_its_lock(new_repo, tmp_path):
     """It ran at once: a pg_dump sat in its transaction, holding its locks on the database, for as long as
     the backup waited for a prune (an hour by default), and ran even when the backup gave up (exit 15) or
