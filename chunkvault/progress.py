@@ -65,7 +65,10 @@ class Progress:
 
 class JsonProgress(Progress):
     """One JSON object per line on stderr, about once a second and once at the end (``"final": true``),
-    whatever stderr is: a program that runs chunkvault reads them while stdout carries the result."""
+    whatever stderr is: a program that runs chunkvault reads them while stdout carries the result.  Every
+    line has the same keys, null where there is no value yet (``total_bytes`` before the total is counted,
+    ``eta_seconds`` without a total or a rate, and at the end), as every --json document gives them: a
+    program that reads a key from each line failed on the lines that left it out."""
 
     def __init__(self, what: str, total_bytes: int | None = None, stream: TextIO | None = None,
                  interval: float = 1.0, unit: str = "files"):
@@ -75,13 +78,11 @@ class JsonProgress(Progress):
     def record(self, files: int, nbytes: int, now: float, final: bool = False) -> dict[str, Any]:
         elapsed = max(now - self.start, 1e-6)
         rate = nbytes / elapsed
-        out: dict[str, Any] = {"progress": self.what, self.unit: files, "bytes": nbytes,
-                               "total_bytes": self.total, "seconds": round(elapsed, 3), "bytes_per_second": round(rate)}
+        eta = None
         if self.total and rate > 0 and nbytes < self.total and not final:
-            out["eta_seconds"] = round((self.total - nbytes) / rate, 1)
-        if final:
-            out["final"] = True
-        return out
+            eta = round((self.total - nbytes) / rate, 1)
+        return {"progress": self.what, self.unit: files, "bytes": nbytes, "total_bytes": self.total,
+                "seconds": round(elapsed, 3), "bytes_per_second": round(rate), "eta_seconds": eta, "final": final}
 
     def __call__(self, files: int, nbytes: int, total_bytes: int | None = None) -> None:
         if total_bytes is not None:

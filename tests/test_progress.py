@@ -62,8 +62,24 @@ def test_json_lines_at_most_once_an_interval_and_a_final_one(monkeypatch):
     p(3, 900)
     p.done()
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [(x["files"], x["bytes"], x.get("final", False)) for x in lines] == [(1, 100, False), (3, 900, True)]
-    assert lines[0]["total_bytes"] == 1000 and "eta_seconds" in lines[0] and "eta_seconds" not in lines[1]
+    assert [(x["files"], x["bytes"], x["final"]) for x in lines] == [(1, 100, False), (3, 900, True)]
+    assert lines[0]["total_bytes"] == 1000 and lines[0]["eta_seconds"] is not None and lines[1]["eta_seconds"] is None
+
+
+def test_every_json_line_has_the_same_keys_null_where_there_is_no_value_yet(monkeypatch):
+    """``eta_seconds`` and ``final`` were left out of the lines without them (a backup's before its tree
+    was counted, each but the last, the last's ETA), while ``total_bytes`` came as null: a program reading
+    ``line["final"]`` or ``line["eta_seconds"]`` from each line failed on the first."""
+    monkeypatch.setattr("chunkvault.progress.time.monotonic", lambda: 5.0)
+    out = io.StringIO()
+    p = JsonProgress("backup", stream=out, interval=0)
+    p(0, 0)  # the total not counted yet
+    p(1, 100, 400)
+    p.done()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len({tuple(sorted(x)) for x in lines}) == 1
+    assert [(x["total_bytes"], x["eta_seconds"] is None, x["final"]) for x in lines] == [
+        (None, True, False), (400, False, False), (400, True, True)]
 
 
 def _history(tmp_path, repo, n=3):
@@ -132,7 +148,7 @@ def test_cli_progress_json_on_stderr_with_the_result_on_stdout(tmp_path, cli, ne
     def final(proc, what):
         lines = [json.loads(line) for line in proc.stderr.decode().splitlines() if line.startswith("{")]
         assert lines and all(x["progress"] == what for x in lines)
-        assert lines[-1]["final"] and not any(x.get("final") for x in lines[:-1])
+        assert lines[-1]["final"] is True and not any(x["final"] for x in lines[:-1])
         return lines[-1]
 
     backup = cli("backup", "-r", url, str(src), "--force", "--json", "--progress", "json")
