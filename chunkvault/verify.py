@@ -750,6 +750,16 @@ SCRATCH_PREFIX = "chunkvault-verify-"
 IN_USE = ".in-use"  # in a scratch directory: locked while its run lasts; removed from one kept on purpose
 
 
+def check_scratch(parent: str) -> None:
+    """UsageError unless ``parent`` is a directory, saying which way it is not: a file there was said not to
+    exist, and the user looked for a typo in a path that was there."""
+    if os.path.isdir(parent):
+        return
+    if os.path.lexists(parent):
+        raise UsageError(f"scratch directory {parent} is not a directory")
+    raise UsageError(f"scratch directory does not exist: {parent}")
+
+
 def _make_scratch(parent: str | None, warnings: list[str]) -> tuple[str, int]:
     """A fresh directory others may traverse but not list, and the descriptor of its marker, locked while
     this run lasts.  Scratch directories of runs that were killed (SIGKILL, the OOM killer), as large as
@@ -758,8 +768,8 @@ def _make_scratch(parent: str | None, warnings: list[str]) -> tuple[str, int]:
     The restored tree keeps the snapshot's owners and modes; a database server
     running as its own user must be able to reach its restored data directory.
     """
-    if parent is not None and not os.path.isdir(parent):
-        raise UsageError(f"scratch directory does not exist: {parent}")
+    if parent is not None:
+        check_scratch(parent)
     where = os.path.abspath(parent or tempfile.gettempdir())
     _remove_abandoned(where, warnings)
     try:  # absolute: the command's CHUNKVAULT_RESTORE_DIR must hold wherever it changes directory to
@@ -1114,8 +1124,8 @@ def cmd_verify_restore(args: argparse.Namespace) -> int:
         raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     if args.all_since is not None and (args.snapshot is not None or args.until is not None):
         raise UsageError(f"give {'--until' if args.until is not None else 'a snapshot'} or --all-since, not both")
-    if args.scratch is not None and not os.path.isdir(args.scratch):
-        raise UsageError(f"scratch directory does not exist: {args.scratch}")
+    if args.scratch is not None:
+        check_scratch(args.scratch)
     recovery = check_pg_options(args.pg_start, args.pg_query, args.pg_expect, args.pg_bindir, args.pg_dbname,
                                 args.pg_recover)
     if recovery is not None and recovery.picks_snapshot and args.all_since is not None:

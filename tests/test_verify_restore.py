@@ -11,6 +11,7 @@ import pytest
 
 from chunkvault import cli
 from chunkvault import verify as verify_mod
+from chunkvault.errors import UsageError
 from chunkvault.store.manifest import T_DIR, T_FILE, Entry, sort_key
 from chunkvault.verify import merge_by_path, parse_since, snapshots_since, verify_restore, walk_sorted
 
@@ -405,6 +406,18 @@ def test_bad_arguments(repo_with_tree, tmp_path, run_cli):
         assert code == 2 and "--timeout must be a positive number of seconds" in err, never
     code, _, err = run_cli("verify-restore", "ffffffff", "-r", str(tmp_path / "repo"))
     assert code == 12
+
+
+def test_a_scratch_path_that_is_a_file_is_said_to_be_one(repo_with_tree, tmp_path, run_cli):
+    """It was said not to exist, and the user looked for a typo in a path that was there."""
+    repo, snap, _ = repo_with_tree
+    (tmp_path / "afile").write_bytes(b"x")
+    with pytest.raises(UsageError, match=r"^scratch directory .*afile is not a directory$"):
+        verify_restore(repo, snap, scratch=str(tmp_path / "afile"))
+    code, _, err = run_cli("verify-restore", "-r", str(tmp_path / "repo"), "--scratch", str(tmp_path / "afile"))
+    assert code == 2 and "afile is not a directory" in err
+    with pytest.raises(UsageError, match=r"^scratch directory does not exist: .*nope$"):
+        verify_restore(repo, snap, scratch=str(tmp_path / "nope"))
 
 
 def test_api_runs_the_command_with_a_given_environment(repo_with_tree, tmp_path):
