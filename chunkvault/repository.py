@@ -1602,6 +1602,7 @@ class Repository:
                 result = restore_workers.restore(restorer, tree, processes, entries, expected)
             if verify:
                 self._verify_restored(restorer, snap, tree(), target, xattrs)
+            result.snapshot = snap.id
             return result
 
     def _restore_relocated(self, snapshot: str | Snapshot, target: str, relocate: list[Relocation], *,
@@ -1662,7 +1663,9 @@ class Repository:
             if old is not None and os.geteuid() == 0:
                 os.lchown(at, old.st_uid, old.st_gid)
             os.utime(os.path.dirname(at), ns=(parent.st_atime_ns, parent.st_mtime_ns))
-        return merged_results(results)
+        merged = merged_results(results)
+        merged.snapshot = snap.id
+        return merged
 
     def owner_names(self, snapshot: str | Snapshot, *, snapshots: list[Snapshot] | None = None
                     ) -> tuple[dict[int, str], dict[int, str]]:

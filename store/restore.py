@@ -134,6 +134,7 @@ def merged_results(results: Sequence[RestoreResult]) -> RestoreResult:
 
 @dataclass
 class RestoreResult:
+    snapshot: str = ""  # the id of the snapshot restored (the one ``latest`` or ``until`` picked)
     files: int = 0
     dirs: int = 0
     links: int = 0

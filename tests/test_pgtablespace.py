@@ -136,7 +136,7 @@ def test_a_relocated_directory_is_restored_into_its_own_directory_and_linked(sna
     assert (into / "PG_15_7" / "5" / "16390").read_bytes() == b"rows" * 1000
     assert (target / "base" / "f").read_bytes() == b"base"
     assert os.listdir(target / "chunkvault_tblspc") == []
-    assert result.files == 2 and counted[-1] == (2, 4004)
+    assert result.files == 2 and counted[-1] == (2, 4004) and result.snapshot == snap.id
     with pytest.raises(UsageError, match="is not empty"):
         repo.restore(snap.id, str(tmp_path / "t2"), relocate=[r])
     with pytest.raises(UsageError, match="overlaps"):

@@ -74,7 +74,7 @@ def test_every_snapshot_and_until_point_restores(tmp_path, new_repo):
         repo.restore(snap.id, str(out))
         assert describe(out) == tree, f"snapshot {i} ({snap.kind})"
         out2 = tmp_path / f"until{i}"
-        repo.restore("latest", str(out2), until=snap.datetime)
+        assert repo.restore("latest", str(out2), until=snap.datetime).snapshot == snap.id  # the one it picked
         assert describe(out2) == tree
     with pytest.raises(SnapshotNotFound):
         repo.snapshot("latest", until="2001-01-01T00:00:00+00:00")
