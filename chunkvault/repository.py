@@ -1573,6 +1573,7 @@ class Repository:
                                   owner_map=None if numeric_owner else self.owner_map(snap))
             restorer = Restorer(self._repo, target, opts, lookup=sub.lookup, tree_name=f"tree of snapshot {snap.id}",
                                 subtree=sub.root)
+            restorer.result.snapshot = snap.id  # there before anything is written: an error's partial names it
             selected = restorer.selected.directory
             within = sub.root if selected is None else sub.snapshot_path(selected)
 
@@ -1602,7 +1603,6 @@ class Repository:
                 result = restore_workers.restore(restorer, tree, processes, entries, expected)
             if verify:
                 self._verify_restored(restorer, snap, tree(), target, xattrs)
-            result.snapshot = snap.id
             return result
 
     def _restore_relocated(self, snapshot: str | Snapshot, target: str, relocate: list[Relocation], *,

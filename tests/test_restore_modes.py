@@ -717,3 +717,27 @@ def test_directories_whose_names_differ_in_case_alone_are_not_merged_into_a_fres
         assert (mnt / "t" / "Doc" / "a").read_bytes() == b"A"
         if processes == 1:  # a worker writing doc/b makes its directory, and finds "Doc" there
             assert os.listdir(mnt / "t" / "Doc") == ["a"]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_restore_that_fails_part_way_names_the_snapshot_in_its_partial_result(tmp_path, new_repo, processes):
+    """The result an error carries (``partial``, what was restored) names the snapshot ``latest`` or
+    ``until`` picked, as the result of a restore that succeeds does: it was left blank, and a caller that
+    restored by time could not say which snapshot the target partly holds."""
+    from chunkvault.errors import TargetUnwritable
+    from treeutil import mounted_fat
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"one")
+    repo = new_repo()
+    first = repo.backup([str(src)]).snapshot
+    os.link(src / "f", src / "f-link")
+    repo.backup([str(src)])
+    mnt = tmp_path / "usb"
+    mnt.mkdir()
+    with mounted_fat(str(mnt), "exfat"):
+        assert repo.restore("latest", str(mnt / "then"), until=first.time, processes=processes).snapshot == first.id
+        with pytest.raises(TargetUnwritable) as info:  # the hard link: exFAT has none
+            repo.restore("latest", str(mnt / "now"), processes=processes)
+        assert info.value.partial.snapshot == repo.snapshot("latest").id
