@@ -230,6 +230,23 @@ def _listed(pfd: int) -> set[bytes]:
         os.close(fd)
 
 
+def folds_case(directory: bytes) -> bool:
+    """Whether the file system ``directory`` is on takes names that differ in case alone for one (FAT, exFAT,
+    a case-insensitive mount): a file made under one name is looked up under another.  False where the
+    probe cannot be made (it is made and removed at once)."""
+    probe = b".chunkvault-case-" + os.urandom(6).hex().encode() + b"-a"
+    try:
+        fd = os.open(os.path.join(directory, probe), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        return os.path.lexists(os.path.join(directory, probe.upper()))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, probe))
+
+
 def _lstat(pfd: int, name: bytes) -> os.stat_result | None:
     """What is at ``name`` in the directory open at ``pfd``, not followed; None when nothing is."""
     try:

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 from . import forked
 from .manifest import T_FILE, T_HARDLINK, Entry, Record, entry_record
 from .repository import Repo
-from .restore import Restorer, RestoreResult
+from .restore import Restorer, RestoreResult, folds_case
 
 STRIPE_BYTES = 16 << 20
 # A file larger than a stripe is written in parts, by several workers, only when it is a large share of the
@@ -60,8 +60,10 @@ def restore(restorer: Restorer, tree: Callable[[], Iterator[Record]], processes:
     ``entries``, ``expected_bytes``: how many entries and file bytes the tree holds, where known (see
     SHARED_TREE_ENTRIES and SPLIT_SHARE); the bytes --include selects are counted by a walk of their own."""
     restorer.check_target()
+    # A target that takes "doc" for "Doc" (FAT, exFAT) is one process's: a worker writing doc/b made its
+    # directory by name, found "Doc", and wrote into it, where the refusal of "doc" was another process's.
     if (processes < 2 or not restorer.fresh or restorer.opt.delta or not isinstance(restorer.repo, Repo)
-            or not forked.can_fork(restorer.repo.remote)):
+            or not forked.can_fork(restorer.repo.remote) or folds_case(restorer.target)):
         restorer.restore_records(restorer.selected_records(tree()))
         restorer.note_walked()
         restorer.result.raise_for_problems()
