@@ -1391,13 +1391,12 @@ def _manifest_damage(exc: CorruptObject, snap: Snapshot, needed_by: Snapshot | N
 
 class ManifestsAhead:
     """The manifests of snapshots asked for in a known order (``records``), their blobs read ``window`` ahead by
-    as many threads: read one after another, a find or a forget's dry run over a year of hourly snapshots on
-    S3 waited out some 9,000 round trips in a row.  A snapshot passed over (a damaged chain's) has what was
-    read for it dropped (its records, read on after all, read the rest then); one not in the order is read as
-    ``manifest_records`` reads it.  Each read raises (damage, a missing pack) when its snapshot's records reach
-    it, as it would have read in turn.  A blob is
-    read once while it is in the window or the blob cache: full snapshots of a mostly unchanged tree share
-    most of their manifests' blobs."""
+    ``OBJECT_READERS`` threads: read one after another, a find or a forget's dry run over a year of hourly
+    snapshots on S3 waited out some 9,000 round trips in a row.  A snapshot passed over (a damaged chain's) has
+    what was read for it dropped (its records, read on after all, read the rest then); one not in the order is
+    read as ``manifest_records`` reads it.  Each read raises (damage, a missing pack) when its snapshot's
+    records reach it, as it would have read in turn.  A blob is read once while it is in the window or the
+    blob cache: full snapshots of a mostly unchanged tree share most of their manifests' blobs."""
 
     def __init__(self, repo: "Repo", order: Iterable[Snapshot], window: int = OBJECT_READERS * 2):
         self._repo = repo
