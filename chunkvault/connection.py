@@ -99,22 +99,23 @@ def cache_base() -> str | None:
             warnings.warn(f"cache directory {base} is not a writable directory: nothing is cached locally, "
                           "every object is read from the repository", LocalCacheWarning, stacklevel=3)
         return None
-    if _holds_only_the_cache(base):  # it holds copies of metadata and key files: no backup should take them
+    if _cache_entries(base) is not None:  # it holds copies of metadata and key files: no backup should take them
         tag_as_cache(base)
     else:  # tagged by an earlier chunkvault, which tagged any --cache-dir (a home directory)
         untag_as_cache(base)
     return base
 
 
-def _holds_only_the_cache(base: str) -> bool:
-    """Whether ``base`` holds nothing but the cache's own entries (or nothing): only such a directory is tagged
-    as a cache.  ``--cache-dir ~`` tagged the home directory, and every backup with ``--exclude-caches``
-    (chunkvault's, restic's, borg's, tar's) then left all of it out."""
+def _cache_entries(base: str) -> list[str] | None:
+    """The names in ``base`` where it holds nothing but the cache's own entries ([] where it is not made yet),
+    else None: only such a directory is tagged as a cache, or has entries removed.  ``--cache-dir ~`` tagged
+    the home directory, and every backup with ``--exclude-caches`` (chunkvault's, restic's, borg's, tar's)
+    then left all of it out."""
     try:
         names = os.listdir(base)
     except OSError:
-        return True  # not made yet: the tag makes it
-    return all(map(_is_cache_entry, names))
+        return []
+    return names if all(map(_is_cache_entry, names)) else None
 
 
 def _is_cache_entry(name: str) -> bool:
@@ -153,11 +154,8 @@ def use_cache_dir(base: str, cache_dir: str) -> None:
         os.utime(cache_dir)
     except OSError:  # not made yet: its first entry makes it
         pass
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return
-    if not all(map(_is_cache_entry, names)):
+    names = _cache_entries(base)
+    if not names:
         return
     now = time.time()
     for name in names:
