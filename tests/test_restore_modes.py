@@ -580,8 +580,8 @@ def test_a_rerun_removes_what_a_restore_killed_outright_was_writing_beside_a_fil
     assert (live / "d" / "f").read_bytes() == b"changed since"
     (live / "d" / ".chunkvault-restore-notours").write_bytes(b"not a name a restore writes")
     (live / ".chunkvault-restore-0123456789abcdef").mkdir()
-    time.sleep(0.05)
-    monkeypatch.setattr(restore, "LEFTOVER_SLACK_NS", 0)
+    time.sleep(0.5)  # the leftovers above are older than the slack; one written after the restore began is not
+    monkeypatch.setattr(restore, "LEFTOVER_SLACK_NS", 250_000_000)
     fresh = live / ".chunkvault-restore-fedcba9876543210"
     real_init = restore.Restorer.__init__
 
