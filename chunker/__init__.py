@@ -127,7 +127,13 @@ def fixed_chunks(fileobj: BinaryIO, size: int) -> Iterator[bytes]:
     """
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise ValueError(f"size must be a positive int, got {size!r}")
+    zeros_ahead = getattr(fileobj, "zeros_ahead", None)  # as ``Chunker.chunks`` takes it: a hole given, not read
+    zeros = bytes(size) if zeros_ahead is not None else b""
     while True:
+        if zeros_ahead is not None and zeros_ahead() >= size:
+            fileobj.skip(size)  # type: ignore[attr-defined]
+            yield zeros
+            continue
         data = fileobj.read(size)
         if not data:
             return
@@ -159,6 +165,15 @@ class Chunker:
         self._gear = tuple(int.from_bytes(raw[i:i + 8], "little") for i in range(0, 2048, 8))
         self._cutter = _fastcdc.Cutter(raw, params.min_size, params.max_size, params.normal_size,
                                        params.mask_s, params.mask_l)
+        self._zero_chunk: bytes | None = None
+
+    @property
+    def zero_chunk(self) -> bytes:
+        """The chunk a run of zeros is cut into from a cut point on, again and again: the state after a cut is
+        fresh, so where a run starts does not matter (one object, computed once)."""
+        if self._zero_chunk is None:
+            self._zero_chunk = bytes(int(self.cut_points(bytes(self.params.max_size))[0]))
+        return self._zero_chunk
 
     def cut_points(self, data: Buffer) -> array:
         """End offsets of every chunk of `data` taken as a complete stream (last == len(data))."""
@@ -182,6 +197,13 @@ class Chunker:
         overwritten), so that a thread cutting file after file does not
         allocate and zero one per file, with the interpreter lock held; only
         one stream at a time may use it.
+
+        A stream that knows where it holds zeros without reading them (a
+        sparse file's holes) has ``zeros_ahead()``, the zero bytes from its
+        position on, and ``skip(n)`` past n of them: each whole
+        ``zero_chunk`` a hole holds from a cut point on is then given as
+        that one object, neither read nor scanned.  Its ``readinto`` must
+        not return bytes of a hole and of data in one call.
         """
         if not isinstance(bufsize, int) or isinstance(bufsize, bool) or bufsize <= 0:
             raise ValueError(f"bufsize must be a positive int, got {bufsize!r}")
@@ -194,6 +216,7 @@ class Chunker:
         view = memoryview(buffer)[:bufsize] if buffer is not None and len(buffer) >= bufsize else memoryview(
             bytearray(bufsize))
         carry = bytearray()  # the unfinished chunk's bytes from earlier buffers
+        zeros_ahead = getattr(fileobj, "zeros_ahead", None)
         while True:
             n = readinto(view)
             if n is None:
@@ -212,5 +235,21 @@ class Chunker:
                     yield bytes(data[start:end])
                 start = end
             carry += data[start:]
+            if zeros_ahead is not None:
+                whole = self._zero_chunks_ahead(carry, zeros_ahead())
+                if whole:
+                    fileobj.skip(whole * len(self.zero_chunk) - len(carry))  # type: ignore[attr-defined]
+                    stream.finish()
+                    carry = bytearray()
+                    for _ in range(whole):
+                        yield self.zero_chunk
         if stream.finish():
             yield bytes(carry)
+
+    def _zero_chunks_ahead(self, carry: bytearray, zeros: int) -> int:
+        """How many whole ``zero_chunk`` follow the last cut, when the unfinished chunk ``carry`` is zeros
+        and ``zeros`` more come: that many cuts, one ``zero_chunk`` apart, are certain without a scan."""
+        size = len(self.zero_chunk)
+        if zeros < size or (carry and carry != self.zero_chunk[:len(carry)]):
+            return 0
+        return (len(carry) + zeros) // size

@@ -212,12 +212,13 @@ static PyObject *scan(PyObject *self, PyObject *args) {
  *   .stop()  end the thread at its next entry (a walk that will not be consumed)
  *   .queued  entries walked and not yet handed over
  *   Stat: the lstat fields a backup records (st_mode, st_ino, st_dev,
- *       st_nlink, st_uid, st_gid, st_size, st_mtime_ns, st_ctime_ns, st_rdev).
+ *       st_nlink, st_uid, st_gid, st_size, st_mtime_ns, st_ctime_ns, st_rdev), and st_blocks (a sparse
+ *       file's holes are told to the chunker, not read).
  */
 
 typedef struct {
     unsigned long long mode, ino, dev, nlink, uid, gid, rdev;
-    long long size, mtime_ns, ctime_ns;
+    long long size, mtime_ns, ctime_ns, blocks;
 } fields_t;
 
 typedef struct {
@@ -236,6 +237,7 @@ static PyMemberDef stat_members[] = {
     {"st_mtime_ns", T_LONGLONG, offsetof(StatObject, f.mtime_ns), READONLY, NULL},
     {"st_ctime_ns", T_LONGLONG, offsetof(StatObject, f.ctime_ns), READONLY, NULL},
     {"st_rdev", T_ULONGLONG, offsetof(StatObject, f.rdev), READONLY, NULL},
+    {"st_blocks", T_LONGLONG, offsetof(StatObject, f.blocks), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -259,6 +261,7 @@ static void fields_of(const struct stat *st, fields_t *f) {
     f->size = st->st_size;
     f->mtime_ns = ns_of(MTIME(*st));
     f->ctime_ns = ns_of(CTIME(*st));
+    f->blocks = st->st_blocks;
 }
 
 static double monotonic_seconds(void) {

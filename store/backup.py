@@ -333,6 +333,87 @@ class _FdReader:
         return os.lseek(self.fd, offset, os.SEEK_SET)
 
 
+_ZEROS = memoryview(bytes(READ_BYTES))  # untouched pages: copying from them costs no memory
+TOLD_HOLE_BYTES = 1 << 20  # a sparse file's shorter holes are read, as data is
+
+
+class _HoleSkippingReader:
+    """The reads a backup makes on a sparse file: its holes are told as zeros (``zeros_ahead``), not read.
+
+    Reading a hole makes the kernel fill page-cache pages with zeros (0.2 GB/s here, evicting the cache's
+    other pages), and the chunker then scans them; told, a hole costs the file digest's pass alone.
+    """
+
+    __slots__ = ("fd", "pos", "data_end", "hole_end")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.pos = 0
+        self.data_end = 0  # [pos, data_end): data, or [pos, hole_end): a hole, as last found
+        self.hole_end = 0
+
+    def _locate(self) -> None:
+        """Find the region at ``pos``: a hole of at least ``TOLD_HOLE_BYTES``, or data, with the shorter holes
+        after it up to a read buffer's length (read through, so a finely punched file is read in long calls).
+        Where the file system cannot tell, all of it is data."""
+        pos = self.pos
+        try:
+            data = self._data_from(pos)
+            if data - pos >= TOLD_HOLE_BYTES:
+                self.hole_end = data
+                return
+            while True:
+                end = os.lseek(self.fd, data, os.SEEK_HOLE)
+                data = self._data_from(end)
+                if end - pos >= READ_BYTES or data == end or data - end >= TOLD_HOLE_BYTES:
+                    break
+            self.data_end = max(end, pos + 1)
+        except OSError:  # no SEEK_HOLE here, or the file was cut short since: read on to its end
+            self.data_end = 1 << 63
+
+    def _data_from(self, offset: int) -> int:
+        """Where the next data at or after ``offset`` starts; the file's end when none does."""
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            return max(offset, os.fstat(self.fd).st_size)
+
+    def zeros_ahead(self) -> int:
+        if self.pos >= self.data_end and self.pos >= self.hole_end:
+            self._locate()
+        return max(0, self.hole_end - self.pos)
+
+    def skip(self, n: int) -> None:
+        self.pos += n
+
+    def readinto(self, buf: memoryview) -> int:
+        hole = self.zeros_ahead()
+        if hole:
+            n = min(len(buf), hole)
+            for at in range(0, n, len(_ZEROS)):
+                k = min(n - at, len(_ZEROS))
+                buf[at:at + k] = _ZEROS[:k]
+        else:
+            n = os.preadv(self.fd, [buf[:self.data_end - self.pos]], self.pos)
+        self.pos += n
+        return n
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        return bytes(buf[:self.readinto(memoryview(buf))])
+
+    def seek(self, offset: int) -> int:
+        self.pos, self.data_end, self.hole_end = offset, 0, 0
+        return offset
+
+
+def _sparse(st: os.stat_result) -> bool:
+    """Whether a file may have holes: fewer blocks than its size takes (or compressed by its file system)."""
+    return st.st_blocks * 512 < st.st_size - 4096
+
+
 IGNORE_INODE = 1  # the fields a backup may be told not to compare (SourceWalk.skip_unchanged's ``ignore``)
 IGNORE_CTIME = 2
 # A change made in the same clock tick as the one a backup saw leaves a file's times as they were: an entry
@@ -586,12 +667,15 @@ class Backup:
         hasher = blake3.blake3()
         ids = bytearray()
         pos = 0
+        last: bytes | None = None  # a chunk given again as the same object (a hole's zeros): its id known
+        bid = b""
         for chunk in chunks:
             n = len(chunk)
             hasher.update(chunk)
             if inspector is not None:
                 inspector.feed(chunk)
-            bid = self.repo.blob_id(chunk)
+            if chunk is not last:
+                bid, last = self.repo.blob_id(chunk), chunk
             ids += bid
             if self.writer.claim(bid):
                 base_id = None
@@ -731,7 +815,8 @@ class Backup:
         try:
             e.xattrs = self._xattrs(fd, path, st, T_FILE, prev, notes)
             try:
-                e.digest, e.chunks, e.size = self._read_stream(_FdReader(fd), e.path, prev, st.st_size, report=False)
+                reader = _HoleSkippingReader(fd) if _sparse(st) else _FdReader(fd)
+                e.digest, e.chunks, e.size = self._read_stream(reader, e.path, prev, st.st_size, report=False)
             except OSError as exc:
                 return self._unreadable_file(e, path, prev, notes, exc)
             after = os.fstat(fd)

@@ -457,3 +457,86 @@ def test_random_os_data_matches_reference_with_default_sized_params():
     blob = os.urandom(3 << 20)
     p = ChunkerParams(min_size=32768, avg_size=131072, max_size=1 << 20)
     assert Chunker(SECRET, p).cut_points(blob) == Chunker(SECRET, p, implementation="python").cut_points(blob)
+
+
+class Holes(io.RawIOBase):
+    """A stream that knows which of its bytes are holes (zeros told, not read), as a sparse file's reader does;
+    it counts the hole bytes it was asked to read."""
+
+    def __init__(self, data: bytes, holes: list[tuple[int, int]]):
+        self.data, self.holes, self.pos, self.read_in_holes = data, holes, 0, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def zeros_ahead(self) -> int:
+        return next((end - self.pos for start, end in self.holes if start <= self.pos < end), 0)
+
+    def skip(self, n: int) -> None:
+        assert 0 < n <= self.zeros_ahead()
+        self.pos += n
+
+    def readinto(self, buf) -> int:
+        hole = self.zeros_ahead()
+        if hole:
+            n = min(len(buf), hole)
+            self.read_in_holes += n
+        else:
+            nxt = min((s for s, _ in self.holes if s > self.pos), default=len(self.data))
+            n = min(len(buf), nxt - self.pos)
+        buf[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+def zero_chunk_shorter_than_max(params: ChunkerParams) -> bytes:
+    """A secret whose gear hash over zeros meets a mask: a run of zeros is then cut short of max_size."""
+    for i in range(100_000):
+        secret = blake3.blake3(i.to_bytes(4, "little")).digest()
+        if len(Chunker(secret, params).zero_chunk) < params.max_size:
+            return secret
+    raise AssertionError("no such secret")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=st.lists(st.tuples(st.booleans(), st.integers(1, 40_000)), min_size=1, max_size=8),
+       params=st.sampled_from(PARAM_SETS), implementation=st.sampled_from(["c", "python"]),
+       bufsize=st.sampled_from([4096, 50_000, 1 << 20]), shorter=st.booleans())
+def test_holes_told_not_read_give_the_chunks_of_reading_them(layout, params, implementation, bufsize, shorter):
+    """Whole zero chunks of a hole are given without being read or scanned, and the cuts stay those of the
+    bytes read whole, wherever holes start and end (also for a secret that cuts zeros short of max_size)."""
+    secret = zero_chunk_shorter_than_max(params) if shorter and implementation == "c" else SECRET
+    data, holes = bytearray(), []
+    for i, (hole, length) in enumerate(layout):
+        if hole:
+            holes.append((len(data), len(data) + length))
+            data += bytes(length)
+        else:
+            data += xof(f"data{i}", length)
+    c = Chunker(secret, params, implementation=implementation)
+    stream = Holes(bytes(data), holes)
+    pieces = list(c.chunks(stream, bufsize=bufsize))
+    assert [len(x) for x in pieces] == lengths_of(c.cut_points(bytes(data))) and b"".join(pieces) == data
+    longest = max((end - start for start, end in holes), default=0)
+    if longest >= 2 * len(c.zero_chunk) + bufsize:
+        assert stream.read_in_holes < sum(end - start for start, end in holes)
+
+
+def test_a_run_of_zeros_is_cut_into_one_zero_chunk_again_and_again():
+    """From the first cut inside a run of zeros on, every chunk but the run's last is ``zero_chunk``."""
+    shorter = Chunker(zero_chunk_shorter_than_max(SMALL), SMALL)
+    for c in (Chunker(SECRET, SMALL), shorter):
+        z = c.zero_chunk
+        assert z == bytes(len(z)) and c.zero_chunk is z
+        cuts = list(c.cut_points(xof("before", 5000) + bytes(20 * SMALL.max_size)))
+        inside = [b - a for a, b in zip(cuts, cuts[1:]) if a >= 5000]
+        assert len(inside) >= 19 and set(inside[:-1]) == {len(z)}
+    assert len(Chunker(SECRET, SMALL).zero_chunk) == SMALL.max_size and len(shorter.zero_chunk) < SMALL.max_size
+
+
+def test_fixed_chunks_give_a_hole_s_whole_chunks_unread():
+    data = xof("a", 5000) + bytes(50_000) + xof("b", 3000)
+    stream = Holes(data, [(5000, 55_000)])
+    pieces = list(fixed_chunks(stream, 4096))
+    assert b"".join(pieces) == data and all(len(p) == 4096 for p in pieces[:-1])
+    assert stream.read_in_holes < 4096 * 2

@@ -165,6 +165,72 @@ def test_import_tar_of_a_member_over_8_gib_from_gnu_tar_sparse(tmp_path, new_rep
         assert f.read(10) == pages[size - PAGE][-1:]
 
 
+# --- holes told, not read -----------------------------------------------------------------------------
+
+def punched(path) -> bytes:
+    """A 40 MiB file: data at the start, holes longer and shorter than those a backup skips, data split by a
+    one-page hole, a trailing hole; returns its bytes."""
+    layout = [(0, 5000), (3 * MiB + 7, 70_000), (3 * MiB + 70_007 + PAGE, 9000), (20 * MiB, 300_000),
+              (20 * MiB + 300_000 + MiB // 2, PAGE)]
+    data = bytearray(40 * MiB)
+    with open(path, "wb") as f:
+        f.truncate(len(data))
+        for off, n in layout:
+            data[off:off + n] = os.urandom(n)
+            f.seek(off)
+            f.write(data[off:off + n])
+    return bytes(data)
+
+
+def test_a_sparse_file_s_holes_are_told_as_zeros(tmp_path):
+    """The reader gives a sparse file's bytes whatever the read sizes, its long holes told as zeros unread."""
+    need_holes(tmp_path)
+    path = tmp_path / "punched"
+    data = punched(path)
+    for size in (PAGE, 1000, 8 * MiB):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            reader, got, told = backup._HoleSkippingReader(fd), bytearray(), 0
+            while True:
+                told += reader.zeros_ahead() >= size
+                piece = reader.read(size)
+                if not piece:
+                    break
+                got += piece
+        finally:
+            os.close(fd)
+        assert got == data and told > 0
+
+
+def test_a_backup_reads_a_sparse_file_only_where_it_holds_data(tmp_path, new_repo, monkeypatch):
+    """A sparse file is stored as its dense copy is (the same chunks, so a backup of the copy adds nothing),
+    reading little more than its data; it restores byte for byte, holes kept."""
+    need_holes(tmp_path)
+    src, dense = tmp_path / "src", tmp_path / "dense"
+    src.mkdir()
+    dense.mkdir()
+    data = punched(src / "f")
+    (dense / "f").write_bytes(data)
+    repo = new_repo()
+    real, read = os.preadv, []
+
+    def counted(fd, buffers, offset, *flags):
+        n = real(fd, buffers, offset, *flags)
+        read.append(n)
+        return n
+
+    monkeypatch.setattr(os, "preadv", counted)
+    sparse_snap = repo.backup([str(src)]).snapshot
+    monkeypatch.setattr(os, "preadv", real)
+    assert 0 < sum(read) < 8 * MiB
+    dense_snap = repo.backup([str(dense)]).snapshot
+    assert dense_snap.stats["added_blobs"] == 0
+    entries = [{e.path: e for e in repo.tree(s)}[b"f"] for s in (sparse_snap, dense_snap)]
+    assert entries[0].chunks == entries[1].chunks and entries[0].digest == entries[1].digest
+    repo.restore(sparse_snap.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "f").read_bytes() == data and keeps_holes(tmp_path / "out" / "f")
+
+
 # --- the chunker's size limits ---------------------------------------------------------------------------
 
 LIMITS = sorted({0, 1} | {limit + d for limit in (DEFAULT_PARAMS.min_size, DEFAULT_PARAMS.avg_size,
