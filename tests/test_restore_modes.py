@@ -742,3 +742,28 @@ def test_a_restore_that_fails_part_way_names_the_snapshot_in_its_partial_result(
         with pytest.raises(TargetUnwritable) as info:  # the hard link: exFAT has none
             repo.restore("latest", str(mnt / "now"), processes=processes)
         assert info.value.partial.snapshot == repo.snapshot("latest").id
+
+
+def test_a_restore_by_workers_that_fails_part_way_names_the_snapshot_in_its_partial_result(tmp_path, new_repo):
+    """As above, where worker processes restore: a target that folds case runs in one process, so the test
+    above takes the one-process path with ``processes=2`` too.  Here a damaged blob fails one file."""
+    from chunkvault.errors import ChunkvaultError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(5)
+    for i in range(4):
+        (src / f"f{i}").write_bytes(rnd.randbytes(50_000))
+    repo = new_repo(str(tmp_path / "repo"))
+    snap = repo.backup([str(src)]).snapshot
+    (pack,) = [os.path.join(d, n) for d, _, names in os.walk(tmp_path / "repo" / "data") for n in names]
+    with open(pack, "r+b") as f:  # the first envelope's ciphertext
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ChunkvaultError) as info:
+        repo.restore("latest", str(tmp_path / "out"), processes=2)
+    assert info.value.partial.processes == 2
+    assert info.value.partial.snapshot == snap.id
+    assert len(info.value.partial.damaged) == 1
