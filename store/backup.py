@@ -39,7 +39,7 @@ from .manifest import (
     NS_MAX, NS_MIN, Entry, ManifestStats, Record, delete_record, held_ns, sort_key, unread, what_changed,
 )
 from .blob import CONTENT_DEFINED_DELTA_DEPTH, FIXED_DELTA_DEPTH, Plaintext
-from .deltabase import restart_turns
+from .deltabase import restart_phase, restart_turns
 from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .owners import OWNERS_KEY, names_of, note_ids
@@ -641,7 +641,7 @@ class Backup:
         if _matches(rel, self.opt.no_delta):
             return None
         bound = FIXED_DELTA_DEPTH if _matches(rel, self.opt.fixed_chunks) else CONTENT_DEFINED_DELTA_DEPTH
-        turns = restart_turns(self._sequence, rel, bound)
+        turns = restart_turns(self._sequence, restart_phase(self.repo.blob_id, rel), bound)
         out = []
         pos = 0
         for i, cid in enumerate(prev.chunk_ids()):

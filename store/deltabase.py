@@ -25,8 +25,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import blake3
-
 
 def restart_period(bound: int) -> int:
     """Backups between a chunk's turns to restart: a little under ``bound``, so that turns, not the bound,
@@ -34,12 +32,20 @@ def restart_period(bound: int) -> int:
     return max(1, bound - max(1, bound // 6))
 
 
-def restart_turns(sequence: int, path: bytes, bound: int) -> range:
-    """The indexes of the chunks of the file at ``path`` (chains bounded by ``bound``) whose turn to restart
-    is the backup numbered ``sequence`` of its series: every ``restart_period``-th chunk, from a phase set by
-    the path and the sequence."""
+#: Prefixed to a path for the keyed hash that sets its turns' phase (``restart_phase``).
+PHASE_CONTEXT = b"chunkvault delta restart phase\0"
+
+
+def restart_phase(keyed_hash: Callable[[bytes], bytes], path: bytes) -> int:
+    """Where the turns of the file at ``path`` start: from the repository's keyed hash of the path, so which
+    of a version's chunks are stored whole tells whoever holds the storage nothing about the paths."""
+    return int.from_bytes(keyed_hash(PHASE_CONTEXT + path)[:4], "little")
+
+
+def restart_turns(sequence: int, phase: int, bound: int) -> range:
+    """The indexes of the chunks of a file (turns from ``phase``, chains bounded by ``bound``) whose turn to
+    restart is the backup numbered ``sequence`` of its series: every ``restart_period``-th chunk."""
     period = restart_period(bound)
-    phase = int.from_bytes(blake3.blake3(path).digest(4), "little")
     return range(-(sequence + phase) % period, 1 << 62, period)
 
 

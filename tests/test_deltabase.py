@@ -2,10 +2,22 @@
 of a busy file restarts about the same share of its chunks."""
 import random
 
+import blake3
 from hypothesis import given, settings, strategies as st
 
 from chunkvault.store.blob import FIXED_DELTA_DEPTH
-from chunkvault.store.deltabase import choose_base, restart_period, restart_turns
+from chunkvault.store.deltabase import choose_base, restart_period, restart_phase, restart_turns
+
+
+KEY = bytes(range(32))
+
+
+def keyed(data: bytes) -> bytes:
+    return blake3.blake3(data, key=KEY).digest()
+
+
+def turns_of(seq: int, path: bytes, bound: int) -> range:
+    return restart_turns(seq, restart_phase(keyed, path), bound)
 
 
 def depths_over_versions(bound, versions, files, chunks, changed=1.0, seed=0):
@@ -19,7 +31,7 @@ def depths_over_versions(bound, versions, files, chunks, changed=1.0, seed=0):
         row = {}
         for f in range(files):
             path = b"base/%d" % f
-            turns = restart_turns(seq, path, bound)
+            turns = turns_of(seq, path, bound)
             for i in range(chunks):
                 cur = current[f, i]
                 chain = [cur]
@@ -58,8 +70,16 @@ def test_every_version_restarts_about_the_same_share_of_chunks():
 
 def test_turns_move_with_the_sequence_and_differ_between_files():
     period = restart_period(FIXED_DELTA_DEPTH)
-    a = [restart_turns(seq, b"base/1", FIXED_DELTA_DEPTH)[0] for seq in range(period)]
+    a = [turns_of(seq, b"base/1", FIXED_DELTA_DEPTH)[0] for seq in range(period)]
     assert sorted(a) == list(range(period))  # each chunk's turn comes once a period
-    firsts = {restart_turns(5, b"base/%d" % f, FIXED_DELTA_DEPTH)[0] for f in range(40)}
+    firsts = {turns_of(5, b"base/%d" % f, FIXED_DELTA_DEPTH)[0] for f in range(40)}
     assert len(firsts) > period // 2  # small files do not all restart in one version
     assert choose_base([b"a"], FIXED_DELTA_DEPTH, True) == 0  # a whole blob is the base itself
+
+
+def test_a_path_s_phase_is_keyed():
+    """Which chunks restart in a version depends on the repository's key, not on the path alone."""
+    other = lambda data: blake3.blake3(data, key=bytes(32)).digest()  # noqa: E731
+    paths = [b"base/%d" % f for f in range(40)]
+    assert [restart_phase(keyed, p) for p in paths] != [restart_phase(other, p) for p in paths]
+    assert restart_phase(keyed, b"base/1") == restart_phase(keyed, b"base/1")
