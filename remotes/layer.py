@@ -339,6 +339,9 @@ _CACHE_HEADER = struct.Struct(">8sQ16s")  # magic, size, blake2b-128 of the cont
 _CACHE_TEMP = ".tmp-"
 
 
+CACHE_MARK_EVERY = 86400.0  # seconds between a long-lived process's marks of its cache directory as used
+
+
 class CachingRemote(Remote):
     """Keeps metadata objects (index, snapshots, archived WAL files) on local disk.
 
@@ -372,6 +375,7 @@ class CachingRemote(Remote):
         self._versions: dict[str, str] = {}  # rewritable key -> its version in the latest listing
         self._sizes: dict[str, int] = {}  # other cached key -> its size in the latest listing
         self._lock = threading.Lock()
+        self._marked = time.monotonic()  # when the directory was last marked used (opening it marks it)
         self.hits = 0
         self.misses = 0
         self.discarded = 0
@@ -466,7 +470,20 @@ class CachingRemote(Remote):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if not any(c.startswith(prefix) or prefix.startswith(c) for c in self.prefixes):
             return self.inner.list(prefix)
+        self._mark_used()
         return self._noting(prefix, self.inner.list(prefix))
+
+    def _mark_used(self) -> None:
+        """Keep the directory's mtime, its last use, within a day for a process open for weeks (a mount, an
+        embedding service): a cache directory unused for a month is removed by the next command to start."""
+        now = time.monotonic()
+        if now - self._marked < CACHE_MARK_EVERY:
+            return
+        self._marked = now
+        try:
+            os.utime(self.cache_dir)
+        except OSError:  # not made yet: its first entry makes it
+            pass
 
     def _noting(self, prefix: str, listing: Iterator[ObjectInfo]) -> Iterator[ObjectInfo]:
         """The listing, noting each rewritable object's version; once it is read to its end, the entries

@@ -496,6 +496,25 @@ def test_cache_hit_and_miss(tmp_path):
     assert (remote.misses, remote.hits, inner.calls["get"]) == (1, 4, 1)
 
 
+def test_a_cache_open_for_weeks_marks_its_directory_used_once_a_day(tmp_path, monkeypatch):
+    """A process that keeps its cache open (a mount, an embedding service) marks the directory used as it
+    lists, at most once a day: the next command to start removes a directory unused for a month."""
+    from chunkvault.remotes import layer
+
+    remote, inner = _cached(tmp_path)
+    inner.inner.put("index/i1", b"index bytes")
+    remote.get("index/i1")
+    month_ago = time.time() - 31 * 86400
+    os.utime(remote.cache_dir, (month_ago, month_ago))
+    list(remote.list("index/"))
+    assert os.stat(remote.cache_dir).st_mtime == month_ago  # marked when opened, not again within the day
+    now = [time.monotonic()]
+    monkeypatch.setattr(layer.time, "monotonic", lambda: now[0])
+    now[0] += layer.CACHE_MARK_EVERY
+    list(remote.list("index/"))
+    assert os.stat(remote.cache_dir).st_mtime > time.time() - 60
+
+
 def test_cache_is_write_through_for_metadata_only(tmp_path):
     remote, inner = _cached(tmp_path)
     remote.put("index/i1", b"index")
