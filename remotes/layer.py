@@ -443,6 +443,7 @@ class CachingRemote(Remote):
     def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes:
         if not self.cacheable(validate_key(key)):
             return self.inner.get(key, start, length)
+        self._mark_used()
         with self._lock:
             version, size = self._versions.get(key), self._sizes.get(key)
         if version is None and key.startswith(self.rewritable):  # no listing vouches for a cached copy
@@ -475,7 +476,8 @@ class CachingRemote(Remote):
 
     def _mark_used(self) -> None:
         """Keep the directory's mtime, its last use, within a day for a process open for weeks (a mount, an
-        embedding service): a cache directory unused for a month is removed by the next command to start."""
+        embedding service) as it lists or reads: a cache directory unused for a month is removed by the next
+        command to start."""
         now = time.monotonic()
         if now - self._marked < CACHE_MARK_EVERY:
             return
