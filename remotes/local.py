@@ -49,7 +49,7 @@ STREAM_PIECE = 1 << 20  # put_stream asks its source for at most this much at a 
 _DIRECT_ALIGN = 4096
 
 
-def _os_error(exc: OSError, what: str, root: str = "") -> RemoteError:
+def os_error(exc: OSError, what: str, root: str = "") -> RemoteError:
     """One line for an OSError; a full disk names the repository (``root``): a copy between two local
     repositories writes the same names into both."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -418,7 +418,7 @@ class LocalRemote(Remote):
                 _fsync_dir(d)
             return True
         except OSError as exc:
-            raise _os_error(exc, f"writing {key}", self.root) from None
+            raise os_error(exc, f"writing {key}", self.root) from None
         finally:
             if tmp is not None:
                 self._writing.discard(tmp)
@@ -453,7 +453,7 @@ class LocalRemote(Remote):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # a file where a directory was named
             raise ObjectNotFound(key) from None
         except OSError as exc:
-            raise _os_error(exc, f"reading {key}", self.root) from None
+            raise os_error(exc, f"reading {key}", self.root) from None
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         validate_prefix(prefix)
@@ -483,7 +483,7 @@ class LocalRemote(Remote):
                     except FileNotFoundError:
                         continue
                     except OSError as exc:  # behind a link into a directory it may not pass: as _unlisted
-                        raise _os_error(exc, f"listing {key}", self.root) from None
+                        raise os_error(exc, f"listing {key}", self.root) from None
                     yield ObjectInfo(key, st.st_size, file_version(st), st.st_mtime)
 
     def _unlisted(self, exc: OSError) -> None:
@@ -493,7 +493,7 @@ class LocalRemote(Remote):
         if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
             return
         where = os.path.relpath(exc.filename, self.root) if exc.filename else self.root
-        raise _os_error(exc, f"listing {where}", self.root) from None
+        raise os_error(exc, f"listing {where}", self.root) from None
 
     def delete(self, key: str) -> None:
         self._exclusive.discard(key)
@@ -502,7 +502,7 @@ class LocalRemote(Remote):
         except (FileNotFoundError, NotADirectoryError):
             return
         except OSError as exc:
-            raise _os_error(exc, f"deleting {key}", self.root) from None
+            raise os_error(exc, f"deleting {key}", self.root) from None
         if key.startswith(LOCK_PREFIX):  # a command ends: what it wrote is there, what it freed is free
             self.keep_reserve()
 
@@ -512,7 +512,7 @@ class LocalRemote(Remote):
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
-            raise _os_error(exc, f"stat {key}", self.root) from None
+            raise os_error(exc, f"stat {key}", self.root) from None
         if stat.S_ISDIR(st.st_mode):  # no object, as ``get`` and ``list`` take it: a directory in its place
             return None
         return ObjectInfo(key, st.st_size, file_version(st))
@@ -548,7 +548,7 @@ class LocalRemote(Remote):
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                raise _os_error(exc, f"removing {path}", self.root) from None
+                raise os_error(exc, f"removing {path}", self.root) from None
         return removed
 
     def temp_files(self) -> Iterator[str]:

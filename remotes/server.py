@@ -41,7 +41,7 @@ from chunkvault.units import format_size, parse_size
 
 from .base import _KEY_SEGMENT, is_loopback, validate_key, validate_prefix
 from .http import DEFAULT_PORT, LIMIT_HEADER, MISSING_HEADER
-from .local import EXCLUSIVE_LOCK_PREFIX, TEMP_PREFIX, LocalRemote, _os_error, ancestor_identities, file_version
+from .local import EXCLUSIVE_LOCK_PREFIX, TEMP_PREFIX, LocalRemote, os_error, ancestor_identities, file_version
 
 PROG = "chunkvault serve"
 MiB = 1 << 20
@@ -1132,7 +1132,7 @@ class Handler(BaseHTTPRequestHandler):
             if exc.errno in (errno.EACCES, errno.EPERM):  # for good (a directory of root's, mode 0700): a 500 is retried
                 root = self.server.settings.path
                 where = os.path.relpath(exc.filename, root) if exc.filename else root
-                return self._refused_by_storage("list", repr(prefix), _os_error(exc, f"listing {where}", root))
+                return self._refused_by_storage("list", repr(prefix), os_error(exc, f"listing {where}", root))
             return self._fail(500, f"cannot list {prefix!r}: {exc.strerror or exc}")
         if params.get("versions", [""])[0] != "1":  # clients that ask for no versions get [key, size] pairs
             items = [(key, size) for key, size, *_ in items]  # type: ignore[misc]
