@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 
 from chunkvault.errors import UsageError
 
-from .base import ObjectInfo, Remote, validate_key
+from .base import ObjectInfo, Remote, text_after_bracket, validate_key
 
 __all__ = ["ObjectInfo", "Remote", "check_url", "open_remote", "options_for_url", "url_scheme", "validate_key"]
 
@@ -94,9 +94,12 @@ def check_url(url: str) -> str:
                          "(s3://, sftp://, http(s)://, file:// or a local path)")
     if scheme != "file":
         try:
-            urlparse(url)
+            netloc = urlparse(url).netloc
         except ValueError as exc:  # an unclosed [ (not echoed: the URL may hold a secret)
             raise UsageError(f"malformed {scheme} repository URL: {exc}") from None
+        if text_after_bracket(netloc):  # not echoed either
+            raise UsageError(f"malformed {scheme} repository URL: {text_after_bracket(netloc)!r} after the IPv6 "
+                             "address where a port goes: write [ADDRESS]:PORT")
     return scheme
 
 

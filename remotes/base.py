@@ -65,6 +65,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def text_after_bracket(netloc: str) -> str:
+    """What follows the ``]`` of an IPv6 address in a URL's ``netloc`` where no ``:`` leads it ("" if nothing
+    does).  ``urlparse`` drops such text: ``[::1]6362`` was taken for ``[::1]`` on the scheme's default port."""
+    host = netloc.rpartition("@")[2]
+    if not host.startswith("["):
+        return ""
+    tail = host.partition("]")[2]
+    return "" if tail.startswith(":") else tail
+
+
 def is_key(key: object) -> bool:
     return isinstance(key, str) and 0 < len(key) <= 1024 and all(_KEY_SEGMENT.match(seg) for seg in key.split("/"))
 

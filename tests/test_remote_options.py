@@ -44,6 +44,17 @@ def test_a_url_the_parser_refuses_is_a_usage_error_that_does_not_echo_it(url):
     assert url not in str(info.value) and "tok" not in str(info.value)
 
 
+@pytest.mark.parametrize("url", ["http://[::1]6362/", "https://[::1]x:6362/", "sftp://u@[::1]2222/srv/repo",
+                                 "sftp://[fe80::1%25lo]22/x"])
+def test_text_after_an_ipv6_address_other_than_a_port_is_refused(url):
+    """The parser drops what follows ``]`` unless a ``:`` leads it: a port written without its colon was
+    connected to as the scheme's default port (80, SSH's 22), with the URL shown without it."""
+    from chunkvault.remotes import open_remote
+
+    with pytest.raises(UsageError, match=r"after the IPv6 address .* write \[ADDRESS\]:PORT"):
+        open_remote(url)
+
+
 @pytest.mark.parametrize("url", ["s3:/bucket/x", "sftp:user@host:/srv/repo", "HTTP:host/", "file:/x", "rest:/srv/x"])
 def test_a_scheme_without_slashes_is_a_usage_error_not_a_local_directory(url, tmp_path, monkeypatch, capsys):
     """restic's sftp:user@host:/path, or a URL missing its slashes, would otherwise make a directory of that
