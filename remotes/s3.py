@@ -26,7 +26,8 @@ from chunkvault.errors import (
 from chunkvault.units import parse_size
 
 from .base import (ObjectInfo, Remote, connections_option, from_environment, is_key, keyword_options, number_option,
-                   refuse_unknown_options, served_range, spelled, timeout_option, validate_key, validate_prefix)
+                   refuse_unknown_options, served_range, spelled, text_after_bracket, timeout_option, validate_key,
+                   validate_prefix)
 
 MiB = 1024 * 1024
 #: The options a variable of the environment gives where none is given (the first set, in order).
@@ -142,6 +143,35 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix
 
 
+def check_endpoint_url(url: str) -> None:
+    """UsageError for an endpoint URL that names no server to connect to: botocore took an unclosed [ for an
+    internal error, a port beyond 65535 or a query for a failed request (exit 14), and port 0 or a port
+    written after ``]`` without its colon for an outage, retried for half a minute."""
+    if "@" in url.partition("://")[2].partition("/")[0]:  # not echoed: it holds a secret
+        raise UsageError("credentials do not belong in the S3 endpoint URL")
+    reason = _endpoint_fault(url)
+    if reason:
+        raise UsageError(f"S3 endpoint URL {url!r}: {reason}")
+
+
+def _endpoint_fault(url: str) -> str:
+    """What is wrong with an endpoint URL without credentials ("" when nothing is)."""
+    try:
+        ep = urlparse(url)
+        port = ep.port
+    except ValueError as exc:  # an unclosed [, a port that is no number or beyond 65535
+        return "invalid port (1 to 65535; an IPv6 address in brackets: [ADDRESS]:PORT)" if "Port" in str(exc) else str(exc)
+    if ep.scheme.lower() not in ("http", "https") or not ep.hostname:
+        return "not an http:// or https:// URL of a host"
+    if port == 0:
+        return "invalid port (1 to 65535; an IPv6 address in brackets: [ADDRESS]:PORT)"
+    if text_after_bracket(ep.netloc):
+        return f"{text_after_bracket(ep.netloc)!r} after the IPv6 address where a port goes: write [ADDRESS]:PORT"
+    if ep.query or ep.fragment or ep.params:
+        return "an endpoint takes no query or fragment"
+    return ""
+
+
 class S3Remote(Remote):
     """Objects under ``prefix`` in one S3 bucket; one thread-safe boto3 client per remote."""
 
@@ -190,11 +220,7 @@ class S3Remote(Remote):
                              f"on a part), not {self.multipart_part_size}")
         endpoint_url = endpoint_url or from_environment(ENVIRONMENT_OPTIONS["endpoint_url"])
         if endpoint_url:
-            ep = urlparse(endpoint_url)
-            if ep.scheme not in ("http", "https") or not ep.hostname:
-                raise UsageError("S3 endpoint must be an http:// or https:// URL")
-            if ep.username or ep.password:
-                raise UsageError("credentials do not belong in the S3 endpoint URL")
+            check_endpoint_url(endpoint_url)
         self.endpoint_url = endpoint_url
         config = botocore.config.Config(
             region_name=region,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import re
 import socket
 import time
 
@@ -216,6 +217,20 @@ def test_endpoint_from_environment(s3_bucket, monkeypatch):
         assert remote.endpoint_url == s3_bucket.endpoint
         remote.put("config", b"env")
         assert remote.get("config") == b"env"
+
+
+@pytest.mark.parametrize("endpoint, reason", [
+    ("http://[::1", "Invalid IPv6 URL"), ("http://[::1]9000", "'9000' after the IPv6 address"),
+    ("http://127.0.0.1:0", "invalid port"), ("http://[::1]:65536", "invalid port"), ("http://h:x", "invalid port"),
+    ("http://h:9000/?a=b", "no query or fragment"), ("http://::1:9000", "invalid port")])
+def test_a_malformed_endpoint_is_a_usage_error_at_once(s3_credentials, monkeypatch, endpoint, reason):
+    """An unclosed [ was an internal error, port 0 and text after ] were retried as an outage, a port beyond
+    65535 or a query was exit 14 at the first request: a remote failure, where the URL given was wrong."""
+    with pytest.raises(UsageError, match=f"^S3 endpoint URL {re.escape(repr(endpoint))}: .*{re.escape(reason)}"):
+        open_remote("s3://bucket/repo", endpoint_url=endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    with pytest.raises(UsageError, match=re.escape(reason)):
+        open_remote("s3://bucket/repo")
 
 
 def test_no_credentials_is_permission_denied(s3_bucket, monkeypatch):
