@@ -25,9 +25,9 @@ from chunkvault.errors import (
 )
 from chunkvault.units import parse_size
 
-from .base import (ObjectInfo, Remote, connections_option, from_environment, is_key, keyword_options, number_option,
-                   refuse_unknown_options, served_range, spelled, text_after_bracket, timeout_option, validate_key,
-                   validate_prefix)
+from .base import (ObjectInfo, Remote, connections_option, from_environment, is_key, is_loopback, keyword_options,
+                   number_option, refuse_unknown_options, served_range, spelled, text_after_bracket, timeout_option,
+                   validate_key, validate_prefix)
 
 MiB = 1024 * 1024
 #: The options a variable of the environment gives where none is given (the first set, in order).
@@ -172,6 +172,32 @@ def _endpoint_fault(url: str) -> str:
     return ""
 
 
+def _direct_for_loopback(endpoint_url: str | None) -> dict[str, str] | None:
+    """No proxy (an empty mapping: botocore then reads none from the environment) for an endpoint on this
+    machine's loopback, else None (HTTP_PROXY, HTTPS_PROXY and NO_PROXY as botocore reads them).  A proxy
+    set for the whole machine was sent a loopback endpoint's requests, which it cannot reach (its loopback is
+    not ours): a 502 or a failed connection each time, retried as an outage.  Go's clients (restic's) never
+    proxy loopback either."""
+    host = urlparse(endpoint_url).hostname if endpoint_url else None
+    return {} if host and is_loopback(host) else None
+
+
+def _connection_reason(exc: Exception) -> str:
+    """Why botocore could not connect, in a few words: the proxy it could not reach (its password masked by
+    botocore), the system's reason (no such host, refused), else the error's name."""
+    import botocore.exceptions as bce
+
+    kwargs = getattr(exc, "kwargs", None) or {}
+    if isinstance(exc, bce.ProxyConnectionError):
+        return f"cannot reach the proxy {kwargs.get('proxy_url')} (from HTTP_PROXY or HTTPS_PROXY)"
+    cause: BaseException | None = kwargs.get("error")
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return type(exc).__name__
+
+
 class S3Remote(Remote):
     """Objects under ``prefix`` in one S3 bucket; one thread-safe boto3 client per remote."""
 
@@ -229,6 +255,7 @@ class S3Remote(Remote):
             max_pool_connections=connections_option("S3", "max_pool_connections", max_pool_connections),
             retries={"total_max_attempts": _int_option("client_attempts", client_attempts, 1), "mode": "standard"},
             s3={"addressing_style": addressing_style},
+            proxies=_direct_for_loopback(endpoint_url),
         )
         try:
             core = botocore.session.get_session()
@@ -301,8 +328,10 @@ class S3Remote(Remote):
                                     f"{where} ({_verify_reason(exc)}): a private CA's certificate is given "
                                     "with AWS_CA_BUNDLE")
         if isinstance(exc, (bce.ConnectionError, bce.HTTPClientError, bce.ResponseStreamingError, bce.IncompleteReadError)):
-            target = self.endpoint_url or "S3"
-            return RemoteUnavailable(f"cannot reach {target} for {op} {where}: {type(exc).__name__}")
+            reason = _connection_reason(exc)
+            if reason.startswith("cannot reach the proxy"):
+                return RemoteUnavailable(f"{reason} for {op} {where}")
+            return RemoteUnavailable(f"cannot reach {self.endpoint_url or 'S3'} for {op} {where}: {reason}")
         if isinstance(exc, bce.ParamValidationError):
             return UsageError(f"S3 {op} {where}: {exc}")
         return RemoteError(f"S3 {op} {where} failed: {type(exc).__name__}: {exc}")

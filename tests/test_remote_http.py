@@ -465,6 +465,35 @@ def test_a_token_sent_over_plain_http_to_another_host_is_warned_about_on_both_si
     assert "plain http" not in loopback.log()
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_a_service_on_every_address_is_reached_over_ipv6_and_ipv4_and_through_no_proxy(serve_factory, tmp_path,
+                                                                                       monkeypatch):
+    """``--listen [::]:PORT`` takes both families (IPv4 as mapped addresses); the client reaches it by a
+    bracketed IPv6 address and by IPv4, and uses no proxy the environment names (the token would pass
+    through it), as the README says."""
+    if not _has_ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback (::1)")
+    port = free_port()
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--listen", f"[::]:{port}", port=port,
+                           add_listen=False)
+    assert f"listening on http://[::]:{port}" in server.log()
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    for url in (f"http://[::1]:{port}/", f"http://127.0.0.1:{port}/"):
+        with open_remote(url, token=FULL_TOKEN) as remote:
+            assert remote.display_url == url
+            remote.put(KEY, url.encode())
+            assert remote.get(KEY) == url.encode()
+
+
 def test_a_tls_handshake_that_stalls_is_logged_as_late(serve_factory, tmp_path):
     """It was logged as "connection lost: TimeoutError", and so was a connection that sent nothing at all."""
     cert, key = make_self_signed(tmp_path)

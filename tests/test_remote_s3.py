@@ -310,6 +310,28 @@ def test_unreachable_endpoint_is_transient(moto_s3):
                 call()
 
 
+def test_a_loopback_endpoint_is_reached_directly_whatever_proxy_the_environment_names(s3_bucket, monkeypatch):
+    """A proxy set for the whole machine (HTTP_PROXY, HTTPS_PROXY) was sent the requests for an endpoint on
+    this machine too, which it cannot reach (its own loopback is not ours): each came back 502 or failed to
+    connect, and was retried as an outage.  Go's HTTP clients (restic's) never proxy loopback either."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, dead)
+    with _open(s3_bucket) as remote:
+        remote.put("config", b"direct")
+        assert remote.get("config") == b"direct"
+
+
+def test_a_proxy_that_cannot_be_reached_is_named_without_its_password(moto_s3, monkeypatch):
+    port = free_port()
+    monkeypatch.setenv("HTTP_PROXY", f"http://user:proxy-secret@127.0.0.1:{port}")
+    with open_remote("s3://bucket/repo", endpoint_url="http://s3.example.com:9000", connect_timeout=2) as remote:
+        with pytest.raises(RemoteUnavailable, match=f"cannot reach the proxy http://\\*\\*\\*:\\*\\*\\*@127.0.0.1:"
+                                                    f"{port} .from HTTP_PROXY or HTTPS_PROXY. for get ") as info:
+            remote.get("config")
+    assert "proxy-secret" not in str(info.value)
+
+
 def _client_error(code: str, status: int, op: str = "GetObject") -> botocore.exceptions.ClientError:
     return botocore.exceptions.ClientError(
         {"Error": {"Code": code, "Message": f"{code} happened"}, "ResponseMetadata": {"HTTPStatusCode": status}}, op
