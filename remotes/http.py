@@ -77,6 +77,7 @@ from .base import (ObjectInfo, Remote, connections_option, from_environment, is_
 
 DEFAULT_PORT = 6362
 X509_NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+X509_OUT_OF_DATE = (9, 10)  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
 LIMIT_HEADER = "Chunkvault-Max-Object-Size"
 MISSING_HEADER = "Chunkvault-Object"
 TOKEN_ENV = "CHUNKVAULT_HTTP_TOKEN"
@@ -154,6 +155,16 @@ def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
 def _cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
     cause = _ssl_cause(exc)
     return cause if isinstance(cause, ssl.SSLCertVerificationError) else None
+
+
+def _cert_hint(verify_code: int) -> str:
+    """What to do about a certificate that does not verify: a CA file does not help one issued for another
+    name, nor one out of its dates (the hint said to set it when it was set)."""
+    if verify_code in X509_NAME_MISMATCH:
+        return "use the host name (or address) the certificate was issued for"
+    if verify_code in X509_OUT_OF_DATE:
+        return "renew the service's certificate, or set this machine's clock right"
+    return f"to trust a private CA or self-signed certificate, set {CA_FILE_ENV} or -o http.ca-file=FILE"
 
 
 SEND_BLOCK = 64 * 1024
@@ -269,9 +280,7 @@ class HTTPRemote(Remote):
         except u3.SSLError as exc:
             failure = _cert_failure(exc)
             if failure is not None:
-                mismatch = failure.verify_code in X509_NAME_MISMATCH
-                hint = ("use the host name (or address) the certificate was issued for" if mismatch else
-                        f"to trust a private CA or self-signed certificate, set {CA_FILE_ENV} or -o http.ca-file=FILE")
+                hint = _cert_hint(failure.verify_code)
                 raise RemoteError(
                     f"TLS certificate of {self.display_url} not trusted: {failure.verify_message or 'verification failed'} "
                     f"({hint})"

@@ -46,8 +46,9 @@ def write_tokens(directory: Path, tokens: dict[str, str] | None = None, mode: in
     return path
 
 
-def make_self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
-    """A self-signed certificate for ``host`` (its own CA) and its key, as PEM files."""
+def make_self_signed(directory: Path, host: str = "127.0.0.1", expired: bool = False) -> tuple[Path, Path]:
+    """A self-signed certificate for ``host`` (its own CA) and its key, as PEM files; ``expired``: one whose
+    day of validity ended yesterday."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -55,7 +56,7 @@ def make_self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Pa
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chunkvault test server")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2 if expired else 0)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

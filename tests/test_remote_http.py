@@ -446,6 +446,18 @@ def test_a_certificate_for_another_name_is_told_apart_from_an_untrusted_one(serv
             remote.get(KEY)
 
 
+def test_an_expired_certificate_is_told_apart_from_an_untrusted_one(serve_factory, tmp_path):
+    """The hint said to set the CA file, which was set: the certificate's validity is what is wrong."""
+    cert, key = make_self_signed(tmp_path, expired=True)
+    server = serve_factory("--tokens", str(write_tokens(tmp_path)), "--tls-cert", str(cert), "--tls-key", str(key),
+                           tls=True)
+    with HTTPRemote.from_url(server.url, token=FULL_TOKEN, ca_file=str(cert)) as remote:
+        with pytest.raises(RemoteError, match="not trusted: certificate has expired .renew the service's "
+                                              "certificate, or set this machine's clock right.$") as info:
+            remote.get(KEY)
+    assert "ca-file" not in str(info.value)
+
+
 def test_a_token_sent_over_plain_http_to_another_host_is_warned_about_on_both_sides(serve_factory, tmp_path):
     from chunkvault.errors import CleartextTokenWarning
 
