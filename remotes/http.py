@@ -1,7 +1,8 @@
 """HTTP(S) remote: a client of ``chunkvault serve`` (``remotes.server``).
 
-URL ``http(s)://host[:port][/base/path]`` (port 6362 by convention; the base
-path is for a reverse proxy in front of the service).  The token comes from the
+URL ``http(s)://host[:port][/base/path]`` (the service listens on 6362 unless
+told otherwise; without a port the scheme's, 80 or 443, as for a reverse proxy
+in front of the service, which the base path is for too).  The token comes from the
 ``token`` or ``token_file`` option, else ``CHUNKVAULT_HTTP_TOKEN`` or
 ``CHUNKVAULT_HTTP_TOKEN_FILE``, and travels only in a header: never in the URL,
 never in a message.
@@ -235,6 +236,7 @@ class HTTPRemote(Remote):
         max_connections: int = 16,
     ):
         self._origin, self._base, self.display_url = parse_http_url(url)
+        self._scheme_port = None if urlparse(url).port else (443 if self._origin.startswith("https") else 80)
         self._token = resolve_token(token, token_file)
         ca_file = ca_file or from_environment(ENVIRONMENT_OPTIONS["ca_file"])
         if ca_file:
@@ -291,7 +293,11 @@ class HTTPRemote(Remote):
                                   "--tls-cert, its URL is http://") from None
             raise RemoteUnavailable(f"TLS failure talking to {self.display_url} for {op} {what}: {_transport_reason(exc)}") from None
         except (u3.HTTPError, OSError) as exc:
-            raise RemoteUnavailable(f"cannot reach {self.display_url} for {op} {what}: {_transport_reason(exc)}") from None
+            reason = _transport_reason(exc)
+            if self._scheme_port and reason == "Connection refused":
+                reason += (f" on port {self._scheme_port}, the URL naming none (the service listens on {DEFAULT_PORT} "
+                           "unless told otherwise: give the port in the URL)")
+            raise RemoteUnavailable(f"cannot reach {self.display_url} for {op} {what}: {reason}") from None
         limit = response.headers.get(LIMIT_HEADER)
         if limit and limit.isascii() and limit.isdigit():
             self._limit = int(limit)

@@ -666,6 +666,20 @@ def test_server_stopping_midway_is_transient(http_server):
     remote.close()
 
 
+def test_a_url_without_a_port_that_is_refused_says_which_port_was_tried():
+    """``http://host/`` means port 80, where no service listens unless a reverse proxy does: a refusal says so
+    and names the service's own port, instead of leaving the user to guess why."""
+    import socket
+
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 80)) == 0:
+            pytest.skip("something listens on 127.0.0.1:80 here")
+    remote = HTTPRemote.from_url("http://127.0.0.1/", token=FULL_TOKEN, connect_timeout=2, read_timeout=5)
+    with pytest.raises(RemoteUnavailable, match="on port 80, the URL naming none.*listens on 6362"):
+        remote.stat(KEY)
+    remote.close()
+
+
 def _put_while_the_server_pauses(server, remote, body: bytes, pause: float) -> tuple[BaseException | None, float]:
     """Put ``body`` while the server process is stopped for ``pause`` seconds: the kernel takes the
     connection and fills the socket buffers, then the upload waits for the server to read on."""
