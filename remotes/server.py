@@ -546,6 +546,19 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def _listen_family(host: str, port: int) -> int:
+    """The address family to listen in: an address's own; a name's first address's, as the resolver orders
+    them (a name with only an IPv6 address failed to bind as IPv4).  An unknown name is left to the bind,
+    which says so."""
+    if ":" in host:
+        return socket.AF_INET6
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return socket.AF_INET
+    return found[0][0] if found and found[0][0] in (socket.AF_INET, socket.AF_INET6) else socket.AF_INET
+
+
 class BackupServer(ThreadingHTTPServer):
     """One repository directory behind HTTP(S); a thread per connection, up to the connection limits."""
 
@@ -557,7 +570,7 @@ class BackupServer(ThreadingHTTPServer):
         self.remote = LocalRemote(settings.path)
         self.remote.keep_reserve()  # the room a forget or prune takes on a full disk, there from the start
         self.tls = _tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
-        self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        self.address_family = _listen_family(settings.host, settings.port)
         self._log_lock = threading.Lock()
         self._active = 0
         self._idle = threading.Condition()

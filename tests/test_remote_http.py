@@ -1631,3 +1631,24 @@ def test_a_directory_the_server_may_not_list_is_refused_not_a_transient_failure(
         (path / "data" / "ab").chmod(0o700)
         assert [o.key for o in remote.list("data/")] == [f"data/ab/{'ab' * 32}"]
     assert "GET 'data/': permission denied while listing data/ab: Permission denied" in server.log(), server.log()
+
+
+def test_serve_listens_in_the_family_of_the_address_a_name_resolves_to(monkeypatch):
+    """An address listens in its own family; a name in its first address's (an IPv6-only name was bound as
+    IPv4 and failed); a name that does not resolve is left to the bind, which names it."""
+    import socket
+
+    from chunkvault.remotes import server
+
+    assert server._listen_family("::1", 0) == socket.AF_INET6
+    assert server._listen_family("127.0.0.1", 0) == socket.AF_INET
+    assert server._listen_family("no-such-host.invalid", 0) == socket.AF_INET
+    real = socket.getaddrinfo
+
+    def v6_only(host, *args, **kwargs):
+        if host == "backup-v6.example":
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", v6_only)
+    assert server._listen_family("backup-v6.example", 6362) == socket.AF_INET6
