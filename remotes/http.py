@@ -52,9 +52,10 @@ import math
 import os
 import re
 import ssl
+import urllib.request
 import warnings
 from typing import Any, Iterator
-from urllib.parse import quote, urlencode, urlparse
+from urllib.parse import quote, unquote, urlencode, urlparse
 
 import urllib3
 import urllib3.connection
@@ -137,6 +138,10 @@ def _transport_reason(exc: BaseException) -> str:
     while cause is not None:
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror
+        if isinstance(cause, u3.ProxyError) and cause.original_error is not None:  # e.g. a 407 to the tunnel
+            inner = cause.original_error
+            reason = _transport_reason(inner)
+            return str(inner) if reason == type(inner).__name__ else reason
         if isinstance(cause, u3.ProtocolError) and len(cause.args) > 1 and isinstance(cause.args[1], BaseException):
             inner = cause.args[1]
             return f"{cause.args[0]} ({type(inner).__name__})"
@@ -219,6 +224,53 @@ def _check_ca_file(path: str) -> None:
                          f"({getattr(exc, 'reason', None) or exc})") from None
 
 
+def _proxy_variable(origin: str) -> str:
+    return "HTTPS_PROXY" if origin.startswith("https:") else "HTTP_PROXY"
+
+
+def environment_proxy(origin: str) -> str | None:
+    """The proxy the environment names for the service at ``origin`` (``HTTPS_PROXY`` or ``HTTP_PROXY`` by
+    its scheme, either case; ``NO_PROXY`` lists hosts reached directly), as restic's REST client and the AWS
+    tools take it; None for a service on loopback, which no proxy reaches (its loopback is not ours).  Over
+    https the proxy tunnels the TLS connection and sees neither the token nor the data."""
+    host = urlparse(origin).hostname or ""
+    if is_loopback(host):
+        return None
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(urlparse(origin).scheme)
+    if not proxy or urllib.request.proxy_bypass_environment(host, proxies):
+        return None
+    if "://" not in proxy:
+        proxy = "http://" + proxy
+    parsed = urlparse(proxy)
+    try:
+        parsed.port
+    except ValueError:
+        parsed = None  # type: ignore[assignment]
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UsageError(f"{_proxy_variable(origin)} names no http:// or https:// proxy: {_shown(proxy)!r}")
+    return proxy
+
+
+def _shown(proxy: str) -> str:
+    """A proxy URL with its password masked."""
+    parsed = urlparse(proxy)
+    if parsed.password is None:
+        return proxy
+    return proxy.replace(f":{parsed.password}@", ":***@", 1)
+
+
+def _proxy_and_headers(proxy: str) -> tuple[str, dict[str, str] | None]:
+    """The proxy's URL without its credentials, and the header that gives them (urllib3 does not take them
+    from the URL)."""
+    parsed = urlparse(proxy)
+    if parsed.username is None and parsed.password is None:
+        return proxy, None
+    bare = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
+    return bare, urllib3.make_headers(
+        proxy_basic_auth=f"{unquote(parsed.username or '')}:{unquote(parsed.password or '')}")
+
+
 class HTTPRemote(Remote):
     """Objects on a ``chunkvault serve`` service; one thread-safe connection pool per remote."""
 
@@ -248,7 +300,14 @@ class HTTPRemote(Remote):
         tls: dict[str, Any] = {}
         if self._origin.startswith("https:"):
             tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(ca_file) if ca_file else None}
-        self._pool = urllib3.PoolManager(num_pools=1, maxsize=pool_size, block=True, timeout=timeout, retries=False, **tls)
+        self._proxy = environment_proxy(self._origin)
+        if self._proxy is None:
+            self._pool = urllib3.PoolManager(num_pools=1, maxsize=pool_size, block=True, timeout=timeout,
+                                             retries=False, **tls)
+        else:
+            proxy, proxy_headers = _proxy_and_headers(self._proxy)
+            self._pool = urllib3.ProxyManager(proxy, proxy_headers=proxy_headers, num_pools=1, maxsize=pool_size,
+                                              block=True, timeout=timeout, retries=False, **tls)
         self._pool.pool_classes_by_scheme = _pool_classes(self.read_timeout)
         from chunkvault import __version__
 
@@ -292,6 +351,10 @@ class HTTPRemote(Remote):
                 raise RemoteError(f"{self.display_url} does not answer in TLS: if the service runs without "
                                   "--tls-cert, its URL is http://") from None
             raise RemoteUnavailable(f"TLS failure talking to {self.display_url} for {op} {what}: {_transport_reason(exc)}") from None
+        except u3.ProxyError as exc:
+            raise RemoteUnavailable(f"cannot reach {self.display_url} through the proxy {_shown(self._proxy or '')} "
+                                    f"(from the environment's {_proxy_variable(self._origin)}) for {op} {what}: "
+                                    f"{_transport_reason(exc)}") from None
         except (u3.HTTPError, OSError) as exc:
             reason = _transport_reason(exc)
             if self._scheme_port and reason == "Connection refused":

@@ -140,6 +140,15 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def _origin_form(target: str) -> str:
+    """A request target's path and query: as sent, or taken out of the absolute form a proxy may pass on
+    (``http://host:port/objects/KEY``), which a server must accept (RFC 9112, 3.2.2)."""
+    if target[:8].lower().startswith(("http://", "https://")):
+        rest = target.partition("://")[2]
+        return "/" + rest.partition("/")[2]
+    return target
+
+
 def _host_of(header: str) -> str:
     """The host of a Host header (``name``, ``name:port``, ``[v6]:port``), without port or brackets."""
     header = header.strip()
@@ -1060,7 +1069,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self._fail(400, "bad Content-Length", close=True)
             self._unread = int(length)
             self._start_pace()
-        path, _, query = self.path.partition("?")
+        path, _, query = _origin_form(self.path).partition("?")
         self._what = path
         mode = self._authorize()
         if mode is None:

@@ -1652,3 +1652,108 @@ def test_serve_listens_in_the_family_of_the_address_a_name_resolves_to(monkeypat
 
     monkeypatch.setattr(socket, "getaddrinfo", v6_only)
     assert server._listen_family("backup-v6.example", 6362) == socket.AF_INET6
+
+
+def _this_machine_s_address() -> str | None:
+    """An address of this machine other than loopback (a proxy is never used for loopback), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("198.51.100.1", 9))  # no packet is sent: the route picks the source address
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def _proxied(monkeypatch, proxy_url: str) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "ALL_PROXY",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", proxy_url)
+
+
+def test_a_service_off_this_machine_is_reached_through_the_environment_s_proxy(serve_factory, tmp_path,
+                                                                               monkeypatch):
+    """HTTPS_PROXY, with its credentials, carries an https service's connection as a tunnel: the proxy sees
+    the host and port, never the token; NO_PROXY names hosts reached directly, as restic's REST client."""
+    from servers_proxy import HTTPProxy
+
+    address = _this_machine_s_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    cert, key = make_self_signed(tmp_path, host=address)
+    port = free_port()
+    serve_factory("--tokens", str(write_tokens(tmp_path)), "--tls-cert", str(cert), "--tls-key", str(key),
+                  "--listen", f"0.0.0.0:{port}", port=port, add_listen=False, tls=True)
+    url = f"https://{address}:{port}/"
+    with HTTPProxy(credentials=("site", "p@ss w")) as proxy:
+        _proxied(monkeypatch, proxy.url)
+        with open_remote(url, token=FULL_TOKEN, ca_file=str(cert)) as remote:
+            remote.put(KEY, b"through the proxy")
+            assert remote.get(KEY) == b"through the proxy"
+        assert proxy.heads and all(h.startswith(f"CONNECT {address}:{port} ") for h in proxy.heads)
+        assert not any(FULL_TOKEN in h for h in proxy.heads)
+        seen = len(proxy.heads)
+        monkeypatch.setenv("NO_PROXY", address)
+        with open_remote(url, token=FULL_TOKEN, ca_file=str(cert)) as remote:
+            assert remote.get(KEY) == b"through the proxy"
+        assert len(proxy.heads) == seen
+
+
+def test_a_proxy_that_refuses_or_is_not_there_is_named_without_its_password(serve_factory, tmp_path, monkeypatch):
+    from servers_proxy import HTTPProxy
+
+    address = _this_machine_s_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    cert, key = make_self_signed(tmp_path, host=address)
+    port = free_port()
+    serve_factory("--tokens", str(write_tokens(tmp_path)), "--tls-cert", str(cert), "--tls-key", str(key),
+                  "--listen", f"0.0.0.0:{port}", port=port, add_listen=False, tls=True)
+    url = f"https://{address}:{port}/"
+    with HTTPProxy(credentials=("site", "right")) as proxy:
+        _proxied(monkeypatch, proxy.url.replace("site:right", "site:wrong-secret"))
+        with open_remote(url, token=FULL_TOKEN, ca_file=str(cert)) as remote:
+            with pytest.raises(RemoteUnavailable, match=r"through the proxy http://site:\*\*\*@127\.0\.0\.1:"
+                                                        r"\d+ \(from the environment's HTTPS_PROXY\).*407") as err:
+                remote.stat(KEY)
+    assert "wrong-secret" not in str(err.value)
+    _proxied(monkeypatch, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with open_remote(url, token=FULL_TOKEN, ca_file=str(cert)) as remote:
+        with pytest.raises(RemoteUnavailable, match="through the proxy .*Connection refused"):
+            remote.stat(KEY)
+    _proxied(monkeypatch, "socks5://127.0.0.1:1080")
+    with pytest.raises(UsageError, match="HTTPS_PROXY names no http:// or https:// proxy"):
+        open_remote(url, token=FULL_TOKEN, ca_file=str(cert))
+
+
+def test_the_service_takes_a_request_target_in_absolute_form(http_server):
+    """A proxy may pass a plain-http request on with its target as the client sent it to the proxy
+    (``http://host:port/objects/KEY``); a server must take it (RFC 9112, 3.2.2)."""
+    absolute = f"http://127.0.0.1:{http_server.port}/objects/{KEY}"
+    assert raw_request(http_server.port, "PUT", absolute, b"absolute")[0] == 201
+    with HTTPRemote.from_url(http_server.url, token=FULL_TOKEN) as remote:
+        assert remote.get(KEY) == b"absolute"
+    assert raw_request(http_server.port, "GET", "HTTPS://example.invalid/objects/?prefix=data/")[0] == 200
+
+
+def test_a_plain_http_service_off_this_machine_is_reached_through_http_proxy(serve_factory, tmp_path, monkeypatch):
+    """Over http:// the proxy is sent each request whole (the token too, as everyone on the path is: the
+    client warns of that)."""
+    from servers_proxy import HTTPProxy
+
+    address = _this_machine_s_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    port = free_port()
+    serve_factory("--tokens", str(write_tokens(tmp_path)), "--listen", f"0.0.0.0:{port}", port=port,
+                  add_listen=False)
+    with HTTPProxy() as proxy:
+        _proxied(monkeypatch, "")
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        with pytest.warns(Warning, match="unencrypted"):
+            remote = open_remote(f"http://{address}:{port}/", token=FULL_TOKEN)
+        with remote:
+            remote.put(KEY, b"through the proxy")
+            assert remote.get(KEY) == b"through the proxy"
+        assert [h.split(" ", 2)[:2] for h in proxy.heads][0] == ["PUT", f"http://{address}:{port}/objects/{KEY}"]
