@@ -1672,45 +1672,47 @@ def _proxied(monkeypatch, proxy_url: str) -> None:
     monkeypatch.setenv("HTTPS_PROXY", proxy_url)
 
 
-def test_a_service_off_this_machine_is_reached_through_the_environment_s_proxy(serve_factory, tmp_path,
+@pytest.fixture
+def tls_service_off_loopback(serve_factory, tmp_path) -> tuple[str, Path]:
+    """(URL, CA file) of an https service on every address, named by one of this machine's other than
+    loopback (a proxy is never used for loopback)."""
+    address = _this_machine_s_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    cert, key = make_self_signed(tmp_path, host=address)
+    port = free_port()
+    serve_factory("--tokens", str(write_tokens(tmp_path)), "--tls-cert", str(cert), "--tls-key", str(key),
+                  "--listen", f"0.0.0.0:{port}", port=port, add_listen=False, tls=True)
+    url = f"https://{address}:{port}/"
+    return url, cert
+
+
+def test_a_service_off_this_machine_is_reached_through_the_environment_s_proxy(tls_service_off_loopback,
                                                                                monkeypatch):
     """HTTPS_PROXY, with its credentials, carries an https service's connection as a tunnel: the proxy sees
     the host and port, never the token; NO_PROXY names hosts reached directly, as restic's REST client."""
     from servers_proxy import HTTPProxy
 
-    address = _this_machine_s_address()
-    if address is None:
-        pytest.skip("this machine has no address but loopback")
-    cert, key = make_self_signed(tmp_path, host=address)
-    port = free_port()
-    serve_factory("--tokens", str(write_tokens(tmp_path)), "--tls-cert", str(cert), "--tls-key", str(key),
-                  "--listen", f"0.0.0.0:{port}", port=port, add_listen=False, tls=True)
-    url = f"https://{address}:{port}/"
+    url, cert = tls_service_off_loopback
     with HTTPProxy(credentials=("site", "p@ss w")) as proxy:
         _proxied(monkeypatch, proxy.url)
         with open_remote(url, token=FULL_TOKEN, ca_file=str(cert)) as remote:
             remote.put(KEY, b"through the proxy")
             assert remote.get(KEY) == b"through the proxy"
-        assert proxy.heads and all(h.startswith(f"CONNECT {address}:{port} ") for h in proxy.heads)
+        target = urllib.parse.urlsplit(url).netloc
+        assert proxy.heads and all(h.startswith(f"CONNECT {target} ") for h in proxy.heads)
         assert not any(FULL_TOKEN in h for h in proxy.heads)
         seen = len(proxy.heads)
-        monkeypatch.setenv("NO_PROXY", address)
+        monkeypatch.setenv("NO_PROXY", urllib.parse.urlsplit(url).hostname)
         with open_remote(url, token=FULL_TOKEN, ca_file=str(cert)) as remote:
             assert remote.get(KEY) == b"through the proxy"
         assert len(proxy.heads) == seen
 
 
-def test_a_proxy_that_refuses_or_is_not_there_is_named_without_its_password(serve_factory, tmp_path, monkeypatch):
+def test_a_proxy_that_refuses_or_is_not_there_is_named_without_its_password(tls_service_off_loopback, monkeypatch):
     from servers_proxy import HTTPProxy
 
-    address = _this_machine_s_address()
-    if address is None:
-        pytest.skip("this machine has no address but loopback")
-    cert, key = make_self_signed(tmp_path, host=address)
-    port = free_port()
-    serve_factory("--tokens", str(write_tokens(tmp_path)), "--tls-cert", str(cert), "--tls-key", str(key),
-                  "--listen", f"0.0.0.0:{port}", port=port, add_listen=False, tls=True)
-    url = f"https://{address}:{port}/"
+    url, cert = tls_service_off_loopback
     with HTTPProxy(credentials=("site", "right")) as proxy:
         _proxied(monkeypatch, proxy.url.replace("site:right", "site:wrong-secret"))
         with open_remote(url, token=FULL_TOKEN, ca_file=str(cert)) as remote:
