@@ -8,7 +8,7 @@
  *   scan(path: bytes) -> list of (name: bytes, error: int, fields: tuple | None)
  *       names sorted as Python sorts bytes; error is the errno of the entry's
  *       lstat (0 when it worked); fields are (mode, ino, dev, nlink, uid, gid,
- *       size, mtime_ns, ctime_ns, rdev).  OSError when the directory cannot
+ *       size, mtime_ns, ctime_ns, rdev, blocks).  OSError when the directory cannot
  *       be opened or read.
  */
 #define PY_SSIZE_T_CLEAN
@@ -119,10 +119,10 @@ static int read_dir(const char *path, const struct stat *expect, item **out, siz
 static PyObject *fields(const struct stat *st) {
     long long mtime = ns_of(MTIME(*st));
     long long ctime = ns_of(CTIME(*st));
-    return Py_BuildValue("(kKKKkkLLLK)", (unsigned long)st->st_mode, (unsigned long long)st->st_ino,
+    return Py_BuildValue("(kKKKkkLLLKL)", (unsigned long)st->st_mode, (unsigned long long)st->st_ino,
                          (unsigned long long)st->st_dev, (unsigned long long)st->st_nlink,
                          (unsigned long)st->st_uid, (unsigned long)st->st_gid, (long long)st->st_size, mtime,
-                         ctime, (unsigned long long)st->st_rdev);
+                         ctime, (unsigned long long)st->st_rdev, (long long)st->st_blocks);
 }
 
 static PyObject *scan(PyObject *self, PyObject *args) {

@@ -32,7 +32,7 @@ from .xattrs import UNSUPPORTED_ERRNOS
 #: could be read (a directory listed).
 SourceItem = tuple[bytes, bytes, "os.stat_result | FileStat", bool]
 #: A directory entry as a scan returns it: name, the errno of its lstat (0: none), and the lstat's fields
-#: (mode, ino, dev, nlink, uid, gid, size, mtime_ns, ctime_ns, rdev) or None.
+#: (mode, ino, dev, nlink, uid, gid, size, mtime_ns, ctime_ns, rdev, blocks) or None.
 ScanItem = tuple[bytes, int, "tuple[int, ...] | None"]
 #: O_NOATIME where the system has it: reading a file for a backup should not change its atime.
 O_NOATIME = getattr(os, "O_NOATIME", 0)
@@ -269,7 +269,7 @@ def scan_dir_reference(path: bytes, dev_ino: tuple[int, int] | None = None) -> l
                 out.append((name, exc.errno or errno.EIO, None))
                 continue
             out.append((name, 0, (st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
-                                  st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_rdev)))
+                                  st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_rdev, st.st_blocks)))
         return out
     finally:
         os.close(fd)
@@ -339,22 +339,23 @@ class FileStat:
     """The lstat fields a backup records, in a third of an ``os.stat_result``'s memory.
 
     Entries walked ahead wait in memory; full stat results made that buffer
-    the largest part of an unchanged backup's peak memory.
+    the largest part of an unchanged backup's peak memory.  ``st_blocks`` tells a sparse file, whose holes
+    a backup does not read.
     """
 
     __slots__ = ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
-                 "st_mtime_ns", "st_ctime_ns", "st_rdev")
+                 "st_mtime_ns", "st_ctime_ns", "st_rdev", "st_blocks")
 
     def __init__(self, st: os.stat_result):
         self.st_mode, self.st_ino, self.st_dev, self.st_nlink = st.st_mode, st.st_ino, st.st_dev, st.st_nlink
         self.st_uid, self.st_gid, self.st_size, self.st_rdev = st.st_uid, st.st_gid, st.st_size, st.st_rdev
-        self.st_mtime_ns, self.st_ctime_ns = st.st_mtime_ns, st.st_ctime_ns
+        self.st_mtime_ns, self.st_ctime_ns, self.st_blocks = st.st_mtime_ns, st.st_ctime_ns, st.st_blocks
 
     @classmethod
     def of_fields(cls, f: tuple[int, ...]) -> "FileStat":
         self = cls.__new__(cls)
         (self.st_mode, self.st_ino, self.st_dev, self.st_nlink, self.st_uid, self.st_gid, self.st_size,
-         self.st_mtime_ns, self.st_ctime_ns, self.st_rdev) = f
+         self.st_mtime_ns, self.st_ctime_ns, self.st_rdev, self.st_blocks) = f
         return self
 
 
@@ -735,7 +736,8 @@ class SourceWalk:
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 st, err = None, errno.ENOTDIR
             out[name] = (name, err, st and (st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
-                                           st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_rdev))
+                                           st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_rdev,
+                                           st.st_blocks))
             self._grafted.add(path)
         return [out[name] for name in sorted(out)]
 

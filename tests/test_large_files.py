@@ -231,6 +231,24 @@ def test_a_backup_reads_a_sparse_file_only_where_it_holds_data(tmp_path, new_rep
     assert (tmp_path / "out" / "f").read_bytes() == data and keeps_holes(tmp_path / "out" / "f")
 
 
+def test_a_walk_made_directory_by_directory_reads_a_sparse_file_too(tmp_path, new_repo):
+    """A walk that asks Python at each directory (an exclude with "?", a case-insensitive one, PostgreSQL's
+    rules) gives the lstat fields of its own listing: those tell a sparse file too, and a file longer than one
+    chunk is read, not a traceback."""
+    need_holes(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    data = punched(src / "f")
+    dense = os.urandom(3 * MiB)
+    (src / "dense").write_bytes(dense)
+    repo = new_repo()
+    for i, rules in enumerate(({"excludes": ["x?y"]}, {"iexcludes": ["*.TMP"]})):
+        snap = repo.backup([str(src)], reread=True, **rules).snapshot
+        out = tmp_path / f"out{i}"
+        repo.restore(snap.id, str(out))
+        assert (out / "f").read_bytes() == data and (out / "dense").read_bytes() == dense
+
+
 # --- the chunker's size limits ---------------------------------------------------------------------------
 
 LIMITS = sorted({0, 1} | {limit + d for limit in (DEFAULT_PARAMS.min_size, DEFAULT_PARAMS.avg_size,
