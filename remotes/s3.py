@@ -147,11 +147,18 @@ def check_endpoint_url(url: str) -> None:
     """UsageError for an endpoint URL that names no server to connect to: botocore took an unclosed [ for an
     internal error, a port beyond 65535 or a query for a failed request (exit 14), and port 0 or a port
     written after ``]`` without its colon for an outage, retried for half a minute."""
-    if "@" in url.partition("://")[2].partition("/")[0]:  # not echoed: it holds a secret
+    if "@" in _authority(url):  # not echoed: it holds a secret
         raise UsageError("credentials do not belong in the S3 endpoint URL")
     reason = _endpoint_fault(url)
     if reason:
         raise UsageError(f"S3 endpoint URL {url!r}: {reason}")
+
+
+def _authority(url: str) -> str:
+    """The part of a URL that names the host, with any user and password: after the scheme's ``//``, or from
+    the start where the URL has no ``//`` (``user:secret@host:9000`` was echoed as a URL of no scheme)."""
+    rest = url.partition("//")[2] if "//" in url else url
+    return re.split(r"[/?#]", rest, maxsplit=1)[0]
 
 
 def _endpoint_fault(url: str) -> str:

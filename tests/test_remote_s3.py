@@ -418,6 +418,11 @@ def test_credentials_in_url_are_refused_without_echoing_them():
     with pytest.raises(UsageError, match="credentials") as info:
         open_remote("s3://bkt/repo", endpoint_url="http://user:topsecret@127.0.0.1:9")
     assert "topsecret" not in str(info.value)
+    for endpoint in ("user:topsecret@127.0.0.1:9", "//user:topsecret@127.0.0.1:9", "http:user:topsecret@h:9",
+                     "http://user:topsecret@127.0.0.1?x"):  # no scheme, or its // missing: neither echoed
+        with pytest.raises(UsageError, match="credentials") as info:
+            open_remote("s3://bkt/repo", endpoint_url=endpoint)
+        assert "topsecret" not in str(info.value)
 
 
 @pytest.mark.parametrize("option, words", [
