@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -63,6 +64,31 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+X509_NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+X509_OUT_OF_DATE = (9, 10)  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+
+
+def cert_hint(verify_code: int | None, holder: str, trust: str) -> str:
+    """What to do about the certificate of ``holder`` (its service, its endpoint) that does not verify:
+    ``trust`` (how to trust a private CA) unless a CA cannot help, as for one issued for another name or
+    one out of its dates (the hint said to set a CA file that was set)."""
+    if verify_code in X509_NAME_MISMATCH:
+        return "use the host name (or address) the certificate was issued for"
+    if verify_code in X509_OUT_OF_DATE:
+        return f"renew the {holder}'s certificate, or set this machine's clock right"
+    return trust
+
+
+def cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The failed verification among the causes of ``exc``, if one is."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def text_after_bracket(netloc: str) -> str:

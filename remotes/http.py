@@ -74,12 +74,11 @@ from chunkvault.errors import (
 )
 from chunkvault.localfiles import read_capped
 
-from .base import (ObjectInfo, Remote, connections_option, from_environment, is_key, is_loopback, keyword_options,
-                   refuse_unknown_options, served_range, timeout_option, validate_key, validate_prefix)
+from .base import (ObjectInfo, Remote, cert_failure, cert_hint, connections_option, from_environment, is_key,
+                   is_loopback, keyword_options, refuse_unknown_options, served_range, timeout_option, validate_key,
+                   validate_prefix)
 
 DEFAULT_PORT = 6362
-X509_NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
-X509_OUT_OF_DATE = (9, 10)  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
 LIMIT_HEADER = "Chunkvault-Max-Object-Size"
 MISSING_HEADER = "Chunkvault-Object"
 TOKEN_ENV = "CHUNKVAULT_HTTP_TOKEN"
@@ -156,21 +155,6 @@ def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
             return cause
         cause = cause.__cause__ or cause.__context__
     return None
-
-
-def _cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
-    cause = _ssl_cause(exc)
-    return cause if isinstance(cause, ssl.SSLCertVerificationError) else None
-
-
-def _cert_hint(verify_code: int) -> str:
-    """What to do about a certificate that does not verify: a CA file does not help one issued for another
-    name, nor one out of its dates (the hint said to set it when it was set)."""
-    if verify_code in X509_NAME_MISMATCH:
-        return "use the host name (or address) the certificate was issued for"
-    if verify_code in X509_OUT_OF_DATE:
-        return "renew the service's certificate, or set this machine's clock right"
-    return f"to trust a private CA or self-signed certificate, set {CA_FILE_ENV} or -o http.ca-file=FILE"
 
 
 SEND_BLOCK = 64 * 1024
@@ -339,9 +323,10 @@ class HTTPRemote(Remote):
             response = self._pool.request(method, self._origin + self._base + path, body=body, headers=all_headers,
                                           redirect=False, preload_content=True, decode_content=False)
         except u3.SSLError as exc:
-            failure = _cert_failure(exc)
+            failure = cert_failure(exc)
             if failure is not None:
-                hint = _cert_hint(failure.verify_code)
+                hint = cert_hint(failure.verify_code, "service", "to trust a private CA or self-signed certificate, "
+                                 f"set {CA_FILE_ENV} or -o http.ca-file=FILE")
                 raise RemoteError(
                     f"TLS certificate of {self.display_url} not trusted: {failure.verify_message or 'verification failed'} "
                     f"({hint})"

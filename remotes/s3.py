@@ -25,9 +25,9 @@ from chunkvault.errors import (
 )
 from chunkvault.units import parse_size
 
-from .base import (ObjectInfo, Remote, connections_option, from_environment, is_key, is_loopback, keyword_options,
-                   number_option, refuse_unknown_options, served_range, spelled, text_after_bracket, timeout_option,
-                   validate_key, validate_prefix)
+from .base import (X509_NAME_MISMATCH, ObjectInfo, Remote, cert_failure, cert_hint, connections_option,
+                   from_environment, is_key, is_loopback, keyword_options, number_option, refuse_unknown_options,
+                   served_range, spelled, text_after_bracket, timeout_option, validate_key, validate_prefix)
 
 MiB = 1024 * 1024
 #: The options a variable of the environment gives where none is given (the first set, in order).
@@ -88,6 +88,23 @@ def _verify_reason(exc: Exception) -> str:
     """What a failed certificate verification says (self-signed, expired, another name), from its message."""
     match = re.search(r"certificate verify failed: ([^()\]'\"]+)", str(exc))
     return match.group(1).strip() if match else "certificate verify failed"
+
+
+def _certificate_fault(exc: Exception) -> tuple[str, int | None] | None:
+    """(what is wrong, OpenSSL's verify code) with the endpoint's certificate, else None.  urllib3, not
+    OpenSSL, checks the name for botocore: a certificate of another name failed as a bare SSLError, retried
+    as an outage."""
+    from urllib3.util.ssl_match_hostname import CertificateError
+
+    failure = cert_failure(exc)
+    if failure is not None:
+        return failure.verify_message or _verify_reason(exc), failure.verify_code
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, CertificateError):
+            return str(cause), X509_NAME_MISMATCH[0]
+        cause = cause.__cause__ or cause.__context__
+    return (_verify_reason(exc), None) if "CERTIFICATE_VERIFY_FAILED" in str(exc) else None
 
 
 def _int_option(name: str, value: Any, minimum: int) -> int:
@@ -329,11 +346,13 @@ class S3Remote(Remote):
                 f"no usable AWS credentials for {self.display_url}{detail} "
                 "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the AWS config files)"
             )
-        if isinstance(exc, bce.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        fault = _certificate_fault(exc) if isinstance(exc, bce.SSLError) else None
+        if fault is not None:
             # not an outage: retried, it failed the same way for half a minute, said as "SSLError" alone
+            reason, code = fault
+            hint = cert_hint(code, "endpoint", "a private CA's certificate is given with AWS_CA_BUNDLE")
             return PermissionDenied(f"the TLS certificate of {self.endpoint_url or 'S3'} does not verify for {op} "
-                                    f"{where} ({_verify_reason(exc)}): a private CA's certificate is given "
-                                    "with AWS_CA_BUNDLE")
+                                    f"{where} ({reason}): {hint}")
         if isinstance(exc, (bce.ConnectionError, bce.HTTPClientError, bce.ResponseStreamingError, bce.IncompleteReadError)):
             reason = _connection_reason(exc)
             if reason.startswith("cannot reach the proxy"):
