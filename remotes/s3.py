@@ -167,8 +167,8 @@ def check_endpoint_url(url: str) -> None:
     if "@" in _authority(url):  # not echoed: it holds a secret
         raise UsageError("credentials do not belong in the S3 endpoint URL")
     reason = _endpoint_fault(url)
-    if reason:
-        raise UsageError(f"S3 endpoint URL {url!r}: {reason}")
+    if reason:  # shown without a query or fragment, where a secret may have been put
+        raise UsageError(f"S3 endpoint URL {re.split(r'[?#]', url, maxsplit=1)[0]!r}: {reason}")
 
 
 def _authority(url: str) -> str:

@@ -556,16 +556,19 @@ def _printable(text: str) -> str:
 
 
 def _listen_family(host: str, port: int) -> int:
-    """The address family to listen in: an address's own; a name's first address's, as the resolver orders
-    them (a name with only an IPv6 address failed to bind as IPv4).  An unknown name is left to the bind,
-    which says so."""
+    """The address family to listen in: an address's own; for a name, IPv4 where it has an IPv4 address
+    (``localhost`` stays 127.0.0.1, where clients look for it, whatever the resolver puts first), IPv6 where
+    it has only IPv6 ones (bound as IPv4, such a name failed).  An unknown name is left to the bind, which
+    says so."""
     if ":" in host:
         return socket.AF_INET6
     try:
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        families = {found[0] for found in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)}
     except (OSError, UnicodeError):
         return socket.AF_INET
-    return found[0][0] if found and found[0][0] in (socket.AF_INET, socket.AF_INET6) else socket.AF_INET
+    return socket.AF_INET6 if families and socket.AF_INET not in families and socket.AF_INET6 in families \
+        else socket.AF_INET
 
 
 class BackupServer(ThreadingHTTPServer):

@@ -726,3 +726,26 @@ def test_a_copy_of_one_snapshot_holding_a_base_and_its_delta_keeps_the_delta(tmp
     dst.restore(dst.snapshots()[-1].id, str(out))
     assert describe(out) == describe(src)
     assert dst.check(read_data=True).ok
+
+
+def test_a_backup_sets_each_file_s_restart_turns_by_the_repository_s_keyed_hash(tmp_path, new_repo, monkeypatch):
+    """The phase of a file's turns comes from the repository's keyed hash of its path, never an unkeyed one:
+    which chunks a version stores whole says nothing of the paths to whoever holds the storage."""
+    from chunkvault.store import backup as backup_module
+
+    rnd = random.Random(5)
+    src = tmp_path / "db"
+    src.mkdir()
+    page_file(src / "table", 256, rnd)
+    repo = new_repo()
+    repo.backup([str(src)])
+    touch_pages(src / "table", 0.5, rnd)
+    real, hashes = backup_module.restart_phase, []
+
+    def recorded(keyed_hash, path):
+        hashes.append((keyed_hash, path))
+        return real(keyed_hash, path)
+
+    monkeypatch.setattr(backup_module, "restart_phase", recorded)
+    assert repo.backup([str(src)]).snapshot.stats["delta_blobs"] > 0
+    assert hashes and all(h is repo.store.blob_id for h, _ in hashes)

@@ -1634,8 +1634,8 @@ def test_a_directory_the_server_may_not_list_is_refused_not_a_transient_failure(
 
 
 def test_serve_listens_in_the_family_of_the_address_a_name_resolves_to(monkeypatch):
-    """An address listens in its own family; a name in its first address's (an IPv6-only name was bound as
-    IPv4 and failed); a name that does not resolve is left to the bind, which names it."""
+    """An address listens in its own family; a name in IPv4 where it has an IPv4 address, else in IPv6 (an
+    IPv6-only name was bound as IPv4 and failed); a name that does not resolve is left to the bind."""
     import socket
 
     from chunkvault.remotes import server
@@ -1645,13 +1645,16 @@ def test_serve_listens_in_the_family_of_the_address_a_name_resolves_to(monkeypat
     assert server._listen_family("no-such-host.invalid", 0) == socket.AF_INET
     real = socket.getaddrinfo
 
-    def v6_only(host, *args, **kwargs):
-        if host == "backup-v6.example":
-            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))]
-        return real(host, *args, **kwargs)
+    v6 = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))
+    v4 = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))
 
-    monkeypatch.setattr(socket, "getaddrinfo", v6_only)
+    def resolver(host, *args, **kwargs):  # as /etc/hosts with "::1 localhost" first would answer
+        answers = {"backup-v6.example": [v6], "localhost": [v6, v4]}
+        return answers[host] if host in answers else real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
     assert server._listen_family("backup-v6.example", 6362) == socket.AF_INET6
+    assert server._listen_family("localhost", 6362) == socket.AF_INET  # where clients of 127.0.0.1 look
 
 
 def _this_machine_s_address() -> str | None:

@@ -498,7 +498,7 @@ def test_cache_hit_and_miss(tmp_path):
 
 def test_a_cache_open_for_weeks_marks_its_directory_used_once_a_day(tmp_path, monkeypatch):
     """A process that keeps its cache open (a mount, an embedding service) marks the directory used as it
-    lists, at most once a day: the next command to start removes a directory unused for a month."""
+    lists or reads, at most once a day: the next command to start removes a directory unused for a month."""
     from chunkvault.remotes import layer
 
     remote, inner = _cached(tmp_path)
@@ -512,6 +512,10 @@ def test_a_cache_open_for_weeks_marks_its_directory_used_once_a_day(tmp_path, mo
     monkeypatch.setattr(layer.time, "monotonic", lambda: now[0])
     now[0] += layer.CACHE_MARK_EVERY
     list(remote.list("index/"))
+    assert os.stat(remote.cache_dir).st_mtime > time.time() - 60
+    os.utime(remote.cache_dir, (month_ago, month_ago))
+    now[0] += layer.CACHE_MARK_EVERY
+    assert remote.get("index/i1") == b"index bytes"  # a mount that no longer lists still reads
     assert os.stat(remote.cache_dir).st_mtime > time.time() - 60
 
 
