@@ -383,6 +383,12 @@ class _HoleSkippingReader:
     def zeros_ahead(self) -> int:
         if self.pos >= self.data_end and self.pos >= self.hole_end:
             self._locate()
+        if self.hole_end > self.pos:  # a file cut short since the hole was found ends where it ends now
+            size = os.fstat(self.fd).st_size
+            if size < self.hole_end:
+                self.hole_end = max(self.pos, size)
+                if self.hole_end == self.pos:
+                    self.data_end = 1 << 63  # the read finds the end
         return max(0, self.hole_end - self.pos)
 
     def skip(self, n: int) -> None:

@@ -202,6 +202,28 @@ def test_a_sparse_file_s_holes_are_told_as_zeros(tmp_path):
         assert got == data and told > 0
 
 
+def test_a_sparse_file_cut_short_while_read_ends_where_it_ends_now(tmp_path):
+    """Zeros are not told past the end of a file truncated after its hole was found (it was stored longer
+    than it ever was, zeros past its new end)."""
+    need_holes(tmp_path)
+    path = tmp_path / "punched"
+    data = punched(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reader, got = backup._HoleSkippingReader(fd), b""
+        while not reader.zeros_ahead():  # the data's last block
+            got += reader.read(PAGE)
+        assert reader.zeros_ahead() > 2 * MiB
+        os.truncate(path, 2 * MiB)
+        while piece := reader.read(MiB):
+            got += piece
+        assert got == data[:2 * MiB]
+        os.truncate(path, 2 * MiB - 100)  # now within what was read
+        assert reader.zeros_ahead() == 0 and reader.read(MiB) == b""
+    finally:
+        os.close(fd)
+
+
 def test_a_backup_reads_a_sparse_file_only_where_it_holds_data(tmp_path, new_repo, monkeypatch):
     """A sparse file is stored as its dense copy is (the same chunks, so a backup of the copy adds nothing),
     reading little more than its data; it restores byte for byte, holes kept."""
