@@ -333,6 +333,38 @@ class _FdReader:
         return os.lseek(self.fd, offset, os.SEEK_SET)
 
 
+class _Prefixed:
+    """A stream whose first bytes were read already: those, then the rest from where the read stopped.
+
+    A file read past the size its stat gave goes on from there, never from its start again: a stream that
+    only reads front to back (a FUSE file opened nonseekable) cannot be sought back to it.
+    """
+
+    __slots__ = ("head", "rest")
+
+    def __init__(self, head: bytes, rest: BinaryIO):
+        self.head = memoryview(head)
+        self.rest = rest
+
+    def readinto(self, buf: memoryview) -> int:
+        if not self.head:
+            return self.rest.readinto(buf)
+        n = min(len(buf), len(self.head))
+        buf[:n] = self.head[:n]
+        self.head = self.head[n:]
+        return n
+
+
+def _seekable(fd: int) -> bool:
+    """Whether a file takes seeks and reads at offsets: one that is read only front to back (a FUSE file opened
+    nonseekable) refuses them (ESPIPE)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        return False
+    return True
+
+
 _ZEROS = memoryview(bytes(READ_BYTES))  # untouched pages: copying from them costs no memory
 TOLD_HOLE_BYTES = 1 << 20  # a sparse file's shorter holes are read, as data is
 
@@ -708,7 +740,8 @@ class Backup:
 
         A small file is one chunk: read it in one call instead of through the chunker's buffers.
         The call asks for one byte more than the size the walk saw; when exactly that size comes back,
-        the end is found without a second read (the fstat after reading catches a file that grew).
+        the end is found without a second read (the fstat after reading catches a file that grew; one read past
+        that size goes on from the bytes read).
         """
         if _matches(rel, self.opt.fixed_chunks):
             yield from fixed_chunks(f, self.opt.fixed_chunk_size)
@@ -724,7 +757,7 @@ class Backup:
                 if data:
                     yield data
                 return
-            f.seek(0)
+            f = _Prefixed(data, f)  # type: ignore[assignment]
         buffer = getattr(self._read_buffers, "buffer", None)
         if buffer is None:
             buffer = self._read_buffers.buffer = empty_buffer(READ_BYTES)  # pages resident as used
@@ -821,7 +854,7 @@ class Backup:
         try:
             e.xattrs = self._xattrs(fd, path, st, T_FILE, prev, notes)
             try:
-                reader = _HoleSkippingReader(fd) if _sparse(st) else _FdReader(fd)
+                reader = _HoleSkippingReader(fd) if _sparse(st) and _seekable(fd) else _FdReader(fd)
                 e.digest, e.chunks, e.size = self._read_stream(reader, e.path, prev, st.st_size, report=False)
             except OSError as exc:
                 return self._unreadable_file(e, path, prev, notes, exc)

@@ -10,6 +10,7 @@ import base64
 import json
 import errno
 import os
+import shutil
 import socket
 import stat
 import struct
@@ -35,7 +36,7 @@ from chunkvault.store.manifest import (
 from chunkvault.store.pack import HEADER_AD, open_header
 from chunkvault.store.snapshot import SNAPSHOT_AD, Snapshot
 from conftest import PASSWORD
-from treeutil import describe, refusing_open, threads, walked_ahead
+from treeutil import describe, refusing_open, threads, wait_for, walked_ahead
 
 PASSWORD = crashkit.PASSWORD
 KEY = bytes(range(32))
@@ -296,6 +297,65 @@ def test_short_reads_of_small_files_still_store_all_of_them(repo_path, tmp_path,
         assert not result.warnings
         repo.restore(result.snapshot.id, str(tmp_path / "out"))
     assert describe(tmp_path / "out") == describe(src)
+
+
+# A FUSE file system whose files can only be read front to back (``nonseekable``, as file systems streaming
+# generated or decrypted content open them), the second one also smaller by its stat than what it holds.
+STREAM_FS = r"""
+import errno, stat, sys
+import mfusepy as fuse
+
+DATA = bytes(range(256)) * 1200  # larger than a chunk's least size
+SIZES = {"honest": len(DATA), "understated": 10}
+
+class Streams(fuse.Operations):
+    use_ns = True
+
+    def getattr(self, path, fh=None):
+        if path == "/":
+            return dict(st_mode=stat.S_IFDIR | 0o755, st_nlink=2)
+        if path[1:] not in SIZES:
+            raise fuse.FuseOSError(errno.ENOENT)
+        return dict(st_mode=stat.S_IFREG | 0o644, st_nlink=1, st_size=SIZES[path[1:]], st_mtime=10**18)
+
+    def readdir(self, path, fh):
+        return [".", "..", *SIZES]
+
+    def open(self, path, fi):
+        fi.direct_io = fi.nonseekable = 1
+        return 0
+
+    def read(self, path, size, offset, fi):
+        return DATA[offset:offset + size]
+
+fuse.FUSE(Streams(), sys.argv[1], foreground=True, raw_fi=True, ro=True)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") and not
+                    shutil.which("fusermount"), reason="no FUSE device or fusermount here")
+def test_files_that_can_only_be_read_front_to_back_are_stored_whole(repo_path, tmp_path):
+    """A file that refuses seeks and positioned reads was unreadable (\"Illegal seek\", exit 3, no data): the
+    reader of a file whose blocks do not cover its size asked for its holes and read at offsets, and a file
+    found larger than its stat said was read again from its start.  tar, cat and restic read such files."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", STREAM_FS, str(mnt)], stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: proc.poll() is not None or os.path.exists(mnt / "honest"), timeout=30)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        data = bytes(range(256)) * 1200
+        with Repository.open(repo_path, PASSWORD) as repo:
+            result = repo.backup([str(mnt)])
+            assert not result.partial, result.warnings
+            assert [w for w in result.warnings if "understated" not in w] == []  # its size lies: flagged
+            repo.restore(result.snapshot.id, str(tmp_path / "out"))
+        assert (tmp_path / "out" / "honest").read_bytes() == (tmp_path / "out" / "understated").read_bytes() == data
+    finally:
+        subprocess.run([shutil.which("fusermount3") or shutil.which("fusermount"), "-u", str(mnt)],
+                       capture_output=True)
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.parametrize("gone", ["before its stat", "after its stat"])
