@@ -938,10 +938,17 @@ class Backup:
     def _check_unchanged(e: Entry, path: bytes, st: os.stat_result, after: tuple[int, int, int],
                          notes: list[str]) -> None:
         """Flag a file whose (size, mtime, ctime) after reading differ from the walk's, or whose length read
-        does: it changed while being read."""
-        if after != (st.st_size, st.st_mtime_ns, st.st_ctime_ns) or e.size != st.st_size:
-            e.flags |= F_CHANGED_DURING_READ
+        does: it changed while being read, or its size is not what it holds (/proc and /sys files, some
+        FUSE files: their times do not tell a change either), which the warning says as it is.  Flagged, it
+        is read again by the next backup."""
+        if after != (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
             notes.append(f"changed while being read (stored as read): {os.fsdecode(path)}")
+        elif e.size != st.st_size:
+            notes.append(f"read {e.size} bytes where its size says {st.st_size} (stored as read): "
+                         f"{os.fsdecode(path)}")
+        else:
+            return
+        e.flags |= F_CHANGED_DURING_READ
 
     def _xattrs(self, target: bytes | int, path: bytes, st: os.stat_result, etype: int, prev: Entry | None,
                 notes: list[str]) -> bytes:

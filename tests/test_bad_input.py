@@ -299,6 +299,20 @@ def test_short_reads_of_small_files_still_store_all_of_them(repo_path, tmp_path,
     assert describe(tmp_path / "out") == describe(src)
 
 
+def test_a_proc_file_is_stored_whole_and_said_to_hold_other_than_its_size_not_to_have_changed(repo_path, tmp_path):
+    """/proc gives its files size 0 (/sys 4096) whatever they hold: the backup stores what it reads and reads
+    them again next time, as their times say nothing; it said each of them changed while being read."""
+    with Repository.open(repo_path, PASSWORD) as repo:
+        first = repo.backup(["/proc/version"])
+        want = open("/proc/version", "rb").read()
+        assert first.warnings == [f"read {len(want)} bytes where its size says 0 (stored as read): /proc/version"]
+        assert not first.partial
+        second = repo.backup(["/proc/version"])
+        assert second.snapshot.stats["read_bytes"] == len(want) and len(second.warnings) == 1  # read again
+        repo.restore(second.snapshot.id, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "version").read_bytes() == want
+
+
 # A FUSE file system whose files can only be read front to back (``nonseekable``, as file systems streaming
 # generated or decrypted content open them), the second one also smaller by its stat than what it holds.
 STREAM_FS = r"""
@@ -348,7 +362,8 @@ def test_files_that_can_only_be_read_front_to_back_are_stored_whole(repo_path, t
         with Repository.open(repo_path, PASSWORD) as repo:
             result = repo.backup([str(mnt)])
             assert not result.partial, result.warnings
-            assert [w for w in result.warnings if "understated" not in w] == []  # its size lies: flagged
+            assert result.warnings == [f"read {len(data)} bytes where its size says 10 (stored as read): "
+                                       f"{mnt / 'understated'}"]
             repo.restore(result.snapshot.id, str(tmp_path / "out"))
         assert (tmp_path / "out" / "honest").read_bytes() == (tmp_path / "out" / "understated").read_bytes() == data
     finally:
