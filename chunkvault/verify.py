@@ -179,8 +179,35 @@ def _ns(ns: int) -> str:
     return datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}Z"
 
 
-def compare_meta(e: Entry, st: os.stat_result, *, owners: bool) -> list[Mismatch]:
-    """Metadata differences between a manifest entry and what was restored (content aside)."""
+#: A time set to this (an odd second and nine digits) comes back cut to the file system's step.
+_PROBE_TIME_NS = 1_600_000_001_123_456_789
+_TIME_STEPS_NS = (1, 1_000, 1_000_000, 10_000_000, 1_000_000_000, 2_000_000_000)
+
+
+def time_step(directory: bytes) -> int:
+    """The step (ns) in which the file system at ``directory`` keeps modification times: 1 for most, 10 ms
+    for exFAT, 1 s for ext4 with small inodes, 2 s for FAT.  A restore there cannot keep finer times, and
+    finer differences are not a restore's fault.  1 where no probe file can be made (made and removed)."""
+    probe = os.path.join(directory, b".chunkvault-time-" + os.urandom(6).hex().encode())
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return 1
+    try:
+        os.utime(fd, ns=(_PROBE_TIME_NS, _PROBE_TIME_NS))
+        lost = abs(_PROBE_TIME_NS - os.fstat(fd).st_mtime_ns)
+    except OSError:
+        return 1
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+    return next((step for step in _TIME_STEPS_NS if lost < step), _TIME_STEPS_NS[-1])
+
+
+def compare_meta(e: Entry, st: os.stat_result, *, owners: bool, time_step: int = 1) -> list[Mismatch]:
+    """Metadata differences between a manifest entry and what was restored (content aside); ``time_step``:
+    the target file system's (``time_step``), within which times count as equal."""
     path = os.fsdecode(e.path)
     want_type = T_FILE if e.type == T_HARDLINK else e.type
     got_type = _kind_of(st.st_mode)
@@ -199,7 +226,7 @@ def compare_meta(e: Entry, st: os.stat_result, *, owners: bool) -> list[Mismatch
     missing_ok = 0 if owners else setid_bits_for_others(e, os.geteuid(), os.getegid())
     if e.type != T_SYMLINK and got | (e.mode & missing_ok) != e.mode:
         out.append(Mismatch(path, "mode", oct(e.mode), oct(got)))
-    if st.st_mtime_ns != e.mtime_ns:
+    if abs(st.st_mtime_ns - e.mtime_ns) >= time_step:
         out.append(Mismatch(path, "mtime", _ns(e.mtime_ns), _ns(st.st_mtime_ns)))
     if owners and (st.st_uid, st.st_gid) != (e.uid, e.gid):
         out.append(Mismatch(path, "owner", f"{e.uid}:{e.gid}", f"{st.st_uid}:{st.st_gid}"))
@@ -408,6 +435,11 @@ def file_digest(path: bytes) -> bytes:
     return hasher.digest()
 
 
+def _ns_step(ns: int) -> str:
+    return f"{ns // 1_000_000_000} s" if ns >= 1_000_000_000 else f"{ns // 1_000_000} ms" if ns >= 1_000_000 \
+        else f"{ns // 1_000} µs"
+
+
 class _Comparer:
     def __init__(self, root: bytes, owners: bool, max_listed: int, extras: bool = True, xattrs: bool = True):
         self.root = root
@@ -419,6 +451,10 @@ class _Comparer:
         self.inodes: dict[tuple[int, int], bytes] = {}  # files with several links: inode -> first path
         self.path_of = LongPaths(self.root)
         self.opener = OpenedForReading(self.root)
+        self.time_step = time_step(root)
+        if self.time_step > 1:
+            self.result.warnings.append(f"{os.fsdecode(root)} keeps times to {_ns_step(self.time_step)}: "
+                                        "finer differences are not counted")
 
     def add(self, m: Mismatch) -> None:
         self.result.mismatch_count += 1
@@ -487,7 +523,7 @@ class _Comparer:
             self.path_of.release()
 
     def _entry(self, e: Entry, st: os.stat_result) -> None:
-        found = compare_meta(e, st, owners=self.owners)
+        found = compare_meta(e, st, owners=self.owners, time_step=self.time_step)
         for m in found:
             self.add(m)
         if found and found[0].kind == "type":

@@ -315,6 +315,36 @@ def test_restore_verify_reads_back_what_it_wrote(tmp_path, new_repo, monkeypatch
     repo.restore("latest", str(tmp_path / "c"))  # without --verify nothing is read back
 
 
+def test_restore_verify_onto_a_file_system_of_whole_seconds_counts_no_finer_difference(tmp_path, new_repo):
+    """A target that keeps times in whole seconds (ext4 with small inodes) cuts every restored time's
+    fraction: not a difference --verify may count (it failed every such restore), while a time it truly
+    could not keep (past 2038 there) still is one, and verify-restore says the step it compared to."""
+    from chunkvault.errors import VerificationFailed
+    from chunkvault.verify import compare_tree, time_step
+    from treeutil import mounted_ext4_whole_seconds
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}").write_bytes(os.urandom(100 + i))
+        os.utime(src / f"f{i}", ns=(1_700_000_000_123_456_789 + i, 1_700_000_000_987_654_321 + i))
+    repo = new_repo()
+    repo.backup([str(src)])
+    target = tmp_path / "target"
+    target.mkdir()
+    with mounted_ext4_whole_seconds(str(target)):
+        assert time_step(os.fsencode(target)) == 1_000_000_000
+        assert repo.restore("latest", str(target / "a"), verify=True).files == 3
+        tree = repo.tree("latest")
+        compared = compare_tree(tree, str(target / "a"))
+        assert compared.mismatch_count == 0 and any("keeps times to 1 s" in w for w in compared.warnings)
+        os.utime(src / "f1", ns=(1_700_000_000, 4_102_444_800_000_000_000))  # 2100: past what it keeps
+        repo.backup([str(src)])
+        with pytest.raises(VerificationFailed, match=r"1 difference\(s\) .*mtime f1"):
+            repo.restore("latest", str(target / "b"), verify=True)
+    assert time_step(os.fsencode(tmp_path)) == 1
+
+
 def test_restore_verify_on_the_command_line(tmp_path, cli):
     src = tmp_path / "src"
     src.mkdir()

@@ -185,6 +185,29 @@ def mounted_fat(path: str, kind: str = "exfat", size_mib: int = 32) -> Iterator[
             _run_quietly("losetup", "-d", loop)
 
 
+@contextlib.contextmanager
+def mounted_ext4_whole_seconds(path: str, size_mib: int = 16) -> Iterator[str]:
+    """An ext4 file system with 128-byte inodes (no room for sub-second times: it keeps whole seconds, from
+    1901 to 2038), in an image beside ``path``, mounted on the directory ``path``; skipped where it cannot
+    be made or mounted."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting an ext4 image needs root")
+    image = f"{path}.img"
+    with open(image, "wb") as f:
+        f.truncate(size_mib << 20)
+    made = _run_quietly("mkfs.ext4", "-q", "-F", "-I", "128", image)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make an ext4 file system: {made.stderr.decode().strip()}")
+    mounted = _run_quietly("mount", "-o", "loop", image, path)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount an ext4 image here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        if _run_quietly("umount", path).returncode != 0:
+            _run_quietly("umount", "-l", path)
+
+
 SMALL_TREE_NAMES = ("f1.a", "f2.b", "d0/f1.a", "d0/x.b", "d1/d0/f3.a", "d1/y")
 
 
