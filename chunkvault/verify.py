@@ -47,7 +47,7 @@ from .store.manifest import (
 )
 from .store.chronology import chronological_key
 from .store.snapshot import Snapshot, of_source, parse_time
-from .store.restore import setid_bits_for_others
+from .store.restore import setid_bits_for_others, time_step
 from .store.target_dirs import LongPaths, closed_to_owner, proc_path
 from .store.posix_acl import ACL_KEYS, acl_ids
 from .store.xattrs import decode_xattrs, read_xattrs
@@ -177,32 +177,6 @@ def _type_name(mode: int) -> str:
 def _ns(ns: int) -> str:
     sec, frac = divmod(ns, 1_000_000_000)
     return datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}Z"
-
-
-#: A time set to this (an odd second and nine digits) comes back cut to the file system's step.
-_PROBE_TIME_NS = 1_600_000_001_123_456_789
-_TIME_STEPS_NS = (1, 1_000, 1_000_000, 10_000_000, 1_000_000_000, 2_000_000_000)
-
-
-def time_step(directory: bytes) -> int:
-    """The step (ns) in which the file system at ``directory`` keeps modification times: 1 for most, 10 ms
-    for exFAT, 1 s for ext4 with small inodes, 2 s for FAT.  A restore there cannot keep finer times, and
-    finer differences are not a restore's fault.  1 where no probe file can be made (made and removed)."""
-    probe = os.path.join(directory, b".chunkvault-time-" + os.urandom(6).hex().encode())
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return 1
-    try:
-        os.utime(fd, ns=(_PROBE_TIME_NS, _PROBE_TIME_NS))
-        lost = abs(_PROBE_TIME_NS - os.fstat(fd).st_mtime_ns)
-    except OSError:
-        return 1
-    finally:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(probe)
-    return next((step for step in _TIME_STEPS_NS if lost < step), _TIME_STEPS_NS[-1])
 
 
 def compare_meta(e: Entry, st: os.stat_result, *, owners: bool, time_step: int = 1) -> list[Mismatch]:

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Callable, Iterator, Protocol, Sequence
 
 import blake3
@@ -228,6 +229,47 @@ def _listed(pfd: int) -> set[bytes]:
         return {os.fsencode(n) for n in os.listdir(fd)}
     finally:
         os.close(fd)
+
+
+#: Times every common file system holds (FAT's from 1980, a 32-bit second's to 2038); others are looked at.
+_COMMON_TIMES_NS = (315_532_800 * 10**9, (2**31 - 1) * 10**9)
+FAR_TIMES_CHECKED = 1000  # entries with other times whose restored time is looked at, at most
+
+
+def _iso_ns(ns: int) -> str:
+    try:
+        return datetime.fromtimestamp(ns // 10**9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):
+        return f"{ns // 10**9} s from 1970"
+
+
+#: A time set to this (an odd second and nine digits) comes back cut to the file system's step.
+_PROBE_TIME_NS = 1_600_000_001_123_456_789
+_TIME_STEPS_NS = (1, 1_000, 1_000_000, 10_000_000, 1_000_000_000, 2_000_000_000)
+
+
+def time_step(directory: bytes) -> int:
+    """The step (ns) in which the file system at ``directory`` keeps modification times: 1 for most, 10 ms
+    for exFAT, 1 s for ext4 with small inodes, 2 s for FAT.  A restore there cannot keep finer times, and
+    finer differences are not a restore's fault.  1 where no probe file can be made (made and removed, and the
+    directory's times put back: they may be a restored directory's)."""
+    probe = os.path.join(directory, b".chunkvault-time-" + os.urandom(6).hex().encode())
+    try:
+        before = os.stat(directory)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return 1
+    try:
+        os.utime(fd, ns=(_PROBE_TIME_NS, _PROBE_TIME_NS))
+        lost = abs(_PROBE_TIME_NS - os.fstat(fd).st_mtime_ns)
+    except OSError:
+        return 1
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+            os.utime(directory, ns=(before.st_atime_ns, before.st_mtime_ns))
+    return next((step for step in _TIME_STEPS_NS if lost < step), _TIME_STEPS_NS[-1])
 
 
 def folds_case(directory: bytes) -> bool:
@@ -599,6 +641,8 @@ class Restorer:
         self._fresh = False  # the target was empty: nothing in it needs to be looked at or made room for
         self._made_mode: int | None = None  # the mode the umask gave the target this restore made
         self._root_recorded = False  # the snapshot records its root directory (not several paths, a stream)
+        self._far_times: list[tuple[bytes, int]] = []  # entries with times some file systems cannot hold
+        self._far_count = 0
         self._target_dirs: TargetDirs | None = None
         self._deferred: list[Entry] | None = None  # left directories whose metadata waits
         # Entries that stand for one stretch of a larger file, by id(entry): (entry, offset in the file).
@@ -731,6 +775,7 @@ class Restorer:
         unsupported = self.result.unsupported_xattrs_warning()
         if unsupported is not None:
             self.result.warnings.append(unsupported)
+        self._note_far_times()
         if self.setid_dropped:
             n = self.setid_dropped
             self.result.warnings.append(f"{n} entr{'y' if n == 1 else 'ies'} restored without their set-user/group-ID "
@@ -763,11 +808,47 @@ class Restorer:
         the directories above it that the selection leaves out (restored too, for their recorded metadata,
         as restic does), and hard links whose first path is left out stand in for it (``_linked``)."""
         safe = self._noting_root(confined(records, self.tree_name))
-        chosen = safe if self.selected.everything else self._narrowed(safe)
+        chosen = self._noting_far_times(safe if self.selected.everything else self._narrowed(safe))
         if not self.owners:
             return self._setid_for_owner_only(chosen)
         mapped = self.opt.owner_map
         return mapped.records(chosen) if mapped else chosen
+
+    def _noting_far_times(self, records: Iterator[Record]) -> Iterator[Record]:
+        """``records``, noting those whose time lies out of what every common file system holds (FAT from 1980,
+        ext4 with small inodes and XFS without bigtime to 2038): ``note_walked`` looks whether they kept it."""
+        for rec in records:
+            e = rec.entry
+            low, high = _COMMON_TIMES_NS
+            if e is not None and e.type != T_HARDLINK and not low <= e.mtime_ns < high:
+                self._far_count += 1
+                if len(self._far_times) < FAR_TIMES_CHECKED:
+                    self._far_times.append((rec.path, e.mtime_ns))
+            yield rec
+
+    def _note_far_times(self) -> None:
+        """One warning for the entries whose time the target could not hold (set to the nearest it holds,
+        silently: a restore onto FAT of files dated 1970 gave them 1980), with the first of them."""
+        if not self._far_times:
+            return
+        step = time_step(self.target)
+        lost: list[tuple[bytes, int, int]] = []
+        for path, want in self._far_times:
+            try:
+                got = os.lstat(os.path.join(self.target, path)).st_mtime_ns
+            except (OSError, ValueError):
+                continue
+            if abs(got - want) >= step:
+                lost.append((path, want, got))
+        if not lost:
+            return
+        path, want, got = lost[0]
+        unchecked = self._far_count - len(self._far_times)
+        more = f", and {len(lost) - 1} more" if len(lost) > 1 else ""
+        self.result.warnings.append(
+            f"{len(lost)} entr{'y' if len(lost) == 1 else 'ies'} kept a time the target's file system cannot hold, "
+            f"set to the nearest it holds: {os.fsdecode(path) or '.'} (recorded {_iso_ns(want)}, now "
+            f"{_iso_ns(got)}){more}" + (f" (of {unchecked} more such times, none was looked at)" if unchecked else ""))
 
     def _noting_root(self, records: Iterator[Record]) -> Iterator[Record]:
         """``records``, noting whether the snapshot records its root directory: its mode is then the target's."""

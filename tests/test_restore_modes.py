@@ -318,7 +318,7 @@ def test_restore_verify_reads_back_what_it_wrote(tmp_path, new_repo, monkeypatch
 def test_restore_verify_onto_a_file_system_of_whole_seconds_counts_no_finer_difference(tmp_path, new_repo):
     """A target that keeps times in whole seconds (ext4 with small inodes) cuts every restored time's
     fraction: not a difference --verify may count (it failed every such restore), while a time it truly
-    could not keep (past 2038 there) still is one, and verify-restore says the step it compared to."""
+    could not keep (past 2038 there) still is one, and a restore says so (it clamped it silently)."""
     from chunkvault.errors import VerificationFailed
     from chunkvault.verify import compare_tree, time_step
     from treeutil import mounted_ext4_whole_seconds
@@ -342,6 +342,11 @@ def test_restore_verify_onto_a_file_system_of_whole_seconds_counts_no_finer_diff
         repo.backup([str(src)])
         with pytest.raises(VerificationFailed, match=r"1 difference\(s\) .*mtime f1"):
             repo.restore("latest", str(target / "b"), verify=True)
+        said = repo.restore("latest", str(target / "c")).warnings
+        assert [w for w in said if "kept a time" in w] == [
+            "1 entry kept a time the target's file system cannot hold, set to the nearest it holds: f1 (recorded "
+            "2100-01-01 00:00:00 UTC, now 2038-01-19 03:14:07 UTC)"]
+    assert not [w for w in repo.restore("latest", str(tmp_path / "d")).warnings if "kept a time" in w]
     assert time_step(os.fsencode(tmp_path)) == 1
 
 
