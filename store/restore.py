@@ -56,7 +56,7 @@ _REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)  # the target will not take 
 # Files of one chunk are written a run at a time (writefiles): at most this many files and bytes per run.
 RUN_FILES = 256
 RUN_BYTES = 4 << 20
-RUN_DIRS = 32  # and files of at most this many directories, whose descriptors the run keeps open
+RUN_DIRS = 32  # and files of at most this many directories (and half of those held), whose descriptors it keeps open
 
 
 class _TargetFull(Exception):
@@ -984,7 +984,8 @@ class Restorer:
         self._run.append((pfd, name, data, e))
         self.dirs.pin(pfd)
         self._run_bytes += len(data)
-        if len(self._run) >= RUN_FILES or self._run_bytes >= RUN_BYTES or self.dirs.pinned >= RUN_DIRS:
+        if (len(self._run) >= RUN_FILES or self._run_bytes >= RUN_BYTES
+                or self.dirs.pinned >= min(RUN_DIRS, self.dirs.kept // 2)):
             self._write_run()
 
     def _write_run(self) -> None:

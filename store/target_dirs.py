@@ -7,8 +7,9 @@ inside the target.  A path walked by the kernel at every call would follow
 a directory that someone who can write the target swapped for a link out of
 it while the restore ran (to /etc, for a restore run as root), and write
 there.  Descriptors are kept for the directories the restore is in (at most
-KEPT_DIRS), and closed once it has moved on (``release``, between entries) and
-nothing queued to be written names them (``pin``).
+KEPT_DIRS, fewer under a low open files limit), and closed once it has moved
+on (``release``, between entries) and nothing queued to be written names
+them (``pin``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,23 @@ from chunkvault.errors import TargetUnwritable
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 KEPT_DIRS = 64  # descriptors held at most: those off the current path go first, then the shallowest on it
+FILES_LIMIT_SHARE = 4  # under a low open files limit, at most this share of it is held: 1/4
+
+
+def kept_dirs() -> int:
+    """How many directory descriptors a restore holds: KEPT_DIRS, or a quarter of the open files limit where
+    that is lower (at least 2).  Held at 64 under a limit of 32 (a container's, a unit's ``LimitNOFILE=``),
+    they left none for the repository's packs and the files written: every file of the tree past the 20th
+    directory or so failed with "Too many open files"."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return KEPT_DIRS
+    if soft == resource.RLIM_INFINITY:
+        return KEPT_DIRS
+    return max(2, min(KEPT_DIRS, soft // FILES_LIMIT_SHARE))
 
 
 def closed_to_owner(st: os.stat_result, need: int = 0o700) -> bool:
@@ -46,6 +64,7 @@ class TargetDirs:
         self._fds: dict[bytes, int] = {b"": os.open(root, _DIR_FLAGS)}
         self._retired: list[int] = []
         self._pinned: dict[int, int] = {}  # descriptor -> how many queued writes name it
+        self.kept = kept_dirs()
 
     def at(self, rel: bytes, make: bool = False) -> tuple[int, bytes]:
         """The descriptor of the directory holding ``rel`` (relative to the root, checked safe), and
@@ -75,17 +94,17 @@ class TargetDirs:
             fd = self._open(fd, name, held, make)
             opened.add(fd)
             self._fds[held] = fd
-            if len(self._fds) > KEPT_DIRS:
+            if len(self._fds) > self.kept:
                 self._let_go(held, opened)
         return fd
 
     def _let_go(self, rel: bytes, opened: set[int]) -> None:
-        """Bring the descriptors held below KEPT_DIRS: those off ``rel``'s path first, then the shallowest
+        """Bring the descriptors held below ``kept``: those off ``rel``'s path first, then the shallowest
         on it (a deep walk keeps the directories nearest to where it is)."""
         keys = [k for k in self._fds if k and k != rel]
         off = [k for k in keys if not rel.startswith(k + b"/")]
         on = sorted((k for k in keys if rel.startswith(k + b"/")), key=len)
-        for key in (off + on)[: len(self._fds) - KEPT_DIRS // 2]:
+        for key in (off + on)[: len(self._fds) - self.kept // 2]:
             fd = self._fds.pop(key)
             if fd in opened:
                 os.close(fd)

@@ -994,6 +994,30 @@ def test_target_directories_past_the_recursion_limit_are_reached_and_removed(tmp
         dirs.close()
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_tree_of_many_directories_restores_under_a_low_open_files_limit(tmp_path, new_repo, processes):
+    """A restore held 64 directory descriptors (and 32 more for a run of small files) whatever the open files
+    limit: under 32 (a container's, a unit's LimitNOFILE=), every file past the 20th directory or so was not
+    written ("Too many open files"), while a backup of the same tree ran under 8."""
+    import resource
+
+    def tree(src: Path) -> None:
+        for d in range(80):
+            (src / f"d{d:02}").mkdir()
+            for f in range(3):
+                (src / f"d{d:02}" / f"f{f}").write_bytes(os.urandom(100 + d * 7 + f))
+
+    _, url, src = backed_up(tmp_path, new_repo, tree)
+    target = tmp_path / "target"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKVAULT_")}
+    env["CHUNKVAULT_PASSWORD"] = PASSWORD
+    proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", "restore", "latest", "-r", url, "--target",
+                           str(target), "--processes", str(processes)], env=env, capture_output=True, text=True,
+                          timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32)))
+    assert proc.returncode == 0, proc.stderr
+    assert describe(target) == describe(src)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="gives files to another owner: needs root")
 def test_an_in_place_update_that_would_grant_an_owner_or_set_id_bits_writes_a_new_file(tmp_path, new_repo):
     """Whoever owns a file in the target may hold it open for writing: updated in place, it would become
