@@ -63,6 +63,7 @@ DELTA_BATCH_BYTES = 4 << 20
 # with the parent and keeps the records in order: reading, chunking and both hashes are a core's worth of
 # work, and the compressing workers waited for it when the main thread did it too.
 READERS = 2
+SLOT_POLL_SECONDS = 0.5  # how often a reader waiting for the compression pool looks whether the backup failed
 EARLIEST_TIME = datetime(1970, 1, 2, tzinfo=timezone.utc)  # as times are kept (Unix time), a day's slack
 FUTURE_SLACK = timedelta(minutes=5)  # a snapshot time given may be this far ahead (another machine's clock)
 WINDOW = 1024  # entries waiting for their place in the manifest behind a file still being read: 16 runs of
@@ -632,14 +633,29 @@ class Backup:
         # A batch of delta chunks is up to four times the bytes, its bases as many again: it takes two slots.
         slots = 2 if any(b is not None for _, _, b in batch) else 1
         with self._slots_lock:  # two readers taking slots one at a time could each hold half of what they need
-            for _ in range(slots):
-                self._slots.acquire()
-        fut = self._pool.submit(self._store_chunks, batch)
+            for taken in range(slots):
+                self._take_slot(taken)
+        try:
+            fut = self._pool.submit(self._store_chunks, batch)
+        except BaseException:  # no thread to run it (the process or thread limit), or the pool shut down
+            self._slots.release(slots)
+            raise
         fut.add_done_callback(lambda _f: self._slots.release(slots))
         with self._batch_lock:
             self._inflight.append(fut)
             while self._inflight and self._inflight[0].done():
                 self._inflight.popleft().result()
+
+    def _take_slot(self, taken: int) -> None:
+        """Wait for a slot of the compression pool (``taken`` already held by this batch), or give up with
+        _Stopped once the backup has failed: a batch queued before the pool failed to start a thread (the
+        process or thread limit, ``ulimit -u``) never ran to free its slot, and the reader waiting here kept
+        the backup from ending, SIGTERM or not."""
+        while not self._slots.acquire(timeout=SLOT_POLL_SECONDS):
+            if self._abort.is_set():
+                if taken:
+                    self._slots.release(taken)
+                raise _Stopped
 
     def _drain(self) -> None:
         """Wait for every chunk sent to be stored (from the main thread), reporting progress meanwhile: the

@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -750,3 +751,65 @@ def test_a_remote_gone_during_check_read_data_is_a_remote_failure_not_damage(tmp
         assert len(data_gets) <= 10 * 8  # a retry cycle (10 attempts) per pack worker at most, not one per blob
         faulty.get = real_get
         assert repo.check(read_data=True).ok
+
+
+_NO_THREADS = r"""
+import json, os, sys
+from concurrent.futures import Future, ThreadPoolExecutor
+import chunkvault.store.backup as B
+from chunkvault import Repository
+
+
+class NoThreads(ThreadPoolExecutor):
+    '''A pool under the process limit: its first batches are queued but no thread ever runs them; then
+    starting one fails, as ``submit`` does when the kernel refuses a thread (RuntimeError).'''
+
+    def __init__(self):
+        super().__init__(1)
+        self.queued = []
+
+    def submit(self, fn, *args, **kwargs):
+        if len(self.queued) >= 5:
+            raise RuntimeError("can't start new thread")
+        self.queued.append(Future())
+        return self.queued[-1]
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        for f in self.queued:
+            f.cancel()
+        super().shutdown(wait)
+
+
+init = B.Backup.__init__
+
+
+def no_threads(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self._pool.shutdown()
+    self._pool = NoThreads()
+
+
+B.Backup.__init__ = no_threads
+with Repository.open(sys.argv[1], sys.argv[2], ledger=False) as repo:
+    try:
+        repo.backup([sys.argv[3]])
+    except Exception as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+"""
+
+
+def test_a_backup_whose_compression_threads_cannot_start_fails_instead_of_hanging(tmp_path):
+    """Under the process limit (``ulimit -u``, a unit's TasksMax=) the compression pool queued batches no
+    thread ran, then failed to start one: their slots were never given back, a reader waited for one for
+    ever, and the backup hung at its end (SIGTERM too) instead of failing."""
+    path, src = str(tmp_path / "repo"), tmp_path / "src"
+    src.mkdir()
+    for i in range(24):
+        (src / f"f{i}").write_bytes(os.urandom(400_000))
+    Repository.init(path, PASSWORD, kdf_seconds=0).close()
+    proc = subprocess.run([sys.executable, "-c", _NO_THREADS, path, PASSWORD, str(src)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["message"] == "can't start new thread"
+    with Repository.open(path, PASSWORD, ledger=False) as repo:
+        assert repo.snapshots() == [] and repo.check(read_data=True).ok
