@@ -24,7 +24,7 @@ from .progress import JsonProgress, Progress
 from .remotes.layer import StopRequest, stop_request
 from .errors import (ChunkvaultError, ChunkvaultWarning, CorruptObject, Locked, OutputClosed, PartialBackup,
                      RepositoryStateWarning, SnapshotNotFound, TargetNotEmpty, TargetUnwritable, UsageError,
-                     VerificationFailed, output_error)
+                     VerificationFailed, output_error, resource_exhausted)
 from .store.chain import chain_lengths
 from .store.manifest import (F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FILE,
                              TYPE_NAMES, Entry, Record, unread, what_changed)
@@ -3113,6 +3113,11 @@ def main(argv: list[str] | None = None) -> int:
             return _stopped(args, argv)
         if _flag(args, argv, "debug"):
             raise
+        limit = resource_exhausted(exc)
+        if limit is not None:  # no bug: a limit the process ran into
+            _error_line(limit.cli_message())
+            _emit_error_json(args, argv, type(limit).__name__, limit.exit_code, limit.cli_message())
+            return limit.exit_code
         line = f"internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for details)"
         _error_line(line)
         code = _fatal_for_postgresql(args, exc) or EXIT_INTERNAL

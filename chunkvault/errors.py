@@ -70,6 +70,24 @@ class ChunkvaultError(Exception):
         return error
 
 
+class ResourceExhausted(ChunkvaultError):
+    """The process ran out of memory or could not start a thread under its limits (``ulimit -v``, ``ulimit -u``,
+    a unit's MemoryMax=, TasksMax=): nothing was stored half-way; with more room, or asked for less, a rerun
+    succeeds."""
+
+
+def resource_exhausted(exc: BaseException) -> ResourceExhausted | None:
+    """``exc`` as the limit it ran into, where it is one: a MemoryError, an allocation refused (ENOMEM) or a
+    thread that could not start each came out as an internal error, naming neither the limit nor what to
+    lower."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+        return ResourceExhausted("out of memory under the process's memory limit (ulimit -v, MemoryMax=): raise "
+                                 "it, or lower the repository's pack size or the processes a restore uses")
+    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+        return ResourceExhausted("cannot start a thread under the process limit (ulimit -u, TasksMax=): raise it")
+    return None
+
+
 class UsageError(ChunkvaultError):
     """Bad command-line or API arguments."""
 

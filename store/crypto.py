@@ -316,10 +316,22 @@ def derive_argon2id(password: bytes, salt: bytes, t: int, m_kib: int, p: int) ->
     if not (1 <= p <= MAX_P and 8 * p <= m_kib <= ARGON2_MAX_MEMORY_KIB and 1 <= t
             and t * m_kib <= ARGON2_MAX_WORK_KIB):
         raise ValueError(f"argon2id t={t} m={m_kib} KiB p={p} out of range")
+    from argon2.exceptions import HashingError
     from argon2.low_level import Type, hash_secret_raw  # the reference code: lanes run in threads
 
-    return hash_secret_raw(password, salt, time_cost=t, memory_cost=m_kib, parallelism=p,
-                           hash_len=KEY_SIZE, type=Type.ID)
+    try:
+        return hash_secret_raw(password, salt, time_cost=t, memory_cost=m_kib, parallelism=p,
+                               hash_len=KEY_SIZE, type=Type.ID)
+    except HashingError as exc:  # the library's words alone ("Memory allocation error") named no limit
+        from chunkvault.errors import ResourceExhausted
+
+        if "memory" in str(exc).lower():
+            raise ResourceExhausted(f"out of memory for the password's key derivation (Argon2id, {m_kib >> 10} "
+                                    "MiB) under the process's memory limit (ulimit -v, MemoryMax=): raise it") from exc
+        if "thread" in str(exc).lower():
+            raise ResourceExhausted(f"cannot start the password's key derivation's {p} threads under the process "
+                                    "limit (ulimit -u, TasksMax=): raise it") from exc
+        raise
 
 
 def _argon2_seconds(t: int, m_kib: int, samples: int) -> float:
