@@ -1398,9 +1398,13 @@ def _match(tokens: list[tuple[bytes, str]], offered: bytes) -> str | None:
 # --- main -----------------------------------------------------------------------------
 
 
+OWN_DESCRIPTORS = 24  # what the service holds besides its connections: listening socket, log, repository, lock
+
+
 def _warnings(settings: Settings) -> list[str]:
     """What the settings will cost the clients, said once at start.  Raises the open files limit (soft, up to
-    the hard one) to what the connection limits need, so that they, not the kernel, are what refuses."""
+    the hard one) to what the connection limits need, so that they, not the kernel, are what refuses; where
+    the hard limit is lower, lowers the connection limits to what it holds."""
     warnings = []
     if settings.tokens is not None and settings.tls_cert is None and not is_loopback(settings.host):
         warnings.append(f"serving {settings.host} over plain http: each client's token (and every object, "
@@ -1418,10 +1422,13 @@ def _warnings(settings: Settings) -> list[str]:
         if soft != resource.RLIM_INFINITY and soft < needed:
             raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
             resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-            if raised < needed:
+            if raised < needed:  # connections beyond what it holds took the descriptors every file open needs
+                fits = max(1, (raised - OWN_DESCRIPTORS) // 2)
                 warnings.append(f"the open files limit ({raised}) is below the {needed} that max_connections "
-                                f"{settings.max_connections} needs: raise it (LimitNOFILE=, ulimit -n) or lower "
-                                "max_connections")
+                                f"{settings.max_connections} needs: max_connections lowered to {fits} (raise the "
+                                "limit: LimitNOFILE=, ulimit -n)")
+                settings.max_connections = fits
+                settings.max_connections_per_client = min(settings.max_connections_per_client, fits)
     except (ImportError, ValueError, OSError):
         pass
     return warnings

@@ -1036,11 +1036,8 @@ def test_connections_beyond_the_limits_are_refused_and_others_served(serve_facto
 def test_running_out_of_file_descriptors_pauses_accepting_instead_of_spinning(serve_factory):
     import resource
 
-    def few_files() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
-
-    server = serve_factory(preexec_fn=few_files)
-    assert "the open files limit (48) is below" in server.log()
+    server = serve_factory()
+    resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (48, 48))  # lowered under it, after its start
 
     def cpu_seconds() -> float:
         with open(f"/proc/{server.proc.pid}/stat") as f:
@@ -1060,6 +1057,29 @@ def test_running_out_of_file_descriptors_pauses_accepting_instead_of_spinning(se
             c.close()
     assert wait_for(lambda: raw_request(server.port, "GET", "/objects/config", token=None)[0] == 404)
     assert server.log().count("cannot accept connections") == 1
+
+
+def test_an_open_files_limit_below_the_connections_lowers_max_connections(serve_factory):
+    """Connections the limit could not hold took the descriptors that opening objects needs: every read
+    answered 500 "Too many open files".  The service lowers its connection limits to what the limit holds,
+    and says so."""
+    import resource
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    server = serve_factory(preexec_fn=few_files)
+    assert "the open files limit (48) is below the 576 that max_connections 256 needs: max_connections lowered " \
+           "to 12" in server.log()
+    conns = []
+    try:
+        for _ in range(20):
+            conns.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        assert wait_for(lambda: "serves at most 12 connections at once" in server.log())
+    finally:
+        for c in conns:
+            c.close()
+    assert wait_for(lambda: raw_request(server.port, "GET", "/objects/config", token=None)[0] == 404)
 
 
 def test_a_burst_of_connections_is_queued_by_the_kernel(http_server):
