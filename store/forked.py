@@ -16,6 +16,7 @@ Linux.
 from __future__ import annotations
 
 import ctypes
+import errno
 import gc
 import os
 import pickle
@@ -166,8 +167,11 @@ class Workers(Generic[T]):
         except BaseException as exc:  # no pipe or process left (EMFILE, EAGAIN), or interrupted: none stays
             self.__exit__()
             if isinstance(exc, OSError):
+                limit = {errno.EMFILE: " (ulimit -n, LimitNOFILE=)", errno.EAGAIN: " (ulimit -u, TasksMax=)",
+                         errno.ENOMEM: " (ulimit -v, MemoryMax=)"}.get(exc.errno or 0)
+                hint = f": raise the limit{limit}" if limit else ""
                 raise ChunkvaultError(f"could not start worker process {len(self.workers) + 1} of {n} "
-                                      f"({exc.strerror}); none is left running") from None
+                                      f"({exc.strerror}); none is left running{hint}") from None
             raise
 
     def _fork(self, k: int, work: Callable[[int, Reporter], T]) -> _Worker[T]:

@@ -189,5 +189,5 @@ def test_workers_that_cannot_all_start_leave_no_process_nor_descriptor():
     pipes closed, and the error says so, instead of a bare OSError with zombies and every descriptor held."""
     r = _run("out_of_descriptors")
     assert r["fds_left"] == 0 and r["child_left"] is None
-    assert re.fullmatch(r"could not start worker process \d+ of 20 \(Too many open files\); none is left running",
-                        r["text"]), r["text"]
+    assert re.fullmatch(r"could not start worker process \d+ of 20 \(Too many open files\); none is left running: "
+                        r"raise the limit \(ulimit -n, LimitNOFILE=\)", r["text"]), r["text"]
