@@ -222,7 +222,7 @@ def environment_proxy(origin: str) -> str | None:
         return None
     proxies = urllib.request.getproxies_environment()
     proxy = proxies.get(urlparse(origin).scheme)
-    if not proxy or urllib.request.proxy_bypass_environment(host, proxies):
+    if not proxy or _bypassed(origin, proxies):
         return None
     if "://" not in proxy:
         proxy = "http://" + proxy
@@ -234,6 +234,15 @@ def environment_proxy(origin: str) -> str | None:
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise UsageError(f"{_proxy_variable(origin)} names no http:// or https:// proxy: {_shown(proxy)!r}")
     return proxy
+
+
+def _bypassed(origin: str, proxies: dict[str, str]) -> bool:
+    """Whether ``NO_PROXY`` names the service at ``origin``: by its host (an IPv6 address without brackets), or
+    by its host and port (``vault.example:6362``), as botocore and restic read it.  Given the host alone,
+    urllib matched no entry with a port: the service was still sent through the proxy."""
+    parsed = urlparse(origin)
+    return (urllib.request.proxy_bypass_environment(parsed.hostname or "", proxies)
+            or urllib.request.proxy_bypass_environment(parsed.netloc.rpartition("@")[2], proxies))
 
 
 def _shown(proxy: str) -> str:

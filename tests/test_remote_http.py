@@ -1732,6 +1732,22 @@ def test_a_service_off_this_machine_is_reached_through_the_environment_s_proxy(t
         assert len(proxy.heads) == seen
 
 
+def test_no_proxy_names_a_service_by_its_host_or_by_its_host_and_port(monkeypatch):
+    """NO_PROXY=vault.example:6362 (as botocore, and so the S3 remote, and restic read it) was matched against
+    the host alone: the service was still sent through the proxy."""
+    from chunkvault.remotes.http import environment_proxy
+
+    _proxied(monkeypatch, "http://proxy.example:3128")
+    direct = {"vault.example:6362": "https://vault.example:6362", "vault.example": "https://vault.example:6362",
+              ".example": "https://vault.example:6362", "2001:db8::1": "https://[2001:db8::1]:6362",
+              "[2001:db8::1]:6362": "https://[2001:db8::1]:6362"}
+    for listed, origin in direct.items():
+        monkeypatch.setenv("NO_PROXY", f"other.example:6362, {listed}")
+        assert environment_proxy(origin) is None, listed
+    monkeypatch.setenv("NO_PROXY", "vault.example:6363")
+    assert environment_proxy("https://vault.example:6362") == "http://proxy.example:3128"
+
+
 def test_a_proxy_that_refuses_or_is_not_there_is_named_without_its_password(tls_service_off_loopback, monkeypatch):
     from servers_proxy import HTTPProxy
 
