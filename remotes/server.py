@@ -1422,8 +1422,9 @@ def _warnings(settings: Settings) -> list[str]:
         if soft != resource.RLIM_INFINITY and soft < needed:
             raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
             resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-            if raised < needed:  # connections beyond what it holds took the descriptors every file open needs
-                fits = max(1, (raised - OWN_DESCRIPTORS) // 2)
+            fits = min(settings.max_connections, max(1, (raised - OWN_DESCRIPTORS) // 2))
+            if fits < settings.max_connections:  # connections beyond what it holds took the descriptors every
+                # file open needs; one within it (``needed`` keeps room to spare) is no cause to lower it
                 warnings.append(f"the open files limit ({raised}) is below the {needed} that max_connections "
                                 f"{settings.max_connections} needs: max_connections lowered to {fits} (raise the "
                                 "limit: LimitNOFILE=, ulimit -n)")

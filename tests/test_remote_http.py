@@ -1082,6 +1082,19 @@ def test_an_open_files_limit_below_the_connections_lowers_max_connections(serve_
     assert wait_for(lambda: raw_request(server.port, "GET", "/objects/config", token=None)[0] == 404)
 
 
+def test_an_open_files_limit_that_holds_the_connections_lowers_nothing(serve_factory):
+    """A limit short of the room to spare the service asks for, that still holds max_connections, was said to
+    lower max_connections "to" more than it was (20 "lowered to 23" under 70), and raised it so."""
+    import resource
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (70, 70))
+
+    server = serve_factory("--max-connections", "20", preexec_fn=few_files)
+    assert "open files limit" not in server.log()
+    assert raw_request(server.port, "GET", "/objects/config", token=None)[0] == 404
+
+
 def test_a_burst_of_connections_is_queued_by_the_kernel(http_server):
     """The listen backlog was 5: while the server was busy, the sixth connection waited for SYN retransmits."""
     http_server.proc.send_signal(signal.SIGSTOP)
