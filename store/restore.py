@@ -641,7 +641,7 @@ class Restorer:
         self._fresh = False  # the target was empty: nothing in it needs to be looked at or made room for
         self._made_mode: int | None = None  # the mode the umask gave the target this restore made
         self._root_recorded = False  # the snapshot records its root directory (not several paths, a stream)
-        self._far_times: list[tuple[bytes, int]] = []  # entries with times some file systems cannot hold
+        self._far_times: dict[bytes, int] = {}  # entries with times some file systems cannot hold: path -> time
         self._far_count = 0
         self._target_dirs: TargetDirs | None = None
         self._deferred: list[Entry] | None = None  # left directories whose metadata waits
@@ -816,14 +816,18 @@ class Restorer:
 
     def _noting_far_times(self, records: Iterator[Record]) -> Iterator[Record]:
         """``records``, noting those whose time lies out of what every common file system holds (FAT from 1980,
-        ext4 with small inodes and XFS without bigtime to 2038): ``note_walked`` looks whether they kept it."""
+        ext4 with small inodes and XFS without bigtime to 2038): ``note_walked`` looks whether they kept it.
+        Noted anew at each walk: a restore in worker processes walks the tree twice where includes narrow it
+        (``selected_bytes``), and each such entry was counted twice."""
+        self._far_times = {}
+        self._far_count = 0
         for rec in records:
             e = rec.entry
             low, high = _COMMON_TIMES_NS
             if e is not None and e.type != T_HARDLINK and not low <= e.mtime_ns < high:
                 self._far_count += 1
                 if len(self._far_times) < FAR_TIMES_CHECKED:
-                    self._far_times.append((rec.path, e.mtime_ns))
+                    self._far_times[rec.path] = e.mtime_ns
             yield rec
 
     def _note_far_times(self) -> None:
@@ -833,7 +837,7 @@ class Restorer:
             return
         step = time_step(self.target)
         lost: list[tuple[bytes, int, int]] = []
-        for path, want in self._far_times:
+        for path, want in self._far_times.items():
             try:
                 got = os.lstat(os.path.join(self.target, path)).st_mtime_ns
             except (OSError, ValueError):

@@ -350,6 +350,28 @@ def test_restore_verify_onto_a_file_system_of_whole_seconds_counts_no_finer_diff
     assert time_step(os.fsencode(tmp_path)) == 1
 
 
+def test_far_times_restored_by_worker_processes_narrowed_by_includes_are_counted_once(tmp_path, new_repo):
+    """Worker processes walk a tree narrowed by includes twice (for the bytes it selects, then to restore it):
+    each time the target could not hold was counted at both walks ("2 entries" for one)."""
+    from treeutil import mounted_ext4_whole_seconds
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    for i in range(3):
+        (src / "a" / f"f{i}").write_bytes(os.urandom(1000 + i))
+    os.utime(src / "a" / "f1", ns=(1_700_000_000, 4_102_444_800_000_000_000))  # 2100: past 2038
+    repo = new_repo()
+    repo.backup([str(src)])
+    target = tmp_path / "target"
+    target.mkdir()
+    with mounted_ext4_whole_seconds(str(target)):
+        result = repo.restore("latest", str(target / "t"), includes=["a"], processes=2)
+    assert result.processes == 2
+    assert [w for w in result.warnings if "kept a time" in w] == [
+        "1 entry kept a time the target's file system cannot hold, set to the nearest it holds: a/f1 (recorded "
+        "2100-01-01 00:00:00 UTC, now 2038-01-19 03:14:07 UTC)"]
+
+
 def test_restore_verify_on_the_command_line(tmp_path, cli):
     src = tmp_path / "src"
     src.mkdir()
