@@ -854,6 +854,12 @@ class Restorer:
             f"set to the nearest it holds: {os.fsdecode(path) or '.'} (recorded {_iso_ns(want)}, now "
             f"{_iso_ns(got)}){more}" + (f" (of {unchecked} more such times, none was looked at)" if unchecked else ""))
 
+    def _unnote_far_time(self, path: bytes) -> None:
+        """``path`` was not restored (kept as the target had it, or not written): the time found there is not
+        the snapshot's, and no sign of what the target's file system holds."""
+        if self._far_times.pop(path, None) is not None:
+            self._far_count -= 1
+
     def _noting_root(self, records: Iterator[Record]) -> Iterator[Record]:
         """``records``, noting whether the snapshot records its root directory: its mode is then the target's."""
         for rec in records:
@@ -1019,6 +1025,7 @@ class Restorer:
 
     def _not_written(self, path: bytes, reason: str) -> None:
         self.result.unwritten.append((os.fsdecode(path) or ".", reason))
+        self._unnote_far_time(path)
 
     def delete_extra(self, records: Iterator[Record]) -> None:
         """--delete: remove what lies in the target but not in the snapshot (a second, merged walk).  What
@@ -1390,8 +1397,10 @@ class Restorer:
                 os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=pfd, follow_symlinks=False)
             self._sweep_beside(e.path)
             self._dirs.append(e)
+            self._unnote_far_time(e.path)
             return True
         self.result.skipped_existing += 1
+        self._unnote_far_time(e.path)
         if e.type == T_DIR:
             self._kept_below = sort_key(e.path) + b"\x00"
             self.result.warnings.append(f"{os.fsdecode(e.path)}: the target has another type of entry where the "

@@ -372,6 +372,26 @@ def test_far_times_restored_by_worker_processes_narrowed_by_includes_are_counted
         "2100-01-01 00:00:00 UTC, now 2038-01-19 03:14:07 UTC)"]
 
 
+def test_a_far_time_the_restore_did_not_write_is_not_said_to_be_lost(tmp_path, new_repo):
+    """An entry --overwrite never kept as the target had it was looked at for the time it was to get: its own
+    (the target's file's) was taken for the file system's clamp, on a file system that holds every time."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"recorded")
+    os.utime(src / "f", ns=(1_700_000_000, 4_102_444_800_000_000_000))  # 2100
+    repo = new_repo()
+    repo.backup([str(src)])
+    target = tmp_path / "target"
+    repo.restore("latest", str(target))
+    (target / "f").write_bytes(b"changed here")
+    for overwrite in ("never", "if-newer"):
+        os.utime(target / "f", ns=(1_700_000_000, 4_133_980_800_000_000_000))  # 2101: newer, kept
+        result = repo.restore("latest", str(target), force=True, overwrite=overwrite)
+        assert result.skipped_existing == 1
+        assert not [w for w in result.warnings if "kept a time" in w], overwrite
+    assert (target / "f").read_bytes() == b"changed here"
+
+
 def test_restore_verify_on_the_command_line(tmp_path, cli):
     src = tmp_path / "src"
     src.mkdir()
