@@ -268,7 +268,8 @@ def time_step(directory: bytes) -> int:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(probe)
-            os.utime(directory, ns=(before.st_atime_ns, before.st_mtime_ns))
+            if os.stat(directory).st_mtime_ns != before.st_mtime_ns:  # untouched where it need not be (fusefat
+                os.utime(directory, ns=(before.st_atime_ns, before.st_mtime_ns))  # died setting its root's)
     return next((step for step in _TIME_STEPS_NS if lost < step), _TIME_STEPS_NS[-1])
 
 
