@@ -833,8 +833,9 @@ class Restorer:
 
     def _note_far_times(self) -> None:
         """One warning for the entries whose time the target could not hold (set to the nearest it holds,
-        silently: a restore onto FAT of files dated 1970 gave them 1980), with the first of them."""
-        if not self._far_times:
+        silently: a restore onto FAT of files dated 1970 gave them 1980), with the first of them; none from a
+        restore that stopped on a full target, whose later entries were never reached."""
+        if not self._far_times or self.result.full:
             return
         step = time_step(self.target)
         lost: list[tuple[bytes, int, int]] = []
