@@ -166,9 +166,14 @@ class Checker:
         wal = self._load_wal()
         indexed = self._load_index()
         todo, to_read = self._pack_todo(indexed)
-        if to_read >= FORK_MIN_BYTES and forked.cores() > 1 and forked.can_fork(repo.remote):
-            self._check_packs_forked(todo, to_read, snapshots)
-        else:
+        forking = to_read >= FORK_MIN_BYTES and forked.cores() > 1 and forked.can_fork(repo.remote)
+        if forking:
+            try:
+                self._check_packs_forked(todo, to_read, snapshots)
+            except forked.WorkersNotStarted as exc:  # under a low limit: the packs are read here instead
+                self.report.warnings.append(f"{exc}; the packs were read in this process instead")
+                forking = False
+        if not forking:
             # Pack reads run on their own threads (native work, GIL released) while this
             # thread walks the manifests: the two overlap instead of adding up.
             packs_error: list[BaseException] = []

@@ -151,6 +151,11 @@ class _Worker(Generic[T]):
         return None
 
 
+class WorkersNotStarted(ChunkvaultError):
+    """Not every worker process could start (a descriptor, process or memory limit); none is left running,
+    and nothing was done: the caller may do the work in its own process instead."""
+
+
 class Workers(Generic[T]):
     """``n`` forked processes, worker ``k`` running ``work(k, reporter)``; its return value is its result.
 
@@ -170,8 +175,8 @@ class Workers(Generic[T]):
                 limit = {errno.EMFILE: " (ulimit -n, LimitNOFILE=)", errno.EAGAIN: " (ulimit -u, TasksMax=)",
                          errno.ENOMEM: " (ulimit -v, MemoryMax=)"}.get(exc.errno or 0)
                 hint = f": raise the limit{limit}" if limit else ""
-                raise ChunkvaultError(f"could not start worker process {len(self.workers) + 1} of {n} "
-                                      f"({exc.strerror}); none is left running{hint}") from None
+                raise WorkersNotStarted(f"could not start worker process {len(self.workers) + 1} of {n} "
+                                        f"({exc.strerror}); none is left running{hint}") from None
             raise
 
     def _fork(self, k: int, work: Callable[[int, Reporter], T]) -> _Worker[T]:

@@ -64,19 +64,27 @@ def restore(restorer: Restorer, tree: Callable[[], Iterator[Record]], processes:
     # directory by name, found "Doc", and wrote into it, where the refusal of "doc" was another process's.
     if (processes < 2 or not restorer.fresh or restorer.opt.delta or not isinstance(restorer.repo, Repo)
             or not forked.can_fork(restorer.repo.remote) or folds_case(restorer.target)):
-        restorer.restore_records(restorer.selected_records(tree()))
-        restorer.note_walked()
-        restorer.result.raise_for_problems()
-        return restorer.result
+        return _in_this_process(restorer, tree)
     if entries is not None and entries <= SHARED_TREE_ENTRIES:
         records = list(tree())
         tree = lambda: iter(records)  # noqa: E731
     if restorer.selected.includes is not None:  # excludes alone leave most of the snapshot: its bytes do
         expected_bytes = selected_bytes(restorer, tree())
-    result = _Coordinator(restorer, tree, processes, split_above(expected_bytes)).run()
+    try:
+        result = _Coordinator(restorer, tree, processes, split_above(expected_bytes)).run()
+    except forked.WorkersNotStarted as exc:  # under a low limit, before anything was written: one process does it
+        restorer.result.warnings.append(f"{exc}; restored in this process instead")
+        return _in_this_process(restorer, tree)
     restorer.note_walked()  # this process walked the whole tree: the workers' counts are their stripes'
     result.raise_for_problems()
     return result
+
+
+def _in_this_process(restorer: Restorer, tree: Callable[[], Iterator[Record]]) -> RestoreResult:
+    restorer.restore_records(restorer.selected_records(tree()))
+    restorer.note_walked()
+    restorer.result.raise_for_problems()
+    return restorer.result
 
 
 def selected_bytes(restorer: Restorer, records: Iterator[Record]) -> int:

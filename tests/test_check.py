@@ -242,6 +242,28 @@ def test_forked_read_data_reports_what_threads_report(repo_with_data, password, 
     assert any(p[1].startswith("pack is missing") for p in forks[0])
 
 
+def test_read_data_whose_workers_cannot_start_reads_the_packs_in_its_own_process(repo_with_data, monkeypatch):
+    """Under a low limit (open files, processes) the workers do not start: the check reads every pack itself,
+    with a warning naming the limit, where it ended with that error and checked no pack."""
+    from chunkvault.store import check as check_module, forked
+
+    _, repo, _, _ = repo_with_data
+    whole = repo.check(read_data=True)
+    monkeypatch.setattr(check_module, "FORK_MIN_BYTES", 0)
+    monkeypatch.setattr(forked, "cores", lambda: 2)
+
+    def cannot_start(self, n, work):
+        raise forked.WorkersNotStarted("could not start worker process 2 of 2 (Too many open files); none is left "
+                                       "running: raise the limit (ulimit -n, LimitNOFILE=)")
+
+    monkeypatch.setattr(forked.Workers, "__init__", cannot_start)
+    r = repo.check(read_data=True)
+    assert r.ok and (r.packs_read, r.blobs_read, r.bytes_read) == (whole.packs_read, whole.blobs_read,
+                                                                  whole.bytes_read) and r.packs_read > 0
+    assert r.warnings == ["could not start worker process 2 of 2 (Too many open files); none is left running: "
+                          "raise the limit (ulimit -n, LimitNOFILE=); the packs were read in this process instead"]
+
+
 def test_a_backup_saved_while_check_loads_the_repository_is_no_problem(repo_with_data, password, monkeypatch,
                                                                        tmp_path):
     """Backups and check both take a shared lock: one that saves its snapshot between check's reading of the

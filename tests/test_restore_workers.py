@@ -104,6 +104,29 @@ def test_workers_restore_the_same_tree(tmp_path, new_repo, shared):
                 os.chmod(tmp_path / d / "d3", 0o755)
 
 
+def test_workers_that_cannot_start_leave_the_restore_to_this_process(tmp_path, new_repo):
+    """Under a low limit (open files, processes) the workers do not start: the restore is done in one
+    process, with a warning naming the limit, where it ended with that error and restored nothing."""
+    _, url, src = backed_up(tmp_path, new_repo, _many_files)
+    try:
+        cannot_start = textwrap.dedent("""
+            from chunkvault.store import forked
+            def cannot_start(self, n, work):
+                raise forked.WorkersNotStarted("could not start worker process 2 of 3 (Too many open files); none "
+                                               "is left running: raise the limit (ulimit -n, LimitNOFILE=)")
+            forked.Workers.__init__ = cannot_start
+        """).replace("\n", "\n        ")
+        r = _restore_in_child(url, str(tmp_path / "out"), processes=3, before=cannot_start)
+        assert r["processes"] == 1 and describe(tmp_path / "out") == describe(src)
+        assert r["warnings"] == ["could not start worker process 2 of 3 (Too many open files); none is left "
+                                 "running: raise the limit (ulimit -n, LimitNOFILE=); restored in this process "
+                                 "instead"]
+    finally:
+        os.chmod(src / "d3", 0o755)
+        if (tmp_path / "out" / "d3").exists():
+            os.chmod(tmp_path / "out" / "d3", 0o755)
+
+
 @pytest.mark.parametrize("stripe", [1 << 20, 256 << 20], ids=["files written in parts", "files written whole"])
 def test_workers_leave_blocks_of_zeros_inside_chunks_holes(tmp_path, new_repo, stripe):
     """Worker processes keep holes at block granularity as one process does: in a file whose stripes several
