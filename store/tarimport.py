@@ -8,7 +8,9 @@ with the number of members (an entry each), not with their data.
 """
 from __future__ import annotations
 
+import bz2
 import gzip
+import lzma
 import os
 import tarfile
 import zlib
@@ -24,6 +26,8 @@ from .xattrs import encode_xattrs
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
+BZIP2_MAGIC = b"BZh"
+XZ_MAGIC = (b"\xfd7zXZ\x00", b"\x5d\x00\x00\x80")  # xz, and the old .lzma as tarfile tells it
 IMPLIED_MODE = 0o755  # a directory the tar implies but does not list, with no listed directory below it
 _XATTR = "SCHILY.xattr."
 _ACL = ("SCHILY.acl.access", "SCHILY.acl.default")
@@ -284,15 +288,103 @@ def open_tar(raw: BinaryIO) -> tarfile.TarFile:
     if not head:
         raise UsageError("not a tar archive: the input is empty")
     stream: object = _Prefixed(head, raw)
-    if head.startswith(GZIP_MAGIC):  # tarfile's own gzip reader checks no CRC: damage would be stored as data
+    # Decompressed here, not by tarfile: its own readers stop quietly where the input does, so a stream cut
+    # short past the tar's end (its end marker and check gone) passed for whole; these raise EOFError there
+    if head.startswith(GZIP_MAGIC):
         stream = gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[call-overload]
+    elif head.startswith(BZIP2_MAGIC):
+        stream = bz2.BZ2File(stream)  # type: ignore[arg-type]
+    elif head.startswith(XZ_MAGIC):
+        stream = lzma.LZMAFile(stream)  # type: ignore[arg-type]
     elif head.startswith(ZSTD_MAGIC):
-        stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+        stream = _ZstdReader(stream)  # type: ignore[arg-type]
     try:
         return tarfile.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape",
                             tarinfo=_TarInfo)
+    except EOFError as exc:  # compressed, and broken off before a whole block of the tar came out of it
+        raise _damaged(exc, "before its first member") from None
     except _DAMAGE as exc:  # at its first block: whatever it is, no tar to read
         raise UsageError(f"not a tar archive ({exc})") from None
+
+
+class _ZstdFrames:
+    """A zstd stream's compressed bytes as read, its frames walked from their headers as they pass (nothing
+    is decompressed): whether it ended between frames, or within one, cut short."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._walk = self._frames()
+        self._need = next(self._walk)  # bytes the walk asks for next (negative: to be skipped, not looked at)
+        self._got = bytearray()
+        self._between = True  # the next bytes begin a frame
+
+    @property
+    def whole(self) -> bool:
+        """Whether what passed ends where a frame does."""
+        return self._between and not self._got
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self._feed(data)
+        return data
+
+    def _feed(self, data: bytes) -> None:
+        at = 0
+        while at < len(data):
+            if self._need < 0:
+                n = min(-self._need, len(data) - at)
+                self._need += n
+                at += n
+                done = not self._need
+            else:
+                n = min(self._need - len(self._got), len(data) - at)
+                self._got += data[at:at + n]
+                at += n
+                done = len(self._got) == self._need
+            if done:
+                got, self._got = bytes(self._got), bytearray()
+                self._need = self._walk.send(got)
+
+    def _frames(self) -> Iterator[int]:
+        """Yields how many bytes it needs next (negative: skipped), and is sent them (RFC 8878)."""
+        while True:
+            self._between = True
+            magic = yield 4
+            self._between = False
+            if 0x184D2A50 <= int.from_bytes(magic, "little") <= 0x184D2A5F:  # a skippable frame
+                size = int.from_bytes((yield 4), "little")
+                if size:
+                    yield -size
+                continue
+            descriptor = (yield 1)[0]
+            single, fcs, dict_id = descriptor >> 5 & 1, descriptor >> 6, descriptor & 3
+            header = (0 if single else 1) + (0, 1, 2, 4)[dict_id] + ((1 if single else 0), 2, 4, 8)[fcs]
+            if header:
+                yield header
+            last = False
+            while not last:
+                block = int.from_bytes((yield 3), "little")
+                last, kind, size = bool(block & 1), block >> 1 & 3, block >> 3
+                body = 1 if kind == 1 else size
+                if body:
+                    yield -body
+            if descriptor & 4:  # the content checksum
+                yield -4
+
+
+class _ZstdReader:
+    """A zstd stream decompressed, raising EOFError where it ends within a frame (python-zstandard's
+    reader stops there quietly: a stream cut short in its last frame passed for whole)."""
+
+    def __init__(self, raw: BinaryIO):
+        self._frames = _ZstdFrames(raw)
+        self._inner = zstandard.ZstdDecompressor().stream_reader(self._frames, read_across_frames=True)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._inner.read(n)
+        if not data and n and not self._frames.whole:
+            raise EOFError("zstd stream ended within a frame (cut short?)")
+        return data
 
 
 # What reading a damaged or cut archive raises: tarfile's errors, a decompressor's, a header's bad number

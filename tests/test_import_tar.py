@@ -338,6 +338,29 @@ def test_an_empty_archive_is_an_empty_tree_and_a_cut_compressed_one_saves_nothin
     assert [s.id for s in repo.snapshots()] == [snap.id]
 
 
+@pytest.mark.parametrize("compress", ["gz", "bz2", "xz", "zst"])
+@pytest.mark.parametrize("cut", [1, 4, "half", "first block"])
+def test_a_compressed_stream_cut_short_saves_nothing_wherever_it_breaks_off(new_repo, tree, tmp_path, compress,
+                                                                            cut):
+    """bzip2, xz and zstd streams cut short past the tar's end (their end marker and check missing) were
+    taken as whole, and a bzip2 one cut within its first block was 'not a tar archive (empty file)', exit 2:
+    tar -x fails on each ('Unexpected end of input')."""
+    if cut == "first block":  # a tar small enough for one bzip2 block, cut before any of it comes out
+        (tree := tmp_path / "small").mkdir()
+        (tree / "f").write_bytes(b"small" * 100)
+        cut = "half"
+    if compress == "zst":  # as the zstd tool writes it: a checksum ends the frame
+        import zstandard
+        data = zstandard.ZstdCompressor(write_checksum=True).compress(gnu_tar(tree, "pax"))
+    else:
+        data = gnu_tar(tree, "pax", compress)
+    data = data[: len(data) // 2 if cut == "half" else len(data) - cut]
+    repo = new_repo()
+    with pytest.raises(IncompleteSource, match="ends or breaks off"):
+        repo.import_tar(io.BytesIO(data), "/src")
+    assert repo.snapshots() == []
+
+
 class Trickle(io.RawIOBase):
     """A pipe whose writer is slow: each read gives at most a few bytes."""
 
