@@ -25,6 +25,7 @@ from .manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, 
 from .xattrs import encode_xattrs
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_SKIPPABLE = range(0x184D2A50, 0x184D2A60)  # a zstd frame of metadata (pzstd begins with one)
 GZIP_MAGIC = b"\x1f\x8b"
 BZIP2_MAGIC = b"BZh"
 XZ_MAGIC = (b"\xfd7zXZ\x00", b"\x5d\x00\x00\x80")  # xz, and the old .lzma as tarfile tells it
@@ -296,7 +297,7 @@ def open_tar(raw: BinaryIO) -> tarfile.TarFile:
         stream = bz2.BZ2File(stream)  # type: ignore[arg-type]
     elif head.startswith(XZ_MAGIC):
         stream = lzma.LZMAFile(stream)  # type: ignore[arg-type]
-    elif head.startswith(ZSTD_MAGIC):
+    elif head.startswith(ZSTD_MAGIC) or int.from_bytes(head[:4], "little") in ZSTD_SKIPPABLE:
         stream = _ZstdReader(stream)  # type: ignore[arg-type]
     try:
         return tarfile.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape",
@@ -351,7 +352,7 @@ class _ZstdFrames:
             self._between = True
             magic = yield 4
             self._between = False
-            if 0x184D2A50 <= int.from_bytes(magic, "little") <= 0x184D2A5F:  # a skippable frame
+            if int.from_bytes(magic, "little") in ZSTD_SKIPPABLE:
                 size = int.from_bytes((yield 4), "little")
                 if size:
                     yield -size

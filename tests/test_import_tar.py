@@ -361,6 +361,22 @@ def test_a_compressed_stream_cut_short_saves_nothing_wherever_it_breaks_off(new_
     assert repo.snapshots() == []
 
 
+def test_a_zstd_stream_that_begins_with_a_skippable_frame_is_read(new_repo, tree, tmp_path):
+    """pzstd (and zstd --format with seekable tables) begins with a skippable frame holding its frame sizes:
+    such a tar.zst, which tar -x reads, was 'not a tar archive'."""
+    import zstandard
+    data = gnu_tar(tree, "pax")
+    half = len(data) // 2
+    frames = [zstandard.ZstdCompressor(write_checksum=True).compress(part) for part in (data[:half], data[half:])]
+    table = b"".join(len(f).to_bytes(4, "little") for f in frames)
+    skippable = (0x184D2A50).to_bytes(4, "little") + len(table).to_bytes(4, "little") + table
+    repo = new_repo()
+    snap = repo.import_tar(io.BytesIO(skippable + b"".join(frames)), "/src").snapshot
+    same_tree(tree, restored(repo, snap, tmp_path / "out"))
+    with pytest.raises(IncompleteSource):  # still told when cut short
+        repo.import_tar(io.BytesIO(skippable + frames[0] + frames[1][:-2]), "/src")
+
+
 class Trickle(io.RawIOBase):
     """A pipe whose writer is slow: each read gives at most a few bytes."""
 
