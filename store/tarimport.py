@@ -31,7 +31,8 @@ BZIP2_MAGIC = b"BZh"
 XZ_MAGIC = (b"\xfd7zXZ\x00", b"\x5d\x00\x00\x80")  # xz, and the old .lzma as tarfile tells it
 IMPLIED_MODE = 0o755  # a directory the tar implies but does not list, with no listed directory below it
 _XATTR = "SCHILY.xattr."
-_ACL = ("SCHILY.acl.access", "SCHILY.acl.default")
+_ACL = {"SCHILY.acl.access": _XATTR + "system.posix_acl_access",  # an ACL as text -> as its attribute
+        "SCHILY.acl.default": _XATTR + "system.posix_acl_default"}
 GNUTYPE_DUMPDIR = b"D"  # GNU tar's incremental (``tar -g``) directory: the directory and a listing of its names
 ID_LIMIT = 2**32  # owner and group ids, and device major and minor numbers, as a snapshot holds them
 Store = Callable[[BinaryIO, bytes, int], "tuple[bytes, bytes, int]"]  # (stream, path, size) -> digest, ids, size
@@ -424,7 +425,7 @@ class Member(NamedTuple):
     entry: Entry
     names: tuple[str, str]
     link: bytes | None  # a hard link's target path (None: stripped away, or no hard link)
-    acl: bool = False  # the member has POSIX ACL records, which are not imported
+    acl: bool = False  # the member has POSIX ACL records without their attribute's, which are not imported
     link_name: str | None = None  # a hard link's target as the tar names it (None: no hard link)
     not_held: int = 0  # a GNU dumpdir's: how many names it lists as not in this archive (an incremental dump's)
 
@@ -489,7 +490,8 @@ def read_members(tf: tarfile.TarFile, store: Store, strip: int = 0) -> Iterator[
             continue
         e = _entry(m, rel)
         names = (m.uname, m.gname)
-        acl = any(k in m.pax_headers for k in _ACL)
+        # only as text: GNU tar --xattrs --acls writes the attribute too, which is imported
+        acl = any(k in m.pax_headers and a not in m.pax_headers for k, a in _ACL.items())
         if m.isreg():
             f = tf.extractfile(m)
             assert f is not None

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from chunkvault.errors import IncompleteSource, UsageError
 from chunkvault.store.manifest import T_DIR, T_FILE, T_HARDLINK, Entry
 from chunkvault.store.tarimport import TarTree, member_path, pax_time_ns
+from chunkvault.store.xattrs import decode_xattrs
 from treeutil import describe
 
 LONG = "l" * 60 + "/" + "ö" * 40 + "/" + "n" * 120  # past ustar's 100 and 155 byte fields: GNU or pax long names
@@ -408,6 +409,24 @@ def test_acl_records_are_left_out_with_a_warning(new_repo):
         t.addfile(f, io.BytesIO())
     result = new_repo().import_tar(io.BytesIO(out.getvalue()), "/x")
     assert result.warnings == ["the tar's POSIX ACL records (SCHILY.acl.*) are not imported"]
+
+
+def test_acl_records_beside_their_extended_attribute_are_imported_without_a_warning(new_repo):
+    """GNU tar --xattrs --acls writes an ACL twice: as text (SCHILY.acl.access) and as the attribute
+    (SCHILY.xattr.system.posix_acl_access), which is imported; the warning said it was not."""
+    acl = (b"\x02\x00\x00\x00" + b"\x01\x00\x06\x00\xff\xff\xff\xff" + b"\x04\x00\x04\x00\xff\xff\xff\xff"
+           + b"\x20\x00\x04\x00\xff\xff\xff\xff")
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
+        f = tarfile.TarInfo("f")
+        f.pax_headers = {"SCHILY.acl.access": "user::rw-\ngroup::r--\nother::r--\n",
+                         "SCHILY.xattr.system.posix_acl_access": acl.decode("utf-8", "surrogateescape")}
+        t.addfile(f, io.BytesIO())
+    repo = new_repo()
+    result = repo.import_tar(io.BytesIO(out.getvalue()), "/x")
+    assert result.warnings == []
+    entry = next(e for e in repo.tree(result.snapshot.id) if e.path == b"f")
+    assert decode_xattrs(entry.xattrs) == {b"system.posix_acl_access": acl}
 
 
 @pytest.mark.parametrize("damage", ["crc", "middle"])
