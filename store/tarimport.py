@@ -34,7 +34,8 @@ _XATTR = "SCHILY.xattr."
 _ACL = {"SCHILY.acl.access": _XATTR + "system.posix_acl_access",  # an ACL as text -> as its attribute
         "SCHILY.acl.default": _XATTR + "system.posix_acl_default"}
 GNUTYPE_DUMPDIR = b"D"  # GNU tar's incremental (``tar -g``) directory: the directory and a listing of its names
-ID_LIMIT = 2**32  # owner and group ids, and device major and minor numbers, as a snapshot holds them
+ID_LIMIT = 2**32  # owner and group ids, as a snapshot holds them
+DEVICE_LIMIT = 2**31  # device major and minor numbers: os.makedev takes a C int each (GNU tar's limit too)
 Store = Callable[[BinaryIO, bytes, int], "tuple[bytes, bytes, int]"]  # (stream, path, size) -> digest, ids, size
 
 
@@ -441,15 +442,16 @@ def _not_dumped(f: BinaryIO) -> int:
 
 
 def _check_ids(m: tarfile.TarInfo) -> None:
-    """A member's ids and device numbers beyond a snapshot's 32 bits (a pax header can hold any) are refused,
-    naming it: GNU tar rejects such a pax value too (exit 2), and any owner given instead would be made up."""
-    named = [("uid", m.uid), ("gid", m.gid)]
+    """A member's ids beyond a snapshot's 32 bits, and device numbers beyond 31 (a pax or GNU header can hold
+    any), are refused, naming it: GNU tar rejects such values too (exit 2), and any owner or device given
+    instead would be made up."""
+    named = [("uid", m.uid, ID_LIMIT), ("gid", m.gid, ID_LIMIT)]
     if m.ischr() or m.isblk():
-        named += [("device major", m.devmajor), ("device minor", m.devminor)]
-    for what, value in named:
-        if not 0 <= value < ID_LIMIT:
+        named += [("device major", m.devmajor, DEVICE_LIMIT), ("device minor", m.devminor, DEVICE_LIMIT)]
+    for what, value, limit in named:
+        if not 0 <= value < limit:
             raise UsageError(f"tar member {m.name!r} has {what} {value}, outside what a snapshot holds "
-                             f"(0 to {ID_LIMIT - 1}): refused")
+                             f"(0 to {limit - 1}): refused")
 
 
 def _entry(m: tarfile.TarInfo, rel: bytes) -> Entry:
