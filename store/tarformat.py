@@ -29,6 +29,15 @@ def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 
 
+def _device(value: int) -> bytes:
+    """A device major or minor field: octal, or past its 7 digits base 256 (a leading 0x80 byte), as GNU tar
+    writes it and GNU tar, bsdtar and Python's tarfile read it (pax has no record for device numbers that
+    GNU tar reads)."""
+    if value < 8 ** 7:
+        return _octal(value, 8)
+    return b"\x80" + value.to_bytes(7, "big")
+
+
 def _numeric(value: int, width: int, key: bytes, pax: list[bytes]) -> bytes:
     """A ustar numeric field; a value that does not fit it goes to ``pax`` (the field then holds 0)."""
     if 0 <= value < 8 ** (width - 1):
@@ -98,7 +107,7 @@ def header(kind: bytes, name: bytes, *, mode: int = 0o644, uid: int = 0, gid: in
         seconds = seconds if 0 <= seconds < 8 ** 11 else 0
     main = _block(kind, name_field, _octal(mode & 0o7777, 8), _numeric(uid, 8, b"uid", pax),
                   _numeric(gid, 8, b"gid", pax), _numeric(size, 12, b"size", pax),
-                  _numeric(seconds, 12, b"mtime", pax), link_field, _octal(major, 8), _octal(minor, 8),
+                  _numeric(seconds, 12, b"mtime", pax), link_field, _device(major), _device(minor),
                   _text(os.fsencode(users.get(uid, "")), 31, b"uname", pax),
                   _text(os.fsencode(groups.get(gid, "")), 31, b"gname", pax))
     raw = [name, link]  # what goes into the records as it is: the hdrcharset record says when it is not UTF-8

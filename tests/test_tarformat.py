@@ -24,8 +24,8 @@ members = st.fixed_dictionaries({
     "gid": st.integers(0, 2 ** 32),
     "mtime_ns": st.one_of(st.integers(-2 ** 40, 2 ** 40).map(lambda s: s * 10 ** 9), st.integers(-2 ** 62, 2 ** 62)),
     "link": names,
-    "major": st.integers(0, 4095),
-    "minor": st.integers(0, 2 ** 20),
+    "major": st.one_of(st.integers(0, 4095), st.integers(0, 2 ** 31 - 1)),  # as a snapshot holds them
+    "minor": st.one_of(st.integers(0, 2 ** 20), st.integers(0, 2 ** 31 - 1)),
     "xattrs": st.dictionaries(st.binary(min_size=1, max_size=20).filter(lambda b: b"\x00" not in b)
                               .map(lambda b: b"user." + b), st.binary(max_size=40), max_size=3),
     "data": st.binary(max_size=1500),
@@ -107,3 +107,15 @@ def test_gnu_tar_lists_exact_times_long_names_and_links(tmp_path):
     out.mkdir()
     subprocess.run(["tar", "-xf", str(tmp_path / "a.tar"), "-C", str(out)], check=True)
     assert (out / long.decode()).read_bytes() == b"x" * 700
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="no tar program")
+def test_device_numbers_past_seven_octal_digits_are_read_back_by_gnu_tar(tmp_path):
+    """A device number of 8**7 or more lost its high digits (the field's last byte cut off): a minor
+    40,000,000 read back as 5,000,000.  GNU tar and bsdtar read such a number in base 256, as GNU tar writes it."""
+    items = [{"kind": T.CHAR_DEVICE, "name": b"c", "mode": 0o600, "uid": 0, "gid": 0, "mtime_ns": 0, "link": b"",
+              "major": 3_000_000, "minor": 40_000_000, "xattrs": {}, "data": b""}]
+    (tmp_path / "a.tar").write_bytes(archive(items))
+    listing = subprocess.run(["tar", "-tvf", str(tmp_path / "a.tar")], capture_output=True, check=True,
+                             env={"TZ": "UTC", "LC_ALL": "C"}).stdout.decode()
+    assert " 3000000,40000000 " in listing
