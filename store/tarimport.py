@@ -46,9 +46,9 @@ def member_path(name: str, strip: int = 0, link_of: str | None = None) -> bytes 
     ``link_of``: the member ``name`` is the hard link target of (named first in the refusal)."""
     raw = os.fsencode(name)
     parts = [p for p in raw.split(b"/") if p]
-    if b".." in parts:
-        what = f"tar member {name!r}" if link_of is None else \
-            f"tar member {link_of!r} is a hard link to {name!r}, which"
+    if b".." in parts:  # names quoted as text, not repr(): the console shows a byte no UTF-8 holds as \xff
+        what = f"tar member '{name}'" if link_of is None else \
+            f"tar member '{link_of}' is a hard link to '{name}', which"
         raise UsageError(f"{what} has a '..' component: refused (it leads out of the tree)")
     if strip:
         if len(parts) <= strip:
@@ -402,7 +402,7 @@ class _MemberData:
         self._inner, self._name = inner, name
 
     def _failed(self, exc: BaseException) -> IncompleteSource:
-        return _damaged(exc, f"inside member {self._name!r}")
+        return _damaged(exc, f"inside member '{self._name}'")
 
     def read(self, n: int = -1) -> bytes:
         try:
@@ -450,7 +450,7 @@ def _check_ids(m: tarfile.TarInfo) -> None:
         named += [("device major", m.devmajor, DEVICE_LIMIT), ("device minor", m.devminor, DEVICE_LIMIT)]
     for what, value, limit in named:
         if not 0 <= value < limit:
-            raise UsageError(f"tar member {m.name!r} has {what} {value}, outside what a snapshot holds "
+            raise UsageError(f"tar member '{m.name}' has {what} {value}, outside what a snapshot holds "
                              f"(0 to {limit - 1}): refused")
 
 

@@ -552,3 +552,17 @@ def test_a_device_number_beyond_31_bits_is_refused_naming_the_member(cli, tmp_pa
     assert proc.stderr.decode().splitlines() == [
         f"chunkvault: tar member 'dev/null2' has {field.replace('dev', 'device ')} 2147483648, outside what "
         "a snapshot holds (0 to 2147483647): refused"]
+
+
+def test_a_member_name_that_is_not_utf8_is_shown_by_its_bytes_in_errors(cli, tmp_path):
+    """Names in these errors went through repr(): a byte that is no UTF-8 showed as Python's '\\udcff', not as
+    '\\xff', as every other message and listing shows it."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as t:
+        t.addfile(tarfile.TarInfo(os.fsdecode(b"a\xff/../x")), io.BytesIO())
+    url = str(tmp_path / "repo")
+    cli("init", "-r", url, "--kdf-time", "0")
+    proc = cli("import-tar", "-r", url, "--path", "/x", "-", input=out.getvalue(), check=2)
+    assert proc.stderr.decode().splitlines() == [
+        "chunkvault: tar member 'a\\xff/../x' has a '..' component: refused (it leads out of the tree)"]
