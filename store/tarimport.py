@@ -34,6 +34,9 @@ _XATTR = "SCHILY.xattr."
 _ACL = {"SCHILY.acl.access": _XATTR + "system.posix_acl_access",  # an ACL as text -> as its attribute
         "SCHILY.acl.default": _XATTR + "system.posix_acl_default"}
 GNUTYPE_DUMPDIR = b"D"  # GNU tar's incremental (``tar -g``) directory: the directory and a listing of its names
+GNUTYPE_VOLHDR = b"V"  # GNU tar's volume label (``tar -V``): tar -x makes nothing of it
+GNUTYPE_MULTIVOL = b"M"  # the rest of a file begun in the volume before (``tar -M``): tar -x refuses it alone
+_KNOWN_TYPES = frozenset(tarfile.SUPPORTED_TYPES) | {GNUTYPE_DUMPDIR, GNUTYPE_VOLHDR, GNUTYPE_MULTIVOL}
 ID_LIMIT = 2**32  # owner and group ids, as a snapshot holds them
 DEVICE_LIMIT = 2**31  # device major and minor numbers: os.makedev takes a C int each (GNU tar's limit too)
 Store = Callable[[BinaryIO, bytes, int], "tuple[bytes, bytes, int]"]  # (stream, path, size) -> digest, ids, size
@@ -429,6 +432,7 @@ class Member(NamedTuple):
     acl: bool = False  # the member has POSIX ACL records without their attribute's, which are not imported
     link_name: str | None = None  # a hard link's target as the tar names it (None: no hard link)
     not_held: int = 0  # a GNU dumpdir's: how many names it lists as not in this archive (an incremental dump's)
+    odd_type: bytes = b""  # a typeflag no tar defines (the member stored as a regular file), or GNUTYPE_MULTIVOL
 
 
 def _not_dumped(f: BinaryIO) -> int:
@@ -494,11 +498,13 @@ def read_members(tf: tarfile.TarFile, store: Store, strip: int = 0) -> Iterator[
         names = (m.uname, m.gname)
         # only as text: GNU tar --xattrs --acls writes the attribute too, which is imported
         acl = any(k in m.pax_headers and a not in m.pax_headers for k, a in _ACL.items())
-        if m.isreg():
+        if m.isreg() or m.type not in _KNOWN_TYPES:  # an unknown type is a regular file, as POSIX has it
             f = tf.extractfile(m)
             assert f is not None
             e.digest, e.chunks, e.size = store(_MemberData(f, m.name), rel, m.size)  # type: ignore[arg-type]
-            yield Member(e, names, None, acl)
+            yield Member(e, names, None, acl, odd_type=b"" if m.isreg() else m.type)
+        elif m.type == GNUTYPE_MULTIVOL:
+            yield Member(e, names, None, acl, odd_type=m.type)
         elif m.islnk():
             # None: stripped away with its member, no file there (add_link says so)
             target = member_path(m.linkname, strip, link_of=m.name)
@@ -544,6 +550,15 @@ def read_tree(tf: tarfile.TarFile, store: Store, strip: int = 0) -> TarTree:
         if m.acl and not acl_warned:
             tree.warnings.append("the tar's POSIX ACL records (SCHILY.acl.*) are not imported")
             acl_warned = True
+        shown = os.fsdecode(m.entry.path)
+        if m.odd_type == GNUTYPE_MULTIVOL:
+            tree.warnings.append(f"{shown}: a tar member continued from another volume (type 'M'), which tar -x "
+                                 "refuses: left out")
+            tree.unreadable.append(shown)
+            continue
+        if m.odd_type:
+            tree.warnings.append(f"{shown}: a tar member of unknown type {os.fsdecode(m.odd_type)!r}: stored as a "
+                                 "regular file, as tar -x extracts it")
         if not m.entry.path and m.entry.type != T_DIR:
             tree.warnings.append("a member named . that is not a directory: left out")
         elif m.link_name is not None:

@@ -566,3 +566,23 @@ def test_a_member_name_that_is_not_utf8_is_shown_by_its_bytes_in_errors(cli, tmp
     proc = cli("import-tar", "-r", url, "--path", "/x", "-", input=out.getvalue(), check=2)
     assert proc.stderr.decode().splitlines() == [
         "chunkvault: tar member 'a\\xff/../x' has a '..' component: refused (it leads out of the tree)"]
+
+
+def test_a_member_of_a_type_tar_does_not_know_is_a_regular_file_as_tar_x_extracts_it(new_repo, tmp_path):
+    """A member of a type no tar defines was left out without a word, where tar -x extracts it as a regular
+    file (as POSIX says to); a GNU volume label is no file to either, and the rest of a file begun in another
+    volume is left out with a warning, as tar -x refuses it."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for name, kind in [("label", b"V"), ("reg", tarfile.REGTYPE), ("odd", b"Z"), ("rest", b"M")]:
+            i = tarfile.TarInfo(name)
+            i.type, i.size = kind, 5
+            t.addfile(i, io.BytesIO(name.encode()[:1] * 5))
+    repo = new_repo()
+    result = repo.import_tar(io.BytesIO(out.getvalue()), "/x")
+    assert result.warnings == ["odd: a tar member of unknown type 'Z': stored as a regular file, as tar -x extracts it",
+                               "rest: a tar member continued from another volume (type 'M'), which tar -x refuses: "
+                               "left out"]
+    restored(repo, result.snapshot, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["odd", "reg"]
+    assert (tmp_path / "out" / "odd").read_bytes() == b"ooooo"
