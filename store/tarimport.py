@@ -21,7 +21,8 @@ import zstandard
 
 from chunkvault.errors import IncompleteSource, UsageError
 
-from .manifest import T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry, held_ns, sort_key
+from .manifest import (NS_MAX, NS_MIN, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry,
+                       held_ns, sort_key)
 from .xattrs import encode_xattrs
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -556,6 +557,9 @@ def read_tree(tf: tarfile.TarFile, store: Store, strip: int = 0) -> TarTree:
                                  "refuses: left out")
             tree.unreadable.append(shown)
             continue
+        if m.link_name is None and not NS_MIN < m.entry.mtime_ns < NS_MAX:  # held_ns moved it, as a backup's
+            tree.warnings.append("modification time before 1677 or after 2262, stored as the nearest of those "
+                                 f"ends: {shown}")
         if m.odd_type:
             tree.warnings.append(f"{shown}: a tar member of unknown type {os.fsdecode(m.odd_type)!r}: stored as a "
                                  "regular file, as tar -x extracts it")

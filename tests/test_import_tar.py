@@ -586,3 +586,18 @@ def test_a_member_of_a_type_tar_does_not_know_is_a_regular_file_as_tar_x_extract
     restored(repo, result.snapshot, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["odd", "reg"]
     assert (tmp_path / "out" / "odd").read_bytes() == b"ooooo"
+
+
+def test_a_time_beyond_what_a_snapshot_holds_is_warned_of_as_a_backup_warns(new_repo):
+    """A member's mtime before 1677 or after 2262 (a pax or GNU header holds any) was moved to the nearest
+    end without a word, where a backup warns of each such file."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, mtime in [("late", 2**40), ("early", -(2**40)), ("fine", 1_600_000_000)]:
+            i = tarfile.TarInfo(name)
+            i.mtime = mtime
+            t.addfile(i, io.BytesIO())
+    result = new_repo().import_tar(io.BytesIO(out.getvalue()), "/x")
+    assert result.warnings == [
+        f"modification time before 1677 or after 2262, stored as the nearest of those ends: {name}"
+        for name in ("late", "early")]
