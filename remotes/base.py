@@ -14,7 +14,7 @@ import re
 import ssl
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from chunkvault.errors import ObjectNotFound, RemoteUnavailable, UsageError
 
@@ -81,14 +81,22 @@ def cert_hint(verify_code: int | None, holder: str, trust: str) -> str:
     return trust
 
 
-def cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
-    """The failed verification among the causes of ``exc``, if one is."""
+_E = TypeVar("_E", bound=BaseException)
+
+
+def cause_of(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first of ``exc`` and its causes (explicit or implicit) that is a ``kind``, if one is."""
     cause: BaseException | None = exc
     while cause is not None:
-        if isinstance(cause, ssl.SSLCertVerificationError):
+        if isinstance(cause, kind):
             return cause
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+def cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The failed verification among the causes of ``exc``, if one is."""
+    return cause_of(exc, ssl.SSLCertVerificationError)
 
 
 def text_after_bracket(netloc: str) -> str:

@@ -74,9 +74,9 @@ from chunkvault.errors import (
 )
 from chunkvault.localfiles import read_capped
 
-from .base import (ObjectInfo, Remote, cert_failure, cert_hint, connections_option, from_environment, is_key,
-                   is_loopback, keyword_options, refuse_unknown_options, served_range, timeout_option, validate_key,
-                   validate_prefix)
+from .base import (ObjectInfo, Remote, cause_of, cert_failure, cert_hint, connections_option, from_environment,
+                   is_key, is_loopback, keyword_options, refuse_unknown_options, served_range, timeout_option,
+                   validate_key, validate_prefix)
 
 DEFAULT_PORT = 6362
 LIMIT_HEADER = "Chunkvault-Max-Object-Size"
@@ -146,15 +146,6 @@ def _transport_reason(exc: BaseException) -> str:
             return f"{cause.args[0]} ({type(inner).__name__})"
         cause = cause.__cause__ or cause.__context__
     return type(exc).__name__
-
-
-def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ssl.SSLError):
-            return cause
-        cause = cause.__cause__ or cause.__context__
-    return None
 
 
 SEND_BLOCK = 64 * 1024
@@ -340,7 +331,7 @@ class HTTPRemote(Remote):
                     f"TLS certificate of {self.display_url} not trusted: {failure.verify_message or 'verification failed'} "
                     f"({hint})"
                 ) from None
-            cause = _ssl_cause(exc)
+            cause = cause_of(exc, ssl.SSLError)
             if cause is not None and cause.reason == "WRONG_VERSION_NUMBER":  # what a plain HTTP server answers
                 raise RemoteError(f"{self.display_url} does not answer in TLS: if the service runs without "
                                   "--tls-cert, its URL is http://") from None

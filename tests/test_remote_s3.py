@@ -1,11 +1,13 @@
 """S3Remote against moto running as a real HTTP server (see servers_s3.py)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email.utils
 import re
 import socket
 import time
+from typing import Iterator
 
 import botocore.exceptions
 import botocore.utils
@@ -582,58 +584,51 @@ def test_prune_over_s3_aborts_old_unfinished_uploads(tmp_path, s3_bucket, moto_s
     assert not client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads")
 
 
+@contextlib.contextmanager
+def _tls_endpoint(cert, key) -> Iterator[str]:
+    """The URL of an https endpoint on 127.0.0.1 serving ``cert``: the handshake is what the tests look at."""
+    import http.server
+    import ssl
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("expired, issued_for, hint", [
     (True, "127.0.0.1", "renew the endpoint's certificate, or set this machine's clock right"),
     (False, "10.9.8.7", "use the host name (or address) the certificate was issued for")])
 def test_a_trusted_certificate_out_of_date_or_of_another_address_is_not_told_to_set_the_ca_bundle(
         tmp_path, s3_credentials, monkeypatch, expired, issued_for, hint):
     """The CA bundle was set, and no other could help: the hint says what can."""
-    import http.server
-    import ssl
-    import threading
-
     from servers_http import make_self_signed
 
     cert, key = make_self_signed(tmp_path, issued_for, expired=expired)
     monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
-    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        remote = open_remote("s3://bkt/repo", endpoint_url=f"https://127.0.0.1:{server.server_address[1]}")
+    with _tls_endpoint(cert, key) as endpoint:
+        remote = open_remote("s3://bkt/repo", endpoint_url=endpoint)
         with pytest.raises(PermissionDenied, match="does not verify") as info:
             remote.get("config")
         assert hint in str(info.value) and "AWS_CA_BUNDLE" not in str(info.value)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_an_endpoint_whose_certificate_does_not_verify_is_said_so_at_once(tmp_path, s3_credentials):
     """Not an outage: retried, it failed the same way for half a minute and was said as "SSLError" alone."""
-    import http.server
-    import ssl
-    import threading
-
     from servers_http import make_self_signed
 
     cert, key = make_self_signed(tmp_path)
-    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        remote = open_remote("s3://bkt/repo", endpoint_url=f"https://127.0.0.1:{server.server_address[1]}")
+    with _tls_endpoint(cert, key) as endpoint:
+        remote = open_remote("s3://bkt/repo", endpoint_url=endpoint)
         started = time.monotonic()
         with pytest.raises(PermissionDenied, match="TLS certificate of https://127.0.0.1:.* does not verify .*"
                                                    "AWS_CA_BUNDLE"):
             remote.get("config")
         assert time.monotonic() - started < 5
-    finally:
-        server.shutdown()
-        server.server_close()
