@@ -8,6 +8,7 @@ with the number of members (an entry each), not with their data.
 """
 from __future__ import annotations
 
+import bisect
 import bz2
 import gzip
 import lzma
@@ -398,27 +399,62 @@ class _ZstdReader:
 _DAMAGE = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, OSError, ValueError)
 
 
+TOLD_HOLE_BYTES = 1 << 20  # a sparse member's holes this long are told to the chunker, not made and scanned
+
+
 class _MemberData:
     """A member's content as ``store`` reads it: what the archive's damage raises there is IncompleteSource,
-    told apart from the errors of storing it."""
+    told apart from the errors of storing it.  A sparse member's long holes are told as zeros
+    (``zeros_ahead``, as ``Chunker.chunks`` takes them): a 10 GiB member of holes took 18 s, its zeros made,
+    scanned and hashed chunk by chunk."""
 
-    def __init__(self, inner: BinaryIO, name: str):
+    def __init__(self, inner: BinaryIO, name: str, sparse: list[tuple[int, int]] | None = None,
+                 size: int = 0):
         self._inner, self._name = inner, name
+        self._holes = _holes(sparse, size) if sparse else []
+        self._pos = 0
+        if self._holes:  # positioned directly: the buffered reader over a tar read as a stream cannot seek
+            self._inner = inner.raw  # type: ignore[attr-defined]
 
     def _failed(self, exc: BaseException) -> IncompleteSource:
         return _damaged(exc, f"inside member '{self._name}'")
 
     def read(self, n: int = -1) -> bytes:
         try:
-            return self._inner.read(n)
+            data = self._inner.read(n)
         except _DAMAGE as exc:
             raise self._failed(exc) from None
+        self._pos += len(data)
+        return data
 
     def readinto(self, b: memoryview) -> int:
         try:
-            return self._inner.readinto(b)  # type: ignore[attr-defined]
+            n = self._inner.readinto(b)  # type: ignore[attr-defined]
         except _DAMAGE as exc:
             raise self._failed(exc) from None
+        self._pos += n
+        return n
+
+    def zeros_ahead(self) -> int:
+        at = bisect.bisect_right(self._holes, (self._pos, 1 << 63)) - 1
+        if at >= 0 and self._holes[at][0] <= self._pos < self._holes[at][1]:
+            return self._holes[at][1] - self._pos
+        return 0
+
+    def skip(self, n: int) -> None:
+        self._pos += n
+        self._inner.seek(self._pos)
+
+
+def _holes(sparse: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The (start, end) of each hole of at least ``TOLD_HOLE_BYTES`` in a member of ``size`` bytes whose data
+    lies in the ``sparse`` (offset, length) blocks."""
+    out, end = [], 0
+    for offset, length in sorted(sparse) + [(size, 0)]:
+        if offset - end >= TOLD_HOLE_BYTES:
+            out.append((end, offset))
+        end = max(end, offset + length)
+    return out
 
 
 def _damaged(exc: BaseException, where: str) -> IncompleteSource:
@@ -502,7 +538,8 @@ def read_members(tf: tarfile.TarFile, store: Store, strip: int = 0) -> Iterator[
         if m.isreg() or m.type not in _KNOWN_TYPES:  # an unknown type is a regular file, as POSIX has it
             f = tf.extractfile(m)
             assert f is not None
-            e.digest, e.chunks, e.size = store(_MemberData(f, m.name), rel, m.size)  # type: ignore[arg-type]
+            data = _MemberData(f, m.name, m.sparse, m.size)  # type: ignore[arg-type]
+            e.digest, e.chunks, e.size = store(data, rel, m.size)  # type: ignore[arg-type]
             yield Member(e, names, None, acl, odd_type=b"" if m.isreg() else m.type)
         elif m.type == GNUTYPE_MULTIVOL:
             yield Member(e, names, None, acl, odd_type=m.type)

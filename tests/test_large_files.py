@@ -165,6 +165,37 @@ def test_import_tar_of_a_member_over_8_gib_from_gnu_tar_sparse(tmp_path, new_rep
         assert f.read(10) == pages[size - PAGE][-1:]
 
 
+@pytest.mark.parametrize("tar_format", ["gnu", "posix"])
+def test_import_tar_tells_a_sparse_member_s_holes_as_a_backup_does(tmp_path, new_repo, monkeypatch, tar_format):
+    """A sparse member's long holes are given to the chunker as zeros, not made and scanned: the member is
+    stored as the same chunks as a backup of the file stores, its holes barely read out of the archive."""
+    need_holes(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    size = 512 * MiB + 12345
+    sparse_file(src / "big", size, [0, 3 * MiB + 5, 200 * MiB, size - 1])
+    tarball = tmp_path / "big.tar"
+    subprocess.run(["tar", "-cSf", str(tarball), f"--format={tar_format}", "-C", str(src), "big"], check=True)
+    repo = new_repo()
+    backed = {e.path: e for e in repo.tree(repo.backup([str(src)]).snapshot)}[b"big"]
+    real, made = tarfile._FileInFile.read, []
+
+    def counted(self, size=None):
+        data = real(self, size)
+        made.append(len(data))
+        return data
+
+    monkeypatch.setattr(tarfile._FileInFile, "read", counted)
+    with open(tarball, "rb") as f:
+        snap = repo.import_tar(f, "/srv").snapshot
+    imported = {e.path: e for e in repo.tree(snap)}[b"big"]
+    assert (imported.size, imported.digest, imported.chunks) == (size, backed.digest, backed.chunks)
+    assert sum(made) < 32 * MiB
+    out = tmp_path / "out"
+    repo.restore(snap.id, str(out))
+    assert_same_sparse(src / "big", out / "big")
+
+
 # --- holes told, not read -----------------------------------------------------------------------------
 
 def punched(path) -> bytes:
