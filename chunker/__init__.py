@@ -202,8 +202,9 @@ class Chunker:
         sparse file's holes) has ``zeros_ahead()``, the zero bytes from its
         position on, and ``skip(n)`` past n of them: each whole
         ``zero_chunk`` a hole holds from a cut point on is then given as
-        that one object, neither read nor scanned.  Its ``readinto`` must
-        not return bytes of a hole and of data in one call.
+        that one object, neither read nor scanned.  The unfinished chunk is
+        checked to be zeros before any is skipped, so whatever the reads
+        return the cuts are those of reading every byte.
         """
         if not isinstance(bufsize, int) or isinstance(bufsize, bool) or bufsize <= 0:
             raise ValueError(f"bufsize must be a positive int, got {bufsize!r}")
