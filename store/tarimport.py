@@ -448,9 +448,11 @@ class _MemberData:
 
 def _holes(sparse: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
     """The (start, end) of each hole of at least ``TOLD_HOLE_BYTES`` in a member of ``size`` bytes whose data
-    lies in the ``sparse`` (offset, length) blocks."""
+    lies in the ``sparse`` (offset, length) blocks.  A block starting past ``size`` (a damaged or crafted map)
+    ends no hole there: the member is ``size`` bytes, as tarfile reads it, and a hole told past it made it longer."""
     out, end = [], 0
     for offset, length in sorted(sparse) + [(size, 0)]:
+        offset = min(offset, size)
         if offset - end >= TOLD_HOLE_BYTES:
             out.append((end, offset))
         end = max(end, offset + length)

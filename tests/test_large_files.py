@@ -6,11 +6,13 @@ take little disk; what they cost is the time to read their zeros.
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 import tarfile
 
+import blake3
 import pytest
 
 from chunkvault.chunker.params import DEFAULT_PARAMS
@@ -194,6 +196,26 @@ def test_import_tar_tells_a_sparse_member_s_holes_as_a_backup_does(tmp_path, new
     out = tmp_path / "out"
     repo.restore(snap.id, str(out))
     assert_same_sparse(src / "big", out / "big")
+
+
+def test_import_tar_of_a_sparse_map_running_past_the_member_s_size_keeps_its_size(tmp_path, new_repo):
+    """A sparse map whose last block starts past the member's size (a damaged or crafted header) tells no hole
+    past that size: the member is stored as the bytes tarfile reads, not lengthened to the block's offset."""
+    size, blocks = 3 * MiB, [(0, 10), (8 * MiB, 10)]
+    member = tarfile.TarInfo("f")
+    member.size = 20
+    member.pax_headers = {"GNU.sparse.numblocks": "2", "GNU.sparse.size": str(size),
+                          "GNU.sparse.map": ",".join(f"{o},{n}" for o, n in blocks)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(member, io.BytesIO(b"a" * 10 + b"b" * 10))
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tf:
+        expected = tf.extractfile(tf.next()).read()
+    assert len(expected) == size
+    repo = new_repo()
+    snap = repo.import_tar(io.BytesIO(buf.getvalue()), "/srv").snapshot
+    entry = {e.path: e for e in repo.tree(snap)}[b"f"]
+    assert (entry.size, entry.digest) == (size, blake3.blake3(expected).digest())
 
 
 # --- holes told, not read -----------------------------------------------------------------------------
