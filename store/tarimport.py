@@ -309,8 +309,8 @@ def open_tar(raw: BinaryIO) -> tarfile.TarFile:
     try:
         return tarfile.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape",
                             tarinfo=_TarInfo)
-    except EOFError as exc:  # compressed, and broken off before a whole block of the tar came out of it
-        raise _damaged(exc, "before its first member") from None
+    except (EOFError, IndexError) as exc:  # compressed, and broken off before a whole block of the tar came out
+        raise _damaged(exc, "before its first member") from None  # of it; or a sparse header's extension cut
     except _DAMAGE as exc:  # at its first block: whatever it is, no tar to read
         raise UsageError(f"not a tar archive ({exc})") from None
 
@@ -396,7 +396,8 @@ class _ZstdReader:
 
 
 # What reading a damaged or cut archive raises: tarfile's errors, a decompressor's, a header's bad number
-_DAMAGE = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, OSError, ValueError)
+# IndexError: tarfile parses a GNU sparse header's extension block cut short (a block of fewer than 512 bytes)
+_DAMAGE = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, OSError, ValueError, IndexError)
 
 
 TOLD_HOLE_BYTES = 1 << 20  # a sparse member's holes this long are told to the chunker, not made and scanned
@@ -460,7 +461,7 @@ def _holes(sparse: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
 
 
 def _damaged(exc: BaseException, where: str) -> IncompleteSource:
-    text = str(exc) or type(exc).__name__
+    text = "a header cut short" if isinstance(exc, IndexError) else str(exc) or type(exc).__name__
     return IncompleteSource(f"the tar ends or breaks off {where} ({text}): no snapshot saved")
 
 

@@ -176,6 +176,31 @@ def test_a_truncated_tar_saves_no_snapshot(new_repo, tree):
     assert repo.snapshots() == []
 
 
+def test_a_tar_cut_inside_a_gnu_sparse_header_s_extension_block_saves_no_snapshot(new_repo, tmp_path):
+    """GNU tar's sparse header holds 4 blocks of the map; more go to extension blocks after it.  Cut inside one
+    (first member or a later one), the tar breaks off (exit 20), not an internal error (IndexError, exit 1)."""
+    big = tmp_path / "src" / "sparse"
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        for i in range(8):
+            f.seek(i * 65536)
+            f.write(b"x")
+        f.truncate(1 << 20)
+    (tmp_path / "src" / "a").write_bytes(b"a")
+    data = subprocess.run(["tar", "--format=gnu", "-cSf", "-", "-C", str(tmp_path / "src"), "a", "sparse"],
+                          capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert [m.name for m in tf] == ["a", "sparse"] and len(tf.getmember("sparse").sparse) > 4
+    first = subprocess.run(["tar", "--format=gnu", "-cSf", "-", "-C", str(tmp_path / "src"), "sparse"],
+                           capture_output=True, check=True).stdout
+    repo = new_repo()
+    for cut in (data[:1024 + 600], first[:600]):  # the extension block after member 'a' / as the tar's first
+        with pytest.raises(IncompleteSource) as err:
+            repo.import_tar(io.BytesIO(cut), "/src")
+        assert err.value.exit_code == 20 and "a header cut short" in str(err.value)
+    assert repo.snapshots() == []
+
+
 def test_truncated_and_refused_input_through_the_cli(cli, tree, tmp_path):
     url = str(tmp_path / "repo")
     cli("init", "-r", url, "--kdf-time", "0")
