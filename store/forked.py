@@ -166,10 +166,17 @@ class Workers(Generic[T]):
     def __init__(self, n: int, work: Callable[[int, Reporter], T]):
         self.workers: list[_Worker[T]] = []
         self.ok = False
+        self._go: tuple[int, int] | None = None
         try:
+            # Each worker waits for every one to have started before it does anything: a worker left running
+            # while a later one could not start had written part of a restore, which the caller then redid
+            # in its own process ('File exists', a file cut short where it was stopped).
+            self._go = os.pipe()
             for k in range(n):
                 self.workers.append(self._fork(k, work))
+            os.write(self._go[1], bytes(n))
         except BaseException as exc:  # no pipe or process left (EMFILE, EAGAIN), or interrupted: none stays
+            self._close_go()
             self.__exit__()
             if isinstance(exc, OSError):
                 limit = {errno.EMFILE: " (ulimit -n, LimitNOFILE=)", errno.EAGAIN: " (ulimit -u, TasksMax=)",
@@ -178,6 +185,14 @@ class Workers(Generic[T]):
                 raise WorkersNotStarted(f"could not start worker process {len(self.workers) + 1} of {n} "
                                         f"({exc.strerror}); none is left running{hint}") from None
             raise
+        self._close_go()
+
+    def _close_go(self) -> None:
+        """The start pipe closed: a worker still waiting on it reads its end and does nothing."""
+        if self._go is not None:
+            for fd in self._go:
+                os.close(fd)
+            self._go = None
 
     def _fork(self, k: int, work: Callable[[int, Reporter], T]) -> _Worker[T]:
         parent = os.getpid()
@@ -200,7 +215,9 @@ class Workers(Generic[T]):
                 os.close(rfd)
                 for w in self.workers:
                     os.close(w.fd)
-                code = _live(k, work, wfd, parent)
+                assert self._go is not None
+                os.close(self._go[1])
+                code = _live(k, work, wfd, parent, self._go[0])
             finally:
                 os._exit(code)  # never back into the caller's frames
         os.close(wfd)
@@ -241,14 +258,19 @@ def _asked_to_stop(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _live(k: int, work: Callable[[int, Reporter], Any], fd: int, parent: int) -> int:
-    """A worker's life: do its share, send the result or the error, exit."""
+def _live(k: int, work: Callable[[int, Reporter], Any], fd: int, parent: int, go: int) -> int:
+    """A worker's life: once every worker has started (a byte on ``go``), do its share, send the result or the
+    error, exit."""
     gc.freeze()  # its collections leave the objects it shares with its parent (and their pages) alone
     for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a service manager stopping the whole group,
         signal.signal(signum, signal.SIG_IGN)        # reaches the parent too, which ends the workers:
     signal.signal(signal.SIGUSR1, _asked_to_stop)    # with this one
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
+        return 1
+    started = os.read(go, 1)
+    os.close(go)
+    if not started:  # a later worker could not start: the caller does the work, none of it done here
         return 1
     try:
         result = work(k, Reporter(fd))

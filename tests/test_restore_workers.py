@@ -127,6 +127,39 @@ def test_workers_that_cannot_start_leave_the_restore_to_this_process(tmp_path, n
             os.chmod(tmp_path / "out" / "d3", 0o755)
 
 
+def test_workers_started_before_one_that_cannot_start_write_nothing(tmp_path, new_repo):
+    """The third worker's fork fails (EMFILE) once the first two had every chance to begin: they wait for all
+    to start, so the restore done in this process instead finds an empty target.  They wrote their stripes,
+    and the restore then failed on each of those files ('File exists', exit 14), one left cut short."""
+    _, url, src = backed_up(tmp_path, new_repo, _many_files)
+    out = tmp_path / "out"
+    try:
+        third_fails = textwrap.dedent(f"""
+            import errno, os, time
+            from chunkvault.store import forked
+            fork = forked.Workers._fork
+            def failing(self, k, work):
+                if k < 2:
+                    return fork(self, k, work)
+                for _ in range(300):  # until a worker wrote a file, or long enough for one to have
+                    if any(len(files) for _, _, files in os.walk({str(out)!r})):
+                        break
+                    time.sleep(0.01)
+                raise OSError(errno.EMFILE, "Too many open files")
+            forked.Workers._fork = failing
+        """).replace("\n", "\n        ")
+        r = _restore_in_child(url, str(out), processes=3, before=third_fails)
+        assert "error" not in r, r
+        assert r["processes"] == 1 and describe(out) == describe(src)
+        assert r["warnings"] == ["could not start worker process 3 of 3 (Too many open files); none is left "
+                                 "running: raise the limit (ulimit -n, LimitNOFILE=); restored in this process "
+                                 "instead"]
+    finally:
+        os.chmod(src / "d3", 0o755)
+        if (out / "d3").exists():
+            os.chmod(out / "d3", 0o755)
+
+
 @pytest.mark.parametrize("stripe", [1 << 20, 256 << 20], ids=["files written in parts", "files written whole"])
 def test_workers_leave_blocks_of_zeros_inside_chunks_holes(tmp_path, new_repo, stripe):
     """Worker processes keep holes at block granularity as one process does: in a file whose stripes several
