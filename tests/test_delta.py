@@ -446,9 +446,10 @@ def test_a_chain_longer_than_the_bound_is_refused_naming_ids(tmp_path, new_repo,
     from chunkvault.store.blob import MAX_DELTA_DEPTH
 
     repo = new_repo(chunker=SMALL)
-    # a writer that ignores the format's bound
+    # a writer that ignores the format's bound, and restarts no chain in turns (whose phase the key sets)
     repo.store.max_delta_depth = 2 * MAX_DELTA_DEPTH + 2
     monkeypatch.setattr(backup_module, "CONTENT_DEFINED_DELTA_DEPTH", 2 * MAX_DELTA_DEPTH + 2)
+    monkeypatch.setattr(backup_module, "restart_turns", lambda sequence, phase, bound: range(0))
     series = page_series(tmp_path, repo, MAX_DELTA_DEPTH + 3, random.Random(14), pages=64, share=1.0)
     last = series[-1][0]
     deep = deepest_delta(repo, last)
