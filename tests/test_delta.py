@@ -41,6 +41,17 @@ def assert_all_restore(repo, snaps_and_trees, tmp_path):
     assert repo.check(read_data=True).ok
 
 
+def _page_file_backed_up(tmp_path, new_repo, rnd: random.Random, share: float):
+    """(repository, source): a 2 MiB page file backed up, then ``share`` of its pages changed."""
+    src = tmp_path / "db"
+    src.mkdir()
+    page_file(src / "table", 256, rnd)
+    repo = new_repo()
+    repo.backup([str(src)])
+    touch_pages(src / "table", share, rnd)
+    return repo, src
+
+
 def test_differentials_of_a_page_file_are_small_and_restore(tmp_path, new_repo):
     rnd = random.Random(3)
     src = tmp_path / "db"
@@ -378,13 +389,7 @@ def test_block_map_marks_exactly_the_blocks_that_differ_or_lie_past_the_base(n, 
 def test_plain_compression_is_skipped_for_a_delta_far_smaller_than_the_whole_blob(tmp_path, new_repo, monkeypatch):
     from chunkvault.store import repository
 
-    rnd = random.Random(14)
-    src = tmp_path / "db"
-    src.mkdir()
-    page_file(src / "table", 256, rnd)
-    repo = new_repo()
-    repo.backup([str(src)])
-    touch_pages(src / "table", 0.3, rnd)
+    repo, src = _page_file_backed_up(tmp_path, new_repo, random.Random(14), 0.3)
     calls = []
     real = repository.compress
     monkeypatch.setattr(repository, "compress", lambda data, level: calls.append(len(data)) or real(data, level))
@@ -734,13 +739,7 @@ def test_a_backup_sets_each_file_s_restart_turns_by_the_repository_s_keyed_hash(
     which chunks a version stores whole says nothing of the paths to whoever holds the storage."""
     from chunkvault.store import backup as backup_module
 
-    rnd = random.Random(5)
-    src = tmp_path / "db"
-    src.mkdir()
-    page_file(src / "table", 256, rnd)
-    repo = new_repo()
-    repo.backup([str(src)])
-    touch_pages(src / "table", 0.5, rnd)
+    repo, src = _page_file_backed_up(tmp_path, new_repo, random.Random(5), 0.5)
     real, hashes = backup_module.restart_phase, []
 
     def recorded(keyed_hash, path):

@@ -543,20 +543,24 @@ def test_a_hard_link_to_nothing_or_a_directory_says_which(new_repo):
         new_repo().import_tar(io.BytesIO(out.getvalue()), "/src")
 
 
+def _refusal_of(cli, tmp_path, member: tarfile.TarInfo) -> list[str]:
+    """The lines import-tar says of a GNU tar holding ``member`` alone, which it must refuse (exit 2)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as t:
+        t.addfile(member)
+    url = str(tmp_path / "repo")
+    cli("init", "-r", url, "--kdf-time", "0")
+    return cli("import-tar", "-r", url, "--path", "/x", "-", input=out.getvalue(), check=2).stderr.decode().splitlines()
+
+
 @pytest.mark.parametrize("field", ["uid", "gid", "devmajor"])
 def test_an_id_beyond_32_bits_is_refused_naming_the_member(cli, tmp_path, field):
     """A pax header holds any uid; a snapshot 32 bits: this was an internal error (exit 1)."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as t:
-        i = tarfile.TarInfo("dir/member")
-        if field == "devmajor":
-            i.type = tarfile.CHRTYPE
-        setattr(i, field, 2**40)
-        t.addfile(i)
-    url = str(tmp_path / "repo")
-    cli("init", "-r", url, "--kdf-time", "0")
-    proc = cli("import-tar", "-r", url, "--path", "/x", "-", input=out.getvalue(), check=2)
-    assert proc.stderr.decode().splitlines() == [
+    i = tarfile.TarInfo("dir/member")
+    if field == "devmajor":
+        i.type = tarfile.CHRTYPE
+    setattr(i, field, 2**40)
+    assert _refusal_of(cli, tmp_path, i) == [
         f"chunkvault: tar member 'dir/member' has {field.replace('dev', 'device ')} 1099511627776, outside what "
         f"a snapshot holds (0 to {2**31 - 1 if field == 'devmajor' else 2**32 - 1}): refused"]
 
@@ -565,16 +569,10 @@ def test_an_id_beyond_32_bits_is_refused_naming_the_member(cli, tmp_path, field)
 def test_a_device_number_beyond_31_bits_is_refused_naming_the_member(cli, tmp_path, field):
     """A device number of 2**31 or more, within 32 bits, was an internal error (OverflowError, exit 1): the
     system makes a device of 31-bit numbers, and GNU tar refuses such a number too."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as t:
-        i = tarfile.TarInfo("dev/null2")
-        i.type = tarfile.CHRTYPE
-        setattr(i, field, 2**31)
-        t.addfile(i)
-    url = str(tmp_path / "repo")
-    cli("init", "-r", url, "--kdf-time", "0")
-    proc = cli("import-tar", "-r", url, "--path", "/x", "-", input=out.getvalue(), check=2)
-    assert proc.stderr.decode().splitlines() == [
+    i = tarfile.TarInfo("dev/null2")
+    i.type = tarfile.CHRTYPE
+    setattr(i, field, 2**31)
+    assert _refusal_of(cli, tmp_path, i) == [
         f"chunkvault: tar member 'dev/null2' has {field.replace('dev', 'device ')} 2147483648, outside what "
         "a snapshot holds (0 to 2147483647): refused"]
 
