@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_PARAMS",
     "GEAR_CONTEXT",
     "READ_BYTES",
+    "TOLD_HOLE_BYTES",
     "Stream",
     "StreamChunker",
     "UNKEYED_SECRET",
@@ -115,6 +116,8 @@ StreamChunker = Stream
 # Default and bounds of ``fixed_chunks``' size: chosen by measurement (bench/RESULTS.md, "Database differentials").
 FIXED_CHUNK_SIZE = 1 << 20
 READ_BYTES = 8 << 20  # what ``Chunker.chunks`` reads at a time, at most
+# A stream tells its holes this long (``zeros_ahead``); shorter ones it gives as data, in long reads.
+TOLD_HOLE_BYTES = 1 << 20
 FIXED_CHUNK_SIZES = (4 << 10, 16 << 20)
 
 

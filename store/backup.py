@@ -29,7 +29,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple, 
 
 import blake3
 
-from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, READ_BYTES, fixed_chunks
+from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, READ_BYTES, TOLD_HOLE_BYTES, fixed_chunks
 from chunkvault.errors import CorruptObject, MissingObject, UsageError
 
 from .chain import apply, broken_chains, compose
@@ -367,7 +367,6 @@ def _seekable(fd: int) -> bool:
 
 
 _ZEROS = memoryview(bytes(READ_BYTES))  # untouched pages: copying from them costs no memory
-TOLD_HOLE_BYTES = 1 << 20  # a sparse file's shorter holes are read, as data is
 
 
 class _HoleSkippingReader:

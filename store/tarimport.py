@@ -20,6 +20,7 @@ from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 import zstandard
 
+from chunkvault.chunker import TOLD_HOLE_BYTES
 from chunkvault.errors import IncompleteSource, UsageError
 
 from .manifest import (NS_MAX, NS_MIN, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FIFO, T_FILE, T_HARDLINK, T_SYMLINK, Entry,
@@ -398,9 +399,6 @@ class _ZstdReader:
 # What reading a damaged or cut archive raises: tarfile's errors, a decompressor's, a header's bad number
 # IndexError: tarfile parses a GNU sparse header's extension block cut short (a block of fewer than 512 bytes)
 _DAMAGE = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, OSError, ValueError, IndexError)
-
-
-TOLD_HOLE_BYTES = 1 << 20  # a sparse member's holes this long are told to the chunker, not made and scanned
 
 
 class _MemberData:
