@@ -310,8 +310,9 @@ def test_a_verification_killed_outright_takes_its_server_along(cluster, new_repo
     try:
         deadline = time.monotonic() + 120
         postmaster = os.path.join(cluster.bindir, "postgres") + " -D " + scratch
-        while not (servers := [(pid, cmd) for pid, _, cmd in live_processes() if cmd.startswith(postmaster)]):
-            assert proc.poll() is None and time.monotonic() < deadline, "no server started"
+        # one process: a child the server just forked has its command line until it names itself
+        while len(servers := [(pid, cmd) for pid, _, cmd in live_processes() if cmd.startswith(postmaster)]) != 1:
+            assert proc.poll() is None and time.monotonic() < deadline, f"no server started alone: {servers}"
             time.sleep(0.1)
         [(postmaster, cmdline)] = servers
         while not any("pg_sleep" in cmd for _, _, cmd in live_processes()):  # the query is under way
