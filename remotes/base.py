@@ -85,11 +85,14 @@ _E = TypeVar("_E", bound=BaseException)
 
 
 def cause_of(exc: BaseException, kind: type[_E]) -> _E | None:
-    """The first of ``exc`` and its causes (explicit or implicit) that is a ``kind``, if one is."""
+    """The first of ``exc`` and its causes (explicit or implicit) that is a ``kind``, if one is.  A chain that
+    comes back on itself (``e.__cause__ = e``, or a library that re-raises what it caught) ends the walk."""
     cause: BaseException | None = exc
-    while cause is not None:
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
         if isinstance(cause, kind):
             return cause
+        seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return None
 

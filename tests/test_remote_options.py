@@ -75,3 +75,14 @@ def test_an_empty_path_option_is_refused_not_taken_for_the_option_not_given(opti
     url = "http://127.0.0.1:1/" if option.startswith("http") else "sftp://u@h/x"
     with pytest.raises(UsageError, match="an empty path names no file"):
         options_for_url(url, [option])
+
+
+def test_the_cause_walk_ends_on_a_chain_that_comes_back_on_itself():
+    from chunkvault.remotes.base import cause_of
+    outer, inner = OSError("outer"), ValueError("inner")
+    outer.__cause__, inner.__context__ = inner, outer
+    assert cause_of(outer, KeyError) is None
+    assert cause_of(outer, ValueError) is inner
+    looped = OSError("self")
+    looped.__cause__ = looped
+    assert cause_of(looped, KeyError) is None
