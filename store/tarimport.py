@@ -307,13 +307,26 @@ def open_tar(raw: BinaryIO) -> tarfile.TarFile:
         stream = lzma.LZMAFile(stream)  # type: ignore[arg-type]
     elif head.startswith(ZSTD_MAGIC) or int.from_bytes(head[:4], "little") in ZSTD_SKIPPABLE:
         stream = _ZstdReader(stream)  # type: ignore[arg-type]
+    first = b""
     try:
-        return tarfile.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape",
-                            tarinfo=_TarInfo)
+        first = _read_exactly(stream, tarfile.BLOCKSIZE)  # type: ignore[arg-type]
+        return tarfile.open(fileobj=_Prefixed(first, stream), mode="r|*", encoding="utf-8",  # type: ignore[arg-type]
+                            errors="surrogateescape", tarinfo=_TarInfo)
     except (EOFError, IndexError) as exc:  # compressed, and broken off before a whole block of the tar came out
         raise _damaged(exc, "before its first member") from None  # of it; or a sparse header's extension cut
-    except _DAMAGE as exc:  # at its first block: whatever it is, no tar to read
+    except _DAMAGE as exc:
+        if _is_header(first):  # a tar, cut after a header that only leads a member (pax, GNU long name)
+            raise _damaged(exc, "after the header leading its first member") from None
         raise UsageError(f"not a tar archive ({exc})") from None
+
+
+def _is_header(block: bytes) -> bool:
+    """Whether ``block`` is a tar header block (its checksum holds)."""
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
 
 
 class _ZstdFrames:

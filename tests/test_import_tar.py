@@ -176,6 +176,29 @@ def test_a_truncated_tar_saves_no_snapshot(new_repo, tree):
     assert repo.snapshots() == []
 
 
+@pytest.mark.parametrize("fmt", ["pax", "gnu"])
+@pytest.mark.parametrize("compress", [None, "gz"])
+def test_a_tar_cut_after_the_header_that_leads_its_first_member_saves_no_snapshot(new_repo, tmp_path, fmt,
+                                                                                 compress):
+    """A long name goes in a header of its own (pax extended, GNU long name) before the member's.  Cut just
+    after it, the tar was 'not a tar archive' (exit 2): it is one, broken off (exit 20), as tar -x says."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / ("n" * 150)).write_bytes(b"hi")
+    whole = subprocess.run(["tar", f"--format={fmt}", "-C", str(src), "-cf", "-", "n" * 150], capture_output=True,
+                           check=True).stdout
+    assert whole[156:157] in (b"x", b"L")  # the leading header's type
+    cut = whole[:1024]
+    if compress:
+        import gzip
+        cut = gzip.compress(cut)
+    repo = new_repo()
+    with pytest.raises(IncompleteSource) as err:
+        repo.import_tar(io.BytesIO(cut), "/src")
+    assert err.value.exit_code == 20 and "first member" in str(err.value)
+    assert repo.snapshots() == []
+
+
 def test_a_tar_cut_inside_a_gnu_sparse_header_s_extension_block_saves_no_snapshot(new_repo, tmp_path):
     """GNU tar's sparse header holds 4 blocks of the map; more go to extension blocks after it.  Cut inside one
     (first member or a later one), the tar breaks off (exit 20), not an internal error (IndexError, exit 1)."""
