@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 
 import errno
+import resource
 from typing import Any
 
 
@@ -80,12 +81,21 @@ def resource_exhausted(exc: BaseException) -> ResourceExhausted | None:
     """``exc`` as the limit it ran into, where it is one: a MemoryError, an allocation refused (ENOMEM) or a
     thread that could not start each came out as an internal error, naming neither the limit nor what to
     lower."""
-    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+    if (isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
+            or _ZSTD_NO_MEMORY in str(exc)):
         return ResourceExhausted("out of memory under the process's memory limit (ulimit -v, MemoryMax=): raise "
                                  "it, or lower the repository's pack size or the processes a restore uses")
     if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+        if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:  # a thread's stack counts
+            return ResourceExhausted("cannot start a thread under the process's memory limit (ulimit -v: each "
+                                     "thread's stack counts) or its process limit (ulimit -u, TasksMax=): raise "
+                                     "them")
         return ResourceExhausted("cannot start a thread under the process limit (ulimit -u, TasksMax=): raise it")
     return None
+
+
+# What libzstd says (through python-zstandard's ZstdError) when an allocation fails.
+_ZSTD_NO_MEMORY = "Allocation error : not enough memory"
 
 
 class UsageError(ChunkvaultError):
