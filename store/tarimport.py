@@ -472,7 +472,12 @@ def _holes(sparse: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
 
 
 def _damaged(exc: BaseException, where: str) -> IncompleteSource:
-    text = "a header cut short" if isinstance(exc, IndexError) else str(exc) or type(exc).__name__
+    if isinstance(exc, IndexError):
+        text = "a header cut short"
+    elif isinstance(exc, ValueError):  # tarfile parsing a sparse map's or pax record's numbers and lines
+        text = "a header or sparse map cut short or garbled"
+    else:
+        text = str(exc) or type(exc).__name__
     return IncompleteSource(f"the tar ends or breaks off {where} ({text}): no snapshot saved")
 
 

@@ -199,6 +199,25 @@ def test_a_tar_cut_after_the_header_that_leads_its_first_member_saves_no_snapsho
     assert repo.snapshots() == []
 
 
+def test_a_tar_cut_inside_a_sparse_map_says_so_not_python_s_unpacking(new_repo, tmp_path):
+    """A sparse 1.0 member's map lies in its data area; cut there, the tar broke off with Python's 'not
+    enough values to unpack (expected 2, got 1)' as its reason."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "s", "wb") as f:
+        for i in range(200):  # a map of 400 numbers: more than one block
+            f.seek(i * 65536)
+            f.write(b"x")
+        f.truncate(200 * 65536)
+    data = subprocess.run(["tar", "--format=pax", "--sparse-version=1.0", "-cSf", "-", "-C", str(src), "s"],
+                          capture_output=True, check=True).stdout
+    repo = new_repo()
+    with pytest.raises(IncompleteSource) as err:
+        repo.import_tar(io.BytesIO(data[:3000]), "/src")
+    assert err.value.exit_code == 20 and "sparse map cut short" in str(err.value), err.value
+    assert repo.snapshots() == []
+
+
 def test_a_tar_cut_inside_a_gnu_sparse_header_s_extension_block_saves_no_snapshot(new_repo, tmp_path):
     """GNU tar's sparse header holds 4 blocks of the map; more go to extension blocks after it.  Cut inside one
     (first member or a later one), the tar breaks off (exit 20), not an internal error (IndexError, exit 1)."""
