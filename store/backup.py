@@ -30,7 +30,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple, 
 import blake3
 
 from chunkvault.chunker import FIXED_CHUNK_SIZE, FIXED_CHUNK_SIZES, READ_BYTES, TOLD_HOLE_BYTES, fixed_chunks
-from chunkvault.errors import CorruptObject, MissingObject, UsageError
+from chunkvault.errors import CorruptObject, MissingObject, UsageError, resource_exhausted
 
 from .chain import apply, broken_chains, compose
 from .manifest import (
@@ -226,7 +226,8 @@ def _matches(rel: bytes, globs: list[str]) -> bool:
 
 
 def _cannot_read(path: bytes, exc: OSError) -> str:
-    return f"cannot read {os.fsdecode(path)}: {exc.strerror or exc}"
+    """A path's read failure; one for want of memory (ENOMEM) names the limit, not the file, as at fault."""
+    return f"cannot read {os.fsdecode(path)}: {resource_exhausted(exc) or exc.strerror or exc}"
 
 
 def _vanished(path: bytes) -> str:

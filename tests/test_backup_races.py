@@ -143,6 +143,25 @@ def test_a_symlink_that_cannot_be_read_keeps_the_parents_entry_and_is_listed_unr
     assert tree_of(repo, diff.snapshot)[b"link"].target == b"target-1"
 
 
+def test_a_path_that_cannot_be_read_for_want_of_memory_names_the_limit(tmp_path, new_repo, monkeypatch):
+    """ENOMEM is the process's memory limit, not the file: the warning said 'Cannot allocate memory' alone."""
+    src = tmp_path / "src"
+    src.mkdir()
+    os.symlink("target", src / "link")
+    real = os.readlink
+
+    def failing_readlink(path, *args, **kwargs):
+        if os.path.basename(os.fsdecode(path)) == "link":
+            raise OSError(errno.ENOMEM, "Cannot allocate memory", os.fsdecode(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(backup.os, "readlink", failing_readlink)
+    result = new_repo().backup([str(src)])
+    monkeypatch.undo()
+    assert result.partial
+    assert any(w.startswith("cannot read") and "ulimit -v" in w for w in result.warnings), result.warnings
+
+
 # --- hard links whose first path changes before it is read ---------------------------------------------
 
 def unlink(path: str) -> None:
