@@ -17,7 +17,7 @@ class Progress:
                  enabled: bool | None = None, interval: float = 0.25, unit: str = "files"):
         self.what = what
         self.unit = unit
-        self.total = total_bytes or None
+        self.total = total_bytes  # 0 is a total (an empty tree): only None is one not known yet
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.interval = interval
@@ -40,7 +40,7 @@ class Progress:
     def __call__(self, files: int, nbytes: int, total_bytes: int | None = None) -> None:
         """``total_bytes`` lets a caller that learns the total only once started set it."""
         if total_bytes is not None:
-            self.total = total_bytes or None
+            self.total = total_bytes
         if not self.enabled:
             return
         now = time.monotonic()
@@ -86,7 +86,7 @@ class JsonProgress(Progress):
 
     def __call__(self, files: int, nbytes: int, total_bytes: int | None = None) -> None:
         if total_bytes is not None:
-            self.total = total_bytes or None
+            self.total = total_bytes
         self.count, self.nbytes = files, nbytes
         now = time.monotonic()
         if now - self.last < self.interval:

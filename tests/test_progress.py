@@ -82,6 +82,27 @@ def test_every_json_line_has_the_same_keys_null_where_there_is_no_value_yet(monk
         (None, True, False), (400, False, False), (400, True, True)]
 
 
+
+def test_a_total_of_no_bytes_is_a_total_not_a_null(monkeypatch, tmp_path, cli, new_repo):
+    """A counted total of 0 bytes (an empty tree, a restore of a snapshot of empty files)
+    came as ``total_bytes: null`` on every line, the final one too, as if it were never counted: a program
+    could not tell a known empty total from one still unknown."""
+    monkeypatch.setattr("chunkvault.progress.time.monotonic", lambda: 5.0)
+    out = io.StringIO()
+    p = JsonProgress("backup", stream=out, interval=0)
+    p(0, 0, 0)
+    p.done()
+    assert [json.loads(line)["total_bytes"] for line in out.getvalue().splitlines()] == [0, 0]
+    p = Progress("restore", 0, stream=io.StringIO(), enabled=True)
+    assert p.line(0, 0, p.start + 1) == "restore: 0 files, 0 B, 0 B/s"
+
+    repo = new_repo()
+    (tmp_path / "empty").mkdir()
+    repo.backup([str(tmp_path / "empty")])
+    restore = cli("restore", "-r", repo.store.remote.display_url, "latest", "--target", str(tmp_path / "out"), "-q",
+                  "--progress", "json")
+    assert json.loads(restore.stderr.decode().splitlines()[-1])["total_bytes"] == 0
+
 def _history(tmp_path, repo, n=3):
     import random
 
