@@ -166,6 +166,8 @@ class Checker:
         wal = self._load_wal()
         indexed = self._load_index()
         todo, to_read = self._pack_todo(indexed)
+        if self.progress is not None:  # the total at once, 0 too (no packs: no pack's progress would tell it)
+            self.progress(0, 0, to_read)
         forking = to_read >= FORK_MIN_BYTES and forked.cores() > 1 and forked.can_fork(repo.remote)
         if forking:
             try:

@@ -82,7 +82,6 @@ def test_every_json_line_has_the_same_keys_null_where_there_is_no_value_yet(monk
         (None, True, False), (400, False, False), (400, True, True)]
 
 
-
 def test_a_total_of_no_bytes_is_a_total_not_a_null(monkeypatch, tmp_path, cli, new_repo):
     """A counted total of 0 bytes (an empty tree, a restore of a snapshot of empty files)
     came as ``total_bytes: null`` on every line, the final one too, as if it were never counted: a program
@@ -102,6 +101,10 @@ def test_a_total_of_no_bytes_is_a_total_not_a_null(monkeypatch, tmp_path, cli, n
     restore = cli("restore", "-r", repo.store.remote.display_url, "latest", "--target", str(tmp_path / "out"), "-q",
                   "--progress", "json")
     assert json.loads(restore.stderr.decode().splitlines()[-1])["total_bytes"] == 0
+    empty = new_repo()
+    check = cli("check", "-r", empty.store.remote.display_url, "--read-data", "-q", "--progress", "json")
+    assert json.loads(check.stderr.decode().splitlines()[-1])["total_bytes"] == 0
+
 
 def _history(tmp_path, repo, n=3):
     import random
@@ -121,8 +124,9 @@ def test_check_copy_and_prune_report_progress(tmp_path, new_repo):
 
     calls = []
     report = repo.check(read_data=True, progress=lambda *a: calls.append(a))
-    assert report.ok and len(calls) == report.packs
-    assert [c[0] for c in calls] == list(range(1, report.packs + 1))
+    assert report.ok and len(calls) == report.packs + 1  # the total first, then each pack
+    assert calls[0] == (0, 0, report.bytes_read)
+    assert [c[0] for c in calls] == list(range(0, report.packs + 1))
     assert calls[-1][1] == calls[-1][2] == report.bytes_read > 0
     assert all(a[1] <= b[1] for a, b in zip(calls, calls[1:]))
 
