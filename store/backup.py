@@ -1132,15 +1132,19 @@ class Backup:
             # From the callback's return: one that takes 0.5 s or more was called again for every file.
             self._last_progress = time.monotonic()
 
-    def _progress_counts(self, unchanged: int = 0, unchanged_bytes: int = 0) -> dict:
+    def _progress_counts(self, unchanged: int = 0, unchanged_bytes: int = 0, final: bool = False) -> dict:
         """The counts, with the files and bytes of the tree once ``TreeTotal`` has counted them all
-        (``total_files``, ``total_bytes``: None until then)."""
+        (``total_files``, ``total_bytes``: None until then; at the end, what was walked, where a backup
+        quicker than its count ended with no total on its last report)."""
         counts = dict(self.counts)
         counts["unchanged_files"] += unchanged
         counts["unchanged_bytes"] = self._unchanged_bytes + unchanged_bytes
         total = self._total
         counts["total_files"] = total.files if total is not None and total.done else None
         counts["total_bytes"] = total.bytes if total is not None and total.done else None
+        if final and counts["total_bytes"] is None:
+            counts["total_files"] = counts["new_files"] + counts["changed_files"] + counts["unchanged_files"]
+            counts["total_bytes"] = counts["read_bytes"] + counts["unchanged_bytes"]
         return counts
 
     # --- the walk -------------------------------------------------------------------
@@ -1577,7 +1581,7 @@ class Backup:
             self._drain()
             walked_ns = time.time_ns()  # every file read: the end of the window the next backup reads again
             if self.opt.progress is not None:  # the final counts (reports in between are rate-limited)
-                self.opt.progress(self._progress_counts())
+                self.opt.progress(self._progress_counts(final=True))
             # What could not be read (or a source path missing) is no sign of nothing changed: such a run
             # saves its snapshot and says so (exit 3), as without the option.  Nor is a file read again for its
             # racy times: skipped, the run would leave the window as it was, and the next read it again too.

@@ -186,3 +186,32 @@ def test_cli_progress_json_on_stderr_with_the_result_on_stdout(tmp_path, cli, ne
     assert final(check, "check")["packs"] > 0
     quiet = cli("check", "-r", url, "--read-data", "--progress", "none")
     assert not [line for line in quiet.stderr.decode().splitlines() if line.startswith("{")]
+
+
+def test_a_backup_s_last_report_carries_its_total_even_when_it_ended_before_its_count(tmp_path, new_repo,
+                                                                                     monkeypatch):
+    """The tree's total comes from a second walk; a backup that ended first gave its last report (the
+    final --progress json line) no total, about one small backup in two."""
+    from chunkvault.store import backup
+
+    class NeverDone:
+        def __init__(self, source):
+            self.done, self.files, self.bytes = False, 0, 0
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(backup, "TreeTotal", NeverDone)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a" * 1000)
+    (src / "b").write_bytes(b"b" * 500)
+    repo = new_repo()
+    calls = []
+    repo.backup([str(src)], progress=calls.append)
+    assert (calls[-1]["total_files"], calls[-1]["total_bytes"]) == (2, 1500)
+    (src / "c").write_bytes(b"c" * 7)
+    calls.clear()
+    repo.backup([str(src)], progress=calls.append)
+    assert (calls[-1]["total_files"], calls[-1]["total_bytes"]) == (3, 1507)
+    assert all(c["total_bytes"] is None for c in calls[:-1])
