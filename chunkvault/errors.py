@@ -86,12 +86,18 @@ def resource_exhausted(exc: BaseException) -> ResourceExhausted | None:
         return ResourceExhausted("out of memory under the process's memory limit (ulimit -v, MemoryMax=): raise "
                                  "it, or lower the repository's pack size or the processes a restore uses")
     if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
-        if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:  # a thread's stack counts
-            return ResourceExhausted("cannot start a thread under the process's memory limit (ulimit -v: each "
-                                     "thread's stack counts) or its process limit (ulimit -u, TasksMax=): raise "
-                                     "them")
-        return ResourceExhausted("cannot start a thread under the process limit (ulimit -u, TasksMax=): raise it")
+        return threads_refused("a thread")
     return None
+
+
+def threads_refused(what: str) -> ResourceExhausted:
+    """The limit that kept ``what`` (threads) from starting: under an address-space limit each thread's stack
+    counts against it, so that limit is named too (naming ulimit -u alone sent users to a limit they were
+    nowhere near)."""
+    if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+        return ResourceExhausted(f"cannot start {what} under the process's memory limit (ulimit -v: each "
+                                 "thread's stack counts) or its process limit (ulimit -u, TasksMax=): raise them")
+    return ResourceExhausted(f"cannot start {what} under the process limit (ulimit -u, TasksMax=): raise it")
 
 
 # What libzstd says (through python-zstandard's ZstdError) when an allocation fails.

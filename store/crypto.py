@@ -323,14 +323,13 @@ def derive_argon2id(password: bytes, salt: bytes, t: int, m_kib: int, p: int) ->
         return hash_secret_raw(password, salt, time_cost=t, memory_cost=m_kib, parallelism=p,
                                hash_len=KEY_SIZE, type=Type.ID)
     except HashingError as exc:  # the library's words alone ("Memory allocation error") named no limit
-        from chunkvault.errors import ResourceExhausted
+        from chunkvault.errors import ResourceExhausted, threads_refused
 
         if "memory" in str(exc).lower():
             raise ResourceExhausted(f"out of memory for the password's key derivation (Argon2id, {m_kib >> 10} "
                                     "MiB) under the process's memory limit (ulimit -v, MemoryMax=): raise it") from exc
         if "thread" in str(exc).lower():
-            raise ResourceExhausted(f"cannot start the password's key derivation's {p} threads under the process "
-                                    "limit (ulimit -u, TasksMax=): raise it") from exc
+            raise threads_refused(f"the password's key derivation's {p} threads") from exc
         raise
 
 

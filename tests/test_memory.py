@@ -98,3 +98,25 @@ def test_under_an_address_space_limit_chunks_are_compressed_one_by_one():
         print(all(bytes(p) == bytes(blob.compress(d, 3)[1]) for (k, p), d in zip(got, datas)))
     """)
     assert said.strip() == "True"
+
+
+def test_a_key_derivation_whose_threads_cannot_start_under_a_memory_limit_names_that_limit():
+    """Under ulimit -v the key derivation's two threads are refused their stacks: opening a repository said
+    to raise ulimit -u, a limit it was nowhere near."""
+    said = _under_an_address_space_limit("""
+        import argon2.low_level
+        from argon2.exceptions import HashingError
+        from chunkvault.errors import ResourceExhausted
+        from chunkvault.store.crypto import derive_argon2id
+
+        def refused(*args, **kwargs):
+            raise HashingError("Threading failure")
+
+        argon2.low_level.hash_secret_raw = refused
+        try:
+            derive_argon2id(b"password", bytes(16), 1, 64 << 10, 2)
+        except ResourceExhausted as exc:
+            print(exc)
+    """)
+    assert said.startswith("cannot start the password's key derivation's 2 threads")
+    assert "ulimit -v" in said and "ulimit -u" in said
