@@ -120,3 +120,16 @@ def test_a_key_derivation_whose_threads_cannot_start_under_a_memory_limit_names_
     """)
     assert said.startswith("cannot start the password's key derivation's 2 threads")
     assert "ulimit -v" in said and "ulimit -u" in said
+
+
+def test_a_native_library_the_memory_limit_keeps_from_loading_names_that_limit():
+    """A native module is imported when first used (cryptography's when the first key file is opened): under
+    ulimit -v the loader could not map it, and the command failed with "internal error: ImportError"."""
+    code = """
+        from chunkvault.errors import resource_exhausted
+        print(resource_exhausted(ImportError("/x/_rust.abi3.so: failed to map segment from shared object")))
+    """
+    said = _under_an_address_space_limit(code)
+    assert said.startswith("out of memory loading a native library") and "ulimit -v" in said
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "None"  # no limit set: a noexec mount, say, which is no memory limit
