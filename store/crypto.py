@@ -170,7 +170,15 @@ def derive_kek(password: bytes, salt: bytes, log_n: int, r: int = SCRYPT_R, p: i
         raise ValueError(f"scrypt r={r} with N=2**{log_n} needs {need >> 20} MiB, more than it can be given")
     import hashlib  # here: OpenSSL's hashlib costs 5 ms at every command, and only older key files use scrypt
 
-    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=need + (1 << 20), dklen=KEY_SIZE)
+    try:
+        return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=need + (1 << 20), dklen=KEY_SIZE)
+    except ValueError as exc:  # OpenSSL's words alone ("malloc failure") named no limit
+        if "malloc failure" not in str(exc):
+            raise
+        from chunkvault.errors import ResourceExhausted
+
+        raise ResourceExhausted(f"out of memory for the password's key derivation (scrypt, {need >> 20} MiB) "
+                                "under the process's memory limit (ulimit -v, MemoryMax=): raise it") from exc
 
 
 # --- generated key secrets (no stretching needed) -------------------------------

@@ -133,3 +133,25 @@ def test_a_native_library_the_memory_limit_keeps_from_loading_names_that_limit()
     assert said.startswith("out of memory loading a native library") and "ulimit -v" in said
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "None"  # no limit set: a noexec mount, say, which is no memory limit
+
+
+def test_an_scrypt_derivation_out_of_memory_names_the_limit():
+    """Opening an export (and an older key file) derives its key with scrypt, whose memory OpenSSL allocates:
+    under ulimit -v, `import` and `restore --from-file` failed with "internal error: ValueError: [digital
+    envelope routines] malloc failure"."""
+    script = textwrap.dedent("""
+        import resource
+        from chunkvault.errors import ResourceExhausted
+        from chunkvault.store.crypto import derive_kek
+
+        size = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:")) << 10
+        resource.setrlimit(resource.RLIMIT_AS, (size + (16 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+        try:
+            derive_kek(b"password", bytes(16), 16)
+        except ResourceExhausted as exc:
+            print(exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("out of memory for the password's key derivation (scrypt, 64 MiB)")
+    assert "ulimit -v" in proc.stdout
