@@ -49,11 +49,19 @@ def frame_size(frame: bytes | memoryview) -> int:
     return size
 
 
+def _created(context: Any, free: Any) -> Any:
+    """A context libzstd just created, freed with the object; MemoryError when the allocation failed: libzstd
+    answers NULL, which every call then dereferences (a process under ulimit -v died of SIGSEGV)."""
+    if context == ffi.NULL:
+        raise MemoryError("zstd could not allocate a context")
+    return ffi.gc(context, free)
+
+
 def _dctx() -> Any:
     # A decompression context is not thread-safe: one per thread, reused for every frame.
     d = getattr(_local, "dctx", None)
     if d is None:
-        d = _local.dctx = ffi.gc(lib.ZSTD_createDCtx(), lib.ZSTD_freeDCtx)
+        d = _local.dctx = _created(lib.ZSTD_createDCtx(), lib.ZSTD_freeDCtx)
     return d
 
 
@@ -81,7 +89,7 @@ def _cctx(key: tuple[Any, ...]) -> Any:
         else:
             params = ((lib.ZSTD_c_blockDelimiters, lib.ZSTD_sf_noBlockDelimiters),
                       (lib.ZSTD_c_hashLog, lib.ZSTD_HASHLOG_MIN), (lib.ZSTD_c_chainLog, lib.ZSTD_CHAINLOG_MIN))
-        c = ffi.gc(lib.ZSTD_createCCtx(), lib.ZSTD_freeCCtx)
+        c = _created(lib.ZSTD_createCCtx(), lib.ZSTD_freeCCtx)
         for param, value in ((lib.ZSTD_c_compressionLevel, level), (lib.ZSTD_c_contentSizeFlag, 1), *params):
             _check(lib.ZSTD_CCtx_setParameter(c, param, value))
         cache[key] = c

@@ -155,3 +155,49 @@ def test_an_scrypt_derivation_out_of_memory_names_the_limit():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("out of memory for the password's key derivation (scrypt, 64 MiB)")
     assert "ulimit -v" in proc.stdout
+
+
+_WITH_THE_HEAP_FULL = """
+    import resource
+    from chunkvault.store import zstdbuf
+
+    def heap_full(call):
+        '''What ``call`` raised with the address space full to the byte, under a limit at its size.'''
+        size = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:")) << 10
+        held, outcome = [], "returned"
+        resource.setrlimit(resource.RLIMIT_AS, (size, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        try:
+            for piece in (1 << 16, 1 << 12, 1 << 8):
+                try:
+                    while True:
+                        held.append(bytearray(piece))
+                except MemoryError:
+                    pass
+            call()
+        except MemoryError:
+            outcome = "MemoryError"
+        finally:
+            held.clear()
+            resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        return outcome
+"""
+
+
+@pytest.mark.parametrize("call", ["zstdbuf.decompress_into(frame, out, len(data))",
+                                  "zstdbuf.compress_against(data, base, 3, 64, 4)"])
+def test_a_zstd_context_refused_its_memory_is_a_memory_error_not_a_crash(call):
+    """A thread's first frame creates its zstd context: under ulimit -v libzstd's create call returned NULL,
+    which was used as a context, and an export died of SIGSEGV in the middle of reading its blobs."""
+    said = subprocess.run([sys.executable, "-c", textwrap.dedent(_WITH_THE_HEAP_FULL) + textwrap.dedent(f"""
+        import os
+        if zstdbuf.lib is None:
+            print("MemoryError")  # the object API, which checks its own allocations
+            raise SystemExit
+        data, base = os.urandom(1 << 16), os.urandom(1 << 16)
+        frame = zstdbuf.compress_against(data, b"", 3, 64, 4)
+        del zstdbuf._local.cctxs  # the next call creates its contexts afresh
+        out = bytearray(len(data))
+        print(heap_full(lambda: {call}))
+    """)], capture_output=True, text=True, timeout=60)
+    assert said.returncode == 0, said.stderr
+    assert said.stdout.strip() == "MemoryError"
