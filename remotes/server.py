@@ -34,7 +34,8 @@ from urllib.parse import parse_qs, unquote
 
 from chunkvault import interrupts
 from chunkvault.argparsing import dashes_value
-from chunkvault.errors import ObjectExists, ObjectTooLarge, PermissionDenied, RemoteError, StorageFull, UsageError
+from chunkvault.errors import (ObjectExists, ObjectTooLarge, PermissionDenied, RemoteError, StorageFull, UsageError,
+                               resource_exhausted)
 from chunkvault.localfiles import capped, read_regular
 from chunkvault.tomlfile import read_toml
 from chunkvault.units import format_size, parse_size
@@ -636,18 +637,18 @@ class BackupServer(ThreadingHTTPServer):
                 self._connections += 1
                 self._per_client[client] = self._per_client.get(client, 0) + 1
                 return True
-        self._refuse(request, why)
+        self._refuse(request, f"too many connections: the service serves at most {why}; try again")
         # Each limit logged on its own: under one, a flood from one address hid that the total limit was
         # refusing every other client, and the count of refusals after the line mixed the two.
         self.log_now_and_then(what, f"{client} connection refused: the service serves at most {why}")
         return False
 
-    def _refuse(self, request: Any, why: str) -> None:
-        """One 503 answer where it fits into the socket's buffer at once (over TLS, none: the handshake is not
-        made for it); the caller closes the connection."""
+    def _refuse(self, request: Any, message: str) -> None:
+        """One 503 answer saying ``message``, where it fits into the socket's buffer at once (over TLS, none: the
+        handshake is not made for it); the caller closes the connection."""
         if isinstance(request, ssl.SSLSocket):
             return
-        body = json.dumps({"error": f"too many connections: the service serves at most {why}; try again"}).encode()
+        body = json.dumps({"error": message}).encode()
         head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
                 f"\r\n{LIMIT_HEADER}: {self.settings.max_object_size}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n")
         try:
@@ -658,8 +659,11 @@ class BackupServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request(request, client_address)
-        except BaseException:
+        except BaseException as exc:
             self._release(client_address[0])  # no thread started, so none will release it
+            limit = resource_exhausted(exc)
+            if limit is not None:  # nothing read yet: a 503 says why, where a bare close read as a network fault
+                self._refuse(request, f"the service cannot take this connection now: {limit}; try again")
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -684,6 +688,8 @@ class BackupServer(ThreadingHTTPServer):
                      f"{self.settings.header_timeout:g} s (header_timeout)")
         elif isinstance(exc, ssl.SSLError):
             self.log(f"{client_address[0]} TLS handshake failed: {getattr(exc, 'reason', None) or exc}")
+        elif (limit := resource_exhausted(exc)) is not None:  # no bug: the limits the service runs under
+            self.log(f"{client_address[0]} connection closed: {limit}")
         elif isinstance(exc, OSError):
             self.log(f"{client_address[0]} connection lost: {exc.strerror or type(exc).__name__}")
         else:

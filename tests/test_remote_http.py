@@ -1811,3 +1811,31 @@ def test_a_plain_http_service_off_this_machine_is_reached_through_http_proxy(ser
             remote.put(KEY, b"through the proxy")
             assert remote.get(KEY) == b"through the proxy"
         assert [h.split(" ", 2)[:2] for h in proxy.heads][0] == ["PUT", f"http://{address}:{port}/objects/{KEY}"]
+
+
+def test_a_connection_whose_thread_cannot_start_is_answered_503_naming_the_limit(tmp_path, monkeypatch, capsys):
+    """Under ulimit -v the service could not start a connection's thread: it closed the connection without a
+    word (clients retried "Connection aborted" for 15 minutes) and logged "internal error: RuntimeError"."""
+    import socketserver
+
+    from chunkvault.remotes.server import BackupServer, Settings
+
+    server = BackupServer(Settings("127.0.0.1", 0, str(tmp_path), None))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def refused(self: Any, request: Any, client_address: Any) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(socketserver.ThreadingMixIn, "process_request", refused)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        conn.request("GET", "/config")
+        answer = conn.getresponse()
+        body = json.loads(answer.read())
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answer.status == 503 and "cannot start a thread" in body["error"]
+    logged = capsys.readouterr().err
+    assert "cannot start a thread" in logged and "internal error" not in logged
