@@ -87,13 +87,13 @@ def resource_exhausted(exc: BaseException) -> ResourceExhausted | None:
                                  "it, or lower the repository's pack size or the processes a restore uses")
     if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
         return threads_refused("a thread")
-    if isinstance(exc, ImportError) and _NO_ROOM_TO_MAP in str(exc) and _address_space_limited():
+    if isinstance(exc, ImportError) and _NO_ROOM_TO_MAP in str(exc) and address_space_limited():
         return ResourceExhausted("out of memory loading a native library under the process's memory limit "
                                  "(ulimit -v, MemoryMax=): raise it")
     return None
 
 
-def _address_space_limited() -> bool:
+def address_space_limited() -> bool:
     """Whether an address-space limit (ulimit -v) is set: an mmap past it fails where it would have been
     overcommitted."""
     return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
@@ -103,7 +103,7 @@ def threads_refused(what: str) -> ResourceExhausted:
     """The limit that kept ``what`` (threads) from starting: under an address-space limit each thread's stack
     counts against it, so that limit is named too (naming ulimit -u alone sent users to a limit they were
     nowhere near)."""
-    if _address_space_limited():
+    if address_space_limited():
         return ResourceExhausted(f"cannot start {what} under the process's memory limit (ulimit -v: each "
                                  "thread's stack counts) or its process limit (ulimit -u, TasksMax=): raise them")
     return ResourceExhausted(f"cannot start {what} under the process limit (ulimit -u, TasksMax=): raise it")

@@ -13,14 +13,13 @@ with the whole base as dictionary.
 """
 from __future__ import annotations
 
-import resource
 import struct
 import threading
 from typing import Any
 
 import zstandard
 
-from chunkvault.errors import CorruptObject
+from chunkvault.errors import CorruptObject, address_space_limited
 
 from .crypto import NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Sealer
 from .zstdbuf import can_match, compress_against, compress_matched, decompress_into, empty_buffer, frame_size
@@ -150,25 +149,20 @@ def sampled_size(data: bytes | memoryview, level: int) -> int | None:
     return len(_compressor(level).compress(sample)) * n // len(sample)
 
 
-def _allocations_may_fail() -> bool:
-    """Whether an address-space limit (``ulimit -v``) is set, under which malloc fails rather than the kernel
-    overcommitting.  python-zstandard's batch call (``multi_compress_to_buffer``) mishandles a failed
-    allocation with two threads at work: a backup under a tight limit crashed (SIGSEGV, or glibc's heap
-    corruption abort) in about one run in five, where compressing chunk by chunk raises MemoryError."""
-    return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
-
-
 def compress_many(datas: list[bytes | memoryview], level: int) -> list[tuple[int, Payload]]:
     """``compress`` of each, the same frames, in one native call.
 
     A tree of small files is tens of thousands of chunks, and compressing each
     released the interpreter lock once: on two cores each release handed it to
     another thread: three quarters of an initial backup's context switches.
-    Under an address-space limit each is compressed by itself (``_allocations_may_fail``).
+    Under an address-space limit (ulimit -v), where malloc fails rather than the kernel overcommitting, each
+    is compressed by itself: python-zstandard's batch call mishandles a failed allocation with two threads at
+    work (a backup under a tight limit crashed, SIGSEGV or glibc's heap-corruption abort, in about one run in
+    five), where compressing chunk by chunk raises MemoryError.
     """
     todo = [i for i, d in enumerate(datas) if len(d) >= 64] if level > 0 else []
     c = _compressor(level) if todo else None
-    if len(todo) < 2 or not hasattr(c, "multi_compress_to_buffer") or _allocations_may_fail():
+    if len(todo) < 2 or not hasattr(c, "multi_compress_to_buffer") or address_space_limited():
         return [compress(d, level) for d in datas]
     out: list[tuple[int, Payload]] = [(KIND_RAW, d) for d in datas]
     frames = c.multi_compress_to_buffer([datas[i] for i in todo])
