@@ -388,6 +388,9 @@ class Repository:
         self._read_locks: list[Any] = []  # the locks ``reading`` blocks hold now (``close`` releases them)
         self._taking_read_locks = 0  # ``reading`` blocks taking their lock now (``close`` waits for them)
         self._retry_stop = retry_stop or StopRequest(parent=stop_request)
+        # While a ``reading`` block holds the shared lock, no forget, tag or rebase changes a snapshot listed
+        # under it: chains, and a Snapshot looked up by its id, come from that listing (``Repo.kept_listing``).
+        repo.listing_kept = lambda: bool(self._read_locks)
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -1416,6 +1419,9 @@ class Repository:
         t = parse_until(until) if isinstance(until, str) else _time(until)
         if isinstance(until, int) and not isinstance(until, bool) and t is not None:
             t += timedelta(seconds=1) - timedelta(microseconds=1)
+        kept = self._repo.kept_listing() if isinstance(spec, Snapshot) and t is None else None
+        if kept is not None and spec.id in kept and _host(host) is None and not paths:
+            return kept[spec.id]  # as it is now: the lock keeps it so (a restore looked each up again)
         snaps = self._list()
         spec = _spec(spec)
         try:
