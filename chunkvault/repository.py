@@ -650,10 +650,10 @@ class Repository:
         self._ledger.observe(present, before=before, warn=False, digests=digests)
         return snaps
 
-    def _saved(self, snap: Snapshot) -> None:
-        """A new snapshot this client stored (``Repo.on_saved``: called while the command's lock is held)."""
+    def _saved(self, *snaps: Snapshot) -> None:
+        """New snapshots this client stored (``Repo.on_saved``: called while the command's lock is held)."""
         if self._ledger is not None:
-            self._ledger.wrote(present_of([snap]), self._digests([snap]))
+            self._ledger.wrote(present_of(snaps), self._digests(snaps))
 
     def _note_rewrites(self) -> None:
         """The versions of snapshots this process rewrote (a tag, a rebase, a rewrite, an aggregate), noted

@@ -12,6 +12,7 @@ twice.
 from __future__ import annotations
 
 import threading
+import time
 
 import blake3
 from dataclasses import dataclass, field, replace
@@ -120,6 +121,9 @@ _STORING = _Storing()
 #: get (one request per blob cost a copy from S3 a request per chunk).
 BATCH_RAW_BYTES = 4 << 20
 COPY_WORKERS = 4
+#: Seconds between two notes of the snapshots copied to the client's ledger (``Repo.saves_noted_together``):
+#: noted one by one, each rewrote the whole ledger; left to the end, a copy cut short would note none.
+NOTE_SAVES_EVERY = 10.0
 
 
 class _BlobMapper:
@@ -300,11 +304,15 @@ def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
         for have in dst.snapshots():
             for known in origins(have):
                 done.setdefault(known, have.id)
-        with dst.writer() as writer:
+        with dst.writer() as writer, dst.saves_noted_together() as note_saves:
             writer.guard = lock.confirm
             mapper = _BlobMapper(src, dst, writer, progress)
             held = {s.id for s in src_snaps if not origins(s).isdisjoint(done)}
+            noted = time.monotonic()
             for snap in copy_order(src_snaps, wanted, held):
+                if time.monotonic() - noted >= NOTE_SAVES_EVERY:
+                    note_saves()
+                    noted = time.monotonic()
                 there = next((done[i] for i in sorted(origins(snap)) if i in done), None)
                 if there is not None:
                     done[snap.id] = there  # its differentials build on that one

@@ -5,6 +5,7 @@ on it.  It talks to any Remote and never to the file system directly.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -190,7 +191,8 @@ class Repo:
         self.replaced_digests: dict[str, list[tuple[str, str]]] = {}  # (old, new) of each rewrite, till taken
         # Told of each new snapshot stored under a lock, while the lock is still held (the client's ledger):
         # noted after, a forget of it by another command of the client could come first, and be undone.
-        self.on_saved: Callable[[Snapshot], None] | None = None
+        self.on_saved: Callable[..., None] | None = None  # each call: one snapshot, or several (``saves_noted_together``)
+        self._saves_held = threading.local()  # .batch: this thread's new snapshots not told yet
         self._warned_indexes: set[str] = set()
         # delta blob id -> base id: few enough (only deltas) to keep as a dict.
         self._delta_bases: dict[bytes, bytes] = {}
@@ -1235,8 +1237,33 @@ class Repo:
         except RemoteUnavailable:
             pass  # and the lock is left to go stale: removing it would wait as long again
         if self.on_saved is not None:
-            self.on_saved(saved)
+            batch = getattr(self._saves_held, "batch", None)
+            if batch is not None:
+                batch.append(saved)
+            else:
+                self.on_saved(saved)
         return saved
+
+    @contextlib.contextmanager
+    def saves_noted_together(self) -> Iterator[Callable[[], None]]:
+        """Inside, the new snapshots this thread stores under a lock are told to ``on_saved`` together, at each
+        call of the function it gives and at its end, which must come while that lock is still held.  A copy
+        told the client's ledger (a file of a line per snapshot, read and written whole) of each snapshot it
+        stored: copying 16,000 snapshots took 4.5 minutes, each one costing more than the last."""
+        batch: list[Snapshot] = []
+        self._saves_held.batch = batch
+
+        def note() -> None:
+            if batch and self.on_saved is not None:
+                taken = batch[:]
+                batch.clear()
+                self.on_saved(*taken)
+
+        try:
+            yield note
+        finally:
+            self._saves_held.batch = None
+            note()
 
     def delete_snapshot(self, name: str) -> None:
         self.remote.delete(f"snapshots/{name}")

@@ -503,3 +503,36 @@ def test_a_pack_lost_in_the_destination_ends_the_copy_naming_the_destination(tmp
     assert "the next copy stores that data again" in err and "backup" not in err, err
     assert "not copied" not in err and "damaged there" not in err
     assert len(dst.snapshots()) == 2
+
+
+def test_a_copy_notes_the_snapshots_it_stores_in_the_ledger_together(tmp_path, new_repo, monkeypatch):
+    """The client's ledger, a file holding a line per snapshot, was read and written again for each snapshot a
+    copy stored: copying a year of hourly snapshots (16,000) took 4.5 minutes, each one costing more than the
+    last.  They are noted together, while the copy still holds the destination's lock."""
+    from chunkvault.ledger import LedgerFile
+
+    src = new_repo(str(tmp_path / "src-repo"))
+    tree = tmp_path / "src"
+    tree.mkdir()
+    for i in range(12):
+        (tree / "f").write_text(f"version {i}")
+        src.backup([str(tree)], kind="full" if i % 4 == 0 else "diff")
+    dst = new_repo(str(tmp_path / "dst"), copy_chunker_from=src)
+    saves, locked = [], []
+    real = LedgerFile._save
+
+    def save(self, state, must_store=False):
+        saves.append(self.repo_id)
+        locked.append(bool(os.listdir(tmp_path / "dst" / "locks")))
+        return real(self, state, must_store)
+
+    monkeypatch.setattr(LedgerFile, "_save", save)
+    result = src.copy_to(dst)
+    assert len(result.copied) == 12
+    noted = [held for repo_id, held in zip(saves, locked) if repo_id == dst.store.config.repo_id]
+    assert noted and len(noted) <= 2 and all(noted), noted
+    assert {s.stats["copied_from"] for s in dst.snapshots()} == {s.id for s in src.snapshots()}
+    # noted: forgotten here, each copy is no rollback and its return no replay
+    dst.forget([c for _, c in result.copied[-3:]])
+    assert dst.check().ok
+    assert len(dst.snapshots()) == 9
