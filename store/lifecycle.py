@@ -7,6 +7,7 @@ point, every kept snapshot still restores exactly as before.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
 from functools import reduce
@@ -19,7 +20,7 @@ from .chronology import HEALS
 from .manifest import Record
 from .manifest_io import store_manifest
 from .owners import OWNERS_KEY, chain_owners
-from .repository import Repo
+from .repository import BlobWriter, Repo
 from .retention import Decision, RebaseStep, RetentionPolicy, rebase_plan, select
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot
 
@@ -109,14 +110,15 @@ def _composed(repo: Repo, by_id: dict[str, Snapshot], step: RebaseStep) -> tuple
 
 
 def rebase(repo: Repo, snapshots: list[Snapshot], step: RebaseStep,
-           ensure_held: Callable[[], None] = lambda: None) -> Snapshot:
+           ensure_held: Callable[[], None] = lambda: None, writer: BlobWriter | None = None) -> Snapshot:
     """Rewrite one kept differential against its new parent; returns the rewritten snapshot.  ``ensure_held``:
     before its manifest's index and before it is rewritten (a forget that took this lock for stale may
-    have removed it meanwhile, a prune the packs of its new manifest)."""
+    have removed it meanwhile, a prune the packs of its new manifest).  ``writer``: the one a forget stores
+    every rebased manifest with (``store_manifest``)."""
     by_id = {s.id: s for s in snapshots}
     snap = by_id[step.diff_id]
     kind, records = _composed(repo, by_id, step)
-    ids, mw = store_manifest(repo, records, ensure_held)
+    ids, mw = store_manifest(repo, records, ensure_held, writer)
     snap.kind = kind
     snap.parent = step.new_parent
     snap.manifest = [i.hex() for i in ids]
@@ -146,12 +148,16 @@ def apply_forget(repo: Repo, snapshots: list[Snapshot], plan: ForgetPlan,
     if plan.remove:
         repo.require_deletes(f"snapshots/{bytes(32).hex()}", "forget")
     rebased = []
-    for step in plan.rebases:
-        try:
-            rebased.append(rebase(repo, snapshots, step, ensure_held))
-        except CorruptObject as exc:
-            raise exc.explained(f"; so {step.diff_id[:8]} cannot be rebased: forget it too (`repair snapshots` "
-                                "lists every snapshot a damaged manifest takes down)") from None
+    # one writer for them all: each of its own listed every pack (``store_manifest``)
+    with repo.writer() if plan.rebases else contextlib.nullcontext() as writer:
+        if writer is not None:
+            writer.guard = ensure_held
+        for step in plan.rebases:
+            try:
+                rebased.append(rebase(repo, snapshots, step, ensure_held, writer))
+            except CorruptObject as exc:
+                raise exc.explained(f"; so {step.diff_id[:8]} cannot be rebased: forget it too (`repair "
+                                    "snapshots` lists every snapshot a damaged manifest takes down)") from None
     for sid in chain.children_first(plan.remove, {s.id: s.parent for s in snapshots}):
         ensure_held()
         repo.delete_snapshot(sid)

@@ -75,16 +75,20 @@ class ManifestWriter:
         return self.ids
 
 
-def store_manifest(repo: "Repo", records: Iterable[Record], ensure_held: Callable[[], None] = lambda: None
-                   ) -> tuple[list[bytes], "ManifestWriter"]:
+def store_manifest(repo: "Repo", records: Iterable[Record], ensure_held: Callable[[], None] = lambda: None,
+                   writer: "BlobWriter | None" = None) -> tuple[list[bytes], "ManifestWriter"]:
     """Write a record stream as manifest blobs, durably: (blob ids, the writer with its counts).
     ``ensure_held`` guards each index object (``BlobWriter.guard``): a command paused past its lock's
-    staleness must not index packs a prune may have deleted meanwhile."""
-    with repo.writer() as writer:
-        writer.guard = ensure_held
-        mw = ManifestWriter(repo, writer)
-        for rec in records:
-            mw.add(rec)
-        ids = mw.finish()
-        writer.flush()
+    staleness must not index packs a prune may have deleted meanwhile.  ``writer``: one the caller keeps
+    for several manifests (guarded by the caller), flushed here: a writer that finds a blob stored already
+    lists every pack once, to see that the one it refers to is still there."""
+    if writer is None:
+        with repo.writer() as writer:
+            writer.guard = ensure_held
+            return store_manifest(repo, records, writer=writer)
+    mw = ManifestWriter(repo, writer)
+    for rec in records:
+        mw.add(rec)
+    ids = mw.finish()
+    writer.flush()
     return ids, mw

@@ -570,3 +570,38 @@ def test_a_dry_run_forget_of_a_snapshot_whose_manifest_is_damaged_shows_its_plan
     proc = cli("forget", "-r", str(tmp_path / "repo"), middle.id, "--dry-run")
     assert f"remove  {middle.id[:8]}  named on the command line" in proc.stdout.decode()
     assert b"what a prune then frees is left out" in proc.stderr
+
+
+def test_a_forget_lists_the_packs_once_whatever_the_rebases(tmp_path, new_repo):
+    """Each rebase stored its manifest with a writer of its own, and each writer that found a manifest blob
+    stored already listed every pack (to see the one it refers to is still there): a forget of a year of
+    hourly snapshots listed data/ 83 times, on S3 a request per thousand packs each time."""
+    from chunkvault.remotes.local import LocalRemote
+    from faults import FaultyRemote
+
+    class ListingsCounted(FaultyRemote):
+        def __init__(self, inner):
+            super().__init__(inner, seed=0)
+            self.prefixes = []
+
+        def list(self, prefix=""):
+            self.prefixes.append(prefix)
+            return super().list(prefix)
+
+    src = tmp_path / "src"
+    src.mkdir()
+    path = str(tmp_path / "repo")
+    new_repo(path)
+    remote = ListingsCounted(LocalRemote(path))
+    with Repository.open(remote, PASSWORD, ledger=False) as repo:
+        snaps = []
+        for i in range(9):  # a rebased differential's manifest is its own: found stored already
+            (src / "f").write_text(f"version {i}")
+            snaps.append(repo.backup([str(src)], kind="full" if i == 0 else "diff").snapshot)
+        kept = {s.id: tree_of(repo, s.id) for s in snaps[::2]}
+        remote.prefixes.clear()
+        plan = repo.forget([s.id for s in snaps[1::2]])
+        assert len(plan.rebases) == 4
+        assert remote.prefixes.count("data/") <= 1, remote.prefixes
+        assert {s.id: tree_of(repo, s.id) for s in repo.snapshots()} == kept
+        assert repo.check().ok
