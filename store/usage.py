@@ -144,6 +144,17 @@ def with_bases(ids: set[bytes], base_of: Callable[[bytes], bytes | None]) -> set
     return out
 
 
+def _in_chains(snaps: list[Snapshot], chain_of: Callable[[Snapshot], list[Snapshot]]) -> dict[str, Snapshot]:
+    """Every snapshot in the chain of one of ``snaps``, by id.  Newest first, a chain walked holds the chains
+    of the snapshots below it, which are not walked again: each walked whole, one chain of 3,000
+    differentials took a forget's dry run 8 s."""
+    out: dict[str, Snapshot] = {}
+    for s in reversed(snaps):
+        if s.id not in out:
+            out.update((a.id, a) for a in chain_of(s))
+    return out
+
+
 def usage(every: list[Snapshot], chosen: list[Snapshot], own_records: Callable[[Snapshot], Iterable[Record]],
           locate: Callable[[bytes], BlobLocation | None], base_of: Callable[[bytes], bytes | None],
           chain_of: Callable[[Snapshot], list[Snapshot]]) -> SnapshotUsage:
@@ -176,7 +187,8 @@ def usage(every: list[Snapshot], chosen: list[Snapshot], own_records: Callable[[
         (out.chunks if bid in mine else out.bases).add(loc)
         if bid not in kept:
             out.only.add(loc)
-    manifests = {bytes.fromhex(h) for s in chosen if s.id in resolved for m in chain_of(s) for h in m.manifest}
+    in_chains = _in_chains([s for s in chosen if s.id in resolved], chain_of)
+    manifests = {bytes.fromhex(h) for m in in_chains.values() for h in m.manifest}
     for bid in manifests:
         loc = locate(bid)
         if loc is None:
@@ -186,7 +198,7 @@ def usage(every: list[Snapshot], chosen: list[Snapshot], own_records: Callable[[
         out.manifest_stored_bytes += loc.length
     # the selection's own manifests go with it (a snapshot of many small files is mostly manifest), but for
     # those a kept differential builds on: forget rebases it, writing what they held into its manifest
-    built_on = {a.id for s in every if s.id not in chosen_ids and s.id in resolved for a in chain_of(s)}
+    built_on = set(_in_chains([s for s in every if s.id not in chosen_ids and s.id in resolved], chain_of))
     others = {h for s in every if s.id not in chosen_ids for h in s.manifest}
     for h in {h for s in chosen if s.id not in built_on for h in s.manifest} - others:
         loc = locate(bytes.fromhex(h))

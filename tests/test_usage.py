@@ -226,3 +226,28 @@ def test_a_selection_counts_its_deltas_and_not_the_manifests_another_snapshot_sh
     u = repo.usage([diff.id])
     assert u.chunks.delta_blobs == diff.stats["delta_blobs"]
     assert u.chunks.delta_stored_bytes == diff.stats["delta_stored_bytes"]
+
+
+def test_the_manifests_of_a_long_chain_are_gathered_walking_it_once():
+    """Each snapshot's chain was walked whole, for the manifests the chosen ones need and for what the others
+    build on: over one chain of 3,000 differentials a forget's dry run took 8 s, and a chain as long as the
+    snapshots a week of hourly differentials takes (168) made it some 3 million steps over a year."""
+    from chunkvault.store.usage import usage
+
+    n = 60
+    snaps = [snapshot("s0", None, 0)]
+    for i in range(1, n):
+        snaps.append(snapshot(f"s{i}", f"s{i - 1}", i))
+    for i, s in enumerate(snaps):
+        s.manifest = [f"{i:064x}"]
+    by_id = {s.id: s for s in snaps}
+    walked = []
+
+    def chain_of(s: Snapshot) -> list[Snapshot]:
+        ids = chain.chain_to_base(s.id, {x.id: x.parent for x in snaps})
+        walked.append(len(ids))
+        return [by_id[i] for i in ids]
+
+    out = usage(snaps, snaps[: n // 2], lambda s: iter(()), lambda b: None, lambda b: None, chain_of)
+    assert out.snapshots == n // 2
+    assert sum(walked) <= 2 * n, sum(walked)
