@@ -219,16 +219,18 @@ def with_ancestors(ids: Iterable[str], parents: dict[str, str | None]) -> set[st
 
 def broken_chains(parents: dict[str, str | None]) -> dict[str, str]:
     """Each snapshot whose chain reaches a parent not in ``parents`` (unreadable or gone), and that parent:
-    nothing can restore or rebase it."""
-    out = {}
-    for sid in parents:
-        try:
-            chain_to_base(sid, parents)
-        except KeyError as exc:
-            out[sid] = exc.args[0]
-        except ValueError:
-            continue
-    return out
+    nothing can restore or rebase it.  In one pass (``fold_chains``): walking each chain whole, a check of
+    one chain of 3,000 differentials took seconds."""
+    def gone(sid: str) -> str | None:
+        parent = parents[sid]
+        return parent if parent is not None and parent not in parents else None
+
+    return {sid: p for sid, p in fold_chains(parents, gone, lambda sid, p: p).items() if p is not None}
+
+
+def resolving_chains(parents: dict[str, str | None]) -> dict[str, bool]:
+    """Whether each snapshot's chain reaches a full among ``parents`` (none gone, no loop), in one pass."""
+    return fold_chains(parents, lambda sid: parents[sid] is None, lambda sid, ok: ok)
 
 
 def children_first(ids: Iterable[str], parents: dict[str, str | None]) -> list[str]:

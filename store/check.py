@@ -23,7 +23,7 @@ from chunkvault.units import parse_size
 from . import forked
 from .blob import KIND_DELTA, open_blob
 from .blobindex import BlobIndex
-from .chain import broken_chains
+from .chain import broken_chains, resolving_chains
 from .config import KeyFile, open_config, peek_config
 from .confinement import Confinement
 from .indexfile import IndexColumns
@@ -354,10 +354,14 @@ class Checker:
                 damaged.add(name)
         self.report.snapshots = len(snaps)
         chain_of = self.repo.chains(snaps)
-        unreached = broken_chains({s.id: s.parent for s in snaps})  # -> the ancestor not loaded
+        parents = {s.id: s.parent for s in snaps}
+        unreached = broken_chains(parents)  # -> the ancestor not loaded
+        resolves = resolving_chains(parents)
         for s in snaps:
+            if resolves[s.id]:
+                continue  # walked once for all: one chain of 3,000 differentials, walked for each, took 9 s
             try:
-                chain_of(s)
+                chain_of(s)  # what is wrong with it, as a restore would say
             except NOT_DAMAGE:
                 raise
             except ChunkvaultError as exc:

@@ -479,3 +479,28 @@ def test_a_slice_that_holds_no_pack_says_it_read_none(repo_with_data, cli):
     assert f"; read no packs: slice {n}/{m} of --read-data-subset holds none of them: no problems" in out, out
     out = cli("check", "-r", str(repo_dir), "--read-data-subset", "1/1").stdout.decode()
     assert f"; read {len(ids)} packs (" in out and "read no packs" not in out, out
+
+
+def test_check_walks_a_long_chain_once(tmp_path, new_repo, monkeypatch):
+    """Each snapshot's chain was walked whole, twice (whether it resolves, and where it breaks): a check of
+    one chain of 3,000 differentials took 9 s, against 5 s for 17,000 snapshots in daily chains."""
+    from chunkvault.store import chain
+
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo(str(tmp_path / "repo"))
+    n = 30
+    for i in range(n):
+        (src / "f").write_text(f"version {i}")
+        repo.backup([str(src)], kind="full" if i == 0 else "diff")
+    walked = []
+    real = chain.chain_to_base
+    monkeypatch.setattr(chain, "chain_to_base", lambda sid, parents: walked.append(1) or real(sid, parents))
+    report = repo.check()
+    assert report.ok and report.snapshots == n
+    assert len(walked) <= 2, len(walked)
+    # a chain cut off is still found, each snapshot built on the gone one named
+    os.remove(tmp_path / "repo" / "snapshots" / repo.snapshots()[n // 2].id)
+    report = repo.check()
+    broken = [p for p in report.problems if "chain does not resolve" in str(p)]
+    assert len(broken) == n - n // 2 - 1, [str(p) for p in report.problems]
