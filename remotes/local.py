@@ -30,7 +30,7 @@ from chunkvault.errors import (
 )
 from chunkvault.localfiles import make_private_dirs
 
-from .base import ObjectInfo, Remote, is_key, spelled, validate_key, validate_prefix
+from .base import ObjectInfo, Remote, is_key, spelled, validate_key, validate_prefix, yes_no_option
 
 TEMP_PREFIX = ".tmp-"
 # Space kept back so that a lock can still be written on a full disk: forget and prune, the commands that
@@ -285,9 +285,7 @@ class LocalRemote(Remote):
         for name, value in options.items():
             if name not in flags:
                 raise UsageError(f"unknown option {spelled(name)!r} for a local repository (known: fsync, direct-io)")
-            if not isinstance(value, bool):
-                raise UsageError(f"option {spelled(name)!r} of a local repository takes yes or no, not {value!r}")
-            flags[name] = value
+            flags[name] = yes_no_option("local repository", name, value)  # "no" from the API too, as -o gives
         return cls(path, **flags)
 
     def _path(self, key: str) -> str:

@@ -151,6 +151,9 @@ def test_a_file_url_without_a_path_is_refused_not_the_working_directory(url):
 def test_file_url_options(tmp_path):
     remote = open_remote("file://" + str(tmp_path), fsync=False)
     assert isinstance(remote, LocalRemote) and remote.fsync is False
+    # the words -o takes, from the API too: "no" was refused with "takes yes or no, not 'no'"
+    assert open_remote(str(tmp_path), fsync="no").fsync is False
+    assert open_remote(str(tmp_path), direct_io="yes").direct_io is True
 
 
 def test_file_url_with_foreign_host_is_refused(tmp_path):
