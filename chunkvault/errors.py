@@ -346,8 +346,9 @@ class SourceCommandFailed(ChunkvaultError):
 
 
 class IncompleteSource(SourceCommandFailed):
-    """The stream a backup reads as a tree (``import-tar``) breaks off or ends before its end marker:
-    what it would have held is not known, so no snapshot was saved (the data stored is left for prune)."""
+    """The stream a backup reads as a tree (``import-tar``) breaks off or ends before its end marker, or
+    standard input (``backup --stdin``, ``import-tar -``) could not be read: what it would have held is not
+    known, so no snapshot was saved (the data stored is left for prune)."""
 
 
 class MountFailed(ChunkvaultError):

@@ -17,7 +17,7 @@ import subprocess
 import time
 from typing import IO, Mapping, Sequence
 
-from chunkvault.errors import SourceCommandFailed, UsageError
+from chunkvault.errors import IncompleteSource, SourceCommandFailed, UsageError
 from chunkvault.processes import without_secrets
 
 from .locks import process_start
@@ -74,18 +74,30 @@ def _signal(procs: list[tuple[int, int]], sig: int) -> bool:
 
 class PipeStream:
     """A backup's stream read straight from a file descriptor (standard input), waiting as ``wait_readable``
-    does."""
+    does.  A read that fails (a socket reset by its peer, a disk's EIO) cuts the stream short: it is
+    IncompleteSource, so no snapshot is saved, not an internal error."""
 
     def __init__(self, fd: int):
         self._fd = fd
 
     def read(self, n: int) -> bytes:
-        wait_readable(self._fd)
-        return os.read(self._fd, n)
+        try:
+            wait_readable(self._fd)
+            return os.read(self._fd, n)
+        except OSError as exc:
+            raise _unreadable(exc) from None
 
     def readinto(self, buf: memoryview) -> int:
-        wait_readable(self._fd)
-        return os.readv(self._fd, [buf])
+        try:
+            wait_readable(self._fd)
+            return os.readv(self._fd, [buf])
+        except OSError as exc:
+            raise _unreadable(exc) from None
+
+
+def _unreadable(exc: OSError) -> IncompleteSource:
+    """What a failed read of standard input is: the stream breaks off there."""
+    return IncompleteSource(f"standard input could not be read ({exc.strerror or exc}): no snapshot saved")
 
 
 class CommandStream:

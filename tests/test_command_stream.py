@@ -275,3 +275,28 @@ def test_cli_stream_refusals_run_nothing(cli, tmp_path):
     for proc in (closed, written):
         assert proc.returncode == 2 and proc.stderr.startswith("chunkvault: standard input is closed or not readable")
     assert json.loads(cli("snapshots", "-r", repo, "--json").stdout) == []
+
+
+def test_cli_stdin_that_cannot_be_read_saves_no_snapshot(cli, tmp_path):
+    """A read of standard input that failed (a socket reset by its peer, a disk's EIO) was an internal
+    error, exit 1, as if chunkvault had a bug; the stream is cut short: it is said so, exit 20, as for an
+    import-tar of a tar that breaks off."""
+    import socket
+    import struct
+    import subprocess
+    import sys
+
+    repo = str(tmp_path / "repo")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as ours:
+        theirs, _ = server.accept()
+        theirs.sendall(b"x" * 100_000)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # closed: a reset
+        theirs.close()
+        env = {**os.environ, "CHUNKVAULT_PASSWORD": PASSWORD}
+        proc = subprocess.run([sys.executable, "-m", "chunkvault.cli", "backup", "-r", repo, "--stdin",
+                               "--stdin-name", "db.sql"], stdin=ours, capture_output=True, text=True, env=env)
+    assert (proc.returncode, proc.stderr) == (
+        20, "chunkvault: standard input could not be read (Connection reset by peer): no snapshot saved\n")
+    assert json.loads(cli("snapshots", "-r", repo, "--json").stdout) == []
+    assert cli("list", "-r", repo, "locks").stdout == b""
