@@ -530,12 +530,20 @@ def _unchanged_file(prev: Entry, st: os.stat_result, ignore: int, window: Window
             and _settled(st, ignore, window))
 
 
+NAME_MAX = 255  # bytes of one part of a path a file system takes (Linux's, and most others')
+
+
 def check_stdin_name(name: str) -> bytes:
-    """A stream's name as a path below the snapshot's root; UsageError for one that leaves it or is empty."""
+    """A stream's name as a path below the snapshot's root; UsageError for one that leaves it or is empty, or
+    with a part no file system takes as a name: its snapshots would dump, but no restore could write them."""
     rel = os.fsencode(name)
-    if not rel or rel.startswith(b"/") or b"\x00" in rel or any(p in (b"", b".", b"..") for p in rel.split(b"/")):
+    parts = rel.split(b"/")
+    if not rel or rel.startswith(b"/") or b"\x00" in rel or any(p in (b"", b".", b"..") for p in parts):
         raise UsageError(f"invalid stream name {name!r}: a relative path without . or .. in it").hinting(
             " (--stdin-name)")
+    if any(len(p) > NAME_MAX for p in parts):
+        raise UsageError(f"invalid stream name {name!r}: a part of it is longer than {NAME_MAX} bytes, which no "
+                         "file system takes as a file's name").hinting(" (--stdin-name)")
     return rel
 
 

@@ -300,3 +300,28 @@ def test_cli_stdin_that_cannot_be_read_saves_no_snapshot(cli, tmp_path):
         20, "chunkvault: standard input could not be read (Connection reset by peer): no snapshot saved\n")
     assert json.loads(cli("snapshots", "-r", repo, "--json").stdout) == []
     assert cli("list", "-r", repo, "locks").stdout == b""
+
+
+def test_a_stream_name_no_file_system_takes_is_refused_before_the_command_runs(new_repo, cli, tmp_path):
+    """A --stdin-name with a part longer than 255 bytes was saved, every hour, as a snapshot no restore or
+    verify-restore could write (File name too long, exit 14): refused now, exit 2, before the command runs."""
+    import io
+
+    from chunkvault.errors import UsageError
+
+    repo = new_repo()
+    marker = tmp_path / "ran"
+    long_name = "dumps/" + "a" * 256 + ".sql"
+    with pytest.raises(UsageError, match="longer than 255 bytes"):
+        repo.backup_command(["sh", "-c", f"touch {marker}"], long_name)
+    assert not marker.exists() and repo.snapshots() == []
+    wide = "é" * 127 + ".sql"  # 127 characters of 2 bytes, 258 bytes in all
+    with pytest.raises(UsageError, match="longer than 255 bytes"):
+        repo.backup_stream(io.BytesIO(b"x"), wide)
+    saved = repo.backup_stream(io.BytesIO(b"x"), "a" * 255).snapshot
+    with repo.open_file(saved, "a" * 255) as f:
+        assert f.read() == b"x"
+    r = str(tmp_path / "cli-repo")
+    cli("init", "-r", r, "--kdf-time", "0")
+    said = cli("backup", "-r", r, "--stdin", "--stdin-name", long_name, input=b"x", check=2).stderr.decode()
+    assert said.startswith("chunkvault: invalid stream name") and said.strip().endswith("(--stdin-name)")
