@@ -143,12 +143,16 @@ class CommandStream:
         self._fd = self._proc.stdout.fileno()
 
     def _ready(self) -> bool:
-        """Started (the first read starts it), and not stopped before it was: else the stream has ended."""
+        """Started (the first read starts it), and not stopped before it was: else the stream has ended.
+        Waits as ``wait_readable`` does, but a command that has failed meanwhile is told at once: what it
+        started in the background (``sleep 3600 &``) may hold its output open long after it exited."""
         self.start()
         if self._proc is None:
             self._ended()
             return False
-        wait_readable(self._fd)
+        while not select.select([self._fd], [], [], WAKE_EVERY)[0]:
+            if self._proc.poll() not in (None, 0):
+                self._ended()
         return True
 
     def read(self, n: int) -> bytes:

@@ -325,3 +325,19 @@ def test_a_stream_name_no_file_system_takes_is_refused_before_the_command_runs(n
     cli("init", "-r", r, "--kdf-time", "0")
     said = cli("backup", "-r", r, "--stdin", "--stdin-name", long_name, input=b"x", check=2).stderr.decode()
     assert said.startswith("chunkvault: invalid stream name") and said.strip().endswith("(--stdin-name)")
+
+
+def test_a_failed_command_is_told_at_once_though_what_it_started_holds_its_output(new_repo, tmp_path):
+    """A command that failed (exit 3) while something it started in the background kept its stdout open was
+    waited for until that ended (a ``sleep 3600 &``: an hour) before its failure was told."""
+    repo = new_repo()
+    pidfile = tmp_path / "holder"
+    command = ["sh", "-c", f"seq 1 10; sleep 60 & echo $! > {pidfile}; exit 3"]
+    with pytest.raises(SourceCommandFailed) as e:
+        repo.backup_command(command, "app.sql")
+    holder = int(pidfile.read_text())
+    holding = not gone(holder)
+    if holding:
+        os.kill(holder, signal.SIGKILL)
+    assert holding and str(e.value) == f"`sh -c '{command[2]}'` exited 3: no snapshot saved"
+    assert repo.snapshots() == []
