@@ -390,7 +390,9 @@ class Repository:
         self._retry_stop = retry_stop or StopRequest(parent=stop_request)
         # While a ``reading`` block holds the shared lock, no forget, tag or rebase changes a snapshot listed
         # under it: chains, and a Snapshot looked up by its id, come from that listing (``Repo.kept_listing``).
-        repo.listing_kept = lambda: bool(self._read_locks)
+        # Not once another command may have taken it for stale: a forget and prune there left the listing
+        # naming manifests that are gone.
+        repo.listing_kept = lambda: any(not lock.may_be_lost() for lock in list(self._read_locks))
         self._indexed_listing: tuple[list[Snapshot], int, Callable[[Snapshot], list[Snapshot]]] | None = None
 
     # --- lifecycle --------------------------------------------------------------

@@ -380,6 +380,11 @@ class RepoLock:
             raise self._removed_error()
         self._looked = now
 
+    def may_be_lost(self) -> bool:
+        """Whether another command may have taken this lock for stale (it went unrefreshed past ``LOST_AFTER``,
+        or a refresh found it removed), asking no remote: what it kept off may have run since."""
+        return self._removed or bool(self._lost) or time.time() - self._written > LOST_AFTER
+
     def confirm(self) -> None:
         """``ensure_held`` asking the remote, before and after a step that commits (an index object, a
         snapshot): guards for a writer."""

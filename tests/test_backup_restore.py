@@ -590,3 +590,29 @@ def test_a_restore_and_a_diff_list_the_snapshots_once_under_their_lock(tmp_path,
         assert ("modified", b"sub/f") in [(c, (new or old).path) for c, old, new in repo.diff(first, last)]
         repo.restore(last, str(tmp_path / "t3"), subtree="sub")
     assert len(listings) == 1, len(listings)
+
+
+def test_a_read_whose_lock_was_lost_follows_the_snapshots_as_they_are_now(tmp_path, new_repo, password):
+    """A listing made under a ``reading`` block's lock is kept for its chains while the lock keeps forget, tag and
+    rebase off; once another command removed that lock (it took it for stale) nothing does, and a forget and prune
+    there left the listing naming manifests that are gone: a restore read them, and failed as damaged."""
+    from chunkvault import Repository
+
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = new_repo(str(tmp_path / "repo"))
+    for i in range(3):
+        (src / "f").write_text(f"version {i}")
+        repo.backup([str(src)], kind="full" if i == 0 else "diff")
+    full, middle, last = repo.snapshots()
+    with repo.reading():
+        assert repo.snapshot(last).parent == middle.id  # listed under the lock
+        for lock in os.listdir(tmp_path / "repo" / "locks"):  # another command took it for stale
+            os.remove(tmp_path / "repo" / "locks" / lock)
+        assert not repo._read_locks[0].refresh()  # the block's lock finds it is gone
+        other = Repository.open(str(tmp_path / "repo"), password)
+        other.forget([middle.id])
+        other.prune(max_unused=0)
+        other.close()
+        repo.restore(last, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "f").read_text() == "version 2"
