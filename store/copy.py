@@ -304,7 +304,7 @@ def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
         for have in dst.snapshots():
             for known in origins(have):
                 done.setdefault(known, have.id)
-        with dst.writer() as writer, dst.saves_noted_together() as note_saves:
+        with dst.writer() as writer, dst.saves_noted_together(lock.confirm) as note_saves:
             writer.guard = lock.confirm
             mapper = _BlobMapper(src, dst, writer, progress)
             held = {s.id for s in src_snaps if not origins(s).isdisjoint(done)}

@@ -1245,25 +1245,36 @@ class Repo:
         return saved
 
     @contextlib.contextmanager
-    def saves_noted_together(self) -> Iterator[Callable[[], None]]:
+    def saves_noted_together(self, still_held: Callable[[], None]) -> Iterator[Callable[[], None]]:
         """Inside, the new snapshots this thread stores under a lock are told to ``on_saved`` together, at each
-        call of the function it gives and at its end, which must come while that lock is still held.  A copy
-        told the client's ledger (a file of a line per snapshot, read and written whole) of each snapshot it
-        stored: copying 16,000 snapshots took 4.5 minutes, each one costing more than the last."""
+        call of the function it gives and at its end, each time once ``still_held`` (the lock's ``confirm``)
+        passes.  A copy told the client's ledger (a file of a line per snapshot, read and written whole) of each
+        snapshot it stored: copying 16,000 snapshots took 4.5 minutes, each one costing more than the last.
+        Told after the lock was lost, a forget of one of them meanwhile by another command of this client
+        would be undone; left untold, the next listing takes them in as new."""
         batch: list[Snapshot] = []
         self._saves_held.batch = batch
 
         def note() -> None:
-            if batch and self.on_saved is not None:
-                taken = batch[:]
-                batch.clear()
-                self.on_saved(*taken)
+            if not batch or self.on_saved is None:
+                return
+            taken = batch[:]
+            batch.clear()
+            try:
+                still_held()
+            except ChunkvaultError:  # lost, or not to be confirmed now: not told
+                return
+            self.on_saved(*taken)
 
         try:
             yield note
-        finally:
+        except BaseException:
             self._saves_held.batch = None
-            note()
+            with contextlib.suppress(Exception):  # the command's own error, not the ledger's, is the one to tell
+                note()
+            raise
+        self._saves_held.batch = None
+        note()
 
     def delete_snapshot(self, name: str) -> None:
         self.remote.delete(f"snapshots/{name}")

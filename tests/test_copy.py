@@ -536,3 +536,48 @@ def test_a_copy_notes_the_snapshots_it_stores_in_the_ledger_together(tmp_path, n
     dst.forget([c for _, c in result.copied[-3:]])
     assert dst.check().ok
     assert len(dst.snapshots()) == 9
+
+
+def test_snapshots_stored_under_a_lock_lost_since_are_not_noted_and_a_failure_stays_the_command_s(tmp_path,
+                                                                                                  new_repo):
+    """Noted together at the end, after the lock was lost, a snapshot another command of this client forgot
+    meanwhile came back off the ledger's forgotten list (a false 'rolled back' next); and a ledger that could
+    not be written replaced the copy's own error."""
+    import dataclasses
+
+    from chunkvault.errors import LockLost
+    from chunkvault.store.locks import SHARED, RepoLock
+
+    repo = new_repo()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_text("f")
+    snap = repo.backup([str(tmp_path / "src")]).snapshot
+    store = repo.store
+    told = []
+    store.on_saved = lambda *snaps: told.extend(s.id for s in snaps)
+
+    def lost() -> None:
+        raise LockLost("the lock was removed")
+
+    def save(lock):
+        return store.save_snapshot_held(dataclasses.replace(snap, id=""), lock)
+
+    with RepoLock(store.remote, SHARED, "copy") as lock:
+        with store.saves_noted_together(lost):
+            save(lock)
+        assert told == []
+        with store.saves_noted_together(lock.confirm) as note:
+            first = save(lock)
+            note()
+            second = save(lock)
+        assert told == [first.id, second.id]
+
+    def unwritable(*snaps) -> None:
+        raise OSError(28, "No space left on device")
+
+    store.on_saved = unwritable
+    with RepoLock(store.remote, SHARED, "copy") as lock:
+        with pytest.raises(ValueError, match="the copy's own"):
+            with store.saves_noted_together(lock.confirm):
+                save(lock)
+                raise ValueError("the copy's own")
