@@ -117,6 +117,18 @@ def test_a_symlink_retargeted_in_a_differential_and_replaced_by_a_file_meanwhile
     assert (out / "link").read_bytes() == b"a file now" and not (out / "link").is_symlink()
 
 
+def _readlink_of_link_fails(monkeypatch, code: int) -> None:
+    """The backup's readlink of any path named ``link`` fails with ``code``."""
+    real = os.readlink
+
+    def failing_readlink(path, *args, **kwargs):
+        if os.path.basename(os.fsdecode(path)) == "link":
+            raise OSError(code, os.strerror(code), os.fsdecode(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(backup.os, "readlink", failing_readlink)
+
+
 def test_a_symlink_that_cannot_be_read_keeps_the_parents_entry_and_is_listed_unreadable(
         tmp_path, new_repo, monkeypatch):
     """Any other error of readlink is a warning for that path, not an internal error ending the backup."""
@@ -128,14 +140,7 @@ def test_a_symlink_that_cannot_be_read_keeps_the_parents_entry_and_is_listed_unr
     repo.backup([str(src)])
     os.unlink(src / "link")
     os.symlink("target-2", src / "link")
-    real = os.readlink
-
-    def failing_readlink(path, *args, **kwargs):
-        if os.path.basename(os.fsdecode(path)) == "link":
-            raise OSError(errno.EIO, "Input/output error", os.fsdecode(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(backup.os, "readlink", failing_readlink)
+    _readlink_of_link_fails(monkeypatch, errno.EIO)
     diff = repo.backup([str(src)], kind="diff")
     monkeypatch.undo()
     assert diff.partial and diff.snapshot.stats["unreadable"] == ["link"]
@@ -148,14 +153,7 @@ def test_a_path_that_cannot_be_read_for_want_of_memory_names_the_limit(tmp_path,
     src = tmp_path / "src"
     src.mkdir()
     os.symlink("target", src / "link")
-    real = os.readlink
-
-    def failing_readlink(path, *args, **kwargs):
-        if os.path.basename(os.fsdecode(path)) == "link":
-            raise OSError(errno.ENOMEM, "Cannot allocate memory", os.fsdecode(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(backup.os, "readlink", failing_readlink)
+    _readlink_of_link_fails(monkeypatch, errno.ENOMEM)
     result = new_repo().backup([str(src)])
     monkeypatch.undo()
     assert result.partial

@@ -17,25 +17,23 @@ def test_allocator_settings_are_accepted_by_glibc():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_a_key_derivation_out_of_memory_names_the_limit():
-    """Under a memory limit (ulimit -v, MemoryMax=) opening a repository failed with "internal error:
-    HashingError: Memory allocation error": neither the limit nor what needed the memory."""
-    script = textwrap.dedent("""
-        import resource
+@pytest.mark.parametrize("call, said", [
+    ("derive_argon2id(b'password', bytes(16), 1, 64 << 10, 1)", "(Argon2id, 64 MiB)"),
+    ("derive_kek(b'password', bytes(16), 16)", "(scrypt, 64 MiB)")])
+def test_a_key_derivation_out_of_memory_names_the_limit(call, said):
+    """Under ulimit -v opening a repository failed with "internal error: HashingError: Memory allocation
+    error", and opening an export (and an older key file), whose scrypt memory OpenSSL allocates, with
+    "internal error: ValueError: [digital envelope routines] malloc failure": neither the limit nor what
+    needed the memory."""
+    told = _under_an_address_space_limit(f"""
         from chunkvault.errors import ResourceExhausted
-        from chunkvault.store.crypto import derive_argon2id
-
-        size = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:")) << 10
-        resource.setrlimit(resource.RLIMIT_AS, (size + (16 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+        from chunkvault.store.crypto import derive_argon2id, derive_kek
         try:
-            derive_argon2id(b"password", bytes(16), 1, 64 << 10, 1)
+            {call}
         except ResourceExhausted as exc:
             print(exc)
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("out of memory for the password's key derivation (Argon2id, 64 MiB)")
-    assert "ulimit -v" in proc.stdout
+    """, room=16 << 20)
+    assert told.startswith(f"out of memory for the password's key derivation {said}") and "ulimit -v" in told
 
 
 @pytest.mark.parametrize("exc, said", [(MemoryError(), "out of memory"), (OSError(errno.ENOMEM, "no"), "out of memory"),
@@ -50,12 +48,13 @@ def test_the_limits_a_command_runs_into_are_told_apart_from_bugs(exc, said):
     assert (found is None) if said is None else str(found).startswith(said)
 
 
-def _under_an_address_space_limit(code: str) -> str:
-    """What ``code`` prints, run in a process given an address-space limit (ulimit -v) with room to spare."""
-    script = textwrap.dedent("""
+def _under_an_address_space_limit(code: str, room: int = 1 << 30) -> str:
+    """What ``code`` prints, run in a process given an address-space limit (ulimit -v) ``room`` bytes past
+    what it has mapped."""
+    script = textwrap.dedent(f"""
         import resource
         size = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:")) << 10
-        resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+        resource.setrlimit(resource.RLIMIT_AS, (size + {room}, resource.getrlimit(resource.RLIMIT_AS)[1]))
     """) + textwrap.dedent(code)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -133,28 +132,6 @@ def test_a_native_library_the_memory_limit_keeps_from_loading_names_that_limit()
     assert said.startswith("out of memory loading a native library") and "ulimit -v" in said
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "None"  # no limit set: a noexec mount, say, which is no memory limit
-
-
-def test_an_scrypt_derivation_out_of_memory_names_the_limit():
-    """Opening an export (and an older key file) derives its key with scrypt, whose memory OpenSSL allocates:
-    under ulimit -v, `import` and `restore --from-file` failed with "internal error: ValueError: [digital
-    envelope routines] malloc failure"."""
-    script = textwrap.dedent("""
-        import resource
-        from chunkvault.errors import ResourceExhausted
-        from chunkvault.store.crypto import derive_kek
-
-        size = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:")) << 10
-        resource.setrlimit(resource.RLIMIT_AS, (size + (16 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
-        try:
-            derive_kek(b"password", bytes(16), 16)
-        except ResourceExhausted as exc:
-            print(exc)
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("out of memory for the password's key derivation (scrypt, 64 MiB)")
-    assert "ulimit -v" in proc.stdout
 
 
 _WITH_THE_HEAP_FULL = """
