@@ -183,6 +183,7 @@ class Repo:
         self.unreadable_snapshots: dict[str, CorruptObject] = {}  # as of the last listing (``snapshots``)
         # The last listing by id, and whether a lock this process holds keeps it true (``kept_listing``).
         self._listing: dict[str, Snapshot] | None = None
+        self._listing_era = 0  # moved on by ``drop_stale``: a listing begun before it is not kept
         self.listing_kept: Callable[[], bool] = lambda: False
         self._kept_chains: tuple[dict[str, Snapshot], Callable[[Snapshot], list[Snapshot]]] | None = None
         # A digest of each snapshot object's stored bytes as read or written: the ledger tells versions apart
@@ -1066,6 +1067,7 @@ class Repo:
         the listing is simply gone.  A loaded index is then brought up to date (``refresh_index``), so that
         it holds the blobs of every snapshot listed."""
         known = list(self._snapshot_seen)  # before the listing: a snapshot saved after it is not listed
+        era = self._listing_era  # a lock taken meanwhile (by another thread) outdates this listing
         listed = {name: (o.size, o.version) for name, o in self._named_objects("snapshots/")}
         names = list(listed)
         for name in known:
@@ -1099,7 +1101,8 @@ class Repo:
         # lack what a snapshot listed here needs (another backup finished meanwhile), one listed after it not.
         self.refresh_index()
         ordered = sorted(snapshots, key=chronological_key(snapshots))
-        self._listing = {s.id: s for s in ordered}
+        if era == self._listing_era:
+            self._listing = {s.id: s for s in ordered}
         return ordered
 
     def kept_listing(self) -> dict[str, Snapshot] | None:
@@ -1117,6 +1120,7 @@ class Repo:
         longer the ones it was loaded from (prune and the repairs replace them; read again when needed)."""
         self._snapshots.clear()
         self._listing = None
+        self._listing_era += 1
         if index:
             self.refresh_index()
 

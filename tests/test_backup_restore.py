@@ -592,6 +592,33 @@ def test_a_restore_and_a_diff_list_the_snapshots_once_under_their_lock(tmp_path,
     assert len(listings) == 1, len(listings)
 
 
+def test_a_listing_begun_before_a_lock_was_taken_is_not_kept_under_it(tmp_path, new_repo, monkeypatch):
+    """Another thread's listing, begun unlocked before this one's ``reading`` block took its lock (and dropped
+    what was read before it), ended after: it was kept as the lock's listing, though a forget or rewrite may
+    have run before the lock."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("f")
+    repo = new_repo()
+    repo.backup([str(src)])
+    store = repo.store
+    real = store._named_objects
+
+    def listed_while_a_lock_is_taken(prefix, *args):
+        out = list(real(prefix, *args))
+        if prefix == "snapshots/":
+            store.drop_stale(index=False)  # the other thread's lock, taken now
+        return iter(out)
+
+    with repo.reading():
+        monkeypatch.setattr(store, "_named_objects", listed_while_a_lock_is_taken)
+        store.snapshots()  # begun before the lock's drop, ended under the lock
+        monkeypatch.undo()
+        assert store.kept_listing() is None
+        store.snapshots()  # listed under the lock: kept
+        assert store.kept_listing() is not None
+
+
 def test_a_read_whose_lock_was_lost_follows_the_snapshots_as_they_are_now(tmp_path, new_repo, password):
     """A listing made under a ``reading`` block's lock is kept for its chains while the lock keeps forget, tag and
     rebase off; once another command removed that lock (it took it for stale) nothing does, and a forget and prune
