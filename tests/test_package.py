@@ -170,3 +170,51 @@ def test_a_build_without_a_c_compiler_says_what_it_needs(tmp_path):
                            text=True, env={**os.environ, "CC": "false"})
     assert built.returncode != 0
     assert "needs a C compiler (gcc) and the Python headers" in built.stderr.splitlines()[-1], built.stderr[-2000:]
+
+
+# The layers of DESIGN.md import downward only: the chunker knows nothing of storage, the remotes nothing of
+# chunks or crypto, the store nothing of the command line; each may use the package's base modules, which
+# import only each other.
+BASE_MODULES = {"errors", "argparsing", "localfiles", "processes", "tomlfile", "units", "interrupts"}
+LAYERS = {"chunker": set(), "remotes": set(), "store": {"chunker", "remotes"}}
+
+
+def _chunkvault_imports(path: Path, package: str) -> set[str]:
+    """The chunkvault modules ``path`` (a module of ``package``) imports, anywhere in it, as dotted names."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                names = [".".join(base + ([node.module] if node.module else []))]
+                if not node.module:  # from . import a, b: the modules themselves
+                    names = [".".join(base + [a.name]) for a in node.names]
+            else:
+                names = [node.module or ""]
+                if node.module == "chunkvault":  # from chunkvault import interrupts
+                    names = [f"chunkvault.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found.update(n for n in names if n == "chunkvault" or n.startswith("chunkvault."))
+    return found
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS) + ["base"])
+def test_layers_import_downward_only(layer):
+    root = Path(__file__).resolve().parent.parent
+    if layer == "base":
+        files, package, allowed = [root / "chunkvault" / f"{m}.py" for m in BASE_MODULES], "chunkvault", set()
+    else:
+        files, package, allowed = sorted((root / layer).glob("*.py")), f"chunkvault.{layer}", LAYERS[layer]
+    wrong = {}
+    for path in files:
+        for name in _chunkvault_imports(path, package):
+            parts = name.split(".")
+            if name.startswith(package + ".") and layer != "base" or len(parts) == 2 and parts[1] in BASE_MODULES:
+                continue
+            if len(parts) >= 2 and (parts[1] in allowed or parts[1].startswith("__")):  # __version__
+                continue
+            wrong.setdefault(path.name, []).append(name)
+    assert not wrong, wrong
