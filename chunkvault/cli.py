@@ -11,6 +11,8 @@ import io
 import itertools
 import json
 import os
+import re
+import shlex
 import signal
 import sys
 import warnings
@@ -2979,10 +2981,24 @@ def _refuse_options_before_command(argv: list[str], parser: argparse.ArgumentPar
         end = at + 1  # `-r R key list`: the options after `key list`, where they go
         if command._subparsers is not None and end < len(argv) and argv[end] in _subcommands(command):
             end += 1
-        fixed = " ".join([*argv[at:end], *argv[:at], *argv[end:]])
+        fixed = _shown_command_line([*argv[at:end], *argv[:at], *argv[end:]])
         raise UsageError(f"options go after the command: chunkvault {before}{fixed}")
     if before:  # argparse would parse them and let the command's defaults replace them
-        raise UsageError(f"options go after the command: chunkvault {before}COMMAND {' '.join(argv)}")
+        raise UsageError(f"options go after the command: chunkvault {before}COMMAND {_shown_command_line(argv)}")
+
+
+#: A word of the command line that carries a secret: a ``-o SCHEME.token=VALUE`` option, a URL's password.
+_SECRET_WORD = re.compile(r"(?i)^((?:-o|--option=)?[\w-]+\.token=).+|^(\w[\w+.-]*://[^/@:]*:)[^/@]*(@.*)$")
+
+
+def _shown_command_line(words: list[str]) -> str:
+    """``words`` as a line to paste back into a shell: quoted where a word needs it (``--password-command 'pass
+    show x'`` was shown as three words), a token or a URL's password replaced by its name (the line goes to
+    stderr, which a cron mail or a log keeps)."""
+    def hidden(word: str) -> str:
+        return _SECRET_WORD.sub(lambda m: f"{m[1]}TOKEN" if m[1] else f"{m[2]}PASSWORD{m[3]}", word)
+
+    return shlex.join(hidden(w) for w in words)
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, Any]:

@@ -454,6 +454,19 @@ def test_options_between_key_and_its_command_are_explained_not_dropped(cli, args
     assert err == f"chunkvault: options go after the command: chunkvault {fixed}\n"
 
 
+@pytest.mark.parametrize("args, fixed", [
+    (["-o", "http.token=S3CRET", "snapshots"], "snapshots -o http.token=TOKEN"),
+    (["-r", "sftp://backup:S3CRET@vault/repo", "snapshots"], "snapshots -r sftp://backup:PASSWORD@vault/repo"),
+    (["--password-command", "pass show backup", "snapshots"], "snapshots --password-command 'pass show backup'"),
+])
+def test_the_line_shown_for_options_before_the_command_hides_secrets_and_quotes_words(cli, args, fixed):
+    """The line was the words joined by spaces: a token or a URL's password went to stderr (a cron mail, a
+    log), and a word with a space in it was shown as several."""
+    err = one_line_error(cli(*args, check=False), 2)
+    assert err == f"chunkvault: options go after the command: chunkvault {fixed}\n"
+    assert "S3CRET" not in err
+
+
 @pytest.mark.parametrize("args, said", [
     (["snapshots", "-o--"], "bad remote option '--': expected SCHEME.NAME=VALUE"),
     (["snapshots", "--progress=--"], "argument --progress: invalid choice: '--'"),
