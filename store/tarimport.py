@@ -12,6 +12,7 @@ import bisect
 import bz2
 import gzip
 import lzma
+import math
 import os
 import tarfile
 import zlib
@@ -514,15 +515,23 @@ def _check_ids(m: tarfile.TarInfo) -> None:
                              f"(0 to {limit - 1}): refused")
 
 
-def _entry(m: tarfile.TarInfo, rel: bytes) -> Entry:
-    _check_ids(m)
-    mtime = m.mtime
+def _mtime_ns(m: tarfile.TarInfo) -> int:
+    """``m``'s modification time in nanoseconds, one beyond what an entry holds at the nearest end.  A pax
+    time tarfile reads as a float but that is no number ("inf", "nan") was an internal error (exit 1): it is
+    refused, naming the member, as GNU tar calls such a header malformed."""
     text = m.pax_headers.get("mtime")
     try:
-        ns = pax_time_ns(text) if text else int(mtime) * 1_000_000_000
-    except ValueError:
-        ns = int(mtime * 1_000_000_000)
-    ns = held_ns(ns)
+        return held_ns(pax_time_ns(text) if text else int(m.mtime) * 1_000_000_000)
+    except ValueError:  # a float tarfile read, in a notation pax_time_ns does not take ("1e30", "inf")
+        if not math.isfinite(m.mtime):
+            raise UsageError(f"tar member '{m.name}' has modification time {text}, which is no time: "
+                             "refused") from None
+        return held_ns(int(m.mtime * 1_000_000_000))
+
+
+def _entry(m: tarfile.TarInfo, rel: bytes) -> Entry:
+    _check_ids(m)
+    ns = _mtime_ns(m)
     e = Entry(rel, T_FILE, m.mode & 0o7777, m.uid, m.gid, ns, 0, ns)
     xattrs = {os.fsencode(k[len(_XATTR):].replace("%3D", "=").replace("%25", "%")):
               v.encode("utf-8", "surrogateescape") for k, v in m.pax_headers.items() if k.startswith(_XATTR)}

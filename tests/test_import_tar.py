@@ -619,6 +619,22 @@ def test_a_device_number_beyond_31_bits_is_refused_naming_the_member(cli, tmp_pa
         "a snapshot holds (0 to 2147483647): refused"]
 
 
+@pytest.mark.parametrize("mtime", ["inf", "-inf", "nan"])
+def test_a_pax_time_that_is_no_number_is_refused_naming_the_member(cli, tmp_path, mtime):
+    """tarfile reads a pax mtime as a float: "inf" or "nan" was an internal error (exit 1, OverflowError or
+    ValueError); GNU tar calls such a header malformed."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
+        f = tarfile.TarInfo("data/file")
+        f.size, f.pax_headers = 2, {"mtime": mtime}
+        t.addfile(f, io.BytesIO(b"hi"))
+    url = str(tmp_path / "repo")
+    cli("init", "-r", url, "--kdf-time", "0")
+    proc = cli("import-tar", "-r", url, "--path", "/x", "-", input=out.getvalue(), check=2)
+    assert proc.stderr.decode().splitlines() == [
+        f"chunkvault: tar member 'data/file' has modification time {mtime}, which is no time: refused"]
+
+
 def test_a_member_name_that_is_not_utf8_is_shown_by_its_bytes_in_errors(cli, tmp_path):
     """Names in these errors went through repr(): a byte that is no UTF-8 showed as Python's '\\udcff', not as
     '\\xff', as every other message and listing shows it."""
