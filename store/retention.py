@@ -467,7 +467,8 @@ def select(snapshots: Iterable[SnapshotLike], policy: RetentionPolicy, now: date
     counts as one; the same rules run again then remove nothing."""
     snaps = list(snapshots)
     if policy.is_empty():
-        raise UsageError("refusing to forget with an empty retention policy; set at least one keep rule")
+        raise UsageError("refusing to forget with an empty retention policy (no keep rule, or each at 0): it would "
+                         "remove every snapshot; set at least one keep rule above 0")
     _check_ids(snaps)
     now = _utc(now, "now")
     times = {s.id: _utc(s.time, s.id) for s in snaps}
