@@ -217,7 +217,8 @@ class RetryingRemote(Remote):
             # both must be spent (``_gives_up``): the attempts' backoff may outlast a short outage time
             budget = (f"attempt {made + 1}; giving up in {span}" if made >= self.attempts
                       else f"attempt {made + 1}; giving up after at least {span} and {self.attempts} attempts")
-        warnings.warn(f"{where}{what} failed ({error}); retrying in {delay:.1f} s ({budget}){more}",
+        when = f"in {delay:.1f} s" if delay >= 0.05 else "now"  # a first retry's jitter: "in 0.0 s" read oddly
+        warnings.warn(f"{where}{what} failed ({error}); retrying {when} ({budget}){more}",
                       RemoteRetryWarning, stacklevel=4)
 
     def _delay(self, attempt: int) -> float:

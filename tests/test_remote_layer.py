@@ -898,3 +898,12 @@ def test_layers_keep_what_the_inner_remote_says_of_its_reads(tmp_path):
         assert (layer.cheap_ranges, layer.fork_safe) == (True, True)
     far = RaisingRemote(OSError("unused"))
     assert (_retrying(far).cheap_ranges, _retrying(far).fork_safe) == (False, False)
+
+
+def test_a_retry_with_no_wait_to_speak_of_says_now_not_in_0_0_s():
+    inner = RaisingRemote(RemoteUnavailable("connection refused"))
+    remote = RetryingRemote(inner, attempts=2, base_delay=0.001, max_delay=0.001, timeout=None,
+                            sleep=lambda s: None, rng=random.Random(3))
+    with pytest.warns(RemoteRetryWarning) as seen, pytest.raises(RemoteUnavailable):
+        remote.get("index/ab")
+    assert "; retrying now (attempt 2 of 2)" in str(seen[0].message), str(seen[0].message)

@@ -187,7 +187,7 @@ def _wait_for(proc: subprocess.Popen, seconds: float) -> None:
 def _one_line_failure(proc: subprocess.Popen, err: str, code: int = 14) -> str:
     assert proc.returncode == code, err
     assert "Traceback" not in err, err
-    final = [line for line in err.strip().splitlines() if "retrying in" not in line]
+    final = [line for line in err.strip().splitlines() if "; retrying " not in line]
     assert len(final) == 1 and final[0].startswith("chunkvault: "), err
     return final[0]
 
@@ -303,7 +303,7 @@ def test_an_sftp_link_that_stalls_is_given_up_after_its_read_timeout(target_sftp
     target.proxy.resume()
     _, err = backup.communicate(timeout=120)
     assert backup.returncode == 0, err
-    assert "retrying in" in err, "the stall was never noticed: " + err
+    assert "; retrying " in err, "the stall was never noticed: " + err
     checked = target.run("check", "-r", target.url, "--read-data")
     assert checked.stderr == "" and "no problems" in checked.stdout, checked.stderr
 
