@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from chunkvault import Repository
-from chunkvault.errors import PermissionDenied, UsageError
+from chunkvault.errors import PermissionDenied, RemoteError, UsageError
 from chunkvault.store.blob import compress
 from chunkvault.store.config import CHANGEABLE_SETTINGS, FIXED_SETTINGS, Settings, changed_settings
 from chunkvault.store.locks import SHARED, RepoLock
@@ -184,12 +184,16 @@ def test_a_failed_write_leaves_the_old_config(tmp_path, new_repo, monkeypatch):
     repo = new_repo(str(tmp_path / "repo"))
     before = (tmp_path / "repo" / "config").read_bytes()
 
-    def refuse(*args, **kwargs):
-        raise OSError(5, "Input/output error")
+    real = os.replace
+
+    def refuse(src, dst, *args, **kwargs):  # the config's write only: the lock's, before it, goes through
+        if os.path.basename(dst) == "config":
+            raise OSError(5, "Input/output error")
+        return real(src, dst, *args, **kwargs)
 
     with monkeypatch.context() as m:
         m.setattr(os, "replace", refuse)
-        with pytest.raises(Exception):
+        with pytest.raises(RemoteError, match="writing config: Input/output error"):
             repo.set_settings(compression_level=12)
     assert (tmp_path / "repo" / "config").read_bytes() == before
     assert not [p for p in (tmp_path / "repo").iterdir() if p.name.startswith(".tmp-")]
