@@ -10,7 +10,7 @@ import blake3
 import pytest
 from hypothesis import given, strategies as st
 
-from chunkvault.errors import UsageError
+from chunkvault.errors import Locked, UsageError, WrongPassword
 from conftest import PASSWORD
 
 
@@ -427,7 +427,7 @@ def test_a_backup_behind_a_prune_waits_only_as_long_as_wait_says(tmp_path, cli, 
         assert b"locked by prune" in err
         err = cli("backup", "-r", repo, "--stdin", "--stdin-name", "x", "--wait", "0", input=b"x", check=15).stderr
         assert b"locked by prune" in err
-        with pytest.raises(Exception, match="wait takes seconds"):
+        with pytest.raises(UsageError, match="wait takes seconds"):
             r.backup([str(src)], wait=-1)
     assert json.loads(cli("snapshots", "-r", repo, "--json").stdout) == []
 
@@ -758,7 +758,7 @@ def test_two_key_removals_at_once_cannot_remove_every_key(tmp_path, new_repo, pa
     first = repo.store.key_name
     with Repository.open(str(tmp_path / "repo"), "second password") as other:
         with RepoLock(repo.store.remote, EXCLUSIVE, "key remove"):  # the other's removal is under way
-            with pytest.raises(Exception, match="lock.*key remove"):
+            with pytest.raises(Locked, match="lock.*key remove"):
                 other.remove_key(first, wait=0)
         repo.remove_key(second)
         with pytest.raises(UsageError, match="opened with is gone"):
@@ -795,7 +795,7 @@ def test_key_remove_and_passwd_wait_for_running_backups(tmp_path, new_repo, cli,
     cli(*passwd)
     with Repository.open(r, "new password") as changed:
         assert len(changed.keys()) == 1
-    with pytest.raises(Exception):
+    with pytest.raises(WrongPassword):
         Repository.open(r, password)
 
 
@@ -970,13 +970,13 @@ def test_a_password_change_stopped_says_which_passwords_open_the_repository(tmp_
     err = capsys.readouterr().err
     if after_delete:
         assert "only the new password opens the repository" in err
-        with pytest.raises(Exception):
+        with pytest.raises(WrongPassword):
             Repository.open(repo.store.remote.display_url, password)
         Repository.open(repo.store.remote.display_url, "new password").close()
     else:  # the new key is taken back: it said both passwords open the repository, and both did
         assert "stopped: the password is unchanged" in err
         Repository.open(repo.store.remote.display_url, password).close()
-        with pytest.raises(Exception):
+        with pytest.raises(WrongPassword):
             Repository.open(repo.store.remote.display_url, "new password")
 
 

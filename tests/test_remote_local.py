@@ -64,7 +64,7 @@ def test_no_temp_files_left_after_puts(tmp_path):
     remote.put("config", b"c")
     remote.put("config", b"cc")
     remote.put("snapshots/s1", b"s", if_absent=True)
-    with pytest.raises(Exception):
+    with pytest.raises(ObjectExists):
         remote.put("snapshots/s1", b"t", if_absent=True)
     assert _all_files(tmp_path) == sorted(
         [os.path.join("data", "ab", "a" * 64), "config", os.path.join("snapshots", "s1")]
