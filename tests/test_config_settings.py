@@ -71,7 +71,8 @@ def test_a_backup_after_compression_19_writes_its_blobs_at_19_and_old_data_still
             plain = kept_open.cat("blob", blob_id.hex(), raw=False)
             payload = kept_open.cat("blob", blob_id.hex(), raw=True)
             by_level = {lv: bytes(compress(plain, lv)[1]) for lv in (3, 19)}
-            assert by_level[3] != by_level[19]
+            if by_level[3] == by_level[19]:  # a chunk the levels compress alike (a file's short tail, cut where
+                continue                     # the repository's keyed chunker cuts it) tells them not apart
             levels.setdefault(name, set()).update(lv for lv, p in by_level.items() if p == payload)
     assert levels == {"old": {3}, "new": {19}}
     for snap, names in ((first, ["old"]), (second, ["new", "old"])):
