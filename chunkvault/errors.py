@@ -83,13 +83,11 @@ def resource_exhausted(exc: BaseException) -> ResourceExhausted | None:
     lower."""
     if (isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
             or _ZSTD_NO_MEMORY in str(exc)):
-        return ResourceExhausted("out of memory under the process's memory limit (ulimit -v, MemoryMax=): raise "
-                                 "it, or lower the repository's pack size or the processes a restore uses")
+        return memory_refused("", "it, or lower the repository's pack size or the processes a restore uses")
     if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
         return threads_refused("a thread")
     if isinstance(exc, ImportError) and _NO_ROOM_TO_MAP in str(exc) and address_space_limited():
-        return ResourceExhausted("out of memory loading a native library under the process's memory limit "
-                                 "(ulimit -v, MemoryMax=): raise it")
+        return memory_refused(" loading a native library")
     return None
 
 
@@ -97,6 +95,13 @@ def address_space_limited() -> bool:
     """Whether an address-space limit (ulimit -v) is set: an mmap past it fails where it would have been
     overcommitted."""
     return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+
+
+def memory_refused(what: str, remedy: str = "it") -> ResourceExhausted:
+    """Out of memory ``what`` (" for ...", " loading ..."), under the memory limit it names, and the remedy
+    (what to raise, or lower)."""
+    return ResourceExhausted(f"out of memory{what} under the process's memory limit (ulimit -v, MemoryMax=): "
+                             f"raise {remedy}")
 
 
 def threads_refused(what: str) -> ResourceExhausted:

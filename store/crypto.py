@@ -175,10 +175,9 @@ def derive_kek(password: bytes, salt: bytes, log_n: int, r: int = SCRYPT_R, p: i
     except ValueError as exc:  # OpenSSL's words alone ("malloc failure") named no limit
         if "malloc failure" not in str(exc):
             raise
-        from chunkvault.errors import ResourceExhausted
+        from chunkvault.errors import memory_refused
 
-        raise ResourceExhausted(f"out of memory for the password's key derivation (scrypt, {need >> 20} MiB) "
-                                "under the process's memory limit (ulimit -v, MemoryMax=): raise it") from exc
+        raise memory_refused(f" for the password's key derivation (scrypt, {need >> 20} MiB)") from exc
 
 
 # --- generated key secrets (no stretching needed) -------------------------------
@@ -331,11 +330,10 @@ def derive_argon2id(password: bytes, salt: bytes, t: int, m_kib: int, p: int) ->
         return hash_secret_raw(password, salt, time_cost=t, memory_cost=m_kib, parallelism=p,
                                hash_len=KEY_SIZE, type=Type.ID)
     except HashingError as exc:  # the library's words alone ("Memory allocation error") named no limit
-        from chunkvault.errors import ResourceExhausted, threads_refused
+        from chunkvault.errors import memory_refused, threads_refused
 
         if "memory" in str(exc).lower():
-            raise ResourceExhausted(f"out of memory for the password's key derivation (Argon2id, {m_kib >> 10} "
-                                    "MiB) under the process's memory limit (ulimit -v, MemoryMax=): raise it") from exc
+            raise memory_refused(f" for the password's key derivation (Argon2id, {m_kib >> 10} MiB)") from exc
         if "thread" in str(exc).lower():
             raise threads_refused(f"the password's key derivation's {p} threads") from exc
         raise
