@@ -15,7 +15,7 @@ import shlex
 import signal
 import subprocess
 import time
-from typing import IO, Mapping, Sequence
+from typing import IO, Callable, Mapping, Sequence
 
 from chunkvault.errors import IncompleteSource, SourceCommandFailed, UsageError
 from chunkvault.processes import without_secrets
@@ -26,12 +26,13 @@ STOP_GRACE = 5.0  # seconds a command interrupted by a failed backup gets to end
 WAKE_EVERY = 0.5  # seconds a read waits on a silent pipe before the interpreter gets to handle signals
 
 
-def wait_readable(fd: int) -> None:
-    """Wait until ``fd`` has data or its end, in slices of ``WAKE_EVERY``.  A signal meant to stop the
-    process (SIGTERM, Ctrl-C) may be delivered to any of its threads; Python handles it on the main
-    thread once that runs Python code again, which a read blocked on a silent pipe would not do."""
+def wait_readable(fd: int, each_slice: Callable[[], None] = lambda: None) -> None:
+    """Wait until ``fd`` has data or its end, in slices of ``WAKE_EVERY``, calling ``each_slice`` after each
+    (it may raise to end the wait).  A signal meant to stop the process (SIGTERM, Ctrl-C) may be delivered to
+    any of its threads; Python handles it on the main thread once that runs Python code again, which a read
+    blocked on a silent pipe would not do."""
     while not select.select([fd], [], [], WAKE_EVERY)[0]:
-        pass
+        each_slice()
 
 
 def descendants(pid: int) -> list[tuple[int, int]]:
@@ -150,10 +151,12 @@ class CommandStream:
         if self._proc is None:
             self._ended()
             return False
-        while not select.select([self._fd], [], [], WAKE_EVERY)[0]:
-            if self._proc.poll() not in (None, 0):
-                self._ended()
+        wait_readable(self._fd, self._end_if_failed)
         return True
+
+    def _end_if_failed(self) -> None:
+        if self._proc is not None and self._proc.poll() not in (None, 0):
+            self._ended()
 
     def read(self, n: int) -> bytes:
         if not self._ready():
