@@ -119,7 +119,8 @@ static void place(Table *t, Py_ssize_t e) {
 }
 
 /* A fresh table of ``slots`` slots holding every entry.  The old table is freed first, so two are never
- * alive at once; should the new one not fit, the old size is tried again before giving up. */
+ * alive at once; should the new one not fit, the old size is tried again.  Should that not fit either
+ * (another thread took the room), the table is left lost, its entries kept: ``ready`` builds it again. */
 static int rebuild(Table *t, Py_ssize_t slots) {
     if ((unsigned long long)slots > U32_MAX) {
         PyErr_Format(PyExc_OverflowError, "a blob index holds at most %llu entries",
@@ -129,11 +130,15 @@ static int rebuild(Table *t, Py_ssize_t slots) {
     int failed = 0;
     free(t->table);
     t->table = calloc((size_t)slots, sizeof(uint32_t));
-    if (!t->table) { /* the size just freed held every entry: take it again */
+    if (!t->table && t->slots && t->slots != slots) { /* the size just freed held every entry: take it again */
         failed = 1;
         slots = t->slots;
         t->table = calloc((size_t)slots, sizeof(uint32_t));
-        if (!t->table) Py_FatalError("blob index: out of memory rebuilding its table");
+    }
+    if (!t->table) {
+        t->slots = t->max_fill = 0;
+        PyErr_NoMemory();
+        return -1;
     }
     t->slots = slots;
     t->max_fill = (Py_ssize_t)((double)slots * MAX_LOAD);
@@ -143,6 +148,11 @@ static int rebuild(Table *t, Py_ssize_t slots) {
         return -1;
     }
     return 0;
+}
+
+/* Whether the table may be used: one a rebuild lost for want of memory is built again first. */
+static int ready(Table *t) {
+    return t->table ? 0 : rebuild(t, slots_for(t->n + 1, TARGET_LOAD));
 }
 
 static int set_capacity(Table *t, Py_ssize_t cap) {
@@ -310,6 +320,7 @@ static Py_ssize_t Table_len(Table *t) { return t->n; }
 
 static PyObject *Table_find(Table *t, PyObject *arg) {
     Py_buffer id;
+    if (ready(t) < 0) return NULL;
     if (get_id(arg, &id) < 0) return NULL;
     Py_ssize_t e = find(t, id.buf, NULL);
     PyBuffer_Release(&id);
@@ -318,6 +329,7 @@ static PyObject *Table_find(Table *t, PyObject *arg) {
 
 static PyObject *Table_get(Table *t, PyObject *arg) {
     Py_buffer id;
+    if (ready(t) < 0) return NULL;
     if (get_id(arg, &id) < 0) return NULL;
     Py_ssize_t e = find(t, id.buf, NULL);
     PyBuffer_Release(&id);
@@ -352,7 +364,7 @@ static PyObject *Table_add(Table *t, PyObject *args) {
     Py_buffer id;
     uint32_t f[FIELDS];
     uint8_t flag;
-    if (parse_row(args, &id, f, &flag) < 0) return NULL;
+    if (ready(t) < 0 || parse_row(args, &id, f, &flag) < 0) return NULL;
     Py_ssize_t slot;
     int added = find(t, id.buf, &slot) < 0;
     int rc = added ? append(t, id.buf, f, flag, slot, 0) : 0;
@@ -365,7 +377,7 @@ static PyObject *Table_replace(Table *t, PyObject *args) {
     Py_buffer id;
     uint32_t f[FIELDS];
     uint8_t flag;
-    if (parse_row(args, &id, f, &flag) < 0) return NULL;
+    if (ready(t) < 0 || parse_row(args, &id, f, &flag) < 0) return NULL;
     Py_ssize_t e = find(t, id.buf, NULL);
     PyBuffer_Release(&id);
     if (e < 0) Py_RETURN_FALSE;
@@ -380,7 +392,7 @@ static PyObject *Table_add_many(Table *t, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOOOO", &ids_obj, &objs[0], &objs[1], &objs[2], &objs[3], &objs[4]))
         return NULL;
     Py_buffer ids;
-    if (get_ids(ids_obj, &ids) < 0) return NULL;
+    if (ready(t) < 0 || get_ids(ids_obj, &ids) < 0) return NULL;
     Py_ssize_t m = ids.len / ID_SIZE, added = 0;
     Column cols[FIELDS + 1];
     int got = 0;
@@ -456,7 +468,8 @@ static PyObject *Table_add_entries(Table *t, PyObject *args) {
     Py_ssize_t pos, count, deltas, added = 0;
     unsigned long long pack;
     PyObject *replaced = NULL;
-    if (!PyArg_ParseTuple(args, "y*nnK|O!", &buf, &pos, &count, &pack, &PyByteArray_Type, &replaced)) return NULL;
+    if (ready(t) < 0 || !PyArg_ParseTuple(args, "y*nnK|O!", &buf, &pos, &count, &pack, &PyByteArray_Type, &replaced))
+        return NULL;
     if (pack > U32_MAX) {
         PyErr_Format(PyExc_ValueError, "pack_no out of range 0..%llu", U32_MAX);
         goto fail;
@@ -496,7 +509,7 @@ fail:
 
 static PyObject *Table_contains_many(Table *t, PyObject *arg) {
     Py_buffer ids;
-    if (get_ids(arg, &ids) < 0) return NULL;
+    if (ready(t) < 0 || get_ids(arg, &ids) < 0) return NULL;
     Py_ssize_t m = ids.len / ID_SIZE;
     PyObject *out = PyBytes_FromStringAndSize(NULL, m);
     if (out) {

@@ -266,3 +266,70 @@ def test_every_delta_a_whole_copy_replaces_is_reported_with_its_location(n):
     assert [(b, tuple(loc)) for b, loc in replaced] == [
         (b, (0, 100 * k, 10 + k, 1000 + k, KIND_DELTA)) for k, b in enumerate(ids)]
     assert [tuple(index.get(b)) for b in ids] == [(1, 500 * k, 50 + k, 1000 + k, KIND_ZSTD) for k in range(n)]
+
+
+_REFUSING_CALLOC = r"""
+#include <errno.h>
+#include <stdlib.h>
+extern void *__libc_calloc(size_t, size_t);
+/* calloc, refusing every request of REFUSE_CALLOC_FROM bytes or more while that variable is set */
+void *calloc(size_t n, size_t size) {
+    const char *from = getenv("REFUSE_CALLOC_FROM");
+    if (from && n * size >= strtoull(from, NULL, 10)) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return __libc_calloc(n, size);
+}
+"""
+
+
+def test_a_table_rebuild_that_finds_no_memory_at_all_loses_no_entry(tmp_path):
+    """A rebuild frees the old table before taking the new one; should neither the new size nor the old fit
+    (another thread took the room), the process died of Py_FatalError.  Now it is a MemoryError, every entry
+    is kept, and the table is built again when memory is back."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()
+    if not sys.platform.startswith("linux") or not shutil.which(compiler[0]):
+        pytest.skip("needs glibc's __libc_calloc and a C compiler")
+    (tmp_path / "refuse.c").write_text(_REFUSING_CALLOC)
+    shim = tmp_path / "refuse.so"
+    subprocess.run([*compiler, "-shared", "-fPIC", "-O1", "-o", str(shim), str(tmp_path / "refuse.c")], check=True)
+    code = """
+import os, random
+from chunkvault.store import _blobtable
+rng = random.Random(5)
+table = _blobtable.Table()
+ids = [rng.randbytes(32) for _ in range(20000)]
+for i, row in enumerate(ids[:2000]):
+    table.add(row, i, 0, 0, 0, 0)
+slots = table.slots
+os.environ["REFUSE_CALLOC_FROM"] = "4096"
+failed = None
+for i, row in enumerate(ids[2000:], 2000):
+    try:
+        table.add(row, i, 0, 0, 0, 0)
+    except MemoryError:
+        failed = i
+        break
+assert failed is not None and table.slots == 0, (failed, table.slots)
+try:
+    table.find(ids[0])
+    raise SystemExit("a lost table answered")
+except MemoryError:
+    pass
+del os.environ["REFUSE_CALLOC_FROM"]
+assert all(table.find(row) for row in ids[:failed]) and not table.find(ids[failed]) and len(table) == failed
+assert table.get(ids[7]) == (7, 0, 0, 0, 0) and table.slots > slots
+for i, row in enumerate(ids[failed:], failed):
+    table.add(row, i, 0, 0, 0, 0)
+assert table.contains_many(b"".join(ids)) == b"\\x01" * len(ids)
+print("kept")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "LD_PRELOAD": str(shim)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "kept", proc.stderr
