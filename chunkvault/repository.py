@@ -352,12 +352,17 @@ class _Operation:
 
 
 def _stoppable(method: Callable[..., Any]) -> Callable[..., Any]:
-    """An operation: refused once the object is closed, stopped by ``Repository.stop`` (``_operation``)."""
+    """An operation: refused once the object is closed, stopped by ``Repository.stop`` (``_operation``).
+    One that fails drops the snapshots loaded: a rebase, an aggregate, a tag or a repair edits a snapshot
+    before storing it, and stopped in between, it left the object listing the edit that was never stored."""
     @functools.wraps(method)
     def run(self: "Repository", *args: Any, **kwargs: Any) -> Any:
         with self._operation():
             try:
                 return method(self, *args, **kwargs)
+            except BaseException:
+                self._repo.drop_stale(index=False)
+                raise
             finally:
                 self._note_rewrites()
     return run

@@ -180,6 +180,10 @@ class Repo:
         # (size, version) of each snapshot object read: another command's rewrite (a rebase, a tag) shows in
         # the listing's version; where the remote gives none (an older service), each listing reads it again.
         self._snapshot_seen: dict[str, tuple[int, str | None]] = {}
+        # Each snapshot as decoded from the object version a listing showed, a copy no command edits: taking
+        # a lock drops the snapshots loaded, and a process kept open re-read every one at each lock (8,000
+        # snapshots: 0.35 s of a 0.9 s backup).  Listed again at the same version, it is copied from here.
+        self._decoded: dict[str, tuple[tuple[int, str], Snapshot]] = {}
         self.unreadable_snapshots: dict[str, CorruptObject] = {}  # as of the last listing (``snapshots``)
         # The last listing by id, and whether a lock this process holds keeps it true (``kept_listing``).
         self._listing: dict[str, Snapshot] | None = None
@@ -1078,23 +1082,33 @@ class Repo:
                 self._snapshots.pop(name, None)
 
         def load(name: str) -> Snapshot | CorruptObject | None:
+            seen = listed[name]
             try:
                 fresh = name not in self._snapshots
                 snap = self.load_snapshot(name)
-                if fresh and self._snapshot_seen.get(name, (None,))[0] == listed[name][0]:  # read as listed:
-                    self._snapshot_seen[name] = listed[name]  # else the next listing reads it again
+                if fresh and self._snapshot_seen.get(name, (None,))[0] == seen[0]:  # read as listed: else
+                    self._snapshot_seen[name] = seen  # the next listing reads it again
+                    if seen[1] is not None:
+                        self._decoded[name] = (seen, snap.copy())  # type: ignore[assignment]
                 return snap
             except MissingObject:
                 return None
             except CorruptObject as exc:
                 return exc
 
+        for name, seen in listed.items():
+            decoded = self._decoded.get(name)
+            if name not in self._snapshots and decoded is not None and decoded[0] == seen:
+                self._snapshots[name] = decoded[1].copy()
+                self._snapshot_seen[name] = seen
         # A few dozen tasks, not one per snapshot: for a year of hourly snapshots on local disk, handing
         # each small read to the pool cost more than the reads.
-        per_task = max(1, len(names) // 64)
-        batches = [names[i:i + per_task] for i in range(0, len(names), per_task)]
+        unread = [name for name in names if name not in self._snapshots]
+        per_task = max(1, len(unread) // 64)
+        batches = [unread[i:i + per_task] for i in range(0, len(unread), per_task)]
         with ThreadPoolExecutor(OBJECT_READERS) as pool:
-            loaded = [x for batch in pool.map(lambda b: [load(n) for n in b], batches) for x in batch]
+            read = dict(zip(unread, (x for batch in pool.map(lambda b: [load(n) for n in b], batches) for x in batch)))
+        loaded = [read[name] if name in read else load(name) for name in names]
         self.unreadable_snapshots = {n: x for n, x in zip(names, loaded) if isinstance(x, CorruptObject)}
         snapshots = [x for x in loaded if isinstance(x, Snapshot)]
         # A backup stores its index objects before its snapshot: an index loaded before this listing may
@@ -1206,6 +1220,7 @@ class Repo:
             self.replaced_digests.setdefault(snap.id, []).append((old, digest))
         self._snapshots[snap.id] = snap
         self._snapshot_seen[snap.id] = (len(data), None)
+        self._decoded.pop(snap.id, None)
         self.snapshot_digests[snap.id] = digest
         self._listing = None
         return snap
@@ -1289,6 +1304,7 @@ class Repo:
         process that backs up and forgets for months."""
         self._snapshots.pop(name, None)
         self._snapshot_seen.pop(name, None)
+        self._decoded.pop(name, None)
         self.snapshot_digests.pop(name, None)
         self._listing = None
 

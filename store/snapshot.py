@@ -6,6 +6,7 @@ stored; it names its manifest's blobs and, for a differential, its parent.
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import os
 import re
@@ -93,6 +94,14 @@ class Snapshot:
             raise ValueError(f"time {self.time!r} has no zone")
         if self.kind not in (KIND_FULL, KIND_DIFF) or (self.kind == KIND_DIFF) != (self.parent is not None):
             raise ValueError("inconsistent kind/parent")
+
+    def copy(self) -> "Snapshot":
+        """A copy whose lists and stats are its own: commands edit a snapshot in place before storing it
+        (a rebase, a tag), and one that fails midway must leave a kept copy as it was stored."""
+        twin = copy.copy(self)
+        twin.paths, twin.tags, twin.manifest = list(self.paths), list(self.tags), list(self.manifest)
+        twin.manifest_starts, twin.stats = list(self.manifest_starts), dict(self.stats)
+        return twin
 
     @property
     def short_id(self) -> str:
