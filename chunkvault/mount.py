@@ -540,12 +540,21 @@ def mount(repo: Repository, mountpoint: str, *, allow_other: bool = False, wait:
         except RuntimeError as exc:  # libfuse could not mount (no /dev/fuse, no permission, ...)
             if ops.served and exc.args == (_LOOP_ENDED_BY_SIGNAL,):
                 return  # libfuse 3 unmounted on SIGTERM or SIGINT, as asked
-            raise MountFailed(f"cannot mount at {mountpoint}: {exc}") from None
+            raise _mount_failed(mountpoint, exc, ops.served) from None
         finally:
             if relay is not None:
                 relay.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+def _mount_failed(mountpoint: str, exc: RuntimeError, served: bool) -> MountFailed:
+    """The error for libfuse's failure.  mfusepy raises fuse_main's return code, a number that means nothing
+    to the user (it said "cannot mount at /mnt: 1"); libfuse or fusermount has written why on stderr."""
+    why = "libfuse's message above says why" if exc.args and isinstance(exc.args[0], int) else str(exc)
+    if served:
+        return MountFailed(f"the mount at {mountpoint} ended with an error ({why})")
+    return MountFailed(f"cannot mount at {mountpoint} ({why})")
 
 
 class _QuitRelay:
