@@ -292,7 +292,9 @@ def run_hook(command: str | tuple[str, ...], env: dict[str, str], cwd: str, time
             return 127, f"{label} hook could not start {program!r}: {exc.strerror or exc}"
         try:
             rc = proc.wait(timeout=timeout)
-            error = None if rc == 0 else f"{label} hook exited {rc}"
+            # a negative code is the signal that killed it (the OOM killer's 9): "exited -9" said neither
+            error = (None if rc == 0 else f"{label} hook exited {rc}" if rc > 0
+                     else f"{label} hook was killed by signal {-rc} ({_signal_name(-rc)})")
             if rc != 0 and no_room_after(out.fileno(), out.seek(0, os.SEEK_END)):
                 error += (f" (its output filled the temp directory {tempfile.gettempdir()}: it may have failed "
                           "for that)")
@@ -305,6 +307,14 @@ def run_hook(command: str | tuple[str, ...], env: dict[str, str], cwd: str, time
             raise
         _log_output(out, log, label)
     return rc, error
+
+
+def _signal_name(signum: int) -> str:
+    """``SIGKILL`` for 9; the number again for one Python does not name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _log_output(out: IO[bytes], log: Callable[[str], None], label: str) -> None:

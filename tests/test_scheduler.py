@@ -367,6 +367,15 @@ def test_pre_hook_failure_skips_the_backup_and_post_hook_sees_it(tmp_path, repo_
     assert e.value.exit_code == 1 and "db (pre hook exited 3)" in str(e.value)
 
 
+def test_a_hook_killed_by_a_signal_is_said_so_not_as_a_negative_exit(tmp_path):
+    """A pre hook the OOM killer ended was reported as "pre hook exited -9"."""
+    from chunkvault.scheduler import run_hook
+
+    rc, error = run_hook("kill -9 $$", dict(os.environ), str(tmp_path), 30, [].append, "pre")
+    assert (rc, error) == (-9, "pre hook was killed by signal 9 (SIGKILL)")
+    assert run_hook("exit 4", dict(os.environ), str(tmp_path), 30, [].append, "post") == (4, "post hook exited 4")
+
+
 def test_a_failed_source_s_retention_is_skipped_and_a_partial_one_is_partial(tmp_path, repo_url, tree):
     """A pre hook that failed saved nothing new: retention then would thin out what is there with nothing to
     replace it (keep-full-within 7d removed every older full).  A backup that could not read a source path
