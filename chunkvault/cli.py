@@ -346,12 +346,14 @@ def _stdout_errors(product: str | None = None) -> Iterator[None]:
 
 def _stdout_error(exc: OSError, product: str | None = None) -> ChunkvaultError:
     """Its exit code is a storage failure's (14); its words say that what the command had done before (a
-    snapshot saved, say) stays done: only its report was cut short; or that the product is incomplete."""
+    snapshot saved, say) stays done: only its report was cut short; or that the product is incomplete.  The
+    former is the command line's hint, said where the command ends: a daemon whose report line failed goes on
+    to its next run, and logged that it "stopped there"."""
     error = output_error("writing to standard output", exc)
     if product is not None:
         return type(error)(f"{error} (the {product} written there is incomplete)")
-    return type(error)(f"{error} (the command stopped there; what it had done stays done, only its report "
-                       "is lost or cut short)")
+    return error.hinting(" (the command stopped there; what it had done stays done, only its report is lost or "
+                         "cut short)")
 
 
 _JSON = json.JSONEncoder(indent=1, sort_keys=True, default=str)

@@ -139,6 +139,26 @@ def test_a_daemon_whose_log_disk_is_full_keeps_running(tmp_path, repo_url, tree)
     assert [s.kind for s in snapshots(repo_url)] == ["full"]
 
 
+def test_a_report_line_that_cannot_be_written_is_logged_without_saying_the_daemon_stopped(tmp_path, repo_url, tree):
+    """``daemon --json`` onto a full disk logged that the command "stopped there", and went on to its next run."""
+    policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                          top='full = "0 0 1 1 *"\n')
+    err = tmp_path / "stderr"
+    with err.open("w") as stderr, open("/dev/full", "w") as full:
+        proc = subprocess.Popen([sys.executable, "-c", DAEMON, "daemon", "--json", "--config", str(policy)],
+                                env=_env(), stdout=full, stderr=stderr)
+    try:
+        wait_for(lambda: "next run at" in err.read_text(), proc, "the first run")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    text = err.read_text()
+    assert "the run's report was not written: no space left on device while writing to standard output\n" in text
+    assert "next run at" in text.split("report was not written")[1], text
+
+
 # --------------------------------------------------------------------------- 3. -q
 
 
