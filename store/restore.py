@@ -591,9 +591,10 @@ class _Prefetcher:
 
 
 @contextlib.contextmanager
-def _opened_up(fd: int) -> Iterator[None]:
+def _opened_up(fd: int, shown: str = "") -> Iterator[None]:
     """The directory open at ``fd`` writable by its owner while inside, where it is this user's; its mode
-    back after."""
+    back after.  A failure to give it back names the directory as ``shown`` (else the descriptor's path
+    under /proc, as bytes, reached the warning: "[Errno 30] ...: b'/proc/self/fd/7'")."""
     st = os.fstat(fd)
     opened = closed_to_owner(st)
     if opened:
@@ -602,7 +603,10 @@ def _opened_up(fd: int) -> Iterator[None]:
         yield
     finally:
         if opened:
-            os.chmod(proc_path(fd), stat.S_IMODE(st.st_mode))
+            try:
+                os.chmod(proc_path(fd), stat.S_IMODE(st.st_mode))
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, shown or None) from None
 
 
 def setid_bits_for_others(e: Entry, uid: int, gid: int) -> int:
@@ -1065,7 +1069,8 @@ class Restorer:
             try:
                 opened.close()
             except OSError as exc:
-                self.result.warnings.append(f"cannot give a directory its mode back: {exc}")
+                self.result.warnings.append(f"cannot give {exc.filename or 'a directory'} its mode back: "
+                                            f"{_reason(exc)}")
 
     def _opened_to_walk(self, rel: bytes, path: bytes, st: os.stat_result,
                         opened: contextlib.ExitStack) -> Iterator[tuple[bytes, bytes, object, bool]] | None:
@@ -1086,7 +1091,7 @@ class Restorer:
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not closed_to_owner(now, 0o500):
             return None
         try:
-            opened.enter_context(_opened_up(fd))
+            opened.enter_context(_opened_up(fd, os.fsdecode(path)))
         except OSError:
             return None
         said = f"cannot read directory {os.fsdecode(path)}: "  # it can now
