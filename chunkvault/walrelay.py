@@ -111,6 +111,14 @@ class Served:
                 "errors": list(self.errors)}
 
 
+def _unanswered(exc: Exception) -> str:
+    """Why a request went unanswered, as the run's failure says it ("the WAL relay failed: ..."): it said
+    "the relay: [Errno 32] Broken pipe" for a client gone before its answer."""
+    if isinstance(exc, OSError):
+        return f"a request was not answered ({exc.strerror or exc})"
+    return f"a request was not answered (internal error: {type(exc).__name__}: {exc})"
+
+
 class WalRelay:
     """A socket at ``path`` answered by a thread, writing with ``fetch`` into descriptors of files below
     ``datadir``; ``owner`` (uid, gid) the socket is given to (as root: the server's user).  ``close`` ends it."""
@@ -159,7 +167,7 @@ class WalRelay:
                 try:
                     self._answer(conn)
                 except Exception as exc:  # noqa: BLE001 - a client gone mid-answer must not end the relay
-                    self.served.errors.append(f"the relay: {exc}")
+                    self.served.errors.append(_unanswered(exc))
                 except BaseException:  # a stop (Ctrl-C) noticed in a read: the run is ending, and so is the relay
                     return
 

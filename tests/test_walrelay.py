@@ -228,6 +228,32 @@ def test_a_descriptor_not_open_for_writing_and_extra_descriptors_are_refused(rel
     assert path.read_bytes() == b""
 
 
+def test_a_client_gone_before_its_answer_is_an_error_said_without_an_errno(tmp_path):
+    """It was recorded as "the relay: [Errno 32] Broken pipe", and the run failed with "the WAL relay
+    failed: the relay: [Errno 32] Broken pipe"."""
+    import threading
+
+    gone = threading.Event()
+
+    def fetch_once_gone(name: str, fd: int) -> int:
+        gone.wait(10)
+        return 0
+
+    datadir = tmp_path / "data"
+    (datadir / "pg_wal").mkdir(parents=True)
+    r = WalRelay(str(tmp_path / "wal-relay"), fetch_once_gone, str(datadir))
+    try:
+        fd = os.open(datadir / "pg_wal" / "RECOVERYXLOG", os.O_WRONLY | os.O_CREAT, 0o600)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.connect(r.path)
+            socket.send_fds(sock, [walfetch.encode_request(SEGMENT)], [fd])
+        os.close(fd)
+        gone.set()
+    finally:
+        r.close()
+    assert r.served.errors == ["a request was not answered (Broken pipe)"]
+
+
 def test_an_unreachable_relay_is_fatal_not_the_end_of_the_archive(tmp_path):
     got = client(str(tmp_path / "nothing"), SEGMENT, "RECOVERYXLOG", cwd=str(tmp_path))
     assert got.returncode == walfetch.FATAL_EXIT and "did not answer" in got.stderr
