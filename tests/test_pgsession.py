@@ -189,3 +189,13 @@ def test_no_server_is_one_clear_error(cluster, tmp_path):
 def test_a_missing_psql_is_one_clear_error(tmp_path):
     with pytest.raises(SourceCommandFailed, match="cannot run"):
         PgBackupSession(psql=str(tmp_path / "psql")).open()
+
+
+def test_a_psql_killed_by_a_signal_is_said_so(tmp_path):
+    """A psql the OOM killer ended failed the backup with "PostgreSQL: psql exited -9"."""
+    psql = tmp_path / "psql"
+    psql.write_text("#!/bin/sh\nkill -9 $$\n")
+    psql.chmod(0o755)
+    with pytest.raises(SourceCommandFailed) as e, PgBackupSession(psql=str(psql)) as session:
+        session.start("nightly")
+    assert str(e.value) == "PostgreSQL: psql was killed by signal 9 (SIGKILL)"
