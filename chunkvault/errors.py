@@ -11,6 +11,7 @@ import copy
 
 import errno
 import resource
+import signal
 from typing import Any
 
 
@@ -102,6 +103,18 @@ def memory_refused(what: str, remedy: str = "it") -> ResourceExhausted:
     (what to raise, or lower)."""
     return ResourceExhausted(f"out of memory{what} under the process's memory limit (ulimit -v, MemoryMax=): "
                              f"raise {remedy}")
+
+
+def process_end(code: int) -> str:
+    """How a child process ended, from its Popen return code: a negative one is the signal that killed it
+    (the OOM killer's 9), and "exited -9" said neither that nor which."""
+    if code >= 0:
+        return f"exited {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"was killed by signal {-code}"
+    return f"was killed by signal {-code} ({name})"
 
 
 def threads_refused(what: str) -> ResourceExhausted:

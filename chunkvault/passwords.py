@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .errors import UsageError
+from .errors import UsageError, process_end
 from .localfiles import read_capped
 
 
@@ -138,8 +138,7 @@ def run_password_command(command: str, cwd: str | None = None) -> bytes:
     except OSError as exc:
         raise UsageError(f"cannot run password command `{command}`: {exc.strerror}") from None
     if done.returncode != 0:
-        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
-        raise UsageError(f"password command `{command}` failed ({how})")
+        raise UsageError(f"password command `{command}` {process_end(done.returncode)}")
     return done.stdout.rstrip(b"\r\n")
 
 

@@ -34,13 +34,12 @@ import base64
 import os
 import secrets
 import select
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from chunkvault.errors import SourceCommandFailed, UsageError
+from chunkvault.errors import SourceCommandFailed, UsageError, process_end
 from chunkvault.processes import without_secrets
 from chunkvault.store.walnames import format_lsn, parse_lsn
 
@@ -71,18 +70,6 @@ def wal_segments_between(timeline: int, start: int, stop: int, segment_size: int
     last = max(start, stop - 1) if stop % segment_size == 0 else stop
     first_seg, last_seg = start // segment_size, last // segment_size
     return [wal_segment_name(timeline, s * segment_size, segment_size) for s in range(first_seg, last_seg + 1)]
-
-
-def _how_psql_ended(code: int) -> str:
-    """psql's end, where it said nothing: a negative code is the signal that killed it ("psql exited -9" said
-    neither that nor which)."""
-    if code >= 0:
-        return f"psql exited {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = "an unnamed one"
-    return f"psql was killed by signal {-code} ({name})"
 
 
 def label_field(label_file: str, name: str) -> str | None:
@@ -314,7 +301,7 @@ class PgBackupSession:
         said = self._proc.stderr.read().decode("utf-8", "replace")
         lines = [ln.strip() for ln in said.splitlines() if ln.strip()]
         errors = [ln for ln in lines if "ERROR:" in ln or "FATAL:" in ln or "error:" in ln]
-        reason = (errors or lines or [_how_psql_ended(self._proc.returncode)])[0]
+        reason = (errors or lines or [f"psql {process_end(self._proc.returncode)}"])[0]
         self._proc = None
         raise SourceCommandFailed(f"PostgreSQL: {reason}")
 

@@ -71,7 +71,8 @@ from .store import locks
 from .display import LIST_LETTERS, one_line, shown_name
 from .localfiles import no_room_after
 from .errors import (ChunkvaultError, ChunkvaultWarning, Locked, NewerObject, OutputClosed, PartialBackup,
-                     PermissionDenied, RemoteUnavailable, SourceCommandFailed, Stopped, UsageError, VerificationFailed)
+                     PermissionDenied, RemoteUnavailable, SourceCommandFailed, Stopped, UsageError, VerificationFailed,
+                     process_end)
 from .processes import kill_group, without_secrets
 from .remotes.layer import stop_request
 from .schedule import (CopyTarget, Policy, RetentionScope, Source, check_due, check_slice, dated_ahead, decide,
@@ -292,9 +293,7 @@ def run_hook(command: str | tuple[str, ...], env: dict[str, str], cwd: str, time
             return 127, f"{label} hook could not start {program!r}: {exc.strerror or exc}"
         try:
             rc = proc.wait(timeout=timeout)
-            # a negative code is the signal that killed it (the OOM killer's 9): "exited -9" said neither
-            error = (None if rc == 0 else f"{label} hook exited {rc}" if rc > 0
-                     else f"{label} hook was killed by signal {-rc} ({_signal_name(-rc)})")
+            error = None if rc == 0 else f"{label} hook {process_end(rc)}"
             if rc != 0 and no_room_after(out.fileno(), out.seek(0, os.SEEK_END)):
                 error += (f" (its output filled the temp directory {tempfile.gettempdir()}: it may have failed "
                           "for that)")
@@ -307,14 +306,6 @@ def run_hook(command: str | tuple[str, ...], env: dict[str, str], cwd: str, time
             raise
         _log_output(out, log, label)
     return rc, error
-
-
-def _signal_name(signum: int) -> str:
-    """``SIGKILL`` for 9; the number again for one Python does not name."""
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def _log_output(out: IO[bytes], log: Callable[[str], None], label: str) -> None:

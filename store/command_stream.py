@@ -17,7 +17,7 @@ import subprocess
 import time
 from typing import IO, Callable, Mapping, Sequence
 
-from chunkvault.errors import IncompleteSource, SourceCommandFailed, UsageError
+from chunkvault.errors import IncompleteSource, SourceCommandFailed, UsageError, process_end
 from chunkvault.processes import without_secrets
 
 from .locks import process_start
@@ -180,8 +180,7 @@ class CommandStream:
             assert self._proc is not None
             self.returncode = self._proc.wait()
         if self.returncode != 0:
-            how = f"was killed by signal {-self.returncode}" if self.returncode < 0 else f"exited {self.returncode}"
-            raise SourceCommandFailed(f"`{self.shown}` {how}: no snapshot saved")
+            raise SourceCommandFailed(f"`{self.shown}` {process_end(self.returncode)}: no snapshot saved")
 
     def interrupt(self) -> None:
         """Ask the command (and what it started) to end, at once and without waiting: a backup told to stop

@@ -28,7 +28,7 @@ import time
 import warnings
 from typing import Any, Callable, Generic, TypeVar
 
-from chunkvault.errors import ChunkvaultError
+from chunkvault.errors import ChunkvaultError, process_end
 from chunkvault.remotes import Remote
 
 from .forksafe import FORK_GUARD, loud_threads
@@ -129,9 +129,8 @@ class _Worker(Generic[T]):
         self.reaped = True
         os.close(self.fd)
         if not self.done and self.error is None:
-            code = os.waitstatus_to_exitcode(status)
-            how = f"signal {-code}" if code < 0 else f"exit code {code}"
-            self.error = ChunkvaultError(f"a worker process ended ({how}) before it was done")
+            self.error = ChunkvaultError(f"a worker process {process_end(os.waitstatus_to_exitcode(status))} "
+                                         "before it was done")
 
     def _stop(self) -> int | None:
         """Ask the worker to stop, then kill it if it has not within STOP_GRACE; its wait status, if ended."""

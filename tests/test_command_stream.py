@@ -47,7 +47,7 @@ def test_output_is_stored_and_each_run_is_a_differential_of_the_last(new_repo):
 @pytest.mark.parametrize("command, message", [
     (emit(50_000, "exit 3"), "`sh -c 'seq 1 50000; exit 3'` exited 3: no snapshot saved"),
     (emit(50_000, "exec >&-; sleep 0.2; exit 4"), "exited 4: no snapshot saved"),  # output closed before the exit
-    (emit(10, "kill -9 $$"), "was killed by signal 9: no snapshot saved"),
+    (emit(10, "kill -9 $$"), "was killed by signal 9 (SIGKILL): no snapshot saved"),
     (["/nonexistent/pg_dump", "app"], "cannot run `/nonexistent/pg_dump app`: No such file or directory"),
 ])
 def test_a_failed_command_saves_no_snapshot(new_repo, command, message):

@@ -119,7 +119,7 @@ def test_command_output_keeps_its_inner_bytes(env):
 
 
 @pytest.mark.parametrize("command, message", [
-    (printing("secret", code=3), "password command `{}` failed (exit 3)"),
+    (printing("secret", code=3), "password command `{}` exited 3"),
     ("/nonexistent/vault-client get db", "cannot run password command `{}`: No such file or directory"),
     ("pass show 'db", "cannot parse password command `{}`: No closing quotation"),
     (printing(""), "the repository password from `{}` is empty"),
@@ -132,7 +132,7 @@ def test_command_failures_are_one_line_usage_errors(env, command, message):
 
 
 def test_a_command_killed_by_a_signal_says_so(env):
-    with pytest.raises(UsageError, match=r"failed \(signal 9\)"):
+    with pytest.raises(UsageError, match=r"was killed by signal 9 \(SIGKILL\)"):
         passwords.REPOSITORY.given(args(password_command="sh -c 'kill -9 $$'"))
 
 
@@ -205,7 +205,7 @@ def test_cli_failing_command_is_one_line_and_exit_2(cli, tmp_path):
     cli("init", "-r", repo, "--kdf-time", "0")
     proc = cli("backup", "-r", repo, str(tmp_path), "--password-command", printing("x", code=5), check=2, password=None)
     assert proc.stderr.decode().strip().splitlines() == [
-        f"chunkvault: password command `{printing('x', code=5)}` failed (exit 5)"]
+        f"chunkvault: password command `{printing('x', code=5)}` exited 5"]
     assert json.loads(cli("snapshots", "-r", repo, "--json").stdout) == []
 
 
