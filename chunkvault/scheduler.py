@@ -318,6 +318,11 @@ def _log_output(out: IO[bytes], log: Callable[[str], None], label: str) -> None:
         log(f"{label}: {line}")
 
 
+def _stopped(exc: BaseException) -> str:
+    """A step a stop ended, for the log: the stop's own words only where they add any ("stopped (stopped)")."""
+    said = str(exc).strip()
+    return "stopped" if said in ("", "stopped", "stopping") else f"stopped ({said})"
+
 class LockFileError(ChunkvaultError):
     """A policy's lock file could not be opened.  A command ends with exit 2, as for a bad option; a daemon
     logs that run as failed and tries again at the next slot (the directory may be back by then)."""
@@ -700,7 +705,7 @@ class Runner:
                     close()
         except (ChunkvaultError, Stopped) as exc:
             if self._ended_by_stop(exc):
-                self.log(f"{src.name}: {step} at {shown} stopped ({exc})")
+                self.log(f"{src.name}: {step} at {shown} {_stopped(exc)}")
                 return False
             if isinstance(exc, Stopped):
                 raise
@@ -773,7 +778,7 @@ class Runner:
             if self._ended_by_stop(exc):
                 report.stopped = True
                 report.check.update(ok=None, stopped="stopped")
-                self.log(f"check: stopped ({exc})")
+                self.log(f"check: {_stopped(exc)}")
                 return
             if isinstance(exc, Stopped):
                 raise
@@ -938,7 +943,7 @@ class Runner:
                     **({"pg_dbname": v.pg_dbname} if v.pg_dbname is not None else {}))
         except (ChunkvaultError, Stopped) as exc:
             if self._ended_by_stop(exc):
-                self.log(f"verify: {src.name}: stopped ({exc})")
+                self.log(f"verify: {src.name}: {_stopped(exc)}")
                 return None
             if isinstance(exc, Stopped):
                 raise
