@@ -32,6 +32,11 @@ FORMAT_VERSION = 2
 #: file stored raises the config to this, so that it refuses the repository instead.  Every other repository
 #: stays format 1, which every chunkvault reads.
 FORMAT_WAL = 2
+#: The format of a repository that holds (or held) a snapshot of version 2 (extended attributes in its
+#: manifest).  A chunkvault before them knows only format 1 and leaves such a snapshot out as unreadable: its
+#: forget removed the snapshot's parent without rebasing it, and it advised forgetting the snapshot itself.
+#: Every chunkvault that knows format 2 reads these snapshots, so the first one stored raises the config to it.
+FORMAT_XATTRS = 2
 CONFIG_AD = b"chunkvault config v1"
 KEY_AD = b"chunkvault key v1"
 

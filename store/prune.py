@@ -683,12 +683,16 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
 
 def _raise_format_for_wal(repo: Repo) -> None:
     """The config at ``FORMAT_WAL`` where WAL is archived and it is not yet: an append-only token's push could
-    not rewrite it, and a chunkvault from before the archive, pruning, would delete the archive's data."""
-    from .config import FORMAT_WAL
+    not rewrite it, and a chunkvault from before the archive, pruning, would delete the archive's data.  The
+    same for a snapshot of version 2 (``FORMAT_XATTRS``) such a token's backup stored: a chunkvault from before
+    extended attributes would forget its parent from under it."""
+    from .config import FORMAT_WAL, FORMAT_XATTRS
     from .walarchive import names
 
     if repo.config.format < FORMAT_WAL and names(repo, cache=False):
         repo.raise_format(FORMAT_WAL)
+    if repo.config.format < FORMAT_XATTRS and any(s.version >= 2 for s in repo.snapshots()):
+        repo.raise_format(FORMAT_XATTRS)
 
 
 def prune(repo: Repo, *, max_unused: float = 0.05, max_repack: int | None = None, dry_run: bool = False,

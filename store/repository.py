@@ -40,8 +40,8 @@ from . import chain
 from .blob import (KIND_DELTA, MAX_DELTA_DEPTH, Plaintext, compress, compress_many, delta_compress, envelope_base,
                    open_chain, open_envelope, sampled_size, seal_blob, seal_whole_blobs)
 from .blobindex import BlobIndex, BlobLocation
-from .config import (MAX_PACK_SIZE, KeyFile, RepoConfig, Settings, changed_settings, make_key_file, new_config,
-                     open_config, settings_differences)
+from .config import (FORMAT_XATTRS, MAX_PACK_SIZE, KeyFile, RepoConfig, Settings, changed_settings, make_key_file,
+                     new_config, open_config, settings_differences)
 from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
 from .deltabase import choose_base, unreadable_deltas
 from .indexfile import (INDEX_SLACK, IndexColumns, IndexData, decode_index, decode_index_columns, encode_index,
@@ -432,8 +432,8 @@ class Repo:
 
     def raise_format(self, fmt: int) -> None:
         """Store the config at format ``fmt`` before writing what a chunkvault of an earlier format would misread
-        or destroy (``FORMAT_WAL``: a ``wal/`` object, whose data an older prune deletes), so that it refuses the
-        repository.  Under a lock, which keeps ``config set`` out; two at once write the same.  A remote that
+        or destroy (``FORMAT_WAL``: a ``wal/`` object, whose data an older prune deletes; ``FORMAT_XATTRS``: a
+        snapshot of version 2, whose parent an older forget removes), so that it refuses the repository.  Under a lock, which keeps ``config set`` out; two at once write the same.  A remote that
         will not rewrite the config (an append-only token: a database's ``archive_command``) leaves it as it
         is, and the write goes on, refusing it would stop PostgreSQL's archiving: the next push with the right
         to, or the next prune, which the token's owner runs with a full one, raises it."""
@@ -1207,11 +1207,15 @@ class Repo:
                                 "lists what it takes down)")
 
     def save_snapshot(self, snap: Snapshot, *, replace: bool = False) -> Snapshot:
-        """Store a new snapshot (a fresh random id), or rewrite one in place (rebase)."""
+        """Store a new snapshot (a fresh random id), or rewrite one in place (rebase).  One of version 2 raises
+        the config to ``FORMAT_XATTRS`` first: a chunkvault before extended attributes would take it for damage
+        and forget its parent from under it."""
         if not replace:
             snap.id = os.urandom(32).hex()
         elif not snap.id:
             raise ValueError("replacing a snapshot needs its id")
+        if snap.version >= 2:
+            self.raise_format(FORMAT_XATTRS)
         data = snap.encode(self.sealer)
         old = self.snapshot_digests.get(snap.id) if replace else None
         self.remote.put(f"snapshots/{snap.id}", data, if_absent=not replace)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import struct
 
@@ -9,7 +10,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from chunkvault import Repository
-from chunkvault.errors import CorruptObject
+from chunkvault.errors import CorruptObject, UnsupportedFormat
+from chunkvault.store import config as config_module
 from chunkvault.store import xattrs as xattrs_mod
 from chunkvault.store.crypto import Sealer
 from chunkvault.store.manifest import T_HARDLINK
@@ -17,6 +19,7 @@ from chunkvault.store.snapshot import SNAPSHOT_VERSION, Snapshot
 from chunkvault.store.xattrs import decode_xattrs, encode_xattrs
 from chunkvault.verify import compare_tree
 from conftest import PASSWORD
+from servers_http import APPEND_TOKEN, FULL_TOKEN, http_server, serve_factory  # noqa: F401
 from treeutil import settle
 
 ROOT = os.geteuid() == 0
@@ -349,3 +352,38 @@ def test_a_name_that_is_not_utf8_is_given_exactly_in_json(repo, source, cli, tmp
     assert b64 == {b"user.\xff": b"one", b"user.\xfe": b"two"}
     assert {os.fsencode(k) for k in listed["plain.txt"]["xattrs"]} == set(b64)
     assert "xattrs_b64" not in listed["etc/app.conf"]
+
+
+def _stored_format(repo_dir) -> int:
+    return json.loads((repo_dir / "config").read_bytes())["format"]
+
+
+def test_the_first_snapshot_with_attributes_raises_the_format_so_a_chunkvault_before_them_refuses(
+        new_repo, source, tmp_path, monkeypatch):
+    """A chunkvault before extended attributes (format 1) left a version 2 snapshot out as unreadable, and its
+    forget of that snapshot's parent rebased nothing onto what remained: the snapshot lost its chain.  Now it
+    stops at the config (exit 17) before anything; a repository without such a snapshot stays readable by it."""
+    repo = new_repo(str(tmp_path / "repo"))
+    repo.backup([str(source)], xattrs=False)
+    assert _stored_format(tmp_path / "repo") == 1
+    assert repo.backup([str(source)]).snapshot.version == SNAPSHOT_VERSION
+    assert _stored_format(tmp_path / "repo") == config_module.FORMAT_XATTRS == 2
+    copied = new_repo(str(tmp_path / "copy"))
+    repo.copy_to(copied)
+    assert _stored_format(tmp_path / "copy") == 2
+    monkeypatch.setattr(config_module, "FORMAT_VERSION", 1)  # as the reader before extended attributes
+    for where in ("repo", "copy"):
+        with pytest.raises(UnsupportedFormat, match="format 2 is newer"):
+            config_module.peek_config((tmp_path / where / "config").read_bytes())
+
+
+def test_a_snapshot_with_attributes_an_append_only_token_stored_has_the_next_prune_raise_the_format(
+        tmp_path, http_server, source, cli):
+    def env(token):
+        return {"CHUNKVAULT_HTTP_TOKEN": token, "CHUNKVAULT_CACHE_DIR": str(tmp_path / f"cache-{token[:6]}")}
+
+    cli("init", "-r", http_server.url, "--kdf-time", "0", env=env(FULL_TOKEN))
+    cli("backup", "-r", http_server.url, str(source), env=env(APPEND_TOKEN))
+    assert _stored_format(http_server.path) == 1  # the config is not the token's to rewrite
+    cli("prune", "-r", http_server.url, env=env(FULL_TOKEN))
+    assert _stored_format(http_server.path) == 2
