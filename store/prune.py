@@ -681,7 +681,7 @@ def execute(repo: Repo, plan: PrunePlan, progress: Callable[[int, int, int], Non
     repo.load_index()
 
 
-def _raise_format_for_wal(repo: Repo) -> None:
+def _raise_format(repo: Repo) -> None:
     """The config at ``FORMAT_WAL`` where WAL is archived and it is not yet: an append-only token's push could
     not rewrite it, and a chunkvault from before the archive, pruning, would delete the archive's data.  The
     same for a snapshot of version 2 (``FORMAT_XATTRS``) such a token's backup stored: a chunkvault from before
@@ -703,7 +703,7 @@ def prune(repo: Repo, *, max_unused: float = 0.05, max_repack: int | None = None
         repo.drop_stale()
         plan = plan_prune(repo, max_unused, max_repack)
         if not dry_run:
-            _raise_format_for_wal(repo)
+            _raise_format(repo)
             try:
                 execute(repo, plan, progress, lock.ensure_held)
             except StorageFull as exc:

@@ -177,6 +177,7 @@ class Repo:
         self._read_gap = READ_GAP_LOCAL if remote.cheap_ranges else READ_GAP_REMOTE
         self._recent = None if remote.cheap_ranges else RecentRanges(RECENT_RANGES_BYTES)
         self._snapshots: dict[str, Snapshot] = {}
+        self._format_refused = False  # the remote would not rewrite the config (``raise_format``)
         # (size, version) of each snapshot object read: another command's rewrite (a rebase, a tag) shows in
         # the listing's version; where the remote gives none (an older service), each listing reads it again.
         self._snapshot_seen: dict[str, tuple[int, str | None]] = {}
@@ -433,11 +434,13 @@ class Repo:
     def raise_format(self, fmt: int) -> None:
         """Store the config at format ``fmt`` before writing what a chunkvault of an earlier format would misread
         or destroy (``FORMAT_WAL``: a ``wal/`` object, whose data an older prune deletes; ``FORMAT_XATTRS``: a
-        snapshot of version 2, whose parent an older forget removes), so that it refuses the repository.  Under a lock, which keeps ``config set`` out; two at once write the same.  A remote that
-        will not rewrite the config (an append-only token: a database's ``archive_command``) leaves it as it
-        is, and the write goes on, refusing it would stop PostgreSQL's archiving: the next push with the right
-        to, or the next prune, which the token's owner runs with a full one, raises it."""
-        if self.config.format >= fmt:
+        snapshot of version 2, whose parent an older forget removes), so that it refuses the repository.  Under
+        a lock, which keeps ``config set`` out; two at once write the same.  A remote that will not rewrite the
+        config (an append-only token: a database's ``archive_command``) leaves it as it is, and the write goes
+        on, refusing it would stop PostgreSQL's archiving: the next push with the right to, or the next prune,
+        which the token's owner runs with a full one, raises it.  Refused once, it is not asked again by this
+        object (a copy of a thousand snapshots asked a thousand times)."""
+        if self.config.format >= fmt or self._format_refused:
             return
         stored = self.stored_config()
         if stored.format < fmt:
@@ -445,6 +448,7 @@ class Repo:
             try:
                 self.remote.put("config", stored.encode(self.sealer))
             except PermissionDenied:
+                self._format_refused = True
                 return
         self.config = stored
 
