@@ -14,10 +14,10 @@ import itertools
 import json
 from dataclasses import dataclass
 
-from chunkvault.errors import CorruptObject, ObjectNotFound, UnsupportedFormat, UsageError, WrongPassword
+from chunkvault.errors import CorruptObject, NewerObject, ObjectNotFound, UnsupportedFormat, UsageError, WrongPassword
 from chunkvault.remotes import Remote
 
-from .config import FORMAT_WAL, KeyFile, RepoConfig, open_config, peek_config, settings_differences
+from .config import FORMAT_WAL, FORMAT_XATTRS, KeyFile, RepoConfig, open_config, peek_config, settings_differences
 from .crypto import KeyMaterial, Sealer, content_name, looks_like_secret
 from .indexfile import decode_index_columns
 from .locks import EXCLUSIVE, RepoLock
@@ -161,13 +161,34 @@ def import_key(remote: Remote, export: KeyExport, password: bytes, what: str, *,
 
 
 def _config_for(remote: Remote, raw: bytes, config: RepoConfig, material: KeyMaterial) -> bytes:
-    """The exported config as it is put back: at ``FORMAT_WAL`` where WAL is archived here and it is not (an
-    export from before the archive), so that a chunkvault from before the archive, whose prune would delete
-    the archive's data, still refuses the repository."""
-    if config.format >= FORMAT_WAL or not any(is_wal_name(o.key[len(WAL_PREFIX):]) for o in remote.list(WAL_PREFIX)):
+    """The exported config as it is put back: at format 2 where what a chunkvault of format 1 misreads is
+    stored and the export is from before it, so that such a chunkvault still refuses the repository: WAL
+    archived (``FORMAT_WAL``: its prune would delete the archive's data), or a snapshot of version 2
+    (``FORMAT_XATTRS``: its forget would remove that snapshot's parent)."""
+    fmt = config.format
+    if fmt < FORMAT_WAL and any(is_wal_name(o.key[len(WAL_PREFIX):]) for o in remote.list(WAL_PREFIX)):
+        fmt = FORMAT_WAL
+    if fmt < FORMAT_XATTRS and _holds_snapshots_of_version_2(remote, Sealer(material.enc_key)):
+        fmt = FORMAT_XATTRS
+    if fmt == config.format:
         return raw
-    config.format = FORMAT_WAL
+    config.format = fmt
     return config.encode(Sealer(material.enc_key))
+
+
+def _holds_snapshots_of_version_2(remote: Remote, sealer: Sealer) -> bool:
+    """Whether a snapshot of version 2 or newer is stored (read until the first found; one that does not open
+    under this key is left to ``check``)."""
+    for o in remote.list("snapshots/"):
+        name = o.key.split("/", 1)[1]
+        try:
+            if Snapshot.decode(sealer, name, remote.get(o.key)).version >= 2:
+                return True
+        except NewerObject:
+            return True
+        except (CorruptObject, ObjectNotFound):
+            continue
+    return False
 
 
 def _key_files(remote: Remote) -> list[KeyFile]:

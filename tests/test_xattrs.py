@@ -387,3 +387,21 @@ def test_a_snapshot_with_attributes_an_append_only_token_stored_has_the_next_pru
     assert _stored_format(http_server.path) == 1  # the config is not the token's to rewrite
     cli("prune", "-r", http_server.url, env=env(FULL_TOKEN))
     assert _stored_format(http_server.path) == 2
+
+
+def test_a_config_put_back_from_an_export_made_before_the_first_snapshot_with_attributes_keeps_format_2(
+        new_repo, source, tmp_path):
+    """The export holds the config at format 1: put back as it was, a chunkvault before extended attributes
+    opened the repository again, and its forget could remove the parent of a snapshot it cannot read."""
+    path = str(tmp_path / "repo")
+    repo = new_repo(path)
+    repo.backup([str(source)], xattrs=False)
+    kit = repo.export_key()
+    repo.backup([str(source)])
+    repo.close()
+    assert _stored_format(tmp_path / "repo") == 2
+    (tmp_path / "repo" / "config").unlink()
+    assert Repository.import_key(path, kit, PASSWORD).restored == ["config"]
+    assert _stored_format(tmp_path / "repo") == 2
+    with Repository.open(path, PASSWORD) as reopened:
+        assert reopened.check(read_data=True).ok
