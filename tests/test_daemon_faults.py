@@ -118,14 +118,12 @@ def test_a_log_file_that_cannot_be_written_is_given_up_for_stderr(capsys):
         "2026-03-01T02:00:00Z run: 1 backup(s)"]
 
 
-def test_a_daemon_whose_log_disk_is_full_keeps_running(tmp_path, repo_url, tree):
-    """It died with "internal error: OSError" at the first line it could not write."""
-    policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
-                          top='full = "0 0 1 1 *"\n')
+def _stderr_of_a_first_run(tmp_path, args: list[str], stdout) -> str:
+    """What a daemon started with ``args`` wrote to stderr until its first run ended and SIGTERM stopped it."""
     err = tmp_path / "stderr"
     with err.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", DAEMON, "daemon", "--config", str(policy), "--log", "/dev/full"],
-                                env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen([sys.executable, "-c", DAEMON, "daemon", *args], env=_env(), stdout=stdout,
+                                stderr=stderr)
     try:
         wait_for(lambda: "next run at" in err.read_text(), proc, "the first run")
         proc.send_signal(signal.SIGTERM)
@@ -133,7 +131,14 @@ def test_a_daemon_whose_log_disk_is_full_keeps_running(tmp_path, repo_url, tree)
     finally:
         proc.kill()
         proc.wait()
-    text = err.read_text()
+    return err.read_text()
+
+
+def test_a_daemon_whose_log_disk_is_full_keeps_running(tmp_path, repo_url, tree):
+    """It died with "internal error: OSError" at the first line it could not write."""
+    policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
+                          top='full = "0 0 1 1 *"\n')
+    text = _stderr_of_a_first_run(tmp_path, ["--config", str(policy), "--log", "/dev/full"], subprocess.DEVNULL)
     assert text.count("log file /dev/full could not be written (No space left on device)") == 1, text
     assert "db: full snapshot" in text and "daemon stopped" in text and "internal error" not in text
     assert [s.kind for s in snapshots(repo_url)] == ["full"]
@@ -143,18 +148,8 @@ def test_a_report_line_that_cannot_be_written_is_logged_without_saying_the_daemo
     """``daemon --json`` onto a full disk logged that the command "stopped there", and went on to its next run."""
     policy = write_policy(tmp_path / "p.toml", repo_url, [{"name": "db", "paths": [str(tree)]}],
                           top='full = "0 0 1 1 *"\n')
-    err = tmp_path / "stderr"
-    with err.open("w") as stderr, open("/dev/full", "w") as full:
-        proc = subprocess.Popen([sys.executable, "-c", DAEMON, "daemon", "--json", "--config", str(policy)],
-                                env=_env(), stdout=full, stderr=stderr)
-    try:
-        wait_for(lambda: "next run at" in err.read_text(), proc, "the first run")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-    text = err.read_text()
+    with open("/dev/full", "w") as full:
+        text = _stderr_of_a_first_run(tmp_path, ["--json", "--config", str(policy)], full)
     assert "the run's report was not written: no space left on device while writing to standard output\n" in text
     assert "next run at" in text.split("report was not written")[1], text
 
