@@ -158,6 +158,21 @@ def parse_time(text: str) -> datetime:
         raise UsageError(f"time {text!r} is out of range (years 1 to 9999, in UTC too)") from None
 
 
+def said_time(t: datetime) -> str:
+    """A time as a message names it: in local time with its UTC offset (``2026-10-25 02:30:00+02:00``), so
+    that it reads as the user's times do, says which zone a time given without one was read in (in the hour
+    repeated in autumn, which of the two), and can be given back to ``--until`` as it is.  A time given to
+    the second names its whole second: the microseconds ``parse_until`` adds are not shown."""
+    try:
+        local = t.astimezone()
+    except (ValueError, OverflowError, OSError):  # out of the C library's range
+        local = t.astimezone(timezone.utc)
+    fraction = "" if local.microsecond in (0, 999_999) else f".{local.microsecond:06d}"
+    offset = int(local.utcoffset().total_seconds()) // 60  # type: ignore[union-attr]
+    return (f"{local.year:04d}-{local:%m-%d %H:%M:%S}{fraction}"
+            f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}")
+
+
 _TO_THE_SECOND = re.compile(r".*[T ]\d{2}:?\d{2}:?\d{2}(?![.,\d]).*", re.DOTALL)
 
 
@@ -245,7 +260,7 @@ def find_snapshot(snapshots: Iterable[Snapshot], spec: str, *, until: datetime |
     if spec == "latest":
         candidates = [s for s in snaps if until is None or s.datetime <= until]
         if not candidates:
-            raise SnapshotNotFound("no snapshot" + of + (f" at or before {until.isoformat()}" if until else ""))
+            raise SnapshotNotFound("no snapshot" + of + (f" at or before {said_time(until)}" if until else ""))
         return max(candidates, key=chronological_key(candidates))
     matches = [s for s in snaps if s.id.startswith(spec.lower())]
     if not matches:
@@ -254,5 +269,5 @@ def find_snapshot(snapshots: Iterable[Snapshot], spec: str, *, until: datetime |
         raise AmbiguousSnapshot(f"snapshot prefix {spec!r} is ambiguous ({len(matches)} matches)")
     snap = matches[0]
     if until is not None and snap.datetime > until:
-        raise SnapshotNotFound(f"snapshot {spec} is newer than {until.isoformat()}")
+        raise SnapshotNotFound(f"snapshot {spec} is newer than {said_time(until)}")
     return snap

@@ -209,3 +209,21 @@ def test_a_daily_slot_in_a_changed_hour_fires_once_that_day(tz, text, spring, au
     assert decide(cadence, None, slot + timedelta(hours=1, minutes=15), [(slot, "full")]).kind is None
     jump = cadence.next(datetime(*spring, tzinfo=tz).astimezone(UTC)).astimezone(tz)
     assert (jump.hour, jump.minute) == at
+
+
+def test_messages_name_a_time_in_the_zone_it_was_given_in(tmp_path, cli):
+    """`restore --until 2020-01-01` in Berlin said "no snapshot at or before 2019-12-31T23:00:00+00:00" (a day
+    that was not asked for), one given to the second ended in .999999, and a restore named the snapshot it
+    picked by its UTC time with microseconds, unlike the listing: each now says the local time with its
+    offset, which also tells which of the autumn's two 02:30 was meant and can be given back to --until."""
+    repo, data, berlin = str(tmp_path / "repo"), tmp_path / "data", {"TZ": "Europe/Berlin"}
+    data.mkdir()
+    (data / "f").write_text("x")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, str(data), "--time", "2026-10-25T02:30+01:00", env=berlin)
+    said = cli("restore", "-r", repo, "--until", "2026-10-25T02:45+01:00", "--target", str(tmp_path / "t"),
+               env=berlin).stdout.decode()
+    assert "(2026-10-25 02:30:00+01:00)" in said
+    for until, named in (("2020-01-01", "2020-01-01 00:00:00+01:00"), ("2026-10-25T02:30:00", "2026-10-25 02:30:00+02:00")):
+        err = cli("restore", "-r", repo, "--until", until, "--target", str(tmp_path / "u"), env=berlin, check=12)
+        assert err.stderr.decode().strip() == f"chunkvault: no snapshot at or before {named}"
