@@ -805,10 +805,12 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         return 0
     hosts = {s.id: one_line(s.host) for s in snaps}  # whole: db-production-01 and -02 were both db-productio
     width = max([12, *map(len, hosts.values())])
-    print(f"{'ID':8}  {'time':19}  {'type':4}  {'parent':8}  {'host':{width}}  {'size':>10}  {'files':>7}  "
+    times = {s.id: _local_time(s) for s in snaps}  # one in autumn's repeated hour has its offset: 6 more
+    time_width = max([19, *map(len, times.values())])
+    print(f"{'ID':8}  {'time':{time_width}}  {'type':4}  {'parent':8}  {'host':{width}}  {'size':>10}  {'files':>7}  "
           "tags / paths")
     for s in snaps:
-        print(f"{s.short_id:8}  {_local_time(s):19}  {s.kind:4}  {(s.parent or '')[:8]:8}  {hosts[s.id]:{width}}  "
+        print(f"{s.short_id:8}  {times[s.id]:{time_width}}  {s.kind:4}  {(s.parent or '')[:8]:8}  {hosts[s.id]:{width}}  "
               f"{format_size(s.stats.get('bytes', 0)):>10}  {s.stats.get('files', 0):>7}  "
               f"{one_line(','.join(s.tags))} {' '.join(map(shown_name, s.paths))}")
     if not args.quiet:

@@ -227,3 +227,18 @@ def test_messages_name_a_time_in_the_zone_it_was_given_in(tmp_path, cli):
     for until, named in (("2020-01-01", "2020-01-01 00:00:00+01:00"), ("2026-10-25T02:30:00", "2026-10-25 02:30:00+02:00")):
         err = cli("restore", "-r", repo, "--until", until, "--target", str(tmp_path / "u"), env=berlin, check=12)
         assert err.stderr.decode().strip() == f"chunkvault: no snapshot at or before {named}"
+
+
+def test_the_listing_keeps_its_columns_where_a_time_shows_its_offset(tmp_path, cli):
+    """A snapshot in the hour repeated in autumn is listed with its offset, six characters more: its row's
+    type, parent and host then stood six columns right of the others' and of the header's."""
+    repo, data, berlin = str(tmp_path / "repo"), tmp_path / "data", {"TZ": "Europe/Berlin"}
+    data.mkdir()
+    (data / "f").write_text("x")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    for t in ("2026-10-25T01:30", "2026-10-25T02:30+01:00"):
+        cli("backup", "-r", repo, str(data), "--time", t, env=berlin)
+    lines = cli("snapshots", "-r", repo, env=berlin).stdout.decode().splitlines()[:3]
+    assert "2026-10-25 02:30:00+01:00" in lines[2]
+    kinds = [next(line.index(f" {k} ") + 1 for k in ("full", "diff") if f" {k} " in line) for line in lines[1:]]
+    assert kinds == [lines[0].index("type")] * 2
