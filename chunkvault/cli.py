@@ -31,7 +31,7 @@ from .store.chain import chain_lengths
 from .store.manifest import (F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FILE,
                              TYPE_NAMES, Entry, Record, unread, what_changed)
 from .store.overwrite import OVERWRITE_MODES, check_overwrite
-from .store.snapshot import Snapshot, said_time
+from .store.snapshot import Snapshot, check_local_zone, said_time
 from .store.xattrs import decode_xattrs
 from .units import format_size
 from .walfetch import FATAL_EXIT
@@ -518,6 +518,7 @@ def _ns_iso(ns: int) -> str:
 
 def _ns_local(ns: int) -> str:
     """A file time for people: local time, as ``snapshots`` shows snapshot times."""
+    check_local_zone()
     return _local_second(ns // 10**9)
 
 
@@ -1152,6 +1153,7 @@ def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool,
 def _local_time(s: Snapshot) -> str:
     """Local time to the second; in the hour the end of summer time repeats, with its UTC offset: each of
     two snapshots an hour apart that read alike would take a time copied from the listing for the first."""
+    check_local_zone()
     try:
         local = s.datetime.astimezone()
         wall = local.replace(tzinfo=None)
@@ -1782,6 +1784,7 @@ def cmd_archive_expire(args: argparse.Namespace) -> int:
 
 def _local_iso(text: str) -> str:
     """A stored UTC time, to the second in local time, as listings show times."""
+    check_local_zone()
     return datetime.fromisoformat(text).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 

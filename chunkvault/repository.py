@@ -47,7 +47,8 @@ from .store.subtree import Subtree, in_subtree
 from .store.restore import (Relocation, Restorer, RestoreOptions, RestoreResult, check_content, check_overwrite,
                             include_directory, merged_results, refuse_overlap)
 from .store.owners import OwnerMap, chain_names
-from .store.snapshot import Snapshot, SnapshotFinder, find_snapshot, parse_time, parse_until, select_snapshots
+from .store.snapshot import (Snapshot, SnapshotFinder, check_local_zone, find_snapshot, parse_time, parse_until,
+                             select_snapshots)
 from .pgbackup import EXCLUDES as PG_EXCLUDES, PostgresOnline, checkpoint_fast
 from .pgsession import STANDBY_WAIT
 from .store.source import SourceWalk, markers_of
@@ -1907,6 +1908,8 @@ class Repository:
         hosts, tags, paths = _filters(hosts, tags, paths).values()
         if tz is not None and not isinstance(tz, tzinfo):
             raise UsageError(f"tz is a datetime.tzinfo (or None for local time), not {tz!r}")
+        if tz is None and policy is not None:
+            check_local_zone()
         planned = list(planned)
         if planned and not dry_run:
             raise UsageError("planned snapshots are counted by a dry run only: nothing is removed for them")

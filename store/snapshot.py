@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import bisect
 import copy
+import functools
 import json
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
 
 import zstandard
 
-from chunkvault.errors import AmbiguousSnapshot, CorruptObject, NewerObject, SnapshotNotFound, UsageError
+from chunkvault.errors import (AmbiguousSnapshot, ChunkvaultWarning, CorruptObject, NewerObject, SnapshotNotFound,
+                               UsageError)
 
 from .chronology import chronological_key
 from .crypto import AuthenticationFailed, Sealer
@@ -145,6 +148,47 @@ def now_iso() -> str:
     return iso(datetime.now(timezone.utc))
 
 
+# A POSIX TZ rule (``CET-1CEST,M3.5.0,M10.5.0/3``, ``EST5EDT``, ``<+1030>-10:30``): the C library reads it
+# without any zone file.
+_NAME = r"(?:[A-Za-z]{3,}|<[A-Za-z0-9+-]{3,}>)"
+_OFFSET = r"[+-]?\d{1,3}(?::\d{1,2}){0,2}"
+_POSIX_TZ = re.compile(rf"{_NAME}{_OFFSET}(?:{_NAME}(?:{_OFFSET})?(?:,[^,]+,[^,]+)?)?")
+_zone_warned: set[str] = set()
+
+
+@functools.lru_cache(maxsize=8)
+def unknown_zone(value: str | None) -> bool:
+    """Whether the C library finds no time zone in ``value`` (``TZ``), which it then takes for UTC without
+    a word: ``TZ=Europe/Berlinn`` read a time without zone, showed listings and counted retention's days an
+    hour or two off, and nothing said so.  Unset or empty (UTC, as POSIX has it) is known."""
+    if not value:
+        return False
+    name = value[1:] if value.startswith(":") else value
+    if name.startswith("/"):
+        return not os.path.isfile(name)
+    if _POSIX_TZ.fullmatch(name):
+        return False
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return True
+    return False
+
+
+def check_local_zone() -> None:
+    """Warn, once per process, where local time is read or shown while ``TZ`` names no zone (see
+    ``unknown_zone``)."""
+    value = os.environ.get("TZ")
+    if value is None or value in _zone_warned or not unknown_zone(value):
+        return
+    _zone_warned.add(value)
+    warnings.warn(f"TZ={value!r} names no time zone known here: local time is taken as UTC (set TZ to a "
+                  "zone's name, such as Europe/Berlin, or unset it for the system's zone)", ChunkvaultWarning,
+                  stacklevel=3)
+
+
 def parse_time(text: str) -> datetime:
     """ISO 8601; a time without zone is local time, as a user typing it means.  Text that is no time
     is a bad argument (UsageError), not a snapshot that was not found."""
@@ -152,6 +196,8 @@ def parse_time(text: str) -> datetime:
         t = datetime.fromisoformat(text)
     except (TypeError, ValueError):
         raise UsageError(f"cannot parse time {text!r} (use ISO 8601, e.g. 2026-11-28T14:00)") from None
+    if t.tzinfo is None:
+        check_local_zone()
     try:
         return (t if t.tzinfo is not None else t.astimezone()).astimezone(timezone.utc)
     except (OverflowError, ValueError):  # a zone's offset takes it past year 1 or 9999
@@ -163,6 +209,7 @@ def said_time(t: datetime) -> str:
     that it reads as the user's times do, says which zone a time given without one was read in (in the hour
     repeated in autumn, which of the two), and can be given back to ``--until`` as it is.  A time given to
     the second names its whole second: the microseconds ``parse_until`` adds are not shown."""
+    check_local_zone()
     try:
         local = t.astimezone()
     except (ValueError, OverflowError, OSError):  # out of the C library's range

@@ -15,7 +15,7 @@ from chunkvault import Repository
 from chunkvault.errors import RepositoryStateWarning
 from chunkvault.schedule import decide, parse_cadence
 from chunkvault.store.retention import DATED_AHEAD, RetentionPolicy, select
-from chunkvault.store.snapshot import parse_time, parse_until
+from chunkvault.store.snapshot import parse_time, parse_until, unknown_zone
 
 PASSWORD = "test-password"
 UTC = timezone.utc
@@ -242,3 +242,27 @@ def test_the_listing_keeps_its_columns_where_a_time_shows_its_offset(tmp_path, c
     assert "2026-10-25 02:30:00+01:00" in lines[2]
     kinds = [next(line.index(f" {k} ") + 1 for k in ("full", "diff") if f" {k} " in line) for line in lines[1:]]
     assert kinds == [lines[0].index("type")] * 2
+
+
+@pytest.mark.parametrize("value,unknown", [("Europe/Berlin", False), (":Australia/Lord_Howe", False), ("UTC", False),
+                                           ("", False), ("CET-1CEST,M3.5.0,M10.5.0/3", False), ("EST5EDT", False),
+                                           ("<+1030>-10:30", False), ("Europe/Berlinn", True), ("garbage", True),
+                                           ("/no/such/zone", True)])
+def test_a_tz_that_names_no_zone_is_told_apart(value, unknown):
+    assert unknown_zone(value) is unknown
+
+
+def test_a_tz_that_names_no_zone_is_said_once_where_local_time_counts(tmp_path, cli):
+    """The C library takes an unknown TZ (a typo: Europe/Berlinn) for UTC without a word: listings, times
+    given without a zone and retention's days were an hour or two off, and nothing said why."""
+    repo, data, typo = str(tmp_path / "repo"), tmp_path / "data", {"TZ": "Europe/Berlinn"}
+    data.mkdir()
+    (data / "f").write_text("x")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, str(data), "--time", "2026-10-25T02:30+01:00")
+    said = "warning: TZ='Europe/Berlinn' names no time zone known here: local time is taken as UTC"
+    for args in (("snapshots",), ("ls", "latest"), ("forget", "--keep-daily", "1", "--dry-run"),
+                 ("dump", "--until", "2026-10-25T02:30", "f")):
+        err = cli(*args, "-r", repo, env=typo).stderr.decode()
+        assert err.count(said) == 1, (args, err)
+    assert cli("snapshots", "-r", repo, env={"TZ": "Europe/Berlin"}).stderr == b""
