@@ -811,7 +811,8 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     print(f"{'ID':8}  {'time':{time_width}}  {'type':4}  {'parent':8}  {'host':{width}}  {'size':>10}  {'files':>7}  "
           "tags / paths")
     for s in snaps:
-        print(f"{s.short_id:8}  {times[s.id]:{time_width}}  {s.kind:4}  {(s.parent or '')[:8]:8}  {hosts[s.id]:{width}}  "
+        print(f"{s.short_id:8}  {times[s.id]:{time_width}}  {s.kind:4}  {(s.parent or '')[:8]:8}  "
+              f"{hosts[s.id]:{width}}  "
               f"{format_size(s.stats.get('bytes', 0)):>10}  {s.stats.get('files', 0):>7}  "
               f"{one_line(','.join(s.tags))} {' '.join(map(shown_name, s.paths))}")
     if not args.quiet:

@@ -12,10 +12,11 @@ Rule semantics follow restic's ``forget``:
   applied to each group on its own, newest first (ties broken by id).
 * ``keep_last N`` keeps the N newest.  ``keep_hourly/daily/weekly/monthly/yearly
   N``: walking newest first, the newest snapshot of each distinct calendar
-  bucket (UTC; weeks are ISO weeks, Monday to Sunday) is kept until N buckets
-  have been used.  If a rule still has buckets left when it reaches the oldest
-  snapshot of the group, that oldest snapshot is kept too ("oldest daily"), so
-  a young repository keeps its whole history span.  ``-1`` means unlimited.
+  bucket (in the zone ``select`` is given: UTC unless told, local time for
+  None, as the CLI asks; weeks are ISO weeks, Monday to Sunday) is kept
+  until N buckets have been used.  If a rule still has buckets left when it
+  reaches the oldest snapshot of the group, that oldest snapshot is kept too
+  ("oldest daily"), so a young repository keeps its whole history span.  ``-1`` means unlimited.
 * ``keep_within D`` keeps snapshots strictly newer than (latest - D), where
   latest is the newest snapshot of the group that is not in the future;
   ``keep_within_daily D`` etc. keep the newest snapshot of each bucket inside

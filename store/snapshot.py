@@ -194,8 +194,9 @@ def parse_time(text: str) -> datetime:
     is a bad argument (UsageError), not a snapshot that was not found."""
     try:
         t = datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        raise UsageError(f"cannot parse time {text!r} (use ISO 8601, e.g. 2026-11-28T14:00)") from None
+    except (TypeError, ValueError) as exc:  # a field out of range says which ("day is out of range for month")
+        why = "" if isinstance(exc, TypeError) or str(exc).startswith("Invalid isoformat") else f": {exc}"
+        raise UsageError(f"cannot parse time {text!r}{why} (use ISO 8601, e.g. 2026-11-28T14:00)") from None
     if t.tzinfo is None:
         check_local_zone()
     try:

@@ -7,7 +7,7 @@ import re
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from chunkvault.errors import ChunkvaultError, MissingObject, SnapshotNotFound
+from chunkvault.errors import ChunkvaultError, MissingObject, SnapshotNotFound, UsageError
 from chunkvault.store.snapshot import Snapshot, SnapshotFinder, find_snapshot
 
 HEX = "0123456789abcdef"
@@ -207,3 +207,16 @@ def test_a_snapshot_time_before_1970_is_refused_and_one_stored_already_still_lis
             os.environ["TZ"] = zone
         time.tzset()
     assert cli_module._local_time(dataclasses.replace(snap, time="0999-03-04T05:06:07+00:00")).startswith("0999-")
+
+
+@pytest.mark.parametrize("text, why", [("2026-02-29", "day is out of range for month"),
+                                       ("2026-10-24T24:00", "hour must be in 0..23"), ("yesterday", None)])
+def test_a_time_with_a_field_out_of_range_says_which(text, why):
+    """"cannot parse time '2026-02-29'" did not say that the day is the one wrong."""
+    from chunkvault.store.snapshot import parse_time
+
+    with pytest.raises(UsageError) as e:
+        parse_time(text)
+    said = str(e.value)
+    assert said.startswith(f"cannot parse time {text!r}") and "ISO 8601" in said
+    assert (why in said) if why else "Invalid" not in said

@@ -224,7 +224,8 @@ def test_messages_name_a_time_in_the_zone_it_was_given_in(tmp_path, cli):
     said = cli("restore", "-r", repo, "--until", "2026-10-25T02:45+01:00", "--target", str(tmp_path / "t"),
                env=berlin).stdout.decode()
     assert "(2026-10-25 02:30:00+01:00)" in said
-    for until, named in (("2020-01-01", "2020-01-01 00:00:00+01:00"), ("2026-10-25T02:30:00", "2026-10-25 02:30:00+02:00")):
+    for until, named in (("2020-01-01", "2020-01-01 00:00:00+01:00"),
+                         ("2026-10-25T02:30:00", "2026-10-25 02:30:00+02:00")):
         err = cli("restore", "-r", repo, "--until", until, "--target", str(tmp_path / "u"), env=berlin, check=12)
         assert err.stderr.decode().strip() == f"chunkvault: no snapshot at or before {named}"
 
