@@ -31,7 +31,7 @@ from .store.chain import chain_lengths
 from .store.manifest import (F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FILE,
                              TYPE_NAMES, Entry, Record, unread, what_changed)
 from .store.overwrite import OVERWRITE_MODES, check_overwrite
-from .store.snapshot import Snapshot, check_local_zone, said_time
+from .store.snapshot import Snapshot, check_local_zone, listed_time, said_time
 from .store.xattrs import decode_xattrs
 from .units import format_size
 from .walfetch import FATAL_EXIT
@@ -517,15 +517,18 @@ def _ns_iso(ns: int) -> str:
 
 
 def _ns_local(ns: int) -> str:
-    """A file time for people: local time, as ``snapshots`` shows snapshot times."""
-    check_local_zone()
+    """A file time for people, as ``snapshots`` shows snapshot times (``listed_time``): in autumn's repeated
+    hour with its offset, where two files modified an hour apart read alike."""
     return _local_second(ns // 10**9)
 
 
 @functools.lru_cache(maxsize=1 << 14)
 def _local_second(seconds: int) -> str:
     """Files written together share their second: formatting each was two fifths of `ls`."""
-    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return listed_time(datetime.fromtimestamp(seconds, timezone.utc))
+    except (ValueError, OverflowError, OSError):  # past datetime's years
+        return f"@{seconds}"
 
 
 # --- commands --------------------------------------------------------------------------
@@ -806,7 +809,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         return 0
     hosts = {s.id: one_line(s.host) for s in snaps}  # whole: db-production-01 and -02 were both db-productio
     width = max([12, *map(len, hosts.values())])
-    times = {s.id: _local_time(s) for s in snaps}  # one in autumn's repeated hour has its offset: 6 more
+    times = {s.id: listed_time(s.datetime) for s in snaps}  # in autumn's repeated hour with its offset: 6 more
     time_width = max([19, *map(len, times.values())])
     print(f"{'ID':8}  {'time':{time_width}}  {'type':4}  {'parent':8}  {'host':{width}}  {'size':>10}  {'files':>7}  "
           "tags / paths")
@@ -947,7 +950,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         relocate = relocations(repo, snap, args.pg_tablespace)
     within = f"{shown_name(subtree)} of " if subtree else ""
     in_place = restore_in_place(args, f"{within}snapshot {snap.short_id} of "
-                                      f"{snap.host}:{','.join(snap.paths) or snap.stdin_name} ({_local_time(snap)})")
+                                      f"{snap.host}:{','.join(snap.paths) or snap.stdin_name} "
+                                      f"({listed_time(snap.datetime)})")
     if (args.delta or args.delete) and not in_place and os.path.isdir(args.target) and os.listdir(args.target):
         raise UsageError("--delta and --delete work in place: add --confirm RESTORE")
     if recovery is not None and in_place and not args.delete:
@@ -1151,23 +1155,6 @@ def _restore_json(snap: Snapshot, result: Any, target: str, verified: bool,
             "not_written": [{**_name_json("path", path), "reason": reason} for path, reason in result.unwritten]}
 
 
-def _local_time(s: Snapshot) -> str:
-    """Local time to the second; in the hour the end of summer time repeats, with its UTC offset: each of
-    two snapshots an hour apart that read alike would take a time copied from the listing for the first."""
-    check_local_zone()
-    try:
-        local = s.datetime.astimezone()
-        wall = local.replace(tzinfo=None)
-        text = f"{wall.year:04d}-{wall:%m-%d %H:%M:%S}"
-        if wall.replace(fold=0).timestamp() == wall.replace(fold=1).timestamp():
-            return text
-    except (ValueError, OverflowError, OSError):  # out of the C library's range: an older release stored it
-        utc = s.datetime.astimezone(timezone.utc)
-        return f"{utc.year:04d}-{utc:%m-%d %H:%M:%S}Z"
-    offset = int(local.utcoffset().total_seconds()) // 60  # type: ignore[union-attr]
-    return text + f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
-
-
 def cmd_find(args: argparse.Namespace) -> int:
     repo = _open(args)
     hosts = args.host or ([env_host()] if env_host() and not args.snapshot else [])  # ids name their snapshots
@@ -1193,9 +1180,9 @@ def cmd_find(args: argparse.Namespace) -> int:
         print(f"{shown_name(f.path) or '.'}  ({one_line(f.host)}: {' '.join(map(shown_name, f.paths))})")
         for v in f.versions:
             e, first, last = v.entry, v.snapshots[0], v.snapshots[-1]
-            where = f"{first.short_id} ({_local_time(first)})"
+            where = f"{first.short_id} ({listed_time(first.datetime)})"
             if len(v.snapshots) > 1:
-                where += f" .. {last.short_id} ({_local_time(last)}), {len(v.snapshots)} snapshots"
+                where += f" .. {last.short_id} ({listed_time(last.datetime)}), {len(v.snapshots)} snapshots"
             extra = f" -> {shown_name(e.target)}" if e.target else ""
             said = _unreadable(e)  # as ls marks it: else a file no backup read passes for an empty one
             if said:

@@ -216,9 +216,30 @@ def said_time(t: datetime) -> str:
     except (ValueError, OverflowError, OSError):  # out of the C library's range
         local = t.astimezone(timezone.utc)
     fraction = "" if local.microsecond in (0, 999_999) else f".{local.microsecond:06d}"
+    return f"{local.year:04d}-{local:%m-%d %H:%M:%S}{fraction}{_offset(local)}"
+
+
+def listed_time(t: datetime) -> str:
+    """A time as a listing shows it: local time to the second; in the hour the end of summer time repeats,
+    with its UTC offset (two times an hour apart that read alike would have one copied from the listing
+    taken for the other); out of the C library's range (an older release stored it), in UTC with ``Z``."""
+    check_local_zone()
+    try:
+        local = t.astimezone()
+        wall = local.replace(tzinfo=None)
+        text = f"{wall.year:04d}-{wall:%m-%d %H:%M:%S}"
+        if wall.replace(fold=0).timestamp() == wall.replace(fold=1).timestamp():
+            return text
+    except (ValueError, OverflowError, OSError):
+        utc = t.astimezone(timezone.utc)
+        return f"{utc.year:04d}-{utc:%m-%d %H:%M:%S}Z"
+    return text + _offset(local)
+
+
+def _offset(local: datetime) -> str:
+    """``+01:00``: the UTC offset of an aware time."""
     offset = int(local.utcoffset().total_seconds()) // 60  # type: ignore[union-attr]
-    return (f"{local.year:04d}-{local:%m-%d %H:%M:%S}{fraction}"
-            f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}")
+    return f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
 
 
 _TO_THE_SECOND = re.compile(r".*[T ]\d{2}:?\d{2}:?\d{2}(?![.,\d]).*", re.DOTALL)

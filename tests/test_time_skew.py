@@ -3,6 +3,7 @@ behind, snapshots dated ahead of the clock, the hour repeated when summer time e
 when it begins (retention's buckets, times given without a zone, a policy's daily slots)."""
 from __future__ import annotations
 
+import os
 import time as time_module
 import warnings
 from datetime import datetime, timedelta, timezone
@@ -267,3 +268,22 @@ def test_a_tz_that_names_no_zone_is_said_once_where_local_time_counts(tmp_path, 
         err = cli(*args, "-r", repo, env=typo).stderr.decode()
         assert err.count(said) == 1, (args, err)
     assert cli("snapshots", "-r", repo, env={"TZ": "Europe/Berlin"}).stderr == b""
+
+
+def test_ls_and_find_show_a_file_time_in_the_repeated_hour_with_its_offset(tmp_path, cli):
+    """Two files modified an hour apart in autumn's repeated hour were listed at the same time: file times
+    carry the offset there, as snapshot times do."""
+    repo, data, berlin = str(tmp_path / "repo"), tmp_path / "data", {"TZ": "Europe/Berlin"}
+    data.mkdir()
+    for name, utc in (("summer", "2026-10-25T00:30:00+00:00"), ("winter", "2026-10-25T01:30:00+00:00"),
+                      ("plain", "2026-10-26T12:00:00+00:00")):
+        (data / name).write_text(name)
+        t = datetime.fromisoformat(utc).timestamp()
+        os.utime(data / name, (t, t))
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, str(data), env=berlin)
+    listed = cli("ls", "-r", repo, "latest", env=berlin).stdout.decode()
+    assert "2026-10-25 02:30:00+02:00" in listed and "2026-10-25 02:30:00+01:00" in listed
+    assert "2026-10-26 13:00:00 " in listed
+    found = cli("find", "-r", repo, "winter", env=berlin).stdout.decode()
+    assert "modified 2026-10-25 02:30:00+01:00" in found
