@@ -1799,16 +1799,20 @@ def cmd_forget(args: argparse.Namespace) -> int:
             warn(f"what a prune then frees is left out: {exc}")  # (damaged: what `repair snapshots` says to forget)
     if args.json:
         _emit_json({"dry_run": args.dry_run, "frees_stored_bytes": frees,
-                    "decisions": [{"id": d.snapshot_id, "keep": d.keep, "reasons": list(d.reasons)}
+                    "decisions": [{"id": d.snapshot_id, "keep": d.keep, "reasons": list(d.reasons),
+                                   "time": plan.listed[d.snapshot_id].time}
                                   for d in plan.decisions],
                     "rebased": _rebases_json(plan.rebases),
                     "prune": pruned.to_dict() if pruned is not None else None,
                     "prune_error": None if prune_error is None else one_line(prune_error)})
     elif not args.quiet:
-        for d in plan.decisions:
-            if d.keep and not d.reasons:  # forget by id: every other snapshot, kept for no rule's sake
-                continue
-            print(f"{'keep  ' if d.keep else 'remove'}  {d.snapshot_id[:8]}  {', '.join(d.reasons)}")
+        shown = [d for d in plan.decisions if d.reasons or not d.keep]  # by id: the others kept for no rule
+        # with their times, a policy's buckets can be checked from the dry run
+        times = {d.snapshot_id: listed_time(plan.listed[d.snapshot_id].datetime) for d in shown}
+        width = max([19, *map(len, times.values())])
+        for d in shown:
+            print(f"{'keep  ' if d.keep else 'remove'}  {d.snapshot_id[:8]}  {times[d.snapshot_id]:{width}}  "
+                  f"{', '.join(d.reasons)}")
         _print_rebases(plan.rebases)
         verb = "would remove" if args.dry_run else "removed"
         print(f"{verb} {len(removed)} snapshot(s), {'would rebase' if args.dry_run else 'rebased'} {len(plan.rebases)}"

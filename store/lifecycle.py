@@ -57,6 +57,7 @@ class ForgetPlan:
     decisions: list[Decision]
     remove: list[str]
     rebases: list[RebaseStep] = field(default_factory=list)
+    listed: dict[str, Snapshot] = field(default_factory=dict)  # the snapshots decided on, by id: their times
 
 
 @dataclass
@@ -96,7 +97,7 @@ def plan_forget(snapshots: list[Snapshot], *, policy: RetentionPolicy | None = N
         decisions = [Decision(v.id, v.id not in chosen, ("named on the command line",) if v.id in chosen else ())
                      for v in views]
     remove = [d.snapshot_id for d in decisions if not d.keep]
-    return ForgetPlan(decisions, remove, rebase_plan(views, remove))
+    return ForgetPlan(decisions, remove, rebase_plan(views, remove), {s.id: s for s in snapshots})
 
 
 def _composed(repo: Repo, by_id: dict[str, Snapshot], step: RebaseStep) -> tuple[str, Iterator[Record]]:
