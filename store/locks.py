@@ -154,6 +154,20 @@ class LockInfo:
             return False
         return False
 
+    def judged_by_age_only(self) -> bool:
+        """Whether only its age can tell that its command is gone: it was taken on another host, boot or pid
+        namespace, where this process cannot look for its pid."""
+        return (self.host != socket.gethostname() or (self.boot is not None and self.boot != boot_id())
+                or (self.pidns is not None and self.pidns != pid_namespace()))
+
+    def stale_note(self) -> str:
+        """What a command refused by this lock is told of it: a lock whose command was killed elsewhere stays
+        until it goes stale, and the refusal alone ("try again later") left the user to guess for how long."""
+        left = max(0.0, STALE_AFTER - self.age())
+        return (f"; if that command is dead (killed, or its host down), its lock goes stale "
+                f"{STALE_AFTER / 60:g} minutes after its last refresh (in {left:.0f} s) and the next command "
+                "removes it, or `chunkvault unlock --remove-all` removes it now")
+
     def describe(self) -> str:
         ahead = self.time - time.time()
         when = (f"dated {ahead:.0f} s ahead" if ahead >= 1 and self.stored_ago is None
@@ -448,7 +462,9 @@ class RepoLock:
                                  + ("stopped waiting" if stopped else
                                     f"waited {self.wait:g} s{in_turn}; try again later" if self.wait
                                     else "try again later"))
-                raise refused.hinting(" or use --wait" if self.wait_option and not self.wait and not stopped else "")
+                refused.hinting(" or use --wait" if self.wait_option and not self.wait and not stopped else "")
+                raise (refused.explained(conflicts[0].stale_note()) if conflicts[0].judged_by_age_only() and not stopped
+                       else refused)
             if announce_wait is not None and not announced:
                 announce_wait(conflicts[0], self.wait, self.label)
                 announced = True

@@ -583,6 +583,24 @@ def test_unlock_from_the_command_line(tmp_path, new_repo, cli):
     repo.prune()
 
 
+def test_a_lock_of_another_host_refuses_saying_when_it_goes_stale_and_how_to_remove_it(tmp_path, new_repo, cli,
+                                                                                        sleeper):
+    """A command killed on another host leaves a lock this one cannot tell from a live one's; the refusal says
+    how long until it goes stale and what removes it now, where "try again later" left that to guess."""
+    repo = new_repo(str(tmp_path / "repo"))
+    r = str(tmp_path / "repo")
+    plant(repo.store.remote, "e" * 32, 42, host="another-host", purpose="forget", time=time.time() - 100)
+    refused = cli("prune", "-r", r, check=15).stderr.decode()
+    assert re.search(r"locked by forget on another-host \(pid 42, refreshed \d+ s ago\); try again later or use "
+                     r"--wait; if that command is dead .*goes stale 5 minutes after its last refresh \(in \d+ s\)"
+                     r".*`chunkvault unlock --remove-all` removes it now", refused), refused
+    cli("unlock", "-r", r, "--remove-all", "-q")
+    if boot_id() is not None and process_start(sleeper.pid) is not None:  # a live command here: no such advice
+        plant(repo.store.remote, "a" * 32, sleeper.pid, boot=boot_id(), start=process_start(sleeper.pid))
+        refused = cli("prune", "-r", r, check=15).stderr.decode()
+        assert "try again later or use --wait" in refused and "stale" not in refused
+
+
 def test_ensure_held_asks_the_remote_at_most_every_second_unless_told_to(remote, monkeypatch):
     from chunkvault.store import locks
 
