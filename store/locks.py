@@ -136,15 +136,9 @@ class LockInfo:
                 return True
         elif abs(now - self.time) > STALE_AFTER:  # not refreshed, or dated far ahead (a clock, or a forged lock)
             return True
-        if self.host != socket.gethostname():
-            return False
-        if self.pidns is not None and self.pidns != pid_namespace():
-            return False  # a container of the same name: its pid is not one of ours (see the module docstring)
-        if self.pid == os.getpid():
+        if self.judged_by_age_only() or self.pid == os.getpid():
             return False
         if self.boot is not None and self.start is not None:
-            if self.boot != boot_id():
-                return False  # another machine of the same name, or a reboot: only time tells
             return process_start(self.pid) != self.start  # gone, or its pid now names another process
         try:
             os.kill(self.pid, 0)
@@ -155,8 +149,9 @@ class LockInfo:
         return False
 
     def judged_by_age_only(self) -> bool:
-        """Whether only its age can tell that its command is gone: it was taken on another host, boot or pid
-        namespace, where this process cannot look for its pid."""
+        """Whether only its age can tell that its command is gone: it was taken on another host, boot (another
+        machine of the same name, or before a reboot) or pid namespace (a container of the same name: see the
+        module docstring), where this process cannot look for its pid."""
         return (self.host != socket.gethostname() or (self.boot is not None and self.boot != boot_id())
                 or (self.pidns is not None and self.pidns != pid_namespace()))
 
