@@ -336,6 +336,11 @@ class RetryingRemote(Remote):
 
 
 _CACHE_MAGIC = b"CVCACHE1"
+# A rewritable object's entry (its version, then its bytes) under a magic of its own: a chunkvault from before
+# versioned entries served whatever CVCACHE1 entry stood at a snapshot's path as the snapshot, so after a
+# downgrade it took each one for a damaged snapshot; it discards an entry of another magic and fetches instead.
+# A CVCACHE1 entry at a rewritable object's path (written so before) is discarded likewise, and fetched again.
+_VERSIONED_MAGIC = b"CVCACHEV"
 _CACHE_HEADER = struct.Struct(">8sQ16s")  # magic, size, blake2b-128 of the content
 _CACHE_TEMP = ".tmp-"
 
@@ -397,18 +402,18 @@ class CachingRemote(Remote):
         with self._lock:
             setattr(self, name, getattr(self, name) + 1)
 
-    def _load(self, path: str) -> bytes | None:
+    def _load(self, path: str, magic: bytes = _CACHE_MAGIC) -> bytes | None:
         try:
             raw = read_regular(path)
         except OSError:
             return None
-        data = decode_cache_entry(raw)
+        data = decode_cache_entry(raw, magic)
         if data is None:
             self._count("discarded")
             self._remove(path)
         return data
 
-    def _store(self, path: str, data: bytes) -> None:
+    def _store(self, path: str, data: bytes, magic: bytes = _CACHE_MAGIC) -> None:
         """Atomic write (temp + rename); a failing cache never fails the operation.  Directories 0700 and
         entries 0600 whatever the umask: they are copies of the repository's objects, which it stores so."""
         directory = os.path.dirname(path)
@@ -417,7 +422,7 @@ class CachingRemote(Remote):
             make_private_dirs(directory)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb") as f:
-                f.write(encode_cache_entry(data))
+                f.write(encode_cache_entry(data, magic))
             os.replace(tmp, path)
         except OSError:
             self._remove(tmp)
@@ -451,7 +456,7 @@ class CachingRemote(Remote):
             self._count("misses")
             return self.inner.get(key, start, length)
         path = self._path(key)
-        data = self._load(path)
+        data = self._load(path, _CACHE_MAGIC if version is None else _VERSIONED_MAGIC)
         if data is not None and version is not None:
             data = _unversioned(data, version)
         elif data is not None and size is not None and len(data) != size:  # not the object stored now
@@ -461,7 +466,10 @@ class CachingRemote(Remote):
             self._count("misses")
             data = self.inner.get(key)
             # a rewrite since the listing makes this newer than its version: harmless
-            self._store(path, data if version is None else _versioned(version, data))
+            if version is None:
+                self._store(path, data)
+            else:
+                self._store(path, _versioned(version, data), _VERSIONED_MAGIC)
         else:
             self._count("hits")
         if start is None and length is None:
@@ -565,18 +573,18 @@ def _unversioned(content: bytes, version: str) -> bytes | None:
     return content[start:] if content[_VERSION_LENGTH.size:start] == version.encode() else None
 
 
-def encode_cache_entry(data: bytes) -> bytes:
+def encode_cache_entry(data: bytes, magic: bytes = _CACHE_MAGIC) -> bytes:
     digest = hashlib.blake2b(data, digest_size=16).digest()
-    return _CACHE_HEADER.pack(_CACHE_MAGIC, len(data), digest) + data
+    return _CACHE_HEADER.pack(magic, len(data), digest) + data
 
 
-def decode_cache_entry(raw: bytes) -> bytes | None:
-    """The cached bytes, or None when the entry is truncated, padded or damaged."""
+def decode_cache_entry(raw: bytes, magic: bytes = _CACHE_MAGIC) -> bytes | None:
+    """The cached bytes, or None when the entry is truncated, padded, damaged or not of ``magic``'s kind."""
     if len(raw) < _CACHE_HEADER.size:
         return None
-    magic, size, digest = _CACHE_HEADER.unpack_from(raw)
+    found, size, digest = _CACHE_HEADER.unpack_from(raw)
     data = raw[_CACHE_HEADER.size :]
-    if magic != _CACHE_MAGIC or size != len(data):
+    if found != magic or size != len(data):
         return None
     if hashlib.blake2b(data, digest_size=16).digest() != digest:
         return None

@@ -1141,7 +1141,7 @@ def test_archived_wal_objects_are_cached_by_version_and_check_reads_the_stored_o
     under the version their listing gives, a second reading fetches none.  A planted entry (another
     object's) is dropped and the stored one read; damage to the stored object that its version does not
     show is still found by check, which reads past the cache."""
-    from chunkvault.remotes.layer import _versioned, encode_cache_entry, wrap_remote
+    from chunkvault.remotes.layer import _VERSIONED_MAGIC, _versioned, encode_cache_entry, wrap_remote
     from chunkvault.remotes.local import LocalRemote, file_version
 
     path, cache = str(tmp_path / "repo"), tmp_path / "cache"
@@ -1171,7 +1171,7 @@ def test_archived_wal_objects_are_cached_by_version_and_check_reads_the_stored_o
     stored = tmp_path / "repo" / "wal" / names[0]
     st = stored.stat()
     other = (tmp_path / "repo" / "wal" / names[1]).read_bytes()  # under this one's version: it does not open
-    entries[0].write_bytes(encode_cache_entry(_versioned(file_version(st), other)))
+    entries[0].write_bytes(encode_cache_entry(_versioned(file_version(st), other), _VERSIONED_MAGIC))
     listed(1)
     sealed = stored.read_bytes()
     stored.write_bytes(sealed[:-1] + bytes([sealed[-1] ^ 1]))

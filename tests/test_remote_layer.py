@@ -1,10 +1,12 @@
 """The layer above every remote: retries, the metadata cache, the transfer pool."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import warnings
 import re
+import struct
 import threading
 import time
 
@@ -567,6 +569,39 @@ def test_a_rewritable_object_is_cached_by_the_version_its_listing_gives(tmp_path
     counted.inner.put("snapshots/s2", b"x")
     list(unversioned.list("snapshots/"))
     assert [unversioned.get("snapshots/s2") for _ in range(2)] == [b"x", b"x"] and inner_gets(counted) == 2
+
+
+def _entry_before_versions(raw: bytes) -> bytes | None:
+    """How a chunkvault from before versioned entries read any cache entry at a snapshot's path: magic
+    ``CVCACHE1``, the content's size (8 bytes, big-endian) and blake2b-128, then the content it served as
+    the snapshot object itself."""
+    magic, size, digest = struct.unpack_from(">8sQ16s", raw)
+    data = raw[32:]
+    if magic != b"CVCACHE1" or size != len(data) or hashlib.blake2b(data, digest_size=16).digest() != digest:
+        return None
+    return data
+
+
+def test_a_versioned_entry_is_no_entry_to_a_build_that_knows_no_versions(tmp_path):
+    """After a downgrade to a chunkvault from before versioned entries, the same cache directory's snapshot
+    entries (their version, then the object) were served whole as the snapshot: its authentication failed,
+    so the repository's newest snapshot was reported unreadable, left out of restore and check, and
+    ``forget ID`` advised.  Such a build discards an entry whose magic it does not know, and fetches."""
+    other = LocalRemote(str(tmp_path / "repo"))
+    remote = CachingRemote(other, tmp_path / "cache")
+    other.put("snapshots/s1", b"the snapshot")
+    list(remote.list("snapshots/"))
+    assert remote.get("snapshots/s1") == b"the snapshot"
+    entry = (tmp_path / "cache" / "snapshots" / "s1").read_bytes()
+    assert _entry_before_versions(entry) is None
+    assert remote.get("snapshots/s1") == b"the snapshot" and remote.hits == 1  # still served here
+    path = tmp_path / "cache" / "snapshots" / "s1"
+    path.write_bytes(encode_cache_entry(entry[32:]))  # the same entry as written before: fetched, rewritten
+    assert remote.get("snapshots/s1") == b"the snapshot" and remote.misses == 2
+    assert _entry_before_versions(path.read_bytes()) is None
+    other.put("index/i1", b"an index")
+    remote.get("index/i1")  # immutable entries keep the format every build reads
+    assert _entry_before_versions((tmp_path / "cache" / "index" / "i1").read_bytes()) == b"an index"
 
 
 def test_a_listing_that_stops_giving_versions_ends_the_cached_copy(tmp_path):
