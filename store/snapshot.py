@@ -30,6 +30,11 @@ KIND_DIFF = "diff"
 # 2: the manifest's records may carry extended attributes (store/FORMAT.md); a snapshot whose records
 # have none stays 1, readable by every chunkvault.
 SNAPSHOT_VERSION = 2
+_HEX_ID = re.compile(r"[0-9a-f]{64}")
+#: The ``stats`` a reader computes with (listings sum and print them, a backup compares its parent's times
+#: and sizes): each must be a number, and ``unreadable`` a list of paths.
+_STAT_COUNTS = ("bytes", "files", "added_stored_bytes", "absorbed_stored_bytes", "manifest_bytes")
+_STAT_NUMBERS = ("started_ns", "finished_ns", "duration")
 
 
 def seal_document(sealer: Sealer, body: dict, ad: bytes) -> bytes:
@@ -97,6 +102,23 @@ class Snapshot:
             raise ValueError(f"time {self.time!r} has no zone")
         if self.kind not in (KIND_FULL, KIND_DIFF) or (self.kind == KIND_DIFF) != (self.parent is not None):
             raise ValueError("inconsistent kind/parent")
+        if not all(_HEX_ID.fullmatch(m) for m in self.manifest):
+            raise ValueError("a manifest blob id is not 64 hex digits")
+        self._check_stats()
+
+    def _check_stats(self) -> None:
+        """ValueError for a stat a reader computes with that is not of its kind: a size that was a list
+        made every listing of the repository an internal error, where it must name the snapshot."""
+        def number(v: object) -> bool:
+            return type(v) in (int, float) and v == v and abs(v) != float("inf")
+
+        for key in _STAT_COUNTS + _STAT_NUMBERS:
+            v = self.stats.get(key, 0)
+            if not number(v) or (key in _STAT_COUNTS and (type(v) is not int or v < 0)):
+                raise ValueError(f"stats {key} is not a count")
+        unreadable = self.stats.get("unreadable", [])
+        if not (isinstance(unreadable, list) and all(isinstance(x, str) for x in unreadable)):
+            raise ValueError("stats unreadable is not a list of paths")
 
     def copy(self) -> "Snapshot":
         """A copy whose lists and stats are its own: commands edit a snapshot in place before storing it
