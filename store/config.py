@@ -192,7 +192,21 @@ def open_config(data: bytes, sealer: Sealer) -> RepoConfig:
         cfg.settings = Settings(**s)
     except TypeError:
         raise CorruptObject("config", "unknown settings") from None
+    _check_chunker(cfg.settings.chunker)
     return cfg
+
+
+def _check_chunker(chunker: Any) -> None:
+    """CorruptObject for authenticated chunker parameters no chunker takes (missing, of another kind, out of
+    range): every command opening the repository derives its chunker from them, and such a config made
+    each one an internal error.  Only these are checked on reading: a repository whose other settings a
+    later release bounds (its pack size, say) must still open to be read and set right."""
+    from chunkvault.chunker import ChunkerParams
+
+    try:
+        ChunkerParams.from_dict(chunker)
+    except (TypeError, ValueError) as exc:
+        raise CorruptObject("config", f"malformed chunker settings ({exc})") from None
 
 
 def new_config(settings: Settings) -> RepoConfig:

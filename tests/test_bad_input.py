@@ -903,3 +903,23 @@ def test_a_sealed_snapshot_with_fields_of_the_wrong_kind_is_named_as_malformed(t
         err = proc.stderr.decode()
         assert "internal error" not in err and f"snapshot {sid}" in err and "malformed" in err, err
     assert "internal error" not in listing.stderr.decode() and f"snapshot {sid}" in listing.stderr.decode()
+
+
+@pytest.mark.parametrize("chunker", [7, {}, {"min_size": 1, "avg_size": 0, "max_size": 1}, "x"])
+def test_a_sealed_config_with_chunker_settings_no_chunker_takes_is_named_damaged(repo_path, chunker):
+    """Chunker settings sealed with the real key but missing or out of range made every command that opens
+    the repository an internal error (the chunker's own ValueError): the config is named as damaged."""
+    with Repository.open(repo_path, PASSWORD) as repo:
+        sealer = repo._repo.sealer
+    path = os.path.join(repo_path, "config")
+    doc = json.loads(open(path, "rb").read())
+    cfg = RepoConfig(doc["id"], doc["created"], Settings(chunker={}), doc["format"])
+    settings = json.loads(sealer.open(base64.b64decode(doc["sealed"]), cfg.ad()))
+    doc["sealed"] = base64.b64encode(sealer.seal(json.dumps({**settings, "chunker": chunker}).encode(),
+                                                 cfg.ad())).decode()
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    for args in (("snapshots",), ("key", "list"), ("check",)):
+        proc = crashkit.run_cli(*args, "-r", repo_path, "--no-cache", ok=(13,))
+        err = proc.stderr.decode().strip()
+        assert "internal error" not in err and len(err.splitlines()) == 1 and "config" in err, err
