@@ -429,8 +429,9 @@ def seal_whole_blobs(sealer: Sealer, blobs: list[tuple[bytes, int, bytes | memor
 
 
 def envelope_base(envelope: bytes | memoryview) -> bytes | None:
-    """The base id a delta envelope names (None for whole blobs); no key needed."""
-    if not envelope or envelope[0] not in KINDS:
+    """The base id a delta envelope names (None for whole blobs, and for an envelope too short to name one:
+    an index entry's length cut it, and opening it names the blob); no key needed."""
+    if not envelope or envelope[0] not in KINDS or (envelope[0] == KIND_DELTA and len(envelope) < 1 + ID_SIZE):
         return None
     if envelope[0] == KIND_DELTA:
         return bytes(envelope[1 : 1 + ID_SIZE])

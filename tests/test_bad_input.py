@@ -28,8 +28,8 @@ from chunkvault import Repository
 from chunkvault.errors import ChunkvaultError, CorruptObject, UnsupportedFormat, UsageError, WrongPassword
 from chunkvault.store.blob import KIND_DELTA, KIND_RAW, KIND_ZSTD, open_blob, seal_blob
 from chunkvault.store.config import FORMAT_VERSION, KeyFile, RepoConfig, Settings, make_key_file, open_config
-from chunkvault.store.crypto import KeyMaterial, Sealer
-from chunkvault.store.indexfile import INDEX_AD, decode_index
+from chunkvault.store.crypto import KeyMaterial, Sealer, content_name
+from chunkvault.store.indexfile import INDEX_AD, IndexData, decode_index, encode_index
 from chunkvault.store.manifest import (
     F_CHANGED_DURING_READ, F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_BLOCKDEV, T_CHARDEV, T_FIFO, Entry,
     Record, decode_records, encode_record, iter_records,
@@ -923,3 +923,38 @@ def test_a_sealed_config_with_chunker_settings_no_chunker_takes_is_named_damaged
         proc = crashkit.run_cli(*args, "-r", repo_path, "--no-cache", ok=(13,))
         err = proc.stderr.decode().strip()
         assert "internal error" not in err and len(err.splitlines()) == 1 and "config" in err, err
+
+
+@pytest.mark.parametrize("length", [1, 27])
+def test_an_index_entry_too_short_for_its_delta_envelope_names_the_blob(tmp_path, repo_path, length):
+    """An index entry whose length cut a delta's envelope inside its base id made restore an internal error
+    (a 26-byte "blob id" looked up as the base): the blob is named as damaged, the rest restored."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = bytearray(os.urandom(300_000))
+    (src / "db").write_bytes(data)
+    crashkit.run_cli("backup", "-r", repo_path, str(src), "--fixed-chunks", "db", "-q")
+    data[1000:1100] = bytes(100)
+    (src / "db").write_bytes(data)
+    (src / "other").write_text("kept")
+    crashkit.run_cli("backup", "-r", repo_path, str(src), "--fixed-chunks", "db", "-q")
+    with Repository.open(repo_path, PASSWORD) as repo:
+        sealer = repo._repo.sealer
+    index_dir = os.path.join(repo_path, "index")
+    for name in os.listdir(index_dir):
+        index = decode_index(sealer, open(os.path.join(index_dir, name), "rb").read(), name)
+        cut = {pack: [e._replace(length=length) if e.kind == KIND_DELTA else e for e in entries]
+               for pack, entries in index.packs.items()}
+        if cut != index.packs:
+            sealed = encode_index(sealer, IndexData(cut, index.supersedes))
+            os.unlink(os.path.join(index_dir, name))
+            with open(os.path.join(index_dir, content_name(sealed)), "wb") as f:
+                f.write(sealed)
+            break
+    else:
+        pytest.fail("the differential stored no delta")
+    proc = crashkit.run_cli("restore", "latest", "-r", repo_path, "--no-cache", "--target", str(tmp_path / "out"),
+                            ok=(13,))
+    err = proc.stderr.decode()
+    assert "internal error" not in err and "corrupt object blob" in err and "db" in err, err
+    assert (tmp_path / "out" / "other").read_text() == "kept"
