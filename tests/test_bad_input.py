@@ -7,6 +7,7 @@ check) see arbitrary bytes.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import errno
 import os
@@ -958,3 +959,30 @@ def test_an_index_entry_too_short_for_its_delta_envelope_names_the_blob(tmp_path
     err = proc.stderr.decode()
     assert "internal error" not in err and "corrupt object blob" in err and "db" in err, err
     assert (tmp_path / "out" / "other").read_text() == "kept"
+
+
+def _forge_full_manifest(repo_path: str, change: Callable[[list[Record]], list[Record]]) -> str:
+    """The repository's one (full) snapshot stored again with ``change`` applied to its records, written
+    with the real key: a manifest a writer holding it, or an older build's bug, could leave."""
+    from chunkvault.store.manifest_io import store_manifest
+
+    with Repository.open(repo_path, PASSWORD) as repo:
+        (snap,) = repo.snapshots()
+        ids, mw = store_manifest(repo.store, change(list(repo.store.tree(snap))))
+        repo.store.save_snapshot(dataclasses.replace(snap, manifest=[i.hex() for i in ids],
+                                                     manifest_starts=mw.starts), replace=True)
+    return snap.id
+
+
+def test_a_mode_beyond_the_permission_bits_is_restored_as_its_permission_bits(tmp_path, repo_path):
+    """A record holds ``st_mode & 0o7777``; a larger one (forged, damaged) made restoring a directory, a
+    link's target or a device an internal error (chmod's C int overflowed), where a file got its low bits."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_text("f")
+    crashkit.run_cli("backup", "-r", repo_path, str(src), "-q")
+    _forge_full_manifest(repo_path, lambda rs: [
+        r if r.path != b"d" else Record(r.op, r.path, dataclasses.replace(r.entry, mode=0xFFFF0000 | 0o750)) for r in rs])
+    crashkit.run_cli("restore", "latest", "-r", repo_path, "--no-cache", "--target", str(tmp_path / "out"))
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "d").st_mode) == 0o750
+    assert (tmp_path / "out" / "d" / "f").read_text() == "f"
