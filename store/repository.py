@@ -46,7 +46,7 @@ from .crypto import BlobHasher, KeyMaterial, Sealer, content_name
 from .deltabase import choose_base, unreadable_deltas
 from .indexfile import (INDEX_SLACK, IndexColumns, IndexData, decode_index, decode_index_columns, encode_index,
                         pack_index_bytes)
-from .manifest import Record, decode_records, iter_records
+from .manifest import OP_DELETE, Record, decode_records, iter_records
 from .manifest_seek import ManifestSeeker, segments
 from .pack import PackBuffers, PackBuilder, PackEntry, fetch_header
 from .packranges import RecentRanges
@@ -1437,8 +1437,9 @@ class Repo:
                     ) -> Iterator[Record]:
         """The records of ``tree`` of ``directory``, its subtree and the directories above it, reading only
         the manifest blobs that hold them: a restore of a few files from a large tree reads no more."""
-        (_, full), *diffs = self._seekers(snap, snapshots)
-        return chain.resolve(full.within(directory), [seeker.within(directory) for s, seeker in diffs if s.manifest])
+        (first, full), *diffs = self._seekers(snap, snapshots)
+        return chain.resolve(_nothing_deleted(full.within(directory), first, snap),
+                             [seeker.within(directory) for s, seeker in diffs if s.manifest])
 
     def manifest_records_within(self, snap: Snapshot, directory: bytes) -> Iterator[Record]:
         """The records of ``manifest_records`` on the way to ``directory`` (``chain.on_way_to``), found by
@@ -1466,7 +1467,7 @@ class Repo:
         """The complete tree of a snapshot, its chain resolved (ENTRY records, sorted)."""
         snaps = self.chain_of(snap, snapshots)
         # A differential with no records (nothing changed) changes nothing: no merge layer for it.
-        return chain.resolve(self.manifest_records(snaps[0], snap),
+        return chain.resolve(_nothing_deleted(self.manifest_records(snaps[0], snap), snaps[0], snap),
                              [self.manifest_records(s, snap) for s in snaps[1:] if s.manifest])
 
 
@@ -1474,6 +1475,17 @@ def _lost_pack(key: str, blob_id: bytes) -> MissingObject:
     """An indexed pack that is not there: the index is stale until `repair index`."""
     return MissingObject(key, f"pack holding blob {blob_id.hex()} is missing (`check` names what it takes "
                               "down, `repair index` drops it from the index)")
+
+
+def _nothing_deleted(records: Iterable[Record], full: Snapshot, needed_by: Snapshot) -> Iterator[Record]:
+    """A full snapshot's records, in which a DELETE has nothing to remove (its manifest holds ENTRY records,
+    store/FORMAT.md): one there, damaged or forged, made restore an internal error; it is the manifest's
+    damage, named."""
+    for rec in records:
+        if rec.op == OP_DELETE:
+            raise CorruptObject(_manifest_name(full, needed_by),
+                                f"a full snapshot's manifest deletes {os.fsdecode(rec.path)!r}")
+        yield rec
 
 
 def _manifest_name(snap: Snapshot, needed_by: Snapshot | None) -> str:

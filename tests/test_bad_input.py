@@ -974,6 +974,22 @@ def _forge_full_manifest(repo_path: str, change: Callable[[list[Record]], list[R
     return snap.id
 
 
+def test_a_delete_record_in_a_full_manifest_is_named_as_damage(tmp_path, repo_path):
+    """A full manifest holds ENTRY records only: a DELETE there made restore an internal error (an
+    assertion); it is the manifest's damage, named with its snapshot."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a")
+    (src / "b").write_text("b")
+    crashkit.run_cli("backup", "-r", repo_path, str(src), "-q")
+    sid = _forge_full_manifest(repo_path, lambda rs: [Record(OP_DELETE, r.path, None) if r.path == b"a" else r
+                                                       for r in rs])
+    for args in (("restore", "latest", "--target", str(tmp_path / "out")), ("ls", "latest")):
+        proc = crashkit.run_cli(*args, "-r", repo_path, "--no-cache", ok=(13,))
+        err = proc.stderr.decode().strip()
+        assert "internal error" not in err and f"manifest of snapshot {sid}" in err and "'a'" in err, err
+
+
 def test_a_mode_beyond_the_permission_bits_is_restored_as_its_permission_bits(tmp_path, repo_path):
     """A record holds ``st_mode & 0o7777``; a larger one (forged, damaged) made restoring a directory, a
     link's target or a device an internal error (chmod's C int overflowed), where a file got its low bits."""
