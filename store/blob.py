@@ -458,6 +458,28 @@ def open_envelope(sealer: Sealer, blob_id: bytes, envelope: bytes | memoryview) 
         raise CorruptObject(name, "authentication failed (tampered, truncated or stored under the wrong id)") from None
 
 
+def _declared_length(kind: int, payload: bytes | memoryview) -> int | None:
+    """The plaintext length a payload says it decodes to, read from its header alone (None where it says
+    none, or its header is malformed: decoding it names that).  Checked against the indexed length before
+    decoding allocates it: a frame recording 1 GiB in a blob of a few kilobytes ran a restore out of memory."""
+    try:
+        if kind == KIND_RAW:
+            return len(payload)
+        if kind == KIND_ZSTD:
+            size = zstandard.frame_content_size(payload)
+        elif payload[:4] == ZSTD_MAGIC:
+            size = zstandard.frame_content_size(payload)
+        elif payload[:1] == bytes((DELTA_BLOCKS,)) and len(payload) >= 1 + _LENGTH.size:
+            size = _LENGTH.unpack_from(payload, 1)[0]
+        elif payload[:1] == bytes((DELTA_DICT,)):
+            size = zstandard.frame_content_size(payload[1:])
+        else:
+            return None
+    except zstandard.ZstdError:
+        return None
+    return size if size >= 0 else None
+
+
 def open_chain(sealer: Sealer, chain: list[tuple[bytes, bytes | memoryview, int | None]],
                base_plain: Plaintext | None = None) -> Plaintext:
     """Plaintext of ``chain[0]``.
@@ -473,6 +495,9 @@ def open_chain(sealer: Sealer, chain: list[tuple[bytes, bytes | memoryview, int 
         kind, payload = open_envelope(sealer, blob_id, envelope)
         if kind == KIND_DELTA and plain is None:
             raise ValueError("delta blob opened without its base")
+        declared = _declared_length(kind, payload)
+        if raw_length is not None and declared is not None and declared != raw_length:
+            raise CorruptObject(name, f"length {declared} != indexed {raw_length}")
         try:
             if kind == KIND_DELTA:
                 assert plain is not None

@@ -1002,3 +1002,24 @@ def test_a_mode_beyond_the_permission_bits_is_restored_as_its_permission_bits(tm
     crashkit.run_cli("restore", "latest", "-r", repo_path, "--no-cache", "--target", str(tmp_path / "out"))
     assert stat.S_IMODE(os.stat(tmp_path / "out" / "d").st_mode) == 0o750
     assert (tmp_path / "out" / "d" / "f").read_text() == "f"
+
+
+@pytest.mark.parametrize("kind", ["zstd", "dictionary delta", "block delta"])
+def test_a_blob_recording_a_huge_length_is_refused_before_it_is_allocated(kind):
+    """A sealed payload whose header records 1 GiB (a zstd frame of zeros is a few kilobytes) was decoded
+    before its length met the index's: a restore or `check --read-data` ran out of memory.  The length its
+    header records is checked against the indexed one first."""
+    import tracemalloc
+
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(1 << 30))
+    bid, base_id = bytes(32), bytes([1]) * 32
+    payload, env_kind = {"zstd": (bomb, KIND_ZSTD), "dictionary delta": (b"\0" + bomb, KIND_DELTA),
+                         "block delta": (b"\1" + struct.pack("<I", 1 << 31) + b"\xff" * (1 << 18) + bomb, KIND_DELTA)}[kind]
+    env = seal_blob(SEALER, bid, env_kind, payload, base_id if env_kind == KIND_DELTA else None)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptObject, match="!= indexed 4096"):
+            open_blob(SEALER, bid, env, 4096, b"b" * 4096 if env_kind == KIND_DELTA else None)
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()
