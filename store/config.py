@@ -327,7 +327,10 @@ class KeyFile:
             raw = Sealer(kek).open(self.wrapped, KEY_AD + repo_id.encode())
         except AuthenticationFailed:
             raise WrongPassword("wrong password or no key found for it") from None
-        return KeyMaterial.from_bytes(raw)
+        try:
+            return KeyMaterial.from_bytes(raw)
+        except ValueError:  # authentic, so sealed so by a writer holding the password: not a wrong password
+            raise CorruptObject(f"keys/{self.name}", f"its key material is {len(raw)} bytes, not 96") from None
 
 
 def _memory(n: int) -> str:

@@ -28,7 +28,8 @@ import crashkit
 from chunkvault import Repository
 from chunkvault.errors import ChunkvaultError, CorruptObject, UnsupportedFormat, UsageError, WrongPassword
 from chunkvault.store.blob import KIND_DELTA, KIND_RAW, KIND_ZSTD, open_blob, seal_blob
-from chunkvault.store.config import FORMAT_VERSION, KeyFile, RepoConfig, Settings, make_key_file, open_config
+from chunkvault.store.config import (FORMAT_VERSION, KEY_AD, KeyFile, RepoConfig, Settings, make_key_file,
+                                     open_config)
 from chunkvault.store.crypto import KeyMaterial, Sealer, content_name
 from chunkvault.store.indexfile import INDEX_AD, IndexData, decode_index, encode_index
 from chunkvault.store.manifest import (
@@ -1023,3 +1024,21 @@ def test_a_blob_recording_a_huge_length_is_refused_before_it_is_allocated(kind):
         assert tracemalloc.get_traced_memory()[1] < 64 << 20
     finally:
         tracemalloc.stop()
+
+
+def test_a_key_file_sealing_key_material_of_the_wrong_length_is_named(repo_path):
+    """Key material of another length than 96 bytes, sealed under the password's key (a writer holding the
+    password, or a bug): opening made every command an internal error; the key file is named instead."""
+    repo_id = json.load(open(os.path.join(repo_path, "config")))["id"]
+    keys = os.path.join(repo_path, "keys")
+    (name,) = os.listdir(keys)
+    doc = json.loads(open(os.path.join(keys, name), "rb").read())
+    kek = KeyFile.decode(name, open(os.path.join(keys, name), "rb").read()).kek(PASSWORD.encode())
+    doc["data"] = base64.b64encode(Sealer(kek).seal(os.urandom(64), KEY_AD + repo_id.encode())).decode()
+    forged = json.dumps(doc).encode()
+    os.unlink(os.path.join(keys, name))
+    with open(os.path.join(keys, content_name(forged)[:32]), "wb") as f:
+        f.write(forged)
+    for args in (("snapshots",), ("key", "list")):
+        err = crashkit.run_cli(*args, "-r", repo_path, "--no-cache", ok=(13,)).stderr.decode().strip()
+        assert "internal error" not in err and len(err.splitlines()) == 1 and "key material is 64 bytes" in err, err
