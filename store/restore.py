@@ -1821,7 +1821,7 @@ class Restorer:
     def _set_meta(self, e: Entry, where: bytes | int, link: bool) -> None:
         """``_apply_meta`` on an open descriptor, or on a path that reaches the entry without walking a
         directory by name (``proc_path``), a link's own (not followed) or an object's."""
-        mode = e.mode & 0o7777  # the bits the format holds, as a file written whole gets (a forged record may hold more)
+        mode = e.mode & 0o7777  # the bits the format holds, as a file written whole gets (a forged record: more)
         if self.owners:
             try:
                 if isinstance(where, int):
