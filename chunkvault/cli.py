@@ -31,7 +31,7 @@ from .store.chain import chain_lengths
 from .store.manifest import (F_UNREADABLE, OP_DELETE, OP_ENTRY, OP_FRESH, T_BLOCKDEV, T_CHARDEV, T_DIR, T_FILE,
                              TYPE_NAMES, Entry, Record, unread, what_changed)
 from .store.overwrite import OVERWRITE_MODES, check_overwrite
-from .store.snapshot import Snapshot, check_local_zone, listed_time, said_time
+from .store.snapshot import Snapshot, check_local_zone, listed_time, said_second
 from .store.xattrs import decode_xattrs
 from .units import format_size
 from .walfetch import FATAL_EXIT
@@ -979,7 +979,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
         written = write_recovery(args.target, *recovery)
     if _report_restore(args, snap, result, verified=args.verify, subtree=subtree, recovery=written):
-        print(f"restored {within}snapshot {snap.short_id} ({said_time(snap.datetime)}) to {one_line(args.target)}: "
+        print(f"restored {within}snapshot {snap.short_id} ({said_second(snap.datetime)}) to {one_line(args.target)}: "
               f"{_restored(result)}"
               + ("; read back and verified" if args.verify else ""))
         if written is not None:

@@ -15,7 +15,7 @@ from typing import Any
 from . import passwords
 from .display import one_line, warn
 from .errors import UsageError
-from .store.snapshot import said_time
+from .store.snapshot import said_second
 from .units import format_size
 
 
@@ -33,7 +33,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                         "records": stats.records, "blobs": stats.blobs, "blob_bytes": stats.blob_bytes,
                         "file_bytes": stats.file_bytes, "duration": stats.duration})
     elif not args.quiet:
-        print(f"exported {snap.kind} snapshot {snap.short_id} ({said_time(snap.datetime)}) to "
+        print(f"exported {snap.kind} snapshot {snap.short_id} ({said_second(snap.datetime)}) to "
               f"{one_line(stats.path)}: "
               f"{stats.files} files, {stats.dirs} dirs, {format_size(stats.bytes)}; {stats.blobs} chunks, "
               f"file {format_size(stats.file_bytes)} in {stats.duration:.2f} s")
@@ -63,7 +63,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         warn(f"{args.file}: its snapshot {exported[:8]} is in this repository already"
              + (f" (as {snap.short_id})" if exported != snap.id else "") + ": nothing imported")
     elif not args.quiet:
-        print(f"imported {one_line(args.file)} as full snapshot {snap.short_id} ({said_time(snap.datetime)}, "
+        print(f"imported {one_line(args.file)} as full snapshot {snap.short_id} ({said_second(snap.datetime)}, "
               f"exported from {st[IMPORTED_FROM][:8]}): {st['files']} files, {st['dirs']} dirs, {format_size(st['bytes'])}; "
               f"added {format_size(st['added_raw_bytes'])} of new data, stored as "
               f"{format_size(st['added_stored_bytes'])}")
@@ -108,7 +108,7 @@ def restore_from_file_cli(args: argparse.Namespace) -> int:
     elif not args.quiet:
         for w in result.warnings:
             warn(w)
-        print(f"restored snapshot {snap.short_id} ({said_time(snap.datetime)}) from {one_line(args.from_file)} "
+        print(f"restored snapshot {snap.short_id} ({said_second(snap.datetime)}) from {one_line(args.from_file)} "
               f"to {one_line(args.target)}: {cli._restored(result)}")
     return 0
 

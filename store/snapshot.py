@@ -241,6 +241,13 @@ def said_time(t: datetime) -> str:
     return f"{local.year:04d}-{local:%m-%d %H:%M:%S}{fraction}{_offset(local)}"
 
 
+def said_second(t: datetime) -> str:
+    """``said_time`` to the second, for a snapshot's time: a message that named it with its microseconds read
+    unlike the listing's time of it; given back to ``--until``, a time to the second takes in its whole
+    second, so it still finds the snapshot."""
+    return said_time(t.replace(microsecond=0))
+
+
 def listed_time(t: datetime) -> str:
     """A time as a listing shows it: local time to the second; in the hour the end of summer time repeats,
     with its UTC offset (two times an hour apart that read alike would have one copied from the listing

@@ -287,3 +287,28 @@ def test_ls_and_find_show_a_file_time_in_the_repeated_hour_with_its_offset(tmp_p
     assert "2026-10-26 13:00:00 " in listed
     found = cli("find", "-r", repo, "winter", env=berlin).stdout.decode()
     assert "modified 2026-10-25 02:30:00+01:00" in found
+
+
+def test_a_snapshot_is_named_in_messages_to_the_second_as_the_listing_shows_it(tmp_path, cli):
+    """A snapshot's time has microseconds: restore, export and import named it with them
+    ("2026-12-06 15:02:56.874569+01:00") where the listing says "2026-12-06 15:02:56".  To the second, the
+    message's time still finds the snapshot when given back to --until (a time to the second is its whole
+    second)."""
+    repo, data, berlin = str(tmp_path / "repo"), tmp_path / "data", {"TZ": "Europe/Berlin"}
+    data.mkdir()
+    (data / "f").write_text("x")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, str(data), "--time", "2026-10-25T02:30:05.123456+01:00", env=berlin)
+    listed = "2026-10-25 02:30:05+01:00"
+    assert listed in cli("snapshots", "-r", repo, env=berlin).stdout.decode()
+    said = cli("restore", "-r", repo, "latest", "--target", str(tmp_path / "t"), env=berlin).stdout.decode()
+    assert f"({listed})" in said, said
+    backup_file = str(tmp_path / "s.backup")
+    sealed = {**berlin, "CHUNKVAULT_EXPORT_PASSWORD": "export pw"}
+    exported = cli("export", "-r", repo, "latest", "--output", backup_file, "--kdf-time", "0", env=sealed)
+    assert f"({listed})" in exported.stdout.decode()
+    other = str(tmp_path / "other")
+    cli("init", "-r", other, "--kdf-time", "0")
+    assert f"({listed}," in cli("import", "-r", other, backup_file, env=sealed).stdout.decode()
+    again = cli("restore", "-r", repo, "--until", listed, "--target", str(tmp_path / "u"), env=berlin).stdout.decode()
+    assert f"({listed})" in again
