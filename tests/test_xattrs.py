@@ -405,3 +405,23 @@ def test_a_config_put_back_from_an_export_made_before_the_first_snapshot_with_at
     assert _stored_format(tmp_path / "repo") == 2
     with Repository.open(path, PASSWORD) as reopened:
         assert reopened.check(read_data=True).ok
+
+
+def test_an_append_only_token_is_asked_to_raise_the_format_once_per_object(tmp_path, http_server, source, cli):
+    """The config is not the token's to rewrite: each snapshot with extended attributes asked again, one
+    config read and one refused write each (a copy of a thousand snapshots, a thousand of each)."""
+    cli("init", "-r", http_server.url, "--kdf-time", "0", env={"CHUNKVAULT_HTTP_TOKEN": FULL_TOKEN})
+    with Repository.open(http_server.url, PASSWORD, token=APPEND_TOKEN, cache=False) as repo:
+        remote, asked = repo.store.remote, []
+        put = remote.put
+
+        def counted(key, data, **kwargs):
+            asked.append(key)
+            return put(key, data, **kwargs)
+
+        remote.put = counted
+        for i in range(3):
+            (source / "plain.txt").write_text(f"run {i}\n")
+            assert repo.backup([str(source)], kind="full").snapshot.version == SNAPSHOT_VERSION
+        assert asked.count("config") == 1
+    assert _stored_format(http_server.path) == 1
