@@ -264,6 +264,7 @@ def test_a_tz_that_names_no_zone_is_said_once_where_local_time_counts(tmp_path, 
     cli("backup", "-r", repo, str(data), "--time", "2026-10-25T02:30+01:00")
     said = "warning: TZ='Europe/Berlinn' names no time zone known here: local time is taken as UTC"
     for args in (("snapshots",), ("ls", "latest"), ("forget", "--keep-daily", "1", "--dry-run"),
+                 ("forget", "--keep-daily", "1", "--dry-run", "--json"),
                  ("dump", "--until", "2026-10-25T02:30", "f")):
         err = cli(*args, "-r", repo, env=typo).stderr.decode()
         assert err.count(said) == 1, (args, err)
