@@ -179,10 +179,12 @@ _zone_warned: set[str] = set()
 
 
 @functools.lru_cache(maxsize=8)
-def unknown_zone(value: str | None) -> bool:
+def unknown_zone(value: str | None, tzdir: str | None = None) -> bool:
     """Whether the C library finds no time zone in ``value`` (``TZ``), which it then takes for UTC without
     a word: ``TZ=Europe/Berlinn`` read a time without zone, showed listings and counted retention's days an
-    hour or two off, and nothing said so.  Unset or empty (UTC, as POSIX has it) is known."""
+    hour or two off, and nothing said so.  Unset or empty (UTC, as POSIX has it) is known.  A zone's file is
+    looked for where the C library looks (``tzdir``, ``TZDIR``; else the system's directories), not as
+    ``zoneinfo`` does: it also finds zones in Python's tzdata package, which the C library never reads."""
     if not value:
         return False
     name = value[1:] if value.startswith(":") else value
@@ -190,20 +192,16 @@ def unknown_zone(value: str | None) -> bool:
         return not os.path.isfile(name)
     if _POSIX_TZ.fullmatch(name):
         return False
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+    from zoneinfo import TZPATH
 
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        return True
-    return False
+    return not any(os.path.isfile(os.path.join(d, name)) for d in ([tzdir] if tzdir else TZPATH))
 
 
 def check_local_zone() -> None:
     """Warn, once per process, where local time is read or shown while ``TZ`` names no zone (see
     ``unknown_zone``)."""
     value = os.environ.get("TZ")
-    if value is None or value in _zone_warned or not unknown_zone(value):
+    if value is None or value in _zone_warned or not unknown_zone(value, os.environ.get("TZDIR")):
         return
     _zone_warned.add(value)
     warnings.warn(f"TZ={value!r} names no time zone known here: local time is taken as UTC (set TZ to a "

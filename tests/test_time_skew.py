@@ -313,3 +313,29 @@ def test_a_snapshot_is_named_in_messages_to_the_second_as_the_listing_shows_it(t
     assert f"({listed}," in cli("import", "-r", other, backup_file, env=sealed).stdout.decode()
     again = cli("restore", "-r", repo, "--until", listed, "--target", str(tmp_path / "u"), env=berlin).stdout.decode()
     assert f"({listed})" in again
+
+
+def test_a_zone_is_known_where_the_c_library_looks_for_it(tmp_path, cli):
+    """Python's zoneinfo also finds a zone in the tzdata package, and ignores TZDIR; the C library, which
+    shows and reads local time, looks in TZDIR (else the system's directory) only.  Europe/Berlin with no
+    such file there was taken for UTC without a word; a zone only TZDIR holds was warned of though it held."""
+    repo, data = str(tmp_path / "repo"), tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_text("x")
+    cli("init", "-r", repo, "--kdf-time", "0")
+    cli("backup", "-r", repo, str(data), "--time", "2026-10-25T12:00+00:00")
+    empty, own = tmp_path / "empty", tmp_path / "own" / "Test"
+    empty.mkdir()
+    own.mkdir(parents=True)
+    from zoneinfo import TZPATH
+
+    berlin = next((os.path.join(d, "Europe", "Berlin") for d in TZPATH
+                   if os.path.isfile(os.path.join(d, "Europe", "Berlin"))), None)
+    if berlin is None:
+        pytest.skip("no system zone files")
+    (own / "Zone").write_bytes(open(berlin, "rb").read())
+    said = "names no time zone known here"
+    missing = cli("snapshots", "-r", repo, env={"TZ": "Europe/Berlin", "TZDIR": str(empty)})
+    assert said in missing.stderr.decode() and "2026-10-25 12:00:00" in missing.stdout.decode()
+    found = cli("snapshots", "-r", repo, env={"TZ": "Test/Zone", "TZDIR": str(tmp_path / "own")})
+    assert found.stderr == b"" and "2026-10-25 13:00:00" in found.stdout.decode()
