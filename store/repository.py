@@ -1197,8 +1197,10 @@ class Repo:
         return self.index
 
     def reload_snapshots(self) -> list[Snapshot]:
-        """``snapshots()`` with every object read again: under the exclusive lock, the view that no other
-        command's rebase can make stale before this one rewrites a snapshot."""
+        """``snapshots()`` with none of the snapshot objects held taken as they are (one edited here and not
+        stored): under the exclusive lock, the view that no other command's rebase can make stale before this
+        one rewrites a snapshot.  A snapshot listed at the version it was decoded from is copied, not read
+        again: every rewrite changes the version (``_decoded``)."""
         self._snapshots.clear()
         return self.snapshots()
 
