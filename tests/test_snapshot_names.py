@@ -179,7 +179,7 @@ def test_a_snapshot_time_before_1970_is_refused_and_one_stored_already_still_lis
     import os
     import time
 
-    from chunkvault import cli as cli_module
+    from chunkvault.store.snapshot import listed_time
 
     src = tmp_path / "src"
     src.mkdir()
@@ -199,14 +199,14 @@ def test_a_snapshot_time_before_1970_is_refused_and_one_stored_already_still_lis
     try:
         os.environ["TZ"] = "America/New_York"  # local time there is in year 0
         time.tzset()
-        assert cli_module._local_time(ancient) == "0001-01-01 00:30:00Z"
+        assert listed_time(ancient.datetime) == "0001-01-01 00:30:00Z"
     finally:
         if zone is None:
             del os.environ["TZ"]
         else:
             os.environ["TZ"] = zone
         time.tzset()
-    assert cli_module._local_time(dataclasses.replace(snap, time="0999-03-04T05:06:07+00:00")).startswith("0999-")
+    assert listed_time(dataclasses.replace(snap, time="0999-03-04T05:06:07+00:00").datetime).startswith("0999-")
 
 
 @pytest.mark.parametrize("text, why", [("2026-02-29", "day is out of range for month"),
