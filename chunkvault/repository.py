@@ -353,19 +353,29 @@ class _Operation:
 
 
 def _stoppable(method: Callable[..., Any]) -> Callable[..., Any]:
-    """An operation: refused once the object is closed, stopped by ``Repository.stop`` (``_operation``).
-    One that fails drops the snapshots loaded: a rebase, an aggregate, a tag or a repair edits a snapshot
-    before storing it, and stopped in between, it left the object listing the edit that was never stored."""
+    """An operation: refused once the object is closed, stopped by ``Repository.stop`` (``_operation``)."""
     @functools.wraps(method)
     def run(self: "Repository", *args: Any, **kwargs: Any) -> Any:
         with self._operation():
             try:
                 return method(self, *args, **kwargs)
-            except BaseException:
-                self._repo.drop_stale(index=False)
-                raise
             finally:
                 self._note_rewrites()
+    return run
+
+
+def _edits_snapshots(method: Callable[..., Any]) -> Callable[..., Any]:
+    """An operation that edits snapshots before storing them (a rebase, an aggregate, a tag, a rewrite, a
+    repair): failed, it drops the snapshots loaded, for stopped between an edit and its store, it left the
+    object listing the edit that was never stored.  Other operations' failures (a snapshot not found) keep
+    them, and the listing other threads keep under their locks."""
+    @functools.wraps(method)
+    def run(self: "Repository", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self._repo.drop_stale(index=False)
+            raise
     return run
 
 
@@ -1880,6 +1890,7 @@ class Repository:
         return report
 
     @_stoppable
+    @_edits_snapshots
     def forget(self, snapshots: Iterable[str] = (), *, policy: RetentionPolicy | None = None,
                dry_run: bool = False, now: datetime | None = None, hosts: Iterable[str] = (),
                tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0,
@@ -2024,6 +2035,7 @@ class Repository:
         return out
 
     @_stoppable
+    @_edits_snapshots
     def aggregate(self, snapshot: str | Snapshot, *, retire: bool = False, wait: float = 3600.0) -> Aggregated:
         """Turn a differential into a synthetic full (same id, same tree); ``retire`` forgets its old chain.
         Under the exclusive lock, as forget is."""
@@ -2110,6 +2122,7 @@ class Repository:
         return repair_packs(self._repo, _listed(packs), dry_run=dry_run, wait=wait)
 
     @_stoppable
+    @_edits_snapshots
     def repair_snapshots(self, *, dry_run: bool = True, wait: float = 3600.0) -> RepairReport:
         """Drop (list, and with ``dry_run=False`` rewrite) files whose data is gone."""
         from .store.repair import repair_snapshots
@@ -2130,6 +2143,7 @@ class Repository:
         return remove_locks(self._repo.remote, remove_all=remove_all)
 
     @_stoppable
+    @_edits_snapshots
     def tag(self, snapshots: Iterable[str | Snapshot] | None = None, *, add: Iterable[str] = (),
             remove: Iterable[str] = (), set_to: Iterable[str] | None = None, hosts: Iterable[str] = (),
             tags: Iterable[str] = (), paths: Iterable[str] = (), wait: float = 3600.0) -> list[Snapshot]:
@@ -2148,6 +2162,7 @@ class Repository:
                                add=add, remove=remove, set_to=set_to, wait=wait)
 
     @_stoppable
+    @_edits_snapshots
     def rewrite(self, excludes: list[str] | None = None, snapshots: Iterable[str | Snapshot] | None = None, *,
                 hosts: Iterable[str] = (), tags: Iterable[str] = (), paths: Iterable[str] = (),
                 dry_run: bool = True, wait: float = 3600.0, iexcludes: list[str] | None = None,

@@ -186,6 +186,9 @@ def test_a_rebase_that_fails_midway_leaves_no_edited_snapshot_in_an_object_kept_
     with pytest.raises(ChunkvaultError, match="went away"):
         repo.forget([chain[1].id])
     monkeypatch.undo()
+    with pytest.raises(ChunkvaultError):  # a failure that edited nothing keeps the snapshots loaded
+        repo.snapshot("0" * 8)
+    assert chain[0].id in repo.store._snapshots
     last = {s.id: s for s in repo.snapshots()}[chain[2].id]
     assert (last.parent, last.manifest) == (chain[1].id, chain[2].manifest)
     out = tmp_path / "out"
