@@ -320,8 +320,9 @@ def _log_output(out: IO[bytes], log: Callable[[str], None], label: str) -> None:
 
 def _stopped(exc: BaseException) -> str:
     """A step a stop ended, for the log: the stop's own words only where they add any ("stopped (stopped)")."""
-    said = str(exc).strip()
+    said = str(exc).strip().removeprefix("stopped: ")
     return "stopped" if said in ("", "stopped", "stopping") else f"stopped ({said})"
+
 
 class LockFileError(ChunkvaultError):
     """A policy's lock file could not be opened.  A command ends with exit 2, as for a bad option; a daemon
