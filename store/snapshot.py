@@ -176,6 +176,9 @@ _NAME = r"(?:[A-Za-z]{3,}|<[A-Za-z0-9+-]{3,}>)"
 _OFFSET = r"[+-]?\d{1,3}(?::\d{1,2}){0,2}"
 _POSIX_TZ = re.compile(rf"{_NAME}{_OFFSET}(?:{_NAME}(?:{_OFFSET})?(?:,[^,]+,[^,]+)?)?")
 _zone_warned: set[str] = set()
+# Names of UTC itself: where no zone file holds them (a container without tzdata, TZ=UTC), the C library's
+# fallback is UTC, which is what they mean.
+_UTC_NAMES = frozenset({"UTC", "UCT", "GMT", "Zulu", "Universal", "Greenwich"})
 
 
 @functools.lru_cache(maxsize=8)
@@ -190,7 +193,7 @@ def unknown_zone(value: str | None, tzdir: str | None = None) -> bool:
     name = value[1:] if value.startswith(":") else value
     if name.startswith("/"):
         return not os.path.isfile(name)
-    if _POSIX_TZ.fullmatch(name):
+    if _POSIX_TZ.fullmatch(name) or name.removeprefix("Etc/") in _UTC_NAMES:
         return False
     from zoneinfo import TZPATH
 

@@ -250,8 +250,11 @@ def test_the_listing_keeps_its_columns_where_a_time_shows_its_offset(tmp_path, c
                                            ("", False), ("CET-1CEST,M3.5.0,M10.5.0/3", False), ("EST5EDT", False),
                                            ("<+1030>-10:30", False), ("Europe/Berlinn", True), ("garbage", True),
                                            ("/no/such/zone", True)])
-def test_a_tz_that_names_no_zone_is_told_apart(value, unknown):
+def test_a_tz_that_names_no_zone_is_told_apart(value, unknown, tmp_path):
     assert unknown_zone(value) is unknown
+    if value in ("UTC", "Europe/Berlin"):  # a container without zone files: UTC is still UTC, Berlin is not
+        assert unknown_zone(value, str(tmp_path)) is (value != "UTC")
+        assert unknown_zone(f"Etc/{value}", str(tmp_path)) is (value != "UTC")
 
 
 def test_a_tz_that_names_no_zone_is_said_once_where_local_time_counts(tmp_path, cli):
