@@ -9,6 +9,7 @@ import bisect
 import copy
 import functools
 import json
+import math
 import os
 import re
 import warnings
@@ -108,15 +109,18 @@ class Snapshot:
 
     def _check_stats(self) -> None:
         """ValueError for a stat a reader computes with that is not of its kind: a size that was a list
-        made every listing of the repository an internal error, where it must name the snapshot."""
-        def number(v: object) -> bool:
-            return type(v) in (int, float) and v == v and abs(v) != float("inf")
-
-        for key in _STAT_COUNTS + _STAT_NUMBERS:
-            v = self.stats.get(key, 0)
-            if not number(v) or (key in _STAT_COUNTS and (type(v) is not int or v < 0)):
+        made every listing of the repository an internal error, where it must name the snapshot.  Run for
+        every snapshot decoded, so kept to plain type tests."""
+        stats = self.stats
+        for key in _STAT_COUNTS:
+            v = stats.get(key, 0)
+            if type(v) is not int or v < 0:
                 raise ValueError(f"stats {key} is not a count")
-        unreadable = self.stats.get("unreadable", [])
+        for key in _STAT_NUMBERS:
+            v = stats.get(key, 0)
+            if type(v) is not int and not (type(v) is float and math.isfinite(v)):
+                raise ValueError(f"stats {key} is not a count")
+        unreadable = stats.get("unreadable", [])
         if not (isinstance(unreadable, list) and all(isinstance(x, str) for x in unreadable)):
             raise ValueError("stats unreadable is not a list of paths")
 
