@@ -198,7 +198,7 @@ def test_a_worker_that_dies_is_an_error_not_a_partial_success(tmp_path, new_repo
            "        Restorer._write_file = Restorer._write_part = lambda *a: os._exit(3)")
     r = _restore_in_child(url, str(tmp_path / "out"), processes=2, before=die)
     assert r["error"] == "ChunkvaultError"
-    assert "exit code 3" in r["message"]
+    assert "a worker process exited 3 before it was done" in r["message"]
 
 
 def test_one_process_where_forking_is_not_safe(tmp_path, new_repo):
