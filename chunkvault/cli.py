@@ -797,6 +797,13 @@ def _backup_progress(bar: Progress) -> Callable[[dict], None] | None:
                               counts.get("total_bytes"))
 
 
+def _time_column(snaps: Iterable[Snapshot]) -> tuple[dict[str, str], int]:
+    """Each snapshot's time as listings show it, by id, and the column's width: one in autumn's repeated hour
+    carries its offset, six characters more, and the rows after it stood out of line with the header."""
+    times = {s.id: listed_time(s.datetime) for s in snaps}
+    return times, max([19, *map(len, times.values())])
+
+
 def cmd_snapshots(args: argparse.Namespace) -> int:
     repo = _open(args)
     hosts = args.host or ([env_host()] if env_host() else [])
@@ -809,8 +816,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         return 0
     hosts = {s.id: one_line(s.host) for s in snaps}  # whole: db-production-01 and -02 were both db-productio
     width = max([12, *map(len, hosts.values())])
-    times = {s.id: listed_time(s.datetime) for s in snaps}  # in autumn's repeated hour with its offset: 6 more
-    time_width = max([19, *map(len, times.values())])
+    times, time_width = _time_column(snaps)
     print(f"{'ID':8}  {'time':{time_width}}  {'type':4}  {'parent':8}  {'host':{width}}  {'size':>10}  {'files':>7}  "
           "tags / paths")
     for s in snaps:
@@ -1808,8 +1814,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     elif not args.quiet:
         shown = [d for d in plan.decisions if d.reasons or not d.keep]  # by id: the others kept for no rule
         # with their times, a policy's buckets can be checked from the dry run
-        times = {d.snapshot_id: listed_time(plan.listed[d.snapshot_id].datetime) for d in shown}
-        width = max([19, *map(len, times.values())])
+        times, width = _time_column(plan.listed[d.snapshot_id] for d in shown)
         for d in shown:
             print(f"{'keep  ' if d.keep else 'remove'}  {d.snapshot_id[:8]}  {times[d.snapshot_id]:{width}}  "
                   f"{', '.join(d.reasons)}")
