@@ -161,7 +161,7 @@ class LockInfo:
         left = max(0.0, STALE_AFTER - self.age())
         return (f"; if that command is dead (killed, or its host down), its lock goes stale "
                 f"{STALE_AFTER / 60:g} minutes after its last refresh (in {left:.0f} s) and the next command "
-                "removes it, or `chunkvault unlock --remove-all` removes it now")
+                "removes it, or `chunkvault unlock --remove-all` (API: `unlock(remove_all=True)`) removes it now")
 
     def describe(self) -> str:
         ahead = self.time - time.time()

@@ -593,7 +593,8 @@ def test_a_lock_of_another_host_refuses_saying_when_it_goes_stale_and_how_to_rem
     refused = cli("prune", "-r", r, check=15).stderr.decode()
     assert re.search(r"locked by forget on another-host \(pid 42, refreshed \d+ s ago\); try again later or use "
                      r"--wait; if that command is dead .*goes stale 5 minutes after its last refresh \(in \d+ s\)"
-                     r".*`chunkvault unlock --remove-all` removes it now", refused), refused
+                     r".*`chunkvault unlock --remove-all` \(API: `unlock\(remove_all=True\)`\) removes it now",
+                     refused), refused
     cli("unlock", "-r", r, "--remove-all", "-q")
     if boot_id() is not None and process_start(sleeper.pid) is not None:  # a live command here: no such advice
         plant(repo.store.remote, "a" * 32, sleeper.pid, boot=boot_id(), start=process_start(sleeper.pid))
