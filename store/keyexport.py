@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from chunkvault.errors import CorruptObject, NewerObject, ObjectNotFound, UnsupportedFormat, UsageError, WrongPassword
@@ -27,6 +28,7 @@ from .walnames import WAL_PREFIX, is_wal_name
 
 EXPORT_MAGIC = "chunkvault key export"
 EXPORT_VERSION = 1
+SNAPSHOT_READERS = 8  # snapshots read at once by key import: on a remote, each read waits a round trip
 
 
 @dataclass(frozen=True)
@@ -177,17 +179,24 @@ def _config_for(remote: Remote, raw: bytes, config: RepoConfig, material: KeyMat
 
 
 def _holds_snapshots_of_version_2(remote: Remote, sealer: Sealer) -> bool:
-    """Whether a snapshot of version 2 or newer is stored (read until the first found; one that does not open
-    under this key is left to ``check``)."""
-    for o in remote.list("snapshots/"):
-        name = o.key.split("/", 1)[1]
+    """Whether a snapshot of version 2 or newer is stored (one that does not open under this key is left to
+    ``check``).  Read newest first, since the newest is where one would be, and a few at a time, stopping at the
+    first found: read one by one, a remote 50 ms away took 14 minutes over a year of hourly snapshots of
+    version 1, and that at the moment a user is putting back a lost config."""
+    listed = sorted(remote.list("snapshots/"), key=lambda o: o.modified or 0.0, reverse=True)
+
+    def version_2(key: str) -> bool:
         try:
-            if Snapshot.decode(sealer, name, remote.get(o.key)).version >= 2:
-                return True
+            return Snapshot.decode(sealer, key.split("/", 1)[1], remote.get(key)).version >= 2
         except NewerObject:
             return True
         except (CorruptObject, ObjectNotFound):
-            continue
+            return False
+
+    with ThreadPoolExecutor(SNAPSHOT_READERS) as pool:
+        for start in range(0, len(listed), SNAPSHOT_READERS):
+            if any(pool.map(version_2, [o.key for o in listed[start:start + SNAPSHOT_READERS]])):
+                return True
     return False
 
 

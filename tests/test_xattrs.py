@@ -407,6 +407,48 @@ def test_a_config_put_back_from_an_export_made_before_the_first_snapshot_with_at
         assert reopened.check(read_data=True).ok
 
 
+def test_key_import_looks_for_a_snapshot_with_attributes_newest_first_and_stops_at_it(new_repo, source, tmp_path):
+    """It read every snapshot, oldest or in name order, one at a time: over a remote 50 ms away, minutes for a
+    long history of snapshots without attributes, when the one that decides was the newest."""
+    from chunkvault.remotes.local import LocalRemote
+    from faults import FaultyRemote
+
+    path = str(tmp_path / "repo")
+    repo = new_repo(path)
+    kit = repo.export_key()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "f").write_text("no attributes\n")
+    for i in range(60):
+        (plain / "f").write_text(f"version {i}\n")
+        repo.backup([str(plain)], xattrs=False)
+    repo.backup([str(source)])
+    repo.close()
+    (tmp_path / "repo" / "config").unlink()
+    counted = FaultyRemote(LocalRemote(path), seed=0)
+    assert Repository.import_key(counted, kit, PASSWORD).restored == ["config"]
+    assert _stored_format(tmp_path / "repo") == 2
+    assert counted.calls["get"] < 20, counted.calls
+
+
+def test_key_import_of_a_history_without_attributes_keeps_format_1(new_repo, tmp_path):
+    """Every snapshot is read to be sure, and none raises the format."""
+    path = str(tmp_path / "repo")
+    repo = new_repo(path)
+    kit = repo.export_key()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(40):
+        (plain / "f").write_text(f"version {i}\n")
+        repo.backup([str(plain)], xattrs=False)
+    repo.close()
+    (tmp_path / "repo" / "config").unlink()
+    assert Repository.import_key(path, kit, PASSWORD).restored == ["config"]
+    assert _stored_format(tmp_path / "repo") == 1
+    with Repository.open(path, PASSWORD) as reopened:
+        assert len(reopened.snapshots()) == 40
+
+
 def test_an_append_only_token_is_asked_to_raise_the_format_once_per_object(tmp_path, http_server, source, cli):
     """The config is not the token's to rewrite: each snapshot with extended attributes asked again, one
     config read and one refused write each (a copy of a thousand snapshots, a thousand of each)."""
