@@ -303,6 +303,13 @@ def _withdraw(remote: Remote, key: str, kind: str, purpose: str) -> None:
 
 _HELD_BY_THREAD: dict[str, int] = {}  # lock key -> the thread of this process that holds it
 
+#: The keys of locks this process left on the remote when their block ended (it was out of reach, or refused
+#: the removal): to other commands they are a live process's, held until they go stale, but here they are
+#: known to guard nothing.  This process's next command removes them instead of waiting ``STALE_AFTER`` for
+#: its own leftovers: a service whose backup failed in an outage was refused its prune (or forget) for
+#: five minutes, "locked by backup" of its own pid, once the storage was back.
+_LEFT_BEHIND: set[str] = set()
+
 
 #: The shared locks of commands that store snapshots brought from elsewhere (into a copy's destination, an
 #: import): one at a time in a repository, or each stores what the other brings, and the snapshot is there
@@ -409,12 +416,15 @@ class RepoLock:
         for lk in list_locks(self.remote, self.key):
             if lk.key == self.key:
                 continue
-            if not lk.stale(now):
+            if lk.key not in _LEFT_BEHIND and not lk.stale(now):
                 others.append(lk)
                 continue
             try:  # a stale lock is removed, so that a later pid reuse cannot bring it back to life
                 self.remote.delete(lk.key)
             except RemoteError:
+                continue
+            if lk.key in _LEFT_BEHIND:
+                _LEFT_BEHIND.discard(lk.key)
                 continue
             if lk.host != socket.gethostname() and lk.stored_ago is None and lk.time <= now:  # by this clock: say so
                 warnings.warn(f"removed the stale {lk.kind} lock of {lk.describe()}: its command was killed or "
@@ -500,8 +510,14 @@ class RepoLock:
         _HELD_BY_THREAD.pop(self.key, None)
         if self._thread is not None:
             self._thread.join()
-        if remove and not self._unreachable:
+        if not remove or self._unreachable:
+            _LEFT_BEHIND.add(self.key)
+            return
+        try:
             _withdraw(self.remote, self.key, self.kind, self.purpose)
+        except RemoteError:
+            _LEFT_BEHIND.add(self.key)
+            raise
 
     def __enter__(self) -> "RepoLock":
         self.acquire()

@@ -16,7 +16,7 @@ import pytest
 from chunkvault.errors import Locked, RemoteUnavailable
 from chunkvault.remotes.local import LocalRemote
 from chunkvault.store.locks import EXCLUSIVE, SHARED, RepoLock, boot_id, list_locks, pid_namespace, process_start
-from faults import FaultyRemote
+from faults import FailingWrite, FaultyRemote
 
 needs_proc = pytest.mark.skipif(boot_id() is None or process_start(os.getpid()) is None,
                                 reason="no /proc boot id and process start times here")
@@ -715,3 +715,28 @@ def test_a_copy_or_import_whose_lock_is_removed_while_it_saves_its_snapshot_take
             target.import_backup(str(tmp_path / "s.backup"), "export pw")
     monkeypatch.undo()
     assert target.snapshots() == []
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_a_lock_left_in_an_outage_does_not_hold_off_the_next_command_of_its_own_process(tmp_path, after):
+    """A backup that failed with the storage out of reach leaves its lock to go stale (removing it would wait
+    out another retry window); once the storage answers again, the same process's prune and forget are not
+    refused for five minutes by that lock, which is its own and guards nothing."""
+    from chunkvault import Repository
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(200_000))
+    path = str(tmp_path / "repo")
+    with Repository.init(path, "pw", kdf_seconds=0, ledger=False) as repo:
+        first = repo.backup([str(src)]).snapshot
+    (src / "b").write_bytes(os.urandom(200_000))
+    failing = FailingWrite(LocalRemote(path), at=1, error=lambda: RemoteUnavailable("storage out of reach"),
+                           prefixes=("data/",), landed=after)  # the new data's pack
+    with Repository.open(failing, "pw", ledger=False) as repo:
+        with pytest.raises(RemoteUnavailable):
+            repo.backup([str(src)])
+        assert [lk.purpose for lk in list_locks(failing.inner)] == ["backup"]  # left, as after an outage
+        repo.prune(wait=0)
+        repo.forget([first.id], wait=0)
+        assert list_locks(failing.inner) == []
