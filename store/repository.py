@@ -302,6 +302,8 @@ class Repo:
         with RepoLock(self.remote, EXCLUSIVE, "key remove", wait=wait) as lock:
             readable, damaged = self.list_keys()
             names = [k.name for k in readable]
+            if self.key_name in damaged:  # a read cut short, or a damaged file: not removed by another command
+                raise damaged[self.key_name].explained("; nothing removed")
             if self.key_name not in names:
                 raise UsageError("the key this repository was opened with is gone (another command removed it): "
                                  "nothing removed")
@@ -341,7 +343,12 @@ class Repo:
         return new
 
     def _replace_key_locked(self, old: str, password: bytes, kdf_seconds: float, lock: RepoLock) -> str:
-        keys = self.list_keys()[0]
+        try:
+            keys, damaged = self.list_keys()
+        except ChunkvaultError as exc:
+            raise exc.explained("; the password is unchanged") from None
+        if old in damaged:  # a read cut short, or a damaged file: there, not replaced by another command
+            raise damaged[old].explained("; the password is unchanged")
         if old not in [k.name for k in keys]:
             raise UsageError("the key this repository was opened with is gone (another command replaced it): "
                              "nothing changed; use the password that command set")

@@ -8,10 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunkvault import Repository, new_secret
-from chunkvault.errors import CorruptObject, WrongPassword
+from chunkvault.errors import CorruptObject, RemoteUnavailable, WrongPassword
+from chunkvault.remotes.local import LocalRemote
 from chunkvault.store import config as config_module
 from chunkvault.store.config import KDF_ARGON2ID, KDF_SCRYPT, KDF_SECRET, KeyFile, make_key_file
 from chunkvault.store.crypto import SECRET_PREFIX, KeyMaterial, derive_secret_kek, encode_secret, is_secret
+from faults import FaultyRemote
 
 REPO_ID = "ab" * 16
 
@@ -361,3 +363,40 @@ def test_a_cost_just_over_the_bound_is_said_without_rounding_it_away():
     assert kf.cost_problem() == (f"its key derivation asks for Argon2id over {ARGON2_MAX_MEMORY_KIB + 1} KiB, "
                                  f"1 time(s) ({ARGON2_MAX_MEMORY_KIB + 1} KiB over all passes), more than chunkvault "
                                  "writes (at most 64 MiB, and 64 GiB over all passes)")
+
+
+class _KeyReads(FaultyRemote):
+    """Cuts the reads of key files short (``cut``), or fails the listing of keys (``fail``)."""
+
+    def __init__(self, inner):
+        super().__init__(inner, seed=0)
+        self.cut = self.fail = False
+
+    def list(self, prefix=""):
+        if self.fail and prefix == "keys/":
+            raise RemoteUnavailable("storage out of reach")
+        return super().list(prefix)
+
+    def get(self, key, start=None, length=None):
+        data = super().get(key, start, length)
+        return data[: len(data) // 2] if self.cut and key.startswith("keys/") else data
+
+
+def test_a_key_change_that_cannot_read_the_keys_says_nothing_changed_not_that_another_command_did(tmp_path):
+    """Its own key read cut short, a password change said the key was "gone (another command replaced it)"
+    and told to use the password that command set, where there was none; the keys' listing failing, it did
+    not say the password was unchanged.  Either way the old password opens the repository."""
+    remote = _KeyReads(LocalRemote(str(tmp_path / "repo")))
+    with Repository.init(remote, "old", kdf_seconds=0, ledger=False) as repo:
+        other = repo.add_key("other", kdf_seconds=0)
+        remote.cut = True
+        with pytest.raises(CorruptObject, match="the password is unchanged$"):
+            repo.change_password("new", kdf_seconds=0)
+        with pytest.raises(CorruptObject, match="nothing removed$"):
+            repo.remove_key(other)
+        remote.cut, remote.fail = False, True
+        with pytest.raises(RemoteUnavailable, match="the password is unchanged$"):
+            repo.change_password("new", kdf_seconds=0)
+        remote.fail = False
+        assert len(repo.keys()) == 2
+    Repository.open(str(tmp_path / "repo"), "old", ledger=False).close()
