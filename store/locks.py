@@ -240,11 +240,12 @@ def remove_locks(remote: Remote, *, remove_all: bool = False) -> LocksRemoved:
         for lock in list_locks(remote, probe):
             if lock.key == probe:
                 continue
-            if lock.key in _HELD_BY_THREAD or not (remove_all or lock.stale(now)):
+            if lock.key in _HELD_BY_THREAD or not (remove_all or lock.key in _LEFT_BEHIND or lock.stale(now)):
                 done.kept.append(lock)
                 continue
             with contextlib.suppress(ObjectNotFound):
                 remote.delete(lock.key)
+            _LEFT_BEHIND.discard(lock.key)
             done.removed.append(lock)
         return done
     finally:

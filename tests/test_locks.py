@@ -737,6 +737,8 @@ def test_a_lock_left_in_an_outage_does_not_hold_off_the_next_command_of_its_own_
         with pytest.raises(RemoteUnavailable):
             repo.backup([str(src)])
         assert [lk.purpose for lk in list_locks(failing.inner)] == ["backup"]  # left, as after an outage
+        if after:  # `unlock` removes it as the stale locks, which any command removes
+            assert [lk.purpose for lk in repo.unlock().removed] == ["backup"]
         repo.prune(wait=0)
         repo.forget([first.id], wait=0)
         assert list_locks(failing.inner) == []
