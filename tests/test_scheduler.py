@@ -678,6 +678,13 @@ def test_overlapping_runs_are_refused(tmp_path, repo_url, tree, monkeypatch, cap
      'iexcludes = ["a"]\n', "source 'db': iexcludes applies to paths"),
     ('repository = "/x\nfull = 3', "is not valid TOML"),
     (b'repository = "/x"\nfull = "daily\xff"\n', "is not UTF-8 text (line 2)"),
+    # TOML's \u0000: an internal error ("embedded null byte") at the run that used it, or never
+    ('repository = "/x"\nfull = "daily"\n[[source]]\nname = "db"\npaths = ["/"]\npre = ["true", "a\\u0000"]\n',
+     "source[0].pre[1] holds a NUL character"),
+    ('repository = "/x"\nfull = "daily"\nstate-file = "s\\u0000"\n[[source]]\nname = "db"\npaths = ["/"]\n',
+     "state-file holds a NUL character"),
+    ('repository = "/x"\nfull = "daily"\n[[source]]\nname = "db"\npaths = ["/"]\nexcludes = ["*.tmp\\u0000"]\n',
+     "source[0].excludes[0] holds a NUL character"),
 ])
 def test_bad_policy_file_is_one_clear_line(tmp_path, monkeypatch, capsys, body, fragment):
     monkeypatch.setenv("CHUNKVAULT_PASSWORD", PASSWORD)
@@ -699,6 +706,18 @@ def test_a_policy_or_config_file_that_never_ends_is_refused_not_read_until_memor
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.endswith(" /dev/zero holds more than 16 MiB: no "
                                                       f"{'policy' if args[0] in ('run', 'daemon') else 'config'} file\n")
+
+
+def test_a_nul_in_a_retention_or_service_config_file_is_refused_naming_its_key(tmp_path, capsys):
+    """A NUL in `forget --config`'s presets or `serve --config`'s settings is refused as a policy's is."""
+    path = tmp_path / "config.toml"
+    path.write_text('[presets.daily]\nkeep-tags = ["a\\u0000"]\nkeep-daily = 7\n')
+    assert cli_main(["forget", "-r", str(tmp_path / "none"), "--preset", "daily", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == (f"chunkvault: config {path}: presets.daily.keep-tags[0] holds a NUL character "
+                                       "(\\u0000), which no setting can hold\n")
+    path.write_text('listen = "127.0.0.1:0"\npath = "/srv/\\u0000"\n')
+    assert cli_main(["serve", "--config", str(path)]) == 2
+    assert "path holds a NUL character" in capsys.readouterr().err
 
 
 def test_missing_policy_file(tmp_path, capsys):
