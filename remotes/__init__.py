@@ -18,30 +18,15 @@ def url_scheme(url: str) -> str:
     return scheme.lower() if sep else "file"
 
 
-def _option_value(name: str, text: str) -> Any:
-    if name == "token" or name.endswith(("_file", "_url", "_hosts")):  # secrets and paths stay as given
-        return text
-    low = text.lower()
-    if low in ("yes", "true", "on"):
-        return True
-    if low in ("no", "false", "off"):
-        return False
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 def options_for_url(url: str, pairs: list[str]) -> dict[str, Any]:
     """Turn ``-o SCHEME.NAME=VALUE`` pairs into the options of the backend ``url`` names.
 
     Options of other schemes are ignored (one command line may name repositories
     on several backends); ``https.x`` and ``http.x`` both reach the HTTP remote.
-    Dashes in names become underscores; yes/no and numbers are converted.
+    Dashes in names become underscores.  Values stay the text typed: each backend reads its own (a
+    number, a size, yes or no) and names it as typed when it refuses it; converted here, ``s3.region=1``
+    or ``s3.profile=2024`` became a number the S3 client failed on (an internal error), and a refusal
+    named ``1e3`` as 1000.0, ``1_000`` as 1000.
     """
     scheme = url_scheme(url)
     family = "http" if scheme == "https" else scheme
@@ -59,7 +44,7 @@ def options_for_url(url: str, pairs: list[str]) -> dict[str, Any]:
             # (sftp.ssh-config as well: a path the CLI makes absolute too)
             if name.endswith(("_file", "_hosts", "_config")) and not value.strip():  # was taken for the option not given
                 raise UsageError(f"bad remote option {pair!r}: an empty path names no file")
-            out[name] = _option_value(name, value)
+            out[name] = value
     return out
 
 

@@ -111,6 +111,14 @@ def _int_option(name: str, value: Any, minimum: int) -> int:
     return int(number_option("S3", name, value, minimum, int))
 
 
+def _name_option(name: str, value: Any) -> str | None:
+    """A name the S3 client takes as text (a region, a profile, a storage class): a number given from the
+    API ended in the client's TypeError, an internal error."""
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"S3 option {spelled(name)} must be text, not {value!r}")
+    return value
+
+
 def _size_option(name: str, value: Any) -> int:
     """A size in bytes, or with a unit as ``--pack-size`` takes it (``16M``)."""
     try:
@@ -252,6 +260,8 @@ class S3Remote(Remote):
         self.bucket = bucket
         self.prefix = prefix
         self.display_url = f"s3://{bucket}/{prefix}"
+        region, profile, storage_class = (_name_option(name, value) for name, value in (
+            ("region", region), ("profile", profile), ("storage_class", storage_class)))
         if addressing_style not in ADDRESSING_STYLES:
             raise UsageError(f"S3 addressing style must be one of {', '.join(ADDRESSING_STYLES)}, not {addressing_style!r}")
         if storage_class is not None:

@@ -1,4 +1,7 @@
 """-o SCHEME.NAME=VALUE: pure parsing, routed to the backend a URL names."""
+import os
+import re
+
 import pytest
 
 from chunkvault.errors import UsageError
@@ -15,13 +18,13 @@ def test_scheme_of_urls():
 def test_options_go_to_their_backend_only():
     pairs = ["s3.storage-class=STANDARD_IA", "sftp.accept-new-host-key=yes", "http.token-file=/t",
              "s3.multipart-threshold=8388608", "sftp.connect-timeout=2.5", "s3.addressing-style=path"]
-    assert options_for_url("s3://b/p", pairs) == {"storage_class": "STANDARD_IA", "multipart_threshold": 8388608,
+    assert options_for_url("s3://b/p", pairs) == {"storage_class": "STANDARD_IA", "multipart_threshold": "8388608",
                                                    "addressing_style": "path"}
-    assert options_for_url("sftp://u@h/x", pairs) == {"accept_new_host_key": True, "connect_timeout": 2.5}
+    assert options_for_url("sftp://u@h/x", pairs) == {"accept_new_host_key": "yes", "connect_timeout": "2.5"}
     assert options_for_url("https://h/", pairs) == {"token_file": "/t"}
     assert options_for_url("/local", pairs) == {}
-    assert options_for_url("/local", pairs + ["file.direct-io=no"]) == {"direct_io": False}
-    assert options_for_url("http://h/", ["https.ca-file=/ca.pem", "http.x=no"]) == {"ca_file": "/ca.pem", "x": False}
+    assert options_for_url("/local", pairs + ["file.direct-io=no"]) == {"direct_io": "no"}
+    assert options_for_url("http://h/", ["https.ca-file=/ca.pem", "http.x=no"]) == {"ca_file": "/ca.pem", "x": "no"}
 
 
 @pytest.mark.parametrize("bad", ["noequals", "nodot=1", ".x=1", "s3.=1", "ftp.x=1", "s3.ca-file=", "s3.token-file= "])
@@ -30,9 +33,42 @@ def test_malformed_options_are_refused(bad):
         options_for_url("s3://b", [bad])
 
 
-def test_secrets_and_paths_are_not_converted():
+def test_values_are_the_text_typed_for_the_backend_to_read():
     got = options_for_url("http://h/", ["http.token=1e5", "http.ca-file=007", "http.read-timeout=5"])
-    assert got == {"token": "1e5", "ca_file": "007", "read_timeout": 5}
+    assert got == {"token": "1e5", "ca_file": "007", "read_timeout": "5"}
+
+
+@pytest.mark.parametrize("option, words", [
+    ("s3.region=1", "region_name '1' doesn't match"), ("s3.profile=2024", "AWS profile '2024'"), ("s3.region=yes", None),
+    ("s3.storage-class=1", "unknown S3 storage class '1'"),
+    ("s3.read-timeout=1e999", "S3 option read-timeout must be a number, not '1e999'"),
+    ("s3.max-pool-connections=1_000_000", "S3 option max-pool-connections must be at most 1024"),
+    ("file.fsync=1e3", "local repository option fsync takes yes or no, not '1e3'"),
+    ("file.direct-io=1_0", "local repository option direct-io takes yes or no, not '1_0'"),
+])
+def test_an_option_is_read_as_typed_and_a_refusal_names_it_so(tmp_path, monkeypatch, option, words):
+    """-o s3.region=1 and s3.profile=2024 (a profile's name may be a number) were converted to numbers the
+    S3 client failed on: "internal error: TypeError"; a refusal named 1e3 as 1000.0."""
+    from chunkvault.remotes import open_remote
+
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    url = str(tmp_path) if option.startswith("file.") else "s3://bkt/repo"
+    options = options_for_url(url, [option])
+    if words is None:  # a name S3 takes as given
+        remote = open_remote(url, endpoint_url="http://127.0.0.1:9", **options)
+        assert remote.region == options["region"]
+        return
+    with pytest.raises(UsageError, match=re.escape(words)):
+        open_remote(url, **({} if url == str(tmp_path) else {"endpoint_url": "http://127.0.0.1:9"}), **options)
+
+
+@pytest.mark.parametrize("name, value", [("region", 1), ("profile", 2024), ("storage_class", True)])
+def test_a_name_option_of_another_type_from_the_api_is_a_usage_error(name, value):
+    from chunkvault.remotes import open_remote
+
+    with pytest.raises(UsageError, match=f"S3 option {name.replace('_', '-')} must be text, not {value!r}"):
+        open_remote("s3://bkt/repo", endpoint_url="http://127.0.0.1:9", **{name: value})
 
 
 @pytest.mark.parametrize("url", ["http://[::1", "https://tok@[::1/", "s3://[bucket/p", "sftp://u@[::1/x"])
