@@ -326,6 +326,9 @@ def policy_from_dict(d: Mapping[str, Any]) -> RetentionPolicy:
             hint = (f" (did you mean {close[0].replace('_', '-')}?)" if close else
                     "; the settings are " + ", ".join(sorted(k.replace("_", "-") for k in _POLICY_KEYS)))
             raise UsageError(f"unknown retention setting {raw_key!r}{hint}")
+        if key in kwargs:  # keep-daily and keep_daily: TOML's two keys, one rule
+            first = next(k for k in d if str(k).replace("-", "_") == key)
+            raise UsageError(f"retention setting {raw_key!r} given twice (as {first!r} too)")
         if key in {f"keep_{r}" for r in _COUNT_RULES + _KIND_COUNT_RULES}:
             if isinstance(value, str) and value.strip().lower() == "unlimited":
                 value = UNLIMITED

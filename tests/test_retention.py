@@ -766,6 +766,14 @@ def test_an_unknown_setting_names_the_one_meant_or_lists_them():
         policy_from_dict({"forever": True})
 
 
+def test_a_setting_given_twice_in_both_spellings_is_refused_not_the_last_taken():
+    """keep-daily = 7 and keep_daily = 1 in one table (TOML sees two keys) kept one daily, silently."""
+    config = tomllib.loads('[presets.p]\nkeep-daily = 7\nkeep_daily = 1\n')
+    with pytest.raises(UsageError, match=r"preset 'p': retention setting 'keep_daily' given twice \(as 'keep-daily' "
+                                         r"too\)"):
+        presets_from_dict(config)
+
+
 def test_days_and_months_are_those_of_the_time_zone_given():
     """Always UTC, unlike restic (local time) and the listing: in Berlin the 00:30 snapshot of the 1st of
     December was taken for November's, and November's last one went."""
