@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from .errors import UsageError, process_end
-from .localfiles import read_capped
+from .localfiles import capped, read_capped
 
 
 @dataclass(frozen=True)
@@ -133,13 +133,25 @@ def run_password_command(command: str, cwd: str | None = None) -> bytes:
     if not argv:
         raise UsageError("empty password command")
     try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, cwd=cwd, check=False,
-                              stdin=None if os.isatty(0) else subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=cwd,
+                                stdin=None if os.isatty(0) else subprocess.DEVNULL)
     except OSError as exc:
         raise UsageError(f"cannot run password command `{command}`: {exc.strerror}") from None
-    if done.returncode != 0:
-        raise UsageError(f"password command `{command}` {process_end(done.returncode)}")
-    return done.stdout.rstrip(b"\r\n")
+    with proc:
+        assert proc.stdout is not None
+        try:
+            output = proc.stdout.read(PASSWORD_FILE_LIMIT + 1)  # as a password file's: `yes` filled memory
+        except BaseException:  # a stop: not left running, as subprocess.run leaves none
+            proc.kill()
+            raise
+        if len(output) > PASSWORD_FILE_LIMIT:
+            proc.kill()
+        proc.stdout.close()  # what it writes still (a child of its own) ends on a broken pipe
+        returncode = proc.wait()
+    capped(output, PASSWORD_FILE_LIMIT, f"password command `{command}` printed", "no password")
+    if returncode != 0:
+        raise UsageError(f"password command `{command}` {process_end(returncode)}")
+    return output.rstrip(b"\r\n")
 
 
 def prompt(text: str, confirm: bool) -> bytes:

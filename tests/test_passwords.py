@@ -131,6 +131,15 @@ def test_command_failures_are_one_line_usage_errors(env, command, message):
     assert str(e.value) == message.format(command)
 
 
+def test_a_command_that_prints_without_end_is_refused_past_the_limit_of_a_password_file(env):
+    """`--password-command yes` (or a command that cats a device) read until memory ran out, as a password
+    file of /dev/zero did before its limit."""
+    for command in ("yes", "sh -c 'yes | cat'"):
+        with pytest.raises(UsageError) as e:
+            passwords.REPOSITORY.given(args(password_command=command))
+        assert str(e.value) == f"password command `{command}` printed more than 1 MiB: no password"
+
+
 def test_a_command_killed_by_a_signal_says_so(env):
     with pytest.raises(UsageError, match=r"was killed by signal 9 \(SIGKILL\)"):
         passwords.REPOSITORY.given(args(password_command="sh -c 'kill -9 $$'"))
