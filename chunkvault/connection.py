@@ -78,14 +78,22 @@ def _retry_time(given: Any) -> float | None:
     return seconds
 
 
-NO_CACHE_ENV = "CHUNKVAULT_NO_CACHE"  # set (to anything but "" or "0"): no local cache, as --no-cache
+NO_CACHE_ENV = "CHUNKVAULT_NO_CACHE"  # 1 or yes: no local cache, as --no-cache; "", 0 or no: a cache
+
+
+def _no_cache_wanted() -> bool:
+    """``CHUNKVAULT_NO_CACHE`` read as the switches of ``-o`` are: any value but "" and "0" was taken as
+    set, so ``CHUNKVAULT_NO_CACHE=no`` (or ``false``) turned the cache off; a typo is refused."""
+    from .remotes.base import yes_no_option
+
+    return yes_no_option("", NO_CACHE_ENV, os.environ.get(NO_CACHE_ENV, ""))
 
 
 def cache_base() -> str | None:
     """The local cache's directory; None when there is none to use (no home directory, none wanted:
     ``CHUNKVAULT_NO_CACHE``, or the one given is no writable directory, which is warned of once):
     commands then read everything from the repository."""
-    if os.environ.get(NO_CACHE_ENV, "") not in ("", "0"):
+    if _no_cache_wanted():
         return None
     base = os.environ.get("CHUNKVAULT_CACHE_DIR")
     if not base:

@@ -84,6 +84,21 @@ def test_only_a_directory_holding_nothing_but_the_cache_is_tagged_as_one(monkeyp
         assert (made / "CACHEDIR.TAG").read_bytes().startswith(b"Signature: 8a477f597d28d172789f06886806bc55")
 
 
+@pytest.mark.parametrize("value, cached", [("", True), ("0", True), ("no", True), ("False", True), ("off", True),
+                                           ("1", False), ("yes", False), ("true", False)])
+def test_chunkvault_no_cache_is_read_as_a_switch(monkeypatch, tmp_path, value, cached):
+    """CHUNKVAULT_NO_CACHE=no (or false) turned the cache off: any value but "" and "0" was taken as set."""
+    monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setenv("CHUNKVAULT_NO_CACHE", value)
+    assert cache_base() == (str(tmp_path / "c") if cached else None)
+
+
+def test_a_chunkvault_no_cache_that_is_no_switch_is_refused_naming_it(monkeypatch, tmp_path, cli):
+    proc = cli("snapshots", "-r", "http://127.0.0.1:1/", env={"CHUNKVAULT_NO_CACHE": "maybe"}, check=2)
+    assert proc.stderr.decode().strip().splitlines()[-1] == ("chunkvault: CHUNKVAULT_NO_CACHE takes yes or no, "
+                                                             "not 'maybe'")
+
+
 def test_cache_dir_wins_over_chunkvault_no_cache(monkeypatch, tmp_path):
     """An option wins over the environment: --cache-dir over CHUNKVAULT_NO_CACHE=1 (which silently dropped
     it), as --no-cache over CHUNKVAULT_CACHE_DIR; the environment is as it was after the command."""
