@@ -338,7 +338,10 @@ MIN_OBJECT_SIZE = 1 << 20  # a key file, a lock, a snapshot must fit: below, eve
 
 
 def _max_object_size(value: Any) -> int:
-    size = parse_size(value)
+    try:
+        size = parse_size(value)
+    except UsageError as exc:  # "not a size: '1e3'" alone named no setting
+        raise UsageError(f"max_object_size: {exc}") from None
     if size < MIN_OBJECT_SIZE:
         raise UsageError(f"max_object_size must be at least 1M (keys, locks and snapshots must fit), not {value!r}")
     return size

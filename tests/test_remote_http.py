@@ -623,8 +623,9 @@ def test_refuses_open_network_without_tokens_and_bad_flags(tmp_path):
     assert result.returncode == 2 and "both --tls-cert and --tls-key" in result.stderr
     result = run_serve("--listen", f"127.0.0.1:{free_port()}")
     assert result.returncode == 2 and "--path" in result.stderr
-    result = run_serve("--path", str(tmp_path), "--max-object-size", "lots")
-    assert result.returncode == 2 and "not a size" in result.stderr
+    for size, said in (("lots", "not a size: 'lots' (e.g. 256M, 1.5G, 1048576)"), ("0", "size must be at least 1 byte, not '0'")):
+        result = run_serve("--path", str(tmp_path), "--max-object-size", size)  # the setting named, as the others
+        assert result.returncode == 2 and result.stderr == f"chunkvault serve: max_object_size: {said}\n"
     result = run_serve("--path", str(tmp_path), "--max-object-size", "5")  # no lock would fit
     assert result.returncode == 2 and "at least 1M" in result.stderr
 
