@@ -200,6 +200,9 @@ def check_one_line(tags: Iterable[str], host: str | None = None) -> None:
         if any(unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") for c in v):
             raise UsageError(f"a {what} is one line of text (UTF-8) without control characters, "
                              f"not '{shown_name(v)}'")
+        if v != v.strip():  # --tag "nightly, pg" stored " pg", which --tag pg then never selected
+            raise UsageError(f"a {what} has no space at either end (a selection by its name would not find it), "
+                             f"not '{shown_name(v)}'" + (": write --tag a,b for two tags" if what == "tag" else ""))
 
 
 def _postgres_session(postgres: object, paths: list[str], walk: SourceWalk | None,

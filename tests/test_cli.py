@@ -201,6 +201,19 @@ def test_a_tag_refused_shows_as_a_listing_shows_a_name(tmp_path, cli, setup, tag
     assert err == f"chunkvault: a tag is one line of text (UTF-8) without control characters, not {shown}\n"
 
 
+@pytest.mark.parametrize("option, value, said", [
+    ("--tag", "nightly, pg", "a tag has no space at either end (a selection by its name would not find it), "
+                             "not ' pg': write --tag a,b for two tags"),
+    ("--host", "db1 ", "a host has no space at either end (a selection by its name would not find it), not 'db1 '"),
+])
+def test_a_tag_or_host_with_a_space_at_an_end_is_refused(tmp_path, cli, setup, option, value, said):
+    """`--tag "nightly, pg"` stored the tag " pg", and `--host "db1 "` (a unit file's stray space) the host
+    "db1 ": `snapshots --tag pg` or `--host db1` then found none of them, and the listing showed no difference."""
+    repo, src = setup
+    assert cli("backup", "-r", repo, str(src), option, value, check=2).stderr.decode() == f"chunkvault: {said}\n"
+    assert cli("snapshots", "-r", repo, "--json").stdout.strip() == b"[]"
+
+
 def test_key_list_shows_a_key_file_s_fields_on_one_line(tmp_path, cli, setup):
     """A key file's host and user are not sealed: whoever can write the storage can plant a key file naming
     any, which the listing shows escaped, never as terminal control sequences."""
