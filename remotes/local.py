@@ -276,6 +276,9 @@ class LocalRemote(Remote):
             parsed = urlparse("file://" + url[7:])
             if parsed.netloc not in ("", "localhost"):
                 raise UsageError(f"file URL must name a local path: {url!r}")
+            if "?" in url or "#" in url:  # dropped by the parse: file:///srv/repo?x opened /srv/repo
+                raise UsageError(f"file:// URL takes no query or fragment: {url!r} (a name holding '?' or '#': "
+                                 "%3F, %23, or give the plain path)")
             path = unquote(parsed.path)
             if not path:  # an unset variable after file://: the working directory was taken for it
                 raise UsageError(f"file URL {url!r} names no path (file:///srv/repo, or a plain path)")

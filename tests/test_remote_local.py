@@ -156,6 +156,16 @@ def test_file_url_options(tmp_path):
     assert open_remote(str(tmp_path), direct_io="yes").direct_io is True
 
 
+@pytest.mark.parametrize("tail", ["?x", "#frag", "?", "/sub?fsync=no"])
+def test_a_file_url_with_a_query_or_fragment_is_refused_not_dropped(tmp_path, tail):
+    """file:///srv/repo?x opened /srv/repo, the rest of the URL silently dropped, where s3:// and http://
+    URLs refuse it; a directory whose name holds '?' is reached percent-encoded or as a plain path."""
+    with pytest.raises(UsageError, match=r"file:// URL takes no query or fragment"):
+        open_remote("file://" + str(tmp_path) + tail)
+    assert open_remote("file://" + str(tmp_path) + "/a%3Fb").root == str(tmp_path / "a?b")
+    assert open_remote(str(tmp_path) + "/a?b").root == str(tmp_path / "a?b")
+
+
 def test_file_url_with_foreign_host_is_refused(tmp_path):
     with pytest.raises(UsageError, match="local path"):
         open_remote("file://otherhost" + str(tmp_path))
