@@ -1014,8 +1014,10 @@ def _recovery_asked(args: argparse.Namespace) -> tuple[Any, str] | None:
             raise UsageError("--pg-restore-command is one line of shell, with %f and %p")
         return target, args.pg_restore_command
     url = _repo_url(args)
-    if url_scheme(url) == "file":
-        url = os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+    if url_scheme(url) == "file":  # the path a file:// URL names, decoded: "%20" and "localhost/" were kept
+        from .remotes.local import local_path
+
+        url = os.path.abspath(local_path(url))
     secret = _secret_for_server(args)
     endpoint = getattr(args, "s3_endpoint", None)
     options = [_absolute_path_option(o) for o in args.option or []] + (

@@ -254,6 +254,23 @@ def _first_visit(path: str, visited: set[tuple[int, int]]) -> bool:
     return True
 
 
+def local_path(url: str) -> str:
+    """The directory a local repository's URL names: a plain path as given, a ``file://`` URL's path
+    percent-decoded (``file://localhost/srv/repo`` too)."""
+    if url[:7].lower() != "file://":
+        return url
+    parsed = urlparse("file://" + url[7:])
+    if parsed.netloc not in ("", "localhost"):
+        raise UsageError(f"file URL must name a local path: {url!r}")
+    if "?" in url or "#" in url:  # dropped by the parse: file:///srv/repo?x opened /srv/repo
+        raise UsageError(f"file:// URL takes no query or fragment: {url!r} (a name holding '?' or '#': "
+                         "%3F, %23, or give the plain path)")
+    path = unquote(parsed.path)
+    if not path:  # an unset variable after file://: the working directory was taken for it
+        raise UsageError(f"file URL {url!r} names no path (file:///srv/repo, or a plain path)")
+    return path
+
+
 class LocalRemote(Remote):
     fork_safe = True  # each read opens, preads and closes
     cheap_ranges = True
@@ -272,18 +289,7 @@ class LocalRemote(Remote):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "LocalRemote":
-        if url[:7].lower() == "file://":
-            parsed = urlparse("file://" + url[7:])
-            if parsed.netloc not in ("", "localhost"):
-                raise UsageError(f"file URL must name a local path: {url!r}")
-            if "?" in url or "#" in url:  # dropped by the parse: file:///srv/repo?x opened /srv/repo
-                raise UsageError(f"file:// URL takes no query or fragment: {url!r} (a name holding '?' or '#': "
-                                 "%3F, %23, or give the plain path)")
-            path = unquote(parsed.path)
-            if not path:  # an unset variable after file://: the working directory was taken for it
-                raise UsageError(f"file URL {url!r} names no path (file:///srv/repo, or a plain path)")
-        else:
-            path = url
+        path = local_path(url)
         flags = {"fsync": True, "direct_io": True}
         for name, value in options.items():
             if name not in flags:

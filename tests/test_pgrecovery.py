@@ -434,3 +434,21 @@ def test_the_https_ca_and_the_s3_endpoint_of_the_environment_reach_the_restore_c
     assert _environment_options_for_server("s3://bucket/repo", []) == ["s3.endpoint-url=http://127.0.0.1:9000"]
     assert _environment_options_for_server("s3://bucket/repo", ["s3.endpoint-url=http://other"]) == []
     assert _environment_options_for_server("/srv/backup/repo", []) == []
+
+
+@pytest.mark.parametrize("url", ["file:///srv/backup/my%20repo", "file://localhost/srv/backup/my%20repo",
+                                 "FILE:///srv/backup/my%20repo", "/srv/backup/my repo"])
+def test_a_file_url_reaches_the_restore_command_as_the_path_it_names(url, monkeypatch):
+    """file://localhost/srv/repo was written as the relative path localhost/srv/repo made absolute in the
+    working directory, file:///srv/my%20repo with its %20 kept, FILE:// whole: each archive-get then found no
+    repository, which PostgreSQL takes for the archive's end."""
+    import argparse
+
+    from chunkvault.cli import _recovery_asked
+
+    monkeypatch.setenv("CHUNKVAULT_PASSWORD_FILE", "/etc/pw")
+    args = argparse.Namespace(pg_recover="end", pg_target_action=None, pg_restore_command=None, pg_spool=None,
+                              repo=url, option=None, s3_endpoint=None, password_file=None, password_command=None)
+    _, command = _recovery_asked(args)
+    argv = shlex.split(command)
+    assert argv[argv.index("-r") + 1] == "/srv/backup/my repo"
