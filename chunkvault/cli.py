@@ -219,9 +219,9 @@ def _open(args: argparse.Namespace, connected: tuple[Any, StopRequest] | None = 
     given = passwords.REPOSITORY.given(args) if url_scheme(url) != "file" and connected is None else None
     ahead = KeyAhead.start(key_ahead_path(url), given) if given else None  # derive while connecting
     remote, retry_stop = connected if connected is not None else _remote(args)
-    read_config(remote)  # a missing, damaged or newer-format repository is reported before any password is asked
+    config = read_config(remote)  # a missing, damaged or newer-format repository is reported before any password is asked
     password = ahead.password if ahead is not None else passwords.REPOSITORY.get(args)
-    key = unlock(remote, password, ahead)  # before the store's modules load: see store/unlock.py
+    key = unlock(remote, password, ahead, config=config)  # before the store's modules load: see store/unlock.py
     from .repository import Repository
 
     repo = Repository.open(remote, key, lock_reads=not getattr(args, "no_lock", False), retry_stop=retry_stop)

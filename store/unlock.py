@@ -147,11 +147,14 @@ def password_for(kf: KeyFile, password: bytes) -> bytes:
     return as_secret(password) if kf.kdf == KDF_SECRET else password
 
 
-def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None) -> Unlocked:
+def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None, *,
+           config: tuple[bytes, dict] | None = None) -> Unlocked:
     """Try each key file with ``password``; errors say whether the password or the repository is wrong.
 
-    ``ahead``: a derivation already under way (``keyahead``); the key file that opens is remembered in it."""
-    raw_config, clear = read_config(remote)
+    ``ahead``: a derivation already under way (``keyahead``); the key file that opens is remembered in it.
+    ``config``: what ``read_config`` returned for this remote just before (a command that reads it first, to
+    report a damaged repository before asking for a password): read again, it cost every command a round trip."""
+    raw_config, clear = config if config is not None else read_config(remote)
     key_names = sorted(o.key.split("/", 1)[1] for o in remote.list("keys/"))
     if not key_names:
         raise no_key_files()
