@@ -2,11 +2,18 @@
 round trip made one after another costs a link's latency (20-80 ms off site), whatever the bandwidth."""
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
 
 import pytest
 
+from chunkvault import Repository
+from chunkvault.remotes.local import LocalRemote
+
+from conftest import PASSWORD
+from faults import FaultyRemote
 from servers_http import FULL_TOKEN, http_server, serve_factory  # noqa: F401
 
 
@@ -35,3 +42,55 @@ def test_opening_a_repository_reads_its_config_once(served, tmp_path):
     since = len(requests_logged(server))
     run("snapshots")
     assert requests_logged(server, since).count("GET config") == 1
+
+
+class InARow(FaultyRemote):
+    """Counts the gets of data packs, and how many of them came one after another (each held a little, as
+    a remote's round trip): a get's place in a row is one past the furthest of those done before it began."""
+
+    def __init__(self, inner):
+        super().__init__(inner, seed=0)
+        self.gets = 0
+        self.in_a_row = 0
+        self._done = 0
+        self._count = threading.Lock()
+
+    def get(self, key, start=None, length=None):
+        if not key.startswith("data/"):
+            return super().get(key, start, length)
+        with self._count:
+            self.gets += 1
+            place = self._done + 1
+        try:
+            time.sleep(0.02)
+            return super().get(key, start, length)
+        finally:
+            with self._count:
+                self._done = max(self._done, place)
+                self.in_a_row = max(self.in_a_row, place)
+
+
+@pytest.fixture
+def chain_of_twelve(new_repo, tmp_path):
+    """A repository holding a full snapshot and 11 differentials on it, each changing one file of 50; its path."""
+    repo = new_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(50):
+        (src / f"f{i}").write_bytes(os.urandom(100))
+    for i in range(12):
+        (src / f"f{i}").write_bytes(os.urandom(100))
+        repo.backup([str(src)], kind="full" if i == 0 else "diff")
+    return str(tmp_path / "repo0")
+
+
+@pytest.mark.parametrize("within", [None, "f3"])
+def test_the_manifests_of_a_chain_are_read_together(chain_of_twelve, within):
+    """A differential's tree merges the manifests of its chain record by record: each manifest's first
+    blob was read once the one before it had come, a round trip per snapshot of the chain in a row (``ls``,
+    ``restore``, ``diff``, ``find`` of a 41st differential waited 41)."""
+    remote = InARow(LocalRemote(chain_of_twelve))
+    with Repository.open(remote, PASSWORD, ledger=False) as repo:
+        entries = list(repo.tree("latest", within))
+    assert entries and remote.gets == 12  # one manifest blob each
+    assert remote.in_a_row <= 2
