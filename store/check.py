@@ -18,6 +18,7 @@ import blake3
 
 from chunkvault.errors import (NOT_DAMAGE, ChunkvaultError, CorruptObject, NewerObject, ObjectArchived,
                                ObjectNotFound, RepositoryStateWarning, UsageError)
+from chunkvault.remotes.layer import parallel_map
 from chunkvault.units import parse_size
 
 from . import forked
@@ -28,8 +29,9 @@ from .config import KeyFile, open_config, peek_config
 from .confinement import Confinement
 from .indexfile import IndexColumns
 from .manifest import T_FILE, T_HARDLINK, Record, unread
-from .pack import PACK_FIXED_OVERHEAD, PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header, read_windows
-from .repository import NOT_INDEXED, WORKERS, Repo, pack_id_of, pack_key, superseded_names
+from .pack import (PACK_FIXED_OVERHEAD, PackEntry, decode_entries, delta_entries_and_readable_bases, fetch_header,
+                   header_bytes, read_windows)
+from .repository import NOT_INDEXED, OBJECT_READERS, WORKERS, Repo, pack_id_of, pack_key, superseded_names
 from .snapshot import Snapshot
 from .unlock import KEY_IMPORT_HINT
 from .walarchive import PUSH_AGAIN, WAL_PREFIX, WalFile, load_all
@@ -334,6 +336,16 @@ class Checker:
                     f"blob {e.blob_id.hex()}", f"its delta chain is longer than {repo.max_delta_depth}"))
         return packs
 
+    def _load_snapshot(self, name: str) -> Snapshot | ChunkvaultError:
+        """The stored snapshot ``name``, or why it does not load; what is no damage (the remote gave up)
+        raises.  Called ``OBJECT_READERS`` at a time: one after another, each waited a round trip."""
+        try:
+            return self.repo.load_snapshot(name, fresh=True)
+        except NOT_DAMAGE:
+            raise
+        except ChunkvaultError as exc:
+            return exc
+
     def _load_snapshots(self) -> list[Snapshot]:
         snaps = []
         newer: set[str] = set()
@@ -341,16 +353,14 @@ class Checker:
         strays: list[str] = []
         names = self.repo.snapshot_names(strays)
         self.report.warnings += [f"unexpected object {key} (no snapshot is kept under that name)" for key in strays]
-        for name in names:
-            try:
-                snaps.append(self.repo.load_snapshot(name, fresh=True))
-            except NOT_DAMAGE:
-                raise
-            except NewerObject as exc:  # not damage: this version cannot check it
-                self.report.warnings.append(f"{exc}; not checked")
+        for name, loaded in zip(names, parallel_map(self._load_snapshot, names, workers=OBJECT_READERS)):
+            if isinstance(loaded, Snapshot):
+                snaps.append(loaded)
+            elif isinstance(loaded, NewerObject):  # not damage: this version cannot check it
+                self.report.warnings.append(f"{loaded}; not checked")
                 newer.add(name)
-            except ChunkvaultError as exc:
-                self.problem(f"snapshots/{name}", _said(exc, f"snapshots/{name}")).snapshots.append(name)
+            else:
+                self.problem(f"snapshots/{name}", _said(loaded, f"snapshots/{name}")).snapshots.append(name)
                 damaged.add(name)
         self.report.snapshots = len(snaps)
         chain_of = self.repo.chains(snaps)
@@ -378,8 +388,10 @@ class Checker:
     def _check_packs(self, todo: list[PackTask], to_read: int, errors: list[BaseException]) -> None:
         try:
             # One pack in flight per core: the work is CPU-bound (decompress, re-hash) and each
-            # thread holds a window of its pack; more threads only add memory.
-            with ThreadPoolExecutor(WORKERS) as pool:
+            # thread holds a window of its pack; more threads only add memory.  Headers alone, off local
+            # disk, are small reads that wait out a round trip each: more of them at once.
+            headers_only = not self.read_data and not self.repo.remote.cheap_ranges
+            with ThreadPoolExecutor(max(WORKERS, OBJECT_READERS) if headers_only else WORKERS) as pool:
                 for done, _ in enumerate(pool.map(lambda t: self._stop.is_set() or self._check_pack(*t), todo), 1):
                     if self.progress is not None:
                         self.progress(done, self.report.bytes_read, to_read)
@@ -490,7 +502,8 @@ class Checker:
         try:
             fetch, size = self._pack_reader(key, size, read_all)
             try:
-                header, body, sealed_header, tail = fetch_header(repo.sealer, fetch, size, key)
+                header, body, sealed_header, tail = fetch_header(repo.sealer, fetch, size, key,
+                                                                 expected=header_bytes(entries))
             except CorruptObject as exc:
                 # The header or trailer is damaged, not necessarily the blobs: the index says where they lie,
                 # and a check without --read-data reads this pack too, to name only what the damage reaches.

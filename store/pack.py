@@ -179,9 +179,27 @@ class PackHeader(NamedTuple):
     trailer: bytes | memoryview
 
 
+def header_bytes(entries: Iterable[PackEntry]) -> int:
+    """The most a pack's sealed header and trailer take, holding ``entries`` (as an index lists them)."""
+    return PACK_FIXED_OVERHEAD + sum(entry_bytes(e.kind) for e in entries)
+
+
 def fetch_header(sealer: Sealer, fetch: Callable[[int, int], bytes | memoryview], size: int,
-                 what: str) -> PackHeader:
-    """A pack's header read through ``fetch(offset, length)``: its trailer, then its sealed header."""
+                 what: str, *, expected: int = 0) -> PackHeader:
+    """A pack's header read through ``fetch(offset, length)``: its trailer, then its sealed header.
+
+    ``expected``: the bytes header and trailer should take (``header_bytes`` of the entries the index has
+    there), read in one go with the trailer where the header fits in them: off local disk each read waits a
+    round trip, and a check waited two in a row per pack.  A header larger than that is read as before."""
+    if TRAILER.size < expected <= size:
+        end = memoryview(fetch(size - expected, expected))
+        if len(end) == expected:
+            trailer = end[expected - TRAILER.size:]
+            header_len = parse_trailer(bytes(trailer), size, what)
+            body_len = size - TRAILER.size - header_len
+            if header_len + TRAILER.size <= expected:
+                sealed = end[expected - TRAILER.size - header_len : expected - TRAILER.size]
+                return PackHeader(open_header(sealer, sealed, what, body_len), body_len, sealed, trailer)
     trailer = fetch(size - TRAILER.size, TRAILER.size) if size >= TRAILER.size else b""
     header_len = parse_trailer(bytes(trailer), size, what)
     body_len = size - TRAILER.size - header_len

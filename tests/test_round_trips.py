@@ -94,3 +94,40 @@ def test_the_manifests_of_a_chain_are_read_together(chain_of_twelve, within):
         entries = list(repo.tree("latest", within))
     assert entries and remote.gets == 12  # one manifest blob each
     assert remote.in_a_row <= 2
+
+
+class Counted(InARow):
+    """``InARow`` for snapshot objects too, counted apart."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.snapshot_gets = 0
+        self.snapshots_in_a_row = 0
+        self._snap_done = 0
+
+    def get(self, key, start=None, length=None):
+        if not key.startswith("snapshots/"):
+            return super().get(key, start, length)
+        with self._count:
+            self.snapshot_gets += 1
+            place = self._snap_done + 1
+        try:
+            time.sleep(0.02)
+            return FaultyRemote.get(self, key, start, length)
+        finally:
+            with self._count:
+                self._snap_done = max(self._snap_done, place)
+                self.snapshots_in_a_row = max(self.snapshots_in_a_row, place)
+
+
+def test_check_reads_each_pack_header_in_one_request_and_the_snapshots_together(chain_of_twelve):
+    """A pack's header was read in two requests, one after the other (its trailer, which gives the header's
+    length, then the header); the snapshot objects one after another."""
+    remote = Counted(LocalRemote(chain_of_twelve))
+    with Repository.open(remote, PASSWORD, ledger=False) as repo:
+        repo.store._cache.items.clear()
+        packs = len(list(remote.inner.list("data/")))
+        report = repo.check()
+    assert report.ok
+    assert remote.snapshot_gets == 12 and remote.snapshots_in_a_row <= 2
+    assert remote.gets == packs + 12  # a header each, and the 12 manifests
