@@ -213,15 +213,16 @@ def _open(args: argparse.Namespace, connected: tuple[Any, StopRequest] | None = 
     from .connection import key_ahead_path
     from .remotes import url_scheme
     from .store.keyahead import KeyAhead
-    from .store.unlock import read_config, unlock
+    from .store.unlock import read_config_and_keys, unlock
 
     url = _repo_url(args)
     given = passwords.REPOSITORY.given(args) if url_scheme(url) != "file" and connected is None else None
     ahead = KeyAhead.start(key_ahead_path(url), given) if given else None  # derive while connecting
     remote, retry_stop = connected if connected is not None else _remote(args)
-    config = read_config(remote)  # a missing, damaged or newer-format repository is reported before any password is asked
+    # A missing, damaged or newer-format repository is reported before any password is asked.
+    config, key_names = read_config_and_keys(remote)
     password = ahead.password if ahead is not None else passwords.REPOSITORY.get(args)
-    key = unlock(remote, password, ahead, config=config)  # before the store's modules load: see store/unlock.py
+    key = unlock(remote, password, ahead, config=config, key_names=key_names)  # before the store's modules load: see store/unlock.py
     from .repository import Repository
 
     repo = Repository.open(remote, key, lock_reads=not getattr(args, "no_lock", False), retry_stop=retry_stop)

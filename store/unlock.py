@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from chunkvault.errors import (CorruptObject, NewerObject, ObjectNotFound, RepositoryNotFound, RepositoryStateWarning,
+from chunkvault.errors import (ChunkvaultError, CorruptObject, NewerObject, ObjectNotFound, RepositoryNotFound, RepositoryStateWarning,
                                UnsupportedFormat, WrongPassword)
 from chunkvault.remotes import Remote
 
@@ -123,16 +124,34 @@ def read_config(remote: Remote) -> tuple[bytes, dict]:
         raise exc.explained(KEY_IMPORT_HINT) from None
 
 
+def _key_names(remote: Remote) -> list[str]:
+    return sorted(o.key.split("/", 1)[1] for o in remote.list("keys/"))
+
+
+def read_config_and_keys(remote: Remote) -> tuple[tuple[bytes, dict], list[str] | None]:
+    """``read_config``, and the names of the key files, listed meanwhile (None where the listing failed: the
+    caller lists again, and says why): one after the other, the two were two round trips of every opening,
+    and of every lock's check that the repository is still there (``require_openable``)."""
+    with ThreadPoolExecutor(1) as pool:
+        listing = pool.submit(_key_names, remote)
+        config = read_config(remote)
+        try:
+            names = listing.result()
+        except ChunkvaultError:
+            names = None
+    return config, names
+
+
 def require_openable(remote: Remote, repo_id: str) -> bytes:
     """The config as stored; CorruptObject when it or every key file is gone, or the config is another
     repository's (one made anew at the same place): what a process holding the repository open since would
     store could never be read again."""
-    raw, clear = read_config(remote)
+    (raw, clear), names = read_config_and_keys(remote)
     stored = clear["id"]
     if stored != repo_id:
         raise CorruptObject("config", f"names repository {stored[:16]}, not {repo_id[:16]}: another repository "
                                       f"was made at {remote.display_url} since this one was opened")
-    if next(iter(remote.list("keys/")), None) is None:
+    if not (names if names is not None else _key_names(remote)):
         raise no_key_files()
     return raw
 
@@ -148,14 +167,18 @@ def password_for(kf: KeyFile, password: bytes) -> bytes:
 
 
 def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None, *,
-           config: tuple[bytes, dict] | None = None) -> Unlocked:
+           config: tuple[bytes, dict] | None = None, key_names: list[str] | None = None) -> Unlocked:
     """Try each key file with ``password``; errors say whether the password or the repository is wrong.
 
     ``ahead``: a derivation already under way (``keyahead``); the key file that opens is remembered in it.
     ``config``: what ``read_config`` returned for this remote just before (a command that reads it first, to
-    report a damaged repository before asking for a password): read again, it cost every command a round trip."""
-    raw_config, clear = config if config is not None else read_config(remote)
-    key_names = sorted(o.key.split("/", 1)[1] for o in remote.list("keys/"))
+    report a damaged repository before asking for a password): read again, it cost every command a round trip.
+    ``key_names``: the key files listed with it (``read_config_and_keys``)."""
+    if config is None:
+        config, key_names = read_config_and_keys(remote)
+    raw_config, clear = config
+    if key_names is None:
+        key_names = _key_names(remote)
     if not key_names:
         raise no_key_files()
     corrupt: CorruptObject | None = None

@@ -131,3 +131,56 @@ def test_check_reads_each_pack_header_in_one_request_and_the_snapshots_together(
     assert report.ok
     assert remote.snapshot_gets == 12 and remote.snapshots_in_a_row <= 2
     assert remote.gets == packs + 12  # a header each, and the 12 manifests
+
+
+class OpeningInARow(FaultyRemote):
+    """How many reads of the config and listings of the key files came one after another (each held a
+    little), counted as ``InARow`` counts."""
+
+    def __init__(self, inner):
+        super().__init__(inner, seed=0)
+        self.reads = 0
+        self.in_a_row = 0
+        self._done = 0
+        self._count = threading.Lock()
+
+    def _held(self, call):
+        with self._count:
+            self.reads += 1
+            place = self._done + 1
+        try:
+            time.sleep(0.02)
+            return call()
+        finally:
+            with self._count:
+                self._done = max(self._done, place)
+                self.in_a_row = max(self.in_a_row, place)
+
+    def get(self, key, start=None, length=None):
+        if key != "config":
+            return super().get(key, start, length)
+        return self._held(lambda: super(OpeningInARow, self).get(key, start, length))
+
+    def list(self, prefix=""):
+        if prefix != "keys/":
+            return super().list(prefix)
+        return self._held(lambda: super(OpeningInARow, self).list(prefix))
+
+    def reset(self):
+        with self._count:
+            self.reads = self.in_a_row = self._done = 0
+
+
+def test_the_config_and_the_key_files_are_read_together(new_repo, tmp_path):
+    """Opening a repository read its config, then listed its key files; a lock's check that the repository is
+    still there (another made at the same place?) did the same: two round trips in a row each."""
+    new_repo().close()
+    remote = OpeningInARow(LocalRemote(str(tmp_path / "repo0")))
+    with Repository.open(remote, PASSWORD, ledger=False) as repo:
+        assert remote.reads == 2 and remote.in_a_row == 1
+        remote.reset()
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "f").write_bytes(b"x")
+        repo.backup([str(src)])
+    assert remote.reads >= 2 and remote.in_a_row <= remote.reads // 2
