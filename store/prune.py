@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 from chunkvault.errors import (NOT_DAMAGE, ChunkvaultError, CorruptObject, ObjectArchived, ObjectNotFound,
                                RemoteError, RepositoryStateWarning, StorageFull)
+from chunkvault.remotes.layer import parallel_map
 
 from .blob import KIND_DELTA, Plaintext, envelope_base, open_blob, open_envelope
 from .chain import broken_chains
@@ -406,14 +407,22 @@ def live_index_objects(repo: Repo) -> tuple[list[str], dict[str, IndexData]]:
 
 
 def read_index_data(repo: Repo, names: Iterable[str]) -> tuple[dict[str, IndexData], dict[str, ChunkvaultError]]:
-    """The index objects named that read, and why each other does not (damaged, or gone since listed)."""
+    """The index objects named that read, and why each other does not (damaged, or gone since listed); read
+    ``OBJECT_READERS`` at a time: one after another, each waited a round trip."""
+    def read(name: str) -> IndexData | CorruptObject | ObjectNotFound:
+        try:
+            return repo.read_index_object(name)
+        except (CorruptObject, ObjectNotFound) as exc:
+            return exc
+
     datas: dict[str, IndexData] = {}
     failed: dict[str, ChunkvaultError] = {}
-    for name in names:
-        try:
-            datas[name] = repo.read_index_object(name)
-        except (CorruptObject, ObjectNotFound) as exc:
-            failed[name] = exc
+    names = list(names)
+    for name, got in zip(names, parallel_map(read, names, workers=OBJECT_READERS)):
+        if isinstance(got, IndexData):
+            datas[name] = got
+        else:
+            failed[name] = got
     return datas, failed
 
 
@@ -547,9 +556,14 @@ def replace_index(repo: Repo, new_index: IndexData, old_names: list[str],
         except StorageFull:  # refused: not stored
             writes.committing = False
             raise
-    for name in old_names:
+    def delete(name: str) -> None:
         ensure_held()
         repo.remote.delete(f"index/{name}")
+
+    # Superseded by the part just written, in any order: OBJECT_READERS at a time (one after another, each
+    # deletion waited a round trip; a prune replacing a year's index objects waited thousands in a row).
+    for _ in parallel_map(delete, old_names, workers=OBJECT_READERS):
+        pass
 
 
 def plan_prune(repo: Repo, max_unused: float = 0.05, max_repack: int | None = None) -> PrunePlan:

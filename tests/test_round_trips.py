@@ -45,29 +45,42 @@ def test_opening_a_repository_reads_its_config_once(served, tmp_path):
 
 
 class InARow(FaultyRemote):
-    """Counts the gets of data packs, and how many of them came one after another (each held a little, as
-    a remote's round trip): a get's place in a row is one past the furthest of those done before it began."""
+    """Counts the gets (and deletions) of objects under ``prefix``, and how many of them came one after another
+    (each held a little, as a remote's round trip): a call's place in a row is one past the furthest of those
+    done before it began."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, prefix="data/"):
         super().__init__(inner, seed=0)
-        self.gets = 0
+        self.prefix = prefix
+        self.gets = self.deletes = 0
         self.in_a_row = 0
         self._done = 0
         self._count = threading.Lock()
 
-    def get(self, key, start=None, length=None):
-        if not key.startswith("data/"):
-            return super().get(key, start, length)
+    def _held(self, call):
         with self._count:
-            self.gets += 1
             place = self._done + 1
         try:
             time.sleep(0.02)
-            return super().get(key, start, length)
+            return call()
         finally:
             with self._count:
                 self._done = max(self._done, place)
                 self.in_a_row = max(self.in_a_row, place)
+
+    def get(self, key, start=None, length=None):
+        if not key.startswith(self.prefix):
+            return super().get(key, start, length)
+        with self._count:
+            self.gets += 1
+        return self._held(lambda: super(InARow, self).get(key, start, length))
+
+    def delete(self, key):
+        if not key.startswith(self.prefix):
+            return super().delete(key)
+        with self._count:
+            self.deletes += 1
+        return self._held(lambda: super(InARow, self).delete(key))
 
 
 @pytest.fixture
@@ -184,3 +197,13 @@ def test_the_config_and_the_key_files_are_read_together(new_repo, tmp_path):
         (src / "f").write_bytes(b"x")
         repo.backup([str(src)])
     assert remote.reads >= 2 and remote.in_a_row <= remote.reads // 2
+
+
+def test_prune_reads_and_deletes_the_index_objects_together(chain_of_twelve):
+    """Prune read each index object, and deleted each it replaced, one after another: a round trip each."""
+    remote = InARow(LocalRemote(chain_of_twelve), prefix="index/")
+    with Repository.open(remote, PASSWORD, ledger=False) as repo:
+        objects = len(list(remote.inner.list("index/")))
+        repo.prune(max_unused=0.0)
+    assert objects == 12 and remote.gets >= 12 and remote.deletes == 12
+    assert remote.in_a_row <= 8  # 27 when each waited for the one before
