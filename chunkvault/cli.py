@@ -222,7 +222,8 @@ def _open(args: argparse.Namespace, connected: tuple[Any, StopRequest] | None = 
     # A missing, damaged or newer-format repository is reported before any password is asked.
     config, key_names = read_config_and_keys(remote)
     password = ahead.password if ahead is not None else passwords.REPOSITORY.get(args)
-    key = unlock(remote, password, ahead, config=config, key_names=key_names)  # before the store's modules load: see store/unlock.py
+    # Before the store's modules load: see store/unlock.py.
+    key = unlock(remote, password, ahead, config=config, key_names=key_names)
     from .repository import Repository
 
     repo = Repository.open(remote, key, lock_reads=not getattr(args, "no_lock", False), retry_stop=retry_stop)

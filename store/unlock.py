@@ -14,8 +14,8 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from chunkvault.errors import (ChunkvaultError, CorruptObject, NewerObject, ObjectNotFound, RepositoryNotFound, RepositoryStateWarning,
-                               UnsupportedFormat, WrongPassword)
+from chunkvault.errors import (ChunkvaultError, CorruptObject, NewerObject, ObjectNotFound, RepositoryNotFound,
+                               RepositoryStateWarning, UnsupportedFormat, WrongPassword)
 from chunkvault.remotes import Remote
 
 from .config import KDF_SECRET, KeyFile, RepoConfig, open_config, peek_config
