@@ -211,13 +211,14 @@ def test_prune_reads_and_deletes_the_index_objects_together(chain_of_twelve):
 
 @pytest.fixture
 def delta_chain(new_repo, tmp_path):
-    """A repository of 8 snapshots of a file changed a little each time, each version of its chunks a delta
-    of the one before; its path."""
+    """A repository of 16 snapshots of a file changed a little each time, each version of its chunks a delta
+    of the one before; its path.  Chains restart every 7 versions at a phase set by the path, so 16 versions
+    hold a chain at least 6 deep wherever the phase falls (8 held only 4 for some paths)."""
     repo = new_repo()
     src = tmp_path / "src"
     src.mkdir()
     data = bytearray(os.urandom(64 << 10))
-    for i in range(8):
+    for i in range(16):
         data[1000 + i * 64 : 1064 + i * 64] = os.urandom(64)
         (src / "f").write_bytes(data)
         repo.backup([str(src)], kind="full" if i == 0 else "diff")
