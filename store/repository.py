@@ -48,7 +48,7 @@ from .deltabase import choose_base, unreadable_deltas
 from .indexfile import (INDEX_SLACK, IndexColumns, IndexData, decode_index, decode_index_columns, encode_index,
                         pack_index_bytes)
 from .manifest import OP_DELETE, Record, decode_records, iter_records
-from .manifest_seek import ManifestSeeker, segments
+from .manifest_seek import ManifestSeeker, Segment, segments
 from .pack import PackBuffers, PackBuilder, PackEntry, fetch_header
 from .packranges import RecentRanges
 from .chronology import chronological_key
@@ -1402,16 +1402,28 @@ class Repo:
         """
         seen = set() if seen is None else seen
         self.index  # loaded here: its own damage is not a manifest's
+        plans: list[tuple[Snapshot, list[bytes], list[Segment] | None, list[int]]] = []
+        planned = set(seen)
         for snap in snapshots:
             ids = [bytes.fromhex(h) for h in snap.manifest]
-            what = _manifest_name(snap, None)
             segs = segments(len(ids), snap.manifest_starts)
-            if segs is None:  # no usable starts: the whole manifest
+            if segs is None:  # no usable starts: the whole manifest, read on its own
+                plans.append((snap, ids, None, []))
+                continue
+            todo = [seg for seg in segs if seg.key(ids) not in planned]
+            planned.update(seg.key(ids) for seg in todo)
+            plans.append((snap, ids, todo, sorted({i for seg in todo for i in range(seg.first, seg.last + 1)})))
+        # One read-ahead across the snapshots: per snapshot, each one's first blob was asked for once the one
+        # before had come, a round trip per snapshot in a row (a prune of 8,000 snapshots on a remote 50 ms
+        # away: over six minutes of them).
+        ahead = self._prefetch([ids[i] for _, ids, _, need in plans for i in need],
+                               window=4 if self.remote.cheap_ranges else OBJECT_READERS)
+        for snap, ids, todo, need in plans:
+            if todo is None:
                 yield snap, self.manifest_records(snap)
                 continue
-            todo = [seg for seg in segs if seg.key(ids) not in seen]
-            need = sorted({i for seg in todo for i in range(seg.first, seg.last + 1)})
-            fetched = zip(need, _manifest_blobs(self._prefetch([ids[i] for i in need]), snap, None))
+            what = _manifest_name(snap, None)
+            fetched = zip(need, _manifest_blobs(itertools.islice(ahead, len(need)), snap, None))
             held: dict[int, bytes] = {}
             for seg in todo:
                 for j in [j for j in held if j < seg.first]:

@@ -240,3 +240,16 @@ def test_a_delta_chain_is_read_together(delta_chain):
         store._cache.items.clear()
         assert store.read_blobs([deepest]) == [one]
     assert depth >= 5 and remote.gets - before <= depth + 1 and remote.in_a_row <= 2
+
+
+def test_the_manifests_a_prune_walks_are_read_together(chain_of_twelve):
+    """Prune (and export) walk each snapshot's own manifest for the chunks it needs: each snapshot's first blob
+    was asked for once the one before had come, a round trip per snapshot in a row."""
+    from chunkvault.store.prune import used_blobs
+
+    remote = InARow(LocalRemote(chain_of_twelve))
+    with Repository.open(remote, PASSWORD, ledger=False) as repo:
+        repo.store._cache.items.clear()
+        used = used_blobs(repo.store)
+    assert len(used) > 12 and remote.gets == 12  # one manifest blob each
+    assert remote.in_a_row <= 3
