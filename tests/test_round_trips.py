@@ -253,3 +253,19 @@ def test_the_manifests_a_prune_walks_are_read_together(chain_of_twelve):
         used = used_blobs(repo.store)
     assert len(used) > 12 and remote.gets == 12  # one manifest blob each
     assert remote.in_a_row <= 3
+
+
+def test_a_listing_with_nothing_cached_reads_the_snapshots_sixteen_at_a_time(new_repo, tmp_path):
+    """Eight at a time left half of the HTTP and S3 pools' connections idle: a first listing of 2,000
+    snapshots on a new machine waited out some 270 round trips in a row."""
+    repo = new_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(48):
+        (src / "f").write_bytes(b"%d" % i)
+        repo.backup([str(src)])
+    repo.close()
+    remote = Counted(LocalRemote(str(tmp_path / "repo0")))
+    with Repository.open(remote, PASSWORD, ledger=False) as reopened:
+        assert len(reopened.snapshots()) == 48
+    assert remote.snapshot_gets == 48 and remote.snapshots_in_a_row <= 4  # 6 at eight at a time
