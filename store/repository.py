@@ -1446,13 +1446,20 @@ class Repo:
         manifests of a chain are merged record by record, so each one's first blob was read only once the one
         before had come, a round trip per snapshot of the chain in a row (41 for ``ls`` of a 41st differential,
         and again for each snapshot a check walks).  A read that fails here is left to the reads in order, which
-        say whose manifest it is."""
+        say whose manifest it is.  Any other failure (the remote out of reach, a stop) is raised at once and
+        stops the reads not yet begun: left to the reads in order, each read queued here waited out the remote's
+        retry time first, one group of readers after another, then the first read in order waited it again."""
         wanted = [b for b in dict.fromkeys(blob_ids) if b not in self._cache.items]
         if len(wanted) < 2 or self.remote.cheap_ranges:
             return
-        with ThreadPoolExecutor(min(OBJECT_READERS, len(wanted))) as pool:
-            for read in [pool.submit(self.read_blob, b, cache=True) for b in wanted]:
-                read.exception()
+
+        def read(blob_id: bytes) -> None:
+            with contextlib.suppress(CorruptObject):  # damage: named by the reads in order
+                self.read_blob(blob_id, cache=True)
+
+        workers = min(OBJECT_READERS, len(wanted))
+        for _ in parallel_map(read, wanted, workers=workers, max_in_flight=workers):
+            pass
 
     def _prefetch(self, ids: list[bytes], window: int = 4) -> Iterator[bytes]:
         """Blobs in order, fetched a few ahead in parallel."""

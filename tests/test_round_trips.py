@@ -6,10 +6,12 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 
 import pytest
 
 from chunkvault import Repository
+from chunkvault.errors import RemoteUnavailable
 from chunkvault.remotes.local import LocalRemote
 
 from conftest import PASSWORD
@@ -107,6 +109,35 @@ def test_the_manifests_of_a_chain_are_read_together(chain_of_twelve, within):
         entries = list(repo.tree("latest", within))
     assert entries and remote.gets == 12  # one manifest blob each
     assert remote.in_a_row <= 2
+
+
+class DataDown(FaultyRemote):
+    """A remote whose packs stop answering once ``down`` is set; counts each read asked for (key, offset)."""
+
+    def __init__(self, inner):
+        super().__init__(inner, seed=0)
+        self.asked: Counter[tuple[str, int | None]] = Counter()
+        self.data_down = False
+
+    def get(self, key, start=None, length=None):
+        if key.startswith("data/") and self.data_down:
+            with self._lock:
+                self.asked[(key, start)] += 1
+            raise RemoteUnavailable(f"{self.display_url}: packs out of reach")
+        return super().get(key, start, length)
+
+
+def test_the_manifests_read_ahead_give_up_with_the_remote(chain_of_twelve):
+    """The read-ahead of a chain's manifests left every failure to the reads in order: a remote out of reach
+    was waited for (its retry time, 15 minutes) by each read queued there, a group of readers after another,
+    then once more by the first read in order, which asked for the same blob again."""
+    remote = DataDown(LocalRemote(chain_of_twelve))
+    with Repository.open(remote, PASSWORD, ledger=False) as repo:
+        repo.store._cache.items.clear()
+        remote.data_down = True
+        with pytest.raises(RemoteUnavailable):
+            list(repo.tree("latest"))
+    assert remote.asked and max(remote.asked.values()) == 1
 
 
 class Counted(InARow):
