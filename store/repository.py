@@ -933,6 +933,7 @@ class Repo:
         envs: dict[bytes, tuple[bytes, int]] = {}
         uses = Counter(blob_ids)
         level = [b for b in uses if b not in self._cache.items]
+        walked = set(level)  # the blobs whose bases are counted: fetched is not walked (the chains come first)
         try:
             envs.update(self._fetch_envelopes(self._chain_wanted(level)))  # every level at once, as indexed
             for _ in range(self.max_delta_depth + 1):
@@ -941,7 +942,8 @@ class Repo:
                 envs.update(self._fetch_envelopes([b for b in level if b not in envs]))
                 bases = [base for b in level if (base := envelope_base(envs[b][0])) is not None]
                 uses.update(bases)
-                level = [b for b in dict.fromkeys(bases) if b not in envs and b not in self._cache.items]
+                level = [b for b in dict.fromkeys(bases) if b not in walked and b not in self._cache.items]
+                walked.update(level)
         except CorruptObject:
             envs = {}  # the single-blob path names any problem exactly
         shared = {b for b, n in uses.items() if n > 1}

@@ -749,3 +749,39 @@ def test_a_backup_sets_each_file_s_restart_turns_by_the_repository_s_keyed_hash(
     monkeypatch.setattr(backup_module, "restart_phase", recorded)
     assert repo.backup([str(src)]).snapshot.stats["delta_blobs"] > 0
     assert hashes and all(h is repo.store.blob_id for h, _ in hashes)
+
+
+def test_a_base_two_chains_share_deep_down_is_decoded_once_per_read(new_repo, tmp_path, monkeypatch):
+    """Two copies of a file, each changed its own way twice, are deltas on deltas on one blob: ``read_blobs``
+    of both decodes that blob once.  With the chains fetched ahead, only the bases right under the blobs asked
+    for were counted, and a base shared further down was decoded once per chain."""
+    import chunkvault.store.backup as backup_module
+    import chunkvault.store.repository as repository_module
+
+    monkeypatch.setattr(backup_module, "restart_turns", lambda sequence, phase, bound: range(0))  # none restarts
+    repo = new_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(64 << 10)
+    (src / "a").write_bytes(data)
+    repo.backup([str(src)])
+    (src / "b").write_bytes(data)
+    repo.backup([str(src)])
+    for i in range(2):
+        for name, at in (("a", 100), ("b", 1000)):  # in the first chunk of each
+            changed = bytearray((src / name).read_bytes())
+            changed[at + i * 64 : at + 64 + i * 64] = os.urandom(64)
+            (src / name).write_bytes(changed)
+        repo.backup([str(src)])
+    store = repo.store
+    tops = [repo.find_entry("latest", n).chunk_ids()[0] for n in ("a", "b")]
+    a_chain, b_chain = (store.delta_chain(t) for t in tops)
+    assert len(a_chain) == len(b_chain) == 2 and a_chain[0] != b_chain[0] and a_chain[1] == b_chain[1]
+    whole = [store.read_blob(t, verify=True) for t in tops]
+    decoded: list[bytes] = []
+    open_chain = repository_module.open_chain
+    monkeypatch.setattr(repository_module, "open_chain", lambda sealer, chain, plain: decoded.extend(
+        c[0] for c in chain) or open_chain(sealer, chain, plain))
+    store._cache.items.clear()
+    assert store.read_blobs(tops) == whole
+    assert decoded.count(a_chain[1]) == 1
