@@ -177,8 +177,7 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None, *,
     if config is None:
         config, key_names = read_config_and_keys(remote)
     raw_config, clear = config
-    if key_names is None:
-        key_names = _key_names(remote)
+    key_names = _key_names(remote) if key_names is None else list(key_names)
     if not key_names:
         raise no_key_files()
     corrupt: CorruptObject | None = None
@@ -187,15 +186,23 @@ def unlock(remote: Remote, password: bytes, ahead: KeyAhead | None = None, *,
     unsupported: NewerObject | None = None
     keys = []
     raws: dict[str, bytes] = {}
-    for name in key_names:
+    relisted = False
+    for name in key_names:  # grows once where a key file listed is gone: see below
         try:
             raws[name] = remote.get(f"keys/{name}")
             kf = KeyFile.decode(name, raws[name])
         except NewerObject as exc:  # a key of a newer version: another key may still open
             unsupported = exc
             continue
-        except (CorruptObject, ObjectNotFound) as exc:
-            corrupt = exc if isinstance(exc, CorruptObject) else None
+        except ObjectNotFound:
+            # Gone since the listing, which a command makes before asking for the password: a `key passwd`
+            # run while this one waited at the prompt replaced it, under a name listed only now.
+            if not relisted:
+                relisted = True
+                key_names += [n for n in _key_names(remote) if n not in key_names]
+            continue
+        except CorruptObject as exc:
+            corrupt = exc
             continue
         problem = kf.cost_problem()
         if problem is not None:  # planted, not ours: deriving it would cost every mistyped password that much

@@ -172,3 +172,18 @@ def test_writes_of_the_kept_key_file_killed_half_way_are_swept_once_stale(repo_d
     os.utime(stale, (0, os.stat(stale).st_mtime - 7200))
     unlock(open_remote(repo_dir), PASSWORD, KeyAhead.start(str(directory / "x"), PASSWORD))
     assert sorted(os.listdir(directory)) == ["x", "x.456.tmp"]
+
+
+def test_a_key_replaced_while_the_password_was_asked_for_still_opens_with_the_new_password(repo_dir):
+    """The key files are listed with the config, before the prompt: a `key passwd` run meanwhile replaced
+    the listed key under a new name, and the new password was refused as wrong."""
+    from chunkvault.store.unlock import read_config_and_keys
+
+    remote = open_remote(repo_dir)
+    config, listed = read_config_and_keys(remote)
+    with Repository.open(repo_dir, PASSWORD) as repo:
+        repo.change_password("new password", kdf_seconds=0)
+    assert listed != read_config_and_keys(remote)[1]
+    assert unlock(remote, b"new password", config=config, key_names=listed).key_name not in listed
+    with pytest.raises(WrongPassword):
+        unlock(remote, PASSWORD, config=config, key_names=listed)
