@@ -272,15 +272,20 @@ def _push_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, com
     hold the branch point its timeline's archived history file names when its first page is of an earlier
     timeline (``walheader``); ``systems``: the system of each segment checked so far in this process."""
     if not walheader.is_checked(name):
-        return _store_one(repo, lock, f, name, host, compression_level, progress)
+        return _store_one(repo, lock, f, name, host, compression_level, progress, load(repo, name))
     header = walheader.check_segment(name, f.read(walheader.HEADER_SIZE), os.fstat(f.fileno()).st_size)
     f.seek(0)
-    _check_system(repo, name, header, systems)
+    # The "archived already?" lookup goes beside the check of the segment before (its object, then its
+    # first blob): one after the other, they were three round trips in a row at every push.
+    with ThreadPoolExecutor(1) as pool:
+        archived = pool.submit(load, repo, name)
+        _check_system(repo, name, header, systems)
+        existing = archived.result()
     if header.timeline < int(name[:8], 16):
         with contextlib.suppress(CorruptObject):  # a damaged history file is check's to report
             walheader.check_branch(name, header, _history_ends(repo, f"{name[:8]}.history") or {})
     try:
-        return _store_one(repo, lock, f, name, host, compression_level, progress)
+        return _store_one(repo, lock, f, name, host, compression_level, progress, existing)
     except ArchiveConflict as exc:  # a second server archiving here: each system named, where that is why
         theirs = _archived_system(repo, name)
         if theirs is None or theirs == header.system:
@@ -290,9 +295,9 @@ def _push_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, com
 
 
 def _store_one(repo: Repo, lock: RepoLock, f: BinaryIO, name: str, host: str, compression_level: int | None,
-               progress: Callable[[dict], None] | None) -> PushResult:
-    """Store ``f`` as ``wal/name``, checked as ``_push_one`` says."""
-    existing = load(repo, name)
+               progress: Callable[[dict], None] | None, existing: WalFile | None) -> PushResult:
+    """Store ``f`` as ``wal/name``, checked as ``_push_one`` says; ``existing``: what is archived under the
+    name (``load``), looked up by the caller."""
     if existing is not None and all(b in repo.index for b in existing.blob_ids()):
         # a push again after a crash: same ids, or a conflict; nothing stored
         counting = _backup(repo, compression_level, progress, dry_run=True)

@@ -300,3 +300,24 @@ def test_a_listing_with_nothing_cached_reads_the_snapshots_sixteen_at_a_time(new
     with Repository.open(remote, PASSWORD, ledger=False) as reopened:
         assert len(reopened.snapshots()) == 48
     assert remote.snapshot_gets == 48 and remote.snapshots_in_a_row <= 4  # 6 at eight at a time
+
+
+def test_archive_push_looks_up_its_name_beside_the_segment_before(new_repo, tmp_path):
+    """A push checked the database system of the segment archived before it (its object, then its first
+    blob), then looked up whether its own name was archived already: three round trips in a row at every
+    16 MB of WAL."""
+    from walsegments import write_segment
+
+    new_repo().close()
+    wal = tmp_path / "wal"
+    first = write_segment(wal, "000000010000000000000001", size=1 << 20)
+    second = write_segment(wal, "000000010000000000000002", seed=2, size=1 << 20)
+    remote = InARow(LocalRemote(str(tmp_path / "repo0")), prefix=("wal/", "data/"))
+    with Repository.open(remote, PASSWORD, ledger=False) as repo:
+        repo.archive_push(first)
+        remote.in_a_row = remote._done = remote.gets = 0
+        repo.store._cache.items.clear()
+        assert not repo.archive_push(second).already
+    assert remote.gets == 3  # the segment before and its first blob, this one's name
+    assert remote.in_a_row == 2
+
