@@ -11,8 +11,10 @@ twice.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import blake3
 from dataclasses import dataclass, field, replace
@@ -121,6 +123,8 @@ _STORING = _Storing()
 #: get (one request per blob cost a copy from S3 a request per chunk).
 BATCH_RAW_BYTES = 4 << 20
 COPY_WORKERS = 4
+#: Plaintext of the next snapshot's chunks read ahead into the source's blob cache (256 MiB) at most.
+READ_AHEAD_BYTES = 64 << 20
 #: Seconds between two notes of the snapshots copied to the client's ledger (``Repo.saves_noted_together``):
 #: noted one by one, each rewrote the whole ledger; left to the end, a copy cut short would note none.
 NOTE_SAVES_EVERY = 10.0
@@ -136,6 +140,55 @@ class _BlobMapper:
         self.sent = 0
         self.sent_bytes = 0
         self._counting = threading.Lock()  # the workers count what they send
+        self._ahead = ThreadPoolExecutor(1)
+        self._reading: Future[None] | None = None
+        self._read_ahead_of: str | None = None
+
+    def read_ahead(self, snap: Snapshot | None) -> None:
+        """Read ``snap``'s manifest, and the chunks it holds that are not copied yet (with the bases their
+        deltas may be stored against), into the source's blob cache on a thread of their own: started while
+        the snapshot before is written to the destination (its data, index and snapshot, the lock confirmed
+        around each), these reads no longer wait for those writes, nor they for these; one after the other,
+        each differential of a chain waited out some ten round trips in a row.  ``ensure`` waits for it."""
+        if snap is None or self._read_ahead_of == snap.id:
+            return
+        self.wait_ahead()
+        self._read_ahead_of = snap.id
+        self._reading = self._ahead.submit(self._read, snap)
+
+    def wait_ahead(self) -> None:
+        """Until the read ahead is done.  Damage it met is left to the reads in order, which name whose it is;
+        any other failure (the source out of reach after its retries, a stop) is raised: read again, it would
+        wait out the retry time a second time."""
+        reading, self._reading = self._reading, None
+        if reading is not None and not isinstance(exc := reading.exception(), (CorruptObject, type(None))):
+            raise exc
+
+    def close(self) -> None:
+        """Once the read ahead is done: the error that stopped the copy, if any, is the one that counts."""
+        with contextlib.suppress(Exception):
+            self.wait_ahead()
+        self._ahead.shutdown(wait=True)
+
+    def _read(self, snap: Snapshot) -> None:
+        src = self.src
+        manifest = [bytes.fromhex(h) for h in snap.manifest]
+        for _ in parallel_map(lambda b: src.read_blob(b, cache=True), manifest, workers=COPY_WORKERS):
+            pass  # read twice by the copy (its chunks, then its records): once off the storage
+        wanted: list[bytes] = []
+        size = 0
+        for sid in dict.fromkeys(_chunk_ids(src.manifest_records(snap))):
+            if sid in self.map:
+                continue
+            for bid in (sid, *src.delta_chain(sid)[:1]):
+                loc = src.locate(bid)
+                wanted.append(bid)
+                size += loc.raw_length if loc is not None else 0
+            if size >= READ_AHEAD_BYTES:
+                break
+        for _ in parallel_map(lambda batch: src.read_blobs(batch, cache=True), self._batches(wanted),
+                              workers=COPY_WORKERS):
+            pass
 
     def _batches(self, ids: list[bytes]) -> Iterator[list[bytes]]:
         """``ids`` in the order their blobs lie in the source's packs, in runs of about BATCH_RAW_BYTES."""
@@ -201,6 +254,7 @@ class _BlobMapper:
     def ensure(self, ids: Iterable[bytes]) -> None:
         """Copy what the destination lacks.  Snapshots come parents first, so a chunk's base (the
         parent version's chunk) is usually there already and its delta stays a delta."""
+        self.wait_ahead()  # what it read is in the cache; and the map is not to change under it
         todo = [i for i in dict.fromkeys(ids) if i not in self.map]
         for level in self._levels(todo):
             for pairs in parallel_map(self._copy_batch, self._batches(level), workers=COPY_WORKERS):
@@ -236,10 +290,13 @@ def _chunk_ids(records: Iterable[Record]) -> Iterator[bytes]:
 
 
 def _copy_manifest(dst: Repo, writer: BlobWriter, mapper: _BlobMapper,
-                   records: Callable[[], Iterable[Record]]) -> tuple[list[bytes], ManifestWriter]:
+                   records: Callable[[], Iterable[Record]], then: Callable[[], None] = lambda: None
+                   ) -> tuple[list[bytes], ManifestWriter]:
     """The chunks and manifest of ``records()`` (read twice) stored in the destination (flushed: everything
-    the snapshot references is stored before it is written); the manifest's blob ids and writer."""
+    the snapshot references is stored before it is written); the manifest's blob ids and writer.  ``then``
+    is called once the chunks are sent (to read the next snapshot ahead while this one is written)."""
     mapper.ensure(_chunk_ids(records()))
+    then()
     mw = ManifestWriter(dst, writer)
     for rec in records():
         e = rec.entry
@@ -304,12 +361,13 @@ def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
         for have in dst.snapshots():
             for known in origins(have):
                 done.setdefault(known, have.id)
-        with dst.writer() as writer, dst.saves_noted_together(lock.confirm) as note_saves:
+        with dst.writer() as writer, dst.saves_noted_together(lock.confirm) as note_saves, \
+                contextlib.closing(_BlobMapper(src, dst, writer, progress)) as mapper:
             writer.guard = lock.confirm
-            mapper = _BlobMapper(src, dst, writer, progress)
             held = {s.id for s in src_snaps if not origins(s).isdisjoint(done)}
             noted = time.monotonic()
-            for snap in copy_order(src_snaps, wanted, held):
+            order = copy_order(src_snaps, wanted, held)
+            for n, snap in enumerate(order):
                 if time.monotonic() - noted >= NOTE_SAVES_EVERY:
                     note_saves()
                     noted = time.monotonic()
@@ -330,10 +388,14 @@ def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
                 kind = snap.kind
                 if parent is not None and not _same_tree(src.load_snapshot(snap.parent), dst.load_snapshot(parent)):
                     kind, parent = KIND_FULL, None  # its copied parent was rewritten since: resolved, as a full
+                if kind == snap.kind:
+                    mapper.read_ahead(snap)  # (done already, unless the one before was not copied)
+                after = next((s for s in order[n + 1:] if origins(s).isdisjoint(done)), None)
                 try:
                     manifest, mw = _copy_manifest(dst, writer, mapper,
                                                   (lambda s=snap: src.manifest_records(s)) if kind == snap.kind
-                                                  else (lambda s=snap: src.tree(s, src_snaps)))
+                                                  else (lambda s=snap: src.tree(s, src_snaps)),
+                                                  then=lambda a=after: mapper.read_ahead(a))
                 except NewerObject:  # not damage: an upgrade reads it
                     raise
                 except CorruptObject as exc:  # damaged in the source: the other snapshots still go

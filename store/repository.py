@@ -923,12 +923,13 @@ class Repo:
                 raise
             raise CorruptObject(name, f"its delta base {exc.object_name.split()[-1]} is corrupt: {exc.reason}") from None
 
-    def read_blobs(self, blob_ids: list[bytes]) -> list[Plaintext]:
+    def read_blobs(self, blob_ids: list[bytes], *, cache: bool = False) -> list[Plaintext]:
         """Plaintexts of several blobs, in order.
 
         Envelopes are fetched level by level down the delta chains (the blobs,
         then their bases, ...), neighbours in a pack with one ranged get; every
-        base is decoded once per call.
+        base is decoded once per call.  ``cache``: each kept in the blob cache
+        too (read ahead, for a step that comes later).
         """
         envs: dict[bytes, tuple[bytes, int]] = {}
         uses = Counter(blob_ids)
@@ -956,6 +957,8 @@ class Repo:
                 if bid in shared:
                     memo[bid] = plain
             out.append(plain)
+            if cache:
+                self._cache.put(bid, plain)
         return out
 
     def _fetch_envelopes(self, blob_ids: list[bytes]) -> dict[bytes, tuple[bytes, int]]:

@@ -321,3 +321,37 @@ def test_archive_push_looks_up_its_name_beside_the_segment_before(new_repo, tmp_
     assert remote.gets == 3  # the segment before and its first blob, this one's name
     assert remote.in_a_row == 2
 
+
+class OnRow(FaultyRemote):
+    """Gets, puts and deletions of objects under ``prefixes`` held a little each, placed on ``row`` as
+    ``InARow`` places them: two remotes on one row count what a copy waits for one after another on both."""
+
+    def __init__(self, inner, row: InARow, prefixes=("data/", "index/", "snapshots/", "locks/")):
+        super().__init__(inner, seed=0)
+        self.row, self.prefixes = row, prefixes
+
+    def get(self, key, start=None, length=None):
+        if not key.startswith(self.prefixes):
+            return super().get(key, start, length)
+        return self.row._held(lambda: FaultyRemote.get(self, key, start, length))
+
+    def put(self, key, data, *, if_absent=False):
+        if not key.startswith(self.prefixes):
+            return super().put(key, data, if_absent=if_absent)
+        return self.row._held(lambda: FaultyRemote.put(self, key, data, if_absent=if_absent))
+
+
+def test_copy_reads_the_next_snapshot_while_it_writes_the_one_before(chain_of_twelve, new_repo, tmp_path):
+    """A copy read a snapshot's manifest, its chunks and its manifest again off the source, then wrote its
+    data, index and snapshot to the destination (the lock confirmed around each), and only then began on
+    the next: some ten round trips in a row for each differential of a chain."""
+    new_repo().close()  # repo1, the destination
+    row = InARow(LocalRemote(chain_of_twelve))
+    src = OnRow(LocalRemote(chain_of_twelve), row, ("data/",))
+    dst = OnRow(LocalRemote(str(tmp_path / "repo1")), row)
+    with Repository.open(src, PASSWORD, ledger=False) as source, \
+            Repository.open(dst, PASSWORD, ledger=False) as destination:
+        source.store._cache.items.clear()
+        result = source.copy_to(destination)
+        assert len(result.copied) == 12
+    assert row.in_a_row <= 12 * 7  # 111 when each snapshot's reads waited for the writes of the one before
