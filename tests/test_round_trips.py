@@ -355,3 +355,20 @@ def test_copy_reads_the_next_snapshot_while_it_writes_the_one_before(chain_of_tw
         result = source.copy_to(destination)
         assert len(result.copied) == 12
     assert row.in_a_row <= 12 * 7  # 111 when each snapshot's reads waited for the writes of the one before
+
+
+def test_archive_get_reads_a_segments_blobs_together(new_repo, tmp_path):
+    """A segment's blobs were read sixteen at a time, each sixteen once the sixteen before had come: four
+    round trips in a row for a segment of some 64 chunks, at every file a recovery asks for."""
+    from walsegments import write_segment
+
+    new_repo().close()
+    segment = write_segment(tmp_path / "wal", "000000010000000000000001", size=16 << 20, filled=1.0)
+    with Repository.open(str(tmp_path / "repo0"), PASSWORD, ledger=False) as repo:
+        repo.archive_push(segment)
+    remote = InARow(LocalRemote(str(tmp_path / "repo0")))
+    with Repository.open(remote, PASSWORD, ledger=False) as repo:
+        blobs = len(repo.archive_get("000000010000000000000001", tmp_path / "got").blobs)
+    assert (tmp_path / "got").read_bytes() == segment.read_bytes()
+    assert blobs > 3 * 16 and remote.gets >= 4
+    assert remote.in_a_row <= 2
