@@ -215,6 +215,7 @@ class _BlobMapper:
         bases = {chain[0] for sid in batch if (chain := self.src.delta_chain(sid))}.difference(batch)
         wanted = batch + sorted(bases)
         known = dict(zip(wanted, self.src.read_blobs(wanted)))
+        self.src.uncache(batch)  # read ahead (``read_ahead``), and copied now: the map answers for them next
         done: dict[bytes, bytes] = {}
         for sid in batch:
             data = known[sid]

@@ -136,6 +136,13 @@ class _LRU:
                 _, old = self.items.popitem(last=False)
                 self.size -= len(old)
 
+    def drop(self, keys: Iterable[bytes]) -> None:
+        with self.lock:
+            for key in keys:
+                old = self.items.pop(key, None)
+                if old is not None:
+                    self.size -= len(old)
+
 
 #: A ranged read of a pack: its key, the range [start, end), and the (offset, length, blob id, raw length) of
 #: each blob it holds.
@@ -960,6 +967,11 @@ class Repo:
             if cache:
                 self._cache.put(bid, plain)
         return out
+
+    def uncache(self, blob_ids: Iterable[bytes]) -> None:
+        """Drop ``blob_ids`` from the blob cache: read ahead for one step (``read_blobs(cache=True)``), they
+        would otherwise stay there once it is done, up to the cache's 256 MiB."""
+        self._cache.drop(blob_ids)
 
     def _fetch_envelopes(self, blob_ids: list[bytes]) -> dict[bytes, tuple[bytes, int]]:
         """(envelope, raw length) of each blob; neighbours in a pack (``_read_gap`` apart at most) come with

@@ -372,3 +372,20 @@ def test_archive_get_reads_a_segments_blobs_together(new_repo, tmp_path):
     assert (tmp_path / "got").read_bytes() == segment.read_bytes()
     assert blobs > 3 * 16 and remote.gets >= 4
     assert remote.in_a_row <= 2
+
+
+def test_the_chunks_a_copy_reads_ahead_leave_the_blob_cache_once_copied(new_repo, tmp_path):
+    """Read ahead into the source's blob cache, the chunks of every snapshot copied stayed there, up to its
+    256 MiB, for the rest of the copy."""
+    repo = new_repo()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"f{i}").write_bytes(os.urandom(1 << 20))
+        repo.backup([str(src)])
+    repo.close()
+    new_repo().close()  # repo1, the destination
+    with Repository.open(str(tmp_path / "repo0"), PASSWORD, ledger=False) as source, \
+            Repository.open(str(tmp_path / "repo1"), PASSWORD, ledger=False) as destination:
+        assert len(source.copy_to(destination).copied) == 6
+        assert source.store._cache.size < 1 << 20  # manifests only: 6 MiB of chunks were read ahead
