@@ -22,13 +22,13 @@ from .config import FORMAT_WAL, FORMAT_XATTRS, KeyFile, RepoConfig, open_config,
 from .crypto import KeyMaterial, Sealer, content_name, looks_like_secret
 from .indexfile import decode_index_columns
 from .locks import EXCLUSIVE, RepoLock
+from .repository import OBJECT_READERS
 from .snapshot import Snapshot
 from .unlock import MISTYPED_SECRET, missing_config, password_for, repository_objects
 from .walnames import WAL_PREFIX, is_wal_name
 
 EXPORT_MAGIC = "chunkvault key export"
 EXPORT_VERSION = 1
-SNAPSHOT_READERS = 8  # snapshots read at once by key import: on a remote, each read waits a round trip
 
 
 @dataclass(frozen=True)
@@ -193,9 +193,9 @@ def _holds_snapshots_of_version_2(remote: Remote, sealer: Sealer) -> bool:
         except (CorruptObject, ObjectNotFound):
             return False
 
-    with ThreadPoolExecutor(SNAPSHOT_READERS) as pool:
-        for start in range(0, len(listed), SNAPSHOT_READERS):
-            if any(pool.map(version_2, [o.key for o in listed[start:start + SNAPSHOT_READERS]])):
+    with ThreadPoolExecutor(OBJECT_READERS) as pool:
+        for start in range(0, len(listed), OBJECT_READERS):
+            if any(pool.map(version_2, [o.key for o in listed[start:start + OBJECT_READERS]])):
                 return True
     return False
 
