@@ -350,7 +350,8 @@ def _copy_snapshots(src: Repo, dst: Repo, spec_ids: list[str] | None,
                     progress: Callable[[int, int], None] | None, wait: float,
                     wal: bool, unneeded_wal: Callable[[list[str]], set[str]] | None) -> CopyResult:
     result = CopyResult()
-    src_snaps = src.snapshots()
+    kept = src.kept_listing()  # the caller's, made under the lock it holds: listing again cost two more lists
+    src_snaps = list(kept.values()) if kept is not None else src.snapshots()
     wanted = set(spec_ids) if spec_ids is not None else {s.id for s in src_snaps}
     if spec_ids is None:  # every snapshot: one that does not load is one not copied (it was left out unsaid)
         result.failed += [(name, f"snapshots/{name} does not load: {exc.reason}")

@@ -109,22 +109,29 @@ class PreparedBlob(NamedTuple):
 
 
 class _LRU:
-    """Plaintext blob cache bounded in bytes (delta bases, manifest pieces)."""
+    """Plaintext blob cache bounded in bytes (delta bases, manifest pieces).  A blob put ``once`` (read ahead
+    for one reader) leaves at its first hit: a chain's manifests read ahead stayed up to the cache's size,
+    pushing out the delta bases it is for."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.size = 0
         self.items: OrderedDict[bytes, Plaintext] = OrderedDict()
+        self.once: set[bytes] = set()
         self.lock = threading.Lock()
 
     def get(self, key: bytes) -> Plaintext | None:
         with self.lock:
             v = self.items.get(key)
-            if v is not None:
+            if v is None:
+                return None
+            if key in self.once:
+                self._pop(key)
+            else:
                 self.items.move_to_end(key)
             return v
 
-    def put(self, key: bytes, value: Plaintext) -> None:
+    def put(self, key: bytes, value: Plaintext, *, once: bool = False) -> None:
         if len(value) > self.max_bytes:
             return
         with self.lock:
@@ -132,16 +139,20 @@ class _LRU:
                 return
             self.items[key] = value
             self.size += len(value)
+            if once:
+                self.once.add(key)
             while self.size > self.max_bytes:
-                _, old = self.items.popitem(last=False)
-                self.size -= len(old)
+                self._pop(next(iter(self.items)))
 
     def drop(self, keys: Iterable[bytes]) -> None:
         with self.lock:
             for key in keys:
-                old = self.items.pop(key, None)
-                if old is not None:
-                    self.size -= len(old)
+                if key in self.items:
+                    self._pop(key)
+
+    def _pop(self, key: bytes) -> None:
+        self.size -= len(self.items.pop(key))
+        self.once.discard(key)
 
 
 #: A ranged read of a pack: its key, the range [start, end), and the (offset, length, blob id, raw length) of
@@ -1459,10 +1470,10 @@ class Repo:
                 yield snap, records
 
     def _read_ahead(self, blob_ids: list[bytes]) -> None:
-        """Read ``blob_ids`` into the blob cache together, ``OBJECT_READERS`` at a time, off local disk: the
-        manifests of a chain are merged record by record, so each one's first blob was read only once the one
-        before had come, a round trip per snapshot of the chain in a row (41 for ``ls`` of a 41st differential,
-        and again for each snapshot a check walks).  A read that fails here is left to the reads in order, which
+        """Read ``blob_ids`` into the blob cache together (each to leave it at its first use), ``OBJECT_READERS``
+        at a time, off local disk: the manifests of a chain are merged record by record, so each one's first
+        blob was read only once the one before had come, a round trip per snapshot of the chain in a row (41 for
+        ``ls`` of a 41st differential, and again for each snapshot a check walks).  A read that fails here is left to the reads in order, which
         say whose manifest it is.  Any other failure (the remote out of reach, a stop) is raised at once and
         stops the reads not yet begun: left to the reads in order, each read queued here waited out the remote's
         retry time first, one group of readers after another, then the first read in order waited it again."""
@@ -1472,7 +1483,7 @@ class Repo:
 
         def read(blob_id: bytes) -> None:
             with contextlib.suppress(CorruptObject):  # damage: named by the reads in order
-                self.read_blob(blob_id, cache=True)
+                self._cache.put(blob_id, self.read_blob(blob_id), once=True)
 
         workers = min(OBJECT_READERS, len(wanted))
         for _ in parallel_map(read, wanted, workers=workers, max_in_flight=workers):

@@ -107,6 +107,8 @@ def test_the_manifests_of_a_chain_are_read_together(chain_of_twelve, within):
     remote = InARow(LocalRemote(chain_of_twelve))
     with Repository.open(remote, PASSWORD, ledger=False) as repo:
         entries = list(repo.tree("latest", within))
+        # read ahead for this one walk, they stayed in the blob cache, pushing out delta bases
+        assert {bytes.fromhex(s.manifest[0]) for s in repo.store.snapshots()}.isdisjoint(repo.store._cache.items)
     assert entries and remote.gets == 12  # one manifest blob each
     assert remote.in_a_row <= 2
 
@@ -379,3 +381,26 @@ def test_the_chunks_a_copy_reads_ahead_leave_the_blob_cache_once_copied(new_repo
             Repository.open(str(tmp_path / "repo1"), PASSWORD, ledger=False) as destination:
         assert len(source.copy_to(destination).copied) == 6
         assert source.store._cache.size < 1 << 20  # manifests only: 6 MiB of chunks were read ahead
+
+
+class ListsCounted(FaultyRemote):
+    """Counts the listings of each prefix."""
+
+    def __init__(self, inner):
+        super().__init__(inner, seed=0)
+        self.listed: Counter[str] = Counter()
+
+    def list(self, prefix=""):
+        self.listed[prefix] += 1
+        return super().list(prefix)
+
+
+def test_copy_lists_the_source_snapshots_once(chain_of_twelve, new_repo, tmp_path):
+    """A copy listed the source's snapshots, then again as it began, under the same lock: two listings more
+    (snapshots and index objects), each a round trip, and for a year of hourly snapshots a long one."""
+    new_repo().close()  # repo1, the destination
+    src = ListsCounted(LocalRemote(chain_of_twelve))
+    with Repository.open(src, PASSWORD, ledger=False) as source, \
+            Repository.open(str(tmp_path / "repo1"), PASSWORD, ledger=False) as destination:
+        assert len(source.copy_to(destination).copied) == 12
+    assert src.listed["snapshots/"] == 1
