@@ -203,6 +203,16 @@ def check_one_line(tags: Iterable[str], host: str | None = None) -> None:
         if v != v.strip():  # --tag "nightly, pg" stored " pg", which --tag pg then never selected
             raise UsageError(f"a {what} has no space at either end (a selection by its name would not find it), "
                              f"not '{shown_name(v)}'" + (": write --tag a,b for two tags" if what == "tag" else ""))
+        if any(_invisible(c) for c in v):  # "nightly" with a BOM pasted in: listed as nightly, selected by nothing
+            shown = "".join(f"\\u{ord(c):04x}" if _invisible(c) else c for c in shown_name(v))
+            raise UsageError(f"a {what} holds no invisible character (a listing would show it without, and a "
+                             f"selection typed as shown would not find it), not '{shown}'")
+
+
+def _invisible(c: str) -> bool:
+    """A format character (a byte order mark, a zero-width space, a direction mark) but the zero-width joiner,
+    which joins emoji."""
+    return unicodedata.category(c) == "Cf" and c != "\u200d"
 
 
 def _postgres_session(postgres: object, paths: list[str], walk: SourceWalk | None,

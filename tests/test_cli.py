@@ -205,10 +205,15 @@ def test_a_tag_refused_shows_as_a_listing_shows_a_name(tmp_path, cli, setup, tag
     ("--tag", "nightly, pg", "a tag has no space at either end (a selection by its name would not find it), "
                              "not ' pg': write --tag a,b for two tags"),
     ("--host", "db1 ", "a host has no space at either end (a selection by its name would not find it), not 'db1 '"),
+    ("--tag", "\ufeffnightly", "a tag holds no invisible character (a listing would show it without, and a "
+                               "selection typed as shown would not find it), not '\\ufeffnightly'"),
+    ("--host", "db\u200b1", "a host holds no invisible character (a listing would show it without, and a "
+                            "selection typed as shown would not find it), not 'db\\u200b1'"),
 ])
 def test_a_tag_or_host_with_a_space_at_an_end_is_refused(tmp_path, cli, setup, option, value, said):
     """`--tag "nightly, pg"` stored the tag " pg", and `--host "db1 "` (a unit file's stray space) the host
-    "db1 ": `snapshots --tag pg` or `--host db1` then found none of them, and the listing showed no difference."""
+    "db1 ": `snapshots --tag pg` or `--host db1` then found none of them, and the listing showed no difference.
+    Likewise a byte order mark or a zero-width space pasted in with a name."""
     repo, src = setup
     assert cli("backup", "-r", repo, str(src), option, value, check=2).stderr.decode() == f"chunkvault: {said}\n"
     assert cli("snapshots", "-r", repo, "--json").stdout.strip() == b"[]"
