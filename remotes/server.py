@@ -272,6 +272,10 @@ def parse_settings(argv: list[str]) -> Settings | None:
         value = getattr(args, name)
         return value if value is not None else config.get(name, default)
 
+    def named(name: str) -> str:
+        """A setting as the operator gave it, for its error: the flag, or the config file's key."""
+        return f"{name} in {args.config}" if getattr(args, name) is None and name in config else _flag(name)
+
     path = pick("path")
     if not path:
         raise UsageError("no repository directory: use --path DIR (or path in --config)")
@@ -297,27 +301,33 @@ def parse_settings(argv: list[str]) -> Settings | None:
         append_only=bool(pick("append_only", False)),
         tls_cert=tls_cert,
         tls_key=tls_key,
-        max_object_size=_max_object_size(pick("max_object_size", DEFAULT_MAX_OBJECT_SIZE)),
+        max_object_size=_max_object_size(named("max_object_size"), pick("max_object_size", DEFAULT_MAX_OBJECT_SIZE)),
         quiet=bool(pick("quiet", False)),
         tokens_file=tokens_file,
-        max_connections=int(_number("max_connections", pick("max_connections", DEFAULT_MAX_CONNECTIONS), 1, int)),
-        max_connections_per_client=int(_number("max_connections_per_client", pick(
+        max_connections=int(_number(named("max_connections"), pick("max_connections", DEFAULT_MAX_CONNECTIONS),
+                                    1, int)),
+        max_connections_per_client=int(_number(named("max_connections_per_client"), pick(
             "max_connections_per_client", DEFAULT_MAX_CONNECTIONS_PER_CLIENT), 1, int)),
-        header_timeout=_number("header_timeout", pick("header_timeout", DEFAULT_HEADER_TIMEOUT), 0.1),
-        idle_timeout=_number("idle_timeout", pick("idle_timeout", DEFAULT_IDLE_TIMEOUT), 0.1),
-        cleanup_interval=_number("cleanup_interval", pick("cleanup_interval", DEFAULT_CLEANUP_INTERVAL), 0.1),
-        min_upload_rate=_upload_rate(pick("min_upload_rate", MIN_BODY_RATE)),
-        body_timeout=_number("body_timeout", pick("body_timeout", DEFAULT_BODY_TIMEOUT), 0.1),
+        header_timeout=_number(named("header_timeout"), pick("header_timeout", DEFAULT_HEADER_TIMEOUT), 0.1),
+        idle_timeout=_number(named("idle_timeout"), pick("idle_timeout", DEFAULT_IDLE_TIMEOUT), 0.1),
+        cleanup_interval=_number(named("cleanup_interval"), pick("cleanup_interval", DEFAULT_CLEANUP_INTERVAL), 0.1),
+        min_upload_rate=_upload_rate(named("min_upload_rate"), pick("min_upload_rate", MIN_BODY_RATE)),
+        body_timeout=_number(named("body_timeout"), pick("body_timeout", DEFAULT_BODY_TIMEOUT), 0.1),
     )
 
 
-def _upload_rate(value: Any) -> int:
+def _flag(name: str) -> str:
+    """A setting's command-line flag (``max_connections``: ``--max-connections``), as messages name it."""
+    return "--" + name.replace("_", "-")
+
+
+def _upload_rate(name: str, value: Any) -> int:
     try:
         rate = parse_size(value)
     except UsageError:
         rate = 0
     if rate < 1:
-        raise UsageError(f"min_upload_rate must be a rate in bytes per second (e.g. 2K), not {value!r}")
+        raise UsageError(f"{name} must be a rate in bytes per second (e.g. 2K), not {value!r}")
     return rate
 
 
@@ -337,13 +347,13 @@ def _number(name: str, value: Any, minimum: float, kind: type = float) -> float:
 MIN_OBJECT_SIZE = 1 << 20  # a key file, a lock, a snapshot must fit: below, every command would fail
 
 
-def _max_object_size(value: Any) -> int:
+def _max_object_size(name: str, value: Any) -> int:
     try:
         size = parse_size(value)
     except UsageError as exc:  # "not a size: '1e3'" alone named no setting
-        raise UsageError(f"max_object_size: {exc}") from None
+        raise UsageError(f"{name}: {exc}") from None
     if size < MIN_OBJECT_SIZE:
-        raise UsageError(f"max_object_size must be at least 1M (keys, locks and snapshots must fit), not {value!r}")
+        raise UsageError(f"{name} must be at least 1M (keys, locks and snapshots must fit), not {value!r}")
     return size
 
 
@@ -615,7 +625,7 @@ class BackupServer(ThreadingHTTPServer):
                 # The connection stays queued and the listening socket readable: accepting again at once
                 # spun the serving thread at full speed, saying nothing.
                 self.log_now_and_then("accept", f"cannot accept connections: {exc.strerror}; pausing "
-                                      f"(raise the open files limit, or lower max_connections)")
+                                      f"(raise the open files limit, or lower --max-connections)")
                 time.sleep(ACCEPT_BACKOFF)
             raise
         # Headers and body go out in separate writes: without this, Nagle's
@@ -632,10 +642,10 @@ class BackupServer(ThreadingHTTPServer):
         client = client_address[0]
         with self._connections_lock:
             if self._connections >= self.settings.max_connections:
-                what, why = "refused", f"{self.settings.max_connections} connections at once (max_connections)"
+                what, why = "refused", f"{self.settings.max_connections} connections at once (--max-connections)"
             elif self._per_client.get(client, 0) >= self.settings.max_connections_per_client:
                 what, why = "refused-client", f"{self.settings.max_connections_per_client} connections from " \
-                                              "one address (max_connections_per_client)"
+                                              "one address (--max-connections-per-client)"
             else:
                 self._connections += 1
                 self._per_client[client] = self._per_client.get(client, 0) + 1
@@ -1420,7 +1430,7 @@ def _warnings(settings: Settings) -> list[str]:
                         "sealed as it is) travels unencrypted, and anyone on the path who reads a token can read, "
                         "overwrite and delete the backups (--tls-cert and --tls-key serve https)")
     if settings.max_object_size < PACK_ROOM:
-        warnings.append(f"max_object_size of {settings.max_object_size} bytes is below the {DEFAULT_PACK_SIZE >> 20} "
+        warnings.append(f"--max-object-size of {settings.max_object_size} bytes is below the {DEFAULT_PACK_SIZE >> 20} "
                         "MiB packs repositories make by default (plus a chunk): clients make smaller packs to fit "
                         "it, and a chunk larger than it cannot be stored")
     try:
@@ -1434,8 +1444,8 @@ def _warnings(settings: Settings) -> list[str]:
             fits = min(settings.max_connections, max(1, (raised - OWN_DESCRIPTORS) // 2))
             if fits < settings.max_connections:  # connections beyond what it holds took the descriptors every
                 # file open needs; one within it (``needed`` keeps room to spare) is no cause to lower it
-                warnings.append(f"the open files limit ({raised}) is below the {needed} that max_connections "
-                                f"{settings.max_connections} needs: max_connections lowered to {fits} (raise the "
+                warnings.append(f"the open files limit ({raised}) is below the {needed} that --max-connections "
+                                f"{settings.max_connections} needs: lowered to {fits} (raise the "
                                 "limit: LimitNOFILE=, ulimit -n)")
                 settings.max_connections = fits
                 settings.max_connections_per_client = min(settings.max_connections_per_client, fits)

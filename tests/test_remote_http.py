@@ -625,9 +625,22 @@ def test_refuses_open_network_without_tokens_and_bad_flags(tmp_path):
     assert result.returncode == 2 and "--path" in result.stderr
     for size, said in (("lots", "not a size: 'lots' (e.g. 256M, 1.5G, 1048576)"), ("0", "size must be at least 1 byte, not '0'")):
         result = run_serve("--path", str(tmp_path), "--max-object-size", size)  # the setting named, as the others
-        assert result.returncode == 2 and result.stderr == f"chunkvault serve: max_object_size: {said}\n"
+        assert result.returncode == 2 and result.stderr == f"chunkvault serve: --max-object-size: {said}\n"
     result = run_serve("--path", str(tmp_path), "--max-object-size", "5")  # no lock would fit
     assert result.returncode == 2 and "at least 1M" in result.stderr
+
+
+def test_a_bad_setting_is_named_as_it_was_given(tmp_path):
+    """Every refusal named the config file's key (``max_connections``), also for a value given as a flag
+    (``--max-connections``), where the operator looked for a key in a file they do not have."""
+    result = run_serve("--path", str(tmp_path), "--max-connections", "0")
+    assert result.returncode == 2
+    assert result.stderr == "chunkvault serve: --max-connections must be at least 1 (and at most 1e9), not '0'\n"
+    config = tmp_path / "serve.toml"
+    config.write_text(f'path = "{tmp_path}"\nidle_timeout = "soon"\n')
+    result = run_serve("--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr == f"chunkvault serve: idle_timeout in {config} must be a number, not 'soon'\n"
 
 
 def test_serve_help():
@@ -958,7 +971,7 @@ def test_a_slower_link_is_let_upload_at_the_rate_the_operator_sets(serve_factory
             time.sleep(0.8)
         assert slow.recv(100).startswith(b"HTTP/1.1 201")
     for bad in ("0", "fast"):
-        with pytest.raises(RuntimeError, match="min_upload_rate must be a rate"):
+        with pytest.raises(RuntimeError, match="--min-upload-rate must be a rate"):
             serve_factory("--min-upload-rate", bad)
 
 
@@ -1029,7 +1042,7 @@ def test_connections_beyond_the_limits_are_refused_and_others_served(serve_facto
             s.close()
     log = server.log()
     assert "connection refused: the service serves at most 3 connections from one address" in log
-    assert "connection refused: the service serves at most 5 connections at once (max_connections)" in log
+    assert "connection refused: the service serves at most 5 connections at once (--max-connections)" in log
     assert log.count("connection refused") == 2  # each limit said once a minute at most, the rest counted
 
 
@@ -1070,8 +1083,8 @@ def test_an_open_files_limit_below_the_connections_lowers_max_connections(serve_
         resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
 
     server = serve_factory(preexec_fn=few_files)
-    assert "the open files limit (48) is below the 576 that max_connections 256 needs: max_connections lowered " \
-           "to 12" in server.log()
+    assert "the open files limit (48) is below the 576 that --max-connections 256 needs: lowered to 12" \
+           in server.log()
     conns = []
     try:
         for _ in range(20):

@@ -331,12 +331,12 @@ def test_each_connection_limit_is_logged_on_its_own(serve_factory, tmp_path):
                 s.bind((source, 0))
                 s.connect(("127.0.0.1", server.port))
                 held.append(s)
-        assert _wait_for(lambda: "max_connections_per_client" in server.log())
+        assert _wait_for(lambda: "--max-connections-per-client" in server.log())
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
             # refused as it is taken, before the service reads a byte: a request sent meanwhile may meet the
             # close as a reset and lose the answer with it
             assert _status(s.recv(65536)) == 503
-        assert _wait_for(lambda: "6 connections at once (max_connections)" in server.log()), server.log()
+        assert _wait_for(lambda: "6 connections at once (--max-connections)" in server.log()), server.log()
     finally:
         for s in held:
             s.close()

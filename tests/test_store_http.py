@@ -217,7 +217,7 @@ def test_packs_fit_under_the_services_limit_on_object_size(tmp_path, serve_facto
 
     monkeypatch.setenv("CHUNKVAULT_CACHE_DIR", str(tmp_path / "cache"))
     server = serve_factory("--max-object-size", "3M")
-    assert "warning: max_object_size of 3145728 bytes is below the 16 MiB packs" in server.log()
+    assert "warning: --max-object-size of 3145728 bytes is below the 16 MiB packs" in server.log()
     src = tmp_path / "src"
     src.mkdir()
     (src / "big").write_bytes(random.Random(5).randbytes(12 << 20))
