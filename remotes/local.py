@@ -271,12 +271,51 @@ def local_path(url: str) -> str:
     return path
 
 
+#: Room kept under a repository's path for the names of its objects and their temporary files.
+_KEY_ROOM = 128
+
+
+def _checked_root(root: str) -> str:
+    """A repository's directory, absolute; UsageError where no file system holds it: a NUL in it was Python's
+    ValueError at the first object read, and a name in it longer than the file system takes the storage's
+    failure (exit 14, as a disk gone), for what is a mistyped path."""
+    if "\0" in root:
+        raise UsageError(f"a local repository's path holds no NUL character: {root!r}")
+    path = os.path.abspath(root)
+    limit = _name_max(path)
+    long = next((name for name in path.split("/") if len(os.fsencode(name)) > limit), None)
+    if long is not None:
+        raise UsageError(f"local repository path {_cut(path, 80)}: the name {_cut(long, 24)} in it is longer "
+                         f"than the file system takes ({limit} bytes)")
+    path_max = os.pathconf("/", "PC_PATH_MAX")
+    if len(os.fsencode(path)) + _KEY_ROOM > path_max:
+        raise UsageError(f"local repository path {_cut(path, 80)} is too long: its objects' paths would pass the "
+                         f"{path_max} bytes a path may have")
+    return path
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _name_max(path: str) -> int:
+    """The longest name the file system at ``path`` (or, while it does not exist, its nearest existing
+    ancestor) takes."""
+    while True:
+        try:
+            return os.pathconf(path, "PC_NAME_MAX")
+        except OSError:
+            if path == os.path.dirname(path):
+                return 255
+            path = os.path.dirname(path)
+
+
 class LocalRemote(Remote):
     fork_safe = True  # each read opens, preads and closes
     cheap_ranges = True
 
     def __init__(self, root: str, *, fsync: bool = True, direct_io: bool = True):
-        self.root = os.path.abspath(root)
+        self.root = _checked_root(root)
         self.display_url = self.root
         self.fsync = fsync
         self.direct_io = direct_io and bool(_O_DIRECT)

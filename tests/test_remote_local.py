@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import re
 
 import pytest
 
@@ -26,6 +27,19 @@ def test_contract(tmp_path):
     remote = LocalRemote(str(tmp_path / "repo"))
     check_remote_contract(remote)
     assert list(remote.temp_files()) == []
+
+
+@pytest.mark.parametrize("name, said", [
+    ("a" * 300, "the name aaaaaaaaaaaaaaaaaaaaaaaa... in it is longer than the file system takes (255 bytes)"),
+    ("abcdefgh/" * 460, "is too long: its objects' paths would pass the 4096 bytes a path may have"),
+    ("a\0b", "a local repository's path holds no NUL character"),
+])
+def test_a_path_no_file_system_holds_is_the_callers_mistake(tmp_path, name, said):
+    """A name longer than the file system takes failed at the first object as the storage's failure (exit
+    14, as for a disk gone), and a NUL in the path as Python's ValueError: both are a mistyped path."""
+    with pytest.raises(UsageError, match=re.escape(said)):
+        open_remote(str(tmp_path / name))
+    assert os.listdir(tmp_path) == []
 
 
 def test_contract_without_fsync(tmp_path):
