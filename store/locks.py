@@ -363,11 +363,19 @@ class RepoLock:
 
     def _still_mine(self) -> bool:
         """Whether the lock object is there as this command wrote it: one removed, or replaced (an append-only
-        client may write locks, and one marked released is stale to every command), holds nothing off."""
-        try:
-            return self.remote.get(self.key) in self._bodies
-        except ObjectNotFound:
-            return False
+        client may write locks, and one marked released is stale to every command), holds nothing off.  A
+        read cut short (the start of a body written here) is read once more, then RemoteUnavailable: it was
+        taken for another command's replacement, which stopped the command as if its lock were lost."""
+        for _ in range(2):
+            try:
+                body = self.remote.get(self.key)
+            except ObjectNotFound:
+                return False
+            if body in self._bodies:
+                return True
+            if not any(mine.startswith(body) for mine in self._bodies):
+                return False
+        raise RemoteUnavailable(f"{self.key}: read back cut short ({len(body)} bytes), twice")
 
     def ensure_held(self, *, ask: bool = False) -> None:
         """Before each step that relies on the lock (a backup saving an index object or its snapshot, a prune

@@ -139,6 +139,37 @@ def test_a_lock_another_client_replaced_with_one_marked_released_is_lost_not_hel
         assert not lock.refresh()  # not written back over it: the loss stays found
 
 
+class CutShort(FaultyRemote):
+    """Reads of lock objects cut short, the first ``times`` of them."""
+
+    def __init__(self, inner, times):
+        super().__init__(inner, seed=0)
+        self.times = times
+
+    def get(self, key, start=None, length=None):
+        data = super().get(key, start, length)
+        if key.startswith("locks/") and self.times > 0:
+            self.times -= 1
+            return data[:len(data) // 2]
+        return data
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_a_lock_read_back_cut_short_is_no_other_commands_replacement(remote, times):
+    """A read of the lock cut short was taken for another command's replacement: LockLost, "removed or
+    replaced by another command", and the command stopped.  It is read once more; cut short again, it is the
+    storage's failure."""
+    cut = CutShort(remote, 0)
+    with RepoLock(cut, SHARED, "backup") as lock:
+        cut.times = times
+        if times == 1:
+            lock.confirm()
+            assert lock.refresh()
+        else:
+            with pytest.raises(RemoteUnavailable, match="read back cut short"):
+                lock.confirm()
+
+
 def test_a_command_the_remote_stopped_answering_leaves_its_lock_to_go_stale(remote):
     """Removing it would retry for another whole window (11 minutes against a frozen service); a later
     command on this host removes it at once, its process being gone."""
