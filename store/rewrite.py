@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
-from chunkvault.errors import UsageError
+from chunkvault.errors import ChunkvaultError, UsageError
 
 from .chain import chain_lengths, meets
 from .excludes import ExcludeRules
@@ -159,16 +159,39 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
         # not yet has its old one (its whole chain is not rewritten yet either).  Parents first, a killed
         # rewrite left differentials whose own records of excluded files had lost their directories.
         depth = chain_lengths(parents)
-        for snap, plan in sorted(plans, key=lambda planned: -depth[planned[0].id]):
-            blob_ids, mw = store_manifest(repo, plan.records, lock.ensure_held)
-            snap.manifest = [i.hex() for i in blob_ids]
-            snap.manifest_starts = mw.starts
-            snap.version = mw.version
-            snap.stats = {**snap.stats, "rewritten": True, "manifest_records": mw.records}
-            save_counts(repo, snap, plan.stats, lock)
-        for snap in inherited:
-            save_counts(repo, snap, count_tree(repo, snap, every), lock)
+        with _counted(len(plans) + len(inherited), "rewritten") as saved:
+            for snap, plan in sorted(plans, key=lambda planned: -depth[planned[0].id]):
+                blob_ids, mw = store_manifest(repo, plan.records, lock.ensure_held)
+                snap.manifest = [i.hex() for i in blob_ids]
+                snap.manifest_starts = mw.starts
+                snap.version = mw.version
+                snap.stats = {**snap.stats, "rewritten": True, "manifest_records": mw.records}
+                save_counts(repo, snap, plan.stats, lock)
+                saved()
+            for snap in inherited:
+                save_counts(repo, snap, count_tree(repo, snap, every), lock)
+                saved()
     return report
+
+
+@contextlib.contextmanager
+def _counted(total: int, done_what: str) -> Iterator[Callable[[], None]]:
+    """Around the writes of ``total`` snapshot objects, one call of what it yields after each: an error
+    part-way says how many were written (it said nothing of them, as if none were), and that the same
+    command run again finishes the others."""
+    done = 0
+
+    def saved() -> None:
+        nonlocal done
+        done += 1
+
+    try:
+        yield saved
+    except ChunkvaultError as exc:
+        if not done:
+            raise
+        raise exc.explained(f" ({done} of {total} snapshot(s) {done_what} before it; the same command "
+                            "again does the others)") from exc
 
 
 def count_tree(repo: Repo, snap: Snapshot, every: list[Snapshot]) -> ManifestStats:
@@ -193,14 +216,19 @@ def retag_snapshots(repo: Repo, select: Selection, *, add: list[str], remove: li
     ``add`` apply; each changed object is written again under its id.  Returns those changed."""
     changed = []
     with RepoLock(repo.remote, EXCLUSIVE, "tag", wait=wait) as lock:
+        retagged = []
         for snap in _under_lock(repo, select)[1]:
             new = list(snap.tags) if set_to is None else list(dict.fromkeys(set_to))
             new = [t for t in new if t not in remove] + [t for t in dict.fromkeys(add) if t not in new + remove]
             if new != snap.tags:
+                retagged.append((snap, new))
+        with _counted(len(retagged), "retagged") as saved:
+            for snap, new in retagged:
                 snap.tags = new
                 lock.ensure_held()
                 repo.save_snapshot(snap, replace=True)
                 changed.append(snap)
+                saved()
     return changed
 
 
@@ -260,10 +288,13 @@ def rehost_snapshots(repo: Repo, select: Selection, new_host: str, *, dry_run: b
         report.joined = [s.id for s in joined_by(every, changing, new_host)]
         if dry_run:
             return report
-        for snap in changing:
-            former = snap.stats.get(FORMER_HOSTS)
-            snap.stats = {**snap.stats, FORMER_HOSTS: [*(former if isinstance(former, list) else []), snap.host]}
-            snap.host = new_host
-            lock.ensure_held()
-            repo.save_snapshot(snap, replace=True)
+        with _counted(len(changing), "renamed") as saved:
+            for snap in changing:
+                former = snap.stats.get(FORMER_HOSTS)
+                snap.stats = {**snap.stats,
+                              FORMER_HOSTS: [*(former if isinstance(former, list) else []), snap.host]}
+                snap.host = new_host
+                lock.ensure_held()
+                repo.save_snapshot(snap, replace=True)
+                saved()
     return report

@@ -365,3 +365,38 @@ def test_a_rewrite_killed_at_any_write_leaves_each_snapshot_its_old_tree_or_its_
             break
         writes += 1
     assert writes >= 6  # a manifest and a snapshot object per snapshot rewritten, and more
+
+
+@pytest.mark.parametrize("command", ["tag", "rehost", "rewrite"])
+def test_a_tag_or_rewrite_stopped_part_way_says_how_many_it_changed(tmp_path, command):
+    """The storage failing at the third of four snapshot writes: the error said nothing of the two
+    written, as if none were; run again, the command finishes."""
+    from chunkvault.errors import StorageFull
+    from chunkvault.remotes.local import LocalRemote
+    from faults import FailingWrite
+
+    src = tmp_path / "src"
+    src.mkdir()
+    path = str(tmp_path / "repo")
+    with Repository.init(path, PASSWORD, kdf_seconds=0, ledger=False) as repo:
+        for i in range(4):
+            (src / f"f{i}").write_bytes(b"x")
+            (src / f"{i}.key").write_bytes(b"k")
+            repo.backup([str(src)], kind="full")
+        host = repo.snapshots()[0].host
+    run, done, finished = {
+        "tag": (lambda r: r.tag(add=["kept"]), "retagged", lambda r, s: s.tags == ["kept"]),
+        "rehost": (lambda r: r.rewrite(hosts=[host], new_host="db2", dry_run=False), "renamed",
+                   lambda r, s: s.host == "db2"),
+        "rewrite": (lambda r: r.rewrite(["*.key"], dry_run=False), "rewritten",
+                    lambda r, s: not any(e.path.endswith(b".key") for e in r.tree(s))),
+    }[command]
+    failing = FailingWrite(LocalRemote(path), at=3, prefixes=("snapshots/",), error=lambda: StorageFull("disk full"))
+    with Repository.open(failing, PASSWORD, ledger=False) as repo:
+        with pytest.raises(StorageFull, match=rf"disk full \(2 of 4 snapshot\(s\) {done} before it; the same "
+                                              r"command again does the others\)$"):
+            run(repo)
+    with Repository.open(path, PASSWORD, ledger=False) as repo:
+        assert [finished(repo, s) for s in repo.snapshots()].count(True) == 2
+        run(repo)
+        assert all(finished(repo, s) for s in repo.snapshots())
