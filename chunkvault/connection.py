@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 #: Seconds an off-site remote that answered before is waited for when it stops answering (``-o SCHEME.retry-time``).
 RETRY_TIME_ENV = "CHUNKVAULT_RETRY_TIME"
+MAX_RETRY_TIME = 1e9
 
 
 def connect(url: str | Remote, *, cache: bool = True, limit_upload: float | None = None,
@@ -73,8 +74,10 @@ def _retry_time(given: Any) -> float | None:
         seconds = float(text)
     except (TypeError, ValueError):
         seconds = -1.0
-    if isinstance(text, bool) or not 0 <= seconds < float("inf"):
-        raise UsageError(f"{what} takes seconds (0 or more), not {text!r}")
+    # At most about 31 years: 1e300 was taken, and each retry's message then said "giving up in" a number of
+    # minutes 299 digits long.
+    if isinstance(text, bool) or not 0 <= seconds <= MAX_RETRY_TIME:
+        raise UsageError(f"{what} takes seconds (0 to {MAX_RETRY_TIME:.0f}), not {text!r}")
     return seconds
 
 
