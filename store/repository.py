@@ -1473,10 +1473,11 @@ class Repo:
         """Read ``blob_ids`` into the blob cache together (each to leave it at its first use), ``OBJECT_READERS``
         at a time, off local disk: the manifests of a chain are merged record by record, so each one's first
         blob was read only once the one before had come, a round trip per snapshot of the chain in a row (41 for
-        ``ls`` of a 41st differential, and again for each snapshot a check walks).  A read that fails here is left to the reads in order, which
-        say whose manifest it is.  Any other failure (the remote out of reach, a stop) is raised at once and
-        stops the reads not yet begun: left to the reads in order, each read queued here waited out the remote's
-        retry time first, one group of readers after another, then the first read in order waited it again."""
+        ``ls`` of a 41st differential, and again for each snapshot a check walks).  A read that fails here is left
+        to the reads in order, which say whose manifest it is.  Any other failure (the remote out of reach, a stop)
+        is raised at once and stops the reads not yet begun: left to the reads in order, each read queued here
+        waited out the remote's retry time first, one group of readers after another, then the first read in
+        order waited it again."""
         wanted = [b for b in dict.fromkeys(blob_ids) if b not in self._cache.items]
         if len(wanted) < 2 or self.remote.cheap_ranges:
             return
