@@ -812,9 +812,9 @@ class BodyPace:
     def why(self) -> str:
         """Why a body that reached ``due`` is cut off."""
         if self.last + self.gap <= self.mark + self.window:
-            return f"no byte for {self.gap:g} s (body_timeout)"
+            return f"no byte for {self.gap:g} s (--body-timeout)"
         return (f"{self.received - self.at_mark} bytes in {self.window:g} s, below the "
-                f"{format_size(self.rate)}/s min_upload_rate")
+                f"{format_size(self.rate)}/s --min-upload-rate")
 
 
 class _DeadlineReader(socket.SocketIO):
@@ -1250,7 +1250,7 @@ class Handler(BaseHTTPRequestHandler):
             # Logged with the key and the cause: a slow reader's line said "Request timed out: TimeoutError"
             self.close_connection = True
             stalled = isinstance(exc, TimeoutError)
-            why = (f"the connection took no byte for {timeout:g} s (body_timeout)" if stalled
+            why = (f"the connection took no byte for {timeout:g} s (--body-timeout)" if stalled
                    else f"the client went away ({exc.strerror or type(exc).__name__})")
             self.server.log(f"{self.client_address[0]} {self.command} {self._what}: answer cut short after {sent} "
                             f"of {count} bytes: {why}", always=stalled)

@@ -938,10 +938,10 @@ def test_an_upload_that_trickles_or_stalls_is_cut_off_whatever_length_it_declare
         assert closed_by_server(stalled, bound=20)
     assert wait_for(lambda: server.log().count("upload cut short") == 2)
     trickled = re.search(rf"PUT {KEY}: upload cut short after (\d+) of {declared} bytes, nothing stored: "
-                         r"(\d+) bytes in 2 s, below the 8.0 KiB/s min_upload_rate", server.log())
+                         r"(\d+) bytes in 2 s, below the 8.0 KiB/s --min-upload-rate", server.log())
     assert trickled and 200_000 <= int(trickled.group(1)) < 200_100 and int(trickled.group(2)) < 100, server.log()
     assert (f"PUT {other}: upload cut short after 300000 of {declared} bytes, nothing stored: no byte for 1 s "
-            "(body_timeout)") in server.log()
+            "(--body-timeout)") in server.log()
     assert files_under(server.path) == [] and not list(server.path.rglob(TEMP_PREFIX + "*"))
     assert raw_request(server.port, "GET", "/objects/config")[0] == 404  # and the service goes on
 
@@ -958,7 +958,7 @@ def test_an_upload_over_a_slow_link_that_stalls_for_less_than_the_body_timeout_i
         assert slow.recv(100).startswith(b"HTTP/1.1 201")
     assert (server.path / KEY).read_bytes() == body
     for bad in ("0", "soon"):
-        assert "body_timeout must be" in run_serve("--path", str(tmp_path), "--body-timeout", bad).stderr
+        assert "--body-timeout must be" in run_serve("--path", str(tmp_path), "--body-timeout", bad).stderr
 
 
 def test_a_slower_link_is_let_upload_at_the_rate_the_operator_sets(serve_factory, tmp_path):
@@ -991,7 +991,7 @@ def test_a_download_its_client_does_not_read_is_cut_off_and_logged_with_its_key_
         while piece := reader.recv(1 << 20):
             received += len(piece)
     said = re.search(rf"127.0.0.1 GET {KEY}: answer cut short after (\d+) of {len(body)} bytes: the connection "
-                     r"took no byte for 1 s \(body_timeout\)", server.log())
+                     r"took no byte for 1 s \(--body-timeout\)", server.log())
     assert said and int(said.group(1)) < len(body), server.log()
     assert received < len(body)
     with HTTPRemote.from_url(server.url, token=FULL_TOKEN) as remote:  # and a client that reads gets it all
