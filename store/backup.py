@@ -1485,10 +1485,11 @@ class Backup:
         return self.writer
 
     def _finish_writes(self) -> None:
-        """Every chunk sent stored, the lock still held, the writer's last pack and index written."""
+        """Every chunk sent stored, the writer's last pack and index written.  The lock is not looked at here:
+        the index object's write asks for it (the writer's guard), then the snapshot's, and the last pack
+        refers to nothing until then; looked at here too, it was a round trip more in a row."""
         assert self.writer is not None
         self._drain()
-        self._ensure_lock_held()
         self.writer.flush()
 
     def _wind_down(self) -> None:

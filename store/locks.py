@@ -181,11 +181,14 @@ class LockInfo:
 
 def list_locks(remote: Remote, reference: str | None = None) -> list[LockInfo]:
     """The locks there, each aged by the storage's clock against ``reference``, the key of a lock this
-    process has just written, where the listing dates both."""
+    process has just written, where the listing dates both; that one is left out (read back, it was a round
+    trip more before every command that takes a lock, for a lock its writer knows)."""
     listed = list(remote.list("locks/"))
     now = next((o.modified for o in listed if o.key == reference), None) if reference else None
     out = []
     for o in listed:
+        if o.key == reference:
+            continue
         try:
             lock = _parsed_lock(o.key, json.loads(remote.get(o.key)))
         except (ObjectNotFound, ValueError, KeyError, TypeError, AttributeError, RecursionError):
@@ -238,8 +241,6 @@ def remove_locks(remote: Remote, *, remove_all: bool = False) -> LocksRemoved:
         now = time.time()
         done = LocksRemoved([], [])
         for lock in list_locks(remote, probe):
-            if lock.key == probe:
-                continue
             if lock.key in _HELD_BY_THREAD or not (remove_all or lock.key in _LEFT_BEHIND or lock.stale(now)):
                 done.kept.append(lock)
                 continue
@@ -382,7 +383,8 @@ class RepoLock:
         deleting an object): LockLost when it may have been judged stale meanwhile, or is gone.  Another
         command may then have pruned what a backup refers to, or built on what a prune is about to delete.
         Cheap enough to call before every deletion: the remote is asked at most every ``ASK_EVERY`` s, and
-        every time with ``ask`` (the steps that commit: an index object, a snapshot, before and after)."""
+        every time with ``ask`` (the steps that commit: an index object before, a snapshot after, and before
+        unless the index object's look came within ``ASK_EVERY``)."""
         now = time.time()
         if not self._lost and now - self._written > LOST_AFTER:
             self._lost = now - self._written
@@ -423,8 +425,6 @@ class RepoLock:
         now = time.time()
         others = []
         for lk in list_locks(self.remote, self.key):
-            if lk.key == self.key:
-                continue
             if lk.key not in _LEFT_BEHIND and not lk.stale(now):
                 others.append(lk)
                 continue

@@ -1336,8 +1336,10 @@ class Repo:
         """Store a new snapshot that refers to data this command's ``lock`` kept a prune from deleting: the
         lock is looked at before and after (another host whose clock runs ahead may have taken it for stale,
         then pruned), and the snapshot taken back (LockLost) when it is gone.  A remote out of reach once the
-        snapshot is stored leaves it: the look before stands."""
-        lock.confirm()
+        snapshot is stored leaves it: the look before stands.  A look within the last second (the one before
+        the index object written just now) is that look: asked again, it was a round trip more per snapshot
+        in a row, for a lock that goes stale in minutes."""
+        lock.ensure_held()
         saved = self.save_snapshot(snap)
         try:
             lock.confirm()

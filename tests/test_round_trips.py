@@ -404,3 +404,31 @@ def test_copy_lists_the_source_snapshots_once(chain_of_twelve, new_repo, tmp_pat
             Repository.open(str(tmp_path / "repo1"), PASSWORD, ledger=False) as destination:
         assert len(source.copy_to(destination).copied) == 12
     assert src.listed["snapshots/"] == 1
+
+
+class LockLooks(FaultyRemote):
+    """Counts the reads of lock objects (each a look whether the command still holds its lock)."""
+
+    def __init__(self, inner):
+        super().__init__(inner, seed=0)
+        self.looks = 0
+
+    def get(self, key, start=None, length=None):
+        if key.startswith("locks/"):
+            self.looks += 1
+        return super().get(key, start, length)
+
+
+def test_a_snapshot_saved_after_its_index_object_takes_that_look_at_the_lock(new_repo, tmp_path):
+    """The lock was read back as it was taken, then looked at before the last pack, before the index object,
+    before the snapshot and after it: five round trips in a row where the look before the index object and
+    the one after the snapshot tell what the others did (the look before the snapshot came a moment after
+    the index object's; the last pack refers to nothing; the lock read back was the one just written)."""
+    new_repo().close()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(1000))
+    remote = LockLooks(LocalRemote(str(tmp_path / "repo0")))
+    with Repository.open(remote, PASSWORD, ledger=False) as repo:
+        repo.backup([str(src)])
+    assert remote.looks == 2
