@@ -1188,11 +1188,12 @@ class Restorer:
         hard link put there meanwhile (to a file out of the target) must get neither the snapshot's data nor
         its owner.  One with other links, one the update would grant an owner or set-id bits (``_grants``),
         one whose content changes and that grants others access the entry does not (``_more_open``), or one
-        this process may not write (read-only: a plain restore replaces it), is written anew instead
-        (``_replace_file``).  The ranges to rewrite are held until the whole file is read and
-        checked, up to ``DELTA_HOLD_BYTES``: damaged data found before the first write leaves the file as it
-        was.  A file cut short once written to (no space, damaged data past that) is removed: neither what it
-        was nor what the snapshot holds; one a stop cut short is left for a rerun to finish."""
+        this process may not write (read-only, or a program running from it: ETXTBSY; a plain restore
+        replaces either), is written anew instead (``_replace_file``).  The ranges to rewrite are held until
+        the whole file is read and checked, up to ``DELTA_HOLD_BYTES``: damaged data found before the first
+        write leaves the file as it was.  A file cut short once written to (no space, damaged data past
+        that) is removed: neither what it was nor what the snapshot holds; one a stop cut short is left for a
+        rerun to finish."""
         try:
             fd = self._open(e.path, os.O_RDONLY)  # one that holds the content may not be writable, and need not be
         except PermissionError:  # nor readable by this user (mode 0200): written anew, as a plain restore does
@@ -1210,7 +1211,9 @@ class Restorer:
             if not anew:  # the same file for writing, reopened through its descriptor, not by its name
                 try:
                     wfd = os.open(proc_path(fd), os.O_RDWR | os.O_CLOEXEC)
-                except PermissionError:
+                except OSError as exc:
+                    if not isinstance(exc, PermissionError) and exc.errno != errno.ETXTBSY:
+                        raise
                     anew = True
         finally:
             os.close(fd)

@@ -1332,6 +1332,32 @@ def test_delta_rewrites_a_file_this_user_may_not_read(tmp_path, unprivileged):
     assert restored.read_bytes() == b"write only\n" and stat_mode(restored) == 0o200
 
 
+def test_delta_replaces_a_program_that_is_running_as_a_plain_restore_does(tmp_path, new_repo):
+    """A program running from the target cannot be opened for writing (ETXTBSY): --delta failed that file
+    (exit 14) where a plain restore replaced it; it is written anew and renamed over, the running one
+    keeping its old copy."""
+    program = shutil.which("sleep")
+    if program is None:
+        pytest.skip("needs sleep")
+
+    def make(src: Path) -> None:
+        shutil.copy2(program, src / "prog")
+    repo, _, src = backed_up(tmp_path, new_repo, make)
+    target = tmp_path / "target"
+    repo.restore("latest", str(target))
+    with open(target / "prog", "ab") as f:
+        f.write(b"changed since")
+    running = subprocess.Popen([str(target / "prog"), "30"])
+    try:
+        result = repo.restore("latest", str(target), force=True, delta=True, verify=True)
+    finally:
+        running.kill()
+        running.wait()
+    assert not result.unwritten
+    assert (target / "prog").read_bytes() == (src / "prog").read_bytes()
+    assert describe(target) == describe(src) and sorted(os.listdir(target)) == ["prog"]
+
+
 def stat_mode(path: Path) -> int:
     return os.lstat(path).st_mode & 0o7777
 
