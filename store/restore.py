@@ -290,6 +290,17 @@ def folds_case(directory: bytes) -> bool:
             os.unlink(os.path.join(directory, probe))
 
 
+_ENTRY_KINDS = {T_FILE: "file", T_HARDLINK: "file", T_DIR: "directory", T_SYMLINK: "symbolic link", T_FIFO: "FIFO",
+                T_CHARDEV: "character device", T_BLOCKDEV: "block device"}
+_STAT_KINDS = [(stat.S_ISREG, T_FILE), (stat.S_ISDIR, T_DIR), (stat.S_ISLNK, T_SYMLINK), (stat.S_ISFIFO, T_FIFO),
+               (stat.S_ISCHR, T_CHARDEV), (stat.S_ISBLK, T_BLOCKDEV)]
+
+
+def _kind(st_mode: int) -> str:
+    """What the target has at a path, named as a warning names an entry of the snapshot (``_ENTRY_KINDS``)."""
+    return next((_ENTRY_KINDS[t] for test, t in _STAT_KINDS if test(st_mode)), "socket")
+
+
 def _lstat(pfd: int, name: bytes) -> os.stat_result | None:
     """What is at ``name`` in the directory open at ``pfd``, not followed; None when nothing is."""
     try:
@@ -1396,7 +1407,8 @@ class Restorer:
         """--overwrite never/if-newer: whether what the target has at ``e``'s path is kept as it is (counted
         in ``skipped_existing``).  A directory kept is still walked into, and gets back the mode and times it
         had once what lies below is restored (``_put_back``); a directory entry the target has as something
-        else keeps it, and nothing below it is restored (a warning says so)."""
+        else keeps it, and nothing below it is restored (a warning says so).  Any entry kept as another type
+        than the snapshot's is named (a symbolic link where it has a file, say): it was not brought back."""
         pfd, name = self.at(e.path, make=True)
         st = _lstat(pfd, name)
         if st is None or not keeps_existing(self.opt.overwrite, e.type, e.mtime_ns, st.st_mode, st.st_mtime_ns):
@@ -1418,6 +1430,9 @@ class Restorer:
         elif stat.S_ISDIR(st.st_mode):
             self.result.warnings.append(f"{os.fsdecode(e.path)}: the target has a directory where the snapshot has "
                                         f"a {TYPE_NAMES.get(e.type, 'file')}; kept as it is, with all it holds")
+        elif _kind(st.st_mode) != _ENTRY_KINDS.get(e.type, "file"):
+            self.result.warnings.append(f"{os.fsdecode(e.path)}: the target has a {_kind(st.st_mode)} where the "
+                                        f"snapshot has a {_ENTRY_KINDS.get(e.type, 'file')}; kept as it is")
         return True
 
     def _written(self, e: Entry) -> bool:

@@ -147,6 +147,26 @@ def test_if_newer_replaces_what_the_snapshot_has_newer(scene):
     _check_kept_or_back(src, target, before, older_kept=False)
 
 
+@pytest.mark.parametrize("mode", ["if-newer", "never"])
+def test_an_entry_of_another_type_kept_is_named_whatever_the_types(scene, mode):
+    """A symbolic link (or a FIFO) kept where the snapshot has a file was kept without a word, where a
+    directory in a file's place, and the reverse, were each named: the restore said nothing of a file it
+    did not bring back."""
+    repo, snap, src, target = scene
+    os.remove(target / "keep" / "older")
+    os.symlink("elsewhere", target / "keep" / "older")
+    os.remove(target / "fifo")
+    (target / "fifo").write_bytes(b"a file now")
+    before = describe(target)
+    result = repo.restore(snap, str(target), force=mode != "never", overwrite=mode)
+    assert describe(target)[b"keep/older"] == before[b"keep/older"]
+    assert describe(target)[b"fifo"] == before[b"fifo"]
+    assert any(w == "keep/older: the target has a symbolic link where the snapshot has a file; kept as it is"
+               for w in result.warnings), result.warnings
+    assert any(w == "fifo: the target has a file where the snapshot has a FIFO; kept as it is"
+               for w in result.warnings), result.warnings
+
+
 def test_if_newer_needs_force(scene):
     repo, snap, src, target = scene
     with pytest.raises(TargetNotEmpty):
