@@ -1053,7 +1053,7 @@ class Restorer:
         removed whole, but what it holds besides is, entry by entry.  A directory of this user's that the
         snapshot has and that its owner may not list (000, as restored) is opened up while it is walked and
         emptied of what the snapshot lacks, and gets its mode back after."""
-        from .source import SourceWalk
+        from .source import TargetWalk
 
         self._follow_target()  # else the walk would see a link and nothing below it
         mounts = self._mount_points()
@@ -1062,7 +1062,7 @@ class Restorer:
         want = next(recs, None)
         doomed: list[bytes] = []
         opened = contextlib.ExitStack()  # the directories opened up to be walked: closed, their modes back
-        walks = [iter(SourceWalk([(b"", self.target)], warnings=self.result.warnings, one_file_system=True))]
+        walks = [iter(TargetWalk(self.target, self.target, self.result.warnings))]
         try:
             self._delete_walk(walks, recs, want, mounts, around, doomed, opened)
             for rel in doomed:
@@ -1088,7 +1088,7 @@ class Restorer:
         """The entries below ``rel``, this user's directory its owner may not list, opened up to be walked
         (``_opened_up`` in ``opened``, to be closed again): None where it is not that directory, or cannot be
         opened."""
-        from .source import SourceWalk
+        from .source import TargetWalk
 
         try:
             pfd, name = self.at(rel)
@@ -1111,7 +1111,7 @@ class Restorer:
             if warnings[i].startswith(said):
                 del warnings[i]
                 break
-        walk = SourceWalk([(b"", path)], warnings=warnings, one_file_system=True)
+        walk = TargetWalk(self.target, path, warnings)
         return ((rel + b"/" + sub, p, s, ok) for sub, p, s, ok in walk if sub)
 
     def _delete_walk(self, walks: list, recs: Iterator[Record], want: Record | None, mounts: set[bytes],

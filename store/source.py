@@ -850,3 +850,30 @@ class SourceWalk:
                 except OSError as exc:
                     st, err = None, exc.errno or errno.EIO
             yield rel_prefix + name, path, st, err
+
+
+class TargetWalk(SourceWalk):
+    """A restore target's walk for ``restore --delete`` (what the target holds and the snapshot lacks): a
+    path that vanishes or changes while it runs (another process at work in the target) is named relative
+    to the target and worded as the restore's, where the backup's words ("vanished during backup", "left
+    out until the next backup") told of a backup that never ran."""
+
+    def __init__(self, target: bytes, path: bytes, warnings: list[str]):
+        super().__init__([(b"", path)], warnings=warnings, one_file_system=True)
+        self.target = target
+
+    def _named(self, path: bytes) -> str:
+        return os.fsdecode(os.path.relpath(path, self.target))
+
+    def _stat_failed(self, path: bytes, err: int) -> StatFailed | None:
+        if err in (errno.ENOENT, errno.ENOTDIR):  # gone: nothing there for --delete to remove
+            self.warnings.append(f"{self._named(path)}: vanished while --delete walked the target")
+            return None
+        return super()._stat_failed(path, err)
+
+    def _unlisted(self, path: bytes, err: int) -> bool | None:
+        if err in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
+            self.warnings.append(f"{self._named(path)}: replaced or removed while --delete walked the target; "
+                                 "what it holds now was not searched for what the snapshot lacks")
+            return False if err == errno.ESTALE else None
+        return super()._unlisted(path, err)

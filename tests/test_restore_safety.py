@@ -943,6 +943,41 @@ def test_a_fifo_put_at_a_files_name_during_the_restore_is_refused_not_waited_on(
         signal.alarm(0)
 
 
+@pytest.mark.parametrize("fault", [errno.ENOENT, errno.ENOTDIR], ids=["vanished", "changed type"])
+def test_what_changes_while_delete_walks_the_target_is_named_as_the_restores(tmp_path, new_repo, monkeypatch,
+                                                                             fault):
+    """Another process at work in the target while --delete walks it: what vanished or changed there was
+    reported as "vanished during backup: /abs/target/..." or "(left out until the next backup)", of a
+    backup that never ran; it is named relative to the target, as the restore's."""
+    from chunkvault.store import source
+
+    def make(src: Path) -> None:
+        (src / "keep").write_bytes(b"keep")
+    repo, _, _ = backed_up(tmp_path, new_repo, make)
+    target = tmp_path / "target"
+    repo.restore("latest", str(target))
+    (target / "busy").mkdir()
+    (target / "busy" / "extra").write_bytes(b"extra")
+    real = source.Walker
+
+    class Racing:  # the directory is gone by the time the walk lists it
+        def __init__(self, *args):
+            self.walker = real(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.walker, name)
+
+        def batch(self, *args):
+            return [(rel, path, st, err, fault if rel == b"busy" else list_err)
+                    for rel, path, st, err, list_err in self.walker.batch(*args) or []]
+
+    monkeypatch.setattr(source, "Walker", Racing)
+    result = repo.restore("latest", str(target), force=True, delete=True)
+    assert not any("backup" in w for w in result.warnings), result.warnings
+    assert ("busy: replaced or removed while --delete walked the target; what it holds now was not searched for "
+            "what the snapshot lacks") in result.warnings
+
+
 def test_delete_names_what_it_cannot_remove_and_the_restore_goes_on(tmp_path, new_repo, monkeypatch):
     """An extra entry --delete cannot remove (a read-only target, no permission) was an internal error,
     and nothing was restored."""
