@@ -1549,7 +1549,8 @@ class Restorer:
     def _sweep_beside(self, rel: bytes) -> None:
         """Remove from a directory the target had the files an earlier restore killed outright was writing
         beside the ones they were to replace (``_write_beside``), each a stray copy of a file's data: those
-        unchanged since before this restore began, so one that another process of it is writing stays."""
+        unchanged since before this restore began, so one that another process of it is writing stays (named:
+        it may as well be one a restore killed just before this one began left)."""
         if self._fresh:
             return
         try:
@@ -1563,9 +1564,14 @@ class Restorer:
             return
         for n in names:
             st = _lstat(fd, n)
-            if st is None or not stat.S_ISREG(st.st_mode) or st.st_ctime_ns >= self._began_ns:
+            if st is None or not stat.S_ISREG(st.st_mode):
                 continue
             path = os.fsdecode(os.path.join(rel, n))
+            if st.st_ctime_ns >= self._began_ns:  # a rerun right after a kill -9 left it without a word
+                self.result.warnings.append(f"{path}, a restore's file written beside the one it replaces, was "
+                                            "kept: changed as this restore began, it may be another's running "
+                                            "now; a rerun once none runs removes it")
+                continue
             try:
                 os.unlink(n, dir_fd=fd)
             except FileNotFoundError:  # another process of this restore removed it first

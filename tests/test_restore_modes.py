@@ -624,7 +624,8 @@ def test_a_rerun_removes_what_a_restore_killed_outright_was_writing_beside_a_fil
                                                                                monkeypatch, delta):
     """A restore killed (kill -9, power loss) between writing a file's replacement and renaming it over
     the file leaves the replacement under a temporary name: a rerun in place removes it, with a warning.
-    One changed since the rerun began (another restore's, being written) stays, and so do other names."""
+    One changed since the rerun began (another restore's, being written, or one killed just before) stays,
+    named, and so do other names, unnamed."""
     import subprocess
     import sys
     import time
@@ -672,7 +673,10 @@ def test_a_rerun_removes_what_a_restore_killed_outright_was_writing_beside_a_fil
     assert (live / "d" / "f").read_bytes() == b"snapshot's content " * 1000
     assert fresh.read_bytes() == b"being written by a restore running beside"
     assert (live / ".chunkvault-restore-0123456789abcdef").is_dir()
-    assert result.warnings == [f"d/{left[0]}, left by an interrupted restore, was removed"]
+    assert result.warnings == [f"{fresh.name}, a restore's file written beside the one it replaces, was kept: "
+                               "changed as this restore began, it may be another's running now; a rerun once "
+                               "none runs removes it",
+                               f"d/{left[0]}, left by an interrupted restore, was removed"]
 
 
 def test_set_id_and_sticky_bits_a_fat_disk_refuses_leave_the_entries_restored(tmp_path, new_repo):
