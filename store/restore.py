@@ -733,9 +733,17 @@ class Restorer:
 
     def _follow_target(self) -> None:
         """A target that is a symbolic link to a directory, named by the user, is followed, as a path
-        through links above it is."""
-        if os.path.islink(self.target) and os.path.isdir(self.target):
+        through links above it is: once, before the target is opened (``dirs``), never again after, when a
+        link there is one put in the target's place while the restore runs."""
+        if self._target_dirs is None and os.path.islink(self.target) and os.path.isdir(self.target):
             self.target = os.path.realpath(self.target)
+
+    @property
+    def root(self) -> bytes:
+        """The target as a path through its descriptor (``dirs``): what is done to the target by name once it
+        is open (its mode given back, probe files, --delete's walk) stays in it, where ``target`` would follow
+        a symbolic link out of it that whoever can write where it lies put in its place meanwhile."""
+        return proc_path(self.dirs.at(b"")[0]) + b"/."
 
     def check_target(self) -> None:
         self._follow_target()
@@ -771,7 +779,7 @@ class Restorer:
         with self:
             self.check_target()
             self.restore_records(self.selected_records(records))
-        self.note_walked()
+            self.note_walked()  # the target still open: its mode is given back through its descriptor
         self.result.raise_for_problems()
         return self.result
 
@@ -782,7 +790,7 @@ class Restorer:
         mode it takes (several paths, a stream): a dump restored for another user to read stayed 0700."""
         if self._made_mode is not None and not self._root_recorded:
             try:
-                os.chmod(self.target, self._made_mode)
+                os.chmod(self.root, self._made_mode)
             except OSError as exc:
                 self.result.warnings.append(f"{os.fsdecode(self.target)} left mode 0700: {_reason(exc)}")
         missed = self.opt.owner_map.missed() if self.opt.owner_map is not None and self.owners else None
@@ -852,11 +860,12 @@ class Restorer:
         restore that stopped on a full target, whose later entries were never reached."""
         if not self._far_times or self.result.full:
             return
-        step = time_step(self.target)
+        root = self.root
+        step = time_step(root)
         lost: list[tuple[bytes, int, int]] = []
         for path, want in self._far_times.items():
             try:
-                got = os.lstat(os.path.join(self.target, path)).st_mtime_ns
+                got = os.lstat(os.path.join(root, path)).st_mtime_ns
             except (OSError, ValueError):
                 continue
             if abs(got - want) >= step:
@@ -1062,7 +1071,7 @@ class Restorer:
         want = next(recs, None)
         doomed: list[bytes] = []
         opened = contextlib.ExitStack()  # the directories opened up to be walked: closed, their modes back
-        walks = [iter(TargetWalk(self.target, self.target, self.result.warnings))]
+        walks = [iter(TargetWalk(self.root, self.root, self.result.warnings))]
         try:
             self._delete_walk(walks, recs, want, mounts, around, doomed, opened)
             for rel in doomed:
@@ -1105,13 +1114,13 @@ class Restorer:
             opened.enter_context(_opened_up(fd, os.fsdecode(path)))
         except OSError:
             return None
-        said = f"cannot read directory {os.fsdecode(path)}: "  # it can now
+        said = f"cannot read directory {os.fsdecode(rel)}: "  # it can now
         warnings = self.result.warnings
         for i in range(len(warnings) - 1, -1, -1):
             if warnings[i].startswith(said):
                 del warnings[i]
                 break
-        walk = TargetWalk(self.target, path, warnings)
+        walk = TargetWalk(self.root, path, warnings)
         return ((rel + b"/" + sub, p, s, ok) for sub, p, s, ok in walk if sub)
 
     def _delete_walk(self, walks: list, recs: Iterator[Record], want: Record | None, mounts: set[bytes],

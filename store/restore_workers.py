@@ -63,7 +63,7 @@ def restore(restorer: Restorer, tree: Callable[[], Iterator[Record]], processes:
     # A target that takes "doc" for "Doc" (FAT, exFAT) is one process's: a worker writing doc/b made its
     # directory by name, found "Doc", and wrote into it, where the refusal of "doc" was another process's.
     if (processes < 2 or not restorer.fresh or restorer.opt.delta or not isinstance(restorer.repo, Repo)
-            or not forked.can_fork(restorer.repo.remote) or folds_case(restorer.target)):
+            or not forked.can_fork(restorer.repo.remote) or folds_case(restorer.root)):
         return _in_this_process(restorer, tree)
     if entries is not None and entries <= SHARED_TREE_ENTRIES:
         records = list(tree())

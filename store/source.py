@@ -856,7 +856,8 @@ class TargetWalk(SourceWalk):
     """A restore target's walk for ``restore --delete`` (what the target holds and the snapshot lacks): a
     path that vanishes or changes while it runs (another process at work in the target) is named relative
     to the target and worded as the restore's, where the backup's words ("vanished during backup", "left
-    out until the next backup") told of a backup that never ran."""
+    out until the next backup") told of a backup that never ran.  The target is walked through its
+    descriptor (``Restorer.root``), whose path is no name to show."""
 
     def __init__(self, target: bytes, path: bytes, warnings: list[str]):
         super().__init__([(b"", path)], warnings=warnings, one_file_system=True)
@@ -869,11 +870,13 @@ class TargetWalk(SourceWalk):
         if err in (errno.ENOENT, errno.ENOTDIR):  # gone: nothing there for --delete to remove
             self.warnings.append(f"{self._named(path)}: vanished while --delete walked the target")
             return None
-        return super()._stat_failed(path, err)
+        self.warnings.append(f"cannot stat {self._named(path)}: {os.strerror(err)}")
+        return StatFailed(err)
 
     def _unlisted(self, path: bytes, err: int) -> bool | None:
         if err in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
             self.warnings.append(f"{self._named(path)}: replaced or removed while --delete walked the target; "
                                  "what it holds now was not searched for what the snapshot lacks")
             return False if err == errno.ESTALE else None
-        return super()._unlisted(path, err)
+        self.warnings.append(f"cannot read directory {self._named(path)}: {os.strerror(err)}")
+        return False

@@ -794,6 +794,43 @@ def test_a_directory_swapped_for_a_link_during_the_restore_does_not_pass_its_met
     assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
 
 
+@pytest.mark.parametrize("delete", [False, True], ids=["made", "in place, --delete"])
+def test_the_target_swapped_for_a_link_once_the_restore_opened_it_is_not_reached_through_the_link(
+        tmp_path, new_repo, monkeypatch, delete):
+    """Whoever can write where the target lies may move it aside and put a symbolic link out of it in its
+    place while the restore runs: the restore wrote through its descriptor, but then gave the target it had
+    made its mode by name, made and removed its probe files there, and --delete listed what to remove there,
+    all through the link (to /etc, for a restore run as root).  What lies out of the target stays as it was."""
+    from chunkvault.store.restore import Restorer
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "old").write_bytes(b"dated 1960")  # a time the restore checks the target holds
+    os.utime(tmp_path / "a" / "old", ns=(-(10 ** 18), -(10 ** 18)))
+    (tmp_path / "b" / "f").write_bytes(b"f")
+    repo = new_repo()
+    repo.backup([str(tmp_path / "a"), str(tmp_path / "b")])  # several paths: no root mode recorded
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o700)
+    (outside / "precious").write_bytes(b"not the snapshot's")
+    before = describe(outside)
+    ctime = outside.stat().st_ctime_ns
+    target = tmp_path / "target"
+    if delete:
+        repo.restore("latest", str(target))
+    real = Restorer.restore_records
+
+    def swapped_after(self, records):
+        real(self, records)
+        os.rename(target, tmp_path / "moved")
+        os.symlink(outside, target)
+
+    monkeypatch.setattr(Restorer, "restore_records", swapped_after)
+    repo.restore("latest", str(target), processes=1, force=delete, delete=delete)
+    assert describe(outside) == before and outside.stat().st_ctime_ns == ctime
+    assert stat_mode(outside) == 0o700
+
+
 @pytest.mark.parametrize("when", ["made", "written"])
 def test_a_directory_swapped_for_a_link_while_its_files_are_written_is_not_written_through(
         tmp_path, new_repo, monkeypatch, when):
