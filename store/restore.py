@@ -736,6 +736,13 @@ class Restorer:
         through links above it is: once, before the target is opened (``dirs``), never again after, when a
         link there is one put in the target's place while the restore runs."""
         if self._target_dirs is None and os.path.islink(self.target) and os.path.isdir(self.target):
+            owner = os.lstat(self.target).st_uid
+            if owner not in (0, os.geteuid()):  # as the kernel's protected_symlinks: whoever can write beside the
+                # target could put it there just before the restore looked, to send it (run as root) elsewhere
+                leads_to = os.fsdecode(os.path.realpath(self.target))
+                raise UsageError(f"restore target {os.fsdecode(self.target)} is a symbolic link of another user "
+                                 f"(uid {owner}): name the directory it leads to ({leads_to}) if that is where "
+                                 "the restore goes")
             self.target = os.path.realpath(self.target)
 
     @property

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from chunkvault.errors import CorruptObject, MissingObject, StorageFull, TargetUnwritable
+from chunkvault.errors import CorruptObject, MissingObject, StorageFull, TargetUnwritable, UsageError
 from chunkvault.store.manifest import entry_record
 from chunkvault.store.repository import Repo
 from chunkvault.store.restore import RestoreResult
@@ -1529,3 +1529,28 @@ def test_delete_in_place_empties_this_users_own_directories_it_may_not_list(tmp_
         os.chmod(live / "locked", 0o000)
     os.chmod(live / "locked", 0o700)
     os.chmod(live / "locked" / "inner", 0o700)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a link another owner takes root")
+def test_a_target_that_is_another_users_link_is_refused(tmp_path, new_repo):
+    """A target named as a link is followed; one another user owns may have been put in the target's place
+    by that user just before the restore looked (they can write where it lies): a restore run as root then
+    wrote the whole snapshot into the link's destination, and --delete removed what that held."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    repo = new_repo()
+    repo.backup([str(src)])
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_bytes(b"theirs")
+    before = describe(victim)
+    target = tmp_path / "target"
+    os.symlink(victim, target)
+    os.lchown(target, 65534, 65534)
+    with pytest.raises(UsageError, match=r"is a symbolic link of another user \(uid 65534\): name the directory "
+                                         rf"it leads to \({victim}\)"):
+        repo.restore("latest", str(target), force=True, delete=True)
+    assert describe(victim) == before
+    os.lchown(target, 0, 0)  # one of root's, or of the user restoring, is followed as before
+    assert repo.restore("latest", str(target), force=True).files == 1
