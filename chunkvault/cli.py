@@ -1233,9 +1233,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
           + (f" ({st.delta_blobs} deltas: {format_size(st.delta_raw_bytes)} as {format_size(st.delta_stored_bytes)})"
              if st.delta_blobs else ""))
     print(f"manifests      {format_size(st.manifest_stored_bytes)} in {st.manifest_blobs} blobs")
+    if st.wal_files:
+        print(f"archived WAL   {st.wal_files} files, {format_size(st.wal_bytes)}: {format_size(st.wal_raw_bytes)} "
+              f"in {st.wal_blobs} blobs, stored as {format_size(st.wal_stored_bytes)}")
     print(f"packs          {format_size(st.pack_bytes)} in {st.packs} packs")
     print(f"ratios         deduplication {st.dedup_ratio:.2f}x, compression and deltas {st.compression_ratio:.2f}x, "
-          f"all snapshots' files to packs {st.overall_ratio:.2f}x")
+          f"all snapshots' files to packs {st.overall_ratio:.2f}x" + (" (the WAL's left out)" if st.wal_files else ""))
     return 0
 
 

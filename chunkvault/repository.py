@@ -1329,14 +1329,17 @@ class Repository:
 
     @_stoppable
     def stats(self) -> RepositoryStats:
-        """Snapshots, distinct data, deltas, packs and the ratios between them, from the snapshot objects,
-        the index and a listing of the packs (no manifest is read)."""
+        """Snapshots, distinct data, deltas, packs, the archived WAL and the ratios between them, from the
+        snapshot and WAL objects, the index and a listing of the packs (no manifest is read).  A WAL object
+        that does not load is left out (its chunks count as the snapshots'): ``check`` names it."""
+        from .store import walarchive
         from .store.stats import summarize
 
         self._follow_others()
         snaps = self._list()
         repo = self._repo
-        return summarize(snaps, repo.index.items(), repo.stored_packs().values())
+        wal, _ = walarchive.load_all(repo)
+        return summarize(snaps, repo.index.items(), repo.stored_packs().values(), wal)
 
     @_stoppable
     def usage(self, snapshots: Iterable[str | Snapshot] | None = None, *, hosts: Iterable[str] = (),

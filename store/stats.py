@@ -8,6 +8,7 @@ from .blob import KIND_DELTA
 from .blobindex import BlobLocation
 from .chronology import chronological_key
 from .snapshot import KIND_FULL, Snapshot
+from .walarchive import WalFile
 
 
 @dataclass
@@ -27,6 +28,11 @@ class RepositoryStats:
     manifest_stored_bytes: int = 0
     packs: int = 0
     pack_bytes: int = 0
+    wal_files: int = 0  # the archived WAL (archive-push), apart: it is no snapshot's, and outweighs them
+    wal_bytes: int = 0  # its files' sizes
+    wal_blobs: int = 0  # the distinct chunks only the WAL archive names (one a snapshot's file shares too: those)
+    wal_raw_bytes: int = 0
+    wal_stored_bytes: int = 0
 
     @property
     def dedup_ratio(self) -> float:
@@ -40,8 +46,9 @@ class RepositoryStats:
 
     @property
     def overall_ratio(self) -> float:
-        """The files of every snapshot against the packs holding them."""
-        return self.all_bytes / self.pack_bytes if self.pack_bytes else 0.0
+        """The files of every snapshot against the packs holding them (less the archived WAL's blobs)."""
+        packed = self.pack_bytes - self.wal_stored_bytes
+        return self.all_bytes / packed if packed > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "dedup_ratio": round(self.dedup_ratio, 3),
@@ -49,10 +56,17 @@ class RepositoryStats:
 
 
 def summarize(snapshots: Iterable[Snapshot], blobs: Iterable[tuple[bytes, BlobLocation]],
-              pack_sizes: Iterable[int]) -> RepositoryStats:
-    """``blobs``: the index's (id, location) pairs; ``pack_sizes``: the stored packs' sizes.  A blob a
-    snapshot names as part of its manifest counts as a manifest's, every other as a file chunk."""
+              pack_sizes: Iterable[int], wal: Iterable[WalFile] = ()) -> RepositoryStats:
+    """``blobs``: the index's (id, location) pairs; ``pack_sizes``: the stored packs' sizes; ``wal``: the
+    archived WAL files.  A blob a snapshot names as part of its manifest counts as a manifest's, one an
+    archived file names as the WAL's (a snapshot's ``pg_wal/`` copy of it deduplicated there too: no
+    manifest is read to tell), every other as a file chunk."""
     out = RepositoryStats()
+    wal_ids: set[bytes] = set()
+    for w in wal:
+        out.wal_files += 1
+        out.wal_bytes += w.size
+        wal_ids.update(w.blob_ids())
     newest: dict[tuple, Snapshot] = {}
     snapshots = list(snapshots)
     manifest_ids = {bytes.fromhex(h) for s in snapshots for h in s.manifest}
@@ -70,6 +84,11 @@ def summarize(snapshots: Iterable[Snapshot], blobs: Iterable[tuple[bytes, BlobLo
         if blob_id in manifest_ids:
             out.manifest_blobs += 1
             out.manifest_stored_bytes += loc.length
+            continue
+        if blob_id in wal_ids:
+            out.wal_blobs += 1
+            out.wal_raw_bytes += loc.raw_length
+            out.wal_stored_bytes += loc.length
             continue
         out.blobs += 1
         out.blob_raw_bytes += loc.raw_length

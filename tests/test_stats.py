@@ -64,3 +64,28 @@ def test_stats_of_a_repository_with_repeats_and_deltas(tmp_path):
     assert "3 (2 full, 1 differential) of 1 source(s)" in text and "(1 deltas: 64.0 KiB as" in text
     with Repository.open(repo, crashkit.PASSWORD) as r:
         assert r.stats().to_dict() == st
+
+
+def test_archived_wal_is_counted_apart_from_the_snapshots_data(tmp_path):
+    """A PostgreSQL repository holds far more WAL than files: counted as the snapshots' distinct data, it
+    gave a deduplication ratio below 1 and a files-to-packs ratio that the WAL's volume decided."""
+    from walsegments import write_segment
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "db").write_bytes(os.urandom(1 << 18))
+    repo = str(tmp_path / "repo")
+    crashkit.init_repo(repo)
+    for _ in range(2):
+        crashkit.run_cli("backup", "-r", repo, str(src), "--type", "full")
+    names = ["000000010000000000000001", "000000010000000000000002"]
+    for i, name in enumerate(names):
+        seg = write_segment(tmp_path / "wal", name, seed=i + 1, size=1 << 20)
+        crashkit.run_cli("archive-push", "-r", repo, str(seg))
+    st = json.loads(crashkit.run_cli("stats", "-r", repo, "--json").stdout)
+    assert st["wal_files"] == 2 and st["wal_bytes"] == 2 << 20
+    assert st["wal_blobs"] > 0 and st["wal_raw_bytes"] >= 1 << 20 and st["wal_stored_bytes"] > 0
+    assert st["blob_raw_bytes"] == 1 << 18  # the file's chunks alone
+    assert st["dedup_ratio"] == 2.0
+    text = crashkit.run_cli("stats", "-r", repo).stdout.decode()
+    assert "archived WAL   2 files, 2.0 MiB" in text and "deduplication 2.00x" in text
