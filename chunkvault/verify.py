@@ -588,7 +588,9 @@ def compare_tree(entries: Iterable[Entry], root: str | bytes, *, owners: bool | 
     (with ``extras``) there besides them; ``xattrs``: extended attributes too."""
     if owners is None:
         owners = os.geteuid() == 0
-    return _Comparer(os.fsencode(os.path.abspath(root)), owners, max_listed, extras, xattrs).run(entries)
+    root = os.fsencode(root)  # an absolute one as it is: ``/proc/self/fd/N/.`` is the directory, without ``/.`` the link
+    return _Comparer(root if os.path.isabs(root) else os.path.abspath(root), owners, max_listed, extras,
+                     xattrs).run(entries)
 
 
 # --- the run -----------------------------------------------------------------------------------

@@ -1554,3 +1554,34 @@ def test_a_target_that_is_another_users_link_is_refused(tmp_path, new_repo):
     assert describe(victim) == before
     os.lchown(target, 0, 0)  # one of root's, or of the user restoring, is followed as before
     assert repo.restore("latest", str(target), force=True).files == 1
+
+
+def test_restore_verify_compares_the_target_it_restored_not_a_link_put_in_its_place(tmp_path, new_repo,
+                                                                                   monkeypatch):
+    """--verify compared the target by name once the restore had let go of it: one moved aside and replaced by
+    a symbolic link meanwhile had the link's destination compared (probe files made there, modes opened up),
+    and the restore reported its differences."""
+    from chunkvault.store.restore import Restorer
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"f")
+    repo = new_repo()
+    repo.backup([str(src)])
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o700)
+    (outside / "precious").write_bytes(b"not the snapshot's")
+    before = describe(outside)
+    ctime = outside.stat().st_ctime_ns
+    target = tmp_path / "target"
+    real = Restorer.restore_records
+
+    def swapped_after(self, records):
+        real(self, records)
+        os.rename(target, tmp_path / "moved")
+        os.symlink(outside, target)
+
+    monkeypatch.setattr(Restorer, "restore_records", swapped_after)
+    repo.restore("latest", str(target), processes=1, verify=True)
+    assert describe(outside) == before and outside.stat().st_ctime_ns == ctime
+    assert (tmp_path / "moved" / "d" / "f").read_bytes() == b"f"
