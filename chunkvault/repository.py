@@ -48,7 +48,7 @@ from .store.restore import (Relocation, Restorer, RestoreOptions, RestoreResult,
                             include_directory, merged_results, refuse_overlap)
 from .store.owners import OwnerMap, chain_names
 from .store.snapshot import (Snapshot, SnapshotFinder, check_local_zone, find_snapshot, parse_time, parse_until,
-                             select_snapshots)
+                             said_time, select_snapshots)
 from .pgbackup import EXCLUDES as PG_EXCLUDES, PostgresOnline, checkpoint_fast
 from .pgsession import STANDBY_WAIT
 from .store.source import SourceWalk, markers_of
@@ -257,6 +257,14 @@ def _filters(hosts: Any, tags: Any, paths: Any) -> dict[str, list[str]]:
 def _spec(snapshot: Any) -> Any:
     """A snapshot named by a Snapshot object, as by its id."""
     return snapshot.id if isinstance(snapshot, Snapshot) else snapshot
+
+
+def _forgotten_since(snap: Snapshot) -> SnapshotNotFound:
+    """A Snapshot object looked up again and gone: another command forgot it in between (a forget run while a
+    restore of ``latest`` took its lock).  Named as the one looked up, not by a 64-digit id the user never gave."""
+    return SnapshotNotFound(f"snapshot {snap.short_id} of {snap.host}:{','.join(snap.paths) or snap.stdin_name} "
+                            f"({said_time(snap.datetime)}) is no longer in the repository: another command forgot "
+                            "it after this one looked it up")
 
 
 def _named(snapshots: Any) -> list[Any] | None:
@@ -1458,12 +1466,14 @@ class Repository:
         if kept is not None and spec.id in kept and _host(host) is None and not paths:
             return kept[spec.id]  # as it is now: the lock keeps it so (a restore looked each up again)
         snaps = self._list()
-        spec = _spec(spec)
+        looked_up, spec = spec, _spec(spec)
         try:
             snap = find_snapshot(snaps, spec, until=t, host=_host(host),
                                  filter_paths=_paths(paths, "path to select by") or None)
         except SnapshotNotFound as exc:
             self._refuse_if_damaged(spec, exc)
+            if isinstance(looked_up, Snapshot) and all(s.id != looked_up.id for s in snaps):
+                raise _forgotten_since(looked_up) from None
             raise
         if spec == "latest" and t is None:
             _tell_dated_ahead(snap)

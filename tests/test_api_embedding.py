@@ -206,6 +206,24 @@ def test_a_snapshot_object_kept_from_before_another_command_rebased_it_reads_as_
         kept.restore(first, str(tmp_path / "gone"))
 
 
+def test_a_snapshot_object_another_command_forgot_since_is_named_as_forgotten(tmp_path, tree, new_repo, cli):
+    """A restore looks its snapshot up, then restores it under the lock: a forget between the two gave
+    "no snapshot '<64 hex digits>'" to one who had asked for ``latest``, as if it had never been there."""
+    from chunkvault.errors import SnapshotNotFound
+
+    path = str(tmp_path / "repo")
+    kept = new_repo(path)
+    kept.backup([str(tree)])
+    newest = kept.snapshot("latest")
+    cli("forget", "-r", path, newest.id)
+    with pytest.raises(SnapshotNotFound) as err:
+        kept.restore(newest, str(tmp_path / "gone"))
+    said = str(err.value)
+    assert newest.short_id in said and newest.id not in said
+    assert "another command forgot it" in said
+    assert not (tmp_path / "gone").exists() or not os.listdir(tmp_path / "gone")
+
+
 def test_stats_of_an_object_kept_open_count_what_another_command_stored(tmp_path, tree, new_repo, cli):
     path = str(tmp_path / "repo")
     kept = new_repo(path)
