@@ -262,7 +262,7 @@ def _spec(snapshot: Any) -> Any:
 def _forgotten_since(snap: Snapshot) -> SnapshotNotFound:
     """A Snapshot object looked up again and gone: another command forgot it in between (a forget run while a
     restore of ``latest`` took its lock).  Named as the one looked up, not by a 64-digit id the user never gave."""
-    return SnapshotNotFound(f"snapshot {snap.short_id} of {snap.host}:{','.join(snap.paths) or snap.stdin_name} "
+    return SnapshotNotFound(f"snapshot {snap.short_id} of {snap.host}:{','.join(snap.paths) or snap.stdin_name or '-'} "
                             f"({said_time(snap.datetime)}) is no longer in the repository: another command forgot "
                             "it after this one looked it up")
 
