@@ -794,13 +794,16 @@ def test_a_directory_swapped_for_a_link_during_the_restore_does_not_pass_its_met
     assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
 
 
-@pytest.mark.parametrize("delete", [False, True], ids=["made", "in place, --delete"])
+@pytest.mark.parametrize("delete, verify", [(False, False), (True, False), (False, True)],
+                         ids=["made", "in place, --delete", "made, --verify"])
 def test_the_target_swapped_for_a_link_once_the_restore_opened_it_is_not_reached_through_the_link(
-        tmp_path, new_repo, monkeypatch, delete):
+        tmp_path, new_repo, monkeypatch, delete, verify):
     """Whoever can write where the target lies may move it aside and put a symbolic link out of it in its
     place while the restore runs: the restore wrote through its descriptor, but then gave the target it had
     made its mode by name, made and removed its probe files there, and --delete listed what to remove there,
-    all through the link (to /etc, for a restore run as root).  What lies out of the target stays as it was."""
+    all through the link (to /etc, for a restore run as root); --verify compared the link's destination (its
+    probe files made there, its modes opened up), and reported its differences.  What lies out of the target
+    stays as it was."""
     from chunkvault.store.restore import Restorer
 
     (tmp_path / "a").mkdir()
@@ -826,9 +829,10 @@ def test_the_target_swapped_for_a_link_once_the_restore_opened_it_is_not_reached
         os.symlink(outside, target)
 
     monkeypatch.setattr(Restorer, "restore_records", swapped_after)
-    repo.restore("latest", str(target), processes=1, force=delete, delete=delete)
+    repo.restore("latest", str(target), processes=1, force=delete, delete=delete, verify=verify)
     assert describe(outside) == before and outside.stat().st_ctime_ns == ctime
     assert stat_mode(outside) == 0o700
+    assert (tmp_path / "moved" / str(tmp_path / "b" / "f").lstrip("/")).read_bytes() == b"f"  # restored there
 
 
 @pytest.mark.parametrize("when", ["made", "written"])
@@ -1555,33 +1559,3 @@ def test_a_target_that_is_another_users_link_is_refused(tmp_path, new_repo):
     os.lchown(target, 0, 0)  # one of root's, or of the user restoring, is followed as before
     assert repo.restore("latest", str(target), force=True).files == 1
 
-
-def test_restore_verify_compares_the_target_it_restored_not_a_link_put_in_its_place(tmp_path, new_repo,
-                                                                                   monkeypatch):
-    """--verify compared the target by name once the restore had let go of it: one moved aside and replaced by
-    a symbolic link meanwhile had the link's destination compared (probe files made there, modes opened up),
-    and the restore reported its differences."""
-    from chunkvault.store.restore import Restorer
-
-    src = tmp_path / "src"
-    (src / "d").mkdir(parents=True)
-    (src / "d" / "f").write_bytes(b"f")
-    repo = new_repo()
-    repo.backup([str(src)])
-    outside = tmp_path / "outside"
-    outside.mkdir(mode=0o700)
-    (outside / "precious").write_bytes(b"not the snapshot's")
-    before = describe(outside)
-    ctime = outside.stat().st_ctime_ns
-    target = tmp_path / "target"
-    real = Restorer.restore_records
-
-    def swapped_after(self, records):
-        real(self, records)
-        os.rename(target, tmp_path / "moved")
-        os.symlink(outside, target)
-
-    monkeypatch.setattr(Restorer, "restore_records", swapped_after)
-    repo.restore("latest", str(target), processes=1, verify=True)
-    assert describe(outside) == before and outside.stat().st_ctime_ns == ctime
-    assert (tmp_path / "moved" / "d" / "f").read_bytes() == b"f"
