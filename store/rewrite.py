@@ -159,7 +159,7 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
         # not yet has its old one (its whole chain is not rewritten yet either).  Parents first, a killed
         # rewrite left differentials whose own records of excluded files had lost their directories.
         depth = chain_lengths(parents)
-        with _counted(len(plans) + len(inherited), "rewritten") as saved:
+        with _counted(len(plans), "rewritten") as saved:
             for snap, plan in sorted(plans, key=lambda planned: -depth[planned[0].id]):
                 blob_ids, mw = store_manifest(repo, plan.records, lock.ensure_held)
                 snap.manifest = [i.hex() for i in blob_ids]
@@ -168,6 +168,11 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
                 snap.stats = {**snap.stats, "rewritten": True, "manifest_records": mw.records}
                 save_counts(repo, snap, plan.stats, lock)
                 saved()
+        # Run again, the command finds nothing left to rewrite, so none of these to recount: said as it is.
+        recounted = (lambda done: f" ({len(plans)} snapshot(s) rewritten; the counts of {done} of the "
+                     f"{len(inherited)} snapshot(s) built on {'it' if len(plans) == 1 else 'them'} updated before "
+                     "it: the others still count what the rewrite removed)")
+        with _counted(len(inherited), "recounted", told=recounted) as saved:
             for snap in inherited:
                 save_counts(repo, snap, count_tree(repo, snap, every), lock)
                 saved()
@@ -175,10 +180,12 @@ def rewrite_snapshots(repo: Repo, select: Selection, globs: list[str], *, dry_ru
 
 
 @contextlib.contextmanager
-def _counted(total: int, done_what: str) -> Iterator[Callable[[], None]]:
+def _counted(total: int, done_what: str, *, told: Callable[[int], str] | None = None
+             ) -> Iterator[Callable[[], None]]:
     """Around the writes of ``total`` snapshot objects, one call of what it yields after each: an error
     part-way says how many were written (it said nothing of them, as if none were), and that the same
-    command run again finishes the others."""
+    command run again finishes the others; or, with ``told``, what it says of the number written (also of
+    none), where running again would not."""
     done = 0
 
     def saved() -> None:
@@ -188,6 +195,8 @@ def _counted(total: int, done_what: str) -> Iterator[Callable[[], None]]:
     try:
         yield saved
     except ChunkvaultError as exc:
+        if told is not None:
+            raise exc.explained(told(done)) from exc
         if not done:
             raise
         raise exc.explained(f" ({done} of {total} snapshot(s) {done_what} before it; the same command "

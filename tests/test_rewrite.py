@@ -400,3 +400,34 @@ def test_a_tag_or_rewrite_stopped_part_way_says_how_many_it_changed(tmp_path, co
         assert [finished(repo, s) for s in repo.snapshots()].count(True) == 2
         run(repo)
         assert all(finished(repo, s) for s in repo.snapshots())
+
+
+def test_a_rewrite_stopped_while_recounting_the_differentials_on_it_says_so(tmp_path):
+    """The rewritten full written, the storage failing at the recount of the first differential built on
+    it: the error said "1 of 3 snapshot(s) rewritten ...; the same command again does the others", but the
+    same command again finds nothing to rewrite, so recounts nothing, and the differentials keep the counts
+    of the files the rewrite removed."""
+    from chunkvault.errors import StorageFull
+    from chunkvault.remotes.local import LocalRemote
+    from faults import FailingWrite
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "secret.key").write_bytes(b"k")
+    path = str(tmp_path / "repo")
+    with Repository.init(path, PASSWORD, kdf_seconds=0, ledger=False) as repo:
+        full = repo.backup([str(src)], kind="full").snapshot.id
+        for i in range(2):
+            (src / f"f{i}").write_bytes(b"x")
+            repo.backup([str(src)], kind="diff")
+    failing = FailingWrite(LocalRemote(path), at=2, prefixes=("snapshots/",), error=lambda: StorageFull("disk full"))
+    with Repository.open(failing, PASSWORD, ledger=False) as repo:
+        with pytest.raises(StorageFull) as raised:
+            repo.rewrite(["*.key"], [full], dry_run=False)
+    said = str(raised.value)
+    assert "the same command again" not in said
+    assert said.endswith("(1 snapshot(s) rewritten; the counts of 0 of the 2 snapshot(s) built on it updated "
+                         "before it: the others still count what the rewrite removed)")
+    with Repository.open(path, PASSWORD, ledger=False) as repo:
+        again = repo.rewrite(["*.key"], [full], dry_run=False)  # as said: nothing left for it to do
+        assert again.rewritten == [] and again.inherited == []
