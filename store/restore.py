@@ -696,9 +696,19 @@ class Restorer:
 
     @property
     def dirs(self) -> TargetDirs:
-        """The target's directories, opened from the target once it is made and final."""
+        """The target's directories, opened from the target once it is made and final.  A link named as the
+        target is followed as the target is checked (``_follow_target``), never by the open: one put in the
+        target's place between the check and the open is whoever can write where it lies sending it
+        elsewhere (of another user, the check would have refused it)."""
         if self._target_dirs is None:
-            self._target_dirs = TargetDirs(self.target)
+            try:
+                self._target_dirs = TargetDirs(self.target, follow=False)
+            except OSError:
+                if not os.path.islink(self.target):
+                    raise
+                raise TargetUnwritable(f"a symbolic link was put in the place of the restore target "
+                                       f"{os.fsdecode(self.target)} while the restore began; nothing restored "
+                                       "through it") from None
         return self._target_dirs
 
     def at(self, rel: bytes, make: bool = False) -> tuple[int, bytes]:
@@ -773,8 +783,9 @@ class Restorer:
                     os.stat(parent)  # a link loop or a dangling link says so itself
                     raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
                 os.mkdir(t)
-                self._made_mode = stat.S_IMODE(os.stat(t).st_mode)  # the umask's: given back once all is in
-                os.chmod(t, 0o700)  # closed while it fills, as its directories are (``note_walked``)
+                # through its descriptor from here on, as every later step: not through a link put in its place
+                self._made_mode = stat.S_IMODE(os.stat(self.root).st_mode)  # the umask's: given back once all is in
+                os.chmod(self.root, 0o700)  # closed while it fills, as its directories are (``note_walked``)
                 self._fresh = True
         except OSError as exc:
             raise _target_error(f"cannot restore into {os.fsdecode(t)}", exc) from None

@@ -58,10 +58,12 @@ def proc_path(fd: int, name: bytes | None = None) -> bytes:
 class TargetDirs:
     """Descriptors of ``root`` (a directory the user named, followed if a link) and the directories below."""
 
-    def __init__(self, root: bytes):
+    def __init__(self, root: bytes, *, follow: bool = True):
+        """``follow``: a link in ``root``'s place is followed (not where the caller has followed the one the
+        user named already, and a link there now is another's)."""
         self.root = root
         self._real = os.path.realpath(root)
-        self._fds: dict[bytes, int] = {b"": os.open(root, _DIR_FLAGS)}
+        self._fds: dict[bytes, int] = {b"": os.open(root, _DIR_FLAGS | (0 if follow else os.O_NOFOLLOW))}
         self._retired: list[int] = []
         self._pinned: dict[int, int] = {}  # descriptor -> how many queued writes name it
         self.kept = kept_dirs()

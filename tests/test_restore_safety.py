@@ -1559,3 +1559,31 @@ def test_a_target_that_is_another_users_link_is_refused(tmp_path, new_repo):
     os.lchown(target, 0, 0)  # one of root's, or of the user restoring, is followed as before
     assert repo.restore("latest", str(target), force=True).files == 1
 
+
+def test_a_link_put_in_the_place_of_the_target_just_made_is_not_followed(tmp_path, new_repo, monkeypatch):
+    """The target checked (here: made, as it did not exist), then removed and replaced by a link by whoever
+    can write where it lies, before the restore opened it: the open followed the link, and the snapshot was
+    written into its destination, the owner check of a link named as the target never asked."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    repo = new_repo()
+    repo.backup([str(src)])
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_bytes(b"theirs")
+    before = describe(victim)
+    target = tmp_path / "target"
+    mkdir = os.mkdir
+
+    def swapped(path, *args, **kwargs):
+        mkdir(path, *args, **kwargs)
+        if os.fsencode(path) == os.fsencode(target):
+            os.rmdir(path)
+            os.symlink(victim, path)
+
+    monkeypatch.setattr(os, "mkdir", swapped)
+    with pytest.raises(TargetUnwritable, match="a symbolic link was put in the place of the restore target .* "
+                                               "while the restore began"):
+        repo.restore("latest", str(target))
+    assert describe(victim) == before
