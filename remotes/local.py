@@ -279,6 +279,7 @@ def _checked_root(root: str) -> str:
     """A repository's directory, absolute; UsageError where no file system holds it: a NUL in it was Python's
     ValueError at the first object read, and a name in it longer than the file system takes the storage's
     failure (exit 14, as a disk gone), for what is a mistyped path."""
+    root = os.fspath(root)
     if "\0" in root:
         raise UsageError(f"a local repository's path holds no NUL character: {root!r}")
     path = os.path.abspath(root)
@@ -288,7 +289,7 @@ def _checked_root(root: str) -> str:
         raise UsageError(f"local repository path {_cut(path, 80)}: the name {_cut(long, 24)} in it is longer "
                          f"than the file system takes ({limit} bytes)")
     path_max = os.pathconf("/", "PC_PATH_MAX")
-    if len(os.fsencode(path)) + _KEY_ROOM > path_max:
+    if 0 < path_max < len(os.fsencode(path)) + _KEY_ROOM:
         raise UsageError(f"local repository path {_cut(path, 80)} is too long: its objects' paths would pass the "
                          f"{path_max} bytes a path may have")
     return path
@@ -303,7 +304,8 @@ def _name_max(path: str) -> int:
     ancestor) takes."""
     while True:
         try:
-            return os.pathconf(path, "PC_NAME_MAX")
+            limit = os.pathconf(path, "PC_NAME_MAX")
+            return limit if limit > 0 else 1 << 30  # none told: no limit to check
         except OSError:
             if path == os.path.dirname(path):
                 return 255

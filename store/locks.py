@@ -365,8 +365,9 @@ class RepoLock:
     def _still_mine(self) -> bool:
         """Whether the lock object is there as this command wrote it: one removed, or replaced (an append-only
         client may write locks, and one marked released is stale to every command), holds nothing off.  A
-        read cut short (the start of a body written here) is read once more, then RemoteUnavailable: it was
-        taken for another command's replacement, which stopped the command as if its lock were lost."""
+        read cut short (the start of a body written here) is read once more, then the storage's failure
+        (RemoteError: it answered, so the lock is removed at the end, not left to go stale): it was taken for
+        another command's replacement, which stopped the command as if its lock were lost."""
         for _ in range(2):
             try:
                 body = self.remote.get(self.key)
@@ -376,7 +377,7 @@ class RepoLock:
                 return True
             if not any(mine.startswith(body) for mine in self._bodies):
                 return False
-        raise RemoteUnavailable(f"{self.key}: read back cut short ({len(body)} bytes), twice")
+        raise RemoteError(f"{self.key}: read back cut short ({len(body)} bytes), twice")
 
     def ensure_held(self, *, ask: bool = False) -> None:
         """Before each step that relies on the lock (a backup saving an index object or its snapshot, a prune
