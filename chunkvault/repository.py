@@ -49,8 +49,6 @@ from .store.restore import (Relocation, Restorer, RestoreOptions, RestoreResult,
 from .store.owners import OwnerMap, chain_names
 from .store.snapshot import (Snapshot, SnapshotFinder, check_local_zone, find_snapshot, parse_time, parse_until,
                              said_time, select_snapshots)
-from .pgbackup import EXCLUDES as PG_EXCLUDES, PostgresOnline, checkpoint_fast
-from .pgsession import STANDBY_WAIT
 from .store.source import SourceWalk, markers_of
 from .store import locks
 from .store import keyahead
@@ -59,6 +57,7 @@ from .store.locks import LockInfo
 from .store.unlock import Unlocked, require_openable, unlock
 
 if TYPE_CHECKING:  # the modules of other commands load when used: a backup need not import them
+    from .pgbackup import PostgresOnline
     from .store.check import CheckReport
     from .store.copy import CopyResult
     from .store.export import ExportStats, ImportResult
@@ -227,6 +226,9 @@ def _postgres_session(postgres: object, paths: list[str], walk: SourceWalk | Non
         raise UsageError("postgres: the walk must begin once the base backup has: give no walk")
     if len(paths) != 1:
         raise UsageError("postgres backs up one data directory: give its path alone")
+    from .pgbackup import PostgresOnline, checkpoint_fast
+    from .pgsession import STANDBY_WAIT
+
     if standby_wait is None:
         standby_wait = STANDBY_WAIT
     elif isinstance(standby_wait, bool) or not isinstance(standby_wait, (int, float)) or not 0 < standby_wait < 1e9:
@@ -822,6 +824,8 @@ class Repository:
             raise UsageError(f"{what} of a postgres backup: give postgres too")
         if postgres is not None:
             session = _postgres_session(postgres, paths, walk, pg_checkpoint, pg_standby_wait)
+            from .pgbackup import EXCLUDES as PG_EXCLUDES
+
             excludes = [*PG_EXCLUDES, *(excludes or [])]
         # Held open since an earlier backup, another client may have rebased since (the index is read
         # afresh by every backup).

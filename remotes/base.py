@@ -11,12 +11,14 @@ import ipaddress
 import math
 import os
 import re
-import ssl
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 from chunkvault.errors import ObjectNotFound, RemoteUnavailable, UsageError
+
+if TYPE_CHECKING:  # loaded by the remotes that speak TLS: a local repository's command need not load OpenSSL's
+    import ssl
 
 # Keys are relative, slash-separated, made of [A-Za-z0-9._-] segments; no "..",
 # no leading slash, no empty segment.  Every remote (and the HTTP server) checks
@@ -99,6 +101,8 @@ def cause_of(exc: BaseException, kind: type[_E]) -> _E | None:
 
 def cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
     """The failed verification among the causes of ``exc``, if one is."""
+    import ssl
+
     return cause_of(exc, ssl.SSLCertVerificationError)
 
 

@@ -17,7 +17,6 @@ import itertools
 import os
 import socket
 import stat
-import tarfile
 import threading
 import time
 from collections import deque
@@ -25,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple, Protocol
 
 import blake3
 
@@ -44,14 +43,15 @@ from .locks import SHARED, RepoLock
 from .manifest_io import ManifestWriter
 from .owners import OWNERS_KEY, names_of, note_ids
 from .repository import WORKERS, BlobWriter, CountingWriter, Repo
-from .retention import AHEAD
 from .snapshot import KIND_DIFF, KIND_FULL, Snapshot, find_snapshot, iso, now_iso
 from .unlock import require_openable
 from .source import (NOT_REGULAR_ERRNOS, Excluded, Replaced, SmallRead, SourceWalk, StatFailed, TreeTotal,
                      open_beneath, open_source_file, read_small_files)
-from .tarimport import read_tree
 from .xattrs import read_xattrs
 from .zstdbuf import empty_buffer
+
+if TYPE_CHECKING:  # import-tar's alone (its tarimport loads it when run): a backup of files needs neither
+    import tarfile
 
 BATCH_BYTES = 1 << 20  # new chunks go to the compression pool in batches of about this size...
 BATCH_CHUNKS = 64  # ...or this many, so a tree of small files does not cost a task per file
@@ -473,6 +473,8 @@ def _not_dated_ahead(same: list[Snapshot]) -> list[Snapshot]:
     """A source's snapshots without those dated ahead of the clock (taken while it ran ahead), when any is
     left: one such would be every later backup's parent until the clock reached its date, each differential
     growing against it and no full due.  Where all are ahead, this clock is the one behind: they stay."""
+    from .retention import AHEAD  # forget's module: every command loads this one, few of them forget's
+
     now = datetime.now(timezone.utc)
     fresh = [s for s in same if s.datetime <= now + AHEAD]
     return fresh or same
@@ -1699,6 +1701,8 @@ class Backup:
 
         def store(f: BinaryIO, rel: bytes, size: int) -> tuple[bytes, bytes, int]:
             return self._read_stream(f, rel, files.get(rel), size)
+
+        from .tarimport import read_tree  # import-tar's alone: tarfile and its decompressors
 
         tree = read_tree(tar.tarfile, store, tar.strip)
         files.clear()

@@ -42,8 +42,6 @@ then weeks, days and hours are subtracted as exact 24 h / 1 h steps (UTC).
 """
 from __future__ import annotations
 
-import calendar
-import difflib
 import re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone, tzinfo
@@ -128,6 +126,8 @@ class Duration:
         month += 1
         if year < 1:
             return EARLIEST
+        import calendar  # here, not at start-up: every command that loads the store loads this module
+
         day = min(wall.day, calendar.monthrange(year, month)[1])
         try:
             shifted = wall.replace(year=year, month=month, day=day).astimezone(timezone.utc)
@@ -322,6 +322,8 @@ def policy_from_dict(d: Mapping[str, Any]) -> RetentionPolicy:
     for raw_key, value in d.items():
         key = str(raw_key).replace("-", "_")
         if key not in _POLICY_KEYS:
+            import difflib  # for a typo's hint alone
+
             close = difflib.get_close_matches(key, _POLICY_KEYS, n=1)
             hint = (f" (did you mean {close[0].replace('_', '-')}?)" if close else
                     "; the settings are " + ", ".join(sorted(k.replace("_", "-") for k in _POLICY_KEYS)))
