@@ -1519,7 +1519,7 @@ class Repository:
         snap = self.snapshot(snapshot) if not isinstance(snapshot, Snapshot) else snapshot
         root = snapshot_path(path) if path is not None else b""
         e = self._entry_or_directory(snap, root) if root else None
-        return Subtree(root, e is None or e.type == T_DIR, lambda p: self._repo.lookup(snap, p),
+        return Subtree(root, e is None or e.type == T_DIR, self._repo.lookups(snap),
                        f"tree of snapshot {snap.id}")
 
     def _guarded(self, items: Iterator[Any]) -> Iterator[Any]:

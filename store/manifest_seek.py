@@ -9,13 +9,14 @@ file from a snapshot of millions costs milliseconds, not a full scan.
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from typing import Callable, Iterator, NamedTuple
 
 from chunkvault.errors import CorruptObject
 
 from .chain import ancestors
-from .manifest import _HEAD, Record, iter_records, sort_key
+from .manifest import _HEAD, Record, decode_records, iter_records, sort_key
 
 _CACHED_BLOBS = 16
 
@@ -32,6 +33,8 @@ class ManifestSeeker:
         self._starts = starts
         self._first_keys: dict[int, bytes] = {}
         self._blobs: OrderedDict[int, bytes] = OrderedDict()
+        # A blob's records from its first record start, decoded, and the bytes of the record it ends inside
+        self._decoded: OrderedDict[int, tuple[list[Record], bytes]] = OrderedDict()
 
     def _blob(self, i: int) -> bytes:
         data = self._blobs.get(i)
@@ -76,8 +79,24 @@ class ManifestSeeker:
                 hi = mid
         if lo == 0:
             return iter_records(self._pieces(0, 0), self.what) if self.ids else iter(())
-        i = self._seekable[lo - 1]
-        return iter_records(self._pieces(i, self._starts[i]), self.what)
+        return self._decoded_from(self._seekable[lo - 1])
+
+    def _decoded_from(self, i: int) -> Iterator[Record]:
+        """The records from blob ``i``'s first record start on, that blob's decoded once while it is among the
+        last ``_CACHED_BLOBS`` asked for: decoded for each path, a diff's look-ups of hard-linked files (a few
+        in one blob) decoded the blob again each time."""
+        cached = self._decoded.get(i)
+        if cached is None:
+            buf = self._blob(i)[self._starts[i]:]
+            records, used = decode_records(buf, self.what)
+            cached = self._decoded[i] = (records, bytes(buf[used:]))
+            if len(self._decoded) > _CACHED_BLOBS:
+                self._decoded.popitem(last=False)
+        else:
+            self._decoded.move_to_end(i)
+        records, rest = cached
+        later = (self._blob(j) for j in range(i + 1, len(self.ids)))
+        return itertools.chain(records, iter_records(itertools.chain([rest], later), self.what))
 
     def find(self, path: bytes) -> Record | None:
         key = sort_key(path)

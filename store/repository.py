@@ -1551,6 +1551,18 @@ class Repo:
         """One path's resolved record, reading only the manifest blobs that can hold it (and its parents)."""
         return chain.lookup(path, [seeker.find for _, seeker in self._seekers(snap, snapshots)])
 
+    def lookups(self, snap: Snapshot) -> Callable[[bytes], Record | None]:
+        """``lookup`` of one path after another of ``snap``: the seekers in its chain's manifests made at the
+        first and kept, with the blobs they read, where each path made them anew and read its blobs again (a
+        diff looks up the file of each hard link whose content changed, each a read of the chain's manifests)."""
+        finds: list[Callable[[bytes], Record | None]] = []
+
+        def find(path: bytes) -> Record | None:
+            if not finds:
+                finds.extend(seeker.find for _, seeker in self._seekers(snap, None))
+            return chain.lookup(path, finds)
+        return find
+
     def tree_within(self, snap: Snapshot, directory: bytes, snapshots: Iterable[Snapshot] | None = None
                     ) -> Iterator[Record]:
         """The records of ``tree`` of ``directory``, its subtree and the directories above it, reading only
