@@ -19,6 +19,9 @@ from .chain import ancestors
 from .manifest import _HEAD, Record, decode_records, iter_records, sort_key
 
 _CACHED_BLOBS = 16
+#: Blobs kept decoded: a blob's records as objects take some five times its bytes, and a chain's seekers each
+#: kept sixteen (a diff of a chain of 24 looking up hard links across a large tree: gigabytes).
+_DECODED_BLOBS = 2
 
 
 class ManifestSeeker:
@@ -83,14 +86,14 @@ class ManifestSeeker:
 
     def _decoded_from(self, i: int) -> Iterator[Record]:
         """The records from blob ``i``'s first record start on, that blob's decoded once while it is among the
-        last ``_CACHED_BLOBS`` asked for: decoded for each path, a diff's look-ups of hard-linked files (a few
+        last ``_DECODED_BLOBS`` asked for: decoded for each path, a diff's look-ups of hard-linked files (a few
         in one blob) decoded the blob again each time."""
         cached = self._decoded.get(i)
         if cached is None:
             buf = self._blob(i)[self._starts[i]:]
             records, used = decode_records(buf, self.what)
             cached = self._decoded[i] = (records, bytes(buf[used:]))
-            if len(self._decoded) > _CACHED_BLOBS:
+            if len(self._decoded) > _DECODED_BLOBS:
                 self._decoded.popitem(last=False)
         else:
             self._decoded.move_to_end(i)
