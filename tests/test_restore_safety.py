@@ -1535,11 +1535,10 @@ def test_delete_in_place_empties_this_users_own_directories_it_may_not_list(tmp_
     os.chmod(live / "locked" / "inner", 0o700)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="giving a link another owner takes root")
-def test_a_target_that_is_another_users_link_is_refused(tmp_path, new_repo):
-    """A target named as a link is followed; one another user owns may have been put in the target's place
-    by that user just before the restore looked (they can write where it lies): a restore run as root then
-    wrote the whole snapshot into the link's destination, and --delete removed what that held."""
+@pytest.fixture
+def victim_beside(tmp_path, new_repo):
+    """(repository with a snapshot of one file, a directory out of the target holding a file of its own, its
+    description, the target's path) for a link that leads a restore out of its target."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"f")
@@ -1548,8 +1547,15 @@ def test_a_target_that_is_another_users_link_is_refused(tmp_path, new_repo):
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious").write_bytes(b"theirs")
-    before = describe(victim)
-    target = tmp_path / "target"
+    return repo, victim, describe(victim), tmp_path / "target"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a link another owner takes root")
+def test_a_target_that_is_another_users_link_is_refused(victim_beside):
+    """A target named as a link is followed; one another user owns may have been put in the target's place
+    by that user just before the restore looked (they can write where it lies): a restore run as root then
+    wrote the whole snapshot into the link's destination, and --delete removed what that held."""
+    repo, victim, before, target = victim_beside
     os.symlink(victim, target)
     os.lchown(target, 65534, 65534)
     with pytest.raises(UsageError, match=r"is a symbolic link of another user \(uid 65534\): name the directory "
@@ -1560,20 +1566,11 @@ def test_a_target_that_is_another_users_link_is_refused(tmp_path, new_repo):
     assert repo.restore("latest", str(target), force=True).files == 1
 
 
-def test_a_link_put_in_the_place_of_the_target_just_made_is_not_followed(tmp_path, new_repo, monkeypatch):
+def test_a_link_put_in_the_place_of_the_target_just_made_is_not_followed(victim_beside, monkeypatch):
     """The target checked (here: made, as it did not exist), then removed and replaced by a link by whoever
     can write where it lies, before the restore opened it: the open followed the link, and the snapshot was
     written into its destination, the owner check of a link named as the target never asked."""
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_bytes(b"f")
-    repo = new_repo()
-    repo.backup([str(src)])
-    victim = tmp_path / "victim"
-    victim.mkdir()
-    (victim / "precious").write_bytes(b"theirs")
-    before = describe(victim)
-    target = tmp_path / "target"
+    repo, victim, before, target = victim_beside
     mkdir = os.mkdir
 
     def swapped(path, *args, **kwargs):
